@@ -1,0 +1,369 @@
+"""Durable JetStream consumers: fetch in batches, hand them to a handler, acknowledge only after it
+returned (its effect is durable by then), retry with backoff, dead-letter with the reason.
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        for d in batch:
+            if bad(d):
+                d.reject("invalid_event", "missing person id")     # → dead-letter stream, not retried
+        await store.bulk_write(...)                               # durable before we return
+    runner = bus.consumer(ConsumerSpec(stream="EVENTS_RAW", durable="identity-p3",
+                                       filter_subjects=("events.raw.3",)), handle)
+    runtime.spawn(runner.run(), "consume events.raw.3")
+
+Outcomes per message: acknowledged (default), `retry(reason, delay)` (redelivered later), or
+`reject(reason, detail)` (published to `dlq.<stream>.<durable>` with the reason in headers, then
+terminated). A handler that raises retries the whole batch with exponential backoff; on the last
+allowed delivery each message goes to the dead-letter stream with the exception as the reason instead.
+A message whose deliveries run out without any outcome (the process kept crashing on it) is copied to
+the dead-letter stream from the server's max-deliveries advisory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats.errors
+import orjson
+from nats.aio.msg import Msg
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
+
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
+
+log = logging.getLogger("cdp.bus")
+
+DLQ_REASON = "Cdp-Dlq-Reason"
+DLQ_DETAIL = "Cdp-Dlq-Detail"
+DLQ_SUBJECT = "Cdp-Dlq-Subject"
+DLQ_STREAM = "Cdp-Dlq-Stream"
+DLQ_SEQ = "Cdp-Dlq-Stream-Seq"
+DLQ_CONSUMER = "Cdp-Dlq-Consumer"
+DLQ_DELIVERIES = "Cdp-Dlq-Deliveries"
+DLQ_TIME = "Cdp-Dlq-Time"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    batch_size: int = 256
+    # How long a fetched message may stay unacknowledged before JetStream redelivers it.
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    # Delay before redelivery after the n-th failure (the last value repeats).
+    backoff: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0, 60.0)
+    max_ack_pending: int = 20_000
+    # Concurrent fetch-and-handle loops. 1 keeps the stream's order (partition owners need that).
+    concurrency: int = 1
+    fetch_timeout: float = 1.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_deliver < 1:
+            raise ValueError("max_deliver must be at least 1")
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if not self.filter_subjects:
+            raise ValueError("a consumer needs at least one filter subject")
+
+    def config(self) -> api.ConsumerConfig:
+        subjects = list(self.filter_subjects)
+        return api.ConsumerConfig(
+            durable_name=self.durable,
+            description=self.description or None,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+        )
+
+    def delay_after(self, deliveries: int) -> float:
+        return self.backoff[min(max(deliveries, 1), len(self.backoff)) - 1]
+
+
+class Delivery:
+    """One delivered message and the outcome the handler chose for it."""
+
+    __slots__ = ("msg", "outcome", "reason", "detail", "delay")
+
+    def __init__(self, msg: Msg) -> None:
+        self.msg = msg
+        self.outcome = "ack"
+        self.reason = ""
+        self.detail = ""
+        self.delay: float | None = None
+
+    @property
+    def data(self) -> bytes:
+        return self.msg.data
+
+    @property
+    def subject(self) -> str:
+        return self.msg.subject
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.msg.headers or {}
+
+    @property
+    def msg_id(self) -> str | None:
+        return self.headers.get("Nats-Msg-Id")
+
+    @property
+    def stream_seq(self) -> int:
+        return self.msg.metadata.sequence.stream
+
+    @property
+    def num_delivered(self) -> int:
+        return self.msg.metadata.num_delivered
+
+    def trace_context(self):
+        return extract_context(self.msg.headers)
+
+    def retry(self, reason: str, delay: float | None = None) -> None:
+        self.outcome, self.reason, self.delay = "retry", reason, delay
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        """Permanently unprocessable: goes to the dead-letter stream with this reason."""
+        self.outcome, self.reason, self.detail = "reject", reason, detail
+
+
+Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
+
+
+class ConsumerRunner:
+    def __init__(self, js: JetStreamContext, spec: ConsumerSpec, handler: Handler, telemetry: Telemetry) -> None:
+        self.js = js
+        self.nc = js._nc
+        self.spec = spec
+        self.handler = handler
+        self.tracer = telemetry.tracer
+        self.pending = 0  # messages not yet delivered to us, from the last consumer info poll
+        self.handled = 0
+        self.dead_lettered = 0
+        self._ready = asyncio.Event()
+        attrs = {"stream": spec.stream, "consumer": spec.durable}
+        self._attrs = attrs
+        meter = telemetry.meter
+        self._m_handled = meter.create_counter("cdp.bus.consumed", unit="{message}", description="messages handled, by outcome")
+        self._m_latency = meter.create_histogram(
+            "cdp.bus.handle.duration", unit="ms", description="handler time per batch",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        meter.create_observable_gauge(
+            "cdp.bus.consumer.lag", callbacks=[self._observe_lag], unit="{message}",
+            description="messages in the stream this consumer has not received yet",
+        )
+
+    def _observe_lag(self, _options):
+        from opentelemetry.metrics import Observation
+
+        yield Observation(self.pending, self._attrs)
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def provision(self) -> None:
+        """Create or update the durable consumer (idempotent)."""
+        config = self.spec.config()
+        try:
+            info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
+            current = info.config
+            if (
+                current.max_deliver != config.max_deliver
+                or round(current.ack_wait or 0, 3) != round(config.ack_wait or 0, 3)
+                or sorted(current.filter_subjects or [current.filter_subject or ""]) != sorted(self.spec.filter_subjects)
+                or current.max_ack_pending != config.max_ack_pending
+            ):
+                await self.js.add_consumer(self.spec.stream, config)  # same durable name: an update
+        except NotFoundError:
+            await self.js.add_consumer(self.spec.stream, config)
+
+    async def run(self) -> None:
+        """Consume until cancelled. Survives NATS outages: fetches fail, we wait and try again."""
+        delay = 0.1
+        while True:
+            try:
+                await self.provision()
+                subscription = await self.js.pull_subscribe_bind(
+                    durable=self.spec.durable, stream=self.spec.stream
+                )
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS down at start-up: keep trying, loudly
+                log.warning("consumer %s not ready: %s", self.spec.durable, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        advisories = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.spec.stream}.{self.spec.durable}",
+            cb=self._on_max_deliveries,
+        )
+        self._ready.set()
+        lag_task = asyncio.create_task(self._poll_lag(), name=f"lag {self.spec.durable}")
+        try:
+            await asyncio.gather(*(self._loop(subscription) for _ in range(self.spec.concurrency)))
+        finally:
+            lag_task.cancel()
+            try:
+                await advisories.unsubscribe()
+                await subscription.unsubscribe()
+            except Exception:
+                pass
+
+    async def _poll_lag(self) -> None:
+        while True:
+            try:
+                info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
+                self.pending = info.num_pending or 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass
+            await asyncio.sleep(5.0)
+
+    async def _loop(self, subscription) -> None:
+        failures = 0
+        while True:
+            try:
+                msgs = await subscription.fetch(self.spec.batch_size, timeout=self.spec.fetch_timeout)
+                failures = 0
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("fetch from %s failed (%s); retrying", self.spec.durable, exc)
+                await asyncio.sleep(min(0.1 * failures, 2.0))
+                continue
+            if msgs:
+                await self._handle(msgs)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        deliveries = [Delivery(m) for m in msgs]
+        links = []
+        for d in deliveries[:32]:  # a span with thousands of links helps nobody
+            span_context = trace.get_current_span(d.trace_context()).get_span_context()
+            if span_context.is_valid:
+                links.append(Link(span_context))
+        parent = deliveries[0].trace_context() if len(deliveries) == 1 else None
+        started = time.perf_counter()
+        with self.tracer.start_as_current_span(
+            f"{self.spec.stream} process", context=parent, kind=SpanKind.CONSUMER, links=links,
+            attributes={"messaging.system": "nats", "messaging.destination.name": self.spec.stream,
+                        "messaging.consumer.group.name": self.spec.durable, "messaging.batch.message_count": len(msgs)},
+        ) as span:
+            try:
+                await self.handler(deliveries)
+                error: BaseException | None = None
+            except asyncio.CancelledError:
+                # Shutting down mid-batch: nothing acknowledged, JetStream redelivers after ack_wait.
+                raise
+            except Exception as exc:
+                error = exc
+                span.record_exception(exc)
+                log.warning("handler of %s failed on %d messages: %r", self.spec.durable, len(msgs), exc)
+        self._m_latency.record((time.perf_counter() - started) * 1000, self._attrs)
+        await self._settle(deliveries, error)
+
+    async def _settle(self, deliveries: list[Delivery], error: BaseException | None) -> None:
+        counts = {"ack": 0, "retry": 0, "dead_letter": 0}
+        for d in deliveries:
+            try:
+                last_try = d.num_delivered >= self.spec.max_deliver
+                if error is not None:
+                    if last_try:
+                        await self._dead_letter(d, "handler_error", repr(error))
+                        counts["dead_letter"] += 1
+                    else:
+                        await d.msg.nak(delay=self.spec.delay_after(d.num_delivered))
+                        counts["retry"] += 1
+                elif d.outcome == "ack":
+                    await d.msg.ack()
+                    counts["ack"] += 1
+                elif d.outcome == "reject":
+                    await self._dead_letter(d, d.reason, d.detail)
+                    counts["dead_letter"] += 1
+                elif last_try:
+                    await self._dead_letter(d, d.reason or "retries_exhausted", "gave up after retries")
+                    counts["dead_letter"] += 1
+                else:
+                    await d.msg.nak(delay=d.delay if d.delay is not None else self.spec.delay_after(d.num_delivered))
+                    counts["retry"] += 1
+            except Exception as exc:
+                # Could not ack/nak/dead-letter (bus trouble): JetStream redelivers after ack_wait.
+                log.warning("could not settle message %s of %s: %s", d.stream_seq, self.spec.durable, exc)
+        self.handled += counts["ack"]
+        self.dead_lettered += counts["dead_letter"]
+        for outcome, n in counts.items():
+            if n:
+                self._m_handled.add(n, {**self._attrs, "outcome": outcome})
+
+    async def _dead_letter(self, d: Delivery, reason: str, detail: str) -> None:
+        await self.publish_dead_letter(
+            data=d.data,
+            headers=d.headers,
+            subject=d.subject,
+            seq=d.stream_seq,
+            deliveries=d.num_delivered,
+            reason=reason,
+            detail=detail,
+        )
+        await d.msg.term()
+
+    async def publish_dead_letter(
+        self, *, data: bytes, headers: dict[str, str], subject: str, seq: int, deliveries: int, reason: str, detail: str
+    ) -> None:
+        dlq_headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
+        dlq_headers.update(
+            {
+                # Keyed on the original position so a retried dead-lettering stores one copy.
+                "Nats-Msg-Id": f"dlq:{self.spec.stream}:{self.spec.durable}:{seq}",
+                DLQ_REASON: reason or "unspecified",
+                DLQ_DETAIL: (detail or "")[:1024].replace("\r", " ").replace("\n", " "),
+                DLQ_SUBJECT: subject,
+                DLQ_STREAM: self.spec.stream,
+                DLQ_SEQ: str(seq),
+                DLQ_CONSUMER: self.spec.durable,
+                DLQ_DELIVERIES: str(deliveries),
+                DLQ_TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
+            }
+        )
+        await self.js.publish(f"dlq.{self.spec.stream}.{self.spec.durable}", data, headers=dlq_headers)
+        log.warning(
+            "dead-lettered message %d of %s: %s", seq, self.spec.durable, reason, extra={"detail": detail[:200]}
+        )
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        try:
+            advisory = orjson.loads(msg.data)
+            seq = int(advisory["stream_seq"])
+            deliveries = int(advisory.get("deliveries", self.spec.max_deliver))
+            stored = await self.js.get_msg(self.spec.stream, seq)
+            await self.publish_dead_letter(
+                data=stored.data or b"",
+                headers=stored.headers or {},
+                subject=stored.subject or "",
+                seq=seq,
+                deliveries=deliveries,
+                reason="max_deliveries",
+                detail="deliveries ran out without an outcome (handler crashed or exceeded ack_wait)",
+            )
+            self.dead_lettered += 1
+            self._m_handled.add(1, {**self._attrs, "outcome": "dead_letter"})
+        except Exception as exc:
+            log.error("could not dead-letter after max deliveries advisory: %s", exc)

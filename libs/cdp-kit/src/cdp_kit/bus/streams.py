@@ -1,0 +1,118 @@
+"""JetStream streams cdp uses, and idempotent provisioning.
+
+Every service calls `ensure_stream` for the streams it publishes to at start-up. Creating a stream
+that exists with the same configuration is a no-op; a changed configuration (say a longer retention)
+is applied with an update; two replicas racing to create the same stream both succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+
+log = logging.getLogger("cdp.bus")
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    max_age: float = 7 * DAY
+    # JetStream drops a publish whose Nats-Msg-Id it has seen within this window, so a producer that
+    # retries after a lost ack stores each event once. Beyond the window, consumers are idempotent.
+    duplicate_window: float = 600.0
+    max_bytes: int = -1
+    max_msg_size: int = -1
+    replicas: int = 1
+    storage: api.StorageType = api.StorageType.FILE
+    discard: api.DiscardPolicy = api.DiscardPolicy.OLD
+    description: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.name,
+            description=self.description or None,
+            subjects=list(self.subjects),
+            retention=api.RetentionPolicy.LIMITS,
+            max_age=self.max_age,
+            max_bytes=self.max_bytes,
+            max_msg_size=self.max_msg_size,
+            duplicate_window=self.duplicate_window,
+            num_replicas=self.replicas,
+            storage=self.storage,
+            discard=self.discard,
+            allow_direct=True,
+            metadata=self.metadata or None,
+        )
+
+
+def events_raw_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0, replicas: int = 1) -> StreamSpec:
+    """Everything the collector accepted, partitioned by user (`events.raw.<p>`)."""
+    return StreamSpec(
+        name="EVENTS_RAW",
+        subjects=("events.raw.>",),
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+        replicas=replicas,
+        description="events accepted at the edge, one message per event, partitioned by user",
+    )
+
+
+def dead_letter_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
+    """Messages a consumer gave up on, with the reason in headers (`dlq.<stream>.<consumer>`)."""
+    return StreamSpec(
+        name="DLQ",
+        subjects=("dlq.>",),
+        max_age=max_age,
+        duplicate_window=120.0,
+        replicas=replicas,
+        description="dead letters: the original message plus why it could not be handled",
+    )
+
+
+# Fields an update may change; anything else differing is a deliberate operator change we leave alone.
+_COMPARED = ("subjects", "max_age", "duplicate_window", "max_bytes", "max_msg_size", "description", "discard")
+
+
+def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
+    changed = []
+    for name in _COMPARED:
+        have, want = getattr(current, name), getattr(wanted, name)
+        if name == "subjects":
+            have, want = sorted(have or []), sorted(want or [])
+        if name in ("max_age", "duplicate_window"):
+            have, want = round(float(have or 0), 3), round(float(want or 0), 3)
+        if have != want:
+            changed.append(name)
+    return changed
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> api.StreamInfo:
+    wanted = spec.config()
+    for _attempt in range(3):
+        try:
+            info = await js.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                info = await js.add_stream(wanted)
+                log.info("created stream %s", spec.name, extra={"subjects": list(spec.subjects)})
+                return info
+            except BadRequestError as exc:
+                # Another replica created it between our lookup and our create: look again.
+                if exc.err_code == 10058:
+                    continue
+                raise
+        changed = _differs(info.config, wanted)
+        if not changed:
+            return info
+        info = await js.update_stream(wanted)
+        log.info("updated stream %s", spec.name, extra={"changed": changed})
+        return info
+    raise RuntimeError(f"could not create or read stream {spec.name}")

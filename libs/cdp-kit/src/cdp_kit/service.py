@@ -1,0 +1,248 @@
+"""How every cdp service starts, serves and stops.
+
+    def main() -> None:
+        run_main(CollectorSettings, setup)          # settings from env, fail fast, then serve
+
+    async def setup(runtime: ServiceRuntime) -> None:
+        bus = await runtime.stack.enter_async_context(Bus.connect(...))   # resources live on one stack
+        runtime.grpc.add_service(add_XServicer_to_server, XApi(...), x_pb2.DESCRIPTOR.services_by_name["X"],
+                                 scopes={"Get": "x:read"})
+
+The grpc.aio server carries the standard health service (SERVING once setup finished; NOT_SERVING the
+moment shutdown starts, so Kubernetes stops routing before the drain), reflection, and the interceptor
+chain. SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
+seconds, then closes every resource in reverse order of acquisition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cdp_kit.auth import TokenAuthenticator
+from cdp_kit.interceptors import (
+    PUBLIC,
+    AuthInterceptor,
+    ErrorInterceptor,
+    ObserveInterceptor,
+    TracingInterceptor,
+)
+from cdp_kit.logging import configure_logging
+from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
+from cdp_kit.telemetry import Telemetry, setup_telemetry
+
+log = logging.getLogger("cdp.service")
+
+S = TypeVar("S", bound=ServiceSettings)
+
+# Batches of events travel in one message; the collector enforces its own, smaller, documented limits.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and the cdp interceptor chain."""
+
+    def __init__(self, settings: ServiceSettings, telemetry: Telemetry) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        self.health = health.aio.HealthServicer()
+        self._method_scopes: dict[str, str] = {}
+        self._service_names: list[str] = []
+        self._registrations: list[tuple[Callable[[Any, Any], None], Any]] = []
+        self._server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    def add_service(
+        self,
+        add_to_server: Callable[[Any, Any], None],
+        servicer: Any,
+        descriptor: ServiceDescriptor,
+        scopes: Mapping[str, str],
+    ) -> None:
+        """Register a servicer. `scopes` names, per RPC, the caller scope it needs (or PUBLIC).
+
+        Every RPC of the service must be listed: forgetting one would leave it reachable only by
+        admin tokens, which is safe but surprising, so it stops start-up instead."""
+        missing = [m.name for m in descriptor.methods if m.name not in scopes]
+        unknown = sorted(set(scopes) - {m.name for m in descriptor.methods})
+        if missing or unknown:
+            raise ValueError(
+                f"scopes for {descriptor.full_name}: missing {missing or 'none'}, unknown {unknown or 'none'}"
+            )
+        for name, scope in scopes.items():
+            self._method_scopes[f"/{descriptor.full_name}/{name}"] = scope
+        self._service_names.append(descriptor.full_name)
+        self._registrations.append((add_to_server, servicer))
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        chain: list[grpc.aio.ServerInterceptor] = [
+            TracingInterceptor(self.telemetry.tracer),
+            ObserveInterceptor(self.telemetry),
+            ErrorInterceptor(),
+        ]
+        if self.settings.auth_mode == "tokens":
+            assert self.settings.auth_tokens_file is not None  # settings.validate guarantees it
+            chain.append(AuthInterceptor(TokenAuthenticator(self.settings.auth_tokens_file), self._method_scopes))
+        return chain
+
+    async def start(self) -> int:
+        server = grpc.aio.server(
+            interceptors=self._interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ],
+        )
+        for add_to_server, servicer in self._registrations:
+            add_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        if self.settings.tls_cert_file is not None:
+            assert self.settings.tls_key_file is not None
+            client_ca = self.settings.tls_client_ca_file.read_bytes() if self.settings.tls_client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(self.settings.tls_key_file.read_bytes(), self.settings.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot bind gRPC on {address} (CDP_GRPC_HOST/CDP_GRPC_PORT)")
+        await server.start()
+        self._server = server
+        return self.port
+
+    async def set_serving(self) -> None:
+        for name in ("", *self._service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._server = None
+
+
+@dataclass
+class ServiceRuntime:
+    """What setup code gets: settings, telemetry, the gRPC server, one exit stack for resources."""
+
+    settings: ServiceSettings
+    telemetry: Telemetry
+    grpc: GrpcServer
+    stack: AsyncExitStack
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Extra endpoints to announce at start-up ("http" -> "http://0.0.0.0:8080").
+    endpoints: dict[str, str] = field(default_factory=dict)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _failure: BaseException | None = None
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Run a background loop for the life of the service. If it dies, the service stops (and the
+        orchestrator restarts it) rather than limping on without it."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s failed; stopping", task.get_name(), exc_info=exc)
+            self._failure = exc
+        else:
+            log.error("background task %s ended unexpectedly; stopping", task.get_name())
+            self._failure = RuntimeError(f"background task {task.get_name()} ended")
+        self.stopping.set()
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+SetupFn = Callable[[ServiceRuntime], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: ServiceSettings, setup: SetupFn, *, telemetry: Telemetry | None = None) -> AsyncIterator[ServiceRuntime]:
+    """Start a service and yield its runtime once it is SERVING; stop and release everything on exit.
+
+    `run_service` uses it for real processes; tests use it to run services in-process."""
+    telemetry = telemetry or setup_telemetry(settings.service_name, metrics_port=settings.metrics_port)
+    async with AsyncExitStack() as stack:
+        runtime = ServiceRuntime(settings=settings, telemetry=telemetry, grpc=GrpcServer(settings, telemetry), stack=stack)
+        stack.push_async_callback(runtime._cancel_tasks)
+        await setup(runtime)
+        port = await runtime.grpc.start()
+        try:
+            await runtime.grpc.set_serving()
+            log.info(
+                "%s serving",
+                settings.service_name,
+                extra={"grpc": f"{settings.grpc_host}:{port}", **runtime.endpoints},
+            )
+            yield runtime
+        finally:
+            runtime.stopping.set()
+            log.info("%s stopping: draining for up to %.0fs", settings.service_name, settings.shutdown_grace)
+            await runtime.grpc.stop(settings.shutdown_grace)
+    telemetry.shutdown()
+
+
+async def run_service(settings: ServiceSettings, setup: SetupFn) -> None:
+    loop = asyncio.get_running_loop()
+    async with serving(settings, setup) as runtime:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.stop)
+        await runtime.stopping.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if runtime._failure is not None:
+        raise SystemExit(1)
+
+
+def run_main(settings_cls: type[S], setup: SetupFn) -> None:
+    """Process entry point: settings from the environment (fail fast, every problem named), JSON logs,
+    then serve until SIGTERM."""
+    try:
+        settings = load_settings(settings_cls)
+    except SettingsError as exc:
+        print(f"{settings_cls.__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.service_name, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run_service(settings, setup))
+    except KeyboardInterrupt:
+        pass
+
+
+__all__ = ["PUBLIC", "GrpcServer", "ServiceRuntime", "run_main", "run_service", "serving"]

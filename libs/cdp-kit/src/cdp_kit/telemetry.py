@@ -1,0 +1,106 @@
+"""OpenTelemetry traces and metrics for a cdp service.
+
+Traces go to an OTLP/HTTP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set (the standard OTel variable);
+otherwise spans are still created, so logs carry trace ids and context still crosses gRPC and NATS.
+Metrics are exposed for Prometheus on CDP_METRICS_PORT (/metrics) when it is not 0.
+
+OpenTelemetry keeps one global provider per process. The first service set up in a process installs its
+providers as the globals (a real deployment runs one service per process); later calls in the same
+process (in-process tests) reuse them, so instruments never end up on a provider nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+
+# Histogram buckets in milliseconds: sub-millisecond to tens of seconds.
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+
+@dataclass
+class Telemetry:
+    service_name: str
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    tracer_provider: TracerProvider | None = None
+    meter_provider: MeterProvider | None = None
+    metrics_server: object | None = field(default=None, repr=False)
+
+    def shutdown(self) -> None:
+        if self.metrics_server is not None:
+            shutdown = getattr(self.metrics_server, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+        if self.tracer_provider is not None:
+            self.tracer_provider.force_flush(2000)
+
+
+def setup_telemetry(
+    service_name: str,
+    *,
+    metrics_port: int = 0,
+    span_processors: Iterable[SpanProcessor] = (),
+    metric_readers: Iterable[MetricReader] = (),
+) -> Telemetry:
+    resource = Resource.create({"service.name": service_name, "service.namespace": "cdp"})
+    tracer_provider: TracerProvider | None = None
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        tracer_provider = current
+    else:
+        tracer_provider = TracerProvider(resource=resource)
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+    for processor in span_processors:
+        tracer_provider.add_span_processor(processor)
+
+    readers: list[MetricReader] = list(metric_readers)
+    metrics_server = None
+    if metrics_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        readers.append(PrometheusMetricReader())
+        metrics_server, _thread = start_http_server(metrics_port)
+        log.info("metrics at http://0.0.0.0:%d/metrics", metrics_port)
+    meter_provider: MeterProvider | None = None
+    current_meter_provider = metrics.get_meter_provider()
+    if isinstance(current_meter_provider, MeterProvider) and not readers:
+        meter_provider = current_meter_provider
+    else:
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        if not isinstance(current_meter_provider, MeterProvider):
+            metrics.set_meter_provider(meter_provider)
+    return Telemetry(
+        service_name=service_name,
+        tracer=tracer_provider.get_tracer(f"cdp.{service_name}"),
+        meter=meter_provider.get_meter(f"cdp.{service_name}"),
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        metrics_server=metrics_server,
+    )
+
+
+def inject_context(carrier: MutableMapping[str, str], context: Context | None = None) -> None:
+    """Write W3C trace context (traceparent/tracestate) into message headers or gRPC metadata."""
+    propagate.inject(carrier, context=context)
+
+
+def extract_context(carrier: Mapping[str, str] | None) -> Context:
+    return propagate.extract(carrier or {})

@@ -1,0 +1,196 @@
+"""The service bootstrap: health, reflection, auth with scopes, error mapping, tracing, shutdown."""
+
+import asyncio
+import dataclasses
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+from cdp_kit.auth import new_token, write_tokens_file
+from cdp_kit.errors import InvalidArgument, Unavailable
+from cdp_kit.interceptors import current_caller
+from cdp_kit.service import serving
+from cdp_kit.settings import ServiceSettings
+from cdp_kit.telemetry import inject_context, setup_telemetry
+
+SERVICE = collector_pb2.DESCRIPTOR.services_by_name["CollectorService"]
+
+
+class Behaviour(collector_pb2_grpc.CollectorServiceServicer):
+    """A servicer whose behaviour is chosen by the write key, to exercise the kit."""
+
+    def __init__(self):
+        self.callers = []
+
+    async def Collect(self, request, context):
+        self.callers.append(current_caller().name)
+        if request.write_key == "bad-field":
+            raise InvalidArgument("events[2].user_id", "must not be empty")
+        if request.write_key == "busy":
+            raise Unavailable("bus is down", retry_after=3)
+        if request.write_key == "bug":
+            raise KeyError("secret internals")
+        if request.write_key == "slow":
+            await asyncio.sleep(0.5)
+        return collector_pb2.CollectResponse(accepted=len(request.events))
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    writer, reader, admin = new_token(), new_token(), new_token()
+    path = tmp_path / "tokens.json"
+    write_tokens_file(path, [("writer", writer, ["collector:write"]), ("reader", reader, ["profile:read"]), ("admin", admin, ["*"])])
+    return path, {"writer": writer, "reader": reader, "admin": admin}
+
+
+def settings(**overrides):
+    base = dict(nats_url="nats://unused:4222", service_name="kit-test", grpc_host="127.0.0.1", auth_mode="none", shutdown_grace=2.0)
+    base.update(overrides)
+    return ServiceSettings(**base)
+
+
+def setup_with(servicer, scopes=None):
+    async def setup(runtime):
+        runtime.grpc.add_service(
+            collector_pb2_grpc.add_CollectorServiceServicer_to_server, servicer, SERVICE, scopes or {"Collect": "collector:write"}
+        )
+
+    return setup
+
+
+async def collect(port, write_key="ok", token=None, metadata=()):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = collector_pb2_grpc.CollectorServiceStub(channel)
+        md = list(metadata) + ([("authorization", f"Bearer {token}")] if token else [])
+        return await stub.Collect(collector_pb2.CollectRequest(write_key=write_key), metadata=md)
+
+
+async def test_health_serving_and_reflection_without_a_token(tokens):
+    path, _ = tokens
+    async with serving(settings(auth_mode="tokens", auth_tokens_file=path), setup_with(Behaviour())) as rt:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for name in ("", "cdp.collector.v1.CollectorService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            names = [s.name async for r in responses for s in r.list_services_response.service]
+            assert "cdp.collector.v1.CollectorService" in names and "grpc.health.v1.Health" in names
+
+
+async def test_bearer_tokens_and_scopes(tokens):
+    path, t = tokens
+    servicer = Behaviour()
+    async with serving(settings(auth_mode="tokens", auth_tokens_file=path), setup_with(servicer)) as rt:
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await collect(rt.grpc.port)
+        assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await collect(rt.grpc.port, token="cdp_not-a-real-token")
+        assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_scope:
+            await collect(rt.grpc.port, token=t["reader"])
+        assert wrong_scope.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "collector:write" in wrong_scope.value.details()
+        assert (await collect(rt.grpc.port, token=t["writer"])).accepted == 0
+        await collect(rt.grpc.port, token=t["admin"])
+    assert servicer.callers == ["writer", "admin"]
+
+
+async def test_a_rotated_tokens_file_takes_effect_without_restart(tokens):
+    path, t = tokens
+    async with serving(settings(auth_mode="tokens", auth_tokens_file=path), setup_with(Behaviour())) as rt:
+        await collect(rt.grpc.port, token=t["writer"])
+        rotated = new_token()
+        write_tokens_file(path, [("writer", rotated, ["collector:write"])])
+        with pytest.raises(grpc.aio.AioRpcError) as revoked:
+            await collect(rt.grpc.port, token=t["writer"])
+        assert revoked.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await collect(rt.grpc.port, token=rotated)
+
+
+def test_every_rpc_must_declare_a_scope():
+    from cdp_kit.service import GrpcServer
+
+    server = GrpcServer(settings(), setup_telemetry("kit-test"))
+    with pytest.raises(ValueError, match="missing \\['Collect'\\]"):
+        server.add_service(collector_pb2_grpc.add_CollectorServiceServicer_to_server, Behaviour(), SERVICE, {})
+
+
+async def test_domain_errors_become_rich_statuses():
+    async with serving(settings(), setup_with(Behaviour())) as rt:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await collect(rt.grpc.port, write_key="bad-field")
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(bad.value)
+        violations = []
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                request = error_details_pb2.BadRequest()
+                detail.Unpack(request)
+                violations += [(v.field, v.description) for v in request.field_violations]
+        assert violations == [("events[2].user_id", "must not be empty")]
+
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await collect(rt.grpc.port, write_key="busy")
+        assert busy.value.code() == grpc.StatusCode.UNAVAILABLE
+        retry = [d for d in rpc_status.from_call(busy.value).details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        info = error_details_pb2.RetryInfo()
+        retry[0].Unpack(info)
+        assert info.retry_delay.seconds == 3
+
+        with pytest.raises(grpc.aio.AioRpcError) as bug:
+            await collect(rt.grpc.port, write_key="bug")
+        assert bug.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret internals" not in bug.value.details()
+
+
+async def test_the_callers_trace_continues_on_the_server():
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("kit-test", span_processors=[SimpleSpanProcessor(exporter)])
+    async with serving(settings(), setup_with(Behaviour()), telemetry=telemetry) as rt:
+        with telemetry.tracer.start_as_current_span("client") as span:
+            carrier = {}
+            inject_context(carrier)
+            await collect(rt.grpc.port, metadata=carrier.items())
+            trace_id = span.get_span_context().trace_id
+    server_spans = [s for s in exporter.get_finished_spans() if s.name == "cdp.collector.v1.CollectorService/Collect"]
+    assert server_spans and server_spans[-1].context.trace_id == trace_id
+    assert server_spans[-1].kind == trace.SpanKind.SERVER
+
+
+async def test_shutdown_reports_not_serving_and_drains_in_flight_calls():
+    async with serving(settings(), setup_with(Behaviour())) as rt:
+        port = rt.grpc.port
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = collector_pb2_grpc.CollectorServiceStub(channel)
+        in_flight = asyncio.ensure_future(stub.Collect(collector_pb2.CollectRequest(write_key="slow")))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(rt.grpc.stop(2.0))
+        await asyncio.sleep(0.05)
+        reply = await in_flight  # the in-flight call completes during the drain
+        assert reply.accepted == 0
+        await stopping
+        await channel.close()
+
+
+def test_settings_fail_fast_naming_every_problem(tmp_path):
+    from cdp_kit.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as info:
+        load_settings(ServiceSettings, environ={"CDP_GRPC_PORT": "eighty", "CDP_AUTH_MODE": "tokens"})
+    text = str(info.value)
+    assert "CDP_NATS_URL is required" in text and "CDP_GRPC_PORT='eighty' is invalid" in text
+    with pytest.raises(SettingsError, match="CDP_AUTH_TOKENS_FILE is required"):
+        load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222"})
+    ok = load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222", "CDP_AUTH_MODE": "none", "CDP_PARTITIONS": "16"})
+    assert dataclasses.replace(ok).partitions == 16
