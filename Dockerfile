@@ -1,0 +1,54 @@
+# syntax=docker/dockerfile:1
+# One image for every cdp service; the Helm chart picks the service per pod (`python -m cdp_<name>`).
+# Build: docker build -t cdp .   (skaffold builds it as artifact `cdp`)
+
+# Python must match the workspace's (the Makefile's UV_PYTHON); pin a digest here for reproducible builds:
+# python:3.11-slim-bookworm@sha256:<digest>
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# Only the dependency manifests, so the dependency layer below is rebuilt when a pyproject.toml or the
+# lock changes, not on every source edit. Any service folder works without listing it here.
+FROM ${PYTHON_IMAGE} AS manifests
+WORKDIR /src
+COPY . .
+RUN mkdir /manifests \
+ && find . -name pyproject.toml -not -path './.*' | tar -cf - --files-from=- uv.lock | tar -xf - -C /manifests
+
+FROM ${PYTHON_IMAGE} AS build
+# The same uv as the Makefile (UV_VERSION), from PyPI.
+ARG UV_VERSION=0.13.9
+RUN python -m pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
+# Bytecode compiled at build time: the root filesystem is read-only at run time.
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/app/.venv
+WORKDIR /app
+COPY --from=manifests /manifests/ ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --all-packages --no-install-workspace
+COPY libs ./libs
+COPY services ./services
+# Non-editable: the workspace packages are installed into the venv, so the runtime stage needs no sources.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --all-packages --no-editable
+
+FROM ${PYTHON_IMAGE} AS runtime
+# pip is not needed to run anything; dropping it leaves no installer in the final image.
+RUN python -m pip uninstall --yes --quiet pip setuptools wheel \
+ && groupadd --system --gid 10001 cdp \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin cdp \
+ && install --directory --owner 10001 --group 10001 --mode 0750 /var/lib/cdp
+# Root-owned and read-only for the service user.
+COPY --from=build /app/.venv /app/.venv
+# PYTHONSAFEPATH keeps the working directory off sys.path. HOME=/tmp: the only writable place besides
+# the data volume, for libraries that insist on a home directory.
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONSAFEPATH=1 \
+    HOME=/tmp
+WORKDIR /app
+EXPOSE 50051 8080 9464
+USER 10001:10001
+CMD ["python", "-m", "cdp_collector"]

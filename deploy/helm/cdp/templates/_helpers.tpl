@@ -1,0 +1,478 @@
+{{/*
+Shared pieces of the cdp chart. The per-component objects live in components.yaml; everything here
+takes either the root context or a "component context":
+  (dict "root" $ "name" <component name> "c" <component values merged over componentDefaults>)
+*/}}
+
+{{- define "cdp.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "cdp.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Image tag without a digest, cleaned into a valid label value (labels refuse "@" and ":"). */}}
+{{- define "cdp.version" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | toString -}}
+{{- $clean := regexReplaceAll "[^A-Za-z0-9._-]" (split "@" $tag)._0 "" | trunc 63 -}}
+{{- regexReplaceAll "^[^A-Za-z0-9]+|[^A-Za-z0-9]+$" $clean "" -}}
+{{- end -}}
+
+{{- define "cdp.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
+{{- end -}}
+
+{{- define "cdp.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "cdp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: cdp
+app.kubernetes.io/version: {{ include "cdp.version" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels must never change for the life of a release: no version in here. */}}
+{{- define "cdp.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "cdp.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{- define "cdp.componentLabels" -}}
+{{ include "cdp.labels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{/*
+<release>-<component>. Services are DNS labels (63 characters); a StatefulSet name also ends up in
+its pods' controller-revision-hash label with an 11-character suffix, hence 52. Failing beats
+truncating: two truncated names could collide.
+*/}}
+{{- define "cdp.componentFullname" -}}
+{{- $full := printf "%s-%s" (include "cdp.fullname" .root) .name -}}
+{{- $max := ternary 52 63 (.c.stateful | default false) -}}
+{{- if gt (len $full) $max -}}
+{{- fail (printf "component %q: resource name %q is %d characters, the limit is %d; shorten the release name, fullnameOverride or the component name" .name $full (len $full) $max) -}}
+{{- end -}}
+{{- $full -}}
+{{- end -}}
+
+{{- define "cdp.module" -}}
+{{- default (printf "cdp_%s" (.name | replace "-" "_")) .c.module -}}
+{{- end -}}
+
+{{/* nats.fullname of the official chart, so CDP_NATS_URL follows the subchart's Service. */}}
+{{- define "cdp.natsUrl" -}}
+{{- if .Values.nats.enabled -}}
+{{- $nats := .Values.nats -}}
+{{- $host := "" -}}
+{{- if $nats.fullnameOverride -}}
+{{- $host = $nats.fullnameOverride -}}
+{{- else -}}
+{{- $name := default "nats" $nats.nameOverride -}}
+{{- $host = ternary .Release.Name (printf "%s-%s" .Release.Name $name) (contains $name .Release.Name) -}}
+{{- end -}}
+{{- printf "nats://%s:4222" ($host | trunc 63 | trimSuffix "-") -}}
+{{- else -}}
+{{- required "global.natsUrl is required when nats.enabled is false" .Values.global.natsUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cdp.mongodbFullname" -}}
+{{- printf "%s-mongodb" (include "cdp.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "cdp.authSecretName" -}}
+{{- default (printf "%s-auth-tokens" (include "cdp.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{- define "cdp.sourcesSecretName" -}}
+{{- default (printf "%s-sources" (include "cdp.fullname" .)) .Values.sources.existingSecret -}}
+{{- end -}}
+
+{{/* The port the kubelet probes: a plaintext health port when there is one. */}}
+{{- define "cdp.probePort" -}}
+{{- if .c.ports.health -}}{{ int .c.ports.health }}{{- else -}}{{ int .c.ports.grpc }}{{- end -}}
+{{- end -}}
+
+{{/* Effective pod count, for checks that depend on it. */}}
+{{- define "cdp.replicas" -}}
+{{- if and .c.autoscaling.enabled (not .c.stateful) -}}{{ int .c.autoscaling.minReplicas }}{{- else -}}{{ int .c.replicas }}{{- end -}}
+{{- end -}}
+
+{{/* Variables the chart owns; components.<name>.env may not set them (duplicates would be ambiguous). */}}
+{{- define "cdp.managedEnv" -}}
+OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS
+{{- end -}}
+
+{{/*
+Cross-field rules a JSON schema cannot express well. Each failure names the values key to change.
+*/}}
+{{- define "cdp.validateComponent" -}}
+{{- $root := .root -}}{{- $c := .c -}}{{- $name := .name -}}
+{{- if and $root.Values.tls.enabled (not $c.ports.health) -}}
+{{- fail (printf "component %q: tls.enabled=true but ports.health is 0. Kubelet gRPC probes cannot speak TLS; set componentDefaults.ports.health (or components.%s.ports.health) to a plaintext port serving grpc.health.v1" $name $name) -}}
+{{- end -}}
+{{- if and $c.ports.health (or (eq (int $c.ports.health) (int $c.ports.grpc)) (eq (int $c.ports.health) (int $c.ports.http)) (eq (int $c.ports.health) (int $c.ports.metrics))) -}}
+{{- fail (printf "component %q: ports.health=%d must differ from the grpc, http and metrics ports" $name (int $c.ports.health)) -}}
+{{- end -}}
+{{- if and $c.ports.http (eq (int $c.ports.http) (int $c.ports.grpc)) -}}
+{{- fail (printf "component %q: ports.http and ports.grpc are both %d" $name (int $c.ports.grpc)) -}}
+{{- end -}}
+{{- if and $c.ports.metrics (or (eq (int $c.ports.metrics) (int $c.ports.grpc)) (eq (int $c.ports.metrics) (int $c.ports.http))) -}}
+{{- fail (printf "component %q: ports.metrics=%d clashes with the grpc or http port" $name (int $c.ports.metrics)) -}}
+{{- end -}}
+{{- if and (eq $c.store.kind "mongodb") (not $root.Values.mongodb.enabled) (not $root.Values.global.mongodbUri.existingSecret) -}}
+{{- fail (printf "component %q: store.kind=mongodb needs global.mongodbUri.existingSecret (a Secret with the mongodb:// URI) or mongodb.enabled=true" $name) -}}
+{{- end -}}
+{{- if and $c.stateful $c.autoscaling.enabled -}}
+{{- fail (printf "component %q: stateful components own partitions by ordinal and need a fixed replica count; set autoscaling.enabled=false" $name) -}}
+{{- end -}}
+{{- if and $c.stateful $c.persistence.existingClaim -}}
+{{- fail (printf "component %q: persistence.existingClaim cannot be shared by a StatefulSet's pods; each pod gets its own claim" $name) -}}
+{{- end -}}
+{{- $replicas := include "cdp.replicas" . | int -}}
+{{- if and (not $c.stateful) $c.persistence.enabled (gt $replicas 1) (has "ReadWriteOnce" $c.persistence.accessModes) (not (has "ReadWriteMany" $c.persistence.accessModes)) -}}
+{{- fail (printf "component %q: %d replicas would share one ReadWriteOnce claim; set stateful: true for a claim per pod, replicas: 1, or a ReadWriteMany access mode" $name $replicas) -}}
+{{- end -}}
+{{- if and $c.pdb.enabled (not (kindIs "invalid" $c.pdb.minAvailable)) (ge (int $c.pdb.minAvailable) $replicas) -}}
+{{- fail (printf "component %q: pdb.minAvailable=%d with %d replicas would block every node drain; lower it or use pdb.maxUnavailable" $name (int $c.pdb.minAvailable) $replicas) -}}
+{{- end -}}
+{{- if and $c.autoscaling.enabled (gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) -}}
+{{- fail (printf "component %q: autoscaling.minReplicas=%d is above maxReplicas=%d" $name (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- $managed := include "cdp.managedEnv" . | splitList " " -}}
+{{- range $var, $_ := $c.env -}}
+{{- if has $var $managed -}}
+{{- fail (printf "components.%s.env.%s: the chart sets %s itself; use its own values key (ports, log, store, global, auth, tls)" $name $var $var) -}}
+{{- end -}}
+{{- end -}}
+{{- range $c.extraEnv -}}
+{{- if has .name $managed -}}
+{{- fail (printf "components.%s.extraEnv: the chart sets %s itself; use its own values key (ports, log, store, global, auth, tls)" $name .name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "cdp.validateRelease" -}}
+{{- range $reserved, $enabled := dict "nats" .Values.nats.enabled "mongodb" .Values.mongodb.enabled -}}
+{{- if and $enabled (hasKey $.Values.components $reserved) -}}
+{{- fail (printf "component %q would collide with the in-release %s (%s.enabled=true): rename the component" $reserved $reserved $reserved) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
+{{- fail "tls.enabled=true needs tls.existingSecret: a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), e.g. issued by cert-manager" -}}
+{{- end -}}
+{{- if and .Values.auth.existingSecret .Values.auth.tokens -}}
+{{- fail "auth.existingSecret and auth.tokens are both set; keep one (the Secret, in production)" -}}
+{{- end -}}
+{{- if and .Values.sources.existingSecret .Values.sources.inline.sources -}}
+{{- fail "sources.existingSecret and sources.inline.sources are both set; keep one (the Secret, in production)" -}}
+{{- end -}}
+{{- if and .Values.serviceMonitor.enabled (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1/ServiceMonitor")) -}}
+{{- fail "serviceMonitor.enabled=true but the cluster does not serve monitoring.coreos.com/v1 ServiceMonitor: install the Prometheus Operator CRDs first (offline rendering: --api-versions monitoring.coreos.com/v1/ServiceMonitor)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The container's environment: all configuration is environment variables (ARCHITECTURE.md §5). */}}
+{{- define "cdp.env" -}}
+{{- $root := .root -}}{{- $c := .c -}}{{- $name := .name -}}
+- name: OTEL_SERVICE_NAME
+  value: {{ $name | quote }}
+- name: CDP_NATS_URL
+  value: {{ include "cdp.natsUrl" $root | quote }}
+- name: CDP_GRPC_PORT
+  value: {{ int $c.ports.grpc | quote }}
+- name: CDP_METRICS_PORT
+  value: {{ int $c.ports.metrics | quote }}
+{{- if $c.ports.http }}
+- name: CDP_HTTP_PORT
+  value: {{ int $c.ports.http | quote }}
+{{- end }}
+{{- if $c.ports.health }}
+- name: CDP_HEALTH_PORT
+  value: {{ int $c.ports.health | quote }}
+{{- end }}
+{{- if eq $c.store.kind "sqlite" }}
+- name: CDP_STORE_URL
+  value: {{ printf "sqlite:////var/lib/cdp/%s.db" $name | quote }}
+{{- else if eq $c.store.kind "memory" }}
+- name: CDP_STORE_URL
+  value: "memory://"
+{{- else if $root.Values.mongodb.enabled }}
+- name: CDP_STORE_URL
+  value: {{ printf "mongodb://%s:27017/%s" (include "cdp.mongodbFullname" $root) $root.Values.mongodb.database | quote }}
+{{- else }}
+- name: CDP_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.global.mongodbUri.existingSecret }}
+      key: {{ $root.Values.global.mongodbUri.key }}
+{{- end }}
+- name: CDP_PARTITIONS
+  value: {{ int $root.Values.global.partitions | quote }}
+- name: CDP_LOG_LEVEL
+  value: {{ $c.log.level | quote }}
+- name: CDP_LOG_FORMAT
+  value: {{ $c.log.format | quote }}
+- name: CDP_AUTH_MODE
+  value: {{ $root.Values.auth.mode | quote }}
+{{- if eq $root.Values.auth.mode "tokens" }}
+- name: CDP_AUTH_TOKENS_FILE
+  value: /etc/cdp/auth/tokens.json
+{{- end }}
+{{- if $root.Values.tls.enabled }}
+- name: CDP_TLS_CERT_FILE
+  value: /etc/cdp/tls/tls.crt
+- name: CDP_TLS_KEY_FILE
+  value: /etc/cdp/tls/tls.key
+{{- if $root.Values.tls.clientAuth }}
+- name: CDP_TLS_CLIENT_CA_FILE
+  value: /etc/cdp/tls/ca.crt
+{{- end }}
+{{- end }}
+{{- with $root.Values.global.otlpEndpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- if $c.mountSources }}
+- name: CDP_COLLECTOR_SOURCES_FILE
+  value: /etc/cdp/sources/sources.json
+{{- end }}
+- name: CDP_SHUTDOWN_GRACE
+  value: {{ int $c.shutdownGraceSeconds | quote }}
+{{- if $c.stateful }}
+- name: CDP_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: CDP_POD_ORDINAL
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+- name: CDP_REPLICAS
+  value: {{ int $c.replicas | quote }}
+{{- end }}
+{{- range $var, $value := $c.env }}
+- name: {{ $var }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- with $c.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "cdp.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+fsGroupChangePolicy: OnRootMismatch
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{- define "cdp.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* The pod template shared by the Deployment and the StatefulSet of a component. */}}
+{{- define "cdp.podTemplate" -}}
+{{- $root := .root -}}{{- $c := .c -}}{{- $name := .name -}}
+{{- $fullname := include "cdp.componentFullname" . -}}
+{{- $probePort := include "cdp.probePort" . | int -}}
+metadata:
+  labels:
+    {{- /* The chart's labels win: a podLabels entry must not detach pods from their selector. */}}
+    {{- merge (include "cdp.componentLabels" . | fromYaml) ($c.podLabels | default dict) | toYaml | nindent 4 }}
+  {{- $annotations := dict }}
+  {{- /* Config files written from values roll the pods that read them, so `helm upgrade --wait`
+  returns once every pod has the new file. Existing Secrets (the production path) are outside the
+  chart's sight; the services re-read those files when they change, without a restart. */}}
+  {{- $config := "" }}
+  {{- if eq $root.Values.auth.mode "tokens" }}
+  {{- $config = include (print $root.Template.BasePath "/secret-auth.yaml") $root }}
+  {{- end }}
+  {{- if $c.mountSources }}
+  {{- $config = print $config (include (print $root.Template.BasePath "/secret-sources.yaml") $root) }}
+  {{- end }}
+  {{- if trim $config }}
+  {{- $_ := set $annotations "checksum/config" ($config | sha256sum) }}
+  {{- end }}
+  {{- $annotations = merge $annotations ($c.podAnnotations | default dict) }}
+  {{- with $annotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ $fullname }}
+  automountServiceAccountToken: {{ $c.serviceAccount.automountToken }}
+  enableServiceLinks: false
+  terminationGracePeriodSeconds: {{ add (int $c.shutdownGraceSeconds) 5 }}
+  securityContext:
+    {{- include "cdp.podSecurityContext" . | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . }}
+    {{- end }}
+  {{- end }}
+  {{- with $c.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $c.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $c.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if $c.spreadAcrossNodes }}
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "cdp.selectorLabels" . | nindent 10 }}
+  {{- end }}
+  containers:
+    - name: {{ $name }}
+      image: {{ include "cdp.image" $root | quote }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      command: ["python", "-m", {{ include "cdp.module" . | quote }}]
+      ports:
+        - name: grpc
+          containerPort: {{ int $c.ports.grpc }}
+          protocol: TCP
+        {{- if $c.ports.http }}
+        - name: http
+          containerPort: {{ int $c.ports.http }}
+          protocol: TCP
+        {{- end }}
+        {{- if $c.ports.metrics }}
+        - name: metrics
+          containerPort: {{ int $c.ports.metrics }}
+          protocol: TCP
+        {{- end }}
+        {{- if $c.ports.health }}
+        - name: health
+          containerPort: {{ int $c.ports.health }}
+          protocol: TCP
+        {{- end }}
+      env:
+        {{- include "cdp.env" . | nindent 8 }}
+      {{- /* Kubelet's built-in gRPC probes ask grpc.health.v1 directly: no probe binary in the image. */}}
+      startupProbe:
+        grpc:
+          port: {{ $probePort }}
+        periodSeconds: {{ int $c.probes.startup.periodSeconds }}
+        failureThreshold: {{ int $c.probes.startup.failureThreshold }}
+      livenessProbe:
+        grpc:
+          port: {{ $probePort }}
+        periodSeconds: {{ int $c.probes.liveness.periodSeconds }}
+        timeoutSeconds: {{ int $c.probes.liveness.timeoutSeconds }}
+        failureThreshold: {{ int $c.probes.liveness.failureThreshold }}
+      readinessProbe:
+        grpc:
+          port: {{ $probePort }}
+        periodSeconds: {{ int $c.probes.readiness.periodSeconds }}
+        timeoutSeconds: {{ int $c.probes.readiness.timeoutSeconds }}
+        failureThreshold: {{ int $c.probes.readiness.failureThreshold }}
+      resources:
+        {{- toYaml $c.resources | nindent 8 }}
+      securityContext:
+        {{- include "cdp.containerSecurityContext" . | nindent 8 }}
+      volumeMounts:
+        - name: tmp
+          mountPath: /tmp
+        - name: data
+          mountPath: /var/lib/cdp
+        {{- if eq $root.Values.auth.mode "tokens" }}
+        {{- /* A whole-directory mount (no subPath), so an updated Secret reaches the running pod. */}}
+        - name: auth-tokens
+          mountPath: /etc/cdp/auth
+          readOnly: true
+        {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: tls
+          mountPath: /etc/cdp/tls
+          readOnly: true
+        {{- end }}
+        {{- if $c.mountSources }}
+        - name: sources
+          mountPath: /etc/cdp/sources
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $c.tmpSizeLimit }}
+    {{- if not $c.persistence.enabled }}
+    - name: data
+      emptyDir:
+        sizeLimit: {{ $c.persistence.size }}
+    {{- else if not $c.stateful }}
+    - name: data
+      persistentVolumeClaim:
+        claimName: {{ default (printf "%s-data" $fullname) $c.persistence.existingClaim }}
+    {{- end }}
+    {{- if eq $root.Values.auth.mode "tokens" }}
+    - name: auth-tokens
+      secret:
+        secretName: {{ include "cdp.authSecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.auth.key }}
+            path: tokens.json
+    {{- end }}
+    {{- if $root.Values.tls.enabled }}
+    - name: tls
+      secret:
+        secretName: {{ $root.Values.tls.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+          {{- if $root.Values.tls.clientAuth }}
+          - key: ca.crt
+            path: ca.crt
+          {{- end }}
+    {{- end }}
+    {{- if $c.mountSources }}
+    - name: sources
+      secret:
+        secretName: {{ include "cdp.sourcesSecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.sources.key }}
+            path: sources.json
+    {{- end }}
+{{- end -}}

@@ -1,0 +1,330 @@
+"""The Dockerfile and .dockerignore, checked without a Docker engine (there is none here).
+
+The instructions are parsed and held to the rules in ARCHITECTURE.md §5 and the Makefile's pins; the
+two `uv sync` steps are replayed with the same flags on the same build context, so a broken lock,
+a wrong flag or an over-eager .dockerignore shows up here rather than in the first real build.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from chart_support import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """Global ARG defaults and the stages, with continuation lines joined and comments dropped."""
+    logical, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword, args = keyword.upper(), args.strip()
+        if keyword == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        elif not stages:
+            assert keyword == "ARG", f"only ARG may precede the first FROM, not {keyword}"
+            key, _, default = args.partition("=")
+            global_args[key] = default
+        else:
+            stages[-1].instructions.append(Instruction(keyword, args))
+    return global_args, stages
+
+
+def env_of(stage: Stage) -> dict[str, str]:
+    env = {}
+    for instruction in stage.all("ENV"):
+        for pair in shlex.split(instruction.args):
+            key, _, value = pair.partition("=")
+            env[key] = value
+    return env
+
+
+def makefile_var(name: str) -> str:
+    match = re.search(
+        rf"^(?:export\s+)?{name}\s*[:?]?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE
+    )
+    assert match, f"Makefile has no {name}"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+def test_every_stage_starts_from_the_pinned_python_base(dockerfile):
+    args, stages = dockerfile
+    base = args["PYTHON_IMAGE"]
+    image, _, tag = base.partition("@")[0].partition(":")
+    assert image == "python" and tag, f"base {base!r} must be python:<tag>"
+    assert tag != "latest" and "latest" not in base
+    python = makefile_var("UV_PYTHON")
+    assert tag.startswith((python + "-", python + ".")), (
+        f"base tag {tag} is not the workspace's Python {python}"
+    )
+    assert tag.endswith("-slim-bookworm")
+    names = {s.name for s in stages if s.name}
+    for stage in stages:
+        assert stage.base in ("${PYTHON_IMAGE}", "$PYTHON_IMAGE") or stage.base in names, stage.base
+    assert not [i for s in stages for i in s.instructions if i.keyword == "ADD"], (
+        "ADD fetches and unpacks; use COPY"
+    )
+
+
+def test_uv_is_the_makefiles_version(dockerfile):
+    _, stages = dockerfile
+    build = next(s for s in stages if s.name == "build")
+    (uv_arg,) = [i for i in build.all("ARG") if i.args.startswith("UV_VERSION=")]
+    assert uv_arg.args == f"UV_VERSION={makefile_var('UV_VERSION')}"
+
+
+def uv_syncs(dockerfile) -> list[list[str]]:
+    _, stages = dockerfile
+    build = next(s for s in stages if s.name == "build")
+    syncs = []
+    for run in build.all("RUN"):
+        words = shlex.split(run.args)
+        if "uv" in words and words[words.index("uv") + 1] == "sync":
+            syncs.append(words[words.index("uv") + 2 :])
+    return syncs
+
+
+def test_dependencies_come_from_the_lock_without_dev_tools(dockerfile):
+    syncs = uv_syncs(dockerfile)
+    assert len(syncs) == 2, "a dependency layer, then the workspace"
+    for flags in syncs:
+        assert {"--frozen", "--no-dev", "--all-packages"} <= set(flags), flags
+    assert "--no-install-workspace" in syncs[0]
+    assert "--no-editable" in syncs[1], (
+        "the runtime stage copies only the venv, so nothing may point at sources"
+    )
+    _, stages = dockerfile
+    assert env_of(next(s for s in stages if s.name == "build"))["UV_PROJECT_ENVIRONMENT"] == "/app/.venv"
+
+
+def test_runtime_stage_is_non_root_with_no_build_tools(dockerfile, rendered):
+    _, stages = dockerfile
+    runtime = stages[-1]
+    users = runtime.all("USER")
+    assert users, "the runtime stage must set USER"
+    user = users[-1].args
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"USER {user} must be numeric so runAsNonRoot can verify it"
+    assert int(uid) != 0 and int(gid) != 0
+    assert runtime.instructions.index(users[-1]) > max(
+        runtime.instructions.index(i) for i in runtime.all("RUN")
+    ), "nothing may run as root after USER is set"
+    # The chart runs pods as the image's user; the two must agree.
+    pod_users = {
+        c["securityContext"]["runAsUser"]
+        for w in rendered["default"].component_workloads()
+        for c in w["spec"]["template"]["spec"]["containers"]
+    }
+    assert pod_users == {int(uid)}
+    for run in runtime.all("RUN"):
+        for tool in (
+            "apt-get install",
+            "apk add",
+            "pip install",
+            "uv ",
+            "gcc",
+            "build-essential",
+            "curl",
+            "wget",
+        ):
+            assert tool not in run.args, f"runtime stage installs or fetches with {tool!r}: {run.args}"
+    copies = runtime.all("COPY")
+    assert [c.args for c in copies] == ["--from=build /app/.venv /app/.venv"], (
+        "only the built venv reaches the image"
+    )
+    env = env_of(runtime)
+    assert env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert env["PATH"].startswith("/app/.venv/bin:")
+    assert env["HOME"] == "/tmp", "the only writable path besides the data volume"
+
+
+def test_default_command_runs_a_real_service_module(dockerfile):
+    _, stages = dockerfile
+    (cmd,) = stages[-1].all("CMD")
+    words = json.loads(cmd.args)  # exec form is a JSON array of strings
+    assert words[:2] == ["python", "-m"]
+    module = words[2]
+    assert list(ROOT.glob(f"services/*/src/{module}")), f"no service package {module}"
+
+
+def test_exposed_ports_are_the_collectors(dockerfile, rendered):
+    _, stages = dockerfile
+    exposed = {int(p) for e in stages[-1].all("EXPOSE") for p in e.args.split()}
+    (collector,) = [
+        c
+        for w in rendered["default"].component_workloads()
+        if w["metadata"]["name"].endswith("-collector")
+        for c in w["spec"]["template"]["spec"]["containers"]
+    ]
+    assert exposed == {p["containerPort"] for p in collector["ports"]}
+
+
+# --- .dockerignore -------------------------------------------------------------------------------------
+
+
+def dockerignore_patterns() -> list[str]:
+    patterns = []
+    for line in DOCKERIGNORE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            assert not line.startswith("!"), (
+                "re-inclusions are not modelled by this test; keep the file simple"
+            )
+            patterns.append(line.rstrip("/"))
+    return patterns
+
+
+def is_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: a pattern matching the path or any of its parent directories excludes it."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        for prefix in prefixes:
+            if fnmatch.fnmatchcase(prefix, pattern):
+                return True
+            if pattern.startswith("**/") and fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1], pattern[3:]):
+                return True
+    return False
+
+
+def test_dockerignore_keeps_sources_and_drops_local_state():
+    patterns = dockerignore_patterns()
+    needed = ["pyproject.toml", "uv.lock"]
+    needed += [str(p.relative_to(ROOT)) for p in ROOT.glob("libs/*/pyproject.toml")]
+    needed += [str(p.relative_to(ROOT)) for p in ROOT.glob("services/*/pyproject.toml")]
+    needed += [str(p.relative_to(ROOT)) for p in ROOT.glob("libs/*/src/**/*.py")][:50]
+    needed += [str(p.relative_to(ROOT)) for p in ROOT.glob("services/*/src/**/*.py")]
+    for path in needed:
+        assert not is_ignored(path, patterns), f".dockerignore drops {path}, which the build needs"
+    dropped = [
+        ".venv/bin/python",
+        ".tools/bin/uv",
+        ".tools/helm-py312/bin/python",
+        ".cdp/data/cdp.db",
+        ".git/HEAD",
+        "bench/results/ingest.json",
+        "libs/cdp-kit/src/cdp_kit/__pycache__/settings.cpython-311.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        "libs/cdp-testing/tests/test_nats_fixture.py",
+        "deploy/helm/cdp/values.yaml",
+    ]
+    for path in dropped:
+        assert is_ignored(path, patterns), f".dockerignore lets {path} into the build context"
+
+
+def build_context(destination: Path) -> None:
+    """Copy what docker would send: the repository minus .dockerignore."""
+    patterns = dockerignore_patterns()
+    for directory, subdirs, files in os.walk(ROOT):
+        rel_dir = os.path.relpath(directory, ROOT)
+        rel = "" if rel_dir == "." else rel_dir + "/"
+        subdirs[:] = [d for d in subdirs if not is_ignored(rel + d, patterns)]
+        for name in files:
+            if not is_ignored(rel + name, patterns):
+                target = destination / rel / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(directory) / name, target)
+
+
+@pytest.mark.timeout(600)
+def test_uv_sync_steps_install_every_service_from_the_build_context(dockerfile, tmp_path):
+    """The build stage without Docker: same context, same manifests-first order, same uv flags."""
+    uv = ROOT / ".tools" / "bin" / "uv"
+    if not uv.exists():
+        pytest.skip("uv is installed by `make env`")
+    context = tmp_path / "context"
+    build_context(context)
+    app = tmp_path / "app"
+    app.mkdir()
+    # The manifests stage: only pyproject.toml files and the lock.
+    for manifest in [context / "uv.lock", *context.rglob("pyproject.toml")]:
+        target = app / manifest.relative_to(context)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(manifest, target)
+    _, stages = dockerfile
+    env = os.environ | env_of(next(s for s in stages if s.name == "build"))
+    env["UV_PROJECT_ENVIRONMENT"] = str(tmp_path / "venv")
+    # This venv is thrown away: link it to uv's cache and skip bytecode, which is uv's business, not ours.
+    env |= {"UV_LINK_MODE": "symlink", "UV_COMPILE_BYTECODE": "0"}
+    # The workspace interpreter stands in for the base image's (same minor, checked above).
+    python = getattr(sys, "_base_executable", sys.executable)
+    first, second = uv_syncs(dockerfile)
+
+    def sync(flags):
+        proc = subprocess.run(
+            [str(uv), "sync", "--python", python, *flags],
+            check=False,
+            cwd=app,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, f"uv sync {' '.join(flags)} failed:\n{proc.stderr}"
+
+    sync(first)
+    for folder in ("libs", "services"):
+        shutil.copytree(context / folder, app / folder, dirs_exist_ok=True)
+    sync(second)
+
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    modules = [p.name for p in ROOT.glob("services/*/src/*") if p.is_dir()]
+    modules += [p.name for p in ROOT.glob("libs/*/src/*") if p.is_dir() and (p / "__init__.py").exists()]
+    shutil.rmtree(app / "libs")
+    shutil.rmtree(app / "services")  # the runtime stage has no sources: imports must come from the venv
+    proc = subprocess.run(
+        [str(venv_python), "-c", f"import {', '.join(sorted(modules))}"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
