@@ -194,3 +194,16 @@ def test_settings_fail_fast_naming_every_problem(tmp_path):
         load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222"})
     ok = load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222", "CDP_AUTH_MODE": "none", "CDP_PARTITIONS": "16"})
     assert dataclasses.replace(ok).partitions == 16
+
+
+async def test_a_plaintext_health_port_answers_probes_and_nothing_else():
+    from cdp_kit.natsserver import free_port
+
+    health_port = free_port()
+    async with serving(settings(health_port=health_port), setup_with(Behaviour())):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await collector_pb2_grpc.CollectorServiceStub(channel).Collect(collector_pb2.CollectRequest())
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -62,6 +62,7 @@ class GrpcServer:
         self._service_names: list[str] = []
         self._registrations: list[tuple[Callable[[Any, Any], None], Any]] = []
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.port: int | None = None
 
     def add_service(
@@ -131,6 +132,15 @@ class GrpcServer:
             raise RuntimeError(f"cannot bind gRPC on {address} (CDP_GRPC_HOST/CDP_GRPC_PORT)")
         await server.start()
         self._server = server
+        if self.settings.health_port:
+            # Kubelet gRPC probes speak neither TLS nor bearer tokens: give them a plaintext port that
+            # serves health and nothing else.
+            health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            if not health_server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.health_port}"):
+                raise RuntimeError(f"cannot bind the health port {self.settings.health_port} (CDP_HEALTH_PORT)")
+            await health_server.start()
+            self._health_server = health_server
         return self.port
 
     async def set_serving(self) -> None:
@@ -143,6 +153,9 @@ class GrpcServer:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self._server = None
+        if self._health_server is not None:
+            await self._health_server.stop(0)
+            self._health_server = None
 
 
 @dataclass
@@ -156,6 +169,8 @@ class ServiceRuntime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Extra endpoints to announce at start-up ("http" -> "http://0.0.0.0:8080").
     endpoints: dict[str, str] = field(default_factory=dict)
+    # Ports bound at start-up besides gRPC ("http" -> 8080); port 0 in settings means "pick one".
+    ports: dict[str, int] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _failure: BaseException | None = None
 

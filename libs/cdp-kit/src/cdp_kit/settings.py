@@ -149,6 +149,10 @@ class ServiceSettings:
     tls_cert_file: Path | None = env("CDP_TLS_CERT_FILE", None, help="server certificate (PEM) to serve gRPC over TLS")
     tls_key_file: Path | None = env("CDP_TLS_KEY_FILE", None, help="server private key (PEM)", secret=True)
     tls_client_ca_file: Path | None = env("CDP_TLS_CLIENT_CA_FILE", None, help="CA for client certificates (mTLS)")
+    health_port: int = env(
+        "CDP_HEALTH_PORT", 0,
+        help="plaintext port serving only grpc.health.v1, for kubelet probes when gRPC uses TLS (0: off)",
+    )
     shutdown_grace: float = env("CDP_SHUTDOWN_GRACE", 10.0, help="seconds in-flight calls get to finish on SIGTERM")
 
     def validate(self) -> list[str]:
