@@ -171,6 +171,9 @@ class ServiceRuntime:
     endpoints: dict[str, str] = field(default_factory=dict)
     # Ports bound at start-up besides gRPC ("http" -> 8080); port 0 in settings means "pick one".
     ports: dict[str, int] = field(default_factory=dict)
+    # Named parts of the running service (its bus publisher, its store…), for in-process tests and
+    # operator introspection; services register what they build in setup.
+    parts: dict[str, Any] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _failure: BaseException | None = None
 

@@ -1,0 +1,50 @@
+"""The collector's rules, as plain Python: Segment JSON → Event, validation, limits, clock-skew correction.
+
+No I/O, gRPC or NATS here: `api.py` and the HTTP server call these and map the FieldErrors they return,
+and the RequestRejected they raise, to status codes (gRPC INVALID_ARGUMENT; HTTP 400, 413 for
+`request_too_large` — RequestRejected.status says which).
+"""
+
+from cdp_collector.domain.clock import TimestampError, corrected_ns, parse_timestamp
+from cdp_collector.domain.errors import Code, FieldError, RequestRejected
+from cdp_collector.domain.events import (
+    GENERATED_MESSAGE_ID_KEY,
+    partition_key,
+    prepare_grpc_event,
+    validate_event,
+)
+from cdp_collector.domain.limits import (
+    DEFAULT_LIMITS,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    MAX_DEPTH,
+    MAX_EVENT_BYTES,
+    Limits,
+    check_event_count,
+    check_request_bytes,
+)
+from cdp_collector.domain.segment import KINDS, ParsedRequest, parse_request
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "GENERATED_MESSAGE_ID_KEY",
+    "KINDS",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_EVENTS",
+    "MAX_DEPTH",
+    "MAX_EVENT_BYTES",
+    "Code",
+    "FieldError",
+    "Limits",
+    "ParsedRequest",
+    "RequestRejected",
+    "TimestampError",
+    "check_event_count",
+    "check_request_bytes",
+    "corrected_ns",
+    "parse_request",
+    "parse_timestamp",
+    "partition_key",
+    "prepare_grpc_event",
+    "validate_event",
+]

@@ -1,0 +1,56 @@
+"""The collector process: gRPC CollectorService + the Segment HTTP API, publishing to events.raw."""
+
+from __future__ import annotations
+
+from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+from cdp_collector.api import CollectorApi
+from cdp_collector.domain import Limits
+from cdp_collector.http import HttpApi, start_http
+from cdp_collector.ingest import Ingestor
+from cdp_collector.settings import CollectorSettings
+from cdp_collector.sources import SourceRegistry
+from cdp_kit.bus import Bus, dead_letter_stream, events_raw_stream
+from cdp_kit.interceptors import PUBLIC
+from cdp_kit.service import ServiceRuntime, run_main
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: CollectorSettings = runtime.settings  # type: ignore[assignment]
+    sources = SourceRegistry(settings.sources_file)
+    limits = Limits(
+        max_event_bytes=settings.max_event_bytes,
+        max_batch_bytes=settings.max_batch_bytes,
+        max_batch_events=settings.max_batch_events,
+    )
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry,
+                    ack_timeout=settings.ack_timeout, max_in_flight=settings.max_in_flight)
+    )
+    await bus.ensure_streams(
+        events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window),
+        dead_letter_stream(),
+    )
+    ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)
+    runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources)
+    # Collect authenticates with the source's write key (like the HTTP API), not a bearer token.
+    runtime.grpc.add_service(
+        collector_pb2_grpc.add_CollectorServiceServicer_to_server,
+        CollectorApi(sources, ingestor, limits),
+        collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
+        scopes={"Collect": PUBLIC},
+    )
+    http = HttpApi(sources, ingestor, limits)
+    runner, port = await start_http(http, settings.http_host, settings.http_port, shutdown_grace=settings.shutdown_grace)
+    runtime.stack.push_async_callback(runner.cleanup)
+    http.ready = True
+    runtime.stack.callback(lambda: setattr(http, "ready", False))
+    runtime.endpoints["http"] = f"http://{settings.http_host}:{port}"
+    runtime.ports["http"] = port
+
+
+def main() -> None:
+    run_main(CollectorSettings, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""gRPC CollectorService: protobuf in, per-event results out; the rules live in `domain`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+from cdp_collector.domain import Limits, check_event_count, check_request_bytes, prepare_grpc_event
+from cdp_collector.ingest import Ingestor
+from cdp_collector.sources import SourceRegistry
+from cdp_kit.errors import InvalidArgument
+
+ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
+DUPLICATE = collector_pb2.EVENT_STATUS_DUPLICATE
+REJECTED = collector_pb2.EVENT_STATUS_REJECTED
+
+
+class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
+    def __init__(self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits) -> None:
+        self.sources = sources
+        self.ingestor = ingestor
+        self.limits = limits
+
+    async def Collect(self, request: collector_pb2.CollectRequest, context) -> collector_pb2.CollectResponse:
+        source = self.sources.authenticate(request.write_key)
+        refusal = check_event_count(len(request.events), self.limits, field="events") or check_request_bytes(
+            request.ByteSize(), self.limits
+        )
+        if refusal is not None:
+            raise InvalidArgument(refusal.field or "events", refusal.message, reason=str(refusal.code))
+        received_at = datetime.now(UTC)
+        batch_sent_at = request.sent_at.ToDatetime(tzinfo=UTC) if request.HasField("sent_at") else None
+        response = collector_pb2.CollectResponse()
+        valid, positions = [], []
+        for index, event in enumerate(request.events):
+            result = response.results.add(index=index)
+            errors = prepare_grpc_event(event, received_at=received_at, batch_sent_at=batch_sent_at,
+                                        source_id=source.id, limits=self.limits, index=index)
+            result.message_id = event.message_id
+            if errors:
+                first = errors[0]
+                result.status = REJECTED
+                result.error.code, result.error.field, result.error.message = str(first.code), first.field, first.message
+                response.rejected += 1
+            else:
+                valid.append(event)
+                positions.append(result)
+        stored = await self.ingestor.store(valid)
+        for result, outcome in zip(positions, stored, strict=True):
+            result.sequence = outcome.seq
+            if outcome.duplicate:
+                result.status = DUPLICATE
+                response.duplicates += 1
+            else:
+                result.status = ACCEPTED
+                response.accepted += 1
+        self.ingestor.count(response.accepted, transport="grpc", source=source.id, outcome="accepted")
+        self.ingestor.count(response.duplicates, transport="grpc", source=source.id, outcome="duplicate")
+        self.ingestor.count(response.rejected, transport="grpc", source=source.id, outcome="rejected")
+        return response

@@ -1,0 +1,128 @@
+"""Client time as clients send it, and the correction for their clocks being wrong.
+
+Times are handled as integer nanoseconds since the Unix epoch: exact (protobuf Timestamps carry nanoseconds,
+datetimes stop at microseconds) and cheap to subtract.
+
+Clock skew (Segment's rule). A device clock may be minutes or years off, but the *interval* between the
+event and the send is measured on that same clock, so it is trustworthy:
+
+    timestamp = received_at - (sent_at - original_timestamp)
+
+- client time and sent_at known → corrected as above; `original_timestamp` keeps the client's value;
+- client time but no sent_at (curl, server-side back-fills, imports) → `timestamp` = the client time as sent.
+  Without sent_at the skew cannot be measured, and a deliberate historical timestamp must not be moved
+  to "now";
+- no client time → `timestamp` = `received_at`; `original_timestamp` stays unset (nothing was sent).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cdp_collector.domain.errors import json_type, shown
+
+NANOS = 1_000_000_000
+#: The range a protobuf Timestamp may hold: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
+MIN_NS = -62_135_596_800 * NANOS
+MAX_NS = 253_402_300_800 * NANOS - 1
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EXAMPLE = "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
+
+
+class TimestampError(ValueError):
+    """A client time that cannot be used; the message says what was wrong and what would be valid."""
+
+
+def parse_timestamp(value: object) -> int:
+    """A JSON timestamp → ns. ISO-8601 strings need a date, a time and a zone; numbers are epoch milliseconds."""
+    kind = type(value)
+    if kind is str:
+        return _parse_iso(value)  # type: ignore[arg-type]
+    if kind is int:
+        return _in_range(value * 1_000_000, value)  # type: ignore[operator]
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise TimestampError(f"must be {_EXAMPLE}; got {value}")
+        # Scale the whole and fractional milliseconds apart: value * 1e6 would round away sub-ms digits.
+        whole = math.floor(value)  # type: ignore[call-overload]
+        return _in_range(whole * 1_000_000 + round((value - whole) * 1_000_000), value)  # type: ignore[operator]
+    raise TimestampError(f"must be {_EXAMPLE}; got {json_type(value)} {shown(value)}")
+
+
+def _parse_iso(text: str) -> int:
+    # datetime.fromisoformat is fast but liberal: it also takes date-only, week dates, compact forms and
+    # local (zone-less) times. Insist on YYYY-MM-DD then a time, and on a zone, so no time is a guess.
+    if len(text) < 13 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt ":
+        hint = " (a date alone is not a point in time)" if len(text) == 10 else ""
+        raise TimestampError(f"must be {_EXAMPLE}; got {shown(text)}{hint}")
+    if text[-1] == "z":  # RFC 3339 allows a lower-case zone letter; fromisoformat does not
+        text = text[:-1] + "Z"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise TimestampError(f"must be {_EXAMPLE}; got {shown(text)} ({exc})") from None
+    if parsed.tzinfo is None:
+        raise TimestampError(f"{shown(text)} has no time zone: add Z (UTC) or an offset like +02:00")
+    delta = parsed - _EPOCH
+    ns = (delta.days * 86_400 + delta.seconds) * NANOS + delta.microseconds * 1_000
+    # fromisoformat keeps microseconds only; RFC 3339 "nano" clients (Go, Java) send up to 9 digits.
+    if len(text) > 26 and text[19] in ".," and text[26].isdigit():
+        digits = text[26:29]
+        end = 0
+        while end < len(digits) and digits[end].isdigit():
+            end += 1
+        ns += int(digits[:end].ljust(3, "0"))
+    return _in_range(ns, text)
+
+
+def _in_range(ns: int, sent: object) -> int:
+    if MIN_NS <= ns <= MAX_NS:
+        return ns
+    raise TimestampError(f"{shown(sent)} is outside the years 0001..9999 (numbers are epoch milliseconds)")
+
+
+def corrected_ns(*, received_at: int, sent_at: int | None, client_time: int | None) -> int:
+    """The event time the platform uses. See the module docstring for the three cases."""
+    if client_time is None:
+        return received_at
+    if sent_at is None:
+        return client_time
+    corrected = received_at - (sent_at - client_time)
+    if not MIN_NS <= corrected <= MAX_NS:
+        raise TimestampError(
+            f"correcting for clock skew (received_at - (sent_at - timestamp)) lands outside the years 0001..9999: "
+            f"sent_at is {format_ns(sent_at)} and the event time {format_ns(client_time)}; check the client clock"
+        )
+    return corrected
+
+
+def datetime_to_ns(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware, e.g. datetime.now(UTC)")
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * NANOS + delta.microseconds * 1_000
+
+
+def timestamp_to_ns(stamp: Timestamp) -> int:
+    """A protobuf Timestamp (from a gRPC client) → ns, refusing values protobuf itself calls invalid."""
+    if not 0 <= stamp.nanos < NANOS:
+        raise TimestampError(f"nanos={stamp.nanos} must be in 0..999999999")
+    return _in_range(stamp.seconds * NANOS + stamp.nanos, f"seconds={stamp.seconds}")
+
+
+def set_timestamp(stamp: Timestamp, ns: int) -> None:
+    seconds, nanos = divmod(ns, NANOS)
+    stamp.seconds = seconds
+    stamp.nanos = nanos
+
+
+def format_ns(ns: int) -> str:
+    seconds, nanos = divmod(ns, NANOS)
+    if not MIN_NS <= ns <= MAX_NS:
+        return f"{seconds}s since the epoch"
+    moment = (_EPOCH + timedelta(seconds=seconds)).replace(tzinfo=None)
+    return f"{moment.isoformat(timespec='seconds')}.{nanos:09d}Z"

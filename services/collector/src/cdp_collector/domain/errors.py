@@ -1,0 +1,99 @@
+"""The collector's error vocabulary: a stable machine code, the field at fault, and what would be valid.
+
+These are values, not exceptions: one request can hold many bad events and the caller answers all of them
+at once (HTTP 400 body, gRPC EventResult.error). The codes are part of the public API — clients branch on
+them — so never rename one; add a new code instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    # Only ever whole-request problems (RequestRejected).
+    INVALID_JSON = "invalid_json"
+    REQUEST_TOO_LARGE = "request_too_large"
+    TOO_MANY_EVENTS = "too_many_events"
+    MISPLACED_FIELD = "misplaced_field"
+    # Problems with one event; the batch envelope's own problems reuse them in a RequestRejected.
+    INVALID_TYPE = "invalid_type"
+    MISSING_FIELD = "missing_field"
+    INVALID_EVENT_TYPE = "invalid_event_type"
+    CONFLICTING_FIELDS = "conflicting_fields"
+    TOO_LONG = "too_long"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    INTEGER_OUT_OF_RANGE = "integer_out_of_range"
+    NESTING_TOO_DEEP = "nesting_too_deep"
+    EVENT_TOO_LARGE = "event_too_large"
+    RESERVED_FIELD = "reserved_field"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem. `field` is a path in the client's own field names (`batch[3].userId`,
+    `events[2].user_id`, `properties.items[0].price`); the empty string means the request body itself."""
+
+    code: Code
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field or '(body)'}: {self.message} [{self.code}]"
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for messages a client developer recognises."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value as it appears in an error message, cut short so a huge or hostile value stays readable."""
+    if isinstance(value, (dict, list)):
+        return f"({len(value)} entries)"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def join(base: str, name: str) -> str:
+    """`batch[3]` + `userId` → `batch[3].userId`; a single call has no base."""
+    return f"{base}.{name}" if base else name
+
+
+class RequestRejected(Exception):
+    """The whole request is refused and nothing in it is accepted: the body is not JSON, not an object,
+    too large, has too many events, or a malformed batch envelope. Raised rather than returned so that no
+    caller can mistake a refused request for an empty one.
+
+    `status` is the HTTP status Segment's tracking API answers with (413 for a body over the size limit,
+    400 otherwise); transports may raise this themselves for their own checks (bad gzip: 400, an
+    unsupported Content-Encoding: 415) and pass the status they want.
+    """
+
+    def __init__(self, code: str, field: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(f"{field or '(body)'}: {message} [{code}]")
+        self.code = code
+        self.field = field
+        self.message = message
+        self.status = status if status is not None else (413 if code == Code.REQUEST_TOO_LARGE else 400)
+
+    @classmethod
+    def of(cls, error: FieldError) -> RequestRejected:
+        return cls(error.code, error.field, error.message)
+
+    @property
+    def error(self) -> FieldError:
+        return FieldError(self.code, self.field, self.message)  # type: ignore[arg-type]

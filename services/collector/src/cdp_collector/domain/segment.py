@@ -1,0 +1,590 @@
+"""Segment HTTP tracking API payloads → `cdp.events.v1.Event`.
+
+`parse_request(kind, body, ...)` takes the body of `/v1/{kind}` (already decompressed) and returns, per
+item of the request, an Event or its errors — or raises RequestRejected for the request as a whole.
+Shapes accepted:
+
+- single calls `/v1/track|identify|alias|page|screen|group`: the body is one event; `type` may be left out
+  (the endpoint implies it) but if sent must match the endpoint;
+- `/v1/batch`: `{"batch": [...], "sentAt", "context", "integrations", "writeKey"}`; every item needs `type`.
+  The batch-level `context` and `integrations` are merged under each item's own, one level deep (an item's
+  `context.library` replaces the batch's whole `library`, as in Segment). Other unknown batch-level keys are
+  shared by every item like unknown item keys (kept in `Event.extra`); batch-level keys that name an
+  event field (`userId`, `messageId`, …) are refused with `misplaced_field` — copying a `messageId` onto
+  every item would make them duplicates of each other.
+
+Field names are Segment's camelCase; the snake_case spellings (`user_id`, `anonymous_id`, `message_id`,
+`previous_id`, `group_id`, `sent_at`, `original_timestamp`, `received_at`, `write_key`) are accepted too,
+although the Segment (2.4.0) and RudderStack (2.1.9) Python SDKs send camelCase only. Sending both spellings
+with different values is `conflicting_fields`. Errors name fields as the client spelled them.
+
+What the SDKs put on the wire, and how it is handled:
+
+- every key on every call, `null` when unknown (`"anonymousId": null`, `"category": null`): null for a
+  known field means absent (an unknown key keeps its null in extra);
+- `userId`/`anonymousId` stringified, but `previousId` and `groupId` passed through as numbers when the
+  caller gave numbers (`require(..., ID_TYPES)` with numbers.Number): integer ids become strings
+  (`42` → `"42"`), any other type (float, boolean, object) is `invalid_type`;
+- `timestamp` as isoformat with an offset (`…T12:00:00.123+00:00`, RudderStack with microseconds); the
+  batch carries `sentAt`; `context.library = {"name": "analytics-python", "version": …}`;
+- RudderStack: `"channel": "server"` at top level (kept in extra), `integrations: {"All": true}`, and
+  identify traits *only* in `context.traits` ("traits not needed at root level", says its client) — for an
+  identify without top-level `traits`, `Event.traits` is filled from `context.traits` (kept there too), so
+  identity and profile find identify traits in one place whichever SDK sent them;
+- Segment's `writeKey` inside the body (an alternative to Basic auth): returned as
+  `ParsedRequest.write_key` for the HTTP layer to authenticate with, and never stored in an event.
+
+Other decisions: a client-sent `receivedAt` is ignored (the server's clock sets it); when both `timestamp`
+and `originalTimestamp` are sent, `originalTimestamp` is the client time the skew correction starts from
+and the sent `timestamp` is kept, as sent, in `extra["timestamp"]`; unknown top-level keys go to
+`Event.extra`, unknown context keys to `Context.extra` (see context.py).
+
+Every problem in an event is reported (one per field), then the event is dropped as a whole. An event
+over the size limit is reported as only that: it is not examined further.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+import orjson
+from cdp.events.v1 import events_pb2
+
+from cdp_collector.domain.clock import (
+    TimestampError,
+    corrected_ns,
+    datetime_to_ns,
+    parse_timestamp,
+    set_timestamp,
+)
+from cdp_collector.domain.context import fill_context
+from cdp_collector.domain.errors import Code, FieldError, RequestRejected, join, json_type, shown
+from cdp_collector.domain.events import (
+    ALIAS,
+    GENERATED_MESSAGE_ID_KEY,
+    GROUP,
+    IDENTIFY,
+    JSON_NAMES,
+    PAGE,
+    SCREEN,
+    TRACK,
+    new_message_id,
+    reserved_field_error,
+    validate_event,
+)
+from cdp_collector.domain.limits import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_event_bytes,
+    check_event_count,
+    check_request_bytes,
+)
+from cdp_collector.domain.structs import fill_struct
+
+EVENT_TYPES: Mapping[str, int] = MappingProxyType(
+    {"track": TRACK, "identify": IDENTIFY, "alias": ALIAS, "page": PAGE, "screen": SCREEN, "group": GROUP}
+)
+#: The `kind`s parse_request understands: the path segment after /v1/.
+KINDS = frozenset({"batch", *EVENT_TYPES})
+
+_MEASURED = "as the event object re-encoded as compact JSON"
+
+# Top-level event keys → a slot; slots of one kind are contiguous so one comparison sorts a key.
+(
+    _MESSAGE_ID,
+    _USER_ID,
+    _ANONYMOUS_ID,
+    _PREVIOUS_ID,
+    _GROUP_ID,  # ids: strings, integers become strings
+    _EVENT,
+    _NAME,
+    _CATEGORY,  # strings
+    _TYPE,
+    _PROPERTIES,
+    _TRAITS,
+    _INTEGRATIONS,
+    _CONTEXT,  # objects
+    _TIMESTAMP,
+    _ORIGINAL_TIMESTAMP,
+    _SENT_AT,  # client times
+    _RECEIVED_AT,
+    _WRITE_KEY,  # read elsewhere or ignored
+) = range(18)
+_CAMEL = (
+    "messageId", "userId", "anonymousId", "previousId", "groupId", "event", "name", "category", "type",
+    "properties", "traits", "integrations", "context", "timestamp", "originalTimestamp", "sentAt",
+    "receivedAt", "writeKey",
+)  # fmt: skip
+_PROTO = (
+    "message_id", "user_id", "anonymous_id", "previous_id", "group_id", "event", "name", "category", "type",
+    "properties", "traits", "integrations", "context", "timestamp", "original_timestamp", "sent_at",
+    "received_at", "write_key",
+)  # fmt: skip
+_SLOTS: Mapping[str, int] = MappingProxyType(
+    {**{name: slot for slot, name in enumerate(_CAMEL)}, **{name: slot for slot, name in enumerate(_PROTO)}}
+)
+# What a slot holds before the event sets it: "" for strings (empty = not set, as in proto3).
+_UNSET = ("",) * _TYPE + (None,) * (len(_CAMEL) - _TYPE)
+_BATCH_ENVELOPE = frozenset(
+    {
+        "batch",
+        "sentAt",
+        "sent_at",
+        "context",
+        "integrations",
+        "writeKey",
+        "write_key",
+        "receivedAt",
+        "received_at",
+    }
+)
+# An integer literal of 19+ digits may not fit 64 bits, and orjson hands those over as (rounded) floats.
+# Spotting one: map digits to "0" and the bytes that can precede a JSON value to ":", drop whitespace and
+# minus signs, then look for ":" + 19 zeros. A C-speed pass over the body; a regex took ten times longer.
+_DIGITS_AFTER_SEPARATORS = bytes.maketrans(b"0123456789:,[", b"0000000000:::")
+_DROPPED = b" \t\r\n-"
+_LONG_INTEGER = b":" + b"0" * 19
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """The events of one accepted request, index-aligned with its items (a single call has one).
+
+    `events[i]` is the i-th event ready to store, or None when it was refused; `errors[i]` is then its
+    first problem (None for a good event) and `all_errors[i]` every problem found (empty for a good event).
+    `message_ids[i]` is the event's id — for a refused event the id the client sent, when readable, so a
+    response can name it. A request refused as a whole raises RequestRejected instead.
+    """
+
+    events: list[events_pb2.Event | None] = field(default_factory=list)
+    errors: list[FieldError | None] = field(default_factory=list)
+    all_errors: list[tuple[FieldError, ...]] = field(default_factory=list)
+    message_ids: list[str] = field(default_factory=list)
+    #: Segment lets clients send the write key in the body instead of Basic auth.
+    write_key: str | None = None
+
+    def add(self, event: events_pb2.Event | None, problems: tuple[FieldError, ...], item: object) -> None:
+        self.events.append(event)
+        self.errors.append(problems[0] if problems else None)
+        self.all_errors.append(problems)
+        self.message_ids.append(event.message_id if event is not None else _sent_message_id(item))
+
+    def assign_source(self, source_id: str) -> None:
+        """For a request authenticated by the write key in its body, parsed before its source was known."""
+        for event in self.events:
+            if event is not None:
+                event.source_id = source_id
+
+    def valid(self) -> list[tuple[int, events_pb2.Event]]:
+        return [(index, event) for index, event in enumerate(self.events) if event is not None]
+
+
+def _sent_message_id(item: object) -> str:
+    if type(item) is dict:
+        for key in ("messageId", "message_id"):
+            value = item.get(key)
+            if type(value) is str or type(value) is int:
+                return str(value)
+    return ""
+
+
+def parse_request(
+    kind: str,
+    body: bytes,
+    *,
+    received_at: datetime,
+    source_id: str,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ParsedRequest:
+    """Parse the body of `POST /v1/{kind}` (decompressed) into events. `received_at` is the server's clock
+    (timezone-aware); `source_id` the source the write key belongs to ("" if only the body's writeKey
+    will tell: then call `assign_source`).
+
+    Raises RequestRejected when the request as a whole is refused: request_too_large, invalid_json,
+    nesting_too_deep (beyond the decoder's 1,024 levels), invalid_type (body not an object), and for
+    /v1/batch too_many_events or a bad envelope (missing_field/invalid_type `batch`, invalid_timestamp
+    `sentAt`, invalid_type `context`/`integrations`, misplaced_field). Problems with single events are
+    in the result instead. Raises ValueError for an unknown `kind`: a bug in the caller, not the request.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {sorted(KINDS)}")
+    problem = check_request_bytes(len(body), limits)
+    if problem is not None:
+        raise RequestRejected.of(problem)
+    document = _decode(body)
+    if type(document) is not dict:
+        raise RequestRejected(
+            Code.INVALID_TYPE,
+            "",
+            f"the request body must be a JSON object ({{...}}); got {json_type(document)}",
+        )
+    write_key = document.get("writeKey", document.get("write_key"))
+    if type(write_key) is not str:
+        write_key = None
+    received_ns = datetime_to_ns(received_at)
+    if kind == "batch":
+        return _parse_batch(document, write_key, received_ns, source_id, limits)
+    event, problems = _convert(
+        document,
+        size=_measure(document),
+        expected=kind,
+        base="",
+        batch_sent=None,
+        received_ns=received_ns,
+        source_id=source_id,
+        limits=limits,
+    )
+    parsed = ParsedRequest(write_key=write_key)
+    parsed.add(event, problems, document)
+    return parsed
+
+
+def _decode(body: bytes) -> object:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in exc.msg:
+            raise RequestRejected(
+                Code.NESTING_TOO_DEEP,
+                "",
+                f"the request body nests objects and arrays too deep (stopped at position {exc.pos}): "
+                "flatten the data",
+            ) from None
+        raise RequestRejected(
+            Code.INVALID_JSON,
+            "",
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno} "
+            f"(position {exc.pos})",
+        ) from None
+    if _LONG_INTEGER in body.translate(_DIGITS_AFTER_SEPARATORS, _DROPPED):
+        # Rare: decode again with the standard library, which keeps big integers exact, so they are
+        # refused by name instead of silently rounded. orjson has vouched for the syntax already.
+        try:
+            document = json.loads(body)
+        except RecursionError:
+            pass  # deep enough that the nesting limit refuses it anyway
+    return document
+
+
+def _measure(item: dict) -> int:
+    try:
+        return len(orjson.dumps(item))
+    except orjson.JSONEncodeError:
+        # Integers beyond 64 bits (from the exact re-decode); such an event is refused anyway.
+        return len(json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _parse_batch(
+    document: dict, write_key: str | None, received_ns: int, source_id: str, limits: Limits
+) -> ParsedRequest:
+    items = document.get("batch")
+    if items is None:
+        raise RequestRejected(
+            Code.MISSING_FIELD, "batch", "a /v1/batch request needs batch: an array of events"
+        )
+    if type(items) is not list:
+        raise RequestRejected(
+            Code.INVALID_TYPE, "batch", f"batch must be an array of events; got {json_type(items)}"
+        )
+    too_many = check_event_count(len(items), limits)
+    if too_many is not None:
+        raise RequestRejected.of(too_many)
+
+    batch_sent = None
+    for key in ("sentAt", "sent_at"):
+        value = document.get(key)
+        if value is not None:
+            try:
+                batch_sent = parse_timestamp(value)
+            except TimestampError as exc:
+                raise RequestRejected(Code.INVALID_TIMESTAMP, key, f"{key} {exc}") from None
+            break
+    shared: dict = {}
+    for key, value in document.items():
+        if key in _BATCH_ENVELOPE:
+            continue
+        if key in _SLOTS:
+            raise RequestRejected(
+                Code.MISPLACED_FIELD,
+                key,
+                f"{key} belongs on each event inside batch, not on the batch itself: move it into the items",
+            )
+        shared[key] = value
+    shared_context = document.get("context")
+    shared_integrations = document.get("integrations")
+    for key, value in (("context", shared_context), ("integrations", shared_integrations)):
+        if value is not None and type(value) is not dict:
+            raise RequestRejected(Code.INVALID_TYPE, key, f"{key} must be an object; got {json_type(value)}")
+
+    parsed = ParsedRequest(write_key=write_key)
+    merge = bool(shared or shared_context or shared_integrations)
+    for index, item in enumerate(items):
+        base = f"batch[{index}]"
+        if type(item) is not dict:
+            problem = FieldError(
+                Code.INVALID_TYPE, base, f"each batch item must be an event object; got {json_type(item)}"
+            )
+            parsed.add(None, (problem,), item)
+            continue
+        if merge:
+            item = _merge(item, shared, shared_context, shared_integrations)
+        event, problems = _convert(
+            item,
+            size=_measure(item),
+            expected=None,
+            base=base,
+            batch_sent=batch_sent,
+            received_ns=received_ns,
+            source_id=source_id,
+            limits=limits,
+        )
+        parsed.add(event, problems, item)
+    return parsed
+
+
+def _merge(item: dict, shared: dict, context: dict | None, integrations: dict | None) -> dict:
+    merged = {**shared, **item} if shared else dict(item)
+    for key, defaults in (("context", context), ("integrations", integrations)):
+        if defaults:
+            own = merged.get(key)
+            if own is None:
+                merged[key] = defaults
+            elif type(own) is dict:
+                merged[key] = {**defaults, **own}
+            # anything else is the item's own mistake, reported as such
+    return merged
+
+
+def _convert(
+    item: dict,
+    *,
+    size: int,
+    expected: str | None,
+    base: str,
+    batch_sent: int | None,
+    received_ns: int,
+    source_id: str,
+    limits: Limits,
+) -> tuple[events_pb2.Event | None, tuple[FieldError, ...]]:
+    too_large = check_event_bytes(size, base, limits, measured=_MEASURED)
+    if too_large is not None:
+        return None, (too_large,)
+
+    # One pass over the keys: each value is checked and converted where it is met (this is the hot loop).
+    values: list = list(_UNSET)
+    spelled: list[str] | None = None  # the client's spelling of each field, once it used a snake_case alias
+    extra: dict | None = None
+    sent_timestamp: object = None  # the raw `timestamp`, kept in extra when originalTimestamp wins
+    errors: list[FieldError] = []
+    slots = _SLOTS
+    for key, value in item.items():
+        slot = slots.get(key)
+        if slot is None:
+            if key == GENERATED_MESSAGE_ID_KEY:
+                errors.append(reserved_field_error(join(base, key)))
+            if extra is None:
+                extra = {}
+            extra[key] = value
+            continue
+        if value is None or slot >= _RECEIVED_AT:
+            continue
+        if key != _CAMEL[slot] and not values[slot]:
+            # Name the field as the client did, in errors found here and by validation later.
+            if spelled is None:
+                spelled = list(_CAMEL)
+            spelled[slot] = key
+        kind = type(value)
+        if slot < _TYPE:
+            if kind is not str:
+                if kind is int and slot <= _GROUP_ID:
+                    value = str(value)
+                else:
+                    errors.append(_not_a_string(base, key, value, slot <= _GROUP_ID))
+                    continue
+            if not value:
+                continue
+        elif slot == _TYPE:
+            pass
+        elif slot <= _CONTEXT:
+            if kind is not dict:
+                errors.append(
+                    FieldError(
+                        Code.INVALID_TYPE,
+                        join(base, key),
+                        f"{key} must be an object ({{...}}); got {json_type(value)} {shown(value)}",
+                    )
+                )
+                continue
+        else:
+            if slot == _TIMESTAMP:
+                sent_timestamp = value
+            try:
+                value = parse_timestamp(value)
+            except TimestampError as exc:
+                errors.append(FieldError(Code.INVALID_TIMESTAMP, join(base, key), f"{key} {exc}"))
+                continue
+        first = values[slot]
+        if first:
+            if first != value:
+                first_key = spelled[slot] if spelled is not None else _CAMEL[slot]
+                errors.append(_conflict(base, first_key, key, _CAMEL[slot], first, value))
+            continue
+        values[slot] = value
+
+    event_type = _event_type(values[_TYPE], expected, base, spelled, errors)
+    message_id = values[_MESSAGE_ID]
+    if not message_id:
+        message_id = new_message_id()
+        if extra is None:
+            extra = {}
+        extra[GENERATED_MESSAGE_ID_KEY] = True
+    client_ns = values[_ORIGINAL_TIMESTAMP]
+    if client_ns is None:
+        client_ns = values[_TIMESTAMP]
+    elif values[_TIMESTAMP] is not None:
+        if extra is None:
+            extra = {}
+        extra["timestamp"] = sent_timestamp
+    sent_ns = values[_SENT_AT]
+    if sent_ns is None:
+        sent_ns = batch_sent
+
+    event = events_pb2.Event(
+        message_id=message_id,
+        type=event_type,
+        user_id=values[_USER_ID],
+        anonymous_id=values[_ANONYMOUS_ID],
+        previous_id=values[_PREVIOUS_ID],
+        group_id=values[_GROUP_ID],
+        event=values[_EVENT],
+        name=values[_NAME],
+        category=values[_CATEGORY],
+        source_id=source_id,
+    )
+    max_depth = limits.max_depth
+    value = values[_PROPERTIES]
+    if value:
+        problem = fill_struct(
+            event.properties, value, depth=2, path=_path(base, spelled, _PROPERTIES), max_depth=max_depth
+        )
+        if problem is not None:
+            errors.append(problem)
+    value = values[_TRAITS]
+    if value:
+        problem = fill_struct(
+            event.traits, value, depth=2, path=_path(base, spelled, _TRAITS), max_depth=max_depth
+        )
+        if problem is not None:
+            errors.append(problem)
+    value = values[_INTEGRATIONS]
+    if value:
+        problem = fill_struct(
+            event.integrations, value, depth=2, path=_path(base, spelled, _INTEGRATIONS), max_depth=max_depth
+        )
+        if problem is not None:
+            errors.append(problem)
+    value = values[_CONTEXT]
+    if value:
+        problem = fill_context(event.context, value, path=_path(base, spelled, _CONTEXT), max_depth=max_depth)
+        if problem is not None:
+            errors.append(problem)
+        if event_type == IDENTIFY and values[_TRAITS] is None and event.context.HasField("traits"):
+            event.traits.CopyFrom(event.context.traits)
+    if extra:
+        problem = fill_struct(event.extra, extra, depth=1, path=base, max_depth=max_depth)
+        if problem is not None:
+            errors.append(problem)
+
+    set_timestamp(event.received_at, received_ns)
+    if sent_ns is not None:
+        set_timestamp(event.sent_at, sent_ns)
+    if client_ns is None:
+        set_timestamp(event.timestamp, received_ns)
+    else:
+        set_timestamp(event.original_timestamp, client_ns)
+        try:
+            set_timestamp(
+                event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns)
+            )
+        except TimestampError as exc:
+            errors.append(FieldError(Code.INVALID_TIMESTAMP, _path(base, spelled, _TIMESTAMP), str(exc)))
+
+    names = JSON_NAMES
+    if spelled is not None:
+        names = {**JSON_NAMES, **{_PROTO[slot]: spelled[slot] for slot in range(len(_CAMEL))}}
+    problems = validate_event(event, limits=limits, base=base, names=names)
+    if errors:
+        # One problem per field, the first found: a field that could not be read also looks "missing" to
+        # validation, and a conflicting spelling may be mistyped too.
+        seen: set[str] = set()
+        unique = []
+        for problem in (*errors, *problems):
+            if problem.field not in seen:
+                seen.add(problem.field)
+                unique.append(problem)
+        return None, tuple(unique)
+    if problems:
+        return None, tuple(problems)
+    return event, ()
+
+
+def _path(base: str, spelled: list[str] | None, slot: int) -> str:
+    return join(base, spelled[slot] if spelled is not None else _CAMEL[slot])
+
+
+def _not_a_string(base: str, key: str, value: object, is_id: bool) -> FieldError:
+    wanted = "a string (or an integer)" if is_id else "a string"
+    return FieldError(
+        Code.INVALID_TYPE, join(base, key), f"{key} must be {wanted}; got {json_type(value)} {shown(value)}"
+    )
+
+
+def _event_type(
+    value: object, expected: str | None, base: str, spelled: list[str] | None, errors: list[FieldError]
+) -> int:
+    if expected is not None:
+        if value is not None and value != expected:
+            errors.append(
+                FieldError(
+                    Code.INVALID_EVENT_TYPE,
+                    _path(base, spelled, _TYPE),
+                    f"type is {shown(value)} but the request went to /v1/{expected}: send it to the matching "
+                    "endpoint or /v1/batch, or leave type out",
+                )
+            )
+        return EVENT_TYPES[expected]
+    if value is None:
+        errors.append(
+            FieldError(
+                Code.MISSING_FIELD,
+                _path(base, spelled, _TYPE),
+                "every batch item needs type: one of track, identify, alias, page, screen, group",
+            )
+        )
+        return 0
+    event_type = EVENT_TYPES.get(value) if type(value) is str else None  # type: ignore[call-overload]
+    if event_type is None:
+        errors.append(
+            FieldError(
+                Code.INVALID_EVENT_TYPE,
+                _path(base, spelled, _TYPE),
+                f"type {shown(value)} is not an event type: use one of track, identify, alias, page, screen, group",
+            )
+        )
+        return 0
+    return event_type
+
+
+def _conflict(
+    base: str, first_key: str, second_key: str, camel: str, first: object, second: object
+) -> FieldError:
+    return FieldError(
+        Code.CONFLICTING_FIELDS,
+        join(base, second_key),
+        f"{first_key} and {second_key} are both set, to different values ({shown(first)} and {shown(second)}): "
+        f"send only {camel}",
+    )

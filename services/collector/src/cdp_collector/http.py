@@ -1,0 +1,189 @@
+"""The Segment HTTP tracking API on aiohttp: /v1/batch, /v1/track, /v1/identify, /v1/alias, /v1/page,
+/v1/screen, /v1/group — so Segment and RudderStack SDKs work unchanged with `host=` pointed here.
+
+Answers (always JSON):
+  200 {"success": true, "accepted": n, "duplicates": d}     every event stored durably
+  400 {"success": false, "error": {...}, "accepted": k, "rejected": [...]}
+      some events invalid: each is named with its field and reason; the valid ones *were* stored
+  400 invalid JSON / gzip, 401 unknown write key, 413 over a Segment limit (the limit is named)
+  429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
+      that a retry would not report as a duplicate
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import zlib
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+from cdp_collector.domain import Limits, RequestRejected, check_request_bytes, parse_request
+from cdp_collector.ingest import Ingestor
+from cdp_collector.sources import Source, SourceRegistry
+from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
+
+log = logging.getLogger("cdp.collector.http")
+
+KINDS = ("batch", "track", "identify", "alias", "page", "screen", "group")
+
+
+def error_response(status: int, code: str, message: str, *, field: str | None = None, headers=None, **extra) -> web.Response:
+    error = {"code": code, "message": message}
+    if field:
+        error["field"] = field
+    body = {"success": False, "error": error, **extra}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _basic_write_key(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[0] or None
+
+
+class HttpApi:
+    def __init__(self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits) -> None:
+        self.sources = sources
+        self.ingestor = ingestor
+        self.limits = limits
+        self.ready = False
+
+    def app(self) -> web.Application:
+        # The body limit is enforced by us on the *decompressed* size, with a clear error; aiohttp's own
+        # limit only guards the compressed read (gzip rarely expands less than 2x on JSON; 20x is slack).
+        app = web.Application(client_max_size=self.limits.max_batch_bytes * 20, middlewares=[self._errors])
+        for kind in KINDS:
+            app.router.add_post(f"/v1/{kind}", self._handler(kind))
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
+                                  headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        except Exception:
+            log.exception("unhandled error on %s", request.path)
+            return error_response(500, "internal", "internal error")
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        bus_ok = self.ingestor.publisher.nc.is_connected
+        ok = self.ready and bus_ok
+        return web.json_response({"ready": ok, "bus": "connected" if bus_ok else "disconnected"}, status=200 if ok else 503)
+
+    async def _body(self, request: web.Request) -> bytes:
+        raw = await request.read()
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            body = raw
+        elif encoding in ("gzip", "x-gzip", "deflate"):
+            # Decompress with a ceiling so a small bomb cannot cost more than the limit allows.
+            wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
+            inflater = zlib.decompressobj(wbits)
+            try:
+                body = inflater.decompress(raw, self.limits.max_batch_bytes + 1)
+                if len(body) > self.limits.max_batch_bytes:
+                    # Stopped at the ceiling: the message says "over the limit", not a made-up size.
+                    raise RequestRejected(
+                        "request_too_large", "",
+                        f"request body is over {self.limits.max_batch_bytes} bytes after decompression; the limit is "
+                        f"{self.limits.max_batch_bytes} bytes ({self.limits.max_batch_bytes // 1024} KB): "
+                        "send fewer events per request",
+                        status=413,
+                    )
+                if not inflater.eof:
+                    raise RequestRejected("invalid_gzip", "", f"{encoding} body is truncated", status=400)
+            except zlib.error as exc:
+                raise RequestRejected("invalid_gzip", "", f"body is not valid {encoding}: {exc}", status=400) from None
+        else:
+            raise RequestRejected("unsupported_encoding", "Content-Encoding",
+                                  f"Content-Encoding {encoding!r} is not supported; use gzip or none", status=415)
+        too_large = check_request_bytes(len(body), self.limits)
+        if too_large is not None:
+            raise RequestRejected(too_large.code, too_large.field, too_large.message, status=413)
+        return body
+
+    def _handler(self, kind: str):
+        async def handle(request: web.Request) -> web.Response:
+            return await self._collect(kind, request)
+
+        return handle
+
+    async def _collect(self, kind: str, request: web.Request) -> web.Response:
+        received_at = datetime.now(UTC)
+        header_key = _basic_write_key(request.headers.get("Authorization"))
+        source: Source | None = None
+        try:
+            if header_key is not None:
+                source = self.sources.authenticate(header_key)
+            body = await self._body(request)
+            parsed = parse_request(kind, body, received_at=received_at, source_id=source.id if source else "",
+                                   limits=self.limits)
+            if source is None:
+                # Segment also accepts the key in the body ("writeKey"); some SDKs send only that.
+                source = self.sources.authenticate(parsed.write_key)
+                parsed.assign_source(source.id)
+        except Unauthenticated as exc:
+            return error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'})
+        except RequestRejected as exc:
+            return error_response(exc.status or 400, str(exc.code), exc.message, field=exc.field)
+        valid = [e for e in parsed.events if e is not None]
+        try:
+            stored = await self.ingestor.store(valid)
+        except ResourceExhausted as exc:
+            return error_response(429, "rate_limited", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))})
+        except Unavailable as exc:
+            return error_response(503, "unavailable", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))})
+        except CdpError as exc:
+            return error_response(400, exc.reason, exc.message)
+        duplicates = sum(1 for s in stored if s.duplicate)
+        accepted = len(stored) - duplicates
+        rejected = [
+            {"index": index, "messageId": parsed.message_ids[index], "code": str(error.code), "field": error.field,
+             "message": error.message}
+            for index, error in enumerate(parsed.errors) if error is not None
+        ]
+        self.ingestor.count(accepted, transport="http", source=source.id, outcome="accepted")
+        self.ingestor.count(duplicates, transport="http", source=source.id, outcome="duplicate")
+        self.ingestor.count(len(rejected), transport="http", source=source.id, outcome="rejected")
+        if rejected:
+            first = rejected[0]
+            return error_response(
+                400, "invalid_events",
+                f"{len(rejected)} of {len(parsed.events)} events are invalid and were not stored "
+                f"(first: {first['field']}: {first['message']}); the other {len(stored)} were stored",
+                field=first["field"], accepted=accepted, duplicates=duplicates, rejected=rejected,
+            )
+        return web.Response(body=orjson.dumps({"success": True, "accepted": accepted, "duplicates": duplicates}),
+                            content_type="application/json")
+
+
+async def start_http(api: HttpApi, host: str, port: int, *, shutdown_grace: float = 10.0) -> tuple[web.AppRunner, int]:
+    # auto_decompress off: we inflate ourselves, bounded, with a clear error on bad gzip.
+    runner = web.AppRunner(api.app(), access_log=None, auto_decompress=False, handle_signals=False,
+                           shutdown_timeout=shutdown_grace)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port
+    return runner, bound

@@ -1,0 +1,61 @@
+"""From validated events to durable JetStream messages, shared by the gRPC and HTTP front doors.
+
+Each event becomes one message on `events.raw.<p>`, p = partition of its user_id (else anonymous_id),
+with `Nats-Msg-Id = <source>:<message_id>` so a retried request stores every event once. The caller
+hears "accepted" only for events JetStream acknowledged; if any valid event of a request could not be
+stored, the whole request fails with Unavailable and the client retries it — already stored events then
+come back as duplicates, nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cdp.events.v1 import events_pb2
+from cdp_kit.bus import OutMessage, Publisher, PubResult, partition_for
+from cdp_kit.errors import Unavailable
+from cdp_kit.telemetry import Telemetry
+from cdp_collector.domain import partition_key
+
+RAW_SUBJECT = "events.raw"
+
+
+@dataclass(slots=True)
+class Stored:
+    seq: int
+    duplicate: bool
+
+
+class Ingestor:
+    def __init__(self, publisher: Publisher, partitions: int, telemetry: Telemetry) -> None:
+        self.publisher = publisher
+        self.partitions = partitions
+        self._events = telemetry.meter.create_counter(
+            "cdp.collector.events", unit="{event}", description="events received, by transport, source and outcome"
+        )
+
+    def count(self, n: int, *, transport: str, source: str, outcome: str) -> None:
+        if n:
+            self._events.add(n, {"transport": transport, "source": source, "outcome": outcome})
+
+    def to_message(self, event: events_pb2.Event) -> OutMessage:
+        partition = partition_for(partition_key(event), self.partitions)
+        return OutMessage(
+            subject=f"{RAW_SUBJECT}.{partition}",
+            payload=event.SerializeToString(),
+            msg_id=f"{event.source_id}:{event.message_id}",
+        )
+
+    async def store(self, events: Sequence[events_pb2.Event]) -> list[Stored]:
+        """Store every event durably or raise Unavailable; returns stream positions in order."""
+        if not events:
+            return []
+        results: list[PubResult] = await self.publisher.publish_batch([self.to_message(e) for e in events])
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise Unavailable(
+                f"{len(failed)} of {len(results)} events could not be stored ({failed[0].error}); retry the request",
+                retry_after=2.0,
+            )
+        return [Stored(r.seq, r.duplicate) for r in results]
