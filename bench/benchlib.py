@@ -1,0 +1,117 @@
+"""What every benchmark shares: result files, percentiles, a collector process, realistic events.
+
+Results land in bench/results/<name>.json as
+{"name", "value", "unit", "baseline", "ratio", "higher_is_better", "params"}; the ratio is what to
+compare across machines (ours / baseline, both measured in the same run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def write_result(name: str, *, value: float, unit: str, baseline: float, higher_is_better: bool, params: dict) -> dict:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "baseline": round(baseline, 3),
+        "ratio": round(value / baseline, 4) if baseline else None,
+        "higher_is_better": higher_is_better,
+        "params": {**params, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}},
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def segment_event(rng: random.Random, users: int = 10_000) -> dict:
+    """One realistic Segment track call as SDKs send it (about 700 bytes of JSON)."""
+    user = rng.randrange(users)
+    return {
+        "type": "track",
+        "messageId": str(uuid.UUID(int=rng.getrandbits(128))),
+        "userId": f"user-{user}",
+        "anonymousId": f"anon-{user:08x}",
+        "event": rng.choice(["Product Viewed", "Product Added", "Order Completed", "Checkout Started"]),
+        "properties": {
+            "product_id": f"sku-{rng.randrange(5000)}",
+            "price": round(rng.uniform(3, 300), 2),
+            "quantity": rng.randrange(1, 4),
+            "currency": "EUR",
+            "category": rng.choice(["shoes", "books", "garden", "toys"]),
+            "coupon": None,
+        },
+        "context": {
+            "ip": f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
+            "userAgent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
+            "locale": "de-DE",
+            "timezone": "Europe/Berlin",
+            "library": {"name": "analytics.js", "version": "5.2.0"},
+            "page": {"path": "/p/shoes", "url": "https://shop.example.com/p/shoes", "title": "Shoes"},
+        },
+        "timestamp": "2026-11-25T10:00:00.000Z",
+    }
+
+
+class CollectorProcess:
+    """A real collector process (python -m cdp_collector) against a given nats-server."""
+
+    def __init__(self, nats_url: str, workdir: Path, write_key: str = "wk_bench_0123456789", partitions: int = 8) -> None:
+        from cdp_kit.natsserver import free_port
+
+        self.write_key = write_key
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        sources = workdir / "sources.json"
+        sources.write_text(json.dumps({"sources": [{"id": "bench", "write_key": write_key}]}))
+        self.log_path = workdir / "collector.log"
+        self.env = {
+            **os.environ,
+            "CDP_NATS_URL": nats_url,
+            "CDP_GRPC_HOST": "127.0.0.1",
+            "CDP_GRPC_PORT": str(self.grpc_port),
+            "CDP_HTTP_HOST": "127.0.0.1",
+            "CDP_HTTP_PORT": str(self.http_port),
+            "CDP_AUTH_MODE": "none",
+            "CDP_COLLECTOR_SOURCES_FILE": str(sources),
+            "CDP_PARTITIONS": str(partitions),
+            "CDP_LOG_LEVEL": "WARNING",
+        }
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> CollectorProcess:
+        from cdp_kit.natsserver import wait_for_port
+
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cdp_collector"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        if not wait_for_port("127.0.0.1", self.http_port, 30):
+            self.__exit__()
+            raise RuntimeError(f"collector did not start; see {self.log_path}")
+        time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)

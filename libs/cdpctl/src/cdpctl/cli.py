@@ -1,0 +1,326 @@
+"""cdpctl — the operator CLI: run the platform locally, check its health, send test events.
+
+    cdpctl up                 nats-server + every service on the embedded store; Ctrl-C stops all
+    cdpctl status [--json]    health of a running platform
+    cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
+    cdpctl send track --count 10000     # generated events, with a progress bar
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from cdp_kit.natsserver import NatsServer, wait_for_port
+from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
+
+# Wide enough for the status table when output is a pipe or a CI log rather than a terminal.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+async def check_health(address: str, timeout: float = 1.0) -> str:
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@click.group()
+@click.option("--home", type=click.Path(path_type=Path), envvar="CDP_HOME", default=".cdp", show_default=True,
+              help="project-local folder for NATS data, service stores, logs and dev secrets")
+@click.pass_context
+def main(ctx: click.Context, home: Path) -> None:
+    """Operate a cdp platform."""
+    ctx.obj = Workspace(home.resolve())
+
+
+# ---------------------------------------------------------------------------------------------- up
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+async def _up(ws: Workspace, startup_timeout: float) -> int:
+    previous = ws.read_run()
+    if previous and pid_alive(previous.get("pid", -1)):
+        console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
+        return 1
+    ws.prepare()
+    nats = NatsServer(store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222))
+    console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
+    nats.start()
+    processes: dict[str, subprocess.Popen] = {}
+    logs: dict[str, Path] = {}
+    state: dict = {"pid": os.getpid(), "nats": nats.url, "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
+                   "write_key": ws.write_key(), "admin_token_file": str(ws.admin_token_file), "services": {}}
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    code = 0
+    try:
+        for svc in SERVICES:
+            grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
+            http_port = pick_port(svc.http_port) if svc.http_port else None
+            env = service_environment(ws, svc, nats_url=nats.url, grpc_port=grpc_port, metrics_port=metrics_port,
+                                      http_port=http_port)
+            logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
+            with open(logs[svc.name], "ab") as log:
+                processes[svc.name] = subprocess.Popen(
+                    [sys.executable, "-m", svc.module], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            state["services"][svc.name] = {
+                "pid": processes[svc.name].pid,
+                "grpc": f"127.0.0.1:{grpc_port}",
+                "http": f"http://127.0.0.1:{http_port}" if http_port else None,
+                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                "log": str(logs[svc.name]),
+            }
+        deadline = time.monotonic() + startup_timeout
+        pending = set(processes)
+        while pending:
+            for name in list(pending):
+                proc = processes[name]
+                if proc.poll() is not None:
+                    console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
+                    console.print(_tail(logs[name]), markup=False, highlight=False)
+                    return 1
+                if await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING":
+                    pending.discard(name)
+            if pending and time.monotonic() > deadline:
+                console.print(f"[red]not healthy after {startup_timeout:.0f}s: {', '.join(sorted(pending))}[/]")
+                for name in pending:
+                    console.print(f"--- {logs[name]}", markup=False)
+                    console.print(_tail(logs[name]), markup=False, highlight=False)
+                return 1
+            if stopping.is_set():
+                return 130
+            await asyncio.sleep(0.2)
+        ws.write_run(state)
+        out.print(_status_table(state, {name: "SERVING" for name in processes}, nats_ok=True))
+        out.print(f"write key (HTTP Basic user / gRPC write_key): [bold]{state['write_key']}[/]")
+        out.print(f"admin bearer token: {ws.admin_token_file}")
+        out.print("[green]cdp is up.[/] Ctrl-C stops everything.")
+        while not stopping.is_set():
+            for name, proc in processes.items():
+                if proc.poll() is not None and not stopping.is_set():
+                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping the platform. Last log lines:[/]")
+                    console.print(_tail(logs[name]), markup=False, highlight=False)
+                    code = 1
+                    stopping.set()
+            try:
+                await asyncio.wait_for(stopping.wait(), 0.5)
+            except TimeoutError:
+                pass
+        return code
+    finally:
+        console.print("stopping …")
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        grace = time.monotonic() + 20
+        for name, proc in processes.items():
+            try:
+                proc.wait(max(0.1, grace - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                console.print(f"[yellow]{name} did not stop in time; killing it[/]")
+                proc.kill()
+                proc.wait()
+        nats.stop()
+        try:
+            ws.run_file.unlink()
+        except OSError:
+            pass
+        console.print("stopped.")
+
+
+@main.command()
+@click.option("--startup-timeout", default=60.0, show_default=True, help="seconds every service gets to become healthy")
+@click.pass_obj
+def up(ws: Workspace, startup_timeout: float) -> None:
+    """Start nats-server and every service on the embedded store, show where they listen."""
+    raise SystemExit(asyncio.run(_up(ws, startup_timeout)))
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def _status_table(state: dict, health: dict[str, str], *, nats_ok: bool) -> Table:
+    table = Table(title="cdp")
+    for column in ("service", "health", "gRPC", "HTTP", "metrics"):
+        table.add_column(column)
+    table.add_row("nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), "")
+    for name, svc in state["services"].items():
+        status = health.get(name, "?")
+        colour = "green" if status == "SERVING" else "red"
+        table.add_row(name, f"[{colour}]{status}[/]", svc["grpc"], svc.get("http") or "", svc.get("metrics") or "")
+    return table
+
+
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool]:
+    state = ws.read_run()
+    if state is None:
+        return None, {}, False
+    health = {name: await check_health(svc["grpc"]) for name, svc in state["services"].items()}
+    host, _, port = state["nats"].removeprefix("nats://").partition(":")
+    return state, health, wait_for_port(host, int(port), 0.5)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status(ws: Workspace, as_json: bool) -> None:
+    """Health of every service of the platform `cdpctl up` runs here."""
+    state, health, nats_ok = asyncio.run(_status(ws))
+    if state is None:
+        if as_json:
+            out.print_json(json.dumps({"running": False}))
+        else:
+            console.print("cdp is not running here (start it with `make up`).")
+        raise SystemExit(1)
+    healthy = nats_ok and all(h == "SERVING" for h in health.values())
+    if as_json:
+        services = {name: {**svc, "health": health[name]} for name, svc in state["services"].items()}
+        out.print_json(json.dumps({"running": True, "healthy": healthy, "nats": {"url": state["nats"], "up": nats_ok},
+                                   "services": services}))
+    else:
+        out.print(_status_table(state, health, nats_ok=nats_ok))
+    raise SystemExit(0 if healthy else 1)
+
+
+# -------------------------------------------------------------------------------------------- send
+
+EVENT_TYPES = ("track", "identify", "alias", "page", "screen", "group")
+
+
+def _json_option(value: str | None, name: str) -> dict:
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=name)
+    return parsed
+
+
+def build_event(kind: str, *, index: int, user_id: str | None, anonymous_id: str | None, event: str | None,
+                name: str | None, previous_id: str | None, group_id: str | None, properties: dict, traits: dict) -> dict:
+    body: dict = {"type": kind, "messageId": str(uuid.uuid4()), "timestamp": datetime.now(UTC).isoformat()}
+    if user_id:
+        body["userId"] = user_id.replace("{i}", str(index))
+    if anonymous_id:
+        body["anonymousId"] = anonymous_id.replace("{i}", str(index))
+    if not user_id and not anonymous_id:
+        body["anonymousId"] = f"anon-{uuid.uuid4().hex[:12]}"
+    if kind == "track":
+        body["event"] = event or "cdpctl Test Event"
+        body["properties"] = properties
+    elif kind in ("page", "screen"):
+        body["name"] = name or "Home"
+        body["properties"] = properties
+    elif kind == "identify":
+        body["traits"] = traits
+    elif kind == "alias":
+        body["previousId"] = previous_id or body.get("anonymousId", "")
+    elif kind == "group":
+        body["groupId"] = group_id or "acme"
+        body["traits"] = traits
+    return body
+
+
+async def _send_http(url: str, write_key: str, events: list[dict], batch_size: int, show_progress: bool) -> dict:
+    import aiohttp
+    from rich.progress import Progress
+
+    totals = {"accepted": 0, "duplicates": 0, "rejected": 0, "errors": []}
+    headers = {"Authorization": aiohttp.encode_basic_auth(write_key, "")}
+    async with aiohttp.ClientSession() as session:
+        with Progress(console=console, disable=not show_progress, transient=True) as progress:
+            task = progress.add_task("sending", total=len(events))
+            for start in range(0, len(events), batch_size):
+                chunk = events[start:start + batch_size]
+                body = {"batch": chunk, "sentAt": datetime.now(UTC).isoformat()}
+                async with session.post(f"{url}/v1/batch", json=body, headers=headers) as response:
+                    reply = await response.json(content_type=None)
+                if response.status != 200:
+                    totals["errors"].append({"status": response.status, **(reply if isinstance(reply, dict) else {})})
+                totals["accepted"] += reply.get("accepted", 0)
+                totals["duplicates"] += reply.get("duplicates", 0)
+                totals["rejected"] += len(reply.get("rejected", []))
+                progress.advance(task, len(chunk))
+    return totals
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(EVENT_TYPES), default="track")
+@click.option("--user-id", help="userId ('{i}' is replaced by the event's index)")
+@click.option("--anonymous-id", help="anonymousId ('{i}' is replaced by the event's index)")
+@click.option("--event", help="track: the event name")
+@click.option("--name", help="page/screen: the name")
+@click.option("--previous-id", help="alias: the previous id")
+@click.option("--group-id", help="group: the group id")
+@click.option("--properties", help="track/page/screen properties as a JSON object")
+@click.option("--traits", help="identify/group traits as a JSON object")
+@click.option("--count", default=1, show_default=True, help="how many events to send")
+@click.option("--batch-size", default=500, show_default=True, help="events per /v1/batch request")
+@click.option("--url", help="collector HTTP base URL (default: the one `cdpctl up` runs)")
+@click.option("--write-key", help="source write key (default: the dev source of `cdpctl up`)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def send(ws: Workspace, kind: str, user_id, anonymous_id, event, name, previous_id, group_id, properties, traits,
+         count: int, batch_size: int, url, write_key, as_json: bool) -> None:
+    """Send test events through the collector's Segment-compatible HTTP API."""
+    state = ws.read_run() or {}
+    url = url or (state.get("services", {}).get("collector", {}) or {}).get("http")
+    write_key = write_key or state.get("write_key")
+    if not url or not write_key:
+        raise click.UsageError("no running platform found: start one with `make up`, or pass --url and --write-key")
+    props, trts = _json_option(properties, "--properties"), _json_option(traits, "--traits")
+    events = [
+        build_event(kind, index=i, user_id=user_id, anonymous_id=anonymous_id, event=event, name=name,
+                    previous_id=previous_id, group_id=group_id, properties=props, traits=trts)
+        for i in range(count)
+    ]
+    totals = asyncio.run(_send_http(url.rstrip("/"), write_key, events, batch_size, show_progress=count > batch_size))
+    if as_json:
+        out.print_json(json.dumps(totals))
+    else:
+        out.print(f"accepted {totals['accepted']}, duplicates {totals['duplicates']}, rejected {totals['rejected']}")
+        for error in totals["errors"][:5]:
+            out.print(f"[red]{json.dumps(error)}[/]")
+    raise SystemExit(0 if not totals["errors"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The local platform `cdpctl up` runs: which services exist, their ports, their environment.
+
+Each later service adds one `ServiceProcess` entry here (and one component in the Helm chart's values).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cdp_kit.auth import new_token, write_tokens_file
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    name: str
+    module: str
+    grpc_port: int
+    metrics_port: int
+    http_port: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SERVICES: tuple[ServiceProcess, ...] = (
+    ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
+)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_port(preferred: int) -> int:
+    """The conventional port when free, else any free one (a second checkout, a busy laptop)."""
+    if preferred and port_is_free(preferred):
+        return preferred
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Workspace:
+    """Everything `cdpctl up` keeps under one project-local folder (default `.cdp/`)."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> Workspace:
+        return cls(Path(os.environ.get("CDP_HOME", ".cdp")).resolve())
+
+    @property
+    def nats_dir(self) -> Path:
+        return self.root / "nats"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.secrets_dir / "tokens.json"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.secrets_dir / "admin.token"
+
+    @property
+    def sources_file(self) -> Path:
+        return self.secrets_dir / "sources.json"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    def prepare(self) -> None:
+        for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.secrets_dir.chmod(0o700)
+        if not self.tokens_file.exists() or not self.admin_token_file.exists():
+            token = new_token()
+            write_tokens_file(self.tokens_file, [("cdpctl-admin", token, ["*"])])
+            self.admin_token_file.write_text(token + "\n")
+            self.admin_token_file.chmod(0o600)
+        if not self.sources_file.exists():
+            document = {"sources": [{"id": "dev", "name": "Local development", "write_key": "wk_dev_" + secrets.token_hex(12)}]}
+            self.sources_file.write_text(json.dumps(document, indent=2))
+            self.sources_file.chmod(0o600)
+
+    def admin_token(self) -> str:
+        return self.admin_token_file.read_text().strip()
+
+    def write_key(self) -> str:
+        return json.loads(self.sources_file.read_text())["sources"][0]["write_key"]
+
+    def write_run(self, state: dict) -> None:
+        self.run_file.write_text(json.dumps(state, indent=2))
+
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def service_environment(ws: Workspace, svc: ServiceProcess, *, nats_url: str, grpc_port: int, metrics_port: int,
+                        http_port: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "OTEL_SERVICE_NAME": svc.name,
+            "CDP_NATS_URL": nats_url,
+            "CDP_GRPC_HOST": "127.0.0.1",
+            "CDP_GRPC_PORT": str(grpc_port),
+            "CDP_METRICS_PORT": str(metrics_port),
+            "CDP_STORE_URL": f"sqlite:///{ws.data_dir / (svc.name + '.db')}",
+            "CDP_AUTH_MODE": "tokens",
+            "CDP_AUTH_TOKENS_FILE": str(ws.tokens_file),
+            "CDP_COLLECTOR_SOURCES_FILE": str(ws.sources_file),
+            "CDP_LOG_FORMAT": env.get("CDP_LOG_FORMAT", "json"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if http_port is not None:
+        env["CDP_HTTP_HOST"] = "127.0.0.1"
+        env["CDP_HTTP_PORT"] = str(http_port)
+    env.update(svc.env)
+    return env
+
+
+def describe(svc: ServiceProcess) -> dict:
+    return asdict(svc)
