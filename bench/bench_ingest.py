@@ -30,7 +30,7 @@ from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.natsserver import NatsServer
 
 BATCH = 500
-IN_FLIGHT = 4
+IN_FLIGHT = 8
 EVENTS = 200_000
 WARMUP = 20_000
 PARTITIONS = 8

@@ -1,0 +1,480 @@
+"""SQLite adapter: the embedded default (`make up`, a laptop) - no database server to run.
+
+Layout. One table holds every collection: ``documents(collection, key, version, doc)`` with
+``UNIQUE(collection, key)``, the document as JSON text (orjson). One table rather than one per collection
+keeps DDL off the write path and lets a bulk write span collections with the same two statements. A
+declared index is a *partial expression index* per (collection, field)::
+
+    CREATE INDEX "ix:<collection>:<field>" ON documents(<kind>, json_extract(doc, '$.<field>')[, key])
+        WHERE collection = '<collection>'
+
+where <kind> is 's'/'n'/'b' for string/number/boolean (NULL otherwise), so True never matches 1, 1 matches
+1.0, and null/absent/list values are simply not in the index (nor collide in a unique one). SQLite
+maintains these itself; `find` repeats the same expressions with the collection as a literal so the
+planner picks the index (a test checks the query plan). Declarations live in ``indexes``.
+
+Threads, not aiosqlite. Two connections, each owned by its own single-thread executor: a *writer* and a
+*reader* (WAL lets the reader run beside the writer, so a large bulk write does not stall `get`). Every
+store call is one function run on one of those threads - a whole transaction (BEGIN IMMEDIATE, read
+versions, executemany, COMMIT) is one hop, where aiosqlite would make one hop per statement and need an
+asyncio lock to keep concurrent tasks' statements out of each other's transactions. The writer's queue is
+that lock: writes from many tasks are serialised in arrival order, and BEGIN IMMEDIATE makes them safe
+against another process writing the same file (it waits up to `busy_timeout`, then Unavailable).
+
+Durability. WAL with ``synchronous=NORMAL`` by default: a commit survives the process being killed at any
+moment (the guarantee the platform's effectively-once design relies on - services ack stream messages
+after commit). Only an OS crash or power loss can drop the last commits, and since a service's state and
+its stream checkpoint commit together, they roll back together and the service replays from the older
+checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also survives power loss, at
+an fsync per commit.
+
+Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
+transaction before anything is written; a unique-index violation rolls everything back and is then
+pinpointed by replaying the ops one by one in a transaction that is rolled back too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.storage.port import (
+    BulkResult,
+    DuplicateValue,
+    KeyRange,
+    Page,
+    Put,
+    Record,
+    Scalar,
+    Step,
+    Store,
+    WriteOp,
+    bulk_result,
+    check_indexed_fields,
+    duplicates_block_unique_index,
+    encode_document,
+    index_mismatch,
+    index_token,
+    keys_by_collection,
+    make_page,
+    plan_bulk,
+    undeclared_field,
+)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# Well under SQLite's default 32766 bound-parameter limit, and small enough that IN lists stay cheap.
+_CHUNK = 500
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    collection TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    doc        TEXT NOT NULL,
+    UNIQUE (collection, key)
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    collection TEXT NOT NULL,
+    field      TEXT NOT NULL,
+    is_unique  INTEGER NOT NULL,
+    PRIMARY KEY (collection, field)
+) WITHOUT ROWID;
+"""
+_UPSERT = (
+    "INSERT INTO documents (collection, key, version, doc) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, doc = excluded.doc"
+)
+_DELETE = "DELETE FROM documents WHERE collection = ? AND key = ?"
+_UNIQUE_FAILED = re.compile(r"UNIQUE constraint failed: index 'ix:([^:']+):([^:']+)'")
+
+
+def _index_name(collection: str, field: str) -> str:
+    # Collection and field names are validated to [A-Za-z0-9_.-] / identifiers: safe to quote inline.
+    return f'"ix:{collection}:{field}"'
+
+
+def _index_expressions(field: str) -> tuple[str, str]:
+    path = f"'$.{field}'"
+    kind = (
+        f"CASE json_type(doc, {path}) WHEN 'text' THEN 's' WHEN 'integer' THEN 'n' WHEN 'real' THEN 'n' "
+        f"WHEN 'true' THEN 'b' WHEN 'false' THEN 'b' END"
+    )
+    return kind, f"json_extract(doc, {path})"
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+class SqliteStore(Store):
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["normal", "full"] = "normal",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if str(path) in ("", ":memory:") or str(path).startswith("file:"):
+            raise InvalidArgument(
+                "path", f"{str(path)!r}: give a file path (use memory:// for a store in memory)"
+            )
+        if synchronous.lower() not in ("normal", "full"):
+            raise InvalidArgument("synchronous", f"must be 'normal' or 'full', got {synchronous!r}")
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._busy_timeout = busy_timeout
+        # collection -> field -> unique. Replaced wholesale (never mutated) and only on the writer thread,
+        # so the event loop always sees a consistent mapping.
+        self._indexes: dict[str, dict[str, bool]] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-sqlite-writer")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-sqlite-reader")
+        try:
+            # Opened here, synchronously, so a bad path or a database from a newer release fails at
+            # start-up rather than on the first request.
+            self._wconn = self._writer.submit(self._open_writer).result()
+            self._rconn = self._reader.submit(self._open_reader).result()
+        except BaseException as exc:
+            self._writer.shutdown()
+            self._reader.shutdown()
+            if isinstance(exc, sqlite3.Error):
+                raise self._unavailable(exc) from exc
+            raise
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    # --- connections (each runs on its own thread) ---
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; the writer says BEGIN IMMEDIATE itself and the
+        # reader's statements each see the latest commit.
+        return sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise FailedPrecondition(
+                    f"sqlite store {self.path}: cannot switch to WAL (journal_mode={mode}); "
+                    f"use a local file system"
+                )
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise FailedPrecondition(
+                    f"sqlite store {self.path} has schema version {found}, newer than this release "
+                    f"understands ({SCHEMA_VERSION}); upgrade cdp"
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            self._indexes = self._load_indexes(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    @staticmethod
+    def _load_indexes(conn: sqlite3.Connection) -> dict[str, dict[str, bool]]:
+        declared: dict[str, dict[str, bool]] = {}
+        for collection, field, unique in conn.execute("SELECT collection, field, is_unique FROM indexes"):
+            declared.setdefault(collection, {})[field] = bool(unique)
+        return declared
+
+    async def _run(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except sqlite3.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: sqlite3.Error) -> Exception:
+        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            return Unavailable(
+                f"sqlite store {self.path}: locked by another writer for over {self._busy_timeout}s; retry",
+                retry_after=0.5,
+            )
+        if code in (_SQLITE_IOERR, _SQLITE_FULL):
+            return Unavailable(
+                f"sqlite store {self.path}: {exc}; free disk space or fix the volume", retry_after=5.0
+            )
+        return exc
+
+    @staticmethod
+    def _record(row: tuple[str, int, str]) -> Record:
+        return Record(row[0], row[1], orjson.loads(row[2]))
+
+    # --- reads (reader thread) ---
+
+    async def _get(self, collection: str, key: str) -> Record | None:
+        return await self._run(self._reader, self._get_sync, collection, key)
+
+    def _get_sync(self, collection: str, key: str) -> Record | None:
+        row = self._rconn.execute(
+            "SELECT key, version, doc FROM documents WHERE collection = ? AND key = ?", (collection, key)
+        ).fetchone()
+        return None if row is None else self._record(row)
+
+    async def _get_many(self, collection: str, keys: list[str]) -> dict[str, Record]:
+        return await self._run(self._reader, self._get_many_sync, collection, keys)
+
+    def _get_many_sync(self, collection: str, keys: list[str]) -> dict[str, Record]:
+        conn = self._rconn
+        snapshot = len(keys) > _CHUNK
+        if snapshot:  # one read transaction, so every chunk sees the same commit
+            conn.execute("BEGIN")
+        try:
+            found = {}
+            for chunk in _chunks(keys):
+                rows = conn.execute(
+                    f"SELECT key, version, doc FROM documents WHERE collection = ? "
+                    f"AND key IN ({_placeholders(len(chunk))})",
+                    (collection, *chunk),
+                )
+                for row in rows:
+                    found[row[0]] = self._record(row)
+            return found
+        finally:
+            if snapshot:
+                conn.execute("COMMIT")
+
+    async def _find(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+        if field not in self._indexes.get(collection, {}):
+            # Another process may have declared it since we loaded the declarations.
+            await self._run(self._writer, self._reload_indexes)
+            if field not in self._indexes.get(collection, {}):
+                raise undeclared_field(collection, field)
+        return await self._run(self._reader, self._find_sync, collection, field, value, limit)
+
+    def _find_sync(self, collection: str, field: str, value: Scalar, limit: int) -> list[Record]:
+        kind, extracted = _index_expressions(field)
+        token = index_token(value)
+        assert token is not None
+        rows = self._rconn.execute(
+            f"SELECT key, version, doc FROM documents WHERE collection = '{collection}' "
+            f"AND {kind} = ? AND {extracted} = ? ORDER BY key LIMIT ?",
+            (token[0], token[1], limit),
+        )
+        return [self._record(row) for row in rows]
+
+    def find_query_plan(self, collection: str, field: str) -> str:
+        """How SQLite runs `find` on this field (for tests and for anyone wondering)."""
+        kind, extracted = _index_expressions(field)
+
+        def explain() -> str:
+            rows = self._rconn.execute(
+                f"EXPLAIN QUERY PLAN SELECT key, version, doc FROM documents WHERE collection = '{collection}' "
+                f"AND {kind} = ? AND {extracted} = ? ORDER BY key LIMIT ?",
+                ("s", "x", 1),
+            )
+            return "\n".join(str(row[-1]) for row in rows)
+
+        return self._reader.submit(explain).result()
+
+    async def _scan(self, collection: str, keys: KeyRange, limit: int) -> Page:
+        return await self._run(self._reader, self._scan_sync, collection, keys, limit)
+
+    def _scan_sync(self, collection: str, keys: KeyRange, limit: int) -> Page:
+        clauses, params = ["collection = ?"], [collection]
+        for clause, bound in (("key > ?", keys.after), ("key >= ?", keys.start), ("key < ?", keys.end)):
+            if bound is not None:
+                clauses.append(clause)
+                params.append(bound)
+        rows = self._rconn.execute(
+            f"SELECT key, version, doc FROM documents WHERE {' AND '.join(clauses)} ORDER BY key LIMIT ?",
+            (*params, limit + 1),
+        )
+        return make_page([self._record(row) for row in rows], limit)
+
+    async def _count(self, collection: str) -> int:
+        return await self._run(self._reader, self._count_sync, collection)
+
+    def _count_sync(self, collection: str) -> int:
+        return self._rconn.execute(
+            "SELECT count(*) FROM documents WHERE collection = ?", (collection,)
+        ).fetchone()[0]
+
+    # --- writes (writer thread) ---
+
+    async def _bulk_write(self, ops: list[WriteOp]) -> BulkResult:
+        return await self._run(self._writer, self._write_sync, ops)
+
+    async def _bulk_is_atomic(self) -> bool:
+        return True
+
+    def _write_sync(self, ops: list[WriteOp]) -> BulkResult:
+        many = len(ops) > 1
+        encoded: dict[int, str] = {}
+        for index, op in enumerate(ops):  # before BEGIN: no lock is held while Python encodes
+            if isinstance(op, Put):
+                check_indexed_fields(op, self._indexes.get(op.collection, ()), index if many else None)
+                encoded[index] = encode_document(op, index if many else None).decode("utf-8")
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            steps = plan_bulk(ops, self._read_versions(ops))
+            try:
+                self._execute(steps, encoded)
+            except sqlite3.IntegrityError as exc:
+                conn.execute("ROLLBACK")
+                raise self._locate_unique_violation(exc, steps, encoded, many) from None
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return bulk_result(steps)
+
+    def _read_versions(self, ops: list[WriteOp]) -> dict[tuple[str, str], int]:
+        current = {}
+        for collection, keys in keys_by_collection(ops).items():
+            for chunk in _chunks(keys):
+                rows = self._wconn.execute(
+                    f"SELECT key, version FROM documents WHERE collection = ? "
+                    f"AND key IN ({_placeholders(len(chunk))})",
+                    (collection, *chunk),
+                )
+                current.update(((collection, key), version) for key, version in rows)
+        return current
+
+    def _execute(self, steps: Sequence[Step], encoded: dict[int, str]) -> None:
+        """Run the steps in order, as few executemany calls as the order allows (one per run of puts or
+        deletes): a write-behind batch of thousands of puts plus its checkpoint is two calls."""
+        statement: str | None = None
+        rows: list[tuple] = []
+        for step in steps:
+            op = step.op
+            if isinstance(op, Put):
+                wanted, row = _UPSERT, (op.collection, op.key, step.after, encoded[step.index])
+            elif step.before:
+                wanted, row = _DELETE, (op.collection, op.key)
+            else:
+                continue  # deleting an absent key
+            if wanted is not statement and rows:
+                self._wconn.executemany(statement, rows)  # type: ignore[arg-type]
+                rows = []
+            statement = wanted
+            rows.append(row)
+        if rows:
+            self._wconn.executemany(statement, rows)  # type: ignore[arg-type]
+
+    def _locate_unique_violation(
+        self, exc: sqlite3.IntegrityError, steps: Sequence[Step], encoded: dict[int, str], many: bool
+    ) -> Exception:
+        match = _UNIQUE_FAILED.search(str(exc))
+        if match is None:
+            return exc
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for step in steps:
+                try:
+                    self._execute([step], encoded)
+                except sqlite3.IntegrityError:
+                    op = step.op
+                    assert isinstance(op, Put)
+                    field = match.group(2)
+                    return DuplicateValue(
+                        op.collection, field, op.key, op.doc.get(field), op_index=step.index if many else None
+                    )
+        finally:
+            conn.execute("ROLLBACK")
+        return exc
+
+    async def _ensure_index(self, collection: str, field: str, unique: bool) -> None:
+        await self._run(self._writer, self._ensure_index_sync, collection, field, unique)
+
+    def _ensure_index_sync(self, collection: str, field: str, unique: bool) -> None:
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT is_unique FROM indexes WHERE collection = ? AND field = ?", (collection, field)
+            ).fetchone()
+            if row is not None:
+                if bool(row[0]) != unique:
+                    raise index_mismatch(collection, field, bool(row[0]))
+            else:
+                kind, extracted = _index_expressions(field)
+                # A non-unique index also carries the key, so find's ORDER BY key LIMIT n reads n entries
+                # in order instead of sorting every match.
+                columns = f"{kind}, {extracted}" if unique else f"{kind}, {extracted}, key"
+                try:
+                    conn.execute(
+                        f"CREATE {'UNIQUE ' if unique else ''}INDEX {_index_name(collection, field)} "
+                        f"ON documents ({columns}) WHERE collection = '{collection}'"
+                    )
+                except sqlite3.IntegrityError:
+                    raise duplicates_block_unique_index(collection, field) from None
+                conn.execute(
+                    "INSERT INTO indexes (collection, field, is_unique) VALUES (?, ?, ?)",
+                    (collection, field, int(unique)),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._indexes = self._load_indexes(conn)
+
+    def _reload_indexes(self) -> None:
+        self._indexes = self._load_indexes(self._wconn)
+
+    async def _drop_collection(self, collection: str) -> None:
+        await self._run(self._writer, self._drop_sync, collection)
+
+    def _drop_sync(self, collection: str) -> None:
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            fields = [
+                row[0]
+                for row in conn.execute("SELECT field FROM indexes WHERE collection = ?", (collection,))
+            ]
+            for field in fields:
+                conn.execute(f"DROP INDEX IF EXISTS {_index_name(collection, field)}")
+            conn.execute("DELETE FROM indexes WHERE collection = ?", (collection,))
+            conn.execute("DELETE FROM documents WHERE collection = ?", (collection,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._indexes = self._load_indexes(conn)
+
+    async def _close(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Queued behind any in-flight work, so pending writes finish (and commit) first.
+        await loop.run_in_executor(self._writer, self._wconn.close)
+        await loop.run_in_executor(self._reader, self._rconn.close)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)

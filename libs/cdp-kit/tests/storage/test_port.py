@@ -1,0 +1,46 @@
+"""The pure helpers behind scans: cursors and prefix ranges must agree with the backends' key order."""
+
+from __future__ import annotations
+
+import pytest
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage.port import decode_cursor, encode_cursor, prefix_end, scan_range
+from hypothesis import given
+from hypothesis import strategies as st
+
+keys = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
+
+
+@given(key=keys)
+def test_a_cursor_round_trips_any_key(key: str) -> None:
+    cursor = encode_cursor(key)
+
+    assert cursor.isascii() and decode_cursor(cursor) == key
+
+
+@given(prefix=keys, key=keys)
+def test_the_prefix_range_holds_exactly_the_keys_with_the_prefix(prefix: str, key: str) -> None:
+    end = prefix_end(prefix)
+    # Python orders str by code point: the same as UTF-8 byte order, which SQLite and MongoDB use.
+    assert (key < prefix) == (key.encode() < prefix.encode())
+    inside = key >= prefix and (end is None or key < end)
+
+    assert inside == key.startswith(prefix)
+
+
+def test_prefix_end_carries_past_the_last_code_point_and_skips_surrogates() -> None:
+    assert prefix_end("user/") == "user0"
+    assert prefix_end("a\U0010ffff") == "b"
+    assert prefix_end("\U0010ffff\U0010ffff") is None
+    assert prefix_end("\ud7ff") == "\ue000"
+
+
+def test_a_cursor_behind_the_prefix_starts_at_the_prefix() -> None:
+    assert scan_range(encode_cursor("a"), "m").start == "m"
+    assert scan_range(encode_cursor("mz"), "m").after == "mz"
+
+
+@pytest.mark.parametrize("cursor", ["", "k1.", "k1.!!!", "v9.abc", "k1.gA"])
+def test_foreign_cursors_are_refused(cursor: str) -> None:
+    with pytest.raises(InvalidArgument):
+        decode_cursor(cursor)

@@ -1,0 +1,118 @@
+"""What only the SQLite adapter promises: persistence, its file format, its locking, its query plans."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.storage import DuplicateValue, Put, Record, SqliteStore
+
+
+async def test_documents_versions_and_indexes_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        await store.ensure_index("profiles", "email", unique=True)
+        await store.bulk_write(
+            [
+                Put("profiles", "p1", {"email": "a@example.com", "traits": {"plan": "pro"}}),
+                Put("checkpoints", "profile/0", {"seq": 42}),
+            ]
+        )
+        await store.put("profiles", "p1", {"email": "a@example.com", "traits": {"plan": "team"}})
+
+    async with SqliteStore(path) as reopened:
+        assert await reopened.get("profiles", "p1") == Record(
+            "p1", 2, {"email": "a@example.com", "traits": {"plan": "team"}}
+        )
+        assert await reopened.get("checkpoints", "profile/0") == Record("profile/0", 1, {"seq": 42})
+        assert [r.key for r in await reopened.find("profiles", "email", "a@example.com")] == ["p1"]
+        with pytest.raises(DuplicateValue):
+            await reopened.put("profiles", "p2", {"email": "a@example.com"})
+        assert await reopened.put("profiles", "p1", {"email": "b@example.com"}, expected_version=2) == 3
+
+
+async def test_find_is_an_index_lookup_not_a_scan(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "cdp.db") as store:
+        await store.ensure_index("profiles", "email", unique=True)
+        await store.ensure_index("profiles", "country")
+
+        unique_plan = store.find_query_plan("profiles", "email")
+        plain_plan = store.find_query_plan("profiles", "country")
+
+    assert '"ix:profiles:email"' in unique_plan or "ix:profiles:email" in unique_plan
+    assert "ix:profiles:country" in plain_plan
+    assert "SCAN documents" not in unique_plan + plain_plan
+    # The non-unique index carries the key, so "ORDER BY key LIMIT n" needs no sort.
+    assert "TEMP B-TREE" not in plain_plan
+
+
+async def test_the_file_is_wal_with_json_documents(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        await store.put("profiles", "p1", {"name": "Zoë", "n": [1, 2.5, None]})
+
+        raw = sqlite3.connect(path)
+        try:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            (doc,) = raw.execute(
+                "SELECT doc FROM documents WHERE collection = 'profiles' AND key = 'p1'"
+            ).fetchone()
+        finally:
+            raw.close()
+
+    assert json.loads(doc) == {"name": "Zoë", "n": [1, 2.5, None]}
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
+async def test_synchronous_level_is_configurable(tmp_path: Path, synchronous: str, level: int) -> None:
+    async with SqliteStore(tmp_path / "cdp.db", synchronous=synchronous) as store:  # type: ignore[arg-type]
+        assert (
+            store._writer.submit(lambda: store._wconn.execute("PRAGMA synchronous").fetchone()[0]).result()
+            == level
+        )
+
+
+async def test_a_writer_in_another_process_past_the_busy_timeout_means_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path, busy_timeout=0.05) as store:
+        await store.put("profiles", "p1", {"n": 1})
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            with pytest.raises(Unavailable) as caught:
+                await store.put("profiles", "p1", {"n": 2})
+            assert await store.get("profiles", "p1") == Record("p1", 1, {"n": 1})  # readers carry on
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+
+        assert caught.value.retry_after > 0 and "locked" in str(caught.value)
+        assert await store.put("profiles", "p1", {"n": 2}) == 2
+
+
+async def test_an_index_declared_by_another_process_is_found(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as first, SqliteStore(path) as second:
+        await first.put("profiles", "p1", {"email": "a@example.com"})
+        await second.ensure_index("profiles", "email")
+
+        assert [r.key for r in await first.find("profiles", "email", "a@example.com")] == ["p1"]
+
+
+async def test_a_database_from_a_newer_release_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    raw = sqlite3.connect(path)
+    raw.execute("PRAGMA user_version = 99")
+    raw.close()
+
+    with pytest.raises(FailedPrecondition, match="schema version 99"):
+        SqliteStore(path)
+
+
+@pytest.mark.parametrize("path", [":memory:", ""])
+def test_in_memory_sqlite_is_refused_in_favour_of_memory_store(path: str) -> None:
+    with pytest.raises(InvalidArgument, match="memory://"):
+        SqliteStore(path)
