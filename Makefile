@@ -45,8 +45,9 @@ proto: env ## regenerate the committed stubs from protos/
 proto-check: env ## fail when the committed stubs are stale
 	$(PY) -m cdp_testing.protocheck check protos $(PROTO_OUT)
 
-lint: env
+lint: env ## ruff lint and format check
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 deploy-check: env ## validate the Helm chart and skaffold.yaml statically
 	$(VENV)/bin/pytest -q tests/deploy

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import grpc
 import nats
+from benchlib import CollectorProcess, percentile, segment_event, write_result
 from google.protobuf import json_format
 
-from benchlib import CollectorProcess, percentile, segment_event, write_result
 from cdp.collector.v1 import collector_pb2
 from cdp.events.v1 import events_pb2
 from cdp_kit.bus import events_raw_stream, partition_for
@@ -39,8 +39,11 @@ COLLECT = "/cdp.collector.v1.CollectorService/Collect"
 
 def to_proto(body: dict) -> events_pb2.Event:
     event = events_pb2.Event(
-        message_id=body["messageId"], type=events_pb2.EVENT_TYPE_TRACK, user_id=body["userId"],
-        anonymous_id=body["anonymousId"], event=body["event"],
+        message_id=body["messageId"],
+        type=events_pb2.EVENT_TYPE_TRACK,
+        user_id=body["userId"],
+        anonymous_id=body["anonymousId"],
+        event=body["event"],
     )
     event.properties.update(body["properties"])
     ctx = body["context"]
@@ -61,7 +64,7 @@ def collect_requests(events: list[events_pb2.Event], write_key: str) -> list[byt
     sent_at = datetime.now(UTC)
     requests = []
     for start in range(0, len(events), BATCH):
-        request = collector_pb2.CollectRequest(write_key=write_key, events=events[start:start + BATCH])
+        request = collector_pb2.CollectRequest(write_key=write_key, events=events[start : start + BATCH])
         request.sent_at.FromDatetime(sent_at)
         requests.append(request.SerializeToString())
     return requests
@@ -73,7 +76,7 @@ def raw_batches(events: list[events_pb2.Event]) -> list[list[tuple[str, bytes, s
     batches = []
     for start in range(0, len(events), BATCH):
         batch = []
-        for event in events[start:start + BATCH]:
+        for event in events[start : start + BATCH]:
             stored = events_pb2.Event()
             stored.CopyFrom(event)
             stored.source_id = "bench"
@@ -81,7 +84,13 @@ def raw_batches(events: list[events_pb2.Event]) -> list[list[tuple[str, bytes, s
             stored.timestamp.FromDatetime(now)
             stored.sent_at.FromDatetime(now)
             key = stored.user_id or stored.anonymous_id
-            batch.append((f"events.raw.{partition_for(key, PARTITIONS)}", stored.SerializeToString(), f"bench:{stored.message_id}"))
+            batch.append(
+                (
+                    f"events.raw.{partition_for(key, PARTITIONS)}",
+                    stored.SerializeToString(),
+                    f"bench:{stored.message_id}",
+                )
+            )
         batches.append(batch)
     return batches
 
@@ -138,12 +147,15 @@ async def bench_raw(nats_url: str, batches) -> tuple[float, list[float]]:
     await fresh_stream(js)
 
     async def send(batch) -> None:
-        futures = [await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id}) for subject, payload, msg_id in batch]
+        futures = [
+            await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
+            for subject, payload, msg_id in batch
+        ]
         acks = await asyncio.gather(*futures)
         assert not any(a.duplicate for a in acks)
 
     await run_load(send, batches[: WARMUP // BATCH], in_flight=IN_FLIGHT)
-    seconds, latencies = await run_load(send, batches[WARMUP // BATCH:], in_flight=IN_FLIGHT)
+    seconds, latencies = await run_load(send, batches[WARMUP // BATCH :], in_flight=IN_FLIGHT)
     await nc.close()
     return (len(batches) - WARMUP // BATCH) * BATCH / seconds, latencies
 
@@ -152,15 +164,16 @@ async def bench_grpc(collector: CollectorProcess, nats_url: str, requests: list[
     nc = await nats.connect(nats_url)
     await fresh_stream(nc.jetstream())
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}")
-    call = channel.unary_unary(COLLECT, request_serializer=lambda b: b,
-                               response_deserializer=collector_pb2.CollectResponse.FromString)
+    call = channel.unary_unary(
+        COLLECT, request_serializer=lambda b: b, response_deserializer=collector_pb2.CollectResponse.FromString
+    )
 
     async def send(request: bytes) -> None:
         response = await call(request)
         assert response.accepted == BATCH, (response.accepted, response.duplicates, response.rejected)
 
     await run_load(send, requests[: WARMUP // BATCH], in_flight=IN_FLIGHT)
-    seconds, latencies = await run_load(send, requests[WARMUP // BATCH:], in_flight=IN_FLIGHT)
+    seconds, latencies = await run_load(send, requests[WARMUP // BATCH :], in_flight=IN_FLIGHT)
     rate = (len(requests) - WARMUP // BATCH) * BATCH / seconds
     half_rate_latencies = await run_paced(send, paced, per_second=rate / 2 / BATCH)
     stored = (await nc.jetstream().stream_info("EVENTS_RAW")).state.messages
@@ -172,14 +185,26 @@ async def bench_grpc(collector: CollectorProcess, nats_url: str, requests: list[
 def bench_http_sdk(collector: CollectorProcess, n: int) -> float:
     from segment.analytics import Client
 
-    client = Client(collector.write_key, host=f"http://127.0.0.1:{collector.http_port}", upload_size=500,
-                    max_queue_size=n + 1, max_retries=3, sync_mode=False)
+    client = Client(
+        collector.write_key,
+        host=f"http://127.0.0.1:{collector.http_port}",
+        upload_size=500,
+        max_queue_size=n + 1,
+        max_retries=3,
+        sync_mode=False,
+    )
     rng = random.Random(7)
     calls = [segment_event(rng) for _ in range(n)]
     started = time.perf_counter()
     for body in calls:
-        client.track(user_id=body["userId"], event=body["event"], properties=body["properties"],
-                     context=body["context"], anonymous_id=body["anonymousId"], message_id=body["messageId"])
+        client.track(
+            user_id=body["userId"],
+            event=body["event"],
+            properties=body["properties"],
+            context=body["context"],
+            anonymous_id=body["anonymousId"],
+            message_id=body["messageId"],
+        )
     client.flush()
     seconds = time.perf_counter() - started
     client.shutdown()
@@ -207,22 +232,42 @@ async def main() -> None:
     ms = [x * 1000 for x in ours["latencies"]]
     half_ms = [x * 1000 for x in ours["half_rate_latencies"]]
     raw_ms = [x * 1000 for x in raw_latencies]
-    common = {"batch": BATCH, "in_flight": IN_FLIGHT, "events": EVENTS, "partitions": PARTITIONS,
-              "event_bytes": len(grpc_events[0].SerializeToString())}
+    common = {
+        "batch": BATCH,
+        "in_flight": IN_FLIGHT,
+        "events": EVENTS,
+        "partitions": PARTITIONS,
+        "event_bytes": len(grpc_events[0].SerializeToString()),
+    }
     write_result(
-        "ingest", value=ours["rate"], unit="events/s", baseline=raw_rate, higher_is_better=True,
-        params={**common,
-                "p50_batch_ms": round(percentile(ms, 50), 2), "p99_batch_ms": round(percentile(ms, 99), 2),
-                "p99_batch_ms_at_half_rate": round(percentile(half_ms, 99), 2),
-                "half_rate_events_per_s": round(ours["rate"] / 2),
-                "baseline_p50_batch_ms": round(percentile(raw_ms, 50), 2),
-                "baseline_p99_batch_ms": round(percentile(raw_ms, 99), 2),
-                "baseline": "raw nats-py js.publish_async of the same messages, same batches in flight"},
+        "ingest",
+        value=ours["rate"],
+        unit="events/s",
+        baseline=raw_rate,
+        higher_is_better=True,
+        params={
+            **common,
+            "p50_batch_ms": round(percentile(ms, 50), 2),
+            "p99_batch_ms": round(percentile(ms, 99), 2),
+            "p99_batch_ms_at_half_rate": round(percentile(half_ms, 99), 2),
+            "half_rate_events_per_s": round(ours["rate"] / 2),
+            "baseline_p50_batch_ms": round(percentile(raw_ms, 50), 2),
+            "baseline_p99_batch_ms": round(percentile(raw_ms, 99), 2),
+            "baseline": "raw nats-py js.publish_async of the same messages, same batches in flight",
+        },
     )
     write_result(
-        "ingest-http", value=http_rate, unit="events/s", baseline=raw_rate, higher_is_better=True,
-        params={**common, "events": 20_000, "client": "segment-analytics-python 2.4.0, upload_size=500, one thread",
-                "baseline": "raw nats-py js.publish_async (same run)"},
+        "ingest-http",
+        value=http_rate,
+        unit="events/s",
+        baseline=raw_rate,
+        higher_is_better=True,
+        params={
+            **common,
+            "events": 20_000,
+            "client": "segment-analytics-python 2.4.0, upload_size=500, one thread",
+            "baseline": "raw nats-py js.publish_async (same run)",
+        },
     )
 
 

@@ -76,7 +76,9 @@ def segment_event(rng: random.Random, users: int = 10_000) -> dict:
 class CollectorProcess:
     """A real collector process (python -m cdp_collector) against a given nats-server."""
 
-    def __init__(self, nats_url: str, workdir: Path, write_key: str = "wk_bench_0123456789", partitions: int = 8) -> None:
+    def __init__(
+        self, nats_url: str, workdir: Path, write_key: str = "wk_bench_0123456789", partitions: int = 8
+    ) -> None:
         from cdp_kit.natsserver import free_port
 
         self.write_key = write_key
@@ -103,7 +105,9 @@ class CollectorProcess:
         from cdp_kit.natsserver import wait_for_port
 
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cdp_collector"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cdp_collector"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
         log.close()
         if not wait_for_port("127.0.0.1", self.http_port, 30):
             self.__exit__()

@@ -62,9 +62,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "mongodb": {"enabled": True, "persistence": {"enabled": True}},
             "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
             "networkPolicy": {
-                "metricsFrom": [
-                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
-                ],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
             },
             "auth": {
                 "existingSecret": "",
@@ -109,18 +107,14 @@ class Rendered:
         for o in self.objects:
             if o["kind"] == kind and o["metadata"]["name"] == name:
                 return o
-        raise AssertionError(
-            f"{self.scenario}: no {kind} {name!r} among {[self.describe(o) for o in self.objects]}"
-        )
+        raise AssertionError(f"{self.scenario}: no {kind} {name!r} among {[self.describe(o) for o in self.objects]}")
 
     def workloads(self) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] in ("Deployment", "StatefulSet")]
 
     def component_workloads(self) -> list[dict[str, Any]]:
         """Workloads running the cdp image (not the optional in-chart MongoDB)."""
-        return [
-            w for w in self.workloads() if w["metadata"]["labels"]["app.kubernetes.io/component"] != "mongodb"
-        ]
+        return [w for w in self.workloads() if w["metadata"]["labels"]["app.kubernetes.io/component"] != "mongodb"]
 
     @staticmethod
     def describe(o: dict[str, Any]) -> str:
@@ -169,11 +163,7 @@ def effective_values(scenario: dict[str, Any]) -> dict[str, Any]:
     def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         out = dict(base)
         for key, value in override.items():
-            out[key] = (
-                merge(out[key], value)
-                if isinstance(value, dict) and isinstance(out.get(key), dict)
-                else value
-            )
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
         return out
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())

@@ -111,9 +111,7 @@ def main() -> int:
         cmd.add_argument("--namespace", default="cdp")
         cmd.add_argument("--kube-version", default=DEFAULT_KUBE_VERSION)
         cmd.add_argument("--api-versions", action="append", default=[])
-    sub.choices["lint"].add_argument(
-        "--strict", action="store_true", help="warnings fail too, as helm lint --strict"
-    )
+    sub.choices["lint"].add_argument("--strict", action="store_true", help="warnings fail too, as helm lint --strict")
     sub.add_parser("batch", help="JSON list of requests on stdin, JSON list of results on stdout")
     args = parser.parse_args()
 

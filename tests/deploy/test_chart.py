@@ -71,9 +71,7 @@ def test_helm_lint_is_clean(scenario, helm_batch):
     # charts/ even while it is disabled. That one finding is expected here and nothing else is.
     unexpected = [e for e in report["errors"] if "missing these dependencies: nats" not in e]
     assert not unexpected, report["messages"]
-    warnings = [
-        m for m in report["messages"] if m["severity"] >= 2 and "dependencies: nats" not in m["error"]
-    ]
+    warnings = [m for m in report["messages"] if m["severity"] >= 2 and "dependencies: nats" not in m["error"]]
     assert not warnings, warnings
 
 
@@ -106,9 +104,7 @@ def test_names_are_unique_and_labelled(scenario, rendered):
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/part-of"] == "cdp"
         for key, value in labels.items():
-            assert LABEL_VALUE.fullmatch(value), (
-                f"{r.describe(o)}: label {key}={value!r} is not a valid label value"
-            )
+            assert LABEL_VALUE.fullmatch(value), f"{r.describe(o)}: label {key}={value!r} is not a valid label value"
         assert "namespace" not in o["metadata"], "the release namespace comes from helm, not the templates"
 
 
@@ -156,9 +152,7 @@ def test_every_service_has_builtin_grpc_probes_on_a_declared_port(scenario, rend
             assert set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, (
                 f"{w['metadata']['name']} {probe}"
             )
-            assert c[probe]["grpc"]["port"] in ports, (
-                f"{w['metadata']['name']} {probe} targets an undeclared port"
-            )
+            assert c[probe]["grpc"]["port"] in ports, f"{w['metadata']['name']} {probe} targets an undeclared port"
 
 
 def test_probes_use_the_plaintext_health_port_when_tls_is_on(rendered):
@@ -197,8 +191,7 @@ def test_otel_service_name_is_the_component_name_everywhere(scenario, rendered):
         assert w["metadata"]["name"] == f"{RELEASE}-{component}"
         assert spec["serviceAccountName"] == f"{RELEASE}-{component}"
         module = (
-            rendered[scenario].values["components"][component].get("module")
-            or f"cdp_{component.replace('-', '_')}"
+            rendered[scenario].values["components"][component].get("module") or f"cdp_{component.replace('-', '_')}"
         )
         assert c["command"] == ["python", "-m", module]
 
@@ -262,9 +255,7 @@ def test_every_file_variable_points_into_a_mounted_secret_key(scenario, rendered
             if not name.endswith("_FILE"):
                 continue
             directory, filename = posixpath.split(entry["value"])
-            assert directory in mounts, (
-                f"{Rendered.describe(w)}: {name}={entry['value']} is not under a mount"
-            )
+            assert directory in mounts, f"{Rendered.describe(w)}: {name}={entry['value']} is not under a mount"
             assert mounts[directory].get("readOnly") is True, f"{name} is mounted writable"
             secret = volumes[mounts[directory]["name"]]["secret"]
             (item,) = [i for i in secret["items"] if i["path"] == filename]
@@ -357,13 +348,9 @@ def test_selectors_pick_exactly_their_own_pods(scenario, rendered):
         selector = selecting["spec"]["selector"]
         selector = selector.get("matchLabels", selector)
         targets = [w for w in workloads if matches(selector, w["spec"]["template"]["metadata"]["labels"])]
-        assert len(targets) == 1, (
-            f"{Rendered.describe(selecting)} selects {[Rendered.describe(t) for t in targets]}"
-        )
+        assert len(targets) == 1, f"{Rendered.describe(selecting)} selects {[Rendered.describe(t) for t in targets]}"
         if selecting["kind"] == "Service":
-            container_ports = {
-                p["name"] for p in targets[0]["spec"]["template"]["spec"]["containers"][0]["ports"]
-            }
+            container_ports = {p["name"] for p in targets[0]["spec"]["template"]["spec"]["containers"][0]["ports"]}
             assert {p["targetPort"] for p in selecting["spec"]["ports"]} <= container_ports
 
 
@@ -416,10 +403,7 @@ def test_adding_a_component_is_a_values_only_change(rendered):
     (container,) = after.get("Deployment", "cdp-identity")["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python", "-m", "cdp_identity"]
     assert env_of(container)["OTEL_SERVICE_NAME"]["value"] == "identity"
-    assert (
-        after.get("Deployment", "cdp-identity")["spec"]["replicas"]
-        == before.values["componentDefaults"]["replicas"]
-    )
+    assert after.get("Deployment", "cdp-identity")["spec"]["replicas"] == before.values["componentDefaults"]["replicas"]
 
 
 def test_a_stateful_component_gets_ordinals_and_a_claim_per_pod(rendered):
@@ -575,9 +559,7 @@ def test_the_schema_covers_every_default_key():
         if not isinstance(value, dict) or node.get("additionalProperties", True) is not False:
             return
         for key, sub in value.items():
-            assert key in node.get("properties", {}), (
-                f"values.yaml key {path}{key} is not in values.schema.json"
-            )
+            assert key in node.get("properties", {}), f"values.yaml key {path}{key} is not in values.schema.json"
             walk(sub, node["properties"][key], f"{path}{key}.")
 
     walk(values, schema, "")

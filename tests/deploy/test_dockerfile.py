@@ -83,9 +83,7 @@ def env_of(stage: Stage) -> dict[str, str]:
 
 
 def makefile_var(name: str) -> str:
-    match = re.search(
-        rf"^(?:export\s+)?{name}\s*[:?]?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE
-    )
+    match = re.search(rf"^(?:export\s+)?{name}\s*[:?]?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
     assert match, f"Makefile has no {name}"
     return match.group(1)
 
@@ -102,16 +100,12 @@ def test_every_stage_starts_from_the_pinned_python_base(dockerfile):
     assert image == "python" and tag, f"base {base!r} must be python:<tag>"
     assert tag != "latest" and "latest" not in base
     python = makefile_var("UV_PYTHON")
-    assert tag.startswith((python + "-", python + ".")), (
-        f"base tag {tag} is not the workspace's Python {python}"
-    )
+    assert tag.startswith((python + "-", python + ".")), f"base tag {tag} is not the workspace's Python {python}"
     assert tag.endswith("-slim-bookworm")
     names = {s.name for s in stages if s.name}
     for stage in stages:
         assert stage.base in ("${PYTHON_IMAGE}", "$PYTHON_IMAGE") or stage.base in names, stage.base
-    assert not [i for s in stages for i in s.instructions if i.keyword == "ADD"], (
-        "ADD fetches and unpacks; use COPY"
-    )
+    assert not [i for s in stages for i in s.instructions if i.keyword == "ADD"], "ADD fetches and unpacks; use COPY"
 
 
 def test_uv_is_the_makefiles_version(dockerfile):
@@ -138,9 +132,7 @@ def test_dependencies_come_from_the_lock_without_dev_tools(dockerfile):
     for flags in syncs:
         assert {"--frozen", "--no-dev", "--all-packages"} <= set(flags), flags
     assert "--no-install-workspace" in syncs[0]
-    assert "--no-editable" in syncs[1], (
-        "the runtime stage copies only the venv, so nothing may point at sources"
-    )
+    assert "--no-editable" in syncs[1], "the runtime stage copies only the venv, so nothing may point at sources"
     _, stages = dockerfile
     assert env_of(next(s for s in stages if s.name == "build"))["UV_PROJECT_ENVIRONMENT"] == "/app/.venv"
 
@@ -154,9 +146,9 @@ def test_runtime_stage_is_non_root_with_no_build_tools(dockerfile, rendered):
     uid, _, gid = user.partition(":")
     assert uid.isdigit() and gid.isdigit(), f"USER {user} must be numeric so runAsNonRoot can verify it"
     assert int(uid) != 0 and int(gid) != 0
-    assert runtime.instructions.index(users[-1]) > max(
-        runtime.instructions.index(i) for i in runtime.all("RUN")
-    ), "nothing may run as root after USER is set"
+    assert runtime.instructions.index(users[-1]) > max(runtime.instructions.index(i) for i in runtime.all("RUN")), (
+        "nothing may run as root after USER is set"
+    )
     # The chart runs pods as the image's user; the two must agree.
     pod_users = {
         c["securityContext"]["runAsUser"]
@@ -177,9 +169,7 @@ def test_runtime_stage_is_non_root_with_no_build_tools(dockerfile, rendered):
         ):
             assert tool not in run.args, f"runtime stage installs or fetches with {tool!r}: {run.args}"
     copies = runtime.all("COPY")
-    assert [c.args for c in copies] == ["--from=build /app/.venv /app/.venv"], (
-        "only the built venv reaches the image"
-    )
+    assert [c.args for c in copies] == ["--from=build /app/.venv /app/.venv"], "only the built venv reaches the image"
     env = env_of(runtime)
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["PATH"].startswith("/app/.venv/bin:")
@@ -215,9 +205,7 @@ def dockerignore_patterns() -> list[str]:
     for line in DOCKERIGNORE.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            assert not line.startswith("!"), (
-                "re-inclusions are not modelled by this test; keep the file simple"
-            )
+            assert not line.startswith("!"), "re-inclusions are not modelled by this test; keep the file simple"
             patterns.append(line.rstrip("/"))
     return patterns
 

@@ -37,8 +37,9 @@ def wait_healthy(env: dict, timeout: float = 90.0) -> dict:
 def platform(tmp_path):
     env = {**os.environ, "CDP_HOME": str(tmp_path / "cdp-home")}
     log = open(tmp_path / "make-up.log", "w+")
-    proc = subprocess.Popen(["make", "-s", "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         status = wait_healthy(env)
         yield env, status, proc, log
@@ -57,12 +58,14 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     assert (home / "nats" / "jetstream").is_dir(), "JetStream data lives in the project-local folder"
 
     # The README's cdpctl examples, verbatim (paths as written: .venv/bin/cdpctl).
-    commands = [line for block in readme_blocks("bash") for line in block.splitlines()
-                if line.startswith(".venv/bin/cdpctl ")]
+    commands = [
+        line for block in readme_blocks("bash") for line in block.splitlines() if line.startswith(".venv/bin/cdpctl ")
+    ]
     assert any(" send " in c for c in commands) and any(" status" in c for c in commands)
     for command in commands:
-        result = subprocess.run(command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         if " send " in command and "--count" not in command:
             assert "accepted 1," in result.stdout
@@ -71,7 +74,8 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     run = json.loads((home / "run.json").read_text())
     (snippet,) = readme_blocks("python")
     snippet = snippet.replace("<the write key make up printed>", run["write_key"]).replace(
-        "http://127.0.0.1:8080", run["services"]["collector"]["http"])
+        "http://127.0.0.1:8080", run["services"]["collector"]["http"]
+    )
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 

@@ -47,12 +47,20 @@ class Behaviour(collector_pb2_grpc.CollectorServiceServicer):
 def tokens(tmp_path):
     writer, reader, admin = new_token(), new_token(), new_token()
     path = tmp_path / "tokens.json"
-    write_tokens_file(path, [("writer", writer, ["collector:write"]), ("reader", reader, ["profile:read"]), ("admin", admin, ["*"])])
+    write_tokens_file(
+        path, [("writer", writer, ["collector:write"]), ("reader", reader, ["profile:read"]), ("admin", admin, ["*"])]
+    )
     return path, {"writer": writer, "reader": reader, "admin": admin}
 
 
 def settings(**overrides):
-    base = dict(nats_url="nats://unused:4222", service_name="kit-test", grpc_host="127.0.0.1", auth_mode="none", shutdown_grace=2.0)
+    base = dict(
+        nats_url="nats://unused:4222",
+        service_name="kit-test",
+        grpc_host="127.0.0.1",
+        auth_mode="none",
+        shutdown_grace=2.0,
+    )
     base.update(overrides)
     return ServiceSettings(**base)
 
@@ -60,7 +68,10 @@ def settings(**overrides):
 def setup_with(servicer, scopes=None):
     async def setup(runtime):
         runtime.grpc.add_service(
-            collector_pb2_grpc.add_CollectorServiceServicer_to_server, servicer, SERVICE, scopes or {"Collect": "collector:write"}
+            collector_pb2_grpc.add_CollectorServiceServicer_to_server,
+            servicer,
+            SERVICE,
+            scopes or {"Collect": "collector:write"},
         )
 
     return setup
@@ -192,7 +203,9 @@ def test_settings_fail_fast_naming_every_problem(tmp_path):
     assert "CDP_NATS_URL is required" in text and "CDP_GRPC_PORT='eighty' is invalid" in text
     with pytest.raises(SettingsError, match="CDP_AUTH_TOKENS_FILE is required"):
         load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222"})
-    ok = load_settings(ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222", "CDP_AUTH_MODE": "none", "CDP_PARTITIONS": "16"})
+    ok = load_settings(
+        ServiceSettings, environ={"CDP_NATS_URL": "nats://x:4222", "CDP_AUTH_MODE": "none", "CDP_PARTITIONS": "16"}
+    )
     assert dataclasses.replace(ok).partitions == 16
 
 

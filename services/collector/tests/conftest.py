@@ -50,12 +50,28 @@ class RunningCollector:
 
 def collector_settings(nats_url: str, tmp_path, **overrides) -> CollectorSettings:
     sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [
-        {"id": "web", "name": "Website", "write_key": WRITE_KEY},
-        {"id": "old", "name": "Retired app", "write_key": "wk_disabled_0000", "enabled": False},
-    ]}))
-    base = dict(nats_url=nats_url, sources_file=sources, grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1",
-                http_port=0, auth_mode="none", partitions=4, shutdown_grace=1.0, ack_timeout=2.0)
+    sources.write_text(
+        json.dumps(
+            {
+                "sources": [
+                    {"id": "web", "name": "Website", "write_key": WRITE_KEY},
+                    {"id": "old", "name": "Retired app", "write_key": "wk_disabled_0000", "enabled": False},
+                ]
+            }
+        )
+    )
+    base = dict(
+        nats_url=nats_url,
+        sources_file=sources,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        http_host="127.0.0.1",
+        http_port=0,
+        auth_mode="none",
+        partitions=4,
+        shutdown_grace=1.0,
+        ack_timeout=2.0,
+    )
     base.update(overrides)
     return CollectorSettings(**base)
 

@@ -15,8 +15,9 @@ from cdp_kit.bus import partition_for
 
 
 def track(message_id: str, user_id: str = "u1", **fields) -> events_pb2.Event:
-    event = events_pb2.Event(message_id=message_id, type=events_pb2.EVENT_TYPE_TRACK, user_id=user_id,
-                             event="Order Completed", **fields)
+    event = events_pb2.Event(
+        message_id=message_id, type=events_pb2.EVENT_TYPE_TRACK, user_id=user_id, event="Order Completed", **fields
+    )
     event.properties.update({"total": 42.5, "currency": "EUR"})
     return event
 
@@ -55,7 +56,10 @@ async def test_a_retried_batch_is_reported_duplicate_and_stored_once(collector):
     again = await collect(collector, [track("m1"), track("m2"), track("m3")])
     assert first.accepted == 2
     assert [r.status for r in again.results] == [
-        collector_pb2.EVENT_STATUS_DUPLICATE, collector_pb2.EVENT_STATUS_DUPLICATE, collector_pb2.EVENT_STATUS_ACCEPTED]
+        collector_pb2.EVENT_STATUS_DUPLICATE,
+        collector_pb2.EVENT_STATUS_DUPLICATE,
+        collector_pb2.EVENT_STATUS_ACCEPTED,
+    ]
     assert again.duplicates == 2 and again.accepted == 1
     await collector.stored(expected=3)
 
@@ -130,3 +134,18 @@ async def test_bus_down_means_unavailable_with_retry_hint_never_success(collecto
             await asyncio.sleep(0.1)
     assert reply.accepted + reply.duplicates == 1
     await collector.stored(expected=1)
+
+
+async def test_the_callers_trace_continues_into_the_stored_message(collector):
+    import nats
+
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with grpc.aio.insecure_channel(collector.grpc_address) as channel:
+        request = collector_pb2.CollectRequest(write_key=collector.write_key, events=[track("traced")])
+        await collector_pb2_grpc.CollectorServiceStub(channel).Collect(
+            request, metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")]
+        )
+    nc = await nats.connect(collector.nats_url)
+    stored = await nc.jetstream().get_msg("EVENTS_RAW", 1)
+    await nc.close()
+    assert stored.headers["traceparent"].split("-")[1] == trace_id

@@ -28,19 +28,33 @@ async def post(collector, path, body=None, *, data=None, headers=None, key=None,
 
 
 def track(i=0, **extra):
-    return {"type": "track", "messageId": f"m{i}", "userId": "u1", "event": "Order Completed",
-            "properties": {"total": 10 + i}, **extra}
+    return {
+        "type": "track",
+        "messageId": f"m{i}",
+        "userId": "u1",
+        "event": "Order Completed",
+        "properties": {"total": 10 + i},
+        **extra,
+    }
 
 
 @pytest.mark.parametrize(
     ("path", "body", "type_"),
     [
         ("/v1/track", {"userId": "u1", "event": "Signed Up", "messageId": "t1"}, events_pb2.EVENT_TYPE_TRACK),
-        ("/v1/identify", {"userId": "u1", "traits": {"email": "a@b.co"}, "messageId": "i1"}, events_pb2.EVENT_TYPE_IDENTIFY),
+        (
+            "/v1/identify",
+            {"userId": "u1", "traits": {"email": "a@b.co"}, "messageId": "i1"},
+            events_pb2.EVENT_TYPE_IDENTIFY,
+        ),
         ("/v1/alias", {"userId": "u1", "previousId": "anon-1", "messageId": "a1"}, events_pb2.EVENT_TYPE_ALIAS),
         ("/v1/page", {"anonymousId": "anon-1", "name": "Pricing", "messageId": "p1"}, events_pb2.EVENT_TYPE_PAGE),
         ("/v1/screen", {"userId": "u1", "name": "Cart", "messageId": "s1"}, events_pb2.EVENT_TYPE_SCREEN),
-        ("/v1/group", {"userId": "u1", "groupId": "acme", "traits": {"plan": "pro"}, "messageId": "g1"}, events_pb2.EVENT_TYPE_GROUP),
+        (
+            "/v1/group",
+            {"userId": "u1", "groupId": "acme", "traits": {"plan": "pro"}, "messageId": "g1"},
+            events_pb2.EVENT_TYPE_GROUP,
+        ),
     ],
 )
 async def test_every_single_call_endpoint_stores_its_event(collector, path, body, type_):
@@ -52,8 +66,12 @@ async def test_every_single_call_endpoint_stores_its_event(collector, path, body
 
 async def test_batch_with_gzip_body(collector):
     body = {"batch": [track(i) for i in range(100)], "sentAt": "2026-11-25T10:00:00Z"}
-    status, reply, _ = await post(collector, "/v1/batch", data=gzip.compress(json.dumps(body).encode()),
-                                  headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    status, reply, _ = await post(
+        collector,
+        "/v1/batch",
+        data=gzip.compress(json.dumps(body).encode()),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
     assert status == 200 and reply["accepted"] == 100
     await collector.stored(expected=100)
 
@@ -67,13 +85,17 @@ async def test_retried_batch_is_deduplicated(collector):
 
 
 async def test_write_key_in_the_body_is_accepted_without_basic_auth(collector):
-    status, reply, _ = await post(collector, "/v1/batch", {"batch": [track()], "writeKey": collector.write_key}, use_auth=False)
+    status, reply, _ = await post(
+        collector, "/v1/batch", {"batch": [track()], "writeKey": collector.write_key}, use_auth=False
+    )
     assert status == 200 and reply["accepted"] == 1
 
 
 async def test_unknown_or_missing_write_key_is_401(collector):
     status, reply, headers = await post(collector, "/v1/batch", {"batch": [track()]}, key="wk_nobody_000000")
-    assert status == 401 and reply["error"]["code"] == "unauthorized" and "unknown write key" in reply["error"]["message"]
+    assert (
+        status == 401 and reply["error"]["code"] == "unauthorized" and "unknown write key" in reply["error"]["message"]
+    )
     assert headers["WWW-Authenticate"].startswith("Basic")
     status, reply, _ = await post(collector, "/v1/batch", {"batch": [track()]}, use_auth=False)
     assert status == 401 and "write key" in reply["error"]["message"]
@@ -81,15 +103,17 @@ async def test_unknown_or_missing_write_key_is_401(collector):
 
 
 async def test_malformed_json_is_400_with_position(collector):
-    status, reply, _ = await post(collector, "/v1/batch", data=b'{"batch": [ {"type": "track",, }]}',
-                                  headers={"Content-Type": "application/json"})
+    status, reply, _ = await post(
+        collector, "/v1/batch", data=b'{"batch": [ {"type": "track",, }]}', headers={"Content-Type": "application/json"}
+    )
     assert status == 400 and reply["error"]["code"] == "invalid_json"
     assert "column" in reply["error"]["message"] or "position" in reply["error"]["message"]
 
 
 async def test_bad_gzip_is_400(collector):
-    status, reply, _ = await post(collector, "/v1/batch", data=b"\x1f\x8b\x08not really gzip",
-                                  headers={"Content-Encoding": "gzip"})
+    status, reply, _ = await post(
+        collector, "/v1/batch", data=b"\x1f\x8b\x08not really gzip", headers={"Content-Encoding": "gzip"}
+    )
     assert status == 400 and reply["error"]["code"] == "invalid_gzip"
 
 

@@ -26,8 +26,12 @@ def rudder_client(collector, **options):
 def drive(client):
     """Every call type, as an app would make them."""
     client.identify("user-42", {"email": "Ada@Example.com", "plan": "pro"}, anonymous_id="anon-7")
-    client.track("user-42", "Order Completed", {"order_id": "o-1", "total": 99.5, "items": 2},
-                 context={"ip": "203.0.113.9", "locale": "de-DE"})
+    client.track(
+        "user-42",
+        "Order Completed",
+        {"order_id": "o-1", "total": 99.5, "items": 2},
+        context={"ip": "203.0.113.9", "locale": "de-DE"},
+    )
     client.page("user-42", category="Docs", name="Pricing", properties={"path": "/pricing"})
     client.screen("user-42", name="Cart", properties={"items": 2})
     client.group("user-42", "acme", {"name": "Acme Inc", "employees": 120})
@@ -36,8 +40,11 @@ def drive(client):
     client.shutdown()
 
 
-@pytest.mark.parametrize(("make_client", "library"), [(segment_client, "analytics-python"), (rudder_client, "analytics-python")],
-                         ids=["segment", "rudderstack"])
+@pytest.mark.parametrize(
+    ("make_client", "library"),
+    [(segment_client, "analytics-python"), (rudder_client, "analytics-python")],
+    ids=["segment", "rudderstack"],
+)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
 async def test_sdk_calls_arrive_complete(collector, make_client, library, compress):
     errors = []

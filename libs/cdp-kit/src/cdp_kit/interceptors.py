@@ -33,7 +33,11 @@ log = logging.getLogger("cdp.grpc")
 PUBLIC = "public"  # scope marker: the method authenticates its caller itself (e.g. a source write key)
 
 # Services that must answer without a token: Kubernetes probes and tooling carry none.
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("cdp_caller", default=ANONYMOUS)
 
@@ -195,7 +199,9 @@ class ObserveInterceptor(_WrappingInterceptor):
     def __init__(self, telemetry: Telemetry) -> None:
         super().__init__()
         self.duration = telemetry.meter.create_histogram(
-            "rpc.server.duration", unit="ms", description="gRPC server call latency",
+            "rpc.server.duration",
+            unit="ms",
+            description="gRPC server call latency",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
 
@@ -242,7 +248,9 @@ def status_for(error: CdpError) -> status_pb2.Status:
     status.details.add().Pack(info)
     if isinstance(error, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)]
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+            ]
         )
         status.details.add().Pack(bad_request)
     if isinstance(error, Unavailable):

@@ -70,7 +70,7 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout: float = 10.0) -> "NatsServer":
+    def start(self, timeout: float = 10.0) -> NatsServer:
         if self.store_dir is None:
             self.store_dir = Path(tempfile.mkdtemp(prefix="cdp-nats-"))
             self._owns_store = True
@@ -82,11 +82,15 @@ class NatsServer:
         config.write_text(f"max_payload: {self.max_payload}\n")
         args = [
             nats_server_binary(),
-            "-c", str(config),
-            "-a", self.host,
-            "-p", str(self.port),
+            "-c",
+            str(config),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
             "-js",
-            "-sd", str(self.store_dir / "jetstream"),
+            "-sd",
+            str(self.store_dir / "jetstream"),
             *self.extra_args,
         ]
         if self.monitor_port:
@@ -129,7 +133,7 @@ class NatsServer:
         if self._owns_store and self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

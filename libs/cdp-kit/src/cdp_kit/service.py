@@ -211,13 +211,17 @@ SetupFn = Callable[[ServiceRuntime], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: ServiceSettings, setup: SetupFn, *, telemetry: Telemetry | None = None) -> AsyncIterator[ServiceRuntime]:
+async def serving(
+    settings: ServiceSettings, setup: SetupFn, *, telemetry: Telemetry | None = None
+) -> AsyncIterator[ServiceRuntime]:
     """Start a service and yield its runtime once it is SERVING; stop and release everything on exit.
 
     `run_service` uses it for real processes; tests use it to run services in-process."""
     telemetry = telemetry or setup_telemetry(settings.service_name, metrics_port=settings.metrics_port)
     async with AsyncExitStack() as stack:
-        runtime = ServiceRuntime(settings=settings, telemetry=telemetry, grpc=GrpcServer(settings, telemetry), stack=stack)
+        runtime = ServiceRuntime(
+            settings=settings, telemetry=telemetry, grpc=GrpcServer(settings, telemetry), stack=stack
+        )
         stack.push_async_callback(runtime._cancel_tasks)
         await setup(runtime)
         port = await runtime.grpc.start()

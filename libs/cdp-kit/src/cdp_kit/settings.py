@@ -144,13 +144,16 @@ class ServiceSettings:
         "CDP_AUTH_MODE", "tokens", help="tokens: bearer tokens with scopes; none: no caller authentication (dev only)"
     )
     auth_tokens_file: Path | None = env(
-        "CDP_AUTH_TOKENS_FILE", None, help='JSON {"tokens":[{"name","sha256","scopes"}]}; required when CDP_AUTH_MODE=tokens'
+        "CDP_AUTH_TOKENS_FILE",
+        None,
+        help='JSON {"tokens":[{"name","sha256","scopes"}]}; required when CDP_AUTH_MODE=tokens',
     )
     tls_cert_file: Path | None = env("CDP_TLS_CERT_FILE", None, help="server certificate (PEM) to serve gRPC over TLS")
     tls_key_file: Path | None = env("CDP_TLS_KEY_FILE", None, help="server private key (PEM)", secret=True)
     tls_client_ca_file: Path | None = env("CDP_TLS_CLIENT_CA_FILE", None, help="CA for client certificates (mTLS)")
     health_port: int = env(
-        "CDP_HEALTH_PORT", 0,
+        "CDP_HEALTH_PORT",
+        0,
         help="plaintext port serving only grpc.health.v1, for kubelet probes when gRPC uses TLS (0: off)",
     )
     shutdown_grace: float = env("CDP_SHUTDOWN_GRACE", 10.0, help="seconds in-flight calls get to finish on SIGTERM")
@@ -158,7 +161,9 @@ class ServiceSettings:
     def validate(self) -> list[str]:
         problems = []
         if self.auth_mode == "tokens" and self.auth_tokens_file is None:
-            problems.append("CDP_AUTH_TOKENS_FILE is required when CDP_AUTH_MODE=tokens (or set CDP_AUTH_MODE=none for dev)")
+            problems.append(
+                "CDP_AUTH_TOKENS_FILE is required when CDP_AUTH_MODE=tokens (or set CDP_AUTH_MODE=none for dev)"
+            )
         if self.auth_tokens_file is not None and not self.auth_tokens_file.is_file():
             problems.append(f"CDP_AUTH_TOKENS_FILE={str(self.auth_tokens_file)!r} is not a readable file")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

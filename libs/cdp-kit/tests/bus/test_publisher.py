@@ -94,3 +94,29 @@ async def test_trace_context_travels_in_headers(bus):
     stored = await bus.js.get_msg("EVENTS_RAW", 1)
     assert trace_id in stored.headers["traceparent"]
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+async def test_a_client_chosen_id_cannot_inject_headers_or_protocol_lines(bus):
+    evil = "abc\r\nNats-Expected-Stream: OTHER\r\n\r\nPUB x 1\r\n"
+    (result,) = await bus.publisher.publish_batch([OutMessage("events.raw.0", b"payload", evil)])
+    assert result.ok
+    stored = await bus.js.get_msg("EVENTS_RAW", result.seq)
+    assert stored.data == b"payload"
+    assert "\r" not in stored.headers["Nats-Msg-Id"] and "\n" not in stored.headers["Nats-Msg-Id"]
+    assert "Nats-Expected-Stream" not in stored.headers
+
+
+async def test_per_message_headers_are_kept(bus):
+    (result,) = await bus.publisher.publish_batch(
+        [OutMessage("events.raw.0", b"x", "id-1", headers={"Cdp-Type": "cdp.events.v1.Event"})]
+    )
+    stored = await bus.js.get_msg("EVENTS_RAW", result.seq)
+    assert stored.headers["Cdp-Type"] == "cdp.events.v1.Event" and stored.headers["Nats-Msg-Id"] == "id-1"
+
+
+async def test_a_message_over_max_payload_is_never_reported_stored(bus):
+    too_big = b"x" * (bus.nc.max_payload + 1)
+    results = await bus.publisher.publish_batch(
+        [OutMessage("events.raw.0", b"small", "ok"), OutMessage("events.raw.0", too_big, "big")]
+    )
+    assert results[0].ok and not results[1].ok

@@ -31,7 +31,9 @@ async def test_partition_matches_nats_server_subject_mapping(nats_client):
         api.StreamConfig(
             name="MAPPED",
             subjects=["keyed.*"],
-            subject_transform=api.SubjectTransform(src="keyed.*", dest=f"mapped.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}"),
+            subject_transform=api.SubjectTransform(
+                src="keyed.*", dest=f"mapped.{{{{partition({n},1)}}}}.{{{{wildcard(1)}}}}"
+            ),
         )
     )
     keys = [f"user-{i}" for i in range(200)] + ["alice@example.com".replace(".", "_"), "0", "ÄÖÜ"]

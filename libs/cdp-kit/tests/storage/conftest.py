@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from cdp_kit.storage import MemoryStore, SqliteStore, Store
 from cdp_kit.storage.mongo import MongoStore
 from cdp_testing.mongo_double import AsyncMongoDouble
@@ -45,9 +46,7 @@ class StoreFactory:
             return MongoStore(AsyncMongoDouble(replica_set=self.kind == "mongo-double-rs"), "cdp_test")
         from pymongo import AsyncMongoClient
 
-        client: AsyncMongoClient = AsyncMongoClient(
-            os.environ[MONGODB_URI_ENV], serverSelectionTimeoutMS=5000
-        )
+        client: AsyncMongoClient = AsyncMongoClient(os.environ[MONGODB_URI_ENV], serverSelectionTimeoutMS=5000)
         return MongoStore(client, f"cdp_test_{uuid.uuid4().hex[:12]}", owns_client=True)
 
     async def discard(self, store: Store) -> None:

@@ -4,12 +4,13 @@ mapping, and reading the server's duplicate-key details."""
 from __future__ import annotations
 
 import pytest
+from pymongo import AsyncMongoClient
+
 from cdp_kit.errors import Unavailable
 from cdp_kit.natsserver import free_port
 from cdp_kit.storage import Put, VersionConflict
 from cdp_kit.storage.mongo import MongoStore
 from cdp_testing.mongo_double import AsyncCollectionDouble, AsyncMongoDouble
-from pymongo import AsyncMongoClient
 
 
 async def test_documents_are_id_version_and_doc_with_real_indexes_on_doc_fields() -> None:
@@ -32,22 +33,15 @@ async def test_documents_are_id_version_and_doc_with_real_indexes_on_doc_fields(
 
 
 @pytest.mark.parametrize(("replica_set", "atomic"), [(False, False), (True, True)])
-async def test_transactions_are_used_exactly_when_the_topology_has_them(
-    replica_set: bool, atomic: bool
-) -> None:
+async def test_transactions_are_used_exactly_when_the_topology_has_them(replica_set: bool, atomic: bool) -> None:
     store = MongoStore(AsyncMongoDouble(replica_set=replica_set), "cdp")
 
     assert await store.bulk_is_atomic() is atomic
-    assert (
-        await MongoStore(AsyncMongoDouble(replica_set=True), "cdp", transactions=False).bulk_is_atomic()
-        is False
-    )
+    assert await MongoStore(AsyncMongoDouble(replica_set=True), "cdp", transactions=False).bulk_is_atomic() is False
 
 
 async def test_an_unreachable_server_means_unavailable() -> None:
-    client: AsyncMongoClient = AsyncMongoClient(
-        f"mongodb://127.0.0.1:{free_port()}", serverSelectionTimeoutMS=50
-    )
+    client: AsyncMongoClient = AsyncMongoClient(f"mongodb://127.0.0.1:{free_port()}", serverSelectionTimeoutMS=50)
     async with MongoStore(client, "cdp", owns_client=True) as store:
         # A read, and a bulk write (which first asks the server for its topology).
         for attempt in (store.get("profiles", "p1"), store.bulk_write([Put("profiles", "p1", {})])):
@@ -99,9 +93,7 @@ async def test_an_index_declared_by_another_client_is_found() -> None:
         ({"keyPattern": {"d.email": 1}, "keyValue": {"d.email": "a@example.com"}}, "email"),
         ({"keyPattern": {"_id": 1}, "keyValue": {"_id": "p1"}}, None),
         (
-            {
-                "errmsg": 'E11000 duplicate key error collection: cdp.profiles index: d.email dup key: { : "x" }'
-            },
+            {"errmsg": 'E11000 duplicate key error collection: cdp.profiles index: d.email dup key: { : "x" }'},
             "email",
         ),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import MemoryStore, SqliteStore, open_store
 from cdp_kit.storage.mongo import MongoStore
@@ -70,9 +71,7 @@ async def test_mongodb_urls_name_the_database_and_connect_lazily(url: str, datab
         ("mongodb://admin:hunter2@host:port/db", "not a usable MongoDB URL"),
     ],
 )
-def test_bad_urls_name_the_variable_and_the_accepted_forms_without_leaking_secrets(
-    url: str, says: str
-) -> None:
+def test_bad_urls_name_the_variable_and_the_accepted_forms_without_leaking_secrets(url: str, says: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         open_store(url)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from cdp_kit.errors import InvalidArgument
-from cdp_kit.storage.port import decode_cursor, encode_cursor, prefix_end, scan_range
 from hypothesis import given
 from hypothesis import strategies as st
+
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage.port import decode_cursor, encode_cursor, prefix_end, scan_range
 
 keys = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
 

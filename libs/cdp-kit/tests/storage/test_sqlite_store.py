@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
 from cdp_kit.storage import DuplicateValue, Put, Record, SqliteStore
 
@@ -57,9 +58,7 @@ async def test_the_file_is_wal_with_json_documents(tmp_path: Path) -> None:
         raw = sqlite3.connect(path)
         try:
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            (doc,) = raw.execute(
-                "SELECT doc FROM documents WHERE collection = 'profiles' AND key = 'p1'"
-            ).fetchone()
+            (doc,) = raw.execute("SELECT doc FROM documents WHERE collection = 'profiles' AND key = 'p1'").fetchone()
         finally:
             raw.close()
 
@@ -69,10 +68,7 @@ async def test_the_file_is_wal_with_json_documents(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
 async def test_synchronous_level_is_configurable(tmp_path: Path, synchronous: str, level: int) -> None:
     async with SqliteStore(tmp_path / "cdp.db", synchronous=synchronous) as store:  # type: ignore[arg-type]
-        assert (
-            store._writer.submit(lambda: store._wconn.execute("PRAGMA synchronous").fetchone()[0]).result()
-            == level
-        )
+        assert store._writer.submit(lambda: store._wconn.execute("PRAGMA synchronous").fetchone()[0]).result() == level
 
 
 async def test_a_writer_in_another_process_past_the_busy_timeout_means_unavailable(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from cdp_kit.errors import CdpError, Conflict, FailedPrecondition, InvalidArgument
 from cdp_kit.storage import Delete, DuplicateValue, Put, Record, Store, VersionConflict
 
@@ -474,10 +475,7 @@ async def test_bulk_unique_violation_is_all_or_nothing_where_the_backend_allows(
 
 
 async def test_bulk_write_of_thousands_of_documents(store: Store) -> None:
-    ops = [
-        Put("events", f"e{i:05d}", {"i": i, "kind": "page", "props": {"path": f"/p/{i}"}})
-        for i in range(5000)
-    ]
+    ops = [Put("events", f"e{i:05d}", {"i": i, "kind": "page", "props": {"path": f"/p/{i}"}}) for i in range(5000)]
 
     result = await store.bulk_write([*ops, Put("checkpoints", "events/0", {"seq": 5000})])
 
@@ -502,9 +500,7 @@ async def test_concurrent_conditional_puts_have_exactly_one_winner_per_version(s
 
         async def attempt(writer: int, version: int = version) -> int | None:
             try:
-                return await store.put(
-                    "journeys", "j1", {"step": version, "writer": writer}, expected_version=version
-                )
+                return await store.put("journeys", "j1", {"step": version, "writer": writer}, expected_version=version)
             except VersionConflict:
                 return None
 
@@ -535,9 +531,7 @@ async def test_concurrent_read_modify_write_loses_no_update(store: Store) -> Non
             record = await store.get("counters", "orders")
             assert record is not None
             try:
-                await store.put(
-                    "counters", "orders", {"n": record.doc["n"] + 1}, expected_version=record.version
-                )
+                await store.put("counters", "orders", {"n": record.doc["n"] + 1}, expected_version=record.version)
                 return
             except VersionConflict:
                 await asyncio.sleep(0)

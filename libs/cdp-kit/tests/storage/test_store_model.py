@@ -13,11 +13,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from cdp_kit.storage import Delete, DuplicateValue, Put, Store, VersionConflict
-from cdp_kit.storage.port import index_token
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from cdp_kit.storage import Delete, DuplicateValue, Put, Store, VersionConflict
+from cdp_kit.storage.port import index_token
 
 COLLECTIONS = ("c1", "c2")
 KEYS = ("a", "b", "ü", "日本/1")
@@ -140,9 +141,7 @@ def store_machine(factory: Any) -> type[RuleBasedStateMachine]:
                 except failure.kind as raised:
                     assert raised.op_index == (failure.op_index if len(ops) > 1 else None)
                 else:
-                    raise AssertionError(
-                        f"expected {failure.kind.__name__} at op {failure.op_index}"
-                    ) from None
+                    raise AssertionError(f"expected {failure.kind.__name__} at op {failure.op_index}") from None
                 if failure.applied is not None:
                     self.model = failure.applied
                 return
@@ -161,9 +160,7 @@ def store_machine(factory: Any) -> type[RuleBasedStateMachine]:
             if isinstance(op, Put):
                 self.check(
                     [op],
-                    lambda: self.store.put(
-                        op.collection, op.key, op.doc, expected_version=op.expected_version
-                    ),
+                    lambda: self.store.put(op.collection, op.key, op.doc, expected_version=op.expected_version),
                 )
             else:
                 self.check(
@@ -180,9 +177,7 @@ def store_machine(factory: Any) -> type[RuleBasedStateMachine]:
         def store_matches_model(self) -> None:
             for collection in COLLECTIONS:
                 expected = sorted(
-                    (key, version, doc)
-                    for (name, key), (version, doc) in self.model.items()
-                    if name == collection
+                    (key, version, doc) for (name, key), (version, doc) in self.model.items() if name == collection
                 )
                 scanned = []
                 cursor = None

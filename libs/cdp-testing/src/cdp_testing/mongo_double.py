@@ -131,9 +131,7 @@ class AsyncSessionDouble:
 
     async def with_transaction(self, callback: Any, **_options: Any) -> Any:
         if not self.client.replica_set:
-            raise OperationFailure(
-                "Transaction numbers are only allowed on a replica set member or mongos", 20
-            )
+            raise OperationFailure("Transaction numbers are only allowed on a replica set member or mongos", 20)
         transaction = self._transaction = _Transaction()
         try:
             return await callback(self)
@@ -200,9 +198,7 @@ class _BulkRecorder:
     def add_replace(self, selector: Any, replacement: Any, upsert: bool = False, **_: Any) -> None:
         self.requests.append(("replace", selector, replacement, upsert))
 
-    def add_update(
-        self, selector: Any, update: Any, multi: bool = False, upsert: bool = False, **_: Any
-    ) -> None:
+    def add_update(self, selector: Any, update: Any, multi: bool = False, upsert: bool = False, **_: Any) -> None:
         if multi:
             raise NotImplementedError("the Mongo double does not do UpdateMany in bulk")
         self.requests.append(("update", selector, update, upsert))
@@ -227,9 +223,7 @@ class AsyncCollectionDouble:
         if session is None:
             return None
         if not self.database.client.replica_set:
-            raise OperationFailure(
-                "Transaction numbers are only allowed on a replica set member or mongos", 20
-            )
+            raise OperationFailure("Transaction numbers are only allowed on a replica set member or mongos", 20)
         return session._transaction
 
     def _remember(
@@ -269,16 +263,12 @@ class AsyncCollectionDouble:
         self._remember(transaction, document, inserted=True)
         return result
 
-    async def replace_one(
-        self, selector: Any, replacement: Any, upsert: bool = False, *, session: Any = None
-    ) -> Any:
+    async def replace_one(self, selector: Any, replacement: Any, upsert: bool = False, *, session: Any = None) -> Any:
         transaction = await self._round_trip(session)
         self._remember(transaction, selector)
         return self._backend.replace_one(_portable(selector), _through_bson(replacement), upsert=upsert)
 
-    async def update_one(
-        self, selector: Any, update: Any, upsert: bool = False, *, session: Any = None
-    ) -> Any:
+    async def update_one(self, selector: Any, update: Any, upsert: bool = False, *, session: Any = None) -> Any:
         transaction = await self._round_trip(session)
         self._remember(transaction, selector)
         return self._backend.update_one(_portable(selector), _through_bson(update), upsert=upsert)
@@ -346,9 +336,7 @@ class AsyncCollectionDouble:
                         "writeConcernErrors": [],
                     }
                 ) from None
-        return BulkWriteResult(
-            {**counts, "upserted": upserted, "writeErrors": [], "writeConcernErrors": []}, True
-        )
+        return BulkWriteResult({**counts, "upserted": upserted, "writeErrors": [], "writeConcernErrors": []}, True)
 
     async def create_index(self, keys: Any, *, session: Any = None, **options: Any) -> str:
         await self._round_trip(session)

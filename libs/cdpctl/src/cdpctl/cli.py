@@ -1,9 +1,9 @@
 """cdpctl — the operator CLI: run the platform locally, check its health, send test events.
 
-    cdpctl up                 nats-server + every service on the embedded store; Ctrl-C stops all
-    cdpctl status [--json]    health of a running platform
-    cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
-    cdpctl send track --count 10000     # generated events, with a progress bar
+cdpctl up                 nats-server + every service on the embedded store; Ctrl-C stops all
+cdpctl status [--json]    health of a running platform
+cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
+cdpctl send track --count 10000     # generated events, with a progress bar
 """
 
 from __future__ import annotations
@@ -51,8 +51,14 @@ def pid_alive(pid: int) -> bool:
 
 
 @click.group()
-@click.option("--home", type=click.Path(path_type=Path), envvar="CDP_HOME", default=".cdp", show_default=True,
-              help="project-local folder for NATS data, service stores, logs and dev secrets")
+@click.option(
+    "--home",
+    type=click.Path(path_type=Path),
+    envvar="CDP_HOME",
+    default=".cdp",
+    show_default=True,
+    help="project-local folder for NATS data, service stores, logs and dev secrets",
+)
 @click.pass_context
 def main(ctx: click.Context, home: Path) -> None:
     """Operate a cdp platform."""
@@ -80,8 +86,14 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
     nats.start()
     processes: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
-    state: dict = {"pid": os.getpid(), "nats": nats.url, "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
-                   "write_key": ws.write_key(), "admin_token_file": str(ws.admin_token_file), "services": {}}
+    state: dict = {
+        "pid": os.getpid(),
+        "nats": nats.url,
+        "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
+        "write_key": ws.write_key(),
+        "admin_token_file": str(ws.admin_token_file),
+        "services": {},
+    }
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,12 +103,17 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
         for svc in SERVICES:
             grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
-            env = service_environment(ws, svc, nats_url=nats.url, grpc_port=grpc_port, metrics_port=metrics_port,
-                                      http_port=http_port)
+            env = service_environment(
+                ws, svc, nats_url=nats.url, grpc_port=grpc_port, metrics_port=metrics_port, http_port=http_port
+            )
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
-            with open(logs[svc.name], "ab") as log:
-                processes[svc.name] = subprocess.Popen(
-                    [sys.executable, "-m", svc.module], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            with open(logs[svc.name], "ab") as log:  # noqa: ASYNC230 - start-up, before serving anything
+                processes[svc.name] = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
+                    [sys.executable, "-m", svc.module],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             state["services"][svc.name] = {
                 "pid": processes[svc.name].pid,
@@ -133,7 +150,9 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
         while not stopping.is_set():
             for name, proc in processes.items():
                 if proc.poll() is not None and not stopping.is_set():
-                    console.print(f"[red]{name} exited with code {proc.returncode}; stopping the platform. Last log lines:[/]")
+                    console.print(
+                        f"[red]{name} exited with code {proc.returncode}; stopping the platform. Last log lines:[/]"
+                    )
                     console.print(_tail(logs[name]), markup=False, highlight=False)
                     code = 1
                     stopping.set()
@@ -178,7 +197,9 @@ def _status_table(state: dict, health: dict[str, str], *, nats_ok: bool) -> Tabl
     table = Table(title="cdp")
     for column in ("service", "health", "gRPC", "HTTP", "metrics"):
         table.add_column(column)
-    table.add_row("nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), "")
+    table.add_row(
+        "nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), ""
+    )
     for name, svc in state["services"].items():
         status = health.get(name, "?")
         colour = "green" if status == "SERVING" else "red"
@@ -210,8 +231,16 @@ def status(ws: Workspace, as_json: bool) -> None:
     healthy = nats_ok and all(h == "SERVING" for h in health.values())
     if as_json:
         services = {name: {**svc, "health": health[name]} for name, svc in state["services"].items()}
-        out.print_json(json.dumps({"running": True, "healthy": healthy, "nats": {"url": state["nats"], "up": nats_ok},
-                                   "services": services}))
+        out.print_json(
+            json.dumps(
+                {
+                    "running": True,
+                    "healthy": healthy,
+                    "nats": {"url": state["nats"], "up": nats_ok},
+                    "services": services,
+                }
+            )
+        )
     else:
         out.print(_status_table(state, health, nats_ok=nats_ok))
     raise SystemExit(0 if healthy else 1)
@@ -234,8 +263,19 @@ def _json_option(value: str | None, name: str) -> dict:
     return parsed
 
 
-def build_event(kind: str, *, index: int, user_id: str | None, anonymous_id: str | None, event: str | None,
-                name: str | None, previous_id: str | None, group_id: str | None, properties: dict, traits: dict) -> dict:
+def build_event(
+    kind: str,
+    *,
+    index: int,
+    user_id: str | None,
+    anonymous_id: str | None,
+    event: str | None,
+    name: str | None,
+    previous_id: str | None,
+    group_id: str | None,
+    properties: dict,
+    traits: dict,
+) -> dict:
     body: dict = {"type": kind, "messageId": str(uuid.uuid4()), "timestamp": datetime.now(UTC).isoformat()}
     if user_id:
         body["userId"] = user_id.replace("{i}", str(index))
@@ -269,7 +309,7 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
         with Progress(console=console, disable=not show_progress, transient=True) as progress:
             task = progress.add_task("sending", total=len(events))
             for start in range(0, len(events), batch_size):
-                chunk = events[start:start + batch_size]
+                chunk = events[start : start + batch_size]
                 body = {"batch": chunk, "sentAt": datetime.now(UTC).isoformat()}
                 async with session.post(f"{url}/v1/batch", json=body, headers=headers) as response:
                     reply = await response.json(content_type=None)
@@ -298,8 +338,23 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
 @click.option("--write-key", help="source write key (default: the dev source of `cdpctl up`)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
-def send(ws: Workspace, kind: str, user_id, anonymous_id, event, name, previous_id, group_id, properties, traits,
-         count: int, batch_size: int, url, write_key, as_json: bool) -> None:
+def send(
+    ws: Workspace,
+    kind: str,
+    user_id,
+    anonymous_id,
+    event,
+    name,
+    previous_id,
+    group_id,
+    properties,
+    traits,
+    count: int,
+    batch_size: int,
+    url,
+    write_key,
+    as_json: bool,
+) -> None:
     """Send test events through the collector's Segment-compatible HTTP API."""
     state = ws.read_run() or {}
     url = url or (state.get("services", {}).get("collector", {}) or {}).get("http")
@@ -308,8 +363,18 @@ def send(ws: Workspace, kind: str, user_id, anonymous_id, event, name, previous_
         raise click.UsageError("no running platform found: start one with `make up`, or pass --url and --write-key")
     props, trts = _json_option(properties, "--properties"), _json_option(traits, "--traits")
     events = [
-        build_event(kind, index=i, user_id=user_id, anonymous_id=anonymous_id, event=event, name=name,
-                    previous_id=previous_id, group_id=group_id, properties=props, traits=trts)
+        build_event(
+            kind,
+            index=i,
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            event=event,
+            name=name,
+            previous_id=previous_id,
+            group_id=group_id,
+            properties=props,
+            traits=trts,
+        )
         for i in range(count)
     ]
     totals = asyncio.run(_send_http(url.rstrip("/"), write_key, events, batch_size, show_progress=count > batch_size))

@@ -101,7 +101,9 @@ class Workspace:
             self.admin_token_file.write_text(token + "\n")
             self.admin_token_file.chmod(0o600)
         if not self.sources_file.exists():
-            document = {"sources": [{"id": "dev", "name": "Local development", "write_key": "wk_dev_" + secrets.token_hex(12)}]}
+            document = {
+                "sources": [{"id": "dev", "name": "Local development", "write_key": "wk_dev_" + secrets.token_hex(12)}]
+            }
             self.sources_file.write_text(json.dumps(document, indent=2))
             self.sources_file.chmod(0o600)
 
@@ -121,8 +123,9 @@ class Workspace:
             return None
 
 
-def service_environment(ws: Workspace, svc: ServiceProcess, *, nats_url: str, grpc_port: int, metrics_port: int,
-                        http_port: int | None) -> dict[str, str]:
+def service_environment(
+    ws: Workspace, svc: ServiceProcess, *, nats_url: str, grpc_port: int, metrics_port: int, http_port: int | None
+) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {

@@ -23,8 +23,13 @@ async def setup(runtime: ServiceRuntime) -> None:
         max_batch_events=settings.max_batch_events,
     )
     bus = await runtime.stack.enter_async_context(
-        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry,
-                    ack_timeout=settings.ack_timeout, max_in_flight=settings.max_in_flight)
+        Bus.connect(
+            settings.nats_url,
+            name=settings.service_name,
+            telemetry=runtime.telemetry,
+            ack_timeout=settings.ack_timeout,
+            max_in_flight=settings.max_in_flight,
+        )
     )
     await bus.ensure_streams(
         events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window),
@@ -40,7 +45,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         scopes={"Collect": PUBLIC},
     )
     http = HttpApi(sources, ingestor, limits)
-    runner, port = await start_http(http, settings.http_host, settings.http_port, shutdown_grace=settings.shutdown_grace)
+    runner, port = await start_http(
+        http, settings.http_host, settings.http_port, shutdown_grace=settings.shutdown_grace
+    )
     runtime.stack.push_async_callback(runner.cleanup)
     http.ready = True
     runtime.stack.callback(lambda: setattr(http, "ready", False))

@@ -34,13 +34,23 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
         valid, positions = [], []
         for index, event in enumerate(request.events):
             result = response.results.add(index=index)
-            errors = prepare_grpc_event(event, received_at=received_at, batch_sent_at=batch_sent_at,
-                                        source_id=source.id, limits=self.limits, index=index)
+            errors = prepare_grpc_event(
+                event,
+                received_at=received_at,
+                batch_sent_at=batch_sent_at,
+                source_id=source.id,
+                limits=self.limits,
+                index=index,
+            )
             result.message_id = event.message_id
             if errors:
                 first = errors[0]
                 result.status = REJECTED
-                result.error.code, result.error.field, result.error.message = str(first.code), first.field, first.message
+                result.error.code, result.error.field, result.error.message = (
+                    str(first.code),
+                    first.field,
+                    first.message,
+                )
                 response.rejected += 1
             else:
                 valid.append(event)

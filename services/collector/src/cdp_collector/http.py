@@ -32,7 +32,9 @@ log = logging.getLogger("cdp.collector.http")
 KINDS = ("batch", "track", "identify", "alias", "page", "screen", "group")
 
 
-def error_response(status: int, code: str, message: str, *, field: str | None = None, headers=None, **extra) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, *, field: str | None = None, headers=None, **extra
+) -> web.Response:
     error = {"code": code, "message": message}
     if field:
         error["field"] = field
@@ -77,8 +79,12 @@ class HttpApi:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or exc.reason,
-                                  headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+            return error_response(
+                exc.status,
+                exc.reason.lower().replace(" ", "_"),
+                exc.text or exc.reason,
+                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+            )
         except Exception:
             log.exception("unhandled error on %s", request.path)
             return error_response(500, "internal", "internal error")
@@ -89,7 +95,9 @@ class HttpApi:
     async def _readyz(self, _request: web.Request) -> web.Response:
         bus_ok = self.ingestor.publisher.nc.is_connected
         ok = self.ready and bus_ok
-        return web.json_response({"ready": ok, "bus": "connected" if bus_ok else "disconnected"}, status=200 if ok else 503)
+        return web.json_response(
+            {"ready": ok, "bus": "connected" if bus_ok else "disconnected"}, status=200 if ok else 503
+        )
 
     async def _body(self, request: web.Request) -> bytes:
         raw = await request.read()
@@ -105,7 +113,8 @@ class HttpApi:
                 if len(body) > self.limits.max_batch_bytes:
                     # Stopped at the ceiling: the message says "over the limit", not a made-up size.
                     raise RequestRejected(
-                        "request_too_large", "",
+                        "request_too_large",
+                        "",
                         f"request body is over {self.limits.max_batch_bytes} bytes after decompression; the limit is "
                         f"{self.limits.max_batch_bytes} bytes ({self.limits.max_batch_bytes // 1024} KB): "
                         "send fewer events per request",
@@ -116,8 +125,12 @@ class HttpApi:
             except zlib.error as exc:
                 raise RequestRejected("invalid_gzip", "", f"body is not valid {encoding}: {exc}", status=400) from None
         else:
-            raise RequestRejected("unsupported_encoding", "Content-Encoding",
-                                  f"Content-Encoding {encoding!r} is not supported; use gzip or none", status=415)
+            raise RequestRejected(
+                "unsupported_encoding",
+                "Content-Encoding",
+                f"Content-Encoding {encoding!r} is not supported; use gzip or none",
+                status=415,
+            )
         too_large = check_request_bytes(len(body), self.limits)
         if too_large is not None:
             raise RequestRejected(too_large.code, too_large.field, too_large.message, status=413)
@@ -137,8 +150,9 @@ class HttpApi:
             if header_key is not None:
                 source = self.sources.authenticate(header_key)
             body = await self._body(request)
-            parsed = parse_request(kind, body, received_at=received_at, source_id=source.id if source else "",
-                                   limits=self.limits)
+            parsed = parse_request(
+                kind, body, received_at=received_at, source_id=source.id if source else "", limits=self.limits
+            )
             if source is None:
                 # Segment also accepts the key in the body ("writeKey"); some SDKs send only that.
                 source = self.sources.authenticate(parsed.write_key)
@@ -151,17 +165,27 @@ class HttpApi:
         try:
             stored = await self.ingestor.store(valid)
         except ResourceExhausted as exc:
-            return error_response(429, "rate_limited", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))})
+            return error_response(
+                429, "rate_limited", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))}
+            )
         except Unavailable as exc:
-            return error_response(503, "unavailable", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))})
+            return error_response(
+                503, "unavailable", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))}
+            )
         except CdpError as exc:
             return error_response(400, exc.reason, exc.message)
         duplicates = sum(1 for s in stored if s.duplicate)
         accepted = len(stored) - duplicates
         rejected = [
-            {"index": index, "messageId": parsed.message_ids[index], "code": str(error.code), "field": error.field,
-             "message": error.message}
-            for index, error in enumerate(parsed.errors) if error is not None
+            {
+                "index": index,
+                "messageId": parsed.message_ids[index],
+                "code": str(error.code),
+                "field": error.field,
+                "message": error.message,
+            }
+            for index, error in enumerate(parsed.errors)
+            if error is not None
         ]
         self.ingestor.count(accepted, transport="http", source=source.id, outcome="accepted")
         self.ingestor.count(duplicates, transport="http", source=source.id, outcome="duplicate")
@@ -169,19 +193,26 @@ class HttpApi:
         if rejected:
             first = rejected[0]
             return error_response(
-                400, "invalid_events",
+                400,
+                "invalid_events",
                 f"{len(rejected)} of {len(parsed.events)} events are invalid and were not stored "
                 f"(first: {first['field']}: {first['message']}); the other {len(stored)} were stored",
-                field=first["field"], accepted=accepted, duplicates=duplicates, rejected=rejected,
+                field=first["field"],
+                accepted=accepted,
+                duplicates=duplicates,
+                rejected=rejected,
             )
-        return web.Response(body=orjson.dumps({"success": True, "accepted": accepted, "duplicates": duplicates}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"success": True, "accepted": accepted, "duplicates": duplicates}),
+            content_type="application/json",
+        )
 
 
 async def start_http(api: HttpApi, host: str, port: int, *, shutdown_grace: float = 10.0) -> tuple[web.AppRunner, int]:
     # auto_decompress off: we inflate ourselves, bounded, with a clear error on bad gzip.
-    runner = web.AppRunner(api.app(), access_log=None, auto_decompress=False, handle_signals=False,
-                           shutdown_timeout=shutdown_grace)
+    runner = web.AppRunner(
+        api.app(), access_log=None, auto_decompress=False, handle_signals=False, shutdown_timeout=shutdown_grace
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

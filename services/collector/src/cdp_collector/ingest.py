@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cdp.events.v1 import events_pb2
+from cdp_collector.domain import partition_key
 from cdp_kit.bus import OutMessage, Publisher, PubResult, partition_for
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry
-from cdp_collector.domain import partition_key
 
 RAW_SUBJECT = "events.raw"
 

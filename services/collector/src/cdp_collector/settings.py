@@ -18,10 +18,18 @@ class CollectorSettings(ServiceSettings):
         "CDP_COLLECTOR_SOURCES_FILE",
         help='JSON {"sources": [{"id", "name", "write_key"}]}: the write keys clients may send with',
     )
-    max_event_bytes: int = env("CDP_COLLECTOR_MAX_EVENT_BYTES", 32 * 1024, help="largest event accepted (Segment: 32 KB)")
-    max_batch_bytes: int = env("CDP_COLLECTOR_MAX_BATCH_BYTES", 500 * 1024, help="largest request body, decompressed (Segment: 500 KB)")
-    max_batch_events: int = env("CDP_COLLECTOR_MAX_BATCH_EVENTS", 2500, help="most events in one request (Segment: 2,500)")
-    ack_timeout: float = env("CDP_COLLECTOR_ACK_TIMEOUT", 5.0, help="seconds to wait for JetStream to acknowledge a batch")
+    max_event_bytes: int = env(
+        "CDP_COLLECTOR_MAX_EVENT_BYTES", 32 * 1024, help="largest event accepted (Segment: 32 KB)"
+    )
+    max_batch_bytes: int = env(
+        "CDP_COLLECTOR_MAX_BATCH_BYTES", 500 * 1024, help="largest request body, decompressed (Segment: 500 KB)"
+    )
+    max_batch_events: int = env(
+        "CDP_COLLECTOR_MAX_BATCH_EVENTS", 2500, help="most events in one request (Segment: 2,500)"
+    )
+    ack_timeout: float = env(
+        "CDP_COLLECTOR_ACK_TIMEOUT", 5.0, help="seconds to wait for JetStream to acknowledge a batch"
+    )
     max_in_flight: int = env(
         "CDP_COLLECTOR_MAX_IN_FLIGHT", 50_000, help="events awaiting JetStream acknowledgement before callers get 429"
     )

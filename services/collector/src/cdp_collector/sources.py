@@ -47,7 +47,9 @@ class SourceRegistry:
                     raise ValueError(f"sources[{index}].write_key must be a string of at least 8 characters")
                 if key in by_key:
                     raise ValueError(f"sources[{index}].write_key is used by source {by_key[key].id!r} too")
-                by_key[key] = Source(str(entry["id"]), str(entry.get("name", entry["id"])), bool(entry.get("enabled", True)))
+                by_key[key] = Source(
+                    str(entry["id"]), str(entry.get("name", entry["id"])), bool(entry.get("enabled", True))
+                )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"CDP_COLLECTOR_SOURCES_FILE {self.path} is malformed: {exc}") from exc
         self._by_key = by_key

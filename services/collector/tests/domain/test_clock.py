@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
+
 from cdp_collector.domain import Code, TimestampError, corrected_ns, parse_request, parse_timestamp
 from cdp_collector.domain.clock import MAX_NS, MIN_NS, NANOS, datetime_to_ns, format_ns
 
@@ -83,9 +84,7 @@ HOUR = 3600 * NANOS
 def test_client_clock_ahead_is_corrected_back():
     # Device clock 1 h fast: it says the event happened at 13:00 and was sent at 13:00:05.
     received = ns_of(RECEIVED)
-    corrected = corrected_ns(
-        received_at=received, sent_at=EPOCH_2024 + HOUR + 5 * NANOS, client_time=EPOCH_2024 + HOUR
-    )
+    corrected = corrected_ns(received_at=received, sent_at=EPOCH_2024 + HOUR + 5 * NANOS, client_time=EPOCH_2024 + HOUR)
     assert corrected == received - 5 * NANOS
 
 
@@ -94,10 +93,7 @@ def test_client_clock_behind_is_corrected_forward():
     received = ns_of(RECEIVED)
     day = 24 * HOUR
     sent = EPOCH_2024 - day
-    assert (
-        corrected_ns(received_at=received, sent_at=sent, client_time=sent - 120 * NANOS)
-        == received - 120 * NANOS
-    )
+    assert corrected_ns(received_at=received, sent_at=sent, client_time=sent - 120 * NANOS) == received - 120 * NANOS
 
 
 def test_without_sent_at_the_client_time_is_kept_and_without_client_time_received_at_is_used():
@@ -119,9 +115,7 @@ def parse_events(payload: dict, kind: str = "batch"):
     return parsed
 
 
-@pytest.mark.parametrize(
-    "skew", [timedelta(hours=3), timedelta(hours=-3), timedelta(days=-400), timedelta(0)]
-)
+@pytest.mark.parametrize("skew", [timedelta(hours=3), timedelta(hours=-3), timedelta(days=-400), timedelta(0)])
 def test_batch_sent_at_corrects_every_event_for_skewed_clocks(skew):
     device_now = RECEIVED + skew  # what the device's clock reads when the batch arrives
     sent = device_now - timedelta(milliseconds=800)  # in flight for 800 ms
@@ -173,9 +167,7 @@ def test_original_timestamp_is_the_client_time_when_sent():
 
 def test_a_client_timestamp_without_sent_at_is_kept_as_sent():
     historical = datetime(2019, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=-5)))
-    parsed = parse_events(
-        {"userId": "u", "event": "Imported", "timestamp": historical.isoformat()}, kind="track"
-    )
+    parsed = parse_events({"userId": "u", "event": "Imported", "timestamp": historical.isoformat()}, kind="track")
     event = parsed.events[0]
     assert event.timestamp.ToDatetime(UTC) == historical
     assert event.original_timestamp.ToDatetime(UTC) == historical
@@ -192,9 +184,7 @@ def test_no_client_timestamp_means_received_at_and_no_original_timestamp():
 
 def test_epoch_millisecond_timestamps_are_corrected_too():
     sent_ms = int((RECEIVED + timedelta(hours=2)).timestamp() * 1000)
-    parsed = parse_events(
-        {"userId": "u", "event": "E", "sentAt": sent_ms, "timestamp": sent_ms - 1500}, kind="track"
-    )
+    parsed = parse_events({"userId": "u", "event": "E", "sentAt": sent_ms, "timestamp": sent_ms - 1500}, kind="track")
     assert parsed.events[0].timestamp.ToDatetime(UTC) == RECEIVED - timedelta(milliseconds=1500)
 
 

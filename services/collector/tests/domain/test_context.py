@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import orjson
-from cdp_collector.domain import Code, parse_request
 from google.protobuf.json_format import MessageToDict
+
+from cdp_collector.domain import Code, parse_request
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -59,10 +60,7 @@ def test_the_documented_context_fields_land_in_typed_fields():
     assert MessageToDict(context.campaign) == MOBILE_AND_WEB_CONTEXT["campaign"]
     assert MessageToDict(context.library) == MOBILE_AND_WEB_CONTEXT["library"]
     assert MessageToDict(context.os) == MOBILE_AND_WEB_CONTEXT["os"]
-    assert (
-        MessageToDict(context.page, always_print_fields_with_no_presence=True)
-        == MOBILE_AND_WEB_CONTEXT["page"]
-    )
+    assert MessageToDict(context.page, always_print_fields_with_no_presence=True) == MOBILE_AND_WEB_CONTEXT["page"]
     device = context.device
     assert (device.id, device.advertising_id, device.ad_tracking_enabled) == (
         "B5372DB0-C21E-11E4-8DFC-AA07A5B093DB",
@@ -133,13 +131,9 @@ def test_int32_overflow_in_screen_size_is_kept_in_extra():
 
 
 def test_nulls_mean_not_set():
-    context = context_of(
-        {"ip": None, "device": {"id": None, "model": "Pixel"}, "traits": None, "consent": None}
-    )
+    context = context_of({"ip": None, "device": {"id": None, "model": "Pixel"}, "traits": None, "consent": None})
     assert context.ip == "" and context.device.model == "Pixel" and context.device.id == ""
-    assert (
-        not context.HasField("traits") and not context.HasField("consent") and not context.HasField("extra")
-    )
+    assert not context.HasField("traits") and not context.HasField("consent") and not context.HasField("extra")
     # ...but a key we do not know is kept with its null: its presence may mean something to someone.
     context = context_of({"custom": None, "device": {"model": "Pixel", "rooted": None}})
     assert MessageToDict(context.extra) == {"custom": None, "device": {"rooted": None}}
@@ -186,11 +180,7 @@ def test_consent_preferences_that_are_not_booleans_are_kept_in_extra():
 def test_context_traits_and_extra_are_checked_like_any_struct():
     payload = {"userId": "u", "event": "E", "context": {"traits": {"account": 2**60}}}
     parsed = parse_request("track", orjson.dumps(payload), received_at=RECEIVED, source_id="src")
-    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [
-        (Code.INTEGER_OUT_OF_RANGE, "context.traits.account")
-    ]
+    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [(Code.INTEGER_OUT_OF_RANGE, "context.traits.account")]
     payload = {"userId": "u", "event": "E", "context": {"app": {"build": 2**60}}}
     parsed = parse_request("track", orjson.dumps(payload), received_at=RECEIVED, source_id="src")
-    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [
-        (Code.INTEGER_OUT_OF_RANGE, "context.app.build")
-    ]
+    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [(Code.INTEGER_OUT_OF_RANGE, "context.app.build")]

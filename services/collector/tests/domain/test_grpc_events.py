@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from cdp.events.v1 import events_pb2
-from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, Code, Limits, prepare_grpc_event
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from cdp.events.v1 import events_pb2
+from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, Code, Limits, prepare_grpc_event
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 T = events_pb2
@@ -60,9 +61,7 @@ def test_clients_may_not_set_the_generated_marker():
     event = track()
     event.extra.fields[GENERATED_MESSAGE_ID_KEY].bool_value = True
     errors = prepare(event, index=2)
-    assert [(e.code, e.field) for e in errors] == [
-        (Code.RESERVED_FIELD, f"events[2].extra.{GENERATED_MESSAGE_ID_KEY}")
-    ]
+    assert [(e.code, e.field) for e in errors] == [(Code.RESERVED_FIELD, f"events[2].extra.{GENERATED_MESSAGE_ID_KEY}")]
 
 
 def test_skew_is_corrected_with_the_events_own_sent_at():

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from google.protobuf.json_format import MessageToDict
+
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import (
     MAX_BATCH_BYTES,
@@ -20,7 +22,6 @@ from cdp_collector.domain import (
     check_request_bytes,
     parse_request,
 )
-from google.protobuf.json_format import MessageToDict
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -143,10 +144,7 @@ def test_2500_events_are_accepted_and_2501_refused():
 
 def test_request_limits_can_be_changed():
     limits = Limits(max_batch_events=2, max_batch_bytes=200)
-    assert (
-        rejected("batch", {"batch": [{"type": "page", "userId": "u"}] * 3}, limits).code
-        == Code.TOO_MANY_EVENTS
-    )
+    assert rejected("batch", {"batch": [{"type": "page", "userId": "u"}] * 3}, limits).code == Code.TOO_MANY_EVENTS
     assert rejected("batch", b'{"batch": []}' + b" " * 200, limits).code == Code.REQUEST_TOO_LARGE
 
 
@@ -170,16 +168,12 @@ def nested(levels: int, leaf: object = 1) -> object:
 
 def test_nesting_up_to_32_levels_is_accepted_counting_the_event_as_level_1():
     # event (1) > properties (2) > 30 more containers = 32
-    assert parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(30)}}).all_errors == [
-        ()
-    ]
+    assert parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(30)}}).all_errors == [()]
     parsed = parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(31)}})
     (error,) = parsed.all_errors[0]
     assert error.code == Code.NESTING_TOO_DEEP
     # The path names the container at level 33: properties.deep is level 3, then 30 more steps.
-    assert (
-        error.field.startswith("properties.deep") and error.field.count("[0]") + error.field.count(".a") == 30
-    )
+    assert error.field.startswith("properties.deep") and error.field.count("[0]") + error.field.count(".a") == 30
     assert "deeper than 32 levels" in error.message
 
 
@@ -190,9 +184,7 @@ def dicts(levels: int) -> dict:
     return value  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize(
-    "place", ["properties", "traits", "integrations", "extra", "context.extra", "context.traits"]
-)
+@pytest.mark.parametrize("place", ["properties", "traits", "integrations", "extra", "context.extra", "context.traits"])
 def test_every_event_accepted_decodes_with_protobufs_default_recursion_limit(place):
     # Objects in objects are the costliest nesting in protobuf (3 messages per level); build the deepest
     # event the limit lets through in each place, and decode it the way every consumer downstream will.
@@ -236,9 +228,7 @@ def test_pathological_nesting_is_refused_by_the_decoder():
 
 
 def test_integers_up_to_2_pow_53_are_kept_exactly():
-    event = parse(
-        "track", {"userId": "u", "event": "E", "properties": {"max": 2**53, "min": -(2**53)}}
-    ).events[0]
+    event = parse("track", {"userId": "u", "event": "E", "properties": {"max": 2**53, "min": -(2**53)}}).events[0]
     assert MessageToDict(event.properties) == {"max": 2**53, "min": -(2**53)}
 
 

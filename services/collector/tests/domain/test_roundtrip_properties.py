@@ -7,13 +7,14 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
+from google.protobuf.json_format import MessageToDict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, Code, RequestRejected, parse_request
 from cdp_collector.domain.clock import NANOS, datetime_to_ns
 from cdp_collector.domain.segment import _SLOTS, EVENT_TYPES
-from google.protobuf.json_format import MessageToDict
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -33,9 +34,7 @@ json_objects = st.dictionaries(text, json_values, max_size=6)
 moments = st.datetimes(
     min_value=datetime(1990, 1, 1),
     max_value=datetime(2040, 1, 1),
-    timezones=st.sampled_from(
-        [UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7, minutes=-30))]
-    ),
+    timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7, minutes=-30))]),
 )
 unknown_keys = text.filter(lambda key: key not in _SLOTS and key != GENERATED_MESSAGE_ID_KEY)
 
@@ -100,9 +99,7 @@ def segment_events(draw) -> dict:
     if kind in ("identify", "group") and draw(st.booleans()):
         event["traits"] = draw(json_objects)
     if draw(st.booleans()):
-        event["integrations"] = draw(
-            st.dictionaries(text, st.one_of(st.booleans(), json_objects), max_size=3)
-        )
+        event["integrations"] = draw(st.dictionaries(text, st.one_of(st.booleans(), json_objects), max_size=3))
     if draw(st.booleans()):
         event["context"] = draw(contexts())
     if draw(st.booleans()):
@@ -163,9 +160,7 @@ def check_carried(sent: dict, event: events_pb2.Event, sent_at: datetime | None)
                 client_key, getattr(typed, key).__class__().__getattribute__(attr)
             )
     assert MessageToDict(typed.traits) == context.get("traits", {})
-    assert dict(typed.consent.category_preferences) == context.get("consent", {}).get(
-        "categoryPreferences", {}
-    )
+    assert dict(typed.consent.category_preferences) == context.get("consent", {}).get("categoryPreferences", {})
     known = {
         "ip",
         "userAgent",
@@ -215,9 +210,7 @@ def test_a_valid_batch_round_trips(batch, sent_at):
         check_carried(sent, event, sent_at)
 
 
-odd_values = st.one_of(
-    json_values, st.integers(), st.floats(allow_nan=False, allow_infinity=False), moments.map(str)
-)
+odd_values = st.one_of(json_values, st.integers(), st.floats(allow_nan=False, allow_infinity=False), moments.map(str))
 odd_events = st.dictionaries(st.one_of(st.sampled_from(sorted(_SLOTS)), text), odd_values, max_size=10)
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from google.protobuf.json_format import MessageToDict
+
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, parse_request
 from cdp_collector.domain.clock import NANOS
-from google.protobuf.json_format import MessageToDict
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)
 
@@ -103,14 +104,10 @@ def test_segment_group_passes_a_numeric_group_id_through(segment_sdk):
 
 def test_segment_page_and_screen(segment_sdk):
     client, session = segment_sdk()
-    client.page(
-        user_id="u-1", category="Docs", name="Tracking API", properties={"url": "https://example.com/docs"}
-    )
+    client.page(user_id="u-1", category="Docs", name="Tracking API", properties={"url": "https://example.com/docs"})
     client.screen(anonymous_id="anon-7", name="Checkout", properties={"step": 2})
     page = parse_request("batch", session.requests[0]["body"], received_at=RECEIVED, source_id="s").events[0]
-    screen = parse_request("batch", session.requests[1]["body"], received_at=RECEIVED, source_id="s").events[
-        0
-    ]
+    screen = parse_request("batch", session.requests[1]["body"], received_at=RECEIVED, source_id="s").events[0]
     assert page.type == events_pb2.EVENT_TYPE_PAGE
     assert (page.category, page.name) == ("Docs", "Tracking API")
     assert MessageToDict(page.properties) == {"url": "https://example.com/docs"}
@@ -124,8 +121,7 @@ def test_segment_batch_of_many_calls_as_its_consumer_sends_it(segment_sdk):
     client, session = segment_sdk()
     client.send = False  # collect messages the way the consumer thread does, then post them as one batch
     messages = [
-        client.track(user_id=f"u-{i}", event="Product Viewed", properties={"position": i})[1]
-        for i in range(5)
+        client.track(user_id=f"u-{i}", event="Product Viewed", properties={"position": i})[1] for i in range(5)
     ] + [client.identify(anonymous_id="anon-1", traits={"theme": "dark"})[1]]
     request.post("wk_segment_0123456789", "http://collector.test", batch=messages)
     (sent,) = session.requests

@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
+from google.protobuf.json_format import MessageToDict
+
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, KINDS, Code, RequestRejected, parse_request
-from google.protobuf.json_format import MessageToDict
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 T = events_pb2
@@ -68,7 +69,7 @@ def test_single_call_type_must_match_the_endpoint():
 
 
 def test_unknown_kind_is_a_caller_bug():
-    assert KINDS == {"batch", "track", "identify", "alias", "page", "screen", "group"}
+    assert {"batch", "track", "identify", "alias", "page", "screen", "group"} == KINDS
     with pytest.raises(ValueError, match="unknown kind"):
         parse("purchase", {})
 
@@ -253,9 +254,7 @@ def test_errors_name_fields_as_the_client_spelled_them():
 
 @pytest.mark.parametrize("field", ["userId", "anonymousId", "previousId", "groupId", "messageId"])
 def test_integer_ids_become_strings(field):
-    event = one(
-        "batch", {"batch": [{"type": "alias", "userId": "u", "previousId": "p", field: 9007199254740993}]}
-    )
+    event = one("batch", {"batch": [{"type": "alias", "userId": "u", "previousId": "p", field: 9007199254740993}]})
     proto_field = {"userId": "user_id", "anonymousId": "anonymous_id", "previousId": "previous_id"}.get(
         field, {"groupId": "group_id", "messageId": "message_id"}.get(field)
     )
@@ -348,9 +347,7 @@ def test_unknown_top_level_fields_are_kept_in_extra():
 
 
 def test_client_received_at_is_ignored_and_write_key_is_returned_not_stored():
-    parsed = parse(
-        "identify", {**BASE, "receivedAt": "1999-01-01T00:00:00Z", "writeKey": "wk_abcdefgh", "traits": {}}
-    )
+    parsed = parse("identify", {**BASE, "receivedAt": "1999-01-01T00:00:00Z", "writeKey": "wk_abcdefgh", "traits": {}})
     (event,) = parsed.events
     assert parsed.write_key == "wk_abcdefgh"
     assert event.received_at.ToDatetime(UTC) == RECEIVED
@@ -368,9 +365,7 @@ def test_missing_message_id_is_generated_and_marked():
 
 def test_clients_may_not_send_the_generated_marker():
     parsed = parse("track", {**BASE, "event": "E", GENERATED_MESSAGE_ID_KEY: True})
-    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [
-        (Code.RESERVED_FIELD, GENERATED_MESSAGE_ID_KEY)
-    ]
+    assert [(e.code, e.field) for e in parsed.all_errors[0]] == [(Code.RESERVED_FIELD, GENERATED_MESSAGE_ID_KEY)]
 
 
 def test_both_timestamp_and_original_timestamp_keeps_the_sent_timestamp_in_extra():
@@ -392,9 +387,7 @@ def test_both_timestamp_and_original_timestamp_keeps_the_sent_timestamp_in_extra
 def test_identify_traits_come_from_context_only_when_top_level_traits_are_absent():
     lifted = one("identify", {**BASE, "context": {"traits": {"email": "a@example.com"}}})
     assert MessageToDict(lifted.traits) == {"email": "a@example.com"}
-    own = one(
-        "identify", {**BASE, "traits": {"plan": "pro"}, "context": {"traits": {"email": "a@example.com"}}}
-    )
+    own = one("identify", {**BASE, "traits": {"plan": "pro"}, "context": {"traits": {"email": "a@example.com"}}})
     assert MessageToDict(own.traits) == {"plan": "pro"}
     track = one("track", {**BASE, "event": "E", "context": {"traits": {"email": "a@example.com"}}})
     assert not track.HasField("traits")
@@ -465,9 +458,7 @@ def test_result_gives_first_error_all_errors_and_message_ids_per_item():
 def test_assign_source_for_requests_authenticated_by_their_body():
     parsed = parse_request(
         "batch",
-        orjson.dumps(
-            {"writeKey": "wk_body_key1", "batch": [{"type": "page", "userId": "u"}, {"type": "page"}]}
-        ),
+        orjson.dumps({"writeKey": "wk_body_key1", "batch": [{"type": "page", "userId": "u"}, {"type": "page"}]}),
         received_at=RECEIVED,
         source_id="",
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import Code, Limits, partition_key, validate_event
 from cdp_collector.domain.events import JSON_NAMES
@@ -74,9 +75,7 @@ def test_group_needs_group_id():
 
 
 def test_message_id_is_required_and_at_most_100_characters():
-    assert codes(events_pb2.Event(type=T.EVENT_TYPE_PAGE, user_id="u")) == [
-        (Code.MISSING_FIELD, "message_id")
-    ]
+    assert codes(events_pb2.Event(type=T.EVENT_TYPE_PAGE, user_id="u")) == [(Code.MISSING_FIELD, "message_id")]
     ok = events_pb2.Event(type=T.EVENT_TYPE_PAGE, user_id="u", message_id="m" * 100)
     assert validate_event(ok) == []
     ok.message_id += "m"

@@ -1,9 +1,9 @@
 """The event bus: NATS JetStream as backbone and log (ARCHITECTURE.md §2).
 
-    async with Bus.connect(settings.nats_url, name="collector", telemetry=t) as bus:
-        await bus.ensure_streams(events_raw_stream())
-        results = await bus.publisher.publish_batch([OutMessage("events.raw.3", payload, msg_id), ...])
-        runner = bus.consumer(ConsumerSpec(...), handler)
+async with Bus.connect(settings.nats_url, name="collector", telemetry=t) as bus:
+    await bus.ensure_streams(events_raw_stream())
+    results = await bus.publisher.publish_batch([OutMessage("events.raw.3", payload, msg_id), ...])
+    runner = bus.consumer(ConsumerSpec(...), handler)
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ log = logging.getLogger("cdp.bus")
 
 
 class Bus:
-    def __init__(self, nc: NATS, telemetry: Telemetry, *, ack_timeout: float = 5.0, max_in_flight: int = 50_000) -> None:
+    def __init__(
+        self, nc: NATS, telemetry: Telemetry, *, ack_timeout: float = 5.0, max_in_flight: int = 50_000
+    ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
         self.telemetry = telemetry

@@ -96,7 +96,7 @@ class ConsumerSpec:
 class Delivery:
     """One delivered message and the outcome the handler chose for it."""
 
-    __slots__ = ("msg", "outcome", "reason", "detail", "delay")
+    __slots__ = ("delay", "detail", "msg", "outcome", "reason")
 
     def __init__(self, msg: Msg) -> None:
         self.msg = msg
@@ -157,13 +157,19 @@ class ConsumerRunner:
         attrs = {"stream": spec.stream, "consumer": spec.durable}
         self._attrs = attrs
         meter = telemetry.meter
-        self._m_handled = meter.create_counter("cdp.bus.consumed", unit="{message}", description="messages handled, by outcome")
+        self._m_handled = meter.create_counter(
+            "cdp.bus.consumed", unit="{message}", description="messages handled, by outcome"
+        )
         self._m_latency = meter.create_histogram(
-            "cdp.bus.handle.duration", unit="ms", description="handler time per batch",
+            "cdp.bus.handle.duration",
+            unit="ms",
+            description="handler time per batch",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         meter.create_observable_gauge(
-            "cdp.bus.consumer.lag", callbacks=[self._observe_lag], unit="{message}",
+            "cdp.bus.consumer.lag",
+            callbacks=[self._observe_lag],
+            unit="{message}",
             description="messages in the stream this consumer has not received yet",
         )
 
@@ -184,7 +190,8 @@ class ConsumerRunner:
             if (
                 current.max_deliver != config.max_deliver
                 or round(current.ack_wait or 0, 3) != round(config.ack_wait or 0, 3)
-                or sorted(current.filter_subjects or [current.filter_subject or ""]) != sorted(self.spec.filter_subjects)
+                or sorted(current.filter_subjects or [current.filter_subject or ""])
+                != sorted(self.spec.filter_subjects)
                 or current.max_ack_pending != config.max_ack_pending
             ):
                 await self.js.add_consumer(self.spec.stream, config)  # same durable name: an update
@@ -197,9 +204,7 @@ class ConsumerRunner:
         while True:
             try:
                 await self.provision()
-                subscription = await self.js.pull_subscribe_bind(
-                    durable=self.spec.durable, stream=self.spec.stream
-                )
+                subscription = await self.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
                 break
             except asyncio.CancelledError:
                 raise
@@ -263,9 +268,16 @@ class ConsumerRunner:
         parent = deliveries[0].trace_context() if len(deliveries) == 1 else None
         started = time.perf_counter()
         with self.tracer.start_as_current_span(
-            f"{self.spec.stream} process", context=parent, kind=SpanKind.CONSUMER, links=links,
-            attributes={"messaging.system": "nats", "messaging.destination.name": self.spec.stream,
-                        "messaging.consumer.group.name": self.spec.durable, "messaging.batch.message_count": len(msgs)},
+            f"{self.spec.stream} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": self.spec.stream,
+                "messaging.consumer.group.name": self.spec.durable,
+                "messaging.batch.message_count": len(msgs),
+            },
         ) as span:
             try:
                 await self.handler(deliveries)

@@ -31,6 +31,18 @@ log = logging.getLogger("cdp.bus")
 
 MSG_ID = "Nats-Msg-Id"
 
+# NATS header values end at CR/LF; a client-chosen message id must not be able to start a new header
+# (or a new protocol line).
+_NO_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def _header_block(headers: dict[str, str]) -> bytes:
+    lines = ["NATS/1.0\r\n"]
+    for key, value in headers.items():
+        lines.append(f"{key}: {str(value).translate(_NO_NEWLINES).strip()}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
+
 
 @dataclass(slots=True)
 class OutMessage:
@@ -55,7 +67,7 @@ class PubResult:
 
 
 class _Pending:
-    __slots__ = ("results", "remaining", "done")
+    __slots__ = ("done", "remaining", "results")
 
     def __init__(self, size: int) -> None:
         self.results: list[PubResult | None] = [None] * size
@@ -166,6 +178,53 @@ class Publisher:
         if pending.remaining == 0 and not pending.done.done():
             pending.done.set_result(None)
 
+    async def _write(self, messages: Sequence[OutMessage], tokens: list[str], shared: dict[str, str]) -> dict[int, str]:
+        """Hand the whole batch to the connection as one write of HPUB commands.
+
+        This is what `nc.publish` does per message, minus its per-call overhead (header validation,
+        dict walks, one buffer append and flush check per message), which at tens of thousands of
+        events a second is most of the publisher's CPU. It uses the client's internal write path
+        (`_send_command`, `_flush_pending` of the pinned nats-py); if those ever go away, the public
+        per-message `publish` is used instead."""
+        nc = self.nc
+        inbox = self._inbox
+        send_command = getattr(nc, "_send_command", None)
+        flush_pending = getattr(nc, "_flush_pending", None)
+        if send_command is None or flush_pending is None:
+            for message, token in zip(messages, tokens, strict=True):
+                headers = {MSG_ID: message.msg_id, **shared, **(message.headers or {})}
+                await nc.publish(message.subject, message.payload, reply=f"{inbox}.{token}", headers=headers)
+            return {}
+        if nc.is_closed:
+            raise ConnectionClosedError
+        shared_lines = "".join(f"{k}: {v}\r\n" for k, v in shared.items())
+        max_payload = nc.max_payload
+        buffer = bytearray()
+        payload_bytes = 0
+        refused: dict[int, str] = {}
+        for index, (message, token) in enumerate(zip(messages, tokens, strict=True)):
+            if message.headers:
+                header = _header_block({MSG_ID: message.msg_id, **shared, **message.headers})
+            else:
+                msg_id = message.msg_id.translate(_NO_NEWLINES).strip()
+                header = f"NATS/1.0\r\n{MSG_ID}: {msg_id}\r\n{shared_lines}\r\n".encode()
+            size = len(header) + len(message.payload)
+            if size > max_payload:
+                refused[index] = f"message of {size} bytes is over the server's max_payload of {max_payload} bytes"
+                continue
+            buffer += f"HPUB {message.subject} {inbox}.{token} {len(header)} {size}\r\n".encode()
+            buffer += header
+            buffer += message.payload
+            buffer += b"\r\n"
+            payload_bytes += len(message.payload)
+        nc.stats["out_msgs"] += len(messages)
+        nc.stats["out_bytes"] += payload_bytes
+        await send_command(bytes(buffer))
+        flush_queue = getattr(nc, "_flush_queue", None)
+        if flush_queue is None or flush_queue.empty():
+            await flush_pending()
+        return refused
+
     async def publish_batch(self, messages: Sequence[OutMessage], *, trace_headers: bool = True) -> list[PubResult]:
         """Publish every message and return JetStream's answer for each, in order.
 
@@ -183,16 +242,14 @@ class Publisher:
         if trace_headers:
             inject_context(shared)
         try:
-            publish = self.nc.publish
-            inbox = self._inbox
             for index, message in enumerate(messages):
                 token = format(next(self._tokens), "x")
                 tokens.append(token)
                 self._waiting[token] = (pending, index)
-                headers = {MSG_ID: message.msg_id, **shared}
-                if message.headers:
-                    headers.update(message.headers)
-                await publish(message.subject, message.payload, reply=f"{inbox}.{token}", headers=headers)
+            refused = await self._write(messages, tokens, shared)
+            for index, reason in refused.items():
+                if self._waiting.pop(tokens[index], None) is not None:
+                    self._settle(pending, index, PubResult(error=reason))
             try:
                 await asyncio.wait_for(asyncio.shield(pending.done), self.ack_timeout)
             except TimeoutError:
@@ -202,7 +259,9 @@ class Publisher:
         finally:
             for index, token in enumerate(tokens):
                 if self._waiting.pop(token, None) is not None:
-                    self._settle(pending, index, PubResult(error=f"no JetStream acknowledgement within {self.ack_timeout}s"))
+                    self._settle(
+                        pending, index, PubResult(error=f"no JetStream acknowledgement within {self.ack_timeout}s")
+                    )
             for index in range(len(tokens), len(messages)):
                 self._settle(pending, index, PubResult(error="not sent"))
             await self._budget.give(len(messages))

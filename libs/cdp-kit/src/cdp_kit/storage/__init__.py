@@ -112,9 +112,7 @@ def _open_sqlite(rest: str) -> SqliteStore:
     options = dict(parse_qsl(query, keep_blank_values=True))
     synchronous = options.pop("synchronous", "normal").lower()
     if synchronous not in ("normal", "full"):
-        raise InvalidArgument(
-            "CDP_STORE_URL", f"sqlite option synchronous={synchronous!r}: use normal or full"
-        )
+        raise InvalidArgument("CDP_STORE_URL", f"sqlite option synchronous={synchronous!r}: use normal or full")
     if options:
         raise InvalidArgument(
             "CDP_STORE_URL",

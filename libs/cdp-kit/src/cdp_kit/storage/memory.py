@@ -180,9 +180,7 @@ class MemoryStore(Store):
         tokens = coll.tokens_of(op.doc)
         for name, token in tokens.items():
             if coll.indexes[name].unique and coll.taken_by(name, token, op.key):
-                raise DuplicateValue(
-                    op.collection, name, op.key, op.doc[name], op_index=step.index if many else None
-                )
+                raise DuplicateValue(op.collection, name, op.key, op.doc[name], op_index=step.index if many else None)
         undo.append((coll, op.key, coll.entries.get(op.key)))
         coll.set(op.key, _Entry(step.after, blob, tokens))  # type: ignore[arg-type]
 

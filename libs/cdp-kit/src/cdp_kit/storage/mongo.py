@@ -332,9 +332,7 @@ class MongoStore(Store):
                 return raw["v"]
             except DuplicateKeyError as exc:
                 # An upsert may have been inserting or updating: only a key race is worth another go.
-                failure = await self._duplicate(
-                    exc.details or {"errmsg": str(exc)}, op, None, inserting=False
-                )
+                failure = await self._duplicate(exc.details or {"errmsg": str(exc)}, op, None, inserting=False)
                 if isinstance(failure, DuplicateValue):
                     raise failure from None
                 # Two upserts raced to create the key and this one lost: go again as an update.
@@ -404,9 +402,7 @@ class MongoStore(Store):
         current = {}
         for collection, keys in keys_by_collection(ops).items():
             for chunk in _chunks(keys):
-                cursor = self._db[collection].find(
-                    {"_id": {"$in": list(chunk)}}, {"v": True}, session=session
-                )
+                cursor = self._db[collection].find({"_id": {"$in": list(chunk)}}, {"v": True}, session=session)
                 async for raw in cursor:
                     current[(collection, raw["_id"])] = raw["v"]
         steps = plan_bulk(ops, current)
@@ -467,9 +463,7 @@ class MongoStore(Store):
                 return
             options: dict[str, Any] = {"name": f"d.{field}"}
             if unique:
-                options.update(
-                    unique=True, partialFilterExpression={f"d.{field}": {"$type": list(_SCALAR_TYPES)}}
-                )
+                options.update(unique=True, partialFilterExpression={f"d.{field}": {"$type": list(_SCALAR_TYPES)}})
             try:
                 await self._db[collection].create_index([(f"d.{field}", ASCENDING)], **options)
             except DuplicateKeyError:

@@ -106,9 +106,7 @@ class VersionConflict(Conflict):
 
     reason = "version_conflict"
 
-    def __init__(
-        self, collection: str, key: str, expected: int, actual: int, *, op_index: int | None = None
-    ) -> None:
+    def __init__(self, collection: str, key: str, expected: int, actual: int, *, op_index: int | None = None) -> None:
         wanted = "expected it not to exist" if expected == 0 else f"expected version {expected}"
         found = "it does not exist" if actual == 0 else f"it is at version {actual}"
         where = f"ops[{op_index}]: " if op_index is not None else ""
@@ -125,9 +123,7 @@ class DuplicateValue(Conflict):
 
     reason = "duplicate_value"
 
-    def __init__(
-        self, collection: str, field: str, key: str, value: Any, *, op_index: int | None = None
-    ) -> None:
+    def __init__(self, collection: str, field: str, key: str, value: Any, *, op_index: int | None = None) -> None:
         # The value stays out of the message: unique fields are typically identifiers (emails, phone
         # numbers) and messages end up in logs. It is on the exception for callers that need it.
         where = f"ops[{op_index}]: " if op_index is not None else ""
@@ -159,9 +155,7 @@ def check_collection(collection: object) -> str:
 
 def check_key(collection: str, key: object, *, field: str = "key") -> str:
     if not isinstance(key, str):
-        raise InvalidArgument(
-            field, f"keys are strings, got {type(key).__name__} (collection {collection!r})"
-        )
+        raise InvalidArgument(field, f"keys are strings, got {type(key).__name__} (collection {collection!r})")
     if not key or len(key) > MAX_KEY_CHARS:
         raise InvalidArgument(
             field, f"keys are 1-{MAX_KEY_CHARS} characters, got {len(key)} (collection {collection!r})"
@@ -198,9 +192,7 @@ def check_limit(limit: object, maximum: int) -> int:
 
 def check_find_value(field: str, value: object) -> Scalar:
     if isinstance(value, str):
-        _check_unicode(
-            value, lambda: InvalidArgument("value", f"the value for {field!r} is not valid Unicode")
-        )
+        _check_unicode(value, lambda: InvalidArgument("value", f"the value for {field!r} is not valid Unicode"))
         return value
     if isinstance(value, (bool, int)):
         return value
@@ -248,9 +240,7 @@ def _check_dict(value: dict, depth: int) -> None:
             if not isinstance(name, str):
                 raise _BadValue(f"has a {type(name).__name__} key {name!r}; keys are strings")
             if name.startswith("$") or "\x00" in name:
-                raise _BadValue(
-                    "is a field name starting with '$' or containing NUL (MongoDB reserves these)"
-                )
+                raise _BadValue("is a field name starting with '$' or containing NUL (MongoDB reserves these)")
             if not name.isascii():
                 _check_unicode(name, lambda: _BadValue("is a field name that is not valid Unicode"))
             _check_value(item, depth)
@@ -292,9 +282,7 @@ def _check_value(value: object, depth: int) -> None:
         _check_list(value, depth)
     else:
         hint = "; store datetimes as ISO-8601 strings or epoch numbers" if hasattr(value, "isoformat") else ""
-        raise _BadValue(
-            f"is a {type(value).__name__}; documents hold None, bool, int, float, str, list, dict{hint}"
-        )
+        raise _BadValue(f"is a {type(value).__name__}; documents hold None, bool, int, float, str, list, dict{hint}")
 
 
 def _check_list(value: list, depth: int) -> None:
@@ -394,9 +382,7 @@ def decode_cursor(cursor: object) -> str:
         else:
             if key:
                 return key
-    raise InvalidArgument(
-        "cursor", f"{cursor!r} is not a cursor returned by scan; start again with cursor=None"
-    )
+    raise InvalidArgument("cursor", f"{cursor!r} is not a cursor returned by scan; start again with cursor=None")
 
 
 def prefix_end(prefix: str) -> str | None:
@@ -568,9 +554,7 @@ class Store(abc.ABC):
 
     # writes
 
-    async def put(
-        self, collection: str, key: str, doc: Document, *, expected_version: int | None = None
-    ) -> int:
+    async def put(self, collection: str, key: str, doc: Document, *, expected_version: int | None = None) -> int:
         """Store `doc` under `key` and return its new version.
 
         expected_version None: unconditional upsert; 0: create only; n: only if still at version n.
@@ -701,7 +685,6 @@ def index_mismatch(collection: str, field: str, existing_unique: bool) -> Failed
 
 def duplicates_block_unique_index(collection: str, field: str) -> Conflict:
     return Conflict(
-        f"cannot make {collection}.{field} unique: existing documents share a value; "
-        f"resolve the duplicates first",
+        f"cannot make {collection}.{field} unique: existing documents share a value; resolve the duplicates first",
         reason="duplicate_value",
     )

@@ -134,9 +134,7 @@ class SqliteStore(Store):
         busy_timeout: float = 5.0,
     ) -> None:
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
-            raise InvalidArgument(
-                "path", f"{str(path)!r}: give a file path (use memory:// for a store in memory)"
-            )
+            raise InvalidArgument("path", f"{str(path)!r}: give a file path (use memory:// for a store in memory)")
         if synchronous.lower() not in ("normal", "full"):
             raise InvalidArgument("synchronous", f"must be 'normal' or 'full', got {synchronous!r}")
         self.path = Path(path)
@@ -176,8 +174,7 @@ class SqliteStore(Store):
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise FailedPrecondition(
-                    f"sqlite store {self.path}: cannot switch to WAL (journal_mode={mode}); "
-                    f"use a local file system"
+                    f"sqlite store {self.path}: cannot switch to WAL (journal_mode={mode}); use a local file system"
                 )
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             found = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -224,9 +221,7 @@ class SqliteStore(Store):
                 retry_after=0.5,
             )
         if code in (_SQLITE_IOERR, _SQLITE_FULL):
-            return Unavailable(
-                f"sqlite store {self.path}: {exc}; free disk space or fix the volume", retry_after=5.0
-            )
+            return Unavailable(f"sqlite store {self.path}: {exc}; free disk space or fix the volume", retry_after=5.0)
         return exc
 
     @staticmethod
@@ -319,9 +314,7 @@ class SqliteStore(Store):
         return await self._run(self._reader, self._count_sync, collection)
 
     def _count_sync(self, collection: str) -> int:
-        return self._rconn.execute(
-            "SELECT count(*) FROM documents WHERE collection = ?", (collection,)
-        ).fetchone()[0]
+        return self._rconn.execute("SELECT count(*) FROM documents WHERE collection = ?", (collection,)).fetchone()[0]
 
     # --- writes (writer thread) ---
 
@@ -359,8 +352,7 @@ class SqliteStore(Store):
         for collection, keys in keys_by_collection(ops).items():
             for chunk in _chunks(keys):
                 rows = self._wconn.execute(
-                    f"SELECT key, version FROM documents WHERE collection = ? "
-                    f"AND key IN ({_placeholders(len(chunk))})",
+                    f"SELECT key, version FROM documents WHERE collection = ? AND key IN ({_placeholders(len(chunk))})",
                     (collection, *chunk),
                 )
                 current.update(((collection, key), version) for key, version in rows)
@@ -456,10 +448,7 @@ class SqliteStore(Store):
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            fields = [
-                row[0]
-                for row in conn.execute("SELECT field FROM indexes WHERE collection = ?", (collection,))
-            ]
+            fields = [row[0] for row in conn.execute("SELECT field FROM indexes WHERE collection = ?", (collection,))]
             for field in fields:
                 conn.execute(f"DROP INDEX IF EXISTS {_index_name(collection, field)}")
             conn.execute("DELETE FROM indexes WHERE collection = ?", (collection,))

@@ -30,7 +30,9 @@ MIN_NS = -62_135_596_800 * NANOS
 MAX_NS = 253_402_300_800 * NANOS - 1
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EXAMPLE = "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
+_EXAMPLE = (
+    "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
+)
 
 
 class TimestampError(ValueError):

@@ -23,7 +23,6 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from cdp.events.v1 import events_pb2
-
 from cdp_collector.domain.errors import FieldError, join
 from cdp_collector.domain.structs import MAX_SAFE_INTEGER, fill_struct
 
@@ -105,9 +104,7 @@ _PREFERENCES = _fields(
 )
 
 
-def fill_context(
-    context: events_pb2.Context, source: dict, *, path: str, max_depth: int
-) -> FieldError | None:
+def fill_context(context: events_pb2.Context, source: dict, *, path: str, max_depth: int) -> FieldError | None:
     """Map the JSON object `source` (the event's `context`, nesting level 2) into `context`."""
     leftovers: dict | None = None
     scalars = _SCALARS
@@ -137,9 +134,7 @@ def fill_context(
                 continue
             if type(value) is dict:
                 if value:
-                    problem = fill_struct(
-                        context.traits, value, depth=3, path=join(path, key), max_depth=max_depth
-                    )
+                    problem = fill_struct(context.traits, value, depth=3, path=join(path, key), max_depth=max_depth)
                     if problem:
                         return problem
                 continue

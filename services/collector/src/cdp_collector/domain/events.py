@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
 
-from cdp.events.v1 import events_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cdp.events.v1 import events_pb2
 from cdp_collector.domain.clock import (
     TimestampError,
     corrected_ns,
@@ -111,9 +111,7 @@ def validate_event(
     for attr in _IDS:
         value = getattr(event, attr)
         if len(value) > limits.max_id_chars:
-            errors.append(
-                _too_long(_field(base, names, attr), _label(names, attr), len(value), limits.max_id_chars)
-            )
+            errors.append(_too_long(_field(base, names, attr), _label(names, attr), len(value), limits.max_id_chars))
     context_group = event.context.group_id
     if len(context_group) > limits.max_id_chars:
         errors.append(
@@ -237,9 +235,7 @@ def prepare_grpc_event(
             client_ns = timestamp_to_ns(event.timestamp)
             event.original_timestamp.CopyFrom(event.timestamp)
         where = join(base, "timestamp")
-        set_timestamp(
-            event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns)
-        )
+        set_timestamp(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
     except TimestampError as exc:
         errors.append(FieldError(Code.INVALID_TIMESTAMP, where, str(exc)))
 

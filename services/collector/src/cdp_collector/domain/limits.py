@@ -84,9 +84,7 @@ def check_request_bytes(size: int, limits: Limits = DEFAULT_LIMITS) -> FieldErro
     return None
 
 
-def check_event_count(
-    count: int, limits: Limits = DEFAULT_LIMITS, *, field: str = "batch"
-) -> FieldError | None:
+def check_event_count(count: int, limits: Limits = DEFAULT_LIMITS, *, field: str = "batch") -> FieldError | None:
     """Events in one request; gRPC passes field="events"."""
     if count > limits.max_batch_events:
         return FieldError(

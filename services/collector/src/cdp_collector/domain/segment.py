@@ -52,8 +52,8 @@ from datetime import datetime
 from types import MappingProxyType
 
 import orjson
-from cdp.events.v1 import events_pb2
 
+from cdp.events.v1 import events_pb2
 from cdp_collector.domain.clock import (
     TimestampError,
     corrected_ns,
@@ -251,8 +251,7 @@ def _decode(body: bytes) -> object:
             raise RequestRejected(
                 Code.NESTING_TOO_DEEP,
                 "",
-                f"the request body nests objects and arrays too deep (stopped at position {exc.pos}): "
-                "flatten the data",
+                f"the request body nests objects and arrays too deep (stopped at position {exc.pos}): flatten the data",
             ) from None
         raise RequestRejected(
             Code.INVALID_JSON,
@@ -283,13 +282,9 @@ def _parse_batch(
 ) -> ParsedRequest:
     items = document.get("batch")
     if items is None:
-        raise RequestRejected(
-            Code.MISSING_FIELD, "batch", "a /v1/batch request needs batch: an array of events"
-        )
+        raise RequestRejected(Code.MISSING_FIELD, "batch", "a /v1/batch request needs batch: an array of events")
     if type(items) is not list:
-        raise RequestRejected(
-            Code.INVALID_TYPE, "batch", f"batch must be an array of events; got {json_type(items)}"
-        )
+        raise RequestRejected(Code.INVALID_TYPE, "batch", f"batch must be an array of events; got {json_type(items)}")
     too_many = check_event_count(len(items), limits)
     if too_many is not None:
         raise RequestRejected.of(too_many)
@@ -475,9 +470,7 @@ def _convert(
             errors.append(problem)
     value = values[_TRAITS]
     if value:
-        problem = fill_struct(
-            event.traits, value, depth=2, path=_path(base, spelled, _TRAITS), max_depth=max_depth
-        )
+        problem = fill_struct(event.traits, value, depth=2, path=_path(base, spelled, _TRAITS), max_depth=max_depth)
         if problem is not None:
             errors.append(problem)
     value = values[_INTEGRATIONS]
@@ -579,9 +572,7 @@ def _event_type(
     return event_type
 
 
-def _conflict(
-    base: str, first_key: str, second_key: str, camel: str, first: object, second: object
-) -> FieldError:
+def _conflict(base: str, first_key: str, second_key: str, camel: str, first: object, second: object) -> FieldError:
     return FieldError(
         Code.CONFLICTING_FIELDS,
         join(base, second_key),
