@@ -198,3 +198,14 @@ async def test_saturated_bus_is_429_with_retry_after(collector):
         publisher._budget.used = 0
     assert status == 429 and reply["error"]["code"] == "rate_limited" and int(headers["Retry-After"]) >= 1
     await collector.stored(expected=0)
+
+
+def test_every_setting_is_documented_in_the_service_readme():
+    from pathlib import Path
+
+    from cdp_collector.settings import CollectorSettings
+    from cdp_kit.settings import describe
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [var for var, _default, _help in describe(CollectorSettings) if f"`{var}`" not in readme]
+    assert missing == []
