@@ -209,3 +209,15 @@ def test_every_setting_is_documented_in_the_service_readme():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [var for var, _default, _help in describe(CollectorSettings) if f"`{var}`" not in readme]
     assert missing == []
+
+
+async def test_write_keys_rotate_without_a_restart(collector):
+    settings = collector.runtime.settings
+    assert (await post(collector, "/v1/track", {"userId": "u1", "event": "E", "messageId": "r1"}))[0] == 200
+    settings.sources_file.write_text(json.dumps({"sources": [{"id": "web", "write_key": "wk_rotated_00000000"}]}))
+    status, _, _ = await post(collector, "/v1/track", {"userId": "u1", "event": "E", "messageId": "r2"})
+    assert status == 401
+    status, _, _ = await post(
+        collector, "/v1/track", {"userId": "u1", "event": "E", "messageId": "r3"}, key="wk_rotated_00000000"
+    )
+    assert status == 200

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdp_kit.errors import PermissionDenied, Unauthenticated
+from cdp_kit.watched import WatchedJsonFile
 
 
 @dataclass(frozen=True)
@@ -51,36 +52,19 @@ def write_tokens_file(path: Path, entries: list[tuple[str, str, list[str]]]) -> 
     path.chmod(0o600)
 
 
+def _parse_tokens(document: dict) -> dict[str, Caller]:
+    by_digest: dict[str, Caller] = {}
+    for index, entry in enumerate(document["tokens"]):
+        digest = str(entry["sha256"]).lower()
+        if len(digest) != 64:
+            raise ValueError(f"tokens[{index}].sha256 must be a 64-character hex SHA-256 digest")
+        by_digest[digest] = Caller(str(entry["name"]), frozenset(entry.get("scopes", [])))
+    return by_digest
+
+
 class TokenAuthenticator:
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime_ns: int | None = None
-        self._by_digest: dict[str, Caller] = {}
-        self._load()
-
-    def _load(self) -> None:
-        stat = self.path.stat()
-        try:
-            document = json.loads(self.path.read_text())
-            entries = document["tokens"]
-            by_digest: dict[str, Caller] = {}
-            for index, entry in enumerate(entries):
-                digest = str(entry["sha256"]).lower()
-                if len(digest) != 64:
-                    raise ValueError(f"tokens[{index}].sha256 must be a 64-character hex SHA-256 digest")
-                by_digest[digest] = Caller(str(entry["name"]), frozenset(entry.get("scopes", [])))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"CDP_AUTH_TOKENS_FILE {self.path} is malformed: {exc}") from exc
-        self._by_digest = by_digest
-        self._mtime_ns = stat.st_mtime_ns
-
-    def _maybe_reload(self) -> None:
-        try:
-            if self.path.stat().st_mtime_ns != self._mtime_ns:
-                self._load()
-        except (OSError, ValueError):
-            # Keep serving with the last good file rather than locking every caller out mid-rotation.
-            pass
+        self._tokens = WatchedJsonFile(path, _parse_tokens, variable="CDP_AUTH_TOKENS_FILE")
 
     def authenticate(self, authorization: str | None) -> Caller:
         if not authorization:
@@ -88,8 +72,7 @@ class TokenAuthenticator:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
-        self._maybe_reload()
-        caller = self._by_digest.get(token_digest(token.strip()))
+        caller = self._tokens.value.get(token_digest(token.strip()))
         if caller is None:
             raise Unauthenticated("unknown or revoked token")
         return caller

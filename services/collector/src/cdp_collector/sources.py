@@ -10,11 +10,11 @@ it changes so keys can be added or revoked without a restart.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cdp_kit.errors import Unauthenticated
+from cdp_kit.watched import WatchedJsonFile
 
 
 @dataclass(frozen=True)
@@ -24,49 +24,26 @@ class Source:
     enabled: bool = True
 
 
+def _parse_sources(document: dict) -> dict[str, Source]:
+    by_key: dict[str, Source] = {}
+    for index, entry in enumerate(document["sources"]):
+        key = entry["write_key"]
+        if not isinstance(key, str) or len(key) < 8:
+            raise ValueError(f"sources[{index}].write_key must be a string of at least 8 characters")
+        if key in by_key:
+            raise ValueError(f"sources[{index}].write_key is used by source {by_key[key].id!r} too")
+        by_key[key] = Source(str(entry["id"]), str(entry.get("name", entry["id"])), bool(entry.get("enabled", True)))
+    return by_key
+
+
 class SourceRegistry:
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._mtime_ns: int | None = None
-        self._by_key: dict[str, Source] = {}
-        self._load()
-
-    @classmethod
-    def from_entries(cls, path: Path, entries: list[dict]) -> SourceRegistry:
-        path.write_text(json.dumps({"sources": entries}, indent=2))
-        return cls(path)
-
-    def _load(self) -> None:
-        stat = self.path.stat()
-        try:
-            document = json.loads(self.path.read_text())
-            by_key: dict[str, Source] = {}
-            for index, entry in enumerate(document["sources"]):
-                key = entry["write_key"]
-                if not isinstance(key, str) or len(key) < 8:
-                    raise ValueError(f"sources[{index}].write_key must be a string of at least 8 characters")
-                if key in by_key:
-                    raise ValueError(f"sources[{index}].write_key is used by source {by_key[key].id!r} too")
-                by_key[key] = Source(
-                    str(entry["id"]), str(entry.get("name", entry["id"])), bool(entry.get("enabled", True))
-                )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"CDP_COLLECTOR_SOURCES_FILE {self.path} is malformed: {exc}") from exc
-        self._by_key = by_key
-        self._mtime_ns = stat.st_mtime_ns
-
-    def _maybe_reload(self) -> None:
-        try:
-            if self.path.stat().st_mtime_ns != self._mtime_ns:
-                self._load()
-        except (OSError, ValueError):
-            pass  # keep the last good keys while a Secret is being rewritten
+        self._sources = WatchedJsonFile(path, _parse_sources, variable="CDP_COLLECTOR_SOURCES_FILE")
 
     def authenticate(self, write_key: str | None) -> Source:
         if not write_key:
             raise Unauthenticated("missing write key: send it as the HTTP Basic user name (empty password)")
-        self._maybe_reload()
-        source = self._by_key.get(write_key)
+        source = self._sources.value.get(write_key)
         if source is None:
             raise Unauthenticated("unknown write key")
         if not source.enabled:
@@ -74,4 +51,4 @@ class SourceRegistry:
         return source
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._sources.value)
