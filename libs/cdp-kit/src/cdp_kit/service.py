@@ -200,7 +200,11 @@ class ServiceRuntime:
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # A task that swallows its cancellation must not hold the shutdown hostage.
+            _done, stuck = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace)
+            for task in stuck:
+                log.error("background task %s did not stop within %.0fs", task.get_name(), self.settings.shutdown_grace)
         self._tasks.clear()
 
     def stop(self) -> None:

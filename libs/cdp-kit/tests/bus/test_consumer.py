@@ -48,7 +48,7 @@ async def run(runner):
 
 async def stop(task):
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
 
 
 async def test_handles_every_message_in_order_and_acks(bus):

@@ -143,6 +143,13 @@ class Delivery:
 Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 
+def _raise_if_cancelling(task: asyncio.Task | None) -> None:
+    """nats-py swallows a CancelledError that lands inside its flush path (`_flush_pending`), so a
+    cancelled loop could run on forever. The task still remembers it was asked to stop: honour that."""
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class ConsumerRunner:
     def __init__(self, js: JetStreamContext, spec: ConsumerSpec, handler: Handler, telemetry: Telemetry) -> None:
         self.js = js
@@ -201,7 +208,9 @@ class ConsumerRunner:
     async def run(self) -> None:
         """Consume until cancelled. Survives NATS outages: fetches fail, we wait and try again."""
         delay = 0.1
+        me = asyncio.current_task()
         while True:
+            _raise_if_cancelling(me)
             try:
                 await self.provision()
                 subscription = await self.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
@@ -229,7 +238,9 @@ class ConsumerRunner:
                 pass
 
     async def _poll_lag(self) -> None:
+        me = asyncio.current_task()
         while True:
+            _raise_if_cancelling(me)
             try:
                 info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
                 self.pending = info.num_pending or 0
@@ -241,7 +252,9 @@ class ConsumerRunner:
 
     async def _loop(self, subscription) -> None:
         failures = 0
+        me = asyncio.current_task()
         while True:
+            _raise_if_cancelling(me)
             try:
                 msgs = await subscription.fetch(self.spec.batch_size, timeout=self.spec.fetch_timeout)
                 failures = 0
