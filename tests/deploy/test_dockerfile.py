@@ -266,8 +266,8 @@ def build_context(destination: Path) -> None:
 def test_uv_sync_steps_install_every_service_from_the_build_context(dockerfile, tmp_path):
     """The build stage without Docker: same context, same manifests-first order, same uv flags."""
     uv = ROOT / ".tools" / "bin" / "uv"
-    if not uv.exists():
-        pytest.skip("uv is installed by `make env`")
+    # `make test` depends on `make env`, which installs it; never pass silently without it.
+    assert uv.exists(), f"{uv} missing: run the tests through `make test` (its `env` step installs uv)"
     context = tmp_path / "context"
     build_context(context)
     app = tmp_path / "app"
