@@ -20,7 +20,7 @@ from pathlib import Path
 
 import grpc
 import nats
-from benchlib import CollectorProcess, percentile, segment_event, write_result
+from benchlib import percentile, segment_event, write_result
 from google.protobuf import json_format
 
 from cdp.collector.v1 import collector_pb2
@@ -28,6 +28,7 @@ from cdp.events.v1 import events_pb2
 from cdp_kit.bus import events_raw_stream, partition_for
 from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.natsserver import NatsServer
+from cdp_testing.processes import CollectorProcess
 
 BATCH = 500
 IN_FLIGHT = 8
@@ -220,7 +221,9 @@ async def main() -> None:
             grpc_events = make_events(total, seed=1)
             paced_events = make_events(60 * BATCH, seed=3)
             raw_events = make_events(total, seed=2)
-            with CollectorProcess(server.url, workdir, partitions=PARTITIONS) as collector:
+            with CollectorProcess(
+                server.url, workdir, write_key="wk_bench_0123456789", source_id="bench", partitions=PARTITIONS
+            ) as collector:
                 requests = collect_requests(grpc_events, collector.write_key)
                 paced = collect_requests(paced_events, collector.write_key)
                 raw_rate, raw_latencies = await bench_raw(server.url, raw_batches(raw_events))

@@ -11,9 +11,6 @@ import json
 import os
 import platform
 import random
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -71,51 +68,3 @@ def segment_event(rng: random.Random, users: int = 10_000) -> dict:
         },
         "timestamp": "2026-11-25T10:00:00.000Z",
     }
-
-
-class CollectorProcess:
-    """A real collector process (python -m cdp_collector) against a given nats-server."""
-
-    def __init__(
-        self, nats_url: str, workdir: Path, write_key: str = "wk_bench_0123456789", partitions: int = 8
-    ) -> None:
-        from cdp_kit.natsserver import free_port
-
-        self.write_key = write_key
-        self.grpc_port = free_port()
-        self.http_port = free_port()
-        sources = workdir / "sources.json"
-        sources.write_text(json.dumps({"sources": [{"id": "bench", "write_key": write_key}]}))
-        self.log_path = workdir / "collector.log"
-        self.env = {
-            **os.environ,
-            "CDP_NATS_URL": nats_url,
-            "CDP_GRPC_HOST": "127.0.0.1",
-            "CDP_GRPC_PORT": str(self.grpc_port),
-            "CDP_HTTP_HOST": "127.0.0.1",
-            "CDP_HTTP_PORT": str(self.http_port),
-            "CDP_AUTH_MODE": "none",
-            "CDP_COLLECTOR_SOURCES_FILE": str(sources),
-            "CDP_PARTITIONS": str(partitions),
-            "CDP_LOG_LEVEL": "WARNING",
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> CollectorProcess:
-        from cdp_kit.natsserver import wait_for_port
-
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cdp_collector"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        if not wait_for_port("127.0.0.1", self.http_port, 30):
-            self.__exit__()
-            raise RuntimeError(f"collector did not start; see {self.log_path}")
-        time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)

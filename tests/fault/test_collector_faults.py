@@ -8,10 +8,6 @@ retried ones were never stored twice.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 
 import grpc
 import nats
@@ -19,7 +15,7 @@ import pytest
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
-from cdp_kit.natsserver import free_port, wait_for_port
+from cdp_testing.processes import CollectorProcess
 
 WRITE_KEY = "wk_fault_0123456789"
 BATCHES = 200  # per sender: enough load to still be running when the faults hit
@@ -75,87 +71,49 @@ async def stream_ids(url: str) -> list[str]:
     return ids
 
 
-class Collector:
-    """The collector as a real process, killable with SIGKILL and restartable on the same ports."""
+SENDERS = 4
 
-    def __init__(self, nats_url: str, tmp_path) -> None:
-        sources = tmp_path / "sources.json"
-        sources.write_text(json.dumps({"sources": [{"id": "fault", "write_key": WRITE_KEY}]}))
-        self.port = free_port()
-        self.env = {
-            **os.environ,
-            "CDP_NATS_URL": nats_url,
-            "CDP_GRPC_HOST": "127.0.0.1",
-            "CDP_GRPC_PORT": str(self.port),
-            "CDP_HTTP_HOST": "127.0.0.1",
-            "CDP_HTTP_PORT": str(free_port()),
-            "CDP_AUTH_MODE": "none",
-            "CDP_COLLECTOR_SOURCES_FILE": str(sources),
-            "CDP_LOG_LEVEL": "WARNING",
-            "CDP_PARTITIONS": "4",
-        }
-        self.log = tmp_path / "collector.log"
-        self.proc: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cdp_collector"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        assert wait_for_port("127.0.0.1", self.port, 30), self.log.read_text()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
+async def under_load(nats_server, tmp_path, faults) -> list[int]:
+    """Run the collector under load, inject `faults(collector)` while it runs, then check the stream
+    holds every event exactly once. Returns the retried attempts the faults caused."""
+    collector = CollectorProcess(nats_server.url, tmp_path, write_key=WRITE_KEY, source_id="fault", partitions=4)
+    collector.start()
+    attempts: list[int] = []
+    try:
+        sending = asyncio.create_task(load(collector.grpc_address, senders=SENDERS, batches=BATCHES, attempts=attempts))
+        await faults(collector, sending)
+        await asyncio.wait_for(sending, 150)
+    finally:
+        collector.stop()
+    ids = await stream_ids(nats_server.url)
+    assert len(ids) == len(set(ids)), "an event was stored twice"
+    assert set(ids) == {e.message_id for s in range(SENDERS) for b in range(BATCHES) for e in batch(s, b)}
+    return attempts
 
 
 @pytest.mark.timeout(180)
 async def test_nats_restart_under_load_loses_and_doubles_nothing(nats_server, tmp_path):
-    collector = Collector(nats_server.url, tmp_path)
-    collector.start()
-    attempts: list[int] = []
-    try:
-        sending = asyncio.create_task(
-            load(f"127.0.0.1:{collector.port}", senders=4, batches=BATCHES, attempts=attempts)
-        )
+    async def faults(_collector, sending):
         await asyncio.sleep(1.0)
         assert not sending.done()
         nats_server.restart()  # graceful stop and start, mid-stream
         await asyncio.sleep(1.0)
         nats_server.kill()  # and a crash
         nats_server.start()
-        await asyncio.wait_for(sending, 150)
-    finally:
-        collector.stop()
-    ids = await stream_ids(nats_server.url)
-    assert len(ids) == len(set(ids)), "an event was stored twice"
-    assert set(ids) == {e.message_id for s in range(4) for b in range(BATCHES) for e in batch(s, b)}
+
+    attempts = await under_load(nats_server, tmp_path, faults)
     assert attempts, "the faults should have made some requests fail and be retried"
 
 
 @pytest.mark.timeout(180)
 async def test_killing_the_collector_under_load_loses_and_doubles_nothing(nats_server, tmp_path):
-    collector = Collector(nats_server.url, tmp_path)
-    collector.start()
-    attempts: list[int] = []
-    try:
-        sending = asyncio.create_task(
-            load(f"127.0.0.1:{collector.port}", senders=4, batches=BATCHES, attempts=attempts)
-        )
+    async def faults(collector, sending):
         for _ in range(2):
             await asyncio.sleep(0.8)
             assert not sending.done()
             collector.kill()  # SIGKILL: requests in flight die with it
             collector.start()
-        await asyncio.wait_for(sending, 150)
-    finally:
-        collector.stop()
-    ids = await stream_ids(nats_server.url)
-    assert len(ids) == len(set(ids)), "an event was stored twice"
-    assert set(ids) == {e.message_id for s in range(4) for b in range(BATCHES) for e in batch(s, b)}
+
+    attempts = await under_load(nats_server, tmp_path, faults)
     assert attempts
