@@ -27,6 +27,7 @@ class ServiceProcess:
 
 SERVICES: tuple[ServiceProcess, ...] = (
     ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
+    ServiceProcess("identity", "cdp_identity", grpc_port=50052, metrics_port=9465),
 )
 
 

@@ -21,7 +21,14 @@ from nats.js.client import JetStreamContext
 from cdp_kit.bus.consumer import ConsumerRunner, ConsumerSpec, Delivery, Handler
 from cdp_kit.bus.partition import owned_partitions, partition_for, partition_subject
 from cdp_kit.bus.publisher import OutMessage, Publisher, PubResult
-from cdp_kit.bus.streams import StreamSpec, dead_letter_stream, ensure_stream, events_raw_stream
+from cdp_kit.bus.streams import (
+    StreamSpec,
+    dead_letter_stream,
+    ensure_stream,
+    events_raw_stream,
+    events_resolved_stream,
+    identity_stream,
+)
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry, setup_telemetry
 
@@ -127,6 +134,8 @@ __all__ = [
     "dead_letter_stream",
     "ensure_stream",
     "events_raw_stream",
+    "events_resolved_stream",
+    "identity_stream",
     "owned_partitions",
     "partition_for",
     "partition_subject",

@@ -65,6 +65,32 @@ def events_raw_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600
     )
 
 
+def events_resolved_stream(
+    *, max_age: float = 7 * DAY, duplicate_window: float = 600.0, replicas: int = 1
+) -> StreamSpec:
+    """Events with their person (`events.resolved.<p(person)>`), published by identity."""
+    return StreamSpec(
+        name="EVENTS_RESOLVED",
+        subjects=("events.resolved.>",),
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+        replicas=replicas,
+        description="events after identity resolution, partitioned by person",
+    )
+
+
+def identity_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
+    """Graph changes other services follow: `identity.merged`, `identity.unmerged`, `identity.quarantined`."""
+    return StreamSpec(
+        name="IDENTITY",
+        subjects=("identity.>",),
+        max_age=max_age,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="identity graph changes: merges, unmerges, quarantined identifiers",
+    )
+
+
 def dead_letter_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
     """Messages a consumer gave up on, with the reason in headers (`dlq.<stream>.<consumer>`)."""
     return StreamSpec(

@@ -249,3 +249,23 @@ class EventBatch(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class ResolvedEvent(_message.Message):
+    __slots__ = ("event", "person_id", "dropped")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    event: Event
+    person_id: str
+    dropped: _containers.RepeatedCompositeFieldContainer[DroppedIdentifier]
+    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ...) -> None: ...
+
+class DroppedIdentifier(_message.Message):
+    __slots__ = ("type", "value", "reason")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    value: str
+    reason: str
+    def __init__(self, type: _Optional[str] = ..., value: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,97 @@
+"""The identity process: consume events.raw, keep the graph, publish events.resolved and identity.*."""
+
+from __future__ import annotations
+
+import json
+
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp_identity.api import SCOPES, IdentityApi
+from cdp_identity.domain.rules import MergeRules
+from cdp_identity.engine import IdentityEngine
+from cdp_identity.matching_service import MatchingService, load_match_config
+from cdp_identity.settings import IdentitySettings
+from cdp_kit.bus import (
+    Bus,
+    ConsumerSpec,
+    dead_letter_stream,
+    events_raw_stream,
+    events_resolved_stream,
+    identity_stream,
+    owned_partitions,
+)
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.storage import open_store
+
+
+def load_rules(settings: IdentitySettings) -> MergeRules:
+    if settings.rules_file is None:
+        return MergeRules.default()
+    try:
+        document = json.loads(settings.rules_file.read_text())
+    except ValueError as exc:
+        raise InvalidArgument("CDP_IDENTITY_RULES_FILE", f"{settings.rules_file} is not JSON: {exc}") from None
+    return MergeRules.from_dict(document)
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: IdentitySettings = runtime.settings  # type: ignore[assignment]
+    rules = load_rules(settings)
+    match_config = load_match_config(settings.matching_file)
+    store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
+    )
+    await bus.ensure_streams(
+        events_raw_stream(),
+        events_resolved_stream(max_age=settings.retention_days * 86_400),
+        identity_stream(),
+        dead_letter_stream(),
+    )
+    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
+    engine = IdentityEngine(
+        rules,
+        store,
+        bus.publisher,
+        partitions=settings.partitions,
+        telemetry=runtime.telemetry,
+        checkpoint_key=f"identity-{settings.pod_ordinal}",
+    )
+    await engine.start()
+    matching = MatchingService(engine, store, match_config)
+    await matching.start()
+    # One durable consumer per partition: scaling out moves partitions between replicas without
+    # replaying anything, and each partition's events are applied in order.
+    runners = []
+    for p in partitions:
+        runner = bus.consumer(
+            ConsumerSpec(
+                stream="EVENTS_RAW",
+                durable=f"identity-p{p}",
+                filter_subjects=(f"events.raw.{p}",),
+                batch_size=settings.batch_size,
+                ack_wait=settings.ack_wait,
+                # No second batch while one is unacknowledged: after a crash the partition resumes
+                # with the redelivered batch, never with later events first (limits depend on order).
+                max_ack_pending=settings.batch_size,
+                description=f"identity: resolve events of partition {p} to persons",
+            ),
+            engine.handle,
+        )
+        runtime.spawn(runner.run(), f"consume events.raw.{p}")
+        runners.append(runner)
+    runtime.parts.update(bus=bus, store=store, engine=engine, matching=matching, runners=runners)
+    runtime.grpc.add_service(
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server,
+        IdentityApi(engine, matching),
+        identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+        scopes=SCOPES,
+    )
+
+
+def main() -> None:
+    run_main(IdentitySettings, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""The identity graph: identifiers → persons, merges with their cause (lineage), unmerge, quarantine.
+
+The graph is a partition of identifiers into persons. Each identifier is owned by the person it first
+attached to; a person that lost a merge points at the winner (`merged_into`), so an identifier's person
+is found by following those pointers to a *root*. The root holds the whole tree: every identifier in it
+(with its owner) and every merge inside it (lineage). That makes a merge one pointer plus a union, and
+an unmerge the reverse: the loser's subtree (the persons whose pointers lead to it) takes back exactly the
+identifiers they own and the merges inside it. Identifiers attached after a merge belong to the person
+they attached to (the root at the time) and stay there on unmerge.
+
+Plain Python, no I/O: the service loads the records a batch needs (`missing_*`), applies events
+synchronously, and writes back what `take_dirty()` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp_identity.domain.normalize import Identifier, split_key
+from cdp_identity.domain.rules import MergeRules
+
+MAX_DROPS_KEPT = 50
+MAX_CONFLICTS_KEPT = 64
+
+
+def stable_id(prefix: str, *parts: str) -> str:
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
+    return f"{prefix}{digest}"
+
+
+@dataclass(slots=True)
+class IdentifierState:
+    person: str  # the person that owns it directly (follow merged_into to the root)
+    first_seen: int  # event time, epoch ms
+    event_id: str
+    quarantined_at: int | None = None
+    # person -> last time (ms) this identifier appeared together with that person's identifiers while
+    # belonging to another person: the evidence for quarantine.
+    conflicts: dict[str, int] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "person": self.person,
+            "first_seen": self.first_seen,
+            "event_id": self.event_id,
+            "quarantined_at": self.quarantined_at,
+            "quarantined": self.quarantined_at is not None,
+            "conflicts": [[p, t] for p, t in self.conflicts.items()],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> IdentifierState:
+        return cls(
+            person=doc["person"],
+            first_seen=doc["first_seen"],
+            event_id=doc.get("event_id", ""),
+            quarantined_at=doc.get("quarantined_at"),
+            conflicts={p: t for p, t in doc.get("conflicts", [])},
+        )
+
+
+@dataclass(slots=True)
+class PersonState:
+    id: str
+    created_at: int
+    merged_into: str | None = None
+    # Root only: every identifier in the tree -> (added at ms, owning person).
+    ids: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # Root only: every merge inside the tree, oldest first.
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    # Root only: persons an unmerge separated from this tree (events may not merge them again) -> the
+    # person in the tree the separation belongs to (it leaves with that person on a later unmerge).
+    apart: dict[str, str] = field(default_factory=dict)
+    drops: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "created_at": self.created_at,
+            "merged_into": self.merged_into,
+            "ids": [[k, at, owner] for k, (at, owner) in self.ids.items()],
+            "lineage": [dict(m) for m in self.lineage],
+            "apart": [[other, member] for other, member in self.apart.items()],
+            "drops": [dict(d) for d in self.drops],
+        }
+
+    @classmethod
+    def from_doc(cls, person_id: str, doc: dict[str, Any]) -> PersonState:
+        return cls(
+            id=person_id,
+            created_at=doc["created_at"],
+            merged_into=doc.get("merged_into"),
+            ids={k: (at, owner) for k, at, owner in doc.get("ids", [])},
+            lineage=list(doc.get("lineage", [])),
+            apart=dict(([a, person_id] if isinstance(a, str) else a) for a in doc.get("apart", [])),
+            drops=list(doc.get("drops", [])),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """An identifier left out of an event's linking, and the rule that dropped it."""
+
+    key: str
+    reason: str  # "limit:<type>", "quarantined", "separated"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"identifier": self.key, "reason": self.reason}
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    id: str
+    winner: str
+    loser: str
+    at: int
+    cause: dict[str, Any]  # {"event_id", "identifiers", "rule"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "winner": self.winner, "loser": self.loser, "at": self.at, "cause": self.cause}
+
+
+@dataclass(frozen=True, slots=True)
+class Unmerge:
+    merge_id: str
+    winner: str
+    loser: str
+    at: int
+    loser_identifiers: tuple[str, ...]
+    reason: str
+
+
+@dataclass(slots=True)
+class Resolution:
+    person: str
+    created: bool = False
+    attached: list[str] = field(default_factory=list)
+    merges: list[Merge] = field(default_factory=list)
+    drops: list[Drop] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+
+
+class IdentityGraph:
+    def __init__(self, rules: MergeRules) -> None:
+        self.rules = rules
+        self.identifiers: dict[str, IdentifierState] = {}
+        self.persons: dict[str, PersonState] = {}
+        self.merge_index: dict[str, str] = {}  # merge id -> winner at the time of the merge
+        self.dirty_identifiers: set[str] = set()
+        self.dirty_persons: set[str] = set()
+        self.dirty_merges: set[str] = set()
+
+    # --- loading (the service fills the cache from the store before applying) ----------------------
+
+    def missing_identifiers(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if k not in self.identifiers]
+
+    def missing_persons(self, person_ids: Iterable[str]) -> list[str]:
+        return [p for p in person_ids if p not in self.persons]
+
+    def load_identifier(self, key: str, doc: dict[str, Any]) -> None:
+        self.identifiers.setdefault(key, IdentifierState.from_doc(doc))
+
+    def load_person(self, person_id: str, doc: dict[str, Any]) -> None:
+        self.persons.setdefault(person_id, PersonState.from_doc(person_id, doc))
+
+    def load_merge(self, merge_id: str, winner: str) -> None:
+        self.merge_index.setdefault(merge_id, winner)
+
+    def unresolved_persons(self, keys: Iterable[str]) -> set[str]:
+        """Persons an event with these identifiers needs that are not loaded yet: those on the way from the
+        identifiers to their roots, and from the persons those roots were separated from and the persons
+        the identifiers met (quarantine evidence) to theirs. Load them and ask again until it is empty."""
+        needed: set[str] = set()
+
+        def root(person_id: str | None) -> PersonState | None:
+            person = None
+            while person_id is not None:
+                person = self.persons.get(person_id)
+                if person is None:
+                    needed.add(person_id)
+                    return None
+                person_id = person.merged_into
+            return person
+
+        for key in keys:
+            state = self.identifiers.get(key)
+            if state is None:
+                continue
+            for other in state.conflicts:
+                root(other)
+            own = root(state.person)
+            for other in own.apart if own is not None else ():
+                root(other)
+        return needed
+
+    def forget(self, identifier_keys: Iterable[str] = (), person_ids: Iterable[str] = ()) -> None:
+        """Drop cached records (after a lost write race: the store has newer versions)."""
+        for key in identifier_keys:
+            self.identifiers.pop(key, None)
+            self.dirty_identifiers.discard(key)
+        for person_id in person_ids:
+            self.persons.pop(person_id, None)
+            self.dirty_persons.discard(person_id)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def root_of(self, person_id: str) -> str:
+        person = self.persons[person_id]
+        while person.merged_into is not None:
+            person = self.persons[person.merged_into]
+        return person.id
+
+    def person_of(self, key: str) -> str | None:
+        state = self.identifiers.get(key)
+        return None if state is None else self.root_of(state.person)
+
+    def canonical(self, person_id: str) -> str | None:
+        """The live person a (possibly merged-away) person id now belongs to."""
+        return self.root_of(person_id) if person_id in self.persons else None
+
+    def identifiers_of(self, root: str) -> list[str]:
+        return list(self.persons[root].ids)
+
+    def describe(self, person_id: str) -> dict[str, Any]:
+        root = self.persons[self.root_of(person_id)]
+        identifiers = []
+        for key, (added_at, owner) in root.ids.items():
+            state = self.identifiers.get(key)
+            kind, value = split_key(key)
+            identifiers.append(
+                {
+                    "type": kind,
+                    "value": value,
+                    "added_at": added_at,
+                    "owner": owner,
+                    "quarantined": bool(state and state.quarantined_at),
+                }
+            )
+        return {
+            "person": root.id,
+            "requested": person_id,
+            "created_at": root.created_at,
+            "identifiers": identifiers,
+            "merges": list(root.lineage),
+            "apart": list(root.apart),
+            "drops": list(root.drops),
+        }
+
+    def partition(self) -> dict[str, frozenset[str]]:
+        """root -> its identifier keys; the whole graph as a set partition (for checks and tests)."""
+        groups: dict[str, set[str]] = {}
+        for key in self.identifiers:
+            groups.setdefault(self.person_of(key), set()).add(key)  # type: ignore[arg-type]
+        return {root: frozenset(keys) for root, keys in groups.items()}
+
+    # --- applying ---------------------------------------------------------------------------------
+
+    def resolve(
+        self, identifiers: list[Identifier], *, event_id: str, at: int, rule: str = "event", read_only: bool = False
+    ) -> Resolution | None:
+        """Attach, link and merge as one event says; None when the event carries no usable identifier.
+
+        `identifiers` are normalised and strongest first. `read_only` answers who the event belongs to
+        without changing anything (an event already applied before a crash).
+        """
+        accepted_roots: list[str] = []
+        new: list[Identifier] = []
+        drops: list[Drop] = []
+        quarantined_fallback: str | None = None
+        met: list[tuple[str, str]] = []  # (identifier key, its root) of every known identifier: quarantine evidence
+
+        for ident in identifiers:
+            key = ident.key
+            state = self.identifiers.get(key)
+            if state is None:
+                if read_only:
+                    continue
+                if self._new_over_limit(accepted_roots, new, ident, at):
+                    drops.append(Drop(key, f"limit:{ident.type}"))
+                else:
+                    new.append(ident)
+                continue
+            root = self.root_of(state.person)
+            if state.quarantined_at is None and not read_only:
+                met.append((key, root))
+            if root in accepted_roots:
+                continue
+            if state.quarantined_at is not None:
+                quarantined_fallback = quarantined_fallback or root
+                drops.append(Drop(key, "quarantined"))
+                continue
+            if read_only:
+                if not accepted_roots:
+                    accepted_roots.append(root)
+                continue
+            if self._separated(accepted_roots, root):
+                drops.append(Drop(key, "separated"))
+            elif self._adds_over_limit(accepted_roots, root, new, at):
+                drops.append(Drop(key, f"limit:{self._violated_type(accepted_roots, root, new, at)}"))
+            else:
+                accepted_roots.append(root)
+
+        if read_only:
+            person = accepted_roots[0] if accepted_roots else quarantined_fallback
+            return None if person is None else Resolution(person=person)
+
+        if not accepted_roots and not new:
+            if quarantined_fallback is None:
+                return None
+            resolution = Resolution(person=quarantined_fallback, drops=drops)
+            self._record_drops(quarantined_fallback, drops, event_id, at)
+            return resolution
+
+        if accepted_roots:
+            winner = self._choose_winner(accepted_roots)
+            resolution = Resolution(person=winner)
+        else:
+            winner = stable_id("p_", event_id, new[0].key)
+            self.persons[winner] = PersonState(id=winner, created_at=at)
+            self.dirty_persons.add(winner)
+            resolution = Resolution(person=winner, created=True)
+
+        cause_ids = [i.key for i in identifiers]
+        for loser in accepted_roots:
+            if loser != winner:
+                resolution.merges.append(
+                    self._merge(winner, loser, at, {"event_id": event_id, "identifiers": cause_ids, "rule": rule})
+                )
+        winner_state = self.persons[winner]
+        for ident in new:
+            self.identifiers[ident.key] = IdentifierState(person=winner, first_seen=at, event_id=event_id)
+            winner_state.ids[ident.key] = (at, winner)
+            self.dirty_identifiers.add(ident.key)
+            resolution.attached.append(ident.key)
+        if new:
+            self.dirty_persons.add(winner)
+
+        resolution.drops = drops
+        self._record_drops(winner, drops, event_id, at)
+        # Evidence for quarantine: each identifier met the identifiers of every other person in the event
+        # (the winner included); persons the event merged are one person and no evidence.
+        persons_met = sorted({root for _, root in met} | {winner})
+        for key, root in met:
+            for other in persons_met:
+                if self.root_of(other) != self.root_of(root) and self._note_conflict(key, root, other, at):
+                    resolution.quarantined.append(key)
+        return resolution
+
+    def merge(self, winner: str, loser: str, *, at: int, cause: dict[str, Any], force: bool = False) -> Merge | None:
+        """An explicit merge (API, review queue, matching). Limits apply unless `force`; None when the two
+        already are one person."""
+        winner, loser = self.root_of(winner), self.root_of(loser)
+        if winner == loser:
+            return None
+        if not force:
+            if self._separated([winner], loser):
+                raise MergeRefused("separated", f"{loser} was split from {winner}; merge with force to override")
+            if self._adds_over_limit([winner], loser, [], at):
+                kind = self._violated_type([winner], loser, [], at)
+                raise MergeRefused(f"limit:{kind}", f"merging would exceed the {kind} limit")
+        return self._merge(winner, loser, at, cause)
+
+    def unmerge(self, merge_id: str, *, at: int, reason: str = "") -> Unmerge:
+        """Split the loser of `merge_id` back out, with everything it brought and everything merged into it."""
+        winner_then = self.merge_index.get(merge_id)
+        if winner_then is None or winner_then not in self.persons:
+            raise KeyError(merge_id)
+        root = self.persons[self.root_of(winner_then)]
+        entry = next((m for m in root.lineage if m["id"] == merge_id), None)
+        if entry is None:
+            raise KeyError(merge_id)
+        loser = self.persons[entry["loser"]]
+        children: dict[str, list[str]] = {}
+        for m in root.lineage:
+            if m["id"] != merge_id:
+                children.setdefault(m["winner"], []).append(m["loser"])
+        subtree = {loser.id}
+        stack = [loser.id]
+        while stack:
+            for child in children.get(stack.pop(), []):
+                if child not in subtree:
+                    subtree.add(child)
+                    stack.append(child)
+        loser.merged_into = None
+        loser.ids = {k: v for k, v in root.ids.items() if v[1] in subtree}
+        root.ids = {k: v for k, v in root.ids.items() if v[1] not in subtree}
+        loser.lineage = [m for m in root.lineage if m["id"] != merge_id and m["winner"] in subtree]
+        root.lineage = [m for m in root.lineage if m["id"] != merge_id and m["winner"] not in subtree]
+        loser.apart = {p: member for p, member in root.apart.items() if member in subtree}
+        root.apart = {p: member for p, member in root.apart.items() if member not in subtree}
+        root.apart.setdefault(loser.id, root.id)
+        loser.apart.setdefault(root.id, loser.id)
+        self.dirty_persons.update((root.id, loser.id))
+        return Unmerge(
+            merge_id=merge_id,
+            winner=root.id,
+            loser=loser.id,
+            at=at,
+            loser_identifiers=tuple(loser.ids),
+            reason=reason,
+        )
+
+    def quarantine(self, key: str, at: int) -> bool:
+        state = self.identifiers[key]
+        if state.quarantined_at is not None:
+            return False
+        state.quarantined_at = at
+        self.dirty_identifiers.add(key)
+        return True
+
+    def release(self, key: str) -> bool:
+        state = self.identifiers[key]
+        if state.quarantined_at is None:
+            return False
+        state.quarantined_at = None
+        state.conflicts.clear()
+        self.dirty_identifiers.add(key)
+        return True
+
+    def quarantined(self) -> list[str]:
+        return [k for k, s in self.identifiers.items() if s.quarantined_at is not None]
+
+    def take_dirty(self) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
+        """The records changed since the last call, as documents: (identifiers, persons, merges)."""
+        identifiers = {k: self.identifiers[k].to_doc() for k in self.dirty_identifiers if k in self.identifiers}
+        persons = {p: self.persons[p].to_doc() for p in self.dirty_persons if p in self.persons}
+        merges = {m: self.merge_index[m] for m in self.dirty_merges}
+        self.dirty_identifiers.clear()
+        self.dirty_persons.clear()
+        self.dirty_merges.clear()
+        return identifiers, persons, merges
+
+    # --- rules ------------------------------------------------------------------------------------
+
+    def _type_counts(self, roots: list[str], new: list[Identifier], at: int) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for root in roots:
+            for key, (added_at, _owner) in self.persons[root].ids.items():
+                kind_name = key.partition(":")[0]
+                kind = self.rules.type(kind_name)
+                if kind is None or kind.limit is None:
+                    continue
+                if kind.window is not None and added_at < at - kind.window * 1000:
+                    continue
+                counts[kind_name] = counts.get(kind_name, 0) + 1
+        for ident in new:
+            kind = self.rules.type(ident.type)
+            if kind is not None and kind.limit is not None:
+                counts[ident.type] = counts.get(ident.type, 0) + 1
+        return counts
+
+    def _new_over_limit(self, roots: list[str], new: list[Identifier], ident: Identifier, at: int) -> bool:
+        kind = self.rules.type(ident.type)
+        if kind is None or kind.limit is None:
+            return False
+        return self._type_counts(roots, new, at).get(ident.type, 0) + 1 > kind.limit
+
+    def _adds_over_limit(self, roots: list[str], candidate: str, new: list[Identifier], at: int) -> bool:
+        """Would linking `candidate` to what the event already links push a type over its limit?"""
+        after = self._type_counts([*roots, candidate], new, at)
+        before = self._type_counts(roots, new, at)
+        alone = self._type_counts([candidate], [], at)
+        for kind_name, count in after.items():
+            limit = self.rules.type(kind_name).limit  # type: ignore[union-attr]
+            # Only linking that *adds* to an over-limit count breaks it: a person already over a limit
+            # configured later is not stuck forever.
+            if count > limit and count > before.get(kind_name, 0) and count > alone.get(kind_name, 0):
+                return True
+        return False
+
+    def _violated_type(self, roots: list[str], candidate: str, new: list[Identifier], at: int) -> str:
+        after = self._type_counts([*roots, candidate], new, at)
+        for kind in self.rules.types:
+            if kind.limit is not None and after.get(kind.name, 0) > kind.limit:
+                return kind.name
+        return "unknown"
+
+    def _separated(self, roots: list[str], candidate: str) -> bool:
+        candidate_apart = {self.canonical(p) for p in self.persons[candidate].apart}
+        for root in roots:
+            if root in candidate_apart:
+                return True
+            if candidate in {self.canonical(p) for p in self.persons[root].apart}:
+                return True
+        return False
+
+    def _choose_winner(self, roots: list[str]) -> str:
+        """The person with the strongest identifier type; then the older; then the smaller id."""
+
+        def strength(root: str) -> tuple[int, int, str]:
+            person = self.persons[root]
+            best = min(
+                (
+                    self.rules.type(k.partition(":")[0]).priority
+                    for k in person.ids
+                    if self.rules.type(k.partition(":")[0])
+                ),
+                default=len(self.rules.types),
+            )
+            return (best, person.created_at, root)
+
+        return min(roots, key=strength)
+
+    def _merge(self, winner_id: str, loser_id: str, at: int, cause: dict[str, Any]) -> Merge:
+        winner, loser = self.persons[winner_id], self.persons[loser_id]
+        merge = Merge(
+            id=stable_id("m_", cause.get("event_id", ""), winner_id, loser_id),
+            winner=winner_id,
+            loser=loser_id,
+            at=at,
+            cause=cause,
+        )
+        loser.merged_into = winner_id
+        winner.ids.update(loser.ids)
+        winner.lineage.extend(loser.lineage)
+        winner.lineage.append(merge.as_dict())
+        for other, member in loser.apart.items():
+            winner.apart.setdefault(other, member)
+        loser.ids, loser.lineage = {}, []
+        self.merge_index[merge.id] = winner_id
+        self.dirty_persons.update((winner_id, loser_id))
+        self.dirty_merges.add(merge.id)
+        return merge
+
+    def _record_drops(self, person_id: str, drops: list[Drop], event_id: str, at: int) -> None:
+        if not drops:
+            return
+        person = self.persons[person_id]
+        for drop in drops:
+            person.drops.append({**drop.as_dict(), "event_id": event_id, "at": at})
+        del person.drops[:-MAX_DROPS_KEPT]
+        self.dirty_persons.add(person_id)
+
+    def _note_conflict(self, key: str, own_root: str, other_root: str, at: int) -> bool:
+        """Remember that `key` (owned by `own_root`) appeared with `other_root`; quarantine it once it
+        has met too many persons within the window. True when this call quarantined it."""
+        kind = self.rules.type(key.partition(":")[0])
+        if kind is None or kind.quarantine_after is None:
+            return False
+        state = self.identifiers[key]
+        horizon = at - self.rules.quarantine_window * 1000
+        state.conflicts[other_root] = at
+        state.conflicts = {p: t for p, t in state.conflicts.items() if t >= horizon}
+        if len(state.conflicts) > MAX_CONFLICTS_KEPT:
+            newest = sorted(state.conflicts.items(), key=lambda item: item[1])[-MAX_CONFLICTS_KEPT:]
+            state.conflicts = dict(newest)
+        self.dirty_identifiers.add(key)
+        # The identifier's own person counts too: "seen on N persons".
+        persons = {self.canonical(p) for p in state.conflicts} | {self.canonical(own_root)}
+        if len(persons) >= kind.quarantine_after and state.quarantined_at is None:
+            state.quarantined_at = at
+            return True
+        return False
+
+
+class MergeRefused(Exception):
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule

@@ -1,0 +1,548 @@
+"""The identity engine: the graph kept hot in memory, durable behind the storage port, fed by the bus.
+
+One batch of `events.raw` is applied like this (ARCHITECTURE.md §2):
+
+1. parse and normalise every event's identifiers (outside the lock);
+2. under the engine lock: load the identifiers and persons the batch touches that are not cached,
+   resolve every event in stream order, then write the changed records, the merge notifications
+   (outbox) and the stream checkpoint in one bulk write;
+3. publish the outbox (`identity.*`), then every resolved event (`events.resolved.<p(person)>`, message
+   id = the raw event's id, so a replay is deduplicated by JetStream); the consumer acknowledges after.
+
+A crash before step 2's write loses nothing (the batch is redelivered and re-resolved to the same ids); a
+crash after it re-resolves the already-applied events read-only and publishes what may be missing. A
+write that loses an optimistic-concurrency race (another replica changed the same person) forgets the
+batch's changes, so the redelivered batch is applied on fresh state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
+
+from cdp.events.v1 import events_pb2
+from cdp.identity.v1 import identity_pb2
+from cdp_identity.domain.graph import IdentityGraph, Merge, MergeRefused, Resolution, Unmerge, stable_id
+from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, split_key
+from cdp_identity.domain.rules import MergeRules
+from cdp_identity.extract import Extractor
+from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
+
+log = logging.getLogger("cdp.identity")
+
+IDENTIFIERS = "identity_identifiers"
+PERSONS = "identity_persons"
+MERGES = "identity_merges"
+OUTBOX = "identity_outbox"
+CHECKPOINTS = "identity_checkpoints"
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, data: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
+def encode_resolved(raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = ()) -> bytes:
+    """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
+    received, not parsed and re-serialized (most of the cost of resolving would be that)."""
+    out = _length_delimited(1, raw_event) + _length_delimited(2, person_id.encode())
+    for kind, value, reason in dropped:
+        item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
+        out += _length_delimited(3, item)
+    return out
+
+
+def event_time_ms(event: events_pb2.Event) -> int:
+    stamp = event.timestamp if event.HasField("timestamp") else event.received_at
+    ms = stamp.seconds * 1000 + stamp.nanos // 1_000_000
+    return ms or int(time.time() * 1000)
+
+
+def timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def merge_record(merge: Merge | dict) -> identity_pb2.MergeRecord:
+    data = merge.as_dict() if isinstance(merge, Merge) else merge
+    cause = data.get("cause", {})
+    return identity_pb2.MergeRecord(
+        merge_id=data["id"],
+        winner=data["winner"],
+        loser=data["loser"],
+        at=timestamp(data["at"]),
+        cause=identity_pb2.MergeCause(
+            event_id=cause.get("event_id", ""),
+            identifiers=cause.get("identifiers", []),
+            rule=cause.get("rule", ""),
+            detail=cause.get("detail", ""),
+        ),
+    )
+
+
+def identifier_message(key: str) -> identity_pb2.Identifier:
+    kind, value = split_key(key)
+    return identity_pb2.Identifier(type=kind, value=value)
+
+
+@dataclass(slots=True)
+class _Item:
+    delivery: Delivery | None
+    event_id: str
+    at: int
+    identifiers: list[Identifier]
+    rejected: list[Rejected]
+    previous: str | None  # an alias's previous_id, placed once the graph is loaded
+    raw: bytes = b""
+    stream_seq: int = 0
+
+
+class IdentityEngine:
+    def __init__(
+        self,
+        rules: MergeRules,
+        store: Store,
+        publisher,
+        *,
+        partitions: int,
+        telemetry: Telemetry,
+        checkpoint_key: str = "identity",
+    ) -> None:
+        self.rules = rules
+        self.store = store
+        self.publisher = publisher
+        self.partitions = partitions
+        self.checkpoint_key = checkpoint_key
+        self.graph = IdentityGraph(rules)
+        self.normalizer = Normalizer(rules)
+        self.extractor = Extractor(rules)
+        self.lock = asyncio.Lock()
+        self.versions: dict[tuple[str, str], int] = {}
+        self.applied_seq = 0  # stream position whose effects are durable
+        self._outbox_waiting = True  # notifications may be waiting from before a restart
+        meter = telemetry.meter
+        self._events = meter.create_counter("cdp_identity_events_total", description="events resolved, by outcome")
+        self._merges = meter.create_counter("cdp_identity_merges_total", description="persons merged, by rule")
+        self._drops = meter.create_counter("cdp_identity_drops_total", description="identifiers left out, by reason")
+        self._quarantines = meter.create_counter(
+            "cdp_identity_quarantined_total", description="identifiers quarantined"
+        )
+        self._apply_ms = meter.create_histogram(
+            "cdp_identity_batch_apply_ms",
+            unit="ms",
+            description="time to apply and persist one batch",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+
+    async def start(self) -> None:
+        await self.store.ensure_index(IDENTIFIERS, "quarantined")
+        checkpoint = await self.store.get(CHECKPOINTS, self.checkpoint_key)
+        if checkpoint is not None:
+            self.applied_seq = checkpoint.doc.get("stream_seq", 0)
+            self.versions[(CHECKPOINTS, self.checkpoint_key)] = checkpoint.version
+        # Notifications written before a crash but never published.
+        await self.publish_outbox()
+
+    # --- the stream path --------------------------------------------------------------------------
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Consumer handler for `events.raw.<p>`: resolve, persist, publish; acked by the runner after."""
+        items: list[_Item] = []
+        for delivery in batch:
+            event = events_pb2.Event()
+            try:
+                event.ParseFromString(delivery.data)
+            except DecodeError as exc:
+                delivery.reject("invalid_event", f"not a cdp.events.v1.Event: {exc}")
+                continue
+            event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
+            items.append(self._item(delivery, event, event_id))
+        if not items:
+            return
+        outputs, _ = await self._apply(items)
+        await self.publish_outbox()
+        results = await self.publisher.publish_batch(outputs)
+        failed = [r.error for r in results if not r.ok]
+        if failed:
+            # The state is durable; redelivery re-resolves read-only and publishes again (deduplicated).
+            raise Unavailable(f"{len(failed)} resolved events not stored by JetStream: {failed[0]}")
+
+    def _item(self, delivery: Delivery | None, event: events_pb2.Event, event_id: str) -> _Item:
+        pairs = self.extractor.extract(event)
+        previous = None
+        if pairs and pairs[-1][0] == "previous":
+            previous = pairs.pop()[1]
+        identifiers, rejected = self.normalizer.normalize(pairs)
+        return _Item(
+            delivery=delivery,
+            event_id=event_id,
+            at=event_time_ms(event),
+            identifiers=identifiers,
+            rejected=rejected,
+            previous=previous,
+            raw=delivery.data if delivery is not None else b"",
+            stream_seq=delivery.stream_seq if delivery is not None else 0,
+        )
+
+    async def _apply(self, items: list[_Item]) -> tuple[list[OutMessage], list[Resolution | None]]:
+        started = time.perf_counter()
+        async with self.lock:
+            keys = {i.key for item in items for i in item.identifiers}
+            for item in items:
+                if item.previous is not None:
+                    keys.update(self._previous_candidates(item.previous))
+            await self._load(keys)
+            outputs: list[OutMessage] = []
+            resolutions: list[Resolution | None] = []
+            outbox: list[tuple[str, str, bytes]] = []
+            newest_seq = self.applied_seq
+            try:
+                for item in items:
+                    self._place_previous(item)
+                    replay = 0 < item.stream_seq <= self.applied_seq
+                    resolution = self.graph.resolve(
+                        item.identifiers, event_id=item.event_id, at=item.at, read_only=replay
+                    )
+                    resolutions.append(resolution)
+                    person = resolution.person if resolution else stable_id("p_", item.event_id)
+                    outcome = "replayed" if replay else ("resolved" if resolution else "unlinked")
+                    self._events.add(1, {"outcome": outcome})
+                    if resolution is not None and not replay:
+                        outbox.extend(self._notifications(resolution, item.at))
+                    dropped = [(r.type, r.value, r.reason) for r in item.rejected]
+                    if resolution is not None:
+                        dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
+                    for _kind, _value, reason in dropped:
+                        self._drops.add(1, {"reason": reason.split(":")[0]})
+                    if item.delivery is not None:
+                        outputs.append(
+                            OutMessage(
+                                subject=f"events.resolved.{partition_for(person, self.partitions)}",
+                                payload=encode_resolved(item.raw, person, dropped),
+                                msg_id=item.event_id,
+                            )
+                        )
+                    newest_seq = max(newest_seq, item.stream_seq)
+                await self._persist(outbox, newest_seq)
+            except BaseException:
+                self._forget_dirty()
+                raise
+        self._apply_ms.record((time.perf_counter() - started) * 1000)
+        return outputs, resolutions
+
+    # --- the synchronous paths (gRPC) -------------------------------------------------------------
+
+    async def resolve(self, pairs: list[tuple[str, str]], *, request_id: str, at: int) -> tuple[Resolution, list]:
+        identifiers, rejected = self.normalizer.normalize(pairs)
+        bad = [r for r in rejected if r.reason in ("unknown_type", "invalid")]
+        if bad:
+            index = next(i for i, (kind, _v) in enumerate(pairs) if kind == bad[0].type)
+            raise InvalidArgument(
+                f"identifiers[{index}]",
+                f"{bad[0].type!r} value is {bad[0].reason.replace('_', ' ')}"
+                + (
+                    f"; configured types: {', '.join(t.name for t in self.rules.types)}"
+                    if bad[0].reason == "unknown_type"
+                    else ""
+                ),
+            )
+        if not identifiers:
+            raise InvalidArgument("identifiers", "no usable identifier (all were blocked values or none were given)")
+        item = _Item(None, request_id, at, identifiers, rejected, None)
+        _, (resolution,) = await self._apply([item])
+        await self.publish_outbox()
+        if resolution is None:  # every usable identifier is quarantined and unknown: cannot happen
+            raise FailedPrecondition("the identifiers resolve to no person", reason="unresolvable")
+        return resolution, rejected
+
+    async def lookup_identifier(self, kind: str, value: str) -> str:
+        identifiers, rejected = self.normalizer.normalize([(kind, value)])
+        if not identifiers:
+            reason = rejected[0].reason.replace("_", " ") if rejected else "empty"
+            raise InvalidArgument("identifier", f"{kind!r} value is {reason}")
+        key = identifiers[0].key
+        async with self.lock:
+            await self._load([key])
+            person = self.graph.person_of(key)
+        if person is None:
+            raise NotFound(f"no person has identifier {kind}:{value}")
+        return person
+
+    async def canonical(self, person_id: str) -> str:
+        async with self.lock:
+            await self._load_persons([person_id])
+            person = self.graph.canonical(person_id)
+        if person is None:
+            raise NotFound(f"no person {person_id!r}")
+        return person
+
+    async def describe(self, person_id: str) -> dict:
+        async with self.lock:
+            await self._load_persons([person_id])
+            if self.graph.canonical(person_id) is None:
+                raise NotFound(f"no person {person_id!r}")
+            root = self.graph.root_of(person_id)
+            await self._load(self.graph.identifiers_of(root))
+            return self.graph.describe(person_id)
+
+    async def merge(self, winner: str, loser: str, *, cause: dict, force: bool = False) -> Merge | None:
+        async with self.lock:
+            await self._load_persons([winner, loser])
+            for field, person in (("person_id", winner), ("other_person_id", loser)):
+                if self.graph.canonical(person) is None:
+                    raise NotFound(f"{field}: no person {person!r}")
+            at = int(time.time() * 1000)
+            try:
+                merge = self.graph.merge(winner, loser, at=at, cause=cause, force=force)
+            except MergeRefused as exc:
+                raise FailedPrecondition(str(exc), reason=exc.rule.split(":")[0]) from None
+            try:
+                outbox = [] if merge is None else self._merge_notification(merge)
+                await self._persist(outbox, self.applied_seq)
+            except BaseException:
+                self._forget_dirty()
+                raise
+        await self.publish_outbox()
+        if merge is not None:
+            self._merges.add(1, {"rule": cause.get("rule", "api")})
+        return merge
+
+    async def unmerge(self, merge_id: str, *, reason: str) -> Unmerge:
+        async with self.lock:
+            if merge_id not in self.graph.merge_index:
+                record = await self.store.get(MERGES, merge_id)
+                if record is None:
+                    raise NotFound(f"no merge {merge_id!r}")
+                self.graph.load_merge(merge_id, record.doc["winner"])
+                self.versions[(MERGES, merge_id)] = record.version
+            winner = self.graph.merge_index[merge_id]
+            await self._load_persons([winner])
+            root = self.graph.persons[self.graph.root_of(winner)]
+            entry = next((m for m in root.lineage if m["id"] == merge_id), None)
+            if entry is None:
+                raise FailedPrecondition(f"merge {merge_id!r} was already undone", reason="already_unmerged")
+            await self._load_persons([entry["loser"]])
+            at = int(time.time() * 1000)
+            try:
+                split = self.graph.unmerge(merge_id, at=at, reason=reason)
+                message = identity_pb2.IdentityUnmerged(
+                    merge_id=split.merge_id,
+                    winner=split.winner,
+                    loser=split.loser,
+                    at=timestamp(at),
+                    loser_identifiers=[identifier_message(k) for k in split.loser_identifiers],
+                    reason=reason,
+                )
+                outbox = [("identity.unmerged", f"unmerge:{merge_id}:{at}", message.SerializeToString())]
+                await self._persist(outbox, self.applied_seq)
+            except BaseException:
+                self._forget_dirty()
+                raise
+        await self.publish_outbox()
+        return split
+
+    async def set_quarantine(self, kind: str, value: str, quarantined: bool) -> bool:
+        identifiers, _rejected = self.normalizer.normalize([(kind, value)])
+        if not identifiers:
+            raise InvalidArgument("identifier", f"{kind!r} value is not a usable identifier")
+        key = identifiers[0].key
+        async with self.lock:
+            await self._load([key])
+            if key not in self.graph.identifiers:
+                raise NotFound(f"no identifier {key!r}")
+            at = int(time.time() * 1000)
+            changed = self.graph.quarantine(key, at) if quarantined else self.graph.release(key)
+            outbox = []
+            if changed and quarantined:
+                outbox = self._quarantine_notification(key, at)
+            try:
+                await self._persist(outbox, self.applied_seq)
+            except BaseException:
+                self._forget_dirty()
+                raise
+        await self.publish_outbox()
+        return changed
+
+    async def list_quarantined(self) -> list[tuple[str, str, int]]:
+        records = await self.store.find(IDENTIFIERS, "quarantined", True, limit=10_000)
+        return [(r.key, r.doc["person"], r.doc["quarantined_at"]) for r in records]
+
+    # --- loading and persisting -------------------------------------------------------------------
+
+    def _previous_candidates(self, previous: str) -> list[str]:
+        found = []
+        for kind in ("user_id", "anonymous_id"):
+            if self.rules.type(kind) is not None:
+                identifiers, _ = self.normalizer.normalize([(kind, previous)])
+                found.extend(i.key for i in identifiers)
+        return found
+
+    def _place_previous(self, item: _Item) -> None:
+        """Alias: `previous_id` is the user id the person had if we know one, else an anonymous id."""
+        if item.previous is None:
+            return
+        candidates = self._previous_candidates(item.previous)
+        known = [k for k in candidates if k in self.graph.identifiers]
+        chosen_key = known[0] if known else (candidates[-1] if candidates else None)
+        item.previous = None
+        if chosen_key is None:
+            return
+        kind, value = split_key(chosen_key)
+        identifiers, rejected = self.normalizer.normalize(
+            [(i.type, i.value) for i in item.identifiers] + [(kind, value)]
+        )
+        item.identifiers = identifiers
+        item.rejected.extend(rejected)
+
+    async def _load(self, keys: Iterable[str]) -> None:
+        keys = set(keys)
+        missing = self.graph.missing_identifiers(keys)
+        if missing:
+            records = await self.store.get_many(IDENTIFIERS, missing)
+            for key, record in records.items():
+                self.graph.load_identifier(key, record.doc)
+                self.versions[(IDENTIFIERS, key)] = record.version
+        # Roots, persons they were separated from, persons the identifiers met: until nothing is missing.
+        while needed := self.graph.unresolved_persons(keys):
+            await self._load_persons(needed)
+
+    async def _load_persons(self, person_ids: Iterable[str]) -> None:
+        wanted = set(self.graph.missing_persons(person_ids))
+        while wanted:
+            records = await self.store.get_many(PERSONS, sorted(wanted))
+            follow: set[str] = set()
+            for person_id, record in records.items():
+                self.graph.load_person(person_id, record.doc)
+                self.versions[(PERSONS, person_id)] = record.version
+                if record.doc.get("merged_into"):
+                    follow.add(record.doc["merged_into"])
+            wanted = set(self.graph.missing_persons(follow))
+
+    async def _persist(self, outbox: list[tuple[str, str, bytes]], stream_seq: int) -> None:
+        identifiers, persons, merges = self.graph.take_dirty()
+        ops: list[Put | Delete] = []
+        keys: list[tuple[str, str]] = []
+        for collection, docs in ((IDENTIFIERS, identifiers), (PERSONS, persons)):
+            for key, doc in docs.items():
+                ops.append(Put(collection, key, doc, expected_version=self.versions.get((collection, key), 0)))
+                keys.append((collection, key))
+        for merge_id, winner in merges.items():
+            ops.append(Put(MERGES, merge_id, {"winner": winner}))
+            keys.append((MERGES, merge_id))
+        now = time.time()
+        for index, (subject, msg_id, payload) in enumerate(outbox):
+            ops.append(
+                Put(
+                    OUTBOX,
+                    msg_id,
+                    {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index},
+                )
+            )
+            keys.append((OUTBOX, msg_id))
+            self._outbox_waiting = True
+        if stream_seq > self.applied_seq:
+            ops.append(Put(CHECKPOINTS, self.checkpoint_key, {"stream_seq": stream_seq, "at": now}))
+            keys.append((CHECKPOINTS, self.checkpoint_key))
+        if not ops:
+            return
+        # Keep the dirty documents until the write is known: a failure forgets them (see _forget_dirty).
+        self._pending = (identifiers, persons, merges)
+        result = await self.store.bulk_write(ops)
+        self._pending = None
+        for key, version in zip(keys, result.versions, strict=True):
+            self.versions[key] = version
+        self.applied_seq = max(self.applied_seq, stream_seq)
+
+    _pending: tuple[dict, dict, dict] | None = None
+
+    def _forget_dirty(self) -> None:
+        """A batch failed before its write was durable: drop what it changed so the cache matches the
+        store again (the redelivered batch reloads and re-applies)."""
+        identifiers, persons, merges = self.graph.take_dirty()
+        if self._pending is not None:
+            identifiers = {**identifiers, **self._pending[0]}
+            persons = {**persons, **self._pending[1]}
+            merges = {**merges, **self._pending[2]}
+            self._pending = None
+        self.graph.forget(identifiers, persons)
+        for merge_id in merges:
+            self.graph.merge_index.pop(merge_id, None)
+        for key in identifiers:
+            self.versions.pop((IDENTIFIERS, key), None)
+        for person_id in persons:
+            self.versions.pop((PERSONS, person_id), None)
+
+    # --- notifications ----------------------------------------------------------------------------
+
+    def _notifications(self, resolution: Resolution, at: int) -> list[tuple[str, str, bytes]]:
+        out = []
+        for merge in resolution.merges:
+            out.extend(self._merge_notification(merge))
+            self._merges.add(1, {"rule": merge.cause.get("rule", "event")})
+        for key in resolution.quarantined:
+            out.extend(self._quarantine_notification(key, at))
+        return out
+
+    def _merge_notification(self, merge: Merge) -> list[tuple[str, str, bytes]]:
+        record = merge_record(merge)
+        message = identity_pb2.IdentityMerged(
+            merge_id=merge.id, winner=merge.winner, loser=merge.loser, at=record.at, cause=record.cause
+        )
+        return [("identity.merged", f"merge:{merge.id}", message.SerializeToString())]
+
+    def _quarantine_notification(self, key: str, at: int) -> list[tuple[str, str, bytes]]:
+        self._quarantines.add(1, {"type": split_key(key)[0]})
+        person = self.graph.person_of(key) or ""
+        message = identity_pb2.IdentifierQuarantined(
+            identifier=identifier_message(key), person_id=person, at=timestamp(at)
+        )
+        log.warning("identifier quarantined", extra={"identifier_type": split_key(key)[0], "person": person})
+        return [("identity.quarantined", f"quarantine:{key}:{at}", message.SerializeToString())]
+
+    async def publish_outbox(self) -> None:
+        """Publish notifications the last writes left in the outbox, then delete them."""
+        if not self._outbox_waiting:
+            return
+        self._outbox_waiting = False
+        pending = []
+        cursor = None
+        while True:
+            page = await self.store.scan(OUTBOX, cursor=cursor, limit=1000)
+            pending.extend(page.records)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        if not pending:
+            return
+        pending.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))
+        messages = [
+            OutMessage(subject=r.doc["subject"], payload=base64.b64decode(r.doc["payload"]), msg_id=r.key)
+            for r in pending
+        ]
+        results = await self.publisher.publish_batch(messages)
+        done = [Delete(OUTBOX, r.key) for r, result in zip(pending, results, strict=True) if result.ok]
+        if done:
+            await self.store.bulk_write(done)
+        if len(done) < len(pending):
+            self._outbox_waiting = True
+            raise Unavailable(f"{len(pending) - len(done)} identity notifications not yet published; will retry")

@@ -1,0 +1,361 @@
+"""The record matcher: fit m/u by EM, score candidate pairs, decide, cluster, persist.
+
+matcher = Matcher(DEFAULT_PERSON_CONFIG)
+report = matcher.fit(records)            # records: dicts with "id" and the configured fields
+pairs = matcher.score(records)           # blocked pairs with weight, probability, decision
+people = matcher.clusters(pairs)         # connected components of confident matches
+saved = matcher.to_dict()                # JSON-safe; Matcher.from_dict(saved) scores identically
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
+
+from .blocking import CandidatePairs, candidate_pairs
+from .comparisons import Comparison, build_comparison, compare_pairs
+from .config import MatchConfig
+from .fellegi_sunter import (
+    EXACT_LEVEL,
+    estimate_u,
+    exact_agreement_rate,
+    expectation_maximisation,
+    level_weights,
+    match_probability,
+)
+from .records import RecordTable
+
+Decision = Literal["match", "review", "non_match"]
+FORMAT = "cdp.identity.matching/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredPair:
+    left_id: Any
+    right_id: Any
+    match_weight: float
+    probability: float
+    decision: Decision
+    levels: dict[str, str]  # comparison name -> level label
+
+
+@dataclass(frozen=True)
+class LevelEstimate:
+    label: str
+    m: float
+    u: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class ComparisonEstimate:
+    name: str
+    field: str
+    levels: tuple[LevelEstimate, ...]  # without the null level, whose weight is always 0
+
+    def level(self, label: str) -> LevelEstimate:
+        return next(level for level in self.levels if level.label == label)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    records: int
+    candidate_pairs: int
+    oversized_blocks: int
+    iterations: int
+    converged: bool
+    match_probability: float  # λ: prior probability that a candidate pair is a match
+    expected_matches: float  # λ x candidate pairs: how many matches EM believes the candidates hold
+    comparisons: tuple[ComparisonEstimate, ...]
+
+    def comparison(self, name: str) -> ComparisonEstimate:
+        return next(comparison for comparison in self.comparisons if comparison.name == name)
+
+    def format_table(self) -> str:
+        lines = [f"{'comparison':<14} {'level':<34} {'m':>9} {'u':>11} {'weight':>8}"]
+        for comparison in self.comparisons:
+            for level in comparison.levels:
+                lines.append(
+                    f"{comparison.name:<14} {level.label:<34} {level.m:>9.5f} {level.u:>11.3e} {level.weight:>8.2f}"
+                )
+        return "\n".join(lines)
+
+
+@dataclass
+class _Parameters:
+    match_probability: float
+    m: list[np.ndarray]  # per comparison, per level; index 0 (null) is unused
+    u: list[np.ndarray]
+
+    def weights(self) -> list[np.ndarray]:
+        return [level_weights(m_k, u_k) for m_k, u_k in zip(self.m, self.u, strict=True)]
+
+
+class Matcher:
+    """Probabilistic (Fellegi-Sunter) record matcher; see the module docstring for the workflow."""
+
+    def __init__(self, config: MatchConfig | Mapping[str, Any]) -> None:
+        self.config = config if isinstance(config, MatchConfig) else MatchConfig.from_dict(config)
+        self._comparisons: list[Comparison] = [build_comparison(spec) for spec in self.config.comparisons]
+        self._normalisers = self.config.normalisers()
+        self._parameters: _Parameters | None = None
+        self._weights: list[np.ndarray] = []
+
+    @property
+    def fitted(self) -> bool:
+        return self._parameters is not None
+
+    @property
+    def comparison_names(self) -> tuple[str, ...]:
+        return tuple(comparison.name for comparison in self._comparisons)
+
+    # --- training -----------------------------------------------------------------------------------------
+
+    def fit(self, records: Sequence[Mapping]) -> FitReport:
+        """Estimate m, λ and the u of shareable fields by EM over the candidate pairs of `records`; the u of
+        the other fields comes from random pairs of the same records."""
+        table = self._table(records)
+        n = len(table)
+        if n < 2:
+            raise FailedPrecondition(f"fit needs at least 2 records, got {n}")
+        candidates = self._candidates(table)
+        if len(candidates) == 0:
+            raise FailedPrecondition(
+                "the blocking rules produced no candidate pairs, so there is nothing to learn from; "
+                "add records or broaden blocking_rules"
+            )
+        level_counts = [len(comparison.labels) for comparison in self._comparisons]
+        prior = self.config.prior_match_probability
+        outcome = expectation_maximisation(
+            compare_pairs(self._comparisons, table, candidates.left, candidates.right),
+            level_counts,
+            self._random_pair_u(table, level_counts),
+            shareable=[comparison.spec.shareable for comparison in self._comparisons],
+            max_iterations=self.config.em.max_iterations,
+            tolerance=self.config.em.tolerance,
+            match_share=0.5 if prior is None else prior,
+            learn_match_share=prior is None,
+        )
+        self._set_parameters(_Parameters(match_probability=outcome.match_share, m=outcome.m, u=outcome.u))
+        return FitReport(
+            records=n,
+            candidate_pairs=len(candidates),
+            oversized_blocks=candidates.oversized_blocks,
+            iterations=outcome.iterations,
+            converged=outcome.converged,
+            match_probability=outcome.match_share,
+            expected_matches=outcome.match_share * len(candidates),
+            comparisons=self._estimates(),
+        )
+
+    def _random_pair_u(self, table: RecordTable, level_counts: list[int]) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.config.em.seed)
+        n = len(table)
+        sample = self.config.em.u_sample_pairs
+        left = rng.integers(0, n, size=sample)
+        right = rng.integers(0, n - 1, size=sample)
+        right += right >= left  # a uniform partner other than the record itself
+        random_matrix = compare_pairs(self._comparisons, table, left, right)
+        exact_rates: list[float | None] = [
+            exact_agreement_rate(table.columns[comparison.field]) for comparison in self._comparisons
+        ]
+        return estimate_u(random_matrix, level_counts, exact_rates)
+
+    def _set_parameters(self, parameters: _Parameters) -> None:
+        self._parameters = parameters
+        self._weights = parameters.weights()
+
+    def _estimates(self) -> tuple[ComparisonEstimate, ...]:
+        parameters = self._require_fitted()
+        return tuple(
+            ComparisonEstimate(
+                name=comparison.name,
+                field=comparison.field,
+                levels=tuple(
+                    LevelEstimate(label=label, m=float(m_k[i]), u=float(u_k[i]), weight=float(w_k[i]))
+                    for i, label in enumerate(comparison.labels)
+                    if i >= EXACT_LEVEL
+                ),
+            )
+            for comparison, m_k, u_k, w_k in zip(
+                self._comparisons, parameters.m, parameters.u, self._weights, strict=True
+            )
+        )
+
+    # --- scoring ------------------------------------------------------------------------------------------
+
+    def normalise(self, records: Sequence[Mapping]) -> list[dict[str, Any]]:
+        """Records as the matcher sees them: id plus every compared or blocked field, normalised (None =
+        missing). Useful to show why a pair matched, or to feed another tool the same cleaned data."""
+        return [
+            {
+                "id": record.get("id"),
+                **{name: normalise(record.get(name)) for name, normalise in self._normalisers.items()},
+            }
+            for record in records
+        ]
+
+    def candidate_pairs(self, records: Sequence[Mapping]) -> list[tuple[Any, Any]]:
+        """The blocked candidate pairs as (left id, right id), each once, left earlier in `records`."""
+        table = self._table(records)
+        candidates = self._candidates(table)
+        ids = table.ids
+        return [(ids[a], ids[b]) for a, b in zip(candidates.left.tolist(), candidates.right.tolist(), strict=True)]
+
+    def score(self, records: Sequence[Mapping], *, min_probability: float = 0.0) -> list[ScoredPair]:
+        """Block, compare and weigh; returns the candidate pairs with probability >= min_probability."""
+        table = self._table(records)
+        candidates = self._candidates(table)
+        return self._score_rows(table, candidates.left, candidates.right, min_probability)
+
+    def score_pair(self, left: Mapping, right: Mapping) -> ScoredPair:
+        """Score one pair as a candidate: λ is the share of matches among blocked pairs, so use it for
+        pairs found through the blocking keys (the new record against the records sharing one)."""
+        table = self._table([left, right], unique_ids=False)
+        return self._score_rows(table, np.array([0]), np.array([1]), 0.0)[0]
+
+    def _score_rows(
+        self, table: RecordTable, left: np.ndarray, right: np.ndarray, min_probability: float
+    ) -> list[ScoredPair]:
+        parameters = self._require_fitted()
+        matrix = compare_pairs(self._comparisons, table, left, right)
+        weights = np.zeros(len(left))
+        for k, weights_k in enumerate(self._weights):
+            weights += weights_k[matrix[:, k]]
+        probabilities = match_probability(weights, parameters.match_probability)
+        keep = np.flatnonzero(probabilities >= min_probability)
+        upper, lower = self.config.upper_threshold, self.config.lower_threshold
+        names = self.comparison_names
+        labels = [comparison.labels for comparison in self._comparisons]
+        ids = table.ids
+        pairs = []
+        for a, b, weight, probability, levels in zip(
+            left[keep].tolist(),
+            right[keep].tolist(),
+            weights[keep].tolist(),
+            probabilities[keep].tolist(),
+            matrix[keep].tolist(),
+            strict=True,
+        ):
+            decision: Decision = "match" if probability >= upper else "review" if probability >= lower else "non_match"
+            pairs.append(
+                ScoredPair(
+                    left_id=ids[a],
+                    right_id=ids[b],
+                    match_weight=weight,
+                    probability=probability,
+                    decision=decision,
+                    levels={name: labels[k][level] for k, (name, level) in enumerate(zip(names, levels, strict=True))},
+                )
+            )
+        return pairs
+
+    def clusters(self, scored_pairs: Iterable[ScoredPair], threshold: float | None = None) -> list[set[Any]]:
+        """Connected components of the pairs with probability >= threshold (default: upper_threshold).
+
+        Only ids in at least one such pair appear. Largest cluster first, ties by smallest id.
+        """
+        threshold = self.config.upper_threshold if threshold is None else threshold
+        parent: dict[Any, Any] = {}
+
+        def root(node: Any) -> Any:
+            parent.setdefault(node, node)
+            while parent[node] != node:
+                parent[node] = parent[parent[node]]  # path halving keeps the trees flat
+                node = parent[node]
+            return node
+
+        for pair in scored_pairs:
+            if pair.probability >= threshold:
+                a, b = root(pair.left_id), root(pair.right_id)
+                if a != b:
+                    parent[b] = a
+        components: dict[Any, set[Any]] = {}
+        for node in list(parent):
+            components.setdefault(root(node), set()).add(node)
+        return sorted(components.values(), key=lambda ids: (-len(ids), min(map(str, ids))))
+
+    # --- persistence --------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config and the fitted parameters as JSON-safe data."""
+        data: dict[str, Any] = {"format": FORMAT, "config": self.config.to_dict(), "parameters": None}
+        if self._parameters is not None:
+            data["parameters"] = {
+                "match_probability": self._parameters.match_probability,
+                "comparisons": [
+                    {
+                        "name": comparison.name,
+                        "levels": [
+                            {"label": label, "m": float(m_k[i]), "u": float(u_k[i])}
+                            for i, label in enumerate(comparison.labels)
+                            if i >= EXACT_LEVEL
+                        ],
+                    }
+                    for comparison, m_k, u_k in zip(
+                        self._comparisons, self._parameters.m, self._parameters.u, strict=True
+                    )
+                ],
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Matcher:
+        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+            raise InvalidArgument("format", f"expected a saved matcher with format {FORMAT!r}")
+        matcher = cls(MatchConfig.from_dict(data.get("config")))
+        parameters = data.get("parameters")
+        if parameters is not None:
+            matcher._set_parameters(matcher._parse_parameters(parameters))
+        return matcher
+
+    def _parse_parameters(self, data: Any) -> _Parameters:
+        if not isinstance(data, Mapping):
+            raise InvalidArgument("parameters", "must be an object with match_probability and comparisons")
+        prior = data.get("match_probability")
+        if not isinstance(prior, int | float) or not 0 < prior < 1:
+            raise InvalidArgument("parameters.match_probability", f"must be in (0, 1), got {prior!r}")
+        saved = data.get("comparisons")
+        if not isinstance(saved, list) or len(saved) != len(self._comparisons):
+            raise InvalidArgument(
+                "parameters.comparisons", f"must list the {len(self._comparisons)} configured comparisons in order"
+            )
+        m, u = [], []
+        for position, (comparison, entry) in enumerate(zip(self._comparisons, saved, strict=True)):
+            path = f"parameters.comparisons[{position}]"
+            levels = entry.get("levels") if isinstance(entry, Mapping) else None
+            expected = list(comparison.labels[EXACT_LEVEL:])
+            if entry.get("name") != comparison.name or not isinstance(levels, list):
+                raise InvalidArgument(path, f"expected comparison {comparison.name!r} with levels {expected}")
+            if [level.get("label") for level in levels] != expected:
+                raise InvalidArgument(f"{path}.levels", f"labels must be {expected} (the config changed?)")
+            m_k, u_k = np.ones(len(comparison.labels)), np.ones(len(comparison.labels))
+            for i, level in enumerate(levels, start=EXACT_LEVEL):
+                for key, target in (("m", m_k), ("u", u_k)):
+                    value = level.get(key)
+                    if not isinstance(value, int | float) or not 0 < value <= 1:
+                        raise InvalidArgument(
+                            f"{path}.levels[{i - EXACT_LEVEL}].{key}", f"must be in (0, 1], got {value!r}"
+                        )
+                    target[i] = float(value)
+            m.append(m_k)
+            u.append(u_k)
+        return _Parameters(match_probability=float(prior), m=m, u=u)
+
+    # --- helpers ------------------------------------------------------------------------------------------
+
+    def _table(self, records: Sequence[Mapping], *, unique_ids: bool = True) -> RecordTable:
+        return RecordTable.from_records(records, self._normalisers, unique_ids=unique_ids)
+
+    def _candidates(self, table: RecordTable) -> CandidatePairs:
+        return candidate_pairs(table, self.config.blocking_rules, self.config.max_block_size)
+
+    def _require_fitted(self) -> _Parameters:
+        if self._parameters is None:
+            raise FailedPrecondition("the matcher has no parameters; call fit(records) or load one with from_dict()")
+        return self._parameters

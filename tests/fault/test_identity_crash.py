@@ -1,0 +1,156 @@
+"""Kill the identity service mid-stream (mid-merge, mid-write), restart it, and compare the graph with a
+reference built by applying the same events in order to the domain model in memory.
+
+One partition keeps one global order, so the reference is exact: whatever the crash interrupted, the
+restarted service must end with the same partition of identifiers, no identifier on two persons, and a
+resolved event for every raw event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from cdp.events.v1 import events_pb2
+from cdp_identity.domain.graph import IdentityGraph
+from cdp_identity.domain.normalize import Normalizer
+from cdp_identity.domain.rules import MergeRules
+from cdp_identity.extract import Extractor
+from cdp_kit.bus import events_raw_stream
+from cdp_kit.bus.streams import ensure_stream
+from cdp_kit.storage import open_store
+from cdp_testing.processes import IdentityProcess
+
+EVENTS = 6_000
+
+
+def random_events(seed: int) -> list[events_pb2.Event]:
+    rng = random.Random(seed)
+    users = [f"u-{i}" for i in range(300)]
+    anons = [f"a-{i}" for i in range(900)]
+    devices = [f"d-{i}" for i in range(60)]
+    out = []
+    for i in range(EVENTS):
+        ev = events_pb2.Event(message_id=f"e{i}", source_id="crash")
+        ev.timestamp.FromMilliseconds(1_700_000_000_000 + i * 1000)
+        roll = rng.random()
+        if roll < 0.35:
+            ev.type = events_pb2.EVENT_TYPE_IDENTIFY
+            ev.user_id, ev.anonymous_id = rng.choice(users), rng.choice(anons)
+            if rng.random() < 0.5:
+                ev.traits.update({"email": f"{rng.choice(users)}@example.com"})
+        elif roll < 0.45:
+            ev.type = events_pb2.EVENT_TYPE_ALIAS
+            ev.user_id, ev.previous_id = rng.choice(users), rng.choice(anons)
+        else:
+            ev.type = events_pb2.EVENT_TYPE_TRACK
+            ev.event = "Viewed"
+            ev.anonymous_id = rng.choice(anons)
+            if rng.random() < 0.3:
+                ev.user_id = rng.choice(users)
+            if rng.random() < 0.4:
+                ev.context.device.id = rng.choice(devices)
+        out.append(ev)
+    return out
+
+
+def reference_partition(events: list[events_pb2.Event]) -> set[frozenset[str]]:
+    rules = MergeRules.default()
+    graph, normalizer, extractor = IdentityGraph(rules), Normalizer(rules), Extractor(rules)
+    for ev in events:
+        # Alias previous ids here are always anonymous ids (no user id looks like "a-…").
+        pairs = [("anonymous_id", v) if k == "previous" else (k, v) for k, v in extractor.extract(ev)]
+        identifiers, _ = normalizer.normalize(pairs)
+        graph.resolve(identifiers, event_id=f"crash:{ev.message_id}", at=ev.timestamp.ToMilliseconds())
+    return set(graph.partition().values())
+
+
+async def stored_partition(store_url: str) -> set[frozenset[str]]:
+    graph = IdentityGraph(MergeRules.default())
+    async with open_store(store_url) as store:
+        for collection, load in (
+            ("identity_identifiers", graph.load_identifier),
+            ("identity_persons", graph.load_person),
+        ):
+            cursor = None
+            while True:
+                page = await store.scan(collection, cursor=cursor, limit=5000)
+                for record in page.records:
+                    load(record.key, record.doc)
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+    owners: dict[str, str] = {}
+    for root, person in graph.persons.items():
+        if person.merged_into is None:
+            for key in person.ids:
+                assert key not in owners, f"{key} is on two persons: {owners[key]} and {root}"
+                owners[key] = root
+    partition = graph.partition()
+    for root, keys in partition.items():
+        assert set(graph.persons[root].ids) == set(keys), f"{root}'s identifier list disagrees with the graph"
+    return set(partition.values())
+
+
+async def resolved_ids(js) -> set[str]:
+    info = await js.stream_info("EVENTS_RESOLVED")
+    ids = set()
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg("EVENTS_RESOLVED", seq)
+        ids.add(msg.headers["Nats-Msg-Id"])
+    return ids
+
+
+@pytest.mark.timeout(240)
+async def test_killed_mid_stream_restarts_to_the_reference_graph(nats_server, tmp_path):
+    events = random_events(seed=5)
+    store_url = f"sqlite:///{tmp_path / 'identity.db'}"
+    service = IdentityProcess(
+        nats_server.url,
+        tmp_path,
+        store_url=store_url,
+        partitions=1,
+        CDP_IDENTITY_BATCH_SIZE="200",
+        CDP_IDENTITY_ACK_WAIT="1",
+    )
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        await ensure_stream(js, events_raw_stream())
+        for ev in events:
+            await js.publish("events.raw.0", ev.SerializeToString(), headers={"Nats-Msg-Id": f"crash:{ev.message_id}"})
+        service.start()
+
+        async def progress() -> int:
+            try:
+                return (await js.stream_info("EVENTS_RESOLVED")).state.messages
+            except NotFoundError:
+                return 0
+
+        kills = 0
+        for _ in range(5):  # kill whenever it has made some progress, five times
+            target = min(await progress() + 400, EVENTS)
+            for _ in range(20_000):
+                if await progress() >= target:
+                    break
+                await asyncio.sleep(0.01)
+            if await progress() >= EVENTS:
+                break
+            service.kill()
+            kills += 1
+            service.start()
+        for _ in range(600):
+            if await progress() >= EVENTS:
+                break
+            await asyncio.sleep(0.1)
+        service.stop()
+        assert kills >= 3, "the service finished before it could be killed; make the stream longer"
+        assert await resolved_ids(js) == {f"crash:{ev.message_id}" for ev in events}, "an event was lost"
+        assert await stored_partition(store_url) == reference_partition(events)
+    finally:
+        service.stop()
+        await nc.close()

@@ -1,0 +1,208 @@
+"""Collector → events.raw → identity → events.resolved / identity.*, with a real nats-server.
+
+The SDK-shaped payloads go through the collector's Segment HTTP API; what identity publishes is read
+back from JetStream, and the graph is checked through IdentityService over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import grpc
+import nats
+import pytest
+
+from cdp.events.v1 import events_pb2
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp_collector.__main__ import setup as collector_setup
+from cdp_collector.settings import CollectorSettings
+from cdp_identity.__main__ import setup as identity_setup
+from cdp_identity.settings import IdentitySettings
+from cdp_kit.service import serving
+
+WRITE_KEY = "wk_identity_flow_0001"
+PARTITIONS = 4
+
+
+@pytest.fixture
+async def platform(nats_server, tmp_path):
+    sources = tmp_path / "sources.json"
+    sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
+    common = dict(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=PARTITIONS,
+        shutdown_grace=1.0,
+    )
+    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
+    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
+    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{i.grpc.port}")
+        try:
+            yield Platform(
+                http=f"http://127.0.0.1:{c.ports['http']}",
+                nats_url=nats_server.url,
+                identity=identity_pb2_grpc.IdentityServiceStub(channel),
+            )
+        finally:
+            await channel.close()
+
+
+class Platform:
+    def __init__(self, http: str, nats_url: str, identity) -> None:
+        self.http = http
+        self.nats_url = nats_url
+        self.identity = identity
+
+    async def send(self, *events: dict) -> None:
+        async with aiohttp.ClientSession() as session:
+            body = {"batch": list(events), "writeKey": WRITE_KEY}
+            async with session.post(f"{self.http}/v1/batch", json=body) as response:
+                assert response.status == 200, await response.text()
+
+    async def messages(self, stream: str, expected: int, timeout: float = 15.0) -> list:
+        """Every message of `stream` once there are at least `expected`, in stream order."""
+        nc = await nats.connect(self.nats_url)
+        try:
+            js = nc.jetstream()
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                info = await js.stream_info(stream)
+                if info.state.messages >= expected:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, (
+                    f"{stream} has {info.state.messages} messages, expected {expected}"
+                )
+                await asyncio.sleep(0.05)
+            return [await js.get_msg(stream, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+        finally:
+            await nc.close()
+
+    async def resolved(self, expected: int) -> dict[str, events_pb2.ResolvedEvent]:
+        out = {}
+        for msg in await self.messages("EVENTS_RESOLVED", expected):
+            resolved = events_pb2.ResolvedEvent.FromString(msg.data)
+            out[resolved.event.message_id] = resolved
+            assert msg.subject.startswith("events.resolved.")
+        return out
+
+
+def track(message_id: str, **fields) -> dict:
+    return {"type": "track", "event": "Product Viewed", "messageId": message_id, **fields}
+
+
+async def test_anonymous_activity_joins_the_person_who_signs_in(platform):
+    await platform.send(
+        {"type": "page", "name": "Home", "messageId": "m1", "anonymousId": "anon-phone-1"},
+        {
+            "type": "identify",
+            "messageId": "m2",
+            "anonymousId": "anon-phone-1",
+            "userId": "user-1",
+            "traits": {"email": " Ada@Example.COM "},
+        },
+        track("m3", anonymousId="anon-laptop-1", userId="user-1"),
+    )
+    resolved = await platform.resolved(3)
+    persons = {resolved[m].person_id for m in ("m1", "m2", "m3")}
+    assert len(persons) == 1, "anonymous browsing, sign-in and the second device are one person"
+    (person,) = persons
+    found = await platform.identity.Lookup(
+        identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type="email", value="ada@example.com"))
+    )
+    assert found.person_id == person
+    assert {(i.type, i.value) for i in found.identifiers} == {
+        ("anonymous_id", "anon-phone-1"),
+        ("anonymous_id", "anon-laptop-1"),
+        ("user_id", "user-1"),
+        ("email", "ada@example.com"),
+    }
+    # The event is carried as the collector accepted it.
+    assert resolved["m2"].event.traits.fields["email"].string_value == " Ada@Example.COM "
+
+
+async def test_cross_device_merge_is_published_recorded_and_reversible(platform):
+    await platform.send(
+        track("p1", anonymousId="phone-2", context={"device": {"id": "device-phone-2"}}),
+        track("l1", anonymousId="laptop-2"),
+    )
+    before = await platform.resolved(2)
+    phone_person, laptop_person = before["p1"].person_id, before["l1"].person_id
+    assert phone_person != laptop_person
+
+    await platform.send(
+        {"type": "identify", "messageId": "i1", "anonymousId": "phone-2", "userId": "user-2"},
+        {"type": "identify", "messageId": "i2", "anonymousId": "laptop-2", "userId": "user-2"},
+    )
+    after = await platform.resolved(4)
+    assert after["i1"].person_id == after["i2"].person_id == phone_person
+
+    (merged_msg,) = await platform.messages("IDENTITY", 1)
+    assert merged_msg.subject == "identity.merged"
+    merged = identity_pb2.IdentityMerged.FromString(merged_msg.data)
+    assert (merged.winner, merged.loser) == (phone_person, laptop_person)
+    assert merged.cause.rule == "event" and merged.cause.event_id == "web:i2"
+
+    graph = await platform.identity.GetGraph(identity_pb2.GetGraphRequest(person_id=laptop_person))
+    assert graph.person_id == phone_person, "a merged-away person id leads to the survivor"
+    assert [m.merge_id for m in graph.merges] == [merged.merge_id]
+
+    split = await platform.identity.Unmerge(identity_pb2.UnmergeRequest(merge_id=merged.merge_id, reason="test"))
+    assert (split.winner, split.loser) == (phone_person, laptop_person)
+    assert {(i.type, i.value) for i in split.loser_identifiers} == {("anonymous_id", "laptop-2")}
+    messages = await platform.messages("IDENTITY", 2)
+    assert messages[1].subject == "identity.unmerged"
+    assert identity_pb2.IdentityUnmerged.FromString(messages[1].data).loser == laptop_person
+
+    back = await platform.identity.Lookup(identity_pb2.LookupRequest(person_id=laptop_person))
+    assert back.person_id == laptop_person
+    # Separated persons are not glued again by the next event that links them.
+    await platform.send({"type": "identify", "messageId": "i3", "anonymousId": "laptop-2", "userId": "user-2"})
+    again = await platform.resolved(5)
+    assert again["i3"].person_id == phone_person
+    assert [(d.type, d.reason) for d in again["i3"].dropped] == [("anonymous_id", "separated")]
+    assert (
+        await platform.identity.Lookup(identity_pb2.LookupRequest(person_id=laptop_person))
+    ).person_id == laptop_person
+
+
+async def test_a_shared_tablet_never_glues_two_users_together(platform):
+    tablet = {"device": {"id": "family-tablet"}}
+    await platform.send(
+        track("t1", userId="parent", context=tablet),
+        track("t2", userId="child", context=tablet),
+    )
+    resolved = await platform.resolved(2)
+    assert resolved["t1"].person_id != resolved["t2"].person_id
+    assert [(d.type, d.value, d.reason) for d in resolved["t2"].dropped] == [
+        ("device_id", "family-tablet", "limit:user_id")
+    ]
+    graph = await platform.identity.GetGraph(identity_pb2.GetGraphRequest(person_id=resolved["t2"].person_id))
+    assert [(d.dropped.identifier.value, d.dropped.reason) for d in graph.drops] == [("family-tablet", "limit:user_id")]
+
+
+async def test_resolve_is_synchronous_idempotent_and_names_bad_fields(platform):
+    request = identity_pb2.ResolveRequest(
+        identifiers=[identity_pb2.Identifier(type="email", value="grace@example.com")], request_id="crm-import-7"
+    )
+    first = await platform.identity.Resolve(request)
+    assert first.created and first.person_id
+    second = await platform.identity.Resolve(request)
+    assert second.person_id == first.person_id and not second.created
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await platform.identity.Resolve(
+            identity_pb2.ResolveRequest(identifiers=[identity_pb2.Identifier(type="fax", value="123")])
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "identifiers[0]" in caught.value.details() and "fax" in caught.value.details()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await platform.identity.Lookup(
+            identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type="email", value="nobody@example.com"))
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
