@@ -6,7 +6,9 @@ anonymous id, email) and a measured part with a realistic identifier mix — 70 
 + their anonymous id), 20 % anonymous → known (a new anonymous id signing in as a known user), 10 % new
 anonymous visitors. Both sides run 8 partition consumers (batches of 500) over the same messages; the
 measured rate is over the measured part only (timed from the moment the warm-up part is through).
-Identity runs in-process on SQLite with write-behind, publishing every event to events.resolved.
+Identity runs in-process on SQLite with write-behind, publishing every event to events.resolved (in
+one ResolvedEventBatch message per person partition and applied batch). Progress on both sides is read
+the same way: raw events acknowledged by the partition consumers.
 
     make bench-identity          # writes bench/results/identity.json and identity-resolve.json
 """
@@ -93,6 +95,18 @@ async def fill_stream(bus: Bus, events: list[events_pb2.Event]) -> None:
         assert all(r.ok for r in results)
 
 
+async def acknowledged(js, durable_prefix: str, total: int) -> int:
+    """Raw events the partition consumers have handled and acknowledged (both sides counted alike)."""
+    remaining = 0
+    for p in range(PARTITIONS):
+        try:
+            info = await js.consumer_info("EVENTS_RAW", f"{durable_prefix}{p}")
+        except Exception:
+            return 0
+        remaining += info.num_pending + info.num_ack_pending
+    return total - remaining
+
+
 async def wait_count(count_fn, target: int, timeout: float = 600) -> float:
     deadline = time.perf_counter() + timeout
     while True:
@@ -105,16 +119,15 @@ async def wait_count(count_fn, target: int, timeout: float = 600) -> float:
 
 async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     """The foundation's consumer, 8 partition durables, handler does nothing: events/s over the measured part."""
-    seen = 0
 
     async def nothing(batch) -> None:
-        nonlocal seen
-        seen += len(batch)
-
-    async def count() -> int:
-        return seen
+        return None
 
     async with Bus.connect(nats_url, name="bench-baseline") as bus:
+
+        async def count() -> int:
+            return await acknowledged(bus.js, "noop-p", total)
+
         tasks = []
         for p in range(PARTITIONS):
             runner = bus.consumer(
@@ -146,7 +159,7 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
     async with serving(settings, identity_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
 
         async def resolved() -> int:
-            return (await reader.js.stream_info("EVENTS_RESOLVED")).state.messages
+            return await acknowledged(reader.js, "identity-p", total)
 
         t0 = await wait_count(resolved, warmup)
         t1 = await wait_count(resolved, total)
@@ -181,9 +194,7 @@ async def bench_resolve(address: str) -> dict:
 async def bench_echo() -> dict:
     """A bare grpc.aio unary echo of a Resolve-sized payload, same call pattern: the latency floor."""
     server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda req, ctx: _echo(req))}
-    )
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -209,7 +220,7 @@ async def bench_echo() -> dict:
     return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
 
 
-async def _echo(request: bytes) -> bytes:
+async def _echo(request: bytes, context) -> bytes:
     return request
 
 
@@ -224,6 +235,7 @@ async def main() -> None:
                 await fill_stream(bus, warmup + measured)
             baseline = await bench_baseline(server.url, len(warmup), total)
             ours, resolve = await bench_identity(server.url, Path(tmp), len(warmup), total)
+            print(f"baseline {baseline:,.0f} events/s, identity {ours:,.0f} events/s, resolve {resolve}")
             echo = await bench_echo()
         finally:
             server.stop()

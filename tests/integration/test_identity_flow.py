@@ -78,17 +78,25 @@ class Platform:
                     f"{stream} has {info.state.messages} messages, expected {expected}"
                 )
                 await asyncio.sleep(0.05)
+            if not info.state.messages:
+                return []
             return [await js.get_msg(stream, seq) for seq in range(info.state.first_seq, info.state.last_seq + 1)]
         finally:
             await nc.close()
 
-    async def resolved(self, expected: int) -> dict[str, events_pb2.ResolvedEvent]:
-        out = {}
-        for msg in await self.messages("EVENTS_RESOLVED", expected):
-            resolved = events_pb2.ResolvedEvent.FromString(msg.data)
-            out[resolved.event.message_id] = resolved
-            assert msg.subject.startswith("events.resolved.")
-        return out
+    async def resolved(self, expected: int, timeout: float = 15.0) -> dict[str, events_pb2.ResolvedEvent]:
+        """Every resolved event by message id, once there are at least `expected` of them."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            out = {}
+            for msg in await self.messages("EVENTS_RESOLVED", 0):
+                assert msg.subject.startswith("events.resolved.")
+                for resolved in events_pb2.ResolvedEventBatch.FromString(msg.data).events:
+                    out[resolved.event.message_id] = resolved
+            if len(out) >= expected:
+                return out
+            assert asyncio.get_running_loop().time() < deadline, f"{len(out)} resolved events, expected {expected}"
+            await asyncio.sleep(0.05)
 
 
 def track(message_id: str, **fields) -> dict:

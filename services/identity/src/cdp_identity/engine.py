@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,8 @@ CHECKPOINTS = "identity_checkpoints"
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -57,6 +60,11 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+# One events.resolved message stays well under JetStream's default 1 MiB payload limit.
+MAX_RESOLVED_MESSAGE_BYTES = 256 * 1024
 
 
 def _length_delimited(field_number: int, data: bytes) -> bytes:
@@ -71,6 +79,27 @@ def encode_resolved(raw_event: bytes, person_id: str, dropped: Sequence[tuple[st
         item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
         out += _length_delimited(3, item)
     return out
+
+
+def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMessage]:
+    """`ResolvedEventBatch` messages, one per person partition (split when large). The message id is a
+    digest of the event ids inside, so re-publishing the same batch after a crash is deduplicated;
+    consumers are idempotent on each event's id for anything else."""
+    messages = []
+    for partition, entries in grouped.items():
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        for entry in [*entries, None]:
+            if entry is None or (chunk and size + len(entry[1]) > MAX_RESOLVED_MESSAGE_BYTES):
+                if chunk:
+                    payload = b"".join(_length_delimited(1, encoded) for _id, encoded in chunk)
+                    msg_id = stable_id("rb_", *(event_id for event_id, _ in chunk))
+                    messages.append(OutMessage(subject=f"events.resolved.{partition}", payload=payload, msg_id=msg_id))
+                chunk, size = [], 0
+            if entry is not None:
+                chunk.append(entry)
+                size += len(entry[1])
+    return messages
 
 
 def event_time_ms(event: events_pb2.Event) -> int:
@@ -114,7 +143,7 @@ class _Item:
     rejected: list[Rejected]
     previous: str | None  # an alias's previous_id, placed once the graph is loaded
     raw: bytes = b""
-    stream_seq: int = 0
+    replay: bool = False  # applied before a crash: resolve read-only, publish again
 
 
 class IdentityEngine:
@@ -126,19 +155,19 @@ class IdentityEngine:
         *,
         partitions: int,
         telemetry: Telemetry,
-        checkpoint_key: str = "identity",
     ) -> None:
         self.rules = rules
         self.store = store
         self.publisher = publisher
         self.partitions = partitions
-        self.checkpoint_key = checkpoint_key
         self.graph = IdentityGraph(rules)
         self.normalizer = Normalizer(rules)
         self.extractor = Extractor(rules)
         self.lock = asyncio.Lock()
+        self._partition_of = functools.lru_cache(maxsize=1 << 18)(lambda person: partition_for(person, partitions))
         self.versions: dict[tuple[str, str], int] = {}
-        self.applied_seq = 0  # stream position whose effects are durable
+        # Per partition subject: the stream position whose effects are durable (the checkpoint).
+        self.applied: dict[str, int] = {}
         self._outbox_waiting = True  # notifications may be waiting from before a restart
         meter = telemetry.meter
         self._events = meter.create_counter("cdp_identity_events_total", description="events resolved, by outcome")
@@ -156,10 +185,14 @@ class IdentityEngine:
 
     async def start(self) -> None:
         await self.store.ensure_index(IDENTIFIERS, "quarantined")
-        checkpoint = await self.store.get(CHECKPOINTS, self.checkpoint_key)
-        if checkpoint is not None:
-            self.applied_seq = checkpoint.doc.get("stream_seq", 0)
-            self.versions[(CHECKPOINTS, self.checkpoint_key)] = checkpoint.version
+        cursor = None
+        while True:
+            page = await self.store.scan(CHECKPOINTS, cursor=cursor, limit=1000)
+            for record in page.records:
+                self.applied[record.key] = record.doc.get("stream_seq", 0)
+            cursor = page.next_cursor
+            if cursor is None:
+                break
         # Notifications written before a crash but never published.
         await self.publish_outbox()
 
@@ -179,7 +212,16 @@ class IdentityEngine:
             items.append(self._item(delivery, event, event_id))
         if not items:
             return
-        outputs, _ = await self._apply(items)
+        # One consumer per partition: a batch is one subject, in stream order. Reading a message's
+        # position parses its reply subject, so only the ends are read unless the batch straddles the
+        # checkpoint (a redelivery after a crash).
+        subject = batch[0].subject
+        applied = self.applied.get(subject, 0)
+        last_seq = batch[-1].stream_seq
+        if applied and batch[0].stream_seq <= applied:
+            for item in items:
+                item.replay = item.delivery.stream_seq <= applied  # type: ignore[union-attr]
+        outputs, _ = await self._apply(items, position=(subject, max(last_seq, applied)))
         await self.publish_outbox()
         results = await self.publisher.publish_batch(outputs)
         failed = [r.error for r in results if not r.ok]
@@ -201,10 +243,11 @@ class IdentityEngine:
             rejected=rejected,
             previous=previous,
             raw=delivery.data if delivery is not None else b"",
-            stream_seq=delivery.stream_seq if delivery is not None else 0,
         )
 
-    async def _apply(self, items: list[_Item]) -> tuple[list[OutMessage], list[Resolution | None]]:
+    async def _apply(
+        self, items: list[_Item], position: tuple[str, int] | None = None
+    ) -> tuple[list[OutMessage], list[Resolution | None]]:
         started = time.perf_counter()
         async with self.lock:
             keys = {i.key for item in items for i in item.identifiers}
@@ -212,41 +255,44 @@ class IdentityEngine:
                 if item.previous is not None:
                     keys.update(self._previous_candidates(item.previous))
             await self._load(keys)
-            outputs: list[OutMessage] = []
+            grouped: dict[int, list[tuple[str, bytes]]] = {}
             resolutions: list[Resolution | None] = []
             outbox: list[tuple[str, str, bytes]] = []
-            newest_seq = self.applied_seq
+            outcomes: dict[str, int] = {}
+            drop_reasons: dict[str, int] = {}
             try:
                 for item in items:
                     self._place_previous(item)
-                    replay = 0 < item.stream_seq <= self.applied_seq
+                    replay = item.replay
                     resolution = self.graph.resolve(
                         item.identifiers, event_id=item.event_id, at=item.at, read_only=replay
                     )
                     resolutions.append(resolution)
                     person = resolution.person if resolution else stable_id("p_", item.event_id)
                     outcome = "replayed" if replay else ("resolved" if resolution else "unlinked")
-                    self._events.add(1, {"outcome": outcome})
+                    outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     if resolution is not None and not replay:
                         outbox.extend(self._notifications(resolution, item.at))
                     dropped = [(r.type, r.value, r.reason) for r in item.rejected]
                     if resolution is not None:
                         dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
                     for _kind, _value, reason in dropped:
-                        self._drops.add(1, {"reason": reason.split(":")[0]})
+                        reason = reason.split(":")[0]
+                        drop_reasons[reason] = drop_reasons.get(reason, 0) + 1
                     if item.delivery is not None:
-                        outputs.append(
-                            OutMessage(
-                                subject=f"events.resolved.{partition_for(person, self.partitions)}",
-                                payload=encode_resolved(item.raw, person, dropped),
-                                msg_id=item.event_id,
-                            )
+                        grouped.setdefault(self._partition_of(person), []).append(
+                            (item.event_id, encode_resolved(item.raw, person, dropped))
                         )
-                    newest_seq = max(newest_seq, item.stream_seq)
-                await self._persist(outbox, newest_seq)
+                await self._persist(outbox, position)
             except BaseException:
                 self._forget_dirty()
                 raise
+        outputs = resolved_messages(grouped)
+        # Counted per batch, not per event: an OTel `add` costs as much as resolving an event.
+        for outcome, count in outcomes.items():
+            self._events.add(count, {"outcome": outcome})
+        for reason, count in drop_reasons.items():
+            self._drops.add(count, {"reason": reason})
         self._apply_ms.record((time.perf_counter() - started) * 1000)
         return outputs, resolutions
 
@@ -318,7 +364,7 @@ class IdentityEngine:
                 raise FailedPrecondition(str(exc), reason=exc.rule.split(":")[0]) from None
             try:
                 outbox = [] if merge is None else self._merge_notification(merge)
-                await self._persist(outbox, self.applied_seq)
+                await self._persist(outbox)
             except BaseException:
                 self._forget_dirty()
                 raise
@@ -354,7 +400,7 @@ class IdentityEngine:
                     reason=reason,
                 )
                 outbox = [("identity.unmerged", f"unmerge:{merge_id}:{at}", message.SerializeToString())]
-                await self._persist(outbox, self.applied_seq)
+                await self._persist(outbox)
             except BaseException:
                 self._forget_dirty()
                 raise
@@ -376,7 +422,7 @@ class IdentityEngine:
             if changed and quarantined:
                 outbox = self._quarantine_notification(key, at)
             try:
-                await self._persist(outbox, self.applied_seq)
+                await self._persist(outbox)
             except BaseException:
                 self._forget_dirty()
                 raise
@@ -438,7 +484,7 @@ class IdentityEngine:
                     follow.add(record.doc["merged_into"])
             wanted = set(self.graph.missing_persons(follow))
 
-    async def _persist(self, outbox: list[tuple[str, str, bytes]], stream_seq: int) -> None:
+    async def _persist(self, outbox: list[tuple[str, str, bytes]], position: tuple[str, int] | None = None) -> None:
         identifiers, persons, merges = self.graph.take_dirty()
         ops: list[Put | Delete] = []
         keys: list[tuple[str, str]] = []
@@ -460,9 +506,9 @@ class IdentityEngine:
             )
             keys.append((OUTBOX, msg_id))
             self._outbox_waiting = True
-        if stream_seq > self.applied_seq:
-            ops.append(Put(CHECKPOINTS, self.checkpoint_key, {"stream_seq": stream_seq, "at": now}))
-            keys.append((CHECKPOINTS, self.checkpoint_key))
+        if position is not None and position[1] > self.applied.get(position[0], 0):
+            ops.append(Put(CHECKPOINTS, position[0], {"stream_seq": position[1], "at": now}))
+            keys.append((CHECKPOINTS, position[0]))
         if not ops:
             return
         # Keep the dirty documents until the write is known: a failure forgets them (see _forget_dirty).
@@ -471,7 +517,8 @@ class IdentityEngine:
         self._pending = None
         for key, version in zip(keys, result.versions, strict=True):
             self.versions[key] = version
-        self.applied_seq = max(self.applied_seq, stream_seq)
+        if position is not None:
+            self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
     _pending: tuple[dict, dict, dict] | None = None
 

@@ -74,6 +74,15 @@ def _device_getter(name: str) -> Getter:
     return get
 
 
+# Whether the struct is there at all: far cheaper than touching an absent one's fields.
+_HAS: dict[str, Callable[[events_pb2.Event], bool]] = {
+    "traits": lambda e: e.HasField("traits"),
+    "context.traits": lambda e: e.HasField("context") and e.context.HasField("traits"),
+    "properties": lambda e: e.HasField("properties"),
+    "extra": lambda e: e.HasField("extra"),
+    "context.extra": lambda e: e.HasField("context") and e.context.HasField("extra"),
+}
+
 _STRUCTS: dict[str, Callable[[events_pb2.Event], struct_pb2.Struct]] = {
     "traits": lambda e: e.traits,
     "context.traits": lambda e: e.context.traits,
@@ -101,17 +110,46 @@ def compile_path(path: str, field_name: str = "paths") -> Getter:
 
 
 class Extractor:
-    """(type, raw value) pairs of one event, in rule order. An alias's `previous_id` is returned with
-    type `previous` for the engine to place (a known user id, else an anonymous id)."""
+    """(type, raw value) pairs of one event. An alias's `previous_id` is returned last with type
+    `previous`, for the engine to place (a known user id, else an anonymous id).
+
+    Paths are grouped by where they look (top-level fields, the device, each struct) so that an event
+    pays once per place, not once per path: most events carry no traits at all."""
 
     def __init__(self, rules: MergeRules) -> None:
-        self.getters: list[tuple[str, Getter]] = []
+        self.fields: list[tuple[str, str]] = []
+        self.device: list[tuple[str, str]] = []
+        self.structs: dict[str, list[tuple[str, str]]] = {}
+        self.external: list[str] = []
         for index, kind in enumerate(rules.types):
             for j, path in enumerate(kind.paths):
-                self.getters.append((kind.name, compile_path(path, f"types[{index}].paths[{j}]")))
+                compile_path(path, f"types[{index}].paths[{j}]")  # validates, naming the bad path
+                if path in ("user_id", "anonymous_id", "previous_id"):
+                    self.fields.append((path, kind.name))
+                elif path.startswith("context.device."):
+                    self.device.append((path.rsplit(".", 1)[1], kind.name))
+                elif path.startswith("context.externalIds."):
+                    self.external.append(kind.name)
+                else:
+                    prefix = next(p for p in sorted(_STRUCTS, key=len, reverse=True) if path.startswith(p + "."))
+                    self.structs.setdefault(prefix, []).append((path[len(prefix) + 1 :], kind.name))
+        self.struct_groups = [(_HAS[prefix], _STRUCTS[prefix], keys) for prefix, keys in self.structs.items()]
 
     def extract(self, event: events_pb2.Event) -> list[tuple[str, str]]:
-        pairs = [(kind, value) for kind, get in self.getters for value in get(event)]
+        pairs = [(kind, value) for attr, kind in self.fields if (value := getattr(event, attr))]
+        if self.device and event.context.HasField("device"):
+            device = event.context.device
+            pairs.extend((kind, value) for attr, kind in self.device if (value := getattr(device, attr)))
+        for present, select, keys in self.struct_groups:
+            if not present(event):
+                continue
+            fields = select(event).fields
+            for key, kind in keys:
+                if key in fields and (value := _scalar(fields[key])) is not None:
+                    pairs.append((kind, value))
+        if self.external and _HAS["context.extra"](event) and "externalIds" in event.context.extra.fields:
+            for kind in self.external:
+                pairs.extend((kind, value) for value in _external_ids_getter(kind)(event))
         if event.type == ALIAS and event.previous_id:
             pairs.append(("previous", event.previous_id))
         return pairs

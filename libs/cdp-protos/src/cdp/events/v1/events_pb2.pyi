@@ -260,6 +260,12 @@ class ResolvedEvent(_message.Message):
     dropped: _containers.RepeatedCompositeFieldContainer[DroppedIdentifier]
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ...) -> None: ...
 
+class ResolvedEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ResolvedEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ResolvedEvent, _Mapping]]] = ...) -> None: ...
+
 class DroppedIdentifier(_message.Message):
     __slots__ = ("type", "value", "reason")
     TYPE_FIELD_NUMBER: _ClassVar[int]
