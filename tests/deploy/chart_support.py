@@ -38,9 +38,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "dev": {"values_files": [values_file("values-dev.yaml")]},
     "prod": {"values_files": [values_file("values-prod.yaml")]},
     # Adding a service must be a values-only change: one key, everything else from componentDefaults.
-    "prod+identity": {
+    "prod+orchestration": {
         "values_files": [values_file("values-prod.yaml")],
-        "set_values": {"components": {"identity": {}}},
+        "set_values": {"components": {"orchestration": {}}},
     },
     "stateful": {
         "set_values": {

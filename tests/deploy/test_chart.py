@@ -326,7 +326,7 @@ def test_prod_reads_the_mongodb_uri_from_a_secret_and_turns_tls_and_tokens_on(re
 # --- availability --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["prod", "prod+identity"])
+@pytest.mark.parametrize("scenario", ["prod", "prod+orchestration"])
 def test_prod_runs_two_or_more_pods_per_component_behind_a_pdb(scenario, rendered):
     r = rendered[scenario]
     pdbs = r.of_kind("PodDisruptionBudget")
@@ -391,19 +391,22 @@ def test_existing_secrets_are_not_checksummed(rendered):
 
 
 def test_adding_a_component_is_a_values_only_change(rendered):
-    before, after = rendered["prod"], rendered["prod+identity"]
+    before, after = rendered["prod"], rendered["prod+orchestration"]
     new = {Rendered.describe(o) for o in after.objects} - {Rendered.describe(o) for o in before.objects}
     assert new == {
-        "ServiceAccount/cdp-identity",
-        "Service/cdp-identity",
-        "Deployment/cdp-identity",
-        "PodDisruptionBudget/cdp-identity",
-        "NetworkPolicy/cdp-identity",
+        "ServiceAccount/cdp-orchestration",
+        "Service/cdp-orchestration",
+        "Deployment/cdp-orchestration",
+        "PodDisruptionBudget/cdp-orchestration",
+        "NetworkPolicy/cdp-orchestration",
     }
-    (container,) = after.get("Deployment", "cdp-identity")["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "cdp_identity"]
-    assert env_of(container)["OTEL_SERVICE_NAME"]["value"] == "identity"
-    assert after.get("Deployment", "cdp-identity")["spec"]["replicas"] == before.values["componentDefaults"]["replicas"]
+    (container,) = after.get("Deployment", "cdp-orchestration")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "cdp_orchestration"]
+    assert env_of(container)["OTEL_SERVICE_NAME"]["value"] == "orchestration"
+    assert (
+        after.get("Deployment", "cdp-orchestration")["spec"]["replicas"]
+        == before.values["componentDefaults"]["replicas"]
+    )
 
 
 def test_a_stateful_component_gets_ordinals_and_a_claim_per_pod(rendered):
@@ -432,11 +435,13 @@ def test_optional_objects_render_behind_their_switches(rendered):
         "HorizontalPodAutoscaler",
         "ServiceMonitor",
         "NetworkPolicy",
-        "StatefulSet",
         "PersistentVolumeClaim",
     ):
         assert everything.of_kind(kind), kind
         assert not default.of_kind(kind), f"{kind} is on by default"
+    # StatefulSets only for components that own partitions (identity), never as a side effect.
+    stateful = {n for n, c in default.values["components"].items() if c.get("stateful")}
+    assert {Rendered.describe(o) for o in default.of_kind("StatefulSet")} == {f"StatefulSet/cdp-{n}" for n in stateful}
     hpa = everything.get("HorizontalPodAutoscaler", "cdp-collector")
     assert "replicas" not in everything.get("Deployment", "cdp-collector")["spec"], "the HPA owns replicas"
     assert hpa["spec"]["minReplicas"] == 3
@@ -447,7 +452,7 @@ def test_optional_objects_render_behind_their_switches(rendered):
     assert url["value"] == "mongodb://cdp-mongodb:27017/cdp"
     assert mongo["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 27017
     monitors = {m["metadata"]["name"] for m in everything.of_kind("ServiceMonitor")}
-    assert monitors == {f"cdp-{name}" for name in ("collector", "segmentation")}
+    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "segmentation")}
 
 
 # --- values that must not install ----------------------------------------------------------------------
@@ -566,3 +571,12 @@ def test_the_schema_covers_every_default_key():
     walk(values["componentDefaults"], schema["definitions"]["component"], "componentDefaults.")
     for name, component in values["components"].items():
         walk(component, schema["definitions"]["component"], f"components.{name}.")
+
+
+def test_identity_owns_partitions_with_stable_ordinals(rendered):
+    for scenario in ("default", "prod"):
+        identity = rendered[scenario].get("StatefulSet", "cdp-identity")
+        (container,) = identity["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["python", "-m", "cdp_identity"]
+        env = env_of(container)
+        assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env), "identity must know which partitions it owns"

@@ -214,3 +214,97 @@ async def test_resolve_is_synchronous_idempotent_and_names_bad_fields(platform):
             identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type="email", value="nobody@example.com"))
         )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def contact(record_id: str, crm_id: str, **fields: str) -> identity_pb2.MatchRecord:
+    return identity_pb2.MatchRecord(
+        id=record_id,
+        source="crm",
+        fields=fields,
+        identifiers=[identity_pb2.Identifier(type="salesforce_id", value=crm_id)],
+    )
+
+
+async def test_match_records_merges_confident_pairs_and_queues_the_doubtful(platform):
+    from cdp_testing.people import generate_population
+
+    records, truth = generate_population(300, duplicates_rate=0.3, seed=3)
+    request = identity_pb2.MatchRecordsRequest(apply=True)
+    for record in records:
+        fields = {k: str(v) for k, v in record.items() if k != "id" and v not in (None, "")}
+        request.records.append(contact(str(record["id"]), f"sf-{record['id']}", **fields))
+    response = await platform.identity.MatchRecords(request)
+    assert len(response.persons) == len(records)
+    assert response.merges, "duplicates in the population must merge"
+    for merge in response.merges:
+        assert merge.cause.rule == "match" and merge.cause.detail.startswith("p=")
+    # Merged records now resolve to one person; records of different people stay apart.
+    person_of = {}
+    for record in records:
+        found = await platform.identity.Lookup(
+            identity_pb2.LookupRequest(
+                identifier=identity_pb2.Identifier(type="salesforce_id", value=f"sf-{record['id']}")
+            )
+        )
+        person_of[str(record["id"])] = found.person_id
+    same_person = {
+        (a, b)
+        for a in person_of
+        for b in person_of
+        if a < b and person_of[a] == person_of[b]
+    }
+    truly_same = {
+        (str(a["id"]), str(b["id"]))
+        for a in records
+        for b in records
+        if str(a["id"]) < str(b["id"]) and truth[a["id"]] == truth[b["id"]]
+    }
+    precision = len(same_person & truly_same) / len(same_person)
+    recall = len(same_person & truly_same) / len(truly_same)
+    assert precision >= 0.95 and recall >= 0.8, (precision, recall)
+
+    reviews = await platform.identity.ListReviews(identity_pb2.ListReviewsRequest(page_size=1000))
+    assert {r.review_id for r in reviews.reviews} == set(response.review_ids)
+    for review in reviews.reviews:
+        assert 0.6 <= review.pair.probability < 0.95 or review.pair.decision == "match"
+
+
+async def test_reviews_are_decided_by_a_person(platform):
+    # Same name and city, different e-mail and no birth date: probable, not certain.
+    request = identity_pb2.MatchRecordsRequest(
+        apply=True,
+        records=[
+            contact("r1", "sf-r1", first_name="Katherine", last_name="Oduya", city="Leeds", zip="LS1 4AP"),
+            contact("r2", "sf-r2", first_name="Kate", last_name="Oduya", city="Leeds", zip="LS1 4AP"),
+        ],
+    )
+    response = await platform.identity.MatchRecords(request)
+    (pair,) = response.pairs
+    assert pair.levels["first_name"] != "else", "the nickname must count as agreement"
+    if pair.decision == "review":
+        (review_id,) = response.review_ids
+        decided = await platform.identity.ResolveReview(
+            identity_pb2.ResolveReviewRequest(
+                review_id=review_id, decision=identity_pb2.ResolveReviewRequest.DECISION_MERGE, reviewer="ops@shop"
+            )
+        )
+        assert decided.merge.cause.rule == "review" and decided.merge.cause.detail == "ops@shop"
+        left = await platform.identity.Lookup(identity_pb2.LookupRequest(person_id=pair.left_person))
+        right = await platform.identity.Lookup(identity_pb2.LookupRequest(person_id=pair.right_person))
+        assert left.person_id == right.person_id
+        assert not (await platform.identity.ListReviews(identity_pb2.ListReviewsRequest())).reviews
+    else:
+        assert pair.decision == "match" and response.merges
+
+
+async def test_match_records_names_the_bad_field(platform):
+    cases = {
+        "records[0].identifiers": identity_pb2.MatchRecord(id="x", fields={"first_name": "A"}),
+        "records[0].id": identity_pb2.MatchRecord(identifiers=[identity_pb2.Identifier(type="email", value="a@b.co")]),
+        "records[0].fields.shoe_size": contact("x", "sf-x", shoe_size="44"),
+    }
+    for field, record in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await platform.identity.MatchRecords(identity_pb2.MatchRecordsRequest(records=[record]))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in caught.value.details(), caught.value.details()

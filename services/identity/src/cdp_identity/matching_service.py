@@ -30,6 +30,9 @@ REVIEWS = "identity_reviews"
 MAX_RECORDS_PER_CALL = 5_000
 REFIT_GROWTH = 1.25
 MIN_RECORDS_TO_FIT = 50
+# Regenerate with: Matcher(DEFAULT_PERSON_CONFIG).fit(generate_population(10_000, seed=2026)[0]).to_dict()
+# (cdp_testing.people); services/identity/tests/test_default_model.py checks it still matches.
+DEFAULT_MODEL = Path(__file__).parent / "matching" / "default_model.json"
 
 
 def load_match_config(path: Path | None) -> MatchConfig:
@@ -65,6 +68,10 @@ class MatchingService:
         if model is not None:
             self.matcher = Matcher.from_dict(model.doc["matcher"])
             self.fitted_on = model.doc["fitted_on"]
+        elif self.config == DEFAULT_PERSON_CONFIG:
+            # Until the pool is big enough to estimate its own weights, start from the parameters EM
+            # found on a generated population of 10,000 people (see DEFAULT_MODEL).
+            self.matcher = Matcher.from_dict(json.loads(DEFAULT_MODEL.read_text()))
 
     async def match_records(self, request: identity_pb2.MatchRecordsRequest) -> identity_pb2.MatchRecordsResponse:
         records = self._validate(request.records)
@@ -184,6 +191,13 @@ class MatchingService:
 
     async def _refit_if_grown(self) -> None:
         size = len(self.pool)
+        if size < MIN_RECORDS_TO_FIT and not self.matcher.fitted:
+            raise FailedPrecondition(
+                f"the matcher has no parameters yet and {size} records are too few to estimate them "
+                f"(at least {MIN_RECORDS_TO_FIT}); configure CDP_IDENTITY_MATCHING_FILE with fitted parameters "
+                "or submit more records",
+                reason="matcher_not_fitted",
+            )
         if size < MIN_RECORDS_TO_FIT or (self.fitted_on and size < self.fitted_on * REFIT_GROWTH):
             return
         started = time.perf_counter()

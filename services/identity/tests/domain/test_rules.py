@@ -27,10 +27,11 @@ def test_defaults_list_the_types_strongest_first_with_their_limits_and_quarantin
     limits = {t.name: t.limit for t in rules.types}
     assert limits == {
         "user_id": 1,
-        "salesforce_id": 1,
-        "hubspot_id": 1,
-        "dynamics_id": 1,
-        "zoho_id": 1,
+        # A person may have several records in one CRM: duplicates matching is there to merge.
+        "salesforce_id": None,
+        "hubspot_id": None,
+        "dynamics_id": None,
+        "zoho_id": None,
         "email": 5,
         "phone": 3,
         "device_id": 20,

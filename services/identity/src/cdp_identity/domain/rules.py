@@ -60,10 +60,11 @@ _CRM_IDS = ("salesforce_id", "hubspot_id", "dynamics_id", "zoho_id")
 
 
 def _default_types() -> list[dict[str, Any]]:
+    # No limit on CRM ids: one person often has several records in a CRM (the duplicates matching
+    # exists to find), and merging them must stay possible.
     crm = [
         {
             "name": name,
-            "limit": 1,
             "paths": [f"traits.{name}", f"context.traits.{name}", f"context.externalIds.{name}"],
         }
         for name in _CRM_IDS
