@@ -247,12 +247,7 @@ async def test_match_records_merges_confident_pairs_and_queues_the_doubtful(plat
             )
         )
         person_of[str(record["id"])] = found.person_id
-    same_person = {
-        (a, b)
-        for a in person_of
-        for b in person_of
-        if a < b and person_of[a] == person_of[b]
-    }
+    same_person = {(a, b) for a in person_of for b in person_of if a < b and person_of[a] == person_of[b]}
     truly_same = {
         (str(a["id"]), str(b["id"]))
         for a in records
