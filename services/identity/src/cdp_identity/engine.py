@@ -250,6 +250,7 @@ class IdentityEngine:
     ) -> tuple[list[OutMessage], list[Resolution | None]]:
         started = time.perf_counter()
         async with self.lock:
+            await self._recover_if_failed()
             keys = {i.key for item in items for i in item.identifiers}
             for item in items:
                 if item.previous is not None:
@@ -283,10 +284,12 @@ class IdentityEngine:
                         grouped.setdefault(self._partition_of(person), []).append(
                             (item.event_id, encode_resolved(item.raw, person, dropped))
                         )
-                await self._persist(outbox, position)
+                write = self._schedule_write(outbox, position)
             except BaseException:
-                self._forget_dirty()
+                self._failed = True
                 raise
+        # The lock is free again: the next batch applies in memory while this one is written.
+        await write
         outputs = resolved_messages(grouped)
         # Counted per batch, not per event: an OTel `add` costs as much as resolving an event.
         for outcome, count in outcomes.items():
@@ -353,6 +356,7 @@ class IdentityEngine:
 
     async def merge(self, winner: str, loser: str, *, cause: dict, force: bool = False) -> Merge | None:
         async with self.lock:
+            await self._recover_if_failed()
             await self._load_persons([winner, loser])
             for field, person in (("person_id", winner), ("other_person_id", loser)):
                 if self.graph.canonical(person) is None:
@@ -364,10 +368,11 @@ class IdentityEngine:
                 raise FailedPrecondition(str(exc), reason=exc.rule.split(":")[0]) from None
             try:
                 outbox = [] if merge is None else self._merge_notification(merge)
-                await self._persist(outbox)
+                write = self._schedule_write(outbox)
             except BaseException:
-                self._forget_dirty()
+                self._failed = True
                 raise
+        await write
         await self.publish_outbox()
         if merge is not None:
             self._merges.add(1, {"rule": cause.get("rule", "api")})
@@ -375,6 +380,7 @@ class IdentityEngine:
 
     async def unmerge(self, merge_id: str, *, reason: str) -> Unmerge:
         async with self.lock:
+            await self._recover_if_failed()
             if merge_id not in self.graph.merge_index:
                 record = await self.store.get(MERGES, merge_id)
                 if record is None:
@@ -400,10 +406,11 @@ class IdentityEngine:
                     reason=reason,
                 )
                 outbox = [("identity.unmerged", f"unmerge:{merge_id}:{at}", message.SerializeToString())]
-                await self._persist(outbox)
+                write = self._schedule_write(outbox)
             except BaseException:
-                self._forget_dirty()
+                self._failed = True
                 raise
+        await write
         await self.publish_outbox()
         return split
 
@@ -413,6 +420,7 @@ class IdentityEngine:
             raise InvalidArgument("identifier", f"{kind!r} value is not a usable identifier")
         key = identifiers[0].key
         async with self.lock:
+            await self._recover_if_failed()
             await self._load([key])
             if key not in self.graph.identifiers:
                 raise NotFound(f"no identifier {key!r}")
@@ -422,10 +430,11 @@ class IdentityEngine:
             if changed and quarantined:
                 outbox = self._quarantine_notification(key, at)
             try:
-                await self._persist(outbox)
+                write = self._schedule_write(outbox)
             except BaseException:
-                self._forget_dirty()
+                self._failed = True
                 raise
+        await write
         await self.publish_outbox()
         return changed
 
@@ -484,60 +493,66 @@ class IdentityEngine:
                     follow.add(record.doc["merged_into"])
             wanted = set(self.graph.missing_persons(follow))
 
-    async def _persist(self, outbox: list[tuple[str, str, bytes]], position: tuple[str, int] | None = None) -> None:
+    def _schedule_write(
+        self, outbox: list[tuple[str, str, bytes]], position: tuple[str, int] | None = None
+    ) -> asyncio.Future:
+        """Snapshot what changed (under the lock) and queue its write behind the previous one.
+
+        Writes run one after another in the order their changes were made, each expecting the version
+        the previous writes will have left (so another replica's write in between is detected). If one
+        fails, every write queued after it fails too, and the cache is dropped before the next use:
+        the store is the truth, and the unacknowledged batches are redelivered onto it."""
         identifiers, persons, merges = self.graph.take_dirty()
         ops: list[Put | Delete] = []
-        keys: list[tuple[str, str]] = []
         for collection, docs in ((IDENTIFIERS, identifiers), (PERSONS, persons)):
             for key, doc in docs.items():
-                ops.append(Put(collection, key, doc, expected_version=self.versions.get((collection, key), 0)))
-                keys.append((collection, key))
+                expected = self.versions.get((collection, key), 0)
+                ops.append(Put(collection, key, doc, expected_version=expected))
+                self.versions[(collection, key)] = expected + 1
         for merge_id, winner in merges.items():
             ops.append(Put(MERGES, merge_id, {"winner": winner}))
-            keys.append((MERGES, merge_id))
         now = time.time()
         for index, (subject, msg_id, payload) in enumerate(outbox):
-            ops.append(
-                Put(
-                    OUTBOX,
-                    msg_id,
-                    {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index},
-                )
-            )
-            keys.append((OUTBOX, msg_id))
+            document = {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index}
+            ops.append(Put(OUTBOX, msg_id, document))
             self._outbox_waiting = True
         if position is not None and position[1] > self.applied.get(position[0], 0):
             ops.append(Put(CHECKPOINTS, position[0], {"stream_seq": position[1], "at": now}))
-            keys.append((CHECKPOINTS, position[0]))
-        if not ops:
-            return
-        # Keep the dirty documents until the write is known: a failure forgets them (see _forget_dirty).
-        self._pending = (identifiers, persons, merges)
-        result = await self.store.bulk_write(ops)
-        self._pending = None
-        for key, version in zip(keys, result.versions, strict=True):
-            self.versions[key] = version
+        write = asyncio.ensure_future(self._write_after(self._last_write, ops, position))
+        self._last_write = write
+        return write
+
+    async def _write_after(
+        self, previous: asyncio.Future | None, ops: list[Put | Delete], position: tuple[str, int] | None
+    ) -> None:
+        try:
+            if previous is not None:
+                try:
+                    await previous
+                except Exception as exc:
+                    raise Unavailable(f"an earlier identity write failed ({exc!r}); the batch will be retried") from exc
+            if ops:
+                await self.store.bulk_write(ops)
+        except BaseException:
+            self._failed = True
+            raise
         if position is not None:
             self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
-    _pending: tuple[dict, dict, dict] | None = None
+    _last_write: asyncio.Future | None = None
+    _failed = False
 
-    def _forget_dirty(self) -> None:
-        """A batch failed before its write was durable: drop what it changed so the cache matches the
-        store again (the redelivered batch reloads and re-applies)."""
-        identifiers, persons, merges = self.graph.take_dirty()
-        if self._pending is not None:
-            identifiers = {**identifiers, **self._pending[0]}
-            persons = {**persons, **self._pending[1]}
-            merges = {**merges, **self._pending[2]}
-            self._pending = None
-        self.graph.forget(identifiers, persons)
-        for merge_id in merges:
-            self.graph.merge_index.pop(merge_id, None)
-        for key in identifiers:
-            self.versions.pop((IDENTIFIERS, key), None)
-        for person_id in persons:
-            self.versions.pop((PERSONS, person_id), None)
+    async def _recover_if_failed(self) -> None:
+        """After a failed write: wait for the queued writes to settle, then start from the store again."""
+        if not self._failed:
+            return
+        if self._last_write is not None:
+            await asyncio.gather(self._last_write, return_exceptions=True)
+            self._last_write = None  # the failed chain ends here; new writes start a fresh one
+        self.graph = IdentityGraph(self.rules)
+        self.versions.clear()
+        self._failed = False
+        log.warning("identity cache dropped after a failed write; reloading from the store")
 
     # --- notifications ----------------------------------------------------------------------------
 
