@@ -580,3 +580,9 @@ def test_identity_owns_partitions_with_stable_ordinals(rendered):
         assert container["command"] == ["python", "-m", "cdp_identity"]
         env = env_of(container)
         assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env), "identity must know which partitions it owns"
+
+
+def test_identity_keeps_its_graph_on_a_volume_per_pod(rendered):
+    identity = rendered["default"].get("StatefulSet", "cdp-identity")
+    claims = identity["spec"].get("volumeClaimTemplates", [])
+    assert claims, "an acknowledged event is never replayed: the sqlite graph must outlive the pod"
