@@ -76,14 +76,8 @@ async def stored_partition(store_url: str) -> set[frozenset[str]]:
             ("identity_identifiers", graph.load_identifier),
             ("identity_persons", graph.load_person),
         ):
-            cursor = None
-            while True:
-                page = await store.scan(collection, cursor=cursor, limit=5000)
-                for record in page.records:
-                    load(record.key, record.doc)
-                cursor = page.next_cursor
-                if cursor is None:
-                    break
+            async for record in store.scan_all(collection, page_size=5000):
+                load(record.key, record.doc)
     owners: dict[str, str] = {}
     for root, person in graph.persons.items():
         if person.merged_into is None:

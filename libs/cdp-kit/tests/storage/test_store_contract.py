@@ -308,6 +308,14 @@ async def test_scan_pages_through_many_documents_in_key_order(store: Store) -> N
     assert await _scan_all(store, "profiles", limit=617) == keys  # exactly two full pages
 
 
+async def test_scan_all_yields_every_record_across_pages(store: Store) -> None:
+    keys = [f"k{i:04d}" for i in range(1234)]
+    await store.bulk_write([Put("profiles", key, {"k": key}) for key in reversed(keys)])
+    await store.put("profiles", "other", {})
+    assert [r.key async for r in store.scan_all("profiles", page_size=100)] == [*keys, "other"]
+    assert [r.doc["k"] async for r in store.scan_all("profiles", prefix="k", page_size=617)] == keys
+
+
 async def test_scan_with_a_prefix_stays_inside_it(store: Store) -> None:
     keys = [
         "a",

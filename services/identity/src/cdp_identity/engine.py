@@ -185,14 +185,8 @@ class IdentityEngine:
 
     async def start(self) -> None:
         await self.store.ensure_index(IDENTIFIERS, "quarantined")
-        cursor = None
-        while True:
-            page = await self.store.scan(CHECKPOINTS, cursor=cursor, limit=1000)
-            for record in page.records:
-                self.applied[record.key] = record.doc.get("stream_seq", 0)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
+        async for record in self.store.scan_all(CHECKPOINTS):
+            self.applied[record.key] = record.doc.get("stream_seq", 0)
         # Notifications written before a crash but never published.
         await self.publish_outbox()
 
@@ -346,11 +340,8 @@ class IdentityEngine:
         return person
 
     async def describe(self, person_id: str) -> dict:
+        root = await self.canonical(person_id)
         async with self.lock:
-            await self._load_persons([person_id])
-            if self.graph.canonical(person_id) is None:
-                raise NotFound(f"no person {person_id!r}")
-            root = self.graph.root_of(person_id)
             await self._load(self.graph.identifiers_of(root))
             return self.graph.describe(person_id)
 
@@ -586,14 +577,7 @@ class IdentityEngine:
         if not self._outbox_waiting:
             return
         self._outbox_waiting = False
-        pending = []
-        cursor = None
-        while True:
-            page = await self.store.scan(OUTBOX, cursor=cursor, limit=1000)
-            pending.extend(page.records)
-            cursor = page.next_cursor
-            if cursor is None:
-                break
+        pending = [record async for record in self.store.scan_all(OUTBOX)]
         if not pending:
             return
         pending.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))

@@ -56,14 +56,8 @@ class MatchingService:
         self.fitted_on = 0
 
     async def start(self) -> None:
-        cursor = None
-        while True:
-            page = await self.store.scan(RECORDS, cursor=cursor, limit=5_000)
-            for record in page.records:
-                self.pool[record.key] = record.doc
-            cursor = page.next_cursor
-            if cursor is None:
-                break
+        async for record in self.store.scan_all(RECORDS, page_size=5_000):
+            self.pool[record.key] = record.doc
         model = await self.store.get(MODEL, "current")
         if model is not None:
             self.matcher = Matcher.from_dict(model.doc["matcher"])

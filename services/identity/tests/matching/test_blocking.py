@@ -53,7 +53,7 @@ def test_prefix_slices_and_compound_keys():
     assert pairs_for(records, ["first_name[0:1]+last_name[0:3]+zip"]) == {(1, 2)}
 
 
-def test_oversized_blocks_are_skipped():
+def test_oversized_blocks_contribute_no_pairs():
     records = [{"id": i, "phone": "000"} for i in range(50)] + [{"id": 100, "phone": "1"}, {"id": 101, "phone": "1"}]
     assert pairs_for(records, ["phone"], max_block_size=10) == {(100, 101)}
 

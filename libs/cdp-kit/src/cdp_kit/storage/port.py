@@ -30,7 +30,7 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias
@@ -546,6 +546,19 @@ class Store(abc.ABC):
             if prefix:
                 check_key(collection, prefix, field="prefix")
         return await self._scan(collection, scan_range(cursor, prefix), limit)
+
+    async def scan_all(
+        self, collection: str, *, prefix: str | None = None, page_size: int = 1000
+    ) -> AsyncIterator[Record]:
+        """Every record of the collection (or under `prefix`) in key order, page by page."""
+        cursor = None
+        while True:
+            page = await self.scan(collection, cursor=cursor, limit=page_size, prefix=prefix)
+            for record in page.records:
+                yield record
+            cursor = page.next_cursor
+            if cursor is None:
+                return
 
     async def count(self, collection: str) -> int:
         self._check_open()

@@ -196,15 +196,6 @@ class IdentityGraph:
                 root(other)
         return needed
 
-    def forget(self, identifier_keys: Iterable[str] = (), person_ids: Iterable[str] = ()) -> None:
-        """Drop cached records (after a lost write race: the store has newer versions)."""
-        for key in identifier_keys:
-            self.identifiers.pop(key, None)
-            self.dirty_identifiers.discard(key)
-        for person_id in person_ids:
-            self.persons.pop(person_id, None)
-            self.dirty_persons.discard(person_id)
-
     # --- reading ---------------------------------------------------------------------------------
 
     def root_of(self, person_id: str) -> str:
