@@ -1,0 +1,1 @@
+"""Profile rules as plain Python: no gRPC, no NATS, no store."""
