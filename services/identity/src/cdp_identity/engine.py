@@ -71,13 +71,17 @@ def _length_delimited(field_number: int, data: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(data)) + data
 
 
-def encode_resolved(raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = ()) -> bytes:
+def encode_resolved(
+    raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = (), identifiers: Sequence[str] = ()
+) -> bytes:
     """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
     received, not parsed and re-serialized (most of the cost of resolving would be that)."""
     out = _length_delimited(1, raw_event) + _length_delimited(2, person_id.encode())
     for kind, value, reason in dropped:
         item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
         out += _length_delimited(3, item)
+    for key in identifiers:
+        out += _length_delimited(4, key.encode())
     return out
 
 
@@ -276,7 +280,10 @@ class IdentityEngine:
                         drop_reasons[reason] = drop_reasons.get(reason, 0) + 1
                     if item.delivery is not None:
                         grouped.setdefault(self._partition_of(person), []).append(
-                            (item.event_id, encode_resolved(item.raw, person, dropped))
+                            (
+                                item.event_id,
+                                encode_resolved(item.raw, person, dropped, [i.key for i in item.identifiers]),
+                            )
                         )
                 write = self._schedule_write(outbox, position)
             except BaseException:

@@ -28,6 +28,8 @@ from cdp_kit.bus.streams import (
     events_raw_stream,
     events_resolved_stream,
     identity_stream,
+    privacy_stream,
+    profiles_stream,
 )
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry, setup_telemetry
@@ -136,6 +138,8 @@ __all__ = [
     "events_raw_stream",
     "events_resolved_stream",
     "identity_stream",
+    "privacy_stream",
+    "profiles_stream",
     "owned_partitions",
     "partition_for",
     "partition_subject",

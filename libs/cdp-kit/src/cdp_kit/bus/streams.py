@@ -91,6 +91,32 @@ def identity_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSp
     )
 
 
+def profiles_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
+    """What changed in each profile (`profiles.changed.<p(person)>`), published by profile."""
+    return StreamSpec(
+        name="PROFILES",
+        subjects=("profiles.>",),
+        max_age=max_age,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="profile changes (traits, computed traits, consent, scores), partitioned by person",
+    )
+
+
+def privacy_stream(*, replicas: int = 1) -> StreamSpec:
+    """Privacy requests every service acts on (`privacy.deleted`). Kept without an age limit: a
+    suppression lasts until lifted, and a service that was down must still purge when it returns.
+    The messages carry hashed identifiers only."""
+    return StreamSpec(
+        name="PRIVACY",
+        subjects=("privacy.>",),
+        max_age=0,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="privacy requests: deletions and suppressions for every service and CRM",
+    )
+
+
 def dead_letter_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
     """Messages a consumer gave up on, with the reason in headers (`dlq.<stream>.<consumer>`)."""
     return StreamSpec(

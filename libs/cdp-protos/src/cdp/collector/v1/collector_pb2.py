@@ -26,7 +26,7 @@ from cdp.events.v1 import events_pb2 as cdp_dot_events_dot_v1_dot_events__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cdp/collector/v1/collector.proto\x12\x10\x63\x64p.collector.v1\x1a\x1a\x63\x64p/events/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x0e\x43ollectRequest\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.cdp.events.v1.Event\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\nEventError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9e\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.cdp.collector.v1.EventStatus\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.cdp.collector.v1.EventError\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"y\n\x0f\x43ollectResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.cdp.collector.v1.EventResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12\x12\n\nduplicates\x18\x04 \x01(\x05*\x9a\x01\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x12\x1b\n\x17\x45VENT_STATUS_SUPPRESSED\x10\x04\x32\x62\n\x10\x43ollectorService\x12N\n\x07\x43ollect\x12 .cdp.collector.v1.CollectRequest\x1a!.cdp.collector.v1.CollectResponseB8Z6github.com/cdp/cdp/gen/go/cdp/collector/v1;collectorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n cdp/collector/v1/collector.proto\x12\x10\x63\x64p.collector.v1\x1a\x1a\x63\x64p/events/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"v\n\x0e\x43ollectRequest\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.cdp.events.v1.Event\x12+\n\x07sent_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\nEventError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x9e\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.cdp.collector.v1.EventStatus\x12+\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1c.cdp.collector.v1.EventError\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"\x8d\x01\n\x0f\x43ollectResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.cdp.collector.v1.EventResult\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x10\n\x08rejected\x18\x03 \x01(\x05\x12\x12\n\nduplicates\x18\x04 \x01(\x05\x12\x12\n\nsuppressed\x18\x05 \x01(\x05*\x9a\x01\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x12\x1b\n\x17\x45VENT_STATUS_SUPPRESSED\x10\x04\x32\x62\n\x10\x43ollectorService\x12N\n\x07\x43ollect\x12 .cdp.collector.v1.CollectRequest\x1a!.cdp.collector.v1.CollectResponseB8Z6github.com/cdp/cdp/gen/go/cdp/collector/v1;collectorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.collector.v1.collector_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z6github.com/cdp/cdp/gen/go/cdp/collector/v1;collectorv1'
-  _globals['_EVENTSTATUS']._serialized_start=580
-  _globals['_EVENTSTATUS']._serialized_end=734
+  _globals['_EVENTSTATUS']._serialized_start=601
+  _globals['_EVENTSTATUS']._serialized_end=755
   _globals['_COLLECTREQUEST']._serialized_start=115
   _globals['_COLLECTREQUEST']._serialized_end=233
   _globals['_EVENTERROR']._serialized_start=235
   _globals['_EVENTERROR']._serialized_end=293
   _globals['_EVENTRESULT']._serialized_start=296
   _globals['_EVENTRESULT']._serialized_end=454
-  _globals['_COLLECTRESPONSE']._serialized_start=456
-  _globals['_COLLECTRESPONSE']._serialized_end=577
-  _globals['_COLLECTORSERVICE']._serialized_start=736
-  _globals['_COLLECTORSERVICE']._serialized_end=834
+  _globals['_COLLECTRESPONSE']._serialized_start=457
+  _globals['_COLLECTRESPONSE']._serialized_end=598
+  _globals['_COLLECTORSERVICE']._serialized_start=757
+  _globals['_COLLECTORSERVICE']._serialized_end=855
 # @@protoc_insertion_point(module_scope)

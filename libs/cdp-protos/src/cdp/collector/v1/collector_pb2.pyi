@@ -59,13 +59,15 @@ class EventResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., message_id: _Optional[str] = ..., status: _Optional[_Union[EventStatus, str]] = ..., error: _Optional[_Union[EventError, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class CollectResponse(_message.Message):
-    __slots__ = ("results", "accepted", "rejected", "duplicates")
+    __slots__ = ("results", "accepted", "rejected", "duplicates", "suppressed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[EventResult]
     accepted: int
     rejected: int
     duplicates: int
-    def __init__(self, results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    suppressed: int
+    def __init__(self, results: _Optional[_Iterable[_Union[EventResult, _Mapping]]] = ..., accepted: _Optional[int] = ..., rejected: _Optional[int] = ..., duplicates: _Optional[int] = ..., suppressed: _Optional[int] = ...) -> None: ...

@@ -251,14 +251,16 @@ class EventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class ResolvedEvent(_message.Message):
-    __slots__ = ("event", "person_id", "dropped")
+    __slots__ = ("event", "person_id", "dropped", "identifiers")
     EVENT_FIELD_NUMBER: _ClassVar[int]
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     event: Event
     person_id: str
     dropped: _containers.RepeatedCompositeFieldContainer[DroppedIdentifier]
-    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ...) -> None: ...
+    identifiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ..., identifiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResolvedEventBatch(_message.Message):
     __slots__ = ("events",)
