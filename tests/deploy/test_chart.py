@@ -452,7 +452,7 @@ def test_optional_objects_render_behind_their_switches(rendered):
     assert url["value"] == "mongodb://cdp-mongodb:27017/cdp"
     assert mongo["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 27017
     monitors = {m["metadata"]["name"] for m in everything.of_kind("ServiceMonitor")}
-    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "segmentation")}
+    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "profile", "segmentation")}
 
 
 # --- values that must not install ----------------------------------------------------------------------
@@ -495,6 +495,18 @@ BAD_VALUES = {
     "servicemonitor needs the crd": (
         {"serviceMonitor": {"enabled": True}},
         "does not serve monitoring.coreos.com/v1",
+    ),
+    "calls name a component": (
+        {"components": {"profile": {"calls": ["identiti"]}}},
+        'components.profile.calls: no component named "identiti"',
+    ),
+    "calls need the callee enabled": (
+        {"components": {"identity": {"enabled": False}}},
+        'components.profile.calls: "identity" is disabled',
+    ),
+    "env cannot shadow calls": (
+        {"components": {"profile": {"env": {"CDP_IDENTITY_ADDRESS": "x:1"}}}},
+        "CDP_IDENTITY_ADDRESS is set by calls: [identity]",
     ),
     "env cannot shadow chart variables": (
         {"components": {"collector": {"env": {"CDP_LOG_LEVEL": "DEBUG"}}}},
@@ -586,3 +598,16 @@ def test_identity_keeps_its_graph_on_a_volume_per_pod(rendered):
     identity = rendered["default"].get("StatefulSet", "cdp-identity")
     claims = identity["spec"].get("volumeClaimTemplates", [])
     assert claims, "an acknowledged event is never replayed: the sqlite graph must outlive the pod"
+
+
+def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
+    for scenario in ("default", "prod"):
+        profile = rendered[scenario].get("StatefulSet", "cdp-profile")
+        (container,) = profile["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["python", "-m", "cdp_profile"]
+        env = env_of(container)
+        assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env)
+        identity = rendered[scenario].get("Service", "cdp-identity")
+        (grpc_port,) = [p["port"] for p in identity["spec"]["ports"] if p["name"] == "grpc"]
+        assert env["CDP_IDENTITY_ADDRESS"]["value"] == f"cdp-identity:{grpc_port}"
+    assert rendered["default"].get("StatefulSet", "cdp-profile")["spec"].get("volumeClaimTemplates")

@@ -131,6 +131,8 @@ async def test_anonymous_activity_joins_the_person_who_signs_in(platform):
     }
     # The event is carried as the collector accepted it.
     assert resolved["m2"].event.traits.fields["email"].string_value == " Ada@Example.COM "
+    # ...with its normalised identifiers, strongest first, for services downstream.
+    assert list(resolved["m2"].identifiers) == ["user_id:user-1", "email:ada@example.com", "anonymous_id:anon-phone-1"]
 
 
 async def test_cross_device_merge_is_published_recorded_and_reversible(platform):

@@ -59,7 +59,7 @@ def track(i=0, **extra):
 )
 async def test_every_single_call_endpoint_stores_its_event(collector, path, body, type_):
     status, reply, _ = await post(collector, path, body)
-    assert status == 200 and reply == {"success": True, "accepted": 1, "duplicates": 0}
+    assert status == 200 and reply == {"success": True, "accepted": 1, "duplicates": 0, "suppressed": 0}
     ((_, event),) = await collector.stored(expected=1)
     assert event.type == type_ and event.message_id == body["messageId"] and event.source_id == "web"
 
@@ -80,7 +80,7 @@ async def test_retried_batch_is_deduplicated(collector):
     body = {"batch": [track(i) for i in range(10)]}
     await post(collector, "/v1/batch", body)
     status, reply, _ = await post(collector, "/v1/batch", body)
-    assert status == 200 and reply == {"success": True, "accepted": 0, "duplicates": 10}
+    assert status == 200 and reply == {"success": True, "accepted": 0, "duplicates": 10, "suppressed": 0}
     await collector.stored(expected=10)
 
 

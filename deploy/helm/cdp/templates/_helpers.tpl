@@ -151,6 +151,18 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if and $c.autoscaling.enabled (gt (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) -}}
 {{- fail (printf "component %q: autoscaling.minReplicas=%d is above maxReplicas=%d" $name (int $c.autoscaling.minReplicas) (int $c.autoscaling.maxReplicas)) -}}
 {{- end -}}
+{{- range $peer := $c.calls -}}
+{{- $raw := get $root.Values.components $peer -}}
+{{- if not (hasKey $root.Values.components $peer) -}}
+{{- fail (printf "components.%s.calls: no component named %q (known: %s)" $name $peer (keys $root.Values.components | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- if and (kindIs "map" $raw) (hasKey $raw "enabled") (not $raw.enabled) -}}
+{{- fail (printf "components.%s.calls: %q is disabled (components.%s.enabled=false)" $name $peer $peer) -}}
+{{- end -}}
+{{- if hasKey $c.env (printf "CDP_%s_ADDRESS" ($peer | upper | replace "-" "_")) -}}
+{{- fail (printf "components.%s.env: CDP_%s_ADDRESS is set by calls: [%s]; remove one" $name ($peer | upper | replace "-" "_") $peer) -}}
+{{- end -}}
+{{- end -}}
 {{- $managed := include "cdp.managedEnv" . | splitList " " -}}
 {{- range $var, $_ := $c.env -}}
 {{- if has $var $managed -}}
@@ -262,6 +274,12 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
       fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
 - name: CDP_REPLICAS
   value: {{ int $c.replicas | quote }}
+{{- end }}
+{{- range $peer := $c.calls }}
+{{- $raw := get $root.Values.components $peer }}
+{{- $pc := mergeOverwrite (deepCopy $root.Values.componentDefaults) (deepCopy ($raw | default dict)) }}
+- name: CDP_{{ $peer | upper | replace "-" "_" }}_ADDRESS
+  value: {{ printf "%s:%d" (include "cdp.componentFullname" (dict "root" $root "name" $peer "c" $pc)) (int $pc.ports.grpc) | quote }}
 {{- end }}
 {{- range $var, $value := $c.env }}
 - name: {{ $var }}

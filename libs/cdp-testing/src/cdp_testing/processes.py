@@ -91,3 +91,13 @@ class IdentityProcess(ServiceProcess):
             workdir,
             {"CDP_NATS_URL": nats_url, "CDP_STORE_URL": store_url, "CDP_PARTITIONS": str(partitions), **env},
         )
+
+
+class ProfileProcess(ServiceProcess):
+    def __init__(self, nats_url: str, workdir: Path, *, store_url: str, partitions: int = 8, **env: str):
+        super().__init__(
+            "profile",
+            "cdp_profile",
+            workdir,
+            {"CDP_NATS_URL": nats_url, "CDP_STORE_URL": store_url, "CDP_PARTITIONS": str(partitions), **env},
+        )

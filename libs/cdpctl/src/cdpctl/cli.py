@@ -104,7 +104,13 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
             grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
             env = service_environment(
-                ws, svc, nats_url=nats.url, grpc_port=grpc_port, metrics_port=metrics_port, http_port=http_port
+                ws,
+                svc,
+                nats_url=nats.url,
+                grpc_port=grpc_port,
+                metrics_port=metrics_port,
+                http_port=http_port,
+                peers={name: info["grpc"] for name, info in state["services"].items()},
             )
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
             with open(logs[svc.name], "ab") as log:  # noqa: ASYNC230 - start-up, before serving anything

@@ -23,12 +23,19 @@ class ServiceProcess:
     metrics_port: int
     http_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
+    calls: tuple[str, ...] = ()
 
 
 SERVICES: tuple[ServiceProcess, ...] = (
     ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
     ServiceProcess("identity", "cdp_identity", grpc_port=50052, metrics_port=9465),
+    ServiceProcess("profile", "cdp_profile", grpc_port=50053, metrics_port=9466, calls=("identity",)),
 )
+
+
+# What services may do to each other: read-only look-ups.
+SERVICE_SCOPES = ("identity:read", "profile:read")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -85,6 +92,11 @@ class Workspace:
         return self.secrets_dir / "admin.token"
 
     @property
+    def services_token_file(self) -> Path:
+        """The token services present to each other (read scopes only)."""
+        return self.secrets_dir / "services.token"
+
+    @property
     def sources_file(self) -> Path:
         return self.secrets_dir / "sources.json"
 
@@ -96,11 +108,15 @@ class Workspace:
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
-        if not self.tokens_file.exists() or not self.admin_token_file.exists():
-            token = new_token()
-            write_tokens_file(self.tokens_file, [("cdpctl-admin", token, ["*"])])
-            self.admin_token_file.write_text(token + "\n")
-            self.admin_token_file.chmod(0o600)
+        if not all(f.exists() for f in (self.tokens_file, self.admin_token_file, self.services_token_file)):
+            token, internal = new_token(), new_token()
+            write_tokens_file(
+                self.tokens_file,
+                [("cdpctl-admin", token, ["*"]), ("cdp-services", internal, list(SERVICE_SCOPES))],
+            )
+            for path, value in ((self.admin_token_file, token), (self.services_token_file, internal)):
+                path.write_text(value + "\n")
+                path.chmod(0o600)
         if not self.sources_file.exists():
             document = {
                 "sources": [{"id": "dev", "name": "Local development", "write_key": "wk_dev_" + secrets.token_hex(12)}]
@@ -125,7 +141,14 @@ class Workspace:
 
 
 def service_environment(
-    ws: Workspace, svc: ServiceProcess, *, nats_url: str, grpc_port: int, metrics_port: int, http_port: int | None
+    ws: Workspace,
+    svc: ServiceProcess,
+    *,
+    nats_url: str,
+    grpc_port: int,
+    metrics_port: int,
+    http_port: int | None,
+    peers: dict[str, str] | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
@@ -146,6 +169,10 @@ def service_environment(
     if http_port is not None:
         env["CDP_HTTP_HOST"] = "127.0.0.1"
         env["CDP_HTTP_PORT"] = str(http_port)
+    for peer in svc.calls:
+        name = peer.upper().replace("-", "_")
+        env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
+        env[f"CDP_{name}_TOKEN"] = ws.services_token_file.read_text().strip()
     env.update(svc.env)
     return env
 

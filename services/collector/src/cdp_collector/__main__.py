@@ -1,15 +1,17 @@
-"""The collector process: gRPC CollectorService + the Segment HTTP API, publishing to events.raw."""
+"""The collector process: gRPC CollectorService + the Segment HTTP API, publishing to events.raw, and
+following privacy.deleted for the people whose events it must no longer collect."""
 
 from __future__ import annotations
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp_collector.api import CollectorApi
-from cdp_collector.domain import Limits
+from cdp_collector.domain import Limits, SuppressionList
 from cdp_collector.http import HttpApi, start_http
 from cdp_collector.ingest import Ingestor
+from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
 from cdp_collector.sources import SourceRegistry
-from cdp_kit.bus import Bus, dead_letter_stream, events_raw_stream
+from cdp_kit.bus import Bus, dead_letter_stream, events_raw_stream, privacy_stream
 from cdp_kit.interceptors import PUBLIC
 from cdp_kit.service import ServiceRuntime, run_main
 
@@ -34,17 +36,24 @@ async def setup(runtime: ServiceRuntime) -> None:
     await bus.ensure_streams(
         events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window),
         dead_letter_stream(),
+        privacy_stream(),
     )
+    # Every suppression made so far is known before the first request is answered (setup ends before
+    # the service reports SERVING and before the HTTP API reports ready).
+    suppression = SuppressionList()
+    follower = SuppressionFollower(bus.js, suppression)
+    runtime.stack.push_async_callback(follower.stop)
+    await follower.load(settings.suppression_load_timeout)
     ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)
-    runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources)
+    runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources, suppression=suppression)
     # Collect authenticates with the source's write key (like the HTTP API), not a bearer token.
     runtime.grpc.add_service(
         collector_pb2_grpc.add_CollectorServiceServicer_to_server,
-        CollectorApi(sources, ingestor, limits),
+        CollectorApi(sources, ingestor, limits, suppression),
         collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
         scopes={"Collect": PUBLIC},
     )
-    http = HttpApi(sources, ingestor, limits)
+    http = HttpApi(sources, ingestor, limits, suppression)
     runner, port = await start_http(
         http, settings.http_host, settings.http_port, shutdown_grace=settings.shutdown_grace
     )

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
-from cdp_collector.domain import Limits, check_event_count, check_request_bytes, prepare_grpc_event
+from cdp_collector.domain import (
+    SUPPRESSED_MESSAGE,
+    Code,
+    Limits,
+    SuppressionList,
+    check_event_count,
+    check_request_bytes,
+    prepare_grpc_event,
+)
 from cdp_collector.ingest import Ingestor
 from cdp_collector.sources import SourceRegistry
 from cdp_kit.errors import InvalidArgument
@@ -13,13 +22,19 @@ from cdp_kit.errors import InvalidArgument
 ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
 DUPLICATE = collector_pb2.EVENT_STATUS_DUPLICATE
 REJECTED = collector_pb2.EVENT_STATUS_REJECTED
+SUPPRESSED = collector_pb2.EVENT_STATUS_SUPPRESSED
+
+log = logging.getLogger("cdp.collector.api")
 
 
 class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
-    def __init__(self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits) -> None:
+    def __init__(
+        self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits, suppression: SuppressionList
+    ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
+        self.suppression = suppression
 
     async def Collect(self, request: collector_pb2.CollectRequest, context) -> collector_pb2.CollectResponse:
         source = self.sources.authenticate(request.write_key)
@@ -31,6 +46,8 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
         received_at = datetime.now(UTC)
         batch_sent_at = request.sent_at.ToDatetime(tzinfo=UTC) if request.HasField("sent_at") else None
         response = collector_pb2.CollectResponse()
+        # When nobody is suppressed (the common case) no event is even looked at.
+        suppression = self.suppression if self.suppression else None
         valid, positions = [], []
         for index, event in enumerate(request.events):
             result = response.results.add(index=index)
@@ -52,6 +69,14 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
                     first.message,
                 )
                 response.rejected += 1
+            elif suppression is not None and (where := suppression.match(event)) is not None:
+                result.status = SUPPRESSED
+                result.error.code, result.error.field, result.error.message = (
+                    str(Code.SUPPRESSED),
+                    f"events[{index}].{where}",
+                    SUPPRESSED_MESSAGE,
+                )
+                response.suppressed += 1
             else:
                 valid.append(event)
                 positions.append(result)
@@ -67,4 +92,12 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
         self.ingestor.count(response.accepted, transport="grpc", source=source.id, outcome="accepted")
         self.ingestor.count(response.duplicates, transport="grpc", source=source.id, outcome="duplicate")
         self.ingestor.count(response.rejected, transport="grpc", source=source.id, outcome="rejected")
+        self.ingestor.count(response.suppressed, transport="grpc", source=source.id, outcome="suppressed")
+        if response.suppressed:
+            log.info(
+                "suppressed %d of %d events: their people asked to be deleted and suppressed",
+                response.suppressed,
+                len(request.events),
+                extra={"transport": "grpc", "source": source.id},
+            )
         return response

@@ -2,7 +2,9 @@
 /v1/screen, /v1/group — so Segment and RudderStack SDKs work unchanged with `host=` pointed here.
 
 Answers (always JSON):
-  200 {"success": true, "accepted": n, "duplicates": d}     every event stored durably
+  200 {"success": true, "accepted": n, "duplicates": d, "suppressed": s}
+      every event stored durably, except the `s` suppressed ones: their people asked to be deleted and
+      suppressed. Segment answers suppressed users with success too, so SDKs do not retry them.
   400 {"success": false, "error": {...}, "accepted": k, "rejected": [...]}
       some events invalid: each is named with its field and reason; the valid ones *were* stored
   400 invalid JSON / gzip, 401 unknown write key, 413 over a Segment limit (the limit is named)
@@ -22,7 +24,7 @@ from datetime import UTC, datetime
 import orjson
 from aiohttp import web
 
-from cdp_collector.domain import Limits, RequestRejected, check_request_bytes, parse_request
+from cdp_collector.domain import Limits, RequestRejected, SuppressionList, check_request_bytes, parse_request
 from cdp_collector.ingest import Ingestor
 from cdp_collector.sources import Source, SourceRegistry
 from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
@@ -56,10 +58,13 @@ def _basic_write_key(header: str | None) -> str | None:
 
 
 class HttpApi:
-    def __init__(self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits) -> None:
+    def __init__(
+        self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits, suppression: SuppressionList
+    ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
+        self.suppression = suppression
         self.ready = False
 
     def app(self) -> web.Application:
@@ -162,6 +167,10 @@ class HttpApi:
         except RequestRejected as exc:
             return error_response(exc.status or 400, str(exc.code), exc.message, field=exc.field)
         valid = [e for e in parsed.events if e is not None]
+        suppressed = 0
+        if self.suppression:  # nobody suppressed (the common case): no event is even looked at
+            kept = [e for e in valid if self.suppression.match(e) is None]
+            suppressed, valid = len(valid) - len(kept), kept
         try:
             stored = await self.ingestor.store(valid)
         except ResourceExhausted as exc:
@@ -190,20 +199,34 @@ class HttpApi:
         self.ingestor.count(accepted, transport="http", source=source.id, outcome="accepted")
         self.ingestor.count(duplicates, transport="http", source=source.id, outcome="duplicate")
         self.ingestor.count(len(rejected), transport="http", source=source.id, outcome="rejected")
+        self.ingestor.count(suppressed, transport="http", source=source.id, outcome="suppressed")
+        if suppressed:
+            log.info(
+                "suppressed %d of %d events: their people asked to be deleted and suppressed",
+                suppressed,
+                len(parsed.events),
+                extra={"transport": "http", "source": source.id},
+            )
         if rejected:
             first = rejected[0]
+            others = f"the other {len(stored)} were stored" + (
+                f" and {suppressed} suppressed (privacy request)" if suppressed else ""
+            )
             return error_response(
                 400,
                 "invalid_events",
                 f"{len(rejected)} of {len(parsed.events)} events are invalid and were not stored "
-                f"(first: {first['field']}: {first['message']}); the other {len(stored)} were stored",
+                f"(first: {first['field']}: {first['message']}); {others}",
                 field=first["field"],
                 accepted=accepted,
                 duplicates=duplicates,
+                suppressed=suppressed,
                 rejected=rejected,
             )
         return web.Response(
-            body=orjson.dumps({"success": True, "accepted": accepted, "duplicates": duplicates}),
+            body=orjson.dumps(
+                {"success": True, "accepted": accepted, "duplicates": duplicates, "suppressed": suppressed}
+            ),
             content_type="application/json",
         )
 

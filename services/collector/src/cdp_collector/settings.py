@@ -37,6 +37,11 @@ class CollectorSettings(ServiceSettings):
         "CDP_EVENTS_DEDUP_WINDOW", 600.0, help="seconds JetStream remembers message ids to drop retried events"
     )
     retention_days: float = env("CDP_EVENTS_RETENTION_DAYS", 7.0, help="days events.raw keeps events")
+    suppression_load_timeout: float = env(
+        "CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT",
+        60.0,
+        help="seconds start-up may take to read every privacy.deleted suppression before reporting ready",
+    )
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -50,4 +55,8 @@ class CollectorSettings(ServiceSettings):
         ):
             if value < 1:
                 problems.append(f"{name}={value} is invalid: must be positive")
+        if self.suppression_load_timeout <= 0:
+            problems.append(
+                f"CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT={self.suppression_load_timeout} is invalid: must be positive"
+            )
         return problems

@@ -138,9 +138,9 @@ __all__ = [
     "events_raw_stream",
     "events_resolved_stream",
     "identity_stream",
-    "privacy_stream",
-    "profiles_stream",
     "owned_partitions",
     "partition_for",
     "partition_subject",
+    "privacy_stream",
+    "profiles_stream",
 ]

@@ -1,4 +1,5 @@
-"""The collector's rules, as plain Python: Segment JSON → Event, validation, limits, clock-skew correction.
+"""The collector's rules, as plain Python: Segment JSON → Event, validation, limits, clock-skew correction,
+suppression of people who asked to be deleted.
 
 No I/O, gRPC or NATS here: `api.py` and the HTTP server call these and map the FieldErrors they return,
 and the RequestRejected they raise, to status codes (gRPC INVALID_ARGUMENT; HTTP 400, 413 for
@@ -24,6 +25,13 @@ from cdp_collector.domain.limits import (
     check_request_bytes,
 )
 from cdp_collector.domain.segment import KINDS, ParsedRequest, parse_request
+from cdp_collector.domain.suppression import (
+    SUPPRESSED_MESSAGE,
+    SuppressionList,
+    identifier_hash,
+    identifier_key,
+    identifier_keys,
+)
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -33,15 +41,20 @@ __all__ = [
     "MAX_BATCH_EVENTS",
     "MAX_DEPTH",
     "MAX_EVENT_BYTES",
+    "SUPPRESSED_MESSAGE",
     "Code",
     "FieldError",
     "Limits",
     "ParsedRequest",
     "RequestRejected",
+    "SuppressionList",
     "TimestampError",
     "check_event_count",
     "check_request_bytes",
     "corrected_ns",
+    "identifier_hash",
+    "identifier_key",
+    "identifier_keys",
     "parse_request",
     "parse_timestamp",
     "partition_key",

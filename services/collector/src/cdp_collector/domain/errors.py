@@ -28,6 +28,8 @@ class Code(StrEnum):
     NESTING_TOO_DEEP = "nesting_too_deep"
     EVENT_TOO_LARGE = "event_too_large"
     RESERVED_FIELD = "reserved_field"
+    # Not a problem with the event: dropped on purpose because its person asked to be suppressed.
+    SUPPRESSED = "suppressed"
 
 
 @dataclass(frozen=True, slots=True)

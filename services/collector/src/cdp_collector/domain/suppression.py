@@ -1,0 +1,150 @@
+"""Suppression: events about a person who asked to be deleted *and* suppressed are not collected.
+
+Profile publishes `privacy.deleted` with the lowercase hex SHA-256 of each of the person's identifier keys
+`"type:value"`, normalised as identity normalises them. The collector keeps the digests of those with
+`suppress=true` in a SuppressionList and, before storing an event, builds the same keys from what it can
+see on the event, hashes each and looks it up. A match drops the event with an answer that says so
+(gRPC EVENT_STATUS_SUPPRESSED, HTTP `"suppressed": n`); nothing is ever dropped silently.
+
+The keys follow identity's default rules (`cdp_identity.domain.rules`, `normalize`), written out here
+because the edge must not depend on identity:
+
+| type | looked for in | normalised |
+|---|---|---|
+| user_id | `user_id`; an alias's `previous_id` | trimmed |
+| anonymous_id | `anonymous_id`; an alias's `previous_id` | trimmed |
+| device_id | `context.device.id` | trimmed |
+| email | `traits.email`, `context.traits.email` | trimmed, lower-cased |
+| phone | `traits.phone`, `context.traits.phone` | only when written in E.164 (see below) |
+| salesforce_id, hubspot_id, dynamics_id, zoho_id | `traits.<type>`, `context.traits.<type>` | trimmed |
+| any `context.externalIds[].type` | `context.externalIds[].id` | as its type above, else trimmed |
+
+An alias's `previous_id` is checked as both user_id and anonymous_id: identity links it as whichever it
+turns out to be. Identity formats phones with libphonenumber, which the edge does not load; a phone already
+written as `+` and digits (spaces, dashes, dots and brackets ignored) is the E.164 form identity would
+store, so it is checked, and one written any other way is not. Identifier types added in identity's rules
+file, and types it stores hashed (`"hash": true`), are not checked here: profile still deletes what identity
+links for them.
+
+When nothing is suppressed, `match` returns at once without building or hashing a single key: the ingest
+hot path pays nothing for the feature until someone uses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+
+from google.protobuf import struct_pb2
+
+from cdp.events.v1 import events_pb2
+
+#: What a client is told about a suppressed event. It carries no identifier value (gRPC's `error.field`
+#: says where the match was): answers, like logs, must not repeat what the person asked to have erased.
+SUPPRESSED_MESSAGE = (
+    "not stored: the person this event is about asked to be deleted and suppressed (a privacy request), "
+    "so events carrying their identifiers are dropped; do not retry"
+)
+
+_ALIAS = events_pb2.EVENT_TYPE_ALIAS
+_TRAIT_TYPES = ("email", "phone", "salesforce_id", "hubspot_id", "dynamics_id", "zoho_id")
+_SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+_PHONE_SEPARATORS = str.maketrans("", "", " \u00a0-.()")
+_E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
+def identifier_key(kind: str, raw: str) -> str | None:
+    """The normalised key `"type:value"` identity would store for `raw`, or None when there is none."""
+    value = raw.strip()
+    if kind == "email":
+        value = value.lower()
+    elif kind == "phone":
+        value = value.translate(_PHONE_SEPARATORS)
+        if not _E164.fullmatch(value):
+            return None
+    return f"{kind}:{value}" if value else None
+
+
+def identifier_hash(key: str) -> str:
+    """What `PrivacyDeleted.identifier_hashes` carries for a key: lowercase hex SHA-256."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def identifier_keys(event: events_pb2.Event) -> Iterator[tuple[str, str]]:
+    """(field path, key) for every identifier the collector can see on `event`, most common first and
+    lazily, so a match stops the walk. Reads only: the event is stored as it came when nothing matches."""
+    candidates = [("user_id", "user_id", event.user_id), ("anonymous_id", "anonymous_id", event.anonymous_id)]
+    if event.type == _ALIAS and event.previous_id:
+        candidates += [
+            ("previous_id", "user_id", event.previous_id),
+            ("previous_id", "anonymous_id", event.previous_id),
+        ]
+    for path, kind, raw in candidates:
+        if raw and (key := identifier_key(kind, raw)):
+            yield path, key
+    has_context = event.HasField("context")
+    context = event.context  # reading an absent message field does not set it
+    if has_context and context.HasField("device") and (key := identifier_key("device_id", context.device.id)):
+        yield "context.device.id", key
+    structs = []
+    if event.HasField("traits"):
+        structs.append(("traits", event.traits))
+    if has_context and context.HasField("traits"):
+        structs.append(("context.traits", context.traits))
+    for path, struct in structs:
+        fields = struct.fields
+        for kind in _TRAIT_TYPES:
+            # `in` first: indexing a missing key of a protobuf map would add it to the event.
+            if kind in fields and (raw := _scalar(fields[kind])) is not None and (key := identifier_key(kind, raw)):
+                yield f"{path}.{kind}", key
+    if has_context and context.HasField("extra") and "externalIds" in context.extra.fields:
+        for index, item in enumerate(context.extra.fields["externalIds"].list_value.values):
+            entry = item.struct_value.fields
+            if "type" not in entry or "id" not in entry:
+                continue
+            kind = entry["type"].string_value
+            if kind and (raw := _scalar(entry["id"])) is not None and (key := identifier_key(kind, raw)):
+                yield f"context.externalIds[{index}].id", key
+
+
+def _scalar(value: struct_pb2.Value) -> str | None:
+    """A trait as identity reads it: a string as is, a whole number without its `.0`."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        return str(int(number)) if number.is_integer() else repr(number)
+    return None
+
+
+class SuppressionList:
+    """The SHA-256 digests of every suppressed identifier key, and which events they rule out."""
+
+    def __init__(self) -> None:
+        self._digests: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def add(self, hashes: Iterable[str]) -> tuple[int, int]:
+        """Suppress the keys behind `hashes` (hex SHA-256). Returns (newly added, malformed and skipped)."""
+        before, malformed = len(self._digests), 0
+        for value in hashes:
+            if _SHA256_HEX.fullmatch(value):
+                self._digests.add(bytes.fromhex(value))
+            else:
+                malformed += 1
+        return len(self._digests) - before, malformed
+
+    def match(self, event: events_pb2.Event) -> str | None:
+        """The field path of the first suppressed identifier on `event` (`traits.email`), or None."""
+        digests = self._digests
+        if not digests:
+            return None
+        sha256 = hashlib.sha256
+        for path, key in identifier_keys(event):
+            if sha256(key.encode()).digest() in digests:
+                return path
+        return None

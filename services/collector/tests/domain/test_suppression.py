@@ -1,0 +1,156 @@
+"""Suppression rules: the keys the collector builds from an event are the ones identity stores, hashed the
+way privacy.deleted carries them, and an empty list costs nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from google.protobuf.struct_pb2 import Struct
+
+from cdp.events.v1 import events_pb2
+from cdp_collector.domain import SuppressionList, identifier_hash, identifier_key, identifier_keys
+from cdp_collector.domain import suppression as suppression_module
+
+T = events_pb2
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def suppressing(*keys: str) -> SuppressionList:
+    suppression = SuppressionList()
+    suppression.add(sha256_hex(k) for k in keys)
+    return suppression
+
+
+def identify(user_id: str = "", **fields) -> events_pb2.Event:
+    return T.Event(message_id="m-1", type=T.EVENT_TYPE_IDENTIFY, user_id=user_id, **fields)
+
+
+def struct(values: dict) -> Struct:
+    result = Struct()
+    result.update(values)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("kind", "raw", "key"),
+    [
+        ("user_id", " U-42 ", "user_id:U-42"),  # ids are trimmed, never case-folded
+        ("anonymous_id", "a1\t", "anonymous_id:a1"),
+        ("device_id", "  D1", "device_id:D1"),
+        ("email", " Ada@Example.COM ", "email:ada@example.com"),
+        ("phone", "+4915112345678", "phone:+4915112345678"),
+        ("phone", "+49 (151) 1234-5678", "phone:+4915112345678"),
+        ("hubspot_id", " 12345 ", "hubspot_id:12345"),
+        ("user_id", "   ", None),
+        ("email", "", None),
+        ("phone", "0151 12345678", None),  # national form: only libphonenumber knows the country
+    ],
+)
+def test_identifier_keys_are_normalised_per_type(kind, raw, key):
+    assert identifier_key(kind, raw) == key
+
+
+def test_the_hash_is_lowercase_hex_sha256_of_the_key():
+    assert identifier_hash("user_id:u-42") == hashlib.sha256(b"user_id:u-42").hexdigest()
+    assert len(identifier_hash("email:ada@example.com")) == 64
+
+
+def test_every_place_an_identifier_can_be_is_read():
+    event = T.Event(
+        message_id="m-1",
+        type=T.EVENT_TYPE_ALIAS,
+        user_id="u-1",
+        anonymous_id="a-1",
+        previous_id="old-1",
+        traits=struct({"email": "Ada@Example.com", "plan": "pro", "hubspot_id": 12345}),
+    )
+    event.context.device.id = "d-1"
+    event.context.traits.update({"email": "ada@work.example", "phone": "+49 151 12345678"})
+    event.context.extra.update(
+        {"externalIds": [{"id": "SF-9", "type": "salesforce_id", "collection": "users"}, {"type": "no_id"}]}
+    )
+    assert list(identifier_keys(event)) == [
+        ("user_id", "user_id:u-1"),
+        ("anonymous_id", "anonymous_id:a-1"),
+        ("previous_id", "user_id:old-1"),
+        ("previous_id", "anonymous_id:old-1"),
+        ("context.device.id", "device_id:d-1"),
+        ("traits.email", "email:ada@example.com"),
+        ("traits.hubspot_id", "hubspot_id:12345"),
+        ("context.traits.email", "email:ada@work.example"),
+        ("context.traits.phone", "phone:+4915112345678"),
+        ("context.externalIds[0].id", "salesforce_id:SF-9"),
+    ]
+
+
+def test_matching_does_not_change_the_event():
+    event = identify("u-1", traits=struct({"plan": "pro"}))
+    event.context.locale = "de-DE"
+    event.context.extra.update({"campaign": {"utm_id": "x"}})
+    before = event.SerializeToString(deterministic=True)
+    assert suppressing("user_id:someone-else").match(event) is None
+    assert event.SerializeToString(deterministic=True) == before
+
+
+def test_an_upper_case_email_in_identify_traits_matches_a_suppressed_email():
+    suppression = suppressing("user_id:u-9", "email:x@y.io")
+    assert suppression.match(identify("u-1", traits=struct({"email": " X@Y.IO "}))) == "traits.email"
+    assert suppression.match(T.Event(type=T.EVENT_TYPE_TRACK, user_id="u-9", event="E")) == "user_id"
+    assert suppression.match(identify("u-1", traits=struct({"email": "x@z.io"}))) is None
+
+
+def test_ids_are_matched_case_sensitively_like_identity_does():
+    suppression = suppressing("user_id:u-9")
+    assert suppression.match(identify(" u-9 ")) == "user_id"
+    assert suppression.match(identify("U-9")) is None
+
+
+def test_a_suppressed_user_id_given_as_an_aliass_previous_id_matches():
+    alias = T.Event(type=T.EVENT_TYPE_ALIAS, user_id="new-1", previous_id="u-9")
+    assert suppressing("user_id:u-9").match(alias) == "previous_id"
+    assert suppressing("anonymous_id:u-9").match(alias) == "previous_id"
+
+
+def test_an_empty_list_builds_and_hashes_no_key(monkeypatch):
+    walked = []
+    real = suppression_module.identifier_keys
+    monkeypatch.setattr(suppression_module, "identifier_keys", lambda event: walked.append(event) or real(event))
+    suppression = SuppressionList()
+    event = identify("u-9", traits=struct({"email": "x@y.io"}))
+    assert not suppression and suppression.match(event) is None
+    assert walked == []
+    suppression.add([sha256_hex("user_id:u-9")])
+    assert suppression.match(event) == "user_id" and walked == [event]
+
+
+def test_malformed_hashes_are_skipped_and_counted():
+    suppression = SuppressionList()
+    good = sha256_hex("user_id:u-9")
+    assert suppression.add([good, good.upper(), "not-a-hash", good[:-1], sha256_hex("email:x@y.io")]) == (2, 2)
+    assert len(suppression) == 2
+
+
+def test_keys_agree_with_identitys_normaliser():
+    """The collector cannot import identity at run time; this keeps the two from drifting apart."""
+    normalize = pytest.importorskip("cdp_identity.domain.normalize")
+    rules = pytest.importorskip("cdp_identity.domain.rules")
+    normalizer = normalize.Normalizer(rules.MergeRules.default())
+    cases = [
+        ("user_id", " U-42 "),
+        ("anonymous_id", "a1 "),
+        ("device_id", " D-1"),
+        ("email", " Ada@Example.COM "),
+        ("phone", "+4915112345678"),
+        ("phone", "+49 (151) 1234-5678"),
+        ("phone", "+39 06 1234 5678"),
+        ("salesforce_id", " 0031x00000AbCdE "),
+        ("hubspot_id", "12345"),
+        ("dynamics_id", "7f1c"),
+        ("zoho_id", " z-1"),
+    ]
+    for kind, raw in cases:
+        assert identifier_key(kind, raw) == normalizer.normalize_one(kind, raw).key, (kind, raw)

@@ -1,0 +1,107 @@
+"""The profile process: consume events.resolved and identity.*, keep profiles, publish profiles.changed."""
+
+from __future__ import annotations
+
+import gc
+
+import grpc
+
+from cdp.identity.v1 import identity_pb2_grpc
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_kit.bus import (
+    Bus,
+    ConsumerSpec,
+    dead_letter_stream,
+    events_resolved_stream,
+    identity_stream,
+    owned_partitions,
+    privacy_stream,
+    profiles_stream,
+)
+from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.storage import open_store
+from cdp_profile.api import SCOPES, ProfileApi
+from cdp_profile.domain import Retention
+from cdp_profile.engine import ProfileEngine
+from cdp_profile.settings import ProfileSettings
+
+
+def identity_client(runtime: ServiceRuntime, settings: ProfileSettings) -> identity_pb2_grpc.IdentityServiceStub:
+    channel = grpc.aio.insecure_channel(settings.identity_address)
+    runtime.stack.push_async_callback(channel.close)
+    return identity_pb2_grpc.IdentityServiceStub(channel)
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: ProfileSettings = runtime.settings  # type: ignore[assignment]
+    # Hot profiles are many long-lived objects: collect young objects less often (see identity).
+    gc.set_threshold(50_000, 20, 100)
+    store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
+    )
+    await bus.ensure_streams(
+        events_resolved_stream(),
+        identity_stream(),
+        profiles_stream(max_age=settings.changes_retention_days * 86_400),
+        privacy_stream(),
+        dead_letter_stream(),
+    )
+    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
+    max_age = settings.timeline_max_age_days * 86_400 or None
+    engine = ProfileEngine(
+        store,
+        bus.publisher,
+        partitions=settings.partitions,
+        owned=partitions,
+        retention=Retention(max_events=settings.timeline_max_events, max_age_seconds=max_age),
+        telemetry=runtime.telemetry,
+    )
+    await engine.start()
+    runtime.stack.push_async_callback(engine.stop)
+    runners = []
+    for p in partitions:
+        runner = bus.consumer(
+            ConsumerSpec(
+                stream="EVENTS_RESOLVED",
+                durable=f"profile-p{p}",
+                filter_subjects=(f"events.resolved.{p}",),
+                batch_size=settings.batch_size,
+                ack_wait=settings.ack_wait,
+                # One batch unacknowledged at a time keeps each partition in order across crashes.
+                max_ack_pending=settings.batch_size,
+                description=f"profile: apply events of person partition {p}",
+            ),
+            engine.handle,
+        )
+        runtime.spawn(runner.run(), f"consume events.resolved.{p}")
+        runners.append(runner)
+    identity_runner = bus.consumer(
+        ConsumerSpec(
+            stream="IDENTITY",
+            durable=f"profile-identity-{settings.pod_ordinal}",
+            filter_subjects=("identity.merged", "identity.unmerged"),
+            batch_size=64,
+            ack_wait=settings.ack_wait,
+            max_ack_pending=64,
+            description="profile: combine and split profiles as identity merges and unmerges persons",
+        ),
+        engine.handle_identity,
+    )
+    runtime.spawn(identity_runner.run(), "consume identity.merged/unmerged")
+    runners.append(identity_runner)
+    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners)
+    runtime.grpc.add_service(
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server,
+        ProfileApi(engine, identity_client(runtime, settings), identity_token=settings.identity_token),
+        profile_pb2.DESCRIPTOR.services_by_name["ProfileService"],
+        scopes=SCOPES,
+    )
+
+
+def main() -> None:
+    run_main(ProfileSettings, setup)
+
+
+if __name__ == "__main__":
+    main()

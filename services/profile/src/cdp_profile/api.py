@@ -1,0 +1,311 @@
+"""gRPC ProfileService: protobuf in, engine and domain calls, protobuf out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+
+import grpc
+
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_profile.domain import ComputedTrait, Profile
+from cdp_profile.engine import Backfill, ProfileEngine
+from cdp_profile.events import (
+    dict_to_struct,
+    python_to_value,
+    seconds_to_timestamp,
+    struct_to_dict,
+    timestamp_seconds,
+    value_to_python,
+)
+
+SCOPES = {
+    "GetProfile": "profile:read",
+    "BatchGetProfiles": "profile:read",
+    "LookupProfile": "profile:read",
+    "ListEvents": "profile:read",
+    "ListComputedTraits": "profile:read",
+    "Export": "profile:read",
+    "UpdateTraits": "profile:write",
+    "DefineComputedTrait": "profile:admin",
+    "DeleteComputedTrait": "profile:admin",
+    "Delete": "profile:admin",
+}
+
+MAX_BATCH = 500
+MAX_PAGE = 1000
+CONSENT_PREFIXES = ("purpose:", "channel:")
+
+
+def _provenance(version, out: profile_pb2.Provenance) -> None:
+    out.source = version.source
+    out.event_id = version.event_id
+    out.at.CopyFrom(seconds_to_timestamp(version.at))
+    if getattr(version, "recorded_at", None) is not None:
+        out.recorded_at.CopyFrom(seconds_to_timestamp(version.recorded_at))
+
+
+def profile_message(profile: Profile, *, now: float, as_of: float | None, history: bool) -> profile_pb2.Profile:
+    view = profile.view(now=now, as_of=as_of)
+    out = profile_pb2.Profile(person_id=profile.person_id, event_count=view.event_count)
+    for name, version in view.traits.items():
+        trait = out.traits[name]
+        python_to_value(version.value, trait.value)
+        _provenance(version, trait.provenance)
+        if history:
+            for old in profile.trait_history(name):
+                if as_of is not None and old.at > as_of:
+                    continue
+                item = trait.history.add()
+                python_to_value(old.value, item.value)
+                _provenance(old, item.provenance)
+    for name, value in view.computed.items():
+        python_to_value(value, out.computed[name])
+    for key, state in view.consent.items():
+        consent = out.consent[key]
+        consent.granted = state.granted
+        _provenance(state, consent.provenance)
+        if history:
+            for old in state.history:
+                if as_of is not None and old.at > as_of:
+                    continue
+                item = consent.history.add(granted=old.granted)
+                _provenance(old, item.provenance)
+    for name, score in view.scores.items():
+        out.scores[name].CopyFrom(
+            profile_pb2.Score(value=score.value, model=score.model, version=score.version, at=seconds_to_timestamp(score.at))
+        )
+    out.identifiers.extend(sorted(view.identifiers))
+    out.merged_from.extend(view.merged_from)
+    if view.first_seen is not None:
+        out.first_seen.CopyFrom(seconds_to_timestamp(view.first_seen))
+    if view.last_seen is not None:
+        out.last_seen.CopyFrom(seconds_to_timestamp(view.last_seen))
+    if as_of is not None:
+        out.as_of.CopyFrom(seconds_to_timestamp(as_of))
+    return out
+
+
+def definition_from_message(message: profile_pb2.ComputedTraitDefinition) -> ComputedTrait:
+    document: dict = {"name": message.name, "op": message.op}
+    if message.event_type:
+        document["event_type"] = message.event_type
+    if message.event_names:
+        document["event_names"] = list(message.event_names)
+    if message.property:
+        document["property"] = message.property
+    if message.HasField("where"):
+        document["where"] = struct_to_dict(message.where)
+    if message.window:
+        document["window"] = message.window
+    return ComputedTrait.from_dict(document)
+
+
+def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
+    d = backfill.trait.to_dict()
+    definition = profile_pb2.ComputedTraitDefinition(
+        name=d["name"],
+        op=d["op"],
+        event_type=d.get("event_type") or "",
+        event_names=d.get("event_names") or [],
+        property=d.get("property") or "",
+        window=_window_text(d.get("window")),
+    )
+    if d.get("where"):
+        definition.where.CopyFrom(dict_to_struct(d["where"]))
+    return profile_pb2.ComputedTraitStatus(
+        definition=definition,
+        state=backfill.state,
+        profiles_done=backfill.done,
+        profiles_total=backfill.total,
+        defined_at=seconds_to_timestamp(backfill.defined_at),
+    )
+
+
+def _window_text(window) -> str:
+    if window in (None, ""):
+        return ""
+    if isinstance(window, str):
+        return window
+    seconds = int(window)
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _page_token(cursor) -> str:
+    return "" if cursor is None else base64.urlsafe_b64encode(json.dumps(list(cursor)).encode()).decode()
+
+
+def _cursor(token: str):
+    if not token:
+        return None
+    try:
+        return tuple(json.loads(base64.urlsafe_b64decode(token.encode())))
+    except (ValueError, binascii.Error, TypeError):
+        raise InvalidArgument("page_token", "is not a token this service returned; start without one") from None
+
+
+class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
+    def __init__(
+        self,
+        engine: ProfileEngine,
+        identity: identity_pb2_grpc.IdentityServiceStub | None = None,
+        *,
+        identity_token: str = "",
+    ) -> None:
+        self.engine = engine
+        self.identity = identity
+        self._identity_metadata = (("authorization", f"Bearer {identity_token}"),) if identity_token else ()
+
+    async def GetProfile(self, request: profile_pb2.GetProfileRequest, context) -> profile_pb2.Profile:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        profile = await self.engine.profile(request.person_id)
+        as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
+        return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
+
+    async def BatchGetProfiles(
+        self, request: profile_pb2.BatchGetProfilesRequest, context
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        if len(request.person_ids) > MAX_BATCH:
+            raise InvalidArgument("person_ids", f"{len(request.person_ids)} ids; at most {MAX_BATCH} per call")
+        response = profile_pb2.BatchGetProfilesResponse()
+        now = self.engine.clock()
+        for index, person in enumerate(request.person_ids):
+            if not person:
+                raise InvalidArgument(f"person_ids[{index}]", "is empty")
+            try:
+                profile = await self.engine.profile(person)
+            except NotFound:
+                response.missing.append(person)
+                continue
+            response.profiles.append(profile_message(profile, now=now, as_of=None, history=request.include_history))
+        return response
+
+    async def LookupProfile(self, request: profile_pb2.LookupProfileRequest, context) -> profile_pb2.Profile:
+        if not request.identifier_type:
+            raise InvalidArgument("identifier_type", "is required (user_id, email, phone, anonymous_id, ...)")
+        if not request.identifier_value:
+            raise InvalidArgument("identifier_value", "is required")
+        if self.identity is None:
+            raise Unavailable("no identity service configured (CDP_IDENTITY_ADDRESS)", retry_after=5.0)
+        try:
+            found = await self.identity.Lookup(
+                identity_pb2.LookupRequest(
+                    identifier=identity_pb2.Identifier(type=request.identifier_type, value=request.identifier_value)
+                ),
+                timeout=5.0,
+                metadata=self._identity_metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(f"no person holds {request.identifier_type} {request.identifier_value!r}") from None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidArgument("identifier_value", exc.details() or "rejected by identity") from None
+            raise Unavailable(f"identity lookup failed: {exc.code().name} {exc.details()}", retry_after=1.0) from None
+        profile = await self.engine.profile(found.person_id)
+        as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
+        return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
+
+    async def ListEvents(self, request: profile_pb2.ListEventsRequest, context) -> profile_pb2.ListEventsResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        size = request.page_size or 50
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument("page_size", f"{size} is out of range: 1..{MAX_PAGE}")
+        profile = await self.engine.profile(request.person_id)
+        entries, cursor = profile.events(
+            limit=size, before=_cursor(request.page_token), types=tuple(request.types), names=tuple(request.names)
+        )
+        response = profile_pb2.ListEventsResponse(next_page_token=_page_token(cursor))
+        for entry in entries:
+            response.events.add(
+                event_id=entry.event_id,
+                type=entry.type,
+                name=entry.name,
+                at=seconds_to_timestamp(entry.at),
+                properties=dict_to_struct(entry.properties),
+                source=entry.source,
+            )
+        return response
+
+    async def UpdateTraits(
+        self, request: profile_pb2.UpdateTraitsRequest, context
+    ) -> profile_pb2.UpdateTraitsResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        traits = struct_to_dict(request.traits) if request.HasField("traits") else {}
+        for key in request.consent:
+            if not key.startswith(CONSENT_PREFIXES) or key.partition(":")[2] == "":
+                raise InvalidArgument(f"consent[{key!r}]", "keys are 'purpose:<Name>' or 'channel:<name>'")
+        if not traits and not request.consent:
+            raise InvalidArgument("traits", "give at least one trait or consent entry")
+        at = timestamp_seconds(request.at) if request.HasField("at") else None
+        profile, change = await self.engine.update_traits(
+            request.person_id,
+            traits,
+            dict(request.consent),
+            source=request.source or "api",
+            at=at,
+            request_id=request.request_id or uuid.uuid4().hex,
+        )
+        return profile_pb2.UpdateTraitsResponse(
+            profile=profile_message(profile, now=self.engine.clock(), as_of=None, history=False),
+            changed=sorted(change.traits),
+        )
+
+    async def DefineComputedTrait(
+        self, request: profile_pb2.DefineComputedTraitRequest, context
+    ) -> profile_pb2.ComputedTraitStatus:
+        if not request.HasField("definition"):
+            raise InvalidArgument("definition", "is required")
+        trait = definition_from_message(request.definition)
+        return status_message(await self.engine.define(trait))
+
+    async def ListComputedTraits(
+        self, request: profile_pb2.ListComputedTraitsRequest, context
+    ) -> profile_pb2.ListComputedTraitsResponse:
+        return profile_pb2.ListComputedTraitsResponse(
+            traits=[status_message(b) for _name, b in sorted(self.engine.backfills.items())]
+        )
+
+    async def DeleteComputedTrait(
+        self, request: profile_pb2.DeleteComputedTraitRequest, context
+    ) -> profile_pb2.DeleteComputedTraitResponse:
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        await self.engine.undefine(request.name)
+        return profile_pb2.DeleteComputedTraitResponse()
+
+    async def Export(self, request: profile_pb2.ExportRequest, context) -> profile_pb2.ExportResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        profile = await self.engine.profile(request.person_id)
+        document = profile.export()
+        return profile_pb2.ExportResponse(person_id=profile.person_id, document=dict_to_struct(document))
+
+    async def Delete(self, request: profile_pb2.DeleteRequest, context) -> profile_pb2.DeleteResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        if request.mode == profile_pb2.DELETE_MODE_UNSPECIFIED:
+            raise InvalidArgument("mode", "choose DELETE_MODE_DELETE or DELETE_MODE_SUPPRESS_WITH_DELETE")
+        result = await self.engine.delete(
+            request.person_id,
+            suppress=request.mode == profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE,
+            request_id=request.request_id or None,
+        )
+        return profile_pb2.DeleteResponse(
+            request_id=result["request_id"],
+            identifiers=result["identifiers"],
+            timeline_events=result["timeline_events"],
+            suppressed=result["suppressed"],
+        )
+
+
+__all__ = ["SCOPES", "ProfileApi", "profile_message", "value_to_python"]

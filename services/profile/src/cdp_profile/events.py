@@ -1,0 +1,130 @@
+"""From bus payloads to domain events, and from domain values to protobuf (both directions are hot)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from cdp.events.v1 import events_pb2
+from cdp_profile.domain import ProfileEvent
+
+_TYPES = {
+    events_pb2.EVENT_TYPE_TRACK: "track",
+    events_pb2.EVENT_TYPE_IDENTIFY: "identify",
+    events_pb2.EVENT_TYPE_ALIAS: "alias",
+    events_pb2.EVENT_TYPE_PAGE: "page",
+    events_pb2.EVENT_TYPE_SCREEN: "screen",
+    events_pb2.EVENT_TYPE_GROUP: "group",
+}
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return {key: value_to_python(value) for key, value in struct.fields.items()}
+
+
+def value_to_python(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        # JSON has one number type; whole numbers come back as ints so "3" items stay 3, not 3.0.
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [value_to_python(v) for v in value.list_value.values]
+    return None
+
+
+def python_to_value(data: Any, out: struct_pb2.Value | None = None) -> struct_pb2.Value:
+    value = out if out is not None else struct_pb2.Value()
+    if data is None:
+        value.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(data, bool):
+        value.bool_value = data
+    elif isinstance(data, int | float):
+        value.number_value = data
+    elif isinstance(data, str):
+        value.string_value = data
+    elif isinstance(data, Mapping):
+        value.struct_value.update(_jsonable(data))
+    elif isinstance(data, list | tuple):
+        value.list_value.extend(_jsonable(list(data)))
+    else:
+        value.string_value = str(data)
+    return value
+
+
+def _jsonable(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {str(k): _jsonable(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_jsonable(v) for v in data]
+    return data
+
+
+def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(_jsonable(data))
+    return struct
+
+
+def seconds_to_timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    whole = int(seconds // 1)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+
+
+def timestamp_seconds(stamp: timestamp_pb2.Timestamp) -> float:
+    return stamp.seconds + stamp.nanos / 1e9
+
+
+def event_time(event: events_pb2.Event) -> float:
+    """Segment's `timestamp` (the event time), else when the collector received it."""
+    if event.HasField("timestamp"):
+        return timestamp_seconds(event.timestamp)
+    return timestamp_seconds(event.received_at)
+
+
+def received_time(event: events_pb2.Event) -> float:
+    return timestamp_seconds(event.received_at) if event.HasField("received_at") else event_time(event)
+
+
+def event_id_of(event: events_pb2.Event) -> str:
+    """The id every effect is idempotent on: the collector's dedup id (source + message id)."""
+    return f"{event.source_id}:{event.message_id}"
+
+
+def to_profile_event(resolved: events_pb2.ResolvedEvent) -> ProfileEvent:
+    event = resolved.event
+    kind = _TYPES.get(event.type, "track")
+    if kind == "track":
+        name = event.event
+    elif kind in ("page", "screen"):
+        name = event.name
+    else:
+        name = ""
+    consent: dict[str, bool] = {}
+    if event.HasField("context") and event.context.HasField("consent"):
+        for purpose, granted in event.context.consent.category_preferences.items():
+            consent[f"purpose:{purpose}"] = granted
+        for channel, granted in event.context.consent.channel_preferences.items():
+            consent[f"channel:{channel}"] = granted
+    return ProfileEvent(
+        event_id=event_id_of(event),
+        type=kind,
+        name=name,
+        at=event_time(event),
+        source=event.source_id or "unknown",
+        properties=struct_to_dict(event.properties) if event.HasField("properties") else {},
+        traits=struct_to_dict(event.traits) if event.HasField("traits") else {},
+        consent=consent,
+        identifiers=tuple(resolved.identifiers),
+        group_id=event.group_id,
+    )

@@ -1,0 +1,52 @@
+"""Profile configuration: every variable, its default and meaning (also listed in the README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cdp_kit.settings import ServiceSettings, env
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileSettings(ServiceSettings):
+    service_name: str = env("OTEL_SERVICE_NAME", "profile", help="service name in traces, metrics and logs")
+    grpc_port: int = env("CDP_GRPC_PORT", 50053, help="gRPC port (ProfileService, health, reflection)")
+    identity_address: str = env(
+        "CDP_IDENTITY_ADDRESS", "localhost:50052", help="identity gRPC address, for LookupProfile (host:port)"
+    )
+    identity_token: str = env(
+        "CDP_IDENTITY_TOKEN", "", help="bearer token with identity:read for LookupProfile (empty: none)", secret=True
+    )
+    batch_size: int = env(
+        "CDP_PROFILE_BATCH_SIZE", 64, help="events.resolved messages (each a batch of events) fetched per batch"
+    )
+    ack_wait: float = env(
+        "CDP_PROFILE_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
+    )
+    timeline_max_events: int = env(
+        "CDP_PROFILE_TIMELINE_MAX_EVENTS", 1000, help="events kept per person's timeline (oldest dropped first)"
+    )
+    timeline_max_age_days: float = env(
+        "CDP_PROFILE_TIMELINE_MAX_AGE_DAYS", 365.0, help="days an event stays in a person's timeline (0: no limit)"
+    )
+    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
+    replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
+    changes_retention_days: float = env(
+        "CDP_PROFILE_CHANGES_RETENTION_DAYS", 7.0, help="days profiles.changed keeps changes"
+    )
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.batch_size < 1:
+            problems.append(f"CDP_PROFILE_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if self.timeline_max_events < 1:
+            problems.append(f"CDP_PROFILE_TIMELINE_MAX_EVENTS={self.timeline_max_events} is invalid: must be positive")
+        if self.timeline_max_age_days < 0:
+            problems.append(
+                f"CDP_PROFILE_TIMELINE_MAX_AGE_DAYS={self.timeline_max_age_days} is invalid: must be 0 or more"
+            )
+        if self.replicas < 1:
+            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
+        elif not 0 <= self.pod_ordinal < self.replicas:
+            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
+        return problems
