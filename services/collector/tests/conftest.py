@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -80,3 +81,16 @@ def collector_settings(nats_url: str, tmp_path, **overrides) -> CollectorSetting
 async def collector(nats_server, tmp_path):
     async with serving(collector_settings(nats_server.url, tmp_path), setup) as runtime:
         yield RunningCollector(runtime, nats_server.url)
+
+
+@pytest.fixture
+def start_collector(nats_server, tmp_path):
+    """A collector started when the test says so, after it has prepared the bus:
+    `async with start_collector() as collector: ...`."""
+
+    @contextlib.asynccontextmanager
+    async def start():
+        async with serving(collector_settings(nats_server.url, tmp_path), setup) as runtime:
+            yield RunningCollector(runtime, nats_server.url)
+
+    return start

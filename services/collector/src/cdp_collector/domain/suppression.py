@@ -23,8 +23,7 @@ An alias's `previous_id` is checked as both user_id and anonymous_id: identity l
 turns out to be. Identity formats phones with libphonenumber, which the edge does not load; a phone already
 written as `+` and digits (spaces, dashes, dots and brackets ignored) is the E.164 form identity would
 store, so it is checked, and one written any other way is not. Identifier types added in identity's rules
-file, and types it stores hashed (`"hash": true`), are not checked here: profile still deletes what identity
-links for them.
+file, and types it stores hashed (`"hash": true`), are not checked here.
 
 When nothing is suppressed, `match` returns at once without building or hashing a single key: the ingest
 hot path pays nothing for the feature until someone uses it.

@@ -1,0 +1,154 @@
+"""Suppression end to end, with a real nats-server: a privacy.deleted with suppress=true stops the
+person's events at the edge (answered as suppressed, never stored), whether it was published while the
+collector runs or before it started; a deletion without suppression stops nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+
+import aiohttp
+import grpc
+
+from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+from cdp.events.v1 import events_pb2
+from cdp.privacy.v1 import privacy_pb2
+from cdp_kit.bus import ensure_stream, privacy_stream
+
+SUPPRESSED = collector_pb2.EVENT_STATUS_SUPPRESSED
+ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
+
+
+async def publish_deletion(nc, *keys: str, suppress: bool = True, request_id: str = "req-1") -> None:
+    """What profile publishes on Delete(mode=SUPPRESS_WITH_DELETE): hashes of the normalised keys."""
+    js = nc.jetstream()
+    await ensure_stream(js, privacy_stream())
+    message = privacy_pb2.PrivacyDeleted(
+        request_id=request_id,
+        person_id="person-1",
+        identifier_hashes=[hashlib.sha256(key.encode()).hexdigest() for key in keys],
+        suppress=suppress,
+    )
+    await js.publish("privacy.deleted", message.SerializeToString(), stream="PRIVACY")
+
+
+async def until_suppressing(collector, identifiers: int) -> None:
+    suppression = collector.runtime.parts["suppression"]
+    for _ in range(200):
+        if len(suppression) >= identifiers:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the collector suppresses {len(suppression)} identifiers, expected {identifiers}")
+
+
+def grpc_events() -> list[events_pb2.Event]:
+    by_user_id = events_pb2.Event(message_id="g-1", type=events_pb2.EVENT_TYPE_TRACK, user_id="u-9", event="Bought")
+    by_email = events_pb2.Event(message_id="g-2", type=events_pb2.EVENT_TYPE_IDENTIFY, anonymous_id="anon-3")
+    by_email.traits.update({"email": "X@Y.IO", "plan": "pro"})
+    someone_else = events_pb2.Event(message_id="g-3", type=events_pb2.EVENT_TYPE_TRACK, user_id="u-1", event="Bought")
+    return [by_user_id, by_email, someone_else]
+
+
+def http_batch() -> list[dict]:
+    return [
+        {"type": "track", "messageId": "h-1", "userId": "u-9", "event": "Bought"},
+        {"type": "identify", "messageId": "h-2", "anonymousId": "anon-4", "traits": {"email": "X@Y.IO"}},
+        {"type": "page", "messageId": "h-3", "anonymousId": "anon-5", "context": {"traits": {"email": " x@y.io "}}},
+        {"type": "track", "messageId": "h-4", "userId": "u-2", "event": "Bought"},
+    ]
+
+
+async def collect(collector, events) -> collector_pb2.CollectResponse:
+    async with grpc.aio.insecure_channel(collector.grpc_address) as channel:
+        request = collector_pb2.CollectRequest(write_key=collector.write_key, events=events)
+        return await collector_pb2_grpc.CollectorServiceStub(channel).Collect(request)
+
+
+async def post_batch(collector, batch: list[dict]) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session:
+        body = {"batch": batch, "writeKey": collector.write_key}
+        async with session.post(f"{collector.http_url}/v1/batch", json=body) as response:
+            return response.status, await response.json()
+
+
+async def test_grpc_answers_a_suppressed_persons_events_as_suppressed_and_stores_only_the_others(
+    collector, nats_client, caplog
+):
+    await publish_deletion(nats_client, "user_id:u-9", "email:x@y.io")
+    await until_suppressing(collector, 2)
+    with caplog.at_level(logging.INFO, logger="cdp.collector"):
+        reply = await collect(collector, grpc_events())
+    assert [r.status for r in reply.results] == [SUPPRESSED, SUPPRESSED, ACCEPTED]
+    assert (reply.accepted, reply.suppressed, reply.rejected) == (1, 2, 0)
+    first, second, _ = reply.results
+    assert first.error.code == "suppressed" and first.error.field == "events[0].user_id"
+    assert second.error.field == "events[1].traits.email" and second.message_id == "g-2"
+    assert "asked to be deleted and suppressed" in first.error.message
+    assert "u-9" not in first.error.message and "x@y.io" not in second.error.message.lower()
+    stored = await collector.stored(expected=1)
+    assert [event.user_id for _, event in stored] == ["u-1"]
+    (logged,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("suppressed")]
+    assert logged.startswith("suppressed 2 of 3 events")
+    assert not any("u-9" in r.getMessage() or "x@y.io" in r.getMessage().lower() for r in caplog.records)
+
+
+async def test_http_answers_200_with_the_suppressed_count_and_stores_only_the_others(collector, nats_client):
+    await publish_deletion(nats_client, "user_id:u-9", "email:x@y.io")
+    await until_suppressing(collector, 2)
+    status, reply = await post_batch(collector, http_batch())
+    assert status == 200 and reply == {"success": True, "accepted": 1, "duplicates": 0, "suppressed": 3}
+    stored = await collector.stored(expected=1)
+    assert [event.message_id for _, event in stored] == ["h-4"]
+
+
+async def test_suppressed_events_are_still_counted_beside_invalid_ones(collector, nats_client):
+    await publish_deletion(nats_client, "user_id:u-9")
+    await until_suppressing(collector, 1)
+    batch = [*http_batch()[:1], {"type": "track", "messageId": "bad", "userId": "u-2"}, http_batch()[3]]
+    status, reply = await post_batch(collector, batch)
+    assert status == 400 and (reply["accepted"], reply["suppressed"], len(reply["rejected"])) == (1, 1, 1)
+    assert "1 suppressed" in reply["error"]["message"]
+    await collector.stored(expected=1)
+
+
+async def test_a_suppression_published_before_the_collector_started_holds_from_its_first_request(
+    start_collector, nats_client
+):
+    await publish_deletion(nats_client, "user_id:u-9", "email:x@y.io")
+    # Many more people after it: start-up must read them all before it answers anything.
+    for i in range(300):
+        await publish_deletion(nats_client, f"user_id:later-{i}", f"email:later-{i}@y.io", request_id=f"r-{i}")
+    async with start_collector() as collector:
+        assert len(collector.runtime.parts["suppression"]) == 602  # all of them, before the first request
+        status, reply = await post_batch(collector, http_batch())
+        assert status == 200 and (reply["accepted"], reply["suppressed"]) == (1, 3)
+        reply = await collect(collector, grpc_events())
+        assert [r.status for r in reply.results] == [SUPPRESSED, SUPPRESSED, ACCEPTED]
+        last = events_pb2.Event(message_id="g-4", type=events_pb2.EVENT_TYPE_TRACK, user_id="later-299", event="E")
+        assert (await collect(collector, [last])).suppressed == 1
+        stored = await collector.stored(expected=2)
+        assert {event.message_id for _, event in stored} == {"h-4", "g-3"}
+
+
+async def test_a_deletion_without_suppression_suppresses_nothing(collector, nats_client):
+    await publish_deletion(nats_client, "user_id:u-9", "email:x@y.io", suppress=False, request_id="delete-only")
+    # A suppression published after it: once that one is applied, the first has been seen too.
+    await publish_deletion(nats_client, "user_id:u-7", request_id="suppress")
+    await until_suppressing(collector, 1)
+    reply = await collect(collector, grpc_events())
+    assert (reply.accepted, reply.suppressed) == (3, 0)
+    u7 = events_pb2.Event(message_id="g-7", type=events_pb2.EVENT_TYPE_TRACK, user_id="u-7", event="E")
+    assert (await collect(collector, [u7])).suppressed == 1
+    assert len(collector.runtime.parts["suppression"]) == 1
+    await collector.stored(expected=3)
+
+
+async def test_an_unreadable_privacy_message_does_not_stop_start_up(start_collector, nats_client):
+    js = nats_client.jetstream()
+    await ensure_stream(js, privacy_stream())
+    await js.publish("privacy.deleted", b"\x0a\xff not a PrivacyDeleted", stream="PRIVACY")
+    await publish_deletion(nats_client, "user_id:u-9")
+    async with start_collector() as collector:
+        status, reply = await post_batch(collector, http_batch()[:1])
+        assert status == 200 and reply["suppressed"] == 1
