@@ -63,6 +63,9 @@ def profile_message(profile: Profile, *, now: float, as_of: float | None, histor
                 item = trait.history.add()
                 python_to_value(old.value, item.value)
                 _provenance(old, item.provenance)
+    for group, version in view.groups.items():
+        python_to_value(version.value, out.groups[group].value)
+        _provenance(version, out.groups[group].provenance)
     for name, value in view.computed.items():
         python_to_value(value, out.computed[name])
     for key, state in view.consent.items():
@@ -77,7 +80,9 @@ def profile_message(profile: Profile, *, now: float, as_of: float | None, histor
                 _provenance(old, item.provenance)
     for name, score in view.scores.items():
         out.scores[name].CopyFrom(
-            profile_pb2.Score(value=score.value, model=score.model, version=score.version, at=seconds_to_timestamp(score.at))
+            profile_pb2.Score(
+                value=score.value, model=score.model, version=score.version, at=seconds_to_timestamp(score.at)
+            )
         )
     out.identifiers.extend(sorted(view.identifiers))
     out.merged_from.extend(view.merged_from)
@@ -235,9 +240,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             )
         return response
 
-    async def UpdateTraits(
-        self, request: profile_pb2.UpdateTraitsRequest, context
-    ) -> profile_pb2.UpdateTraitsResponse:
+    async def UpdateTraits(self, request: profile_pb2.UpdateTraitsRequest, context) -> profile_pb2.UpdateTraitsResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
         traits = struct_to_dict(request.traits) if request.HasField("traits") else {}

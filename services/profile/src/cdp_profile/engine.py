@@ -123,6 +123,7 @@ class ProfileEngine:
         self._expiries: list[tuple[float, str]] = []
         self._partition_cache: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
+        self._publishing: set[str] = set()  # partitions between their commit and their publish
         meter = telemetry.meter
         self._m_events = meter.create_counter("cdp_profile_events_total", description="events applied, by outcome")
         self._m_changes = meter.create_counter(
@@ -172,7 +173,9 @@ class ProfileEngine:
         self._tasks.append(asyncio.create_task(self._expiry_loop(), name="profile expiry"))
         for backfill in self.backfills.values():
             if backfill.state == "backfilling":
-                self._tasks.append(asyncio.create_task(self._backfill(backfill), name=f"backfill {backfill.trait.name}"))
+                self._tasks.append(
+                    asyncio.create_task(self._backfill(backfill), name=f"backfill {backfill.trait.name}")
+                )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -184,7 +187,7 @@ class ProfileEngine:
         """Load every owned profile: they are the hot state, and windowed traits expire on their own."""
         timelines: dict[str, list[TimelineEntry]] = {}
         async for record in self.store.scan_all(TIMELINE, page_size=2000):
-            entry = TimelineEntry.from_dict(record.doc)
+            entry = TimelineEntry.from_doc(record.doc)
             timelines.setdefault(entry.origin, []).append(entry)
         async for record in self.store.scan_all(PROFILES, page_size=1000):
             if self._partition(record.key) in self.owned:
@@ -199,7 +202,7 @@ class ProfileEngine:
         else:
             origins = [person, *doc["profile"].get("merged_from", [])]
             entries = [e for origin in origins for e in timelines.get(origin, ())]
-            profile = Profile.from_doc(doc["profile"], entries)
+            profile = Profile.from_doc(doc["profile"], entries, retention=self.retention)
             self.profiles[person] = profile
             self._schedule_expiry(profile)
 
@@ -214,7 +217,7 @@ class ProfileEngine:
                 if "profile" in record.doc:
                     for origin in [person, *record.doc["profile"].get("merged_from", [])]:
                         async for entry in self.store.scan_all(TIMELINE, prefix=f"{origin}|"):
-                            timelines.setdefault(origin, []).append(TimelineEntry.from_dict(entry.doc))
+                            timelines.setdefault(origin, []).append(TimelineEntry.from_doc(entry.doc))
                 self._adopt(person, record.doc, record.version, timelines)
                 if person in self.tombstones:
                     follow.add(self.tombstones[person])
@@ -283,7 +286,7 @@ class ProfileEngine:
                 del self.deleted[target]  # a new life after deletion: a fresh profile
             profile = self.profiles.get(target)
             if profile is None:
-                profile = self.profiles[target] = Profile.new(target)
+                profile = self.profiles[target] = Profile.new(target, retention=self.retention)
             change = profile.apply(event, self.defs, now=now)
             outcomes["applied"] += 1
             newest_received = max(newest_received, received)
@@ -292,10 +295,14 @@ class ProfileEngine:
         for outcome, count in outcomes.items():
             if count:
                 self._m_events.add(count, {"outcome": outcome})
-        await self._commit(changes, position=(subject, last_seq, messages))
-        if newest_received:
-            self._m_freshness.record(max(0.0, (self.clock() - newest_received) * 1000))
-        await self._publish(subject, messages)
+        self._publishing.add(subject)
+        try:
+            await self._commit(changes, position=(subject, last_seq, messages))
+            if newest_received:
+                self._m_freshness.record(max(0.0, (self.clock() - newest_received) * 1000))
+            await self._publish(subject, messages)
+        finally:
+            self._publishing.discard(subject)
 
     def _fold(self, changes: dict[str, ProfileChange], person: str, change: ProfileChange) -> None:
         if not change:
@@ -317,7 +324,9 @@ class ProfileEngine:
             try:
                 if delivery.subject == "identity.merged":
                     merged = identity_pb2.IdentityMerged.FromString(delivery.data)
-                    await self._merge(merged.winner, merged.loser, merged.merge_id, timestamp_seconds(merged.at), changes)
+                    await self._merge(
+                        merged.winner, merged.loser, merged.merge_id, timestamp_seconds(merged.at), changes
+                    )
                     causes.update(dict.fromkeys((merged.winner, merged.loser), "merge"))
                 elif delivery.subject == "identity.unmerged":
                     unmerged = identity_pb2.IdentityUnmerged.FromString(delivery.data)
@@ -355,11 +364,10 @@ class ProfileEngine:
             return
         survivor = self.profiles.get(owner)
         if survivor is None:
-            survivor = self.profiles[owner] = Profile.new(owner)
+            survivor = self.profiles[owner] = Profile.new(owner, retention=self.retention)
         change = survivor.merge(absorbed, merge_id=merge_id, at=at, defs=self.defs, now=self.clock())
         self._fold(changes, owner, change)
-        gone = ProfileChange(person_id=loser_root)
-        gone.merged_into = owner
+        gone = ProfileChange(person_id=loser_root, merged_into=owner)
         self._fold(changes, loser_root, gone)
         self._schedule_expiry(survivor)
 
@@ -403,7 +411,7 @@ class ProfileEngine:
             if person in self.profiles:
                 pending.dirty.add(person)
             for entry in change.timeline_added:
-                pending.ops.append(Put(TIMELINE, timeline_key(entry), entry.to_dict()))
+                pending.ops.append(Put(TIMELINE, timeline_key(entry), entry.to_doc()))
             for entry in change.timeline_removed:
                 pending.ops.append(Delete(TIMELINE, timeline_key(entry)))
         pending.ops.extend(ops)
@@ -436,7 +444,9 @@ class ProfileEngine:
                 doc = {
                     "stream_seq": seq,
                     "at": self.clock(),
-                    "changes": [{"subject": m.subject, "payload": m.payload.hex(), "msg_id": m.msg_id} for m in messages],
+                    "changes": [
+                        {"subject": m.subject, "payload": m.payload.hex(), "msg_id": m.msg_id} for m in messages
+                    ],
                 }
                 ops.append(Put(CHECKPOINTS, subject, doc))
             if ops:
@@ -485,15 +495,17 @@ class ProfileEngine:
             message = batch.changes.add(person_id=person, cause=cause, at=stamp)
             for name, value in change.traits.items():
                 python_to_value(value, message.traits[name])
+            for group, value in change.groups.items():
+                python_to_value(value, message.groups[group])
             for name, value in change.computed.items():
                 python_to_value(value, message.computed[name])
             message.consent.update(change.consent)
             message.scores.update(change.scores)
             message.event_ids.extend(change.event_ids)
             message.merged.extend(change.merged)
-            if getattr(change, "split_from", None):
+            if change.split_from:
                 message.split_from = change.split_from
-            if getattr(change, "merged_into", None) or getattr(change, "removed", False):
+            if change.merged_into or change.removed:
                 message.removed = True
         out = []
         for partition, batch in grouped.items():
@@ -713,8 +725,12 @@ class ProfileEngine:
             merged_person_ids=origins[1:],
         )
         ops.append(Put(DELETIONS, request_id, {"result": result, "notice": notice.SerializeToString().hex()}))
-        gone = ProfileChange(person_id=person)
-        gone.removed = True
+        # Checkpoints keep the change messages of their batch until published; those already published
+        # may still hold the person's values, so they go too.
+        for subject, seq in self.applied.items():
+            if subject not in self._publishing and subject not in self.unpublished:
+                ops.append(Put(CHECKPOINTS, subject, {"stream_seq": seq, "at": now, "changes": []}))
+        gone = ProfileChange(person_id=person, removed=True)
         messages = self._messages({person: gone}, cause="delete", now=now)
         await self._commit({}, ops=ops)
         await self._publish_deletions()

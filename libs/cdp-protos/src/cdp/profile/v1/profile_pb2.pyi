@@ -81,7 +81,7 @@ class Score(_message.Message):
     def __init__(self, value: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Profile(_message.Message):
-    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "identifiers", "merged_from", "first_seen", "last_seen", "event_count", "as_of")
+    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "identifiers", "merged_from", "first_seen", "last_seen", "event_count", "as_of", "groups")
     class TraitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,13 @@ class Profile(_message.Message):
         key: str
         value: Score
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Score, _Mapping]] = ...) -> None: ...
+    class GroupsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Trait
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Trait, _Mapping]] = ...) -> None: ...
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     TRAITS_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +128,7 @@ class Profile(_message.Message):
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     EVENT_COUNT_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     person_id: str
     traits: _containers.MessageMap[str, Trait]
     computed: _containers.MessageMap[str, _struct_pb2.Value]
@@ -132,7 +140,8 @@ class Profile(_message.Message):
     last_seen: _timestamp_pb2.Timestamp
     event_count: int
     as_of: _timestamp_pb2.Timestamp
-    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, Trait]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, Consent]] = ..., scores: _Optional[_Mapping[str, Score]] = ..., identifiers: _Optional[_Iterable[str]] = ..., merged_from: _Optional[_Iterable[str]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    groups: _containers.MessageMap[str, Trait]
+    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, Trait]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, Consent]] = ..., scores: _Optional[_Mapping[str, Score]] = ..., identifiers: _Optional[_Iterable[str]] = ..., merged_from: _Optional[_Iterable[str]] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_count: _Optional[int] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., groups: _Optional[_Mapping[str, Trait]] = ...) -> None: ...
 
 class GetProfileRequest(_message.Message):
     __slots__ = ("person_id", "as_of", "include_history")
@@ -336,7 +345,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., identifiers: _Optional[int] = ..., timeline_events: _Optional[int] = ..., suppressed: _Optional[bool] = ...) -> None: ...
 
 class ProfileChanged(_message.Message):
-    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "event_ids", "merged", "split_from", "removed", "at", "cause")
+    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "event_ids", "merged", "split_from", "removed", "at", "cause", "groups")
     class TraitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +374,13 @@ class ProfileChanged(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class GroupsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _struct_pb2.Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     TRAITS_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_FIELD_NUMBER: _ClassVar[int]
@@ -376,6 +392,7 @@ class ProfileChanged(_message.Message):
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     person_id: str
     traits: _containers.MessageMap[str, _struct_pb2.Value]
     computed: _containers.MessageMap[str, _struct_pb2.Value]
@@ -387,7 +404,8 @@ class ProfileChanged(_message.Message):
     removed: bool
     at: _timestamp_pb2.Timestamp
     cause: str
-    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, bool]] = ..., scores: _Optional[_Mapping[str, float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., merged: _Optional[_Iterable[str]] = ..., split_from: _Optional[str] = ..., removed: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[str] = ...) -> None: ...
+    groups: _containers.MessageMap[str, _struct_pb2.Value]
+    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, bool]] = ..., scores: _Optional[_Mapping[str, float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., merged: _Optional[_Iterable[str]] = ..., split_from: _Optional[str] = ..., removed: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[str] = ..., groups: _Optional[_Mapping[str, _struct_pb2.Value]] = ...) -> None: ...
 
 class ProfileChangedBatch(_message.Message):
     __slots__ = ("changes",)

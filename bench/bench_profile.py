@@ -1,0 +1,507 @@
+"""bench/profile — the profile service's three hot paths, each against its physical baseline in the same run.
+
+profile-apply      events/s applied from events.resolved with 10 computed traits defined, against the
+                   foundation's consumer reading the same stream and doing nothing. The stream is filled
+                   first, as identity publishes it: one ResolvedEventBatch message per person partition
+                   (50 events each), realistic track/identify/page events of 10,000 persons. The service
+                   runs in-process on SQLite; progress on both sides is messages acknowledged.
+profile-read       GetProfile requests/s at 64 in flight (and p99) on the profiles just built, against a
+                   bare grpc.aio echo server answering with a payload of the same size.
+profile-freshness  p99 from collector acceptance to the trait being visible in GetProfile, with the
+                   collector, identity and profile running as separate processes and 5,000 events/s of
+                   background load entering through the collector; baseline: the p99 of one bare
+                   JetStream hop (publish -> a push consumer sees it) at the same load.
+
+    make bench-profile     # writes bench/results/profile-apply.json, profile-read.json, profile-freshness.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from benchlib import percentile, write_result
+
+from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+from cdp.events.v1 import events_pb2
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_resolved_stream, partition_for
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.service import serving
+from cdp_kit.storage import Put, open_store
+from cdp_profile.__main__ import setup as profile_setup
+from cdp_profile.settings import ProfileSettings
+from cdp_testing.processes import CollectorProcess, IdentityProcess, ProfileProcess
+
+PARTITIONS = 8
+PERSONS = 10_000
+EVENTS = 200_000
+WARMUP = 20_000
+PER_MESSAGE = 50
+BATCH = 64
+READS = 20_000
+IN_FLIGHT = 64
+FRESH_RATE = 5_000
+FRESH_SECONDS = 20
+NOW = 1_795_000_000  # 2026-11-18: events are spread over the 60 days before
+
+NAMES = ("Product Viewed", "Product Added", "Order Completed", "Checkout Started")
+
+# Ten definitions of the kinds a marketing team declares, several matching every order.
+DEFINITIONS = [
+    {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"},
+    {"name": "revenue_90d", "op": "sum", "event_names": ["Order Completed"], "property": "price", "window": "90d"},
+    {"name": "aov_90d", "op": "avg", "event_names": ["Order Completed"], "property": "price", "window": "90d"},
+    {"name": "max_order", "op": "max", "event_names": ["Order Completed"], "property": "price"},
+    {"name": "first_order_sku", "op": "first", "event_names": ["Order Completed"], "property": "product_id"},
+    {"name": "last_viewed_sku", "op": "last", "event_names": ["Product Viewed"], "property": "product_id"},
+    {"name": "favourite_category", "op": "most_frequent", "event_names": ["Product Viewed"], "property": "category"},
+    {"name": "categories_bought", "op": "unique", "event_names": ["Order Completed"], "property": "category"},
+    {"name": "carts_7d", "op": "count", "event_names": ["Product Added"], "window": "7d"},
+    {"name": "pages_30d", "op": "count", "event_type": "page", "window": "30d"},
+]
+
+
+def resolved_event(rng: random.Random, n: int) -> tuple[str, bytes]:
+    person = f"p_{rng.randrange(PERSONS):06d}"
+    event = events_pb2.Event(message_id=f"m{n}", source_id="bench", user_id=f"user-{person}")
+    event.timestamp.FromSeconds(NOW - rng.randrange(60 * 86_400))
+    event.received_at.FromSeconds(NOW)
+    roll = rng.random()
+    if roll < 0.1:
+        event.type = events_pb2.EVENT_TYPE_IDENTIFY
+        event.traits.update({"plan": rng.choice(["free", "pro", "team"]), "city": rng.choice(["Berlin", "Lyon"])})
+    elif roll < 0.25:
+        event.type = events_pb2.EVENT_TYPE_PAGE
+        event.name = rng.choice(["Home", "Shoes", "Checkout"])
+        event.properties.update({"path": "/p/shoes", "title": "Shoes"})
+    else:
+        event.type = events_pb2.EVENT_TYPE_TRACK
+        event.event = rng.choice(NAMES)
+        event.properties.update(
+            {
+                "product_id": f"sku-{rng.randrange(5000)}",
+                "price": round(rng.uniform(3, 300), 2),
+                "quantity": rng.randrange(1, 4),
+                "currency": "EUR",
+                "category": rng.choice(["shoes", "books", "garden", "toys"]),
+            }
+        )
+    resolved = events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=[f"user_id:user-{person}"])
+    return person, resolved.SerializeToString()
+
+
+async def fill_resolved(bus: Bus) -> int:
+    """EVENTS events as identity publishes them; returns the number of messages."""
+    await bus.ensure_streams(events_resolved_stream())
+    rng = random.Random(5)
+    grouped: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
+    messages = 0
+    pending: list[OutMessage] = []
+    for n in range(EVENTS):
+        person, payload = resolved_event(rng, n)
+        bucket = grouped[partition_for(person, PARTITIONS)]
+        bucket.append(payload)
+        if len(bucket) == PER_MESSAGE or n == EVENTS - 1:
+            for p, events in grouped.items():
+                if events and (len(events) == PER_MESSAGE or n == EVENTS - 1):
+                    batch = events_pb2.ResolvedEventBatch()
+                    for raw in events:
+                        batch.events.add().ParseFromString(raw)
+                    pending.append(
+                        OutMessage(
+                            subject=f"events.resolved.{p}", payload=batch.SerializeToString(), msg_id=f"rb{messages}"
+                        )
+                    )
+                    messages += 1
+                    grouped[p] = []
+        if len(pending) >= 200:
+            assert all(r.ok for r in await bus.publisher.publish_batch(pending, trace_headers=False))
+            pending = []
+    if pending:
+        assert all(r.ok for r in await bus.publisher.publish_batch(pending, trace_headers=False))
+    return messages
+
+
+async def acknowledged(js, durable_prefix: str, total: int) -> int:
+    remaining = 0
+    for p in range(PARTITIONS):
+        try:
+            info = await js.consumer_info("EVENTS_RESOLVED", f"{durable_prefix}{p}")
+        except Exception:
+            return 0
+        remaining += info.num_pending + info.num_ack_pending
+    return total - remaining
+
+
+async def wait_count(count_fn, target: int, timeout: float = 900) -> float:
+    deadline = time.perf_counter() + timeout
+    for _ in range(int(timeout / 0.02)):
+        if await count_fn() >= target:
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"stuck below {target}")
+
+
+async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
+    async def nothing(batch) -> None:
+        return None
+
+    async with Bus.connect(nats_url, name="bench-baseline") as bus:
+
+        async def count() -> int:
+            return await acknowledged(bus.js, "noop-p", total)
+
+        tasks = [
+            asyncio.create_task(
+                bus.consumer(
+                    ConsumerSpec(
+                        stream="EVENTS_RESOLVED",
+                        durable=f"noop-p{p}",
+                        filter_subjects=(f"events.resolved.{p}",),
+                        batch_size=BATCH,
+                        max_ack_pending=BATCH,
+                    ),
+                    nothing,
+                ).run()
+            )
+            for p in range(PARTITIONS)
+        ]
+        t0 = await wait_count(count, warmup)
+        t1 = await wait_count(count, total)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return (total - warmup) * PER_MESSAGE / (t1 - t0)
+
+
+async def seed_definitions(store_url: str) -> None:
+    async with open_store(store_url) as store:
+        await store.bulk_write(
+            [
+                Put("profile_computed_traits", d["name"], {"definition": d, "defined_at": NOW, "state": "ready"})
+                for d in DEFINITIONS
+            ]
+        )
+
+
+async def bench_apply_and_read(nats_url: str, workdir: Path, warmup: int, total: int) -> tuple[float, dict, list]:
+    store_url = f"sqlite:///{workdir / 'profile.db'}"
+    await seed_definitions(store_url)
+    settings = ProfileSettings(
+        nats_url=nats_url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=PARTITIONS,
+        batch_size=BATCH,
+        store_url=store_url,
+        log_level="WARNING",
+    )
+    async with serving(settings, profile_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
+
+        async def applied() -> int:
+            return await acknowledged(reader.js, "profile-p", total)
+
+        t0 = await wait_count(applied, warmup)
+        t1 = await wait_count(applied, total)
+        rate = (total - warmup) * PER_MESSAGE / (t1 - t0)
+        engine = runtime.parts["engine"]
+        persons = sorted(engine.profiles)
+        sample = engine.profiles[persons[0]]
+        assert len(sample.view(now=time.time()).computed) == len(DEFINITIONS), "every definition applied"
+        reads = await bench_reads(f"127.0.0.1:{runtime.grpc.port}", persons)
+    return rate, reads, persons
+
+
+async def bench_reads(address: str, persons: list[str]) -> dict:
+    rng = random.Random(3)
+    latencies: list[float] = []
+    sizes: list[int] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        queue = list(range(READS))
+
+        async def worker() -> None:
+            while queue:
+                queue.pop()
+                started = time.perf_counter()
+                profile = await stub.GetProfile(profile_pb2.GetProfileRequest(person_id=rng.choice(persons)))
+                latencies.append((time.perf_counter() - started) * 1000)
+                if len(sizes) < 500:
+                    sizes.append(profile.ByteSize())
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        elapsed = time.perf_counter() - started
+    return {
+        "rps": READS / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "payload_bytes": int(sum(sizes) / len(sizes)),
+    }
+
+
+async def bench_echo(payload_bytes: int) -> dict:
+    """A bare grpc.aio unary server answering every call with a payload of the profile's size."""
+    answer = b"x" * payload_bytes
+
+    async def echo(request: bytes, context) -> bytes:
+        return answer
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    request = profile_pb2.GetProfileRequest(person_id="p_000001").SerializeToString()
+    latencies: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/bench.Echo/Call")
+            queue = list(range(READS))
+
+            async def worker() -> None:
+                while queue:
+                    queue.pop()
+                    started = time.perf_counter()
+                    await call(request)
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+            elapsed = time.perf_counter() - started
+    finally:
+        await server.stop(None)
+    return {"rps": READS / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+
+
+# --- freshness ------------------------------------------------------------------------------------------
+
+
+def background_event(rng: random.Random, n: int) -> events_pb2.Event:
+    event = events_pb2.Event(
+        message_id=f"bg{n}",
+        type=events_pb2.EVENT_TYPE_TRACK,
+        event=rng.choice(NAMES),
+        user_id=f"shopper-{rng.randrange(PERSONS)}",
+    )
+    event.properties.update({"product_id": f"sku-{rng.randrange(5000)}", "price": round(rng.uniform(3, 300), 2)})
+    return event
+
+
+async def load(collector, rate: int, seconds: float, stop: asyncio.Event) -> int:
+    """`rate` events/s into the collector over gRPC, in batches every 20 ms."""
+    rng = random.Random(9)
+    per_tick = max(1, rate // 50)
+    sent = 0
+    started = time.perf_counter()
+    for tick in range(int(seconds * 50)):
+        if stop.is_set():
+            break
+        events = [background_event(rng, sent + i) for i in range(per_tick)]
+        await collector.Collect(collector_pb2.CollectRequest(write_key="wk_bench_profile_0001", events=events))
+        sent += per_tick
+        delay = started + (tick + 1) / 50 - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    return sent
+
+
+async def probe_freshness(collector, profile, seconds: float) -> list[float]:
+    """Every 100 ms, an identify with a new trait value; time until GetProfile shows it."""
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < deadline:
+        n += 1
+        event = events_pb2.Event(message_id=f"probe{n}", type=events_pb2.EVENT_TYPE_IDENTIFY, user_id="probe-user")
+        event.traits.update({"probe": n})
+        sent = time.perf_counter()
+        response = await collector.Collect(
+            collector_pb2.CollectRequest(write_key="wk_bench_profile_0001", events=[event])
+        )
+        accepted = time.perf_counter()
+        assert response.accepted == 1, response
+        person = await _probe_person(profile, n)
+        if person is None:
+            continue
+        for _ in range(5000):
+            try:
+                got = await profile.GetProfile(profile_pb2.GetProfileRequest(person_id=person))
+                if got.traits["probe"].value.number_value >= n:
+                    latencies.append((time.perf_counter() - accepted) * 1000)
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(max(0.0, 0.1 - (time.perf_counter() - sent)))
+    return latencies
+
+
+_probe_person_id: list[str] = []
+
+
+async def _probe_person(profile, n: int) -> str | None:
+    """The probe user's person id, found once through LookupProfile (the first probe waits for it)."""
+    if _probe_person_id:
+        return _probe_person_id[0]
+    for _ in range(2000):
+        try:
+            found = await profile.LookupProfile(
+                profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value="probe-user")
+            )
+            _probe_person_id.append(found.person_id)
+            return None  # this probe's timing included the first lookup: skip it
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.005)
+    raise TimeoutError("the probe user never reached the profile service")
+
+
+async def bench_freshness(nats_url: str, workdir: Path) -> dict:
+    collector = CollectorProcess(nats_url, workdir / "c", write_key="wk_bench_profile_0001", source_id="bench")
+    identity = IdentityProcess(nats_url, workdir / "i", store_url=f"sqlite:///{workdir / 'fi.db'}")
+    with collector, identity:
+        profile = ProfileProcess(
+            nats_url,
+            workdir / "p",
+            store_url=f"sqlite:///{workdir / 'fp.db'}",
+            CDP_IDENTITY_ADDRESS=identity.grpc_address,
+        )
+        with profile:
+            async with (
+                grpc.aio.insecure_channel(collector.grpc_address) as c_channel,
+                grpc.aio.insecure_channel(profile.grpc_address) as p_channel,
+            ):
+                collector_stub = collector_pb2_grpc.CollectorServiceStub(c_channel)
+                profile_stub = profile_pb2_grpc.ProfileServiceStub(p_channel)
+                stop = asyncio.Event()
+                loader = asyncio.create_task(load(collector_stub, FRESH_RATE, FRESH_SECONDS + 5, stop))
+                await asyncio.sleep(2)  # the load reaches a steady state first
+                latencies = await probe_freshness(collector_stub, profile_stub, FRESH_SECONDS)
+                stop.set()
+                sent = await loader
+    return {
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        "probes": len(latencies),
+        "load_events": sent,
+    }
+
+
+async def bench_hop(nats_url: str, seconds: float) -> dict:
+    """One bare JetStream hop at the same background rate: publish, a push consumer receives."""
+    async with Bus.connect(nats_url, name="bench-hop") as bus:
+        js = bus.js
+        await js.add_stream(name="HOP", subjects=["hop.>"])
+        arrivals: dict[str, float] = {}
+        got = asyncio.Event()
+
+        async def on_msg(msg) -> None:
+            arrivals[msg.subject] = time.perf_counter()
+            got.set()
+            await msg.ack()
+
+        sub = await js.subscribe("hop.>", cb=on_msg, manual_ack=True)
+        latencies = []
+        rng = random.Random(1)
+        payload = background_event(rng, 0).SerializeToString()
+        deadline = time.perf_counter() + seconds
+        n = 0
+        while time.perf_counter() < deadline:
+            n += 1
+            tick = time.perf_counter()
+            await asyncio.gather(*(js.publish(f"hop.bg.{i % 8}", payload) for i in range(FRESH_RATE // 50)))
+            sent = time.perf_counter()
+            got.clear()
+            await js.publish(f"hop.probe.{n}", payload)
+            for _ in range(1000):
+                if f"hop.probe.{n}" in arrivals:
+                    break
+                await asyncio.sleep(0.001)
+            latencies.append((arrivals[f"hop.probe.{n}"] - sent) * 1000)
+            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
+        await sub.unsubscribe()
+    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "probes": len(latencies)}
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = NatsServer(Path(tmp) / "nats")
+        server.start()
+        try:
+            async with Bus.connect(server.url, name="bench-loader") as bus:
+                messages = await fill_resolved(bus)
+            warmup = WARMUP // PER_MESSAGE
+            baseline = await bench_baseline(server.url, warmup, messages)
+            ours, reads, _persons = await bench_apply_and_read(server.url, Path(tmp), warmup, messages)
+            print(f"apply: baseline {baseline:,.0f} events/s, profile {ours:,.0f} events/s; reads {reads}")
+            echo = await bench_echo(reads["payload_bytes"])
+        finally:
+            server.stop()
+        server = NatsServer(Path(tmp) / "nats2")
+        server.start()
+        try:
+            fresh = await bench_freshness(server.url, Path(tmp))
+            hop = await bench_hop(server.url, 10)
+        finally:
+            server.stop()
+    write_result(
+        "profile-apply",
+        value=ours,
+        unit="events/s",
+        baseline=baseline,
+        higher_is_better=True,
+        params={
+            "persons": PERSONS,
+            "events": EVENTS,
+            "warmup_events": WARMUP,
+            "events_per_message": PER_MESSAGE,
+            "computed_traits": len(DEFINITIONS),
+            "partitions": PARTITIONS,
+            "batch_messages": BATCH,
+            "store": "sqlite",
+            "baseline": "cdp_kit ConsumerRunner, same stream, 8 partition durables, handler does nothing",
+            "target": ">= 20,000 events/s",
+        },
+    )
+    write_result(
+        "profile-read",
+        value=reads["rps"],
+        unit="requests/s",
+        baseline=echo["rps"],
+        higher_is_better=True,
+        params={
+            "calls": READS,
+            "in_flight": IN_FLIGHT,
+            "ours": reads,
+            "echo": echo,
+            "baseline": "bare grpc.aio unary server answering with a payload of the same size",
+            "target": "ratio >= 0.8, p99 <= 20 ms",
+        },
+    )
+    write_result(
+        "profile-freshness",
+        value=fresh["p99_ms"],
+        unit="ms p99",
+        baseline=hop["p99_ms"],
+        higher_is_better=False,
+        params={
+            "load_events_per_s": FRESH_RATE,
+            "ours": fresh,
+            "hop": hop,
+            "path": "collector gRPC -> events.raw -> identity -> events.resolved -> profile -> GetProfile",
+            "baseline": "one bare JetStream hop (publish -> push consumer) at the same load",
+            "target": "p99 <= 100 ms",
+        },
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
