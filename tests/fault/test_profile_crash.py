@@ -21,6 +21,7 @@ from cdp_kit.bus import events_resolved_stream
 from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.storage import Put, open_store
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, Retention, TimelineEntry
+from cdp_profile.engine import decode_entry, decode_profile
 from cdp_profile.events import to_profile_event
 from cdp_testing.processes import ProfileProcess
 
@@ -68,13 +69,11 @@ async def stored(store_url: str, retention: Retention) -> dict[str, Profile]:
     async with open_store(store_url) as store:
         timelines: dict[str, list[TimelineEntry]] = {}
         async for record in store.scan_all("profile_timeline", page_size=5000):
-            entry = TimelineEntry.from_dict(record.doc)
+            entry = decode_entry(record.doc)
             timelines.setdefault(entry.origin, []).append(entry)
         out = {}
         async for record in store.scan_all("profiles"):
-            out[record.key] = Profile.from_doc(
-                record.doc["profile"], timelines.get(record.key, []), retention=retention
-            )
+            out[record.key] = decode_profile(record.doc, timelines.get(record.key, []), retention)
     return out
 
 

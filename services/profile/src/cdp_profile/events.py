@@ -78,7 +78,7 @@ def seconds_to_timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | Non
     if seconds is None:
         return None
     whole = int(seconds // 1)
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=round((seconds - whole) * 1e9) % 1_000_000_000)
 
 
 def timestamp_seconds(stamp: timestamp_pb2.Timestamp) -> float:
