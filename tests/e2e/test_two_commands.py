@@ -69,17 +69,26 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
         if " send " in command and "--count" not in command:
             assert "accepted 1," in result.stdout
+        if " profile " in command:
+            document = json.loads(result.stdout)
+            assert document["eventCount"] == "1" and "user_id:u1" in document["identifiers"]
 
     # The README's SDK example, with the write key and host `make up` printed.
     run = json.loads((home / "run.json").read_text())
     (snippet,) = readme_blocks("python")
-    snippet = snippet.replace("<the write key make up printed>", run["write_key"]).replace(
-        "http://127.0.0.1:8080", run["services"]["collector"]["http"]
+    snippet = (
+        snippet.replace("<the write key make up printed>", run["write_key"])
+        .replace("http://127.0.0.1:8080", run["services"]["collector"]["http"])
+        .replace("127.0.0.1:50053", run["services"]["profile"]["grpc"])
+        .replace(".cdp/secrets/admin.token", str(home / "secrets" / "admin.token"))
     )
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+    # The output the README shows: the profile built from the SDK's events.
+    expected = re.search(r"^# (pro .*)$", snippet, flags=re.M).group(1)
+    assert result.stdout.strip() == expected
 
-    # Everything sent is durably in JetStream: 1 + 10,000 from cdpctl, 1 from the SDK.
+    # Everything sent is durably in JetStream: 1 + 10,000 from cdpctl, 3 from the SDK.
     import asyncio
 
     import nats
@@ -90,7 +99,7 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         await nc.close()
         return info.state.messages
 
-    assert asyncio.run(stored()) == 10_002
+    assert asyncio.run(stored()) == 10_004
 
     with urllib.request.urlopen(run["services"]["collector"]["metrics"], timeout=5) as response:
         metrics = response.read().decode()

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import click
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
 
@@ -391,6 +393,40 @@ def send(
         for error in totals["errors"][:5]:
             out.print(f"[red]{json.dumps(error)}[/]")
     raise SystemExit(0 if not totals["errors"] else 1)
+
+
+async def _lookup_profile(address: str, token: str, kind: str, value: str, wait: float) -> dict:
+    request = profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value, include_history=True)
+    metadata = (("authorization", f"Bearer {token}"),)
+    deadline = time.monotonic() + wait
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        for _attempt in range(10_000):
+            try:
+                profile = await stub.LookupProfile(request, metadata=metadata, timeout=5)
+                return json_format.MessageToDict(profile)
+            except grpc.aio.AioRpcError as exc:
+                # Events reach the profile a moment after the collector accepted them: wait for it.
+                if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+            await asyncio.sleep(0.2)
+    raise click.ClickException("no profile")
+
+
+@main.command()
+@click.argument("identifier_type")
+@click.argument("value")
+@click.option("--wait", default=10.0, show_default=True, help="seconds to wait for the profile to appear")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def profile(ws: Workspace, identifier_type: str, value: str, wait: float, address) -> None:
+    """Show the profile of whoever holds an identifier (e.g. `cdpctl profile user_id u1`), as JSON."""
+    state = ws.read_run() or {}
+    address = address or (state.get("services", {}).get("profile", {}) or {}).get("grpc")
+    if not address:
+        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
+    document = asyncio.run(_lookup_profile(address, ws.admin_token(), identifier_type, value, wait))
+    out.print_json(json.dumps(document))
 
 
 if __name__ == "__main__":
