@@ -20,6 +20,7 @@ do not bring them back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import heapq
 import logging
@@ -189,6 +190,8 @@ class ProfileEngine:
             self.backfills[backfill.trait.name] = backfill
         self.defs = ComputedTraits([b.trait for b in self.backfills.values()])
         await self._warm()
+        # The warmed profiles live as long as the process: keep the collector from rescanning them.
+        gc.freeze()
         for subject in list(self.unpublished):
             await self._publish_leftovers(subject)
         await self._publish_deletions()
@@ -522,8 +525,9 @@ class ProfileEngine:
                 python_to_value(value, message.groups[group])
             for name, value in change.computed.items():
                 python_to_value(value, message.computed[name])
-            message.consent.update(change.consent)
-            message.scores.update(change.scores)
+            # None: the decision or score left with the other side of a split; it is absent from now on.
+            message.consent.update({k: v for k, v in change.consent.items() if v is not None})
+            message.scores.update({k: v for k, v in change.scores.items() if v is not None})
             message.event_ids.extend(change.event_ids)
             message.merged.extend(change.merged)
             if change.split_from:

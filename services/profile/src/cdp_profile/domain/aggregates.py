@@ -1,0 +1,426 @@
+"""The state behind one computed trait for one part of a profile, updated one contribution at a time.
+
+Every aggregate is a *mergeable summary*: combining the summaries of two disjoint event sets gives the
+summary of their union (sums add, counters add, min of mins, first by event time, ...). That is what lets a
+merged profile show exactly what one profile built from both event sets would, and a split give each side
+back its own.
+
+Lifetime traits keep only the summary. Windowed traits also keep one entry (at, event_id, value) per
+contribution still inside the window, sorted by event time, so that expiry is exact: when the oldest
+entry ages out it is taken out of the summary (or the summary is rebuilt from the remaining entries when
+the aggregate cannot subtract, as min/max/first/last). An entry is inside the window while
+`at + window > now`.
+
+Results: count -> int; sum -> float; avg -> float or None; min/max -> number or None; first/last -> the
+value of the earliest/latest contribution by (event time, event id); most_frequent -> the value with the
+highest count, ties going to the smallest value in `sort_key` order (null < booleans < numbers < strings <
+lists/objects), a rule that does not depend on arrival order; unique -> the distinct values sorted by
+`sort_key`, the first UNIQUE_LIMIT of them; unique_count -> the number of distinct values.
+
+Distinct-value aggregates hold one counter per distinct value, at most MAX_DISTINCT_VALUES; beyond that
+new values are not tracked (a bot's random ids must not grow a profile without bound), and merges of such
+profiles are no longer exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from bisect import insort
+from collections.abc import Iterable
+from operator import itemgetter
+from typing import Any
+
+from cdp_profile.domain.computed import ComputedTrait
+
+UNIQUE_LIMIT = 100
+MAX_DISTINCT_VALUES = 10_000
+
+_entry_key = itemgetter(0, 1)
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def value_key(value: Any) -> Any:
+    """A hashable identity for a JSON value that tells True from 1 and 1 from 1.0 (strings are their own key)."""
+    if type(value) is str:
+        return value
+    return ("\x00json", _canonical(value))
+
+
+def sort_key(value: Any) -> tuple[int, Any, str]:
+    kind = type(value)
+    if kind is str:
+        return (3, value, "")
+    if value is None:
+        return (0, 0, "")
+    if kind is bool:
+        return (1, value, "")
+    if (kind is int or kind is float) and math.isfinite(value):
+        return (2, value, _canonical(value))
+    return (4, 0, _canonical(value))
+
+
+class CountAgg:
+    __slots__ = ("n",)
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        self.n += 1
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        self.n -= 1
+        return True
+
+    def combine(self, other: CountAgg) -> None:
+        self.n += other.n
+
+    def result(self, op: str) -> Any:
+        return self.n
+
+    def copy(self) -> CountAgg:
+        return CountAgg(self.n)
+
+    def to_doc(self) -> list[Any]:
+        return [self.n]
+
+
+class SumAgg:
+    """sum and avg: the total and how many values made it (an average is re-weighted by those counts)."""
+
+    __slots__ = ("n", "total")
+
+    def __init__(self, n: int = 0, total: float = 0) -> None:
+        self.n = n
+        self.total = total  # stays an int while every value is: integer sums are exact in any order
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        self.n += 1
+        self.total += value
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        self.n -= 1
+        # Reset when empty so float residue (0.1 + 0.2 - 0.1 - 0.2) never shows as a sum of nothing.
+        self.total = self.total - value if self.n else 0
+        return True
+
+    def combine(self, other: SumAgg) -> None:
+        self.n += other.n
+        self.total += other.total
+
+    def result(self, op: str) -> Any:
+        if op == "sum":
+            return float(self.total)
+        return self.total / self.n if self.n else None
+
+    def copy(self) -> SumAgg:
+        return SumAgg(self.n, self.total)
+
+    def to_doc(self) -> list[Any]:
+        return [self.n, self.total]
+
+
+class MinAgg:
+    __slots__ = ("best",)
+
+    def __init__(self, best: Any = None) -> None:
+        self.best = best
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        if self.best is None or value < self.best:
+            self.best = value
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        return value != self.best  # removing the minimum needs a rebuild from the remaining entries
+
+    def combine(self, other: MinAgg) -> None:
+        if other.best is not None:
+            self.add(0, "", other.best)
+
+    def result(self, op: str) -> Any:
+        return self.best
+
+    def copy(self) -> MinAgg:
+        return type(self)(self.best)
+
+    def to_doc(self) -> list[Any]:
+        return [self.best]
+
+
+class MaxAgg(MinAgg):
+    __slots__ = ()
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        if self.best is None or value > self.best:
+            self.best = value
+
+
+class FirstAgg:
+    """first/last by event time (ties: event id), whatever order the events arrive in."""
+
+    __slots__ = ("at", "event_id", "value")
+
+    def __init__(self, at: float | None = None, event_id: str = "", value: Any = None) -> None:
+        self.at = at
+        self.event_id = event_id
+        self.value = value
+
+    def _wins(self, at: float, event_id: str) -> bool:
+        return self.at is None or (at, event_id) < (self.at, self.event_id)
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        if self._wins(at, event_id):
+            self.at, self.event_id, self.value = at, event_id, value
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        return event_id != self.event_id
+
+    def combine(self, other: FirstAgg) -> None:
+        if other.at is not None:
+            self.add(other.at, other.event_id, other.value)
+
+    def result(self, op: str) -> Any:
+        return self.value
+
+    def copy(self) -> FirstAgg:
+        return type(self)(self.at, self.event_id, self.value)
+
+    def to_doc(self) -> list[Any]:
+        return [] if self.at is None else [self.at, self.event_id, self.value]
+
+
+class LastAgg(FirstAgg):
+    __slots__ = ()
+
+    def _wins(self, at: float, event_id: str) -> bool:
+        return self.at is None or (at, event_id) > (self.at, self.event_id)
+
+
+class ValuesAgg:
+    """most_frequent, unique, unique_count: a counter per distinct value, results cached between changes.
+
+    Two flat dicts (key -> value, key -> count) rather than a [value, count] pair per value: scalar-only
+    dicts are not tracked by the garbage collector, and profiles hold many of these.
+    """
+
+    __slots__ = ("_best", "_unique", "counts", "values")
+
+    def __init__(self, values: dict[Any, Any] | None = None, counts: dict[Any, int] | None = None) -> None:
+        self.values: dict[Any, Any] = values if values is not None else {}  # key -> first value seen
+        self.counts: dict[Any, int] = counts if counts is not None else {}
+        self._best: Any = None  # key of the most frequent value; None = not known, compute on demand
+        self._unique: list[Any] | None = None
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        key = value_key(value)
+        counts = self.counts
+        count = counts.get(key)
+        if count is None:
+            if len(counts) >= MAX_DISTINCT_VALUES:
+                return
+            self.values[key] = value
+            self._unique = None
+            count = 0
+        count = counts[key] = count + 1
+        best = self._best
+        if best is not None and best != key:
+            best_count = counts[best]
+            if count > best_count or (count == best_count and sort_key(value) < sort_key(self.values[best])):
+                self._best = key
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        key = value_key(value)
+        count = self.counts.get(key)
+        if count is not None:
+            if count > 1:
+                self.counts[key] = count - 1
+            else:
+                del self.counts[key], self.values[key]
+                self._unique = None
+            if key == self._best:
+                self._best = None
+        return True
+
+    def combine(self, other: ValuesAgg) -> None:
+        counts, values = self.counts, self.values
+        for key, count in other.counts.items():
+            if key in counts:
+                counts[key] += count
+            elif len(counts) < MAX_DISTINCT_VALUES:
+                counts[key] = count
+                values[key] = other.values[key]
+        self._best = None
+        self._unique = None
+
+    def result(self, op: str) -> Any:
+        if op == "unique_count":
+            return len(self.counts)
+        if op == "unique":
+            if self._unique is None:
+                self._unique = sorted(self.values.values(), key=sort_key)[:UNIQUE_LIMIT]
+            return self._unique
+        if not self.counts:
+            return None
+        if self._best is None:
+            counts, values = self.counts, self.values
+            self._best = min(counts, key=lambda k: (-counts[k], sort_key(values[k])))
+        return self.values[self._best]
+
+    def copy(self) -> ValuesAgg:
+        return ValuesAgg(dict(self.values), dict(self.counts))
+
+    def to_doc(self) -> list[Any]:
+        return [[value, self.counts[key]] for key, value in self.values.items()]
+
+
+AGGREGATES: dict[str, type] = {
+    "count": CountAgg,
+    "sum": SumAgg,
+    "avg": SumAgg,
+    "min": MinAgg,
+    "max": MaxAgg,
+    "first": FirstAgg,
+    "last": LastAgg,
+    "most_frequent": ValuesAgg,
+    "unique": ValuesAgg,
+    "unique_count": ValuesAgg,
+}
+
+
+def _agg_from_doc(op: str, doc: list[Any]) -> Any:
+    kind = AGGREGATES[op]
+    if kind is ValuesAgg:
+        keys = [value_key(value) for value, _ in doc]
+        return ValuesAgg(
+            dict(zip(keys, (v for v, _ in doc), strict=True)), dict(zip(keys, (c for _, c in doc), strict=True))
+        )
+    return kind(*doc)
+
+
+class ComputedState:
+    """One computed trait's summary for one part; windowed ones also keep their in-window entries."""
+
+    __slots__ = ("agg", "entries", "op", "signature", "window")
+
+    def __init__(self, op: str, window: float | None, signature: str, agg: Any = None, entries: Any = None) -> None:
+        self.op = op
+        self.window = window
+        self.signature = signature
+        self.agg = agg if agg is not None else AGGREGATES[op]()
+        self.entries: list[tuple[float, str, Any]] | None = (
+            (entries if entries is not None else []) if window is not None else None
+        )
+
+    @classmethod
+    def for_trait(cls, trait: ComputedTrait) -> ComputedState:
+        return cls(trait.op, trait.window, trait.signature)
+
+    def result(self) -> Any:
+        """The value as of the last add/prune (the engine prunes on every touch and on `expire`)."""
+        return self.agg.result(self.op)
+
+    def add(self, at: float, event_id: str, value: Any, now: float) -> None:
+        if self.window is None:
+            self.agg.add(at, event_id, value)
+            return
+        if at + self.window <= now:
+            return  # already aged out: it only proves the trait exists (its value is the empty one)
+        entries = self.entries
+        entry = (at, event_id, value)
+        if not entries or (at, event_id) > _entry_key(entries[-1]):
+            entries.append(entry)
+        else:
+            insort(entries, entry, key=_entry_key)
+        self.agg.add(at, event_id, value)
+
+    def remove(self, event_id: str, at: float, value: Any) -> None:
+        """Take one contribution back out (a merge found the same event on both sides)."""
+        if self.window is not None:
+            self.remove_entry(event_id)
+            return
+        # min/max/first/last cannot subtract (remove says False): harmless here, because the other side
+        # holds the very same contribution, so the combined value does not change.
+        self.agg.remove(at, event_id, value)
+
+    def remove_entry(self, event_id: str) -> None:
+        """Take a windowed contribution out by event id (no-op when it already aged out)."""
+        for index, entry in enumerate(self.entries or ()):
+            if entry[1] == event_id:
+                del self.entries[index]
+                if not self.agg.remove(*entry):
+                    self._rebuild()
+                return
+
+    def needs_prune(self, now: float) -> bool:
+        return bool(self.entries) and self.entries[0][0] + self.window <= now
+
+    def prune(self, now: float) -> bool:
+        """Drop entries that aged out by `now`; True when any did."""
+        entries = self.entries
+        if not entries:
+            return False
+        window = self.window
+        count = 0
+        for entry in entries:
+            if entry[0] + window > now:
+                break
+            count += 1
+        if not count:
+            return False
+        removed = entries[:count]
+        del entries[:count]
+        if not entries:
+            self.agg = AGGREGATES[self.op]()
+            return True
+        agg = self.agg
+        for entry in removed:
+            if not agg.remove(*entry):
+                self._rebuild()
+                break
+        return True
+
+    def _rebuild(self) -> None:
+        agg = self.agg = AGGREGATES[self.op]()
+        for entry in self.entries:
+            agg.add(*entry)
+
+    def summary(self, now: float | None) -> Any:
+        """The aggregate as of `now` without changing this state (a view must not mutate the profile)."""
+        if now is None or self.window is None or not self.needs_prune(now):
+            return self.agg
+        pruned = self.copy()
+        pruned.prune(now)
+        return pruned.agg
+
+    def expires_at(self) -> float | None:
+        return self.entries[0][0] + self.window if self.entries else None
+
+    def copy(self) -> ComputedState:
+        entries = list(self.entries) if self.entries is not None else None
+        return ComputedState(self.op, self.window, self.signature, self.agg.copy(), entries)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"op": self.op, "window": self.window, "sig": self.signature, "agg": self.agg.to_doc()}
+        if self.entries is not None:
+            doc["entries"] = [list(entry) for entry in self.entries]
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> ComputedState:
+        entries = [tuple(entry) for entry in doc["entries"]] if "entries" in doc else None
+        return cls(doc["op"], doc["window"], doc["sig"], _agg_from_doc(doc["op"], doc["agg"]), entries)
+
+
+def combined_result(op: str, aggs: Iterable[Any]) -> Any:
+    """The value over several parts' summaries of one trait (a merged profile)."""
+    total = None
+    for agg in aggs:
+        if total is None:
+            total = agg.copy()
+        else:
+            total.combine(agg)
+    return None if total is None else total.result(op)

@@ -1,0 +1,152 @@
+"""What the profile tells the world: a view of the person now (or as of a date) and what one call changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp_profile.domain.events import TimelineEntry
+from cdp_profile.domain.history import ConsentState, Score, TraitVersion
+
+
+@dataclass(slots=True)
+class ProfileChange:
+    """Only what changed: new current values, timeline entries added and removed (retention, merges,
+    splits), the events and writes applied, persons absorbed or split off. None as a value means gone: a
+    trait removed, a computed trait dropped, or — after a split — a consent key or score that only the
+    split-off person had.
+
+    Falsy when nothing changed, so a duplicate event produces nothing to publish. An applied event always
+    counts as a change (its id is listed): it moves `event_count` and `last_seen`.
+    """
+
+    person_id: str
+    traits: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, Any] = field(default_factory=dict)
+    computed: dict[str, Any] = field(default_factory=dict)
+    consent: dict[str, bool] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    timeline_added: list[TimelineEntry] = field(default_factory=list)
+    timeline_removed: list[TimelineEntry] = field(default_factory=list)
+    event_ids: list[str] = field(default_factory=list)
+    merged: list[str] = field(default_factory=list)  # origin person ids absorbed
+    split: list[str] = field(default_factory=list)  # origin person ids moved out
+    # Set by the engine on the changes it publishes for a whole profile: absorbed into / restored from
+    # another person, or deleted.
+    merged_into: str = ""
+    split_from: str = ""
+    removed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.traits
+            or self.groups
+            or self.computed
+            or self.consent
+            or self.scores
+            or self.timeline_added
+            or self.timeline_removed
+            or self.event_ids
+            or self.merged
+            or self.split
+            or self.merged_into
+            or self.split_from
+            or self.removed
+        )
+
+    def combine(self, later: ProfileChange) -> ProfileChange:
+        """Fold a later change of the same person into this one (in place; returns self).
+
+        Later values win. A timeline entry added and then removed within the fold (or the reverse) cancels
+        out, so a batch's folded change says what to write, not the history of the batch.
+        """
+        if later.person_id != self.person_id:
+            raise ValueError(f"cannot fold a change of {later.person_id!r} into one of {self.person_id!r}")
+        self.traits.update(later.traits)
+        self.groups.update(later.groups)
+        self.computed.update(later.computed)
+        self.consent.update(later.consent)
+        self.scores.update(later.scores)
+        _fold_timeline(self.timeline_added, self.timeline_removed, later.timeline_added)
+        _fold_timeline(self.timeline_removed, self.timeline_added, later.timeline_removed)
+        self.event_ids.extend(later.event_ids)
+        self.merged.extend(later.merged)
+        self.split.extend(later.split)
+        self.merged_into = later.merged_into or self.merged_into
+        self.split_from = later.split_from or self.split_from
+        self.removed = later.removed or self.removed
+        return self
+
+    def merge_into(self, accumulator: ProfileChange) -> ProfileChange:
+        """`accumulator.combine(self)`: fold this (later) change into an accumulator; returns the accumulator."""
+        return accumulator.combine(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "person_id": self.person_id,
+            "traits": dict(self.traits),
+            "groups": dict(self.groups),
+            "computed": dict(self.computed),
+            "consent": dict(self.consent),
+            "scores": dict(self.scores),
+            "timeline_added": [entry.to_doc() for entry in self.timeline_added],
+            "timeline_removed": [entry.to_doc() for entry in self.timeline_removed],
+            "event_ids": list(self.event_ids),
+            "merged": list(self.merged),
+            "split": list(self.split),
+            "merged_into": self.merged_into,
+            "split_from": self.split_from,
+            "removed": self.removed,
+        }
+
+
+def _fold_timeline(same: list[TimelineEntry], opposite: list[TimelineEntry], later: list[TimelineEntry]) -> None:
+    if not later:
+        return
+    if not opposite:
+        same.extend(later)
+        return
+    cancelled = {entry.event_id for entry in opposite} & {entry.event_id for entry in later}
+    if cancelled:
+        opposite[:] = [entry for entry in opposite if entry.event_id not in cancelled]
+    same.extend(entry for entry in later if entry.event_id not in cancelled)
+
+
+@dataclass(slots=True)
+class ProfileView:
+    """One person as of a moment. `traits`, `groups` and `consent` answer "as of" a date when asked;
+    computed values, scores and counters are always the current ones.
+
+    A removed trait stays in `traits` with a None value and the provenance of its removal; `trait_values`
+    gives the plain name -> value mapping of the traits that are set.
+    """
+
+    person_id: str
+    traits: dict[str, TraitVersion]
+    groups: dict[str, TraitVersion]  # group id -> latest group call (value = the group's traits)
+    computed: dict[str, Any]
+    consent: dict[str, ConsentState]
+    scores: dict[str, Score]
+    identifiers: set[str]
+    merged_from: list[str]
+    first_seen: float | None
+    last_seen: float | None
+    event_count: int
+
+    def trait_values(self) -> dict[str, Any]:
+        return {name: version.value for name, version in self.traits.items() if version.value is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "person_id": self.person_id,
+            "traits": {name: version.to_dict() for name, version in self.traits.items()},
+            "groups": {name: version.to_dict() for name, version in self.groups.items()},
+            "computed": dict(self.computed),
+            "consent": {key: state.to_dict() for key, state in self.consent.items()},
+            "scores": {name: score.to_dict() for name, score in self.scores.items()},
+            "identifiers": sorted(self.identifiers),
+            "merged_from": list(self.merged_from),
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "event_count": self.event_count,
+        }

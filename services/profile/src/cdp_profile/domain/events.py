@@ -1,0 +1,113 @@
+"""What a profile is built from: resolved events, the timeline entries they leave, and how long those are kept.
+
+Values inside events (properties, traits) are JSON values: dicts, lists, strings, numbers, booleans and
+null. The profile keeps references to them rather than copies (copying every event would cost more than
+applying it), so an event must not be mutated after it was applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from cdp_kit.errors import InvalidArgument
+
+EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"})
+# identify and group events carry their data in `traits`; the others in `properties`. Computed traits,
+# `where` filters and timeline entries read this "payload", so a computed trait over identify events
+# can count plan changes the same way one over track events counts orders.
+TRAIT_PAYLOAD_TYPES = frozenset({"identify", "group"})
+
+
+@dataclass(slots=True, frozen=True)
+class ProfileEvent:
+    """One event identity already resolved to a person. Every effect is idempotent on `event_id`."""
+
+    event_id: str
+    type: str  # "track" | "identify" | "page" | "screen" | "group" | "alias"
+    name: str  # track event name, page/screen name ("" otherwise)
+    at: float  # event time, epoch seconds
+    source: str  # source id, "api", "salesforce", ...
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    traits: Mapping[str, Any] = field(default_factory=dict)
+    consent: Mapping[str, bool] = field(default_factory=dict)  # "purpose:<Name>" / "channel:<name>" -> granted
+    identifiers: tuple[str, ...] = ()  # "type:value", strongest first
+    group_id: str = ""
+
+    def payload(self) -> Mapping[str, Any]:
+        """The data computed traits and the timeline read: traits for identify/group, properties otherwise."""
+        return self.traits if self.type in TRAIT_PAYLOAD_TYPES else self.properties
+
+
+class TimelineEntry(NamedTuple):
+    """One event on a person's timeline.
+
+    A named tuple rather than a dataclass: one is created per applied event (the hot path), and tuple order
+    *is* the timeline order — (at, event_id) first, and event ids are unique, so later fields never decide.
+    `origin` is the person the event was first resolved to; it decides which side keeps the entry when a
+    merge is undone.
+    """
+
+    at: float
+    event_id: str
+    type: str
+    name: str
+    properties: Mapping[str, Any]
+    source: str
+    origin: str
+
+    def cursor(self) -> tuple[float, str]:
+        return (self.at, self.event_id)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "event_id": self.event_id,
+            "type": self.type,
+            "name": self.name,
+            "properties": dict(self.properties),
+            "source": self.source,
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> TimelineEntry:
+        return cls(
+            doc["at"],
+            doc["event_id"],
+            doc["type"],
+            doc.get("name", ""),
+            doc.get("properties", {}),
+            doc.get("source", ""),
+            doc["origin"],
+        )
+
+    # The persisted form is also the readable one.
+    to_dict = to_doc
+    from_dict = from_doc
+
+
+@dataclass(slots=True, frozen=True)
+class Retention:
+    """How much timeline a profile keeps: at most `max_events` entries, none older than `max_age_seconds`.
+
+    The oldest entries (by event time) go first. Retention bounds the timeline only: traits, consent and
+    computed traits keep everything they summarise. One value is configured per deployment and given to
+    the profile at construction (`Profile.new`, `Profile.from_doc`), so no call can forget it.
+    """
+
+    max_events: int = 1000
+    max_age_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_events, bool) or not isinstance(self.max_events, int) or self.max_events < 1:
+            raise InvalidArgument("retention.max_events", f"{self.max_events!r} must be a whole number of at least 1")
+        age = self.max_age_seconds
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or not age > 0):
+            raise InvalidArgument(
+                "retention.max_age_seconds", f"{age!r} must be a number of seconds above zero, or None to keep any age"
+            )
+
+
+DEFAULT_RETENTION = Retention()

@@ -1,0 +1,937 @@
+"""The unified profile: one person's traits, groups, consent, scores, timeline and computed traits.
+
+A profile is made of *parts*, one per origin person. A person nobody merged has one part (the common,
+cheap case). When identity merges person B into A, A's profile absorbs B's parts unchanged and records
+the merge (merge id, winner, loser, time); every value the profile shows is combined over its parts at
+read time. Because each part's state is a mergeable summary (see `aggregates`), the combined view is
+exactly what one profile built from both event sets would show, and undoing the merge (`split`) just moves
+the loser's parts — and the parts merged into it, following the recorded merges — back out: both sides
+are exact again without replaying anything.
+
+After a merge, each new event goes to the part that owns one of its identifiers (the first of the event's
+identifiers, in its priority order, that some part has seen), otherwise to the root part. API writes
+(`update_traits`, `set_consent`, `set_scores`) go to the root part: they were made about the merged person.
+
+Idempotency. Every effect is keyed on an event id. A part remembers the ids of its newest
+`max(retention.max_events, MIN_SEEN_IDS)` applied events and writes (by event time, then id); that always
+covers every timeline entry. A redelivery of something older than that window would be applied again: the
+engine acknowledges stream positions only after the state is durable, so such redeliveries do not occur
+in practice. Events arriving twice across a merge (applied to both persons before the profile learned of
+the merge) are taken out of the loser's side when the merge happens, using its timeline entry.
+
+Time. Nothing here reads the clock: callers pass `now`. It must not go backwards between calls on one
+profile (windowed contributions pruned at a later `now` are gone). Timeline retention by age is applied
+when the profile is touched (`apply`, `expire`, merges); `next_expiry` only reports computed-trait changes.
+
+Traits. Only identify events set traits (and `update_traits`, for API and CRM writes); the traits of other
+calls are context or, for group calls, the group's traits. Each top-level key is one trait; a nested object
+is one value (kept whole, never flattened), so a later `address` replaces the whole address.
+
+Timeline. Every event gets an entry, identify calls included (their traits are the entry's properties):
+the timeline is then the complete record retention allows, `ListEvents` shows when traits were claimed,
+and a computed trait over identify events can be backfilled like any other.
+"""
+
+from __future__ import annotations
+
+import heapq
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from math import isfinite
+from typing import Any
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from cdp_profile.domain.aggregates import ComputedState, combined_result
+from cdp_profile.domain.change import ProfileChange, ProfileView
+from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits
+from cdp_profile.domain.events import (
+    DEFAULT_RETENTION,
+    EVENT_TYPES,
+    TRAIT_PAYLOAD_TYPES,
+    ProfileEvent,
+    Retention,
+    TimelineEntry,
+)
+from cdp_profile.domain.history import (
+    CONSENT_KEY_RE,
+    ConsentState,
+    Score,
+    TraitVersion,
+    as_of,
+    check_consent_key,
+    latest,
+    record,
+    same_value,
+    up_to,
+)
+
+DOC_VERSION = 1
+MIN_SEEN_IDS = 1000
+
+Cursor = tuple[float, str]
+
+
+@dataclass(slots=True, frozen=True)
+class MergeRecord:
+    """`loser` (an origin person) was merged into `winner` by identity merge `merge_id`."""
+
+    merge_id: str
+    winner: str
+    loser: str
+    at: float
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"merge_id": self.merge_id, "winner": self.winner, "loser": self.loser, "at": self.at}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> MergeRecord:
+        return cls(doc["merge_id"], doc["winner"], doc["loser"], doc["at"])
+
+
+@dataclass(slots=True)
+class Part:
+    """Everything one origin person contributed. Histories are sorted by (at, event_id)."""
+
+    origin: str
+    traits: dict[str, list[TraitVersion]] = field(default_factory=dict)
+    groups: dict[str, list[TraitVersion]] = field(default_factory=dict)
+    consent: dict[str, list[ConsentState]] = field(default_factory=dict)
+    scores: dict[str, Score] = field(default_factory=dict)
+    computed: dict[str, ComputedState] = field(default_factory=dict)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    seen: dict[str, float] = field(default_factory=dict)  # event id -> event time
+    identifiers: set[str] = field(default_factory=set)
+    event_count: int = 0
+    first_seen: float | None = None
+    last_seen: float | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        in_timeline = {entry.event_id for entry in self.timeline}
+        extra = sorted((at, event_id) for event_id, at in self.seen.items() if event_id not in in_timeline)
+        return {
+            "origin": self.origin,
+            "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
+            "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
+            "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
+            "scores": {name: score.to_doc() for name, score in self.scores.items()},
+            "computed": {name: state.to_doc() for name, state in self.computed.items()},
+            "seen": [[event_id, at] for at, event_id in extra],  # timeline ids are not repeated here
+            "identifiers": sorted(self.identifiers),
+            "event_count": self.event_count,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Part:
+        return cls(
+            origin=doc["origin"],
+            traits={name: [TraitVersion.from_doc(v) for v in h] for name, h in doc.get("traits", {}).items()},
+            groups={name: [TraitVersion.from_doc(v) for v in h] for name, h in doc.get("groups", {}).items()},
+            consent={key: [ConsentState.from_doc(c) for c in h] for key, h in doc.get("consent", {}).items()},
+            scores={name: Score.from_doc(s) for name, s in doc.get("scores", {}).items()},
+            computed={name: ComputedState.from_doc(s) for name, s in doc.get("computed", {}).items()},
+            seen={event_id: at for event_id, at in doc.get("seen", [])},
+            identifiers=set(doc.get("identifiers", [])),
+            event_count=doc.get("event_count", 0),
+            first_seen=doc.get("first_seen"),
+            last_seen=doc.get("last_seen"),
+        )
+
+
+def _changed(before: Any, after: Any) -> bool:
+    return before is not after and not same_value(before, after)
+
+
+def _contribution(trait: ComputedTrait, entry: TimelineEntry) -> Any:
+    if not trait.matches_event(entry.type, entry.name):
+        return MISSING
+    return trait.extract(entry.properties)
+
+
+class Profile:
+    """One person's unified profile. Not thread-safe: one partition owner applies its events in order."""
+
+    __slots__ = ("_owners", "_root", "merges", "parts", "person_id", "retention")
+
+    def __init__(
+        self,
+        person_id: str,
+        *,
+        retention: Retention = DEFAULT_RETENTION,
+        parts: dict[str, Part] | None = None,
+        merges: list[MergeRecord] | None = None,
+    ) -> None:
+        if not isinstance(person_id, str) or not person_id:
+            raise InvalidArgument("person_id", f"{person_id!r} must be a non-empty string")
+        self.person_id = person_id
+        self.retention = retention
+        self.parts: dict[str, Part] = parts if parts is not None else {person_id: Part(person_id)}
+        if person_id not in self.parts:
+            raise InvalidArgument("parts", f"the root part {person_id!r} is missing")
+        self._root = self.parts[person_id]
+        self.merges: list[MergeRecord] = merges if merges is not None else []
+        self._owners: dict[str, str] | None = None  # identifier -> origin; built only for merged profiles
+
+    @classmethod
+    def new(cls, person_id: str, *, retention: Retention = DEFAULT_RETENTION) -> Profile:
+        return cls(person_id, retention=retention)
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def apply(self, event: ProfileEvent, defs: ComputedTraits, *, now: float) -> ProfileChange:
+        """Apply one resolved event; a second application of the same event id changes nothing."""
+        event_id = event.event_id
+        change = ProfileChange(self.person_id)
+        single = len(self.parts) == 1
+        if single:
+            if event_id in self._root.seen:
+                return change
+            part = self._root
+        else:
+            if self._seen(event_id):
+                return change
+            part = self._attribute(event.identifiers)
+        kind = event.type
+        if kind not in EVENT_TYPES:
+            raise InvalidArgument(
+                "type", f"{kind!r} is not an event type; use one of: {', '.join(sorted(EVENT_TYPES))}"
+            )
+        at = event.at
+        source = event.source
+        self._remember(part, event_id, at)
+        part.event_count += 1
+        if part.first_seen is None or at < part.first_seen:
+            part.first_seen = at
+        if part.last_seen is None or at > part.last_seen:
+            part.last_seen = at
+        identifiers = event.identifiers
+        if identifiers:
+            part.identifiers.update(identifiers)
+            if not single:
+                owners = self._owner_map()
+                for key in identifiers:
+                    owners.setdefault(key, part.origin)
+        change.event_ids.append(event_id)
+        payload = event.traits if kind in TRAIT_PAYLOAD_TYPES else event.properties
+        self._add_entry(part, TimelineEntry(at, event_id, kind, event.name, payload, source, part.origin), now, change)
+
+        if kind == "identify":
+            for name, value in event.traits.items():
+                version = TraitVersion(value, source, event_id, at, now)
+                self._record(part, "traits", name, version, change.traits, single)
+        elif kind == "group" and event.group_id:
+            version = TraitVersion(event.traits, source, event_id, at, now)
+            self._record(part, "groups", event.group_id, version, change.groups, single)
+        if event.consent:
+            for key, granted in event.consent.items():
+                # The collector validates consent at the edge; anything else here is ignored, not fatal,
+                # because one malformed key must not stop a partition's stream.
+                if type(granted) is bool and isinstance(key, str) and CONSENT_KEY_RE.match(key):
+                    self._record(
+                        part, "consent", key, ConsentState(granted, source, at, event_id), change.consent, single
+                    )
+
+        matching = defs.matching(kind, event.name)
+        if matching:
+            self._contribute(part, matching, payload, at, event_id, now, change.computed, single)
+        return change
+
+    def update_traits(
+        self, traits: Mapping[str, Any], *, source: str, at: float, event_id: str, now: float
+    ) -> ProfileChange:
+        """An API or CRM write of traits (None removes a trait). Idempotent on `event_id`."""
+        if not isinstance(traits, Mapping):
+            raise InvalidArgument("traits", f"{traits!r} must be an object of trait name -> value")
+        for name in traits:
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument("traits", f"{name!r} is not a trait name: use a non-empty string")
+        self._check_write(source, at, event_id)
+        change = ProfileChange(self.person_id)
+        if self._seen(event_id):
+            return change
+        single = len(self.parts) == 1
+        self._remember(self._root, event_id, at)
+        change.event_ids.append(event_id)
+        for name, value in traits.items():
+            self._record(
+                self._root, "traits", name, TraitVersion(value, source, event_id, at, now), change.traits, single
+            )
+        return change
+
+    def set_consent(self, consent: Mapping[str, bool], *, source: str, at: float, event_id: str) -> ProfileChange:
+        """Consent from the API or a CRM (same call, different source). Latest by event time wins."""
+        if not isinstance(consent, Mapping) or not consent:
+            raise InvalidArgument("consent", f"{consent!r} must be a non-empty object of consent key -> granted")
+        for key, granted in consent.items():
+            check_consent_key(key, "consent")
+            if type(granted) is not bool:
+                raise InvalidArgument(f"consent.{key}", f"{granted!r} must be true (granted) or false (refused)")
+        self._check_write(source, at, event_id)
+        change = ProfileChange(self.person_id)
+        if self._seen(event_id):
+            return change
+        single = len(self.parts) == 1
+        self._remember(self._root, event_id, at)
+        change.event_ids.append(event_id)
+        for key, granted in consent.items():
+            self._record(
+                self._root, "consent", key, ConsentState(granted, source, at, event_id), change.consent, single
+            )
+        return change
+
+    def set_scores(self, scores: Mapping[str, float], *, model: str, version: str, at: float) -> ProfileChange:
+        """Model outputs become profile fields; per name the newest (at, model, version) wins."""
+        if not isinstance(scores, Mapping):
+            raise InvalidArgument("scores", f"{scores!r} must be an object of score name -> number")
+        for name, value in scores.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidArgument("scores", f"{name!r} is not a score name: use a non-empty string")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not isfinite(value):
+                raise InvalidArgument(f"scores.{name}", f"{value!r} must be a finite number")
+        if not isinstance(model, str) or not model:
+            raise InvalidArgument("model", f"{model!r} must name the model that produced the scores")
+        if not isinstance(version, str):
+            raise InvalidArgument("version", f"{version!r} must be a string")
+        change = ProfileChange(self.person_id)
+        root_scores = self._root.scores
+        for name, value in scores.items():
+            score = Score(float(value), model, version, at)
+            before = self._score(name)
+            current = root_scores.get(name)
+            if current is None or score.key() >= current.key():
+                root_scores[name] = score
+            after = self._score(name)
+            if before is None or _changed(before.value, after.value):
+                change.scores[name] = after.value
+        return change
+
+    # --- merges ----------------------------------------------------------------------------------
+
+    def merge(self, loser: Profile, *, merge_id: str, at: float, defs: ComputedTraits, now: float) -> ProfileChange:
+        """Absorb `loser` (all its parts and merge records); `loser` is left empty. Idempotent on merge_id."""
+        change = ProfileChange(self.person_id)
+        if loser is self or loser.person_id == self.person_id:
+            raise InvalidArgument("loser", f"profile {self.person_id!r} cannot absorb itself")
+        if loser.person_id in self.parts or any(m.merge_id == merge_id for m in self.merges):
+            return change
+        clash = self.parts.keys() & loser.parts.keys()
+        if clash:
+            raise FailedPrecondition(
+                f"persons {sorted(clash)} are already part of profile {self.person_id!r}; split them out first"
+            )
+        before = self._view(None)  # what was last reported: windows as of their last prune
+        self._retract_duplicates(loser, defs)
+        incoming = [entry for part in loser.parts.values() for entry in part.timeline]
+        self.parts.update(loser.parts)
+        self.merges.extend(loser.merges)
+        self.merges.append(MergeRecord(merge_id, self.person_id, loser.person_id, at))
+        self._owners = None
+        self._align(defs, now)
+        dropped = self._enforce_retention(now)
+        incoming_ids = {id(entry) for entry in incoming}
+        dropped_ids = {id(entry) for entry in dropped}
+        change.timeline_added = sorted(entry for entry in incoming if id(entry) not in dropped_ids)
+        change.timeline_removed = [entry for entry in dropped if id(entry) not in incoming_ids]
+        _diff(before, self._view(None), change)
+        change.merged = list(loser.parts)
+        loser.parts = {loser.person_id: Part(loser.person_id)}
+        loser._root = loser.parts[loser.person_id]
+        loser.merges = []
+        loser._owners = None
+        return change
+
+    def split(
+        self, loser_id: str, *, merge_id: str, defs: ComputedTraits, now: float
+    ) -> tuple[Profile, ProfileChange, ProfileChange]:
+        """Undo merge `merge_id`: `loser_id`'s part and every part merged into it move to a restored profile.
+
+        Returns (restored profile, this profile's change, the restored profile's change). The restored
+        change lists everything it holds (it reappears); this profile's change what it lost.
+        """
+        found = next((m for m in self.merges if m.merge_id == merge_id), None)
+        if found is None or found.loser != loser_id or loser_id not in self.parts:
+            raise NotFound(f"merge {merge_id!r} of person {loser_id!r} is not part of profile {self.person_id!r}")
+        subtree = {loser_id}
+        grew = True
+        while grew:
+            grew = False
+            for merge in self.merges:
+                if merge is not found and merge.winner in subtree and merge.loser not in subtree:
+                    subtree.add(merge.loser)
+                    grew = True
+        before = self._view(None)
+        moved = {origin: part for origin, part in self.parts.items() if origin in subtree}
+        self.parts = {origin: part for origin, part in self.parts.items() if origin not in subtree}
+        restored = Profile(
+            loser_id,
+            retention=self.retention,
+            parts=moved,
+            merges=[m for m in self.merges if m.loser in subtree and m is not found],
+        )
+        self.merges = [m for m in self.merges if m.loser not in subtree]
+        self._owners = None
+        self._align(defs, now)
+        restored._align(defs, now)
+        mine = ProfileChange(self.person_id, split=list(moved))
+        mine.timeline_removed = restored._timeline() + self._enforce_retention(now)
+        _diff(before, self._view(None), mine)
+        theirs = ProfileChange(loser_id, split_from=self.person_id)
+        restored._enforce_retention(now)
+        theirs.timeline_added = list(restored._timeline())
+        _diff(_empty_view(loser_id), restored._view(None), theirs)
+        return restored, mine, theirs
+
+    # --- time and definitions ----------------------------------------------------------------------
+
+    def expire(self, defs: ComputedTraits, *, now: float) -> ProfileChange:
+        """Take out windowed contributions (and timeline entries past their age) that aged out by `now`."""
+        change = ProfileChange(self.person_id)
+        names = {
+            name
+            for part in self.parts.values()
+            for name, state in part.computed.items()
+            if state.window is not None and name in defs and state.needs_prune(now)
+        }
+        for name in sorted(names):
+            before = self._computed_value(name)
+            for part in self.parts.values():
+                state = part.computed.get(name)
+                if state is not None and state.window is not None:
+                    state.prune(now)
+            after = self._computed_value(name)
+            if _changed(before, after):
+                change.computed[name] = after
+        change.timeline_removed = self._enforce_retention(now)
+        return change
+
+    def next_expiry(self) -> float | None:
+        """The earliest time a windowed computed value changes with no new event (None: never)."""
+        earliest = None
+        for part in self.parts.values():
+            for state in part.computed.values():
+                if state.entries:
+                    at = state.expires_at()
+                    if earliest is None or at < earliest:
+                        earliest = at
+        return earliest
+
+    def backfill(self, trait: ComputedTrait, *, now: float) -> ProfileChange:
+        """(Re)compute `trait` from the retained timeline (events retention dropped are not seen)."""
+        change = ProfileChange(self.person_id)
+        before = self._computed_value(trait.name)
+        for part in self.parts.values():
+            state = self._rebuilt(part, trait, now)
+            if state is None:
+                part.computed.pop(trait.name, None)
+            else:
+                part.computed[trait.name] = state
+        after = self._computed_value(trait.name)
+        if after is MISSING:
+            if before is not MISSING:
+                change.computed[trait.name] = None
+        elif before is MISSING or _changed(before, after):
+            change.computed[trait.name] = after
+        return change
+
+    def drop_computed(self, name: str) -> ProfileChange:
+        """Forget a computed trait whose definition was removed."""
+        change = ProfileChange(self.person_id)
+        for part in self.parts.values():
+            if part.computed.pop(name, None) is not None:
+                change.computed[name] = None
+        return change
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def view(self, *, now: float, as_of: float | None = None) -> ProfileView:
+        """The person now; with `as_of`, traits, groups and consent as they were known at that event time.
+
+        Windowed computed values are evaluated at `now` without changing the profile (`expire` does that).
+        """
+        return self._view(now, as_of)
+
+    def _view(self, now: float | None, as_of: float | None = None) -> ProfileView:
+        # now=None: windowed values as of their last prune, i.e. what the last change reported.
+        parts = list(self.parts.values())
+        if len(parts) == 1:
+            part = parts[0]
+            traits = _current_all(part.traits, as_of)
+            groups = _current_all(part.groups, as_of)
+            consent = {
+                key: state.with_history(up_to(part.consent[key], as_of))
+                for key, state in _current_all(part.consent, as_of).items()
+            }
+            scores = dict(part.scores)
+            identifiers = set(part.identifiers)
+            computed = {name: _copy(state.summary(now).result(state.op)) for name, state in part.computed.items()}
+            first_seen, last_seen, count = part.first_seen, part.last_seen, part.event_count
+        else:
+            traits = _latest_all([p.traits for p in parts], as_of)
+            groups = _latest_all([p.groups for p in parts], as_of)
+            consent = {
+                key: state.with_history(up_to(self.consent_history(key), as_of))
+                for key, state in _latest_all([p.consent for p in parts], as_of).items()
+            }
+            scores = {name: self._score(name) for name in _keys(p.scores for p in parts)}
+            identifiers = self.identifiers()
+            computed = {name: _copy(self._computed_value(name, now)) for name in _keys(p.computed for p in parts)}
+            firsts = [p.first_seen for p in parts if p.first_seen is not None]
+            lasts = [p.last_seen for p in parts if p.last_seen is not None]
+            first_seen = min(firsts) if firsts else None
+            last_seen = max(lasts) if lasts else None
+            count = sum(p.event_count for p in parts)
+        return ProfileView(
+            person_id=self.person_id,
+            traits=traits,
+            groups=groups,
+            computed=computed,
+            consent=consent,
+            scores=scores,
+            identifiers=identifiers,
+            merged_from=[origin for origin in self.parts if origin != self.person_id],
+            first_seen=first_seen,
+            last_seen=last_seen,
+            event_count=count,
+        )
+
+    def trait_history(self, name: str) -> list[TraitVersion]:
+        return list(heapq.merge(*(p.traits.get(name, ()) for p in self.parts.values()), key=_history_key))
+
+    def consent_history(self, key: str) -> list[ConsentState]:
+        return list(heapq.merge(*(p.consent.get(key, ()) for p in self.parts.values()), key=_history_key))
+
+    def timeline(self) -> list[TimelineEntry]:
+        """Every retained entry, oldest first."""
+        return list(self._timeline())
+
+    def events(
+        self,
+        *,
+        limit: int,
+        before: Cursor | None = None,
+        types: Iterable[str] = (),
+        names: Iterable[str] = (),
+    ) -> tuple[list[TimelineEntry], Cursor | None]:
+        """Newest first. Pass the returned cursor as `before` for the next page; None when there is none."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument("limit", f"{limit!r} must be a whole number of at least 1")
+        types = frozenset(types)
+        names = frozenset(names)
+        timeline = self._timeline()
+        end = len(timeline)
+        if before is not None:
+            try:
+                cursor = (before[0], before[1])
+                end = bisect_left(timeline, cursor, key=TimelineEntry.cursor)
+            except (TypeError, IndexError, KeyError):
+                raise InvalidArgument("before", f"{before!r} is not a cursor this call returned") from None
+        page: list[TimelineEntry] = []
+        for index in range(end - 1, -1, -1):
+            entry = timeline[index]
+            if (not types or entry.type in types) and (not names or entry.name in names):
+                if len(page) == limit:
+                    return page, page[-1].cursor()
+                page.append(entry)
+        return page, None
+
+    def identifiers(self) -> set[str]:
+        """Every identifier seen on this person's events (privacy deletion reaches each of them)."""
+        if len(self.parts) == 1:
+            return set(self._root.identifiers)
+        return set().union(*(p.identifiers for p in self.parts.values()))
+
+    def export(self, *, now: float | None = None) -> dict[str, Any]:
+        """Everything held about the person, JSON-serialisable (a privacy access request).
+
+        Computed values are as of `now` when given, else as of the last time the profile was touched.
+        """
+        parts = list(self.parts.values())
+
+        def histories(attr: str) -> dict[str, Any]:
+            out = {}
+            for key in sorted(_keys(getattr(p, attr) for p in parts)):
+                history = list(heapq.merge(*(getattr(p, attr).get(key, ()) for p in parts), key=_history_key))
+                out[key] = {"current": history[-1].to_dict(), "history": [v.to_dict() for v in history]}
+            return out
+
+        contributions: dict[str, list[dict[str, Any]]] = {}
+        for part in parts:
+            for name, state in part.computed.items():
+                for at, event_id, value in state.entries or ():
+                    contributions.setdefault(name, []).append(
+                        {"at": at, "event_id": event_id, "value": value, "origin": part.origin}
+                    )
+        view = self._view(now)
+        return {
+            "person_id": self.person_id,
+            "merged_from": view.merged_from,
+            "merges": [m.to_doc() for m in self.merges],
+            "identifiers": sorted(view.identifiers),
+            "first_seen": view.first_seen,
+            "last_seen": view.last_seen,
+            "event_count": view.event_count,
+            "traits": histories("traits"),
+            "groups": histories("groups"),
+            "consent": histories("consent"),
+            "computed": view.computed,
+            "computed_contributions": {
+                name: sorted(items, key=lambda c: (c["at"], c["event_id"])) for name, items in contributions.items()
+            },
+            "scores": {name: score.to_dict() for name, score in sorted(view.scores.items())},
+            "timeline": [entry.to_doc() for entry in self._timeline()],
+        }
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def to_doc(self) -> dict[str, Any]:
+        """The profile without its timeline (stored apart, one record per entry), JSON-serialisable."""
+        return {
+            "v": DOC_VERSION,
+            "person_id": self.person_id,
+            # Derivable from parts; kept at the top so a store can find the timelines to load (by origin).
+            "merged_from": [origin for origin in self.parts if origin != self.person_id],
+            "merges": [m.to_doc() for m in self.merges],
+            "parts": [part.to_doc() for part in self.parts.values()],
+        }
+
+    @classmethod
+    def from_doc(
+        cls,
+        doc: Mapping[str, Any],
+        timeline: Iterable[TimelineEntry | Mapping[str, Any]] = (),
+        *,
+        retention: Retention = DEFAULT_RETENTION,
+    ) -> Profile:
+        if doc.get("v", DOC_VERSION) != DOC_VERSION:
+            raise InvalidArgument("v", f"profile document version {doc.get('v')!r} is not {DOC_VERSION}")
+        parts = {}
+        for part_doc in doc["parts"]:
+            part = Part.from_doc(part_doc)
+            parts[part.origin] = part
+        profile = cls(
+            doc["person_id"],
+            retention=retention,
+            parts=parts,
+            merges=[MergeRecord.from_doc(m) for m in doc.get("merges", [])],
+        )
+        for item in timeline:
+            entry = item if isinstance(item, TimelineEntry) else TimelineEntry.from_doc(item)
+            part = parts.get(entry.origin, profile._root)
+            part.timeline.append(entry)
+            part.seen[entry.event_id] = entry.at
+        for part in parts.values():
+            part.timeline.sort()
+        return profile
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _seen(self, event_id: str) -> bool:
+        return any(event_id in part.seen for part in self.parts.values())
+
+    def _remember(self, part: Part, event_id: str, at: float) -> None:
+        seen = part.seen
+        seen[event_id] = at
+        keep = max(self.retention.max_events, MIN_SEEN_IDS)
+        if len(seen) > keep + (keep >> 2):  # trim in steps so the sort is amortised over many events
+            newest = sorted(seen.items(), key=lambda item: (item[1], item[0]))[-keep:]
+            part.seen = dict(newest)
+
+    def _check_write(self, source: Any, at: Any, event_id: Any) -> None:
+        if not isinstance(event_id, str) or not event_id:
+            raise InvalidArgument("event_id", f"{event_id!r} must be a non-empty id: every write is idempotent on it")
+        if not isinstance(source, str) or not source:
+            raise InvalidArgument("source", f"{source!r} must name where the value comes from, e.g. 'api'")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not isfinite(at):
+            raise InvalidArgument("at", f"{at!r} must be a time in epoch seconds")
+
+    def _owner_map(self) -> dict[str, str]:
+        owners = self._owners
+        if owners is None:
+            owners = {}
+            for origin, part in self.parts.items():
+                for key in part.identifiers:
+                    owners.setdefault(key, origin)
+            self._owners = owners
+        return owners
+
+    def _attribute(self, identifiers: tuple[str, ...]) -> Part:
+        owners = self._owner_map()
+        for key in identifiers:
+            origin = owners.get(key)
+            if origin is not None:
+                return self.parts[origin]
+        return self._root
+
+    def _record(self, part: Part, attr: str, key: str, version: Any, out: dict[str, Any], single: bool) -> None:
+        """Add a version to a history; report the new current value in `out` when it changed."""
+        histories = getattr(part, attr)
+        history = histories.get(key)
+        if history is None:
+            history = histories[key] = []
+        if single:
+            before = history[-1] if history else None
+            if not record(history, version):
+                return
+        else:
+            before = latest([getattr(p, attr).get(key, ()) for p in self.parts.values()])
+            record(history, version)
+            if latest([getattr(p, attr).get(key, ()) for p in self.parts.values()]) is not version:
+                return
+        field_name = "granted" if attr == "consent" else "value"
+        old = getattr(before, field_name) if before is not None else None
+        new = getattr(version, field_name)
+        if _changed(old, new):
+            out[key] = new
+
+    def _contribute(
+        self,
+        part: Part,
+        matching: tuple[ComputedTrait, ...],
+        payload: Mapping[str, Any],
+        at: float,
+        event_id: str,
+        now: float,
+        out: dict[str, Any],
+        single: bool,
+    ) -> None:
+        computed = part.computed
+        for trait in matching:
+            value = trait.extract(payload)
+            if value is MISSING:
+                continue
+            name = trait.name
+            state = computed.get(name)
+            if single:
+                if state is None:
+                    before = MISSING
+                    state = computed[name] = ComputedState.for_trait(trait)
+                elif state.signature != trait.signature:
+                    before = state.agg.result(state.op)
+                    state = computed[name] = ComputedState.for_trait(trait)
+                else:
+                    before = state.agg.result(state.op)
+                    if state.entries:
+                        state.prune(now)
+                state.add(at, event_id, value, now)
+                after = state.agg.result(state.op)
+            else:
+                before = self._computed_value(name)
+                for other in self.parts.values():
+                    stale = other.computed.get(name)
+                    if stale is not None and stale.signature != trait.signature:
+                        del other.computed[name]  # contributions made under another definition
+                    elif stale is not None and stale.window is not None:
+                        stale.prune(now)
+                state = computed.get(name)
+                if state is None:
+                    state = computed[name] = ComputedState.for_trait(trait)
+                state.add(at, event_id, value, now)
+                after = self._computed_value(name)
+            if before is MISSING or _changed(before, after):
+                out[name] = after
+
+    def _computed_value(self, name: str, now: float | None = None) -> Any:
+        """The value over all parts (as of `now`, or as of each part's last prune); MISSING if none has it."""
+        states = [part.computed[name] for part in self.parts.values() if name in part.computed]
+        if not states:
+            return MISSING
+        if len(states) == 1:
+            return states[0].summary(now).result(states[0].op)
+        return combined_result(states[0].op, [state.summary(now) for state in states])
+
+    def _score(self, name: str) -> Score | None:
+        best = None
+        for part in self.parts.values():
+            score = part.scores.get(name)
+            if score is not None and (best is None or score.key() > best.key()):
+                best = score
+        return best
+
+    def _timeline(self) -> list[TimelineEntry]:
+        if len(self.parts) == 1:
+            return self._root.timeline
+        return list(heapq.merge(*(part.timeline for part in self.parts.values())))
+
+    def _add_entry(self, part: Part, entry: TimelineEntry, now: float, change: ProfileChange) -> None:
+        retention = self.retention
+        max_age = retention.max_age_seconds
+        if max_age is not None and entry.at + max_age <= now:
+            return  # already past retention: it would be dropped at once
+        timeline = part.timeline
+        if len(self.parts) == 1:
+            if len(timeline) >= retention.max_events and entry < timeline[0]:
+                return  # older than everything kept in a full timeline
+            if not timeline or entry > timeline[-1]:
+                timeline.append(entry)
+            else:
+                _insort_entry(timeline, entry)
+            change.timeline_added.append(entry)
+            if len(timeline) > retention.max_events:
+                change.timeline_removed.append(timeline.pop(0))
+            if max_age is not None:
+                while timeline and timeline[0].at + max_age <= now:
+                    change.timeline_removed.append(timeline.pop(0))
+            return
+        if sum(len(p.timeline) for p in self.parts.values()) >= retention.max_events:
+            oldest = min((p.timeline[0] for p in self.parts.values() if p.timeline), default=None)
+            if oldest is not None and entry < oldest:
+                return
+        _insort_entry(timeline, entry)
+        change.timeline_added.append(entry)
+        change.timeline_removed.extend(self._enforce_retention(now))
+
+    def _enforce_retention(self, now: float) -> list[TimelineEntry]:
+        """Drop entries past the age limit, then the oldest beyond the count limit, over all parts."""
+        dropped: list[TimelineEntry] = []
+        max_age = self.retention.max_age_seconds
+        parts = list(self.parts.values())
+        if max_age is not None:
+            for part in parts:
+                timeline = part.timeline
+                count = 0
+                while count < len(timeline) and timeline[count].at + max_age <= now:
+                    count += 1
+                if count:
+                    dropped.extend(timeline[:count])
+                    del timeline[:count]
+        excess = sum(len(p.timeline) for p in parts) - self.retention.max_events
+        if excess > 0:
+            cut = dict.fromkeys(range(len(parts)), 0)
+            for _ in range(excess):
+                index = min(
+                    (i for i, p in enumerate(parts) if cut[i] < len(p.timeline)),
+                    key=lambda i: parts[i].timeline[cut[i]],
+                )
+                cut[index] += 1
+            for index, count in cut.items():
+                if count:
+                    dropped.extend(parts[index].timeline[:count])
+                    del parts[index].timeline[:count]
+            dropped.sort()
+        return dropped
+
+    def _rebuilt(self, part: Part, trait: ComputedTrait, now: float) -> ComputedState | None:
+        """A part's state for `trait` recomputed from its retained timeline; None when nothing contributes."""
+        state = None
+        for entry in part.timeline:
+            value = _contribution(trait, entry)
+            if value is not MISSING:
+                if state is None:
+                    state = ComputedState.for_trait(trait)
+                state.add(entry.at, entry.event_id, value, now)
+        return state
+
+    def _align(self, defs: ComputedTraits, now: float) -> None:
+        """After parts moved: drop states of removed definitions, rebuild changed ones, prune windows."""
+        for part in self.parts.values():
+            for name, state in list(part.computed.items()):
+                trait = defs.get(name)
+                if trait is None:
+                    del part.computed[name]
+                elif state.signature != trait.signature:
+                    rebuilt = self._rebuilt(part, trait, now)
+                    if rebuilt is None:
+                        del part.computed[name]
+                    else:
+                        part.computed[name] = rebuilt
+                elif state.window is not None:
+                    state.prune(now)
+
+    def _retract_duplicates(self, loser: Profile, defs: ComputedTraits) -> None:
+        """Events applied to both persons before the merge reached the profile count once: the loser's
+        copy is taken out (its timeline entry says what to subtract; without it, windows still drop it)."""
+        mine = set().union(*(part.seen for part in self.parts.values()))
+        for part in loser.parts.values():
+            duplicates = mine & part.seen.keys()
+            if not duplicates:
+                continue
+            entries = {entry.event_id: entry for entry in part.timeline if entry.event_id in duplicates}
+            part.timeline = [entry for entry in part.timeline if entry.event_id not in duplicates]
+            for event_id in duplicates:
+                entry = entries.get(event_id)
+                del part.seen[event_id]
+                if entry is None:
+                    for state in part.computed.values():
+                        if state.window is not None:
+                            state.remove_entry(event_id)
+                    continue
+                part.event_count -= 1
+                for trait in defs.matching(entry.type, entry.name):
+                    state = part.computed.get(trait.name)
+                    value = trait.extract(entry.properties)
+                    if state is not None and value is not MISSING and state.signature == trait.signature:
+                        state.remove(event_id, entry.at, value)
+            for histories in (part.traits, part.groups, part.consent):
+                for key, history in list(histories.items()):
+                    kept = [version for version in history if version.event_id not in duplicates]
+                    if len(kept) != len(history):
+                        if kept:
+                            histories[key] = kept
+                        else:
+                            del histories[key]
+
+
+def _insort_entry(timeline: list[TimelineEntry], entry: TimelineEntry) -> None:
+    """Insert keeping (at, event_id) order (entries are tuples: their order is the timeline order)."""
+    timeline.insert(bisect_left(timeline, entry), entry)
+
+
+def _history_key(version: Any) -> tuple[float, str]:
+    return (version.at, version.event_id)
+
+
+def _keys(mappings: Iterable[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for mapping in mappings:
+        seen.update(dict.fromkeys(mapping))
+    return list(seen)
+
+
+def _current_all(histories: Mapping[str, list[Any]], at: float | None) -> dict[str, Any]:
+    if at is None:
+        return {key: history[-1] for key, history in histories.items() if history}
+    out = {}
+    for key, history in histories.items():
+        version = as_of(history, at)
+        if version is not None:
+            out[key] = version
+    return out
+
+
+def _latest_all(all_histories: list[Mapping[str, list[Any]]], at: float | None) -> dict[str, Any]:
+    out = {}
+    for key in _keys(all_histories):
+        version = latest([histories.get(key, ()) for histories in all_histories], at)
+        if version is not None:
+            out[key] = version
+    return out
+
+
+def _copy(value: Any) -> Any:
+    # Cached results (unique lists) are shared with the state; a view hands out its own copy.
+    return list(value) if type(value) is list else value
+
+
+def _empty_view(person_id: str) -> ProfileView:
+    return ProfileView(person_id, {}, {}, {}, {}, {}, set(), [], None, None, 0)
+
+
+def _diff(before: ProfileView, after: ProfileView, change: ProfileChange) -> None:
+    """Record in `change` every current value that differs between two views (None = gone)."""
+
+    def section(old: Mapping[str, Any], new: Mapping[str, Any], out: dict[str, Any], read: Any, presence: bool) -> None:
+        # A trait that is absent and one whose current version removed it read the same (None); a computed
+        # trait or score appearing or disappearing is a change even when its value is None.
+        for key in _keys((old, new)):
+            a = read(old[key]) if key in old else None
+            b = read(new[key]) if key in new else None
+            if _changed(a, b) or (presence and (key in old) != (key in new)):
+                out[key] = b
+
+    section(before.traits, after.traits, change.traits, lambda v: v.value, False)
+    section(before.groups, after.groups, change.groups, lambda v: v.value, False)
+    section(before.consent, after.consent, change.consent, lambda c: c.granted, False)
+    section(before.scores, after.scores, change.scores, lambda s: s.value, True)
+    section(before.computed, after.computed, change.computed, lambda v: v, True)
