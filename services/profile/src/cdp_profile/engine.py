@@ -145,6 +145,7 @@ class ProfileEngine:
         self._wake = asyncio.Event()
         self._failed = False
         self._expiries: list[tuple[float, str]] = []
+        self._expiry_due: dict[str, float] = {}
         self._partition_cache: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._publishing: set[str] = set()  # partitions between their commit and their publish
@@ -317,6 +318,10 @@ class ProfileEngine:
             outcomes["applied"] += 1
             newest_received = max(newest_received, received)
             self._fold(changes, target, change)
+        for person in changes:
+            profile = self.profiles.get(person)
+            if profile is not None:
+                self._schedule_expiry(profile)
         messages = self._messages(changes, cause="event", now=now)
         for outcome, count in outcomes.items():
             if count:
@@ -500,6 +505,7 @@ class ProfileEngine:
         self.deleted.clear()
         self.versions.clear()
         self._expiries.clear()
+        self._expiry_due.clear()
         self.applied.clear()
         async for record in self.store.scan_all(CHECKPOINTS):
             self.applied[record.key] = record.doc.get("stream_seq", 0)
@@ -662,6 +668,7 @@ class ProfileEngine:
                 if profile is not None:
                     self._fold(changes, person, profile.backfill(backfill.trait, now=now))
                     self._pending.dirty.add(person)
+                    self._schedule_expiry(profile)
             backfill.done = min(backfill.total, start + chunk)
             messages = self._messages(changes, cause="backfill", now=now)
             await self._commit(changes, ops=[Put(DEFINITIONS, name, backfill.doc())])
@@ -676,8 +683,13 @@ class ProfileEngine:
     # --- expiry of windowed computed traits --------------------------------------------------------
 
     def _schedule_expiry(self, profile: Profile) -> None:
+        """Remember when the profile's windowed values next change; one heap entry per earlier time."""
         due = profile.next_expiry()
-        if due is not None:
+        if due is None:
+            return
+        scheduled = self._expiry_due.get(profile.person_id)
+        if scheduled is None or due < scheduled:
+            self._expiry_due[profile.person_id] = due
             heapq.heappush(self._expiries, (due, profile.person_id))
 
     async def expire_due(self) -> int:
@@ -686,7 +698,10 @@ class ProfileEngine:
         changes: dict[str, ProfileChange] = {}
         seen: set[str] = set()
         while self._expiries and self._expiries[0][0] <= now:
-            _due, person = heapq.heappop(self._expiries)
+            due, person = heapq.heappop(self._expiries)
+            if self._expiry_due.get(person) != due:
+                continue  # superseded by an earlier time, already handled
+            del self._expiry_due[person]
             profile = self.profiles.get(person)
             if profile is None or person in seen:
                 continue

@@ -1,0 +1,19 @@
+import json
+import re
+from pathlib import Path
+
+from cdp_kit.settings import describe
+from cdp_profile.domain import ComputedTrait
+from cdp_profile.settings import ProfileSettings
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_every_variable_is_documented_in_the_readme():
+    assert [var for var, _default, _help in describe(ProfileSettings) if f"`{var}`" not in README] == []
+
+
+def test_the_computed_trait_example_is_a_valid_definition():
+    (example,) = re.findall(r"```json\n(.*?)```", README, flags=re.S)
+    trait = ComputedTrait.from_dict(json.loads(example))
+    assert (trait.op, trait.window) == ("avg", 90 * 86_400)
