@@ -415,6 +415,23 @@ async def test_delete_with_suppression_leaves_no_trace_and_is_announced(platform
     assert hashlib.sha256(b"email:gone@example.com").hexdigest() in notice.identifier_hashes
     assert any(c.removed and c.cause == "delete" for c in await platform.changes(person))
 
+    # The collector now drops the person's new events, with the reason, by any of their identifiers.
+    for attempt in range(100):
+        answer = await platform.send(
+            {"type": "track", "event": "Viewed", "messageId": f"d3-{attempt}", "userId": "u-gone"},
+            {
+                "type": "identify",
+                "messageId": f"d4-{attempt}",
+                "anonymousId": "x-1",
+                "traits": {"email": "GONE@example.com"},
+            },
+            {"type": "track", "event": "Viewed", "messageId": f"d5-{attempt}", "userId": "u-other"},
+        )
+        if answer.get("suppressed") == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert (answer["suppressed"], answer["accepted"]) == (2, 1), answer
+
     # Repeating the request changes nothing and answers the same.
     again = await platform.profile.Delete(
         profile_pb2.DeleteRequest(person_id=person, mode=profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE, request_id="r1")
