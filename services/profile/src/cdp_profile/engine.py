@@ -408,8 +408,12 @@ class ProfileEngine:
         if self._partition(owner) not in self.owned:
             return
         survivor = self.profiles.get(owner)
-        if survivor is None or loser not in survivor.view(now=self.clock()).merged_from:
-            self.tombstones.pop(loser, None) if self.tombstones.get(loser) == owner else None
+        if survivor is None or loser not in survivor.parts:
+            # Merged before it had a profile of its own: only the forwarding tombstone goes.
+            if loser in self.tombstones and self.root(loser) == owner:
+                del self.tombstones[loser]
+                self._pending.ops.append(Delete(PROFILES, loser))
+                self.versions.pop(loser, None)
             return
         restored, winner_change, loser_change = survivor.split(
             loser, merge_id=merge_id, defs=self.defs, now=self.clock()
