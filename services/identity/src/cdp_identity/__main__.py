@@ -1,4 +1,5 @@
-"""The identity process: consume events.raw, keep the graph, publish events.resolved and identity.*."""
+"""The identity process: consume events.raw, keep the graph, publish events.resolved and identity.*;
+purge the persons privacy.deleted names."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from cdp_identity.api import SCOPES, IdentityApi
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching_service import MatchingService, load_match_config
+from cdp_identity.privacy import DELETED_SUBJECT, PrivacyHandler
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.bus import (
     Bus,
@@ -19,10 +21,16 @@ from cdp_kit.bus import (
     events_resolved_stream,
     identity_stream,
     owned_partitions,
+    privacy_stream,
 )
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
+
+# A privacy purge sweeps the stored graph once per batch of requests: give it time before JetStream
+# redelivers (a redelivery would only find the work done).
+PRIVACY_ACK_WAIT = 600.0
+PRIVACY_BATCH = 100
 
 
 def load_rules(settings: IdentitySettings) -> MergeRules:
@@ -51,6 +59,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         events_raw_stream(),
         events_resolved_stream(max_age=settings.retention_days * 86_400),
         identity_stream(),
+        privacy_stream(),
         dead_letter_stream(),
     )
     partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
@@ -84,7 +93,23 @@ async def setup(runtime: ServiceRuntime) -> None:
         )
         runtime.spawn(runner.run(), f"consume events.raw.{p}")
         runners.append(runner)
-    runtime.parts.update(bus=bus, store=store, engine=engine, matching=matching, runners=runners)
+    # Every replica gets every deletion (one durable consumer per ordinal): each purges its own cache.
+    privacy = bus.consumer(
+        ConsumerSpec(
+            stream="PRIVACY",
+            durable=f"identity-privacy-{settings.pod_ordinal}",
+            filter_subjects=(DELETED_SUBJECT,),
+            batch_size=PRIVACY_BATCH,
+            ack_wait=PRIVACY_ACK_WAIT,
+            max_ack_pending=PRIVACY_BATCH,
+            description=f"identity: purge deleted persons (replica {settings.pod_ordinal})",
+        ),
+        PrivacyHandler(engine, matching).handle,
+    )
+    runtime.spawn(privacy.run(), f"consume {DELETED_SUBJECT}")
+    runtime.parts.update(
+        bus=bus, store=store, engine=engine, matching=matching, runners=runners, privacy_runner=privacy
+    )
     runtime.grpc.add_service(
         identity_pb2_grpc.add_IdentityServiceServicer_to_server,
         IdentityApi(engine, matching),

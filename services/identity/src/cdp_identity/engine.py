@@ -13,6 +13,9 @@ A crash before step 2's write loses nothing (the batch is redelivered and re-res
 crash after it re-resolves the already-applied events read-only and publishes what may be missing. A
 write that loses an optimistic-concurrency race (another replica changed the same person) forgets the
 batch's changes, so the redelivered batch is applied on fresh state.
+
+A privacy purge (`purge`) takes the same lock and the same write queue: its deletions and rewrites are
+one more write behind the batches already applied.
 """
 
 from __future__ import annotations
@@ -22,21 +25,30 @@ import base64
 import functools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
-from cdp_identity.domain.graph import IdentityGraph, Merge, MergeRefused, Resolution, Unmerge, stable_id
+from cdp_identity.domain.graph import (
+    IdentityGraph,
+    Merge,
+    MergeRefused,
+    Purged,
+    Resolution,
+    Unmerge,
+    mentions,
+    stable_id,
+)
 from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, split_key
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_kit.bus import Delivery, OutMessage, partition_for
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
 log = logging.getLogger("cdp.identity")
@@ -46,6 +58,13 @@ PERSONS = "identity_persons"
 MERGES = "identity_merges"
 OUTBOX = "identity_outbox"
 CHECKPOINTS = "identity_checkpoints"
+# The notification payloads the outbox holds, by subject (a privacy purge reads them).
+OUTBOX_MESSAGES: dict[str, type[Message]] = {
+    "identity.merged": identity_pb2.IdentityMerged,
+    "identity.unmerged": identity_pb2.IdentityUnmerged,
+    "identity.quarantined": identity_pb2.IdentifierQuarantined,
+}
+SWEEP_PAGE = 5_000
 
 
 def _varint(n: int) -> bytes:
@@ -138,6 +157,21 @@ def identifier_message(key: str) -> identity_pb2.Identifier:
     return identity_pb2.Identifier(type=kind, value=value)
 
 
+def _strings(message: Message) -> set[str]:
+    """Every string a notification holds, identifiers also as their keys ("type:value")."""
+    found: set[str] = set()
+    if isinstance(message, identity_pb2.Identifier):
+        found.add(f"{message.type}:{message.value}")
+    for descriptor, value in message.ListFields():
+        values = value if descriptor.label == descriptor.LABEL_REPEATED else [value]
+        for item in values:
+            if isinstance(item, Message):
+                found |= _strings(item)
+            elif isinstance(item, str):
+                found.add(item)
+    return found
+
+
 @dataclass(slots=True)
 class _Item:
     delivery: Delivery | None
@@ -179,6 +213,9 @@ class IdentityEngine:
         self._drops = meter.create_counter("cdp_identity_drops_total", description="identifiers left out, by reason")
         self._quarantines = meter.create_counter(
             "cdp_identity_quarantined_total", description="identifiers quarantined"
+        )
+        self._purged = meter.create_counter(
+            "cdp_identity_purged_total", description="records removed by privacy deletions, by kind"
         )
         self._apply_ms = meter.create_histogram(
             "cdp_identity_batch_apply_ms",
@@ -440,6 +477,88 @@ class IdentityEngine:
         records = await self.store.find(IDENTIFIERS, "quarantined", True, limit=10_000)
         return [(r.key, r.doc["person"], r.doc["quarantined_at"]) for r in records]
 
+    # --- privacy ----------------------------------------------------------------------------------
+
+    async def purge(
+        self,
+        person_ids: Sequence[str],
+        *,
+        also: Callable[[Purged], Awaitable[list[WriteOp]]] | None = None,
+    ) -> Purged:
+        """Forget persons for good (privacy.deleted): each with everyone merged into it, the identifiers
+        they own, and every mention of them in the records that stay (`IdentityGraph.purge`), in memory
+        and in the store, plus the outbox notifications naming them. `also` adds the store operations of
+        other owners (the match pool, the review queue) to the same write. Unknown persons: a no-op.
+
+        Three steps, so events keep flowing during the slow one: under the lock, what goes; without it,
+        a sweep of the stored graph for records naming any of it (another replica's cache may have
+        written them); under the lock again, load those, purge and queue one write behind the batches
+        already applied. Returns after that write is durable."""
+        requested = list(dict.fromkeys(p for p in person_ids if p))
+        async with self.lock:
+            await self._recover_if_failed()
+            persons, keys = await self._load_for_purge(requested)
+        if not persons:
+            return Purged()
+        holders = await self._stored_mentions(persons | keys | set(requested))
+        async with self.lock:
+            if self._last_write is not None:
+                # The outbox is read below: every notification written so far must be in it.
+                await asyncio.gather(self._last_write, return_exceptions=True)
+            await self._recover_if_failed()
+            await self._load_persons(holders[PERSONS])
+            await self._load(holders[IDENTIFIERS])
+            await self._load_for_purge(requested)
+            try:
+                purged = self.graph.purge(requested)
+                names = set(purged.persons) | purged.identifiers | set(requested)
+                ops: list[WriteOp] = [Delete(MERGES, m) for m in holders[MERGES] if m not in purged.merges]
+                ops += await self._outbox_naming(names)
+                if also is not None:
+                    ops += await also(purged)
+                write = self._schedule_write([], extra=ops)
+            except BaseException:
+                self._failed = True
+                raise
+        await write
+        for kind, count in (
+            ("person", len(purged.persons)),
+            ("identifier", len(purged.identifiers)),
+            ("merge", len(purged.merges)),
+            ("rewritten", len(purged.rewritten_persons) + len(purged.rewritten_identifiers)),
+        ):
+            if count:
+                self._purged.add(count, {"kind": kind})
+        return purged
+
+    async def _load_for_purge(self, person_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Load what a purge of `person_ids` needs; the persons and identifier keys it would remove."""
+        while needed := self.graph.purge_dependencies(person_ids):
+            if not await self._load_persons(needed):
+                break  # unknown (never seen, or purged before) persons
+        _persons, keys = self.graph.purge_scope(person_ids)
+        # Their identifiers' records: the versions to delete them at, and whether one was taken over since.
+        await self._load(keys)
+        return self.graph.purge_scope(person_ids)
+
+    async def _stored_mentions(self, names: set[str]) -> dict[str, list[str]]:
+        """Keys of the stored persons, identifiers and merge records that name any of `names`."""
+        found: dict[str, list[str]] = {PERSONS: [], IDENTIFIERS: [], MERGES: []}
+        for collection, keys in found.items():
+            async for record in self.store.scan_all(collection, page_size=SWEEP_PAGE):
+                if record.key in names or mentions(record.doc, names):
+                    keys.append(record.key)
+        return found
+
+    async def _outbox_naming(self, names: set[str]) -> list[WriteOp]:
+        """Deletes for the unpublished notifications that name any of `names`."""
+        ops: list[WriteOp] = []
+        async for record in self.store.scan_all(OUTBOX):
+            kind = OUTBOX_MESSAGES[record.doc["subject"]]
+            if not names.isdisjoint(_strings(kind.FromString(base64.b64decode(record.doc["payload"])))):
+                ops.append(Delete(OUTBOX, record.key))
+        return ops
+
     # --- loading and persisting -------------------------------------------------------------------
 
     def _previous_candidates(self, previous: str) -> list[str]:
@@ -475,12 +594,16 @@ class IdentityEngine:
             for key, record in records.items():
                 self.graph.load_identifier(key, record.doc)
                 self.versions[(IDENTIFIERS, key)] = record.version
-        # Roots, persons they were separated from, persons the identifiers met: until nothing is missing.
+        # Roots, persons they were separated from, persons the identifiers met: until nothing is missing
+        # (or only persons the store does not have: a reference a privacy purge left behind elsewhere).
         while needed := self.graph.unresolved_persons(keys):
-            await self._load_persons(needed)
+            if not await self._load_persons(needed):
+                break
 
-    async def _load_persons(self, person_ids: Iterable[str]) -> None:
+    async def _load_persons(self, person_ids: Iterable[str]) -> int:
+        """Load these persons and the way to their roots; how many records were loaded."""
         wanted = set(self.graph.missing_persons(person_ids))
+        loaded = 0
         while wanted:
             records = await self.store.get_many(PERSONS, sorted(wanted))
             follow: set[str] = set()
@@ -489,18 +612,25 @@ class IdentityEngine:
                 self.versions[(PERSONS, person_id)] = record.version
                 if record.doc.get("merged_into"):
                     follow.add(record.doc["merged_into"])
+            loaded += len(records)
             wanted = set(self.graph.missing_persons(follow))
+        return loaded
 
     def _schedule_write(
-        self, outbox: list[tuple[str, str, bytes]], position: tuple[str, int] | None = None
+        self,
+        outbox: list[tuple[str, str, bytes]],
+        position: tuple[str, int] | None = None,
+        extra: Sequence[WriteOp] = (),
     ) -> asyncio.Future:
         """Snapshot what changed (under the lock) and queue its write behind the previous one.
 
         Writes run one after another in the order their changes were made, each expecting the version
         the previous writes will have left (so another replica's write in between is detected). If one
         fails, every write queued after it fails too, and the cache is dropped before the next use:
-        the store is the truth, and the unacknowledged batches are redelivered onto it."""
+        the store is the truth, and the unacknowledged batches are redelivered onto it. Records a
+        privacy purge removed are deleted in the same write (persons last), with `extra` before them."""
         identifiers, persons, merges = self.graph.take_dirty()
+        removed_identifiers, removed_persons, removed_merges = self.graph.take_removed()
         ops: list[Put | Delete] = []
         for collection, docs in ((IDENTIFIERS, identifiers), (PERSONS, persons)):
             for key, doc in docs.items():
@@ -509,6 +639,14 @@ class IdentityEngine:
                 self.versions[(collection, key)] = expected + 1
         for merge_id, winner in merges.items():
             ops.append(Put(MERGES, merge_id, {"winner": winner}))
+        for key in removed_identifiers:
+            ops.append(Delete(IDENTIFIERS, key, expected_version=self.versions.pop((IDENTIFIERS, key), None)))
+        for merge_id in removed_merges:
+            self.versions.pop((MERGES, merge_id), None)
+            ops.append(Delete(MERGES, merge_id))
+        ops.extend(extra)
+        for person_id in removed_persons:
+            ops.append(Delete(PERSONS, person_id, expected_version=self.versions.pop((PERSONS, person_id), None)))
         now = time.time()
         for index, (subject, msg_id, payload) in enumerate(outbox):
             document = {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index}

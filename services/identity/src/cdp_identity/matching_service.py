@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from cdp.identity.v1 import identity_pb2
-from cdp_identity.domain.graph import stable_id
+from cdp_identity.domain.graph import Purged, stable_id
 from cdp_identity.engine import IdentityEngine, merge_record, timestamp
 from cdp_identity.matching import DEFAULT_PERSON_CONFIG, MatchConfig, Matcher
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
-from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage import Delete, Put, Store, WriteOp
+from cdp_kit.storage.port import MAX_FIND_LIMIT
 
 log = logging.getLogger("cdp.identity")
 
@@ -56,6 +57,7 @@ class MatchingService:
         self.fitted_on = 0
 
     async def start(self) -> None:
+        await self.store.ensure_index(RECORDS, "_person")
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
             self.pool[record.key] = record.doc
         model = await self.store.get(MODEL, "current")
@@ -143,6 +145,25 @@ class MatchingService:
                 response.merge.CopyFrom(merge)
         await self.store.bulk_write([Delete(REVIEWS, request.review_id, expected_version=record.version)])
         return response
+
+    async def purge(self, purged: Purged) -> list[WriteOp]:
+        """A privacy purge's share here: the match-pool records resolved to a purged person and the
+        reviews naming one of them or of those records, forgotten in memory now and deleted by the
+        returned operations (the engine writes them with the graph's deletions). The fitted model keeps
+        only m/u weights per comparison level, nothing about anyone, and stays."""
+        persons = set(purged.persons)
+        records = {key for key, doc in self.pool.items() if doc.get("_person") in persons}
+        for person in sorted(persons):
+            # Records another replica added are in the store only.
+            records.update(r.key for r in await self.store.find(RECORDS, "_person", person, limit=MAX_FIND_LIMIT))
+        for key in records:
+            self.pool.pop(key, None)
+        ops: list[WriteOp] = [Delete(RECORDS, key) for key in sorted(records)]
+        async for record in self.store.scan_all(REVIEWS):
+            pair = identity_pb2.ScoredPair.FromString(bytes.fromhex(record.doc["pair"]))
+            if {pair.left_person, pair.right_person} & persons or {pair.left_record, pair.right_record} & records:
+                ops.append(Delete(REVIEWS, record.key))
+        return ops
 
     # --- helpers ----------------------------------------------------------------------------------
 

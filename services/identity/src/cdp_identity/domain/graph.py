@@ -9,13 +9,17 @@ identifiers they own and the merges inside it. Identifiers attached after a merg
 they attached to (the root at the time) and stay there on unmerge.
 
 Plain Python, no I/O: the service loads the records a batch needs (`missing_*`), applies events
-synchronously, and writes back what `take_dirty()` returns.
+synchronously, and writes back what `take_dirty()` returns and deletes what `take_removed()` returns.
+
+A privacy deletion (`purge`) removes persons with everything merged into them and every identifier they
+own, and rewrites the surviving records that mention them (separations, drops, merge causes,
+quarantine evidence), so the graph keeps no trace of them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +33,18 @@ MAX_CONFLICTS_KEPT = 64
 def stable_id(prefix: str, *parts: str) -> str:
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
     return f"{prefix}{digest}"
+
+
+def mentions(value: Any, names: Set[str]) -> bool:
+    """Whether a stored document holds any of `names` as a whole string anywhere (a key or a value, at
+    any depth): how a privacy purge finds the records that name a purged person or identifier."""
+    if isinstance(value, str):
+        return value in names
+    if isinstance(value, dict):
+        return any(k in names or mentions(v, names) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(mentions(v, names) for v in value)
+    return False
 
 
 @dataclass(slots=True)
@@ -133,6 +149,20 @@ class Unmerge:
 
 
 @dataclass(slots=True)
+class Purged:
+    """What `IdentityGraph.purge` removed, and which surviving records it rewrote."""
+
+    persons: list[str] = field(default_factory=list)  # removed, those merged into others first
+    identifiers: set[str] = field(default_factory=set)  # removed identifier keys
+    merges: set[str] = field(default_factory=set)  # merge ids removed from lineage and the merge index
+    rewritten_persons: set[str] = field(default_factory=set)
+    rewritten_identifiers: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.persons or self.rewritten_persons or self.rewritten_identifiers)
+
+
+@dataclass(slots=True)
 class Resolution:
     person: str
     created: bool = False
@@ -151,6 +181,10 @@ class IdentityGraph:
         self.dirty_identifiers: set[str] = set()
         self.dirty_persons: set[str] = set()
         self.dirty_merges: set[str] = set()
+        # Removed by a purge and not yet handed over by take_removed(); dicts keep the removal order.
+        self.removed_identifiers: dict[str, None] = {}
+        self.removed_persons: dict[str, None] = {}
+        self.removed_merges: dict[str, None] = {}
 
     # --- loading (the service fills the cache from the store before applying) ----------------------
 
@@ -312,6 +346,7 @@ class IdentityGraph:
             winner = stable_id("p_", event_id, new[0].key)
             self.persons[winner] = PersonState(id=winner, created_at=at)
             self.dirty_persons.add(winner)
+            self.removed_persons.pop(winner, None)
             resolution = Resolution(person=winner, created=True)
 
         cause_ids = [i.key for i in identifiers]
@@ -325,6 +360,7 @@ class IdentityGraph:
             self.identifiers[ident.key] = IdentifierState(person=winner, first_seen=at, event_id=event_id)
             winner_state.ids[ident.key] = (at, winner)
             self.dirty_identifiers.add(ident.key)
+            self.removed_identifiers.pop(ident.key, None)
             resolution.attached.append(ident.key)
         if new:
             self.dirty_persons.add(winner)
@@ -413,6 +449,167 @@ class IdentityGraph:
 
     def quarantined(self) -> list[str]:
         return [k for k, s in self.identifiers.items() if s.quarantined_at is not None]
+
+    # --- privacy ----------------------------------------------------------------------------------
+
+    def purge_dependencies(self, person_ids: Iterable[str]) -> set[str]:
+        """Persons a purge of `person_ids` needs that are not loaded: each one, the way to its root, the
+        persons merged into it, and the persons separated from those (their separations name them). Load
+        them and ask again until it is empty or the store has none of them."""
+        needed: set[str] = set()
+
+        def top(person_id: str) -> PersonState | None:
+            person = None
+            current: str | None = person_id
+            while current is not None:
+                person = self.persons.get(current)
+                if person is None:
+                    needed.add(current)
+                    return None
+                current = person.merged_into
+            return person
+
+        for person_id in person_ids:
+            root = top(person_id)
+            if root is None:
+                continue
+            members = self._merged_into(root, person_id)
+            for member in members:
+                person = self.persons.get(member)
+                if person is None:
+                    needed.add(member)
+                    continue
+                for other in person.apart:
+                    top(other)
+            for other, member in root.apart.items():
+                if member in members:
+                    top(other)
+        return needed
+
+    def purge_scope(self, person_ids: Iterable[str]) -> tuple[set[str], set[str]]:
+        """What a purge of `person_ids` would remove, read-only: the persons (each requested one with
+        everyone merged into it; unknown ids are skipped) and the identifier keys they own."""
+        persons: set[str] = set()
+        for person_id in person_ids:
+            if person_id in self.persons and person_id not in persons:
+                persons |= self._merged_into(self._top(person_id), person_id)
+        persons = {p for p in persons if p in self.persons}  # a lineage may name a person no longer stored
+        return persons, self._owned_by(persons)
+
+    def purge(self, person_ids: Iterable[str]) -> Purged:
+        """Forget persons for good (a privacy deletion): each of `person_ids` with everyone merged into
+        it, every identifier they own, and every mention of them and of those identifiers in the records
+        that stay: merges they took part in (from lineage and the merge index), separations from them,
+        drops and merge causes naming their identifiers, and quarantine evidence naming them.
+
+        Only identifiers the purged persons *own* go: one the graph attributes to someone else belongs
+        to that someone. Unknown ids are skipped, so purging again changes nothing. The caller loads
+        what `purge_dependencies` asks for first; records it never loaded are not rewritten here."""
+        requested = list(dict.fromkeys(person_ids))
+        persons, keys = self.purge_scope(requested)
+        gone_merges: set[str] = set()
+        tops = {self._top(p).id for p in persons}  # the roots holding them: only these list their identifiers
+        for root_id in tops:
+            gone_merges.update(
+                m["id"] for m in self.persons[root_id].lineage if m["winner"] in persons or m["loser"] in persons
+            )
+        gone_merges.update(m for m, winner in self.merge_index.items() if winner in persons)
+        # Deletion order: persons merged into another purged person first, the tops last (a backend that
+        # cannot write a batch atomically and stops midway leaves the tops, and a retry finds the rest).
+        ordered = sorted(persons, key=lambda p: (self.persons[p].merged_into not in persons, p))
+        purged = Purged(persons=ordered, identifiers=keys, merges=gone_merges)
+        for person_id in ordered:
+            del self.persons[person_id]
+            self.dirty_persons.discard(person_id)
+            self.removed_persons[person_id] = None
+        for key in sorted(keys):
+            self.identifiers.pop(key, None)
+            self.dirty_identifiers.discard(key)
+            self.removed_identifiers[key] = None
+        for merge_id in sorted(gone_merges):
+            self.merge_index.pop(merge_id, None)
+            self.dirty_merges.discard(merge_id)
+            self.removed_merges[merge_id] = None
+        # Ids asked for but unknown here may still be named by records loaded from elsewhere.
+        named = persons | set(requested)
+        for person in self.persons.values():
+            if self._scrub_person(person, person.id in tops, named, keys, gone_merges):
+                self.dirty_persons.add(person.id)
+                purged.rewritten_persons.add(person.id)
+        for key, state in self.identifiers.items():
+            if not named.isdisjoint(state.conflicts):
+                state.conflicts = {p: t for p, t in state.conflicts.items() if p not in named}
+                self.dirty_identifiers.add(key)
+                purged.rewritten_identifiers.add(key)
+        return purged
+
+    def take_removed(self) -> tuple[list[str], list[str], list[str]]:
+        """The records purged since the last call, in removal order: (identifier keys, person ids, merge ids)."""
+        removed = list(self.removed_identifiers), list(self.removed_persons), list(self.removed_merges)
+        self.removed_identifiers, self.removed_persons, self.removed_merges = {}, {}, {}
+        return removed
+
+    def _top(self, person_id: str) -> PersonState:
+        """The root of a loaded person, or the last loaded person on the way there."""
+        person = self.persons[person_id]
+        while person.merged_into is not None and person.merged_into in self.persons:
+            person = self.persons[person.merged_into]
+        return person
+
+    def _merged_into(self, root: PersonState, person_id: str) -> set[str]:
+        """`person_id` and every person merged into it, directly or not (from its root's lineage)."""
+        children: dict[str, list[str]] = {}
+        for m in root.lineage:
+            children.setdefault(m["winner"], []).append(m["loser"])
+        members = {person_id}
+        stack = [person_id]
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child not in members:
+                    members.add(child)
+                    stack.append(child)
+        return members
+
+    def _owned_by(self, persons: set[str]) -> set[str]:
+        keys = set()
+        for root_id in {self._top(p).id for p in persons if p in self.persons}:
+            for key, (_at, owner) in self.persons[root_id].ids.items():
+                state = self.identifiers.get(key)
+                # An identifier whose own record names another owner was taken over since: not theirs.
+                if owner in persons and (state is None or state.person in persons):
+                    keys.add(key)
+        return keys
+
+    @staticmethod
+    def _scrub_person(person: PersonState, top: bool, persons: set[str], keys: set[str], merges: set[str]) -> bool:
+        """Drop every mention of `persons`, `keys` and `merges` from a surviving person (`top`: it was
+        the root of some of them). New lists and dicts rather than edits in place: documents already
+        taken for writing share them. Most persons name none of them, so each part is looked at first."""
+        changed = False
+        if top:
+            person.ids = {k: v for k, v in person.ids.items() if v[1] not in persons and k not in keys}
+            changed = True
+        if person.lineage:
+            lineage, lineage_changed = [], False
+            for m in person.lineage:
+                if m["id"] in merges or m["winner"] in persons or m["loser"] in persons:
+                    lineage_changed = True
+                    continue
+                cause = m.get("cause") or {}
+                named = cause.get("identifiers") or []
+                if not keys.isdisjoint(named):
+                    m = {**m, "cause": {**cause, "identifiers": [k for k in named if k not in keys]}}
+                    lineage_changed = True
+                lineage.append(m)
+            if lineage_changed:
+                person.lineage, changed = lineage, True
+        if person.apart and any(p in persons or member in persons for p, member in person.apart.items()):
+            person.apart = {p: m for p, m in person.apart.items() if p not in persons and m not in persons}
+            changed = True
+        if person.drops and any(d.get("identifier") in keys for d in person.drops):
+            person.drops = [d for d in person.drops if d.get("identifier") not in keys]
+            changed = True
+        return changed
 
     def take_dirty(self) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
         """The records changed since the last call, as documents: (identifiers, persons, merges)."""
@@ -514,6 +711,7 @@ class IdentityGraph:
         self.merge_index[merge.id] = winner_id
         self.dirty_persons.update((winner_id, loser_id))
         self.dirty_merges.add(merge.id)
+        self.removed_merges.pop(merge.id, None)
         return merge
 
     def _record_drops(self, person_id: str, drops: list[Drop], event_id: str, at: int) -> None:
@@ -541,6 +739,7 @@ class IdentityGraph:
         self.dirty_identifiers.add(key)
         # The identifier's own person counts too: "seen on N persons".
         persons = {self.canonical(p) for p in state.conflicts} | {self.canonical(own_root)}
+        persons.discard(None)  # evidence naming a person that no longer exists (purged) counts for nothing
         if len(persons) >= kind.quarantine_after and state.quarantined_at is None:
             state.quarantined_at = at
             return True
