@@ -1,11 +1,22 @@
-"""grpc.aio server interceptors: tracing, metrics + access log, error mapping, caller authentication.
+"""The grpc.aio server interceptor: caller authentication, tracing, metrics + access log, error mapping.
 
-Order on the server (outermost first): tracing → observe (metrics, logs) → errors → auth → handler.
-Tracing is outermost so everything below runs inside the call's span; errors sits outside auth so an
-authentication failure is mapped like any other domain error.
+One interceptor does all four, in one wrapper per method, because every service pays it on every call:
+four stacked interceptors cost four `intercept_service` awaits and four wrapper coroutines per call, and
+each re-read the metadata and the status. What a call goes through, outermost first:
 
-Each interceptor wraps a method's handler once and caches it by method name: grpc.aio asks the
-interceptors for a handler on every call, and re-wrapping per call would cost more than the wrapping.
+    span    one SERVER span, continuing the caller's W3C trace context from metadata; current while the
+            handler runs, so its logs and outgoing messages carry the trace
+    timer   `rpc.server.duration` (ms) per method and status, and an access log line for failures
+    errors  CdpError -> its gRPC status with google.rpc details; anything else -> INTERNAL naming only the
+            trace id. Sits outside auth, so an authentication failure is mapped like any domain error
+    auth    bearer token and the method's scope (PUBLIC methods skip it); `current_caller()` for the handler
+
+Health and reflection are left alone: probes carry no token, and their spans and metrics would be noise.
+
+A method's wrapped handler is built once and cached: grpc.aio asks the interceptor for a handler on every
+call, and re-wrapping per call would cost more than the wrapping. What a call still costs is mostly the
+OpenTelemetry SDK's (starting and ending the span, recording the histogram); libs/cdp-kit/benchmarks/
+interceptors.py measures it against a bare server.
 """
 
 from __future__ import annotations
@@ -13,20 +24,23 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from time import perf_counter
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from opentelemetry import trace
+from opentelemetry import context as context_api
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cdp_kit.auth import ANONYMOUS, Caller, TokenAuthenticator
 from cdp_kit.errors import CdpError, InvalidArgument, Unavailable
-from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
 log = logging.getLogger("cdp.grpc")
 
@@ -41,204 +55,30 @@ OPEN_SERVICES = (
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("cdp_caller", default=ANONYMOUS)
 
+# A call without trace context starts a new trace (extracting from an empty carrier gives the same).
+_NO_PARENT = Context()
+_OK = grpc.StatusCode.OK
+_UNKNOWN = grpc.StatusCode.UNKNOWN
+_SERVER = SpanKind.SERVER
+
+
+class _StrGetter(Getter[dict[str, str]]):
+    """Reads a carrier whose values are all str; the default getter checks each for being a list."""
+
+    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: dict[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _StrGetter()
+
 
 def current_caller() -> Caller:
     """The authenticated caller of the gRPC call being handled (ANONYMOUS when auth is off)."""
     return _caller.get()
-
-
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
-
-
-UnaryAround = Callable[[str, Callable[..., Awaitable[Any]], Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _as_async_iter(behaviour):
-    """Adapt a streaming handler (async generator, sync generator, or coroutine writing through
-    `context.write`) to one that always returns an async iterator."""
-
-    async def call(request, context):
-        result = behaviour(request, context)
-        if hasattr(result, "__aiter__"):
-            async for response in result:
-                yield response
-        elif inspect.isawaitable(result):
-            await result
-        elif result is not None:
-            for response in result:
-                yield response
-
-    return call
-
-
-class _WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Base: subclasses implement `around(method, call, request, context)` for unary responses and
-    `around_stream` for streaming responses; the base wraps and caches handlers."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        try:
-            return self._wrapped[method]
-        except KeyError:
-            pass
-        handler = await continuation(handler_call_details)
-        wrapped = self._wrap(method, handler) if handler is not None and self.applies_to(method) else handler
-        self._wrapped[method] = wrapped
-        return wrapped
-
-    def applies_to(self, method: str) -> bool:
-        # Probes hit health every few seconds; spans, metrics and logs of those are noise.
-        return method.lstrip("/").partition("/")[0] not in OPEN_SERVICES
-
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
-                return await self.around(method, inner, request, context)
-
-            return handler._replace(unary_unary=unary_unary)
-        if handler.stream_unary is not None:
-            inner = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                return await self.around(method, inner, request_iterator, context)
-
-            return handler._replace(stream_unary=stream_unary)
-        # grpc.aio tells async from sync handlers by the function's kind, so streaming wrappers must
-        # themselves be async generator functions.
-        if handler.unary_stream is not None:
-            inner = handler.unary_stream
-
-            async def unary_stream(request, context):
-                async for response in self.around_stream(method, _as_async_iter(inner), request, context):
-                    yield response
-
-            return handler._replace(unary_stream=unary_stream)
-        inner = handler.stream_stream
-
-        async def stream_stream(request_iterator, context):
-            async for response in self.around_stream(method, _as_async_iter(inner), request_iterator, context):
-                yield response
-
-        return handler._replace(stream_stream=stream_stream)
-
-    async def around(self, method, call, request, context):
-        return await call(request, context)
-
-    async def around_stream(self, method, call, request, context) -> AsyncIterator[Any]:
-        async for response in call(request, context):
-            yield response
-
-
-class TracingInterceptor(_WrappingInterceptor):
-    """One SERVER span per call, continuing the caller's W3C trace context from metadata."""
-
-    def __init__(self, tracer: trace.Tracer) -> None:
-        super().__init__()
-        self.tracer = tracer
-
-    def _span(self, method: str, context):
-        service, _, name = method.lstrip("/").partition("/")
-        return self.tracer.start_as_current_span(
-            method.lstrip("/"),
-            context=extract_context(_metadata(context)),
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-            record_exception=False,
-            set_status_on_exception=False,
-        )
-
-    @staticmethod
-    def _finish(span, context, exc: BaseException | None) -> None:
-        code = context.code()
-        if exc is not None and code is None:
-            code = grpc.StatusCode.UNKNOWN
-        if code is not None and code != grpc.StatusCode.OK:
-            value = code.value[0] if isinstance(code, grpc.StatusCode) else code
-            span.set_attribute("rpc.grpc.status_code", value)
-            span.set_status(Status(StatusCode.ERROR, str(context.details() or code)))
-        else:
-            span.set_attribute("rpc.grpc.status_code", 0)
-
-    async def around(self, method, call, request, context):
-        with self._span(method, context) as span:
-            try:
-                response = await call(request, context)
-            except BaseException as exc:
-                self._finish(span, context, exc)
-                raise
-            self._finish(span, context, None)
-            return response
-
-    async def around_stream(self, method, call, request, context):
-        with self._span(method, context) as span:
-            try:
-                async for response in call(request, context):
-                    yield response
-            except BaseException as exc:
-                self._finish(span, context, exc)
-                raise
-            self._finish(span, context, None)
-
-
-def _status_name(context, exc: BaseException | None) -> str:
-    code = context.code()
-    if code is None:
-        return "UNKNOWN" if exc is not None else "OK"
-    return code.name if isinstance(code, grpc.StatusCode) else str(code)
-
-
-class ObserveInterceptor(_WrappingInterceptor):
-    """Latency histogram and call counter per method and status; access log lines with trace ids."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        super().__init__()
-        self.duration = telemetry.meter.create_histogram(
-            "rpc.server.duration",
-            unit="ms",
-            description="gRPC server call latency",
-            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
-        )
-
-    def _record(self, method: str, started: float, context, exc: BaseException | None) -> None:
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        status = _status_name(context, exc)
-        self.duration.record(elapsed_ms, {"rpc.method": method, "rpc.grpc.status": status})
-        if status == "OK":
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("grpc call", extra={"method": method, "status": status, "ms": round(elapsed_ms, 2)})
-        elif status in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
-            log.error("grpc call failed", extra={"method": method, "status": status, "ms": round(elapsed_ms, 2)})
-        else:
-            log.info(
-                "grpc call rejected",
-                extra={"method": method, "status": status, "detail": context.details(), "ms": round(elapsed_ms, 2)},
-            )
-
-    async def around(self, method, call, request, context):
-        started = time.perf_counter()
-        try:
-            response = await call(request, context)
-        except BaseException as exc:
-            self._record(method, started, context, exc)
-            raise
-        self._record(method, started, context, None)
-        return response
-
-    async def around_stream(self, method, call, request, context):
-        started = time.perf_counter()
-        try:
-            async for response in call(request, context):
-                yield response
-        except BaseException as exc:
-            self._record(method, started, context, exc)
-            raise
-        self._record(method, started, context, None)
 
 
 def status_for(error: CdpError) -> status_pb2.Status:
@@ -260,70 +100,210 @@ def status_for(error: CdpError) -> status_pb2.Status:
     return status
 
 
-class ErrorInterceptor(_WrappingInterceptor):
-    """Domain errors → gRPC status with details; anything unexpected → INTERNAL without internals."""
+class _Method:
+    """What is fixed per method, worked out once: span name and attributes, metric attributes, scope."""
 
-    async def _abort(self, method: str, context, exc: BaseException):
+    __slots__ = ("_by_status", "name", "ok_attributes", "scope", "span_attributes", "span_name")
+
+    def __init__(self, name: str, scope: str | None) -> None:
+        self.name = name  # "/pkg.Service/Method", as metrics and logs name it
+        self.span_name = name.lstrip("/")
+        service, _, rpc = self.span_name.partition("/")
+        # Nothing changes these dicts (the SDK copies span attributes), so one per method and status serves
+        # every call.
+        self.span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+        self.scope = scope  # None: no authentication for this method
+        self._by_status: dict[str, dict[str, str]] = {}
+        self.ok_attributes = self.metric_attributes("OK")
+
+    def metric_attributes(self, status: str) -> dict[str, str]:
+        attributes = self._by_status.get(status)
+        if attributes is None:
+            attributes = self._by_status[status] = {"rpc.method": self.name, "rpc.grpc.status": status}
+        return attributes
+
+
+class CdpInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, a span, metrics, access logs and error mapping for every call but health and
+    reflection. Without an `authenticator` every caller is ANONYMOUS; with one, `method_scopes` maps full
+    method names (`/pkg.Service/Method`) to the scope required, or PUBLIC; a method missing from it needs
+    `*` (fail closed)."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        authenticator: TokenAuthenticator | None = None,
+        method_scopes: Mapping[str, str] | None = None,
+    ) -> None:
+        self._tracer = telemetry.tracer
+        self._duration = telemetry.meter.create_histogram(
+            "rpc.server.duration",
+            unit="ms",
+            description="gRPC server call latency",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._authenticator = authenticator
+        self._method_scopes = dict(method_scopes or {})
+        # Metadata keys the configured propagator reads (traceparent, tracestate, baggage by default):
+        # without any of them there is nothing to extract, and no carrier dict is built.
+        self._trace_fields = frozenset(propagate.get_global_textmap().fields)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:
+                return None  # unknown method; not cached, so made-up names cannot grow the cache
+            if method.lstrip("/").partition("/")[0] not in OPEN_SERVICES:
+                handler = self._wrap(_Method(method, self._scope_for(method)), handler)
+            self._handlers[method] = handler
+        return handler
+
+    def _scope_for(self, method: str) -> str | None:
+        if self._authenticator is None:
+            return None
+        scope = self._method_scopes.get(method, "*")  # fail closed: undeclared methods need `*`
+        return None if scope == PUBLIC else scope
+
+    def _wrap(self, method: _Method, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._around(method, handler.unary_unary))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._around(method, handler.stream_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._around_stream(method, handler.unary_stream))
+        return handler._replace(stream_stream=self._around_stream(method, handler.stream_stream))
+
+    def _around(self, method: _Method, behaviour):
+        """The handler of a method with a single response (unary-unary, stream-unary)."""
+        start, authenticate, fail, finish = self._start, self._authenticate, self._fail, self._finish
+
+        async def around(request, context):
+            span, attached, authorization = start(method, context)
+            started = perf_counter()
+            failed = True
+            caller = None
+            try:
+                if method.scope is not None:
+                    caller = authenticate(method, authorization)
+                response = await behaviour(request, context)
+                failed = False
+                return response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(method, context, exc)
+            finally:
+                if caller is not None:
+                    _caller.reset(caller)
+                finish(method, span, attached, started, context, failed)
+
+        return around
+
+    def _around_stream(self, method: _Method, behaviour):
+        """The handler of a method with streamed responses (unary-stream, stream-stream). grpc.aio tells
+        async from sync handlers by the function's kind, so this is an async generator function whatever
+        `behaviour` is: an async generator, a sync generator, or a coroutine writing via `context.write`."""
+        start, authenticate, fail, finish = self._start, self._authenticate, self._fail, self._finish
+
+        async def around_stream(request, context):
+            span, attached, authorization = start(method, context)
+            started = perf_counter()
+            failed = True
+            caller = None
+            try:
+                if method.scope is not None:
+                    caller = authenticate(method, authorization)
+                result = behaviour(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for response in result:
+                        yield response
+                elif inspect.isawaitable(result):
+                    await result
+                elif result is not None:
+                    for response in result:
+                        yield response
+                failed = False
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(method, context, exc)
+            finally:
+                if caller is not None:
+                    _caller.reset(caller)
+                finish(method, span, attached, started, context, failed)
+
+        return around_stream
+
+    def _start(self, method: _Method, context) -> tuple[Any, object, str | None]:
+        """Read the metadata once (bearer token, trace context), start the span and make it current."""
+        metadata = context.invocation_metadata() or ()
+        authorization = None
+        traced = False
+        trace_fields = self._trace_fields
+        for key, value in metadata:
+            if key == "authorization":
+                if authorization is None:
+                    authorization = value
+            elif key in trace_fields:
+                traced = True
+        parent = (
+            propagate.extract({key: value for key, value in metadata if isinstance(value, str)}, getter=_GETTER)
+            if traced
+            else _NO_PARENT
+        )
+        span = self._tracer.start_span(method.span_name, parent, _SERVER, method.span_attributes)
+        return span, context_api.attach(trace.set_span_in_context(span)), authorization
+
+    def _authenticate(self, method: _Method, authorization: str | None) -> contextvars.Token:
+        authenticator = self._authenticator
+        assert authenticator is not None and method.scope is not None  # `_scope_for` guarantees both
+        caller = authenticator.authenticate(authorization)
+        authenticator.authorize(caller, method.scope, method.name)
+        return _caller.set(caller)
+
+    @staticmethod
+    async def _fail(method: _Method, context, exc: Exception):
+        """End the call with the status `exc` stands for; always raises grpc.aio.AbortError."""
         if isinstance(exc, CdpError):
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
-        log.exception("unhandled error in %s", method, exc_info=exc)
+        log.exception("unhandled error in %s", method.name, exc_info=exc)
         span_context = trace.get_current_span().get_span_context()
         trace_hint = f" (trace {span_context.trace_id:032x})" if span_context.is_valid else ""
         status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error{trace_hint}")
         await context.abort_with_status(rpc_status.to_status(status))
 
-    async def around(self, method, call, request, context):
+    def _finish(self, method: _Method, span, attached, started: float, context, failed: bool) -> None:
+        """Record the call's latency, log a failure, set the span's status and end it. Runs while the
+        span is still current, so the log line and the histogram exemplar carry the trace."""
         try:
-            return await call(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._abort(method, context, exc)
-
-    async def around_stream(self, method, call, request, context):
-        try:
-            async for response in call(request, context):
-                yield response
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await self._abort(method, context, exc)
-
-
-class AuthInterceptor(_WrappingInterceptor):
-    """Bearer-token authentication and per-method scopes. `method_scopes` maps full method names
-    (`/pkg.Service/Method`) to the scope required, or PUBLIC."""
-
-    def __init__(self, authenticator: TokenAuthenticator, method_scopes: Mapping[str, str]) -> None:
-        super().__init__()
-        self.authenticator = authenticator
-        self.method_scopes = dict(method_scopes)
-
-    def applies_to(self, method: str) -> bool:
-        return super().applies_to(method) and self.method_scopes.get(method) != PUBLIC
-
-    def _check(self, method: str, context) -> contextvars.Token:
-        authorization = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                authorization = value
-                break
-        caller = self.authenticator.authenticate(authorization)
-        # Fail closed: a method nobody declared a scope for is reachable only with `*`.
-        self.authenticator.authorize(caller, self.method_scopes.get(method, "*"), method)
-        return _caller.set(caller)
-
-    async def around(self, method, call, request, context):
-        token = self._check(method, context)
-        try:
-            return await call(request, context)
+            elapsed_ms = (perf_counter() - started) * 1000
+            code = context.code()
+            if code is None:
+                code = _UNKNOWN if failed else _OK  # an exception that set no status, e.g. cancellation
+            if code is _OK:
+                self._duration.record(elapsed_ms, method.ok_attributes)
+                span.set_attribute("rpc.grpc.status_code", 0)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("grpc call", extra={"method": method.name, "status": "OK", "ms": round(elapsed_ms, 2)})
+                return
+            status = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            self._duration.record(elapsed_ms, method.metric_attributes(status))
+            details = context.details()
+            if status in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
+                log.error(
+                    "grpc call failed", extra={"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
+                )
+            else:
+                log.info(
+                    "grpc call rejected",
+                    extra={"method": method.name, "status": status, "detail": details, "ms": round(elapsed_ms, 2)},
+                )
+            span.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else code)
+            span.set_status(Status(StatusCode.ERROR, str(details or code)))
         finally:
-            _caller.reset(token)
-
-    async def around_stream(self, method, call, request, context):
-        token = self._check(method, context)
-        try:
-            async for response in call(request, context):
-                yield response
-        finally:
-            _caller.reset(token)
+            context_api.detach(attached)
+            span.end()

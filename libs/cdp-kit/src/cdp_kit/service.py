@@ -9,8 +9,8 @@
                                  scopes={"Get": "x:read"})
 
 The grpc.aio server carries the standard health service (SERVING once setup finished; NOT_SERVING the
-moment shutdown starts, so Kubernetes stops routing before the drain), reflection, and the interceptor
-chain. SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
+moment shutdown starts, so Kubernetes stops routing before the drain), reflection, and the cdp
+interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
 seconds, then closes every resource in reverse order of acquisition.
 """
 
@@ -32,13 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cdp_kit.auth import TokenAuthenticator
-from cdp_kit.interceptors import (
-    PUBLIC,
-    AuthInterceptor,
-    ErrorInterceptor,
-    ObserveInterceptor,
-    TracingInterceptor,
-)
+from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
 from cdp_kit.telemetry import Telemetry, setup_telemetry
@@ -52,7 +46,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class GrpcServer:
-    """A grpc.aio server with health, reflection and the cdp interceptor chain."""
+    """A grpc.aio server with health, reflection and the cdp interceptor (auth, tracing, metrics, errors)."""
 
     def __init__(self, settings: ServiceSettings, telemetry: Telemetry) -> None:
         self.settings = settings
@@ -88,15 +82,11 @@ class GrpcServer:
         self._registrations.append((add_to_server, servicer))
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        chain: list[grpc.aio.ServerInterceptor] = [
-            TracingInterceptor(self.telemetry.tracer),
-            ObserveInterceptor(self.telemetry),
-            ErrorInterceptor(),
-        ]
+        authenticator = None
         if self.settings.auth_mode == "tokens":
             assert self.settings.auth_tokens_file is not None  # settings.validate guarantees it
-            chain.append(AuthInterceptor(TokenAuthenticator(self.settings.auth_tokens_file), self._method_scopes))
-        return chain
+            authenticator = TokenAuthenticator(self.settings.auth_tokens_file)
+        return [CdpInterceptor(self.telemetry, authenticator=authenticator, method_scopes=self._method_scopes)]
 
     async def start(self) -> int:
         server = grpc.aio.server(

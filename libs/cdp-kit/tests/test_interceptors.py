@@ -1,0 +1,366 @@
+"""The cdp interceptor on a real grpc.aio server: auth before the handler, one span per call continuing the
+caller's trace, latency metrics and access logs per status, domain errors as rich statuses, all four kinds
+of RPC, health left alone."""
+
+import contextlib
+import logging
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from cdp_kit.auth import TokenAuthenticator, new_token, write_tokens_file
+from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.interceptors import PUBLIC, CdpInterceptor, current_caller
+from cdp_kit.telemetry import Telemetry
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT_SPAN_ID = "b7ad6b7169203331"
+SCOPES = {
+    "/test.Svc/Echo": "svc:read",
+    "/test.Svc/Fail": "svc:read",
+    "/test.Svc/Open": PUBLIC,
+    "/test.Svc/List": "svc:read",
+    "/test.Svc/Sum": "svc:write",
+    "/test.Svc/Chat": "svc:write",
+    # /test.Svc/Hidden is declared by nobody: only `*` reaches it
+}
+
+
+class Recorder:
+    """Handlers that note what they saw: the caller, the current trace."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _seen(self, name):
+        span_context = trace.get_current_span().get_span_context()
+        self.calls.append((name, current_caller().name, span_context.trace_id, span_context.span_id))
+
+    async def echo(self, request, context):
+        self._seen("Echo")
+        return request
+
+    async def fail(self, request, context):
+        self._seen("Fail")
+        if request == b"bad-field":
+            raise InvalidArgument("traits.email", "must contain '@'")
+        if request == b"abort":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "handler said no")
+        if request == b"set-code":
+            context.set_code(grpc.StatusCode.ALREADY_EXISTS)
+            context.set_details("exists already")
+            return b""
+        raise KeyError("secret internals")
+
+    async def open(self, request, context):
+        self._seen("Open")
+        return request
+
+    async def hidden(self, request, context):
+        self._seen("Hidden")
+        return request
+
+    async def list(self, request, context):
+        self._seen("List")
+        for i in range(3):
+            if request == b"fail-midway" and i == 1:
+                raise NotFound("person p_1 is gone")
+            yield b"item%d" % i
+
+    async def sum(self, request_iterator, context):
+        self._seen("Sum")
+        return b"%d" % sum([len(r) async for r in request_iterator])
+
+    async def chat(self, request_iterator, context):
+        self._seen("Chat")
+        async for request in request_iterator:
+            yield request.upper()
+
+    async def written(self, request, context):
+        self._seen("Written")
+        for part in (b"a", b"b"):
+            await context.write(part)
+
+    def generated(self, request, context):
+        self._seen("Generated")
+        yield from (b"x", b"y")
+
+
+def generic_handler(recorder):
+    return grpc.method_handlers_generic_handler(
+        "test.Svc",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(recorder.echo),
+            "Fail": grpc.unary_unary_rpc_method_handler(recorder.fail),
+            "Open": grpc.unary_unary_rpc_method_handler(recorder.open),
+            "Hidden": grpc.unary_unary_rpc_method_handler(recorder.hidden),
+            "List": grpc.unary_stream_rpc_method_handler(recorder.list),
+            "Sum": grpc.stream_unary_rpc_method_handler(recorder.sum),
+            "Chat": grpc.stream_stream_rpc_method_handler(recorder.chat),
+            "Written": grpc.unary_stream_rpc_method_handler(recorder.written),
+            "Generated": grpc.unary_stream_rpc_method_handler(recorder.generated),
+        },
+    )
+
+
+class Observed:
+    """A Telemetry whose spans and metrics the test can read."""
+
+    def __init__(self):
+        self.spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.metrics = InMemoryMetricReader()
+        meter_provider = MeterProvider(metric_readers=[self.metrics])
+        self.telemetry = Telemetry(
+            service_name="kit-test",
+            tracer=tracer_provider.get_tracer("cdp.kit-test"),
+            meter=meter_provider.get_meter("cdp.kit-test"),
+        )
+
+    def server_spans(self):
+        return [s for s in self.spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+
+    def durations(self):
+        """{(method, status): count} of rpc.server.duration."""
+        counts = {}
+        data = self.metrics.get_metrics_data()
+        for resource_metrics in data.resource_metrics if data else ():
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == "rpc.server.duration":
+                        assert metric.unit == "ms"
+                        for point in metric.data.data_points:
+                            key = (point.attributes["rpc.method"], point.attributes["rpc.grpc.status"])
+                            counts[key] = point.count
+        return counts
+
+
+@pytest.fixture
+def observed():
+    return Observed()
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    reader, writer, admin = new_token(), new_token(), new_token()
+    path = tmp_path / "tokens.json"
+    write_tokens_file(path, [("reader", reader, ["svc:read"]), ("writer", writer, ["svc:*"]), ("admin", admin, ["*"])])
+    return path, {"reader": reader, "writer": writer, "admin": admin}
+
+
+@contextlib.asynccontextmanager
+async def serving(interceptor, recorder):
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers((generic_handler(recorder),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(None)
+
+
+def bearer(token):
+    return [("authorization", f"Bearer {token}")]
+
+
+async def test_a_call_continues_the_callers_trace_in_one_server_span(observed):
+    recorder = Recorder()
+    async with serving(CdpInterceptor(observed.telemetry), recorder) as channel:
+        traceparent = [("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01")]
+        assert await channel.unary_unary("/test.Svc/Echo")(b"hi", metadata=traceparent) == b"hi"
+        await channel.unary_unary("/test.Svc/Echo")(b"untraced")
+
+    traced, untraced = observed.server_spans()
+    assert traced.name == "test.Svc/Echo"
+    assert format(traced.context.trace_id, "032x") == TRACE_ID
+    assert format(traced.parent.span_id, "016x") == PARENT_SPAN_ID and traced.parent.is_remote
+    assert dict(traced.attributes) == {
+        "rpc.system": "grpc",
+        "rpc.service": "test.Svc",
+        "rpc.method": "Echo",
+        "rpc.grpc.status_code": 0,
+    }
+    assert traced.status.status_code == StatusCode.UNSET
+    assert untraced.parent is None and format(untraced.context.trace_id, "032x") != TRACE_ID
+    # The span is current while the handler runs, so its logs and outgoing messages carry the trace.
+    assert [(trace_id, span_id) for _, _, trace_id, span_id in recorder.calls] == [
+        (traced.context.trace_id, traced.context.span_id),
+        (untraced.context.trace_id, untraced.context.span_id),
+    ]
+    assert current_caller().name == "anonymous"
+    assert observed.durations() == {("/test.Svc/Echo", "OK"): 2}
+
+
+async def test_a_domain_error_becomes_its_status_with_details(observed, caplog):
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await channel.unary_unary("/test.Svc/Fail")(b"bad-field")
+
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad.value.details() == "traits.email: must contain '@'"
+    details = rpc_status.from_call(bad.value).details
+    info, request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert details[0].Unpack(info) and (info.reason, info.domain) == ("invalid_argument", "cdp")
+    assert details[1].Unpack(request)
+    assert [(v.field, v.description) for v in request.field_violations] == [("traits.email", "must contain '@'")]
+
+    (span,) = observed.server_spans()
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.status.description == "traits.email: must contain '@'"
+    assert observed.durations() == {("/test.Svc/Fail", "INVALID_ARGUMENT"): 1}
+    (line,) = [r for r in caplog.records if r.name == "cdp.grpc"]
+    assert (line.levelname, line.getMessage(), line.status) == ("INFO", "grpc call rejected", "INVALID_ARGUMENT")
+    assert line.method == "/test.Svc/Fail" and line.detail == "traits.email: must contain '@'"
+
+
+async def test_an_unexpected_error_is_internal_and_names_only_the_trace(observed, caplog):
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bug:
+            await channel.unary_unary("/test.Svc/Fail")(b"bug")
+
+    (span,) = observed.server_spans()
+    assert bug.value.code() == grpc.StatusCode.INTERNAL
+    assert bug.value.details() == f"internal error (trace {span.context.trace_id:032x})"
+    assert span.status.status_code == StatusCode.ERROR and span.attributes["rpc.grpc.status_code"] == 13
+    assert observed.durations() == {("/test.Svc/Fail", "INTERNAL"): 1}
+    unhandled, failed = [r for r in caplog.records if r.name == "cdp.grpc"]
+    assert unhandled.levelname == "ERROR" and "unhandled error in /test.Svc/Fail" in unhandled.getMessage()
+    assert "secret internals" in str(unhandled.exc_info[1])
+    assert (failed.levelname, failed.getMessage(), failed.status) == ("ERROR", "grpc call failed", "INTERNAL")
+
+
+async def test_a_status_the_handler_set_itself_passes_through(observed):
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as aborted:
+            await channel.unary_unary("/test.Svc/Fail")(b"abort")
+        with pytest.raises(grpc.aio.AioRpcError) as set_code:
+            await channel.unary_unary("/test.Svc/Fail")(b"set-code")
+
+    assert (aborted.value.code(), aborted.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "handler said no")
+    assert (set_code.value.code(), set_code.value.details()) == (grpc.StatusCode.ALREADY_EXISTS, "exists already")
+    assert [s.status.description for s in observed.server_spans()] == ["handler said no", "exists already"]
+    assert observed.durations() == {
+        ("/test.Svc/Fail", "FAILED_PRECONDITION"): 1,
+        ("/test.Svc/Fail", "ALREADY_EXISTS"): 1,
+    }
+
+
+async def test_auth_runs_before_the_handler(observed, tokens):
+    path, t = tokens
+    recorder = Recorder()
+    interceptor = CdpInterceptor(observed.telemetry, authenticator=TokenAuthenticator(path), method_scopes=SCOPES)
+    async with serving(interceptor, recorder) as channel:
+        echo = channel.unary_unary("/test.Svc/Echo")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await echo(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await echo(b"", metadata=bearer("cdp_not-a-real-token"))
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_scope:
+            await channel.stream_unary("/test.Svc/Sum")(iter([b"a"]), metadata=bearer(t["reader"]))
+        assert recorder.calls == []  # rejected calls never reach a handler
+        await echo(b"", metadata=bearer(t["reader"]))
+
+        # PUBLIC methods authenticate their callers themselves; undeclared methods need `*` (fail closed).
+        await channel.unary_unary("/test.Svc/Open")(b"")
+        with pytest.raises(grpc.aio.AioRpcError) as undeclared:
+            await channel.unary_unary("/test.Svc/Hidden")(b"", metadata=bearer(t["writer"]))
+        await channel.unary_unary("/test.Svc/Hidden")(b"", metadata=bearer(t["admin"]))
+
+    assert missing.value.code() == unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert wrong_scope.value.code() == undeclared.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "svc:write" in wrong_scope.value.details() and "'*'" in undeclared.value.details()
+    reason = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(missing.value).details[0].Unpack(reason)
+    assert reason.reason == "unauthenticated"
+    assert [(name, caller) for name, caller, *_ in recorder.calls] == [
+        ("Echo", "reader"),
+        ("Open", "anonymous"),
+        ("Hidden", "admin"),
+    ]
+    # Rejections are traced and counted like any other failure.
+    assert [s.attributes["rpc.grpc.status_code"] for s in observed.server_spans()][:3] == [16, 16, 7]
+    assert observed.durations()[("/test.Svc/Echo", "UNAUTHENTICATED")] == 2
+
+
+async def test_health_needs_no_token_and_leaves_no_spans_or_metrics(observed, tokens):
+    path, _ = tokens
+    interceptor = CdpInterceptor(observed.telemetry, authenticator=TokenAuthenticator(path), method_scopes=SCOPES)
+    async with serving(interceptor, Recorder()) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await channel.unary_unary("/test.Svc/Nope")(b"")
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert observed.server_spans() == [] and observed.durations() == {}
+
+
+async def test_streaming_calls_are_traced_counted_and_mapped(observed, tokens):
+    path, t = tokens
+    recorder = Recorder()
+    interceptor = CdpInterceptor(observed.telemetry, authenticator=TokenAuthenticator(path), method_scopes=SCOPES)
+    admin = bearer(t["admin"])
+    async with serving(interceptor, recorder) as channel:
+        listed = [r async for r in channel.unary_stream("/test.Svc/List")(b"", metadata=bearer(t["reader"]))]
+        assert listed == [b"item0", b"item1", b"item2"]
+        assert await channel.stream_unary("/test.Svc/Sum")(iter([b"ab", b"cde"]), metadata=admin) == b"5"
+        chatted = [r async for r in channel.stream_stream("/test.Svc/Chat")(iter([b"hi", b"yo"]), metadata=admin)]
+        assert chatted == [b"HI", b"YO"]
+        assert [r async for r in channel.unary_stream("/test.Svc/Written")(b"", metadata=admin)] == [b"a", b"b"]
+        assert [r async for r in channel.unary_stream("/test.Svc/Generated")(b"", metadata=admin)] == [b"x", b"y"]
+
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as midway:
+            async for response in channel.unary_stream("/test.Svc/List")(b"fail-midway", metadata=admin):
+                received.append(response)
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+            async for _ in channel.stream_stream("/test.Svc/Chat")(iter([b"hi"])):
+                pass
+
+    assert received == [b"item0"]
+    assert (midway.value.code(), midway.value.details()) == (grpc.StatusCode.NOT_FOUND, "person p_1 is gone")
+    assert unauthenticated.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert [(name, caller) for name, caller, *_ in recorder.calls] == [
+        ("List", "reader"),
+        ("Sum", "admin"),
+        ("Chat", "admin"),
+        ("Written", "admin"),
+        ("Generated", "admin"),
+        ("List", "admin"),
+    ]
+    spans = observed.server_spans()
+    assert [(s.name, s.attributes["rpc.grpc.status_code"]) for s in spans] == [
+        ("test.Svc/List", 0),
+        ("test.Svc/Sum", 0),
+        ("test.Svc/Chat", 0),
+        ("test.Svc/Written", 0),
+        ("test.Svc/Generated", 0),
+        ("test.Svc/List", 5),
+        ("test.Svc/Chat", 16),
+    ]
+    assert observed.durations() == {
+        ("/test.Svc/List", "OK"): 1,
+        ("/test.Svc/Sum", "OK"): 1,
+        ("/test.Svc/Chat", "OK"): 1,
+        ("/test.Svc/Written", "OK"): 1,
+        ("/test.Svc/Generated", "OK"): 1,
+        ("/test.Svc/List", "NOT_FOUND"): 1,
+        ("/test.Svc/Chat", "UNAUTHENTICATED"): 1,
+    }
