@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import grpc
+import nats
 from benchlib import percentile, write_result
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
@@ -47,6 +48,7 @@ READS = 20_000
 IN_FLIGHT = 64
 FRESH_RATE = 5_000
 FRESH_SECONDS = 20
+POLL = 0.003  # GetProfile polling interval of the freshness probe (its resolution; polling is load too)
 NOW = 1_795_000_000  # 2026-11-18: events are spread over the 60 days before
 
 NAMES = ("Product Viewed", "Product Added", "Order Completed", "Checkout Started")
@@ -305,7 +307,7 @@ def background_event(rng: random.Random, n: int) -> events_pb2.Event:
     return event
 
 
-async def load(collector, rate: int, seconds: float, stop: asyncio.Event) -> int:
+async def load(collector, rate: int, seconds: float, stop: asyncio.Event) -> tuple[int, float]:
     """`rate` events/s into the collector over gRPC, in batches every 20 ms."""
     rng = random.Random(9)
     per_tick = max(1, rate // 50)
@@ -320,16 +322,35 @@ async def load(collector, rate: int, seconds: float, stop: asyncio.Event) -> int
         delay = started + (tick + 1) / 50 - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-    return sent
+    return sent, sent / (time.perf_counter() - started)
 
 
-async def probe_freshness(collector, profile, seconds: float) -> list[float]:
-    """Every 100 ms, an identify with a new trait value; time until GetProfile shows it."""
-    latencies = []
+async def probe_person(collector, profile) -> str:
+    """Create the probe user (one identify) and find its person id through LookupProfile."""
+    event = events_pb2.Event(message_id="probe0", type=events_pb2.EVENT_TYPE_IDENTIFY, user_id="probe-user")
+    event.traits.update({"probe": 0})
+    await collector.Collect(collector_pb2.CollectRequest(write_key="wk_bench_profile_0001", events=[event]))
+    for _ in range(2000):
+        try:
+            found = await profile.LookupProfile(
+                profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value="probe-user")
+            )
+            return found.person_id
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.005)
+    raise TimeoutError("the probe user never reached the profile service")
+
+
+async def probe_freshness(
+    collector, profile, person: str, seconds: float, resolved_at: dict[str, float]
+) -> tuple[list[float], list[float]]:
+    """Every 100 ms, an identify with a new trait value; time until GetProfile shows it, and until its
+    resolved event was on events.resolved (`resolved_at`, filled by a subscription: the identity stage)."""
+    latencies, identity_stage = [], []
     deadline = time.perf_counter() + seconds
-    n = 0
-    while time.perf_counter() < deadline:
-        n += 1
+    for n in range(1, 1_000_000):
+        if time.perf_counter() >= deadline:
+            break
         event = events_pb2.Event(message_id=f"probe{n}", type=events_pb2.EVENT_TYPE_IDENTIFY, user_id="probe-user")
         event.traits.update({"probe": n})
         sent = time.perf_counter()
@@ -338,42 +359,21 @@ async def probe_freshness(collector, profile, seconds: float) -> list[float]:
         )
         accepted = time.perf_counter()
         assert response.accepted == 1, response
-        person = await _probe_person(profile, n)
-        if person is None:
-            continue
         for _ in range(5000):
-            try:
-                got = await profile.GetProfile(profile_pb2.GetProfileRequest(person_id=person))
-                if got.traits["probe"].value.number_value >= n:
-                    latencies.append((time.perf_counter() - accepted) * 1000)
-                    break
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.001)
+            got = await profile.GetProfile(profile_pb2.GetProfileRequest(person_id=person))
+            if got.traits["probe"].value.number_value >= n:
+                latencies.append((time.perf_counter() - accepted) * 1000)
+                if f"probe{n}" in resolved_at:
+                    identity_stage.append((resolved_at[f"probe{n}"] - accepted) * 1000)
+                break
+            await asyncio.sleep(POLL)
         await asyncio.sleep(max(0.0, 0.1 - (time.perf_counter() - sent)))
-    return latencies
-
-
-_probe_person_id: list[str] = []
-
-
-async def _probe_person(profile, n: int) -> str | None:
-    """The probe user's person id, found once through LookupProfile (the first probe waits for it)."""
-    if _probe_person_id:
-        return _probe_person_id[0]
-    for _ in range(2000):
-        try:
-            found = await profile.LookupProfile(
-                profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value="probe-user")
-            )
-            _probe_person_id.append(found.person_id)
-            return None  # this probe's timing included the first lookup: skip it
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.005)
-    raise TimeoutError("the probe user never reached the profile service")
+    return latencies, identity_stage
 
 
 async def bench_freshness(nats_url: str, workdir: Path) -> dict:
+    for name in ("c", "i", "p"):
+        (workdir / name).mkdir(parents=True, exist_ok=True)
     collector = CollectorProcess(nats_url, workdir / "c", write_key="wk_bench_profile_0001", source_id="bench")
     identity = IdentityProcess(nats_url, workdir / "i", store_url=f"sqlite:///{workdir / 'fi.db'}")
     with collector, identity:
@@ -393,14 +393,30 @@ async def bench_freshness(nats_url: str, workdir: Path) -> dict:
                 stop = asyncio.Event()
                 loader = asyncio.create_task(load(collector_stub, FRESH_RATE, FRESH_SECONDS + 5, stop))
                 await asyncio.sleep(2)  # the load reaches a steady state first
-                latencies = await probe_freshness(collector_stub, profile_stub, FRESH_SECONDS)
+                person = await probe_person(collector_stub, profile_stub)
+                resolved_at: dict[str, float] = {}
+
+                async def on_resolved(msg) -> None:
+                    for resolved in events_pb2.ResolvedEventBatch.FromString(msg.data).events:
+                        if resolved.event.message_id.startswith("probe"):
+                            resolved_at[resolved.event.message_id] = time.perf_counter()
+
+                nc = await nats.connect(nats_url)
+                await nc.subscribe(f"events.resolved.{partition_for(person, PARTITIONS)}", cb=on_resolved)
+                latencies, identity_stage = await probe_freshness(
+                    collector_stub, profile_stub, person, FRESH_SECONDS, resolved_at
+                )
                 stop.set()
-                sent = await loader
+                sent, rate = await loader
+                await nc.close()
     return {
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "probes": len(latencies),
         "load_events": sent,
+        "load_rate": round(rate),
+        "identity_stage_p50_ms": percentile(identity_stage, 50),
+        "identity_stage_p99_ms": percentile(identity_stage, 99),
     }
 
 
