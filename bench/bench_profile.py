@@ -466,8 +466,9 @@ async def main() -> None:
             warmup = WARMUP // PER_MESSAGE
             baseline = await bench_baseline(server.url, warmup, messages)
             ours, reads, _persons = await bench_apply_and_read(server.url, Path(tmp), warmup, messages)
+            sample = reads.pop("sample")
             print(f"apply: baseline {baseline:,.0f} events/s, profile {ours:,.0f} events/s; reads {reads}")
-            echo = await bench_echo(reads.pop("sample"))
+            echo = await bench_echo(sample)
         finally:
             server.stop()
         server = NatsServer(Path(tmp) / "nats2")
