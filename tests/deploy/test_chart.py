@@ -611,3 +611,6 @@ def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
         (grpc_port,) = [p["port"] for p in identity["spec"]["ports"] if p["name"] == "grpc"]
         assert env["CDP_IDENTITY_ADDRESS"]["value"] == f"cdp-identity:{grpc_port}"
     assert rendered["default"].get("StatefulSet", "cdp-profile")["spec"].get("volumeClaimTemplates")
+    (container,) = rendered["prod"].get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]["containers"]
+    token = env_of(container)["CDP_IDENTITY_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "cdp-service-tokens", "a secret, never a value"

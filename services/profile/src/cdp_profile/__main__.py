@@ -27,7 +27,16 @@ from cdp_profile.settings import ProfileSettings
 
 
 def identity_client(runtime: ServiceRuntime, settings: ProfileSettings) -> identity_pb2_grpc.IdentityServiceStub:
-    channel = grpc.aio.insecure_channel(settings.identity_address)
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        # With TLS on, services share one CA (ca.crt) and present their own certificate as clients too.
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
+            private_key=settings.tls_key_file.read_bytes(),
+            certificate_chain=settings.tls_cert_file.read_bytes(),
+        )
+        channel = grpc.aio.secure_channel(settings.identity_address, credentials)
+    else:
+        channel = grpc.aio.insecure_channel(settings.identity_address)
     runtime.stack.push_async_callback(channel.close)
     return identity_pb2_grpc.IdentityServiceStub(channel)
 
