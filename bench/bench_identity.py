@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import grpc
-from benchlib import percentile, write_result
+from benchlib import acknowledged, percentile, wait_count, write_result
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -95,28 +95,6 @@ async def fill_stream(bus: Bus, events: list[events_pb2.Event]) -> None:
         assert all(r.ok for r in results)
 
 
-async def acknowledged(js, durable_prefix: str, total: int) -> int:
-    """Raw events the partition consumers have handled and acknowledged (both sides counted alike)."""
-    remaining = 0
-    for p in range(PARTITIONS):
-        try:
-            info = await js.consumer_info("EVENTS_RAW", f"{durable_prefix}{p}")
-        except Exception:
-            return 0
-        remaining += info.num_pending + info.num_ack_pending
-    return total - remaining
-
-
-async def wait_count(count_fn, target: int, timeout: float = 600) -> float:
-    deadline = time.perf_counter() + timeout
-    while True:
-        if await count_fn() >= target:
-            return time.perf_counter()
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"stuck below {target}")
-        await asyncio.sleep(0.02)
-
-
 async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     """The foundation's consumer, 8 partition durables, handler does nothing: events/s over the measured part."""
 
@@ -126,7 +104,7 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     async with Bus.connect(nats_url, name="bench-baseline") as bus:
 
         async def count() -> int:
-            return await acknowledged(bus.js, "noop-p", total)
+            return await acknowledged(bus.js, "EVENTS_RAW", "noop-p", PARTITIONS, total)
 
         tasks = []
         for p in range(PARTITIONS):
@@ -159,7 +137,7 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
     async with serving(settings, identity_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
 
         async def resolved() -> int:
-            return await acknowledged(reader.js, "identity-p", total)
+            return await acknowledged(reader.js, "EVENTS_RAW", "identity-p", PARTITIONS, total)
 
         t0 = await wait_count(resolved, warmup)
         t1 = await wait_count(resolved, total)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 import nats
-from benchlib import percentile, write_result
+from benchlib import acknowledged, percentile, wait_count, write_result
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
@@ -129,28 +129,6 @@ async def fill_resolved(bus: Bus) -> int:
     return messages
 
 
-async def acknowledged(js, durable_prefix: str, total: int) -> int:
-    remaining = 0
-    for p in range(PARTITIONS):
-        try:
-            info = await js.consumer_info("EVENTS_RESOLVED", f"{durable_prefix}{p}")
-        except Exception:
-            return 0
-        remaining += info.num_pending + info.num_ack_pending
-    return total - remaining
-
-
-async def wait_count(count_fn, target: int, timeout: float = 900) -> float:
-    deadline = time.perf_counter() + timeout
-    for _ in range(int(timeout / 0.02)):
-        if await count_fn() >= target:
-            return time.perf_counter()
-        if time.perf_counter() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    raise TimeoutError(f"stuck below {target}")
-
-
 async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     async def nothing(batch) -> None:
         return None
@@ -158,7 +136,7 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     async with Bus.connect(nats_url, name="bench-baseline") as bus:
 
         async def count() -> int:
-            return await acknowledged(bus.js, "noop-p", total)
+            return await acknowledged(bus.js, "EVENTS_RESOLVED", "noop-p", PARTITIONS, total)
 
         tasks = [
             asyncio.create_task(
@@ -209,7 +187,7 @@ async def bench_apply_and_read(nats_url: str, workdir: Path, warmup: int, total:
     async with serving(settings, profile_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
 
         async def applied() -> int:
-            return await acknowledged(reader.js, "profile-p", total)
+            return await acknowledged(reader.js, "EVENTS_RESOLVED", "profile-p", PARTITIONS, total)
 
         t0 = await wait_count(applied, warmup)
         t1 = await wait_count(applied, total)

@@ -7,10 +7,12 @@ compare across machines (ours / baseline, both measured in the same run).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -68,3 +70,28 @@ def segment_event(rng: random.Random, users: int = 10_000) -> dict:
         },
         "timestamp": "2026-11-25T10:00:00.000Z",
     }
+
+
+async def acknowledged(js, stream: str, durable_prefix: str, partitions: int, total: int) -> int:
+    """Messages of `stream` the partition consumers `<durable_prefix><p>` have handled and acknowledged
+    (ours and the baseline's are counted the same way)."""
+    remaining = 0
+    for p in range(partitions):
+        try:
+            info = await js.consumer_info(stream, f"{durable_prefix}{p}")
+        except Exception:
+            return 0
+        remaining += info.num_pending + info.num_ack_pending
+    return total - remaining
+
+
+async def wait_count(count_fn, target: int, timeout: float = 900) -> float:
+    """perf_counter() at the first poll where `await count_fn()` reached `target`."""
+    deadline = time.perf_counter() + timeout
+    for _ in range(int(timeout / 0.02) + 1):
+        if await count_fn() >= target:
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    raise TimeoutError(f"stuck below {target}")

@@ -118,7 +118,7 @@ def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
         event_type=d.get("event_type") or "",
         event_names=d.get("event_names") or [],
         property=d.get("property") or "",
-        window=_window_text(d.get("window")),
+        window=str(d.get("window") or ""),  # already the shortest text ("30d")
     )
     if d.get("where"):
         definition.where.CopyFrom(dict_to_struct(d["where"]))
@@ -129,18 +129,6 @@ def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
         profiles_total=backfill.total,
         defined_at=seconds_to_timestamp(backfill.defined_at),
     )
-
-
-def _window_text(window) -> str:
-    if window in (None, ""):
-        return ""
-    if isinstance(window, str):
-        return window
-    seconds = int(window)
-    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _page_token(cursor) -> str:

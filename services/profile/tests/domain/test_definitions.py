@@ -67,7 +67,7 @@ def test_windows_are_seconds_or_text_and_read_back_in_the_shortest_exact_form(gi
         ({"name": "t", "op": "count", "where": {"plan": []}}, "where.plan", "non-empty list"),
         ({"name": "t", "op": "count", "window": "30 days"}, "window", "'30d'"),
         ({"name": "t", "op": "count", "window": 0}, "window", "longer than zero"),
-        ({"name": "t", "op": "count", "window": True}, "window", "not a window"),
+        ({"name": "t", "op": "count", "window": True}, "window", "not a duration"),
         ({"name": "t", "op": "count", "windw": "30d"}, "windw", "unknown setting"),
         ({"op": "count"}, "name", "required"),
         ("count", "computed_trait", "object"),

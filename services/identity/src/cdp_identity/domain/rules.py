@@ -26,11 +26,10 @@ from typing import Any
 
 import phonenumbers
 
+from cdp_kit.durations import parse_duration
 from cdp_kit.errors import InvalidArgument
 
 NORMALIZERS = ("email", "phone", "lower", "exact")
-DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 TYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 # Values clients send when they have no identifier; linking on them would glue strangers together.
@@ -83,23 +82,6 @@ def _default_types() -> list[dict[str, Any]]:
         {"name": "device_id", "limit": 20, "quarantine_after": 3, "paths": ["context.device.id"]},
         {"name": "anonymous_id", "quarantine_after": 5, "paths": ["anonymous_id"]},
     ]
-
-
-def parse_duration(value: Any, field_name: str) -> float:
-    """Seconds from 3600, "45s", "30m", "12h", "7d" or "2w"."""
-    if isinstance(value, bool):
-        raise InvalidArgument(field_name, f"{value!r} is not a duration: use seconds or a string like '7d'")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := DURATION_RE.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise InvalidArgument(
-            field_name, f"{value!r} is not a duration: use seconds or a string like '30m', '12h', '7d'"
-        )
-    if seconds <= 0:
-        raise InvalidArgument(field_name, f"{value!r} must be longer than zero")
-    return seconds
 
 
 @dataclass(frozen=True)

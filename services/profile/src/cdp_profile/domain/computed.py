@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cdp_kit.durations import format_duration, parse_duration
 from cdp_kit.errors import InvalidArgument
 from cdp_profile.domain.events import EVENT_TYPES
 
@@ -33,8 +34,6 @@ OPS = ("count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "u
 NUMERIC_OPS = frozenset({"sum", "avg", "min", "max"})
 TRAIT_EVENT_TYPES = (*sorted(EVENT_TYPES), "any")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _KNOWN_KEYS = ("name", "op", "event_type", "event_names", "property", "where", "window")
 _MATCH_CACHE_LIMIT = 4096
 
@@ -43,32 +42,11 @@ MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING", "__slots
 
 def parse_window(value: Any, field_name: str = "window") -> float | None:
     """Seconds from None (lifetime), 3600, "90s", "15m", "12h", "30d" or "2w"."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InvalidArgument(field_name, f"{value!r} is not a window: use seconds or a string like '30d', or null")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := DURATION_RE.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise InvalidArgument(
-            field_name, f"{value!r} is not a window: use seconds or a string like '90s', '15m', '12h', '30d'"
-        )
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise InvalidArgument(field_name, f"{value!r} must be longer than zero (null means lifetime)")
-    return seconds
+    return None if value is None else parse_duration(value, field_name)
 
 
 def format_window(seconds: float | None) -> str | float | None:
-    """The shortest exact text for a window ("30d"), so definitions read back the way people write them."""
-    if seconds is None:
-        return None
-    for unit in ("w", "d", "h", "m"):
-        size = _UNITS[unit]
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s" if seconds == int(seconds) else seconds
+    return None if seconds is None else format_duration(seconds)
 
 
 def _parse_path(value: Any, field_name: str) -> tuple[str, ...]:
