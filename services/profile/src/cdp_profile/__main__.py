@@ -23,22 +23,20 @@ from cdp_kit.storage import open_store
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
+from cdp_profile.routing import Router, peer_addresses
 from cdp_profile.settings import ProfileSettings
 
 
-def identity_client(runtime: ServiceRuntime, settings: ProfileSettings) -> identity_pb2_grpc.IdentityServiceStub:
+def client_channel(settings: ProfileSettings, address: str) -> grpc.aio.Channel:
+    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        # With TLS on, services share one CA (ca.crt) and present their own certificate as clients too.
         credentials = grpc.ssl_channel_credentials(
             root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
             private_key=settings.tls_key_file.read_bytes(),
             certificate_chain=settings.tls_cert_file.read_bytes(),
         )
-        channel = grpc.aio.secure_channel(settings.identity_address, credentials)
-    else:
-        channel = grpc.aio.insecure_channel(settings.identity_address)
-    runtime.stack.push_async_callback(channel.close)
-    return identity_pb2_grpc.IdentityServiceStub(channel)
+        return grpc.aio.secure_channel(address, credentials)
+    return grpc.aio.insecure_channel(address)
 
 
 async def setup(runtime: ServiceRuntime) -> None:
@@ -99,10 +97,27 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     runtime.spawn(identity_runner.run(), "consume identity.merged/unmerged")
     runners.append(identity_runner)
-    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners)
+    identity_channel = client_channel(settings, settings.identity_address)
+    runtime.stack.push_async_callback(identity_channel.close)
+    router = Router(
+        partitions=settings.partitions,
+        ordinal=settings.pod_ordinal,
+        replicas=settings.replicas,
+        addresses=peer_addresses(
+            peers=settings.peers, pod_name=settings.pod_name, replicas=settings.replicas, grpc_port=settings.grpc_port
+        ),
+        channel=lambda address: client_channel(settings, address),
+    )
+    runtime.stack.push_async_callback(router.close)
+    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners, router=router)
     runtime.grpc.add_service(
         profile_pb2_grpc.add_ProfileServiceServicer_to_server,
-        ProfileApi(engine, identity_client(runtime, settings), identity_token=settings.identity_token),
+        ProfileApi(
+            engine,
+            identity_pb2_grpc.IdentityServiceStub(identity_channel),
+            identity_token=settings.identity_token,
+            router=router,
+        ),
         profile_pb2.DESCRIPTOR.services_by_name["ProfileService"],
         scopes=SCOPES,
     )

@@ -22,6 +22,7 @@ from cdp_profile.events import (
     timestamp_seconds,
     value_to_python,
 )
+from cdp_profile.routing import Router
 
 SCOPES = {
     "GetProfile": "profile:read",
@@ -151,14 +152,30 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         identity: identity_pb2_grpc.IdentityServiceStub | None = None,
         *,
         identity_token: str = "",
+        router: Router | None = None,
     ) -> None:
         self.engine = engine
         self.identity = identity
+        self.router = router
         self._identity_metadata = (("authorization", f"Bearer {identity_token}"),) if identity_token else ()
+
+    def _owner(self, person_id: str) -> int | None:
+        return None if self.router is None else self.router.owner(person_id)
+
+    async def _forward(self, ordinal: int, method: str, request, context):
+        """Ask the replica that owns the person; its answer (or error) is ours."""
+        assert self.router is not None
+        stub = self.router.stub(ordinal, context)
+        try:
+            return await getattr(stub, method)(request, metadata=self.router.metadata(context), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ()))
 
     async def GetProfile(self, request: profile_pb2.GetProfileRequest, context) -> profile_pb2.Profile:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
+        if (owner := self._owner(request.person_id)) is not None:
+            return await self._forward(owner, "GetProfile", request, context)
         profile = await self.engine.profile(request.person_id)
         as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
@@ -170,15 +187,28 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             raise InvalidArgument("person_ids", f"{len(request.person_ids)} ids; at most {MAX_BATCH} per call")
         response = profile_pb2.BatchGetProfilesResponse()
         now = self.engine.clock()
+        remote: dict[int, list[str]] = {}
         for index, person in enumerate(request.person_ids):
             if not person:
                 raise InvalidArgument(f"person_ids[{index}]", "is empty")
+            if (owner := self._owner(person)) is not None:
+                remote.setdefault(owner, []).append(person)
+                continue
             try:
                 profile = await self.engine.profile(person)
             except NotFound:
                 response.missing.append(person)
                 continue
             response.profiles.append(profile_message(profile, now=now, as_of=None, history=request.include_history))
+        for owner, persons in remote.items():
+            part = await self._forward(
+                owner,
+                "BatchGetProfiles",
+                profile_pb2.BatchGetProfilesRequest(person_ids=persons, include_history=request.include_history),
+                context,
+            )
+            response.profiles.extend(part.profiles)
+            response.missing.extend(part.missing)
         return response
 
     async def LookupProfile(self, request: profile_pb2.LookupProfileRequest, context) -> profile_pb2.Profile:
@@ -202,6 +232,13 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument("identifier_value", exc.details() or "rejected by identity") from None
             raise Unavailable(f"identity lookup failed: {exc.code().name} {exc.details()}", retry_after=1.0) from None
+        if (owner := self._owner(found.person_id)) is not None:
+            forwarded = profile_pb2.GetProfileRequest(
+                person_id=found.person_id, include_history=request.include_history
+            )
+            if request.HasField("as_of"):
+                forwarded.as_of.CopyFrom(request.as_of)
+            return await self._forward(owner, "GetProfile", forwarded, context)
         profile = await self.engine.profile(found.person_id)
         as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
@@ -209,6 +246,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     async def ListEvents(self, request: profile_pb2.ListEventsRequest, context) -> profile_pb2.ListEventsResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
+        if (owner := self._owner(request.person_id)) is not None:
+            return await self._forward(owner, "ListEvents", request, context)
         size = request.page_size or 50
         if not 1 <= size <= MAX_PAGE:
             raise InvalidArgument("page_size", f"{size} is out of range: 1..{MAX_PAGE}")
@@ -231,6 +270,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     async def UpdateTraits(self, request: profile_pb2.UpdateTraitsRequest, context) -> profile_pb2.UpdateTraitsResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
+        if (owner := self._owner(request.person_id)) is not None:
+            return await self._forward(owner, "UpdateTraits", request, context)
         traits = struct_to_dict(request.traits) if request.HasField("traits") else {}
         for key in request.consent:
             if not key.startswith(CONSENT_PREFIXES) or key.partition(":")[2] == "":
@@ -277,6 +318,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     async def Export(self, request: profile_pb2.ExportRequest, context) -> profile_pb2.ExportResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
+        if (owner := self._owner(request.person_id)) is not None:
+            return await self._forward(owner, "Export", request, context)
         profile = await self.engine.profile(request.person_id)
         document = profile.export()
         return profile_pb2.ExportResponse(person_id=profile.person_id, document=dict_to_struct(document))
@@ -284,6 +327,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     async def Delete(self, request: profile_pb2.DeleteRequest, context) -> profile_pb2.DeleteResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required")
+        if (owner := self._owner(request.person_id)) is not None:
+            return await self._forward(owner, "Delete", request, context)
         if request.mode == profile_pb2.DELETE_MODE_UNSPECIFIED:
             raise InvalidArgument("mode", "choose DELETE_MODE_DELETE or DELETE_MODE_SUPPRESS_WITH_DELETE")
         result = await self.engine.delete(

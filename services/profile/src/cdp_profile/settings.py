@@ -31,6 +31,14 @@ class ProfileSettings(ServiceSettings):
     )
     pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
     replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
+    pod_name: str = env("CDP_POD_NAME", "", help="this pod's name (a StatefulSet pod: <set>-<ordinal>), for peers")
+    peers: str = env(
+        "CDP_PROFILE_PEERS",
+        "",
+        help="gRPC addresses of all replicas in ordinal order, comma-separated; empty: derived from "
+        "CDP_POD_NAME (<set>-<i>.<set>-headless:<CDP_GRPC_PORT>). Requests about another replica's "
+        "persons are forwarded there",
+    )
     changes_retention_days: float = env(
         "CDP_PROFILE_CHANGES_RETENTION_DAYS", 7.0, help="days profiles.changed keeps changes"
     )
@@ -44,6 +52,11 @@ class ProfileSettings(ServiceSettings):
         if self.timeline_max_age_days < 0:
             problems.append(
                 f"CDP_PROFILE_TIMELINE_MAX_AGE_DAYS={self.timeline_max_age_days} is invalid: must be 0 or more"
+            )
+        if self.replicas > 1 and not self.peers and "-" not in self.pod_name:
+            problems.append(
+                f"CDP_REPLICAS={self.replicas} needs CDP_PROFILE_PEERS or CDP_POD_NAME (a StatefulSet pod name) "
+                "to forward requests to the replica owning a person"
             )
         if self.replicas < 1:
             problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
