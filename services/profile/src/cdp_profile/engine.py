@@ -378,9 +378,13 @@ class ProfileEngine:
     async def _merge(self, winner: str, loser: str, merge_id: str, at: float, changes) -> None:
         owner = self.root(winner)
         if self._partition(owner) not in self.owned:
-            # The survivor's owner absorbs the loser (read from the store); we only forget it.
+            # The survivor lives on another replica, which cannot read this replica's store: the loser's
+            # profile stays here, whole, rather than being dropped (profiles on two replicas are not
+            # combined yet; see the README).
             if loser in self.profiles:
-                del self.profiles[loser]
+                log.warning(
+                    "merge across replicas not combined", extra={"winner": winner, "loser": loser, "merge": merge_id}
+                )
             return
         await self._load([winner, loser])
         owner = self.root(winner)
