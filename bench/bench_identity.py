@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import grpc
-from benchlib import acknowledged, percentile, wait_count, write_result
+from benchlib import acknowledged, bare_server_calls, percentile, wait_count, write_result
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
@@ -171,35 +171,10 @@ async def bench_resolve(address: str) -> dict:
 
 async def bench_echo() -> dict:
     """A bare grpc.aio unary echo of a Resolve-sized payload, same call pattern: the latency floor."""
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_echo)})
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    latencies: list[float] = []
     payload = identity_pb2.ResolveRequest(
         identifiers=[identity_pb2.Identifier(type="user_id", value="user-1")]
     ).SerializeToString()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary("/bench.Echo/Call")
-            queue = list(range(RESOLVE_CALLS))
-
-            async def worker() -> None:
-                while queue:
-                    queue.pop()
-                    started = time.perf_counter()
-                    await call(payload)
-                    latencies.append((time.perf_counter() - started) * 1000)
-
-            await asyncio.gather(*(worker() for _ in range(RESOLVE_CONCURRENCY)))
-    finally:
-        await server.stop(None)
-    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
-
-
-async def _echo(request: bytes, context) -> bytes:
-    return request
+    return await bare_server_calls(None, lambda: payload, calls=RESOLVE_CALLS, in_flight=RESOLVE_CONCURRENCY)
 
 
 async def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 import nats
-from benchlib import acknowledged, percentile, wait_count, write_result
+from benchlib import acknowledged, bare_server_calls, percentile, wait_count, write_result
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
@@ -236,39 +236,14 @@ async def bench_echo(answer: bytes) -> dict:
     """A bare grpc.aio unary server answering every call with a stored profile's bytes. The client is the
     same as against the service (it serializes a GetProfileRequest and parses a Profile), so the gap is
     the service's own work: finding the profile, building the answer, and its interceptors."""
-
-    async def echo(request: bytes, context) -> bytes:
-        return answer
-
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)})
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    latencies: list[float] = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(
-                "/bench.Echo/Call",
-                request_serializer=profile_pb2.GetProfileRequest.SerializeToString,
-                response_deserializer=profile_pb2.Profile.FromString,
-            )
-            rng = random.Random(3)
-            queue = list(range(READS))
-
-            async def worker() -> None:
-                while queue:
-                    queue.pop()
-                    started = time.perf_counter()
-                    await call(profile_pb2.GetProfileRequest(person_id=f"p_{rng.randrange(PERSONS):06d}"))
-                    latencies.append((time.perf_counter() - started) * 1000)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-            elapsed = time.perf_counter() - started
-    finally:
-        await server.stop(None)
-    return {"rps": READS / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+    rng = random.Random(3)
+    return await bare_server_calls(
+        answer,
+        lambda: profile_pb2.GetProfileRequest(person_id=f"p_{rng.randrange(PERSONS):06d}"),
+        calls=READS,
+        in_flight=IN_FLIGHT,
+        response_deserializer=profile_pb2.Profile.FromString,
+    )
 
 
 # --- freshness ------------------------------------------------------------------------------------------

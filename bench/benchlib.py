@@ -16,6 +16,8 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -95,3 +97,42 @@ async def wait_count(count_fn, target: int, timeout: float = 900) -> float:
             break
         await asyncio.sleep(0.02)
     raise TimeoutError(f"stuck below {target}")
+
+
+async def bare_server_calls(
+    answer: bytes | None, requests, *, calls: int, in_flight: int, response_deserializer=None
+) -> dict:
+    """The baseline of an RPC benchmark: a bare grpc.aio unary server (no interceptors, no work) answering
+    `answer` (None: the request itself), driven like the service: `calls` calls, `in_flight` at once,
+    requests from `requests()` (bytes or a message), answers parsed with `response_deserializer`."""
+    async def handle(request: bytes, context) -> bytes:
+        return request if answer is None else answer
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(handle)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    latencies: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                "/bench.Echo/Call",
+                request_serializer=lambda r: r if isinstance(r, bytes) else r.SerializeToString(),
+                response_deserializer=response_deserializer,
+            )
+            remaining = [calls]
+
+            async def worker() -> None:
+                while remaining[0] > 0:
+                    remaining[0] -= 1
+                    started = time.perf_counter()
+                    await call(requests())
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(in_flight)))
+            elapsed = time.perf_counter() - started
+    finally:
+        await server.stop(None)
+    return {"rps": calls / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}

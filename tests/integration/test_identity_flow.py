@@ -7,62 +7,32 @@ back from JetStream, and the graph is checked through IdentityService over gRPC.
 from __future__ import annotations
 
 import asyncio
-import json
 
-import aiohttp
 import grpc
 import nats
 import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
-from cdp_collector.__main__ import setup as collector_setup
-from cdp_collector.settings import CollectorSettings
-from cdp_identity.__main__ import setup as identity_setup
-from cdp_identity.settings import IdentitySettings
-from cdp_kit.service import serving
-
-WRITE_KEY = "wk_identity_flow_0001"
-PARTITIONS = 4
 
 
 @pytest.fixture
-async def platform(nats_server, tmp_path):
-    sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
-    common = dict(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=PARTITIONS,
-        shutdown_grace=1.0,
-    )
-    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
-    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
-    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{i.grpc.port}")
-        try:
-            yield Platform(
-                http=f"http://127.0.0.1:{c.ports['http']}",
-                nats_url=nats_server.url,
-                identity=identity_pb2_grpc.IdentityServiceStub(channel),
-            )
-        finally:
-            await channel.close()
+async def platform(edge):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{edge.identity.grpc.port}")
+    try:
+        yield Platform(edge, identity=identity_pb2_grpc.IdentityServiceStub(channel))
+    finally:
+        await channel.close()
 
 
 class Platform:
-    def __init__(self, http: str, nats_url: str, identity) -> None:
-        self.http = http
-        self.nats_url = nats_url
+    def __init__(self, edge, identity) -> None:
+        self.edge = edge
+        self.nats_url = edge.nats_url
         self.identity = identity
 
     async def send(self, *events: dict) -> None:
-        async with aiohttp.ClientSession() as session:
-            body = {"batch": list(events), "writeKey": WRITE_KEY}
-            async with session.post(f"{self.http}/v1/batch", json=body) as response:
-                assert response.status == 200, await response.text()
+        await self.edge.send(*events)
 
     async def messages(self, stream: str, expected: int, timeout: float = 15.0) -> list:
         """Every message of `stream` once there are at least `expected`, in stream order."""

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import json
 
-import aiohttp
 import grpc
 import nats
 import pytest
@@ -19,67 +18,42 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_collector.__main__ import setup as collector_setup
-from cdp_collector.settings import CollectorSettings
-from cdp_identity.__main__ import setup as identity_setup
-from cdp_identity.settings import IdentitySettings
 from cdp_kit.service import serving
 from cdp_profile.__main__ import setup as profile_setup
 from cdp_profile.settings import ProfileSettings
 
-WRITE_KEY = "wk_profile_flow_00001"
-PARTITIONS = 4
-
 
 @pytest.fixture
-async def platform(nats_server, tmp_path):
-    sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
-    common = dict(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=PARTITIONS,
-        shutdown_grace=1.0,
+async def platform(edge, tmp_path):
+    profile = ProfileSettings(
+        **edge.common,
+        store_url=f"sqlite:///{tmp_path / 'profile.db'}",
+        identity_address=f"127.0.0.1:{edge.identity.grpc.port}",
     )
-    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
-    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
-    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
-        profile = ProfileSettings(
-            **common,
-            store_url=f"sqlite:///{tmp_path / 'profile.db'}",
-            identity_address=f"127.0.0.1:{i.grpc.port}",
-        )
-        async with serving(profile, profile_setup) as p:
-            channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc.port}") for r in (i, p)]
-            try:
-                yield Platform(
-                    http=f"http://127.0.0.1:{c.ports['http']}",
-                    nats_url=nats_server.url,
-                    identity=identity_pb2_grpc.IdentityServiceStub(channels[0]),
-                    profile=profile_pb2_grpc.ProfileServiceStub(channels[1]),
-                    runtime=p,
-                )
-            finally:
-                for channel in channels:
-                    await channel.close()
+    async with serving(profile, profile_setup) as p:
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc.port}") for r in (edge.identity, p)]
+        try:
+            yield Platform(
+                edge,
+                identity=identity_pb2_grpc.IdentityServiceStub(channels[0]),
+                profile=profile_pb2_grpc.ProfileServiceStub(channels[1]),
+                runtime=p,
+            )
+        finally:
+            for channel in channels:
+                await channel.close()
 
 
 class Platform:
-    def __init__(self, http: str, nats_url: str, identity, profile, runtime) -> None:
-        self.http = http
-        self.nats_url = nats_url
+    def __init__(self, edge, identity, profile, runtime) -> None:
+        self.edge = edge
+        self.nats_url = edge.nats_url
         self.identity = identity
         self.profile = profile
         self.runtime = runtime
 
     async def send(self, *events: dict) -> dict:
-        async with aiohttp.ClientSession() as session:
-            body = {"batch": list(events), "writeKey": WRITE_KEY}
-            async with session.post(f"{self.http}/v1/batch", json=body) as response:
-                assert response.status == 200, await response.text()
-                return await response.json()
+        return await self.edge.send(*events)
 
     async def person_of(self, kind: str, value: str, timeout: float = 15.0) -> str:
         for _ in range(int(timeout / 0.05)):

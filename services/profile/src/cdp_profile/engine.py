@@ -180,6 +180,7 @@ class ProfileEngine:
             ]
             if leftovers:
                 self.unpublished[record.key] = leftovers
+        await self.store.ensure_index(DELETIONS, "pending")
         async for record in self.store.scan_all(DEFINITIONS):
             backfill = Backfill(
                 trait=ComputedTrait.from_dict(record.doc["definition"]),
@@ -369,9 +370,10 @@ class ProfileEngine:
             await self._commit({})
             return
         now = self.clock()
-        messages = []
+        by_cause: dict[str, dict[str, ProfileChange]] = {}
         for person, change in changes.items():
-            messages.extend(self._messages({person: change}, cause=causes.get(person, "merge"), now=now))
+            by_cause.setdefault(causes.get(person, "merge"), {})[person] = change
+        messages = [m for cause, group in by_cause.items() for m in self._messages(group, cause=cause, now=now)]
         await self._commit(changes)
         await self._publish(None, messages)
 
@@ -774,7 +776,9 @@ class ProfileEngine:
             at=seconds_to_timestamp(now),
             merged_person_ids=origins[1:],
         )
-        ops.append(Put(DELETIONS, request_id, {"result": result, "notice": notice.SerializeToString().hex()}))
+        ops.append(
+            Put(DELETIONS, request_id, {"result": result, "notice": notice.SerializeToString().hex(), "pending": True})
+        )
         # Checkpoints keep the change messages of their batch until published; those already published
         # may still hold the person's values, so they go too.
         for subject, seq in self.applied.items():
@@ -790,10 +794,9 @@ class ProfileEngine:
 
     async def _publish_deletions(self) -> None:
         """Publish privacy.deleted notices written but not yet published, then drop the hashes."""
-        async for record in self.store.scan_all(DELETIONS):
-            notice = record.doc.get("notice")
-            if not notice:
-                continue
+        # Only the unpublished ones: the collection keeps every request's result for idempotency.
+        for record in await self.store.find(DELETIONS, "pending", True, limit=1000):
+            notice = record.doc["notice"]
             results = await self.publisher.publish_batch(
                 [OutMessage(subject=DELETED_SUBJECT, payload=bytes.fromhex(notice), msg_id=f"privacy:{record.key}")]
             )
