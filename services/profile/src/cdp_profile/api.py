@@ -20,7 +20,6 @@ from cdp_profile.events import (
     seconds_to_timestamp,
     struct_to_dict,
     timestamp_seconds,
-    value_to_python,
 )
 from cdp_profile.routing import Router
 
@@ -344,4 +343,4 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         )
 
 
-__all__ = ["SCOPES", "ProfileApi", "profile_message", "value_to_python"]
+__all__ = ["SCOPES", "ProfileApi", "profile_message"]

@@ -38,7 +38,7 @@ def test_an_empty_change_is_falsy_and_folding_keeps_the_latest_values():
     assert [e.event_id for e in folded.timeline_added] == ["e2"] and folded.timeline_removed == []
     assert folded.event_ids == ["e1", "e2"]
     accumulator = ProfileChange("p")
-    assert ProfileChange("p", split_from="q").merge_into(accumulator) is accumulator
+    assert accumulator.combine(ProfileChange("p", split_from="q")) is accumulator
     assert accumulator.split_from == "q" and accumulator
     with pytest.raises(ValueError):
         first.combine(ProfileChange("q"))

@@ -77,10 +77,6 @@ class ProfileChange:
         self.removed = later.removed or self.removed
         return self
 
-    def merge_into(self, accumulator: ProfileChange) -> ProfileChange:
-        """`accumulator.combine(self)`: fold this (later) change into an accumulator; returns the accumulator."""
-        return accumulator.combine(self)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "person_id": self.person_id,
