@@ -105,6 +105,7 @@ async def bare_server_calls(
     """The baseline of an RPC benchmark: a bare grpc.aio unary server (no interceptors, no work) answering
     `answer` (None: the request itself), driven like the service: `calls` calls, `in_flight` at once,
     requests from `requests()` (bytes or a message), answers parsed with `response_deserializer`."""
+
     async def handle(request: bytes, context) -> bytes:
         return request if answer is None else answer
 
