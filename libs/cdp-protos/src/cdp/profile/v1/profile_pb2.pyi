@@ -251,7 +251,7 @@ class UpdateTraitsResponse(_message.Message):
     def __init__(self, profile: _Optional[_Union[Profile, _Mapping]] = ..., changed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ComputedTraitDefinition(_message.Message):
-    __slots__ = ("name", "op", "event_type", "event_names", "property", "where", "window")
+    __slots__ = ("name", "op", "event_type", "event_names", "property", "where", "window", "compare")
     NAME_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class ComputedTraitDefinition(_message.Message):
     PROPERTY_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
+    COMPARE_FIELD_NUMBER: _ClassVar[int]
     name: str
     op: str
     event_type: str
@@ -266,7 +267,8 @@ class ComputedTraitDefinition(_message.Message):
     property: str
     where: _struct_pb2.Struct
     window: str
-    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., event_type: _Optional[str] = ..., event_names: _Optional[_Iterable[str]] = ..., property: _Optional[str] = ..., where: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., window: _Optional[str] = ...) -> None: ...
+    compare: str
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., event_type: _Optional[str] = ..., event_names: _Optional[_Iterable[str]] = ..., property: _Optional[str] = ..., where: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., window: _Optional[str] = ..., compare: _Optional[str] = ...) -> None: ...
 
 class ComputedTraitStatus(_message.Message):
     __slots__ = ("definition", "state", "profiles_done", "profiles_total", "defined_at")

@@ -1,0 +1,1 @@
+"""cdp scoring: ONNX models over profile fields, online per profile change and in batch."""
