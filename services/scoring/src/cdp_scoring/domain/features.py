@@ -1,0 +1,155 @@
+"""Feature vectors from profile fields, by name, as a model's spec says.
+
+The service holds each person's profile fields flat: {"traits.plan": "pro", "computed.orders_90d": 3,
+"consent.channel:email": True, "scores.churn_risk": 0.2}. `FeatureAssembler` turns them into the
+float32 row the model expects; the training pipeline uses the same assembler, so what a model was
+trained on and what it is served are computed by one piece of code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from cdp_kit.errors import InvalidArgument
+from cdp_scoring.domain.spec import FeatureSpec, ModelSpec
+
+DAY = 86_400.0
+NAN = float("nan")
+_TRUE = frozenset({"true", "yes", "1", "on"})
+_FALSE = frozenset({"false", "no", "0", "off", ""})
+
+
+def _number(value: Any) -> float | None:
+    kind = type(value)
+    if kind is float or kind is int:
+        return float(value) if math.isfinite(value) else None
+    if kind is bool:
+        return 1.0 if value else 0.0
+    if kind is str:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _bool(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        return None if math.isnan(value) else (1.0 if value else 0.0)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return 1.0
+        if lowered in _FALSE:
+            return 0.0
+    return None
+
+
+def epoch_seconds(value: Any) -> float | None:
+    """Epoch seconds (or milliseconds, told apart by size) or an ISO-8601 time; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            return None
+        return value / 1000.0 if abs(value) > 1e11 else float(value)
+    if isinstance(value, str) and value:
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)  # a time without a zone is UTC, as Segment sends them
+        return parsed.timestamp()
+    return None
+
+
+class FeatureAssembler:
+    """Builds a model's input rows from flat profile fields (one per person) or from named values."""
+
+    __slots__ = ("_converters", "_defaults", "names", "paths", "spec", "width")
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.names = tuple(f.name for f in spec.features)
+        self.paths = tuple(f.path for f in spec.features)
+        self.width = len(spec.features)
+        self._defaults = tuple(_default(f) for f in spec.features)
+        self._converters: tuple[Callable[[Any, float], float | None], ...] = tuple(
+            _converter(f) for f in spec.features
+        )
+
+    def row(self, fields: Mapping[str, Any], now: float) -> list[float]:
+        """The feature vector of one person at time `now` (epoch seconds; days_since counts from it)."""
+        out = []
+        for path, convert, default in zip(self.paths, self._converters, self._defaults, strict=True):
+            value = fields.get(path)
+            converted = None if value is None else convert(value, now)
+            out.append(default if converted is None else converted)
+        return out
+
+    def matrix(self, people: Sequence[Mapping[str, Any]], now: float) -> np.ndarray:
+        rows = np.empty((len(people), self.width), dtype=np.float32)
+        for i, fields in enumerate(people):
+            rows[i] = self.row(fields, now)
+        return rows
+
+    def from_values(self, values: Sequence[float]) -> list[float]:
+        """A raw vector as given by a caller, checked for length."""
+        if len(values) != self.width:
+            raise InvalidArgument(
+                "features",
+                f"{self.spec.key} takes {self.width} features ({', '.join(self.names)}), got {len(values)}",
+            )
+        return [float(v) for v in values]
+
+    def from_named(self, named: Mapping[str, float]) -> list[float]:
+        """A vector from feature name -> value; names not given take their defaults."""
+        unknown = sorted(set(named) - set(self.names))
+        if unknown:
+            raise InvalidArgument(
+                f"named_features.{unknown[0]}",
+                f"{self.spec.key} has no feature {unknown[0]!r}; its features are {', '.join(self.names)}",
+            )
+        return [
+            float(named[name]) if name in named else default
+            for name, default in zip(self.names, self._defaults, strict=True)
+        ]
+
+    def defaults(self) -> list[float]:
+        return list(self._defaults)
+
+
+def _default(feature: FeatureSpec) -> float:
+    if feature.default is None:
+        return NAN
+    if isinstance(feature.default, str):
+        return float(feature.categories.index(feature.default))
+    return float(feature.default)
+
+
+def _converter(feature: FeatureSpec) -> Callable[[Any, float], float | None]:
+    if feature.transform == "number":
+        return lambda value, now: _number(value)
+    if feature.transform == "bool":
+        return lambda value, now: _bool(value)
+    if feature.transform == "days_since":
+
+        def days_since(value: Any, now: float) -> float | None:
+            seconds = epoch_seconds(value)
+            return None if seconds is None else (now - seconds) / DAY
+
+        return days_since
+    index = {name: float(i) for i, name in enumerate(feature.categories)}
+    return lambda value, now: index.get(value, -1.0) if isinstance(value, str) else None
