@@ -30,6 +30,7 @@ from cdp_kit.bus.streams import (
     identity_stream,
     privacy_stream,
     profiles_stream,
+    scores_stream,
 )
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry, setup_telemetry
@@ -143,4 +144,5 @@ __all__ = [
     "partition_subject",
     "privacy_stream",
     "profiles_stream",
+    "scores_stream",
 ]

@@ -103,6 +103,18 @@ def profiles_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpe
     )
 
 
+def scores_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
+    """Model scores of persons (`scores.updated.<p(person)>`), published by scoring; profile stores them."""
+    return StreamSpec(
+        name="SCORES",
+        subjects=("scores.>",),
+        max_age=max_age,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="model scores per person (model, version, scores), partitioned by person",
+    )
+
+
 def privacy_stream(*, replicas: int = 1) -> StreamSpec:
     """Privacy requests every service acts on (`privacy.deleted`). Kept without an age limit: a
     suppression lasts until lifted, and a service that was down must still purge when it returns.

@@ -86,9 +86,7 @@ class FeatureAssembler:
         self.paths = tuple(f.path for f in spec.features)
         self.width = len(spec.features)
         self._defaults = tuple(_default(f) for f in spec.features)
-        self._converters: tuple[Callable[[Any, float], float | None], ...] = tuple(
-            _converter(f) for f in spec.features
-        )
+        self._converters: tuple[Callable[[Any, float], float | None], ...] = tuple(_converter(f) for f in spec.features)
 
     def row(self, fields: Mapping[str, Any], now: float) -> list[float]:
         """The feature vector of one person at time `now` (epoch seconds; days_since counts from it)."""

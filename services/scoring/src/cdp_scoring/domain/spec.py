@@ -109,7 +109,9 @@ class FeatureSpec:
             if len(set(categories)) != len(categories):
                 raise InvalidArgument(f"{where}.categories", "lists a category twice")
         elif categories:
-            raise InvalidArgument(f"{where}.categories", f"only transform 'category' takes categories, not {transform!r}")
+            raise InvalidArgument(
+                f"{where}.categories", f"only transform 'category' takes categories, not {transform!r}"
+            )
         default = data.get("default", 0.0)
         if isinstance(default, bool):
             default = float(default)
@@ -222,7 +224,8 @@ class ModelSpec:
         for i, feature in enumerate(features):
             if feature.root == "scores" and feature.path.split(".", 1)[1] in scores:
                 raise InvalidArgument(
-                    f"spec.features[{i}].path", f"{feature.path!r} is the model's own output: a model cannot read itself"
+                    f"spec.features[{i}].path",
+                    f"{feature.path!r} is the model's own output: a model cannot read itself",
                 )
         model_input = data.get("input", "features")
         if not isinstance(model_input, str) or not model_input:

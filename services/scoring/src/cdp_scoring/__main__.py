@@ -1,0 +1,203 @@
+"""The scoring process: consume profiles.changed, run the deployed ONNX models, publish scores.updated."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.bus import (
+    Bus,
+    ConsumerSpec,
+    dead_letter_stream,
+    owned_partitions,
+    profiles_stream,
+    scores_stream,
+)
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.storage import open_store
+from cdp_scoring.api import SCOPES, ScoringApi
+from cdp_scoring.engine import MODELS_CHANGED, ScoringEngine, profile_fields
+from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
+from cdp_scoring.settings import ScoringSettings
+
+log = logging.getLogger("cdp.scoring")
+
+
+def client_channel(settings: ScoringSettings, address: str) -> grpc.aio.Channel:
+    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
+            private_key=settings.tls_key_file.read_bytes(),
+            certificate_chain=settings.tls_cert_file.read_bytes(),
+        )
+        return grpc.aio.secure_channel(address, credentials)
+    return grpc.aio.insecure_channel(address)
+
+
+class ProfileClient:
+    """What scoring asks the profile service: a person's fields, and computed traits a model needs."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self.stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def fields(self, person_id: str) -> dict[str, Any] | None:
+        try:
+            profile = await self.stub.GetProfile(
+                profile_pb2.GetProfileRequest(person_id=person_id), metadata=self.metadata, timeout=5.0
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise Unavailable(f"profile service: {exc.code().name} {exc.details()}", retry_after=1.0) from None
+        return profile_fields(profile)
+
+    async def define(self, definitions: Sequence[Mapping[str, Any]]) -> None:
+        for definition in definitions:
+            name = definition.get("name", "?")
+            try:
+                message = definition_message(definition)
+            except (TypeError, ValueError, json_format.ParseError) as exc:
+                raise InvalidArgument(f"spec.computed_traits.{name}", f"not a profile computed trait: {exc}") from None
+            try:
+                await self.stub.DefineComputedTrait(
+                    profile_pb2.DefineComputedTraitRequest(definition=message), metadata=self.metadata, timeout=10.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidArgument(
+                        f"spec.computed_traits.{name}", exc.details() or "refused by the profile service"
+                    ) from None
+                raise FailedPrecondition(
+                    f"could not define computed trait {name!r} on the profile service: "
+                    f"{exc.code().name} {exc.details()}",
+                    reason="profile_unavailable",
+                ) from None
+
+
+def definition_message(definition: Mapping[str, Any]) -> profile_pb2.ComputedTraitDefinition:
+    """A computed-trait definition as the spec holds it (the profile's JSON form) -> its protobuf."""
+    window = definition.get("window")
+    if isinstance(window, int | float) and not isinstance(window, bool):
+        window = f"{window:g}s"
+    message = profile_pb2.ComputedTraitDefinition(
+        name=definition["name"],
+        op=definition.get("op", ""),
+        event_type=definition.get("event_type") or "",
+        event_names=list(definition.get("event_names") or ()),
+        property=definition.get("property") or "",
+        window=window or "",
+        compare=definition.get("compare") or "",
+    )
+    if definition.get("where"):
+        json_format.ParseDict(dict(definition["where"]), message.where)
+    return message
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
+    store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
+    )
+    await bus.ensure_streams(
+        profiles_stream(), scores_stream(max_age=settings.scores_retention_days * 86_400), dead_letter_stream()
+    )
+    kind, where = parse_model_store(settings.model_store)
+    model_store = ObjectModelStore(bus.js, where) if kind == "nats" else FolderModelStore(Path(where))
+    profile: ProfileClient | None = None
+    if settings.profile_address:
+        channel = client_channel(settings, settings.profile_address)
+        runtime.stack.push_async_callback(channel.close)
+        profile = ProfileClient(channel, settings.profile_token)
+
+    async def announce(name: str) -> None:
+        await bus.nc.publish(MODELS_CHANGED, name.encode(), headers={"Cdp-Origin": str(id(engine))})
+
+    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
+    engine = ScoringEngine(
+        store,
+        model_store,
+        bus.publisher,
+        partitions=settings.partitions,
+        owned=partitions,
+        telemetry=runtime.telemetry,
+        threads=settings.threads,
+        profile_source=profile.fields if profile else None,
+        define_traits=profile.define if profile else None,
+        announce=announce,
+    )
+    await engine.start()
+    runtime.stack.push_async_callback(engine.stop)
+
+    async def on_model_changed(msg) -> None:
+        if (msg.headers or {}).get("Cdp-Origin") == str(id(engine)):
+            return
+        try:
+            await engine.reload(msg.data.decode())
+        except Exception as exc:  # keep serving the versions already loaded; say why the new one is not
+            log.error("could not reload model %s after another replica changed it: %r", msg.data.decode(), exc)
+
+    subscription = await bus.nc.subscribe(MODELS_CHANGED, cb=on_model_changed)
+    runtime.stack.push_async_callback(subscription.unsubscribe)
+    engine.background(_prepare_models(engine, settings.ship_models), "deploy shipped models, define their traits")
+    runners = []
+    for p in partitions:
+        runner = bus.consumer(
+            ConsumerSpec(
+                stream="PROFILES",
+                durable=f"scoring-p{p}",
+                filter_subjects=(f"profiles.changed.{p}",),
+                batch_size=settings.batch_size,
+                ack_wait=settings.ack_wait,
+                # One batch unacknowledged at a time keeps each person's changes in order across crashes.
+                max_ack_pending=settings.batch_size,
+                description=f"scoring: re-score persons of partition {p} whose model inputs changed",
+            ),
+            engine.handle,
+        )
+        runtime.spawn(runner.run(), f"consume profiles.changed.{p}")
+        runners.append(runner)
+    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners, model_store=model_store)
+    runtime.grpc.add_service(
+        scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
+        ScoringApi(engine),
+        scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
+        scopes=SCOPES,
+    )
+
+
+async def _prepare_models(engine: ScoringEngine, ship: bool) -> None:
+    """Deploy the shipped models once, and make sure the profile service computes every active model's
+    computed traits (it may still be starting, or have lost them with its store): keep trying."""
+    files = [path.read_bytes() for path in shipped_models()] if ship else []
+    delay = 0.5
+    while True:
+        try:
+            deployed = await engine.ensure_shipped(files)
+            if deployed:
+                log.info("shipped models deployed", extra={"models": [v.spec.key for v in deployed]})
+            await engine.ensure_traits()
+            return
+        except (FailedPrecondition, Unavailable) as exc:
+            log.warning("models not ready yet (%s); retrying in %.0fs", exc.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def main() -> None:
+    run_main(ScoringSettings, setup)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""gRPC ScoringService: protobuf in, engine and registry calls, protobuf out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from google.protobuf import json_format
+
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.errors import InvalidArgument
+from cdp_scoring.domain.registry import CANARY, INACTIVE, LIVE, SHADOW, ModelEntry, Version
+from cdp_scoring.engine import ScoreResult, ScoringEngine
+
+SCOPES = {
+    "Score": "scoring:read",
+    "ScoreBatch": "scoring:read",
+    "ListModels": "scoring:read",
+    "GetModel": "scoring:read",
+    "ScoreAll": "scoring:admin",
+    "DeployModel": "scoring:admin",
+    "Promote": "scoring:admin",
+    "Rollback": "scoring:admin",
+}
+
+ROLE_TO_PB = {
+    LIVE: scoring_pb2.ROLE_LIVE,
+    SHADOW: scoring_pb2.ROLE_SHADOW,
+    CANARY: scoring_pb2.ROLE_CANARY,
+    INACTIVE: scoring_pb2.ROLE_INACTIVE,
+}
+PB_TO_ROLE = {v: k for k, v in ROLE_TO_PB.items()}
+MAX_ROWS = 100_000
+MAX_PERSONS = 1000
+MAX_MODEL_BYTES = 64 * 1024 * 1024
+
+
+def spec_message(version: Version) -> scoring_pb2.ModelSpec:
+    spec = version.spec
+    message = scoring_pb2.ModelSpec(
+        name=spec.name, version=spec.version, owner=spec.owner, description=spec.description, input=spec.input
+    )
+    for feature in spec.features:
+        item = message.features.add(
+            name=feature.name, path=feature.path, transform=feature.transform, categories=feature.categories
+        )
+        if feature.default is None:
+            item.default.null_value = 0
+        elif isinstance(feature.default, str):
+            item.default.string_value = feature.default
+        else:
+            item.default.number_value = feature.default
+    for output in spec.outputs:
+        message.outputs.add(score=output.score, output=output.output, index=output.index, meaning=output.meaning)
+    for trait in spec.computed_traits:
+        json_format.ParseDict(dict(trait), message.computed_traits.add())
+    json_format.ParseDict(dict(spec.training), message.training)
+    json_format.ParseDict(dict(spec.quality), message.quality)
+    return message
+
+
+def model_message(engine: ScoringEngine, entry: ModelEntry) -> scoring_pb2.Model:
+    live = entry.live
+    message = scoring_pb2.Model(name=entry.name, live_version=live.version if live else "")
+    for version in entry.newest_first():
+        stats = engine.stats.get((entry.name, version.version))
+        item = message.versions.add(
+            spec=spec_message(version),
+            role=ROLE_TO_PB[version.role],
+            canary_percent=version.canary_percent,
+            sha256=version.sha256,
+            size_bytes=version.size_bytes,
+            rows_scored=stats.rows if stats else 0,
+            mean_abs_diff_to_live=stats.mean_abs_diff if stats else 0.0,
+        )
+        item.deployed_at.seconds = int(version.deployed_at)
+        item.deployed_at.nanos = int((version.deployed_at % 1) * 1e9)
+    return message
+
+
+def result_message(result: ScoreResult) -> scoring_pb2.ModelScores:
+    message = scoring_pb2.ModelScores(
+        model=result.model, version=result.version, role=ROLE_TO_PB[result.role], features=result.features
+    )
+    message.scores.update(result.scores)
+    return message
+
+
+class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
+    def __init__(self, engine: ScoringEngine) -> None:
+        self.engine = engine
+
+    async def Score(self, request: scoring_pb2.ScoreRequest, context) -> scoring_pb2.ScoreResponse:
+        engine = self.engine
+        given = [bool(request.person_id), bool(request.features), bool(request.named_features)]
+        if sum(given) != 1:
+            raise InvalidArgument(
+                "person_id", "give exactly one of person_id, features (a raw vector) or named_features"
+            )
+        if request.person_id:
+            results = await engine.score_person(request.person_id, model=request.model, version=request.version)
+        else:
+            _check_finite(request.features, "features")
+            row = dict(request.named_features) if request.named_features else list(request.features)
+            results = [await engine.score_vector(request.model, request.version, row)]
+        return scoring_pb2.ScoreResponse(person_id=request.person_id, results=[result_message(r) for r in results])
+
+    async def ScoreBatch(self, request: scoring_pb2.ScoreBatchRequest, context) -> scoring_pb2.ScoreBatchResponse:
+        engine = self.engine
+        if not request.model:
+            raise InvalidArgument("model", "is required")
+        forms = [bool(request.rows), bool(request.packed_rows), bool(request.person_ids)]
+        if sum(forms) != 1:
+            raise InvalidArgument("rows", "give exactly one of rows, packed_rows or person_ids")
+        missing: list[str] = []
+        if request.person_ids:
+            if len(request.person_ids) > MAX_PERSONS:
+                raise InvalidArgument(
+                    "person_ids", f"{len(request.person_ids)} persons; at most {MAX_PERSONS} per call"
+                )
+            version, scores, missing = await engine.score_persons(request.model, request.version, request.person_ids)
+        else:
+            target = engine.resolve_version(request.model, request.version, None)
+            width = len(target.spec.features)
+            if request.packed_rows:
+                if len(request.packed_rows) % (4 * width):
+                    raise InvalidArgument(
+                        "packed_rows",
+                        f"{len(request.packed_rows)} bytes is not a whole number of rows of {width} float32 values",
+                    )
+                matrix = np.frombuffer(request.packed_rows, dtype="<f4").reshape(-1, width)
+            else:
+                for i, row in enumerate(request.rows):
+                    if len(row.values) != width:
+                        raise InvalidArgument(
+                            f"rows[{i}].values", f"{len(row.values)} values; {target.spec.key} takes {width}"
+                        )
+                matrix = np.asarray([row.values for row in request.rows], dtype=np.float32)
+            if matrix.shape[0] > MAX_ROWS:
+                raise InvalidArgument("rows", f"{matrix.shape[0]} rows; at most {MAX_ROWS} per call")
+            version, scores = await engine.score_matrix(request.model, request.version, matrix)
+        return scoring_pb2.ScoreBatchResponse(
+            model=version.spec.name,
+            version=version.version,
+            scores=version.spec.score_names,
+            values=scores.ravel().tolist(),
+            missing=missing,
+        )
+
+    async def ScoreAll(self, request: scoring_pb2.ScoreAllRequest, context):
+        async for progress in self.engine.score_all(request.model, publish=request.publish):
+            yield scoring_pb2.ScoreAllProgress(
+                persons_done=progress["done"],
+                persons_total=progress["total"],
+                scores_published=progress["published"],
+                done=progress["finished"],
+                elapsed_seconds=progress["elapsed"],
+            )
+
+    async def ListModels(self, request: scoring_pb2.ListModelsRequest, context) -> scoring_pb2.ListModelsResponse:
+        entries = sorted(self.engine.registry, key=lambda e: e.name)
+        return scoring_pb2.ListModelsResponse(models=[model_message(self.engine, e) for e in entries])
+
+    async def GetModel(self, request: scoring_pb2.GetModelRequest, context) -> scoring_pb2.Model:
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        return model_message(self.engine, self.engine.registry.get(request.name))
+
+    async def DeployModel(self, request: scoring_pb2.DeployModelRequest, context) -> scoring_pb2.Model:
+        if not request.onnx:
+            raise InvalidArgument("onnx", "is required: the bytes of an .onnx file carrying its spec")
+        if len(request.onnx) > MAX_MODEL_BYTES:
+            raise InvalidArgument("onnx", f"{len(request.onnx)} bytes; at most {MAX_MODEL_BYTES} per model")
+        role = None if request.role == scoring_pb2.ROLE_UNSPECIFIED else PB_TO_ROLE.get(request.role)
+        if request.role != scoring_pb2.ROLE_UNSPECIFIED and role is None:
+            raise InvalidArgument("role", f"{request.role} is not a role")
+        version = await self.engine.deploy(request.onnx, role=role, canary_percent=request.canary_percent)
+        return model_message(self.engine, self.engine.registry.get(version.spec.name))
+
+    async def Promote(self, request: scoring_pb2.PromoteRequest, context) -> scoring_pb2.Model:
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        if not request.version:
+            raise InvalidArgument("version", "is required")
+        return model_message(self.engine, await self.engine.promote(request.name, request.version))
+
+    async def Rollback(self, request: scoring_pb2.RollbackRequest, context) -> scoring_pb2.Model:
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        return model_message(self.engine, await self.engine.rollback(request.name))
+
+
+def _check_finite(values, field: str) -> None:
+    for i, value in enumerate(values):
+        if math.isinf(value):
+            raise InvalidArgument(f"{field}[{i}]", f"{value} is not finite (NaN means missing; infinity is refused)")
+
+
+__all__ = ["SCOPES", "ScoringApi"]

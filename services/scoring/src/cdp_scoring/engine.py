@@ -1,0 +1,797 @@
+"""The scoring engine: profile fields in memory, models in sessions, scores on the bus.
+
+Online path, per batch of `profiles.changed.<p>` messages:
+1. each change updates the person's flat fields ("computed.orders_90d" -> 3); the batch is folded so a
+   burst of changes to one person is scored once;
+2. models whose inputs changed are run, one matrix per model version (live or, for a canary's share of
+   persons, the canary; shadow versions beside them, compared and never published);
+3. the scores go out as one `ScoresUpdatedBatch` on `scores.updated.<p>` (message id from its content,
+   so a redelivered batch publishes nothing twice), which the profile service stores as profile fields;
+4. then the changed fields and the stream position are written in one group commit, and only then is
+   the batch acknowledged. A failure drops the in-memory state, which is reloaded from the store before
+   the redelivered batch is applied (so its changes are seen as changes and scored again).
+
+Registry changes (deploy, promote, rollback) are stored, then announced on `scoring.models.changed` so
+every replica reloads the entry: hot reload, without dropping a request (a request holds the session it
+started with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf.message import DecodeError
+
+from cdp.profile.v1 import profile_pb2
+from cdp.scoring.v1 import scoring_pb2
+from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
+from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, ModelEntry, Registry, Version
+from cdp_scoring.modelstore import ModelStore
+from cdp_scoring.runtime import LoadedModel, load_model
+
+log = logging.getLogger("cdp.scoring.engine")
+
+MODELS = "scoring_models"
+FIELDS = "scoring_fields"
+CHECKPOINTS = "scoring_checkpoints"
+SCORES_SUBJECT = "scores.updated"
+MODELS_CHANGED = "scoring.models.changed"
+MAX_UPDATES_PER_MESSAGE = 2000
+
+ProfileSource = Callable[[str], Awaitable[dict[str, Any] | None]]
+TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
+
+
+def value_to_python(value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {k: value_to_python(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [value_to_python(v) for v in value.list_value.values]
+    return None
+
+
+def change_fields(change: profile_pb2.ProfileChanged) -> dict[str, Any]:
+    """The flat field updates a profile change carries (None: the field is gone)."""
+    updates: dict[str, Any] = {}
+    for name, value in change.traits.items():
+        updates["traits." + name] = value_to_python(value)
+    for name, value in change.computed.items():
+        updates["computed." + name] = value_to_python(value)
+    for key, granted in change.consent.items():
+        updates["consent." + key] = granted
+    for name, score in change.scores.items():
+        updates["scores." + name] = score
+    return updates
+
+
+def profile_fields(profile: profile_pb2.Profile) -> dict[str, Any]:
+    """The flat fields of a whole profile (for persons fetched from the profile service)."""
+    fields: dict[str, Any] = {}
+    for name, trait in profile.traits.items():
+        fields["traits." + name] = value_to_python(trait.value)
+    for name, value in profile.computed.items():
+        fields["computed." + name] = value_to_python(value)
+    for key, consent in profile.consent.items():
+        fields["consent." + key] = consent.granted
+    for name, score in profile.scores.items():
+        fields["scores." + name] = score.value
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+@dataclass(slots=True)
+class _Pending:
+    dirty: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)
+    positions: dict[str, int] = field(default_factory=dict)
+    waiters: list[asyncio.Future] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class VersionStats:
+    rows: int = 0
+    diff_sum: float = 0.0
+    diff_rows: int = 0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.diff_sum / self.diff_rows if self.diff_rows else 0.0
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    model: str
+    version: str
+    role: str
+    scores: dict[str, float]
+    features: list[float]
+
+
+class ScoringEngine:
+    def __init__(
+        self,
+        store: Store,
+        models: ModelStore,
+        publisher,
+        *,
+        partitions: int,
+        owned: Iterable[int],
+        telemetry: Telemetry,
+        threads: int = 1,
+        profile_source: ProfileSource | None = None,
+        define_traits: TraitDefiner | None = None,
+        announce: Callable[[str], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.model_store = models
+        self.publisher = publisher
+        self.partitions = partitions
+        self.owned = frozenset(owned)
+        self.threads = threads
+        self.profile_source = profile_source
+        self.define_traits = define_traits
+        self.announce = announce
+        self.clock = clock
+        self.registry = Registry()
+        self.sessions: dict[tuple[str, str], LoadedModel] = {}
+        self.stats: dict[tuple[str, str], VersionStats] = {}
+        self.fields: dict[str, dict[str, Any]] = {}
+        self.versions: dict[str, int] = {}
+        self.applied: dict[str, int] = {}
+        # field path -> models reading it (rebuilt when the registry changes)
+        self._readers: dict[str, set[str]] = {}
+        self._pending = _Pending()
+        self._wake = asyncio.Event()
+        self._failed = False
+        self._registry_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+        self._partition_cache: dict[str, int] = {}
+        self._changed_since_commit: set[str] = set()
+        meter = telemetry.meter
+        self._m_rows = meter.create_counter("cdp_scoring_rows_total", description="rows scored, by model and role")
+        self._m_published = meter.create_counter(
+            "cdp_scoring_scores_published_total", description="score updates published, by model"
+        )
+        self._m_inference = meter.create_histogram(
+            "cdp_scoring_inference_ms",
+            unit="ms",
+            description="onnxruntime time per call (one matrix of rows)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_freshness = meter.create_histogram(
+            "cdp_scoring_freshness_ms",
+            unit="ms",
+            description="profile change to published scores, per batch (its oldest change)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_shadow = meter.create_histogram(
+            "cdp_scoring_shadow_abs_diff",
+            description="absolute difference between a shadow or canary version's score and live's",
+            explicit_bucket_boundaries_advisory=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 10, 100),
+        )
+
+    # --- life cycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async for record in self.store.scan_all(MODELS):
+            entry = ModelEntry.from_doc(record.doc)
+            self.registry.models[entry.name] = entry
+            self.versions[f"m:{entry.name}"] = record.version
+        for version in self.registry.active():
+            await self._load_session(version)
+        self._reindex()
+        async for record in self.store.scan_all(CHECKPOINTS):
+            self.applied[record.key] = record.doc.get("stream_seq", 0)
+        await self._warm()
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="scoring group commit"))
+
+    def background(self, coro, name: str) -> None:
+        """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def _warm(self) -> None:
+        async for record in self.store.scan_all(FIELDS, page_size=2000):
+            if self._partition(record.key) in self.owned:
+                self.fields[record.key] = orjson.loads(record.doc["fields"])
+                self.versions[record.key] = record.version
+
+    def _partition(self, person: str) -> int:
+        partition = self._partition_cache.get(person)
+        if partition is None:
+            if len(self._partition_cache) > 1_000_000:
+                self._partition_cache.clear()
+            partition = self._partition_cache[person] = partition_for(person, self.partitions)
+        return partition
+
+    async def _load_session(self, version: Version) -> LoadedModel:
+        key = (version.spec.name, version.version)
+        loaded = self.sessions.get(key)
+        if loaded is not None and loaded.sha256 == version.sha256:
+            return loaded
+        data = await self.model_store.get(version.spec.name, version.version, version.sha256)
+        loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+        self.sessions[key] = loaded
+        self.stats.setdefault(key, VersionStats())
+        return loaded
+
+    def _reindex(self) -> None:
+        readers: dict[str, set[str]] = {}
+        for version in self.registry.active():
+            for path in version.spec.paths:
+                readers.setdefault(path, set()).add(version.spec.name)
+        self._readers = readers
+
+    # --- the registry -----------------------------------------------------------------------------
+
+    async def deploy(self, data: bytes, *, role: str | None, canary_percent: float = 0.0) -> Version:
+        loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+        spec = loaded.spec
+        async with self._registry_lock:
+            version, created = self.registry.deploy(
+                spec,
+                sha256=loaded.sha256,
+                size_bytes=loaded.size_bytes,
+                role=role,
+                canary_percent=canary_percent,
+                now=self.clock(),
+            )
+            if not created:
+                return version
+            try:
+                await self.model_store.put(spec.name, spec.version, data)
+                if spec.computed_traits and self.define_traits is not None:
+                    await self.define_traits(spec.computed_traits)
+                await self._save_entry(spec.name)
+            except BaseException:
+                # Not stored: the registry must not keep a version it cannot load after a restart.
+                entry = self.registry.models[spec.name]
+                await self._reload_entry(spec.name)
+                if not entry.versions:
+                    self.registry.models.pop(spec.name, None)
+                raise
+            self.sessions[(spec.name, spec.version)] = loaded
+            self.stats.setdefault((spec.name, spec.version), VersionStats())
+            self._reindex()
+        log.info(
+            "model deployed",
+            extra={"model": spec.name, "version": spec.version, "role": version.role, "sha256": loaded.sha256[:16]},
+        )
+        await self._announce(spec.name)
+        return version
+
+    async def promote(self, name: str, version: str) -> ModelEntry:
+        async with self._registry_lock:
+            target = self.registry.version(name, version)
+            await self._load_session(target)
+            self.registry.promote(name, version)
+            await self._save_entry(name)
+            self._reindex()
+        log.info("model promoted", extra={"model": name, "version": version})
+        await self._announce(name)
+        return self.registry.get(name)
+
+    async def rollback(self, name: str) -> ModelEntry:
+        async with self._registry_lock:
+            entry = self.registry.get(name)
+            previous = next((entry.versions.get(v) for v in reversed(entry.previous) if v in entry.versions), None)
+            if previous is not None:
+                await self._load_session(previous)
+            restored = self.registry.rollback(name)
+            await self._save_entry(name)
+            self._reindex()
+        log.info("model rolled back", extra={"model": name, "version": restored.version})
+        await self._announce(name)
+        return self.registry.get(name)
+
+    async def _save_entry(self, name: str) -> None:
+        entry = self.registry.models[name]
+        key = f"m:{name}"
+        expected = self.versions.get(key, 0)
+        await self.store.bulk_write([Put(MODELS, name, entry.to_doc(), expected_version=expected)])
+        self.versions[key] = expected + 1
+
+    async def _reload_entry(self, name: str) -> None:
+        record = await self.store.get(MODELS, name)
+        if record is None:
+            self.registry.models.pop(name, None)
+            self.versions.pop(f"m:{name}", None)
+            return
+        self.registry.models[name] = ModelEntry.from_doc(record.doc)
+        self.versions[f"m:{name}"] = record.version
+
+    async def _announce(self, name: str) -> None:
+        if self.announce is not None:
+            try:
+                await self.announce(name)
+            except Exception as exc:  # peers also reload on their next start; say so and carry on
+                log.warning("could not announce the change of model %s to other replicas: %r", name, exc)
+
+    async def reload(self, name: str) -> None:
+        """Another replica changed a model: read its entry again and load the sessions it needs."""
+        async with self._registry_lock:
+            await self._reload_entry(name)
+            entry = self.registry.models.get(name)
+            if entry is not None:
+                for version in entry.versions.values():
+                    if version.role in (LIVE, SHADOW, CANARY):
+                        await self._load_session(version)
+            self._reindex()
+
+    async def ensure_shipped(self, files: Iterable[bytes]) -> list[Version]:
+        """Deploy the shipped models that no version of is registered yet (first start)."""
+        deployed = []
+        for data in files:
+            loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+            if loaded.spec.name in self.registry.models:
+                continue
+            deployed.append(await self.deploy(data, role=LIVE))
+        return deployed
+
+    async def ensure_traits(self) -> None:
+        """Define on the profile service the computed traits every active version reads (idempotent there)."""
+        if self.define_traits is None:
+            return
+        wanted: dict[str, Mapping[str, Any]] = {}
+        for version in self.registry.active():
+            for trait in version.spec.computed_traits:
+                wanted.setdefault(trait["name"], trait)
+        if wanted:
+            await self.define_traits(list(wanted.values()))
+
+    # --- the stream path --------------------------------------------------------------------------
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Consumer handler for `profiles.changed.<p>`."""
+        subject = batch[0].subject
+        if self._failed:
+            await self._recover()
+        applied = self.applied.get(subject, 0)
+        touched: dict[str, set[str]] = {}
+        changed_at: dict[str, float] = {}
+        causes: dict[str, list[str]] = {}
+        gone: set[str] = set()
+        oldest = math.inf
+        try:
+            for delivery in batch:
+                if delivery.stream_seq <= applied:
+                    continue
+                message = profile_pb2.ProfileChangedBatch()
+                try:
+                    message.ParseFromString(delivery.data)
+                except DecodeError as exc:
+                    delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
+                    continue
+                for change in message.changes:
+                    person = change.person_id
+                    if not person:
+                        continue
+                    at = change.at.seconds + change.at.nanos / 1e9
+                    oldest = min(oldest, at)
+                    if change.removed:
+                        if self.fields.pop(person, None) is not None:
+                            gone.add(person)
+                        touched.pop(person, None)
+                        continue
+                    gone.discard(person)
+                    paths = self._apply(person, change_fields(change))
+                    if paths:
+                        touched.setdefault(person, set()).update(paths)
+                        changed_at[person] = max(changed_at.get(person, 0.0), at)
+                        if change.event_ids:
+                            causes.setdefault(person, []).extend(change.event_ids)
+            last_seq = batch[-1].stream_seq
+            if last_seq <= applied:
+                return
+            updates = self._score_touched(touched, changed_at, causes)
+            messages = self._messages(updates)
+            if messages:
+                results = await self.publisher.publish_batch(messages)
+                failed = [r for r in results if not r.ok]
+                if failed:
+                    raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+                if oldest is not math.inf:
+                    self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
+            pending = self._pending
+            pending.dirty.update(p for p in touched if p in self.fields)
+            # Persons whose fields changed without touching a model's input must be written too.
+            pending.dirty.update(p for p in self._changed_since_commit)
+            self._changed_since_commit.clear()
+            pending.gone.update(gone)
+            pending.positions[subject] = last_seq
+            await self._commit()
+        except BaseException:
+            # The in-memory fields got ahead of the store: reload them before the redelivery.
+            self._failed = True
+            raise
+
+    def _apply(self, person: str, updates: Mapping[str, Any]) -> set[str]:
+        fields = self.fields.get(person)
+        if fields is None:
+            fields = self.fields[person] = {}
+        changed = set()
+        for path, value in updates.items():
+            if value is None:
+                if fields.pop(path, None) is not None:
+                    changed.add(path)
+            elif fields.get(path, _ABSENT) != value:
+                fields[path] = value
+                changed.add(path)
+        if changed:
+            self._changed_since_commit.add(person)
+        readers = self._readers
+        return {p for p in changed if p in readers}
+
+    def _score_touched(
+        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], causes: Mapping[str, list[str]]
+    ) -> list[scoring_pb2.ScoresUpdated]:
+        """Score each touched person once per model whose inputs changed; the updates to publish."""
+        readers = self._readers
+        by_model: dict[str, list[str]] = {}
+        for person, paths in touched.items():
+            models: set[str] = set()
+            for path in paths:
+                models |= readers.get(path, set())
+            for model in models:
+                by_model.setdefault(model, []).append(person)
+        updates: list[scoring_pb2.ScoresUpdated] = []
+        for name, persons in by_model.items():
+            entry = self.registry.models.get(name)
+            if entry is None:
+                continue
+            for version, scored in self._run_entry(entry, persons, changed_at):
+                for person, scores in scored:
+                    update = scoring_pb2.ScoresUpdated(person_id=person, model=name, version=version.version)
+                    update.scores.update(scores)
+                    at = changed_at.get(person)
+                    if at:
+                        update.at.seconds = int(at)
+                        update.at.nanos = int((at - int(at)) * 1e9)
+                    update.event_ids.extend(dict.fromkeys(causes.get(person, ())))
+                    updates.append(update)
+        return updates
+
+    def _run_entry(
+        self, entry: ModelEntry, persons: Sequence[str], at: Mapping[str, float] | float
+    ) -> list[tuple[Version, list[tuple[str, dict[str, float]]]]]:
+        """Run each person's published version (live, or the canary for its share) and every shadow.
+
+        Returns what to publish, per version. Shadows, and the canary's share, are also compared with
+        what live gives the same persons (live is run for the comparison where it was not already)."""
+        groups: dict[str, list[str]] = {}
+        for person in persons:
+            version = self.registry.route(entry, person)
+            if version is not None:
+                groups.setdefault(version.version, []).append(person)
+        out = []
+        by_version: dict[str, dict[str, np.ndarray]] = {}
+        for version_name, members in groups.items():
+            version = entry.versions[version_name]
+            scores = self._run(version, members, at)
+            if scores is None:
+                continue
+            by_version[version_name] = dict(zip(members, scores, strict=True))
+            names = version.spec.score_names
+            out.append(
+                (
+                    version,
+                    [(p, dict(zip(names, row.tolist(), strict=True))) for p, row in zip(members, scores, strict=True)],
+                )
+            )
+        live, canary, shadows = entry.live, entry.canary, entry.shadows()
+        if live is None or not (shadows or (canary is not None and canary.version in by_version)):
+            return out
+        live_scores = by_version.get(live.version, {})
+        unscored = [p for p in persons if p not in live_scores]
+        extra = self._run(live, unscored, at)
+        if extra is not None:
+            live_scores = {**live_scores, **dict(zip(unscored, extra, strict=True))}
+        for shadow in shadows:
+            scores = self._run(shadow, persons, at)
+            if scores is not None:
+                self._compare(shadow, live, dict(zip(persons, scores, strict=True)), live_scores)
+        if canary is not None and canary.version in by_version:
+            self._compare(canary, live, by_version[canary.version], live_scores)
+        return out
+
+    def _compare(
+        self, other: Version, live: Version, scores: Mapping[str, np.ndarray], live_scores: Mapping[str, np.ndarray]
+    ) -> None:
+        stats = self.stats.setdefault((other.spec.name, other.version), VersionStats())
+        live_names = live.spec.score_names
+        common = [i for i, n in enumerate(other.spec.score_names) if n in live_names]
+        if not common:
+            return
+        live_index = [live_names.index(other.spec.score_names[i]) for i in common]
+        attrs = {"model": other.spec.name, "version": other.version, "role": other.role}
+        for person, row in scores.items():
+            base = live_scores.get(person)
+            if base is None:
+                continue
+            diff = float(np.mean(np.abs(row[common] - base[live_index])))
+            stats.diff_sum += diff
+            stats.diff_rows += 1
+            self._m_shadow.record(diff, attrs)
+
+    def _run(self, version: Version, persons: Sequence[str], at: Mapping[str, float] | float) -> np.ndarray | None:
+        session = self.sessions.get((version.spec.name, version.version))
+        if session is None or not persons:
+            return None
+        assembler = session.assembler
+        rows = np.empty((len(persons), assembler.width), dtype=np.float32)
+        now = self.clock()
+        empty: dict[str, Any] = {}
+        for i, person in enumerate(persons):
+            when = at if isinstance(at, float) else at.get(person, now)
+            rows[i] = assembler.row(self.fields.get(person, empty), when)
+        started = time.perf_counter()
+        scores = session.run(rows)
+        self._m_inference.record((time.perf_counter() - started) * 1000, {"model": version.spec.name})
+        stats = self.stats.setdefault((version.spec.name, version.version), VersionStats())
+        stats.rows += len(persons)
+        self._m_rows.add(len(persons), {"model": version.spec.name, "version": version.version, "role": version.role})
+        return scores
+
+    def _messages(self, updates: Sequence[scoring_pb2.ScoresUpdated]) -> list[OutMessage]:
+        grouped: dict[int, list[scoring_pb2.ScoresUpdated]] = {}
+        for update in updates:
+            grouped.setdefault(self._partition(update.person_id), []).append(update)
+        out = []
+        for partition, items in grouped.items():
+            for start in range(0, len(items), MAX_UPDATES_PER_MESSAGE):
+                chunk = items[start : start + MAX_UPDATES_PER_MESSAGE]
+                payload = scoring_pb2.ScoresUpdatedBatch(updates=chunk).SerializeToString(deterministic=True)
+                out.append(
+                    OutMessage(
+                        subject=f"{SCORES_SUBJECT}.{partition}",
+                        payload=payload,
+                        msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+                    )
+                )
+                for update in chunk:
+                    self._m_published.add(1, {"model": update.model})
+        return out
+
+    # --- the group commit -------------------------------------------------------------------------
+
+    def _commit(self) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.waiters.append(future)
+        self._wake.set()
+        return future
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, _Pending()
+        if not pending.waiters and not pending.dirty and not pending.gone:
+            return
+        try:
+            ops: list[Put | Delete] = []
+            for person in pending.dirty:
+                fields = self.fields.get(person)
+                if fields is None:
+                    continue
+                expected = self.versions.get(person, 0)
+                self.versions[person] = expected + 1
+                ops.append(Put(FIELDS, person, {"fields": orjson.dumps(fields).decode()}, expected_version=expected))
+            for person in pending.gone - pending.dirty:
+                self.versions.pop(person, None)
+                ops.append(Delete(FIELDS, person))
+            for subject, seq in pending.positions.items():
+                ops.append(Put(CHECKPOINTS, subject, {"stream_seq": seq, "at": self.clock()}))
+            if ops:
+                await self.store.bulk_write(ops)
+        except Exception as exc:
+            self._failed = True
+            log.warning("scoring write failed (%r); the fields will be reloaded from the store", exc)
+            for waiter in pending.waiters:
+                if not waiter.done():
+                    waiter.set_exception(Unavailable(f"scoring write failed ({exc!r}); the batch will be retried"))
+            return
+        for subject, seq in pending.positions.items():
+            self.applied[subject] = max(self.applied.get(subject, 0), seq)
+        for waiter in pending.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _recover(self) -> None:
+        self._failed = False
+        self.fields.clear()
+        self.versions = {k: v for k, v in self.versions.items() if k.startswith("m:")}
+        self.applied.clear()
+        self._changed_since_commit.clear()
+        async for record in self.store.scan_all(CHECKPOINTS):
+            self.applied[record.key] = record.doc.get("stream_seq", 0)
+        log.warning("scoring fields dropped after a failure; reloading from the store")
+        await self._warm()
+
+    # --- synchronous paths (gRPC) -----------------------------------------------------------------
+
+    async def person_fields(self, person_id: str) -> dict[str, Any]:
+        fields = self.fields.get(person_id)
+        if fields is not None:
+            return fields
+        if self.profile_source is not None:
+            fetched = await self.profile_source(person_id)
+            if fetched is not None:
+                return fetched
+        raise NotFound(f"no profile fields for person {person_id!r}", reason="unknown_person")
+
+    def resolve_version(self, name: str, version: str, person: str | None) -> Version:
+        entry = self.registry.get(name)
+        if version:
+            found = self.registry.version(name, version)
+        else:
+            found = self.registry.route(entry, person) if person else entry.live
+            if found is None:
+                raise FailedPrecondition(f"model {name!r} has no live version; name one", reason="no_live_version")
+        return found
+
+    def session(self, version: Version) -> LoadedModel:
+        session = self.sessions.get((version.spec.name, version.version))
+        if session is None:
+            raise FailedPrecondition(
+                f"{version.spec.key} is {version.role} and not loaded; promote it or name a live version",
+                reason="not_loaded",
+            )
+        return session
+
+    async def ensure_session(self, version: Version) -> LoadedModel:
+        if (version.spec.name, version.version) not in self.sessions:
+            await self._load_session(version)
+        return self.session(version)
+
+    async def score_person(self, person_id: str, *, model: str = "", version: str = "") -> list[ScoreResult]:
+        fields = await self.person_fields(person_id)
+        now = self.clock()
+        if model:
+            targets = [self.resolve_version(model, version, person_id)]
+        else:
+            if version:
+                raise InvalidArgument("version", "needs a model: versions belong to one model")
+            targets = [v for e in self.registry for v in [self.registry.route(e, person_id)] if v is not None]
+        results = []
+        for target in targets:
+            session = await self.ensure_session(target)
+            row = session.assembler.row(fields, now)
+            scores = session.run_one(row)
+            results.append(
+                ScoreResult(
+                    model=target.spec.name,
+                    version=target.version,
+                    role=target.role,
+                    scores=dict(zip(target.spec.score_names, scores, strict=True)),
+                    features=row,
+                )
+            )
+        return results
+
+    async def score_vector(self, model: str, version: str, row: Sequence[float] | Mapping[str, float]) -> ScoreResult:
+        if not model:
+            raise InvalidArgument("model", "is required to score a feature vector")
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        vector = session.assembler.from_named(row) if isinstance(row, Mapping) else session.assembler.from_values(row)
+        scores = session.run_one(vector)
+        return ScoreResult(
+            model=target.spec.name,
+            version=target.version,
+            role=target.role,
+            scores=dict(zip(target.spec.score_names, scores, strict=True)),
+            features=vector,
+        )
+
+    async def score_matrix(self, model: str, version: str, rows: np.ndarray) -> tuple[Version, np.ndarray]:
+        if not model:
+            raise InvalidArgument("model", "is required")
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        if rows.ndim != 2 or rows.shape[1] != session.assembler.width:
+            raise InvalidArgument(
+                "rows",
+                f"{target.spec.key} takes {session.assembler.width} features per row "
+                f"({', '.join(session.assembler.names)}), got {rows.shape[-1] if rows.ndim else 0}",
+            )
+        if rows.shape[0] > 256:
+            # Large matrices leave the event loop free while onnxruntime works (it releases the GIL).
+            scores = await asyncio.to_thread(session.run, rows)
+        else:
+            scores = session.run(rows)
+        self._m_rows.add(rows.shape[0], {"model": target.spec.name, "version": target.version, "role": "request"})
+        return target, scores
+
+    async def score_persons(
+        self, model: str, version: str, persons: Sequence[str]
+    ) -> tuple[Version, np.ndarray, list[str]]:
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        now = self.clock()
+        found, missing = [], []
+        rows = []
+        for person in persons:
+            try:
+                fields = await self.person_fields(person)
+            except NotFound:
+                missing.append(person)
+                continue
+            found.append(person)
+            rows.append(session.assembler.row(fields, now))
+        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), session.assembler.width)
+        scores = session.run(matrix) if rows else np.empty((0, len(target.spec.outputs)))
+        return target, scores, missing
+
+    async def score_all(self, model: str = "", *, publish: bool, chunk: int = 1024) -> AsyncIterator[dict[str, Any]]:
+        """Re-score every held person with one model (or every model); yields progress after each chunk."""
+        entries = [self.registry.get(model)] if model else [e for e in self.registry if e.live is not None]
+        for entry in entries:
+            if entry.live is None:
+                raise FailedPrecondition(f"model {entry.name!r} has no live version", reason="no_live_version")
+        persons = sorted(self.fields)
+        started = time.perf_counter()
+        published = 0
+        total = len(persons)
+        now = self.clock()
+        for offset in range(0, total, chunk):
+            members = [p for p in persons[offset : offset + chunk] if p in self.fields]
+            updates: list[scoring_pb2.ScoresUpdated] = []
+            for entry in entries:
+                for version, scored in self._run_entry(entry, members, now):
+                    for person, scores in scored:
+                        update = scoring_pb2.ScoresUpdated(person_id=person, model=entry.name, version=version.version)
+                        update.scores.update(scores)
+                        update.at.seconds = int(now)
+                        updates.append(update)
+            if publish and updates:
+                messages = self._messages(updates)
+                results = await self.publisher.publish_batch(messages)
+                failed = [r for r in results if not r.ok]
+                if failed:
+                    raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+                published += len(updates)
+            yield {
+                "done": min(total, offset + chunk),
+                "total": total,
+                "published": published,
+                "finished": False,
+                "elapsed": time.perf_counter() - started,
+            }
+            await asyncio.sleep(0)  # the stream path runs between chunks
+        yield {
+            "done": total,
+            "total": total,
+            "published": published,
+            "finished": True,
+            "elapsed": time.perf_counter() - started,
+        }
+
+
+_ABSENT = object()
