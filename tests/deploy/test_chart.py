@@ -452,7 +452,7 @@ def test_optional_objects_render_behind_their_switches(rendered):
     assert url["value"] == "mongodb://cdp-mongodb:27017/cdp"
     assert mongo["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 27017
     monitors = {m["metadata"]["name"] for m in everything.of_kind("ServiceMonitor")}
-    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "profile", "segmentation")}
+    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "profile", "scoring", "segmentation")}
 
 
 # --- values that must not install ----------------------------------------------------------------------

@@ -22,20 +22,33 @@ class ServiceProcess:
     grpc_port: int
     metrics_port: int
     http_port: int | None = None
+    # Extra variables; "{home}" stands for the workspace folder (.cdp).
     env: dict[str, str] = field(default_factory=dict)
     # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
     calls: tuple[str, ...] = ()
+    # Scopes beyond the shared read-only service token: the service then gets a token of its own.
+    extra_scopes: tuple[str, ...] = ()
 
 
 SERVICES: tuple[ServiceProcess, ...] = (
     ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
     ServiceProcess("identity", "cdp_identity", grpc_port=50052, metrics_port=9465),
     ServiceProcess("profile", "cdp_profile", grpc_port=50053, metrics_port=9466, calls=("identity",)),
+    # Scoring reads persons from profile and defines the computed traits its models read (profile:admin).
+    ServiceProcess(
+        "scoring",
+        "cdp_scoring",
+        grpc_port=50054,
+        metrics_port=9467,
+        calls=("profile",),
+        extra_scopes=("profile:admin",),
+        env={"CDP_SCORING_MODEL_STORE": "{home}/models"},
+    ),
 )
 
 
 # What services may do to each other: read-only look-ups.
-SERVICE_SCOPES = ("identity:read", "profile:read")
+SERVICE_SCOPES = ("identity:read", "profile:read", "scoring:read")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -96,6 +109,10 @@ class Workspace:
         """The token services present to each other (read scopes only)."""
         return self.secrets_dir / "services.token"
 
+    def service_token_file(self, name: str) -> Path:
+        """The token a service with scopes of its own presents to the services it calls."""
+        return self.secrets_dir / f"{name}.token"
+
     @property
     def sources_file(self) -> Path:
         return self.secrets_dir / "sources.json"
@@ -104,17 +121,23 @@ class Workspace:
     def run_file(self) -> Path:
         return self.root / "run.json"
 
-    def prepare(self) -> None:
+    def prepare(self, services: tuple[ServiceProcess, ...] = SERVICES) -> None:
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
-        if not all(f.exists() for f in (self.tokens_file, self.admin_token_file, self.services_token_file)):
+        own = [svc for svc in services if svc.extra_scopes]
+        files = [self.tokens_file, self.admin_token_file, self.services_token_file]
+        files += [self.service_token_file(svc.name) for svc in own]
+        if not all(f.exists() for f in files):
             token, internal = new_token(), new_token()
-            write_tokens_file(
-                self.tokens_file,
-                [("cdpctl-admin", token, ["*"]), ("cdp-services", internal, list(SERVICE_SCOPES))],
-            )
-            for path, value in ((self.admin_token_file, token), (self.services_token_file, internal)):
+            entries = [("cdpctl-admin", token, ["*"]), ("cdp-services", internal, list(SERVICE_SCOPES))]
+            written = [(self.admin_token_file, token), (self.services_token_file, internal)]
+            for svc in own:
+                mine = new_token()
+                entries.append((f"cdp-{svc.name}", mine, [*SERVICE_SCOPES, *svc.extra_scopes]))
+                written.append((self.service_token_file(svc.name), mine))
+            write_tokens_file(self.tokens_file, entries)
+            for path, value in written:
                 path.write_text(value + "\n")
                 path.chmod(0o600)
         if not self.sources_file.exists():
@@ -169,11 +192,12 @@ def service_environment(
     if http_port is not None:
         env["CDP_HTTP_HOST"] = "127.0.0.1"
         env["CDP_HTTP_PORT"] = str(http_port)
+    token_file = ws.service_token_file(svc.name) if svc.extra_scopes else ws.services_token_file
     for peer in svc.calls:
         name = peer.upper().replace("-", "_")
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
-        env[f"CDP_{name}_TOKEN"] = ws.services_token_file.read_text().strip()
-    env.update(svc.env)
+        env[f"CDP_{name}_TOKEN"] = token_file.read_text().strip()
+    env.update({key: value.replace("{home}", str(ws.root)) for key, value in svc.env.items()})
     return env
 
 
