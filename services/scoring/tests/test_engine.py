@@ -183,7 +183,7 @@ async def test_promote_and_rollback_switch_what_is_published(setup, nats_server)
 
 
 async def test_fields_registry_and_position_survive_a_restart(setup, nats_server, tmp_path):
-    engine, store, bus, clock, defined = setup
+    engine, store, bus, clock, _defined = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.handle([Delivery([change("p1", orders=2, sessions=4)], 1)])
     await engine.stop()
@@ -217,9 +217,7 @@ class FailingOnce:
         return await self.store.bulk_write(ops)
 
 
-async def test_a_failed_write_reloads_the_fields_and_the_redelivered_batch_is_scored_again(
-    nats_server, tmp_path
-):
+async def test_a_failed_write_reloads_the_fields_and_the_redelivered_batch_is_scored_again(nats_server, tmp_path):
     clock = Clock(T0)
     async with open_store("memory://") as inner, Bus.connect(nats_server.url, name="t") as bus:
         await bus.ensure_streams(profiles_stream(), scores_stream())

@@ -21,7 +21,13 @@ def spec(**overrides):
             {"name": "orders", "path": "computed.orders_90d", "default": 0},
             {"name": "recency", "path": "computed.last_order_at", "transform": "days_since", "default": 365},
             {"name": "email_ok", "path": "consent.channel:email", "transform": "bool", "default": None},
-            {"name": "plan", "path": "traits.plan", "transform": "category", "categories": ["free", "pro"], "default": "free"},
+            {
+                "name": "plan",
+                "path": "traits.plan",
+                "transform": "category",
+                "categories": ["free", "pro"],
+                "default": "free",
+            },
             {"name": "propensity", "path": "scores.purchase_propensity", "default": None},
         ],
         "outputs": [{"score": "churn_risk", "output": "probabilities", "index": 1}],
@@ -51,10 +57,26 @@ def test_a_valid_spec_round_trips_through_json():
         ({"features": []}, "spec.features", "must list"),
         ({"features": [{"name": "x", "path": "orders"}]}, "spec.features[0].path", "not a profile field"),
         ({"features": [{"name": "x", "path": "traits."}]}, "spec.features[0].path", "names no field"),
-        ({"features": [{"name": "x", "path": "traits.a", "transform": "log"}]}, "spec.features[0].transform", "not one of"),
-        ({"features": [{"name": "x", "path": "traits.a", "transform": "category"}]}, "spec.features[0].categories", "non-empty"),
-        ({"features": [{"name": "x", "path": "traits.a", "default": "high"}]}, "spec.features[0].default", "must be a number"),
-        ({"features": [{"name": "x", "path": "traits.a", "default": float("inf")}]}, "spec.features[0].default", "finite"),
+        (
+            {"features": [{"name": "x", "path": "traits.a", "transform": "log"}]},
+            "spec.features[0].transform",
+            "not one of",
+        ),
+        (
+            {"features": [{"name": "x", "path": "traits.a", "transform": "category"}]},
+            "spec.features[0].categories",
+            "non-empty",
+        ),
+        (
+            {"features": [{"name": "x", "path": "traits.a", "default": "high"}]},
+            "spec.features[0].default",
+            "must be a number",
+        ),
+        (
+            {"features": [{"name": "x", "path": "traits.a", "default": float("inf")}]},
+            "spec.features[0].default",
+            "finite",
+        ),
         ({"features": [{"name": "x", "path": "traits.a", "colour": 1}]}, "spec.features[0].colour", "unknown key"),
         (
             {"features": [{"name": "x", "path": "traits.a"}, {"name": "x", "path": "traits.b"}]},
@@ -79,7 +101,11 @@ def test_a_valid_spec_round_trips_through_json():
             "do not define",
         ),
         ({"test_vector": {"features": [1, 2]}}, "spec.test_vector.features", "list of 5 numbers"),
-        ({"test_vector": {"features": [0, 0, 0, 0, 0], "expected": {"other": 1}}}, "spec.test_vector.expected", "map score names"),
+        (
+            {"test_vector": {"features": [0, 0, 0, 0, 0], "expected": {"other": 1}}},
+            "spec.test_vector.expected",
+            "map score names",
+        ),
         ({"flavour": "x"}, "spec.flavour", "unknown key"),
     ],
 )
@@ -91,7 +117,7 @@ def test_a_bad_spec_is_refused_naming_the_field(overrides, field, words):
 
 
 def test_missing_metadata_and_bad_json_are_explained():
-    with pytest.raises(InvalidArgument, match="carries no 'cdp.model' metadata"):
+    with pytest.raises(InvalidArgument, match=r"carries no 'cdp\.model' metadata"):
         ModelSpec.from_metadata({})
     with pytest.raises(InvalidArgument, match="not JSON"):
         ModelSpec.from_metadata({"cdp.model": "{nope"})
