@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 import nats
-from benchlib import acknowledged, bare_server_calls, percentile, wait_count, write_result
+from benchlib import acknowledged, bare_server_calls, bench_hop, percentile, wait_count, write_result
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
@@ -373,42 +373,6 @@ async def bench_freshness(nats_url: str, workdir: Path) -> dict:
     }
 
 
-async def bench_hop(nats_url: str, seconds: float) -> dict:
-    """One bare JetStream hop at the same background rate: publish, a push consumer receives."""
-    async with Bus.connect(nats_url, name="bench-hop") as bus:
-        js = bus.js
-        await js.add_stream(name="HOP", subjects=["hop.>"])
-        arrivals: dict[str, float] = {}
-        got = asyncio.Event()
-
-        async def on_msg(msg) -> None:
-            arrivals[msg.subject] = time.perf_counter()
-            got.set()
-            await msg.ack()
-
-        sub = await js.subscribe("hop.>", cb=on_msg, manual_ack=True)
-        latencies = []
-        rng = random.Random(1)
-        payload = background_event(rng, 0).SerializeToString()
-        deadline = time.perf_counter() + seconds
-        n = 0
-        while time.perf_counter() < deadline:
-            n += 1
-            tick = time.perf_counter()
-            await asyncio.gather(*(js.publish(f"hop.bg.{i % 8}", payload) for i in range(FRESH_RATE // 50)))
-            sent = time.perf_counter()
-            got.clear()
-            await js.publish(f"hop.probe.{n}", payload)
-            for _ in range(1000):
-                if f"hop.probe.{n}" in arrivals:
-                    break
-                await asyncio.sleep(0.001)
-            latencies.append((arrivals[f"hop.probe.{n}"] - sent) * 1000)
-            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
-        await sub.unsubscribe()
-    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "probes": len(latencies)}
-
-
 async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = NatsServer(Path(tmp) / "nats")
@@ -428,7 +392,9 @@ async def main() -> None:
         server.start()
         try:
             fresh = await bench_freshness(server.url, Path(tmp))
-            hop = await bench_hop(server.url, 10)
+            hop = await bench_hop(
+                server.url, 10, rate=FRESH_RATE, payload=background_event(random.Random(1), 0).SerializeToString()
+            )
         finally:
             server.stop()
     write_result(

@@ -137,3 +137,41 @@ async def bare_server_calls(
     finally:
         await server.stop(None)
     return {"rps": calls / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+
+
+async def bench_hop(nats_url: str, seconds: float, *, rate: int, payload: bytes) -> dict:
+    """The physical baseline of a freshness benchmark: one bare JetStream hop (publish, a push consumer
+    receives) while `rate` messages/s of `payload` flow beside it, probed every 20 ms."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await js.add_stream(name="HOP", subjects=["hop.>"])
+    arrivals: dict[str, float] = {}
+
+    async def on_msg(msg) -> None:
+        arrivals[msg.subject] = time.perf_counter()
+        await msg.ack()
+
+    sub = await js.subscribe("hop.>", cb=on_msg, manual_ack=True)
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    n = 0
+    try:
+        while time.perf_counter() < deadline:
+            n += 1
+            tick = time.perf_counter()
+            await asyncio.gather(*(js.publish(f"hop.bg.{i % 8}", payload) for i in range(rate // 50)))
+            sent = time.perf_counter()
+            await js.publish(f"hop.probe.{n}", payload)
+            for _ in range(1000):
+                if f"hop.probe.{n}" in arrivals:
+                    break
+                await asyncio.sleep(0.001)
+            latencies.append((arrivals[f"hop.probe.{n}"] - sent) * 1000)
+            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - tick)))
+    finally:
+        await sub.unsubscribe()
+        await js.delete_stream("HOP")
+        await nc.close()
+    return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "probes": len(latencies)}

@@ -101,3 +101,19 @@ class ProfileProcess(ServiceProcess):
             workdir,
             {"CDP_NATS_URL": nats_url, "CDP_STORE_URL": store_url, "CDP_PARTITIONS": str(partitions), **env},
         )
+
+
+class ScoringProcess(ServiceProcess):
+    def __init__(self, nats_url: str, workdir: Path, *, store_url: str, partitions: int = 8, **env: str):
+        super().__init__(
+            "scoring",
+            "cdp_scoring",
+            workdir,
+            {
+                "CDP_NATS_URL": nats_url,
+                "CDP_STORE_URL": store_url,
+                "CDP_PARTITIONS": str(partitions),
+                "CDP_SCORING_MODEL_STORE": str(workdir / "models"),
+                **env,
+            },
+        )

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from nats.js.errors import NotFoundError
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
@@ -106,6 +108,8 @@ def definition_message(definition: Mapping[str, Any]) -> profile_pb2.ComputedTra
 
 async def setup(runtime: ServiceRuntime) -> None:
     settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
+    # The held fields are many long-lived objects: collect young objects less often (see profile).
+    gc.set_threshold(50_000, 20, 100)
     store = await runtime.stack.enter_async_context(open_store(settings.store_url))
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
@@ -136,9 +140,15 @@ async def setup(runtime: ServiceRuntime) -> None:
         profile_source=profile.fields if profile else None,
         define_traits=profile.define if profile else None,
         announce=announce,
+        snapshot_interval=settings.snapshot_interval,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
+    replayed = await engine.replay(stored_changes(bus.js, partitions, engine.applied))
+    if replayed:
+        log.info("fields brought up to date from the PROFILES stream", extra={"changes": replayed})
+    # The loaded fields live as long as the process: keep the collector from rescanning them.
+    gc.freeze()
 
     async def on_model_changed(msg) -> None:
         if (msg.headers or {}).get("Cdp-Origin") == str(id(engine)):
@@ -175,6 +185,28 @@ async def setup(runtime: ServiceRuntime) -> None:
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
         scopes=SCOPES,
     )
+
+
+async def stored_changes(js, partitions, snapshot: Mapping[str, int]) -> AsyncIterator[tuple[str, int, bytes]]:
+    """The profile changes of each owned partition after the snapshot's position, up to the last one the
+    partition's durable consumer was given (later ones it will deliver itself)."""
+    for p in partitions:
+        subject = f"profiles.changed.{p}"
+        try:
+            info = await js.consumer_info("PROFILES", f"scoring-p{p}")
+        except NotFoundError:
+            continue  # a new consumer starts from the stream's beginning: nothing to catch up on
+        end = info.delivered.stream_seq or 0
+        seq = snapshot.get(subject, 0) + 1
+        while seq <= end:
+            try:
+                msg = await js.get_msg("PROFILES", seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            if msg.seq > end:
+                break
+            yield subject, msg.seq, msg.data or b""
+            seq = msg.seq + 1
 
 
 async def _prepare_models(engine: ScoringEngine, ship: bool) -> None:

@@ -5,11 +5,15 @@ Online path, per batch of `profiles.changed.<p>` messages:
    burst of changes to one person is scored once;
 2. models whose inputs changed are run, one matrix per model version (live or, for a canary's share of
    persons, the canary; shadow versions beside them, compared and never published);
-3. the scores go out as one `ScoresUpdatedBatch` on `scores.updated.<p>` (message id from its content,
-   so a redelivered batch publishes nothing twice), which the profile service stores as profile fields;
-4. then the changed fields and the stream position are written in one group commit, and only then is
-   the batch acknowledged. A failure drops the in-memory state, which is reloaded from the store before
-   the redelivered batch is applied (so its changes are seen as changes and scored again).
+3. the scores go out columnar, one `ScoresUpdatedBatch` per model version on `scores.updated.<p>`, which
+   the profile service stores as profile fields; the batch is acknowledged once JetStream has them.
+
+The fields are state derived from the `PROFILES` stream, and that stream is their log: they are
+snapshotted to the store every few seconds with the stream position they include, and a restart loads
+the snapshot and replays the stream from that position up to where the consumer had got (no scoring
+while replaying: those scores were published before). Nothing is written per change, so the store is
+not on the latency path. A redelivered message (its first delivery failed, or the process died before
+acknowledging it) re-scores its persons whether or not their fields look changed, so no score is lost.
 
 Registry changes (deploy, promote, rollback) are stored, then announced on `scoring.models.changed` so
 every replica reloads the entry: hot reload, without dropping a request (a request holds the session it
@@ -24,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -72,14 +76,22 @@ def value_to_python(value) -> Any:
 def change_fields(change: profile_pb2.ProfileChanged) -> dict[str, Any]:
     """The flat field updates a profile change carries (None: the field is gone)."""
     updates: dict[str, Any] = {}
-    for name, value in change.traits.items():
-        updates["traits." + name] = value_to_python(value)
-    for name, value in change.computed.items():
-        updates["computed." + name] = value_to_python(value)
-    for key, granted in change.consent.items():
-        updates["consent." + key] = granted
-    for name, score in change.scores.items():
-        updates["scores." + name] = score
+    for root, values in (("computed.", change.computed), ("traits.", change.traits)):
+        if values:
+            for name, value in values.items():
+                kind = value.WhichOneof("kind")
+                if kind == "number_value":
+                    updates[root + name] = value.number_value
+                elif kind == "string_value":
+                    updates[root + name] = value.string_value
+                else:
+                    updates[root + name] = value_to_python(value)
+    if change.consent:
+        for key, granted in change.consent.items():
+            updates["consent." + key] = granted
+    if change.scores:
+        for name, score in change.scores.items():
+            updates["scores." + name] = score
     return updates
 
 
@@ -95,14 +107,6 @@ def profile_fields(profile: profile_pb2.Profile) -> dict[str, Any]:
     for name, score in profile.scores.items():
         fields["scores." + name] = score.value
     return {k: v for k, v in fields.items() if v is not None}
-
-
-@dataclass(slots=True)
-class _Pending:
-    dirty: set[str] = field(default_factory=set)
-    gone: set[str] = field(default_factory=set)
-    positions: dict[str, int] = field(default_factory=dict)
-    waiters: list[asyncio.Future] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -139,6 +143,7 @@ class ScoringEngine:
         profile_source: ProfileSource | None = None,
         define_traits: TraitDefiner | None = None,
         announce: Callable[[str], Awaitable[None]] | None = None,
+        snapshot_interval: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -150,22 +155,24 @@ class ScoringEngine:
         self.profile_source = profile_source
         self.define_traits = define_traits
         self.announce = announce
+        self.snapshot_interval = snapshot_interval
         self.clock = clock
         self.registry = Registry()
         self.sessions: dict[tuple[str, str], LoadedModel] = {}
         self.stats: dict[tuple[str, str], VersionStats] = {}
         self.fields: dict[str, dict[str, Any]] = {}
         self.versions: dict[str, int] = {}
+        # partition subject -> the last stream position the fields include (snapshotted with them)
         self.applied: dict[str, int] = {}
+        self.snapshotted: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._gone: set[str] = set()
         # field path -> models reading it (rebuilt when the registry changes)
         self._readers: dict[str, set[str]] = {}
-        self._pending = _Pending()
-        self._wake = asyncio.Event()
-        self._failed = False
         self._registry_lock = asyncio.Lock()
+        self._snapshot_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._partition_cache: dict[str, int] = {}
-        self._changed_since_commit: set[str] = set()
         meter = telemetry.meter
         self._m_rows = meter.create_counter("cdp_scoring_rows_total", description="rows scored, by model and role")
         self._m_published = meter.create_counter(
@@ -192,6 +199,7 @@ class ScoringEngine:
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """The registry and its sessions, then the last snapshot of the fields (see `replay`)."""
         async for record in self.store.scan_all(MODELS):
             entry = ModelEntry.from_doc(record.doc)
             self.registry.models[entry.name] = entry
@@ -200,9 +208,12 @@ class ScoringEngine:
             await self._load_session(version)
         self._reindex()
         async for record in self.store.scan_all(CHECKPOINTS):
-            self.applied[record.key] = record.doc.get("stream_seq", 0)
-        await self._warm()
-        self._tasks.append(asyncio.create_task(self._flush_loop(), name="scoring group commit"))
+            self.applied[record.key] = self.snapshotted[record.key] = record.doc.get("stream_seq", 0)
+        async for record in self.store.scan_all(FIELDS, page_size=2000):
+            if self._partition(record.key) in self.owned:
+                self.fields[record.key] = orjson.loads(record.doc["fields"])
+                self.versions[record.key] = record.version
+        self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="scoring snapshots"))
 
     def background(self, coro, name: str) -> None:
         """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
@@ -213,12 +224,24 @@ class ScoringEngine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        try:
+            await self.snapshot()
+        except Exception as exc:  # the next start replays further back instead; nothing is lost
+            log.warning("final snapshot failed: %r", exc)
 
-    async def _warm(self) -> None:
-        async for record in self.store.scan_all(FIELDS, page_size=2000):
-            if self._partition(record.key) in self.owned:
-                self.fields[record.key] = orjson.loads(record.doc["fields"])
-                self.versions[record.key] = record.version
+    async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]]) -> int:
+        """Bring the fields from the snapshot up to where the consumer had got: apply (subject, stream
+        position, payload) in stream order, without scoring. Returns the changes applied."""
+        applied = 0
+        async for subject, seq, data in messages:
+            if seq <= self.applied.get(subject, 0):
+                continue
+            for change in profile_pb2.ProfileChangedBatch.FromString(data).changes:
+                if change.person_id:
+                    self._apply_change(change)
+                    applied += 1
+            self.applied[subject] = seq
+        return applied
 
     def _partition(self, person: str) -> int:
         partition = self._partition_cache.get(person)
@@ -366,68 +389,61 @@ class ScoringEngine:
     # --- the stream path --------------------------------------------------------------------------
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `profiles.changed.<p>`."""
+        """Consumer handler for `profiles.changed.<p>`: apply, score, publish; acknowledged after."""
         subject = batch[0].subject
-        if self._failed:
-            await self._recover()
-        applied = self.applied.get(subject, 0)
         touched: dict[str, set[str]] = {}
         changed_at: dict[str, float] = {}
-        causes: dict[str, list[str]] = {}
-        gone: set[str] = set()
+        forced: set[str] = set()
         oldest = math.inf
-        try:
-            for delivery in batch:
-                if delivery.stream_seq <= applied:
+        for delivery in batch:
+            message = profile_pb2.ProfileChangedBatch()
+            try:
+                message.ParseFromString(delivery.data)
+            except DecodeError as exc:
+                delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
+                continue
+            again = getattr(delivery, "num_delivered", 1) > 1
+            for change in message.changes:
+                person = change.person_id
+                if not person:
                     continue
-                message = profile_pb2.ProfileChangedBatch()
-                try:
-                    message.ParseFromString(delivery.data)
-                except DecodeError as exc:
-                    delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
+                at = change.at.seconds + change.at.nanos / 1e9
+                if at < oldest:
+                    oldest = at
+                paths = self._apply_change(change)
+                if person not in self.fields:
+                    touched.pop(person, None)
+                    forced.discard(person)
                     continue
-                for change in message.changes:
-                    person = change.person_id
-                    if not person:
-                        continue
-                    at = change.at.seconds + change.at.nanos / 1e9
-                    oldest = min(oldest, at)
-                    if change.removed:
-                        if self.fields.pop(person, None) is not None:
-                            gone.add(person)
-                        touched.pop(person, None)
-                        continue
-                    gone.discard(person)
-                    paths = self._apply(person, change_fields(change))
-                    if paths:
-                        touched.setdefault(person, set()).update(paths)
-                        changed_at[person] = max(changed_at.get(person, 0.0), at)
-                        if change.event_ids:
-                            causes.setdefault(person, []).extend(change.event_ids)
-            last_seq = batch[-1].stream_seq
-            if last_seq <= applied:
-                return
-            updates = self._score_touched(touched, changed_at, causes)
-            messages = self._messages(updates)
-            if messages:
-                results = await self.publisher.publish_batch(messages)
-                failed = [r for r in results if not r.ok]
-                if failed:
-                    raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
-                if oldest is not math.inf:
-                    self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
-            pending = self._pending
-            pending.dirty.update(p for p in touched if p in self.fields)
-            # Persons whose fields changed without touching a model's input must be written too.
-            pending.dirty.update(p for p in self._changed_since_commit)
-            self._changed_since_commit.clear()
-            pending.gone.update(gone)
-            pending.positions[subject] = last_seq
-            await self._commit()
-        except BaseException:
-            # The in-memory fields got ahead of the store: reload them before the redelivery.
-            self._failed = True
-            raise
+                if again:
+                    forced.add(person)
+                if paths or again:
+                    known = touched.get(person)
+                    if known is None:
+                        touched[person] = paths
+                    else:
+                        known |= paths
+                    changed_at[person] = max(changed_at.get(person, 0.0), at)
+        self.applied[subject] = max(self.applied.get(subject, 0), batch[-1].stream_seq)
+        messages = self._messages(self._score_touched(touched, changed_at, forced))
+        if messages:
+            results = await self.publisher.publish_batch(messages)
+            failed = [r for r in results if not r.ok]
+            if failed:
+                # Redelivered, these messages re-score their persons (see num_delivered above).
+                raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+            if oldest is not math.inf:
+                self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
+
+    def _apply_change(self, change: profile_pb2.ProfileChanged) -> set[str]:
+        """Apply one profile change to the fields; the changed paths some model reads."""
+        person = change.person_id
+        if change.removed:
+            if self.fields.pop(person, None) is not None:
+                self._gone.add(person)
+                self._dirty.discard(person)
+            return set()
+        return self._apply(person, change_fields(change))
 
     def _apply(self, person: str, updates: Mapping[str, Any]) -> set[str]:
         fields = self.fields.get(person)
@@ -442,51 +458,61 @@ class ScoringEngine:
                 fields[path] = value
                 changed.add(path)
         if changed:
-            self._changed_since_commit.add(person)
+            self._dirty.add(person)
+            self._gone.discard(person)
         readers = self._readers
         return {p for p in changed if p in readers}
 
     def _score_touched(
-        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], causes: Mapping[str, list[str]]
-    ) -> list[scoring_pb2.ScoresUpdated]:
-        """Score each touched person once per model whose inputs changed; the updates to publish."""
+        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], forced: set[str] = frozenset()
+    ) -> list[tuple[Version, list[str], np.ndarray, list[float]]]:
+        """Score each touched person once per model whose inputs changed (every live model for a forced
+        one): (version, persons, scores, change times) per version to publish."""
         readers = self._readers
+        every = list(self.registry.models) if forced else []
         by_model: dict[str, list[str]] = {}
         for person, paths in touched.items():
-            models: set[str] = set()
-            for path in paths:
-                models |= readers.get(path, set())
+            if person in forced:
+                models = every
+            elif len(paths) == 1:
+                (path,) = paths
+                models = readers.get(path, ())
+            else:
+                models = set()
+                for path in paths:
+                    models.update(readers.get(path, ()))
             for model in models:
-                by_model.setdefault(model, []).append(person)
-        updates: list[scoring_pb2.ScoresUpdated] = []
+                members = by_model.get(model)
+                if members is None:
+                    by_model[model] = [person]
+                else:
+                    members.append(person)
+        out = []
         for name, persons in by_model.items():
             entry = self.registry.models.get(name)
             if entry is None:
                 continue
-            for version, scored in self._run_entry(entry, persons, changed_at):
-                for person, scores in scored:
-                    update = scoring_pb2.ScoresUpdated(person_id=person, model=name, version=version.version)
-                    update.scores.update(scores)
-                    at = changed_at.get(person)
-                    if at:
-                        update.at.seconds = int(at)
-                        update.at.nanos = int((at - int(at)) * 1e9)
-                    update.event_ids.extend(dict.fromkeys(causes.get(person, ())))
-                    updates.append(update)
-        return updates
+            for version, members, scores in self._run_entry(entry, persons, changed_at):
+                out.append((version, members, scores, [changed_at.get(p, 0.0) for p in members]))
+        return out
 
     def _run_entry(
         self, entry: ModelEntry, persons: Sequence[str], at: Mapping[str, float] | float
-    ) -> list[tuple[Version, list[tuple[str, dict[str, float]]]]]:
+    ) -> list[tuple[Version, list[str], np.ndarray]]:
         """Run each person's published version (live, or the canary for its share) and every shadow.
 
         Returns what to publish, per version. Shadows, and the canary's share, are also compared with
         what live gives the same persons (live is run for the comparison where it was not already)."""
-        groups: dict[str, list[str]] = {}
-        for person in persons:
-            version = self.registry.route(entry, person)
-            if version is not None:
-                groups.setdefault(version.version, []).append(person)
+        live, canary, shadows = entry.live, entry.canary, entry.shadows()
+        if canary is None:
+            groups = {live.version: list(persons)} if live is not None else {}
+        else:
+            groups = {}
+            route = self.registry.route
+            for person in persons:
+                version = route(entry, person)
+                if version is not None:
+                    groups.setdefault(version.version, []).append(person)
         out = []
         by_version: dict[str, dict[str, np.ndarray]] = {}
         for version_name, members in groups.items():
@@ -495,14 +521,7 @@ class ScoringEngine:
             if scores is None:
                 continue
             by_version[version_name] = dict(zip(members, scores, strict=True))
-            names = version.spec.score_names
-            out.append(
-                (
-                    version,
-                    [(p, dict(zip(names, row.tolist(), strict=True))) for p, row in zip(members, scores, strict=True)],
-                )
-            )
-        live, canary, shadows = entry.live, entry.canary, entry.shadows()
+            out.append((version, members, scores))
         if live is None or not (shadows or (canary is not None and canary.version in by_version)):
             return out
         live_scores = by_version.get(live.version, {})
@@ -556,83 +575,95 @@ class ScoringEngine:
         self._m_rows.add(len(persons), {"model": version.spec.name, "version": version.version, "role": version.role})
         return scores
 
-    def _messages(self, updates: Sequence[scoring_pb2.ScoresUpdated]) -> list[OutMessage]:
-        grouped: dict[int, list[scoring_pb2.ScoresUpdated]] = {}
-        for update in updates:
-            grouped.setdefault(self._partition(update.person_id), []).append(update)
+    def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:
+        """One columnar `ScoresUpdatedBatch` per model version and person partition."""
         out = []
-        for partition, items in grouped.items():
-            for start in range(0, len(items), MAX_UPDATES_PER_MESSAGE):
-                chunk = items[start : start + MAX_UPDATES_PER_MESSAGE]
-                payload = scoring_pb2.ScoresUpdatedBatch(updates=chunk).SerializeToString(deterministic=True)
-                out.append(
-                    OutMessage(
-                        subject=f"{SCORES_SUBJECT}.{partition}",
-                        payload=payload,
-                        msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+        for version, persons, scores, times in scored:
+            rows: dict[int, list[int]] = {}
+            for i, person in enumerate(persons):
+                rows.setdefault(self._partition(person), []).append(i)
+            names = version.spec.score_names
+            for partition, index in rows.items():
+                for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
+                    chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
+                    batch = scoring_pb2.ScoresUpdatedBatch(
+                        model=version.spec.name,
+                        version=version.version,
+                        scores=names,
+                        person_ids=[persons[i] for i in chunk],
+                        values=scores[chunk].ravel().tolist(),
+                        at_ms=[round(times[i] * 1000) for i in chunk],
                     )
-                )
-                for update in chunk:
-                    self._m_published.add(1, {"model": update.model})
+                    payload = batch.SerializeToString()
+                    out.append(
+                        OutMessage(
+                            subject=f"{SCORES_SUBJECT}.{partition}",
+                            payload=payload,
+                            msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+                        )
+                    )
+            self._m_published.add(len(persons), {"model": version.spec.name})
         return out
 
-    # --- the group commit -------------------------------------------------------------------------
+    # --- snapshots ------------------------------------------------------------------------------------
 
-    def _commit(self) -> asyncio.Future:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.waiters.append(future)
-        self._wake.set()
-        return future
-
-    async def _flush_loop(self) -> None:
+    async def _snapshot_loop(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.flush()
+            await asyncio.sleep(self.snapshot_interval)
+            try:
+                await self.snapshot()
+            except Exception as exc:  # kept dirty: the next round writes them; a restart replays further
+                log.warning("fields snapshot failed (%r); retrying in %.0fs", exc, self.snapshot_interval)
 
-    async def flush(self) -> None:
-        pending, self._pending = self._pending, _Pending()
-        if not pending.waiters and not pending.dirty and not pending.gone:
-            return
-        try:
-            ops: list[Put | Delete] = []
-            for person in pending.dirty:
-                fields = self.fields.get(person)
-                if fields is None:
-                    continue
-                expected = self.versions.get(person, 0)
-                self.versions[person] = expected + 1
-                ops.append(Put(FIELDS, person, {"fields": orjson.dumps(fields).decode()}, expected_version=expected))
-            for person in pending.gone - pending.dirty:
-                self.versions.pop(person, None)
-                ops.append(Delete(FIELDS, person))
-            for subject, seq in pending.positions.items():
-                ops.append(Put(CHECKPOINTS, subject, {"stream_seq": seq, "at": self.clock()}))
-            if ops:
-                await self.store.bulk_write(ops)
-        except Exception as exc:
-            self._failed = True
-            log.warning("scoring write failed (%r); the fields will be reloaded from the store", exc)
-            for waiter in pending.waiters:
-                if not waiter.done():
-                    waiter.set_exception(Unavailable(f"scoring write failed ({exc!r}); the batch will be retried"))
-            return
-        for subject, seq in pending.positions.items():
-            self.applied[subject] = max(self.applied.get(subject, 0), seq)
-        for waiter in pending.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def snapshot(self, chunk: int = 256) -> int:
+        """Write the fields changed since the last snapshot, then the stream positions they include.
 
-    async def _recover(self) -> None:
-        self._failed = False
-        self.fields.clear()
-        self.versions = {k: v for k, v in self.versions.items() if k.startswith("m:")}
-        self.applied.clear()
-        self._changed_since_commit.clear()
-        async for record in self.store.scan_all(CHECKPOINTS):
-            self.applied[record.key] = record.doc.get("stream_seq", 0)
-        log.warning("scoring fields dropped after a failure; reloading from the store")
-        await self._warm()
+        Written in small chunks so the event loop (and the latency of scoring) never waits long; the
+        positions go last, so a crash mid-way leaves positions older than some fields, and the replay from
+        there applies the same changes again in order, ending in the same state."""
+        async with self._snapshot_lock:
+            dirty, gone = self._dirty, self._gone
+            positions = {s: q for s, q in self.applied.items() if q != self.snapshotted.get(s)}
+            if not dirty and not gone and not positions:
+                return 0
+            self._dirty, self._gone = set(), set()
+            written = 0
+            try:
+                ops: list[Put | Delete] = [Delete(FIELDS, person) for person in gone - dirty]
+                for person in dirty:
+                    fields = self.fields.get(person)
+                    if fields is None:
+                        continue
+                    expected = self.versions.get(person, 0)
+                    ops.append(
+                        Put(FIELDS, person, {"fields": orjson.dumps(fields).decode()}, expected_version=expected)
+                    )
+                    if len(ops) >= chunk:
+                        written += await self._write_fields(ops)
+                        ops = []
+                written += await self._write_fields(ops)
+                at = self.clock()
+                await self.store.bulk_write(
+                    [Put(CHECKPOINTS, s, {"stream_seq": q, "at": at}) for s, q in positions.items()]
+                )
+            except BaseException:
+                # Written again next time (a person changed meanwhile is in the new dirty set anyway).
+                self._dirty |= {p for p in dirty if p in self.fields}
+                self._gone |= gone - self._dirty
+                raise
+            self.snapshotted.update(positions)
+            return written + len(positions)
+
+    async def _write_fields(self, ops: list[Put | Delete]) -> int:
+        if not ops:
+            return 0
+        await self.store.bulk_write(ops)
+        for op in ops:
+            if isinstance(op, Put):
+                self.versions[op.key] = op.expected_version + 1
+            else:
+                self.versions.pop(op.key, None)
+        return len(ops)
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
@@ -762,21 +793,18 @@ class ScoringEngine:
         now = self.clock()
         for offset in range(0, total, chunk):
             members = [p for p in persons[offset : offset + chunk] if p in self.fields]
-            updates: list[scoring_pb2.ScoresUpdated] = []
-            for entry in entries:
-                for version, scored in self._run_entry(entry, members, now):
-                    for person, scores in scored:
-                        update = scoring_pb2.ScoresUpdated(person_id=person, model=entry.name, version=version.version)
-                        update.scores.update(scores)
-                        update.at.seconds = int(now)
-                        updates.append(update)
-            if publish and updates:
-                messages = self._messages(updates)
+            scored = [
+                (version, persons, scores, [now] * len(persons))
+                for entry in entries
+                for version, persons, scores in self._run_entry(entry, members, now)
+            ]
+            if publish and scored:
+                messages = self._messages(scored)
                 results = await self.publisher.publish_batch(messages)
                 failed = [r for r in results if not r.ok]
                 if failed:
                     raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
-                published += len(updates)
+                published += sum(len(persons) for _v, persons, _s, _t in scored)
             yield {
                 "done": min(total, offset + chunk),
                 "total": total,

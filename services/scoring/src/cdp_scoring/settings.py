@@ -40,6 +40,12 @@ class ScoringSettings(ServiceSettings):
     ack_wait: float = env(
         "CDP_SCORING_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
     )
+    snapshot_interval: float = env(
+        "CDP_SCORING_SNAPSHOT_SECONDS",
+        10.0,
+        help="seconds between snapshots of the profile fields held (a restart replays profiles.changed from "
+        "the last one; keep it far below the PROFILES stream's retention)",
+    )
     threads: int = env("CDP_SCORING_THREADS", 1, help="onnxruntime intra-op threads per session")
     pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
     replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
@@ -55,6 +61,8 @@ class ScoringSettings(ServiceSettings):
             problems.append(f"CDP_SCORING_MODEL_STORE={self.model_store!r} is invalid: {exc.description}")
         if self.batch_size < 1:
             problems.append(f"CDP_SCORING_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if not 0 < self.snapshot_interval <= 3600:
+            problems.append(f"CDP_SCORING_SNAPSHOT_SECONDS={self.snapshot_interval} is invalid: must be in (0, 3600]")
         if self.threads < 1:
             problems.append(f"CDP_SCORING_THREADS={self.threads} is invalid: must be at least 1")
         if self.replicas < 1:

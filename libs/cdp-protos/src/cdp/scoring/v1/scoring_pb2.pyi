@@ -250,31 +250,18 @@ class RollbackRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class ScoresUpdated(_message.Message):
-    __slots__ = ("person_id", "model", "version", "scores", "at", "event_ids")
-    class ScoresEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+class ScoresUpdatedBatch(_message.Message):
+    __slots__ = ("model", "version", "scores", "person_ids", "values", "at_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
-    AT_FIELD_NUMBER: _ClassVar[int]
-    EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
-    person_id: str
+    PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
-    scores: _containers.ScalarMap[str, float]
-    at: _timestamp_pb2.Timestamp
-    event_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, person_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Mapping[str, float]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_ids: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class ScoresUpdatedBatch(_message.Message):
-    __slots__ = ("updates",)
-    UPDATES_FIELD_NUMBER: _ClassVar[int]
-    updates: _containers.RepeatedCompositeFieldContainer[ScoresUpdated]
-    def __init__(self, updates: _Optional[_Iterable[_Union[ScoresUpdated, _Mapping]]] = ...) -> None: ...
+    scores: _containers.RepeatedScalarFieldContainer[str]
+    person_ids: _containers.RepeatedScalarFieldContainer[str]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    at_ms: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[str]] = ..., person_ids: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[float]] = ..., at_ms: _Optional[_Iterable[int]] = ...) -> None: ...
