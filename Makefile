@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 GRPC_TOOLS_VERSION := 1.85.1
 PROTO_OUT := libs/cdp-protos/src
 
-.PHONY: help env up status test test-fast proto proto-check lint bench bench-% deploy-check clean
+.PHONY: help env up status test test-fast proto proto-check lint models bench bench-% deploy-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ proto-check: env ## fail when the committed stubs are stale
 lint: env ## ruff lint and format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+models: env ## train the shipped models (customer simulator -> LightGBM / scikit-learn -> ONNX), fixed seed
+	$(PY) -m cdp_scoring.training
 
 deploy-check: env ## validate the Helm chart and skaffold.yaml statically
 	$(VENV)/bin/pytest -q tests/deploy

@@ -4,6 +4,8 @@ cdpctl up                 nats-server + every service on the embedded store; Ctr
 cdpctl status [--json]    health of a running platform
 cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
 cdpctl send track --count 10000     # generated events, with a progress bar
+cdpctl profile user_id u1           # a profile as JSON
+cdpctl models                       # the deployed models, their versions and quality
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
 
@@ -427,6 +430,48 @@ def profile(ws: Workspace, identifier_type: str, value: str, wait: float, addres
         raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
     document = asyncio.run(_lookup_profile(address, ws.admin_token(), identifier_type, value, wait))
     out.print_json(json.dumps(document))
+
+
+async def _models(address: str, token: str) -> list[dict]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        try:
+            listed = await stub.ListModels(
+                scoring_pb2.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+    return [json_format.MessageToDict(m) for m in listed.models]
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (every version, spec included)")
+@click.option("--address", help="scoring gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def models(ws: Workspace, as_json: bool, address) -> None:
+    """The deployed models: live version, other versions and their roles, scores and quality."""
+    state = ws.read_run() or {}
+    address = address or (state.get("services", {}).get("scoring", {}) or {}).get("grpc")
+    if not address:
+        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
+    documents = asyncio.run(_models(address, ws.admin_token()))
+    if as_json:
+        out.print_json(json.dumps(documents))
+        return
+    table = Table(title="models")
+    for column in ("model", "live", "versions", "scores", "quality"):
+        table.add_column(column)
+    for model in documents:
+        versions = model.get("versions", [])
+        live = next((v for v in versions if v.get("role") == "ROLE_LIVE"), versions[0] if versions else {})
+        spec = live.get("spec", {})
+        roles = ", ".join(f"{v['spec']['version']} {v.get('role', '').removeprefix('ROLE_').lower()}" for v in versions)
+        quality = ", ".join(
+            f"{k} {v:.3f}" for k, v in sorted(spec.get("quality", {}).items()) if isinstance(v, int | float)
+        )
+        scores = ", ".join(o["score"] for o in spec.get("outputs", []))
+        table.add_row(model["name"], model.get("liveVersion", ""), roles, scores, quality[:80])
+    out.print(table)
 
 
 if __name__ == "__main__":
