@@ -1,0 +1,122 @@
+"""The customer simulator: one seed, one population; people behave as their latent traits say; events come
+out in the two forms the platform takes (Segment JSON for the collector, ProfileEvent for the profile)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+
+from cdp.events.v1 import events_pb2
+from cdp_collector.domain.segment import parse_request
+from cdp_profile.domain.computed import local_hour
+from cdp_profile.events import to_profile_event
+from cdp_scoring.training.simulator import CHANNELS, CITIES, Kind, simulate
+
+REQUIRED = {"type", "messageId", "userId", "anonymousId", "context", "timestamp"}
+
+
+def test_same_seed_same_population_other_seed_other_people():
+    a, b, c = simulate(300, 5), simulate(300, 5), simulate(300, 6)
+    for name, column in a.table.items():
+        assert np.array_equal(column, b.table[name]), name
+    assert np.array_equal(a.fraud_at, b.fraud_at)
+    assert np.array_equal(a.outcomes.churned, b.outcomes.churned)
+    assert a.segment_events(7) == b.segment_events(7)
+    assert a.table["t"].size != c.table["t"].size or not np.array_equal(a.table["t"], c.table["t"])
+
+
+def test_outcomes_are_plausible_and_follow_the_latent_traits():
+    people = simulate(4000, 3)
+    out = people.outcomes
+    assert 0.2 < out.churned.mean() < 0.6
+    assert 0.1 < out.purchased.mean() < 0.4
+    assert 0.015 < out.is_fraudster.mean() < 0.035
+    assert set(np.unique(out.response_channel)) == {-1, 0, 1, 2, 3}
+    # the outcome labels come from the simulated behaviour, not from noise
+    lapsed = people.traits["dropout_at"] < people.cutoff - 60 * 86400
+    assert out.churned[lapsed].mean() > out.churned[~lapsed].mean() + 0.3
+    buyers = people.traits["order_rate"] > np.quantile(people.traits["order_rate"], 0.8)
+    assert out.purchased[buyers].mean() > 2 * out.purchased[~buyers].mean()
+    answered = out.response_channel >= 0
+    preferred = people.traits["preferred_channel_after"][answered]
+    assert np.mean(out.response_channel[answered] == preferred) > 0.5
+    # answers come near the preferred local hour
+    gap = np.abs(out.response_hour[answered] - people.traits["preferred_hour"][answered]) % 24
+    assert np.median(np.minimum(gap, 24 - gap)) <= 2.5
+
+
+def test_fraudsters_show_the_fraud_signals(population, fields):
+    fraud = population.outcomes.is_fraudster
+    assert 40 < fraud.sum() < 120
+
+    def feature(name):
+        return np.array([float(f.get(f"computed.{name}", 0) or 0) for f in fields.at_fraud])
+
+    for name in ("cards_24h", "countries_24h", "accounts_24h", "geo_mismatch_24h", "ips_24h", "orders_24h"):
+        values = feature(name)
+        assert values[fraud].mean() > 1.5 * values[~fraud].mean() + 0.1, name
+    speed = feature("max_speed_kmh_24h")
+    assert np.mean(speed[fraud] > 1000) > 3 * np.mean(speed[~fraud] > 1000)  # impossible travel
+    age = np.array(
+        [(at - f["computed.signed_up_at"]) / 86400 for f, at in zip(fields.at_fraud, population.fraud_at, strict=True)]
+    )
+    rings = population.traits["fraud_ring"]
+    assert np.all(age[rings] < 3)  # ring accounts are hours old when they order
+
+
+def test_local_hours_are_the_hours_computed_traits_see(population):
+    rows = np.arange(0, population.table["t"].size, 97)
+    for row in rows:
+        zone = population.table["zone"][row]
+        expected = local_hour(float(population.table["t"][row]), CITIES[zone].timezone)
+        assert population.local_hour[row] == expected
+
+
+def test_segment_events_are_valid_segment_calls(population):
+    events = [e for person in range(50) for e in population.segment_events(person)]
+    assert {e["type"] for e in events} == {"track", "identify", "page", "screen"}
+    ids = [e["messageId"] for e in events]
+    assert len(ids) == len(set(ids))
+    for event in events:
+        assert event.keys() >= REQUIRED
+        assert ("event" in event) == (event["type"] == "track")
+        assert ("traits" in event) == (event["type"] == "identify")
+        assert {"ip", "timezone", "device", "location"} <= event["context"].keys()
+        assert datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).tzinfo is not None
+    orders = [e for e in events if e.get("event") == "Order Completed"]
+    assert orders and all(
+        {"order_id", "total", "currency", "card_fingerprint", "card_country", "items"} <= o["properties"].keys()
+        for o in orders
+    )
+    names = {e.get("event") for e in events}
+    assert {"Product Viewed", "Product Added", "Email Opened", "Signed Up"} <= names
+
+
+def test_both_forms_agree_through_the_collector_and_the_profile_conversion(population):
+    """Segment JSON parsed by the collector and converted by the profile service gives exactly the
+    ProfileEvent the training pipeline applies."""
+    for person in (0, 1, 2, int(np.flatnonzero(population.outcomes.is_fraudster)[0])):
+        direct = population.profile_events(person)
+        sent = population.segment_events(person)
+        assert len(direct) == len(sent)
+        for event, segment in zip(direct, sent, strict=True):
+            parsed = parse_request(
+                "batch",
+                orjson.dumps({"batch": [segment]}),
+                received_at=datetime(2026, 1, 1, tzinfo=UTC),
+                source_id=event.source,
+            )
+            (proto,) = [e for _, e in parsed.valid()]
+            resolved = events_pb2.ResolvedEvent(
+                event=proto, person_id=population.person_id(person), identifiers=list(event.identifiers)
+            )
+            assert to_profile_event(resolved, needs_context=True) == event
+
+
+def test_every_channel_and_kind_occurs():
+    people = simulate(1500, 4)
+    kinds = set(np.unique(people.table["kind"]).tolist())
+    assert kinds == set(range(len(Kind.NAMES)))
+    assert (people.outcomes.responses.sum(axis=0) > 0).all() and len(CHANNELS) == 4
