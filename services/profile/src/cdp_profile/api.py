@@ -107,6 +107,8 @@ def definition_from_message(message: profile_pb2.ComputedTraitDefinition) -> Com
         document["where"] = struct_to_dict(message.where)
     if message.window:
         document["window"] = message.window
+    if message.compare:
+        document["compare"] = message.compare
     return ComputedTrait.from_dict(document)
 
 
@@ -119,6 +121,7 @@ def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
         event_names=d.get("event_names") or [],
         property=d.get("property") or "",
         window=str(d.get("window") or ""),  # already the shortest text ("30d")
+        compare=d.get("compare") or "",
     )
     if d.get("where"):
         definition.where.CopyFrom(dict_to_struct(d["where"]))

@@ -283,6 +283,7 @@ class ProfileEngine:
         await self._publish_leftovers(subject)
         applied = self.applied.get(subject, 0)
         items: list[tuple[str, Any, float]] = []
+        needs_context = self.defs.needs_context
         for delivery in batch:
             if delivery.stream_seq <= applied:
                 continue  # applied before a crash; its changes were published from the checkpoint
@@ -295,7 +296,13 @@ class ProfileEngine:
             for resolved in message.events:
                 if not resolved.person_id:
                     continue
-                items.append((resolved.person_id, to_profile_event(resolved), received_time(resolved.event)))
+                items.append(
+                    (
+                        resolved.person_id,
+                        to_profile_event(resolved, needs_context=needs_context),
+                        received_time(resolved.event),
+                    )
+                )
         last_seq = batch[-1].stream_seq
         if last_seq <= applied:
             return

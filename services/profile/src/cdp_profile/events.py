@@ -9,6 +9,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from cdp.events.v1 import events_pb2
 from cdp_profile.domain import ProfileEvent
+from cdp_profile.domain.events import EMPTY
 
 _TYPES = {
     events_pb2.EVENT_TYPE_TRACK: "track",
@@ -101,7 +102,69 @@ def event_id_of(event: events_pb2.Event) -> str:
     return f"{event.source_id}:{event.message_id}"
 
 
-def to_profile_event(resolved: events_pb2.ResolvedEvent) -> ProfileEvent:
+# Segment's JSON names of the context objects' fields, as (protobuf field, JSON key); see CONTEXT_FIELDS.
+_CONTEXT_OBJECTS = (
+    (
+        "device",
+        "device",
+        (
+            ("id", "id"),
+            ("advertising_id", "advertisingId"),
+            ("manufacturer", "manufacturer"),
+            ("model", "model"),
+            ("name", "name"),
+            ("type", "type"),
+        ),
+    ),
+    ("os", "os", (("name", "name"), ("version", "version"))),
+    (
+        "campaign",
+        "campaign",
+        (("name", "name"), ("source", "source"), ("medium", "medium"), ("term", "term"), ("content", "content")),
+    ),
+    (
+        "page",
+        "page",
+        (("path", "path"), ("referrer", "referrer"), ("search", "search"), ("title", "title"), ("url", "url")),
+    ),
+    ("app", "app", (("name", "name"), ("version", "version"), ("build", "build"), ("namespace", "namespace"))),
+)
+
+
+def context_to_dict(context: events_pb2.Context) -> dict[str, Any]:
+    """The context as computed traits read it (`$context.<path>`): Segment's key names, non-empty fields only."""
+    out: dict[str, Any] = {}
+    if context.ip:
+        out["ip"] = context.ip
+    if context.locale:
+        out["locale"] = context.locale
+    if context.timezone:
+        out["timezone"] = context.timezone
+    if context.user_agent:
+        out["userAgent"] = context.user_agent
+    for field_name, key, fields in _CONTEXT_OBJECTS:
+        if context.HasField(field_name):
+            message = getattr(context, field_name)
+            values = {json_name: value for proto_name, json_name in fields if (value := getattr(message, proto_name))}
+            if values:
+                out[key] = values
+    if context.HasField("location"):
+        location = context.location
+        values = {}
+        for name in ("city", "country", "region"):
+            if value := getattr(location, name):
+                values[name] = value
+        # proto3 doubles have no presence: (0, 0) is "not sent", but one zero coordinate of a pair is real.
+        if location.latitude or location.longitude:
+            values["latitude"] = location.latitude
+            values["longitude"] = location.longitude
+        if values:
+            out["location"] = values
+    return out
+
+
+def to_profile_event(resolved: events_pb2.ResolvedEvent, *, needs_context: bool = False) -> ProfileEvent:
+    """The domain event; its `context` is converted only with `needs_context` (some definition reads it)."""
     event = resolved.event
     kind = _TYPES.get(event.type, "track")
     if kind == "track":
@@ -111,11 +174,15 @@ def to_profile_event(resolved: events_pb2.ResolvedEvent) -> ProfileEvent:
     else:
         name = ""
     consent: dict[str, bool] = {}
-    if event.HasField("context") and event.context.HasField("consent"):
-        for purpose, granted in event.context.consent.category_preferences.items():
-            consent[f"purpose:{purpose}"] = granted
-        for channel, granted in event.context.consent.channel_preferences.items():
-            consent[f"channel:{channel}"] = granted
+    context: Mapping[str, Any] = EMPTY
+    if event.HasField("context"):
+        if event.context.HasField("consent"):
+            for purpose, granted in event.context.consent.category_preferences.items():
+                consent[f"purpose:{purpose}"] = granted
+            for channel, granted in event.context.consent.channel_preferences.items():
+                consent[f"channel:{channel}"] = granted
+        if needs_context:
+            context = context_to_dict(event.context) or EMPTY
     return ProfileEvent(
         event_id=event_id_of(event),
         type=kind,
@@ -127,4 +194,7 @@ def to_profile_event(resolved: events_pb2.ResolvedEvent) -> ProfileEvent:
         consent=consent,
         identifiers=tuple(resolved.identifiers),
         group_id=event.group_id,
+        context=context,
+        user_id=event.user_id,
+        anonymous_id=event.anonymous_id,
     )

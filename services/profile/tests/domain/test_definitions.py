@@ -144,7 +144,20 @@ def test_where_is_equality_with_lists_meaning_one_of_and_booleans_apart_from_num
 
 
 def test_every_operation_is_known_and_windows_parse_alone():
-    assert OPS == ("count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "unique", "unique_count")
+    assert OPS == (
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+        "first",
+        "last",
+        "most_frequent",
+        "unique",
+        "unique_count",
+        "max_speed",
+        "mismatch_count",
+    )
     assert parse_window("1w") == 604800
     with pytest.raises(InvalidArgument) as caught:
         parse_window(-5, "retention")

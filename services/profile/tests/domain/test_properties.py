@@ -3,7 +3,10 @@ both originals, order and repetition do not matter, and expiring equals building
 
 Every computed operation is defined with and without a window, some with filters, over values of mixed
 JSON types (numbers, numeric strings, booleans, nulls) so the skipping rules are exercised too. Event
-times fall on a grid, so ties on time (decided by event id) are common.
+times fall on a grid, so ties on time (decided by event id) are common. Events carry a context (device,
+location, time zone, ip), user and anonymous ids, so the pseudo-paths ($context, $hour, $at, $user_id,
+$anonymous_id), max_speed and mismatch_count go through the same properties; a backfill from the
+(stored) timeline must give what live application gave.
 """
 
 from __future__ import annotations
@@ -38,14 +41,38 @@ TOTALS = st.one_of(
     st.sampled_from(["12", True, None]),
 )
 PLANS = ["free", "pro", "team", None]
+LOCATIONS = [
+    {"city": "Berlin", "country": "DE", "latitude": 52.52, "longitude": 13.405},
+    {"city": "New York", "country": "US", "latitude": 40.7128, "longitude": -74.006},
+    {"city": "Paris", "country": "fr", "latitude": 48.8566, "longitude": 2.3522},
+    {"country": " de "},  # no coordinates
+    {"latitude": 52.52, "longitude": 13.405},  # Berlin again, no country
+    {"city": "Tokyo", "country": "JP", "latitude": 35.6762, "longitude": 139.6503},
+]
+CARD_COUNTRIES = ["DE", "us", "FR", " ", None, 49]
+# Most events are located, so that windows hold enough points for max_speed's pairs to change as they age.
+CONTEXTS = st.fixed_dictionaries(
+    {"location": st.sampled_from(LOCATIONS)},
+    optional={
+        "device": st.sampled_from([{"id": "d1"}, {"id": "d2", "model": "Pixel"}, {"id": "d3"}]),
+        "timezone": st.sampled_from(["Europe/Berlin", "America/New_York", "Not/AZone"]),
+        "ip": st.sampled_from(["203.0.113.1", "198.51.100.2"]),
+        "userAgent": st.just("Mozilla/5.0"),
+    },
+)
 
 
 def _definitions() -> ComputedTraits:
     traits = []
     for op in OPS:
         prop = None if op == "count" else ("category" if op in ("most_frequent", "unique", "unique_count") else "total")
-        traits.append(ComputedTrait(f"{op}_all", op, property=prop))
-        traits.append(ComputedTrait(f"{op}_10d", op, property=prop, window="10d"))
+        extra: dict[str, Any] = {}
+        if op == "max_speed":
+            prop, extra = "$context.location", {"event_type": "any"}
+        elif op == "mismatch_count":
+            prop, extra = "card_country", {"compare": "$context.location.country"}
+        traits.append(ComputedTrait(f"{op}_all", op, property=prop, **extra))
+        traits.append(ComputedTrait(f"{op}_10d", op, property=prop, window="10d", **extra))
     traits += [
         ComputedTrait("orders", "count", event_names=("Order Completed",)),
         ComputedTrait("orders_7d", "count", event_names=("Order Completed",), window="7d"),
@@ -63,6 +90,19 @@ def _definitions() -> ComputedTraits:
         ComputedTrait("categories_everywhere", "unique_count", event_type="any", property="category"),
         ComputedTrait("with_category", "count", property="category", window="15d"),
         ComputedTrait("cheap_avg", "avg", property="total", where={"cheap": True}),
+        ComputedTrait("devices_10d", "unique_count", event_type="any", property="$context.device.id", window="10d"),
+        ComputedTrait("send_hour", "most_frequent", event_type="any", property="$hour"),
+        ComputedTrait("last_order_at", "max", event_names=("Order Completed",), property="$at"),
+        ComputedTrait("accounts_10d", "unique_count", event_type="any", property="$user_id", window="10d"),
+        ComputedTrait("anonymous_ids", "unique", event_type="any", property="$anonymous_id"),
+        ComputedTrait("german_orders", "count", where={"$context.location.country": ["DE", " de "]}),
+        ComputedTrait(
+            "ips_in_berlin_time",
+            "unique",
+            event_type="any",
+            property="$context.ip",
+            where={"$context.timezone": "Europe/Berlin"},
+        ),
     ]
     return ComputedTraits(traits)
 
@@ -94,6 +134,8 @@ def events(draw: Any, prefix: str, pool: list[str], size: int = 10) -> list[Prof
             )
             if draw(st.integers(0, 4)):
                 properties["total"] = draw(TOTALS)
+            if draw(st.booleans()):
+                properties["card_country"] = draw(st.sampled_from(CARD_COUNTRIES))
         elif kind == "identify":
             traits = draw(
                 st.fixed_dictionaries(
@@ -121,6 +163,9 @@ def events(draw: Any, prefix: str, pool: list[str], size: int = 10) -> list[Prof
                 consent=consent,
                 identifiers=identifiers,
                 group_id=group_id,
+                context=draw(st.one_of(CONTEXTS, CONTEXTS, CONTEXTS, st.just({}))),
+                user_id=draw(st.sampled_from(["", "u1", "u2"])),
+                anonymous_id=draw(st.sampled_from(["", "a1"])),
             )
         )
     return out
@@ -173,7 +218,10 @@ def assert_same_view(a: Profile, b: Profile, *, now: float = NOW, recorded_at: b
 
 
 def timeline(profile: Profile) -> list[tuple]:
-    return [(e.at, e.event_id, e.type, e.name, e.properties, e.source) for e in profile.timeline()]
+    return [
+        (e.at, e.event_id, e.type, e.name, e.properties, e.source, e.context, e.user_id, e.anonymous_id)
+        for e in profile.timeline()
+    ]
 
 
 def shuffled(data: Any, items: list[ProfileEvent]) -> list[ProfileEvent]:
@@ -359,3 +407,21 @@ def test_persistence_round_trips_exactly(data):
     for event in data.draw(events("z", A_POOL + B_POOL, size=4)):
         assert loaded.apply(event, DEFS, now=NOW) == profile.apply(event, DEFS, now=NOW)
     assert loaded.to_doc() == profile.to_doc()
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_backfilling_from_the_stored_timeline_gives_what_live_application_gave(data):
+    """Every definition, pseudo-paths included, recomputed from the timeline entries as the store returns
+    them (JSON) equals the values the events gave live; so do merges that replay entries."""
+    items = data.draw(events("e", A_POOL, size=14))
+    live = build("p", items)
+    entries = [TimelineEntry.from_doc(json.loads(json.dumps(e.to_doc()))) for e in live.timeline()]
+    loaded = Profile.from_doc(json.loads(json.dumps(live.to_doc())), entries, retention=BIG)
+    for trait in DEFS:
+        loaded.backfill(trait, now=NOW)
+    assert_same_view(loaded, live)
+    # Nothing but what pseudo-paths read is kept of the context.
+    for entry in loaded.timeline():
+        assert "userAgent" not in entry.context
+        assert "model" not in entry.context.get("device", {})

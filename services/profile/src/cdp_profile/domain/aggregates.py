@@ -15,26 +15,35 @@ Results: count -> int; sum -> float; avg -> float or None; min/max -> number or 
 value of the earliest/latest contribution by (event time, event id); most_frequent -> the value with the
 highest count, ties going to the smallest value in `sort_key` order (null < booleans < numbers < strings <
 lists/objects), a rule that does not depend on arrival order; unique -> the distinct values sorted by
-`sort_key`, the first UNIQUE_LIMIT of them; unique_count -> the number of distinct values.
+`sort_key`, the first UNIQUE_LIMIT of them; unique_count -> the number of distinct values; max_speed ->
+float km/h or None; mismatch_count -> int.
 
 Distinct-value aggregates hold one counter per distinct value, at most MAX_DISTINCT_VALUES; beyond that
 new values are not tracked (a bot's random ids must not grow a profile without bound), and merges of such
 profiles are no longer exact.
+
+max_speed keeps its located points (the speed between two points depends on which points lie between
+them, so no smaller summary merges exactly), at most MAX_SPEED_POINTS: beyond that the oldest point
+leaves and the speed of its pair is kept as a floor, and merges of such profiles are no longer exact.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any
 
-from cdp_profile.domain.computed import ComputedTrait
+from cdp_profile.domain.computed import MISSING, ComputedTrait
 
 UNIQUE_LIMIT = 100
 MAX_DISTINCT_VALUES = 10_000
+MAX_SPEED_POINTS = 1000
+EARTH_RADIUS_KM = 6371.0
+MIN_SPEED_SECONDS = 60.0
 
 _entry_key = itemgetter(0, 1)
 
@@ -277,6 +286,128 @@ class ValuesAgg:
         return [[value, self.counts[key]] for key, value in self.values.items()]
 
 
+class TrueCountAgg:
+    """mismatch_count: every event that compared contributes True (differ) or False; the Trues are counted."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        if value:
+            self.n += 1
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        if value:
+            self.n -= 1
+        return True
+
+    def combine(self, other: TrueCountAgg) -> None:
+        self.n += other.n
+
+    def result(self, op: str) -> Any:
+        return self.n
+
+    def copy(self) -> TrueCountAgg:
+        return TrueCountAgg(self.n)
+
+    def to_doc(self) -> list[Any]:
+        return [self.n]
+
+
+def speed_kmh(a: tuple[float, str, float, float], b: tuple[float, str, float, float]) -> float:
+    """Ground speed from point a to the later point b: haversine km over at least MIN_SPEED_SECONDS."""
+    lat1, lon1, lat2, lon2 = a[2], a[3], b[2], b[3]
+    if lat1 == lat2 and lon1 == lon2:
+        return 0.0
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    h = (
+        math.sin((phi2 - phi1) / 2) ** 2
+        + math.cos(phi1) * math.cos(phi2) * math.sin(math.radians(lon2 - lon1) / 2) ** 2
+    )
+    km = 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(h)))
+    return km * 3600 / max(b[0] - a[0], MIN_SPEED_SECONDS)
+
+
+class MaxSpeedAgg:
+    """max_speed: the located points sorted by (event time, event id); the highest speed between neighbours.
+
+    The result is cached: appending the newest point or dropping the oldest (a window moving on) updates it
+    in constant time; a point landing between two others recomputes it on the next read.
+    """
+
+    __slots__ = ("_best", "points", "retired")
+
+    def __init__(self, retired: float | None = None, points: list[tuple[float, str, float, float]] | None = None):
+        self.points: list[tuple[float, str, float, float]] = points if points is not None else []
+        self.retired = retired  # highest speed of the pairs whose older point left beyond MAX_SPEED_POINTS
+        self._best: Any = MISSING  # the result, MISSING = compute on the next read
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        points = self.points
+        point = (at, event_id, value[0], value[1])
+        if not points or point[:2] > points[-1][:2]:
+            points.append(point)
+            if self._best is not MISSING and len(points) > 1:
+                self._best = _max(self._best, speed_kmh(points[-2], point))
+        else:
+            points.insert(bisect_left(points, point[:2], key=_entry_key), point)
+            self._best = MISSING
+        if len(points) > MAX_SPEED_POINTS:
+            self.retired = _max(self.retired, speed_kmh(points[0], points[1]))
+            del points[0]  # its pair's speed is in `retired`, so a cached result stays right
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        points = self.points
+        index = bisect_left(points, (at, event_id), key=_entry_key)
+        if index < len(points) and points[index][1] == event_id:
+            best = self._best
+            if index == 0 and best is not MISSING and len(points) > 1:
+                # The oldest leaves (a window moved on): only its pair goes.
+                if speed_kmh(points[0], points[1]) >= best:
+                    self._best = MISSING
+            else:
+                self._best = MISSING
+            del points[index]
+            if self._best is not MISSING and len(points) < 2 and self.retired is None:
+                self._best = None
+        # Once points were dropped beyond the limit, a window's remaining entries must rebuild the summary.
+        return self.retired is None
+
+    def combine(self, other: MaxSpeedAgg) -> None:
+        points = list(heapq.merge(self.points, other.points, key=_entry_key))
+        retired = _max(self.retired, other.retired)
+        excess = len(points) - MAX_SPEED_POINTS
+        for index in range(max(0, excess)):
+            retired = _max(retired, speed_kmh(points[index], points[index + 1]))
+        self.points = points[excess:] if excess > 0 else points
+        self.retired = retired
+        self._best = MISSING
+
+    def result(self, op: str) -> Any:
+        best = self._best
+        if best is MISSING:
+            best = self.retired
+            points = self.points
+            for index in range(1, len(points)):
+                best = _max(best, speed_kmh(points[index - 1], points[index]))
+            self._best = best
+        return best
+
+    def copy(self) -> MaxSpeedAgg:
+        agg = MaxSpeedAgg(self.retired, list(self.points))
+        agg._best = self._best
+        return agg
+
+    def to_doc(self) -> list[Any]:
+        return [self.retired, [list(point) for point in self.points]]
+
+
+def _max(a: float | None, b: float) -> float:
+    return b if a is None or b > a else a
+
+
 AGGREGATES: dict[str, type] = {
     "count": CountAgg,
     "sum": SumAgg,
@@ -288,6 +419,8 @@ AGGREGATES: dict[str, type] = {
     "most_frequent": ValuesAgg,
     "unique": ValuesAgg,
     "unique_count": ValuesAgg,
+    "max_speed": MaxSpeedAgg,
+    "mismatch_count": TrueCountAgg,
 }
 
 
@@ -298,6 +431,9 @@ def _agg_from_doc(op: str, doc: list[Any]) -> Any:
         return ValuesAgg(
             dict(zip(keys, (v for v, _ in doc), strict=True)), dict(zip(keys, (c for _, c in doc), strict=True))
         )
+    if kind is MaxSpeedAgg:
+        retired, points = doc
+        return MaxSpeedAgg(retired, [tuple(point) for point in points])
     return kind(*doc)
 
 

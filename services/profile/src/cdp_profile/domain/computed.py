@@ -12,8 +12,42 @@ and group events). Events without a value there do not contribute, and neither d
 min and max also skip values that are not finite numbers (booleans are not numbers). For `count`,
 `property` is optional: when given, only events that have a value there are counted.
 
+Pseudo-paths read the event itself rather than its payload, in `property`, `compare` and `where` keys
+(paths starting with "$" are reserved for them):
+
+    $at                  the event time, epoch seconds (float)
+    $hour                the hour of day (0-23) of the event time in the event's `context.timezone` (an IANA
+                         name) when that is a valid one, else in UTC
+    $context.<path>      Segment's event context (see `events.CONTEXT_FIELDS`), e.g. $context.device.id,
+                         $context.location (an object), $context.location.country, $context.ip
+    $user_id             the event's userId; missing when empty
+    $anonymous_id        the event's anonymousId; missing when empty
+
+    {"name": "last_order_at", "op": "max", "event_names": ["Order Completed"], "property": "$at"}
+    {"name": "best_send_hour", "op": "most_frequent", "event_type": "any", "property": "$hour"}
+    {"name": "devices_24h", "op": "unique_count", "event_type": "any", "property": "$context.device.id",
+     "window": "24h"}
+
+Two operations exist for fraud signals:
+
+- `max_speed`: `property` is an object with numeric `latitude` and `longitude` (typically
+  $context.location). The value is the highest ground speed, in km/h, between two time-consecutive
+  located events: great-circle distance on a 6371 km sphere over the time between them, that time counted
+  as at least MIN_SPEED_SECONDS (clock noise must not turn 1 km into 10,000 km/h); identical coordinates
+  are 0. With a window, both events of a pair are inside it. Null while fewer than two events are located.
+- `mismatch_count`: how many matching events hold non-null scalar values at both `property` and `compare`
+  that differ (strings compared case-insensitively after stripping; blank strings are no value; values of
+  different JSON types differ, 1 and 1.0 do not). Every event with both values contributes (a match
+  counts 0), so the trait shows 0 once something was compared.
+
+    {"name": "max_speed_7d", "op": "max_speed", "event_type": "any", "property": "$context.location",
+     "window": "7d"}
+    {"name": "geo_mismatch_24h", "op": "mismatch_count", "event_names": ["Order Completed"],
+     "property": "card_country", "compare": "$context.location.country", "window": "24h"}
+
 The registry indexes definitions by (event type, event name), so an event costs one dict lookup plus the
-definitions that actually match it.
+definitions that actually match it. Definitions without pseudo-paths are extracted from the payload as
+they always were; only those with pseudo-paths pay for `EventScope`.
 """
 
 from __future__ import annotations
@@ -24,18 +58,38 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from cdp_kit.durations import format_duration, parse_duration
 from cdp_kit.errors import InvalidArgument
-from cdp_profile.domain.events import EVENT_TYPES
+from cdp_profile.domain.events import CONTEXT_FIELDS, EVENT_TYPES, TIMELINE_CONTEXT
 
-OPS = ("count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "unique", "unique_count")
+OPS = (
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "first",
+    "last",
+    "most_frequent",
+    "unique",
+    "unique_count",
+    "max_speed",
+    "mismatch_count",
+)
 NUMERIC_OPS = frozenset({"sum", "avg", "min", "max"})
 TRAIT_EVENT_TYPES = (*sorted(EVENT_TYPES), "any")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_KNOWN_KEYS = ("name", "op", "event_type", "event_names", "property", "where", "window")
+_KNOWN_KEYS = ("name", "op", "event_type", "event_names", "property", "where", "window", "compare")
 _MATCH_CACHE_LIMIT = 4096
+_ZONE_CACHE_LIMIT = 1024
+
+# Pseudo-paths that are one value (nothing after them); `$context` needs a field after it.
+VALUE_PSEUDO_PATHS = ("$at", "$hour", "$user_id", "$anonymous_id")
+PSEUDO_PATHS = (*VALUE_PSEUDO_PATHS, "$context")
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING", "__slots__": ()})()
 
@@ -50,11 +104,57 @@ def format_window(seconds: float | None) -> str | float | None:
 
 
 def _parse_path(value: Any, field_name: str) -> tuple[str, ...]:
+    if isinstance(value, str) and value.startswith("$"):
+        return _parse_pseudo_path(value, field_name)
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
         raise InvalidArgument(
             field_name, f"{value!r} is not a property path: use names joined by dots, like 'cart.total'"
         )
     return tuple(value.split("."))
+
+
+def _parse_pseudo_path(value: str, field_name: str) -> tuple[str, ...]:
+    parts = tuple(value.split("."))
+    root = parts[0]
+    if root not in PSEUDO_PATHS:
+        raise InvalidArgument(
+            field_name,
+            f"{value!r} is not a pseudo-path: use {', '.join(VALUE_PSEUDO_PATHS)} or $context.<field> "
+            "(paths starting with '$' are reserved for them)",
+        )
+    if root != "$context":
+        if len(parts) > 1:
+            raise InvalidArgument(field_name, f"{value!r}: {root} is one value; use it alone, without '.<field>'")
+        return parts
+    if len(parts) == 1 or not parts[1]:
+        raise InvalidArgument(
+            field_name, f"{value!r} names no context field: use e.g. '$context.device.id' or '$context.location'"
+        )
+    top = parts[1]
+    if top not in CONTEXT_FIELDS:
+        raise InvalidArgument(
+            field_name, f"{value!r}: {top!r} is not a context field; known: {', '.join(CONTEXT_FIELDS)}"
+        )
+    fields = CONTEXT_FIELDS[top]
+    if len(parts) > 2:
+        if fields is None:
+            raise InvalidArgument(field_name, f"{value!r}: $context.{top} is one value; use it without '.<field>'")
+        if len(parts) > 3 or parts[2] not in fields:
+            raise InvalidArgument(field_name, f"{value!r} is not a field of $context.{top}; known: {', '.join(fields)}")
+    return parts
+
+
+def _context_read(path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The context fields a path reads (`$hour` reads the time zone); None when it reads none."""
+    if path[0] == "$context":
+        return path[1:]
+    if path[0] == "$hour":
+        return ("timezone",)
+    return None
+
+
+def _is_context_object(path: tuple[str, ...]) -> bool:
+    return path[0] == "$context" and len(path) == 2 and CONTEXT_FIELDS[path[1]] is not None
 
 
 def _is_scalar(value: Any) -> bool:
@@ -78,6 +178,115 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+_zones: dict[str, ZoneInfo | None] = {}
+
+
+def local_hour(at: float, timezone: Any) -> int:
+    """The hour of day (0-23) of epoch time `at` in IANA zone `timezone`; in UTC when that is not a valid zone."""
+    zone = None
+    if type(timezone) is str and timezone:
+        zone = _zones.get(timezone, MISSING)
+        if zone is MISSING:
+            try:
+                zone = ZoneInfo(timezone)
+            except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+                zone = None
+            if len(_zones) >= _ZONE_CACHE_LIMIT:
+                _zones.clear()  # time zones are client data: never let the cache grow without bound
+            _zones[timezone] = zone
+    if zone is not None:
+        try:
+            return datetime.fromtimestamp(at, zone).hour
+        except (OverflowError, OSError, ValueError):
+            pass
+    return int(at // 3600 % 24)
+
+
+def _pseudo_at(source: Any) -> Any:
+    return source.at
+
+
+def _pseudo_hour(source: Any) -> Any:
+    return local_hour(source.at, source.context.get("timezone"))
+
+
+def _pseudo_context(source: Any) -> Any:
+    return source.context
+
+
+def _pseudo_user_id(source: Any) -> Any:
+    if not source.user_id:
+        raise KeyError("$user_id")
+    return source.user_id
+
+
+def _pseudo_anonymous_id(source: Any) -> Any:
+    if not source.anonymous_id:
+        raise KeyError("$anonymous_id")
+    return source.anonymous_id
+
+
+_PSEUDO_READERS = {
+    "$at": _pseudo_at,
+    "$hour": _pseudo_hour,
+    "$context": _pseudo_context,
+    "$user_id": _pseudo_user_id,
+    "$anonymous_id": _pseudo_anonymous_id,
+}
+
+
+class EventScope:
+    """What a definition with pseudo-paths reads: the payload, plus `$at`, `$hour`, `$context`, `$user_id`
+    and `$anonymous_id` from `source` (a `ProfileEvent` live, its `TimelineEntry` in backfills and merges:
+    both have `at`, `context`, `user_id` and `anonymous_id`). Reads like the payload mapping would."""
+
+    __slots__ = ("payload", "source")
+
+    def __init__(self, payload: Mapping[str, Any], source: Any) -> None:
+        self.payload = payload
+        self.source = source
+
+    def __getitem__(self, key: str) -> Any:
+        reader = _PSEUDO_READERS.get(key)
+        if reader is None:
+            return self.payload[key]
+        return reader(self.source)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+def _location(value: Any) -> Any:
+    """[latitude, longitude] of an object holding them as finite numbers in range, else MISSING."""
+    if not isinstance(value, Mapping):
+        return MISSING
+    lat, lon = value.get("latitude"), value.get("longitude")
+    for number in (lat, lon):
+        kind = type(number)
+        if (kind is not int and kind is not float) or not math.isfinite(number):
+            return MISSING
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        return MISSING
+    return [lat, lon]
+
+
+def _comparable(value: Any) -> bool:
+    kind = type(value)
+    if kind is str:
+        return bool(value.strip())
+    return kind is bool or kind is int or kind is float
+
+
+def differs(a: Any, b: Any) -> bool:
+    """mismatch_count's rule: strings case-insensitively after stripping, other scalars as JSON values."""
+    if type(a) is str and type(b) is str:
+        return a.strip().casefold() != b.strip().casefold()
+    return not _equal(a, b)
+
+
 @dataclass(slots=True, frozen=True)
 class ComputedTrait:
     """One declared computed trait. The constructor validates and normalises (see `from_dict`)."""
@@ -90,12 +299,20 @@ class ComputedTrait:
     # path -> allowed values; given as a mapping, held as sorted ((path, (value, ...)), ...) so it hashes.
     where: Any = ()
     window: Any = None  # seconds, or "30d"-style text; held as float seconds, None = lifetime
+    compare: str | None = None  # mismatch_count only: the path `property` is compared with
     # Derived once, read per event.
     path: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
     filters: tuple[tuple[tuple[str, ...], tuple[Any, ...]], ...] = field(
         default=(), init=False, repr=False, compare=False
     )
     numeric: bool = field(default=False, init=False, repr=False, compare=False)
+    compare_path: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+    # max_speed and mismatch_count turn the value found into their contribution.
+    shaped: bool = field(default=False, init=False, repr=False, compare=False)
+    # Some path is a pseudo-path: extract from an `EventScope`, not from the bare payload.
+    reads_event: bool = field(default=False, init=False, repr=False, compare=False)
+    # The context fields the paths read (`$hour` reads the time zone).
+    context_paths: tuple[tuple[str, ...], ...] = field(default=(), init=False, repr=False, compare=False)
     # A hash of the canonical definition: a stored computed state remembers it, so a changed definition is
     # never mixed with contributions made under the old one.
     signature: str = field(default="", init=False, repr=False, compare=False)
@@ -124,10 +341,41 @@ class ComputedTrait:
                 raise InvalidArgument("property", f"is required for op {self.op!r}: name the value to aggregate")
         else:
             set_(self, "path", _parse_path(self.property, "property"))
+        if self.op == "mismatch_count":
+            if self.compare is None:
+                raise InvalidArgument(
+                    "compare",
+                    "is required for op 'mismatch_count': name the path `property` is compared with, "
+                    "like '$context.location.country'",
+                )
+            set_(self, "compare_path", _parse_path(self.compare, "compare"))
+            for name, path in (("property", self.path), ("compare", self.compare_path)):
+                if _is_context_object(path):
+                    raise InvalidArgument(
+                        name,
+                        f"{'.'.join(path)!r} is an object; compare one of its fields, like '$context.location.country'",
+                    )
+        elif self.compare is not None:
+            raise InvalidArgument(
+                "compare", f"{self.compare!r}: only op 'mismatch_count' compares two paths; remove 'compare'"
+            )
+        if self.op == "max_speed" and (
+            self.path[0] in VALUE_PSEUDO_PATHS or (self.path[0] == "$context" and not _is_location(self.path))
+        ):
+            raise InvalidArgument(
+                "property",
+                f"{self.property!r} holds no latitude and longitude: max_speed reads an object with both, "
+                "like '$context.location'",
+            )
         set_(self, "where", _normalise_where(self.where))
         set_(self, "filters", tuple((tuple(path.split(".")), allowed) for path, allowed in self.where))
         set_(self, "window", parse_window(self.window))
         set_(self, "numeric", self.op in NUMERIC_OPS)
+        set_(self, "shaped", self.op in ("max_speed", "mismatch_count"))
+        paths = [self.path, self.compare_path, *(path for path, _ in self.filters)]
+        set_(self, "reads_event", any(path and path[0].startswith("$") for path in paths))
+        reads = {_context_read(path) for path in paths if path}
+        set_(self, "context_paths", tuple(sorted(read for read in reads if read is not None)))
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         set_(self, "signature", hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest())
 
@@ -149,10 +397,11 @@ class ComputedTrait:
             property=data.get("property"),
             where=data.get("where", ()),
             window=data.get("window"),
+            compare=data.get("compare"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "name": self.name,
             "op": self.op,
             "event_type": self.event_type,
@@ -161,12 +410,19 @@ class ComputedTrait:
             "where": {path: allowed[0] if len(allowed) == 1 else list(allowed) for path, allowed in self.where},
             "window": format_window(self.window),
         }
+        # Only when set: the signature (a hash of this document) of every other definition stays as it was.
+        if self.compare is not None:
+            document["compare"] = self.compare
+        return document
 
     def matches_event(self, event_type: str, event_name: str) -> bool:
         return (self.event_type in ("any", event_type)) and (not self.event_names or event_name in self.event_names)
 
     def extract(self, payload: Any) -> Any:
-        """The contribution an event with this payload makes, or MISSING when it makes none."""
+        """The contribution an event with this payload makes, or MISSING when it makes none.
+
+        A definition that `reads_event` is given an `EventScope` (payload plus pseudo-paths) instead.
+        """
         for path, allowed in self.filters:
             value = dig(payload, path)
             if value is MISSING or value is None:
@@ -186,7 +442,20 @@ class ComputedTrait:
             kind = type(value)
             if (kind is not int and kind is not float) or not math.isfinite(value):
                 return MISSING
+        elif self.shaped:
+            if self.op == "max_speed":
+                return _location(value)
+            path = self.compare_path
+            other = payload.get(path[0], MISSING) if len(path) == 1 else dig(payload, path)
+            if not _comparable(value) or not _comparable(other):
+                return MISSING
+            return differs(value, other)
         return value
+
+
+def _is_location(path: tuple[str, ...]) -> bool:
+    fields = CONTEXT_FIELDS.get(path[1]) if len(path) == 2 else None
+    return fields is not None and "latitude" in fields and "longitude" in fields
 
 
 def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -207,9 +476,14 @@ def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
 
 
 class ComputedTraits:
-    """The declared computed traits, indexed by (event type, event name) for the per-event lookup."""
+    """The declared computed traits, indexed by (event type, event name) for the per-event lookup.
 
-    __slots__ = ("_by_name", "_cache")
+    `needs_context`: some definition reads `$context` or `$hour`, so events need their context (the engine
+    converts it only then). `context_keep`: the context fields a timeline entry keeps, TIMELINE_CONTEXT
+    plus every field a definition reads, so backfills and merges replay what live application read.
+    """
+
+    __slots__ = ("_by_name", "_cache", "context_keep", "needs_context")
 
     def __init__(self, traits: Iterable[ComputedTrait] = ()) -> None:
         self._by_name: dict[str, ComputedTrait] = {}
@@ -218,6 +492,13 @@ class ComputedTraits:
                 raise InvalidArgument("name", f"computed trait {trait.name!r} is declared twice")
             self._by_name[trait.name] = trait
         self._cache: dict[tuple[str, str], tuple[ComputedTrait, ...]] = {}
+        read = {path for trait in self._by_name.values() for path in trait.context_paths}
+        self.needs_context = bool(read)
+        wanted = read.union(TIMELINE_CONTEXT)
+        # A field inside one kept whole is not kept twice.
+        self.context_keep = tuple(
+            sorted(path for path in wanted if not any(path[:n] in wanted for n in range(1, len(path))))
+        )
 
     @classmethod
     def from_dicts(cls, items: Any) -> ComputedTraits:

@@ -1,5 +1,8 @@
 """What a profile is built from: resolved events, the timeline entries they leave, and how long those are kept.
 
+Events also carry what pseudo-paths read (Segment's context, the user and anonymous ids); timeline entries
+keep the part of it that backfills and merges replay.
+
 Values inside events (properties, traits) are JSON values: dicts, lists, strings, numbers, booleans and
 null. The profile keeps references to them rather than copies (copying every event would cost more than
 applying it), so an event must not be mutated after it was applied.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from cdp_kit.errors import InvalidArgument
@@ -18,6 +22,72 @@ EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"
 # `where` filters and timeline entries read this "payload", so a computed trait over identify events
 # can count plan changes the same way one over track events counts orders.
 TRAIT_PAYLOAD_TYPES = frozenset({"identify", "group"})
+
+
+class _Empty(dict):
+    """The shared empty default of the `context` fields: hashable (a dataclass default may be), refusing
+    writes, and a dict, so reading it and testing it for emptiness cost what they cost on any dict."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:
+        return 0
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("EMPTY is shared: it cannot be changed")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+
+EMPTY: Mapping[str, Any] = _Empty()
+
+# The Segment event context as computed traits read it (`$context.<path>`), with Segment's JSON key names:
+# top-level field -> None for a value, or the names of an object's fields. Only non-empty fields are present.
+CONTEXT_FIELDS: Mapping[str, tuple[str, ...] | None] = MappingProxyType(
+    {
+        "ip": None,
+        "locale": None,
+        "timezone": None,
+        "userAgent": None,
+        "device": ("id", "advertisingId", "manufacturer", "model", "name", "type"),
+        "location": ("city", "country", "latitude", "longitude", "region"),
+        "os": ("name", "version"),
+        "campaign": ("name", "source", "medium", "term", "content"),
+        "page": ("path", "referrer", "search", "title", "url"),
+        "app": ("name", "version", "build", "namespace"),
+    }
+)
+# What a timeline entry keeps of an event's context, besides the fields the defined computed traits read:
+# the fields fraud and send-time definitions use, so one declared later can be backfilled from them. (The
+# engine converts the context only while some definition reads `$context` or `$hour`; entries of events
+# applied before that have none.)
+TIMELINE_CONTEXT: tuple[tuple[str, ...], ...] = (
+    ("ip",),
+    ("timezone",),
+    ("device", "id"),
+    ("location", "country"),
+    ("location", "city"),
+    ("location", "latitude"),
+    ("location", "longitude"),
+)
+
+
+def context_subset(context: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> Mapping[str, Any]:
+    """The part of `context` at `paths` (none a prefix of another; leaves are shared, not copied); EMPTY if none."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        value: Any = context
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+            if value is None:
+                break
+        if value is None:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out or EMPTY
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +104,11 @@ class ProfileEvent:
     consent: Mapping[str, bool] = field(default_factory=dict)  # "purpose:<Name>" / "channel:<name>" -> granted
     identifiers: tuple[str, ...] = ()  # "type:value", strongest first
     group_id: str = ""
+    # Segment's context (see CONTEXT_FIELDS). The engine fills it only while a definition reads `$context`
+    # or `$hour`: converting it costs time on the hot path.
+    context: Mapping[str, Any] = EMPTY
+    user_id: str = ""
+    anonymous_id: str = ""
 
     def payload(self) -> Mapping[str, Any]:
         """The data computed traits and the timeline read: traits for identify/group, properties otherwise."""
@@ -46,7 +121,9 @@ class TimelineEntry(NamedTuple):
     A named tuple rather than a dataclass: one is created per applied event (the hot path), and tuple order
     *is* the timeline order — (at, event_id) first, and event ids are unique, so later fields never decide.
     `origin` is the person the event was first resolved to; it decides which side keeps the entry when a
-    merge is undone.
+    merge is undone. `context`, `user_id` and `anonymous_id` are what the pseudo-paths `$context`, `$hour`,
+    `$user_id` and `$anonymous_id` read, so backfills and merges replay those as live application saw them:
+    the context is only the subset TIMELINE_CONTEXT names plus the fields definitions read.
     """
 
     at: float
@@ -56,12 +133,15 @@ class TimelineEntry(NamedTuple):
     properties: Mapping[str, Any]
     source: str
     origin: str
+    context: Mapping[str, Any] = EMPTY
+    user_id: str = ""
+    anonymous_id: str = ""
 
     def cursor(self) -> tuple[float, str]:
         return (self.at, self.event_id)
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc = {
             "at": self.at,
             "event_id": self.event_id,
             "type": self.type,
@@ -70,6 +150,14 @@ class TimelineEntry(NamedTuple):
             "source": self.source,
             "origin": self.origin,
         }
+        # Only when present: most entries have no context, and entries stored before had none of these.
+        if self.context:
+            doc["context"] = dict(self.context)
+        if self.user_id:
+            doc["user_id"] = self.user_id
+        if self.anonymous_id:
+            doc["anonymous_id"] = self.anonymous_id
+        return doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> TimelineEntry:
@@ -81,6 +169,9 @@ class TimelineEntry(NamedTuple):
             doc.get("properties", {}),
             doc.get("source", ""),
             doc["origin"],
+            doc.get("context") or EMPTY,
+            doc.get("user_id", ""),
+            doc.get("anonymous_id", ""),
         )
 
     # The persisted form is also the readable one.

@@ -44,7 +44,7 @@ from typing import Any
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_profile.domain.aggregates import ComputedState, combined_result
 from cdp_profile.domain.change import ProfileChange, ProfileView
-from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits
+from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits, EventScope
 from cdp_profile.domain.events import (
     DEFAULT_RETENTION,
     EVENT_TYPES,
@@ -52,6 +52,7 @@ from cdp_profile.domain.events import (
     ProfileEvent,
     Retention,
     TimelineEntry,
+    context_subset,
 )
 from cdp_profile.domain.history import (
     CONSENT_KEY_RE,
@@ -147,7 +148,12 @@ def _changed(before: Any, after: Any) -> bool:
 def _contribution(trait: ComputedTrait, entry: TimelineEntry) -> Any:
     if not trait.matches_event(entry.type, entry.name):
         return MISSING
-    return trait.extract(entry.properties)
+    return _replayed(trait, entry)
+
+
+def _replayed(trait: ComputedTrait, entry: TimelineEntry) -> Any:
+    """The contribution the entry's event made (the entry keeps what pseudo-paths read)."""
+    return trait.extract(EventScope(entry.properties, entry) if trait.reads_event else entry.properties)
 
 
 class Profile:
@@ -215,7 +221,13 @@ class Profile:
                     owners.setdefault(key, part.origin)
         change.event_ids.append(event_id)
         payload = event.traits if kind in TRAIT_PAYLOAD_TYPES else event.properties
-        self._add_entry(part, TimelineEntry(at, event_id, kind, event.name, payload, source, part.origin), now, change)
+        context = event.context
+        if context:
+            context = context_subset(context, defs.context_keep)
+        entry = TimelineEntry(
+            at, event_id, kind, event.name, payload, source, part.origin, context, event.user_id, event.anonymous_id
+        )
+        self._add_entry(part, entry, now, change)
 
         if kind == "identify":
             for name, value in event.traits.items():
@@ -235,7 +247,7 @@ class Profile:
 
         matching = defs.matching(kind, event.name)
         if matching:
-            self._contribute(part, matching, payload, at, event_id, now, change.computed, single)
+            self._contribute(part, matching, payload, event, now, change.computed, single)
         return change
 
     def update_traits(
@@ -690,15 +702,21 @@ class Profile:
         part: Part,
         matching: tuple[ComputedTrait, ...],
         payload: Mapping[str, Any],
-        at: float,
-        event_id: str,
+        event: ProfileEvent,
         now: float,
         out: dict[str, Any],
         single: bool,
     ) -> None:
         computed = part.computed
+        at, event_id = event.at, event.event_id
+        scope = None
         for trait in matching:
-            value = trait.extract(payload)
+            if trait.reads_event:
+                if scope is None:
+                    scope = EventScope(payload, event)
+                value = trait.extract(scope)
+            else:
+                value = trait.extract(payload)
             if value is MISSING:
                 continue
             name = trait.name
@@ -860,7 +878,7 @@ class Profile:
                 part.event_count -= 1
                 for trait in defs.matching(entry.type, entry.name):
                     state = part.computed.get(trait.name)
-                    value = trait.extract(entry.properties)
+                    value = _replayed(trait, entry)
                     if state is not None and value is not MISSING and state.signature == trait.signature:
                         state.remove(event_id, entry.at, value)
             for histories in (part.traits, part.groups, part.consent):
