@@ -282,15 +282,18 @@ def parameter_recovery(seed: int, customers: int) -> dict[str, Any]:
     def errors(true: Mapping[str, float], got: Mapping[str, float]) -> dict[str, float]:
         return {k: round(abs(got[k] / true[k] - 1), 4) for k in true}
 
+    bgnbd_errors = errors(RECOVERY_BGNBD.as_dict(), fitted.as_dict())
+    spend_errors = errors(RECOVERY_GAMMA_GAMMA.as_dict(), spend.as_dict())
     return {
         "customers": customers,
         "seed": seed,
         "bgnbd_true": RECOVERY_BGNBD.as_dict(),
         "bgnbd_fitted": {k: round(v, 4) for k, v in fitted.as_dict().items()},
-        "bgnbd_relative_error": errors(RECOVERY_BGNBD.as_dict(), fitted.as_dict()),
+        "bgnbd_relative_error": bgnbd_errors,
         "gamma_gamma_true": RECOVERY_GAMMA_GAMMA.as_dict(),
         "gamma_gamma_fitted": {k: round(v, 4) for k, v in spend.as_dict().items()},
-        "gamma_gamma_relative_error": errors(RECOVERY_GAMMA_GAMMA.as_dict(), spend.as_dict()),
+        "gamma_gamma_relative_error": spend_errors,
+        "max_relative_error": max([*bgnbd_errors.values(), *spend_errors.values()]),
     }
 
 
@@ -509,16 +512,20 @@ def next_best_channel(data: Data) -> Built:
     predicted = probabilities.argmax(axis=1)
     baseline = X_test[:, [names.index(n) for n in NBC_BASELINE]].argmax(axis=1)  # ties: email first
     send_hour = scores["best_send_hour"]
+    accuracy = round(float(np.mean(predicted == y_test)), 4)
+    baseline_accuracy = round(float(np.mean(baseline == y_test)), 4)
+    hour_accuracy = round(metrics.hour_accuracy(send_hour, hour_test, 1), 4)
+    hour_baseline = round(metrics.hour_accuracy(np.full(len(hour_test), fallback), hour_test, 1), 4)
     quality = {
         "holdout_responders": len(y_test),
-        "top1_accuracy": round(float(np.mean(predicted == y_test)), 4),
-        "baseline_top1_accuracy": round(float(np.mean(baseline == y_test)), 4),
+        "top1_accuracy": accuracy,
+        "baseline_top1_accuracy": baseline_accuracy,
+        "top1_gain_over_baseline": round(accuracy - baseline_accuracy, 4),
         "baseline": "the channel with the most answers in the last 90 days (email when none)",
         "holdout_channel_shares": {c: round(float(np.mean(y_test == k)), 4) for k, c in enumerate(CHANNELS)},
-        "send_hour_accuracy_within_1h": round(metrics.hour_accuracy(send_hour, hour_test, 1), 4),
-        "send_hour_baseline_accuracy_within_1h": round(
-            metrics.hour_accuracy(np.full(len(hour_test), fallback), hour_test, 1), 4
-        ),
+        "send_hour_accuracy_within_1h": hour_accuracy,
+        "send_hour_baseline_accuracy_within_1h": hour_baseline,
+        "send_hour_gain_over_baseline": round(hour_accuracy - hour_baseline, 4),
         "send_hour_baseline": f"everyone at the population's most common answer hour ({fallback}h)",
         "send_hour_method": "deterministic: computed.best_hour (most frequent local hour of past answers)",
         "label": f"the channel answered most in the {RESPONSE_DAYS} days after the cutoff; hour of its first answer",

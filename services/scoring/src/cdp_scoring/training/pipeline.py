@@ -66,19 +66,6 @@ def check_floors(models: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str,
     return out
 
 
-def _derived(name: str, quality: dict[str, Any]) -> None:
-    """Figures computed from others, for the floors."""
-    if name == "clv":
-        recovery = quality["bgnbd_parameter_recovery"]
-        errors = [*recovery["bgnbd_relative_error"].values(), *recovery["gamma_gamma_relative_error"].values()]
-        recovery["max_relative_error"] = max(errors)
-    if name == "next_best_channel":
-        quality["top1_gain_over_baseline"] = round(quality["top1_accuracy"] - quality["baseline_top1_accuracy"], 4)
-        quality["send_hour_gain_over_baseline"] = round(
-            quality["send_hour_accuracy_within_1h"] - quality["send_hour_baseline_accuracy_within_1h"], 4
-        )
-
-
 def train_all(
     *,
     seed: int = DEFAULT_SEED,
@@ -127,8 +114,6 @@ def build_report(built: Mapping[str, Built], data: Data, definitions: Mapping[st
     scores: dict[str, Any] = {}
     for name, model in built.items():
         spec = model.spec
-        quality = dict(spec.quality)
-        _derived(name, quality)
         models[name] = {
             "file": f"{name}.onnx",
             "sha256": hashlib.sha256(model.data).hexdigest(),
@@ -138,7 +123,7 @@ def build_report(built: Mapping[str, Built], data: Data, definitions: Mapping[st
             "computed_traits": [trait["name"] for trait in spec.computed_traits],
             "scores": list(spec.score_names),
             "training": dict(spec.training),
-            "quality": quality,
+            "quality": dict(spec.quality),
         }
         for output in spec.outputs:
             scores[output.score] = {
