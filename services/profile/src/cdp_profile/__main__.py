@@ -17,6 +17,7 @@ from cdp_kit.bus import (
     owned_partitions,
     privacy_stream,
     profiles_stream,
+    scores_stream,
 )
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
@@ -52,6 +53,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         identity_stream(),
         profiles_stream(max_age=settings.changes_retention_days * 86_400),
         privacy_stream(),
+        scores_stream(),
         dead_letter_stream(),
     )
     partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
@@ -82,6 +84,21 @@ async def setup(runtime: ServiceRuntime) -> None:
             engine.handle,
         )
         runtime.spawn(runner.run(), f"consume events.resolved.{p}")
+        runners.append(runner)
+    for p in partitions:
+        runner = bus.consumer(
+            ConsumerSpec(
+                stream="SCORES",
+                durable=f"profile-scores-p{p}",
+                filter_subjects=(f"scores.updated.{p}",),
+                batch_size=settings.batch_size,
+                ack_wait=settings.ack_wait,
+                max_ack_pending=settings.batch_size,
+                description=f"profile: store the model scores of persons of partition {p}",
+            ),
+            engine.handle_scores,
+        )
+        runtime.spawn(runner.run(), f"consume scores.updated.{p}")
         runners.append(runner)
     identity_runner = bus.consumer(
         ConsumerSpec(

@@ -37,8 +37,9 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
+from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery, OutMessage, partition_for
-from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention, TimelineEntry
@@ -632,6 +633,49 @@ class ProfileEngine:
         await self._commit(changes)
         await self._publish(None, messages)
         return profile, change
+
+    async def handle_scores(self, batch: Sequence[Delivery]) -> None:
+        """Consumer handler for `scores.updated.<p>`: model scores become profile fields.
+
+        A score replaces the one of the same name only if it comes from a later profile change, so a
+        redelivered or late batch changes nothing; the changes are published with cause "score"."""
+        await self._recover_if_failed()
+        changes: dict[str, ProfileChange] = {}
+        for delivery in batch:
+            try:
+                message = scoring_pb2.ScoresUpdatedBatch.FromString(delivery.data)
+            except DecodeError as exc:
+                delivery.reject("invalid_message", f"not a cdp.scoring.v1.ScoresUpdatedBatch: {exc}")
+                continue
+            names, persons, values = list(message.scores), message.person_ids, message.values
+            width = len(names)
+            if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
+                delivery.reject(
+                    "invalid_message",
+                    f"{len(persons)} persons, {width} scores, {len(values)} values, {len(message.at_ms)} times",
+                )
+                continue
+            await self._load(persons)
+            for i, person in enumerate(persons):
+                target = self.root(person)
+                profile = self.profiles.get(target)
+                if profile is None or self._partition(target) not in self.owned:
+                    # Deleted, or merged into a person another replica owns: nothing here to hold the score.
+                    continue
+                scores = dict(zip(names, values[i * width : (i + 1) * width], strict=True))
+                try:
+                    change = profile.set_scores(
+                        scores, model=message.model, version=message.version, at=message.at_ms[i] / 1000
+                    )
+                except InvalidArgument as exc:
+                    delivery.reject("invalid_score", str(exc))
+                    break
+                self._fold(changes, target, change)
+        if not changes:
+            return
+        messages = self._messages(changes, cause="score", now=self.clock())
+        await self._commit(changes)
+        await self._publish(None, messages)
 
     async def set_scores(
         self, person_id: str, scores: dict[str, float], *, model: str, version: str, at: float
