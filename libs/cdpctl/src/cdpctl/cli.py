@@ -467,7 +467,9 @@ def models(ws: Workspace, as_json: bool, address) -> None:
         spec = live.get("spec", {})
         roles = ", ".join(f"{v['spec']['version']} {v.get('role', '').removeprefix('ROLE_').lower()}" for v in versions)
         quality = ", ".join(
-            f"{k} {v:.3f}" for k, v in sorted(spec.get("quality", {}).items()) if isinstance(v, int | float)
+            f"{k} {v:.0f}" if float(v).is_integer() else f"{k} {v:.3f}"
+            for k, v in sorted(spec.get("quality", {}).items())
+            if isinstance(v, int | float) and not isinstance(v, bool)
         )
         scores = ", ".join(o["score"] for o in spec.get("outputs", []))
         table.add_row(model["name"], model.get("liveVersion", ""), roles, scores, quality[:80])
