@@ -120,3 +120,10 @@ def test_every_channel_and_kind_occurs():
     kinds = set(np.unique(people.table["kind"]).tolist())
     assert kinds == set(range(len(Kind.NAMES)))
     assert (people.outcomes.responses.sum(axis=0) > 0).all() and len(CHANNELS) == 4
+
+
+def test_the_stream_is_everyone_in_time_order(population):
+    stream = list(population.segment_stream(until=population.cutoff))
+    assert len(stream) == sum(len(population.rows(p, population.cutoff)) for p in range(population.size))
+    times = [e["timestamp"] for e in stream]
+    assert times == sorted(times)

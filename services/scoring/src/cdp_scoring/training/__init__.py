@@ -1,0 +1,18 @@
+"""The training pipeline of the shipped models (a dev-time tool: no running service imports it).
+
+    .venv/bin/python -m cdp_scoring.training      # make models; --seed, --population, --holdout, --out
+
+simulates two customer populations (seed 7: 16,000 people to train on; seed 8: 8,000 to measure on),
+applies each person's events to a `cdp_profile.domain.Profile` with the models' computed-trait definitions
+(so features are what production computes), assembles rows with `cdp_scoring.domain.FeatureAssembler`,
+trains the models, and writes `cdp_scoring/models/<model>.onnx` (each carrying its `ModelSpec`) and
+`report.json` (quality figures, the floors they must meet, scores, computed traits). Same seed, same files.
+
+- `simulator`: the population (latent traits -> events as Segment JSON and as ProfileEvents; outcomes)
+- `traits`: the computed traits the models read and each model's features
+- `dataset`: profile pass and feature rows
+- `bgnbd`: BG/NBD and Gamma-Gamma (likelihoods, fits, reference formulas, samplers)
+- `graphs`: hand-built ONNX graphs (CLV, isolation forest) and the spec in the metadata
+- `models`: one builder per model; `metrics`: AUC, calibration, precision at recall
+- `pipeline`: the whole run and the report
+"""

@@ -1,4 +1,4 @@
-"""python -m cdp_scoring.training [--seed 7] [--population 20000] [--holdout 10000] [--out DIR] [--workers N]
+"""python -m cdp_scoring.training [--seed 7] [--population 16000] [--holdout 8000] [--out DIR] [--workers N]
 
 Trains every shipped model and writes services/scoring/src/cdp_scoring/models/<model>.onnx and report.json.
 """
@@ -22,10 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=None, help="processes for the profile pass (default: CPUs, at most 4)"
     )
+    parser.add_argument(
+        "--recovery-customers", type=int, default=50_000, help="simulated customers for the BG/NBD recovery check"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     report = train_all(
-        seed=args.seed, population=args.population, holdout=args.holdout, out_dir=args.out, workers=args.workers
+        seed=args.seed,
+        population=args.population,
+        holdout=args.holdout,
+        out_dir=args.out,
+        workers=args.workers,
+        recovery_customers=args.recovery_customers,
     )
     print()
     for key, floor in report["floors"].items():

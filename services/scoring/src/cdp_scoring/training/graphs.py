@@ -31,7 +31,11 @@ def with_spec(model: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
     model.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=spec.to_json()))
     model.producer_name = PRODUCER
     model.doc_string = spec.description
-    model.graph.name = spec.name  # converters name graphs with a random uuid: same seed, same bytes
+    # same seed, same bytes: converters name graphs with a random uuid and list opsets in set order
+    model.graph.name = spec.name
+    opsets = sorted(model.opset_import, key=lambda o: o.domain)
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
     return model
 
 

@@ -13,29 +13,35 @@ collector) and `cdp_profile.domain.ProfileEvent` (what the profile service appli
 resolution), so training features are computed by the profile domain itself.
 
 Behaviour, roughly:
-- sessions (web `page` / app `screen`) at a rate set by engagement, half of them near the preferred hour;
-  product views and cart adds inside them; logins now and then;
+- sessions (web `page` / app `screen`) at a rate set by engagement, half of them near the preferred hour,
+  on the app for a personal share of them; product views and cart adds inside them; logins now and then;
 - orders (a Poisson process per person, value ~ Gamma(p, nu) with nu ~ Gamma(q, gamma) per person), each
-  preceded by a checkout page, a product view and a cart add;
-- marketing responses (Email Opened/Clicked, SMS Clicked, Push Opened, In-App Clicked) per channel at a
-  rate that is higher for the preferred channel, only while the channel is consented; a quarter of the
-  people change their preferred channel once, some change a consent;
+  preceded by a checkout page, a product view and a cart add; a third of the people sign up at checkout;
+- marketing answers (Email Opened/Clicked, SMS Clicked, Push Opened, In-App Clicked) per channel at a rate
+  that is higher for the preferred channel (heavy app users lean to push and in-app), near the preferred
+  local hour, only while the channel is consented; a third of the people change their preferred channel
+  once, and some withdraw or give a consent;
 - support tickets, more of them around a bad experience, after which the dropout hazard is five times
-  higher; activity fades in the weeks before a dropout and stops after it;
+  higher; activity fades in the weeks before a dropout and stops after it, except for an email opened now
+  and then; a third of those who lapse come back months later;
 - legitimate look-alikes of fraud: travellers (orders abroad, fast but possible travel), VPN users
-  (locations that jump), expats (card country differs), families (two accounts on one device);
+  (locations that jump), expats (card country differs), families (two accounts on one device), spree
+  shoppers (several orders within hours on several cards), second browsers, phones whose address changes
+  daily;
 - fraud rings: fresh accounts, several user ids signed up from one device, many cards from many countries,
-  locations hopping between countries within hours; account takeovers: a new device in another country
-  hours after the owner was seen at home, new cards, large orders.
+  locations hopping between proxies within hours; account takeovers: a new device, often in another
+  country hours after the owner was seen at home, often new cards. Each signal shows only some of the time,
+  and careful fraudsters (a third) show none of them beyond a new account or device and the orders.
 
 A fraud model scores an order as it happens, so each person also gets a fraud scoring moment: the last
-order of a fraudster's burst, otherwise one of the person's orders (during a trip, for half the travellers)
-or their last event.
+order of a fraudster's burst, otherwise one of the person's orders (an unusual one, for half the
+travellers and spree shoppers) or their last event.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,16 +205,6 @@ class Zones:
         return local - self.offset(zone, local - offset)
 
 
-_ZONES_CACHE: dict[tuple[float, float], Zones] = {}
-
-
-def zones_for(start: float, end: float) -> Zones:
-    key = (start, end)
-    if key not in _ZONES_CACHE:
-        _ZONES_CACHE[key] = Zones(tuple(c.timezone for c in CITIES), start, end)
-    return _ZONES_CACHE[key]
-
-
 def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> Any:
     """Great-circle distance on a 6371 km sphere (radians in, km out)."""
     a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
@@ -357,8 +353,15 @@ class Population:
         return [_profile(event) for event in self._events(person, until)]
 
     def iter_segment_events(self, until: float | None = None) -> Iterator[dict[str, Any]]:
+        """Everyone's events, person after person."""
         for person in range(self.size):
             yield from self.segment_events(person, until)
+
+    def segment_stream(self, until: float | None = None) -> Iterator[dict[str, Any]]:
+        """Everyone's events in time order, as a collector would receive them (benchmarks, integration tests)."""
+        people = [self._events(person, until) for person in range(self.size)]
+        for event in heapq.merge(*people, key=lambda e: e.at):
+            yield _segment(event)
 
     def _events(self, person: int, until: float | None) -> list[_Event]:
         rows = self.rows(person, until)
@@ -566,7 +569,7 @@ class _Simulation:
         self.end = cutoff + CHURN_DAYS * DAY
         self.history_days = history_days
         self.fraud_rate = fraud_rate
-        self.zones = zones_for(self.start - 10 * DAY, self.end + 10 * DAY)
+        self.zones = Zones(tuple(c.timezone for c in CITIES), self.start - 10 * DAY, self.end + 10 * DAY)
         self.rows = _Rows()
         self.next_card = 0
 
