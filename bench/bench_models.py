@@ -1,0 +1,364 @@
+"""bench/models — the shipped models' quality on a held-out simulated population, each against a transparent
+heuristic a CRM team would use without ML, computed from the same profile fields, in the same run.
+
+The population is fresh (seed 11: training used 7, its held-out figures 8), simulated by the training
+package, and its profile fields are computed by the profile domain with the computed-trait definitions the
+shipped specs carry (`cdp_scoring.training.dataset`). Every score comes from the shipped ONNX file as the
+service serves it: `cdp_scoring.runtime.load_model`, rows from its `assembler`, scores from its `run`. Each
+model is scored at the moment the training package evaluates it: churn, propensity, CLV and next best
+channel at the cutoff; fraud at the person's fraud moment (the order being placed; a fraudster's last
+order of the burst), one `now` per row.
+
+A heuristic baseline is the best of a few single-field rules (listed in each result's params), chosen on
+this same population: the choice flatters the baseline, never the model.
+
+model-churn          AUC of churn_risk; baseline: recency of the last session, or fewest sessions in 90 days,
+                     or recency of the last order (the strongest)
+model-propensity     AUC of purchase_propensity; baseline: product views in 7 days, cart adds in 7 days,
+                     orders in 90 days, or recency of the last order (the strongest)
+model-fraud          AUC of fraud_risk; baseline: devices_24h + geo_mismatch_24h, or the strongest single
+                     24-hour signal
+model-fraud-anomaly  AUC of fraud_anomaly (unsupervised isolation forest), same baseline as model-fraud
+model-clv            MAE of BG/NBD expected orders in the 90 days after the cutoff (the shipped parameters;
+                     the served graph checked against them) vs actual orders, buyers only; baseline: the
+                     naive run rate (past orders per day x 90 days, the best of three rates); params: the
+                     BG/NBD and Gamma-Gamma parameter-recovery errors on a fresh seed
+model-nbc            top-1 accuracy of next_best_channel among people who answer in the 30 days after the
+                     cutoff; baseline: the channel answered most in the last 90 days (email when none)
+
+    make bench-models     # writes bench/results/model-*.json; needs the shipped models (make models)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from benchlib import write_result
+
+from cdp_scoring.modelstore import SHIPPED
+from cdp_scoring.runtime import LoadedModel, load_model
+from cdp_scoring.training import metrics
+from cdp_scoring.training.bgnbd import BgNbd, GammaGamma, summaries
+from cdp_scoring.training.dataset import population_fields
+from cdp_scoring.training.graphs import reference_clv
+from cdp_scoring.training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
+from cdp_scoring.training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
+
+SEED = 11  # never used by training (7: train, 8: held-out figures in report.json)
+PEOPLE = 12_000  # 80-90 s of profile-domain work on two cores; ~300 fraudsters, ~9,000 buyers, ~5,500 responders
+RECOVERY_CUSTOMERS = 50_000  # as many as training checks recovery with
+MODELS = ("churn_risk", "purchase_propensity", "clv", "fraud_risk", "fraud_anomaly", "next_best_channel")
+DAY = 86_400.0
+NEVER = 1e6  # days since an event that never happened: later than any real one (AUC reads ranks only)
+HOLDOUT_DAYS = CHURN_DAYS  # the simulation's outcome window: orders after the cutoff are known for 90 days
+
+
+def shipped_models() -> dict[str, LoadedModel]:
+    missing = [name for name in MODELS if not (SHIPPED / f"{name}.onnx").exists()]
+    if missing:
+        raise SystemExit(
+            f"missing shipped model(s) {', '.join(missing)} in {SHIPPED}: run `make models` first, then this again"
+        )
+    return {name: load_model((SHIPPED / f"{name}.onnx").read_bytes()) for name in MODELS}
+
+
+def computed_definitions(models: Mapping[str, LoadedModel]) -> list[dict[str, Any]]:
+    """The computed traits the shipped specs ask the profile service to define (one definition per name)."""
+    definitions: dict[str, dict[str, Any]] = {}
+    for model in models.values():
+        for trait in model.spec.computed_traits:
+            definitions.setdefault(trait["name"], dict(trait))
+    return list(definitions.values())
+
+
+def served(model: LoadedModel, fields: Sequence[Mapping[str, Any]], now: float | np.ndarray) -> dict[str, np.ndarray]:
+    """Scores by name, as the service computes them: the model's own assembler at `now` (one per row when an
+    array), then its run()."""
+    assembler = model.assembler
+    if np.ndim(now) == 0:
+        rows = assembler.matrix(fields, float(now))
+    else:
+        rows = np.array([assembler.row(person, float(at)) for person, at in zip(fields, now, strict=True)])
+    scores = model.run(rows.astype(np.float32))
+    return {name: scores[:, j] for j, name in enumerate(model.spec.score_names)}
+
+
+# --- the heuristics: one number per person from the flat profile fields ---------------------------------
+
+
+def count(fields: Sequence[Mapping[str, Any]], trait: str) -> np.ndarray:
+    return np.array([float(person.get(f"computed.{trait}", 0.0)) for person in fields])
+
+
+def days_since(fields: Sequence[Mapping[str, Any]], trait: str, now: float) -> np.ndarray:
+    """Days from the trait's time to `now`; NEVER when the person has none."""
+    at = np.array([float(person.get(f"computed.{trait}", np.nan)) for person in fields])
+    return np.where(np.isnan(at), NEVER, (now - at) / DAY)
+
+
+def strongest(y: np.ndarray, candidates: Mapping[str, np.ndarray]) -> tuple[str, float, dict[str, float]]:
+    """The candidate score with the best AUC on `y`: its name, its AUC, and every candidate's AUC."""
+    aucs = {name: round(metrics.auc(y, score), 4) for name, score in candidates.items()}
+    best = max(aucs, key=aucs.__getitem__)
+    return best, metrics.auc(y, candidates[best]), aucs
+
+
+# --- the models --------------------------------------------------------------------------------------
+
+
+def bench_engagement(
+    model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]], label: np.ndarray, candidates
+) -> dict[str, Any]:
+    p = served(model, fields, population.cutoff)[model.spec.score_names[0]]
+    y = label.astype(int)
+    baseline, baseline_auc, aucs = strongest(y, candidates)
+    return {
+        "value": metrics.auc(y, p),
+        "baseline": baseline_auc,
+        "params": {
+            **metrics.binary_report(y, p),
+            "rows": len(y),
+            "scored_at": "the cutoff (2025-06-01), as training evaluates it",
+            "baseline_heuristic": baseline,
+            "baseline_candidates_auc": aucs,
+            "report_json_auc": model.spec.quality.get("auc"),
+        },
+    }
+
+
+def bench_churn(model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    cutoff = population.cutoff
+    candidates = {  # higher = more likely to churn
+        "days since the last session": days_since(fields, "last_session_at", cutoff),
+        "fewest sessions in 90 days (-sessions_90d)": -count(fields, "sessions_90d"),
+        "days since the last order": days_since(fields, "last_order_at", cutoff),
+    }
+    return bench_engagement(model, population, fields, population.outcomes.churned, candidates)
+
+
+def bench_propensity(model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]]) -> dict:
+    cutoff = population.cutoff
+    candidates = {  # higher = more likely to order in the next 30 days
+        "product views in 7 days": count(fields, "product_views_7d"),
+        "cart adds in 7 days": count(fields, "cart_adds_7d"),
+        "orders in 90 days": count(fields, "orders_90d"),
+        "recency of the last order (-days since)": -days_since(fields, "last_order_at", cutoff),
+    }
+    return bench_engagement(model, population, fields, population.outcomes.purchased, candidates)
+
+
+def bench_fraud(models: Mapping[str, LoadedModel], population: Population, fields) -> tuple[dict, dict]:
+    """fraud_risk and fraud_anomaly, each person scored at their fraud moment (per-row now), as training does."""
+    y = population.outcomes.is_fraudster.astype(int)
+    risk = served(models["fraud_risk"], fields, population.fraud_at)["fraud_risk"]
+    anomaly = served(models["fraud_anomaly"], fields, population.fraud_at)["fraud_anomaly"]
+    signals = {
+        name: count(fields, name)
+        for name in ("devices_24h", "geo_mismatch_24h", "cards_24h", "countries_24h", "accounts_24h")
+    }
+    candidates = {"devices_24h + geo_mismatch_24h": signals["devices_24h"] + signals["geo_mismatch_24h"], **signals}
+    baseline, baseline_auc, aucs = strongest(y, candidates)
+    baseline_precision, _ = metrics.precision_at_recall(y, candidates[baseline], FRAUD_RECALL)
+    precision, threshold = metrics.precision_at_recall(y, risk, FRAUD_RECALL)
+    common = {
+        "rows": len(y),
+        "fraudsters": int(y.sum()),
+        "base_rate": round(float(y.mean()), 4),
+        "scored_at": "the person's fraud moment: the order being placed (fraudsters: the last order of their burst)",
+        "baseline_heuristic": baseline,
+        "baseline_candidates_auc": aucs,
+        f"baseline_precision_at_recall_{FRAUD_RECALL}": round(baseline_precision, 4),
+    }
+    fraud = {
+        "value": metrics.auc(y, risk),
+        "baseline": baseline_auc,
+        "params": {
+            **common,
+            f"precision_at_recall_{FRAUD_RECALL}": round(precision, 4),
+            "threshold_at_that_recall": round(threshold, 4),
+            "brier": round(metrics.brier(y, risk), 4),
+            "ece_10_bins": round(metrics.expected_calibration_error(y, risk), 4),
+            "fraud_anomaly_auc": round(metrics.auc(y, anomaly), 4),
+            "report_json_auc": models["fraud_risk"].spec.quality.get("auc"),
+            f"report_json_precision_at_recall_{FRAUD_RECALL}": models["fraud_risk"].spec.quality.get(
+                f"precision_at_recall_{FRAUD_RECALL}"
+            ),
+        },
+    }
+    anomaly_precision, _ = metrics.precision_at_recall(y, anomaly, FRAUD_RECALL)
+    anomaly_result = {
+        "value": metrics.auc(y, anomaly),
+        "baseline": baseline_auc,
+        "params": {
+            **common,
+            f"precision_at_recall_{FRAUD_RECALL}": round(anomaly_precision, 4),
+            "note": "unsupervised (trained without labels); AUC against the simulated truth",
+            "report_json_auc": models["fraud_anomaly"].spec.quality.get("auc"),
+        },
+    }
+    return fraud, anomaly_result
+
+
+def bench_clv(model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Expected orders in the 90 days after the cutoff (all the simulation can check; the served score is for
+    365 days) from the shipped BG/NBD parameters, on the served model's own rows; the served graph is checked
+    to give the same BG/NBD outputs as those parameters, so the figure is the shipped model's."""
+    cutoff = population.cutoff
+    rows = model.assembler.matrix(fields, cutoff).astype(np.float64)
+    scores = served(model, fields, cutoff)
+    bgnbd = BgNbd(**model.spec.quality["bgnbd"])
+    reference = reference_clv(bgnbd, GammaGamma(**model.spec.quality["gamma_gamma"]), rows, CLV_HORIZON_DAYS)
+    served_error = max(  # as training measures it: relative above 1, absolute below
+        float(np.max(np.abs(scores[f"clv_{name}"] - reference[output]) / np.maximum(1.0, np.abs(reference[output]))))
+        for name, output in (
+            ("p_alive", "p_alive"),
+            ("expected_purchases_365d", "expected_purchases"),
+            ("expected_order_value", "expected_order_value"),
+            ("value_365d", "clv"),
+        )
+    )
+    x, t_x, T = summaries(rows[:, 0], rows[:, 1], rows[:, 2])
+    buyers = rows[:, 0] > 0
+    predicted = bgnbd.expected(HOLDOUT_DAYS / 7, x[buyers], t_x[buyers], T[buyers])
+    actual = population.outcomes.orders_after[buyers].astype(np.float64)
+    buyer_fields = [person for person, bought in zip(fields, buyers, strict=True) if bought]
+    orders_total = count(buyer_fields, "orders_total")
+    since_first = days_since(buyer_fields, "first_order_at", cutoff)
+    run_rates = {  # orders per day in the past, carried forward over the holdout window
+        "orders in the last 365 days / 365": count(buyer_fields, "orders_365d") / 365,
+        "orders in the last 90 days / 90": count(buyer_fields, "orders_90d") / 90,
+        "orders since the first order / max(days since it, 90)": orders_total / np.maximum(since_first, 90),
+    }
+    maes = {name: round(float(np.mean(np.abs(rate * HOLDOUT_DAYS - actual))), 4) for name, rate in run_rates.items()}
+    baseline = min(maes, key=maes.__getitem__)
+    naive = run_rates[baseline] * HOLDOUT_DAYS
+    recovery = parameter_recovery(SEED, RECOVERY_CUSTOMERS)
+    report = model.spec.quality.get("holdout_next_90_days", {})
+    return {
+        "value": float(np.mean(np.abs(predicted - actual))),
+        "baseline": float(np.mean(np.abs(naive - actual))),
+        "params": {
+            "buyers": int(buyers.sum()),
+            "window_days": HOLDOUT_DAYS,
+            "predicted_orders": round(float(predicted.sum()), 1),
+            "actual_orders": int(actual.sum()),
+            "baseline_orders": round(float(naive.sum()), 1),
+            "correlation": round(float(np.corrcoef(predicted, actual)[0, 1]), 4),
+            "baseline_correlation": round(float(np.corrcoef(naive, actual)[0, 1]), 4),
+            "rmse": round(float(np.sqrt(np.mean((predicted - actual) ** 2))), 4),
+            "baseline_rmse": round(float(np.sqrt(np.mean((naive - actual) ** 2))), 4),
+            "scored_at": "the cutoff; actual = orders in the 90 days after it (people with an order before it)",
+            "method": "BgNbd.expected(90 days) with the shipped spec's BG/NBD parameters on the served rows",
+            "served_graph_vs_spec_parameters_max_error": float(f"{served_error:.3g}"),
+            "baseline_heuristic": f"run rate: {baseline} x {HOLDOUT_DAYS} days",
+            "baseline_candidates_mae": maes,
+            "report_json_mae": report.get("mean_absolute_error"),
+            "report_json_correlation": report.get("correlation"),
+            "bgnbd_parameter_recovery": {
+                "customers": recovery["customers"],
+                "seed": recovery["seed"],
+                "bgnbd_relative_error": recovery["bgnbd_relative_error"],
+                "gamma_gamma_relative_error": recovery["gamma_gamma_relative_error"],
+                "max_relative_error": recovery["max_relative_error"],
+                "report_json_max_relative_error": model.spec.quality.get("bgnbd_parameter_recovery", {}).get(
+                    "max_relative_error"
+                ),
+            },
+        },
+    }
+
+
+def bench_nbc(model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Among the people who answer in the 30 days after the cutoff: the channel they answered most, and the
+    local hour of their first answer on it."""
+    outcomes = population.outcomes
+    who = np.flatnonzero(outcomes.response_channel >= 0)
+    responders = [fields[i] for i in who]
+    y = outcomes.response_channel[who]
+    hours = outcomes.response_hour[who]
+    scores = served(model, responders, population.cutoff)
+    predicted = np.stack([scores[f"nbc_{channel}"] for channel in CHANNELS], axis=1).argmax(axis=1)
+    answers_90d = np.stack(
+        [
+            count(responders, trait)
+            for trait in ("email_opens_90d", "sms_clicks_90d", "push_opens_90d", "inapp_clicks_90d")
+        ],
+        axis=1,
+    )
+    baseline = answers_90d.argmax(axis=1)  # ties (and no answers): the first channel, email
+    # the served model's own hour for someone without a known hour: the training population's usual one
+    fallback = int(served(model, [{}], population.cutoff)["best_send_hour"][0])
+    hour_accuracy = metrics.hour_accuracy(scores["best_send_hour"], hours, 1)
+    hour_baseline = metrics.hour_accuracy(np.full(len(hours), fallback), hours, 1)
+    return {
+        "value": float(np.mean(predicted == y)),
+        "baseline": float(np.mean(baseline == y)),
+        "params": {
+            "responders": len(y),
+            "channel_shares": {channel: round(float(np.mean(y == k)), 4) for k, channel in enumerate(CHANNELS)},
+            "scored_at": "the cutoff; label: the channel answered most in the 30 days after it",
+            "baseline_heuristic": "the channel with the most answers in the last 90 days (email when none)",
+            "send_hour_accuracy_within_1h": round(hour_accuracy, 4),
+            "send_hour_baseline_accuracy_within_1h": round(hour_baseline, 4),
+            "send_hour_baseline": f"everyone at {fallback}h (the served model's hour when none is known)",
+            "report_json_top1_accuracy": model.spec.quality.get("top1_accuracy"),
+            "report_json_send_hour_accuracy_within_1h": model.spec.quality.get("send_hour_accuracy_within_1h"),
+        },
+    }
+
+
+def main() -> None:
+    started = time.perf_counter()
+    models = shipped_models()
+    population = simulate(PEOPLE, SEED)
+    fields = population_fields(population, computed_definitions(models))
+    print(f"simulated and profiled {PEOPLE:,} people (seed {SEED}) in {time.perf_counter() - started:.0f}s")
+    fraud, anomaly = bench_fraud(models, population, fields.at_fraud)
+    measured = [  # (result, model, unit, higher is better, figures)
+        ("model-churn", "churn_risk", "AUC", True, bench_churn(models["churn_risk"], population, fields.at_cutoff)),
+        (
+            "model-propensity",
+            "purchase_propensity",
+            "AUC",
+            True,
+            bench_propensity(models["purchase_propensity"], population, fields.at_cutoff),
+        ),
+        ("model-fraud", "fraud_risk", "AUC", True, fraud),
+        ("model-fraud-anomaly", "fraud_anomaly", "AUC", True, anomaly),
+        ("model-clv", "clv", "orders MAE, 90 days", False, bench_clv(models["clv"], population, fields.at_cutoff)),
+        (
+            "model-nbc",
+            "next_best_channel",
+            "top-1 accuracy",
+            True,
+            bench_nbc(models["next_best_channel"], population, fields.at_cutoff),
+        ),
+    ]
+    common = {"population": PEOPLE, "seed": SEED, "events": int(population.table["t"].size)}
+    results = []
+    for name, model, unit, higher, figures in measured:
+        shipped = {"model": model, "version": models[model].spec.version, "sha256": models[model].sha256}
+        results.append(
+            write_result(
+                name,
+                value=figures["value"],
+                unit=unit,
+                baseline=figures["baseline"],
+                higher_is_better=higher,
+                params={**shipped, **common, **figures["params"]},
+            )
+        )
+    print(f"\n{'result':<21}{'value':>7}{'baseline':>10}{'ratio':>8}  {'unit':<21}baseline heuristic")
+    for result in results:
+        print(
+            f"{result['name']:<21}{result['value']:>7.3f}{result['baseline']:>10.3f}{result['ratio']:>8.3f}  "
+            f"{result['unit']:<21}{result['params']['baseline_heuristic']}"
+        )
+    print(f"\ndone in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
