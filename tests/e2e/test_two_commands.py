@@ -63,10 +63,25 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     ]
     assert any(" send " in c for c in commands) and any(" status" in c for c in commands)
     for command in commands:
-        result = subprocess.run(
-            command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-        )
+        for _attempt in range(40):
+            result = subprocess.run(
+                command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            )
+            # The shipped models go live in the background once profile can take their computed traits.
+            if " models" not in command or "churn_risk" in result.stdout:
+                break
+            time.sleep(0.5)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        if " models" in command:
+            for model in (
+                "churn_risk",
+                "purchase_propensity",
+                "clv",
+                "fraud_risk",
+                "fraud_anomaly",
+                "next_best_channel",
+            ):
+                assert model in result.stdout, result.stdout
         if " send " in command and "--count" not in command:
             assert "accepted 1," in result.stdout
         if " profile " in command:
