@@ -16,7 +16,7 @@ from cdp_kit.bus import Bus, profiles_stream, scores_stream
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.storage import open_store
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
-from cdp_scoring.engine import FIELDS, ScoringEngine
+from cdp_scoring.engine import CHANGED_AT, FIELDS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
 from cdp_testing.onnx_models import expected, logistic_model
 
@@ -141,7 +141,7 @@ async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.handle([Delivery([change("p1", email="a@example.com")], 1)])
     assert await published(nats_server.url) == []
-    assert engine.fields["p1"] == {"traits.email": "a@example.com"}
+    assert engine.fields["p1"] == {"traits.email": "a@example.com", CHANGED_AT: T0}
 
 
 async def test_a_burst_for_one_person_is_scored_once_on_its_final_fields(setup, nats_server):
@@ -151,6 +151,19 @@ async def test_a_burst_for_one_person_is_scored_once_on_its_final_fields(setup, 
     await engine.handle(burst)
     [update] = await published(nats_server.url)
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [5, 1]), abs=1e-6)
+
+
+async def test_a_change_redelivered_after_newer_ones_does_not_take_the_fields_back(setup, nats_server):
+    engine, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await engine.handle([Delivery([change("p1", orders=1, at=T0)], 1)])
+    await engine.handle([Delivery([change("p1", orders=2, at=T0 + 1)], 2)])
+    # Message 1 again (its acknowledgement was lost before newer ones were handled): not applied again.
+    await engine.handle([Delivery([change("p1", orders=1, at=T0)], 1, delivered=2)])
+    assert engine.fields["p1"]["computed.orders_90d"] == 2
+    last = (await published(nats_server.url))[-1]
+    assert last.at == pytest.approx(T0 + 1)
+    assert last.scores["churn_risk"] == pytest.approx(expected(W, [2, 0]), abs=1e-6)
 
 
 async def test_a_redelivered_batch_is_scored_again_and_deduplicated(setup, nats_server):
@@ -214,7 +227,7 @@ async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(se
     engine._tasks.clear()  # a crash: no final snapshot
     again = await make_engine(store, bus, tmp_path, clock)
     try:
-        assert again.fields["p1"] == {"computed.orders_90d": 2.0, "computed.sessions_30d": 4.0}
+        assert again.fields["p1"] == {"computed.orders_90d": 2.0, "computed.sessions_30d": 4.0, CHANGED_AT: T0}
         assert again.registry.get("churn_risk").live.version == "1.0.0"
 
         async def stream():  # what the PROFILES stream holds after the snapshot's position
@@ -237,7 +250,7 @@ async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(se
             )
 
         assert await again.replay(stream()) == 3  # the first message is in the snapshot already
-        assert again.fields == {"p1": {"computed.orders_90d": 5.0, "computed.sessions_30d": 4.0}}
+        assert again.fields == {"p1": {"computed.orders_90d": 5.0, "computed.sessions_30d": 4.0, CHANGED_AT: T0}}
         [result] = await again.score_person("p1")
         assert result.scores["churn_risk"] == pytest.approx(expected(W, [5, 4]), abs=1e-6)
         await again.snapshot()

@@ -187,3 +187,50 @@ async def test_consumer_survives_a_nats_restart(nats_server, bus):
     assert result.ok
     await until(lambda: 10 in seen, timeout=15)
     await stop(task)
+
+
+async def test_an_ordered_consumer_retries_a_failing_batch_before_anything_newer(bus):
+    handled: list[int] = []
+    failures = [2]
+
+    async def handle(batch):
+        values = [int(d.data) for d in batch]
+        if 10 in values and failures[0]:
+            failures[0] -= 1
+            raise ConnectionError("store went away")
+        handled.extend(values)
+
+    # Small batches with room for more unacknowledged messages: without in-place retries, later batches
+    # would be handled while the failed one waits for its redelivery.
+    ordered = spec(batch_size=5, max_ack_pending=50, ordered=True)
+    task = await run(bus.consumer(ordered, handle))
+    await publish(bus, 40)
+    await until(lambda: len(handled) == 40)
+    await stop(task)
+    assert handled == list(range(40))
+    info = await bus.js.consumer_info("EVENTS_RAW", "t")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_an_ordered_consumer_resumes_with_what_its_dead_owner_left_unacknowledged(bus):
+    ordered = spec(batch_size=10, max_ack_pending=10, ordered=True, ack_wait=30.0)
+    first = bus.consumer(ordered, None)
+    await first.provision()
+    await publish(bus, 3)
+    sub = await bus.js.pull_subscribe_bind(durable="t", stream="EVENTS_RAW")
+    taken = await sub.fetch(3, timeout=5)  # the owner took them, then died without acknowledging
+    assert [int(m.data) for m in taken] == [0, 1, 2]
+    await sub.unsubscribe()
+    await bus.publisher.publish_batch(
+        [OutMessage("events.raw.0", str(i).encode(), f"id-{i}") for i in range(3, 6)]
+    )  # newer ones arrive while those wait out their ack_wait (30 s)
+
+    handled: list[int] = []
+
+    async def handle(batch):
+        handled.extend(int(d.data) for d in batch)
+
+    task = await run(bus.consumer(ordered, handle))
+    await until(lambda: len(handled) >= 6)
+    await stop(task)
+    assert handled == [0, 1, 2, 3, 4, 5]

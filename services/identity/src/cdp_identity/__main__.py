@@ -84,9 +84,9 @@ async def setup(runtime: ServiceRuntime) -> None:
                 filter_subjects=(f"events.raw.{p}",),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
-                # No second batch while one is unacknowledged: after a crash the partition resumes
-                # with the redelivered batch, never with later events first (limits depend on order).
+                # Stream order within the partition, across failures and restarts (limits depend on it).
                 max_ack_pending=settings.batch_size,
+                ordered=True,
                 description=f"identity: resolve events of partition {p} to persons",
             ),
             engine.handle,

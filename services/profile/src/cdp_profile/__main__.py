@@ -77,8 +77,9 @@ async def setup(runtime: ServiceRuntime) -> None:
                 filter_subjects=(f"events.resolved.{p}",),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
-                # One batch unacknowledged at a time keeps each partition in order across crashes.
+                # Stream order within the partition, across failures and restarts.
                 max_ack_pending=settings.batch_size,
+                ordered=True,
                 description=f"profile: apply events of person partition {p}",
             ),
             engine.handle,
@@ -94,6 +95,7 @@ async def setup(runtime: ServiceRuntime) -> None:
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
                 max_ack_pending=settings.batch_size,
+                ordered=True,
                 description=f"profile: store the model scores of persons of partition {p}",
             ),
             engine.handle_scores,

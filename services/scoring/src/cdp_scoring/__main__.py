@@ -170,8 +170,9 @@ async def setup(runtime: ServiceRuntime) -> None:
                 filter_subjects=(f"profiles.changed.{p}",),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
-                # One batch unacknowledged at a time keeps each person's changes in order across crashes.
+                # Each person's changes in stream order, across failures and restarts.
                 max_ack_pending=settings.batch_size,
+                ordered=True,
                 description=f"scoring: re-score persons of partition {p} whose model inputs changed",
             ),
             engine.handle,

@@ -53,6 +53,8 @@ CHECKPOINTS = "scoring_checkpoints"
 SCORES_SUBJECT = "scores.updated"
 MODELS_CHANGED = "scoring.models.changed"
 MAX_UPDATES_PER_MESSAGE = 2000
+# Kept with a person's fields: the time of the latest change applied (no profile field starts with "$").
+CHANGED_AT = "$changed_at"
 
 ProfileSource = Callable[[str], Awaitable[dict[str, Any] | None]]
 TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
@@ -391,6 +393,7 @@ class ScoringEngine:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Consumer handler for `profiles.changed.<p>`: apply, score, publish; acknowledged after."""
         subject = batch[0].subject
+        applied = self.applied.get(subject, 0)
         touched: dict[str, set[str]] = {}
         changed_at: dict[str, float] = {}
         forced: set[str] = set()
@@ -402,6 +405,17 @@ class ScoringEngine:
             except DecodeError as exc:
                 delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
                 continue
+            if delivery.stream_seq <= applied:
+                # Applied before (by the replay, or by an attempt whose scores JetStream did not store):
+                # applying it again could take the fields back in time. Its persons are scored again on
+                # what they hold now, as of their latest change.
+                for change in message.changes:
+                    fields = self.fields.get(change.person_id)
+                    if fields is not None:
+                        forced.add(change.person_id)
+                        touched.setdefault(change.person_id, set())
+                        changed_at[change.person_id] = fields.get(CHANGED_AT, 0.0)
+                continue
             again = getattr(delivery, "num_delivered", 1) > 1
             for change in message.changes:
                 person = change.person_id
@@ -410,7 +424,7 @@ class ScoringEngine:
                 at = change.at.seconds + change.at.nanos / 1e9
                 if at < oldest:
                     oldest = at
-                paths = self._apply_change(change)
+                paths = self._apply_change(change, at)
                 if person not in self.fields:
                     touched.pop(person, None)
                     forced.discard(person)
@@ -435,7 +449,7 @@ class ScoringEngine:
             if oldest is not math.inf:
                 self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
 
-    def _apply_change(self, change: profile_pb2.ProfileChanged) -> set[str]:
+    def _apply_change(self, change: profile_pb2.ProfileChanged, at: float | None = None) -> set[str]:
         """Apply one profile change to the fields; the changed paths some model reads."""
         person = change.person_id
         if change.removed:
@@ -443,7 +457,9 @@ class ScoringEngine:
                 self._gone.add(person)
                 self._dirty.discard(person)
             return set()
-        return self._apply(person, change_fields(change))
+        updates = change_fields(change)
+        updates[CHANGED_AT] = change.at.seconds + change.at.nanos / 1e9 if at is None else at
+        return self._apply(person, updates)
 
     def _apply(self, person: str, updates: Mapping[str, Any]) -> set[str]:
         fields = self.fields.get(person)

@@ -66,12 +66,21 @@ class ConsumerSpec:
     concurrency: int = 1
     fetch_timeout: float = 1.0
     description: str = ""
+    # Partition owners: messages are handled in stream order even across failures and restarts. A
+    # failing batch is retried in place (its messages kept from redelivery meanwhile) rather than naked,
+    # so nothing newer is handled before it; and a consumer that starts with messages delivered but not
+    # acknowledged (its last owner died) is recreated at its acknowledgement floor, so those come again
+    # first rather than after newer ones once their ack_wait runs out. Handlers still skip positions
+    # they have already applied: everything after the floor is delivered again.
+    ordered: bool = False
 
     def __post_init__(self) -> None:
         if self.max_deliver < 1:
             raise ValueError("max_deliver must be at least 1")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if self.ordered and self.concurrency != 1:
+            raise ValueError("an ordered consumer handles one batch at a time (concurrency 1)")
         if not self.filter_subjects:
             raise ValueError("a consumer needs at least one filter subject")
 
@@ -193,6 +202,9 @@ class ConsumerRunner:
         config = self.spec.config()
         try:
             info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
+            if self.spec.ordered and (info.num_ack_pending or 0) > 0:
+                await self._restart_at_floor(info, config)
+                return
             current = info.config
             if (
                 current.max_deliver != config.max_deliver
@@ -201,9 +213,24 @@ class ConsumerRunner:
                 != sorted(self.spec.filter_subjects)
                 or current.max_ack_pending != config.max_ack_pending
             ):
+                # Where it starts cannot change on an update (an ordered consumer may have been restarted
+                # at its floor).
+                config.deliver_policy, config.opt_start_seq = current.deliver_policy, current.opt_start_seq
                 await self.js.add_consumer(self.spec.stream, config)  # same durable name: an update
         except NotFoundError:
             await self.js.add_consumer(self.spec.stream, config)
+
+    async def _restart_at_floor(self, info: api.ConsumerInfo, config: api.ConsumerConfig) -> None:
+        floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
+        await self.js.delete_consumer(self.spec.stream, self.spec.durable)
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = (floor or 0) + 1
+        await self.js.add_consumer(self.spec.stream, config)
+        log.info(
+            "consumer %s restarted at its acknowledgement floor",
+            self.spec.durable,
+            extra={"floor": floor, "unacknowledged": info.num_ack_pending},
+        )
 
     async def run(self) -> None:
         """Consume until cancelled. Survives NATS outages: fetches fail, we wait and try again."""
@@ -272,6 +299,31 @@ class ConsumerRunner:
                 await self._handle(msgs)
 
     async def _handle(self, msgs: list[Msg]) -> None:
+        attempts = self.spec.max_deliver if self.spec.ordered else 1
+        for attempt in range(1, attempts + 1):
+            deliveries, error = await self._attempt(msgs)
+            if error is None or attempt == attempts:
+                break
+            # Ordered: the same batch again after a pause, before anything newer; the messages are kept
+            # from redelivery meanwhile.
+            await self._hold(msgs, self.spec.delay_after(attempt))
+        await self._settle(deliveries, error, final=self.spec.ordered)
+
+    async def _hold(self, msgs: list[Msg], delay: float) -> None:
+        step = max(0.05, min(delay, self.spec.ack_wait / 3))
+        deadline = time.monotonic() + delay
+        while True:
+            for msg in msgs:
+                try:
+                    await msg.in_progress()
+                except Exception:
+                    pass  # the bus is down: the retry fails too, or the messages come back in order anyway
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(step, remaining))
+
+    async def _attempt(self, msgs: list[Msg]) -> tuple[list[Delivery], BaseException | None]:
         deliveries = [Delivery(m) for m in msgs]
         links = []
         for d in deliveries[:32]:  # a span with thousands of links helps nobody
@@ -303,13 +355,15 @@ class ConsumerRunner:
                 span.record_exception(exc)
                 log.warning("handler of %s failed on %d messages: %r", self.spec.durable, len(msgs), exc)
         self._m_latency.record((time.perf_counter() - started) * 1000, self._attrs)
-        await self._settle(deliveries, error)
+        return deliveries, error
 
-    async def _settle(self, deliveries: list[Delivery], error: BaseException | None) -> None:
+    async def _settle(self, deliveries: list[Delivery], error: BaseException | None, *, final: bool = False) -> None:
+        """Acknowledge, redeliver later, or dead-letter each message. `final`: no redelivery (an ordered
+        consumer already retried the batch in place)."""
         counts = {"ack": 0, "retry": 0, "dead_letter": 0}
         for d in deliveries:
             try:
-                last_try = d.num_delivered >= self.spec.max_deliver
+                last_try = final or d.num_delivered >= self.spec.max_deliver
                 if error is not None:
                     if last_try:
                         await self._dead_letter(d, "handler_error", repr(error))
