@@ -173,6 +173,8 @@ class ScoringEngine:
         self._readers: dict[str, set[str]] = {}
         self._registry_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
+        self._round: list[tuple[dict[str, set[str]], dict[str, float], set[str], asyncio.Future]] = []
+        self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._partition_cache: dict[str, int] = {}
         meter = telemetry.meter
@@ -183,7 +185,7 @@ class ScoringEngine:
         self._m_inference = meter.create_histogram(
             "cdp_scoring_inference_ms",
             unit="ms",
-            description="onnxruntime time per call (one matrix of rows)",
+            description="time to score one model's rows of a round (waiting for its batched onnxruntime call included)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_freshness = meter.create_histogram(
@@ -216,6 +218,7 @@ class ScoringEngine:
                 self.fields[record.key] = orjson.loads(record.doc["fields"])
                 self.versions[record.key] = record.version
         self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="scoring snapshots"))
+        self._tasks.append(asyncio.create_task(self._scoring_loop(), name="scoring rounds"))
 
     def background(self, coro, name: str) -> None:
         """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
@@ -439,15 +442,51 @@ class ScoringEngine:
                         known |= paths
                     changed_at[person] = max(changed_at.get(person, 0.0), at)
         self.applied[subject] = max(self.applied.get(subject, 0), batch[-1].stream_seq)
-        messages = self._messages(self._score_touched(touched, changed_at, forced))
-        if messages:
-            results = await self.publisher.publish_batch(messages)
-            failed = [r for r in results if not r.ok]
-            if failed:
-                # Redelivered, these messages re-score their persons (see num_delivered above).
-                raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+        if touched:
+            # Scored and published with what the other partitions' handlers submitted meanwhile; a failure
+            # fails the batch, whose retry re-scores its persons (its positions are applied by then).
+            future = asyncio.get_running_loop().create_future()
+            self._round.append((touched, changed_at, forced, future))
+            self._round_ready.set()
+            await future
             if oldest is not math.inf:
                 self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
+
+    async def _scoring_loop(self) -> None:
+        """Score what the partition handlers submitted, a round at a time: one onnxruntime call per model
+        for every person of the round, however many partitions they came from. Nothing waits for a round
+        to fill; under load, what arrives while one round is scored makes the next one bigger, which is
+        when the fixed cost of a call matters most."""
+        while True:
+            await self._round_ready.wait()
+            await asyncio.sleep(0)  # handlers ready at this moment join the round
+            self._round_ready.clear()
+            round_, self._round = self._round, []
+            if not round_:
+                continue
+            touched: dict[str, set[str]] = {}
+            changed_at: dict[str, float] = {}
+            forced: set[str] = set()
+            for part_touched, part_at, part_forced, _future in round_:
+                for person, paths in part_touched.items():
+                    touched.setdefault(person, set()).update(paths)
+                    changed_at[person] = max(changed_at.get(person, 0.0), part_at.get(person, 0.0))
+                forced |= part_forced
+            try:
+                messages = self._messages(await self._score_touched(touched, changed_at, forced))
+                if messages:
+                    results = await self.publisher.publish_batch(messages)
+                    failed = [r for r in results if not r.ok]
+                    if failed:
+                        raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+            except Exception as exc:
+                for *_parts, future in round_:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for *_parts, future in round_:
+                if not future.done():
+                    future.set_result(None)
 
     def _apply_change(self, change: profile_pb2.ProfileChanged, at: float | None = None) -> set[str]:
         """Apply one profile change to the fields; the changed paths some model reads."""
@@ -479,7 +518,7 @@ class ScoringEngine:
         readers = self._readers
         return {p for p in changed if p in readers}
 
-    def _score_touched(
+    async def _score_touched(
         self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], forced: set[str] = frozenset()
     ) -> list[tuple[Version, list[str], np.ndarray, list[float]]]:
         """Score each touched person once per model whose inputs changed (every live model for a forced
@@ -503,17 +542,19 @@ class ScoringEngine:
                     by_model[model] = [person]
                 else:
                     members.append(person)
-        out = []
-        for name, persons in by_model.items():
-            entry = self.registry.models.get(name)
-            if entry is None:
-                continue
-            for version, members, scores in self._run_entry(entry, persons, changed_at):
-                out.append((version, members, scores, [changed_at.get(p, 0.0) for p in members]))
-        return out
+        rows: dict = {}
+        entries = [e for e in (self.registry.models.get(name) for name in by_model) if e is not None]
+        # Models run side by side: onnxruntime releases the GIL, so one model's trees are walked on the
+        # other core while the next model's rows are assembled here.
+        results = await asyncio.gather(*(self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries))
+        return [
+            (version, members, scores, [changed_at.get(p, 0.0) for p in members])
+            for result in results
+            for version, members, scores in result
+        ]
 
-    def _run_entry(
-        self, entry: ModelEntry, persons: Sequence[str], at: Mapping[str, float] | float
+    async def _run_entry(
+        self, entry: ModelEntry, persons: Sequence[str], at: Mapping[str, float] | float, rows: dict | None = None
     ) -> list[tuple[Version, list[str], np.ndarray]]:
         """Run each person's published version (live, or the canary for its share) and every shadow.
 
@@ -533,7 +574,7 @@ class ScoringEngine:
         by_version: dict[str, dict[str, np.ndarray]] = {}
         for version_name, members in groups.items():
             version = entry.versions[version_name]
-            scores = self._run(version, members, at)
+            scores = await self._run(version, members, at, rows)
             if scores is None:
                 continue
             by_version[version_name] = dict(zip(members, scores, strict=True))
@@ -542,11 +583,11 @@ class ScoringEngine:
             return out
         live_scores = by_version.get(live.version, {})
         unscored = [p for p in persons if p not in live_scores]
-        extra = self._run(live, unscored, at)
+        extra = await self._run(live, unscored, at, rows)
         if extra is not None:
             live_scores = {**live_scores, **dict(zip(unscored, extra, strict=True))}
         for shadow in shadows:
-            scores = self._run(shadow, persons, at)
+            scores = await self._run(shadow, persons, at, rows)
             if scores is not None:
                 self._compare(shadow, live, dict(zip(persons, scores, strict=True)), live_scores)
         if canary is not None and canary.version in by_version:
@@ -572,19 +613,29 @@ class ScoringEngine:
             stats.diff_rows += 1
             self._m_shadow.record(diff, attrs)
 
-    def _run(self, version: Version, persons: Sequence[str], at: Mapping[str, float] | float) -> np.ndarray | None:
+    async def _run(
+        self, version: Version, persons: Sequence[str], at: Mapping[str, float] | float, rows: dict | None = None
+    ) -> np.ndarray | None:
+        """The scores of `version` for these persons. `rows` shares assembled matrices between models that
+        read the same features (churn and propensity, the two fraud models) within one batch."""
         session = self.sessions.get((version.spec.name, version.version))
         if session is None or not persons:
             return None
         assembler = session.assembler
-        rows = np.empty((len(persons), assembler.width), dtype=np.float32)
-        now = self.clock()
-        empty: dict[str, Any] = {}
-        for i, person in enumerate(persons):
-            when = at if isinstance(at, float) else at.get(person, now)
-            rows[i] = assembler.row(self.fields.get(person, empty), when)
+        key = (version.spec.features, tuple(persons))
+        matrix = rows.get(key) if rows is not None else None
+        if matrix is None:
+            fields, empty = self.fields, {}
+            people = [fields.get(person, empty) for person in persons]
+            if isinstance(at, float):
+                matrix = assembler.matrix(people, at)
+            else:
+                now = self.clock()
+                matrix = assembler.matrix(people, [at.get(person, now) for person in persons])
+            if rows is not None:
+                rows[key] = matrix
         started = time.perf_counter()
-        scores = session.run(rows)
+        scores = await session.score(matrix)
         self._m_inference.record((time.perf_counter() - started) * 1000, {"model": version.spec.name})
         stats = self.stats.setdefault((version.spec.name, version.version), VersionStats())
         stats.rows += len(persons)
@@ -809,18 +860,18 @@ class ScoringEngine:
         now = self.clock()
         for offset in range(0, total, chunk):
             members = [p for p in persons[offset : offset + chunk] if p in self.fields]
-            scored = [
-                (version, persons, scores, [now] * len(persons))
-                for entry in entries
-                for version, persons, scores in self._run_entry(entry, members, now)
-            ]
+            rows: dict = {}
+            scored = []
+            for entry in entries:
+                for version, scored_persons, scores in await self._run_entry(entry, members, now, rows):
+                    scored.append((version, scored_persons, scores, [now] * len(scored_persons)))
             if publish and scored:
                 messages = self._messages(scored)
                 results = await self.publisher.publish_batch(messages)
                 failed = [r for r in results if not r.ok]
                 if failed:
                     raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
-                published += sum(len(persons) for _v, persons, _s, _t in scored)
+                published += sum(len(scored_persons) for _v, scored_persons, _s, _t in scored)
             yield {
                 "done": min(total, offset + chunk),
                 "total": total,

@@ -7,6 +7,7 @@ finite scores (or the expected ones) is refused with the reason, before anything
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from cdp_kit.errors import InvalidArgument
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
 
 _FLOAT_TYPES = {"tensor(float)"}
+# From this many rows a call runs on a worker thread; fewer cost less than the hand-over.
+THREAD_ROWS = 32
+
 _NUMERIC_OUTPUTS = {"tensor(float)", "tensor(double)", "tensor(int64)", "tensor(int32)", "tensor(float16)"}
 
 
@@ -33,6 +37,8 @@ class LoadedModel:
     # The output tensors to fetch, and for each score (in spec order) which of them and which column.
     fetch: list[str] = field(default_factory=list)
     columns: list[tuple[int, int | None]] = field(default_factory=list)
+    _queue: list[tuple[np.ndarray, asyncio.Future]] = field(default_factory=list, repr=False)
+    _draining: bool = field(default=False, repr=False)
 
     def run(self, rows: np.ndarray) -> np.ndarray:
         """Scores of float32 rows [n, features] as float64 [n, scores] (columns in spec output order)."""
@@ -44,6 +50,45 @@ class LoadedModel:
             tensor = outputs[which]
             result[:, j] = tensor.reshape(rows.shape[0]) if column is None else tensor[:, column]
         return result
+
+    async def score(self, rows: np.ndarray) -> np.ndarray:
+        """run(), batched with whatever other callers asked of this model meanwhile.
+
+        Partition handlers run side by side and each asks every model it needs for a few rows; one
+        onnxruntime call per model for all of them costs far less than one each (a call has a fixed cost,
+        and a graph like the CLV model's is mostly fixed cost at a few rows). Nothing waits for a batch to
+        fill: a call starts as soon as the previous one of this model is done, with everything queued by
+        then. Large calls run on a worker thread (onnxruntime releases the GIL)."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((rows, future))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.sleep(0)  # callers ready at this moment join the call
+            while self._queue:
+                batch, self._queue = self._queue, []
+                matrix = batch[0][0] if len(batch) == 1 else np.concatenate([rows for rows, _ in batch])
+                try:
+                    if len(matrix) >= THREAD_ROWS:
+                        scores = await asyncio.to_thread(self.run, matrix)
+                    else:
+                        scores = self.run(matrix)
+                except Exception as exc:
+                    for _rows, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                offset = 0
+                for rows, future in batch:
+                    if not future.done():
+                        future.set_result(scores[offset : offset + len(rows)])
+                    offset += len(rows)
+        finally:
+            self._draining = False
 
     def run_one(self, row: list[float]) -> list[float]:
         """One person's scores: the same as run() on one row, without the matrix bookkeeping."""

@@ -78,7 +78,7 @@ def epoch_seconds(value: Any) -> float | None:
 class FeatureAssembler:
     """Builds a model's input rows from flat profile fields (one per person) or from named values."""
 
-    __slots__ = ("_converters", "_defaults", "names", "paths", "spec", "width")
+    __slots__ = ("_converters", "_defaults", "_row", "names", "paths", "spec", "width")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -87,21 +87,20 @@ class FeatureAssembler:
         self.width = len(spec.features)
         self._defaults = tuple(_default(f) for f in spec.features)
         self._converters: tuple[Callable[[Any, float], float | None], ...] = tuple(_converter(f) for f in spec.features)
+        self._row = _compile_row(spec.features, self._defaults, self._converters)
 
     def row(self, fields: Mapping[str, Any], now: float) -> list[float]:
         """The feature vector of one person at time `now` (epoch seconds; days_since counts from it)."""
-        out = []
-        for path, convert, default in zip(self.paths, self._converters, self._defaults, strict=True):
-            value = fields.get(path)
-            converted = None if value is None else convert(value, now)
-            out.append(default if converted is None else converted)
-        return out
+        return self._row(fields, now)
 
-    def matrix(self, people: Sequence[Mapping[str, Any]], now: float) -> np.ndarray:
-        rows = np.empty((len(people), self.width), dtype=np.float32)
-        for i, fields in enumerate(people):
-            rows[i] = self.row(fields, now)
-        return rows
+    def matrix(self, people: Sequence[Mapping[str, Any]], now: float | Sequence[float]) -> np.ndarray:
+        """Rows of many persons, at one time or at one time per person."""
+        row = self._row
+        if isinstance(now, float | int):
+            flat = [value for fields in people for value in row(fields, now)]
+        else:
+            flat = [value for fields, at in zip(people, now, strict=True) for value in row(fields, at)]
+        return np.array(flat, dtype=np.float32).reshape(len(people), self.width)
 
     def from_values(self, values: Sequence[float]) -> list[float]:
         """A raw vector as given by a caller, checked for length."""
@@ -127,6 +126,34 @@ class FeatureAssembler:
 
     def defaults(self) -> list[float]:
         return list(self._defaults)
+
+
+def _compile_row(
+    features: Sequence[FeatureSpec],
+    defaults: Sequence[float],
+    converters: Sequence[Callable[[Any, float], float | None]],
+) -> Callable[[Mapping[str, Any], float], list[float]]:
+    """One straight-line function per spec: rows are assembled for every scored person of every model,
+    and the unrolled code costs about half of a loop over (path, converter, default) tuples. Only the
+    spec's paths reach the source, as string literals (repr); defaults and converters are passed in."""
+    lines = ["def row(fields, now):", "    get = fields.get"]
+    names: dict[str, Any] = {"_float": float}
+    outs = []
+    for i, feature in enumerate(features):
+        names[f"_d{i}"], names[f"_c{i}"] = defaults[i], converters[i]
+        lines.append(f"    v = get({feature.path!r})")
+        if feature.transform == "number":
+            # A plain float, the common case, skips the call (inf - inf and nan - nan are nan).
+            lines.append(
+                f"    r{i} = _d{i} if v is None else (v if type(v) is _float and v - v == 0.0 else "
+                f"(_d{i} if (c := _c{i}(v, now)) is None else c))"
+            )
+        else:
+            lines.append(f"    r{i} = _d{i} if v is None or (c := _c{i}(v, now)) is None else c")
+        outs.append(f"r{i}")
+    lines.append(f"    return [{', '.join(outs)}]")
+    exec("\n".join(lines), names)
+    return names["row"]
 
 
 def _default(feature: FeatureSpec) -> float:
