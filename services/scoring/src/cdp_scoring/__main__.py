@@ -141,6 +141,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         define_traits=profile.define if profile else None,
         announce=announce,
         snapshot_interval=settings.snapshot_interval,
+        round_linger=settings.round_linger_ms / 1000,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)

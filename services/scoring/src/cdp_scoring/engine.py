@@ -146,6 +146,7 @@ class ScoringEngine:
         define_traits: TraitDefiner | None = None,
         announce: Callable[[str], Awaitable[None]] | None = None,
         snapshot_interval: float = 10.0,
+        round_linger: float = 0.005,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -158,6 +159,7 @@ class ScoringEngine:
         self.define_traits = define_traits
         self.announce = announce
         self.snapshot_interval = snapshot_interval
+        self.round_linger = round_linger
         self.clock = clock
         self.registry = Registry()
         self.sessions: dict[tuple[str, str], LoadedModel] = {}
@@ -459,7 +461,9 @@ class ScoringEngine:
         when the fixed cost of a call matters most."""
         while True:
             await self._round_ready.wait()
-            await asyncio.sleep(0)  # handlers ready at this moment join the round
+            # A moment for the other partitions' handlers to join: a round costs every model it needs one
+            # call whatever its size, and a call's fixed cost dominates a round of a handful of persons.
+            await asyncio.sleep(self.round_linger)
             self._round_ready.clear()
             round_, self._round = self._round, []
             if not round_:

@@ -20,7 +20,7 @@ from cdp_scoring.domain import FeatureAssembler, ModelSpec
 
 _FLOAT_TYPES = {"tensor(float)"}
 # From this many rows a call runs on a worker thread; fewer cost less than the hand-over.
-THREAD_ROWS = 32
+THREAD_ROWS = 64
 
 _NUMERIC_OUTPUTS = {"tensor(float)", "tensor(double)", "tensor(int64)", "tensor(int32)", "tensor(float16)"}
 

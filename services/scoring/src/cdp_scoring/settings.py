@@ -46,6 +46,12 @@ class ScoringSettings(ServiceSettings):
         help="seconds between snapshots of the profile fields held (a restart replays profiles.changed from "
         "the last one; keep it far below the PROFILES stream's retention)",
     )
+    round_linger_ms: float = env(
+        "CDP_SCORING_ROUND_LINGER_MS",
+        5.0,
+        help="milliseconds a scoring round waits for the other partitions' changes before it runs (a round "
+        "costs each model one onnxruntime call whatever its size)",
+    )
     threads: int = env("CDP_SCORING_THREADS", 1, help="onnxruntime intra-op threads per session")
     pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
     replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
@@ -63,6 +69,8 @@ class ScoringSettings(ServiceSettings):
             problems.append(f"CDP_SCORING_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if not 0 < self.snapshot_interval <= 3600:
             problems.append(f"CDP_SCORING_SNAPSHOT_SECONDS={self.snapshot_interval} is invalid: must be in (0, 3600]")
+        if not 0 <= self.round_linger_ms <= 1000:
+            problems.append(f"CDP_SCORING_ROUND_LINGER_MS={self.round_linger_ms} is invalid: must be in [0, 1000]")
         if self.threads < 1:
             problems.append(f"CDP_SCORING_THREADS={self.threads} is invalid: must be at least 1")
         if self.replicas < 1:

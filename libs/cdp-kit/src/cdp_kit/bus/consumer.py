@@ -283,7 +283,7 @@ class ConsumerRunner:
         while True:
             _raise_if_cancelling(me)
             try:
-                msgs = await subscription.fetch(self.spec.batch_size, timeout=self.spec.fetch_timeout)
+                msgs = await self._fetch(subscription)
                 failures = 0
             except nats.errors.TimeoutError:
                 continue
@@ -297,6 +297,34 @@ class ConsumerRunner:
                 continue
             if msgs:
                 await self._handle(msgs)
+
+    async def _fetch(self, subscription) -> list[Msg]:
+        """Up to a batch of what is there now, or else the next message the moment it comes.
+
+        nats-py's `fetch(batch)`, when nothing is waiting, holds the first message that comes until the
+        whole batch is in or `fetch_timeout` passes: a partition receiving a few messages a second would
+        hand each over up to a second late. So: wait for one message, then take, without waiting, what
+        else is there (a no-wait pull, answered at once with the messages and then a 404 status)."""
+        msgs = await subscription.fetch(1, timeout=self.spec.fetch_timeout)
+        wanted = self.spec.batch_size - len(msgs)
+        if wanted <= 0:
+            return msgs
+        inbox = subscription._sub  # nats-py keeps the pull subscription's inbox and subjects private
+        await self.nc.publish(
+            subscription._nms, orjson.dumps({"batch": wanted, "no_wait": True}), reply=subscription._deliver
+        )
+        while wanted > 0:
+            try:
+                msg = await inbox.next_msg(timeout=self.spec.fetch_timeout)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break  # anything that still comes waits in the inbox for the next fetch
+            status = (msg.headers or {}).get("Status")
+            if status is None:
+                msgs.append(msg)
+                wanted -= 1
+            elif status in ("404", "408"):
+                break  # no (more) messages: the pull is over
+        return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
         attempts = self.spec.max_deliver if self.spec.ordered else 1
