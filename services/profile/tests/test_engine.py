@@ -260,3 +260,48 @@ async def test_context_pseudo_paths_feed_traits_and_a_backfill_after_a_restart_e
             }  # no user agent: no definition reads it
         finally:
             await engine.stop()
+
+
+class HeldPublisher:
+    """A publisher that holds the next publish until released (a slow JetStream acknowledgement)."""
+
+    def __init__(self, publisher) -> None:
+        self.publisher = publisher
+        self.hold = None
+        self.reached = None
+
+    async def publish_batch(self, messages):
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            self.reached.set()
+            await hold.wait()
+        return await self.publisher.publish_batch(messages)
+
+
+async def test_a_deletion_while_a_batch_is_being_published_leaves_no_change_message_in_the_checkpoint(
+    engine, nats_server
+):
+    import asyncio
+
+    from cdp_kit.bus import privacy_stream
+    from cdp_profile.engine import CHECKPOINTS
+
+    async with Bus.connect(nats_server.url, name="privacy") as bus:
+        await bus.ensure_streams(privacy_stream())
+
+    engine.publisher = held = HeldPublisher(engine.publisher)
+    await engine.handle(
+        [Delivery(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]), "events.resolved.0", 1)]
+    )
+    release = asyncio.Event()
+    held.hold, held.reached = release, asyncio.Event()
+    second = events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 99_999)])
+    handling = asyncio.create_task(engine.handle([Delivery(second, "events.resolved.0", 2)]))
+    await held.reached.wait()  # committed, not yet published: the checkpoint holds p1's change
+    assert engine.applied["events.resolved.0"] == 2
+    await engine.delete("p1", suppress=False, request_id="r1")
+    release.set()
+    await handling
+    await engine.flush()
+    checkpoint = await engine.store.get(CHECKPOINTS, "events.resolved.0")
+    assert checkpoint.doc["changes"] == [] and checkpoint.doc["stream_seq"] == 2

@@ -150,6 +150,7 @@ class ProfileEngine:
         self._partition_cache: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._publishing: set[str] = set()  # partitions between their commit and their publish
+        self._scrub: set[str] = set()  # checkpoints to clear of change messages once those are published
         meter = telemetry.meter
         self._m_events = meter.create_counter("cdp_profile_events_total", description="events applied, by outcome")
         self._m_changes = meter.create_counter(
@@ -341,8 +342,17 @@ class ProfileEngine:
             if newest_received:
                 self._m_freshness.record(max(0.0, (self.clock() - newest_received) * 1000))
             await self._publish(subject, messages)
+            await self._scrub_checkpoint(subject)
         finally:
             self._publishing.discard(subject)
+
+    async def _scrub_checkpoint(self, subject: str) -> None:
+        """A deletion came while this partition's change messages were kept for publishing: now that they
+        are published, the checkpoint forgets them (they may hold the deleted person's values)."""
+        if subject in self._scrub:
+            self._scrub.discard(subject)
+            doc = {"stream_seq": self.applied.get(subject, 0), "at": self.clock(), "changes": []}
+            await self._commit({}, ops=[Put(CHECKPOINTS, subject, doc)])
 
     def _fold(self, changes: dict[str, ProfileChange], person: str, change: ProfileChange) -> None:
         if not change:
@@ -585,6 +595,8 @@ class ProfileEngine:
         leftovers = self.unpublished.pop(subject, None)
         if leftovers:
             await self._publish(subject, leftovers)
+            if subject in self.applied:
+                await self._scrub_checkpoint(subject)
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
@@ -835,6 +847,8 @@ class ProfileEngine:
         for subject, seq in self.applied.items():
             if subject not in self._publishing and subject not in self.unpublished:
                 ops.append(Put(CHECKPOINTS, subject, {"stream_seq": seq, "at": now, "changes": []}))
+        # The others still need theirs until they are published; they are cleared right after.
+        self._scrub.update(self._publishing, self.unpublished)
         gone = ProfileChange(person_id=person, removed=True)
         messages = self._messages({person: gone}, cause="delete", now=now)
         await self._commit({}, ops=ops)
