@@ -148,6 +148,18 @@ class GrpcServer:
             self._health_server = None
 
 
+def client_channel(settings: ServiceSettings, address: str) -> grpc.aio.Channel:
+    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
+            private_key=settings.tls_key_file.read_bytes(),
+            certificate_chain=settings.tls_cert_file.read_bytes(),
+        )
+        return grpc.aio.secure_channel(address, credentials)
+    return grpc.aio.insecure_channel(address)
+
+
 @dataclass
 class ServiceRuntime:
     """What setup code gets: settings, telemetry, the gRPC server, one exit stack for resources."""
@@ -261,4 +273,4 @@ def run_main(settings_cls: type[S], setup: SetupFn) -> None:
         pass
 
 
-__all__ = ["PUBLIC", "GrpcServer", "ServiceRuntime", "run_main", "run_service", "serving"]
+__all__ = ["PUBLIC", "GrpcServer", "ServiceRuntime", "client_channel", "run_main", "run_service", "serving"]

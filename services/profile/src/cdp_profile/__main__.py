@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import grpc
-
 from cdp.identity.v1 import identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.bus import (
@@ -19,25 +17,13 @@ from cdp_kit.bus import (
     profiles_stream,
     scores_stream,
 )
-from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
 from cdp_profile.routing import Router, peer_addresses
 from cdp_profile.settings import ProfileSettings
-
-
-def client_channel(settings: ProfileSettings, address: str) -> grpc.aio.Channel:
-    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
-            private_key=settings.tls_key_file.read_bytes(),
-            certificate_chain=settings.tls_cert_file.read_bytes(),
-        )
-        return grpc.aio.secure_channel(address, credentials)
-    return grpc.aio.insecure_channel(address)
 
 
 async def setup(runtime: ServiceRuntime) -> None:

@@ -24,7 +24,7 @@ from cdp_kit.bus import (
     scores_stream,
 )
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
-from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_scoring.api import SCOPES, ScoringApi
 from cdp_scoring.engine import MODELS_CHANGED, ScoringEngine, profile_fields
@@ -32,18 +32,6 @@ from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_mod
 from cdp_scoring.settings import ScoringSettings
 
 log = logging.getLogger("cdp.scoring")
-
-
-def client_channel(settings: ScoringSettings, address: str) -> grpc.aio.Channel:
-    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
-    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
-            private_key=settings.tls_key_file.read_bytes(),
-            certificate_chain=settings.tls_cert_file.read_bytes(),
-        )
-        return grpc.aio.secure_channel(address, credentials)
-    return grpc.aio.insecure_channel(address)
 
 
 class ProfileClient:
