@@ -1,0 +1,1 @@
+"""The segment language and its two evaluators: plain Python and NumPy, no I/O."""
