@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from nats.js.errors import NotFoundError
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
@@ -19,6 +18,7 @@ from cdp_kit.bus import (
     Bus,
     ConsumerSpec,
     dead_letter_stream,
+    delivered_since,
     owned_partitions,
     profiles_stream,
     scores_stream,
@@ -133,7 +133,11 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
-    replayed = await engine.replay(stored_changes(bus.js, partitions, engine.applied))
+    replayed = await engine.replay(
+        delivered_since(
+            bus.js, "PROFILES", {f"profiles.changed.{p}": f"scoring-p{p}" for p in partitions}, engine.applied
+        )
+    )
     if replayed:
         log.info("fields brought up to date from the PROFILES stream", extra={"changes": replayed})
     # The loaded fields live as long as the process: keep the collector from rescanning them.
@@ -175,28 +179,6 @@ async def setup(runtime: ServiceRuntime) -> None:
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
         scopes=SCOPES,
     )
-
-
-async def stored_changes(js, partitions, snapshot: Mapping[str, int]) -> AsyncIterator[tuple[str, int, bytes]]:
-    """The profile changes of each owned partition after the snapshot's position, up to the last one the
-    partition's durable consumer was given (later ones it will deliver itself)."""
-    for p in partitions:
-        subject = f"profiles.changed.{p}"
-        try:
-            info = await js.consumer_info("PROFILES", f"scoring-p{p}")
-        except NotFoundError:
-            continue  # a new consumer starts from the stream's beginning: nothing to catch up on
-        end = info.delivered.stream_seq or 0
-        seq = snapshot.get(subject, 0) + 1
-        while seq <= end:
-            try:
-                msg = await js.get_msg("PROFILES", seq=seq, subject=subject, next=True)
-            except NotFoundError:
-                break
-            if msg.seq > end:
-                break
-            yield subject, msg.seq, msg.data or b""
-            seq = msg.seq + 1
 
 
 async def _prepare_models(engine: ScoringEngine, ship: bool) -> None:

@@ -18,7 +18,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
-from cdp_kit.bus.consumer import ConsumerRunner, ConsumerSpec, Delivery, Handler
+from cdp_kit.bus.consumer import ConsumerRunner, ConsumerSpec, Delivery, Handler, delivered_since
 from cdp_kit.bus.partition import owned_partitions, partition_for, partition_subject
 from cdp_kit.bus.publisher import OutMessage, Publisher, PubResult
 from cdp_kit.bus.streams import (
@@ -31,6 +31,7 @@ from cdp_kit.bus.streams import (
     privacy_stream,
     profiles_stream,
     scores_stream,
+    segments_stream,
 )
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry, setup_telemetry
@@ -135,6 +136,7 @@ __all__ = [
     "Publisher",
     "StreamSpec",
     "dead_letter_stream",
+    "delivered_since",
     "ensure_stream",
     "events_raw_stream",
     "events_resolved_stream",
@@ -145,4 +147,5 @@ __all__ = [
     "privacy_stream",
     "profiles_stream",
     "scores_stream",
+    "segments_stream",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -474,3 +474,28 @@ class ConsumerRunner:
             self._m_handled.add(1, {**self._attrs, "outcome": "dead_letter"})
         except Exception as exc:
             log.error("could not dead-letter after max deliveries advisory: %s", exc)
+
+
+async def delivered_since(
+    js: JetStreamContext, stream: str, subjects: Mapping[str, str], positions: Mapping[str, int]
+) -> AsyncIterator[tuple[str, int, bytes]]:
+    """For state snapshotted with its stream positions: the messages of each subject after its position,
+    up to the last one the subject's durable consumer (`subjects`: subject -> durable name) was given;
+    later ones the consumer delivers itself. Yields (subject, stream position, payload) in stream order
+    per subject. A durable that does not exist yet starts at the stream's beginning: nothing to catch up."""
+    for subject, durable in subjects.items():
+        try:
+            info = await js.consumer_info(stream, durable)
+        except NotFoundError:
+            continue
+        end = info.delivered.stream_seq or 0
+        seq = positions.get(subject, 0) + 1
+        while seq <= end:
+            try:
+                msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            if msg.seq > end:
+                break
+            yield subject, msg.seq, msg.data or b""
+            seq = msg.seq + 1

@@ -115,6 +115,19 @@ def scores_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
     )
 
 
+def segments_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
+    """Segment membership transitions (`segments.entered.<p(person)>`, `segments.exited.<p(person)>`),
+    published by segmentation; orchestration and crm-connector consume them."""
+    return StreamSpec(
+        name="SEGMENTS",
+        subjects=("segments.>",),
+        max_age=max_age,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="segment membership transitions (person, segment, time, reason), partitioned by person",
+    )
+
+
 def privacy_stream(*, replicas: int = 1) -> StreamSpec:
     """Privacy requests every service acts on (`privacy.deleted`). Kept without an age limit: a
     suppression lasts until lifted, and a service that was down must still purge when it returns.
