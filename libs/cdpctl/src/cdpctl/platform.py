@@ -44,11 +44,20 @@ SERVICES: tuple[ServiceProcess, ...] = (
         extra_scopes=("profile:admin",),
         env={"CDP_SCORING_MODEL_STORE": "{home}/models"},
     ),
+    # Segmentation defines the computed traits its event conditions compile to on profile (profile:admin).
+    ServiceProcess(
+        "segmentation",
+        "cdp_segmentation",
+        grpc_port=50055,
+        metrics_port=9468,
+        calls=("profile",),
+        extra_scopes=("profile:admin",),
+    ),
 )
 
 
 # What services may do to each other: read-only look-ups.
-SERVICE_SCOPES = ("identity:read", "profile:read", "scoring:read")
+SERVICE_SCOPES = ("identity:read", "profile:read", "scoring:read", "segmentation:read")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
