@@ -1,0 +1,52 @@
+"""Segments that read other segments (`in_segment`) must form no cycle and name only segments that exist."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cdp_kit.errors import InvalidArgument
+
+
+def check_segment_graph(refs: Mapping[str, frozenset[str]]) -> list[str]:
+    """Segment ids in an order that puts every segment after the ones it references.
+
+    `refs` maps each segment id to the ids it references. Raises InvalidArgument("definition", ...) naming the
+    unknown ids, or the cycle as `a → b → a`.
+    """
+    unknown = {segment: sorted(set(targets) - refs.keys()) for segment, targets in refs.items()}
+    problems = [
+        f"segment {segment!r} references {', '.join(map(repr, missing))}, which "
+        + ("does" if len(missing) == 1 else "do")
+        + " not exist"
+        for segment, missing in sorted(unknown.items())
+        if missing
+    ]
+    if problems:
+        raise InvalidArgument("definition", "; ".join(problems) + "; create it first or remove the reference")
+    order: list[str] = []
+    done: set[str] = set()
+    for root in sorted(refs):
+        if root in done:
+            continue
+        # Depth first without recursion: `path` is the chain being explored, each with its pending references.
+        path = [root]
+        pending = [sorted(refs[root])]
+        while path:
+            if pending[-1]:
+                target = pending[-1].pop(0)
+                if target in done:
+                    continue
+                if target in path:
+                    cycle = [*path[path.index(target) :], target]
+                    raise InvalidArgument(
+                        "definition",
+                        f"segments reference each other in a cycle: {' → '.join(cycle)}; remove one in_segment",
+                    )
+                path.append(target)
+                pending.append(sorted(refs[target]))
+            else:
+                finished = path.pop()
+                pending.pop()
+                done.add(finished)
+                order.append(finished)
+    return order
