@@ -117,3 +117,19 @@ class ScoringProcess(ServiceProcess):
                 **env,
             },
         )
+
+
+class SegmentationProcess(ServiceProcess):
+    def __init__(self, nats_url: str, workdir: Path, *, store_url: str, partitions: int = 8, **env: str):
+        super().__init__(
+            "segmentation",
+            "cdp_segmentation",
+            workdir,
+            {
+                "CDP_NATS_URL": nats_url,
+                "CDP_STORE_URL": store_url,
+                "CDP_PARTITIONS": str(partitions),
+                "CDP_SEGMENTATION_SNAPSHOT_SECONDS": "1",
+                **env,
+            },
+        )

@@ -1,0 +1,175 @@
+"""gRPC SegmentationService: protobuf in, engine calls, protobuf out."""
+
+from __future__ import annotations
+
+import base64
+
+from google.protobuf import json_format
+
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.errors import InvalidArgument
+from cdp_segmentation.domain import from_json, parse, to_json, to_text
+from cdp_segmentation.engine import BUILDING, FAILED, LIVE, Segment, SegmentationEngine, check_segment_id
+
+SCOPES = {
+    "GetSegment": "segmentation:read",
+    "ListSegments": "segmentation:read",
+    "Estimate": "segmentation:read",
+    "ListMembers": "segmentation:read",
+    "GetMembership": "segmentation:read",
+    "CreateSegment": "segmentation:admin",
+    "UpdateSegment": "segmentation:admin",
+    "DeleteSegment": "segmentation:admin",
+}
+STATE_TO_PB = {
+    BUILDING: segmentation_pb2.SEGMENT_STATE_BUILDING,
+    LIVE: segmentation_pb2.SEGMENT_STATE_LIVE,
+    FAILED: segmentation_pb2.SEGMENT_STATE_FAILED,
+}
+MAX_PAGE = 10_000
+DEFAULT_PAGE = 1_000
+MAX_TEXT = 64 * 1024
+
+
+def definition_node(definition: segmentation_pb2.Definition, field: str):
+    """The node of a Definition (text or JSON tree); errors name `<field>.text` / `<field>.tree...`."""
+    form = definition.WhichOneof("form")
+    if form == "text":
+        if len(definition.text) > MAX_TEXT:
+            raise InvalidArgument(f"{field}.text", f"{len(definition.text)} characters; at most {MAX_TEXT}")
+        return parse(definition.text, field=f"{field}.text")
+    if form == "tree":
+        return from_json(json_format.MessageToDict(definition.tree), field=f"{field}.tree")
+    raise InvalidArgument(field, "is required: text (the readable form) or tree (the JSON form)")
+
+
+def _timestamp(message, seconds: float) -> None:
+    message.seconds = int(seconds)
+    message.nanos = int((seconds % 1) * 1e9)
+
+
+def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentation_pb2.Segment:
+    compiled = segment.definition
+    message = segmentation_pb2.Segment(
+        id=segment.id,
+        name=segment.name,
+        description=segment.description,
+        text=to_text(compiled.node),
+        version=segment.building_version,
+        state=STATE_TO_PB[segment.state],
+        profiles_done=segment.done,
+        profiles_total=segment.total,
+        size=len(engine.members.get(segment.id, ())),
+        depends_on=sorted(compiled.segments),
+        computed_traits=[t["name"] for t in compiled.computed_traits],
+        time_dependent=compiled.time_dependent,
+        error=segment.error,
+    )
+    json_format.ParseDict(to_json(compiled.node), message.tree)
+    _timestamp(message.created_at, segment.created_at)
+    _timestamp(message.updated_at, segment.updated_at)
+    if segment.live_at:
+        _timestamp(message.live_at, segment.live_at)
+    return message
+
+
+class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
+    def __init__(self, engine: SegmentationEngine) -> None:
+        self.engine = engine
+
+    async def CreateSegment(self, request: segmentation_pb2.CreateSegmentRequest, context) -> segmentation_pb2.Segment:
+        check_segment_id(request.id)
+        if not request.HasField("definition"):
+            raise InvalidArgument("definition", "is required: text (the readable form) or tree (the JSON form)")
+        node = definition_node(request.definition, "definition")
+        segment = await self.engine.create(request.id, node, name=request.name, description=request.description)
+        if request.wait:
+            segment = await self.engine.wait_live(segment.id)
+        return segment_message(self.engine, segment)
+
+    async def UpdateSegment(
+        self, request: segmentation_pb2.UpdateSegmentRequest, context
+    ) -> segmentation_pb2.UpdateSegmentResponse:
+        check_segment_id(request.id)
+        node = definition_node(request.definition, "definition") if request.HasField("definition") else None
+        segment = await self.engine.update(request.id, node, name=request.name, description=request.description)
+        if node is not None:
+            segment = await self.engine.wait_live(segment.id)
+            entered, exited, sample_entered, sample_exited = segment.last_diff
+        else:
+            entered, exited, sample_entered, sample_exited = 0, 0, [], []
+        return segmentation_pb2.UpdateSegmentResponse(
+            segment=segment_message(self.engine, segment),
+            entered=entered,
+            exited=exited,
+            sample_entered=sample_entered,
+            sample_exited=sample_exited,
+        )
+
+    async def DeleteSegment(
+        self, request: segmentation_pb2.DeleteSegmentRequest, context
+    ) -> segmentation_pb2.DeleteSegmentResponse:
+        check_segment_id(request.id)
+        return segmentation_pb2.DeleteSegmentResponse(exited=await self.engine.delete(request.id))
+
+    async def GetSegment(self, request: segmentation_pb2.GetSegmentRequest, context) -> segmentation_pb2.Segment:
+        check_segment_id(request.id)
+        return segment_message(self.engine, self.engine.get(request.id))
+
+    async def ListSegments(
+        self, request: segmentation_pb2.ListSegmentsRequest, context
+    ) -> segmentation_pb2.ListSegmentsResponse:
+        segments = sorted(self.engine.segments.values(), key=lambda s: s.id)
+        return segmentation_pb2.ListSegmentsResponse(segments=[segment_message(self.engine, s) for s in segments])
+
+    async def Estimate(self, request: segmentation_pb2.EstimateRequest, context) -> segmentation_pb2.EstimateResponse:
+        if not request.HasField("definition"):
+            raise InvalidArgument("definition", "is required: text (the readable form) or tree (the JSON form)")
+        estimate = await self.engine.estimate(definition_node(request.definition, "definition"))
+        compiled = estimate.compiled
+        message = segmentation_pb2.EstimateResponse(
+            size=estimate.size,
+            population=estimate.population,
+            sample=estimate.sample,
+            text=to_text(compiled.node),
+            computed_traits=[t["name"] for t in compiled.computed_traits],
+            time_dependent=compiled.time_dependent,
+            evaluate_ms=estimate.evaluate_ms,
+        )
+        json_format.ParseDict(to_json(compiled.node), message.tree)
+        return message
+
+    async def ListMembers(
+        self, request: segmentation_pb2.ListMembersRequest, context
+    ) -> segmentation_pb2.ListMembersResponse:
+        check_segment_id(request.segment_id)
+        if request.page_size < 0 or request.page_size > MAX_PAGE:
+            raise InvalidArgument("page_size", f"{request.page_size} is out of range: 0 (default) to {MAX_PAGE}")
+        after = ""
+        if request.page_token:
+            try:
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidArgument("page_token", "is not a token this service gave") from None
+        members, more, total = self.engine.list_members(
+            request.segment_id, after=after, limit=request.page_size or DEFAULT_PAGE
+        )
+        response = segmentation_pb2.ListMembersResponse(total=total)
+        for person_id, since in members:
+            _timestamp(response.members.add(person_id=person_id).since, since)
+        if more and members:
+            response.next_page_token = base64.urlsafe_b64encode(members[-1][0].encode()).decode()
+        return response
+
+    async def GetMembership(
+        self, request: segmentation_pb2.GetMembershipRequest, context
+    ) -> segmentation_pb2.GetMembershipResponse:
+        if not request.person_id:
+            raise InvalidArgument("person_id", "is required")
+        response = segmentation_pb2.GetMembershipResponse(person_id=request.person_id)
+        for segment_id, since in sorted(self.engine.membership(request.person_id).items()):
+            _timestamp(response.segments.add(segment_id=segment_id).since, since)
+        return response
+
+
+__all__ = ["SCOPES", "SegmentationApi", "definition_node", "segment_message"]

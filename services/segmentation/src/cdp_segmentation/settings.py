@@ -1,0 +1,75 @@
+"""Segmentation configuration: every variable, its default and meaning (also listed in the README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cdp_kit.settings import ServiceSettings, env
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentationSettings(ServiceSettings):
+    service_name: str = env("OTEL_SERVICE_NAME", "segmentation", help="service name in traces, metrics and logs")
+    grpc_port: int = env("CDP_GRPC_PORT", 50055, help="gRPC port (SegmentationService, health, reflection)")
+    profile_address: str = env(
+        "CDP_PROFILE_ADDRESS",
+        "",
+        help="profile gRPC address (host:port): event conditions are defined there as computed traits, and "
+        "persons not yet seen on profiles.changed are read there; empty: definitions with event conditions "
+        "are refused",
+    )
+    profile_token: str = env(
+        "CDP_PROFILE_TOKEN",
+        "",
+        help="bearer token for the profile service (profile:read, and profile:admin to define computed traits)",
+        secret=True,
+    )
+    batch_size: int = env("CDP_SEGMENTATION_BATCH_SIZE", 64, help="profiles.changed messages fetched per batch")
+    ack_wait: float = env(
+        "CDP_SEGMENTATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
+    )
+    snapshot_interval: float = env(
+        "CDP_SEGMENTATION_SNAPSHOT_SECONDS",
+        10.0,
+        help="seconds between snapshots of fields and memberships (a restart replays profiles.changed from the "
+        "last one; keep it far below the SEGMENTS stream's 10-minute duplicate window)",
+    )
+    timer_resolution: float = env(
+        "CDP_SEGMENTATION_TIMER_SECONDS",
+        0.25,
+        help="longest sleep of the timer loop (a time condition fires at most this late, and no earlier than due)",
+    )
+    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
+    replicas: int = env(
+        "CDP_REPLICAS",
+        1,
+        help="replicas sharing the partitions (p % replicas == ordinal) unless CDP_SEGMENTATION_STANDBY; "
+        "population reads (Estimate, ListMembers) answer for the replica's own partitions",
+    )
+    standby: bool = env(
+        "CDP_SEGMENTATION_STANDBY",
+        False,
+        help="every replica holds every partition (its own consumers and snapshots) and repeats the others' "
+        "lifecycle calls: any replica answers any call, and both publish each transition under the same id, "
+        "which JetStream keeps once",
+    )
+    segments_retention_days: float = env(
+        "CDP_SEGMENTATION_RETENTION_DAYS", 7.0, help="days segments.entered/exited keep transitions"
+    )
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.batch_size < 1:
+            problems.append(f"CDP_SEGMENTATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if not 0 < self.snapshot_interval <= 300:
+            problems.append(
+                f"CDP_SEGMENTATION_SNAPSHOT_SECONDS={self.snapshot_interval} is invalid: must be in (0, 300] "
+                "(the duplicate window is 600 s)"
+            )
+        if not 0 < self.timer_resolution <= 60:
+            problems.append(f"CDP_SEGMENTATION_TIMER_SECONDS={self.timer_resolution} is invalid: must be in (0, 60]")
+        if self.replicas < 1:
+            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
+        elif not 0 <= self.pod_ordinal < self.replicas:
+            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
+        return problems

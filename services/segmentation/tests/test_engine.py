@@ -1,0 +1,377 @@
+"""The segmentation engine against a real nats-server and the memory store: profile changes in,
+membership transitions out (checked on the SEGMENTS stream itself)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import nats
+import pytest
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import LIVE, SegmentationEngine
+
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from cdp_kit.storage import open_store
+
+T0 = 1_790_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Delivery:
+    def __init__(self, changes: list[profile_pb2.ProfileChanged], seq: int, partition: int = 0, delivered=1):
+        self.data = profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
+        self.subject = f"profiles.changed.{partition}"
+        self.stream_seq = seq
+        self.num_delivered = delivered
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        raise AssertionError(f"rejected: {reason} {detail}")
+
+
+def change(person: str, *, at=T0, cause="event", removed=False, traits=None, computed=None, scores=None):
+    message = profile_pb2.ProfileChanged(person_id=person, removed=removed, cause=cause)
+    message.at.FromNanoseconds(int(at * 1e9))
+    for name, value in (traits or {}).items():
+        if value is None:
+            message.traits[name].null_value = 0
+        elif isinstance(value, str):
+            message.traits[name].string_value = value
+        else:
+            message.traits[name].number_value = value
+    for name, value in (computed or {}).items():
+        message.computed[name].number_value = value
+    for name, value in (scores or {}).items():
+        message.scores[name] = value
+    return message
+
+
+@dataclass
+class Event:
+    person: str
+    segment: str
+    entered: bool
+    at: float
+    reason: str
+    id: str
+
+
+async def published(nats_url: str) -> list[Event]:
+    """Every transition on the SEGMENTS stream, in stream order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("SEGMENTS")
+        out = []
+        if info.state.messages:
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg("SEGMENTS", seq)
+                for e in segmentation_pb2.SegmentEventBatch.FromString(msg.data).events:
+                    assert msg.subject == f"segments.{'entered' if e.entered else 'exited'}.0"
+                    at = e.at.seconds + e.at.nanos / 1e9
+                    out.append(Event(e.person_id, e.segment_id, e.entered, at, e.reason, e.id))
+        return out
+    finally:
+        await nc.close()
+
+
+def moves(events: list[Event]) -> list[tuple[str, str, str, str]]:
+    return [(e.person, e.segment, "enter" if e.entered else "exit", e.reason) for e in events]
+
+
+class Profile:
+    """What the engine asks the profile service: definitions, then their readiness."""
+
+    def __init__(self) -> None:
+        self.defined: list[dict] = []
+
+    async def define(self, definitions) -> None:
+        self.defined.extend(definitions)
+
+    async def ready(self, names) -> None:
+        assert set(names) <= {d["name"] for d in self.defined}
+
+
+async def make_engine(store, bus, clock, profile=None) -> SegmentationEngine:
+    engine = SegmentationEngine(
+        store,
+        bus.publisher,
+        partitions=1,
+        owned=[0],
+        telemetry=bus.telemetry,
+        define_traits=profile.define if profile else None,
+        traits_ready=profile.ready if profile else None,
+        snapshot_interval=3600,
+        timer_resolution=3600,
+        clock=clock,
+    )
+    await engine.start()
+    return engine
+
+
+@pytest.fixture
+async def setup(nats_server):
+    clock = Clock(T0)
+    profile = Profile()
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="segmentation-test") as bus:
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engine = await make_engine(store, bus, clock, profile)
+        try:
+            yield engine, store, bus, clock, profile
+        finally:
+            await engine.stop()
+
+
+async def create(engine, segment_id: str, text: str):
+    segment = await engine.create(segment_id, parse(text))
+    return await engine.wait_live(segment.id)
+
+
+async def test_a_change_that_meets_a_definition_enters_and_one_that_breaks_it_exits(setup, nats_server):
+    engine, *_ = setup
+    await create(engine, "pro", 'traits.plan = "pro"')
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}, at=T0 + 1)], 1)])
+    await engine.handle([Delivery([change("p1", traits={"plan": "free"}, at=T0 + 2, cause="api")], 2)])
+    events = await published(nats_server.url)
+    assert moves(events) == [("p1", "pro", "enter", "event"), ("p1", "pro", "exit", "api")]
+    assert [e.at for e in events] == [pytest.approx(T0 + 1), pytest.approx(T0 + 2)]
+    assert engine.membership("p1") == {}
+
+
+async def test_only_segments_reading_a_changed_field_are_evaluated(setup):
+    engine, *_ = setup
+    for i in range(10):
+        await create(engine, f"s{i}", f"scores.s{i} > 0.5")
+    await engine.handle([Delivery([change("p1", scores={f"s{i}": 0.1 for i in range(10)})], 1)])
+    evaluated = []
+    for segment in engine.segments.values():
+        original = segment.compiled.evaluate
+
+        def spy(record, members=(), now=0.0, _original=original, _id=segment.id):
+            evaluated.append(_id)
+            return _original(record, members, now)
+
+        object.__setattr__(segment.compiled, "evaluate", spy)
+    await engine.handle([Delivery([change("p1", scores={"s3": 0.9})], 2)])
+    assert evaluated == ["s3"]
+    assert set(engine.membership("p1")) == {"s3"}
+
+
+async def test_a_new_segment_is_evaluated_over_the_population_then_kept_current(setup, nats_server):
+    engine, *_ = setup
+    changes = [change(f"p{i}", scores={"churn": i / 10}) for i in range(10)]
+    await engine.handle([Delivery(changes, 1)])
+    segment = await create(engine, "churny", "scores.churn >= 0.7")
+    assert (segment.state, segment.done, segment.total) == (LIVE, 10, 10)
+    assert sorted(engine.members["churny"]) == ["p7", "p8", "p9"]
+    assert moves(await published(nats_server.url)) == [(f"p{i}", "churny", "enter", "created") for i in (7, 8, 9)]
+    await engine.handle([Delivery([change("p1", scores={"churn": 0.95})], 2)])
+    assert "churny" in engine.membership("p1")
+
+
+async def test_an_update_publishes_the_membership_difference(setup, nats_server):
+    engine, *_ = setup
+    await engine.handle([Delivery([change(f"p{i}", scores={"churn": i / 10}) for i in range(10)], 1)])
+    await create(engine, "churny", "scores.churn >= 0.7")
+    segment = await engine.update("churny", parse("scores.churn >= 0.5 and scores.churn < 0.8"))
+    segment = await engine.wait_live("churny")
+    entered, exited, sample_in, sample_out = segment.last_diff
+    assert (entered, exited, sample_in, sample_out) == (2, 2, ["p5", "p6"], ["p8", "p9"])
+    assert segment.version == 2
+    updates = [m for m in moves(await published(nats_server.url)) if m[3] == "updated"]
+    assert sorted(updates) == [
+        ("p5", "churny", "enter", "updated"),
+        ("p6", "churny", "enter", "updated"),
+        ("p8", "churny", "exit", "updated"),
+        ("p9", "churny", "exit", "updated"),
+    ]
+
+
+async def test_delete_exits_every_member_and_is_refused_while_referred_to(setup, nats_server):
+    engine, *_ = setup
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "pro"})], 1)])
+    await create(engine, "pro", 'traits.plan = "pro"')
+    await create(engine, "pro_de", 'in_segment("pro") and traits.country = "DE"')
+    with pytest.raises(FailedPrecondition, match="pro_de"):
+        await engine.delete("pro")
+    await engine.delete("pro_de")
+    assert await engine.delete("pro") == 2
+    exits = [m for m in moves(await published(nats_server.url)) if m[2] == "exit"]
+    assert sorted(exits) == [("p1", "pro", "exit", "deleted"), ("p2", "pro", "exit", "deleted")]
+    assert engine.membership("p1") == {}
+    await create(engine, "x", "scores.a > 1")
+    with pytest.raises(AlreadyExists):
+        await engine.create("x", parse("scores.a > 1"))
+
+
+async def test_segments_referring_to_a_segment_follow_it_in_the_same_change(setup, nats_server):
+    engine, *_ = setup
+    await create(engine, "pro", 'traits.plan = "pro"')
+    await create(engine, "pro_de", 'in_segment("pro") and traits.country = "DE"')
+    await create(engine, "not_pro_de", 'not in_segment("pro_de")')
+    await engine.handle([Delivery([change("p1", traits={"country": "DE"})], 1)])
+    assert set(engine.membership("p1")) == {"not_pro_de"}
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}, at=T0 + 5)], 2)])
+    assert set(engine.membership("p1")) == {"pro", "pro_de"}
+    last = moves(await published(nats_server.url))[-3:]
+    assert sorted(last) == [
+        ("p1", "not_pro_de", "exit", "event"),
+        ("p1", "pro", "enter", "event"),
+        ("p1", "pro_de", "enter", "event"),
+    ]
+
+
+async def test_cycles_and_unknown_references_are_refused(setup):
+    engine, *_ = setup
+    await create(engine, "a", "scores.x > 1")
+    await create(engine, "b", 'in_segment("a")')
+    with pytest.raises(InvalidArgument, match="cycle"):
+        await engine.update("a", parse('in_segment("b")'))
+    with pytest.raises(InvalidArgument, match="nope"):
+        await engine.create("c", parse('in_segment("nope")'))
+    assert engine.segments["a"].compiled.segments == frozenset()
+
+
+async def test_time_passing_enters_and_exits_at_the_instant_the_condition_flips(setup, nats_server):
+    engine, _store, _bus, clock, _ = setup
+    await create(engine, "recent", "traits.last_seen_at > now - 14d")
+    await engine.handle([Delivery([change("p1", traits={"last_seen_at": T0 - 86_400})], 1)])
+    assert "recent" in engine.membership("p1")
+    clock.now = T0 + 12 * 86_400
+    assert await engine.fire_timers() == 0
+    clock.now = T0 + 13 * 86_400 + 5
+    assert await engine.fire_timers() == 1
+    assert engine.membership("p1") == {}
+    last = (await published(nats_server.url))[-1]
+    assert (last.person, last.entered, last.reason) == ("p1", False, "time")
+    assert last.at == pytest.approx(T0 + 13 * 86_400)  # when it flipped, not when the timer ran
+
+
+async def test_a_removed_profile_leaves_every_segment(setup, nats_server):
+    engine, *_ = setup
+    await create(engine, "pro", 'traits.plan = "pro"')
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1)])
+    await engine.handle([Delivery([change("p1", removed=True, cause="merge", at=T0 + 3)], 2)])
+    assert moves(await published(nats_server.url))[-1] == ("p1", "pro", "exit", "removed")
+    assert "p1" not in engine.persons
+
+
+async def test_event_conditions_are_defined_on_the_profile_service_and_read_as_computed_traits(setup, nats_server):
+    engine, _store, _bus, _clock, profile = setup
+    segment = await create(
+        engine, "buyers", 'count(event = "Order Completed" and properties.total > 50, within 30d) >= 3'
+    )
+    [definition] = profile.defined
+    assert definition["op"] == "count" and definition["window"] == "30d"
+    assert definition["event_names"] == ["Order Completed"]
+    assert definition["where"] == {"total": {"$gt": 50}}
+    assert segment.compiled.fields == {f"computed.{definition['name']}"}
+    await engine.handle([Delivery([change("p1", computed={definition["name"]: 3})], 1)])
+    await engine.handle([Delivery([change("p1", computed={definition["name"]: 2}, cause="expiry")], 2)])
+    assert moves(await published(nats_server.url)) == [
+        ("p1", "buyers", "enter", "event"),
+        ("p1", "buyers", "exit", "expiry"),
+    ]
+
+
+async def test_estimate_counts_without_creating(setup):
+    engine, *_ = setup
+    await engine.handle([Delivery([change(f"p{i}", scores={"clv": float(i)}) for i in range(100)], 1)])
+    estimate = await engine.estimate(parse("scores.clv >= 90"))
+    assert (estimate.size, estimate.population) == (10, 100)
+    assert estimate.sample == [f"p{i}" for i in range(90, 100)]
+    assert engine.segments == {}
+
+
+async def test_list_members_pages_in_person_order(setup):
+    engine, *_ = setup
+    await engine.handle([Delivery([change(f"p{i:03d}", scores={"clv": 1.0}) for i in range(25)], 1)])
+    await create(engine, "all", "scores.clv > 0")
+    seen, after = [], ""
+    while True:
+        page, more, total = engine.list_members("all", after=after, limit=10)
+        assert total == 25
+        seen += [p for p, _ in page]
+        if not more:
+            break
+        after = page[-1][0]
+    assert seen == [f"p{i:03d}" for i in range(25)]
+
+
+async def test_a_restart_keeps_memberships_and_publishes_nothing_twice(setup, nats_server):
+    engine, store, bus, clock, profile = setup
+    await create(engine, "pro", 'traits.plan = "pro"')
+    await create(engine, "soon", "traits.trial_ends_at < now")
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro", "trial_ends_at": T0 + 60})], 1)])
+    await engine.snapshot()
+    # After the snapshot: p2 enters and p1 leaves; then the process dies before the next snapshot.
+    after = [
+        (1, change("p2", traits={"plan": "pro"}, at=T0 + 1)),
+        (2, change("p1", traits={"plan": "free"}, at=T0 + 2)),
+    ]
+    for seq, c in after:
+        await engine.handle([Delivery([c], seq + 1)])
+    before = await published(nats_server.url)
+    for task in engine._tasks:  # stopped without a final snapshot: as if killed
+        task.cancel()
+    await asyncio.gather(*engine._tasks, return_exceptions=True)
+    engine._tasks.clear()
+    clock.now = T0 + 61  # the trial ended while it was down
+
+    second = await make_engine(store, bus, clock, profile)
+    try:
+
+        async def stream():
+            for seq, c in after:
+                yield "profiles.changed.0", seq + 1, profile_pb2.ProfileChangedBatch(changes=[c]).SerializeToString()
+
+        assert await second.replay(stream()) == 2
+        second.resume_builds()
+        await second.fire_timers()  # (or its timer loop did: the clock says the trial ended a second ago)
+        events = await published(nats_server.url)
+        assert moves(events[: len(before)]) == moves(before)
+        # Only the timer is news: the replayed transitions were duplicates JetStream dropped.
+        assert moves(events[len(before) :]) == [("p1", "soon", "enter", "time")]
+        assert set(second.membership("p1")) == {"soon"} and set(second.membership("p2")) == {"pro"}
+        assert len({e.id for e in events}) == len(events)
+    finally:
+        await second.stop()
+
+
+async def test_a_failed_publish_is_published_by_the_retry(setup, nats_server, monkeypatch):
+    engine, *_ = setup
+    await create(engine, "pro", 'traits.plan = "pro"')
+    real = engine.publisher.publish_batch
+    calls = {"n": 0}
+
+    async def flaky(messages, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("bus down")
+        return await real(messages, **kw)
+
+    monkeypatch.setattr(engine.publisher, "publish_batch", flaky)
+    delivery = Delivery([change("p1", traits={"plan": "pro"})], 1)
+    with pytest.raises(ConnectionError):
+        await engine.handle([delivery])
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1, delivered=2)])
+    assert moves(await published(nats_server.url)) == [("p1", "pro", "enter", "event")]
+
+
+async def test_a_build_waits_for_the_segments_it_refers_to(setup):
+    engine, *_ = setup
+    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1)])
+    first = await engine.create("pro", parse('traits.plan = "pro"'))
+    second = await engine.create("pro2", parse('in_segment("pro")'))
+    await asyncio.gather(engine.wait_live(first.id), engine.wait_live(second.id))
+    assert set(engine.membership("p1")) == {"pro", "pro2"}
