@@ -23,6 +23,7 @@ only a real change of the inputs, of time or of a definition moves them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import heapq
 import logging
@@ -168,7 +169,7 @@ class Transition:
     at: float
     reason: str
     version: int
-    cause: str  # what makes the id stable: "s<partition>.<seq>", "t<due ms>", "v<version>"
+    cause: str  # what makes the id stable: "s<partition>.<seq>.<change>", "t<due ms>", "v<version>"
 
 
 @dataclass(slots=True)
@@ -237,7 +238,16 @@ class SegmentationEngine:
         self._all: tuple[Segment, ...] = ()
         self._timers: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
+        # Transitions whose publish failed, by partition subject ("$timers" for timers): published first
+        # next time, and no snapshot is taken while any wait (the held state is ahead of the bus).
         self._unpublished: dict[str, list[OutMessage]] = {}
+        # Work that changes state and then publishes what it found runs inside `_mutating`; a snapshot
+        # copies the state only when none is in flight, so it never holds a transition not yet published.
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thawed = asyncio.Event()
+        self._thawed.set()
         # One set per whole-population run under way: the persons changed meanwhile.
         self._touched: list[set[str]] = []
         self._builds: dict[str, asyncio.Task] = {}
@@ -488,8 +498,28 @@ class SegmentationEngine:
                 wait = min(wait, max(0.0, self._timers[0][0] - self.clock()))
             await asyncio.sleep(wait)
 
+    @contextlib.asynccontextmanager
+    async def _mutating(self) -> AsyncIterator[None]:
+        while not self._thawed.is_set():  # a snapshot is copying the state
+            await self._thawed.wait()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
     async def fire_timers(self) -> int:
         """Evaluate every person whose timer is due; publish what flipped. Returns the persons evaluated."""
+        async with self._mutating():
+            waiting = self._unpublished.pop("$timers", None)
+            if waiting:
+                await self._publish_or_keep("$timers", waiting)
+            return await self._fire_timers()
+
+    async def _fire_timers(self) -> int:
         now = self.clock()
         transitions: dict[int, list[Transition]] = {}
         fired: list[tuple[float, str]] = []
@@ -515,20 +545,17 @@ class SegmentationEngine:
             )
         messages = [m for p, ts in transitions.items() for m in self._messages(p, ts)]
         if messages:
-            try:
-                await self._publish(messages)
-            except BaseException:
-                # Not published: due again at the same instants, so their ids stay the same.
-                for due, person_id in fired:
-                    self._due[person_id] = due
-                    heapq.heappush(self._timers, (due, person_id))
-                raise
+            await self._publish_or_keep("$timers", messages)
         return len(fired)
 
     # --- the stream path --------------------------------------------------------------------------
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Consumer handler for `profiles.changed.<p>`: apply, evaluate, publish; acknowledged after."""
+        async with self._mutating():
+            await self._handle(batch)
+
+    async def _handle(self, batch: Sequence[Delivery]) -> None:
         subject = batch[0].subject
         partition = int(subject.rsplit(".", 1)[1])
         waiting = self._unpublished.pop(subject, None)
@@ -576,17 +603,19 @@ class SegmentationEngine:
         out: list[Transition],
     ) -> None:
         cause = f"s{partition}.{seq}"
-        for change in message.changes:
+        applying: set[str] = set()  # persons this message is being applied to (one may have several changes)
+        for index, change in enumerate(message.changes):
             person_id = change.person_id
             if not person_id:
                 continue
             person = self.persons.get(person_id)
-            if person is not None and seq <= person.seq:
-                continue  # this person's state already includes it (snapshotted after it)
+            if person is not None and seq <= person.seq and person_id not in applying:
+                continue  # this person's state already includes the message (snapshotted after it)
+            applying.add(person_id)
             at = change.at.seconds + change.at.nanos / 1e9
             if change.removed:
                 if person is not None:
-                    self._remove(person_id, person, at=at, cause=cause, out=out)
+                    self._remove(person_id, person, at=at, cause=f"{cause}.{index}", out=out)
                 continue
             updates = change_fields(change)
             new = person is None
@@ -609,7 +638,7 @@ class SegmentationEngine:
                         now=now,
                         at=at,
                         reason=change.cause or "event",
-                        cause=cause,
+                        cause=f"{cause}.{index}",
                         out=out,
                     )
 
@@ -662,35 +691,57 @@ class SegmentationEngine:
     # --- publishing -------------------------------------------------------------------------------
 
     def _messages(self, partition: int, transitions: Sequence[Transition]) -> list[OutMessage]:
-        """Transitions as SegmentEventBatch messages, entered and exited apart, in their order."""
+        """Transitions as SegmentEventBatch messages: one group per cause (a stream message, a person's
+        timer instant, a definition version), exited and entered apart, each in its order.
+
+        A message's id comes from its events' ids, and a group holds the same events however the work
+        was batched (a replay after a crash regroups nothing), so a message published before a crash is
+        a duplicate JetStream drops when published again."""
+        groups: dict[str, list[Transition]] = {}
+        for t in transitions:
+            # A stream message's changes ("s<p>.<seq>.<change>") travel together; timers per person.
+            kind = t.cause[0]
+            key = t.cause.rsplit(".", 1)[0] if kind == "s" else f"{t.cause}:{t.person}" if kind == "t" else t.cause
+            groups.setdefault(key, []).append(t)
         out: list[OutMessage] = []
-        for entered, subject in ((False, EXITED), (True, ENTERED)):
-            events = [t for t in transitions if t.entered is entered]
-            for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
-                batch = segmentation_pb2.SegmentEventBatch()
-                for t in events[start : start + MAX_EVENTS_PER_MESSAGE]:
-                    event = batch.events.add(
-                        id=f"{t.segment}:{t.person}:{t.cause}:{'e' if t.entered else 'x'}",
-                        person_id=t.person,
-                        segment_id=t.segment,
-                        entered=t.entered,
-                        reason=t.reason,
-                        segment_version=t.version,
+        counts = {True: 0, False: 0}
+        for group in groups.values():
+            # Runs of one direction, in order: a person may enter and leave a segment within one change.
+            runs: list[list[Transition]] = []
+            for t in group:
+                if runs and runs[-1][0].entered is t.entered and len(runs[-1]) < MAX_EVENTS_PER_MESSAGE:
+                    runs[-1].append(t)
+                else:
+                    runs.append([t])
+            for events in runs:
+                entered = events[0].entered
+                subject = ENTERED if entered else EXITED
+                counts[entered] += len(events)
+                for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
+                    batch = segmentation_pb2.SegmentEventBatch()
+                    for t in events[start : start + MAX_EVENTS_PER_MESSAGE]:
+                        event = batch.events.add(
+                            id=f"{t.segment}:{t.person}:{t.cause}:{'e' if t.entered else 'x'}",
+                            person_id=t.person,
+                            segment_id=t.segment,
+                            entered=t.entered,
+                            reason=t.reason,
+                            segment_version=t.version,
+                        )
+                        event.at.seconds = int(t.at)
+                        event.at.nanos = int((t.at % 1) * 1e9)
+                    ids = "\n".join(e.id for e in batch.events)
+                    out.append(
+                        OutMessage(
+                            subject=f"{subject}.{partition}",
+                            payload=batch.SerializeToString(),
+                            # From the events' ids, not the bytes: a standby replica's copy has the same ids.
+                            msg_id="sg_" + hashlib.blake2b(ids.encode(), digest_size=16).hexdigest(),
+                        )
                     )
-                    event.at.seconds = int(t.at)
-                    event.at.nanos = int((t.at % 1) * 1e9)
-                payload = batch.SerializeToString()
-                ids = "\n".join(e.id for e in batch.events)
-                out.append(
-                    OutMessage(
-                        subject=f"{subject}.{partition}",
-                        payload=payload,
-                        # From the events' ids, not the bytes: a standby replica's copy carries the same ids.
-                        msg_id="sg_" + hashlib.blake2b(ids.encode(), digest_size=16).hexdigest(),
-                    )
-                )
-            if events:
-                self._m_transitions.add(len(events), {"direction": "entered" if entered else "exited"})
+        for entered, count in counts.items():
+            if count:
+                self._m_transitions.add(count, {"direction": "entered" if entered else "exited"})
         return out
 
     async def _publish(self, messages: Sequence[OutMessage]) -> None:
@@ -912,6 +963,10 @@ class SegmentationEngine:
                 self._touched.remove(touched)
 
     async def _reevaluate(self, persons: Iterable[str], segment: Segment) -> None:
+        async with self._mutating():
+            await self._reevaluate_now(persons, segment)
+
+    async def _reevaluate_now(self, persons: Iterable[str], segment: Segment) -> None:
         segments = self._readers_of(segment)
         now = self.clock()
         by_partition: dict[int, list[Transition]] = {}
@@ -1044,47 +1099,47 @@ class SegmentationEngine:
         Small chunks keep the event loop free; positions go last, so after a crash mid-way some persons
         are newer than the positions, and their own stream position makes the replay skip what they hold."""
         async with self._snapshot_lock:
-            dirty, gone = self._dirty, self._gone
-            positions = {s: q for s, q in self.applied.items() if q != self.snapshotted.get(s)}
-            if not dirty and not gone and not positions and not self._built_dirty:
-                return 0
-            self._built_dirty = False
-            self._dirty, self._gone = set(), set()
-            written = 0
+            self._thawed.clear()
             try:
+                while self._inflight:
+                    await self._idle.wait()
+                if any(self._unpublished.values()):
+                    return 0  # the state is ahead of what the bus has: not until those are published
+                dirty, gone = self._dirty, self._gone
+                positions = {s: q for s, q in self.applied.items() if q != self.snapshotted.get(s)}
+                if not dirty and not gone and not positions and not self._built_dirty:
+                    return 0
+                self._dirty, self._gone, self._built_dirty = set(), set(), False
                 ops: list[Put | Delete] = [Delete(self.persons_collection, p) for p in gone - dirty]
                 for person_id in dirty:
                     person = self.persons.get(person_id)
-                    if person is None:
-                        continue
-                    state = {"fields": person.fields, "members": person.members, "seq": person.seq}
-                    state["t"] = person.evaluated_at
-                    ops.append(Put(self.persons_collection, person_id, {"state": orjson.dumps(state).decode()}))
-                    if len(ops) >= chunk:
-                        await self.store.bulk_write(ops)
-                        written += len(ops)
-                        ops = []
-                        await asyncio.sleep(0)
-                if ops:
-                    await self.store.bulk_write(ops)
-                    written += len(ops)
+                    if person is not None:
+                        state = {"fields": person.fields, "members": person.members, "seq": person.seq}
+                        state["t"] = person.evaluated_at
+                        ops.append(Put(self.persons_collection, person_id, {"state": orjson.dumps(state).decode()}))
                 at = self.clock()
                 built = {s.id: s.version for s in self.segments.values() if s.serving}
-                await self.store.bulk_write(
-                    [
-                        *(
-                            Put(self.checkpoints_collection, s, {"stream_seq": q, "at": at})
-                            for s, q in positions.items()
-                        ),
-                        Put(self.checkpoints_collection, BUILT, {"versions": built}),
-                    ]
+                ops.extend(
+                    Put(self.checkpoints_collection, s, {"stream_seq": q, "at": at}) for s, q in positions.items()
                 )
+                ops.append(Put(self.checkpoints_collection, BUILT, {"versions": built}))
+            finally:
+                self._thawed.set()
+            # Persons first, positions last: a crash mid-way leaves persons newer than the positions, and
+            # each person's own stream position makes the replay skip what it holds.
+            persons, marks = ops[: -len(positions) - 1], ops[-len(positions) - 1 :]
+            try:
+                for start in range(0, len(persons), chunk):
+                    await self.store.bulk_write(persons[start : start + chunk])
+                    await asyncio.sleep(0)
+                await self.store.bulk_write(marks)
             except BaseException:
                 self._dirty |= {p for p in dirty if p in self.persons}
                 self._gone |= gone - self._dirty
+                self._built_dirty = True
                 raise
             self.snapshotted.update(positions)
-            return written + len(positions)
+            return len(ops)
 
 
 class _Absent:
