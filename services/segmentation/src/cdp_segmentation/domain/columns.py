@@ -58,31 +58,50 @@ class Column:
 
     @classmethod
     def from_array(cls, array: np.ndarray) -> Column:
-        """A column from one typed array: numbers (NaN = missing), bools, str, or object (None = missing)."""
-        size = len(array)
-        kind = array.dtype.kind
-        if kind == "O":
-            column = cls(size, array.tolist())
+        """A column from one array (bool, int, float with NaN = missing, str, or object with None = missing),
+        every view built now."""
+        if array.dtype.kind in "biufU":
+            column = cls._typed(array)
         else:
-            column = cls.absent(size)
-            views = column.__dict__
-            if kind == "b":
-                views["bools"] = array.astype(np.int8)
-                views["present"] = np.ones(size, dtype=bool)
-            elif kind in "iuf":
-                numbers = array.astype(np.float64)
-                numbers[~np.isfinite(numbers)] = np.nan
-                views["number"] = numbers
-                views["present"] = ~np.isnan(numbers)
-            elif kind == "U":
-                vocabulary, codes = np.unique(array, return_inverse=True)
-                views["vocabulary"] = vocabulary.tolist()
-                views["codes"] = codes.astype(np.int32).reshape(size)
-                views["present"] = np.ones(size, dtype=bool)
-            else:
-                column = cls(size, array.tolist())
+            values = array.tolist()
+            # The usual object array is text with gaps: encode it in one pass; anything else goes value by value.
+            text_only = set(map(type, values)) <= {str, type(None)}
+            column = cls._strings(values) if text_only else cls(len(values), values)
         for view in _VIEWS:
             getattr(column, view)
+        return column
+
+    @classmethod
+    def _typed(cls, array: np.ndarray) -> Column:
+        size = len(array)
+        column = cls.absent(size)
+        views = column.__dict__
+        kind = array.dtype.kind
+        if kind == "b":
+            views["bools"] = array.astype(np.int8)
+            views["present"] = np.ones(size, dtype=bool)
+        elif kind == "U":
+            vocabulary, codes = np.unique(array, return_inverse=True)
+            views["vocabulary"] = vocabulary.tolist()
+            views["codes"] = codes.astype(np.int32).reshape(size)
+            views["present"] = np.ones(size, dtype=bool)
+        else:
+            numbers = array.astype(np.float64)
+            numbers[~np.isfinite(numbers)] = np.nan
+            views["number"] = numbers
+            views["present"] = ~np.isnan(numbers)
+        return column
+
+    @classmethod
+    def _strings(cls, values: list[str | None]) -> Column:
+        size = len(values)
+        column = cls.absent(size)
+        # dict.fromkeys and map run in C: the vocabulary in first-seen order, then one lookup per row.
+        vocabulary = [text for text in dict.fromkeys(values) if text is not None]
+        code_of: dict[str | None, int] = {text: code for code, text in enumerate(vocabulary)}
+        code_of[None] = -1
+        codes = np.fromiter(map(code_of.__getitem__, values), dtype=np.int32, count=size)
+        column.__dict__.update(codes=codes, vocabulary=vocabulary, present=codes >= 0)
         return column
 
     @property
@@ -166,29 +185,22 @@ class Column:
 class Columns:
     """The population the vectorised evaluator reads: `size` rows, a `Column` per (field, sub-path)."""
 
-    def __init__(self, size: int, source: Callable[[str, tuple[str, ...]], Column | None]) -> None:
+    def __init__(self, size: int, fields: Callable[[str], Column | None]) -> None:
         self.size = size
-        self._source = source
+        self._fields = fields  # field key -> its column (None: no such field)
         self._columns: dict[tuple[str, tuple[str, ...]], Column] = {}
 
     @classmethod
     def from_records(cls, records: Sequence[Mapping[str, Any]]) -> Columns:
         """Columns over records (flat field key -> JSON value), each built on first use and kept."""
         rows = list(records)
-
-        def source(field: str, sub: tuple[str, ...]) -> Column:
-            values = [record.get(field) for record in rows]
-            for key in sub:
-                values = [value.get(key) if isinstance(value, dict) else None for value in values]
-            return Column(len(rows), values)
-
-        return cls(len(rows), source)
+        return cls(len(rows), lambda field: Column(len(rows), [record.get(field) for record in rows]))
 
     @classmethod
     def from_arrays(cls, size: int, arrays: Mapping[str, np.ndarray | list[Any]]) -> Columns:
         """Columns over one array per field key: float (NaN = missing), int, bool, str, or object (None = missing).
 
-        Every view is built here; a list is read value by value like records are.
+        Every view is built here; a list is read value by value, like records are.
         """
         columns: dict[str, Column] = {}
         for field, array in arrays.items():
@@ -200,25 +212,21 @@ class Columns:
                 columns[field] = Column(size, list(array))
                 for view in _VIEWS:
                     getattr(columns[field], view)
-
-        def source(field: str, sub: tuple[str, ...]) -> Column | None:
-            column = columns.get(field)
-            if column is None or not sub:
-                return column
-            if column._values is None:
-                return None  # a typed array holds no objects to step into
-            values: list[Any] = list(column.values)
-            for key in sub:
-                values = [value.get(key) if isinstance(value, dict) else None for value in values]
-            return Column(size, values)
-
-        return cls(size, source)
+        return cls(size, columns.get)
 
     def column(self, field: str, sub: tuple[str, ...] = ()) -> Column:
         key = (field, sub)
         column = self._columns.get(key)
         if column is None:
-            column = self._source(field, sub) or self._absent
+            if not sub:
+                column = self._fields(field) or self._absent
+            else:
+                parent = self.column(field, sub[:-1])
+                if parent._values is None:
+                    column = self._absent  # typed values (numbers, strings, bools) have no keys to step into
+                else:
+                    step = sub[-1]
+                    column = Column(self.size, [v.get(step) if isinstance(v, dict) else None for v in parent.values])
             self._columns[key] = column
         return column
 
