@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdp_kit.durations import format_duration, parse_duration
+from cdp_kit.errors import InvalidArgument
 from cdp_segmentation.domain.values import epoch_of_text
 
 ROOTS = ("traits", "computed", "consent", "scores")
@@ -179,8 +180,8 @@ def duration(value: Any) -> float:
     """Whole seconds from "30d"-style text (or a number of seconds)."""
     try:
         seconds = parse_duration(value, "duration")
-    except Exception as error:
-        raise Invalid(getattr(error, "description", str(error))) from None
+    except InvalidArgument as error:
+        raise Invalid(error.description) from None
     if seconds != int(seconds):
         raise Invalid(f"{value!r} is not a whole number of seconds")
     return seconds

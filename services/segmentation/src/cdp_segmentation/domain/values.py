@@ -14,23 +14,12 @@ disagrees with a Python comparison, which the agreement test guards.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
 # Above this magnitude a number is taken as epoch milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
 MILLISECONDS_ABOVE = 1e11
-
-
-def dig(record: Mapping[str, Any], field: str, sub: tuple[str, ...]) -> Any:
-    """The value at `field` then `sub` (object keys only); None when anything on the way is missing."""
-    value = record.get(field)
-    for key in sub:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
 
 
 def number(value: Any) -> float | None:
