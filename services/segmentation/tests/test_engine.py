@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import nats
 import pytest
-from cdp_segmentation.domain import parse
-from cdp_segmentation.engine import LIVE, SegmentationEngine
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Bus, profiles_stream, segments_stream
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cdp_kit.storage import open_store
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import LIVE, SegmentationEngine
 
 T0 = 1_790_000_000.0
 

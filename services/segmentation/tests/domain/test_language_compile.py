@@ -7,9 +7,9 @@ import json
 import re
 
 import pytest
-from cdp_segmentation.domain import check_segment_graph, compile_segment, parse
 
 from cdp_kit.errors import InvalidArgument
+from cdp_segmentation.domain import check_segment_graph, compile_segment, parse
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 

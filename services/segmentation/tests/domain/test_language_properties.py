@@ -7,6 +7,8 @@ import math
 
 import hypothesis.strategies as st
 import numpy as np
+from hypothesis import HealthCheck, given, settings
+
 from cdp_segmentation.domain import (
     Aggregate,
     And,
@@ -27,7 +29,6 @@ from cdp_segmentation.domain import (
     to_text,
 )
 from cdp_segmentation.domain.nodes import CONDITION_OPS, EVENT_TYPES, ORDERINGS
-from hypothesis import HealthCheck, given, settings
 
 DAY = 86_400.0
 JAN_1 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, the middle of the times below

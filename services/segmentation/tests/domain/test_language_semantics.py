@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cdp_segmentation.domain import Columns, compile_segment, parse
 
 NOW = 1_790_000_000.0  # 2026-09-21

@@ -4,6 +4,8 @@ fails with the line, column, what was expected and what was found."""
 from __future__ import annotations
 
 import pytest
+
+from cdp_kit.errors import InvalidArgument
 from cdp_segmentation.domain import (
     Aggregate,
     And,
@@ -22,8 +24,6 @@ from cdp_segmentation.domain import (
     to_json,
     to_text,
 )
-
-from cdp_kit.errors import InvalidArgument
 
 DAY = 86_400.0
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from cdp_segmentation.domain import from_json, parse, to_json
 
 from cdp_kit.errors import InvalidArgument
+from cdp_segmentation.domain import from_json, parse, to_json
 
 
 @pytest.mark.parametrize(
