@@ -11,9 +11,10 @@ from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream
 from cdp_kit.errors import Unavailable
-from cdp_kit.storage import open_store
+from cdp_kit.storage import Put, open_store
+from cdp_profile.api import definition_from_message, status_message
 from cdp_profile.domain import ComputedTrait, Retention
-from cdp_profile.engine import PROFILES, ProfileEngine
+from cdp_profile.engine import DEFINITIONS, PROFILES, ProfileEngine
 
 DAY = 86_400.0
 T0 = 1_790_000_000.0
@@ -152,6 +153,46 @@ async def test_a_definition_added_later_is_backfilled_once_even_while_events_arr
             await task
     assert backfill.state == "ready" and backfill.done == backfill.total == 1
     assert engine.profiles["p1"].view(now=T0).computed["spent"] == 11
+
+
+async def test_a_definition_with_operators_reads_back_from_the_store_and_the_api_as_the_same(nats_server):
+    definition = {"name": "big_orders_30d", "op": "count", "event_names": ["Order Completed"],
+                  "where": {"revenue": {"$lte": 100, "$gt": 50}, "$anonymous_id": None}, "window": "30d"}  # fmt: skip
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+
+        async def started() -> ProfileEngine:
+            engine = ProfileEngine(
+                store, bus.publisher, partitions=1, owned=[0], retention=Retention(max_events=100),
+                telemetry=bus.telemetry, clock=clock,
+            )  # fmt: skip
+            await engine.start()
+            return engine
+
+        engine = await started()
+        await engine.define(ComputedTrait.from_dict(definition))
+        orders = [order(f"o{i}", "p1", T0 - i * DAY, revenue) for i, revenue in enumerate([40, 60, 100, 120, 75.5])]
+        await engine.handle([Delivery(events_pb2.ResolvedEventBatch(events=orders), "events.resolved.0", 1)])
+        assert engine.profiles["p1"].view(now=T0).computed["big_orders_30d"] == 3
+        await engine.flush()
+        await engine.stop()
+        # Definitions stored before operators existed are objects, not JSON text; they still load.
+        old = {"definition": {"name": "orders", "op": "count"}, "defined_at": T0, "state": "ready"}
+        await store.bulk_write([Put(DEFINITIONS, "orders", old)])
+
+        engine = await started()
+        try:
+            loaded = engine.backfills["big_orders_30d"]
+            assert loaded.trait == ComputedTrait.from_dict(definition)
+            assert engine.backfills["orders"].trait == ComputedTrait("orders", "count")
+            # Defined again as the API lists it (a protobuf Struct), it is the same definition: kept, not
+            # backfilled again.
+            listed = definition_from_message(status_message(loaded).definition)
+            assert await engine.define(listed) is loaded
+            assert engine.profiles["p1"].view(now=T0).computed["big_orders_30d"] == 3
+        finally:
+            await engine.stop()
 
 
 def located(

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from cdp_kit.settings import describe
 from cdp_profile.domain import OPS, ComputedTrait
+from cdp_profile.domain.computed import WHERE_OPERATORS
 from cdp_profile.settings import ProfileSettings
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -22,5 +23,14 @@ def test_the_computed_trait_example_is_a_valid_definition():
 def test_the_pseudo_path_and_fraud_examples_are_valid_definitions():
     examples = [ComputedTrait.from_dict(json.loads(text)) for text in re.findall(r"`(\{\"name\".*?\})`", README)]
     assert {trait.op for trait in examples} >= {"max_speed", "mismatch_count"}
-    assert {trait.property.split(".")[0] for trait in examples} >= {"$at", "$hour", "$context", "$user_id"}
+    roots = {trait.property.split(".")[0] for trait in examples if trait.property}
+    assert roots >= {"$at", "$hour", "$context", "$user_id"}
     assert all(f"`{op}`" in README for op in OPS)
+
+
+def test_the_where_operator_examples_are_valid_and_every_operator_is_documented():
+    examples = [json.loads(text) for text in re.findall(r'`(\{"[^"]+": \{"\$.*?\}\})`', README)]
+    assert len(examples) >= 5
+    for where in examples:
+        ComputedTrait("t", "count", where=where)
+    assert [op for op in WHERE_OPERATORS if f"`{op}`" not in README] == []

@@ -23,6 +23,7 @@ import asyncio
 import gc
 import hashlib
 import heapq
+import json
 import logging
 import time
 import uuid
@@ -108,7 +109,8 @@ class Backfill:
 
     def doc(self) -> dict[str, Any]:
         return {
-            "definition": self.trait.to_dict(),
+            # One JSON string: `where` keys and operators start with '$', which document stores reserve.
+            "definition": json.dumps(self.trait.to_dict(), separators=(",", ":")),
             "defined_at": self.defined_at,
             "state": self.state,
             "done": self.done,
@@ -184,8 +186,11 @@ class ProfileEngine:
                 self.unpublished[record.key] = leftovers
         await self.store.ensure_index(DELETIONS, "pending")
         async for record in self.store.scan_all(DEFINITIONS):
+            definition = record.doc["definition"]
+            if isinstance(definition, str):
+                definition = json.loads(definition)  # else an object, as written before operators existed
             backfill = Backfill(
-                trait=ComputedTrait.from_dict(record.doc["definition"]),
+                trait=ComputedTrait.from_dict(definition),
                 defined_at=record.doc["defined_at"],
                 state=record.doc.get("state", "ready"),
                 done=record.doc.get("done", 0),

@@ -1,12 +1,12 @@
 """Random event sets against Profile: a merged profile equals one built from the union, a split gives back
 both originals, order and repetition do not matter, and expiring equals building fresh later.
 
-Every computed operation is defined with and without a window, some with filters, over values of mixed
-JSON types (numbers, numeric strings, booleans, nulls) so the skipping rules are exercised too. Event
-times fall on a grid, so ties on time (decided by event id) are common. Events carry a context (device,
-location, time zone, ip), user and anonymous ids, so the pseudo-paths ($context, $hour, $at, $user_id,
-$anonymous_id), max_speed and mismatch_count go through the same properties; a backfill from the
-(stored) timeline must give what live application gave.
+Every computed operation is defined with and without a window, some with filters (plain values and
+operator objects), over values of mixed JSON types (numbers, numeric strings, booleans, nulls) so the
+skipping rules are exercised too. Event times fall on a grid, so ties on time (decided by event id) are
+common. Events carry a context (device, location, time zone, ip), user and anonymous ids, so the
+pseudo-paths ($context, $hour, $at, $user_id, $anonymous_id), max_speed and mismatch_count go through
+the same properties; a backfill from the (stored) timeline must give what live application gave.
 """
 
 from __future__ import annotations
@@ -96,6 +96,20 @@ def _definitions() -> ComputedTraits:
         ComputedTrait("accounts_10d", "unique_count", event_type="any", property="$user_id", window="10d"),
         ComputedTrait("anonymous_ids", "unique", event_type="any", property="$anonymous_id"),
         ComputedTrait("german_orders", "count", where={"$context.location.country": ["DE", " de "]}),
+        ComputedTrait(
+            "mid_totals_10d",
+            "sum",
+            event_names=("Order Completed",),
+            property="total",
+            where={"total": {"$gt": 5, "$lte": 60}},
+            window="10d",
+        ),
+        ComputedTrait(
+            "morning_not_hats",
+            "count",
+            event_type="any",
+            where={"category": {"$exists": True, "$ne": "hats"}, "$hour": {"$lt": 12}},
+        ),
         ComputedTrait(
             "ips_in_berlin_time",
             "unique",

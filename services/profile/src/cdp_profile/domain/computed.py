@@ -6,11 +6,32 @@
      "where": {"site": ["shop", "outlet"]}}
 
 An event matches when its type is `event_type` (or that is "any"), its name is one of `event_names` (or
-that is empty), and every `where` path holds the required value (a list means "one of"; null matches a
-missing value too). `property` is a dot path into the event's payload (properties; traits for identify
-and group events). Events without a value there do not contribute, and neither do null values; sum, avg,
-min and max also skip values that are not finite numbers (booleans are not numbers). For `count`,
-`property` is optional: when given, only events that have a value there are counted.
+that is empty), and every `where` path holds what is asked there: a value (equal to it), a list (one of
+them; null matches a missing value too), or an operator object, all of whose operators must hold:
+
+    {"total": {"$gt": 50, "$lte": 100}}      {"$context.page.path": {"$starts_with": "/pricing"}}
+    {"plan": {"$in": ["pro", "team"]}}       {"tags": {"$contains": "vip"}}      {"coupon": {"$exists": true}}
+
+    $eq, $ne               equal: numbers to numbers (as doubles: 1 == 1.0), strings to strings, booleans
+                           to booleans (true is not 1); $ne holds for every present value that is not equal
+    $gt, $gte, $lt, $lte   numbers with numbers, strings with strings by code point; false across types
+                           and on booleans
+    $in                    equal to one of a non-empty list
+    $contains              a string holding the operand (a string), or a list holding an element equal to it
+    $starts_with           a string starting with the operand (a string)
+    $exists                true: a value is there; false: there is none
+
+A missing or null value makes every operator false but {"$exists": false}, and so does a number that is
+no finite double (NaN, infinity, an integer beyond 1.8e308). Operands are strings, finite numbers or
+booleans; null is none (use $exists). These are the segmentation service's rules too: it compiles event
+conditions of segments into computed traits with these filters.
+Each `where` entry is compiled once into a predicate (`Operators`, `_one_of`), so an event pays for a
+few comparisons, not for reading the definition.
+
+`property` is a dot path into the event's payload (properties; traits for identify and group events).
+Events without a value there do not contribute, and neither do null values; sum, avg, min and max also
+skip values that are not finite numbers (booleans are not numbers). For `count`, `property` is optional:
+when given, only events that have a value there are counted.
 
 Pseudo-paths read the event itself rather than its payload, in `property`, `compare` and `where` keys
 (paths starting with "$" are reserved for them):
@@ -55,8 +76,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -296,13 +318,15 @@ class ComputedTrait:
     event_type: str = "track"
     event_names: tuple[str, ...] = ()
     property: str | None = None
-    # path -> allowed values; given as a mapping, held as sorted ((path, (value, ...)), ...) so it hashes.
+    # path -> allowed value(s) or an operator object; given as a mapping, held as sorted
+    # ((path, (value, ...) | Operators), ...) so it hashes.
     where: Any = ()
     window: Any = None  # seconds, or "30d"-style text; held as float seconds, None = lifetime
     compare: str | None = None  # mismatch_count only: the path `property` is compared with
     # Derived once, read per event.
     path: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
-    filters: tuple[tuple[tuple[str, ...], tuple[Any, ...]], ...] = field(
+    # (path, predicate) per `where` entry: each compiled once here, called with the value found (or MISSING).
+    filters: tuple[tuple[tuple[str, ...], Callable[[Any], bool]], ...] = field(
         default=(), init=False, repr=False, compare=False
     )
     numeric: bool = field(default=False, init=False, repr=False, compare=False)
@@ -368,7 +392,7 @@ class ComputedTrait:
                 "like '$context.location'",
             )
         set_(self, "where", _normalise_where(self.where))
-        set_(self, "filters", tuple((tuple(path.split(".")), allowed) for path, allowed in self.where))
+        set_(self, "filters", tuple((tuple(path.split(".")), _predicate(allowed)) for path, allowed in self.where))
         set_(self, "window", parse_window(self.window))
         set_(self, "numeric", self.op in NUMERIC_OPS)
         set_(self, "shaped", self.op in ("max_speed", "mismatch_count"))
@@ -407,7 +431,7 @@ class ComputedTrait:
             "event_type": self.event_type,
             "event_names": list(self.event_names),
             "property": self.property,
-            "where": {path: allowed[0] if len(allowed) == 1 else list(allowed) for path, allowed in self.where},
+            "where": {path: _where_document(allowed) for path, allowed in self.where},
             "window": format_window(self.window),
         }
         # Only when set: the signature (a hash of this document) of every other definition stays as it was.
@@ -423,12 +447,8 @@ class ComputedTrait:
 
         A definition that `reads_event` is given an `EventScope` (payload plus pseudo-paths) instead.
         """
-        for path, allowed in self.filters:
-            value = dig(payload, path)
-            if value is MISSING or value is None:
-                if None not in allowed:
-                    return MISSING
-            elif not any(_equal(value, a) for a in allowed):
+        for path, holds in self.filters:
+            if not holds(dig(payload, path)):
                 return MISSING
         path = self.path
         if not path:
@@ -458,21 +478,273 @@ def _is_location(path: tuple[str, ...]) -> bool:
     return fields is not None and "latitude" in fields and "longitude" in fields
 
 
-def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+# --- where filters ------------------------------------------------------------------------------------------
+
+WHERE_OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$contains", "$starts_with", "$exists")
+_INF = math.inf
+
+
+def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators], ...]:
     if isinstance(where, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in where):
         where = {path: list(allowed) if isinstance(allowed, tuple) else allowed for path, allowed in where}
     if not isinstance(where, Mapping):
-        raise InvalidArgument("where", f"{where!r} must be an object of property path -> required value(s)")
-    items = []
+        raise InvalidArgument(
+            "where", f"{where!r} must be an object of property path -> required value(s) or an object of operators"
+        )
+    items: list[tuple[str, tuple[Any, ...] | Operators]] = []
     for path, allowed in where.items():
         _parse_path(path, f"where.{path}")
+        if isinstance(allowed, Operators):
+            items.append((path, allowed))
+            continue
+        if isinstance(allowed, Mapping):
+            items.append((path, Operators(allowed, path)))
+            continue
         values = allowed if isinstance(allowed, list) else [allowed]
         if not values or not all(_is_scalar(v) for v in values):
             raise InvalidArgument(
-                f"where.{path}", f"{allowed!r} must be a string, number, boolean or null, or a non-empty list of them"
+                f"where.{path}",
+                f"{allowed!r} must be a string, number, boolean or null, a non-empty list of them, "
+                'or an object of operators like {"$gt": 50}',
             )
         items.append((path, tuple(values)))
     return tuple(sorted(items, key=lambda item: item[0]))
+
+
+def _where_document(allowed: tuple[Any, ...] | Operators) -> Any:
+    if isinstance(allowed, Operators):
+        return allowed.to_dict()
+    return allowed[0] if len(allowed) == 1 else list(allowed)
+
+
+def _predicate(allowed: tuple[Any, ...] | Operators) -> Callable[[Any], bool]:
+    return allowed.holds if isinstance(allowed, Operators) else _one_of(allowed)
+
+
+def _one_of(allowed: tuple[Any, ...]) -> Callable[[Any], bool]:
+    """A plain `where` value: equal to one of `allowed` (booleans apart from numbers, 1 == 1.0); a null among
+    them matches a missing or null value too."""
+    missing_ok = None in allowed
+    booleans = frozenset(a for a in allowed if isinstance(a, bool))
+    others = tuple(a for a in allowed if a is not None and not isinstance(a, bool))
+
+    def holds(value: Any) -> bool:
+        if value is MISSING or value is None:
+            return missing_ok
+        if type(value) is bool:
+            return value in booleans
+        return value in others
+
+    return holds
+
+
+class Operators:
+    """A `where` operator object, like {"$gt": 50, "$lte": 100}: every operator must hold.
+
+    Validated and compiled once into `holds` (the value found, or MISSING -> bool), so an event pays for a
+    few comparisons, not for reading the object. Two are equal when their canonical JSON is: 1, 1.0 and
+    true stay different operands (Python's == would mix them up), so a changed definition is seen as one.
+    """
+
+    __slots__ = ("_key", "holds", "operators")
+
+    def __init__(self, document: Mapping[str, Any], path: str) -> None:
+        field_name = f"where.{path}"
+        if not document:
+            raise InvalidArgument(
+                field_name, f"{{}} is an empty operator object: give at least one of {', '.join(WHERE_OPERATORS)}"
+            )
+        for name in document:
+            if name not in WHERE_OPERATORS:
+                nested = (
+                    ""
+                    if isinstance(name, str) and name.startswith("$")
+                    else f"; to filter on a nested property, make its dot path the key, like '{path}.{name}'"
+                )
+                raise InvalidArgument(
+                    f"{field_name}.{name}",
+                    f"{name!r} is not an operator; use {', '.join(WHERE_OPERATORS)}{nested}",
+                )
+        self.operators: tuple[tuple[str, Any], ...] = tuple(
+            (name, _operand(name, document[name], f"{field_name}.{name}")) for name in sorted(document)
+        )
+        self.holds = _all_of(tuple(_CHECKS[name](operand) for name, operand in self.operators))
+        self._key = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: list(operand) if name == "$in" else operand for name, operand in self.operators}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Operators) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Operators({self._key})"
+
+
+def _is_operand(value: Any) -> bool:
+    return isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and _number(value) is not None)
+
+
+def _operand(name: str, operand: Any, field_name: str) -> Any:
+    """The operand, validated; `$in`'s list as a tuple. Numbers stay as written (the definition's JSON does not
+    change); the checks compare them as doubles."""
+    if name == "$exists":
+        if not isinstance(operand, bool):
+            raise InvalidArgument(
+                field_name, f'{operand!r} must be true or false ({{"$exists": false}} matches a missing or null value)'
+            )
+        return operand
+    if name == "$starts_with":
+        if not isinstance(operand, str):
+            raise InvalidArgument(field_name, f"{operand!r} must be a string")
+        return operand
+    if name == "$in":
+        if not isinstance(operand, (list, tuple)) or not operand or not all(_is_operand(v) for v in operand):
+            raise InvalidArgument(
+                field_name, f"{operand!r} must be a non-empty list of strings, finite numbers or booleans"
+            )
+        return tuple(operand)
+    if operand is None:
+        raise InvalidArgument(
+            field_name, 'null is not an operand: match a missing or null value with {"$exists": false}'
+        )
+    if not _is_operand(operand):
+        raise InvalidArgument(field_name, f"{operand!r} must be a string, a finite number or a boolean")
+    return operand
+
+
+# Each check is called with whatever is at the path (MISSING, None, any JSON value) and is false for a
+# missing or null value, and for a number that is not a finite double (an event's NaN or infinity, or an
+# integer too large for a double, counts as missing). These are the segmentation service's rules too.
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as the double comparisons use (integers beyond 2**53 round, as in JSON); None for
+    anything else: booleans are not numbers, and NaN, infinities and integers too large are no value."""
+    kind = type(value)
+    if kind is float:
+        return value if -_INF < value < _INF else None
+    if kind is int:
+        try:
+            return float(value)
+        except OverflowError:
+            return None
+    return None
+
+
+def _present(value: Any) -> bool:
+    if value is MISSING or value is None:
+        return False
+    kind = type(value)
+    return (kind is not int and kind is not float) or _number(value) is not None
+
+
+def _absent(value: Any) -> bool:
+    return not _present(value)
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _equals(operand: Any) -> Callable[[Any], bool]:
+    """Strings equal strings, booleans booleans, and numbers numbers (1 == 1.0); nothing else is equal."""
+    if isinstance(operand, bool):
+        return lambda value: value is operand
+    if isinstance(operand, str):
+        return lambda value: type(value) is str and value == operand
+    number = _number(operand)
+    return lambda value: _number(value) == number  # None (no number) equals no operand
+
+
+def _not_equals(operand: Any) -> Callable[[Any], bool]:
+    equals = _equals(operand)
+    return lambda value: _present(value) and not equals(value)
+
+
+def _ordering(compare: Callable[[Any, Any], bool]) -> Callable[[Any], Callable[[Any], bool]]:
+    """Numbers with numbers, strings with strings (by code point); booleans have no order."""
+
+    def build(operand: Any) -> Callable[[Any], bool]:
+        if isinstance(operand, bool):
+            return _never
+        if isinstance(operand, str):
+            return lambda value: type(value) is str and compare(value, operand)
+        number = _number(operand)
+        return lambda value: (found := _number(value)) is not None and compare(found, number)
+
+    return build
+
+
+def _any_of(operands: tuple[Any, ...]) -> Callable[[Any], bool]:
+    # One set per JSON type keeps `$in` to a hash lookup and booleans apart from numbers.
+    strings = frozenset(o for o in operands if isinstance(o, str))
+    booleans = frozenset(o for o in operands if isinstance(o, bool))
+    numbers = frozenset(_number(o) for o in operands if not isinstance(o, (str, bool)))
+
+    def holds(value: Any) -> bool:
+        kind = type(value)
+        if kind is str:
+            return value in strings
+        if kind is int or kind is float:
+            return _number(value) in numbers  # None (no finite double) is in no set
+        if kind is bool:
+            return value in booleans
+        return False
+
+    return holds
+
+
+def _contains(operand: Any) -> Callable[[Any], bool]:
+    """A string holding the operand (a string) as a substring, or a list holding an element equal to it."""
+    equals = _equals(operand)
+    text = operand if isinstance(operand, str) else None
+
+    def holds(value: Any) -> bool:
+        kind = type(value)
+        if kind is list or kind is tuple:
+            return any(equals(item) for item in value)
+        return text is not None and kind is str and text in value
+
+    return holds
+
+
+def _starts_with(operand: str) -> Callable[[Any], bool]:
+    return lambda value: type(value) is str and value.startswith(operand)
+
+
+def _exists(wanted: bool) -> Callable[[Any], bool]:
+    return _present if wanted else _absent
+
+
+def _all_of(checks: tuple[Callable[[Any], bool], ...]) -> Callable[[Any], bool]:
+    if len(checks) == 1:
+        return checks[0]
+
+    def holds(value: Any) -> bool:
+        for check in checks:  # noqa: SIM110 - all() over a generator costs more per event than this loop
+            if not check(value):
+                return False
+        return True
+
+    return holds
+
+
+_CHECKS: dict[str, Callable[[Any], Callable[[Any], bool]]] = {
+    "$eq": _equals,
+    "$ne": _not_equals,
+    "$gt": _ordering(operator.gt),
+    "$gte": _ordering(operator.ge),
+    "$lt": _ordering(operator.lt),
+    "$lte": _ordering(operator.le),
+    "$in": _any_of,
+    "$contains": _contains,
+    "$starts_with": _starts_with,
+    "$exists": _exists,
+}
 
 
 class ComputedTraits:
