@@ -155,13 +155,13 @@ async def test_only_segments_reading_a_changed_field_are_evaluated(setup):
     await engine.handle([Delivery([change("p1", scores={f"s{i}": 0.1 for i in range(10)})], 1)])
     evaluated = []
     for segment in engine.segments.values():
-        original = segment.compiled.evaluate
+        original = segment.compiled.predicate
 
-        def spy(record, members=(), now=0.0, _original=original, _id=segment.id):
+        def spy(record, members, now, _original=original, _id=segment.id):
             evaluated.append(_id)
             return _original(record, members, now)
 
-        object.__setattr__(segment.compiled, "evaluate", spy)
+        segment.predicate = spy
     await engine.handle([Delivery([change("p1", scores={"s3": 0.9})], 2)])
     assert evaluated == ["s3"]
     assert set(engine.membership("p1")) == {"s3"}

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 from google.protobuf.message import DecodeError
+from opentelemetry.metrics import Observation
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
@@ -133,6 +134,17 @@ class Segment:
     serving: bool = False
     # The last build's difference: entered, exited, and a sample of each.
     last_diff: tuple[int, int, list[str], list[str]] = (0, 0, [], [])
+    # The live definition's per-profile predicate and whether time moves it (read per change: no lookups).
+    predicate: Callable[..., bool] = field(init=False, repr=False)
+    timed: bool = field(init=False, default=False)
+    refs: frozenset[str] = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        self.serve(self.compiled, self.version)
+
+    def serve(self, compiled: CompiledSegment, version: int) -> None:
+        self.compiled, self.version = compiled, version
+        self.predicate, self.timed, self.refs = compiled.predicate, compiled.time_dependent, compiled.segments
 
     def doc(self) -> dict[str, Any]:
         return {
@@ -234,8 +246,9 @@ class SegmentationEngine:
         self._order: list[str] = []  # live segment ids, dependencies first
         self._readers: dict[str, tuple[Segment, ...]] = {}  # field -> live segments to evaluate, in order
         self._affected_cache: dict[frozenset[str], tuple[Segment, ...]] = {}
-        self._time_segments: tuple[Segment, ...] = ()
-        self._all: tuple[Segment, ...] = ()
+        self._time_segments: tuple[tuple[Segment, bool], ...] = ()
+        self._all: tuple[tuple[Segment, bool], ...] = ()
+        self._direct: dict[str, set[str]] = {}
         self._timers: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         # Transitions whose publish failed, by partition subject ("$timers" for timers): published first
@@ -260,8 +273,11 @@ class SegmentationEngine:
         self._m_transitions = meter.create_counter(
             "cdp_segmentation_transitions_total", description="membership transitions published, by direction"
         )
-        self._m_evaluations = meter.create_counter(
-            "cdp_segmentation_evaluations_total", description="per-profile segment evaluations"
+        self.evaluations = 0
+        meter.create_observable_counter(
+            "cdp_segmentation_evaluations_total",
+            callbacks=[lambda _options: [Observation(self.evaluations)]],
+            description="per-profile segment evaluations",
         )
         self._m_freshness = meter.create_histogram(
             "cdp_segmentation_freshness_ms",
@@ -285,13 +301,9 @@ class SegmentationEngine:
         )
 
     def _observe_members(self, _options):
-        from opentelemetry.metrics import Observation
-
         return [Observation(len(m), {"segment": s}) for s, m in self.members.items()]
 
     def _observe_timers(self, _options):
-        from opentelemetry.metrics import Observation
-
         return [Observation(len(self._due))]
 
     # --- life cycle -------------------------------------------------------------------------------
@@ -412,24 +424,26 @@ class SegmentationEngine:
             if segment.compiled.time_dependent:
                 direct.setdefault(TIME, set()).add(segment.id)
         self._readers = {name: closure(ids) for name, ids in direct.items()}
+        self._direct = direct
         self._affected_cache = {}
-        self._time_segments = self._readers.get(TIME, ())
-        self._all = tuple(serving[s] for s in order)
+        self._time_segments = self._affected(frozenset({TIME})) if TIME in direct else ()
+        self._all = tuple((serving[s], True) for s in order)
         self._built_dirty = True
 
-    def _affected(self, changed: frozenset[str]) -> tuple[Segment, ...]:
+    def _affected(self, changed: frozenset[str]) -> tuple[tuple[Segment, bool], ...]:
+        """The segments a change of these fields can move, dependencies first, each with whether it reads
+        one of them itself (else it only refers to one that does: evaluated only if that one flips)."""
         found = self._affected_cache.get(changed)
         if found is None:
-            if len(changed) == 1:
-                (only,) = changed
-                found = self._readers.get(only, ())
-            else:
-                union: dict[str, Segment] = {}
-                for name in changed:
-                    for segment in self._readers.get(name, ()):
-                        union[segment.id] = segment
-                position = {segment_id: i for i, segment_id in enumerate(self._order)}
-                found = tuple(sorted(union.values(), key=lambda s: position[s.id]))
+            union: dict[str, Segment] = {}
+            direct: set[str] = set()
+            for name in changed:
+                for segment in self._readers.get(name, ()):
+                    union[segment.id] = segment
+                direct |= self._direct.get(name, set())
+            position = {segment_id: i for i, segment_id in enumerate(self._order)}
+            ordered = sorted(union.values(), key=lambda s: position[s.id])
+            found = tuple((segment, segment.id in direct) for segment in ordered)
             if len(self._affected_cache) > 10_000:
                 self._affected_cache.clear()
             self._affected_cache[changed] = found
@@ -441,7 +455,7 @@ class SegmentationEngine:
         self,
         person_id: str,
         person: _Person,
-        segments: Sequence[Segment],
+        segments: Sequence[tuple[Segment, bool]],
         *,
         now: float,
         at: float,
@@ -452,21 +466,32 @@ class SegmentationEngine:
         """Evaluate `segments` (dependencies first) for one person; record and return the flips."""
         members = person.members
         fields = person.fields
-        for segment in segments:
-            inside = segment.compiled.evaluate(fields, members, now)
-            was = segment.id in members
-            if inside != was:
+        timed = False
+        flipped: set[str] | None = None
+        evaluated = 0
+        for segment, direct in segments:
+            if not direct and (flipped is None or flipped.isdisjoint(segment.refs)):
+                continue  # it only refers to segments this change left as they were
+            evaluated += 1
+            segment_id = segment.id
+            inside = segment.predicate(fields, members, now)
+            if inside is not (segment_id in members):
                 if inside:
-                    members[segment.id] = at
-                    self.members.setdefault(segment.id, set()).add(person_id)
+                    members[segment_id] = at
+                    self.members.setdefault(segment_id, set()).add(person_id)
                 else:
-                    del members[segment.id]
-                    self.members.get(segment.id, set()).discard(person_id)
-                out.append(Transition(person_id, segment.id, inside, at, reason, segment.version, cause))
-        self._m_evaluations.add(len(segments))
+                    del members[segment_id]
+                    self.members.get(segment_id, set()).discard(person_id)
+                out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
+                if flipped is None:
+                    flipped = set()
+                flipped.add(segment_id)
+            if segment.timed:
+                timed = True
+        self.evaluations += evaluated
         person.evaluated_at = now
         self._dirty.add(person_id)
-        if self._time_segments:
+        if timed:
             self._schedule(person_id, person, now)
 
     def _schedule(self, person_id: str, person: _Person, now: float) -> None:
@@ -475,8 +500,8 @@ class SegmentationEngine:
         if pending is not None and pending <= now:
             return  # overdue: the timer round evaluates every time segment of the person, then reschedules
         due = math.inf
-        for segment in self._time_segments:
-            if segment.compiled.time_dependent:
+        for segment, _direct in self._time_segments:
+            if segment.timed:
                 t = segment.compiled.next_change(person.fields, person.members, now)
                 if t is not None and t < due:
                     due = t
@@ -706,43 +731,55 @@ class SegmentationEngine:
         out: list[OutMessage] = []
         counts = {True: 0, False: 0}
         for group in groups.values():
-            # Runs of one direction, in order: a person may enter and leave a segment within one change.
-            runs: list[list[Transition]] = []
+            # Order matters only between the transitions of one person in one segment: the n-th transition
+            # of each goes out in phase n (usually there is one phase), exits and entries apart within it.
+            phases: list[tuple[list[Transition], list[Transition]]] = []
+            seen: dict[tuple[str, str], int] = {}
             for t in group:
-                if runs and runs[-1][0].entered is t.entered and len(runs[-1]) < MAX_EVENTS_PER_MESSAGE:
-                    runs[-1].append(t)
-                else:
-                    runs.append([t])
-            for events in runs:
-                entered = events[0].entered
-                subject = ENTERED if entered else EXITED
-                counts[entered] += len(events)
-                for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
-                    batch = segmentation_pb2.SegmentEventBatch()
-                    for t in events[start : start + MAX_EVENTS_PER_MESSAGE]:
-                        event = batch.events.add(
-                            id=f"{t.segment}:{t.person}:{t.cause}:{'e' if t.entered else 'x'}",
-                            person_id=t.person,
-                            segment_id=t.segment,
-                            entered=t.entered,
-                            reason=t.reason,
-                            segment_version=t.version,
-                        )
-                        event.at.seconds = int(t.at)
-                        event.at.nanos = int((t.at % 1) * 1e9)
-                    ids = "\n".join(e.id for e in batch.events)
-                    out.append(
-                        OutMessage(
-                            subject=f"{subject}.{partition}",
-                            payload=batch.SerializeToString(),
-                            # From the events' ids, not the bytes: a standby replica's copy has the same ids.
-                            msg_id="sg_" + hashlib.blake2b(ids.encode(), digest_size=16).hexdigest(),
-                        )
-                    )
+                key = (t.person, t.segment)
+                phase = seen.get(key, 0)
+                seen[key] = phase + 1
+                if phase == len(phases):
+                    phases.append(([], []))
+                phases[phase][t.entered].append(t)
+            for phase in phases:
+                for entered in (False, True):
+                    events = phase[entered]
+                    counts[entered] += len(events)
+                    for start in range(0, len(events), MAX_EVENTS_PER_MESSAGE):
+                        out.append(self._message(partition, entered, events[start : start + MAX_EVENTS_PER_MESSAGE]))
         for entered, count in counts.items():
             if count:
                 self._m_transitions.add(count, {"direction": "entered" if entered else "exited"})
         return out
+
+    @staticmethod
+    def _message(partition: int, entered: bool, events: Sequence[Transition]) -> OutMessage:
+        batch = segmentation_pb2.SegmentEventBatch()
+        add = batch.events.add
+        mark = ":e" if entered else ":x"
+        ids = []
+        for t in events:
+            event_id = f"{t.segment}:{t.person}:{t.cause}{mark}"
+            ids.append(event_id)
+            at = t.at
+            event = add(
+                id=event_id,
+                person_id=t.person,
+                segment_id=t.segment,
+                entered=entered,
+                reason=t.reason,
+                segment_version=t.version,
+            )
+            # Rounded to the microsecond the profile change had (a float of epoch seconds holds about that).
+            event.at.seconds, micros = divmod(round(at * 1e6), 1_000_000)
+            event.at.nanos = micros * 1000
+        return OutMessage(
+            subject=f"{ENTERED if entered else EXITED}.{partition}",
+            payload=batch.SerializeToString(),
+            # From the events' ids, not the bytes: a standby replica's copy has the same ids.
+            msg_id="sg_" + hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest(),
+        )
 
     async def _publish(self, messages: Sequence[OutMessage]) -> None:
         results = await self.publisher.publish_batch(messages)
@@ -933,7 +970,8 @@ class SegmentationEngine:
                         person.members[segment.id] = segment.updated_at
                         self._dirty.add(person_id)
                 self.members[segment.id] = new
-                segment.compiled, segment.version, segment.pending = compiled, version, None
+                segment.serve(compiled, version)
+                segment.pending = None
                 segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
                 segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
                 self._reindex()
@@ -995,14 +1033,14 @@ class SegmentationEngine:
                 raise FailedPrecondition(f"segments {', '.join(sorted(waiting))} failed to build", reason="ref_failed")
             await asyncio.sleep(0.05)
 
-    def _readers_of(self, segment: Segment) -> tuple[Segment, ...]:
-        """The segment and every live segment referring to it, dependencies first."""
+    def _readers_of(self, segment: Segment) -> tuple[tuple[Segment, bool], ...]:
+        """The segment and every live segment referring to it, dependencies first (all evaluated)."""
         found: dict[str, Segment] = {segment.id: segment}
         for segment_id in self._order:
             candidate = self.segments[segment_id]
             if candidate.compiled.segments & found.keys():
                 found[segment_id] = candidate
-        return tuple(found.values())
+        return tuple((s, True) for s in found.values())
 
     async def _prepare(self, compiled: CompiledSegment) -> None:
         """The computed traits the definition's event conditions need: defined on the profile service,

@@ -87,6 +87,11 @@ class CompiledSegment:
     _vector: VectorPredicate = field(repr=False)
     _moving: tuple[TimeTest, ...] = field(repr=False)
 
+    @property
+    def predicate(self) -> RowPredicate:
+        """`evaluate` without defaults: (record, members, now) -> bool, for callers on a hot path."""
+        return self._row
+
     def evaluate(self, record: Mapping[str, Any], members: Container[str] = (), now: float | None = None) -> bool:
         """Whether one person (flat field key -> value) is in the segment; `members`: segments they are in."""
         return self._row(record, members, time.time() if now is None else now)

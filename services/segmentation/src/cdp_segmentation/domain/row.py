@@ -56,9 +56,19 @@ def row_predicate(plan: Plan) -> RowPredicate:
         inner = row_predicate(plan.part)
         return lambda record, members, now: not inner(record, members, now)
     parts = tuple(row_predicate(part) for part in plan.parts)
+    # Two or three parts (the common case) without a generator: this runs per person and segment.
     if isinstance(plan, AllOf):
+        if len(parts) == 2:
+            a, b = parts
+            return lambda record, members, now: a(record, members, now) and b(record, members, now)
+        if len(parts) == 3:
+            a, b, c = parts
+            return lambda r, m, n: a(r, m, n) and b(r, m, n) and c(r, m, n)
         return lambda record, members, now: all(part(record, members, now) for part in parts)
     assert isinstance(plan, AnyOf)
+    if len(parts) == 2:
+        a, b = parts
+        return lambda record, members, now: a(record, members, now) or b(record, members, now)
     return lambda record, members, now: any(part(record, members, now) for part in parts)
 
 
@@ -98,6 +108,21 @@ def _test(test: Test) -> RowPredicate:
     if isinstance(literal, str):
         return lambda record, members, now: isinstance(value := get(record), str) and compare(value, literal)
 
+    if not test.sub:
+        field = test.field
+
+        def numeric_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            value = record.get(field)
+            if value.__class__ is float:
+                # A finite float (x - x is NaN for infinities and NaN): the common case, without a call.
+                return value - value == 0.0 and compare(value, literal)
+            if value is None:
+                return False
+            value = number(value)
+            return value is not None and compare(value, literal)
+
+        return numeric_field
+
     def numeric(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
         value = number(get(record))
         return value is not None and compare(value, literal)
@@ -136,7 +161,10 @@ def _number_test(test: NumberTest) -> RowPredicate:
     field, compare, value, default = test.field, COMPARE[test.op], test.value, test.default
 
     def aggregate(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
-        found = number(record.get(field))
+        found = record.get(field)
+        if found.__class__ is float and found - found == 0.0:
+            return compare(found, value)
+        found = number(found)
         if found is None:
             found = default
         return found is not None and compare(found, value)
