@@ -84,6 +84,11 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
                 assert model in result.stdout, result.stdout
         if " send " in command and "--count" not in command:
             assert "accepted 1," in result.stdout
+        if " segment create " in command:
+            # u1's order of 42 (sent above) is retained on the timeline: the new condition is backfilled.
+            assert "segment big_spenders live: 1 member" in result.stdout, result.stdout
+        if " segments" in command:
+            assert "big_spenders" in result.stdout and "live" in result.stdout, result.stdout
         if " profile " in command:
             document = json.loads(result.stdout)
             assert document["eventCount"] == "1" and "user_id:u1" in document["identifiers"]

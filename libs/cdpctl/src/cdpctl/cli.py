@@ -6,6 +6,8 @@ cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total":
 cdpctl send track --count 10000     # generated events, with a progress bar
 cdpctl profile user_id u1           # a profile as JSON
 cdpctl models                       # the deployed models, their versions and quality
+cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
+cdpctl segments                     # every segment: state, size, definition
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rich.table import Table
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
 
@@ -473,6 +476,123 @@ def models(ws: Workspace, as_json: bool, address) -> None:
         )
         scores = ", ".join(o["score"] for o in spec.get("outputs", []))
         table.add_row(model["name"], model.get("liveVersion", ""), roles, scores, quality[:80])
+    out.print(table)
+
+
+def _segmentation_address(ws: Workspace, address: str | None) -> str:
+    state = ws.read_run() or {}
+    address = address or (state.get("services", {}).get("segmentation", {}) or {}).get("grpc")
+    if not address:
+        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
+    return address
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError) -> click.ClickException:
+    return click.ClickException(f"{exc.code().name}: {exc.details()}")
+
+
+async def _create_segment(address: str, token: str, request, show_progress: bool) -> dict:
+    from rich.progress import Progress
+
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
+        try:
+            segment = await stub.CreateSegment(request, metadata=metadata, timeout=30)
+            with Progress(console=console, disable=not show_progress, transient=True) as progress:
+                task = progress.add_task(f"evaluating {request.id}", total=None)
+                while segment.state == segmentation_pb2.SEGMENT_STATE_BUILDING:
+                    progress.update(task, completed=segment.profiles_done, total=segment.profiles_total or None)
+                    await asyncio.sleep(0.2)
+                    segment = await stub.GetSegment(
+                        segmentation_pb2.GetSegmentRequest(id=request.id), metadata=metadata, timeout=10
+                    )
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc) from None
+    return json_format.MessageToDict(segment)
+
+
+@main.group()
+def segment() -> None:
+    """Define and inspect segments (audiences)."""
+
+
+@segment.command("create")
+@click.argument("segment_id")
+@click.argument("definition")
+@click.option("--name", default="", help="display name")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, address) -> None:
+    """Define a segment in the segment language (or a JSON tree) and wait until it is live."""
+    address = _segmentation_address(ws, address)
+    if definition.lstrip().startswith("{"):
+        tree = _json_option(definition, "DEFINITION")
+        request_definition = segmentation_pb2.Definition()
+        json_format.ParseDict(tree, request_definition.tree)
+    else:
+        request_definition = segmentation_pb2.Definition(text=definition)
+    request = segmentation_pb2.CreateSegmentRequest(id=segment_id, name=name, definition=request_definition)
+    created = asyncio.run(_create_segment(address, ws.admin_token(), request, show_progress=sys.stderr.isatty()))
+    state = created.get("state", "").removeprefix("SEGMENT_STATE_").lower()
+    if state != "live":
+        raise click.ClickException(f"segment {segment_id} is {state}: {created.get('error', '')}")
+    size = int(created.get("size", 0))
+    out.print(f"segment {segment_id} live: {size} member{'' if size == 1 else 's'} ({created.get('text', '')})")
+
+
+@segment.command("members")
+@click.argument("segment_id")
+@click.option("--limit", default=100, show_default=True, help="at most this many")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None:
+    """A segment's members (person ids, oldest id first) and when they entered."""
+
+    async def members() -> dict:
+        async with grpc.aio.insecure_channel(_segmentation_address(ws, address)) as channel:
+            try:
+                reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListMembers(
+                    segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=max(1, min(limit, 10_000))),
+                    metadata=(("authorization", f"Bearer {ws.admin_token()}"),),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _rpc_error(exc) from None
+        return json_format.MessageToDict(reply)
+
+    out.print_json(json.dumps(asyncio.run(members())))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segments(ws: Workspace, as_json: bool, address) -> None:
+    """Every segment: state, size, definition."""
+
+    async def listed() -> list[dict]:
+        async with grpc.aio.insecure_channel(_segmentation_address(ws, address)) as channel:
+            try:
+                reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListSegments(
+                    segmentation_pb2.ListSegmentsRequest(),
+                    metadata=(("authorization", f"Bearer {ws.admin_token()}"),),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _rpc_error(exc) from None
+        return [json_format.MessageToDict(s) for s in reply.segments]
+
+    documents = asyncio.run(listed())
+    if as_json:
+        out.print_json(json.dumps(documents))
+        return
+    table = Table(title="segments")
+    for column in ("segment", "state", "members", "definition"):
+        table.add_column(column)
+    for document in documents:
+        state = document.get("state", "").removeprefix("SEGMENT_STATE_").lower()
+        table.add_row(document["id"], state, document.get("size", "0"), document.get("text", ""))
     out.print(table)
 
 
