@@ -375,3 +375,37 @@ async def test_a_build_waits_for_the_segments_it_refers_to(setup):
     second = await engine.create("pro2", parse('in_segment("pro")'))
     await asyncio.gather(engine.wait_live(first.id), engine.wait_live(second.id))
     assert set(engine.membership("p1")) == {"pro", "pro2"}
+
+
+async def test_threshold_segments_skipped_by_range_keep_exact_memberships(setup):
+    """A change evaluates only the threshold segments whose number lies in the range the field moved
+    over; memberships must still be exactly what evaluating every segment gives."""
+    import random
+
+    engine, *_ = setup
+    texts = {f"gt{i}": f"scores.x > {i / 10}" for i in range(10)}
+    texts |= {"le5": "scores.x <= 0.5", "eq3": "scores.x = 0.3", "ne3": "scores.x != 0.3"}
+    texts |= {"count2": 'count("Order Completed") >= 2', "both": 'in_segment("gt5") and in_segment("count2")'}
+    for segment_id, text in texts.items():
+        await create(engine, segment_id, text)
+    [order_count] = engine.segments["count2"].compiled.fields
+    rng = random.Random(1)
+    values = [None, 0.0, 0.3, 0.5, 0.55, 1.0, "high", 0.1, 0.9]
+    for seq in range(1, 400):
+        person = f"p{rng.randrange(5)}"
+        message = change(person, at=T0 + seq)
+        value = rng.choice(values)
+        if value is None:
+            message.scores.clear()
+            message.traits["x"].null_value = 0  # another field moves; x keeps its value
+        elif isinstance(value, str):
+            message.computed[order_count.removeprefix("computed.")].number_value = rng.randrange(4)
+        else:
+            message.scores["x"] = value
+        await engine.handle([Delivery([message], seq)])
+        fields = engine.persons[person].fields
+        want: set[str] = set()
+        for segment_id in texts:  # dependencies after what they refer to
+            if engine.segments[segment_id].compiled.evaluate(fields, want, T0):
+                want.add(segment_id)
+        assert set(engine.membership(person)) == want, (seq, fields)

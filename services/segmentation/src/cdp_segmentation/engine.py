@@ -23,6 +23,7 @@ only a real change of the inputs, of time or of a definition moves them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import heapq
@@ -45,6 +46,8 @@ from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_segmentation.domain import Columns, CompiledSegment, check_segment_graph, compile_segment, to_json, to_text
+from cdp_segmentation.domain.plan import NumberTest, Test
+from cdp_segmentation.domain.values import number
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -249,6 +252,10 @@ class SegmentationEngine:
         self._time_segments: tuple[tuple[Segment, bool], ...] = ()
         self._all: tuple[tuple[Segment, bool], ...] = ()
         self._direct: dict[str, set[str]] = {}
+        # field -> (sorted thresholds, their segment ids, the set of them): segments comparing one field
+        # with one number, where a change can move only those whose threshold it crosses
+        self._thresholds: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {}
+        self._indexed: dict[str, frozenset[str]] = {}
         self._timers: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         # Transitions whose publish failed, by partition subject ("$timers" for timers): published first
@@ -425,6 +432,17 @@ class SegmentationEngine:
                 direct.setdefault(TIME, set()).add(segment.id)
         self._readers = {name: closure(ids) for name, ids in direct.items()}
         self._direct = direct
+        by_field: dict[str, list[tuple[float, str]]] = {}
+        for segment in serving.values():
+            found = threshold(segment.compiled)
+            if found is not None:
+                by_field.setdefault(found[0], []).append((found[1], segment.id))
+        self._thresholds = {
+            name: ([t for t, _ in sorted(items)], [(serving[i], True) for _, i in sorted(items)])
+            for name, items in by_field.items()
+            if len(items) > 1
+        }
+        self._indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self._thresholds.items()}
         self._affected_cache = {}
         self._time_segments = self._affected(frozenset({TIME})) if TIME in direct else ()
         self._all = tuple((serving[s], True) for s in order)
@@ -437,10 +455,14 @@ class SegmentationEngine:
         if found is None:
             union: dict[str, Segment] = {}
             direct: set[str] = set()
+            indexed: set[str] = set()
             for name in changed:
                 for segment in self._readers.get(name, ()):
                     union[segment.id] = segment
                 direct |= self._direct.get(name, set())
+                indexed |= self._indexed.get(name, frozenset())
+            for segment_id in indexed:  # evaluated through the threshold index (`_crossed`)
+                union.pop(segment_id, None)
             position = {segment_id: i for i, segment_id in enumerate(self._order)}
             ordered = sorted(union.values(), key=lambda s: position[s.id])
             found = tuple((segment, segment.id in direct) for segment in ordered)
@@ -463,7 +485,7 @@ class SegmentationEngine:
         cause: str,
         out: list[Transition],
     ) -> None:
-        """Evaluate `segments` (dependencies first) for one person; record and return the flips."""
+        """Evaluate `segments` (dependencies first) for one person; record the flips."""
         members = person.members
         fields = person.fields
         timed = False
@@ -472,8 +494,8 @@ class SegmentationEngine:
         for segment, direct in segments:
             if not direct and (flipped is None or flipped.isdisjoint(segment.refs)):
                 continue  # it only refers to segments this change left as they were
-            evaluated += 1
             segment_id = segment.id
+            evaluated += 1
             inside = segment.predicate(fields, members, now)
             if inside is not (segment_id in members):
                 if inside:
@@ -654,7 +676,15 @@ class SegmentationEngine:
                 touched.add(person_id)
             if new or changed:
                 # A person first seen: every live segment (`not traits.x exists` holds for an empty profile).
-                segments = self._all if new else self._affected(frozenset(changed))
+                if new:
+                    segments = self._all
+                else:
+                    # Threshold segments first (they refer to no segment), then the rest, dependencies first.
+                    segments = self._affected(frozenset(changed))
+                    if self._thresholds:
+                        crossed = self._crossed(changed, person.fields)
+                        if crossed:
+                            segments = crossed + list(segments)
                 if segments:
                     self._evaluate(
                         person_id,
@@ -668,17 +698,39 @@ class SegmentationEngine:
                     )
 
     @staticmethod
-    def _apply(person: _Person, updates: Mapping[str, Any]) -> list[str]:
+    def _apply(person: _Person, updates: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply the updates; the changed paths with the value each had before (None: absent)."""
         fields = person.fields
-        changed = []
+        changed: dict[str, Any] = {}
         for path, value in updates.items():
             if value is None:
-                if fields.pop(path, None) is not None:
-                    changed.append(path)
-            elif fields.get(path, _ABSENT) != value:
-                fields[path] = value
-                changed.append(path)
+                old = fields.pop(path, None)
+                if old is not None:
+                    changed[path] = old
+            else:
+                old = fields.get(path, _ABSENT)
+                if old != value:
+                    fields[path] = value
+                    changed[path] = None if old is _ABSENT else old
         return changed
+
+    def _crossed(self, changed: Mapping[str, Any], fields: Mapping[str, Any]) -> list[tuple[Segment, bool]]:
+        """Of the threshold segments (one field compared with one number) on the changed fields, those whose
+        number lies in the range the field moved over: the others give the same outcome for the old and the
+        new value, so their membership, equal to that outcome since their last evaluation, stays."""
+        crossed: list[tuple[Segment, bool]] = []
+        for path, old in changed.items():
+            index = self._thresholds.get(path)
+            if index is None:
+                continue
+            thresholds, segments = index
+            before, after = number(old), number(fields.get(path))
+            if before is None or after is None:
+                crossed.extend(segments)  # appeared, vanished or not a number: every one of them
+                continue
+            low, high = (before, after) if before <= after else (after, before)
+            crossed.extend(segments[bisect.bisect_left(thresholds, low) : bisect.bisect_right(thresholds, high)])
+        return crossed
 
     def _remove(self, person_id: str, person: _Person, *, at: float, cause: str, out: list[Transition]) -> None:
         """The profile is gone (deleted, or merged into another): it leaves every segment."""
@@ -762,18 +814,19 @@ class SegmentationEngine:
         for t in events:
             event_id = f"{t.segment}:{t.person}:{t.cause}{mark}"
             ids.append(event_id)
-            at = t.at
-            event = add(
-                id=event_id,
-                person_id=t.person,
-                segment_id=t.segment,
-                entered=entered,
-                reason=t.reason,
-                segment_version=t.version,
-            )
+            # Field by field: about half the cost of keyword arguments on this path.
+            event = add()
+            event.id = event_id
+            event.person_id = t.person
+            event.segment_id = t.segment
+            event.entered = entered
+            event.reason = t.reason
+            event.segment_version = t.version
             # Rounded to the microsecond the profile change had (a float of epoch seconds holds about that).
-            event.at.seconds, micros = divmod(round(at * 1e6), 1_000_000)
-            event.at.nanos = micros * 1000
+            seconds, micros = divmod(round(t.at * 1e6), 1_000_000)
+            stamp = event.at
+            stamp.seconds = seconds
+            stamp.nanos = micros * 1000
         return OutMessage(
             subject=f"{ENTERED if entered else EXITED}.{partition}",
             payload=batch.SerializeToString(),
@@ -1185,6 +1238,21 @@ class _Absent:
 
 
 _ABSENT = _Absent()
+
+
+def threshold(compiled: CompiledSegment) -> tuple[str, float] | None:
+    """(field, number) when the whole definition compares one top-level field with one number."""
+    plan = compiled.plan
+    if isinstance(plan, NumberTest):
+        return plan.field, plan.value
+    if (
+        isinstance(plan, Test)
+        and not plan.sub
+        and plan.op in ("=", "!=", "<", "<=", ">", ">=")
+        and type(plan.literal) is float
+    ):
+        return plan.field, plan.literal
+    return None
 
 
 def check_segment_id(segment_id: str) -> str:
