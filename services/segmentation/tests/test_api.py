@@ -1,0 +1,519 @@
+"""SegmentationService over gRPC, in-process on a real nats-server and the memory store: create from text
+and from the JSON tree, errors that name the field (line and column for text, the JSON path for the
+tree), lifecycle (update with its membership difference, delete, references and cycles), estimates
+(event conditions defined as computed traits), member pages and a person's memberships.
+
+Profile changes are fed to the engine as the `profiles.changed` consumer would; the profile service is
+a fake that records the computed traits the engine defines."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.service import ServiceRuntime, serving
+from cdp_kit.storage import open_store
+from cdp_segmentation.api import MAX_PAGE, MAX_TEXT, SCOPES, SegmentationApi
+from cdp_segmentation.engine import SegmentationEngine
+from cdp_segmentation.settings import SegmentationSettings
+
+pb = segmentation_pb2
+LIVE = pb.SEGMENT_STATE_LIVE
+BUYERS = 'count(event = "Order Completed" and properties.total > 50, within 30d) >= 3'
+
+
+class Profile:
+    """The profile service as the engine sees it: computed traits defined, then waited for. `gate`, when
+    set, holds `ready` until the test opens it; event names in `refuse` are refused as the real client
+    refuses what the profile service finds invalid."""
+
+    def __init__(self) -> None:
+        self.defined: list[dict] = []
+        self.refuse: set[str] = set()
+        self.gate: asyncio.Event | None = None
+
+    async def define(self, definitions) -> None:
+        for definition in definitions:
+            if set(definition.get("event_names") or ()) & self.refuse:
+                raise InvalidArgument("definition", "an event condition the profile service refuses: test")
+            self.defined.append(dict(definition))
+
+    async def ready(self, names) -> None:
+        assert set(names) <= {d["name"] for d in self.defined}
+        if self.gate is not None:
+            await self.gate.wait()
+
+
+class Delivery:
+    """One `profiles.changed.0` message as the consumer hands it to the engine."""
+
+    def __init__(self, changes: list[profile_pb2.ProfileChanged], seq: int) -> None:
+        self.data = profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
+        self.subject = "profiles.changed.0"
+        self.stream_seq = seq
+        self.num_delivered = 1
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        raise AssertionError(f"rejected: {reason} {detail}")
+
+
+def change(person: str, *, traits=None, computed=None, scores=None) -> profile_pb2.ProfileChanged:
+    message = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    message.at.GetCurrentTime()
+    for name, value in (traits or {}).items():
+        if isinstance(value, str):
+            message.traits[name].string_value = value
+        else:
+            message.traits[name].number_value = value
+    for name, value in (computed or {}).items():
+        message.computed[name].number_value = value
+    for name, value in (scores or {}).items():
+        message.scores[name] = value
+    return message
+
+
+class Service:
+    def __init__(self, stub: segmentation_pb2_grpc.SegmentationServiceStub, engine: SegmentationEngine) -> None:
+        self.stub = stub
+        self.engine = engine
+        self.seq = 0
+
+    async def feed(self, *changes: profile_pb2.ProfileChanged) -> None:
+        self.seq += 1
+        await self.engine.handle([Delivery(list(changes), self.seq)])
+
+    async def create(self, segment_id: str, text: str, **kw) -> pb.Segment:
+        request = pb.CreateSegmentRequest(id=segment_id, definition=pb.Definition(text=text), wait=True, **kw)
+        return await self.stub.CreateSegment(request)
+
+
+def text(value: str) -> pb.Definition:
+    return pb.Definition(text=value)
+
+
+def tree(value: dict) -> pb.Definition:
+    definition = pb.Definition()
+    json_format.ParseDict(value, definition.tree)
+    return definition
+
+
+def as_dict(message) -> dict:
+    return json_format.MessageToDict(message)
+
+
+def violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """(field, description) of every BadRequest field violation in the status details."""
+    found = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found += [(v.field, v.description) for v in bad.field_violations]
+    return found
+
+
+def seconds(timestamp) -> float:
+    return timestamp.seconds + timestamp.nanos / 1e9
+
+
+def service_setup(profile: Profile | None) -> Callable:
+    async def setup(runtime: ServiceRuntime) -> None:
+        settings: SegmentationSettings = runtime.settings  # type: ignore[assignment]
+        store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+        bus = await runtime.stack.enter_async_context(Bus.connect(settings.nats_url, name="segmentation-api-test"))
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engine = SegmentationEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=runtime.telemetry,
+            define_traits=profile.define if profile else None,
+            traits_ready=profile.ready if profile else None,
+            snapshot_interval=3600,
+            timer_resolution=3600,
+        )
+        await engine.start()
+        runtime.stack.push_async_callback(engine.stop)
+        runtime.parts["engine"] = engine
+        runtime.grpc.add_service(
+            segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
+            SegmentationApi(engine),
+            pb.DESCRIPTOR.services_by_name["SegmentationService"],
+            scopes=SCOPES,
+        )
+
+    return setup
+
+
+@contextlib.asynccontextmanager
+async def running(nats_url: str, profile: Profile | None) -> AsyncIterator[Service]:
+    """The service on a gRPC port (with or without a profile service behind it), and a client of it."""
+    settings = SegmentationSettings(
+        nats_url=nats_url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=1,
+        shutdown_grace=1.0,
+        store_url="memory://",
+    )
+    async with serving(settings, service_setup(profile)) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield Service(segmentation_pb2_grpc.SegmentationServiceStub(channel), runtime.parts["engine"])
+
+
+@pytest.fixture
+def profile() -> Profile:
+    return Profile()
+
+
+@pytest.fixture
+async def service(nats_server, profile):
+    async with running(nats_server.url, profile) as started:
+        yield started
+
+
+# --- create -------------------------------------------------------------------------------------
+
+
+async def test_create_from_text_waits_until_live_and_answers_the_canonical_forms(service):
+    await service.feed(
+        change("p1", traits={"plan": "pro"}),
+        change("p2", traits={"plan": "pro"}),
+        change("p3", traits={"plan": "free"}),
+    )
+    segment = await service.create("pro", 'traits.plan="pro"', name="Pro plan", description="paying customers")
+    assert segment.state == LIVE and segment.size == 2
+    assert (segment.profiles_done, segment.profiles_total) == (3, 3)
+    assert segment.text == 'traits.plan = "pro"'
+    assert as_dict(segment.tree) == {"field": "traits.plan", "op": "=", "value": "pro"}
+    assert (segment.id, segment.name, segment.description, segment.version) == (
+        "pro",
+        "Pro plan",
+        "paying customers",
+        1,
+    )
+    assert not segment.error and not segment.time_dependent and list(segment.computed_traits) == []
+    assert seconds(segment.created_at) > 0 and seconds(segment.live_at) >= seconds(segment.created_at)
+
+
+async def test_create_from_the_json_tree(service):
+    await service.feed(
+        change("p1", traits={"plan": "pro"}, scores={"churn": 0.9}),
+        change("p2", scores={"churn": 0.8}),
+        change("p3", scores={"churn": 0.1}),
+    )
+    await service.create("pro", 'traits.plan = "pro"')
+    request = pb.CreateSegmentRequest(
+        id="churny_free",
+        definition=tree({"and": [{"field": "scores.churn", "op": ">=", "value": 0.5}, {"not": {"segment": "pro"}}]}),
+        wait=True,
+    )
+    segment = await service.stub.CreateSegment(request)
+    assert segment.state == LIVE and segment.size == 1
+    assert segment.text == 'scores.churn >= 0.5 and not in_segment("pro")'
+    assert as_dict(segment.tree) == {
+        "and": [{"field": "scores.churn", "op": ">=", "value": 0.5}, {"not": {"segment": "pro"}}]
+    }
+    assert list(segment.depends_on) == ["pro"]
+    members = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="churny_free"))
+    assert [m.person_id for m in members.members] == ["p2"]
+
+
+async def test_a_tree_and_the_text_it_stands_for_make_the_same_segment(service, profile):
+    """A Struct carries only doubles: the tree's 50 arrives as 50.0. The same definition written either
+    way must read back the same and share one computed trait on the profile service."""
+    from_text = await service.create("by_text", BUYERS)
+    request = pb.CreateSegmentRequest(id="by_tree", definition=tree(as_dict(from_text.tree)), wait=True)
+    from_tree = await service.stub.CreateSegment(request)
+    assert from_tree.text == from_text.text == BUYERS
+    assert list(from_tree.computed_traits) == list(from_text.computed_traits)
+    assert len({d["name"] for d in profile.defined}) == 1
+
+
+async def test_a_syntax_error_names_definition_text_with_line_column_and_what_was_expected(service):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.create("pro", 'traits.plan = "pro" and\n  scores.churn >> 0.5')
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = violations(caught.value)
+    assert field == "definition.text"
+    assert description.startswith("line 2, column 17: expected a value"), description
+    assert "found '>'" in description
+    assert "line 2, column 17" in caught.value.details()
+    assert list((await service.stub.ListSegments(pb.ListSegmentsRequest())).segments) == []
+
+
+async def test_an_error_in_the_tree_names_its_json_path(service):
+    definition = tree({"and": [{"field": "traits.plan", "op": "=", "value": "pro"}, {"field": "scores.x", "op": "~"}]})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.CreateSegment(pb.CreateSegmentRequest(id="pro", definition=definition))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = violations(caught.value)
+    assert field == "definition.tree.and[1].op"
+    assert "'~' is not an operator" in description
+
+
+@pytest.mark.parametrize(
+    ("call", "request_", "code", "field"),
+    [
+        (
+            "CreateSegment",
+            pb.CreateSegmentRequest(id="Bad Id", definition=text("scores.x > 1")),
+            "INVALID_ARGUMENT",
+            "id",
+        ),
+        ("CreateSegment", pb.CreateSegmentRequest(id=""), "INVALID_ARGUMENT", "id"),
+        ("CreateSegment", pb.CreateSegmentRequest(id="new"), "INVALID_ARGUMENT", "definition"),
+        (
+            "CreateSegment",
+            pb.CreateSegmentRequest(id="new", definition=pb.Definition()),
+            "INVALID_ARGUMENT",
+            "definition",
+        ),
+        (
+            "CreateSegment",
+            pb.CreateSegmentRequest(id="new", definition=text("scores.x > 1 " + " " * MAX_TEXT)),
+            "INVALID_ARGUMENT",
+            "definition.text",
+        ),
+        (
+            "CreateSegment",
+            pb.CreateSegmentRequest(id="new", definition=text('in_segment("nope")')),
+            "INVALID_ARGUMENT",
+            "definition",
+        ),
+        ("CreateSegment", pb.CreateSegmentRequest(id="pro", definition=text("scores.x > 1")), "ALREADY_EXISTS", None),
+        ("GetSegment", pb.GetSegmentRequest(id="nope"), "NOT_FOUND", None),
+        ("UpdateSegment", pb.UpdateSegmentRequest(id="nope", name="x"), "NOT_FOUND", None),
+        (
+            "UpdateSegment",
+            pb.UpdateSegmentRequest(id="pro", definition=text("scores.x >")),
+            "INVALID_ARGUMENT",
+            "definition.text",
+        ),
+        ("DeleteSegment", pb.DeleteSegmentRequest(id="nope"), "NOT_FOUND", None),
+        ("ListMembers", pb.ListMembersRequest(segment_id="nope"), "NOT_FOUND", None),
+        (
+            "ListMembers",
+            pb.ListMembersRequest(segment_id="pro", page_size=MAX_PAGE + 1),
+            "INVALID_ARGUMENT",
+            "page_size",
+        ),
+        ("ListMembers", pb.ListMembersRequest(segment_id="pro", page_size=-1), "INVALID_ARGUMENT", "page_size"),
+        ("ListMembers", pb.ListMembersRequest(segment_id="pro", page_token="____"), "INVALID_ARGUMENT", "page_token"),
+        ("GetMembership", pb.GetMembershipRequest(), "INVALID_ARGUMENT", "person_id"),
+        ("Estimate", pb.EstimateRequest(), "INVALID_ARGUMENT", "definition"),
+        ("Estimate", pb.EstimateRequest(definition=text("traits.plan = ")), "INVALID_ARGUMENT", "definition.text"),
+    ],
+)
+async def test_bad_requests_get_a_clear_status_naming_the_field(service, call, request_, code, field):
+    await service.create("pro", 'traits.plan = "pro"')
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(service.stub, call)(request_)
+    assert caught.value.code() == getattr(grpc.StatusCode, code), caught.value.details()
+    if field is not None:
+        assert [f for f, _ in violations(caught.value)] == [field]
+
+
+async def test_a_bad_segment_id_in_list_members_is_named_segment_id(service):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.ListMembers(pb.ListMembersRequest(segment_id="Not An Id"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [f for f, _ in violations(caught.value)] == ["segment_id"]
+
+
+async def test_a_page_token_the_service_never_gave_is_refused_not_read_as_the_first_page(service):
+    await service.feed(change("p1", traits={"plan": "pro"}))
+    await service.create("pro", 'traits.plan = "pro"')
+    for garbage in ("!!", "."):  # no base64 characters at all: they decode to nothing
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.ListMembers(pb.ListMembersRequest(segment_id="pro", page_token=garbage))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in violations(caught.value)] == ["page_token"]
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+async def test_update_returns_the_membership_difference_with_samples(service):
+    await service.feed(*[change(f"p{i}", scores={"churn": i / 10}) for i in range(10)])
+    await service.create("churny", "scores.churn >= 0.7")
+    response = await service.stub.UpdateSegment(
+        pb.UpdateSegmentRequest(id="churny", definition=text("scores.churn >= 0.5 and scores.churn < 0.8"))
+    )
+    assert (response.entered, response.exited) == (2, 2)
+    assert (list(response.sample_entered), list(response.sample_exited)) == (["p5", "p6"], ["p8", "p9"])
+    segment = response.segment
+    assert (segment.state, segment.version, segment.size) == (LIVE, 2, 3)
+    assert segment.text == "scores.churn >= 0.5 and scores.churn < 0.8"
+    members = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="churny"))
+    assert [m.person_id for m in members.members] == ["p5", "p6", "p7"]
+
+    renamed = await service.stub.UpdateSegment(pb.UpdateSegmentRequest(id="churny", name="Churn risk"))
+    assert (renamed.entered, renamed.exited, renamed.segment.version) == (0, 0, 2)
+    assert renamed.segment.name == "Churn risk" and renamed.segment.text == segment.text
+
+
+async def test_an_update_that_fails_to_build_reports_no_membership_difference(service, profile):
+    await service.feed(*[change(f"p{i}", scores={"churn": i / 10}) for i in range(10)])
+    created = await service.create("churny", "scores.churn >= 0.7")
+    profile.refuse.add("Refused")
+    request = pb.UpdateSegmentRequest(id="churny", definition=text('performed("Refused")'))
+    try:
+        response = await service.stub.UpdateSegment(request)
+    except grpc.aio.AioRpcError as exc:  # refusing the update outright is as good
+        assert "refuses" in exc.details(), exc
+    else:
+        # Nobody entered or exited because of this call: the answer must not say they did.
+        assert "refuses" in response.segment.error
+        assert (response.entered, response.exited) == (0, 0)
+        assert (list(response.sample_entered), list(response.sample_exited)) == ([], [])
+    segment = await service.stub.GetSegment(pb.GetSegmentRequest(id="churny"))
+    assert (segment.text, segment.version, segment.size) == (created.text, 1, 3)
+
+
+async def test_update_refuses_a_cycle_and_keeps_the_definition(service):
+    await service.create("a", "scores.x > 1")
+    await service.create("b", 'in_segment("a")')
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.UpdateSegment(pb.UpdateSegmentRequest(id="a", definition=text('in_segment("b")')))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = violations(caught.value)
+    assert field == "definition" and "cycle" in description and "a → b → a" in description
+    segment = await service.stub.GetSegment(pb.GetSegmentRequest(id="a"))
+    assert (segment.text, segment.version, segment.state) == ("scores.x > 1", 1, LIVE)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.create("c", 'in_segment("c")')
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_delete_is_refused_while_referred_to_then_returns_the_members_that_exited(service):
+    await service.feed(change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "pro"}))
+    await service.create("pro", 'traits.plan = "pro"')
+    await service.create("pro_de", 'in_segment("pro") and traits.country = "DE"')
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id="pro"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "pro_de" in caught.value.details()
+    assert (await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id="pro_de"))).exited == 0
+    assert (await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id="pro"))).exited == 2
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.GetSegment(pb.GetSegmentRequest(id="pro"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert list((await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p1"))).segments) == []
+
+
+async def test_a_create_waiting_for_its_build_is_answered_when_an_update_replaces_the_build(service, profile):
+    await service.feed(change("p1", traits={"plan": "pro"}))
+    profile.gate = asyncio.Event()  # the first build waits for its backfill until the update replaces it
+    request = pb.CreateSegmentRequest(id="buyers", definition=text(BUYERS), wait=True)
+    creating = asyncio.ensure_future(service.stub.CreateSegment(request, timeout=3))
+    for _ in range(500):
+        if profile.defined:
+            break
+        await asyncio.sleep(0.01)
+    assert profile.defined, "the build never asked for its computed trait"
+    await service.stub.UpdateSegment(pb.UpdateSegmentRequest(id="buyers", definition=text('traits.plan = "pro"')))
+    segment = await creating
+    assert (segment.state, segment.version, segment.text, segment.size) == (LIVE, 2, 'traits.plan = "pro"', 1)
+
+
+async def test_get_and_list_segments(service):
+    await service.feed(change("p1", scores={"x": 2.0}))
+    await service.create("zeta", "scores.x > 1")
+    await service.create("alpha", "scores.x > 5", name="Alpha")
+    listed = await service.stub.ListSegments(pb.ListSegmentsRequest())
+    assert [(s.id, s.size) for s in listed.segments] == [("alpha", 0), ("zeta", 1)]
+    alpha = await service.stub.GetSegment(pb.GetSegmentRequest(id="alpha"))
+    assert alpha == listed.segments[0]
+    assert (alpha.name, alpha.text, alpha.state) == ("Alpha", "scores.x > 5", LIVE)
+
+
+# --- estimates ----------------------------------------------------------------------------------
+
+
+async def test_estimate_counts_without_creating(service):
+    await service.feed(*[change(f"p{i:02d}", scores={"clv": float(i)}) for i in range(30)])
+    estimate = await service.stub.Estimate(pb.EstimateRequest(definition=text("scores.clv>=25")))
+    assert (estimate.size, estimate.population) == (5, 30)
+    assert list(estimate.sample) == [f"p{i}" for i in range(25, 30)]
+    assert estimate.text == "scores.clv >= 25"
+    assert as_dict(estimate.tree) == {"field": "scores.clv", "op": ">=", "value": 25.0}
+    assert not estimate.time_dependent and estimate.evaluate_ms >= 0
+    assert list((await service.stub.ListSegments(pb.ListSegmentsRequest())).segments) == []
+    timed = await service.stub.Estimate(pb.EstimateRequest(definition=text("traits.trial_ends_at < now")))
+    assert timed.time_dependent and timed.size == 0
+
+
+async def test_estimate_of_an_event_condition_defines_its_computed_trait(service, profile):
+    await service.feed(change("p1"), change("p2"))
+    first = await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
+    [definition] = profile.defined
+    assert list(first.computed_traits) == [definition["name"]]
+    assert (definition["op"], definition["window"], definition["where"]) == ("count", "30d", {"total": {"$gt": 50}})
+    assert (first.size, first.population) == (0, 2)
+    await service.feed(change("p2", computed={definition["name"]: 3}))
+    second = await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
+    assert (second.size, list(second.sample)) == (1, ["p2"])
+
+
+async def test_event_conditions_need_the_profile_service(nats_server):
+    async with running(nats_server.url, None) as service:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "CDP_PROFILE_ADDRESS" in caught.value.details()
+
+
+# --- members ------------------------------------------------------------------------------------
+
+
+async def test_list_members_pages_in_person_order_with_page_tokens(service):
+    await service.feed(*[change(f"p{i:03d}", scores={"clv": 1.0}) for i in range(25)])
+    await service.create("all", "scores.clv > 0")
+    pages, token = [], ""
+    while True:
+        page = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="all", page_size=10, page_token=token))
+        assert page.total == 25
+        pages.append([m.person_id for m in page.members])
+        assert all(seconds(m.since) > 0 for m in page.members)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert [p for page in pages for p in page] == [f"p{i:03d}" for i in range(25)]
+    whole = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="all"))
+    assert len(whole.members) == 25 and not whole.next_page_token
+    exact = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="all", page_size=25))
+    assert len(exact.members) == 25 and not exact.next_page_token
+    after_last = base64.urlsafe_b64encode(b"p024").decode()
+    empty = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="all", page_token=after_last))
+    assert (list(empty.members), empty.next_page_token, empty.total) == ([], "", 25)
+
+
+async def test_get_membership_lists_a_persons_segments(service):
+    await service.feed(change("p1", traits={"plan": "pro"}, scores={"churn": 0.9}), change("p2"))
+    await service.create("risky", "scores.churn > 0.5")
+    await service.create("pro", 'traits.plan = "pro"')
+    await service.create("free", 'not traits.plan = "pro"')
+    membership = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p1"))
+    assert membership.person_id == "p1"
+    assert [m.segment_id for m in membership.segments] == ["pro", "risky"]
+    assert all(seconds(m.since) > 0 for m in membership.segments)
+    other = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p2"))
+    assert [m.segment_id for m in other.segments] == ["free"]
+    unknown = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="ghost"))
+    assert list(unknown.segments) == []
