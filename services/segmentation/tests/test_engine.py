@@ -409,3 +409,56 @@ async def test_threshold_segments_skipped_by_range_keep_exact_memberships(setup)
             if engine.segments[segment_id].compiled.evaluate(fields, want, T0):
                 want.add(segment_id)
         assert set(engine.membership(person)) == want, (seq, fields)
+
+
+async def test_standby_replicas_repeat_each_others_lifecycle_and_publish_each_transition_once(nats_server):
+    """Hot standby: two engines hold every partition (their own snapshots), share the segment store, and
+    tell each other about lifecycle calls; both publish, and JetStream keeps one copy of each transition."""
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="standby-test") as bus:
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engines: list[SegmentationEngine] = []
+
+        def announcer(index: int):
+            async def announce(what: str) -> None:
+                await engines[1 - index].reload(what)
+
+            return announce
+
+        for index in range(2):
+            engine = SegmentationEngine(
+                store,
+                bus.publisher,
+                partitions=1,
+                owned=[0],
+                telemetry=bus.telemetry,
+                snapshot_interval=3600,
+                timer_resolution=3600,
+                namespace=f"_r{index}",
+                announce=announcer(index),
+                clock=clock,
+            )
+            await engine.start()
+            engines.append(engine)
+        a, b = engines
+        try:
+            changes = [Delivery([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "free"})], 1)]
+            for engine in engines:
+                await engine.handle(changes)
+            await a.create("pro", parse('traits.plan = "pro"'))
+            await a.wait_live("pro")
+            await b.wait_live("pro")
+            for engine in engines:
+                await engine.handle([Delivery([change("p2", traits={"plan": "pro"}, at=T0 + 1)], 2)])
+            assert set(a.members["pro"]) == set(b.members["pro"]) == {"p1", "p2"}
+            await b.delete("pro")
+            assert "pro" not in a.segments and a.membership("p1") == {}
+            assert moves(await published(nats_server.url)) == [
+                ("p1", "pro", "enter", "created"),
+                ("p2", "pro", "enter", "event"),
+                ("p1", "pro", "exit", "deleted"),
+                ("p2", "pro", "exit", "deleted"),
+            ]
+        finally:
+            for engine in engines:
+                await engine.stop()
