@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 from google.protobuf import json_format
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_segmentation.domain import from_json, parse, to_json, to_text
 from cdp_segmentation.engine import BUILDING, FAILED, LIVE, Segment, SegmentationEngine, check_segment_id
 
@@ -39,8 +40,21 @@ def definition_node(definition: segmentation_pb2.Definition, field: str):
             raise InvalidArgument(f"{field}.text", f"{len(definition.text)} characters; at most {MAX_TEXT}")
         return parse(definition.text, field=f"{field}.text")
     if form == "tree":
-        return from_json(json_format.MessageToDict(definition.tree), field=f"{field}.tree")
+        return from_json(whole_numbers(json_format.MessageToDict(definition.tree)), field=f"{field}.tree")
     raise InvalidArgument(field, "is required: text (the readable form) or tree (the JSON form)")
+
+
+def whole_numbers(value: Any) -> Any:
+    """A protobuf Struct holds every number as a double: 50 arrives as 50.0. JSON does not tell them
+    apart, so a whole number is an int again, and a tree means what the same text means (the same
+    canonical text, and the same computed-trait names)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
 
 
 def _timestamp(message, seconds: float) -> None:
@@ -95,6 +109,12 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         segment = await self.engine.update(request.id, node, name=request.name, description=request.description)
         if node is not None:
             segment = await self.engine.wait_live(segment.id)
+            if segment.state == FAILED:
+                raise FailedPrecondition(
+                    f"the new definition could not be evaluated over the population ({segment.error}); "
+                    f"version {segment.version} stays live",
+                    reason="build_failed",
+                )
             entered, exited, sample_entered, sample_exited = segment.last_diff
         else:
             entered, exited, sample_entered, sample_exited = 0, 0, [], []
@@ -142,15 +162,17 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     async def ListMembers(
         self, request: segmentation_pb2.ListMembersRequest, context
     ) -> segmentation_pb2.ListMembersResponse:
-        check_segment_id(request.segment_id)
+        check_segment_id(request.segment_id, "segment_id")
         if request.page_size < 0 or request.page_size > MAX_PAGE:
             raise InvalidArgument("page_size", f"{request.page_size} is out of range: 0 (default) to {MAX_PAGE}")
         after = ""
         if request.page_token:
             try:
-                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+                after = base64.b64decode(request.page_token.encode(), altchars=b"-_", validate=True).decode()
             except (ValueError, UnicodeDecodeError):
-                raise InvalidArgument("page_token", "is not a token this service gave") from None
+                after = ""
+            if not after:
+                raise InvalidArgument("page_token", "is not a token this service gave")
         members, more, total = self.engine.list_members(
             request.segment_id, after=after, limit=request.page_size or DEFAULT_PAGE
         )

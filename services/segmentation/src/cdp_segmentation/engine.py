@@ -29,6 +29,7 @@ import hashlib
 import heapq
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ EXITED = "segments.exited"
 BUILDING, LIVE, FAILED = "building", "live", "failed"
 BUILT = "$built"  # checkpoint key: the definition version each segment's held memberships are of
 ANNOUNCE = "segmentation.segments.changed"
+SEGMENT_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 TIME = "$time"  # the pseudo-field every time-dependent segment reads
 CHUNK = 65_536  # rows per step of a whole-population run
 MAX_EVENTS_PER_MESSAGE = 1000
@@ -270,6 +272,7 @@ class SegmentationEngine:
         self._thawed.set()
         # One set per whole-population run under way: the persons changed meanwhile.
         self._touched: list[set[str]] = []
+        self._sorted_members: dict[str, tuple[float, list[str]]] = {}
         self._builds: dict[str, asyncio.Task] = {}
         self._lifecycle_lock = asyncio.Lock()
         self._snapshot_lock = asyncio.Lock()
@@ -979,10 +982,17 @@ class SegmentationEngine:
         return segment
 
     async def wait_live(self, segment_id: str) -> Segment:
-        task = self._builds.get(segment_id)
-        if task is not None:
-            await asyncio.shield(task)
-        return self.get(segment_id)
+        """The segment once it is no longer being built (live, or failed); across builds that replace
+        one another (an update while the create's build runs)."""
+        while True:
+            segment = self.get(segment_id)
+            if segment.state != BUILDING:
+                return segment
+            task = self._builds.get(segment_id)
+            if task is None:
+                await asyncio.sleep(0.02)  # the replacing build has not started yet
+            else:
+                await asyncio.wait({task})  # unlike awaiting it, does not raise when it is cancelled
 
     def _start_build(self, segment: Segment, *, reason: str) -> None:
         task = asyncio.create_task(self._build(segment, reason), name=f"build segment {segment.id}")
@@ -994,6 +1004,7 @@ class SegmentationEngine:
         current membership, go live."""
         version, compiled = segment.building_version, segment.definition
         touched: set[str] = set()
+        segment.last_diff = (0, 0, [], [])
         try:
             await self._prepare(compiled)
             await self._referenced_live(compiled)
@@ -1042,9 +1053,8 @@ class SegmentationEngine:
             raise
         except Exception as exc:
             log.error("segment %s could not be built: %r", segment.id, exc)
+            # FAILED; a definition that went live before keeps serving (`serving`).
             segment.state, segment.error, segment.pending = FAILED, str(getattr(exc, "message", exc)), None
-            if segment.serving:
-                segment.state = LIVE  # the previous definition keeps serving
             try:
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
             except Exception as store_exc:
@@ -1099,6 +1109,7 @@ class SegmentationEngine:
         """The computed traits the definition's event conditions need: defined on the profile service,
         backfilled there, and their values received here."""
         if not compiled.computed_traits:
+            await self.caught_up()  # what profile published before the call counts
             return
         if self.define_traits is None:
             raise FailedPrecondition(
@@ -1163,12 +1174,27 @@ class SegmentationEngine:
     # --- reads ------------------------------------------------------------------------------------
 
     def list_members(self, segment_id: str, *, after: str, limit: int) -> tuple[list[tuple[str, float]], bool, int]:
+        """A page of members in person id order, after `after`: (person, since) pairs, whether more follow,
+        and the members in all. Pages come from a sorted copy at most a second old, so paging a large
+        segment costs one sort, not one per page."""
         segment = self.get(segment_id)
         members = self.members.get(segment.id, set())
-        page = sorted(p for p in members if p > after)[: limit + 1] if after else sorted(members)[: limit + 1]
-        more = len(page) > limit
-        page = page[:limit]
-        return [(p, self.persons[p].members.get(segment.id, 0.0)) for p in page], more, len(members)
+        cached = self._sorted_members.get(segment.id)
+        now = time.monotonic()
+        if cached is None or now - cached[0] > 1.0 or not after:
+            cached = self._sorted_members[segment.id] = (now, sorted(members))
+        ordered = cached[1]
+        start = bisect.bisect_right(ordered, after) if after else 0
+        page: list[tuple[str, float]] = []
+        position = start
+        while position < len(ordered) and len(page) < limit:
+            person_id = ordered[position]
+            position += 1
+            person = self.persons.get(person_id)
+            since = person.members.get(segment.id) if person is not None else None
+            if since is not None:  # left since the copy was taken
+                page.append((person_id, since))
+        return page, position < len(ordered), len(members)
 
     def membership(self, person_id: str) -> dict[str, float]:
         person = self.persons.get(person_id)
@@ -1255,11 +1281,9 @@ def threshold(compiled: CompiledSegment) -> tuple[str, float] | None:
     return None
 
 
-def check_segment_id(segment_id: str) -> str:
-    import re
-
-    if not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", segment_id or ""):
+def check_segment_id(segment_id: str, field: str = "id") -> str:
+    if not SEGMENT_ID.fullmatch(segment_id or ""):
         raise InvalidArgument(
-            "id", f"{segment_id!r} must be 1-64 characters: a lowercase letter, then lowercase letters, digits, _ or -"
+            field, f"{segment_id!r} must be 1-64 characters: a lowercase letter, then lowercase letters, digits, _ or -"
         )
     return segment_id
