@@ -1227,28 +1227,39 @@ class SegmentationEngine:
                 if not dirty and not gone and not positions and not self._built_dirty:
                     return 0
                 self._dirty, self._gone, self._built_dirty = set(), set(), False
-                ops: list[Put | Delete] = [Delete(self.persons_collection, p) for p in gone - dirty]
+                # Copies, not JSON, while nothing may change: a shallow copy is enough (values are replaced,
+                # never changed in place) and costs a fraction of serialising, which happens below in chunks.
+                copies = []
                 for person_id in dirty:
                     person = self.persons.get(person_id)
                     if person is not None:
-                        state = {"fields": person.fields, "members": person.members, "seq": person.seq}
-                        state["t"] = person.evaluated_at
-                        ops.append(Put(self.persons_collection, person_id, {"state": orjson.dumps(state).decode()}))
+                        copies.append(
+                            (person_id, person.fields.copy(), person.members.copy(), person.seq, person.evaluated_at)
+                        )
                 at = self.clock()
                 built = {s.id: s.version for s in self.segments.values() if s.serving}
-                ops.extend(
-                    Put(self.checkpoints_collection, s, {"stream_seq": q, "at": at}) for s, q in positions.items()
-                )
-                ops.append(Put(self.checkpoints_collection, BUILT, {"versions": built}))
             finally:
                 self._thawed.set()
+            marks: list[Put | Delete] = [
+                *(Put(self.checkpoints_collection, s, {"stream_seq": q, "at": at}) for s, q in positions.items()),
+                Put(self.checkpoints_collection, BUILT, {"versions": built}),
+            ]
             # Persons first, positions last: a crash mid-way leaves persons newer than the positions, and
             # each person's own stream position makes the replay skip what it holds.
-            persons, marks = ops[: -len(positions) - 1], ops[-len(positions) - 1 :]
+            written = 0
             try:
-                for start in range(0, len(persons), chunk):
-                    await self.store.bulk_write(persons[start : start + chunk])
+                ops: list[Put | Delete] = [Delete(self.persons_collection, p) for p in gone - dirty]
+                for start in range(0, len(copies), chunk):
+                    for person_id, fields, members, seq, evaluated_at in copies[start : start + chunk]:
+                        state = {"fields": fields, "members": members, "seq": seq, "t": evaluated_at}
+                        ops.append(Put(self.persons_collection, person_id, {"state": orjson.dumps(state).decode()}))
+                    await self.store.bulk_write(ops)
+                    written += len(ops)
+                    ops = []
                     await asyncio.sleep(0)
+                if ops:
+                    await self.store.bulk_write(ops)
+                    written += len(ops)
                 await self.store.bulk_write(marks)
             except BaseException:
                 self._dirty |= {p for p in dirty if p in self.persons}
@@ -1256,7 +1267,7 @@ class SegmentationEngine:
                 self._built_dirty = True
                 raise
             self.snapshotted.update(positions)
-            return len(ops)
+            return written + len(marks)
 
 
 class _Absent:
