@@ -24,10 +24,11 @@ from cdp_kit.bus import (
     scores_stream,
 )
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.profile_fields import profile_fields
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_scoring.api import SCOPES, ScoringApi
-from cdp_scoring.engine import MODELS_CHANGED, ScoringEngine, profile_fields
+from cdp_scoring.engine import MODELS_CHANGED, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
 from cdp_scoring.settings import ScoringSettings
 

@@ -24,10 +24,11 @@ from cdp_kit.bus import (
     segments_stream,
 )
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.profile_fields import profile_fields
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
-from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine, profile_fields
+from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.settings import SegmentationSettings
 
 log = logging.getLogger("cdp.segmentation")

@@ -44,6 +44,7 @@ from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Delivery, OutMessage, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.profile_fields import change_fields
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_segmentation.domain import Columns, CompiledSegment, check_segment_graph, compile_segment, to_json, to_text
@@ -70,51 +71,6 @@ ProfileSource = Callable[[str], Awaitable[dict[str, Any] | None]]
 TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
 TraitWaiter = Callable[[Sequence[str]], Awaitable[None]]
 StreamEnds = Callable[[], Awaitable[dict[str, int]]]
-
-
-def value_to_python(value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        return value.number_value
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {k: value_to_python(v) for k, v in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [value_to_python(v) for v in value.list_value.values]
-    return None
-
-
-def change_fields(change: profile_pb2.ProfileChanged) -> dict[str, Any]:
-    """The flat field updates a profile change carries (None: the field is gone)."""
-    updates: dict[str, Any] = {}
-    for root, values in (("computed.", change.computed), ("traits.", change.traits)):
-        if values:
-            for name, value in values.items():
-                updates[root + name] = value_to_python(value)
-    if change.consent:
-        for key, granted in change.consent.items():
-            updates["consent." + key] = granted
-    if change.scores:
-        for name, score in change.scores.items():
-            updates["scores." + name] = score
-    return updates
-
-
-def profile_fields(profile: profile_pb2.Profile) -> dict[str, Any]:
-    """The flat fields of a whole profile (a person first seen mid-stream is read from the profile service)."""
-    fields: dict[str, Any] = {}
-    for name, trait in profile.traits.items():
-        fields["traits." + name] = value_to_python(trait.value)
-    for name, value in profile.computed.items():
-        fields["computed." + name] = value_to_python(value)
-    for key, consent in profile.consent.items():
-        fields["consent." + key] = consent.granted
-    for name, score in profile.scores.items():
-        fields["scores." + name] = score.value
-    return {k: v for k, v in fields.items() if v is not None}
 
 
 @dataclass(slots=True)
