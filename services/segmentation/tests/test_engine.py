@@ -94,12 +94,16 @@ class Profile:
 
     def __init__(self) -> None:
         self.defined: list[dict] = []
+        self.undefined: list[str] = []
 
     async def define(self, definitions) -> None:
         self.defined.extend(definitions)
 
     async def ready(self, names) -> None:
         assert set(names) <= {d["name"] for d in self.defined}
+
+    async def undefine(self, names) -> None:
+        self.undefined.extend(names)
 
 
 async def make_engine(store, bus, clock, profile=None) -> SegmentationEngine:
@@ -111,6 +115,7 @@ async def make_engine(store, bus, clock, profile=None) -> SegmentationEngine:
         telemetry=bus.telemetry,
         define_traits=profile.define if profile else None,
         traits_ready=profile.ready if profile else None,
+        undefine_traits=profile.undefine if profile else None,
         snapshot_interval=3600,
         timer_resolution=3600,
         clock=clock,
@@ -462,3 +467,20 @@ async def test_standby_replicas_repeat_each_others_lifecycle_and_publish_each_tr
         finally:
             for engine in engines:
                 await engine.stop()
+
+
+async def test_computed_traits_no_segment_reads_any_more_are_deleted_on_the_profile_service(setup):
+    engine, _store, _bus, _clock, profile = setup
+    shared = 'count("Order Completed", within 30d) >= 1'
+    await create(engine, "a", shared)
+    await create(engine, "b", f"{shared} and scores.x > 0.5")
+    await create(engine, "c", 'count("Login", within 14d) >= 1')
+    login = next(d["name"] for d in profile.defined if d["event_names"] == ["Login"])
+    orders = next(d["name"] for d in profile.defined if d["event_names"] == ["Order Completed"])
+    await engine.update("c", parse("scores.x > 0.9"))
+    await engine.wait_live("c")
+    assert profile.undefined == [login]  # c no longer counts logins
+    await engine.delete("a")
+    assert profile.undefined == [login]  # b still counts orders
+    await engine.delete("b")
+    assert profile.undefined == [login, orders]

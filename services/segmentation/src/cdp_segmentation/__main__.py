@@ -80,6 +80,16 @@ class ProfileClient:
                     reason="profile_unavailable",
                 ) from None
 
+    async def undefine(self, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                await self.stub.DeleteComputedTrait(
+                    profile_pb2.DeleteComputedTraitRequest(name=name), metadata=self.metadata, timeout=10.0
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise Unavailable(f"profile service: {exc.code().name} {exc.details()}") from None
+
     async def ready(self, names: Sequence[str], timeout: float = 600.0) -> None:
         """Wait until the profile service has backfilled every named computed trait."""
         wanted = set(names)
@@ -155,6 +165,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         profile_source=profile.fields if profile else None,
         define_traits=profile.define if profile else None,
         traits_ready=profile.ready if profile else None,
+        undefine_traits=profile.undefine if profile else None,
         stream_ends=stream_ends,
         snapshot_interval=settings.snapshot_interval,
         timer_resolution=settings.timer_resolution,

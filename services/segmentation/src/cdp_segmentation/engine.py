@@ -174,6 +174,7 @@ class SegmentationEngine:
         profile_source: ProfileSource | None = None,
         define_traits: TraitDefiner | None = None,
         traits_ready: TraitWaiter | None = None,
+        undefine_traits: Callable[[Sequence[str]], Awaitable[None]] | None = None,
         stream_ends: StreamEnds | None = None,
         snapshot_interval: float = 10.0,
         timer_resolution: float = 0.25,
@@ -188,6 +189,7 @@ class SegmentationEngine:
         self.profile_source = profile_source
         self.define_traits = define_traits
         self.traits_ready = traits_ready
+        self.undefine_traits = undefine_traits
         self.stream_ends = stream_ends
         self.snapshot_interval = snapshot_interval
         self.timer_resolution = timer_resolution
@@ -868,6 +870,7 @@ class SegmentationEngine:
             version, at = segment.building_version + 1, self.clock()
             exited = await self._drop(segment_id, version=version, at=at)
             await self.store.delete(SEGMENTS, segment_id)
+            await self._release_traits(segment.compiled, segment.definition)
         await self._announce({"segment": segment_id, "deleted": {"version": version, "at": at}})
         log.info("segment deleted", extra={"segment": segment_id, "exited": exited})
         return exited
@@ -894,6 +897,21 @@ class SegmentationEngine:
         self._reindex()
         await self.snapshot()
         return exited
+
+    async def _release_traits(self, *definitions: CompiledSegment) -> None:
+        """Delete on the profile service the computed traits of these definitions that no segment reads any
+        more (best effort: a trait left behind costs the profile service work, not correctness)."""
+        if self.undefine_traits is None:
+            return
+        names = {t["name"] for compiled in definitions for t in compiled.computed_traits}
+        for segment in self.segments.values():
+            for compiled in (segment.compiled, segment.definition):
+                names -= {t["name"] for t in compiled.computed_traits}
+        if names:
+            try:
+                await self.undefine_traits(sorted(names))
+            except Exception as exc:
+                log.warning("could not delete computed traits %s on the profile service: %r", sorted(names), exc)
 
     async def _announce(self, what: Mapping[str, Any]) -> None:
         if self.announce is not None:
@@ -990,6 +1008,7 @@ class SegmentationEngine:
                         person.members[segment.id] = segment.updated_at
                         self._dirty.add(person_id)
                 self.members[segment.id] = new
+                replaced = segment.compiled
                 segment.serve(compiled, version)
                 segment.pending = None
                 segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
@@ -1001,6 +1020,8 @@ class SegmentationEngine:
                 await self._reevaluate(touched | set(entered) | set(exited), segment)
                 await self.snapshot()
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
+                if replaced is not compiled:
+                    await self._release_traits(replaced)
             log.info(
                 "segment live",
                 extra={"segment": segment.id, "version": version, "entered": len(entered), "exited": len(exited)},
