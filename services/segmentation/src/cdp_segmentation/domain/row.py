@@ -180,7 +180,7 @@ def flip_time(test: TimeTest, record: Mapping[str, Any], now: float) -> float | 
     the evaluators use, so evaluating at the returned instant does give the other outcome.
     """
     assert test.offset is not None
-    seconds = epoch(_getter(test.field, test.sub)(record))
+    seconds = epoch(record.get(test.field) if not test.sub else _getter(test.field, test.sub)(record))
     if seconds is None:
         return None
     compare, offset = COMPARE[test.op], test.offset

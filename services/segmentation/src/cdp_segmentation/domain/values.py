@@ -91,6 +91,8 @@ def epoch_of_text(text: str) -> float | None:
 
 def epoch(value: Any) -> float | None:
     """The value as epoch seconds (see the module docstring), None when it is no time."""
+    if value.__class__ is float and value - value == 0.0:  # a finite float: the common case, no calls
+        return value / 1000.0 if abs(value) > MILLISECONDS_ABOVE else value
     if isinstance(value, str):
         return epoch_of_text(value)
     as_number = number(value)
