@@ -39,7 +39,7 @@ from cdp.identity.v1 import identity_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
@@ -149,7 +149,7 @@ class ProfileEngine:
         self._failed = False
         self._expiries: list[tuple[float, str]] = []
         self._expiry_due: dict[str, float] = {}
-        self._partition_cache: dict[str, int] = {}
+        self._partition = Partitioner(partitions)
         self._tasks: list[asyncio.Task] = []
         self._publishing: set[str] = set()  # partitions between their commit and their publish
         self._scrub: set[str] = set()  # checkpoints to clear of change messages once those are published
@@ -267,12 +267,6 @@ class ProfileEngine:
             and person not in self.deleted
             and person not in self.versions
         )
-
-    def _partition(self, person: str) -> int:
-        partition = self._partition_cache.get(person)
-        if partition is None:
-            partition = self._partition_cache[person] = partition_for(person, self.partitions)
-        return partition
 
     def root(self, person: str) -> str:
         seen = 0

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.profile_fields import change_fields
 from cdp_kit.storage import Delete, Put, Store
@@ -128,7 +128,7 @@ class ScoringEngine:
         self._round: list[tuple[dict[str, set[str]], dict[str, float], set[str], asyncio.Future]] = []
         self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._partition_cache: dict[str, int] = {}
+        self._partition = Partitioner(partitions)
         meter = telemetry.meter
         self._m_rows = meter.create_counter("cdp_scoring_rows_total", description="rows scored, by model and role")
         self._m_published = meter.create_counter(
@@ -199,14 +199,6 @@ class ScoringEngine:
                     applied += 1
             self.applied[subject] = seq
         return applied
-
-    def _partition(self, person: str) -> int:
-        partition = self._partition_cache.get(person)
-        if partition is None:
-            if len(self._partition_cache) > 1_000_000:
-                self._partition_cache.clear()
-            partition = self._partition_cache[person] = partition_for(person, self.partitions)
-        return partition
 
     async def _load_session(self, version: Version) -> LoadedModel:
         key = (version.spec.name, version.version)

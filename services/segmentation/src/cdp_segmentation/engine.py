@@ -42,7 +42,7 @@ from opentelemetry.metrics import Observation
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.profile_fields import change_fields
 from cdp_kit.storage import Delete, Put, Store
@@ -236,7 +236,7 @@ class SegmentationEngine:
         self._snapshot_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self._built_dirty = False
-        self._partition_cache: dict[str, int] = {}
+        self._partition = Partitioner(partitions)
         meter = telemetry.meter
         self._m_transitions = meter.create_counter(
             "cdp_segmentation_transitions_total", description="membership transitions published, by direction"
@@ -350,14 +350,6 @@ class SegmentationEngine:
             await self.snapshot()
         except Exception as exc:  # the next start replays further back instead; nothing is lost
             log.warning("final snapshot failed: %r", exc)
-
-    def _partition(self, person: str) -> int:
-        partition = self._partition_cache.get(person)
-        if partition is None:
-            if len(self._partition_cache) > 1_000_000:
-                self._partition_cache.clear()
-            partition = self._partition_cache[person] = partition_for(person, self.partitions)
-        return partition
 
     # --- the index: which segments a field change can move ---------------------------------------
 

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
 from cdp_kit.bus.consumer import ConsumerRunner, ConsumerSpec, Delivery, Handler, delivered_since
-from cdp_kit.bus.partition import owned_partitions, partition_for, partition_subject
+from cdp_kit.bus.partition import Partitioner, owned_partitions, partition_for, partition_subject
 from cdp_kit.bus.publisher import OutMessage, Publisher, PubResult
 from cdp_kit.bus.streams import (
     StreamSpec,
@@ -132,6 +132,7 @@ __all__ = [
     "ConsumerSpec",
     "Delivery",
     "OutMessage",
+    "Partitioner",
     "PubResult",
     "Publisher",
     "StreamSpec",

@@ -39,3 +39,26 @@ def owned_partitions(partitions: int, ordinal: int, replicas: int) -> list[int]:
     if not 0 <= ordinal < replicas:
         raise ValueError(f"ordinal {ordinal} outside 0..{replicas - 1}")
     return [p for p in range(partitions) if p % replicas == ordinal]
+
+
+class Partitioner:
+    """`partition_for` with a cache: the partition of each key seen lately, for services that look up
+    the same persons' partitions over and over (FNV-1a in Python is the costly part). The cache is
+    bounded: past `limit` keys it starts again."""
+
+    __slots__ = ("_cache", "limit", "partitions")
+
+    def __init__(self, partitions: int, *, limit: int = 1_000_000) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        self.partitions = partitions
+        self.limit = limit
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, key: str) -> int:
+        partition = self._cache.get(key)
+        if partition is None:
+            if len(self._cache) >= self.limit:
+                self._cache.clear()
+            partition = self._cache[key] = partition_for(key, self.partitions)
+        return partition
