@@ -47,7 +47,15 @@ from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from cdp_kit.profile_fields import change_fields
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
-from cdp_segmentation.domain import Columns, CompiledSegment, check_segment_graph, compile_segment, to_json, to_text
+from cdp_segmentation.domain import (
+    Columns,
+    CompiledSegment,
+    check_segment_graph,
+    compile_segment,
+    from_json,
+    to_json,
+    to_text,
+)
 from cdp_segmentation.domain.plan import NumberTest, Test
 from cdp_segmentation.domain.values import number
 
@@ -319,8 +327,6 @@ class SegmentationEngine:
                 self._start_build(segment, reason="created" if not segment.serving else "updated")
 
     def _segment_from_doc(self, segment_id: str, doc: Mapping[str, Any]) -> Segment:
-        from cdp_segmentation.domain import from_json
-
         compiled = compile_segment(from_json(orjson.loads(doc["tree"])))
         pending = None
         if doc.get("pending"):
@@ -574,11 +580,9 @@ class SegmentationEngine:
             except DecodeError as exc:
                 delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
                 continue
-            for change in message.changes:
-                at = change.at.seconds + change.at.nanos / 1e9
-                if at < oldest:
-                    oldest = at
-            await self._apply_message(partition, delivery.stream_seq, message, now, transitions)
+            applied_at = await self._apply_message(partition, delivery.stream_seq, message, now, transitions)
+            if applied_at < oldest:
+                oldest = applied_at
         self.applied[subject] = max(self.applied.get(subject, 0), batch[-1].stream_seq)
         if transitions:
             await self._publish_or_keep(subject, self._messages(partition, transitions))
@@ -601,8 +605,11 @@ class SegmentationEngine:
         message: profile_pb2.ProfileChangedBatch,
         now: float,
         out: list[Transition],
-    ) -> None:
+    ) -> float:
+        """Apply one stream message, evaluating what its changes move; the time of its oldest change
+        applied (infinity: none)."""
         cause = f"s{partition}.{seq}"
+        oldest = math.inf
         applying: set[str] = set()  # persons this message is being applied to (one may have several changes)
         for index, change in enumerate(message.changes):
             person_id = change.person_id
@@ -613,6 +620,8 @@ class SegmentationEngine:
                 continue  # this person's state already includes the message (snapshotted after it)
             applying.add(person_id)
             at = change.at.seconds + change.at.nanos / 1e9
+            if at < oldest:
+                oldest = at
             if change.removed:
                 if person is not None:
                     self._remove(person_id, person, at=at, cause=f"{cause}.{index}", out=out)
@@ -649,6 +658,7 @@ class SegmentationEngine:
                         cause=f"{cause}.{index}",
                         out=out,
                     )
+        return oldest
 
     @staticmethod
     def _apply(person: _Person, updates: Mapping[str, Any]) -> dict[str, Any]:
