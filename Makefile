@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 GRPC_TOOLS_VERSION := 1.85.1
 PROTO_OUT := libs/cdp-protos/src
 
-.PHONY: help env up status test test-fast proto proto-check lint models bench bench-% deploy-check clean
+.PHONY: help env lock lock-check up status test test-fast proto proto-check lint models bench bench-% deploy-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,13 +20,18 @@ $(UV):
 	python3 -m venv .tools
 	.tools/bin/pip install --disable-pip-version-check -q uv==$(UV_VERSION)
 
-$(VENV)/.synced: $(UV) pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
-	$(UV) sync --all-packages --frozen
+# uv.lock is an input, never an output: only `make lock` rewrites it. The uv binary is an order-only
+# prerequisite, so installing it (a newer file) never re-syncs or re-locks anything.
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml) | $(UV)
+	@$(MAKE) --no-print-directory lock-check
+	$(UV) sync --all-packages --locked
 	@touch $@
 
-uv.lock: $(UV) pyproject.toml $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+lock-check: | $(UV) ## fail when uv.lock no longer matches the pyproject.toml files
+	@$(UV) lock --check -q || { echo "uv.lock is out of date with the pyproject.toml files: run \`make lock\` and commit uv.lock" >&2; exit 1; }
+
+lock: | $(UV) ## re-resolve uv.lock after changing dependencies in a pyproject.toml (then commit it)
 	$(UV) lock
-	@touch $@
 
 env: $(VENV)/.synced ## create the environment (.venv) from uv.lock
 
