@@ -220,3 +220,31 @@ async def test_a_plaintext_health_port_answers_probes_and_nothing_else():
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await collector_pb2_grpc.CollectorServiceStub(channel).Collect(collector_pb2.CollectRequest())
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_body_that_is_not_the_request_is_rejected_by_auth_first_then_as_invalid(tokens):
+    path, t = tokens
+    servicer = Behaviour()
+    async with serving(settings(auth_mode="tokens", auth_tokens_file=path), setup_with(servicer)) as rt:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc.port}") as channel:
+            # A generic call: the bytes go out as they are, whatever the method expects.
+            raw = channel.unary_unary(
+                "/cdp.collector.v1.CollectorService/Collect", request_serializer=None, response_deserializer=None
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await raw(b"\xff\xff garbage")
+            with pytest.raises(grpc.aio.AioRpcError) as garbage:
+                await raw(b"\xff\xff garbage", metadata=[("authorization", f"Bearer {t['writer']}")])
+
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert garbage.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cdp.collector.v1.CollectRequest" in garbage.value.details()
+    assert "class" not in garbage.value.details() and "Error" not in garbage.value.details()
+    violations = []
+    for detail in rpc_status.from_call(garbage.value).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            violations += [v.field for v in request.field_violations]
+    assert violations == ["request"]
+    assert servicer.callers == []

@@ -1,6 +1,7 @@
-"""The grpc.aio server interceptor: caller authentication, tracing, metrics + access log, error mapping.
+"""The grpc.aio server interceptor: caller authentication, request decoding, tracing, metrics + access log,
+error mapping.
 
-One interceptor does all four, in one wrapper per method, because every service pays it on every call:
+One interceptor does all of it, in one wrapper per method, because every service pays it on every call:
 four stacked interceptors cost four `intercept_service` awaits and four wrapper coroutines per call, and
 each re-read the metadata and the status. What a call goes through, outermost first:
 
@@ -10,6 +11,16 @@ each re-read the metadata and the status. What a call goes through, outermost fi
     errors  CdpError -> its gRPC status with google.rpc details; anything else -> INTERNAL naming only the
             trace id. Sits outside auth, so an authentication failure is mapped like any domain error
     auth    bearer token and the method's scope (PUBLIC methods skip it); `current_caller()` for the handler
+    decode  the request body becomes the method's request message only now, after authentication: a caller
+            without a token gets UNAUTHENTICATED for whatever bytes it sent, and bytes that are not the
+            request message are INVALID_ARGUMENT naming the message type
+
+grpc.aio decodes a request before any handler runs and answers a body that fails to parse with UNKNOWN
+"Unexpected <class ...>": a Python class name on the wire, no span, no metric, and the decoding done for
+callers nobody authenticated. So a wrapped method's handler is registered without a request deserializer
+(grpc hands over the raw bytes) and the method's own deserializer runs inside the wrapper. For streamed
+requests the wrapper decodes each message as the handler iterates; `context.read()` in such a handler would
+see raw bytes, so cdp handlers iterate their requests instead.
 
 Health and reflection are left alone: probes carry no token, and their spans and metrics would be noise.
 
@@ -103,10 +114,23 @@ def status_for(error: CdpError) -> status_pb2.Status:
 class _Method:
     """What is fixed per method, worked out once: span name and attributes, metric attributes, scope."""
 
-    __slots__ = ("_by_status", "name", "ok_attributes", "scope", "span_attributes", "span_name")
+    __slots__ = (
+        "_by_status",
+        "_deserializer",
+        "name",
+        "ok_attributes",
+        "request_type",
+        "scope",
+        "span_attributes",
+        "span_name",
+    )
 
-    def __init__(self, name: str, scope: str | None) -> None:
+    def __init__(self, name: str, scope: str | None, deserializer=None) -> None:
         self.name = name  # "/pkg.Service/Method", as metrics and logs name it
+        self._deserializer = deserializer  # None: the handler takes the raw bytes
+        # Generated stubs register `Message.FromString`, bound to the message class.
+        descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+        self.request_type = getattr(descriptor, "full_name", None) or "request message"
         self.span_name = name.lstrip("/")
         service, _, rpc = self.span_name.partition("/")
         # Nothing changes these dicts (the SDK copies span attributes), so one per method and status serves
@@ -115,6 +139,25 @@ class _Method:
         self.scope = scope  # None: no authentication for this method
         self._by_status: dict[str, dict[str, str]] = {}
         self.ok_attributes = self.metric_attributes("OK")
+
+    def decode(self, raw):
+        """The request message `raw` encodes; InvalidArgument when it encodes none. Whatever the parser
+        raised stays out of the answer: its class and text describe the library, not the caller's error."""
+        if self._deserializer is None:
+            return raw
+        try:
+            return self._deserializer(raw)
+        except Exception:
+            raise InvalidArgument(
+                "request",
+                f"the body does not parse as a {self.request_type}; send that message, protobuf-encoded",
+                reason="undecodable_request",
+            ) from None
+
+    async def decode_each(self, raw_requests):
+        """The streamed requests, each decoded as the handler asks for it."""
+        async for raw in raw_requests:
+            yield self.decode(raw)
 
     def metric_attributes(self, status: str) -> dict[str, str]:
         attributes = self._by_status.get(status)
@@ -158,7 +201,8 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             if handler is None:
                 return None  # unknown method; not cached, so made-up names cannot grow the cache
             if method.lstrip("/").partition("/")[0] not in OPEN_SERVICES:
-                handler = self._wrap(_Method(method, self._scope_for(method)), handler)
+                wrapped = _Method(method, self._scope_for(method), handler.request_deserializer)
+                handler = self._wrap(wrapped, handler)
             self._handlers[method] = handler
         return handler
 
@@ -169,17 +213,21 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
         return None if scope == PUBLIC else scope
 
     def _wrap(self, method: _Method, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # Without a deserializer grpc passes the raw bytes: the wrapper decodes them after authentication.
+        handler = handler._replace(request_deserializer=None)
+        streamed = handler.request_streaming
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._around(method, handler.unary_unary))
+            return handler._replace(unary_unary=self._around(method, handler.unary_unary, streamed))
         if handler.stream_unary is not None:
-            return handler._replace(stream_unary=self._around(method, handler.stream_unary))
+            return handler._replace(stream_unary=self._around(method, handler.stream_unary, streamed))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._around_stream(method, handler.unary_stream))
-        return handler._replace(stream_stream=self._around_stream(method, handler.stream_stream))
+            return handler._replace(unary_stream=self._around_stream(method, handler.unary_stream, streamed))
+        return handler._replace(stream_stream=self._around_stream(method, handler.stream_stream, streamed))
 
-    def _around(self, method: _Method, behaviour):
+    def _around(self, method: _Method, behaviour, streamed: bool):
         """The handler of a method with a single response (unary-unary, stream-unary)."""
         start, authenticate, fail, finish = self._start, self._authenticate, self._fail, self._finish
+        decode = method.decode_each if streamed else method.decode
 
         async def around(request, context):
             span, attached, authorization = start(method, context)
@@ -189,7 +237,7 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if method.scope is not None:
                     caller = authenticate(method, authorization)
-                response = await behaviour(request, context)
+                response = await behaviour(decode(request), context)
                 failed = False
                 return response
             except grpc.aio.AbortError:
@@ -203,11 +251,12 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
 
         return around
 
-    def _around_stream(self, method: _Method, behaviour):
+    def _around_stream(self, method: _Method, behaviour, streamed: bool):
         """The handler of a method with streamed responses (unary-stream, stream-stream). grpc.aio tells
         async from sync handlers by the function's kind, so this is an async generator function whatever
         `behaviour` is: an async generator, a sync generator, or a coroutine writing via `context.write`."""
         start, authenticate, fail, finish = self._start, self._authenticate, self._fail, self._finish
+        decode = method.decode_each if streamed else method.decode
 
         async def around_stream(request, context):
             span, attached, authorization = start(method, context)
@@ -217,7 +266,7 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             try:
                 if method.scope is not None:
                     caller = authenticate(method, authorization)
-                result = behaviour(request, context)
+                result = behaviour(decode(request), context)
                 if hasattr(result, "__aiter__"):
                     async for response in result:
                         yield response
