@@ -6,6 +6,7 @@ import pytest
 
 from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream
 from cdp_kit.bus import consumer as consumer_module
+from cdp_kit.errors import InvalidArgument
 
 
 @pytest.fixture
@@ -234,3 +235,87 @@ async def test_an_ordered_consumer_resumes_with_what_its_dead_owner_left_unackno
     await until(lambda: len(handled) >= 6)
     await stop(task)
     assert handled == [0, 1, 2, 3, 4, 5]
+
+
+# --- one bad message among many -------------------------------------------------------------------
+
+
+class Applied:
+    """A handler as the contract wants it: applies a batch completely or not at all (raising), so what
+    it applied shows exactly which messages the runner got handled, in which order, and how often."""
+
+    def __init__(self, poison=(), fail_first_calls=0):
+        self.poison = set(poison)
+        self.fail_first_calls = fail_first_calls
+        self.calls = 0
+        self.applied: list[int] = []
+
+    async def __call__(self, batch):
+        self.calls += 1
+        if self.calls <= self.fail_first_calls:
+            raise ConnectionError("store at db.internal:27017 is down")
+        values = [int(d.data) for d in batch]
+        for value in values:
+            if value in self.poison:
+                raise InvalidArgument("traits.email", f"ada{value}@example.com is not deliverable")
+        self.applied.extend(values)
+
+
+async def dead_letter_count(bus):
+    return (await bus.js.stream_info("DLQ")).state.messages
+
+
+async def everything_settled(bus):
+    info = await bus.js.consumer_info("EVENTS_RAW", "t")
+    return info.num_ack_pending == 0 and info.num_pending == 0
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_one_poison_message_in_a_batch_of_100_costs_only_itself(bus, ordered, caplog):
+    await publish(bus, 100)  # all there before the consumer starts: one batch
+    handler = Applied(poison={37})
+    task = await run(bus.consumer(spec(batch_size=100, max_deliver=3, ordered=ordered), handler))
+    letters = await dead_letters(bus, 1)
+    await until(lambda: len(handler.applied) == 99)
+    await asyncio.sleep(0.3)  # anything else about to be dead-lettered would be by now
+    await stop(task)
+    assert handler.applied == [i for i in range(100) if i != 37]
+    assert await dead_letter_count(bus) == 1
+    assert letters[0].data == b"37"
+    assert letters[0].headers[consumer_module.DLQ_REASON] == "handler_error"
+    assert "InvalidArgument" in letters[0].headers[consumer_module.DLQ_DETAIL]
+    assert await everything_settled(bus)
+    # Logs name the consumer, positions, the exception type and the field - never the value.
+    assert "traits.email" in caplog.text and "InvalidArgument" in caplog.text
+    logged = caplog.text + " ".join(str(r.__dict__) for r in caplog.records)
+    assert "example.com" not in logged
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_a_failure_of_every_message_that_heals_dead_letters_nothing(bus, ordered, caplog):
+    """The store is down for a while: the batch is split, every part fails, the runner sees two
+    neighbours fail on their own and waits rather than blaming a message."""
+    await publish(bus, 100)
+    handler = Applied(fail_first_calls=14)
+    task = await run(bus.consumer(spec(batch_size=100, max_deliver=3, ordered=ordered), handler))
+    await until(lambda: len(handler.applied) == 100)
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert handler.applied == list(range(100))
+    assert await dead_letter_count(bus) == 0
+    assert await everything_settled(bus)
+    assert "db.internal" not in caplog.text and "ConnectionError" in caplog.text
+
+
+async def test_bad_messages_at_the_head_side_by_side_and_at_the_tail_are_each_isolated(bus):
+    await publish(bus, 100)
+    handler = Applied(poison={0, 1, 99})
+    task = await run(bus.consumer(spec(batch_size=100, max_deliver=3, ordered=True), handler))
+    letters = await dead_letters(bus, 3)
+    await until(lambda: len(handler.applied) == 97)
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert handler.applied == list(range(2, 99))
+    assert sorted(int(m.data) for m in letters) == [0, 1, 99]
+    assert await dead_letter_count(bus) == 3
+    assert await everything_settled(bus)

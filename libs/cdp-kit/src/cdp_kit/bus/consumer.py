@@ -12,10 +12,39 @@ returned (its effect is durable by then), retry with backoff, dead-letter with t
 
 Outcomes per message: acknowledged (default), `retry(reason, delay)` (redelivered later), or
 `reject(reason, detail)` (published to `dlq.<stream>.<durable>` with the reason in headers, then
-terminated). A handler that raises retries the whole batch with exponential backoff; on the last
-allowed delivery each message goes to the dead-letter stream with the exception as the reason instead.
-A message whose deliveries run out without any outcome (the process kept crashing on it) is copied to
-the dead-letter stream from the server's max-deliveries advisory.
+terminated). A message whose deliveries run out without any outcome (the process kept crashing on it) is
+copied to the dead-letter stream from the server's max-deliveries advisory.
+
+The handler contract: a handler may be called again with messages it has already seen, in part or in
+whole (a failed batch is retried and split, a crash redelivers everything unacknowledged), and must skip
+what it has already applied - the partition engines do so by stream position. Everything below relies
+on that.
+
+A handler that raises. One bad message must not cost its neighbours, and a store that is down must not
+empty the stream into the dead-letter stream. The rule:
+
+- A batch of one message that fails is retried with backoff (in place for an ordered consumer, by
+  redelivery otherwise) and dead-lettered on its last allowed delivery: there is no neighbour to tell a
+  bad message from a broken store.
+- A batch of several that fails is split in halves, in place; the first half is handled completely
+  (and acknowledged) before the second, and a failing half is split again, down to single messages. So
+  stream order holds for what is handled, and every message that can be handled is.
+- A single message that fails there is retried in place with backoff, up to `max_deliver` attempts
+  (the rest of the batch is kept from redelivery meanwhile). If it still fails it becomes the *suspect*
+  and the runner goes on with the next part: if that part is handled, the suspect's failure was its own
+  and it is dead-lettered with its reason (the exception type and message) - the handled part is the
+  proof, so a healthy store never loses more than the bad message. The last message of a batch has no
+  next part: like a batch of one, it is dead-lettered after its retries.
+- If the message after the suspect fails too, two neighbours fail on their own: that is the store (or
+  whatever the handler needs), not a message. Nothing is dead-lettered; the runner waits the longest
+  backoff and starts again with everything of the batch not yet handled, as one batch. Only after
+  `max_deliver` such rounds without progress is the suspect dead-lettered (a run of bad messages, or an
+  outage that long, must not hold the partition forever); an outage therefore costs at most one message
+  per `max_deliver` rounds rather than every batch it touches.
+
+Logs name the consumer, positions and the exception type (and an `InvalidArgument`'s field), never the
+exception's text: service exceptions quote identifiers. The dead-letter header keeps a capped detail
+(the dead-letter stream holds the payload anyway).
 """
 
 from __future__ import annotations
@@ -34,8 +63,9 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from cdp_kit.errors import InvalidArgument
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
 
 log = logging.getLogger("cdp.bus")
@@ -48,6 +78,20 @@ DLQ_SEQ = "Cdp-Dlq-Stream-Seq"
 DLQ_CONSUMER = "Cdp-Dlq-Consumer"
 DLQ_DELIVERIES = "Cdp-Dlq-Deliveries"
 DLQ_TIME = "Cdp-Dlq-Time"
+DLQ_DETAIL_MAX = 512
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception as a log may show it: its type, and for bad input the field - never its text,
+    which quotes identifier values (e-mail addresses, user ids)."""
+    if isinstance(exc, InvalidArgument):
+        return f"{type(exc).__name__} (field {exc.field})"
+    return type(exc).__name__
+
+
+def _halves(msgs: list[Msg]) -> list[list[Msg]]:
+    middle = len(msgs) // 2
+    return [msgs[:middle], msgs[middle:]]
 
 
 @dataclass(frozen=True)
@@ -327,15 +371,79 @@ class ConsumerRunner:
         return msgs
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        attempts = self.spec.max_deliver if self.spec.ordered else 1
-        for attempt in range(1, attempts + 1):
-            deliveries, error = await self._attempt(msgs)
-            if error is None or attempt == attempts:
-                break
-            # Ordered: the same batch again after a pause, before anything newer; the messages are kept
-            # from redelivery meanwhile.
-            await self._hold(msgs, self.spec.delay_after(attempt))
-        await self._settle(deliveries, error, final=self.spec.ordered)
+        deliveries, error = await self._attempt(msgs)
+        if error is None:
+            await self._settle(deliveries, None, final=self.spec.ordered)
+        elif len(msgs) > 1:
+            await self._isolate(msgs)
+        elif self.spec.ordered:
+            # The same message again after a pause, before anything newer.
+            deliveries, error = await self._retry_in_place(msgs, msgs, tried=1)
+            await self._settle(deliveries, error, final=True)
+        else:
+            await self._settle(deliveries, error)  # redelivered later, or dead-lettered on its last delivery
+
+    async def _retry_in_place(
+        self, part: list[Msg], unsettled: list[Msg], *, tried: int = 0
+    ) -> tuple[list[Delivery], BaseException | None]:
+        """Attempt `part` until it succeeds or `max_deliver` attempts have failed, pausing with backoff
+        between attempts while keeping every unsettled message of the batch from redelivery."""
+        attempt = tried
+        while True:
+            if attempt:
+                await self._hold(unsettled, self.spec.delay_after(attempt))
+            deliveries, error = await self._attempt(part)
+            attempt += 1
+            if error is None or attempt >= self.spec.max_deliver:
+                return deliveries, error
+
+    async def _isolate(self, msgs: list[Msg]) -> None:
+        """Handle a batch the handler raised on, part by part, so only messages that fail on their own
+        are dead-lettered (the rule is in the module docstring)."""
+        parts = _halves(msgs)[::-1]  # a stack: the next part, in stream order, is on top
+        unsettled = list(msgs)
+        suspect: tuple[Delivery, BaseException] | None = None
+        rounds = 0  # restarts since the batch last made progress
+
+        async def done(deliveries: list[Delivery], error: BaseException | None) -> None:
+            await self._settle(deliveries, error, final=True if error is not None else self.spec.ordered)
+            settled = {id(d.msg) for d in deliveries}
+            unsettled[:] = [m for m in unsettled if id(m) not in settled]
+
+        while parts:
+            part = parts.pop()
+            if len(part) == 1 and suspect is None:
+                deliveries, error = await self._retry_in_place(part, unsettled)
+            else:
+                deliveries, error = await self._attempt(part)
+            if error is None:
+                if suspect is not None:
+                    # Its neighbour is handled, it is not: the failure is the message's own.
+                    await done([suspect[0]], suspect[1])
+                    suspect = None
+                await done(deliveries, None)
+                rounds = 0
+            elif len(part) > 1:
+                parts.extend(_halves(part)[::-1])
+            elif suspect is None:
+                suspect = (deliveries[0], error)
+            else:
+                # Two neighbours failing on their own: the handler's dependencies are down. Wait, then
+                # everything not yet handled again, as one batch.
+                rounds += 1
+                if rounds >= self.spec.max_deliver:
+                    await done([suspect[0]], suspect[1])
+                    rounds = 0
+                log.warning(
+                    "handler of %s fails on consecutive messages; retrying the rest of the batch",
+                    self.spec.durable,
+                    extra={"round": rounds, "unsettled": len(unsettled)},
+                )
+                suspect = None
+                await self._hold(unsettled, self.spec.backoff[-1])
+                parts = [list(unsettled)]
+        if suspect is not None:  # the batch's last message: nothing after it to compare with
+            await done([suspect[0]], suspect[1])
 
     async def _hold(self, msgs: list[Msg], delay: float) -> None:
         step = max(0.05, min(delay, self.spec.ack_wait / 3))
@@ -380,8 +488,15 @@ class ConsumerRunner:
                 raise
             except Exception as exc:
                 error = exc
-                span.record_exception(exc)
-                log.warning("handler of %s failed on %d messages: %r", self.spec.durable, len(msgs), exc)
+                # The type only: exception text quotes identifiers, and spans are exported like logs.
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                log.warning(
+                    "handler of %s failed on %d messages (from position %d): %s",
+                    self.spec.durable,
+                    len(msgs),
+                    deliveries[0].stream_seq,
+                    describe_error(exc),
+                )
         self._m_latency.record((time.perf_counter() - started) * 1000, self._attrs)
         return deliveries, error
 
@@ -394,7 +509,7 @@ class ConsumerRunner:
                 last_try = final or d.num_delivered >= self.spec.max_deliver
                 if error is not None:
                     if last_try:
-                        await self._dead_letter(d, "handler_error", repr(error))
+                        await self._dead_letter(d, "handler_error", f"{type(error).__name__}: {error}")
                         counts["dead_letter"] += 1
                     else:
                         await d.msg.nak(delay=self.spec.delay_after(d.num_delivered))
@@ -441,7 +556,7 @@ class ConsumerRunner:
                 # Keyed on the original position so a retried dead-lettering stores one copy.
                 "Nats-Msg-Id": f"dlq:{self.spec.stream}:{self.spec.durable}:{seq}",
                 DLQ_REASON: reason or "unspecified",
-                DLQ_DETAIL: (detail or "")[:1024].replace("\r", " ").replace("\n", " "),
+                DLQ_DETAIL: (detail or "")[:DLQ_DETAIL_MAX].replace("\r", " ").replace("\n", " "),
                 DLQ_SUBJECT: subject,
                 DLQ_STREAM: self.spec.stream,
                 DLQ_SEQ: str(seq),
@@ -451,9 +566,8 @@ class ConsumerRunner:
             }
         )
         await self.js.publish(f"dlq.{self.spec.stream}.{self.spec.durable}", data, headers=dlq_headers)
-        log.warning(
-            "dead-lettered message %d of %s: %s", seq, self.spec.durable, reason, extra={"detail": detail[:200]}
-        )
+        # The reason is a code; the detail may quote the payload's values and stays out of the log.
+        log.warning("dead-lettered message %d of %s: %s", seq, self.spec.durable, reason)
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         try:
