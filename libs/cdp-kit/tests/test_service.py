@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import socket
 
 import grpc
 import pytest
@@ -248,3 +249,27 @@ async def test_a_body_that_is_not_the_request_is_rejected_by_auth_first_then_as_
             violations += [v.field for v in request.field_violations]
     assert violations == ["request"]
     assert servicer.callers == []
+
+
+def _answers_http(host, port):
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return sock.recv(12).startswith(b"HTTP/1.0 200")
+    except OSError:
+        return False
+
+
+async def test_metrics_listen_on_the_configured_host_only():
+    from cdp_kit.natsserver import free_port
+
+    metrics_port = free_port()
+    async with serving(settings(grpc_host="127.0.0.1", metrics_port=metrics_port), setup_with(Behaviour())):
+        assert await asyncio.to_thread(_answers_http, "127.0.0.1", metrics_port)
+        # 127.0.0.2 is this machine too (all of 127/8 is loopback): a listener on every interface answers
+        # there, one on 127.0.0.1 does not.
+        assert not await asyncio.to_thread(_answers_http, "127.0.0.2", metrics_port)
+    # Stopping the service releases the port: nothing listens on it any more.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", metrics_port))

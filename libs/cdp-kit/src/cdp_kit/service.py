@@ -223,7 +223,9 @@ async def serving(
     """Start a service and yield its runtime once it is SERVING; stop and release everything on exit.
 
     `run_service` uses it for real processes; tests use it to run services in-process."""
-    telemetry = telemetry or setup_telemetry(settings.service_name, metrics_port=settings.metrics_port)
+    telemetry = telemetry or setup_telemetry(
+        settings.service_name, metrics_port=settings.metrics_port, metrics_host=settings.grpc_host
+    )
     async with AsyncExitStack() as stack:
         runtime = ServiceRuntime(
             settings=settings, telemetry=telemetry, grpc=GrpcServer(settings, telemetry), stack=stack

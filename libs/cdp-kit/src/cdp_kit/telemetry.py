@@ -2,7 +2,10 @@
 
 Traces go to an OTLP/HTTP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set (the standard OTel variable);
 otherwise spans are still created, so logs carry trace ids and context still crosses gRPC and NATS.
-Metrics are exposed for Prometheus on CDP_METRICS_PORT (/metrics) when it is not 0.
+Metrics are exposed for Prometheus on CDP_METRICS_PORT (/metrics) when it is not 0, on the address the
+service's gRPC server binds (CDP_GRPC_HOST): the endpoint has no authentication, so it is reachable exactly
+where the service is — loopback on a laptop (`make up`), the pod's interfaces in Kubernetes, whose chart
+leaves the host at its 0.0.0.0 default.
 
 OpenTelemetry keeps one global provider per process. The first service set up in a process installs its
 providers as the globals (a real deployment runs one service per process); later calls in the same
@@ -41,9 +44,11 @@ class Telemetry:
 
     def shutdown(self) -> None:
         if self.metrics_server is not None:
-            shutdown = getattr(self.metrics_server, "shutdown", None)
-            if callable(shutdown):
-                shutdown()
+            # shutdown() only ends the serving loop; server_close() releases the port.
+            for step in ("shutdown", "server_close"):
+                call = getattr(self.metrics_server, step, None)
+                if callable(call):
+                    call()
         if self.tracer_provider is not None:
             self.tracer_provider.force_flush(2000)
 
@@ -52,6 +57,7 @@ def setup_telemetry(
     service_name: str,
     *,
     metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
     span_processors: Iterable[SpanProcessor] = (),
     metric_readers: Iterable[MetricReader] = (),
 ) -> Telemetry:
@@ -77,8 +83,8 @@ def setup_telemetry(
         from prometheus_client import start_http_server
 
         readers.append(PrometheusMetricReader())
-        metrics_server, _thread = start_http_server(metrics_port)
-        log.info("metrics at http://0.0.0.0:%d/metrics", metrics_port)
+        metrics_server, _thread = start_http_server(metrics_port, addr=metrics_host)
+        log.info("metrics at http://%s:%d/metrics", metrics_host, metrics_port)
     meter_provider: MeterProvider | None = None
     current_meter_provider = metrics.get_meter_provider()
     if isinstance(current_meter_provider, MeterProvider) and not readers:
