@@ -336,7 +336,7 @@ class MongoStore(Store):
                 if isinstance(failure, DuplicateValue):
                     raise failure from None
                 # Two upserts raced to create the key and this one lost: go again as an update.
-        raise Conflict(f"{op.collection}/{op.key!r}: kept losing the race to create it; retry")
+        raise Conflict(f"{op.collection}: kept losing the race to create a document; retry")
 
     async def _duplicate(
         self,

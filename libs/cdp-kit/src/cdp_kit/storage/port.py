@@ -110,7 +110,9 @@ class VersionConflict(Conflict):
         wanted = "expected it not to exist" if expected == 0 else f"expected version {expected}"
         found = "it does not exist" if actual == 0 else f"it is at version {actual}"
         where = f"ops[{op_index}]: " if op_index is not None else ""
-        super().__init__(f"{where}{collection}/{key!r}: {wanted} but {found}; re-read it and retry")
+        # Keys stay out of messages (here and in every storage error): they are often identifier
+        # values ("email:ada@example.com") and messages end up in logs. The key is on the exception.
+        super().__init__(f"{where}{collection}: a write {wanted} but {found}; re-read it and retry")
         self.collection = collection
         self.key = key
         self.expected = expected
@@ -128,8 +130,7 @@ class DuplicateValue(Conflict):
         # numbers) and messages end up in logs. It is on the exception for callers that need it.
         where = f"ops[{op_index}]: " if op_index is not None else ""
         super().__init__(
-            f"{where}{collection}/{key!r}: field {field!r} has a unique index and another document "
-            f"already holds this value"
+            f"{where}{collection}: field {field!r} has a unique index and another document already holds this value"
         )
         self.collection = collection
         self.field = field
@@ -161,9 +162,9 @@ def check_key(collection: str, key: object, *, field: str = "key") -> str:
             field, f"keys are 1-{MAX_KEY_CHARS} characters, got {len(key)} (collection {collection!r})"
         )
     if "\x00" in key:
-        raise InvalidArgument(field, f"{key!r} contains a NUL character (collection {collection!r})")
+        raise InvalidArgument(field, f"the key contains a NUL character (collection {collection!r})")
     if not key.isascii():
-        _check_unicode(key, lambda: InvalidArgument(field, f"{key!r} is not valid Unicode"))
+        _check_unicode(key, lambda: InvalidArgument(field, f"the key is not valid Unicode (collection {collection!r})"))
     return key
 
 
@@ -198,9 +199,7 @@ def check_find_value(field: str, value: object) -> Scalar:
         return value
     if isinstance(value, float) and math.isfinite(value):
         return value
-    raise InvalidArgument(
-        "value", f"find on {field!r} takes a string, number or boolean, got {type(value).__name__} {value!r}"
-    )
+    raise InvalidArgument("value", f"find on {field!r} takes a string, number or boolean, got {type(value).__name__}")
 
 
 class _BadValue(Exception):
@@ -216,12 +215,12 @@ def check_document(collection: str, key: str, doc: object, *, field: str = "doc"
     """Raise InvalidArgument naming the offending path (e.g. ``doc.address.lines[2]``) unless `doc` is
     a portable document."""
     if not isinstance(doc, dict):
-        raise InvalidArgument(field, f"documents are dicts, got {type(doc).__name__} ({collection}/{key!r})")
+        raise InvalidArgument(field, f"documents are dicts, got {type(doc).__name__} (collection {collection!r})")
     try:
         _check_dict(doc, 1)
     except _BadValue as bad:
         path = field + "".join(reversed(bad.path))
-        raise InvalidArgument(path, f"{bad.problem} ({collection}/{key!r})") from None
+        raise InvalidArgument(path, f"{bad.problem} (collection {collection!r})") from None
     return doc
 
 
@@ -315,7 +314,7 @@ def encode_document(op: Put, op_index: int | None = None) -> bytes:
         where = f"ops[{op_index}]." if op_index is not None else ""
         raise InvalidArgument(
             f"{where}doc",
-            f"{op.collection}/{op.key!r} is {len(blob)} bytes as JSON, over the {MAX_DOCUMENT_BYTES} "
+            f"a document of {op.collection!r} is {len(blob)} bytes as JSON, over the {MAX_DOCUMENT_BYTES} "
             f"limit; split it into several documents",
         )
     return blob
@@ -361,7 +360,7 @@ def check_indexed_fields(op: Put, fields: Iterable[str], op_index: int | None = 
             raise InvalidArgument(
                 f"{where}doc.{name}",
                 f"{name!r} is indexed in {op.collection!r}, so it holds a string, number, boolean or null; "
-                f"got {type(value).__name__} ({op.collection}/{op.key!r})",
+                f"got {type(value).__name__} (collection {op.collection!r})",
             )
 
 
@@ -382,7 +381,7 @@ def decode_cursor(cursor: object) -> str:
         else:
             if key:
                 return key
-    raise InvalidArgument("cursor", f"{cursor!r} is not a cursor returned by scan; start again with cursor=None")
+    raise InvalidArgument("cursor", "not a cursor returned by scan; start again with cursor=None")
 
 
 def prefix_end(prefix: str) -> str | None:
