@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
-from cdp_kit.storage import DuplicateValue, Put, Record, SqliteStore
+from cdp_kit.storage import Delete, DuplicateValue, Put, Record, SqliteStore
 
 
 async def test_documents_versions_and_indexes_survive_close_and_reopen(tmp_path: Path) -> None:
@@ -112,3 +113,49 @@ async def test_a_database_from_a_newer_release_is_refused_at_open(tmp_path: Path
 def test_in_memory_sqlite_is_refused_in_favour_of_memory_store(path: str) -> None:
     with pytest.raises(InvalidArgument, match="memory://"):
         SqliteStore(path)
+
+
+def files_holding(directory: Path, marker: bytes) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and marker in p.read_bytes())
+
+
+async def test_erase_leaves_no_byte_of_deleted_documents_in_any_file(tmp_path: Path) -> None:
+    """A privacy deletion promises the person is gone from disk, not just from live rows: the WAL still
+    holds page images from before the delete, and freed pages keep their old bytes unless zeroed."""
+    marker = b"ada.lovelace@example.com"
+    async with SqliteStore(tmp_path / "identity.db") as store:
+        await store.ensure_index("people", "email", unique=True)
+        people = [Put("people", f"email:{i}.{marker.decode()}", {"email": f"{i}.{marker.decode()}"}) for i in range(50)]
+        others = [Put("people", f"p{i}", {"email": f"{i}@example.org", "pad": "x" * 500}) for i in range(200)]
+        await store.bulk_write(people + others)
+        await store.put("people", "email:0." + marker.decode(), {"email": "0." + marker.decode(), "plan": "pro"})
+        assert files_holding(tmp_path, marker)  # the test can see what it looks for
+
+        await store.bulk_write([Delete("people", op.key) for op in people])
+        assert await store.erase() is True
+        assert files_holding(tmp_path, marker) == []
+        assert await store.count("people") == 200
+        # Debian's libsqlite3 zeroes deleted content by default, SQLite's own default does not: the
+        # writer asks for it rather than depend on the build.
+        secure = store._writer.submit(lambda: store._wconn.execute("PRAGMA secure_delete").fetchone()[0])
+        assert secure.result() == 1  # what was not deleted is all there
+    async with SqliteStore(tmp_path / "identity.db") as reopened:
+        assert await reopened.count("people") == 200
+        assert (await reopened.find("people", "email", "7@example.org"))[0].key == "p7"
+    assert files_holding(tmp_path, marker) == []
+
+
+async def test_erase_waits_for_a_reader_holding_an_old_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "profile.db"
+    marker = b"grace.hopper@example.com"
+    async with SqliteStore(path) as store:
+        await store.put("profiles", "p1", {"email": marker.decode()})
+        reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM documents").fetchone()  # a snapshot with the document in it
+        await store.delete("profiles", "p1")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, lambda: reader.execute("COMMIT"))
+        assert await store.erase() is True
+        reader.close()
+        assert files_holding(tmp_path, marker) == []

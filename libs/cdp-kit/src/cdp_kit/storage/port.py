@@ -621,6 +621,21 @@ class Store(abc.ABC):
         check_collection(collection)
         await self._drop_collection(collection)
 
+    async def erase(self) -> bool:
+        """Make what was deleted unreadable in the store's own files, as far as the backend can: call
+        it after a deletion that must not leave the person's data behind (a privacy deletion) once
+        that deletion is committed. True when nothing deleted is left in them.
+
+        SQLite: deleted content is zeroed as it is deleted (``secure_delete``), and this truncates the
+        write-ahead log, which still holds page images from before the deletion. Memory: nothing to do.
+        MongoDB: nothing the adapter can do - deleted documents are gone from the collections and their
+        indexes (WiredTiger reuses the space), but the oplog keeps the deleting and the earlier writes
+        for its retention window, and backups keep them for theirs; size ``oplogSizeMB`` /
+        ``oplogMinRetentionHours`` and the backup retention to the erasure period you promise, and
+        encrypt both at rest."""
+        self._check_open()
+        return await self._erase()
+
     # lifecycle
 
     async def close(self) -> None:
@@ -636,6 +651,9 @@ class Store(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    async def _erase(self) -> bool:
+        return True  # memory and MongoDB: see `erase`
 
     def _check_open(self) -> None:
         if self._closed:

@@ -28,6 +28,14 @@ its stream checkpoint commit together, they roll back together and the service r
 checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also survives power loss, at
 an fsync per commit.
 
+Erasure. A privacy deletion must leave no bytes of the person in the files, not just no live row. The
+writer runs with ``secure_delete=ON``: SQLite zeroes the content it deletes (rows, index entries, freed
+pages) in the page images it writes. The page images written *before* the deletion stay in the WAL
+until it is reset, so `erase()` checkpoints with TRUNCATE: every page goes to the main file and the WAL
+is cut to nothing. A reader in the middle of a read transaction keeps TRUNCATE from finishing; the
+checkpoint waits for it (busy_timeout) and is retried a few times, and `erase()` says False if readers
+never let go (the next erase finishes the job).
+
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
 transaction before anything is written; a unique-index violation rolls everything back and is then
 pinpointed by replaying the ops one by one in a transaction that is rolled back too.
@@ -39,6 +47,7 @@ import asyncio
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +84,7 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 # Well under SQLite's default 32766 bound-parameter limit, and small enough that IN lists stay cheap.
 _CHUNK = 500
+_ERASE_ATTEMPTS = 5
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
 
 _SCHEMA = """
@@ -177,6 +187,8 @@ class SqliteStore(Store):
                     f"sqlite store {self.path}: cannot switch to WAL (journal_mode={mode}); use a local file system"
                 )
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            # Deleted content is overwritten with zeros, so erasure does not depend on pages being reused.
+            conn.execute("PRAGMA secure_delete=ON")
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > SCHEMA_VERSION:
                 raise FailedPrecondition(
@@ -459,6 +471,20 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
             raise
         self._indexes = self._load_indexes(conn)
+
+    async def _erase(self) -> bool:
+        return await self._run(self._writer, self._erase_sync)
+
+    def _erase_sync(self) -> bool:
+        for attempt in range(_ERASE_ATTEMPTS):
+            if attempt:
+                time.sleep(0.05 * attempt)
+            # (busy, WAL frames, frames checkpointed); busy=1: a reader kept the checkpoint from finishing
+            # even after waiting busy_timeout for it.
+            busy, _, _ = self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                return True
+        return False
 
     async def _close(self) -> None:
         loop = asyncio.get_running_loop()
