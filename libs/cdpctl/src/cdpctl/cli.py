@@ -1,13 +1,18 @@
-"""cdpctl — the operator CLI: run the platform locally, check its health, send test events.
+"""cdpctl — the operator CLI: run the platform locally, check its health, send test events, operate it.
 
-cdpctl up                 nats-server + every service on the embedded store; Ctrl-C stops all
-cdpctl status [--json]    health of a running platform
+cdpctl up                 nats-server + every service on the embedded store, restarted when one dies;
+                          Ctrl-C stops all
+cdpctl status [--json]    health of a running platform (found from any folder)
 cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
 cdpctl send track --count 10000     # generated events, with a progress bar
-cdpctl profile user_id u1           # a profile as JSON
+cdpctl profile user_id u1           # a profile as JSON (NOT_FOUND at once; --wait N waits for it)
 cdpctl models                       # the deployed models, their versions and quality
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segments                     # every segment: state, size, definition
+cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
+cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
+
+Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
 """
 
 from __future__ import annotations
@@ -27,18 +32,16 @@ import click
 import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
 from rich.table import Table
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.natsserver import NatsServer, wait_for_port
+from cdpctl import bus, people
+from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
-
-# Wide enough for the status table when output is a pipe or a CI log rather than a terminal.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-out = Console(width=None if sys.stdout.isatty() else 160)
+from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
 
 
 async def check_health(address: str, timeout: float = 1.0) -> str:
@@ -50,27 +53,17 @@ async def check_health(address: str, timeout: float = 1.0) -> str:
         return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
 @click.group()
 @click.option(
     "--home",
     type=click.Path(path_type=Path),
     envvar="CDP_HOME",
-    default=".cdp",
-    show_default=True,
-    help="project-local folder for NATS data, service stores, logs and dev secrets",
+    help="folder for NATS data, service stores, logs and dev secrets [default: the running platform's, else ./.cdp]",
 )
 @click.pass_context
-def main(ctx: click.Context, home: Path) -> None:
+def main(ctx: click.Context, home: Path | None) -> None:
     """Operate a cdp platform."""
-    ctx.obj = Workspace(home.resolve())
+    ctx.obj = Workspace(home.resolve()) if home else Workspace.discover()
 
 
 # ---------------------------------------------------------------------------------------------- up
@@ -83,9 +76,20 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-async def _up(ws: Workspace, startup_timeout: float) -> int:
-    previous = ws.read_run()
-    if previous and pid_alive(previous.get("pid", -1)):
+def _spawn(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", module],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy) -> int:
+    previous = ws.running()
+    if previous:
         console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
         return 1
     ws.prepare()
@@ -93,7 +97,9 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
     nats.start()
     processes: dict[str, subprocess.Popen] = {}
+    envs: dict[str, dict[str, str]] = {}
     logs: dict[str, Path] = {}
+    modules = {svc.name: svc.module for svc in SERVICES}
     state: dict = {
         "pid": os.getpid(),
         "nats": nats.url,
@@ -111,7 +117,7 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
         for svc in SERVICES:
             grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
-            env = service_environment(
+            envs[svc.name] = service_environment(
                 ws,
                 svc,
                 nats_url=nats.url,
@@ -121,14 +127,7 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
                 peers={name: info["grpc"] for name, info in state["services"].items()},
             )
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
-            with open(logs[svc.name], "ab") as log:  # noqa: ASYNC230 - start-up, before serving anything
-                processes[svc.name] = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once
-                    [sys.executable, "-m", svc.module],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            processes[svc.name] = _spawn(svc.module, envs[svc.name], logs[svc.name])
             state["services"][svc.name] = {
                 "pid": processes[svc.name].pid,
                 "grpc": f"127.0.0.1:{grpc_port}",
@@ -157,19 +156,57 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
                 return 130
             await asyncio.sleep(0.2)
         ws.write_run(state)
+        ws.record_current()
         out.print(_status_table(state, {name: "SERVING" for name in processes}, nats_ok=True))
         out.print(f"write key (HTTP Basic user / gRPC write_key): [bold]{state['write_key']}[/]")
         out.print(f"admin bearer token: {ws.admin_token_file}")
+        out.print(f"addresses, write key and token path for scripts: {ws.run_file}")
         out.print("[green]cdp is up.[/] Ctrl-C stops everything.")
+
+        # Supervision: a service that exits is started again with backoff (see cdpctl.supervise).
+        started = {name: time.monotonic() for name in processes}
+        backoff = {name: Backoff(policy) for name in processes}
+        restart_at: dict[str, float] = {}
+        recovering: set[str] = set()
         while not stopping.is_set():
-            for name, proc in processes.items():
-                if proc.poll() is not None and not stopping.is_set():
+            now = time.monotonic()
+            for name, proc in list(processes.items()):
+                if name in restart_at:
+                    if now >= restart_at[name]:
+                        del restart_at[name]
+                        processes[name] = _spawn(modules[name], envs[name], logs[name])
+                        started[name] = time.monotonic()
+                        state["services"][name]["pid"] = processes[name].pid
+                        ws.write_run(state)
+                        recovering.add(name)
+                        console.print(f"[yellow]{name} restarted (pid {processes[name].pid})[/]")
+                    continue
+                if proc.poll() is None:
+                    continue
+                how = describe_exit(proc.returncode)
+                delay = backoff[name].after_exit(now - started[name])
+                recovering.discard(name)
+                if delay is None:
                     console.print(
-                        f"[red]{name} exited with code {proc.returncode}; stopping the platform. Last log lines:[/]"
+                        f"[red]{name} exited ({how}): {backoff[name].fast_crashes} crashes in a row, each within "
+                        f"{policy.stable_after:.0f} s of starting; giving up and stopping the platform. "
+                        f"Last log lines ({logs[name]}):[/]"
                     )
                     console.print(_tail(logs[name]), markup=False, highlight=False)
                     code = 1
                     stopping.set()
+                    break
+                restart_at[name] = now + delay
+                console.print(
+                    f"[yellow]{name} exited ({how}); restarting it in {delay:.0f} s "
+                    f"(crash {backoff[name].fast_crashes} of {policy.give_up_after} allowed in a row). "
+                    f"Last log lines ({logs[name]}):[/]"
+                )
+                console.print(_tail(logs[name], 5), markup=False, highlight=False)
+            for name in list(recovering):
+                if await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING":
+                    recovering.discard(name)
+                    console.print(f"[green]{name} is SERVING again[/]")
             try:
                 await asyncio.wait_for(stopping.wait(), 0.5)
             except TimeoutError:
@@ -193,15 +230,22 @@ async def _up(ws: Workspace, startup_timeout: float) -> int:
             ws.run_file.unlink()
         except OSError:
             pass
+        ws.forget_current()
         console.print("stopped.")
 
 
 @main.command()
 @click.option("--startup-timeout", default=60.0, show_default=True, help="seconds every service gets to become healthy")
+@click.option("--restart-limit", default=5, show_default=True, help="crashes in a row before giving up on a service")
 @click.pass_obj
-def up(ws: Workspace, startup_timeout: float) -> None:
-    """Start nats-server and every service on the embedded store, show where they listen."""
-    raise SystemExit(asyncio.run(_up(ws, startup_timeout)))
+def up(ws: Workspace, startup_timeout: float, restart_limit: int) -> None:
+    """Start nats-server and every service on the embedded store, show where they listen.
+
+    A service that exits is restarted with backoff (1 s, 2 s, 4 s … up to 30 s); after --restart-limit
+    crashes in a row, each within a minute of starting, the platform stops. Ctrl-C stops everything.
+    """
+    policy = RestartPolicy(give_up_after=restart_limit)
+    raise SystemExit(asyncio.run(_up(ws, startup_timeout, policy)))
 
 
 # ------------------------------------------------------------------------------------------ status
@@ -222,7 +266,7 @@ def _status_table(state: dict, health: dict[str, str], *, nats_ok: bool) -> Tabl
 
 
 async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool]:
-    state = ws.read_run()
+    state = ws.running()
     if state is None:
         return None, {}, False
     health = {name: await check_health(svc["grpc"]) for name, svc in state["services"].items()}
@@ -250,8 +294,11 @@ def status(ws: Workspace, as_json: bool) -> None:
                 {
                     "running": True,
                     "healthy": healthy,
+                    "home": str(ws.root),
                     "nats": {"url": state["nats"], "up": nats_ok},
                     "services": services,
+                    "write_key": state.get("write_key"),
+                    "admin_token_file": state.get("admin_token_file"),
                 }
             )
         )
@@ -412,8 +459,8 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
                 profile = await stub.LookupProfile(request, metadata=metadata, timeout=5)
                 return json_format.MessageToDict(profile)
             except grpc.aio.AioRpcError as exc:
-                # Events reach the profile a moment after the collector accepted them: wait for it.
-                if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                # Events reach the profile a moment after the collector accepted them: --wait waits for it.
+                if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
                     raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
             await asyncio.sleep(0.2)
     raise click.ClickException("no profile")
@@ -422,15 +469,17 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
 @main.command()
 @click.argument("identifier_type")
 @click.argument("value")
-@click.option("--wait", default=10.0, show_default=True, help="seconds to wait for the profile to appear")
+@click.option(
+    "--wait",
+    default=0.0,
+    show_default=True,
+    help="seconds to wait for a profile still on its way (NOT_FOUND at once: 0)",
+)
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
 def profile(ws: Workspace, identifier_type: str, value: str, wait: float, address) -> None:
     """Show the profile of whoever holds an identifier (e.g. `cdpctl profile user_id u1`), as JSON."""
-    state = ws.read_run() or {}
-    address = address or (state.get("services", {}).get("profile", {}) or {}).get("grpc")
-    if not address:
-        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
+    address = service_address(ws, "profile", address)
     document = asyncio.run(_lookup_profile(address, ws.admin_token(), identifier_type, value, wait))
     out.print_json(json.dumps(document))
 
@@ -453,10 +502,7 @@ async def _models(address: str, token: str) -> list[dict]:
 @click.pass_obj
 def models(ws: Workspace, as_json: bool, address) -> None:
     """The deployed models: live version, other versions and their roles, scores and quality."""
-    state = ws.read_run() or {}
-    address = address or (state.get("services", {}).get("scoring", {}) or {}).get("grpc")
-    if not address:
-        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
+    address = service_address(ws, "scoring", address)
     documents = asyncio.run(_models(address, ws.admin_token()))
     if as_json:
         out.print_json(json.dumps(documents))
@@ -480,15 +526,7 @@ def models(ws: Workspace, as_json: bool, address) -> None:
 
 
 def _segmentation_address(ws: Workspace, address: str | None) -> str:
-    state = ws.read_run() or {}
-    address = address or (state.get("services", {}).get("segmentation", {}) or {}).get("grpc")
-    if not address:
-        raise click.UsageError("no running platform found: start one with `make up`, or pass --address")
-    return address
-
-
-def _rpc_error(exc: grpc.aio.AioRpcError) -> click.ClickException:
-    return click.ClickException(f"{exc.code().name}: {exc.details()}")
+    return service_address(ws, "segmentation", address)
 
 
 async def _create_segment(address: str, token: str, request, show_progress: bool) -> dict:
@@ -508,7 +546,7 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
                         segmentation_pb2.GetSegmentRequest(id=request.id), metadata=metadata, timeout=10
                     )
         except grpc.aio.AioRpcError as exc:
-            raise _rpc_error(exc) from None
+            raise rpc_error(exc) from None
     return json_format.MessageToDict(segment)
 
 
@@ -558,7 +596,7 @@ def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None
                     timeout=10,
                 )
             except grpc.aio.AioRpcError as exc:
-                raise _rpc_error(exc) from None
+                raise rpc_error(exc) from None
         return json_format.MessageToDict(reply)
 
     out.print_json(json.dumps(asyncio.run(members())))
@@ -580,7 +618,7 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
                     timeout=10,
                 )
             except grpc.aio.AioRpcError as exc:
-                raise _rpc_error(exc) from None
+                raise rpc_error(exc) from None
         return [json_format.MessageToDict(s) for s in reply.segments]
 
     documents = asyncio.run(listed())
@@ -594,6 +632,10 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
         state = document.get("state", "").removeprefix("SEGMENT_STATE_").lower()
         table.add_row(document["id"], state, document.get("size", "0"), document.get("text", ""))
     out.print(table)
+
+
+for _command in (people.graph, people.export, people.delete, people.unmerge, people.quarantine, bus.dlq, bus.lag):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

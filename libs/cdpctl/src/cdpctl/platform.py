@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,28 @@ class Workspace:
     @classmethod
     def default(cls) -> Workspace:
         return cls(Path(os.environ.get("CDP_HOME", ".cdp")).resolve())
+
+    @classmethod
+    def discover(cls) -> Workspace:
+        """The workspace of the running platform, wherever the command runs from.
+
+        Without CDP_HOME/--home: `./.cdp` if a platform runs there, else the `.cdp` of the checkout this
+        cdpctl is installed in (`<checkout>/.venv/bin/cdpctl`), else the one the last `cdpctl up` on this
+        account recorded in `~/.cdp/current.json`; with none running, `./.cdp` (where `cdpctl up` starts).
+        """
+        here = cls(Path(".cdp").resolve())
+        candidates = [here]
+        checkout = Path(sys.prefix).parent
+        if (checkout / "pyproject.toml").is_file():
+            candidates.append(cls(checkout / ".cdp"))
+        try:
+            candidates.append(cls(Path(json.loads(current_file().read_text())["home"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        for ws in candidates:
+            if ws.running() is not None:
+                return ws
+        return here
 
     @property
     def nats_dir(self) -> Path:
@@ -170,6 +193,42 @@ class Workspace:
             return json.loads(self.run_file.read_text())
         except (OSError, ValueError):
             return None
+
+    def running(self) -> dict | None:
+        """The run state when the `cdpctl up` that wrote it is still alive (a crash leaves a stale file)."""
+        state = self.read_run()
+        return state if state and pid_alive(state.get("pid", -1)) else None
+
+    def record_current(self) -> None:
+        """Let cdpctl find this platform from any folder (`~/.cdp/current.json`)."""
+        try:
+            current_file().parent.mkdir(parents=True, exist_ok=True)
+            current_file().write_text(json.dumps({"home": str(self.root), "pid": os.getpid()}))
+        except OSError:
+            pass  # a read-only home: cdpctl still finds the platform from the checkout
+
+    def forget_current(self) -> None:
+        try:
+            if json.loads(current_file().read_text()).get("home") == str(self.root):
+                current_file().unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def current_file() -> Path:
+    return Path.home() / ".cdp" / "current.json"
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 def service_environment(

@@ -1,0 +1,180 @@
+"""Operator commands on the bus: dead letters and consumer lag.
+
+`cdpctl dlq` lists what consumers gave up on (`dlq.<stream>.<consumer>` on the DLQ stream, the reason in
+`Cdp-Dlq-*` headers). `--replay` republishes each to the subject it was first published on and only
+then deletes it from the DLQ, so a crash in between replays it twice rather than losing it. The replay
+carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
+could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
+replay of the same dead letter, and a new one if the replayed message fails again (it has a new position). Every consumer of that stream sees the message again; consumers are idempotent.
+
+`cdpctl lag` shows every durable consumer of every stream: messages not yet delivered, delivered but not
+acknowledged, and redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+
+import click
+import nats
+from nats.js.errors import NotFoundError
+from rich.table import Table
+
+from cdp_kit.bus.consumer import (
+    DLQ_CONSUMER,
+    DLQ_DELIVERIES,
+    DLQ_DETAIL,
+    DLQ_REASON,
+    DLQ_SEQ,
+    DLQ_STREAM,
+    DLQ_SUBJECT,
+    DLQ_TIME,
+)
+from cdp_kit.bus.streams import dead_letter_stream
+from cdpctl.common import console, nats_url, out
+from cdpctl.platform import Workspace
+
+DLQ = dead_letter_stream().name
+_DLQ_HEADERS = (DLQ_REASON, DLQ_DETAIL, DLQ_SUBJECT, DLQ_STREAM, DLQ_SEQ, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_TIME)
+
+
+@dataclass
+class DeadLetter:
+    seq: int  # its position in the DLQ stream
+    stream: str
+    consumer: str
+    subject: str  # where it was first published, and where a replay goes
+    original_seq: int
+    reason: str
+    detail: str
+    deliveries: int
+    at: str
+    size: int
+
+
+def _dead_letter(msg) -> DeadLetter:
+    headers = msg.headers or {}
+    return DeadLetter(
+        seq=msg.seq,
+        stream=headers.get(DLQ_STREAM, ""),
+        consumer=headers.get(DLQ_CONSUMER, ""),
+        subject=headers.get(DLQ_SUBJECT, ""),
+        original_seq=int(headers.get(DLQ_SEQ, "0") or 0),
+        reason=headers.get(DLQ_REASON, ""),
+        detail=headers.get(DLQ_DETAIL, ""),
+        deliveries=int(headers.get(DLQ_DELIVERIES, "0") or 0),
+        at=headers.get(DLQ_TIME, ""),
+        size=len(msg.data or b""),
+    )
+
+
+def dlq_subject(stream: str | None, consumer: str | None) -> str:
+    if consumer and not stream:
+        raise click.UsageError("name the STREAM before the CONSUMER")
+    if not stream:
+        return "dlq.>"
+    return f"dlq.{stream}.{consumer or '*'}"
+
+
+async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> tuple[list[DeadLetter], int]:
+    """The first `limit` dead letters on `subject`, oldest first; replayed (and removed) when asked."""
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        found: list[DeadLetter] = []
+        replayed = 0
+        try:
+            info = await js.stream_info(DLQ)
+        except NotFoundError:
+            return found, replayed  # nothing was ever dead-lettered here
+        seq = max(1, info.state.first_seq)
+        while len(found) < limit:
+            try:
+                msg = await js.get_msg(DLQ, seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            letter = _dead_letter(msg)
+            found.append(letter)
+            seq = msg.seq + 1
+            if replay:
+                if not letter.subject:
+                    console.print(f"[yellow]dead letter {letter.seq} has no {DLQ_SUBJECT} header; left in place[/]")
+                    continue
+                headers = {k: v for k, v in (msg.headers or {}).items() if k not in _DLQ_HEADERS}
+                headers["Nats-Msg-Id"] = f"replay:{letter.stream}:{letter.consumer}:{letter.original_seq}"
+                await js.publish(letter.subject, msg.data or b"", headers=headers)
+                await js.delete_msg(DLQ, letter.seq)
+                replayed += 1
+        return found, replayed
+    finally:
+        await nc.close()
+
+
+@click.command()
+@click.argument("stream", required=False)
+@click.argument("consumer", required=False)
+@click.option("--replay", is_flag=True, help="republish each to its original subject, then remove it from the DLQ")
+@click.option("--limit", default=1000, show_default=True, help="at most this many")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--nats", "url", help="NATS URL (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def dlq(ws: Workspace, stream: str | None, consumer: str | None, replay: bool, limit: int, as_json: bool, url) -> None:
+    """Dead letters (of one STREAM, or one of its CONSUMERs) with their reason; --replay sends them back."""
+    subject = dlq_subject(stream, consumer)
+    letters, replayed = asyncio.run(dead_letters(nats_url(ws, url), subject, limit=limit, replay=replay))
+    if as_json:
+        out.print_json(json.dumps({"dead_letters": [asdict(d) for d in letters], "replayed": replayed}))
+        return
+    table = Table(title=f"dead letters ({subject})")
+    for column in ("seq", "stream", "consumer", "subject", "original seq", "deliveries", "reason", "detail", "at"):
+        table.add_column(column)
+    for d in letters:
+        row = (d.seq, d.stream, d.consumer, d.subject, d.original_seq, d.deliveries, d.reason, d.detail[:60], d.at)
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
+    if replay:
+        out.print(f"replayed {replayed} of {len(letters)}")
+
+
+async def consumer_lag(url: str) -> list[dict]:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        rows = []
+        for stream in sorted(await js.streams_info(), key=lambda s: s.config.name):
+            for info in sorted(await js.consumers_info(stream.config.name), key=lambda c: c.name):
+                if not info.config.durable_name:
+                    continue  # ephemeral: a reader, not a service's position
+                rows.append(
+                    {
+                        "stream": stream.config.name,
+                        "consumer": info.name,
+                        "pending": info.num_pending or 0,
+                        "ack_pending": info.num_ack_pending or 0,
+                        "redelivered": info.num_redelivered or 0,
+                        "waiting": info.num_waiting or 0,
+                    }
+                )
+        return rows
+    finally:
+        await nc.close()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--nats", "url", help="NATS URL (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def lag(ws: Workspace, as_json: bool, url) -> None:
+    """Every durable consumer of every stream: pending, acknowledgement pending, redelivered."""
+    rows = asyncio.run(consumer_lag(nats_url(ws, url)))
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="consumer lag")
+    for column in ("stream", "consumer", "pending", "ack pending", "redelivered", "waiting pulls"):
+        table.add_column(column, justify="right" if column not in ("stream", "consumer") else "left")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    out.print(table)

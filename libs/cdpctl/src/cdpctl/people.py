@@ -1,0 +1,174 @@
+"""Operator commands on one person: see its identity graph, undo a wrong merge, quarantine an identifier,
+export everything held about a person, and the privacy deletion.
+
+A person is named by its person id, or by an identifier (`user_id u1`) that identity resolves to the
+person holding it now. Deletion is irreversible, so it asks first unless `--yes` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+import grpc
+from google.protobuf import json_format
+
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdpctl.common import bearer, console, out, rpc_error, service_address
+from cdpctl.platform import Workspace
+
+
+async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str, ...]) -> str:
+    """`PERSON_ID` as given, or the person an identifier (`TYPE VALUE`) belongs to."""
+    if len(key) == 1:
+        return key[0]
+    if len(key) != 2:
+        raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
+    async with grpc.aio.insecure_channel(service_address(ws, "identity", identity_address)) as channel:
+        try:
+            found = await identity_pb2_grpc.IdentityServiceStub(channel).Lookup(
+                identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=key[0], value=key[1])),
+                metadata=bearer(ws),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc) from None
+    return found.person_id
+
+
+@click.command()
+@click.argument("person", nargs=-1, required=True)
+@click.option("--address", help="identity gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def graph(ws: Workspace, person: tuple[str, ...], address) -> None:
+    """A person's identity graph (PERSON_ID, or TYPE VALUE): identifiers, merges with their ids, separations."""
+    if len(person) not in (1, 2):
+        raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
+    if len(person) == 1:
+        request = identity_pb2.GetGraphRequest(person_id=person[0])
+    else:
+        request = identity_pb2.GetGraphRequest(identifier=identity_pb2.Identifier(type=person[0], value=person[1]))
+
+    async def call() -> dict:
+        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+            try:
+                reply = await identity_pb2_grpc.IdentityServiceStub(channel).GetGraph(
+                    request, metadata=bearer(ws), timeout=10
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc) from None
+        return json_format.MessageToDict(reply)
+
+    out.print_json(json.dumps(asyncio.run(call())))
+
+
+@click.command()
+@click.argument("merge_id")
+@click.option("--reason", default="", help="why the merge was wrong (kept on the graph)")
+@click.option("--address", help="identity gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def unmerge(ws: Workspace, merge_id: str, reason: str, address) -> None:
+    """Split a merge back (the merge id is on `GetGraph`'s merges): the loser becomes a person again."""
+
+    async def call() -> dict:
+        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+            try:
+                reply = await identity_pb2_grpc.IdentityServiceStub(channel).Unmerge(
+                    identity_pb2.UnmergeRequest(merge_id=merge_id, reason=reason), metadata=bearer(ws), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc) from None
+        return json_format.MessageToDict(reply)
+
+    out.print_json(json.dumps(asyncio.run(call())))
+
+
+@click.command()
+@click.argument("identifier_type")
+@click.argument("value")
+@click.option("--release", is_flag=True, help="lift the quarantine instead")
+@click.option("--address", help="identity gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def quarantine(ws: Workspace, identifier_type: str, value: str, release: bool, address) -> None:
+    """Quarantine an identifier (e.g. a shared device id): events carrying it no longer merge persons."""
+
+    async def call() -> bool:
+        request = identity_pb2.SetQuarantineRequest(
+            identifier=identity_pb2.Identifier(type=identifier_type, value=value), quarantined=not release
+        )
+        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+            try:
+                reply = await identity_pb2_grpc.IdentityServiceStub(channel).SetQuarantine(
+                    request, metadata=bearer(ws), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc) from None
+        return reply.changed
+
+    changed = asyncio.run(call())
+    action = "released" if release else "quarantined"
+    out.print(f"{identifier_type} {action}" if changed else f"{identifier_type} was already {action}; nothing changed")
+
+
+@click.command()
+@click.argument("person", nargs=-1, required=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="write to this file")
+@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity_address, address) -> None:
+    """Everything held about a person as JSON (PERSON_ID, or TYPE VALUE): to stdout, or to --output."""
+
+    async def call() -> dict:
+        person_id = await _person_id(ws, identity_address, person)
+        async with grpc.aio.insecure_channel(service_address(ws, "profile", address)) as channel:
+            try:
+                reply = await profile_pb2_grpc.ProfileServiceStub(channel).Export(
+                    profile_pb2.ExportRequest(person_id=person_id), metadata=bearer(ws), timeout=60
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc) from None
+        return {"person_id": reply.person_id, **json_format.MessageToDict(reply.document)}
+
+    document = json.dumps(asyncio.run(call()), indent=2, ensure_ascii=False)
+    if output is None:
+        click.echo(document)
+        return
+    output.write_text(document + "\n")
+    output.chmod(0o600)  # personal data: readable by its owner only
+    console.print(f"exported to {output}")
+
+
+@click.command()
+@click.argument("person", nargs=-1, required=True)
+@click.option("--suppress", is_flag=True, help="also drop future events carrying the person's identifiers")
+@click.option("--request-id", default="", help="idempotency key (generated when unset)")
+@click.option("--yes", is_flag=True, help="do not ask for confirmation")
+@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def delete(
+    ws: Workspace, person: tuple[str, ...], suppress: bool, request_id: str, yes: bool, identity_address, address
+) -> None:
+    """Privacy deletion of a person (PERSON_ID, or TYPE VALUE) everywhere; irreversible."""
+    person_id = asyncio.run(_person_id(ws, identity_address, person))
+    if not yes:
+        click.confirm(f"Delete person {person_id} and everything held about them? This cannot be undone", abort=True)
+    mode = profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE if suppress else profile_pb2.DELETE_MODE_DELETE
+
+    async def call() -> dict:
+        async with grpc.aio.insecure_channel(service_address(ws, "profile", address)) as channel:
+            try:
+                reply = await profile_pb2_grpc.ProfileServiceStub(channel).Delete(
+                    profile_pb2.DeleteRequest(person_id=person_id, mode=mode, request_id=request_id),
+                    metadata=bearer(ws),
+                    timeout=60,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc) from None
+        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+
+    out.print_json(json.dumps(asyncio.run(call())))

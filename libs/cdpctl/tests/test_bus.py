@@ -1,0 +1,90 @@
+"""`cdpctl dlq` and `cdpctl lag` on a real nats-server, with dead letters written by the kit's own
+consumer: listed with their reason, replayed to their original subject and then removed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream
+
+
+async def until(predicate, timeout=10.0):
+    for _ in range(int(timeout / 0.05)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_dead_letters_are_shown_with_their_reason_and_replayed_once(bus_cli):
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+        rejected_once: set[bytes] = set()
+        handled: list[bytes] = []
+
+        async def handle(batch):
+            for d in batch:
+                if d.data.startswith(b"bad") and d.data not in rejected_once:
+                    rejected_once.add(d.data)  # bad on its first arrival only: "fixed" by the time of replay
+                    d.reject("invalid_event", "event has no person")
+                else:
+                    handled.append(d.data)
+
+        spec = ConsumerSpec(
+            stream="EVENTS_RAW", durable="identity-p0", filter_subjects=("events.raw.>",), fetch_timeout=0.2
+        )
+        task = asyncio.create_task(bus.consumer(spec, handle).run())
+        messages = [OutMessage("events.raw.0", b"good-1", "web:1"), OutMessage("events.raw.1", b"bad-2", "web:2")]
+        await bus.publisher.publish_batch(messages)
+
+        async def dead_lettered():
+            return (await bus.js.stream_info("DLQ")).state.messages == 1
+
+        await until(dead_lettered)
+
+        result = await bus_cli.run("dlq", "--json")
+        assert result.exit_code == 0, result.output
+        (letter,) = json.loads(result.output)["dead_letters"]
+        assert letter["reason"] == "invalid_event" and letter["detail"] == "event has no person"
+        assert (letter["stream"], letter["consumer"], letter["subject"]) == (
+            "EVENTS_RAW",
+            "identity-p0",
+            "events.raw.1",
+        )
+        result = await bus_cli.run("dlq", "EVENTS_RAW", "identity-p0")
+        assert "invalid_event" in result.output and "identity-p0" in result.output, result.output
+        assert json.loads((await bus_cli.run("dlq", "PROFILES", "--json")).output)["dead_letters"] == []
+
+        result = await bus_cli.run("lag", "--json")
+        assert result.exit_code == 0, result.output
+        (lag,) = [row for row in json.loads(result.output) if row["consumer"] == "identity-p0"]
+        assert lag["stream"] == "EVENTS_RAW" and lag["pending"] == 0 and lag["ack_pending"] == 0
+
+        result = await bus_cli.run("dlq", "--replay")
+        assert result.exit_code == 0 and "replayed 1 of 1" in result.output, result.output
+
+        # Back on its original subject, handled this time, and gone from the DLQ.
+        async def handled_after_replay():
+            return b"bad-2" in handled
+
+        await until(handled_after_replay)
+        replayed = await bus.js.get_last_msg("EVENTS_RAW", "events.raw.1")
+        assert replayed.data == b"bad-2" and replayed.headers["Nats-Msg-Id"] == "replay:EVENTS_RAW:identity-p0:2"
+        assert not any(k.startswith("Cdp-Dlq-") for k in replayed.headers)
+        assert (await bus.js.stream_info("DLQ")).state.messages == 0
+        assert json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"] == []
+
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_lag_shows_what_a_stopped_consumer_has_not_read(bus_cli):
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream())
+        await bus.js.add_consumer("EVENTS_RAW", durable_name="profile-p0", ack_policy="explicit")
+        await bus.publisher.publish_batch([OutMessage("events.raw.0", b"x", f"web:{i}") for i in range(3)])
+        result = await bus_cli.run("lag", "--json")
+        (lag,) = json.loads(result.output)
+        assert (lag["stream"], lag["consumer"], lag["pending"]) == ("EVENTS_RAW", "profile-p0", 3)
+        assert "profile-p0" in (await bus_cli.run("lag")).output

@@ -1,0 +1,101 @@
+"""The operator's commands on one person, against collector → identity → profile on a real nats-server:
+look up, export, unmerge a wrong merge, quarantine an identifier, delete (the privacy deletion)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+
+
+async def until_ok(cli, *args: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await cli.run(*args)
+        if result.exit_code == 0 or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.1)
+
+
+async def test_an_unknown_profile_is_not_found_at_once(people_cli):
+    started = time.monotonic()
+    result = await people_cli.run("profile", "user_id", "nobody")
+    assert result.exit_code == 1 and "NOT_FOUND" in result.output, result.output
+    # It used to retry for 10 s; one look-up takes milliseconds, 5 s is far beyond any slow machine.
+    assert time.monotonic() - started < 5
+
+
+async def test_export_unmerge_quarantine_and_delete_a_person(people_cli, tmp_path):
+    # A visitor browses anonymously, Ada logs in on another device, then the visitor identifies as Ada:
+    # identity merges the two persons.
+    await people_cli.send({"type": "page", "anonymousId": "visitor-7", "name": "Pricing", "messageId": "m1"})
+    await people_cli.send({"type": "track", "userId": "ada", "event": "Signed In", "messageId": "m2"})
+    assert (await until_ok(people_cli, "profile", "anonymous_id", "visitor-7")).exit_code == 0
+    assert (await until_ok(people_cli, "profile", "user_id", "ada")).exit_code == 0
+    await people_cli.send(
+        {"type": "identify", "userId": "ada", "anonymousId": "visitor-7", "traits": {"plan": "pro"}, "messageId": "m3"}
+    )
+    state = json.loads((people_cli.home / "run.json").read_text())
+    async with grpc.aio.insecure_channel(state["services"]["identity"]["grpc"]) as channel:
+        identity = identity_pb2_grpc.IdentityServiceStub(channel)
+        ada = identity_pb2.Identifier(type="user_id", value="ada")
+        for _ in range(300):
+            graph = await identity.GetGraph(identity_pb2.GetGraphRequest(identifier=ada))
+            if graph.merges:
+                break
+            await asyncio.sleep(0.05)
+        (merge,) = graph.merges
+        # What an operator sees first: the graph, with the merge's id.
+        shown = json.loads((await people_cli.run("graph", "user_id", "ada")).output)
+        assert [m["mergeId"] for m in shown["merges"]] == [merge.merge_id]
+
+        # Export: everything held about Ada, by identifier, to a file only its owner may read.
+        exported = tmp_path / "ada.json"
+        result = await until_ok(people_cli, "export", "user_id", "ada", "--output", str(exported))
+        assert result.exit_code == 0, result.output
+        document = json.loads(exported.read_text())
+        assert document["person_id"] == graph.person_id
+        assert exported.stat().st_mode & 0o077 == 0
+        result = await people_cli.run("export", graph.person_id)
+        assert json.loads(result.output)["person_id"] == graph.person_id
+
+        # Unmerge: the merge was wrong, the visitor is a person of their own again.
+        result = await people_cli.run("unmerge", merge.merge_id, "--reason", "shared computer")
+        assert result.exit_code == 0, result.output
+        split = json.loads(result.output)
+        assert split["loser"] == merge.loser
+        visitor = await identity.Lookup(
+            identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type="anonymous_id", value="visitor-7"))
+        )
+        found = await identity.Lookup(identity_pb2.LookupRequest(identifier=ada))
+        assert visitor.person_id != found.person_id
+
+        # Quarantine: an identifier shared by many people no longer joins anyone; asking twice changes nothing.
+        result = await people_cli.run("quarantine", "anonymous_id", "visitor-7")
+        assert result.exit_code == 0 and "anonymous_id quarantined" in result.output, result.output
+        assert "nothing changed" in (await people_cli.run("quarantine", "anonymous_id", "visitor-7")).output
+        listed = await identity.ListQuarantined(identity_pb2.ListQuarantinedRequest())
+        assert "visitor-7" in str(listed)
+        result = await people_cli.run("quarantine", "anonymous_id", "visitor-7", "--release")
+        assert result.exit_code == 0 and "anonymous_id released" in result.output, result.output
+
+    # Delete asks first; no means nothing happens.
+    result = await people_cli.run("delete", "user_id", "ada", stdin="n\n")
+    assert result.exit_code != 0 and "Aborted" in result.output
+    assert (await people_cli.run("profile", "user_id", "ada")).exit_code == 0
+    result = await people_cli.run("delete", "user_id", "ada", "--yes")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["requestId"]
+    result = await people_cli.run("profile", "user_id", "ada")
+    assert result.exit_code == 1 and "NOT_FOUND" in result.output, result.output
+
+
+async def test_bad_input_names_what_is_wrong(people_cli):
+    result = await people_cli.run("unmerge", "")
+    assert result.exit_code == 1 and "merge_id" in result.output, result.output
+    result = await people_cli.run("export", "a", "b", "c")
+    assert result.exit_code == 2 and "TYPE VALUE" in result.output, result.output
