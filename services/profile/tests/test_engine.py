@@ -4,13 +4,14 @@ and the redelivered batch applies on the store's state, and a redelivered batch 
 
 from __future__ import annotations
 
+import grpc
 import nats
 import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream
-from cdp_kit.errors import Unavailable
+from cdp_kit.errors import ResourceExhausted, Unavailable
 from cdp_kit.storage import Put, open_store
 from cdp_profile.api import definition_from_message, status_message
 from cdp_profile.domain import ComputedTrait, Retention
@@ -346,3 +347,37 @@ async def test_a_deletion_while_a_batch_is_being_published_leaves_no_change_mess
     await engine.flush()
     checkpoint = await engine.store.get(CHECKPOINTS, "events.resolved.0")
     assert checkpoint.doc["changes"] == [] and checkpoint.doc["stream_seq"] == 2
+
+
+async def test_the_computed_traits_a_deployment_holds_are_capped_and_a_deleted_one_frees_its_place(nats_server):
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        engine = ProfileEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            retention=Retention(max_events=100),
+            telemetry=bus.telemetry,
+            max_computed_traits=2,
+            clock=Clock(T0),
+        )
+        await engine.start()
+        try:
+
+            def trait(name: str, event: str = "Order Completed") -> ComputedTrait:
+                return ComputedTrait.from_dict({"name": name, "op": "count", "event_names": [event]})
+
+            await engine.define(trait("a"))
+            await engine.define(trait("b"))
+            with pytest.raises(ResourceExhausted) as caught:
+                await engine.define(trait("c"))
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "CDP_PROFILE_MAX_COMPUTED_TRAITS=2" in caught.value.message
+            assert sorted(engine.backfills) == ["a", "b"]
+            await engine.define(trait("b", "Login"))  # redefining a held name takes no new place
+            await engine.undefine("a")
+            await engine.define(trait("c"))
+            assert sorted(engine.backfills) == ["b", "c"]
+        finally:
+            await engine.stop()

@@ -3,8 +3,13 @@ and from the JSON tree, errors that name the field (line and column for text, th
 tree), lifecycle (update with its membership difference, delete, references and cycles), estimates
 (event conditions defined as computed traits), member pages and a person's memberships.
 
+Hostile definitions: nesting and size limits (what is accepted travels in every response, what is not is
+refused naming the limit, and never stored), the cap on computed traits per definition, and computed
+traits deleted again on the profile service by whatever stops reading them (delete, failed create,
+Estimate), so none is left orphaned.
+
 Profile changes are fed to the engine as the `profiles.changed` consumer would; the profile service is
-a fake that records the computed traits the engine defines."""
+a fake that records the computed traits the engine defines and deletes."""
 
 from __future__ import annotations
 
@@ -22,11 +27,13 @@ from grpc_status import rpc_status
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, profiles_stream, segments_stream
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, ResourceExhausted
 from cdp_kit.service import ServiceRuntime, serving
 from cdp_kit.storage import open_store
-from cdp_segmentation.api import MAX_PAGE, MAX_TEXT, SCOPES, SegmentationApi
-from cdp_segmentation.engine import SegmentationEngine
+from cdp_segmentation.api import MAX_PAGE, MAX_TEXT, SCOPES, SegmentationApi, whole_numbers
+from cdp_segmentation.domain import from_json, parse, to_json
+from cdp_segmentation.domain.nodes import MAX_DEPTH
+from cdp_segmentation.engine import SEGMENTS, SegmentationEngine
 from cdp_segmentation.settings import SegmentationSettings
 
 pb = segmentation_pb2
@@ -37,18 +44,28 @@ BUYERS = 'count(event = "Order Completed" and properties.total > 50, within 30d)
 class Profile:
     """The profile service as the engine sees it: computed traits defined, then waited for. `gate`, when
     set, holds `ready` until the test opens it; event names in `refuse` are refused as the real client
-    refuses what the profile service finds invalid."""
+    refuses what the profile service finds invalid, and past `capacity` held traits a new one is refused
+    as the profile service's CDP_PROFILE_MAX_COMPUTED_TRAITS refuses it. `held`: what is defined now."""
 
     def __init__(self) -> None:
         self.defined: list[dict] = []
+        self.held: dict[str, dict] = {}
         self.refuse: set[str] = set()
+        self.capacity = 1_000
         self.gate: asyncio.Event | None = None
 
     async def define(self, definitions) -> None:
         for definition in definitions:
             if set(definition.get("event_names") or ()) & self.refuse:
                 raise InvalidArgument("definition", "an event condition the profile service refuses: test")
+            if definition["name"] not in self.held and len(self.held) >= self.capacity:
+                raise ResourceExhausted("the profile service holds no more computed traits: test")
             self.defined.append(dict(definition))
+            self.held[definition["name"]] = dict(definition)
+
+    async def undefine(self, names) -> None:
+        for name in names:
+            self.held.pop(name, None)
 
     async def ready(self, names) -> None:
         assert set(names) <= {d["name"] for d in self.defined}
@@ -142,6 +159,7 @@ def service_setup(profile: Profile | None) -> Callable:
             telemetry=runtime.telemetry,
             define_traits=profile.define if profile else None,
             traits_ready=profile.ready if profile else None,
+            undefine_traits=profile.undefine if profile else None,
             snapshot_interval=3600,
             timer_resolution=3600,
         )
@@ -517,3 +535,174 @@ async def test_get_membership_lists_a_persons_segments(service):
     assert [m.segment_id for m in other.segments] == ["free"]
     unknown = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="ghost"))
     assert list(unknown.segments) == []
+
+
+# --- hostile definitions: nesting, size, computed traits ----------------------------------------
+
+# The deepest leaf the language has: an aggregate whose event predicate holds a list (most message levels
+# in the Struct of Segment.tree).
+DEEP_LEAF = 'count(event = "Order Completed" and properties.plan in ["pro", "team"], within 30d) >= 2'
+
+
+def nested_text(levels: int) -> str:
+    """`levels` of alternating and / or around DEEP_LEAF, the deepest tree that many levels allow."""
+    text = DEEP_LEAF
+    for level in range(levels):
+        text = f"scores.x{level} > 1 {'and' if level % 2 else 'or'} ({text})"
+    return text
+
+
+def nested_tree(levels: int) -> dict:
+    """The JSON tree of nested_text(levels), built without the parser (which refuses it past the limit)."""
+    document = to_json(parse(DEEP_LEAF))
+    for level in range(levels):
+        sibling = {"field": f"scores.x{level}", "op": ">", "value": 1}
+        document = {"and" if level % 2 else "or": [sibling, document]}
+    return document
+
+
+async def test_a_definition_nested_at_the_limit_travels_in_every_response_and_parses_back(service):
+    await service.feed(change("p1", scores={f"x{level}": 2.0 for level in range(MAX_DEPTH)}))
+    text_at_limit = nested_text(MAX_DEPTH)
+    node = parse(text_at_limit)
+    assert to_json(node) == nested_tree(MAX_DEPTH)
+    tree_at_limit = tree(nested_tree(MAX_DEPTH))
+
+    created = await service.stub.CreateSegment(pb.CreateSegmentRequest(id="deep", definition=tree_at_limit, wait=True))
+    got = await service.stub.GetSegment(pb.GetSegmentRequest(id="deep"))
+    [listed] = (await service.stub.ListSegments(pb.ListSegmentsRequest())).segments
+    updated = await service.stub.UpdateSegment(
+        pb.UpdateSegmentRequest(id="deep", definition=text(text_at_limit.replace("x0", "y0")))
+    )
+    estimate = await service.stub.Estimate(pb.EstimateRequest(definition=text(text_at_limit)))
+    assert (created.state, created.size, estimate.size) == (LIVE, 1, 1)
+    for carried in (created, got, listed, estimate):
+        assert parse(carried.text) == node
+        assert from_json(whole_numbers(as_dict(carried.tree))) == node
+    assert parse(updated.segment.text) == parse(text_at_limit.replace("x0", "y0"))
+    assert from_json(whole_numbers(as_dict(updated.segment.tree))) == parse(updated.segment.text)
+
+
+@pytest.mark.parametrize(
+    "definition, field",
+    [
+        (text(nested_text(MAX_DEPTH + 1)), "definition.text"),
+        (tree(nested_tree(MAX_DEPTH + 1)), "definition.tree"),
+        (text("not " * (MAX_DEPTH + 1) + "traits.x exists"), "definition.text"),
+        (text("not " * 40 + "traits.x exists"), "definition.text"),  # 172 characters, once stored
+        (text("(" * 300 + "traits.x exists" + ")" * 300), "definition.text"),
+        (text("not " * 300 + "traits.x exists"), "definition.text"),
+    ],
+)
+async def test_nesting_past_the_limit_is_refused_naming_it_and_nothing_is_stored(service, definition, field):
+    request = pb.CreateSegmentRequest(id="deep", definition=definition, wait=True)
+    for call in (service.stub.CreateSegment, service.stub.Estimate):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request if call == service.stub.CreateSegment else pb.EstimateRequest(definition=definition))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        [(named, description)] = violations(caught.value)
+        assert named.startswith(field) and f"at most {MAX_DEPTH}" in description
+    assert list((await service.stub.ListSegments(pb.ListSegmentsRequest())).segments) == []
+    assert service.engine.segments == {}
+
+
+async def test_a_tree_larger_than_the_limit_is_refused_naming_it(service):
+    huge = {"field": "traits.country", "op": "in", "value": [f"c{i:06d}" for i in range(MAX_TEXT // 8)]}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.CreateSegment(pb.CreateSegmentRequest(id="huge", definition=tree(huge)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(named, description)] = violations(caught.value)
+    assert named == "definition.tree" and f"at most {MAX_TEXT}" in description
+
+
+async def test_one_stored_segment_that_cannot_be_sent_never_breaks_the_listing(service, caplog):
+    await service.create("fine", "scores.x > 1")
+    # As stored before the limit: 40 nested `not`s, more than protobuf decodes as Segment.tree.
+    deep: dict = {"field": "traits.x", "op": "exists"}
+    for _ in range(40):
+        deep = {"not": deep}
+    record = await service.engine.store.get(SEGMENTS, "fine")
+    await service.engine.store.put(SEGMENTS, "bad", {**record.doc, "tree": json_format.json.dumps(deep)})
+    await service.engine.reload('{"segment": "bad"}')
+    assert "bad" in service.engine.segments
+
+    listed = await service.stub.ListSegments(pb.ListSegmentsRequest())
+    assert [s.id for s in listed.segments] == ["fine"]
+    assert any(getattr(r, "segment", None) == "bad" for r in caplog.records if r.levelname == "ERROR")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.GetSegment(pb.GetSegmentRequest(id="bad"))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "delete it" in caught.value.details()
+    await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id="bad"))
+    assert [s.id for s in (await service.stub.ListSegments(pb.ListSegmentsRequest())).segments] == ["fine"]
+    assert await service.engine.store.get(SEGMENTS, "bad") is None
+
+
+def performed_each(events: int) -> str:
+    return " or ".join(f'performed("Event {i}", within 30d)' for i in range(events))
+
+
+async def test_a_definition_needing_more_computed_traits_than_the_cap_is_refused_before_any_is_defined(
+    service, profile
+):
+    limit = service.engine.max_computed_traits
+    assert limit == 20
+    for call, request in (
+        (service.stub.CreateSegment, pb.CreateSegmentRequest(id="many", definition=text(performed_each(limit + 1)))),
+        (service.stub.Estimate, pb.EstimateRequest(definition=text(performed_each(limit + 1)))),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        [(named, description)] = violations(caught.value)
+        assert named == "definition"
+        assert f"at most {limit}" in description and "CDP_SEGMENTATION_MAX_COMPUTED_TRAITS" in description
+    assert profile.defined == []
+    assert (await service.create("enough", performed_each(limit))).state == LIVE
+    assert len(profile.held) == limit
+
+
+async def test_no_computed_trait_is_left_on_profile_by_deletes_failed_creates_refusals_or_estimates(service, profile):
+    await service.feed(change("p1"), change("p2"))
+    await service.create("buyers", BUYERS)
+    await service.create("buyers_pro", f'{BUYERS} and performed("Login", within 7d)')
+    await service.stub.Estimate(pb.EstimateRequest(definition=text('performed("Signup") and ' + BUYERS)))
+    shared = {d["name"] for d in profile.defined if d["event_names"] == ["Order Completed"]}
+    assert set(profile.held) == shared | {d["name"] for d in profile.defined if d["event_names"] == ["Login"]}
+
+    # A create the profile service refuses part-way (its capacity reached after the first new trait): it
+    # fails, and the trait it did define goes again; so does a refused and then a failed estimate.
+    profile.capacity = len(profile.held) + 1
+    failed = await service.create("wide", performed_each(3))
+    assert failed.state == pb.SEGMENT_STATE_FAILED and "no more computed traits" in failed.error
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await service.stub.Estimate(pb.EstimateRequest(definition=text(performed_each(4))))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await service.create("too_many", performed_each(50))
+    profile.refuse.add("Refused")
+    refused = await service.create("refused", 'performed("Refused") or performed("Fine")')
+    assert refused.state == pb.SEGMENT_STATE_FAILED
+    assert len(profile.held) == 2  # only what buyers and buyers_pro read
+
+    for segment_id in ("buyers_pro", "buyers", "wide", "refused"):
+        await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id=segment_id))
+    assert profile.held == {}
+    assert {d["name"] for d in profile.defined} >= {"seg_" + n[4:] for n in shared}  # they did exist
+
+
+async def test_the_values_held_for_a_deleted_computed_trait_are_forgotten(service, profile):
+    await service.feed(change("p1"), change("p2"))
+    estimate = await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
+    assert list(estimate.computed_traits) and profile.held == {}  # the estimate leaves nothing behind
+    [name] = estimate.computed_traits
+    await service.create("buyers", BUYERS)
+    await service.feed(change("p2", computed={name: 3}))
+    membership = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p2"))
+    assert [m.segment_id for m in membership.segments] == ["buyers"]
+    await service.stub.DeleteSegment(pb.DeleteSegmentRequest(id="buyers"))
+    # The profile service publishes nothing when it deletes a trait: defined again later, it must not be
+    # read with a count from before (a person it counts 0 for then would keep 3).
+    assert profile.held == {}
+    assert "computed." + name not in service.engine.persons["p2"].fields
+    again = await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
+    assert again.size == 0

@@ -15,7 +15,7 @@ from cdp_kit.bus import Bus, profiles_stream, segments_stream
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cdp_kit.storage import open_store
 from cdp_segmentation.domain import parse
-from cdp_segmentation.engine import LIVE, SegmentationEngine
+from cdp_segmentation.engine import LIVE, SEGMENTS, SegmentationEngine
 
 T0 = 1_790_000_000.0
 
@@ -484,3 +484,18 @@ async def test_computed_traits_no_segment_reads_any_more_are_deleted_on_the_prof
     assert profile.undefined == [login]  # b still counts orders
     await engine.delete("b")
     assert profile.undefined == [login, orders]
+
+
+async def test_a_stored_segment_that_cannot_be_loaded_is_left_out_and_can_be_deleted(setup, caplog):
+    engine, store, bus, clock, profile = setup
+    await create(engine, "fine", "scores.x > 1")
+    record = await store.get(SEGMENTS, "fine")
+    await store.put(SEGMENTS, "broken", {**record.doc, "tree": '{"field": "traits.x", "op": "sounds_like"}'})
+    restarted = await make_engine(store, bus, clock, profile)
+    try:
+        assert sorted(restarted.segments) == ["fine"] and list(restarted.unreadable) == ["broken"]
+        assert any(getattr(r, "segment", None) == "broken" for r in caplog.records if r.levelname == "ERROR")
+        assert await restarted.delete("broken") == 0
+        assert await store.get(SEGMENTS, "broken") is None and restarted.unreadable == {}
+    finally:
+        await restarted.stop()

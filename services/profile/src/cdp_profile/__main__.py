@@ -51,6 +51,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         owned=partitions,
         retention=Retention(max_events=settings.timeline_max_events, max_age_seconds=max_age),
         telemetry=runtime.telemetry,
+        max_computed_traits=settings.max_computed_traits,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)

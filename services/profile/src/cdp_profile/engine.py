@@ -40,7 +40,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
-from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile, ProfileChange, Retention, TimelineEntry
@@ -128,9 +128,12 @@ class ProfileEngine:
         owned: Iterable[int],
         retention: Retention,
         telemetry: Telemetry,
+        max_computed_traits: int = 500,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        # Every definition costs every matching event a contribution and every profile a value: bounded.
+        self.max_computed_traits = max_computed_traits
         self.publisher = publisher
         self.partitions = partitions
         self.owned = frozenset(owned)
@@ -352,6 +355,7 @@ class ProfileEngine:
             self._scrub.discard(subject)
             doc = {"stream_seq": self.applied.get(subject, 0), "at": self.clock(), "changes": []}
             await self._commit({}, ops=[Put(CHECKPOINTS, subject, doc)])
+            await self.store.erase()
 
     def _fold(self, changes: dict[str, ProfileChange], person: str, change: ProfileChange) -> None:
         if not change:
@@ -702,9 +706,18 @@ class ProfileEngine:
     # --- computed traits --------------------------------------------------------------------------
 
     async def define(self, trait: ComputedTrait) -> Backfill:
+        """Define (or redefine) a computed trait and backfill it; at most `max_computed_traits` are held
+        (ResourceExhausted past that: delete one first). Redefining a held name is always allowed."""
         known = self.backfills.get(trait.name)
         if known is not None and known.trait == trait:
             return known
+        if known is None and len(self.backfills) >= self.max_computed_traits:
+            raise ResourceExhausted(
+                f"{len(self.backfills)} computed traits are defined, the most this deployment holds "
+                f"(CDP_PROFILE_MAX_COMPUTED_TRAITS={self.max_computed_traits}); delete one first",
+                retry_after=60.0,
+                reason="computed_traits_exhausted",
+            )
         backfill = Backfill(trait=trait, defined_at=self.clock())
         if known is not None:
             for profile in self.profiles.values():
@@ -853,6 +866,7 @@ class ProfileEngine:
         await self._commit({}, ops=ops)
         await self._publish_deletions()
         await self._publish(None, messages)
+        await self.store.erase()  # the deletion is durable: no bytes of the person left in the files
         log.info("person deleted", extra={"person": person, "request_id": request_id, "suppress": suppress})
         return result
 

@@ -39,6 +39,12 @@ class ProfileSettings(ServiceSettings):
         "CDP_POD_NAME (<set>-<i>.<set>-headless:<CDP_GRPC_PORT>). Requests about another replica's "
         "persons are forwarded there",
     )
+    max_computed_traits: int = env(
+        "CDP_PROFILE_MAX_COMPUTED_TRAITS",
+        500,
+        help="computed traits the deployment may hold (each costs every matching event and every profile); "
+        "DefineComputedTrait answers RESOURCE_EXHAUSTED past it",
+    )
     changes_retention_days: float = env(
         "CDP_PROFILE_CHANGES_RETENTION_DAYS", 7.0, help="days profiles.changed keeps changes"
     )
@@ -49,6 +55,8 @@ class ProfileSettings(ServiceSettings):
             problems.append(f"CDP_PROFILE_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if self.timeline_max_events < 1:
             problems.append(f"CDP_PROFILE_TIMELINE_MAX_EVENTS={self.timeline_max_events} is invalid: must be positive")
+        if self.max_computed_traits < 0:
+            problems.append(f"CDP_PROFILE_MAX_COMPUTED_TRAITS={self.max_computed_traits} is invalid: must be 0 or more")
         if self.timeline_max_age_days < 0:
             problems.append(
                 f"CDP_PROFILE_TIMELINE_MAX_AGE_DAYS={self.timeline_max_age_days} is invalid: must be 0 or more"

@@ -8,7 +8,7 @@ import pytest
 
 from cdp_kit.errors import InvalidArgument
 from cdp_profile.domain import OPS, ComputedTrait, ComputedTraits, parse_window
-from cdp_profile.domain.computed import MISSING
+from cdp_profile.domain.computed import MAX_DEFINITION_BYTES, MISSING
 
 
 def test_a_definition_reads_back_the_way_it_was_written():
@@ -163,3 +163,33 @@ def test_every_operation_is_known_and_windows_parse_alone():
     with pytest.raises(InvalidArgument) as caught:
         parse_window(-5, "retention")
     assert caught.value.field == "retention"
+
+
+@pytest.mark.parametrize(
+    "where, field",
+    [
+        ({"total": "deep"}, "where.total"),
+        ({"total": {"$in": "deep"}}, "where.total.$in"),
+        ({"total": {"$eq": {"x": "deep"}}}, "where.total.$eq"),
+    ],
+)
+def test_a_where_value_nested_a_thousand_levels_is_refused_naming_its_field(where, field):
+    deep: object = 1
+    for _ in range(3000):
+        deep = [deep]
+
+    def put(value):
+        return deep if value == "deep" else {k: put(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    with pytest.raises(InvalidArgument) as caught:
+        ComputedTrait.from_dict({"name": "nested", "op": "count", "where": put(where)})
+    assert caught.value.field == field
+    assert len(caught.value.description) < 500  # the value is quoted shortened, not whole
+
+
+def test_a_definition_larger_than_the_limit_is_refused_naming_it():
+    plans = [f"plan-{i:08d}" for i in range(MAX_DEFINITION_BYTES // 12)]
+    with pytest.raises(InvalidArgument) as caught:
+        ComputedTrait.from_dict({"name": "wide", "op": "count", "where": {"plan": {"$in": plans}}})
+    assert caught.value.field == "definition" and f"at most {MAX_DEFINITION_BYTES}" in caught.value.description
+    ComputedTrait.from_dict({"name": "wide", "op": "count", "where": {"plan": {"$in": plans[:1000]}}})

@@ -23,7 +23,7 @@ from cdp_kit.bus import (
     profiles_stream,
     segments_stream,
 )
-from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from cdp_kit.profile_fields import profile_fields
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
@@ -73,6 +73,12 @@ class ProfileClient:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidArgument(
                         "definition", f"an event condition the profile service refuses: {exc.details()}"
+                    ) from None
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise ResourceExhausted(
+                        f"the profile service holds no more computed traits: {exc.details()}",
+                        retry_after=60.0,
+                        reason="computed_traits_exhausted",
                     ) from None
                 raise FailedPrecondition(
                     f"could not define computed trait {definition['name']!r} on the profile service: "
@@ -171,6 +177,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         timer_resolution=settings.timer_resolution,
         namespace=namespace,
         announce=announce,
+        max_computed_traits=settings.max_computed_traits,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import logging
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError, EncodeError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
-from cdp_segmentation.domain import from_json, parse, to_json, to_text
+from cdp_segmentation.domain import Node, from_json, parse, to_json, to_text
 from cdp_segmentation.engine import BUILDING, FAILED, LIVE, Segment, SegmentationEngine, check_segment_id
+
+log = logging.getLogger("cdp.segmentation.api")
 
 SCOPES = {
     "GetSegment": "segmentation:read",
@@ -32,16 +36,48 @@ DEFAULT_PAGE = 1_000
 MAX_TEXT = 64 * 1024
 
 
-def definition_node(definition: segmentation_pb2.Definition, field: str):
-    """The node of a Definition (text or JSON tree); errors name `<field>.text` / `<field>.tree...`."""
+# Errors building or reading back a message whose tree nests deeper than protobuf decodes.
+_UNWRITABLE = (DecodeError, EncodeError, json_format.Error, RecursionError, ValueError)
+
+
+def definition_node(definition: segmentation_pb2.Definition, field: str) -> Node:
+    """The node of a Definition (text or JSON tree); errors name `<field>.text` / `<field>.tree...`.
+    Both forms are limited in size (MAX_TEXT) and nesting (MAX_DEPTH, in the parsers), and a node is only
+    answered once it is known to travel: see `check_readable`."""
     form = definition.WhichOneof("form")
     if form == "text":
         if len(definition.text) > MAX_TEXT:
             raise InvalidArgument(f"{field}.text", f"{len(definition.text)} characters; at most {MAX_TEXT}")
-        return parse(definition.text, field=f"{field}.text")
-    if form == "tree":
-        return from_json(whole_numbers(json_format.MessageToDict(definition.tree)), field=f"{field}.tree")
-    raise InvalidArgument(field, "is required: text (the readable form) or tree (the JSON form)")
+        node = parse(definition.text, field=f"{field}.text")
+    elif form == "tree":
+        size = definition.tree.ByteSize()
+        if size > MAX_TEXT:
+            raise InvalidArgument(f"{field}.tree", f"{size} bytes encoded; at most {MAX_TEXT}")
+        node = from_json(whole_numbers(json_format.MessageToDict(definition.tree)), field=f"{field}.tree")
+    else:
+        raise InvalidArgument(field, "is required: text (the readable form) or tree (the JSON form)")
+    check_readable(node, field)
+    return node
+
+
+def check_readable(node: Node, field: str) -> None:
+    """Never accept what cannot be read back: the node written as a Segment (canonical text and JSON tree)
+    inside a ListSegmentsResponse, the deepest message that carries it, must decode, and its text and tree
+    must parse again (the text to the very same node). The depth limit makes this hold; checking it here
+    keeps a store that every later ListSegments would fail on from ever being written."""
+    try:
+        message = segmentation_pb2.Segment(text=to_text(node))
+        json_format.ParseDict(to_json(node), message.tree)
+        carrier = segmentation_pb2.ListSegmentsResponse(segments=[message])
+        [carried] = segmentation_pb2.ListSegmentsResponse.FromString(carrier.SerializeToString()).segments
+        same_text = parse(carried.text) == node
+        from_json(whole_numbers(json_format.MessageToDict(carried.tree)))
+    except (*_UNWRITABLE, InvalidArgument) as exc:
+        raise InvalidArgument(
+            field, f"cannot be written back in a response and read again ({type(exc).__name__}); simplify it"
+        ) from None
+    if not same_text:
+        raise InvalidArgument(field, "does not read back as the same definition from its canonical text")
 
 
 def whole_numbers(value: Any) -> Any:
@@ -79,7 +115,18 @@ def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentatio
         time_dependent=compiled.time_dependent,
         error=segment.error,
     )
-    json_format.ParseDict(to_json(compiled.node), message.tree)
+    try:
+        json_format.ParseDict(to_json(compiled.node), message.tree)
+        # Decodable by the caller inside the deepest response that carries it (one level above Segment).
+        segmentation_pb2.ListSegmentsResponse.FromString(
+            segmentation_pb2.ListSegmentsResponse(segments=[message]).SerializeToString()
+        )
+    except _UNWRITABLE:
+        # Only a definition stored before the nesting limit existed can get here.
+        raise FailedPrecondition(
+            f"segment {segment.id!r} has a stored definition nested too deeply to be sent; delete it",
+            reason="unreadable_definition",
+        ) from None
     _timestamp(message.created_at, segment.created_at)
     _timestamp(message.updated_at, segment.updated_at)
     if segment.live_at:
@@ -139,8 +186,20 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     async def ListSegments(
         self, request: segmentation_pb2.ListSegmentsRequest, context
     ) -> segmentation_pb2.ListSegmentsResponse:
-        segments = sorted(self.engine.segments.values(), key=lambda s: s.id)
-        return segmentation_pb2.ListSegmentsResponse(segments=[segment_message(self.engine, s) for s in segments])
+        response = segmentation_pb2.ListSegmentsResponse()
+        for segment in sorted(self.engine.segments.values(), key=lambda s: s.id):
+            # One segment that cannot be sent (stored before the nesting limit) is left out and named in the
+            # log; the listing stays readable for everyone.
+            try:
+                message = segment_message(self.engine, segment)
+            except (*_UNWRITABLE, FailedPrecondition) as exc:
+                log.error(
+                    "segment left out of ListSegments: its definition cannot be sent",
+                    extra={"segment": segment.id, "error": type(exc).__name__},
+                )
+                continue
+            response.segments.append(message)
+        return response
 
     async def Estimate(self, request: segmentation_pb2.EstimateRequest, context) -> segmentation_pb2.EstimateResponse:
         if not request.HasField("definition"):
@@ -194,4 +253,4 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         return response
 
 
-__all__ = ["SCOPES", "SegmentationApi", "definition_node", "segment_message"]
+__all__ = ["SCOPES", "SegmentationApi", "check_readable", "definition_node", "segment_message"]

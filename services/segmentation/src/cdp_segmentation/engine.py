@@ -18,6 +18,17 @@ has a stable id (segment, person and what caused it: a stream position, a timer 
 version), so a transition published before a crash is a JetStream duplicate after it, and a person's
 stream position keeps a change from being applied twice. Memberships therefore never flip spuriously:
 only a real change of the inputs, of time or of a definition moves them.
+
+Computed traits on the profile service belong to the definitions that read them: a definition may need
+at most `max_computed_traits` of them, and a trait is deleted on the profile service as soon as nothing
+here reads it any more, that is no segment serving or being built with it and no `Estimate` under way
+(a segment deleted, an update that dropped a condition, a create whose build failed, an estimate done).
+The fields held for a deleted trait are forgotten with it, so a trait defined again later starts from
+what the profile service publishes then, never from values that were current before.
+
+A stored segment that cannot be loaded (a definition from an older release that the language now
+refuses) is left out, logged with its id, and can still be deleted: one bad record never keeps the
+service from starting or listing the others.
 """
 
 from __future__ import annotations
@@ -74,6 +85,9 @@ TIME = "$time"  # the pseudo-field every time-dependent segment reads
 CHUNK = 65_536  # rows per step of a whole-population run
 MAX_EVENTS_PER_MESSAGE = 1000
 SAMPLE = 20
+# Nesting accepted when loading a stored definition: more than the API accepts (MAX_DEPTH), so segments
+# stored before that limit still load and can be deleted; protobuf could never have carried deeper ones.
+STORED_MAX_DEPTH = 100
 
 ProfileSource = Callable[[str], Awaitable[dict[str, Any] | None]]
 TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
@@ -188,6 +202,7 @@ class SegmentationEngine:
         timer_resolution: float = 0.25,
         namespace: str = "",
         announce: Callable[[str], Awaitable[None]] | None = None,
+        max_computed_traits: int = 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -202,6 +217,11 @@ class SegmentationEngine:
         self.snapshot_interval = snapshot_interval
         self.timer_resolution = timer_resolution
         self.clock = clock
+        self.max_computed_traits = max_computed_traits
+        # Computed traits read by each Estimate under way (a list per call): not deleted meanwhile.
+        self._estimating: list[frozenset[str]] = []
+        # Stored segments that could not be loaded: id -> why. DeleteSegment still removes them.
+        self.unreadable: dict[str, str] = {}
         # Standby replicas each hold every partition: their persons and positions are their own.
         self.persons_collection = PERSONS + namespace
         self.checkpoints_collection = CHECKPOINTS + namespace
@@ -288,7 +308,14 @@ class SegmentationEngine:
         """The segments, then the last snapshot of persons (see `replay`); unfinished builds resume."""
         loaded: dict[str, Segment] = {}
         async for record in self.store.scan_all(SEGMENTS):
-            loaded[record.key] = self._segment_from_doc(record.key, record.doc)
+            try:
+                loaded[record.key] = self._segment_from_doc(record.key, record.doc)
+            except Exception as exc:
+                self.unreadable[record.key] = type(exc).__name__
+                log.error(
+                    "stored segment cannot be loaded; left out (DeleteSegment removes it)",
+                    extra={"segment": record.key, "error": type(exc).__name__},
+                )
         self.segments = loaded
         built: dict[str, int] = {}
         async for record in self.store.scan_all(self.checkpoints_collection):
@@ -327,10 +354,11 @@ class SegmentationEngine:
                 self._start_build(segment, reason="created" if not segment.serving else "updated")
 
     def _segment_from_doc(self, segment_id: str, doc: Mapping[str, Any]) -> Segment:
-        compiled = compile_segment(from_json(orjson.loads(doc["tree"])))
+        compiled = compile_segment(from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH))
         pending = None
         if doc.get("pending"):
-            pending = (doc["pending"]["version"], compile_segment(from_json(orjson.loads(doc["pending"]["tree"]))))
+            tree = from_json(orjson.loads(doc["pending"]["tree"]), max_depth=STORED_MAX_DEPTH)
+            pending = (doc["pending"]["version"], compile_segment(tree))
         return Segment(
             id=segment_id,
             name=doc.get("name", ""),
@@ -806,8 +834,16 @@ class SegmentationEngine:
     # --- lifecycle --------------------------------------------------------------------------------
 
     def compile(self, node, *, segment_id: str | None = None) -> CompiledSegment:
-        """Compile a definition and check it against the other segments (known references, no cycles)."""
+        """Compile a definition and check it against the other segments (known references, no cycles) and
+        the number of computed traits one definition may have defined on the profile service."""
         compiled = compile_segment(node)
+        if len(compiled.computed_traits) > self.max_computed_traits:
+            raise InvalidArgument(
+                "definition",
+                f"needs {len(compiled.computed_traits)} computed traits on the profile service (one per distinct "
+                f"event condition); at most {self.max_computed_traits} per definition "
+                "(CDP_SEGMENTATION_MAX_COMPUTED_TRAITS)",
+            )
         refs = {s.id: s.definition.segments for s in self.segments.values()}
         refs[segment_id or "$new"] = compiled.segments
         check_segment_graph(refs)
@@ -851,10 +887,13 @@ class SegmentationEngine:
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+                replaced = segment.pending[1] if segment.pending is not None else None
                 segment.pending = (segment.building_version + 1, compiled)
                 segment.state, segment.error = BUILDING, ""
             segment.updated_at = self.clock()
             await self.store.put(SEGMENTS, segment_id, segment.doc())
+            if node is not None and replaced is not None:
+                await self._release_traits(replaced)  # a build this update cancelled
         await self._announce({"segment": segment_id})
         if node is not None:
             self._start_build(segment, reason="updated" if segment.serving else "created")
@@ -862,6 +901,11 @@ class SegmentationEngine:
 
     async def delete(self, segment_id: str) -> int:
         async with self._lifecycle_lock:
+            if segment_id not in self.segments and segment_id in self.unreadable:
+                await self.store.delete(SEGMENTS, segment_id)
+                del self.unreadable[segment_id]
+                log.info("unreadable stored segment deleted", extra={"segment": segment_id})
+                return 0
             segment = self.get(segment_id)
             users = sorted(s.id for s in self.segments.values() if segment_id in s.definition.segments)
             if users:
@@ -900,20 +944,39 @@ class SegmentationEngine:
         await self.snapshot()
         return exited
 
-    async def _release_traits(self, *definitions: CompiledSegment) -> None:
-        """Delete on the profile service the computed traits of these definitions that no segment reads any
-        more (best effort: a trait left behind costs the profile service work, not correctness)."""
-        if self.undefine_traits is None:
-            return
-        names = {t["name"] for compiled in definitions for t in compiled.computed_traits}
+    def _traits_in_use(self) -> set[str]:
+        """The computed traits something here reads: a segment's live definition (once it has served), the
+        one being built, and every Estimate under way. A failed first build reads nothing."""
+        names: set[str] = set()
         for segment in self.segments.values():
-            for compiled in (segment.compiled, segment.definition):
-                names -= {t["name"] for t in compiled.computed_traits}
-        if names:
-            try:
-                await self.undefine_traits(sorted(names))
-            except Exception as exc:
-                log.warning("could not delete computed traits %s on the profile service: %r", sorted(names), exc)
+            if segment.serving:
+                names.update(t["name"] for t in segment.compiled.computed_traits)
+            if segment.state == BUILDING:
+                names.update(t["name"] for t in segment.definition.computed_traits)
+        for estimating in self._estimating:
+            names |= estimating
+        return names
+
+    async def _release_traits(self, *definitions: CompiledSegment) -> None:
+        """Delete on the profile service the computed traits of these definitions that nothing reads any
+        more, and forget the values held for them (best effort: a trait left behind costs the profile
+        service work, not correctness; the next release of the same trait tries again)."""
+        names = {t["name"] for compiled in definitions for t in compiled.computed_traits} - self._traits_in_use()
+        if not names or self.undefine_traits is None:
+            return
+        try:
+            await self.undefine_traits(sorted(names))
+        except Exception as exc:
+            log.warning("could not delete computed traits %s on the profile service: %r", sorted(names), exc)
+            return
+        # The profile service publishes nothing when it deletes a trait: without this, a trait defined
+        # again later would be read with the values it had before (a person it now counts 0 for keeps them).
+        fields = {f"computed.{name}" for name in names}
+        for person_id, person in self.persons.items():
+            if not fields.isdisjoint(person.fields):
+                for name in fields:
+                    person.fields.pop(name, None)
+                self._dirty.add(person_id)
 
     async def _announce(self, what: Mapping[str, Any]) -> None:
         if self.announce is not None:
@@ -1038,6 +1101,11 @@ class SegmentationEngine:
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
             except Exception as store_exc:
                 log.warning("could not store segment %s state: %r", segment.id, store_exc)
+            # The traits the failed definition had defined (some of them, when the profile service refused
+            # one): nothing reads them now.
+            if self.segments.get(segment.id) is segment:
+                async with self._lifecycle_lock:
+                    await self._release_traits(compiled)
         finally:
             if touched in self._touched:
                 self._touched.remove(touched)
@@ -1136,11 +1204,21 @@ class SegmentationEngine:
         return persons, result
 
     async def estimate(self, node) -> Estimate:
+        """The definition's size now. The computed traits it needs are defined for the call and deleted
+        after it (those no segment reads): an estimate leaves nothing behind on the profile service."""
         compiled = self.compile(node)
-        await self._prepare(compiled)
-        started = time.perf_counter()
-        persons, inside = await self._population(compiled)
-        elapsed = (time.perf_counter() - started) * 1000
+        reading = frozenset(t["name"] for t in compiled.computed_traits)
+        self._estimating.append(reading)
+        try:
+            await self._prepare(compiled)
+            started = time.perf_counter()
+            persons, inside = await self._population(compiled)
+            elapsed = (time.perf_counter() - started) * 1000
+        finally:
+            self._estimating.remove(reading)
+            if reading:
+                async with self._lifecycle_lock:
+                    await self._release_traits(compiled)
         hits = np.flatnonzero(inside)
         return Estimate(
             size=int(hits.size),
@@ -1246,6 +1324,8 @@ class SegmentationEngine:
                 self._built_dirty = True
                 raise
             self.snapshotted.update(positions)
+            if gone:  # removed (deleted or merged) persons leave no bytes in the store's files
+                await self.store.erase()
             return written + len(marks)
 
 

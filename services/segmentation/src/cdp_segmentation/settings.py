@@ -53,6 +53,12 @@ class SegmentationSettings(ServiceSettings):
         "lifecycle calls: any replica answers any call, and both publish each transition under the same id, "
         "which JetStream keeps once",
     )
+    max_computed_traits: int = env(
+        "CDP_SEGMENTATION_MAX_COMPUTED_TRAITS",
+        20,
+        help="computed traits one definition may need on the profile service (one per distinct event "
+        "condition); a definition needing more is refused with INVALID_ARGUMENT",
+    )
     segments_retention_days: float = env(
         "CDP_SEGMENTATION_RETENTION_DAYS", 7.0, help="days segments.entered/exited keep transitions"
     )
@@ -68,6 +74,10 @@ class SegmentationSettings(ServiceSettings):
             )
         if not 0 < self.timer_resolution <= 60:
             problems.append(f"CDP_SEGMENTATION_TIMER_SECONDS={self.timer_resolution} is invalid: must be in (0, 60]")
+        if self.max_computed_traits < 0:
+            problems.append(
+                f"CDP_SEGMENTATION_MAX_COMPUTED_TRAITS={self.max_computed_traits} is invalid: must be 0 or more"
+            )
         if self.replicas < 1:
             problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
         elif not 0 <= self.pod_ordinal < self.replicas:

@@ -78,6 +78,7 @@ import json
 import math
 import operator
 import re
+import reprlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,6 +116,21 @@ PSEUDO_PATHS = (*VALUE_PSEUDO_PATHS, "$context")
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING", "__slots__": ()})()
 
+# A definition is configuration a caller sends: bounded, so one cannot make the service hold, hash, store
+# and publish megabytes per trait. Its canonical JSON (what is stored and listed) is at most this long.
+MAX_DEFINITION_BYTES = 64 * 1024
+
+# Errors quote what was refused, shortened and at most three levels deep: a value nested a thousand
+# levels (a `where` operand is a scalar or a list of them, nothing deeper) must get an error naming its
+# field, not a RecursionError from printing it.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother = 3, 80, 80
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = 8
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
+
 
 def parse_window(value: Any, field_name: str = "window") -> float | None:
     """Seconds from None (lifetime), 3600, "90s", "15m", "12h", "30d" or "2w"."""
@@ -130,7 +146,7 @@ def _parse_path(value: Any, field_name: str) -> tuple[str, ...]:
         return _parse_pseudo_path(value, field_name)
     if not isinstance(value, str) or not value or any(not part for part in value.split(".")):
         raise InvalidArgument(
-            field_name, f"{value!r} is not a property path: use names joined by dots, like 'cart.total'"
+            field_name, f"{_shown(value)} is not a property path: use names joined by dots, like 'cart.total'"
         )
     return tuple(value.split("."))
 
@@ -141,28 +157,32 @@ def _parse_pseudo_path(value: str, field_name: str) -> tuple[str, ...]:
     if root not in PSEUDO_PATHS:
         raise InvalidArgument(
             field_name,
-            f"{value!r} is not a pseudo-path: use {', '.join(VALUE_PSEUDO_PATHS)} or $context.<field> "
+            f"{_shown(value)} is not a pseudo-path: use {', '.join(VALUE_PSEUDO_PATHS)} or $context.<field> "
             "(paths starting with '$' are reserved for them)",
         )
     if root != "$context":
         if len(parts) > 1:
-            raise InvalidArgument(field_name, f"{value!r}: {root} is one value; use it alone, without '.<field>'")
+            raise InvalidArgument(field_name, f"{_shown(value)}: {root} is one value; use it alone, without '.<field>'")
         return parts
     if len(parts) == 1 or not parts[1]:
         raise InvalidArgument(
-            field_name, f"{value!r} names no context field: use e.g. '$context.device.id' or '$context.location'"
+            field_name, f"{_shown(value)} names no context field: use e.g. '$context.device.id' or '$context.location'"
         )
     top = parts[1]
     if top not in CONTEXT_FIELDS:
         raise InvalidArgument(
-            field_name, f"{value!r}: {top!r} is not a context field; known: {', '.join(CONTEXT_FIELDS)}"
+            field_name, f"{_shown(value)}: {_shown(top)} is not a context field; known: {', '.join(CONTEXT_FIELDS)}"
         )
     fields = CONTEXT_FIELDS[top]
     if len(parts) > 2:
         if fields is None:
-            raise InvalidArgument(field_name, f"{value!r}: $context.{top} is one value; use it without '.<field>'")
+            raise InvalidArgument(
+                field_name, f"{_shown(value)}: $context.{top} is one value; use it without '.<field>'"
+            )
         if len(parts) > 3 or parts[2] not in fields:
-            raise InvalidArgument(field_name, f"{value!r} is not a field of $context.{top}; known: {', '.join(fields)}")
+            raise InvalidArgument(
+                field_name, f"{_shown(value)} is not a field of $context.{top}; known: {', '.join(fields)}"
+            )
     return parts
 
 
@@ -346,23 +366,24 @@ class ComputedTrait:
         if not isinstance(self.name, str) or not NAME_RE.match(self.name):
             raise InvalidArgument(
                 "name",
-                f"{self.name!r} is not a valid name: use a lower-case letter, then letters, digits or '_' (64 at most)",
+                f"{_shown(self.name)} is not a valid name: use a lower-case letter, then letters, digits or '_' (64 at most)",
             )
         if self.op not in OPS:
-            raise InvalidArgument("op", f"{self.op!r} is not an operation; use one of: {', '.join(OPS)}")
+            raise InvalidArgument("op", f"{_shown(self.op)} is not an operation; use one of: {', '.join(OPS)}")
         if self.event_type not in TRAIT_EVENT_TYPES:
             raise InvalidArgument(
-                "event_type", f"{self.event_type!r} is not an event type; use one of: {', '.join(TRAIT_EVENT_TYPES)}"
+                "event_type",
+                f"{_shown(self.event_type)} is not an event type; use one of: {', '.join(TRAIT_EVENT_TYPES)}",
             )
         names = self.event_names
         if isinstance(names, str):
             names = (names,)
         if not isinstance(names, (list, tuple)) or any(not isinstance(n, str) or not n for n in names):
-            raise InvalidArgument("event_names", f"{self.event_names!r} must be a list of non-empty event names")
+            raise InvalidArgument("event_names", f"{_shown(self.event_names)} must be a list of non-empty event names")
         set_(self, "event_names", tuple(sorted(set(names))))
         if self.property is None:
             if self.op != "count":
-                raise InvalidArgument("property", f"is required for op {self.op!r}: name the value to aggregate")
+                raise InvalidArgument("property", f"is required for op {_shown(self.op)}: name the value to aggregate")
         else:
             set_(self, "path", _parse_path(self.property, "property"))
         if self.op == "mismatch_count":
@@ -381,14 +402,14 @@ class ComputedTrait:
                     )
         elif self.compare is not None:
             raise InvalidArgument(
-                "compare", f"{self.compare!r}: only op 'mismatch_count' compares two paths; remove 'compare'"
+                "compare", f"{_shown(self.compare)}: only op 'mismatch_count' compares two paths; remove 'compare'"
             )
         if self.op == "max_speed" and (
             self.path[0] in VALUE_PSEUDO_PATHS or (self.path[0] == "$context" and not _is_location(self.path))
         ):
             raise InvalidArgument(
                 "property",
-                f"{self.property!r} holds no latitude and longitude: max_speed reads an object with both, "
+                f"{_shown(self.property)} holds no latitude and longitude: max_speed reads an object with both, "
                 "like '$context.location'",
             )
         set_(self, "where", _normalise_where(self.where))
@@ -401,12 +422,18 @@ class ComputedTrait:
         reads = {_context_read(path) for path in paths if path}
         set_(self, "context_paths", tuple(sorted(read for read in reads if read is not None)))
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        if len(canonical) > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(
+                "definition",
+                f"{len(canonical)} bytes as JSON (most of it in `where`, `event_names` or a path); "
+                f"at most {MAX_DEFINITION_BYTES}",
+            )
         set_(self, "signature", hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest())
 
     @classmethod
     def from_dict(cls, data: Any) -> ComputedTrait:
         if not isinstance(data, Mapping):
-            raise InvalidArgument("computed_trait", f"{data!r} must be an object with 'name' and 'op'")
+            raise InvalidArgument("computed_trait", f"{_shown(data)} must be an object with 'name' and 'op'")
         for key in data:
             if key not in _KNOWN_KEYS:
                 raise InvalidArgument(str(key), f"unknown setting; known: {', '.join(_KNOWN_KEYS)}")
@@ -489,7 +516,8 @@ def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators
         where = {path: list(allowed) if isinstance(allowed, tuple) else allowed for path, allowed in where}
     if not isinstance(where, Mapping):
         raise InvalidArgument(
-            "where", f"{where!r} must be an object of property path -> required value(s) or an object of operators"
+            "where",
+            f"{_shown(where)} must be an object of property path -> required value(s) or an object of operators",
         )
     items: list[tuple[str, tuple[Any, ...] | Operators]] = []
     for path, allowed in where.items():
@@ -504,7 +532,7 @@ def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators
         if not values or not all(_is_scalar(v) for v in values):
             raise InvalidArgument(
                 f"where.{path}",
-                f"{allowed!r} must be a string, number, boolean or null, a non-empty list of them, "
+                f"{_shown(allowed)} must be a string, number, boolean or null, a non-empty list of them, "
                 'or an object of operators like {"$gt": 50}',
             )
         items.append((path, tuple(values)))
@@ -563,7 +591,7 @@ class Operators:
                 )
                 raise InvalidArgument(
                     f"{field_name}.{name}",
-                    f"{name!r} is not an operator; use {', '.join(WHERE_OPERATORS)}{nested}",
+                    f"{_shown(name)} is not an operator; use {', '.join(WHERE_OPERATORS)}{nested}",
                 )
         self.operators: tuple[tuple[str, Any], ...] = tuple(
             (name, _operand(name, document[name], f"{field_name}.{name}")) for name in sorted(document)
@@ -594,17 +622,18 @@ def _operand(name: str, operand: Any, field_name: str) -> Any:
     if name == "$exists":
         if not isinstance(operand, bool):
             raise InvalidArgument(
-                field_name, f'{operand!r} must be true or false ({{"$exists": false}} matches a missing or null value)'
+                field_name,
+                f'{_shown(operand)} must be true or false ({{"$exists": false}} matches a missing or null value)',
             )
         return operand
     if name == "$starts_with":
         if not isinstance(operand, str):
-            raise InvalidArgument(field_name, f"{operand!r} must be a string")
+            raise InvalidArgument(field_name, f"{_shown(operand)} must be a string")
         return operand
     if name == "$in":
         if not isinstance(operand, (list, tuple)) or not operand or not all(_is_operand(v) for v in operand):
             raise InvalidArgument(
-                field_name, f"{operand!r} must be a non-empty list of strings, finite numbers or booleans"
+                field_name, f"{_shown(operand)} must be a non-empty list of strings, finite numbers or booleans"
             )
         return tuple(operand)
     if operand is None:
@@ -612,7 +641,7 @@ def _operand(name: str, operand: Any, field_name: str) -> Any:
             field_name, 'null is not an operand: match a missing or null value with {"$exists": false}'
         )
     if not _is_operand(operand):
-        raise InvalidArgument(field_name, f"{operand!r} must be a string, a finite number or a boolean")
+        raise InvalidArgument(field_name, f"{_shown(operand)} must be a string, a finite number or a boolean")
     return operand
 
 
@@ -761,7 +790,7 @@ class ComputedTraits:
         self._by_name: dict[str, ComputedTrait] = {}
         for trait in traits:
             if trait.name in self._by_name:
-                raise InvalidArgument("name", f"computed trait {trait.name!r} is declared twice")
+                raise InvalidArgument("name", f"computed trait {_shown(trait.name)} is declared twice")
             self._by_name[trait.name] = trait
         self._cache: dict[tuple[str, str], tuple[ComputedTrait, ...]] = {}
         read = {path for trait in self._by_name.values() for path in trait.context_paths}
@@ -775,7 +804,7 @@ class ComputedTraits:
     @classmethod
     def from_dicts(cls, items: Any) -> ComputedTraits:
         if not isinstance(items, (list, tuple)):
-            raise InvalidArgument("computed_traits", f"{items!r} must be a list of definitions")
+            raise InvalidArgument("computed_traits", f"{_shown(items)} must be a list of definitions")
         traits = []
         for index, item in enumerate(items):
             try:

@@ -171,6 +171,23 @@ class Or:
 
 Node = And | Or | Not | Condition | Aggregate | Performed | InSegment
 
+# How deeply `and`, `or` and `not` may nest. A segment travels as a google.protobuf.Struct (Segment.tree),
+# where each level of the tree costs up to four message levels, and protobuf refuses to decode messages
+# nested deeper than 100: the deepest definition the language allows, an aggregate with a `where` list
+# under 17 levels of `and`, is the most a ListSegmentsResponse still decodes. 12 leaves a margin of five
+# levels, is far more than any definition written by hand or by a builder, and keeps every recursive walk
+# over the tree (compile, to_text, to_json) shallow.
+MAX_DEPTH = 12
+
+
+def depth(node: Node) -> int:
+    """Levels of `and`, `or` and `not` above the deepest condition: 0 for a single condition."""
+    if isinstance(node, Not):
+        return 1 + depth(node.operand)
+    if isinstance(node, And | Or):
+        return 1 + max(depth(operand) for operand in node.operands)
+    return 0
+
 
 class Invalid(ValueError):
     """A rule broken by a definition; each written form turns it into an error at its own position."""

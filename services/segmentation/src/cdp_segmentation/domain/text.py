@@ -30,6 +30,9 @@ backticks (`` traits.`first name` ``). STRING is double-quoted with the escapes 
 NUMBER is an int or a float (1.5, 2e-3). DURATION is a whole number of seconds written as 90s, 15m, 12h,
 30d or 2w. `null` is not a value: `traits.x exists` and `not traits.x exists` test for it.
 
+`not` and parentheses nest at most MAX_DEPTH deep, and so do `and`, `or` and `not` in the tree the text
+makes (see `nodes.MAX_DEPTH`): the parser never recurses deeper than that, whatever the text.
+
 Errors are `SegmentSyntaxError`: the caller's field name, then "line L, column C: expected X, found Y".
 """
 
@@ -45,6 +48,7 @@ from cdp_segmentation.domain.nodes import (
     AGGREGATES,
     COMPARISONS,
     EVENT_ROOTS,
+    MAX_DEPTH,
     ORDERINGS,
     ROOTS,
     VALUE_AGGREGATES,
@@ -64,6 +68,7 @@ from cdp_segmentation.domain.nodes import (
     Scalar,
     check_date,
     check_event_type,
+    depth,
     duration,
     duration_text,
     where_document,
@@ -87,6 +92,7 @@ DURATION_EXPECTED = "a duration like 30d (a whole number, then s, m, h, d or w)"
 EVENT_TERM_EXPECTED = (
     'an event condition (event = "...", event in [...], type = "...", properties.<path> ... or context.<path> ...)'
 )
+NESTING_EXPECTED = f"at most {MAX_DEPTH} levels of nesting (not and parentheses)"
 ONLY_AND = "only 'and' combines conditions inside an event predicate, because the profile service evaluates it"
 
 _FIRST_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -269,6 +275,14 @@ class _Parser:
     def __init__(self, text: str, field: str) -> None:
         self.tokens = _Lexer(text, field)
         self.field = field
+        self.nesting = 0  # `not`s and parentheses open around the current position
+
+    def nest(self, token: _Token) -> None:
+        self.nesting += 1
+        if self.nesting > MAX_DEPTH:
+            raise self.error(
+                token, NESTING_EXPECTED, "flatten it: 'not not x' is 'x'; 'a and (b and c)' is 'a and b and c'"
+            )
 
     def error(self, token: _Token, expected: str, hint: str = "") -> SegmentSyntaxError:
         return SegmentSyntaxError(self.field, token.line, token.column, expected, token.shown(), hint)
@@ -311,16 +325,19 @@ class _Parser:
 
     def negation(self) -> Node:
         if self.is_word("not"):
-            self.tokens.take()
-            return Not(self.negation())
+            self.nest(self.tokens.take())
+            node = Not(self.negation())
+            self.nesting -= 1
+            return node
         return self.primary()
 
     def primary(self) -> Node:
         token = self.tokens.peek()
         if self.is_punct("("):
-            self.tokens.take()
+            self.nest(self.tokens.take())
             node = self.either()
             self.expect_punct(")", "'and', 'or' or ')'")
+            self.nesting -= 1
             return node
         if token.kind != "name":
             raise self.error(token, CONDITION_EXPECTED)
@@ -606,7 +623,12 @@ def parse(text: str, field: str = "expression") -> Node:
     """The node a segment's text describes; SegmentSyntaxError (an InvalidArgument on `field`) if none."""
     if not isinstance(text, str):
         raise InvalidArgument(field, f'{text!r} is not text: write a segment like traits.plan = "pro"')
-    return _Parser(text, field).segment()
+    node = _Parser(text, field).segment()
+    if (levels := depth(node)) > MAX_DEPTH:
+        raise InvalidArgument(
+            field, f"and, or and not nest {levels} levels deep; at most {MAX_DEPTH}: flatten the definition"
+        )
+    return node
 
 
 # --- writing ---------------------------------------------------------------------------------------------------

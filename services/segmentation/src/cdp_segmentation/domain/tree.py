@@ -17,7 +17,8 @@
 
 "within" is optional (no key: the person's whole history); an aggregate's "event" is optional ({} = every
 track event). Errors are InvalidArgument on the JSON path of the offending value, below the caller's root
-name: `definition.and[1].op`.
+name: `definition.and[1].op`. "and", "or" and "not" nest at most `max_depth` levels (nodes.MAX_DEPTH
+unless the caller says otherwise); the reader stops at the first object deeper than that.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from cdp_segmentation.domain.nodes import (
     COMPARISONS,
     CONDITION_OPS,
     EVENT_ROOTS,
+    MAX_DEPTH,
     ORDERINGS,
     ROOTS,
     VALUE_AGGREGATES,
@@ -70,9 +72,10 @@ _EVENT_KEYS = ("name", "names", "type", "where")
 _EXAMPLE = '{"field": "traits.plan", "op": "=", "value": "pro"}'
 
 
-def from_json(tree: Any, field: str = "definition") -> Node:
-    """The node a JSON tree describes; InvalidArgument naming the JSON path (below `field`) if it is not one."""
-    return _node(tree, field)
+def from_json(tree: Any, field: str = "definition", *, max_depth: int = MAX_DEPTH) -> Node:
+    """The node a JSON tree describes; InvalidArgument naming the JSON path (below `field`) if it is not one.
+    "and", "or" and "not" nest at most `max_depth` levels."""
+    return _node(tree, field, 0, max_depth)
 
 
 def _object(tree: Any, at: str, what: str) -> Mapping[str, Any]:
@@ -87,8 +90,12 @@ def _known_keys(tree: Mapping[str, Any], allowed: tuple[str, ...], at: str) -> N
             raise InvalidArgument(f"{at}.{key}", f"unknown key here; known: {', '.join(allowed)}")
 
 
-def _node(tree: Any, at: str) -> Node:
+def _node(tree: Any, at: str, level: int, max_depth: int) -> Node:
     tree = _object(tree, at, f"a condition: use an object like {_EXAMPLE}")
+    if level > max_depth:
+        raise InvalidArgument(
+            at, f"and, or and not nest more than {max_depth} levels deep here; at most {max_depth}: flatten it"
+        )
     kinds = [kind for kind in _KINDS if kind in tree]
     if len(kinds) != 1:
         raise InvalidArgument(
@@ -101,12 +108,12 @@ def _node(tree: Any, at: str) -> Node:
         items = tree[kind]
         if not isinstance(items, list) or not items:
             raise InvalidArgument(f"{at}.{kind}", f"{items!r} must be a non-empty list of conditions")
-        operands = tuple(_node(item, f"{at}.{kind}[{i}]") for i, item in enumerate(items))
+        operands = tuple(_node(item, f"{at}.{kind}[{i}]", level + 1, max_depth) for i, item in enumerate(items))
         if len(operands) == 1:
             return operands[0]
         return And(operands) if kind == "and" else Or(operands)
     if kind == "not":
-        return Not(_node(tree["not"], f"{at}.not"))
+        return Not(_node(tree["not"], f"{at}.not", level + 1, max_depth))
     if kind == "segment":
         segment = tree["segment"]
         if not isinstance(segment, str) or not segment:
