@@ -44,7 +44,9 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
         if refusal is not None:
             raise InvalidArgument(refusal.field or "events", refusal.message, reason=str(refusal.code))
         received_at = datetime.now(UTC)
-        batch_sent_at = request.sent_at.ToDatetime(tzinfo=UTC) if request.HasField("sent_at") else None
+        # Handed over as the Timestamp: the domain checks it is one (years 0001..9999, nanos in range) and
+        # rejects the events that need it on `sent_at`; converting it here raised on such values.
+        batch_sent_at = request.sent_at if request.HasField("sent_at") else None
         response = collector_pb2.CollectResponse()
         # When nobody is suppressed (the common case) no event is even looked at.
         suppression = self.suppression if self.suppression else None

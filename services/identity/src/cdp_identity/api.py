@@ -23,6 +23,17 @@ def _pairs(identifiers, field: str = "identifiers") -> list[tuple[str, str]]:
     return pairs
 
 
+def _milliseconds(stamp, field: str) -> int:
+    try:
+        return stamp.ToMilliseconds()  # refuses what is no Timestamp at all, with a ValueError
+    except ValueError:
+        raise InvalidArgument(
+            field,
+            f"seconds={stamp.seconds}, nanos={stamp.nanos} is not a Timestamp: it must lie in the years "
+            "0001..9999 with nanos in 0..999999999",
+        ) from None
+
+
 def _dropped(key_or_type: str, value: str | None, reason: str) -> identity_pb2.DroppedIdentifier:
     if value is None:
         kind, value = split_key(key_or_type)
@@ -61,7 +72,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
         pairs = _pairs(request.identifiers)
         if not pairs:
             raise InvalidArgument("identifiers", "give at least one identifier")
-        at = request.at.ToMilliseconds() if request.HasField("at") else int(time.time() * 1000)
+        at = _milliseconds(request.at, "at") if request.HasField("at") else int(time.time() * 1000)
         request_id = request.request_id or f"resolve:{uuid.uuid4()}"
         resolution, rejected = await self.engine.resolve(pairs, request_id=request_id, at=at)
         response = identity_pb2.ResolveResponse(person_id=resolution.person, created=resolution.created)
