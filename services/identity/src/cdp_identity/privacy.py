@@ -53,6 +53,10 @@ class PrivacyHandler:
             return
         person_ids = [p for request in requests for p in (request.person_id, *request.merged_person_ids)]
         purged = await self.engine.purge(person_ids, also=self.matching.purge)
+        # The purge is durable: now leave no bytes of it in the store's files either.
+        await self.engine.store.erase()
+        if self.matching.store is not self.engine.store:
+            await self.matching.store.erase()
         # The hashes are the identifiers the profile saw. Only those the purged persons own are removed
         # (one the graph gives to someone else is that person's); the count tells how many that was.
         listed = {h.lower() for request in requests for h in request.identifier_hashes}

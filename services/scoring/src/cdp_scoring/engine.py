@@ -665,6 +665,8 @@ class ScoringEngine:
                 self._gone |= gone - self._dirty
                 raise
             self.snapshotted.update(positions)
+            if gone:  # removed (deleted or merged) persons' fields leave no bytes in the store's files
+                await self.store.erase()
             return written + len(positions)
 
     async def _write_fields(self, ops: list[Put | Delete]) -> int:

@@ -44,6 +44,7 @@ pinpointed by replaying the ops one by one in a transaction that is rolled back 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import sqlite3
@@ -80,6 +81,7 @@ from cdp_kit.storage.port import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("cdp.storage")
 
 SCHEMA_VERSION = 1
 # Well under SQLite's default 32766 bound-parameter limit, and small enough that IN lists stay cheap.
@@ -484,6 +486,7 @@ class SqliteStore(Store):
             busy, _, _ = self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
                 return True
+        log.warning("sqlite store %s: readers kept the WAL from being truncated; the next erase does it", self.path)
         return False
 
     async def _close(self) -> None:
