@@ -1326,8 +1326,6 @@ class SegmentationEngine:
             self.snapshotted.update(positions)
             if gone:  # removed (deleted or merged) persons leave no bytes in the store's files
                 await self.store.erase()
-            if gone:  # removed (deleted or merged) persons leave no bytes in the store's files
-                await self.store.erase()
             return written + len(marks)
 
 
