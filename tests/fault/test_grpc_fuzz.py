@@ -1,5 +1,5 @@
-"""Fuzzed gRPC calls: every RPC of the collector and identity, in-process on a real nats-server, gets a few
-hundred random but well-typed requests, and none may answer INTERNAL or UNKNOWN.
+"""Fuzzed gRPC calls: every RPC of the collector, identity and profile, in-process on a real nats-server,
+gets random but well-typed requests (a few hundred per service), and none may answer INTERNAL or UNKNOWN.
 
 Well-typed means the request parses as the RPC's message; everything inside it is hostile: strings with
 NUL, control characters, lone combining marks and 64 KiB of text, integers at the edges of their type,
@@ -360,3 +360,26 @@ async def test_fuzzed_identity_calls_never_fail_inside_identity(common, tmp_path
         )
     _assert_no_failures(codes, failures)
     assert codes["OK"] > 40
+
+
+async def test_fuzzed_profile_calls_never_fail_inside_profile(common, tmp_path):
+    from cdp.profile.v1 import profile_pb2
+    from cdp_profile.__main__ import setup as profile_setup
+    from cdp_profile.settings import ProfileSettings
+
+    identity_settings = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", partitions=2)
+    async with serving(identity_settings, identity_setup) as identity:
+        settings = ProfileSettings(
+            **common,
+            partitions=2,
+            store_url=f"sqlite:///{tmp_path / 'profile.db'}",
+            identity_address=f"127.0.0.1:{identity.grpc.port}",
+        )
+        async with serving(settings, profile_setup) as profile:
+            codes, failures = await fuzz_service(
+                f"127.0.0.1:{profile.grpc.port}",
+                profile_pb2.DESCRIPTOR.services_by_name["ProfileService"],
+                calls_per_rpc=40,
+                pool=["user_id", "email", "u-1"],
+            )
+    _assert_no_failures(codes, failures)
