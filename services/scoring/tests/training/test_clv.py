@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 from scipy.special import beta, gamma, hyp2f1
 
-from cdp_scoring.training.bgnbd import BgNbd, GammaGamma, scaled_hyp2f1, scaled_hyp2f1_exact, terms_needed
+from cdp_scoring.training.bgnbd import (
+    BgNbd,
+    GammaGamma,
+    scaled_hyp2f1,
+    scaled_hyp2f1_exact,
+    summaries,
+    terms_needed,
+)
 from cdp_scoring.training.graphs import clv_graph, reference_clv, run
 from cdp_scoring.training.models import RECOVERY_BGNBD, RECOVERY_GAMMA_GAMMA, parameter_recovery
 
@@ -65,6 +72,21 @@ def test_the_series_matches_hyp2f1_on_the_realistic_range(model):
     assert np.allclose(series[:3], direct, rtol=1e-8)
 
 
+def test_orders_less_than_a_day_apart_are_one_purchase_occasion():
+    # (orders, days since the first order, days since the last): a burst in the first seconds, a burst
+    # within hours a week ago, orders spread over a week, a burst two and a half days wide, one order
+    orders = np.array([3, 4, 3, 6, 1])
+    first = np.array([5 / 86_400, 7.0, 7.0, 3.0, 30.0])
+    last = np.array([1 / 86_400, 6.8, 0.0, 0.5, 30.0])
+    x, t_x, T = summaries(orders, first, last)
+    assert x.tolist() == [0, 0, 2, 2, 0]  # at most one repeat occasion per whole day of the span
+    assert np.allclose(t_x * 7, first - last) and np.allclose(T * 7, first)  # recency and age as they were
+    # a model fitted to bursty customers' occasions serves them as the customer of their age with one order
+    model = SHIPPED_LIKE
+    burst, single = model.expected(HORIZON_WEEKS, x[:1], t_x[:1], T[:1]), model.expected(HORIZON_WEEKS, 0, 0, T[:1])
+    assert burst == pytest.approx(single)
+
+
 def _grid() -> np.ndarray:
     rows = []
     for orders in (0, 1, 2, 3, 5, 8, 13, 21, 40, 80):
@@ -91,7 +113,9 @@ def test_the_onnx_graph_agrees_with_the_reference(model):
     assert np.all(got["p_alive"][no_order] == 1.0)  # dropout follows a purchase in BG/NBD
     mean_spend = spend.p * spend.gamma / (spend.q - 1)
     assert np.allclose(got["expected_order_value"][no_order], mean_spend, rtol=1e-6)
-    # more recent buyers are more likely alive; more orders, more expected orders
+    # more recent buyers are more likely alive; five orders placed at once are one purchase occasion, a
+    # customer without a repeat occasion, whom BG/NBD holds alive (dropout follows a repeat purchase)
     buyers = rows[(rows[:, 0] == 5) & (rows[:, 1] == 365) & (rows[:, 3] == 80)]
     alive = run(graph, buyers)["p_alive"]
-    assert alive[0] < alive[1] < alive[2]  # last order at first, halfway, just now
+    assert alive[1] < alive[2]  # last order halfway, just now
+    assert alive[0] == 1.0  # all five at the first order

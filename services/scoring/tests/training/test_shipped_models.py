@@ -116,3 +116,43 @@ def test_shipped_clv_graph_agrees_with_the_reference():
     expected = reference_clv(bgnbd, spend, rows.astype(np.float64), 365)
     for name, values in expected.items():
         assert np.max(np.abs(got[name] - values) / np.maximum(1.0, np.abs(values))) < 1e-4, name
+
+
+NOW = 1_750_000_000.0  # epoch seconds: the time of the change being scored
+DAY = 86_400.0
+
+
+def _customer(orders: int, first_order_ago: float, last_order_ago: float, order_value: float = 40.0) -> dict:
+    """A person's flat profile fields as the scoring service holds them (epoch seconds)."""
+    return {
+        "computed.orders_total": orders,
+        "computed.first_order_at": NOW - first_order_ago,
+        "computed.last_order_at": NOW - last_order_ago,
+        "computed.avg_order_value": order_value,
+        "computed.signed_up_at": NOW - first_order_ago - 60.0,
+    }
+
+
+def test_shipped_clv_does_not_extrapolate_a_burst_of_orders_from_a_customer_seconds_old():
+    """Three orders placed seconds apart by a customer a few seconds old are one purchase occasion: they say
+    nothing about how often the customer buys. So the shipped model (onnxruntime session and feature
+    assembly as the service runs them) must give that customer no more expected purchases than a customer
+    of the same age with one order, and a value of at most that many purchases at its own expected order
+    value. Read as a Poisson rate, three orders in five seconds gave 24 orders in the next year."""
+    model = load_model((MODELS_DIR / "clv.onnx").read_bytes())
+    people = {
+        "burst": _customer(3, 5.0, 1.0),
+        "one order": _customer(1, 5.0, 5.0),
+        "steady": _customer(3, 14 * DAY, 1.0),  # three orders a week apart: a real purchase rate
+    }
+    scores = model.run(model.assembler.matrix(list(people.values()), NOW))
+    column = {name: j for j, name in enumerate(model.spec.score_names)}
+    got = {person: {score: float(scores[i, j]) for score, j in column.items()} for i, person in enumerate(people)}
+    burst, one = got["burst"], got["one order"]
+    assert burst["clv_expected_purchases_365d"] <= one["clv_expected_purchases_365d"] * (1 + 1e-5)
+    assert burst["clv_value_365d"] <= one["clv_expected_purchases_365d"] * burst["clv_expected_order_value"] * (
+        1 + 1e-5
+    )
+    assert burst["clv_p_alive"] == pytest.approx(1.0)  # no repeat purchase occasion, so no dropout yet
+    # orders spread over days still tell the model how often the customer buys
+    assert got["steady"]["clv_expected_purchases_365d"] > 2 * one["clv_expected_purchases_365d"]

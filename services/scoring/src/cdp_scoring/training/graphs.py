@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from cdp_scoring.domain import METADATA_KEY, ModelSpec
-from cdp_scoring.training.bgnbd import BgNbd, GammaGamma, series_terms
+from cdp_scoring.training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, repeat_occasions, series_terms
 
 OPSET = 17
 PRODUCER = "cdp-scoring-training"
@@ -79,10 +79,13 @@ def clv_graph(
     input_name: str,
     horizon_days: float,
     terms: int,
+    occasion_days: float = OCCASION_DAYS,
 ) -> onnx.ModelProto:
     """features [N, 5] = (orders_total, days since first order, days since last order, average order value,
     days since sign-up) -> p_alive, expected purchases in the next `horizon_days`, expected order value, CLV.
 
+    x counts repeat purchase occasions: the orders after the first, at most one per whole `occasion_days`
+    between the first and the last order (`bgnbd.repeat_occasions`), so a burst of orders is one occasion.
     Without an order the BG/NBD formulas are read with x = 0 and T = days since sign-up (a customer about
     whom only "no purchase over T" is known); p_alive is then 1 by the model (dropout follows a purchase)."""
     r, alpha, a, b = bgnbd.r, bgnbd.alpha, bgnbd.a, bgnbd.b
@@ -95,6 +98,7 @@ def clv_graph(
         _const("zero", 0.0),
         _const("one", 1.0),
         _const("week", 7.0),
+        _const("occasion_days", occasion_days),
         _const("r", r),
         _const("alpha", alpha),
         _const("b_minus_1", b - 1),
@@ -122,16 +126,20 @@ def clv_graph(
         n("Max", ["raw_last", "zero"], ["last"]),
         n("Max", ["raw_aov", "zero"], ["aov"]),
         n("Max", ["raw_seen", "zero"], ["seen"]),
-        n("Sub", ["orders", "one"], ["orders_minus_1"]),
-        n("Max", ["orders_minus_1", "zero"], ["x"]),
         n("Greater", ["orders", "zero"], ["has_order"]),
+        n("Sub", ["first", "last"], ["span_days"]),
+        n("Max", ["span_days", "zero"], ["span_pos"]),
+        n("Where", ["has_order", "span_pos", "zero"], ["tx_days"]),
+        # x = repeat occasions: orders after the first, at most one per whole occasion_days of the span
+        n("Sub", ["orders", "one"], ["orders_minus_1"]),
+        n("Max", ["orders_minus_1", "zero"], ["repeat_orders"]),
+        n("Div", ["tx_days", "occasion_days"], ["span_occasions"]),
+        n("Floor", ["span_occasions"], ["whole_occasions"]),
+        n("Min", ["repeat_orders", "whole_occasions"], ["x"]),
         n("Greater", ["x", "zero"], ["has_repeat"]),
         # T and t_x in weeks; without an order T is the time since sign-up and t_x is 0
         n("Where", ["has_order", "first", "seen"], ["T_days"]),
         n("Div", ["T_days", "week"], ["T"]),
-        n("Sub", ["first", "last"], ["span_days"]),
-        n("Max", ["span_days", "zero"], ["span_pos"]),
-        n("Where", ["has_order", "span_pos", "zero"], ["tx_days"]),
         n("Div", ["tx_days", "week"], ["tx_raw"]),
         n("Min", ["tx_raw", "T"], ["tx"]),
         # p_alive = 1 / (1 + [x > 0] a / (b + x - 1) ((alpha + T) / (alpha + t_x))^(r + x))
@@ -203,15 +211,20 @@ def clv_graph(
 
 
 def reference_clv(
-    bgnbd: BgNbd, gamma_gamma: GammaGamma, features: np.ndarray, horizon_days: float
+    bgnbd: BgNbd,
+    gamma_gamma: GammaGamma,
+    features: np.ndarray,
+    horizon_days: float,
+    occasion_days: float = OCCASION_DAYS,
 ) -> dict[str, np.ndarray]:
     """What the CLV graph must output, from numpy/scipy (hyp2f1, gammaln) in float64."""
     f = np.maximum(np.asarray(features, dtype=np.float64), 0)
     orders, first, last, aov, seen = f.T
     has = orders > 0
-    x = np.maximum(orders - 1, 0)
+    span_days = np.where(has, np.maximum(first - last, 0), 0)
+    x = repeat_occasions(orders, span_days, occasion_days)
     T = np.where(has, first, seen) / 7
-    t_x = np.minimum(np.where(has, np.maximum(first - last, 0), 0) / 7, T)
+    t_x = np.minimum(span_days / 7, T)
     p_alive = bgnbd.p_alive(x, t_x, T)
     expected = bgnbd.expected(horizon_days / 7, x, t_x, T)
     value = gamma_gamma.expected(orders, aov)

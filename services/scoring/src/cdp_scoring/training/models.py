@@ -24,7 +24,7 @@ from sklearn.ensemble import IsolationForest
 
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.training import metrics
-from cdp_scoring.training.bgnbd import BgNbd, GammaGamma, summaries, terms_needed
+from cdp_scoring.training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, summaries, terms_needed
 from cdp_scoring.training.dataset import PopulationFields, matrix
 from cdp_scoring.training.graphs import (
     append_nodes,
@@ -309,6 +309,7 @@ def clv(data: Data) -> Built:
     X = _clv_inputs(data, data.train_fields, data.train).astype(np.float64)
     orders, first, last, aov = X[:, 0], X[:, 1], X[:, 2], X[:, 3]
     buyers = orders > 0
+    # x counts repeat purchase occasions (orders less than a day apart are one), in the fit as in the graph
     x, t_x, T = summaries(orders[buyers], first[buyers], last[buyers])
     bgnbd = BgNbd.fit(x, t_x, T)
     spend = GammaGamma.fit(orders[buyers], aov[buyers])
@@ -318,7 +319,9 @@ def clv(data: Data) -> Built:
     x_max = max(2 * float(x.max()), 50.0)
     T_max = (data.train.cutoff - data.train.start) / 86_400 / 7 + 52
     terms, series_error = terms_needed(bgnbd, horizon, x_max, T_max, tolerance=1e-7)
-    model = clv_graph(bgnbd, spend, input_name=INPUT, horizon_days=CLV_HORIZON_DAYS, terms=terms)
+    model = clv_graph(
+        bgnbd, spend, input_name=INPUT, horizon_days=CLV_HORIZON_DAYS, terms=terms, occasion_days=OCCASION_DAYS
+    )
 
     X_test = _clv_inputs(data, data.test_fields, data.test)
     graph = run(model, X_test)
@@ -335,6 +338,7 @@ def clv(data: Data) -> Built:
         # full precision: the graph's parameters, so anyone can recompute its outputs from the spec
         "bgnbd": bgnbd.as_dict(),
         "gamma_gamma": spend.as_dict(),
+        "purchase_occasion_days": OCCASION_DAYS,
         "bgnbd_parameter_recovery": parameter_recovery(data.seed, data.recovery_customers),
         "hyp2f1_series": {
             "terms": terms,
@@ -355,7 +359,7 @@ def clv(data: Data) -> Built:
         data,
         int(buyers.sum()),
         {"repeat_buyers": int((x > 0).sum())},
-        "order history at the cutoff (x repeat orders, t_x, T in weeks; mean order value)",
+        "order history at the cutoff (x repeat purchase occasions, t_x, T in weeks; mean order value)",
         "BG/NBD and Gamma-Gamma by maximum likelihood (scipy L-BFGS-B), served as a hand-built ONNX graph",
     )
     example = int(np.flatnonzero(X_test[:, 0] >= 3)[0])
@@ -364,8 +368,9 @@ def clv(data: Data) -> Built:
         name="clv",
         description=(
             "Customer lifetime value: BG/NBD (purchases, P(alive)) and Gamma-Gamma (order value) from the "
-            "order history; CLV = expected orders in 365 days x expected order value, undiscounted. Without an "
-            "order, x = 0 and T = days since sign-up."
+            "order history; CLV = expected orders in 365 days x expected order value, undiscounted. Repeat "
+            "orders count at most one per day between the first and the last order (a burst is one purchase "
+            "occasion). Without an order, x = 0 and T = days since sign-up."
         ),
         features=CLV_FEATURES,
         outputs=CLV_OUTPUTS,
