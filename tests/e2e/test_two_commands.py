@@ -1,5 +1,6 @@
-"""The README's promise, run for real: `make up` brings the platform up on a fresh workspace, the
-README's examples work against it, and Ctrl-C stops everything cleanly."""
+"""The README's promise, run for real: `make up` brings the platform up on a fresh workspace (even when
+the usual ports are taken), the README's examples work against it as written, a service that dies is
+restarted while the others stay up, and Ctrl-C stops everything cleanly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,26 +35,78 @@ def wait_healthy(env: dict, timeout: float = 90.0) -> dict:
     raise AssertionError(f"platform not healthy after {timeout}s: {result.stdout} {result.stderr}")
 
 
+def occupy(port: int) -> socket.socket | None:
+    """Hold a port as another program would (None when something already holds it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
 @pytest.fixture
 def platform(tmp_path):
-    env = {**os.environ, "CDP_HOME": str(tmp_path / "cdp-home")}
+    # A user's home of its own: `cdpctl up` records the running platform there for cdpctl in other folders.
+    user_home = tmp_path / "user"
+    user_home.mkdir()
+    env = {
+        **os.environ,
+        "CDP_HOME": str(tmp_path / "cdp-home"),
+        "HOME": str(user_home),
+        "UV_CACHE_DIR": os.environ.get("UV_CACHE_DIR", os.path.expanduser("~/.cache/uv")),
+    }
+    # The collector's HTTP port and profile's gRPC port are taken: the README must still work as written.
+    held = {port: sock for port in (8080, 50053) if (sock := occupy(port)) is not None}
     log = open(tmp_path / "make-up.log", "w+")
     proc = subprocess.Popen(
         ["make", "-s", "up"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         status = wait_healthy(env)
-        yield env, status, proc, log
+        yield env, status, proc, log, set(held)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # A failed test: stop as Ctrl-C does. The services and nats-server run in sessions of their own,
+            # so killing make's group alone would leave them running.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         log.close()
+        for sock in held.values():
+            sock.close()
+
+
+def merge_two_people(run: dict) -> tuple[str, str]:
+    """A merge for the README's `cdpctl unmerge MERGE_ID`: two generated users merged through the API."""
+    import grpc
+
+    from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+
+    token = Path(run["admin_token_file"]).read_text().strip()
+    metadata = [("authorization", f"Bearer {token}")]
+    with grpc.insecure_channel(run["services"]["identity"]["grpc"]) as channel:
+        identity = identity_pb2_grpc.IdentityServiceStub(channel)
+        persons = []
+        for user in ("user-1", "user-2"):
+            key = identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type="user_id", value=user))
+            persons.append(identity.Lookup(key, metadata=metadata, timeout=10).person_id)
+        merged = identity.Merge(
+            identity_pb2.MergeRequest(person_id=persons[0], other_person_id=persons[1], reason="e2e", force=True),
+            metadata=metadata,
+            timeout=10,
+        )
+    return merged.merge.merge_id, merged.merge.loser
 
 
 @pytest.mark.timeout(240)
 def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
-    env, status, proc, log = platform
+    env, status, proc, log, held_ports = platform
     assert status["healthy"] and status["services"]["collector"]["health"] == "SERVING"
     home = Path(env["CDP_HOME"])
     assert (home / "nats" / "jetstream").is_dir(), "JetStream data lives in the project-local folder"
@@ -62,7 +116,11 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         line for block in readme_blocks("bash") for line in block.splitlines() if line.startswith(".venv/bin/cdpctl ")
     ]
     assert any(" send " in c for c in commands) and any(" status" in c for c in commands)
+    run = json.loads((home / "run.json").read_text())
     for command in commands:
+        if "MERGE_ID" in command:
+            merge_id, loser = merge_two_people(run)
+            command = command.replace("MERGE_ID", merge_id)
         for _attempt in range(40):
             result = subprocess.run(
                 command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -92,17 +150,40 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         if " profile " in command:
             document = json.loads(result.stdout)
             assert document["eventCount"] == "1" and "user_id:u1" in document["identifiers"]
+        if " lag" in command:
+            assert "EVENTS_RAW" in result.stdout and "identity" in result.stdout, result.stdout
+        if " dlq" in command:
+            assert "dead letters" in result.stdout, result.stdout
+        if " graph " in command:
+            assert any(i["identifier"]["value"] == "u1" for i in json.loads(result.stdout)["identifiers"])
+        if " unmerge " in command:
+            assert json.loads(result.stdout)["loser"] == loser
+        if " quarantine " in command:
+            assert "user_id quarantined" in result.stdout, result.stdout
+        if " export " in command:
+            assert json.loads(result.stdout)["person_id"], result.stdout
+        if " delete " in command:
+            assert json.loads(result.stdout)["requestId"], result.stdout
+            gone = subprocess.run([CDPCTL, "profile", "user_id", "u1"], env=env, capture_output=True, text=True)
+            assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr, gone.stderr
+    commands_run = " ".join(commands)
+    for name in ("lag", "dlq", "graph", "unmerge", "quarantine", "export", "delete"):
+        assert f" {name}" in commands_run, f"the README shows cdpctl {name}"
 
-    # The README's SDK example, with the write key and host `make up` printed.
-    run = json.loads((home / "run.json").read_text())
+    # cdpctl finds the running platform from any folder, without CDP_HOME.
+    elsewhere = {k: v for k, v in env.items() if k != "CDP_HOME"}
+    result = subprocess.run([CDPCTL, "status", "--json"], cwd=tmp_path, env=elsewhere, capture_output=True, text=True)
+    assert result.returncode == 0 and json.loads(result.stdout)["home"] == str(home), result.stdout + result.stderr
+
+    # The README's SDK example as written, run as the README says: `.venv/bin/python` from the repository root.
+    if 8080 in held_ports:
+        assert not run["services"]["collector"]["http"].endswith(":8080")
+    if 50053 in held_ports:
+        assert not run["services"]["profile"]["grpc"].endswith(":50053")
     (snippet,) = readme_blocks("python")
-    snippet = (
-        snippet.replace("<the write key make up printed>", run["write_key"])
-        .replace("http://127.0.0.1:8080", run["services"]["collector"]["http"])
-        .replace("127.0.0.1:50053", run["services"]["profile"]["grpc"])
-        .replace(".cdp/secrets/admin.token", str(home / "secrets" / "admin.token"))
+    result = subprocess.run(
+        [".venv/bin/python", "-c", snippet], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     # The output the README shows: the profile built from the SDK's events.
     expected = re.search(r"^# (pro .*)$", snippet, flags=re.M).group(1)
@@ -125,6 +206,25 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         metrics = response.read().decode()
     assert "cdp_collector_events" in metrics and 'transport="http"' in metrics
 
+    # A service that dies is restarted, the others stay up.
+    victim = run["services"]["collector"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = json.loads((home / "run.json").read_text())
+        if now["services"]["collector"]["pid"] != victim:
+            break
+        time.sleep(0.2)
+    assert now["services"]["collector"]["pid"] != victim, "collector was not restarted"
+    status = wait_healthy(env, timeout=60)
+    assert all(svc["health"] == "SERVING" for svc in status["services"].values()), status
+    for name, svc in run["services"].items():
+        if name != "collector":
+            assert now["services"][name]["pid"] == svc["pid"], f"{name} was restarted too"
+    log.seek(0)
+    assert "collector exited (killed by SIGKILL); restarting it in 1 s" in log.read()
+    run = now
+
     # Ctrl-C: everything stops, nothing is left running.
     pids = [svc["pid"] for svc in run["services"].values()]
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: the whole foreground group
@@ -139,7 +239,7 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     assert not (home / "run.json").exists()
     log.seek(0)
     output = log.read()
-    assert "cdp is up" in output and "stopped." in output
+    assert "cdp is up" in output and "collector is SERVING again" in output and "stopped." in output
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
