@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
+from cdp_collector.domain import MAX_DEPTH
 from cdp_kit.bus import partition_for
 
 
@@ -75,6 +76,29 @@ async def test_invalid_events_are_rejected_by_field_and_the_rest_stored(collecto
     assert by_index[1].status == collector_pb2.EVENT_STATUS_REJECTED and by_index[1].error.field == "events[1].event"
     assert by_index[2].error.field.startswith("events[2].") and "user_id" in by_index[2].error.message
     assert by_index[3].error.code == "event_too_large" and "32768" in by_index[3].error.message
+    stored = await collector.stored(expected=2)
+    assert [e.message_id for _, e in stored] == ["ok1", "ok2"]
+
+
+async def test_what_no_downstream_service_can_hold_is_rejected_alone(collector):
+    nul_id = track("bad1", user_id="u\x00")
+    nul_key = track("bad2")
+    nul_key.traits.update({"e\x00mail": "a@b.co"})
+    too_deep = track("bad3")
+    deep: object = 1
+    for _ in range(MAX_DEPTH - 1):
+        deep = {"a": deep}
+    too_deep.properties.update({"a": deep})
+    reply = await collect(collector, [track("ok1"), nul_id, nul_key, too_deep, track("ok2")])
+    assert (reply.accepted, reply.rejected) == (2, 3)
+    errors = {r.index: (r.status, r.error.code, r.error.field) for r in reply.results if r.index in (1, 2, 3)}
+    rejected = collector_pb2.EVENT_STATUS_REJECTED
+    assert errors == {
+        1: (rejected, "invalid_character", "events[1].user_id"),
+        2: (rejected, "invalid_character", "events[2].traits.e\\u0000mail"),
+        3: (rejected, "nesting_too_deep", "events[3].properties" + ".a" * (MAX_DEPTH - 1)),
+    }
+    assert f"deeper than {MAX_DEPTH} levels" in reply.results[3].error.message
     stored = await collector.stored(expected=2)
     assert [e.message_id for _, e in stored] == ["ok1", "ok2"]
 

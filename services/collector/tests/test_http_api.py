@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from cdp.events.v1 import events_pb2
+from cdp_collector.domain import MAX_DEPTH
 
 
 def basic(key):
@@ -131,6 +132,36 @@ async def test_wrong_types_name_the_field_and_valid_events_are_still_stored(coll
     assert rejected["index"] == 1 and rejected["field"] == "batch[1].userId" and rejected["messageId"] == "bad"
     stored = await collector.stored(expected=2)
     assert [e.message_id for _, e in stored] == ["m0", "m2"]
+
+
+async def test_what_no_downstream_store_can_hold_is_refused_per_event_and_the_rest_stored(collector):
+    # One NUL in an identifier or a key would make identity's store refuse the whole batch downstream,
+    # after this answer said "stored": it is refused here, alone, naming the field.
+    batch = [track(i) for i in range(101)]
+    batch[3]["userId"] = "u\x001"
+    batch[40]["properties"] = {"a\x00": 1}
+    batch[77]["properties"] = {"note": "NUL in a value is fine: \x00"}
+    status, reply, _ = await post(collector, "/v1/batch", {"batch": batch})
+    assert status == 400 and reply["error"]["code"] == "invalid_events" and reply["accepted"] == 99
+    assert [(r["index"], r["code"], r["field"]) for r in reply["rejected"]] == [
+        (3, "invalid_character", "batch[3].userId"),
+        (40, "invalid_character", "batch[40].properties.a\\u0000"),
+    ]
+    stored = await collector.stored(expected=99)
+    assert {e.message_id for _, e in stored} == {f"m{i}" for i in range(101)} - {"m3", "m40"}
+
+
+async def test_nesting_beyond_the_limit_is_refused_naming_the_path_and_the_limit(collector):
+    deep: object = 1
+    for _ in range(MAX_DEPTH):
+        deep = {"a": deep}
+    status, reply, _ = await post(collector, "/v1/batch", {"batch": [track(0, properties=deep), track(1)]})
+    assert status == 400 and reply["accepted"] == 1
+    (rejected,) = reply["rejected"]
+    assert rejected["code"] == "nesting_too_deep"
+    assert rejected["field"] == "batch[0].properties" + ".a" * (MAX_DEPTH - 1)
+    assert f"deeper than {MAX_DEPTH} levels" in rejected["message"]
+    await collector.stored(expected=1)
 
 
 async def test_an_event_over_32kb_is_rejected_naming_the_limit(collector):

@@ -50,7 +50,7 @@ def padded_to(size: int, *, extra_when_measured: dict | None = None, **fields) -
 
 
 def test_the_defaults_are_segments_documented_limits():
-    assert (MAX_EVENT_BYTES, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_DEPTH) == (32_768, 512_000, 2_500, 32)
+    assert (MAX_EVENT_BYTES, MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_DEPTH) == (32_768, 512_000, 2_500, 24)
     assert Limits() == Limits(max_event_bytes=32 * 1024, max_batch_bytes=500 * 1024, max_batch_events=2500)
 
 
@@ -166,15 +166,15 @@ def nested(levels: int, leaf: object = 1) -> object:
     return value
 
 
-def test_nesting_up_to_32_levels_is_accepted_counting_the_event_as_level_1():
-    # event (1) > properties (2) > 30 more containers = 32
-    assert parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(30)}}).all_errors == [()]
-    parsed = parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(31)}})
+def test_nesting_up_to_24_levels_is_accepted_counting_the_event_as_level_1():
+    # event (1) > properties (2) > 22 more containers = 24
+    assert parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(22)}}).all_errors == [()]
+    parsed = parse("track", {"userId": "u", "event": "E", "properties": {"deep": nested(23)}})
     (error,) = parsed.all_errors[0]
     assert error.code == Code.NESTING_TOO_DEEP
-    # The path names the container at level 33: properties.deep is level 3, then 30 more steps.
-    assert error.field.startswith("properties.deep") and error.field.count("[0]") + error.field.count(".a") == 30
-    assert "deeper than 32 levels" in error.message
+    # The path names the container at level 25: properties.deep is level 3, then 22 more steps.
+    assert error.field.startswith("properties.deep") and error.field.count("[0]") + error.field.count(".a") == 22
+    assert "deeper than 24 levels" in error.message
 
 
 def dicts(levels: int) -> dict:
@@ -190,7 +190,7 @@ def test_every_event_accepted_decodes_with_protobufs_default_recursion_limit(pla
     # event the limit lets through in each place, and decode it the way every consumer downstream will.
     payload: dict = {"messageId": "m", "userId": "u", "event": "E"}
     if place in ("properties", "traits", "integrations"):
-        payload[place] = dicts(MAX_DEPTH - 1)  # levels 2..32
+        payload[place] = dicts(MAX_DEPTH - 1)  # levels 2..24
     elif place == "extra":
         payload["custom"] = dicts(MAX_DEPTH - 1)
     else:

@@ -20,23 +20,34 @@ RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 text = st.text(alphabet=st.characters(codec="utf-8"), max_size=24)
-nonblank = st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40).filter(str.strip)
+# NUL is valid in string values, but not in object keys or identifiers (downstream stores cannot hold it
+# there), and a message id holds no control character nor surrounding whitespace (see storable.py).
+no_nul = st.characters(codec="utf-8", exclude_characters="\x00")
+keys = st.text(alphabet=no_nul, max_size=24)
+nonblank = st.text(alphabet=no_nul, min_size=1, max_size=40).filter(str.strip)
+message_ids = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cc"]), min_size=1, max_size=40).filter(
+    lambda s: s == s.strip() and s
+)
 ids = st.one_of(nonblank, st.integers(min_value=-(2**70), max_value=2**70))
 safe_numbers = st.one_of(
     st.integers(min_value=-(2**53), max_value=2**53), st.floats(allow_nan=False, allow_infinity=False)
 )
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), safe_numbers, text),
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(text, children, max_size=4)),
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=4)),
     max_leaves=16,
 )
-json_objects = st.dictionaries(text, json_values, max_size=6)
+json_objects = st.dictionaries(keys, json_values, max_size=6)
+# Every top-level string of traits may be an identifier for identity: no NUL there.
+trait_objects = st.dictionaries(
+    keys, json_values.filter(lambda v: not (isinstance(v, str) and "\x00" in v)), max_size=6
+)
 moments = st.datetimes(
     min_value=datetime(1990, 1, 1),
     max_value=datetime(2040, 1, 1),
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=2)), timezone(timedelta(hours=-7, minutes=-30))]),
 )
-unknown_keys = text.filter(lambda key: key not in _SLOTS and key != GENERATED_MESSAGE_ID_KEY)
+unknown_keys = keys.filter(lambda key: key not in _SLOTS and key != GENERATED_MESSAGE_ID_KEY)
 
 
 @st.composite
@@ -50,7 +61,7 @@ def contexts(draw) -> dict:
     if draw(st.booleans()):
         context["page"] = {key: draw(text) for key in ("path", "referrer", "search", "title", "url")}
     if draw(st.booleans()):
-        context["device"] = {"id": draw(text), "adTrackingEnabled": draw(st.booleans()), "model": draw(text)}
+        context["device"] = {"id": draw(keys), "adTrackingEnabled": draw(st.booleans()), "model": draw(text)}
     if draw(st.booleans()):
         context["screen"] = {
             "width": draw(st.integers(0, 2**31 - 1)),
@@ -60,13 +71,13 @@ def contexts(draw) -> dict:
     if draw(st.booleans()):
         context["location"] = {"latitude": draw(st.floats(-90, 90)), "longitude": draw(st.floats(-180, 180))}
     if draw(st.booleans()):
-        context["traits"] = draw(json_objects)
+        context["traits"] = draw(trait_objects)
     if draw(st.booleans()):
-        context["consent"] = {"categoryPreferences": draw(st.dictionaries(text, st.booleans(), max_size=3))}
+        context["consent"] = {"categoryPreferences": draw(st.dictionaries(keys, st.booleans(), max_size=3))}
     known = {"ip", "userAgent", "locale", "timezone", "library", "page", "device", "screen", "location", "traits",
              "consent", "groupId", "app", "campaign", "os", "network"}  # fmt: skip
     for key, value in draw(
-        st.dictionaries(text.filter(lambda k: k not in known and "_" not in k), json_values, max_size=3)
+        st.dictionaries(keys.filter(lambda k: k not in known and "_" not in k), json_values, max_size=3)
     ).items():
         context[key] = value
     return context
@@ -75,7 +86,7 @@ def contexts(draw) -> dict:
 @st.composite
 def segment_events(draw) -> dict:
     kind = draw(st.sampled_from(sorted(EVENT_TYPES)))
-    event: dict = {"type": kind, "messageId": draw(nonblank)}
+    event: dict = {"type": kind, "messageId": draw(message_ids)}
     if kind == "alias":
         event["userId"] = draw(ids)
         event["previousId"] = draw(ids)
@@ -97,9 +108,9 @@ def segment_events(draw) -> dict:
     if kind in ("track", "page", "screen") and draw(st.booleans()):
         event["properties"] = draw(json_objects)
     if kind in ("identify", "group") and draw(st.booleans()):
-        event["traits"] = draw(json_objects)
+        event["traits"] = draw(trait_objects)
     if draw(st.booleans()):
-        event["integrations"] = draw(st.dictionaries(text, st.one_of(st.booleans(), json_objects), max_size=3))
+        event["integrations"] = draw(st.dictionaries(keys, st.one_of(st.booleans(), json_objects), max_size=3))
     if draw(st.booleans()):
         event["context"] = draw(contexts())
     if draw(st.booleans()):

@@ -28,6 +28,9 @@ class Code(StrEnum):
     NESTING_TOO_DEEP = "nesting_too_deep"
     EVENT_TOO_LARGE = "event_too_large"
     RESERVED_FIELD = "reserved_field"
+    #: A character a downstream store cannot hold where it is (NUL in an identifier or an object key,
+    #: a control character in the message id): see storable.py.
+    INVALID_CHARACTER = "invalid_character"
     # Not a problem with the event: dropped on purpose because its person asked to be suppressed.
     SUPPRESSED = "suppressed"
 

@@ -30,6 +30,7 @@ from cdp_collector.domain.clock import (
 )
 from cdp_collector.domain.errors import Code, FieldError, join
 from cdp_collector.domain.limits import DEFAULT_LIMITS, Limits, check_event_bytes
+from cdp_collector.domain.storable import id_problems, message_id_problem, struct_problems
 
 #: Key in `Event.extra` marking a message_id the server generated. Clients may not send it themselves.
 GENERATED_MESSAGE_ID_KEY = "cdp:messageIdGenerated"
@@ -108,6 +109,11 @@ def validate_event(
                 limits.max_message_id_chars,
             )
         )
+    else:
+        problem = message_id_problem(message_id, _field(base, names, "message_id"), _label(names, "message_id"))
+        if problem is not None:
+            errors.append(problem)
+    errors.extend(id_problems(event, base=base, names=names))
     for attr in _IDS:
         value = getattr(event, attr)
         if len(value) > limits.max_id_chars:
@@ -240,6 +246,8 @@ def prepare_grpc_event(
         errors.append(FieldError(Code.INVALID_TIMESTAMP, where, str(exc)))
 
     errors.extend(validate_event(event, limits=limits, base=base))
+    # Protobuf events were measured by no JSON walk: nesting is checked here, with NUL in keys.
+    errors.extend(struct_problems(event, base=base, json_paths=False, max_depth=limits.max_depth))
     return errors
 
 

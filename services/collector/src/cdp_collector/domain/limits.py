@@ -17,14 +17,20 @@ What is measured (the tests pin each boundary):
   spaces and `\\u` escapes), so an event they let through fits. Protobuf (gRPC): `Event.ByteSize()` as
   received, before the collector fills in server fields. Over → `event_too_large` for that event only; the
   rest of the batch goes on.
-- **Nesting** (`max_depth`, 32): objects and arrays inside one event, counting the event object as level 1
-  (so `properties` is level 2). Keeps a pathological payload from costing the server (the JSON decoder
-  itself stops at 1,024 levels for the request as a whole) — and, the reason for 32 rather than a rounder
-  64: every consumer decodes events with protobuf's default recursion limit of 100 nested messages, and
-  a JSON object inside a Struct costs three of them (map entry, Value, Struct). At 34 levels an accepted
-  event could no longer be decoded downstream and would poison the stream; 33 is the ceiling, 32 leaves a
-  margin (pinned by a test). Protobuf (gRPC) events are not walked again: the same decoder limit has
-  bounded them on the way in.
+- **Nesting** (`max_depth`, 24): objects and arrays inside one event, counting the event object as level 1
+  (so `properties` is level 2, `context.traits` level 3; the event's unknown keys sit at level 1 and
+  unknown context keys at level 2, as in the JSON). Over → `nesting_too_deep` for that event only, naming
+  the path of the first container beyond the limit and the limit. The reason is protobuf, not taste: every
+  consumer decodes with protobuf's default recursion limit of 100 nested messages, a JSON object inside a
+  Struct costs three of them (map entry, Value, Struct), and the accepted event is later wrapped deeper
+  than it arrived. The tightest wrapper is profile's `ExportResponse` (a group's traits sit 14 messages
+  below the document), where 29 levels still decode and 30 do not; `events.resolved` (ResolvedEventBatch
+  > ResolvedEvent > Event) decodes up to 32. 24 leaves five levels of margin under the tightest, for
+  wrappers yet to come (a test serializes and parses the deepest accepted event in every one of them).
+  Segment documents no nesting limit; real payloads rarely pass ten levels. JSON is measured while it is
+  converted (the decoder itself stops at 1,024 levels for the request as a whole); protobuf events (gRPC)
+  are walked with the same count, since the gRPC decoder's own limit applies to the request, one level
+  shallower than `events.resolved` holds the event.
 
 Sizes are in bytes with KB = 1,024 bytes, as Segment and its SDKs count them.
 """
@@ -38,7 +44,7 @@ from cdp_collector.domain.errors import Code, FieldError
 MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2_500
-MAX_DEPTH = 32
+MAX_DEPTH = 24
 MAX_MESSAGE_ID_CHARS = 100
 MAX_ID_CHARS = 256
 MAX_EVENT_NAME_CHARS = 200

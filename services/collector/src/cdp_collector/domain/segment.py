@@ -83,6 +83,7 @@ from cdp_collector.domain.limits import (
     check_event_count,
     check_request_bytes,
 )
+from cdp_collector.domain.storable import struct_problems
 from cdp_collector.domain.structs import fill_struct
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(
@@ -148,6 +149,7 @@ _BATCH_ENVELOPE = frozenset(
 _DIGITS_AFTER_SEPARATORS = bytes.maketrans(b"0123456789:,[", b"0000000000:::")
 _DROPPED = b" \t\r\n-"
 _LONG_INTEGER = b":" + b"0" * 19
+_NUL_ESCAPE = b"\\u0000"
 
 
 @dataclass(slots=True)
@@ -226,12 +228,16 @@ def parse_request(
     if type(write_key) is not str:
         write_key = None
     received_ns = datetime_to_ns(received_at)
+    # JSON carries NUL only as this escape (a raw control character is invalid JSON), so a body without it
+    # skips the walk for NUL in keys and identifier traits (storable.py).
+    has_nul = _NUL_ESCAPE in body
     if kind == "batch":
-        return _parse_batch(document, write_key, received_ns, source_id, limits)
+        return _parse_batch(document, write_key, received_ns, source_id, limits, has_nul)
     event, problems = _convert(
         document,
         size=_measure(document),
         expected=kind,
+        has_nul=has_nul,
         base="",
         batch_sent=None,
         received_ns=received_ns,
@@ -278,7 +284,7 @@ def _measure(item: dict) -> int:
 
 
 def _parse_batch(
-    document: dict, write_key: str | None, received_ns: int, source_id: str, limits: Limits
+    document: dict, write_key: str | None, received_ns: int, source_id: str, limits: Limits, has_nul: bool
 ) -> ParsedRequest:
     items = document.get("batch")
     if items is None:
@@ -331,6 +337,7 @@ def _parse_batch(
             item,
             size=_measure(item),
             expected=None,
+            has_nul=has_nul,
             base=base,
             batch_sent=batch_sent,
             received_ns=received_ns,
@@ -359,6 +366,7 @@ def _convert(
     *,
     size: int,
     expected: str | None,
+    has_nul: bool,
     base: str,
     batch_sent: int | None,
     received_ns: int,
@@ -485,12 +493,14 @@ def _convert(
         problem = fill_context(event.context, value, path=_path(base, spelled, _CONTEXT), max_depth=max_depth)
         if problem is not None:
             errors.append(problem)
-        if event_type == IDENTIFY and values[_TRAITS] is None and event.context.HasField("traits"):
-            event.traits.CopyFrom(event.context.traits)
     if extra:
         problem = fill_struct(event.extra, extra, depth=1, path=base, max_depth=max_depth)
         if problem is not None:
             errors.append(problem)
+    if has_nul:
+        errors.extend(struct_problems(event, base=base, json_paths=True, max_depth=None))
+    if event_type == IDENTIFY and values[_TRAITS] is None and event.context.HasField("traits"):
+        event.traits.CopyFrom(event.context.traits)
 
     set_timestamp(event.received_at, received_ns)
     if sent_ns is not None:

@@ -25,7 +25,7 @@ def fill_struct(struct: Struct, mapping: dict, *, depth: int, path: str, max_dep
     level 1, so `properties` is 2); `path` names it in errors. Returns the first problem, leaving `struct`
     partly filled: the caller drops the event then."""
     if depth > max_depth:
-        return _too_deep(path, max_depth)
+        return too_deep(path, max_depth)
     stack: list[tuple[object, object, int, str]] = [(mapping, struct.fields, depth, path)]
     pop = stack.pop
     push = stack.append
@@ -52,7 +52,7 @@ def fill_struct(struct: Struct, mapping: dict, *, depth: int, path: str, max_dep
                     target[key].null_value = 0
                 elif kind is dict or kind is list:
                     if not deeper:
-                        return _too_deep(join(where, key), max_depth)
+                        return too_deep(join(where, key), max_depth)
                     if kind is dict:
                         if value:
                             push((value, target[key].struct_value.fields, level + 1, join(where, key)))
@@ -81,7 +81,7 @@ def fill_struct(struct: Struct, mapping: dict, *, depth: int, path: str, max_dep
                     add().null_value = 0
                 elif kind is dict or kind is list:
                     if not deeper:
-                        return _too_deep(f"{where}[{index}]", max_depth)
+                        return too_deep(f"{where}[{index}]", max_depth)
                     if kind is dict:
                         if value:
                             push((value, add().struct_value.fields, level + 1, f"{where}[{index}]"))
@@ -94,7 +94,7 @@ def fill_struct(struct: Struct, mapping: dict, *, depth: int, path: str, max_dep
     return None
 
 
-def _too_deep(where: str, max_depth: int) -> FieldError:
+def too_deep(where: str, max_depth: int) -> FieldError:
     return FieldError(
         Code.NESTING_TOO_DEEP,
         where,
