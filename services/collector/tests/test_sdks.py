@@ -91,3 +91,132 @@ async def test_sdk_retries_through_a_bus_outage_and_nothing_is_lost(collector, n
     assert errors == []
     stored = await collector.stored(expected=20)
     assert sorted(e.properties["i"] for _, e in stored) == list(range(20))
+
+
+# --- errors, as each SDK reads them ---------------------------------------------------------------------
+#
+# The SDKs' consumers (what a `Client` runs in its thread) drive the real collector, unchanged; only
+# their HTTP session is wrapped to count the POSTs. A 4xx other than 429 must reach the application
+# once, with the collector's code and message; 429 and 503 must be retried until the events are stored.
+
+
+class CountingSession:
+    def __init__(self, real) -> None:
+        self.real = real
+        self.posts = 0
+
+    def post(self, url, **kwargs):
+        self.posts += 1
+        return self.real.post(url, **kwargs)
+
+
+def sdk_consumer(sdk: str, monkeypatch, collector, *, write_key=None, retries=2):
+    """(consumer, its queue, its POST counter, the SDK's APIError)."""
+    from queue import Queue
+
+    if sdk == "segment":
+        from segment.analytics import consumer as module
+        from segment.analytics import request
+    else:
+        from rudderstack.analytics import consumer as module
+        from rudderstack.analytics import request
+    session = CountingSession(request._session)
+    monkeypatch.setattr(request, "_session", session)
+    queue: Queue = Queue()
+    consumer = module.Consumer(queue, write_key or collector.write_key, host=collector.http_url, retries=retries)
+    return consumer, queue, session, request.APIError
+
+
+def item(n: int, **fields) -> dict:
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "userId": f"user-{n}",
+        "messageId": f"sdk-{n}",
+        "timestamp": datetime.now(UTC).isoformat(),
+        "properties": {"n": n},
+        **fields,
+    }
+
+
+REFUSALS = {
+    "whole-body-400": (lambda: [item(n) for n in range(2501)], None, 400, "too_many_events", "2500 events"),
+    "per-event-400": (lambda: [item(0), item(1, userId="user\x00")], None, 400, "invalid_events", "batch[1].userId"),
+    "bad-write-key-401": (lambda: [item(0)], "wk_nobody_000000", 401, "unauthorized", "write key"),
+    "too-large-413": (
+        lambda: [item(n, properties={"pad": "x" * 20_000}) for n in range(30)],
+        None,
+        413,
+        "request_too_large",
+        "500 KB",
+    ),
+}
+
+
+@pytest.mark.parametrize("sdk", ["segment", "rudderstack"])
+@pytest.mark.parametrize("case", REFUSALS)
+async def test_sdks_read_a_refusal_and_do_not_retry_it(collector, monkeypatch, sdk, case):
+    make_batch, write_key, status, code, words = REFUSALS[case]
+    consumer, _, session, api_error = sdk_consumer(sdk, monkeypatch, collector, write_key=write_key)
+    with pytest.raises(api_error) as raised:
+        await asyncio.to_thread(consumer.request, make_batch())
+    error = raised.value
+    assert (error.status, error.code) == (status, code)
+    assert words in error.message
+    assert session.posts == 1  # given up at once: a retry cannot fix it
+    if case == "per-event-400":
+        ((_, stored),) = await collector.stored(expected=1)  # the valid event of the batch was stored
+        assert stored.message_id == "sdk-0"
+
+
+async def saturate(collector):
+    publisher = collector.runtime.parts["bus"].publisher
+    publisher.queue_wait = 0.1
+    publisher._budget.used = publisher._budget.capacity
+
+    def release():
+        publisher._budget.used = 0
+
+    return release
+
+
+async def stop_bus(nats_server):
+    nats_server.stop()
+    return nats_server.start
+
+
+@pytest.mark.parametrize("sdk", ["segment", "rudderstack"])
+@pytest.mark.parametrize(
+    ("status", "code", "make_trouble"),
+    [
+        (429, "rate_limited", lambda collector, nats_server: saturate(collector)),
+        (503, "unavailable", lambda collector, nats_server: stop_bus(nats_server)),
+    ],
+    ids=["429", "503"],
+)
+async def test_sdks_read_try_again_later_and_retry_until_stored(
+    collector, nats_server, monkeypatch, sdk, status, code, make_trouble
+):
+    recover = await make_trouble(collector, nats_server)
+    # What the SDK makes of the answer: the collector's code, and a status it treats as temporary.
+    consumer, queue, session, api_error = sdk_consumer(sdk, monkeypatch, collector, retries=0)
+    with pytest.raises(api_error) as raised:
+        await asyncio.to_thread(consumer.request, [item(0)])
+    assert (raised.value.status, raised.value.code) == (status, code)
+    # And it keeps the batch and sends it again once the collector can store it.
+    consumer, queue, session, _ = sdk_consumer(sdk, monkeypatch, collector, retries=6)
+    for n in range(3):
+        queue.put(item(n))
+
+    def deliver() -> bool:
+        # Segment hands a rate-limited batch back to its queue for the next upload; RudderStack retries inside.
+        return any(consumer.upload() for _ in range(6))
+
+    delivering = asyncio.create_task(asyncio.to_thread(deliver))
+    await asyncio.sleep(1.0)
+    assert session.posts >= 1 and not delivering.done()
+    recover()
+    assert await asyncio.wait_for(delivering, 30)
+    assert session.posts >= 2
+    stored = await collector.stored(expected=3)
+    assert sorted(e.message_id for _, e in stored) == ["sdk-0", "sdk-1", "sdk-2"]

@@ -5,11 +5,19 @@ Answers (always JSON):
   200 {"success": true, "accepted": n, "duplicates": d, "suppressed": s}
       every event stored durably, except the `s` suppressed ones: their people asked to be deleted and
       suppressed. Segment answers suppressed users with success too, so SDKs do not retry them.
-  400 {"success": false, "error": {...}, "accepted": k, "rejected": [...]}
+  400 {"success": false, "code": "invalid_events", "message": ..., "error": {...}, "accepted": k, "rejected": [...]}
       some events invalid: each is named with its field and reason; the valid ones *were* stored
-  400 invalid JSON / gzip, 401 unknown write key, 413 over a Segment limit (the limit is named)
+  400 invalid JSON / gzip, 401 unknown write key, 408 a client too slow to send its request,
+  413 over a Segment limit (the limit is named)
   429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
       that a retry would not report as a duplicate
+
+Every error answer carries `code` and `message` at the top level, which is where the Segment (2.4.0) and
+RudderStack (2.1.9) Python SDKs read them (`payload["code"]`, `payload["message"]`; RudderStack's SDK
+fails with a KeyError, and so retries, when they are missing), and again with the `field` at fault under
+`error`. Both SDKs give up on a 4xx other than 429 (Segment's also retries 408) and retry 429 and 5xx:
+so a bad write key or an invalid event is answered 4xx and never retried, and only "try again later"
+(429, 503) is.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ def error_response(
     error = {"code": code, "message": message}
     if field:
         error["field"] = field
-    body = {"success": False, "error": error, **extra}
+    body = {"success": False, "code": code, "message": message, "error": error, **extra}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
