@@ -221,8 +221,15 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     for name, svc in run["services"].items():
         if name != "collector":
             assert now["services"][name]["pid"] == svc["pid"], f"{name} was restarted too"
-    log.seek(0)
-    assert "collector exited (killed by SIGKILL); restarting it in 1 s" in log.read()
+    # The console says what happened, as a supervisor does (the recovery line follows its next health check).
+    for _ in range(100):
+        log.seek(0)
+        console = log.read()
+        if "collector is SERVING again" in console:
+            break
+        time.sleep(0.1)
+    assert "collector exited (killed by SIGKILL); restarting it in 1 s" in console
+    assert "collector is SERVING again" in console
     run = now
 
     # Ctrl-C: everything stops, nothing is left running.
@@ -239,7 +246,7 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     assert not (home / "run.json").exists()
     log.seek(0)
     output = log.read()
-    assert "cdp is up" in output and "collector is SERVING again" in output and "stopped." in output
+    assert "cdp is up" in output and "stopped." in output
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
