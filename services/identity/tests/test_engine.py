@@ -3,13 +3,17 @@ version race to another replica fails its batch, and the retry applies on the st
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from opentelemetry import metrics, trace
 
 from cdp.events.v1 import events_pb2
 from cdp_identity.domain.rules import MergeRules
-from cdp_identity.engine import PERSONS, IdentityEngine
-from cdp_kit.bus import Bus, events_resolved_stream, identity_stream
+from cdp_identity.engine import OUTBOX, PERSONS, IdentityEngine
+from cdp_kit.bus import Bus, PubResult, events_resolved_stream, identity_stream
 from cdp_kit.storage import VersionConflict, open_store
+from cdp_kit.telemetry import Telemetry
 
 
 @pytest.fixture
@@ -84,3 +88,74 @@ async def test_a_redelivered_batch_is_resolved_again_without_changing_the_graph(
     await engine.handle(batch)  # the ack was lost: JetStream delivers the same messages again
     assert engine.graph.partition() == before
     assert (await engine.store.get(PERSONS, engine.graph.person_of("user_id:u0"))).version == stored.version
+
+
+class GatedStore:
+    """The memory store with its next `holds` bulk writes held until the test lets each through."""
+
+    def __init__(self, store, holds: int) -> None:
+        self._store = store
+        self.holds = holds
+        self.held: list[asyncio.Event] = []
+        self.arrived = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def bulk_write(self, ops):
+        if len(self.held) >= self.holds:
+            return await self._store.bulk_write(ops)
+        gate = asyncio.Event()
+        self.held.append(gate)
+        self.arrived.set()
+        await gate.wait()
+        return await self._store.bulk_write(ops)
+
+    async def wait_for_writes(self, n: int) -> None:
+        while len(self.held) < n:
+            self.arrived.clear()
+            await self.arrived.wait()
+
+
+class RecordingPublisher:
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+
+    async def publish_batch(self, messages):
+        self.subjects.extend(m.subject for m in messages)
+        return [PubResult(seq=n) for n, _ in enumerate(messages, 1)]
+
+
+async def test_a_merge_written_while_another_write_publishes_the_outbox_is_not_stranded():
+    async with open_store("memory://") as memory:
+        publisher = RecordingPublisher()
+        engine = IdentityEngine(
+            MergeRules.default(),
+            memory,
+            publisher,
+            partitions=1,
+            telemetry=Telemetry("identity-test", trace.get_tracer("identity-test"), metrics.get_meter("identity-test")),
+        )
+        await engine.start()
+        await engine.resolve([("user_id", "u1")], request_id="r0", at=1_000)
+        await engine.resolve([("anonymous_id", "a1")], request_id="r1", at=1_000)
+        gated = engine.store = GatedStore(memory, holds=2)
+
+        # A write with no notification is queued and held; behind it, the write of a merge.
+        plain = asyncio.create_task(engine.resolve([("user_id", "u2")], request_id="r2", at=2_000))
+        await gated.wait_for_writes(1)
+        merging = asyncio.create_task(
+            engine.resolve([("user_id", "u1"), ("anonymous_id", "a1")], request_id="r3", at=3_000)
+        )
+        await asyncio.sleep(0)  # the merge takes the engine lock first ...
+        async with engine.lock:  # ... and has applied the merge in memory and queued its write once it is free
+            assert any(person.lineage for person in engine.graph.persons.values())
+        # The first write lands and its caller publishes the outbox before the merge's write has landed.
+        gated.held[0].set()
+        await plain
+        await gated.wait_for_writes(2)
+        gated.held[1].set()
+        await merging
+
+        assert publisher.subjects == ["identity.merged"]
+        assert [r async for r in memory.scan_all(OUTBOX)] == []

@@ -20,7 +20,9 @@ from cdp_identity.__main__ import setup
 from cdp_identity.engine import CHECKPOINTS, IDENTIFIERS, MERGES, OUTBOX, PERSONS
 from cdp_identity.matching_service import MODEL, RECORDS, REVIEWS
 from cdp_identity.settings import IdentitySettings
+from cdp_kit.bus import PubResult
 from cdp_kit.service import serving
+from cdp_kit.storage import Delete
 
 COLLECTIONS = (IDENTIFIERS, PERSONS, MERGES, OUTBOX, CHECKPOINTS, RECORDS, MODEL, REVIEWS)
 
@@ -250,3 +252,99 @@ async def test_a_deleted_person_leaves_no_trace_in_any_identity_collection(ident
     assert returned not in (ada, laptop)
     graph = await stub.GetGraph(identity_pb2.GetGraphRequest(person_id=returned))
     assert [(i.identifier.type, i.identifier.value) for i in graph.identifiers] == [("user_id", ADA_USER)]
+
+
+class FailingNotifications:
+    """The bus refusing identity.* notifications (JetStream down for that stream): they wait in the outbox."""
+
+    def __init__(self, publisher) -> None:
+        self.publisher = publisher
+
+    async def publish_batch(self, messages):
+        results = await self.publisher.publish_batch([m for m in messages if not m.subject.startswith("identity.")])
+        passed = iter(results)
+        return [
+            PubResult(error="stream unavailable") if m.subject.startswith("identity.") else next(passed)
+            for m in messages
+        ]
+
+
+async def test_a_deletion_while_notifications_naming_the_person_wait_in_the_outbox(identity):
+    await identity.start()
+    engine = identity.runtime.parts["engine"]
+    engine.publisher = FailingNotifications(engine.publisher)
+    await identity.send(
+        event("evt-ada-laptop", anon="ada-laptop-anon"), event("evt-ada", user=ADA_USER, email=ADA_EMAIL)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:  # merged and stored; its notification is not published
+        await identity.stub.Resolve(
+            identity_pb2.ResolveRequest(
+                identifiers=[
+                    identity_pb2.Identifier(type="user_id", value=ADA_USER),
+                    identity_pb2.Identifier(type="anonymous_id", value="ada-laptop-anon"),
+                ]
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    ada = await identity.person("user_id", ADA_USER)
+    assert (await identity.stored())[OUTBOX], "the merge notification waits in the outbox"
+
+    await identity.delete(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id=ada), "privacy:req-1")
+
+    for kind, value in (("user_id", ADA_USER), ("email", ADA_EMAIL), ("anonymous_id", "ada-laptop-anon")):
+        await not_found(identity.person(kind, value))
+    assert (await identity.stored())[OUTBOX] == {}
+
+
+class HeldPurge:
+    """The store with the purge's write (the one deleting persons) held until released."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def bulk_write(self, ops):
+        if any(isinstance(op, Delete) and op.collection == PERSONS for op in ops):
+            self.holding.set()
+            await self.release.wait()
+        return await self._store.bulk_write(ops)
+
+
+async def test_lookups_while_and_after_a_deletion_is_written_find_nobody(identity):
+    await identity.start()
+    await identity.send(*ADA_EVENTS[:3])
+    ada = await identity.person("user_id", ADA_USER)
+    engine = identity.runtime.parts["engine"]
+    held = engine.store = HeldPurge(engine.store)
+    request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id=ada)
+    await identity.js.publish("privacy.deleted", request.SerializeToString(), headers={"Nats-Msg-Id": "privacy:req-1"})
+    await asyncio.wait_for(held.holding.wait(), 15)
+
+    # The purge is decided but its write has not landed: the store still holds her records.
+    await not_found(identity.person("user_id", ADA_USER))
+    await not_found(identity.person("email", ADA_EMAIL))
+    held.release.set()
+    identity.deletions += 1
+    await until(lambda: identity.runtime.parts["privacy_runner"].handled >= 1, "privacy purge")
+
+    for kind, value in (("user_id", ADA_USER), ("email", ADA_EMAIL), ("anonymous_id", "ada-laptop-anon")):
+        await not_found(identity.person(kind, value))
+    await not_found(identity.stub.Lookup(identity_pb2.LookupRequest(person_id=ada)))
+
+
+async def test_an_identifier_whose_person_is_gone_is_not_found(identity):
+    """What a purge on another replica can leave in the store for a while: the identifier's record,
+    naming a person that no longer exists."""
+    await identity.start()
+    await identity.store.put(
+        IDENTIFIERS, "user_id:ghost", {"person": "p_purged", "first_seen": 1, "event_id": "e1", "conflicts": []}
+    )
+    for _ in range(2):  # and stays so (nothing stale is cached)
+        await not_found(identity.person("user_id", "ghost"))
+    await identity.send(event("evt-ghost-returns", user="ghost"))  # seen again: a person of its own
+    returned = await identity.person("user_id", "ghost")
+    assert returned != "p_purged"

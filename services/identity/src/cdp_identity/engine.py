@@ -24,12 +24,13 @@ import asyncio
 import base64
 import functools
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import timestamp_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
@@ -46,8 +47,9 @@ from cdp_identity.domain.graph import (
 from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, split_key
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
+from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, partition_for
-from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
@@ -65,6 +67,8 @@ OUTBOX_MESSAGES: dict[str, type[Message]] = {
     "identity.quarantined": identity_pb2.IdentifierQuarantined,
 }
 SWEEP_PAGE = 5_000
+# JetStream's default maximum message size, for a publisher that does not tell its connection's.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
 
 
 def _varint(n: int) -> bytes:
@@ -163,13 +167,32 @@ def _strings(message: Message) -> set[str]:
     if isinstance(message, identity_pb2.Identifier):
         found.add(f"{message.type}:{message.value}")
     for descriptor, value in message.ListFields():
-        values = value if descriptor.label == descriptor.LABEL_REPEATED else [value]
+        values = value if descriptor.is_repeated else [value]
         for item in values:
             if isinstance(item, Message):
                 found |= _strings(item)
             elif isinstance(item, str):
                 found.add(item)
     return found
+
+
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def without_values(exc: CdpError) -> CdpError:
+    """The same store error with every quoted string in its message blanked. The store names the key
+    it refused or lost a race on, and identity's keys are identifier values (`email:…`, and the outbox
+    keys of quarantines): errors end up in logs and dead letters, identifier values must not."""
+    scrubbed = exc.__class__.__new__(exc.__class__)
+    scrubbed.__dict__.update(exc.__dict__)
+    scrubbed.message = _QUOTED.sub("'…'", exc.message)
+    scrubbed.args = (scrubbed.message,)
+    if hasattr(exc, "description"):
+        scrubbed.description = _QUOTED.sub("'…'", exc.description)  # type: ignore[attr-defined]
+    for name in ("key", "value"):
+        if hasattr(exc, name):
+            setattr(scrubbed, name, "…")
+    return scrubbed
 
 
 @dataclass(slots=True)
@@ -207,6 +230,8 @@ class IdentityEngine:
         # Per partition subject: the stream position whose effects are durable (the checkpoint).
         self.applied: dict[str, int] = {}
         self._outbox_waiting = True  # notifications may be waiting from before a restart
+        # (collection, key) -> the number of the queued write that deletes it, until that write settles.
+        self._deleting: dict[tuple[str, str], int] = {}
         meter = telemetry.meter
         self._events = meter.create_counter("cdp_identity_events_total", description="events resolved, by outcome")
         self._merges = meter.create_counter("cdp_identity_merges_total", description="persons merged, by rule")
@@ -236,15 +261,19 @@ class IdentityEngine:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Consumer handler for `events.raw.<p>`: resolve, persist, publish; acked by the runner after."""
         items: list[_Item] = []
+        max_payload = getattr(getattr(self.publisher, "nc", None), "max_payload", None) or DEFAULT_MAX_PAYLOAD
         for delivery in batch:
-            event = events_pb2.Event()
+            # Each message is decoded and checked on its own (intake.py): one that could make the
+            # batch's write or publish fail is rejected alone, its neighbours are applied.
             try:
-                event.ParseFromString(delivery.data)
-            except DecodeError as exc:
-                delivery.reject("invalid_event", f"not a cdp.events.v1.Event: {exc}")
+                event = parse_event(delivery.data)
+                event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
+                item = self._item(delivery, event, event_id)
+                check_size(item.raw, [i.key for i in item.identifiers], max_payload)
+            except Unusable as unusable:
+                delivery.reject(unusable.reason, str(unusable))
                 continue
-            event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
-            items.append(self._item(delivery, event, event_id))
+            items.append(item)
         if not items:
             return
         # One consumer per partition: a batch is one subject, in stream order. Reading a message's
@@ -266,6 +295,7 @@ class IdentityEngine:
 
     def _item(self, delivery: Delivery | None, event: events_pb2.Event, event_id: str) -> _Item:
         pairs = self.extractor.extract(event)
+        check_event(event, pairs)
         previous = None
         if pairs and pairs[-1][0] == "previous":
             previous = pairs.pop()[1]
@@ -369,14 +399,16 @@ class IdentityEngine:
             raise InvalidArgument("identifier", f"{kind!r} value is {reason}")
         key = identifiers[0].key
         async with self.lock:
+            await self._recover_if_failed()
             await self._load([key])
             person = self.graph.person_of(key)
         if person is None:
-            raise NotFound(f"no person has identifier {kind}:{value}")
+            raise NotFound(f"no person has this {kind} identifier")
         return person
 
     async def canonical(self, person_id: str) -> str:
         async with self.lock:
+            await self._recover_if_failed()
             await self._load_persons([person_id])
             person = self.graph.canonical(person_id)
         if person is None:
@@ -417,7 +449,7 @@ class IdentityEngine:
         async with self.lock:
             await self._recover_if_failed()
             if merge_id not in self.graph.merge_index:
-                record = await self.store.get(MERGES, merge_id)
+                record = None if (MERGES, merge_id) in self._deleting else await self.store.get(MERGES, merge_id)
                 if record is None:
                     raise NotFound(f"no merge {merge_id!r}")
                 self.graph.load_merge(merge_id, record.doc["winner"])
@@ -458,7 +490,7 @@ class IdentityEngine:
             await self._recover_if_failed()
             await self._load([key])
             if key not in self.graph.identifiers:
-                raise NotFound(f"no identifier {key!r}")
+                raise NotFound(f"no such {split_key(key)[0]} identifier")
             at = int(time.time() * 1000)
             changed = self.graph.quarantine(key, at) if quarantined else self.graph.release(key)
             outbox = []
@@ -588,9 +620,12 @@ class IdentityEngine:
 
     async def _load(self, keys: Iterable[str]) -> None:
         keys = set(keys)
-        missing = self.graph.missing_identifiers(keys)
+        missing = self._not_deleting(IDENTIFIERS, self.graph.missing_identifiers(keys))
         if missing:
-            records = await self.store.get_many(IDENTIFIERS, missing)
+            try:
+                records = await self.store.get_many(IDENTIFIERS, sorted(missing))
+            except CdpError as exc:
+                raise without_values(exc) from None
             for key, record in records.items():
                 self.graph.load_identifier(key, record.doc)
                 self.versions[(IDENTIFIERS, key)] = record.version
@@ -598,11 +633,16 @@ class IdentityEngine:
         # (or only persons the store does not have: a reference a privacy purge left behind elsewhere).
         while needed := self.graph.unresolved_persons(keys):
             if not await self._load_persons(needed):
+                # An identifier whose person is gone belongs to nobody: forget it (its stored version
+                # is kept, so seeing it again attaches it to a new person over the stale record).
+                for key in keys:
+                    if key in self.graph.identifiers and self.graph.person_of(key) is None:
+                        self.graph.forget_identifier(key)
                 break
 
     async def _load_persons(self, person_ids: Iterable[str]) -> int:
         """Load these persons and the way to their roots; how many records were loaded."""
-        wanted = set(self.graph.missing_persons(person_ids))
+        wanted = self._not_deleting(PERSONS, self.graph.missing_persons(person_ids))
         loaded = 0
         while wanted:
             records = await self.store.get_many(PERSONS, sorted(wanted))
@@ -613,8 +653,14 @@ class IdentityEngine:
                 if record.doc.get("merged_into"):
                     follow.add(record.doc["merged_into"])
             loaded += len(records)
-            wanted = set(self.graph.missing_persons(follow))
+            wanted = self._not_deleting(PERSONS, self.graph.missing_persons(follow))
         return loaded
+
+    def _not_deleting(self, collection: str, keys: Iterable[str]) -> set[str]:
+        """`keys` without those a queued write deletes: the store still has them until it lands, and
+        loading one back would resurrect what a privacy purge removed (or leave an identifier pointing
+        at a person that is gone by the next read)."""
+        return {k for k in keys if (collection, k) not in self._deleting}
 
     def _schedule_write(
         self,
@@ -651,32 +697,55 @@ class IdentityEngine:
         for index, (subject, msg_id, payload) in enumerate(outbox):
             document = {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index}
             ops.append(Put(OUTBOX, msg_id, document))
-            self._outbox_waiting = True
         if position is not None and position[1] > self.applied.get(position[0], 0):
             ops.append(Put(CHECKPOINTS, position[0], {"stream_seq": position[1], "at": now}))
-        write = asyncio.ensure_future(self._write_after(self._last_write, ops, position))
+        self._writes += 1
+        for op in ops:
+            if isinstance(op, Delete):
+                self._deleting[(op.collection, op.key)] = self._writes
+        write = asyncio.ensure_future(self._write_after(self._last_write, ops, position, self._writes, bool(outbox)))
         self._last_write = write
         return write
 
     async def _write_after(
-        self, previous: asyncio.Future | None, ops: list[Put | Delete], position: tuple[str, int] | None
+        self,
+        previous: asyncio.Future | None,
+        ops: list[Put | Delete],
+        position: tuple[str, int] | None,
+        number: int,
+        notifies: bool,
     ) -> None:
         try:
             if previous is not None:
                 try:
                     await previous
                 except Exception as exc:
-                    raise Unavailable(f"an earlier identity write failed ({exc!r}); the batch will be retried") from exc
+                    raise Unavailable(
+                        f"an earlier identity write failed ({type(exc).__name__}); the batch will be retried"
+                    ) from None
             if ops:
-                await self.store.bulk_write(ops)
+                try:
+                    await self.store.bulk_write(ops)
+                except CdpError as exc:
+                    raise without_values(exc) from None
         except BaseException:
             self._failed = True
             raise
+        finally:
+            # Landed or failed, the store holds the truth about these keys again.
+            for op in ops:
+                if isinstance(op, Delete) and self._deleting.get((op.collection, op.key)) == number:
+                    del self._deleting[(op.collection, op.key)]
+        if notifies:
+            # Only now can publish_outbox find these notifications: raising the flag when the write was
+            # queued let a publish in between clear it, scan too early, and strand them.
+            self._outbox_waiting = True
         if position is not None:
             self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
     _last_write: asyncio.Future | None = None
     _failed = False
+    _writes = 0  # writes queued so far: numbers them
 
     async def _recover_if_failed(self) -> None:
         """After a failed write: wait for the queued writes to settle, then start from the store again."""
@@ -715,7 +784,8 @@ class IdentityEngine:
             identifier=identifier_message(key), person_id=person, at=timestamp(at)
         )
         log.warning("identifier quarantined", extra={"identifier_type": split_key(key)[0], "person": person})
-        return [("identity.quarantined", f"quarantine:{key}:{at}", message.SerializeToString())]
+        # The key is also the JetStream message id: a digest, not the identifier value.
+        return [("identity.quarantined", f"quarantine:{stable_id('q_', key)}:{at}", message.SerializeToString())]
 
     async def publish_outbox(self) -> None:
         """Publish notifications the last writes left in the outbox, then delete them."""
@@ -733,7 +803,10 @@ class IdentityEngine:
         results = await self.publisher.publish_batch(messages)
         done = [Delete(OUTBOX, r.key) for r, result in zip(pending, results, strict=True) if result.ok]
         if done:
-            await self.store.bulk_write(done)
+            try:
+                await self.store.bulk_write(done)
+            except CdpError as exc:
+                raise without_values(exc) from None
         if len(done) < len(pending):
             self._outbox_waiting = True
             raise Unavailable(f"{len(pending) - len(done)} identity notifications not yet published; will retry")

@@ -239,12 +239,23 @@ class IdentityGraph:
         return person.id
 
     def person_of(self, key: str) -> str | None:
+        """The root person of an identifier; None when it is unknown or its person is (a reference a
+        privacy purge elsewhere left behind)."""
         state = self.identifiers.get(key)
-        return None if state is None else self.root_of(state.person)
+        return None if state is None else self.canonical(state.person)
 
     def canonical(self, person_id: str) -> str | None:
-        """The live person a (possibly merged-away) person id now belongs to."""
-        return self.root_of(person_id) if person_id in self.persons else None
+        """The live person a (possibly merged-away) person id now belongs to; None when it, or a person
+        on the way to its root, is not known (never was, or was purged)."""
+        person = self.persons.get(person_id)
+        while person is not None and person.merged_into is not None:
+            person = self.persons.get(person.merged_into)
+        return None if person is None else person.id
+
+    def forget_identifier(self, key: str) -> None:
+        """Drop an identifier from the cache without deleting its record (one whose person is gone)."""
+        self.identifiers.pop(key, None)
+        self.dirty_identifiers.discard(key)
 
     def identifiers_of(self, root: str) -> list[str]:
         return list(self.persons[root].ids)

@@ -73,7 +73,8 @@ class Normalizer:
         kind = self.rules.type(kind_name)
         if kind is None:
             return Rejected(kind_name, _redact(value), "unknown_type")
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "\x00" in value:
+            # A NUL cannot be part of a stored key on any backend: such a value identifies nothing.
             return Rejected(kind_name, "", "invalid")
         if self.rules.is_blocked(kind, value):
             return Rejected(kind_name, _redact(value), "blocked")

@@ -1,0 +1,97 @@
+"""What one `events.raw` message must be for identity to apply it without failing the batch around it.
+
+A batch is applied and written as one (engine.py), so anything a single message can make fail later -
+the store refusing a key, a number it cannot hold, JetStream refusing the resolved message, a consumer
+downstream failing to parse the batch the event is re-wrapped into - would cost every event in the
+batch its delivery. Each message is therefore checked here on its own first, and one that fails is
+rejected alone (dead-lettered with the reason and the field, never the value).
+
+Found by trying (protobuf runtime upb, the kit's storage port, nats-server):
+
+- bytes that are not an Event, invalid UTF-8 in a string, or nesting deeper than the decoder's limit:
+  the decoder refuses them. The limit counts the messages around the event too, and identity publishes
+  each event inside a `ResolvedEventBatch` two levels down, so the event is decoded at that depth here:
+  an event that decodes alone but not inside the batch would otherwise poison every consumer of
+  `events.resolved` (seen at 32 levels of nested `properties`);
+- a NUL character in an identifier value: its key ("type:value") is refused by every store backend;
+- a timestamp outside 0001-01-01..9999-12-31: milliseconds past the signed 64-bit range are refused by
+  the store, and `Timestamp` cannot represent them anyway;
+- an event so large that, wrapped with its person and identifiers, it would exceed the server's maximum
+  message size on `events.resolved`.
+
+Over-long identifier values are not poison: the normaliser drops them as invalid (MAX_VALUE_CHARS) and
+the event is resolved on the rest.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from cdp.events.v1 import events_pb2
+
+# Timestamp's own range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z), in seconds.
+MIN_SECONDS = -62_135_596_800
+MAX_SECONDS = 253_402_300_799
+# Room on a resolved message for what identity adds around the raw event beyond its identifier keys
+# (person id, field tags, dropped identifiers' reasons) and for the headers (message id, trace context).
+RESOLVED_OVERHEAD_BYTES = 4 * 1024
+
+
+class Unusable(Exception):
+    """One message identity cannot apply. `field` names where (an identifier type, `timestamp`), and
+    the message says what is wrong with it without quoting it."""
+
+    def __init__(self, reason: str, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.reason = reason
+        self.field = field
+        self.problem = problem
+
+
+def _length_delimited_header(field_number: int, size: int) -> bytes:
+    out = bytearray([field_number << 3 | 2])
+    while True:
+        byte = size & 0x7F
+        size >>= 7
+        if size:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def parse_event(data: bytes) -> events_pb2.Event:
+    """The event, decoded as deep as consumers of `events.resolved` will decode it (inside a
+    `ResolvedEvent` inside a `ResolvedEventBatch`), so that whatever decodes here decodes there."""
+    inner = _length_delimited_header(1, len(data)) + data
+    wrapped = _length_delimited_header(1, len(inner)) + inner
+    try:
+        batch = events_pb2.ResolvedEventBatch.FromString(wrapped)
+    except DecodeError as exc:
+        # upb's message names the type and the problem (bad UTF-8, too deep), never the content.
+        problem = str(exc).rsplit(": ", 1)[-1] if ": " in str(exc) else "not decodable"
+        raise Unusable("invalid_event", "event", f"not a cdp.events.v1.Event ({problem})") from None
+    return batch.events[0].event
+
+
+def check_event(event: events_pb2.Event, pairs: list[tuple[str, str]]) -> None:
+    """Raise Unusable when the store could not hold what this event would write."""
+    for kind, value in pairs:
+        if "\x00" in value:
+            raise Unusable("invalid_identifier", kind, "the value contains a NUL character, which no store keys hold")
+    for name in ("timestamp", "received_at"):
+        if event.HasField(name):
+            seconds = getattr(event, name).seconds
+            if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+                raise Unusable("invalid_event", name, "is outside 0001-01-01..9999-12-31")
+
+
+def check_size(raw: bytes, identifier_keys: list[str], max_payload: int) -> None:
+    """Raise Unusable when the resolved message for this event could not be published."""
+    size = len(raw) + sum(len(key.encode()) + 8 for key in identifier_keys) + RESOLVED_OVERHEAD_BYTES
+    if size > max_payload:
+        raise Unusable(
+            "too_large",
+            "event",
+            f"{len(raw)} bytes; resolved it would exceed the bus's maximum message size of {max_payload} bytes",
+        )
