@@ -2,7 +2,8 @@
 
 One batch of `events.raw` is applied like this (ARCHITECTURE.md §2):
 
-1. parse and normalise every event's identifiers (outside the lock);
+1. parse and normalise every event's identifiers (outside the lock); a message that could make the
+   batch's write or publish fail is rejected alone to the dead-letter stream (intake.py);
 2. under the engine lock: load the identifiers and persons the batch touches that are not cached,
    resolve every event in stream order, then write the changed records, the merge notifications
    (outbox) and the stream checkpoint in one bulk write;
