@@ -53,9 +53,13 @@ async def setup(runtime: ServiceRuntime) -> None:
         collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
         scopes={"Collect": PUBLIC},
     )
-    http = HttpApi(sources, ingestor, limits, suppression)
+    http = HttpApi(sources, ingestor, limits, suppression, body_timeout=settings.http_body_timeout)
     runner, port = await start_http(
-        http, settings.http_host, settings.http_port, shutdown_grace=settings.shutdown_grace
+        http,
+        settings.http_host,
+        settings.http_port,
+        shutdown_grace=settings.shutdown_grace,
+        header_timeout=settings.http_header_timeout,
     )
     runtime.stack.push_async_callback(runner.cleanup)
     http.ready = True

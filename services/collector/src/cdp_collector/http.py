@@ -22,6 +22,7 @@ so a bad write key or an invalid event is answered 4xx and never retried, and on
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -52,6 +53,17 @@ def error_response(
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
+async def _close_after(response: web.Response, request: web.Request) -> web.Response:
+    """Send `response`, then close the connection at once: aiohttp would otherwise keep reading the rest of
+    an unread body for its lingering time, which is what a slow client is not to be given."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.protocol is not None:
+        request.protocol.force_close()
+    return response
+
+
 def _basic_write_key(header: str | None) -> str | None:
     if not header:
         return None
@@ -65,14 +77,25 @@ def _basic_write_key(header: str | None) -> str | None:
     return decoded.partition(":")[0] or None
 
 
+class SlowBody(Exception):
+    """The client did not send its whole body within the body timeout."""
+
+
 class HttpApi:
     def __init__(
-        self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits, suppression: SuppressionList
+        self,
+        sources: SourceRegistry,
+        ingestor: Ingestor,
+        limits: Limits,
+        suppression: SuppressionList,
+        *,
+        body_timeout: float = 30.0,
     ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
+        self.body_timeout = body_timeout
         self.ready = False
 
     def app(self) -> web.Application:
@@ -113,7 +136,12 @@ class HttpApi:
         )
 
     async def _body(self, request: web.Request) -> bytes:
-        raw = await request.read()
+        # A client trickling its body would otherwise hold a connection and a buffer for as long as it likes.
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise SlowBody from None
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("", "identity"):
             body = raw
@@ -149,6 +177,15 @@ class HttpApi:
             raise RequestRejected(too_large.code, too_large.field, too_large.message, status=413)
         return body
 
+    async def _request_timeout(self, request: web.Request) -> web.Response:
+        log.info("closed a connection that sent its body too slowly", extra={"transport": "http", "path": request.path})
+        response = error_response(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {self.body_timeout:g} seconds: nothing was stored; send it again",
+        )
+        return await _close_after(response, request)
+
     def _handler(self, kind: str):
         async def handle(request: web.Request) -> web.Response:
             return await self._collect(kind, request)
@@ -174,6 +211,8 @@ class HttpApi:
             return error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'})
         except RequestRejected as exc:
             return error_response(exc.status or 400, str(exc.code), exc.message, field=exc.field)
+        except SlowBody:
+            return await self._request_timeout(request)
         valid = [e for e in parsed.events if e is not None]
         suppressed = 0
         if self.suppression:  # nobody suppressed (the common case): no event is even looked at
@@ -239,10 +278,20 @@ class HttpApi:
         )
 
 
-async def start_http(api: HttpApi, host: str, port: int, *, shutdown_grace: float = 10.0) -> tuple[web.AppRunner, int]:
+async def start_http(
+    api: HttpApi, host: str, port: int, *, shutdown_grace: float = 10.0, header_timeout: float = 10.0
+) -> tuple[web.AppRunner, int]:
     # auto_decompress off: we inflate ourselves, bounded, with a clear error on bad gzip.
+    # keepalive_timeout is the header timeout: aiohttp closes a connection whose handler has been waiting
+    # that long for a complete request head - counted from the connection's opening or its previous answer,
+    # and not reset by partial data - so a client trickling its headers is cut off like an idle one.
     runner = web.AppRunner(
-        api.app(), access_log=None, auto_decompress=False, handle_signals=False, shutdown_timeout=shutdown_grace
+        api.app(),
+        access_log=None,
+        auto_decompress=False,
+        handle_signals=False,
+        shutdown_timeout=shutdown_grace,
+        keepalive_timeout=header_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -37,6 +37,18 @@ class CollectorSettings(ServiceSettings):
         "CDP_EVENTS_DEDUP_WINDOW", 600.0, help="seconds JetStream remembers message ids to drop retried events"
     )
     retention_days: float = env("CDP_EVENTS_RETENTION_DAYS", 7.0, help="days events.raw keeps events")
+    http_header_timeout: float = env(
+        "CDP_COLLECTOR_HTTP_HEADER_TIMEOUT",
+        10.0,
+        help="seconds an HTTP connection has to send a request's headers, counted from when it opened or its "
+        "previous answer was sent (so also how long an idle keep-alive connection stays open); then it is closed",
+    )
+    http_body_timeout: float = env(
+        "CDP_COLLECTOR_HTTP_BODY_TIMEOUT",
+        30.0,
+        help="seconds an HTTP request has to send its whole body once its headers arrived; slower gets 408 and "
+        "the connection is closed",
+    )
     suppression_load_timeout: float = env(
         "CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT",
         60.0,
@@ -55,6 +67,12 @@ class CollectorSettings(ServiceSettings):
         ):
             if value < 1:
                 problems.append(f"{name}={value} is invalid: must be positive")
+        for name, seconds in (
+            ("CDP_COLLECTOR_HTTP_HEADER_TIMEOUT", self.http_header_timeout),
+            ("CDP_COLLECTOR_HTTP_BODY_TIMEOUT", self.http_body_timeout),
+        ):
+            if not seconds > 0:
+                problems.append(f"{name}={seconds} is invalid: must be a positive number of seconds")
         if self.suppression_load_timeout <= 0:
             problems.append(
                 f"CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT={self.suppression_load_timeout} is invalid: must be positive"
