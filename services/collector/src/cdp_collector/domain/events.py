@@ -113,7 +113,6 @@ def validate_event(
         problem = message_id_problem(message_id, _field(base, names, "message_id"), _label(names, "message_id"))
         if problem is not None:
             errors.append(problem)
-    errors.extend(id_problems(event, base=base, names=names))
     for attr in _IDS:
         value = getattr(event, attr)
         if len(value) > limits.max_id_chars:
@@ -246,7 +245,8 @@ def prepare_grpc_event(
         errors.append(FieldError(Code.INVALID_TIMESTAMP, where, str(exc)))
 
     errors.extend(validate_event(event, limits=limits, base=base))
-    # Protobuf events were measured by no JSON walk: nesting is checked here, with NUL in keys.
+    # What no store downstream can hold; nesting too, as no JSON walk has measured a protobuf event.
+    errors.extend(id_problems(event, base=base, names=None))
     errors.extend(struct_problems(event, base=base, json_paths=False, max_depth=limits.max_depth))
     return errors
 

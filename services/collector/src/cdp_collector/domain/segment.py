@@ -83,7 +83,7 @@ from cdp_collector.domain.limits import (
     check_event_count,
     check_request_bytes,
 )
-from cdp_collector.domain.storable import struct_problems
+from cdp_collector.domain.storable import id_problems, struct_problems
 from cdp_collector.domain.structs import fill_struct
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(
@@ -520,6 +520,8 @@ def _convert(
     if spelled is not None:
         names = {**JSON_NAMES, **{_PROTO[slot]: spelled[slot] for slot in range(len(_CAMEL))}}
     problems = validate_event(event, limits=limits, base=base, names=names)
+    if has_nul:
+        problems += id_problems(event, base=base, names=names)
     if errors:
         # One problem per field, the first found: a field that could not be read also looks "missing" to
         # validation, and a conflicting spelling may be mistyped too.

@@ -120,50 +120,121 @@ def struct_problems(event: events_pb2.Event, *, base: str, json_paths: bool, max
     protobuf events, which no JSON walk has measured). One problem per struct at most: the first found.
 
     `json_paths` names fields as the Segment JSON had them (the event's unknown keys at the event's own
-    level, unknown context keys under `context`); otherwise proto names (`extra.…`, `context.extra.…`)."""
+    level, unknown context keys under `context`); otherwise proto names (`extra.…`, `context.extra.…`).
+    This runs for every gRPC event: paths are only built for a problem."""
     errors: list[FieldError] = []
-    # (struct, its path relative to the event, nesting level of the object it stands for, whether its
-    # top-level strings are identifiers)
-    structs: list[tuple[struct_pb2.Struct, str, int, bool]] = []
-    if event.HasField("properties"):
-        structs.append((event.properties, "properties", 2, False))
-    if event.HasField("traits"):
-        structs.append((event.traits, "traits", 2, True))
-    if event.HasField("integrations"):
-        structs.append((event.integrations, "integrations", 2, False))
-    if event.HasField("extra"):
-        structs.append((event.extra, "" if json_paths else "extra", 1, False))
-    if event.HasField("context"):
-        context = event.context
-        if context.HasField("traits"):
-            structs.append((context.traits, "context.traits", 3, True))
-        if context.HasField("extra"):
-            extra_path = "context" if json_paths else "context.extra"
-            structs.append((context.extra, extra_path, 2, False))
-            if "externalIds" in context.extra.fields:
-                errors.extend(_external_id_problems(context.extra.fields["externalIds"], base, extra_path))
-        if context.HasField("consent"):
-            for attr, json_name in (
-                ("category_preferences", "categoryPreferences"),
-                ("channel_preferences", "channelPreferences"),
-            ):
-                for purpose in getattr(context.consent, attr):
-                    if NUL in purpose:
-                        name = json_name if json_paths else attr
-                        errors.append(_nul_in_key(join(base, f"context.consent.{name}.{shown_key(purpose)}")))
-                        break
-    for struct, relative, level, identifiers in structs:
-        path = join(base, relative) if relative else base
-        if identifiers:
-            for key, value in struct.fields.items():
-                if value.WhichOneof("kind") == "string_value" and NUL in value.string_value:
-                    label = f"{relative}.{shown_key(key)}"
-                    errors.append(_nul_in_id(join(base, label), label))
-                    break
-        problem = _walk(struct, path, level, max_depth)
-        if problem is not None:
-            errors.append(problem)
+    has = event.HasField
+    if has("properties"):
+        _check_struct(event.properties, "properties", 2, False, base, max_depth, errors)
+    if has("traits"):
+        _check_struct(event.traits, "traits", 2, True, base, max_depth, errors)
+    if has("integrations"):
+        _check_struct(event.integrations, "integrations", 2, False, base, max_depth, errors)
+    if has("extra"):
+        _check_struct(event.extra, "" if json_paths else "extra", 1, False, base, max_depth, errors)
+    if not has("context"):
+        return errors
+    context = event.context
+    has = context.HasField
+    if has("traits"):
+        _check_struct(context.traits, "context.traits", 3, True, base, max_depth, errors)
+    if has("extra"):
+        extra_path = "context" if json_paths else "context.extra"
+        _check_struct(context.extra, extra_path, 2, False, base, max_depth, errors)
+        if "externalIds" in context.extra.fields:
+            errors.extend(_external_id_problems(context.extra.fields["externalIds"], base, extra_path))
+    if has("consent"):
+        for attr, json_name in (
+            ("category_preferences", "categoryPreferences"),
+            ("channel_preferences", "channelPreferences"),
+        ):
+            purposes = getattr(context.consent, attr)
+            if purposes and NUL in "".join(purposes):
+                purpose = next(p for p in purposes if NUL in p)
+                name = json_name if json_paths else attr
+                errors.append(_nul_in_key(join(base, f"context.consent.{name}.{shown_key(purpose)}")))
     return errors
+
+
+def _check_struct(
+    struct: struct_pb2.Struct,
+    relative: str,
+    level: int,
+    identifiers: bool,
+    base: str,
+    max_depth: int | None,
+    errors: list[FieldError],
+) -> None:
+    found = _walk(struct, level, max_depth, identifiers)
+    if found is None:
+        return
+    trail, problem = found
+    path = join(base, relative) if relative else base
+    label = relative
+    for step in _steps(trail):
+        if type(step) is int:
+            path, label = f"{path}[{step}]", f"{label}[{step}]"
+        else:
+            path, label = join(path, shown_key(step)), join(label, shown_key(step))
+    if problem == _NUL_KEY:
+        errors.append(_nul_in_key(path))
+    elif problem == _NUL_ID:
+        errors.append(_nul_in_id(path, label))
+    else:
+        errors.append(too_deep(path, max_depth))  # type: ignore[arg-type]
+
+
+def _steps(trail: tuple | None) -> list:
+    steps = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(step)
+    return steps[::-1]
+
+
+_NUL_KEY, _NUL_ID, _TOO_DEEP = range(3)
+
+
+def _walk(struct: struct_pb2.Struct, level: int, max_depth: int | None, identifiers: bool) -> tuple[tuple, int] | None:
+    """The first problem in `struct` as (trail, what): a NUL key, a NUL in a top-level string when
+    `identifiers`, or (with max_depth) a container nested beyond the limit. A trail is (parent trail, key
+    or index), built only for containers and problems. Iterative: a deep event costs a longer list, not
+    Python recursion. This runs for every gRPC event, so it touches each value once."""
+    limit = max_depth if max_depth is not None else 1 << 30
+    stack: list[tuple[object, bool, int, tuple | None]] = [(struct.fields, False, level, None)]
+    pop, push = stack.pop, stack.append
+    top = identifiers
+    while stack:
+        container, is_list, depth, trail = pop()
+        deeper = depth < limit
+        if is_list:
+            for index, value in enumerate(container):  # type: ignore[arg-type]
+                kind = value.WhichOneof("kind")
+                if kind == "struct_value":
+                    if not deeper:
+                        return (trail, index), _TOO_DEEP
+                    push((value.struct_value.fields, False, depth + 1, (trail, index)))
+                elif kind == "list_value":
+                    if not deeper:
+                        return (trail, index), _TOO_DEEP
+                    push((value.list_value.values, True, depth + 1, (trail, index)))
+            continue
+        if NUL in "".join(container):  # type: ignore[arg-type]
+            return (trail, next(k for k in container if NUL in k)), _NUL_KEY  # type: ignore[attr-defined]
+        for key, value in container.items():  # type: ignore[attr-defined]
+            kind = value.WhichOneof("kind")
+            if kind == "struct_value":
+                if not deeper:
+                    return (trail, key), _TOO_DEEP
+                push((value.struct_value.fields, False, depth + 1, (trail, key)))
+            elif kind == "list_value":
+                if not deeper:
+                    return (trail, key), _TOO_DEEP
+                push((value.list_value.values, True, depth + 1, (trail, key)))
+            elif top and kind == "string_value" and NUL in value.string_value:
+                return (trail, key), _NUL_ID
+        top = False
+    return None
 
 
 def _external_id_problems(value: struct_pb2.Value, base: str, context_path: str) -> list[FieldError]:
@@ -175,31 +246,3 @@ def _external_id_problems(value: struct_pb2.Value, base: str, context_path: str)
                 label = f"{context_path}.externalIds[{index}].{name}"
                 errors.append(_nul_in_id(join(base, label), label))
     return errors
-
-
-def _walk(struct: struct_pb2.Struct, path: str, level: int, max_depth: int | None) -> FieldError | None:
-    """The first NUL key or (with max_depth) container nested beyond the limit. Iterative: a deep event
-    costs a longer list, not Python recursion."""
-    stack: list[tuple[object, str, int]] = [(struct, path, level)]
-    while stack:
-        container, where, depth = stack.pop()
-        deeper = max_depth is None or depth < max_depth
-        if isinstance(container, struct_pb2.Struct):
-            for key, value in container.fields.items():
-                if NUL in key:
-                    return _nul_in_key(join(where, shown_key(key)))
-                kind = value.WhichOneof("kind")
-                if kind == "struct_value" or kind == "list_value":
-                    inner = join(where, shown_key(key))
-                    if not deeper:
-                        return too_deep(inner, max_depth)  # type: ignore[arg-type]
-                    stack.append((getattr(value, kind), inner, depth + 1))
-        else:
-            for index, value in enumerate(container.values):  # type: ignore[attr-defined]
-                kind = value.WhichOneof("kind")
-                if kind == "struct_value" or kind == "list_value":
-                    inner = f"{where}[{index}]"
-                    if not deeper:
-                        return too_deep(inner, max_depth)  # type: ignore[arg-type]
-                    stack.append((getattr(value, kind), inner, depth + 1))
-    return None
