@@ -44,7 +44,7 @@ from cdp_collector.domain.structs import too_deep
 NUL = "\x00"
 _CONTROL = frozenset(chr(c) for c in (*range(0x20), 0x7F))
 
-#: Top-level identifier fields (proto name), checked on every event of both doors.
+#: Top-level identifier fields (proto name): checked on every gRPC event, and over HTTP when the body has a NUL.
 ID_FIELDS = ("user_id", "anonymous_id", "previous_id", "group_id")
 _DEVICE_IDS = (("id", "id"), ("advertising_id", "advertisingId"), ("token", "token"))
 
