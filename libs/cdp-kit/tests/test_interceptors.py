@@ -54,6 +54,8 @@ class Recorder:
         self._seen("Fail")
         if request == b"bad-field":
             raise InvalidArgument("traits.email", "must contain '@'")
+        if request == b"bad-value":
+            raise InvalidArgument("traits.email", "'ada.example.com' must contain '@'")
         if request == b"abort":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "handler said no")
         if request == b"set-code":
@@ -223,11 +225,24 @@ async def test_a_domain_error_becomes_its_status_with_details(observed, caplog):
     (span,) = observed.server_spans()
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert span.status.status_code == StatusCode.ERROR
-    assert span.status.description == "traits.email: must contain '@'"
+    assert span.status.description == "INVALID_ARGUMENT"
     assert observed.durations() == {("/test.Svc/Fail", "INVALID_ARGUMENT"): 1}
     (line,) = [r for r in caplog.records if r.name == "cdp.grpc"]
     assert (line.levelname, line.getMessage(), line.status) == ("INFO", "grpc call rejected", "INVALID_ARGUMENT")
-    assert line.method == "/test.Svc/Fail" and line.detail == "traits.email: must contain '@'"
+    assert (line.method, line.reason, line.field) == ("/test.Svc/Fail", "invalid_argument", "traits.email")
+
+
+async def test_the_caller_hears_the_value_that_failed_the_log_and_span_do_not(observed, caplog):
+    caplog.set_level(logging.DEBUG)
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await channel.unary_unary("/test.Svc/Fail")(b"bad-value")
+
+    assert "ada.example.com" in bad.value.details()  # the caller's own value, to fix their request
+    (span,) = observed.server_spans()
+    assert "ada.example.com" not in (span.status.description or "")
+    for record in caplog.records:
+        assert "ada.example.com" not in str({**record.__dict__, "msg": record.getMessage()}), record.name
 
 
 async def test_an_unexpected_error_is_internal_and_names_only_the_trace(observed, caplog):
@@ -256,7 +271,8 @@ async def test_a_status_the_handler_set_itself_passes_through(observed):
 
     assert (aborted.value.code(), aborted.value.details()) == (grpc.StatusCode.FAILED_PRECONDITION, "handler said no")
     assert (set_code.value.code(), set_code.value.details()) == (grpc.StatusCode.ALREADY_EXISTS, "exists already")
-    assert [s.status.description for s in observed.server_spans()] == ["handler said no", "exists already"]
+    # The caller hears the details; the span (exported like a log) keeps the status only.
+    assert [s.status.description for s in observed.server_spans()] == ["FAILED_PRECONDITION", "ALREADY_EXISTS"]
     assert observed.durations() == {
         ("/test.Svc/Fail", "FAILED_PRECONDITION"): 1,
         ("/test.Svc/Fail", "ALREADY_EXISTS"): 1,

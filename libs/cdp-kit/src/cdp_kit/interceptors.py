@@ -65,6 +65,11 @@ OPEN_SERVICES = (
 )
 
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("cdp_caller", default=ANONYMOUS)
+# The domain error a call ended with, as a log may show it: its reason code and, for bad input, the field.
+# Never the message: it names the value that failed for the caller's sake, and values are customer data.
+_rejection: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "cdp_rejection", default=None
+)
 
 # A call without trace context starts a new trace (extracting from an empty carrier gives the same).
 _NO_PARENT = Context()
@@ -318,6 +323,7 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(method: _Method, context, exc: Exception):
         """End the call with the status `exc` stands for; always raises grpc.aio.AbortError."""
         if isinstance(exc, CdpError):
+            _rejection.set((exc.reason, getattr(exc, "field", None)))
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
         log.exception("unhandled error in %s", method.name, exc_info=exc)
         span_context = trace.get_current_span().get_span_context()
@@ -341,18 +347,22 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
                 return
             status = code.name if isinstance(code, grpc.StatusCode) else str(code)
             self._duration.record(elapsed_ms, method.metric_attributes(status))
-            details = context.details()
             if status in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
                 log.error(
                     "grpc call failed", extra={"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
                 )
             else:
-                log.info(
-                    "grpc call rejected",
-                    extra={"method": method.name, "status": status, "detail": details, "ms": round(elapsed_ms, 2)},
-                )
+                # The status details are the caller's: they quote the value that failed. The log and the
+                # span (exported like a log) get the reason code and the field only.
+                reason, field = _rejection.get() or (None, None)
+                extra = {"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
+                if reason is not None:
+                    extra["reason"] = reason
+                if field is not None:
+                    extra["field"] = field
+                log.info("grpc call rejected", extra=extra)
             span.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else code)
-            span.set_status(Status(StatusCode.ERROR, str(details or code)))
+            span.set_status(Status(StatusCode.ERROR, status))
         finally:
             context_api.detach(attached)
             span.end()

@@ -230,7 +230,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(f"no person holds {request.identifier_type} {request.identifier_value!r}") from None
+                raise NotFound(f"no person holds this {request.identifier_type}") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise InvalidArgument("identifier_value", exc.details() or "rejected by identity") from None
             raise Unavailable(f"identity lookup failed: {exc.code().name} {exc.details()}", retry_after=1.0) from None
