@@ -2,8 +2,10 @@
 
 async with Bus.connect(settings.nats_url, name="collector", telemetry=t) as bus:
     await bus.ensure_streams(events_raw_stream())
-    results = await bus.publisher.publish_batch([OutMessage("events.raw.3", payload, msg_id), ...])
+    results = await bus.publisher.publish_batch([OutMessage(subjects.events_raw(3), payload, msg_id), ...])
     runner = bus.consumer(ConsumerSpec(...), handler)
+
+Stream, subject and durable names: `cdp_kit.bus.subjects` (one owner; nothing else spells them).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
+from cdp_kit.bus import subjects
 from cdp_kit.bus.consumer import ConsumerRunner, ConsumerSpec, Delivery, Handler, delivered_since
-from cdp_kit.bus.partition import Partitioner, owned_partitions, partition_for, partition_subject
+from cdp_kit.bus.partition import Partitioner, owned_partitions, partition_for
 from cdp_kit.bus.publisher import OutMessage, Publisher, PubResult
 from cdp_kit.bus.streams import (
     StreamSpec,
@@ -144,9 +147,9 @@ __all__ = [
     "identity_stream",
     "owned_partitions",
     "partition_for",
-    "partition_subject",
     "privacy_stream",
     "profiles_stream",
     "scores_stream",
     "segments_stream",
+    "subjects",
 ]

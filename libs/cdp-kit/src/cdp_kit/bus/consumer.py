@@ -6,8 +6,8 @@ returned (its effect is durable by then), retry with backoff, dead-letter with t
             if bad(d):
                 d.reject("invalid_event", "missing person id")     # → dead-letter stream, not retried
         await store.bulk_write(...)                               # durable before we return
-    runner = bus.consumer(ConsumerSpec(stream="EVENTS_RAW", durable="identity-p3",
-                                       filter_subjects=("events.raw.3",)), handle)
+    runner = bus.consumer(ConsumerSpec(stream=subjects.EVENTS_RAW, durable=subjects.partition_durable("identity", 3),
+                                       filter_subjects=(subjects.events_raw(3),)), handle)
     runtime.spawn(runner.run(), "consume events.raw.3")
 
 Outcomes per message: acknowledged (default), `retry(reason, delay)` (redelivered later), or
@@ -65,6 +65,7 @@ from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
 
@@ -565,7 +566,7 @@ class ConsumerRunner:
                 DLQ_TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        await self.js.publish(f"dlq.{self.spec.stream}.{self.spec.durable}", data, headers=dlq_headers)
+        await self.js.publish(subjects.dead_letter(self.spec.stream, self.spec.durable), data, headers=dlq_headers)
         # The reason is a code; the detail may quote the payload's values and stays out of the log.
         log.warning("dead-lettered message %d of %s: %s", seq, self.spec.durable, reason)
 

@@ -1,4 +1,4 @@
-"""Partitions of partitioned subjects (`events.raw.<p>`).
+"""Partitions of partitioned subjects (`events.raw.<p>`; the subjects themselves: `cdp_kit.bus.subjects`).
 
 The partition of a key is FNV-1a (32-bit) of its UTF-8 bytes modulo the partition count: the same
 function nats-server's subject-mapping `partition(n, …)` uses, so a producer computing the partition
@@ -24,11 +24,6 @@ def partition_for(key: str, partitions: int) -> int:
     if partitions == 1:
         return 0
     return fnv1a_32(key.encode()) % partitions
-
-
-def partition_subject(prefix: str, partition: int) -> str:
-    """`events.raw` + 3 → `events.raw.3`."""
-    return f"{prefix}.{partition}"
 
 
 def owned_partitions(partitions: int, ordinal: int, replicas: int) -> list[int]:

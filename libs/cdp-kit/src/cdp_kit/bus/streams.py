@@ -1,5 +1,6 @@
 """JetStream streams cdp uses, and idempotent provisioning.
 
+Stream names and subjects come from `cdp_kit.bus.subjects`, which says who publishes and consumes what.
 Every service calls `ensure_stream` for the streams it publishes to at start-up. Creating a stream
 that exists with the same configuration is a no-op; a changed configuration (say a longer retention)
 is applied with an update; two replicas racing to create the same stream both succeed.
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
+
+from cdp_kit.bus import subjects
 
 log = logging.getLogger("cdp.bus")
 
@@ -56,8 +59,8 @@ class StreamSpec:
 def events_raw_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0, replicas: int = 1) -> StreamSpec:
     """Everything the collector accepted, partitioned by user (`events.raw.<p>`)."""
     return StreamSpec(
-        name="EVENTS_RAW",
-        subjects=("events.raw.>",),
+        name=subjects.EVENTS_RAW,
+        subjects=subjects.STREAM_SUBJECTS[subjects.EVENTS_RAW],
         max_age=max_age,
         duplicate_window=duplicate_window,
         replicas=replicas,
@@ -70,8 +73,8 @@ def events_resolved_stream(
 ) -> StreamSpec:
     """Events with their person (`events.resolved.<p(person)>`), published by identity."""
     return StreamSpec(
-        name="EVENTS_RESOLVED",
-        subjects=("events.resolved.>",),
+        name=subjects.EVENTS_RESOLVED,
+        subjects=subjects.STREAM_SUBJECTS[subjects.EVENTS_RESOLVED],
         max_age=max_age,
         duplicate_window=duplicate_window,
         replicas=replicas,
@@ -82,8 +85,8 @@ def events_resolved_stream(
 def identity_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
     """Graph changes other services follow: `identity.merged`, `identity.unmerged`, `identity.quarantined`."""
     return StreamSpec(
-        name="IDENTITY",
-        subjects=("identity.>",),
+        name=subjects.IDENTITY,
+        subjects=subjects.STREAM_SUBJECTS[subjects.IDENTITY],
         max_age=max_age,
         duplicate_window=600.0,
         replicas=replicas,
@@ -94,8 +97,8 @@ def identity_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSp
 def profiles_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
     """What changed in each profile (`profiles.changed.<p(person)>`), published by profile."""
     return StreamSpec(
-        name="PROFILES",
-        subjects=("profiles.>",),
+        name=subjects.PROFILES,
+        subjects=subjects.STREAM_SUBJECTS[subjects.PROFILES],
         max_age=max_age,
         duplicate_window=600.0,
         replicas=replicas,
@@ -106,8 +109,8 @@ def profiles_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpe
 def scores_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
     """Model scores of persons (`scores.updated.<p(person)>`), published by scoring; profile stores them."""
     return StreamSpec(
-        name="SCORES",
-        subjects=("scores.>",),
+        name=subjects.SCORES,
+        subjects=subjects.STREAM_SUBJECTS[subjects.SCORES],
         max_age=max_age,
         duplicate_window=600.0,
         replicas=replicas,
@@ -119,8 +122,8 @@ def segments_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpe
     """Segment membership transitions (`segments.entered.<p(person)>`, `segments.exited.<p(person)>`),
     published by segmentation; orchestration and crm-connector consume them."""
     return StreamSpec(
-        name="SEGMENTS",
-        subjects=("segments.>",),
+        name=subjects.SEGMENTS,
+        subjects=subjects.STREAM_SUBJECTS[subjects.SEGMENTS],
         max_age=max_age,
         duplicate_window=600.0,
         replicas=replicas,
@@ -133,8 +136,8 @@ def privacy_stream(*, replicas: int = 1) -> StreamSpec:
     suppression lasts until lifted, and a service that was down must still purge when it returns.
     The messages carry hashed identifiers only."""
     return StreamSpec(
-        name="PRIVACY",
-        subjects=("privacy.>",),
+        name=subjects.PRIVACY,
+        subjects=subjects.STREAM_SUBJECTS[subjects.PRIVACY],
         max_age=0,
         duplicate_window=600.0,
         replicas=replicas,
@@ -145,8 +148,8 @@ def privacy_stream(*, replicas: int = 1) -> StreamSpec:
 def dead_letter_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> StreamSpec:
     """Messages a consumer gave up on, with the reason in headers (`dlq.<stream>.<consumer>`)."""
     return StreamSpec(
-        name="DLQ",
-        subjects=("dlq.>",),
+        name=subjects.DLQ,
+        subjects=subjects.STREAM_SUBJECTS[subjects.DLQ],
         max_age=max_age,
         duplicate_window=120.0,
         replicas=replicas,

@@ -1,0 +1,141 @@
+"""The wire vocabulary: every JetStream stream name, subject and durable consumer name cdp uses.
+
+Nothing outside this module spells a stream or subject name (`tests/test_wire_vocabulary.py` in
+cdp-kit greps the repository for strays). A name changed here changes for every producer and consumer
+at once; a name written out twice drifts.
+
+Partitioned subjects end in the partition number, `<prefix>.<p>`, where p = `partition_for(key, n)`
+(user id or anonymous id for raw events, person id after identity). One partition has exactly one
+consumer at a time, so one person's messages are applied in order.
+
+| stream            | subject                               | published by        | consumed by                         |
+|-------------------|---------------------------------------|---------------------|-------------------------------------|
+| `EVENTS_RAW`      | `events.raw.<p(user)>`                | collector           | identity (`identity-p<p>`)          |
+| `EVENTS_RESOLVED` | `events.resolved.<p(person)>`         | identity            | profile (`profile-p<p>`)            |
+| `IDENTITY`        | `identity.merged`, `identity.unmerged`, `identity.quarantined` | identity | profile (`profile-identity-<ordinal>`) |
+| `PROFILES`        | `profiles.changed.<p(person)>`        | profile             | scoring (`scoring-p<p>`), segmentation (`segmentation-p<p>`) |
+| `SCORES`          | `scores.updated.<p(person)>`          | scoring             | profile (`profile-scores-p<p>`)     |
+| `SEGMENTS`        | `segments.entered.<p>`, `segments.exited.<p>` | segmentation | orchestration, crm-connector     |
+| `PRIVACY`         | `privacy.deleted`                     | profile (DeleteProfile) | identity (`identity-privacy-<ordinal>`), collector (reads it whole at start) |
+| `DLQ`             | `dlq.<stream>.<durable>`              | any consumer (kit)  | operators (`cdpctl dlq`)            |
+| (core NATS)       | `scoring.models.changed`              | scoring             | every scoring replica               |
+| (core NATS)       | `segmentation.segments.changed`       | segmentation        | every segmentation replica          |
+
+The two core-NATS subjects are announcements between replicas of one service (a model or a segment
+definition changed: reload it); they are not kept, since each replica also reloads from its store.
+"""
+
+from __future__ import annotations
+
+# Streams.
+EVENTS_RAW = "EVENTS_RAW"
+EVENTS_RESOLVED = "EVENTS_RESOLVED"
+IDENTITY = "IDENTITY"
+PROFILES = "PROFILES"
+SCORES = "SCORES"
+SEGMENTS = "SEGMENTS"
+PRIVACY = "PRIVACY"
+DLQ = "DLQ"
+
+# Prefixes of partitioned subjects: `<prefix>.<p>`.
+EVENTS_RAW_PREFIX = "events.raw"
+EVENTS_RESOLVED_PREFIX = "events.resolved"
+PROFILES_CHANGED_PREFIX = "profiles.changed"
+SCORES_UPDATED_PREFIX = "scores.updated"
+SEGMENTS_ENTERED_PREFIX = "segments.entered"
+SEGMENTS_EXITED_PREFIX = "segments.exited"
+DLQ_PREFIX = "dlq"
+
+# Subjects without partitions.
+IDENTITY_MERGED = "identity.merged"
+IDENTITY_UNMERGED = "identity.unmerged"
+IDENTITY_QUARANTINED = "identity.quarantined"
+PRIVACY_DELETED = "privacy.deleted"
+SCORING_MODELS_CHANGED = "scoring.models.changed"
+SEGMENTATION_SEGMENTS_CHANGED = "segmentation.segments.changed"
+
+# What each stream stores (its subject filter).
+STREAM_SUBJECTS: dict[str, tuple[str, ...]] = {
+    EVENTS_RAW: (f"{EVENTS_RAW_PREFIX}.>",),
+    EVENTS_RESOLVED: (f"{EVENTS_RESOLVED_PREFIX}.>",),
+    IDENTITY: ("identity.>",),
+    PROFILES: ("profiles.>",),
+    SCORES: ("scores.>",),
+    SEGMENTS: ("segments.>",),
+    PRIVACY: ("privacy.>",),
+    DLQ: (f"{DLQ_PREFIX}.>",),
+}
+
+
+def partitioned(prefix: str, partition: int) -> str:
+    """`events.raw` + 3 → `events.raw.3`."""
+    return f"{prefix}.{partition}"
+
+
+def every_partition(prefix: str) -> str:
+    """`events.raw` → `events.raw.>`: a filter matching all partitions of a partitioned subject."""
+    return f"{prefix}.>"
+
+
+def partition_of(subject: str) -> int:
+    """`profiles.changed.3` → 3. Raises ValueError on a subject without a partition number."""
+    head, _, tail = subject.rpartition(".")
+    if not head or not tail.isdigit():
+        raise ValueError(f"subject {subject!r} does not end in a partition number")
+    return int(tail)
+
+
+def events_raw(partition: int) -> str:
+    return f"{EVENTS_RAW_PREFIX}.{partition}"
+
+
+def events_resolved(partition: int) -> str:
+    return f"{EVENTS_RESOLVED_PREFIX}.{partition}"
+
+
+def profiles_changed(partition: int) -> str:
+    return f"{PROFILES_CHANGED_PREFIX}.{partition}"
+
+
+def scores_updated(partition: int) -> str:
+    return f"{SCORES_UPDATED_PREFIX}.{partition}"
+
+
+def segments_entered(partition: int) -> str:
+    return f"{SEGMENTS_ENTERED_PREFIX}.{partition}"
+
+
+def segments_exited(partition: int) -> str:
+    return f"{SEGMENTS_EXITED_PREFIX}.{partition}"
+
+
+def dead_letter(stream: str, durable: str) -> str:
+    """Where the kit's consumer puts what durable `durable` of `stream` gave up on."""
+    return f"{DLQ_PREFIX}.{stream}.{durable}"
+
+
+def dead_letter_filter(stream: str | None = None, durable: str | None = None) -> str:
+    """A filter over dead letters: all of them, one stream's, or one consumer's."""
+    if not stream:
+        return f"{DLQ_PREFIX}.>"
+    return dead_letter(stream, durable or "*")
+
+
+# Durable consumer names. A partition's consumer is named after its partition, not after a replica, so
+# the partition keeps its position when it moves to another replica; a consumer every replica needs for
+# itself (a broadcast such as privacy.deleted) is named after the replica's ordinal.
+
+
+def partition_durable(service: str, partition: int, *, input: str | None = None) -> str:
+    """`identity`, 3 → `identity-p3`; with input `scores` → `profile-scores-p3` (a second partitioned input)."""
+    return f"{service}-{input}-p{partition}" if input else f"{service}-p{partition}"
+
+
+def replica_durable(service: str, input: str, ordinal: int) -> str:
+    """`identity`, `privacy`, 0 → `identity-privacy-0`: one consumer per replica of a broadcast input."""
+    return f"{service}-{input}-{ordinal}"
+
+
+def checkpoints_collection(service: str) -> str:
+    """Where a service stores its stream positions: `identity` → `identity_checkpoints`."""
+    return f"{service}_checkpoints"
