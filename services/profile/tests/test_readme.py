@@ -34,3 +34,12 @@ def test_the_where_operator_examples_are_valid_and_every_operator_is_documented(
     for where in examples:
         ComputedTrait("t", "count", where=where)
     assert [op for op in WHERE_OPERATORS if f"`{op}`" not in README] == []
+
+
+def test_every_module_is_listed_where_the_code_is():
+    """A newcomer finds a rule by its file name: the README's table names every module."""
+    package = Path(__file__).resolve().parents[1] / "src" / "cdp_profile"
+    (table,) = re.findall(r"## Where the code is\n(.*?)\n## ", README, flags=re.S)
+    modules = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
+    assert sorted(m for m in modules if f"`{m}`" not in table) == []
+    assert "`domain/`" in table

@@ -12,8 +12,9 @@ import grpc
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_profile.backfill import Backfill
 from cdp_profile.domain import ComputedTrait, Profile
-from cdp_profile.engine import Backfill, ProfileEngine
+from cdp_profile.engine import ProfileEngine
 from cdp_profile.events import (
     dict_to_struct,
     python_to_value,
@@ -322,9 +323,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             raise InvalidArgument("person_id", "is required")
         if (owner := self._owner(request.person_id)) is not None:
             return await self._forward(owner, "Export", request, context)
-        profile = await self.engine.profile(request.person_id)
-        document = profile.export()
-        return profile_pb2.ExportResponse(person_id=profile.person_id, document=dict_to_struct(document))
+        person_id, document = await self.engine.export(request.person_id)
+        return profile_pb2.ExportResponse(person_id=person_id, document=dict_to_struct(document))
 
     async def Delete(self, request: profile_pb2.DeleteRequest, context) -> profile_pb2.DeleteResponse:
         if not request.person_id:

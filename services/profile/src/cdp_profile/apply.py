@@ -1,0 +1,244 @@
+"""What each consumed message does to the hot profiles: the domain step of every stream profile reads.
+
+Each function takes a batch of deliveries (already past the redelivery check) and the hot state, and
+returns an `Applied`: the profile changes by person (what the group commit writes and what is
+published), the other records to write (tombstones), and counts for the metrics. Nothing here commits,
+publishes or acknowledges: that is the engine's machinery, so this module is what the service supplies
+when the stream handling moves to the kit's partitioned engine. A message that cannot be decoded is
+rejected on its delivery (dead-lettered by the runner) and costs only itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from cdp.events.v1 import events_pb2
+from cdp.identity.v1 import identity_pb2
+from cdp.scoring.v1 import scoring_pb2
+from cdp_kit.bus import Delivery
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage import Delete, Put
+from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
+from cdp_profile.events import received_time, timestamp_seconds, to_profile_event
+from cdp_profile.records import PROFILES
+from cdp_profile.state import HotProfiles
+
+log = logging.getLogger("cdp.profile.apply")
+
+MERGED_SUBJECT = "identity.merged"
+UNMERGED_SUBJECT = "identity.unmerged"
+
+
+@dataclass(slots=True)
+class Applied:
+    changes: dict[str, ProfileChange] = field(default_factory=dict)
+    ops: list[Put | Delete] = field(default_factory=list)  # records besides the changed profiles
+    causes: dict[str, str] = field(default_factory=dict)  # person -> cause, where it is not the batch's
+    outcomes: dict[str, int] = field(default_factory=lambda: {"applied": 0, "deleted_person": 0})
+    newest_received: float = 0.0  # collector acceptance of the newest event applied (0: none)
+
+    def fold(self, person: str, change: ProfileChange) -> None:
+        if not change:
+            return
+        known = self.changes.get(person)
+        if known is None:
+            self.changes[person] = change
+        else:
+            known.combine(change)
+
+
+# --- events.resolved.<p> ------------------------------------------------------------------------------
+
+
+def decode_events(
+    batch: Sequence[Delivery], *, after: int, needs_context: bool
+) -> list[tuple[str, ProfileEvent, float]]:
+    """(person, event, received) of the deliveries past stream position `after`, in stream order."""
+    items: list[tuple[str, ProfileEvent, float]] = []
+    for delivery in batch:
+        if delivery.stream_seq <= after:
+            continue  # applied before a crash; its changes were published from the checkpoint
+        message = events_pb2.ResolvedEventBatch()
+        try:
+            message.ParseFromString(delivery.data)
+        except DecodeError as exc:
+            delivery.reject("invalid_message", f"not a cdp.events.v1.ResolvedEventBatch: {exc}")
+            continue
+        for resolved in message.events:
+            if not resolved.person_id:
+                continue
+            items.append(
+                (
+                    resolved.person_id,
+                    to_profile_event(resolved, needs_context=needs_context),
+                    received_time(resolved.event),
+                )
+            )
+    return items
+
+
+def apply_events(
+    hot: HotProfiles, items: Sequence[tuple[str, ProfileEvent, float]], defs: ComputedTraits, *, now: float
+) -> Applied:
+    """Apply events to their persons' profiles (following merges); the persons must be loaded."""
+    out = Applied()
+    for person, event, received in items:
+        target = hot.root(person)
+        deleted_at = hot.deleted.get(target)
+        if deleted_at is not None:
+            if received <= deleted_at:
+                out.outcomes["deleted_person"] += 1
+                continue
+            del hot.deleted[target]  # a new life after deletion: a fresh profile
+        profile = hot.profiles.get(target)
+        if profile is None:
+            profile = hot.profiles[target] = Profile.new(target, retention=hot.retention)
+        change = profile.apply(event, defs, now=now)
+        out.outcomes["applied"] += 1
+        out.newest_received = max(out.newest_received, received)
+        out.fold(target, change)
+    for person in out.changes:
+        profile = hot.profiles.get(person)
+        if profile is not None:
+            hot.expiries.schedule(profile)
+    return out
+
+
+# --- identity.merged / identity.unmerged --------------------------------------------------------------
+
+
+async def apply_identity(
+    hot: HotProfiles, batch: Sequence[Delivery], defs: ComputedTraits, *, owns: Callable[[str], bool], now: float
+) -> Applied:
+    """Combine the profiles of merged persons and split unmerged ones; causes "merge" / "unmerge"."""
+    out = Applied()
+    for delivery in batch:
+        try:
+            if delivery.subject == MERGED_SUBJECT:
+                merged = identity_pb2.IdentityMerged.FromString(delivery.data)
+                await _merge(hot, merged, defs, owns=owns, now=now, out=out)
+                out.causes.update(dict.fromkeys((merged.winner, merged.loser), "merge"))
+            elif delivery.subject == UNMERGED_SUBJECT:
+                unmerged = identity_pb2.IdentityUnmerged.FromString(delivery.data)
+                await _unmerge(hot, unmerged, defs, owns=owns, now=now, out=out)
+                out.causes.update(dict.fromkeys((unmerged.winner, unmerged.loser), "unmerge"))
+        except DecodeError as exc:
+            delivery.reject("invalid_message", f"{delivery.subject}: {exc}")
+    return out
+
+
+async def _merge(
+    hot: HotProfiles,
+    merged: identity_pb2.IdentityMerged,
+    defs: ComputedTraits,
+    *,
+    owns: Callable[[str], bool],
+    now: float,
+    out: Applied,
+) -> None:
+    winner, loser, merge_id = merged.winner, merged.loser, merged.merge_id
+    if not owns(hot.root(winner)):
+        # The survivor lives on another replica, which cannot read this replica's store: the loser's
+        # profile stays here, whole, rather than being dropped (profiles on two replicas are not
+        # combined yet; see the README).
+        if loser in hot.profiles:
+            log.warning(
+                "merge across replicas not combined", extra={"winner": winner, "loser": loser, "merge": merge_id}
+            )
+        return
+    await hot.load([winner, loser])
+    owner = hot.root(winner)
+    if hot.root(loser) == owner:
+        return  # already merged (a redelivered notification)
+    loser_root = hot.root(loser)
+    absorbed = hot.profiles.pop(loser_root, None)
+    hot.tombstones[loser_root] = owner
+    out.ops.append(hot.versioned_put(loser_root, {"merged_into": owner, "merge_id": merge_id}))
+    if absorbed is None:
+        return
+    survivor = hot.profiles.get(owner)
+    if survivor is None:
+        survivor = hot.profiles[owner] = Profile.new(owner, retention=hot.retention)
+    change = survivor.merge(absorbed, merge_id=merge_id, at=timestamp_seconds(merged.at), defs=defs, now=now)
+    out.fold(owner, change)
+    out.fold(loser_root, ProfileChange(person_id=loser_root, merged_into=owner))
+    hot.expiries.schedule(survivor)
+
+
+async def _unmerge(
+    hot: HotProfiles,
+    unmerged: identity_pb2.IdentityUnmerged,
+    defs: ComputedTraits,
+    *,
+    owns: Callable[[str], bool],
+    now: float,
+    out: Applied,
+) -> None:
+    winner, loser, merge_id = unmerged.winner, unmerged.loser, unmerged.merge_id
+    await hot.load([winner, loser])
+    owner = hot.root(winner)
+    if not owns(owner):
+        return
+    survivor = hot.profiles.get(owner)
+    if survivor is None or loser not in survivor.parts:
+        # Merged before it had a profile of its own: only the forwarding tombstone goes.
+        if loser in hot.tombstones and hot.root(loser) == owner:
+            del hot.tombstones[loser]
+            out.ops.append(Delete(PROFILES, loser))
+            hot.versions.pop(loser, None)
+        return
+    restored, winner_change, loser_change = survivor.split(loser, merge_id=merge_id, defs=defs, now=now)
+    hot.tombstones.pop(loser, None)
+    hot.profiles[loser] = restored
+    out.fold(owner, winner_change)
+    loser_change.split_from = owner
+    out.fold(loser, loser_change)
+    hot.expiries.schedule(survivor)
+    hot.expiries.schedule(restored)
+
+
+# --- scores.updated.<p> ---------------------------------------------------------------------------------
+
+
+async def apply_scores(hot: HotProfiles, batch: Sequence[Delivery], *, owns: Callable[[str], bool]) -> Applied:
+    """Model scores become profile fields; cause "score".
+
+    A score replaces the one of the same name only if it comes from a later profile change, so a
+    redelivered or late batch changes nothing."""
+    out = Applied()
+    for delivery in batch:
+        try:
+            message = scoring_pb2.ScoresUpdatedBatch.FromString(delivery.data)
+        except DecodeError as exc:
+            delivery.reject("invalid_message", f"not a cdp.scoring.v1.ScoresUpdatedBatch: {exc}")
+            continue
+        names, persons, values = list(message.scores), message.person_ids, message.values
+        width = len(names)
+        if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
+            delivery.reject(
+                "invalid_message",
+                f"{len(persons)} persons, {width} scores, {len(values)} values, {len(message.at_ms)} times",
+            )
+            continue
+        await hot.load(persons)
+        for i, person in enumerate(persons):
+            target = hot.root(person)
+            profile = hot.profiles.get(target)
+            if profile is None or not owns(target):
+                # Deleted, or merged into a person another replica owns: nothing here to hold the score.
+                continue
+            scores: dict[str, Any] = dict(zip(names, values[i * width : (i + 1) * width], strict=True))
+            try:
+                change = profile.set_scores(
+                    scores, model=message.model, version=message.version, at=message.at_ms[i] / 1000
+                )
+            except InvalidArgument as exc:
+                delivery.reject("invalid_score", str(exc))
+                break
+            out.fold(target, change)
+    return out

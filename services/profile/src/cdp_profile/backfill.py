@@ -1,0 +1,157 @@
+"""The computed traits a deployment holds, and the backfill that gives a new one its values.
+
+A definition is stored (`profile_computed_traits`) with its backfill progress. Defining one starts a
+backfill: the retained timelines of the hot profiles are replayed into it, in chunks of profiles, each
+chunk a group commit of its own (with the progress) and its changes published with cause "backfill";
+the stream path runs between chunks. A backfill interrupted by a restart starts again from the first
+profile (replaying a profile into a definition sets its value, it does not add to it). Redefining a
+name drops the old values first; deleting one drops its values from every profile.
+
+At most `max_held` definitions are held: every one costs every matching event a contribution and every
+profile a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cdp_kit.errors import NotFound, ResourceExhausted
+from cdp_kit.storage import Delete, Put, Store
+from cdp_profile.domain import ComputedTrait, ComputedTraits, ProfileChange
+from cdp_profile.records import DEFINITIONS
+
+if TYPE_CHECKING:
+    from cdp_profile.engine import ProfileEngine
+
+log = logging.getLogger("cdp.profile.backfill")
+
+
+@dataclass(slots=True)
+class Backfill:
+    trait: ComputedTrait
+    defined_at: float
+    state: str = "backfilling"
+    done: int = 0
+    total: int = 0
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            # One JSON string: `where` keys and operators start with '$', which document stores reserve.
+            "definition": json.dumps(self.trait.to_dict(), separators=(",", ":")),
+            "defined_at": self.defined_at,
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Backfill:
+        definition = doc["definition"]
+        if isinstance(definition, str):
+            definition = json.loads(definition)  # else an object, as written before operators existed
+        return cls(
+            trait=ComputedTrait.from_dict(definition),
+            defined_at=doc["defined_at"],
+            state=doc.get("state", "ready"),
+            done=doc.get("done", 0),
+            total=doc.get("total", 0),
+        )
+
+
+class ComputedTraitCatalogue:
+    """The held definitions (`backfills`, by name) and their compiled form (`defs`)."""
+
+    def __init__(self, engine: ProfileEngine, *, max_held: int) -> None:
+        self._engine = engine
+        self.max_held = max_held
+        self.backfills: dict[str, Backfill] = {}
+        self.defs = ComputedTraits([])
+
+    async def load(self, store: Store) -> None:
+        async for record in store.scan_all(DEFINITIONS):
+            backfill = Backfill.from_doc(record.doc)
+            self.backfills[backfill.trait.name] = backfill
+        self._compile()
+
+    def resume(self) -> None:
+        """Start again the backfills a restart interrupted."""
+        for backfill in self.backfills.values():
+            if backfill.state == "backfilling":
+                self._start(backfill)
+
+    def _compile(self) -> None:
+        self.defs = ComputedTraits([b.trait for b in self.backfills.values()])
+
+    def _start(self, backfill: Backfill) -> None:
+        self._engine.spawn(self._backfill(backfill), f"backfill {backfill.trait.name}")
+
+    async def define(self, trait: ComputedTrait) -> Backfill:
+        """Define (or redefine) a computed trait and backfill it; ResourceExhausted past `max_held`
+        (delete one first). Redefining a held name is always allowed; the same definition again is a no-op."""
+        known = self.backfills.get(trait.name)
+        if known is not None and known.trait == trait:
+            return known
+        if known is None and len(self.backfills) >= self.max_held:
+            raise ResourceExhausted(
+                f"{len(self.backfills)} computed traits are defined, the most this deployment holds "
+                f"(CDP_PROFILE_MAX_COMPUTED_TRAITS={self.max_held}); delete one first",
+                retry_after=60.0,
+                reason="computed_traits_exhausted",
+            )
+        engine = self._engine
+        backfill = Backfill(trait=trait, defined_at=engine.clock())
+        if known is not None:
+            for profile in engine.hot.profiles.values():
+                profile.drop_computed(trait.name)
+        self.backfills[trait.name] = backfill
+        self._compile()
+        await engine.commit({}, ops=[Put(DEFINITIONS, trait.name, backfill.doc())])
+        self._start(backfill)
+        return backfill
+
+    async def undefine(self, name: str) -> None:
+        if name not in self.backfills:
+            raise NotFound(f"no computed trait named {name!r}", reason="unknown_trait")
+        del self.backfills[name]
+        self._compile()
+        profiles = self._engine.hot.profiles
+        for profile in profiles.values():
+            profile.drop_computed(name)
+        await self._engine.commit({}, ops=[Delete(DEFINITIONS, name)], dirty=profiles)
+
+    async def _backfill(self, backfill: Backfill, *, chunk: int = 500) -> None:
+        """Replay the retained timelines into a new definition, reporting progress as it goes."""
+        engine = self._engine
+        hot = engine.hot
+        persons = sorted(hot.profiles)
+        backfill.total, backfill.done = len(persons), 0
+        name = backfill.trait.name
+        for start in range(0, len(persons), chunk):
+            if self.backfills.get(name) is not backfill:
+                return  # replaced or removed meanwhile
+            now = engine.clock()
+            changes: dict[str, ProfileChange] = {}
+            touched: list[str] = []
+            for person in persons[start : start + chunk]:
+                profile = hot.profiles.get(person)
+                if profile is not None:
+                    change = profile.backfill(backfill.trait, now=now)
+                    if change:
+                        changes[person] = change
+                    # Written even when nothing visible changed: the definition's state is stored too.
+                    touched.append(person)
+                    hot.expiries.schedule(profile)
+            backfill.done = min(backfill.total, start + chunk)
+            await engine.write(
+                changes, cause="backfill", now=now, ops=[Put(DEFINITIONS, name, backfill.doc())], dirty=touched
+            )
+            await asyncio.sleep(0)  # let the stream path run between chunks
+        if self.backfills.get(name) is backfill:
+            backfill.state = "ready"
+            backfill.done = backfill.total
+            await engine.commit({}, ops=[Put(DEFINITIONS, name, backfill.doc())])
+            log.info("computed trait %s backfilled over %d profiles", name, backfill.total)

@@ -1,0 +1,59 @@
+"""What profile publishes on `profiles.changed.<p(person)>`: one `ProfileChangedBatch` per partition.
+
+Message ids are derived from the content, so the same changes published twice (a retry after a lost
+acknowledgement, leftovers published again at start-up) are stored once by JetStream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import OutMessage
+from cdp_profile.domain import ProfileChange
+from cdp_profile.events import python_to_value, seconds_to_timestamp
+
+CHANGED_SUBJECT = "profiles.changed"
+
+
+def change_messages(
+    changes: Mapping[str, ProfileChange], *, cause: str, now: float, partition_of: Callable[[str], int]
+) -> list[OutMessage]:
+    """The non-empty changes as messages, one per partition of the persons they are about."""
+    grouped: dict[int, profile_pb2.ProfileChangedBatch] = {}
+    stamp = seconds_to_timestamp(now)
+    for person, change in changes.items():
+        if not change:
+            continue
+        partition = partition_of(person)
+        batch = grouped.get(partition)
+        if batch is None:
+            batch = grouped[partition] = profile_pb2.ProfileChangedBatch()
+        message = batch.changes.add(person_id=person, cause=cause, at=stamp)
+        for name, value in change.traits.items():
+            python_to_value(value, message.traits[name])
+        for group, value in change.groups.items():
+            python_to_value(value, message.groups[group])
+        for name, value in change.computed.items():
+            python_to_value(value, message.computed[name])
+        # None: the decision or score left with the other side of a split; it is absent from now on.
+        message.consent.update({k: v for k, v in change.consent.items() if v is not None})
+        message.scores.update({k: v for k, v in change.scores.items() if v is not None})
+        message.event_ids.extend(change.event_ids)
+        message.merged.extend(change.merged)
+        if change.split_from:
+            message.split_from = change.split_from
+        if change.merged_into or change.removed:
+            message.removed = True
+    out = []
+    for partition, batch in grouped.items():
+        payload = batch.SerializeToString()
+        out.append(
+            OutMessage(
+                subject=f"{CHANGED_SUBJECT}.{partition}",
+                payload=payload,
+                msg_id="pc_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+            )
+        )
+    return out

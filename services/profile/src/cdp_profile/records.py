@@ -1,0 +1,73 @@
+"""How profile keeps its state in the store: the collections, and one record of each kind.
+
+Profiles and timeline entries are stored as one JSON string each: they hold user data whose keys may
+be anything ("$set", "a.b"), which a document store may refuse as field names, and one string is also
+far cheaper for the storage port to check than a walk over every nested value.
+
+A checkpoint (one per consumed partition subject) holds the last durable stream position and the
+change messages that position produced, until they are published: a crash between the write and the
+publish loses nothing, since start-up publishes them again (JetStream drops repeats by message id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from cdp_kit.bus import OutMessage
+from cdp_profile.domain import Profile, Retention, TimelineEntry
+
+PROFILES = "profiles"
+TIMELINE = "profile_timeline"
+CHECKPOINTS = "profile_checkpoints"
+DEFINITIONS = "profile_computed_traits"
+DELETIONS = "profile_deletions"
+
+
+def encode_profile(profile: Profile) -> dict[str, Any]:
+    doc = profile.to_doc()
+    return {"merged_from": doc["merged_from"], "profile": orjson.dumps(doc).decode()}
+
+
+def decode_profile(doc: dict[str, Any], timeline: Iterable[TimelineEntry], retention: Retention) -> Profile:
+    return Profile.from_doc(orjson.loads(doc["profile"]), timeline, retention=retention)
+
+
+def encode_entry(entry: TimelineEntry) -> dict[str, Any]:
+    return {"entry": orjson.dumps(entry.to_doc()).decode()}
+
+
+def decode_entry(doc: dict[str, Any]) -> TimelineEntry:
+    return TimelineEntry.from_doc(orjson.loads(doc["entry"]))
+
+
+def timeline_key(entry: TimelineEntry) -> str:
+    # Keyed by the part's origin person: merging and splitting profiles moves no timeline record.
+    return f"{entry.origin}|{round(entry.at * 1000):015d}|{entry.event_id}"
+
+
+def timeline_prefix(origin: str) -> str:
+    """The key prefix of every timeline entry of one origin person."""
+    return f"{origin}|"
+
+
+def encode_checkpoint(stream_seq: int, at: float, messages: Iterable[OutMessage] = ()) -> dict[str, Any]:
+    return {
+        "stream_seq": stream_seq,
+        "at": at,
+        "changes": [{"subject": m.subject, "payload": m.payload.hex(), "msg_id": m.msg_id} for m in messages],
+    }
+
+
+def checkpoint_position(doc: dict[str, Any]) -> int:
+    return doc.get("stream_seq", 0)
+
+
+def checkpoint_leftovers(doc: dict[str, Any]) -> list[OutMessage]:
+    """The change messages a checkpoint still holds: written with their position, not yet published."""
+    return [
+        OutMessage(subject=m["subject"], payload=bytes.fromhex(m["payload"]), msg_id=m["msg_id"])
+        for m in doc.get("changes", [])
+    ]

@@ -1,0 +1,101 @@
+"""The hot state: every profile of the owned partitions in memory, and what became of the others.
+
+A person is in exactly one of: `profiles` (alive), `tombstones` (merged away: events for it are applied
+to the person it was merged into), `deleted` (a bare marker: events received before the deletion are
+dropped), or none of them (never seen). `versions` holds the store version the next write of each
+person's record expects; a write that finds another version fails, and the engine then drops all of
+this and reloads it from the store (`reset` + `warm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from cdp_kit.storage import Put, Store
+from cdp_profile.domain import Profile, Retention, TimelineEntry
+from cdp_profile.expiry import ExpirySchedule
+from cdp_profile.records import PROFILES, TIMELINE, decode_entry, decode_profile, timeline_prefix
+
+
+class HotProfiles:
+    def __init__(self, store: Store, *, retention: Retention, owns: Callable[[str], bool]) -> None:
+        self.store = store
+        self.retention = retention
+        self._owns = owns
+        self.profiles: dict[str, Profile] = {}
+        self.tombstones: dict[str, str] = {}  # merged-away person -> the person it was merged into
+        self.deleted: dict[str, float] = {}  # deleted person -> when (events received before are dropped)
+        self.versions: dict[str, int] = {}
+        self.expiries = ExpirySchedule()
+
+    async def warm(self) -> None:
+        """Load every owned profile: they are the hot state, and windowed traits expire on their own."""
+        timelines: dict[str, list[TimelineEntry]] = {}
+        async for record in self.store.scan_all(TIMELINE, page_size=2000):
+            entry = decode_entry(record.doc)
+            timelines.setdefault(entry.origin, []).append(entry)
+        async for record in self.store.scan_all(PROFILES, page_size=1000):
+            if self._owns(record.key):
+                self._adopt(record.key, record.doc, record.version, timelines)
+
+    def reset(self) -> None:
+        """Forget everything (after a failed write the store is the truth)."""
+        self.profiles.clear()
+        self.tombstones.clear()
+        self.deleted.clear()
+        self.versions.clear()
+        self.expiries.clear()
+
+    def _adopt(self, person: str, doc: dict, version: int, timelines: dict[str, list[TimelineEntry]]) -> None:
+        self.versions[person] = version
+        if "merged_into" in doc:
+            self.tombstones[person] = doc["merged_into"]
+        elif "deleted_at" in doc:
+            self.deleted[person] = doc["deleted_at"]
+        else:
+            origins = [person, *doc.get("merged_from", [])]
+            entries = [e for origin in origins for e in timelines.get(origin, ())]
+            profile = decode_profile(doc, entries, self.retention)
+            self.profiles[person] = profile
+            self.expiries.schedule(profile)
+
+    async def load(self, persons: Iterable[str]) -> None:
+        """Bring persons (and whatever their tombstones point at) into memory from the store."""
+        wanted = {p for p in persons if self._unknown(p)}
+        while wanted:
+            records = await self.store.get_many(PROFILES, sorted(wanted))
+            follow: set[str] = set()
+            timelines: dict[str, list[TimelineEntry]] = {}
+            for person, record in records.items():
+                if "profile" in record.doc:
+                    for origin in [person, *record.doc.get("merged_from", [])]:
+                        async for entry in self.store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
+                            timelines.setdefault(origin, []).append(decode_entry(entry.doc))
+                self._adopt(person, record.doc, record.version, timelines)
+                if person in self.tombstones:
+                    follow.add(self.tombstones[person])
+            for person in wanted - records.keys():
+                self.versions.setdefault(person, 0)
+            wanted = {p for p in follow if self._unknown(p)}
+
+    def _unknown(self, person: str) -> bool:
+        return (
+            person not in self.profiles
+            and person not in self.tombstones
+            and person not in self.deleted
+            and person not in self.versions
+        )
+
+    def root(self, person: str) -> str:
+        """The person whose profile holds this one's data now (itself unless merged away)."""
+        seen = 0
+        while person in self.tombstones and seen < 64:
+            person = self.tombstones[person]
+            seen += 1
+        return person
+
+    def versioned_put(self, person: str, doc: dict) -> Put:
+        """The write of a person's record, expecting the version this replica last wrote or read."""
+        expected = self.versions.get(person, 0)
+        self.versions[person] = expected + 1
+        return Put(PROFILES, person, doc, expected_version=expected)
