@@ -29,7 +29,7 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.__main__ import setup as identity_setup
 from cdp_identity.settings import IdentitySettings
-from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_raw_stream, partition_for
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_raw_stream, partition_for, subjects
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.service import serving
 
@@ -84,7 +84,7 @@ async def fill_stream(bus: Bus, events: list[events_pb2.Event]) -> None:
         results = await bus.publisher.publish_batch(
             [
                 OutMessage(
-                    subject=f"events.raw.{partition_for(e.user_id or e.anonymous_id, PARTITIONS)}",
+                    subject=subjects.events_raw(partition_for(e.user_id or e.anonymous_id, PARTITIONS)),
                     payload=e.SerializeToString(),
                     msg_id=f"bench:{e.message_id}",
                 )
@@ -104,13 +104,16 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     async with Bus.connect(nats_url, name="bench-baseline") as bus:
 
         async def count() -> int:
-            return await acknowledged(bus.js, "EVENTS_RAW", "noop-p", PARTITIONS, total)
+            return await acknowledged(bus.js, subjects.EVENTS_RAW, "noop", PARTITIONS, total)
 
         tasks = []
         for p in range(PARTITIONS):
             runner = bus.consumer(
                 ConsumerSpec(
-                    stream="EVENTS_RAW", durable=f"noop-p{p}", filter_subjects=(f"events.raw.{p}",), batch_size=BATCH
+                    stream=subjects.EVENTS_RAW,
+                    durable=subjects.partition_durable("noop", p),
+                    filter_subjects=(subjects.events_raw(p),),
+                    batch_size=BATCH,
                 ),
                 nothing,
             )
@@ -137,7 +140,7 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
     async with serving(settings, identity_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
 
         async def resolved() -> int:
-            return await acknowledged(reader.js, "EVENTS_RAW", "identity-p", PARTITIONS, total)
+            return await acknowledged(reader.js, subjects.EVENTS_RAW, "identity", PARTITIONS, total)
 
         t0 = await wait_count(resolved, warmup)
         t1 = await wait_count(resolved, total)

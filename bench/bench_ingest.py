@@ -25,7 +25,7 @@ from google.protobuf import json_format
 
 from cdp.collector.v1 import collector_pb2
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import events_raw_stream, partition_for
+from cdp_kit.bus import events_raw_stream, partition_for, subjects
 from cdp_kit.bus.streams import ensure_stream
 from cdp_kit.natsserver import NatsServer
 from cdp_testing.processes import CollectorProcess
@@ -87,7 +87,7 @@ def raw_batches(events: list[events_pb2.Event]) -> list[list[tuple[str, bytes, s
             key = stored.user_id or stored.anonymous_id
             batch.append(
                 (
-                    f"events.raw.{partition_for(key, PARTITIONS)}",
+                    subjects.events_raw(partition_for(key, PARTITIONS)),
                     stored.SerializeToString(),
                     f"bench:{stored.message_id}",
                 )
@@ -136,7 +136,7 @@ async def run_paced(send, items: list, *, per_second: float) -> list[float]:
 
 async def fresh_stream(js) -> None:
     try:
-        await js.delete_stream("EVENTS_RAW")
+        await js.delete_stream(subjects.EVENTS_RAW)
     except Exception:
         pass
     await ensure_stream(js, events_raw_stream())
@@ -177,7 +177,7 @@ async def bench_grpc(collector: CollectorProcess, nats_url: str, requests: list[
     seconds, latencies = await run_load(send, requests[WARMUP // BATCH :], in_flight=IN_FLIGHT)
     rate = (len(requests) - WARMUP // BATCH) * BATCH / seconds
     half_rate_latencies = await run_paced(send, paced, per_second=rate / 2 / BATCH)
-    stored = (await nc.jetstream().stream_info("EVENTS_RAW")).state.messages
+    stored = (await nc.jetstream().stream_info(subjects.EVENTS_RAW)).state.messages
     await channel.close()
     await nc.close()
     return {"rate": rate, "latencies": latencies, "half_rate_latencies": half_rate_latencies, "stored": stored}

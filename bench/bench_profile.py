@@ -30,7 +30,7 @@ from benchlib import acknowledged, bare_server_calls, bench_hop, percentile, wai
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_resolved_stream, partition_for
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_resolved_stream, partition_for, subjects
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.service import serving
 from cdp_kit.storage import Put, open_store
@@ -116,7 +116,9 @@ async def fill_resolved(bus: Bus) -> int:
                         batch.events.add().ParseFromString(raw)
                     pending.append(
                         OutMessage(
-                            subject=f"events.resolved.{p}", payload=batch.SerializeToString(), msg_id=f"rb{messages}"
+                            subject=subjects.events_resolved(p),
+                            payload=batch.SerializeToString(),
+                            msg_id=f"rb{messages}",
                         )
                     )
                     messages += 1
@@ -136,15 +138,15 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     async with Bus.connect(nats_url, name="bench-baseline") as bus:
 
         async def count() -> int:
-            return await acknowledged(bus.js, "EVENTS_RESOLVED", "noop-p", PARTITIONS, total)
+            return await acknowledged(bus.js, subjects.EVENTS_RESOLVED, "noop", PARTITIONS, total)
 
         tasks = [
             asyncio.create_task(
                 bus.consumer(
                     ConsumerSpec(
-                        stream="EVENTS_RESOLVED",
-                        durable=f"noop-p{p}",
-                        filter_subjects=(f"events.resolved.{p}",),
+                        stream=subjects.EVENTS_RESOLVED,
+                        durable=subjects.partition_durable("noop", p),
+                        filter_subjects=(subjects.events_resolved(p),),
                         batch_size=BATCH,
                         max_ack_pending=BATCH,
                     ),
@@ -187,7 +189,7 @@ async def bench_apply_and_read(nats_url: str, workdir: Path, warmup: int, total:
     async with serving(settings, profile_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
 
         async def applied() -> int:
-            return await acknowledged(reader.js, "EVENTS_RESOLVED", "profile-p", PARTITIONS, total)
+            return await acknowledged(reader.js, subjects.EVENTS_RESOLVED, "profile", PARTITIONS, total)
 
         t0 = await wait_count(applied, warmup)
         t1 = await wait_count(applied, total)
@@ -355,7 +357,7 @@ async def bench_freshness(nats_url: str, workdir: Path) -> dict:
                             resolved_at[resolved.event.message_id] = time.perf_counter()
 
                 nc = await nats.connect(nats_url)
-                await nc.subscribe(f"events.resolved.{partition_for(person, PARTITIONS)}", cb=on_resolved)
+                await nc.subscribe(subjects.events_resolved(partition_for(person, PARTITIONS)), cb=on_resolved)
                 latencies, identity_stage = await probe_freshness(
                     collector_stub, profile_stub, person, FRESH_SECONDS, resolved_at
                 )

@@ -32,7 +32,7 @@ from benchlib import bench_hop, percentile, write_result
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import partition_for
+from cdp_kit.bus import partition_for, subjects
 from cdp_kit.natsserver import NatsServer
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.modelstore import SHIPPED, shipped_models
@@ -198,7 +198,7 @@ async def bench_freshness(nats_url: str, specs: list[ModelSpec]) -> dict:
                 if entry[2]:
                     latencies.append((arrived - entry[0]) * 1000)
 
-    await nc.subscribe("scores.updated.>", cb=on_scores)
+    await nc.subscribe(subjects.every_partition(subjects.SCORES_UPDATED_PREFIX), cb=on_scores)
     # Built before the clock starts: the load generator must not compete with the service for the CPU.
     rng = random.Random(3)
     persons = [f"p_{i:06d}" for i in range(PERSONS)]
@@ -225,7 +225,7 @@ async def bench_freshness(nats_url: str, specs: list[ModelSpec]) -> dict:
                     for name in values
                 ]
                 keys.append(((c.person_id, c.at.ToMilliseconds()), set().union(*(readers[m] for m in moved))))
-            tick_plan.append((f"profiles.changed.{p}", b.SerializeToString(), keys))
+            tick_plan.append((subjects.profiles_changed(p), b.SerializeToString(), keys))
         plan.append(tick_plan)
     started = time.perf_counter()
     for i, messages in enumerate(plan):

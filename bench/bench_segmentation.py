@@ -35,7 +35,7 @@ from benchlib import acknowledged, bench_hop, percentile, wait_count, write_resu
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.bus import partition_for
+from cdp_kit.bus import partition_for, subjects
 from cdp_kit.natsserver import NatsServer
 from cdp_segmentation.domain import Columns, check_segment_graph, compile_segment, parse
 from cdp_testing.processes import SegmentationProcess
@@ -299,7 +299,7 @@ async def bench_realtime(nats_url: str) -> dict:
             if entry is not None and entry[1]:
                 latencies.append((arrived - entry[0]) * 1000)
 
-    await nc.subscribe("segments.entered.>", cb=on_entered)
+    await nc.subscribe(subjects.every_partition(subjects.SEGMENTS_ENTERED_PREFIX), cb=on_entered)
     rng = random.Random(3)
     persons = [f"p_{i:06d}" for i in range(PERSONS)]
     walk = Walk(persons, random.Random(4))
@@ -312,8 +312,10 @@ async def bench_realtime(nats_url: str) -> dict:
         key = (partition_for(person, PARTITIONS), i // 500)
         messages.setdefault(key, profile_pb2.ProfileChangedBatch()).changes.append(walk.change(person, stamp))
     for (p, _chunk), batch in messages.items():
-        await js.publish(f"profiles.changed.{p}", batch.SerializeToString())
-    await wait_count(lambda: acknowledged(js, "PROFILES", "segmentation-p", PARTITIONS, len(messages)), len(messages))
+        await js.publish(subjects.profiles_changed(p), batch.SerializeToString())
+    await wait_count(
+        lambda: acknowledged(js, subjects.PROFILES, "segmentation", PARTITIONS, len(messages)), len(messages)
+    )
     per_tick = int(RATE * TICK)
     ticks = int((WARMUP_SECONDS + REALTIME_SECONDS) / TICK)
     # Built before the clock starts: the load generator must not compete with the service for the CPU.
@@ -330,7 +332,7 @@ async def bench_realtime(nats_url: str) -> dict:
             batch.changes.append(walk.change(person, stamp))
             if walk.tier[person] == "a":
                 keys.append((person, stamp))
-        plan.append(([(f"profiles.changed.{p}", b.SerializeToString()) for p, b in batches.items()], keys))
+        plan.append(([(subjects.profiles_changed(p), b.SerializeToString()) for p, b in batches.items()], keys))
     started = time.perf_counter()
     for i, (messages, keys) in enumerate(plan):
         tick = started + i * TICK
@@ -394,7 +396,7 @@ def bench_per_change() -> dict:
                     person = rng.choice(persons)
                     stamp += 1
                     batch.changes.append(walk.change(person, stamp))
-                deliveries.append(Delivery(batch.SerializeToString(), "profiles.changed.0", seq))
+                deliveries.append(Delivery(batch.SerializeToString(), subjects.profiles_changed(0), seq))
             warm, timed = deliveries[:2000], deliveries[2000:]  # every person seen first: no first-seen path
             for delivery in warm:
                 await engine.handle([delivery])

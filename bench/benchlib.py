@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from cdp_kit.bus import subjects
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -74,13 +76,13 @@ def segment_event(rng: random.Random, users: int = 10_000) -> dict:
     }
 
 
-async def acknowledged(js, stream: str, durable_prefix: str, partitions: int, total: int) -> int:
-    """Messages of `stream` the partition consumers `<durable_prefix><p>` have handled and acknowledged
-    (ours and the baseline's are counted the same way)."""
+async def acknowledged(js, stream: str, service: str, partitions: int, total: int) -> int:
+    """Messages of `stream` the partition consumers of `service` (`<service>-p<p>`) have handled and
+    acknowledged (ours and the baseline's are counted the same way)."""
     remaining = 0
     for p in range(partitions):
         try:
-            info = await js.consumer_info(stream, f"{durable_prefix}{p}")
+            info = await js.consumer_info(stream, subjects.partition_durable(service, p))
         except Exception:
             return 0
         remaining += info.num_pending + info.num_ack_pending

@@ -22,6 +22,7 @@ import nats
 from nats.js.errors import NotFoundError
 from rich.table import Table
 
+from cdp_kit.bus import subjects
 from cdp_kit.bus.consumer import (
     DLQ_CONSUMER,
     DLQ_DELIVERIES,
@@ -32,11 +33,10 @@ from cdp_kit.bus.consumer import (
     DLQ_SUBJECT,
     DLQ_TIME,
 )
-from cdp_kit.bus.streams import dead_letter_stream
 from cdpctl.common import console, nats_url, out
 from cdpctl.platform import Workspace
 
-DLQ = dead_letter_stream().name
+DLQ = subjects.DLQ
 _DLQ_HEADERS = (DLQ_REASON, DLQ_DETAIL, DLQ_SUBJECT, DLQ_STREAM, DLQ_SEQ, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_TIME)
 
 
@@ -73,9 +73,7 @@ def _dead_letter(msg) -> DeadLetter:
 def dlq_subject(stream: str | None, consumer: str | None) -> str:
     if consumer and not stream:
         raise click.UsageError("name the STREAM before the CONSUMER")
-    if not stream:
-        return "dlq.>"
-    return f"dlq.{stream}.{consumer or '*'}"
+    return subjects.dead_letter_filter(stream, consumer)
 
 
 async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> tuple[list[DeadLetter], int]:

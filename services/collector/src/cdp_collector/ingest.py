@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import partition_key
-from cdp_kit.bus import OutMessage, Publisher, PubResult, partition_for
+from cdp_kit.bus import OutMessage, Publisher, PubResult, partition_for, subjects
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry
-
-RAW_SUBJECT = "events.raw"
 
 
 @dataclass(slots=True)
@@ -42,7 +40,7 @@ class Ingestor:
     def to_message(self, event: events_pb2.Event) -> OutMessage:
         partition = partition_for(partition_key(event), self.partitions)
         return OutMessage(
-            subject=f"{RAW_SUBJECT}.{partition}",
+            subject=subjects.events_raw(partition),
             payload=event.SerializeToString(),
             msg_id=f"{event.source_id}:{event.message_id}",
         )

@@ -23,12 +23,10 @@ from nats.js.errors import NotFoundError
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.domain import SuppressionList
+from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
 
 log = logging.getLogger("cdp.collector.privacy")
-
-PRIVACY_STREAM = "PRIVACY"
-DELETED_SUBJECT = "privacy.deleted"
 
 
 class SuppressionFollower:
@@ -48,14 +46,14 @@ class SuppressionFollower:
         not start taking events (the orchestrator restarts it)."""
         started = time.monotonic()
         try:
-            self._target = (await self.js.get_last_msg(PRIVACY_STREAM, DELETED_SUBJECT)).seq or 0
+            self._target = (await self.js.get_last_msg(PRIVACY, PRIVACY_DELETED)).seq or 0
         except NotFoundError:
             self._target = 0
         if self._target == 0:
             self._loaded.set()
         self._subscription = await self.js.subscribe(
-            DELETED_SUBJECT,
-            stream=PRIVACY_STREAM,
+            PRIVACY_DELETED,
+            stream=PRIVACY,
             cb=self._on_message,
             ordered_consumer=True,
             deliver_policy=api.DeliverPolicy.ALL,
@@ -65,7 +63,7 @@ class SuppressionFollower:
         except TimeoutError:
             await self.stop()
             raise Unavailable(
-                f"read privacy.deleted up to sequence {self._applied} of {self._target} in stream {PRIVACY_STREAM} "
+                f"read privacy.deleted up to sequence {self._applied} of {self._target} in stream {PRIVACY} "
                 f"within {timeout:g}s; raise CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT or check NATS"
             ) from None
         log.info(
