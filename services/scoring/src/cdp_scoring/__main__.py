@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-import grpc
-from google.protobuf import json_format
-
-from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import (
     Bus,
     ConsumerSpec,
     dead_letter_stream,
-    delivered_since,
     owned_partitions,
     profiles_stream,
     scores_stream,
 )
-from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
-from cdp_kit.profile_fields import profile_fields
+from cdp_kit.errors import FailedPrecondition, Unavailable
+from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_scoring.api import SCOPES, ScoringApi
@@ -33,66 +27,6 @@ from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_mod
 from cdp_scoring.settings import ScoringSettings
 
 log = logging.getLogger("cdp.scoring")
-
-
-class ProfileClient:
-    """What scoring asks the profile service: a person's fields, and computed traits a model needs."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        self.stub = profile_pb2_grpc.ProfileServiceStub(channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
-
-    async def fields(self, person_id: str) -> dict[str, Any] | None:
-        try:
-            profile = await self.stub.GetProfile(
-                profile_pb2.GetProfileRequest(person_id=person_id), metadata=self.metadata, timeout=5.0
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise Unavailable(f"profile service: {exc.code().name} {exc.details()}", retry_after=1.0) from None
-        return profile_fields(profile)
-
-    async def define(self, definitions: Sequence[Mapping[str, Any]]) -> None:
-        for definition in definitions:
-            name = definition.get("name", "?")
-            try:
-                message = definition_message(definition)
-            except (TypeError, ValueError, json_format.ParseError) as exc:
-                raise InvalidArgument(f"spec.computed_traits.{name}", f"not a profile computed trait: {exc}") from None
-            try:
-                await self.stub.DefineComputedTrait(
-                    profile_pb2.DefineComputedTraitRequest(definition=message), metadata=self.metadata, timeout=10.0
-                )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidArgument(
-                        f"spec.computed_traits.{name}", exc.details() or "refused by the profile service"
-                    ) from None
-                raise FailedPrecondition(
-                    f"could not define computed trait {name!r} on the profile service: "
-                    f"{exc.code().name} {exc.details()}",
-                    reason="profile_unavailable",
-                ) from None
-
-
-def definition_message(definition: Mapping[str, Any]) -> profile_pb2.ComputedTraitDefinition:
-    """A computed-trait definition as the spec holds it (the profile's JSON form) -> its protobuf."""
-    window = definition.get("window")
-    if isinstance(window, int | float) and not isinstance(window, bool):
-        window = f"{window:g}s"
-    message = profile_pb2.ComputedTraitDefinition(
-        name=definition["name"],
-        op=definition.get("op", ""),
-        event_type=definition.get("event_type") or "",
-        event_names=list(definition.get("event_names") or ()),
-        property=definition.get("property") or "",
-        window=window or "",
-        compare=definition.get("compare") or "",
-    )
-    if definition.get("where"):
-        json_format.ParseDict(dict(definition["where"]), message.where)
-    return message
 
 
 async def setup(runtime: ServiceRuntime) -> None:
@@ -127,7 +61,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         telemetry=runtime.telemetry,
         threads=settings.threads,
         profile_source=profile.fields if profile else None,
-        define_traits=profile.define if profile else None,
+        # A trait the profile service refuses is the model spec's fault: named as its field.
+        define_traits=functools.partial(profile.define, field="spec.computed_traits.{name}") if profile else None,
         announce=announce,
         snapshot_interval=settings.snapshot_interval,
         round_linger=settings.round_linger_ms / 1000,
@@ -135,9 +70,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
     replayed = await engine.replay(
-        delivered_since(
-            bus.js, "PROFILES", {f"profiles.changed.{p}": f"scoring-p{p}" for p in partitions}, engine.applied
-        )
+        engine.held.since(bus.js, "PROFILES", {f"profiles.changed.{p}": f"scoring-p{p}" for p in partitions})
     )
     if replayed:
         log.info("fields brought up to date from the PROFILES stream", extra={"changes": replayed})

@@ -39,8 +39,9 @@ from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.held import Codec, HeldFields, ProfileSource, apply_updates
 from cdp_kit.profile_fields import change_fields
-from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage import Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, ModelEntry, Registry, Version
 from cdp_scoring.modelstore import ModelStore
@@ -57,7 +58,6 @@ MAX_UPDATES_PER_MESSAGE = 2000
 # Kept with a person's fields: the time of the latest change applied (no profile field starts with "$").
 CHANGED_AT = "$changed_at"
 
-ProfileSource = Callable[[str], Awaitable[dict[str, Any] | None]]
 TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
 
 
@@ -105,7 +105,6 @@ class ScoringEngine:
         self.partitions = partitions
         self.owned = frozenset(owned)
         self.threads = threads
-        self.profile_source = profile_source
         self.define_traits = define_traits
         self.announce = announce
         self.snapshot_interval = snapshot_interval
@@ -114,21 +113,31 @@ class ScoringEngine:
         self.registry = Registry()
         self.sessions: dict[tuple[str, str], LoadedModel] = {}
         self.stats: dict[tuple[str, str], VersionStats] = {}
-        self.fields: dict[str, dict[str, Any]] = {}
-        self.versions: dict[str, int] = {}
+        self._partition = Partitioner(partitions)
+        # Each person's flat fields, snapshotted with the stream positions they include (see cdp_kit.held).
+        self.held: HeldFields[dict[str, Any]] = HeldFields(
+            store,
+            collection=FIELDS,
+            checkpoints=CHECKPOINTS,
+            owns=lambda person: self._partition(person) in self.owned,
+            codec=FIELDS_CODEC,
+            fetch=profile_source,
+            versioned=True,
+            clock=clock,
+            chunk=256,
+        )
+        self.fields = self.held.persons
         # partition subject -> the last stream position the fields include (snapshotted with them)
-        self.applied: dict[str, int] = {}
-        self.snapshotted: dict[str, int] = {}
-        self._dirty: set[str] = set()
-        self._gone: set[str] = set()
+        self.applied = self.held.applied
+        self.snapshotted = self.held.snapshotted
+        # "m:<model>" -> the stored version of the model's registry entry
+        self.versions: dict[str, int] = {}
         # field path -> models reading it (rebuilt when the registry changes)
         self._readers: dict[str, set[str]] = {}
         self._registry_lock = asyncio.Lock()
-        self._snapshot_lock = asyncio.Lock()
         self._round: list[tuple[dict[str, set[str]], dict[str, float], set[str], asyncio.Future]] = []
         self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._partition = Partitioner(partitions)
         meter = telemetry.meter
         self._m_rows = meter.create_counter("cdp_scoring_rows_total", description="rows scored, by model and role")
         self._m_published = meter.create_counter(
@@ -163,12 +172,7 @@ class ScoringEngine:
         for version in self.registry.active():
             await self._load_session(version)
         self._reindex()
-        async for record in self.store.scan_all(CHECKPOINTS):
-            self.applied[record.key] = self.snapshotted[record.key] = record.doc.get("stream_seq", 0)
-        async for record in self.store.scan_all(FIELDS, page_size=2000):
-            if self._partition(record.key) in self.owned:
-                self.fields[record.key] = orjson.loads(record.doc["fields"])
-                self.versions[record.key] = record.version
+        await self.held.load()
         self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="scoring snapshots"))
         self._tasks.append(asyncio.create_task(self._scoring_loop(), name="scoring rounds"))
 
@@ -189,15 +193,14 @@ class ScoringEngine:
     async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]]) -> int:
         """Bring the fields from the snapshot up to where the consumer had got: apply (subject, stream
         position, payload) in stream order, without scoring. Returns the changes applied."""
+        return await self.held.replay(messages, self._replay_message)
+
+    async def _replay_message(self, _subject: str, _seq: int, data: bytes) -> int:
         applied = 0
-        async for subject, seq, data in messages:
-            if seq <= self.applied.get(subject, 0):
-                continue
-            for change in profile_pb2.ProfileChangedBatch.FromString(data).changes:
-                if change.person_id:
-                    self._apply_change(change)
-                    applied += 1
-            self.applied[subject] = seq
+        for change in profile_pb2.ProfileChangedBatch.FromString(data).changes:
+            if change.person_id:
+                self._apply_change(change)
+                applied += 1
         return applied
 
     async def _load_session(self, version: Version) -> LoadedModel:
@@ -438,9 +441,7 @@ class ScoringEngine:
         """Apply one profile change to the fields; the changed paths some model reads."""
         person = change.person_id
         if change.removed:
-            if self.fields.pop(person, None) is not None:
-                self._gone.add(person)
-                self._dirty.discard(person)
+            self.held.remove(person)
             return set()
         updates = change_fields(change)
         updates[CHANGED_AT] = change.at.seconds + change.at.nanos / 1e9 if at is None else at
@@ -450,17 +451,9 @@ class ScoringEngine:
         fields = self.fields.get(person)
         if fields is None:
             fields = self.fields[person] = {}
-        changed = set()
-        for path, value in updates.items():
-            if value is None:
-                if fields.pop(path, None) is not None:
-                    changed.add(path)
-            elif fields.get(path, _ABSENT) != value:
-                fields[path] = value
-                changed.add(path)
+        changed = apply_updates(fields, updates)
         if changed:
-            self._dirty.add(person)
-            self._gone.discard(person)
+            self.held.mark(person)
         readers = self._readers
         return {p for p in changed if p in readers}
 
@@ -628,57 +621,11 @@ class ScoringEngine:
             except Exception as exc:  # kept dirty: the next round writes them; a restart replays further
                 log.warning("fields snapshot failed (%r); retrying in %.0fs", exc, self.snapshot_interval)
 
-    async def snapshot(self, chunk: int = 256) -> int:
-        """Write the fields changed since the last snapshot, then the stream positions they include.
-
-        Written in small chunks so the event loop (and the latency of scoring) never waits long; the
-        positions go last, so a crash mid-way leaves positions older than some fields, and the replay from
+    async def snapshot(self) -> int:
+        """Write the fields changed since the last snapshot, then the stream positions they include
+        (`cdp_kit.held`): a crash mid-way leaves positions older than some fields, and the replay from
         there applies the same changes again in order, ending in the same state."""
-        async with self._snapshot_lock:
-            dirty, gone = self._dirty, self._gone
-            positions = {s: q for s, q in self.applied.items() if q != self.snapshotted.get(s)}
-            if not dirty and not gone and not positions:
-                return 0
-            self._dirty, self._gone = set(), set()
-            written = 0
-            try:
-                ops: list[Put | Delete] = [Delete(FIELDS, person) for person in gone - dirty]
-                for person in dirty:
-                    fields = self.fields.get(person)
-                    if fields is None:
-                        continue
-                    expected = self.versions.get(person, 0)
-                    ops.append(
-                        Put(FIELDS, person, {"fields": orjson.dumps(fields).decode()}, expected_version=expected)
-                    )
-                    if len(ops) >= chunk:
-                        written += await self._write_fields(ops)
-                        ops = []
-                written += await self._write_fields(ops)
-                at = self.clock()
-                await self.store.bulk_write(
-                    [Put(CHECKPOINTS, s, {"stream_seq": q, "at": at}) for s, q in positions.items()]
-                )
-            except BaseException:
-                # Written again next time (a person changed meanwhile is in the new dirty set anyway).
-                self._dirty |= {p for p in dirty if p in self.fields}
-                self._gone |= gone - self._dirty
-                raise
-            self.snapshotted.update(positions)
-            if gone:  # removed (deleted or merged) persons' fields leave no bytes in the store's files
-                await self.store.erase()
-            return written + len(positions)
-
-    async def _write_fields(self, ops: list[Put | Delete]) -> int:
-        if not ops:
-            return 0
-        await self.store.bulk_write(ops)
-        for op in ops:
-            if isinstance(op, Put):
-                self.versions[op.key] = op.expected_version + 1
-            else:
-                self.versions.pop(op.key, None)
-        return len(ops)
+        return await self.held.snapshot()
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
@@ -686,10 +633,9 @@ class ScoringEngine:
         fields = self.fields.get(person_id)
         if fields is not None:
             return fields
-        if self.profile_source is not None:
-            fetched = await self.profile_source(person_id)
-            if fetched is not None:
-                return fetched
+        fetched = await self.held.fetch(person_id)
+        if fetched is not None:
+            return fetched
         raise NotFound(f"no profile fields for person {person_id!r}", reason="unknown_person")
 
     def resolve_version(self, name: str, version: str, person: str | None) -> Version:
@@ -837,4 +783,10 @@ class ScoringEngine:
         }
 
 
-_ABSENT = object()
+# A person's fields as stored: one JSON string (the fields are many small values; one string is cheaper
+# to store and to load than a document of them).
+FIELDS_CODEC: Codec[dict[str, Any], dict[str, Any]] = Codec(
+    copy=dict.copy,
+    encode=lambda fields: {"fields": orjson.dumps(fields).decode()},
+    decode=lambda doc: orjson.loads(doc["fields"]),
+)

@@ -11,8 +11,9 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, Segment, check_segment_id
 from cdp_segmentation.domain import Node, from_json, parse, to_json, to_text
-from cdp_segmentation.engine import BUILDING, FAILED, LIVE, Segment, SegmentationEngine, check_segment_id
+from cdp_segmentation.engine import SegmentationEngine
 
 log = logging.getLogger("cdp.segmentation.api")
 

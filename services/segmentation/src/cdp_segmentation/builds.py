@@ -1,0 +1,240 @@
+"""Whole-population builds: a segment created or changed, and `Estimate`.
+
+The vectorised evaluator runs over columns built from the held fields, chunk by chunk with progress on
+the segment; the difference from the current membership is published with the reason ("created",
+"updated") under the definition version's ids, and the segment goes live. Persons changed while the
+population was evaluated, and the segments referring to this one, are evaluated again as live ones.
+
+Before a build or an estimate, the computed traits its event conditions need are defined on the profile
+service, backfilled there, and their values received here (`caught_up`: every owned partition applied
+up to the PROFILES stream's end as of the call). A build a crash interrupted starts again on the next
+start (`resume_builds`): its transitions keep their ids, so JetStream drops what was published before.
+
+`Builds` is the part of `SegmentationEngine` that does this; the state it reads is set up in the
+engine's `__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdp_kit.errors import FailedPrecondition, Unavailable
+from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, SEGMENTS, Segment
+from cdp_segmentation.domain import Columns, CompiledSegment
+from cdp_segmentation.evaluation import Transition
+
+log = logging.getLogger("cdp.segmentation.engine")
+
+CHUNK = 65_536  # rows per step of a whole-population run
+SAMPLE = 20
+
+
+@dataclass(slots=True)
+class Estimate:
+    size: int
+    population: int
+    sample: list[str]
+    compiled: CompiledSegment
+    evaluate_ms: float
+
+
+class Builds:
+    """Whole-population evaluation of a definition: builds that make segments live, and estimates."""
+
+    def resume_builds(self) -> None:
+        """Builds a crash interrupted start again (their transitions keep their ids: duplicates, not news)."""
+        for segment in self.segments.values():
+            if segment.state == BUILDING:
+                self._start_build(segment, reason="created" if not segment.serving else "updated")
+
+    def _start_build(self, segment: Segment, *, reason: str) -> None:
+        task = asyncio.create_task(self._build(segment, reason), name=f"build segment {segment.id}")
+        self._builds[segment.id] = task
+        task.add_done_callback(lambda t, s=segment.id: self._builds.pop(s, None) if self._builds.get(s) is t else None)
+
+    async def _build(self, segment: Segment, reason: str) -> None:
+        """Evaluate the definition being built over the whole population, publish the difference from the
+        current membership, go live."""
+        version, compiled = segment.building_version, segment.definition
+        touched: set[str] = set()
+        segment.last_diff = (0, 0, [], [])
+        try:
+            await self._prepare(compiled)
+            await self._referenced_live(compiled)
+            self._touched.append(touched)
+            persons, inside = await self._population(compiled, progress=segment)
+            async with self._lifecycle_lock:
+                if self.segments.get(segment.id) is not segment or segment.building_version != version:
+                    return  # replaced or deleted meanwhile
+                now = self.clock()
+                current = self.members.get(segment.id, set())
+                new = {persons[i] for i in np.flatnonzero(inside)}
+                entered, exited = sorted(new - current), sorted(current - new)
+                by_partition: dict[int, list[Transition]] = {}
+                for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
+                    by_partition.setdefault(self._partition(person_id), []).append(
+                        Transition(person_id, segment.id, flag, segment.updated_at, reason, version, f"v{version}")
+                    )
+                await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+                for person_id in exited:
+                    person = self.persons.get(person_id)
+                    if person is not None:
+                        person.members.pop(segment.id, None)
+                        self.held.mark(person_id)
+                for person_id in entered:
+                    person = self.persons.get(person_id)
+                    if person is not None:
+                        person.members[segment.id] = segment.updated_at
+                        self.held.mark(person_id)
+                self.members[segment.id] = new
+                replaced = segment.compiled
+                segment.serve(compiled, version)
+                segment.pending = None
+                segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
+                segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
+                self._reindex()
+                # Persons changed while the population was evaluated, and those whose membership moved
+                # segments referring to this one: evaluated again, as live.
+                self._touched.remove(touched)
+                await self._reevaluate(touched | set(entered) | set(exited), segment)
+                await self.snapshot()
+                await self.store.put(SEGMENTS, segment.id, segment.doc())
+                if replaced is not compiled:
+                    await self._release_traits(replaced)
+            log.info(
+                "segment live",
+                extra={"segment": segment.id, "version": version, "entered": len(entered), "exited": len(exited)},
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("segment %s could not be built: %r", segment.id, exc)
+            # FAILED; a definition that went live before keeps serving (`serving`).
+            segment.state, segment.error, segment.pending = FAILED, str(getattr(exc, "message", exc)), None
+            try:
+                await self.store.put(SEGMENTS, segment.id, segment.doc())
+            except Exception as store_exc:
+                log.warning("could not store segment %s state: %r", segment.id, store_exc)
+            # The traits the failed definition had defined (some of them, when the profile service refused
+            # one): nothing reads them now.
+            if self.segments.get(segment.id) is segment:
+                async with self._lifecycle_lock:
+                    await self._release_traits(compiled)
+        finally:
+            if touched in self._touched:
+                self._touched.remove(touched)
+
+    async def _reevaluate(self, persons: Iterable[str], segment: Segment) -> None:
+        async with self.held.mutating():
+            await self._reevaluate_now(persons, segment)
+
+    async def _reevaluate_now(self, persons: Iterable[str], segment: Segment) -> None:
+        segments = self.index.readers_of(segment)
+        now = self.clock()
+        by_partition: dict[int, list[Transition]] = {}
+        for person_id in persons:
+            person = self.persons.get(person_id)
+            if person is not None:
+                self._evaluate(
+                    person_id,
+                    person,
+                    segments,
+                    now=now,
+                    at=now,
+                    reason="updated",
+                    cause=f"v{segment.version}r{person.seq}",
+                    out=by_partition.setdefault(self._partition(person_id), []),
+                )
+        await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+
+    async def _referenced_live(self, compiled: CompiledSegment) -> None:
+        """A definition referring to segments still being built waits for them (their members are its input)."""
+        while True:
+            waiting = [ref for ref in compiled.segments if not self.get(ref).serving]
+            if not waiting:
+                return
+            if all(self.get(ref).state == FAILED for ref in waiting):
+                raise FailedPrecondition(f"segments {', '.join(sorted(waiting))} failed to build", reason="ref_failed")
+            await asyncio.sleep(0.05)
+
+    async def _prepare(self, compiled: CompiledSegment) -> None:
+        """The computed traits the definition's event conditions need: defined on the profile service,
+        backfilled there, and their values received here."""
+        if not compiled.computed_traits:
+            await self.caught_up()  # what profile published before the call counts
+            return
+        if self.define_traits is None:
+            raise FailedPrecondition(
+                "the definition has event conditions, which need the profile service (CDP_PROFILE_ADDRESS)",
+                reason="no_profile_service",
+            )
+        await self.define_traits(compiled.computed_traits)
+        if self.traits_ready is not None:
+            await self.traits_ready([t["name"] for t in compiled.computed_traits])
+        await self.caught_up()
+
+    async def caught_up(self, timeout: float = 600.0) -> None:
+        """Wait until every owned partition has been applied up to the PROFILES stream's end as of now."""
+        if self.stream_ends is None:
+            return
+        ends = await self.stream_ends()
+        deadline = self.clock() + timeout
+        while any(self.applied.get(subject, 0) < seq for subject, seq in ends.items()):
+            if self.clock() > deadline:
+                raise Unavailable("profiles.changed is not consumed fast enough to evaluate the population")
+            await asyncio.sleep(0.02)
+
+    async def _population(
+        self, compiled: CompiledSegment, *, progress: Segment | None = None
+    ) -> tuple[list[str], np.ndarray]:
+        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment)."""
+        started = time.perf_counter()
+        persons = sorted(self.persons)
+        total = len(persons)
+        if progress is not None:
+            progress.total, progress.done = total, 0
+        now = self.clock()
+        result = np.zeros(total, dtype=bool)
+        refs = sorted(compiled.segments)
+        for start in range(0, total, CHUNK):
+            chunk = persons[start : start + CHUNK]
+            rows = [self.persons[p] for p in chunk]
+            columns = Columns.from_records([r.fields for r in rows])
+            members = {ref: np.fromiter((ref in r.members for r in rows), dtype=bool, count=len(rows)) for ref in refs}
+            result[start : start + len(chunk)] = compiled.evaluate_columns(columns, members, now)
+            if progress is not None:
+                progress.done = start + len(chunk)
+            await asyncio.sleep(0)
+        self._m_population.record((time.perf_counter() - started) * 1000)
+        return persons, result
+
+    async def estimate(self, node) -> Estimate:
+        """The definition's size now. The computed traits it needs are defined for the call and deleted
+        after it (those no segment reads): an estimate leaves nothing behind on the profile service."""
+        compiled = self.compile(node)
+        reading = frozenset(t["name"] for t in compiled.computed_traits)
+        self._estimating.append(reading)
+        try:
+            await self._prepare(compiled)
+            started = time.perf_counter()
+            persons, inside = await self._population(compiled)
+            elapsed = (time.perf_counter() - started) * 1000
+        finally:
+            self._estimating.remove(reading)
+            if reading:
+                async with self._lifecycle_lock:
+                    await self._release_traits(compiled)
+        hits = np.flatnonzero(inside)
+        return Estimate(
+            size=int(hits.size),
+            population=len(persons),
+            sample=[persons[i] for i in hits[:SAMPLE]],
+            compiled=compiled,
+            evaluate_ms=elapsed,
+        )

@@ -1,0 +1,352 @@
+"""The segment catalogue: segment definitions, their lifecycle states, and their storage.
+
+A segment is `building` until its first whole-population build (builds.py) is done, then `live`; a
+build that fails leaves it `failed` (a definition that went live before keeps serving: `serving`). An
+update keeps the live definition serving while the new one (`pending`) is built. Definitions are stored
+in `segmentation_segments` and announced on `segmentation.segments.changed`, so every replica follows
+a create, an update or a delete made on another (`reload`).
+
+Computed traits on the profile service belong to the definitions that read them: a definition may need
+at most `max_computed_traits` of them, and a trait is deleted on the profile service as soon as nothing
+here reads it any more, that is no segment serving or being built with it and no `Estimate` under way
+(a segment deleted, an update that dropped a condition, a create whose build failed, an estimate done).
+The fields held for a deleted trait are forgotten with it, so a trait defined again later starts from
+what the profile service publishes then, never from values that were current before.
+
+A stored segment that cannot be loaded (a definition from an older release that the language now
+refuses) is left out, logged with its id, and can still be deleted: one bad record never keeps the
+service from starting or listing the others.
+
+`Catalogue` is the part of `SegmentationEngine` that owns these operations; the state it reads is set up
+in the engine's `__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cdp_segmentation.domain import (
+    CompiledSegment,
+    check_segment_graph,
+    compile_segment,
+    from_json,
+    to_json,
+    to_text,
+)
+from cdp_segmentation.evaluation import Transition
+
+log = logging.getLogger("cdp.segmentation.engine")
+
+SEGMENTS = "segmentation_segments"
+BUILDING, LIVE, FAILED = "building", "live", "failed"
+ANNOUNCE = "segmentation.segments.changed"
+SEGMENT_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+# Nesting accepted when loading a stored definition: more than the API accepts (MAX_DEPTH), so segments
+# stored before that limit still load and can be deleted; protobuf could never have carried deeper ones.
+STORED_MAX_DEPTH = 100
+
+TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Segment:
+    """One segment: its live definition, and the one being built when an update is under way."""
+
+    id: str
+    name: str
+    description: str
+    version: int
+    compiled: CompiledSegment
+    state: str = BUILDING
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    live_at: float = 0.0
+    error: str = ""
+    done: int = 0
+    total: int = 0
+    # An update being built: (version, compiled); the live definition above keeps serving meanwhile.
+    pending: tuple[int, CompiledSegment] | None = None
+    # Whether the live definition has ever gone live (a failed first build leaves nothing live).
+    serving: bool = False
+    # The last build's difference: entered, exited, and a sample of each.
+    last_diff: tuple[int, int, list[str], list[str]] = (0, 0, [], [])
+    # The live definition's per-profile predicate and whether time moves it (read per change: no lookups).
+    predicate: Callable[..., bool] = field(init=False, repr=False)
+    timed: bool = field(init=False, default=False)
+    refs: frozenset[str] = field(init=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        self.serve(self.compiled, self.version)
+
+    def serve(self, compiled: CompiledSegment, version: int) -> None:
+        self.compiled, self.version = compiled, version
+        self.predicate, self.timed, self.refs = compiled.predicate, compiled.time_dependent, compiled.segments
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "version": self.version,
+            "tree": orjson.dumps(to_json(self.compiled.node)).decode(),
+            "state": self.state,
+            "serving": self.serving,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "live_at": self.live_at,
+            "error": self.error,
+            "pending": None
+            if self.pending is None
+            else {"version": self.pending[0], "tree": orjson.dumps(to_json(self.pending[1].node)).decode()},
+        }
+
+    @property
+    def definition(self) -> CompiledSegment:
+        """The definition the next whole-population run is for."""
+        return self.pending[1] if self.pending is not None else self.compiled
+
+    @property
+    def building_version(self) -> int:
+        return self.pending[0] if self.pending is not None else self.version
+
+
+def segment_from_doc(segment_id: str, doc: Mapping[str, Any]) -> Segment:
+    """A stored segment (any exception: it cannot be loaded)."""
+    compiled = compile_segment(from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH))
+    pending = None
+    if doc.get("pending"):
+        tree = from_json(orjson.loads(doc["pending"]["tree"]), max_depth=STORED_MAX_DEPTH)
+        pending = (doc["pending"]["version"], compile_segment(tree))
+    return Segment(
+        id=segment_id,
+        name=doc.get("name", ""),
+        description=doc.get("description", ""),
+        version=doc["version"],
+        compiled=compiled,
+        state=doc["state"],
+        created_at=doc.get("created_at", 0.0),
+        updated_at=doc.get("updated_at", 0.0),
+        live_at=doc.get("live_at", 0.0),
+        error=doc.get("error", ""),
+        pending=pending,
+        serving=doc.get("serving", False),
+    )
+
+
+def check_segment_id(segment_id: str, field: str = "id") -> str:
+    if not SEGMENT_ID.fullmatch(segment_id or ""):
+        raise InvalidArgument(
+            field, f"{segment_id!r} must be 1-64 characters: a lowercase letter, then lowercase letters, digits, _ or -"
+        )
+    return segment_id
+
+
+class Catalogue:
+    """Create, update, delete and follow segments; the computed traits they own."""
+
+    def compile(self, node, *, segment_id: str | None = None) -> CompiledSegment:
+        """Compile a definition and check it against the other segments (known references, no cycles) and
+        the number of computed traits one definition may have defined on the profile service."""
+        compiled = compile_segment(node)
+        if len(compiled.computed_traits) > self.max_computed_traits:
+            raise InvalidArgument(
+                "definition",
+                f"needs {len(compiled.computed_traits)} computed traits on the profile service (one per distinct "
+                f"event condition); at most {self.max_computed_traits} per definition "
+                "(CDP_SEGMENTATION_MAX_COMPUTED_TRAITS)",
+            )
+        refs = {s.id: s.definition.segments for s in self.segments.values()}
+        refs[segment_id or "$new"] = compiled.segments
+        check_segment_graph(refs)
+        return compiled
+
+    async def create(self, segment_id: str, node, *, name: str = "", description: str = "") -> Segment:
+        async with self._lifecycle_lock:
+            if segment_id in self.segments:
+                raise AlreadyExists(f"segment {segment_id!r} exists (UpdateSegment changes it)")
+            compiled = self.compile(node, segment_id=segment_id)
+            now = self.clock()
+            segment = Segment(
+                id=segment_id,
+                name=name,
+                description=description,
+                version=1,
+                compiled=compiled,
+                state=BUILDING,
+                created_at=now,
+                updated_at=now,
+            )
+            await self.store.put(SEGMENTS, segment_id, segment.doc())
+            self.segments[segment_id] = segment
+        await self._announce({"segment": segment_id})
+        log.info("segment created", extra={"segment": segment_id, "definition": to_text(compiled.node)})
+        self._start_build(segment, reason="created")
+        return segment
+
+    async def update(
+        self, segment_id: str, node=None, *, name: str | None = None, description: str | None = None
+    ) -> Segment:
+        async with self._lifecycle_lock:
+            segment = self.get(segment_id)
+            if name:
+                segment.name = name
+            if description:
+                segment.description = description
+            if node is not None:
+                compiled = self.compile(node, segment_id=segment_id)
+                task = self._builds.pop(segment_id, None)
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                replaced = segment.pending[1] if segment.pending is not None else None
+                segment.pending = (segment.building_version + 1, compiled)
+                segment.state, segment.error = BUILDING, ""
+            segment.updated_at = self.clock()
+            await self.store.put(SEGMENTS, segment_id, segment.doc())
+            if node is not None and replaced is not None:
+                await self._release_traits(replaced)  # a build this update cancelled
+        await self._announce({"segment": segment_id})
+        if node is not None:
+            self._start_build(segment, reason="updated" if segment.serving else "created")
+        return segment
+
+    async def delete(self, segment_id: str) -> int:
+        async with self._lifecycle_lock:
+            if segment_id not in self.segments and segment_id in self.unreadable:
+                await self.store.delete(SEGMENTS, segment_id)
+                del self.unreadable[segment_id]
+                log.info("unreadable stored segment deleted", extra={"segment": segment_id})
+                return 0
+            segment = self.get(segment_id)
+            users = sorted(s.id for s in self.segments.values() if segment_id in s.definition.segments)
+            if users:
+                raise FailedPrecondition(
+                    f"segment {segment_id!r} is referred to by {', '.join(users)}; change or delete those first",
+                    reason="segment_in_use",
+                )
+            version, at = segment.building_version + 1, self.clock()
+            exited = await self._drop(segment_id, version=version, at=at)
+            await self.store.delete(SEGMENTS, segment_id)
+            await self._release_traits(segment.compiled, segment.definition)
+        await self._announce({"segment": segment_id, "deleted": {"version": version, "at": at}})
+        log.info("segment deleted", extra={"segment": segment_id, "exited": exited})
+        return exited
+
+    async def _drop(self, segment_id: str, *, version: int, at: float) -> int:
+        """Forget a segment: its members exit (reason "deleted"), published before anything is forgotten."""
+        task = self._builds.pop(segment_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        by_partition: dict[int, list[Transition]] = {}
+        for person_id in sorted(self.members.get(segment_id, ())):
+            by_partition.setdefault(self._partition(person_id), []).append(
+                Transition(person_id, segment_id, False, at, "deleted", version, f"v{version}")
+            )
+        await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+        exited = 0
+        for person_id in self.members.pop(segment_id, set()):
+            person = self.persons.get(person_id)
+            if person is not None and person.members.pop(segment_id, None) is not None:
+                exited += 1
+                self.held.mark(person_id)
+        self.segments.pop(segment_id, None)
+        self._reindex()
+        await self.snapshot()
+        return exited
+
+    def _traits_in_use(self) -> set[str]:
+        """The computed traits something here reads: a segment's live definition (once it has served), the
+        one being built, and every Estimate under way. A failed first build reads nothing."""
+        names: set[str] = set()
+        for segment in self.segments.values():
+            if segment.serving:
+                names.update(t["name"] for t in segment.compiled.computed_traits)
+            if segment.state == BUILDING:
+                names.update(t["name"] for t in segment.definition.computed_traits)
+        for estimating in self._estimating:
+            names |= estimating
+        return names
+
+    async def _release_traits(self, *definitions: CompiledSegment) -> None:
+        """Delete on the profile service the computed traits of these definitions that nothing reads any
+        more, and forget the values held for them (best effort: a trait left behind costs the profile
+        service work, not correctness; the next release of the same trait tries again)."""
+        names = {t["name"] for compiled in definitions for t in compiled.computed_traits} - self._traits_in_use()
+        if not names or self.undefine_traits is None:
+            return
+        try:
+            await self.undefine_traits(sorted(names))
+        except Exception as exc:
+            log.warning("could not delete computed traits %s on the profile service: %r", sorted(names), exc)
+            return
+        # The profile service publishes nothing when it deletes a trait: without this, a trait defined
+        # again later would be read with the values it had before (a person it now counts 0 for keeps them).
+        fields = {f"computed.{name}" for name in names}
+        for person_id, person in self.persons.items():
+            if not fields.isdisjoint(person.fields):
+                for name in fields:
+                    person.fields.pop(name, None)
+                self.held.mark(person_id)
+
+    async def _announce(self, what: Mapping[str, Any]) -> None:
+        if self.announce is not None:
+            try:
+                await self.announce(orjson.dumps(what).decode())
+            except Exception as exc:  # the others pick it up from the store when they restart
+                log.warning("could not announce a segment change to the other replicas: %r", exc)
+
+    async def reload(self, announcement: str) -> None:
+        """Another replica created, changed or deleted a segment: do the same here. Transitions carry the
+        same ids (definition version, stored times), so JetStream keeps one copy of each."""
+        what = orjson.loads(announcement)
+        segment_id = what["segment"]
+        record = await self.store.get(SEGMENTS, segment_id)
+        async with self._lifecycle_lock:
+            current = self.segments.get(segment_id)
+            if record is None:
+                deleted = what.get("deleted")
+                if current is not None and deleted:
+                    await self._drop(segment_id, version=deleted["version"], at=deleted["at"])
+                return
+            loaded = segment_from_doc(segment_id, record.doc)
+            if current is None:
+                self.segments[segment_id] = loaded
+                if loaded.state == BUILDING:
+                    self._start_build(loaded, reason="updated" if loaded.serving else "created")
+                return
+            current.name, current.description, current.updated_at = loaded.name, loaded.description, loaded.updated_at
+            if loaded.building_version > current.building_version:
+                task = self._builds.pop(segment_id, None)
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                current.pending = (loaded.building_version, loaded.definition)
+                current.state, current.error = BUILDING, ""
+                self._start_build(current, reason="updated" if current.serving else "created")
+
+    def get(self, segment_id: str) -> Segment:
+        segment = self.segments.get(segment_id)
+        if segment is None:
+            raise NotFound(f"no segment {segment_id!r}", reason="unknown_segment")
+        return segment
+
+    async def wait_live(self, segment_id: str) -> Segment:
+        """The segment once it is no longer being built (live, or failed); across builds that replace
+        one another (an update while the create's build runs)."""
+        while True:
+            segment = self.get(segment_id)
+            if segment.state != BUILDING:
+                return segment
+            task = self._builds.get(segment_id)
+            if task is None:
+                await asyncio.sleep(0.02)  # the replacing build has not started yet
+            else:
+                await asyncio.wait({task})  # unlike awaiting it, does not raise when it is cancelled

@@ -1,0 +1,246 @@
+"""Per-person evaluation and timers: what one profile change, or the passing of time, does to one
+person's memberships.
+
+A change updates the person's flat fields ("traits.plan" -> "pro"); the live segments reading a changed
+field (and those referring to them, in dependency order: index.py) are evaluated for that person with
+the per-profile predicate; every flip is a `Transition`. A person first seen is read from the profile
+service (cdp_kit.held) and evaluated against every live segment (`not traits.x exists` holds for an
+empty profile). A removed person (deleted, or merged into another) exits every segment.
+
+Segments whose membership time alone can change (`traits.trial_ends_at < now`) give each person a
+timer: the earliest instant one of their time comparisons flips, kept in a heap; `fire_timers`
+evaluates the persons whose instant has come.
+
+Every transition carries its cause, which makes its id stable: "s<partition>.<seq>.<change>" (a stream
+position), "t<due ms>" (a timer instant), "v<version>" (a definition version). A person's stream
+position (`Person.seq`) keeps a change from being applied to it twice.
+
+`Evaluation` is the part of `SegmentationEngine` that does this; the state it reads is set up in the
+engine's `__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.held import apply_updates
+from cdp_kit.profile_fields import change_fields
+
+if TYPE_CHECKING:
+    from cdp_segmentation.catalogue import Segment
+
+log = logging.getLogger("cdp.segmentation.engine")
+
+
+@dataclass(slots=True)
+class Transition:
+    person: str
+    segment: str
+    entered: bool
+    at: float
+    reason: str
+    version: int
+    cause: str  # what makes the id stable: "s<partition>.<seq>.<change>", "t<due ms>", "v<version>"
+
+
+@dataclass(slots=True)
+class Person:
+    """What segmentation holds for one person (snapshotted as one JSON document)."""
+
+    fields: dict[str, Any]
+    members: dict[str, float] = field(default_factory=dict)  # segment id -> since (epoch seconds)
+    seq: int = 0  # the last profiles.changed position applied to this person
+    evaluated_at: float = 0.0  # timers are due from this instant's state
+
+
+class Evaluation:
+    """Per-person evaluation of live segments, on a change and when a timer is due."""
+
+    def _evaluate(
+        self,
+        person_id: str,
+        person: Person,
+        segments: Sequence[tuple[Segment, bool]],
+        *,
+        now: float,
+        at: float,
+        reason: str,
+        cause: str,
+        out: list[Transition],
+    ) -> None:
+        """Evaluate `segments` (dependencies first) for one person; record the flips."""
+        members = person.members
+        fields = person.fields
+        timed = False
+        flipped: set[str] | None = None
+        evaluated = 0
+        for segment, direct in segments:
+            if not direct and (flipped is None or flipped.isdisjoint(segment.refs)):
+                continue  # it only refers to segments this change left as they were
+            segment_id = segment.id
+            evaluated += 1
+            inside = segment.predicate(fields, members, now)
+            if inside is not (segment_id in members):
+                if inside:
+                    members[segment_id] = at
+                    self.members.setdefault(segment_id, set()).add(person_id)
+                else:
+                    del members[segment_id]
+                    self.members.get(segment_id, set()).discard(person_id)
+                out.append(Transition(person_id, segment_id, inside, at, reason, segment.version, cause))
+                if flipped is None:
+                    flipped = set()
+                flipped.add(segment_id)
+            if segment.timed:
+                timed = True
+        self.evaluations += evaluated
+        person.evaluated_at = now
+        self.held.mark(person_id)
+        if timed:
+            self._schedule(person_id, person, now)
+
+    def _schedule(self, person_id: str, person: Person, now: float) -> None:
+        """The person's next timer: the earliest instant after `now` one of its time comparisons flips."""
+        pending = self._due.get(person_id)
+        if pending is not None and pending <= now:
+            return  # overdue: the timer round evaluates every time segment of the person, then reschedules
+        due = math.inf
+        for segment, _direct in self.index.time_segments:
+            if segment.timed:
+                t = segment.compiled.next_change(person.fields, person.members, now)
+                if t is not None and t < due:
+                    due = t
+        if due == math.inf:
+            self._due.pop(person_id, None)
+            return
+        if self._due.get(person_id) != due:
+            self._due[person_id] = due
+            heapq.heappush(self._timers, (due, person_id))
+
+    async def _timer_loop(self) -> None:
+        while True:
+            try:
+                await self.fire_timers()
+            except Exception as exc:  # the timers stay due; the next tick publishes them
+                log.warning("timer round failed: %r", exc)
+            wait = self.timer_resolution
+            if self._timers:
+                wait = min(wait, max(0.0, self._timers[0][0] - self.clock()))
+            await asyncio.sleep(wait)
+
+    async def fire_timers(self) -> int:
+        """Evaluate every person whose timer is due; publish what flipped. Returns the persons evaluated."""
+        async with self.held.mutating():
+            waiting = self._unpublished.pop("$timers", None)
+            if waiting:
+                await self._publish_or_keep("$timers", waiting)
+            return await self._fire_timers()
+
+    async def _fire_timers(self) -> int:
+        now = self.clock()
+        transitions: dict[int, list[Transition]] = {}
+        fired: list[tuple[float, str]] = []
+        while self._timers and self._timers[0][0] <= now:
+            due, person_id = heapq.heappop(self._timers)
+            if self._due.get(person_id) != due:
+                continue  # rescheduled or gone since
+            del self._due[person_id]
+            person = self.persons.get(person_id)
+            if person is None:
+                continue
+            fired.append((due, person_id))
+            out = transitions.setdefault(self._partition(person_id), [])
+            self._evaluate(
+                person_id,
+                person,
+                self.index.time_segments,
+                now=now,
+                at=due,
+                reason="time",
+                cause=f"t{round(due * 1000)}",
+                out=out,
+            )
+        messages = [m for p, ts in transitions.items() for m in self._messages(p, ts)]
+        if messages:
+            await self._publish_or_keep("$timers", messages)
+        return len(fired)
+
+    async def _apply_message(
+        self,
+        partition: int,
+        seq: int,
+        message: profile_pb2.ProfileChangedBatch,
+        now: float,
+        out: list[Transition],
+    ) -> float:
+        """Apply one stream message, evaluating what its changes move; the time of its oldest change
+        applied (infinity: none)."""
+        cause = f"s{partition}.{seq}"
+        oldest = math.inf
+        applying: set[str] = set()  # persons this message is being applied to (one may have several changes)
+        for index, change in enumerate(message.changes):
+            person_id = change.person_id
+            if not person_id:
+                continue
+            person = self.persons.get(person_id)
+            if person is not None and seq <= person.seq and person_id not in applying:
+                continue  # this person's state already includes the message (snapshotted after it)
+            applying.add(person_id)
+            at = change.at.seconds + change.at.nanos / 1e9
+            if at < oldest:
+                oldest = at
+            if change.removed:
+                if person is not None:
+                    self._remove(person_id, person, at=at, cause=f"{cause}.{index}", out=out)
+                continue
+            updates = change_fields(change)
+            new = person is None
+            if person is None:
+                fetched = await self.held.fetch(person_id)
+                person = self.persons[person_id] = Person(fields=fetched or {})
+            changed = apply_updates(person.fields, updates)
+            person.seq = seq
+            self.held.mark(person_id)
+            for touched in self._touched:
+                touched.add(person_id)
+            if new or changed:
+                # A person first seen: every live segment (`not traits.x exists` holds for an empty profile).
+                if new:
+                    segments = self.index.all
+                else:
+                    # Threshold segments first (they refer to no segment), then the rest, dependencies first.
+                    segments = self.index.affected(frozenset(changed))
+                    if self.index.thresholds:
+                        crossed = self.index.crossed(changed, person.fields)
+                        if crossed:
+                            segments = crossed + list(segments)
+                if segments:
+                    self._evaluate(
+                        person_id,
+                        person,
+                        segments,
+                        now=now,
+                        at=at,
+                        reason=change.cause or "event",
+                        cause=f"{cause}.{index}",
+                        out=out,
+                    )
+        return oldest
+
+    def _remove(self, person_id: str, person: Person, *, at: float, cause: str, out: list[Transition]) -> None:
+        """The profile is gone (deleted, or merged into another): it leaves every segment."""
+        for segment_id in list(person.members):
+            self.members.get(segment_id, set()).discard(person_id)
+            segment = self.segments.get(segment_id)
+            out.append(
+                Transition(person_id, segment_id, False, at, "removed", segment.version if segment else 0, cause)
+            )
+        self.held.remove(person_id)
+        self._due.pop(person_id, None)

@@ -1,0 +1,146 @@
+"""Which live segments a change of a profile field can move: the field index.
+
+Built once per change of the live segments (`FieldIndex(serving)`), read on every profile change. For
+a set of changed fields it gives the segments to evaluate, dependencies first, each with whether it
+reads one of the fields itself (else it only refers to a segment that does, and is evaluated only if
+that one flips). `TIME` is the pseudo-field time-dependent segments read (the timers' segments).
+
+The threshold index: several segments comparing one field with one number (`computed.orders_90d >= 3`,
+`>= 5`, `>= 10`) are not evaluated on every change of the field but only those whose number lies in the
+range the field moved over (`crossed`); the others give the same outcome for the old and the new value.
+
+Plain data, no I/O: rebuilt, never changed in place.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+from cdp_segmentation.catalogue import Segment
+from cdp_segmentation.domain import CompiledSegment, check_segment_graph
+from cdp_segmentation.domain.plan import NumberTest, Test
+from cdp_segmentation.domain.values import number
+
+TIME = "$time"  # the pseudo-field every time-dependent segment reads
+
+# (segment, whether it reads a changed field itself): what an evaluation walks, dependencies first
+Affected = tuple[tuple[Segment, bool], ...]
+
+
+class FieldIndex:
+    def __init__(self, serving: Iterable[Segment] = ()) -> None:
+        serving = {s.id: s for s in serving}
+        self.serving = serving
+        order = check_segment_graph({s.id: s.compiled.segments & serving.keys() for s in serving.values()})
+        self.order: list[str] = order  # live segment ids, dependencies first
+        position = {segment_id: i for i, segment_id in enumerate(order)}
+        self._position = position
+        dependents: dict[str, set[str]] = {}
+        for segment in serving.values():
+            for ref in segment.compiled.segments:
+                dependents.setdefault(ref, set()).add(segment.id)
+
+        def closure(start: Iterable[str]) -> tuple[Segment, ...]:
+            seen: set[str] = set()
+            stack = list(start)
+            while stack:
+                segment_id = stack.pop()
+                if segment_id in seen:
+                    continue
+                seen.add(segment_id)
+                stack.extend(dependents.get(segment_id, ()))
+            return tuple(serving[s] for s in sorted(seen, key=position.__getitem__))
+
+        direct: dict[str, set[str]] = {}
+        for segment in serving.values():
+            for name in segment.compiled.fields:
+                direct.setdefault(name, set()).add(segment.id)
+            if segment.compiled.time_dependent:
+                direct.setdefault(TIME, set()).add(segment.id)
+        # field -> live segments to evaluate, in order (those reading it and those referring to them)
+        self.readers: dict[str, tuple[Segment, ...]] = {name: closure(ids) for name, ids in direct.items()}
+        self.direct = direct
+        by_field: dict[str, list[tuple[float, str]]] = {}
+        for segment in serving.values():
+            found = threshold(segment.compiled)
+            if found is not None:
+                by_field.setdefault(found[0], []).append((found[1], segment.id))
+        # field -> (sorted thresholds, their segments): segments comparing one field with one number,
+        # where a change can move only those whose threshold it crosses
+        self.thresholds: dict[str, tuple[list[float], list[tuple[Segment, bool]]]] = {
+            name: ([t for t, _ in sorted(items)], [(serving[i], True) for _, i in sorted(items)])
+            for name, items in by_field.items()
+            if len(items) > 1
+        }
+        self.indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self.thresholds.items()}
+        self._affected_cache: dict[frozenset[str], Affected] = {}
+        self.time_segments: Affected = self.affected(frozenset({TIME})) if TIME in direct else ()
+        self.all: Affected = tuple((serving[s], True) for s in order)
+
+    def affected(self, changed: frozenset[str]) -> Affected:
+        """The segments a change of these fields can move, dependencies first, each with whether it reads
+        one of them itself (else it only refers to one that does: evaluated only if that one flips).
+        Threshold-indexed segments are left to `crossed`."""
+        found = self._affected_cache.get(changed)
+        if found is None:
+            union: dict[str, Segment] = {}
+            direct: set[str] = set()
+            indexed: set[str] = set()
+            for name in changed:
+                for segment in self.readers.get(name, ()):
+                    union[segment.id] = segment
+                direct |= self.direct.get(name, set())
+                indexed |= self.indexed.get(name, frozenset())
+            for segment_id in indexed:  # evaluated through the threshold index (`crossed`)
+                union.pop(segment_id, None)
+            position = self._position
+            ordered = sorted(union.values(), key=lambda s: position[s.id])
+            found = tuple((segment, segment.id in direct) for segment in ordered)
+            if len(self._affected_cache) > 10_000:
+                self._affected_cache.clear()
+            self._affected_cache[changed] = found
+        return found
+
+    def crossed(self, changed: Mapping[str, object], fields: Mapping[str, object]) -> list[tuple[Segment, bool]]:
+        """Of the threshold segments (one field compared with one number) on the changed fields (path ->
+        value before), those whose number lies in the range the field moved over: the others give the same
+        outcome for the old and the new value, so their membership, equal to that outcome since their last
+        evaluation, stays."""
+        crossed: list[tuple[Segment, bool]] = []
+        for path, old in changed.items():
+            index = self.thresholds.get(path)
+            if index is None:
+                continue
+            thresholds, segments = index
+            before, after = number(old), number(fields.get(path))
+            if before is None or after is None:
+                crossed.extend(segments)  # appeared, vanished or not a number: every one of them
+                continue
+            low, high = (before, after) if before <= after else (after, before)
+            crossed.extend(segments[bisect.bisect_left(thresholds, low) : bisect.bisect_right(thresholds, high)])
+        return crossed
+
+    def readers_of(self, segment: Segment) -> Affected:
+        """The segment and every live segment referring to it, dependencies first (all evaluated)."""
+        found: dict[str, Segment] = {segment.id: segment}
+        for segment_id in self.order:
+            candidate = self.serving[segment_id]
+            if candidate.compiled.segments & found.keys():
+                found[segment_id] = candidate
+        return tuple((s, True) for s in found.values())
+
+
+def threshold(compiled: CompiledSegment) -> tuple[str, float] | None:
+    """(field, number) when the whole definition compares one top-level field with one number."""
+    plan = compiled.plan
+    if isinstance(plan, NumberTest):
+        return plan.field, plan.value
+    if (
+        isinstance(plan, Test)
+        and not plan.sub
+        and plan.op in ("=", "!=", "<", "<=", ">", ">=")
+        and type(plan.literal) is float
+    ):
+        return plan.field, plan.literal
+    return None
