@@ -16,9 +16,11 @@ from cdp_kit.bus import (
     privacy_stream,
     profiles_stream,
     scores_stream,
+    subjects,
 )
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
+from cdp_profile import SERVICE
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
@@ -59,9 +61,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     for p in partitions:
         runner = bus.consumer(
             ConsumerSpec(
-                stream="EVENTS_RESOLVED",
-                durable=f"profile-p{p}",
-                filter_subjects=(f"events.resolved.{p}",),
+                stream=subjects.EVENTS_RESOLVED,
+                durable=subjects.partition_durable(SERVICE, p),
+                filter_subjects=(subjects.events_resolved(p),),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
                 # Stream order within the partition, across failures and restarts.
@@ -71,14 +73,14 @@ async def setup(runtime: ServiceRuntime) -> None:
             ),
             engine.handle,
         )
-        runtime.spawn(runner.run(), f"consume events.resolved.{p}")
+        runtime.spawn(runner.run(), f"consume {subjects.events_resolved(p)}")
         runners.append(runner)
     for p in partitions:
         runner = bus.consumer(
             ConsumerSpec(
-                stream="SCORES",
-                durable=f"profile-scores-p{p}",
-                filter_subjects=(f"scores.updated.{p}",),
+                stream=subjects.SCORES,
+                durable=subjects.partition_durable(SERVICE, p, input="scores"),
+                filter_subjects=(subjects.scores_updated(p),),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
                 max_ack_pending=settings.batch_size,
@@ -87,13 +89,13 @@ async def setup(runtime: ServiceRuntime) -> None:
             ),
             engine.handle_scores,
         )
-        runtime.spawn(runner.run(), f"consume scores.updated.{p}")
+        runtime.spawn(runner.run(), f"consume {subjects.scores_updated(p)}")
         runners.append(runner)
     identity_runner = bus.consumer(
         ConsumerSpec(
-            stream="IDENTITY",
-            durable=f"profile-identity-{settings.pod_ordinal}",
-            filter_subjects=("identity.merged", "identity.unmerged"),
+            stream=subjects.IDENTITY,
+            durable=subjects.replica_durable(SERVICE, "identity", settings.pod_ordinal),
+            filter_subjects=(subjects.IDENTITY_MERGED, subjects.IDENTITY_UNMERGED),
             batch_size=64,
             ack_wait=settings.ack_wait,
             max_ack_pending=64,

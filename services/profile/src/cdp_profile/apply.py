@@ -21,6 +21,7 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery
+from cdp_kit.bus.subjects import IDENTITY_MERGED, IDENTITY_UNMERGED
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Delete, Put
 from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
@@ -29,9 +30,6 @@ from cdp_profile.records import PROFILES
 from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.apply")
-
-MERGED_SUBJECT = "identity.merged"
-UNMERGED_SUBJECT = "identity.unmerged"
 
 
 @dataclass(slots=True)
@@ -119,11 +117,11 @@ async def apply_identity(
     out = Applied()
     for delivery in batch:
         try:
-            if delivery.subject == MERGED_SUBJECT:
+            if delivery.subject == IDENTITY_MERGED:
                 merged = identity_pb2.IdentityMerged.FromString(delivery.data)
                 await _merge(hot, merged, defs, owns=owns, now=now, out=out)
                 out.causes.update(dict.fromkeys((merged.winner, merged.loser), "merge"))
-            elif delivery.subject == UNMERGED_SUBJECT:
+            elif delivery.subject == IDENTITY_UNMERGED:
                 unmerged = identity_pb2.IdentityUnmerged.FromString(delivery.data)
                 await _unmerge(hot, unmerged, defs, owns=owns, now=now, out=out)
                 out.causes.update(dict.fromkeys((unmerged.winner, unmerged.loser), "unmerge"))

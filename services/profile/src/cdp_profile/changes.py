@@ -11,10 +11,9 @@ from collections.abc import Callable, Mapping
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import OutMessage
+from cdp_kit.bus.subjects import profiles_changed
 from cdp_profile.domain import ProfileChange
 from cdp_profile.events import python_to_value, seconds_to_timestamp
-
-CHANGED_SUBJECT = "profiles.changed"
 
 
 def change_messages(
@@ -51,7 +50,7 @@ def change_messages(
         payload = batch.SerializeToString()
         out.append(
             OutMessage(
-                subject=f"{CHANGED_SUBJECT}.{partition}",
+                subject=profiles_changed(partition),
                 payload=payload,
                 msg_id="pc_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
             )

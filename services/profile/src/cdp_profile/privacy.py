@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import OutMessage
+from cdp_kit.bus.subjects import PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
 from cdp_profile.domain import ProfileChange
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
 
 log = logging.getLogger("cdp.profile.privacy")
-
-DELETED_SUBJECT = "privacy.deleted"
 
 
 def identifier_hash(key: str) -> str:
@@ -148,7 +147,7 @@ class Privacy:
         for record in await engine.store.find(DELETIONS, "pending", True, limit=1000):
             notice = record.doc["notice"]
             results = await engine.publisher.publish_batch(
-                [OutMessage(subject=DELETED_SUBJECT, payload=bytes.fromhex(notice), msg_id=f"privacy:{record.key}")]
+                [OutMessage(subject=PRIVACY_DELETED, payload=bytes.fromhex(notice), msg_id=f"privacy:{record.key}")]
             )
             if results[0].ok:
                 await engine.store.put(DELETIONS, record.key, {"result": record.doc["result"], "published": True})

@@ -17,11 +17,13 @@ from typing import Any
 import orjson
 
 from cdp_kit.bus import OutMessage
+from cdp_kit.bus.subjects import checkpoints_collection
+from cdp_profile import SERVICE
 from cdp_profile.domain import Profile, Retention, TimelineEntry
 
 PROFILES = "profiles"
 TIMELINE = "profile_timeline"
-CHECKPOINTS = "profile_checkpoints"
+CHECKPOINTS = checkpoints_collection(SERVICE)
 DEFINITIONS = "profile_computed_traits"
 DELETIONS = "profile_deletions"
 
