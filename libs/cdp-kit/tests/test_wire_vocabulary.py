@@ -21,8 +21,6 @@ VOCABULARY = REPO / "libs/cdp-kit/src/cdp_kit/bus/subjects.py"
 PENDING_ADOPTION = (
     "services/identity/",
     "services/profile/",
-    "services/scoring/",
-    "services/segmentation/",
 )
 
 STREAMS = {"EVENTS_RAW", "EVENTS_RESOLVED", "IDENTITY", "PROFILES", "SCORES", "SEGMENTS", "PRIVACY", "DLQ"}

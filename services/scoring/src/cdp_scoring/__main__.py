@@ -16,6 +16,7 @@ from cdp_kit.bus import (
     owned_partitions,
     profiles_stream,
     scores_stream,
+    subjects,
 )
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.profile_client import ProfileClient
@@ -69,9 +70,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
-    replayed = await engine.replay(
-        engine.held.since(bus.js, "PROFILES", {f"profiles.changed.{p}": f"scoring-p{p}" for p in partitions})
-    )
+    durables = {subjects.profiles_changed(p): subjects.partition_durable("scoring", p) for p in partitions}
+    replayed = await engine.replay(engine.held.since(bus.js, subjects.PROFILES, durables))
     if replayed:
         log.info("fields brought up to date from the PROFILES stream", extra={"changes": replayed})
     # The loaded fields live as long as the process: keep the collector from rescanning them.
@@ -92,9 +92,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     for p in partitions:
         runner = bus.consumer(
             ConsumerSpec(
-                stream="PROFILES",
-                durable=f"scoring-p{p}",
-                filter_subjects=(f"profiles.changed.{p}",),
+                stream=subjects.PROFILES,
+                durable=subjects.partition_durable("scoring", p),
+                filter_subjects=(subjects.profiles_changed(p),),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
                 # Each person's changes in stream order, across failures and restarts.
@@ -104,7 +104,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             ),
             engine.handle,
         )
-        runtime.spawn(runner.run(), f"consume profiles.changed.{p}")
+        runtime.spawn(runner.run(), f"consume {subjects.profiles_changed(p)}")
         runners.append(runner)
     runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners, model_store=model_store)
     runtime.grpc.add_service(

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus import Delivery, OutMessage, Partitioner
+from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.held import Codec, HeldFields, ProfileSource, apply_updates
 from cdp_kit.profile_fields import change_fields
@@ -51,9 +51,8 @@ log = logging.getLogger("cdp.scoring.engine")
 
 MODELS = "scoring_models"
 FIELDS = "scoring_fields"
-CHECKPOINTS = "scoring_checkpoints"
-SCORES_SUBJECT = "scores.updated"
-MODELS_CHANGED = "scoring.models.changed"
+CHECKPOINTS = subjects.checkpoints_collection("scoring")
+MODELS_CHANGED = subjects.SCORING_MODELS_CHANGED
 MAX_UPDATES_PER_MESSAGE = 2000
 # Kept with a person's fields: the time of the latest change applied (no profile field starts with "$").
 CHANGED_AT = "$changed_at"
@@ -603,7 +602,7 @@ class ScoringEngine:
                     payload = batch.SerializeToString()
                     out.append(
                         OutMessage(
-                            subject=f"{SCORES_SUBJECT}.{partition}",
+                            subject=subjects.scores_updated(partition),
                             payload=payload,
                             msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
                         )

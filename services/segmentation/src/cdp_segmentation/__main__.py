@@ -15,6 +15,7 @@ from cdp_kit.bus import (
     owned_partitions,
     profiles_stream,
     segments_stream,
+    subjects,
 )
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
@@ -43,11 +44,19 @@ async def setup(runtime: ServiceRuntime) -> None:
         runtime.stack.push_async_callback(channel.close)
         profile = ProfileClient(channel, settings.profile_token)
     if settings.standby:
-        partitions, namespace, durable = list(range(settings.partitions)), f"_r{settings.pod_ordinal}", "segmentation-r"
-        durable += f"{settings.pod_ordinal}-p"
+        # Every partition, with positions of its own: "segmentation-r<ordinal>-p<p>".
+        partitions, namespace = list(range(settings.partitions)), f"_r{settings.pod_ordinal}"
+        standby = f"r{settings.pod_ordinal}"
+
+        def durable(p: int) -> str:
+            return subjects.partition_durable("segmentation", p, input=standby)
     else:
         partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
-        namespace, durable = "", "segmentation-p"
+        namespace = ""
+
+        def durable(p: int) -> str:
+            return subjects.partition_durable("segmentation", p)
+
     origin = {"Cdp-Origin": f"{settings.service_name}-{settings.pod_ordinal}-{id(settings)}"}
 
     async def announce(what: str) -> None:
@@ -56,9 +65,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     async def stream_ends() -> dict[str, int]:
         ends = {}
         for p in partitions:
-            subject = f"profiles.changed.{p}"
+            subject = subjects.profiles_changed(p)
             try:
-                ends[subject] = (await bus.js.get_last_msg("PROFILES", subject)).seq
+                ends[subject] = (await bus.js.get_last_msg(subjects.PROFILES, subject)).seq
             except NotFoundError:
                 continue
         return ends
@@ -82,9 +91,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
-    replayed = await engine.replay(
-        engine.held.since(bus.js, "PROFILES", {f"profiles.changed.{p}": f"{durable}{p}" for p in partitions})
-    )
+    durables = {subjects.profiles_changed(p): durable(p) for p in partitions}
+    replayed = await engine.replay(engine.held.since(bus.js, subjects.PROFILES, durables))
     if replayed:
         log.info("state brought up to date from the PROFILES stream", extra={"changes": replayed})
     gc.freeze()
@@ -104,9 +112,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     for p in partitions:
         runner = bus.consumer(
             ConsumerSpec(
-                stream="PROFILES",
-                durable=f"{durable}{p}",
-                filter_subjects=(f"profiles.changed.{p}",),
+                stream=subjects.PROFILES,
+                durable=durable(p),
+                filter_subjects=(subjects.profiles_changed(p),),
                 batch_size=settings.batch_size,
                 ack_wait=settings.ack_wait,
                 max_ack_pending=settings.batch_size,
@@ -116,7 +124,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             ),
             engine.handle,
         )
-        runtime.spawn(runner.run(), f"consume profiles.changed.{p}")
+        runtime.spawn(runner.run(), f"consume {subjects.profiles_changed(p)}")
         runners.append(runner)
     runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners)
     runtime.grpc.add_service(

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from cdp_kit.bus import subjects
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cdp_segmentation.domain import (
     CompiledSegment,
@@ -47,7 +48,7 @@ log = logging.getLogger("cdp.segmentation.engine")
 
 SEGMENTS = "segmentation_segments"
 BUILDING, LIVE, FAILED = "building", "live", "failed"
-ANNOUNCE = "segmentation.segments.changed"
+ANNOUNCE = subjects.SEGMENTATION_SEGMENTS_CHANGED
 SEGMENT_ID = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # Nesting accepted when loading a stored definition: more than the API accepts (MAX_DEPTH), so segments
 # stored before that limit still load and can be deleted; protobuf could never have carried deeper ones.

@@ -41,46 +41,29 @@ from opentelemetry.metrics import Observation
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import Delivery, OutMessage, Partitioner
+from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.errors import Unavailable
 from cdp_kit.held import Codec, HeldFields, ProfileSource
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
-from cdp_segmentation.builds import Builds, Estimate
-from cdp_segmentation.catalogue import (
-    ANNOUNCE,
-    BUILDING,
-    FAILED,
-    LIVE,
-    SEGMENTS,
-    Catalogue,
-    Segment,
-    TraitDefiner,
-    check_segment_id,
-    segment_from_doc,
-)
+
+# Re-exported (`X as X`): callers and tests know these by the engine's name.
+from cdp_segmentation.builds import Builds
+from cdp_segmentation.builds import Estimate as Estimate
+from cdp_segmentation.catalogue import ANNOUNCE as ANNOUNCE
+from cdp_segmentation.catalogue import BUILDING as BUILDING
+from cdp_segmentation.catalogue import FAILED as FAILED
+from cdp_segmentation.catalogue import LIVE, Catalogue, Segment, TraitDefiner, segment_from_doc
+from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
+from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
 
 log = logging.getLogger("cdp.segmentation.engine")
 
-__all__ = [
-    "ANNOUNCE",
-    "BUILDING",
-    "FAILED",
-    "LIVE",
-    "SEGMENTS",
-    "Estimate",
-    "Segment",
-    "SegmentationEngine",
-    "Transition",
-    "check_segment_id",
-]
 
 PERSONS = "segmentation_persons"
-CHECKPOINTS = "segmentation_checkpoints"
-ENTERED = "segments.entered"
-EXITED = "segments.exited"
+CHECKPOINTS = subjects.checkpoints_collection("segmentation")
 BUILT = "$built"  # checkpoint key: the definition version each segment's held memberships are of
 MAX_EVENTS_PER_MESSAGE = 1000
 
@@ -263,7 +246,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
 
     async def _handle(self, batch: Sequence[Delivery]) -> None:
         subject = batch[0].subject
-        partition = int(subject.rsplit(".", 1)[1])
+        partition = subjects.partition_of(subject)
         waiting = self._unpublished.pop(subject, None)
         if waiting:
             await self._publish_or_keep(subject, waiting)
@@ -306,7 +289,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         for_subject: dict[str, list[Transition]] = {}
 
         async def apply(subject: str, seq: int, data: bytes) -> int:
-            partition = int(subject.rsplit(".", 1)[1])
+            partition = subjects.partition_of(subject)
             message = profile_pb2.ProfileChangedBatch.FromString(data)
             await self._apply_message(partition, seq, message, now, for_subject.setdefault(subject, []))
             return len(message.changes)
@@ -314,7 +297,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         applied = await self.held.replay(messages, apply)
         for subject, transitions in for_subject.items():
             if transitions:
-                await self._publish(self._messages(int(subject.rsplit(".", 1)[1]), transitions))
+                await self._publish(self._messages(subjects.partition_of(subject), transitions))
         return applied
 
     # --- publishing -------------------------------------------------------------------------------
@@ -380,7 +363,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             stamp.seconds = seconds
             stamp.nanos = micros * 1000
         return OutMessage(
-            subject=f"{ENTERED if entered else EXITED}.{partition}",
+            subject=subjects.segments_entered(partition) if entered else subjects.segments_exited(partition),
             payload=batch.SerializeToString(),
             # From the events' ids, not the bytes: a standby replica's copy has the same ids.
             msg_id="sg_" + hashlib.blake2b("\n".join(ids).encode(), digest_size=16).hexdigest(),
