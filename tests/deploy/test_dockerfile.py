@@ -1,6 +1,6 @@
 """The Dockerfile and .dockerignore, checked without a Docker engine (there is none here).
 
-The instructions are parsed and held to the rules in ARCHITECTURE.md §5 and the Makefile's pins; the
+The instructions are parsed and held to the rules in deploy/README.md (Validation) and the Makefile's pins; the
 two `uv sync` steps are replayed with the same flags on the same build context, so a broken lock,
 a wrong flag or an over-eager .dockerignore shows up here rather than in the first real build.
 """
