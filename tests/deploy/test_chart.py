@@ -1,6 +1,6 @@
 """The Helm chart, rendered by Helm's own engine and checked object by object.
 
-What a cluster would refuse (schemas), what ARCHITECTURE.md §5 promises (hardened pods, gRPC probes,
+What a cluster would refuse (schemas), what deploy/README.md promises (hardened pods, gRPC probes,
 PDBs, resource requests) and what the services rely on (every variable set, every file mounted).
 """
 
@@ -108,7 +108,7 @@ def test_names_are_unique_and_labelled(scenario, rendered):
         assert "namespace" not in o["metadata"], "the release namespace comes from helm, not the templates"
 
 
-# --- pods: ARCHITECTURE.md §5 --------------------------------------------------------------------------
+# --- pods: deploy/README.md, what the chart expects of a service ------------------------------------------
 
 
 @pytest.mark.parametrize("scenario", ALL)

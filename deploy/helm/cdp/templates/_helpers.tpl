@@ -196,7 +196,7 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- end -}}
 {{- end -}}
 
-{{/* The container's environment: all configuration is environment variables (ARCHITECTURE.md §5). */}}
+{{/* The container's environment: all configuration is environment variables (deploy/README.md, where each variable comes from). */}}
 {{- define "cdp.env" -}}
 {{- $root := .root -}}{{- $c := .c -}}{{- $name := .name -}}
 - name: OTEL_SERVICE_NAME

@@ -1,6 +1,6 @@
 """The identity engine: the graph kept hot in memory, durable behind the storage port, fed by the bus.
 
-One batch of `events.raw` is applied like this (ARCHITECTURE.md §2):
+One batch of `events.raw` is applied like this (docs/architecture.md, the per-partition engines):
 
 1. parse and normalise every event's identifiers (outside the lock); a message that could make the
    batch's write or publish fail is rejected alone to the dead-letter stream (intake.py);

@@ -1,4 +1,4 @@
-"""The event bus: NATS JetStream as backbone and log (ARCHITECTURE.md §2).
+"""The event bus: NATS JetStream as backbone and log (docs/architecture.md, streams and subjects).
 
 async with Bus.connect(settings.nats_url, name="collector", telemetry=t) as bus:
     await bus.ensure_streams(events_raw_stream())
