@@ -1,0 +1,168 @@
+"""The deployed models: the registry (live, canary, shadow versions per model), its storage, and the
+onnxruntime sessions of the active versions.
+
+Registry changes (deploy, promote, rollback) are stored, then announced on `scoring.models.changed` so
+every replica reloads the entry: hot reload, without dropping a request (a request holds the session it
+started with). A version that cannot be stored is taken out of the registry again: a replica never serves
+a version it could not load after a restart. The computed traits a model reads are defined on the profile
+service when it is deployed (and again on every start, `ensure_traits`: the profile service may have
+lost them with its store).
+
+`Deployments` is the part of `ScoringEngine` that owns this; the state it reads is set up in the
+engine's `__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cdp_kit.storage import Put
+from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, ModelEntry, Version
+from cdp_scoring.rounds import VersionStats
+from cdp_scoring.runtime import LoadedModel, load_model
+
+log = logging.getLogger("cdp.scoring.engine")
+
+MODELS = "scoring_models"
+
+
+class Deployments:
+    """Deploy, promote, roll back and reload models; load their sessions."""
+
+    async def _load_session(self, version: Version) -> LoadedModel:
+        key = (version.spec.name, version.version)
+        loaded = self.sessions.get(key)
+        if loaded is not None and loaded.sha256 == version.sha256:
+            return loaded
+        data = await self.model_store.get(version.spec.name, version.version, version.sha256)
+        loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+        self.sessions[key] = loaded
+        self.stats.setdefault(key, VersionStats())
+        return loaded
+
+    def _reindex(self) -> None:
+        readers: dict[str, set[str]] = {}
+        for version in self.registry.active():
+            for path in version.spec.paths:
+                readers.setdefault(path, set()).add(version.spec.name)
+        self._readers = readers
+
+    # --- the registry -----------------------------------------------------------------------------
+
+    async def deploy(self, data: bytes, *, role: str | None, canary_percent: float = 0.0) -> Version:
+        loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+        spec = loaded.spec
+        async with self._registry_lock:
+            version, created = self.registry.deploy(
+                spec,
+                sha256=loaded.sha256,
+                size_bytes=loaded.size_bytes,
+                role=role,
+                canary_percent=canary_percent,
+                now=self.clock(),
+            )
+            if not created:
+                return version
+            try:
+                await self.model_store.put(spec.name, spec.version, data)
+                if spec.computed_traits and self.define_traits is not None:
+                    await self.define_traits(spec.computed_traits)
+                await self._save_entry(spec.name)
+            except BaseException:
+                # Not stored: the registry must not keep a version it cannot load after a restart.
+                entry = self.registry.models[spec.name]
+                await self._reload_entry(spec.name)
+                if not entry.versions:
+                    self.registry.models.pop(spec.name, None)
+                raise
+            self.sessions[(spec.name, spec.version)] = loaded
+            self.stats.setdefault((spec.name, spec.version), VersionStats())
+            self._reindex()
+        log.info(
+            "model deployed",
+            extra={"model": spec.name, "version": spec.version, "role": version.role, "sha256": loaded.sha256[:16]},
+        )
+        await self._announce(spec.name)
+        return version
+
+    async def promote(self, name: str, version: str) -> ModelEntry:
+        async with self._registry_lock:
+            target = self.registry.version(name, version)
+            await self._load_session(target)
+            self.registry.promote(name, version)
+            await self._save_entry(name)
+            self._reindex()
+        log.info("model promoted", extra={"model": name, "version": version})
+        await self._announce(name)
+        return self.registry.get(name)
+
+    async def rollback(self, name: str) -> ModelEntry:
+        async with self._registry_lock:
+            entry = self.registry.get(name)
+            previous = next((entry.versions.get(v) for v in reversed(entry.previous) if v in entry.versions), None)
+            if previous is not None:
+                await self._load_session(previous)
+            restored = self.registry.rollback(name)
+            await self._save_entry(name)
+            self._reindex()
+        log.info("model rolled back", extra={"model": name, "version": restored.version})
+        await self._announce(name)
+        return self.registry.get(name)
+
+    async def _save_entry(self, name: str) -> None:
+        entry = self.registry.models[name]
+        key = f"m:{name}"
+        expected = self.versions.get(key, 0)
+        await self.store.bulk_write([Put(MODELS, name, entry.to_doc(), expected_version=expected)])
+        self.versions[key] = expected + 1
+
+    async def _reload_entry(self, name: str) -> None:
+        record = await self.store.get(MODELS, name)
+        if record is None:
+            self.registry.models.pop(name, None)
+            self.versions.pop(f"m:{name}", None)
+            return
+        self.registry.models[name] = ModelEntry.from_doc(record.doc)
+        self.versions[f"m:{name}"] = record.version
+
+    async def _announce(self, name: str) -> None:
+        if self.announce is not None:
+            try:
+                await self.announce(name)
+            except Exception as exc:  # peers also reload on their next start; say so and carry on
+                log.warning("could not announce the change of model %s to other replicas: %r", name, exc)
+
+    async def reload(self, name: str) -> None:
+        """Another replica changed a model: read its entry again and load the sessions it needs."""
+        async with self._registry_lock:
+            await self._reload_entry(name)
+            entry = self.registry.models.get(name)
+            if entry is not None:
+                for version in entry.versions.values():
+                    if version.role in (LIVE, SHADOW, CANARY):
+                        await self._load_session(version)
+            self._reindex()
+
+    async def ensure_shipped(self, files: Iterable[bytes]) -> list[Version]:
+        """Deploy the shipped models that no version of is registered yet (first start)."""
+        deployed = []
+        for data in files:
+            loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
+            if loaded.spec.name in self.registry.models:
+                continue
+            deployed.append(await self.deploy(data, role=LIVE))
+        return deployed
+
+    async def ensure_traits(self) -> None:
+        """Define on the profile service the computed traits every active version reads (idempotent there)."""
+        if self.define_traits is None:
+            return
+        wanted: dict[str, Mapping[str, Any]] = {}
+        for version in self.registry.active():
+            for trait in version.spec.computed_traits:
+                wanted.setdefault(trait["name"], trait)
+        if wanted:
+            await self.define_traits(list(wanted.values()))

@@ -1,0 +1,190 @@
+"""The synchronous paths (gRPC): score one person, a feature vector, a matrix, a list of persons, or
+every held person (`score_all`, with progress).
+
+A person not held here (not seen on `profiles.changed` by this replica) is read from the profile
+service (cdp_kit.held's fetch on a miss); one unknown there too is NOT_FOUND. A request holds the session
+it started with, so a model changed meanwhile never fails it.
+
+`Requests` is the part of `ScoringEngine` that does this; the state it reads is set up in the engine's
+`__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_scoring.domain.registry import Version
+from cdp_scoring.runtime import LoadedModel
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    model: str
+    version: str
+    role: str
+    scores: dict[str, float]
+    features: list[float]
+
+
+class Requests:
+    """Scores on request."""
+
+    async def person_fields(self, person_id: str) -> dict[str, Any]:
+        fields = self.fields.get(person_id)
+        if fields is not None:
+            return fields
+        fetched = await self.held.fetch(person_id)
+        if fetched is not None:
+            return fetched
+        raise NotFound(f"no profile fields for person {person_id!r}", reason="unknown_person")
+
+    def resolve_version(self, name: str, version: str, person: str | None) -> Version:
+        entry = self.registry.get(name)
+        if version:
+            found = self.registry.version(name, version)
+        else:
+            found = self.registry.route(entry, person) if person else entry.live
+            if found is None:
+                raise FailedPrecondition(f"model {name!r} has no live version; name one", reason="no_live_version")
+        return found
+
+    def session(self, version: Version) -> LoadedModel:
+        session = self.sessions.get((version.spec.name, version.version))
+        if session is None:
+            raise FailedPrecondition(
+                f"{version.spec.key} is {version.role} and not loaded; promote it or name a live version",
+                reason="not_loaded",
+            )
+        return session
+
+    async def ensure_session(self, version: Version) -> LoadedModel:
+        if (version.spec.name, version.version) not in self.sessions:
+            await self._load_session(version)
+        return self.session(version)
+
+    async def score_person(self, person_id: str, *, model: str = "", version: str = "") -> list[ScoreResult]:
+        fields = await self.person_fields(person_id)
+        now = self.clock()
+        if model:
+            targets = [self.resolve_version(model, version, person_id)]
+        else:
+            if version:
+                raise InvalidArgument("version", "needs a model: versions belong to one model")
+            targets = [v for e in self.registry for v in [self.registry.route(e, person_id)] if v is not None]
+        results = []
+        for target in targets:
+            session = await self.ensure_session(target)
+            row = session.assembler.row(fields, now)
+            scores = session.run_one(row)
+            results.append(
+                ScoreResult(
+                    model=target.spec.name,
+                    version=target.version,
+                    role=target.role,
+                    scores=dict(zip(target.spec.score_names, scores, strict=True)),
+                    features=row,
+                )
+            )
+        return results
+
+    async def score_vector(self, model: str, version: str, row: Sequence[float] | Mapping[str, float]) -> ScoreResult:
+        if not model:
+            raise InvalidArgument("model", "is required to score a feature vector")
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        vector = session.assembler.from_named(row) if isinstance(row, Mapping) else session.assembler.from_values(row)
+        scores = session.run_one(vector)
+        return ScoreResult(
+            model=target.spec.name,
+            version=target.version,
+            role=target.role,
+            scores=dict(zip(target.spec.score_names, scores, strict=True)),
+            features=vector,
+        )
+
+    async def score_matrix(self, model: str, version: str, rows: np.ndarray) -> tuple[Version, np.ndarray]:
+        if not model:
+            raise InvalidArgument("model", "is required")
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        if rows.ndim != 2 or rows.shape[1] != session.assembler.width:
+            raise InvalidArgument(
+                "rows",
+                f"{target.spec.key} takes {session.assembler.width} features per row "
+                f"({', '.join(session.assembler.names)}), got {rows.shape[-1] if rows.ndim else 0}",
+            )
+        if rows.shape[0] > 256:
+            # Large matrices leave the event loop free while onnxruntime works (it releases the GIL).
+            scores = await asyncio.to_thread(session.run, rows)
+        else:
+            scores = session.run(rows)
+        self._m_rows.add(rows.shape[0], {"model": target.spec.name, "version": target.version, "role": "request"})
+        return target, scores
+
+    async def score_persons(
+        self, model: str, version: str, persons: Sequence[str]
+    ) -> tuple[Version, np.ndarray, list[str]]:
+        target = self.resolve_version(model, version, None)
+        session = await self.ensure_session(target)
+        now = self.clock()
+        found, missing = [], []
+        rows = []
+        for person in persons:
+            try:
+                fields = await self.person_fields(person)
+            except NotFound:
+                missing.append(person)
+                continue
+            found.append(person)
+            rows.append(session.assembler.row(fields, now))
+        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), session.assembler.width)
+        scores = session.run(matrix) if rows else np.empty((0, len(target.spec.outputs)))
+        return target, scores, missing
+
+    async def score_all(self, model: str = "", *, publish: bool, chunk: int = 1024) -> AsyncIterator[dict[str, Any]]:
+        """Re-score every held person with one model (or every model); yields progress after each chunk."""
+        entries = [self.registry.get(model)] if model else [e for e in self.registry if e.live is not None]
+        for entry in entries:
+            if entry.live is None:
+                raise FailedPrecondition(f"model {entry.name!r} has no live version", reason="no_live_version")
+        persons = sorted(self.fields)
+        started = time.perf_counter()
+        published = 0
+        total = len(persons)
+        now = self.clock()
+        for offset in range(0, total, chunk):
+            members = [p for p in persons[offset : offset + chunk] if p in self.fields]
+            rows: dict = {}
+            scored = []
+            for entry in entries:
+                for version, scored_persons, scores in await self._run_entry(entry, members, now, rows):
+                    scored.append((version, scored_persons, scores, [now] * len(scored_persons)))
+            if publish and scored:
+                messages = self._messages(scored)
+                results = await self.publisher.publish_batch(messages)
+                failed = [r for r in results if not r.ok]
+                if failed:
+                    raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+                published += sum(len(scored_persons) for _v, scored_persons, _s, _t in scored)
+            yield {
+                "done": min(total, offset + chunk),
+                "total": total,
+                "published": published,
+                "finished": False,
+                "elapsed": time.perf_counter() - started,
+            }
+            await asyncio.sleep(0)  # the stream path runs between chunks
+        yield {
+            "done": total,
+            "total": total,
+            "published": published,
+            "finished": True,
+            "elapsed": time.perf_counter() - started,
+        }

@@ -1,0 +1,235 @@
+"""Scoring rounds: the persons the partitions' handlers submitted, scored together and published.
+
+A round runs each model whose inputs changed once for every person of the round, however many
+partitions they came from (one onnxruntime call per model version: live, or the canary for its share of
+persons; shadow versions beside them, compared with live and never published). The scores go out
+columnar, one `ScoresUpdatedBatch` per model version and person partition on `scores.updated.<p>`. A
+round that fails fails every batch in it; their retries score their persons again.
+
+`Rounds` is the part of `ScoringEngine` that does this; the state it reads is set up in the engine's
+`__init__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cdp.scoring.v1 import scoring_pb2
+from cdp_kit.bus import OutMessage, subjects
+from cdp_kit.errors import Unavailable
+from cdp_scoring.domain.registry import ModelEntry, Version
+
+MAX_UPDATES_PER_MESSAGE = 2000
+
+
+@dataclass(slots=True)
+class VersionStats:
+    rows: int = 0
+    diff_sum: float = 0.0
+    diff_rows: int = 0
+
+    @property
+    def mean_abs_diff(self) -> float:
+        return self.diff_sum / self.diff_rows if self.diff_rows else 0.0
+
+
+class Rounds:
+    """Score what the stream path submitted, a round at a time, and publish the scores."""
+
+    async def _scoring_loop(self) -> None:
+        """Score what the partition handlers submitted, a round at a time: one onnxruntime call per model
+        for every person of the round, however many partitions they came from. Nothing waits for a round
+        to fill; under load, what arrives while one round is scored makes the next one bigger, which is
+        when the fixed cost of a call matters most."""
+        while True:
+            await self._round_ready.wait()
+            # A moment for the other partitions' handlers to join: a round costs every model it needs one
+            # call whatever its size, and a call's fixed cost dominates a round of a handful of persons.
+            await asyncio.sleep(self.round_linger)
+            self._round_ready.clear()
+            round_, self._round = self._round, []
+            if not round_:
+                continue
+            touched: dict[str, set[str]] = {}
+            changed_at: dict[str, float] = {}
+            forced: set[str] = set()
+            for part_touched, part_at, part_forced, _future in round_:
+                for person, paths in part_touched.items():
+                    touched.setdefault(person, set()).update(paths)
+                    changed_at[person] = max(changed_at.get(person, 0.0), part_at.get(person, 0.0))
+                forced |= part_forced
+            try:
+                messages = self._messages(await self._score_touched(touched, changed_at, forced))
+                if messages:
+                    results = await self.publisher.publish_batch(messages)
+                    failed = [r for r in results if not r.ok]
+                    if failed:
+                        raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+            except Exception as exc:
+                for *_parts, future in round_:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for *_parts, future in round_:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _score_touched(
+        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], forced: set[str] = frozenset()
+    ) -> list[tuple[Version, list[str], np.ndarray, list[float]]]:
+        """Score each touched person once per model whose inputs changed (every live model for a forced
+        one): (version, persons, scores, change times) per version to publish."""
+        readers = self._readers
+        every = list(self.registry.models) if forced else []
+        by_model: dict[str, list[str]] = {}
+        for person, paths in touched.items():
+            if person in forced:
+                models = every
+            elif len(paths) == 1:
+                (path,) = paths
+                models = readers.get(path, ())
+            else:
+                models = set()
+                for path in paths:
+                    models.update(readers.get(path, ()))
+            for model in models:
+                members = by_model.get(model)
+                if members is None:
+                    by_model[model] = [person]
+                else:
+                    members.append(person)
+        rows: dict = {}
+        entries = [e for e in (self.registry.models.get(name) for name in by_model) if e is not None]
+        # Models run side by side: onnxruntime releases the GIL, so one model's trees are walked on the
+        # other core while the next model's rows are assembled here.
+        results = await asyncio.gather(*(self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries))
+        return [
+            (version, members, scores, [changed_at.get(p, 0.0) for p in members])
+            for result in results
+            for version, members, scores in result
+        ]
+
+    async def _run_entry(
+        self, entry: ModelEntry, persons: Sequence[str], at: Mapping[str, float] | float, rows: dict | None = None
+    ) -> list[tuple[Version, list[str], np.ndarray]]:
+        """Run each person's published version (live, or the canary for its share) and every shadow.
+
+        Returns what to publish, per version. Shadows, and the canary's share, are also compared with
+        what live gives the same persons (live is run for the comparison where it was not already)."""
+        live, canary, shadows = entry.live, entry.canary, entry.shadows()
+        if canary is None:
+            groups = {live.version: list(persons)} if live is not None else {}
+        else:
+            groups = {}
+            route = self.registry.route
+            for person in persons:
+                version = route(entry, person)
+                if version is not None:
+                    groups.setdefault(version.version, []).append(person)
+        out = []
+        by_version: dict[str, dict[str, np.ndarray]] = {}
+        for version_name, members in groups.items():
+            version = entry.versions[version_name]
+            scores = await self._run(version, members, at, rows)
+            if scores is None:
+                continue
+            by_version[version_name] = dict(zip(members, scores, strict=True))
+            out.append((version, members, scores))
+        if live is None or not (shadows or (canary is not None and canary.version in by_version)):
+            return out
+        live_scores = by_version.get(live.version, {})
+        unscored = [p for p in persons if p not in live_scores]
+        extra = await self._run(live, unscored, at, rows)
+        if extra is not None:
+            live_scores = {**live_scores, **dict(zip(unscored, extra, strict=True))}
+        for shadow in shadows:
+            scores = await self._run(shadow, persons, at, rows)
+            if scores is not None:
+                self._compare(shadow, live, dict(zip(persons, scores, strict=True)), live_scores)
+        if canary is not None and canary.version in by_version:
+            self._compare(canary, live, by_version[canary.version], live_scores)
+        return out
+
+    def _compare(
+        self, other: Version, live: Version, scores: Mapping[str, np.ndarray], live_scores: Mapping[str, np.ndarray]
+    ) -> None:
+        stats = self.stats.setdefault((other.spec.name, other.version), VersionStats())
+        live_names = live.spec.score_names
+        common = [i for i, n in enumerate(other.spec.score_names) if n in live_names]
+        if not common:
+            return
+        live_index = [live_names.index(other.spec.score_names[i]) for i in common]
+        attrs = {"model": other.spec.name, "version": other.version, "role": other.role}
+        for person, row in scores.items():
+            base = live_scores.get(person)
+            if base is None:
+                continue
+            diff = float(np.mean(np.abs(row[common] - base[live_index])))
+            stats.diff_sum += diff
+            stats.diff_rows += 1
+            self._m_shadow.record(diff, attrs)
+
+    async def _run(
+        self, version: Version, persons: Sequence[str], at: Mapping[str, float] | float, rows: dict | None = None
+    ) -> np.ndarray | None:
+        """The scores of `version` for these persons. `rows` shares assembled matrices between models that
+        read the same features (churn and propensity, the two fraud models) within one batch."""
+        session = self.sessions.get((version.spec.name, version.version))
+        if session is None or not persons:
+            return None
+        assembler = session.assembler
+        key = (version.spec.features, tuple(persons))
+        matrix = rows.get(key) if rows is not None else None
+        if matrix is None:
+            fields, empty = self.fields, {}
+            people = [fields.get(person, empty) for person in persons]
+            if isinstance(at, float):
+                matrix = assembler.matrix(people, at)
+            else:
+                now = self.clock()
+                matrix = assembler.matrix(people, [at.get(person, now) for person in persons])
+            if rows is not None:
+                rows[key] = matrix
+        started = time.perf_counter()
+        scores = await session.score(matrix)
+        self._m_inference.record((time.perf_counter() - started) * 1000, {"model": version.spec.name})
+        stats = self.stats.setdefault((version.spec.name, version.version), VersionStats())
+        stats.rows += len(persons)
+        self._m_rows.add(len(persons), {"model": version.spec.name, "version": version.version, "role": version.role})
+        return scores
+
+    def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:
+        """One columnar `ScoresUpdatedBatch` per model version and person partition."""
+        out = []
+        for version, persons, scores, times in scored:
+            rows: dict[int, list[int]] = {}
+            for i, person in enumerate(persons):
+                rows.setdefault(self._partition(person), []).append(i)
+            names = version.spec.score_names
+            for partition, index in rows.items():
+                for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
+                    chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
+                    batch = scoring_pb2.ScoresUpdatedBatch(
+                        model=version.spec.name,
+                        version=version.version,
+                        scores=names,
+                        person_ids=[persons[i] for i in chunk],
+                        values=scores[chunk].ravel().tolist(),
+                        at_ms=[round(times[i] * 1000) for i in chunk],
+                    )
+                    payload = batch.SerializeToString()
+                    out.append(
+                        OutMessage(
+                            subject=subjects.scores_updated(partition),
+                            payload=payload,
+                            msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+                        )
+                    )
+            self._m_published.add(len(persons), {"model": version.spec.name})
+        return out
