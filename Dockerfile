@@ -25,13 +25,20 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 WORKDIR /app
 COPY --from=manifests /manifests/ ./
+# Only the services and what they declare (cdp-kit, cdp-protos and their dependencies), never the
+# workspace's other members: cdp-testing (pytest, mongomock, the nats-server binary), cdpctl (an operator's
+# tool, run from a workstation) and cdp-training (LightGBM, scikit-learn; `make models`). No dev group
+# either. A new service adds its --package to both lines: tests/deploy/test_dockerfile.py fails until it
+# does, and checks from uv.lock that none of those packages is reachable from this list.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --all-packages --no-install-workspace
+    uv sync --frozen --no-dev --no-install-workspace \
+      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation
 COPY libs ./libs
 COPY services ./services
 # Non-editable: the workspace packages are installed into the venv, so the runtime stage needs no sources.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --all-packages --no-editable
+    uv sync --frozen --no-dev --no-editable \
+      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation
 
 FROM ${PYTHON_IMAGE} AS runtime
 # pip is not needed to run anything; dropping it leaves no installer in the final image.

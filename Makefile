@@ -55,7 +55,7 @@ lint: env ## ruff lint and format check
 	$(VENV)/bin/ruff format --check .
 
 models: env ## train the shipped models (customer simulator -> LightGBM / scikit-learn -> ONNX), fixed seed
-	$(PY) -m cdp_scoring.training
+	$(PY) -m cdp_training
 
 deploy-check: env ## validate the Helm chart and skaffold.yaml statically
 	$(VENV)/bin/pytest -q tests/deploy

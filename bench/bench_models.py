@@ -3,7 +3,7 @@ heuristic a CRM team would use without ML, computed from the same profile fields
 
 The population is fresh (seed 11: training used 7, its held-out figures 8), simulated by the training
 package, and its profile fields are computed by the profile domain with the computed-trait definitions the
-shipped specs carry (`cdp_scoring.training.dataset`). Every score comes from the shipped ONNX file as the
+shipped specs carry (`cdp_training.dataset`). Every score comes from the shipped ONNX file as the
 service serves it: `cdp_scoring.runtime.load_model`, rows from its `assembler`, scores from its `run`. Each
 model is scored at the moment the training package evaluates it: churn, propensity, CLV and next best
 channel at the cutoff; fraud at the person's fraud moment (the order being placed; a fraudster's last
@@ -40,12 +40,12 @@ from benchlib import write_result
 
 from cdp_scoring.modelstore import SHIPPED
 from cdp_scoring.runtime import LoadedModel, load_model
-from cdp_scoring.training import metrics
-from cdp_scoring.training.bgnbd import BgNbd, GammaGamma, summaries
-from cdp_scoring.training.dataset import population_fields
-from cdp_scoring.training.graphs import reference_clv
-from cdp_scoring.training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
-from cdp_scoring.training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
+from cdp_training import metrics
+from cdp_training.bgnbd import BgNbd, GammaGamma, summaries
+from cdp_training.dataset import population_fields
+from cdp_training.graphs import reference_clv
+from cdp_training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
+from cdp_training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
 
 SEED = 11  # never used by training (7: train, 8: held-out figures in report.json)
 PEOPLE = 12_000  # 80-90 s of profile-domain work on two cores; ~300 fraudsters, ~9,000 buyers, ~5,500 responders

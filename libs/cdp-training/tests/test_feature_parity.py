@@ -15,8 +15,8 @@ from cdp_collector.domain.segment import parse_request
 from cdp_profile.domain import ComputedTraits
 from cdp_profile.events import to_profile_event
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
-from cdp_scoring.training.dataset import fields_at
-from cdp_scoring.training.traits import (
+from cdp_training.dataset import fields_at
+from cdp_training.traits import (
     CLV_FEATURES,
     COMPUTED_TRAITS,
     ENGAGEMENT_FEATURES,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from cdp_scoring.training.dataset import PopulationFields, population_fields
-from cdp_scoring.training.simulator import Population, simulate
-from cdp_scoring.training.traits import COMPUTED_TRAITS
+from cdp_training.dataset import PopulationFields, population_fields
+from cdp_training.simulator import Population, simulate
+from cdp_training.traits import COMPUTED_TRAITS
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from cdp_scoring.training.dataset import population_fields
-from cdp_scoring.training.models import BUILDERS, Built, Data
-from cdp_scoring.training.simulator import simulate
-from cdp_scoring.training.traits import all_features, traits_for
+import cdp_scoring
+from cdp_training.dataset import population_fields
+from cdp_training.models import BUILDERS, SHIPPED_WITH, Built, Data
+from cdp_training.simulator import simulate
+from cdp_training.traits import all_features, traits_for
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# Where the scoring service loads its shipped models from (`cdp_scoring.modelstore.SHIPPED`); the workspace
+# installs cdp-scoring editable, so this is the folder in the repository. Not imported from modelstore:
+# that module pulls in the kit's storage port, which training has no use for.
+MODELS_DIR = Path(cdp_scoring.__file__).resolve().parent / "models"
 REPORT = "report.json"
 DEFAULT_SEED = 7
 DEFAULT_POPULATION = 16_000
@@ -134,8 +138,7 @@ def build_report(built: Mapping[str, Built], data: Data, definitions: Mapping[st
             }
     return {
         "command": (
-            f"python -m cdp_scoring.training --seed {data.seed} --population {data.train.size} "
-            f"--holdout {data.test.size}"
+            f"python -m {SHIPPED_WITH} --seed {data.seed} --population {data.train.size} --holdout {data.test.size}"
         ),
         "seed": data.seed,
         "populations": {

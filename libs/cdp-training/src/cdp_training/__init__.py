@@ -1,11 +1,13 @@
-"""The training pipeline of the shipped models (a dev-time tool: no running service imports it).
+"""The training pipeline of the shipped models: a workspace package of its own, never in the image (no
+running service imports it, and its LightGBM / scikit-learn dependencies stay out of the scoring wheel).
 
-    .venv/bin/python -m cdp_scoring.training      # make models; --seed, --population, --holdout, --out
+    .venv/bin/python -m cdp_training      # make models; --seed, --population, --holdout, --out
 
 simulates two customer populations (seed 7: 16,000 people to train on; seed 8: 8,000 to measure on),
 applies each person's events to a `cdp_profile.domain.Profile` with the models' computed-trait definitions
 (so features are what production computes), assembles rows with `cdp_scoring.domain.FeatureAssembler`,
-trains the models, and writes `cdp_scoring/models/<model>.onnx` (each carrying its `ModelSpec`) and
+trains the models, and writes `cdp_scoring/models/<model>.onnx` (each carrying its `ModelSpec`: where
+the scoring service loads them, `pipeline.MODELS_DIR`) and
 `report.json` (quality figures, the floors they must meet, scores, computed traits). Same seed, same files.
 
 - `simulator`: the population (latent traits -> events as Segment JSON and as ProfileEvents; outcomes)
@@ -15,4 +17,6 @@ trains the models, and writes `cdp_scoring/models/<model>.onnx` (each carrying i
 - `graphs`: hand-built ONNX graphs (CLV, isolation forest) and the spec in the metadata
 - `models`: one builder per model; `metrics`: AUC, calibration, precision at recall
 - `pipeline`: the whole run and the report
+
+See the package README (libs/cdp-training/README.md) for the simulator, the features and the figures.
 """

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import beta, gamma, hyp2f1
 
-from cdp_scoring.training.bgnbd import (
+from cdp_training.bgnbd import (
     BgNbd,
     GammaGamma,
     scaled_hyp2f1,
@@ -15,8 +15,8 @@ from cdp_scoring.training.bgnbd import (
     summaries,
     terms_needed,
 )
-from cdp_scoring.training.graphs import clv_graph, reference_clv, run
-from cdp_scoring.training.models import RECOVERY_BGNBD, RECOVERY_GAMMA_GAMMA, parameter_recovery
+from cdp_training.graphs import clv_graph, reference_clv, run
+from cdp_training.models import RECOVERY_BGNBD, RECOVERY_GAMMA_GAMMA, parameter_recovery
 
 RECOVERY_TOLERANCE = 0.10  # relative error per parameter, 20,000 simulated customers
 HORIZON_WEEKS = 365 / 7

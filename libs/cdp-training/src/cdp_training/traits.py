@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cdp_scoring.training.simulator import CHANNELS, SESSION_PAGES, Kind
+from cdp_training.simulator import CHANNELS, SESSION_PAGES, Kind
 
 SESSION_NAMES = list(SESSION_PAGES)
 ORDER = ["Order Completed"]

@@ -1,5 +1,5 @@
 """The whole pipeline on a tiny population: it runs end to end, in-process and as `python -m
-cdp_scoring.training`, and one seed gives the same figures and the same bytes (even with another
+cdp_training`, and one seed gives the same figures and the same bytes (even with another
 PYTHONHASHSEED, which changes set and dict iteration inside the converters)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from cdp_scoring.training.pipeline import REPORT, train_all
+from cdp_training.pipeline import REPORT, train_all
 
 ARGS = {"seed": 3, "population": 500, "holdout": 300}
 
@@ -18,7 +18,7 @@ def test_same_seed_same_files(tmp_path):
     first = train_all(**ARGS, out_dir=tmp_path / "a", workers=1, recovery_customers=3000, log=lambda _: None)
     first.pop("_built")
     assert json.loads((tmp_path / "a" / REPORT).read_text()) == first
-    command = [sys.executable, "-m", "cdp_scoring.training", "--out", str(tmp_path / "b"), "--workers", "1"]
+    command = [sys.executable, "-m", "cdp_training", "--out", str(tmp_path / "b"), "--workers", "1"]
     command += ["--recovery-customers", "3000", *(f"--{k}={v}" for k, v in ARGS.items())]
     done = subprocess.run(
         command, env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True, timeout=300

@@ -23,10 +23,10 @@ from onnxmltools.convert.common.data_types import FloatTensorType as MlFloatTens
 from sklearn.ensemble import IsolationForest
 
 from cdp_scoring.domain import ModelSpec
-from cdp_scoring.training import metrics
-from cdp_scoring.training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, summaries, terms_needed
-from cdp_scoring.training.dataset import PopulationFields, matrix
-from cdp_scoring.training.graphs import (
+from cdp_training import metrics
+from cdp_training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, summaries, terms_needed
+from cdp_training.dataset import PopulationFields, matrix
+from cdp_training.graphs import (
     append_nodes,
     batch_outputs,
     clv_graph,
@@ -36,8 +36,8 @@ from cdp_scoring.training.graphs import (
     score_columns,
     with_spec,
 )
-from cdp_scoring.training.simulator import CHANNELS, CHURN_DAYS, PURCHASE_DAYS, RESPONSE_DAYS, Population
-from cdp_scoring.training.traits import (
+from cdp_training.simulator import CHANNELS, CHURN_DAYS, PURCHASE_DAYS, RESPONSE_DAYS, Population
+from cdp_training.traits import (
     CLV_FEATURES,
     ENGAGEMENT_FEATURES,
     FRAUD_FEATURES,
@@ -64,6 +64,13 @@ class Data:
     recovery_customers: int = 50_000  # simulated for the BG/NBD parameter-recovery figures
 
 
+# The module path the shipped models and report.json name as their origin. The pipeline lived in
+# `cdp_scoring.training` when the shipped files were trained, and these words are part of their bytes
+# (the spec in each model's metadata, the command in report.json): writing `cdp_training` here would
+# change every file without changing a single weight. Change it together with the next retrain.
+SHIPPED_WITH = "cdp_scoring.training"
+
+
 @dataclass(slots=True)
 class Built:
     model: onnx.ModelProto
@@ -83,7 +90,7 @@ def _training_summary(data: Data, rows: int, positives: int | dict[str, int], la
     return {
         "algorithm": algorithm,
         "label": label,
-        "data": "simulated customers (cdp_scoring.training.simulator); features computed by the profile domain",
+        "data": f"simulated customers ({SHIPPED_WITH}.simulator); features computed by the profile domain",
         "population": train.size,
         "seed": train.seed,
         "rows": rows,

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from cdp_scoring.domain import METADATA_KEY, ModelSpec
-from cdp_scoring.training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, repeat_occasions, series_terms
+from cdp_training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, repeat_occasions, series_terms
 
 OPSET = 17
 PRODUCER = "cdp-scoring-training"

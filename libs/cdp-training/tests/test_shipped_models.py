@@ -1,5 +1,5 @@
 """The models the project ships (services/scoring/src/cdp_scoring/models, written by
-`python -m cdp_scoring.training`): each loads, carries a valid spec that fits its input, reproduces its
+`python -m cdp_training`): each loads, carries a valid spec that fits its input, reproduces its
 test vector, declares computed traits the profile service accepts, and report.json shows the quality
 floors met."""
 
@@ -15,9 +15,9 @@ import pytest
 from cdp_profile.domain import ComputedTraits
 from cdp_scoring.domain import METADATA_KEY, ModelSpec
 from cdp_scoring.runtime import load_model
-from cdp_scoring.training.graphs import run, score_columns
-from cdp_scoring.training.pipeline import FLOORS, MODELS_DIR, REPORT, check_floors
-from cdp_scoring.training.traits import COMPUTED_TRAITS
+from cdp_training.graphs import run, score_columns
+from cdp_training.pipeline import FLOORS, MODELS_DIR, REPORT, check_floors
+from cdp_training.traits import COMPUTED_TRAITS
 
 MODELS = ("churn_risk", "purchase_propensity", "clv", "fraud_risk", "fraud_anomaly", "next_best_channel")
 SCORES = {
@@ -101,8 +101,8 @@ def test_report_holds_the_quality_figures_and_the_floors_are_met(report):
 
 
 def test_shipped_clv_graph_agrees_with_the_reference():
-    from cdp_scoring.training.bgnbd import BgNbd, GammaGamma
-    from cdp_scoring.training.graphs import reference_clv
+    from cdp_training.bgnbd import BgNbd, GammaGamma
+    from cdp_training.graphs import reference_clv
 
     data, _, spec = _load("clv")
     bgnbd = BgNbd(**spec.quality["bgnbd"])

@@ -23,7 +23,7 @@ import numpy as np
 
 from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent, ProfileView
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
-from cdp_scoring.training.simulator import Population
+from cdp_training.simulator import Population
 
 
 def view_fields(view: ProfileView) -> dict[str, Any]:

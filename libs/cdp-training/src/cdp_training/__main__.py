@@ -1,4 +1,4 @@
-"""python -m cdp_scoring.training [--seed 7] [--population 16000] [--holdout 8000] [--out DIR] [--workers N]
+"""python -m cdp_training [--seed 7] [--population 16000] [--holdout 8000] [--out DIR] [--workers N]
 
 Trains every shipped model and writes services/scoring/src/cdp_scoring/models/<model>.onnx and report.json.
 """
@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from cdp_scoring.training.pipeline import DEFAULT_HOLDOUT, DEFAULT_POPULATION, DEFAULT_SEED, MODELS_DIR, train_all
+from cdp_training.pipeline import DEFAULT_HOLDOUT, DEFAULT_POPULATION, DEFAULT_SEED, MODELS_DIR, train_all
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cdp_scoring.training", description=__doc__.splitlines()[2])
+    parser = argparse.ArgumentParser(prog="python -m cdp_training", description=__doc__.splitlines()[2])
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="training population seed (held-out: seed + 1)")
     parser.add_argument("--population", type=int, default=DEFAULT_POPULATION, help="people to train on")
     parser.add_argument("--holdout", type=int, default=DEFAULT_HOLDOUT, help="people to measure on")
