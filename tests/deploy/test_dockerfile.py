@@ -3,6 +3,10 @@
 The instructions are parsed and held to the rules in deploy/README.md (Validation) and the Makefile's pins; the
 two `uv sync` steps are replayed with the same flags on the same build context, so a broken lock,
 a wrong flag or an over-eager .dockerignore shows up here rather than in the first real build.
+
+What the image installs is also reasoned from uv.lock: the services' dependency closure carries no test,
+dev or training package, and every runtime module imports only what its own package declares (the
+workspace venv has everything installed, so an undeclared import works there and fails in a pod).
 """
 
 from __future__ import annotations
