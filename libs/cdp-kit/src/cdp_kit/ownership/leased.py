@@ -1,0 +1,311 @@
+"""The hand-off protocol over a lease store: membership, one lease per partition, release before transfer.
+
+Every `interval` (a third of the TTL) a member
+
+1. heartbeats its own member record;
+2. reads the member records and the partition leases; a record is *live* while its revision keeps
+   changing: one that has not changed for `ttl` seconds of this member's own clock is expired (the
+   rule of client-go's leader election: it needs no synchronised clocks, only similar clock rates);
+3. computes the assignment over the live members (`assignment.assign`, the same on every member);
+4. renews every lease it holds, including those it is releasing;
+5. starts releasing each held partition that is no longer assigned to it: the partition leaves
+   `owned()`, `on_release(p)` is awaited (the engine stops fetching, drains in-flight commits and
+   returns) and only then is the lease written free, by compare-and-set on its revision;
+6. acquires each assigned partition whose lease is free, absent or expired, by compare-and-set; on
+   success the partition joins `owned()` and `on_acquire(p)` is awaited.
+
+Invariants:
+- A lease has one holder: every write is a create-if-absent or a compare-and-set on the revision read.
+- A member works on a partition only between a successful acquire and the end of its release, so
+  two members never work on one partition at once while both are alive: the new owner can take the
+  lease only after the old one freed it, which happens after `on_release` returned. A slow releaser
+  keeps renewing, so it delays the new owner rather than overlapping with it.
+- A member that dies keeps its leases until they expire (`ttl` without a renewal); a member that
+  cannot renew (cut off from the store) fences itself: `fence` seconds (half the TTL) after the
+  start of its last successful renewal it drops every lease from `owned()` and calls `on_release`,
+  which leaves the other half of the TTL for the drain before anyone else may take the lease.
+- `on_acquire` and `on_release` of one partition never run at once on one member, and alternate:
+  acquire, release, acquire, ...
+- `stop()` releases every held partition (awaiting `on_release`), frees the leases and removes the
+  member record, so the others take over at once instead of after the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cdp_kit.ownership.assignment import owned_by
+from cdp_kit.ownership.base import Ownership, PartitionCallback, noop
+
+log = logging.getLogger("cdp.ownership")
+
+Revision = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A partition's lease as read: its holder ("" when free) and the revision to compare-and-set on."""
+
+    holder: str
+    revision: Revision
+
+
+class LeaseStore(Protocol):
+    """What the protocol needs from a store (NATS KV, Kubernetes Leases). Each call may raise on a
+    transport failure: the member retries on its next round."""
+
+    async def members(self) -> dict[str, Revision]:
+        """Every member record: identity -> revision (a record that changes on every heartbeat)."""
+
+    async def heartbeat(self, identity: str) -> None:
+        """Write this member's record (unconditionally: only the member itself writes it)."""
+
+    async def leave(self, identity: str) -> None:
+        """Remove this member's record."""
+
+    async def leases(self) -> dict[int, Lease]:
+        """Every partition lease that exists."""
+
+    async def write(self, partition: int, holder: str, expected: Lease | None) -> Lease | None:
+        """Set the holder ("" frees it) if the lease is still `expected` (None: only if absent).
+        Returns the lease written, or None when another write came first."""
+
+
+class _Observed:
+    """When each record's revision was first seen by this member (the clock for expiry)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._seen: dict[object, tuple[Revision, float]] = {}
+
+    def age(self, key: object, revision: Revision) -> float:
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != revision:
+            self._seen[key] = (revision, now)
+            return 0.0
+        return now - seen[1]
+
+    def forget_missing(self, keys: set[object]) -> None:
+        for key in set(self._seen) - keys:
+            del self._seen[key]
+
+
+class LeasedOwnership(Ownership):
+    """Ownership that follows the live members through a `LeaseStore` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        *,
+        partitions: int,
+        identity: str,
+        ttl: float = 15.0,
+        interval: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be at least 1, got {partitions}")
+        if ttl <= 0:
+            raise ValueError(f"ttl must be positive, got {ttl}")
+        if not identity:
+            raise ValueError("identity must not be empty")
+        self.store = store
+        self.partitions = partitions
+        self.identity = identity
+        self.ttl = ttl
+        self.interval = interval if interval is not None else ttl / 3
+        self.fence = ttl / 2
+        self._clock = clock
+        self._observed = _Observed(clock)
+        self._held: dict[int, Lease] = {}  # leases this member holds, releasing ones included
+        self._owned: set[int] = set()  # held, acquired (on_acquire called) and not being released
+        self._releasing: set[int] = set()
+        self._callbacks: dict[int, asyncio.Task[None]] = {}  # per partition: the last callback chain
+        self._renewed_at: float | None = None  # clock at the start of the last round that renewed all
+        self._watchers: list[asyncio.Queue[frozenset[int]]] = []
+        self._lock = asyncio.Lock()  # store writes of this member are serialised
+        self._on_acquire: PartitionCallback = noop
+        self._on_release: PartitionCallback = noop
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # -- the interface --------------------------------------------------------------------------
+
+    async def start(self, on_acquire: PartitionCallback = noop, on_release: PartitionCallback = noop) -> None:
+        self._on_acquire, self._on_release = on_acquire, on_release
+        await self._round_safely()
+        self._task = asyncio.create_task(self._run(), name=f"ownership-{self.identity}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for p in sorted(self._owned):
+            self._begin_release(p)
+        # Keep renewing while the engine drains: a slow drain must not let the leases expire under it.
+        while self._callbacks:
+            pending = [t for t in self._callbacks.values() if not t.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=self.interval)
+            with contextlib.suppress(Exception):
+                await self._renew_all()
+        with contextlib.suppress(Exception):
+            await self.store.leave(self.identity)
+        for queue in self._watchers:
+            queue.put_nowait(frozenset())
+
+    def owned(self) -> frozenset[int]:
+        return frozenset(self._owned)
+
+    async def changes(self) -> AsyncIterator[frozenset[int]]:
+        queue: asyncio.Queue[frozenset[int]] = asyncio.Queue()
+        self._watchers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._watchers.remove(queue)
+
+    # -- the rounds -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._round_safely()
+
+    async def _round_safely(self) -> None:
+        try:
+            # A store that hangs must not keep this member working past its fence.
+            await asyncio.wait_for(self._round(), timeout=self.fence)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store is unreachable or failed: retry next round, fence if too long
+            log.warning("ownership round failed", extra={"member": self.identity, "error": type(exc).__name__})
+        self._fence_if_stale()
+
+    async def _round(self) -> None:
+        started = self._clock()
+        await self.store.heartbeat(self.identity)
+        records = await self.store.members()
+        live = {m for m, revision in records.items() if self._observed.age(("member", m), revision) < self.ttl}
+        live.add(self.identity)
+        assigned = owned_by(self.partitions, live, self.identity)
+        leases = await self.store.leases()
+        # Every lease's age is tracked from the first round that sees it, so a dead member's leases
+        # are free one TTL after it stopped renewing, not one TTL after someone became assigned them.
+        age = {p: self._observed.age(("lease", p), lease.revision) for p, lease in leases.items()}
+        self._observed.forget_missing({("member", m) for m in records} | {("lease", p) for p in leases})
+
+        # Leases this member believes it holds but the store says otherwise were lost (taken after
+        # an expiry this member did not notice): stop working on them at once.
+        for p in list(self._held):
+            current = leases.get(p)
+            if current is None or current.holder != self.identity:
+                self._lose(p)
+        renewed = await self._renew_all()
+        if renewed:
+            self._renewed_at = started
+
+        for p in sorted(self._owned - assigned):
+            self._begin_release(p)
+        for p in sorted(assigned - self._held.keys()):
+            current = leases.get(p)
+            if current is not None and current.holder and current.holder != self.identity and age[p] < self.ttl:
+                continue  # its holder still renews it: it frees the lease once it has released the partition
+            async with self._lock:
+                lease = await self.store.write(p, self.identity, current)
+            if lease is None:
+                continue  # someone else wrote first: look again next round
+            self._held[p] = lease
+            self._owned.add(p)
+            self._chain(p, self._on_acquire)
+            self._notify()
+
+    async def _renew_all(self) -> bool:
+        """Renew every held lease; True when all were renewed."""
+        ok = True
+        for p in sorted(self._held):
+            async with self._lock:
+                lease = self._held.get(p)
+                if lease is None:
+                    continue
+                renewed = await self.store.write(p, self.identity, lease)
+            if renewed is None:
+                self._lose(p)
+                ok = False
+            elif p in self._held:
+                self._held[p] = renewed
+        return ok
+
+    def _fence_if_stale(self) -> None:
+        if self._held and (self._renewed_at is None or self._clock() - self._renewed_at >= self.fence):
+            log.warning("ownership leases not renewed in time: releasing all", extra={"member": self.identity})
+            for p in list(self._held):
+                self._lose(p)
+
+    # -- acquire and release --------------------------------------------------------------------
+
+    def _chain(self, p: int, callback: PartitionCallback, then: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run `callback(p)` after the partition's previous callback, then `then()`."""
+        previous = self._callbacks.get(p)
+
+        async def step() -> None:
+            if previous is not None:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await previous
+            try:
+                await callback(p)
+            except Exception as exc:  # an engine's failure to start or drain must not stop the rounds
+                log.error("ownership callback failed", extra={"partition": p, "error": type(exc).__name__})
+            if then is not None:
+                await then()
+
+        task = asyncio.create_task(step(), name=f"ownership-{self.identity}-p{p}")
+        self._callbacks[p] = task
+        task.add_done_callback(lambda t, p=p: self._callbacks.pop(p, None) if self._callbacks.get(p) is t else None)
+
+    def _begin_release(self, p: int) -> None:
+        if p not in self._owned:
+            return
+        self._owned.discard(p)
+        self._releasing.add(p)
+        self._notify()
+
+        async def free() -> None:
+            self._releasing.discard(p)
+            async with self._lock:
+                lease = self._held.pop(p, None)
+                if lease is None:
+                    return  # lost meanwhile: nothing to free
+                try:
+                    await self.store.write(p, "", lease)
+                except Exception as exc:  # the lease then expires after the TTL instead
+                    log.warning("ownership lease not freed", extra={"partition": p, "error": type(exc).__name__})
+
+        self._chain(p, self._on_release, free)
+
+    def _lose(self, p: int) -> None:
+        """The lease is gone (taken or unrenewable): stop working on the partition, free nothing."""
+        self._held.pop(p, None)
+        if p in self._releasing:
+            return  # on_release already under way
+        if p in self._owned:
+            self._owned.discard(p)
+            self._notify()
+            self._chain(p, self._on_release)
+
+    def _notify(self) -> None:
+        owned = frozenset(self._owned)
+        for queue in self._watchers:
+            queue.put_nowait(owned)

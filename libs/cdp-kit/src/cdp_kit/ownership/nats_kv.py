@@ -1,0 +1,91 @@
+"""Leases in a NATS JetStream key-value bucket (local runs with `make up`, and tests).
+
+One bucket (`CDP_OWNERSHIP` by default) holds every group's records, keyed
+`<group>.members.<identity>` (the member's heartbeat) and `<group>.partitions.<p>` (the holder's
+identity, empty when free). Writes use the KV's own optimistic concurrency: `create` succeeds only
+when the key is absent, `update(..., last=revision)` only when nobody wrote since that revision.
+Expiry is the protocol's (a revision unchanged for the TTL), not the bucket's, so the bucket keeps no
+per-key TTL and a member's clock never has to agree with the server's.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+
+from cdp_kit.ownership.leased import Lease, LeasedOwnership, Revision
+
+_KEY_PART = re.compile(r"^[-_=a-zA-Z0-9]+$")
+
+
+class NatsKvLeaseStore:
+    def __init__(self, kv, group: str) -> None:
+        for name, value in (("group", group),):
+            if not _KEY_PART.match(value):
+                raise ValueError(f"{name} {value!r} may hold only letters, digits, '-', '_' and '='")
+        self.kv = kv
+        self.group = group
+
+    @classmethod
+    async def open(cls, js, group: str, *, bucket: str = "CDP_OWNERSHIP") -> NatsKvLeaseStore:
+        try:
+            kv = await js.key_value(bucket)
+        except BucketNotFoundError:
+            # Two members racing to create the bucket both succeed: the config is the same.
+            kv = await js.create_key_value(bucket=bucket, history=1, description="cdp partition ownership")
+        return cls(kv, group)
+
+    async def _snapshot(self, section: str) -> dict[str, object]:
+        prefix = f"{self.group}.{section}."
+        watcher = await self.kv.watch(prefix + ">")
+        entries: dict[str, object] = {}
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break  # the watcher's marker: every current value has been delivered
+                if entry.operation in ("DEL", "PURGE"):
+                    entries.pop(entry.key[len(prefix) :], None)
+                else:
+                    entries[entry.key[len(prefix) :]] = entry
+                if entry.delta == 0:
+                    break
+        finally:
+            await watcher.stop()
+        return entries
+
+    async def members(self) -> dict[str, Revision]:
+        return {identity: entry.revision for identity, entry in (await self._snapshot("members")).items()}
+
+    async def heartbeat(self, identity: str) -> None:
+        await self.kv.put(f"{self.group}.members.{identity}", b"")
+
+    async def leave(self, identity: str) -> None:
+        await self.kv.delete(f"{self.group}.members.{identity}")
+
+    async def leases(self) -> dict[int, Lease]:
+        return {
+            int(p): Lease((entry.value or b"").decode(), entry.revision)
+            for p, entry in (await self._snapshot("partitions")).items()
+        }
+
+    async def write(self, partition: int, holder: str, expected: Lease | None) -> Lease | None:
+        key = f"{self.group}.partitions.{partition}"
+        try:
+            if expected is None:
+                revision = await self.kv.create(key, holder.encode())
+            else:
+                revision = await self.kv.update(key, holder.encode(), last=int(expected.revision))
+        except KeyWrongLastSequenceError:
+            return None
+        return Lease(holder, revision)
+
+
+async def nats_kv_ownership(
+    js, *, group: str, partitions: int, identity: str, ttl: float = 15.0, bucket: str = "CDP_OWNERSHIP", **kwargs
+) -> LeasedOwnership:
+    """Ownership of `group`'s partitions (e.g. group "identity") through a NATS KV bucket."""
+    if not _KEY_PART.match(identity):
+        raise ValueError(f"identity {identity!r} may hold only letters, digits, '-', '_' and '='")
+    store = await NatsKvLeaseStore.open(js, group, bucket=bucket)
+    return LeasedOwnership(store, partitions=partitions, identity=identity, ttl=ttl, **kwargs)

@@ -1,0 +1,157 @@
+"""Membership stories run against every lease store (NATS KV and Kubernetes Leases).
+
+A `Ledger` is what the engines would see: a member works on a partition from the start of its
+`on_acquire` to the end of its `on_release`; two members working on one partition at once is a
+violation, recorded the instant it happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from cdp_kit.ownership import LeasedOwnership
+
+PARTITIONS = 8
+TTL = 1.2
+
+
+@dataclass
+class Ledger:
+    working: dict[int, set[str]] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    acquisitions: list[tuple[str, int]] = field(default_factory=list)
+    released_at: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def begin(self, member: str, p: int) -> None:
+        holders = self.working.setdefault(p, set())
+        if holders:
+            self.violations.append(f"partition {p}: {member} started while {sorted(holders)} worked on it")
+        holders.add(member)
+        self.acquisitions.append((member, p))
+
+    def end(self, member: str, p: int) -> None:
+        self.working[p].discard(member)
+        self.released_at[(member, p)] = time.monotonic()
+
+    def crashed(self, member: str) -> None:
+        for holders in self.working.values():
+            holders.discard(member)
+
+    def owners(self) -> dict[int, set[str]]:
+        return {p: set(h) for p, h in self.working.items() if h}
+
+
+@dataclass
+class Member:
+    name: str
+    ownership: LeasedOwnership
+    ledger: Ledger
+    release_delay: float = 0.0
+
+    async def on_acquire(self, p: int) -> None:
+        self.ledger.begin(self.name, p)
+
+    async def on_release(self, p: int) -> None:
+        await asyncio.sleep(self.release_delay)  # an engine draining its in-flight commits
+        self.ledger.end(self.name, p)
+
+    async def start(self) -> Member:
+        await self.ownership.start(self.on_acquire, self.on_release)
+        return self
+
+    def kill(self) -> None:
+        """Crash: no release, no goodbye; its leases stay until they expire."""
+        task = self.ownership._task
+        if task is not None:
+            task.cancel()
+        for callback in list(self.ownership._callbacks.values()):
+            callback.cancel()
+        self.ledger.crashed(self.name)
+
+
+# make(name, ledger, release_delay) -> a started member
+MakeMember = Callable[[str, Ledger, float], Awaitable[Member]]
+
+
+async def settled(members: list[Member], ledger: Ledger, timeout: float = 15.0) -> dict[int, str]:
+    """Wait until every partition is worked on by exactly one of `members`, as assigned; return it."""
+    deadline = time.monotonic() + timeout
+    names = {m.name for m in members}
+    while True:
+        owners = ledger.owners()
+        owned = [m.ownership.owned() for m in members]
+        if (
+            set(owners) == set(range(PARTITIONS))
+            and all(len(h) == 1 and h <= names for h in owners.values())
+            and sum(len(o) for o in owned) == PARTITIONS
+            and max(len(o) for o in owned) - min(len(o) for o in owned) <= 1
+        ):
+            return {p: next(iter(h)) for p, h in owners.items()}
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not settled: {owners}, owned {owned}")
+        await asyncio.sleep(0.05)
+
+
+async def scale_one_three_two(make: MakeMember) -> None:
+    ledger = Ledger()
+    a = await make("replica-0", ledger, 0.05)
+    first = await settled([a], ledger)
+    assert set(first.values()) == {"replica-0"}
+
+    b, c = await make("replica-1", ledger, 0.05), await make("replica-2", ledger, 0.05)
+    before = len(ledger.acquisitions)
+    second = await settled([a, b, c], ledger)
+    moved = {p for p in first if first[p] != second[p]}
+    # Partitions that changed hands moved once each, straight to their new owner; the rest stayed.
+    assert sorted(p for _, p in ledger.acquisitions[before:]) == sorted(moved)
+    assert len(moved) <= PARTITIONS - PARTITIONS // 3
+
+    await b.ownership.stop()  # scale down: replica-1 hands its partitions over and leaves
+    before = len(ledger.acquisitions)
+    third = await settled([a, c], ledger)
+    moved = {p for p in second if second[p] != third[p]}
+    assert {p for p in second if second[p] == "replica-1"} <= moved
+    assert sorted(p for _, p in ledger.acquisitions[before:]) == sorted(moved)
+    assert len(moved) <= PARTITIONS // 2 + 1
+
+    await a.ownership.stop()
+    await c.ownership.stop()
+    assert ledger.violations == []
+    assert ledger.owners() == {}
+
+
+async def killed_member_loses_partitions_after_ttl(make: MakeMember) -> None:
+    ledger = Ledger()
+    a, b = await make("replica-0", ledger, 0.0), await make("replica-1", ledger, 0.0)
+    before = await settled([a, b], ledger)
+    orphaned = {p for p, owner in before.items() if owner == "replica-1"}
+    assert orphaned
+
+    b.kill()
+    # The survivor cannot take them early: the dead member's leases were renewed a moment ago.
+    await asyncio.sleep(TTL / 2)
+    assert not orphaned & a.ownership.owned()
+    after = await settled([a], ledger)
+    assert set(after.values()) == {"replica-0"}
+    assert ledger.violations == []
+    await a.ownership.stop()
+
+
+async def slow_releaser_delays_the_new_owner(make: MakeMember) -> None:
+    ledger = Ledger()
+    drain = 2 * TTL  # longer than the TTL: the releaser keeps renewing while it drains
+    a = await make("replica-0", ledger, drain)
+    await settled([a], ledger)
+
+    b = await make("replica-1", ledger, drain)
+    after = await settled([a, b], ledger, timeout=20)
+    handed = {p for p, owner in after.items() if owner == "replica-1"}
+    assert handed
+    assert ledger.violations == []
+    # The new owner started each handed partition only after the old owner's drain had ended.
+    assert all(("replica-0", p) in ledger.released_at for p in handed)
+    await asyncio.gather(a.ownership.stop(), b.ownership.stop())
+    assert ledger.violations == []

@@ -1,0 +1,82 @@
+"""Partition ownership through leases in a NATS KV bucket, each member on its own connection to a real
+nats-server (a crash closes it)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import nats
+import pytest
+from ownership_scenarios import (
+    PARTITIONS,
+    TTL,
+    Ledger,
+    Member,
+    killed_member_loses_partitions_after_ttl,
+    scale_one_three_two,
+    slow_releaser_delays_the_new_owner,
+)
+
+from cdp_kit.ownership import OwnershipSettings, StaticOwnership, ownership_from_settings
+from cdp_kit.ownership.nats_kv import nats_kv_ownership
+from cdp_kit.settings import SettingsError, load_settings
+
+
+@pytest.fixture
+async def make(nats_server):
+    async with AsyncExitStack() as stack:
+
+        async def make_member(name: str, ledger: Ledger, release_delay: float) -> Member:
+            nc = await nats.connect(nats_server.url, max_reconnect_attempts=0)
+            stack.push_async_callback(nc.close)
+            ownership = await nats_kv_ownership(
+                nc.jetstream(), group="identity", partitions=PARTITIONS, identity=name, ttl=TTL
+            )
+            member = Member(name, ownership, ledger, release_delay)
+            return await member.start()
+
+        yield make_member
+
+
+async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make):
+    await scale_one_three_two(make)
+
+
+async def test_a_crashed_member_loses_its_partitions_after_the_ttl(make):
+    await killed_member_loses_partitions_after_ttl(make)
+
+
+async def test_a_slow_releaser_delays_the_new_owner_instead_of_overlapping(make):
+    await slow_releaser_delays_the_new_owner(make)
+
+
+async def test_groups_share_a_bucket_without_sharing_partitions(nats_client):
+    js = nats_client.jetstream()
+    identity = await nats_kv_ownership(js, group="identity", partitions=4, identity="pod-0", ttl=TTL)
+    profile = await nats_kv_ownership(js, group="profile", partitions=4, identity="pod-0", ttl=TTL)
+    await identity.start()
+    await profile.start()
+    assert identity.owned() == profile.owned() == frozenset(range(4))
+    await identity.stop()
+    await profile.stop()
+    assert identity.owned() == profile.owned() == frozenset()
+
+
+async def test_settings_pick_the_kind_and_reject_bad_values(nats_client):
+    static = load_settings(OwnershipSettings, {"CDP_REPLICAS": "3", "CDP_POD_ORDINAL": "1"})
+    chosen = await ownership_from_settings(static, group="identity", partitions=8)
+    assert isinstance(chosen, StaticOwnership)
+    await chosen.start()
+    assert chosen.owned() == {1, 4, 7}
+
+    leased = load_settings(OwnershipSettings, {"CDP_OWNERSHIP": "nats", "CDP_POD_NAME": "identity-0"})
+    chosen = await ownership_from_settings(leased, group="identity", partitions=2, js=nats_client.jetstream())
+    await chosen.start()
+    assert chosen.owned() == {0, 1}
+    await chosen.stop()
+
+    with pytest.raises(SettingsError) as bad:
+        load_settings(OwnershipSettings, {"CDP_OWNERSHIP": "zookeeper", "CDP_OWNERSHIP_TTL": "0"})
+    assert "CDP_OWNERSHIP" in str(bad.value)
+    with pytest.raises(SettingsError, match="CDP_OWNERSHIP_TTL"):
+        load_settings(OwnershipSettings, {"CDP_OWNERSHIP_TTL": "-1"})
