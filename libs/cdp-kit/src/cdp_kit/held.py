@@ -5,7 +5,7 @@ snapshots rather than by a write per change (scoring and segmentation).
                       owns=lambda person: partition(person) in owned, codec=FIELDS_CODEC,
                       fetch=profile.fields)
     await held.load()                                   # the last snapshot and the positions it includes
-    await held.replay(held.since(js, "PROFILES", durables), apply)   # up to where the consumers got
+    await held.replay(held.since(js, subjects.PROFILES, durables), apply)  # to where the consumers got
     ...
     fields = held.persons.setdefault(person, {}); apply_updates(fields, updates); held.mark(person)
     held.applied[subject] = seq                         # the stream position the held state includes
@@ -140,15 +140,6 @@ class HeldFields(Generic[P]):
         self._thawed.set()
 
     # --- state ------------------------------------------------------------------------------------
-
-    def get(self, person_id: str) -> P | None:
-        return self.persons.get(person_id)
-
-    def __contains__(self, person_id: str) -> bool:
-        return person_id in self.persons
-
-    def __len__(self) -> int:
-        return len(self.persons)
 
     def mark(self, person_id: str) -> None:
         """The person's state changed: written by the next snapshot. A person removed and seen again
