@@ -8,7 +8,8 @@ import orjson
 import pytest
 
 from cdp_collector.domain import Code, TimestampError, corrected_ns, parse_request, parse_timestamp
-from cdp_collector.domain.clock import MAX_NS, MIN_NS, NANOS, datetime_to_ns, format_ns
+from cdp_collector.domain.clock import format_ns
+from cdp_kit.timestamps import MAX_NS, MIN_NS, NANOS, datetime_to_ns
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 EPOCH_2024 = int(datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()) * NANOS

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, Code, RequestRejected, parse_request
-from cdp_collector.domain.clock import NANOS, datetime_to_ns
 from cdp_collector.domain.segment import _SLOTS, EVENT_TYPES
+from cdp_kit.timestamps import NANOS, datetime_to_ns
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

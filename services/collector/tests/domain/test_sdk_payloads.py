@@ -10,7 +10,7 @@ from google.protobuf.json_format import MessageToDict
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, parse_request
-from cdp_collector.domain.clock import NANOS
+from cdp_kit.timestamps import NANOS
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)
 

@@ -1,7 +1,8 @@
 """Client time as clients send it, and the correction for their clocks being wrong.
 
 Times are handled as integer nanoseconds since the Unix epoch: exact (protobuf Timestamps carry nanoseconds,
-datetimes stop at microseconds) and cheap to subtract.
+datetimes stop at microseconds) and cheap to subtract. The conversions themselves are the kit's
+(`cdp_kit.timestamps`); this module holds what the collector decides about client times.
 
 Clock skew (Segment's rule). A device clock may be minutes or years off, but the *interval* between the
 event and the send is measured on that same clock, so it is trustworthy:
@@ -18,18 +19,13 @@ event and the send is measured on that same clock, so it is trustworthy:
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdp_collector.domain.errors import json_type, shown
+from cdp_kit.timestamps import EPOCH, MAX_NS, MIN_NS, NANOS, datetime_to_ns, to_ns
 
-NANOS = 1_000_000_000
-#: The range a protobuf Timestamp may hold: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
-MIN_NS = -62_135_596_800 * NANOS
-MAX_NS = 253_402_300_800 * NANOS - 1
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EXAMPLE = (
     "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
 )
@@ -69,8 +65,7 @@ def _parse_iso(text: str) -> int:
         raise TimestampError(f"must be {_EXAMPLE}; got {shown(text)} ({exc})") from None
     if parsed.tzinfo is None:
         raise TimestampError(f"{shown(text)} has no time zone: add Z (UTC) or an offset like +02:00")
-    delta = parsed - _EPOCH
-    ns = (delta.days * 86_400 + delta.seconds) * NANOS + delta.microseconds * 1_000
+    ns = datetime_to_ns(parsed)
     # fromisoformat keeps microseconds only; RFC 3339 "nano" clients (Go, Java) send up to 9 digits.
     if len(text) > 26 and text[19] in ".," and text[26].isdigit():
         digits = text[26:29]
@@ -102,29 +97,16 @@ def corrected_ns(*, received_at: int, sent_at: int | None, client_time: int | No
     return corrected
 
 
-def datetime_to_ns(moment: datetime) -> int:
-    if moment.tzinfo is None:
-        raise ValueError("received_at must be timezone-aware, e.g. datetime.now(UTC)")
-    delta = moment - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * NANOS + delta.microseconds * 1_000
-
-
 def timestamp_to_ns(stamp: Timestamp) -> int:
     """A protobuf Timestamp (from a gRPC client) → ns, refusing values protobuf itself calls invalid."""
     if not 0 <= stamp.nanos < NANOS:
         raise TimestampError(f"nanos={stamp.nanos} must be in 0..999999999")
-    return _in_range(stamp.seconds * NANOS + stamp.nanos, f"seconds={stamp.seconds}")
-
-
-def set_timestamp(stamp: Timestamp, ns: int) -> None:
-    seconds, nanos = divmod(ns, NANOS)
-    stamp.seconds = seconds
-    stamp.nanos = nanos
+    return _in_range(to_ns(stamp), f"seconds={stamp.seconds}")
 
 
 def format_ns(ns: int) -> str:
     seconds, nanos = divmod(ns, NANOS)
     if not MIN_NS <= ns <= MAX_NS:
         return f"{seconds}s since the epoch"
-    moment = (_EPOCH + timedelta(seconds=seconds)).replace(tzinfo=None)
+    moment = (EPOCH + timedelta(seconds=seconds)).replace(tzinfo=None)
     return f"{moment.isoformat(timespec='seconds')}.{nanos:09d}Z"

@@ -21,16 +21,11 @@ from types import MappingProxyType
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cdp.events.v1 import events_pb2
-from cdp_collector.domain.clock import (
-    TimestampError,
-    corrected_ns,
-    datetime_to_ns,
-    set_timestamp,
-    timestamp_to_ns,
-)
+from cdp_collector.domain.clock import TimestampError, corrected_ns, timestamp_to_ns
 from cdp_collector.domain.errors import Code, FieldError, join
 from cdp_collector.domain.limits import DEFAULT_LIMITS, Limits, check_event_bytes
 from cdp_collector.domain.storable import id_problems, message_id_problem, struct_problems
+from cdp_kit.timestamps import datetime_to_ns, set_ns
 
 #: Key in `Event.extra` marking a message_id the server generated. Clients may not send it themselves.
 GENERATED_MESSAGE_ID_KEY = "cdp:messageIdGenerated"
@@ -211,7 +206,7 @@ def prepare_grpc_event(
         errors.append(reserved_field_error(join(base, f"extra.{GENERATED_MESSAGE_ID_KEY}")))
     event.source_id = source_id
     received_ns = datetime_to_ns(received_at)
-    set_timestamp(event.received_at, received_ns)
+    set_ns(event.received_at, received_ns)
     if not event.message_id:
         event.message_id = new_message_id()
         event.extra.fields[GENERATED_MESSAGE_ID_KEY].bool_value = True
@@ -225,7 +220,7 @@ def prepare_grpc_event(
         elif isinstance(batch_sent_at, datetime):
             where = "sent_at"  # the request's, shared by every event of it
             sent_ns = datetime_to_ns(batch_sent_at)
-            set_timestamp(event.sent_at, sent_ns)
+            set_ns(event.sent_at, sent_ns)
         elif batch_sent_at is not None and batch_sent_at.ByteSize():
             where = "sent_at"
             sent_ns = timestamp_to_ns(batch_sent_at)
@@ -240,7 +235,7 @@ def prepare_grpc_event(
             client_ns = timestamp_to_ns(event.timestamp)
             event.original_timestamp.CopyFrom(event.timestamp)
         where = join(base, "timestamp")
-        set_timestamp(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
+        set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
     except TimestampError as exc:
         errors.append(FieldError(Code.INVALID_TIMESTAMP, where, str(exc)))
 

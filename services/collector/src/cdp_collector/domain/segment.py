@@ -54,13 +54,7 @@ from types import MappingProxyType
 import orjson
 
 from cdp.events.v1 import events_pb2
-from cdp_collector.domain.clock import (
-    TimestampError,
-    corrected_ns,
-    datetime_to_ns,
-    parse_timestamp,
-    set_timestamp,
-)
+from cdp_collector.domain.clock import TimestampError, corrected_ns, parse_timestamp
 from cdp_collector.domain.context import fill_context
 from cdp_collector.domain.errors import Code, FieldError, RequestRejected, join, json_type, shown
 from cdp_collector.domain.events import (
@@ -85,6 +79,7 @@ from cdp_collector.domain.limits import (
 )
 from cdp_collector.domain.storable import id_problems, struct_problems
 from cdp_collector.domain.structs import fill_struct
+from cdp_kit.timestamps import datetime_to_ns, set_ns
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(
     {"track": TRACK, "identify": IDENTIFY, "alias": ALIAS, "page": PAGE, "screen": SCREEN, "group": GROUP}
@@ -502,17 +497,15 @@ def _convert(
     if event_type == IDENTIFY and values[_TRAITS] is None and event.context.HasField("traits"):
         event.traits.CopyFrom(event.context.traits)
 
-    set_timestamp(event.received_at, received_ns)
+    set_ns(event.received_at, received_ns)
     if sent_ns is not None:
-        set_timestamp(event.sent_at, sent_ns)
+        set_ns(event.sent_at, sent_ns)
     if client_ns is None:
-        set_timestamp(event.timestamp, received_ns)
+        set_ns(event.timestamp, received_ns)
     else:
-        set_timestamp(event.original_timestamp, client_ns)
+        set_ns(event.original_timestamp, client_ns)
         try:
-            set_timestamp(
-                event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns)
-            )
+            set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
         except TimestampError as exc:
             errors.append(FieldError(Code.INVALID_TIMESTAMP, _path(base, spelled, _TIMESTAMP), str(exc)))
 
