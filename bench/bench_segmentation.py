@@ -38,6 +38,7 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import partition_for, subjects
 from cdp_kit.natsserver import NatsServer
 from cdp_segmentation.domain import Columns, check_segment_graph, compile_segment, parse
+from cdp_testing.fakes import Delivery
 from cdp_testing.processes import SegmentationProcess
 
 ROWS = int(os.environ.get("BENCH_SEGMENTATION_ROWS", "1000000"))
@@ -371,10 +372,6 @@ def bench_per_change() -> dict:
 
     class Telemetry:
         meter = metrics.get_meter("bench")
-
-    class Delivery:
-        def __init__(self, data: bytes, subject: str, seq: int) -> None:
-            self.data, self.subject, self.stream_seq, self.num_delivered = data, subject, seq, 1
 
     async def run() -> dict:
         async with open_store("memory://") as store:
