@@ -7,6 +7,15 @@ service's gRPC server binds (CDP_GRPC_HOST): the endpoint has no authentication,
 where the service is — loopback on a laptop (`make up`), the pod's interfaces in Kubernetes, whose chart
 leaves the host at its 0.0.0.0 default.
 
+Metric names follow the OpenTelemetry convention: dotted, lower case, `cdp.<service>.<thing>` (the kit's own
+are `cdp.bus.*`; standard instruments keep their semantic-convention names, e.g. `rpc.server.duration`),
+with the unit in `unit=` ("ms", "By", "{event}") and never in the name, and no `_total`: the Prometheus
+exporter derives those, so `cdp.collector.events` (a counter, unit "{event}") is scraped as
+`cdp_collector_events_total` and `cdp.bus.handle.duration` (a histogram, unit "ms") as
+`cdp_bus_handle_duration_milliseconds_bucket`/`_sum`/`_count`. Variants go in attributes (`outcome`,
+`cause`), not in names. cdp-kit's `tests/test_metric_names.py` checks every instrument created in the
+repository's sources.
+
 OpenTelemetry keeps one global provider per process. The first service set up in a process installs its
 providers as the globals (a real deployment runs one service per process); later calls in the same
 process (in-process tests) reuse them, so instruments never end up on a provider nobody reads.
