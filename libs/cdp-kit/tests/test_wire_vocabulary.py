@@ -20,7 +20,6 @@ VOCABULARY = REPO / "libs/cdp-kit/src/cdp_kit/bus/subjects.py"
 # entry when done; nothing else belongs here.
 PENDING_ADOPTION = (
     "services/identity/",
-    "services/profile/",
 )
 
 STREAMS = {"EVENTS_RAW", "EVENTS_RESOLVED", "IDENTITY", "PROFILES", "SCORES", "SEGMENTS", "PRIVACY", "DLQ"}
