@@ -12,15 +12,14 @@ import grpc
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_kit.timestamps import from_seconds, set_seconds, to_seconds
 from cdp_profile.backfill import Backfill
 from cdp_profile.domain import ComputedTrait, Profile
 from cdp_profile.engine import ProfileEngine
 from cdp_profile.events import (
     dict_to_struct,
     python_to_value,
-    seconds_to_timestamp,
     struct_to_dict,
-    timestamp_seconds,
 )
 from cdp_profile.routing import Router
 
@@ -45,9 +44,9 @@ CONSENT_PREFIXES = ("purpose:", "channel:")
 def _provenance(version, out: profile_pb2.Provenance) -> None:
     out.source = version.source
     out.event_id = version.event_id
-    out.at.CopyFrom(seconds_to_timestamp(version.at))
+    set_seconds(out.at, version.at)
     if getattr(version, "recorded_at", None) is not None:
-        out.recorded_at.CopyFrom(seconds_to_timestamp(version.recorded_at))
+        set_seconds(out.recorded_at, version.recorded_at)
 
 
 def profile_message(profile: Profile, *, now: float, as_of: float | None, history: bool) -> profile_pb2.Profile:
@@ -81,18 +80,16 @@ def profile_message(profile: Profile, *, now: float, as_of: float | None, histor
                 _provenance(old, item.provenance)
     for name, score in view.scores.items():
         out.scores[name].CopyFrom(
-            profile_pb2.Score(
-                value=score.value, model=score.model, version=score.version, at=seconds_to_timestamp(score.at)
-            )
+            profile_pb2.Score(value=score.value, model=score.model, version=score.version, at=from_seconds(score.at))
         )
     out.identifiers.extend(sorted(view.identifiers))
     out.merged_from.extend(view.merged_from)
     if view.first_seen is not None:
-        out.first_seen.CopyFrom(seconds_to_timestamp(view.first_seen))
+        set_seconds(out.first_seen, view.first_seen)
     if view.last_seen is not None:
-        out.last_seen.CopyFrom(seconds_to_timestamp(view.last_seen))
+        set_seconds(out.last_seen, view.last_seen)
     if as_of is not None:
-        out.as_of.CopyFrom(seconds_to_timestamp(as_of))
+        set_seconds(out.as_of, as_of)
     return out
 
 
@@ -131,7 +128,7 @@ def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
         state=backfill.state,
         profiles_done=backfill.done,
         profiles_total=backfill.total,
-        defined_at=seconds_to_timestamp(backfill.defined_at),
+        defined_at=from_seconds(backfill.defined_at),
     )
 
 
@@ -180,7 +177,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         if (owner := self._owner(request.person_id)) is not None:
             return await self._forward(owner, "GetProfile", request, context)
         profile = await self.engine.profile(request.person_id)
-        as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
+        as_of = to_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
 
     async def BatchGetProfiles(
@@ -243,7 +240,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
                 forwarded.as_of.CopyFrom(request.as_of)
             return await self._forward(owner, "GetProfile", forwarded, context)
         profile = await self.engine.profile(found.person_id)
-        as_of = timestamp_seconds(request.as_of) if request.HasField("as_of") else None
+        as_of = to_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
 
     async def ListEvents(self, request: profile_pb2.ListEventsRequest, context) -> profile_pb2.ListEventsResponse:
@@ -264,7 +261,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
                 event_id=entry.event_id,
                 type=entry.type,
                 name=entry.name,
-                at=seconds_to_timestamp(entry.at),
+                at=from_seconds(entry.at),
                 properties=dict_to_struct(entry.properties),
                 source=entry.source,
             )
@@ -281,7 +278,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
                 raise InvalidArgument(f"consent[{key!r}]", "keys are 'purpose:<Name>' or 'channel:<name>'")
         if not traits and not request.consent:
             raise InvalidArgument("traits", "give at least one trait or consent entry")
-        at = timestamp_seconds(request.at) if request.HasField("at") else None
+        at = to_seconds(request.at) if request.HasField("at") else None
         profile, change = await self.engine.update_traits(
             request.person_id,
             traits,

@@ -24,8 +24,9 @@ from cdp_kit.bus import Delivery
 from cdp_kit.bus.subjects import IDENTITY_MERGED, IDENTITY_UNMERGED
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Delete, Put
+from cdp_kit.timestamps import to_seconds
 from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
-from cdp_profile.events import received_time, timestamp_seconds, to_profile_event
+from cdp_profile.events import received_time, to_profile_event
 from cdp_profile.records import PROFILES
 from cdp_profile.state import HotProfiles
 
@@ -162,7 +163,7 @@ async def _merge(
     survivor = hot.profiles.get(owner)
     if survivor is None:
         survivor = hot.profiles[owner] = Profile.new(owner, retention=hot.retention)
-    change = survivor.merge(absorbed, merge_id=merge_id, at=timestamp_seconds(merged.at), defs=defs, now=now)
+    change = survivor.merge(absorbed, merge_id=merge_id, at=to_seconds(merged.at), defs=defs, now=now)
     out.fold(owner, change)
     out.fold(loser_root, ProfileChange(person_id=loser_root, merged_into=owner))
     hot.expiries.schedule(survivor)

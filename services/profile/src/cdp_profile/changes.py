@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import OutMessage
 from cdp_kit.bus.subjects import profiles_changed
+from cdp_kit.timestamps import from_seconds
 from cdp_profile.domain import ProfileChange
-from cdp_profile.events import python_to_value, seconds_to_timestamp
+from cdp_profile.events import python_to_value
 
 
 def change_messages(
@@ -21,7 +22,7 @@ def change_messages(
 ) -> list[OutMessage]:
     """The non-empty changes as messages, one per partition of the persons they are about."""
     grouped: dict[int, profile_pb2.ProfileChangedBatch] = {}
-    stamp = seconds_to_timestamp(now)
+    stamp = from_seconds(now)
     for person, change in changes.items():
         if not change:
             continue

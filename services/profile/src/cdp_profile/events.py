@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from cdp.events.v1 import events_pb2
+from cdp_kit.timestamps import to_seconds
 from cdp_profile.domain import ProfileEvent
 from cdp_profile.domain.events import EMPTY
 
@@ -75,26 +76,15 @@ def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
-def seconds_to_timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    whole = int(seconds // 1)
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=round((seconds - whole) * 1e9) % 1_000_000_000)
-
-
-def timestamp_seconds(stamp: timestamp_pb2.Timestamp) -> float:
-    return stamp.seconds + stamp.nanos / 1e9
-
-
 def event_time(event: events_pb2.Event) -> float:
     """Segment's `timestamp` (the event time), else when the collector received it."""
     if event.HasField("timestamp"):
-        return timestamp_seconds(event.timestamp)
-    return timestamp_seconds(event.received_at)
+        return to_seconds(event.timestamp)
+    return to_seconds(event.received_at)
 
 
 def received_time(event: events_pb2.Event) -> float:
-    return timestamp_seconds(event.received_at) if event.HasField("received_at") else event_time(event)
+    return to_seconds(event.received_at) if event.HasField("received_at") else event_time(event)
 
 
 def event_id_of(event: events_pb2.Event) -> str:

@@ -27,8 +27,8 @@ from cdp_kit.bus import OutMessage
 from cdp_kit.bus.subjects import PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
+from cdp_kit.timestamps import from_seconds
 from cdp_profile.domain import ProfileChange
-from cdp_profile.events import seconds_to_timestamp
 from cdp_profile.records import CHECKPOINTS, DELETIONS, TIMELINE, encode_checkpoint, timeline_key, timeline_prefix
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Privacy:
             person_id=person,
             identifier_hashes=hashes,
             suppress=suppress,
-            at=seconds_to_timestamp(now),
+            at=from_seconds(now),
             merged_person_ids=origins[1:],
         )
         ops.append(

@@ -42,6 +42,7 @@ from math import isfinite
 from typing import Any
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from cdp_kit.profile_fields import CONSENT, SCORES, field_key
 from cdp_profile.domain.aggregates import ComputedState, combined_result
 from cdp_profile.domain.change import ProfileChange, ProfileView
 from cdp_profile.domain.computed import MISSING, ComputedTrait, ComputedTraits, EventScope
@@ -279,7 +280,7 @@ class Profile:
         for key, granted in consent.items():
             check_consent_key(key, "consent")
             if type(granted) is not bool:
-                raise InvalidArgument(f"consent.{key}", f"{granted!r} must be true (granted) or false (refused)")
+                raise InvalidArgument(field_key(CONSENT, key), f"{granted!r} must be true (granted) or false (refused)")
         self._check_write(source, at, event_id)
         change = ProfileChange(self.person_id)
         if self._seen(event_id):
@@ -301,7 +302,7 @@ class Profile:
             if not isinstance(name, str) or not name:
                 raise InvalidArgument("scores", f"{name!r} is not a score name: use a non-empty string")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not isfinite(value):
-                raise InvalidArgument(f"scores.{name}", f"{value!r} must be a finite number")
+                raise InvalidArgument(field_key(SCORES, name), f"{value!r} must be a finite number")
         if not isinstance(model, str) or not model:
             raise InvalidArgument("model", f"{model!r} must name the model that produced the scores")
         if not isinstance(version, str):
