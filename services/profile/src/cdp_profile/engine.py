@@ -103,18 +103,20 @@ class ProfileEngine:
         self._failed = False
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
-        self._m_events = meter.create_counter("cdp_profile_events_total", description="events applied, by outcome")
-        self._m_changes = meter.create_counter(
-            "cdp_profile_changes_total", description="profile changes published, by cause"
+        self._m_events = meter.create_counter(
+            "cdp.profile.events", unit="{event}", description="events applied, by outcome"
         )
-        self._m_flush = meter.create_histogram(
-            "cdp_profile_flush_ms",
+        self._m_changes = meter.create_counter(
+            "cdp.profile.changes", unit="{change}", description="profile changes published, by cause"
+        )
+        self._m_commit = meter.create_histogram(
+            "cdp.profile.commit.duration",
             unit="ms",
             description="time to write one group commit",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_freshness = meter.create_histogram(
-            "cdp_profile_freshness_ms",
+            "cdp.profile.freshness",
             unit="ms",
             description="collector acceptance to durable profile change, per batch (its newest event)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
@@ -373,7 +375,7 @@ class ProfileEngine:
             return
         for subject, (seq, _messages) in pending.positions.items():
             self.applied[subject] = max(self.applied.get(subject, 0), seq)
-        self._m_flush.record((time.perf_counter() - started) * 1000)
+        self._m_commit.record((time.perf_counter() - started) * 1000)
         for waiter in pending.waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -1,0 +1,84 @@
+"""What an operator's dashboard reads from profile: its metrics under the OpenTelemetry dotted names
+(`cdp.profile.<thing>`, the unit in the instrument's unit), counting what the engine did."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from cdp.events.v1 import events_pb2
+from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream
+from cdp_kit.storage import open_store
+from cdp_kit.telemetry import Telemetry
+from cdp_profile.domain import Retention
+from cdp_profile.engine import ProfileEngine
+
+T0 = 1_790_000_000.0
+
+
+class Delivery:
+    def __init__(self, batch: events_pb2.ResolvedEventBatch, subject: str, seq: int) -> None:
+        self.data = batch.SerializeToString()
+        self.subject = subject
+        self.stream_seq = seq
+
+    def reject(self, reason: str, detail: str = "") -> None:
+        raise AssertionError(f"rejected: {reason} {detail}")
+
+
+def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
+    event = events_pb2.Event(
+        message_id=message_id, source_id="t", type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed"
+    )
+    event.timestamp.FromNanoseconds(int(T0 * 1e9))
+    event.received_at.FromNanoseconds(int(T0 * 1e9))
+    return events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=[f"user_id:{person}"])
+
+
+@pytest.fixture
+def reader() -> InMemoryMetricReader:
+    return InMemoryMetricReader()
+
+
+def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
+    """{metric name: (unit, data points)}"""
+    out: dict[str, tuple[str, list]] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                out[metric.name] = (metric.unit, list(metric.data.data_points))
+    return out
+
+
+async def test_applied_events_changes_and_commits_are_counted_under_dotted_names(nats_server, reader):
+    provider = MeterProvider(metric_readers=[reader])
+    telemetry = Telemetry(service_name="profile", tracer=None, meter=provider.get_meter("cdp.profile"))
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        engine = ProfileEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            retention=Retention(max_events=100),
+            telemetry=telemetry,
+            clock=lambda: T0 + 0.25,
+        )
+        await engine.start()
+        try:
+            batch = events_pb2.ResolvedEventBatch(events=[order("o1", "p1"), order("o2", "p2"), order("o3", "p1")])
+            await engine.handle([Delivery(batch, "events.resolved.0", 1)])
+        finally:
+            await engine.stop()
+
+    metrics = collected(reader)
+    assert not [name for name in metrics if not name.startswith("cdp.profile.")]
+    unit, (events,) = metrics["cdp.profile.events"]
+    assert unit == "{event}" and events.value == 3 and dict(events.attributes) == {"outcome": "applied"}
+    unit, (changes,) = metrics["cdp.profile.changes"]
+    assert unit == "{change}" and changes.value == 2 and dict(changes.attributes) == {"cause": "event"}
+    unit, (freshness,) = metrics["cdp.profile.freshness"]
+    assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
+    unit, (commit,) = metrics["cdp.profile.commit.duration"]
+    assert unit == "ms" and commit.count >= 1
