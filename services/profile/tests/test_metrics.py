@@ -8,23 +8,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream
+from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, subjects
 from cdp_kit.storage import open_store
 from cdp_kit.telemetry import Telemetry
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
-
-T0 = 1_790_000_000.0
-
-
-class Delivery:
-    def __init__(self, batch: events_pb2.ResolvedEventBatch, subject: str, seq: int) -> None:
-        self.data = batch.SerializeToString()
-        self.subject = subject
-        self.stream_seq = seq
-
-    def reject(self, reason: str, detail: str = "") -> None:
-        raise AssertionError(f"rejected: {reason} {detail}")
+from cdp_testing.fakes import T0, Clock, Delivery
 
 
 def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
@@ -63,12 +52,12 @@ async def test_applied_events_changes_and_commits_are_counted_under_dotted_names
             owned=[0],
             retention=Retention(max_events=100),
             telemetry=telemetry,
-            clock=lambda: T0 + 0.25,
+            clock=Clock(T0 + 0.25),
         )
         await engine.start()
         try:
             batch = events_pb2.ResolvedEventBatch(events=[order("o1", "p1"), order("o2", "p2"), order("o3", "p1")])
-            await engine.handle([Delivery(batch, "events.resolved.0", 1)])
+            await engine.handle([Delivery(batch, subjects.events_resolved(0), 1)])
         finally:
             await engine.stop()
 
