@@ -49,6 +49,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # Partitions that follow the live replicas: identity holds Kubernetes Leases, profile NATS KV ones.
+    "leases": {
+        "set_values": {
+            "components": {
+                "identity": {"replicas": 3, "ownership": "kubernetes"},
+                "profile": {"ownership": "nats"},
+            },
+        },
+    },
     # Every optional object at once, so each is schema-checked at least once.
     "everything": {
         "values_files": [values_file("values-prod.yaml")],
@@ -115,6 +124,11 @@ class Rendered:
     def component_workloads(self) -> list[dict[str, Any]]:
         """Workloads running the cdp image (not the optional in-chart MongoDB)."""
         return [w for w in self.workloads() if w["metadata"]["labels"]["app.kubernetes.io/component"] != "mongodb"]
+
+    def component(self, workload: dict[str, Any]) -> dict[str, Any]:
+        """The top-level values of the component a workload runs (its keys over componentDefaults)."""
+        name = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        return {**self.values["componentDefaults"], **(self.values["components"].get(name) or {})}
 
     @staticmethod
     def describe(o: dict[str, Any]) -> str:

@@ -118,7 +118,9 @@ def test_every_pod_is_hardened(scenario, rendered):
         pod_sc = spec["securityContext"]
         assert pod_sc["runAsNonRoot"] is True, name
         assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", name
-        assert spec["automountServiceAccountToken"] is False, name
+        # Only pods that hold Kubernetes Leases talk to the API server, so only they get a token.
+        leases = rendered[scenario].component(w).get("ownership") == "kubernetes"
+        assert spec["automountServiceAccountToken"] is leases, name
         for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
             assert not spec.get(forbidden), f"{name}: {forbidden}"
         assert not [v for v in spec.get("volumes", []) if "hostPath" in v], name
@@ -528,6 +530,14 @@ BAD_VALUES = {
         {"components": {"profile": {"stateful": True, "autoscaling": {"enabled": True}}}},
         "need a fixed replica count",
     ),
+    "ownership from the list": (
+        {"components": {"identity": {"ownership": "zookeeper"}}},
+        "/components/identity/ownership",
+    ),
+    "leases are for partition owners": (
+        {"components": {"collector": {"ownership": "kubernetes"}}},
+        "ownership=kubernetes needs stateful: true",
+    ),
     "port clash": (
         {"components": {"collector": {"ports": {"http": 50051}}}},
         "ports.http and ports.grpc are both 50051",
@@ -592,6 +602,44 @@ def test_identity_owns_partitions_with_stable_ordinals(rendered):
         assert container["command"] == ["python", "-m", "cdp_identity"]
         env = env_of(container)
         assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env), "identity must know which partitions it owns"
+
+
+def test_lease_ownership_grants_its_pods_the_lease_verbs_and_nothing_else(rendered):
+    r = rendered["leases"]
+    role = r.get("Role", "cdp-identity-leases")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "list", "watch", "create", "update", "delete"],
+        }
+    ]
+    binding = r.get("RoleBinding", "cdp-identity-leases")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": "cdp-identity-leases",
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cdp-identity", "namespace": "cdp"}]
+    assert r.get("ServiceAccount", "cdp-identity")["automountServiceAccountToken"] is True
+    (container,) = r.get("StatefulSet", "cdp-identity")["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert env["CDP_OWNERSHIP"]["value"] == "kubernetes"
+    assert env["CDP_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["CDP_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # NATS leases need no API access: no Role, no token.
+    (container,) = r.get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]["containers"]
+    assert env_of(container)["CDP_OWNERSHIP"]["value"] == "nats"
+    assert "CDP_POD_NAMESPACE" not in env_of(container)
+    assert {Rendered.describe(o) for o in r.of_kind("Role") + r.of_kind("RoleBinding")} == {
+        "Role/cdp-identity-leases",
+        "RoleBinding/cdp-identity-leases",
+    }
+    # Static ownership (the default) renders no RBAC and no ownership variable.
+    default = rendered["default"]
+    assert not default.of_kind("Role") and not default.of_kind("RoleBinding")
+    for w, spec, c in component_containers(default):
+        assert "CDP_OWNERSHIP" not in env_of(c), Rendered.describe(w)
 
 
 def test_identity_keeps_its_graph_on_a_volume_per_pod(rendered):

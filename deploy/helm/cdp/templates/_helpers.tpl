@@ -110,9 +110,14 @@ truncating: two truncated names could collide.
 {{- if and .c.autoscaling.enabled (not .c.stateful) -}}{{ int .c.autoscaling.minReplicas }}{{- else -}}{{ int .c.replicas }}{{- end -}}
 {{- end -}}
 
+{{/* Pods get an API token only when they hold Kubernetes Leases (or values ask for one). */}}
+{{- define "cdp.automountToken" -}}
+{{- or .c.serviceAccount.automountToken (eq .c.ownership "kubernetes") -}}
+{{- end -}}
+
 {{/* Variables the chart owns; components.<name>.env may not set them (duplicates would be ambiguous). */}}
 {{- define "cdp.managedEnv" -}}
-OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS
+OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE
 {{- end -}}
 
 {{/*
@@ -125,6 +130,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- end -}}
 {{- if and $c.ports.health (or (eq (int $c.ports.health) (int $c.ports.grpc)) (eq (int $c.ports.health) (int $c.ports.http)) (eq (int $c.ports.health) (int $c.ports.metrics))) -}}
 {{- fail (printf "component %q: ports.health=%d must differ from the grpc, http and metrics ports" $name (int $c.ports.health)) -}}
+{{- end -}}
+{{- if and (ne $c.ownership "static") (not $c.stateful) -}}
+{{- fail (printf "component %q: ownership=%s needs stateful: true (only components that own partitions hold leases)" $name $c.ownership) -}}
 {{- end -}}
 {{- if and $c.ports.http (eq (int $c.ports.http) (int $c.ports.grpc)) -}}
 {{- fail (printf "component %q: ports.http and ports.grpc are both %d" $name (int $c.ports.grpc)) -}}
@@ -274,6 +282,16 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
       fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
 - name: CDP_REPLICAS
   value: {{ int $c.replicas | quote }}
+{{- if ne $c.ownership "static" }}
+- name: CDP_OWNERSHIP
+  value: {{ $c.ownership | quote }}
+{{- end }}
+{{- if eq $c.ownership "kubernetes" }}
+- name: CDP_POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end }}
 {{- end }}
 {{- range $peer := $c.calls }}
 {{- $raw := get $root.Values.components $peer }}
@@ -343,7 +361,7 @@ metadata:
   {{- end }}
 spec:
   serviceAccountName: {{ $fullname }}
-  automountServiceAccountToken: {{ $c.serviceAccount.automountToken }}
+  automountServiceAccountToken: {{ include "cdp.automountToken" . }}
   enableServiceLinks: false
   terminationGracePeriodSeconds: {{ add (int $c.shutdownGraceSeconds) 5 }}
   securityContext:
