@@ -50,6 +50,7 @@ class Member:
     ownership: LeasedOwnership
     ledger: Ledger
     release_delay: float = 0.0
+    cut: Callable[[], Awaitable[None]] | None = None  # cut the member off from the store (it lives on)
 
     async def on_acquire(self, p: int) -> None:
         self.ledger.begin(self.name, p)
@@ -153,5 +154,39 @@ async def slow_releaser_delays_the_new_owner(make: MakeMember) -> None:
     assert ledger.violations == []
     # The new owner started each handed partition only after the old owner's drain had ended.
     assert all(("replica-0", p) in ledger.released_at for p in handed)
+    a.release_delay = b.release_delay = 0.0
     await asyncio.gather(a.ownership.stop(), b.ownership.stop())
     assert ledger.violations == []
+
+
+async def churn(make: MakeMember) -> None:
+    """Members come and go before the previous hand-off has finished."""
+    ledger = Ledger()
+    a = await make("replica-0", ledger, 0.1)
+    b, c = await make("replica-1", ledger, 0.1), await make("replica-2", ledger, 0.1)
+    await asyncio.sleep(TTL / 3)
+    await b.ownership.stop()  # leaves mid-hand-off
+    d = await make("replica-3", ledger, 0.1)
+    await asyncio.sleep(TTL / 3)
+    c.kill()  # crashes holding whatever it had taken by then
+    final = await settled([a, d], ledger, timeout=20)
+    assert set(final.values()) == {"replica-0", "replica-3"}
+    assert ledger.violations == []
+    await asyncio.gather(a.ownership.stop(), d.ownership.stop())
+    assert ledger.violations == []
+
+
+async def member_cut_off_from_the_store_stops_before_others_take_over(make: MakeMember) -> None:
+    ledger = Ledger()
+    a, b = await make("replica-0", ledger, 0.0), await make("replica-1", ledger, 0.0)
+    before = await settled([a, b], ledger)
+    assert b.cut is not None
+    await b.cut()  # b keeps running but can no longer renew: it must stop on its own
+    after = await settled([a], ledger, timeout=20)
+    assert set(after.values()) == {"replica-0"}
+    assert b.ownership.owned() == frozenset()
+    # b released each partition it had (fenced) before a started it: never two at once.
+    assert all(("replica-1", p) in ledger.released_at for p, owner in before.items() if owner == "replica-1")
+    assert ledger.violations == []
+    b.kill()
+    await a.ownership.stop()

@@ -18,7 +18,9 @@ from ownership_scenarios import (
     TTL,
     Ledger,
     Member,
+    churn,
     killed_member_loses_partitions_after_ttl,
+    member_cut_off_from_the_store_stops_before_others_take_over,
     scale_one_three_two,
     slow_releaser_delays_the_new_owner,
 )
@@ -123,7 +125,7 @@ async def make(api_server):
             ownership = await kubernetes_lease_ownership(
                 api_client, namespace="cdp", group="identity", partitions=PARTITIONS, identity=name, ttl=TTL
             )
-            return await Member(name, ownership, ledger, release_delay).start()
+            return await Member(name, ownership, ledger, release_delay, cut=api_client.close).start()
 
         yield make_member
 
@@ -142,6 +144,14 @@ async def test_a_crashed_member_loses_its_partitions_after_the_ttl(make):
 
 async def test_a_slow_releaser_delays_the_new_owner_instead_of_overlapping(make):
     await slow_releaser_delays_the_new_owner(make)
+
+
+async def test_members_coming_and_going_mid_hand_off_never_overlap(make):
+    await churn(make)
+
+
+async def test_a_member_cut_off_from_the_store_stops_working_before_its_partitions_move(make):
+    await member_cut_off_from_the_store_stops_before_others_take_over(make)
 
 
 async def test_a_lease_is_an_ordinary_lease_object_and_writes_compare_and_set(api_server):

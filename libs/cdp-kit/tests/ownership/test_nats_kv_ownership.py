@@ -3,6 +3,7 @@ nats-server (a crash closes it)."""
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import AsyncExitStack
 
 import nats
@@ -12,7 +13,9 @@ from ownership_scenarios import (
     TTL,
     Ledger,
     Member,
+    churn,
     killed_member_loses_partitions_after_ttl,
+    member_cut_off_from_the_store_stops_before_others_take_over,
     scale_one_three_two,
     slow_releaser_delays_the_new_owner,
 )
@@ -32,7 +35,7 @@ async def make(nats_server):
             ownership = await nats_kv_ownership(
                 nc.jetstream(), group="identity", partitions=PARTITIONS, identity=name, ttl=TTL
             )
-            member = Member(name, ownership, ledger, release_delay)
+            member = Member(name, ownership, ledger, release_delay, cut=nc.close)
             return await member.start()
 
         yield make_member
@@ -50,13 +53,26 @@ async def test_a_slow_releaser_delays_the_new_owner_instead_of_overlapping(make)
     await slow_releaser_delays_the_new_owner(make)
 
 
+async def test_members_coming_and_going_mid_hand_off_never_overlap(make):
+    await churn(make)
+
+
+async def test_a_member_cut_off_from_the_store_stops_working_before_its_partitions_move(make):
+    await member_cut_off_from_the_store_stops_before_others_take_over(make)
+
+
 async def test_groups_share_a_bucket_without_sharing_partitions(nats_client):
     js = nats_client.jetstream()
     identity = await nats_kv_ownership(js, group="identity", partitions=4, identity="pod-0", ttl=TTL)
     profile = await nats_kv_ownership(js, group="profile", partitions=4, identity="pod-0", ttl=TTL)
+    changes = identity.changes()
+    seen = asyncio.ensure_future(anext(changes))
+    await asyncio.sleep(0)
     await identity.start()
     await profile.start()
     assert identity.owned() == profile.owned() == frozenset(range(4))
+    assert await seen == {0}  # each acquisition is announced as it happens
+    await changes.aclose()
     await identity.stop()
     await profile.stop()
     assert identity.owned() == profile.owned() == frozenset()
