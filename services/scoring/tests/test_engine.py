@@ -12,37 +12,22 @@ import pytest
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus import Bus, profiles_stream, scores_stream
+from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.storage import open_store
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
 from cdp_scoring.engine import CHANGED_AT, FIELDS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
+from cdp_testing.fakes import T0, Clock, Delivery
 from cdp_testing.onnx_models import expected, logistic_model
 
-T0 = 1_790_000_000.0
 W = [0.5, -0.25]
 
 
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Delivery:
-    def __init__(
-        self, changes: list[profile_pb2.ProfileChanged], seq: int, subject: str = "profiles.changed.0", delivered=1
-    ):
-        self.data = profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
-        self.subject = subject
-        self.stream_seq = seq
-        self.num_delivered = delivered
-
-    def reject(self, reason: str, detail: str = "") -> None:
-        raise AssertionError(f"rejected: {reason} {detail}")
+def changed(changes: list[profile_pb2.ProfileChanged], seq: int, delivered: int = 1) -> Delivery:
+    """One `profiles.changed.0` message as the consumer hands it to the engine."""
+    batch = profile_pb2.ProfileChangedBatch(changes=changes)
+    return Delivery(batch, subjects.profiles_changed(0), seq, delivered=delivered)
 
 
 def change(person: str, *, orders=None, sessions=None, email=None, removed=False, at=T0, events=()):
@@ -129,7 +114,7 @@ async def published(nats_url: str) -> list[Update]:
 async def test_a_change_to_a_model_input_publishes_the_exact_score(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([Delivery([change("p1", orders=2, sessions=4, events=["web:e1"])], 1)])
+    await engine.handle([changed([change("p1", orders=2, sessions=4, events=["web:e1"])], 1)])
     [update] = await published(nats_server.url)
     assert (update.person_id, update.model, update.version) == ("p1", "churn_risk", "1.0.0")
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [2, 4]), abs=1e-6)
@@ -139,7 +124,7 @@ async def test_a_change_to_a_model_input_publishes_the_exact_score(setup, nats_s
 async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([Delivery([change("p1", email="a@example.com")], 1)])
+    await engine.handle([changed([change("p1", email="a@example.com")], 1)])
     assert await published(nats_server.url) == []
     assert engine.fields["p1"] == {"traits.email": "a@example.com", CHANGED_AT: T0}
 
@@ -147,7 +132,7 @@ async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
 async def test_a_burst_for_one_person_is_scored_once_on_its_final_fields(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    burst = [Delivery([change("p1", orders=i, sessions=1)], seq) for seq, i in enumerate(range(1, 6), start=1)]
+    burst = [changed([change("p1", orders=i, sessions=1)], seq) for seq, i in enumerate(range(1, 6), start=1)]
     await engine.handle(burst)
     [update] = await published(nats_server.url)
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [5, 1]), abs=1e-6)
@@ -156,10 +141,10 @@ async def test_a_burst_for_one_person_is_scored_once_on_its_final_fields(setup, 
 async def test_a_change_redelivered_after_newer_ones_does_not_take_the_fields_back(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([Delivery([change("p1", orders=1, at=T0)], 1)])
-    await engine.handle([Delivery([change("p1", orders=2, at=T0 + 1)], 2)])
+    await engine.handle([changed([change("p1", orders=1, at=T0)], 1)])
+    await engine.handle([changed([change("p1", orders=2, at=T0 + 1)], 2)])
     # Message 1 again (its acknowledgement was lost before newer ones were handled): not applied again.
-    await engine.handle([Delivery([change("p1", orders=1, at=T0)], 1, delivered=2)])
+    await engine.handle([changed([change("p1", orders=1, at=T0)], 1, delivered=2)])
     assert engine.fields["p1"]["computed.orders_90d"] == 2
     last = (await published(nats_server.url))[-1]
     assert last.at == pytest.approx(T0 + 1)
@@ -169,11 +154,11 @@ async def test_a_change_redelivered_after_newer_ones_does_not_take_the_fields_ba
 async def test_a_redelivered_batch_is_scored_again_and_deduplicated(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    batch = [Delivery([change("p1", orders=1)], 1), Delivery([change("p2", orders=3)], 2)]
+    batch = [changed([change("p1", orders=1)], 1), changed([change("p2", orders=3)], 2)]
     await engine.handle(batch)
     # Redelivered (the acknowledgement was lost): the fields did not change, but a redelivery re-scores in
     # case the first attempt's scores were never stored; JetStream keeps one copy of the same message.
-    again = [Delivery([change("p1", orders=1)], 1, delivered=2), Delivery([change("p2", orders=3)], 2, delivered=2)]
+    again = [changed([change("p1", orders=1)], 1, delivered=2), changed([change("p2", orders=3)], 2, delivered=2)]
     await engine.handle(again)
     assert sorted(u.person_id for u in await published(nats_server.url)) == ["p1", "p2"]
 
@@ -182,7 +167,7 @@ async def test_shadow_versions_are_compared_never_published(setup, nats_server):
     engine, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.deploy(logistic_model(version="2.0.0", weights=[0.5, 0.0]), role=SHADOW)
-    await engine.handle([Delivery([change("p1", orders=1, sessions=2)], 1)])
+    await engine.handle([changed([change("p1", orders=1, sessions=2)], 1)])
     updates = await published(nats_server.url)
     assert [(u.model, u.version) for u in updates] == [("churn_risk", "1.0.0")]
     stats = engine.stats[("churn_risk", "2.0.0")]
@@ -195,7 +180,7 @@ async def test_a_canary_scores_its_share_of_persons_in_place_of_live(setup, nats
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.deploy(logistic_model(version="2.0.0", weights=[1.0, 1.0]), role=CANARY, canary_percent=30)
     persons = [f"p{i}" for i in range(200)]
-    await engine.handle([Delivery([change(p, orders=1, sessions=1) for p in persons], 1)])
+    await engine.handle([changed([change(p, orders=1, sessions=1) for p in persons], 1)])
     updates = {u.person_id: u for u in await published(nats_server.url)}
     assert len(updates) == 200
     for person, update in updates.items():
@@ -211,19 +196,19 @@ async def test_promote_and_rollback_switch_what_is_published(setup, nats_server)
     await engine.deploy(logistic_model(version="2.0.0", weights=[1.0, 1.0]), role=None)
     assert engine.registry.get("churn_risk").versions["2.0.0"].role != LIVE
     await engine.promote("churn_risk", "2.0.0")
-    await engine.handle([Delivery([change("p1", orders=1, sessions=1)], 1)])
+    await engine.handle([changed([change("p1", orders=1, sessions=1)], 1)])
     await engine.rollback("churn_risk")
-    await engine.handle([Delivery([change("p1", orders=2)], 2)])
+    await engine.handle([changed([change("p1", orders=2)], 2)])
     assert [u.version for u in await published(nats_server.url)] == ["2.0.0", "1.0.0"]
 
 
 async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(setup, tmp_path):
     engine, store, bus, clock, _defined = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([Delivery([change("p1", orders=2, sessions=4)], 1)])
+    await engine.handle([changed([change("p1", orders=2, sessions=4)], 1)])
     await engine.snapshot()
-    await engine.handle([Delivery([change("p1", orders=5), change("p2", orders=1)], 2)])
-    await engine.handle([Delivery([change("p2", removed=True)], 3)])
+    await engine.handle([changed([change("p1", orders=5), change("p2", orders=1)], 2)])
+    await engine.handle([changed([change("p2", removed=True)], 3)])
     engine._tasks.clear()  # a crash: no final snapshot
     again = await make_engine(store, bus, tmp_path, clock)
     try:
@@ -285,9 +270,9 @@ async def test_a_failed_publish_is_retried_with_the_scores_computed_again(nats_s
             await engine.deploy(logistic_model(weights=W), role=None)
             publisher.fail_next = True
             with pytest.raises(Unavailable):
-                await engine.handle([Delivery([change("p1", orders=3, sessions=1)], 1)])
+                await engine.handle([changed([change("p1", orders=3, sessions=1)], 1)])
             # JetStream redelivers: the fields are already applied, the redelivery still scores them.
-            await engine.handle([Delivery([change("p1", orders=3, sessions=1)], 1, delivered=2)])
+            await engine.handle([changed([change("p1", orders=3, sessions=1)], 1, delivered=2)])
             updates = await published(nats_server.url)
             assert [u.person_id for u in updates] == ["p1"]
             assert updates[0].scores["churn_risk"] == pytest.approx(expected(W, [3, 1]), abs=1e-6)
@@ -298,10 +283,10 @@ async def test_a_failed_publish_is_retried_with_the_scores_computed_again(nats_s
 async def test_a_removed_person_is_forgotten(setup, nats_server):
     engine, store, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([Delivery([change("p1", orders=1)], 1)])
+    await engine.handle([changed([change("p1", orders=1)], 1)])
     await engine.snapshot()
     assert await store.get(FIELDS, "p1") is not None
-    await engine.handle([Delivery([change("p1", removed=True)], 2)])
+    await engine.handle([changed([change("p1", removed=True)], 2)])
     assert "p1" not in engine.fields
     await engine.snapshot()
     assert await store.get(FIELDS, "p1") is None

@@ -26,7 +26,7 @@ from grpc_status import rpc_status
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.errors import InvalidArgument, ResourceExhausted
 from cdp_kit.service import ServiceRuntime, serving
 from cdp_kit.storage import open_store
@@ -35,6 +35,7 @@ from cdp_segmentation.domain import from_json, parse, to_json
 from cdp_segmentation.domain.nodes import MAX_DEPTH
 from cdp_segmentation.engine import SEGMENTS, SegmentationEngine
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.fakes import Delivery
 
 pb = segmentation_pb2
 LIVE = pb.SEGMENT_STATE_LIVE
@@ -73,17 +74,9 @@ class Profile:
             await self.gate.wait()
 
 
-class Delivery:
+def changed(changes: list[profile_pb2.ProfileChanged], seq: int) -> Delivery:
     """One `profiles.changed.0` message as the consumer hands it to the engine."""
-
-    def __init__(self, changes: list[profile_pb2.ProfileChanged], seq: int) -> None:
-        self.data = profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
-        self.subject = "profiles.changed.0"
-        self.stream_seq = seq
-        self.num_delivered = 1
-
-    def reject(self, reason: str, detail: str = "") -> None:
-        raise AssertionError(f"rejected: {reason} {detail}")
+    return Delivery(profile_pb2.ProfileChangedBatch(changes=changes), subjects.profiles_changed(0), seq)
 
 
 def change(person: str, *, traits=None, computed=None, scores=None) -> profile_pb2.ProfileChanged:
@@ -109,7 +102,7 @@ class Service:
 
     async def feed(self, *changes: profile_pb2.ProfileChanged) -> None:
         self.seq += 1
-        await self.engine.handle([Delivery(list(changes), self.seq)])
+        await self.engine.handle([changed(list(changes), self.seq)])
 
     async def create(self, segment_id: str, text: str, **kw) -> pb.Segment:
         request = pb.CreateSegmentRequest(id=segment_id, definition=pb.Definition(text=text), wait=True, **kw)

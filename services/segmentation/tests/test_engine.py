@@ -11,32 +11,18 @@ import pytest
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cdp_kit.storage import open_store
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import LIVE, SEGMENTS, SegmentationEngine
-
-T0 = 1_790_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from cdp_testing.fakes import T0, Clock, Delivery
 
 
-class Delivery:
-    def __init__(self, changes: list[profile_pb2.ProfileChanged], seq: int, partition: int = 0, delivered=1):
-        self.data = profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
-        self.subject = f"profiles.changed.{partition}"
-        self.stream_seq = seq
-        self.num_delivered = delivered
-
-    def reject(self, reason: str, detail: str = "") -> None:
-        raise AssertionError(f"rejected: {reason} {detail}")
+def changed(changes: list[profile_pb2.ProfileChanged], seq: int, delivered: int = 1) -> Delivery:
+    """One `profiles.changed.0` message as the consumer hands it to the engine."""
+    batch = profile_pb2.ProfileChangedBatch(changes=changes)
+    return Delivery(batch, subjects.profiles_changed(0), seq, delivered=delivered)
 
 
 def change(person: str, *, at=T0, cause="event", removed=False, traits=None, computed=None, scores=None):
@@ -145,8 +131,8 @@ async def create(engine, segment_id: str, text: str):
 async def test_a_change_that_meets_a_definition_enters_and_one_that_breaks_it_exits(setup, nats_server):
     engine, *_ = setup
     await create(engine, "pro", 'traits.plan = "pro"')
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}, at=T0 + 1)], 1)])
-    await engine.handle([Delivery([change("p1", traits={"plan": "free"}, at=T0 + 2, cause="api")], 2)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"}, at=T0 + 1)], 1)])
+    await engine.handle([changed([change("p1", traits={"plan": "free"}, at=T0 + 2, cause="api")], 2)])
     events = await published(nats_server.url)
     assert moves(events) == [("p1", "pro", "enter", "event"), ("p1", "pro", "exit", "api")]
     assert [e.at for e in events] == [pytest.approx(T0 + 1), pytest.approx(T0 + 2)]
@@ -157,7 +143,7 @@ async def test_only_segments_reading_a_changed_field_are_evaluated(setup):
     engine, *_ = setup
     for i in range(10):
         await create(engine, f"s{i}", f"scores.s{i} > 0.5")
-    await engine.handle([Delivery([change("p1", scores={f"s{i}": 0.1 for i in range(10)})], 1)])
+    await engine.handle([changed([change("p1", scores={f"s{i}": 0.1 for i in range(10)})], 1)])
     evaluated = []
     for segment in engine.segments.values():
         original = segment.compiled.predicate
@@ -167,7 +153,7 @@ async def test_only_segments_reading_a_changed_field_are_evaluated(setup):
             return _original(record, members, now)
 
         segment.predicate = spy
-    await engine.handle([Delivery([change("p1", scores={"s3": 0.9})], 2)])
+    await engine.handle([changed([change("p1", scores={"s3": 0.9})], 2)])
     assert evaluated == ["s3"]
     assert set(engine.membership("p1")) == {"s3"}
 
@@ -175,18 +161,18 @@ async def test_only_segments_reading_a_changed_field_are_evaluated(setup):
 async def test_a_new_segment_is_evaluated_over_the_population_then_kept_current(setup, nats_server):
     engine, *_ = setup
     changes = [change(f"p{i}", scores={"churn": i / 10}) for i in range(10)]
-    await engine.handle([Delivery(changes, 1)])
+    await engine.handle([changed(changes, 1)])
     segment = await create(engine, "churny", "scores.churn >= 0.7")
     assert (segment.state, segment.done, segment.total) == (LIVE, 10, 10)
     assert sorted(engine.members["churny"]) == ["p7", "p8", "p9"]
     assert moves(await published(nats_server.url)) == [(f"p{i}", "churny", "enter", "created") for i in (7, 8, 9)]
-    await engine.handle([Delivery([change("p1", scores={"churn": 0.95})], 2)])
+    await engine.handle([changed([change("p1", scores={"churn": 0.95})], 2)])
     assert "churny" in engine.membership("p1")
 
 
 async def test_an_update_publishes_the_membership_difference(setup, nats_server):
     engine, *_ = setup
-    await engine.handle([Delivery([change(f"p{i}", scores={"churn": i / 10}) for i in range(10)], 1)])
+    await engine.handle([changed([change(f"p{i}", scores={"churn": i / 10}) for i in range(10)], 1)])
     await create(engine, "churny", "scores.churn >= 0.7")
     segment = await engine.update("churny", parse("scores.churn >= 0.5 and scores.churn < 0.8"))
     segment = await engine.wait_live("churny")
@@ -204,7 +190,7 @@ async def test_an_update_publishes_the_membership_difference(setup, nats_server)
 
 async def test_delete_exits_every_member_and_is_refused_while_referred_to(setup, nats_server):
     engine, *_ = setup
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "pro"})], 1)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "pro"})], 1)])
     await create(engine, "pro", 'traits.plan = "pro"')
     await create(engine, "pro_de", 'in_segment("pro") and traits.country = "DE"')
     with pytest.raises(FailedPrecondition, match="pro_de"):
@@ -224,9 +210,9 @@ async def test_segments_referring_to_a_segment_follow_it_in_the_same_change(setu
     await create(engine, "pro", 'traits.plan = "pro"')
     await create(engine, "pro_de", 'in_segment("pro") and traits.country = "DE"')
     await create(engine, "not_pro_de", 'not in_segment("pro_de")')
-    await engine.handle([Delivery([change("p1", traits={"country": "DE"})], 1)])
+    await engine.handle([changed([change("p1", traits={"country": "DE"})], 1)])
     assert set(engine.membership("p1")) == {"not_pro_de"}
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"}, at=T0 + 5)], 2)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"}, at=T0 + 5)], 2)])
     assert set(engine.membership("p1")) == {"pro", "pro_de"}
     last = moves(await published(nats_server.url))[-3:]
     assert sorted(last) == [
@@ -250,7 +236,7 @@ async def test_cycles_and_unknown_references_are_refused(setup):
 async def test_time_passing_enters_and_exits_at_the_instant_the_condition_flips(setup, nats_server):
     engine, _store, _bus, clock, _ = setup
     await create(engine, "recent", "traits.last_seen_at > now - 14d")
-    await engine.handle([Delivery([change("p1", traits={"last_seen_at": T0 - 86_400})], 1)])
+    await engine.handle([changed([change("p1", traits={"last_seen_at": T0 - 86_400})], 1)])
     assert "recent" in engine.membership("p1")
     clock.now = T0 + 12 * 86_400
     assert await engine.fire_timers() == 0
@@ -265,8 +251,8 @@ async def test_time_passing_enters_and_exits_at_the_instant_the_condition_flips(
 async def test_a_removed_profile_leaves_every_segment(setup, nats_server):
     engine, *_ = setup
     await create(engine, "pro", 'traits.plan = "pro"')
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1)])
-    await engine.handle([Delivery([change("p1", removed=True, cause="merge", at=T0 + 3)], 2)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"})], 1)])
+    await engine.handle([changed([change("p1", removed=True, cause="merge", at=T0 + 3)], 2)])
     assert moves(await published(nats_server.url))[-1] == ("p1", "pro", "exit", "removed")
     assert "p1" not in engine.persons
 
@@ -281,8 +267,8 @@ async def test_event_conditions_are_defined_on_the_profile_service_and_read_as_c
     assert definition["event_names"] == ["Order Completed"]
     assert definition["where"] == {"total": {"$gt": 50}}
     assert segment.compiled.fields == {f"computed.{definition['name']}"}
-    await engine.handle([Delivery([change("p1", computed={definition["name"]: 3})], 1)])
-    await engine.handle([Delivery([change("p1", computed={definition["name"]: 2}, cause="expiry")], 2)])
+    await engine.handle([changed([change("p1", computed={definition["name"]: 3})], 1)])
+    await engine.handle([changed([change("p1", computed={definition["name"]: 2}, cause="expiry")], 2)])
     assert moves(await published(nats_server.url)) == [
         ("p1", "buyers", "enter", "event"),
         ("p1", "buyers", "exit", "expiry"),
@@ -291,7 +277,7 @@ async def test_event_conditions_are_defined_on_the_profile_service_and_read_as_c
 
 async def test_estimate_counts_without_creating(setup):
     engine, *_ = setup
-    await engine.handle([Delivery([change(f"p{i}", scores={"clv": float(i)}) for i in range(100)], 1)])
+    await engine.handle([changed([change(f"p{i}", scores={"clv": float(i)}) for i in range(100)], 1)])
     estimate = await engine.estimate(parse("scores.clv >= 90"))
     assert (estimate.size, estimate.population) == (10, 100)
     assert estimate.sample == [f"p{i}" for i in range(90, 100)]
@@ -300,7 +286,7 @@ async def test_estimate_counts_without_creating(setup):
 
 async def test_list_members_pages_in_person_order(setup):
     engine, *_ = setup
-    await engine.handle([Delivery([change(f"p{i:03d}", scores={"clv": 1.0}) for i in range(25)], 1)])
+    await engine.handle([changed([change(f"p{i:03d}", scores={"clv": 1.0}) for i in range(25)], 1)])
     await create(engine, "all", "scores.clv > 0")
     seen, after = [], ""
     while True:
@@ -317,7 +303,7 @@ async def test_a_restart_keeps_memberships_and_publishes_nothing_twice(setup, na
     engine, store, bus, clock, profile = setup
     await create(engine, "pro", 'traits.plan = "pro"')
     await create(engine, "soon", "traits.trial_ends_at < now")
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro", "trial_ends_at": T0 + 60})], 1)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro", "trial_ends_at": T0 + 60})], 1)])
     await engine.snapshot()
     # After the snapshot: p2 enters and p1 leaves; then the process dies before the next snapshot.
     after = [
@@ -325,7 +311,7 @@ async def test_a_restart_keeps_memberships_and_publishes_nothing_twice(setup, na
         (2, change("p1", traits={"plan": "free"}, at=T0 + 2)),
     ]
     for seq, c in after:
-        await engine.handle([Delivery([c], seq + 1)])
+        await engine.handle([changed([c], seq + 1)])
     before = await published(nats_server.url)
     for task in engine._tasks:  # stopped without a final snapshot: as if killed
         task.cancel()
@@ -366,16 +352,16 @@ async def test_a_failed_publish_is_published_by_the_retry(setup, nats_server, mo
         return await real(messages, **kw)
 
     monkeypatch.setattr(engine.publisher, "publish_batch", flaky)
-    delivery = Delivery([change("p1", traits={"plan": "pro"})], 1)
+    delivery = changed([change("p1", traits={"plan": "pro"})], 1)
     with pytest.raises(ConnectionError):
         await engine.handle([delivery])
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1, delivered=2)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"})], 1, delivered=2)])
     assert moves(await published(nats_server.url)) == [("p1", "pro", "enter", "event")]
 
 
 async def test_a_build_waits_for_the_segments_it_refers_to(setup):
     engine, *_ = setup
-    await engine.handle([Delivery([change("p1", traits={"plan": "pro"})], 1)])
+    await engine.handle([changed([change("p1", traits={"plan": "pro"})], 1)])
     first = await engine.create("pro", parse('traits.plan = "pro"'))
     second = await engine.create("pro2", parse('in_segment("pro")'))
     await asyncio.gather(engine.wait_live(first.id), engine.wait_live(second.id))
@@ -407,7 +393,7 @@ async def test_threshold_segments_skipped_by_range_keep_exact_memberships(setup)
             message.computed[order_count.removeprefix("computed.")].number_value = rng.randrange(4)
         else:
             message.scores["x"] = value
-        await engine.handle([Delivery([message], seq)])
+        await engine.handle([changed([message], seq)])
         fields = engine.persons[person].fields
         want: set[str] = set()
         for segment_id in texts:  # dependencies after what they refer to
@@ -447,14 +433,14 @@ async def test_standby_replicas_repeat_each_others_lifecycle_and_publish_each_tr
             engines.append(engine)
         a, b = engines
         try:
-            changes = [Delivery([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "free"})], 1)]
+            changes = [changed([change("p1", traits={"plan": "pro"}), change("p2", traits={"plan": "free"})], 1)]
             for engine in engines:
                 await engine.handle(changes)
             await a.create("pro", parse('traits.plan = "pro"'))
             await a.wait_live("pro")
             await b.wait_live("pro")
             for engine in engines:
-                await engine.handle([Delivery([change("p2", traits={"plan": "pro"}, at=T0 + 1)], 2)])
+                await engine.handle([changed([change("p2", traits={"plan": "pro"}, at=T0 + 1)], 2)])
             assert set(a.members["pro"]) == set(b.members["pro"]) == {"p1", "p2"}
             await b.delete("pro")
             assert "pro" not in a.segments and a.membership("p1") == {}
