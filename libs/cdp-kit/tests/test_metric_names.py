@@ -16,13 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 REPO = Path(__file__).resolve().parents[3]
 
-# Services still being changed by their owners to the convention (identity's `cdp_identity_events_total`,
-# scoring's `cdp_scoring_inference_ms`, ...). Each owner removes their entry when done.
-PENDING_RENAME = (
-    "services/identity/",
-    "services/scoring/",
-    "services/segmentation/",
-)
+# Services still being changed by their owners to the convention (identity's `cdp_identity_events_total`).
+# Each owner removes their entry when done.
+PENDING_RENAME = ("services/identity/",)
 
 #: OpenTelemetry semantic-convention instruments keep their standard names.
 SEMANTIC_CONVENTIONS = {"rpc.server.duration"}

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, INACTIVE, LIVE, SHADOW, ModelEntry, Version
 from cdp_scoring.engine import ScoreResult, ScoringEngine
 
@@ -73,8 +74,7 @@ def model_message(engine: ScoringEngine, entry: ModelEntry) -> scoring_pb2.Model
             rows_scored=stats.rows if stats else 0,
             mean_abs_diff_to_live=stats.mean_abs_diff if stats else 0.0,
         )
-        item.deployed_at.seconds = int(version.deployed_at)
-        item.deployed_at.nanos = int((version.deployed_at % 1) * 1e9)
+        set_seconds(item.deployed_at, version.deployed_at)
     return message
 
 

@@ -40,6 +40,7 @@ from cdp_kit.held import Codec, HeldFields, ProfileSource, apply_updates
 from cdp_kit.profile_fields import change_fields
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
+from cdp_kit.timestamps import to_seconds
 from cdp_scoring.deployments import MODELS, Deployments
 from cdp_scoring.domain.registry import ModelEntry, Registry
 from cdp_scoring.modelstore import ModelStore
@@ -117,24 +118,27 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
-        self._m_rows = meter.create_counter("cdp_scoring_rows_total", description="rows scored, by model and role")
+        self._m_rows = meter.create_counter(
+            "cdp.scoring.rows", unit="{row}", description="rows scored, by model, version and role"
+        )
         self._m_published = meter.create_counter(
-            "cdp_scoring_scores_published_total", description="score updates published, by model"
+            "cdp.scoring.scores.published", unit="{score}", description="score updates published, by model"
         )
         self._m_inference = meter.create_histogram(
-            "cdp_scoring_inference_ms",
+            "cdp.scoring.inference.duration",
             unit="ms",
             description="time to score one model's rows of a round (waiting for its batched onnxruntime call included)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_freshness = meter.create_histogram(
-            "cdp_scoring_freshness_ms",
+            "cdp.scoring.freshness",
             unit="ms",
             description="profile change to published scores, per batch (its oldest change)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_shadow = meter.create_histogram(
-            "cdp_scoring_shadow_abs_diff",
+            "cdp.scoring.shadow.abs_diff",
+            unit="1",  # a score's own scale: a probability, or a CLV in currency units
             description="absolute difference between a shadow or canary version's score and live's",
             explicit_bucket_boundaries_advisory=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 10, 100),
         )
@@ -214,7 +218,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
                 person = change.person_id
                 if not person:
                     continue
-                at = change.at.seconds + change.at.nanos / 1e9
+                at = to_seconds(change.at)
                 if at < oldest:
                     oldest = at
                 paths = self._apply_change(change, at)
@@ -249,7 +253,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
             self.held.remove(person)
             return set()
         updates = change_fields(change)
-        updates[CHANGED_AT] = change.at.seconds + change.at.nanos / 1e9 if at is None else at
+        updates[CHANGED_AT] = to_seconds(change.at) if at is None else at
         return self._apply(person, updates)
 
     def _apply(self, person: str, updates: Mapping[str, Any]) -> set[str]:

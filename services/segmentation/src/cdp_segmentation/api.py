@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, Segment, check_segment_id
 from cdp_segmentation.domain import Node, from_json, parse, to_json, to_text
 from cdp_segmentation.engine import SegmentationEngine
@@ -94,11 +95,6 @@ def whole_numbers(value: Any) -> Any:
     return value
 
 
-def _timestamp(message, seconds: float) -> None:
-    message.seconds = int(seconds)
-    message.nanos = int((seconds % 1) * 1e9)
-
-
 def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentation_pb2.Segment:
     compiled = segment.definition
     message = segmentation_pb2.Segment(
@@ -128,10 +124,10 @@ def segment_message(engine: SegmentationEngine, segment: Segment) -> segmentatio
             f"segment {segment.id!r} has a stored definition nested too deeply to be sent; delete it",
             reason="unreadable_definition",
         ) from None
-    _timestamp(message.created_at, segment.created_at)
-    _timestamp(message.updated_at, segment.updated_at)
+    set_seconds(message.created_at, segment.created_at)
+    set_seconds(message.updated_at, segment.updated_at)
     if segment.live_at:
-        _timestamp(message.live_at, segment.live_at)
+        set_seconds(message.live_at, segment.live_at)
     return message
 
 
@@ -238,7 +234,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         )
         response = segmentation_pb2.ListMembersResponse(total=total)
         for person_id, since in members:
-            _timestamp(response.members.add(person_id=person_id).since, since)
+            set_seconds(response.members.add(person_id=person_id).since, since)
         if more and members:
             response.next_page_token = base64.urlsafe_b64encode(members[-1][0].encode()).decode()
         return response
@@ -250,7 +246,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
             raise InvalidArgument("person_id", "is required")
         response = segmentation_pb2.GetMembershipResponse(person_id=request.person_id)
         for segment_id, since in sorted(self.engine.membership(request.person_id).items()):
-            _timestamp(response.segments.add(segment_id=segment_id).since, since)
+            set_seconds(response.segments.add(segment_id=segment_id).since, since)
         return response
 
 

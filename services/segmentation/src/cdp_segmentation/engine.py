@@ -46,6 +46,7 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.held import Codec, HeldFields, ProfileSource
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
+from cdp_kit.timestamps import set_ns
 
 # Re-exported (`X as X`): callers and tests know these by the engine's name.
 from cdp_segmentation.builds import Builds
@@ -143,33 +144,40 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
         self._m_transitions = meter.create_counter(
-            "cdp_segmentation_transitions_total", description="membership transitions published, by direction"
+            "cdp.segmentation.transitions",
+            unit="{transition}",
+            description="membership transitions published, by direction",
         )
         self.evaluations = 0
         meter.create_observable_counter(
-            "cdp_segmentation_evaluations_total",
+            "cdp.segmentation.evaluations",
             callbacks=[lambda _options: [Observation(self.evaluations)]],
+            unit="{evaluation}",
             description="per-profile segment evaluations",
         )
         self._m_freshness = meter.create_histogram(
-            "cdp_segmentation_freshness_ms",
+            "cdp.segmentation.freshness",
             unit="ms",
             description="profile change to published transitions, per batch (its oldest change)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_population = meter.create_histogram(
-            "cdp_segmentation_population_ms",
+            "cdp.segmentation.population.duration",
             unit="ms",
             description="whole-population evaluation of one definition",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         meter.create_observable_gauge(
-            "cdp_segmentation_members",
+            "cdp.segmentation.members",
             callbacks=[self._observe_members],
+            unit="{person}",
             description="members per live segment",
         )
         meter.create_observable_gauge(
-            "cdp_segmentation_timers", callbacks=[self._observe_timers], description="persons with a timer pending"
+            "cdp.segmentation.timers",
+            callbacks=[self._observe_timers],
+            unit="{person}",
+            description="persons with a timer pending",
         )
 
     def _observe_members(self, _options):
@@ -358,10 +366,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             event.reason = t.reason
             event.segment_version = t.version
             # Rounded to the microsecond the profile change had (a float of epoch seconds holds about that).
-            seconds, micros = divmod(round(t.at * 1e6), 1_000_000)
-            stamp = event.at
-            stamp.seconds = seconds
-            stamp.nanos = micros * 1000
+            set_ns(event.at, round(t.at * 1e6) * 1000)
         return OutMessage(
             subject=subjects.segments_entered(partition) if entered else subjects.segments_exited(partition),
             payload=batch.SerializeToString(),

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.held import apply_updates
 from cdp_kit.profile_fields import change_fields
+from cdp_kit.timestamps import to_seconds
 
 if TYPE_CHECKING:
     from cdp_segmentation.catalogue import Segment
@@ -193,7 +194,7 @@ class Evaluation:
             if person is not None and seq <= person.seq and person_id not in applying:
                 continue  # this person's state already includes the message (snapshotted after it)
             applying.add(person_id)
-            at = change.at.seconds + change.at.nanos / 1e9
+            at = to_seconds(change.at)
             if at < oldest:
                 oldest = at
             if change.removed:

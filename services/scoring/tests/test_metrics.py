@@ -1,0 +1,80 @@
+"""What an operator's dashboard reads from scoring: its metrics under the OpenTelemetry dotted names
+(`cdp.scoring.<thing>`, the unit in the instrument's unit), counting what the engine did."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
+from cdp_kit.storage import open_store
+from cdp_kit.telemetry import Telemetry
+from cdp_kit.timestamps import set_seconds
+from cdp_scoring.domain.registry import SHADOW
+from cdp_scoring.engine import ScoringEngine
+from cdp_scoring.modelstore import FolderModelStore
+from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_testing.onnx_models import logistic_model
+
+
+def changes(*persons: str, at: float) -> profile_pb2.ProfileChangedBatch:
+    batch = profile_pb2.ProfileChangedBatch()
+    for person in persons:
+        change = batch.changes.add(person_id=person, cause="event")
+        set_seconds(change.at, at)
+        change.computed["orders_90d"].number_value = 2
+        change.computed["sessions_30d"].number_value = 4
+    return batch
+
+
+def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
+    """{metric name: (unit, data points)}"""
+    out: dict[str, tuple[str, list]] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                out[metric.name] = (metric.unit, list(metric.data.data_points))
+    return out
+
+
+async def test_rows_scores_inference_freshness_and_shadow_are_measured_under_dotted_names(nats_server, tmp_path):
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("cdp.scoring")
+    telemetry = Telemetry(service_name="scoring", tracer=None, meter=meter)
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
+        await bus.ensure_streams(profiles_stream(), scores_stream())
+        engine = ScoringEngine(
+            store,
+            FolderModelStore(tmp_path / "models"),
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=telemetry,
+            clock=clock,
+        )
+        await engine.start()
+        try:
+            await engine.deploy(logistic_model(weights=[0.5, -0.25]), role=None)
+            await engine.deploy(logistic_model(version="2.0.0", weights=[0.5, 0.0]), role=SHADOW)
+            clock.advance(0.25)  # the changes were made a quarter of a second ago
+            await engine.handle([Delivery(changes("p1", "p2", at=T0), subjects.profiles_changed(0), seq=1)])
+        finally:
+            await engine.stop()
+
+    metrics = collected(reader)
+    assert not [name for name in metrics if not name.startswith("cdp.scoring.")]
+    unit, rows = metrics["cdp.scoring.rows"]
+    assert unit == "{row}"
+    by_role = {(p.attributes["version"], p.attributes["role"]): p.value for p in rows}
+    assert by_role == {("1.0.0", "live"): 2, ("2.0.0", "shadow"): 2}
+    unit, (published,) = metrics["cdp.scoring.scores.published"]
+    assert unit == "{score}" and published.value == 2 and dict(published.attributes) == {"model": "churn_risk"}
+    unit, inference = metrics["cdp.scoring.inference.duration"]
+    assert unit == "ms" and sum(p.count for p in inference) == 2  # one model's rows of the round, per version
+    unit, (freshness,) = metrics["cdp.scoring.freshness"]
+    assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
+    unit, shadow = metrics["cdp.scoring.shadow.abs_diff"]
+    assert unit == "1" and sum(p.count for p in shadow) == 2

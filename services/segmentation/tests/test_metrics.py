@@ -1,0 +1,83 @@
+"""What an operator's dashboard reads from segmentation: its metrics under the OpenTelemetry dotted names
+(`cdp.segmentation.<thing>`, the unit in the instrument's unit), counting what the engine did."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
+from cdp_kit.storage import open_store
+from cdp_kit.telemetry import Telemetry
+from cdp_kit.timestamps import set_seconds
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import SegmentationEngine
+from cdp_testing.fakes import T0, Clock, Delivery
+
+
+def change(person: str, at: float, **traits: str | float) -> profile_pb2.ProfileChanged:
+    message = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    set_seconds(message.at, at)
+    for name, value in traits.items():
+        if isinstance(value, str):
+            message.traits[name].string_value = value
+        else:
+            message.traits[name].number_value = value
+    return message
+
+
+def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
+    """{metric name: (unit, data points)}"""
+    out: dict[str, tuple[str, list]] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                out[metric.name] = (metric.unit, list(metric.data.data_points))
+    return out
+
+
+async def test_transitions_evaluations_members_timers_and_builds_are_measured_under_dotted_names(nats_server):
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("cdp.segmentation")
+    telemetry = Telemetry(service_name="segmentation", tracer=None, meter=meter)
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engine = SegmentationEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=telemetry,
+            snapshot_interval=3600,
+            timer_resolution=3600,
+            clock=clock,
+        )
+        await engine.start()
+        try:
+            for segment_id, text in (("pro", 'traits.plan = "pro"'), ("recent", "traits.last_seen_at > now - 14d")):
+                await engine.wait_live((await engine.create(segment_id, parse(text))).id)
+            batch = profile_pb2.ProfileChangedBatch(
+                changes=[change("p1", T0, plan="pro", last_seen_at=T0 - 86_400), change("p2", T0, plan="free")]
+            )
+            clock.advance(0.25)  # the changes were made a quarter of a second ago
+            await engine.handle([Delivery(batch, subjects.profiles_changed(0), seq=1)])
+            metrics = collected(reader)
+        finally:
+            await engine.stop()
+
+    assert not [name for name in metrics if not name.startswith("cdp.segmentation.")]
+    unit, (entered,) = metrics["cdp.segmentation.transitions"]
+    assert unit == "{transition}" and entered.value == 2 and dict(entered.attributes) == {"direction": "entered"}
+    unit, (evaluations,) = metrics["cdp.segmentation.evaluations"]
+    assert unit == "{evaluation}" and evaluations.value == 4  # each new person against every segment
+    unit, (freshness,) = metrics["cdp.segmentation.freshness"]
+    assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
+    unit, builds = metrics["cdp.segmentation.population.duration"]
+    assert unit == "ms" and sum(p.count for p in builds) == 2  # one whole-population build per segment
+    unit, members = metrics["cdp.segmentation.members"]
+    assert unit == "{person}" and {p.attributes["segment"]: p.value for p in members} == {"pro": 1, "recent": 1}
+    unit, (timers,) = metrics["cdp.segmentation.timers"]
+    assert unit == "{person}" and timers.value == 1  # p1 leaves "recent" when last_seen_at is 14 days old
