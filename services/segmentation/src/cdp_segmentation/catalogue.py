@@ -34,6 +34,7 @@ import orjson
 
 from cdp_kit.bus import subjects
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cdp_kit.profile_fields import COMPUTED, field_key
 from cdp_segmentation.domain import (
     CompiledSegment,
     check_segment_graph,
@@ -290,7 +291,7 @@ class Catalogue:
             return
         # The profile service publishes nothing when it deletes a trait: without this, a trait defined
         # again later would be read with the values it had before (a person it now counts 0 for keeps them).
-        fields = {f"computed.{name}" for name in names}
+        fields = {field_key(COMPUTED, name) for name in names}
         for person_id, person in self.persons.items():
             if not fields.isdisjoint(person.fields):
                 for name in fields:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from cdp_kit.profile_fields import COMPUTED, field_key
 from cdp_segmentation.domain.columns import Columns
 from cdp_segmentation.domain.nodes import (
     ZERO_WHEN_MISSING,
@@ -166,7 +167,7 @@ class _Lowering:
             op, property_path, comparison, value = node.op, node.property, node.comparison, float(node.value)
         definition = computed_trait(op, node.event, property_path, node.within)
         self.computed.setdefault(definition["name"], definition)
-        key = f"computed.{definition['name']}"
+        key = field_key(COMPUTED, definition["name"])
         self.fields.add(key)
         return NumberTest(key, comparison, value, 0.0 if op in ZERO_WHEN_MISSING else None)
 

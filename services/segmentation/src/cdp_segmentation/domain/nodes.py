@@ -13,9 +13,9 @@ from typing import Any
 
 from cdp_kit.durations import format_duration, parse_duration
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.profile_fields import ROOTS as ROOTS  # a field path starts with one of them
 from cdp_segmentation.domain.values import epoch_of_text
 
-ROOTS = ("traits", "computed", "consent", "scores")
 EVENT_ROOTS = ("properties", "context")
 EVENT_TYPES = ("track", "page", "screen", "identify", "group", "any")
 COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
