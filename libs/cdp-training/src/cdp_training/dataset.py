@@ -21,22 +21,30 @@ from typing import Any
 
 import numpy as np
 
+from cdp_kit.profile_fields import COMPUTED, CONSENT, SCORES, TRAITS
 from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent, ProfileView
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
 from cdp_training.simulator import Population
 
+# The key prefixes of `cdp_kit.profile_fields`, joined once: this runs for every person and moment.
+_TRAITS, _COMPUTED, _CONSENT, _SCORES = (root + "." for root in (TRAITS, COMPUTED, CONSENT, SCORES))
+
 
 def view_fields(view: ProfileView) -> dict[str, Any]:
-    """A profile view as the scoring service's flat fields (absent values left out, as it does)."""
+    """A profile view as the scoring service's flat fields (absent values left out, as it does).
+
+    `cdp_kit.profile_fields.profile_fields` does the same for the profile service's protobuf `Profile`;
+    training holds the domain's `ProfileView` instead, and keeps its plain values (turning it into a
+    protobuf first would cost a conversion per person and moment for the same keys)."""
     fields: dict[str, Any] = {}
     for name, version in view.traits.items():
-        fields["traits." + name] = version.value
+        fields[_TRAITS + name] = version.value
     for name, value in view.computed.items():
-        fields["computed." + name] = value
+        fields[_COMPUTED + name] = value
     for key, state in view.consent.items():
-        fields["consent." + key] = state.granted
+        fields[_CONSENT + key] = state.granted
     for name, score in view.scores.items():
-        fields["scores." + name] = score.value
+        fields[_SCORES + name] = score.value
     return {key: value for key, value in fields.items() if value is not None}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cdp_kit.profile_fields import COMPUTED, CONSENT, TRAITS, field_key, split_key
 from cdp_training.simulator import CHANNELS, SESSION_PAGES, Kind
 
 SESSION_NAMES = list(SESSION_PAGES)
@@ -97,20 +98,21 @@ COMPUTED_TRAITS: dict[str, dict[str, Any]] = {
 
 
 def computed(name: str, default: float | None = 0.0) -> dict[str, Any]:
-    return {"name": name, "path": f"computed.{name}", "transform": "number", "default": default}
+    return {"name": name, "path": field_key(COMPUTED, name), "transform": "number", "default": default}
 
 
 def days_since(name: str, trait: str, default: float | None = None) -> dict[str, Any]:
-    return {"name": name, "path": f"computed.{trait}", "transform": "days_since", "default": default}
+    return {"name": name, "path": field_key(COMPUTED, trait), "transform": "days_since", "default": default}
 
 
 def consent(channel: str) -> dict[str, Any]:
-    return {"name": f"consent_{channel}", "path": f"consent.channel:{channel}", "transform": "bool", "default": 0.0}
+    path = field_key(CONSENT, f"channel:{channel}")
+    return {"name": f"consent_{channel}", "path": path, "transform": "bool", "default": 0.0}
 
 
 PLAN = {
     "name": "plan",
-    "path": "traits.plan",
+    "path": field_key(TRAITS, "plan"),
     "transform": "category",
     "categories": ["free", "plus", "pro"],
     "default": -1,
@@ -195,14 +197,14 @@ NBC_FEATURES: list[dict[str, Any]] = [
     computed("best_hour", -1.0),
     {
         "name": "top_channel_30d",
-        "path": "computed.top_channel_30d",
+        "path": field_key(COMPUTED, "top_channel_30d"),
         "transform": "category",
         "categories": list(CHANNELS),
         "default": -1,
     },
     {
         "name": "top_channel_90d",
-        "path": "computed.top_channel_90d",
+        "path": field_key(COMPUTED, "top_channel_90d"),
         "transform": "category",
         "categories": list(CHANNELS),
         "default": -1,
@@ -215,8 +217,8 @@ def traits_for(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The computed-trait definitions a feature list reads, in first-use order."""
     names: dict[str, None] = {}
     for feature in features:
-        root, _, name = feature["path"].partition(".")
-        if root == "computed":
+        root, name = split_key(feature["path"])
+        if root == COMPUTED:
             names[name] = None
     return [COMPUTED_TRAITS[name] for name in names]
 
