@@ -25,7 +25,8 @@ Invariants:
   start of its last successful renewal it drops every lease from `owned()` and calls `on_release`,
   which leaves the other half of the TTL for the drain before anyone else may take the lease.
 - `on_acquire` and `on_release` of one partition never run at once on one member, and alternate:
-  acquire, release, acquire, ...
+  acquire, release, acquire, ... A callback that raises is logged and counts as done (an engine
+  that failed to start a partition still holds it: it must retry or stop the process).
 - `stop()` releases every held partition (awaiting `on_release`), frees the leases and removes the
   member record, so the others take over at once instead of after the TTL.
 """
@@ -134,7 +135,6 @@ class LeasedOwnership(Ownership):
         self._on_acquire: PartitionCallback = noop
         self._on_release: PartitionCallback = noop
         self._task: asyncio.Task[None] | None = None
-        self._stopping = False
 
     # -- the interface --------------------------------------------------------------------------
 
@@ -144,7 +144,6 @@ class LeasedOwnership(Ownership):
         self._task = asyncio.create_task(self._run(), name=f"ownership-{self.identity}")
 
     async def stop(self) -> None:
-        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,15 +178,25 @@ class LeasedOwnership(Ownership):
 
     # -- the rounds -----------------------------------------------------------------------------
 
+    def _until_fence(self) -> float | None:
+        """Seconds left before this member must stop working on its leases; None when it holds none."""
+        if not self._held or self._renewed_at is None:
+            return None
+        return self._renewed_at + self.fence - self._clock()
+
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            left = self._until_fence()
+            await asyncio.sleep(self.interval if left is None else max(0.0, min(self.interval, left)))
             await self._round_safely()
 
     async def _round_safely(self) -> None:
+        left = self._until_fence()
         try:
-            # A store that hangs must not keep this member working past its fence.
-            await asyncio.wait_for(self._round(), timeout=self.fence)
+            # A store that fails or hangs must not keep this member working past its fence.
+            if left is not None and left <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(self._round(), timeout=self.fence if left is None else left)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store is unreachable or failed: retry next round, fence if too long
@@ -262,8 +271,8 @@ class LeasedOwnership(Ownership):
 
         async def step() -> None:
             if previous is not None:
-                with contextlib.suppress(Exception, asyncio.CancelledError):
-                    await previous
+                # Wait for it without taking on its outcome; a cancellation of this step still stops it.
+                await asyncio.wait([previous])
             try:
                 await callback(p)
             except Exception as exc:  # an engine's failure to start or drain must not stop the rounds

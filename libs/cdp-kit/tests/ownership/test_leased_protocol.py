@@ -1,0 +1,77 @@
+"""The hand-off protocol against an in-memory lease store: the rules that need no real store."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from cdp_kit.ownership import Lease, LeasedOwnership
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.revisions = itertools.count(1)
+        self.member_records: dict[str, int] = {}
+        self.lease_records: dict[int, Lease] = {}
+
+    async def members(self):
+        return dict(self.member_records)
+
+    async def heartbeat(self, identity):
+        self.member_records[identity] = next(self.revisions)
+
+    async def leave(self, identity):
+        self.member_records.pop(identity, None)
+
+    async def leases(self):
+        return dict(self.lease_records)
+
+    async def write(self, partition, holder, expected):
+        if self.lease_records.get(partition) != expected:
+            return None
+        lease = self.lease_records[partition] = Lease(holder, next(self.revisions))
+        return lease
+
+
+async def test_a_crash_during_a_slow_start_runs_no_queued_callback():
+    """A member killed while a partition is starting never runs the release queued behind it (the
+    process is gone); earlier, a cancelled step swallowed its cancellation and ran anyway."""
+    started, unblock, calls = asyncio.Event(), asyncio.Event(), []
+
+    async def on_acquire(p):
+        calls.append(("acquire", p))
+        started.set()
+        await unblock.wait()
+
+    async def on_release(p):
+        calls.append(("release", p))
+
+    store = MemoryStore()
+    ownership = LeasedOwnership(store, partitions=1, identity="identity-0", ttl=3)
+    await ownership.start(on_acquire, on_release)
+    await started.wait()
+    stopping = asyncio.ensure_future(ownership.stop())  # queues the release behind the slow start
+    await asyncio.sleep(0.05)
+    for task in list(ownership._callbacks.values()):
+        task.cancel()  # the crash
+    stopping.cancel()
+    unblock.set()
+    await asyncio.sleep(0.1)
+    assert calls == [("acquire", 0)]
+    assert store.lease_records[0].holder == "identity-0", "a crashed member frees nothing: its lease expires"
+
+
+async def test_stop_releases_then_frees_the_lease_and_leaves():
+    store, order = MemoryStore(), []
+
+    async def on_release(p):
+        order.append(("released", p, store.lease_records[p].holder))
+
+    ownership = LeasedOwnership(store, partitions=2, identity="identity-0", ttl=3)
+    await ownership.start(on_release=on_release)
+    assert ownership.owned() == {0, 1}
+    await ownership.stop()
+    # The engine was told while the lease was still held; the lease was freed only afterwards.
+    assert order == [("released", 0, "identity-0"), ("released", 1, "identity-0")]
+    assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "", 1: ""}
+    assert store.member_records == {}
