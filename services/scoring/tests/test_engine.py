@@ -15,6 +15,7 @@ from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.storage import open_store
+from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
 from cdp_scoring.engine import CHANGED_AT, FIELDS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
@@ -32,7 +33,7 @@ def changed(changes: list[profile_pb2.ProfileChanged], seq: int, delivered: int 
 
 def change(person: str, *, orders=None, sessions=None, email=None, removed=False, at=T0, events=()):
     message = profile_pb2.ProfileChanged(person_id=person, removed=removed, cause="event", event_ids=list(events))
-    message.at.FromNanoseconds(int(at * 1e9))
+    set_seconds(message.at, at)
     if orders is not None:
         message.computed["orders_90d"].number_value = orders
     if sessions is not None:

@@ -30,6 +30,7 @@ from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.errors import InvalidArgument, ResourceExhausted
 from cdp_kit.service import ServiceRuntime, serving
 from cdp_kit.storage import open_store
+from cdp_kit.timestamps import to_seconds
 from cdp_segmentation.api import MAX_PAGE, MAX_TEXT, SCOPES, SegmentationApi, whole_numbers
 from cdp_segmentation.domain import from_json, parse, to_json
 from cdp_segmentation.domain.nodes import MAX_DEPTH
@@ -134,10 +135,6 @@ def violations(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     return found
 
 
-def seconds(timestamp) -> float:
-    return timestamp.seconds + timestamp.nanos / 1e9
-
-
 def service_setup(profile: Profile | None) -> Callable:
     async def setup(runtime: ServiceRuntime) -> None:
         settings: SegmentationSettings = runtime.settings  # type: ignore[assignment]
@@ -218,7 +215,7 @@ async def test_create_from_text_waits_until_live_and_answers_the_canonical_forms
         1,
     )
     assert not segment.error and not segment.time_dependent and list(segment.computed_traits) == []
-    assert seconds(segment.created_at) > 0 and seconds(segment.live_at) >= seconds(segment.created_at)
+    assert to_seconds(segment.created_at) > 0 and to_seconds(segment.live_at) >= to_seconds(segment.created_at)
 
 
 async def test_create_from_the_json_tree(service):
@@ -500,7 +497,7 @@ async def test_list_members_pages_in_person_order_with_page_tokens(service):
         page = await service.stub.ListMembers(pb.ListMembersRequest(segment_id="all", page_size=10, page_token=token))
         assert page.total == 25
         pages.append([m.person_id for m in page.members])
-        assert all(seconds(m.since) > 0 for m in page.members)
+        assert all(to_seconds(m.since) > 0 for m in page.members)
         token = page.next_page_token
         if not token:
             break
@@ -523,7 +520,7 @@ async def test_get_membership_lists_a_persons_segments(service):
     membership = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p1"))
     assert membership.person_id == "p1"
     assert [m.segment_id for m in membership.segments] == ["pro", "risky"]
-    assert all(seconds(m.since) > 0 for m in membership.segments)
+    assert all(to_seconds(m.since) > 0 for m in membership.segments)
     other = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="p2"))
     assert [m.segment_id for m in other.segments] == ["free"]
     unknown = await service.stub.GetMembership(pb.GetMembershipRequest(person_id="ghost"))

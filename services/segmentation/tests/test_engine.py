@@ -14,6 +14,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from cdp_kit.storage import open_store
+from cdp_kit.timestamps import set_seconds, to_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import LIVE, SEGMENTS, SegmentationEngine
 from cdp_testing.fakes import T0, Clock, Delivery
@@ -27,7 +28,7 @@ def changed(changes: list[profile_pb2.ProfileChanged], seq: int, delivered: int 
 
 def change(person: str, *, at=T0, cause="event", removed=False, traits=None, computed=None, scores=None):
     message = profile_pb2.ProfileChanged(person_id=person, removed=removed, cause=cause)
-    message.at.FromNanoseconds(int(at * 1e9))
+    set_seconds(message.at, at)
     for name, value in (traits or {}).items():
         if value is None:
             message.traits[name].null_value = 0
@@ -64,7 +65,7 @@ async def published(nats_url: str) -> list[Event]:
                 msg = await js.get_msg("SEGMENTS", seq)
                 for e in segmentation_pb2.SegmentEventBatch.FromString(msg.data).events:
                     assert msg.subject == f"segments.{'entered' if e.entered else 'exited'}.0"
-                    at = e.at.seconds + e.at.nanos / 1e9
+                    at = to_seconds(e.at)
                     out.append(Event(e.person_id, e.segment_id, e.entered, at, e.reason, e.id))
         return out
     finally:
