@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from cdp_kit.ownership import Lease, LeasedOwnership
+from cdp_kit.ownership import Lease, LeasedOwnership, owned_by
 
 
 class MemoryStore:
@@ -75,3 +75,18 @@ async def test_stop_releases_then_frees_the_lease_and_leaves():
     assert order == [("released", 0, "identity-0"), ("released", 1, "identity-0")]
     assert {p: lease.holder for p, lease in store.lease_records.items()} == {0: "", 1: ""}
     assert store.member_records == {}
+
+
+async def test_a_pod_restarted_under_its_name_takes_its_leases_back_at_once():
+    store = MemoryStore()
+    before = LeasedOwnership(store, partitions=4, identity="identity-0", ttl=60)
+    await before.start()
+    before._task.cancel()  # the pod dies holding its leases
+    another = LeasedOwnership(store, partitions=4, identity="identity-1", ttl=60)
+    await another.start()
+    assert another.owned() == frozenset(), "a stranger waits for the TTL"
+    again = LeasedOwnership(store, partitions=4, identity="identity-0", ttl=60)
+    await again.start()
+    # identity-1 is live, so identity-0 keeps only its share, taken back without waiting 60 s.
+    assert again.owned() == owned_by(4, ["identity-0", "identity-1"], "identity-0")
+    await asyncio.gather(another.stop(), again.stop())

@@ -85,7 +85,7 @@ async def test_settings_pick_the_kind_and_reject_bad_values(nats_client):
     await chosen.start()
     assert chosen.owned() == {1, 4, 7}
 
-    leased = load_settings(OwnershipSettings, {"CDP_OWNERSHIP": "nats", "CDP_POD_NAME": "identity-0"})
+    leased = load_settings(OwnershipSettings, {"CDP_OWNERSHIP": "nats"})  # identity: host-pid
     chosen = await ownership_from_settings(leased, group="identity", partitions=2, js=nats_client.jetstream())
     await chosen.start()
     assert chosen.owned() == {0, 1}

@@ -30,6 +30,9 @@ for `CDP_OWNERSHIP_TTL` seconds (a crashed replica's partitions move after the T
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import socket
 import typing
 
 from cdp_kit.ownership.assignment import assign, owned_by
@@ -64,7 +67,9 @@ class OwnershipSettings:
         "CDP_OWNERSHIP_TTL", 15.0, help="seconds without renewal after which a replica's partitions move to others"
     )
     pod_name: str = env(
-        "CDP_POD_NAME", "", help="this replica's identity among the lease holders (the pod name; default: host name)"
+        "CDP_POD_NAME",
+        "",
+        help="this replica's identity among the lease holders, unique per replica (the pod name; default: host-pid)",
     )
     pod_namespace: str = env(
         "CDP_POD_NAMESPACE", "default", help="namespace of the Lease objects (CDP_OWNERSHIP=kubernetes)"
@@ -84,14 +89,18 @@ class OwnershipSettings:
         return problems
 
 
+def _process_identity() -> str:
+    """host-pid, in the characters every store accepts: unique among the processes of one machine."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-") or "host"
+    return f"{host}-{os.getpid()}"
+
+
 async def ownership_from_settings(
     settings: OwnershipSettings, *, group: str, partitions: int, js=None, api_client=None
 ) -> Ownership:
     """The ownership `settings` name, for `group`'s partitions (`js`: a JetStream context, needed for
     nats; `api_client`: a kubernetes.aio ApiClient, loaded from the pod's service account if None)."""
-    import socket
-
-    identity = settings.pod_name or socket.gethostname()
+    identity = settings.pod_name or _process_identity()
     if settings.ownership == "static":
         return StaticOwnership(partitions=partitions, ordinal=settings.pod_ordinal, replicas=settings.replicas)
     if settings.ownership == "nats":

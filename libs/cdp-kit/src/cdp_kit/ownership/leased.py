@@ -27,6 +27,9 @@ Invariants:
 - `on_acquire` and `on_release` of one partition never run at once on one member, and alternate:
   acquire, release, acquire, ... A callback that raises is logged and counts as done (an engine
   that failed to start a partition still holds it: it must retry or stop the process).
+- Identities are unique among live members (the pod name). A replica that restarts under the same
+  identity (a StatefulSet pod) takes its own leases back at once instead of waiting for the TTL:
+  the process that held them is gone with its pod.
 - `stop()` releases every held partition (awaiting `on_release`), frees the leases and removes the
   member record, so the others take over at once instead of after the TTL.
 """
@@ -157,8 +160,11 @@ class LeasedOwnership(Ownership):
             if not pending:
                 break
             await asyncio.wait(pending, timeout=self.interval)
+            started = self._clock()
             with contextlib.suppress(Exception):
-                await self._renew_all()
+                if await self._renew_all():
+                    self._renewed_at = started
+            self._fence_if_stale()
         with contextlib.suppress(Exception):
             await self.store.leave(self.identity)
         for queue in self._watchers:
