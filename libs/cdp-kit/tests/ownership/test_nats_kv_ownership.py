@@ -4,6 +4,7 @@ nats-server (a crash closes it)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from contextlib import AsyncExitStack
 
 import nats
@@ -41,8 +42,30 @@ async def make(nats_server):
         yield make_member
 
 
-async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make):
+async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_holders(make, nats_client):
+    # The bucket as the store creates it, watched from the start: every write to every lease, in order.
+    kv = await nats_client.jetstream().create_key_value(bucket="CDP_OWNERSHIP", history=1)
+    watcher = await kv.watch("identity.partitions.>")
+    writes: list[tuple[int, str]] = []
+
+    async def record():
+        async for entry in watcher:
+            if entry is not None:
+                writes.append((int(entry.key.rsplit(".", 1)[1]), (entry.value or b"").decode()))
+
+    recorder = asyncio.create_task(record())
     await scale_one_three_two(make)
+    await asyncio.sleep(0.2)
+    recorder.cancel()
+    await watcher.stop()
+
+    # In the bucket too, a lease goes from one holder to another only through "free": the old owner
+    # wrote it free after its release, the new owner took it after that.
+    for p in range(PARTITIONS):
+        holders = [holder for partition, holder in writes if partition == p]
+        assert holders and holders[-1] == "", f"partition {p}: {holders}"
+        handovers = list(itertools.pairwise(holders))
+        assert all(not (old and new and old != new) for old, new in handovers), f"partition {p}: {holders}"
 
 
 async def test_a_crashed_member_loses_its_partitions_after_the_ttl(make):
