@@ -46,6 +46,9 @@ from cdp_training.traits import (
 )
 
 VERSION = "1.0.0"
+# A model whose bytes change gets its own new version: scoring's registry refuses a version number reused
+# for different bytes, so a deployment can take the new file with DeployModel beside the old one.
+CLV_VERSION = "1.1.0"  # 1.1.0: repeat orders count as purchase occasions, at most one a day
 OWNER = "cdp"
 INPUT = "features"
 LIGHTGBM_OPSET = 15  # the newest onnxmltools converts LightGBM to
@@ -64,10 +67,10 @@ class Data:
     recovery_customers: int = 50_000  # simulated for the BG/NBD parameter-recovery figures
 
 
-# The module path the shipped models and report.json name as their origin. The pipeline lived in
-# `cdp_scoring.training` when the shipped files were trained, and these words are part of their bytes
-# (the spec in each model's metadata, the command in report.json): writing `cdp_training` here would
-# change every file without changing a single weight. Change it together with the next retrain.
+# The module path the shipped models name as their origin in their metadata. The pipeline lived in
+# `cdp_scoring.training` when they were trained, and the words are part of their bytes: a model's bytes
+# change only with a new version (the registry refuses a version reused for different bytes), so this
+# changes together with the next retrain that bumps every version.
 SHIPPED_WITH = "cdp_scoring.training"
 
 
@@ -113,11 +116,12 @@ def _finish(
     training: Mapping[str, Any],
     quality: Mapping[str, Any],
     test_row: np.ndarray,
+    version: str = VERSION,
 ) -> Built:
     """Attach the spec, with a test vector whose expected scores onnxruntime computed from this model."""
     document: dict[str, Any] = {
         "name": name,
-        "version": VERSION,
+        "version": version,
         "owner": OWNER,
         "description": description,
         "input": INPUT,
@@ -384,6 +388,7 @@ def clv(data: Data) -> Built:
         training=training,
         quality=quality,
         test_row=X_test[example],
+        version=CLV_VERSION,
     )
 
 

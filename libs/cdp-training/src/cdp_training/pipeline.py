@@ -17,7 +17,7 @@ from typing import Any
 
 import cdp_scoring
 from cdp_training.dataset import population_fields
-from cdp_training.models import BUILDERS, SHIPPED_WITH, Built, Data
+from cdp_training.models import BUILDERS, Built, Data
 from cdp_training.simulator import simulate
 from cdp_training.traits import all_features, traits_for
 
@@ -138,7 +138,7 @@ def build_report(built: Mapping[str, Built], data: Data, definitions: Mapping[st
             }
     return {
         "command": (
-            f"python -m {SHIPPED_WITH} --seed {data.seed} --population {data.train.size} --holdout {data.test.size}"
+            f"python -m cdp_training --seed {data.seed} --population {data.train.size} --holdout {data.test.size}"
         ),
         "seed": data.seed,
         "populations": {
