@@ -1,0 +1,84 @@
+"""The partitioned engine: one ordered, pipelined, effectively-once consumer per owned partition.
+
+A stateful service (identity, profile, scoring, segmentation, ...) gives its domain logic (`Logic`):
+
+    class Counters:
+        def decode(self, delivery) -> Item:                      # per message; Reject(reason, field, problem)
+        async def apply(self, partition, items) -> Effects:      # mutate hot state, say what to write/publish
+        async def recover(self, partition) -> None:              # a commit failed: drop hot state
+
+    engine = PartitionedEngine(Counters(), EngineSpec(service="toy", stream=..., subject_prefix=..., partitions=8),
+                               bus=bus, store=store)
+    runtime.spawn(engine.run(ownership), "engine")               # StaticOwnership over all partitions by default
+
+and the kit does the rest, per owned partition p (`pipeline`):
+
+1. fetch a batch from the durable ordered consumer `<service>-p<p>` of `<prefix>.<p>`;
+2. skip positions at or below the last one applied (redeliveries after a crash or a failed commit:
+   the checkpoint, not the service, decides); `decode` each other message, a `Reject` dead-letters
+   that message alone (reason and field, never a value);
+3. `apply` the items in stream order to hot state; it returns `Effects(writes, messages)`;
+4. submit one `bulk_write`: the writes, an outbox record holding the messages, and the checkpoint
+   `Put(<service>_checkpoints, <prefix>.<p>, {"stream_seq": last position})` - then fetch and apply
+   the next batch while it is written (up to `EngineSpec.in_flight` batches between apply and
+   acknowledgement);
+5. in the same order: wait for the commit, publish the messages (each with its stable
+   `Nats-Msg-Id`, retried until JetStream stores it), acknowledge the batch. The published outbox
+   record is deleted by a later commit.
+
+Invariants:
+- writes land in the order the batches were applied (`WriteChain`); a write never lands after an
+  earlier one failed. Hence the stored checkpoint is always the end of a contiguous prefix of the
+  stream whose effects are all durable, and nothing past it is;
+- a message is acknowledged only after its batch's effects and its outbox record are durable;
+- a message exists in the outbox iff the change that produced it is durable, and it is published
+  before anything the partition produced later;
+- on start (and after recovery), the outbox is published before the first batch is fetched.
+
+What a crash at each step costs (a new owner starts from the store and the stream):
+- before the commit lands: nothing of the batch is durable or acknowledged; it is redelivered and
+  applied on hot state rebuilt from the store;
+- after the commit, before publishing: the outbox record is published by the next owner at start;
+  the redelivered messages are at or below the checkpoint and skipped;
+- after publishing, before the acknowledgement or the outbox delete: the same, and the messages
+  published again are JetStream duplicates (same id) - stored once.
+
+A failed commit (or an `apply` that raises) stops the partition's applier; the batches after it fail
+with it (`EarlierWriteFailed`) and nothing past the failure is acknowledged. Once the in-flight batches
+have settled, `recover(p)` is called, the checkpoint and outbox are read back from the store (a commit
+reported failed may have landed), the consumer restarts at its acknowledgement floor, and the next
+batch goes through `ConsumerRunner`'s isolation (split in halves, down to one message): a message that
+fails alone is dead-lettered with its reason, a store that fails everything dead-letters nothing.
+
+Ownership: `run(ownership)` takes partitions from a `cdp_kit.ownership.Ownership` (static by default);
+`start_partition(p)` / `stop_partition(p)` are its acquire / release hooks (stop = stop fetching, drain
+the commits in flight, acknowledge, return).
+
+State shared across partitions (identity's graph): give every partition one `WriteChain` (and write the
+service's own out-of-stream changes through it too), so every write lands in the order the changes
+were made; `recover` then also settles and `reset()`s that chain after dropping its state.
+
+Held state (scoring, segmentation): a logic with `async snapshot(positions)` and
+`EngineSpec.snapshot_every` is called at a quiescent point (`PartitionedEngine.quiescent`: no batch
+being applied, every applied batch durable and acknowledged) with each partition's checkpoint.
+
+Metrics (attributes `service`, `partition`): `cdp.engine.batch.apply.duration`,
+`cdp.engine.commit.duration`, `cdp.engine.publish.duration` (ms), `cdp.engine.recoveries`,
+`cdp.engine.lag` (messages not yet delivered). A span per applied batch, linked to its messages' traces.
+"""
+
+from cdp_kit.engine.chain import EarlierWriteFailed, WriteChain
+from cdp_kit.engine.engine import EngineSpec, PartitionedEngine
+from cdp_kit.engine.logic import Effects, Logic, Reject
+from cdp_kit.engine.outbox import outbox_collection
+
+__all__ = [
+    "EarlierWriteFailed",
+    "Effects",
+    "EngineSpec",
+    "Logic",
+    "PartitionedEngine",
+    "Reject",
+    "WriteChain",
+    "outbox_collection",
+]

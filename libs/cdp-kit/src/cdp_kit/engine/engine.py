@@ -1,0 +1,198 @@
+"""`PartitionedEngine`: a pipeline per owned partition, started and stopped as ownership changes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from cdp_kit.bus import Bus, ConsumerSpec, subjects
+from cdp_kit.engine import outbox
+from cdp_kit.engine.chain import WriteChain
+from cdp_kit.engine.logic import Logic
+from cdp_kit.engine.pipeline import PartitionPipeline
+from cdp_kit.ownership import Ownership, StaticOwnership
+from cdp_kit.storage import Store
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS
+
+log = logging.getLogger("cdp.engine")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Where a partitioned service reads and how hard it pipelines.
+
+    `service` names its durables (`<service>-p<p>`), its checkpoints (`<service>_checkpoints`, keyed by
+    subject) and its outbox (`<service>_engine_outbox`); `stream` and `subject_prefix` its input
+    (`<prefix>.<p>`); `partitions` how many there are."""
+
+    service: str
+    stream: str
+    subject_prefix: str
+    partitions: int
+    batch_size: int = 256
+    # Batches applied and not yet acknowledged, per partition: 1 is no pipelining.
+    in_flight: int = 3
+    ack_wait: float = 30.0
+    max_deliver: int = 5
+    backoff: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0, 60.0)
+    fetch_timeout: float = 1.0
+    publish_backoff: tuple[float, ...] = (0.05, 0.2, 1.0, 2.0)
+    # Seconds between `Logic.snapshot` calls (services holding state without writing it per change).
+    snapshot_every: float | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.in_flight < 1:
+            raise ValueError("in_flight must be at least 1")
+        if self.partitions < 1:
+            raise ValueError("partitions must be at least 1")
+
+    def consumer(self, partition: int) -> ConsumerSpec:
+        return ConsumerSpec(
+            stream=self.stream,
+            durable=subjects.partition_durable(self.service, partition),
+            filter_subjects=(subjects.partitioned(self.subject_prefix, partition),),
+            batch_size=self.batch_size,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            backoff=self.backoff,
+            # Room for every batch in flight and the one being fetched.
+            max_ack_pending=self.batch_size * (self.in_flight + 1),
+            fetch_timeout=self.fetch_timeout,
+            ordered=True,
+            description=self.description or f"{self.service}: partition {partition}",
+        )
+
+
+class PartitionedEngine:
+    """Runs `logic` over the partitions this replica owns (the contract: `cdp_kit.engine`).
+
+    `chain`: one `WriteChain` for every partition (and whatever else the service writes through it),
+    for a service whose hot state spans partitions; by default each partition has its own."""
+
+    def __init__(
+        self, logic: Logic, spec: EngineSpec, *, bus: Bus, store: Store, chain: WriteChain | None = None
+    ) -> None:
+        self.logic = logic
+        self.spec = spec
+        self.bus = bus
+        self.store = store
+        self.chain = chain
+        self.checkpoints = subjects.checkpoints_collection(spec.service)
+        self.outbox = outbox.outbox_collection(spec.service)
+        self.pipelines: dict[int, PartitionPipeline] = {}
+        self.gate = asyncio.Event()  # cleared while a snapshot waits for a quiescent point
+        self.gate.set()
+        telemetry = bus.telemetry
+        self.tracer = telemetry.tracer
+        meter = telemetry.meter
+        self.m_apply = meter.create_histogram(
+            "cdp.engine.batch.apply.duration",
+            unit="ms",
+            description="time to apply one batch to hot state",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_commit = meter.create_histogram(
+            "cdp.engine.commit.duration",
+            unit="ms",
+            description="time from submitting a batch's commit to it being durable",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_publish = meter.create_histogram(
+            "cdp.engine.publish.duration",
+            unit="ms",
+            description="time to get a batch's messages stored by JetStream",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_recoveries = meter.create_counter(
+            "cdp.engine.recoveries", unit="{recovery}", description="pipelines restarted after a failed batch"
+        )
+        meter.create_observable_gauge(
+            "cdp.engine.lag",
+            callbacks=[self._observe_lag],
+            unit="{message}",
+            description="messages of an owned partition not yet delivered to its pipeline",
+        )
+
+    def _observe_lag(self, _options):
+        from opentelemetry.metrics import Observation
+
+        for pipeline in list(self.pipelines.values()):
+            yield Observation(pipeline.pending, pipeline.attrs)
+
+    # --- partitions ---------------------------------------------------------------------------------
+
+    def owned(self) -> set[int]:
+        return set(self.pipelines)
+
+    async def start_partition(self, partition: int) -> None:
+        """Start working on `partition` (an ownership's `on_acquire`)."""
+        if partition in self.pipelines:
+            return
+        pipeline = PartitionPipeline(self, partition)
+        pipeline.task = asyncio.create_task(pipeline.run(), name=f"{self.spec.service} partition {partition}")
+        self.pipelines[partition] = pipeline
+
+    async def stop_partition(self, partition: int) -> None:
+        """Stop fetching, drain the commits in flight, acknowledge, release (an ownership's
+        `on_release`): returns when another replica may take the partition."""
+        pipeline = self.pipelines.pop(partition, None)
+        if pipeline is not None:
+            await pipeline.stop()
+
+    async def wait_ready(self) -> None:
+        """Every owned partition restored and subscribed (tests, start-up probes)."""
+        await asyncio.gather(*(p.ready.wait() for p in list(self.pipelines.values())))
+
+    async def run(self, ownership: Ownership | None = None) -> None:
+        """Work on the partitions `ownership` gives (all of them by default) until cancelled; then
+        release them, draining what is in flight."""
+        ownership = ownership or StaticOwnership(partitions=self.spec.partitions)
+        await ownership.start(self.start_partition, self.stop_partition)
+        try:
+            if self.spec.snapshot_every is not None and hasattr(self.logic, "snapshot"):
+                while True:
+                    await asyncio.sleep(self.spec.snapshot_every)
+                    await self.snapshot()
+            else:
+                await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(self._release(ownership))
+
+    async def _release(self, ownership: Ownership) -> None:
+        await ownership.stop()
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every partition, draining."""
+        partitions = list(self.pipelines)
+        await asyncio.gather(*(self.stop_partition(p) for p in partitions))
+
+    def abort(self) -> None:
+        """Stop at once without draining, as a crash would (tests): nothing more is written,
+        published or acknowledged."""
+        for pipeline in self.pipelines.values():
+            if pipeline.task is not None:
+                pipeline.task.cancel()
+        for chain in {id(p.chain): p.chain for p in self.pipelines.values()}.values():
+            chain.abort()
+        self.pipelines.clear()
+
+    # --- snapshots ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def quiescent(self):
+        """Hold every pipeline before its next apply, and wait until every batch applied so far is
+        durable and acknowledged. Yields each owned partition's checkpoint."""
+        self.gate.clear()
+        try:
+            await asyncio.gather(*(p.idle.wait() for p in list(self.pipelines.values())))
+            yield {p: pipeline.checkpoint for p, pipeline in self.pipelines.items()}
+        finally:
+            self.gate.set()
+
+    async def snapshot(self) -> None:
+        async with self.quiescent() as positions:
+            await self.logic.snapshot(positions)  # type: ignore[attr-defined]

@@ -1,0 +1,448 @@
+"""One partition's pipeline: fetch, decode, apply, commit, publish, acknowledge (`cdp_kit.engine`).
+
+Two tasks per partition. The *applier* fetches a batch, decodes it, skips what the checkpoint covers,
+calls `apply` and submits the batch's commit to the write chain, then goes on with the next batch
+while that commit is in flight (at most `in_flight` batches between apply and acknowledgement). The
+*settler* takes the batches in the same order, waits for each commit, publishes the batch's messages
+and acknowledges its deliveries. So the checkpoint and the acknowledgements only ever advance over a
+contiguous durable prefix, and batch n+1 is applied while batch n is being written.
+
+Failure: a commit that fails (or an `apply` that raises) stops the applier; every batch after it fails
+too (the chain), nothing after it is acknowledged. Once the settler has drained, `recover` is called,
+the checkpoint and the outbox are read back from the store (a commit reported failed may have landed),
+the consumer is restarted at its acknowledgement floor (so everything unacknowledged comes again, in
+order), and the next batch is handled *carefully*: through `ConsumerRunner`'s isolation, one batch at a
+time, split in halves on failure, so one bad message is dead-lettered alone and an outage dead-letters
+nothing. Then pipelining resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.errors
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from cdp_kit.bus import Delivery, OutMessage, subjects
+from cdp_kit.bus.consumer import ConsumerRunner, _raise_if_cancelling, describe_error
+from cdp_kit.engine import outbox
+from cdp_kit.engine.chain import WriteChain
+from cdp_kit.engine.logic import Reject
+from cdp_kit.errors import Unavailable
+from cdp_kit.storage import Put, WriteOp
+
+if TYPE_CHECKING:
+    from cdp_kit.engine.engine import PartitionedEngine
+
+log = logging.getLogger("cdp.engine")
+
+LAG_POLL_SECONDS = 5.0
+MAX_TRACE_LINKS = 32
+
+
+@dataclass(slots=True)
+class _Batch:
+    deliveries: list[Delivery]
+    last_seq: int
+    messages: list[OutMessage]
+    outbox_key: str | None
+    commit: asyncio.Future | None
+    submitted: float
+
+
+class PartitionPipeline:
+    def __init__(self, engine: PartitionedEngine, partition: int) -> None:
+        self.engine = engine
+        self.logic = engine.logic
+        self.spec = engine.spec
+        self.partition = partition
+        self.subject = subjects.partitioned(self.spec.subject_prefix, partition)
+        self.consumer = self.spec.consumer(partition)
+        self.runner = ConsumerRunner(engine.bus.js, self.consumer, self._careful, engine.bus.telemetry)
+        self.chain = engine.chain or WriteChain(engine.store)
+        self.attrs = {"service": self.spec.service, "partition": partition}
+        # The position whose effects are durable (the stored checkpoint), and the last one applied to
+        # hot state (ahead of it while commits are in flight). Messages at or below `position` are
+        # skipped: they were applied already.
+        self.checkpoint = 0
+        self.position = 0
+        self.pending = 0  # messages in the stream not yet delivered (lag), polled
+        self.ready = asyncio.Event()
+        self.idle = asyncio.Event()  # nothing applied and not yet acknowledged
+        self.idle.set()
+        self._in_flight = 0
+        self._stopping = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._last_commit: asyncio.Future | None = None
+        self._published: list[str] = []  # outbox records published: deleted in the next commit
+        self._unpublished: list[tuple[str | None, list[OutMessage]]] = []  # careful path: committed, not published
+        self._slots = asyncio.Semaphore(self.spec.in_flight)
+        self._subscription = None
+        self.task: asyncio.Task | None = None
+
+    # --- life cycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Work on the partition until `stop()` (drains) or cancellation (a crash: nothing drains)."""
+        delay = 0.1
+        lag = asyncio.create_task(self._poll_lag(), name=f"lag {self.consumer.durable}")
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._run_once()
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the store or the bus at start-up, or a bug: start over
+                    log.warning(
+                        "engine partition %s of %s restarting after %s",
+                        self.partition,
+                        self.spec.service,
+                        describe_error(exc),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            lag.cancel()
+            await self._unsubscribe()
+
+    async def stop(self) -> None:
+        """Stop fetching, let every applied batch commit, publish and be acknowledged, then return
+        (the partition can go to another replica)."""
+        self._stopping.set()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _run_once(self) -> None:
+        await self._restore()
+        await self._subscribe()
+        self.ready.set()
+        careful = False
+        me = asyncio.current_task()
+        while not self._stopping.is_set():
+            _raise_if_cancelling(me)
+            if careful:
+                msgs = await self._fetch()
+                if msgs:
+                    # ConsumerRunner's isolation: whole batch first, then halves down to one message.
+                    await self.runner._handle(msgs)
+                    careful = False
+                continue
+            await self._pipelined()
+            if self._failure is not None:
+                await self._recover()
+                await self._subscribe()
+                careful = True
+        await self._flush_published(wait=True)
+
+    async def _restore(self) -> None:
+        """Read the checkpoint back, and publish what the outbox still holds (a previous owner's or a
+        failed commit's messages) before anything newer."""
+        record = await self.engine.store.get(self.engine.checkpoints, self.subject)
+        self.checkpoint = self.position = record.doc.get("stream_seq", 0) if record is not None else 0
+        self._published = []
+        records = [
+            r
+            async for r in self.engine.store.scan_all(
+                self.engine.outbox, prefix=outbox.partition_prefix(self.partition)
+            )
+        ]
+        for record in records:
+            while not await self._publish(outbox.messages_of(record)):
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(self.spec.publish_backoff[-1])
+        if records:
+            await self.chain.submit([outbox.delete_record(self.engine.outbox, r.key) for r in records])
+
+    async def _recover(self) -> None:
+        """After a failed batch: wait for every write submitted so far, let the logic drop its hot
+        state, and start again from what the store holds."""
+        log.warning(
+            "engine partition %s of %s recovering after a failed batch: %s",
+            self.partition,
+            self.spec.service,
+            describe_error(self._failure) if self._failure else "unknown",
+        )
+        self.engine.m_recoveries.add(1, self.attrs)
+        await self.chain.settle()
+        await self.logic.recover(self.partition)
+        if self.engine.chain is None:
+            self.chain.reset()  # its own chain; a shared one is reset by the logic's `recover`
+        self._last_commit = None
+        self._failure = None
+        self._unpublished = []
+        await self._restore()
+
+    async def _subscribe(self) -> None:
+        """(Re)bind the partition's consumer; an ordered consumer with unacknowledged messages is
+        restarted at its acknowledgement floor, so they come again in order."""
+        await self._unsubscribe()
+        delay = 0.1
+        while True:
+            try:
+                await self.runner.provision()
+                self._subscription = await self.engine.bus.js.pull_subscribe_bind(
+                    durable=self.consumer.durable, stream=self.consumer.stream
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("engine consumer %s not ready: %s", self.consumer.durable, describe_error(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _unsubscribe(self) -> None:
+        if self._subscription is not None:
+            subscription, self._subscription = self._subscription, None
+            try:
+                await subscription.unsubscribe()
+            except Exception:
+                pass
+
+    async def _fetch(self) -> list:
+        try:
+            return await self.runner._fetch(self._subscription)
+        except nats.errors.TimeoutError:
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("fetch from %s failed: %s", self.consumer.durable, describe_error(exc))
+            await asyncio.sleep(0.2)
+            return []
+
+    async def _poll_lag(self) -> None:
+        while True:
+            try:
+                info = await self.engine.bus.js.consumer_info(self.consumer.stream, self.consumer.durable)
+                self.pending = self.runner.pending = info.num_pending or 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass
+            await asyncio.sleep(LAG_POLL_SECONDS)
+
+    # --- the pipelined path -------------------------------------------------------------------------
+
+    async def _pipelined(self) -> None:
+        """Apply batches ahead of their commits until a failure or `stop()`; returns once every batch
+        it applied has been settled."""
+        queue: asyncio.Queue[_Batch | None] = asyncio.Queue()
+        self._queue = queue
+        settler = asyncio.create_task(self._settle_loop(), name=f"settle {self.consumer.durable}")
+        me = asyncio.current_task()
+        try:
+            while not self._stopping.is_set() and self._failure is None:
+                _raise_if_cancelling(me)
+                msgs = await self._fetch()
+                if not msgs:
+                    await self._flush_published()
+                    continue
+                await self._slots.acquire()
+                # A snapshot waits for a quiescent point. Nothing awaits between the gate and
+                # `_begin` (a set event's wait returns at once), so a snapshot never sees this
+                # pipeline idle while it applies.
+                await self.engine.gate.wait()
+                if self._failure is not None:
+                    self._slots.release()
+                    break  # not applied, not acknowledged: redelivered after recovery
+                self._begin()
+                try:
+                    batch = await self._apply([Delivery(m) for m in msgs])
+                except Exception as exc:
+                    self._failure = exc
+                    self._end()
+                    self._slots.release()
+                    break
+                queue.put_nowait(batch)
+        except asyncio.CancelledError:
+            settler.cancel()
+            raise
+        queue.put_nowait(None)
+        await settler
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        self.idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self.idle.set()
+
+    def _decode(self, deliveries: list[Delivery]) -> list:
+        items = []
+        for delivery in deliveries:
+            if delivery.stream_seq <= self.position:
+                continue  # applied before (redelivered after a crash or a failed commit): acknowledged
+            try:
+                items.append(self.logic.decode(delivery))
+            except Reject as bad:
+                delivery.reject(bad.reason, str(bad))
+        return items
+
+    async def _apply(self, deliveries: list[Delivery]) -> _Batch:
+        """Decode, apply, and submit the batch's commit (state + outbox + checkpoint, one bulk write)."""
+        last = deliveries[-1].stream_seq
+        items = self._decode(deliveries)
+        ops: list[WriteOp] = []
+        messages: list[OutMessage] = []
+        if items:
+            links = []
+            for d in deliveries[:MAX_TRACE_LINKS]:
+                context = trace.get_current_span(d.trace_context()).get_span_context()
+                if context.is_valid:
+                    links.append(Link(context))
+            started = time.perf_counter()
+            with self.engine.tracer.start_as_current_span(
+                f"{self.consumer.stream} apply",
+                kind=SpanKind.CONSUMER,
+                links=links,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.destination.name": self.subject,
+                    "messaging.batch.message_count": len(deliveries),
+                    "cdp.partition": self.partition,
+                },
+            ) as span:
+                try:
+                    effects = await self.logic.apply(self.partition, items)
+                except Exception as exc:
+                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    raise
+            self.engine.m_apply.record((time.perf_counter() - started) * 1000, self.attrs)
+            ops.extend(effects.writes)
+            messages = effects.messages
+        # From here to the submit nothing awaits: commits are queued in the order batches were applied
+        # (a chain shared by several partitions depends on it).
+        key = None
+        if messages:
+            put = outbox.put_record(self.engine.outbox, self.partition, last, messages)
+            ops.append(put)
+            key = put.key
+        if self._published:
+            ops.extend(outbox.delete_record(self.engine.outbox, k) for k in self._published)
+            self._published = []
+        if last > self.position:
+            ops.append(Put(self.engine.checkpoints, self.subject, {"stream_seq": last, "at": time.time()}))
+            self.position = last
+        commit = None
+        if ops:
+            commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
+        return _Batch(deliveries, last, messages, key, commit, time.perf_counter())
+
+    async def _settle_loop(self) -> None:
+        me = asyncio.current_task()
+        while (batch := await self._queue.get()) is not None:
+            _raise_if_cancelling(me)
+            try:
+                await self._settle(batch)
+            finally:
+                self._end()
+                self._slots.release()
+
+    async def _settle(self, batch: _Batch) -> None:
+        if batch.commit is not None:
+            try:
+                await batch.commit
+            except Exception as exc:
+                if self._failure is None:
+                    self._failure = exc
+                return  # not acknowledged: redelivered after recovery
+            self.engine.m_commit.record((time.perf_counter() - batch.submitted) * 1000, self.attrs)
+            self.checkpoint = max(self.checkpoint, batch.last_seq)
+        elif self._failure is not None:
+            return
+        if batch.messages:
+            attempt = 0
+            while not await self._publish(batch.messages):
+                if self._stopping.is_set() and attempt:
+                    batch.outbox_key = None  # left in the outbox for whoever owns the partition next
+                    break
+                await asyncio.sleep(self.spec.publish_backoff[min(attempt, len(self.spec.publish_backoff) - 1)])
+                attempt += 1
+            if batch.outbox_key is not None:
+                self._published.append(batch.outbox_key)
+        await self.runner._settle(batch.deliveries, None, final=True)
+
+    async def _publish(self, messages: list[OutMessage]) -> bool:
+        """One attempt to get every message stored by JetStream (ones already stored are duplicates)."""
+        started = time.perf_counter()
+        try:
+            results = await self.engine.bus.publisher.publish_batch(messages)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("engine %s: publish failed: %s", self.consumer.durable, describe_error(exc))
+            return False
+        failed = sum(1 for r in results if not r.ok)
+        if failed:
+            log.warning(
+                "engine %s: %d of %d messages not stored; retrying", self.consumer.durable, failed, len(results)
+            )
+            return False
+        self.engine.m_publish.record((time.perf_counter() - started) * 1000, self.attrs)
+        return True
+
+    async def _flush_published(self, *, wait: bool = False) -> None:
+        """Delete published outbox records when no batch comes to carry the deletes."""
+        if not self._published or self._failure is not None:
+            return
+        ops = [outbox.delete_record(self.engine.outbox, k) for k in self._published]
+        self._published = []
+        commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
+        if wait:
+            try:
+                await commit
+            except Exception:
+                pass  # published anyway; the next owner publishes them again (duplicates) and deletes them
+        else:
+            commit.add_done_callback(_retrieve)
+
+    # --- the careful path (after a failure) ---------------------------------------------------------
+
+    async def _careful(self, deliveries) -> None:
+        """ConsumerRunner handler: one part of a batch, applied, committed and published before the
+        runner acknowledges it. Raises (after recovering) when any step fails; the runner then retries
+        the part, splits it, or dead-letters a message that fails alone."""
+        deliveries = list(deliveries)
+        await self._publish_unpublished()
+        await self.engine.gate.wait()
+        self._begin()
+        try:
+            batch = await self._apply(deliveries)
+            if batch.commit is not None:
+                await batch.commit
+        except Exception as exc:
+            self._failure = exc
+            await self._recover()
+            raise
+        finally:
+            self._end()
+        self.checkpoint = max(self.checkpoint, batch.last_seq)
+        if batch.messages:
+            self._unpublished.append((batch.outbox_key, batch.messages))
+            await self._publish_unpublished()
+
+    async def _publish_unpublished(self) -> None:
+        """Messages of parts committed carefully but not yet stored by JetStream, oldest first."""
+        while self._unpublished:
+            key, messages = self._unpublished[0]
+            if not await self._publish(messages):
+                # Durable in the outbox; the runner retries the part, finds it applied, and comes here.
+                raise Unavailable("the batch's messages were not stored by JetStream; retrying")
+            self._unpublished.pop(0)
+            if key is not None:
+                self._published.append(key)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,181 @@
+"""The partitioned engine on a real nats-server: pipelining, the checkpoint, poison, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine_toy import CheckedStore, applied, engine, outputs, publish_inputs, until
+
+from cdp_kit.bus import partition_for
+
+
+def keys_in(partition: int, partitions: int, n: int) -> list[str]:
+    found, i = [], 0
+    while len(found) < n:
+        if partition_for(f"k{i}", partitions) == partition:
+            found.append(f"k{i}")
+        i += 1
+    return found
+
+
+async def run(engine):
+    task = asyncio.create_task(engine.run())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(engine.wait_ready(), 10)
+    return task
+
+
+async def stop(task):
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 15)
+
+
+async def all_applied(store, ids):
+    got = await applied(store)
+    return sum(len(v) for v in got.values()) >= len(ids)
+
+
+async def test_applies_every_input_once_in_order_and_publishes_each_output(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    keys = [f"k{i % 7}" for i in range(200)]
+    ids = await publish_inputs(bus, keys, 4, positions)
+    eng, _ = engine(bus, store, 4)
+    task = await run(eng)
+    await until(lambda: all_applied(store, ids))
+    await until(lambda: _count(bus, len(ids)))
+    await stop(task)
+    assert await applied(store) == {k: [i for i, kk in zip(ids, keys, strict=True) if kk == k] for k in set(keys)}
+    assert sorted(await outputs(bus)) == sorted("out-" + i for i in ids)
+    assert not store.violations
+    # Stopping drained: every published outbox record is deleted, every message acknowledged.
+    assert await store.count("toy_engine_outbox") == 0
+    for p in range(4):
+        info = await bus.js.consumer_info("TOYIN", f"toy-p{p}")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def _count(bus, n):
+    return len(await outputs(bus)) >= n
+
+
+async def test_the_next_batch_is_applied_while_the_previous_one_commits(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    store.hold = asyncio.Event()  # commits carrying state wait until released
+    keys = keys_in(0, 1, 24)  # three batches of 8
+    ids = await publish_inputs(bus, keys, 1, positions)
+    applies = []
+
+    async def on_apply(partition, items):
+        applies.append(([msg_id for _, msg_id in items], store.writes))
+
+    eng, logic = engine(bus, store, 1)
+    logic.on_apply = on_apply
+    task = await run(eng)
+    await until(lambda: _true(len(applies) >= 3))
+    # Three batches applied, none of them committed yet: the second and third did not wait.
+    assert [n for _, n in applies[:3]] == [0, 0, 0]
+    assert await store.count("toy_counters") == 0
+    store.hold.set()
+    await until(lambda: all_applied(store, ids))
+    await stop(task)
+    assert [i for batch, _ in applies for i in batch] == ids
+    assert not store.violations
+
+
+async def _true(value):
+    return value
+
+
+async def test_the_checkpoint_never_passes_a_failed_commit(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    store.hold = asyncio.Event()
+    keys = keys_in(0, 1, 40)
+    ids = await publish_inputs(bus, keys, 1, positions)
+    eng, logic = engine(bus, store, 1)
+    task = await run(eng)
+    await until(
+        lambda: _true(len(eng.pipelines[0]._queue._queue) >= 2 if hasattr(eng.pipelines[0], "_queue") else False)
+    )
+    # The first commit fails; those queued behind it must not land (their checkpoint would pass it).
+    store.down = True
+    store.hold.set()
+    await asyncio.sleep(0.3)
+    assert await store.count("toy_checkpoints") == 0
+    assert await store.count("toy_counters") == 0
+    store.down = False
+    await until(lambda: all_applied(store, ids))
+    await stop(task)
+    assert logic.recoveries  # the hot state was dropped and rebuilt from the store
+    assert await applied(store) == {k: [i for i, kk in zip(ids, keys, strict=True) if kk == k] for k in set(keys)}
+    assert not store.violations
+
+
+async def dead_letters(bus, expected):
+    sub = await bus.js.pull_subscribe("dlq.>", durable="dlq-reader", stream="DLQ")
+    got = []
+    while len(got) < expected:
+        got += await sub.fetch(expected - len(got), timeout=5)
+    return got
+
+
+async def test_a_poison_message_is_dead_lettered_alone(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    keys = keys_in(0, 1, 30)
+    keys[5] = "poison"  # rejected by decode
+    keys[17] = "boom"  # makes apply raise, whatever the batch around it
+    ids = await publish_inputs(bus, keys, 1, positions)
+    eng, _ = engine(bus, store, 1)
+    task = await run(eng)
+    letters = await dead_letters(bus, 2)
+    good = [i for i, k in zip(ids, keys, strict=True) if k not in ("poison", "boom")]
+    await until(lambda: all_applied(store, good))
+    await stop(task)
+    reasons = {m.headers["Cdp-Dlq-Stream-Seq"]: m.headers["Cdp-Dlq-Reason"] for m in letters}
+    assert reasons == {str(positions[ids[5]][1]): "invalid_toy", str(positions[ids[17]][1]): "handler_error"}
+    details = {m.headers["Cdp-Dlq-Reason"]: m.headers["Cdp-Dlq-Detail"] for m in letters}
+    assert details["invalid_toy"] == "key: cannot be counted"  # the field, not the value
+    got = await applied(store)
+    assert sorted(i for v in got.values() for i in v) == sorted(good)
+    assert not store.violations
+
+
+async def test_a_store_outage_dead_letters_nothing(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    keys = keys_in(0, 1, 30)
+    ids = await publish_inputs(bus, keys, 1, positions)
+    eng, _ = engine(bus, store, 1, backoff=(0.05, 0.3), max_deliver=5)
+    store.down = True
+    task = await run(eng)
+    await asyncio.sleep(0.6)
+    store.down = False
+    await until(lambda: all_applied(store, ids))
+    await stop(task)
+    info = await bus.js.stream_info("DLQ")
+    assert info.state.messages == 0
+    assert not store.violations
+
+
+async def test_a_restarted_engine_publishes_the_outbox_and_skips_what_was_applied(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    keys = keys_in(0, 1, 16)
+    ids = await publish_inputs(bus, keys, 1, positions)
+    store.fail_after = 1.0  # every commit lands and is reported failed: nothing is published or acked
+    eng, _ = engine(bus, store, 1)
+    task = await run(eng)
+    await until(lambda: _true(store.writes >= 1))
+    eng.abort()
+    await stop(task)
+    store.fail_after = 0.0
+    eng, _ = engine(bus, store, 1)
+    task = await run(eng)
+    await until(lambda: all_applied(store, ids))
+    await until(lambda: _count(bus, len(ids)))
+    await stop(task)
+    assert await applied(store) == {k: [i for i, kk in zip(ids, keys, strict=True) if kk == k] for k in set(keys)}
+    assert sorted(await outputs(bus)) == sorted("out-" + i for i in ids)
