@@ -179,3 +179,31 @@ async def test_a_restarted_engine_publishes_the_outbox_and_skips_what_was_applie
     await stop(task)
     assert await applied(store) == {k: [i for i, kk in zip(ids, keys, strict=True) if kk == k] for k in set(keys)}
     assert sorted(await outputs(bus)) == sorted("out-" + i for i in ids)
+
+
+async def test_stopping_a_partition_drains_its_commits_and_it_resumes_where_it_stopped(bus):
+    positions = {}
+    store = CheckedStore(positions)
+    store.hold = asyncio.Event()
+    keys = keys_in(0, 2, 20)
+    ids = await publish_inputs(bus, keys, 2, positions)
+    eng, _ = engine(bus, store, 2)
+    task = await run(eng)
+    await until(lambda: _true(eng.pipelines[0]._in_flight >= 2))
+    stopping = asyncio.create_task(eng.stop_partition(0))  # what an ownership's release does
+    await asyncio.sleep(0.2)
+    assert not stopping.done(), "released before its commits were durable"
+    store.hold.set()
+    await asyncio.wait_for(stopping, 10)
+    assert 0 not in eng.owned()
+    info = await bus.js.consumer_info("TOYIN", "toy-p0")
+    assert info.num_ack_pending == 0  # everything it applied is durable and acknowledged
+    more = await publish_inputs(bus, keys, 2, positions, start=len(ids))
+    await eng.start_partition(0)  # acquired again (here, or by another replica)
+    await until(lambda: all_applied(store, ids + more))
+    await stop(task)
+    expected = {}
+    for key, msg_id in zip(keys + keys, ids + more, strict=True):
+        expected.setdefault(key, []).append(msg_id)
+    assert await applied(store) == expected
+    assert not store.violations

@@ -9,7 +9,7 @@ import json
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.api import SCOPES, IdentityApi
 from cdp_identity.domain.rules import MergeRules
-from cdp_identity.engine import IdentityEngine
+from cdp_identity.engine import OUTBOX, IdentityEngine
 from cdp_identity.matching_service import MatchingService, load_match_config
 from cdp_identity.privacy import DELETED_SUBJECT, PrivacyHandler
 from cdp_identity.settings import IdentitySettings
@@ -20,10 +20,12 @@ from cdp_kit.bus import (
     events_raw_stream,
     events_resolved_stream,
     identity_stream,
-    owned_partitions,
     privacy_stream,
+    subjects,
 )
+from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.ownership import StaticOwnership
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
 
@@ -62,7 +64,6 @@ async def setup(runtime: ServiceRuntime) -> None:
         privacy_stream(),
         dead_letter_stream(),
     )
-    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
     engine = IdentityEngine(
         rules,
         store,
@@ -73,26 +74,31 @@ async def setup(runtime: ServiceRuntime) -> None:
     await engine.start()
     matching = MatchingService(engine, store, match_config)
     await matching.start()
-    # One durable consumer per partition: scaling out moves partitions between replicas without
-    # replaying anything, and each partition's events are applied in order.
-    runners = []
-    for p in partitions:
-        runner = bus.consumer(
-            ConsumerSpec(
-                stream="EVENTS_RAW",
-                durable=f"identity-p{p}",
-                filter_subjects=(f"events.raw.{p}",),
-                batch_size=settings.batch_size,
-                ack_wait=settings.ack_wait,
-                # Stream order within the partition, across failures and restarts (limits depend on it).
-                max_ack_pending=settings.batch_size,
-                ordered=True,
-                description=f"identity: resolve events of partition {p} to persons",
-            ),
-            engine.handle,
-        )
-        runtime.spawn(runner.run(), f"consume events.raw.{p}")
-        runners.append(runner)
+    # One durable consumer per partition (the kit's partitioned engine, identity's logic): scaling
+    # out moves partitions between replicas without replaying anything, each partition's events are
+    # applied in order, the next batch is resolved while the previous one is written. The graph spans
+    # partitions, so every partition writes through identity's one write chain.
+    partitioned = PartitionedEngine(
+        engine,
+        EngineSpec(
+            service="identity",
+            stream=subjects.EVENTS_RAW,
+            subject_prefix=subjects.EVENTS_RAW_PREFIX,
+            partitions=settings.partitions,
+            batch_size=settings.batch_size,
+            ack_wait=settings.ack_wait,
+            description="identity: resolve events to persons",
+            outbox=OUTBOX,  # one outbox for a privacy purge to clean
+        ),
+        bus=bus,
+        store=store,
+        chain=engine.chain,
+    )
+    ownership = await partitioned.start(
+        StaticOwnership(partitions=settings.partitions, ordinal=settings.pod_ordinal, replicas=settings.replicas)
+    )
+    runtime.spawn(partitioned.serve(ownership), "resolve events.raw")
+    runners = [partitioned.pipelines[p].runner for p in sorted(partitioned.pipelines)]
     # Every replica gets every deletion (one durable consumer per ordinal): each purges its own cache.
     privacy = bus.consumer(
         ConsumerSpec(
@@ -108,7 +114,13 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     runtime.spawn(privacy.run(), f"consume {DELETED_SUBJECT}")
     runtime.parts.update(
-        bus=bus, store=store, engine=engine, matching=matching, runners=runners, privacy_runner=privacy
+        bus=bus,
+        store=store,
+        engine=engine,
+        partitioned=partitioned,
+        matching=matching,
+        runners=runners,
+        privacy_runner=privacy,
     )
     runtime.grpc.add_service(
         identity_pb2_grpc.add_IdentityServiceServicer_to_server,

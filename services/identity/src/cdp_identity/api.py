@@ -6,8 +6,9 @@ import time
 import uuid
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp_identity.codec import identifier_message, merge_record, timestamp
 from cdp_identity.domain.normalize import split_key
-from cdp_identity.engine import IdentityEngine, identifier_message, merge_record, timestamp
+from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching_service import MatchingService
 from cdp_kit.errors import InvalidArgument
 

@@ -1,40 +1,52 @@
 """The identity engine: the graph kept hot in memory, durable behind the storage port, fed by the bus.
 
-One batch of `events.raw` is applied like this (docs/architecture.md, the per-partition engines):
+It is the domain logic of a `cdp_kit.engine.PartitionedEngine` over `events.raw.<p>` (see that package
+for the pipeline, its invariants and what a crash at each step costs). One batch:
 
-1. parse and normalise every event's identifiers (outside the lock); a message that could make the
-   batch's write or publish fail is rejected alone to the dead-letter stream (intake.py);
-2. under the engine lock: load the identifiers and persons the batch touches that are not cached,
-   resolve every event in stream order, then write the changed records, the merge notifications
-   (outbox) and the stream checkpoint in one bulk write;
-3. publish the outbox (`identity.*`), then every resolved event (`events.resolved.<p(person)>`, message
-   id = the raw event's id, so a replay is deduplicated by JetStream); the consumer acknowledges after.
+1. `decode`: parse and normalise each event's identifiers; a message that could make the batch's write
+   or publish fail is rejected alone to the dead-letter stream (intake.py);
+2. `apply`, under the engine lock: load the identifiers and persons the batch touches that are not
+   cached, resolve every event in stream order, and return the changed records (version-checked
+   puts) and the messages: merge and quarantine notifications (`identity.*`) and the resolved events
+   (`events.resolved.<p(person)>`, codec.py). The kit writes them with its checkpoint and outbox in
+   one bulk write, publishes, acknowledges - and applies the next batch meanwhile;
+3. `recover`, after a failed write: the graph is dropped and reloaded from the store as needed.
 
-A crash before step 2's write loses nothing (the batch is redelivered and re-resolved to the same ids); a
-crash after it re-resolves the already-applied events read-only and publishes what may be missing. A
-write that loses an optimistic-concurrency race (another replica changed the same person) forgets the
-batch's changes, so the redelivered batch is applied on fresh state.
+The graph spans partitions, so every write identity makes - every partition's batches and the API's
+merges, unmerges, quarantines and purges - goes through one `WriteChain` (`self.chain`, given to the
+partitioned engine): writes land in the order the changes were made, each expecting the version the
+earlier ones leave, and none lands after an earlier one failed. A write that loses an
+optimistic-concurrency race (another replica changed the same person) fails; the cache is dropped and
+the batch is redelivered onto the store's state. The API's notifications go to identity's own outbox
+(`identity_outbox`), published after their write.
 
-A privacy purge (`purge`) takes the same lock and the same write queue: its deletions and rewrites are
-one more write behind the batches already applied.
+A privacy purge (`purge`) takes the same lock and the same chain: its deletions and rewrites are one more
+write behind the batches already applied, and it removes what names the persons from both outboxes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
+from cdp_identity.codec import (
+    encode_resolved,
+    event_time_ms,
+    identifier_message,
+    merge_record,
+    resolved_messages,
+    strings,
+    timestamp,
+)
 from cdp_identity.domain.graph import (
     IdentityGraph,
     Merge,
@@ -49,7 +61,8 @@ from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, spli
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
-from cdp_kit.bus import Delivery, OutMessage, partition_for
+from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
+from cdp_kit.engine import Effects, Reject, WriteChain
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
@@ -60,121 +73,16 @@ IDENTIFIERS = "identity_identifiers"
 PERSONS = "identity_persons"
 MERGES = "identity_merges"
 OUTBOX = "identity_outbox"
-CHECKPOINTS = "identity_checkpoints"
+CHECKPOINTS = subjects.checkpoints_collection("identity")
 # The notification payloads the outbox holds, by subject (a privacy purge reads them).
 OUTBOX_MESSAGES: dict[str, type[Message]] = {
-    "identity.merged": identity_pb2.IdentityMerged,
-    "identity.unmerged": identity_pb2.IdentityUnmerged,
-    "identity.quarantined": identity_pb2.IdentifierQuarantined,
+    subjects.IDENTITY_MERGED: identity_pb2.IdentityMerged,
+    subjects.IDENTITY_UNMERGED: identity_pb2.IdentityUnmerged,
+    subjects.IDENTITY_QUARANTINED: identity_pb2.IdentifierQuarantined,
 }
 SWEEP_PAGE = 5_000
 # JetStream's default maximum message size, for a publisher that does not tell its connection's.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
-
-
-def _varint(n: int) -> bytes:
-    if n < 0x80:
-        return _SMALL_VARINTS[n]
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
-# One events.resolved message stays well under JetStream's default 1 MiB payload limit.
-MAX_RESOLVED_MESSAGE_BYTES = 256 * 1024
-
-
-def _length_delimited(field_number: int, data: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
-
-
-def encode_resolved(
-    raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = (), identifiers: Sequence[str] = ()
-) -> bytes:
-    """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
-    received, not parsed and re-serialized (most of the cost of resolving would be that)."""
-    out = _length_delimited(1, raw_event) + _length_delimited(2, person_id.encode())
-    for kind, value, reason in dropped:
-        item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
-        out += _length_delimited(3, item)
-    for key in identifiers:
-        out += _length_delimited(4, key.encode())
-    return out
-
-
-def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMessage]:
-    """`ResolvedEventBatch` messages, one per person partition (split when large). The message id is a
-    digest of the event ids inside, so re-publishing the same batch after a crash is deduplicated;
-    consumers are idempotent on each event's id for anything else."""
-    messages = []
-    for partition, entries in grouped.items():
-        chunk: list[tuple[str, bytes]] = []
-        size = 0
-        for entry in [*entries, None]:
-            if entry is None or (chunk and size + len(entry[1]) > MAX_RESOLVED_MESSAGE_BYTES):
-                if chunk:
-                    payload = b"".join(_length_delimited(1, encoded) for _id, encoded in chunk)
-                    msg_id = stable_id("rb_", *(event_id for event_id, _ in chunk))
-                    messages.append(OutMessage(subject=f"events.resolved.{partition}", payload=payload, msg_id=msg_id))
-                chunk, size = [], 0
-            if entry is not None:
-                chunk.append(entry)
-                size += len(entry[1])
-    return messages
-
-
-def event_time_ms(event: events_pb2.Event) -> int:
-    stamp = event.timestamp if event.HasField("timestamp") else event.received_at
-    ms = stamp.seconds * 1000 + stamp.nanos // 1_000_000
-    return ms or int(time.time() * 1000)
-
-
-def timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
-def merge_record(merge: Merge | dict) -> identity_pb2.MergeRecord:
-    data = merge.as_dict() if isinstance(merge, Merge) else merge
-    cause = data.get("cause", {})
-    return identity_pb2.MergeRecord(
-        merge_id=data["id"],
-        winner=data["winner"],
-        loser=data["loser"],
-        at=timestamp(data["at"]),
-        cause=identity_pb2.MergeCause(
-            event_id=cause.get("event_id", ""),
-            identifiers=cause.get("identifiers", []),
-            rule=cause.get("rule", ""),
-            detail=cause.get("detail", ""),
-        ),
-    )
-
-
-def identifier_message(key: str) -> identity_pb2.Identifier:
-    kind, value = split_key(key)
-    return identity_pb2.Identifier(type=kind, value=value)
-
-
-def _strings(message: Message) -> set[str]:
-    """Every string a notification holds, identifiers also as their keys ("type:value")."""
-    found: set[str] = set()
-    if isinstance(message, identity_pb2.Identifier):
-        found.add(f"{message.type}:{message.value}")
-    for descriptor, value in message.ListFields():
-        values = value if descriptor.is_repeated else [value]
-        for item in values:
-            if isinstance(item, Message):
-                found |= _strings(item)
-            elif isinstance(item, str):
-                found.add(item)
-    return found
 
 
 _QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
@@ -209,6 +117,8 @@ class _Item:
 
 
 class IdentityEngine:
+    """Identity's domain logic (`cdp_kit.engine.Logic` for `events.raw`) and its API operations."""
+
     def __init__(
         self,
         rules: MergeRules,
@@ -219,6 +129,7 @@ class IdentityEngine:
         telemetry: Telemetry,
     ) -> None:
         self.rules = rules
+        self.chain = WriteChain(store)
         self.store = store
         self.publisher = publisher
         self.partitions = partitions
@@ -226,9 +137,10 @@ class IdentityEngine:
         self.normalizer = Normalizer(rules)
         self.extractor = Extractor(rules)
         self.lock = asyncio.Lock()
-        self._partition_of = functools.lru_cache(maxsize=1 << 18)(lambda person: partition_for(person, partitions))
+        self._partition_of = Partitioner(partitions)
         self.versions: dict[tuple[str, str], int] = {}
-        # Per partition subject: the stream position whose effects are durable (the checkpoint).
+        # Per partition subject: the stream position whose effects are durable, for `handle` (the
+        # partitioned engine keeps its own).
         self.applied: dict[str, int] = {}
         self._outbox_waiting = True  # notifications may be waiting from before a restart
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
@@ -246,9 +158,19 @@ class IdentityEngine:
         self._apply_ms = meter.create_histogram(
             "cdp_identity_batch_apply_ms",
             unit="ms",
-            description="time to apply and persist one batch",
+            description="time to resolve one batch in memory",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @store.setter
+    def store(self, store: Store) -> None:
+        # Every write goes through the chain: it writes to whichever store the engine has now.
+        self._store = store
+        self.chain.store = store
 
     async def start(self) -> None:
         await self.store.ensure_index(IDENTIFIERS, "quarantined")
@@ -257,29 +179,46 @@ class IdentityEngine:
         # Notifications written before a crash but never published.
         await self.publish_outbox()
 
-    # --- the stream path --------------------------------------------------------------------------
+    # --- the stream path (cdp_kit.engine.Logic) ---------------------------------------------------
+
+    def decode(self, delivery: Delivery) -> _Item:
+        """One `events.raw` message, checked on its own (intake.py): one that could make the batch's
+        write or publish fail is rejected alone, naming the field."""
+        max_payload = getattr(getattr(self.publisher, "nc", None), "max_payload", None) or DEFAULT_MAX_PAYLOAD
+        try:
+            event = parse_event(delivery.data)
+            event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
+            item = self._item(delivery, event, event_id)
+            check_size(item.raw, [i.key for i in item.identifiers], max_payload)
+        except Unusable as unusable:
+            raise Reject(unusable.reason, unusable.field, unusable.problem) from None
+        return item
+
+    async def apply(self, partition: int, items: list[_Item]) -> Effects:
+        """Resolve a batch (none of it applied before) and say what to write and publish."""
+        ops, notifications, grouped, _, _ = await self._resolve(items)
+        messages = [
+            OutMessage(subject=subject, payload=payload, msg_id=msg_id) for subject, msg_id, payload in notifications
+        ]
+        return Effects(writes=ops, messages=messages + resolved_messages(grouped))
+
+    async def recover(self, partition: int) -> None:
+        """A write failed: the graph may hold changes the store does not; start again from the store."""
+        self._failed = True
+        async with self.lock:
+            await self._recover_if_failed()
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `events.raw.<p>`: resolve, persist, publish; acked by the runner after."""
+        """One batch outside the partitioned engine (tools, tests): resolve, persist with the checkpoint,
+        publish. Events at or below the checkpoint are resolved read-only and published again."""
         items: list[_Item] = []
-        max_payload = getattr(getattr(self.publisher, "nc", None), "max_payload", None) or DEFAULT_MAX_PAYLOAD
         for delivery in batch:
-            # Each message is decoded and checked on its own (intake.py): one that could make the
-            # batch's write or publish fail is rejected alone, its neighbours are applied.
             try:
-                event = parse_event(delivery.data)
-                event_id = delivery.msg_id or f"{event.source_id}:{event.message_id}"
-                item = self._item(delivery, event, event_id)
-                check_size(item.raw, [i.key for i in item.identifiers], max_payload)
-            except Unusable as unusable:
-                delivery.reject(unusable.reason, str(unusable))
-                continue
-            items.append(item)
+                items.append(self.decode(delivery))
+            except Reject as bad:
+                delivery.reject(bad.reason, str(bad))
         if not items:
             return
-        # One consumer per partition: a batch is one subject, in stream order. Reading a message's
-        # position parses its reply subject, so only the ends are read unless the batch straddles the
-        # checkpoint (a redelivery after a crash).
         subject = batch[0].subject
         applied = self.applied.get(subject, 0)
         last_seq = batch[-1].stream_seq
@@ -314,6 +253,25 @@ class IdentityEngine:
     async def _apply(
         self, items: list[_Item], position: tuple[str, int] | None = None
     ) -> tuple[list[OutMessage], list[Resolution | None]]:
+        """Resolve, write (with the notifications into identity's outbox), and return the resolved
+        messages: the API's path, and `handle`'s."""
+        _, _, grouped, resolutions, write = await self._resolve(items, write=True, position=position)
+        await write  # type: ignore[misc]
+        return resolved_messages(grouped), resolutions
+
+    async def _resolve(
+        self, items: list[_Item], *, write: bool = False, position: tuple[str, int] | None = None
+    ) -> tuple[
+        list[WriteOp],
+        list[tuple[str, str, bytes]],
+        dict[int, list[tuple[str, bytes]]],
+        list[Resolution | None],
+        asyncio.Future | None,
+    ]:
+        """Resolve `items` in order under the lock. Returns the writes (versions advanced as if they
+        landed), the notifications, the resolved events by person partition, each resolution - or,
+        with `write`, no writes but the write itself, queued on the chain under the lock with the
+        notifications in identity's outbox and the checkpoint `position`."""
         started = time.perf_counter()
         async with self.lock:
             await self._recover_if_failed()
@@ -327,6 +285,7 @@ class IdentityEngine:
             outbox: list[tuple[str, str, bytes]] = []
             outcomes: dict[str, int] = {}
             drop_reasons: dict[str, int] = {}
+            ops: list[WriteOp] = []
             try:
                 for item in items:
                     self._place_previous(item)
@@ -353,20 +312,21 @@ class IdentityEngine:
                                 encode_resolved(item.raw, person, dropped, [i.key for i in item.identifiers]),
                             )
                         )
-                write = self._schedule_write(outbox, position)
+                queued = None
+                if write:
+                    queued = self._schedule_write(outbox, position)
+                else:
+                    ops = self._collect_ops([], None, ())
             except BaseException:
                 self._failed = True
                 raise
-        # The lock is free again: the next batch applies in memory while this one is written.
-        await write
-        outputs = resolved_messages(grouped)
         # Counted per batch, not per event: an OTel `add` costs as much as resolving an event.
         for outcome, count in outcomes.items():
             self._events.add(count, {"outcome": outcome})
         for reason, count in drop_reasons.items():
             self._drops.add(count, {"reason": reason})
         self._apply_ms.record((time.perf_counter() - started) * 1000)
-        return outputs, resolutions
+        return ops, outbox, grouped, resolutions, queued
 
     # --- the synchronous paths (gRPC) -------------------------------------------------------------
 
@@ -535,9 +495,8 @@ class IdentityEngine:
             return Purged()
         holders = await self._stored_mentions(persons | keys | set(requested))
         async with self.lock:
-            if self._last_write is not None:
-                # The outbox is read below: every notification written so far must be in it.
-                await asyncio.gather(self._last_write, return_exceptions=True)
+            # The outboxes are read below: every notification written so far must be in them.
+            await self.chain.settle()
             await self._recover_if_failed()
             await self._load_persons(holders[PERSONS])
             await self._load(holders[IDENTIFIERS])
@@ -584,12 +543,25 @@ class IdentityEngine:
         return found
 
     async def _outbox_naming(self, names: set[str]) -> list[WriteOp]:
-        """Deletes for the unpublished notifications that name any of `names`."""
+        """Deletes for the unpublished notifications that name any of `names`. The outbox also holds
+        the partitioned engine's records (`messages` of a batch: notifications and resolved events):
+        those are rewritten without the messages that name any of them (deleted when none is left)."""
         ops: list[WriteOp] = []
         async for record in self.store.scan_all(OUTBOX):
-            kind = OUTBOX_MESSAGES[record.doc["subject"]]
-            if not names.isdisjoint(_strings(kind.FromString(base64.b64decode(record.doc["payload"])))):
+            if "messages" not in record.doc:
+                kind = OUTBOX_MESSAGES[record.doc["subject"]]
+                if not names.isdisjoint(strings(kind.FromString(base64.b64decode(record.doc["payload"])))):
+                    ops.append(Delete(OUTBOX, record.key))
+                continue
+            kept = []
+            for message in record.doc["messages"]:
+                kind = OUTBOX_MESSAGES.get(message["subject"], events_pb2.ResolvedEventBatch)
+                if names.isdisjoint(strings(kind.FromString(base64.b64decode(message["payload"])))):
+                    kept.append(message)
+            if not kept:
                 ops.append(Delete(OUTBOX, record.key))
+            elif len(kept) < len(record.doc["messages"]):
+                ops.append(Put(OUTBOX, record.key, {**record.doc, "messages": kept}))
         return ops
 
     # --- loading and persisting -------------------------------------------------------------------
@@ -663,22 +635,18 @@ class IdentityEngine:
         at a person that is gone by the next read)."""
         return {k for k in keys if (collection, k) not in self._deleting}
 
-    def _schedule_write(
+    def _collect_ops(
         self,
         outbox: list[tuple[str, str, bytes]],
-        position: tuple[str, int] | None = None,
-        extra: Sequence[WriteOp] = (),
-    ) -> asyncio.Future:
-        """Snapshot what changed (under the lock) and queue its write behind the previous one.
-
-        Writes run one after another in the order their changes were made, each expecting the version
-        the previous writes will have left (so another replica's write in between is detected). If one
-        fails, every write queued after it fails too, and the cache is dropped before the next use:
-        the store is the truth, and the unacknowledged batches are redelivered onto it. Records a
-        privacy purge removed are deleted in the same write (persons last), with `extra` before them."""
+        position: tuple[str, int] | None,
+        extra: Sequence[WriteOp],
+    ) -> list[WriteOp]:
+        """What changed since the last call (under the lock), as writes expecting the versions the
+        earlier writes will have left. Records a privacy purge removed are deleted in the same write
+        (persons last), with `extra` before them."""
         identifiers, persons, merges = self.graph.take_dirty()
         removed_identifiers, removed_persons, removed_merges = self.graph.take_removed()
-        ops: list[Put | Delete] = []
+        ops: list[WriteOp] = []
         for collection, docs in ((IDENTIFIERS, identifiers), (PERSONS, persons)):
             for key, doc in docs.items():
                 expected = self.versions.get((collection, key), 0)
@@ -700,35 +668,39 @@ class IdentityEngine:
             ops.append(Put(OUTBOX, msg_id, document))
         if position is not None and position[1] > self.applied.get(position[0], 0):
             ops.append(Put(CHECKPOINTS, position[0], {"stream_seq": position[1], "at": now}))
+        return ops
+
+    def _schedule_write(
+        self,
+        outbox: list[tuple[str, str, bytes]],
+        position: tuple[str, int] | None = None,
+        extra: Sequence[WriteOp] = (),
+    ) -> asyncio.Future:
+        """Snapshot what changed (under the lock) and queue its write on the chain, behind every write
+        identity made before (the partitioned engine's batches included). If one fails, every write
+        queued after it fails too, and the cache is dropped before the next use: the store is the
+        truth, and the unacknowledged batches are redelivered onto it."""
+        ops = self._collect_ops(outbox, position, extra)
         self._writes += 1
         for op in ops:
             if isinstance(op, Delete):
                 self._deleting[(op.collection, op.key)] = self._writes
-        write = asyncio.ensure_future(self._write_after(self._last_write, ops, position, self._writes, bool(outbox)))
-        self._last_write = write
-        return write
+        write = self.chain.submit(ops)
+        return asyncio.ensure_future(self._write_settled(write, ops, position, self._writes, bool(outbox)))
 
-    async def _write_after(
+    async def _write_settled(
         self,
-        previous: asyncio.Future | None,
-        ops: list[Put | Delete],
+        write: asyncio.Future,
+        ops: list[WriteOp],
         position: tuple[str, int] | None,
         number: int,
         notifies: bool,
     ) -> None:
         try:
-            if previous is not None:
-                try:
-                    await previous
-                except Exception as exc:
-                    raise Unavailable(
-                        f"an earlier identity write failed ({type(exc).__name__}); the batch will be retried"
-                    ) from None
-            if ops:
-                try:
-                    await self.store.bulk_write(ops)
-                except CdpError as exc:
-                    raise without_values(exc) from None
+            try:
+                await write
+            except CdpError as exc:
+                raise without_values(exc) from None
         except BaseException:
             self._failed = True
             raise
@@ -744,7 +716,6 @@ class IdentityEngine:
         if position is not None:
             self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
-    _last_write: asyncio.Future | None = None
     _failed = False
     _writes = 0  # writes queued so far: numbers them
 
@@ -752,9 +723,8 @@ class IdentityEngine:
         """After a failed write: wait for the queued writes to settle, then start from the store again."""
         if not self._failed:
             return
-        if self._last_write is not None:
-            await asyncio.gather(self._last_write, return_exceptions=True)
-            self._last_write = None  # the failed chain ends here; new writes start a fresh one
+        await self.chain.settle()
+        self.chain.reset()  # the failed chain ends here; new writes start a fresh one
         self.graph = IdentityGraph(self.rules)
         self.versions.clear()
         self._failed = False
@@ -793,7 +763,8 @@ class IdentityEngine:
         if not self._outbox_waiting:
             return
         self._outbox_waiting = False
-        pending = [record async for record in self.store.scan_all(OUTBOX)]
+        # The partitioned engine's records (`messages`) are its own to publish.
+        pending = [record async for record in self.store.scan_all(OUTBOX) if "messages" not in record.doc]
         if not pending:
             return
         pending.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cdp.identity.v1 import identity_pb2
+from cdp_identity.codec import merge_record, timestamp
 from cdp_identity.domain.graph import Purged, stable_id
-from cdp_identity.engine import IdentityEngine, merge_record, timestamp
+from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching import DEFAULT_PERSON_CONFIG, MatchConfig, Matcher
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.storage import Delete, Put, Store, WriteOp

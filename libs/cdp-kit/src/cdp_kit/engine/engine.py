@@ -42,6 +42,9 @@ class EngineSpec:
     # Seconds between `Logic.snapshot` calls (services holding state without writing it per change).
     snapshot_every: float | None = None
     description: str = ""
+    # The outbox collection (default `<service>_engine_outbox`). A service may share its own outbox
+    # collection: the engine's records are keyed `<partition>:<position>` and hold `messages`.
+    outbox: str | None = None
 
     def __post_init__(self) -> None:
         if self.in_flight < 1:
@@ -81,7 +84,7 @@ class PartitionedEngine:
         self.store = store
         self.chain = chain
         self.checkpoints = subjects.checkpoints_collection(spec.service)
-        self.outbox = outbox.outbox_collection(spec.service)
+        self.outbox = spec.outbox or outbox.outbox_collection(spec.service)
         self.pipelines: dict[int, PartitionPipeline] = {}
         self.gate = asyncio.Event()  # cleared while a snapshot waits for a quiescent point
         self.gate.set()
@@ -149,8 +152,19 @@ class PartitionedEngine:
     async def run(self, ownership: Ownership | None = None) -> None:
         """Work on the partitions `ownership` gives (all of them by default) until cancelled; then
         release them, draining what is in flight."""
+        ownership = await self.start(ownership)
+        await self.serve(ownership)
+
+    async def start(self, ownership: Ownership | None = None) -> Ownership:
+        """Take the partitions `ownership` gives (all of them by default): their pipelines exist when
+        this returns. Then `serve(ownership)`."""
         ownership = ownership or StaticOwnership(partitions=self.spec.partitions)
         await ownership.start(self.start_partition, self.stop_partition)
+        return ownership
+
+    async def serve(self, ownership: Ownership) -> None:
+        """Snapshot at the interval (if the logic snapshots) until cancelled; then release every
+        partition, draining."""
         try:
             if self.spec.snapshot_every is not None and hasattr(self.logic, "snapshot"):
                 while True:
@@ -159,11 +173,8 @@ class PartitionedEngine:
             else:
                 await asyncio.Event().wait()
         finally:
-            await asyncio.shield(self._release(ownership))
-
-    async def _release(self, ownership: Ownership) -> None:
-        await ownership.stop()
-        await self.close()
+            await ownership.stop()
+            await self.close()
 
     async def close(self) -> None:
         """Stop every partition, draining."""

@@ -347,6 +347,10 @@ class PartitionPipeline:
             finally:
                 self._end()
                 self._slots.release()
+            if self._queue.empty():
+                # No batch behind this one to carry the outbox deletes: write them now, so a quiet
+                # partition leaves nothing in the outbox.
+                await self._flush_published()
 
     async def _settle(self, batch: _Batch) -> None:
         if batch.commit is not None:

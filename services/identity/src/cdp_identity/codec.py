@@ -1,0 +1,126 @@
+"""Identity's wire formats: the `events.resolved` batches built around the raw events' bytes, and the
+protobuf messages of identity's notifications and API (merge records, identifiers, timestamps).
+
+Nothing here has state or does I/O; the engine decides what to publish, this module how it is spelled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from cdp.events.v1 import events_pb2
+from cdp.identity.v1 import identity_pb2
+from cdp_identity.domain.graph import Merge, stable_id
+from cdp_identity.domain.normalize import split_key
+from cdp_kit.bus import OutMessage, subjects
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+# One events.resolved message stays well under JetStream's default 1 MiB payload limit.
+MAX_RESOLVED_MESSAGE_BYTES = 256 * 1024
+
+
+def _length_delimited(field_number: int, data: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+
+
+def encode_resolved(
+    raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = (), identifiers: Sequence[str] = ()
+) -> bytes:
+    """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
+    received, not parsed and re-serialized (most of the cost of resolving would be that)."""
+    out = _length_delimited(1, raw_event) + _length_delimited(2, person_id.encode())
+    for kind, value, reason in dropped:
+        item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
+        out += _length_delimited(3, item)
+    for key in identifiers:
+        out += _length_delimited(4, key.encode())
+    return out
+
+
+def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMessage]:
+    """`ResolvedEventBatch` messages, one per person partition (split when large). The message id is a
+    digest of the event ids inside, so re-publishing the same batch after a crash is deduplicated;
+    consumers are idempotent on each event's id for anything else."""
+    messages = []
+    for partition, entries in grouped.items():
+        chunk: list[tuple[str, bytes]] = []
+        size = 0
+        for entry in [*entries, None]:
+            if entry is None or (chunk and size + len(entry[1]) > MAX_RESOLVED_MESSAGE_BYTES):
+                if chunk:
+                    payload = b"".join(_length_delimited(1, encoded) for _id, encoded in chunk)
+                    msg_id = stable_id("rb_", *(event_id for event_id, _ in chunk))
+                    messages.append(
+                        OutMessage(subject=subjects.events_resolved(partition), payload=payload, msg_id=msg_id)
+                    )
+                chunk, size = [], 0
+            if entry is not None:
+                chunk.append(entry)
+                size += len(entry[1])
+    return messages
+
+
+def event_time_ms(event: events_pb2.Event) -> int:
+    stamp = event.timestamp if event.HasField("timestamp") else event.received_at
+    ms = stamp.seconds * 1000 + stamp.nanos // 1_000_000
+    return ms or int(time.time() * 1000)
+
+
+def timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def merge_record(merge: Merge | dict) -> identity_pb2.MergeRecord:
+    data = merge.as_dict() if isinstance(merge, Merge) else merge
+    cause = data.get("cause", {})
+    return identity_pb2.MergeRecord(
+        merge_id=data["id"],
+        winner=data["winner"],
+        loser=data["loser"],
+        at=timestamp(data["at"]),
+        cause=identity_pb2.MergeCause(
+            event_id=cause.get("event_id", ""),
+            identifiers=cause.get("identifiers", []),
+            rule=cause.get("rule", ""),
+            detail=cause.get("detail", ""),
+        ),
+    )
+
+
+def identifier_message(key: str) -> identity_pb2.Identifier:
+    kind, value = split_key(key)
+    return identity_pb2.Identifier(type=kind, value=value)
+
+
+def strings(message: Message) -> set[str]:
+    """Every string a notification holds, identifiers also as their keys ("type:value")."""
+    found: set[str] = set()
+    if isinstance(message, identity_pb2.Identifier):
+        found.add(f"{message.type}:{message.value}")
+    for descriptor, value in message.ListFields():
+        values = value if descriptor.is_repeated else [value]
+        for item in values:
+            if isinstance(item, Message):
+                found |= strings(item)
+            elif isinstance(item, str):
+                found.add(item)
+    return found
