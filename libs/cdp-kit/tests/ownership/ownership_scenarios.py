@@ -63,13 +63,13 @@ class Member:
         await self.ownership.start(self.on_acquire, self.on_release)
         return self
 
-    def kill(self) -> None:
+    async def kill(self) -> None:
         """Crash: no release, no goodbye; its leases stay until they expire."""
-        task = self.ownership._task
-        if task is not None:
-            task.cancel()
-        for callback in list(self.ownership._callbacks.values()):
-            callback.cancel()
+        tasks = [self.ownership._task, *self.ownership._callbacks.values()]
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await asyncio.wait([t for t in tasks if t is not None])
         self.ledger.crashed(self.name)
 
 
@@ -131,7 +131,7 @@ async def killed_member_loses_partitions_after_ttl(make: MakeMember) -> None:
     orphaned = {p for p, owner in before.items() if owner == "replica-1"}
     assert orphaned
 
-    b.kill()
+    await b.kill()
     # The survivor cannot take them early: the dead member's leases were renewed a moment ago.
     await asyncio.sleep(TTL / 2)
     assert not orphaned & a.ownership.owned()
@@ -168,7 +168,7 @@ async def churn(make: MakeMember) -> None:
     await b.ownership.stop()  # leaves mid-hand-off
     d = await make("replica-3", ledger, 0.1)
     await asyncio.sleep(TTL / 3)
-    c.kill()  # crashes holding whatever it had taken by then
+    await c.kill()  # crashes holding whatever it had taken by then
     final = await settled([a, d], ledger, timeout=20)
     assert set(final.values()) == {"replica-0", "replica-3"}
     assert ledger.violations == []
@@ -188,5 +188,5 @@ async def member_cut_off_from_the_store_stops_before_others_take_over(make: Make
     # b released each partition it had (fenced) before a started it: never two at once.
     assert all(("replica-1", p) in ledger.released_at for p, owner in before.items() if owner == "replica-1")
     assert ledger.violations == []
-    b.kill()
+    await b.kill()
     await a.ownership.stop()

@@ -202,7 +202,10 @@ class LeasedOwnership(Ownership):
             # A store that fails or hangs must not keep this member working past its fence.
             if left is not None and left <= 0:
                 raise TimeoutError
-            await asyncio.wait_for(self._round(), timeout=self.fence if left is None else left)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the round finishes, and then stop() would wait for a loop that never ends.
+            async with asyncio.timeout(self.fence if left is None else left):
+                await self._round()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store is unreachable or failed: retry next round, fence if too long
