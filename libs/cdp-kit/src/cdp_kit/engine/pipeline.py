@@ -278,10 +278,13 @@ class PartitionPipeline:
             self.idle.set()
 
     def _decode(self, deliveries: list[Delivery]) -> list:
+        # Reading a message's position parses its reply subject: read each one only when the batch
+        # starts at or below the position (a redelivery after a crash or a failed commit).
+        check = deliveries[0].stream_seq <= self.position
         items = []
         for delivery in deliveries:
-            if delivery.stream_seq <= self.position:
-                continue  # applied before (redelivered after a crash or a failed commit): acknowledged
+            if check and delivery.stream_seq <= self.position:
+                continue  # applied before: acknowledged with the batch
             try:
                 items.append(self.logic.decode(delivery))
             except Reject as bad:
