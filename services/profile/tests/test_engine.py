@@ -1,8 +1,14 @@
 """The profile engine against a real nats-server and the memory store, with a clock the test moves:
 windowed traits fall when time passes (and the change is published), a lost write race drops the cache
-and the redelivered batch applies on the store's state, and a redelivered batch counts once."""
+and the redelivered batch applies on the store's state, and a redelivered batch counts once.
+
+Events come the way they do in production: published on `events.resolved.0` and applied by the kit's
+partitioned engine running profile's logic (`cdp_profile.stream`)."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import grpc
 import nats
@@ -10,12 +16,13 @@ import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream
-from cdp_kit.errors import ResourceExhausted, Unavailable
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream
+from cdp_kit.errors import ResourceExhausted
 from cdp_kit.storage import Put, open_store
 from cdp_profile.api import definition_from_message, status_message
 from cdp_profile.domain import ComputedTrait, Retention
 from cdp_profile.engine import DEFINITIONS, PROFILES, ProfileEngine
+from cdp_profile.stream import partitioned_engines
 
 DAY = 86_400.0
 T0 = 1_790_000_000.0
@@ -29,16 +36,35 @@ class Clock:
         return self.now
 
 
-class Delivery:
-    """A delivery as the consumer runner hands it over (data, subject, stream position)."""
+class Events:
+    """The `events.resolved.0` consumer of one engine: the kit's partitioned engine on profile's logic."""
 
-    def __init__(self, batch: events_pb2.ResolvedEventBatch, subject: str, seq: int) -> None:
-        self.data = batch.SerializeToString()
-        self.subject = subject
-        self.stream_seq = seq
+    def __init__(self, engine: ProfileEngine, bus: Bus) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.partitioned = None
 
-    def reject(self, reason: str, detail: str = "") -> None:
-        raise AssertionError(f"rejected: {reason} {detail}")
+    async def start(self) -> None:
+        self.engine.streams.clear()
+        self.partitioned = partitioned_engines(self.engine, self.bus, partitions=1, batch_size=64, ack_wait=30)[0]
+        await self.partitioned.start_partition(0)
+        await self.partitioned.wait_ready()
+
+    async def stop(self) -> None:
+        """Release the partition as a replica does: what was applied is written, published, acknowledged."""
+        await self.partitioned.close()
+
+    async def feed(self, batch: events_pb2.ResolvedEventBatch) -> int:
+        """Publish a batch and wait until its effects are durable; its stream position."""
+        ack = await self.bus.js.publish("events.resolved.0", batch.SerializeToString())
+        await self.durable(ack.seq)
+        return ack.seq
+
+    async def durable(self, seq: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.partitioned.pipelines[0].checkpoint < seq:
+            assert time.monotonic() < deadline, f"position {seq} not durable in {timeout}s"
+            await asyncio.sleep(0.01)
 
 
 def order(message_id: str, person: str, at: float, revenue: float) -> events_pb2.ResolvedEvent:
@@ -55,7 +81,7 @@ def order(message_id: str, person: str, at: float, revenue: float) -> events_pb2
 async def engine(nats_server):
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,
@@ -67,9 +93,12 @@ async def engine(nats_server):
         )
         await engine.start()
         engine.test_clock = clock
+        engine.events = Events(engine, bus)
+        await engine.events.start()
         try:
             yield engine
         finally:
+            await engine.events.stop()
             await engine.stop()
 
 
@@ -96,7 +125,7 @@ async def test_a_windowed_count_falls_when_an_order_ages_out_without_a_new_event
     batch = events_pb2.ResolvedEventBatch(
         events=[order("o1", "p1", T0 - 20 * DAY, 10), order("o2", "p1", T0 - 2 * DAY, 20)]
     )
-    await engine.handle([Delivery(batch, "events.resolved.0", 1)])
+    await engine.events.feed(batch)
     assert engine.profiles["p1"].view(now=T0).computed["orders_30d"] == 2
 
     engine.test_clock.now = T0 + 11 * DAY  # o1 is now 31 days old
@@ -117,23 +146,28 @@ async def test_a_redelivered_batch_counts_once(engine):
         )
     )
     batch = events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10), order("o2", "p1", T0, 5)])
-    await engine.handle([Delivery(batch, "events.resolved.0", 1)])
-    await engine.handle([Delivery(batch, "events.resolved.0", 1)])  # redelivered after a lost ack
+    await engine.events.feed(batch)
+    # Redelivered after a lost acknowledgement: the consumer is gone, a new one delivers the stream
+    # again from its start, onto the same hot state and store.
+    await engine.events.stop()
+    await engine.events.bus.js.delete_consumer("EVENTS_RESOLVED", "profile-p0")
+    await engine.events.start()
+    await engine.events.durable(1)
+    await asyncio.sleep(0.2)
     assert engine.profiles["p1"].view(now=T0).computed["revenue"] == 15
 
 
 async def test_a_lost_write_race_drops_the_cache_and_the_retry_applies_on_the_stored_state(engine):
     await engine.define(ComputedTrait.from_dict({"name": "orders", "op": "count", "event_names": ["Order Completed"]}))
     first = events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)])
-    await engine.handle([Delivery(first, "events.resolved.0", 1)])
+    await engine.events.feed(first)
     # Another replica wrote p1 behind this one's back (a stale owner during a rollout).
     record = await engine.store.get(PROFILES, "p1")
     await engine.store.put(PROFILES, "p1", record.doc, expected_version=record.version)
 
     second = events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 10)])
-    with pytest.raises(Unavailable):
-        await engine.handle([Delivery(second, "events.resolved.0", 2)])
-    await engine.handle([Delivery(second, "events.resolved.0", 2)])  # JetStream redelivers it
+    # The write fails, the cache is dropped, and the batch is applied again on the stored state.
+    await engine.events.feed(second)
     profile = engine.profiles["p1"]
     assert profile.view(now=T0).computed["orders"] == 2
     assert [e.event_id for e in profile.events(limit=10)[0]] == ["t:o2", "t:o1"]
@@ -141,14 +175,14 @@ async def test_a_lost_write_race_drops_the_cache_and_the_retry_applies_on_the_st
 
 async def test_a_definition_added_later_is_backfilled_once_even_while_events_arrive(engine):
     events = [order(f"o{i}", "p1", T0 + i, 1) for i in range(10)]
-    await engine.handle([Delivery(events_pb2.ResolvedEventBatch(events=events), "events.resolved.0", 1)])
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=events))
     backfill = await engine.define(
         ComputedTrait.from_dict(
             {"name": "spent", "op": "sum", "property": "revenue", "event_names": ["Order Completed"]}
         )
     )
     later = [order("o10", "p1", T0 + 10, 1)]
-    await engine.handle([Delivery(events_pb2.ResolvedEventBatch(events=later), "events.resolved.0", 2)])
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=later))
     for task in list(engine._tasks):
         if task.get_name().startswith("backfill"):
             await task
@@ -161,7 +195,7 @@ async def test_a_definition_with_operators_reads_back_from_the_store_and_the_api
                   "where": {"revenue": {"$lte": 100, "$gt": 50}, "$anonymous_id": None}, "window": "30d"}  # fmt: skip
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
 
         async def started() -> ProfileEngine:
             engine = ProfileEngine(
@@ -174,7 +208,10 @@ async def test_a_definition_with_operators_reads_back_from_the_store_and_the_api
         engine = await started()
         await engine.define(ComputedTrait.from_dict(definition))
         orders = [order(f"o{i}", "p1", T0 - i * DAY, revenue) for i, revenue in enumerate([40, 60, 100, 120, 75.5])]
-        await engine.handle([Delivery(events_pb2.ResolvedEventBatch(events=orders), "events.resolved.0", 1)])
+        events = Events(engine, bus)
+        await events.start()
+        await events.feed(events_pb2.ResolvedEventBatch(events=orders))
+        await events.stop()
         assert engine.profiles["p1"].view(now=T0).computed["big_orders_30d"] == 3
         await engine.flush()
         await engine.stop()
@@ -239,7 +276,7 @@ async def test_context_pseudo_paths_feed_traits_and_a_backfill_after_a_restart_e
     alone, the first two would be 04 and 11)."""
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
 
         async def started() -> ProfileEngine:
             engine = ProfileEngine(
@@ -271,7 +308,10 @@ async def test_context_pseudo_paths_feed_traits_and_a_backfill_after_a_restart_e
                 located("e4", "Signed Up", T0 - 3600, user_id="u3", device="d3"),
             ]
         )
-        await engine.handle([Delivery(batch, "events.resolved.0", 1)])
+        events = Events(engine, bus)
+        await events.start()
+        await events.feed(batch)
+        await events.stop()
         await backfilled(engine)
         live = engine.profiles["p1"].view(now=T0).computed
         assert live == {
@@ -319,39 +359,41 @@ class HeldPublisher:
             await hold.wait()
         return await self.publisher.publish_batch(messages)
 
+    def __getattr__(self, name: str):
+        return getattr(self.publisher, name)
 
-async def test_a_deletion_while_a_batch_is_being_published_leaves_no_change_message_in_the_checkpoint(
-    engine, nats_server
-):
-    import asyncio
 
+async def test_a_deletion_while_a_batch_is_being_published_leaves_no_change_message_in_the_outbox(engine, nats_server):
     from cdp_kit.bus import privacy_stream
     from cdp_profile.engine import CHECKPOINTS
 
     async with Bus.connect(nats_server.url, name="privacy") as bus:
         await bus.ensure_streams(privacy_stream())
 
-    engine.publisher = held = HeldPublisher(engine.publisher)
-    await engine.handle(
-        [Delivery(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]), "events.resolved.0", 1)]
-    )
+    events = engine.events
+    await events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    # The partitioned engine publishes through the bus: hold its next publish.
+    events.bus.publisher = held = HeldPublisher(events.bus.publisher)
     release = asyncio.Event()
     held.hold, held.reached = release, asyncio.Event()
     second = events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 99_999)])
-    handling = asyncio.create_task(engine.handle([Delivery(second, "events.resolved.0", 2)]))
-    await held.reached.wait()  # committed, not yet published: the checkpoint holds p1's change
-    assert engine.applied["events.resolved.0"] == 2
-    await engine.delete("p1", suppress=False, request_id="r1")
+    await events.bus.js.publish("events.resolved.0", second.SerializeToString())
+    await held.reached.wait()  # committed, not yet published: the outbox holds p1's change
+    outbox = events.partitioned.outbox
+    assert [r async for r in engine.store.scan_all(outbox)]
+    deleting = asyncio.create_task(engine.delete("p1", suppress=False, request_id="r1"))
+    await asyncio.sleep(0.1)
     release.set()
-    await handling
+    await deleting
     await engine.flush()
+    assert [r async for r in engine.store.scan_all(outbox)] == []
     checkpoint = await engine.store.get(CHECKPOINTS, "events.resolved.0")
-    assert checkpoint.doc["changes"] == [] and checkpoint.doc["stream_seq"] == 2
+    assert checkpoint.doc["stream_seq"] == 2
 
 
 async def test_the_computed_traits_a_deployment_holds_are_capped_and_a_deleted_one_frees_its_place(nats_server):
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,

@@ -1,19 +1,25 @@
 """What an operator's dashboard reads from profile: its metrics under the OpenTelemetry dotted names
-(`cdp.profile.<thing>`, the unit in the instrument's unit), counting what the engine did."""
+(`cdp.profile.<thing>`, the unit in the instrument's unit), counting what the engine did; the batches of
+its partitioned inputs are timed by the kit's engine (`cdp.engine.<thing>`, attributes `service` and
+`partition`)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, subjects
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, subjects
 from cdp_kit.storage import open_store
 from cdp_kit.telemetry import Telemetry
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
-from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_profile.stream import partitioned_engines
+from cdp_testing.fakes import T0, Clock
 
 
 def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
@@ -42,9 +48,12 @@ def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
 
 async def test_applied_events_changes_and_commits_are_counted_under_dotted_names(nats_server, reader):
     provider = MeterProvider(metric_readers=[reader])
-    telemetry = Telemetry(service_name="profile", tracer=None, meter=provider.get_meter("cdp.profile"))
-    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream())
+    telemetry = Telemetry(service_name="profile", tracer=trace.NoOpTracer(), meter=provider.get_meter("cdp.profile"))
+    async with (
+        open_store("memory://") as store,
+        Bus.connect(nats_server.url, name="metrics-test", telemetry=telemetry) as bus,
+    ):
+        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,
@@ -55,19 +64,26 @@ async def test_applied_events_changes_and_commits_are_counted_under_dotted_names
             clock=Clock(T0 + 0.25),
         )
         await engine.start()
+        events = partitioned_engines(engine, bus, partitions=1, batch_size=64, ack_wait=30)[0]
+        await events.start_partition(0)
         try:
             batch = events_pb2.ResolvedEventBatch(events=[order("o1", "p1"), order("o2", "p2"), order("o3", "p1")])
-            await engine.handle([Delivery(batch, subjects.events_resolved(0), 1)])
+            ack = await bus.js.publish(subjects.events_resolved(0), batch.SerializeToString())
+            for _ in range(1000):  # until the batch is durable
+                if events.pipelines[0].checkpoint >= ack.seq:
+                    break
+                await asyncio.sleep(0.01)
         finally:
+            await events.close()
             await engine.stop()
 
     metrics = collected(reader)
-    assert not [name for name in metrics if not name.startswith("cdp.profile.")]
+    assert not [name for name in metrics if not name.startswith(("cdp.profile.", "cdp.engine.", "cdp.bus."))]
     unit, (events,) = metrics["cdp.profile.events"]
     assert unit == "{event}" and events.value == 3 and dict(events.attributes) == {"outcome": "applied"}
     unit, (changes,) = metrics["cdp.profile.changes"]
     assert unit == "{change}" and changes.value == 2 and dict(changes.attributes) == {"cause": "event"}
     unit, (freshness,) = metrics["cdp.profile.freshness"]
     assert unit == "ms" and freshness.count == 1 and freshness.sum == pytest.approx(250)
-    unit, (commit,) = metrics["cdp.profile.commit.duration"]
-    assert unit == "ms" and commit.count >= 1
+    unit, (commit,) = metrics["cdp.engine.commit.duration"]
+    assert unit == "ms" and commit.count >= 1 and dict(commit.attributes) == {"service": "profile", "partition": 0}

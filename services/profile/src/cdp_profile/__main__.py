@@ -18,6 +18,7 @@ from cdp_kit.bus import (
     scores_stream,
     subjects,
 )
+from cdp_kit.ownership import StaticOwnership
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_profile import SERVICE
@@ -26,6 +27,7 @@ from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
 from cdp_profile.routing import Router, peer_addresses
 from cdp_profile.settings import ProfileSettings
+from cdp_profile.stream import partitioned_engines
 
 
 async def setup(runtime: ServiceRuntime) -> None:
@@ -57,40 +59,18 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
+    # The partitioned inputs run on the kit's engine (stream.py): one ordered durable consumer per
+    # owned partition, the next batch applied while the previous one is written.
+    # Each input has its own ownership (the same partitions): one's release hooks are its engine's.
+    streams = partitioned_engines(
+        engine, bus, partitions=settings.partitions, batch_size=settings.batch_size, ack_wait=settings.ack_wait
+    )
+    for stream in streams:
+        ownership = StaticOwnership(
+            partitions=settings.partitions, ordinal=settings.pod_ordinal, replicas=settings.replicas
+        )
+        runtime.spawn(stream.run(ownership), f"consume {stream.spec.subject_prefix}.<p>")
     runners = []
-    for p in partitions:
-        runner = bus.consumer(
-            ConsumerSpec(
-                stream=subjects.EVENTS_RESOLVED,
-                durable=subjects.partition_durable(SERVICE, p),
-                filter_subjects=(subjects.events_resolved(p),),
-                batch_size=settings.batch_size,
-                ack_wait=settings.ack_wait,
-                # Stream order within the partition, across failures and restarts.
-                max_ack_pending=settings.batch_size,
-                ordered=True,
-                description=f"profile: apply events of person partition {p}",
-            ),
-            engine.handle,
-        )
-        runtime.spawn(runner.run(), f"consume {subjects.events_resolved(p)}")
-        runners.append(runner)
-    for p in partitions:
-        runner = bus.consumer(
-            ConsumerSpec(
-                stream=subjects.SCORES,
-                durable=subjects.partition_durable(SERVICE, p, input="scores"),
-                filter_subjects=(subjects.scores_updated(p),),
-                batch_size=settings.batch_size,
-                ack_wait=settings.ack_wait,
-                max_ack_pending=settings.batch_size,
-                ordered=True,
-                description=f"profile: store the model scores of persons of partition {p}",
-            ),
-            engine.handle_scores,
-        )
-        runtime.spawn(runner.run(), f"consume {subjects.scores_updated(p)}")
-        runners.append(runner)
     identity_runner = bus.consumer(
         ConsumerSpec(
             stream=subjects.IDENTITY,
@@ -117,7 +97,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         channel=lambda address: client_channel(settings, address),
     )
     runtime.stack.push_async_callback(router.close)
-    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners, router=router)
+    runtime.parts.update(bus=bus, store=store, engine=engine, streams=streams, runners=runners, router=router)
     runtime.grpc.add_service(
         profile_pb2_grpc.add_ProfileServiceServicer_to_server,
         ProfileApi(

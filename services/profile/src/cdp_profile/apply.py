@@ -1,11 +1,12 @@
 """What each consumed message does to the hot profiles: the domain step of every stream profile reads.
 
-Each function takes a batch of deliveries (already past the redelivery check) and the hot state, and
-returns an `Applied`: the profile changes by person (what the group commit writes and what is
+The partitioned streams (`events.resolved.<p>`, `scores.updated.<p>`) are decoded one message at a time
+(`decode_*`: pure, `Reject` for a message that can never be applied) and applied a batch at a time;
+identity's notices are applied from their deliveries. Each `apply_*` takes the hot state and returns
+an `Applied`: the profile changes by person (what the group commit writes and what is
 published), the other records to write (tombstones), and counts for the metrics. Nothing here commits,
-publishes or acknowledges: that is the engine's machinery, so this module is what the service supplies
-when the stream handling moves to the kit's partitioned engine. A message that cannot be decoded is
-rejected on its delivery (dead-lettered by the runner) and costs only itself.
+publishes or acknowledges: that is the kit's partitioned engine (`stream.py` hands it these functions).
+A message that cannot be decoded is dead-lettered alone and costs only itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from math import isfinite
 
 from google.protobuf.message import DecodeError
 
@@ -22,7 +23,8 @@ from cdp.identity.v1 import identity_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery
 from cdp_kit.bus.subjects import IDENTITY_MERGED, IDENTITY_UNMERGED
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.engine import Reject
+from cdp_kit.profile_fields import SCORES, field_key
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import to_seconds
 from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
@@ -54,31 +56,18 @@ class Applied:
 # --- events.resolved.<p> ------------------------------------------------------------------------------
 
 
-def decode_events(
-    batch: Sequence[Delivery], *, after: int, needs_context: bool
-) -> list[tuple[str, ProfileEvent, float]]:
-    """(person, event, received) of the deliveries past stream position `after`, in stream order."""
-    items: list[tuple[str, ProfileEvent, float]] = []
-    for delivery in batch:
-        if delivery.stream_seq <= after:
-            continue  # applied before a crash; its changes were published from the checkpoint
-        message = events_pb2.ResolvedEventBatch()
-        try:
-            message.ParseFromString(delivery.data)
-        except DecodeError as exc:
-            delivery.reject("invalid_message", f"not a cdp.events.v1.ResolvedEventBatch: {exc}")
-            continue
-        for resolved in message.events:
-            if not resolved.person_id:
-                continue
-            items.append(
-                (
-                    resolved.person_id,
-                    to_profile_event(resolved, needs_context=needs_context),
-                    received_time(resolved.event),
-                )
-            )
-    return items
+def decode_events(delivery: Delivery, *, needs_context: bool) -> list[tuple[str, ProfileEvent, float]]:
+    """(person, event, received) of one `ResolvedEventBatch` message, in order; `Reject` if it is not one."""
+    message = events_pb2.ResolvedEventBatch()
+    try:
+        message.ParseFromString(delivery.data)
+    except DecodeError as exc:
+        raise Reject("invalid_message", "data", f"not a cdp.events.v1.ResolvedEventBatch ({exc})") from None
+    return [
+        (resolved.person_id, to_profile_event(resolved, needs_context=needs_context), received_time(resolved.event))
+        for resolved in message.events
+        if resolved.person_id
+    ]
 
 
 def apply_events(
@@ -204,40 +193,60 @@ async def _unmerge(
 # --- scores.updated.<p> ---------------------------------------------------------------------------------
 
 
-async def apply_scores(hot: HotProfiles, batch: Sequence[Delivery], *, owns: Callable[[str], bool]) -> Applied:
-    """Model scores become profile fields; cause "score".
+@dataclass(slots=True)
+class ScoreUpdate:
+    """One `ScoresUpdatedBatch`, checked: `values[i]` holds person i's scores, by name."""
+
+    model: str
+    version: str
+    persons: list[str]
+    values: list[dict[str, float]]
+    at: list[float]
+
+
+def decode_scores(delivery: Delivery) -> ScoreUpdate:
+    """One `ScoresUpdatedBatch` message, its shape and values checked (`Reject` names what is wrong)."""
+    try:
+        message = scoring_pb2.ScoresUpdatedBatch.FromString(delivery.data)
+    except DecodeError as exc:
+        raise Reject("invalid_message", "data", f"not a cdp.scoring.v1.ScoresUpdatedBatch ({exc})") from None
+    names, persons, values = list(message.scores), list(message.person_ids), message.values
+    width = len(names)
+    if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
+        raise Reject(
+            "invalid_message",
+            "values",
+            f"{len(persons)} persons, {width} scores, {len(values)} values, {len(message.at_ms)} times",
+        )
+    if not message.model:
+        raise Reject("invalid_score", "model", "must name the model that produced the scores")
+    for name in names:
+        if not name:
+            raise Reject("invalid_score", "scores", "a score name is empty")
+    for i, value in enumerate(values):
+        if not isfinite(value):
+            raise Reject("invalid_score", field_key(SCORES, names[i % width]), "must be a finite number")
+    return ScoreUpdate(
+        model=message.model,
+        version=message.version,
+        persons=persons,
+        values=[dict(zip(names, values[i * width : (i + 1) * width], strict=True)) for i in range(len(persons))],
+        at=[ms / 1000 for ms in message.at_ms],
+    )
+
+
+def apply_scores(hot: HotProfiles, updates: Sequence[ScoreUpdate], *, owns: Callable[[str], bool]) -> Applied:
+    """Model scores become profile fields (the persons must be loaded); cause "score".
 
     A score replaces the one of the same name only if it comes from a later profile change, so a
     redelivered or late batch changes nothing."""
     out = Applied()
-    for delivery in batch:
-        try:
-            message = scoring_pb2.ScoresUpdatedBatch.FromString(delivery.data)
-        except DecodeError as exc:
-            delivery.reject("invalid_message", f"not a cdp.scoring.v1.ScoresUpdatedBatch: {exc}")
-            continue
-        names, persons, values = list(message.scores), message.person_ids, message.values
-        width = len(names)
-        if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
-            delivery.reject(
-                "invalid_message",
-                f"{len(persons)} persons, {width} scores, {len(values)} values, {len(message.at_ms)} times",
-            )
-            continue
-        await hot.load(persons)
-        for i, person in enumerate(persons):
+    for update in updates:
+        for person, scores, at in zip(update.persons, update.values, update.at, strict=True):
             target = hot.root(person)
             profile = hot.profiles.get(target)
             if profile is None or not owns(target):
                 # Deleted, or merged into a person another replica owns: nothing here to hold the score.
                 continue
-            scores: dict[str, Any] = dict(zip(names, values[i * width : (i + 1) * width], strict=True))
-            try:
-                change = profile.set_scores(
-                    scores, model=message.model, version=message.version, at=message.at_ms[i] / 1000
-                )
-            except InvalidArgument as exc:
-                delivery.reject("invalid_score", str(exc))
-                break
-            out.fold(target, change)
+            out.fold(target, profile.set_scores(scores, model=update.model, version=update.version, at=at))
     return out

@@ -1,22 +1,24 @@
 """The profile engine: hot profiles in memory, written behind to the store, changes on the bus.
 
-Paths that change a profile (the `events.resolved.<p>` consumer, identity merges and unmerges, model
-scores, API writes, computed-trait expiry and backfill, deletion) all end the same way:
+Paths that change a profile (the partitioned streams `events.resolved.<p>` and `scores.updated.<p>`,
+identity merges and unmerges, API writes, computed-trait expiry and backfill, deletion) all end the
+same way:
 1. the domain applies the change in memory and reports a compact `ProfileChange` (`apply.py` for the
    consumed streams; `backfill.py`, `expiry.py` and `privacy.py` for the rest);
-2. the touched profiles are queued for the next *group commit*: one bulk write of every dirty profile,
-   the timeline entries added and removed, and each partition's stream position with the change
-   messages that position produced (so a crash between the write and the publish loses nothing:
-   start-up publishes them again, and JetStream drops repeats by message id);
-3. once the write is durable, the changes are published on `profiles.changed.<p>` and only then is the
-   stream position acknowledged (by the consumer runner, when the handler returns).
-A write that fails drops the whole cache; the unacknowledged batches are redelivered onto the store's
-state, so nothing is counted twice.
+2. the change's writes (the touched profiles, each a versioned put, and the timeline entries added and
+   removed) are queued on the engine's one `WriteChain`, so every write lands in the order the changes
+   were made in memory, whichever path made them (merges and API writes touch persons of any partition);
+3. once the write is durable, the changes are published on `profiles.changed.<p>`.
+The partitioned streams run on the kit's `PartitionedEngine` (`stream.py`): it adds the partition's
+checkpoint and an outbox record of the change messages to each batch's write, publishes, acknowledges,
+and pipelines (batch n+1 applied while n is written). A write that fails drops the whole cache (`recover`):
+the writes queued after it fail too, the unacknowledged batches are redelivered onto the store's state,
+so nothing is counted twice.
 
-This module is the machinery (consume, commit, publish, recover); what a message does to a profile
-is not here. Merged-away persons keep a tombstone (`merged_into`) so late events are applied to the
-survivor; deleted persons keep a marker without personal data, so events already in flight at
-deletion time do not bring them back (see `state.py`).
+This module holds the hot state and the out-of-stream paths; what a message does to a profile is not
+here. Merged-away persons keep a tombstone (`merged_into`) so late events are applied to the survivor;
+deleted persons keep a marker without personal data, so events already in flight at deletion time do
+not bring them back (see `state.py`).
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
+from cdp_kit.engine import WriteChain
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
-from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
-from cdp_profile.apply import Applied, apply_events, apply_identity, apply_scores, decode_events
+from cdp_profile.apply import Applied, apply_identity
 from cdp_profile.backfill import Backfill as Backfill  # also imported from here by code that predates backfill.py
 from cdp_profile.backfill import ComputedTraitCatalogue
 from cdp_profile.changes import change_messages
@@ -45,8 +47,6 @@ from cdp_profile.records import (
     DELETIONS,
     TIMELINE,
     checkpoint_leftovers,
-    checkpoint_position,
-    encode_checkpoint,
     encode_entry,
     encode_profile,
     timeline_key,
@@ -61,16 +61,6 @@ from cdp_profile.records import decode_profile as decode_profile
 from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.engine")
-
-
-@dataclass(slots=True)
-class _Pending:
-    """What the next group commit writes, and who waits for it."""
-
-    dirty: set[str] = field(default_factory=set)
-    ops: list[Put | Delete] = field(default_factory=list)
-    positions: dict[str, tuple[int, list[OutMessage]]] = field(default_factory=dict)
-    waiters: list[asyncio.Future] = field(default_factory=list)
 
 
 class ProfileEngine:
@@ -96,11 +86,16 @@ class ProfileEngine:
         self.hot = HotProfiles(store, retention=retention, owns=self.owns)
         self.catalogue = ComputedTraitCatalogue(self, max_held=max_computed_traits)
         self.privacy = Privacy(self)
-        self.applied: dict[str, int] = {}  # partition subject -> last durable stream position
-        self.unpublished: dict[str, list[OutMessage]] = {}  # per subject, changes durable but not yet published
-        self._pending = _Pending()
-        self._wake = asyncio.Event()
-        self._failed = False
+        # Every write of the service, stream batches and the rest, lands in the order it was made.
+        self.chain = WriteChain(store)
+        # The partitioned engines running on this hot state (`stream.py`): a deletion waits for them.
+        self.streams: list = []
+        # Bumped when a recovery starts: a batch applied across a recovery is refused (`fresh`).
+        self.epoch = 0
+        self._steady = asyncio.Event()  # cleared while the hot state is being rebuilt
+        self._steady.set()
+        self._recovering = asyncio.Lock()
+        self._applied_epoch: dict[Any, int] = {}
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
         self._m_events = meter.create_counter(
@@ -112,13 +107,13 @@ class ProfileEngine:
         self._m_commit = meter.create_histogram(
             "cdp.profile.commit.duration",
             unit="ms",
-            description="time to write one group commit",
+            description="time to write the changes made outside the partitioned streams",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_freshness = meter.create_histogram(
             "cdp.profile.freshness",
             unit="ms",
-            description="collector acceptance to durable profile change, per batch (its newest event)",
+            description="collector acceptance to the profile change being visible, per batch (its newest event)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
 
@@ -146,23 +141,31 @@ class ProfileEngine:
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Checkpoints, definitions and the owned profiles from the store; leftovers published."""
-        async for record in self.store.scan_all(CHECKPOINTS):
-            self.applied[record.key] = checkpoint_position(record.doc)
-            leftovers = checkpoint_leftovers(record.doc)
-            if leftovers:
-                self.unpublished[record.key] = leftovers
+        """Definitions and the owned profiles from the store; leftovers published. The partitioned
+        streams start after this (`stream.py`)."""
+        await self._publish_legacy_leftovers()
         await self.store.ensure_index(DELETIONS, "pending")
         await self.catalogue.load(self.store)
         await self.hot.warm()
         # The warmed profiles live as long as the process: keep the collector from rescanning them.
         gc.freeze()
-        for subject in list(self.unpublished):
-            await self._publish_leftovers(subject)
         await self.privacy.publish_deletions()
-        self.spawn(self._flush_loop(), "profile group commit")
         self.spawn(expiry_loop(self.expire_due), "profile expiry")
         self.catalogue.resume()
+
+    async def _publish_legacy_leftovers(self) -> None:
+        """Before the partitioned engine, a checkpoint kept its batch's change messages until they were
+        published (`changes`); the engine keeps them in its outbox. A store written by an older release
+        may still hold some: publish them (JetStream drops repeats by id) and write the checkpoint
+        without them, keeping its position, so an upgrade neither loses nor replays anything."""
+        async for record in self.store.scan_all(CHECKPOINTS):
+            leftovers = checkpoint_leftovers(record.doc)
+            if "changes" not in record.doc:
+                continue
+            if leftovers:
+                await self.publish(leftovers)
+            doc = {k: v for k, v in record.doc.items() if k != "changes"}
+            await self.store.put(CHECKPOINTS, record.key, doc)
 
     def spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Background work that lives until `stop`."""
@@ -173,48 +176,56 @@ class ProfileEngine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.chain.settle()
 
-    # --- the stream paths: decode and apply (apply.py), commit, publish; acked by the runner after ---
+    # --- the hot state as the partitioned streams use it (stream.py) -------------------------------
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `events.resolved.<p>`."""
-        subject = batch[0].subject
-        await self._recover_if_failed()
-        await self._publish_leftovers(subject)
-        applied = self.applied.get(subject, 0)
-        items = decode_events(batch, after=applied, needs_context=self.defs.needs_context)
-        last_seq = batch[-1].stream_seq
-        if last_seq <= applied:
+    async def steady(self, key: Any) -> int:
+        """Wait until no recovery is rebuilding the hot state; the epoch a batch of `key` applies in."""
+        await self._steady.wait()
+        self._applied_epoch[key] = self.epoch
+        return self.epoch
+
+    def fresh(self, epoch: int) -> None:
+        """Raise if a recovery started since `epoch`: what was applied may sit on dropped state."""
+        if epoch != self.epoch:
+            raise Unavailable("the profile cache was rebuilt while the batch was applied; it will be retried")
+
+    async def recover_stream(self, key: Any) -> None:
+        """A batch of `key` failed: rebuild the hot state, unless a recovery has done so since it was
+        applied (its writes had settled by then)."""
+        if self._applied_epoch.get(key, self.epoch) < self.epoch:
             return
-        await self.hot.load(person for person, _, _ in items)
-        now = self.clock()
-        step = apply_events(self.hot, items, self.defs, now=now)
-        messages = self.messages(step.changes, cause="event", now=now)
-        for outcome, count in step.outcomes.items():
-            if count:
-                self._m_events.add(count, {"outcome": outcome})
-        with self.privacy.scrub.between_commit_and_publish(subject):
-            await self.commit(step.changes, ops=step.ops, position=(subject, last_seq, messages))
-            if step.newest_received:
-                self._m_freshness.record(max(0.0, (self.clock() - step.newest_received) * 1000))
-            await self.publish(subject, messages)
-            await self.privacy.scrub_checkpoint(subject)
+        await self.recover()
+
+    async def recover(self) -> None:
+        """A write failed: wait for every write queued so far, drop the cache and reload it from the
+        store, start a fresh write chain. Concurrent callers share one recovery."""
+        epoch = self.epoch
+        async with self._recovering:
+            if self.epoch != epoch:
+                return  # another caller rebuilt it meanwhile
+            self.epoch += 1
+            self._steady.clear()
+            try:
+                await self.chain.settle()
+                self.hot.reset()
+                log.warning("profile cache dropped after a failed write; reloading from the store")
+                await self.hot.warm()
+                self.chain.reset()
+            finally:
+                self._steady.set()
+
+    # --- identity.merged / identity.unmerged (a broadcast consumer, not partitioned) ---------------
 
     async def handle_identity(self, batch: Sequence[Delivery]) -> None:
         """Consumer handler for `identity.merged` / `identity.unmerged`."""
-        await self._recover_if_failed()
+        await self._steady.wait()
         step = await apply_identity(self.hot, batch, self.defs, owns=self.owns, now=self.clock())
         if not step.changes:
             await self.commit({}, ops=step.ops)
             return
         await self._write_by_cause(step, default="merge")
-
-    async def handle_scores(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `scores.updated.<p>`: model scores become profile fields."""
-        await self._recover_if_failed()
-        step = await apply_scores(self.hot, batch, owns=self.owns)
-        if step.changes:
-            await self.write(step.changes, cause="score", now=self.clock(), ops=step.ops)
 
     async def _write_by_cause(self, step: Applied, *, default: str) -> None:
         now = self.clock()
@@ -223,7 +234,7 @@ class ProfileEngine:
             by_cause.setdefault(step.causes.get(person, default), {})[person] = change
         messages = [m for cause, group in by_cause.items() for m in self.messages(group, cause=cause, now=now)]
         await self.commit(step.changes, ops=step.ops)
-        await self.publish(None, messages)
+        await self.publish(messages)
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
@@ -300,7 +311,32 @@ class ProfileEngine:
     async def delete(self, person_id: str, *, suppress: bool, request_id: str | None) -> dict[str, Any]:
         return await self.privacy.delete(person_id, suppress=suppress, request_id=request_id)
 
-    # --- the group commit -------------------------------------------------------------------------
+    # --- writing ----------------------------------------------------------------------------------
+
+    def writes(
+        self,
+        changes: Mapping[str, ProfileChange],
+        *,
+        ops: Sequence[WriteOp] = (),
+        dirty: Collection[str] = (),
+    ) -> list[WriteOp]:
+        """The store writes of these changes: `ops`, the timeline entries added and removed, and each
+        changed (or `dirty`: written although no visible value changed) live profile as a versioned put.
+        Built right before it is queued on the chain (nothing awaits between), so the versions follow."""
+        out: list[WriteOp] = list(ops)
+        profiles = self.hot.profiles
+        persons = set(dirty)
+        for person, change in changes.items():
+            persons.add(person)
+            for entry in change.timeline_added:
+                out.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
+            for entry in change.timeline_removed:
+                out.append(Delete(TIMELINE, timeline_key(entry)))
+        for person in persons:
+            profile = profiles.get(person)
+            if profile is not None:  # else merged away or deleted: its marker is in `ops`
+                out.append(self.hot.versioned_put(person, encode_profile(profile)))
+        return out
 
     async def write(
         self,
@@ -311,85 +347,33 @@ class ProfileEngine:
         ops: Sequence[Put | Delete] = (),
         dirty: Collection[str] = (),
     ) -> None:
-        """Commit changes made outside the stream paths and publish them (no stream position moves)."""
+        """Commit changes made outside the partitioned streams and publish them."""
         messages = self.messages(changes, cause=cause, now=now)
         await self.commit(changes, ops=ops, dirty=dirty)
-        await self.publish(None, messages)
+        await self.publish(messages)
 
-    def commit(
+    async def commit(
         self,
         changes: Mapping[str, ProfileChange],
         *,
-        position: tuple[str, int, list[OutMessage]] | None = None,
         ops: Sequence[Put | Delete] = (),
         dirty: Collection[str] = (),
-    ) -> asyncio.Future:
-        """Queue the changed profiles (and a stream position) for the next group commit; the future
-        resolves once they are durable. `dirty`: profiles to write although no visible value changed."""
-        pending = self._pending
-        profiles = self.hot.profiles
-        for person, change in changes.items():
-            if person in profiles:
-                pending.dirty.add(person)
-            for entry in change.timeline_added:
-                pending.ops.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
-            for entry in change.timeline_removed:
-                pending.ops.append(Delete(TIMELINE, timeline_key(entry)))
-        pending.dirty.update(dirty)
-        pending.ops.extend(ops)
-        if position is not None:
-            subject, seq, messages = position
-            pending.positions[subject] = (seq, messages)
-        future = asyncio.get_running_loop().create_future()
-        pending.waiters.append(future)
-        self._wake.set()
-        return future
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.flush()
+    ) -> None:
+        """Queue the writes of changes made outside the partitioned streams on the chain and wait until
+        they are durable. A failure rebuilds the cache (`recover`) and raises Unavailable."""
+        started = time.perf_counter()
+        write = self.chain.submit(self.writes(changes, ops=ops, dirty=dirty))
+        try:
+            await write
+        except Exception as exc:
+            log.warning("profile write failed (%s); the cache will be reloaded from the store", type(exc).__name__)
+            await self.recover()
+            raise Unavailable(f"profile write failed ({type(exc).__name__}); retry") from None
+        self._m_commit.record((time.perf_counter() - started) * 1000)
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, _Pending()
-        if not pending.waiters and not pending.dirty and not pending.ops:
-            return
-        started = time.perf_counter()
-        try:
-            ops: list[Put | Delete] = list(pending.ops)
-            for person in pending.dirty:
-                profile = self.hot.profiles.get(person)
-                if profile is not None:  # else merged away or deleted since: its marker is in `ops`
-                    ops.append(self.hot.versioned_put(person, encode_profile(profile)))
-            for subject, (seq, messages) in pending.positions.items():
-                ops.append(Put(CHECKPOINTS, subject, encode_checkpoint(seq, self.clock(), messages)))
-            if ops:
-                await self.store.bulk_write(ops)
-        except Exception as exc:
-            self._failed = True
-            log.warning("profile write failed (%r); the cache will be reloaded from the store", exc)
-            for waiter in pending.waiters:
-                if not waiter.done():
-                    waiter.set_exception(Unavailable(f"profile write failed ({exc!r}); the batch will be retried"))
-            return
-        for subject, (seq, _messages) in pending.positions.items():
-            self.applied[subject] = max(self.applied.get(subject, 0), seq)
-        self._m_commit.record((time.perf_counter() - started) * 1000)
-        for waiter in pending.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _recover_if_failed(self) -> None:
-        if not self._failed:
-            return
-        self._failed = False
-        self.hot.reset()
-        self.applied.clear()
-        async for record in self.store.scan_all(CHECKPOINTS):
-            self.applied[record.key] = checkpoint_position(record.doc)
-        log.warning("profile cache dropped after a failed write; reloading from the store")
-        await self.hot.warm()
+        """Wait until every write queued so far has landed (or failed)."""
+        await self.chain.settle()
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -400,21 +384,12 @@ class ProfileEngine:
             self._m_changes.add(count, {"cause": cause})
         return change_messages(changes, cause=cause, now=now, partition_of=self._partition)
 
-    async def publish(self, subject: str | None, messages: list[OutMessage]) -> None:
-        """Publish durable changes; those JetStream did not store are kept (by consumed subject) for the
-        next batch of that subject, and the caller gets Unavailable (the batch is not acknowledged)."""
+    async def publish(self, messages: list[OutMessage]) -> None:
+        """Publish durable changes made outside the partitioned streams; Unavailable if JetStream did not
+        store them all (the caller's request or delivery is retried; repeats are dropped by id)."""
         if not messages:
             return
         results = await self.publisher.publish_batch(messages)
-        failed = [m for m, r in zip(messages, results, strict=True) if not r.ok]
+        failed = sum(1 for r in results if not r.ok)
         if failed:
-            key = subject or "_other"
-            self.unpublished.setdefault(key, []).extend(failed)
-            raise Unavailable(f"{len(failed)} profile changes not stored by JetStream; they will be published again")
-
-    async def _publish_leftovers(self, subject: str) -> None:
-        leftovers = self.unpublished.pop(subject, None)
-        if leftovers:
-            await self.publish(subject, leftovers)
-            if subject in self.applied:
-                await self.privacy.scrub_checkpoint(subject)
+            raise Unavailable(f"{failed} profile changes not stored by JetStream; retry")

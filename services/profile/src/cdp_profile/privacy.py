@@ -7,10 +7,10 @@ data) that drop events already in flight; the request's result and its `privacy.
 Once durable, the notice is published (again at start-up if that failed) and the store erases the
 bytes the deleted records left in its files.
 
-Checkpoints keep the change messages of their batch until those are published (see `records`), and
-those may hold the person's values. A partition whose messages are already published gets a clean
-checkpoint in the deletion's own commit; one that is between its commit and its publish (or whose
-publish failed) is scrubbed right after it publishes (`CheckpointScrub`).
+The partitioned engine keeps each batch's change messages in its outbox until they are published, and
+those may hold the person's values. After the deletion's commit, every partitioned stream is brought to
+a quiescent point (everything applied is durable, published and acknowledged), so every outbox record
+left is published: they are deleted before the store erases.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from cdp.privacy.v1 import privacy_pb2
@@ -29,7 +28,7 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds
 from cdp_profile.domain import ProfileChange
-from cdp_profile.records import CHECKPOINTS, DELETIONS, TIMELINE, encode_checkpoint, timeline_key, timeline_prefix
+from cdp_profile.records import DELETIONS, TIMELINE, timeline_key, timeline_prefix
 
 if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
@@ -41,43 +40,9 @@ def identifier_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class CheckpointScrub:
-    """Which partitions' checkpoints still hold change messages a deletion wants gone."""
-
-    def __init__(self) -> None:
-        self.publishing: set[str] = set()  # partitions between their commit and their publish
-        self.pending: set[str] = set()  # checkpoints to clear of change messages once those are published
-
-    @contextlib.contextmanager
-    def between_commit_and_publish(self, subject: str) -> Iterator[None]:
-        self.publishing.add(subject)
-        try:
-            yield
-        finally:
-            self.publishing.discard(subject)
-
-    def on_deletion(self, applied: Mapping[str, int], unpublished: Collection[str], *, now: float) -> list[Put]:
-        """Clean checkpoints for the partitions whose messages are published; the others are marked."""
-        clean = [
-            Put(CHECKPOINTS, subject, encode_checkpoint(seq, now))
-            for subject, seq in applied.items()
-            if subject not in self.publishing and subject not in unpublished
-        ]
-        self.pending.update(self.publishing, unpublished)
-        return clean
-
-    def take(self, subject: str) -> bool:
-        """Whether the partition's checkpoint is to be scrubbed now (its messages are published)."""
-        if subject in self.pending:
-            self.pending.discard(subject)
-            return True
-        return False
-
-
 class Privacy:
     def __init__(self, engine: ProfileEngine) -> None:
         self._engine = engine
-        self.scrub = CheckpointScrub()
 
     async def export(self, person_id: str) -> tuple[str, dict[str, Any]]:
         """Everything held about a person (following merges): its id and the export document."""
@@ -130,12 +95,12 @@ class Privacy:
         ops.append(
             Put(DELETIONS, request_id, {"result": result, "notice": notice.SerializeToString().hex(), "pending": True})
         )
-        ops.extend(self.scrub.on_deletion(engine.applied, engine.unpublished, now=now))
         gone = ProfileChange(person_id=person, removed=True)
         messages = engine.messages({person: gone}, cause="delete", now=now)
         await engine.commit({}, ops=ops)
         await self.publish_deletions()
-        await engine.publish(None, messages)
+        await engine.publish(messages)
+        await self.scrub_outboxes()
         await store.erase()  # the deletion is durable: no bytes of the person left in the files
         log.info("person deleted", extra={"person": person, "request_id": request_id, "suppress": suppress})
         return result
@@ -154,11 +119,16 @@ class Privacy:
             else:
                 raise Unavailable(f"privacy.deleted not stored by JetStream ({results[0].error}); retry the request")
 
-    async def scrub_checkpoint(self, subject: str) -> None:
-        """A deletion came while this partition's change messages were kept for publishing: now that they
-        are published, the checkpoint forgets them (they may hold the deleted person's values)."""
-        if self.scrub.take(subject):
-            engine = self._engine
-            doc = encode_checkpoint(engine.applied.get(subject, 0), engine.clock())
-            await engine.commit({}, ops=[Put(CHECKPOINTS, subject, doc)])
-            await engine.store.erase()
+    async def scrub_outboxes(self) -> None:
+        """Delete the partitioned engines' outbox records once they are published: they may hold the
+        change messages of a person just deleted."""
+        engine = self._engine
+        async with contextlib.AsyncExitStack() as quiet:
+            for stream in engine.streams:
+                await quiet.enter_async_context(stream.quiescent())
+            # Quiescent: every batch applied is durable and published, so no record left is unpublished.
+            ops = []
+            for outbox in sorted({stream.outbox for stream in engine.streams}):
+                ops.extend([Delete(outbox, record.key) async for record in engine.store.scan_all(outbox)])
+            if ops:
+                await engine.commit({}, ops=ops)

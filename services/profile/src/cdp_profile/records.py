@@ -4,9 +4,10 @@ Profiles and timeline entries are stored as one JSON string each: they hold user
 be anything ("$set", "a.b"), which a document store may refuse as field names, and one string is also
 far cheaper for the storage port to check than a walk over every nested value.
 
-A checkpoint (one per consumed partition subject) holds the last durable stream position and the
-change messages that position produced, until they are published: a crash between the write and the
-publish loses nothing, since start-up publishes them again (JetStream drops repeats by message id).
+A checkpoint (one per consumed partition subject, `{"stream_seq": ...}`) is written by the kit's
+partitioned engine with each batch; the batch's change messages wait in the engine's outbox until they
+are published. Releases before the engine kept them in the checkpoint (`changes`): start-up publishes
+what such a checkpoint still holds and drops the field (`encode_checkpoint` / `checkpoint_leftovers`).
 """
 
 from __future__ import annotations
@@ -56,15 +57,12 @@ def timeline_prefix(origin: str) -> str:
 
 
 def encode_checkpoint(stream_seq: int, at: float, messages: Iterable[OutMessage] = ()) -> dict[str, Any]:
+    """A checkpoint as releases before the partitioned engine wrote it (tests of the upgrade)."""
     return {
         "stream_seq": stream_seq,
         "at": at,
         "changes": [{"subject": m.subject, "payload": m.payload.hex(), "msg_id": m.msg_id} for m in messages],
     }
-
-
-def checkpoint_position(doc: dict[str, Any]) -> int:
-    return doc.get("stream_seq", 0)
 
 
 def checkpoint_leftovers(doc: dict[str, Any]) -> list[OutMessage]:
