@@ -364,7 +364,7 @@ class ProfileEngine:
         started = time.perf_counter()
         write = self.chain.submit(self.writes(changes, ops=ops, dirty=dirty))
         try:
-            await write
+            await asyncio.shield(write)  # a caller going away must not cancel the writes queued with it
         except Exception as exc:
             log.warning("profile write failed (%s); the cache will be reloaded from the store", type(exc).__name__)
             await self.recover()

@@ -11,8 +11,13 @@ change the store never got. The chain gives both:
   has recovered (dropped the state those writes were computed on) and called `reset()`.
 
 One chain per partition is the default (partitions are independent). A service whose hot state spans
-partitions (identity's graph) shares one chain between all of them and its own synchronous writes, so
-every write it makes lands in the order the changes were made.
+partitions (identity's graph, profile's merges) shares one chain between all of them and its own
+synchronous writes, so every write it makes lands in the order the changes were made.
+
+Group commit: writes submitted while an earlier one is still being written are queued as one group and
+land in one `bulk_write` (in submission order, at most `max_group_ops` operations), so a chain shared by
+many partitions costs one store round trip per round, not one per batch. A group lands or fails whole:
+a write that fails takes the others of its group with it, as it would take every later write anyway.
 """
 
 from __future__ import annotations
@@ -28,10 +33,21 @@ class EarlierWriteFailed(Unavailable):
     """A write was not attempted because one submitted before it failed."""
 
 
+class _Group:
+    __slots__ = ("ops", "sealed", "write")
+
+    def __init__(self, ops: list[WriteOp]) -> None:
+        self.ops = ops
+        self.sealed = False  # its bulk_write has started: nothing joins any more
+        self.write: asyncio.Future | None = None
+
+
 class WriteChain:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, max_group_ops: int = 20_000) -> None:
         self.store = store
+        self.max_group_ops = max_group_ops
         self._last: asyncio.Future | None = None
+        self._open: _Group | None = None  # the last group, joinable until its write starts
         self._tasks: set[asyncio.Future] = set()
         self._closed = False
 
@@ -43,13 +59,35 @@ class WriteChain:
             write = asyncio.get_running_loop().create_future()
             write.set_exception(EarlierWriteFailed("the write chain was aborted"))
             return write
-        write = asyncio.ensure_future(self._write(self._last, after, list(ops)))
+        ops = list(ops)
+        group = self._open
+        if (
+            group is not None
+            and not group.sealed
+            and len(group.ops) + len(ops) <= self.max_group_ops
+            # `after` is already ordered before the group (this chain's) or done: nothing more to wait for.
+            and (after is None or after.done() or after in self._tasks)
+        ):
+            group.ops.extend(ops)
+            return group.write  # type: ignore[return-value]
+        group = _Group(ops)
+        write = group.write = asyncio.ensure_future(self._write(self._last, after, group))
+        self._open = group
         self._last = write
         self._tasks.add(write)
         write.add_done_callback(self._tasks.discard)
         return write
 
-    async def _write(self, previous: asyncio.Future | None, after: asyncio.Future | None, ops: list[WriteOp]) -> None:
+    async def _write(self, previous: asyncio.Future | None, after: asyncio.Future | None, group: _Group) -> None:
+        try:
+            await self._wait_for(previous, after)
+        finally:
+            group.sealed = True
+        if group.ops:
+            await self.store.bulk_write(group.ops)
+
+    @staticmethod
+    async def _wait_for(previous: asyncio.Future | None, after: asyncio.Future | None) -> None:
         for earlier in (previous, after):
             if earlier is None:
                 continue
@@ -61,8 +99,6 @@ class WriteChain:
                 raise
             except Exception as exc:
                 raise EarlierWriteFailed(f"an earlier write failed ({type(exc).__name__})") from None
-        if ops:
-            await self.store.bulk_write(ops)
 
     @property
     def last(self) -> asyncio.Future | None:
@@ -77,11 +113,13 @@ class WriteChain:
         """Start a fresh chain: writes submitted from now on no longer wait for (or fail with) the
         earlier ones. Only after the state computed on a failed write has been dropped."""
         self._last = None
+        self._open = None
 
     def abort(self) -> None:
         """Cancel every write not yet landed and refuse any later one (tests: what a crash does to a
         process' pending writes; a task that outlives its cancellation cannot write any more)."""
         self._closed = True
+        self._open = None
         for task in list(self._tasks):
             task.cancel()
         self._last = None
