@@ -65,6 +65,7 @@ class Member:
 
     async def kill(self) -> None:
         """Crash: no release, no goodbye; its leases stay until they expire."""
+        self.ownership.closing = True
         tasks = [self.ownership._task, *self.ownership._callbacks.values()]
         for task in tasks:
             if task is not None:

@@ -138,6 +138,9 @@ class LeasedOwnership(Ownership):
         self._on_acquire: PartitionCallback = noop
         self._on_release: PartitionCallback = noop
         self._task: asyncio.Task[None] | None = None
+        # Set by stop(): the loop also checks it, because a cancellation can be swallowed inside a
+        # store client (seen with nats-py's KV watch), and a round must not acquire after stop().
+        self.closing = False
 
     # -- the interface --------------------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class LeasedOwnership(Ownership):
         self._task = asyncio.create_task(self._run(), name=f"ownership-{self.identity}")
 
     async def stop(self) -> None:
+        self.closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -191,7 +195,7 @@ class LeasedOwnership(Ownership):
         return self._renewed_at + self.fence - self._clock()
 
     async def _run(self) -> None:
-        while True:
+        while not self.closing:
             left = self._until_fence()
             await asyncio.sleep(self.interval if left is None else max(0.0, min(self.interval, left)))
             await self._round_safely()
@@ -238,6 +242,8 @@ class LeasedOwnership(Ownership):
         for p in sorted(self._owned - assigned):
             self._begin_release(p)
         for p in sorted(assigned - self._held.keys()):
+            if self.closing:
+                return
             current = leases.get(p)
             if current is not None and current.holder and current.holder != self.identity and age[p] < self.ttl:
                 continue  # its holder still renews it: it frees the lease once it has released the partition
