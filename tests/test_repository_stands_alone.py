@@ -11,7 +11,7 @@ committed) and fails naming each file, line and target:
   its headings;
 - a document named anywhere (`something.md`, in prose, comments or docstrings) must be one the
   repository holds;
-- no text may lead out of the checkout: a sibling folder of the workspace (`../shared`) or an absolute
+- no text may lead out of the checkout: a sibling folder of the checkout (a path up out of it) or an absolute
   path on a developer's machine (home folders, the build machine's workspace);
 - a repository path quoted in `docs/` (`libs/cdp-kit/src/cdp_kit/bus/consumer.py`) must exist, so the
   architecture document's "where to find a rule" table follows files that move.
