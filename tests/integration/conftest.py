@@ -50,12 +50,13 @@ class Edge:
                 return await response.json()
 
 
-@pytest.fixture
-async def edge(nats_server, tmp_path):
+@contextlib.asynccontextmanager
+async def running_edge(nats_url: str, tmp_path) -> AsyncIterator[tuple[Edge, ServiceRuntime]]:
+    """The collector (with one source, `WRITE_KEY`) and identity; yields the edge and the collector."""
     sources = tmp_path / "sources.json"
     sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
     common = dict(
-        nats_url=nats_server.url,
+        nats_url=nats_url,
         grpc_host="127.0.0.1",
         grpc_port=0,
         auth_mode="none",
@@ -65,7 +66,13 @@ async def edge(nats_server, tmp_path):
     collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
     identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
     async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
-        yield Edge(http=f"http://127.0.0.1:{c.ports['http']}", nats_url=nats_server.url, identity=i, common=common)
+        yield Edge(http=f"http://127.0.0.1:{c.ports['http']}", nats_url=nats_url, identity=i, common=common), c
+
+
+@pytest.fixture
+async def edge(nats_server, tmp_path):
+    async with running_edge(nats_server.url, tmp_path) as (started, _collector):
+        yield started
 
 
 # --- the whole chain: collector → identity → profile, and what it dead-letters ------------------------
@@ -213,19 +220,8 @@ class Chain:
 @contextlib.asynccontextmanager
 async def running_chain(nats_url: str, tmp_path) -> AsyncIterator[Chain]:
     """Start collector, identity and profile as the `edge` fixture and test_profile_flow.py do."""
-    sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
-    common = dict(
-        nats_url=nats_url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=PARTITIONS,
-        shutdown_grace=1.0,
-    )
-    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
-    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
-    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
+    async with running_edge(nats_url, tmp_path) as (started, c):
+        i, common = started.identity, started.common
         profile = ProfileSettings(
             **common,
             store_url=f"sqlite:///{tmp_path / 'profile.db'}",
@@ -235,7 +231,7 @@ async def running_chain(nats_url: str, tmp_path) -> AsyncIterator[Chain]:
             channels = [grpc.aio.insecure_channel(f"127.0.0.1:{r.grpc.port}") for r in (c, i, p)]
             try:
                 yield Chain(
-                    edge=Edge(http=f"http://127.0.0.1:{c.ports['http']}", nats_url=nats_url, identity=i, common=common),
+                    edge=started,
                     profile_runtime=p,
                     collector=collector_pb2_grpc.CollectorServiceStub(channels[0]),
                     identity=identity_pb2_grpc.IdentityServiceStub(channels[1]),

@@ -8,18 +8,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp.events.v1 import events_pb2
 from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, subjects
 from cdp_kit.storage import open_store
-from cdp_kit.telemetry import Telemetry
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
 from cdp_profile.stream import partitioned_engines
 from cdp_testing.fakes import T0, Clock
+from cdp_testing.metrics import MetricsCapture
 
 
 def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
@@ -31,24 +28,9 @@ def order(message_id: str, person: str) -> events_pb2.ResolvedEvent:
     return events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=[f"user_id:{person}"])
 
 
-@pytest.fixture
-def reader() -> InMemoryMetricReader:
-    return InMemoryMetricReader()
-
-
-def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
-    """{metric name: (unit, data points)}"""
-    out: dict[str, tuple[str, list]] = {}
-    for resource in reader.get_metrics_data().resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                out[metric.name] = (metric.unit, list(metric.data.data_points))
-    return out
-
-
-async def test_applied_events_changes_and_commits_are_counted_under_dotted_names(nats_server, reader):
-    provider = MeterProvider(metric_readers=[reader])
-    telemetry = Telemetry(service_name="profile", tracer=trace.NoOpTracer(), meter=provider.get_meter("cdp.profile"))
+async def test_applied_events_changes_and_commits_are_counted_under_dotted_names(nats_server):
+    captured = MetricsCapture("profile")
+    telemetry = captured.telemetry
     async with (
         open_store("memory://") as store,
         Bus.connect(nats_server.url, name="metrics-test", telemetry=telemetry) as bus,
@@ -77,7 +59,7 @@ async def test_applied_events_changes_and_commits_are_counted_under_dotted_names
             await events.close()
             await engine.stop()
 
-    metrics = collected(reader)
+    metrics = captured.collected()
     assert not [name for name in metrics if not name.startswith(("cdp.profile.", "cdp.engine.", "cdp.bus."))]
     unit, (events,) = metrics["cdp.profile.events"]
     assert unit == "{event}" and events.value == 3 and dict(events.attributes) == {"outcome": "applied"}

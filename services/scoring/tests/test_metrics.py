@@ -4,18 +4,16 @@
 from __future__ import annotations
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
 from cdp_kit.storage import open_store
-from cdp_kit.telemetry import Telemetry
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import SHADOW
 from cdp_scoring.engine import ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
 from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_testing.metrics import MetricsCapture
 from cdp_testing.onnx_models import logistic_model
 
 
@@ -29,20 +27,9 @@ def changes(*persons: str, at: float) -> profile_pb2.ProfileChangedBatch:
     return batch
 
 
-def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
-    """{metric name: (unit, data points)}"""
-    out: dict[str, tuple[str, list]] = {}
-    for resource in reader.get_metrics_data().resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                out[metric.name] = (metric.unit, list(metric.data.data_points))
-    return out
-
-
 async def test_rows_scores_inference_freshness_and_shadow_are_measured_under_dotted_names(nats_server, tmp_path):
-    reader = InMemoryMetricReader()
-    meter = MeterProvider(metric_readers=[reader]).get_meter("cdp.scoring")
-    telemetry = Telemetry(service_name="scoring", tracer=None, meter=meter)
+    captured = MetricsCapture("scoring")
+    telemetry = captured.telemetry
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
         await bus.ensure_streams(profiles_stream(), scores_stream())
@@ -64,7 +51,7 @@ async def test_rows_scores_inference_freshness_and_shadow_are_measured_under_dot
         finally:
             await engine.stop()
 
-    metrics = collected(reader)
+    metrics = captured.collected()
     assert not [name for name in metrics if not name.startswith("cdp.scoring.")]
     unit, rows = metrics["cdp.scoring.rows"]
     assert unit == "{row}"

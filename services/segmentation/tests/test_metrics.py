@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.storage import open_store
-from cdp_kit.telemetry import Telemetry
 from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import SegmentationEngine
 from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_testing.metrics import MetricsCapture
 
 
 def change(person: str, at: float, **traits: str | float) -> profile_pb2.ProfileChanged:
@@ -28,20 +26,9 @@ def change(person: str, at: float, **traits: str | float) -> profile_pb2.Profile
     return message
 
 
-def collected(reader: InMemoryMetricReader) -> dict[str, tuple[str, list]]:
-    """{metric name: (unit, data points)}"""
-    out: dict[str, tuple[str, list]] = {}
-    for resource in reader.get_metrics_data().resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                out[metric.name] = (metric.unit, list(metric.data.data_points))
-    return out
-
-
 async def test_transitions_evaluations_members_timers_and_builds_are_measured_under_dotted_names(nats_server):
-    reader = InMemoryMetricReader()
-    meter = MeterProvider(metric_readers=[reader]).get_meter("cdp.segmentation")
-    telemetry = Telemetry(service_name="segmentation", tracer=None, meter=meter)
+    captured = MetricsCapture("segmentation")
+    telemetry = captured.telemetry
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="metrics-test") as bus:
         await bus.ensure_streams(profiles_stream(), segments_stream())
@@ -64,7 +51,7 @@ async def test_transitions_evaluations_members_timers_and_builds_are_measured_un
             )
             clock.advance(0.25)  # the changes were made a quarter of a second ago
             await engine.handle([Delivery(batch, subjects.profiles_changed(0), seq=1)])
-            metrics = collected(reader)
+            metrics = captured.collected()
         finally:
             await engine.stop()
 

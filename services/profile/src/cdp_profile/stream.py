@@ -84,36 +84,33 @@ def partitioned_engines(
 ) -> list[PartitionedEngine]:
     """The engines of profile's two partitioned inputs, registered with `engine` (a deletion waits for
     them to be quiescent before it erases their outboxes)."""
+
+    def on(logic, service: str, stream: str, prefix: str, description: str) -> PartitionedEngine:
+        spec = EngineSpec(
+            service=service,
+            stream=stream,
+            subject_prefix=prefix,
+            partitions=partitions,
+            batch_size=batch_size,
+            ack_wait=ack_wait,
+            description=description,
+        )
+        return PartitionedEngine(logic, spec, bus=bus, store=engine.store, chain=engine.chain)
+
     streams = [
-        PartitionedEngine(
+        on(
             EventsLogic(engine),
-            EngineSpec(
-                service=SERVICE,
-                stream=subjects.EVENTS_RESOLVED,
-                subject_prefix=subjects.EVENTS_RESOLVED_PREFIX,
-                partitions=partitions,
-                batch_size=batch_size,
-                ack_wait=ack_wait,
-                description="profile: apply events of a person partition",
-            ),
-            bus=bus,
-            store=engine.store,
-            chain=engine.chain,
+            SERVICE,
+            subjects.EVENTS_RESOLVED,
+            subjects.EVENTS_RESOLVED_PREFIX,
+            "profile: apply events of a person partition",
         ),
-        PartitionedEngine(
+        on(
             ScoresLogic(engine),
-            EngineSpec(
-                service=SCORES_SERVICE,
-                stream=subjects.SCORES,
-                subject_prefix=subjects.SCORES_UPDATED_PREFIX,
-                partitions=partitions,
-                batch_size=batch_size,
-                ack_wait=ack_wait,
-                description="profile: store the model scores of a person partition",
-            ),
-            bus=bus,
-            store=engine.store,
-            chain=engine.chain,
+            SCORES_SERVICE,
+            subjects.SCORES,
+            subjects.SCORES_UPDATED_PREFIX,
+            "profile: store the model scores of a person partition",
         ),
     ]
     engine.streams.extend(streams)
