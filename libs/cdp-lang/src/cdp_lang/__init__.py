@@ -1,0 +1,1 @@
+"""cdp's condition language (being moved here from segmentation's domain)."""

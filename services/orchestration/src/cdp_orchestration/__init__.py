@@ -1,0 +1,1 @@
+"""cdp orchestration: journeys, the per-person arbiter, experiments and channels."""

@@ -1,0 +1,1 @@
+"""Orchestration's domain: journeys, instances, the arbiter and experiments. No I/O here."""
