@@ -1,5 +1,8 @@
 """The segment language and its two evaluators: plain Python and NumPy, no I/O.
 
+The language lives in the shared library `cdp_lang` (orchestration's conditions are written in it too); the
+modules below, except `graph`, are that library's modules under their old names, so existing imports work.
+
 - `nodes`: the syntax tree (frozen dataclasses) both written forms map onto.
 - `text`: `parse(text)` and `to_text(node)`, the grammar in its docstring; `SegmentSyntaxError`.
 - `tree`: `from_json(tree)` and `to_json(node)`, the JSON shapes in its docstring.
@@ -11,10 +14,9 @@
 - `graph`: `check_segment_graph`, cycles and unknown references between segments.
 """
 
-from cdp_segmentation.domain.columns import Column, Columns
-from cdp_segmentation.domain.compiler import CompiledSegment, compile_segment, computed_trait
-from cdp_segmentation.domain.graph import check_segment_graph
-from cdp_segmentation.domain.nodes import (
+from cdp_lang.columns import Column, Columns
+from cdp_lang.compiler import CompiledSegment, compile_segment, computed_trait
+from cdp_lang.nodes import (
     Aggregate,
     And,
     Condition,
@@ -28,8 +30,9 @@ from cdp_segmentation.domain.nodes import (
     Or,
     Performed,
 )
-from cdp_segmentation.domain.text import SegmentSyntaxError, parse, to_text
-from cdp_segmentation.domain.tree import from_json, to_json
+from cdp_lang.text import SegmentSyntaxError, parse, to_text
+from cdp_lang.tree import from_json, to_json
+from cdp_segmentation.domain.graph import check_segment_graph
 
 __all__ = [
     "Aggregate",

@@ -1,0 +1,190 @@
+"""From a node to a `CompiledSegment`: one plan, evaluated per profile (`evaluate`) or per population
+(`evaluate_columns`), plus what the engine needs to know about it (fields, segments, computed traits, timers).
+
+Event conditions never reach the evaluators as events: each aggregate becomes a profile computed-trait
+definition (the profile service keeps it up to date, window expiry included) and a test on
+`computed.<name>`. The name is a hash of the definition, so every segment asking the same question shares
+one computed trait:
+
+    count(event = "Order Completed" and properties.total > 50, within 30d) >= 3
+    -> {"name": "seg_<16 hex>", "op": "count", "event_type": "track", "event_names": ["Order Completed"],
+        "where": {"total": {"$gt": 50}}, "window": "30d"}   and   computed.seg_<16 hex> >= 3
+
+For count and sum a person the trait has no value for (no matching event yet) counts as 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cdp_kit.profile_fields import COMPUTED, field_key
+from cdp_lang.columns import Columns
+from cdp_lang.nodes import (
+    ZERO_WHEN_MISSING,
+    Aggregate,
+    And,
+    Condition,
+    Date,
+    EventPredicate,
+    InSegment,
+    Node,
+    Not,
+    Now,
+    Or,
+    Performed,
+    duration_text,
+    where_document,
+)
+from cdp_lang.plan import (
+    AllOf,
+    AnyOf,
+    Member,
+    Negate,
+    NumberTest,
+    OneOf,
+    Plan,
+    Test,
+    TimeTest,
+    moving_tests,
+)
+from cdp_lang.row import RowPredicate, flip_time, row_predicate
+from cdp_lang.vector import VectorPredicate, vector_predicate
+
+NO_MEMBERS: Mapping[str, np.ndarray] = {}
+
+
+def computed_trait(
+    op: str, event: EventPredicate, property_path: tuple[str, ...] | None, within: float | None
+) -> dict[str, Any]:
+    """The profile computed-trait definition an aggregate reads, named by the hash of the rest of it."""
+    definition: dict[str, Any] = {"op": op, "event_type": event.type, "event_names": list(event.names)}
+    if property_path is not None:
+        definition["property"] = ".".join(property_path[1:])
+    definition["where"] = where_document(event.where)
+    if within is not None:
+        definition["window"] = duration_text(within)
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"))
+    return {"name": "seg_" + hashlib.sha256(canonical.encode()).hexdigest()[:16], **definition}
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledSegment:
+    """A segment ready to evaluate. Build it with `compile_segment`."""
+
+    node: Node
+    plan: Plan
+    fields: frozenset[str]  # the field keys it reads, e.g. "traits.plan", "computed.seg_..."
+    segments: frozenset[str]  # the segments it reads membership of (in_segment)
+    computed_traits: tuple[dict[str, Any], ...]  # profile definitions its aggregates read, each once
+    time_dependent: bool  # compares a field with `now`: membership can change as time passes
+    _row: RowPredicate = field(repr=False)
+    _vector: VectorPredicate = field(repr=False)
+    _moving: tuple[TimeTest, ...] = field(repr=False)
+
+    @property
+    def predicate(self) -> RowPredicate:
+        """`evaluate` without defaults: (record, members, now) -> bool, for callers on a hot path."""
+        return self._row
+
+    def evaluate(self, record: Mapping[str, Any], members: Container[str] = (), now: float | None = None) -> bool:
+        """Whether one person (flat field key -> value) is in the segment; `members`: segments they are in."""
+        return self._row(record, members, time.time() if now is None else now)
+
+    def next_change(
+        self, record: Mapping[str, Any], members: Container[str] = (), now: float | None = None
+    ) -> float | None:
+        """The earliest instant after `now` at which one of the segment's time comparisons flips for this
+        person (membership may still hold through it), or None when none ever will."""
+        if not self._moving:
+            return None
+        now = time.time() if now is None else now
+        instants = [t for test in self._moving if (t := flip_time(test, record, now)) is not None]
+        return min(instants, default=None)
+
+    def evaluate_columns(
+        self, columns: Columns, members: Mapping[str, np.ndarray] = NO_MEMBERS, now: float | None = None
+    ) -> np.ndarray:
+        """Membership of every row (bool array); `members[id]` is a bool array per referenced segment."""
+        return self._vector(columns, members, time.time() if now is None else now)
+
+
+class _Lowering:
+    def __init__(self) -> None:
+        self.fields: set[str] = set()
+        self.segments: set[str] = set()
+        self.computed: dict[str, dict[str, Any]] = {}
+
+    def lower(self, node: Node) -> Plan:
+        if isinstance(node, Condition):
+            self.fields.add(node.field)
+            return self.condition(node)
+        if isinstance(node, Aggregate | Performed):
+            return self.aggregate(node)
+        if isinstance(node, InSegment):
+            self.segments.add(node.segment)
+            return Member(node.segment)
+        if isinstance(node, Not):
+            return Negate(self.lower(node.operand))
+        if isinstance(node, And):
+            return AllOf(tuple(self.lower(operand) for operand in node.operands))
+        if isinstance(node, Or):
+            return AnyOf(tuple(self.lower(operand) for operand in node.operands))
+        raise TypeError(f"not a segment node: {node!r}")
+
+    def condition(self, node: Condition) -> Plan:
+        value = node.value
+        if isinstance(value, Now):
+            return TimeTest(node.field, node.sub, node.op, value.offset, None)
+        if isinstance(value, Date):
+            return TimeTest(node.field, node.sub, node.op, None, value.epoch)
+        if node.op == "in":
+            assert isinstance(value, tuple)
+            return Test(
+                node.field,
+                node.sub,
+                "in",
+                OneOf(
+                    numbers=frozenset(float(v) for v in value if not isinstance(v, bool | str)),
+                    strings=frozenset(v for v in value if isinstance(v, str)),
+                    bools=frozenset(v for v in value if isinstance(v, bool)),
+                ),
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+        return Test(node.field, node.sub, node.op, value)
+
+    def aggregate(self, node: Aggregate | Performed) -> Plan:
+        if isinstance(node, Performed):
+            op, property_path, comparison, value = "count", None, ">=", 1.0
+        else:
+            op, property_path, comparison, value = node.op, node.property, node.comparison, float(node.value)
+        definition = computed_trait(op, node.event, property_path, node.within)
+        self.computed.setdefault(definition["name"], definition)
+        key = field_key(COMPUTED, definition["name"])
+        self.fields.add(key)
+        return NumberTest(key, comparison, value, 0.0 if op in ZERO_WHEN_MISSING else None)
+
+
+def compile_segment(node: Node) -> CompiledSegment:
+    """The compiled form of a node (from `parse` or `from_json`)."""
+    lowering = _Lowering()
+    plan = lowering.lower(node)
+    moving = tuple(moving_tests(plan))
+    return CompiledSegment(
+        node=node,
+        plan=plan,
+        fields=frozenset(lowering.fields),
+        segments=frozenset(lowering.segments),
+        computed_traits=tuple(lowering.computed.values()),
+        time_dependent=bool(moving),
+        _row=row_predicate(plan),
+        _vector=vector_predicate(plan),
+        _moving=moving,
+    )

@@ -1,0 +1,268 @@
+"""The segment language's syntax tree: frozen, hashable dataclasses that both written forms map onto.
+
+`parse` (text) and `from_json` (JSON tree) validate and build these; `to_text` and `to_json` write them back.
+Literal values are kept as written (int stays int, float stays float) and compared by type as well as value,
+so `traits.x = 1`, `traits.x = 1.0` and `traits.x = true` are three different nodes (Python alone would
+call them equal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cdp_kit.durations import format_duration, parse_duration
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.profile_fields import ROOTS as ROOTS  # a field path starts with one of them
+from cdp_lang.values import epoch_of_text
+
+EVENT_ROOTS = ("properties", "context")
+EVENT_TYPES = ("track", "page", "screen", "identify", "group", "any")
+COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
+ORDERINGS = ("<", "<=", ">", ">=")
+CONDITION_OPS = (*COMPARISONS, "in", "contains", "starts_with", "exists")
+AGGREGATES = ("count", "sum", "avg", "min", "max")
+# Where an aggregate reads a property; count reads none. For count and sum a person without the computed
+# trait (no matching event yet) has the value 0; for the others there is no value.
+VALUE_AGGREGATES = ("sum", "avg", "min", "max")
+ZERO_WHEN_MISSING = ("count", "sum")
+
+Scalar = str | int | float | bool
+
+
+@dataclass(frozen=True, slots=True)
+class Now:
+    """`now`, `now - 30d`, `now + 3d`: the evaluation time plus `offset` seconds."""
+
+    offset: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Date:
+    """`date("2026-01-01")`: a fixed instant, kept as written."""
+
+    text: str
+
+    @property
+    def epoch(self) -> float:
+        seconds = epoch_of_text(self.text)
+        assert seconds is not None, "Date nodes are built from validated text"
+        return seconds
+
+
+TimeValue = Now | Date
+Value = Scalar | tuple[Scalar, ...] | TimeValue | None
+
+
+def typed(value: Any) -> Any:
+    """A key that tells 1, 1.0 and True apart (Python's == does not)."""
+    if isinstance(value, tuple):
+        return tuple(typed(item) for item in value)
+    return (type(value).__name__, value)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Condition:
+    """`<path> <op> <value>` on a profile field. `path` holds every segment: ("traits", "address", "city")."""
+
+    path: tuple[str, ...]
+    op: str
+    value: Value = None  # a scalar; a tuple for `in`; Now/Date for a time comparison; None for `exists`
+
+    @property
+    def field(self) -> str:
+        return f"{self.path[0]}.{self.path[1]}"
+
+    @property
+    def sub(self) -> tuple[str, ...]:
+        return self.path[2:]
+
+    @property
+    def is_time(self) -> bool:
+        return isinstance(self.value, Now | Date)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Condition) and (self.path, self.op, typed(self.value)) == (
+            other.path,
+            other.op,
+            typed(other.value),
+        )
+
+    def __hash__(self) -> int:
+        return hash((Condition, self.path, self.op, typed(self.value)))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EventCondition:
+    """A condition on an event's `properties.<path>` or `context.<path>` inside an event predicate."""
+
+    path: tuple[str, ...]
+    op: str
+    value: Scalar | tuple[Scalar, ...] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EventCondition) and (self.path, self.op, typed(self.value)) == (
+            other.path,
+            other.op,
+            typed(other.value),
+        )
+
+    def __hash__(self) -> int:
+        return hash((EventCondition, self.path, self.op, typed(self.value)))
+
+
+@dataclass(frozen=True, slots=True)
+class EventPredicate:
+    """Which events an aggregate looks at: names (empty = any), a type, and `and`-ed property conditions."""
+
+    names: tuple[str, ...] = ()  # sorted, distinct
+    type: str = "track"
+    where: tuple[EventCondition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Aggregate:
+    """`count(<events>, within 30d) >= 3`, `sum(properties.total, <events>) > 500` and the like."""
+
+    op: str
+    event: EventPredicate
+    property: tuple[str, ...] | None  # ("properties", "total") for sum/avg/min/max, None for count
+    within: float | None  # seconds; None is the person's whole history
+    comparison: str
+    value: int | float
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Aggregate) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((Aggregate, self._key()))
+
+    def _key(self) -> tuple[Any, ...]:
+        return (self.op, self.event, self.property, self.within, self.comparison, typed(self.value))
+
+
+@dataclass(frozen=True, slots=True)
+class Performed:
+    """`performed(<events>, within 14d)`: at least one matching event (count >= 1)."""
+
+    event: EventPredicate
+    within: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InSegment:
+    segment: str
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    operand: Node
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    operands: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    operands: tuple[Node, ...]
+
+
+Node = And | Or | Not | Condition | Aggregate | Performed | InSegment
+
+# How deeply `and`, `or` and `not` may nest. A segment travels as a google.protobuf.Struct (Segment.tree),
+# where each level of the tree costs up to four message levels, and protobuf refuses to decode messages
+# nested deeper than 100: the deepest definition the language allows, an aggregate with a `where` list
+# under 17 levels of `and`, is the most a ListSegmentsResponse still decodes. 12 leaves a margin of five
+# levels, is far more than any definition written by hand or by a builder, and keeps every recursive walk
+# over the tree (compile, to_text, to_json) shallow.
+MAX_DEPTH = 12
+
+
+def depth(node: Node) -> int:
+    """Levels of `and`, `or` and `not` above the deepest condition: 0 for a single condition."""
+    if isinstance(node, Not):
+        return 1 + depth(node.operand)
+    if isinstance(node, And | Or):
+        return 1 + max(depth(operand) for operand in node.operands)
+    return 0
+
+
+class Invalid(ValueError):
+    """A rule broken by a definition; each written form turns it into an error at its own position."""
+
+
+def duration(value: Any) -> float:
+    """Whole seconds from "30d"-style text (or a number of seconds)."""
+    try:
+        seconds = parse_duration(value, "duration")
+    except InvalidArgument as error:
+        raise Invalid(error.description) from None
+    if seconds != int(seconds):
+        raise Invalid(f"{value!r} is not a whole number of seconds")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    return str(format_duration(seconds))
+
+
+def check_date(text: Any) -> str:
+    if not isinstance(text, str) or epoch_of_text(text) is None:
+        raise Invalid(f'{text!r} is not an ISO-8601 date or time: use e.g. "2026-01-01" or "2026-01-01T12:00:00Z"')
+    return text
+
+
+def check_event_type(value: Any) -> str:
+    if value not in EVENT_TYPES:
+        raise Invalid(f"{value!r} is not an event type: use one of {', '.join(EVENT_TYPES)}")
+    return value
+
+
+_WHERE_KEYS = {
+    "=": "$eq",
+    "!=": "$ne",
+    "<": "$lt",
+    "<=": "$lte",
+    ">": "$gt",
+    ">=": "$gte",
+    "in": "$in",
+    "contains": "$contains",
+    "starts_with": "$starts_with",
+    "exists": "$exists",
+}
+
+
+def where_key(path: tuple[str, ...]) -> str:
+    """The profile service's name for an event path: `total` for properties.total, `$context.ip` for context.ip."""
+    rest = ".".join(path[1:])
+    return rest if path[0] == "properties" else f"$context.{rest}"
+
+
+def where_document(conditions: tuple[EventCondition, ...]) -> dict[str, Any]:
+    """The profile computed trait's `where`: path -> scalar (equal), list (one of) or operator object.
+
+    Raises Invalid naming the condition when two conditions on one path need the same operator key.
+    """
+    by_key: dict[str, list[EventCondition]] = {}
+    for condition in dict.fromkeys(conditions):  # an exact repeat says nothing new
+        by_key.setdefault(where_key(condition.path), []).append(condition)
+    document: dict[str, Any] = {}
+    for key, group in by_key.items():
+        if len(group) == 1 and group[0].op in ("=", "in"):
+            only = group[0]
+            document[key] = list(only.value) if only.op == "in" else only.value  # type: ignore[arg-type]
+            continue
+        operators: dict[str, Any] = {}
+        for condition in group:
+            operator = _WHERE_KEYS[condition.op]
+            value = True if condition.op == "exists" else condition.value
+            value = list(value) if isinstance(value, tuple) else value
+            if operator in operators:
+                raise Invalid(
+                    f"two conditions {condition.op!r} on {'.'.join(condition.path)} ask for different values; keep one"
+                )
+            operators[operator] = value
+        document[key] = operators
+    return document

@@ -1,0 +1,212 @@
+"""The per-profile evaluator: a plan becomes nested Python closures over one record (the real-time path)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Container, Mapping
+from typing import Any
+
+from cdp_lang.plan import (
+    COMPARE,
+    AllOf,
+    AnyOf,
+    Member,
+    Negate,
+    NumberTest,
+    OneOf,
+    Plan,
+    Test,
+    TimeTest,
+)
+from cdp_lang.values import element_equals, epoch, is_list, number, present
+
+RowPredicate = Callable[[Mapping[str, Any], Container[str], float], bool]
+
+
+def _never(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+    return False
+
+
+def _getter(field: str, sub: tuple[str, ...]) -> Callable[[Mapping[str, Any]], Any]:
+    if not sub:
+        return lambda record: record.get(field)
+
+    def get(record: Mapping[str, Any]) -> Any:
+        value = record.get(field)
+        for key in sub:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(key)
+        return value
+
+    return get
+
+
+def row_predicate(plan: Plan) -> RowPredicate:
+    if isinstance(plan, Test):
+        return _test(plan)
+    if isinstance(plan, TimeTest):
+        return _time_test(plan)
+    if isinstance(plan, NumberTest):
+        return _number_test(plan)
+    if isinstance(plan, Member):
+        segment = plan.segment
+        return lambda record, members, now: segment in members
+    if isinstance(plan, Negate):
+        inner = row_predicate(plan.part)
+        return lambda record, members, now: not inner(record, members, now)
+    parts = tuple(row_predicate(part) for part in plan.parts)
+    # Two or three parts (the common case) without a generator: this runs per person and segment.
+    if isinstance(plan, AllOf):
+        if len(parts) == 2:
+            a, b = parts
+            return lambda record, members, now: a(record, members, now) and b(record, members, now)
+        if len(parts) == 3:
+            a, b, c = parts
+            return lambda r, m, n: a(r, m, n) and b(r, m, n) and c(r, m, n)
+        return lambda record, members, now: all(part(record, members, now) for part in parts)
+    assert isinstance(plan, AnyOf)
+    if len(parts) == 2:
+        a, b = parts
+        return lambda record, members, now: a(record, members, now) or b(record, members, now)
+    return lambda record, members, now: any(part(record, members, now) for part in parts)
+
+
+def _test(test: Test) -> RowPredicate:
+    get = _getter(test.field, test.sub)
+    op, literal = test.op, test.literal
+    if op == "exists":
+        return lambda record, members, now: present(get(record))
+    if op == "in":
+        assert isinstance(literal, OneOf)
+        return _one_of(get, literal)
+    if op == "contains":
+
+        def contains(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            value = get(record)
+            if isinstance(value, str):
+                return isinstance(literal, str) and literal in value
+            return is_list(value) and any(element_equals(element, literal) for element in value)
+
+        return contains
+    if op == "starts_with":
+        assert isinstance(literal, str)
+
+        def starts_with(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            value = get(record)
+            return isinstance(value, str) and value.startswith(literal)
+
+        return starts_with
+    if op == "!=":
+        # Present and not equal: a value of another type differs.
+        return lambda record, members, now: present(value := get(record)) and not element_equals(value, literal)
+    compare = COMPARE[op]
+    if isinstance(literal, bool):
+        if op != "=":
+            return _never  # bools have no order
+        return lambda record, members, now: isinstance(value := get(record), bool) and value == literal
+    if isinstance(literal, str):
+        return lambda record, members, now: isinstance(value := get(record), str) and compare(value, literal)
+
+    if not test.sub:
+        field = test.field
+
+        def numeric_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            value = record.get(field)
+            if value.__class__ is float:
+                # A finite float (x - x is NaN for infinities and NaN): the common case, without a call.
+                return value - value == 0.0 and compare(value, literal)
+            if value is None:
+                return False
+            value = number(value)
+            return value is not None and compare(value, literal)
+
+        return numeric_field
+
+    def numeric(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        value = number(get(record))
+        return value is not None and compare(value, literal)
+
+    return numeric
+
+
+def _one_of(get: Callable[[Mapping[str, Any]], Any], literal: OneOf) -> RowPredicate:
+    numbers, strings, bools = literal.numbers, literal.strings, literal.bools
+
+    def one_of(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        value = get(record)
+        if isinstance(value, str):
+            return value in strings
+        if isinstance(value, bool):
+            return value in bools
+        as_number = number(value)
+        return as_number is not None and as_number in numbers
+
+    return one_of
+
+
+def _time_test(test: TimeTest) -> RowPredicate:
+    get = _getter(test.field, test.sub)
+    compare = COMPARE[test.op]
+    offset, at = test.offset, test.at
+
+    def timed(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        seconds = epoch(get(record))
+        return seconds is not None and compare(seconds, now + offset if offset is not None else at)
+
+    return timed
+
+
+def _number_test(test: NumberTest) -> RowPredicate:
+    field, compare, value, default = test.field, COMPARE[test.op], test.value, test.default
+
+    def aggregate(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        found = record.get(field)
+        if found.__class__ is float and found - found == 0.0:
+            return compare(found, value)
+        found = number(found)
+        if found is None:
+            found = default
+        return found is not None and compare(found, value)
+
+    return aggregate
+
+
+def flip_time(test: TimeTest, record: Mapping[str, Any], now: float) -> float | None:
+    """The earliest instant t > now at which `test` holds differently for this record than at `now`.
+
+    `field op now + offset` is monotone in now (true from some instant on for < and <=, false from some
+    instant on for > and >=), so there is at most one such instant. It is found in the same float arithmetic
+    the evaluators use, so evaluating at the returned instant does give the other outcome.
+    """
+    assert test.offset is not None
+    seconds = epoch(record.get(test.field) if not test.sub else _getter(test.field, test.sub)(record))
+    if seconds is None:
+        return None
+    compare, offset = COMPARE[test.op], test.offset
+
+    def holds(instant: float) -> bool:
+        return compare(seconds, instant + offset)
+
+    start = holds(now)
+    if start == (test.op in ("<", "<=")):
+        return None  # already in the state it ends in
+    guess = seconds - offset
+    if guess > now and holds(guess) != start:
+        before = math.nextafter(guess, -math.inf)
+        if before <= now or holds(before) == start:
+            return guess
+    # Rounding put the switch a few ulps from the guess: bracket it, then halve down to adjacent floats.
+    low, high = now, max(guess, math.nextafter(now, math.inf))
+    step = max(abs(high) * 2.0**-52, 5e-324)
+    while holds(high) == start:
+        low, high = high, high + step
+        step *= 2.0
+    while True:
+        middle = low + (high - low) / 2.0
+        if middle <= low or middle >= high:
+            return high
+        if holds(middle) == start:
+            low = middle
+        else:
+            high = middle

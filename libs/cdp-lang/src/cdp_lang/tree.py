@@ -1,0 +1,341 @@
+"""The segment language as a JSON tree, for builders and APIs that would rather not write text.
+
+    {"and": [<node>, ...]}                  {"or": [<node>, ...]}                  {"not": <node>}
+    {"field": "traits.plan", "op": "=", "value": "pro"}         ops: = != < <= > >= in contains starts_with
+    {"field": "traits.country", "op": "in", "value": ["DE", "AT"]}
+    {"field": "traits.phone", "op": "exists"}                    (no "value")
+    {"field": "traits.created_at", "op": "<", "value": {"now": "-30d"}}    {"now": "+3d"}, {"now": 0}
+    {"field": "traits.signup_date", "op": ">", "value": {"date": "2026-01-01T00:00:00Z"}}
+    {"segment": "vip"}                                           (in_segment)
+    {"aggregate": "count", "event": <event>, "within": "30d", "op": ">=", "value": 3}
+    {"aggregate": "sum", "property": "properties.total", "event": <event>, "op": ">", "value": 500}
+    {"performed": <event>, "within": "14d"}
+
+    <event> = {"name": "Order Completed"} or {"names": ["A", "B"]} (neither: any name),
+              "type": "track" (default; page, screen, identify, group, any),
+              "where": [{"path": "properties.total", "op": ">", "value": 50}, {"path": "context.ip", "op": "exists"}]
+
+"within" is optional (no key: the person's whole history); an aggregate's "event" is optional ({} = every
+track event). Errors are InvalidArgument on the JSON path of the offending value, below the caller's root
+name: `definition.and[1].op`. "and", "or" and "not" nest at most `max_depth` levels (nodes.MAX_DEPTH
+unless the caller says otherwise); the reader stops at the first object deeper than that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from cdp_kit.errors import InvalidArgument
+from cdp_lang.nodes import (
+    AGGREGATES,
+    COMPARISONS,
+    CONDITION_OPS,
+    EVENT_ROOTS,
+    MAX_DEPTH,
+    ORDERINGS,
+    ROOTS,
+    VALUE_AGGREGATES,
+    Aggregate,
+    And,
+    Condition,
+    Date,
+    EventCondition,
+    EventPredicate,
+    InSegment,
+    Invalid,
+    Node,
+    Not,
+    Now,
+    Or,
+    Performed,
+    Scalar,
+    check_date,
+    check_event_type,
+    duration,
+    duration_text,
+    where_document,
+)
+
+_KINDS = ("and", "or", "not", "field", "segment", "aggregate", "performed")
+_KEYS = {
+    "and": ("and",),
+    "or": ("or",),
+    "not": ("not",),
+    "field": ("field", "op", "value"),
+    "segment": ("segment",),
+    "aggregate": ("aggregate", "property", "event", "within", "op", "value"),
+    "performed": ("performed", "within"),
+}
+_EVENT_KEYS = ("name", "names", "type", "where")
+_EXAMPLE = '{"field": "traits.plan", "op": "=", "value": "pro"}'
+
+
+def from_json(tree: Any, field: str = "definition", *, max_depth: int = MAX_DEPTH) -> Node:
+    """The node a JSON tree describes; InvalidArgument naming the JSON path (below `field`) if it is not one.
+    "and", "or" and "not" nest at most `max_depth` levels."""
+    return _node(tree, field, 0, max_depth)
+
+
+def _object(tree: Any, at: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(tree, Mapping):
+        raise InvalidArgument(at, f"{tree!r} is not {what}")
+    return tree
+
+
+def _known_keys(tree: Mapping[str, Any], allowed: tuple[str, ...], at: str) -> None:
+    for key in tree:
+        if key not in allowed:
+            raise InvalidArgument(f"{at}.{key}", f"unknown key here; known: {', '.join(allowed)}")
+
+
+def _node(tree: Any, at: str, level: int, max_depth: int) -> Node:
+    tree = _object(tree, at, f"a condition: use an object like {_EXAMPLE}")
+    if level > max_depth:
+        raise InvalidArgument(
+            at, f"and, or and not nest more than {max_depth} levels deep here; at most {max_depth}: flatten it"
+        )
+    kinds = [kind for kind in _KINDS if kind in tree]
+    if len(kinds) != 1:
+        raise InvalidArgument(
+            at,
+            f"needs exactly one of the keys {', '.join(_KINDS)}, found {', '.join(map(str, tree)) or 'none'}",
+        )
+    kind = kinds[0]
+    _known_keys(tree, _KEYS[kind], at)
+    if kind in ("and", "or"):
+        items = tree[kind]
+        if not isinstance(items, list) or not items:
+            raise InvalidArgument(f"{at}.{kind}", f"{items!r} must be a non-empty list of conditions")
+        operands = tuple(_node(item, f"{at}.{kind}[{i}]", level + 1, max_depth) for i, item in enumerate(items))
+        if len(operands) == 1:
+            return operands[0]
+        return And(operands) if kind == "and" else Or(operands)
+    if kind == "not":
+        return Not(_node(tree["not"], f"{at}.not", level + 1, max_depth))
+    if kind == "segment":
+        segment = tree["segment"]
+        if not isinstance(segment, str) or not segment:
+            raise InvalidArgument(f"{at}.segment", f"{segment!r} must be a segment id (a non-empty string)")
+        return InSegment(segment)
+    if kind == "field":
+        return _condition(tree, at)
+    if kind == "aggregate":
+        return _aggregate(tree, at)
+    event = _event(tree["performed"], f"{at}.performed")
+    return Performed(event, _within(tree, at))
+
+
+def _path(value: Any, at: str, roots: tuple[str, ...]) -> tuple[str, ...]:
+    example = f"{roots[0]}.plan" if roots == ROOTS else "properties.total"
+    if not isinstance(value, str):
+        raise InvalidArgument(at, f"{value!r} is not a field path: use e.g. {example!r}")
+    steps = tuple(value.split("."))
+    if steps[0] not in roots or len(steps) < 2:
+        raise InvalidArgument(at, f"{value!r} is not a field of {', '.join(roots)}: use e.g. {example!r}")
+    if any(not step or "`" in step or "\n" in step for step in steps):
+        raise InvalidArgument(at, f"{value!r} has an empty step or one with a backtick or a line break")
+    return steps
+
+
+def _scalar(value: Any, at: str) -> Scalar:
+    if isinstance(value, str | bool):
+        return value
+    if isinstance(value, int | float):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise InvalidArgument(at, f"{value!r} is not a finite number")
+        return 0.0 if value == 0 and isinstance(value, float) else value
+    if value is None:
+        raise InvalidArgument(at, "null is not a value: test for a missing value with op 'exists'")
+    raise InvalidArgument(at, f"{value!r} is not a string, a number, true or false")
+
+
+def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool) -> Any:
+    """The "value" an operator takes (a scalar, a list for `in`, nothing for `exists`, or a time)."""
+    if op == "exists":
+        if "value" in tree:
+            raise InvalidArgument(f"{at}.value", "op 'exists' takes no value; remove it")
+        return None
+    if "value" not in tree:
+        raise InvalidArgument(f"{at}.value", f"is required for op {op!r}")
+    value = tree["value"]
+    if op == "in":
+        if not isinstance(value, list) or not value:
+            raise InvalidArgument(f"{at}.value", f"{value!r} must be a non-empty list for op 'in'")
+        return tuple(_scalar(item, f"{at}.value[{i}]") for i, item in enumerate(value))
+    if op == "starts_with" and not isinstance(value, str):
+        raise InvalidArgument(f"{at}.value", f"{value!r} must be a string for op 'starts_with'")
+    if isinstance(value, Mapping) and times and op in COMPARISONS:
+        return _time(value, f"{at}.value", op, at)
+    return _scalar(value, f"{at}.value")
+
+
+def _time(value: Mapping[str, Any], at: str, op: str, condition_at: str) -> Now | Date:
+    if list(value) == ["date"]:
+        try:
+            return Date(check_date(value["date"]))
+        except Invalid as error:
+            raise InvalidArgument(f"{at}.date", str(error)) from None
+    if list(value) != ["now"]:
+        raise InvalidArgument(at, f'{value!r} is not a time: use {{"now": "-30d"}} or {{"date": "2026-01-01"}}')
+    if op not in ORDERINGS:
+        raise InvalidArgument(f"{condition_at}.op", f"{op!r} cannot compare with now (it moves): use <, <=, > or >=")
+    offset = value["now"]
+    try:
+        if isinstance(offset, int | float) and not isinstance(offset, bool):
+            seconds = 0.0 if offset == 0 else math.copysign(duration(abs(offset)), offset)
+        elif isinstance(offset, str) and offset[:1] in ("-", "+"):
+            seconds = math.copysign(duration(offset[1:]), -1.0 if offset[0] == "-" else 1.0)
+        else:
+            seconds = duration(offset)
+    except Invalid as error:
+        raise InvalidArgument(
+            f"{at}.now", f"{error}; write the offset from now like '-30d' or '+3d' (or 0 for now itself)"
+        ) from None
+    return Now(seconds)
+
+
+def _condition(tree: Mapping[str, Any], at: str) -> Condition:
+    path = _path(tree["field"], f"{at}.field", ROOTS)
+    op = tree.get("op")
+    if op not in CONDITION_OPS:
+        raise InvalidArgument(f"{at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")
+    return Condition(path, op, _operand(tree, at, op, times=True))
+
+
+def _within(tree: Mapping[str, Any], at: str) -> float | None:
+    if "within" not in tree:
+        return None
+    try:
+        return duration(tree["within"])
+    except Invalid as error:
+        raise InvalidArgument(f"{at}.within", str(error)) from None
+
+
+def _event(tree: Any, at: str) -> EventPredicate:
+    tree = _object(tree, at, 'an event predicate: use an object like {"name": "Order Completed"}')
+    _known_keys(tree, _EVENT_KEYS, at)
+    if "name" in tree and "names" in tree:
+        raise InvalidArgument(at, "give 'name' or 'names', not both")
+    names: tuple[str, ...] = ()
+    if "name" in tree:
+        names = (tree["name"],)
+        if not isinstance(tree["name"], str) or not tree["name"]:
+            raise InvalidArgument(f"{at}.name", f"{tree['name']!r} must be an event name (a non-empty string)")
+    elif "names" in tree:
+        listed = tree["names"]
+        if not isinstance(listed, list) or not listed or not all(isinstance(n, str) and n for n in listed):
+            raise InvalidArgument(f"{at}.names", f"{listed!r} must be a non-empty list of event names")
+        names = tuple(listed)
+    try:
+        event_type = check_event_type(tree.get("type", "track"))
+    except Invalid as error:
+        raise InvalidArgument(f"{at}.type", str(error)) from None
+    raw_where = tree.get("where", [])
+    if not isinstance(raw_where, list):
+        raise InvalidArgument(f"{at}.where", f"{raw_where!r} must be a list of conditions on event fields")
+    where: list[EventCondition] = []
+    for i, item in enumerate(raw_where):
+        item_at = f"{at}.where[{i}]"
+        item = _object(item, item_at, 'a condition like {"path": "properties.total", "op": ">", "value": 50}')
+        _known_keys(item, ("path", "op", "value"), item_at)
+        path = _path(item.get("path"), f"{item_at}.path", EVENT_ROOTS)
+        op = item.get("op")
+        if op not in CONDITION_OPS:
+            raise InvalidArgument(f"{item_at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")
+        where.append(EventCondition(path, op, _operand(item, item_at, op, times=False)))
+        try:
+            where_document(tuple(where))
+        except Invalid as error:
+            raise InvalidArgument(item_at, str(error)) from None
+    return EventPredicate(tuple(sorted(set(names))), event_type, tuple(where))
+
+
+def _aggregate(tree: Mapping[str, Any], at: str) -> Aggregate:
+    op = tree["aggregate"]
+    if op not in AGGREGATES:
+        raise InvalidArgument(f"{at}.aggregate", f"{op!r} is not an aggregate; use one of {', '.join(AGGREGATES)}")
+    property_path = None
+    if op in VALUE_AGGREGATES:
+        if "property" not in tree:
+            raise InvalidArgument(f"{at}.property", f"is required for {op!r}: name it like 'properties.total'")
+        property_path = _path(tree["property"], f"{at}.property", ("properties",))
+    elif "property" in tree:
+        raise InvalidArgument(f"{at}.property", "count reads no property; remove it")
+    event = _event(tree.get("event", {}), f"{at}.event")
+    comparison = tree.get("op")
+    if comparison not in COMPARISONS:
+        raise InvalidArgument(f"{at}.op", f"{comparison!r} is not a comparison; use one of {', '.join(COMPARISONS)}")
+    value = tree.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{at}.value", f"{value!r} must be a number")
+    return Aggregate(op, event, property_path, _within(tree, at), comparison, _scalar(value, f"{at}.value"))  # type: ignore[arg-type]
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+
+def _value_json(value: Any) -> Any:
+    if isinstance(value, Now):
+        if value.offset == 0:
+            return {"now": 0}
+        return {"now": ("-" if value.offset < 0 else "+") + duration_text(abs(value.offset))}
+    if isinstance(value, Date):
+        return {"date": value.text}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _event_json(event: EventPredicate) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    if len(event.names) == 1:
+        document["name"] = event.names[0]
+    elif event.names:
+        document["names"] = list(event.names)
+    document["type"] = event.type
+    if event.where:
+        document["where"] = [_condition_json("path", c.path, c.op, c.value) for c in event.where]
+    return document
+
+
+def _condition_json(key: str, path: tuple[str, ...], op: str, value: Any) -> dict[str, Any]:
+    document = {key: ".".join(path), "op": op}
+    if op != "exists":
+        document["value"] = _value_json(value)
+    return document
+
+
+def to_json(node: Node) -> dict[str, Any]:
+    """The JSON tree of a node: from_json(to_json(node)) == node."""
+    if isinstance(node, Condition):
+        return _condition_json("field", node.path, node.op, node.value)
+    if isinstance(node, InSegment):
+        return {"segment": node.segment}
+    if isinstance(node, Performed):
+        document: dict[str, Any] = {"performed": _event_json(node.event)}
+        if node.within is not None:
+            document["within"] = duration_text(node.within)
+        return document
+    if isinstance(node, Aggregate):
+        document = {"aggregate": node.op}
+        if node.property is not None:
+            document["property"] = ".".join(node.property)
+        document["event"] = _event_json(node.event)
+        if node.within is not None:
+            document["within"] = duration_text(node.within)
+        document["op"] = node.comparison
+        document["value"] = node.value
+        return document
+    if isinstance(node, Not):
+        return {"not": to_json(node.operand)}
+    if isinstance(node, And):
+        return {"and": [to_json(operand) for operand in node.operands]}
+    if isinstance(node, Or):
+        return {"or": [to_json(operand) for operand in node.operands]}
+    raise TypeError(f"not a segment node: {node!r}")
