@@ -16,9 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 REPO = Path(__file__).resolve().parents[3]
 
-# Services still being changed by their owners to the convention (identity's `cdp_identity_events_total`).
-# Each owner removes their entry when done.
-PENDING_RENAME = ("services/identity/",)
+# Services still being changed by their owners to the convention. Each owner removes their entry when done.
+PENDING_RENAME: tuple[str, ...] = ()
 
 #: OpenTelemetry semantic-convention instruments keep their standard names.
 SEMANTIC_CONVENTIONS = {"rpc.server.duration"}

@@ -11,7 +11,7 @@ from cdp_identity.api import SCOPES, IdentityApi
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.engine import OUTBOX, IdentityEngine
 from cdp_identity.matching_service import MatchingService, load_match_config
-from cdp_identity.privacy import DELETED_SUBJECT, PrivacyHandler
+from cdp_identity.privacy import PrivacyHandler
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.bus import (
     Bus,
@@ -102,9 +102,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Every replica gets every deletion (one durable consumer per ordinal): each purges its own cache.
     privacy = bus.consumer(
         ConsumerSpec(
-            stream="PRIVACY",
-            durable=f"identity-privacy-{settings.pod_ordinal}",
-            filter_subjects=(DELETED_SUBJECT,),
+            stream=subjects.PRIVACY,
+            durable=subjects.replica_durable("identity", "privacy", settings.pod_ordinal),
+            filter_subjects=(subjects.PRIVACY_DELETED,),
             batch_size=PRIVACY_BATCH,
             ack_wait=PRIVACY_ACK_WAIT,
             max_ack_pending=PRIVACY_BATCH,
@@ -112,7 +112,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         ),
         PrivacyHandler(engine, matching).handle,
     )
-    runtime.spawn(privacy.run(), f"consume {DELETED_SUBJECT}")
+    runtime.spawn(privacy.run(), f"consume {subjects.PRIVACY_DELETED}")
     runtime.parts.update(
         bus=bus,
         store=store,

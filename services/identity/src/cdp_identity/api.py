@@ -10,6 +10,7 @@ from cdp_identity.codec import identifier_message, merge_record, timestamp
 from cdp_identity.domain.normalize import split_key
 from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching_service import MatchingService
+from cdp_kit import timestamps
 from cdp_kit.errors import InvalidArgument
 
 
@@ -25,14 +26,13 @@ def _pairs(identifiers, field: str = "identifiers") -> list[tuple[str, str]]:
 
 
 def _milliseconds(stamp, field: str) -> int:
-    try:
-        return stamp.ToMilliseconds()  # refuses what is no Timestamp at all, with a ValueError
-    except ValueError:
-        raise InvalidArgument(
-            field,
-            f"seconds={stamp.seconds}, nanos={stamp.nanos} is not a Timestamp: it must lie in the years "
-            "0001..9999 with nanos in 0..999999999",
-        ) from None
+    if timestamps.valid_ns(stamp):
+        return timestamps.to_ms(stamp)
+    raise InvalidArgument(
+        field,
+        f"seconds={stamp.seconds}, nanos={stamp.nanos} is not a Timestamp: it must lie in the years "
+        "0001..9999 with nanos in 0..999999999",
+    )
 
 
 def _dropped(key_or_type: str, value: str | None, reason: str) -> identity_pb2.DroppedIdentifier:

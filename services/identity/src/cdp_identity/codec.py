@@ -16,6 +16,7 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp_identity.domain.graph import Merge, stable_id
 from cdp_identity.domain.normalize import split_key
+from cdp_kit import timestamps
 from cdp_kit.bus import OutMessage, subjects
 
 
@@ -80,13 +81,13 @@ def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMe
 
 
 def event_time_ms(event: events_pb2.Event) -> int:
+    """When the event happened (its own timestamp, else when the collector received it), epoch ms."""
     stamp = event.timestamp if event.HasField("timestamp") else event.received_at
-    ms = stamp.seconds * 1000 + stamp.nanos // 1_000_000
-    return ms or int(time.time() * 1000)
+    return timestamps.to_ms(stamp) or int(time.time() * 1000)
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+    return timestamps.from_ms(ms)
 
 
 def merge_record(merge: Merge | dict) -> identity_pb2.MergeRecord:

@@ -146,17 +146,25 @@ class IdentityEngine:
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
         self._deleting: dict[tuple[str, str], int] = {}
         meter = telemetry.meter
-        self._events = meter.create_counter("cdp_identity_events_total", description="events resolved, by outcome")
-        self._merges = meter.create_counter("cdp_identity_merges_total", description="persons merged, by rule")
-        self._drops = meter.create_counter("cdp_identity_drops_total", description="identifiers left out, by reason")
+        # Counters are scraped as cdp_identity_<name>_total (the names dashboards used before the
+        # convention), the histogram as cdp_identity_batch_apply_duration_milliseconds_*.
+        self._events = meter.create_counter(
+            "cdp.identity.events", unit="{event}", description="events resolved, by outcome"
+        )
+        self._merges = meter.create_counter(
+            "cdp.identity.merges", unit="{merge}", description="persons merged, by rule"
+        )
+        self._drops = meter.create_counter(
+            "cdp.identity.drops", unit="{identifier}", description="identifiers left out, by reason"
+        )
         self._quarantines = meter.create_counter(
-            "cdp_identity_quarantined_total", description="identifiers quarantined"
+            "cdp.identity.quarantined", unit="{identifier}", description="identifiers quarantined"
         )
         self._purged = meter.create_counter(
-            "cdp_identity_purged_total", description="records removed by privacy deletions, by kind"
+            "cdp.identity.purged", unit="{record}", description="records removed by privacy deletions, by kind"
         )
         self._apply_ms = meter.create_histogram(
-            "cdp_identity_batch_apply_ms",
+            "cdp.identity.batch.apply.duration",
             unit="ms",
             description="time to resolve one batch in memory",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
@@ -433,7 +441,7 @@ class IdentityEngine:
                     loser_identifiers=[identifier_message(k) for k in split.loser_identifiers],
                     reason=reason,
                 )
-                outbox = [("identity.unmerged", f"unmerge:{merge_id}:{at}", message.SerializeToString())]
+                outbox = [(subjects.IDENTITY_UNMERGED, f"unmerge:{merge_id}:{at}", message.SerializeToString())]
                 write = self._schedule_write(outbox)
             except BaseException:
                 self._failed = True
@@ -746,7 +754,7 @@ class IdentityEngine:
         message = identity_pb2.IdentityMerged(
             merge_id=merge.id, winner=merge.winner, loser=merge.loser, at=record.at, cause=record.cause
         )
-        return [("identity.merged", f"merge:{merge.id}", message.SerializeToString())]
+        return [(subjects.IDENTITY_MERGED, f"merge:{merge.id}", message.SerializeToString())]
 
     def _quarantine_notification(self, key: str, at: int) -> list[tuple[str, str, bytes]]:
         self._quarantines.add(1, {"type": split_key(key)[0]})
@@ -756,7 +764,7 @@ class IdentityEngine:
         )
         log.warning("identifier quarantined", extra={"identifier_type": split_key(key)[0], "person": person})
         # The key is also the JetStream message id: a digest, not the identifier value.
-        return [("identity.quarantined", f"quarantine:{stable_id('q_', key)}:{at}", message.SerializeToString())]
+        return [(subjects.IDENTITY_QUARANTINED, f"quarantine:{stable_id('q_', key)}:{at}", message.SerializeToString())]
 
     async def publish_outbox(self) -> None:
         """Publish notifications the last writes left in the outbox, then delete them."""

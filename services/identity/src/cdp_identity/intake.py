@@ -28,10 +28,11 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError
 
 from cdp.events.v1 import events_pb2
+from cdp_kit import timestamps
 
-# Timestamp's own range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z), in seconds.
-MIN_SECONDS = -62_135_596_800
-MAX_SECONDS = 253_402_300_799
+# Timestamp's own range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z), in whole seconds.
+MIN_SECONDS = timestamps.MIN_NS // timestamps.NANOS
+MAX_SECONDS = timestamps.MAX_NS // timestamps.NANOS
 # Room on a resolved message for what identity adds around the raw event beyond its identifier keys
 # (person id, field tags, dropped identifiers' reasons) and for the headers (message id, trace context).
 RESOLVED_OVERHEAD_BYTES = 4 * 1024

@@ -23,8 +23,6 @@ from cdp_kit.bus import Delivery
 
 log = logging.getLogger("cdp.identity")
 
-DELETED_SUBJECT = "privacy.deleted"
-
 
 def identifier_hash(key: str) -> str:
     """How privacy.deleted names an identifier: lowercase hex SHA-256 of its normalised key."""
