@@ -1,4 +1,13 @@
-"""The profile process: consume events.resolved and identity.*, keep profiles, publish profiles.changed."""
+"""The profile process: consume events.resolved and identity.*, keep profiles, publish profiles.changed.
+
+Which person partitions this replica works on comes from one ownership (`CDP_OWNERSHIP`, group
+"profile"): acquiring partition p loads its profiles from the store and starts both partitioned inputs
+on it (events.resolved.<p> and scores.updated.<p>); releasing it drains both and drops its profiles
+from memory (`ProfileEngine.start_partition` / `stop_partition`). One ownership, not one per input:
+both inputs write the same profiles from one in-memory copy, so a person must have one owner for both.
+On SIGTERM every partition is released (drained, leases freed, member record removed) before the bus
+and the store close, so the other replicas take over at once instead of after the TTL.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ from cdp_kit.bus import (
     scores_stream,
     subjects,
 )
-from cdp_kit.ownership import StaticOwnership
+from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_profile import SERVICE
@@ -46,13 +55,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         scores_stream(),
         dead_letter_stream(),
     )
-    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
+    static = settings.ownership == "static"
     max_age = settings.timeline_max_age_days * 86_400 or None
     engine = ProfileEngine(
         store,
         bus.publisher,
         partitions=settings.partitions,
-        owned=partitions,
+        # Static: the partitions are known now and loaded at start; leased: each is loaded as acquired.
+        owned=owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas) if static else (),
         retention=Retention(max_events=settings.timeline_max_events, max_age_seconds=max_age),
         telemetry=runtime.telemetry,
         max_computed_traits=settings.max_computed_traits,
@@ -61,15 +71,13 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.stack.push_async_callback(engine.stop)
     # The partitioned inputs run on the kit's engine (stream.py): one ordered durable consumer per
     # owned partition, the next batch applied while the previous one is written.
-    # Each input has its own ownership (the same partitions): one's release hooks are its engine's.
     streams = partitioned_engines(
         engine, bus, partitions=settings.partitions, batch_size=settings.batch_size, ack_wait=settings.ack_wait
     )
-    for stream in streams:
-        ownership = StaticOwnership(
-            partitions=settings.partitions, ordinal=settings.pod_ordinal, replicas=settings.replicas
-        )
-        runtime.spawn(stream.run(ownership), f"consume {stream.spec.subject_prefix}.<p>")
+    ownership = await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
+    await ownership.start(engine.start_partition, engine.stop_partition)
+    # Pushed after the bus and the store: on the way out it runs before they close.
+    runtime.stack.push_async_callback(ownership.stop)
     runners = []
     identity_runner = bus.consumer(
         ConsumerSpec(
@@ -87,17 +95,25 @@ async def setup(runtime: ServiceRuntime) -> None:
     runners.append(identity_runner)
     identity_channel = client_channel(settings, settings.identity_address)
     runtime.stack.push_async_callback(identity_channel.close)
+    # Forwarding finds the owner by ordinal, which only static ownership fixes; with leases a replica
+    # answers reads itself (from the store for persons it does not own) and refuses writes it does not own.
+    replicas = settings.replicas if static else 1
     router = Router(
         partitions=settings.partitions,
-        ordinal=settings.pod_ordinal,
-        replicas=settings.replicas,
+        ordinal=settings.pod_ordinal if static else 0,
+        replicas=replicas,
         addresses=peer_addresses(
-            peers=settings.peers, pod_name=settings.pod_name, replicas=settings.replicas, grpc_port=settings.grpc_port
+            peers=settings.peers if static else "",
+            pod_name=settings.pod_name,
+            replicas=replicas,
+            grpc_port=settings.grpc_port,
         ),
         channel=lambda address: client_channel(settings, address),
     )
     runtime.stack.push_async_callback(router.close)
-    runtime.parts.update(bus=bus, store=store, engine=engine, streams=streams, runners=runners, router=router)
+    runtime.parts.update(
+        bus=bus, store=store, engine=engine, streams=streams, ownership=ownership, runners=runners, router=router
+    )
     runtime.grpc.add_service(
         profile_pb2_grpc.add_ProfileServiceServicer_to_server,
         ProfileApi(

@@ -178,6 +178,44 @@ class ProfileEngine:
         self._tasks.clear()
         await self.chain.settle()
 
+    # --- partitions moving between replicas (an ownership's hooks, __main__) -----------------------
+
+    async def start_partition(self, partition: int) -> None:
+        """This replica now holds `partition` (an ownership's `on_acquire`). What the cache holds of its
+        persons may be stale (another replica wrote them since), so it is dropped and the partition's
+        profiles are loaded from the store, as `start` loads the owned ones (windowed traits then expire
+        here without waiting for an event); then both partitioned streams start on it."""
+        if partition not in self.owned:
+            self.hot.forget(lambda person: self._partition(person) == partition)
+            self.owned = self.owned | {partition}
+            delay = 0.1
+            while True:
+                try:
+                    persons = [
+                        record.key
+                        async for record in self.store.scan_all(PROFILES, page_size=1000)
+                        if self._partition(record.key) == partition
+                    ]
+                    await self.hot.load(persons)
+                    break
+                except Exception as exc:  # the store is unreachable: the lease is held, so keep trying
+                    log.warning("profiles of partition %s not loaded (%s); retrying", partition, type(exc).__name__)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        for stream in self.streams:
+            await stream.start_partition(partition)
+
+    async def stop_partition(self, partition: int) -> None:
+        """`partition` goes to another replica (an ownership's `on_release`): both streams drain (what
+        they applied is written, published and acknowledged), the writes queued by other paths land,
+        and the partition's persons leave the cache, so this replica neither writes them nor answers
+        from a copy the new owner no longer updates. Returning lets the new owner start."""
+        await asyncio.gather(*(stream.stop_partition(partition) for stream in self.streams))
+        self.owned = self.owned - {partition}
+        await self.chain.settle()
+        # Nothing awaits from here on: no write for these persons can be queued before they are gone.
+        self.hot.forget(lambda person: self._partition(person) == partition)
+
     # --- the hot state as the partitioned streams use it (stream.py) -------------------------------
 
     async def steady(self, key: Any) -> int:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProfileSettings(ServiceSettings):
+class ProfileSettings(OwnershipSettings, ServiceSettings):
+    """Which partitions this replica works on comes from `OwnershipSettings` (`CDP_OWNERSHIP`): static
+    (p % CDP_REPLICAS == CDP_POD_ORDINAL, requests forwarded to the owner by ordinal), or leases that
+    follow the live replicas (nats, kubernetes), where CDP_REPLICAS plays no part."""
+
     service_name: str = env("OTEL_SERVICE_NAME", "profile", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50053, help="gRPC port (ProfileService, health, reflection)")
     identity_address: str = env(
@@ -29,9 +34,6 @@ class ProfileSettings(ServiceSettings):
     timeline_max_age_days: float = env(
         "CDP_PROFILE_TIMELINE_MAX_AGE_DAYS", 365.0, help="days an event stays in a person's timeline (0: no limit)"
     )
-    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
-    replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
-    pod_name: str = env("CDP_POD_NAME", "", help="this pod's name (a StatefulSet pod: <set>-<ordinal>), for peers")
     peers: str = env(
         "CDP_PROFILE_PEERS",
         "",
@@ -50,7 +52,7 @@ class ProfileSettings(ServiceSettings):
     )
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
         if self.batch_size < 1:
             problems.append(f"CDP_PROFILE_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if self.timeline_max_events < 1:
@@ -61,13 +63,10 @@ class ProfileSettings(ServiceSettings):
             problems.append(
                 f"CDP_PROFILE_TIMELINE_MAX_AGE_DAYS={self.timeline_max_age_days} is invalid: must be 0 or more"
             )
-        if self.replicas > 1 and not self.peers and "-" not in self.pod_name:
+        static = self.ownership == "static"
+        if static and self.replicas > 1 and not self.peers and "-" not in self.pod_name:
             problems.append(
                 f"CDP_REPLICAS={self.replicas} needs CDP_PROFILE_PEERS or CDP_POD_NAME (a StatefulSet pod name) "
                 "to forward requests to the replica owning a person"
             )
-        if self.replicas < 1:
-            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
-        elif not 0 <= self.pod_ordinal < self.replicas:
-            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
         return problems

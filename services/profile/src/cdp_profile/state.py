@@ -46,6 +46,12 @@ class HotProfiles:
         self.versions.clear()
         self.expiries.clear()
 
+    def forget(self, whose: Callable[[str], bool]) -> None:
+        """Forget the persons `whose` selects (a partition that moved): the next use reads the store."""
+        for held in (self.profiles, self.tombstones, self.deleted, self.versions):
+            for person in [p for p in held if whose(p)]:
+                del held[person]
+
     def _adopt(self, person: str, doc: dict, version: int, timelines: dict[str, list[TimelineEntry]]) -> None:
         self.versions[person] = version
         if "merged_into" in doc:

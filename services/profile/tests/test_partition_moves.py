@@ -1,0 +1,111 @@
+"""A person partition moving between two replicas (what `CDP_OWNERSHIP=nats|kubernetes` does when a
+StatefulSet scales): the replica that gets it loads its profiles from the store, the one that gives it
+up forgets them, and one that gets it back works on the store's state, not on what it held before.
+
+Two `ProfileEngine`s share one store and one nats-server, as two replicas share MongoDB (or one SQLite
+file) and JetStream; the test hands partition 0 over with the hooks an ownership calls
+(`start_partition` / `stop_partition`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import AsyncExitStack
+
+from cdp.events.v1 import events_pb2
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream
+from cdp_kit.storage import open_store
+from cdp_profile.domain import ComputedTrait, Retention
+from cdp_profile.engine import ProfileEngine
+from cdp_profile.stream import partitioned_engines
+
+DAY = 86_400.0
+T0 = 1_790_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def order(message_id: str, person: str, at: float) -> bytes:
+    event = events_pb2.Event(
+        message_id=message_id, source_id="t", type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed"
+    )
+    event.timestamp.FromNanoseconds(int(at * 1e9))
+    event.received_at.FromNanoseconds(int(at * 1e9))
+    resolved = events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=[f"user_id:{person}"])
+    return events_pb2.ResolvedEventBatch(events=[resolved]).SerializeToString()
+
+
+async def replica(stack: AsyncExitStack, store, nats_url: str, name: str) -> ProfileEngine:
+    bus = await stack.enter_async_context(Bus.connect(nats_url, name=name))
+    await bus.ensure_streams(events_resolved_stream(), profiles_stream(), scores_stream(), dead_letter_stream())
+    engine = ProfileEngine(
+        store,
+        bus.publisher,
+        partitions=1,
+        owned=(),  # leased ownership: nothing is owned until acquired
+        retention=Retention(max_events=100),
+        telemetry=bus.telemetry,
+        clock=Clock(T0),
+    )
+    await engine.start()
+    stack.push_async_callback(engine.stop)
+    partitioned_engines(engine, bus, partitions=1, batch_size=64, ack_wait=30)
+    engine.bus = bus
+    return engine
+
+
+async def feed(engine: ProfileEngine, data: bytes) -> None:
+    """Publish on events.resolved.0 and wait until the owning engine has made it durable."""
+    ack = await engine.bus.js.publish("events.resolved.0", data)
+    deadline = time.monotonic() + 10
+    while engine.streams[0].pipelines[0].checkpoint < ack.seq:
+        assert time.monotonic() < deadline, f"position {ack.seq} not durable in 10s"
+        await asyncio.sleep(0.01)
+
+
+def orders(engine: ProfileEngine, person: str) -> int:
+    return engine.profiles[person].view(now=engine.clock()).computed["orders_30d"]
+
+
+async def test_a_partition_moves_with_its_profiles_and_comes_back_onto_the_stores_state(nats_server):
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store("memory://"))
+        a = await replica(stack, store, nats_server.url, "replica-a")
+        await a.define(
+            ComputedTrait.from_dict(
+                {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
+            )
+        )
+        b = await replica(stack, store, nats_server.url, "replica-b")
+
+        await a.start_partition(0)
+        await feed(a, order("o1", "p1", T0 - 20 * DAY))
+        assert orders(a, "p1") == 1
+
+        # 0 moves to b: a drains and forgets p1; b has p1 from the store before any event of p1 arrives.
+        await a.stop_partition(0)
+        assert "p1" not in a.profiles
+        await b.start_partition(0)
+        assert orders(b, "p1") == 1
+        # So the window closes on the new owner without waiting for an event: o1 is now 31 days old.
+        b.clock.now = T0 + 11 * DAY
+        assert await b.expire_due() == 1
+        assert orders(b, "p1") == 0
+        await feed(b, order("o2", "p1", T0 + 10 * DAY))
+        assert orders(b, "p1") == 1
+
+        # 0 comes back to a, which last saw p1 before o2 and the expiry: it works on the store's p1.
+        await b.stop_partition(0)
+        a.clock.now = b.clock.now
+        await a.start_partition(0)
+        await feed(a, order("o3", "p1", T0 + 11 * DAY))
+        assert orders(a, "p1") == 2
+        assert [e.event_id for e in a.profiles["p1"].timeline()] == ["t:o1", "t:o2", "t:o3"]
+        assert a.epoch == 0, "a stale copy made a write fail and the whole cache was rebuilt"
+        await a.stop_partition(0)
