@@ -1,0 +1,98 @@
+"""Wall-clock arithmetic in a person's time zone: time of day, calendar days and weeks, next occurrences.
+
+Every function takes epoch seconds and an IANA zone name and returns epoch seconds, so callers never hold a
+datetime. Days and weeks are calendar ones in the zone (a week starts on Monday, ISO 8601), so a day with a
+daylight-saving change is 23 or 25 hours long. A wall time that does not exist on a given day (the hour
+skipped in spring) resolves to the instant just after the gap, so a deferral never lands in the past.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def zone_problem(name: object) -> str | None:
+    """Why `name` is not an IANA time zone, or None when it is one."""
+    if not isinstance(name, str) or not name:
+        return f"{name!r} is not a time zone: use an IANA name like 'Europe/Berlin'"
+    try:
+        _zone(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"{name!r} is not a known IANA time zone: use a name like 'Europe/Berlin' or 'UTC'"
+    return None
+
+
+@lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def zone(name: str | None, fallback: str = "UTC") -> ZoneInfo:
+    """The zone called `name`, or `fallback` when the name is missing or unknown (a profile can hold anything)."""
+    if name:
+        try:
+            return _zone(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    return _zone(fallback)
+
+
+def time_of_day(text: object) -> tuple[int, int]:
+    """(hour, minute) from "HH:MM" (24-hour); ValueError with the fix otherwise."""
+    match = _TIME_OF_DAY.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{text!r} is not a time of day: write it as HH:MM on a 24-hour clock, like '08:00'")
+    return int(match.group(1)), int(match.group(2))
+
+
+def local(now: float, tz: ZoneInfo) -> datetime:
+    return datetime.fromtimestamp(now, tz)
+
+
+def minute_of_day(now: float, tz: ZoneInfo) -> int:
+    moment = local(now, tz)
+    return moment.hour * 60 + moment.minute
+
+
+def _at(day: date, hour: int, minute: int, tz: ZoneInfo) -> float:
+    instant = datetime.combine(day, time(hour, minute), tzinfo=tz).timestamp()
+    # In a spring gap fold=0 reads the wall time with the offset before the change; the result is an
+    # instant whose local reading is after the gap. Either way it is a real instant in the zone.
+    return instant
+
+
+def next_time_of_day(now: float, hour: int, minute: int, tz: ZoneInfo, *, inclusive: bool = False) -> float:
+    """The first instant after `now` (or at it, when `inclusive`) whose local time is hour:minute."""
+    day = local(now, tz).date()
+    for offset in range(3):
+        instant = _at(day + timedelta(days=offset), hour, minute, tz)
+        if instant > now or (inclusive and instant == now):
+            return instant
+    raise AssertionError("a time of day recurs within three days")
+
+
+def day_start(now: float, tz: ZoneInfo) -> float:
+    """The start of the person's calendar day holding `now`."""
+    return datetime.combine(local(now, tz).date(), time(0), tzinfo=tz).timestamp()
+
+
+def week_start(now: float, tz: ZoneInfo) -> float:
+    """The start of the person's calendar week (Monday 00:00) holding `now`."""
+    today = local(now, tz).date()
+    return datetime.combine(today - timedelta(days=today.weekday()), time(0), tzinfo=tz).timestamp()
+
+
+def next_day_start(now: float, tz: ZoneInfo) -> float:
+    tomorrow = local(now, tz).date() + timedelta(days=1)
+    return datetime.combine(tomorrow, time(0), tzinfo=tz).timestamp()
+
+
+def next_week_start(now: float, tz: ZoneInfo) -> float:
+    today = local(now, tz).date()
+    monday = today + timedelta(days=7 - today.weekday())
+    return datetime.combine(monday, time(0), tzinfo=tz).timestamp()

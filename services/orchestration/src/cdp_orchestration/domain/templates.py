@@ -1,0 +1,157 @@
+"""Message templates: Jinja2 in its sandbox, over the person's profile fields.
+
+A template is a mapping of parts (`subject`, `body`, `title`, ...) to Jinja2 text. It reads profile fields
+by their flat keys' roots: `{{ traits.first_name }}`, `{{ computed.orders_90d }}`, `{{ scores.churn_risk }}`,
+`{{ consent["purpose:Marketing"] }}`. Invariants:
+
+- A field the person does not have (absent or null) is an error naming it (`MissingField("traits.first_name")`),
+  never a blank in a sent message. Guard optional fields in the template itself:
+  `{% if traits.first_name is defined %}...{% endif %}` or `{{ traits.first_name | default("there") }}`.
+- Templates run in `SandboxedEnvironment`: no attribute access to Python internals, no I/O.
+- `compile_template` checks syntax and lists the fields a template reads (`Template.fields`), so a journey is
+  validated against the catalogue of known fields before it is published, not when a message fails.
+- Errors name the part and field, never a value from the profile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.sandbox import SandboxedEnvironment
+
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.profile_fields import ROOTS
+from cdp_orchestration.domain.view import PersonView
+
+
+class MissingField(Exception):
+    """A template read a field the person does not have. `field` is the flat key ("traits.first_name")."""
+
+    def __init__(self, field: str, part: str) -> None:
+        super().__init__(f"template part {part!r} reads {field}, which this person does not have")
+        self.field = field
+        self.part = part
+
+
+class _Fields(dict):
+    """A dict that knows its own path, so a missing key below it names the full field."""
+
+    path: str = ""
+
+
+class _Missing(jinja2.StrictUndefined):
+    """Undefined that names the field: any use of it (print, compare, iterate) raises MissingField."""
+
+    __slots__ = ()
+
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._undefined_obj
+        name = self._undefined_name
+        if isinstance(owner, _Fields):
+            field = f"{owner.path}.{name}"
+        elif owner is jinja2.utils.missing:
+            field = str(name)
+        else:
+            field = f"{name} (inside a value)"
+        raise MissingField(field, "")
+
+    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = __int__ = __float__ = (  # type: ignore[assignment]
+        _fail_with_undefined_error
+    )
+    __html__ = __getitem__ = __lt__ = __le__ = __gt__ = __ge__ = __add__ = _fail_with_undefined_error  # type: ignore[assignment]
+
+
+_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True)
+
+
+@dataclass(frozen=True, eq=False)
+class Template:
+    """A compiled template: its parts and the profile fields it reads (flat keys)."""
+
+    source: Mapping[str, str]
+    fields: frozenset[str]
+    _parts: Mapping[str, jinja2.Template]
+
+    def render(self, view: PersonView) -> dict[str, str]:
+        """Every part rendered for this person; MissingField naming the first field they lack."""
+        context = _context(view)
+        rendered: dict[str, str] = {}
+        for part, template in self._parts.items():
+            try:
+                rendered[part] = template.render(context)
+            except MissingField as missing:
+                raise MissingField(missing.field, part) from None
+        return rendered
+
+
+def compile_template(source: Any, field: str) -> Template:
+    """A template from its parts; InvalidArgument on `<field>.<part>` for a syntax error or a bad reference."""
+    if not isinstance(source, Mapping) or not source:
+        raise InvalidArgument(field, 'must be an object of parts, like {"subject": "...", "body": "..."}')
+    parts: dict[str, jinja2.Template] = {}
+    fields: set[str] = set()
+    for part, text in source.items():
+        at = f"{field}.{part}"
+        if not isinstance(text, str):
+            raise InvalidArgument(at, "must be template text")
+        try:
+            tree = _ENV.parse(text)
+        except jinja2.TemplateSyntaxError as error:
+            raise InvalidArgument(at, f"line {error.lineno}: {error.message}") from None
+        for name in _free_names(tree):
+            if name not in ROOTS:
+                raise InvalidArgument(
+                    at, f"reads {name!r}, which is not a profile root: use {', '.join(r + '.<name>' for r in ROOTS)}"
+                )
+        fields.update(_field_reads(tree))
+        parts[part] = _ENV.from_string(text)
+    return Template(dict(source), frozenset(fields), parts)
+
+
+def _free_names(tree: nodes.Template) -> set[str]:
+    from jinja2 import meta
+
+    return set(meta.find_undeclared_variables(tree))
+
+
+def _field_reads(tree: nodes.Template) -> set[str]:
+    """Flat keys read as `root.name` or `root["name"]` (the first step below a root is the field)."""
+    found: set[str] = set()
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        base = node.node
+        if not (isinstance(base, nodes.Name) and base.name in ROOTS):
+            continue
+        if isinstance(node, nodes.Getattr):
+            found.add(f"{base.name}.{node.attr}")
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            found.add(f"{base.name}.{node.arg.value}")
+    return found
+
+
+def _context(view: PersonView) -> dict[str, _Fields]:
+    roots = {root: _branch(root) for root in ROOTS}
+    for key, value in view.fields.items():
+        root, dot, name = key.partition(".")
+        if dot and root in roots and value is not None:
+            roots[root][name] = _wrap(f"{key}", value)
+    return roots
+
+
+def _branch(path: str) -> _Fields:
+    branch = _Fields()
+    branch.path = path
+    return branch
+
+
+def _wrap(path: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        branch = _branch(path)
+        for key, inner in value.items():
+            if inner is not None:
+                branch[key] = _wrap(f"{path}.{key}", inner)
+        return branch
+    return value

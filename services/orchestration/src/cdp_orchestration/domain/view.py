@@ -1,0 +1,51 @@
+"""What the domain is told about a person and the events that reach it: plain frozen values, no I/O.
+
+The service builds a `PersonView` from the profile it holds (flat field keys, as `cdp_kit.profile_fields`
+names them: "traits.plan", "consent.purpose:Marketing", "scores.churn_risk") and the segments the person is
+in, and an `Event` from each resolved event. The domain never fetches either: a stimulus carries what it
+needs, so a replay of the same stimuli with the same views gives the same commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp_kit.profile_fields import CONSENT, TRAITS, field_key
+
+# The trait holding a person's IANA time zone ("Europe/Berlin"); without it the rules' default zone applies.
+TIMEZONE_FIELD = field_key(TRAITS, "timezone")
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class PersonView:
+    """One person as the journeys and the arbiter see them at one instant."""
+
+    person_id: str
+    fields: Mapping[str, Any] = field(default_factory=dict)  # flat field key -> value
+    segments: frozenset[str] = frozenset()
+
+    @property
+    def timezone(self) -> str | None:
+        zone = self.fields.get(TIMEZONE_FIELD)
+        return zone if isinstance(zone, str) and zone else None
+
+    def consent(self, kind: str, name: str) -> bool | None:
+        """The person's consent for `purpose:<name>` or `channel:<name>`: True, False, or None (never given)."""
+        value = self.fields.get(field_key(CONSENT, f"{kind}:{name}"))
+        return value if isinstance(value, bool) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event about the person: its id (stable across redeliveries), name, type and epoch time."""
+
+    event_id: str
+    name: str
+    at: float
+    type: str = "track"
+    properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
