@@ -74,6 +74,26 @@ def computed_trait(
     return {"name": "seg_" + hashlib.sha256(canonical.encode()).hexdigest()[:16], **definition}
 
 
+def literal_test(field: str, sub: tuple[str, ...], op: str, value: Any) -> Test:
+    """`field.sub op value` with the literal typed for the evaluators: numbers as floats, `in` lists split by
+    type. Profile conditions and the conditions on an event inside an aggregate both lower through here."""
+    if op == "in":
+        assert isinstance(value, tuple)
+        return Test(
+            field,
+            sub,
+            "in",
+            OneOf(
+                numbers=frozenset(float(v) for v in value if not isinstance(v, bool | str)),
+                strings=frozenset(v for v in value if isinstance(v, str)),
+                bools=frozenset(v for v in value if isinstance(v, bool)),
+            ),
+        )
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = float(value)
+    return Test(field, sub, op, value)
+
+
 @dataclass(frozen=True, eq=False)
 class CompiledSegment:
     """A segment ready to evaluate. Build it with `compile_segment`."""
@@ -144,21 +164,7 @@ class _Lowering:
             return TimeTest(node.field, node.sub, node.op, value.offset, None)
         if isinstance(value, Date):
             return TimeTest(node.field, node.sub, node.op, None, value.epoch)
-        if node.op == "in":
-            assert isinstance(value, tuple)
-            return Test(
-                node.field,
-                node.sub,
-                "in",
-                OneOf(
-                    numbers=frozenset(float(v) for v in value if not isinstance(v, bool | str)),
-                    strings=frozenset(v for v in value if isinstance(v, str)),
-                    bools=frozenset(v for v in value if isinstance(v, bool)),
-                ),
-            )
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = float(value)
-        return Test(node.field, node.sub, node.op, value)
+        return literal_test(node.field, node.sub, node.op, value)
 
     def aggregate(self, node: Aggregate | Performed) -> Plan:
         if isinstance(node, Performed):
