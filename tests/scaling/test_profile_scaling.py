@@ -1,0 +1,290 @@
+"""Profile scaled 1 -> 3 -> 2 replicas under a steady load, with real processes: no event lost, none
+applied twice, and each person's events applied in the order they were published.
+
+What runs: a real nats-server (`cdp_testing`), and `python -m cdp_profile` processes started the way the
+fault tests start services (`cdp_testing.processes`), with `CDP_OWNERSHIP=nats` and a short
+`CDP_OWNERSHIP_TTL`, all on one SQLite file, as `make up` gives profile one file (`.cdp/data/profile.db`).
+The embedded store supports that: every write is one `BEGIN IMMEDIATE` transaction that reads the
+versions it checks inside the transaction, and WAL lets readers of other processes run beside it.
+
+The story: replica 0 takes every partition; the load starts (persons spread over the partitions, each
+event carrying its person's sequence number); replicas 1 and 2 join and take their share; replica 1
+then leaves - by SIGTERM (it drains and frees its leases: the others take over at once) or by SIGKILL
+(it frees nothing: its leases move once they have not been renewed for the TTL); the load stops.
+
+At the end, from the store and from `profiles.changed`: every person's timeline holds exactly the
+events published for it, and the changes published for each person list its events exactly once, in
+sequence order (a change is published after its batch is applied, in the order of application). The
+lease history in the KV bucket shows the moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from itertools import pairwise
+
+import nats
+import pytest
+
+from cdp.events.v1 import events_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import events_resolved_stream, partition_for
+from cdp_kit.bus.streams import ensure_stream
+from cdp_kit.ownership.nats_kv import NatsKvLeaseStore
+from cdp_kit.storage import open_store
+from cdp_profile.domain import Retention
+from cdp_profile.engine import decode_entry, decode_profile
+from cdp_testing.processes import ProfileProcess
+
+PARTITIONS = 8
+PERSONS = 120
+EVENTS_PER_TICK = 20
+TICK = 0.05  # 400 events/s
+TTL = 2.0
+START = time.time() - 86_400  # event times: START + the person's sequence number (seconds)
+
+
+class Load:
+    """Events for many persons, published on events.resolved.<p> at a steady rate; per person, the
+    sequence numbers in publication order."""
+
+    def __init__(self, js) -> None:
+        self.js = js
+        self.sent: dict[str, list[int]] = defaultdict(list)
+        self.events = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    async def _run(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            by_partition: dict[int, list[events_pb2.ResolvedEvent]] = defaultdict(list)
+            for _ in range(EVENTS_PER_TICK):
+                person = f"person-{turn % PERSONS:03d}"
+                turn += 1
+                seq = len(self.sent[person])
+                self.sent[person].append(seq)
+                by_partition[partition_for(person, PARTITIONS)].append(event(person, seq))
+            for p, events in by_partition.items():
+                batch = events_pb2.ResolvedEventBatch(events=events)
+                await self.js.publish(f"events.resolved.{p}", batch.SerializeToString())
+            self.events += EVENTS_PER_TICK
+            await asyncio.sleep(max(0.0, TICK - (time.monotonic() - started)))
+
+
+def event(person: str, seq: int) -> events_pb2.ResolvedEvent:
+    ev = events_pb2.Event(
+        message_id=f"{person}-{seq}", source_id="scale", user_id=person, type=events_pb2.EVENT_TYPE_TRACK
+    )
+    ev.event = "Viewed"
+    ev.properties.update({"seq": seq})
+    ev.timestamp.FromMilliseconds(int((START + seq) * 1000))
+    ev.received_at.FromMilliseconds(int(time.time() * 1000))
+    return events_pb2.ResolvedEvent(event=ev, person_id=person, identifiers=[f"user_id:{person}"])
+
+
+class Leases:
+    """The holders of profile's partition leases, from a watch on the KV bucket, and their history."""
+
+    def __init__(self, kv) -> None:
+        self.kv = kv
+        self.holders: dict[int, str] = {}
+        self.history: dict[int, list[str]] = defaultdict(list)  # every value written, "" when freed
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        watcher = await self.kv.watch("profile.partitions.>")
+
+        async def follow() -> None:
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    p = int(entry.key.rsplit(".", 1)[1])
+                    holder = (entry.value or b"").decode() if entry.operation not in ("DEL", "PURGE") else ""
+                    if not self.history[p] or self.history[p][-1] != holder:
+                        self.history[p].append(holder)
+                    self.holders[p] = holder
+            finally:
+                await watcher.stop()
+
+        self._task = asyncio.create_task(follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def settled(self, members: set[str], timeout: float = 20.0) -> float:
+        """Wait until every partition is held by one of `members`, each holding its share; seconds taken."""
+        started = time.monotonic()
+        share = PARTITIONS // len(members)
+        while True:
+            held = [self.holders.get(p, "") for p in range(PARTITIONS)]
+            if set(held) <= members and all(held.count(m) >= share for m in members):
+                return time.monotonic() - started
+            assert time.monotonic() - started < timeout, f"leases not settled on {sorted(members)}: {held}"
+            await asyncio.sleep(0.05)
+
+    def moves(self) -> int:
+        """Partitions that changed hands (a holder followed by another, freed in between or not)."""
+        count = 0
+        for values in self.history.values():
+            owners = [v for v in values if v]
+            count += sum(1 for a, b in pairwise(owners) if a != b)
+        return count
+
+    def taken_without_free(self) -> int:
+        """Leases that passed straight from one holder to another: taken after the TTL, not handed over."""
+        count = 0
+        for values in self.history.values():
+            count += sum(1 for a, b in pairwise(values) if a and b and a != b)
+        return count
+
+
+async def drained(js, timeout: float = 30.0) -> None:
+    """Every partition's events delivered to profile and acknowledged (so applied, stored and published)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = []
+        for p in range(PARTITIONS):
+            try:
+                info = await js.consumer_info("EVENTS_RESOLVED", f"profile-p{p}")
+            except Exception:
+                busy.append(p)
+                continue
+            if info.num_pending or info.num_ack_pending:
+                busy.append(p)
+        if not busy:
+            return
+        assert time.monotonic() < deadline, f"partitions {busy} not drained in {timeout}s"
+        await asyncio.sleep(0.2)
+
+
+async def published_changes(js) -> dict[str, list[str]]:
+    """Per person, the event ids of every profiles.changed change, in stream order."""
+    out: dict[str, list[str]] = defaultdict(list)
+    sub = await js.subscribe("profiles.changed.>", ordered_consumer=True, deliver_policy="all")
+    try:
+        last = (await js.stream_info("PROFILES")).state.last_seq
+        seen = 0
+        while seen < last:
+            msg = await sub.next_msg(timeout=5)
+            seen = msg.metadata.sequence.stream
+            for change in profile_pb2.ProfileChangedBatch.FromString(msg.data).changes:
+                out[change.person_id].extend(change.event_ids)
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def stored_timelines(store_url: str) -> dict[str, list[str]]:
+    retention = Retention(max_events=10_000, max_age_seconds=None)
+    async with open_store(store_url) as store:
+        entries = defaultdict(list)
+        async for record in store.scan_all("profile_timeline", page_size=5000):
+            entry = decode_entry(record.doc)
+            entries[entry.origin].append(entry)
+        out = {}
+        async for record in store.scan_all("profiles"):
+            profile = decode_profile(record.doc, entries.get(record.key, []), retention)
+            out[record.key] = [e.event_id for e in profile.timeline()]
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("leave", ["SIGTERM", "SIGKILL"])
+async def test_scaling_1_3_2_under_load_loses_doubles_and_reorders_nothing(nats_server, tmp_path, leave):
+    store_url = f"sqlite:///{tmp_path / 'profile.db'}"
+
+    def replica(i: int) -> ProfileProcess:
+        return ProfileProcess(
+            nats_server.url,
+            tmp_path,
+            store_url=store_url,
+            partitions=PARTITIONS,
+            CDP_OWNERSHIP="nats",
+            CDP_OWNERSHIP_TTL=str(TTL),
+            CDP_POD_NAME=f"profile-{i}",
+            CDP_POD_ORDINAL=str(i),  # its own identity.* durable
+            CDP_PROFILE_BATCH_SIZE="16",
+            CDP_IDENTITY_ADDRESS="127.0.0.1:1",
+        )
+
+    replicas = [replica(i) for i in range(3)]
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    leases = Leases((await NatsKvLeaseStore.open(js, "profile")).kv)
+    load = Load(js)
+    began = time.monotonic()
+    try:
+        await ensure_stream(js, events_resolved_stream())
+        await leases.start()
+        await asyncio.to_thread(replicas[0].start)
+        await leases.settled({"profile-0"})
+        load.start()
+        await asyncio.sleep(1.5)
+
+        # 1 -> 3
+        await asyncio.gather(*(asyncio.to_thread(r.start) for r in replicas[1:]))
+        joined = await leases.settled({"profile-0", "profile-1", "profile-2"})
+        await asyncio.sleep(1.5)
+
+        # 3 -> 2
+        left = time.monotonic()
+        await asyncio.to_thread(replicas[1].stop if leave == "SIGTERM" else replicas[1].kill)
+        await leases.settled({"profile-0", "profile-2"}, timeout=TTL * 5 + 10)
+        took_over = time.monotonic() - left
+        await asyncio.sleep(1.5)
+        await load.stop()
+
+        await drained(js)
+        changes = await published_changes(js)
+        for r in replicas:
+            await asyncio.to_thread(r.stop)
+        timelines = await stored_timelines(store_url)
+        elapsed = time.monotonic() - began
+
+        expected = {person: [f"scale:{person}-{seq}" for seq in seqs] for person, seqs in load.sent.items()}
+        assert len(expected) == PERSONS
+        lost = {p: sorted(set(ids) - set(timelines.get(p, []))) for p, ids in expected.items()}
+        assert {p: ids for p, ids in lost.items() if ids} == {}, "events missing from the stored profiles"
+        assert {p: ids for p, ids in timelines.items() if ids != expected.get(p)} == {}, (
+            "a stored timeline differs from what was published (doubled, extra or out of order)"
+        )
+        assert {p: ids for p, ids in changes.items() if ids != expected.get(p)} == {}, (
+            "profiles.changed lists a person's events other than exactly once each, in publication order"
+        )
+        if leave == "SIGTERM":
+            # It handed its partitions over: every one of its leases was freed before another took it.
+            assert leases.taken_without_free() == 0
+        else:
+            # It could not: its leases were taken once they had not been renewed for the TTL.
+            assert leases.taken_without_free() >= 1
+            assert took_over >= TTL * 0.9
+        print(
+            f"\nscaling 1->3->2 ({leave}): {load.events} events for {PERSONS} persons over {PARTITIONS} partitions, "
+            f"{leases.moves()} partition moves ({leases.taken_without_free()} after the TTL), "
+            f"3 replicas settled in {joined:.1f}s, replica 1's partitions moved in {took_over:.1f}s, "
+            f"{elapsed:.1f}s in all"
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await load.stop()
+        for r in replicas:
+            await asyncio.to_thread(r.stop)
+        await leases.stop()
+        await nc.close()
