@@ -28,6 +28,8 @@ this module owns the algorithm around it:
   no bytes in the store's files.
 - **A failed snapshot** loses nothing: its persons are marked again (those still held), its removals
   kept, and the next snapshot writes them; a restart meanwhile replays from the older positions.
+- **Forget.** `forget(which)` drops persons (a partition handed over or rebuilt) as if never held:
+  the next snapshot neither writes nor deletes them; whoever holds them next loads them back.
 - **Fetch on a miss.** A person first seen on the stream (or asked for by an RPC) is read from the
   profile service with `fetch` when one is configured.
 
@@ -155,6 +157,19 @@ class HeldFields(Generic[P]):
             self._dirty.discard(person_id)
             self._gone.add(person_id)
         return held
+
+    def forget(self, which: Callable[[str], bool]) -> int:
+        """Drop what is held of the persons `which` selects, without touching the store: their partition
+        went to another replica, or is being rebuilt from the snapshot and the stream after it. Unlike
+        `remove`, the next snapshot neither writes nor deletes them. Returns how many were held."""
+        dropped = [person for person in self.persons if which(person)]
+        for person in dropped:
+            del self.persons[person]
+        for person in [p for p in self.versions if which(p)]:
+            del self.versions[person]
+        self._dirty = {p for p in self._dirty if not which(p)}
+        self._gone = {p for p in self._gone if not which(p)}
+        return len(dropped)
 
     async def fetch(self, person_id: str) -> dict[str, Any] | None:
         """A person's flat fields from the profile service (None: unknown there, or no profile service)."""
