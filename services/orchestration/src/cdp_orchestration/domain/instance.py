@@ -1,0 +1,511 @@
+"""One person's run through one journey version, as a state machine:
+
+    step(instance, journey, stimulus, view, now) -> (instance', commands)
+
+Stimuli: `Enter`, `EventArrived`, `ProfileChanged` (traits, scores, consent or segments changed: `view`
+already shows it), `TimerFired`, `ActionOutcome` (an arbiter decision about this instance's action),
+`ExitRequest`. Commands: `ScheduleTimer`, `CancelTimer`, `ProposeAction`, `WithdrawAction`, `Assigned`
+(a split chose a variant), `RecordGoal`, `End`.
+
+Invariants:
+- Deterministic: the same instance, stimulus, view and time give the same result. Ids are derived, never
+  random: the instance id from (journey, person, trigger), timer and action ids from (instance, node,
+  visit), so a replay after a crash proposes the same action id and the arbiter and channels can drop the
+  duplicate. Split variants come from a hash of (person, journey, node): the same person always goes the
+  same way, in every replay and every instance.
+- Exit rules act on the stimulus that meets them, wherever the instance is: every timer is cancelled,
+  every pending action withdrawn, and `End` carries the reason (which rule). Condition exit rules are
+  checked on every stimulus against the view it brings; event exit rules on every event.
+- A goal conversion (the goal event within its window after entry) is recorded once, before exit rules
+  act on the same event, and is still watched after the instance ends, until the window closes.
+- An action step waits for the arbiter's final decision about its action (sent, capped, suppressed, ...)
+  before moving on; deferred and awaiting approval are not final.
+- A timer or outcome the instance no longer expects (cancelled, already handled) changes nothing.
+- An ended instance never schedules, proposes or ends again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+
+from croniter import croniter
+
+from cdp_orchestration.domain import clock
+from cdp_orchestration.domain.arbiter import FINAL, Kind, ProposedAction
+from cdp_orchestration.domain.journey import (
+    Action,
+    ApiEntry,
+    Branch,
+    Delay,
+    EventEntry,
+    ExitNode,
+    Journey,
+    ScheduleEntry,
+    SegmentEntry,
+    Split,
+    Variant,
+    Wait,
+)
+from cdp_orchestration.domain.lifecycle import MigrationPlan
+from cdp_orchestration.domain.view import Event, PersonView
+
+
+class Status(StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+# --- stimuli ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Enter:
+    event: Event | None = None  # the entry event, when an event let the person in
+
+
+@dataclass(frozen=True, slots=True)
+class EventArrived:
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChanged:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActionOutcome:
+    action_id: str
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class ExitRequest:
+    reason: str = "exit requested"
+
+
+Stimulus = Enter | EventArrived | ProfileChanged | TimerFired | ActionOutcome | ExitRequest
+
+
+# --- commands ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleTimer:
+    timer_id: str
+    instance_id: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    timer_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProposeAction:
+    action: ProposedAction
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawAction:
+    action_id: str
+    person_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    instance_id: str
+    journey_id: str
+    version: int
+    node_id: str
+    variant: str
+    control: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RecordGoal:
+    instance_id: str
+    journey_id: str
+    version: int
+    variants: Mapping[str, str]  # split node id -> variant, for the experiment's counts
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    instance_id: str
+    reason: str
+    at: float
+
+
+Command = ScheduleTimer | CancelTimer | ProposeAction | WithdrawAction | Assigned | RecordGoal | End
+
+
+# --- the instance -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    id: str
+    at: float
+    node_id: str
+    kind: str  # "delay" | "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    id: str
+    journey_id: str
+    version: int
+    person_id: str
+    status: Status = Status.NEW
+    node: str | None = None  # the step it is at
+    entered_at: float | None = None
+    visits: Mapping[str, int] = field(default_factory=dict)  # node id -> times entered
+    timers: tuple[Timer, ...] = ()
+    pending: tuple[str, ...] = ()  # action ids proposed and not yet finally decided
+    variants: Mapping[str, str] = field(default_factory=dict)  # split node id -> variant name
+    goal_until: float | None = None  # the goal window's end
+    converted_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    def watching_goal(self, now: float) -> bool:
+        """Whether an event could still count as this instance's goal (after it ended, too)."""
+        return self.converted_at is None and self.goal_until is not None and now <= self.goal_until
+
+
+def _stable(*parts: object) -> str:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def instance_id(journey_id: str, person_id: str, trigger_id: str) -> str:
+    """The id of the instance a trigger (an event id, an Enroll request id, a schedule slot) starts."""
+    return "i" + _stable("instance", journey_id, person_id, trigger_id)
+
+
+def action_id(instance: str, node_id: str, visit: int) -> str:
+    return "a" + _stable("action", instance, node_id, visit)
+
+
+def timer_id(instance: str, node_id: str, visit: int, kind: str) -> str:
+    return "t" + _stable("timer", instance, node_id, visit, kind)
+
+
+def split_point(person_id: str, journey_id: str, node_id: str) -> float:
+    """A uniform number in [0, 1) fixed for (person, journey, node)."""
+    digest = hashlib.sha256(f"split\x1f{journey_id}\x1f{node_id}\x1f{person_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_variant(person_id: str, journey_id: str, node_id: str, variants: Iterable[Variant]) -> Variant:
+    """The variant a person gets at a split: weighted by the variants' weights, the same every time."""
+    listed = tuple(variants)
+    point = split_point(person_id, journey_id, node_id) * sum(v.weight for v in listed)
+    for variant in listed:
+        if point < variant.weight:
+            return variant
+        point -= variant.weight
+    return listed[-1]  # rounding at the very top of the range
+
+
+def new_instance(journey: Journey, person_id: str, trigger_id: str) -> Instance:
+    """An instance that has not started; `step` it with `Enter`."""
+    return Instance(instance_id(journey.id, person_id, trigger_id), journey.id, journey.version, person_id)
+
+
+# --- entry ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHistory:
+    """What the service knows about a person's instances of one journey (every version)."""
+
+    running: int = 0
+    last_entered_at: float | None = None
+
+    @classmethod
+    def of(cls, instances: Iterable[Instance]) -> EntryHistory:
+        listed = [i for i in instances if i.entered_at is not None]
+        return cls(
+            running=sum(1 for i in listed if i.status is Status.RUNNING),
+            last_entered_at=max((i.entered_at for i in listed), default=None),  # type: ignore[type-var]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    reason: str
+
+
+def admit(journey: Journey, history: EntryHistory, now: float) -> Admission:
+    """Whether a person may enter now: the re-entry rule, the cooldown and the concurrency cap."""
+    if history.last_entered_at is not None:
+        if journey.reentry == "never":
+            return Admission(False, "re-entry is never allowed and the person has entered before")
+        if journey.reentry == "cooldown":
+            assert journey.cooldown is not None
+            if now < history.last_entered_at + journey.cooldown:
+                return Admission(False, "in cooldown since the last entry")
+    if history.running >= journey.max_concurrent:
+        return Admission(
+            False, f"already in {history.running} running instance(s); the cap is {journey.max_concurrent}"
+        )
+    return Admission(True, "admitted")
+
+
+def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float) -> bool:
+    entry = journey.entry
+    if not isinstance(entry, EventEntry) or not entry.event.matches(event):
+        return False
+    return entry.condition is None or entry.condition.holds(view, now)
+
+
+def enters_on_segment(journey: Journey, segment: str, entered: bool) -> bool:
+    entry = journey.entry
+    return (
+        isinstance(entry, SegmentEntry)
+        and entry.segment == segment
+        and entry.on == ("entered" if entered else "exited")
+    )
+
+
+def enters_on_api(journey: Journey) -> bool:
+    return isinstance(journey.entry, ApiEntry)
+
+
+def next_scheduled_entry(journey: Journey, view: PersonView, after: float) -> float | None:
+    """The next instant after `after` the journey's cron fires in this person's zone (None: not scheduled).
+
+    The trigger id for that slot is `schedule_trigger(at)`, so the same slot never enters a person twice."""
+    entry = journey.entry
+    if not isinstance(entry, ScheduleEntry):
+        return None
+    start = datetime.fromtimestamp(after, clock.zone(view.timezone, journey.timezone))
+    return float(croniter(entry.cron, start).get_next(float))
+
+
+def schedule_trigger(at: float) -> str:
+    return f"schedule:{at:.0f}"
+
+
+# --- the step function ------------------------------------------------------------------------------------------
+
+
+def step(
+    instance: Instance, journey: Journey, stimulus: Stimulus, view: PersonView, now: float
+) -> tuple[Instance, list[Command]]:
+    """The instance after `stimulus`, and what the service must do for it (in order)."""
+    if (instance.journey_id, instance.version) != (journey.id, journey.version):
+        raise ValueError(
+            f"instance {instance.id} runs {instance.journey_id} v{instance.version}, not v{journey.version}"
+        )
+    run = _Run(instance, journey, view, now)
+    run.handle(stimulus)
+    return run.instance, run.commands
+
+
+def migrate(instance: Instance, new: Journey, plan: MigrationPlan) -> Instance | None:
+    """The instance moved to `new` by node id, or None when its step does not carry over (it stays)."""
+    if (instance.journey_id, instance.version) != (
+        plan.journey_id,
+        plan.from_version,
+    ) or new.version != plan.to_version:
+        raise ValueError(f"plan {plan.from_version}->{plan.to_version} does not fit instance {instance.id}")
+    if instance.status is not Status.RUNNING or instance.node not in plan.moves:
+        return None
+    # Timers and pending actions keep their ids (they are derived from node ids and visits, which carry over).
+    return replace(instance, version=new.version)
+
+
+class _Run:
+    def __init__(self, instance: Instance, journey: Journey, view: PersonView, now: float) -> None:
+        self.instance = instance
+        self.journey = journey
+        self.view = view
+        self.now = now
+        self.commands: list[Command] = []
+
+    def set(self, **changes: object) -> None:
+        self.instance = replace(self.instance, **changes)  # type: ignore[arg-type]
+
+    def handle(self, stimulus: Stimulus) -> None:
+        status = self.instance.status
+        if status is Status.ENDED:
+            if isinstance(stimulus, EventArrived):
+                self.goal(stimulus.event)
+            return
+        if status is Status.NEW:
+            if not isinstance(stimulus, Enter):
+                return  # nothing happens to an instance that has not entered
+            self.enter()
+            return
+        if isinstance(stimulus, Enter):
+            return  # a redelivered entry
+        if isinstance(stimulus, ExitRequest):
+            self.end(stimulus.reason)
+            return
+        if isinstance(stimulus, EventArrived):
+            event = stimulus.event
+            if self.goal(event) and self.journey.goal is not None and self.journey.goal.exit:
+                self.end("goal reached")
+                return
+            for rule in self.journey.exits:
+                if rule.event is not None and rule.event.matches(event):
+                    self.end(f"exit rule {rule.index}: event {event.name}")
+                    return
+        if self.exit_by_condition():
+            return
+        node = self.journey.nodes.get(self.instance.node or "")
+        if isinstance(stimulus, EventArrived):
+            if isinstance(node, Wait) and node.event is not None and node.event.matches(stimulus.event):
+                self.leave_wait(node, node.next)
+        elif isinstance(stimulus, ProfileChanged):
+            if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
+                self.leave_wait(node, node.next)
+        elif isinstance(stimulus, TimerFired):
+            timer = next((t for t in self.instance.timers if t.id == stimulus.timer_id), None)
+            if timer is None or timer.node_id != self.instance.node:
+                return  # cancelled or already handled
+            self.set(timers=tuple(t for t in self.instance.timers if t.id != timer.id))
+            if isinstance(node, Delay):
+                self.advance(node.next)
+            elif isinstance(node, Wait):
+                self.advance(node.timeout_next)
+        elif isinstance(stimulus, ActionOutcome):
+            if stimulus.action_id not in self.instance.pending or stimulus.kind not in FINAL:
+                return
+            self.set(pending=tuple(a for a in self.instance.pending if a != stimulus.action_id))
+            if isinstance(node, Action) and not self.instance.pending:
+                self.advance(node.next)
+
+    def enter(self) -> None:
+        goal = self.journey.goal
+        self.set(
+            status=Status.RUNNING,
+            entered_at=self.now,
+            goal_until=self.now + goal.within if goal is not None else None,
+        )
+        if not self.exit_by_condition():
+            self.advance(self.journey.start)
+
+    def goal(self, event: Event) -> bool:
+        """Record a conversion if this event is the goal, in its window. True when it was recorded now."""
+        goal = self.journey.goal
+        instance = self.instance
+        if goal is None or not instance.watching_goal(event.at) or instance.entered_at is None:
+            return False
+        if event.at < instance.entered_at or not goal.event.matches(event):
+            return False
+        self.set(converted_at=event.at)
+        self.commands.append(
+            RecordGoal(instance.id, instance.journey_id, instance.version, dict(instance.variants), event.at)
+        )
+        return True
+
+    def exit_by_condition(self) -> bool:
+        for rule in self.journey.exits:
+            if rule.condition is not None and rule.condition.holds(self.view, self.now):
+                self.end(f"exit rule {rule.index}: condition met")
+                return True
+        return False
+
+    def end(self, reason: str) -> None:
+        instance = self.instance
+        for timer in instance.timers:
+            self.commands.append(CancelTimer(timer.id))
+        for pending in instance.pending:
+            self.commands.append(WithdrawAction(pending, instance.person_id))
+        self.set(status=Status.ENDED, timers=(), pending=(), ended_at=self.now, end_reason=reason)
+        self.commands.append(End(instance.id, reason, self.now))
+
+    def leave_wait(self, node: Wait, target: str | None) -> None:
+        for timer in self.instance.timers:
+            if timer.node_id == node.id:
+                self.commands.append(CancelTimer(timer.id))
+        self.set(timers=tuple(t for t in self.instance.timers if t.node_id != node.id))
+        self.advance(target)
+
+    def schedule(self, node_id: str, visit: int, kind: str, at: float) -> None:
+        timer = Timer(timer_id(self.instance.id, node_id, visit, kind), at, node_id, kind)
+        self.set(timers=(*self.instance.timers, timer))
+        self.commands.append(ScheduleTimer(timer.id, self.instance.id, at))
+
+    def advance(self, target: str | None) -> None:
+        """Walk from `target` through steps that do not wait, to one that does or to the end."""
+        journey = self.journey
+        # Validation forbids loops without a wait, so a walk visits each step at most once.
+        for _ in range(len(journey.nodes) + 1):
+            if target is None:
+                self.end("completed")
+                return
+            node = journey.nodes[target]
+            visit = self.instance.visits.get(target, 0) + 1
+            self.set(node=target, visits={**self.instance.visits, target: visit})
+            if isinstance(node, Delay):
+                if node.seconds is not None:
+                    at = self.now + node.seconds
+                else:
+                    assert node.until is not None
+                    zone = clock.zone(self.view.timezone, journey.timezone)
+                    at = clock.next_time_of_day(self.now, *node.until, zone)
+                self.schedule(target, visit, "delay", at)
+                return
+            if isinstance(node, Wait):
+                if node.condition is not None and node.condition.holds(self.view, self.now):
+                    target = node.next
+                    continue
+                self.schedule(target, visit, "timeout", self.now + node.timeout)
+                return
+            if isinstance(node, Branch):
+                target = next((t for c, t in node.branches if c.holds(self.view, self.now)), node.otherwise)
+                continue
+            if isinstance(node, Split):
+                variant = assign_variant(self.instance.person_id, journey.id, node.id, node.variants)
+                if node.id not in self.instance.variants:
+                    self.set(variants={**self.instance.variants, node.id: variant.name})
+                    self.commands.append(
+                        Assigned(self.instance.id, journey.id, journey.version, node.id, variant.name, variant.control)
+                    )
+                target = variant.next
+                continue
+            if isinstance(node, Action):
+                self.propose(node, visit)
+                return
+            assert isinstance(node, ExitNode)
+            self.end(f"completed at exit step {node.id}")
+            return
+        raise AssertionError(f"journey {journey.id} v{journey.version} loops without waiting (validation missed it)")
+
+    def propose(self, node: Action, visit: int) -> None:
+        instance = self.instance
+        proposed = ProposedAction(
+            action_id=action_id(instance.id, node.id, visit),
+            person_id=instance.person_id,
+            journey_id=instance.journey_id,
+            journey_version=instance.version,
+            instance_id=instance.id,
+            node_id=node.id,
+            channel=node.channel,
+            category=node.category,
+            purpose=node.purpose,
+            priority=self.journey.priority,
+            proposed_at=self.now,
+            value=node.value,
+            approval=node.approval,
+            rank_by=node.rank_by,
+        )
+        self.set(pending=(*instance.pending, proposed.action_id))
+        self.commands.append(ProposeAction(proposed))
