@@ -260,7 +260,8 @@ class CompiledCondition:
     def next_change(self, view: ProfileView, now: float) -> float | None:
         """The earliest instant after `now` at which the answer may change with nothing but time passing (a
         comparison with `now` flips, or a counted event leaves its window), or None when it never will. A
-        caller waiting on the condition sets a timer for it and re-evaluates then."""
+        caller waiting on the condition sets a timer for it and re-evaluates then. Without events in the view
+        the profile service ages the computed traits itself, and that arrives as a change of `reads.fields`."""
         instants = []
         if (moving := self._segment.next_change(self._record(view, now), view.segments, now)) is not None:
             instants.append(moving)
