@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import random
 import socket
 
 import grpc
@@ -11,8 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp_kit.auth import new_token, write_tokens_file
@@ -20,7 +23,7 @@ from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.interceptors import current_caller
 from cdp_kit.service import serving
 from cdp_kit.settings import ServiceSettings
-from cdp_kit.telemetry import inject_context, setup_telemetry
+from cdp_kit.telemetry import inject_context, setup_telemetry, trace_sampler
 
 SERVICE = collector_pb2.DESCRIPTOR.services_by_name["CollectorService"]
 
@@ -166,11 +169,16 @@ async def test_domain_errors_become_rich_statuses():
         assert "secret internals" not in bug.value.details()
 
 
+def caller_tracer(sampled: bool) -> trace.Tracer:
+    """A caller's own tracer (another process in real life), which samples its traces or not."""
+    return TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF).get_tracer("caller")
+
+
 async def test_the_callers_trace_continues_on_the_server():
     exporter = InMemorySpanExporter()
     telemetry = setup_telemetry("kit-test", span_processors=[SimpleSpanProcessor(exporter)])
     async with serving(settings(), setup_with(Behaviour()), telemetry=telemetry) as rt:
-        with telemetry.tracer.start_as_current_span("client") as span:
+        with caller_tracer(sampled=True).start_as_current_span("client") as span:
             carrier = {}
             inject_context(carrier)
             await collect(rt.grpc.port, metadata=carrier.items())
@@ -178,6 +186,72 @@ async def test_the_callers_trace_continues_on_the_server():
     server_spans = [s for s in exporter.get_finished_spans() if s.name == "cdp.collector.v1.CollectorService/Collect"]
     assert server_spans and server_spans[-1].context.trace_id == trace_id
     assert server_spans[-1].kind == trace.SpanKind.SERVER
+
+
+class TraceSeen(Behaviour):
+    async def Collect(self, request, context):
+        span = trace.get_current_span()
+        self.callers.append((span.get_span_context().trace_id, span.is_recording()))
+        return collector_pb2.CollectResponse()
+
+
+async def test_a_trace_its_caller_did_not_sample_continues_unrecorded():
+    """Parent-based sampling: the server keeps the trace id (its logs and outgoing messages carry it)
+    but records nothing for a caller that dropped its trace."""
+    exporter = InMemorySpanExporter()
+    telemetry = setup_telemetry("kit-test", span_processors=[SimpleSpanProcessor(exporter)])
+    servicer = TraceSeen()
+    async with serving(settings(), setup_with(servicer), telemetry=telemetry) as rt:
+        with caller_tracer(sampled=False).start_as_current_span("client") as span:
+            carrier = {}
+            inject_context(carrier)
+            await collect(rt.grpc.port, metadata=carrier.items())
+            trace_id = span.get_span_context().trace_id
+    assert servicer.callers == [(trace_id, False)]
+    assert not [s for s in exporter.get_finished_spans() if s.context.trace_id == trace_id]
+
+
+def test_traces_started_here_are_sampled_at_a_ratio_set_by_the_standard_variables():
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    def kept(environ, trace_ids) -> int:
+        sampler = trace_sampler(environ)
+        return sum(sampler.should_sample(None, t, "root").decision == Decision.RECORD_AND_SAMPLE for t in trace_ids)
+
+    ids = [random.Random(n).getrandbits(128) for n in range(2000)]
+    assert 100 < kept({}, ids) < 300  # the default: one trace in ten
+    assert kept({"OTEL_TRACES_SAMPLER_ARG": "1"}, ids) == 2000
+    assert kept({"OTEL_TRACES_SAMPLER_ARG": "0"}, ids) == 0
+    assert trace_sampler({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}) is None  # the SDK builds that one
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG"):
+        trace_sampler({"OTEL_TRACES_SAMPLER_ARG": "lots"})
+
+
+def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
+    import sys
+
+    import uvloop
+
+    from cdp_kit.service import event_loop_factory
+    from cdp_kit.settings import SettingsError
+
+    def loop_type(choice=None) -> type:
+        loop = event_loop_factory(choice)()
+        try:
+            return type(loop)
+        finally:
+            loop.close()
+
+    monkeypatch.delenv("CDP_EVENT_LOOP", raising=False)
+    assert loop_type() is uvloop.Loop
+    monkeypatch.setenv("CDP_EVENT_LOOP", "asyncio")
+    assert loop_type() is not uvloop.Loop and issubclass(loop_type(), asyncio.BaseEventLoop)
+    with pytest.raises(SettingsError, match="CDP_EVENT_LOOP"):
+        event_loop_factory("trio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed
+    assert loop_type("auto") is not uvloop.Loop
+    with pytest.raises(SettingsError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
 
 
 async def test_shutdown_reports_not_serving_and_drains_in_flight_calls():

@@ -423,3 +423,66 @@ async def test_the_computed_traits_a_deployment_holds_are_capped_and_a_deleted_o
             assert sorted(engine.backfills) == ["b", "c"]
         finally:
             await engine.stop()
+
+
+async def test_get_profile_answers_every_change_and_an_aged_window_building_the_answer_once_per_change(
+    engine, monkeypatch
+):
+    from cdp_profile.api import ProfileApi
+    from cdp_profile.domain import Profile
+
+    views = []
+    view = Profile.view
+
+    def counted(profile, **kwargs):
+        views.append(profile.person_id)
+        return view(profile, **kwargs)
+
+    monkeypatch.setattr(Profile, "view", counted)
+    api = ProfileApi(engine)
+    request = profile_pb2.GetProfileRequest(person_id="p1")
+    await engine.define(
+        ComputedTrait.from_dict(
+            {"name": "orders_30d", "op": "count", "event_names": ["Order Completed"], "window": "30d"}
+        )
+    )
+    await engine.events.feed(
+        events_pb2.ResolvedEventBatch(
+            events=[order("o1", "p1", T0 - 20 * DAY, 10), order("o2", "p1", T0 - 2 * DAY, 20)]
+        )
+    )
+    first = await api.GetProfile(request, None)
+    assert first.computed["orders_30d"].number_value == 2 and first.event_count == 2
+    assert (await api.GetProfile(request, None)) == first
+    assert views == ["p1"], "two reads without a change between them build the answer once"
+
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o3", "p1", T0 - DAY, 5)]))
+    assert (await api.GetProfile(request, None)).computed["orders_30d"].number_value == 3
+
+    # o1 ages out of the window: no event and no expiry pass yet, the answer follows the clock anyway.
+    engine.test_clock.now = T0 + 11 * DAY
+    assert (await api.GetProfile(request, None)).computed["orders_30d"].number_value == 2
+    # An API write is a change too.
+    await engine.update_traits("p1", {"plan": "pro"}, {}, source="api", at=None, request_id="w1")
+    assert (await api.GetProfile(request, None)).traits["plan"].value.string_value == "pro"
+    # As of a past time or with history: built for that read, never from the shared answer.
+    past = profile_pb2.GetProfileRequest(person_id="p1")
+    past.as_of.FromSeconds(int(T0 - 3 * DAY))
+    assert "plan" not in (await api.GetProfile(past, None)).traits
+
+
+async def test_a_deleted_persons_answer_is_not_kept(engine, nats_server):
+    from cdp_kit.bus import privacy_stream
+    from cdp_kit.errors import NotFound
+    from cdp_profile.api import ProfileApi
+
+    async with Bus.connect(nats_server.url, name="privacy") as bus:
+        await bus.ensure_streams(privacy_stream())
+    api = ProfileApi(engine)
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    await engine.update_traits("p1", {"email": "ada@example.com"}, {}, source="api", at=None, request_id="w1")
+    assert (await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)).traits["email"]
+    await engine.delete("p1", suppress=False, request_id="r1")
+    assert "p1" not in engine.hot.views  # personal data gone from memory, not just unreachable
+    with pytest.raises(NotFound):
+        await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)

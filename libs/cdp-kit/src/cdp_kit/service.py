@@ -12,6 +12,11 @@ The grpc.aio server carries the standard health service (SERVING once setup fini
 moment shutdown starts, so Kubernetes stops routing before the drain), reflection, and the cdp
 interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
 seconds, then closes every resource in reverse order of acquisition.
+
+The event loop: `CDP_EVENT_LOOP` = `uvloop` (the default when uvloop is importable), `asyncio` (the
+standard library's), or `auto` (the same as unset). It is read before the settings class exists (the loop
+runs the service that loads them), so it is the one variable the runtime reads itself; a value it does
+not know, or `uvloop` asked for where it is not installed, stops start-up naming the variable.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -260,19 +266,53 @@ async def run_service(settings: ServiceSettings, setup: SetupFn) -> None:
         raise SystemExit(1)
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def event_loop_factory(choice: str | None = None) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop a service runs on: `choice` or CDP_EVENT_LOOP (see the module docstring). uvloop by
+    default (bench/bench_profile.py measures every profile benchmark on both); the standard loop when
+    uvloop is not installed and nobody asked for it by name."""
+    choice = (choice if choice is not None else os.environ.get("CDP_EVENT_LOOP", "")).strip().lower() or "auto"
+    if choice not in EVENT_LOOPS:
+        raise SettingsError([f"CDP_EVENT_LOOP={choice!r} is not one of {', '.join(EVENT_LOOPS)}"])
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SettingsError(
+                ["CDP_EVENT_LOOP=uvloop but uvloop is not installed; unset it or use asyncio"]
+            ) from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
 def run_main(settings_cls: type[S], setup: SetupFn) -> None:
     """Process entry point: settings from the environment (fail fast, every problem named), JSON logs,
-    then serve until SIGTERM."""
+    then serve until SIGTERM on the chosen event loop."""
     try:
         settings = load_settings(settings_cls)
+        loop_factory = event_loop_factory()
     except SettingsError as exc:
         print(f"{settings_cls.__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.service_name, settings.log_level, settings.log_format)
     try:
-        asyncio.run(run_service(settings, setup))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run_service(settings, setup))
     except KeyboardInterrupt:
         pass
 
 
-__all__ = ["PUBLIC", "GrpcServer", "ServiceRuntime", "client_channel", "run_main", "run_service", "serving"]
+__all__ = [
+    "PUBLIC",
+    "GrpcServer",
+    "ServiceRuntime",
+    "client_channel",
+    "event_loop_factory",
+    "run_main",
+    "run_service",
+    "serving",
+]

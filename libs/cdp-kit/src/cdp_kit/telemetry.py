@@ -2,6 +2,15 @@
 
 Traces go to an OTLP/HTTP collector when OTEL_EXPORTER_OTLP_ENDPOINT is set (the standard OTel variable);
 otherwise spans are still created, so logs carry trace ids and context still crosses gRPC and NATS.
+
+Sampling: parent-based, so a trace is kept or dropped whole across services - a call or message whose
+caller sampled its trace is recorded, one whose caller did not is not - and a trace that starts here
+(a call without trace context, an engine batch) is kept with probability OTEL_TRACES_SAMPLER_ARG
+(default 0.1). OTEL_TRACES_SAMPLER, when set, chooses any sampler the OTel SDK knows instead
+(`parentbased_always_on` records everything, as the SDK does by default). A span that is not sampled
+still has its trace and span ids (logs carry them, outgoing calls and messages propagate them with the
+sampled flag off) but records nothing: no attributes, events or links are kept, no exporter sees it,
+and code that builds something only for a span (the engine's links) asks `span.is_recording()` first.
 Metrics are exposed for Prometheus on CDP_METRICS_PORT (/metrics) when it is not 0, on the address the
 service's gRPC server binds (CDP_GRPC_HOST): the endpoint has no authentication, so it is reachable exactly
 where the service is — loopback on a laptop (`make up`), the pod's interfaces in Kubernetes, whose chart
@@ -35,8 +44,12 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
 
 log = logging.getLogger(__name__)
+
+# The share of traces started here that are recorded, unless OTEL_TRACES_SAMPLER(_ARG) says otherwise.
+DEFAULT_TRACE_RATIO = 0.1
 
 # Histogram buckets in milliseconds: sub-millisecond to tens of seconds.
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
@@ -76,7 +89,7 @@ def setup_telemetry(
     if isinstance(current, TracerProvider):
         tracer_provider = current
     else:
-        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider = TracerProvider(resource=resource, sampler=trace_sampler())
         if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -113,6 +126,23 @@ def setup_telemetry(
         meter_provider=meter_provider,
         metrics_server=metrics_server,
     )
+
+
+def trace_sampler(environ: Mapping[str, str] = os.environ) -> Sampler | None:
+    """The sampler of this process' traces (see the module docstring); None lets the OTel SDK build the
+    one OTEL_TRACES_SAMPLER names."""
+    if environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    raw = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    if not raw:
+        return ParentBased(TraceIdRatioBased(DEFAULT_TRACE_RATIO))
+    try:
+        ratio = float(raw)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={raw!r}: give the share of traces to keep, from 0 to 1")
+    return ParentBased(TraceIdRatioBased(ratio))
 
 
 def inject_context(carrier: MutableMapping[str, str], context: Context | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import uuid
 
 import grpc
@@ -93,6 +94,37 @@ def profile_message(profile: Profile, *, now: float, as_of: float | None, histor
     return out
 
 
+# Views of this many persons at most are kept (`current_message`); past it the oldest one goes.
+MAX_VIEWS = 200_000
+
+
+class _View:
+    """A person's `GetProfile` answer and what it was built from: valid for as long as the profile object
+    is the one it was built from (`HotProfiles` drops a view whenever the profile is written or the state
+    reloaded) and no windowed computed value has aged (`until`)."""
+
+    __slots__ = ("message", "profile", "until")
+
+    def __init__(self, profile: Profile, message: profile_pb2.Profile, until: float) -> None:
+        self.profile = profile
+        self.message = message
+        self.until = until
+
+
+def current_message(views: dict, profile: Profile, *, now: float) -> profile_pb2.Profile:
+    """The profile as `GetProfile` answers it without history or `as_of`: built once per change and
+    shared by every read until the next one (the message is never changed after it is built)."""
+    view = views.get(profile.person_id)
+    if view is not None and view.profile is profile and now < view.until:
+        return view.message
+    message = profile_message(profile, now=now, as_of=None, history=False)
+    expiry = profile.next_expiry()
+    if len(views) >= MAX_VIEWS and profile.person_id not in views:
+        del views[next(iter(views))]
+    views[profile.person_id] = _View(profile, message, math.inf if expiry is None else expiry)
+    return message
+
+
 def definition_from_message(message: profile_pb2.ComputedTraitDefinition) -> ComputedTrait:
     document: dict = {"name": message.name, "op": message.op}
     if message.event_type:
@@ -177,6 +209,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         if (owner := self._owner(request.person_id)) is not None:
             return await self._forward(owner, "GetProfile", request, context)
         profile = await self.engine.profile(request.person_id)
+        if not request.include_history and not request.HasField("as_of"):
+            return current_message(self.engine.hot.views, profile, now=self.engine.clock())
         as_of = to_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
 
@@ -199,7 +233,10 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             except NotFound:
                 response.missing.append(person)
                 continue
-            response.profiles.append(profile_message(profile, now=now, as_of=None, history=request.include_history))
+            if request.include_history:
+                response.profiles.append(profile_message(profile, now=now, as_of=None, history=True))
+            else:
+                response.profiles.append(current_message(self.engine.hot.views, profile, now=now))
         for owner, persons in remote.items():
             part = await self._forward(
                 owner,
@@ -240,6 +277,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
                 forwarded.as_of.CopyFrom(request.as_of)
             return await self._forward(owner, "GetProfile", forwarded, context)
         profile = await self.engine.profile(found.person_id)
+        if not request.include_history and not request.HasField("as_of"):
+            return current_message(self.engine.hot.views, profile, now=self.engine.clock())
         as_of = to_seconds(request.as_of) if request.HasField("as_of") else None
         return profile_message(profile, now=self.engine.clock(), as_of=as_of, history=request.include_history)
 
@@ -343,4 +382,4 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         )
 
 
-__all__ = ["SCOPES", "ProfileApi", "profile_message"]
+__all__ = ["SCOPES", "ProfileApi", "current_message", "profile_message"]

@@ -5,11 +5,17 @@ to the person it was merged into), `deleted` (a bare marker: events received bef
 dropped), or none of them (never seen). `versions` holds the store version the next write of each
 person's record expects; a write that finds another version fails, and the engine then drops all of
 this and reloads it from the store (`reset` + `warm`).
+
+`views` holds what readers derived from a profile (the API's `GetProfile` answer, built once per change
+rather than per read). Every change to a profile is written, and every write of a person's record goes
+through `versioned_put`, which drops that person's view; `reset` drops them all. So a view is never
+older than the last write of its profile, and a deleted or merged-away person's view is gone with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from cdp_kit.storage import Put, Store
 from cdp_profile.domain import Profile, Retention, TimelineEntry
@@ -27,6 +33,7 @@ class HotProfiles:
         self.deleted: dict[str, float] = {}  # deleted person -> when (events received before are dropped)
         self.versions: dict[str, int] = {}
         self.expiries = ExpirySchedule()
+        self.views: dict[str, Any] = {}  # person -> what a reader derived from its profile (see above)
 
     async def warm(self) -> None:
         """Load every owned profile: they are the hot state, and windowed traits expire on their own."""
@@ -45,6 +52,7 @@ class HotProfiles:
         self.deleted.clear()
         self.versions.clear()
         self.expiries.clear()
+        self.views.clear()
 
     def forget(self, whose: Callable[[str], bool]) -> None:
         """Forget the persons `whose` selects (a partition that moved): the next use reads the store."""
@@ -104,4 +112,5 @@ class HotProfiles:
         """The write of a person's record, expecting the version this replica last wrote or read."""
         expected = self.versions.get(person, 0)
         self.versions[person] = expected + 1
+        self.views.pop(person, None)
         return Put(PROFILES, person, doc, expected_version=expected)

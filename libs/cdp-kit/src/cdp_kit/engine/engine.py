@@ -91,6 +91,32 @@ class PartitionedEngine:
         telemetry = bus.telemetry
         self.tracer = telemetry.tracer
         meter = telemetry.meter
+        # Where a batch's time goes, stage by stage (`cdp_kit.engine`): bus wait, slot wait, decode,
+        # apply, commit, publish, acknowledge. bench/bench_profile.py reports them per benchmark.
+        self.m_bus_wait = meter.create_histogram(
+            "cdp.engine.bus.wait.duration",
+            unit="ms",
+            description="time a batch's oldest message waited in JetStream before its partition fetched it",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_slot_wait = meter.create_histogram(
+            "cdp.engine.slot.wait.duration",
+            unit="ms",
+            description="time a fetched batch waited for a pipeline slot (every slot held by a commit in flight)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_decode = meter.create_histogram(
+            "cdp.engine.decode.duration",
+            unit="ms",
+            description="time to decode one batch's messages",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_ack = meter.create_histogram(
+            "cdp.engine.ack.duration",
+            unit="ms",
+            description="time to acknowledge one batch's messages once its effects are durable and published",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
         self.m_apply = meter.create_histogram(
             "cdp.engine.batch.apply.duration",
             unit="ms",

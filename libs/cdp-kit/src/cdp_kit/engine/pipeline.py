@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import nats.errors
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cdp_kit.bus import Delivery, OutMessage, subjects
 from cdp_kit.bus.consumer import ConsumerRunner, _raise_if_cancelling, describe_error
@@ -245,6 +245,8 @@ class PartitionPipeline:
                 if not msgs:
                     await self._flush_published()
                     continue
+                fetched = time.perf_counter()
+                self._record_bus_wait(msgs[0])
                 await self._slots.acquire()
                 # A snapshot waits for a quiescent point. Nothing awaits between the gate and
                 # `_begin` (a set event's wait returns at once), so a snapshot never sees this
@@ -254,6 +256,7 @@ class PartitionPipeline:
                     self._slots.release()
                     break  # not applied, not acknowledged: redelivered after recovery
                 self._begin()
+                self.engine.m_slot_wait.record((time.perf_counter() - fetched) * 1000, self.attrs)
                 try:
                     batch = await self._apply([Delivery(m) for m in msgs])
                 except Exception as exc:
@@ -267,6 +270,15 @@ class PartitionPipeline:
             raise
         queue.put_nowait(None)
         await settler
+
+    def _record_bus_wait(self, msg) -> None:
+        """How long the batch's oldest message sat in JetStream (the stream's clock is this host's or
+        a peer's; a negative skew is recorded as 0)."""
+        try:
+            stored = msg.metadata.timestamp.timestamp()
+        except Exception:
+            return  # not a JetStream delivery (tests' fakes)
+        self.engine.m_bus_wait.record(max(0.0, (time.time() - stored) * 1000), self.attrs)
 
     def _begin(self) -> None:
         self._in_flight += 1
@@ -294,20 +306,18 @@ class PartitionPipeline:
     async def _apply(self, deliveries: list[Delivery]) -> _Batch:
         """Decode, apply, and submit the batch's commit (state + outbox + checkpoint, one bulk write)."""
         last = deliveries[-1].stream_seq
+        started = time.perf_counter()
         items = self._decode(deliveries)
         ops: list[WriteOp] = []
         messages: list[OutMessage] = []
         if items:
-            links = []
-            for d in deliveries[:MAX_TRACE_LINKS]:
-                context = trace.get_current_span(d.trace_context()).get_span_context()
-                if context.is_valid:
-                    links.append(Link(context))
-            started = time.perf_counter()
-            with self.engine.tracer.start_as_current_span(
+            engine = self.engine
+            decoded = time.perf_counter()
+            engine.m_decode.record((decoded - started) * 1000, self.attrs)
+            started = decoded
+            with engine.tracer.start_as_current_span(
                 f"{self.consumer.stream} apply",
                 kind=SpanKind.CONSUMER,
-                links=links,
                 attributes={
                     "messaging.system": "nats",
                     "messaging.destination.name": self.subject,
@@ -315,6 +325,13 @@ class PartitionPipeline:
                     "cdp.partition": self.partition,
                 },
             ) as span:
+                if span.is_recording():
+                    # Reading a message's trace context parses its headers: only for a span that is kept
+                    # (the kit's sampler decides on the batch's own trace id, not on its links).
+                    for d in deliveries[:MAX_TRACE_LINKS]:
+                        context = trace.get_current_span(d.trace_context()).get_span_context()
+                        if context.is_valid:
+                            span.add_link(context)
                 try:
                     effects = await self.logic.apply(self.partition, items)
                 except Exception as exc:
@@ -377,7 +394,9 @@ class PartitionPipeline:
                 attempt += 1
             if batch.outbox_key is not None:
                 self._published.append(batch.outbox_key)
+        acknowledging = time.perf_counter()
         await self.runner._settle(batch.deliveries, None, final=True)
+        self.engine.m_ack.record((time.perf_counter() - acknowledging) * 1000, self.attrs)
 
     async def _publish(self, messages: list[OutMessage]) -> bool:
         """One attempt to get every message stored by JetStream (ones already stored are duplicates)."""
