@@ -37,7 +37,7 @@ def reminder(action_id: str = "act-1", to: str = "ada@example.com") -> Action:
         person_id="person-1",
         channel="email",
         address=to,
-        content=Content(subject="You left something behind", text="Your cart misses you.", html="<p>Your cart</p>"),
+        content=Content(subject="You left something behind", body="Your cart misses you.", html="<p>Your cart</p>"),
     )
 
 

@@ -23,7 +23,7 @@ FROM = "+14155550100"
 
 
 def text(to: str = "+14155550199", action_id: str = "act-1") -> Action:
-    return Action(action_id=action_id, person_id="person-1", channel="sms", address=to, content=Content(text="Hi!"))
+    return Action(action_id=action_id, person_id="person-1", channel="sms", address=to, content=Content(body="Hi!"))
 
 
 def settings_for(fake: LocalTwilio, **more: str) -> TwilioSettings:

@@ -39,17 +39,24 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class Content:
-    """Rendered content (templates are rendered before a channel sees it).
+    """Rendered content, the parts of the journey's template (templates are rendered before a channel
+    sees them).
 
-    `subject` is the email subject, the push title, the CRM task subject; `text` the body every channel
-    can carry; `html` an email's HTML alternative; `data` string key/values for push payloads and webhook
-    bodies; `url` where a click leads (push click action, in-app link)."""
+    `body` is the text every channel carries (the SMS, the email's plain part, the push body); `subject`
+    the email subject and CRM task subject; `title` the push / in-app title (falls back to `subject`);
+    `html` an email's HTML alternative; `url` where a click leads; `data` string key/values for push
+    payloads and webhook bodies."""
 
-    text: str = ""
+    body: str = ""
     subject: str | None = None
+    title: str | None = None
     html: str | None = None
-    data: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     url: str | None = None
+    data: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def heading(self) -> str | None:
+        return self.title or self.subject
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ class EmailChannel(Channel):
         message["Date"] = formatdate(localtime=False, usegmt=True)
         message["Message-ID"] = self.message_id(action)
         message["X-CDP-Action-Id"] = action.action_id
-        message.set_content(action.content.text)
+        message.set_content(action.content.body)
         if action.content.html:
             message.add_alternative(action.content.html, subtype="html")
         return message

@@ -71,7 +71,7 @@ class SmsChannel(Channel):
 
     def form(self, action: Action) -> dict[str, str]:
         s = self._settings
-        form = {"To": action.address, "Body": action.content.text}
+        form = {"To": action.address, "Body": action.content.body}
         if s.sender is not None:
             form["From"] = s.sender
         else:
@@ -83,7 +83,7 @@ class SmsChannel(Channel):
     async def send(self, action: Action) -> Outcome:
         if not E164.fullmatch(action.address):
             outcome = Outcome.rejected("invalid_address")
-        elif not action.content.text:
+        elif not action.content.body:
             outcome = Outcome.failed("empty_body", retryable=False)
         else:
             outcome = await self._post(action)

@@ -1,0 +1,96 @@
+"""A local webhook receiver that verifies signatures and fails on demand.
+
+It accepts ``POST`` on any path. With a `secret` it checks what a careful receiver checks: the
+``X-CDP-Timestamp`` is within `tolerance` seconds of now and ``X-CDP-Signature`` is ``v1=`` + the hex
+HMAC-SHA256 of ``<timestamp>.<raw body>`` (401 otherwise). It honours ``Idempotency-Key``: a key it has
+already processed gets the first answer again and is not recorded twice (`replays` counts those).
+
+`fail_next(n, status, retry_after)` answers the next n requests with that status (and Retry-After);
+`stall_next(n, seconds)` holds the next n requests that long before answering (for timeouts). With
+``slack=True`` it behaves like a Slack incoming webhook: the body must be JSON with ``text`` or
+``blocks`` (400 ``no_text`` / ``invalid_payload``), and the answer is the text ``ok``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from cdp_testing.channels._http import HttpFake
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+
+
+class LocalWebhookReceiver(HttpFake):
+    def __init__(self, *, secret: str | None = None, slack: bool = False, tolerance: float = 300.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.secret = secret
+        self.slack = slack
+        self.tolerance = tolerance
+        self.deliveries: list[Delivery] = []
+        self.attempts = 0
+        self.replays = 0
+        self.refused_signatures = 0
+        self._failures: list[tuple[int, str | None]] = []
+        self._stalls: list[float] = []
+        self._processed: dict[str, tuple[int, str]] = {}
+        self.app.router.add_post("/{path:.*}", self._receive)
+
+    def fail_next(self, n: int = 1, *, status: int = 503, retry_after: str | None = None) -> None:
+        self._failures.extend([(status, retry_after)] * n)
+
+    def stall_next(self, n: int = 1, *, seconds: float = 5.0) -> None:
+        self._stalls.extend([seconds] * n)
+
+    def url(self, path: str = "hooks/cdp") -> str:
+        return f"{self.base_url}/{path}"
+
+    def _signed(self, request: web.Request, body: bytes) -> bool:
+        timestamp = request.headers.get("X-CDP-Timestamp", "")
+        signature = request.headers.get("X-CDP-Signature", "")
+        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.tolerance:
+            return False
+        expected = hmac.new(self.secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()  # type: ignore[union-attr]
+        return hmac.compare_digest("v1=" + expected, signature)
+
+    async def _receive(self, request: web.Request) -> web.StreamResponse:
+        self.attempts += 1
+        body = await request.read()
+        if self._stalls:
+            await asyncio.sleep(self._stalls.pop(0))
+        if self._failures:
+            status, retry_after = self._failures.pop(0)
+            headers = {"Retry-After": retry_after} if retry_after is not None else {}
+            return web.Response(status=status, text="try later", headers=headers)
+        if self.secret is not None and not self._signed(request, body):
+            self.refused_signatures += 1
+            return web.Response(status=401, text="bad signature")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and key in self._processed:
+            self.replays += 1
+            status, text = self._processed[key]
+            return web.Response(status=status, text=text)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return web.Response(status=400, text="invalid_payload")
+        if self.slack and not (isinstance(payload, dict) and (payload.get("text") or payload.get("blocks"))):
+            return web.Response(status=400, text="no_text")
+        self.deliveries.append(Delivery(request.path, dict(request.headers), body, payload))
+        answer = (200, "ok")
+        if key is not None:
+            self._processed[key] = answer
+        return web.Response(status=answer[0], text=answer[1])
