@@ -13,6 +13,7 @@ from cdp_identity.engine import OUTBOX, IdentityEngine
 from cdp_identity.matching_service import MatchingService, load_match_config
 from cdp_identity.privacy import PrivacyHandler
 from cdp_identity.settings import IdentitySettings
+from cdp_identity.writer import OneWriter
 from cdp_kit.bus import (
     Bus,
     ConsumerSpec,
@@ -25,7 +26,7 @@ from cdp_kit.bus import (
 )
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.ownership import StaticOwnership
+from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
 
@@ -74,10 +75,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     await engine.start()
     matching = MatchingService(engine, store, match_config)
     await matching.start()
-    # One durable consumer per partition (the kit's partitioned engine, identity's logic): scaling
-    # out moves partitions between replicas without replaying anything, each partition's events are
-    # applied in order, the next batch is resolved while the previous one is written. The graph spans
-    # partitions, so every partition writes through identity's one write chain.
+    # One durable consumer per partition (the kit's partitioned engine, identity's logic): each
+    # partition's events are applied in order, the next batch is resolved while the previous one is
+    # written. The graph spans partitions, so every partition writes through identity's one write
+    # chain, and one replica works on all of them: the holder of the writer lease (writer.py).
     partitioned = PartitionedEngine(
         engine,
         EngineSpec(
@@ -94,8 +95,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         store=store,
         chain=engine.chain,
     )
+    engine.writer = False  # until the lease says so
     ownership = await partitioned.start(
-        StaticOwnership(partitions=settings.partitions, ordinal=settings.pod_ordinal, replicas=settings.replicas)
+        OneWriter(
+            await ownership_from_settings(settings, js=bus.js, group="identity", partitions=1),
+            partitions=settings.partitions,
+            become_writer=engine.become_writer,
+            stop_writing=engine.stop_writing,
+        )
     )
     runtime.spawn(partitioned.serve(ownership), "resolve events.raw")
     runners = [partitioned.pipelines[p].runner for p in sorted(partitioned.pipelines)]
@@ -120,6 +127,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         partitioned=partitioned,
         matching=matching,
         runners=runners,
+        ownership=ownership,
         privacy_runner=privacy,
     )
     runtime.grpc.add_service(

@@ -143,6 +143,8 @@ class IdentityEngine:
         # partitioned engine keeps its own).
         self.applied: dict[str, int] = {}
         self._outbox_waiting = True  # notifications may be waiting from before a restart
+        # Whether this replica holds identity's writer lease (writer.py); a standby's API refuses.
+        self.writer = True
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
         self._deleting: dict[tuple[str, str], int] = {}
         meter = telemetry.meter
@@ -259,16 +261,16 @@ class IdentityEngine:
         )
 
     async def _apply(
-        self, items: list[_Item], position: tuple[str, int] | None = None
+        self, items: list[_Item], position: tuple[str, int] | None = None, *, api: bool = False
     ) -> tuple[list[OutMessage], list[Resolution | None]]:
         """Resolve, write (with the notifications into identity's outbox), and return the resolved
         messages: the API's path, and `handle`'s."""
-        _, _, grouped, resolutions, write = await self._resolve(items, write=True, position=position)
+        _, _, grouped, resolutions, write = await self._resolve(items, write=True, position=position, api=api)
         await write  # type: ignore[misc]
         return resolved_messages(grouped), resolutions
 
     async def _resolve(
-        self, items: list[_Item], *, write: bool = False, position: tuple[str, int] | None = None
+        self, items: list[_Item], *, write: bool = False, position: tuple[str, int] | None = None, api: bool = False
     ) -> tuple[
         list[WriteOp],
         list[tuple[str, str, bytes]],
@@ -282,6 +284,8 @@ class IdentityEngine:
         notifications in identity's outbox and the checkpoint `position`."""
         started = time.perf_counter()
         async with self.lock:
+            if api:
+                self._require_writer()
             await self._recover_if_failed()
             keys = {i.key for item in items for i in item.identifiers}
             for item in items:
@@ -355,7 +359,7 @@ class IdentityEngine:
         if not identifiers:
             raise InvalidArgument("identifiers", "no usable identifier (all were blocked values or none were given)")
         item = _Item(None, request_id, at, identifiers, rejected, None)
-        _, (resolution,) = await self._apply([item])
+        _, (resolution,) = await self._apply([item], api=True)
         await self.publish_outbox()
         if resolution is None:  # every usable identifier is quarantined and unknown: cannot happen
             raise FailedPrecondition("the identifiers resolve to no person", reason="unresolvable")
@@ -368,6 +372,7 @@ class IdentityEngine:
             raise InvalidArgument("identifier", f"{kind!r} value is {reason}")
         key = identifiers[0].key
         async with self.lock:
+            self._require_writer()
             await self._recover_if_failed()
             await self._load([key])
             person = self.graph.person_of(key)
@@ -377,6 +382,7 @@ class IdentityEngine:
 
     async def canonical(self, person_id: str) -> str:
         async with self.lock:
+            self._require_writer()
             await self._recover_if_failed()
             await self._load_persons([person_id])
             person = self.graph.canonical(person_id)
@@ -387,11 +393,13 @@ class IdentityEngine:
     async def describe(self, person_id: str) -> dict:
         root = await self.canonical(person_id)
         async with self.lock:
+            self._require_writer()
             await self._load(self.graph.identifiers_of(root))
             return self.graph.describe(person_id)
 
     async def merge(self, winner: str, loser: str, *, cause: dict, force: bool = False) -> Merge | None:
         async with self.lock:
+            self._require_writer()
             await self._recover_if_failed()
             await self._load_persons([winner, loser])
             for field, person in (("person_id", winner), ("other_person_id", loser)):
@@ -416,6 +424,7 @@ class IdentityEngine:
 
     async def unmerge(self, merge_id: str, *, reason: str) -> Unmerge:
         async with self.lock:
+            self._require_writer()
             await self._recover_if_failed()
             if merge_id not in self.graph.merge_index:
                 record = None if (MERGES, merge_id) in self._deleting else await self.store.get(MERGES, merge_id)
@@ -456,6 +465,7 @@ class IdentityEngine:
             raise InvalidArgument("identifier", f"{kind!r} value is not a usable identifier")
         key = identifiers[0].key
         async with self.lock:
+            self._require_writer()
             await self._recover_if_failed()
             await self._load([key])
             if key not in self.graph.identifiers:
@@ -731,12 +741,38 @@ class IdentityEngine:
         """After a failed write: wait for the queued writes to settle, then start from the store again."""
         if not self._failed:
             return
+        await self._drop_cache()
+        log.warning("identity cache dropped after a failed write; reloading from the store")
+
+    async def _drop_cache(self) -> None:
+        """Under the lock: let every queued write settle, then forget the graph (the store is the truth)."""
         await self.chain.settle()
-        self.chain.reset()  # the failed chain ends here; new writes start a fresh one
+        self.chain.reset()  # a failed chain ends here; new writes start a fresh one
         self.graph = IdentityGraph(self.rules)
         self.versions.clear()
         self._failed = False
-        log.warning("identity cache dropped after a failed write; reloading from the store")
+
+    # --- one writer (writer.py) -------------------------------------------------------------------
+
+    def _require_writer(self) -> None:
+        """Under the lock, before an API operation reads or changes the graph."""
+        if not self.writer:
+            raise Unavailable(
+                "this identity replica is a standby: another replica holds the writer lease and answers; retry",
+                reason="standby",
+            )
+
+    async def become_writer(self) -> None:
+        """This replica got the writer lease: whatever it cached may predate the last writer's changes."""
+        async with self.lock:
+            await self._drop_cache()
+            self.writer = True
+
+    async def stop_writing(self) -> None:
+        """The writer lease is going: refuse API operations from now on, and let the queued writes land."""
+        async with self.lock:
+            self.writer = False
+        await self.chain.settle()
 
     # --- notifications ----------------------------------------------------------------------------
 

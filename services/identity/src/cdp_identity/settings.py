@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class IdentitySettings(ServiceSettings):
+class IdentitySettings(OwnershipSettings, ServiceSettings):
     service_name: str = env("OTEL_SERVICE_NAME", "identity", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50052, help="gRPC port (IdentityService, health, reflection)")
     rules_file: Path | None = env(
@@ -31,12 +32,10 @@ class IdentitySettings(ServiceSettings):
         help="seconds before JetStream redelivers an unacknowledged batch (after a crash: the pause before "
         "the partition resumes, in order)",
     )
-    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
-    replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
     retention_days: float = env("CDP_EVENTS_RETENTION_DAYS", 7.0, help="days events.resolved keeps events")
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
         for name, path in (
             ("CDP_IDENTITY_RULES_FILE", self.rules_file),
             ("CDP_IDENTITY_MATCHING_FILE", self.matching_file),
@@ -45,8 +44,11 @@ class IdentitySettings(ServiceSettings):
                 problems.append(f"{name}={str(path)!r} is not a readable file")
         if self.batch_size < 1:
             problems.append(f"CDP_IDENTITY_BATCH_SIZE={self.batch_size} is invalid: must be positive")
-        if self.replicas < 1:
-            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
-        elif not 0 <= self.pod_ordinal < self.replicas:
-            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
+        if self.ownership == "static" and self.replicas > 1:
+            # writer.py: the graph spans partitions and every replica caches it, so replicas splitting
+            # the partitions would resolve events on each other's stale records.
+            problems.append(
+                f"CDP_REPLICAS={self.replicas} is invalid for identity: one replica writes the graph. Run one "
+                "replica, or set CDP_OWNERSHIP=nats or kubernetes: further replicas then wait as standbys"
+            )
         return problems
