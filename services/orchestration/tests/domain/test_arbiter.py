@@ -1,0 +1,330 @@
+"""The per-person arbiter: consent, suppression, approval, quiet hours, caps and priority, each decision
+with its kind and reason; nothing dropped without one."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdp_kit.errors import InvalidArgument
+from cdp_orchestration.domain import clock
+from cdp_orchestration.domain.arbiter import (
+    FINAL,
+    Kind,
+    PersonState,
+    ProposedAction,
+    approve,
+    decide,
+    next_wake,
+    observe,
+    reject,
+    release,
+    withdraw,
+)
+from cdp_orchestration.domain.rules import parse_rules
+from cdp_orchestration.domain.view import Event, PersonView
+
+BERLIN = ZoneInfo("Europe/Berlin")
+FIELDS = {
+    "traits.timezone": "Europe/Berlin",
+    "traits.email": "ada@example.com",
+    "consent.purpose:Marketing": True,
+    "scores.churn_risk": 0.3,
+}
+VIEW = PersonView("p1", FIELDS)
+STATE = PersonState("p1")
+
+
+def local(day: int, hour: int, minute: int = 0, month: int = 12, year: int = 2026) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=BERLIN).timestamp()
+
+
+NOON = local(4, 12)
+
+
+def action(n: int = 1, *, at: float = NOON, journey: str = "j", priority: int = 10, **extra: object) -> ProposedAction:
+    fields = {"channel": "email", "category": "reminder", "purpose": "Marketing", **extra}
+    return ProposedAction(f"a{n}", "p1", journey, 1, f"i{n}", "n", priority=priority, proposed_at=at, **fields)
+
+
+def rules(**document: object):
+    return parse_rules(document)
+
+
+def only(ruling):
+    (decision,) = ruling.decisions
+    return decision
+
+
+def test_sends_when_nothing_stands_in_the_way() -> None:
+    ruling = decide(STATE, action(), VIEW, rules(), NOON)
+    assert only(ruling).kind is Kind.SENT and only(ruling).reason == "sent"
+
+
+def test_consent_per_purpose_and_channel_is_checked_at_decision_time() -> None:
+    no_purpose = PersonView("p1", {**FIELDS, "consent.purpose:Marketing": False})
+    decision = only(decide(STATE, action(), no_purpose, rules(), NOON))
+    assert (decision.kind, decision.by, decision.reason) == (
+        Kind.NO_CONSENT,
+        "Marketing",
+        "no consent for purpose Marketing",
+    )
+    never_asked = PersonView("p1", {"traits.timezone": "Europe/Berlin"})
+    assert only(decide(STATE, action(), never_asked, rules(), NOON)).kind is Kind.NO_CONSENT
+    refused_channel = PersonView("p1", {**FIELDS, "consent.channel:email": False})
+    assert only(decide(STATE, action(), refused_channel, rules(), NOON)).reason == "no consent for channel email"
+    # A transactional message needs no marketing consent, but a refused channel still stops it.
+    receipt = action(category="transactional", purpose="Service")
+    assert only(decide(STATE, receipt, never_asked, rules(), NOON)).kind is Kind.SENT
+    assert only(decide(STATE, receipt, refused_channel, rules(), NOON)).kind is Kind.NO_CONSENT
+
+
+def test_suppression_after_an_event_within_a_window_applies_to_its_categories_only() -> None:
+    r = rules(
+        suppressions=[{"id": "ticket", "categories": ["offer"], "after_event": "Support Ticket Opened", "within": "1d"}]
+    )
+    state = observe(STATE, Event("e1", "Support Ticket Opened", local(4, 9)), r)
+    state = observe(state, Event("e0", "Support Ticket Opened", local(3, 9)), r)  # older: the latest is kept
+    offer = action(category="offer")
+    decision = only(decide(state, offer, VIEW, r, NOON))
+    assert (decision.kind, decision.by, decision.reason) == (Kind.SUPPRESSED, "ticket", "suppressed by rule ticket")
+    assert only(decide(state, action(), VIEW, r, NOON)).kind is Kind.SENT  # a reminder is not an offer
+    assert only(decide(state, offer, VIEW, r, local(5, 9))).kind is Kind.SENT  # a day later
+    assert observe(STATE, Event("e2", "Page Viewed", NOON), r) is STATE  # unwatched events are not kept
+
+
+def test_suppression_by_a_condition_in_the_language() -> None:
+    r = rules(
+        suppressions=[
+            {
+                "id": "at-risk",
+                "categories": ["promotion"],
+                "condition": "scores.churn_risk > 0.8 and traits.open_tickets > 0",
+            }
+        ]
+    )
+    promo = action(category="promotion")
+    at_risk = PersonView("p1", {**FIELDS, "scores.churn_risk": 0.9, "traits.open_tickets": 1})
+    assert only(decide(STATE, promo, at_risk, r, NOON)).kind is Kind.SUPPRESSED
+    no_ticket = PersonView("p1", {**FIELDS, "scores.churn_risk": 0.9, "traits.open_tickets": 0})
+    assert only(decide(STATE, promo, no_ticket, r, NOON)).kind is Kind.SENT
+
+
+def test_approval_gate_waits_then_approve_reject_or_expire() -> None:
+    r = rules(approval={"above": 100, "expires_after": "1d"})
+    big = action(1, value=150.0)
+    ruling = decide(STATE, big, VIEW, r, NOON)
+    decision = only(ruling)
+    assert decision.kind is Kind.AWAITING_APPROVAL and decision.until == NOON + 86400
+    assert next_wake(ruling.state) == NOON + 86400
+    # A redelivered proposal of a held action changes nothing.
+    assert decide(ruling.state, big, VIEW, r, NOON + 1).decisions == ()
+    approved = approve(ruling.state, "a1", VIEW, r, NOON + 60)
+    assert only(approved).kind is Kind.SENT and approved.state.awaiting == ()
+    rejected = reject(ruling.state, "a1", NOON + 60)
+    assert only(rejected).kind is Kind.REJECTED
+    expired = release(ruling.state, VIEW, r, NOON + 86400)
+    assert only(expired).kind is Kind.EXPIRED and expired.state.awaiting == ()
+    assert only(approve(ruling.state, "a1", VIEW, r, NOON + 86400)).kind is Kind.EXPIRED
+    # Small values pass; approval: true always waits.
+    assert only(decide(STATE, action(2, value=50.0), VIEW, r, NOON)).kind is Kind.SENT
+    assert only(decide(STATE, action(3, approval=True), VIEW, r, NOON)).kind is Kind.AWAITING_APPROVAL
+
+
+def test_approved_during_quiet_hours_is_deferred_not_sent() -> None:
+    r = rules(approval={"above": 100}, quiet_hours={"from": "21:00", "to": "08:00"})
+    held = decide(STATE, action(value=500.0), VIEW, r, local(4, 20)).state
+    decision = only(approve(held, "a1", VIEW, r, local(4, 23)))
+    assert decision.kind is Kind.DEFERRED and decision.until == local(5, 8)
+
+
+def test_quiet_hours_defer_to_the_next_allowed_instant_in_the_persons_zone() -> None:
+    r = rules(quiet_hours={"from": "21:00", "to": "08:00", "channels": ["email", "sms"]})
+    for now, until in ((local(4, 2), local(4, 8)), (local(4, 22), local(5, 8)), (local(4, 21), local(5, 8))):
+        decision = only(decide(STATE, action(at=now), VIEW, r, now))
+        assert (decision.kind, decision.until) == (Kind.DEFERRED, until)
+    assert only(decide(STATE, action(at=local(4, 8)), VIEW, r, local(4, 8))).kind is Kind.SENT
+    assert only(decide(STATE, action(channel="push"), VIEW, r, local(4, 2))).kind is Kind.SENT  # not a quiet channel
+    assert only(decide(STATE, action(category="transactional"), VIEW, r, local(4, 2))).kind is Kind.SENT
+    # Without traits.timezone the rules' zone applies: 02:00 Berlin is 01:00 UTC, quiet until 08:00 UTC.
+    decision = only(decide(STATE, action(), PersonView("p1", {"consent.purpose:Marketing": True}), r, local(4, 2)))
+    assert decision.until == datetime(2026, 12, 4, 8, tzinfo=UTC).timestamp()
+
+
+def test_quiet_hours_end_on_a_daylight_saving_day_at_the_local_time() -> None:
+    r = rules(quiet_hours={"from": "22:00", "to": "07:00"})
+    # 29 March 2026: Berlin's clocks jump from 02:00 to 03:00.
+    decision = only(decide(STATE, action(), VIEW, r, local(29, 1, month=3)))
+    assert decision.until == local(29, 7, month=3) == datetime(2026, 3, 29, 5, tzinfo=UTC).timestamp()
+
+
+def test_a_deferral_longer_than_the_hold_limit_expires_with_its_reason() -> None:
+    r = rules(quiet_hours={"from": "21:00", "to": "08:00"}, max_hold="1h")
+    decision = only(decide(STATE, action(at=local(4, 2)), VIEW, r, local(4, 2)))
+    assert decision.kind is Kind.EXPIRED and "quiet hours" in decision.reason
+
+
+def test_caps_count_calendar_days_and_weeks_in_the_persons_zone() -> None:
+    r = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1, at=local(4, 23, 30)), VIEW, r, local(4, 23, 30)).state
+    decision = only(decide(state, action(2), VIEW, r, local(4, 23, 45)))
+    assert (decision.kind, decision.by, decision.reason) == (
+        Kind.CAPPED,
+        "email-daily",
+        "capped by email-daily (1 per day)",
+    )
+    # 00:15 in Berlin is a new day (though still the same UTC day).
+    assert only(decide(state, action(3), VIEW, r, local(5, 0, 15))).kind is Kind.SENT
+    assert only(decide(state, action(4, channel="sms"), VIEW, r, local(4, 23, 45))).kind is Kind.SENT
+    weekly = rules(caps=[{"id": "all-weekly", "per": "week", "limit": 2}])
+    state = STATE
+    for n, day in enumerate((7, 8)):  # Monday, Tuesday
+        state = decide(state, action(n, channel="push" if n else "email"), VIEW, weekly, local(day, 12)).state
+    assert only(decide(state, action(5, channel="sms"), VIEW, weekly, local(13, 23))).kind is Kind.CAPPED  # Sunday
+    assert only(decide(state, action(6, channel="sms"), VIEW, weekly, local(14, 0, 1))).kind is Kind.SENT  # Monday
+
+
+def test_priority_decides_who_gets_the_last_place_when_held_actions_come_due_together() -> None:
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00"},
+        caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}],
+    )
+    state = STATE
+    low = action(1, journey="newsletter", priority=5, at=local(4, 1))
+    high = action(2, journey="cart", priority=50, at=local(4, 3))
+    state = decide(state, low, VIEW, r, local(4, 1)).state
+    state = decide(state, high, VIEW, r, local(4, 3)).state
+    assert next_wake(state) == local(4, 8)
+    ruling = release(state, VIEW, r, local(4, 8))
+    kinds = {d.action_id: (d.kind, d.by) for d in ruling.decisions}
+    assert kinds == {"a2": (Kind.SENT, None), "a1": (Kind.SUPERSEDED, "cart")}
+    assert ruling.state.deferred == () and next_wake(ruling.state) is None
+
+
+def test_equal_priority_is_ranked_by_the_actions_score_then_by_proposal() -> None:
+    r = rules(caps=[{"id": "one", "per": "day", "limit": 1}], quiet_hours={"from": "21:00", "to": "08:00"})
+    view = PersonView("p1", {**FIELDS, "scores.a": 0.2, "scores.b": 0.9})
+    state = decide(STATE, action(1, rank_by="scores.a", at=local(4, 1)), view, r, local(4, 1)).state
+    state = decide(state, action(2, rank_by="scores.b", at=local(4, 2)), view, r, local(4, 2)).state
+    sent = [d.action_id for d in release(state, view, r, local(4, 8)).decisions if d.kind is Kind.SENT]
+    assert sent == ["a2"]
+
+
+def test_a_new_proposal_competes_with_held_actions_due_at_the_same_instant() -> None:
+    r = rules(quiet_hours={"from": "21:00", "to": "08:00"}, caps=[{"id": "one", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1, priority=5, at=local(4, 1)), VIEW, r, local(4, 1)).state
+    ruling = decide(state, action(2, journey="urgent", priority=90, at=local(4, 8)), VIEW, r, local(4, 8))
+    assert [(d.action_id, d.kind) for d in ruling.decisions] == [("a2", Kind.SENT), ("a1", Kind.SUPERSEDED)]
+    assert ruling.about("a1").by == "urgent"
+
+
+def test_withdraw_drops_a_held_action_with_a_reason_and_ignores_decided_ones() -> None:
+    r = rules(quiet_hours={"from": "21:00", "to": "08:00"})
+    state = decide(STATE, action(1, at=local(4, 2)), VIEW, r, local(4, 2)).state
+    ruling = withdraw(state, "a1", local(4, 3))
+    assert only(ruling).kind is Kind.WITHDRAWN and ruling.state.deferred == ()
+    assert withdraw(ruling.state, "a1", local(4, 3)).decisions == ()
+    assert release(ruling.state, VIEW, r, local(4, 9)).decisions == ()
+
+
+def test_reasons_name_rules_and_purposes_never_profile_values() -> None:
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00"},
+        caps=[{"id": "c", "per": "day", "limit": 0}],
+        suppressions=[{"id": "s", "categories": ["offer"], "condition": "traits.email exists"}],
+        approval={"above": 1},
+    )
+    reasons = [
+        d.reason
+        for proposal, now in (
+            (action(1), local(4, 2)),
+            (action(2), NOON),
+            (action(3, category="offer"), NOON),
+            (action(4, value=5.0), NOON),
+            (action(5, purpose="Sales"), NOON),
+        )
+        for d in decide(STATE, proposal, VIEW, r, now).decisions
+    ]
+    assert len(reasons) == 5
+    for reason in reasons:
+        assert "ada@example.com" not in reason and "0.3" not in reason and "p1" not in reason
+
+
+@pytest.mark.parametrize(
+    ("document", "field"),
+    [
+        ({"caps": [{"id": "c", "per": "month", "limit": 1}]}, "rules.caps[0].per"),
+        ({"caps": [{"id": "c", "per": "day", "limit": -1}]}, "rules.caps[0].limit"),
+        ({"caps": [{"id": "c", "per": "day", "limit": 1, "channel": "fax"}]}, "rules.caps[0].channel"),
+        ({"quiet_hours": {"from": "25:00", "to": "08:00"}}, "rules.quiet_hours.from"),
+        ({"suppressions": [{"id": "s", "after_event": "X"}]}, "rules.suppressions[0].within"),
+        ({"suppressions": [{"id": "s", "condition": "traits.x >"}]}, "rules.suppressions[0].condition"),
+        ({"suppressions": [{"id": "s"}]}, "rules.suppressions[0]"),
+        ({"timezone": "Mars/Olympus"}, "rules.timezone"),
+        ({"approval": {"above": "lots"}}, "rules.approval.above"),
+        ({"quiet": {}}, "rules.quiet"),
+    ],
+)
+def test_bad_rules_are_rejected_naming_the_field(document: dict, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_rules(document)
+    assert caught.value.field == field
+
+
+# --- properties: caps are never exceeded, and every action gets a final decision ---------------------------------
+
+CHANNELS = ("email", "sms", "push")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    proposals=st.lists(
+        st.tuples(st.integers(0, 14 * 24 * 4), st.sampled_from(CHANNELS), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=40,
+    ),
+    daily=st.integers(0, 3),
+    weekly=st.integers(0, 8),
+    zone=st.sampled_from(["Europe/Berlin", "America/New_York", "Asia/Kolkata", "UTC"]),
+)
+def test_caps_are_never_exceeded_and_nothing_is_dropped_silently(proposals, daily, weekly, zone) -> None:
+    r = rules(
+        quiet_hours={"from": "22:00", "to": "07:30"},
+        caps=[
+            {"id": "email-day", "channel": "email", "per": "day", "limit": daily},
+            {"id": "week", "per": "week", "limit": weekly},
+        ],
+        approval={"above": 100, "expires_after": "12h"},
+    )
+    view = PersonView("p1", {"traits.timezone": zone, "consent.purpose:Marketing": True})
+    start = datetime(2026, 3, 23, tzinfo=UTC).timestamp()  # a Monday, with a DST change in the window
+    state = PersonState("p1")
+    decisions = []
+    for n, (quarter, channel, priority, big) in enumerate(sorted(proposals)):
+        now = start + quarter * 900
+        while (wake := next_wake(state)) is not None and wake <= now:
+            ruling = release(state, view, r, wake)
+            state, decisions = ruling.state, decisions + list(ruling.decisions)
+        proposal = action(n, at=now, channel=channel, priority=priority, value=500.0 if big else None)
+        ruling = decide(state, proposal, view, r, now)
+        state, decisions = ruling.state, decisions + list(ruling.decisions)
+    while (wake := next_wake(state)) is not None:
+        ruling = release(state, view, r, wake)
+        state, decisions = ruling.state, decisions + list(ruling.decisions)
+    # Every proposal ends with exactly one final decision.
+    finals = Counter(d.action_id for d in decisions if d.kind in FINAL)
+    assert finals == Counter(f"a{n}" for n in range(len(proposals)))
+    tz = clock.zone(zone)
+    sent = [d for d in decisions if d.kind is Kind.SENT]
+    per_day = Counter(clock.day_start(d.at, tz) for d in sent if d.channel == "email")
+    per_week = Counter(clock.week_start(d.at, tz) for d in sent)
+    assert all(count <= daily for count in per_day.values())
+    assert all(count <= weekly for count in per_week.values())
+    for d in sent:  # and nothing went out in quiet hours
+        minute = clock.minute_of_day(d.at, tz)
+        assert 7 * 60 + 30 <= minute < 22 * 60
