@@ -1,6 +1,7 @@
 """A person partition moving between two replicas (what `CDP_OWNERSHIP=nats|kubernetes` does when a
 StatefulSet scales): the replica that gets it loads its profiles from the store, the one that gives it
-up forgets them, and one that gets it back works on the store's state, not on what it held before.
+up forgets them (and reads them from the store when asked about them), and one that gets it back
+works on the store's state, not on what it held before.
 
 Two `ProfileEngine`s share one store and one nats-server, as two replicas share MongoDB (or one SQLite
 file) and JetStream; the test hands partition 0 over with the hooks an ownership calls
@@ -99,10 +100,14 @@ async def test_a_partition_moves_with_its_profiles_and_comes_back_onto_the_store
         assert orders(b, "p1") == 0
         await feed(b, order("o2", "p1", T0 + 10 * DAY))
         assert orders(b, "p1") == 1
+        # a, asked about p1 meanwhile, reads what b wrote, and keeps no copy that would go stale.
+        a.clock.now = b.clock.now
+        read = await a.profile("p1")
+        assert read.view(now=a.clock()).computed["orders_30d"] == 1
+        assert "p1" not in a.profiles
 
         # 0 comes back to a, which last saw p1 before o2 and the expiry: it works on the store's p1.
         await b.stop_partition(0)
-        a.clock.now = b.clock.now
         await a.start_partition(0)
         await feed(a, order("o3", "p1", T0 + 11 * DAY))
         assert orders(a, "p1") == 2

@@ -277,12 +277,17 @@ class ProfileEngine:
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
     async def profile(self, person_id: str) -> Profile:
-        """The live profile of a person (following merges), read from the store if not ours."""
-        await self.hot.load([person_id])
-        root = self.hot.root(person_id)
-        profile = self.hot.profiles.get(root)
+        """The live profile of a person (following merges), read from the store if not ours.
+
+        A person of a partition this replica does not own (asked while its partition moves, or on a
+        replica that cannot forward) is read into a copy of its own and not kept: its owner writes it,
+        so a kept copy would go stale, and its windowed traits would expire - and be written - here."""
+        hot = self.hot if self.owns(person_id) else HotProfiles(self.store, retention=self.retention, owns=self.owns)
+        await hot.load([person_id])
+        root = hot.root(person_id)
+        profile = hot.profiles.get(root)
         if profile is None:
-            if root in self.hot.deleted:
+            if root in hot.deleted:
                 raise NotFound(f"person {person_id!r} was deleted", reason="deleted")
             raise NotFound(f"no profile for person {person_id!r}", reason="unknown_person")
         return profile
@@ -323,6 +328,7 @@ class ProfileEngine:
         self, person_id: str, scores: dict[str, float], *, model: str, version: str, at: float
     ) -> ProfileChange:
         profile = await self.profile(person_id)
+        self.owned_profile_or_fail(profile.person_id)
         change = profile.set_scores(scores, model=model, version=version, at=at)
         await self.write({profile.person_id: change} if change else {}, cause="score", now=self.clock())
         return change

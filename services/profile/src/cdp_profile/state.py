@@ -56,7 +56,7 @@ class HotProfiles:
 
     def forget(self, whose: Callable[[str], bool]) -> None:
         """Forget the persons `whose` selects (a partition that moved): the next use reads the store."""
-        for held in (self.profiles, self.tombstones, self.deleted, self.versions):
+        for held in (self.profiles, self.tombstones, self.deleted, self.versions, self.views):
             for person in [p for p in held if whose(p)]:
                 del held[person]
 
