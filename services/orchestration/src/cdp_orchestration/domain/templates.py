@@ -59,10 +59,14 @@ class _Missing(jinja2.StrictUndefined):
             field = f"{name} (inside a value)"
         raise MissingField(field, "")
 
-    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __hash__ = __int__ = __float__ = (  # type: ignore[assignment]
-        _fail_with_undefined_error
-    )
-    __html__ = __getitem__ = __lt__ = __le__ = __gt__ = __ge__ = __add__ = _fail_with_undefined_error  # type: ignore[assignment]
+
+# Jinja's Undefined binds every operator (`*`, `<`, `len`, `str`, ...) to its own failure function when the class
+# is made; point each of them at the one above so every use of a missing field names it.
+_BASE_FAILURES = {jinja2.Undefined._fail_with_undefined_error, jinja2.StrictUndefined._fail_with_undefined_error}
+for _klass in (jinja2.Undefined, jinja2.StrictUndefined):
+    for _name, _value in vars(_klass).items():
+        if _name.startswith("__") and _value in _BASE_FAILURES:
+            setattr(_Missing, _name, _Missing._fail_with_undefined_error)
 
 
 _ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True)
@@ -85,6 +89,9 @@ class Template:
                 rendered[part] = template.render(context)
             except MissingField as missing:
                 raise MissingField(missing.field, part) from None
+            except jinja2.UndefinedError:
+                # A missing value reached some path the names above do not cover: still never a blank.
+                raise MissingField("a field the template reads", part) from None
         return rendered
 
 

@@ -1,0 +1,74 @@
+"""Conditions through the language: profile conditions and event filters."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdp_kit.errors import InvalidArgument
+from cdp_orchestration.domain.conditions import event_filter, profile_condition
+from cdp_orchestration.domain.view import Event, PersonView
+
+
+def event(name: str = "Order Completed", type: str = "track", **properties: object) -> Event:
+    return Event("e1", name, 0.0, type=type, properties=properties, context={"locale": "de-DE"})
+
+
+def test_event_filters_in_text_and_json_mean_the_same() -> None:
+    text = event_filter("Order Completed", 'properties.total >= 50 and properties.currency in ["EUR", "USD"]', "f")
+    tree = event_filter(
+        "Order Completed",
+        [
+            {"path": "properties.total", "op": ">=", "value": 50},
+            {"path": "properties.currency", "op": "in", "value": ["EUR", "USD"]},
+        ],
+        "f",
+    )
+    for f in (text, tree):
+        assert f.matches(event(total=50, currency="EUR"))
+        assert f.matches(event(total=50.5, currency="USD"))
+        assert not f.matches(event(total=49, currency="EUR"))
+        assert not f.matches(event(total="50", currency="EUR"))  # a string is not a number
+        assert not f.matches(event(currency="EUR"))  # missing never matches
+        assert not f.matches(event("Order Refunded", total=60, currency="EUR"))
+
+
+def test_event_filter_operators_follow_the_languages_value_rules() -> None:
+    assert event_filter(None, "properties.sku exists", "f").matches(event("Anything", sku="x"))
+    assert event_filter(None, 'context.locale starts_with "de"', "f").matches(event())
+    assert event_filter(None, 'properties.tags contains "sale"', "f").matches(event(tags=["new", "sale"]))
+    assert event_filter(None, "properties.gift = true", "f").matches(event(gift=True))
+    assert not event_filter(None, "properties.gift = true", "f").matches(event(gift=1))
+    assert event_filter(None, 'properties.plan != "free"', "f").matches(event(plan="pro"))
+    assert not event_filter(None, 'properties.plan != "free"', "f").matches(event())
+    assert event_filter(["A", "B"], None, "f").matches(event("B"))
+    assert not event_filter("A", None, "f").matches(event("A", type="page"))
+    assert event_filter("A", None, "f", event_type="any").matches(event("A", type="page"))
+
+
+@pytest.mark.parametrize(
+    ("names", "where", "field", "message"),
+    [
+        ("X", "properties.total >> 50", "f.where", "line 1, column 19"),
+        ("X", "traits.plan = 1", "f.where", ""),
+        ("", None, "f.event", ""),
+        ("X", 5, "f.where", ""),
+        ("X", [{"path": "total", "op": "=", "value": 1}], "f.where[0].path", ""),
+    ],
+)
+def test_bad_event_filters_name_the_field(names: object, where: object, field: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        event_filter(names, where, "f")
+    assert caught.value.field == field and message in caught.value.message
+
+
+def test_profile_conditions_evaluate_on_the_view_with_segments() -> None:
+    condition = profile_condition('scores.churn_risk > 0.8 and (in_segment("vip") or traits.plan = "pro")', "c")
+    assert condition.fields == {"scores.churn_risk", "traits.plan"} and condition.segments == {"vip"}
+    assert condition.holds(PersonView("p", {"scores.churn_risk": 0.9}, frozenset({"vip"})), 0.0)
+    assert condition.holds(PersonView("p", {"scores.churn_risk": 0.9, "traits.plan": "pro"}), 0.0)
+    assert not condition.holds(PersonView("p", {"scores.churn_risk": 0.5}, frozenset({"vip"})), 0.0)
+    tree = profile_condition({"field": "consent.purpose:Marketing", "op": "=", "value": True}, "c")
+    assert tree.holds(PersonView("p", {"consent.purpose:Marketing": True}), 0.0)
+    with pytest.raises(InvalidArgument) as caught:
+        profile_condition({"field": "traits.x", "op": "~"}, "c")
+    assert caught.value.field == "c.op"

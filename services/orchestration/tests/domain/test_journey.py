@@ -1,0 +1,286 @@
+"""Journey documents: reading JSON and YAML, validation that reports every problem with node and field,
+and the lifecycle of versions."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_orchestration.domain import lifecycle
+from cdp_orchestration.domain.journey import (
+    Action,
+    Catalogue,
+    Delay,
+    EventEntry,
+    JourneyInvalid,
+    ScheduleEntry,
+    Split,
+    Wait,
+    load_journey,
+    parse_journey,
+)
+from cdp_orchestration.domain.lifecycle import State
+
+EMAIL = {"channel": "email", "purpose": "Marketing", "template": {"subject": "Hi {{ traits.first_name }}"}}
+
+CART = {
+    "id": "abandoned-cart",
+    "name": "Abandoned cart",
+    "priority": 50,
+    "category": "reminder",
+    "entry": {"event": "Cart Abandoned", "where": "properties.total > 0"},
+    "exit": [{"event": "Order Completed"}, {"condition": "traits.unsubscribed = true"}],
+    "goal": {"event": "Order Completed", "within": "3d"},
+    "nodes": [
+        {"id": "wait", "type": "delay", "duration": "1h", "next": "remind"},
+        {"id": "remind", "type": "action", **EMAIL, "category": "reminder", "next": "check"},
+        {
+            "id": "check",
+            "type": "wait",
+            "event": "Order Completed",
+            "timeout": "2d",
+            "next": "done",
+            "timeout_next": "split",
+        },
+        {
+            "id": "split",
+            "type": "split",
+            "variants": [
+                {"name": "discount", "weight": 50, "next": "offer"},
+                {"name": "control", "weight": 50, "control": True, "next": "done"},
+            ],
+        },
+        {"id": "offer", "type": "action", **EMAIL, "category": "offer", "value": 10, "next": "done"},
+        {"id": "done", "type": "exit"},
+    ],
+}
+
+YAML = """
+id: abandoned-cart
+priority: 50
+entry: {event: Cart Abandoned}
+exit:
+  - event: Order Completed
+nodes:
+  - id: remind
+    type: action
+    channel: email
+    purpose: Marketing
+    template:
+      subject: "{{ traits.first_name }}, your cart"
+"""
+
+CATALOGUE = Catalogue(
+    events=frozenset({"Cart Abandoned", "Order Completed"}),
+    fields=frozenset({"traits.first_name", "traits.unsubscribed"}),
+    purposes=frozenset({"Marketing"}),
+)
+
+
+def problems(document: dict, catalogue: Catalogue | None = None) -> list[tuple[str | None, str]]:
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(document, catalogue)
+    return [(p.node, p.field) for p in caught.value.problems]
+
+
+def with_nodes(*nodes: dict, **extra: object) -> dict:
+    return {"id": "j", "entry": {"api": True}, "nodes": list(nodes), **extra}
+
+
+def test_a_valid_journey_reads_into_its_model() -> None:
+    journey = parse_journey(CART, CATALOGUE)
+    assert (journey.id, journey.version, journey.priority, journey.start) == ("abandoned-cart", 1, 50, "wait")
+    assert isinstance(journey.entry, EventEntry) and journey.entry.event.names == {"Cart Abandoned"}
+    assert isinstance(journey.nodes["wait"], Delay) and journey.nodes["wait"].seconds == 3600
+    assert isinstance(journey.nodes["check"], Wait) and journey.nodes["check"].timeout_next == "split"
+    split = journey.nodes["split"]
+    assert isinstance(split, Split) and [v.control for v in split.variants] == [False, True]
+    offer = journey.nodes["offer"]
+    assert isinstance(offer, Action) and (offer.category, offer.value) == ("offer", 10.0)
+    assert journey.goal is not None and journey.goal.within == 3 * 86400
+    assert journey.document is CART
+
+
+def test_json_and_yaml_forms_read_the_same() -> None:
+    from_yaml = load_journey(YAML, CATALOGUE, form="yaml")
+    from_json = load_journey(orjson.dumps(from_yaml.document), CATALOGUE)
+    assert from_json.nodes["remind"].template.source == {"subject": "{{ traits.first_name }}, your cart"}
+    assert from_json.document == from_yaml.document
+    with pytest.raises(JourneyInvalid) as caught:
+        load_journey("id: [", form="yaml")
+    assert caught.value.field == "journey"
+
+
+def test_every_problem_is_reported_at_once_with_node_and_field() -> None:
+    document = with_nodes(
+        {"id": "a", "type": "action", "channel": "email", "template": {"b": "x"}, "next": "b"},  # no purpose
+        {"id": "b", "type": "delay", "duration": "soon", "next": "nowhere"},
+        {"id": "c", "type": "exit"},  # unreachable
+    )
+    assert problems(document) == [
+        ("a", "nodes.a.purpose"),
+        ("b", "nodes.b.duration"),
+        ("b", "nodes.b.next"),
+        ("c", "nodes.c"),
+    ]
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(document)
+    error = caught.value
+    assert isinstance(error, InvalidArgument) and error.field == "nodes.a.purpose"
+    assert "nodes.c: cannot be reached" in error.message and "consent purpose" in error.message
+
+
+def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None:
+    loop = with_nodes(
+        {"id": "a", "type": "action", **EMAIL, "next": "b"},
+        {"id": "b", "type": "branch", "branches": [{"if": "scores.x > 1", "next": "a"}], "else": "c"},
+        {"id": "c", "type": "exit"},
+    )
+    assert problems(loop) == [("a", "nodes.a.next")]
+    with pytest.raises(JourneyInvalid, match="a -> b -> a without a delay or wait"):
+        parse_journey(loop)
+    self_loop = with_nodes(
+        {"id": "s", "type": "split", "variants": [{"name": "x", "weight": 1, "next": "s"}, {"name": "y", "weight": 1}]}
+    )
+    assert problems(self_loop) == [("s", "nodes.s.next")]
+    delayed = with_nodes(
+        {"id": "a", "type": "action", **EMAIL, "next": "d"},
+        {"id": "d", "type": "delay", "duration": "1d", "next": "b"},
+        {"id": "b", "type": "branch", "branches": [{"if": "scores.x > 1", "next": "a"}]},
+    )
+    assert parse_journey(delayed).nodes["b"].otherwise is None
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        (with_nodes({"id": "d", "type": "delay", "until": "9am"}), [("d", "nodes.d.until")]),
+        (with_nodes({"id": "d", "type": "delay", "duration": "1h", "until": "09:00"}), [("d", "nodes.d")]),
+        (with_nodes({"id": "w", "type": "wait", "event": "X"}), [("w", "nodes.w.timeout")]),
+        (
+            with_nodes({"id": "w", "type": "wait", "condition": "traits.x >", "timeout": "1d"}),
+            [("w", "nodes.w.condition")],
+        ),
+        (with_nodes({"id": "x", "type": "teleport"}), [("x", "nodes.x.type")]),
+        (with_nodes({"id": "x", "type": "exit"}, {"id": "x", "type": "exit"}), [("x", "nodes.x.id")]),
+        (with_nodes({"id": "a", "type": "action", **EMAIL, "channel": "fax"}), [("a", "nodes.a.channel")]),
+        (
+            with_nodes({"id": "a", "type": "action", **EMAIL, "template": {"b": "{% if %}"}}),
+            [("a", "nodes.a.template.b")],
+        ),
+        (
+            with_nodes({"id": "a", "type": "action", **EMAIL, "template": {"b": "{{ user.name }}"}}),
+            [("a", "nodes.a.template.b")],
+        ),
+        (
+            with_nodes(
+                {"id": "s", "type": "split", "variants": [{"name": "a", "weight": 0}, {"name": "b", "weight": 1}]}
+            ),
+            [("s", "nodes.s.variants[0].weight")],
+        ),
+        (
+            with_nodes(
+                {
+                    "id": "s",
+                    "type": "split",
+                    "variants": [
+                        {"name": "a", "weight": 1, "control": True},
+                        {"name": "b", "weight": 1, "control": True},
+                    ],
+                }
+            ),
+            [("s", "nodes.s.variants")],
+        ),
+        (with_nodes({"id": "x", "type": "exit"}, timezone="Europe/Atlantis"), [(None, "timezone")]),
+        (
+            with_nodes({"id": "x", "type": "exit"}, entry={"schedule": {"cron": "61 * * * *", "segment": "vip"}}),
+            [(None, "entry.schedule.cron")],
+        ),
+        (
+            with_nodes({"id": "x", "type": "exit"}, entry={"event": "X", "where": "properties.total >> 1"}),
+            [(None, "entry.where")],
+        ),
+        (with_nodes({"id": "x", "type": "exit"}, reentry={"cooldown": "0s"}), [(None, "reentry.cooldown")]),
+        (with_nodes({"id": "x", "type": "exit"}, goal={"event": "X"}), [(None, "goal.within")]),
+        (with_nodes({"id": "x", "type": "exit"}, start="y"), [(None, "start")]),
+        (with_nodes({"id": "x", "type": "exit"}, colour="blue"), [(None, "colour")]),
+        ({"id": "j", "nodes": [{"id": "x", "type": "exit"}]}, [(None, "entry")]),
+    ],
+)
+def test_bad_parts_are_named(document: dict, expected: list) -> None:
+    assert problems(document) == expected
+
+
+def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> None:
+    document = {
+        **CART,
+        "entry": {"event": "Cart Abandonned"},
+        "exit": [{"condition": "traits.unsubscribd = true"}],
+        "nodes": [
+            {
+                "id": "remind",
+                "type": "action",
+                **EMAIL,
+                "purpose": "Marketting",
+                "template": {"subject": "{{ traits.frist_name }}"},
+                "next": "w",
+            },
+            {"id": "w", "type": "wait", "condition": 'in_segment("vipp")', "timeout": "1d"},
+        ],
+    }
+    catalogue = Catalogue(CATALOGUE.events, CATALOGUE.fields, frozenset({"vip"}), CATALOGUE.purposes)
+    assert problems(document, catalogue) == [
+        (None, "entry.event"),
+        (None, "exit[0].condition"),
+        ("remind", "nodes.remind.purpose"),
+        ("remind", "nodes.remind.template"),
+        ("w", "nodes.w.condition"),
+    ]
+    # Without a catalogue the same names are not checked.
+    assert parse_journey(document).id == "abandoned-cart"
+
+
+def test_scheduled_entry_and_computed_traits_for_aggregate_conditions() -> None:
+    journey = parse_journey(
+        with_nodes(
+            {
+                "id": "b",
+                "type": "branch",
+                "branches": [{"if": 'count("Order Completed", within 30d) >= 3', "next": "x"}],
+            },
+            {"id": "x", "type": "exit"},
+            entry={"schedule": {"cron": "0 9 * * 1", "segment": "vip"}},
+        ),
+        Catalogue(fields=frozenset()),  # generated computed traits are not catalogue fields
+    )
+    assert isinstance(journey.entry, ScheduleEntry) and journey.entry.segment == "vip"
+    (definition,) = journey.computed_traits
+    assert definition["op"] == "count" and definition["event_names"] == ["Order Completed"]
+
+
+def test_lifecycle_draft_active_paused_archived_with_immutable_versions() -> None:
+    v1 = parse_journey(CART)
+    record = lifecycle.create(v1)
+    assert record.state is State.DRAFT and not record.accepts_entries
+    record = lifecycle.publish(record)
+    assert record.state is State.ACTIVE and record.accepts_entries and record.live is v1
+    with pytest.raises(InvalidArgument, match="must be 2"):
+        lifecycle.save_draft(record, v1)  # version 1 is published: it cannot be saved again
+    v2 = parse_journey({**CART, "version": 2, "priority": 60})
+    record = lifecycle.save_draft(record, v2)
+    assert record.live is v1  # a draft changes nothing that runs
+    record = lifecycle.pause(lifecycle.publish(record))
+    assert record.state is State.PAUSED and not record.accepts_entries
+    assert record.versions[1] is v1 and record.live is v2
+    with pytest.raises(FailedPrecondition):
+        lifecycle.pause(record)
+    record = lifecycle.archive(lifecycle.resume(record))
+    assert record.state is State.ARCHIVED
+    for move in (lifecycle.resume, lifecycle.publish, lifecycle.pause):
+        with pytest.raises(FailedPrecondition):
+            move(record)
+    with pytest.raises(FailedPrecondition):
+        lifecycle.save_draft(record, parse_journey({**CART, "version": 3}))
+    with pytest.raises(FailedPrecondition, match="no draft"):
+        lifecycle.publish(lifecycle.resume(lifecycle.pause(lifecycle.publish(lifecycle.create(v1)))))

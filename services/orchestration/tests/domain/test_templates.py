@@ -1,0 +1,86 @@
+"""Templates: profile fields in, a missing field is an error naming it, never a blank."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdp_kit.errors import InvalidArgument
+from cdp_orchestration.domain.templates import MissingField, compile_template
+from cdp_orchestration.domain.view import PersonView
+
+PERSON = PersonView(
+    "p1",
+    {
+        "traits.first_name": "Ada",
+        "traits.address": {"city": "Berlin"},
+        "computed.orders_90d": 3,
+        "scores.churn_risk": 0.25,
+        "consent.purpose:Marketing": True,
+    },
+)
+
+
+def test_renders_profile_fields_by_root() -> None:
+    template = compile_template(
+        {
+            "subject": "{{ traits.first_name }}, {{ computed.orders_90d }} orders",
+            "body": "{{ traits.address.city }} {{ '%.0f%%' % (scores.churn_risk * 100) }} {{ consent['purpose:Marketing'] }}",
+        },
+        "template",
+    )
+    assert template.render(PERSON) == {"subject": "Ada, 3 orders", "body": "Berlin 25% True"}
+    assert template.fields == {
+        "traits.first_name",
+        "computed.orders_90d",
+        "traits.address",
+        "scores.churn_risk",
+        "consent.purpose:Marketing",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("Hi {{ traits.nickname }}", "traits.nickname"),
+        ("{{ traits.address.street }}", "traits.address.street"),
+        ("{% if traits.vip %}VIP{% endif %}", "traits.vip"),
+        ("{{ scores.clv * 2 }}", "scores.clv"),
+    ],
+)
+def test_a_missing_field_is_an_error_naming_it_never_a_blank(text: str, field: str) -> None:
+    template = compile_template({"body": text}, "template")
+    with pytest.raises(MissingField) as caught:
+        template.render(PERSON)
+    assert (caught.value.field, caught.value.part) == (field, "body")
+    assert "Ada" not in str(caught.value)
+
+
+def test_a_null_value_counts_as_missing_and_templates_may_guard_optional_fields() -> None:
+    with pytest.raises(MissingField):
+        compile_template({"b": "{{ traits.first_name }}"}, "t").render(PersonView("p", {"traits.first_name": None}))
+    guarded = compile_template(
+        {"b": "Hi {{ traits.nickname | default('there') }}{% if traits.vip is defined %}, VIP{% endif %}"}, "t"
+    )
+    assert guarded.render(PERSON) == {"b": "Hi there"}
+
+
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        ({"body": "{{ traits.first_name "}, "t.body"),
+        ({"body": "{{ email }}"}, "t.body"),
+        ({"body": 3}, "t.body"),
+        ({}, "t"),
+        ("Hi", "t"),
+    ],
+)
+def test_bad_templates_are_rejected_when_compiled_naming_the_part(source: object, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        compile_template(source, "t")
+    assert caught.value.field == field
+
+
+def test_the_sandbox_keeps_templates_away_from_python_internals() -> None:
+    template = compile_template({"b": "{{ traits.first_name.__class__.__mro__ }}"}, "t")
+    with pytest.raises(MissingField):
+        template.render(PERSON)
