@@ -49,12 +49,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             },
         },
     },
-    # Partitions that follow the live replicas: identity holds Kubernetes Leases, profile NATS KV ones.
+    # Partitions that follow the live replicas: identity holds Kubernetes Leases, profile NATS KV ones;
+    # both on MongoDB, the store a partition's next owner can read.
     "leases": {
         "set_values": {
+            "mongodb": {"enabled": True},
             "components": {
-                "identity": {"replicas": 3, "ownership": "kubernetes"},
-                "profile": {"ownership": "nats"},
+                "identity": {"replicas": 3, "ownership": "kubernetes", "store": {"kind": "mongodb"}},
+                "profile": {"ownership": "nats", "store": {"kind": "mongodb"}},
             },
         },
     },

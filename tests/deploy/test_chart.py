@@ -538,6 +538,10 @@ BAD_VALUES = {
         {"components": {"collector": {"ownership": "kubernetes"}}},
         "ownership=kubernetes needs stateful: true",
     ),
+    "leases need a store every pod shares": (
+        {"components": {"profile": {"ownership": "nats"}}},
+        "store.kind=sqlite gives each pod a store of its own",
+    ),
     "port clash": (
         {"components": {"collector": {"ports": {"http": 50051}}}},
         "ports.http and ports.grpc are both 50051",
@@ -627,6 +631,9 @@ def test_lease_ownership_grants_its_pods_the_lease_verbs_and_nothing_else(render
     assert env["CDP_OWNERSHIP"]["value"] == "kubernetes"
     assert env["CDP_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["CDP_POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # The split follows the live pods: nothing may read the replica count the chart was rendered with,
+    # which `kubectl scale` makes wrong.
+    assert "CDP_REPLICAS" not in env
     # NATS leases need no API access: no Role, no token.
     (container,) = r.get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]["containers"]
     assert env_of(container)["CDP_OWNERSHIP"]["value"] == "nats"
@@ -654,7 +661,11 @@ def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
         (container,) = profile["spec"]["template"]["spec"]["containers"]
         assert container["command"] == ["python", "-m", "cdp_profile"]
         env = env_of(container)
-        assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env)
+        if scenario == "default":  # static: a fixed split by ordinal
+            assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env)
+        else:  # prod: Leases, so `kubectl scale statefulset cdp-profile` moves partitions
+            assert env["CDP_OWNERSHIP"]["value"] == "kubernetes" and "CDP_REPLICAS" not in env
+            assert rendered[scenario].get("RoleBinding", "cdp-profile-leases")
         identity = rendered[scenario].get("Service", "cdp-identity")
         (grpc_port,) = [p["port"] for p in identity["spec"]["ports"] if p["name"] == "grpc"]
         assert env["CDP_IDENTITY_ADDRESS"]["value"] == f"cdp-identity:{grpc_port}"

@@ -134,6 +134,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if and (ne $c.ownership "static") (not $c.stateful) -}}
 {{- fail (printf "component %q: ownership=%s needs stateful: true (only components that own partitions hold leases)" $name $c.ownership) -}}
 {{- end -}}
+{{- if and (ne $c.ownership "static") (ne $c.store.kind "mongodb") -}}
+{{- fail (printf "component %q: ownership=%s moves partitions between pods, but store.kind=%s gives each pod a store of its own, so the new owner would not find what the old one wrote; set store.kind: mongodb (one store every pod shares) or ownership: static" $name $c.ownership $c.store.kind) -}}
+{{- end -}}
 {{- if and $c.ports.http (eq (int $c.ports.http) (int $c.ports.grpc)) -}}
 {{- fail (printf "component %q: ports.http and ports.grpc are both %d" $name (int $c.ports.grpc)) -}}
 {{- end -}}
@@ -272,6 +275,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 - name: CDP_SHUTDOWN_GRACE
   value: {{ int $c.shutdownGraceSeconds | quote }}
 {{- if $c.stateful }}
+{{- /* The pod's own name and ordinal come from the downward API, so they stay right whatever
+`kubectl scale` does. CDP_REPLICAS is rendered only for static ownership: with leases the split
+follows the live pods and nothing may depend on the count the chart was rendered with. */}}
 - name: CDP_POD_NAME
   valueFrom:
     fieldRef:
@@ -280,9 +286,10 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
   valueFrom:
     fieldRef:
       fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+{{- if eq $c.ownership "static" }}
 - name: CDP_REPLICAS
   value: {{ int $c.replicas | quote }}
-{{- if ne $c.ownership "static" }}
+{{- else }}
 - name: CDP_OWNERSHIP
   value: {{ $c.ownership | quote }}
 {{- end }}
