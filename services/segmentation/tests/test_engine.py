@@ -17,6 +17,7 @@ from cdp_kit.storage import open_store
 from cdp_kit.timestamps import set_seconds, to_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import LIVE, SEGMENTS, SegmentationEngine
+from cdp_segmentation.stream import SegmentationStream, engine_spec
 from cdp_testing.fakes import T0, Clock, Delivery
 
 
@@ -341,9 +342,10 @@ async def test_a_restart_keeps_memberships_and_publishes_nothing_twice(setup, na
 
 
 async def test_a_failed_publish_is_published_by_the_retry(setup, nats_server, monkeypatch):
-    engine, *_ = setup
+    """Through the partitioned engine (stream.py), which now owns publishing and its retries."""
+    engine, store, bus, _clock, _ = setup
     await create(engine, "pro", 'traits.plan = "pro"')
-    real = engine.publisher.publish_batch
+    real = bus.publisher.publish_batch
     calls = {"n": 0}
 
     async def flaky(messages, **kw):
@@ -352,11 +354,22 @@ async def test_a_failed_publish_is_published_by_the_retry(setup, nats_server, mo
             raise ConnectionError("bus down")
         return await real(messages, **kw)
 
-    monkeypatch.setattr(engine.publisher, "publish_batch", flaky)
-    delivery = changed([change("p1", traits={"plan": "pro"})], 1)
-    with pytest.raises(ConnectionError):
-        await engine.handle([delivery])
-    await engine.handle([changed([change("p1", traits={"plan": "pro"})], 1, delivered=2)])
+    monkeypatch.setattr(bus.publisher, "publish_batch", flaky)
+    stream = SegmentationStream(
+        engine, engine_spec(partitions=1, batch_size=64, ack_wait=30, snapshot_every=3600), bus=bus, store=store
+    )
+    running = asyncio.create_task(stream.run())
+    try:
+        batch = profile_pb2.ProfileChangedBatch(changes=[change("p1", traits={"plan": "pro"})])
+        await bus.js.publish(subjects.profiles_changed(0), batch.SerializeToString())
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await published(nats_server.url):
+            assert asyncio.get_running_loop().time() < deadline, "the transition was not published"
+            await asyncio.sleep(0.05)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert calls["n"] >= 2
     assert moves(await published(nats_server.url)) == [("p1", "pro", "enter", "event")]
 
 

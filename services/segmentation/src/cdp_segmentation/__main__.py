@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 
 from nats.js.errors import NotFoundError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.bus import (
-    Bus,
-    ConsumerSpec,
-    dead_letter_stream,
-    owned_partitions,
-    profiles_stream,
-    segments_stream,
-    subjects,
-)
+from cdp_kit.bus import Bus, dead_letter_stream, owned_partitions, profiles_stream, segments_stream, subjects
+from cdp_kit.ownership import StaticOwnership, ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
 
 log = logging.getLogger("cdp.segmentation")
 
@@ -44,18 +39,17 @@ async def setup(runtime: ServiceRuntime) -> None:
         runtime.stack.push_async_callback(channel.close)
         profile = ProfileClient(channel, settings.profile_token)
     if settings.standby:
-        # Every partition, with positions of its own: "segmentation-r<ordinal>-p<p>".
-        partitions, namespace = list(range(settings.partitions)), f"_r{settings.pod_ordinal}"
-        standby = f"r{settings.pod_ordinal}"
-
-        def durable(p: int) -> str:
-            return subjects.partition_durable("segmentation", p, input=standby)
+        # Every partition, with positions, snapshots and outbox of its own: "segmentation-r<ordinal>-p<p>".
+        standby, namespace = f"r{settings.pod_ordinal}", f"_r{settings.pod_ordinal}"
+        ownership = StaticOwnership(partitions=settings.partitions)
+        preload = list(range(settings.partitions))
     else:
-        partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
-        namespace = ""
-
-        def durable(p: int) -> str:
-            return subjects.partition_durable("segmentation", p)
+        standby, namespace = "", ""
+        ownership = await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
+        # Static partitions are known now: their snapshot is loaded in one scan at start. Leased ones
+        # are loaded as they arrive.
+        static = settings.ownership == "static"
+        preload = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas) if static else []
 
     origin = {"Cdp-Origin": f"{settings.service_name}-{settings.pod_ordinal}-{id(settings)}"}
 
@@ -64,7 +58,7 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     async def stream_ends() -> dict[str, int]:
         ends = {}
-        for p in partitions:
+        for p in sorted(engine.owned):
             subject = subjects.profiles_changed(p)
             try:
                 ends[subject] = (await bus.js.get_last_msg(subjects.PROFILES, subject)).seq
@@ -76,7 +70,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         store,
         bus.publisher,
         partitions=settings.partitions,
-        owned=partitions,
+        owned=preload,
         telemetry=runtime.telemetry,
         profile_source=profile.fields if profile else None,
         define_traits=profile.define if profile else None,
@@ -89,14 +83,32 @@ async def setup(runtime: ServiceRuntime) -> None:
         announce=announce,
         max_computed_traits=settings.max_computed_traits,
     )
+    stream = SegmentationStream(
+        engine,
+        engine_spec(
+            partitions=settings.partitions,
+            batch_size=settings.batch_size,
+            ack_wait=settings.ack_wait,
+            snapshot_every=settings.snapshot_interval,
+            standby=standby,
+        ),
+        bus=bus,
+        store=store,
+    )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
-    durables = {subjects.profiles_changed(p): durable(p) for p in partitions}
-    replayed = await engine.replay(engine.held.since(bus.js, subjects.PROFILES, durables))
-    if replayed:
-        log.info("state brought up to date from the PROFILES stream", extra={"changes": replayed})
+    # Each owned partition is loaded, replayed up to where the stream had got, then served.
+    ownership = await stream.start(ownership)
     gc.freeze()
     engine.resume_builds()
+    serving = runtime.spawn(stream.serve(ownership), "consume profiles.changed.<p>")
+
+    async def stop_stream() -> None:
+        # Before the engine's final snapshot and the bus closing: release the partitions, draining.
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+    runtime.stack.push_async_callback(stop_stream)
 
     async def on_announced(msg) -> None:
         if (msg.headers or {}).get("Cdp-Origin") == origin["Cdp-Origin"]:
@@ -108,25 +120,7 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     subscription = await bus.nc.subscribe(ANNOUNCE, cb=on_announced)
     runtime.stack.push_async_callback(subscription.unsubscribe)
-    runners = []
-    for p in partitions:
-        runner = bus.consumer(
-            ConsumerSpec(
-                stream=subjects.PROFILES,
-                durable=durable(p),
-                filter_subjects=(subjects.profiles_changed(p),),
-                batch_size=settings.batch_size,
-                ack_wait=settings.ack_wait,
-                max_ack_pending=settings.batch_size,
-                # Each person's changes in stream order, across failures and restarts.
-                ordered=True,
-                description=f"segmentation: memberships of the persons of partition {p}",
-            ),
-            engine.handle,
-        )
-        runtime.spawn(runner.run(), f"consume {subjects.profiles_changed(p)}")
-        runners.append(runner)
-    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners)
+    runtime.parts.update(bus=bus, store=store, engine=engine, stream=stream)
     runtime.grpc.add_service(
         segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
         SegmentationApi(engine),

@@ -72,37 +72,40 @@ class Builds:
             async with self._lifecycle_lock:
                 if self.segments.get(segment.id) is not segment or segment.building_version != version:
                     return  # replaced or deleted meanwhile
-                now = self.clock()
-                current = self.members.get(segment.id, set())
-                new = {persons[i] for i in np.flatnonzero(inside)}
-                entered, exited = sorted(new - current), sorted(current - new)
-                by_partition: dict[int, list[Transition]] = {}
-                for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
-                    by_partition.setdefault(self._partition(person_id), []).append(
-                        Transition(person_id, segment.id, flag, segment.updated_at, reason, version, f"v{version}")
-                    )
-                await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
-                for person_id in exited:
-                    person = self.persons.get(person_id)
-                    if person is not None:
-                        person.members.pop(segment.id, None)
-                        self.held.mark(person_id)
-                for person_id in entered:
-                    person = self.persons.get(person_id)
-                    if person is not None:
-                        person.members[segment.id] = segment.updated_at
-                        self.held.mark(person_id)
-                self.members[segment.id] = new
-                replaced = segment.compiled
-                segment.serve(compiled, version)
-                segment.pending = None
-                segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
-                segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
-                self._reindex()
-                # Persons changed while the population was evaluated, and those whose membership moved
-                # segments referring to this one: evaluated again, as live.
-                self._touched.remove(touched)
-                await self._reevaluate(touched | set(entered) | set(exited), segment)
+                # Published after every batch applied so far, before any applied next (stream.py).
+                async with self._quiet():
+                    now = self.clock()
+                    current = self.members.get(segment.id, set())
+                    # (Persons of a partition that moved to another replica meanwhile are not held.)
+                    new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in self.persons}
+                    entered, exited = sorted(new - current), sorted(current - new)
+                    by_partition: dict[int, list[Transition]] = {}
+                    for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
+                        by_partition.setdefault(self._partition(person_id), []).append(
+                            Transition(person_id, segment.id, flag, segment.updated_at, reason, version, f"v{version}")
+                        )
+                    await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+                    for person_id in exited:
+                        person = self.persons.get(person_id)
+                        if person is not None:
+                            person.members.pop(segment.id, None)
+                            self.held.mark(person_id)
+                    for person_id in entered:
+                        person = self.persons.get(person_id)
+                        if person is not None:
+                            person.members[segment.id] = segment.updated_at
+                            self.held.mark(person_id)
+                    self.members[segment.id] = new
+                    replaced = segment.compiled
+                    segment.serve(compiled, version)
+                    segment.pending = None
+                    segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
+                    segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
+                    self._reindex()
+                    # Persons changed while the population was evaluated, and those whose membership moved
+                    # segments referring to this one: evaluated again, as live.
+                    self._touched.remove(touched)
+                    await self._reevaluate(touched | set(entered) | set(exited), segment)
                 await self.snapshot()
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
                 if replaced is not compiled:

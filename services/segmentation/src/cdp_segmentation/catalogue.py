@@ -247,20 +247,22 @@ class Catalogue:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        by_partition: dict[int, list[Transition]] = {}
-        for person_id in sorted(self.members.get(segment_id, ())):
-            by_partition.setdefault(self._partition(person_id), []).append(
-                Transition(person_id, segment_id, False, at, "deleted", version, f"v{version}")
-            )
-        await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
-        exited = 0
-        for person_id in self.members.pop(segment_id, set()):
-            person = self.persons.get(person_id)
-            if person is not None and person.members.pop(segment_id, None) is not None:
-                exited += 1
-                self.held.mark(person_id)
-        self.segments.pop(segment_id, None)
-        self._reindex()
+        # Published after every batch applied so far, before any applied next (stream.py).
+        async with self._quiet():
+            by_partition: dict[int, list[Transition]] = {}
+            for person_id in sorted(self.members.get(segment_id, ())):
+                by_partition.setdefault(self._partition(person_id), []).append(
+                    Transition(person_id, segment_id, False, at, "deleted", version, f"v{version}")
+                )
+            await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+            exited = 0
+            for person_id in self.members.pop(segment_id, set()):
+                person = self.persons.get(person_id)
+                if person is not None and person.members.pop(segment_id, None) is not None:
+                    exited += 1
+                    self.held.mark(person_id)
+            self.segments.pop(segment_id, None)
+            self._reindex()
         await self.snapshot()
         return exited
 

@@ -1,4 +1,5 @@
-"""The segmentation engine: the stream in and out, and the wiring of the parts that hold the rules.
+"""The segmentation engine: the held state, the wiring of the parts that hold the rules, and what a
+batch of `profiles.changed.<p>` does (the stream itself runs on the kit's engine: stream.py).
 
 Where a rule lives:
 - catalogue.py: segment definitions, their lifecycle states (building, live, failed), their storage,
@@ -6,34 +7,38 @@ Where a rule lives:
 - index.py: which live segments a field change can move (the field index, the threshold index);
 - evaluation.py: per-person evaluation of a change, removals, and the timers of time-dependent segments;
 - builds.py: whole-population builds (a segment created or changed) with progress, and `Estimate`;
-- this module: `profiles.changed.<p>` in, `segments.entered.<p>` / `segments.exited.<p>` out, replay,
-  snapshots, reads.
+- stream.py: the partitioned engine (consumer, checkpoint and outbox, publishing, ownership);
+- this module: applying a batch (`apply_changes`), loading, replaying and dropping a partition's held
+  state, snapshots, reads.
 
 Real time, per `profiles.changed.<p>` message: each change updates the person's flat fields and the live
 segments reading a changed field are evaluated for that person (evaluation.py); every flip is a
-transition published on `segments.entered.<p>` / `segments.exited.<p>`; the batch is acknowledged once
-JetStream has them. A publish that fails is kept and published first on the partition's next attempt.
+transition, returned as the batch's `segments.entered.<p>` / `segments.exited.<p>` messages, which the
+kit commits with the batch's checkpoint (its outbox) and publishes before acknowledging.
 
-Durability follows scoring (cdp_kit.held): nothing is written per change. Fields, memberships and each
-person's stream position are snapshotted every few seconds, then the partition positions they include;
-a restart loads them and replays `profiles.changed` from there, publishing again what the replay finds.
+Durability follows cdp_kit.held: nothing is written per person per change. Fields, memberships and each
+person's stream position are snapshotted every few seconds at a quiescent point, then the partition
+positions they include (`segmentation_snapshots`); a partition's start loads them and replays
+`profiles.changed` from there up to where the engine had got, publishing again what the replay finds.
 Every transition has a stable id (segment, person and what caused it: a stream position, a timer instant
 or a definition version), so a transition published before a crash is a JetStream duplicate after it,
 and a person's stream position keeps a change from being applied twice. Memberships therefore never flip
-spuriously: only a real change of the inputs, of time or of a definition moves them. No snapshot is taken
-while a transition waits to be published: the held state would be ahead of the bus.
+spuriously: only a real change of the inputs, of time or of a definition moves them. Transitions found
+outside a batch (timers of an idle partition, builds, deletions) are published at a quiescent point,
+after everything the partitions applied before them and before anything they apply next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from google.protobuf.message import DecodeError
@@ -42,9 +47,10 @@ from opentelemetry.metrics import Observation
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
+from cdp_kit.engine import Reject
 from cdp_kit.errors import Unavailable
 from cdp_kit.held import Codec, HeldFields, ProfileSource
-from cdp_kit.storage import Store
+from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import set_ns
 
@@ -60,16 +66,26 @@ from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
 
+if TYPE_CHECKING:
+    from cdp_segmentation.stream import Changes, SegmentationStream
+
 log = logging.getLogger("cdp.segmentation.engine")
 
 
 PERSONS = "segmentation_persons"
+# The stream positions each snapshot includes, and the definition versions its memberships are of.
+SNAPSHOTS = "segmentation_snapshots"
+# Before the partitioned engine, snapshots kept their positions in the collection the engine's
+# checkpoints now use; read once, on the first start after the upgrade (`_migrate_snapshot_positions`).
 CHECKPOINTS = subjects.checkpoints_collection("segmentation")
-BUILT = "$built"  # checkpoint key: the definition version each segment's held memberships are of
+BUILT = "$built"  # snapshot key: the definition version each segment's held memberships are of
 MAX_EVENTS_PER_MESSAGE = 1000
+PUBLISH_BACKOFF = (0.05, 0.2, 1.0, 2.0)
 
 TraitWaiter = Callable[[Sequence[str]], Awaitable[None]]
 StreamEnds = Callable[[], Awaitable[dict[str, int]]]
+# A partition's messages after a position: (subject, stream position, payload), in stream order.
+History = Callable[[int], AsyncIterator[tuple[str, int, bytes]]]
 
 
 class SegmentationEngine(Catalogue, Evaluation, Builds):
@@ -96,12 +112,16 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.store = store
         self.publisher = publisher
         self.partitions = partitions
-        self.owned = frozenset(owned)
+        # Partitions whose held state is loaded here, and those of them being served (arrived, replayed).
+        # Standalone (no stream, tests and tools) every loaded partition is served from `start`.
+        self.owned: set[int] = set(owned)
+        self.active: set[int] = set()
+        self.stream: SegmentationStream | None = None  # set by the stream that runs this engine
         self.define_traits = define_traits
         self.traits_ready = traits_ready
         self.undefine_traits = undefine_traits
         self.stream_ends = stream_ends
-        self.snapshot_interval = snapshot_interval
+        self.snapshot_interval = snapshot_interval  # the stream's interval (stream.engine_spec)
         self.timer_resolution = timer_resolution
         self.clock = clock
         self.max_computed_traits = max_computed_traits
@@ -112,16 +132,15 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.announce = announce
         self.segments: dict[str, Segment] = {}
         self._partition = Partitioner(partitions)
+        self._namespace = namespace
         # Standby replicas each hold every partition: their persons and positions are their own.
         self.held: HeldFields[Person] = HeldFields(
             store,
             collection=PERSONS + namespace,
-            checkpoints=CHECKPOINTS + namespace,
+            checkpoints=SNAPSHOTS + namespace,
             owns=lambda person: self._partition(person) in self.owned,
             codec=Codec(copy=_copy_person, encode=_encode_person, decode=self._decode_person),
             fetch=profile_source,
-            # Transitions waiting to be published: the held state is ahead of the bus.
-            behind=lambda: any(self._unpublished.values()),
             marks=lambda: {BUILT: {"versions": {s.id: s.version for s in self.segments.values() if s.serving}}},
             clock=clock,
         )
@@ -131,11 +150,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.applied = self.held.applied
         self.snapshotted = self.held.snapshotted
         self.index = FieldIndex()
-        self._timers: list[tuple[float, str]] = []  # (due, person): a heap
+        self._timers: dict[int, list[tuple[float, str]]] = {}  # partition -> (due, person): a heap
         self._due: dict[str, float] = {}  # person -> its pending timer
-        # Transitions whose publish failed, by partition subject ("$timers" for timers): published first
-        # next time, and no snapshot is taken while any wait (the held state is ahead of the bus).
-        self._unpublished: dict[str, list[OutMessage]] = {}
+        self._last_apply: dict[int, float] = {}  # partition -> when it last applied a batch (monotonic)
         # One set per whole-population run under way: the persons changed meanwhile.
         self._touched: list[set[str]] = []
         self._sorted_members: dict[str, tuple[float, list[str]]] = {}
@@ -158,7 +175,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self._m_freshness = meter.create_histogram(
             "cdp.segmentation.freshness",
             unit="ms",
-            description="profile change to published transitions, per batch (its oldest change)",
+            description="profile change to its batch applied here, per batch (its oldest change)",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_population = meter.create_histogram(
@@ -189,7 +206,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The segments, then the last snapshot of persons (see `replay`); unfinished builds resume."""
+        """The segments, then the last snapshot of the owned partitions' persons (a stream brings each
+        up to date when it arrives: `arrive`; standalone, `replay` does); unfinished builds resume."""
         loaded: dict[str, Segment] = {}
         async for record in self.store.scan_all(SEGMENTS):
             try:
@@ -201,21 +219,57 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
                     extra={"segment": record.key, "error": type(exc).__name__},
                 )
         self.segments = loaded
-        await self.held.load()
-        built: dict[str, int] = self.held.loaded_marks.get(BUILT, {}).get("versions", {})
+        await self._migrate_snapshot_positions()
+        built_record = await self.store.get(self.held.checkpoints, BUILT)
+        built: dict[str, int] = (built_record.doc if built_record is not None else {}).get("versions", {})
         for segment in self.segments.values():
             # Changed by another replica while this one was down: its memberships here are of another version.
             if segment.serving and built.get(segment.id) != segment.version and segment.state == LIVE:
                 segment.pending = (segment.version, segment.compiled)
                 segment.state = BUILDING
-        for person_id, person in self.persons.items():
+        self._reindex()
+        owned, self.owned = set(self.owned), set()
+        await self._load(owned)
+        if self.stream is None:
+            self.active |= owned
+        self._tasks.append(asyncio.create_task(self._timer_loop(), name="segmentation timers"))
+
+    async def _migrate_snapshot_positions(self) -> None:
+        """The first start after the upgrade to the partitioned engine: the last snapshot's positions
+        and built versions move from the checkpoints collection (which the engine now owns, and which
+        still holds them: they are where its consumers resume) to `segmentation_snapshots`. Only the
+        old snapshots wrote a "$built" record there; it is deleted last."""
+        old = CHECKPOINTS + self._namespace
+        marker = await self.store.get(old, BUILT)
+        if marker is None or await self.store.get(self.held.checkpoints, BUILT) is not None:
+            return
+        ops: list[Put | Delete] = [Put(self.held.checkpoints, r.key, r.doc) async for r in self.store.scan_all(old)]
+        await self.store.bulk_write(ops)
+        await self.store.bulk_write([Delete(old, BUILT)])
+        log.info("snapshot positions moved to %s", self.held.checkpoints, extra={"records": len(ops)})
+
+    async def _load(self, partitions: set[int]) -> None:
+        """The last snapshot of `partitions`: their positions and persons (one scan for all of them)."""
+        if not partitions:
+            return
+        wanted = {subjects.profiles_changed(p) for p in partitions}
+        async for record in self.store.scan_all(self.held.checkpoints):
+            if record.key in wanted:
+                self.applied[record.key] = self.snapshotted[record.key] = record.doc.get("stream_seq", 0)
+        loaded: list[str] = []
+        decode = self._decode_person
+        async for record in self.store.scan_all(self.held.collection, page_size=2000):
+            if self._partition(record.key) in partitions:
+                self.persons[record.key] = decode(record.doc)
+                self.held.versions[record.key] = record.version
+                loaded.append(record.key)
+        now = self.clock()
+        for person_id in loaded:
+            person = self.persons[person_id]
             for segment_id in person.members:
                 self.members.setdefault(segment_id, set()).add(person_id)
-        self._reindex()
-        for person_id, person in self.persons.items():
-            self._schedule(person_id, person, person.evaluated_at or self.clock())
-        self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="segmentation snapshots"))
-        self._tasks.append(asyncio.create_task(self._timer_loop(), name="segmentation timers"))
+            self._schedule(person_id, person, person.evaluated_at or now)
+        self.owned |= partitions
 
     def _decode_person(self, doc: Mapping[str, Any]) -> Person:
         state = orjson.loads(doc["state"])
@@ -235,7 +289,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         try:
             await self.snapshot()
         except Exception as exc:  # the next start replays further back instead; nothing is lost
-            log.warning("final snapshot failed: %r", exc)
+            self.log_snapshot_failure(exc)
 
     def _serving(self) -> list[Segment]:
         return [s for s in self.segments.values() if s.serving]
@@ -245,68 +299,118 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.index = FieldIndex(self._serving())
         self.held.marks_dirty = True
 
+    # --- partitions: arrival, departure, recovery --------------------------------------------------
+
+    async def arrive(self, partition: int, history: History) -> int:
+        """Serve `partition`: its last snapshot (unless loaded at start), then the stream after it
+        (`history(position)`), applied and published as `replay` does. Returns the changes replayed."""
+        async with self.held.mutating():
+            if partition not in self.owned:
+                await self._load({partition})
+            subject = subjects.profiles_changed(partition)
+            replayed = await self.replay(history(self.applied.get(subject, 0)))
+            self.active.add(partition)
+        if replayed:
+            log.info(
+                "partition brought up to date from the PROFILES stream",
+                extra={"partition": partition, "changes": replayed},
+            )
+        return replayed
+
+    def leave(self, partition: int) -> None:
+        """Forget `partition` (another replica serves it now; this one snapshotted it first)."""
+        self.active.discard(partition)
+        self.owned.discard(partition)
+        subject = subjects.profiles_changed(partition)
+        self.applied.pop(subject, None)
+        self.snapshotted.pop(subject, None)
+        self._timers.pop(partition, None)
+        self._last_apply.pop(partition, None)
+        for person_id in [p for p in self.persons if self._partition(p) == partition]:
+            person = self.persons.pop(person_id)
+            self.held.versions.pop(person_id, None)
+            self._due.pop(person_id, None)
+            for segment_id in person.members:
+                self.members.get(segment_id, set()).discard(person_id)
+
+    async def reload_partition(self, partition: int, history: History) -> None:
+        """A batch of `partition` failed to commit: what is held for it may include changes whose
+        transitions never became durable. Load it again from the snapshot and replay to the checkpoint."""
+        self.leave(partition)
+        await self.arrive(partition, history)
+
     # --- the stream path --------------------------------------------------------------------------
 
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `profiles.changed.<p>`: apply, evaluate, publish; acknowledged after."""
-        async with self.held.mutating():
-            await self._handle(batch)
-
-    async def _handle(self, batch: Sequence[Delivery]) -> None:
-        subject = batch[0].subject
-        partition = subjects.partition_of(subject)
-        waiting = self._unpublished.pop(subject, None)
-        if waiting:
-            await self._publish_or_keep(subject, waiting)
+    async def apply_changes(self, partition: int, items: Sequence[Changes]) -> list[OutMessage]:
+        """Apply a batch of `profiles.changed.<partition>` (decoded, in stream order) after the
+        partition's due timers; the transitions it finds, as the messages to publish."""
+        subject = subjects.profiles_changed(partition)
         applied = self.applied.get(subject, 0)
         now = self.clock()
-        oldest = math.inf
         transitions: list[Transition] = []
-        for delivery in batch:
-            if delivery.stream_seq <= applied:
-                continue  # applied by the replay; what it found was published then
-            message = profile_pb2.ProfileChangedBatch()
-            try:
-                message.ParseFromString(delivery.data)
-            except DecodeError as exc:
-                delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
-                continue
-            applied_at = await self._apply_message(partition, delivery.stream_seq, message, now, transitions)
+        self._fire_due(partition, now, transitions)
+        oldest = math.inf
+        for item in items:
+            if item.seq <= applied:
+                continue  # applied by the replay when the partition arrived; published then
+            applied_at = await self._apply_message(partition, item.seq, item.message, now, transitions)
             if applied_at < oldest:
                 oldest = applied_at
-        self.applied[subject] = max(self.applied.get(subject, 0), batch[-1].stream_seq)
-        if transitions:
-            await self._publish_or_keep(subject, self._messages(partition, transitions))
+        if items:
+            self.applied[subject] = max(applied, items[-1].seq)
+        self._last_apply[partition] = time.monotonic()
         if oldest is not math.inf:
             self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
+        return self._messages(partition, transitions) if transitions else []
 
-    async def _publish_or_keep(self, subject: str, messages: list[OutMessage]) -> None:
-        """Publish; on failure keep them for the partition's next attempt (its changes are applied by then,
-        so only these messages still carry what they found)."""
-        try:
-            await self._publish(messages)
-        except BaseException:
-            self._unpublished.setdefault(subject, [])[:0] = messages
-            raise
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        """Apply one batch of deliveries and publish its transitions, without the partitioned engine (tests,
+        tools and the in-process benchmark; the service's stream is stream.py's)."""
+        from cdp_segmentation.stream import decode
+
+        async with self.held.mutating():
+            partition = subjects.partition_of(batch[0].subject)
+            items = []
+            for delivery in batch:
+                try:
+                    items.append(decode(delivery))
+                except Reject as bad:
+                    delivery.reject(bad.reason, str(bad))
+            messages = await self.apply_changes(partition, items)
+            if messages:
+                await self._publish(messages)
 
     async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]]) -> int:
-        """Bring the snapshot up to where the consumers had got: apply (subject, stream position,
-        payload) in stream order, evaluating and publishing as the stream path does (what was published
-        before keeps its id: JetStream drops it as a duplicate). Returns the changes applied."""
+        """Bring the snapshot up to where the stream had got: apply (subject, stream position, payload)
+        in stream order, evaluating as the stream path does, and publish what it finds (what was
+        published before keeps its id: JetStream drops it as a duplicate). Returns the changes applied."""
         now = self.clock()
         for_subject: dict[str, list[Transition]] = {}
 
         async def apply(subject: str, seq: int, data: bytes) -> int:
             partition = subjects.partition_of(subject)
-            message = profile_pb2.ProfileChangedBatch.FromString(data)
+            try:
+                message = profile_pb2.ProfileChangedBatch.FromString(data)
+            except DecodeError:
+                return 0  # dead-lettered when it came
             await self._apply_message(partition, seq, message, now, for_subject.setdefault(subject, []))
             return len(message.changes)
 
         applied = await self.held.replay(messages, apply)
         for subject, transitions in for_subject.items():
             if transitions:
-                await self._publish(self._messages(subjects.partition_of(subject), transitions))
+                await self._publish_durably(self._messages(subjects.partition_of(subject), transitions))
         return applied
+
+    @contextlib.asynccontextmanager
+    async def _quiet(self) -> AsyncIterator[None]:
+        """Around work outside a batch that publishes transitions (timers of idle partitions, builds,
+        deletions): every batch applied before it is published first, none is applied meanwhile."""
+        if self.stream is None:
+            yield
+        else:
+            async with self.stream.quiescent():
+                yield
 
     # --- publishing -------------------------------------------------------------------------------
 
@@ -380,6 +484,22 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         if failed:
             raise Unavailable(f"{len(failed)} segment event messages not stored by JetStream ({failed[0].error})")
 
+    async def _publish_durably(self, messages: Sequence[OutMessage]) -> None:
+        """Publish, retrying until JetStream has every message (ones stored already are duplicates):
+        for transitions found outside a batch, whose state change is held here only."""
+        attempt = 0
+        while messages:
+            try:
+                await self._publish(messages)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = PUBLISH_BACKOFF[min(attempt, len(PUBLISH_BACKOFF) - 1)]
+                log.warning("segment events not published (%r); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
     # --- reads ------------------------------------------------------------------------------------
 
     def list_members(self, segment_id: str, *, after: str, limit: int) -> tuple[list[tuple[str, float]], bool, int]:
@@ -411,19 +531,27 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
 
     # --- snapshots --------------------------------------------------------------------------------
 
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.snapshot_interval)
-            try:
-                await self.snapshot()
-            except Exception as exc:  # kept dirty: the next round writes them; a restart replays further
-                log.warning("snapshot failed (%r); retrying in %.0fs", exc, self.snapshot_interval)
-
     async def snapshot(self) -> int:
         """Write the persons changed since the last snapshot, then the stream positions they include and
-        the definition versions the memberships are of (cdp_kit.held). After a crash mid-way some persons
-        are newer than the positions, and their own stream position makes the replay skip what they hold."""
+        the definition versions the memberships are of (cdp_kit.held), at a quiescent point of the
+        stream when there is one. After a crash mid-way some persons are newer than the positions, and
+        their own stream position makes the replay skip what they hold."""
+        if self.stream is not None:
+            return await self.stream.snapshot()
         return await self.held.snapshot()
+
+    async def snapshot_at(self, positions: Mapping[int, int]) -> int:
+        """The snapshot at a quiescent point, `positions` being each running partition's checkpoint:
+        everything up to it is applied here and its transitions are published. A checkpoint past what
+        the held state records moved over messages that changed nothing (rejected ones)."""
+        for partition, seq in positions.items():
+            subject = subjects.profiles_changed(partition)
+            if partition in self.active and seq > self.applied.get(subject, 0):
+                self.applied[subject] = seq
+        return await self.held.snapshot()
+
+    def log_snapshot_failure(self, exc: BaseException) -> None:
+        log.warning("snapshot failed (%r); the next one writes what it did not", exc)
 
 
 def _copy_person(person: Person) -> tuple[dict[str, Any], dict[str, float], int, float]:

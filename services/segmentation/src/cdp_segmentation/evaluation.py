@@ -8,8 +8,10 @@ service (cdp_kit.held) and evaluated against every live segment (`not traits.x e
 empty profile). A removed person (deleted, or merged into another) exits every segment.
 
 Segments whose membership time alone can change (`traits.trial_ends_at < now`) give each person a
-timer: the earliest instant one of their time comparisons flips, kept in a heap; `fire_timers`
-evaluates the persons whose instant has come.
+timer: the earliest instant one of their time comparisons flips, kept in a heap per partition. A
+partition's due timers fire at the start of its next batch (`_fire_due`, so they go out in the
+partition's order with the batch); the timer loop fires those of partitions without a batch for a
+while (`fire_timers`, at a quiescent point of the stream: stream.py).
 
 Every transition carries its cause, which makes its id stable: "s<partition>.<seq>.<change>" (a stream
 position), "t<due ms>" (a timer instant), "v<version>" (a definition version). A person's stream
@@ -25,6 +27,7 @@ import asyncio
 import heapq
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -123,41 +126,54 @@ class Evaluation:
             return
         if self._due.get(person_id) != due:
             self._due[person_id] = due
-            heapq.heappush(self._timers, (due, person_id))
+            heapq.heappush(self._timers.setdefault(self._partition(person_id), []), (due, person_id))
 
     async def _timer_loop(self) -> None:
         while True:
+            # A partition applying batches fires its timers itself; the loop takes the others.
+            idle_for = self.timer_resolution if self.stream is not None else 0.0
             try:
-                await self.fire_timers()
+                await self.fire_timers(idle_for=idle_for)
             except Exception as exc:  # the timers stay due; the next tick publishes them
                 log.warning("timer round failed: %r", exc)
             wait = self.timer_resolution
-            if self._timers:
-                wait = min(wait, max(0.0, self._timers[0][0] - self.clock()))
+            tops = [heap[0][0] for heap in self._timers.values() if heap]
+            if tops:
+                wait = min(wait, max(0.0, min(tops) - self.clock()))
             await asyncio.sleep(wait)
 
-    async def fire_timers(self) -> int:
-        """Evaluate every person whose timer is due; publish what flipped. Returns the persons evaluated."""
-        async with self.held.mutating():
-            waiting = self._unpublished.pop("$timers", None)
-            if waiting:
-                await self._publish_or_keep("$timers", waiting)
-            return await self._fire_timers()
-
-    async def _fire_timers(self) -> int:
+    async def fire_timers(self, *, idle_for: float = 0.0) -> int:
+        """Evaluate every person whose timer is due, in the served partitions that have applied no batch
+        for `idle_for` seconds; publish what flipped (retrying until JetStream has it: the flips are
+        held here only until the next snapshot). Returns the persons evaluated."""
         now = self.clock()
-        transitions: dict[int, list[Transition]] = {}
-        fired: list[tuple[float, str]] = []
-        while self._timers and self._timers[0][0] <= now:
-            due, person_id = heapq.heappop(self._timers)
+        if not any(heap and heap[0][0] <= now for heap in self._timers.values()):
+            return 0
+        async with self._quiet(), self.held.mutating():
+            now = self.clock()
+            quiet_since = time.monotonic() - idle_for
+            by_partition: dict[int, list[Transition]] = {}
+            fired = 0
+            for partition in sorted(self.active):
+                if idle_for and self._last_apply.get(partition, 0.0) > quiet_since:
+                    continue
+                fired += self._fire_due(partition, now, by_partition.setdefault(partition, []))
+            await self._publish_durably([m for p, ts in by_partition.items() if ts for m in self._messages(p, ts)])
+            return fired
+
+    def _fire_due(self, partition: int, now: float, out: list[Transition]) -> int:
+        """Evaluate the persons of `partition` whose timer is due at `now`; the flips go to `out`."""
+        heap = self._timers.get(partition)
+        fired = 0
+        while heap and heap[0][0] <= now:
+            due, person_id = heapq.heappop(heap)
             if self._due.get(person_id) != due:
                 continue  # rescheduled or gone since
             del self._due[person_id]
             person = self.persons.get(person_id)
             if person is None:
                 continue
-            fired.append((due, person_id))
-            out = transitions.setdefault(self._partition(person_id), [])
+            fired += 1
             self._evaluate(
                 person_id,
                 person,
@@ -168,10 +184,7 @@ class Evaluation:
                 cause=f"t{round(due * 1000)}",
                 out=out,
             )
-        messages = [m for p, ts in transitions.items() for m in self._messages(p, ts)]
-        if messages:
-            await self._publish_or_keep("$timers", messages)
-        return len(fired)
+        return fired
 
     async def _apply_message(
         self,

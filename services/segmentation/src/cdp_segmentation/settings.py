@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class SegmentationSettings(ServiceSettings):
+class SegmentationSettings(OwnershipSettings, ServiceSettings):
+    """Which partitions this replica works on comes from `OwnershipSettings` (`CDP_OWNERSHIP`): static
+    (p % CDP_REPLICAS == CDP_POD_ORDINAL), or leases that follow the live replicas (nats, kubernetes);
+    a hot standby replica (`CDP_SEGMENTATION_STANDBY`) works on every partition whatever it says."""
+
     service_name: str = env("OTEL_SERVICE_NAME", "segmentation", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50055, help="gRPC port (SegmentationService, health, reflection)")
     profile_address: str = env(
@@ -39,19 +44,13 @@ class SegmentationSettings(ServiceSettings):
         0.25,
         help="longest sleep of the timer loop (a time condition fires at most this late, and no earlier than due)",
     )
-    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
-    replicas: int = env(
-        "CDP_REPLICAS",
-        1,
-        help="replicas sharing the partitions (p % replicas == ordinal) unless CDP_SEGMENTATION_STANDBY; "
-        "population reads (Estimate, ListMembers) answer for the replica's own partitions",
-    )
     standby: bool = env(
         "CDP_SEGMENTATION_STANDBY",
         False,
-        help="every replica holds every partition (its own consumers and snapshots) and repeats the others' "
-        "lifecycle calls: any replica answers any call, and both publish each transition under the same id, "
-        "which JetStream keeps once",
+        help="every replica holds every partition (its own consumers, checkpoints and snapshots, whatever "
+        "CDP_OWNERSHIP says) and repeats the others' lifecycle calls: any replica answers any call, and both "
+        "publish each transition under the same id, which JetStream keeps once; CDP_POD_ORDINAL names its own "
+        "consumers",
     )
     max_computed_traits: int = env(
         "CDP_SEGMENTATION_MAX_COMPUTED_TRAITS",
@@ -64,7 +63,9 @@ class SegmentationSettings(ServiceSettings):
     )
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = ServiceSettings.validate(self)
+        if not self.standby:
+            problems += OwnershipSettings.validate(self)
         if self.batch_size < 1:
             problems.append(f"CDP_SEGMENTATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if not 0 < self.snapshot_interval <= 300:
@@ -78,8 +79,4 @@ class SegmentationSettings(ServiceSettings):
             problems.append(
                 f"CDP_SEGMENTATION_MAX_COMPUTED_TRAITS={self.max_computed_traits} is invalid: must be 0 or more"
             )
-        if self.replicas < 1:
-            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
-        elif not 0 <= self.pod_ordinal < self.replicas:
-            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
         return problems

@@ -1,0 +1,240 @@
+"""Segmentation on the kit's partitioned engine (stream.py) over a real nats-server: partitions moving
+between replicas under traffic, a crash between snapshots, and timers of a partition with no traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+import nats
+import pytest
+
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_kit.bus import Bus, partition_for, profiles_stream, segments_stream, subjects
+from cdp_kit.ownership.nats_kv import nats_kv_ownership
+from cdp_kit.storage import open_store
+from cdp_kit.timestamps import set_seconds
+from cdp_segmentation.domain import parse
+from cdp_segmentation.engine import SegmentationEngine
+from cdp_segmentation.stream import SegmentationStream, engine_spec
+from cdp_testing.fakes import T0, Clock
+
+PARTITIONS = 4
+TTL = 1.2
+
+
+def change(person: str, at: float, **traits) -> profile_pb2.ProfileChanged:
+    message = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    set_seconds(message.at, at)
+    for name, value in traits.items():
+        message.traits[name].number_value = value
+    return message
+
+
+async def transitions(nats_url: str) -> list[segmentation_pb2.SegmentEvent]:
+    """Every transition on the SEGMENTS stream, in stream order."""
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info("SEGMENTS")
+        out = []
+        if info.state.messages:
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                out.extend(
+                    segmentation_pb2.SegmentEventBatch.FromString((await js.get_msg("SEGMENTS", seq)).data).events
+                )
+        return out
+    finally:
+        await nc.close()
+
+
+async def until(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not reached in time: {what}"
+        await asyncio.sleep(0.05)
+
+
+class Replica:
+    """One segmentation replica: its engine and its stream, on a connection of its own."""
+
+    def __init__(self, name: str, store, nats_url: str, clock) -> None:
+        self.name, self.store, self.nats_url, self.clock = name, store, nats_url, clock
+        self.stack = contextlib.AsyncExitStack()
+
+    async def start(self, ownership: str = "nats", snapshot_every: float = 3600) -> Replica:
+        self.bus = await self.stack.enter_async_context(Bus.connect(self.nats_url, name=f"segmentation-{self.name}"))
+        self.engine = SegmentationEngine(
+            self.store,
+            self.bus.publisher,
+            partitions=PARTITIONS,
+            owned=[],
+            telemetry=self.bus.telemetry,
+            timer_resolution=0.05,
+            clock=self.clock,
+        )
+        spec = engine_spec(partitions=PARTITIONS, batch_size=16, ack_wait=30, snapshot_every=snapshot_every)
+        self.stream = SegmentationStream(self.engine, spec, bus=self.bus, store=self.store)
+        await self.engine.start()
+        self.stack.push_async_callback(self.engine.stop)
+        owner = None
+        if ownership == "nats":
+            owner = await nats_kv_ownership(
+                self.bus.js, group="segmentation", partitions=PARTITIONS, identity=self.name, ttl=TTL
+            )
+        owner = await self.stream.start(owner)
+        self.serving = asyncio.create_task(self.stream.serve(owner))
+        return self
+
+    async def stop(self) -> None:
+        self.serving.cancel()
+        await asyncio.gather(self.serving, return_exceptions=True)
+        await self.stack.aclose()
+
+    async def crash(self) -> None:
+        """Gone at once: nothing drained, no snapshot."""
+        self.serving.cancel()
+        self.stream.abort()
+        for task in self.engine._tasks:
+            task.cancel()
+        self.engine._tasks.clear()
+        self.stack.pop_all()
+        await self.bus.nc.close()
+
+
+@pytest.fixture
+async def world(nats_server):
+    async with open_store("memory://") as store:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        async with Bus.connect(nats_server.url, name="segmentation-setup") as bus:
+            await bus.ensure_streams(profiles_stream(), segments_stream())
+        try:
+            yield store, js
+        finally:
+            await nc.close()
+
+
+async def define(replica: Replica, segment_id: str, text: str) -> None:
+    await replica.engine.create(segment_id, parse(text))
+    await replica.engine.wait_live(segment_id)
+
+
+async def test_a_partition_moving_between_replicas_under_traffic_publishes_every_transition_once(world, nats_server):
+    """Replica a owns every partition and applies changes; b joins while the changes keep coming and
+    takes half the partitions over. Each change flips its person in or out of the segment, so the
+    transitions must be exactly one per change, per person in the order of the changes."""
+    store, js = world
+    clock = Clock(T0)
+    a = await Replica("a", store, nats_server.url, clock).start()
+    replicas = [a]
+    try:
+        await define(a, "high", "traits.level > 0")
+        await a.engine.snapshot()  # the built version: b starts with the segment live
+        persons = [f"p{i:02d}" for i in range(24)]
+        sent: dict[str, list[bool]] = {p: [] for p in persons}
+        stop = asyncio.Event()
+
+        async def traffic() -> None:
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                person = persons[n % len(persons)]
+                inside = len(sent[person]) % 2 == 0  # first change enters, then out, in, ...
+                batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + n, level=1 if inside else 0)])
+                await js.publish(
+                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
+                )
+                sent[person].append(inside)
+                await asyncio.sleep(0.005)
+
+        load = asyncio.create_task(traffic())
+        await asyncio.sleep(0.5)
+        b = await Replica("b", store, nats_server.url, clock).start()
+        replicas.append(b)
+
+        async def shared() -> bool:
+            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+
+        await until(shared, "the partitions are shared between a and b")
+        await asyncio.sleep(0.5)  # traffic to b's new partitions
+        stop.set()
+        await load
+        expected = sum(len(flips) for flips in sent.values())
+
+        async def all_published() -> bool:
+            return len(await transitions(nats_server.url)) >= expected
+
+        await until(all_published, "every change's transition published")
+        await asyncio.sleep(0.3)  # nothing more comes
+        events = await transitions(nats_server.url)
+        assert len({e.id for e in events}) == len(events) == expected
+        for person in persons:
+            assert [e.entered for e in events if e.person_id == person] == sent[person], person
+        assert b.engine.applied, "b applied changes of the partitions it took over"
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_a_crash_between_snapshots_loses_nothing_and_publishes_nothing_twice(world, nats_server):
+    store, js = world
+    clock = Clock(T0)
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    await define(first, "high", "traits.level > 0")
+    await first.engine.snapshot()
+    person = "p1"
+    p = partition_for(person, PARTITIONS)
+
+    async def send(n: int, level: int) -> None:
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + n, level=level)])
+        await js.publish(subjects.profiles_changed(p), batch.SerializeToString())
+
+    async def published(n: int):
+        async def check() -> bool:
+            return len(await transitions(nats_server.url)) >= n
+
+        return check
+
+    await send(1, 1)
+    await until(await published(1), "entered")
+    await first.crash()  # the entry is durable on the bus; the held state was not snapshotted
+
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
+    try:
+        assert set(second.engine.membership(person)) == {"high"}  # the snapshot, then the stream after it
+        await send(2, 0)
+        await until(await published(2), "exited")
+        await asyncio.sleep(0.3)
+        events = await transitions(nats_server.url)
+        assert [(e.entered, e.person_id) for e in events] == [(True, person), (False, person)]
+    finally:
+        await second.stop()
+
+
+async def test_a_timer_of_a_partition_without_traffic_fires_once(world, nats_server):
+    store, js = world
+    clock = Clock(T0)
+    replica = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    try:
+        await define(replica, "trial", "traits.trial_ends_at > now")
+        batch = profile_pb2.ProfileChangedBatch(changes=[change("p1", T0, trial_ends_at=T0 + 60)])
+        await js.publish(subjects.profiles_changed(partition_for("p1", PARTITIONS)), batch.SerializeToString())
+
+        async def count(n: int):
+            async def check() -> bool:
+                return len(await transitions(nats_server.url)) >= n
+
+            return check
+
+        await until(await count(1), "entered")
+        clock.now = T0 + 61
+        await until(await count(2), "the timer's exit")
+        await asyncio.sleep(0.3)
+        events = await transitions(nats_server.url)
+        assert [(e.entered, e.reason) for e in events] == [(True, "event"), (False, "time")]
+        assert events[1].at.ToSeconds() == T0 + 60
+    finally:
+        await replica.stop()
