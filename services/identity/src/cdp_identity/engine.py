@@ -17,11 +17,19 @@ merges, unmerges, quarantines and purges - goes through one `WriteChain` (`self.
 partitioned engine): writes land in the order the changes were made, each expecting the version the
 earlier ones leave, and none lands after an earlier one failed. A write that loses an
 optimistic-concurrency race (another replica changed the same person) fails; the cache is dropped and
-the batch is redelivered onto the store's state. The API's notifications go to identity's own outbox
-(`identity_outbox`), published after their write.
+the batch is redelivered onto the store's state.
+
+One outbox, `identity_outbox`, in the kit's record format (`cdp_kit.engine.outbox`): the partitions'
+records (`<partition>:<position>`) are written, published and deleted by their pipelines; the API's
+notifications (merges, unmerges, quarantines of RPCs) are one record per write, `api:<sequence>`, in
+the same bulk write as the change, published by `publish_outbox` once that write has landed (by the
+caller, oldest first; leftovers of a crash at the next start) and deleted through the chain. They
+cannot ride a pipeline's commit: an RPC's change belongs to no partition and has no stream position
+to checkpoint, and the kit's engine takes changes only from its stream.
 
 A privacy purge (`purge`) takes the same lock and the same chain: its deletions and rewrites are one more
-write behind the batches already applied, and it removes what names the persons from both outboxes.
+write behind the batches already applied, and it removes what names the persons from the outbox
+records, holding back API publishing until that write has landed.
 """
 
 from __future__ import annotations
@@ -62,7 +70,7 @@ from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
-from cdp_kit.engine import Effects, Reject, WriteChain
+from cdp_kit.engine import Effects, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
@@ -74,6 +82,8 @@ PERSONS = "identity_persons"
 MERGES = "identity_merges"
 OUTBOX = "identity_outbox"
 CHECKPOINTS = subjects.checkpoints_collection("identity")
+# The API's records in OUTBOX, beside the partitioned engine's (`<partition>:<position>`).
+API_OUTBOX_PREFIX = "api:"
 # The notification payloads the outbox holds, by subject (a privacy purge reads them).
 OUTBOX_MESSAGES: dict[str, type[Message]] = {
     subjects.IDENTITY_MERGED: identity_pb2.IdentityMerged,
@@ -142,7 +152,11 @@ class IdentityEngine:
         # Per partition subject: the stream position whose effects are durable, for `handle` (the
         # partitioned engine keeps its own).
         self.applied: dict[str, int] = {}
-        self._outbox_waiting = True  # notifications may be waiting from before a restart
+        # The API's outbox records not yet published, in write order: (key, its write; None once durable).
+        self._api_outbox: list[tuple[str, asyncio.Future | None]] = []
+        self._api_sequence = 0
+        # Held while publishing them, and by a privacy purge from its outbox scan until its write lands.
+        self._publishing = asyncio.Lock()
         # Whether this replica holds identity's writer lease (writer.py); a standby's API refuses.
         self.writer = True
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
@@ -187,6 +201,7 @@ class IdentityEngine:
         async for record in self.store.scan_all(CHECKPOINTS):
             self.applied[record.key] = record.doc.get("stream_seq", 0)
         # Notifications written before a crash but never published.
+        await self._adopt_outbox()
         await self.publish_outbox()
 
     # --- the stream path (cdp_kit.engine.Logic) ---------------------------------------------------
@@ -328,7 +343,7 @@ class IdentityEngine:
                 if write:
                     queued = self._schedule_write(outbox, position)
                 else:
-                    ops = self._collect_ops([], None, ())
+                    ops = self._collect_ops(None, None, ())
             except BaseException:
                 self._failed = True
                 raise
@@ -512,25 +527,28 @@ class IdentityEngine:
         if not persons:
             return Purged()
         holders = await self._stored_mentions(persons | keys | set(requested))
-        async with self.lock:
-            # The outboxes are read below: every notification written so far must be in them.
-            await self.chain.settle()
-            await self._recover_if_failed()
-            await self._load_persons(holders[PERSONS])
-            await self._load(holders[IDENTIFIERS])
-            await self._load_for_purge(requested)
-            try:
-                purged = self.graph.purge(requested)
-                names = set(purged.persons) | purged.identifiers | set(requested)
-                ops: list[WriteOp] = [Delete(MERGES, m) for m in holders[MERGES] if m not in purged.merges]
-                ops += await self._outbox_naming(names)
-                if also is not None:
-                    ops += await also(purged)
-                write = self._schedule_write([], extra=ops)
-            except BaseException:
-                self._failed = True
-                raise
-        await write
+        # From the outbox scan until the rewrite lands, no API notification is published: one read
+        # before the rewrite and published after it would name the persons.
+        async with self._publishing:
+            async with self.lock:
+                # The outbox is read below: every notification written so far must be in it.
+                await self.chain.settle()
+                await self._recover_if_failed()
+                await self._load_persons(holders[PERSONS])
+                await self._load(holders[IDENTIFIERS])
+                await self._load_for_purge(requested)
+                try:
+                    purged = self.graph.purge(requested)
+                    names = set(purged.persons) | purged.identifiers | set(requested)
+                    ops: list[WriteOp] = [Delete(MERGES, m) for m in holders[MERGES] if m not in purged.merges]
+                    ops += await self._outbox_naming(names)
+                    if also is not None:
+                        ops += await also(purged)
+                    write = self._schedule_write([], extra=ops)
+                except BaseException:
+                    self._failed = True
+                    raise
+            await write
         for kind, count in (
             ("person", len(purged.persons)),
             ("identifier", len(purged.identifiers)),
@@ -561,16 +579,11 @@ class IdentityEngine:
         return found
 
     async def _outbox_naming(self, names: set[str]) -> list[WriteOp]:
-        """Deletes for the unpublished notifications that name any of `names`. The outbox also holds
-        the partitioned engine's records (`messages` of a batch: notifications and resolved events):
-        those are rewritten without the messages that name any of them (deleted when none is left)."""
+        """The outbox records (the partitions' batches: notifications and resolved events; the API's
+        notifications) rewritten without the unpublished messages that name any of `names`, or
+        deleted when none is left."""
         ops: list[WriteOp] = []
         async for record in self.store.scan_all(OUTBOX):
-            if "messages" not in record.doc:
-                kind = OUTBOX_MESSAGES[record.doc["subject"]]
-                if not names.isdisjoint(strings(kind.FromString(base64.b64decode(record.doc["payload"])))):
-                    ops.append(Delete(OUTBOX, record.key))
-                continue
             kept = []
             for message in record.doc["messages"]:
                 kind = OUTBOX_MESSAGES.get(message["subject"], events_pb2.ResolvedEventBatch)
@@ -654,14 +667,11 @@ class IdentityEngine:
         return {k for k in keys if (collection, k) not in self._deleting}
 
     def _collect_ops(
-        self,
-        outbox: list[tuple[str, str, bytes]],
-        position: tuple[str, int] | None,
-        extra: Sequence[WriteOp],
+        self, record: Put | None, position: tuple[str, int] | None, extra: Sequence[WriteOp]
     ) -> list[WriteOp]:
         """What changed since the last call (under the lock), as writes expecting the versions the
-        earlier writes will have left. Records a privacy purge removed are deleted in the same write
-        (persons last), with `extra` before them."""
+        earlier writes will have left, with the notifications' outbox `record`. Records a privacy
+        purge removed are deleted in the same write (persons last), with `extra` before them."""
         identifiers, persons, merges = self.graph.take_dirty()
         removed_identifiers, removed_persons, removed_merges = self.graph.take_removed()
         ops: list[WriteOp] = []
@@ -681,9 +691,8 @@ class IdentityEngine:
         for person_id in removed_persons:
             ops.append(Delete(PERSONS, person_id, expected_version=self.versions.pop((PERSONS, person_id), None)))
         now = time.time()
-        for index, (subject, msg_id, payload) in enumerate(outbox):
-            document = {"subject": subject, "payload": base64.b64encode(payload).decode(), "at": now, "n": index}
-            ops.append(Put(OUTBOX, msg_id, document))
+        if record is not None:
+            ops.append(record)
         if position is not None and position[1] > self.applied.get(position[0], 0):
             ops.append(Put(CHECKPOINTS, position[0], {"stream_seq": position[1], "at": now}))
         return ops
@@ -698,13 +707,17 @@ class IdentityEngine:
         identity made before (the partitioned engine's batches included). If one fails, every write
         queued after it fails too, and the cache is dropped before the next use: the store is the
         truth, and the unacknowledged batches are redelivered onto it."""
-        ops = self._collect_ops(outbox, position, extra)
+        record = self._api_record(outbox) if outbox else None
+        ops = self._collect_ops(record, position, extra)
         self._writes += 1
         for op in ops:
             if isinstance(op, Delete):
                 self._deleting[(op.collection, op.key)] = self._writes
         write = self.chain.submit(ops)
-        return asyncio.ensure_future(self._write_settled(write, ops, position, self._writes, bool(outbox)))
+        settled = asyncio.ensure_future(self._write_settled(write, ops, position, self._writes))
+        if record is not None:
+            self._api_outbox.append((record.key, settled))
+        return settled
 
     async def _write_settled(
         self,
@@ -712,7 +725,6 @@ class IdentityEngine:
         ops: list[WriteOp],
         position: tuple[str, int] | None,
         number: int,
-        notifies: bool,
     ) -> None:
         try:
             try:
@@ -727,10 +739,6 @@ class IdentityEngine:
             for op in ops:
                 if isinstance(op, Delete) and self._deleting.get((op.collection, op.key)) == number:
                     del self._deleting[(op.collection, op.key)]
-        if notifies:
-            # Only now can publish_outbox find these notifications: raising the flag when the write was
-            # queued let a publish in between clear it, scan too early, and strand them.
-            self._outbox_waiting = True
         if position is not None:
             self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
@@ -802,27 +810,71 @@ class IdentityEngine:
         # The key is also the JetStream message id: a digest, not the identifier value.
         return [(subjects.IDENTITY_QUARANTINED, f"quarantine:{stable_id('q_', key)}:{at}", message.SerializeToString())]
 
-    async def publish_outbox(self) -> None:
-        """Publish notifications the last writes left in the outbox, then delete them."""
-        if not self._outbox_waiting:
+    def _api_record(self, notifications: list[tuple[str, str, bytes]]) -> Put:
+        """The notifications of one API write as one record in the partitioned engine's outbox format
+        (`cdp_kit.engine.outbox`), keyed `api:<sequence>` so records sort in write order and the
+        partitions' pipelines, which publish `<partition>:` records, leave them to this engine."""
+        self._api_sequence = max(self._api_sequence + 1, time.time_ns())
+        messages = [
+            OutMessage(subject=subject, payload=payload, msg_id=msg_id) for subject, msg_id, payload in notifications
+        ]
+        doc = outbox.put_record(OUTBOX, 0, 0, messages).doc
+        return Put(OUTBOX, f"{API_OUTBOX_PREFIX}{self._api_sequence:0{outbox.POSITION_DIGITS}d}", doc)
+
+    async def _adopt_outbox(self) -> None:
+        """At start: queue the API records a previous process left unpublished; publish (and delete)
+        notifications an older version stored one per record (`subject`, `payload`), oldest first."""
+        legacy = []
+        async for record in self.store.scan_all(OUTBOX):
+            if record.key.startswith(API_OUTBOX_PREFIX):
+                self._api_outbox.append((record.key, None))
+            elif "messages" not in record.doc:
+                legacy.append(record)
+        self._api_outbox.sort(key=lambda entry: entry[0])
+        if not legacy:
             return
-        self._outbox_waiting = False
-        # The partitioned engine's records (`messages`) are its own to publish.
-        pending = [record async for record in self.store.scan_all(OUTBOX) if "messages" not in record.doc]
-        if not pending:
-            return
-        pending.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))
+        legacy.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))
         messages = [
             OutMessage(subject=r.doc["subject"], payload=base64.b64decode(r.doc["payload"]), msg_id=r.key)
-            for r in pending
+            for r in legacy
         ]
         results = await self.publisher.publish_batch(messages)
-        done = [Delete(OUTBOX, r.key) for r, result in zip(pending, results, strict=True) if result.ok]
-        if done:
+        if not all(result.ok for result in results):
+            raise Unavailable("identity notifications from before the upgrade not yet published; will retry")
+        await self.chain.submit([Delete(OUTBOX, r.key) for r in legacy])
+
+    async def publish_outbox(self) -> None:
+        """Publish the API's notifications whose writes have landed, oldest first, each record once
+        JetStream has stored all its messages (stable ids: a repeat is a duplicate), then delete the
+        records through the chain. A record a privacy purge removed meanwhile is skipped; one it
+        rewrote is published as rewritten (it is read back from the store)."""
+        async with self._publishing:
+            published: list[str] = []
             try:
-                await self.store.bulk_write(done)
-            except CdpError as exc:
-                raise without_values(exc) from None
-        if len(done) < len(pending):
-            self._outbox_waiting = True
-            raise Unavailable(f"{len(pending) - len(done)} identity notifications not yet published; will retry")
+                while self._api_outbox:
+                    key, write = self._api_outbox[0]
+                    if write is not None:
+                        if not write.done():
+                            break  # not durable yet: its own caller publishes it once it is
+                        if write.cancelled() or write.exception() is not None:
+                            self._api_outbox.pop(0)  # never durable (and the cache is dropped)
+                            continue
+                    try:
+                        record = await self.store.get(OUTBOX, key)
+                    except CdpError as exc:
+                        raise without_values(exc) from None
+                    if record is not None:
+                        results = await self.publisher.publish_batch(outbox.messages_of(record))
+                        if not all(result.ok for result in results):
+                            raise Unavailable("identity notifications not yet published; will retry")
+                        published.append(key)
+                    self._api_outbox.pop(0)
+            finally:
+                if published:
+                    # Published either way: a delete that fails leaves them to be published again at
+                    # start, as JetStream duplicates.
+                    (deleted,) = await asyncio.gather(
+                        self.chain.submit([Delete(OUTBOX, key) for key in published]), return_exceptions=True
+                    )
+                    if isinstance(deleted, BaseException):
+                        self._failed = True  # the chain failed: start again from the store
