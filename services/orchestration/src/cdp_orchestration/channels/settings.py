@@ -1,6 +1,6 @@
 """Provider settings, one frozen dataclass per provider, read from the environment by `load_settings`.
 
-A channel is enabled when its key variable is set (`configured(environ)` lists them): CDP_SMTP_HOST for
+A channel is enabled when its key variable is set (`cdp_orchestration.channels.configured` reads them): CDP_SMTP_HOST for
 email, CDP_TWILIO_ACCOUNT_SID for SMS, CDP_FCM_CREDENTIALS_FILE for FCM, CDP_VAPID_PRIVATE_KEY_FILE for Web
 Push, CDP_WEBHOOK_SECRET for webhooks. Once enabled, every other required variable of that provider must be
 there and valid, and a problem names the variable (secrets are never echoed).
@@ -9,13 +9,12 @@ there and valid, and a problem names the variable (secrets are never echoed).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from cdp_kit.settings import env, load_settings
+from cdp_kit.settings import env
 
 _ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
 _SERVICE_SID = re.compile(r"MG[0-9a-fA-F]{32}")
@@ -187,13 +186,3 @@ PROVIDERS: dict[str, tuple[type, str]] = {
     "webpush": (WebPushSettings, "CDP_VAPID_PRIVATE_KEY_FILE"),
     "webhook": (WebhookSettings, "CDP_WEBHOOK_SECRET"),
 }
-
-
-def configured(environ: Mapping[str, str]) -> dict[str, object]:
-    """Settings of every provider whose key variable is set; raises SettingsError naming the variables
-    of an enabled provider that are missing or invalid."""
-    return {
-        provider: load_settings(cls, environ)
-        for provider, (cls, key) in PROVIDERS.items()
-        if environ.get(key, "").strip()
-    }
