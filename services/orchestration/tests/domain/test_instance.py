@@ -377,3 +377,55 @@ def test_migration_moves_instances_by_node_id_and_leaves_the_rest_on_their_versi
     assert migrate(at_old, v2, plan) is None
     with pytest.raises(ValueError):
         step(at_old, v2, ProfileChanged(), VIEW, T0)
+
+
+def test_a_wait_on_a_condition_that_time_makes_true_moves_on_at_that_time() -> None:
+    j = journey(
+        [
+            {"id": "w", "type": "wait", "condition": "traits.trial_ends_at < now", "timeout": "30d", "next": "yes"},
+            {"id": "yes", "type": "exit"},
+        ]
+    )
+    trial = PersonView("p1", {"traits.trial_ends_at": T0 + 100})
+    instance, commands = start(j, view=trial)
+    timeout, recheck = of(commands, ScheduleTimer)
+    assert timeout.at == T0 + 30 * 86400 and T0 + 100 <= recheck.at <= T0 + 101
+    instance, commands = step(instance, j, TimerFired(recheck.timer_id), trial, recheck.at)
+    assert commands[0] == CancelTimer(timeout.timer_id) and instance.end_reason == "completed at exit step yes"
+
+
+def test_an_exit_condition_that_time_makes_true_ends_the_instance_then() -> None:
+    j = journey([{"id": "d", "type": "delay", "duration": "7d"}], exit=[{"condition": "traits.contract_ends < now"}])
+    person = PersonView("p1", {"traits.contract_ends": T0 + 3600})
+    instance, commands = start(j, view=person)
+    delay, recheck = of(commands, ScheduleTimer)
+    # An unrelated change before then re-arms nothing (the instant is the same).
+    instance, commands = step(instance, j, ProfileChanged(), person, T0 + 60)
+    assert commands == []
+    instance, commands = step(instance, j, TimerFired(recheck.timer_id), person, recheck.at)
+    assert commands == [CancelTimer(delay.timer_id), End(instance.id, "exit rule 0: condition met", recheck.at)]
+    # When the contract is extended, the recheck moves with it.
+    instance, _ = start(j, view=person)
+    later = PersonView("p1", {"traits.contract_ends": T0 + 7200})
+    instance, commands = step(instance, j, ProfileChanged(), later, T0 + 60)
+    assert commands[0] == CancelTimer(recheck.timer_id)
+    assert T0 + 7200 <= of(commands, ScheduleTimer)[0].at <= T0 + 7201
+
+
+def test_an_event_condition_answered_from_the_views_recent_events() -> None:
+    j = journey(
+        [
+            {
+                "id": "b",
+                "type": "branch",
+                "branches": [{"if": 'performed("Support Ticket Opened", within 1d)', "next": "x"}],
+                "else": "y",
+            },
+            {"id": "x", "type": "exit"},
+            {"id": "y", "type": "exit"},
+        ]
+    )
+    recent = PersonView("p1", {}, events=(event("Support Ticket Opened", T0 - 3600),))
+    old = PersonView("p1", {}, events=(event("Support Ticket Opened", T0 - 2 * 86400),))
+    assert start(j, view=recent)[0].end_reason == "completed at exit step x"
+    assert start(j, view=old)[0].end_reason == "completed at exit step y"

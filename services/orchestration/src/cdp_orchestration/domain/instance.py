@@ -20,6 +20,9 @@ Invariants:
   act on the same event, and is still watched after the instance ends, until the window closes.
 - An action step waits for the arbiter's final decision about its action (sent, capped, suppressed, ...)
   before moving on; deferred and awaiting approval are not final.
+- Conditions that time alone can make true (`traits.trial_ends_at < now`, an event leaving its window) are
+  rechecked by one timer per instance at `next_change`, so a wait or exit on them acts on time, not on
+  the next unrelated stimulus.
 - A timer or outcome the instance no longer expects (cancelled, already handled) changes nothing.
 - An ended instance never schedules, proposes or ends again.
 """
@@ -52,6 +55,8 @@ from cdp_orchestration.domain.journey import (
 )
 from cdp_orchestration.domain.lifecycle import MigrationPlan
 from cdp_orchestration.domain.view import Event, PersonView
+
+RECHECK = "recheck"  # the timer kind that re-evaluates time-dependent conditions
 
 
 class Status(StrEnum):
@@ -159,8 +164,8 @@ Command = ScheduleTimer | CancelTimer | ProposeAction | WithdrawAction | Assigne
 class Timer:
     id: str
     at: float
-    node_id: str
-    kind: str  # "delay" | "timeout"
+    node_id: str  # "" for a recheck
+    kind: str  # "delay" | "timeout" | RECHECK
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +347,11 @@ class _Run:
         self.instance = replace(self.instance, **changes)  # type: ignore[arg-type]
 
     def handle(self, stimulus: Stimulus) -> None:
+        self.react(stimulus)
+        if self.instance.status is Status.RUNNING:
+            self.rearm()
+
+    def react(self, stimulus: Stimulus) -> None:
         status = self.instance.status
         if status is Status.ENDED:
             if isinstance(stimulus, EventArrived):
@@ -366,6 +376,12 @@ class _Run:
                 if rule.event is not None and rule.event.matches(event):
                     self.end(f"exit rule {rule.index}: event {event.name}")
                     return
+        fired = None
+        if isinstance(stimulus, TimerFired):
+            fired = next((t for t in self.instance.timers if t.id == stimulus.timer_id), None)
+            if fired is None or (fired.kind != RECHECK and fired.node_id != self.instance.node):
+                return  # cancelled or already handled
+            self.set(timers=tuple(t for t in self.instance.timers if t.id != fired.id))
         if self.exit_by_condition():
             return
         node = self.journey.nodes.get(self.instance.node or "")
@@ -375,12 +391,12 @@ class _Run:
         elif isinstance(stimulus, ProfileChanged):
             if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
                 self.leave_wait(node, node.next)
-        elif isinstance(stimulus, TimerFired):
-            timer = next((t for t in self.instance.timers if t.id == stimulus.timer_id), None)
-            if timer is None or timer.node_id != self.instance.node:
-                return  # cancelled or already handled
-            self.set(timers=tuple(t for t in self.instance.timers if t.id != timer.id))
-            if isinstance(node, Delay):
+        elif fired is not None:
+            if fired.kind == RECHECK:
+                # Time alone may have made a condition true: exit rules were checked above, now the wait's.
+                if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
+                    self.leave_wait(node, node.next)
+            elif isinstance(node, Delay):
                 self.advance(node.next)
             elif isinstance(node, Wait):
                 self.advance(node.timeout_next)
@@ -430,6 +446,25 @@ class _Run:
             self.commands.append(WithdrawAction(pending, instance.person_id))
         self.set(status=Status.ENDED, timers=(), pending=(), ended_at=self.now, end_reason=reason)
         self.commands.append(End(instance.id, reason, self.now))
+
+    def rearm(self) -> None:
+        """Keep one recheck timer at the earliest instant time alone may change an exit rule's condition or
+        the condition being waited for (`now - 30d` comparisons, windows of events the view carries)."""
+        conditions = [rule.condition for rule in self.journey.exits if rule.condition is not None]
+        node = self.journey.nodes.get(self.instance.node or "")
+        if isinstance(node, Wait) and node.condition is not None:
+            conditions.append(node.condition)
+        at = min((t for c in conditions if (t := c.next_change(self.view, self.now)) is not None), default=None)
+        current = next((t for t in self.instance.timers if t.kind == RECHECK), None)
+        if current is not None and current.at == at:
+            return
+        if current is not None:
+            self.commands.append(CancelTimer(current.id))
+            self.set(timers=tuple(t for t in self.instance.timers if t.id != current.id))
+        if at is not None:
+            timer = Timer(timer_id(self.instance.id, "", repr(at), RECHECK), at, "", RECHECK)
+            self.set(timers=(*self.instance.timers, timer))
+            self.commands.append(ScheduleTimer(timer.id, self.instance.id, at))
 
     def leave_wait(self, node: Wait, target: str | None) -> None:
         for timer in self.instance.timers:

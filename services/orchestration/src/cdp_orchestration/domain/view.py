@@ -27,6 +27,9 @@ class PersonView:
     person_id: str
     fields: Mapping[str, Any] = field(default_factory=dict)  # flat field key -> value
     segments: frozenset[str] = frozenset()
+    # The person's recent events, when the service keeps them: event conditions (`performed(...)`) are then
+    # answered from these; None reads them from the profile's computed traits instead.
+    events: tuple[Event, ...] | None = None
 
     @property
     def timezone(self) -> str | None:
