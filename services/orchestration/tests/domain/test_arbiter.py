@@ -328,3 +328,13 @@ def test_caps_are_never_exceeded_and_nothing_is_dropped_silently(proposals, dail
     for d in sent:  # and nothing went out in quiet hours
         minute = clock.minute_of_day(d.at, tz)
         assert 7 * 60 + 30 <= minute < 22 * 60
+
+
+def test_a_redelivered_proposal_of_a_sent_action_is_not_sent_again() -> None:
+    r = rules(caps=[{"id": "c", "per": "day", "limit": 5}])
+    state = decide(STATE, action(1), VIEW, r, NOON).state
+    again = decide(state, action(1), VIEW, r, NOON + 5)
+    assert again.decisions == () and again.state == state
+    receipt = action(2, category="transactional")
+    state = decide(state, receipt, VIEW, r, NOON).state
+    assert decide(state, receipt, VIEW, r, NOON + 5).decisions == ()

@@ -37,11 +37,11 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
    counts; `End` -> the instance's end, with its reason, in its history.
 4. The arbiter's `PersonState` is per person (the same partition as the person's instances, so one
    writer). Every `Decision` in a `Ruling` is appended to the person's decision history and fed back to
-   the instance as `ActionOutcome`. `sent` -> render the action's template (`Journey.nodes[node_id]
-   .template.render(view)`; a `MissingField` is a failed action naming the field, never a blank) and
-   publish `actions.<channel>` with the action id as the message id. After every ruling, keep one durable
-   timer at `next_wake(state)`; when it fires, call `release`. Events named in `rules.watched_events` go
-   to `observe` before anything is decided for that event.
+   the instance as `ActionOutcome`. On `sent`, render the action's template (its node's, in the action's
+   own `journey_version`; a `MissingField` is a failed action naming the field, never a blank) and publish
+   `actions.<channel>` with the action id as the message id. After every ruling, keep one durable timer
+   at `next_wake(state)`; when it fires, call `release`. Events named in `rules.watched_events` go to
+   `observe` before anything is decided for that event.
 5. Ids are stable: replaying the same stimuli over the same state gives the same ids and decisions, so the
    service may redo any step after a crash as long as it deduplicates by id (timers, actions, decisions).
 6. Conditions that read aggregates need profile computed traits: `Journey.computed_traits` lists their

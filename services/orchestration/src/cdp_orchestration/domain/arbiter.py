@@ -14,6 +14,8 @@
 
 Invariants:
 - Nothing is dropped silently: every proposed action gets a decision, and every held one a later one.
+- Nothing is sent twice: a proposal whose action id is held, or was sent in the last eight days, is a
+  redelivery and gets no new decision (the service's effectively-once processing covers the rest).
 - Checks run in this order, and all of them again when a held action comes due (consent withdrawn or a
   ticket opened meanwhile stops the send): consent, suppression, approval, quiet hours, caps.
 - Priority: actions due at the same instant (a new proposal, and held ones whose time has come) are
@@ -108,12 +110,13 @@ class Held:
 class Sent:
     at: float
     channel: str
+    action_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class PersonState:
     person_id: str
-    sent: tuple[Sent, ...] = ()  # counted sends of the last week and a day (older ones cannot count)
+    sent: tuple[Sent, ...] = ()  # sends of the last week and a day (older ones cannot count toward a cap)
     deferred: tuple[Held, ...] = ()
     awaiting: tuple[Held, ...] = ()
     last_seen: Mapping[str, float] = field(default_factory=dict)  # watched event name -> latest time
@@ -142,8 +145,8 @@ def observe(state: PersonState, event: Event, rules: Rules) -> PersonState:
 
 def decide(state: PersonState, action: ProposedAction, view: PersonView, rules: Rules, now: float) -> Ruling:
     """Decide a proposed action, together with any held actions due now (priority orders them all)."""
-    if _holds(state, action.action_id):
-        return Ruling(state, ())  # a redelivered proposal: it already has its decision
+    if _holds(state, action.action_id) or any(s.action_id == action.action_id for s in state.sent):
+        return Ruling(state, ())  # a redelivered proposal: it is held, or went out, already
     return _Session(state, view, rules, now).run([Held(action, now)])
 
 
@@ -278,7 +281,9 @@ class _Session:
                             by=winner.journey_id,
                         )
                     return self._say(action, Kind.CAPPED, f"capped by {cap.id} ({cap.limit} per {cap.per})", by=cap.id)
-            self.state = replace(self.state, sent=(*self.state.sent, Sent(now, action.channel)))
+        self.state = replace(
+            self.state, sent=(*self.state.sent, Sent(now, "" if exempt else action.channel, action.action_id))
+        )
         self.winners.append(action)
         return self._say(action, Kind.SENT, "sent")
 
@@ -308,7 +313,12 @@ class _Session:
 
     def _count(self, cap: Cap) -> int:
         start = self._period_start(cap)
-        return sum(1 for s in self.state.sent if s.at >= start and (cap.channel is None or s.channel == cap.channel))
+        # Exempt sends are kept (so a redelivery is recognised) with no channel, and count toward no cap.
+        return sum(
+            1
+            for s in self.state.sent
+            if s.channel and s.at >= start and (cap.channel is None or s.channel == cap.channel)
+        )
 
     def _taker(self, cap: Cap) -> ProposedAction | None:
         """The higher-priority action sent in this round that took the cap's last place, if one did."""
