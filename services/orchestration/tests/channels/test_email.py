@@ -196,3 +196,40 @@ def test_settings_name_each_bad_variable():
     message = str(raised.value)
     assert "CDP_SMTP_USERNAME and CDP_SMTP_PASSWORD must be set together" in message
     assert "CDP_SMTP_FROM='nobody' is invalid" in message
+
+
+async def test_implicit_tls_as_on_port_465(tmp_path):
+    context, ca_file = _self_signed(tmp_path)
+    async with LocalSmtpServer(
+        host="localhost", credentials=("shop", "s3cret"), tls_context=context, implicit_tls=True
+    ) as server:
+        settings = settings_for(
+            server,
+            CDP_SMTP_SECURITY="tls",
+            CDP_SMTP_CA_FILE=str(ca_file),
+            CDP_SMTP_USERNAME="shop",
+            CDP_SMTP_PASSWORD="s3cret",
+        )
+        assert (await EmailChannel(settings).send(reminder())).status == "accepted"
+        (mail,) = server.mailbox
+        assert (mail.tls, mail.authenticated_as) == (True, "shop")
+
+
+async def test_one_click_unsubscribe_headers_when_the_content_has_a_link():
+    async with LocalSmtpServer() as server:
+        action = reminder()
+        content = Content(subject="Deals", body="This week", data={"unsubscribe_url": "https://shop.example/u/abc"})
+        await EmailChannel(settings_for(server)).send(Action("act-1", "person-1", "email", content, action.address))
+        (mail,) = server.mailbox
+        assert mail.message["List-Unsubscribe"] == "<https://shop.example/u/abc>"
+        assert mail.message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+async def test_a_subject_that_would_inject_headers_never_sends():
+    async with LocalSmtpServer() as server:
+        content = Content(subject="Hi\r\nBcc: everyone@example.com", body="x")
+        outcome = await EmailChannel(settings_for(server)).send(
+            Action("act-1", "person-1", "email", content, "ada@example.com")
+        )
+        assert (outcome.status, outcome.reason, outcome.retryable) == ("failed", "invalid_message", False)
+        assert server.mailbox == []

@@ -172,3 +172,27 @@ def test_settings_name_each_bad_variable():
     assert "t'" not in message.replace("'AC1'", "")  # the token is never echoed
     with pytest.raises(SettingsError, match="exactly one of CDP_TWILIO_FROM and CDP_TWILIO_MESSAGING_SERVICE_SID"):
         load_settings(TwilioSettings, {"CDP_TWILIO_ACCOUNT_SID": SID, "CDP_TWILIO_AUTH_TOKEN": "t"})
+
+
+async def test_an_answer_that_is_not_json_is_judged_by_its_status():
+    answers = [web.Response(status=502, text="<html>Bad Gateway</html>"), web.Response(status=201, text="created")]
+
+    async def proxy(request: web.Request) -> web.Response:
+        return answers.pop(0)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", proxy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        environ = {"CDP_TWILIO_ACCOUNT_SID": SID, "CDP_TWILIO_AUTH_TOKEN": TOKEN, "CDP_TWILIO_FROM": FROM}
+        async with SmsChannel(load_settings(TwilioSettings, {**environ, "CDP_TWILIO_API_URL": url})) as channel:
+            bad_gateway = await channel.send(text())
+            created = await channel.send(text(action_id="act-2"))
+    finally:
+        await runner.cleanup()
+    assert (bad_gateway.status, bad_gateway.reason, bad_gateway.retryable) == ("failed", "http_502", True)
+    assert (created.status, created.provider_id) == ("accepted", None)

@@ -171,3 +171,13 @@ def test_settings_name_each_bad_variable():
     for text in ("CDP_WEBHOOK_SECRET is too short", "CDP_WEBHOOK_URL='slack.com'", "CDP_WEBHOOK_MAX_ATTEMPTS=0"):
         assert text in message
     assert "'short'" not in message
+
+
+async def test_only_allowed_hosts_are_called_when_a_list_is_set():
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        async with WebhookChannel(settings(CDP_WEBHOOK_ALLOWED_HOSTS="hooks.shop.example, 127.0.0.1")) as channel:
+            allowed = await channel.send(hook(receiver.url()))
+            elsewhere = await channel.send(hook("http://169.254.169.254/latest/meta-data", "act-2"))
+        assert allowed.status == "accepted"
+        assert (elsewhere.status, elsewhere.reason) == ("rejected", "host_not_allowed")
+        assert receiver.attempts == 1

@@ -8,7 +8,8 @@
 It answers like a real relay: ``550 5.1.1`` for addresses in `unknown`, ``452 4.2.2`` (mailbox full,
 temporary) for those in `full`, ``451 4.3.0`` for the next `fail_next_data` messages, AUTH when
 `credentials` is set (``535 5.7.8`` on a wrong password, ``530 5.7.0`` when a sender skips AUTH), STARTTLS
-when a `tls_context` is given (and required before AUTH). With `maildir` or `mbox` every accepted message is
+when a `tls_context` is given (and required before AUTH), or TLS from the first byte with `implicit_tls`
+(port 465 style). With `maildir` or `mbox` every accepted message is
 also written there, which is how `make up` shows the mail a journey sent. `bounce(mail)` builds the RFC
 3464 delivery status notification a relay would send back for it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import mailbox
 import ssl
+import warnings
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.message import EmailMessage, Message
@@ -68,7 +70,7 @@ class _Handler:
             raw=raw,
             message=message,  # type: ignore[arg-type]
             authenticated_as=login,
-            tls=session.ssl is not None,
+            tls=session.ssl is not None or smtp.transport.get_extra_info("ssl_object") is not None,
         )
         self.server.deliver(mail)
         return "250 2.0.0 Message accepted"
@@ -82,6 +84,7 @@ class LocalSmtpServer:
         port: int = 0,
         credentials: tuple[str, str] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
         maildir: Path | None = None,
         mbox: Path | None = None,
         hostname: str = "mx.local.test",
@@ -90,6 +93,7 @@ class LocalSmtpServer:
         self.port = port
         self.credentials = credentials
         self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
         self.hostname = hostname
         self.mailbox: list[Mail] = []
         self.unknown: set[str] = set()
@@ -130,20 +134,29 @@ class LocalSmtpServer:
         return AuthResult(success=False, handled=False)
 
     def _protocol(self) -> SMTP:
+        with warnings.catch_warnings():
+            # aiosmtpd warns about AUTH without STARTTLS, which is what implicit TLS (and a plain local
+            # test server) is: the warning is about production servers.
+            warnings.simplefilter("ignore", UserWarning)
+            return self._make_protocol()
+
+    def _make_protocol(self) -> SMTP:
         return SMTP(
             _Handler(self),
             hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=self.tls_context is not None,
+            tls_context=None if self.implicit_tls else self.tls_context,
+            require_starttls=self.tls_context is not None and not self.implicit_tls,
             authenticator=self._authenticate if self.credentials else None,
             auth_required=self.credentials is not None,
-            auth_require_tls=self.tls_context is not None,
+            # With implicit TLS the whole session is encrypted, but aiosmtpd only knows STARTTLS sessions.
+            auth_require_tls=self.tls_context is not None and not self.implicit_tls,
             loop=asyncio.get_running_loop(),
         )
 
     async def start(self) -> LocalSmtpServer:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.host, self.port)
+        ssl_context = self.tls_context if self.implicit_tls else None
+        self._server = await loop.create_server(self._protocol, self.host, self.port, ssl=ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -139,6 +139,16 @@ def log_fields(action: Action, **more: Any) -> dict[str, Any]:
     return {"action_id": action.action_id, "channel": action.channel, **more}
 
 
+async def read_json(response: Any) -> dict[str, Any]:
+    """An HTTP response's JSON object, or {} when the body is not one (a proxy's HTML error page, an
+    empty body): a provider's answer is judged by its status first, its body only adds detail."""
+    try:
+        body = await response.json(content_type=None)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds from an HTTP Retry-After header (delta-seconds or an HTTP-date), None when absent or bad."""
     if not value:

@@ -3,7 +3,7 @@
 The action id becomes the Message-ID (``<action-id@CDP_SMTP_MESSAGE_ID_DOMAIN>``) and an
 ``X-CDP-Action-Id`` header, so a redelivered action carries the same id (receiving systems and the local
 mailbox can tell duplicates apart) and a bounce (see `outcomes.outcome_from_bounce`) leads back to the
-action. STARTTLS or implicit TLS and AUTH are used as configured; with TLS the server's certificate is
+action. ``data.unsubscribe_url`` becomes List-Unsubscribe with RFC 8058 one-click. STARTTLS or implicit TLS and AUTH are used as configured; with TLS the server's certificate is
 verified (CDP_SMTP_CA_FILE, else the system CAs).
 
 How SMTP answers map to outcomes: 2xx accepted; a 5xx on the recipient (550 no such user, 553 bad address)
@@ -46,6 +46,11 @@ class EmailChannel(Channel):
         message["Date"] = formatdate(localtime=False, usegmt=True)
         message["Message-ID"] = self.message_id(action)
         message["X-CDP-Action-Id"] = action.action_id
+        unsubscribe = action.content.data.get("unsubscribe_url")
+        if unsubscribe:
+            # RFC 2369 and RFC 8058 one-click unsubscribe: what large mailbox providers require of bulk mail.
+            message["List-Unsubscribe"] = f"<{unsubscribe}>"
+            message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         message.set_content(action.content.body)
         if action.content.html:
             message.add_alternative(action.content.html, subtype="html")
@@ -56,9 +61,14 @@ class EmailChannel(Channel):
             outcome = Outcome.rejected("invalid_address")
         else:
             try:
-                outcome = await asyncio.to_thread(self._send_blocking, self.build(action))
-            except Exception as exc:  # a fault building or sending must become an outcome, not a crash
-                outcome = Outcome.failed(f"error_{type(exc).__name__}", retryable=True)
+                message: EmailMessage | None = self.build(action)
+            except (ValueError, TypeError):  # a header with a line break, say: this content never sends
+                message, outcome = None, Outcome.failed("invalid_message", retryable=False)
+            if message is not None:
+                try:
+                    outcome = await asyncio.to_thread(self._send_blocking, message)
+                except Exception as exc:  # an unexpected fault must become an outcome, not a crash
+                    outcome = Outcome.failed(f"error_{type(exc).__name__}", retryable=True)
         level = logging.INFO if outcome.ok else logging.WARNING
         log.log(level, "email %s", outcome.status, extra=log_fields(action, reason=outcome.reason))
         return outcome

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from cdp_kit.settings import SettingsError
-from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after
+from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after, read_json
 from cdp_orchestration.channels.settings import FcmSettings
 
 log = logging.getLogger("cdp.orchestration.channels.push")
@@ -103,8 +103,8 @@ class AccessTokens:
             if self._token is None or time.time() >= self._expires_at - _REFRESH_MARGIN:
                 form = {"grant_type": JWT_BEARER, "assertion": self._account.assertion()}
                 async with session.post(self._account.token_uri, data=form) as response:
-                    body = await response.json(content_type=None)
-                    if response.status != 200:
+                    body = await read_json(response)
+                    if response.status != 200 or not isinstance(body.get("access_token"), str):
                         raise TokenRefused(str(body.get("error", f"http_{response.status}")), response.status)
                 self._token = body["access_token"]
                 self._expires_at = time.time() + float(body.get("expires_in", 3600))
@@ -158,7 +158,7 @@ class FcmChannel(Channel):
             try:
                 outcome = await self._post(action, retry_auth=True)
             except TokenRefused as exc:
-                outcome = Outcome.failed(f"oauth_{exc.error}", retryable=exc.status >= 500)
+                outcome = Outcome.failed(f"oauth_{exc.error}", retryable=exc.status >= 500 or exc.status == 429)
             except TimeoutError:
                 outcome = Outcome.failed("timeout", retryable=True)
             except aiohttp.ClientError:
@@ -172,7 +172,7 @@ class FcmChannel(Channel):
         token = await self._tokens.get(session)
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         async with session.post(self._url, data=orjson.dumps(self.message(action)), headers=headers) as response:
-            body = await response.json(content_type=None)
+            body = await read_json(response)
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
         if status == 200:

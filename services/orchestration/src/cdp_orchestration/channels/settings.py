@@ -155,6 +155,11 @@ class WebhookSettings:
     payload: Literal["json", "slack"] = env(
         "CDP_WEBHOOK_PAYLOAD", "json", help="json: the action as JSON; slack: a Slack incoming-webhook message"
     )
+    allowed_hosts: list[str] = env(
+        "CDP_WEBHOOK_ALLOWED_HOSTS",
+        [],
+        help="comma-separated hosts webhook URLs may name (URLs can come from profiles; empty: any host)",
+    )
     max_attempts: int = env("CDP_WEBHOOK_MAX_ATTEMPTS", 5, help="attempts per action before it fails (retryable)")
     backoff_base: float = env("CDP_WEBHOOK_BACKOFF_BASE", 0.5, help="seconds before the 2nd attempt; doubles after")
     backoff_max: float = env("CDP_WEBHOOK_BACKOFF_MAX", 30.0, help="cap on one wait, Retry-After included")

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
-from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after
+from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after, read_json
 from cdp_orchestration.channels.settings import E164, TwilioSettings
 
 log = logging.getLogger("cdp.orchestration.channels.sms")
@@ -94,14 +94,11 @@ class SmsChannel(Channel):
     async def _post(self, action: Action) -> Outcome:
         try:
             async with self._client().post(self._url, data=self.form(action)) as response:
-                if response.status in (200, 201):
-                    body = await response.json(content_type=None)
+                body = await read_json(response)
+                if 200 <= response.status < 300:
                     return Outcome.accepted(provider_id=body.get("sid"))
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                try:
-                    code = int((await response.json(content_type=None)).get("code"))
-                except (ValueError, TypeError, AttributeError, aiohttp.ContentTypeError):
-                    code = None
+                code = body.get("code") if isinstance(body.get("code"), int) else None
         except TimeoutError:
             return Outcome.failed("timeout", retryable=True)
         except aiohttp.ClientError:

@@ -14,6 +14,9 @@ The body is the action as JSON (``{"action_id", "person_id", "subject", "title",
 mrkdwn, the subject in bold on the first line) that Slack, Mattermost, Rocket.Chat and Teams' Slack
 connector all accept.
 
+A URL can come from a profile trait, so CDP_WEBHOOK_ALLOWED_HOSTS limits the hosts a webhook may reach
+(an action naming another host is rejected with ``host_not_allowed`` and nothing is sent).
+
 Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2**(n-1)`` seconds with
 full jitter, or after the Retry-After the receiver sent, up to CDP_WEBHOOK_MAX_ATTEMPTS attempts. A wait
 longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here: the action fails retryable with `retry_after`, so
@@ -115,8 +118,11 @@ class WebhookChannel(Channel):
     async def send(self, action: Action) -> Outcome:
         url = action.address or self._settings.default_url
         parts = urlsplit(url or "")
+        allowed = self._settings.allowed_hosts
         if parts.scheme not in ("http", "https") or not parts.netloc:
             outcome = Outcome.rejected("invalid_address") if url else Outcome.failed("no_url", retryable=False)
+        elif allowed and (parts.hostname or "").lower() not in {host.lower() for host in allowed}:
+            outcome = Outcome.rejected("host_not_allowed")
         else:
             outcome = await self._deliver(action, url)  # type: ignore[arg-type]
         level = logging.INFO if outcome.ok else logging.WARNING
