@@ -338,3 +338,49 @@ def test_a_redelivered_proposal_of_a_sent_action_is_not_sent_again() -> None:
     receipt = action(2, category="transactional")
     state = decide(state, receipt, VIEW, r, NOON).state
     assert decide(state, receipt, VIEW, r, NOON + 5).decisions == ()
+
+
+RULES_DOCUMENT = {
+    "caps": [{"id": "c", "channel": "email", "per": "day", "limit": 1}],
+    "quiet_hours": {"from": "21:00", "to": "08:00", "channels": ["email"]},
+    "suppressions": [
+        {"id": "s", "categories": ["offer"], "after_event": "X", "within": "1d", "condition": "scores.x > 1"}
+    ],
+    "approval": {"above": 10, "expires_after": "1d"},
+}
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    section=st.sampled_from(sorted(RULES_DOCUMENT)),
+    key=st.sampled_from(
+        [
+            "id",
+            "per",
+            "limit",
+            "channel",
+            "from",
+            "to",
+            "channels",
+            "categories",
+            "after_event",
+            "within",
+            "condition",
+            "above",
+            "expires_after",
+        ]
+    ),
+    value=JSON,
+)
+def test_any_broken_rules_are_rejected_naming_a_field_never_a_crash(section: str, key: str, value: object) -> None:
+    part = RULES_DOCUMENT[section]
+    broken = [{**part[0], key: value}] if isinstance(part, list) else {**part, key: value}
+    try:
+        parse_rules({**RULES_DOCUMENT, section: broken})
+    except InvalidArgument as error:
+        assert error.field.startswith(f"rules.{section}")

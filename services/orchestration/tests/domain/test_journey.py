@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_orchestration.domain import lifecycle
@@ -284,3 +286,62 @@ def test_lifecycle_draft_active_paused_archived_with_immutable_versions() -> Non
         lifecycle.save_draft(record, parse_journey({**CART, "version": 3}))
     with pytest.raises(FailedPrecondition, match="no draft"):
         lifecycle.publish(lifecycle.resume(lifecycle.pause(lifecycle.publish(lifecycle.create(v1)))))
+
+
+def test_an_action_without_a_category_takes_the_journeys() -> None:
+    journey = parse_journey({**with_nodes({"id": "a", "type": "action", **EMAIL}), "category": "transactional"})
+    assert journey.nodes["a"].category == "transactional"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+KEYS = [
+    "id",
+    "type",
+    "next",
+    "entry",
+    "nodes",
+    "event",
+    "where",
+    "duration",
+    "until",
+    "timeout",
+    "variants",
+    "branches",
+    "channel",
+    "template",
+    "purpose",
+    "exit",
+    "goal",
+    "reentry",
+    "condition",
+    "if",
+    "else",
+]
+
+
+def _mutate(document: object, path: list[object], value: object) -> object:
+    """The document with the value at `path` (as far as it leads) replaced."""
+    if not path:
+        return value
+    step, rest = path[0], path[1:]
+    if isinstance(document, dict):
+        key = step if isinstance(step, str) else (sorted(document)[step % len(document)] if document else "x")
+        return {**document, key: _mutate(document.get(key), rest, value)}
+    if isinstance(document, list) and document and isinstance(step, int):
+        index = step % len(document)
+        return [*document[:index], _mutate(document[index], rest, value), *document[index + 1 :]]
+    return value
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.lists(st.integers(0, 10) | st.sampled_from(KEYS), max_size=4), value=JSON)
+def test_any_broken_journey_is_rejected_with_named_problems_never_a_crash(path: list[object], value: object) -> None:
+    document = _mutate(orjson.loads(orjson.dumps(CART)), path, value)
+    try:
+        parse_journey(document, CATALOGUE)
+    except JourneyInvalid as error:
+        assert error.problems and all(p.field and p.message for p in error.problems)

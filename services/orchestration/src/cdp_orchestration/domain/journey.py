@@ -280,6 +280,7 @@ class _Reader:
     def __init__(self, catalogue: Catalogue) -> None:
         self.catalogue = catalogue
         self.problems: list[Problem] = []
+        self.category = "marketing"  # the journey's; an action without its own category takes it
 
     # Each helper records problems instead of raising, so one pass reports all of them.
     def problem(self, node: str | None, at: str, message: str) -> None:
@@ -300,7 +301,7 @@ class _Reader:
         known |= {"max_concurrent", "exit", "goal", "start", "nodes"}
         for key in document:
             if key not in known:
-                self.problem(None, str(key), f"unknown key; known: {', '.join(sorted(known))}")
+                self.problem(None, _key_path(None, key), f"unknown key; known: {', '.join(sorted(known))}")
         journey_id = document.get("id")
         if not isinstance(journey_id, str) or not journey_id or len(journey_id) > 128:
             self.problem(None, "id", "must be a non-empty string of at most 128 characters")
@@ -316,6 +317,8 @@ class _Reader:
         category = document.get("category", "marketing")
         if not isinstance(category, str) or not category:
             self.problem(None, "category", "must be a non-empty string, like 'marketing' or 'transactional'")
+        else:
+            self.category = category
         timezone = document.get("timezone", "UTC")
         if (why := clock.zone_problem(timezone)) is not None:
             self.problem(None, "timezone", why)
@@ -483,7 +486,7 @@ class _Reader:
     def known_keys(self, tree: Mapping[str, Any], allowed: tuple[str, ...], at: str, node: str | None) -> None:
         for key in tree:
             if key not in allowed:
-                self.problem(node, f"{at}.{key}", f"unknown key here; known: {', '.join(allowed)}")
+                self.problem(node, _key_path(at, key), f"unknown key here; known: {', '.join(allowed)}")
 
     # --- nodes ---
 
@@ -629,7 +632,7 @@ class _Reader:
             ok = False
         elif self.catalogue.purposes is not None and purpose not in self.catalogue.purposes:
             self.problem(node_id, f"{at}.purpose", f"{purpose!r} is not a known consent purpose")
-        category = item.get("category", "marketing")
+        category = item.get("category", self.category)
         if not isinstance(category, str) or not category:
             self.problem(node_id, f"{at}.category", "must be a non-empty string, like 'offer' or 'reminder'")
             ok = False
@@ -698,6 +701,13 @@ class _Reader:
                 f"loops back through {' -> '.join([*cycle, cycle[0]])} without a delay or wait: "
                 "an instance would run it forever; put a delay or a wait on the loop",
             )
+
+
+def _key_path(at: str | None, key: object) -> str:
+    """The field path of a key as written: `entry.colour`, or `entry["odd key"]` when it is no plain name."""
+    if isinstance(key, str) and key.isidentifier():
+        return key if at is None else f"{at}.{key}"
+    return f"{at or 'journey'}[{key!r}]"
 
 
 def _raw_targets(item: Mapping[str, Any]) -> list[tuple[str, str]]:
