@@ -1,1 +1,13 @@
-"""Local CRM emulators (Salesforce, HubSpot, Dynamics 365, Zoho) for tests and `make up`."""
+"""Local CRM emulators (Salesforce, HubSpot, Dynamics 365, Zoho) for tests and `make up`.
+
+Each is an aiohttp application with in-memory state that speaks its CRM's documented wire protocol -
+paths, JSON shapes, auth flows, per-record errors, pagination, rate-limit headers and 429s - with a fault
+injector and an inspection API (see `_server.Emulator`). Test and dev only: never in a production image.
+"""
+
+from cdp_crm_emulators._server import Clock, Emulator, FaultInjector
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+
+EMULATORS: dict[str, type[Emulator]] = {"hubspot": HubSpotEmulator}
+
+__all__ = ["EMULATORS", "Clock", "Emulator", "FaultInjector", "HubSpotEmulator"]

@@ -1,0 +1,675 @@
+"""A local HubSpot: private-app tokens, CRM v3 objects, lists v3, the burst and daily limits, signed webhooks.
+
+Objects: contacts (unique ``email``), companies (unique ``domain``), tickets and tasks; every object also has
+the unique properties ``cdp_id`` and ``cdp_idempotency_key`` so a sync can upsert any of them by its own key.
+A property outside an object's schema fails the request with ``VALIDATION_ERROR`` / ``PROPERTY_DOESNT_EXIST``,
+as HubSpot does; records rejected one by one (an invalid email, a fault-injected rejection) come back in the
+``errors`` of a 207 while the rest of the batch is written.
+
+Limits (every authenticated API request counts, answered or throttled requests alike do not double count):
+- `burst_limit` requests per rolling `burst_window` seconds (190 / 10 s): 429 ``TEN_SECONDLY_ROLLING``;
+- `daily_limit` requests per UTC day: 429 ``DAILY``.
+Every answer carries the ``X-HubSpot-RateLimit-*`` headers. A throttled request changes nothing.
+
+Inbound: `user_update` / `user_create` edit records as a HubSpot user would and, with `webhook_url` set,
+POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64 HMAC-SHA256 over method, URL,
+body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import re
+import time
+from collections import deque
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from cdp_crm_emulators._server import Emulator, iso_z, json_response, new_id
+
+OBJECT_TYPE_IDS = {"contacts": "0-1", "companies": "0-2", "tickets": "0-5", "tasks": "0-27"}
+SINGULAR = {"contacts": "contact", "companies": "company", "tickets": "ticket", "tasks": "task"}
+_COMMON = {"hs_object_id", "createdate", "hs_lastmodifieddate", "hubspot_owner_id", "cdp_id", "cdp_idempotency_key"}
+PROPERTIES: dict[str, set[str]] = {
+    "contacts": _COMMON
+    | {"email", "firstname", "lastname", "phone", "company", "lifecyclestage", "lastmodifieddate", "city", "country"}
+    | {"cdp_churn_risk", "cdp_fraud_score", "cdp_segments", "cdp_consent_email", "cdp_lifetime_value"},
+    "companies": _COMMON | {"domain", "name", "industry", "city", "country"},
+    "tickets": _COMMON
+    | {"subject", "content", "hs_pipeline", "hs_pipeline_stage", "hs_ticket_priority", "hs_ticket_category"},
+    "tasks": _COMMON
+    | {"hs_task_subject", "hs_task_body", "hs_task_status", "hs_task_priority", "hs_timestamp", "hs_task_type"},
+}
+UNIQUE: dict[str, tuple[str, ...]] = {
+    "contacts": ("email", "cdp_id", "cdp_idempotency_key"),
+    "companies": ("domain", "cdp_id", "cdp_idempotency_key"),
+    "tickets": ("cdp_id", "cdp_idempotency_key"),
+    "tasks": ("cdp_id", "cdp_idempotency_key"),
+}
+BATCH_LIMIT = 100
+SEARCH_PAGE_LIMIT = 200
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class HubSpotEmulator(Emulator):
+    name = "hubspot"
+
+    def __init__(
+        self,
+        *,
+        tokens: set[str] | None = None,
+        portal_id: int = 62515,
+        burst_limit: int = 190,
+        burst_window: float = 10.0,
+        daily_limit: int = 1_000_000,
+        webhook_url: str | None = None,
+        client_secret: str = "hubspot-app-secret",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.tokens = tokens if tokens is not None else {"pat-local-hubspot"}
+        self.portal_id = portal_id
+        self.burst_limit = burst_limit
+        self.burst_window = burst_window
+        self.daily_limit = daily_limit
+        self.webhook_url = webhook_url
+        self.client_secret = client_secret
+        self.objects: dict[str, dict[str, dict[str, Any]]] = {obj: {} for obj in PROPERTIES}
+        self._index: dict[tuple[str, str], dict[str, str]] = {}
+        self.lists: dict[str, dict[str, Any]] = {}
+        self.memberships: dict[str, dict[str, str]] = {}
+        self.webhook_deliveries = 0
+        self._ids = itertools.count(1001)
+        self._burst: deque[float] = deque()
+        self._day = -1
+        self._daily_used = 0
+        self._over_budget = 0
+        self._event_ids = itertools.count(1)
+        self._webhook_tasks: set[asyncio.Task[None]] = set()
+        r = self.app.router
+        r.add_post("/crm/v3/objects/{object}/batch/upsert", self._batch_upsert)
+        r.add_post("/crm/v3/objects/{object}/batch/read", self._batch_read)
+        r.add_post("/crm/v3/objects/{object}/search", self._search)
+        r.add_post("/crm/v3/objects/{object}", self._create)
+        r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
+        r.add_patch("/crm/v3/objects/{object}/{id}", self._update)
+        r.add_post("/crm/v3/lists", self._create_list)
+        r.add_post("/crm/v3/lists/", self._create_list)
+        r.add_get("/crm/v3/lists/{list_id}", self._get_list)
+        r.add_put("/crm/v3/lists/{list_id}/memberships/add", self._add_members)
+        r.add_put("/crm/v3/lists/{list_id}/memberships/remove", self._remove_members)
+        r.add_put("/crm/v3/lists/{list_id}/memberships/add-and-remove", self._add_and_remove)
+        r.add_get("/crm/v3/lists/{list_id}/memberships", self._get_members)
+        self.app.middlewares.append(self._limits)
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    def records(self, obj: str) -> list[dict[str, Any]]:
+        return [self._public(obj, record) for record in self.objects.get(obj, {}).values()]
+
+    def find(self, obj: str, prop: str, value: str) -> dict[str, Any] | None:
+        record_id = self._lookup(obj, prop, value)
+        return None if record_id is None else self._public(obj, self.objects[obj][record_id])
+
+    def members(self, list_id: str) -> list[str]:
+        return list(self.memberships.get(list_id, {}))
+
+    def budget(self) -> dict[str, Any]:
+        now = self.clock()
+        self._roll(now)
+        return {
+            "burst_limit": self.burst_limit,
+            "burst_window_seconds": self.burst_window,
+            "burst_used": len(self._burst),
+            "daily_limit": self.daily_limit,
+            "daily_used": self._daily_used,
+            "over_budget": self._over_budget,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "objects": self.objects,
+            "lists": self.lists,
+            "memberships": self.memberships,
+            "next_id": next(self._ids),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.lists = state.get("lists", {})
+        self.memberships = state.get("memberships", {})
+        self._ids = itertools.count(state.get("next_id", 1001))
+        for obj, table in state.get("objects", {}).items():
+            for record in table.values():
+                self._store(obj, record)
+
+    # --- the CRM user's side (inbound) -----------------------------------------------------------
+
+    def user_create(self, obj: str, properties: dict[str, Any]) -> dict[str, Any]:
+        record = self._write(obj, None, properties)
+        self._emit(obj, record, "creation", properties)
+        return self._public(obj, record)
+
+    def user_update(self, obj: str, record_id: str, properties: dict[str, Any]) -> dict[str, Any]:
+        record = self._write(obj, record_id, properties)
+        self._emit(obj, record, "propertyChange", properties)
+        return self._public(obj, record)
+
+    async def drain_webhooks(self) -> None:
+        while self._webhook_tasks:
+            await asyncio.gather(*list(self._webhook_tasks), return_exceptions=True)
+
+    def _emit(self, obj: str, record: dict[str, Any], change: str, properties: dict[str, Any]) -> None:
+        if self.webhook_url is None:
+            return
+        now_ms = int(self.clock() * 1000)
+        base = {
+            "subscriptionId": 1,
+            "portalId": self.portal_id,
+            "appId": 1,
+            "occurredAt": now_ms,
+            "attemptNumber": 0,
+            "objectId": int(record["id"]),
+            "changeSource": "CRM_UI",
+        }
+        subscription = f"{SINGULAR[obj]}.{change}"
+        if change == "creation":
+            events = [{**base, "eventId": next(self._event_ids), "subscriptionType": subscription}]
+        else:
+            events = [
+                {
+                    **base,
+                    "eventId": next(self._event_ids),
+                    "subscriptionType": subscription,
+                    "propertyName": k,
+                    "propertyValue": v,
+                }
+                for k, v in properties.items()
+            ]
+        task = asyncio.get_running_loop().create_task(self._deliver(events))
+        self._webhook_tasks.add(task)
+        task.add_done_callback(self._webhook_tasks.discard)
+
+    async def _deliver(self, events: list[dict[str, Any]]) -> None:
+        assert self.webhook_url is not None
+        body = orjson.dumps(events)
+        timestamp = str(int(time.time() * 1000))
+        headers = {
+            "Content-Type": "application/json",
+            "X-HubSpot-Request-Timestamp": timestamp,
+            "X-HubSpot-Signature-v3": webhook_signature_v3(
+                self.client_secret, "POST", self.webhook_url, body, timestamp
+            ),
+            "X-HubSpot-Signature-Version": "v3",
+        }
+        async with aiohttp.ClientSession() as session:
+            for attempt in range(3):
+                try:
+                    async with session.post(self.webhook_url, data=body, headers=headers) as response:
+                        if response.status < 500:
+                            self.webhook_deliveries += 1
+                            return
+                except aiohttp.ClientError:
+                    pass  # HubSpot retries deliveries; so do we, briefly
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    # --- auth and limits -------------------------------------------------------------------------
+
+    def error_response(self, status: int, request: web.Request) -> web.Response:
+        if status == 429:
+            return self._throttled("TEN_SECONDLY_ROLLING")
+        return json_response(
+            _error("INTERNAL_ERROR" if status >= 500 else "VALIDATION_ERROR", "injected fault"), status=status
+        )
+
+    def _roll(self, now: float) -> None:
+        while self._burst and self._burst[0] <= now - self.burst_window:
+            self._burst.popleft()
+        day = int(now // 86400)
+        if day != self._day:
+            self._day, self._daily_used = day, 0
+
+    def _limit_headers(self) -> dict[str, str]:
+        return {
+            "X-HubSpot-RateLimit-Interval-Milliseconds": str(int(self.burst_window * 1000)),
+            "X-HubSpot-RateLimit-Max": str(self.burst_limit),
+            "X-HubSpot-RateLimit-Remaining": str(max(0, self.burst_limit - len(self._burst))),
+            "X-HubSpot-RateLimit-Daily": str(self.daily_limit),
+            "X-HubSpot-RateLimit-Daily-Remaining": str(max(0, self.daily_limit - self._daily_used)),
+        }
+
+    def _throttled(self, policy: str) -> web.Response:
+        message = (
+            "You have reached your daily limit."
+            if policy == "DAILY"
+            else "You have reached your ten_secondly_rolling limit."
+        )
+        body = {
+            "status": "error",
+            "message": message,
+            "errorType": "RATE_LIMIT",
+            "correlationId": new_id(),
+            "policyName": policy,
+            "groupName": f"publicapi:private-app:{self.portal_id}",
+        }
+        return json_response(body, status=429, headers=self._limit_headers())
+
+    @web.middleware
+    async def _limits(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not self.is_api(request):
+            return await handler(request)
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+            body = _error("INVALID_AUTHENTICATION", "Authentication credentials not found.")
+            return json_response(body, status=401)
+        now = self.clock()
+        self._roll(now)
+        if self._daily_used >= self.daily_limit:
+            self._over_budget += 1
+            return self._throttled("DAILY")
+        if len(self._burst) >= self.burst_limit:
+            self._over_budget += 1
+            return self._throttled("TEN_SECONDLY_ROLLING")
+        self._burst.append(now)
+        self._daily_used += 1
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(self._limit_headers())
+            raise
+        response.headers.update(self._limit_headers())
+        return response
+
+    # --- records ---------------------------------------------------------------------------------
+
+    def _store(self, obj: str, record: dict[str, Any]) -> None:
+        old = self.objects[obj].get(record["id"])
+        for prop in UNIQUE[obj]:
+            index = self._index.setdefault((obj, prop), {})
+            if old is not None and old["properties"].get(prop):
+                index.pop(str(old["properties"][prop]).lower(), None)
+            if record["properties"].get(prop):
+                index[str(record["properties"][prop]).lower()] = record["id"]
+        self.objects[obj][record["id"]] = record
+
+    def _lookup(self, obj: str, prop: str, value: Any) -> str | None:
+        if prop in ("hs_object_id", "id"):
+            return str(value) if str(value) in self.objects[obj] else None
+        return self._index.get((obj, prop), {}).get(str(value).lower())
+
+    def _write(self, obj: str, record_id: str | None, properties: dict[str, Any]) -> dict[str, Any]:
+        now = iso_z(self.clock())
+        if record_id is None:
+            record_id = str(next(self._ids))
+            record = {"id": record_id, "properties": {"hs_object_id": record_id, "createdate": now}, "createdAt": now}
+        else:
+            old = self.objects[obj][record_id]
+            record = {**old, "properties": dict(old["properties"])}
+        record["properties"].update({k: (None if v is None else str(v)) for k, v in properties.items()})
+        record["properties"]["hs_lastmodifieddate"] = now
+        if obj == "contacts":
+            record["properties"]["lastmodifieddate"] = now
+        record["updatedAt"] = now
+        record["archived"] = False
+        self._store(obj, record)
+        return record
+
+    def _public(self, obj: str, record: dict[str, Any], wanted: list[str] | None = None) -> dict[str, Any]:
+        props = record["properties"]
+        if wanted:
+            props = {
+                k: props.get(k) for k in dict.fromkeys([*wanted, "hs_object_id", "createdate", "hs_lastmodifieddate"])
+            }
+        return {
+            "id": record["id"],
+            "properties": dict(props),
+            "createdAt": record["createdAt"],
+            "updatedAt": record["updatedAt"],
+            "archived": record.get("archived", False),
+        }
+
+    def _object(self, request: web.Request) -> str:
+        obj = request.match_info["object"]
+        if obj not in PROPERTIES:
+            raise web.HTTPNotFound(
+                body=orjson.dumps(_error("OBJECT_NOT_FOUND", f"Unable to infer object type from: {obj}")),
+                content_type="application/json",
+            )
+        return obj
+
+    def _unknown_properties(self, obj: str, properties: dict[str, Any]) -> web.Response | None:
+        unknown = [name for name in properties if name not in PROPERTIES[obj]]
+        if not unknown:
+            return None
+        details = [
+            {
+                "isValid": False,
+                "message": f'Property "{name}" does not exist',
+                "error": "PROPERTY_DOESNT_EXIST",
+                "name": name,
+            }
+            for name in unknown
+        ]
+        body = _error("VALIDATION_ERROR", f"Property values were not valid: {orjson.dumps(details).decode()}")
+        body["errors"] = [
+            {"message": d["message"], "code": "PROPERTY_DOESNT_EXIST", "context": {"propertyName": [d["name"]]}}
+            for d in details
+        ]
+        return json_response(body, status=400)
+
+    def _record_error(self, obj: str, properties: dict[str, Any]) -> str | None:
+        email = properties.get("email")
+        if email and not _EMAIL.match(str(email)):
+            return f"Property values were not valid: email {email!s} is invalid"
+        return self.faults.rejection_for(obj, properties)
+
+    async def _batch_upsert(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await _json(request)
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            return json_response(_error("VALIDATION_ERROR", "inputs must be a non-empty list"), status=400)
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(
+                _error("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded: {len(inputs)} inputs"),
+                status=400,
+            )
+        keys = []
+        for item in inputs:
+            id_property = item.get("idProperty") or "hs_object_id"
+            if id_property not in UNIQUE[obj] and id_property != "hs_object_id":
+                return json_response(
+                    _error("VALIDATION_ERROR", f"{id_property} is not a unique property of {obj}"), status=400
+                )
+            if (rejected := self._unknown_properties(obj, item.get("properties") or {})) is not None:
+                return rejected
+            keys.append((id_property, str(item.get("id", "")).lower()))
+        if len(set(keys)) != len(keys):
+            return json_response(_error("VALIDATION_ERROR", "Duplicate IDs found in batch input"), status=400)
+        started = iso_z(self.clock())
+        results, errors = [], []
+        for item in inputs:
+            id_property = item.get("idProperty") or "hs_object_id"
+            properties = dict(item.get("properties") or {})
+            if id_property != "hs_object_id":
+                properties.setdefault(id_property, item["id"])
+            if (message := self._record_error(obj, properties)) is not None:
+                errors.append(_record_error("VALIDATION_ERROR", message, [str(item.get("id"))]))
+                continue
+            existing = self._lookup(obj, id_property, item.get("id"))
+            if existing is None and id_property == "hs_object_id":
+                errors.append(_record_error("OBJECT_NOT_FOUND", "Object not found", [str(item.get("id"))]))
+                continue
+            record = self._write(obj, existing, properties)
+            results.append({**self._public(obj, record), "new": existing is None})
+        answer: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_z(self.clock()),
+        }
+        if errors:
+            answer.update(numErrors=len(errors), errors=errors)
+        return json_response(answer, status=207 if errors else 200)
+
+    async def _batch_read(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await _json(request)
+        inputs = body.get("inputs") or []
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(_error("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400)
+        id_property = body.get("idProperty") or "hs_object_id"
+        results, missing = [], []
+        for item in inputs:
+            record_id = self._lookup(obj, id_property, item.get("id"))
+            if record_id is None:
+                missing.append(str(item.get("id")))
+            else:
+                results.append(self._public(obj, self.objects[obj][record_id], body.get("properties")))
+        answer: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": iso_z(self.clock()),
+            "completedAt": iso_z(self.clock()),
+        }
+        if missing:
+            answer.update(
+                numErrors=1,
+                errors=[
+                    _record_error(
+                        "OBJECT_NOT_FOUND", "Could not get some objects, they may be deleted or not exist.", missing
+                    )
+                ],
+            )
+        return json_response(answer, status=207 if missing else 200)
+
+    async def _search(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await _json(request)
+        limit = int(body.get("limit", 10))
+        if limit > SEARCH_PAGE_LIMIT:
+            return json_response(_error("VALIDATION_ERROR", f"limit must be at most {SEARCH_PAGE_LIMIT}"), status=400)
+        groups = body.get("filterGroups") or []
+        matched = [
+            r
+            for r in self.objects[obj].values()
+            if not groups or any(_matches_all(r, g.get("filters", [])) for g in groups)
+        ]
+        for sort in reversed(body.get("sorts") or []):
+            name = sort if isinstance(sort, str) else sort.get("propertyName")
+            descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"
+            matched.sort(key=lambda r, n=name: _sortable(r["properties"].get(n)), reverse=descending)
+        after = int(body.get("after") or 0)
+        page = matched[after : after + limit]
+        answer: dict[str, Any] = {
+            "total": len(matched),
+            "results": [self._public(obj, r, body.get("properties")) for r in page],
+        }
+        if after + limit < len(matched):
+            answer["paging"] = {"next": {"after": str(after + limit)}}
+        return json_response(answer)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        properties = (await _json(request)).get("properties") or {}
+        if (rejected := self._unknown_properties(obj, properties)) is not None:
+            return rejected
+        for prop in UNIQUE[obj]:
+            if properties.get(prop) and (existing := self._lookup(obj, prop, properties[prop])) is not None:
+                body = _error("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {existing}")
+                return json_response(body, status=409)
+        if (message := self._record_error(obj, properties)) is not None:
+            return json_response(_error("VALIDATION_ERROR", message), status=400)
+        return json_response(self._public(obj, self._write(obj, None, properties)), status=201)
+
+    async def _read_one(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        record_id = self._lookup(obj, request.query.get("idProperty", "hs_object_id"), request.match_info["id"])
+        if record_id is None:
+            return web.Response(status=404)
+        wanted = request.query.get("properties")
+        return json_response(self._public(obj, self.objects[obj][record_id], wanted.split(",") if wanted else None))
+
+    async def _update(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        properties = (await _json(request)).get("properties") or {}
+        if (rejected := self._unknown_properties(obj, properties)) is not None:
+            return rejected
+        record_id = self._lookup(obj, request.query.get("idProperty", "hs_object_id"), request.match_info["id"])
+        if record_id is None:
+            return json_response(_error("OBJECT_NOT_FOUND", "resource not found"), status=404)
+        if (message := self._record_error(obj, properties)) is not None:
+            return json_response(_error("VALIDATION_ERROR", message), status=400)
+        return json_response(self._public(obj, self._write(obj, record_id, properties)))
+
+    # --- lists -----------------------------------------------------------------------------------
+
+    async def _create_list(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        for required in ("name", "objectTypeId", "processingType"):
+            if not body.get(required):
+                return json_response(_error("VALIDATION_ERROR", f"{required} is required"), status=400)
+        if any(existing["name"] == body["name"] for existing in self.lists.values()):
+            return json_response(_error("VALIDATION_ERROR", f"A list named {body['name']} already exists"), status=400)
+        list_id = str(next(self._ids))
+        now = iso_z(self.clock())
+        created = {
+            "listId": list_id,
+            "name": body["name"],
+            "objectTypeId": body["objectTypeId"],
+            "processingType": body["processingType"],
+            "processingStatus": "COMPLETE",
+            "listVersion": 1,
+            "createdAt": now,
+            "updatedAt": now,
+        }
+        self.lists[list_id] = created
+        self.memberships[list_id] = {}
+        return json_response({"list": created})
+
+    async def _get_list(self, request: web.Request) -> web.Response:
+        found = self.lists.get(request.match_info["list_id"])
+        if found is None:
+            return json_response(_error("OBJECT_NOT_FOUND", "List does not exist"), status=404)
+        return json_response({"list": {**found, "size": len(self.memberships[found["listId"]])}})
+
+    def _membership_list(self, list_id: str) -> tuple[dict[str, Any] | None, web.Response | None]:
+        found = self.lists.get(list_id)
+        if found is None:
+            return None, json_response(_error("OBJECT_NOT_FOUND", "List does not exist"), status=404)
+        if found["processingType"] == "DYNAMIC":
+            return None, json_response(
+                _error("VALIDATION_ERROR", "Memberships of a DYNAMIC list cannot be edited"), status=400
+            )
+        return found, None
+
+    def _change_members(self, found: dict[str, Any], add: list[Any], remove: list[Any]) -> dict[str, Any]:
+        table = self.objects[_object_by_type(found["objectTypeId"])]
+        members = self.memberships[found["listId"]]
+        added, removed, missing = [], [], []
+        now = iso_z(self.clock())
+        for record_id in map(str, add):
+            if record_id not in table:
+                missing.append(record_id)
+            elif record_id not in members:
+                members[record_id] = now
+                added.append(record_id)
+        for record_id in map(str, remove):
+            if record_id not in table:
+                missing.append(record_id)
+            elif members.pop(record_id, None) is not None:
+                removed.append(record_id)
+        return {"recordsIdsAdded": added, "recordIdsRemoved": removed, "recordIdsMissing": missing}
+
+    async def _add_members(self, request: web.Request) -> web.Response:
+        found, refused = self._membership_list(request.match_info["list_id"])
+        if refused is not None:
+            return refused
+        return json_response(self._change_members(found, await _json(request, []), []))  # type: ignore[arg-type]
+
+    async def _remove_members(self, request: web.Request) -> web.Response:
+        found, refused = self._membership_list(request.match_info["list_id"])
+        if refused is not None:
+            return refused
+        return json_response(self._change_members(found, [], await _json(request, [])))  # type: ignore[arg-type]
+
+    async def _add_and_remove(self, request: web.Request) -> web.Response:
+        found, refused = self._membership_list(request.match_info["list_id"])
+        if refused is not None:
+            return refused
+        body = await _json(request)
+        return json_response(
+            self._change_members(found, body.get("recordIdsToAdd") or [], body.get("recordIdsToRemove") or [])
+        )  # type: ignore[arg-type]
+
+    async def _get_members(self, request: web.Request) -> web.Response:
+        list_id = request.match_info["list_id"]
+        if list_id not in self.lists:
+            return json_response(_error("OBJECT_NOT_FOUND", "List does not exist"), status=404)
+        members = self.memberships[list_id]
+        results = [{"recordId": rid, "membershipTimestamp": at} for rid, at in members.items()]
+        return json_response({"results": results, "total": len(results)})
+
+
+def webhook_signature_v3(secret: str, method: str, url: str, body: bytes, timestamp: str) -> str:
+    """HubSpot's v3 request signature: base64(HMAC-SHA256(secret, method + uri + body + timestamp))."""
+    message = method.encode() + url.encode() + body + timestamp.encode()
+    return base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
+
+
+def _error(category: str, message: str) -> dict[str, Any]:
+    return {"status": "error", "message": message, "correlationId": new_id(), "category": category}
+
+
+def _record_error(category: str, message: str, ids: list[str]) -> dict[str, Any]:
+    return {
+        "status": "error",
+        "category": category,
+        "message": message,
+        "context": {"ids": ids},
+        "links": {},
+        "errors": [],
+    }
+
+
+def _object_by_type(object_type_id: str) -> str:
+    for obj, type_id in OBJECT_TYPE_IDS.items():
+        if type_id == object_type_id:
+            return obj
+    return "contacts"
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return (1, "")
+    try:
+        return (0, float(value))
+    except (TypeError, ValueError):
+        return (0, str(value))
+
+
+def _matches_all(record: dict[str, Any], filters: list[dict[str, Any]]) -> bool:
+    return all(_matches(record["properties"], f) for f in filters)
+
+
+def _matches(properties: dict[str, Any], flt: dict[str, Any]) -> bool:
+    name, operator = flt.get("propertyName"), flt.get("operator", "EQ")
+    actual = properties.get(name) if name != "id" else properties.get("hs_object_id")
+    if operator == "HAS_PROPERTY":
+        return actual not in (None, "")
+    if operator == "NOT_HAS_PROPERTY":
+        return actual in (None, "")
+    if actual is None:
+        return operator == "NEQ"
+    if operator == "IN":
+        return str(actual).lower() in {str(v).lower() for v in flt.get("values", [])}
+    if operator == "NOT_IN":
+        return str(actual).lower() not in {str(v).lower() for v in flt.get("values", [])}
+    if operator == "CONTAINS_TOKEN":
+        return str(flt.get("value", "")).strip("*").lower() in str(actual).lower()
+    expected = flt.get("value")
+    if operator in ("EQ", "NEQ"):
+        equal = str(actual).lower() == str(expected).lower()
+        return equal if operator == "EQ" else not equal
+    left, right = _sortable(actual), _sortable(expected)
+    if operator == "BETWEEN":
+        return _sortable(expected) <= left <= _sortable(flt.get("highValue"))
+    return {"LT": left < right, "LTE": left <= right, "GT": left > right, "GTE": left >= right}.get(operator, False)
+
+
+async def _json(request: web.Request, default: Any = None) -> Any:
+    raw = await request.read()
+    if not raw:
+        return {} if default is None else default
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(
+            body=orjson.dumps(_error("VALIDATION_ERROR", "Invalid input JSON")), content_type="application/json"
+        ) from None

@@ -1,0 +1,225 @@
+"""The HubSpot emulator against hubspot-api-client (unchanged, host pointed here) and plain HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from hubspot import HubSpot
+from hubspot.crm.contacts import BatchInputSimplePublicObjectBatchInputUpsert, PublicObjectSearchRequest
+from hubspot.crm.contacts.exceptions import ApiException
+from hubspot.crm.lists import ListCreateRequest
+
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+
+TOKEN = "pat-local-hubspot"
+
+
+def _client(emulator: HubSpotEmulator, token: str = TOKEN) -> HubSpot:
+    return HubSpot(access_token=token, host=emulator.base_url)
+
+
+async def _post(emulator, path, body, token=TOKEN):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(emulator.base_url + path, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+            body = await r.read()
+            return r.status, dict(r.headers), (orjson.loads(body) if r.content_type == "application/json" else body)
+
+
+def _upsert_inputs(n, start=0):
+    return [
+        {
+            "idProperty": "email",
+            "id": f"p{i}@example.com",
+            "properties": {"firstname": f"P{i}", "cdp_churn_risk": "0.9"},
+        }
+        for i in range(start, start + n)
+    ]
+
+
+async def test_official_client_upserts_by_email_without_duplicates_and_reads_back():
+    async with HubSpotEmulator() as hs:
+        client = _client(hs)
+        batch = BatchInputSimplePublicObjectBatchInputUpsert(inputs=_upsert_inputs(3))
+        first = await asyncio.to_thread(client.crm.contacts.batch_api.upsert, batch)
+        assert [r.new for r in first.results] == [True, True, True]
+        again = await asyncio.to_thread(client.crm.contacts.batch_api.upsert, batch)
+        assert [r.new for r in again.results] == [False, False, False]
+        assert {r.id for r in again.results} == {r.id for r in first.results}
+        assert len(hs.records("contacts")) == 3
+        search = PublicObjectSearchRequest(
+            filter_groups=[{"filters": [{"propertyName": "email", "operator": "EQ", "value": "p1@example.com"}]}],
+            properties=["firstname", "email"],
+        )
+        found = await asyncio.to_thread(client.crm.contacts.search_api.do_search, search)
+        assert found.total == 1 and found.results[0].properties["firstname"] == "P1"
+
+
+async def test_official_client_sees_a_bad_token_as_401():
+    async with HubSpotEmulator() as hs:
+        client = _client(hs, token="pat-wrong")
+        with pytest.raises(ApiException) as caught:
+            await asyncio.to_thread(client.crm.contacts.basic_api.get_page)
+        assert caught.value.status == 401
+        assert "INVALID_AUTHENTICATION" in caught.value.body
+
+
+async def test_official_client_manages_list_membership():
+    async with HubSpotEmulator() as hs:
+        client = _client(hs)
+        ids = [
+            r["id"]
+            for r in (await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(2)}))[2][
+                "results"
+            ]
+        ]
+        created = await asyncio.to_thread(
+            client.crm.lists.lists_api.create,
+            ListCreateRequest(name="high value", object_type_id="0-1", processing_type="MANUAL"),
+        )
+        list_id = created.list.list_id
+        added = await asyncio.to_thread(client.crm.lists.memberships_api.add, list_id, [*ids, "999999"])
+        assert added.records_ids_added == ids and added.record_ids_missing == ["999999"]
+        removed = await asyncio.to_thread(client.crm.lists.memberships_api.remove, list_id, [ids[0]])
+        assert removed.record_ids_removed == [ids[0]]
+        assert hs.members(list_id) == [ids[1]]
+
+
+async def test_batch_of_more_than_100_inputs_is_refused_whole():
+    async with HubSpotEmulator() as hs:
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(101)})
+        assert status == 400 and body["category"] == "VALIDATION_ERROR"
+        assert hs.records("contacts") == []
+
+
+async def test_unknown_property_fails_the_batch_naming_the_property():
+    async with HubSpotEmulator() as hs:
+        inputs = [{"idProperty": "email", "id": "a@example.com", "properties": {"favourite_colour": "blue"}}]
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": inputs})
+        assert status == 400 and "PROPERTY_DOESNT_EXIST" in body["message"] and "favourite_colour" in body["message"]
+
+
+async def test_rejected_records_come_back_as_207_errors_while_the_rest_is_written():
+    async with HubSpotEmulator() as hs:
+        hs.faults.reject(lambda obj, record: record.get("email") == "p1@example.com", message="blocked domain")
+        inputs = [*_upsert_inputs(3), {"idProperty": "email", "id": "not-an-email", "properties": {}}]
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": inputs})
+        assert status == 207 and body["numErrors"] == 2
+        assert sorted(e["context"]["ids"][0] for e in body["errors"]) == ["not-an-email", "p1@example.com"]
+        assert sorted(r["properties"]["email"] for r in hs.records("contacts")) == ["p0@example.com", "p2@example.com"]
+
+
+async def test_burst_window_throttles_with_policy_name_and_recovers_when_the_window_rolls():
+    async with HubSpotEmulator(burst_limit=5) as hs:
+        for i in range(5):
+            status, headers, _ = await _post(hs, "/crm/v3/objects/contacts/search", {"limit": 1})
+            assert status == 200
+            assert headers["X-HubSpot-RateLimit-Remaining"] == str(4 - i)
+            assert headers["X-HubSpot-RateLimit-Max"] == "5"
+            assert headers["X-HubSpot-RateLimit-Interval-Milliseconds"] == "10000"
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert status == 429 and body["policyName"] == "TEN_SECONDLY_ROLLING" and body["errorType"] == "RATE_LIMIT"
+        assert hs.records("contacts") == []
+        assert hs.budget()["over_budget"] == 1
+        hs.clock.advance(10.01)
+        status, _, _ = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert status == 200
+
+
+async def test_daily_limit_throttles_with_daily_policy_until_the_next_day():
+    async with HubSpotEmulator(daily_limit=2) as hs:
+        for _ in range(2):
+            status, headers, _ = await _post(hs, "/crm/v3/objects/contacts/search", {})
+        assert headers["X-HubSpot-RateLimit-Daily-Remaining"] == "0"
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/search", {})
+        assert status == 429 and body["policyName"] == "DAILY"
+        hs.clock.advance(86400)
+        status, _, _ = await _post(hs, "/crm/v3/objects/contacts/search", {})
+        assert status == 200
+
+
+async def test_injected_faults_429_5xx_and_timeout_change_nothing():
+    async with HubSpotEmulator() as hs:
+        hs.faults.throttle_next(1)
+        hs.faults.fail_next(1, status=502)
+        hs.faults.timeout_next(1, seconds=0.05)
+        statuses = [
+            (await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)}))[0]
+            for _ in range(3)
+        ]
+        assert statuses == [429, 502, 504]
+        assert hs.records("contacts") == []
+        status, _, _ = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert status == 200 and len(hs.records("contacts")) == 1
+
+
+async def test_dropped_connection_after_commit_keeps_the_write_and_a_retry_does_not_duplicate():
+    async with HubSpotEmulator() as hs:
+        hs.faults.drop_after_commit_next(1)
+        with pytest.raises(aiohttp.ClientError):
+            await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert len(hs.records("contacts")) == 1
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert status == 200 and body["results"][0]["new"] is False
+        assert len(hs.records("contacts")) == 1
+
+
+async def test_user_edits_reach_the_webhook_signed_v3():
+    received: list[tuple[dict, bytes, list]] = []
+    secret = "app-secret"
+
+    async def hook(request: web.Request) -> web.Response:
+        body = await request.read()
+        received.append((dict(request.headers), body, await request.json()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hubspot", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hubspot"
+    try:
+        async with HubSpotEmulator(webhook_url=url, client_secret=secret) as hs:
+            contact = hs.user_create("contacts", {"email": "a@example.com"})
+            ticket = hs.user_create("tickets", {"subject": "Refund please", "hs_pipeline_stage": "1"})
+            hs.user_update("contacts", contact["id"], {"lifecyclestage": "customer"})
+            await hs.drain_webhooks()
+    finally:
+        await runner.cleanup()
+    events = [event for _, _, batch in received for event in batch]
+    assert {(e["subscriptionType"], e["objectId"]) for e in events} == {
+        ("contact.creation", int(contact["id"])),
+        ("ticket.creation", int(ticket["id"])),
+        ("contact.propertyChange", int(contact["id"])),
+    }
+    for headers, body, _ in received:
+        expected = hmac.new(
+            secret.encode(),
+            b"POST" + url.encode() + body + headers["X-HubSpot-Request-Timestamp"].encode(),
+            hashlib.sha256,
+        )
+        assert headers["X-HubSpot-Signature-v3"] == base64.b64encode(expected.digest()).decode()
+
+
+async def test_inspection_over_http_and_snapshot_survive_a_restart(tmp_path):
+    snapshot = tmp_path / "hubspot.json"
+    async with HubSpotEmulator(snapshot=snapshot) as hs:
+        await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(2)})
+        async with aiohttp.ClientSession() as session:
+            async with session.get(hs.base_url + "/_emulator/records/contacts") as r:
+                assert len(await r.json()) == 2
+            async with session.get(hs.base_url + "/_emulator/budget") as r:
+                assert (await r.json())["daily_used"] == 1
+    async with HubSpotEmulator(snapshot=snapshot) as hs:
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(3)})
+        assert status == 200
+        assert [r["new"] for r in body["results"]] == [False, False, True]
+        assert len({r["id"] for r in hs.records("contacts")}) == 3
