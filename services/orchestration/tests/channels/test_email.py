@@ -196,6 +196,17 @@ def test_settings_name_each_bad_variable():
     message = str(raised.value)
     assert "CDP_SMTP_USERNAME and CDP_SMTP_PASSWORD must be set together" in message
     assert "CDP_SMTP_FROM='nobody' is invalid" in message
+    with pytest.raises(SettingsError, match="would send the password in clear text"):
+        load_settings(
+            SmtpSettings,
+            {
+                "CDP_SMTP_HOST": "smtp",
+                "CDP_SMTP_SECURITY": "none",
+                "CDP_SMTP_USERNAME": "shop",
+                "CDP_SMTP_PASSWORD": "pw",
+                "CDP_SMTP_FROM": "a@b.c",
+            },
+        )
 
 
 async def test_implicit_tls_as_on_port_465(tmp_path):

@@ -104,10 +104,13 @@ async def test_a_receiver_that_never_recovers_fails_the_action_retryably_after_m
     waits = Waits()
     async with LocalWebhookReceiver(secret=SECRET) as receiver:
         receiver.fail_next(10, status=500)
-        async with WebhookChannel(settings(CDP_WEBHOOK_MAX_ATTEMPTS="3"), sleep=waits) as channel:
+        environ = {"CDP_WEBHOOK_MAX_ATTEMPTS": "6", "CDP_WEBHOOK_BACKOFF_MAX": "1"}
+        async with WebhookChannel(settings(**environ), sleep=waits) as channel:
             outcome = await channel.send(hook(receiver.url()))
         assert (outcome.status, outcome.reason, outcome.retryable) == ("failed", "http_500", True)
-        assert receiver.attempts == 3
+        assert receiver.attempts == 6
+        # The backoff grows past CDP_WEBHOOK_BACKOFF_MAX: it is capped there, the retries go on.
+        assert len(waits.seconds) == 5 and max(waits.seconds) <= 1
 
 
 async def test_a_timeout_is_retried():

@@ -56,6 +56,11 @@ class SmtpSettings:
         problems = [p for p in (_positive("CDP_SMTP_TIMEOUT", self.timeout),) if p]
         if (self.username is None) != (self.password is None):
             problems.append("CDP_SMTP_USERNAME and CDP_SMTP_PASSWORD must be set together")
+        if self.username is not None and self.security == "none":
+            problems.append(
+                "CDP_SMTP_USERNAME with CDP_SMTP_SECURITY=none would send the password in clear text; "
+                "use starttls or tls"
+            )
         if not 0 < self.port < 65536:
             problems.append(f"CDP_SMTP_PORT={self.port} is invalid: must be 1-65535")
         if "@" not in self.sender:

@@ -17,9 +17,9 @@ connector all accept.
 A URL can come from a profile trait, so CDP_WEBHOOK_ALLOWED_HOSTS limits the hosts a webhook may reach
 (an action naming another host is rejected with ``host_not_allowed`` and nothing is sent).
 
-Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2**(n-1)`` seconds with
-full jitter, or after the Retry-After the receiver sent, up to CDP_WEBHOOK_MAX_ATTEMPTS attempts. A wait
-longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here: the action fails retryable with `retry_after`, so
+Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2**(n-1)`` seconds (at
+most CDP_WEBHOOK_BACKOFF_MAX) with full jitter, or after the Retry-After the receiver sent, up to
+CDP_WEBHOOK_MAX_ATTEMPTS attempts. A Retry-After longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here: the action fails retryable with `retry_after`, so
 the service re-schedules it rather than holding a worker. 404 and 410 (Slack's ``channel_not_found``,
 ``channel_is_archived``) reject the address; any other 4xx fails for good.
 """
@@ -139,9 +139,9 @@ class WebhookChannel(Channel):
                 break
             wait = outcome.retry_after
             if wait is None:
-                wait = random.uniform(0, s.backoff_base * 2 ** (attempt - 1))
-            if wait > s.backoff_max:
-                break  # the caller re-schedules: outcome.retry_after says when
+                wait = random.uniform(0, min(s.backoff_max, s.backoff_base * 2 ** (attempt - 1)))
+            elif wait > s.backoff_max:
+                break  # the receiver asked for a long pause: the caller re-schedules (outcome.retry_after)
             log.info("webhook retry", extra=log_fields(action, reason=outcome.reason, attempt=attempt, wait=wait))
             await self._sleep(wait)
         return outcome
