@@ -55,8 +55,8 @@ async def test_mark_read_counts_what_was_unread_and_guards_other_peoples_message
     for action_id in ("a1", "a2"):
         await inbox.send(note(action_id))
     await inbox.send(note("b1", person_id="person-2"))
-    assert await inbox.mark_read("person-1", ["a1"]) == 1
-    assert await inbox.mark_read("person-1", ["a1", "a2"]) == 1
+    assert await inbox.mark_read("person-1", ["a1"]) == ["a1"]
+    assert await inbox.mark_read("person-1", ["a1", "a2"]) == ["a2"]
     unread, _ = await inbox.list("person-1", unread_only=True)
     assert unread == []
     with pytest.raises(NotFound) as raised:
@@ -103,3 +103,17 @@ async def test_bad_person_ids_name_the_field(inbox):
         await inbox.list("person/1")
     outcome = await inbox.send(note("a1", person_id="p/1"))
     assert (outcome.status, outcome.reason, outcome.retryable) == ("failed", "invalid_person_id", False)
+
+
+async def test_a_privacy_deletion_empties_the_inbox_and_ends_subscriptions(inbox):
+    subscription = inbox.subscribe("person-1")
+    for action_id in ("a1", "a2"):
+        await inbox.send(note(action_id))
+    await inbox.send(note("b1", person_id="person-2"))
+    assert await inbox.forget("person-1") == 2
+    assert (await inbox.list("person-1"))[0] == []
+    assert [m.message_id for m in (await inbox.list("person-2"))[0]] == ["b1"]
+    assert [m.message_id async for m in subscription] == ["a1", "a2"]  # what was queued, then the end
+    # The action ids are free again: a later action with the same id is not mistaken for a duplicate.
+    await inbox.send(note("a1"))
+    assert [m.message_id for m in (await inbox.list("person-1"))[0]] == ["a1"]

@@ -26,7 +26,7 @@ gave one) and what the journey attached (journey id, node id, category):
 | ``Message Delivered`` | the provider confirmed delivery (Twilio ``delivered``)                         |
 | ``Message Bounced``   | the address refused it for good (SMTP 5xx on the recipient, an RFC 3464 bounce, Twilio ``undelivered`` or 21211/21610/…, FCM UNREGISTERED, push 404/410, webhook 404/410) |
 | ``Message Failed``    | it could not be sent and will not be retried (bad credentials, a message the provider refuses, retries exhausted, Twilio ``failed``) |
-| ``Message Opened``    | the person opened it (Twilio ``read``; opens recorded by the app or a tracking pixel) |
+| ``Message Opened``    | the person opened it (Twilio ``read``, an in-app message marked read; opens recorded by the app or a tracking pixel) |
 | ``Message Clicked``   | the person followed its link (one event per link: ``occurrence``)              |
 | ``Message Converted`` | the journey's goal was reached after it                                        |
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_kit.errors import CdpError, InvalidArgument, NotFound
-from cdp_kit.storage import DuplicateValue, Store, VersionConflict
+from cdp_kit.storage import Delete, DuplicateValue, Store, VersionConflict
 from cdp_orchestration.channels.base import Action, Channel, Outcome
 
 COLLECTION = "inbox"
@@ -167,11 +167,12 @@ class InboxChannel(Channel):
             messages = [m for m in messages if m.read_at_ms is None]
         return messages, page.next_cursor
 
-    async def mark_read(self, person_id: str, message_ids: list[str]) -> int:
-        """Mark these messages read; returns how many were unread. An id that is not in this person's
+    async def mark_read(self, person_id: str, message_ids: list[str]) -> list[str]:
+        """Mark these messages read; returns the ids that were unread until now (each is an ``opened``
+        outcome: `outcomes.Feedback(message_id, "opened", "inapp")`). An id that is not in this person's
         inbox raises NotFound (naming no id: ids of other people's messages are not to be probed)."""
         _check_person(person_id)
-        marked = 0
+        marked: list[str] = []
         now_ms = int(self._clock() * 1000)
         for message_id in dict.fromkeys(message_ids):
             found = await self._store.find(COLLECTION, "action_id", message_id, limit=1) if message_id else []
@@ -183,13 +184,24 @@ class InboxChannel(Channel):
                     await self._store.put(
                         COLLECTION, record.key, {**record.doc, "read_at_ms": now_ms}, expected_version=record.version
                     )
-                    marked += 1
+                    marked.append(message_id)
                     break
                 except VersionConflict:
                     record = await self._store.get(COLLECTION, record.key)  # type: ignore[assignment]
                     if record is None:
                         break
         return marked
+
+    async def forget(self, person_id: str) -> int:
+        """Delete the person's whole inbox (a privacy deletion) and end their subscriptions; returns how
+        many messages were deleted."""
+        _check_person(person_id)
+        keys = [record.key async for record in self._store.scan_all(COLLECTION, prefix=f"{person_id}/")]
+        for start in range(0, len(keys), 500):
+            await self._store.bulk_write([Delete(COLLECTION, key) for key in keys[start : start + 500]])
+        for subscription in list(self._subscribers.get(person_id, ())):
+            subscription.close()
+        return len(keys)
 
     def subscribe(self, person_id: str) -> Subscription:
         _check_person(person_id)
