@@ -13,11 +13,15 @@ import asyncio
 import time
 from contextlib import AsyncExitStack
 
+import pytest
+
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, partition_for, profiles_stream, scores_stream
+from cdp_kit.errors import Unavailable
 from cdp_kit.storage import open_store
 from cdp_profile.domain import ComputedTrait, Retention
 from cdp_profile.engine import ProfileEngine
+from cdp_profile.routing import FORWARDED, Router, holder_address
 from cdp_profile.stream import partitioned_engines
 
 DAY = 86_400.0
@@ -114,3 +118,35 @@ async def test_a_partition_moves_with_its_profiles_and_comes_back_onto_the_store
         assert [e.event_id for e in a.profiles["p1"].timeline()] == ["t:o1", "t:o2", "t:o3"]
         assert a.epoch == 0, "a stale copy made a write fail and the whole cache was rebuilt"
         await a.stop_partition(0)
+
+
+class Call:
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self.metadata = metadata
+
+    def invocation_metadata(self):
+        return self.metadata
+
+
+def test_with_leases_a_request_goes_to_the_pod_holding_the_persons_partition():
+    holders = {p: f"cdp-profile-{p % 2}" for p in range(8)}
+    router = Router(
+        partitions=8,
+        ordinal=0,
+        replicas=1,
+        addresses=[],
+        channel=lambda address: None,
+        holder=holders.get,
+        me="cdp-profile-0",
+        address_of=lambda holder: holder_address(holder, 50053),
+    )
+    persons = [f"person-{n}" for n in range(40)]
+    for person in persons:
+        mine = partition_for(person, 8) % 2 == 0
+        assert router.owner(person) == (None if mine else "cdp-profile-1.cdp-profile-headless:50053")
+    # While a partition moves nobody holds it: the replica asked answers (from the store) itself.
+    holders.clear()
+    assert {router.owner(person) for person in persons} == {None}
+    # A request forwarded on an older holder's word reaches a replica that no longer holds it: retry.
+    with pytest.raises(Unavailable, match="moving"):
+        router.stub("cdp-profile-1.cdp-profile-headless:50053", Call((FORWARDED, "1")))

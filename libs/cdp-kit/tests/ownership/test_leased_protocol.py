@@ -90,3 +90,26 @@ async def test_a_pod_restarted_under_its_name_takes_its_leases_back_at_once():
     # identity-1 is live, so identity-0 keeps only its share, taken back without waiting 60 s.
     assert again.owned() == owned_by(4, ["identity-0", "identity-1"], "identity-0")
     await asyncio.gather(another.stop(), again.stop())
+
+
+async def test_each_member_knows_who_holds_a_partition_so_a_request_can_be_forwarded_there():
+    store, now = MemoryStore(), [0.0]
+    first = LeasedOwnership(store, partitions=4, identity="identity-0", ttl=60, clock=lambda: now[0])
+    second = LeasedOwnership(store, partitions=4, identity="identity-1", ttl=60, clock=lambda: now[0])
+    await first.start()
+    await second.start()
+    await first._round()  # sees identity-1 and hands over its share
+    await asyncio.sleep(0.05)
+    await second._round()
+    await first._round()
+    assert first.owned() | second.owned() == {0, 1, 2, 3} and second.owned()
+    for p in range(4):
+        holder = "identity-0" if p in first.owned() else "identity-1"
+        assert first.holder(p) == second.holder(p) == holder
+    # A dead member's lease names nobody once it has expired: no request goes to a pod that is gone.
+    gone = second.owned()
+    second._task.cancel()
+    now[0] += 61
+    await first._round()
+    assert {first.holder(p) for p in gone} <= {None, "identity-0"}
+    await first.stop()

@@ -34,7 +34,7 @@ from cdp_profile import SERVICE
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
-from cdp_profile.routing import Router, peer_addresses
+from cdp_profile.routing import Router, holder_address, peer_addresses
 from cdp_profile.settings import ProfileSettings
 from cdp_profile.stream import partitioned_engines
 
@@ -95,21 +95,33 @@ async def setup(runtime: ServiceRuntime) -> None:
     runners.append(identity_runner)
     identity_channel = client_channel(settings, settings.identity_address)
     runtime.stack.push_async_callback(identity_channel.close)
-    # Forwarding finds the owner by ordinal, which only static ownership fixes; with leases a replica
-    # answers reads itself (from the store for persons it does not own) and refuses writes it does not own.
-    replicas = settings.replicas if static else 1
-    router = Router(
-        partitions=settings.partitions,
-        ordinal=settings.pod_ordinal if static else 0,
-        replicas=replicas,
-        addresses=peer_addresses(
-            peers=settings.peers if static else "",
-            pod_name=settings.pod_name,
-            replicas=replicas,
-            grpc_port=settings.grpc_port,
-        ),
-        channel=lambda address: client_channel(settings, address),
-    )
+    if static:
+        router = Router(
+            partitions=settings.partitions,
+            ordinal=settings.pod_ordinal,
+            replicas=settings.replicas,
+            addresses=peer_addresses(
+                peers=settings.peers,
+                pod_name=settings.pod_name,
+                replicas=settings.replicas,
+                grpc_port=settings.grpc_port,
+            ),
+            channel=lambda address: client_channel(settings, address),
+        )
+    else:
+        # Leases: a request goes to the pod holding the person's partition. Kubernetes names holders
+        # after their pods, which the headless Service resolves; NATS leases (local runs) forward nothing.
+        kubernetes = settings.ownership == "kubernetes"
+        router = Router(
+            partitions=settings.partitions,
+            ordinal=0,
+            replicas=1,
+            addresses=[],
+            channel=lambda address: client_channel(settings, address),
+            holder=ownership.holder,
+            me=ownership.identity,
+            address_of=(lambda holder: holder_address(holder, settings.grpc_port)) if kubernetes else None,
+        )
     runtime.stack.push_async_callback(router.close)
     runtime.parts.update(
         bus=bus, store=store, engine=engine, streams=streams, ownership=ownership, runners=runners, router=router

@@ -38,6 +38,11 @@ class Ownership(abc.ABC):
     @abc.abstractmethod
     def changes(self) -> AsyncIterator[frozenset[int]]: ...
 
+    def holder(self, partition: int) -> str | None:
+        """Who works on `partition` as far as this member knows (for forwarding a request to it), or
+        None: unknown, moving, or an ownership without holders (static: the ordinal split says it)."""
+        return None
+
 
 class StaticOwnership(Ownership):
     """Replica `ordinal` of `replicas` owns p where p % replicas == ordinal, for its whole life.

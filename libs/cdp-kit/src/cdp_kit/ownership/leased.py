@@ -130,6 +130,7 @@ class LeasedOwnership(Ownership):
         self._observed = _Observed(clock)
         self._held: dict[int, Lease] = {}  # leases this member holds, releasing ones included
         self._owned: set[int] = set()  # held, acquired (on_acquire called) and not being released
+        self._holders: dict[int, str] = {}  # others' live leases as of the last round (see `holder`)
         self._releasing: set[int] = set()
         self._callbacks: dict[int, asyncio.Task[None]] = {}  # per partition: the last callback chain
         self._renewed_at: float | None = None  # clock at the start of the last round that renewed all
@@ -176,6 +177,15 @@ class LeasedOwnership(Ownership):
 
     def owned(self) -> frozenset[int]:
         return frozenset(self._owned)
+
+    def holder(self, partition: int) -> str | None:
+        """This member while it owns `partition`; else the other member whose lease on it was live at
+        the last round (at most `interval` old); None while it is free, expired or being released."""
+        if partition in self._owned:
+            return self.identity
+        if partition in self._held:
+            return None  # releasing: neither here nor there yet
+        return self._holders.get(partition)
 
     async def changes(self) -> AsyncIterator[frozenset[int]]:
         queue: asyncio.Queue[frozenset[int]] = asyncio.Queue()
@@ -228,6 +238,11 @@ class LeasedOwnership(Ownership):
         # are free one TTL after it stopped renewing, not one TTL after someone became assigned them.
         age = {p: self._observed.age(("lease", p), lease.revision) for p, lease in leases.items()}
         self._observed.forget_missing({("member", m) for m in records} | {("lease", p) for p in leases})
+        self._holders = {
+            p: lease.holder
+            for p, lease in leases.items()
+            if lease.holder and lease.holder != self.identity and age[p] < self.ttl
+        }
 
         # Leases this member believes it holds but the store says otherwise were lost (taken after
         # an expiry this member did not notice): stop working on them at once.
