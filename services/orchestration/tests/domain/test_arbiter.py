@@ -148,6 +148,8 @@ def test_quiet_hours_defer_to_the_next_allowed_instant_in_the_persons_zone() -> 
     for now, until in ((local(4, 2), local(4, 8)), (local(4, 22), local(5, 8)), (local(4, 21), local(5, 8))):
         decision = only(decide(STATE, action(at=now), VIEW, r, now))
         assert (decision.kind, decision.until) == (Kind.DEFERRED, until)
+    assert decision.reason == "deferred until 2026-12-05 08:00 Europe/Berlin (quiet hours)"
+    assert (decision.instance_id, decision.person_id, decision.category) == ("i1", "p1", "reminder")
     assert only(decide(STATE, action(at=local(4, 8)), VIEW, r, local(4, 8))).kind is Kind.SENT
     assert only(decide(STATE, action(channel="push"), VIEW, r, local(4, 2))).kind is Kind.SENT  # not a quiet channel
     assert only(decide(STATE, action(category="transactional"), VIEW, r, local(4, 2))).kind is Kind.SENT

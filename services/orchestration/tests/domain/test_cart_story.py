@@ -48,7 +48,7 @@ CART = {
     "priority": 50,
     "entry": {"event": "Cart Abandoned", "where": "properties.total > 0"},
     "reentry": {"cooldown": "1d"},
-    "exit": [{"event": "Order Completed"}],
+    "exit": [{"id": "purchased", "event": "Order Completed"}],
     "goal": {"event": "Order Completed", "within": "3d"},
     "nodes": [
         {
@@ -197,7 +197,13 @@ def test_cart_abandoned_at_2am_is_deferred_to_8am_not_dropped() -> None:
     assert w.kinds("abandoned-cart") == ["deferred", "sent"]
     assert w.sent == [(at(4, 8), {"subject": "Ada, your cart is waiting", "body": "Come back"})]
     (instance,) = w.instances.values()
-    assert instance.end_reason == "completed at exit step done"
+    assert instance.end_reason == "completed"
+    # Its trail: the reminder proposed at 02:00, sent at 08:00 (a deferral is not an outcome), then the exit.
+    assert [(step.node_id, step.at, step.outcome) for step in instance.steps] == [
+        ("remind", at(4, 2), f"action:{deferral.action_id}"),
+        ("remind", at(4, 8), "sent"),
+        ("done", at(4, 8), "exit"),
+    ]
 
 
 def test_purchase_three_hours_later_exits_at_once_and_withdraws_the_pending_reminder() -> None:
@@ -207,7 +213,7 @@ def test_purchase_three_hours_later_exits_at_once_and_withdraws_the_pending_remi
     (instance,) = w.instances.values()
     # The instance ended on the purchase itself, not at the end of a step.
     assert instance.ended_at == at(4, 5)
-    assert instance.end_reason == "exit rule 0: event Order Completed"
+    assert instance.end_reason == "exit_rule:purchased"
     assert instance.converted_at == at(4, 5)
     assert w.kinds("abandoned-cart") == ["deferred", "withdrawn"]
     assert w.arbiter.deferred == ()

@@ -23,6 +23,7 @@ from cdp_orchestration.domain.instance import (
     RecordGoal,
     ScheduleTimer,
     Status,
+    Step,
     TimerFired,
     WithdrawAction,
     admit,
@@ -54,6 +55,13 @@ def event(name: str, at: float, **properties: object) -> Event:
 
 def start(j, view: PersonView = VIEW, now: float = T0, person: str = "p1", trigger: str = "e1"):
     return step(new_instance(j, person, trigger), j, Enter(), view, now)
+
+
+def exit_step(instance) -> str | None:
+    """The exit step an instance ended at (from its trail), None when it ended otherwise."""
+    assert instance.status is Status.ENDED
+    last = instance.steps[-1] if instance.steps else None
+    return last.node_id if last is not None and last.outcome == "exit" and instance.end_reason == "completed" else None
 
 
 def of(commands, kind):
@@ -116,7 +124,7 @@ def test_wait_for_an_event_moves_on_when_it_comes_and_cancels_its_timeout() -> N
     assert commands == [] and instance.node == "w"  # the filter needs properties.sku
     instance, commands = step(instance, j, EventArrived(event("Viewed", T0 + 6, sku="x")), VIEW, T0 + 6)
     assert commands[0] == CancelTimer(timeout.timer_id)
-    assert instance.end_reason == "completed at exit step yes"
+    assert exit_step(instance) == "yes"
     # The cancelled timeout firing anyway (already in flight) changes nothing.
     again, commands = step(instance, j, TimerFired(timeout.timer_id), VIEW, T0 + 2 * 86400)
     assert again == instance and commands == []
@@ -139,7 +147,7 @@ def test_wait_times_out_to_its_timeout_branch() -> None:
     )
     instance, commands = start(j)
     instance, _ = step(instance, j, TimerFired(of(commands, ScheduleTimer)[0].timer_id), VIEW, T0 + 86400)
-    assert instance.end_reason == "completed at exit step no"
+    assert exit_step(instance) == "no"
 
 
 def test_wait_for_a_condition_moves_on_when_the_profile_changes_or_at_once_if_it_holds() -> None:
@@ -152,7 +160,7 @@ def test_wait_for_a_condition_moves_on_when_the_profile_changes_or_at_once_if_it
     instance, _ = start(j)
     pro = PersonView("p1", {"traits.plan": "pro"})
     instance, commands = step(instance, j, ProfileChanged(), pro, T0 + 10)
-    assert isinstance(commands[0], CancelTimer) and instance.end_reason == "completed at exit step yes"
+    assert isinstance(commands[0], CancelTimer) and exit_step(instance) == "yes"
     instance, commands = start(j, view=pro)
     assert of(commands, ScheduleTimer) == [] and instance.status is Status.ENDED
 
@@ -177,8 +185,8 @@ def test_branch_takes_the_first_condition_that_holds_else_the_else() -> None:
     ends = {}
     for risk in (0.9, 0.6, 0.1):
         instance, _ = start(j, view=PersonView("p1", {"scores.churn_risk": risk}))
-        ends[risk] = instance.end_reason
-    assert ends == {0.9: "completed at exit step a", 0.6: "completed at exit step b2", 0.1: "completed at exit step c"}
+        ends[risk] = (instance.steps[0].outcome, exit_step(instance))
+    assert ends == {0.9: ("branch:0", "a"), 0.6: ("branch:1", "b2"), 0.1: ("branch:else", "c")}
 
 
 def test_an_exit_event_ends_the_instance_at_once_cancelling_timers_and_withdrawing_actions() -> None:
@@ -195,7 +203,7 @@ def test_an_exit_event_ends_the_instance_at_once_cancelling_timers_and_withdrawi
     instance, commands = step(instance, j, EventArrived(event("Order Completed", T0 + 1, total=5)), VIEW, T0 + 1)
     assert commands == []
     instance, commands = step(instance, j, EventArrived(event("Order Completed", T0 + 2, total=50)), VIEW, T0 + 2)
-    assert commands == [WithdrawAction(action, "p1"), End(instance.id, "exit rule 1: event Order Completed", T0 + 2)]
+    assert commands == [WithdrawAction(action, "p1"), End(instance.id, "exit_rule:1", T0 + 2)]
     assert instance.status is Status.ENDED and instance.pending == ()
     # An instance at a delay: the timer is cancelled.
     instance, commands = start(j)
@@ -215,10 +223,10 @@ def test_a_profile_condition_exit_acts_on_any_stimulus_including_entry() -> None
     )
     refused = PersonView("p1", {"consent.purpose:Marketing": False})
     instance, commands = start(j, view=refused)
-    assert commands == [End(instance.id, "exit rule 0: condition met", T0)]
+    assert commands == [End(instance.id, "exit_rule:0", T0)]
     instance, commands = start(j)
     instance, commands = step(instance, j, ProfileChanged(), refused, T0 + 5)
-    assert isinstance(commands[0], CancelTimer) and instance.end_reason == "exit rule 0: condition met"
+    assert isinstance(commands[0], CancelTimer) and instance.end_reason == "exit_rule:0"
 
 
 def test_goal_is_recorded_once_with_the_variants_and_watched_after_the_instance_ends() -> None:
@@ -250,7 +258,7 @@ def test_goal_with_exit_ends_the_instance_after_recording_the_conversion() -> No
     instance, _ = start(j)
     instance, commands = step(instance, j, EventArrived(event("Paid", T0 + 5)), VIEW, T0 + 5)
     assert [type(c) for c in commands] == [RecordGoal, CancelTimer, End]
-    assert instance.end_reason == "goal reached"
+    assert instance.end_reason == "goal"
 
 
 @settings(max_examples=200, deadline=None)
@@ -372,7 +380,7 @@ def test_migration_moves_instances_by_node_id_and_leaves_the_rest_on_their_versi
     assert moved is not None and moved.version == 2 and moved.timers == at_d.timers
     # The timer set under v1 fires into v2's graph.
     moved, _ = step(moved, v2, TimerFired(at_d.timers[0].id), VIEW, T0 + 86400)
-    assert moved.end_reason == "completed at exit step new"
+    assert exit_step(moved) == "new"
     at_old, _ = step(at_d, v1, TimerFired(at_d.timers[0].id), VIEW, T0 + 86400)
     assert migrate(at_old, v2, plan) is None
     with pytest.raises(ValueError):
@@ -391,7 +399,7 @@ def test_a_wait_on_a_condition_that_time_makes_true_moves_on_at_that_time() -> N
     timeout, recheck = of(commands, ScheduleTimer)
     assert timeout.at == T0 + 30 * 86400 and T0 + 100 <= recheck.at <= T0 + 101
     instance, commands = step(instance, j, TimerFired(recheck.timer_id), trial, recheck.at)
-    assert commands[0] == CancelTimer(timeout.timer_id) and instance.end_reason == "completed at exit step yes"
+    assert commands[0] == CancelTimer(timeout.timer_id) and exit_step(instance) == "yes"
 
 
 def test_an_exit_condition_that_time_makes_true_ends_the_instance_then() -> None:
@@ -403,7 +411,7 @@ def test_an_exit_condition_that_time_makes_true_ends_the_instance_then() -> None
     instance, commands = step(instance, j, ProfileChanged(), person, T0 + 60)
     assert commands == []
     instance, commands = step(instance, j, TimerFired(recheck.timer_id), person, recheck.at)
-    assert commands == [CancelTimer(delay.timer_id), End(instance.id, "exit rule 0: condition met", recheck.at)]
+    assert commands == [CancelTimer(delay.timer_id), End(instance.id, "exit_rule:0", recheck.at)]
     # When the contract is extended, the recheck moves with it.
     instance, _ = start(j, view=person)
     later = PersonView("p1", {"traits.contract_ends": T0 + 7200})
@@ -427,5 +435,14 @@ def test_an_event_condition_answered_from_the_views_recent_events() -> None:
     )
     recent = PersonView("p1", {}, events=(event("Support Ticket Opened", T0 - 3600),))
     old = PersonView("p1", {}, events=(event("Support Ticket Opened", T0 - 2 * 86400),))
-    assert start(j, view=recent)[0].end_reason == "completed at exit step x"
-    assert start(j, view=old)[0].end_reason == "completed at exit step y"
+    assert exit_step(start(j, view=recent)[0]) == "x"
+    assert exit_step(start(j, view=old)[0]) == "y"
+
+
+def test_entry_properties_come_from_the_entry_event_or_the_enroll_call() -> None:
+    j = journey([{"id": "d", "type": "delay", "duration": "1h"}])
+    by_event, _ = step(new_instance(j, "p1", "e1"), j, Enter(event("Signed Up", T0, plan="pro")), VIEW, T0)
+    assert by_event.entry == {"plan": "pro"}
+    by_api, _ = step(new_instance(j, "p1", "r1"), j, Enter(properties={"coupon": "X1"}), VIEW, T0)
+    assert by_api.entry == {"coupon": "X1"}
+    assert by_api.steps == (Step("d", T0, "entered"),)

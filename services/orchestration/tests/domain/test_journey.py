@@ -83,7 +83,7 @@ CATALOGUE = Catalogue(
 def problems(document: dict, catalogue: Catalogue | None = None) -> list[tuple[str | None, str]]:
     with pytest.raises(JourneyInvalid) as caught:
         parse_journey(document, catalogue)
-    return [(p.node, p.field) for p in caught.value.problems]
+    return [(p.node, p.path) for p in caught.value.problems]
 
 
 def with_nodes(*nodes: dict, **extra: object) -> dict:
@@ -115,6 +115,7 @@ def test_json_and_yaml_forms_read_the_same() -> None:
 
 
 def test_every_problem_is_reported_at_once_with_node_and_field() -> None:
+    # Problems name the node and the field within it (the API's Problem), and the full path.
     document = with_nodes(
         {"id": "a", "type": "action", "channel": "email", "template": {"b": "x"}, "next": "b"},  # no purpose
         {"id": "b", "type": "delay", "duration": "soon", "next": "nowhere"},
@@ -124,13 +125,13 @@ def test_every_problem_is_reported_at_once_with_node_and_field() -> None:
         ("a", "nodes.a.purpose"),
         ("b", "nodes.b.duration"),
         ("b", "nodes.b.next"),
-        ("c", "nodes.c"),
+        ("c", "nodes.c.id"),
     ]
     with pytest.raises(JourneyInvalid) as caught:
         parse_journey(document)
     error = caught.value
     assert isinstance(error, InvalidArgument) and error.field == "nodes.a.purpose"
-    assert "nodes.c: cannot be reached" in error.message and "consent purpose" in error.message
+    assert "nodes.c.id: cannot be reached" in error.message and "consent purpose" in error.message
 
 
 def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None:
@@ -158,7 +159,7 @@ def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None
     ("document", "expected"),
     [
         (with_nodes({"id": "d", "type": "delay", "until": "9am"}), [("d", "nodes.d.until")]),
-        (with_nodes({"id": "d", "type": "delay", "duration": "1h", "until": "09:00"}), [("d", "nodes.d")]),
+        (with_nodes({"id": "d", "type": "delay", "duration": "1h", "until": "09:00"}), [("d", "nodes.d.duration")]),
         (with_nodes({"id": "w", "type": "wait", "event": "X"}), [("w", "nodes.w.timeout")]),
         (
             with_nodes({"id": "w", "type": "wait", "condition": "traits.x >", "timeout": "1d"}),
@@ -194,20 +195,20 @@ def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None
             ),
             [("s", "nodes.s.variants")],
         ),
-        (with_nodes({"id": "x", "type": "exit"}, timezone="Europe/Atlantis"), [(None, "timezone")]),
+        (with_nodes({"id": "x", "type": "exit"}, timezone="Europe/Atlantis"), [("", "timezone")]),
         (
             with_nodes({"id": "x", "type": "exit"}, entry={"schedule": {"cron": "61 * * * *", "segment": "vip"}}),
-            [(None, "entry.schedule.cron")],
+            [("", "entry.schedule.cron")],
         ),
         (
             with_nodes({"id": "x", "type": "exit"}, entry={"event": "X", "where": "properties.total >> 1"}),
-            [(None, "entry.where")],
+            [("", "entry.where")],
         ),
-        (with_nodes({"id": "x", "type": "exit"}, reentry={"cooldown": "0s"}), [(None, "reentry.cooldown")]),
-        (with_nodes({"id": "x", "type": "exit"}, goal={"event": "X"}), [(None, "goal.within")]),
-        (with_nodes({"id": "x", "type": "exit"}, start="y"), [(None, "start")]),
-        (with_nodes({"id": "x", "type": "exit"}, colour="blue"), [(None, "colour")]),
-        ({"id": "j", "nodes": [{"id": "x", "type": "exit"}]}, [(None, "entry")]),
+        (with_nodes({"id": "x", "type": "exit"}, reentry={"cooldown": "0s"}), [("", "reentry.cooldown")]),
+        (with_nodes({"id": "x", "type": "exit"}, goal={"event": "X"}), [("", "goal.within")]),
+        (with_nodes({"id": "x", "type": "exit"}, start="y"), [("", "start")]),
+        (with_nodes({"id": "x", "type": "exit"}, colour="blue"), [("", "colour")]),
+        ({"id": "j", "nodes": [{"id": "x", "type": "exit"}]}, [("", "entry")]),
     ],
 )
 def test_bad_parts_are_named(document: dict, expected: list) -> None:
@@ -233,8 +234,8 @@ def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> 
     }
     catalogue = Catalogue(CATALOGUE.events, CATALOGUE.fields, frozenset({"vip"}), CATALOGUE.purposes)
     assert problems(document, catalogue) == [
-        (None, "entry.event"),
-        (None, "exit[0].condition"),
+        ("", "entry.event"),
+        ("", "exit[0].condition"),
         ("remind", "nodes.remind.purpose"),
         ("remind", "nodes.remind.template"),
         ("w", "nodes.w.condition"),
@@ -344,4 +345,16 @@ def test_any_broken_journey_is_rejected_with_named_problems_never_a_crash(path: 
     try:
         parse_journey(document, CATALOGUE)
     except JourneyInvalid as error:
-        assert error.problems and all(p.field and p.message for p in error.problems)
+        assert error.problems and all(p.path and p.message for p in error.problems)
+
+
+def test_a_problem_names_the_node_and_the_field_within_it() -> None:
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(with_nodes({"id": "wait_purchase", "type": "wait", "event": "X", "timeout": "soon"}))
+    (problem,) = caught.value.problems
+    assert (problem.node, problem.field, problem.path) == ("wait_purchase", "timeout", "nodes.wait_purchase.timeout")
+    assert caught.value.field == "nodes.wait_purchase.timeout"
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey({**with_nodes({"id": "x", "type": "exit"}), "entry": {"event": 5}})
+    (problem,) = caught.value.problems
+    assert (problem.node, problem.field) == ("", "entry.event")

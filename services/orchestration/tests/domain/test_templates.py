@@ -84,3 +84,14 @@ def test_the_sandbox_keeps_templates_away_from_python_internals() -> None:
     template = compile_template({"b": "{{ traits.first_name.__class__.__mro__ }}"}, "t")
     with pytest.raises(MissingField):
         template.render(PERSON)
+
+
+def test_entry_properties_render_as_entry_fields_and_are_named_when_missing() -> None:
+    template = compile_template({"body": "{{ traits.first_name }}: {{ entry.cart_url }}"}, "t")
+    assert (template.fields, template.entry_fields) == ({"traits.first_name"}, {"entry.cart_url"})
+    assert template.render(PERSON, {"cart_url": "https://shop.example/c/1"}) == {
+        "body": "Ada: https://shop.example/c/1"
+    }
+    with pytest.raises(MissingField) as caught:
+        template.render(PERSON, {})
+    assert caught.value.field == "entry.cart_url"

@@ -6,7 +6,7 @@ out the commands it returns; it owns storage, timers and the bus.
 
 Modules:
 - `journey`: the journey document (JSON/YAML) -> `Journey`, validated as a whole (`JourneyInvalid` lists
-  every problem with its node id and field). `lifecycle`: draft -> active <-> paused -> archived,
+  every problem as the API's Problem: node id, field within it, message). `lifecycle`: draft -> active <-> paused -> archived,
   immutable published versions, `migration_plan` between versions.
 - `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`; the entry
   decision (`admit`, `enters_on_event`, `enters_on_segment`, `next_scheduled_entry`).
@@ -21,8 +21,10 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
 
 1. Entry. For each resolved event, segment change, Enroll call or scheduled slot, for each journey whose
    record `accepts_entries` and whose entry matches (`enters_on_*`), ask `admit(journey, history, now)`
-   with the person's `EntryHistory` for that journey. If admitted: `new_instance(journey, person, trigger_id)`
-   (trigger id: the event id, the Enroll request id, or `schedule_trigger(at)`), then `step(..., Enter(event))`.
+   with the person's `EntryHistory` for that journey (its `reason` is EnrollResponse's: reentry_never,
+   cooldown, concurrency_cap). If admitted: `new_instance(journey, person, trigger_id)` (trigger id: the
+   event id, the Enroll idempotency key, or `schedule_trigger(at)`), then `step(..., Enter(event))`, or
+   `Enter(properties=...)` for an Enroll call's properties.
    The instance id is derived from the trigger, so a redelivered trigger finds the instance that exists and
    must not start a second one.
 2. Stimuli. Route to every running instance of the person (and ended ones still `watching_goal`):
@@ -38,7 +40,8 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
 4. The arbiter's `PersonState` is per person (the same partition as the person's instances, so one
    writer). Every `Decision` in a `Ruling` is appended to the person's decision history and fed back to
    the instance as `ActionOutcome`. On `sent`, render the action's template (its node's, in the action's
-   own `journey_version`; a `MissingField` is a failed action naming the field, never a blank) and publish
+   own `journey_version`, with the instance's `entry` properties; a `MissingField` is a failed action
+   naming the field, never a blank) and publish
    `actions.<channel>` with the action id as the message id. After every ruling, keep one durable timer
    at `next_wake(state)`; when it fires, call `release`. Events named in `rules.watched_events` go to
    `observe` before anything is decided for that event.

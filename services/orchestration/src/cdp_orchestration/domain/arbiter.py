@@ -34,8 +34,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
+from zoneinfo import ZoneInfo
 
 from cdp_lang.values import number
 from cdp_orchestration.domain import clock
@@ -86,8 +87,11 @@ class ProposedAction:
 class Decision:
     action_id: str
     journey_id: str
+    instance_id: str
+    person_id: str
     node_id: str
     channel: str
+    category: str
     kind: Kind
     reason: str
     at: float
@@ -202,11 +206,25 @@ def _holds(state: PersonState, action_id: str) -> bool:
 def _decision(
     action: ProposedAction, kind: Kind, reason: str, now: float, until: float | None = None, by: str | None = None
 ) -> Decision:
-    return Decision(action.action_id, action.journey_id, action.node_id, action.channel, kind, reason, now, until, by)
+    return Decision(
+        action.action_id,
+        action.journey_id,
+        action.instance_id,
+        action.person_id,
+        action.node_id,
+        action.channel,
+        action.category,
+        kind,
+        reason,
+        now,
+        until,
+        by,
+    )
 
 
-def _iso(at: float) -> str:
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _local(at: float, zone: ZoneInfo) -> str:
+    """ "2026-12-04 08:00 Europe/Berlin": a time as the person lives it, for reasons an operator reads."""
+    return f"{datetime.fromtimestamp(at, zone):%Y-%m-%d %H:%M} {zone.key}"
 
 
 class _Session:
@@ -259,7 +277,8 @@ class _Session:
         if not held.approved and self._needs_approval(action):
             expires = now + rules.approval.expires_after
             self.state = replace(self.state, awaiting=(*self.state.awaiting, Held(action, expires)))
-            return self._say(action, Kind.AWAITING_APPROVAL, f"awaiting approval until {_iso(expires)}", until=expires)
+            reason = f"awaiting approval until {_local(expires, self.zone)}"
+            return self._say(action, Kind.AWAITING_APPROVAL, reason, until=expires)
         quiet = rules.quiet_hours
         if quiet is not None and not exempt and quiet.applies(action.channel) and self._quiet(quiet.start, quiet.end):
             until = clock.next_time_of_day(now, *quiet.end, self.zone, inclusive=True)
@@ -267,7 +286,7 @@ class _Session:
                 return self._say(action, Kind.EXPIRED, "expired: quiet hours outlast the longest hold")
             self.state = replace(self.state, deferred=(*self.state.deferred, replace(held, until=until)))
             return self._say(
-                action, Kind.DEFERRED, f"deferred until {_iso(until)} (quiet hours in the person's zone)", until=until
+                action, Kind.DEFERRED, f"deferred until {_local(until, self.zone)} (quiet hours)", until=until
             )
         if not exempt:
             for cap in rules.caps:

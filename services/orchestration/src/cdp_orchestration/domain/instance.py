@@ -14,7 +14,9 @@ Invariants:
   duplicate. Split variants come from a hash of (person, journey, node): the same person always goes the
   same way, in every replay and every instance.
 - Exit rules act on the stimulus that meets them, wherever the instance is: every timer is cancelled,
-  every pending action withdrawn, and `End` carries the reason (which rule). Condition exit rules are
+  every pending action withdrawn, and `End` carries the reason: "completed" (an exit step or a step
+  without next), "exit_rule:<id>", "goal" (a goal with exit), or an `ExitRequest`'s own ("archived",
+  "api:<reason>"). `steps` keeps the trail (the last MAX_STEPS) for GetInstance. Condition exit rules are
   checked on every stimulus against the view it brings; event exit rules on every event.
 - A goal conversion (the goal event within its window after entry) is recorded once, before exit rules
   act on the same event, and is still watched after the instance ends, until the window closes.
@@ -34,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from croniter import croniter
 
@@ -71,6 +74,8 @@ class Status(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Enter:
     event: Event | None = None  # the entry event, when an event let the person in
+    # What templates read as `entry.<name>`: an Enroll call's properties; by default the entry event's.
+    properties: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +166,19 @@ Command = ScheduleTimer | CancelTimer | ProposeAction | WithdrawAction | Assigne
 
 
 @dataclass(frozen=True, slots=True)
+class Step:
+    """One line of an instance's trail: at `node_id`, at time `at`, what happened."""
+
+    node_id: str
+    at: float
+    outcome: str  # entered, branch:<n>|branch:else, variant:<name>, action:<id>, <decision kind>, met,
+    # timeout, delay, goal, exit; the trail keeps the last MAX_STEPS
+
+
+MAX_STEPS = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Timer:
     id: str
     at: float
@@ -183,6 +201,8 @@ class Instance:
     variants: Mapping[str, str] = field(default_factory=dict)  # split node id -> variant name
     goal_until: float | None = None  # the goal window's end
     converted_at: float | None = None
+    entry: Mapping[str, Any] = field(default_factory=dict)  # entry properties (templates' `entry.<name>`)
+    steps: tuple[Step, ...] = ()
     ended_at: float | None = None
     end_reason: str | None = None
 
@@ -252,22 +272,21 @@ class EntryHistory:
 @dataclass(frozen=True, slots=True)
 class Admission:
     admitted: bool
-    reason: str
+    reason: str  # "admitted", "reentry_never", "cooldown" or "concurrency_cap" (EnrollResponse.reason)
 
 
 def admit(journey: Journey, history: EntryHistory, now: float) -> Admission:
-    """Whether a person may enter now: the re-entry rule, the cooldown and the concurrency cap."""
+    """Whether a person may enter now: the re-entry rule, the cooldown and the concurrency cap.
+    (Whether the journey takes entries at all is its record's `accepts_entries`.)"""
     if history.last_entered_at is not None:
         if journey.reentry == "never":
-            return Admission(False, "re-entry is never allowed and the person has entered before")
+            return Admission(False, "reentry_never")
         if journey.reentry == "cooldown":
             assert journey.cooldown is not None
             if now < history.last_entered_at + journey.cooldown:
-                return Admission(False, "in cooldown since the last entry")
+                return Admission(False, "cooldown")
     if history.running >= journey.max_concurrent:
-        return Admission(
-            False, f"already in {history.running} running instance(s); the cap is {journey.max_concurrent}"
-        )
+        return Admission(False, "concurrency_cap")
     return Admission(True, "admitted")
 
 
@@ -360,7 +379,7 @@ class _Run:
         if status is Status.NEW:
             if not isinstance(stimulus, Enter):
                 return  # nothing happens to an instance that has not entered
-            self.enter()
+            self.enter(stimulus)
             return
         if isinstance(stimulus, Enter):
             return  # a redelivered entry
@@ -370,11 +389,11 @@ class _Run:
         if isinstance(stimulus, EventArrived):
             event = stimulus.event
             if self.goal(event) and self.journey.goal is not None and self.journey.goal.exit:
-                self.end("goal reached")
+                self.end("goal")
                 return
             for rule in self.journey.exits:
                 if rule.event is not None and rule.event.matches(event):
-                    self.end(f"exit rule {rule.index}: event {event.name}")
+                    self.end(f"exit_rule:{rule.id}")
                     return
         fired = None
         if isinstance(stimulus, TimerFired):
@@ -397,22 +416,29 @@ class _Run:
                 if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
                     self.leave_wait(node, node.next)
             elif isinstance(node, Delay):
+                self.record(node.id, "delay")
                 self.advance(node.next)
             elif isinstance(node, Wait):
+                self.record(node.id, "timeout")
                 self.advance(node.timeout_next)
         elif isinstance(stimulus, ActionOutcome):
             if stimulus.action_id not in self.instance.pending or stimulus.kind not in FINAL:
                 return
             self.set(pending=tuple(a for a in self.instance.pending if a != stimulus.action_id))
             if isinstance(node, Action) and not self.instance.pending:
+                self.record(node.id, stimulus.kind.value)
                 self.advance(node.next)
 
-    def enter(self) -> None:
+    def enter(self, stimulus: Enter) -> None:
         goal = self.journey.goal
+        properties = stimulus.properties
+        if properties is None:
+            properties = stimulus.event.properties if stimulus.event is not None else {}
         self.set(
             status=Status.RUNNING,
             entered_at=self.now,
             goal_until=self.now + goal.within if goal is not None else None,
+            entry=dict(properties),
         )
         if not self.exit_by_condition():
             self.advance(self.journey.start)
@@ -426,6 +452,7 @@ class _Run:
         if event.at < instance.entered_at or not goal.event.matches(event):
             return False
         self.set(converted_at=event.at)
+        self.record(instance.node or "", "goal", at=event.at)
         self.commands.append(
             RecordGoal(instance.id, instance.journey_id, instance.version, dict(instance.variants), event.at)
         )
@@ -434,7 +461,7 @@ class _Run:
     def exit_by_condition(self) -> bool:
         for rule in self.journey.exits:
             if rule.condition is not None and rule.condition.holds(self.view, self.now):
-                self.end(f"exit rule {rule.index}: condition met")
+                self.end(f"exit_rule:{rule.id}")
                 return True
         return False
 
@@ -466,7 +493,12 @@ class _Run:
             self.set(timers=(*self.instance.timers, timer))
             self.commands.append(ScheduleTimer(timer.id, self.instance.id, at))
 
+    def record(self, node_id: str, outcome: str, *, at: float | None = None) -> None:
+        steps = (*self.instance.steps, Step(node_id, self.now if at is None else at, outcome))
+        self.set(steps=steps[-MAX_STEPS:])
+
     def leave_wait(self, node: Wait, target: str | None) -> None:
+        self.record(node.id, "met")
         for timer in self.instance.timers:
             if timer.node_id == node.id:
                 self.commands.append(CancelTimer(timer.id))
@@ -489,6 +521,8 @@ class _Run:
             node = journey.nodes[target]
             visit = self.instance.visits.get(target, 0) + 1
             self.set(node=target, visits={**self.instance.visits, target: visit})
+            if isinstance(node, Delay | Wait):
+                self.record(target, "entered")
             if isinstance(node, Delay):
                 if node.seconds is not None:
                     at = self.now + node.seconds
@@ -500,12 +534,15 @@ class _Run:
                 return
             if isinstance(node, Wait):
                 if node.condition is not None and node.condition.holds(self.view, self.now):
+                    self.record(target, "met")
                     target = node.next
                     continue
                 self.schedule(target, visit, "timeout", self.now + node.timeout)
                 return
             if isinstance(node, Branch):
-                target = next((t for c, t in node.branches if c.holds(self.view, self.now)), node.otherwise)
+                taken = next((i for i, (c, _) in enumerate(node.branches) if c.holds(self.view, self.now)), None)
+                self.record(target, "branch:else" if taken is None else f"branch:{taken}")
+                target = node.otherwise if taken is None else node.branches[taken][1]
                 continue
             if isinstance(node, Split):
                 variant = assign_variant(self.instance.person_id, journey.id, node.id, node.variants)
@@ -514,13 +551,15 @@ class _Run:
                     self.commands.append(
                         Assigned(self.instance.id, journey.id, journey.version, node.id, variant.name, variant.control)
                     )
+                self.record(target, f"variant:{variant.name}")
                 target = variant.next
                 continue
             if isinstance(node, Action):
                 self.propose(node, visit)
                 return
             assert isinstance(node, ExitNode)
-            self.end(f"completed at exit step {node.id}")
+            self.record(target, "exit")
+            self.end("completed")
             return
         raise AssertionError(f"journey {journey.id} v{journey.version} loops without waiting (validation missed it)")
 
@@ -543,4 +582,5 @@ class _Run:
             rank_by=node.rank_by,
         )
         self.set(pending=(*instance.pending, proposed.action_id))
+        self.record(node.id, f"action:{proposed.action_id}")
         self.commands.append(ProposeAction(proposed))

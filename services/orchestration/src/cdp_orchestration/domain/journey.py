@@ -7,7 +7,7 @@
            |  {"api": true}                           # Enroll
            |  {"schedule": {"cron": "0 9 * * 1", "segment": "vip"}},   # each member's own 09:00 Monday
      "reentry": "never" | "always" | {"cooldown": "7d"},  "max_concurrent": 1,
-     "exit": [{"event": "Order Completed"}, {"condition": "traits.unsubscribed = true"}],
+     "exit": [{"id": "purchased", "event": "Order Completed"}, {"condition": "traits.unsubscribed = true"}],
      "goal": {"event": "Order Completed", "within": "3d"},
      "start": "wait",                                 # default: the first node
      "nodes": [
@@ -28,8 +28,8 @@ tree); event filters are `event` (a name or a list of names) plus an optional `w
 properties and context (see `conditions`).
 
 `parse_journey(document, catalogue)` returns a `Journey` or raises `JourneyInvalid` holding EVERY problem
-found, each naming the node id (None for journey-level fields) and the field, e.g. node "remind", field
-"nodes.remind.purpose". It checks: unknown or missing next; unreachable nodes; a cycle through which an
+found, each naming the node id ("" for the journey's own fields) and the field within it, e.g. node "remind",
+field "purpose" (`Problem.path`: "nodes.remind.purpose"). It checks: unknown or missing next; unreachable nodes; a cycle through which an
 instance could loop without waiting (no delay or wait on it); durations, times of day, cron expressions,
 time zones; conditions and templates (syntax, and fields against the catalogue when it lists them); event
 names against the catalogue when it lists them; channels; and that every action names the consent purpose
@@ -53,7 +53,8 @@ from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.conditions import EventFilter, ProfileCondition, event_filter, profile_condition
 from cdp_orchestration.domain.templates import Template, compile_template
 
-CHANNELS = ("email", "sms", "push", "in_app", "webhook", "crm")
+# The channel names of actions.<channel> (the channel adapters answer to the same names).
+CHANNELS = ("email", "sms", "push", "webpush", "webhook", "inapp", "crm")
 REENTRY = ("never", "cooldown", "always")
 NODE_TYPES = ("delay", "wait", "branch", "split", "action", "exit")
 MAX_NODES = 500
@@ -73,12 +74,17 @@ class Catalogue:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    node: str | None  # the node id, None for a journey-level field
-    field: str  # the full path: "nodes.remind.purpose", "entry.event"
+    node: str  # the node id; "" for the journey's own fields
+    field: str  # within the node ("timeout", "branches[0].if"), or the journey's ("entry.event")
     message: str
 
+    @property
+    def path(self) -> str:
+        """The field's full path in the document: "nodes.remind.purpose", "entry.event"."""
+        return f"nodes.{self.node}.{self.field}" if self.node else self.field
+
     def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
+        return f"{self.path}: {self.message}"
 
 
 class JourneyInvalid(InvalidArgument):
@@ -88,8 +94,8 @@ class JourneyInvalid(InvalidArgument):
     def __init__(self, problems: list[Problem]) -> None:
         assert problems
         super().__init__(
-            problems[0].field,
-            "; ".join(f"{p.field}: {p.message}" for p in problems) if len(problems) > 1 else problems[0].message,
+            problems[0].path,
+            "; ".join(map(str, problems)) if len(problems) > 1 else problems[0].message,
         )
         self.problems = tuple(problems)
 
@@ -125,7 +131,7 @@ Entry = EventEntry | SegmentEntry | ApiEntry | ScheduleEntry
 
 @dataclass(frozen=True, slots=True)
 class ExitRule:
-    index: int
+    id: str  # as written, or the rule's position ("0", "1", ...): end reasons cite it as exit_rule:<id>
     event: EventFilter | None = None
     condition: ProfileCondition | None = None
 
@@ -263,7 +269,7 @@ def load_journey(text: str | bytes, catalogue: Catalogue | None = None, *, form:
     try:
         document = yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as error:
-        raise JourneyInvalid([Problem(None, "journey", f"is not valid {form.upper()}: {error}")]) from None
+        raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
     return parse_journey(document, catalogue)
 
 
@@ -284,7 +290,10 @@ class _Reader:
 
     # Each helper records problems instead of raising, so one pass reports all of them.
     def problem(self, node: str | None, at: str, message: str) -> None:
-        self.problems.append(Problem(node, at, message))
+        """Record a problem; `at` is the full path, kept relative to the node when there is one."""
+        prefix = f"nodes.{node}."
+        field = at[len(prefix) :] if node and at.startswith(prefix) else at
+        self.problems.append(Problem(node or "", field, message))
 
     def attempt(self, node: str | None, build: Callable[[], T]) -> T | None:
         try:
@@ -450,21 +459,27 @@ class _Reader:
             self.problem(None, "exit", "must be a list of exit rules")
             return []
         found: list[ExitRule] = []
+        ids: set[str] = set()
         for i, rule in enumerate(rules):
             at = f"exit[{i}]"
             if not isinstance(rule, Mapping) or ("event" in rule) == ("condition" in rule):
                 self.problem(None, at, 'must be {"event": ..., "where": ...} or {"condition": ...}')
                 continue
+            rule_id = rule.get("id", str(i))
+            if not isinstance(rule_id, str) or not rule_id or rule_id in ids:
+                self.problem(None, f"{at}.id", f"{rule_id!r} must be a name unique among the exit rules")
+                continue
+            ids.add(rule_id)
             if "event" in rule:
-                self.known_keys(rule, ("event", "where"), at, None)
+                self.known_keys(rule, ("id", "event", "where"), at, None)
                 event = self.event(rule, at, None)
                 if event is not None:
-                    found.append(ExitRule(i, event=event))
+                    found.append(ExitRule(rule_id, event=event))
             else:
-                self.known_keys(rule, ("condition",), at, None)
+                self.known_keys(rule, ("id", "condition"), at, None)
                 condition = self.condition(rule["condition"], f"{at}.condition", None)
                 if condition is not None:
-                    found.append(ExitRule(i, condition=condition))
+                    found.append(ExitRule(rule_id, condition=condition))
         return found
 
     def goal(self, tree: Any) -> Goal | None:
@@ -523,7 +538,11 @@ class _Reader:
         if kind == "delay":
             self.known_keys(item, ("id", "type", "next", "duration", "until"), at, node_id)
             if ("duration" in item) == ("until" in item):
-                self.problem(node_id, at, 'a delay needs "duration" (like "1h") or "until" (like "09:00"), not both')
+                self.problem(
+                    node_id,
+                    f"{at}.duration",
+                    'a delay needs "duration" (like "1h") or "until" (like "09:00"), not both',
+                )
                 return None
             if "duration" in item:
                 seconds = self.attempt(node_id, lambda: parse_duration(item["duration"], f"{at}.duration"))
@@ -540,7 +559,7 @@ class _Reader:
             )
             event = condition = None
             if ("event" in item) == ("condition" in item):
-                self.problem(node_id, at, 'a wait needs "event" or "condition", not both')
+                self.problem(node_id, f"{at}.event", 'a wait needs "event" or "condition", not both')
             elif "event" in item:
                 event = self.event(item, at, node_id)
             else:
@@ -693,7 +712,7 @@ class _Reader:
                     frontier.append(target)
         for node_id in nodes:
             if node_id not in reachable:
-                self.problem(node_id, f"nodes.{node_id}", f"cannot be reached from the start step {start!r}")
+                self.problem(node_id, f"nodes.{node_id}.id", f"cannot be reached from the start step {start!r}")
         for cycle in _cycles_without_waiting(successors, waits):
             self.problem(
                 cycle[0],

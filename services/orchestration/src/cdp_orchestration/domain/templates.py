@@ -2,7 +2,8 @@
 
 A template is a mapping of parts (`subject`, `body`, `title`, ...) to Jinja2 text. It reads profile fields
 by their flat keys' roots: `{{ traits.first_name }}`, `{{ computed.orders_90d }}`, `{{ scores.churn_risk }}`,
-`{{ consent["purpose:Marketing"] }}`. Invariants:
+`{{ consent["purpose:Marketing"] }}`, and the instance's entry properties (the entry event's properties or an
+Enroll call's) as `{{ entry.cart_url }}`. Invariants:
 
 - A field the person does not have (absent or null) is an error naming it (`MissingField("traits.first_name")`),
   never a blank in a sent message. Guard optional fields in the template itself:
@@ -26,6 +27,9 @@ from jinja2.sandbox import SandboxedEnvironment
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
 from cdp_orchestration.domain.view import PersonView
+
+ENTRY = "entry"  # the root of the instance's entry properties
+_NAMES = (*ROOTS, ENTRY)
 
 
 class MissingField(Exception):
@@ -77,12 +81,15 @@ class Template:
     """A compiled template: its parts and the profile fields it reads (flat keys)."""
 
     source: Mapping[str, str]
-    fields: frozenset[str]
+    fields: frozenset[str]  # profile fields, flat keys ("traits.first_name")
+    entry_fields: frozenset[str]  # entry properties ("entry.cart_url")
     _parts: Mapping[str, jinja2.Template]
 
-    def render(self, view: PersonView) -> dict[str, str]:
-        """Every part rendered for this person; MissingField naming the first field they lack."""
+    def render(self, view: PersonView, entry: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """Every part rendered for this person (and instance's entry properties); MissingField naming the
+        first field they lack."""
         context = _context(view)
+        context[ENTRY] = _wrap(ENTRY, entry or {})
         rendered: dict[str, str] = {}
         for part, template in self._parts.items():
             try:
@@ -110,13 +117,14 @@ def compile_template(source: Any, field: str) -> Template:
         except jinja2.TemplateSyntaxError as error:
             raise InvalidArgument(at, f"line {error.lineno}: {error.message}") from None
         for name in _free_names(tree):
-            if name not in ROOTS:
+            if name not in _NAMES:
                 raise InvalidArgument(
-                    at, f"reads {name!r}, which is not a profile root: use {', '.join(r + '.<name>' for r in ROOTS)}"
+                    at, f"reads {name!r}, which is not a profile root: use {', '.join(r + '.<name>' for r in _NAMES)}"
                 )
         fields.update(_field_reads(tree))
         parts[part] = _ENV.from_string(text)
-    return Template(dict(source), frozenset(fields), parts)
+    entry = frozenset(f for f in fields if f.startswith(f"{ENTRY}."))
+    return Template(dict(source), frozenset(fields) - entry, entry, parts)
 
 
 def _free_names(tree: nodes.Template) -> set[str]:
@@ -130,7 +138,7 @@ def _field_reads(tree: nodes.Template) -> set[str]:
     found: set[str] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         base = node.node
-        if not (isinstance(base, nodes.Name) and base.name in ROOTS):
+        if not (isinstance(base, nodes.Name) and base.name in _NAMES):
             continue
         if isinstance(node, nodes.Getattr):
             found.add(f"{base.name}.{node.attr}")
@@ -139,7 +147,7 @@ def _field_reads(tree: nodes.Template) -> set[str]:
     return found
 
 
-def _context(view: PersonView) -> dict[str, _Fields]:
+def _context(view: PersonView) -> dict[str, Any]:
     roots = {root: _branch(root) for root in ROOTS}
     for key, value in view.fields.items():
         root, dot, name = key.partition(".")
