@@ -6,8 +6,8 @@ out the commands it returns; it owns storage, timers and the bus.
 
 Modules:
 - `journey`: the journey document (JSON/YAML) -> `Journey`, validated as a whole (`JourneyInvalid` lists
-  every problem as the API's Problem: node id, field within it, message). `lifecycle`: draft -> active <-> paused -> archived,
-  immutable published versions, `migration_plan` between versions.
+  every problem as the API's Problem: node id, field within it, message). `lifecycle`: draft -> active
+  <-> paused -> archived, immutable published versions, `migration_plan` between versions.
 - `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`; the entry
   decision (`admit`, `enters_on_event`, `enters_on_segment`, `next_scheduled_entry`).
 - `arbiter` (+ `rules`): one arbiter per person across every journey: `decide`, `release`, `approve`,
