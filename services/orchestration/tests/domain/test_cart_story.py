@@ -11,25 +11,23 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from cdp_orchestration.domain.arbiter import Decision, Kind, PersonState, decide, next_wake, observe, release, withdraw
+from cdp_orchestration.domain.document import parse_journey
+from cdp_orchestration.domain.entry import EntryHistory, admit, enters_on_api, enters_on_event
 from cdp_orchestration.domain.instance import (
     ActionOutcome,
     CancelTimer,
     End,
     Enter,
-    EntryHistory,
     EventArrived,
     Instance,
     ProposeAction,
     ScheduleTimer,
     TimerFired,
     WithdrawAction,
-    admit,
-    enters_on_api,
-    enters_on_event,
     new_instance,
     step,
 )
-from cdp_orchestration.domain.journey import Journey, parse_journey
+from cdp_orchestration.domain.journey import Journey
 from cdp_orchestration.domain.rules import Rules, parse_rules
 from cdp_orchestration.domain.view import Event, PersonView
 

@@ -9,13 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_orchestration.domain.arbiter import Kind
+from cdp_orchestration.domain.document import parse_journey
+from cdp_orchestration.domain.entry import EntryHistory, admit, enters_on_event, enters_on_segment, next_scheduled_entry
 from cdp_orchestration.domain.instance import (
     ActionOutcome,
     Assigned,
     CancelTimer,
     End,
     Enter,
-    EntryHistory,
     EventArrived,
     ExitRequest,
     ProfileChanged,
@@ -26,16 +27,12 @@ from cdp_orchestration.domain.instance import (
     Step,
     TimerFired,
     WithdrawAction,
-    admit,
     assign_variant,
-    enters_on_event,
-    enters_on_segment,
     migrate,
     new_instance,
-    next_scheduled_entry,
     step,
 )
-from cdp_orchestration.domain.journey import Variant, parse_journey
+from cdp_orchestration.domain.journey import Variant
 from cdp_orchestration.domain.lifecycle import migration_plan
 from cdp_orchestration.domain.view import Event, PersonView
 

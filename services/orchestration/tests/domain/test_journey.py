@@ -10,18 +10,8 @@ from hypothesis import strategies as st
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_orchestration.domain import lifecycle
-from cdp_orchestration.domain.journey import (
-    Action,
-    Catalogue,
-    Delay,
-    EventEntry,
-    JourneyInvalid,
-    ScheduleEntry,
-    Split,
-    Wait,
-    load_journey,
-    parse_journey,
-)
+from cdp_orchestration.domain.document import Catalogue, JourneyInvalid, load_journey, parse_journey
+from cdp_orchestration.domain.journey import Action, Delay, EventEntry, ScheduleEntry, Split, Wait
 from cdp_orchestration.domain.lifecycle import State
 
 EMAIL = {"channel": "email", "purpose": "Marketing", "template": {"subject": "Hi {{ traits.first_name }}"}}

@@ -5,11 +5,12 @@ seconds), no randomness (ids and split variants are hashes). The service layer f
 out the commands it returns; it owns storage, timers and the bus.
 
 Modules:
-- `journey`: the journey document (JSON/YAML) -> `Journey`, validated as a whole (`JourneyInvalid` lists
-  every problem as the API's Problem: node id, field within it, message). `lifecycle`: draft -> active
-  <-> paused -> archived, immutable published versions, `migration_plan` between versions.
-- `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`; the entry
-  decision (`admit`, `enters_on_event`, `enters_on_segment`, `next_scheduled_entry`).
+- `journey`: the model of one journey version. `document`: the journey document (JSON/YAML) -> `Journey`,
+  validated as a whole (`JourneyInvalid` lists every problem as the API's Problem: node id, field within
+  it, message). `lifecycle`: draft -> active <-> paused -> archived, immutable published versions,
+  `migration_plan` between versions.
+- `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`.
+  `entry`: who enters and when (`enters_on_*`, `next_scheduled_entry`, `admit`).
 - `arbiter` (+ `rules`): one arbiter per person across every journey: `decide`, `release`, `approve`,
   `reject`, `withdraw`, `observe`, `next_wake`.
 - `experiments`: per-variant entries, conversions, uplift against control and a p-value, from counts.

@@ -34,24 +34,17 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from enum import StrEnum
 from typing import Any
-
-from croniter import croniter
 
 from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.arbiter import FINAL, Kind, ProposedAction
 from cdp_orchestration.domain.journey import (
     Action,
-    ApiEntry,
     Branch,
     Delay,
-    EventEntry,
     ExitNode,
     Journey,
-    ScheduleEntry,
-    SegmentEntry,
     Split,
     Variant,
     Wait,
@@ -248,81 +241,6 @@ def assign_variant(person_id: str, journey_id: str, node_id: str, variants: Iter
 def new_instance(journey: Journey, person_id: str, trigger_id: str) -> Instance:
     """An instance that has not started; `step` it with `Enter`."""
     return Instance(instance_id(journey.id, person_id, trigger_id), journey.id, journey.version, person_id)
-
-
-# --- entry ------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EntryHistory:
-    """What the service knows about a person's instances of one journey (every version)."""
-
-    running: int = 0
-    last_entered_at: float | None = None
-
-    @classmethod
-    def of(cls, instances: Iterable[Instance]) -> EntryHistory:
-        listed = [i for i in instances if i.entered_at is not None]
-        return cls(
-            running=sum(1 for i in listed if i.status is Status.RUNNING),
-            last_entered_at=max((i.entered_at for i in listed), default=None),  # type: ignore[type-var]
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    admitted: bool
-    reason: str  # "admitted", "reentry_never", "cooldown" or "concurrency_cap" (EnrollResponse.reason)
-
-
-def admit(journey: Journey, history: EntryHistory, now: float) -> Admission:
-    """Whether a person may enter now: the re-entry rule, the cooldown and the concurrency cap.
-    (Whether the journey takes entries at all is its record's `accepts_entries`.)"""
-    if history.last_entered_at is not None:
-        if journey.reentry == "never":
-            return Admission(False, "reentry_never")
-        if journey.reentry == "cooldown":
-            assert journey.cooldown is not None
-            if now < history.last_entered_at + journey.cooldown:
-                return Admission(False, "cooldown")
-    if history.running >= journey.max_concurrent:
-        return Admission(False, "concurrency_cap")
-    return Admission(True, "admitted")
-
-
-def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float) -> bool:
-    entry = journey.entry
-    if not isinstance(entry, EventEntry) or not entry.event.matches(event):
-        return False
-    return entry.condition is None or entry.condition.holds(view, now)
-
-
-def enters_on_segment(journey: Journey, segment: str, entered: bool) -> bool:
-    entry = journey.entry
-    return (
-        isinstance(entry, SegmentEntry)
-        and entry.segment == segment
-        and entry.on == ("entered" if entered else "exited")
-    )
-
-
-def enters_on_api(journey: Journey) -> bool:
-    return isinstance(journey.entry, ApiEntry)
-
-
-def next_scheduled_entry(journey: Journey, view: PersonView, after: float) -> float | None:
-    """The next instant after `after` the journey's cron fires in this person's zone (None: not scheduled).
-
-    The trigger id for that slot is `schedule_trigger(at)`, so the same slot never enters a person twice."""
-    entry = journey.entry
-    if not isinstance(entry, ScheduleEntry):
-        return None
-    start = datetime.fromtimestamp(after, clock.zone(view.timezone, journey.timezone))
-    return float(croniter(entry.cron, start).get_next(float))
-
-
-def schedule_trigger(at: float) -> str:
-    return f"schedule:{at:.0f}"
 
 
 # --- the step function ------------------------------------------------------------------------------------------

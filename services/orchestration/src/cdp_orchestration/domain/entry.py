@@ -1,0 +1,95 @@
+"""Who enters a journey, and when: the entry triggers and the entry decision.
+
+- `enters_on_event`, `enters_on_segment`, `enters_on_api`: whether a trigger matches a journey's entry (an
+  event's name and filter and the entry's profile condition; a segment entered or exited; an Enroll call).
+- `next_scheduled_entry`: a scheduled journey's next slot for one person, its cron read in their zone;
+  `schedule_trigger(at)` is the slot's trigger id, so the same slot never enters a person twice.
+- `admit(journey, history, now)`: the re-entry rule (never / cooldown / always) and the cap on concurrent
+  instances, from the person's `EntryHistory` for that journey (every version). Whether the journey takes
+  entries at all (active, not paused) is its record's `accepts_entries`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from croniter import croniter
+
+from cdp_orchestration.domain import clock
+from cdp_orchestration.domain.instance import Instance, Status
+from cdp_orchestration.domain.journey import ApiEntry, EventEntry, Journey, ScheduleEntry, SegmentEntry
+from cdp_orchestration.domain.view import Event, PersonView
+
+
+@dataclass(frozen=True, slots=True)
+class EntryHistory:
+    """What the service knows about a person's instances of one journey (every version)."""
+
+    running: int = 0
+    last_entered_at: float | None = None
+
+    @classmethod
+    def of(cls, instances: Iterable[Instance]) -> EntryHistory:
+        listed = [i for i in instances if i.entered_at is not None]
+        return cls(
+            running=sum(1 for i in listed if i.status is Status.RUNNING),
+            last_entered_at=max((i.entered_at for i in listed), default=None),  # type: ignore[type-var]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    admitted: bool
+    reason: str  # "admitted", "reentry_never", "cooldown" or "concurrency_cap" (EnrollResponse.reason)
+
+
+def admit(journey: Journey, history: EntryHistory, now: float) -> Admission:
+    """Whether a person may enter now: the re-entry rule, the cooldown and the concurrency cap.
+    (Whether the journey takes entries at all is its record's `accepts_entries`.)"""
+    if history.last_entered_at is not None:
+        if journey.reentry == "never":
+            return Admission(False, "reentry_never")
+        if journey.reentry == "cooldown":
+            assert journey.cooldown is not None
+            if now < history.last_entered_at + journey.cooldown:
+                return Admission(False, "cooldown")
+    if history.running >= journey.max_concurrent:
+        return Admission(False, "concurrency_cap")
+    return Admission(True, "admitted")
+
+
+def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float) -> bool:
+    entry = journey.entry
+    if not isinstance(entry, EventEntry) or not entry.event.matches(event):
+        return False
+    return entry.condition is None or entry.condition.holds(view, now)
+
+
+def enters_on_segment(journey: Journey, segment: str, entered: bool) -> bool:
+    entry = journey.entry
+    return (
+        isinstance(entry, SegmentEntry)
+        and entry.segment == segment
+        and entry.on == ("entered" if entered else "exited")
+    )
+
+
+def enters_on_api(journey: Journey) -> bool:
+    return isinstance(journey.entry, ApiEntry)
+
+
+def next_scheduled_entry(journey: Journey, view: PersonView, after: float) -> float | None:
+    """The next instant after `after` the journey's cron fires in this person's zone (None: not scheduled).
+
+    The trigger id for that slot is `schedule_trigger(at)`, so the same slot never enters a person twice."""
+    entry = journey.entry
+    if not isinstance(entry, ScheduleEntry):
+        return None
+    start = datetime.fromtimestamp(after, clock.zone(view.timezone, journey.timezone))
+    return float(croniter(entry.cron, start).get_next(float))
+
+
+def schedule_trigger(at: float) -> str:
+    return f"schedule:{at:.0f}"
