@@ -6,7 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdp_orchestration.domain.experiments import Counts, experiment, z_test
+from cdp_orchestration.domain.document import parse_journey
+from cdp_orchestration.domain.experiments import Counts, experiment, split_stats, tally, z_test
+from cdp_orchestration.domain.instance import Enter, EventArrived, new_instance, step
+from cdp_orchestration.domain.view import Event, PersonView
 
 
 def test_uplift_and_p_value_against_control() -> None:
@@ -50,3 +53,57 @@ def test_the_p_value_is_a_probability_and_symmetric(n1: int, n2: int, data: st.D
         return
     assert 0.0 <= forward[1] <= 1.0
     assert forward[0] == pytest.approx(-backward[0]) and forward[1] == pytest.approx(backward[1])
+
+
+def test_counts_come_from_the_instances_commands_per_split() -> None:
+    journey = parse_journey(
+        {
+            "id": "j",
+            "entry": {"api": True},
+            "goal": {"event": "Paid", "within": "7d"},
+            "nodes": [
+                {
+                    "id": "s",
+                    "type": "split",
+                    "variants": [{"name": "a", "weight": 1, "next": "x"}, {"name": "c", "weight": 1, "control": True}],
+                },
+                {"id": "x", "type": "exit"},
+            ],
+        }
+    )
+    counts: dict = {}
+    expected = {"a": Counts(), "c": Counts()}
+    for n in range(400):
+        view = PersonView(f"person-{n}")
+        instance, commands = step(new_instance(journey, view.person_id, "t"), journey, Enter(), view, 0.0)
+        tally(commands, counts)
+        variant = instance.variants["s"]
+        # Variant a converts every other person, the control every fourth.
+        converts = n % 2 == 0 if variant == "a" else n % 4 == 0
+        expected[variant] = Counts(expected[variant].entries + 1, expected[variant].conversions + converts)
+        if converts:
+            _, commands = step(instance, journey, EventArrived(Event(f"e{n}", "Paid", 10.0)), view, 10.0)
+            tally(commands, counts)
+    treated, control = split_stats(journey, counts)["s"]
+    assert (treated.variant, control.variant, control.control) == ("a", "c", True)
+    assert (treated.entries, treated.conversions) == (expected["a"].entries, expected["a"].conversions)
+    assert (control.entries, control.conversions) == (expected["c"].entries, expected["c"].conversions)
+    assert treated.entries + control.entries == 400 and treated.uplift > 0
+
+
+def test_a_split_nobody_reached_yet_reads_as_zeros() -> None:
+    journey = parse_journey(
+        {
+            "id": "j",
+            "entry": {"api": True},
+            "nodes": [
+                {
+                    "id": "s",
+                    "type": "split",
+                    "variants": [{"name": "a", "weight": 1}, {"name": "b", "weight": 1}],
+                }
+            ],
+        }
+    )
+    stats = split_stats(journey, {})["s"]
+    assert [(v.variant, v.entries, v.rate, v.uplift) for v in stats] == [("a", 0, None, None), ("b", 0, None, None)]

@@ -1,8 +1,9 @@
 """Experiment read-out for a journey's split: entries and goal conversions per variant, uplift against the
 control group and a significance figure, from counts alone.
 
-Counts come from the instances' commands: `Assigned` adds an entry to its variant, `RecordGoal` a
-conversion to each variant the instance was assigned (an instance converts at most once).
+Counts come from the instances' commands (`tally`): `Assigned` adds an entry to its variant, `RecordGoal` a
+conversion to each variant the instance was assigned (an instance converts at most once). `split_stats`
+reads them per split of a journey, with the split's own control variant.
 
 Significance is a two-sided two-proportion z-test with the pooled rate (the textbook test for "is this
 conversion rate different from control's"):
@@ -19,8 +20,11 @@ stopping rule: looking every day and stopping at the first p < 0.05 overstates s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+
+from cdp_orchestration.domain.instance import Assigned, RecordGoal
+from cdp_orchestration.domain.journey import Journey, Split
 
 MIN_CELL = 5
 
@@ -88,4 +92,35 @@ def experiment(counts: Mapping[str, Counts], control: str | None) -> list[Varian
                 name, name == control, mine.entries, mine.conversions, mine.rate, uplift, relative, z, p_value, reliable
             )
         )
+    return out
+
+
+Tally = dict[str, dict[str, Counts]]  # split node id -> variant -> counts
+
+
+def tally(commands: Iterable[object], into: Tally | None = None) -> Tally:
+    """Entries and conversions per split and variant, from instances' `Assigned` and `RecordGoal` commands."""
+    counts: Tally = into if into is not None else {}
+    for command in commands:
+        if isinstance(command, Assigned):
+            variants = counts.setdefault(command.node_id, {})
+            mine = variants.get(command.variant, Counts())
+            variants[command.variant] = replace(mine, entries=mine.entries + 1)
+        elif isinstance(command, RecordGoal):
+            for node_id, variant in command.variants.items():
+                variants = counts.setdefault(node_id, {})
+                mine = variants.get(variant, Counts())
+                variants[variant] = replace(mine, conversions=mine.conversions + 1)
+    return counts
+
+
+def split_stats(journey: Journey, counts: Tally) -> dict[str, list[VariantStats]]:
+    """Per split step of the journey, every variant (none entered yet: zeros) against the split's control."""
+    out: dict[str, list[VariantStats]] = {}
+    for node_id, node in journey.nodes.items():
+        if not isinstance(node, Split):
+            continue
+        seen = counts.get(node_id, {})
+        control = next((v.name for v in node.variants if v.control), None)
+        out[node_id] = experiment({v.name: seen.get(v.name, Counts()) for v in node.variants}, control)
     return out
