@@ -1,10 +1,14 @@
 """The scoring engine against a real nats-server and the memory store: profile changes in, scores out.
 
-Models are exact logistic models (cdp_testing.onnx_models), so every published score is checked to the
-number: it is the model's answer on the person's current fields."""
+Changes come the way they do in production: published on `profiles.changed.0` and applied by the kit's
+partitioned engine running scoring's logic (`cdp_scoring.stream`). Models are exact logistic models
+(cdp_testing.onnx_models), so every published score is checked to the number: it is the model's answer
+on the person's current fields."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 import nats
@@ -19,16 +23,75 @@ from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
 from cdp_scoring.engine import CHANGED_AT, FIELDS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
-from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_scoring.stream import ScoringStream, scoring_stream
+from cdp_testing.fakes import T0, Clock
 from cdp_testing.onnx_models import expected, logistic_model
 
 W = [0.5, -0.25]
 
 
-def changed(changes: list[profile_pb2.ProfileChanged], seq: int, delivered: int = 1) -> Delivery:
-    """One `profiles.changed.0` message as the consumer hands it to the engine."""
-    batch = profile_pb2.ProfileChangedBatch(changes=changes)
-    return Delivery(batch, subjects.profiles_changed(0), seq, delivered=delivered)
+def changed(changes: list[profile_pb2.ProfileChanged]) -> profile_pb2.ProfileChangedBatch:
+    """One `profiles.changed.0` message."""
+    return profile_pb2.ProfileChangedBatch(changes=changes)
+
+
+class Stream:
+    """`profiles.changed.0` of one engine: the kit's partitioned engine on scoring's logic."""
+
+    def __init__(self, engine: ScoringEngine, bus: Bus) -> None:
+        self.engine = engine
+        self.bus = bus
+        self.partitioned: ScoringStream = scoring_stream(
+            engine, bus, partitions=1, batch_size=64, ack_wait=30, snapshot_every=None
+        )
+
+    async def start(self) -> None:
+        await self.partitioned.start_partition(0)
+        await self.partitioned.wait_ready()
+
+    async def stop(self) -> None:
+        """Release the partition as a replica does: drained, snapshotted, its fields forgotten."""
+        await self.partitioned.close()
+
+    async def feed(self, *messages: profile_pb2.ProfileChangedBatch) -> int:
+        """Publish the messages (several are applied as one batch) and wait until their scores are
+        published; the last one's stream position."""
+        together = len(messages) > 1
+        if together:
+            await self.stop()  # so that the next fetch takes them all
+        for message in messages:
+            seq = (await self.bus.js.publish(subjects.profiles_changed(0), message.SerializeToString())).seq
+        if together:
+            await self.start()
+        await self.settled(seq)
+        return seq
+
+    async def settled(self, seq: int, timeout: float = 10.0) -> None:
+        """Position `seq` durable, its scores published and acknowledged."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pipeline = self.partitioned.pipelines[0]
+            if pipeline.checkpoint >= seq and pipeline.idle.is_set():
+                return
+            assert time.monotonic() < deadline, f"position {seq} not settled in {timeout}s"
+            await asyncio.sleep(0.01)
+
+    async def redeliver_everything(self) -> None:
+        """As if every acknowledgement had been lost: the consumer starts again from the stream's
+        beginning, and everything it delivers again is acknowledged."""
+        await self.stop()
+        await self.bus.js.delete_consumer(subjects.PROFILES, "scoring-p0")
+        await self.start()
+        deadline = time.monotonic() + 10
+        while True:
+            info = await self.bus.js.consumer_info(subjects.PROFILES, "scoring-p0")
+            if not info.num_pending and not info.num_ack_pending and self.partitioned.pipelines[0].idle.is_set():
+                return
+            assert time.monotonic() < deadline, "the redelivered messages were never acknowledged"
+            await asyncio.sleep(0.01)
+
+    async def snapshot(self) -> None:
+        await self.partitioned.snapshot_now()
 
 
 def change(person: str, *, orders=None, sessions=None, email=None, removed=False, at=T0, events=()):
@@ -54,19 +117,20 @@ class Defined:
         self.calls.append([d["name"] for d in definitions])
 
 
-async def make_engine(store, bus, tmp_path, clock, defined=None) -> ScoringEngine:
+async def make_engine(store, bus, tmp_path, clock, defined=None) -> tuple[ScoringEngine, Stream]:
     engine = ScoringEngine(
         store,
         FolderModelStore(tmp_path / "models"),
         bus.publisher,
         partitions=1,
-        owned=[0],
         telemetry=bus.telemetry,
         define_traits=defined,
         clock=clock,
     )
     await engine.start()
-    return engine
+    stream = Stream(engine, bus)
+    await stream.start()
+    return engine, stream
 
 
 @pytest.fixture
@@ -75,10 +139,11 @@ async def setup(nats_server, tmp_path):
     defined = Defined()
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="scoring-test") as bus:
         await bus.ensure_streams(profiles_stream(), scores_stream())
-        engine = await make_engine(store, bus, tmp_path, clock, defined)
+        engine, stream = await make_engine(store, bus, tmp_path, clock, defined)
         try:
-            yield engine, store, bus, clock, defined
+            yield engine, stream, store, bus, clock, defined
         finally:
+            await stream.stop()
             await engine.stop()
 
 
@@ -113,9 +178,9 @@ async def published(nats_url: str) -> list[Update]:
 
 
 async def test_a_change_to_a_model_input_publishes_the_exact_score(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([changed([change("p1", orders=2, sessions=4, events=["web:e1"])], 1)])
+    await stream.feed(changed([change("p1", orders=2, sessions=4, events=["web:e1"])]))
     [update] = await published(nats_server.url)
     assert (update.person_id, update.model, update.version) == ("p1", "churn_risk", "1.0.0")
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [2, 4]), abs=1e-6)
@@ -123,52 +188,49 @@ async def test_a_change_to_a_model_input_publishes_the_exact_score(setup, nats_s
 
 
 async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([changed([change("p1", email="a@example.com")], 1)])
+    await stream.feed(changed([change("p1", email="a@example.com")]))
     assert await published(nats_server.url) == []
     assert engine.fields["p1"] == {"traits.email": "a@example.com", CHANGED_AT: T0}
 
 
 async def test_a_burst_for_one_person_is_scored_once_on_its_final_fields(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    burst = [changed([change("p1", orders=i, sessions=1)], seq) for seq, i in enumerate(range(1, 6), start=1)]
-    await engine.handle(burst)
+    await stream.feed(*(changed([change("p1", orders=i, sessions=1)]) for i in range(1, 6)))
     [update] = await published(nats_server.url)
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [5, 1]), abs=1e-6)
 
 
 async def test_a_change_redelivered_after_newer_ones_does_not_take_the_fields_back(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([changed([change("p1", orders=1, at=T0)], 1)])
-    await engine.handle([changed([change("p1", orders=2, at=T0 + 1)], 2)])
-    # Message 1 again (its acknowledgement was lost before newer ones were handled): not applied again.
-    await engine.handle([changed([change("p1", orders=1, at=T0)], 1, delivered=2)])
+    await stream.feed(changed([change("p1", orders=1, at=T0)]))
+    await stream.feed(changed([change("p1", orders=2, at=T0 + 1)]))
+    # Messages 1 and 2 again (their acknowledgements were lost): not applied again.
+    await stream.redeliver_everything()
     assert engine.fields["p1"]["computed.orders_90d"] == 2
     last = (await published(nats_server.url))[-1]
     assert last.at == pytest.approx(T0 + 1)
     assert last.scores["churn_risk"] == pytest.approx(expected(W, [2, 0]), abs=1e-6)
 
 
-async def test_a_redelivered_batch_is_scored_again_and_deduplicated(setup, nats_server):
-    engine, *_ = setup
+async def test_a_redelivered_batch_publishes_its_scores_once(setup, nats_server):
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    batch = [changed([change("p1", orders=1)], 1), changed([change("p2", orders=3)], 2)]
-    await engine.handle(batch)
-    # Redelivered (the acknowledgement was lost): the fields did not change, but a redelivery re-scores in
-    # case the first attempt's scores were never stored; JetStream keeps one copy of the same message.
-    again = [changed([change("p1", orders=1)], 1, delivered=2), changed([change("p2", orders=3)], 2, delivered=2)]
-    await engine.handle(again)
+    await stream.feed(changed([change("p1", orders=1)]), changed([change("p2", orders=3)]))
+    # Redelivered (the acknowledgement was lost): its scores were made durable with the checkpoint and
+    # published from there; the redelivery is skipped, nothing is published twice.
+    await stream.redeliver_everything()
     assert sorted(u.person_id for u in await published(nats_server.url)) == ["p1", "p2"]
 
 
 async def test_shadow_versions_are_compared_never_published(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.deploy(logistic_model(version="2.0.0", weights=[0.5, 0.0]), role=SHADOW)
-    await engine.handle([changed([change("p1", orders=1, sessions=2)], 1)])
+    await stream.feed(changed([change("p1", orders=1, sessions=2)]))
     updates = await published(nats_server.url)
     assert [(u.model, u.version) for u in updates] == [("churn_risk", "1.0.0")]
     stats = engine.stats[("churn_risk", "2.0.0")]
@@ -177,11 +239,11 @@ async def test_shadow_versions_are_compared_never_published(setup, nats_server):
 
 
 async def test_a_canary_scores_its_share_of_persons_in_place_of_live(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.deploy(logistic_model(version="2.0.0", weights=[1.0, 1.0]), role=CANARY, canary_percent=30)
     persons = [f"p{i}" for i in range(200)]
-    await engine.handle([changed([change(p, orders=1, sessions=1) for p in persons], 1)])
+    await stream.feed(changed([change(p, orders=1, sessions=1) for p in persons]))
     updates = {u.person_id: u for u in await published(nats_server.url)}
     assert len(updates) == 200
     for person, update in updates.items():
@@ -192,56 +254,38 @@ async def test_a_canary_scores_its_share_of_persons_in_place_of_live(setup, nats
 
 
 async def test_promote_and_rollback_switch_what_is_published(setup, nats_server):
-    engine, *_ = setup
+    engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
     await engine.deploy(logistic_model(version="2.0.0", weights=[1.0, 1.0]), role=None)
     assert engine.registry.get("churn_risk").versions["2.0.0"].role != LIVE
     await engine.promote("churn_risk", "2.0.0")
-    await engine.handle([changed([change("p1", orders=1, sessions=1)], 1)])
+    await stream.feed(changed([change("p1", orders=1, sessions=1)]))
     await engine.rollback("churn_risk")
-    await engine.handle([changed([change("p1", orders=2)], 2)])
+    await stream.feed(changed([change("p1", orders=2)]))
     assert [u.version for u in await published(nats_server.url)] == ["2.0.0", "1.0.0"]
 
 
-async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(setup, tmp_path):
-    engine, store, bus, clock, _defined = setup
+async def test_fields_come_back_from_the_snapshot_plus_a_replay_of_the_stream(setup, tmp_path, nats_server):
+    engine, stream, store, bus, clock, _defined = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([changed([change("p1", orders=2, sessions=4)], 1)])
-    await engine.snapshot()
-    await engine.handle([changed([change("p1", orders=5), change("p2", orders=1)], 2)])
-    await engine.handle([changed([change("p2", removed=True)], 3)])
-    engine._tasks.clear()  # a crash: no final snapshot
-    again = await make_engine(store, bus, tmp_path, clock)
+    await stream.feed(changed([change("p1", orders=2, sessions=4)]))
+    await stream.snapshot()
+    await stream.feed(changed([change("p1", orders=5), change("p2", orders=1)]))
+    await stream.feed(changed([change("p2", removed=True)]))
+    stream.partitioned.abort()  # a crash: no final snapshot
+    before = len(await published(nats_server.url))
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
     try:
-        assert again.fields["p1"] == {"computed.orders_90d": 2.0, "computed.sessions_30d": 4.0, CHANGED_AT: T0}
-        assert again.registry.get("churn_risk").live.version == "1.0.0"
-
-        async def stream():  # what the PROFILES stream holds after the snapshot's position
-            yield (
-                "profiles.changed.0",
-                1,
-                profile_pb2.ProfileChangedBatch(changes=[change("p1", orders=2)]).SerializeToString(),
-            )
-            yield (
-                "profiles.changed.0",
-                2,
-                profile_pb2.ProfileChangedBatch(
-                    changes=[change("p1", orders=5), change("p2", orders=1)]
-                ).SerializeToString(),
-            )
-            yield (
-                "profiles.changed.0",
-                3,
-                profile_pb2.ProfileChangedBatch(changes=[change("p2", removed=True)]).SerializeToString(),
-            )
-
-        assert await again.replay(stream()) == 3  # the first message is in the snapshot already
+        # The snapshot (p1 as of the first message), then the two messages after it, not scored again.
         assert again.fields == {"p1": {"computed.orders_90d": 5.0, "computed.sessions_30d": 4.0, CHANGED_AT: T0}}
+        assert again.registry.get("churn_risk").live.version == "1.0.0"
         [result] = await again.score_person("p1")
         assert result.scores["churn_risk"] == pytest.approx(expected(W, [5, 4]), abs=1e-6)
-        await again.snapshot()
+        await again_stream.snapshot()
         assert {r.key async for r in store.scan_all(FIELDS)} == {"p1"}
+        assert len(await published(nats_server.url)) == before
     finally:
+        await again_stream.stop()
         await again.stop()
 
 
@@ -252,6 +296,9 @@ class FailingPublisher:
         self.publisher = publisher
         self.fail_next = False
 
+    def __getattr__(self, name: str):
+        return getattr(self.publisher, name)
+
     async def publish_batch(self, messages):
         results = await self.publisher.publish_batch(messages)
         if self.fail_next:
@@ -261,35 +308,34 @@ class FailingPublisher:
         return results
 
 
-async def test_a_failed_publish_is_retried_with_the_scores_computed_again(nats_server, tmp_path):
+async def test_a_failed_publish_is_retried_until_the_scores_are_stored(nats_server, tmp_path):
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="t") as bus:
         await bus.ensure_streams(profiles_stream(), scores_stream())
-        engine = await make_engine(store, bus, tmp_path, clock)
-        publisher = engine.publisher = FailingPublisher(bus.publisher)
+        publisher = bus.publisher = FailingPublisher(bus.publisher)
+        engine, stream = await make_engine(store, bus, tmp_path, clock)
         try:
             await engine.deploy(logistic_model(weights=W), role=None)
             publisher.fail_next = True
-            with pytest.raises(Unavailable):
-                await engine.handle([changed([change("p1", orders=3, sessions=1)], 1)])
-            # JetStream redelivers: the fields are already applied, the redelivery still scores them.
-            await engine.handle([changed([change("p1", orders=3, sessions=1)], 1, delivered=2)])
+            # The first attempt is not stored; the same messages are published again (same ids).
+            await stream.feed(changed([change("p1", orders=3, sessions=1)]))
             updates = await published(nats_server.url)
             assert [u.person_id for u in updates] == ["p1"]
             assert updates[0].scores["churn_risk"] == pytest.approx(expected(W, [3, 1]), abs=1e-6)
         finally:
+            await stream.stop()
             await engine.stop()
 
 
 async def test_a_removed_person_is_forgotten(setup, nats_server):
-    engine, store, *_ = setup
+    engine, stream, store, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
-    await engine.handle([changed([change("p1", orders=1)], 1)])
-    await engine.snapshot()
+    await stream.feed(changed([change("p1", orders=1)]))
+    await stream.snapshot()
     assert await store.get(FIELDS, "p1") is not None
-    await engine.handle([changed([change("p1", removed=True)], 2)])
+    await stream.feed(changed([change("p1", removed=True)]))
     assert "p1" not in engine.fields
-    await engine.snapshot()
+    await stream.snapshot()
     assert await store.get(FIELDS, "p1") is None
 
 
@@ -306,7 +352,7 @@ async def test_score_all_rescores_everyone_with_progress(setup, nats_server):
 
 
 async def test_deploy_defines_the_models_computed_traits_and_fails_whole_when_it_cannot(setup):
-    engine, _store, _bus, _clock, defined = setup
+    engine, _stream, _store, _bus, _clock, defined = setup
     traits = [
         {"name": "orders_90d", "op": "count", "event_names": ["Order Completed"], "window": "90d"},
         {"name": "sessions_30d", "op": "count", "event_type": "page", "window": "30d"},

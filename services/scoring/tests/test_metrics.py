@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from cdp.profile.v1 import profile_pb2
@@ -12,7 +14,8 @@ from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import SHADOW
 from cdp_scoring.engine import ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
-from cdp_testing.fakes import T0, Clock, Delivery
+from cdp_scoring.stream import scoring_stream
+from cdp_testing.fakes import T0, Clock
 from cdp_testing.metrics import MetricsCapture
 from cdp_testing.onnx_models import logistic_model
 
@@ -38,17 +41,26 @@ async def test_rows_scores_inference_freshness_and_shadow_are_measured_under_dot
             FolderModelStore(tmp_path / "models"),
             bus.publisher,
             partitions=1,
-            owned=[0],
             telemetry=telemetry,
             clock=clock,
         )
         await engine.start()
+        # The kit's partitioned engine on scoring's logic; its own cdp.engine.* metrics go to the bus'
+        # telemetry, not to the capture.
+        stream = scoring_stream(engine, bus, partitions=1, batch_size=64, ack_wait=30, snapshot_every=None)
+        await stream.start_partition(0)
         try:
             await engine.deploy(logistic_model(weights=[0.5, -0.25]), role=None)
             await engine.deploy(logistic_model(version="2.0.0", weights=[0.5, 0.0]), role=SHADOW)
             clock.advance(0.25)  # the changes were made a quarter of a second ago
-            await engine.handle([Delivery(changes("p1", "p2", at=T0), subjects.profiles_changed(0), seq=1)])
+            ack = await bus.js.publish(subjects.profiles_changed(0), changes("p1", "p2", at=T0).SerializeToString())
+            for _ in range(500):
+                pipeline = stream.pipelines[0]
+                if pipeline.checkpoint >= ack.seq and pipeline.idle.is_set():
+                    break
+                await asyncio.sleep(0.01)
         finally:
+            await stream.close()
             await engine.stop()
 
     metrics = captured.collected()

@@ -1,4 +1,11 @@
-"""The scoring process: consume profiles.changed, run the deployed ONNX models, publish scores.updated."""
+"""The scoring process: consume profiles.changed, run the deployed ONNX models, publish scores.updated.
+
+`profiles.changed.<p>` runs on the kit's partitioned engine (stream.py) over the partitions one
+ownership gives (`CDP_OWNERSHIP`, group "scoring"): acquiring partition p restores its held fields
+(snapshot plus stream) before its pipeline starts; releasing it drains the pipeline, snapshots, and
+forgets them. The partitions are taken before the service reports SERVING; on SIGTERM they are
+released (drained, snapshotted, leases freed) before the bus and the store close.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +16,17 @@ import logging
 from pathlib import Path
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import (
-    Bus,
-    ConsumerSpec,
-    dead_letter_stream,
-    owned_partitions,
-    profiles_stream,
-    scores_stream,
-    subjects,
-)
+from cdp_kit.bus import Bus, dead_letter_stream, profiles_stream, scores_stream
 from cdp_kit.errors import FailedPrecondition, Unavailable
+from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_scoring.api import SCOPES, ScoringApi
-from cdp_scoring.engine import MODELS_CHANGED, ScoringEngine
+from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
 from cdp_scoring.settings import ScoringSettings
+from cdp_scoring.stream import scoring_stream
 
 log = logging.getLogger("cdp.scoring")
 
@@ -52,28 +53,40 @@ async def setup(runtime: ServiceRuntime) -> None:
     async def announce(name: str) -> None:
         await bus.nc.publish(MODELS_CHANGED, name.encode(), headers={"Cdp-Origin": str(id(engine))})
 
-    partitions = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas)
     engine = ScoringEngine(
         store,
         model_store,
         bus.publisher,
         partitions=settings.partitions,
-        owned=partitions,
         telemetry=runtime.telemetry,
         threads=settings.threads,
         profile_source=profile.fields if profile else None,
         # A trait the profile service refuses is the model spec's fault: named as its field.
         define_traits=functools.partial(profile.define, field="spec.computed_traits.{name}") if profile else None,
         announce=announce,
-        snapshot_interval=settings.snapshot_interval,
         round_linger=settings.round_linger_ms / 1000,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
-    durables = {subjects.profiles_changed(p): subjects.partition_durable("scoring", p) for p in partitions}
-    replayed = await engine.replay(engine.held.since(bus.js, subjects.PROFILES, durables))
-    if replayed:
-        log.info("fields brought up to date from the PROFILES stream", extra={"changes": replayed})
+    stream = scoring_stream(
+        engine,
+        bus,
+        partitions=settings.partitions,
+        batch_size=settings.batch_size,
+        ack_wait=settings.ack_wait,
+        snapshot_every=settings.snapshot_interval,
+    )
+    ownership = await stream.start(
+        await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
+    )
+    serving_task = runtime.spawn(stream.serve(ownership), "score profiles.changed")
+
+    async def release() -> None:
+        # Pushed after the bus, the store and the engine: on the way out it runs before they close.
+        serving_task.cancel()
+        await asyncio.gather(serving_task, return_exceptions=True)
+
+    runtime.stack.push_async_callback(release)
     # The loaded fields live as long as the process: keep the collector from rescanning them.
     gc.freeze()
 
@@ -88,25 +101,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     subscription = await bus.nc.subscribe(MODELS_CHANGED, cb=on_model_changed)
     runtime.stack.push_async_callback(subscription.unsubscribe)
     engine.background(_prepare_models(engine, settings.ship_models), "deploy shipped models, define their traits")
-    runners = []
-    for p in partitions:
-        runner = bus.consumer(
-            ConsumerSpec(
-                stream=subjects.PROFILES,
-                durable=subjects.partition_durable("scoring", p),
-                filter_subjects=(subjects.profiles_changed(p),),
-                batch_size=settings.batch_size,
-                ack_wait=settings.ack_wait,
-                # Each person's changes in stream order, across failures and restarts.
-                max_ack_pending=settings.batch_size,
-                ordered=True,
-                description=f"scoring: re-score persons of partition {p} whose model inputs changed",
-            ),
-            engine.handle,
-        )
-        runtime.spawn(runner.run(), f"consume {subjects.profiles_changed(p)}")
-        runners.append(runner)
-    runtime.parts.update(bus=bus, store=store, engine=engine, runners=runners, model_store=model_store)
+    runtime.parts.update(
+        bus=bus, store=store, engine=engine, stream=stream, ownership=ownership, model_store=model_store
+    )
     runtime.grpc.add_service(
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
         ScoringApi(engine),

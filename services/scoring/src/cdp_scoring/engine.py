@@ -1,25 +1,20 @@
-"""The scoring engine: the stream in, profile fields held in memory, and the wiring of the parts.
+"""The scoring engine: profile fields held in memory, the models, and the wiring of the parts.
 
 Where a rule lives:
 - deployments.py: the registry of model versions, its storage and announcements, the sessions;
-- rounds.py: scoring what changed, a round at a time across partitions, and publishing the scores;
+- stream.py: `profiles.changed.<p>` on the kit's partitioned engine, partitions restored from the
+  snapshot plus the stream and dropped as ownership moves, snapshots at quiescent points;
+- rounds.py: scoring what changed, a round at a time across partitions;
 - requests.py: the synchronous paths (gRPC);
-- this module: `profiles.changed.<p>` in, the held fields (cdp_kit.held), replay and snapshots.
+- this module: the held fields (cdp_kit.held) and how a profile change updates them.
 
-Online path, per batch of `profiles.changed.<p>` messages:
-1. each change updates the person's flat fields ("computed.orders_90d" -> 3); the batch is folded so a
-   burst of changes to one person is scored once;
-2. models whose inputs changed are run, one matrix per model version (live or, for a canary's share of
-   persons, the canary; shadow versions beside them, compared and never published);
-3. the scores go out columnar, one `ScoresUpdatedBatch` per model version on `scores.updated.<p>`, which
-   the profile service stores as profile fields; the batch is acknowledged once JetStream has them.
-
-The fields are state derived from the `PROFILES` stream, and that stream is their log: they are
-snapshotted to the store every few seconds with the stream position they include, and a restart loads
-the snapshot and replays the stream from that position up to where the consumer had got (no scoring
-while replaying: those scores were published before). Nothing is written per change, so the store is
-not on the latency path. A redelivered message (its first delivery failed, or the process died before
-acknowledging it) re-scores its persons whether or not their fields look changed, so no score is lost.
+The fields are state derived from the `PROFILES` stream, and that stream is their log: nothing is
+written per change. They are snapshotted (`scoring_fields`, and the stream position each partition's
+snapshot includes in `scoring_snapshots`) at points where every change applied has its scores durable,
+and a partition comes back from its snapshot plus a replay of the stream up to the engine's checkpoint.
+Invariant: what the held fields of a partition include never runs ahead of the scores made durable for
+it, except between a batch's apply and its commit - and the batch is applied again after a crash or a
+failed commit on fields rebuilt without it, so its changes are scored again.
 """
 
 from __future__ import annotations
@@ -28,17 +23,16 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
-from google.protobuf.message import DecodeError
 
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import Delivery, Partitioner, subjects
+from cdp_kit.bus import Partitioner, subjects
 from cdp_kit.held import Codec, HeldFields, ProfileSource, apply_updates
 from cdp_kit.profile_fields import change_fields
-from cdp_kit.storage import Store
+from cdp_kit.storage import Put, Store, VersionConflict
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import to_seconds
 from cdp_scoring.deployments import MODELS, Deployments
@@ -51,8 +45,15 @@ from cdp_scoring.runtime import LoadedModel
 
 log = logging.getLogger("cdp.scoring.engine")
 
+SERVICE = "scoring"
 FIELDS = "scoring_fields"
-CHECKPOINTS = subjects.checkpoints_collection("scoring")
+# The stream position each partition's snapshot of the fields includes, keyed by its subject. The
+# partitioned engine's own checkpoints (`scoring_checkpoints`, the same keys) run ahead of them: they
+# say up to where scores are durable.
+SNAPSHOTS = "scoring_snapshots"
+CHECKPOINTS = subjects.checkpoints_collection(SERVICE)
+# Written once SNAPSHOTS holds the positions (before the engine, they were kept in CHECKPOINTS).
+LAYOUT = "$layout"
 MODELS_CHANGED = subjects.SCORING_MODELS_CHANGED
 # Kept with a person's fields: the time of the latest change applied (no profile field starts with "$").
 CHANGED_AT = "$changed_at"
@@ -68,13 +69,11 @@ class ScoringEngine(Deployments, Rounds, Requests):
         publisher,
         *,
         partitions: int,
-        owned: Iterable[int],
         telemetry: Telemetry,
         threads: int = 1,
         profile_source: ProfileSource | None = None,
         define_traits: TraitDefiner | None = None,
         announce: Callable[[str], Awaitable[None]] | None = None,
-        snapshot_interval: float = 10.0,
         round_linger: float = 0.005,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -82,11 +81,14 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self.model_store = models
         self.publisher = publisher
         self.partitions = partitions
-        self.owned = frozenset(owned)
+        # Partitions whose fields are complete: restored, and applied up to where the engine has got.
+        self.ready: set[int] = set()
+        # True from a quiescent point (stream.py) until the next batch is applied: a snapshot's copy of
+        # the fields is taken only then.
+        self.at_cut = False
         self.threads = threads
         self.define_traits = define_traits
         self.announce = announce
-        self.snapshot_interval = snapshot_interval
         self.round_linger = round_linger
         self.clock = clock
         self.registry = Registry()
@@ -97,24 +99,22 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self.held: HeldFields[dict[str, Any]] = HeldFields(
             store,
             collection=FIELDS,
-            checkpoints=CHECKPOINTS,
-            owns=lambda person: self._partition(person) in self.owned,
+            checkpoints=SNAPSHOTS,
+            owns=lambda person: self._partition(person) in self.ready,
             codec=FIELDS_CODEC,
             fetch=profile_source,
             versioned=True,
+            behind=lambda: not self.at_cut,
             clock=clock,
             chunk=256,
         )
         self.fields = self.held.persons
-        # partition subject -> the last stream position the fields include (snapshotted with them)
-        self.applied = self.held.applied
-        self.snapshotted = self.held.snapshotted
         # "m:<model>" -> the stored version of the model's registry entry
         self.versions: dict[str, int] = {}
         # field path -> models reading it (rebuilt when the registry changes)
         self._readers: dict[str, set[str]] = {}
         self._registry_lock = asyncio.Lock()
-        self._round: list[tuple[dict[str, set[str]], dict[str, float], set[str], asyncio.Future]] = []
+        self._round: list[tuple[int, dict[str, set[str]], dict[str, float], asyncio.Future, float]] = []
         self._round_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
@@ -133,7 +133,21 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self._m_freshness = meter.create_histogram(
             "cdp.scoring.freshness",
             unit="ms",
-            description="profile change to published scores, per batch (its oldest change)",
+            description="profile change to its scores computed, per batch (its oldest change); they are "
+            "published once the batch is durable (cdp.engine.commit.duration, cdp.engine.publish.duration)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_round_wait = meter.create_histogram(
+            "cdp.scoring.round.wait.duration",
+            unit="ms",
+            description="time a batch's persons waited for their scoring round to start (the linger, and the "
+            "round before it)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_restore = meter.create_histogram(
+            "cdp.scoring.restore.duration",
+            unit="ms",
+            description="time to bring a partition's fields from its snapshot up to the engine's checkpoint",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
         self._m_shadow = meter.create_histogram(
@@ -146,7 +160,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """The registry and its sessions, then the last snapshot of the fields (see `replay`)."""
+        """The registry and its sessions; the fields come partition by partition (stream.py)."""
         async for record in self.store.scan_all(MODELS):
             entry = ModelEntry.from_doc(record.doc)
             self.registry.models[entry.name] = entry
@@ -154,30 +168,70 @@ class ScoringEngine(Deployments, Rounds, Requests):
         for version in self.registry.active():
             await self._load_session(version)
         self._reindex()
-        await self.held.load()
-        self._tasks.append(asyncio.create_task(self._snapshot_loop(), name="scoring snapshots"))
+        await self._move_snapshot_positions()
         self._tasks.append(asyncio.create_task(self._scoring_loop(), name="scoring rounds"))
+
+    async def _move_snapshot_positions(self) -> None:
+        """Before the partitioned engine, the snapshot's positions were the only checkpoints (in
+        CHECKPOINTS, the keys the engine now uses for its own). Once, copy them to SNAPSHOTS; the engine
+        then starts from them too, and scores again what came after (duplicates, never a gap)."""
+        if await self.store.get(SNAPSHOTS, LAYOUT) is not None:
+            return
+        positions = [
+            Put(SNAPSHOTS, record.key, record.doc)
+            async for record in self.store.scan_all(CHECKPOINTS)
+            if not record.key.startswith("$")
+        ]
+        try:
+            # expected_version=0: only if no replica did it meanwhile (its engine may have moved on).
+            await self.store.bulk_write([*positions, Put(SNAPSHOTS, LAYOUT, {"version": 1}, expected_version=0)])
+        except VersionConflict:
+            pass
 
     def background(self, coro, name: str) -> None:
         """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def stop(self) -> None:
+        """After the stream has released its partitions (their last snapshot is written then)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        try:
-            await self.snapshot()
-        except Exception as exc:  # the next start replays further back instead; nothing is lost
-            log.warning("final snapshot failed: %r", exc)
 
-    async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]]) -> int:
-        """Bring the fields from the snapshot up to where the consumer had got: apply (subject, stream
-        position, payload) in stream order, without scoring. Returns the changes applied."""
-        return await self.held.replay(messages, self._replay_message)
+    # --- the fields ---------------------------------------------------------------------------------
 
-    async def _replay_message(self, _subject: str, _seq: int, data: bytes) -> int:
+    def partition_of(self, person: str) -> int:
+        return self._partition(person)
+
+    async def load_partition(self, partition: int, *, page_size: int = 2000) -> int:
+        """Forget what is held of `partition`, load its persons from the last snapshot; the stream
+        position that snapshot includes."""
+        subject = subjects.profiles_changed(partition)
+        self.ready.discard(partition)
+        self.held.forget(lambda person: self._partition(person) == partition)
+        self.held.applied.pop(subject, None)
+        record = await self.store.get(SNAPSHOTS, subject)
+        position = record.doc.get("stream_seq", 0) if record is not None else 0
+        self.held.snapshotted[subject] = position
+        decode = FIELDS_CODEC.decode
+        async for record in self.store.scan_all(FIELDS, page_size=page_size):
+            if self._partition(record.key) == partition:
+                self.fields[record.key] = decode(record.doc)
+                self.held.versions[record.key] = record.version
+        return position
+
+    def forget_partition(self, partition: int) -> None:
+        """`partition` went to another replica: nothing of it is held, written or deleted here any more."""
+        self.ready.discard(partition)
+        self.held.forget(lambda person: self._partition(person) == partition)
+        subject = subjects.profiles_changed(partition)
+        self.held.applied.pop(subject, None)
+        self.held.snapshotted.pop(subject, None)
+
+    def replay_message(self, data: bytes) -> int:
+        """Apply one `profiles.changed` message to the fields without scoring (its scores were made
+        durable when it was first applied). Returns the changes applied."""
         applied = 0
         for change in profile_pb2.ProfileChangedBatch.FromString(data).changes:
             if change.person_id:
@@ -185,35 +239,17 @@ class ScoringEngine(Deployments, Rounds, Requests):
                 applied += 1
         return applied
 
-    # --- the stream path --------------------------------------------------------------------------
-
-    async def handle(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `profiles.changed.<p>`: apply, score, publish; acknowledged after."""
-        subject = batch[0].subject
-        applied = self.applied.get(subject, 0)
+    def apply_batch(
+        self, messages: Iterable[profile_pb2.ProfileChangedBatch]
+    ) -> tuple[dict[str, set[str]], dict[str, float], float]:
+        """Apply a batch's changes to the fields, in stream order; fold them per person. Returns the
+        persons to score (person -> the changed paths some model reads), each one's latest change time,
+        and the batch's oldest change time (inf: none)."""
         touched: dict[str, set[str]] = {}
         changed_at: dict[str, float] = {}
-        forced: set[str] = set()
         oldest = math.inf
-        for delivery in batch:
-            message = profile_pb2.ProfileChangedBatch()
-            try:
-                message.ParseFromString(delivery.data)
-            except DecodeError as exc:
-                delivery.reject("invalid_message", f"not a cdp.profile.v1.ProfileChangedBatch: {exc}")
-                continue
-            if delivery.stream_seq <= applied:
-                # Applied before (by the replay, or by an attempt whose scores JetStream did not store):
-                # applying it again could take the fields back in time. Its persons are scored again on
-                # what they hold now, as of their latest change.
-                for change in message.changes:
-                    fields = self.fields.get(change.person_id)
-                    if fields is not None:
-                        forced.add(change.person_id)
-                        touched.setdefault(change.person_id, set())
-                        changed_at[change.person_id] = fields.get(CHANGED_AT, 0.0)
-                continue
-            again = getattr(delivery, "num_delivered", 1) > 1
+        fields = self.fields
+        for message in messages:
             for change in message.changes:
                 person = change.person_id
                 if not person:
@@ -222,29 +258,18 @@ class ScoringEngine(Deployments, Rounds, Requests):
                 if at < oldest:
                     oldest = at
                 paths = self._apply_change(change, at)
-                if person not in self.fields:
+                if person not in fields:  # removed: nothing to score
                     touched.pop(person, None)
-                    forced.discard(person)
+                    changed_at.pop(person, None)
                     continue
-                if again:
-                    forced.add(person)
-                if paths or again:
+                if paths:
                     known = touched.get(person)
                     if known is None:
                         touched[person] = paths
                     else:
                         known |= paths
                     changed_at[person] = max(changed_at.get(person, 0.0), at)
-        self.applied[subject] = max(self.applied.get(subject, 0), batch[-1].stream_seq)
-        if touched:
-            # Scored and published with what the other partitions' handlers submitted meanwhile; a failure
-            # fails the batch, whose retry re-scores its persons (its positions are applied by then).
-            future = asyncio.get_running_loop().create_future()
-            self._round.append((touched, changed_at, forced, future))
-            self._round_ready.set()
-            await future
-            if oldest is not math.inf:
-                self._m_freshness.record(max(0.0, (self.clock() - oldest) * 1000))
+        return touched, changed_at, oldest
 
     def _apply_change(self, change: profile_pb2.ProfileChanged, at: float | None = None) -> set[str]:
         """Apply one profile change to the fields; the changed paths some model reads."""
@@ -265,22 +290,6 @@ class ScoringEngine(Deployments, Rounds, Requests):
             self.held.mark(person)
         readers = self._readers
         return {p for p in changed if p in readers}
-
-    # --- snapshots ------------------------------------------------------------------------------------
-
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.snapshot_interval)
-            try:
-                await self.snapshot()
-            except Exception as exc:  # kept dirty: the next round writes them; a restart replays further
-                log.warning("fields snapshot failed (%r); retrying in %.0fs", exc, self.snapshot_interval)
-
-    async def snapshot(self) -> int:
-        """Write the fields changed since the last snapshot, then the stream positions they include
-        (`cdp_kit.held`): a crash mid-way leaves positions older than some fields, and the replay from
-        there applies the same changes again in order, ending in the same state."""
-        return await self.held.snapshot()
 
 
 # A person's fields as stored: one JSON string (the fields are many small values; one string is cheaper

@@ -1,10 +1,12 @@
-"""Scoring rounds: the persons the partitions' handlers submitted, scored together and published.
+"""Scoring rounds: the persons the partitions' batches submitted, scored together.
 
 A round runs each model whose inputs changed once for every person of the round, however many
 partitions they came from (one onnxruntime call per model version: live, or the canary for its share of
-persons; shadow versions beside them, compared with live and never published). The scores go out
-columnar, one `ScoresUpdatedBatch` per model version and person partition on `scores.updated.<p>`. A
-round that fails fails every batch in it; their retries score their persons again.
+persons; shadow versions beside them, compared with live and never published). Its scores are turned
+into columnar messages, one `ScoresUpdatedBatch` per model version and person partition for
+`scores.updated.<p>`, and each submitter gets its own partition's messages back: the partitioned engine
+commits them with the batch and publishes them once it is durable (`stream.py`). A round that fails
+fails every batch in it; the engine recovers each of their partitions and applies the batches again.
 
 `Rounds` is the part of `ScoringEngine` that does this; the state it reads is set up in the engine's
 `__init__`.
@@ -22,7 +24,6 @@ import numpy as np
 
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import OutMessage, subjects
-from cdp_kit.errors import Unavailable
 from cdp_scoring.domain.registry import ModelEntry, Version
 
 MAX_UPDATES_PER_MESSAGE = 2000
@@ -42,56 +43,58 @@ class VersionStats:
 class Rounds:
     """Score what the stream path submitted, a round at a time, and publish the scores."""
 
+    async def score_round(
+        self, partition: int, touched: dict[str, set[str]], changed_at: dict[str, float]
+    ) -> list[OutMessage]:
+        """Score `touched` (person -> the changed paths some model reads) with the persons the other
+        partitions submit meanwhile; the messages of this partition's persons."""
+        future: asyncio.Future[list[OutMessage]] = asyncio.get_running_loop().create_future()
+        self._round.append((partition, touched, changed_at, future, time.perf_counter()))
+        self._round_ready.set()
+        return await future
+
     async def _scoring_loop(self) -> None:
-        """Score what the partition handlers submitted, a round at a time: one onnxruntime call per model
-        for every person of the round, however many partitions they came from. Nothing waits for a round
+        """Score what the partitions submitted, a round at a time: one onnxruntime call per model for
+        every person of the round, however many partitions they came from. Nothing waits for a round
         to fill; under load, what arrives while one round is scored makes the next one bigger, which is
         when the fixed cost of a call matters most."""
         while True:
             await self._round_ready.wait()
-            # A moment for the other partitions' handlers to join: a round costs every model it needs one
+            # A moment for the other partitions' batches to join: a round costs every model it needs one
             # call whatever its size, and a call's fixed cost dominates a round of a handful of persons.
             await asyncio.sleep(self.round_linger)
             self._round_ready.clear()
             round_, self._round = self._round, []
             if not round_:
                 continue
+            started = time.perf_counter()
             touched: dict[str, set[str]] = {}
             changed_at: dict[str, float] = {}
-            forced: set[str] = set()
-            for part_touched, part_at, part_forced, _future in round_:
-                for person, paths in part_touched.items():
-                    touched.setdefault(person, set()).update(paths)
-                    changed_at[person] = max(changed_at.get(person, 0.0), part_at.get(person, 0.0))
-                forced |= part_forced
+            for _partition, part_touched, part_at, _future, submitted in round_:
+                self._m_round_wait.record((started - submitted) * 1000)
+                # Partitions hold disjoint persons: no person comes from two of them.
+                touched.update(part_touched)
+                changed_at.update(part_at)
             try:
-                messages = self._messages(await self._score_touched(touched, changed_at, forced))
-                if messages:
-                    results = await self.publisher.publish_batch(messages)
-                    failed = [r for r in results if not r.ok]
-                    if failed:
-                        raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+                by_partition = self._messages_by_partition(await self._score_touched(touched, changed_at))
             except Exception as exc:
-                for *_parts, future in round_:
+                for *_parts, future, _submitted in round_:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for *_parts, future in round_:
+            for partition, *_parts, future, _submitted in round_:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(by_partition.get(partition, []))
 
     async def _score_touched(
-        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float], forced: set[str] = frozenset()
+        self, touched: Mapping[str, set[str]], changed_at: Mapping[str, float]
     ) -> list[tuple[Version, list[str], np.ndarray, list[float]]]:
-        """Score each touched person once per model whose inputs changed (every live model for a forced
-        one): (version, persons, scores, change times) per version to publish."""
+        """Score each touched person once per model whose inputs changed: (version, persons, scores,
+        change times) per version to publish."""
         readers = self._readers
-        every = list(self.registry.models) if forced else []
         by_model: dict[str, list[str]] = {}
         for person, paths in touched.items():
-            if person in forced:
-                models = every
-            elif len(paths) == 1:
+            if len(paths) == 1:
                 (path,) = paths
                 models = readers.get(path, ())
             else:
@@ -205,8 +208,15 @@ class Rounds:
         return scores
 
     def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:
-        """One columnar `ScoresUpdatedBatch` per model version and person partition."""
-        out = []
+        return [m for messages in self._messages_by_partition(scored).values() for m in messages]
+
+    def _messages_by_partition(
+        self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]
+    ) -> dict[int, list[OutMessage]]:
+        """One columnar `ScoresUpdatedBatch` per model version and person partition. A message's id is a
+        hash of its bytes: the same scores of the same change always get the same id, so JetStream
+        stores a message published twice (a crash between publishing and acknowledging) once."""
+        out: dict[int, list[OutMessage]] = {}
         for version, persons, scores, times in scored:
             rows: dict[int, list[int]] = {}
             for i, person in enumerate(persons):
@@ -224,7 +234,7 @@ class Rounds:
                         at_ms=[round(times[i] * 1000) for i in chunk],
                     )
                     payload = batch.SerializeToString()
-                    out.append(
+                    out.setdefault(partition, []).append(
                         OutMessage(
                             subject=subjects.scores_updated(partition),
                             payload=payload,

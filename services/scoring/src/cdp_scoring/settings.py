@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 from cdp_scoring.modelstore import parse_model_store
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoringSettings(ServiceSettings):
+class ScoringSettings(OwnershipSettings, ServiceSettings):
+    """Which partitions this replica scores comes from `OwnershipSettings` (`CDP_OWNERSHIP`): static
+    (p % CDP_REPLICAS == CDP_POD_ORDINAL), or leases that follow the live replicas (nats, kubernetes);
+    a partition's held fields move with it (restored from the snapshot plus the stream)."""
+
     service_name: str = env("OTEL_SERVICE_NAME", "scoring", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50054, help="gRPC port (ScoringService, health, reflection)")
     model_store: str = env(
@@ -43,8 +48,8 @@ class ScoringSettings(ServiceSettings):
     snapshot_interval: float = env(
         "CDP_SCORING_SNAPSHOT_SECONDS",
         10.0,
-        help="seconds between snapshots of the profile fields held (a restart replays profiles.changed from "
-        "the last one; keep it far below the PROFILES stream's retention)",
+        help="seconds between snapshots of the profile fields held (a restart, or a partition moving here, "
+        "replays profiles.changed from the last one; keep it far below the PROFILES stream's retention)",
     )
     round_linger_ms: float = env(
         "CDP_SCORING_ROUND_LINGER_MS",
@@ -53,14 +58,12 @@ class ScoringSettings(ServiceSettings):
         "costs each model one onnxruntime call whatever its size)",
     )
     threads: int = env("CDP_SCORING_THREADS", 1, help="onnxruntime intra-op threads per session")
-    pod_ordinal: int = env("CDP_POD_ORDINAL", 0, help="this replica's StatefulSet ordinal (which partitions it owns)")
-    replicas: int = env("CDP_REPLICAS", 1, help="replicas sharing the partitions (p % replicas == ordinal)")
     scores_retention_days: float = env(
         "CDP_SCORING_SCORES_RETENTION_DAYS", 7.0, help="days scores.updated keeps score updates"
     )
 
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
         try:
             parse_model_store(self.model_store)
         except InvalidArgument as exc:
@@ -73,8 +76,4 @@ class ScoringSettings(ServiceSettings):
             problems.append(f"CDP_SCORING_ROUND_LINGER_MS={self.round_linger_ms} is invalid: must be in [0, 1000]")
         if self.threads < 1:
             problems.append(f"CDP_SCORING_THREADS={self.threads} is invalid: must be at least 1")
-        if self.replicas < 1:
-            problems.append(f"CDP_REPLICAS={self.replicas} is invalid: must be at least 1")
-        elif not 0 <= self.pod_ordinal < self.replicas:
-            problems.append(f"CDP_POD_ORDINAL={self.pod_ordinal} is invalid: must be 0..{self.replicas - 1}")
         return problems

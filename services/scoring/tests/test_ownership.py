@@ -1,0 +1,194 @@
+"""Partitions move between scoring replicas under traffic (leases in a NATS KV bucket, one shared store),
+and every profile change is still scored exactly once, on the fields the person had right after it.
+
+Replica A starts alone and owns every partition; replica B joins while changes keep coming, and the
+leases move half the partitions to it: A drains each, snapshots, and forgets its fields; B restores
+them from that snapshot plus the stream before it fetches. A change scored on fields that missed an
+earlier change (a restore that lost something), one scored twice (a replay that scored, or a partition
+worked on by both), or one never scored (a hand-over that dropped a batch) fails the test.
+
+Batches of one message, one change each: nothing is folded, so "once" is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+
+from cdp.profile.v1 import profile_pb2
+from cdp.scoring.v1 import scoring_pb2
+from cdp_kit.bus import Bus, partition_for, profiles_stream, scores_stream, subjects
+from cdp_kit.ownership.nats_kv import nats_kv_ownership
+from cdp_kit.storage import open_store
+from cdp_scoring.engine import ScoringEngine
+from cdp_scoring.modelstore import FolderModelStore
+from cdp_scoring.stream import scoring_stream
+from cdp_testing.fakes import Clock
+from cdp_testing.onnx_models import expected, logistic_model
+
+PARTITIONS = 4
+PERSONS = [f"p_{i:03d}" for i in range(24)]
+W = [0.05, -0.03]
+T0_MS = 1_790_000_000_000
+
+
+class Replica:
+    def __init__(self, name: str, store, nats_url: str, tmp_path) -> None:
+        self.name = name
+        self.store = store
+        self.nats_url = nats_url
+        self.tmp_path = tmp_path
+
+    async def start(self) -> Replica:
+        self._bus_cm = Bus.connect(self.nats_url, name=self.name)
+        self.bus = await self._bus_cm.__aenter__()
+        self.engine = ScoringEngine(
+            self.store,
+            FolderModelStore(self.tmp_path / "models"),  # a volume both replicas mount
+            self.bus.publisher,
+            partitions=PARTITIONS,
+            telemetry=self.bus.telemetry,
+            clock=Clock(T0_MS / 1000),
+        )
+        await self.engine.start()
+        self.stream = scoring_stream(
+            self.engine, self.bus, partitions=PARTITIONS, batch_size=1, ack_wait=30, snapshot_every=0.5
+        )
+        ownership = await nats_kv_ownership(
+            self.bus.js, group="scoring", partitions=PARTITIONS, identity=self.name, ttl=1.0
+        )
+        self.ownership = await self.stream.start(ownership)
+        self.serving = asyncio.create_task(self.stream.serve(self.ownership))
+        return self
+
+    async def stop(self) -> None:
+        self.serving.cancel()  # releases every partition: drained, snapshotted, lease freed
+        await asyncio.gather(self.serving, return_exceptions=True)
+        await self.engine.stop()
+        await self._bus_cm.__aexit__(None, None, None)
+
+
+def orders_change(person: str, at_ms: int, orders: float) -> bytes:
+    change = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    change.at.FromMilliseconds(at_ms)
+    change.computed["orders_90d"].number_value = orders
+    return profile_pb2.ProfileChangedBatch(changes=[change]).SerializeToString()
+
+
+def sessions_change(person: str, at_ms: int, sessions: float) -> bytes:
+    change = profile_pb2.ProfileChanged(person_id=person, cause="event")
+    change.at.FromMilliseconds(at_ms)
+    change.computed["sessions_30d"].number_value = sessions
+    return profile_pb2.ProfileChangedBatch(changes=[change]).SerializeToString()
+
+
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (await condition() if asyncio.iscoroutinefunction(condition) else condition()):
+        assert time.monotonic() < deadline, f"{what} within {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+async def test_a_partition_moving_under_traffic_keeps_every_change_scored_once(nats_server, tmp_path):
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="traffic") as bus:
+        await bus.ensure_streams(profiles_stream(), scores_stream())
+        a = await Replica("scoring-a", store, nats_server.url, tmp_path).start()
+        b = None
+        try:
+            await a.engine.deploy(logistic_model(weights=W), role=None)
+            await until(lambda: len(a.ownership.owned()) == PARTITIONS, "replica A owns every partition")
+
+            # What each change must be scored as: the model on the person's fields right after it.
+            want: dict[tuple[str, int], float] = {}
+            fields: dict[str, list[float]] = {p: [0.0, 0.0] for p in PERSONS}
+            last_seq: dict[int, int] = {}
+            at_ms = T0_MS
+
+            async def publish(person: str, data: bytes) -> None:
+                p = partition_for(person, PARTITIONS)
+                last_seq[p] = (await bus.js.publish(subjects.profiles_changed(p), data)).seq
+
+            for i, person in enumerate(PERSONS):  # every person's sessions first
+                at_ms += 1
+                fields[person][1] = float(i + 1)
+                want[(person, at_ms)] = expected(W, fields[person])
+                await publish(person, sessions_change(person, at_ms, float(i + 1)))
+
+            moved = asyncio.Event()
+
+            async def traffic() -> None:
+                nonlocal at_ms
+                k, k_moved = 0, None
+                # Changes keep coming before, during and well after the hand-over.
+                while k_moved is None or k < k_moved + 150:
+                    if k_moved is None and moved.is_set():
+                        k_moved = k
+                    person = PERSONS[k % len(PERSONS)]
+                    at_ms += 1
+                    k += 1
+                    # Orders and sessions in turn: each score depends on the person's previous change.
+                    which = (k // len(PERSONS)) % 2
+                    # Never the value the person had (so every change moves an input), and small enough
+                    # that the score tells the fields apart.
+                    value = k % 97 + 0.5
+                    fields[person][which] = value
+                    want[(person, at_ms)] = expected(W, fields[person])
+                    change = orders_change if which == 0 else sessions_change
+                    await publish(person, change(person, at_ms, value))
+                    await asyncio.sleep(0.004)
+
+            sending = asyncio.create_task(traffic())
+            await asyncio.sleep(0.3)
+            scored_before_move = len(await scores(bus))
+            b = await Replica("scoring-b", store, nats_server.url, tmp_path).start()
+            await until(lambda: bool(b.ownership.owned()), "replica B takes partitions")
+            moved_at = len(want)
+            moved.set()
+            await sending
+
+            async def drained() -> bool:
+                for p, seq in last_seq.items():
+                    info = await bus.js.consumer_info(subjects.PROFILES, subjects.partition_durable("scoring", p))
+                    if info.ack_floor.stream_seq < seq or info.num_ack_pending:
+                        return False
+                return True
+
+            await until(drained, "every change acknowledged")
+            taken = set(b.ownership.owned())
+            assert taken and taken | set(a.ownership.owned()) == set(range(PARTITIONS))
+            assert not taken & set(a.ownership.owned())
+
+            published = await scores(bus)
+            counts = Counter((person, at) for person, at, _ in published)
+            assert scored_before_move > 0, "nothing was scored before the hand-over"
+            twice = [key for key, n in counts.items() if n > 1]
+            assert not twice, f"{len(twice)} changes scored more than once, e.g. {twice[:5]}"
+            lost = [key for key in want if key not in counts]
+            assert not lost, f"{len(lost)} of {len(want)} changes never scored, e.g. {lost[:5]}"
+            wrong = [(p, at, v, want[(p, at)]) for p, at, v in published if abs(v - want[(p, at)]) > 1e-6]
+            assert not wrong, f"{len(wrong)} scores on the wrong fields, e.g. {wrong[:5]}"
+            # Each person's scores in the order of their changes, across the hand-over.
+            for person in PERSONS:
+                times = [at for who, at, _ in published if who == person]
+                assert times == sorted(times), f"{person}'s scores out of order"
+            moved_persons = [p for p in PERSONS if partition_for(p, PARTITIONS) in taken]
+            assert any(at > T0_MS + moved_at for p, at, _ in published if p in moved_persons)
+        finally:
+            if b is not None:
+                await b.stop()
+            await a.stop()
+
+
+async def scores(bus: Bus) -> list[tuple[str, int, float]]:
+    """Every (person, change time, churn_risk) on scores.updated, in stream order."""
+    info = await bus.js.stream_info(subjects.SCORES)
+    out = []
+    if not info.state.messages:
+        return out
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        batch = scoring_pb2.ScoresUpdatedBatch.FromString((await bus.js.get_msg(subjects.SCORES, seq)).data)
+        out.extend(zip(batch.person_ids, batch.at_ms, batch.values, strict=True))
+    return out
