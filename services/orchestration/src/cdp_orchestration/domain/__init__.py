@@ -15,6 +15,7 @@ Modules:
   `reject`, `withdraw`, `observe`, `next_wake`.
 - `experiments`: per-variant entries, conversions, uplift against control and a p-value, from counts.
 - `templates`: Jinja2 sandbox over profile fields; a missing field is `MissingField`, never a blank.
+- `records`: instances and arbiter state as plain dicts for storage, round-tripping exactly.
 - `conditions`: the one door to the condition language (`cdp_lang`). `view`, `clock`: the person as the
   domain sees them, and wall-clock arithmetic in their zone.
 

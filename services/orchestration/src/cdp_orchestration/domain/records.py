@@ -1,0 +1,106 @@
+"""Instances and per-person arbiter state as plain JSON-able dicts, for the service to store and read back.
+
+`instance_record(instance)` / `instance_from_record(record)` and `person_record(state)` /
+`person_from_record(record)` round-trip exactly (a property the tests check): what the service stores is
+what the domain gets back after a restart. The records hold only str, int, float, bool, None, lists and
+dicts with str keys, so orjson, BSON and SQLite JSON all take them as they are. Each carries a format
+number (`"v"`) so a later layout can read an older one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cdp_orchestration.domain.arbiter import Held, PersonState, ProposedAction, Sent
+from cdp_orchestration.domain.instance import Instance, Status, Step, Timer
+
+FORMAT = 1
+
+
+def instance_record(instance: Instance) -> dict[str, Any]:
+    return {
+        "v": FORMAT,
+        "id": instance.id,
+        "journey_id": instance.journey_id,
+        "version": instance.version,
+        "person_id": instance.person_id,
+        "status": instance.status.value,
+        "node": instance.node,
+        "entered_at": instance.entered_at,
+        "visits": dict(instance.visits),
+        "timers": [[t.id, t.at, t.node_id, t.kind] for t in instance.timers],
+        "pending": list(instance.pending),
+        "variants": dict(instance.variants),
+        "goal_until": instance.goal_until,
+        "converted_at": instance.converted_at,
+        "ended_at": instance.ended_at,
+        "end_reason": instance.end_reason,
+        "entry": dict(instance.entry),
+        "steps": [[s.node_id, s.at, s.outcome] for s in instance.steps],
+    }
+
+
+def instance_from_record(record: Mapping[str, Any]) -> Instance:
+    _check(record, "instance")
+    return Instance(
+        id=record["id"],
+        journey_id=record["journey_id"],
+        version=record["version"],
+        person_id=record["person_id"],
+        status=Status(record["status"]),
+        node=record["node"],
+        entered_at=record["entered_at"],
+        visits=dict(record["visits"]),
+        timers=tuple(Timer(*timer) for timer in record["timers"]),
+        pending=tuple(record["pending"]),
+        variants=dict(record["variants"]),
+        goal_until=record["goal_until"],
+        converted_at=record["converted_at"],
+        ended_at=record["ended_at"],
+        end_reason=record["end_reason"],
+        entry=dict(record["entry"]),
+        steps=tuple(Step(*step) for step in record["steps"]),
+    )
+
+
+_ACTION_FIELDS = ProposedAction.__dataclass_fields__
+
+
+def _action_record(action: ProposedAction) -> dict[str, Any]:
+    return {name: getattr(action, name) for name in _ACTION_FIELDS}
+
+
+def _held_record(held: Held) -> dict[str, Any]:
+    return {"action": _action_record(held.action), "until": held.until, "approved": held.approved}
+
+
+def _held(record: Mapping[str, Any]) -> Held:
+    return Held(ProposedAction(**record["action"]), record["until"], record["approved"])
+
+
+def person_record(state: PersonState) -> dict[str, Any]:
+    return {
+        "v": FORMAT,
+        "person_id": state.person_id,
+        "sent": [[s.at, s.channel, s.action_id] for s in state.sent],
+        "deferred": [_held_record(h) for h in state.deferred],
+        "awaiting": [_held_record(h) for h in state.awaiting],
+        "last_seen": dict(state.last_seen),
+    }
+
+
+def person_from_record(record: Mapping[str, Any]) -> PersonState:
+    _check(record, "person state")
+    return PersonState(
+        person_id=record["person_id"],
+        sent=tuple(Sent(*sent) for sent in record["sent"]),
+        deferred=tuple(_held(h) for h in record["deferred"]),
+        awaiting=tuple(_held(h) for h in record["awaiting"]),
+        last_seen=dict(record["last_seen"]),
+    )
+
+
+def _check(record: Mapping[str, Any], what: str) -> None:
+    if record.get("v") != FORMAT:
+        raise ValueError(f"{what} record format {record.get('v')!r} is not {FORMAT}; this build reads {FORMAT}")
