@@ -223,7 +223,7 @@ def _decision(
 
 
 def _local(at: float, zone: ZoneInfo) -> str:
-    """ "2026-12-04 08:00 Europe/Berlin": a time as the person lives it, for reasons an operator reads."""
+    """A time as the person lives it, for reasons an operator reads: "2026-12-04 08:00 Europe/Berlin"."""
     return f"{datetime.fromtimestamp(at, zone):%Y-%m-%d %H:%M} {zone.key}"
 
 
