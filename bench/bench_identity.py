@@ -10,6 +10,14 @@ Identity runs in-process on SQLite with write-behind, publishing every event to 
 one ResolvedEventBatch message per person partition and applied batch). Progress on both sides is read
 the same way: raw events acknowledged by the partition consumers.
 
+`params.stages` splits the time of identity's batches over the measured part, per batch: `decode`
+(parse and check each message), `resolve` (identity's `apply`: the engine lock, `load` - reading
+missing records from the store -, resolving in memory and encoding the resolved events), `commit`
+(from submitting a batch's write to it being durable: waiting behind earlier groups, then `store`, the
+SQLite bulk write itself), `publish` (until JetStream stored the batch's messages). Each with mean,
+p50 and p99 in ms and `busy`: its summed time over the measured wall time (stages overlap: batches are
+pipelined and SQLite runs on its own threads). `cpu` is the process' CPU time over the wall time.
+
     make bench-identity          # writes bench/results/identity.json and identity-resolve.json
 """
 
@@ -28,10 +36,13 @@ from benchlib import acknowledged, bare_server_calls, percentile, wait_count, wr
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.__main__ import setup as identity_setup
+from cdp_identity.engine import IdentityEngine
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, events_raw_stream, partition_for, subjects
+from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.natsserver import NatsServer
 from cdp_kit.service import serving
+from cdp_kit.storage.sqlite import SqliteStore
 
 PARTITIONS = 8
 USERS = 20_000
@@ -126,7 +137,85 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
     return (total - warmup) / (t1 - t0)
 
 
-async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) -> tuple[float, dict]:
+class Stages:
+    """Per-batch durations of identity's stages, from wrappers around the methods that run them."""
+
+    NAMES = ("decode", "resolve", "load", "commit", "store", "publish")
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in self.NAMES}
+        self._undo: list[tuple[type, str, object]] = []
+
+    def _wrap(self, cls: type, method: str, stage: str) -> None:
+        original = getattr(cls, method)
+        samples = self.samples[stage]
+        if asyncio.iscoroutinefunction(original):
+
+            async def timed(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    samples.append((started, time.perf_counter() - started))
+        else:
+
+            def timed(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    samples.append((started, time.perf_counter() - started))
+
+        setattr(cls, method, timed)
+        self._undo.append((cls, method, original))
+
+    def install(self) -> None:
+        self._wrap(PartitionPipeline, "_decode", "decode")
+        self._wrap(IdentityEngine, "apply", "resolve")
+        self._wrap(IdentityEngine, "_load", "load")
+        self._wrap(SqliteStore, "bulk_write", "store")
+        self._wrap(PartitionPipeline, "_publish", "publish")
+        # Commit: the kit records submit -> durable per batch in cdp.engine.commit.duration; read the
+        # same interval off the batch settling.
+        original = PartitionPipeline._settle
+        samples = self.samples["commit"]
+
+        async def settle(pipeline, batch):
+            if batch.commit is not None and not batch.commit.done():
+                try:
+                    await asyncio.shield(batch.commit)
+                except Exception:
+                    pass
+            if batch.commit is not None:
+                samples.append((batch.submitted, time.perf_counter() - batch.submitted))
+            return await original(pipeline, batch)
+
+        PartitionPipeline._settle = settle
+        self._undo.append((PartitionPipeline, "_settle", original))
+
+    def uninstall(self) -> None:
+        for cls, method, original in reversed(self._undo):
+            setattr(cls, method, original)
+        self._undo.clear()
+
+    def split(self, t0: float, t1: float) -> dict:
+        wall = t1 - t0
+        out = {}
+        for name, samples in self.samples.items():
+            durations = [d * 1000 for started, d in samples if t0 <= started <= t1]
+            if not durations:
+                continue
+            out[name] = {
+                "calls": len(durations),
+                "mean_ms": round(sum(durations) / len(durations), 3),
+                "p50_ms": round(percentile(durations, 50), 3),
+                "p99_ms": round(percentile(durations, 99), 3),
+                "busy": round(sum(durations) / 1000 / wall, 3),
+            }
+        return out
+
+
+async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) -> tuple[float, dict, dict]:
     settings = IdentitySettings(
         nats_url=nats_url,
         grpc_host="127.0.0.1",
@@ -137,16 +226,27 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
         store_url=f"sqlite:///{workdir / 'identity.db'}",
         log_level="WARNING",
     )
-    async with serving(settings, identity_setup) as runtime, Bus.connect(nats_url, name="bench-reader") as reader:
+    stages = Stages()
+    stages.install()
+    try:
+        async with (
+            serving(settings, identity_setup) as runtime,
+            Bus.connect(nats_url, name="bench-reader") as reader,
+        ):
 
-        async def resolved() -> int:
-            return await acknowledged(reader.js, subjects.EVENTS_RAW, "identity", PARTITIONS, total)
+            async def resolved() -> int:
+                return await acknowledged(reader.js, subjects.EVENTS_RAW, "identity", PARTITIONS, total)
 
-        t0 = await wait_count(resolved, warmup)
-        t1 = await wait_count(resolved, total)
-        rate = (total - warmup) / (t1 - t0)
-        latency = await bench_resolve(f"127.0.0.1:{runtime.grpc.port}")
-    return rate, latency
+            t0 = await wait_count(resolved, warmup)
+            cpu0 = time.process_time()
+            t1 = await wait_count(resolved, total)
+            cpu = (time.process_time() - cpu0) / (t1 - t0)
+            rate = (total - warmup) / (t1 - t0)
+            split = {**stages.split(t0, t1), "cpu": round(cpu, 3)}
+            latency = await bench_resolve(f"127.0.0.1:{runtime.grpc.port}")
+    finally:
+        stages.uninstall()
+    return rate, latency, split
 
 
 async def bench_resolve(address: str) -> dict:
@@ -190,8 +290,10 @@ async def main() -> None:
             async with Bus.connect(server.url, name="bench-loader") as bus:
                 await fill_stream(bus, warmup + measured)
             baseline = await bench_baseline(server.url, len(warmup), total)
-            ours, resolve = await bench_identity(server.url, Path(tmp), len(warmup), total)
+            ours, resolve, split = await bench_identity(server.url, Path(tmp), len(warmup), total)
             print(f"baseline {baseline:,.0f} events/s, identity {ours:,.0f} events/s, resolve {resolve}")
+            for stage, figures in split.items():
+                print(f"  {stage}: {figures}")
             echo = await bench_echo()
         finally:
             server.stop()
@@ -205,6 +307,7 @@ async def main() -> None:
         "store": "sqlite",
         "baseline": "cdp_kit ConsumerRunner, same stream, 8 partition durables, handler does nothing",
         "resolve": resolve,
+        "stages": split,
         "target": ">= 30,000 events/s, ratio >= 0.5",
     }
     write_result("identity", value=ours, unit="events/s", baseline=baseline, higher_is_better=True, params=params)
