@@ -7,7 +7,8 @@ injector and an inspection API (see `_server.Emulator`). Test and dev only: neve
 
 from cdp_crm_emulators._server import Clock, Emulator, FaultInjector
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
 
-EMULATORS: dict[str, type[Emulator]] = {"hubspot": HubSpotEmulator}
+EMULATORS: dict[str, type[Emulator]] = {"hubspot": HubSpotEmulator, "salesforce": SalesforceEmulator}
 
-__all__ = ["EMULATORS", "Clock", "Emulator", "FaultInjector", "HubSpotEmulator"]
+__all__ = ["EMULATORS", "Clock", "Emulator", "FaultInjector", "HubSpotEmulator", "SalesforceEmulator"]
