@@ -219,7 +219,8 @@ def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> 
                 "template": {"subject": "{{ traits.frist_name }}"},
                 "next": "w",
             },
-            {"id": "w", "type": "wait", "condition": 'in_segment("vipp")', "timeout": "1d"},
+            {"id": "w", "type": "wait", "condition": 'in_segment("vipp")', "timeout": "1d", "next": "a"},
+            {"id": "a", "type": "action", **EMAIL, "template": {"b": "hi"}, "rank_by": "scores.conversoin"},
         ],
     }
     catalogue = Catalogue(CATALOGUE.events, CATALOGUE.fields, frozenset({"vip"}), CATALOGUE.purposes)
@@ -229,6 +230,7 @@ def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> 
         ("remind", "nodes.remind.purpose"),
         ("remind", "nodes.remind.template"),
         ("w", "nodes.w.condition"),
+        ("a", "nodes.a.rank_by"),
     ]
     # Without a catalogue the same names are not checked.
     assert parse_journey(document).id == "abandoned-cart"

@@ -524,6 +524,8 @@ class _Reader:
         if rank_by is not None and (not isinstance(rank_by, str) or rank_by.partition(".")[0] not in ROOTS):
             self.problem(node_id, f"{at}.rank_by", f"{rank_by!r} must be a profile field like 'scores.conversion'")
             ok = False
+        elif rank_by is not None and self.catalogue.fields is not None and rank_by not in self.catalogue.fields:
+            self.problem(node_id, f"{at}.rank_by", f"{rank_by} is not a known profile field")
         if not ok or template is None:
             return None
         return Action(
