@@ -196,6 +196,35 @@ async def test_a_snapshot_waits_for_the_mutation_in_flight():
     assert orjson.loads((await stored(store))["p1"]["fields"]) == {"traits.a": 1.0, "traits.b": 2.0}
 
 
+async def test_copied_is_called_at_the_cut_before_anything_is_written():
+    """A service that holds its changes back for the cut (segmentation, at its stream's quiescent point)
+    lets them go on once the state is copied, not once it is written."""
+
+    class Slow(Store):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def bulk_write(self, ops):
+            await self.release.wait()
+            return await super().bulk_write(ops)
+
+    store = Slow()
+    h = held(store)
+    change(h, "p1", **{"traits.plan": "pro"})
+    h.applied[SUBJECT] = 1
+    copied = asyncio.Event()
+    snapshot = asyncio.create_task(h.snapshot(copied=copied.set))
+    await asyncio.wait_for(copied.wait(), 5)
+    assert await stored(store) == {}  # nothing written yet
+    change(h, "p1", **{"traits.plan": "free"})  # after the cut: the next snapshot's
+    h.applied[SUBJECT] = 2
+    store.release.set()
+    assert await snapshot == 2
+    assert orjson.loads((await stored(store))["p1"]["fields"]) == {"traits.plan": "pro"}
+    assert (await stored(store, CHECKPOINTS))[SUBJECT]["stream_seq"] == 1
+
+
 async def test_marks_are_written_beside_the_positions_and_loaded_back():
     store = Store()
     built = {"vip": 3}

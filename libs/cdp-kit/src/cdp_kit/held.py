@@ -225,9 +225,12 @@ class HeldFields(Generic[P]):
 
     # --- snapshots --------------------------------------------------------------------------------
 
-    async def snapshot(self) -> int:
+    async def snapshot(self, *, copied: Callable[[], None] | None = None) -> int:
         """Write the persons changed since the last snapshot, then the stream positions they include,
-        then the service's marks. Returns the records written (0: nothing to do, or not now)."""
+        then the service's marks. Returns the records written (0: nothing to do, or not now).
+
+        `copied` is called once the state has been copied (or found to need no snapshot): a caller
+        holding its changes back for a consistent cut may let them go on while the copies are written."""
         async with self._lock:
             self._thawed.clear()
             try:
@@ -247,6 +250,8 @@ class HeldFields(Generic[P]):
                 marks = dict(self._marks()) if self._marks is not None else {}
             finally:
                 self._thawed.set()
+                if copied is not None:
+                    copied()
             records: list[Put | Delete] = [
                 *(Put(self.checkpoints, s, {"stream_seq": q, "at": at}) for s, q in positions.items()),
                 *(Put(self.checkpoints, key, doc) for key, doc in marks.items()),
