@@ -196,3 +196,26 @@ async def test_an_answer_that_is_not_json_is_judged_by_its_status():
         await runner.cleanup()
     assert (bad_gateway.status, bad_gateway.reason, bad_gateway.retryable) == ("failed", "http_502", True)
     assert (created.status, created.provider_id) == ("accepted", None)
+
+
+async def test_a_session_shared_by_the_service_works_too():
+    import aiohttp
+
+    async with LocalTwilio(SID, TOKEN) as fake, aiohttp.ClientSession() as shared:
+        channel = SmsChannel(settings_for(fake), session=shared)
+        assert (await channel.send(text())).status == "accepted"
+        await channel.close()
+        assert not shared.closed  # not the channel's to close
+
+
+async def test_the_fake_limits_messages_per_second_like_an_account_queue():
+    now = [100.0]
+    async with LocalTwilio(SID, TOKEN, clock=lambda: now[0]) as fake:
+        fake.messages_per_second = 2
+        async with SmsChannel(settings_for(fake)) as channel:
+            first = [await channel.send(text(action_id=f"act-{n}")) for n in range(3)]
+            now[0] += 1.0
+            later = await channel.send(text(action_id="act-3"))
+        assert [o.status for o in first] == ["accepted", "accepted", "failed"]
+        assert (first[2].reason, first[2].retryable) == ("twilio_20429", True)
+        assert later.status == "accepted"

@@ -22,6 +22,7 @@ import hmac
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -56,8 +57,11 @@ class SentMessage:
 
 
 class LocalTwilio(HttpFake):
-    def __init__(self, account_sid: str, auth_token: str, **kwargs: Any) -> None:
+    def __init__(
+        self, account_sid: str, auth_token: str, *, clock: Callable[[], float] = time.monotonic, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        self.clock = clock
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.messages: list[SentMessage] = []
@@ -117,7 +121,7 @@ class LocalTwilio(HttpFake):
             return True
         if self.messages_per_second is None:
             return False
-        now = time.monotonic()
+        now = self.clock()
         self._window = [t for t in self._window if now - t < 1.0]
         if len(self._window) >= self.messages_per_second:
             return True

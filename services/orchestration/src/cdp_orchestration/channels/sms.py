@@ -58,15 +58,12 @@ class SmsChannel(Channel):
         self._session = session
         self._owns_session = session is None
         self._url = f"{settings.api_url.rstrip('/')}/2010-04-01/Accounts/{settings.account_sid}/Messages.json"
+        # Per request, not on the session: a session the service shares between channels carries no auth.
+        self._auth = {"Authorization": aiohttp.encode_basic_auth(settings.account_sid, settings.auth_token)}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers={
-                    "Authorization": aiohttp.encode_basic_auth(self._settings.account_sid, self._settings.auth_token)
-                },
-                timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
-            )
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.timeout))
         return self._session
 
     def form(self, action: Action) -> dict[str, str]:
@@ -93,7 +90,7 @@ class SmsChannel(Channel):
 
     async def _post(self, action: Action) -> Outcome:
         try:
-            async with self._client().post(self._url, data=self.form(action)) as response:
+            async with self._client().post(self._url, data=self.form(action), headers=self._auth) as response:
                 body = await read_json(response)
                 if 200 <= response.status < 300:
                     return Outcome.accepted(provider_id=body.get("sid"))
