@@ -120,6 +120,24 @@ async def test_a_partition_moves_with_its_profiles_and_comes_back_onto_the_store
         await a.stop_partition(0)
 
 
+async def test_a_replica_that_owns_nothing_yet_starts_without_reading_every_timeline(nats_server):
+    """With leases a replica owns nothing when it starts (its partitions come afterwards, each loaded
+    then): reading every stored timeline first would only delay a new pod's readiness on a large store
+    (past its startup probe), for nothing."""
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store("memory://"))
+        scanned: list[str] = []
+        scan_all = store.scan_all
+
+        def spy(collection, **options):
+            scanned.append(collection)
+            return scan_all(collection, **options)
+
+        store.scan_all = spy
+        await replica(stack, store, nats_server.url, "replica-a")
+        assert "profile_timeline" not in scanned and "profiles" not in scanned
+
+
 class Call:
     def __init__(self, *metadata: tuple[str, str]) -> None:
         self.metadata = metadata

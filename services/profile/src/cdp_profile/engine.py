@@ -146,7 +146,8 @@ class ProfileEngine:
         await self._publish_legacy_leftovers()
         await self.store.ensure_index(DELETIONS, "pending")
         await self.catalogue.load(self.store)
-        await self.hot.warm()
+        if self.owned:  # with leases nothing is owned yet: each partition is loaded as it is acquired
+            await self.hot.warm()
         # The warmed profiles live as long as the process: keep the collector from rescanning them.
         gc.freeze()
         await self.privacy.publish_deletions()
