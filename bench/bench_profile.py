@@ -280,11 +280,12 @@ async def bench_reads(address: str, persons: list[str]) -> dict:
                 if not sample and profile.ByteSize() >= 400:
                     sample.append(profile.SerializeToString())
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {
         "rps": READS / elapsed,
+        "cpu_us_per_call": round(cpu / READS * 1e6, 1),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "payload_bytes": int(sum(sizes) / len(sizes)),
@@ -467,9 +468,10 @@ async def bench_freshness(nats_url: str, workdir: Path, rate: int) -> dict:
 
                 async def on_changed(msg) -> None:
                     for change in profile_pb2.ProfileChangedBatch.FromString(msg.data).changes:
-                        for event_id in change.event_ids:
-                            if event_id.startswith("probe"):
-                                changed_at.setdefault(event_id, time.perf_counter() * 1000)
+                        for event_id in change.event_ids:  # "<source>:<message id>"
+                            message_id = event_id.partition(":")[2]
+                            if message_id.startswith("probe"):
+                                changed_at.setdefault(message_id, time.perf_counter() * 1000)
 
                 partition = partition_for(person, PARTITIONS)
                 nc = await nats.connect(nats_url)
@@ -548,6 +550,10 @@ async def measure() -> dict:
         echo_per_call_us=round(echo_per_call, 1),
         # client and grpc are the same on both sides (one process): the rest is the service's own
         service_extra_us=round(per_call - echo_per_call, 1),
+        # the same in CPU time (client, server and grpc's threads): what other work on the machine skews least
+        cpu_us_per_call=reads["cpu_us_per_call"],
+        echo_cpu_us_per_call=echo["cpu_us_per_call"],
+        service_extra_cpu_us=round(reads["cpu_us_per_call"] - echo["cpu_us_per_call"], 1),
         answers_reused=READS - reads["answers_built"],
     )
     return {"apply": ours, "apply_baseline": baseline, "reads": reads, "echo": echo, "fresh": fresh}

@@ -133,12 +133,19 @@ async def bare_server_calls(
                     await call(requests())
                     latencies.append((time.perf_counter() - started) * 1000)
 
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             await asyncio.gather(*(worker() for _ in range(in_flight)))
-            elapsed = time.perf_counter() - started
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         await server.stop(None)
-    return {"rps": calls / elapsed, "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+    return {
+        "rps": calls / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+        # the process' CPU time per call (client, server and grpc's threads): less skewed by other work on
+        # the machine than requests/s
+        "cpu_us_per_call": round(cpu / calls * 1e6, 1),
+    }
 
 
 async def bench_hop(nats_url: str, seconds: float, *, rate: int, payload: bytes) -> dict:
