@@ -318,7 +318,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         return replayed
 
     def leave(self, partition: int) -> None:
-        """Forget `partition` (another replica serves it now; this one snapshotted it first)."""
+        """Forget `partition` (another replica serves it now and this one snapshotted it first, or it is
+        being reloaded): nothing of it is written or deleted by later snapshots."""
         self.active.discard(partition)
         self.owned.discard(partition)
         subject = subjects.profiles_changed(partition)
@@ -326,12 +327,12 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.snapshotted.pop(subject, None)
         self._timers.pop(partition, None)
         self._last_apply.pop(partition, None)
-        for person_id in [p for p in self.persons if self._partition(p) == partition]:
-            person = self.persons.pop(person_id)
-            self.held.versions.pop(person_id, None)
+        leaving = {p for p in self.persons if self._partition(p) == partition}
+        for person_id in leaving:
             self._due.pop(person_id, None)
-            for segment_id in person.members:
+            for segment_id in self.persons[person_id].members:
                 self.members.get(segment_id, set()).discard(person_id)
+        self.held.forget(lambda person_id: person_id in leaving or self._partition(person_id) == partition)
 
     async def reload_partition(self, partition: int, history: History) -> None:
         """A batch of `partition` failed to commit: what is held for it may include changes whose
@@ -540,7 +541,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             return await self.stream.snapshot()
         return await self.held.snapshot()
 
-    async def snapshot_at(self, positions: Mapping[int, int]) -> int:
+    async def snapshot_at(self, positions: Mapping[int, int], *, copied: Callable[[], None] | None = None) -> int:
         """The snapshot at a quiescent point, `positions` being each running partition's checkpoint:
         everything up to it is applied here and its transitions are published. A checkpoint past what
         the held state records moved over messages that changed nothing (rejected ones)."""
@@ -548,7 +549,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             subject = subjects.profiles_changed(partition)
             if partition in self.active and seq > self.applied.get(subject, 0):
                 self.applied[subject] = seq
-        return await self.held.snapshot()
+        return await self.held.snapshot(copied=copied)
 
     def log_snapshot_failure(self, exc: BaseException) -> None:
         log.warning("snapshot failed (%r); the next one writes what it did not", exc)
