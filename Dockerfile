@@ -32,13 +32,13 @@ COPY --from=manifests /manifests/ ./
 # does, and checks from uv.lock that none of those packages is reachable from this list.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-workspace \
-      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation --package cdp-orchestration
+      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation --package cdp-orchestration --package cdp-crm
 COPY libs ./libs
 COPY services ./services
 # Non-editable: the workspace packages are installed into the venv, so the runtime stage needs no sources.
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable \
-      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation --package cdp-orchestration
+      --package cdp-collector --package cdp-identity --package cdp-profile --package cdp-scoring --package cdp-segmentation --package cdp-orchestration --package cdp-crm
 
 FROM ${PYTHON_IMAGE} AS runtime
 # pip is not needed to run anything; dropping it leaves no installer in the final image.
