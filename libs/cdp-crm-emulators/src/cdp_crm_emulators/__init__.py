@@ -6,9 +6,22 @@ injector and an inspection API (see `_server.Emulator`). Test and dev only: neve
 """
 
 from cdp_crm_emulators._server import Clock, Emulator, FaultInjector
+from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
-EMULATORS: dict[str, type[Emulator]] = {"hubspot": HubSpotEmulator, "salesforce": SalesforceEmulator}
+EMULATORS: dict[str, type[Emulator]] = {
+    "dynamics": DynamicsEmulator,
+    "hubspot": HubSpotEmulator,
+    "salesforce": SalesforceEmulator,
+}
 
-__all__ = ["EMULATORS", "Clock", "Emulator", "FaultInjector", "HubSpotEmulator", "SalesforceEmulator"]
+__all__ = [
+    "EMULATORS",
+    "Clock",
+    "DynamicsEmulator",
+    "Emulator",
+    "FaultInjector",
+    "HubSpotEmulator",
+    "SalesforceEmulator",
+]

@@ -1,0 +1,737 @@
+"""A local Dynamics 365 / Dataverse: Entra ID client-credentials tokens and the Web API ``/api/data/v9.2/``.
+
+Token: ``POST /{tenant}/oauth2/v2.0/token`` (grant_type=client_credentials, scope ``<resource>/.default``)
+in Microsoft Entra ID's shape (AADSTS error codes), with OpenID discovery at
+``/{tenant}/v2.0/.well-known/openid-configuration`` so msal's ConfidentialClientApplication works against it
+(over TLS, with instance discovery off since this host is not a Microsoft cloud).
+
+Entity sets: contacts (alternate keys ``emailaddress1`` and ``cdp_id``), accounts (``cdp_id``), incidents and
+tasks (``cdp_idempotencykey``). ``PATCH <set>(<key>)`` upserts: 204 with ``OData-EntityId``; ``If-Match: *``
+makes it update-only (404 when missing), ``If-None-Match: *`` create-only (412 when present), ``If-Match:
+W/"<version>"`` updates only that version (412 otherwise). Lookups bind with ``<nav>@odata.bind`` to
+``/<set>(<id or key>)``. Unknown properties fail with 0x80060888; errors are ``{"error": {"code", "message"}}``.
+
+``$batch`` (multipart/mixed): requests outside change sets run one by one; a change set is all or nothing -
+on the first failure it is rolled back and answered by that failure alone. ``Content-ID`` references
+(``$1``) point at an entity created earlier in the same change set.
+
+Service protection: `window_limit` requests per sliding `window_seconds` (6000 / 300 s) per caller; past it
+429 with error 0x80072322 and ``Retry-After`` (seconds until a slot frees). A ``$batch`` counts as one request.
+
+Inbound: ``Prefer: odata.track-changes`` on a collection GET returns ``@odata.deltaLink``; following it
+returns what changed since (``$deletedEntity`` entries for deletions). `user_update` / `user_create` /
+`user_delete` act as a Dynamics user.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cdp_crm_emulators._server import Emulator, Records, iso_z, json_response, new_id
+
+API = "/api/data/v9.2"
+NAMESPACE = "Microsoft.Dynamics.CRM"
+BATCH_LIMIT = 1000
+
+
+class EntitySet:
+    def __init__(
+        self,
+        name: str,
+        logical: str,
+        primary: str,
+        attributes: set[str],
+        keys: tuple[str, ...],
+        lookups: dict[str, str],
+        required: tuple[str, ...] = (),
+    ):
+        self.name, self.logical, self.primary = name, logical, primary
+        self.attributes = attributes | {primary, "createdon", "modifiedon", "versionnumber", "statecode", "statuscode"}
+        self.keys, self.lookups, self.required = keys, lookups, required
+
+
+def default_entity_sets() -> dict[str, EntitySet]:
+    return {
+        "contacts": EntitySet(
+            "contacts",
+            "contact",
+            "contactid",
+            {
+                "firstname",
+                "lastname",
+                "fullname",
+                "emailaddress1",
+                "telephone1",
+                "mobilephone",
+                "jobtitle",
+                "donotbulkemail",
+                "cdp_id",
+            }
+            | {"cdp_churnrisk", "cdp_fraudscore", "cdp_lifetimevalue", "cdp_segments"},
+            ("emailaddress1", "cdp_id"),
+            {"parentcustomerid_account": "accounts"},
+        ),
+        "accounts": EntitySet(
+            "accounts",
+            "account",
+            "accountid",
+            {"name", "websiteurl", "industrycode", "cdp_id"},
+            ("cdp_id",),
+            {},
+            ("name",),
+        ),
+        "incidents": EntitySet(
+            "incidents",
+            "incident",
+            "incidentid",
+            {"title", "description", "prioritycode", "caseorigincode", "ticketnumber", "cdp_idempotencykey"},
+            ("cdp_idempotencykey",),
+            {"customerid_contact": "contacts", "customerid_account": "accounts"},
+            ("title",),
+        ),
+        "tasks": EntitySet(
+            "tasks",
+            "task",
+            "activityid",
+            {"subject", "description", "prioritycode", "scheduledend", "cdp_idempotencykey"},
+            ("cdp_idempotencykey",),
+            {"regardingobjectid_contact": "contacts", "regardingobjectid_account": "accounts"},
+            ("subject",),
+        ),
+    }
+
+
+class DataverseError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class DynamicsEmulator(Emulator):
+    name = "dynamics"
+
+    def __init__(
+        self,
+        *,
+        tenant: str = "00000000-0000-0000-0000-0000000000aa",
+        client_id: str = "local-dynamics-client",
+        client_secret: str = "local-dynamics-secret",
+        window_limit: int = 6000,
+        window_seconds: float = 300.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.tenant = tenant
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.window_limit = window_limit
+        self.window_seconds = window_seconds
+        self.sets = default_entity_sets()
+        self.store = Records({name: s.keys for name, s in self.sets.items()})
+        self.tokens: set[str] = set()
+        self.changes: list[tuple[int, str, str, bool]] = []  # (version, set, id, deleted)
+        self._versions = itertools.count(1000)
+        self._tickets = itertools.count(1)
+        self._window: deque[float] = deque()
+        self._throttled = 0
+        self._pages: dict[str, tuple[str, list[str], list[dict[str, Any]]]] = {}
+        r = self.app.router
+        r.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
+        r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
+        r.add_post(f"{API}/$batch", self._batch)
+        r.add_route("*", API + "/{rest:.*}", self._web_api)
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    def records(self, obj: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.objects.get(obj, {}).values()]
+
+    def find(self, entity_set: str, attribute: str, value: Any) -> dict[str, Any] | None:
+        record_id = self.store.find(entity_set, attribute, value)
+        return None if record_id is None else dict(self.store.objects[entity_set][record_id])
+
+    def budget(self) -> dict[str, Any]:
+        self._roll()
+        return {
+            "window_limit": self.window_limit,
+            "window_seconds": self.window_seconds,
+            "window_used": len(self._window),
+            "throttled": self._throttled,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {"objects": self.store.objects, "changes": self.changes, "version": next(self._versions)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.store.restore(state.get("objects", {}))
+        self.changes = [tuple(c) for c in state.get("changes", [])]  # type: ignore[misc]
+        self._versions = itertools.count(state.get("version", 1000))
+
+    # --- the CRM user's side (inbound) -----------------------------------------------------------
+
+    def user_create(self, entity_set: str, values: dict[str, Any]) -> dict[str, Any]:
+        record_id = self._write(entity_set, None, values)
+        return dict(self.store.objects[entity_set][record_id])
+
+    def user_update(self, entity_set: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        self._write(entity_set, record_id, values)
+        return dict(self.store.objects[entity_set][record_id])
+
+    def user_delete(self, entity_set: str, record_id: str) -> None:
+        if self.store.delete(entity_set, record_id) is not None:
+            self.changes.append((next(self._versions), entity_set, record_id, True))
+
+    # --- token -----------------------------------------------------------------------------------
+
+    def is_api(self, request: web.Request) -> bool:
+        return request.path.startswith(API)
+
+    def error_response(self, status: int, request: web.Request) -> web.Response:
+        if status == 429:
+            return self._throttle_response(retry_after=1)
+        return _error_response(
+            DataverseError(status, "0x80040216" if status >= 500 else "0x80040203", "injected fault")
+        )
+
+    async def _openid(self, request: web.Request) -> web.Response:
+        tenant = request.match_info["tenant"]
+        base = f"{self.base_url}/{tenant}"
+        return json_response(
+            {
+                "token_endpoint": f"{base}/oauth2/v2.0/token",
+                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+                "issuer": f"{base}/v2.0",
+                "jwks_uri": f"{base}/discovery/v2.0/keys",
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "private_key_jwt",
+                    "client_secret_basic",
+                ],
+                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+                "scopes_supported": ["openid", "profile", "email", "offline_access"],
+                "tenant_region_scope": "EU",
+            }
+        )
+
+    async def _token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        tenant = request.match_info["tenant"]
+        if tenant not in (self.tenant, "organizations"):
+            return _aad_error(400, "invalid_request", 90002, f"Tenant '{tenant}' not found.")
+        if form.get("grant_type") != "client_credentials":
+            return _aad_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
+        if form.get("client_id") != self.client_id:
+            return _aad_error(400, "unauthorized_client", 700016, "Application was not found in the directory.")
+        if form.get("client_secret") != self.client_secret:
+            return _aad_error(401, "invalid_client", 7000215, "Invalid client secret provided.")
+        scopes = str(form.get("scope", "")).split()
+        if not any(s.endswith("/.default") for s in scopes):
+            return _aad_error(
+                400,
+                "invalid_scope",
+                1002012,
+                "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.",
+            )
+        token = f"eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.{new_id()}."
+        self.tokens.add(token)
+        return json_response(
+            {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token}
+        )
+
+    # --- limits ----------------------------------------------------------------------------------
+
+    def _roll(self) -> None:
+        horizon = self.clock() - self.window_seconds
+        while self._window and self._window[0] <= horizon:
+            self._window.popleft()
+
+    def _throttle_response(self, retry_after: int) -> web.Response:
+        message = f"Number of requests exceeded the limit of {self.window_limit} over time window of {int(self.window_seconds)} seconds."
+        body = {"error": {"code": "0x80072322", "message": message}}
+        return json_response(body, status=429, headers={"Retry-After": str(retry_after)})
+
+    def _admit(self, request: web.Request) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+            challenge = (
+                f"Bearer authorization_uri={self.base_url}/{self.tenant}/oauth2/authorize, resource_id={self.base_url}/"
+            )
+            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+        self._roll()
+        if len(self._window) >= self.window_limit:
+            self._throttled += 1
+            wait = self._window[0] + self.window_seconds - self.clock()
+            return self._throttle_response(max(1, int(wait + 0.999)))
+        self._window.append(self.clock())
+        return None
+
+    # --- Web API ---------------------------------------------------------------------------------
+
+    async def _web_api(self, request: web.Request) -> web.StreamResponse:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        body = await request.read()
+        status, headers, answer = self._execute(
+            request.method, request.match_info["rest"], request.query_string, dict(request.headers), body, {}
+        )
+        return _make_response(status, headers, answer)
+
+    def _execute(
+        self,
+        method: str,
+        path: str,
+        query_string: str,
+        headers: dict[str, str],
+        body: bytes,
+        content_ids: dict[str, str],
+    ) -> tuple[int, dict[str, str], Any]:
+        try:
+            return self._route(method, path, urllib.parse.parse_qs(query_string), headers, body, content_ids)
+        except DataverseError as exc:
+            return exc.status, {}, {"error": {"code": exc.code, "message": exc.message}}
+
+    def _route(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: bytes,
+        content_ids: dict[str, str],
+    ) -> tuple[int, dict[str, str], Any]:
+        path = urllib.parse.unquote(path)
+        if path.startswith("$") and "(" not in path.split("/")[0]:
+            ref = path.split("/")[0]
+            if ref[1:] in content_ids:
+                path = content_ids[ref[1:]] + path[len(ref) :]
+        match = re.fullmatch(r"(\w+)(?:\((.*)\))?", path.strip("/"))
+        if match is None or match.group(1) not in self.sets:
+            raise DataverseError(404, "0x80060888", f"Resource not found for the segment '{path.split('(')[0]}'.")
+        entity = self.sets[match.group(1)]
+        key = match.group(2)
+        payload = orjson.loads(body) if body.strip() else {}
+        prefer = headers.get("Prefer", "")
+        if key is None and method == "GET":
+            return self._list(entity, query, prefer)
+        if key is None and method == "POST":
+            record_id = self._write(entity.name, None, payload)
+            return self._written(entity, record_id, prefer, created=True)
+        if key is None:
+            raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed on a collection.")
+        record_id = self._resolve_key(entity, key)
+        current = self.store.get(entity.name, record_id) if record_id else None
+        if method == "GET":
+            if current is None:
+                raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
+            return 200, {"ETag": _etag(current)}, self._public(entity, current, _select(query))
+        if method == "DELETE":
+            if current is None:
+                raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
+            self.user_delete(entity.name, current[entity.primary])
+            return 204, {}, None
+        if method == "PATCH":
+            if_match, if_none_match = headers.get("If-Match"), headers.get("If-None-Match")
+            if current is None and if_match is not None:
+                raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
+            if current is not None and if_none_match == "*":
+                raise DataverseError(412, "0x80040237", "A record with matching key values already exists.")
+            if current is not None and if_match not in (None, "*") and if_match != _etag(current):
+                raise DataverseError(
+                    412,
+                    "0x80060882",
+                    "The version of the existing record doesn't match the RowVersion property provided.",
+                )
+            if current is None:
+                payload = {**payload, **self._key_values(entity, key)}
+                # An upsert by GUID creates the record with that GUID; by alternate key, with a new one.
+                written = self._write(entity.name, None, payload, new_record_id=None if "=" in key else record_id)
+            else:
+                written = self._write(entity.name, current[entity.primary], payload)
+            return self._written(entity, written, prefer, created=current is None)
+        raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed.")
+
+    def _written(
+        self, entity: EntitySet, record_id: str, prefer: str, *, created: bool
+    ) -> tuple[int, dict[str, str], Any]:
+        headers = {"OData-EntityId": f"{self.base_url}{API}/{entity.name}({record_id})"}
+        record = self.store.objects[entity.name][record_id]
+        headers["ETag"] = _etag(record)
+        if "return=representation" in prefer:
+            return (201 if created else 200), headers, self._public(entity, record, None)
+        return 204, headers, None
+
+    def _key_values(self, entity: EntitySet, key: str) -> dict[str, Any]:
+        if "=" not in key:
+            return {}
+        values = {}
+        for part in _split_key(key):
+            name, _, raw = part.partition("=")
+            values[name.strip()] = raw.strip().strip("'").replace("''", "'")
+        return values
+
+    def _resolve_key(self, entity: EntitySet, key: str) -> str | None:
+        if "=" not in key:
+            try:
+                return str(uuid.UUID(key.strip()))
+            except ValueError:
+                raise DataverseError(
+                    400, "0x80060888", f"Bad Request - Error in query syntax: invalid key {entity.primary}."
+                ) from None
+        values = self._key_values(entity, key)
+        if len(values) != 1 or next(iter(values)) not in entity.keys:
+            raise DataverseError(
+                400,
+                "0x80060888",
+                f"The key used in the request is not an alternate key defined for {entity.logical}: {', '.join(values)}",
+            )
+        name, value = next(iter(values.items()))
+        return self.store.find(entity.name, name, value)
+
+    def _write(
+        self, entity_set: str, record_id: str | None, payload: dict[str, Any], new_record_id: str | None = None
+    ) -> str:
+        entity = self.sets[entity_set]
+        values: dict[str, Any] = {}
+        for name, value in payload.items():
+            if name.startswith("@odata") or name.endswith("@odata.type"):
+                continue
+            if name.endswith("@odata.bind"):
+                nav = name[: -len("@odata.bind")]
+                if nav not in entity.lookups:
+                    raise DataverseError(
+                        400,
+                        "0x80060888",
+                        f"An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload.",
+                    )
+                values[f"_{nav}_value"] = self._bind(entity.lookups[nav], value)
+                continue
+            if name not in entity.attributes or name in (entity.primary, "createdon", "modifiedon", "versionnumber"):
+                raise DataverseError(
+                    400,
+                    "0x80060888",
+                    f"The property '{name}' does not exist on type '{NAMESPACE}.{entity.logical}'. Make sure to only use property names that are defined by the type.",
+                )
+            values[name] = value
+        if record_id is None:
+            missing = [n for n in entity.required if values.get(n) in (None, "")]
+            if missing:
+                raise DataverseError(400, "0x80040200", f"Required field '{missing[0]}' is missing a value.")
+        if (message := self.faults.rejection_for(entity_set, values)) is not None:
+            raise DataverseError(400, "0x80040265", message)
+        for key in entity.keys:
+            holder = self.store.find(entity_set, key, values.get(key)) if values.get(key) not in (None, "") else None
+            if holder is not None and holder != record_id:
+                raise DataverseError(412, "0x80040237", "A record with matching key values already exists.")
+        now = iso_z(self.clock())
+        if record_id is None:
+            record_id = new_record_id or str(uuid.uuid4())
+            record: dict[str, Any] = {entity.primary: record_id, "createdon": now, "statecode": 0, "statuscode": 1}
+            if entity_set == "incidents":
+                record["ticketnumber"] = f"CAS-{next(self._tickets):05d}-LOCAL"
+        else:
+            record = dict(self.store.objects[entity_set][record_id])
+        record.update(values)
+        if entity_set == "contacts":
+            record["fullname"] = " ".join(p for p in (record.get("firstname"), record.get("lastname")) if p)
+        version = next(self._versions)
+        record.update(modifiedon=now, versionnumber=version)
+        self.store.put(entity_set, record_id, record)
+        self.changes.append((version, entity_set, record_id, False))
+        return record_id
+
+    def _bind(self, target_set: str, reference: str) -> str:
+        match = re.fullmatch(r"/?(?:.*/)?(\w+)\((.*)\)", str(reference))
+        if match is None or match.group(1) != target_set:
+            raise DataverseError(
+                400, "0x80060888", f"The @odata.bind value must reference /{target_set}(<id or alternate key>)."
+            )
+        target = self.sets[target_set]
+        record_id = self._resolve_key(target, match.group(2))
+        if record_id is None or self.store.get(target_set, record_id) is None:
+            raise DataverseError(404, "0x80040217", f"{target.logical} With Ids = {match.group(2)} Does Not Exist")
+        return record_id
+
+    def _public(self, entity: EntitySet, record: dict[str, Any], select: list[str] | None) -> dict[str, Any]:
+        shown = {k: record.get(k) for k in [*select, entity.primary]} if select else dict(record)
+        return {"@odata.etag": _etag(record), **shown}
+
+    def _list(self, entity: EntitySet, query: dict[str, list[str]], prefer: str) -> tuple[int, dict[str, str], Any]:
+        select = _select(query)
+        for name in select or []:
+            if name not in entity.attributes and not (name.startswith("_") and name.endswith("_value")):
+                raise DataverseError(
+                    400,
+                    "0x80060888",
+                    f"Could not find a property named '{name}' on type '{NAMESPACE}.{entity.logical}'.",
+                )
+        context = f"{self.base_url}{API}/$metadata#{entity.name}"
+        if "$deltatoken" in query:
+            since = int(query["$deltatoken"][0])
+            return 200, {}, self._delta(entity, since, select, context)
+        if "$skiptoken" in query:
+            token = query["$skiptoken"][0]
+            if token not in self._pages:
+                raise DataverseError(400, "0x80060888", "The $skiptoken is invalid or has expired.")
+            _, select, rows = self._pages.pop(token)
+        else:
+            predicate = _filter(query.get("$filter", [""])[0], entity)
+            rows = [r for r in self.store.objects.get(entity.name, {}).values() if predicate(r)]
+            if "$orderby" in query:
+                column, _, direction = query["$orderby"][0].partition(" ")
+                rows.sort(
+                    key=lambda r: (r.get(column) is None, r.get(column) or ""),
+                    reverse=direction.strip().lower() == "desc",
+                )
+            if "$top" in query:
+                rows = rows[: int(query["$top"][0])]
+        page_size = 5000
+        if (m := re.search(r"odata\.maxpagesize=(\d+)", prefer)) is not None:
+            page_size = int(m.group(1))
+        page, rest = rows[:page_size], rows[page_size:]
+        answer: dict[str, Any] = {"@odata.context": context, "value": [self._public(entity, r, select) for r in page]}
+        if rest:
+            token = new_id()
+            self._pages[token] = (entity.name, select or [], rest)
+            answer["@odata.nextLink"] = f"{self.base_url}{API}/{entity.name}?$skiptoken={token}"
+        if "odata.track-changes" in prefer:
+            answer["@odata.deltaLink"] = self._delta_link(entity, select)
+        return 200, {"Preference-Applied": prefer} if prefer else {}, answer
+
+    def _delta_link(self, entity: EntitySet, select: list[str] | None) -> str:
+        latest = self.changes[-1][0] if self.changes else 0
+        selected = f"$select={','.join(select)}&" if select else ""
+        return f"{self.base_url}{API}/{entity.name}?{selected}$deltatoken={latest}"
+
+    def _delta(self, entity: EntitySet, since: int, select: list[str] | None, context: str) -> dict[str, Any]:
+        latest: dict[str, tuple[int, bool]] = {}
+        for version, entity_set, record_id, deleted in self.changes:
+            if entity_set == entity.name and version > since:
+                latest[record_id] = (version, deleted)
+        value = []
+        for record_id, (_, deleted) in sorted(latest.items(), key=lambda item: item[1][0]):
+            record = self.store.get(entity.name, record_id)
+            if deleted or record is None:
+                value.append({"@odata.context": f"{context}/$deletedEntity", "id": record_id, "reason": "deleted"})
+            else:
+                value.append(self._public(entity, record, select))
+        return {
+            "@odata.context": f"{context}/$delta",
+            "value": value,
+            "@odata.deltaLink": self._delta_link(entity, select),
+        }
+
+    # --- $batch ----------------------------------------------------------------------------------
+
+    async def _batch(self, request: web.Request) -> web.StreamResponse:
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        boundary = _boundary(request.headers.get("Content-Type", ""))
+        if boundary is None:
+            return _error_response(
+                DataverseError(400, "0x80060888", "The $batch request must be multipart/mixed with a boundary.")
+            )
+        parts = _multipart(await request.read(), boundary)
+        if (
+            sum(len(_multipart(body, b)) if (b := _boundary(h.get("content-type", ""))) else 1 for h, body in parts)
+            > BATCH_LIMIT
+        ):
+            return _error_response(
+                DataverseError(
+                    400, "0x8004800d", f"The number of requests in the batch exceeds the limit of {BATCH_LIMIT}."
+                )
+            )
+        out_boundary = f"batchresponse_{uuid.uuid4()}"
+        chunks: list[bytes] = []
+        for part_headers, part_body in parts:
+            inner = _boundary(part_headers.get("content-type", ""))
+            if inner is None:
+                status, headers, answer = self._batch_operation(part_body, {})
+                chunks.append(_http_part(status, headers, answer, None))
+                continue
+            chunks.append(self._changeset(_multipart(part_body, inner)))
+        body = (
+            b"".join(b"--" + out_boundary.encode() + b"\r\n" + chunk for chunk in chunks)
+            + b"--"
+            + out_boundary.encode()
+            + b"--\r\n"
+        )
+        return web.Response(
+            status=200,
+            body=body,
+            headers={"Content-Type": f"multipart/mixed; boundary={out_boundary}", "OData-Version": "4.0"},
+        )
+
+    def _changeset(self, operations: list[tuple[dict[str, str], bytes]]) -> bytes:
+        before = self.store.copy_state()
+        changes_before = len(self.changes)
+        content_ids: dict[str, str] = {}
+        answers: list[bytes] = []
+        for op_headers, op_body in operations:
+            status, headers, answer = self._batch_operation(op_body, content_ids)
+            content_id = op_headers.get("content-id")
+            if status >= 400:
+                # All or nothing: undo what this change set wrote and answer with the failure alone.
+                self.store.restore(before)
+                del self.changes[changes_before:]
+                return _http_part(status, headers, answer, content_id)
+            if content_id and "OData-EntityId" in headers:
+                entity_path = headers["OData-EntityId"].split(API + "/", 1)[1]
+                content_ids[content_id] = entity_path
+            answers.append(_http_part(status, headers, answer, content_id))
+        boundary = f"changesetresponse_{uuid.uuid4()}"
+        inner = (
+            b"".join(b"--" + boundary.encode() + b"\r\n" + a for a in answers) + b"--" + boundary.encode() + b"--\r\n"
+        )
+        return f"Content-Type: multipart/mixed; boundary={boundary}\r\n\r\n".encode() + inner + b"\r\n"
+
+    def _batch_operation(self, raw: bytes, content_ids: dict[str, str]) -> tuple[int, dict[str, str], Any]:
+        head, _, body = raw.replace(b"\r\n", b"\n").partition(b"\n\n")
+        lines = head.decode().split("\n")
+        request_line = lines[0].split()
+        if len(request_line) < 2:
+            return 400, {}, {"error": {"code": "0x80060888", "message": "Malformed request line in $batch"}}
+        method, url = request_line[0], request_line[1]
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().title()] = value.strip()
+        path = url.split(API + "/", 1)[1] if API + "/" in url else url.lstrip("/")
+        path, _, query_string = path.partition("?")
+        for ref, target in content_ids.items():
+            body = body.replace(f'"${ref}"'.encode(), f'"/{target}"'.encode())
+        return self._execute(method, path, query_string, headers, body.strip(), content_ids)
+
+
+def _etag(record: dict[str, Any]) -> str:
+    return f'W/"{record.get("versionnumber")}"'
+
+
+def _select(query: dict[str, list[str]]) -> list[str] | None:
+    return [s.strip() for s in query["$select"][0].split(",")] if "$select" in query else None
+
+
+def _split_key(key: str) -> list[str]:
+    return [p for p in re.split(r",(?=(?:[^']*'[^']*')*[^']*$)", key) if p]
+
+
+def _filter(text: str, entity: EntitySet) -> Any:
+    """``a eq 'x' and b gt 5 or c ne null``: left-to-right, ``and`` binding tighter than ``or``."""
+    if not text.strip():
+        return lambda r: True
+    alternatives = []
+    for group in re.split(r"\s+or\s+", text.strip(), flags=re.I):
+        tests = []
+        for clause in re.split(r"\s+and\s+", group, flags=re.I):
+            m = re.fullmatch(r"\s*(\w+)\s+(eq|ne|gt|ge|lt|le)\s+(.+?)\s*", clause, flags=re.I)
+            if m is None:
+                raise DataverseError(400, "0x80060888", f"Syntax error in $filter near '{clause.strip()}'.")
+            name, op, raw = m.group(1), m.group(2).lower(), m.group(3)
+            if name not in entity.attributes and not (name.startswith("_") and name.endswith("_value")):
+                raise DataverseError(
+                    400,
+                    "0x80060888",
+                    f"Could not find a property named '{name}' on type '{NAMESPACE}.{entity.logical}'.",
+                )
+            value: Any = None if raw == "null" else raw.strip("'").replace("''", "'") if raw.startswith("'") else raw
+            if isinstance(value, str) and re.fullmatch(r"-?\d+(\.\d+)?", value) and not raw.startswith("'"):
+                value = float(value)
+            tests.append((name, op, value))
+        alternatives.append(tests)
+
+    def compare(actual: Any, op: str, expected: Any) -> bool:
+        if isinstance(expected, float) and actual is not None:
+            actual = float(actual)
+        if isinstance(actual, str) and isinstance(expected, str):
+            actual, expected = actual.lower(), expected.lower()
+        if op == "eq":
+            return bool(actual == expected)
+        if op == "ne":
+            return bool(actual != expected)
+        if actual is None or expected is None:
+            return False
+        return {"gt": actual > expected, "ge": actual >= expected, "lt": actual < expected, "le": actual <= expected}[
+            op
+        ]
+
+    return lambda r: any(all(compare(r.get(n), o, v) for n, o, v in tests) for tests in alternatives)
+
+
+def _boundary(content_type: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    return m.group(1) if m and "multipart/mixed" in content_type.lower() else None
+
+
+def _multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    parts = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        chunk = chunk.lstrip(b"\r\n")
+        head, _, content = chunk.replace(b"\r\n", b"\n").partition(b"\n\n")
+        headers = {}
+        for line in head.decode().split("\n"):
+            name, _, value = line.partition(":")
+            if name.strip():
+                headers[name.strip().lower()] = value.strip()
+        parts.append((headers, content.rstrip(b"\n")))
+    return parts
+
+
+def _http_part(status: int, headers: dict[str, str], answer: Any, content_id: str | None) -> bytes:
+    reason = {
+        200: "OK",
+        201: "Created",
+        204: "No Content",
+        400: "Bad Request",
+        404: "Not Found",
+        412: "Precondition Failed",
+        429: "Too Many Requests",
+    }.get(status, "")
+    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
+    if content_id:
+        lines.append(f"Content-ID: {content_id}")
+    lines += ["", f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    body = b""
+    if answer is not None:
+        lines.append("Content-Type: application/json; odata.metadata=minimal")
+        body = orjson.dumps(answer)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body + b"\r\n"
+
+
+def _make_response(status: int, headers: dict[str, str], answer: Any) -> web.Response:
+    headers = {**headers, "OData-Version": "4.0"}
+    if answer is None:
+        return web.Response(status=status, headers=headers)
+    return json_response(answer, status=status, headers=headers)
+
+
+def _error_response(exc: DataverseError) -> web.Response:
+    return json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+
+
+def _aad_error(status: int, error: str, code: int, description: str) -> web.Response:
+    trace = str(uuid.uuid4())
+    return json_response(
+        {
+            "error": error,
+            "error_description": f"AADSTS{code}: {description} Trace ID: {trace}",
+            "error_codes": [code],
+            "timestamp": iso_z(time.time()).replace("T", " ").rstrip("Z"),
+            "trace_id": trace,
+            "correlation_id": str(uuid.uuid4()),
+        },
+        status=status,
+    )
