@@ -9,11 +9,13 @@ from cdp_crm_emulators._server import Clock, Emulator, FaultInjector
 from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 
 EMULATORS: dict[str, type[Emulator]] = {
     "dynamics": DynamicsEmulator,
     "hubspot": HubSpotEmulator,
     "salesforce": SalesforceEmulator,
+    "zoho": ZohoEmulator,
 }
 
 __all__ = [

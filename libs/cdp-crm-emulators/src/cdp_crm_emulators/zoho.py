@@ -1,0 +1,565 @@
+"""A local Zoho CRM (API v8): OAuth refresh tokens, upsert with duplicate check fields, search, credits.
+
+Token: ``POST /oauth/v2/token`` with ``grant_type=refresh_token``, client id and secret and a known refresh
+token (query string or form) answers ``{access_token, api_domain, token_type, expires_in}``; a bad client or
+refresh token is ``{"error": "invalid_client"}`` / ``{"error": "invalid_code"}`` with HTTP 200, as Zoho
+answers. API calls carry ``Authorization: Zoho-oauthtoken <token>``; anything else is 401 ``INVALID_TOKEN``.
+
+Modules: Leads, Contacts, Accounts, Cases, Tasks. ``POST /crm/v8/<Module>/upsert`` takes at most 100
+records; each is matched on the first of ``duplicate_check_fields`` (default: the module's system unique
+fields) that it carries and answers its own ``{code, details, message, status}`` (``SUCCESS`` with
+``action`` insert/update, ``MANDATORY_NOT_FOUND``, ``INVALID_DATA`` naming ``api_name`` and ``json_path``).
+HTTP status: 200 all written, 207 some written, 400 none written.
+
+Credits: every call costs `credit_costs[operation]` (default 1) against `daily_credits` over a rolling
+24 hours; past it the call is refused with 429 ``LIMIT_REACHED`` and changes nothing.
+
+Inbound: ``GET /crm/v8/<Module>?fields=...`` with ``If-Modified-Since`` lists what changed since (304 when
+nothing did), and search takes ``(Modified_Time:greater_than:<iso>)``. `user_update` / `user_create` act
+as a Zoho user.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import re
+import urllib.parse
+from collections import deque
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cdp_crm_emulators._server import Emulator, Records, json_response, new_id
+
+UPSERT_LIMIT = 100
+PAGE_LIMIT = 200
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_USER = {"name": "Local Admin", "id": "5725767000000411001", "email": "admin@example.com"}
+
+
+class Module:
+    def __init__(
+        self,
+        name: str,
+        fields: dict[str, str],
+        required: tuple[str, ...],
+        unique: tuple[str, ...],
+        default_duplicate_check: tuple[str, ...],
+    ):
+        self.name, self.fields, self.required, self.unique = name, fields, required, unique
+        self.default_duplicate_check = default_duplicate_check
+
+
+def default_modules() -> dict[str, Module]:
+    cdp = {"CDP_Id": "text"}
+    return {
+        "Leads": Module(
+            "Leads",
+            {
+                "First_Name": "text",
+                "Last_Name": "text",
+                "Email": "email",
+                "Company": "text",
+                "Lead_Status": "picklist",
+                **cdp,
+            },
+            ("Last_Name",),
+            ("Email", "CDP_Id"),
+            ("Email",),
+        ),
+        "Contacts": Module(
+            "Contacts",
+            {
+                "First_Name": "text",
+                "Last_Name": "text",
+                "Email": "email",
+                "Phone": "phone",
+                "Mobile": "phone",
+                "Title": "text",
+                "Email_Opt_Out": "boolean",
+                "Account_Name": "lookup",
+                "Churn_Risk": "double",
+                "Fraud_Score": "double",
+                "Lifetime_Value": "double",
+                "CDP_Segments": "textarea",
+                **cdp,
+            },
+            ("Last_Name",),
+            ("Email", "CDP_Id"),
+            ("Email",),
+        ),
+        "Accounts": Module(
+            "Accounts",
+            {"Account_Name": "text", "Website": "website", "Industry": "picklist", **cdp},
+            ("Account_Name",),
+            ("Account_Name", "CDP_Id"),
+            ("Account_Name",),
+        ),
+        "Cases": Module(
+            "Cases",
+            {
+                "Subject": "text",
+                "Description": "textarea",
+                "Status": "picklist",
+                "Priority": "picklist",
+                "Case_Origin": "picklist",
+                "Related_To": "lookup",
+                "CDP_Idempotency_Key": "text",
+            },
+            ("Subject", "Case_Origin", "Status"),
+            ("CDP_Idempotency_Key",),
+            ("CDP_Idempotency_Key",),
+        ),
+        "Tasks": Module(
+            "Tasks",
+            {
+                "Subject": "text",
+                "Description": "textarea",
+                "Status": "picklist",
+                "Priority": "picklist",
+                "Due_Date": "date",
+                "Who_Id": "lookup",
+                "CDP_Idempotency_Key": "text",
+            },
+            ("Subject",),
+            ("CDP_Idempotency_Key",),
+            ("CDP_Idempotency_Key",),
+        ),
+    }
+
+
+SYSTEM = {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By", "Owner"}
+
+
+class ZohoEmulator(Emulator):
+    name = "zoho"
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "1000.LOCALZOHOCLIENT",
+        client_secret: str = "local-zoho-secret",
+        refresh_tokens: set[str] | None = None,
+        daily_credits: int = 50_000,
+        credit_costs: dict[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.refresh_tokens = refresh_tokens if refresh_tokens is not None else {"1000.local-refresh-token"}
+        self.daily_credits = daily_credits
+        self.credit_costs = {"upsert": 1, "search": 1, "get": 1, "token": 0, **(credit_costs or {})}
+        self.modules = default_modules()
+        self.store = Records({name: m.unique for name, m in self.modules.items()})
+        self.tokens: set[str] = set()
+        self._ids = itertools.count(5725767000000500001)
+        self._credits: deque[tuple[float, int]] = deque()
+        self._used = 0
+        self._refused = 0
+        r = self.app.router
+        r.add_post("/oauth/v2/token", self._token)
+        r.add_post("/crm/v8/{module}/upsert", self._upsert)
+        r.add_get("/crm/v8/{module}/search", self._search)
+        r.add_get("/crm/v8/{module}", self._list)
+        r.add_get("/crm/v8/{module}/{id}", self._get)
+
+    # --- inspection ------------------------------------------------------------------------------
+
+    def records(self, obj: str) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.store.objects.get(obj, {}).values()]
+
+    def find(self, module: str, fld: str, value: Any) -> dict[str, Any] | None:
+        record_id = self.store.find(module, fld, value)
+        return None if record_id is None else dict(self.store.objects[module][record_id])
+
+    def budget(self) -> dict[str, Any]:
+        self._roll()
+        return {"daily_credits": self.daily_credits, "credits_used": self._used, "refused": self._refused}
+
+    def state(self) -> dict[str, Any]:
+        return {"objects": self.store.objects, "next_id": next(self._ids)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.store.restore(state.get("objects", {}))
+        self._ids = itertools.count(state.get("next_id", 5725767000000500001))
+
+    # --- the CRM user's side (inbound) -----------------------------------------------------------
+
+    def user_create(self, module: str, values: dict[str, Any]) -> dict[str, Any]:
+        record_id = self._write(module, None, values)
+        return dict(self.store.objects[module][record_id])
+
+    def user_update(self, module: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        self._write(module, record_id, values)
+        return dict(self.store.objects[module][record_id])
+
+    # --- auth and credits ------------------------------------------------------------------------
+
+    def is_api(self, request: web.Request) -> bool:
+        return request.path.startswith("/crm/")
+
+    def error_response(self, status: int, request: web.Request) -> web.Response:
+        if status == 429:
+            return _error(429, "TOO_MANY_REQUESTS", "Maximum concurrency limit reached", {})
+        return _error(status, "INTERNAL_ERROR" if status >= 500 else "INVALID_REQUEST", "injected fault", {})
+
+    def _roll(self) -> None:
+        horizon = self.clock() - 86400
+        while self._credits and self._credits[0][0] <= horizon:
+            self._used -= self._credits.popleft()[1]
+
+    async def _token(self, request: web.Request) -> web.Response:
+        params = {**request.query, **(await request.post())}
+        if params.get("grant_type") != "refresh_token":
+            return json_response({"error": "unsupported_grant_type"})
+        if params.get("client_id") != self.client_id or params.get("client_secret") != self.client_secret:
+            return json_response({"error": "invalid_client"})
+        if params.get("refresh_token") not in self.refresh_tokens:
+            return json_response({"error": "invalid_code"})
+        token = f"1000.{new_id()}.{new_id()[:16]}"
+        self.tokens.add(token)
+        return json_response(
+            {
+                "access_token": token,
+                "scope": "ZohoCRM.modules.ALL",
+                "api_domain": self.base_url,
+                "token_type": "Bearer",
+                "expires_in": 3600,
+            }
+        )
+
+    def _admit(self, request: web.Request, operation: str) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Zoho-oauthtoken "):
+            return _error(401, "AUTHENTICATION_FAILURE", "Authentication failed", {})
+        if auth.split(" ", 1)[1] not in self.tokens:
+            return _error(401, "INVALID_TOKEN", "invalid oauth token", {})
+        self._roll()
+        cost = self.credit_costs.get(operation, 1)
+        if self._used + cost > self.daily_credits:
+            self._refused += 1
+            return _error(
+                429, "LIMIT_REACHED", "API credits exhausted for the 24 hour window", {"limit": self.daily_credits}
+            )
+        self._credits.append((self.clock(), cost))
+        self._used += cost
+        return None
+
+    def _module(self, request: web.Request) -> Module:
+        module = self.modules.get(request.match_info["module"])
+        if module is None:
+            raise web.HTTPBadRequest(
+                body=orjson.dumps(
+                    {
+                        "code": "INVALID_MODULE",
+                        "details": {"resource_path_index": 0},
+                        "message": "the module name given seems to be invalid",
+                        "status": "error",
+                    }
+                ),
+                content_type="application/json",
+            )
+        return module
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def _problem(self, module: Module, record: dict[str, Any], index: int, creating: bool) -> dict[str, Any] | None:
+        for name, value in record.items():
+            if name in SYSTEM:
+                continue
+            if name not in module.fields:
+                return _record_error(
+                    "INVALID_DATA", "invalid data", {"api_name": name, "json_path": f"$.data[{index}].{name}"}
+                )
+            if module.fields[name] == "email" and value not in (None, "") and not _EMAIL.match(str(value)):
+                return _record_error(
+                    "INVALID_DATA",
+                    "invalid data",
+                    {"expected_data_type": "email", "api_name": name, "json_path": f"$.data[{index}].{name}"},
+                )
+            if module.fields[name] == "double" and value is not None:
+                try:
+                    float(value)
+                except (TypeError, ValueError):
+                    return _record_error(
+                        "INVALID_DATA",
+                        "invalid data",
+                        {"expected_data_type": "double", "api_name": name, "json_path": f"$.data[{index}].{name}"},
+                    )
+        if creating:
+            for name in module.required:
+                if record.get(name) in (None, ""):
+                    return _record_error(
+                        "MANDATORY_NOT_FOUND",
+                        "required field not found",
+                        {"api_name": name, "json_path": f"$.data[{index}].{name}"},
+                    )
+        if (message := self.faults.rejection_for(module.name, record)) is not None:
+            return _record_error("INVALID_DATA", message, {"api_name": "id", "json_path": f"$.data[{index}]"})
+        return None
+
+    def _write(self, module_name: str, record_id: str | None, values: dict[str, Any]) -> str:
+        now = dt.datetime.fromtimestamp(self.clock(), dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+        if record_id is None:
+            record_id = str(next(self._ids))
+            record: dict[str, Any] = {"id": record_id, "Created_Time": now, "Created_By": _USER, "Owner": _USER}
+        else:
+            record = dict(self.store.objects[module_name][record_id])
+        record.update({k: v for k, v in values.items() if k not in SYSTEM})
+        record.update(Modified_Time=now, Modified_By=_USER)
+        self.store.put(module_name, record_id, record)
+        return record_id
+
+    async def _upsert(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        if (refused := self._admit(request, "upsert")) is not None:
+            return refused
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "INVALID_DATA", "body is not valid JSON", {})
+        data = body.get("data")
+        if not isinstance(data, list) or not data:
+            return _error(
+                400, "MANDATORY_NOT_FOUND", "required field not found", {"api_name": "data", "json_path": "$.data"}
+            )
+        if len(data) > UPSERT_LIMIT:
+            return _error(
+                400,
+                "LIMIT_EXCEEDED",
+                f"Maximum of {UPSERT_LIMIT} records can be upserted in a single call",
+                {"limit": UPSERT_LIMIT},
+            )
+        checks = body.get("duplicate_check_fields") or list(module.default_duplicate_check)
+        for name in checks:
+            if name not in module.unique:
+                return _error(
+                    400,
+                    "INVALID_DATA",
+                    "invalid data",
+                    {"api_name": "duplicate_check_fields", "json_path": "$.duplicate_check_fields"},
+                )
+        results = []
+        for index, record in enumerate(data):
+            match_field, existing = (
+                None,
+                record.get("id") if record.get("id") in self.store.objects.get(module.name, {}) else None,
+            )
+            for name in checks:
+                if existing is None and record.get(name) not in (None, ""):
+                    found = self.store.find(module.name, name, record[name])
+                    if found is not None:
+                        match_field, existing = name, found
+            problem = self._problem(module, record, index, creating=existing is None)
+            if problem is None:
+                for name in module.unique:
+                    holder = (
+                        self.store.find(module.name, name, record.get(name))
+                        if record.get(name) not in (None, "")
+                        else None
+                    )
+                    if holder is not None and holder != existing:
+                        problem = _record_error(
+                            "DUPLICATE_DATA",
+                            "duplicate data",
+                            {
+                                "api_name": name,
+                                "json_path": f"$.data[{index}].{name}",
+                                "duplicate_record": {"id": holder},
+                            },
+                        )
+                        break
+            if problem is not None:
+                results.append(problem)
+                continue
+            record_id = self._write(module.name, existing, record)
+            stored = self.store.objects[module.name][record_id]
+            results.append(
+                {
+                    "code": "SUCCESS",
+                    "duplicate_field": match_field,
+                    "action": "insert" if existing is None else "update",
+                    "details": {
+                        k: stored[k] for k in ("Modified_Time", "Modified_By", "Created_Time", "id", "Created_By")
+                    },
+                    "message": "record added" if existing is None else "record updated",
+                    "status": "success",
+                }
+            )
+        written = sum(1 for r in results if r["status"] == "success")
+        status = 200 if written == len(results) else 207 if written else 400
+        return json_response({"data": results}, status=status)
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def _search(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        if (refused := self._admit(request, "search")) is not None:
+            return refused
+        query = request.query
+        if "criteria" in query:
+            try:
+                predicate = _criteria(query["criteria"], module)
+            except ValueError as exc:
+                return _error(400, "INVALID_QUERY", str(exc), {"api_name": "criteria"})
+        elif "email" in query:
+            wanted = query["email"].lower()
+            predicate = lambda r: any(
+                str(r.get(f) or "").lower() == wanted for f, t in module.fields.items() if t == "email"
+            )  # noqa: E731
+        elif "phone" in query:
+            predicate = lambda r: any(r.get(f) == query["phone"] for f, t in module.fields.items() if t == "phone")  # noqa: E731
+        elif "word" in query:
+            word = query["word"].lower()
+            predicate = lambda r: any(word in str(v).lower() for v in r.values())  # noqa: E731
+        else:
+            return _error(
+                400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "criteria"}
+            )
+        rows = [r for r in self.store.objects.get(module.name, {}).values() if predicate(r)]
+        return _page(rows, query)
+
+    async def _list(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        if "fields" not in request.query:
+            return _error(
+                400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "fields"}
+            )
+        fields = request.query["fields"].split(",")
+        unknown = [f for f in fields if f not in module.fields and f not in SYSTEM]
+        if unknown:
+            return _error(400, "INVALID_DATA", "invalid data", {"api_name": unknown[0]})
+        rows = list(self.store.objects.get(module.name, {}).values())
+        since = request.headers.get("If-Modified-Since")
+        if since:
+            threshold = _parse_time(since)
+            rows = [r for r in rows if _parse_time(r["Modified_Time"]) > threshold]
+            if not rows:
+                return web.Response(status=304)
+        if request.query.get("sort_by") in ("Modified_Time", "Created_Time", "id"):
+            rows.sort(
+                key=lambda r: r[request.query["sort_by"]], reverse=request.query.get("sort_order", "desc") == "desc"
+            )
+        rows = [{k: r.get(k) for k in ["id", *fields]} for r in rows]
+        return _page(rows, request.query)
+
+    async def _get(self, request: web.Request) -> web.Response:
+        module = self._module(request)
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        record = self.store.get(module.name, request.match_info["id"])
+        if record is None:
+            return web.Response(status=204)
+        return json_response({"data": [record]})
+
+
+def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:
+    per_page = min(int(query.get("per_page", PAGE_LIMIT)), PAGE_LIMIT)
+    page = max(1, int(query.get("page", 1)))
+    chunk = rows[(page - 1) * per_page : page * per_page]
+    if not chunk:
+        return web.Response(status=204)
+    info = {"per_page": per_page, "count": len(chunk), "page": page, "more_records": page * per_page < len(rows)}
+    return json_response({"data": chunk, "info": info})
+
+
+def _parse_time(text: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _criteria(text: str, module: Module) -> Any:
+    """``((A:equals:x)and(B:starts_with:y))or(C:greater_than:2024-01-01T00:00:00+00:00)``, left to right."""
+    text = urllib.parse.unquote(text).strip()
+    tokens = re.findall(r"\(|\)|\band\b|\bor\b|[^()]+?(?=\)|$)", text, flags=re.I)
+    pos = 0
+
+    def condition(raw: str) -> Any:
+        field_name, op, value = [*raw.split(":", 2), "", ""][:3]
+        if field_name not in module.fields and field_name not in SYSTEM:
+            raise ValueError(f"invalid query formed: unknown field {field_name}")
+        values = [v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value)]
+
+        timed = field_name in ("Modified_Time", "Created_Time")
+        norm = _parse_time if timed else (lambda x: str(x).lower())
+        wanted = [norm(v) for v in values]
+
+        def test(record: dict[str, Any]) -> bool:
+            raw_value = record.get(field_name)
+            if op == "not_equal":
+                return raw_value is None or norm(raw_value) not in wanted
+            if raw_value is None:
+                return False
+            actual = norm(raw_value)
+            if op in ("equals", "in"):
+                return actual in wanted
+            if op == "starts_with":
+                return str(actual).startswith(str(wanted[0]))
+            if op == "between":
+                return len(wanted) == 2 and wanted[0] <= actual <= wanted[1]
+            if op == "greater_than":
+                return actual > wanted[0]
+            if op == "greater_equal":
+                return actual >= wanted[0]
+            if op == "less_than":
+                return actual < wanted[0]
+            return actual <= wanted[0]
+
+        if op not in (
+            "equals",
+            "not_equal",
+            "starts_with",
+            "in",
+            "between",
+            "greater_than",
+            "greater_equal",
+            "less_than",
+            "less_equal",
+        ):
+            raise ValueError(f"invalid query formed: unknown comparator {op}")
+        return test
+
+    def expression() -> Any:
+        nonlocal pos
+        left = term()
+        while pos < len(tokens) and tokens[pos].lower() in ("and", "or"):
+            op = tokens[pos].lower()
+            pos += 1
+            right, prev = term(), left
+            left = (
+                (lambda r, a=prev, b=right: a(r) and b(r)) if op == "and" else (lambda r, a=prev, b=right: a(r) or b(r))
+            )
+        return left
+
+    def term() -> Any:
+        nonlocal pos
+        if pos >= len(tokens) or tokens[pos] != "(":
+            raise ValueError("invalid query formed")
+        pos += 1
+        if tokens[pos] == "(":
+            inner = expression()
+        else:
+            inner = condition(tokens[pos].strip())
+            pos += 1
+        if pos >= len(tokens) or tokens[pos] != ")":
+            raise ValueError("invalid query formed")
+        pos += 1
+        return inner
+
+    result = expression()
+    if pos != len(tokens):
+        raise ValueError("invalid query formed")
+    return result
+
+
+def _record_error(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
+    return {"code": code, "details": details, "message": message, "status": "error"}
+
+
+def _error(status: int, code: str, message: str, details: dict[str, Any]) -> web.Response:
+    return json_response(_record_error(code, message, details), status=status)
