@@ -207,3 +207,55 @@ async def test_faults(fault):
             )
             status, answer = await _call(zoho, "POST", path, body, token)
             assert status == 207 and [r["status"] for r in answer["data"]] == ["success", "error"]
+
+
+def _sdk_upsert_and_search(base_url: str, workdir: str) -> tuple[list[str], list[str]]:
+    """Runs in a thread: the Zoho CRM SDK (v8) unchanged, its Environment pointed at the emulator."""
+    from zohocrmsdk.src.com.zoho.api.authenticator.oauth_token import OAuthToken
+    from zohocrmsdk.src.com.zoho.api.authenticator.store import FileStore
+    from zohocrmsdk.src.com.zoho.crm.api import HeaderMap, ParameterMap
+    from zohocrmsdk.src.com.zoho.crm.api.dc.data_center import DataCenter
+    from zohocrmsdk.src.com.zoho.crm.api.initializer import Initializer
+    from zohocrmsdk.src.com.zoho.crm.api.record import BodyWrapper, Record, RecordOperations, SearchRecordsParam
+    from zohocrmsdk.src.com.zoho.crm.api.sdk_config import SDKConfig
+
+    environment = DataCenter.Environment(base_url, f"{base_url}/oauth/v2/token", base_url)
+    token = OAuthToken(
+        client_id=REFRESH["client_id"], client_secret=REFRESH["client_secret"], refresh_token=REFRESH["refresh_token"]
+    )
+    config = SDKConfig(auto_refresh_fields=False, pick_list_validation=False)
+    Initializer.initialize(
+        environment=environment,
+        token=token,
+        store=FileStore(f"{workdir}/tokens.txt"),
+        sdk_config=config,
+        resource_path=workdir,
+    )
+    operations = RecordOperations("Contacts")
+    actions = []
+    for title in ("Analyst", "Engineer"):
+        record = Record()
+        record.add_key_value("Last_Name", "Lovelace")
+        record.add_key_value("Email", "ada@example.com")
+        record.add_key_value("Title", title)
+        body = BodyWrapper()
+        body.set_data([record])
+        body.set_duplicate_check_fields(["Email"])
+        response = operations.upsert_records(body, HeaderMap())
+        actions += [
+            f"{item.get_details()['id']}:{item.get_message().get_value()}" for item in response.get_object().get_data()
+        ]
+    params = ParameterMap()
+    params.add(SearchRecordsParam.criteria, "(Email:equals:ada@example.com)")
+    found = operations.search_records(params, HeaderMap()).get_object().get_data()
+    return actions, [record.get_key_value("Title") for record in found]
+
+
+async def test_the_zoho_sdk_unchanged_upserts_and_searches_against_the_emulator(tmp_path):
+    import asyncio
+
+    async with ZohoEmulator() as zoho:
+        actions, titles = await asyncio.to_thread(_sdk_upsert_and_search, zoho.base_url, str(tmp_path))
+        [contact] = zoho.records("Contacts")
+        assert actions == [f"{contact['id']}:record added", f"{contact['id']}:record updated"]
+        assert titles == ["Engineer"]

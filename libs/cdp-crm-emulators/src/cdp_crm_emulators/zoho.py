@@ -161,6 +161,10 @@ class ZohoEmulator(Emulator):
         self._refused = 0
         r = self.app.router
         r.add_post("/oauth/v2/token", self._token)
+        r.add_get("/crm/v8/users", self._users)
+        r.add_get("/crm/v8/org", self._org)
+        r.add_get("/crm/v8/settings/modules", self._settings_modules)
+        r.add_get("/crm/v8/settings/fields", self._settings_fields)
         r.add_post("/crm/v8/{module}/upsert", self._upsert)
         r.add_get("/crm/v8/{module}/search", self._search)
         r.add_get("/crm/v8/{module}", self._list)
@@ -393,6 +397,82 @@ class ZohoEmulator(Emulator):
         status = 200 if written == len(results) else 207 if written else 400
         return json_response({"data": results}, status=status)
 
+    # --- metadata (what the Zoho SDK reads before it writes) --------------------------------------
+
+    async def _users(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        user = {
+            **_USER,
+            "full_name": _USER["name"],
+            "status": "active",
+            "role": {"name": "CEO", "id": "1"},
+            "profile": {"name": "Administrator", "id": "1"},
+        }
+        return json_response({"users": [user], "info": {"per_page": 200, "count": 1, "page": 1, "more_records": False}})
+
+    async def _org(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        return json_response(
+            {
+                "org": [
+                    {
+                        "id": "5725767000000021001",
+                        "zgid": "700000001",
+                        "company_name": "Local CRM",
+                        "primary_email": _USER["email"],
+                    }
+                ]
+            }
+        )
+
+    async def _settings_modules(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        modules = [
+            {
+                "api_name": m.name,
+                "module_name": m.name,
+                "plural_label": m.name,
+                "singular_label": m.name.rstrip("s"),
+                "api_supported": True,
+                "id": str(5725767000000002000 + n),
+                "generated_type": "default",
+            }
+            for n, m in enumerate(self.modules.values())
+        ]
+        return json_response({"modules": modules})
+
+    async def _settings_fields(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        module = self.modules.get(request.query.get("module", ""))
+        if module is None:
+            return _error(400, "INVALID_MODULE", "the module name given seems to be invalid", {"param_name": "module"})
+        lookups = {"Account_Name": "Accounts", "Related_To": "Contacts", "Who_Id": "Contacts"}
+        fields = []
+        for n, (name, kind) in enumerate(module.fields.items()):
+            described: dict[str, Any] = {
+                "api_name": name,
+                "field_label": name.replace("_", " "),
+                "data_type": kind,
+                "json_type": {"boolean": "boolean", "double": "double", "lookup": "jsonobject"}.get(kind, "string"),
+                "id": str(5725767000000003000 + n),
+                "system_mandatory": name in module.required,
+                "custom_field": name.startswith("CDP_") or name in ("Churn_Risk", "Fraud_Score", "Lifetime_Value"),
+                "read_only": False,
+                "length": 255,
+            }
+            if name in module.unique:
+                described["unique"] = {"casesensitive": "false"}
+            if kind == "lookup":
+                described["lookup"] = {
+                    "module": {"api_name": lookups.get(name, "Contacts"), "id": "5725767000000002001"}
+                }
+            fields.append(described)
+        return json_response({"fields": fields})
+
     # --- reads -----------------------------------------------------------------------------------
 
     async def _search(self, request: web.Request) -> web.Response:
@@ -400,22 +480,11 @@ class ZohoEmulator(Emulator):
         if (refused := self._admit(request, "search")) is not None:
             return refused
         query = request.query
-        if "criteria" in query:
-            try:
-                predicate = _criteria(query["criteria"], module)
-            except ValueError as exc:
-                return _error(400, "INVALID_QUERY", str(exc), {"api_name": "criteria"})
-        elif "email" in query:
-            wanted = query["email"].lower()
-            predicate = lambda r: any(
-                str(r.get(f) or "").lower() == wanted for f, t in module.fields.items() if t == "email"
-            )  # noqa: E731
-        elif "phone" in query:
-            predicate = lambda r: any(r.get(f) == query["phone"] for f, t in module.fields.items() if t == "phone")  # noqa: E731
-        elif "word" in query:
-            word = query["word"].lower()
-            predicate = lambda r: any(word in str(v).lower() for v in r.values())  # noqa: E731
-        else:
+        try:
+            predicate = _search_predicate(query, module)
+        except ValueError as exc:
+            return _error(400, "INVALID_QUERY", str(exc), {"api_name": "criteria"})
+        if predicate is None:
             return _error(
                 400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "criteria"}
             )
@@ -456,6 +525,30 @@ class ZohoEmulator(Emulator):
         if record is None:
             return web.Response(status=204)
         return json_response({"data": [record]})
+
+
+def _search_predicate(query: Any, module: Module) -> Any:
+    """criteria, else email, phone or word - the first one given, as Zoho reads them."""
+    if "criteria" in query:
+        return _criteria(query["criteria"], module)
+    typed = {"email": "email", "phone": "phone"}
+    for param, kind in typed.items():
+        if param in query:
+            wanted = query[param].lower()
+            names = [f for f, t in module.fields.items() if t == kind]
+
+            def by_type(record: dict[str, Any], wanted: str = wanted, names: list[str] = names) -> bool:
+                return any(str(record.get(name) or "").lower() == wanted for name in names)
+
+            return by_type
+    if "word" in query:
+        word = query["word"].lower()
+
+        def by_word(record: dict[str, Any]) -> bool:
+            return any(word in str(value).lower() for value in record.values())
+
+        return by_word
+    return None
 
 
 def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:
