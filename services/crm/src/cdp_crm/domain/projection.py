@@ -1,0 +1,196 @@
+"""What a person projects to in the CRM, per mapping, and whether a change needs a write.
+
+`project(mapping, source)` is the CRM record a person maps to: its match key and field values. In upsert
+and update_only modes a missing source leaves the CRM's value alone (the field is left out); in mirror mode
+it clears it (None). A value a transform cannot handle counts as missing, never as an error stopping the
+record. `changed_fields(previous, current)` is what a write must carry (empty: nothing mapped changed, no
+API call); `reads(mapping)` is the set of flat keys a mapping reads, so a profile change touching none of
+them is skipped without projecting (`touches`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp_crm.domain.coalesce import task_key
+from cdp_crm.domain.mapping import ACTION, PERSON_ID, SEGMENTS, FieldMapping, ObjectMapping, Transform
+
+# --- projection -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a mapping reads about one person: flat profile fields, segment ids, and the action if any."""
+
+    person_id: str
+    profile: Mapping[str, Any] = field(default_factory=dict)
+    segments: frozenset[str] = frozenset()
+    action: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Projection:
+    """The CRM record a person maps to: its match key (CRM field -> value) and the mapped field values."""
+
+    mapping: str
+    key: tuple[tuple[str, str], ...]
+    fields: Mapping[str, Any]
+
+    @property
+    def key_values(self) -> dict[str, str]:
+        return dict(self.key)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Why a person maps to no record: the match key's source is empty (nothing to upsert by)."""
+
+    mapping: str
+    field: str
+    reason: str = "match_key_missing"
+
+
+_MISSING = object()
+
+
+def reads(mapping: ObjectMapping) -> frozenset[str]:
+    """The flat profile keys (and `segments`, `segments.<id>`) whose change can change the projection."""
+    keys = {fm.source for fm in (*mapping.match, *mapping.fields) if fm.source is not None}
+    if mapping.segment is not None:
+        keys.add(f"{SEGMENTS}.{mapping.segment}")
+    return frozenset(k for k in keys if k != PERSON_ID and not k.startswith(ACTION + "."))
+
+
+def touches(mapping: ObjectMapping, changed_keys: set[str] | frozenset[str]) -> bool:
+    """True when a profile change naming `changed_keys` may change what this mapping writes."""
+    wanted = reads(mapping)
+    if SEGMENTS in wanted and any(k.startswith(SEGMENTS + ".") for k in changed_keys):
+        return True
+    return not wanted.isdisjoint(changed_keys)
+
+
+def in_scope(mapping: ObjectMapping, source: Source) -> bool:
+    """False when the mapping is limited to a segment the person is not in."""
+    return mapping.segment is None or mapping.segment in source.segments
+
+
+def project(mapping: ObjectMapping, source: Source) -> Projection | Skipped:
+    """The record `source` maps to. Field values are plain JSON values (None clears, in mirror mode)."""
+    key: list[tuple[str, str]] = []
+    match = mapping.match
+    if mapping.kind == "action":
+        action_id = (source.action or {}).get("id")
+        if not action_id or mapping.idempotency_field is None:
+            return Skipped(mapping.name, "action.id")
+        key.append((mapping.idempotency_field, task_key(mapping.connection, mapping.id, str(action_id))))
+    for fm in match:
+        value = _value(fm, source)
+        if value is _MISSING or value is None or value == "":
+            return Skipped(mapping.name, f"match.{fm.crm_field}")
+        key.append((fm.crm_field, str(value)))
+    fields: dict[str, Any] = {}
+    for fm in mapping.fields:
+        value = _value(fm, source)
+        if value is _MISSING:
+            if mapping.mode == "mirror":
+                fields[fm.crm_field] = None
+            continue
+        fields[fm.crm_field] = value
+    return Projection(mapping.name, tuple(key), fields)
+
+
+def changed_fields(previous: Projection | None, current: Projection) -> dict[str, Any]:
+    """The fields a write must carry: all of them for a record never written, else those whose value
+    differs from what was last written (empty: no write)."""
+    if previous is None or previous.key != current.key:
+        return dict(current.fields)
+    return {k: v for k, v in current.fields.items() if k not in previous.fields or previous.fields[k] != v}
+
+
+def _value(fm: FieldMapping, source: Source) -> Any:
+    if fm.source is None:
+        return fm.value
+    value = _read(fm.source, source)
+    if value is _MISSING or value is None:
+        return _MISSING if fm.default is None else fm.default
+    for transform in fm.transforms:
+        value = _apply(transform, value)
+        if value is None:
+            return _MISSING if fm.default is None else fm.default
+    if fm.translate is not None:
+        key = _map_key(value)
+        if key in fm.translate:
+            value = fm.translate[key]
+    return value
+
+
+def _read(name: str, source: Source) -> Any:
+    if name == PERSON_ID:
+        return source.person_id
+    if name == SEGMENTS:
+        return sorted(source.segments)
+    root, _, rest = name.partition(".")
+    if root == SEGMENTS:
+        return rest in source.segments
+    if root == ACTION:
+        return (source.action or {}).get(rest, _MISSING)
+    return source.profile.get(name, _MISSING)
+
+
+def _map_key(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _apply(transform: Transform, value: Any) -> Any:
+    """One transform; None when the value cannot be transformed (treated as missing, never as an error
+    that would stop the whole record)."""
+    name = transform.name
+    try:
+        if name == "string":
+            return _map_key(value) if isinstance(value, bool | float) else str(value)
+        if name == "number":
+            return float(value)
+        if name == "integer":
+            return int(float(value))
+        if name == "boolean":
+            if isinstance(value, str):
+                return value.strip().lower() in ("true", "yes", "1", "y")
+            return bool(value)
+        if name == "trim":
+            return str(value).strip()
+        if name == "lower":
+            return str(value).lower()
+        if name == "upper":
+            return str(value).upper()
+        if name == "round":
+            return round(float(value), int(transform.arg or 0))
+        if name == "truncate":
+            return str(value)[: int(transform.arg or 0)]
+        if name == "join":
+            items = value if isinstance(value, list | tuple | set | frozenset) else [value]
+            return (transform.arg or ";").join(_map_key(v) for v in items)
+        if name in ("date", "datetime"):
+            moment = _moment(value)
+            if moment is None:
+                return None
+            return moment.date().isoformat() if name == "date" else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError, OverflowError):
+        return None
+    raise AssertionError(f"unknown transform {name}")  # validation admits only the names above
+
+
+def _moment(value: Any) -> dt.datetime | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = value / 1000 if value > 1e11 else value  # epoch milliseconds or seconds
+        return dt.datetime.fromtimestamp(seconds, dt.UTC)
+    if isinstance(value, str):
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+    return None

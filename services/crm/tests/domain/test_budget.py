@@ -1,0 +1,164 @@
+"""The shared API budget: never over either limit, Retry-After honoured, the CRM's count respected,
+and a restart resuming the same day."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdp_crm.domain.budget import DAY, Budget
+
+T0 = 1_780_000_000.0  # a fixed moment, mid-day UTC
+
+
+def _grant_all(budget, n, now):
+    granted = 0
+    while budget.reserve(1, now).granted:
+        granted += 1
+        if granted > n:
+            break
+    return granted
+
+
+def test_hubspot_burst_is_190_per_ten_seconds_and_says_when_to_come_back():
+    budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
+    assert _grant_all(budget, 500, T0) == 190
+    refused = budget.reserve(1, T0 + 1)
+    assert not refused.granted and refused.reason == "burst" and refused.wait_until == T0 + 10
+    assert budget.reserve(1, T0 + 10).granted
+
+
+def test_a_wait_is_exactly_long_enough_for_a_larger_request():
+    budget = Budget("a", "hubspot", burst=10, window=10.0, daily=None, margin=0.0)
+    for i in range(10):
+        assert budget.reserve(1, T0 + i).granted
+    refused = budget.reserve(3, T0 + 9.5)
+    assert refused.wait_until == T0 + 12  # the grants of T0, T0+1 and T0+2 must have left the window
+    assert not budget.reserve(3, T0 + 11.9).granted and budget.reserve(3, T0 + 12).granted
+
+
+def test_the_daily_quota_holds_until_the_next_utc_day():
+    budget = Budget("org", "salesforce", burst=None, window=None, daily=5)
+    assert _grant_all(budget, 10, T0) == 5
+    refused = budget.reserve(1, T0 + 60)
+    midnight = (int(T0 // DAY) + 1) * DAY
+    assert refused.reason == "daily" and refused.wait_until == midnight
+    assert budget.reserve(1, midnight).granted
+
+
+def test_a_restart_resumes_the_day_instead_of_resetting_it():
+    budget = Budget("org", "salesforce", burst=None, window=None, daily=5)
+    for _ in range(4):
+        budget.reserve(1, T0)
+    restored = Budget.from_state(budget.to_state())
+    assert restored.reserve(1, T0 + 5).granted and not restored.reserve(1, T0 + 6).granted
+
+
+def test_retry_after_blocks_every_grant_until_then_in_seconds_or_as_an_http_date():
+    budget = Budget.for_kind("dynamics", account="org")
+    budget.observe({"Retry-After": "30"}, T0)
+    assert budget.reserve(1, T0 + 29).wait_until == T0 + 30 and budget.reserve(1, T0 + 30).granted
+    when = dt.datetime.fromtimestamp(T0 + 120, dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    budget.throttled(T0 + 31, retry_after=when)
+    refused = budget.reserve(1, T0 + 60)
+    assert refused.reason == "retry_after" and refused.wait_until == T0 + 120
+
+
+def test_a_daily_limit_answer_waits_for_the_next_day():
+    budget = Budget.for_kind("hubspot", account="62515")
+    budget.throttled(T0, daily=True)
+    assert budget.reserve(1, T0 + 3600).wait_until == (int(T0 // DAY) + 1) * DAY
+
+
+def test_the_crm_counting_more_than_we_granted_lowers_what_is_left_never_raises_it():
+    budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
+    budget.reserve(1, T0)
+    # Another app on the same account used 150 of the window and most of the day.
+    budget.observe(
+        {
+            "X-HubSpot-RateLimit-Remaining": "39",
+            "X-HubSpot-RateLimit-Daily": "250000",
+            "X-HubSpot-RateLimit-Daily-Remaining": "100",
+        },
+        T0,
+    )
+    assert budget.status(T0)["burst_remaining"] == 39 and budget.status(T0)["daily_remaining"] == 100
+    budget.observe({"X-HubSpot-RateLimit-Remaining": "189", "X-HubSpot-RateLimit-Daily-Remaining": "249999"}, T0)
+    assert budget.status(T0)["burst_remaining"] == 39 and budget.status(T0)["daily_remaining"] == 100
+
+
+def test_salesforce_limit_info_sets_the_days_usage_and_the_orgs_allocation():
+    budget = Budget.for_kind("salesforce", account="00D")
+    budget.observe({"Sforce-Limit-Info": "api-usage=14990/15000"}, T0)
+    status = budget.status(T0)
+    assert status["daily_limit"] == 15000 and status["daily_remaining"] == 10
+    assert _grant_all(budget, 100, T0) == 10
+
+
+def test_dynamics_service_protection_remaining_is_respected():
+    budget = Budget.for_kind("dynamics", account="org", margin=0.0)
+    budget.observe({"x-ms-ratelimit-burst-remaining-xrm-requests": "2"}, T0)
+    assert _grant_all(budget, 10, T0) == 2
+    assert budget.reserve(1, T0).wait_until == T0 + 300
+
+
+def test_a_clock_going_backwards_frees_nothing():
+    budget = Budget("a", "hubspot", burst=2, window=10.0, daily=None, margin=0.0)
+    budget.reserve(2, T0 + 100)
+    assert not budget.reserve(1, T0 + 50).granted  # another replica's clock, behind
+
+
+def test_a_request_larger_than_a_limit_is_refused_outright():
+    with pytest.raises(ValueError):
+        Budget.for_kind("hubspot", account="x").reserve(191, T0)
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("advance"), st.floats(min_value=0, max_value=30)),
+        st.tuples(st.just("reserve"), st.integers(min_value=1, max_value=7)),
+        st.tuples(st.just("observe"), st.integers(min_value=0, max_value=20)),
+        st.tuples(st.just("retry_after"), st.floats(min_value=0, max_value=5)),
+        st.tuples(st.just("restart"), st.just(0)),
+        st.tuples(st.just("refund_unsent"), st.just(0)),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations, st.floats(min_value=0, max_value=2 * DAY))
+def test_property_never_grants_over_the_burst_window_or_the_day(ops, start):
+    burst, window, daily = 20, 10.0, 60
+    budget = Budget("a", "hubspot", burst=burst, window=window, daily=daily, margin=0.25)
+    now = T0 + start
+    granted: list[tuple[float, int]] = []
+    for op, arg in ops:
+        if op == "advance":
+            now += arg
+        elif op == "reserve":
+            r = budget.reserve(arg, now)
+            if r.granted:
+                granted.append((now, arg))
+            else:
+                assert r.wait_until > now
+        elif op == "observe":
+            budget.observe({"X-HubSpot-RateLimit-Remaining": str(arg)}, now)
+        elif op == "retry_after":
+            budget.throttled(now, retry_after=arg)
+        elif op == "restart":
+            budget = Budget.from_state(budget.to_state())
+        elif op == "refund_unsent" and granted and granted[-1][0] == now:
+            # Only the very last grant, unsent, may come back.
+            at, n = granted.pop()
+            budget.refund(n, now)
+    for at, _ in granted:
+        in_window = sum(n for t, n in granted if at - window < t <= at)
+        assert in_window <= burst
+    days: dict[int, int] = {}
+    for at, n in granted:
+        days[int(at // DAY)] = days.get(int(at // DAY), 0) + n
+    assert all(used <= daily for used in days.values())

@@ -1,0 +1,263 @@
+"""Mapping documents: a CRM administrator's connections, validated whole, and what a person projects to."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdp_crm.domain.mapping import MappingInvalid, ObjectSchema, load_connections, parse_connections
+from cdp_crm.domain.projection import Projection, Skipped, Source, changed_fields, project, reads, touches
+
+HUBSPOT_CONTACTS = ObjectSchema.of(
+    "contacts",
+    ["email", "firstname", "lifecyclestage", "cdp_churn_risk", "cdp_segments", "cdp_consent_email"],
+    keys=["email", "cdp_id"],
+)
+HUBSPOT_TASKS = ObjectSchema.of("tasks", ["hs_task_subject", "hs_task_body"], keys=["cdp_idempotency_key"])
+SCHEMAS = {"hubspot": {"contacts": HUBSPOT_CONTACTS, "tasks": HUBSPOT_TASKS}}
+
+
+def _document(**overrides):
+    contacts = {
+        "id": "contacts",
+        "object": "contacts",
+        "match": {"cdp_id": "person.id"},
+        "fields": {
+            "email": "traits.email",
+            "firstname": {"source": "traits.first_name", "transform": "trim"},
+            "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:2"},
+            "cdp_consent_email": "consent.purpose:email",
+            "cdp_segments": {"source": "segments", "transform": "join:;"},
+            "lifecyclestage": {"value": "customer"},
+        },
+    }
+    contacts.update(overrides)
+    return {
+        "connections": [
+            {
+                "id": "hubspot",
+                "kind": "hubspot",
+                "credentials": {"token": "HUBSPOT_TOKEN"},
+                "mappings": [
+                    contacts,
+                    {
+                        "id": "churn-task",
+                        "object": "tasks",
+                        "action": "churn_followup",
+                        "idempotency_field": "cdp_idempotency_key",
+                        "fields": {"hs_task_subject": "action.subject", "hs_task_body": "action.body"},
+                    },
+                ],
+            }
+        ]
+    }
+
+
+def _problems(document, schemas=SCHEMAS):
+    with pytest.raises(MappingInvalid) as caught:
+        parse_connections(document, schemas)
+    return {p.path: p.message for p in caught.value.problems}
+
+
+def test_a_valid_document_reads_with_defaults_for_mode_triggers_and_account():
+    (connection,) = parse_connections(_document(), SCHEMAS)
+    contacts = connection.mapping("contacts")
+    assert connection.account == "hubspot" and connection.credentials == {"token": "HUBSPOT_TOKEN"}
+    assert contacts.mode == "upsert" and contacts.triggers == {"profiles.changed", "backfill"}
+    assert connection.mapping("churn-task").triggers == {"actions.crm"}
+
+
+def test_yaml_and_json_read_the_same():
+    yaml_text = """
+connections:
+  - id: hubspot
+    kind: hubspot
+    credentials: {token: HUBSPOT_TOKEN}
+    mappings:
+      - id: contacts
+        object: contacts
+        match: {cdp_id: person.id}
+        fields: {email: traits.email}
+"""
+    (connection,) = load_connections(yaml_text, SCHEMAS, form="yaml")
+    assert connection.mapping("contacts").fields[0].source == "traits.email"
+    with pytest.raises(MappingInvalid) as caught:
+        load_connections("{not json", form="json")
+    assert caught.value.field == "connections"
+
+
+def test_every_problem_is_reported_at_once_each_naming_mapping_and_field():
+    document = _document(
+        mode="sometimes",
+        fields={
+            "firstnme": "traits.first_name",  # not in the CRM's schema
+            "email": "profile.email",  # not a source
+            "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:two"},
+        },
+    )
+    problems = _problems(document)
+    assert set(problems) == {
+        "hubspot/contacts.mode",
+        "hubspot/contacts.fields.firstnme",
+        "hubspot/contacts.fields.email.source",
+        "hubspot/contacts.fields.cdp_churn_risk.transform",
+    }
+    assert "did you mean 'firstname'" in problems["hubspot/contacts.fields.firstnme"]
+
+
+def test_an_unknown_field_is_only_caught_against_the_described_schema():
+    document = _document(fields={"favourite_colour": "traits.colour"})
+    assert parse_connections(document)  # no schema: nothing to check the field against
+    assert "is not a field of contacts" in _problems(document)["hubspot/contacts.fields.favourite_colour"]
+
+
+def test_the_match_key_must_be_a_key_of_the_crm_object():
+    problems = _problems(_document(match={"firstname": "traits.first_name"}))
+    assert "not an external id, unique property or alternate key" in problems["hubspot/contacts.match.firstname"]
+    assert "upsert by that key" in _problems(_document(match=None))["hubspot/contacts.match"]
+    hubspot_two_keys = _problems(_document(match={"cdp_id": "person.id", "email": "traits.email"}))
+    assert "at most 1" in hubspot_two_keys["hubspot/contacts.match"]
+
+
+def test_credentials_are_environment_variable_names_and_a_pasted_secret_is_not_echoed():
+    document = _document()
+    document["connections"][0]["credentials"] = {"token": "pat-na1-0123456789abcdef"}
+    problems = _problems(document)
+    message = problems["hubspot.credentials.token"]
+    assert "NAME of an environment variable" in message and "pat-na1" not in message
+    document["connections"][0]["credentials"] = {"client_id": "HS_ID"}
+    problems = _problems(document)
+    assert "hubspot.credentials.client_id" in problems and "needs {token}" in problems["hubspot.credentials"]
+
+
+def test_salesforce_accepts_either_client_credentials_or_the_jwt_bearer_flow():
+    def sf(credentials):
+        return {
+            "connections": [
+                {
+                    "id": "sf",
+                    "kind": "salesforce",
+                    "credentials": credentials,
+                    "mappings": [
+                        {
+                            "id": "c",
+                            "object": "Contact",
+                            "match": {"CDP_Id__c": "person.id"},
+                            "fields": {"Email": "traits.email"},
+                        }
+                    ],
+                }
+            ]
+        }
+
+    assert parse_connections(sf({"client_id": "SF_ID", "client_secret": "SF_SECRET"}))
+    assert parse_connections(sf({"client_id": "SF_ID", "username": "SF_USER", "private_key": "SF_KEY"}))
+    with pytest.raises(MappingInvalid):
+        parse_connections(sf({"client_id": "SF_ID", "username": "SF_USER"}))
+
+
+def test_action_and_list_mappings_have_their_own_rules():
+    document = _document()
+    document["connections"][0]["mappings"].append(
+        {
+            "id": "vip",
+            "object": "contacts",
+            "list": "VIP",
+            "match": {"cdp_id": "person.id"},
+            "triggers": ["actions.crm"],
+        }
+    )
+    task = document["connections"][0]["mappings"][1]
+    task["mode"] = "mirror"
+    del task["idempotency_field"]
+    problems = _problems(document)
+    assert "needs the segment" in problems["hubspot/vip.segment"]
+    assert "hubspot/vip.triggers[0]" in problems
+    assert "hubspot/churn-task.mode" in problems and "hubspot/churn-task.idempotency_field" in problems
+    document = _document(fields={"email": "action.email"})
+    assert "only in action mappings" in _problems(document)["hubspot/contacts.fields.email.source"]
+
+
+def test_two_connections_on_one_account_must_be_the_same_crm():
+    document = _document()
+    other = {
+        "id": "zoho",
+        "kind": "zoho",
+        "account": "hubspot",
+        "credentials": {"client_id": "Z_ID", "client_secret": "Z_S", "refresh_token": "Z_R"},
+        "mappings": [
+            {
+                "id": "c",
+                "object": "Contacts",
+                "match": {"Email": "traits.email"},
+                "fields": {"Last_Name": "traits.last_name"},
+            }
+        ],
+    }
+    document["connections"].append(other)
+    assert "zoho.account" in _problems(document)
+
+
+PERSON = Source(
+    "person-1",
+    {
+        "traits.email": "ada@example.com",
+        "traits.first_name": "  Ada ",
+        "scores.churn_risk": 0.87321,
+        "consent.purpose:email": True,
+    },
+    frozenset({"vip", "at_risk"}),
+)
+
+
+def test_a_person_projects_to_the_record_keyed_by_the_match_field():
+    (connection,) = parse_connections(_document(), SCHEMAS)
+    projection = project(connection.mapping("contacts"), PERSON)
+    assert isinstance(projection, Projection)
+    assert projection.key_values == {"cdp_id": "person-1"}
+    assert projection.fields == {
+        "email": "ada@example.com",
+        "firstname": "Ada",
+        "cdp_churn_risk": 0.87,
+        "cdp_consent_email": True,
+        "cdp_segments": "at_risk;vip",
+        "lifecyclestage": "customer",
+    }
+
+
+def test_upsert_leaves_a_missing_value_alone_and_mirror_clears_it():
+    (connection,) = parse_connections(_document(), SCHEMAS)
+    without_score = Source("person-1", {"traits.email": "ada@example.com"})
+    assert "cdp_churn_risk" not in project(connection.mapping("contacts"), without_score).fields
+    (mirrored,) = parse_connections(_document(mode="mirror"), SCHEMAS)
+    assert project(mirrored.mapping("contacts"), without_score).fields["cdp_churn_risk"] is None
+
+
+def test_a_missing_match_key_skips_the_person_instead_of_writing_a_keyless_record():
+    (connection,) = parse_connections(_document(match={"email": "traits.email"}), SCHEMAS)
+    assert project(connection.mapping("contacts"), Source("p2", {})) == Skipped("hubspot/contacts", "match.email")
+
+
+def test_only_a_change_to_a_mapped_field_needs_a_write():
+    (connection,) = parse_connections(_document(), SCHEMAS)
+    contacts = connection.mapping("contacts")
+    assert touches(contacts, {"scores.churn_risk"}) and touches(contacts, {"segments.new_segment"})
+    assert not touches(contacts, {"traits.shoe_size", "computed.orders_90d"})
+    assert "person.id" not in reads(contacts)
+    before = project(contacts, PERSON)
+    tiny = Source(PERSON.person_id, {**PERSON.profile, "scores.churn_risk": 0.8701}, PERSON.segments)
+    assert changed_fields(before, project(contacts, tiny)) == {}  # rounds to the same value: no API call
+    moved = Source(PERSON.person_id, {**PERSON.profile, "scores.churn_risk": 0.91}, PERSON.segments)
+    assert changed_fields(before, project(contacts, moved)) == {"cdp_churn_risk": 0.91}
+    assert changed_fields(None, before) == dict(before.fields)
+
+
+def test_an_action_projects_to_a_task_keyed_by_the_action_so_a_retry_is_the_same_task():
+    (connection,) = parse_connections(_document(), SCHEMAS)
+    task = connection.mapping("churn-task")
+    action = {"id": "act-42", "subject": "Call Ada", "body": "churn risk 0.87"}
+    first = project(task, Source("person-1", action=action))
+    again = project(task, Source("person-1", action=dict(action)))
+    assert first.key == again.key and first.key[0][0] == "cdp_idempotency_key"
+    other = project(task, Source("person-1", action={**action, "id": "act-43"}))
+    assert other.key != first.key
+    assert first.fields == {"hs_task_subject": "Call Ada", "hs_task_body": "churn risk 0.87"}
