@@ -36,3 +36,26 @@ async def test_command_line_serves_the_crm_and_stops_on_sigterm(crm, tmp_path):
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
     assert (tmp_path / "state.json").exists()
+
+
+async def test_command_line_options_reach_the_emulator():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cdp_crm_emulators",
+        "hubspot",
+        "--set",
+        "burst_limit=7",
+        "--set",
+        "webhook_url=http://127.0.0.1:9/hooks",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
+        url = line.split(" on ")[1].split()[0]
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/_emulator/budget") as response:
+                assert (await response.json())["burst_limit"] == 7
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0

@@ -223,3 +223,69 @@ async def test_inspection_over_http_and_snapshot_survive_a_restart(tmp_path):
         assert status == 200
         assert [r["new"] for r in body["results"]] == [False, False, True]
         assert len({r["id"] for r in hs.records("contacts")}) == 3
+
+
+async def test_search_is_limited_to_five_per_second_with_its_own_policy():
+    async with HubSpotEmulator() as hs:
+        statuses = [(await _post(hs, "/crm/v3/objects/contacts/search", {}))[0] for _ in range(5)]
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/search", {})
+        assert statuses == [200] * 5 and status == 429 and body["policyName"] == "SECONDLY"
+        status, _, _ = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)})
+        assert status == 200  # other endpoints are not held back by the search limit
+        hs.clock.advance(1.01)
+        assert (await _post(hs, "/crm/v3/objects/contacts/search", {}))[0] == 200
+
+
+async def test_a_task_created_for_a_contact_is_associated_with_it():
+    async with HubSpotEmulator() as hs:
+        client = _client(hs)
+        contact_id = (await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1)}))[2][
+            "results"
+        ][0]["id"]
+        task = {
+            "properties": {
+                "hs_task_subject": "Call about churn risk",
+                "hs_timestamp": "2026-12-04T10:00:00Z",
+                "cdp_idempotency_key": "churn-1",
+            },
+            "associations": [
+                {
+                    "to": {"id": contact_id},
+                    "types": [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 204}],
+                }
+            ],
+        }
+        status, _, created = await _post(hs, "/crm/v3/objects/tasks", task)
+        assert status == 201
+        assert hs.associations("tasks", created["id"]) == [("contacts", contact_id)]
+        status, _, duplicate = await _post(hs, "/crm/v3/objects/tasks", task)
+        assert status == 409 and duplicate["category"] == "CONFLICT"
+        ticket = (
+            await _post(
+                hs, "/crm/v3/objects/tickets", {"properties": {"subject": "Fraud signal", "hs_pipeline_stage": "1"}}
+            )
+        )[2]
+        async with aiohttp.ClientSession() as session:
+            url = f"{hs.base_url}/crm/v4/objects/tickets/{ticket['id']}/associations/default/contacts/{contact_id}"
+            async with session.put(url, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200
+        linked = await asyncio.to_thread(
+            client.crm.associations.v4.basic_api.get_page, "contacts", contact_id, "tickets"
+        )
+        assert [str(r.to_object_id) for r in linked.results] == [ticket["id"]]
+
+
+async def test_rejections_can_be_injected_over_http_from_another_process():
+    async with HubSpotEmulator() as hs:
+        async with aiohttp.ClientSession() as session:
+            fault = {
+                "kind": "reject",
+                "object": "contacts",
+                "field": "email",
+                "value": "p1@example.com",
+                "message": "blocked",
+            }
+            async with session.post(hs.base_url + "/_emulator/faults", json=fault) as r:
+                assert r.status == 200
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(2)})
+        assert status == 207 and body["errors"][0]["context"]["ids"] == ["p1@example.com"]

@@ -1,6 +1,7 @@
 """Run one CRM emulator from the command line: ``python -m cdp_crm_emulators <crm> --port N``.
 
 ``--snapshot FILE`` keeps the CRM's records across restarts (read at start, written on SIGINT/SIGTERM);
+``--set name=value`` passes an emulator option (limits, credentials, a HubSpot ``webhook_url``);
 ``--tls`` serves https with a self-signed certificate whose path is printed (for clients that insist on
 https). The process prints one line ``<crm> listening on <url>`` once it accepts connections.
 """
@@ -9,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 from contextlib import suppress
+from typing import Any
 
 from cdp_crm_emulators import EMULATORS
 
 
 async def _run(args: argparse.Namespace) -> None:
-    emulator = EMULATORS[args.crm](host=args.host, port=args.port, tls=args.tls, snapshot=args.snapshot)
+    options = dict(_option(text) for text in args.set)
+    emulator = EMULATORS[args.crm](host=args.host, port=args.port, tls=args.tls, snapshot=args.snapshot, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -28,6 +32,17 @@ async def _run(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
+def _option(text: str) -> tuple[str, Any]:
+    """``name=value``; the value is read as JSON when it parses (numbers, lists), else kept as text."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--set takes name=value, got {text!r}")
+    try:
+        return name, json.loads(raw)
+    except json.JSONDecodeError:
+        return name, raw
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m cdp_crm_emulators", description=__doc__.splitlines()[0])
     parser.add_argument("crm", choices=sorted(EMULATORS))
@@ -35,6 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--tls", action="store_true")
     parser.add_argument("--snapshot", default=None, help="JSON file holding the CRM's state across restarts")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an emulator option, e.g. --set burst_limit=190 --set webhook_url=http://localhost:8080/hooks (repeatable)",
+    )
     asyncio.run(_run(parser.parse_args(argv)))
 
 

@@ -26,6 +26,7 @@ import ssl
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +199,8 @@ class Emulator:
         self.snapshot = Path(snapshot) if snapshot else None
         self.clock = clock or Clock()
         self.faults = FaultInjector()
-        self.requests: list[LoggedRequest] = []
+        # Bounded: a million-record backfill must not grow the log without end.
+        self.requests: deque[LoggedRequest] = deque(maxlen=100_000)
         self.ca_file: str | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._runner: web.AppRunner | None = None
@@ -323,7 +325,11 @@ class Emulator:
         return json_response(self.budget())
 
     async def _inspect_faults(self, request: web.Request) -> web.Response:
-        """``{"kind": "status"|"timeout"|"drop"|"clear", "n": 1, "status": 503, "seconds": 30}``."""
+        """``{"kind": "status"|"timeout"|"drop"|"reject"|"clear", "n": 1, "status": 503, "seconds": 30}``.
+
+        ``reject`` takes ``"field"`` and ``"value"`` (and optionally ``"object"``, ``"message"``, ``"times"``):
+        records whose field equals the value are rejected, for tests driving the emulator from another process.
+        """
         body = await request.json()
         kind, n = body.get("kind"), int(body.get("n", 1))
         if kind == "status":
@@ -332,10 +338,19 @@ class Emulator:
             self.faults.timeout_next(n, seconds=float(body.get("seconds", 30)))
         elif kind == "drop":
             self.faults.drop_after_commit_next(n)
+        elif kind == "reject":
+            fld, value, obj = body.get("field"), body.get("value"), body.get("object")
+            if not fld:
+                return json_response({"error": "reject needs field and value"}, status=400)
+            self.faults.reject(
+                lambda o, record: (obj is None or o == obj) and record.get(fld) == value,
+                message=str(body.get("message", "rejected by fault injection")),
+                times=body.get("times"),
+            )
         elif kind == "clear":
             self.faults.clear()
         else:
-            return json_response({"error": "kind must be status, timeout, drop or clear"}, status=400)
+            return json_response({"error": "kind must be status, timeout, drop, reject or clear"}, status=400)
         return json_response({"pending": len(self.faults.pending)})
 
 

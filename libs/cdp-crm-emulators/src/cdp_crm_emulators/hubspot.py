@@ -9,7 +9,12 @@ as HubSpot does; records rejected one by one (an invalid email, a fault-injected
 Limits (every authenticated API request counts, answered or throttled requests alike do not double count):
 - `burst_limit` requests per rolling `burst_window` seconds (190 / 10 s): 429 ``TEN_SECONDLY_ROLLING``;
 - `daily_limit` requests per UTC day: 429 ``DAILY``.
+- `search_per_second` search requests per second (5): 429 ``SECONDLY``.
 Every answer carries the ``X-HubSpot-RateLimit-*`` headers. A throttled request changes nothing.
+
+Associations: a single create may carry ``associations`` (``to.id`` + ``types``), and
+``PUT /crm/v4/objects/<from>/<id>/associations/default/<to>/<id>`` links two records; a task or ticket is
+tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to>`` lists them.
 
 Inbound: `user_update` / `user_create` edit records as a HubSpot user would and, with `webhook_url` set,
 POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64 HMAC-SHA256 over method, URL,
@@ -69,6 +74,7 @@ class HubSpotEmulator(Emulator):
         burst_limit: int = 190,
         burst_window: float = 10.0,
         daily_limit: int = 1_000_000,
+        search_per_second: int = 5,
         webhook_url: str | None = None,
         client_secret: str = "hubspot-app-secret",
         **kwargs: Any,
@@ -79,6 +85,7 @@ class HubSpotEmulator(Emulator):
         self.burst_limit = burst_limit
         self.burst_window = burst_window
         self.daily_limit = daily_limit
+        self.search_per_second = search_per_second
         self.webhook_url = webhook_url
         self.client_secret = client_secret
         self.objects: dict[str, dict[str, dict[str, Any]]] = {obj: {} for obj in PROPERTIES}
@@ -88,6 +95,8 @@ class HubSpotEmulator(Emulator):
         self.webhook_deliveries = 0
         self._ids = itertools.count(1001)
         self._burst: deque[float] = deque()
+        self._searches: deque[float] = deque()
+        self.links: dict[tuple[str, str], dict[tuple[str, str], list[dict[str, Any]]]] = {}
         self._day = -1
         self._daily_used = 0
         self._over_budget = 0
@@ -100,6 +109,8 @@ class HubSpotEmulator(Emulator):
         r.add_post("/crm/v3/objects/{object}", self._create)
         r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
         r.add_patch("/crm/v3/objects/{object}/{id}", self._update)
+        r.add_put("/crm/v4/objects/{object}/{id}/associations/default/{to_object}/{to_id}", self._associate_default)
+        r.add_get("/crm/v4/objects/{object}/{id}/associations/{to_object}", self._list_associations)
         r.add_post("/crm/v3/lists", self._create_list)
         r.add_post("/crm/v3/lists/", self._create_list)
         r.add_get("/crm/v3/lists/{list_id}", self._get_list)
@@ -117,6 +128,10 @@ class HubSpotEmulator(Emulator):
     def find(self, obj: str, prop: str, value: str) -> dict[str, Any] | None:
         record_id = self._lookup(obj, prop, value)
         return None if record_id is None else self._public(obj, self.objects[obj][record_id])
+
+    def associations(self, obj: str, record_id: str) -> list[tuple[str, str]]:
+        """(object, id) of every record linked to this one."""
+        return list(self.links.get((obj, record_id), {}))
 
     def members(self, list_id: str) -> list[str]:
         return list(self.memberships.get(list_id, {}))
@@ -145,6 +160,8 @@ class HubSpotEmulator(Emulator):
         self.lists = state.get("lists", {})
         self.memberships = state.get("memberships", {})
         self._ids = itertools.count(state.get("next_id", 1001))
+        for obj, rid, target, tid, types in state.get("links", []):
+            self.links.setdefault((obj, rid), {})[(target, tid)] = types
         for obj, table in state.get("objects", {}).items():
             for record in table.values():
                 self._store(obj, record)
@@ -276,6 +293,13 @@ class HubSpotEmulator(Emulator):
         if len(self._burst) >= self.burst_limit:
             self._over_budget += 1
             return self._throttled("TEN_SECONDLY_ROLLING")
+        if request.path.endswith("/search"):
+            while self._searches and self._searches[0] <= now - 1.0:
+                self._searches.popleft()
+            if len(self._searches) >= self.search_per_second:
+                self._over_budget += 1
+                return self._throttled("SECONDLY")
+            self._searches.append(now)
         self._burst.append(now)
         self._daily_used += 1
         try:
@@ -477,7 +501,8 @@ class HubSpotEmulator(Emulator):
 
     async def _create(self, request: web.Request) -> web.Response:
         obj = self._object(request)
-        properties = (await _json(request)).get("properties") or {}
+        body = await _json(request)
+        properties = body.get("properties") or {}
         if (rejected := self._unknown_properties(obj, properties)) is not None:
             return rejected
         for prop in UNIQUE[obj]:
@@ -486,7 +511,19 @@ class HubSpotEmulator(Emulator):
                 return json_response(body, status=409)
         if (message := self._record_error(obj, properties)) is not None:
             return json_response(_error("VALIDATION_ERROR", message), status=400)
-        return json_response(self._public(obj, self._write(obj, None, properties)), status=201)
+        targets = []
+        for association in body.get("associations") or []:
+            target_id = str((association.get("to") or {}).get("id", ""))
+            target = next((o for o, table in self.objects.items() if target_id in table), None)
+            if target is None:
+                return json_response(
+                    _error("VALIDATION_ERROR", f"Association target {target_id} does not exist"), status=400
+                )
+            targets.append((target, target_id, association.get("types") or []))
+        record = self._write(obj, None, properties)
+        for target, target_id, types in targets:
+            self._link(obj, record["id"], target, target_id, types)
+        return json_response(self._public(obj, record), status=201)
 
     async def _read_one(self, request: web.Request) -> web.Response:
         obj = self._object(request)
@@ -507,6 +544,47 @@ class HubSpotEmulator(Emulator):
         if (message := self._record_error(obj, properties)) is not None:
             return json_response(_error("VALIDATION_ERROR", message), status=400)
         return json_response(self._public(obj, self._write(obj, record_id, properties)))
+
+    # --- associations ----------------------------------------------------------------------------
+
+    def _link(self, obj: str, record_id: str, target: str, target_id: str, types: list[dict[str, Any]]) -> None:
+        types = types or [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 0}]
+        self.links.setdefault((obj, record_id), {})[(target, target_id)] = types
+        self.links.setdefault((target, target_id), {})[(obj, record_id)] = types
+
+    async def _associate_default(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        to_obj = request.match_info["to_object"]
+        record_id, to_id = request.match_info["id"], request.match_info["to_id"]
+        if to_obj not in PROPERTIES or record_id not in self.objects[obj] or to_id not in self.objects[to_obj]:
+            return json_response(
+                _error("OBJECT_NOT_FOUND", "One or both records of the association do not exist"), status=404
+            )
+        self._link(obj, record_id, to_obj, to_id, [])
+        result = {
+            "from": {"id": record_id},
+            "to": {"id": to_id},
+            "associationSpec": {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 0},
+        }
+        now = iso_z(self.clock())
+        return json_response({"status": "COMPLETE", "results": [result], "startedAt": now, "completedAt": now})
+
+    async def _list_associations(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        to_obj = request.match_info["to_object"]
+        linked = self.links.get((obj, request.match_info["id"]), {})
+        results = [
+            {
+                "toObjectId": int(target_id),
+                "associationTypes": [
+                    {"category": t.get("associationCategory"), "typeId": t.get("associationTypeId"), "label": None}
+                    for t in types
+                ],
+            }
+            for (target, target_id), types in linked.items()
+            if target == to_obj
+        ]
+        return json_response({"results": results})
 
     # --- lists -----------------------------------------------------------------------------------
 
