@@ -17,9 +17,9 @@ from cdp_kit.ownership.nats_kv import nats_kv_ownership
 from cdp_kit.storage import open_store
 from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.domain import parse
-from cdp_segmentation.engine import SegmentationEngine
+from cdp_segmentation.engine import BUILT, CHECKPOINTS, LIVE, SNAPSHOTS, SegmentationEngine
 from cdp_segmentation.stream import SegmentationStream, engine_spec
-from cdp_testing.fakes import T0, Clock
+from cdp_testing.fakes import T0, Clock, Delivery
 
 PARTITIONS = 4
 TTL = 1.2
@@ -238,3 +238,42 @@ async def test_a_timer_of_a_partition_without_traffic_fires_once(world, nats_ser
         assert events[1].at.ToSeconds() == T0 + 60
     finally:
         await replica.stop()
+
+
+async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_the_consumer_loop_left(
+    world, nats_server
+):
+    """Before the partitioned engine, snapshots kept their positions (and the built versions) in
+    segmentation_checkpoints, which the engine's checkpoints now use. The first start moves them to
+    segmentation_snapshots: the memberships are not rebuilt and the replay starts where they stopped."""
+    store, _js = world
+    clock = Clock(T0)
+    async with Bus.connect(nats_server.url, name="segmentation-upgrade") as bus:
+
+        def engine() -> SegmentationEngine:
+            return SegmentationEngine(
+                store, bus.publisher, partitions=1, owned=[0], telemetry=bus.telemetry, clock=clock
+            )
+
+        before = engine()
+        await before.start()
+        await before.create("high", parse("traits.level > 0"))
+        await before.wait_live("high")
+        batch = profile_pb2.ProfileChangedBatch(changes=[change("p1", T0, level=1)])
+        await before.handle([Delivery(batch, subjects.profiles_changed(0), 7)])
+        await before.stop()
+        # The layout the consumer loop left.
+        async for record in store.scan_all(SNAPSHOTS):
+            await store.put(CHECKPOINTS, record.key, record.doc)
+            await store.delete(SNAPSHOTS, record.key)
+
+        after = engine()
+        await after.start()
+        try:
+            assert after.applied == {subjects.profiles_changed(0): 7}
+            assert after.segments["high"].state == LIVE  # the built version came along: no rebuild
+            assert set(after.membership("p1")) == {"high"}
+            assert (await store.get(CHECKPOINTS, BUILT)) is None
+            assert (await store.get(CHECKPOINTS, subjects.profiles_changed(0))).doc["stream_seq"] == 7
+        finally:
+            await after.stop()

@@ -81,6 +81,7 @@ CHECKPOINTS = subjects.checkpoints_collection("segmentation")
 BUILT = "$built"  # snapshot key: the definition version each segment's held memberships are of
 MAX_EVENTS_PER_MESSAGE = 1000
 PUBLISH_BACKOFF = (0.05, 0.2, 1.0, 2.0)
+SNAPSHOT_CHUNK = 100  # persons per write of a snapshot
 
 TraitWaiter = Callable[[Sequence[str]], Awaitable[None]]
 StreamEnds = Callable[[], Awaitable[dict[str, int]]]
@@ -143,6 +144,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             fetch=profile_source,
             marks=lambda: {BUILT: {"versions": {s.id: s.version for s in self.segments.values() if s.serving}}},
             clock=clock,
+            # The batches' commits share the store's writer with the snapshot's chunks and wait behind
+            # the one being written: 100 persons is ~3 ms of SQLite, 500 is ~25-45 ms (measured).
+            chunk=SNAPSHOT_CHUNK,
         )
         self.persons = self.held.persons
         self.members: dict[str, set[str]] = {}  # segment id -> persons (live definitions)

@@ -136,10 +136,10 @@ class Evaluation:
                 await self.fire_timers(idle_for=idle_for)
             except Exception as exc:  # the timers stay due; the next tick publishes them
                 log.warning("timer round failed: %r", exc)
-            wait = self.timer_resolution
-            tops = [heap[0][0] for heap in self._timers.values() if heap]
-            if tops:
-                wait = min(wait, max(0.0, min(tops) - self.clock()))
+            # Until the next timer comes due (those due already belong to partitions applying batches).
+            now = self.clock()
+            wait = min([self.timer_resolution, *(heap[0][0] - now for heap in self._timers.values() if heap)])
+            wait = wait if wait > 0 else self.timer_resolution
             await asyncio.sleep(wait)
 
     async def fire_timers(self, *, idle_for: float = 0.0) -> int:
@@ -147,17 +147,23 @@ class Evaluation:
         for `idle_for` seconds; publish what flipped (retrying until JetStream has it: the flips are
         held here only until the next snapshot). Returns the persons evaluated."""
         now = self.clock()
-        if not any(heap and heap[0][0] <= now for heap in self._timers.values()):
-            return 0
+        quiet_since = time.monotonic() - idle_for
+        due = [
+            partition
+            for partition in sorted(self.active)
+            if (heap := self._timers.get(partition))
+            and heap[0][0] <= now
+            and not (idle_for and self._last_apply.get(partition, 0.0) > quiet_since)
+        ]
+        if not due:
+            return 0  # (a partition applying batches fires its own at the next one)
         async with self._quiet(), self.held.mutating():
             now = self.clock()
-            quiet_since = time.monotonic() - idle_for
             by_partition: dict[int, list[Transition]] = {}
             fired = 0
-            for partition in sorted(self.active):
-                if idle_for and self._last_apply.get(partition, 0.0) > quiet_since:
-                    continue
-                fired += self._fire_due(partition, now, by_partition.setdefault(partition, []))
+            for partition in due:
+                if partition in self.active:
+                    fired += self._fire_due(partition, now, by_partition.setdefault(partition, []))
             await self._publish_durably([m for p, ts in by_partition.items() if ts for m in self._messages(p, ts)])
             return fired
 
