@@ -137,6 +137,8 @@ async def test_query_pages_with_next_records_url_and_query_all_follows_it():
         status, _, first = await _call(sf, "GET", f"{V}/query?q=SELECT+Id+FROM+Contact")
         assert first["totalSize"] == 2600 and len(first["records"]) == 2000 and first["done"] is False
         assert first["nextRecordsUrl"].startswith(f"{V}/query/")
+        _, _, second = await _call(sf, "GET", first["nextRecordsUrl"])
+        assert second["totalSize"] == 2600 and len(second["records"]) == 600 and second["done"] is True
         everything = await asyncio.to_thread(
             _client(sf).query_all, "SELECT Id, CDP_Id__c FROM Contact ORDER BY CDP_Id__c"
         )

@@ -79,7 +79,7 @@ class SalesforceEmulator(Emulator):
         self._over_budget = 0
         self._counter = itertools.count(1)
         self._case_numbers = itertools.count(1001)
-        self._cursors: dict[str, tuple[str, list[dict[str, Any]], list[str]]] = {}
+        self._cursors: dict[str, tuple[str, list[dict[str, Any]], list[str], int]] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.app.router.add_post("/services/oauth2/token", self._token)
         self.app.router.add_get("/services/data", self._versions)
@@ -593,7 +593,7 @@ class SalesforceEmulator(Emulator):
             locator = parts[0]
             if locator not in self._cursors:
                 return 400, _error_list("INVALID_QUERY_LOCATOR", "invalid query locator"), {}
-            obj, rest, fields = self._cursors.pop(locator)
+            obj, rest, fields, total = self._cursors.pop(locator)
         else:
             text = query.get("q")
             if not text:
@@ -611,21 +611,20 @@ class SalesforceEmulator(Emulator):
                 matched = matched[: parsed.limit]
             if parsed.count:
                 return 200, {"totalSize": len(matched), "done": True, "records": []}, {}
-            obj, rest, fields = parsed.obj, matched, parsed.fields
+            obj, rest, fields, total = parsed.obj, matched, parsed.fields, len(matched)
         batch = 2000
         options = headers.get("Sforce-Query-Options", "") if headers else ""
         if (m := re.search(r"batchSize=(\d+)", options)) is not None:
             batch = max(200, min(2000, int(m.group(1))))
         page, remaining = rest[:batch], rest[batch:]
-        total = len(rest) if not parts else None
         answer: dict[str, Any] = {
             "done": not remaining,
             "records": [self._public(obj, r, fields, version) for r in page],
         }
-        answer["totalSize"] = total if total is not None else len(page) + len(remaining)
+        answer["totalSize"] = total
         if remaining:
             locator = f"01gDp{new_id()[:10]}-{batch}"
-            self._cursors[locator] = (obj, remaining, fields)
+            self._cursors[locator] = (obj, remaining, fields, total)
             answer["nextRecordsUrl"] = f"/services/data/v{version}/query/{locator}"
         return 200, answer, {}
 

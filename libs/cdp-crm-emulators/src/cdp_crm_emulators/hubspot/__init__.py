@@ -24,9 +24,6 @@ body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import itertools
 import re
 import time
@@ -38,26 +35,10 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, iso_z, json_response, new_id
+from cdp_crm_emulators.hubspot.schema import PROPERTIES, SINGULAR, UNIQUE, object_by_type
+from cdp_crm_emulators.hubspot.search import matches_all, sortable
+from cdp_crm_emulators.hubspot.webhooks import webhook_signature_v3
 
-OBJECT_TYPE_IDS = {"contacts": "0-1", "companies": "0-2", "tickets": "0-5", "tasks": "0-27"}
-SINGULAR = {"contacts": "contact", "companies": "company", "tickets": "ticket", "tasks": "task"}
-_COMMON = {"hs_object_id", "createdate", "hs_lastmodifieddate", "hubspot_owner_id", "cdp_id", "cdp_idempotency_key"}
-PROPERTIES: dict[str, set[str]] = {
-    "contacts": _COMMON
-    | {"email", "firstname", "lastname", "phone", "company", "lifecyclestage", "lastmodifieddate", "city", "country"}
-    | {"cdp_churn_risk", "cdp_fraud_score", "cdp_segments", "cdp_consent_email", "cdp_lifetime_value"},
-    "companies": _COMMON | {"domain", "name", "industry", "city", "country"},
-    "tickets": _COMMON
-    | {"subject", "content", "hs_pipeline", "hs_pipeline_stage", "hs_ticket_priority", "hs_ticket_category"},
-    "tasks": _COMMON
-    | {"hs_task_subject", "hs_task_body", "hs_task_status", "hs_task_priority", "hs_timestamp", "hs_task_type"},
-}
-UNIQUE: dict[str, tuple[str, ...]] = {
-    "contacts": ("email", "cdp_id", "cdp_idempotency_key"),
-    "companies": ("domain", "cdp_id", "cdp_idempotency_key"),
-    "tickets": ("cdp_id", "cdp_idempotency_key"),
-    "tasks": ("cdp_id", "cdp_idempotency_key"),
-}
 BATCH_LIMIT = 100
 SEARCH_PAGE_LIMIT = 200
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -483,12 +464,12 @@ class HubSpotEmulator(Emulator):
         matched = [
             r
             for r in self.objects[obj].values()
-            if not groups or any(_matches_all(r, g.get("filters", [])) for g in groups)
+            if not groups or any(matches_all(r, g.get("filters", [])) for g in groups)
         ]
         for sort in reversed(body.get("sorts") or []):
             name = sort if isinstance(sort, str) else sort.get("propertyName")
             descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"
-            matched.sort(key=lambda r, n=name: _sortable(r["properties"].get(n)), reverse=descending)
+            matched.sort(key=lambda r, n=name: sortable(r["properties"].get(n)), reverse=descending)
         after = int(body.get("after") or 0)
         page = matched[after : after + limit]
         answer: dict[str, Any] = {
@@ -628,7 +609,7 @@ class HubSpotEmulator(Emulator):
         return found, None
 
     def _change_members(self, found: dict[str, Any], add: list[Any], remove: list[Any]) -> dict[str, Any]:
-        table = self.objects[_object_by_type(found["objectTypeId"])]
+        table = self.objects[object_by_type(found["objectTypeId"])]
         members = self.memberships[found["listId"]]
         added, removed, missing = [], [], []
         now = iso_z(self.clock())
@@ -675,12 +656,6 @@ class HubSpotEmulator(Emulator):
         return json_response({"results": results, "total": len(results)})
 
 
-def webhook_signature_v3(secret: str, method: str, url: str, body: bytes, timestamp: str) -> str:
-    """HubSpot's v3 request signature: base64(HMAC-SHA256(secret, method + uri + body + timestamp))."""
-    message = method.encode() + url.encode() + body + timestamp.encode()
-    return base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
-
-
 def _error(category: str, message: str) -> dict[str, Any]:
     return {"status": "error", "message": message, "correlationId": new_id(), "category": category}
 
@@ -694,51 +669,6 @@ def _record_error(category: str, message: str, ids: list[str]) -> dict[str, Any]
         "links": {},
         "errors": [],
     }
-
-
-def _object_by_type(object_type_id: str) -> str:
-    for obj, type_id in OBJECT_TYPE_IDS.items():
-        if type_id == object_type_id:
-            return obj
-    return "contacts"
-
-
-def _sortable(value: Any) -> tuple[int, Any]:
-    if value is None:
-        return (1, "")
-    try:
-        return (0, float(value))
-    except (TypeError, ValueError):
-        return (0, str(value))
-
-
-def _matches_all(record: dict[str, Any], filters: list[dict[str, Any]]) -> bool:
-    return all(_matches(record["properties"], f) for f in filters)
-
-
-def _matches(properties: dict[str, Any], flt: dict[str, Any]) -> bool:
-    name, operator = flt.get("propertyName"), flt.get("operator", "EQ")
-    actual = properties.get(name) if name != "id" else properties.get("hs_object_id")
-    if operator == "HAS_PROPERTY":
-        return actual not in (None, "")
-    if operator == "NOT_HAS_PROPERTY":
-        return actual in (None, "")
-    if actual is None:
-        return operator == "NEQ"
-    if operator == "IN":
-        return str(actual).lower() in {str(v).lower() for v in flt.get("values", [])}
-    if operator == "NOT_IN":
-        return str(actual).lower() not in {str(v).lower() for v in flt.get("values", [])}
-    if operator == "CONTAINS_TOKEN":
-        return str(flt.get("value", "")).strip("*").lower() in str(actual).lower()
-    expected = flt.get("value")
-    if operator in ("EQ", "NEQ"):
-        equal = str(actual).lower() == str(expected).lower()
-        return equal if operator == "EQ" else not equal
-    left, right = _sortable(actual), _sortable(expected)
-    if operator == "BETWEEN":
-        return _sortable(expected) <= left <= _sortable(flt.get("highValue"))
-    return {"LT": left < right, "LTE": left <= right, "GT": left > right, "GTE": left >= right}.get(operator, False)
 
 
 async def _json(request: web.Request, default: Any = None) -> Any:

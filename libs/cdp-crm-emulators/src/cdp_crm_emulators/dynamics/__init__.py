@@ -37,83 +37,20 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, iso_z, json_response, new_id
+from cdp_crm_emulators.dynamics.batch import boundary_of, http_part, split_multipart
+from cdp_crm_emulators.dynamics.odata import (
+    NAMESPACE,
+    DataverseError,
+    EntitySet,
+    default_entity_sets,
+    etag,
+    parse_filter,
+    select_of,
+    split_key,
+)
 
 API = "/api/data/v9.2"
-NAMESPACE = "Microsoft.Dynamics.CRM"
 BATCH_LIMIT = 1000
-
-
-class EntitySet:
-    def __init__(
-        self,
-        name: str,
-        logical: str,
-        primary: str,
-        attributes: set[str],
-        keys: tuple[str, ...],
-        lookups: dict[str, str],
-        required: tuple[str, ...] = (),
-    ):
-        self.name, self.logical, self.primary = name, logical, primary
-        self.attributes = attributes | {primary, "createdon", "modifiedon", "versionnumber", "statecode", "statuscode"}
-        self.keys, self.lookups, self.required = keys, lookups, required
-
-
-def default_entity_sets() -> dict[str, EntitySet]:
-    return {
-        "contacts": EntitySet(
-            "contacts",
-            "contact",
-            "contactid",
-            {
-                "firstname",
-                "lastname",
-                "fullname",
-                "emailaddress1",
-                "telephone1",
-                "mobilephone",
-                "jobtitle",
-                "donotbulkemail",
-                "cdp_id",
-            }
-            | {"cdp_churnrisk", "cdp_fraudscore", "cdp_lifetimevalue", "cdp_segments"},
-            ("emailaddress1", "cdp_id"),
-            {"parentcustomerid_account": "accounts"},
-        ),
-        "accounts": EntitySet(
-            "accounts",
-            "account",
-            "accountid",
-            {"name", "websiteurl", "industrycode", "cdp_id"},
-            ("cdp_id",),
-            {},
-            ("name",),
-        ),
-        "incidents": EntitySet(
-            "incidents",
-            "incident",
-            "incidentid",
-            {"title", "description", "prioritycode", "caseorigincode", "ticketnumber", "cdp_idempotencykey"},
-            ("cdp_idempotencykey",),
-            {"customerid_contact": "contacts", "customerid_account": "accounts"},
-            ("title",),
-        ),
-        "tasks": EntitySet(
-            "tasks",
-            "task",
-            "activityid",
-            {"subject", "description", "prioritycode", "scheduledend", "cdp_idempotencykey"},
-            ("cdp_idempotencykey",),
-            {"regardingobjectid_contact": "contacts", "regardingobjectid_account": "accounts"},
-            ("subject",),
-        ),
-    }
-
-
-class DataverseError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
 
 
 class DynamicsEmulator(Emulator):
@@ -334,7 +271,7 @@ class DynamicsEmulator(Emulator):
         if method == "GET":
             if current is None:
                 raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
-            return 200, {"ETag": _etag(current)}, self._public(entity, current, _select(query))
+            return 200, {"ETag": etag(current)}, self._public(entity, current, select_of(query))
         if method == "DELETE":
             if current is None:
                 raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
@@ -346,7 +283,7 @@ class DynamicsEmulator(Emulator):
                 raise DataverseError(404, "0x80040217", f"{entity.logical} With Ids = {key} Does Not Exist")
             if current is not None and if_none_match == "*":
                 raise DataverseError(412, "0x80040237", "A record with matching key values already exists.")
-            if current is not None and if_match not in (None, "*") and if_match != _etag(current):
+            if current is not None and if_match not in (None, "*") and if_match != etag(current):
                 raise DataverseError(
                     412,
                     "0x80060882",
@@ -366,7 +303,7 @@ class DynamicsEmulator(Emulator):
     ) -> tuple[int, dict[str, str], Any]:
         headers = {"OData-EntityId": f"{self.base_url}{API}/{entity.name}({record_id})"}
         record = self.store.objects[entity.name][record_id]
-        headers["ETag"] = _etag(record)
+        headers["ETag"] = etag(record)
         if "return=representation" in prefer:
             return (201 if created else 200), headers, self._public(entity, record, None)
         return 204, headers, None
@@ -375,7 +312,7 @@ class DynamicsEmulator(Emulator):
         if "=" not in key:
             return {}
         values = {}
-        for part in _split_key(key):
+        for part in split_key(key):
             name, _, raw = part.partition("=")
             values[name.strip()] = raw.strip().strip("'").replace("''", "'")
         return values
@@ -464,10 +401,10 @@ class DynamicsEmulator(Emulator):
 
     def _public(self, entity: EntitySet, record: dict[str, Any], select: list[str] | None) -> dict[str, Any]:
         shown = {k: record.get(k) for k in [*select, entity.primary]} if select else dict(record)
-        return {"@odata.etag": _etag(record), **shown}
+        return {"@odata.etag": etag(record), **shown}
 
     def _list(self, entity: EntitySet, query: dict[str, list[str]], prefer: str) -> tuple[int, dict[str, str], Any]:
-        select = _select(query)
+        select = select_of(query)
         for name in select or []:
             if name not in entity.attributes and not (name.startswith("_") and name.endswith("_value")):
                 raise DataverseError(
@@ -485,7 +422,7 @@ class DynamicsEmulator(Emulator):
                 raise DataverseError(400, "0x80060888", "The $skiptoken is invalid or has expired.")
             _, select, rows = self._pages.pop(token)
         else:
-            predicate = _filter(query.get("$filter", [""])[0], entity)
+            predicate = parse_filter(query.get("$filter", [""])[0], entity)
             rows = [r for r in self.store.objects.get(entity.name, {}).values() if predicate(r)]
             if "$orderby" in query:
                 column, _, direction = query["$orderby"][0].partition(" ")
@@ -537,14 +474,17 @@ class DynamicsEmulator(Emulator):
         refused = self._admit(request)
         if refused is not None:
             return refused
-        boundary = _boundary(request.headers.get("Content-Type", ""))
+        boundary = boundary_of(request.headers.get("Content-Type", ""))
         if boundary is None:
             return _error_response(
                 DataverseError(400, "0x80060888", "The $batch request must be multipart/mixed with a boundary.")
             )
-        parts = _multipart(await request.read(), boundary)
+        parts = split_multipart(await request.read(), boundary)
         if (
-            sum(len(_multipart(body, b)) if (b := _boundary(h.get("content-type", ""))) else 1 for h, body in parts)
+            sum(
+                len(split_multipart(body, b)) if (b := boundary_of(h.get("content-type", ""))) else 1
+                for h, body in parts
+            )
             > BATCH_LIMIT
         ):
             return _error_response(
@@ -555,12 +495,12 @@ class DynamicsEmulator(Emulator):
         out_boundary = f"batchresponse_{uuid.uuid4()}"
         chunks: list[bytes] = []
         for part_headers, part_body in parts:
-            inner = _boundary(part_headers.get("content-type", ""))
+            inner = boundary_of(part_headers.get("content-type", ""))
             if inner is None:
                 status, headers, answer = self._batch_operation(part_body, {})
-                chunks.append(_http_part(status, headers, answer, None))
+                chunks.append(http_part(status, headers, answer, None))
                 continue
-            chunks.append(self._changeset(_multipart(part_body, inner)))
+            chunks.append(self._changeset(split_multipart(part_body, inner)))
         body = (
             b"".join(b"--" + out_boundary.encode() + b"\r\n" + chunk for chunk in chunks)
             + b"--"
@@ -585,11 +525,11 @@ class DynamicsEmulator(Emulator):
                 # All or nothing: undo what this change set wrote and answer with the failure alone.
                 self.store.restore(before)
                 del self.changes[changes_before:]
-                return _http_part(status, headers, answer, content_id)
+                return http_part(status, headers, answer, content_id)
             if content_id and "OData-EntityId" in headers:
                 entity_path = headers["OData-EntityId"].split(API + "/", 1)[1]
                 content_ids[content_id] = entity_path
-            answers.append(_http_part(status, headers, answer, content_id))
+            answers.append(http_part(status, headers, answer, content_id))
         boundary = f"changesetresponse_{uuid.uuid4()}"
         inner = (
             b"".join(b"--" + boundary.encode() + b"\r\n" + a for a in answers) + b"--" + boundary.encode() + b"--\r\n"
@@ -612,103 +552,6 @@ class DynamicsEmulator(Emulator):
         for ref, target in content_ids.items():
             body = body.replace(f'"${ref}"'.encode(), f'"/{target}"'.encode())
         return self._execute(method, path, query_string, headers, body.strip(), content_ids)
-
-
-def _etag(record: dict[str, Any]) -> str:
-    return f'W/"{record.get("versionnumber")}"'
-
-
-def _select(query: dict[str, list[str]]) -> list[str] | None:
-    return [s.strip() for s in query["$select"][0].split(",")] if "$select" in query else None
-
-
-def _split_key(key: str) -> list[str]:
-    return [p for p in re.split(r",(?=(?:[^']*'[^']*')*[^']*$)", key) if p]
-
-
-def _filter(text: str, entity: EntitySet) -> Any:
-    """``a eq 'x' and b gt 5 or c ne null``: left-to-right, ``and`` binding tighter than ``or``."""
-    if not text.strip():
-        return lambda r: True
-    alternatives = []
-    for group in re.split(r"\s+or\s+", text.strip(), flags=re.I):
-        tests = []
-        for clause in re.split(r"\s+and\s+", group, flags=re.I):
-            m = re.fullmatch(r"\s*(\w+)\s+(eq|ne|gt|ge|lt|le)\s+(.+?)\s*", clause, flags=re.I)
-            if m is None:
-                raise DataverseError(400, "0x80060888", f"Syntax error in $filter near '{clause.strip()}'.")
-            name, op, raw = m.group(1), m.group(2).lower(), m.group(3)
-            if name not in entity.attributes and not (name.startswith("_") and name.endswith("_value")):
-                raise DataverseError(
-                    400,
-                    "0x80060888",
-                    f"Could not find a property named '{name}' on type '{NAMESPACE}.{entity.logical}'.",
-                )
-            value: Any = None if raw == "null" else raw.strip("'").replace("''", "'") if raw.startswith("'") else raw
-            if isinstance(value, str) and re.fullmatch(r"-?\d+(\.\d+)?", value) and not raw.startswith("'"):
-                value = float(value)
-            tests.append((name, op, value))
-        alternatives.append(tests)
-
-    def compare(actual: Any, op: str, expected: Any) -> bool:
-        if isinstance(expected, float) and actual is not None:
-            actual = float(actual)
-        if isinstance(actual, str) and isinstance(expected, str):
-            actual, expected = actual.lower(), expected.lower()
-        if op == "eq":
-            return bool(actual == expected)
-        if op == "ne":
-            return bool(actual != expected)
-        if actual is None or expected is None:
-            return False
-        return {"gt": actual > expected, "ge": actual >= expected, "lt": actual < expected, "le": actual <= expected}[
-            op
-        ]
-
-    return lambda r: any(all(compare(r.get(n), o, v) for n, o, v in tests) for tests in alternatives)
-
-
-def _boundary(content_type: str) -> str | None:
-    m = re.search(r'boundary="?([^";]+)"?', content_type)
-    return m.group(1) if m and "multipart/mixed" in content_type.lower() else None
-
-
-def _multipart(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
-    parts = []
-    for chunk in body.split(b"--" + boundary.encode())[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk.lstrip(b"\r\n")
-        head, _, content = chunk.replace(b"\r\n", b"\n").partition(b"\n\n")
-        headers = {}
-        for line in head.decode().split("\n"):
-            name, _, value = line.partition(":")
-            if name.strip():
-                headers[name.strip().lower()] = value.strip()
-        parts.append((headers, content.rstrip(b"\n")))
-    return parts
-
-
-def _http_part(status: int, headers: dict[str, str], answer: Any, content_id: str | None) -> bytes:
-    reason = {
-        200: "OK",
-        201: "Created",
-        204: "No Content",
-        400: "Bad Request",
-        404: "Not Found",
-        412: "Precondition Failed",
-        429: "Too Many Requests",
-    }.get(status, "")
-    lines = ["Content-Type: application/http", "Content-Transfer-Encoding: binary"]
-    if content_id:
-        lines.append(f"Content-ID: {content_id}")
-    lines += ["", f"HTTP/1.1 {status} {reason}"]
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    body = b""
-    if answer is not None:
-        lines.append("Content-Type: application/json; odata.metadata=minimal")
-        body = orjson.dumps(answer)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body + b"\r\n"
 
 
 def _make_response(status: int, headers: dict[str, str], answer: Any) -> web.Response:

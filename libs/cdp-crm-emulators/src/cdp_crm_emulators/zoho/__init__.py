@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import re
-import urllib.parse
 from collections import deque
 from typing import Any
 
@@ -32,105 +31,13 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, json_response, new_id
+from cdp_crm_emulators.zoho.criteria import parse_time, search_predicate
+from cdp_crm_emulators.zoho.modules import SYSTEM, Module, default_modules
 
 UPSERT_LIMIT = 100
 PAGE_LIMIT = 200
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _USER = {"name": "Local Admin", "id": "5725767000000411001", "email": "admin@example.com"}
-
-
-class Module:
-    def __init__(
-        self,
-        name: str,
-        fields: dict[str, str],
-        required: tuple[str, ...],
-        unique: tuple[str, ...],
-        default_duplicate_check: tuple[str, ...],
-    ):
-        self.name, self.fields, self.required, self.unique = name, fields, required, unique
-        self.default_duplicate_check = default_duplicate_check
-
-
-def default_modules() -> dict[str, Module]:
-    cdp = {"CDP_Id": "text"}
-    return {
-        "Leads": Module(
-            "Leads",
-            {
-                "First_Name": "text",
-                "Last_Name": "text",
-                "Email": "email",
-                "Company": "text",
-                "Lead_Status": "picklist",
-                **cdp,
-            },
-            ("Last_Name",),
-            ("Email", "CDP_Id"),
-            ("Email",),
-        ),
-        "Contacts": Module(
-            "Contacts",
-            {
-                "First_Name": "text",
-                "Last_Name": "text",
-                "Email": "email",
-                "Phone": "phone",
-                "Mobile": "phone",
-                "Title": "text",
-                "Email_Opt_Out": "boolean",
-                "Account_Name": "lookup",
-                "Churn_Risk": "double",
-                "Fraud_Score": "double",
-                "Lifetime_Value": "double",
-                "CDP_Segments": "textarea",
-                **cdp,
-            },
-            ("Last_Name",),
-            ("Email", "CDP_Id"),
-            ("Email",),
-        ),
-        "Accounts": Module(
-            "Accounts",
-            {"Account_Name": "text", "Website": "website", "Industry": "picklist", **cdp},
-            ("Account_Name",),
-            ("Account_Name", "CDP_Id"),
-            ("Account_Name",),
-        ),
-        "Cases": Module(
-            "Cases",
-            {
-                "Subject": "text",
-                "Description": "textarea",
-                "Status": "picklist",
-                "Priority": "picklist",
-                "Case_Origin": "picklist",
-                "Related_To": "lookup",
-                "CDP_Idempotency_Key": "text",
-            },
-            ("Subject", "Case_Origin", "Status"),
-            ("CDP_Idempotency_Key",),
-            ("CDP_Idempotency_Key",),
-        ),
-        "Tasks": Module(
-            "Tasks",
-            {
-                "Subject": "text",
-                "Description": "textarea",
-                "Status": "picklist",
-                "Priority": "picklist",
-                "Due_Date": "date",
-                "Who_Id": "lookup",
-                "CDP_Idempotency_Key": "text",
-            },
-            ("Subject",),
-            ("CDP_Idempotency_Key",),
-            ("CDP_Idempotency_Key",),
-        ),
-    }
-
-
-SYSTEM = {"id", "Created_Time", "Modified_Time", "Created_By", "Modified_By", "Owner"}
 
 
 class ZohoEmulator(Emulator):
@@ -481,7 +388,7 @@ class ZohoEmulator(Emulator):
             return refused
         query = request.query
         try:
-            predicate = _search_predicate(query, module)
+            predicate = search_predicate(query, module)
         except ValueError as exc:
             return _error(400, "INVALID_QUERY", str(exc), {"api_name": "criteria"})
         if predicate is None:
@@ -506,8 +413,8 @@ class ZohoEmulator(Emulator):
         rows = list(self.store.objects.get(module.name, {}).values())
         since = request.headers.get("If-Modified-Since")
         if since:
-            threshold = _parse_time(since)
-            rows = [r for r in rows if _parse_time(r["Modified_Time"]) > threshold]
+            threshold = parse_time(since)
+            rows = [r for r in rows if parse_time(r["Modified_Time"]) > threshold]
             if not rows:
                 return web.Response(status=304)
         if request.query.get("sort_by") in ("Modified_Time", "Created_Time", "id"):
@@ -527,30 +434,6 @@ class ZohoEmulator(Emulator):
         return json_response({"data": [record]})
 
 
-def _search_predicate(query: Any, module: Module) -> Any:
-    """criteria, else email, phone or word - the first one given, as Zoho reads them."""
-    if "criteria" in query:
-        return _criteria(query["criteria"], module)
-    typed = {"email": "email", "phone": "phone"}
-    for param, kind in typed.items():
-        if param in query:
-            wanted = query[param].lower()
-            names = [f for f, t in module.fields.items() if t == kind]
-
-            def by_type(record: dict[str, Any], wanted: str = wanted, names: list[str] = names) -> bool:
-                return any(str(record.get(name) or "").lower() == wanted for name in names)
-
-            return by_type
-    if "word" in query:
-        word = query["word"].lower()
-
-        def by_word(record: dict[str, Any]) -> bool:
-            return any(word in str(value).lower() for value in record.values())
-
-        return by_word
-    return None
-
-
 def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:
     per_page = min(int(query.get("per_page", PAGE_LIMIT)), PAGE_LIMIT)
     page = max(1, int(query.get("page", 1)))
@@ -559,95 +442,6 @@ def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:
         return web.Response(status=204)
     info = {"per_page": per_page, "count": len(chunk), "page": page, "more_records": page * per_page < len(rows)}
     return json_response({"data": chunk, "info": info})
-
-
-def _parse_time(text: str) -> dt.datetime:
-    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
-
-
-def _criteria(text: str, module: Module) -> Any:
-    """``((A:equals:x)and(B:starts_with:y))or(C:greater_than:2024-01-01T00:00:00+00:00)``, left to right."""
-    text = urllib.parse.unquote(text).strip()
-    tokens = re.findall(r"\(|\)|\band\b|\bor\b|[^()]+?(?=\)|$)", text, flags=re.I)
-    pos = 0
-
-    def condition(raw: str) -> Any:
-        field_name, op, value = [*raw.split(":", 2), "", ""][:3]
-        if field_name not in module.fields and field_name not in SYSTEM:
-            raise ValueError(f"invalid query formed: unknown field {field_name}")
-        values = [v.replace("\\,", ",") for v in re.split(r"(?<!\\),", value)]
-
-        timed = field_name in ("Modified_Time", "Created_Time")
-        norm = _parse_time if timed else (lambda x: str(x).lower())
-        wanted = [norm(v) for v in values]
-
-        def test(record: dict[str, Any]) -> bool:
-            raw_value = record.get(field_name)
-            if op == "not_equal":
-                return raw_value is None or norm(raw_value) not in wanted
-            if raw_value is None:
-                return False
-            actual = norm(raw_value)
-            if op in ("equals", "in"):
-                return actual in wanted
-            if op == "starts_with":
-                return str(actual).startswith(str(wanted[0]))
-            if op == "between":
-                return len(wanted) == 2 and wanted[0] <= actual <= wanted[1]
-            if op == "greater_than":
-                return actual > wanted[0]
-            if op == "greater_equal":
-                return actual >= wanted[0]
-            if op == "less_than":
-                return actual < wanted[0]
-            return actual <= wanted[0]
-
-        if op not in (
-            "equals",
-            "not_equal",
-            "starts_with",
-            "in",
-            "between",
-            "greater_than",
-            "greater_equal",
-            "less_than",
-            "less_equal",
-        ):
-            raise ValueError(f"invalid query formed: unknown comparator {op}")
-        return test
-
-    def expression() -> Any:
-        nonlocal pos
-        left = term()
-        while pos < len(tokens) and tokens[pos].lower() in ("and", "or"):
-            op = tokens[pos].lower()
-            pos += 1
-            right, prev = term(), left
-            left = (
-                (lambda r, a=prev, b=right: a(r) and b(r)) if op == "and" else (lambda r, a=prev, b=right: a(r) or b(r))
-            )
-        return left
-
-    def term() -> Any:
-        nonlocal pos
-        if pos >= len(tokens) or tokens[pos] != "(":
-            raise ValueError("invalid query formed")
-        pos += 1
-        if tokens[pos] == "(":
-            inner = expression()
-        else:
-            inner = condition(tokens[pos].strip())
-            pos += 1
-        if pos >= len(tokens) or tokens[pos] != ")":
-            raise ValueError("invalid query formed")
-        pos += 1
-        return inner
-
-    result = expression()
-    if pos != len(tokens):
-        raise ValueError("invalid query formed")
-    return result
 
 
 def _record_error(code: str, message: str, details: dict[str, Any]) -> dict[str, Any]:
