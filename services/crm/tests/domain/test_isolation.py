@@ -8,6 +8,7 @@ from cdp_crm.domain.isolation import (
     ANSWER_LOST,
     INVALID_VALUE,
     THROTTLED,
+    UNKNOWN_FIELD,
     BatchOutcome,
     CrmError,
     DeadLetter,
@@ -48,6 +49,17 @@ def test_a_batch_refused_whole_is_split_until_the_bad_record_is_alone():
         400,
     )
     assert isolation.requests <= 1 + 2 * 7  # logarithmic, not one request per record
+
+
+def test_a_refusal_about_every_record_dead_letters_them_all_without_splitting():
+    changes = _changes(8)
+    isolation = Isolation(changes)
+    error = CrmError(
+        UNKNOWN_FIELD, "PROPERTY_DOESNT_EXIST", "Property favourite_colour does not exist", 400, every_record=True
+    )
+    isolation.record(isolation.next_batch(), BatchOutcome.failed(error), now=1.0)
+    assert isolation.done and isolation.requests == 1
+    assert [d.change for d in isolation.dead] == changes and {d.reason for d in isolation.dead} == {UNKNOWN_FIELD}
 
 
 def test_per_record_errors_dead_letter_only_those_records():

@@ -7,7 +7,9 @@ answers into what to do next:
 - a record the CRM wrote is synced (its CRM id, created or updated);
 - a record the CRM rejected for itself (an invalid email, a value too long) becomes a `DeadLetter` carrying
   the CRM's own code and message under a reason code; the rest of the batch is unaffected;
-- a request refused as a whole for a non-transient reason (one bad record fails the lot: a HubSpot 400, a
+- a request refused for what it asks of every record (an unknown field, a missing permission:
+  `CrmError.every_record`) dead-letters them all at once, since splitting cannot help;
+- a request refused as a whole for another non-transient reason (one bad record fails the lot: a HubSpot 400, a
   Dataverse change set, Salesforce with allOrNone) is split in halves, and the halves sent again, until
   the bad record is alone and dead-lettered; every good record is written, at O(log n) extra requests per
   bad one;
@@ -52,6 +54,9 @@ class CrmError:
     status: int = 0  # HTTP status, 0 if none came back
     retry_after: str | None = None
     daily: bool = False  # a daily-limit refusal: wait for the next day, not the window
+    # The refusal is about the request, not a record in it (an unknown field, a missing permission):
+    # splitting cannot isolate anything, so every record is dead-lettered at once.
+    every_record: bool = False
     fields: tuple[str, ...] = ()
 
     @property
@@ -186,8 +191,9 @@ class Isolation:
             if error.transient:
                 self.retry.append(batch)
                 self.retry_errors.append(error)
-            elif len(batch) == 1:
-                self._dead(batch[0], error, now)
+            elif len(batch) == 1 or error.every_record:
+                for change in batch:
+                    self._dead(change, error, now)
             else:
                 middle = len(batch) // 2
                 # Halves go first, so isolating a bad record finishes before anything else is sent.

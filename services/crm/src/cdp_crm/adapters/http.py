@@ -1,0 +1,82 @@
+"""The HTTP exchange every adapter shares: one request, its answer or the failure as an outcome.
+
+A request that times out or whose connection drops may have been committed by the CRM: that is
+ANSWER_LOST, retried as is (every write is an upsert by key). 429 and the CRMs' own limit answers are
+THROTTLED with their Retry-After; 5xx UNAVAILABLE; 401 AUTH. Log lines carry the method, the path
+template's object and the status - never bodies, which hold personal data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, THROTTLED, UNAVAILABLE, CrmError
+
+log = logging.getLogger("cdp_crm.adapters")
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: Any = None  # parsed JSON, or the raw text when not JSON
+    error: CrmError | None = None  # set when no usable answer came back (network, timeout)
+    raw: bytes = field(default=b"", repr=False)
+
+
+async def exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    json: Any = None,
+    data: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    what: str = "",
+) -> Answer:
+    """One request. Never raises for the network: a lost answer is `Answer(error=ANSWER_LOST)`."""
+    body = orjson.dumps(json) if json is not None else data
+    sent_headers = dict(headers or {})
+    if json is not None:
+        sent_headers.setdefault("Content-Type", "application/json")
+    try:
+        async with session.request(
+            method, url, data=body, headers=sent_headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            raw = await response.read()
+            answer_headers = {k: v for k, v in response.headers.items()}
+            parsed: Any = None
+            if raw:
+                try:
+                    parsed = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    parsed = raw.decode(errors="replace")
+            log.debug("crm request", extra={"method": method, "what": what, "status": response.status})
+            return Answer(response.status, answer_headers, parsed, raw=raw)
+    except TimeoutError:
+        error = CrmError(ANSWER_LOST, "TIMEOUT", "no answer within the timeout; the write may have committed")
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        error = CrmError(ANSWER_LOST, type(exc).__name__, "the connection failed; the write may have committed")
+    log.warning("crm request failed", extra={"method": method, "what": what, "crm_code": error.code})
+    return Answer(0, {}, None, error)
+
+
+def transport_error(answer: Answer, code: str = "", message: str = "") -> CrmError | None:
+    """The transient error an answer's status means (None: the CRM answered and the body says more)."""
+    if answer.error is not None:
+        return answer.error
+    status, headers = answer.status, answer.headers
+    retry_after = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if status == 429:
+        return CrmError(THROTTLED, code or "429", message, status, retry_after)
+    if status == 401:
+        return CrmError(AUTH, code or "401", message, status)
+    if status >= 500:
+        return CrmError(UNAVAILABLE, code or str(status), message, status, retry_after)
+    return None

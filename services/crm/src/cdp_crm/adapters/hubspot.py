@@ -1,0 +1,252 @@
+"""HubSpot CRM v3: batch upsert by a unique property (100 inputs a call), lists, tickets and tasks.
+
+Auth is a private-app token (``Authorization: Bearer``). Every object is written with
+``POST /crm/v3/objects/<object>/batch/upsert`` and ``idProperty`` = the mapping's match field (contacts by
+``cdp_id`` or ``email``; tasks and tickets by their idempotency field), so a retry after a lost answer
+updates the same records. HubSpot takes property values as strings: None becomes "" (HubSpot's way of
+clearing a property), booleans "true"/"false".
+
+Answers: 200 (all written) or 207 with ``errors[].context.ids`` naming the rejected inputs; 400 refuses the
+whole batch (an unknown property - every record, not worth splitting - or one invalid input); 429 carries
+``policyName`` (TEN_SECONDLY_ROLLING or DAILY) and every answer the ``X-HubSpot-RateLimit-*`` headers the
+budget observes.
+
+update_only: the existing records are read first (``batch/read`` by the match field), only those are
+upserted, the others come back NOT_FOUND: two requests. Lists: the mapping's ``list`` is the HubSpot list
+id (a MANUAL list); members are found by the match field and added or removed with one
+``memberships/add-and-remove`` call: two requests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.domain.coalesce import REMOVE, Change
+from cdp_crm.domain.isolation import (
+    DUPLICATE,
+    INVALID_VALUE,
+    NOT_FOUND,
+    PERMISSION,
+    REJECTED,
+    THROTTLED,
+    UNKNOWN_FIELD,
+    BatchOutcome,
+    CrmError,
+    RecordResult,
+)
+from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
+
+BATCH_LIMIT = 100
+API = "https://api.hubapi.com"
+
+
+class HubSpotAdapter:
+    kind = "hubspot"
+    batch_limit = BATCH_LIMIT
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, token: str, base_url: str = API, timeout: float = 30.0
+    ) -> None:
+        self._session = session
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._base = base_url.rstrip("/")
+        self._timeout = timeout
+
+    async def close(self) -> None:
+        pass  # the session is the caller's
+
+    def cost(self, mapping: ObjectMapping, n: int) -> int:
+        return 2 if mapping.kind == "list" or mapping.mode == "update_only" else 1
+
+    async def _call(self, method: str, path: str, body: Any, what: str) -> Answer:
+        return await exchange(
+            self._session, method, self._base + path, json=body, headers=self._headers, timeout=self._timeout, what=what
+        )
+
+    # --- describe --------------------------------------------------------------------------------
+
+    async def describe(self, objects: list[str]) -> dict[str, ObjectSchema]:
+        """``GET /crm/v3/properties/<object>``: names, unique properties, read-only ones."""
+        schema: dict[str, ObjectSchema] = {}
+        for obj in objects:
+            answer = await self._call("GET", f"/crm/v3/properties/{obj}", None, f"properties {obj}")
+            if answer.status == 404:
+                continue  # not an object of this account: the mapping's validation says so
+            error = _failure(answer)
+            if error is not None:
+                raise ConnectionError(f"describing {obj} failed: {error.reason} {error.code}")
+            fields = {}
+            for prop in answer.body.get("results", []):
+                read_only = bool((prop.get("modificationMetadata") or {}).get("readOnlyValue"))
+                fields[prop["name"]] = FieldSchema(
+                    prop["name"], prop.get("type", "string"), bool(prop.get("hasUniqueValue")), not read_only
+                )
+            fields.setdefault("hs_object_id", FieldSchema("hs_object_id", "number", True, False))
+            schema[obj] = ObjectSchema(obj, fields)
+        return schema
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        assert len(changes) <= BATCH_LIMIT, "the engine batches by batch_limit"
+        if mapping.kind == "list":
+            return await self._membership(mapping, changes)
+        if mapping.mode == "update_only":
+            return await self._update_only(mapping, changes)
+        return await self._upsert(mapping, changes)
+
+    async def _upsert(
+        self, mapping: ObjectMapping, changes: list[Change], headers: dict[str, str] | None = None
+    ) -> BatchOutcome:
+        by_id = {_key_value(c): c for c in changes}
+        inputs = [
+            {"idProperty": _key_field(c), "id": _key_value(c), "properties": _properties(c.fields)} for c in changes
+        ]
+        answer = await self._call(
+            "POST", f"/crm/v3/objects/{mapping.object}/batch/upsert", {"inputs": inputs}, mapping.object
+        )
+        observed = {**(headers or {}), **answer.headers}
+        error = _failure(answer)
+        if error is not None:
+            return BatchOutcome.failed(error, observed)
+        results: dict[str, RecordResult] = {}
+        id_property = _key_field(changes[0])
+        for item in answer.body.get("results", []):
+            change = by_id.get(str((item.get("properties") or {}).get(id_property, "")).lower())
+            if change is not None:
+                results[change.record] = RecordResult(change.record, True, str(item["id"]), bool(item.get("new")))
+        for failure in answer.body.get("errors", []):
+            record_error = _record_error(failure, answer.status)
+            for failed_id in (failure.get("context") or {}).get("ids", []):
+                change = by_id.get(str(failed_id).lower())
+                if change is not None:
+                    results[change.record] = RecordResult(change.record, False, error=record_error)
+        return BatchOutcome(results, None, observed)
+
+    async def _update_only(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        id_property = _key_field(changes[0])
+        body = {
+            "idProperty": id_property,
+            "inputs": [{"id": _key_value(c)} for c in changes],
+            "properties": [id_property],
+        }
+        answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/read", body, mapping.object)
+        error = _failure(answer)
+        if error is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        existing = {
+            str((r.get("properties") or {}).get(id_property, "")).lower() for r in answer.body.get("results", [])
+        }
+        found = [c for c in changes if _key_value(c) in existing]
+        missing = {
+            c.record: RecordResult(
+                c.record, False, error=CrmError(NOT_FOUND, "OBJECT_NOT_FOUND", "no such record", 207)
+            )
+            for c in changes
+            if _key_value(c) not in existing
+        }
+        if not found:
+            return BatchOutcome(missing, None, answer.headers)
+        written = await self._upsert(mapping, found, answer.headers)
+        if written.error is not None:
+            return written
+        return BatchOutcome({**missing, **written.results}, None, written.headers)
+
+    async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        id_property = _key_field(changes[0])
+        body = {
+            "idProperty": id_property,
+            "inputs": [{"id": _key_value(c)} for c in changes],
+            "properties": [id_property],
+        }
+        answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/read", body, mapping.object)
+        error = _failure(answer)
+        if error is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        hs_ids = {
+            str((r.get("properties") or {}).get(id_property, "")).lower(): str(r["id"])
+            for r in answer.body.get("results", [])
+        }
+        results: dict[str, RecordResult] = {}
+        add, remove = [], []
+        for change in changes:
+            hs_id = hs_ids.get(_key_value(change))
+            if hs_id is None:
+                missing = CrmError(NOT_FOUND, "OBJECT_NOT_FOUND", "the record to add to the list does not exist", 207)
+                results[change.record] = RecordResult(change.record, False, error=missing)
+            else:
+                (remove if change.op == REMOVE else add).append((change, hs_id))
+        if not add and not remove:
+            return BatchOutcome(results, None, answer.headers)
+        members = {"recordIdsToAdd": [h for _, h in add], "recordIdsToRemove": [h for _, h in remove]}
+        changed = await self._call("PUT", f"/crm/v3/lists/{mapping.list}/memberships/add-and-remove", members, "list")
+        observed = {**answer.headers, **changed.headers}
+        error = _failure(changed)
+        if error is not None:
+            return BatchOutcome.failed(error, observed)
+        for change, hs_id in [*add, *remove]:
+            results[change.record] = RecordResult(change.record, True, hs_id, None)
+        return BatchOutcome(results, None, observed)
+
+
+def _key_field(change: Change) -> str:
+    return change.key[0][0]
+
+
+def _key_value(change: Change) -> str:
+    return change.key[0][1].lower()
+
+
+def _properties(fields: dict[str, Any]) -> dict[str, str]:
+    return {name: _text(value) for name, value in fields.items()}
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _failure(answer: Answer) -> CrmError | None:
+    if answer.status == 429:
+        return _whole_error(answer)  # its body names the policy (burst or daily)
+    return transport_error(answer) or _whole_error(answer)
+
+
+def _whole_error(answer: Answer) -> CrmError | None:
+    """The error of a request the CRM refused as a whole (None for 200 / 207)."""
+    if answer.status in (200, 201, 204, 207):
+        return None
+    body = answer.body if isinstance(answer.body, dict) else {}
+    message = str(body.get("message", ""))
+    category = str(body.get("category") or body.get("errorType") or answer.status)
+    if answer.status == 429 or body.get("errorType") == "RATE_LIMIT":
+        policy = str(body.get("policyName", ""))
+        return CrmError(THROTTLED, policy or "RATE_LIMIT", message, answer.status, daily=policy == "DAILY")
+    if "PROPERTY_DOESNT_EXIST" in message:
+        return CrmError(UNKNOWN_FIELD, "PROPERTY_DOESNT_EXIST", message, answer.status, every_record=True)
+    if answer.status == 403:
+        return CrmError(PERMISSION, category, message, answer.status, every_record=True)
+    if answer.status == 404:
+        return CrmError(NOT_FOUND, category, message, answer.status, every_record=True)
+    return CrmError(INVALID_VALUE if category == "VALIDATION_ERROR" else REJECTED, category, message, answer.status)
+
+
+def _record_error(failure: dict[str, Any], status: int) -> CrmError:
+    category = str(failure.get("category", ""))
+    message = str(failure.get("message", ""))
+    reason = {
+        "VALIDATION_ERROR": INVALID_VALUE,
+        "OBJECT_NOT_FOUND": NOT_FOUND,
+        "CONFLICT": DUPLICATE,
+    }.get(category, REJECTED)
+    if "PROPERTY_DOESNT_EXIST" in message:
+        reason = UNKNOWN_FIELD
+    return CrmError(reason, category, message, status)
