@@ -17,11 +17,15 @@ consumer at a time, so one person's messages are applied in order.
 | `SCORES`          | `scores.updated.<p(person)>`          | scoring             | profile (`profile-scores-p<p>`)     |
 | `SEGMENTS`        | `segments.entered.<p>`, `segments.exited.<p>` | segmentation | orchestration, crm-connector     |
 | `PRIVACY`         | `privacy.deleted`                     | profile (DeleteProfile) | identity (`identity-privacy-<ordinal>`), collector (reads it whole at start) |
+| `ORCHESTRATION`   | `orchestration.in.<p(person)>`        | orchestration's API (commands); sourced server-side from `events.resolved`, `segments.*`, `profiles.changed`, `orchestration.fired` | orchestration (`orchestration-p<p>`) |
+| `ORCHESTRATION_TIMERS` | `orchestration.timers.<p>.<timer id>` (message schedules), `orchestration.fired.<p>` (what they fire) | orchestration | `ORCHESTRATION` (sourced) |
+| `ACTIONS`         | `actions.<channel>.<p(person)>`       | orchestration (arbiter) | channel dispatchers, crm-connector (`actions.crm`) |
 | `DLQ`             | `dlq.<stream>.<durable>`              | any consumer (kit)  | operators (`cdpctl dlq`)            |
 | (core NATS)       | `scoring.models.changed`              | scoring             | every scoring replica               |
 | (core NATS)       | `segmentation.segments.changed`       | segmentation        | every segmentation replica          |
+| (core NATS)       | `orchestration.journeys.changed`      | orchestration       | every orchestration replica         |
 
-The two core-NATS subjects are announcements between replicas of one service (a model or a segment
+The core-NATS subjects are announcements between replicas of one service (a model or a segment
 definition changed: reload it); they are not kept, since each replica also reloads from its store.
 """
 
@@ -35,6 +39,9 @@ PROFILES = "PROFILES"
 SCORES = "SCORES"
 SEGMENTS = "SEGMENTS"
 PRIVACY = "PRIVACY"
+ORCHESTRATION = "ORCHESTRATION"
+ORCHESTRATION_TIMERS = "ORCHESTRATION_TIMERS"
+ACTIONS = "ACTIONS"
 DLQ = "DLQ"
 
 # Prefixes of partitioned subjects: `<prefix>.<p>`.
@@ -44,6 +51,10 @@ PROFILES_CHANGED_PREFIX = "profiles.changed"
 SCORES_UPDATED_PREFIX = "scores.updated"
 SEGMENTS_ENTERED_PREFIX = "segments.entered"
 SEGMENTS_EXITED_PREFIX = "segments.exited"
+ORCHESTRATION_IN_PREFIX = "orchestration.in"
+ORCHESTRATION_FIRED_PREFIX = "orchestration.fired"
+ORCHESTRATION_TIMERS_PREFIX = "orchestration.timers"  # `<prefix>.<p>.<timer id>`: one schedule per subject
+ACTIONS_PREFIX = "actions"  # `actions.<channel>.<p>`
 DLQ_PREFIX = "dlq"
 
 # Subjects without partitions.
@@ -53,6 +64,7 @@ IDENTITY_QUARANTINED = "identity.quarantined"
 PRIVACY_DELETED = "privacy.deleted"
 SCORING_MODELS_CHANGED = "scoring.models.changed"
 SEGMENTATION_SEGMENTS_CHANGED = "segmentation.segments.changed"
+ORCHESTRATION_JOURNEYS_CHANGED = "orchestration.journeys.changed"
 
 # What each stream stores (its subject filter).
 STREAM_SUBJECTS: dict[str, tuple[str, ...]] = {
@@ -63,6 +75,9 @@ STREAM_SUBJECTS: dict[str, tuple[str, ...]] = {
     SCORES: ("scores.>",),
     SEGMENTS: ("segments.>",),
     PRIVACY: ("privacy.>",),
+    ORCHESTRATION: (f"{ORCHESTRATION_IN_PREFIX}.*",),
+    ORCHESTRATION_TIMERS: (f"{ORCHESTRATION_TIMERS_PREFIX}.>", f"{ORCHESTRATION_FIRED_PREFIX}.*"),
+    ACTIONS: (f"{ACTIONS_PREFIX}.>",),
     DLQ: (f"{DLQ_PREFIX}.>",),
 }
 
@@ -107,6 +122,29 @@ def segments_entered(partition: int) -> str:
 
 def segments_exited(partition: int) -> str:
     return f"{SEGMENTS_EXITED_PREFIX}.{partition}"
+
+
+def orchestration_in(partition: int) -> str:
+    return f"{ORCHESTRATION_IN_PREFIX}.{partition}"
+
+
+def orchestration_fired(partition: int) -> str:
+    return f"{ORCHESTRATION_FIRED_PREFIX}.{partition}"
+
+
+def orchestration_timer(partition: int, timer_id: str) -> str:
+    """The schedule subject of one durable timer: purging (or rolling up) it cancels the timer."""
+    return f"{ORCHESTRATION_TIMERS_PREFIX}.{partition}.{timer_id}"
+
+
+def actions(channel: str, partition: int) -> str:
+    """`email`, 3 → `actions.email.3`."""
+    return f"{ACTIONS_PREFIX}.{channel}.{partition}"
+
+
+def actions_of(channel: str) -> str:
+    """Every partition of one channel's actions: `actions.email.>`."""
+    return f"{ACTIONS_PREFIX}.{channel}.>"
 
 
 def dead_letter(stream: str, durable: str) -> str:

@@ -1,0 +1,670 @@
+"""Orchestration on the kit's partitioned engine: `orchestration.in.<p>` -> journeys, the arbiter, timers, actions.
+
+One engine per person partition applies everything about a person in stream order (`streams` says what
+reaches `orchestration.in.<p>`): resolved events, segment and profile changes, fired timers and the API's
+commands. For each, `OrchestrationLogic.apply` loads the person (their view, their arbiter state, their
+live instances), feeds the domain (`instance.step`, `arbiter.decide` / `release` / `approve` / `reject` /
+`withdraw` / `observe`, `entry.admit`), and returns `Effects`:
+
+- writes: the person record, each changed instance, the decisions appended to the person's history,
+  approvals, experiment / end counts, Enroll answers;
+- messages (published only once those writes are durable, from the engine's outbox): timer schedules
+  and cancellations (`streams.schedule` / `cancel`, message id = timer id) and `actions.<channel>.<p>`
+  (message id = action id).
+
+Invariants:
+- Time is the input message's JetStream timestamp (plus `clock_offset`, a test knob): a batch applied
+  again after a crash sees the same time, so the domain gives the same ids and decisions and every
+  message it publishes is a JetStream duplicate of the first attempt (the engine skips positions at or
+  below its checkpoint anyway; this covers the outbox being published twice).
+- The person record lists the instances that can still react (running, or ended and still watching their
+  goal), so a stimulus never scans the store. Ended instances leave the list; their records stay.
+- One wake timer per person at `arbiter.next_wake(state)` (held actions due, approvals expiring): when
+  it fires, `release`. A timer the person or instance no longer expects changes nothing.
+- Hot state is a bounded cache per partition (`hot_persons`): persons beyond it are dropped least
+  recently used and read back from the store. The engine runs with one batch in flight, so whatever is
+  dropped is durable already; a failed commit drops the partition's cache (`recover`).
+- Logs name ids and kinds, never profile values.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+
+from cdp.events.v1 import events_pb2
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_kit.bus import Delivery, OutMessage, subjects
+from cdp_kit.engine import Effects, Reject
+from cdp_kit.profile_fields import change_fields
+from cdp_kit.storage import Put, Store
+from cdp_kit.timestamps import from_seconds
+from cdp_orchestration import streams
+from cdp_orchestration.domain import arbiter, entry
+from cdp_orchestration.domain.arbiter import Decision, Kind, PersonState, Ruling
+from cdp_orchestration.domain.instance import (
+    ActionOutcome,
+    Assigned,
+    CancelTimer,
+    Command,
+    End,
+    Enter,
+    EventArrived,
+    ExitRequest,
+    Instance,
+    ProfileChanged,
+    ProposeAction,
+    RecordGoal,
+    ScheduleTimer,
+    Status,
+    Stimulus,
+    TimerFired,
+    WithdrawAction,
+    migrate,
+    new_instance,
+    step,
+)
+from cdp_orchestration.domain.journey import Action
+from cdp_orchestration.domain.lifecycle import MigrationPlan
+from cdp_orchestration.domain.records import (
+    instance_from_record,
+    instance_record,
+    person_from_record,
+    person_record,
+)
+from cdp_orchestration.domain.rules import Rules
+from cdp_orchestration.domain.templates import MissingField
+from cdp_orchestration.domain.view import Event, PersonView
+from cdp_orchestration.journeys import Journeys
+
+log = logging.getLogger("cdp.orchestration")
+
+SERVICE = "orchestration"
+
+INSTANCES = "orchestration_instances"
+PERSONS = "orchestration_persons"
+DECISIONS = "orchestration_decisions"
+APPROVALS = "orchestration_approvals"
+STATS = "orchestration_stats"
+ENROLLMENTS = "orchestration_enrollments"
+
+# Where an action's address is read from, per channel (the `address` map of ActionMessage).
+ADDRESS_FIELDS = {
+    "email": ("email", "traits.email"),
+    "sms": ("phone", "traits.phone"),
+    "push": ("push_token", "traits.push_token"),
+    "webpush": ("webpush_subscription", "traits.webpush_subscription"),
+    "webhook": ("webhook_url", "traits.webhook_url"),
+}
+
+_FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
+
+
+def decision_key(person_id: str, decision: Decision, index: int) -> str:
+    return f"{person_id}:{_FAR - int(decision.at * 1_000_000):020d}:{decision.action_id}:{decision.kind.value}:{index}"
+
+
+def wake_id(person_id: str, at: float) -> str:
+    return "w" + hashlib.sha256(f"wake\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
+
+
+def stats_key(journey_id: str, version: int, partition: int) -> str:
+    return f"{journey_id}:{version}:{partition}"
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One thing that happened to one person, at `at` (the message's stream time)."""
+
+    kind: str  # event | segment | profile | timer | wake | enroll | exit | approve | reject | migrate
+    person_id: str
+    at: float
+    data: Any = None
+
+
+# --- hot state ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Person:
+    person_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    segments: set[str] = field(default_factory=set)
+    state: PersonState | None = None
+    live: dict[str, Instance] = field(default_factory=dict)  # instances that can still react, by id
+    entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
+    wake: tuple[str, float] | None = None
+    dirty: bool = False
+    changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
+
+    def view(self) -> PersonView:
+        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments))
+
+    def record(self) -> dict[str, Any]:
+        assert self.state is not None
+        return {
+            "fields": self.fields,
+            "segments": sorted(self.segments),
+            "arbiter": person_record(self.state),
+            "live": sorted(self.live),
+            "entered": self.entered,
+            "wake": list(self.wake) if self.wake else None,
+        }
+
+
+class _Partition:
+    def __init__(self) -> None:
+        self.persons: collections.OrderedDict[str, Person] = collections.OrderedDict()
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.stats_loaded = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    partition: int
+    writes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    messages: list[OutMessage] = field(default_factory=list)
+    touched: dict[str, Person] = field(default_factory=dict)
+    stats: set[str] = field(default_factory=set)
+
+    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        self.writes[(collection, key)] = doc
+
+
+def _stats_doc() -> dict[str, Any]:
+    return {"entered": 0, "converted": 0, "ended": {}, "variants": {}, "decisions": {}}
+
+
+class OrchestrationLogic:
+    """The engine's `Logic` for `orchestration.in.<p>` (the contract: `cdp_kit.engine`)."""
+
+    def __init__(
+        self,
+        store: Store,
+        journeys: Journeys,
+        rules: Rules,
+        *,
+        partitions: int,
+        hot_persons: int = 100_000,
+        clock_offset: float = 0.0,
+    ) -> None:
+        self.store = store
+        self.journeys = journeys
+        self.rules = rules
+        self.partitions = partitions
+        self.hot_per_partition = max(1, hot_persons // partitions)
+        self.clock_offset = clock_offset
+        self.hot: dict[int, _Partition] = {}
+
+    # --- decode ------------------------------------------------------------------------------------------
+
+    def decode(self, delivery: Delivery) -> list[Input]:
+        at = delivery.msg.metadata.timestamp.timestamp() + self.clock_offset
+        stream, what = streams.kind_of(delivery.headers)
+        data = delivery.data
+        try:
+            if stream == subjects.EVENTS_RESOLVED:
+                batch = events_pb2.ResolvedEventBatch.FromString(data)
+                return [Input("event", r.person_id, at, _event(r.event)) for r in batch.events if r.person_id]
+            if stream == subjects.SEGMENTS:
+                batch = segmentation_pb2.SegmentEventBatch.FromString(data)
+                return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
+            if stream == subjects.PROFILES:
+                batch = profile_pb2.ProfileChangedBatch.FromString(data)
+                return [Input("profile", c.person_id, at, (change_fields(c), c.removed)) for c in batch.changes]
+            if stream == subjects.ORCHESTRATION_TIMERS:
+                body = orjson.loads(data)
+                return [Input("wake" if "w" in body else "timer", body["p"], at, body)]
+            if stream == "command":
+                body = orjson.loads(data)
+                return [Input(what, body["person_id"], at, body)]
+        except Exception as exc:  # a payload that is not what its stream carries can never be applied
+            raise Reject(
+                "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"
+            ) from None
+        raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
+
+    # --- apply -------------------------------------------------------------------------------------------
+
+    async def apply(self, partition: int, items: list[list[Input]]) -> Effects:
+        hot = self.hot.setdefault(partition, _Partition())
+        batch = _Batch(partition)
+        if not hot.stats_loaded:
+            await self._load_stats(partition, hot)
+        inputs = [i for item in items for i in item]
+        await self._load(hot, {i.person_id for i in inputs})
+        for one in inputs:
+            person = hot.persons[one.person_id]
+            hot.persons.move_to_end(one.person_id)
+            batch.touched[person.person_id] = person
+            await self._handle(hot, batch, person, one)
+        for person in batch.touched.values():
+            for instance in person.changed.values():
+                batch.put(INSTANCES, instance.id, instance_record(instance))
+            person.changed.clear()
+            if person.dirty:
+                batch.put(PERSONS, person.person_id, person.record())
+                person.dirty = False
+        for key in batch.stats:
+            batch.put(STATS, key, hot.stats[key])
+        while len(hot.persons) > self.hot_per_partition:
+            hot.persons.popitem(last=False)
+        writes = [Put(c, k, d) for (c, k), d in batch.writes.items()]
+        return Effects(writes, batch.messages)
+
+    async def recover(self, partition: int) -> None:
+        self.hot.pop(partition, None)
+
+    async def _load(self, hot: _Partition, person_ids: set[str]) -> None:
+        missing = [p for p in person_ids if p not in hot.persons]
+        if not missing:
+            return
+        stored = await self.store.get_many(PERSONS, missing)
+        live_ids = [i for r in stored.values() for i in r.doc.get("live", [])]
+        instances = await self.store.get_many(INSTANCES, live_ids) if live_ids else {}
+        for person_id in missing:
+            record = stored.get(person_id)
+            person = Person(person_id, state=PersonState(person_id))
+            if record is not None:
+                doc = record.doc
+                person.fields = dict(doc["fields"])
+                person.segments = set(doc["segments"])
+                person.state = person_from_record(doc["arbiter"])
+                person.entered = dict(doc["entered"])
+                person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
+                for instance_id in doc["live"]:
+                    if instance_id in instances:
+                        person.live[instance_id] = instance_from_record(instances[instance_id].doc)
+            hot.persons[person_id] = person
+
+    async def _handle(self, hot: _Partition, batch: _Batch, person: Person, one: Input) -> None:
+        now = one.at
+        kind = one.kind
+        if kind == "event":
+            event: Event = one.data
+            if event.name in self.rules.watched_events:
+                state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
+                if state is not person.state:
+                    person.state, person.dirty = state, True
+            for instance in list(person.live.values()):
+                await self._step(hot, batch, person, instance, EventArrived(event), now)
+            for journey in self.journeys.live():
+                if entry.enters_on_event(journey, event, person.view(), now):
+                    await self._enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+        elif kind == "segment":
+            segment_event_id, segment, entered = one.data
+            if entered:
+                person.segments.add(segment)
+            else:
+                person.segments.discard(segment)
+            person.dirty = True
+            await self._profile_changed(hot, batch, person, now)
+            for journey in self.journeys.live():
+                if entry.enters_on_segment(journey, segment, entered):
+                    await self._enter(hot, batch, person, journey, segment_event_id, Enter(), now)
+        elif kind == "profile":
+            updates, removed = one.data
+            for key, value in updates.items():
+                if value is None:
+                    person.fields.pop(key, None)
+                else:
+                    person.fields[key] = value
+            person.dirty = True
+            if removed:
+                for instance in list(person.live.values()):
+                    await self._step(hot, batch, person, instance, ExitRequest("profile_removed"), now)
+            else:
+                await self._profile_changed(hot, batch, person, now)
+        elif kind == "timer":
+            instance = person.live.get(one.data["i"])
+            if instance is not None:
+                await self._step(hot, batch, person, instance, TimerFired(one.data["t"]), now)
+        elif kind == "wake":
+            if person.wake is not None and person.wake[0] == one.data["w"]:
+                person.wake = None
+                person.dirty = True
+                await self._ruling(
+                    hot, batch, person, arbiter.release(person.state, person.view(), self.rules, now), now
+                )
+        elif kind == "enroll":
+            await self._enroll(hot, batch, person, one.data, now)
+        elif kind == "exit":
+            instance = person.live.get(one.data["instance_id"])
+            if instance is not None and instance.status is not Status.ENDED:
+                await self._step(hot, batch, person, instance, ExitRequest(one.data["reason"]), now)
+        elif kind in ("approve", "reject"):
+            action_id = one.data["action_id"]
+            if kind == "approve":
+                ruling = arbiter.approve(person.state, action_id, person.view(), self.rules, now)  # type: ignore[arg-type]
+            else:
+                ruling = arbiter.reject(person.state, action_id, now)  # type: ignore[arg-type]
+            answer = (action_id, one.data.get("decided_by", ""), one.data.get("note", ""))
+            await self._ruling(hot, batch, person, ruling, now, answer=answer)
+        elif kind == "migrate":
+            await self._migrate(person, one.data)
+        for instance in list(person.live.values()):
+            if instance.status is Status.ENDED and not instance.watching_goal(now):
+                del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
+                person.dirty = True
+        self._keep_wake(batch, person)
+
+    async def _profile_changed(self, hot: _Partition, batch: _Batch, person: Person, now: float) -> None:
+        for instance in list(person.live.values()):
+            if instance.status is Status.RUNNING:
+                await self._step(hot, batch, person, instance, ProfileChanged(), now)
+
+    async def _enter(
+        self, hot: _Partition, batch: _Batch, person: Person, journey, trigger: str, stimulus: Enter, now: float
+    ) -> tuple[bool, str, str]:
+        """(entered, instance id, reason) for one trigger of one journey."""
+        instance = new_instance(journey, person.person_id, trigger)
+        if instance.id in person.live or await self.store.get(INSTANCES, instance.id) is not None:
+            return True, instance.id, "admitted"  # this trigger started it already
+        running = sum(1 for i in person.live.values() if i.journey_id == journey.id and i.status is Status.RUNNING)
+        history = entry.EntryHistory(running=running, last_entered_at=person.entered.get(journey.id))
+        admission = entry.admit(journey, history, now)
+        if not admission.admitted:
+            return False, "", admission.reason
+        person.entered[journey.id] = now
+        person.dirty = True
+        self._count(hot, batch, journey.id, journey.version, lambda s: s.__setitem__("entered", s["entered"] + 1))
+        await self._step(hot, batch, person, instance, stimulus, now)
+        return True, instance.id, "admitted"
+
+    async def _enroll(self, hot: _Partition, batch: _Batch, person: Person, body: dict, now: float) -> None:
+        key = f"{body['journey_id']}:{body['idempotency_key']}"
+        if await self.store.get(ENROLLMENTS, key) is not None or (ENROLLMENTS, key) in batch.writes:
+            return  # answered already
+        record = self.journeys.records.get(body["journey_id"])
+        journey = record.live if record is not None else None
+        if record is None or journey is None:
+            answer = (False, "", "not_found")
+        elif not record.accepts_entries:
+            answer = (False, "", record.state.value)
+        elif not entry.enters_on_api(journey):
+            answer = (False, "", "not_api_entry")
+        else:
+            answer = await self._enter(
+                hot,
+                batch,
+                person,
+                journey,
+                f"enroll:{body['idempotency_key']}",
+                Enter(properties=body.get("properties") or {}),
+                now,
+            )
+        entered, instance_id, reason = answer
+        batch.put(ENROLLMENTS, key, {"entered": entered, "instance_id": instance_id, "reason": reason, "at": now})
+
+    async def _migrate(self, person: Person, body: dict) -> None:
+        instance = person.live.get(body["instance_id"])
+        new = self.journeys.version(body["journey_id"], body["to_version"])
+        if instance is None or new is None or instance.version != body["from_version"]:
+            return
+        plan = MigrationPlan(
+            body["journey_id"], body["from_version"], body["to_version"], frozenset(body["moves"]), frozenset()
+        )
+        moved = migrate(instance, new, plan)
+        if moved is not None:
+            person.live[moved.id] = moved
+            person.changed[moved.id] = moved
+
+    # --- the domain's commands ------------------------------------------------------------------------------
+
+    async def _step(
+        self, hot: _Partition, batch: _Batch, person: Person, instance: Instance, stimulus: Stimulus, now: float
+    ) -> None:
+        journey = self.journeys.version(instance.journey_id, instance.version)
+        if journey is None:
+            log.error(
+                "instance %s runs journey %s v%d, which is not loaded",
+                instance.id,
+                instance.journey_id,
+                instance.version,
+            )
+            return
+        after, commands = step(instance, journey, stimulus, person.view(), now)
+        if after != instance:
+            person.changed[after.id] = after
+            if after.status is Status.ENDED and not after.watching_goal(now):
+                if person.live.pop(after.id, None) is not None:
+                    person.dirty = True
+            else:
+                if after.id not in person.live:
+                    person.dirty = True
+                person.live[after.id] = after
+        await self._carry(hot, batch, person, after, commands, now)
+
+    async def _carry(
+        self, hot: _Partition, batch: _Batch, person: Person, instance: Instance, commands: list[Command], now: float
+    ) -> None:
+        p = batch.partition
+        for command in commands:
+            if isinstance(command, ScheduleTimer):
+                payload = {"t": command.timer_id, "i": command.instance_id, "p": person.person_id}
+                batch.messages.append(streams.schedule(p, command.timer_id, command.at - self.clock_offset, payload))
+            elif isinstance(command, CancelTimer):
+                batch.messages.append(streams.cancel(p, command.timer_id))
+            elif isinstance(command, ProposeAction):
+                ruling = arbiter.decide(person.state, command.action, person.view(), self.rules, now)  # type: ignore[arg-type]
+                await self._ruling(hot, batch, person, ruling, now)
+            elif isinstance(command, WithdrawAction):
+                await self._ruling(hot, batch, person, arbiter.withdraw(person.state, command.action_id, now), now)  # type: ignore[arg-type]
+            elif isinstance(command, Assigned):
+
+                def assigned(stats: dict, c: Assigned = command) -> None:
+                    cell = stats["variants"].setdefault(c.node_id, {}).setdefault(c.variant, [0, 0])
+                    cell[0] += 1
+
+                self._count(hot, batch, command.journey_id, command.version, assigned)
+            elif isinstance(command, RecordGoal):
+
+                def converted(stats: dict, c: RecordGoal = command) -> None:
+                    stats["converted"] += 1
+                    for node_id, variant in c.variants.items():
+                        stats["variants"].setdefault(node_id, {}).setdefault(variant, [0, 0])[1] += 1
+
+                self._count(hot, batch, command.journey_id, command.version, converted)
+            elif isinstance(command, End):
+
+                def ended(stats: dict, c: End = command) -> None:
+                    stats["ended"][c.reason] = stats["ended"].get(c.reason, 0) + 1
+
+                self._count(hot, batch, instance.journey_id, instance.version, ended)
+
+    async def _ruling(
+        self,
+        hot: _Partition,
+        batch: _Batch,
+        person: Person,
+        ruling: Ruling,
+        now: float,
+        *,
+        answer: tuple[str, str, str] | None = None,
+    ) -> None:
+        """Record the ruling's decisions, publish what was sent, and tell each instance about its action.
+        `answer`: (action id, decided by, note) of an approver's call."""
+        if ruling.state is not person.state:
+            person.state = ruling.state
+            person.dirty = True
+        for index, decision in enumerate(ruling.decisions):
+            kind, reason = decision.kind.value, decision.reason
+            if decision.kind is Kind.SENT:
+                failure = self._send(batch, person, decision)
+                if failure is not None:
+                    kind, reason = "failed", failure
+            doc = {
+                "action_id": decision.action_id,
+                "journey_id": decision.journey_id,
+                "instance_id": decision.instance_id,
+                "person_id": decision.person_id,
+                "node_id": decision.node_id,
+                "channel": decision.channel,
+                "category": decision.category,
+                "kind": kind,
+                "reason": reason,
+                "rule": decision.by or "",
+                "until": decision.until,
+                "at": decision.at,
+            }
+            batch.put(DECISIONS, decision_key(person.person_id, decision, index), doc)
+            await self._approval(batch, person, decision, answer)
+            instance = person.live.get(decision.instance_id)
+            version = instance.version if instance is not None else 0
+
+            def counted(stats: dict, k: str = kind) -> None:
+                stats["decisions"][k] = stats["decisions"].get(k, 0) + 1
+
+            if instance is not None:
+                self._count(hot, batch, decision.journey_id, version, counted)
+                await self._step(hot, batch, person, instance, ActionOutcome(decision.action_id, decision.kind), now)
+
+    async def _approval(
+        self, batch: _Batch, person: Person, decision: Decision, answer: tuple[str, str, str] | None
+    ) -> None:
+        """Keep the approval list: a record when an action starts waiting, closed by the answer or expiry."""
+        if decision.kind is Kind.AWAITING_APPROVAL:
+            held = next((h for h in person.state.awaiting if h.action.action_id == decision.action_id), None)  # type: ignore[union-attr]
+            if held is None:
+                return
+            action = held.action
+            batch.put(
+                APPROVALS,
+                action.action_id,
+                {
+                    "action_id": action.action_id,
+                    "journey_id": action.journey_id,
+                    "instance_id": action.instance_id,
+                    "person_id": action.person_id,
+                    "channel": action.channel,
+                    "category": action.category,
+                    "value": action.value or 0.0,
+                    "state": "pending",
+                    "requested_at": decision.at,
+                    "expires_at": held.until,
+                    "decided_at": None,
+                    "decided_by": "",
+                    "note": "",
+                },
+            )
+            return
+        answered = answer is not None and answer[0] == decision.action_id
+        state = {Kind.REJECTED: "rejected", Kind.EXPIRED: "expired"}.get(decision.kind)
+        if state is None and answered:
+            state = "approved"
+        if state is None:
+            return
+        doc = batch.writes.get((APPROVALS, decision.action_id))
+        if doc is None:
+            stored = await self.store.get(APPROVALS, decision.action_id)
+            if stored is None:
+                return  # it never waited for approval (a deferred action expiring, say)
+            doc = stored.doc
+        if doc["state"] != "pending":
+            return
+        decided_by, note = (answer[1], answer[2]) if answered and answer is not None else ("", "")
+        batch.put(
+            APPROVALS,
+            decision.action_id,
+            {**doc, "state": state, "decided_at": decision.at, "decided_by": decided_by, "note": note},
+        )
+
+    def _send(self, batch: _Batch, person: Person, decision: Decision) -> str | None:
+        """Publish the sent action on actions.<channel>.<p>; the reason it could not be, or None."""
+        instance = person.live.get(decision.instance_id)
+        held_version = instance.version if instance is not None else None
+        journey = self.journeys.version(decision.journey_id, held_version) if held_version is not None else None
+        node = journey.nodes.get(decision.node_id) if journey is not None else None
+        if not isinstance(node, Action):
+            return "failed: the action's journey version is not loaded"
+        try:
+            content = node.template.render(person.view(), instance.entry if instance is not None else None)
+        except MissingField as missing:
+            log.warning(
+                "action %s not sent: its template reads %s, which the person lacks", decision.action_id, missing.field
+            )
+            return f"failed: template part {missing.part!r} reads {missing.field}, which this person does not have"
+        message = pb.ActionMessage(
+            action_id=decision.action_id,
+            person_id=person.person_id,
+            journey_id=decision.journey_id,
+            journey_version=journey.version,  # type: ignore[union-attr]
+            instance_id=decision.instance_id,
+            node_id=decision.node_id,
+            channel=decision.channel,
+            category=decision.category,
+            content=content,
+            decided_at=from_seconds(decision.at),
+        )
+        if decision.channel == "crm":
+            message.crm_kind = content.get("kind", "task")
+        address = ADDRESS_FIELDS.get(decision.channel)
+        if address is not None:
+            value = person.fields.get(address[1])
+            if isinstance(value, str) and value:
+                message.address[address[0]] = value
+        batch.messages.append(
+            OutMessage(
+                subject=subjects.actions(decision.channel, batch.partition),
+                payload=message.SerializeToString(),
+                msg_id=decision.action_id,
+            )
+        )
+        return None
+
+    def _keep_wake(self, batch: _Batch, person: Person) -> None:
+        """One durable timer per person at the arbiter's next wake."""
+        at = arbiter.next_wake(person.state) if person.state is not None else None
+        current = person.wake
+        if (current[1] if current else None) == at:
+            return
+        if current is not None:
+            batch.messages.append(streams.cancel(batch.partition, current[0]))
+        person.wake = None
+        if at is not None:
+            timer = wake_id(person.person_id, at)
+            payload = {"w": timer, "p": person.person_id}
+            batch.messages.append(streams.schedule(batch.partition, timer, at - self.clock_offset, payload))
+            person.wake = (timer, at)
+        person.dirty = True
+
+    def _count(
+        self, hot: _Partition, batch: _Batch, journey_id: str, version: int, change: Callable[[dict], None]
+    ) -> None:
+        key = stats_key(journey_id, version, batch.partition)
+        stats = hot.stats.get(key)
+        if stats is None:
+            stats = hot.stats[key] = batch.writes.get((STATS, key)) or _stats_doc()
+        change(stats)
+        batch.stats.add(key)
+
+    async def _load_stats(self, partition: int, hot: _Partition) -> None:
+        """Read this partition's counters back (at start, and after a failed commit)."""
+        async for record in self.store.scan_all(STATS):
+            if record.key.endswith(f":{partition}"):
+                hot.stats[record.key] = record.doc
+        hot.stats_loaded = True
+
+
+def _event(message: events_pb2.Event) -> Event:
+    type_name = events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
+    properties = json_format.MessageToDict(message.properties) if message.HasField("properties") else {}
+    context = (
+        json_format.MessageToDict(message.context, preserving_proto_field_name=True)
+        if message.HasField("context")
+        else {}
+    )
+    at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
+    return Event(message.message_id, message.event or message.name, at, type_name, properties, context)

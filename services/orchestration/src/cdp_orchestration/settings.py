@@ -1,0 +1,74 @@
+"""Orchestration configuration: every variable, its default and meaning (also listed in the README)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.ownership import OwnershipSettings
+from cdp_kit.settings import ServiceSettings, env
+from cdp_orchestration.domain.rules import Rules, parse_rules
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrchestrationSettings(OwnershipSettings, ServiceSettings):
+    """Which person partitions this replica runs comes from `OwnershipSettings` (`CDP_OWNERSHIP`); a
+    partition's instances and arbiter state live in the store, so a partition moves with nothing to copy."""
+
+    service_name: str = env("OTEL_SERVICE_NAME", "orchestration", help="service name in traces, metrics and logs")
+    grpc_port: int = env("CDP_GRPC_PORT", 50056, help="gRPC port (OrchestrationService, health, reflection)")
+    rules_file: Path | None = env(
+        "CDP_ORCHESTRATION_RULES_FILE",
+        None,
+        help="the arbiter's rules (caps, quiet hours, suppressions, approval gate) as JSON or YAML; "
+        "unset: no caps, no quiet hours, no suppressions, approval only for actions marked so",
+    )
+    batch_size: int = env("CDP_ORCHESTRATION_BATCH_SIZE", 256, help="orchestration.in messages fetched per batch")
+    ack_wait: float = env(
+        "CDP_ORCHESTRATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
+    )
+    hot_persons: int = env(
+        "CDP_ORCHESTRATION_HOT_PERSONS",
+        100_000,
+        help="persons (with their live instances and arbiter state) kept in memory across all partitions; "
+        "the rest are read from the store when something happens to them",
+    )
+    retention_days: float = env(
+        "CDP_ORCHESTRATION_RETENTION_DAYS", 7.0, help="days the ORCHESTRATION and ACTIONS streams keep messages"
+    )
+    answer_timeout: float = env(
+        "CDP_ORCHESTRATION_ANSWER_TIMEOUT",
+        10.0,
+        help="seconds Enroll / ExitInstance / Approve / Reject wait for the engine to apply the command",
+    )
+
+    def rules(self) -> Rules:
+        if self.rules_file is None:
+            return Rules()
+        import yaml
+
+        return parse_rules(yaml.safe_load(self.rules_file.read_text()), "CDP_ORCHESTRATION_RULES_FILE")
+
+    def validate(self) -> list[str]:
+        problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
+        if self.rules_file is not None:
+            try:
+                self.rules()
+            except OSError as exc:
+                problems.append(f"CDP_ORCHESTRATION_RULES_FILE={self.rules_file} cannot be read: {exc.strerror}")
+            except InvalidArgument as exc:
+                problems.append(
+                    f"CDP_ORCHESTRATION_RULES_FILE={self.rules_file} is invalid: {exc.field}: {exc.description}"
+                )
+            except Exception as exc:
+                problems.append(
+                    f"CDP_ORCHESTRATION_RULES_FILE={self.rules_file} is not JSON or YAML: {type(exc).__name__}"
+                )
+        if self.batch_size < 1:
+            problems.append(f"CDP_ORCHESTRATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if self.hot_persons < 1:
+            problems.append(f"CDP_ORCHESTRATION_HOT_PERSONS={self.hot_persons} is invalid: must be positive")
+        if self.answer_timeout <= 0:
+            problems.append(f"CDP_ORCHESTRATION_ANSWER_TIMEOUT={self.answer_timeout} is invalid: must be positive")
+        return problems

@@ -1,0 +1,185 @@
+"""Orchestration's streams, its durable timers, and how an input message says what it is.
+
+Three streams (names in `cdp_kit.bus.subjects`):
+
+- `ORCHESTRATION`: the engine's one input, `orchestration.in.<p>`. Everything about a person reaches
+  partition p here, in one order, so one engine applies it all: the API's commands are published to it
+  directly; resolved events, segment changes, profile changes and fired timers are *sourced* into it by
+  the server (stream sources with subject transforms `<prefix>.<p>` -> `orchestration.in.<p>`). A sourced
+  message keeps its payload and its `Nats-Msg-Id`, and carries `Nats-Stream-Source: <stream> <seq>
+  <filter> <transform> <original subject> ...`, which `kind_of` reads. Sources are not deduplicated
+  against each other (two streams may use the same message id). Sourcing starts at the beginning of
+  each source stream: a new deployment first catches up on what they still hold (profile changes fill
+  the persons' views; events enter only the journeys that exist when they are applied). A start time
+  (`opt_start_time`) was tried and dropped: with nats-server 2.15 a source created with one sometimes
+  skipped a message published just after the stream was created, with no error and no lag reported.
+- `ORCHESTRATION_TIMERS`: JetStream message schedules. A timer is one message on
+  `orchestration.timers.<p>.<timer id>` with `Nats-Schedule: @at <RFC 3339 UTC>` and
+  `Nats-Schedule-Target: orchestration.fired.<p>`; at that time the server publishes its payload to the
+  target (which `ORCHESTRATION` sources) and removes the schedule. It survives a server restart. A timer
+  is cancelled by a message with `Nats-Rollup: sub` on its subject (the schedule is rolled away; the
+  marker itself expires after a minute). A stream with schedules may not itself source other streams
+  (nats-server refuses: "stream source can not also schedule messages"), which is why timers have a
+  stream of their own rather than living in `ORCHESTRATION`. It keeps no `max_age` (a timer may be
+  weeks away); fired copies expire by `Nats-Schedule-TTL` once sourced.
+- `ACTIONS`: `actions.<channel>.<p>`, one `ActionMessage` per sent action, `Nats-Msg-Id` = action id.
+
+Scheduling and cancelling are ordinary messages: the engine publishes them from its outbox after the
+change that asked for them is durable, with the timer id (or `cancel-<timer id>`) as message id, so a
+crash never loses a timer and a re-publication is a JetStream duplicate. A cancellation that is lost
+anyway (beyond the duplicate window) costs only a fire the instance ignores: the domain drops a timer
+it no longer expects.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from cdp_kit.bus import OutMessage, subjects
+
+DAY = 86_400.0
+
+SOURCE_HEADER = "Nats-Stream-Source"
+SCHEDULER_HEADER = "Nats-Scheduler"
+COMMAND_HEADER = "Cdp-Command"  # what an API command published to orchestration.in.<p> asks for
+
+# How long a cancellation marker and a fired timer's copy stay in ORCHESTRATION_TIMERS.
+MARKER_TTL = "60s"
+FIRED_TTL = "1h"
+
+
+def _transform(prefix: str) -> api.SubjectTransform:
+    return api.SubjectTransform(
+        src=f"{prefix}.*",
+        dest=f"{subjects.ORCHESTRATION_IN_PREFIX}.{{{{wildcard(1)}}}}",
+    )
+
+
+def input_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0) -> api.StreamConfig:
+    def source(name: str, *prefixes: str) -> api.StreamSource:
+        return api.StreamSource(name=name, subject_transforms=[_transform(p) for p in prefixes])
+
+    return api.StreamConfig(
+        name=subjects.ORCHESTRATION,
+        description="orchestration's input per person partition: API commands, and sourced events, segment "
+        "and profile changes and fired timers",
+        subjects=list(subjects.STREAM_SUBJECTS[subjects.ORCHESTRATION]),
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+        storage=api.StorageType.FILE,
+        allow_direct=True,
+        sources=[
+            source(subjects.EVENTS_RESOLVED, subjects.EVENTS_RESOLVED_PREFIX),
+            source(subjects.SEGMENTS, subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
+            source(subjects.PROFILES, subjects.PROFILES_CHANGED_PREFIX),
+            source(subjects.ORCHESTRATION_TIMERS, subjects.ORCHESTRATION_FIRED_PREFIX),
+        ],
+    )
+
+
+def timers_stream(*, duplicate_window: float = 600.0) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=subjects.ORCHESTRATION_TIMERS,
+        description="orchestration's durable timers (message schedules) and what they fire",
+        subjects=list(subjects.STREAM_SUBJECTS[subjects.ORCHESTRATION_TIMERS]),
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=0,
+        duplicate_window=duplicate_window,
+        storage=api.StorageType.FILE,
+        allow_direct=True,
+        allow_msg_schedules=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+    )
+
+
+def actions_stream(*, max_age: float = 7 * DAY) -> api.StreamConfig:
+    return api.StreamConfig(
+        name=subjects.ACTIONS,
+        description="actions the arbiter let through, per channel and person partition",
+        subjects=list(subjects.STREAM_SUBJECTS[subjects.ACTIONS]),
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=max_age,
+        duplicate_window=600.0,
+        storage=api.StorageType.FILE,
+        allow_direct=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, *, retention: float = 7 * DAY) -> None:
+    """Create orchestration's streams when missing (the timers stream first: the input sources it). An
+    existing stream is left as it is: its sources' start positions must not move."""
+    for config in (timers_stream(), actions_stream(max_age=retention), input_stream(max_age=retention)):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except Exception:
+                # Another replica created it between the lookup and the create.
+                await js.stream_info(config.name)
+
+
+# --- input kinds -----------------------------------------------------------------------------------------
+
+
+def kind_of(headers: dict[str, str]) -> tuple[str, str]:
+    """(stream, original subject) of a sourced message, or ("command", <command>) for an API command;
+    ("", "") when it is neither."""
+    source = headers.get(SOURCE_HEADER)
+    if source:
+        parts = source.split(" ")
+        return parts[0], parts[4] if len(parts) > 4 else ""
+    command = headers.get(COMMAND_HEADER)
+    if command:
+        return "command", command
+    return "", ""
+
+
+# --- timers ----------------------------------------------------------------------------------------------
+
+
+def _rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def schedule(partition: int, timer_id: str, at: float, payload: dict) -> OutMessage:
+    """A durable timer firing `payload` into `orchestration.in.<partition>` at `at` (whole seconds, rounded
+    up: a timer never fires early)."""
+    due = float(int(at)) if at == int(at) else float(int(at) + 1)
+    return OutMessage(
+        subject=subjects.orchestration_timer(partition, timer_id),
+        payload=orjson.dumps(payload),
+        msg_id=timer_id,
+        headers={
+            "Nats-Schedule": f"@at {_rfc3339(due)}",
+            "Nats-Schedule-Target": subjects.orchestration_fired(partition),
+            "Nats-Schedule-TTL": FIRED_TTL,
+        },
+    )
+
+
+def cancel(partition: int, timer_id: str) -> OutMessage:
+    """Roll the timer's schedule away (a no-op when it fired already)."""
+    return OutMessage(
+        subject=subjects.orchestration_timer(partition, timer_id),
+        payload=b"",
+        msg_id=f"cancel-{timer_id}",
+        headers={"Nats-Rollup": "sub", "Nats-TTL": MARKER_TTL},
+    )
+
+
+def command(partition: int, name: str, body: dict, msg_id: str) -> OutMessage:
+    """An API command for the engine of the person's partition."""
+    return OutMessage(
+        subject=subjects.orchestration_in(partition),
+        payload=orjson.dumps(body),
+        msg_id=msg_id,
+        headers={COMMAND_HEADER: name},
+    )

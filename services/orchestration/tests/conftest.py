@@ -1,0 +1,179 @@
+"""A world for the service tests: a real nats-server, the upstream streams, orchestration's engine over a
+store, and helpers that publish what identity, profile and segmentation would publish."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2
+
+from cdp.events.v1 import events_pb2
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import (
+    Bus,
+    OutMessage,
+    dead_letter_stream,
+    events_resolved_stream,
+    partition_for,
+    profiles_stream,
+    segments_stream,
+    subjects,
+)
+from cdp_kit.engine import EngineSpec, PartitionedEngine
+from cdp_kit.storage import Store, open_store
+from cdp_kit.timestamps import from_seconds
+from cdp_orchestration import streams
+from cdp_orchestration.domain import lifecycle
+from cdp_orchestration.domain.document import parse_journey
+from cdp_orchestration.domain.rules import Rules
+from cdp_orchestration.engine import DECISIONS, INSTANCES, PERSONS, SERVICE, OrchestrationLogic
+from cdp_orchestration.journeys import Journeys
+
+PARTITIONS = 2
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05) -> Any:
+    """The first truthy answer of `check` (sync or async) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(every)
+
+
+class World:
+    def __init__(self, bus: Bus, store: Store, rules: Rules, clock_offset: float) -> None:
+        self.bus = bus
+        self.store = store
+        self.rules = rules
+        self.clock_offset = clock_offset
+        self.journeys = Journeys(store)
+        self.engine: PartitionedEngine | None = None
+        self.sequence = 0
+
+    eventually = staticmethod(eventually)
+
+    def now(self) -> float:
+        return time.time() + self.clock_offset
+
+    async def start(self) -> PartitionedEngine:
+        await self.journeys.load()
+        logic = OrchestrationLogic(
+            self.store, self.journeys, self.rules, partitions=PARTITIONS, clock_offset=self.clock_offset
+        )
+        spec = EngineSpec(
+            service=SERVICE,
+            stream=subjects.ORCHESTRATION,
+            subject_prefix=subjects.ORCHESTRATION_IN_PREFIX,
+            partitions=PARTITIONS,
+            in_flight=1,
+            fetch_timeout=0.2,
+            ack_wait=5.0,
+        )
+        self.engine = PartitionedEngine(logic, spec, bus=self.bus, store=self.store)
+        await self.engine.start()
+        await self.engine.wait_ready()
+        return self.engine
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+            self.engine = None
+
+    def abort(self) -> None:
+        assert self.engine is not None
+        self.engine.abort()
+        self.engine = None
+
+    async def publish_journey(self, document: dict[str, Any]) -> None:
+        record = lifecycle.publish(lifecycle.create(parse_journey(document)))
+        await self.journeys.save(record)
+
+    def partition(self, person: str) -> int:
+        return partition_for(person, PARTITIONS)
+
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        self.sequence += 1
+        [result] = await self.bus.publisher.publish_batch(
+            [OutMessage(subject, payload, f"test-{self.sequence}-{time.time()}")]
+        )
+        assert result.ok, result.error
+
+    async def profile(self, person: str, *, consent: dict[str, bool] | None = None, **traits: Any) -> None:
+        change = profile_pb2.ProfileChanged(person_id=person, cause="api", at=from_seconds(self.now()))
+        for name, value in traits.items():
+            change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
+        change.consent.update(consent or {})
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        await self._publish(subjects.profiles_changed(self.partition(person)), batch.SerializeToString())
+        if self.engine is not None:
+            # Sources interleave: let the change land before what the test sends next.
+            async def applied() -> bool:
+                stored = await self.store.get(PERSONS, person)
+                return stored is not None and all(
+                    stored.doc["fields"].get(f"traits.{k}") == str(v) for k, v in traits.items()
+                )
+
+            await eventually(applied)
+
+    async def event(self, person: str, name: str, event_id: str, **properties: Any) -> None:
+        event = events_pb2.Event(
+            message_id=event_id, type=events_pb2.EVENT_TYPE_TRACK, event=name, timestamp=from_seconds(self.now())
+        )
+        event.properties.update(properties)
+        batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
+        await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
+
+    async def actions(self) -> list[pb.ActionMessage]:
+        """Every action message stored in ACTIONS, in order."""
+        info = await self.bus.js.stream_info(subjects.ACTIONS)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if info.state.messages == 0:
+                break
+            try:
+                msg = await self.bus.js.get_msg(subjects.ACTIONS, seq)
+            except Exception:
+                continue
+            out.append(pb.ActionMessage.FromString(msg.data))
+        return out
+
+    async def decisions(self, person: str) -> list[dict[str, Any]]:
+        """The person's decisions, oldest first."""
+        page = await self.store.scan(DECISIONS, prefix=f"{person}:", limit=1000)
+        return [r.doc for r in reversed(page.records)]
+
+    async def instances(self, person: str) -> list[dict[str, Any]]:
+        return [r.doc async for r in self.store.scan_all(INSTANCES) if r.doc["person_id"] == person]
+
+
+@pytest.fixture
+async def world_factory(nats_server, tmp_path):
+    opened: list[tuple[World, Any]] = []
+
+    async def make(rules: Rules | None = None, clock_offset: float = 0.0) -> World:
+        bus_cm = Bus.connect(nats_server.url, name="orchestration-test")
+        bus = await bus_cm.__aenter__()
+        await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
+        await streams.ensure_streams(bus.js)
+        store = open_store(f"sqlite:///{tmp_path}/orchestration-{len(opened)}.db")
+        world = World(bus, store, rules or Rules(), clock_offset)
+        opened.append((world, bus_cm))
+        return world
+
+    yield make
+    for world, bus_cm in opened:
+        if world.engine is not None:
+            world.abort()
+        await world.store.close()
+        await bus_cm.__aexit__(None, None, None)

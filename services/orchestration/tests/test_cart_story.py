@@ -1,0 +1,106 @@
+"""The 2 a.m. cart story through the bus: what identity, profile and segmentation publish goes in; actions,
+timers and decisions come out, on a real nats-server and a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+from cdp_orchestration.domain.rules import parse_rules
+
+CART = {
+    "id": "abandoned-cart",
+    "version": 1,
+    "name": "Abandoned cart",
+    "priority": 50,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "always",
+    "exit": [{"id": "purchased", "event": "Order Completed"}],
+    "goal": {"event": "Order Completed", "within": "3d"},
+    "nodes": [
+        {"id": "wait", "type": "delay", "duration": "1s", "next": "remind"},
+        {
+            "id": "remind",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "category": "reminder",
+            "template": {"subject": "{{ traits.first_name }}, your cart is waiting", "body": "{{ entry.cart_url }}"},
+        },
+    ],
+}
+
+
+def _without_delay() -> dict:
+    return {**CART, "nodes": [{**CART["nodes"][1]}]}
+
+
+async def test_the_reminder_leaves_seconds_after_the_cart_is_abandoned(world_factory):
+    world = await world_factory()
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile("ada", consent={"purpose:Marketing": True}, first_name="Ada", email="ada@example.com")
+    await world.event("ada", "Cart Abandoned", "e-cart-1", cart_url="https://shop.example/cart/1")
+
+    [action] = await world.eventually(world.actions)
+    assert action.channel == "email" and action.person_id == "ada" and action.journey_id == "abandoned-cart"
+    assert action.content["subject"] == "Ada, your cart is waiting"
+    assert action.content["body"] == "https://shop.example/cart/1"
+    assert action.address["email"] == "ada@example.com"
+    kinds = [d["kind"] for d in await world.decisions("ada")]
+    assert kinds == ["sent"]
+    [instance] = await world.eventually(lambda: _ended(world, "ada"))
+    assert instance["end_reason"] == "completed"
+
+
+async def _ended(world, person):
+    return [i for i in await world.instances(person) if i["status"] == "ended"]
+
+
+async def test_a_purchase_during_the_delay_exits_at_once_and_no_reminder_is_sent(world_factory):
+    world = await world_factory()
+    await world.publish_journey({**CART, "nodes": [{**CART["nodes"][0], "duration": "3s"}, CART["nodes"][1]]})
+    await world.start()
+    await world.profile("bob", consent={"purpose:Marketing": True}, first_name="Bob", email="bob@example.com")
+    await world.event("bob", "Cart Abandoned", "e-cart-2", cart_url="u")
+    await world.eventually(lambda: world.instances("bob"))
+    await world.event("bob", "Order Completed", "e-order-2")
+
+    [instance] = await world.eventually(lambda: _ended(world, "bob"))
+    assert instance["end_reason"] == "exit_rule:purchased"
+    assert instance["converted_at"] is not None  # the purchase is the journey's goal, too
+    await asyncio.sleep(4)  # past the delay: its timer was cancelled (and would be ignored anyway)
+    assert await world.actions() == []
+    assert await world.decisions("bob") == []
+
+
+async def test_quiet_hours_defer_through_a_durable_timer_and_a_purchase_withdraws_the_held_reminder(world_factory):
+    # The engine's clock reads 07:59:57 UTC now: quiet hours end in three seconds.
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    logical = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 7, 59, 57, tzinfo=UTC).timestamp()
+    rules = parse_rules({"quiet_hours": {"from": "21:00", "to": "08:00"}})
+    world = await world_factory(rules=rules, clock_offset=logical - time.time())
+    await world.publish_journey(_without_delay())
+    await world.start()
+    for person in ("cleo", "dan"):
+        await world.profile(
+            person, consent={"purpose:Marketing": True}, first_name=person, email=f"{person}@example.com"
+        )
+        await world.event(person, "Cart Abandoned", f"e-cart-{person}", cart_url="u")
+    for person in ("cleo", "dan"):
+        decisions = await world.eventually(lambda p=person: world.decisions(p))
+        assert decisions[0]["kind"] == "deferred"
+        assert "quiet hours" in decisions[0]["reason"] and "08:00" in decisions[0]["reason"]
+    await world.event("dan", "Order Completed", "e-order-dan")
+
+    [action] = await world.eventually(world.actions, timeout=15)
+    assert action.person_id == "cleo"
+    assert [d["kind"] for d in await world.decisions("cleo")] == ["deferred", "sent"]
+    assert [d["kind"] for d in await world.decisions("dan")] == ["deferred", "withdrawn"]
+    [dan] = await world.instances("dan")
+    assert dan["end_reason"] == "exit_rule:purchased"
+    await asyncio.sleep(1)
+    assert len(await world.actions()) == 1
