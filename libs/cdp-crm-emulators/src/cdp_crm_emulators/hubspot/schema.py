@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 OBJECT_TYPE_IDS = {"contacts": "0-1", "companies": "0-2", "tickets": "0-5", "tasks": "0-27"}
-
-
 SINGULAR = {"contacts": "contact", "companies": "company", "tickets": "ticket", "tasks": "task"}
-
-
 _COMMON = {"hs_object_id", "createdate", "hs_lastmodifieddate", "hubspot_owner_id", "cdp_id", "cdp_idempotency_key"}
-
-
 PROPERTIES: dict[str, set[str]] = {
     "contacts": _COMMON
     | {"email", "firstname", "lastname", "phone", "company", "lifecyclestage", "lastmodifieddate", "city", "country"}

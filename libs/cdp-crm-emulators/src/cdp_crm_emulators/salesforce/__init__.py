@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime as dt
 import hashlib
 import hmac
 import itertools
@@ -32,20 +31,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from cdp_crm_emulators._server import Emulator, Records, json_response, new_id
+from cdp_crm_emulators._server import Emulator, json_response, new_id
 from cdp_crm_emulators.salesforce import bulk, soql
 from cdp_crm_emulators.salesforce.auth import JWT_BEARER, GrantError, load_public_key, verify_assertion
-from cdp_crm_emulators.salesforce.schema import DEFAULT_OWNER, KEY_PREFIXES, SObject, default_objects, error, validate
+from cdp_crm_emulators.salesforce.org import API_VERSION, Org, sf_datetime
+from cdp_crm_emulators.salesforce.schema import DEFAULT_OWNER, SObject, default_objects, error
 
-API_VERSION = "62.0"
 COLLECTION_LIMIT = 200
 COMPOSITE_LIMIT = 25
 _VERSION = re.compile(r"^v(\d+\.\d)$")
 _ORG_ID = "00DDp0000000001AAA"
-
-
-def sf_datetime(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "+0000"
 
 
 class SalesforceEmulator(Emulator):
@@ -70,15 +65,13 @@ class SalesforceEmulator(Emulator):
         self.usernames = usernames
         self.sessions = set(session_ids) if session_ids is not None else {"00DDp0000000001!local-session"}
         self.daily_limit = daily_limit
-        self.objects: dict[str, SObject] = default_objects()
+        objects = default_objects()
         for obj, fields in (extra_fields or {}).items():
-            self.objects[obj].fields.update(fields)
-        self.store = Records({name: s.external_ids for name, s in self.objects.items()})
+            objects[obj].fields.update(fields)
+        self.org = Org(objects, self.clock, self.faults)
         self.jobs: dict[str, bulk.IngestJob] = {}
         self._calls: deque[float] = deque()
         self._over_budget = 0
-        self._counter = itertools.count(1)
-        self._case_numbers = itertools.count(1001)
         self._cursors: dict[str, tuple[str, list[dict[str, Any]], list[str], int]] = {}
         self._job_tasks: set[asyncio.Task[None]] = set()
         self.app.router.add_post("/services/oauth2/token", self._token)
@@ -89,23 +82,27 @@ class SalesforceEmulator(Emulator):
     # --- inspection ------------------------------------------------------------------------------
 
     def records(self, obj: str) -> list[dict[str, Any]]:
-        return [dict(record) for record in self.store.objects.get(obj, {}).values()]
+        return [dict(record) for record in self.org.store.objects.get(obj, {}).values()]
 
     def find(self, obj: str, fld: str, value: Any) -> dict[str, Any] | None:
-        record_id = self.store.find(obj, fld, value)
-        return None if record_id is None else dict(self.store.objects[obj][record_id])
+        record_id = self.org.store.find(obj, fld, value)
+        return None if record_id is None else dict(self.org.store.objects[obj][record_id])
 
     def budget(self) -> dict[str, Any]:
         self._roll()
         return {"daily_limit": self.daily_limit, "daily_used": len(self._calls), "over_budget": self._over_budget}
 
     def state(self) -> dict[str, Any]:
-        return {"objects": self.store.objects, "counter": next(self._counter), "case_number": next(self._case_numbers)}
+        return {
+            "objects": self.org.store.objects,
+            "counter": next(self.org.counter),
+            "case_number": next(self.org.case_numbers),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.store.restore(state.get("objects", {}))
-        self._counter = itertools.count(state.get("counter", 1))
-        self._case_numbers = itertools.count(state.get("case_number", 1001))
+        self.org.store.restore(state.get("objects", {}))
+        self.org.counter = itertools.count(state.get("counter", 1))
+        self.org.case_numbers = itertools.count(state.get("case_number", 1001))
 
     async def drain_jobs(self) -> None:
         while self._job_tasks:
@@ -114,16 +111,16 @@ class SalesforceEmulator(Emulator):
     # --- the CRM user's side (inbound) -----------------------------------------------------------
 
     def user_create(self, obj: str, values: dict[str, Any]) -> dict[str, Any]:
-        record_id, outcome = self._write(obj, None, dict(values))
+        record_id, outcome = self.org.write(obj, None, dict(values))
         if record_id is None:
             raise ValueError(outcome)
-        return dict(self.store.objects[obj][record_id])
+        return dict(self.org.store.objects[obj][record_id])
 
     def user_update(self, obj: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
-        written, outcome = self._write(obj, record_id, dict(values))
+        written, outcome = self.org.write(obj, record_id, dict(values))
         if written is None:
             raise ValueError(outcome)
-        return dict(self.store.objects[obj][record_id])
+        return dict(self.org.store.objects[obj][record_id])
 
     # --- auth and limits -------------------------------------------------------------------------
 
@@ -250,7 +247,7 @@ class SalesforceEmulator(Emulator):
         return 404, _error_list("NOT_FOUND", "The requested resource does not exist"), {}
 
     def _sobject(self, name: str) -> SObject | None:
-        return self.objects.get(name)
+        return self.org.objects.get(name)
 
     def _sobjects(self, method: str, parts: list[str], payload: Any) -> tuple[int, Any, dict[str, str]]:
         if not parts:
@@ -259,7 +256,7 @@ class SalesforceEmulator(Emulator):
                 {
                     "encoding": "UTF-8",
                     "maxBatchSize": COLLECTION_LIMIT,
-                    "sobjects": [s.summary() for s in self.objects.values()],
+                    "sobjects": [s.summary() for s in self.org.objects.values()],
                 },
                 {},
             )
@@ -276,7 +273,7 @@ class SalesforceEmulator(Emulator):
         if len(parts) == 1 and method == "GET":
             return 200, {"objectDescribe": sobject.summary(), "recentItems": []}, {}
         if len(parts) == 1 and method == "POST":
-            record_id, outcome = self._write(obj, None, _fields(payload))
+            record_id, outcome = self.org.write(obj, None, _fields(payload))
             if record_id is None:
                 return 400, [_as_rest_error(outcome)], {}
             return 201, {"id": record_id, "success": True, "errors": []}, {}
@@ -284,15 +281,15 @@ class SalesforceEmulator(Emulator):
             return 200, sobject.describe(), {}
         if len(parts) == 2:
             record_id = parts[1]
-            if self.store.get(obj, record_id) is None:
+            if self.org.store.get(obj, record_id) is None:
                 return 404, _error_list("NOT_FOUND", "The requested resource does not exist"), {}
             if method == "GET":
-                return 200, self._public(obj, self.store.objects[obj][record_id]), {}
+                return 200, self.org.public(obj, self.org.store.objects[obj][record_id]), {}
             if method == "PATCH":
-                written, outcome = self._write(obj, record_id, _fields(payload))
+                written, outcome = self.org.write(obj, record_id, _fields(payload))
                 return (204, None, {}) if written else (400, [_as_rest_error(outcome)], {})
             if method == "DELETE":
-                self.store.delete(obj, record_id)
+                self.org.store.delete(obj, record_id)
                 return 204, None, {}
         if len(parts) == 3 and method == "PATCH":
             return self._upsert_one(sobject, parts[1], parts[2], _fields(payload))
@@ -305,10 +302,10 @@ class SalesforceEmulator(Emulator):
                     ),
                     {},
                 )
-            record_id = self.store.find(obj, parts[1], parts[2])
+            record_id = self.org.store.find(obj, parts[1], parts[2])
             if record_id is None:
                 return 404, _error_list("NOT_FOUND", "The requested resource does not exist"), {}
-            return 200, self._public(obj, self.store.objects[obj][record_id]), {}
+            return 200, self.org.public(obj, self.org.store.objects[obj][record_id]), {}
         return 405, _error_list("METHOD_NOT_ALLOWED", f"HTTP Method '{method}' not allowed."), {}
 
     def _upsert_one(
@@ -331,7 +328,7 @@ class SalesforceEmulator(Emulator):
                 ),
                 {},
             )
-        record_id, outcome = self._upsert(sobject.name, ext_field, value, values)
+        record_id, outcome = self.org.upsert(sobject.name, ext_field, value, values)
         if record_id is None:
             return 400, [_as_rest_error(outcome)], {}
         return (
@@ -339,109 +336,6 @@ class SalesforceEmulator(Emulator):
             {"id": record_id, "success": True, "errors": [], "created": outcome is True},
             {},
         )
-
-    # --- writes ----------------------------------------------------------------------------------
-
-    def _upsert(self, obj: str, ext_field: str, value: Any, values: dict[str, Any]) -> tuple[str | None, Any]:
-        """(id, created) or (None, error)."""
-        if value in (None, ""):
-            return None, error("MISSING_ARGUMENT", f"{ext_field} not specified", [ext_field])
-        if ext_field == "Id":
-            existing = value if self.store.get(obj, value) is not None else None
-        else:
-            existing = self.store.find(obj, ext_field, value)
-        if ext_field == "Id" and existing is None:
-            return None, error(
-                "NOT_FOUND", "Provided external ID field does not exist or is not accessible: Id", ["Id"]
-            )
-        if ext_field != "Id":
-            values = {**values, ext_field: value}
-        record_id, outcome = self._write(obj, existing, values)
-        return (record_id, existing is None) if record_id else (None, outcome)
-
-    def _write(self, obj: str, record_id: str | None, values: dict[str, Any]) -> tuple[str | None, Any]:
-        """Validate, resolve references and write one record: (id, None) or (None, error)."""
-        sobject = self.objects[obj]
-        values.pop("attributes", None)
-        values.pop("Id", None)
-        for relationship in [k for k, v in values.items() if isinstance(v, dict)]:
-            resolved = self._resolve(sobject, relationship, values.pop(relationship))
-            if isinstance(resolved, dict):
-                return None, resolved
-            values[f"{relationship}Id"] = resolved
-        problem = validate(sobject, values, creating=record_id is None)
-        if problem is None:
-            problem = self._check_references(sobject, values)
-        if problem is None and (message := self.faults.rejection_for(obj, values)) is not None:
-            problem = error("FIELD_CUSTOM_VALIDATION_EXCEPTION", message)
-        if problem is None:
-            for ext_field in sobject.external_ids:
-                holder = self.store.find(obj, ext_field, values.get(ext_field)) if values.get(ext_field) else None
-                if holder is not None and holder != record_id:
-                    problem = error(
-                        "DUPLICATE_VALUE",
-                        f"duplicate value found: {ext_field} duplicates value on record with id: {holder}",
-                        [ext_field],
-                    )
-        if problem is not None:
-            return None, problem
-        now = sf_datetime(self.clock())
-        if record_id is None:
-            record_id = f"{KEY_PREFIXES.get(obj, 'a00')}Dp{next(self._counter):010d}AAA"
-            record: dict[str, Any] = {name: None for name in sobject.all_fields()}
-            record.update(sobject.defaults)
-            record.update(Id=record_id, CreatedDate=now, IsDeleted=False, OwnerId=DEFAULT_OWNER)
-            if obj == "Case":
-                record["CaseNumber"] = f"{next(self._case_numbers):08d}"
-        else:
-            record = dict(self.store.objects[obj][record_id])
-        record.update(values)
-        record.update(LastModifiedDate=now, SystemModstamp=now)
-        if obj in ("Case", "Task") and "Status" in values:
-            record["IsClosed"] = values["Status"] in ("Closed", "Completed")
-            if obj == "Case":
-                record["ClosedDate"] = now if record["IsClosed"] else None
-        self.store.put(obj, record_id, record)
-        return record_id, None
-
-    def _resolve(self, sobject: SObject, relationship: str, target: dict[str, Any]) -> str | dict[str, Any]:
-        field_name = f"{relationship}Id"
-        if field_name not in sobject.references:
-            return error(
-                "INVALID_FIELD", f"No such column '{relationship}' on sobject of type {sobject.name}", [relationship]
-            )
-        target_obj = (target.get("attributes") or {}).get("type") or sobject.references[field_name]
-        keys = [(k, v) for k, v in target.items() if k != "attributes"]
-        if len(keys) != 1 or keys[0][0] not in self.objects[target_obj].external_ids:
-            return error(
-                "INVALID_FIELD",
-                f"A foreign key to {target_obj} must name exactly one external ID field",
-                [relationship],
-            )
-        found = self.store.find(target_obj, keys[0][0], keys[0][1])
-        if found is None:
-            return error(
-                "INVALID_FIELD",
-                f"Foreign key external ID: {keys[0][1]} not found for field {keys[0][0]} in entity {target_obj}",
-                [relationship],
-            )
-        return found
-
-    def _check_references(self, sobject: SObject, values: dict[str, Any]) -> dict[str, Any] | None:
-        for name, target in sobject.references.items():
-            value = values.get(name)
-            if value in (None, ""):
-                continue
-            candidates = {target, "Lead"} if name == "WhoId" else {target}
-            if not any(self.store.get(c, str(value)) for c in candidates):
-                return error("INVALID_CROSS_REFERENCE_KEY", f"invalid cross reference id: {name}", [name])
-        return None
-
-    def _public(
-        self, obj: str, record: dict[str, Any], fields: list[str] | None = None, version: str = API_VERSION
-    ) -> dict[str, Any]:
-        shown = {name: record.get(name) for name in fields} if fields else dict(record)
-        return {"attributes": {"type": obj, "url": f"/services/data/v{version}/sobjects/{obj}/{record['Id']}"}, **shown}
 
     # --- sObject Collections and Composite -------------------------------------------------------
 
@@ -473,7 +367,7 @@ class SalesforceEmulator(Emulator):
     ) -> list[dict[str, Any]]:
         keys = [str(r.get(ext_field, "")).lower() for r in records]
         repeated = {k for k in keys if k and keys.count(k) > 1}
-        before = self.store.copy_state() if all_or_none else None
+        before = self.org.store.copy_state() if all_or_none else None
         results: list[dict[str, Any]] = []
         for record, key in zip(records, keys, strict=True):
             record_type = (record.get("attributes") or {}).get("type")
@@ -489,31 +383,31 @@ class SalesforceEmulator(Emulator):
                 )
             else:
                 values = _fields(record)
-                record_id, outcome = self._upsert(sobject.name, ext_field, values.pop(ext_field, None), values)
+                record_id, outcome = self.org.upsert(sobject.name, ext_field, values.pop(ext_field, None), values)
                 results.append(
                     {"id": record_id, "success": True, "errors": [], "created": outcome is True}
                     if record_id
                     else _failure(outcome)
                 )
         if before is not None and not all(r["success"] for r in results):
-            self.store.restore(before)
+            self.org.store.restore(before)
             return [r if not r["success"] else _rolled_back() for r in results]
         return results
 
     def _collection_create(self, records: list[dict[str, Any]], all_or_none: bool) -> list[dict[str, Any]]:
-        before = self.store.copy_state() if all_or_none else None
+        before = self.org.store.copy_state() if all_or_none else None
         results = []
         for record in records:
             obj = (record.get("attributes") or {}).get("type")
-            if obj not in self.objects:
+            if obj not in self.org.objects:
                 results.append(
                     _failure(error("INVALID_TYPE", "Each record needs attributes.type naming a supported sObject"))
                 )
                 continue
-            record_id, outcome = self._write(obj, None, _fields(record))
+            record_id, outcome = self.org.write(obj, None, _fields(record))
             results.append({"id": record_id, "success": True, "errors": []} if record_id else _failure(outcome))
         if before is not None and not all(r["success"] for r in results):
-            self.store.restore(before)
+            self.org.store.restore(before)
             return [r if not r["success"] else _rolled_back() for r in results]
         return results
 
@@ -526,7 +420,7 @@ class SalesforceEmulator(Emulator):
                 {},
             )
         all_or_none = bool(payload.get("allOrNone", False))
-        before = self.store.copy_state() if all_or_none else None
+        before = self.org.store.copy_state() if all_or_none else None
         answers: list[dict[str, Any]] = []
         references: dict[str, Any] = {}
         failed = False
@@ -568,7 +462,7 @@ class SalesforceEmulator(Emulator):
                 references[ref] = answer
             answers.append(_composite_answer(status, answer, ref))
         if before is not None and failed:
-            self.store.restore(before)
+            self.org.store.restore(before)
             answers = [
                 a
                 if a["httpStatusCode"] >= 400
@@ -598,12 +492,12 @@ class SalesforceEmulator(Emulator):
             text = query.get("q")
             if not text:
                 return 400, _error_list("MALFORMED_QUERY", "q is required"), {}
-            types = {name: s.all_fields() for name, s in self.objects.items()}
+            types = {name: s.all_fields() for name, s in self.org.objects.items()}
             try:
                 parsed = soql.parse(text, types)
             except soql.QueryError as exc:
                 return 400, _error_list(exc.code, str(exc)), {}
-            matched = [r for r in self.store.objects.get(parsed.obj, {}).values() if parsed.where(r)]
+            matched = [r for r in self.org.store.objects.get(parsed.obj, {}).values() if parsed.where(r)]
             for column, descending in reversed(parsed.order_by):
                 kind = types[parsed.obj][column]
                 matched.sort(key=lambda r, c=column, k=kind: soql.sort_key(r.get(c), k), reverse=descending)
@@ -619,7 +513,7 @@ class SalesforceEmulator(Emulator):
         page, remaining = rest[:batch], rest[batch:]
         answer: dict[str, Any] = {
             "done": not remaining,
-            "records": [self._public(obj, r, fields, version) for r in page],
+            "records": [self.org.public(obj, r, fields, version) for r in page],
         }
         answer["totalSize"] = total
         if remaining:
@@ -655,7 +549,7 @@ class SalesforceEmulator(Emulator):
             if wanted == "UploadComplete" and job.state == "Open":
                 job.state = "UploadComplete"
                 task = asyncio.get_running_loop().create_task(
-                    bulk.process(job, self._bulk_row, lambda: sf_datetime(self.clock()))
+                    bulk.process(job, self.org.bulk_row, lambda: sf_datetime(self.clock()))
                 )
                 self._job_tasks.add(task)
                 task.add_done_callback(self._job_tasks.discard)
@@ -704,7 +598,7 @@ class SalesforceEmulator(Emulator):
                 {},
             )
         job = bulk.IngestJob(
-            id=f"750Dp{next(self._counter):010d}AAA",
+            id=f"750Dp{next(self.org.counter):010d}AAA",
             object=sobject.name,
             operation=operation,
             external_id_field=ext if operation == "upsert" else None,
@@ -715,28 +609,6 @@ class SalesforceEmulator(Emulator):
         )
         self.jobs[job.id] = job
         return 200, job.info(), {}
-
-    def _bulk_row(
-        self, obj: str, operation: str, values: dict[str, Any], ext_field: str | None
-    ) -> tuple[str | None, bool | str]:
-        if operation == "upsert":
-            assert ext_field is not None
-            record_id, outcome = self._upsert(obj, ext_field, values.pop(ext_field, None), values)
-        elif operation == "insert":
-            record_id, outcome = self._write(obj, None, values)
-            outcome = True if record_id else outcome
-        else:
-            target = values.pop("Id", None)
-            if target is None or self.store.get(obj, target) is None:
-                return None, "INVALID_CROSS_REFERENCE_KEY:invalid cross reference id:--"
-            if operation == "delete":
-                self.store.delete(obj, target)
-                return target, False
-            record_id, outcome = self._write(obj, target, values)
-            outcome = False if record_id else outcome
-        if record_id is None:
-            return None, f"{outcome['statusCode']}:{outcome['message']}:{','.join(outcome['fields']) or '--'}"
-        return record_id, outcome
 
 
 def _fields(payload: Any) -> dict[str, Any]:
