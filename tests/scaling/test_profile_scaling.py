@@ -275,7 +275,9 @@ async def test_scaling_1_3_2_under_load_loses_doubles_and_reorders_nothing(nats_
         else:
             # It could not: its leases were taken once they had not been renewed for the TTL.
             assert leases.taken_without_free("profile-1") >= 1
-            assert took_over >= TTL * 0.9
+            # A lease expires one TTL after the last renewal the others saw, at most a round (TTL/3)
+            # before the kill.
+            assert took_over >= TTL * 2 / 3 - 0.1
         print(
             f"\nscaling 1->3->2 ({leave}): {load.events} events for {PERSONS} persons over {PARTITIONS} partitions, "
             f"{leases.moves()} partition moves ({leases.taken_without_free()} after the TTL), "
