@@ -289,3 +289,27 @@ async def test_rejections_can_be_injected_over_http_from_another_process():
                 assert r.status == 200
         status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(2)})
         assert status == 207 and body["errors"][0]["context"]["ids"] == ["p1@example.com"]
+
+
+async def test_official_client_batch_reads_by_email_and_updates_one_record():
+    from hubspot.crm.contacts import BatchReadInputSimplePublicObjectId, SimplePublicObjectInput
+
+    async with HubSpotEmulator() as hs:
+        client = _client(hs)
+        await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(2)})
+        read = BatchReadInputSimplePublicObjectId(
+            id_property="email",
+            properties=["firstname"],
+            inputs=[{"id": "p0@example.com"}, {"id": "nobody@example.com"}],
+        )
+        found = await asyncio.to_thread(client.crm.contacts.batch_api.read, read)
+        assert [r.properties["firstname"] for r in found.results] == ["P0"]
+        assert found.errors[0].category == "OBJECT_NOT_FOUND" and found.errors[0].context["ids"] == [
+            "nobody@example.com"
+        ]
+        update = SimplePublicObjectInput(properties={"lifecyclestage": "customer"})
+        updated = await asyncio.to_thread(
+            client.crm.contacts.basic_api.update, "p1@example.com", update, id_property="email"
+        )
+        assert updated.properties["lifecyclestage"] == "customer"
+        assert hs.find("contacts", "email", "P1@example.com")["properties"]["lifecyclestage"] == "customer"

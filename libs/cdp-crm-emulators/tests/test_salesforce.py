@@ -340,3 +340,13 @@ async def test_faults_throttle_as_salesforce_does_and_a_dropped_answer_does_not_
             await _call(sf, "PATCH", f"{V}/sobjects/Contact/CDP_Id__c/p1", {"LastName": "X"})
         status, _, body = await _call(sf, "PATCH", f"{V}/sobjects/Contact/CDP_Id__c/p1", {"LastName": "X"})
         assert status == 200 and body["created"] is False and len(sf.records("Contact")) == 1
+
+
+async def test_query_batch_size_header_sets_the_page_size():
+    async with SalesforceEmulator() as sf:
+        await _call(sf, "PATCH", f"{V}/composite/sobjects/Contact/CDP_Id__c", {"records": _contacts(200)})
+        await _call(sf, "PATCH", f"{V}/composite/sobjects/Contact/CDP_Id__c", {"records": _contacts(100, 200)})
+        _, _, page = await _call(
+            sf, "GET", f"{V}/query?q=SELECT+Id+FROM+Contact", headers={"Sforce-Query-Options": "batchSize=200"}
+        )
+        assert len(page["records"]) == 200 and page["totalSize"] == 300 and not page["done"]

@@ -2,8 +2,8 @@
 
 An emulator is an aiohttp application with in-memory state. It binds 127.0.0.1 on a free port (or the one
 given), optionally over TLS with a self-signed certificate made at start (clients that insist on https, like
-simple-salesforce and msal, trust `ca_file`). Every request is logged (method, path, status; never bodies,
-they hold personal data). Faults apply to API requests only (never to ``/_emulator/`` or token endpoints):
+simple-salesforce and msal, trust `ca_file`). Every request is kept in memory for inspection (method, path with query,
+status; never bodies or headers, and nothing is written to a log: paths and bodies can hold personal data). Faults apply to API requests only (never to ``/_emulator/`` or token endpoints):
 
 - ``status``: answer the CRM's own error for that status (its 429 body and headers for 429) without
   touching state;
