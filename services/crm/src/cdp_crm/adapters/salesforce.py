@@ -1,0 +1,343 @@
+"""Salesforce: sObject Collections upsert by external id, Bulk API 2.0 for backfills, OAuth 2.0.
+
+Auth: ``POST <login_url>/services/oauth2/token`` with the client credentials flow (consumer key and secret)
+or the JWT bearer flow (an RS256 assertion signed with the connected app's key: ``iss`` the consumer key,
+``sub`` the integration user, ``aud`` the login URL); the answer's ``instance_url`` is where the REST API
+lives. A 401 ``INVALID_SESSION_ID`` gets one new token and one retry.
+
+Writes: ``PATCH /services/data/vXX.X/composite/sobjects/<Object>/<ExternalIdField>`` with at most 200
+records and ``allOrNone=false``, so each record succeeds or fails on its own (results come back in request
+order, ``created`` telling insert from update). Values are JSON: None clears a field. A backfill goes
+through Bulk API 2.0 instead (`bulk_upsert`: one ingest job, CSV with ``#N/A`` to clear, per-row
+results matched back by the external id column).
+
+Limits: every answer carries ``Sforce-Limit-Info: api-usage=n/limit`` (observed by the budget); past the
+daily allocation Salesforce answers 403 ``REQUEST_LIMIT_EXCEEDED`` and changes nothing: THROTTLED, daily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import io
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.isolation import (
+    AUTH,
+    DUPLICATE,
+    INVALID_VALUE,
+    NOT_FOUND,
+    PERMISSION,
+    REJECTED,
+    THROTTLED,
+    UNKNOWN_FIELD,
+    BatchOutcome,
+    CrmError,
+    RecordResult,
+)
+from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
+
+API_VERSION = "62.0"
+COLLECTION_LIMIT = 200
+LOGIN = "https://login.salesforce.com"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+_REASONS = {
+    "INVALID_EMAIL_ADDRESS": INVALID_VALUE,
+    "STRING_TOO_LONG": INVALID_VALUE,
+    "REQUIRED_FIELD_MISSING": INVALID_VALUE,
+    "INVALID_TYPE_ON_FIELD_IN_RECORD": INVALID_VALUE,
+    "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST": INVALID_VALUE,
+    "FIELD_CUSTOM_VALIDATION_EXCEPTION": INVALID_VALUE,
+    "INVALID_CROSS_REFERENCE_KEY": INVALID_VALUE,
+    "INVALID_FIELD": UNKNOWN_FIELD,
+    "INVALID_FIELD_FOR_INSERT_UPDATE": PERMISSION,
+    "INSUFFICIENT_ACCESS_OR_READONLY": PERMISSION,
+    "INSUFFICIENT_ACCESS_ON_CROSS_REFERENCE_ENTITY": PERMISSION,
+    "DUPLICATE_EXTERNAL_ID": DUPLICATE,
+    "DUPLICATE_VALUE": DUPLICATE,
+    "DUPLICATES_DETECTED": DUPLICATE,
+    "NOT_FOUND": NOT_FOUND,
+    "ENTITY_IS_DELETED": NOT_FOUND,
+}
+
+
+class SalesforceAdapter:
+    kind = "salesforce"
+    batch_limit = COLLECTION_LIMIT
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        client_id: str,
+        client_secret: str | None = None,
+        username: str | None = None,
+        private_key: str | bytes | None = None,
+        login_url: str = LOGIN,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if client_secret is None and (username is None or private_key is None):
+            raise ValueError("Salesforce needs a client secret, or a username and a private key (JWT bearer)")
+        self._session = session
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._username = username
+        self._key = (
+            serialization.load_pem_private_key(
+                private_key.encode() if isinstance(private_key, str) else private_key, None
+            )
+            if private_key is not None
+            else None
+        )
+        self._login = login_url.rstrip("/")
+        self._timeout = timeout
+        self._clock = clock
+        self._token: str | None = None
+        self._instance: str | None = None
+        self._token_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        pass  # the session is the caller's
+
+    def cost(self, mapping: ObjectMapping, n: int) -> int:
+        return 1
+
+    # --- auth ------------------------------------------------------------------------------------
+
+    async def _authenticate(self, stale: str | None = None) -> CrmError | None:
+        async with self._token_lock:
+            if self._token is not None and self._token != stale:
+                return None  # another request already renewed it
+            if self._key is not None and self._username is not None:
+                form = {"grant_type": JWT_BEARER, "assertion": self._assertion()}
+            else:
+                form = {
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._client_secret or "",
+                }
+            try:
+                async with self._session.post(
+                    self._login + "/services/oauth2/token",
+                    data=form,
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                ) as response:
+                    body = await response.json(content_type=None)
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, ValueError):
+                return CrmError(AUTH, "TOKEN_UNAVAILABLE", "the token endpoint did not answer")
+            if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+                code = str(body.get("error", status)) if isinstance(body, dict) else str(status)
+                return CrmError(AUTH, code, "Salesforce refused the credentials", status)
+            self._token, self._instance = body["access_token"], body["instance_url"].rstrip("/")
+            return None
+
+    def _assertion(self) -> str:
+        assert isinstance(self._key, rsa.RSAPrivateKey), "the JWT bearer flow signs with an RSA key"
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        header = b64(orjson.dumps({"alg": "RS256"}))
+        claims = {"iss": self._client_id, "sub": self._username, "aud": self._login, "exp": int(self._clock()) + 180}
+        payload = b64(orjson.dumps(claims))
+        signature = self._key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{header}.{payload}.{b64(signature)}"
+
+    async def _call(
+        self, method: str, path: str, *, json: Any = None, data: str | None = None, content_type: str | None = None,
+        what: str = "",
+    ) -> Answer:  # fmt: skip
+        """A REST call under /services/data/vXX.X; one new token and one retry on an expired session."""
+        for attempt in (0, 1):
+            if self._token is None:
+                failed = await self._authenticate()
+                if failed is not None:
+                    return Answer(0, {}, None, failed)
+            token = self._token
+            headers = {"Authorization": f"Bearer {token}"}
+            if content_type is not None:
+                headers["Content-Type"] = content_type
+            answer = await exchange(
+                self._session,
+                method,
+                f"{self._instance}/services/data/v{API_VERSION}{path}",
+                json=json,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                what=what,
+            )
+            if answer.status == 401 and attempt == 0:
+                failed = await self._authenticate(stale=token)
+                if failed is not None:
+                    return Answer(0, {}, None, failed)
+                continue
+            return answer
+        raise AssertionError("unreachable")
+
+    # --- describe --------------------------------------------------------------------------------
+
+    async def describe(self, objects: list[str]) -> dict[str, ObjectSchema]:
+        schema: dict[str, ObjectSchema] = {}
+        for obj in objects:
+            answer = await self._call("GET", f"/sobjects/{obj}/describe", what=f"describe {obj}")
+            if answer.status == 404:
+                continue
+            error = _failure(answer)
+            if error is not None:
+                raise ConnectionError(f"describing {obj} failed: {error.reason} {error.code}")
+            fields = {
+                f["name"]: FieldSchema(
+                    f["name"],
+                    f.get("type", "string"),
+                    bool(f.get("externalId")) or f["name"] == "Id",
+                    bool(f.get("updateable")),
+                )
+                for f in answer.body.get("fields", [])
+            }
+            schema[obj] = ObjectSchema(obj, fields)
+        return schema
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """sObject Collections upsert by the match key's external id field, allOrNone=false."""
+        assert len(changes) <= COLLECTION_LIMIT, "the engine batches by batch_limit"
+        if mapping.kind == "list":
+            # Campaign membership needs CampaignMember rows keyed by contact and campaign: not built yet.
+            raise NotImplementedError("Salesforce campaign membership mappings are not supported yet")
+        external_id = changes[0].key[0][0]
+        records = [{"attributes": {"type": mapping.object}, **c.fields, external_id: c.key[0][1]} for c in changes]
+        answer = await self._call(
+            "PATCH",
+            f"/composite/sobjects/{mapping.object}/{external_id}",
+            json={"allOrNone": False, "records": records},
+            what=mapping.object,
+        )
+        error = _failure(answer)
+        if error is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        results: dict[str, RecordResult] = {}
+        if not isinstance(answer.body, list) or len(answer.body) != len(changes):
+            return BatchOutcome({}, None, answer.headers)  # nothing matched: every record is asked again
+        for change, item in zip(changes, answer.body, strict=True):
+            if item.get("success"):
+                results[change.record] = RecordResult(change.record, True, item.get("id"), bool(item.get("created")))
+            else:
+                problem = (item.get("errors") or [{}])[0]
+                code = str(problem.get("statusCode", ""))
+                crm_error = CrmError(
+                    _REASONS.get(code, REJECTED), code, str(problem.get("message", "")), answer.status,
+                    fields=tuple(problem.get("fields") or ()),
+                )  # fmt: skip
+                results[change.record] = RecordResult(change.record, False, error=crm_error)
+        return BatchOutcome(results, None, answer.headers)
+
+    async def bulk_upsert(
+        self,
+        mapping: ObjectMapping,
+        changes: list[Change],
+        *,
+        poll: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        poll_seconds: float = 1.0,
+    ) -> BatchOutcome:
+        """A backfill's page through Bulk API 2.0: one ingest job (create, upload, close, poll, results).
+
+        Returns per-record results like `send`; a job that fails as a whole is one error. Each poll is a
+        request too: `poll` is awaited before each (reserve budget there)."""
+        external_id = changes[0].key[0][0]
+        columns = list(dict.fromkeys([external_id, *(f for c in changes for f in c.fields)]))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        by_key: dict[str, Change] = {}
+        for change in changes:
+            by_key[change.key[0][1].lower()] = change
+            row = {**change.fields, external_id: change.key[0][1]}
+            writer.writerow([_cell(row[c]) if c in row else "" for c in columns])
+        spec = {"object": mapping.object, "externalIdFieldName": external_id, "contentType": "CSV",
+                "operation": "upsert", "lineEnding": "LF"}  # fmt: skip
+        created = await self._call("POST", "/jobs/ingest", json=spec, what="bulk job")
+        if (error := _failure(created)) is not None:
+            return BatchOutcome.failed(error, created.headers)
+        job = created.body["id"]
+        uploaded = await self._call(
+            "PUT", f"/jobs/ingest/{job}/batches", data=out.getvalue(), content_type="text/csv", what="bulk upload"
+        )
+        if (error := _failure(uploaded)) is not None:
+            return BatchOutcome.failed(error, uploaded.headers)
+        closed = await self._call("PATCH", f"/jobs/ingest/{job}", json={"state": "UploadComplete"}, what="bulk close")
+        if (error := _failure(closed)) is not None:
+            return BatchOutcome.failed(error, closed.headers)
+        state, headers = closed.body.get("state"), closed.headers
+        while state not in ("JobComplete", "Failed", "Aborted"):
+            await poll(poll_seconds)
+            info = await self._call("GET", f"/jobs/ingest/{job}", what="bulk poll")
+            if (error := _failure(info)) is not None:
+                return BatchOutcome.failed(error, info.headers)
+            state, headers = info.body.get("state"), info.headers
+            if state in ("Failed", "Aborted"):
+                message = str(info.body.get("errorMessage", ""))
+                return BatchOutcome.failed(CrmError(REJECTED, f"BULK_JOB_{state.upper()}", message, 200), headers)
+        results: dict[str, RecordResult] = {}
+        for kind in ("successfulResults", "failedResults"):
+            answer = await self._call("GET", f"/jobs/ingest/{job}/{kind}", what="bulk results")
+            if (error := _failure(answer)) is not None:
+                return BatchOutcome(results, None, answer.headers)  # the rest is asked again
+            headers = answer.headers
+            for row in csv.DictReader(io.StringIO(str(answer.body or ""))):
+                change = by_key.get(str(row.get(external_id, "")).lower())
+                if change is None:
+                    continue
+                if kind == "successfulResults":
+                    results[change.record] = RecordResult(
+                        change.record, True, row.get("sf__Id"), row.get("sf__Created") == "true"
+                    )
+                else:
+                    code, _, message = str(row.get("sf__Error", "")).partition(":")
+                    results[change.record] = RecordResult(
+                        change.record, False, error=CrmError(_REASONS.get(code, REJECTED), code, message, 200)
+                    )
+        return BatchOutcome(results, None, headers)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "#N/A"  # Bulk API 2.0's "clear this field"; an empty cell leaves it unchanged
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _failure(answer: Answer) -> CrmError | None:
+    """The error of a request Salesforce refused as a whole (None when it answered per record or OK)."""
+    if answer.error is not None:
+        return answer.error
+    if answer.status < 300:
+        return None
+    problem = answer.body[0] if isinstance(answer.body, list) and answer.body else {}
+    code = str(problem.get("errorCode", answer.status)) if isinstance(problem, dict) else str(answer.status)
+    message = str(problem.get("message", "")) if isinstance(problem, dict) else ""
+    if code == "REQUEST_LIMIT_EXCEEDED":
+        # TotalRequests is the daily allocation; other limits (concurrency) clear within the window.
+        return CrmError(THROTTLED, code, message, answer.status, daily="TotalRequests" in message)
+    transient = transport_error(answer, code, message)
+    if transient is not None:
+        return transient
+    if answer.status == 404 or code in ("INVALID_FIELD", "NOT_FOUND"):
+        return CrmError(UNKNOWN_FIELD, code, message, answer.status, every_record=True)
+    if answer.status == 403:
+        return CrmError(PERMISSION, code, message, answer.status, every_record=True)
+    return CrmError(_REASONS.get(code, REJECTED), code, message, answer.status)
