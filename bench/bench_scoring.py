@@ -127,6 +127,12 @@ def stage_split(before: dict[str, dict], after: dict[str, dict]) -> dict[str, di
     return split
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def model_bytes() -> bytes:
     path = SHIPPED / f"{MODEL}.onnx"
     if not path.exists():
@@ -244,7 +250,7 @@ def change_message(
     return change
 
 
-async def bench_freshness(nats_url: str, specs: list[ModelSpec], metrics_port: int) -> dict:
+async def bench_freshness(nats_url: str, specs: list[ModelSpec], metrics_port: int, pid: int) -> dict:
     """Profile changes at RATE/s into profiles.changed.<p>, as profile publishes them (one batch per partition
     per tick). Each carries the deltas of one event: FIELDS_PER_CHANGE of the deployed models' inputs move,
     so every change re-scores the models that read them."""
@@ -302,18 +308,22 @@ async def bench_freshness(nats_url: str, specs: list[ModelSpec], metrics_port: i
         plan.append(tick_plan)
     started = time.perf_counter()
     before = None
+    sent_so_far = 0
     for i, messages in enumerate(plan):
         tick = started + i * TICK
         await asyncio.sleep(max(0.0, tick - time.perf_counter()))
         measuring[0] = tick > started + WARMUP_SECONDS
         if measuring[0] and before is None:
             before = await asyncio.to_thread(scrape, metrics_port)
+            cpu_before, measured_from, sent_before = cpu_seconds(pid), time.perf_counter(), sent_so_far
         now = time.perf_counter()
         for _subject, _payload, keys in messages:
             for key, models in keys:
                 waiting[key] = [now, set(models), measuring[0]]
         await asyncio.gather(*(js.publish(subject, payload) for subject, payload, _keys in messages))
+        sent_so_far += sum(len(keys) for _subject, _payload, keys in messages)
     elapsed = time.perf_counter() - started
+    cpu_used, wall = cpu_seconds(pid) - cpu_before, time.perf_counter() - measured_from
     await asyncio.sleep(2)  # the tail arrives
     stages = stage_split(before or {}, await asyncio.to_thread(scrape, metrics_port))
     await nc.close()
@@ -321,6 +331,10 @@ async def bench_freshness(nats_url: str, specs: list[ModelSpec], metrics_port: i
         # The machine is shared: the 1-minute load average at the end of the measured seconds (2 cores).
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "stages": stages,
+        # What the scoring process costs whatever the machine's load: its CPU time over the measured
+        # seconds, per 1,000 changes sent, and in cores.
+        "cpu_ms_per_1000_changes": round(cpu_used * 1000 / max(1, sent_so_far - sent_before) * 1000, 1),
+        "cpu_cores": round(cpu_used / wall, 2),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "scored": len(latencies),
@@ -364,7 +378,7 @@ async def main() -> None:
                 ours_rate = await grpc_batch_rate(scoring.grpc_address, batches)
                 print(f"batch: ours {ours_rate:,.0f} rows/s, raw {raw_rate:,.0f} rows/s")
                 fresh = await bench_freshness(
-                    server.url, [load_model(p.read_bytes()).spec for p in shipped], metrics_port
+                    server.url, [load_model(p.read_bytes()).spec for p in shipped], metrics_port, scoring.proc.pid
                 )
                 print(f"freshness: {fresh}")
             hop = await bench_hop(
@@ -423,6 +437,8 @@ async def main() -> None:
             "models": [p.stem for p in shipped],
             "fields_per_change": FIELDS_PER_CHANGE,
             "stages": fresh["stages"],
+            "cpu_ms_per_1000_changes": fresh["cpu_ms_per_1000_changes"],
+            "cpu_cores": fresh["cpu_cores"],
             "load_average_1_5_15m": fresh["load_average"],
             "baseline": f"one bare JetStream hop at {RATE}/s (p50 {hop['p50_ms']:.2f} ms)",
             "target": "p99 <= 100 ms",

@@ -201,9 +201,6 @@ class ScoringEngine(Deployments, Rounds, Requests):
 
     # --- the fields ---------------------------------------------------------------------------------
 
-    def partition_of(self, person: str) -> int:
-        return self._partition(person)
-
     async def load_partition(self, partition: int, *, page_size: int = 2000) -> int:
         """Forget what is held of `partition`, load its persons from the last snapshot; the stream
         position that snapshot includes."""

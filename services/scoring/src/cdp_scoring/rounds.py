@@ -70,13 +70,16 @@ class Rounds:
             started = time.perf_counter()
             touched: dict[str, set[str]] = {}
             changed_at: dict[str, float] = {}
-            for _partition, part_touched, part_at, _future, submitted in round_:
+            partition_of: dict[str, int] = {}
+            for partition, part_touched, part_at, _future, submitted in round_:
                 self._m_round_wait.record((started - submitted) * 1000)
                 # Partitions hold disjoint persons: no person comes from two of them.
                 touched.update(part_touched)
                 changed_at.update(part_at)
+                partition_of.update(dict.fromkeys(part_touched, partition))
             try:
-                by_partition = self._messages_by_partition(await self._score_touched(touched, changed_at))
+                scored = await self._score_touched(touched, changed_at)
+                by_partition = self._messages_by_partition(scored, partition_of)
             except Exception as exc:
                 for *_parts, future, _submitted in round_:
                     if not future.done():
@@ -211,18 +214,23 @@ class Rounds:
         return [m for messages in self._messages_by_partition(scored).values() for m in messages]
 
     def _messages_by_partition(
-        self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]
+        self,
+        scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]],
+        partition_of: Mapping[str, int] | None = None,
     ) -> dict[int, list[OutMessage]]:
-        """One columnar `ScoresUpdatedBatch` per model version and person partition. A message's id is a
-        hash of its bytes: the same scores of the same change always get the same id, so JetStream
-        stores a message published twice (a crash between publishing and acknowledging) once."""
+        """One columnar `ScoresUpdatedBatch` per model version and person partition (`partition_of`: the
+        persons' partitions when known; hashing every person of every model's rows again costs). A
+        message's id is a hash of its bytes: the same scores of the same change always get the same id,
+        so JetStream stores a message published twice (a crash between publishing and acknowledging) once."""
         out: dict[int, list[OutMessage]] = {}
+        partition = self._partition
         for version, persons, scores, times in scored:
             rows: dict[int, list[int]] = {}
             for i, person in enumerate(persons):
-                rows.setdefault(self._partition(person), []).append(i)
+                p = partition_of[person] if partition_of is not None else partition(person)
+                rows.setdefault(p, []).append(i)
             names = version.spec.score_names
-            for partition, index in rows.items():
+            for p, index in rows.items():
                 for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
                     chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
                     batch = scoring_pb2.ScoresUpdatedBatch(
@@ -234,9 +242,9 @@ class Rounds:
                         at_ms=[round(times[i] * 1000) for i in chunk],
                     )
                     payload = batch.SerializeToString()
-                    out.setdefault(partition, []).append(
+                    out.setdefault(p, []).append(
                         OutMessage(
-                            subject=subjects.scores_updated(partition),
+                            subject=subjects.scores_updated(p),
                             payload=payload,
                             msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
                         )
