@@ -280,7 +280,9 @@ async def test_scaling_1_3_2_under_load_loses_doubles_and_reorders_nothing(nats_
             assert took_over >= TTL * 2 / 3 - 0.1
         print(
             f"\nscaling 1->3->2 ({leave}): {load.events} events for {PERSONS} persons over {PARTITIONS} partitions, "
-            f"{leases.moves()} partition moves ({leases.taken_without_free()} after the TTL), "
+            f"{leases.moves()} partition moves ({leases.taken_without_free('profile-1')} of replica 1's leases taken "
+            f"after the TTL, {leases.taken_without_free() - leases.taken_without_free('profile-1')} of the others' "
+            "after a missed renewal), "
             f"3 replicas settled in {joined:.1f}s, replica 1's partitions moved in {took_over:.1f}s, "
             f"{elapsed:.1f}s in all"
         )
