@@ -3,7 +3,8 @@
 Every adapter offers the same calls (`Adapter`), so the engine never branches on the CRM:
 
 - `describe(objects)` -> the CRM's own schema of those objects (`mapping.ObjectSchema`: fields, which are
-  keys, which are read-only), for validating mappings at start;
+  keys, which are read-only), for validating mappings at start; None when the adapter cannot describe
+  (then that connection's mappings are validated without a schema - never with an empty one);
 - `cost(mapping, n)` -> the budget units sending `n` changes of `mapping` will take (requests, or credits),
   reserved before `send`;
 - `send(mapping, changes)` -> a `BatchOutcome`: per-record results keyed by `Change.record`, or one error
@@ -31,7 +32,7 @@ class Adapter(Protocol):
     kind: str
     batch_limit: int
 
-    async def describe(self, objects: list[str]) -> CrmSchema: ...
+    async def describe(self, objects: list[str]) -> CrmSchema | None: ...
 
     def cost(self, mapping: ObjectMapping, n: int) -> int: ...
 

@@ -1,0 +1,271 @@
+"""Dynamics 365 / Dataverse Web API: upsert by alternate key in ``$batch`` change sets, Entra ID tokens.
+
+Auth: ``POST <authority>/<tenant>/oauth2/v2.0/token`` (client credentials, scope ``<org url>/.default``);
+a 401 gets one new token and one retry.
+
+Writes: one ``POST /api/data/v9.2/$batch`` per call (service protection counts it as one request), each
+record in its own change set holding ``PATCH <set>(<key>='<value>')`` - an upsert by the alternate key,
+so a retry after a lost answer updates the same row. A change set is all or nothing, so one change set per
+record keeps one record's refusal from rolling back the others; its ``Content-ID`` maps the answer back.
+update_only adds ``If-Match: *`` (404 when the row does not exist). ``Prefer: return=representation``
+tells a created row (201) from an updated one (200).
+
+Limits: service protection answers 429 with ``Retry-After`` (error 0x80072322); answers may carry
+``x-ms-ratelimit-burst-remaining-xrm-requests``, which the budget observes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.parse
+import uuid
+from typing import Any
+
+import aiohttp
+import orjson
+
+from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.isolation import (
+    AUTH,
+    DUPLICATE,
+    INVALID_VALUE,
+    NOT_FOUND,
+    PERMISSION,
+    REJECTED,
+    UNKNOWN_FIELD,
+    BatchOutcome,
+    CrmError,
+    RecordResult,
+)
+from cdp_crm.domain.mapping import ObjectMapping
+
+API = "/api/data/v9.2"
+AUTHORITY = "https://login.microsoftonline.com"
+BATCH_LIMIT = 1000
+# Records per $batch: well under the 1000-operation limit, so a batch stays a short request.
+RECORDS_PER_BATCH = 100
+
+
+class DynamicsAdapter:
+    kind = "dynamics"
+    batch_limit = RECORDS_PER_BATCH
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        url: str,
+        tenant_id: str,
+        client_id: str,
+        client_secret: str,
+        authority: str = AUTHORITY,
+        timeout: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._url = url.rstrip("/")
+        self._tenant = tenant_id
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._authority = authority.rstrip("/")
+        self._timeout = timeout
+        self._token: str | None = None
+        self._token_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        pass  # the session is the caller's
+
+    def cost(self, mapping: ObjectMapping, n: int) -> int:
+        return 1
+
+    async def describe(self, objects: list[str]) -> None:
+        # EntityDefinitions (attributes, alternate keys) are not served by the local Dataverse yet, so
+        # there is nothing tested to read them with: Dynamics mappings are validated without a schema.
+        return None
+
+    async def _authenticate(self, stale: str | None = None) -> CrmError | None:
+        async with self._token_lock:
+            if self._token is not None and self._token != stale:
+                return None
+            form = {
+                "grant_type": "client_credentials",
+                "client_id": self._client_id,
+                "client_secret": self._client_secret,
+                "scope": f"{self._url}/.default",
+            }
+            try:
+                async with self._session.post(
+                    f"{self._authority}/{self._tenant}/oauth2/v2.0/token",
+                    data=form,
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                ) as response:
+                    body = await response.json(content_type=None)
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return CrmError(AUTH, "TOKEN_UNAVAILABLE", "the token endpoint did not answer")
+            if status != 200 or not isinstance(body, dict) or "access_token" not in body:
+                code = str(body.get("error", status)) if isinstance(body, dict) else str(status)
+                # error_codes holds the AADSTS number, which says which part of the credentials is wrong.
+                codes = body.get("error_codes") if isinstance(body, dict) else None
+                if codes:
+                    code = f"{code} AADSTS{codes[0]}"
+                return CrmError(AUTH, code, "Entra ID refused the credentials", status)
+            self._token = body["access_token"]
+            return None
+
+    async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        assert len(changes) <= RECORDS_PER_BATCH, "the engine batches by batch_limit"
+        if mapping.kind == "list":
+            raise NotImplementedError("Dynamics marketing list mappings are not supported yet")
+        boundary = f"batch_{uuid.uuid4().hex}"
+        body = _batch_body(self._url, mapping, changes, boundary)
+        for attempt in (0, 1):
+            if self._token is None and (failed := await self._authenticate()) is not None:
+                return BatchOutcome.failed(failed)
+            token = self._token
+            answer = await exchange(
+                self._session,
+                "POST",
+                f"{self._url}{API}/$batch",
+                data=body,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "Content-Type": f"multipart/mixed; boundary={boundary}",
+                    "OData-Version": "4.0",
+                    "OData-MaxVersion": "4.0",
+                    "Accept": "application/json",
+                },
+                timeout=self._timeout,
+                what=mapping.object,
+            )
+            if answer.status == 401 and attempt == 0:
+                if (failed := await self._authenticate(stale=token)) is not None:
+                    return BatchOutcome.failed(failed, answer.headers)
+                continue
+            break
+        error = _failure(answer)
+        if error is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        content_type = next((v for k, v in answer.headers.items() if k.lower() == "content-type"), "")
+        results: dict[str, RecordResult] = {}
+        for content_id, status, headers, payload in _responses(answer.raw, content_type):
+            if not content_id.isdigit() or not 0 < int(content_id) <= len(changes):
+                continue
+            change = changes[int(content_id) - 1]
+            if status < 300:
+                entity = headers.get("odata-entityid", "")
+                crm_id = entity.rsplit("(", 1)[-1].rstrip(")") if "(" in entity else None
+                results[change.record] = RecordResult(change.record, True, crm_id, status == 201)
+            else:
+                results[change.record] = RecordResult(change.record, False, error=_op_error(status, payload))
+        return BatchOutcome(results, None, answer.headers)
+
+
+def _key_segment(key: tuple[tuple[str, str], ...]) -> str:
+    parts = ",".join(f"{name}='{value.replace(chr(39), chr(39) * 2)}'" for name, value in key)
+    return urllib.parse.quote(parts, safe="=,'")
+
+
+def _batch_body(url: str, mapping: ObjectMapping, changes: list[Change], boundary: str) -> bytes:
+    out: list[str] = []
+    for n, change in enumerate(changes, start=1):
+        changeset = f"changeset_{uuid.uuid4().hex}"
+        headers = ["Content-Type: application/json", "Prefer: return=representation"]
+        if mapping.mode == "update_only":
+            headers.append("If-Match: *")
+        operation = "\r\n".join(
+            [
+                f"--{changeset}",
+                "Content-Type: application/http",
+                "Content-Transfer-Encoding: binary",
+                f"Content-ID: {n}",
+                "",
+                f"PATCH {url}{API}/{mapping.object}({_key_segment(change.key)}) HTTP/1.1",
+                *headers,
+                "",
+                orjson.dumps(change.fields).decode(),
+                f"--{changeset}--",
+            ]
+        )
+        out.append(f"--{boundary}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n{operation}\r\n")
+    out.append(f"--{boundary}--\r\n")
+    return "".join(out).encode()
+
+
+def _boundary(content_type: str) -> str | None:
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    return m.group(1) if m else None
+
+
+def _parts(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
+    parts = []
+    for chunk in body.split(b"--" + boundary.encode())[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, content = chunk.lstrip(b"\r\n").replace(b"\r\n", b"\n").partition(b"\n\n")
+        headers = {}
+        for line in head.decode(errors="replace").split("\n"):
+            name, _, value = line.partition(":")
+            if name.strip():
+                headers[name.strip().lower()] = value.strip()
+        parts.append((headers, content.rstrip(b"\n")))
+    return parts
+
+
+def _responses(body: bytes, content_type: str) -> list[tuple[str, int, dict[str, str], Any]]:
+    """(Content-ID, status, headers, JSON body) of every operation answered in a $batch response."""
+    boundary = _boundary(content_type)
+    if boundary is None:
+        return []
+    found = []
+    for headers, content in _parts(body, boundary):
+        inner = _boundary(headers.get("content-type", "")) if "multipart" in headers.get("content-type", "") else None
+        operations = _parts(content, inner) if inner else [(headers, content)]
+        for op_headers, op_content in operations:
+            status_head, _, payload = op_content.partition(b"\n\n")
+            lines = status_head.decode(errors="replace").split("\n")
+            status_line = lines[0].split()
+            if len(status_line) < 2 or not status_line[1].isdigit():
+                continue
+            http_headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                http_headers[name.strip().lower()] = value.strip()
+            try:
+                parsed = orjson.loads(payload) if payload.strip() else None
+            except orjson.JSONDecodeError:
+                parsed = None
+            found.append((op_headers.get("content-id", ""), int(status_line[1]), http_headers, parsed))
+    return found
+
+
+def _op_error(status: int, payload: Any) -> CrmError:
+    error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+    code, message = str(error.get("code", status)), str(error.get("message", ""))
+    if status == 404 or code == "0x80040217":
+        reason = NOT_FOUND
+    elif code == "0x80040237":
+        reason = DUPLICATE
+    elif code == "0x80060888" and "does not exist on type" in message:
+        reason = UNKNOWN_FIELD
+    elif status == 403:
+        reason = PERMISSION
+    elif code == "0x80040265":
+        reason = REJECTED  # a plug-in or business rule refused it
+    else:
+        reason = INVALID_VALUE if status == 400 else REJECTED
+    return CrmError(reason, code, message, status)
+
+
+def _failure(answer: Answer) -> CrmError | None:
+    if answer.error is not None:
+        return answer.error
+    if answer.status < 300:
+        return None
+    error = answer.body.get("error", {}) if isinstance(answer.body, dict) else {}
+    code, message = str(error.get("code", answer.status)), str(error.get("message", ""))
+    transient = transport_error(answer, code, message)
+    if transient is not None:
+        return transient
+    return _op_error(answer.status, answer.body)

@@ -1,0 +1,152 @@
+"""The Dynamics adapter against the local Dataverse: Entra ID tokens, upserts by alternate key in $batch
+change sets (one refused record does not roll back the others), update-only, service protection, lost
+answers."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from cdp_crm.adapters.dynamics import DynamicsAdapter
+from cdp_crm.domain.budget import Budget
+from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, NOT_FOUND, THROTTLED, UNKNOWN_FIELD, Isolation
+from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.domain.projection import Source, project
+from cdp_crm_emulators.dynamics import DynamicsEmulator
+
+
+def _mapping(mode="upsert", fields=None, obj="contacts", match=None):
+    document = {
+        "connections": [
+            {
+                "id": "dyn",
+                "kind": "dynamics",
+                "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
+                "mappings": [
+                    {
+                        "id": "m",
+                        "object": obj,
+                        "mode": mode,
+                        "match": match or {"cdp_id": "person.id"},
+                        "fields": fields
+                        or {
+                            "lastname": "traits.last_name",
+                            "emailaddress1": "traits.email",
+                            "cdp_churnrisk": "scores.churn_risk",
+                        },
+                    }
+                ],
+            }
+        ]
+    }
+    (connection,) = parse_connections(document)
+    return connection.mapping("m")
+
+
+def _change(mapping, person_id, **profile):
+    projection = project(mapping, Source(person_id, profile))
+    return Change(mapping.name, projection.key, dict(projection.fields), person_id=person_id)
+
+
+def _people(mapping, n, start=0, **extra):
+    return [
+        _change(
+            mapping, f"person-{i}", **{"traits.last_name": f"Person{i}", "traits.email": f"p{i}@example.com", **extra}
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def _adapter(session, emulator, secret=None):
+    return DynamicsAdapter(
+        session,
+        url=emulator.base_url,
+        authority=emulator.base_url,
+        tenant_id=emulator.tenant,
+        client_id=emulator.client_id,
+        client_secret=secret or emulator.client_secret,
+        timeout=2.0,
+    )
+
+
+@pytest.fixture
+async def dynamics():
+    async with DynamicsEmulator() as emulator, aiohttp.ClientSession() as session:
+        yield emulator, _adapter(session, emulator)
+
+
+async def test_upsert_by_alternate_key_in_one_batch_creates_then_updates(dynamics):
+    emulator, adapter = dynamics
+    contacts = _mapping()
+    first = await adapter.send(contacts, _people(contacts, 3, **{"scores.churn_risk": 0.2}))
+    assert first.error is None and all(r.ok and r.created for r in first.results.values())
+    again = await adapter.send(contacts, _people(contacts, 3, **{"scores.churn_risk": 0.7}))
+    assert all(r.ok and r.created is False for r in again.results.values())
+    assert {r.crm_id for r in again.results.values()} == {r.crm_id for r in first.results.values()}
+    records = emulator.records("contacts")
+    assert len(records) == 3 and {r["cdp_churnrisk"] for r in records} == {0.7}
+    assert emulator.budget()["window_used"] == 2  # one $batch each
+
+
+async def test_one_refused_record_does_not_roll_back_the_others(dynamics):
+    emulator, adapter = dynamics
+    contacts = _mapping()
+    emulator.faults.reject(lambda entity_set, values: values.get("lastname") == "Person1", message="plug-in says no")
+    changes = _people(contacts, 3)
+    isolation = Isolation(changes)
+    isolation.record(isolation.next_batch(), await adapter.send(contacts, changes), now=0.0)
+    assert len(isolation.synced) == 2
+    (dead,) = isolation.dead
+    assert dead.change.person_id == "person-1" and dead.crm_code == "0x80040265"
+    assert sorted(r["cdp_id"] for r in emulator.records("contacts")) == ["person-0", "person-2"]
+
+
+async def test_an_unknown_attribute_is_named_by_dataverses_error(dynamics):
+    _, adapter = dynamics
+    mapping = _mapping(fields={"lastname": "traits.last_name", "shoesize": "traits.shoe"})
+    outcome = await adapter.send(mapping, [_change(mapping, "p1", **{"traits.last_name": "L", "traits.shoe": 9})])
+    (result,) = outcome.results.values()
+    assert result.error.reason == UNKNOWN_FIELD and result.error.code == "0x80060888"
+
+
+async def test_update_only_never_creates(dynamics):
+    emulator, adapter = dynamics
+    await adapter.send(_mapping(), _people(_mapping(), 1))
+    update_only = _mapping(mode="update_only")
+    outcome = await adapter.send(update_only, _people(update_only, 2, **{"scores.churn_risk": 0.9}))
+    reasons = sorted((r.ok, r.error.reason if r.error else "") for r in outcome.results.values())
+    assert reasons == [(False, NOT_FOUND), (True, "")]
+    (only,) = emulator.records("contacts")
+    assert only["cdp_churnrisk"] == 0.9
+
+
+async def test_service_protection_429_carries_retry_after_into_the_budget():
+    async with DynamicsEmulator(window_limit=1) as emulator, aiohttp.ClientSession() as session:
+        adapter = _adapter(session, emulator)
+        contacts = _mapping()
+        assert (await adapter.send(contacts, _people(contacts, 1))).error is None
+        refused = await adapter.send(contacts, _people(contacts, 1, start=1))
+        assert refused.error.reason == THROTTLED and refused.error.retry_after is not None
+        budget = Budget.for_kind("dynamics", account="org")
+        budget.throttled(1000.0, retry_after=refused.error.retry_after)
+        assert budget.reserve(1, 1000.0).wait_until >= 1001.0
+        assert len(emulator.records("contacts")) == 1
+
+
+async def test_a_task_keyed_by_its_idempotency_key_survives_a_lost_answer(dynamics):
+    emulator, adapter = dynamics
+    tasks = _mapping(obj="tasks", match={"cdp_idempotencykey": "traits.key"}, fields={"subject": "traits.subject"})
+    change = _change(tasks, "p1", **{"traits.key": "cdp-0123", "traits.subject": "Call"})
+    emulator.faults.drop_after_commit_next()
+    assert (await adapter.send(tasks, [change])).error.reason == ANSWER_LOST
+    outcome = await adapter.send(tasks, [change])
+    (result,) = outcome.results.values()
+    assert result.ok and result.created is False and len(emulator.records("tasks")) == 1
+
+
+async def test_a_wrong_secret_is_an_auth_failure_with_the_aadsts_code():
+    async with DynamicsEmulator() as emulator, aiohttp.ClientSession() as session:
+        adapter = _adapter(session, emulator, secret="wrong")
+        outcome = await adapter.send(_mapping(), _people(_mapping(), 1))
+        assert outcome.error.reason == AUTH and "AADSTS7000215" in outcome.error.code
