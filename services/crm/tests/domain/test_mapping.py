@@ -261,3 +261,34 @@ def test_an_action_projects_to_a_task_keyed_by_the_action_so_a_retry_is_the_same
     other = project(task, Source("person-1", action={**action, "id": "act-43"}))
     assert other.key != first.key
     assert first.fields == {"hs_task_subject": "Call Ada", "hs_task_body": "churn risk 0.87"}
+
+
+def test_what_an_adapter_cannot_write_yet_is_refused_at_start():
+    document = {
+        "connections": [
+            {
+                "id": "zoho",
+                "kind": "zoho",
+                "credentials": {"client_id": "Z_ID", "client_secret": "Z_S", "refresh_token": "Z_R"},
+                "mappings": [
+                    {
+                        "id": "c",
+                        "object": "Contacts",
+                        "mode": "update_only",
+                        "match": {"Email": "traits.email"},
+                        "fields": {"Last_Name": "traits.last_name"},
+                    },
+                    {
+                        "id": "vip",
+                        "object": "Contacts",
+                        "segment": "vip",
+                        "list": "VIP",
+                        "match": {"Email": "traits.email"},
+                    },
+                ],
+            }
+        ]
+    }
+    problems = _problems(document, {})
+    assert "update_only is not supported for zoho" in problems["zoho/c.mode"]
+    assert "not supported for zoho" in problems["zoho/vip.list"]

@@ -79,6 +79,13 @@ CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
 # How many fields a match key may combine: an external id / idProperty is one field; Dataverse alternate
 # keys and Zoho's duplicate_check_fields may be several.
 MATCH_FIELDS_MAX = {"salesforce": 1, "hubspot": 1, "dynamics": 5, "zoho": 5}
+# What the adapters do not write yet, refused at start rather than at the first write.
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("salesforce", "list"): "campaign membership is not supported for salesforce yet",
+    ("dynamics", "list"): "marketing list membership is not supported for dynamics yet",
+    ("zoho", "list"): "campaign membership is not supported for zoho yet",
+    ("zoho", "update_only"): "update_only is not supported for zoho yet",
+}
 PERSON_ID = "person.id"
 SEGMENTS = "segments"
 ACTION = "action"
@@ -389,6 +396,10 @@ class _Reader:
         kind_of_mapping = "action" if action is not None else "list" if list_name is not None else "record"
         if kind_of_mapping == "action" and mode != "upsert":
             self.problem(where, "mode", "an action mapping always upserts by its idempotency key")
+        if (kind, kind_of_mapping) in UNSUPPORTED:
+            self.problem(where, "list", UNSUPPORTED[(kind, kind_of_mapping)])
+        if (kind, mode) in UNSUPPORTED:
+            self.problem(where, "mode", UNSUPPORTED[(kind, mode)])
         if kind_of_mapping == "list" and segment is None:
             self.problem(where, "segment", "a list mapping needs the segment whose members the list holds")
         triggers = self.triggers(where, kind_of_mapping, raw.get("triggers"))

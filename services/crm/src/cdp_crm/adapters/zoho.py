@@ -1,0 +1,200 @@
+"""Zoho CRM v8: upsert with ``duplicate_check_fields`` (100 records a call), OAuth refresh tokens, credits.
+
+Auth: ``POST <accounts_url>/oauth/v2/token`` with ``grant_type=refresh_token``, the client id and secret
+and the refresh token; the answer's ``api_domain`` is where the API lives. Zoho refuses bad credentials
+with HTTP 200 and ``{"error": ...}``. Calls carry ``Authorization: Zoho-oauthtoken <token>``; a 401
+``INVALID_TOKEN`` gets one new token and one retry.
+
+Writes: ``POST /crm/v8/<Module>/upsert`` with ``duplicate_check_fields`` = the mapping's match fields (each
+record carries their values), so a retry after a lost answer updates the records the first attempt
+created. Each record answers on its own (``SUCCESS`` with ``action`` insert/update, or its error code with
+``details.api_name``) - also in a 400 when none was written, so a 400 with per-record answers is not a
+batch-level refusal.
+
+Credits: each call costs `credits_per_call` (the org's price list: an upsert call of up to 100 records is
+1 credit by default); past the 24-hour allocation Zoho answers 429 ``LIMIT_REACHED``: THROTTLED, daily.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.isolation import (
+    AUTH,
+    DUPLICATE,
+    INVALID_VALUE,
+    PERMISSION,
+    REJECTED,
+    THROTTLED,
+    UNKNOWN_FIELD,
+    BatchOutcome,
+    CrmError,
+    RecordResult,
+)
+from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
+
+UPSERT_LIMIT = 100
+ACCOUNTS = "https://accounts.zoho.com"
+
+
+class ZohoAdapter:
+    kind = "zoho"
+    batch_limit = UPSERT_LIMIT
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        client_id: str,
+        client_secret: str,
+        refresh_token: str,
+        accounts_url: str = ACCOUNTS,
+        credits_per_call: int = 1,
+        timeout: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._refresh_token = refresh_token
+        self._accounts = accounts_url.rstrip("/")
+        self._credits_per_call = credits_per_call
+        self._timeout = timeout
+        self._token: str | None = None
+        self._api: str | None = None
+        self._token_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        pass  # the session is the caller's
+
+    def cost(self, mapping: ObjectMapping, n: int) -> int:
+        return self._credits_per_call
+
+    async def _authenticate(self, stale: str | None = None) -> CrmError | None:
+        async with self._token_lock:
+            if self._token is not None and self._token != stale:
+                return None
+            form = {
+                "grant_type": "refresh_token",
+                "client_id": self._client_id,
+                "client_secret": self._client_secret,
+                "refresh_token": self._refresh_token,
+            }
+            try:
+                async with self._session.post(
+                    self._accounts + "/oauth/v2/token", data=form, timeout=aiohttp.ClientTimeout(total=self._timeout)
+                ) as response:
+                    body = await response.json(content_type=None)
+                    status = response.status
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return CrmError(AUTH, "TOKEN_UNAVAILABLE", "the token endpoint did not answer")
+            if not isinstance(body, dict) or "access_token" not in body:
+                code = str(body.get("error", status)) if isinstance(body, dict) else str(status)
+                return CrmError(AUTH, code, "Zoho refused the refresh token or client", status)
+            self._token = body["access_token"]
+            self._api = str(body.get("api_domain", "https://www.zohoapis.com")).rstrip("/")
+            return None
+
+    async def _call(self, method: str, path: str, *, json: Any = None, what: str = "") -> Answer:
+        for attempt in (0, 1):
+            if self._token is None and (failed := await self._authenticate()) is not None:
+                return Answer(0, {}, None, failed)
+            token = self._token
+            answer = await exchange(
+                self._session,
+                method,
+                f"{self._api}/crm/v8{path}",
+                json=json,
+                headers={"Authorization": f"Zoho-oauthtoken {token}"},
+                timeout=self._timeout,
+                what=what,
+            )
+            if answer.status == 401 and attempt == 0:
+                if (failed := await self._authenticate(stale=token)) is not None:
+                    return Answer(0, {}, None, failed)
+                continue
+            return answer
+        raise AssertionError("unreachable")
+
+    async def describe(self, objects: list[str]) -> dict[str, ObjectSchema]:
+        """``GET /crm/v8/settings/fields?module=<Module>``: api names, unique fields, read-only ones."""
+        schema: dict[str, ObjectSchema] = {}
+        for module in objects:
+            answer = await self._call("GET", f"/settings/fields?module={module}", what=f"fields {module}")
+            if answer.status == 400 and isinstance(answer.body, dict) and answer.body.get("code") == "INVALID_MODULE":
+                continue
+            if (error := _failure(answer)) is not None:
+                raise ConnectionError(f"describing {module} failed: {error.reason} {error.code}")
+            fields = {
+                f["api_name"]: FieldSchema(
+                    f["api_name"], f.get("data_type", "text"), bool(f.get("unique")), not f.get("read_only", False)
+                )
+                for f in answer.body.get("fields", [])
+            }
+            schema[module] = ObjectSchema(module, fields)
+        return schema
+
+    async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        assert len(changes) <= UPSERT_LIMIT, "the engine batches by batch_limit"
+        if mapping.kind == "list":
+            raise NotImplementedError("Zoho campaign membership mappings are not supported yet")
+        if mapping.mode == "update_only":
+            raise NotImplementedError("Zoho update_only mappings are not supported yet")
+        checks = [name for name, _ in changes[0].key]
+        data = [{**c.fields, **dict(c.key)} for c in changes]
+        answer = await self._call(
+            "POST",
+            f"/{mapping.object}/upsert",
+            json={"data": data, "duplicate_check_fields": checks},
+            what=mapping.object,
+        )
+        per_record = answer.body.get("data") if isinstance(answer.body, dict) else None
+        if answer.status in (200, 207, 400) and isinstance(per_record, list) and len(per_record) == len(changes):
+            results: dict[str, RecordResult] = {}
+            for change, item in zip(changes, per_record, strict=True):
+                if item.get("status") == "success":
+                    details = item.get("details") or {}
+                    created = item.get("action") == "insert"
+                    results[change.record] = RecordResult(change.record, True, details.get("id"), created)
+                else:
+                    results[change.record] = RecordResult(
+                        change.record, False, error=_record_error(item, answer.status)
+                    )
+            return BatchOutcome(results, None, answer.headers)
+        error = _failure(answer) or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", answer.status)
+        return BatchOutcome.failed(error, answer.headers)
+
+
+def _record_error(item: dict[str, Any], status: int) -> CrmError:
+    code = str(item.get("code", ""))
+    details = item.get("details") or {}
+    reason = {"MANDATORY_NOT_FOUND": INVALID_VALUE, "DUPLICATE_DATA": DUPLICATE, "INVALID_DATA": INVALID_VALUE}.get(
+        code, REJECTED
+    )
+    if code == "INVALID_DATA" and "expected_data_type" not in details and details.get("api_name") not in (None, "id"):
+        reason = UNKNOWN_FIELD  # Zoho names a field it does not know without an expected type
+    field = details.get("api_name")
+    return CrmError(reason, code, str(item.get("message", "")), status, fields=(field,) if field else ())
+
+
+def _failure(answer: Answer) -> CrmError | None:
+    if answer.error is not None:
+        return answer.error
+    if answer.status < 300:
+        return None
+    body = answer.body if isinstance(answer.body, dict) else {}
+    code, message = str(body.get("code", answer.status)), str(body.get("message", ""))
+    if answer.status == 429:
+        return CrmError(THROTTLED, code, message, 429, daily=code == "LIMIT_REACHED")
+    transient = transport_error(answer, code, message)
+    if transient is not None:
+        return transient
+    if answer.status == 403:
+        return CrmError(PERMISSION, code, message, 403, every_record=True)
+    if code == "INVALID_MODULE":
+        return CrmError(UNKNOWN_FIELD, code, message, answer.status, every_record=True)
+    return CrmError(INVALID_VALUE, code, message, answer.status)
