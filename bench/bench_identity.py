@@ -16,7 +16,10 @@ missing records from the store -, resolving in memory and encoding the resolved 
 (from submitting a batch's write to it being durable: waiting behind earlier groups, then `store`, the
 SQLite bulk write itself), `publish` (until JetStream stored the batch's messages). Each with mean,
 p50 and p99 in ms and `busy`: its summed time over the measured wall time (stages overlap: batches are
-pipelined and SQLite runs on its own threads). `cpu` is the process' CPU time over the wall time.
+pipelined and SQLite runs on its own threads). `cpu` is the process' CPU time over the wall time, and
+`cpu_us_per_event` (with `baseline_cpu_us_per_event`) its CPU time per measured event, of which
+`loop_cpu_us_per_event` on the event loop's thread (the rest: SQLite's threads): on a machine shared
+with other work the rates move with the load, the CPU cost per event much less.
 
     make bench-identity          # writes bench/results/identity.json and identity-resolve.json
 """
@@ -106,8 +109,9 @@ async def fill_stream(bus: Bus, events: list[events_pb2.Event]) -> None:
         assert all(r.ok for r in results)
 
 
-async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
-    """The foundation's consumer, 8 partition durables, handler does nothing: events/s over the measured part."""
+async def bench_baseline(nats_url: str, warmup: int, total: int) -> tuple[float, float]:
+    """The foundation's consumer, 8 partition durables, handler does nothing: events/s over the measured
+    part, and this process' CPU microseconds per event meanwhile."""
 
     async def nothing(batch) -> None:
         return None
@@ -130,11 +134,13 @@ async def bench_baseline(nats_url: str, warmup: int, total: int) -> float:
             )
             tasks.append(asyncio.create_task(runner.run()))
         t0 = await wait_count(count, warmup)
+        cpu0 = time.process_time()
         t1 = await wait_count(count, total)
+        cpu_us = (time.process_time() - cpu0) / (total - warmup) * 1e6
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return (total - warmup) / (t1 - t0)
+    return (total - warmup) / (t1 - t0), cpu_us
 
 
 class Stages:
@@ -238,11 +244,16 @@ async def bench_identity(nats_url: str, workdir: Path, warmup: int, total: int) 
                 return await acknowledged(reader.js, subjects.EVENTS_RAW, "identity", PARTITIONS, total)
 
             t0 = await wait_count(resolved, warmup)
-            cpu0 = time.process_time()
+            cpu0, loop0 = time.process_time(), time.thread_time()
             t1 = await wait_count(resolved, total)
-            cpu = (time.process_time() - cpu0) / (t1 - t0)
+            cpu, loop_cpu = time.process_time() - cpu0, time.thread_time() - loop0
             rate = (total - warmup) / (t1 - t0)
-            split = {**stages.split(t0, t1), "cpu": round(cpu, 3)}
+            split = {
+                **stages.split(t0, t1),
+                "cpu": round(cpu / (t1 - t0), 3),
+                "cpu_us_per_event": round(cpu / (total - warmup) * 1e6, 1),
+                "loop_cpu_us_per_event": round(loop_cpu / (total - warmup) * 1e6, 1),
+            }
             latency = await bench_resolve(f"127.0.0.1:{runtime.grpc.port}")
     finally:
         stages.uninstall()
@@ -289,9 +300,10 @@ async def main() -> None:
         try:
             async with Bus.connect(server.url, name="bench-loader") as bus:
                 await fill_stream(bus, warmup + measured)
-            baseline = await bench_baseline(server.url, len(warmup), total)
+            baseline, baseline_cpu_us = await bench_baseline(server.url, len(warmup), total)
             ours, resolve, split = await bench_identity(server.url, Path(tmp), len(warmup), total)
             print(f"baseline {baseline:,.0f} events/s, identity {ours:,.0f} events/s, resolve {resolve}")
+            print(f"  cpu per event: baseline {baseline_cpu_us:.1f} us, identity {split['cpu_us_per_event']:.1f} us")
             for stage, figures in split.items():
                 print(f"  {stage}: {figures}")
             echo = await bench_echo()
@@ -308,6 +320,7 @@ async def main() -> None:
         "baseline": "cdp_kit ConsumerRunner, same stream, 8 partition durables, handler does nothing",
         "resolve": resolve,
         "stages": split,
+        "baseline_cpu_us_per_event": round(baseline_cpu_us, 1),
         "target": ">= 30,000 events/s, ratio >= 0.5",
     }
     write_result("identity", value=ours, unit="events/s", baseline=baseline, higher_is_better=True, params=params)

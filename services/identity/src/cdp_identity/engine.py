@@ -40,6 +40,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
@@ -72,7 +73,7 @@ from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.engine import Effects, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from cdp_kit.storage import Delete, Put, Store, WriteOp
+from cdp_kit.storage import Delete, Put, Record, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
 log = logging.getLogger("cdp.identity")
@@ -124,6 +125,14 @@ class _Item:
     previous: str | None  # an alias's previous_id, placed once the graph is loaded
     raw: bytes = b""
     replay: bool = False  # applied before a crash: resolve read-only, publish again
+
+
+@dataclass(slots=True)
+class _Prefetched:
+    epoch: int
+    asked: list[str]  # the identifier keys read; those not in `identifiers` the store does not have
+    identifiers: dict[str, Record]
+    persons: dict[str, Record]
 
 
 class IdentityEngine:
@@ -221,7 +230,8 @@ class IdentityEngine:
 
     async def apply(self, partition: int, items: list[_Item]) -> Effects:
         """Resolve a batch (none of it applied before) and say what to write and publish."""
-        ops, notifications, grouped, _, _ = await self._resolve(items)
+        prefetched = await self._prefetch(self._keys(items))
+        ops, notifications, grouped, _, _ = await self._resolve(items, prefetched=prefetched)
         messages = [
             OutMessage(subject=subject, payload=payload, msg_id=msg_id) for subject, msg_id, payload in notifications
         ]
@@ -284,8 +294,57 @@ class IdentityEngine:
         await write  # type: ignore[misc]
         return resolved_messages(grouped), resolutions
 
+    def _keys(self, items: list[_Item]) -> set[str]:
+        """The identifier keys resolving `items` reads (an alias's possible previous ids included)."""
+        keys = {i.key for item in items for i in item.identifiers}
+        for item in items:
+            if item.previous is not None:
+                keys.update(self._previous_candidates(item.previous))
+        return keys
+
+    async def _prefetch(self, keys: set[str]) -> _Prefetched | None:
+        """Read the identifiers the cache lacks, and the persons owning them, *before* the lock: every
+        partition's batch is resolved under the one lock, and a store round trip inside it would hold
+        all of them up. `_install` takes these records under the lock only where they are still what
+        `_load` would read: the key still missing from the cache (the cache's own copy is newer), not
+        being deleted, and no purge or dropped cache since (`_epoch`) - a key missing from the cache
+        has no write in flight otherwise, so the store's record is its latest. A store error here is
+        left to `_load`, which reads again under the lock."""
+        missing = self.graph.missing_identifiers(keys)
+        if not missing:
+            return None
+        epoch = self._epoch
+        try:
+            identifiers = await self.store.get_many(IDENTIFIERS, sorted(missing))
+            owners = self.graph.missing_persons({record.doc["person"] for record in identifiers.values()})
+            persons = await self.store.get_many(PERSONS, sorted(owners)) if owners else {}
+        except CdpError:
+            return None
+        return _Prefetched(epoch, missing, identifiers, persons)
+
+    def _install(self, prefetched: _Prefetched | None) -> set[str]:
+        """Under the lock: the prefetched records that are still what the store holds (see `_prefetch`).
+        Returns the identifier keys the store does not have, for `_load` not to ask again."""
+        if prefetched is None or prefetched.epoch != self._epoch:
+            return set()
+        for collection, records, cached, load in (
+            (IDENTIFIERS, prefetched.identifiers, self.graph.identifiers, self.graph.load_identifier),
+            (PERSONS, prefetched.persons, self.graph.persons, self.graph.load_person),
+        ):
+            for key, record in records.items():
+                if key not in cached and (collection, key) not in self._deleting:
+                    load(key, record.doc)
+                    self.versions[(collection, key)] = record.version
+        return {key for key in prefetched.asked if key not in prefetched.identifiers}
+
     async def _resolve(
-        self, items: list[_Item], *, write: bool = False, position: tuple[str, int] | None = None, api: bool = False
+        self,
+        items: list[_Item],
+        *,
+        write: bool = False,
+        position: tuple[str, int] | None = None,
+        api: bool = False,
+        prefetched: _Prefetched | None = None,
     ) -> tuple[
         list[WriteOp],
         list[tuple[str, str, bytes]],
@@ -302,11 +361,8 @@ class IdentityEngine:
             if api:
                 self._require_writer()
             await self._recover_if_failed()
-            keys = {i.key for item in items for i in item.identifiers}
-            for item in items:
-                if item.previous is not None:
-                    keys.update(self._previous_candidates(item.previous))
-            await self._load(keys)
+            absent = self._install(prefetched)
+            await self._load(self._keys(items), absent=absent)
             grouped: dict[int, list[tuple[str, bytes]]] = {}
             resolutions: list[Resolution | None] = []
             outbox: list[tuple[str, str, bytes]] = []
@@ -538,6 +594,7 @@ class IdentityEngine:
                 await self._load(holders[IDENTIFIERS])
                 await self._load_for_purge(requested)
                 try:
+                    self._epoch += 1  # records read before this purge may name what it removes
                     purged = self.graph.purge(requested)
                     names = set(purged.persons) | purged.identifiers | set(requested)
                     ops: list[WriteOp] = [Delete(MERGES, m) for m in holders[MERGES] if m not in purged.merges]
@@ -622,9 +679,11 @@ class IdentityEngine:
         item.identifiers = identifiers
         item.rejected.extend(rejected)
 
-    async def _load(self, keys: Iterable[str]) -> None:
+    async def _load(self, keys: Iterable[str], *, absent: AbstractSet[str] = frozenset()) -> None:
+        """Load the identifiers of `keys` the cache lacks (but those known `absent` from the store) and
+        the persons they lead to."""
         keys = set(keys)
-        missing = self._not_deleting(IDENTIFIERS, self.graph.missing_identifiers(keys))
+        missing = self._not_deleting(IDENTIFIERS, self.graph.missing_identifiers(keys)) - absent
         if missing:
             try:
                 records = await self.store.get_many(IDENTIFIERS, sorted(missing))
@@ -739,11 +798,14 @@ class IdentityEngine:
             for op in ops:
                 if isinstance(op, Delete) and self._deleting.get((op.collection, op.key)) == number:
                     del self._deleting[(op.collection, op.key)]
+                    # A record prefetched before the delete landed may be the deleted one.
+                    self._epoch += 1
         if position is not None:
             self.applied[position[0]] = max(self.applied.get(position[0], 0), position[1])
 
     _failed = False
     _writes = 0  # writes queued so far: numbers them
+    _epoch = 0  # the cache's generation: a purge or a dropped cache starts a new one (`_prefetch`)
 
     async def _recover_if_failed(self) -> None:
         """After a failed write: wait for the queued writes to settle, then start from the store again."""
@@ -759,6 +821,7 @@ class IdentityEngine:
         self.graph = IdentityGraph(self.rules)
         self.versions.clear()
         self._failed = False
+        self._epoch += 1
 
     # --- one writer (writer.py) -------------------------------------------------------------------
 

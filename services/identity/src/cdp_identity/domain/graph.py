@@ -659,6 +659,8 @@ class IdentityGraph:
 
     def _adds_over_limit(self, roots: list[str], candidate: str, new: list[Identifier], at: int) -> bool:
         """Would linking `candidate` to what the event already links push a type over its limit?"""
+        if not roots and not new:
+            return False  # the candidate alone: nothing is added to it (most events: one known person)
         after = self._type_counts([*roots, candidate], new, at)
         before = self._type_counts(roots, new, at)
         alone = self._type_counts([candidate], [], at)
@@ -678,6 +680,8 @@ class IdentityGraph:
         return "unknown"
 
     def _separated(self, roots: list[str], candidate: str) -> bool:
+        if not roots:
+            return False
         candidate_apart = {self.canonical(p) for p in self.persons[candidate].apart}
         for root in roots:
             if root in candidate_apart:
@@ -688,6 +692,8 @@ class IdentityGraph:
 
     def _choose_winner(self, roots: list[str]) -> str:
         """The person with the strongest identifier type; then the older; then the smaller id."""
+        if len(roots) == 1:
+            return roots[0]
 
         def strength(root: str) -> tuple[int, int, str]:
             person = self.persons[root]
