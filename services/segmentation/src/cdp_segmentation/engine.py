@@ -47,6 +47,7 @@ from opentelemetry.metrics import Observation
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.engine import Reject
 from cdp_kit.errors import Unavailable
 from cdp_kit.held import Codec, HeldFields, ProfileSource
@@ -501,7 +502,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
                 raise
             except Exception as exc:
                 delay = PUBLISH_BACKOFF[min(attempt, len(PUBLISH_BACKOFF) - 1)]
-                log.warning("segment events not published (%r); retrying in %.2fs", exc, delay)
+                log.warning("segment events not published (%s); retrying in %.2fs", describe_error(exc), delay)
                 await asyncio.sleep(delay)
                 attempt += 1
 
@@ -556,7 +557,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         return await self.held.snapshot(copied=copied)
 
     def log_snapshot_failure(self, exc: BaseException) -> None:
-        log.warning("snapshot failed (%r); the next one writes what it did not", exc)
+        log.warning("snapshot failed (%s); the next one writes what it did not", describe_error(exc))
 
 
 def _copy_person(person: Person) -> tuple[dict[str, Any], dict[str, float], int, float]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -42,11 +43,14 @@ from nats.js.errors import NotFoundError
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, Delivery, subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject, WriteChain
 from cdp_kit.storage import Store
 from cdp_segmentation.engine import SegmentationEngine
 
 SERVICE = "segmentation"
+
+log = logging.getLogger("cdp.segmentation.stream")
 
 
 @dataclass(slots=True)
@@ -106,7 +110,8 @@ class ChangesLogic:
         self.stream.chain.reset()
 
     async def snapshot(self, positions: Mapping[int, int]) -> None:
-        # (`SegmentationStream.snapshot` calls the engine itself; this is the hook's documented shape.)
+        # Its presence turns on the kit's snapshot loop (`EngineSpec.snapshot_every`); the loop calls
+        # `SegmentationStream.snapshot`, which lets the pipelines go on once the cut is copied.
         await self.engine.snapshot_at(positions)
 
 
@@ -125,7 +130,18 @@ class SegmentationStream(PartitionedEngine):
     async def start_partition(self, partition: int) -> None:
         if partition in self.pipelines:
             return
-        await self.engine.arrive(partition, self.history(partition))
+        delay = 0.1
+        while True:
+            try:
+                await self.engine.arrive(partition, self.history(partition))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store or the bus: the partition is ours, so try again
+                log.warning("partition %s not loaded (%s); retrying in %.1fs", partition, describe_error(exc), delay)
+                self.engine.leave(partition)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         await super().start_partition(partition)
 
     async def stop_partition(self, partition: int) -> None:
