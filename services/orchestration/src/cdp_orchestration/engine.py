@@ -668,3 +668,9 @@ def _event(message: events_pb2.Event) -> Event:
     )
     at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
     return Event(message.message_id, message.event or message.name, at, type_name, properties, context)
+
+
+async def prepare_store(store: Store) -> None:
+    """The indexes the API reads instances by."""
+    await store.ensure_index(INSTANCES, "person_id")
+    await store.ensure_index(INSTANCES, "journey_id")

@@ -1,0 +1,114 @@
+"""The orchestration process: journeys, the per-person arbiter, durable timers, channel dispatchers, gRPC.
+
+`orchestration.in.<p>` runs on the kit's partitioned engine (engine.py) over the partitions one ownership
+gives (`CDP_OWNERSHIP`, group "orchestration"); the streams it needs are created at start (streams.py).
+Journeys are loaded from the store before the engine starts; a change made through another replica's
+API is announced on `orchestration.journeys.changed` and read again here. Each configured channel
+(`channels.open_channels`: providers from the environment, and in-app) gets a dispatcher; CRM tasks need
+none here: the arbiter's `actions.crm.<p>` messages are what the CRM connector consumes. On SIGTERM the partitions are released (drained) before the bus and
+the store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, segments_stream, subjects
+from cdp_kit.engine import EngineSpec, PartitionedEngine
+from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.storage import open_store
+from cdp_orchestration import streams
+from cdp_orchestration.api import SCOPES, OrchestrationApi
+from cdp_orchestration.channels import open_channels
+from cdp_orchestration.dispatch import dispatcher
+from cdp_orchestration.engine import SERVICE, OrchestrationLogic, prepare_store
+from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.settings import OrchestrationSettings
+
+log = logging.getLogger("cdp.orchestration")
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: OrchestrationSettings = runtime.settings  # type: ignore[assignment]
+    store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+    await prepare_store(store)
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
+    )
+    await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
+    await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
+    journeys = Journeys(store)
+    await journeys.load()
+
+    async def on_journey_changed(msg) -> None:
+        try:
+            await journeys.reload(msg.data.decode())
+        except Exception as exc:  # keep running the versions loaded; say why the change is not
+            log.error("could not read journey %s after another replica changed it: %r", msg.data.decode(), exc)
+
+    subscription = await bus.nc.subscribe(subjects.ORCHESTRATION_JOURNEYS_CHANGED, cb=on_journey_changed)
+    runtime.stack.push_async_callback(subscription.unsubscribe)
+
+    async def announce(journey_id: str) -> None:
+        await bus.nc.publish(subjects.ORCHESTRATION_JOURNEYS_CHANGED, journey_id.encode())
+
+    channels = open_channels(os.environ, store=store)
+    inbox = channels.get("inapp")
+    if inbox is not None:
+        await inbox.start()  # type: ignore[attr-defined]
+    for channel in channels.values():
+        runtime.stack.push_async_callback(channel.close)
+        runtime.spawn(dispatcher(bus, store, channel).run(), f"dispatch actions.{channel.name}")
+
+    logic = OrchestrationLogic(
+        store, journeys, settings.rules(), partitions=settings.partitions, hot_persons=settings.hot_persons
+    )
+    spec = EngineSpec(
+        service=SERVICE,
+        stream=subjects.ORCHESTRATION,
+        subject_prefix=subjects.ORCHESTRATION_IN_PREFIX,
+        partitions=settings.partitions,
+        batch_size=settings.batch_size,
+        ack_wait=settings.ack_wait,
+        in_flight=1,  # the hot cache may drop only what is durable (engine.py)
+        description="orchestration: journeys and the arbiter",
+    )
+    engine = PartitionedEngine(logic, spec, bus=bus, store=store)
+    ownership = await engine.start(
+        await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
+    )
+    serving_task = runtime.spawn(engine.serve(ownership), "apply orchestration.in")
+
+    async def release() -> None:
+        serving_task.cancel()
+        await asyncio.gather(serving_task, return_exceptions=True)
+
+    runtime.stack.push_async_callback(release)
+    api = OrchestrationApi(
+        journeys=journeys,
+        store=store,
+        bus=bus,
+        partitions=settings.partitions,
+        inbox=inbox,
+        answer_timeout=settings.answer_timeout,
+        announce=announce,
+    )
+    runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
+    runtime.grpc.add_service(
+        orchestration_pb2_grpc.add_OrchestrationServiceServicer_to_server,
+        api,
+        orchestration_pb2.DESCRIPTOR.services_by_name["OrchestrationService"],
+        scopes=SCOPES,
+    )
+
+
+def main() -> None:
+    run_main(OrchestrationSettings, setup)
+
+
+if __name__ == "__main__":
+    main()

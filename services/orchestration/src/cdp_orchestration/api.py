@@ -1,0 +1,627 @@
+"""gRPC OrchestrationService: protobuf in, journeys / commands / store reads, protobuf out.
+
+Journeys are written here (validated by the domain, stored, announced to the other replicas). Everything
+that changes a person - Enroll, ExitInstance, ApproveAction, RejectAction - is a command published to the
+person's partition (`orchestration.in.<p>`) and applied by the engine that owns it, the one writer of
+that person's instances and arbiter state; the call then waits (`answer_timeout`) for the engine's answer
+in the store. A command is published with a stable message id (the idempotency key, the instance or
+action id), so a retried call is applied once; a call that times out has still been accepted (it is in
+the stream) and says so.
+
+Reads (instances, decisions, approvals, stats) come from the store. Errors name the request field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import yaml
+from google.protobuf import json_format
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.bus import Bus, partition_for
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from cdp_kit.storage import Store
+from cdp_kit.timestamps import set_seconds
+from cdp_orchestration import streams
+from cdp_orchestration.domain import experiments, lifecycle
+from cdp_orchestration.domain.document import JourneyInvalid, Problem, parse_journey
+from cdp_orchestration.domain.journey import Journey
+from cdp_orchestration.domain.lifecycle import JourneyRecord, State
+from cdp_orchestration.engine import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, STATS
+from cdp_orchestration.journeys import Journeys
+
+SCOPES = {
+    "ValidateJourney": "orchestration:read",
+    "CreateJourney": "orchestration:admin",
+    "UpdateJourney": "orchestration:admin",
+    "PublishJourney": "orchestration:admin",
+    "PauseJourney": "orchestration:admin",
+    "ResumeJourney": "orchestration:admin",
+    "ArchiveJourney": "orchestration:admin",
+    "GetJourney": "orchestration:read",
+    "ListJourneys": "orchestration:read",
+    "Enroll": "orchestration:write",
+    "ExitInstance": "orchestration:write",
+    "GetInstance": "orchestration:read",
+    "ListInstances": "orchestration:read",
+    "ListApprovals": "orchestration:read",
+    "ApproveAction": "orchestration:approve",
+    "RejectAction": "orchestration:approve",
+    "GetJourneyStats": "orchestration:read",
+    "ListDecisions": "orchestration:read",
+    "ListInbox": "orchestration:inbox",
+    "MarkInboxRead": "orchestration:inbox",
+    "SubscribeInbox": "orchestration:inbox",
+}
+
+JOURNEY_STATE = {
+    State.DRAFT: pb.JOURNEY_STATE_DRAFT,
+    State.ACTIVE: pb.JOURNEY_STATE_ACTIVE,
+    State.PAUSED: pb.JOURNEY_STATE_PAUSED,
+    State.ARCHIVED: pb.JOURNEY_STATE_ARCHIVED,
+}
+STATE_OF_PB = {v: k for k, v in JOURNEY_STATE.items()}
+APPROVAL_STATE = {
+    "pending": pb.APPROVAL_STATE_PENDING,
+    "approved": pb.APPROVAL_STATE_APPROVED,
+    "rejected": pb.APPROVAL_STATE_REJECTED,
+    "expired": pb.APPROVAL_STATE_EXPIRED,
+}
+APPROVAL_OF_PB = {v: k for k, v in APPROVAL_STATE.items()}
+DECISION_KIND = {
+    "sent": pb.DECISION_KIND_SENT,
+    "deferred": pb.DECISION_KIND_DEFERRED,
+    "superseded": pb.DECISION_KIND_SUPERSEDED,
+    "capped": pb.DECISION_KIND_CAPPED,
+    "suppressed": pb.DECISION_KIND_SUPPRESSED,
+    "no_consent": pb.DECISION_KIND_NO_CONSENT,
+    "awaiting_approval": pb.DECISION_KIND_AWAITING_APPROVAL,
+    "expired": pb.DECISION_KIND_EXPIRED,
+    "rejected": pb.DECISION_KIND_REJECTED,
+    "withdrawn": pb.DECISION_KIND_WITHDRAWN,
+    # "failed" (sent, but its template could not be rendered): no kind of its own; the reason says it.
+}
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_DEFINITION = 512 * 1024
+POLL = 0.02
+
+
+def whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles: 1.0 where the author wrote 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
+def read_definition(definition: pb.JourneyDefinition, field: str = "definition") -> Any:
+    """The journey document a JourneyDefinition holds (JSON text, YAML text or a Struct tree)."""
+    form = definition.WhichOneof("form")
+    if form is None:
+        raise InvalidArgument(field, "is required: json, yaml or tree")
+    if form == "tree":
+        if definition.tree.ByteSize() > MAX_DEFINITION:
+            raise InvalidArgument(f"{field}.tree", f"is larger than {MAX_DEFINITION} bytes")
+        return whole_numbers(json_format.MessageToDict(definition.tree))
+    text = getattr(definition, form)
+    if len(text) > MAX_DEFINITION:
+        raise InvalidArgument(f"{field}.{form}", f"is larger than {MAX_DEFINITION} characters")
+    try:
+        return yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+        raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
+
+
+def _page(request_size: int) -> int:
+    if request_size < 0 or request_size > MAX_PAGE:
+        raise InvalidArgument("page_size", f"{request_size} is out of range: 0 (default {DEFAULT_PAGE}) to {MAX_PAGE}")
+    return request_size or DEFAULT_PAGE
+
+
+def _offset(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service gave") from None
+
+
+def _token(offset: int) -> str:
+    return base64.urlsafe_b64encode(str(offset).encode()).decode()
+
+
+def _required(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    return value
+
+
+def _set(stamp, seconds: float | None) -> None:
+    if seconds is not None:
+        set_seconds(stamp, seconds)
+
+
+def instance_message(doc: dict[str, Any]) -> pb.Instance:
+    status = doc["status"]
+    if status == "ended":
+        state = pb.INSTANCE_STATE_ENDED
+    elif doc.get("timers"):
+        state = pb.INSTANCE_STATE_WAITING
+    else:
+        state = pb.INSTANCE_STATE_RUNNING
+    message = pb.Instance(
+        id=doc["id"],
+        journey_id=doc["journey_id"],
+        journey_version=doc["version"],
+        person_id=doc["person_id"],
+        state=state,
+        node_id=doc.get("node") or "",
+        variant=",".join(doc.get("variants", {}).values()),
+        end_reason=doc.get("end_reason") or "",
+        converted=doc.get("converted_at") is not None,
+    )
+    _set(message.entered_at, doc.get("entered_at"))
+    _set(message.ended_at, doc.get("ended_at"))
+    for node_id, at, outcome in doc.get("steps", []):
+        step = message.steps.add(node_id=node_id, outcome=outcome)
+        set_seconds(step.at, at)
+    return message
+
+
+def approval_message(doc: dict[str, Any]) -> pb.Approval:
+    message = pb.Approval(
+        action_id=doc["action_id"],
+        journey_id=doc["journey_id"],
+        instance_id=doc["instance_id"],
+        person_id=doc["person_id"],
+        channel=doc["channel"],
+        category=doc["category"],
+        value=doc.get("value") or 0.0,
+        state=APPROVAL_STATE[doc["state"]],
+        decided_by=doc.get("decided_by") or "",
+        note=doc.get("note") or "",
+    )
+    _set(message.requested_at, doc.get("requested_at"))
+    _set(message.expires_at, doc.get("expires_at"))
+    _set(message.decided_at, doc.get("decided_at"))
+    return message
+
+
+def decision_message(doc: dict[str, Any]) -> pb.Decision:
+    message = pb.Decision(
+        action_id=doc["action_id"],
+        journey_id=doc["journey_id"],
+        instance_id=doc["instance_id"],
+        person_id=doc["person_id"],
+        channel=doc["channel"],
+        category=doc["category"],
+        kind=DECISION_KIND.get(doc["kind"], pb.DECISION_KIND_UNSPECIFIED),
+        reason=doc["reason"],
+        rule=doc.get("rule") or "",
+    )
+    _set(message.until, doc.get("until"))
+    _set(message.decided_at, doc.get("at"))
+    return message
+
+
+class OrchestrationApi:
+    def __init__(
+        self,
+        *,
+        journeys: Journeys,
+        store: Store,
+        bus: Bus,
+        partitions: int,
+        inbox: Any = None,
+        answer_timeout: float = 10.0,
+        announce: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.journeys = journeys
+        self.store = store
+        self.bus = bus
+        self.partitions = partitions
+        self.inbox = inbox
+        self.answer_timeout = answer_timeout
+        self.announce = announce
+
+    # --- journeys ------------------------------------------------------------------------------------------
+
+    async def ValidateJourney(self, request, context) -> pb.ValidateJourneyResponse:
+        try:
+            parse_journey(read_definition(request.definition))
+        except JourneyInvalid as invalid:
+            return pb.ValidateJourneyResponse(
+                problems=[pb.Problem(node=p.node, field=p.field, message=p.message) for p in invalid.problems]
+            )
+        return pb.ValidateJourneyResponse()
+
+    async def CreateJourney(self, request, context) -> pb.Journey:
+        journey = parse_journey(read_definition(request.definition))
+        if journey.id in self.journeys.records or await self.journeys.reload(journey.id) is not None:
+            raise AlreadyExists(f"journey {journey.id} exists; UpdateJourney changes its draft")
+        await self._save(lifecycle.create(journey))
+        return await self._journey(journey.id)
+
+    async def UpdateJourney(self, request, context) -> pb.Journey:
+        journey_id = _required(request.journey_id, "journey_id")
+        record = await self._record(journey_id)
+        journey = parse_journey(read_definition(request.definition))
+        await self._save(lifecycle.save_draft(record, journey))
+        return await self._journey(journey_id)
+
+    async def PublishJourney(self, request, context) -> pb.Journey:
+        journey_id = _required(request.journey_id, "journey_id")
+        record = await self._record(journey_id)
+        previous = record.live
+        published = lifecycle.publish(record)
+        await self._save(published)
+        if request.migration == pb.MIGRATION_MAP_BY_NODE_ID and previous is not None:
+            await self._migrate(published, previous)
+        return await self._journey(journey_id)
+
+    async def PauseJourney(self, request, context) -> pb.Journey:
+        return await self._move(request.journey_id, lifecycle.pause)
+
+    async def ResumeJourney(self, request, context) -> pb.Journey:
+        return await self._move(request.journey_id, lifecycle.resume)
+
+    async def ArchiveJourney(self, request, context) -> pb.Journey:
+        answer = await self._move(request.journey_id, lifecycle.archive)
+        # Its running instances end with reason "archived", each through its person's engine.
+        async for doc in self._instances_of(request.journey_id, running=True):
+            await self._command(
+                doc["person_id"],
+                "exit",
+                {"person_id": doc["person_id"], "instance_id": doc["id"], "reason": "archived"},
+                f"exit:{doc['id']}",
+            )
+        return answer
+
+    async def GetJourney(self, request, context) -> pb.Journey:
+        journey_id = _required(request.journey_id, "journey_id")
+        record = await self._record(journey_id)
+        if request.version and request.version not in record.versions:
+            raise NotFound(f"journey {journey_id} has no published version {request.version}")
+        return await self._journey(journey_id, request.version)
+
+    async def ListJourneys(self, request, context) -> pb.ListJourneysResponse:
+        size, offset = _page(request.page_size), _offset(request.page_token)
+        wanted = {STATE_OF_PB[s] for s in request.states if s in STATE_OF_PB} or {
+            State.DRAFT,
+            State.ACTIVE,
+            State.PAUSED,
+        }
+        ids = sorted(i for i, r in self.journeys.records.items() if r.state in wanted)
+        response = pb.ListJourneysResponse()
+        for journey_id in ids[offset : offset + size]:
+            response.journeys.append(await self._journey(journey_id))
+        if offset + size < len(ids):
+            response.next_page_token = _token(offset + size)
+        return response
+
+    async def _record(self, journey_id: str) -> JourneyRecord:
+        record = await self.journeys.reload(journey_id)
+        if record is None:
+            raise NotFound(f"journey {journey_id} does not exist")
+        return record
+
+    async def _save(self, record: JourneyRecord) -> None:
+        await self.journeys.save(record)
+        if self.announce is not None:
+            await self.announce(record.id)
+
+    async def _move(self, journey_id: str, change: Callable[[JourneyRecord], JourneyRecord]) -> pb.Journey:
+        record = await self._record(_required(journey_id, "journey_id"))
+        await self._save(change(record))
+        return await self._journey(journey_id)
+
+    async def _journey(self, journey_id: str, version: int = 0) -> pb.Journey:
+        record = self.journeys.get(journey_id)
+        doc = self.journeys.docs[journey_id]
+        shown: Journey | None = record.versions.get(version) if version else (record.live or record.draft)
+        live = record.live
+        message = pb.Journey(
+            id=journey_id,
+            name=shown.name if shown else "",
+            state=JOURNEY_STATE[record.state],
+            version=live.version if live else 0,
+            draft_version=record.draft.version if record.draft is not None else 0,
+            priority=shown.priority if shown else 0,
+        )
+        if shown is not None:
+            message.definition.update(dict(shown.document))
+        _set(message.created_at, doc.get("created_at"))
+        _set(message.updated_at, doc.get("updated_at"))
+        _set(message.published_at, doc.get("published_at"))
+        totals = await self._stats(journey_id, 0)
+        message.active_instances = totals["entered"] - sum(totals["ended"].values())
+        return message
+
+    async def _migrate(self, record: JourneyRecord, previous: Journey) -> None:
+        new = record.live
+        assert new is not None
+        for old in record.versions.values():
+            if old.version == new.version:
+                continue
+            plan = lifecycle.migration_plan(old, new)
+            async for doc in self._instances_of(record.id, running=True):
+                if doc["version"] != old.version or doc.get("node") not in plan.moves:
+                    continue
+                body = {
+                    "person_id": doc["person_id"],
+                    "instance_id": doc["id"],
+                    "journey_id": record.id,
+                    "from_version": old.version,
+                    "to_version": new.version,
+                    "moves": sorted(plan.moves),
+                }
+                await self._command(doc["person_id"], "migrate", body, f"migrate:{doc['id']}:{new.version}")
+
+    async def _instances_of(self, journey_id: str, *, running: bool) -> AsyncIterator[dict[str, Any]]:
+        async for stored in self.store.scan_all(INSTANCES):
+            doc = stored.doc
+            if doc["journey_id"] == journey_id and (not running or doc["status"] != "ended"):
+                yield doc
+
+    # --- instances -------------------------------------------------------------------------------------
+
+    async def Enroll(self, request, context) -> pb.EnrollResponse:
+        journey_id = _required(request.journey_id, "journey_id")
+        person_id = _required(request.person_id, "person_id")
+        record = await self._record(journey_id)
+        if record.live is None:
+            raise FailedPrecondition(f"journey {journey_id} has never been published; PublishJourney first")
+        key = request.idempotency_key or uuid.uuid4().hex
+        properties = (
+            whole_numbers(json_format.MessageToDict(request.properties)) if request.HasField("properties") else {}
+        )
+        body = {"person_id": person_id, "journey_id": journey_id, "idempotency_key": key, "properties": properties}
+        await self._command(person_id, "enroll", body, f"enroll:{journey_id}:{key}")
+        doc = await self._answer(lambda: self._doc(ENROLLMENTS, f"{journey_id}:{key}"), "Enroll")
+        return pb.EnrollResponse(entered=doc["entered"], instance_id=doc["instance_id"], reason=doc["reason"])
+
+    async def ExitInstance(self, request, context) -> pb.Instance:
+        instance_id = _required(request.instance_id, "instance_id")
+        doc = await self._instance(instance_id)
+        if doc["status"] != "ended":
+            reason = f"api:{request.reason}" if request.reason else "api:exit requested"
+            body = {"person_id": doc["person_id"], "instance_id": instance_id, "reason": reason}
+            await self._command(doc["person_id"], "exit", body, f"exit:{instance_id}")
+
+            async def ended() -> dict[str, Any] | None:
+                now = await self._doc(INSTANCES, instance_id)
+                return now if now is not None and now["status"] == "ended" else None
+
+            doc = await self._answer(ended, "ExitInstance")
+        return instance_message(doc)
+
+    async def GetInstance(self, request, context) -> pb.Instance:
+        return instance_message(await self._instance(_required(request.instance_id, "instance_id")))
+
+    async def ListInstances(self, request, context) -> pb.ListInstancesResponse:
+        if bool(request.person_id) == bool(request.journey_id):
+            raise InvalidArgument("person_id", "give a person_id or a journey_id (one of the two)")
+        size, offset = _page(request.page_size), _offset(request.page_token)
+        field, value = ("person_id", request.person_id) if request.person_id else ("journey_id", request.journey_id)
+        found = [r.doc for r in await self.store.find(INSTANCES, field, value, limit=10_000)]
+        messages = [instance_message(doc) for doc in found]
+        if request.states:
+            messages = [m for m in messages if m.state in set(request.states)]
+        messages.sort(key=lambda m: (m.entered_at.seconds, m.entered_at.nanos, m.id), reverse=True)
+        response = pb.ListInstancesResponse(instances=messages[offset : offset + size])
+        if offset + size < len(messages):
+            response.next_page_token = _token(offset + size)
+        return response
+
+    async def _instance(self, instance_id: str) -> dict[str, Any]:
+        doc = await self._doc(INSTANCES, instance_id)
+        if doc is None:
+            raise NotFound(f"instance {instance_id} does not exist")
+        return doc
+
+    # --- approvals ----------------------------------------------------------------------------------------
+
+    async def ListApprovals(self, request, context) -> pb.ListApprovalsResponse:
+        size, offset = _page(request.page_size), _offset(request.page_token)
+        wanted = {APPROVAL_OF_PB[s] for s in request.states if s in APPROVAL_OF_PB} or {"pending"}
+        found = [
+            r.doc
+            async for r in self.store.scan_all(APPROVALS)
+            if r.doc["state"] in wanted and (not request.journey_id or r.doc["journey_id"] == request.journey_id)
+        ]
+        found.sort(key=lambda d: (d["requested_at"], d["action_id"]), reverse=True)
+        response = pb.ListApprovalsResponse(approvals=[approval_message(d) for d in found[offset : offset + size]])
+        if offset + size < len(found):
+            response.next_page_token = _token(offset + size)
+        return response
+
+    async def ApproveAction(self, request, context) -> pb.Approval:
+        return await self._decide(request, "approve")
+
+    async def RejectAction(self, request, context) -> pb.Approval:
+        return await self._decide(request, "reject")
+
+    async def _decide(self, request, command: str) -> pb.Approval:
+        action_id = _required(request.action_id, "action_id")
+        doc = await self._doc(APPROVALS, action_id)
+        if doc is None:
+            raise NotFound(f"no action {action_id} waits for approval")
+        if doc["state"] != "pending":
+            raise FailedPrecondition(f"action {action_id} is {doc['state']} already")
+        body = {
+            "person_id": doc["person_id"],
+            "action_id": action_id,
+            "decided_by": request.decided_by,
+            "note": request.note,
+        }
+        await self._command(doc["person_id"], command, body, f"{command}:{action_id}")
+
+        async def decided() -> dict[str, Any] | None:
+            now = await self._doc(APPROVALS, action_id)
+            return now if now is not None and now["state"] != "pending" else None
+
+        return approval_message(await self._answer(decided, f"{command.capitalize()}Action"))
+
+    # --- stats and decisions -------------------------------------------------------------------------------
+
+    async def GetJourneyStats(self, request, context) -> pb.JourneyStats:
+        journey_id = _required(request.journey_id, "journey_id")
+        record = await self._record(journey_id)
+        totals = await self._stats(journey_id, request.version)
+        stats = pb.JourneyStats(
+            journey_id=journey_id,
+            entered=totals["entered"],
+            active=totals["entered"] - sum(totals["ended"].values()),
+            converted=totals["converted"],
+        )
+        stats.ended.update(totals["ended"])
+        stats.decisions.update(totals["decisions"])
+        journey = record.versions.get(request.version) if request.version else record.live
+        if journey is not None:
+            tally = {
+                node: {name: experiments.Counts(*cell) for name, cell in variants.items()}
+                for node, variants in totals["variants"].items()
+            }
+            for node_id, rows in experiments.split_stats(journey, tally).items():
+                for row in rows:
+                    stats.variants.add(
+                        split_node=node_id,
+                        variant=row.variant,
+                        control=row.control,
+                        entered=row.entries,
+                        converted=row.conversions,
+                        conversion_rate=row.rate or 0.0,
+                        uplift=row.uplift or 0.0,
+                        p_value=row.p_value if row.p_value is not None else 1.0,
+                    )
+        return stats
+
+    async def _stats(self, journey_id: str, version: int) -> dict[str, Any]:
+        prefix = f"{journey_id}:{version}:" if version else f"{journey_id}:"
+        totals: dict[str, Any] = {"entered": 0, "converted": 0, "ended": {}, "variants": {}, "decisions": {}}
+        async for stored in self.store.scan_all(STATS, prefix=prefix):
+            doc = stored.doc
+            totals["entered"] += doc["entered"]
+            totals["converted"] += doc["converted"]
+            for name in ("ended", "decisions"):
+                for key, count in doc[name].items():
+                    totals[name][key] = totals[name].get(key, 0) + count
+            for node, variants in doc["variants"].items():
+                for variant, (entries, conversions) in variants.items():
+                    cell = totals["variants"].setdefault(node, {}).setdefault(variant, [0, 0])
+                    cell[0] += entries
+                    cell[1] += conversions
+        return totals
+
+    async def ListDecisions(self, request, context) -> pb.ListDecisionsResponse:
+        person_id = _required(request.person_id, "person_id")
+        size = _page(request.page_size)
+        cursor = request.page_token or None
+        response = pb.ListDecisionsResponse()
+        # Keys hold the time inverted: a scan reads the newest first. Filters may need several pages.
+        while len(response.decisions) < size:
+            try:
+                page = await self.store.scan(DECISIONS, prefix=f"{person_id}:", cursor=cursor, limit=size)
+            except InvalidArgument:
+                raise InvalidArgument("page_token", "is not a token this service gave") from None
+            for stored in page.records:
+                doc = stored.doc
+                if request.journey_id and doc["journey_id"] != request.journey_id:
+                    continue
+                if request.action_id and doc["action_id"] != request.action_id:
+                    continue
+                response.decisions.append(decision_message(doc))
+            cursor = page.next_cursor
+            if cursor is None:
+                break
+        if cursor is not None:
+            response.next_page_token = cursor
+        return response
+
+    # --- inbox -------------------------------------------------------------------------------------------
+
+    def _inbox(self):
+        if self.inbox is None:
+            raise FailedPrecondition("the in-app channel is not running in this replica")
+        return self.inbox
+
+    async def ListInbox(self, request, context) -> pb.ListInboxResponse:
+        person_id = _required(request.person_id, "person_id")
+        messages, token = await self._inbox().list(
+            person_id,
+            unread_only=request.unread_only,
+            page_size=request.page_size or 50,
+            page_token=request.page_token or None,
+        )
+        return pb.ListInboxResponse(messages=[_inbox_message(m) for m in messages], next_page_token=token or "")
+
+    async def MarkInboxRead(self, request, context) -> pb.MarkInboxReadResponse:
+        person_id = _required(request.person_id, "person_id")
+        marked = await self._inbox().mark_read(person_id, list(request.message_ids))
+        return pb.MarkInboxReadResponse(marked=len(marked))
+
+    async def SubscribeInbox(self, request, context):
+        person_id = _required(request.person_id, "person_id")
+        inbox = self._inbox()
+        async with inbox.subscribe(person_id) as subscription:
+            unread, _ = await inbox.list(person_id, unread_only=True, page_size=500)
+            for message in reversed(unread):
+                yield _inbox_message(message)
+            async for message in subscription:
+                yield _inbox_message(message)
+
+    # --- commands -----------------------------------------------------------------------------------------
+
+    async def _command(self, person_id: str, name: str, body: dict[str, Any], msg_id: str) -> None:
+        partition = partition_for(person_id, self.partitions)
+        [result] = await self.bus.publisher.publish_batch([streams.command(partition, name, body, msg_id)])
+        if not result.ok:
+            raise Unavailable("the command could not be stored in JetStream; retry")
+
+    async def _answer(self, check: Callable[[], Awaitable[Any]], call: str) -> Any:
+        deadline = time.monotonic() + self.answer_timeout
+        while True:
+            answer = await check()
+            if answer:
+                return answer
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"{call} was accepted but not applied within {self.answer_timeout:.0f}s (the person's "
+                    "partition is busy or moving); it will be applied: retry with the same key to read the answer"
+                )
+            await asyncio.sleep(POLL)
+
+    async def _doc(self, collection: str, key: str) -> dict[str, Any] | None:
+        stored = await self.store.get(collection, key)
+        return stored.doc if stored is not None else None
+
+
+def _inbox_message(message) -> pb.InboxMessage:
+    out = pb.InboxMessage(
+        message_id=message.message_id,
+        person_id=message.person_id,
+        action_id=message.message_id,
+        title=message.title,
+        body=message.body,
+    )
+    data = dict(message.data)
+    if message.url:
+        data["url"] = message.url
+    if data:
+        out.data.update(data)
+    out.created_at.FromMilliseconds(message.created_at_ms)
+    if message.read_at_ms is not None:
+        out.read_at.FromMilliseconds(message.read_at_ms)
+    return out

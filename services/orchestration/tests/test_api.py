@@ -1,0 +1,220 @@
+"""OrchestrationService over gRPC, in-process on a real nats-server: journeys from draft to archived,
+Enroll (once per key) through an approval gate to the person's in-app inbox, exits, instances, decisions
+newest first, stats, and errors naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import orjson
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp.orchestration.v1 import orchestration_pb2_grpc
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import OutMessage, partition_for, subjects
+from cdp_kit.service import serving
+from cdp_orchestration.__main__ import setup
+from cdp_orchestration.settings import OrchestrationSettings
+
+PARTITIONS = 2
+
+WELCOME = {
+    "id": "welcome-bonus",
+    "version": 1,
+    "name": "Welcome bonus",
+    "priority": 20,
+    "category": "offer",
+    "timezone": "UTC",
+    "entry": {"api": True},
+    "reentry": "always",
+    "max_concurrent": 5,
+    "nodes": [
+        {
+            "id": "bonus",
+            "type": "action",
+            "channel": "inapp",
+            "purpose": "Marketing",
+            "value": 250,
+            "approval": True,
+            "template": {"title": "A bonus for you", "body": "{{ entry.amount }} credits, {{ traits.first_name }}"},
+        }
+    ],
+}
+
+SLOW = {
+    "id": "slow",
+    "version": 1,
+    "name": "Slow",
+    "priority": 1,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"api": True},
+    "reentry": "always",
+    "max_concurrent": 5,
+    "nodes": [{"id": "later", "type": "delay", "duration": "1h"}],
+}
+
+
+def settings(nats_server, tmp_path) -> OrchestrationSettings:
+    return OrchestrationSettings(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=PARTITIONS,
+        shutdown_grace=1.0,
+        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
+        answer_timeout=15.0,
+    )
+
+
+@pytest.fixture
+async def service(nats_server, tmp_path):
+    async with serving(settings(nats_server, tmp_path), setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
+
+
+def definition(document: dict) -> pb.JourneyDefinition:
+    return pb.JourneyDefinition(json=orjson.dumps(document).decode())
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    fields = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def profile(runtime, person: str, **traits) -> None:
+    change = profile_pb2.ProfileChanged(person_id=person, cause="api")
+    change.consent["purpose:Marketing"] = True
+    for name, value in traits.items():
+        change.traits[name].CopyFrom(struct_pb2.Value(string_value=value))
+    payload = profile_pb2.ProfileChangedBatch(changes=[change]).SerializeToString()
+    subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
+    [result] = await runtime.parts["bus"].publisher.publish_batch([OutMessage(subject, payload, f"pc-{person}")])
+    assert result.ok
+    store = runtime.parts["store"]
+    for _ in range(300):
+        stored = await store.get("orchestration_persons", person)
+        if stored is not None and stored.doc["fields"].get("consent.purpose:Marketing"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the profile change was not applied")
+
+
+async def test_a_journey_from_draft_to_archived(service):
+    stub, _ = service
+    broken = {**SLOW, "nodes": [{"id": "later", "type": "delay", "duration": "soon", "next": "nowhere"}]}
+    problems = (await stub.ValidateJourney(pb.ValidateJourneyRequest(definition=definition(broken)))).problems
+    assert {(p.node, p.field) for p in problems} >= {("later", "duration"), ("later", "next")}
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(broken)))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_fields(error.value)[0].startswith("nodes.later.")
+
+    draft = await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
+    assert draft.state == pb.JOURNEY_STATE_DRAFT and draft.version == 0 and draft.draft_version == 1
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    live = await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow"))
+    assert live.state == pb.JOURNEY_STATE_ACTIVE and live.version == 1 and live.definition["name"] == "Slow"
+
+    paused = await stub.PauseJourney(pb.JourneyRef(journey_id="slow"))
+    assert paused.state == pb.JOURNEY_STATE_PAUSED
+    refused = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k0"))
+    assert not refused.entered and refused.reason == "paused"
+    await stub.ResumeJourney(pb.JourneyRef(journey_id="slow"))
+    first = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k1"))
+    second = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k2"))
+    assert first.entered and second.entered and first.instance_id != second.instance_id
+
+    exited = await stub.ExitInstance(pb.ExitInstanceRequest(instance_id=first.instance_id, reason="support asked"))
+    assert exited.state == pb.INSTANCE_STATE_ENDED and exited.end_reason == "api:support asked"
+    listed = await stub.ListJourneys(pb.ListJourneysRequest())
+    assert [j.id for j in listed.journeys] == ["slow"] and listed.journeys[0].active_instances == 1
+
+    archived = await stub.ArchiveJourney(pb.JourneyRef(journey_id="slow"))
+    assert archived.state == pb.JOURNEY_STATE_ARCHIVED
+    for _ in range(300):
+        instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=second.instance_id))
+        if instance.state == pb.INSTANCE_STATE_ENDED:
+            break
+        await asyncio.sleep(0.05)
+    assert instance.end_reason == "archived"
+    mine = await stub.ListInstances(pb.ListInstancesRequest(person_id="ann"))
+    assert {i.end_reason for i in mine.instances} == {"api:support asked", "archived"}
+    stats = await stub.GetJourneyStats(pb.GetJourneyStatsRequest(journey_id="slow"))
+    assert stats.entered == 2 and stats.active == 0 and dict(stats.ended) == {"api:support asked": 1, "archived": 1}
+    assert (await stub.ListJourneys(pb.ListJourneysRequest())).journeys == []
+
+
+async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readable(service):
+    stub, runtime = service
+    await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(WELCOME)))
+    await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="welcome-bonus"))
+    await profile(runtime, "bea", first_name="Bea")
+    properties = struct_pb2.Struct()
+    properties.update({"amount": 250})
+    request = pb.EnrollRequest(
+        journey_id="welcome-bonus", person_id="bea", idempotency_key="signup-1", properties=properties
+    )
+    enrolled = await stub.Enroll(request)
+    assert enrolled.entered
+    assert (await stub.Enroll(request)).instance_id == enrolled.instance_id  # the same key enrolls once
+
+    [waiting] = (await stub.ListApprovals(pb.ListApprovalsRequest())).approvals
+    assert waiting.person_id == "bea" and waiting.value == 250 and waiting.state == pb.APPROVAL_STATE_PENDING
+    approved = await stub.ApproveAction(
+        pb.DecideApprovalRequest(action_id=waiting.action_id, decided_by="lead", note="ok")
+    )
+    assert approved.state == pb.APPROVAL_STATE_APPROVED and approved.decided_by == "lead"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.RejectAction(pb.DecideApprovalRequest(action_id=waiting.action_id))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    for _ in range(300):
+        inbox = await stub.ListInbox(pb.ListInboxRequest(person_id="bea"))
+        if inbox.messages:
+            break
+        await asyncio.sleep(0.05)
+    [message] = inbox.messages
+    assert message.action_id == waiting.action_id and message.title == "A bonus for you"
+    assert message.body == "250 credits, Bea"
+    decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="bea"))).decisions
+    assert [d.kind for d in decisions] == [pb.DECISION_KIND_SENT, pb.DECISION_KIND_AWAITING_APPROVAL]
+    instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=enrolled.instance_id))
+    assert instance.state == pb.INSTANCE_STATE_ENDED and instance.end_reason == "completed"
+    stats = await stub.GetJourneyStats(pb.GetJourneyStatsRequest(journey_id="welcome-bonus"))
+    assert stats.entered == 1 and dict(stats.decisions) == {"awaiting_approval": 1, "sent": 1}
+
+
+async def test_bad_requests_name_their_field(service):
+    stub, _ = service
+    cases = [
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus")), "person_id"),
+        (stub.ListInstances(pb.ListInstancesRequest()), "person_id"),
+        (stub.ListDecisions(pb.ListDecisionsRequest()), "person_id"),
+        (stub.ListDecisions(pb.ListDecisionsRequest(person_id="x", page_size=-1)), "page_size"),
+        (stub.GetInstance(pb.GetInstanceRequest()), "instance_id"),
+        (stub.CreateJourney(pb.CreateJourneyRequest()), "definition"),
+        (stub.CreateJourney(pb.CreateJourneyRequest(definition=pb.JourneyDefinition(json="{"))), "journey"),
+    ]
+    for call, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert bad_fields(error.value) == [field]
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Enroll(pb.EnrollRequest(journey_id="nope", person_id="x"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
