@@ -42,7 +42,7 @@ def _document(**overrides):
                     {
                         "id": "churn-task",
                         "object": "tasks",
-                        "action": "churn_followup",
+                        "action": "task",
                         "idempotency_field": "cdp_idempotency_key",
                         "fields": {"hs_task_subject": "action.subject", "hs_task_body": "action.body"},
                     },

@@ -12,6 +12,9 @@ The contract the service layer (engine, inbound, gRPC) builds on:
    service keeps the last projection written per record (record status) and sends only
    `projection.changed_fields(last, current)`; nothing changed, no call. A person out of the mapping's
    segment (`in_scope` false) is a REMOVE in mirror mode and nothing otherwise.
+   An actions.crm message (cdp.orchestration.v1.ActionMessage) feeds the action mappings whose `action`
+   equals its `crm_kind`, as `Source(action={"id": action_id, "category": ..., "journey_id": ...,
+   "signals": "name: value" lines, **content})`; its idempotency key comes from the action id.
 3. Changes go into a `coalesce.Coalescer` per connection and batch window: one `Change` per record, each
    field at its latest value. `coalesce.record_key` names a record in status, metrics and dead letters;
    `coalesce.task_key` is a task's or case's idempotency key (derived from the action id, stable across

@@ -28,14 +28,15 @@
             mode: mirror
           - id: churn-task
             object: tasks
-            action: churn_followup        # actions.crm with this action type
+            action: task                  # actions.crm whose crm_kind is this (task, case)
             idempotency_field: cdp_idempotency_key
             fields: {hs_task_subject: action.subject, hs_task_body: action.body}
 
 Sources are the profile's flat field keys (`traits.*`, `computed.*`, `scores.*`, `consent.*`, as
 `cdp_kit.profile_fields` names them), `person.id`, `segments` (the ids of the person's segments, sorted),
-`segments.<id>` (membership, true or false) and, in action mappings only, `action.<field>`; `{value: ...}`
-is a constant. Transforms (`transform`: one name or a list, applied in order): string, number, integer,
+`segments.<id>` (membership, true or false) and, in action mappings only, `action.<field>` (the action's
+`id`, `category`, `journey_id`, `signals` - the person's top signals as "name: value" lines - and its
+rendered content: `subject`, `body`, ...); `{value: ...}` is a constant. Transforms (`transform`: one name or a list, applied in order): string, number, integer,
 boolean, trim, lower, upper, round:N, truncate:N, join[:sep], date, datetime; `map: {from: to}` then
 translates values and `default` stands in for a missing source.
 
