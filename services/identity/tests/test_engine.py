@@ -209,3 +209,51 @@ async def test_notifications_an_older_version_left_in_the_outbox_are_published_a
         await engine.start()
         assert publisher.subjects == ["identity.merged"]
         assert [r async for r in store.scan_all(OUTBOX)] == []
+
+
+class HeldRead:
+    """The memory store, with the first read of persons answered from the store as it was, but handed
+    over only when the test says so (a batch's reads overtaken by a privacy purge)."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+        self.read = asyncio.Event()
+        self.release = asyncio.Event()
+        self.holding = True
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def get_many(self, collection, keys):
+        records = await self._store.get_many(collection, keys)
+        if self.holding and collection == PERSONS:
+            self.holding = False
+            self.read.set()
+            await self.release.wait()
+        return records
+
+
+async def test_a_batch_read_before_a_purge_landed_does_not_bring_the_purged_person_back():
+    async with open_store("memory://") as memory:
+        first = IdentityEngine(
+            MergeRules.default(), memory, RecordingPublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await first.start()
+        ada, _ = await first.resolve([("user_id", "ada"), ("email", "ada@example.com")], request_id="r0", at=1_000)
+
+        held = HeldRead(memory)
+        engine = IdentityEngine(
+            MergeRules.default(), held, RecordingPublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await engine.start()
+        event = identify("later", "ada", "")
+        batch = asyncio.create_task(engine.apply(0, [engine.decode(StreamDelivery(event, "events.raw.0", 1))]))
+        await held.read.wait()  # the batch has read ada's identifier and person, outside the lock
+        await engine.purge([ada.person])
+        held.release.set()
+        effects = await batch
+
+        (resolved,) = [m for m in effects.messages if m.subject.startswith("events.resolved.")]
+        (item,) = events_pb2.ResolvedEventBatch.FromString(resolved.payload).events
+        assert item.person_id != ada.person, "the purged person came back from a read older than the purge"
+        assert ada.person not in engine.graph.persons
