@@ -31,8 +31,9 @@ from cdp_orchestration import streams
 from cdp_orchestration.domain import lifecycle
 from cdp_orchestration.domain.document import parse_journey
 from cdp_orchestration.domain.rules import Rules
-from cdp_orchestration.engine import DECISIONS, INSTANCES, PERSONS, SERVICE, OrchestrationLogic
+from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.state import DECISIONS, INSTANCES, PERSONS
 
 PARTITIONS = 2
 

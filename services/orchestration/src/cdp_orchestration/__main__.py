@@ -25,9 +25,10 @@ from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.dispatch import dispatcher
-from cdp_orchestration.engine import SERVICE, OrchestrationLogic, prepare_store
+from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.settings import OrchestrationSettings
+from cdp_orchestration.state import prepare_store
 
 log = logging.getLogger("cdp.orchestration")
 

@@ -14,28 +14,42 @@ Reads (instances, decisions, approvals, stats) come from the store. Errors name 
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import orjson
-import yaml
 from google.protobuf import json_format
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
-from cdp_kit.timestamps import set_seconds
 from cdp_orchestration import streams
 from cdp_orchestration.domain import experiments, lifecycle
-from cdp_orchestration.domain.document import JourneyInvalid, Problem, parse_journey
+from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
-from cdp_orchestration.engine import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, STATS
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.messages import (
+    APPROVAL_OF_PB,
+    JOURNEY_STATE,
+    STATE_OF_PB,
+    approval_message,
+    decision_message,
+    inbox_message,
+    instance_message,
+    offset,
+    page_size,
+    read_definition,
+    required,
+    set_time,
+    token,
+    whole_numbers,
+)
+from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, STATS
+
+POLL = 0.02  # seconds between looks at the store while a call waits for the engine's answer
 
 SCOPES = {
     "ValidateJourney": "orchestration:read",
@@ -60,160 +74,6 @@ SCOPES = {
     "MarkInboxRead": "orchestration:inbox",
     "SubscribeInbox": "orchestration:inbox",
 }
-
-JOURNEY_STATE = {
-    State.DRAFT: pb.JOURNEY_STATE_DRAFT,
-    State.ACTIVE: pb.JOURNEY_STATE_ACTIVE,
-    State.PAUSED: pb.JOURNEY_STATE_PAUSED,
-    State.ARCHIVED: pb.JOURNEY_STATE_ARCHIVED,
-}
-STATE_OF_PB = {v: k for k, v in JOURNEY_STATE.items()}
-APPROVAL_STATE = {
-    "pending": pb.APPROVAL_STATE_PENDING,
-    "approved": pb.APPROVAL_STATE_APPROVED,
-    "rejected": pb.APPROVAL_STATE_REJECTED,
-    "expired": pb.APPROVAL_STATE_EXPIRED,
-}
-APPROVAL_OF_PB = {v: k for k, v in APPROVAL_STATE.items()}
-DECISION_KIND = {
-    "sent": pb.DECISION_KIND_SENT,
-    "deferred": pb.DECISION_KIND_DEFERRED,
-    "superseded": pb.DECISION_KIND_SUPERSEDED,
-    "capped": pb.DECISION_KIND_CAPPED,
-    "suppressed": pb.DECISION_KIND_SUPPRESSED,
-    "no_consent": pb.DECISION_KIND_NO_CONSENT,
-    "awaiting_approval": pb.DECISION_KIND_AWAITING_APPROVAL,
-    "expired": pb.DECISION_KIND_EXPIRED,
-    "rejected": pb.DECISION_KIND_REJECTED,
-    "withdrawn": pb.DECISION_KIND_WITHDRAWN,
-    # "failed" (sent, but its template could not be rendered): no kind of its own; the reason says it.
-}
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
-MAX_DEFINITION = 512 * 1024
-POLL = 0.02
-
-
-def whole_numbers(value: Any) -> Any:
-    """Struct numbers are doubles: 1.0 where the author wrote 1."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [whole_numbers(v) for v in value]
-    return value
-
-
-def read_definition(definition: pb.JourneyDefinition, field: str = "definition") -> Any:
-    """The journey document a JourneyDefinition holds (JSON text, YAML text or a Struct tree)."""
-    form = definition.WhichOneof("form")
-    if form is None:
-        raise InvalidArgument(field, "is required: json, yaml or tree")
-    if form == "tree":
-        if definition.tree.ByteSize() > MAX_DEFINITION:
-            raise InvalidArgument(f"{field}.tree", f"is larger than {MAX_DEFINITION} bytes")
-        return whole_numbers(json_format.MessageToDict(definition.tree))
-    text = getattr(definition, form)
-    if len(text) > MAX_DEFINITION:
-        raise InvalidArgument(f"{field}.{form}", f"is larger than {MAX_DEFINITION} characters")
-    try:
-        return yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
-        raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
-
-
-def _page(request_size: int) -> int:
-    if request_size < 0 or request_size > MAX_PAGE:
-        raise InvalidArgument("page_size", f"{request_size} is out of range: 0 (default {DEFAULT_PAGE}) to {MAX_PAGE}")
-    return request_size or DEFAULT_PAGE
-
-
-def _offset(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        return int(base64.urlsafe_b64decode(token.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "is not a token this service gave") from None
-
-
-def _token(offset: int) -> str:
-    return base64.urlsafe_b64encode(str(offset).encode()).decode()
-
-
-def _required(value: str, field: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    return value
-
-
-def _set(stamp, seconds: float | None) -> None:
-    if seconds is not None:
-        set_seconds(stamp, seconds)
-
-
-def instance_message(doc: dict[str, Any]) -> pb.Instance:
-    status = doc["status"]
-    if status == "ended":
-        state = pb.INSTANCE_STATE_ENDED
-    elif doc.get("timers"):
-        state = pb.INSTANCE_STATE_WAITING
-    else:
-        state = pb.INSTANCE_STATE_RUNNING
-    message = pb.Instance(
-        id=doc["id"],
-        journey_id=doc["journey_id"],
-        journey_version=doc["version"],
-        person_id=doc["person_id"],
-        state=state,
-        node_id=doc.get("node") or "",
-        variant=",".join(doc.get("variants", {}).values()),
-        end_reason=doc.get("end_reason") or "",
-        converted=doc.get("converted_at") is not None,
-    )
-    _set(message.entered_at, doc.get("entered_at"))
-    _set(message.ended_at, doc.get("ended_at"))
-    for node_id, at, outcome in doc.get("steps", []):
-        step = message.steps.add(node_id=node_id, outcome=outcome)
-        set_seconds(step.at, at)
-    return message
-
-
-def approval_message(doc: dict[str, Any]) -> pb.Approval:
-    message = pb.Approval(
-        action_id=doc["action_id"],
-        journey_id=doc["journey_id"],
-        instance_id=doc["instance_id"],
-        person_id=doc["person_id"],
-        channel=doc["channel"],
-        category=doc["category"],
-        value=doc.get("value") or 0.0,
-        state=APPROVAL_STATE[doc["state"]],
-        decided_by=doc.get("decided_by") or "",
-        note=doc.get("note") or "",
-    )
-    _set(message.requested_at, doc.get("requested_at"))
-    _set(message.expires_at, doc.get("expires_at"))
-    _set(message.decided_at, doc.get("decided_at"))
-    return message
-
-
-def decision_message(doc: dict[str, Any]) -> pb.Decision:
-    message = pb.Decision(
-        action_id=doc["action_id"],
-        journey_id=doc["journey_id"],
-        instance_id=doc["instance_id"],
-        person_id=doc["person_id"],
-        channel=doc["channel"],
-        category=doc["category"],
-        kind=DECISION_KIND.get(doc["kind"], pb.DECISION_KIND_UNSPECIFIED),
-        reason=doc["reason"],
-        rule=doc.get("rule") or "",
-    )
-    _set(message.until, doc.get("until"))
-    _set(message.decided_at, doc.get("at"))
-    return message
 
 
 class OrchestrationApi:
@@ -255,14 +115,14 @@ class OrchestrationApi:
         return await self._journey(journey.id)
 
     async def UpdateJourney(self, request, context) -> pb.Journey:
-        journey_id = _required(request.journey_id, "journey_id")
+        journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
         journey = parse_journey(read_definition(request.definition))
         await self._save(lifecycle.save_draft(record, journey))
         return await self._journey(journey_id)
 
     async def PublishJourney(self, request, context) -> pb.Journey:
-        journey_id = _required(request.journey_id, "journey_id")
+        journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
         previous = record.live
         published = lifecycle.publish(record)
@@ -290,14 +150,14 @@ class OrchestrationApi:
         return answer
 
     async def GetJourney(self, request, context) -> pb.Journey:
-        journey_id = _required(request.journey_id, "journey_id")
+        journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
         if request.version and request.version not in record.versions:
             raise NotFound(f"journey {journey_id} has no published version {request.version}")
         return await self._journey(journey_id, request.version)
 
     async def ListJourneys(self, request, context) -> pb.ListJourneysResponse:
-        size, offset = _page(request.page_size), _offset(request.page_token)
+        size, start = page_size(request.page_size), offset(request.page_token)
         wanted = {STATE_OF_PB[s] for s in request.states if s in STATE_OF_PB} or {
             State.DRAFT,
             State.ACTIVE,
@@ -305,10 +165,10 @@ class OrchestrationApi:
         }
         ids = sorted(i for i, r in self.journeys.records.items() if r.state in wanted)
         response = pb.ListJourneysResponse()
-        for journey_id in ids[offset : offset + size]:
+        for journey_id in ids[start : start + size]:
             response.journeys.append(await self._journey(journey_id))
-        if offset + size < len(ids):
-            response.next_page_token = _token(offset + size)
+        if start + size < len(ids):
+            response.next_page_token = token(start + size)
         return response
 
     async def _record(self, journey_id: str) -> JourneyRecord:
@@ -323,7 +183,7 @@ class OrchestrationApi:
             await self.announce(record.id)
 
     async def _move(self, journey_id: str, change: Callable[[JourneyRecord], JourneyRecord]) -> pb.Journey:
-        record = await self._record(_required(journey_id, "journey_id"))
+        record = await self._record(required(journey_id, "journey_id"))
         await self._save(change(record))
         return await self._journey(journey_id)
 
@@ -342,9 +202,9 @@ class OrchestrationApi:
         )
         if shown is not None:
             message.definition.update(dict(shown.document))
-        _set(message.created_at, doc.get("created_at"))
-        _set(message.updated_at, doc.get("updated_at"))
-        _set(message.published_at, doc.get("published_at"))
+        set_time(message.created_at, doc.get("created_at"))
+        set_time(message.updated_at, doc.get("updated_at"))
+        set_time(message.published_at, doc.get("published_at"))
         totals = await self._stats(journey_id, 0)
         message.active_instances = totals["entered"] - sum(totals["ended"].values())
         return message
@@ -378,8 +238,8 @@ class OrchestrationApi:
     # --- instances -------------------------------------------------------------------------------------
 
     async def Enroll(self, request, context) -> pb.EnrollResponse:
-        journey_id = _required(request.journey_id, "journey_id")
-        person_id = _required(request.person_id, "person_id")
+        journey_id = required(request.journey_id, "journey_id")
+        person_id = required(request.person_id, "person_id")
         record = await self._record(journey_id)
         if record.live is None:
             raise FailedPrecondition(f"journey {journey_id} has never been published; PublishJourney first")
@@ -393,7 +253,7 @@ class OrchestrationApi:
         return pb.EnrollResponse(entered=doc["entered"], instance_id=doc["instance_id"], reason=doc["reason"])
 
     async def ExitInstance(self, request, context) -> pb.Instance:
-        instance_id = _required(request.instance_id, "instance_id")
+        instance_id = required(request.instance_id, "instance_id")
         doc = await self._instance(instance_id)
         if doc["status"] != "ended":
             reason = f"api:{request.reason}" if request.reason else "api:exit requested"
@@ -408,21 +268,21 @@ class OrchestrationApi:
         return instance_message(doc)
 
     async def GetInstance(self, request, context) -> pb.Instance:
-        return instance_message(await self._instance(_required(request.instance_id, "instance_id")))
+        return instance_message(await self._instance(required(request.instance_id, "instance_id")))
 
     async def ListInstances(self, request, context) -> pb.ListInstancesResponse:
         if bool(request.person_id) == bool(request.journey_id):
             raise InvalidArgument("person_id", "give a person_id or a journey_id (one of the two)")
-        size, offset = _page(request.page_size), _offset(request.page_token)
+        size, start = page_size(request.page_size), offset(request.page_token)
         field, value = ("person_id", request.person_id) if request.person_id else ("journey_id", request.journey_id)
         found = [r.doc for r in await self.store.find(INSTANCES, field, value, limit=10_000)]
         messages = [instance_message(doc) for doc in found]
         if request.states:
             messages = [m for m in messages if m.state in set(request.states)]
         messages.sort(key=lambda m: (m.entered_at.seconds, m.entered_at.nanos, m.id), reverse=True)
-        response = pb.ListInstancesResponse(instances=messages[offset : offset + size])
-        if offset + size < len(messages):
-            response.next_page_token = _token(offset + size)
+        response = pb.ListInstancesResponse(instances=messages[start : start + size])
+        if start + size < len(messages):
+            response.next_page_token = token(start + size)
         return response
 
     async def _instance(self, instance_id: str) -> dict[str, Any]:
@@ -434,7 +294,7 @@ class OrchestrationApi:
     # --- approvals ----------------------------------------------------------------------------------------
 
     async def ListApprovals(self, request, context) -> pb.ListApprovalsResponse:
-        size, offset = _page(request.page_size), _offset(request.page_token)
+        size, start = page_size(request.page_size), offset(request.page_token)
         wanted = {APPROVAL_OF_PB[s] for s in request.states if s in APPROVAL_OF_PB} or {"pending"}
         found = [
             r.doc
@@ -442,9 +302,9 @@ class OrchestrationApi:
             if r.doc["state"] in wanted and (not request.journey_id or r.doc["journey_id"] == request.journey_id)
         ]
         found.sort(key=lambda d: (d["requested_at"], d["action_id"]), reverse=True)
-        response = pb.ListApprovalsResponse(approvals=[approval_message(d) for d in found[offset : offset + size]])
-        if offset + size < len(found):
-            response.next_page_token = _token(offset + size)
+        response = pb.ListApprovalsResponse(approvals=[approval_message(d) for d in found[start : start + size]])
+        if start + size < len(found):
+            response.next_page_token = token(start + size)
         return response
 
     async def ApproveAction(self, request, context) -> pb.Approval:
@@ -454,7 +314,7 @@ class OrchestrationApi:
         return await self._decide(request, "reject")
 
     async def _decide(self, request, command: str) -> pb.Approval:
-        action_id = _required(request.action_id, "action_id")
+        action_id = required(request.action_id, "action_id")
         doc = await self._doc(APPROVALS, action_id)
         if doc is None:
             raise NotFound(f"no action {action_id} waits for approval")
@@ -477,7 +337,7 @@ class OrchestrationApi:
     # --- stats and decisions -------------------------------------------------------------------------------
 
     async def GetJourneyStats(self, request, context) -> pb.JourneyStats:
-        journey_id = _required(request.journey_id, "journey_id")
+        journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
         totals = await self._stats(journey_id, request.version)
         stats = pb.JourneyStats(
@@ -526,8 +386,8 @@ class OrchestrationApi:
         return totals
 
     async def ListDecisions(self, request, context) -> pb.ListDecisionsResponse:
-        person_id = _required(request.person_id, "person_id")
-        size = _page(request.page_size)
+        person_id = required(request.person_id, "person_id")
+        size = page_size(request.page_size)
         cursor = request.page_token or None
         response = pb.ListDecisionsResponse()
         # Keys hold the time inverted: a scan reads the newest first. Filters may need several pages.
@@ -558,29 +418,29 @@ class OrchestrationApi:
         return self.inbox
 
     async def ListInbox(self, request, context) -> pb.ListInboxResponse:
-        person_id = _required(request.person_id, "person_id")
+        person_id = required(request.person_id, "person_id")
         messages, token = await self._inbox().list(
             person_id,
             unread_only=request.unread_only,
             page_size=request.page_size or 50,
             page_token=request.page_token or None,
         )
-        return pb.ListInboxResponse(messages=[_inbox_message(m) for m in messages], next_page_token=token or "")
+        return pb.ListInboxResponse(messages=[inbox_message(m) for m in messages], next_page_token=token or "")
 
     async def MarkInboxRead(self, request, context) -> pb.MarkInboxReadResponse:
-        person_id = _required(request.person_id, "person_id")
+        person_id = required(request.person_id, "person_id")
         marked = await self._inbox().mark_read(person_id, list(request.message_ids))
         return pb.MarkInboxReadResponse(marked=len(marked))
 
     async def SubscribeInbox(self, request, context):
-        person_id = _required(request.person_id, "person_id")
+        person_id = required(request.person_id, "person_id")
         inbox = self._inbox()
         async with inbox.subscribe(person_id) as subscription:
             unread, _ = await inbox.list(person_id, unread_only=True, page_size=500)
             for message in reversed(unread):
-                yield _inbox_message(message)
+                yield inbox_message(message)
             async for message in subscription:
-                yield _inbox_message(message)
+                yield inbox_message(message)
 
     # --- commands -----------------------------------------------------------------------------------------
 
@@ -606,22 +466,3 @@ class OrchestrationApi:
     async def _doc(self, collection: str, key: str) -> dict[str, Any] | None:
         stored = await self.store.get(collection, key)
         return stored.doc if stored is not None else None
-
-
-def _inbox_message(message) -> pb.InboxMessage:
-    out = pb.InboxMessage(
-        message_id=message.message_id,
-        person_id=message.person_id,
-        action_id=message.message_id,
-        title=message.title,
-        body=message.body,
-    )
-    data = dict(message.data)
-    if message.url:
-        data["url"] = message.url
-    if data:
-        out.data.update(data)
-    out.created_at.FromMilliseconds(message.created_at_ms)
-    if message.read_at_ms is not None:
-        out.read_at.FromMilliseconds(message.read_at_ms)
-    return out

@@ -25,32 +25,30 @@ Invariants:
   recently used and read back from the store. The engine runs with one batch in flight, so whatever is
   dropped is durable already; a failed commit drops the partition's cache (`recover`).
 - Logs name ids and kinds, never profile values.
+
+Metrics: `cdp.orchestration.decisions` (by kind), `cdp.orchestration.actions` (published, by channel),
+`cdp.orchestration.entries` (instances started, by journey), `cdp.orchestration.timer.lateness` (ms from
+a timer's due time to the server storing its fire: what message schedules cost under load); the engine's
+own per-stage metrics come from the kit.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
-from google.protobuf import json_format
+from opentelemetry import metrics
 
-from cdp.events.v1 import events_pb2
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdp.profile.v1 import profile_pb2
-from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Delivery, OutMessage, subjects
-from cdp_kit.engine import Effects, Reject
-from cdp_kit.profile_fields import change_fields
+from cdp_kit.engine import Effects
 from cdp_kit.storage import Put, Store
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration import streams
 from cdp_orchestration.domain import arbiter, entry
-from cdp_orchestration.domain.arbiter import Decision, Kind, PersonState, Ruling
+from cdp_orchestration.domain.arbiter import Decision, Kind, Ruling
 from cdp_orchestration.domain.instance import (
     ActionOutcome,
     Assigned,
@@ -76,26 +74,34 @@ from cdp_orchestration.domain.instance import (
 from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.lifecycle import MigrationPlan
 from cdp_orchestration.domain.records import (
-    instance_from_record,
     instance_record,
-    person_from_record,
-    person_record,
 )
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.domain.templates import MissingField
-from cdp_orchestration.domain.view import Event, PersonView
+from cdp_orchestration.domain.view import Event
+from cdp_orchestration.inputs import Input, decode
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.state import (
+    APPROVALS,
+    DECISIONS,
+    ENROLLMENTS,
+    INSTANCES,
+    PERSONS,
+    STATS,
+    Batch,
+    Partition,
+    Person,
+    decision_key,
+    load_persons,
+    load_stats,
+    stats_doc,
+    stats_key,
+    wake_id,
+)
 
 log = logging.getLogger("cdp.orchestration")
 
 SERVICE = "orchestration"
-
-INSTANCES = "orchestration_instances"
-PERSONS = "orchestration_persons"
-DECISIONS = "orchestration_decisions"
-APPROVALS = "orchestration_approvals"
-STATS = "orchestration_stats"
-ENROLLMENTS = "orchestration_enrollments"
 
 # Where an action's address is read from, per channel (the `address` map of ActionMessage).
 ADDRESS_FIELDS = {
@@ -105,86 +111,6 @@ ADDRESS_FIELDS = {
     "webpush": ("webpush_subscription", "traits.webpush_subscription"),
     "webhook": ("webhook_url", "traits.webhook_url"),
 }
-
-_FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
-
-
-def decision_key(person_id: str, decision: Decision, index: int) -> str:
-    return f"{person_id}:{_FAR - int(decision.at * 1_000_000):020d}:{decision.action_id}:{decision.kind.value}:{index}"
-
-
-def wake_id(person_id: str, at: float) -> str:
-    return "w" + hashlib.sha256(f"wake\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
-
-
-def stats_key(journey_id: str, version: int, partition: int) -> str:
-    return f"{journey_id}:{version}:{partition}"
-
-
-# --- inputs ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Input:
-    """One thing that happened to one person, at `at` (the message's stream time)."""
-
-    kind: str  # event | segment | profile | timer | wake | enroll | exit | approve | reject | migrate
-    person_id: str
-    at: float
-    data: Any = None
-
-
-# --- hot state ---------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Person:
-    person_id: str
-    fields: dict[str, Any] = field(default_factory=dict)
-    segments: set[str] = field(default_factory=set)
-    state: PersonState | None = None
-    live: dict[str, Instance] = field(default_factory=dict)  # instances that can still react, by id
-    entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
-    wake: tuple[str, float] | None = None
-    dirty: bool = False
-    changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
-
-    def view(self) -> PersonView:
-        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments))
-
-    def record(self) -> dict[str, Any]:
-        assert self.state is not None
-        return {
-            "fields": self.fields,
-            "segments": sorted(self.segments),
-            "arbiter": person_record(self.state),
-            "live": sorted(self.live),
-            "entered": self.entered,
-            "wake": list(self.wake) if self.wake else None,
-        }
-
-
-class _Partition:
-    def __init__(self) -> None:
-        self.persons: collections.OrderedDict[str, Person] = collections.OrderedDict()
-        self.stats: dict[str, dict[str, Any]] = {}
-        self.stats_loaded = False
-
-
-@dataclass(slots=True)
-class _Batch:
-    partition: int
-    writes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
-    messages: list[OutMessage] = field(default_factory=list)
-    touched: dict[str, Person] = field(default_factory=dict)
-    stats: set[str] = field(default_factory=set)
-
-    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
-        self.writes[(collection, key)] = doc
-
-
-def _stats_doc() -> dict[str, Any]:
-    return {"entered": 0, "converted": 0, "ended": {}, "variants": {}, "decisions": {}}
 
 
 class OrchestrationLogic:
@@ -199,6 +125,7 @@ class OrchestrationLogic:
         partitions: int,
         hot_persons: int = 100_000,
         clock_offset: float = 0.0,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.store = store
         self.journeys = journeys
@@ -206,45 +133,43 @@ class OrchestrationLogic:
         self.partitions = partitions
         self.hot_per_partition = max(1, hot_persons // partitions)
         self.clock_offset = clock_offset
-        self.hot: dict[int, _Partition] = {}
+        self.hot: dict[int, Partition] = {}
+        meter = meter or metrics.get_meter("cdp.orchestration")
+        self.m_decisions = meter.create_counter(
+            "cdp.orchestration.decisions", unit="{decision}", description="arbiter decisions, by kind"
+        )
+        self.m_actions = meter.create_counter(
+            "cdp.orchestration.actions", unit="{action}", description="actions published to their channel"
+        )
+        self.m_entries = meter.create_counter(
+            "cdp.orchestration.entries", unit="{instance}", description="journey instances started"
+        )
+        self.m_lateness = meter.create_histogram(
+            "cdp.orchestration.timer.lateness",
+            unit="ms",
+            description="time from a durable timer's due time to the server storing its fire",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
 
     # --- decode ------------------------------------------------------------------------------------------
 
     def decode(self, delivery: Delivery) -> list[Input]:
         at = delivery.msg.metadata.timestamp.timestamp() + self.clock_offset
         stream, what = streams.kind_of(delivery.headers)
-        data = delivery.data
-        try:
-            if stream == subjects.EVENTS_RESOLVED:
-                batch = events_pb2.ResolvedEventBatch.FromString(data)
-                return [Input("event", r.person_id, at, _event(r.event)) for r in batch.events if r.person_id]
-            if stream == subjects.SEGMENTS:
-                batch = segmentation_pb2.SegmentEventBatch.FromString(data)
-                return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
-            if stream == subjects.PROFILES:
-                batch = profile_pb2.ProfileChangedBatch.FromString(data)
-                return [Input("profile", c.person_id, at, (change_fields(c), c.removed)) for c in batch.changes]
-            if stream == subjects.ORCHESTRATION_TIMERS:
-                body = orjson.loads(data)
-                return [Input("wake" if "w" in body else "timer", body["p"], at, body)]
-            if stream == "command":
-                body = orjson.loads(data)
-                return [Input(what, body["person_id"], at, body)]
-        except Exception as exc:  # a payload that is not what its stream carries can never be applied
-            raise Reject(
-                "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"
-            ) from None
-        raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
+        inputs = decode(stream, what, delivery.data, at)
+        if stream == subjects.ORCHESTRATION_TIMERS and "d" in inputs[0].data:
+            self.m_lateness.record(max(0.0, (at - self.clock_offset - inputs[0].data["d"]) * 1000))
+        return inputs
 
     # --- apply -------------------------------------------------------------------------------------------
 
     async def apply(self, partition: int, items: list[list[Input]]) -> Effects:
-        hot = self.hot.setdefault(partition, _Partition())
-        batch = _Batch(partition)
+        hot = self.hot.setdefault(partition, Partition())
+        batch = Batch(partition)
         if not hot.stats_loaded:
-            await self._load_stats(partition, hot)
+            await load_stats(self.store, partition, hot)
         inputs = [i for item in items for i in item]
-        await self._load(hot, {i.person_id for i in inputs})
+        await load_persons(self.store, hot, {i.person_id for i in inputs})
         for one in inputs:
             person = hot.persons[one.person_id]
             hot.persons.move_to_end(one.person_id)
@@ -258,7 +183,8 @@ class OrchestrationLogic:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
         for key in batch.stats:
-            batch.put(STATS, key, hot.stats[key])
+            # A copy: the counters go on changing in memory while this write is on its way.
+            batch.put(STATS, key, orjson.loads(orjson.dumps(hot.stats[key])))
         while len(hot.persons) > self.hot_per_partition:
             hot.persons.popitem(last=False)
         writes = [Put(c, k, d) for (c, k), d in batch.writes.items()]
@@ -267,29 +193,7 @@ class OrchestrationLogic:
     async def recover(self, partition: int) -> None:
         self.hot.pop(partition, None)
 
-    async def _load(self, hot: _Partition, person_ids: set[str]) -> None:
-        missing = [p for p in person_ids if p not in hot.persons]
-        if not missing:
-            return
-        stored = await self.store.get_many(PERSONS, missing)
-        live_ids = [i for r in stored.values() for i in r.doc.get("live", [])]
-        instances = await self.store.get_many(INSTANCES, live_ids) if live_ids else {}
-        for person_id in missing:
-            record = stored.get(person_id)
-            person = Person(person_id, state=PersonState(person_id))
-            if record is not None:
-                doc = record.doc
-                person.fields = dict(doc["fields"])
-                person.segments = set(doc["segments"])
-                person.state = person_from_record(doc["arbiter"])
-                person.entered = dict(doc["entered"])
-                person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
-                for instance_id in doc["live"]:
-                    if instance_id in instances:
-                        person.live[instance_id] = instance_from_record(instances[instance_id].doc)
-            hot.persons[person_id] = person
-
-    async def _handle(self, hot: _Partition, batch: _Batch, person: Person, one: Input) -> None:
+    async def _handle(self, hot: Partition, batch: Batch, person: Person, one: Input) -> None:
         now = one.at
         kind = one.kind
         if kind == "event":
@@ -360,13 +264,13 @@ class OrchestrationLogic:
                 person.dirty = True
         self._keep_wake(batch, person)
 
-    async def _profile_changed(self, hot: _Partition, batch: _Batch, person: Person, now: float) -> None:
+    async def _profile_changed(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
         for instance in list(person.live.values()):
             if instance.status is Status.RUNNING:
                 await self._step(hot, batch, person, instance, ProfileChanged(), now)
 
     async def _enter(
-        self, hot: _Partition, batch: _Batch, person: Person, journey, trigger: str, stimulus: Enter, now: float
+        self, hot: Partition, batch: Batch, person: Person, journey, trigger: str, stimulus: Enter, now: float
     ) -> tuple[bool, str, str]:
         """(entered, instance id, reason) for one trigger of one journey."""
         instance = new_instance(journey, person.person_id, trigger)
@@ -379,11 +283,12 @@ class OrchestrationLogic:
             return False, "", admission.reason
         person.entered[journey.id] = now
         person.dirty = True
+        self.m_entries.add(1, {"journey": journey.id})
         self._count(hot, batch, journey.id, journey.version, lambda s: s.__setitem__("entered", s["entered"] + 1))
         await self._step(hot, batch, person, instance, stimulus, now)
         return True, instance.id, "admitted"
 
-    async def _enroll(self, hot: _Partition, batch: _Batch, person: Person, body: dict, now: float) -> None:
+    async def _enroll(self, hot: Partition, batch: Batch, person: Person, body: dict, now: float) -> None:
         key = f"{body['journey_id']}:{body['idempotency_key']}"
         if await self.store.get(ENROLLMENTS, key) is not None or (ENROLLMENTS, key) in batch.writes:
             return  # answered already
@@ -424,7 +329,7 @@ class OrchestrationLogic:
     # --- the domain's commands ------------------------------------------------------------------------------
 
     async def _step(
-        self, hot: _Partition, batch: _Batch, person: Person, instance: Instance, stimulus: Stimulus, now: float
+        self, hot: Partition, batch: Batch, person: Person, instance: Instance, stimulus: Stimulus, now: float
     ) -> None:
         journey = self.journeys.version(instance.journey_id, instance.version)
         if journey is None:
@@ -448,13 +353,14 @@ class OrchestrationLogic:
         await self._carry(hot, batch, person, after, commands, now)
 
     async def _carry(
-        self, hot: _Partition, batch: _Batch, person: Person, instance: Instance, commands: list[Command], now: float
+        self, hot: Partition, batch: Batch, person: Person, instance: Instance, commands: list[Command], now: float
     ) -> None:
         p = batch.partition
         for command in commands:
             if isinstance(command, ScheduleTimer):
-                payload = {"t": command.timer_id, "i": command.instance_id, "p": person.person_id}
-                batch.messages.append(streams.schedule(p, command.timer_id, command.at - self.clock_offset, payload))
+                due = command.at - self.clock_offset
+                payload = {"t": command.timer_id, "i": command.instance_id, "p": person.person_id, "d": due}
+                batch.messages.append(streams.schedule(p, command.timer_id, due, payload))
             elif isinstance(command, CancelTimer):
                 batch.messages.append(streams.cancel(p, command.timer_id))
             elif isinstance(command, ProposeAction):
@@ -486,8 +392,8 @@ class OrchestrationLogic:
 
     async def _ruling(
         self,
-        hot: _Partition,
-        batch: _Batch,
+        hot: Partition,
+        batch: Batch,
         person: Person,
         ruling: Ruling,
         now: float,
@@ -520,6 +426,7 @@ class OrchestrationLogic:
                 "at": decision.at,
             }
             batch.put(DECISIONS, decision_key(person.person_id, decision, index), doc)
+            self.m_decisions.add(1, {"kind": kind})
             await self._approval(batch, person, decision, answer)
             instance = person.live.get(decision.instance_id)
             version = instance.version if instance is not None else 0
@@ -532,7 +439,7 @@ class OrchestrationLogic:
                 await self._step(hot, batch, person, instance, ActionOutcome(decision.action_id, decision.kind), now)
 
     async def _approval(
-        self, batch: _Batch, person: Person, decision: Decision, answer: tuple[str, str, str] | None
+        self, batch: Batch, person: Person, decision: Decision, answer: tuple[str, str, str] | None
     ) -> None:
         """Keep the approval list: a record when an action starts waiting, closed by the answer or expiry."""
         if decision.kind is Kind.AWAITING_APPROVAL:
@@ -581,7 +488,7 @@ class OrchestrationLogic:
             {**doc, "state": state, "decided_at": decision.at, "decided_by": decided_by, "note": note},
         )
 
-    def _send(self, batch: _Batch, person: Person, decision: Decision) -> str | None:
+    def _send(self, batch: Batch, person: Person, decision: Decision) -> str | None:
         """Publish the sent action on actions.<channel>.<p>; the reason it could not be, or None."""
         instance = person.live.get(decision.instance_id)
         held_version = instance.version if instance is not None else None
@@ -615,6 +522,7 @@ class OrchestrationLogic:
             value = person.fields.get(address[1])
             if isinstance(value, str) and value:
                 message.address[address[0]] = value
+        self.m_actions.add(1, {"channel": decision.channel})
         batch.messages.append(
             OutMessage(
                 subject=subjects.actions(decision.channel, batch.partition),
@@ -624,7 +532,7 @@ class OrchestrationLogic:
         )
         return None
 
-    def _keep_wake(self, batch: _Batch, person: Person) -> None:
+    def _keep_wake(self, batch: Batch, person: Person) -> None:
         """One durable timer per person at the arbiter's next wake."""
         at = arbiter.next_wake(person.state) if person.state is not None else None
         current = person.wake
@@ -635,42 +543,18 @@ class OrchestrationLogic:
         person.wake = None
         if at is not None:
             timer = wake_id(person.person_id, at)
-            payload = {"w": timer, "p": person.person_id}
-            batch.messages.append(streams.schedule(batch.partition, timer, at - self.clock_offset, payload))
+            due = at - self.clock_offset
+            payload = {"w": timer, "p": person.person_id, "d": due}
+            batch.messages.append(streams.schedule(batch.partition, timer, due, payload))
             person.wake = (timer, at)
         person.dirty = True
 
     def _count(
-        self, hot: _Partition, batch: _Batch, journey_id: str, version: int, change: Callable[[dict], None]
+        self, hot: Partition, batch: Batch, journey_id: str, version: int, change: Callable[[dict], None]
     ) -> None:
         key = stats_key(journey_id, version, batch.partition)
         stats = hot.stats.get(key)
         if stats is None:
-            stats = hot.stats[key] = batch.writes.get((STATS, key)) or _stats_doc()
+            stats = hot.stats[key] = stats_doc()
         change(stats)
         batch.stats.add(key)
-
-    async def _load_stats(self, partition: int, hot: _Partition) -> None:
-        """Read this partition's counters back (at start, and after a failed commit)."""
-        async for record in self.store.scan_all(STATS):
-            if record.key.endswith(f":{partition}"):
-                hot.stats[record.key] = record.doc
-        hot.stats_loaded = True
-
-
-def _event(message: events_pb2.Event) -> Event:
-    type_name = events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
-    properties = json_format.MessageToDict(message.properties) if message.HasField("properties") else {}
-    context = (
-        json_format.MessageToDict(message.context, preserving_proto_field_name=True)
-        if message.HasField("context")
-        else {}
-    )
-    at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
-    return Event(message.message_id, message.event or message.name, at, type_name, properties, context)
-
-
-async def prepare_store(store: Store) -> None:
-    """The indexes the API reads instances by."""
-    await store.ensure_index(INSTANCES, "person_id")
-    await store.ensure_index(INSTANCES, "journey_id")

@@ -1,0 +1,71 @@
+"""What reaches `orchestration.in.<p>`, decoded: one `Input` per thing that happened to one person.
+
+`decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
+segment changes and profile changes (batches: one Input each), fired timers (instance timers and
+per-person wake timers), and the API's commands (enroll, exit, approve, reject, migrate). `at` is the
+message's stream time, so a redelivered message is applied at the time it was first stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+
+from cdp.events.v1 import events_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_kit.bus import subjects
+from cdp_kit.engine import Reject
+from cdp_kit.profile_fields import change_fields
+from cdp_orchestration.domain.view import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One thing that happened to one person, at `at` (the message's stream time)."""
+
+    kind: str  # event | segment | profile | timer | wake | enroll | exit | approve | reject | migrate
+    person_id: str
+    at: float
+    data: Any = None
+
+
+def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
+    """The inputs one message carries; `Reject` for one that can never be applied."""
+    try:
+        if stream == subjects.EVENTS_RESOLVED:
+            batch = events_pb2.ResolvedEventBatch.FromString(data)
+            return [Input("event", r.person_id, at, event(r.event)) for r in batch.events if r.person_id]
+        if stream == subjects.SEGMENTS:
+            batch = segmentation_pb2.SegmentEventBatch.FromString(data)
+            return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
+        if stream == subjects.PROFILES:
+            batch = profile_pb2.ProfileChangedBatch.FromString(data)
+            return [Input("profile", c.person_id, at, (change_fields(c), c.removed)) for c in batch.changes]
+        if stream == subjects.ORCHESTRATION_TIMERS:
+            body = orjson.loads(data)
+            return [Input("wake" if "w" in body else "timer", body["p"], at, body)]
+        if stream == "command":
+            body = orjson.loads(data)
+            return [Input(what, body["person_id"], at, body)]
+    except Exception as exc:  # a payload that is not what its stream carries can never be applied
+        raise Reject(
+            "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"
+        ) from None
+    raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
+
+
+def event(message: events_pb2.Event) -> Event:
+    """A resolved event as the domain sees it (its message id, name, type, time, properties, context)."""
+    type_name = events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
+    properties = json_format.MessageToDict(message.properties) if message.HasField("properties") else {}
+    context = (
+        json_format.MessageToDict(message.context, preserving_proto_field_name=True)
+        if message.HasField("context")
+        else {}
+    )
+    at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
+    return Event(message.message_id, message.event or message.name, at, type_name, properties, context)

@@ -1,0 +1,189 @@
+"""Protobuf <-> what the store holds: instances, approvals, decisions, inbox messages, journey definitions,
+and the request checks every RPC shares (required fields, page sizes and tokens)."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import yaml
+from google.protobuf import json_format
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.timestamps import set_seconds
+from cdp_orchestration.domain.document import JourneyInvalid, Problem
+from cdp_orchestration.domain.lifecycle import State
+
+JOURNEY_STATE = {
+    State.DRAFT: pb.JOURNEY_STATE_DRAFT,
+    State.ACTIVE: pb.JOURNEY_STATE_ACTIVE,
+    State.PAUSED: pb.JOURNEY_STATE_PAUSED,
+    State.ARCHIVED: pb.JOURNEY_STATE_ARCHIVED,
+}
+STATE_OF_PB = {v: k for k, v in JOURNEY_STATE.items()}
+APPROVAL_STATE = {
+    "pending": pb.APPROVAL_STATE_PENDING,
+    "approved": pb.APPROVAL_STATE_APPROVED,
+    "rejected": pb.APPROVAL_STATE_REJECTED,
+    "expired": pb.APPROVAL_STATE_EXPIRED,
+}
+APPROVAL_OF_PB = {v: k for k, v in APPROVAL_STATE.items()}
+DECISION_KIND = {
+    "sent": pb.DECISION_KIND_SENT,
+    "deferred": pb.DECISION_KIND_DEFERRED,
+    "superseded": pb.DECISION_KIND_SUPERSEDED,
+    "capped": pb.DECISION_KIND_CAPPED,
+    "suppressed": pb.DECISION_KIND_SUPPRESSED,
+    "no_consent": pb.DECISION_KIND_NO_CONSENT,
+    "awaiting_approval": pb.DECISION_KIND_AWAITING_APPROVAL,
+    "expired": pb.DECISION_KIND_EXPIRED,
+    "rejected": pb.DECISION_KIND_REJECTED,
+    "withdrawn": pb.DECISION_KIND_WITHDRAWN,
+    # "failed" (sent, but its template could not be rendered): no kind of its own; the reason says it.
+}
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_DEFINITION = 512 * 1024
+
+
+def whole_numbers(value: Any) -> Any:
+    """Struct numbers are doubles: 1.0 where the author wrote 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
+def read_definition(definition: pb.JourneyDefinition, field: str = "definition") -> Any:
+    """The journey document a JourneyDefinition holds (JSON text, YAML text or a Struct tree)."""
+    form = definition.WhichOneof("form")
+    if form is None:
+        raise InvalidArgument(field, "is required: json, yaml or tree")
+    if form == "tree":
+        if definition.tree.ByteSize() > MAX_DEFINITION:
+            raise InvalidArgument(f"{field}.tree", f"is larger than {MAX_DEFINITION} bytes")
+        return whole_numbers(json_format.MessageToDict(definition.tree))
+    text = getattr(definition, form)
+    if len(text) > MAX_DEFINITION:
+        raise InvalidArgument(f"{field}.{form}", f"is larger than {MAX_DEFINITION} characters")
+    try:
+        return yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+        raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
+
+
+def page_size(request_size: int) -> int:
+    if request_size < 0 or request_size > MAX_PAGE:
+        raise InvalidArgument("page_size", f"{request_size} is out of range: 0 (default {DEFAULT_PAGE}) to {MAX_PAGE}")
+    return request_size or DEFAULT_PAGE
+
+
+def offset(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service gave") from None
+
+
+def token(offset: int) -> str:
+    return base64.urlsafe_b64encode(str(offset).encode()).decode()
+
+
+def required(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "is required")
+    return value
+
+
+def set_time(stamp, seconds: float | None) -> None:
+    if seconds is not None:
+        set_seconds(stamp, seconds)
+
+
+def instance_message(doc: dict[str, Any]) -> pb.Instance:
+    status = doc["status"]
+    if status == "ended":
+        state = pb.INSTANCE_STATE_ENDED
+    elif doc.get("timers"):
+        state = pb.INSTANCE_STATE_WAITING
+    else:
+        state = pb.INSTANCE_STATE_RUNNING
+    message = pb.Instance(
+        id=doc["id"],
+        journey_id=doc["journey_id"],
+        journey_version=doc["version"],
+        person_id=doc["person_id"],
+        state=state,
+        node_id=doc.get("node") or "",
+        variant=",".join(doc.get("variants", {}).values()),
+        end_reason=doc.get("end_reason") or "",
+        converted=doc.get("converted_at") is not None,
+    )
+    set_time(message.entered_at, doc.get("entered_at"))
+    set_time(message.ended_at, doc.get("ended_at"))
+    for node_id, at, outcome in doc.get("steps", []):
+        step = message.steps.add(node_id=node_id, outcome=outcome)
+        set_seconds(step.at, at)
+    return message
+
+
+def approval_message(doc: dict[str, Any]) -> pb.Approval:
+    message = pb.Approval(
+        action_id=doc["action_id"],
+        journey_id=doc["journey_id"],
+        instance_id=doc["instance_id"],
+        person_id=doc["person_id"],
+        channel=doc["channel"],
+        category=doc["category"],
+        value=doc.get("value") or 0.0,
+        state=APPROVAL_STATE[doc["state"]],
+        decided_by=doc.get("decided_by") or "",
+        note=doc.get("note") or "",
+    )
+    set_time(message.requested_at, doc.get("requested_at"))
+    set_time(message.expires_at, doc.get("expires_at"))
+    set_time(message.decided_at, doc.get("decided_at"))
+    return message
+
+
+def decision_message(doc: dict[str, Any]) -> pb.Decision:
+    message = pb.Decision(
+        action_id=doc["action_id"],
+        journey_id=doc["journey_id"],
+        instance_id=doc["instance_id"],
+        person_id=doc["person_id"],
+        channel=doc["channel"],
+        category=doc["category"],
+        kind=DECISION_KIND.get(doc["kind"], pb.DECISION_KIND_UNSPECIFIED),
+        reason=doc["reason"],
+        rule=doc.get("rule") or "",
+    )
+    set_time(message.until, doc.get("until"))
+    set_time(message.decided_at, doc.get("at"))
+    return message
+
+
+def inbox_message(message) -> pb.InboxMessage:
+    out = pb.InboxMessage(
+        message_id=message.message_id,
+        person_id=message.person_id,
+        action_id=message.message_id,
+        title=message.title,
+        body=message.body,
+    )
+    data = dict(message.data)
+    if message.url:
+        data["url"] = message.url
+    if data:
+        out.data.update(data)
+    out.created_at.FromMilliseconds(message.created_at_ms)
+    if message.read_at_ms is not None:
+        out.read_at.FromMilliseconds(message.read_at_ms)
+    return out

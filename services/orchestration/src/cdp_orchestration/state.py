@@ -1,0 +1,146 @@
+"""Orchestration's state: what the store holds, and the per-partition hot cache in front of it.
+
+Collections (one writer each: the engine of the person's partition, except journeys, written by the API):
+
+| collection                   | key                                   | holds                                        |
+|------------------------------|---------------------------------------|----------------------------------------------|
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer |
+| `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
+| `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
+| `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
+| `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
+| `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one |
+
+Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
+`Person` per recently seen person with their live instances; anything dropped from it is durable (the
+engine has one batch in flight) and read back on the next stimulus.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp_kit.bus import OutMessage
+from cdp_kit.storage import Store
+from cdp_orchestration.domain.arbiter import Decision, PersonState
+from cdp_orchestration.domain.instance import Instance
+from cdp_orchestration.domain.records import instance_from_record, person_from_record, person_record
+from cdp_orchestration.domain.view import PersonView
+
+INSTANCES = "orchestration_instances"
+PERSONS = "orchestration_persons"
+DECISIONS = "orchestration_decisions"
+APPROVALS = "orchestration_approvals"
+STATS = "orchestration_stats"
+ENROLLMENTS = "orchestration_enrollments"
+
+_FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
+
+
+def decision_key(person_id: str, decision: Decision, index: int) -> str:
+    return f"{person_id}:{_FAR - int(decision.at * 1_000_000):020d}:{decision.action_id}:{decision.kind.value}:{index}"
+
+
+def wake_id(person_id: str, at: float) -> str:
+    return "w" + hashlib.sha256(f"wake\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
+
+
+def stats_key(journey_id: str, version: int, partition: int) -> str:
+    return f"{journey_id}:{version}:{partition}"
+
+
+@dataclass(slots=True)
+class Person:
+    """One person as the engine holds them: their view, arbiter state, live instances and wake timer."""
+
+    person_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    segments: set[str] = field(default_factory=set)
+    state: PersonState | None = None
+    live: dict[str, Instance] = field(default_factory=dict)  # instances that can still react, by id
+    entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
+    wake: tuple[str, float] | None = None
+    dirty: bool = False
+    changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
+
+    def view(self) -> PersonView:
+        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments))
+
+    def record(self) -> dict[str, Any]:
+        assert self.state is not None
+        return {
+            "fields": dict(self.fields),
+            "segments": sorted(self.segments),
+            "arbiter": person_record(self.state),
+            "live": sorted(self.live),
+            "entered": dict(self.entered),
+            "wake": list(self.wake) if self.wake else None,
+        }
+
+
+class Partition:
+    """One partition's hot state: persons, least recently used first, and its counters."""
+
+    def __init__(self) -> None:
+        self.persons: collections.OrderedDict[str, Person] = collections.OrderedDict()
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.stats_loaded = False
+
+
+@dataclass(slots=True)
+class Batch:
+    """What applying one batch changes: the writes (last one per key wins), the messages, who was touched."""
+
+    partition: int
+    writes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    messages: list[OutMessage] = field(default_factory=list)
+    touched: dict[str, Person] = field(default_factory=dict)
+    stats: set[str] = field(default_factory=set)
+
+    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        self.writes[(collection, key)] = doc
+
+
+def stats_doc() -> dict[str, Any]:
+    return {"entered": 0, "converted": 0, "ended": {}, "variants": {}, "decisions": {}}
+
+
+async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> None:
+    """Bring the persons not in the cache in from the store (new persons start empty)."""
+    missing = [p for p in person_ids if p not in hot.persons]
+    if not missing:
+        return
+    stored = await store.get_many(PERSONS, missing)
+    live_ids = [i for r in stored.values() for i in r.doc.get("live", [])]
+    instances = await store.get_many(INSTANCES, live_ids) if live_ids else {}
+    for person_id in missing:
+        record = stored.get(person_id)
+        person = Person(person_id, state=PersonState(person_id))
+        if record is not None:
+            doc = record.doc
+            person.fields = dict(doc["fields"])
+            person.segments = set(doc["segments"])
+            person.state = person_from_record(doc["arbiter"])
+            person.entered = dict(doc["entered"])
+            person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
+            for instance_id in doc["live"]:
+                if instance_id in instances:
+                    person.live[instance_id] = instance_from_record(instances[instance_id].doc)
+        hot.persons[person_id] = person
+
+
+async def load_stats(store: Store, partition: int, hot: Partition) -> None:
+    """Read this partition's counters back (at start, and after a failed commit)."""
+    async for record in store.scan_all(STATS):
+        if record.key.endswith(f":{partition}"):
+            hot.stats[record.key] = record.doc
+    hot.stats_loaded = True
+
+
+async def prepare_store(store: Store) -> None:
+    """The indexes the API reads instances by."""
+    await store.ensure_index(INSTANCES, "person_id")
+    await store.ensure_index(INSTANCES, "journey_id")
