@@ -150,3 +150,44 @@ async def test_a_wrong_secret_is_an_auth_failure_with_the_aadsts_code():
         adapter = _adapter(session, emulator, secret="wrong")
         outcome = await adapter.send(_mapping(), _people(_mapping(), 1))
         assert outcome.error.reason == AUTH and "AADSTS7000215" in outcome.error.code
+
+
+async def test_a_task_is_bound_to_the_persons_contact_by_its_alternate_key(dynamics):
+    emulator, adapter = dynamics
+    contacts = _mapping()
+    await adapter.send(contacts, _people(contacts, 1))
+    (connection,) = parse_connections(
+        {
+            "connections": [
+                {
+                    "id": "dyn",
+                    "kind": "dynamics",
+                    "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
+                    "mappings": [
+                        {
+                            "id": "m",
+                            "object": "contacts",
+                            "match": {"cdp_id": "person.id"},
+                            "fields": {"lastname": "traits.last_name"},
+                        },
+                        {
+                            "id": "task",
+                            "object": "tasks",
+                            "action": "task",
+                            "idempotency_field": "cdp_idempotencykey",
+                            "about": {"mapping": "m", "field": "regardingobjectid_contact"},
+                            "fields": {"subject": "action.subject"},
+                        },
+                    ],
+                }
+            ]
+        }
+    )
+    task = connection.mapping("task")
+    projection = project(task, Source("person-0", action={"id": "act-1", "subject": "Call"}), connection.mapping("m"))
+    change = Change(task.name, projection.key, dict(projection.fields), link=projection.link)
+    outcome = await adapter.send(task, [change])
+    assert all(r.ok for r in outcome.results.values())
+    (created,) = emulator.records("tasks")
+    (contact,) = emulator.records("contacts")
+    assert created["_regardingobjectid_contact_value"] == contact["contactid"]

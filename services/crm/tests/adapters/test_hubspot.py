@@ -41,6 +41,7 @@ def _connection(mode="upsert", list_id="1"):
                         "object": "tasks",
                         "action": "task",
                         "idempotency_field": "cdp_idempotency_key",
+                        "about": {"mapping": "contacts"},
                         "fields": {"hs_task_subject": "action.subject", "hs_task_body": "action.body"},
                     },
                     {
@@ -239,3 +240,24 @@ async def test_a_bad_token_is_an_auth_failure_not_a_dead_letter():
         contacts = _connection().mapping("contacts")
         outcome = await adapter.send(contacts, _people(contacts, 1))
         assert outcome.error.reason == AUTH and outcome.error.transient
+
+
+async def test_a_task_is_associated_with_the_persons_contact_and_a_missing_contact_is_reported(hubspot):
+    emulator, adapter = hubspot
+    connection = _connection()
+    contacts, task = connection.mapping("contacts"), connection.mapping("churn-task")
+    written = await adapter.send(contacts, _people(contacts, 1))
+    (contact_id,) = [r.crm_id for r in written.results.values()]
+    changes = []
+    for person, action_id in (("person-0", "a1"), ("person-nobody", "a2")):
+        projection = project(task, Source(person, action={"id": action_id, "subject": "Call"}), contacts)
+        changes.append(
+            Change(task.name, projection.key, dict(projection.fields), person_id=person, link=projection.link)
+        )
+    outcome = await adapter.send(task, changes)
+    linked, missing = (outcome.results[c.record] for c in changes)
+    assert linked.ok and emulator.associations("tasks", linked.crm_id) == [("contacts", contact_id)]
+    assert not missing.ok and missing.error.reason == NOT_FOUND and missing.crm_id is not None  # task written
+    assert len(emulator.records("tasks")) == 2
+    again = await adapter.send(task, changes[:1])  # a retry: same task, association unchanged
+    assert all(r.ok for r in again.results.values()) and len(emulator.records("tasks")) == 2

@@ -215,3 +215,28 @@ async def test_an_unknown_field_is_rejected_for_every_record():
         outcome = await adapter.send(mapping, [_change(mapping, "p1", **{"traits.last_name": "L", "traits.shoe": 9})])
         (result,) = outcome.results.values()
         assert result.error.reason == UNKNOWN_FIELD and result.error.code == "INVALID_FIELD"
+
+
+async def test_a_task_is_linked_to_the_persons_contact_by_its_external_id(salesforce):
+    emulator, adapter = salesforce
+    document = _document()
+    document["connections"][0]["mappings"].append(
+        {
+            "id": "task",
+            "object": "Task",
+            "action": "task",
+            "idempotency_field": "CDP_Idempotency_Key__c",
+            "about": {"mapping": "contacts", "field": "WhoId"},
+            "fields": {"Subject": "action.subject"},
+        }
+    )
+    (connection,) = parse_connections(document)
+    contacts, task = connection.mapping("contacts"), connection.mapping("task")
+    await adapter.send(contacts, _people(contacts, 1))
+    projection = project(task, Source("person-0", action={"id": "act-1", "subject": "Call"}), contacts)
+    change = Change(task.name, projection.key, dict(projection.fields), link=projection.link)
+    outcome = await adapter.send(task, [change])
+    assert all(r.ok for r in outcome.results.values())
+    (created,) = emulator.records("Task")
+    (contact,) = emulator.records("Contact")
+    assert created["WhoId"] == contact["Id"] and created["Subject"] == "Call"

@@ -292,3 +292,47 @@ def test_what_an_adapter_cannot_write_yet_is_refused_at_start():
     problems = _problems(document, {})
     assert "update_only is not supported for zoho" in problems["zoho/c.mode"]
     assert "not supported for zoho" in problems["zoho/vip.list"]
+
+
+def test_a_task_links_to_the_persons_record_of_the_mapping_it_names():
+    document = _document()
+    task = document["connections"][0]["mappings"][1]
+    task["about"] = {"mapping": "contacts"}
+    (connection,) = parse_connections(document, SCHEMAS)
+    projection = project(
+        connection.mapping("churn-task"), Source("person-1", action={"id": "a1"}), connection.mapping("contacts")
+    )
+    assert projection.link.object == "contacts" and projection.link.key == (("cdp_id", "person-1"),)
+    task["about"] = {"mapping": "churn-task"}
+    assert "must name a record mapping" in _problems(document)["hubspot/churn-task.about.mapping"]
+    document["connections"][0]["mappings"][0]["about"] = {"mapping": "contacts"}
+    assert "only action mappings" in _problems(document)["hubspot/contacts.about"]
+
+
+def test_salesforce_and_dynamics_links_name_their_field():
+    document = {
+        "connections": [
+            {
+                "id": "sf",
+                "kind": "salesforce",
+                "credentials": {"client_id": "A", "client_secret": "B"},
+                "mappings": [
+                    {
+                        "id": "c",
+                        "object": "Contact",
+                        "match": {"CDP_Id__c": "person.id"},
+                        "fields": {"LastName": "traits.last_name"},
+                    },
+                    {
+                        "id": "t",
+                        "object": "Task",
+                        "action": "task",
+                        "idempotency_field": "K__c",
+                        "about": {"mapping": "c"},
+                        "fields": {"Subject": "action.subject"},
+                    },
+                ],
+            }
+        ]
+    }
+    assert "WhoId" in _problems(document, {})["sf/t.about.field"]

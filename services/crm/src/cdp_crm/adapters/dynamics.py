@@ -162,9 +162,22 @@ class DynamicsAdapter:
         return BatchOutcome(results, None, answer.headers)
 
 
+def _key_text(key: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{name}='{value.replace(chr(39), chr(39) * 2)}'" for name, value in key)
+
+
 def _key_segment(key: tuple[tuple[str, str], ...]) -> str:
-    parts = ",".join(f"{name}='{value.replace(chr(39), chr(39) * 2)}'" for name, value in key)
-    return urllib.parse.quote(parts, safe="=,'")
+    """The key as it goes in a request URL (percent-encoded)."""
+    return urllib.parse.quote(_key_text(key), safe="=,'")
+
+
+def _link(change: Change) -> dict[str, str]:
+    """The person's row a task or case is about, bound by its alternate key:
+    ``regardingobjectid_contact@odata.bind: /contacts(cdp_id='...')``."""
+    link = change.link
+    if link is None or link.field is None:
+        return {}
+    return {f"{link.field}@odata.bind": f"/{link.object}({_key_text(link.key)})"}
 
 
 def _batch_body(url: str, mapping: ObjectMapping, changes: list[Change], boundary: str) -> bytes:
@@ -184,7 +197,7 @@ def _batch_body(url: str, mapping: ObjectMapping, changes: list[Change], boundar
                 f"PATCH {url}{API}/{mapping.object}({_key_segment(change.key)}) HTTP/1.1",
                 *headers,
                 "",
-                orjson.dumps(change.fields).decode(),
+                orjson.dumps({**change.fields, **_link(change)}).decode(),
                 f"--{changeset}--",
             ]
         )

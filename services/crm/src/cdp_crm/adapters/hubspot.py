@@ -59,6 +59,8 @@ class HubSpotAdapter:
         pass  # the session is the caller's
 
     def cost(self, mapping: ObjectMapping, n: int) -> int:
+        if mapping.about is not None:
+            return 2 + n  # upsert, read the linked records, one association each
         return 2 if mapping.kind == "list" or mapping.mode == "update_only" else 1
 
     async def _call(self, method: str, path: str, body: Any, what: str) -> Answer:
@@ -124,7 +126,53 @@ class HubSpotAdapter:
                 change = by_id.get(str(failed_id).lower())
                 if change is not None:
                     results[change.record] = RecordResult(change.record, False, error=record_error)
+        if mapping.about is not None:
+            observed.update(await self._associate(mapping, changes, results))
         return BatchOutcome(results, None, observed)
+
+    async def _associate(
+        self, mapping: ObjectMapping, changes: list[Change], results: dict[str, RecordResult]
+    ) -> dict[str, str]:
+        """Associate each written task or ticket with the person's record (v4 default association; a PUT,
+        so doing it again changes nothing). Updates `results` in place; returns the last limit headers."""
+        linked = [c for c in changes if c.link is not None and results.get(c.record, RecordResult("", False)).ok]
+        headers: dict[str, str] = {}
+        if not linked:
+            return headers
+        link = linked[0].link
+        assert link is not None
+        id_property = link.key[0][0]
+        body = {
+            "idProperty": id_property,
+            "inputs": [{"id": c.link.key[0][1]} for c in linked if c.link is not None],
+            "properties": [id_property],
+        }
+        answer = await self._call("POST", f"/crm/v3/objects/{link.object}/batch/read", body, link.object)
+        headers = answer.headers
+        if (error := _failure(answer)) is not None:
+            for change in linked:
+                results[change.record] = RecordResult(change.record, False, error=error)
+            return headers
+        targets = {
+            str((r.get("properties") or {}).get(id_property, "")).lower(): str(r["id"])
+            for r in answer.body.get("results", [])
+        }
+        for change in linked:
+            assert change.link is not None
+            written = results[change.record]
+            target = targets.get(change.link.key[0][1].lower())
+            if target is None:
+                # The person's record is not there (yet): the task stays written; replaying the dead
+                # letter once the record exists links it.
+                missing = CrmError(NOT_FOUND, "ASSOCIATION_TARGET_NOT_FOUND", "the linked record does not exist", 404)
+                results[change.record] = RecordResult(change.record, False, written.crm_id, written.created, missing)
+                continue
+            path = f"/crm/v4/objects/{mapping.object}/{written.crm_id}/associations/default/{link.object}/{target}"
+            associated = await self._call("PUT", path, None, "association")
+            headers = associated.headers or headers
+            if (error := _failure(associated)) is not None:
+                results[change.record] = RecordResult(change.record, False, written.crm_id, written.created, error)
+        return headers
 
     async def _update_only(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         id_property = _key_field(changes[0])

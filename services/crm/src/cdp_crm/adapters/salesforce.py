@@ -219,7 +219,9 @@ class SalesforceAdapter:
             # Campaign membership needs CampaignMember rows keyed by contact and campaign: not built yet.
             raise NotImplementedError("Salesforce campaign membership mappings are not supported yet")
         external_id = changes[0].key[0][0]
-        records = [{"attributes": {"type": mapping.object}, **c.fields, external_id: c.key[0][1]} for c in changes]
+        records = [
+            {"attributes": {"type": mapping.object}, **c.fields, **_link(c), external_id: c.key[0][1]} for c in changes
+        ]
         answer = await self._call(
             "PATCH",
             f"/composite/sobjects/{mapping.object}/{external_id}",
@@ -311,6 +313,18 @@ class SalesforceAdapter:
                         change.record, False, error=CrmError(_REASONS.get(code, REJECTED), code, message, 200)
                     )
         return BatchOutcome(results, None, headers)
+
+
+def _link(change: Change) -> dict[str, Any]:
+    """The person's record a task or case is about, as a relationship by external id: `WhoId` ->
+    ``"Who": {"attributes": {"type": "Contact"}, "CDP_Id__c": "..."}`` (the type makes polymorphic
+    lookups like Who unambiguous)."""
+    link = change.link
+    if link is None or link.field is None:
+        return {}
+    field = link.field
+    relationship = field[:-3] + "__r" if field.endswith("__c") else field.removesuffix("Id")
+    return {relationship: {"attributes": {"type": link.object}, **dict(link.key)}}
 
 
 def _cell(value: Any) -> str:

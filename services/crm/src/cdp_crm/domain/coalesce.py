@@ -44,6 +44,15 @@ def record_key(mapping: str, key: Iterable[tuple[str, str]]) -> str:
     return _digest("record", mapping, *parts)[:32]
 
 
+@dataclass(frozen=True)
+class Link:
+    """The record a task or case is about: its object, match key, and the field holding the link."""
+
+    object: str
+    key: tuple[tuple[str, str], ...]
+    field: str | None = None
+
+
 @dataclass
 class Change:
     """One write to one CRM record: what a trigger produced for a mapping."""
@@ -55,6 +64,7 @@ class Change:
     op: str = UPSERT
     person_id: str = ""
     trigger: str = ""
+    link: Link | None = None
 
     @property
     def record(self) -> str:
@@ -80,7 +90,7 @@ class Coalescer:
         merged = {**older.fields, **newer.fields}
         if newer.op == REMOVE:
             merged = dict(newer.fields)
-        self._changes[record] = replace(newer, fields=merged)
+        self._changes[record] = replace(newer, fields=merged, link=newer.link or older.link)
 
     def extend(self, changes: Iterable[Change]) -> None:
         for change in changes:

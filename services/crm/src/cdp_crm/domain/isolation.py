@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import Change, Link
 
 # Reason codes of a rejected record (dead-lettered) ...
 INVALID_VALUE = "invalid_value"  # the CRM refused a value (format, length, picklist)
@@ -147,15 +147,20 @@ class DeadLetter:
                 "op": c.op,
                 "person_id": c.person_id,
                 "trigger": c.trigger,
+                "link": None
+                if c.link is None
+                else {"object": c.link.object, "key": [list(k) for k in c.link.key], "field": c.link.field},
             },
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> DeadLetter:
         c = state["change"]
+        link = c.get("link")
         change = Change(
             c["mapping"], tuple((k, v) for k, v in c["key"]), dict(c["fields"]), c["stamp"], c["op"],
             c["person_id"], c["trigger"],
+            None if link is None else Link(link["object"], tuple((k, v) for k, v in link["key"]), link["field"]),
         )  # fmt: skip
         return cls(
             state["connection"], state["mapping"], state["record"], state["reason"], state["crm_code"],

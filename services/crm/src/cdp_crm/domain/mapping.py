@@ -30,6 +30,9 @@
             object: tasks
             action: task                  # actions.crm whose crm_kind is this (task, case)
             idempotency_field: cdp_idempotency_key
+            about: {mapping: contacts}    # linked to the person's record of that mapping; `field`
+                                          # names the link: WhoId (Salesforce), regardingobjectid_contact
+                                          # (Dynamics); HubSpot associates it
             fields: {hs_task_subject: action.subject, hs_task_body: action.body}
 
 Sources are the profile's flat field keys (`traits.*`, `computed.*`, `scores.*`, `consent.*`, as
@@ -86,7 +89,10 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("dynamics", "list"): "marketing list membership is not supported for dynamics yet",
     ("zoho", "list"): "campaign membership is not supported for zoho yet",
     ("zoho", "update_only"): "update_only is not supported for zoho yet",
+    ("zoho", "about"): "linking a task or case to the person's record is not supported for zoho yet",
 }
+# The kinds whose link to the person's record is a field the mapping must name (HubSpot associates).
+ABOUT_FIELD_REQUIRED = ("salesforce", "dynamics")
 PERSON_ID = "person.id"
 SEGMENTS = "segments"
 ACTION = "action"
@@ -142,6 +148,15 @@ class FieldMapping:
 
 
 @dataclass(frozen=True)
+class About:
+    """An action mapping's link to the person's record: the record mapping, and the CRM field holding
+    the link (a lookup or navigation property; None where the CRM associates records instead)."""
+
+    mapping: str
+    field: str | None = None
+
+
+@dataclass(frozen=True)
 class ObjectMapping:
     connection: str
     id: str
@@ -154,6 +169,7 @@ class ObjectMapping:
     list: str | None = None
     action: str | None = None
     idempotency_field: str | None = None
+    about: About | None = None
 
     @property
     def name(self) -> str:
@@ -313,6 +329,15 @@ class _Reader:
                 self.problem(mapping.name, "id", "is used by another mapping of this connection")
             seen.add(mapping.id)
             mappings.append(mapping)
+        by_id = {m.id: m for m in mappings}
+        for mapping in mappings:
+            if mapping.about is not None:
+                target = by_id.get(mapping.about.mapping)
+                if target is None or target.kind != "record":
+                    records = ", ".join(m.id for m in mappings if m.kind == "record") or "none"
+                    self.problem(
+                        mapping.name, "about.mapping", f"must name a record mapping of this connection ({records})"
+                    )
         return Connection(cid, kind, account, credentials, tuple(mappings), url, limits)
 
     def credentials(self, cid: str, kind: str, raw: Any) -> dict[str, str]:
@@ -369,7 +394,7 @@ class _Reader:
             return None
         where = f"{cid}/{mid}"
         known = {"id", "object", "mode", "match", "triggers", "fields", "segment", "list", "action"}
-        known.add("idempotency_field")
+        known.update(("idempotency_field", "about"))
         for key in raw:
             if key not in known:
                 self.problem(where, key, f"is not a mapping field (expected one of {', '.join(sorted(known))})")
@@ -421,6 +446,7 @@ class _Reader:
             if idempotency_field is not None:
                 self.problem(where, "idempotency_field", "only action mappings (tasks, cases) have one")
             match = self.match(where, kind, raw.get("match"), object_schema)
+        about = self.about(where, kind, raw.get("about"), kind_of_mapping, object_schema)
         return ObjectMapping(
             cid,
             mid,
@@ -433,7 +459,36 @@ class _Reader:
             list_name if isinstance(list_name, str) else None,
             action if isinstance(action, str) else None,
             idempotency_field,
+            about,
         )
+
+    def about(
+        self, where: str, kind: str, raw: Any, kind_of_mapping: str, object_schema: ObjectSchema | None
+    ) -> About | None:
+        if raw is None:
+            return None
+        if kind_of_mapping != "action":
+            self.problem(where, "about", "only action mappings (tasks, cases) link to the person's record")
+            return None
+        if (kind, "about") in UNSUPPORTED:
+            self.problem(where, "about", UNSUPPORTED[(kind, "about")])
+            return None
+        if not isinstance(raw, dict) or not isinstance(raw.get("mapping"), str):
+            self.problem(where, "about", "must be {mapping: <record mapping id>, field: <link field>}")
+            return None
+        for key in raw:
+            if key not in ("mapping", "field"):
+                self.problem(where, f"about.{key}", "is not an about field (mapping, field)")
+        link = raw.get("field")
+        if link is not None and (not isinstance(link, str) or not link):
+            self.problem(where, "about.field", "must name the CRM field holding the link")
+            link = None
+        if link is None and kind in ABOUT_FIELD_REQUIRED:
+            example = "WhoId" if kind == "salesforce" else "regardingobjectid_contact"
+            self.problem(where, "about.field", f"a {kind} link needs the field holding it (like {example})")
+        if link is not None and object_schema is not None:
+            self.schema_field(where, "about.field", link, object_schema, key=False)
+        return About(raw["mapping"], link)
 
     def triggers(self, where: str, kind_of_mapping: str, raw: Any) -> frozenset[str]:
         allowed = {

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cdp_crm.domain.coalesce import task_key
+from cdp_crm.domain.coalesce import Link, task_key
 from cdp_crm.domain.mapping import ACTION, PERSON_ID, SEGMENTS, FieldMapping, ObjectMapping, Transform
 
 # --- projection -----------------------------------------------------------------------------------
@@ -38,6 +38,7 @@ class Projection:
     mapping: str
     key: tuple[tuple[str, str], ...]
     fields: Mapping[str, Any]
+    link: Link | None = None  # for a task or case: the person's record it is about
 
     @property
     def key_values(self) -> dict[str, str]:
@@ -77,8 +78,11 @@ def in_scope(mapping: ObjectMapping, source: Source) -> bool:
     return mapping.segment is None or mapping.segment in source.segments
 
 
-def project(mapping: ObjectMapping, source: Source) -> Projection | Skipped:
-    """The record `source` maps to. Field values are plain JSON values (None clears, in mirror mode)."""
+def project(mapping: ObjectMapping, source: Source, about: ObjectMapping | None = None) -> Projection | Skipped:
+    """The record `source` maps to. Field values are plain JSON values (None clears, in mirror mode).
+
+    For an action mapping with `about`, pass that record mapping: the task or case links to the person's
+    record of it (no link when the person has no match key there: the task still matters more)."""
     key: list[tuple[str, str]] = []
     match = mapping.match
     if mapping.kind == "action":
@@ -99,7 +103,12 @@ def project(mapping: ObjectMapping, source: Source) -> Projection | Skipped:
                 fields[fm.crm_field] = None
             continue
         fields[fm.crm_field] = value
-    return Projection(mapping.name, tuple(key), fields)
+    link = None
+    if mapping.about is not None and about is not None:
+        target = project(about, source)
+        if isinstance(target, Projection):
+            link = Link(about.object, target.key, mapping.about.field)
+    return Projection(mapping.name, tuple(key), fields, link)
 
 
 def changed_fields(previous: Projection | None, current: Projection) -> dict[str, Any]:
