@@ -90,6 +90,12 @@ def test_the_crm_counting_more_than_we_granted_lowers_what_is_left_never_raises_
     assert budget.status(T0)["burst_remaining"] == 39 and budget.status(T0)["daily_remaining"] == 100
 
 
+def test_a_lower_burst_allowance_reported_by_hubspot_is_adopted():
+    budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
+    budget.observe({"X-HubSpot-RateLimit-Max": "100", "X-HubSpot-RateLimit-Remaining": "100"}, T0)
+    assert _grant_all(budget, 500, T0) == 100
+
+
 def test_salesforce_limit_info_sets_the_days_usage_and_the_orgs_allocation():
     budget = Budget.for_kind("salesforce", account="00D")
     budget.observe({"Sforce-Limit-Info": "api-usage=14990/15000"}, T0)

@@ -21,7 +21,8 @@ The contract the service layer (engine, inbound, gRPC) builds on:
    restarts and replicas).
 4. Before each request: `budget.Budget.reserve(cost, now)` on the account's budget (state loaded from and
    stored to the shared store under compare-and-set, so every replica and sync shares it); not granted
-   means wait until `wait_until`. After it: `observe(outcome.headers, now)`, and `throttled(...)` for a
+   means wait until `wait_until`. Size batches so their cost fits the budget's burst (a request that
+   could never fit raises ValueError rather than waiting forever). After it: `observe(outcome.headers, now)`, and `throttled(...)` for a
    THROTTLED outcome (its `retry_after` / `daily`).
 5. Each batch is delivered through `isolation.Isolation`: the adapter sends `next_batch()` and returns a
    `BatchOutcome`; `record()` splits whole-batch rejections until bad records are alone; `synced` feed

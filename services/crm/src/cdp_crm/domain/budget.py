@@ -182,6 +182,9 @@ class Budget:
         if self.kind == "hubspot":
             burst_left = _int(h.get("x-hubspot-ratelimit-remaining"))
             daily_left = _int(h.get("x-hubspot-ratelimit-daily-remaining"))
+            burst_max = _int(h.get("x-hubspot-ratelimit-max"))
+            if burst_max is not None and self.burst is not None and 0 < burst_max < self.burst:
+                self.burst = burst_max  # the app's real allowance is lower than configured
             daily_max = _int(h.get("x-hubspot-ratelimit-daily"))
             if daily_max is not None and self.daily is not None and daily_max < self.daily:
                 self.daily = daily_max
