@@ -53,11 +53,12 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: flo
 
 
 class World:
-    def __init__(self, bus: Bus, store: Store, rules: Rules, clock_offset: float) -> None:
+    def __init__(self, bus: Bus, store: Store, rules: Rules, clock_offset: float, hot_persons: int) -> None:
         self.bus = bus
         self.store = store
         self.rules = rules
         self.clock_offset = clock_offset
+        self.hot_persons = hot_persons
         self.journeys = Journeys(store)
         self.engine: PartitionedEngine | None = None
         self.sequence = 0
@@ -70,7 +71,12 @@ class World:
     async def start(self) -> PartitionedEngine:
         await self.journeys.load()
         logic = OrchestrationLogic(
-            self.store, self.journeys, self.rules, partitions=PARTITIONS, clock_offset=self.clock_offset
+            self.store,
+            self.journeys,
+            self.rules,
+            partitions=PARTITIONS,
+            clock_offset=self.clock_offset,
+            hot_persons=self.hot_persons,
         )
         spec = EngineSpec(
             service=SERVICE,
@@ -162,13 +168,13 @@ class World:
 async def world_factory(nats_server, tmp_path):
     opened: list[tuple[World, Any]] = []
 
-    async def make(rules: Rules | None = None, clock_offset: float = 0.0) -> World:
+    async def make(rules: Rules | None = None, clock_offset: float = 0.0, hot_persons: int = 1000) -> World:
         bus_cm = Bus.connect(nats_server.url, name="orchestration-test")
         bus = await bus_cm.__aenter__()
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
         await streams.ensure_streams(bus.js)
         store = open_store(f"sqlite:///{tmp_path}/orchestration-{len(opened)}.db")
-        world = World(bus, store, rules or Rules(), clock_offset)
+        world = World(bus, store, rules or Rules(), clock_offset, hot_persons)
         opened.append((world, bus_cm))
         return world
 

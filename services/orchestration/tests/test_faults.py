@@ -9,6 +9,7 @@ import collections
 import random
 
 from cdp_kit.bus import subjects
+from cdp_orchestration.domain.rules import parse_rules
 
 TWO_REMINDERS = {
     "id": "two-reminders",
@@ -111,3 +112,23 @@ async def test_three_crashes_mid_stream_send_every_action_once_and_fire_every_ti
         assert instance["end_reason"] == "completed"
         kinds = [d["kind"] for d in await world.decisions(person)]
         assert kinds == ["sent", "sent"]
+
+
+async def test_persons_dropped_from_memory_come_back_from_the_store_with_their_caps(world_factory):
+    # Room for one person per partition: every stimulus of the others reads them back from the store.
+    capped = parse_rules({"caps": [{"id": "inapp-daily", "channel": "inapp", "per": "day", "limit": 1}]})
+    world = await world_factory(rules=capped, hot_persons=2)
+    await world.publish_journey(TWO_REMINDERS)
+    await world.start()
+    people = [f"r{i}" for i in range(10)]
+    for person in people:
+        await world.profile(person, consent={"purpose:Marketing": True}, first_name=person)
+    for person in people:
+        await world.event(person, "Cart Abandoned", f"cart-{person}")
+    await world.eventually(lambda: _ended(world, people), timeout=30)
+
+    for person in people:
+        kinds = [d["kind"] for d in await world.decisions(person)]
+        assert kinds == ["sent", "capped"], person  # the first send was remembered across the reloads
+    assert len(await world.actions()) == len(people)
+    assert set((await _fired(world)).values()) == {1}

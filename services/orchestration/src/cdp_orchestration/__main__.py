@@ -61,12 +61,18 @@ async def setup(runtime: ServiceRuntime) -> None:
     inbox = channels.get("inapp")
     if inbox is not None:
         await inbox.start()  # type: ignore[attr-defined]
+    tasks = []
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
-        runtime.spawn(dispatcher(bus, store, channel).run(), f"dispatch actions.{channel.name}")
+        tasks.append(runtime.spawn(dispatcher(bus, store, channel).run(), f"dispatch actions.{channel.name}"))
 
     logic = OrchestrationLogic(
-        store, journeys, settings.rules(), partitions=settings.partitions, hot_persons=settings.hot_persons
+        store,
+        journeys,
+        settings.rules(),
+        partitions=settings.partitions,
+        hot_persons=settings.hot_persons,
+        meter=runtime.telemetry.meter,
     )
     spec = EngineSpec(
         service=SERVICE,
@@ -82,11 +88,14 @@ async def setup(runtime: ServiceRuntime) -> None:
     ownership = await engine.start(
         await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
     )
-    serving_task = runtime.spawn(engine.serve(ownership), "apply orchestration.in")
+    tasks.append(runtime.spawn(engine.serve(ownership), "apply orchestration.in"))
 
     async def release() -> None:
-        serving_task.cancel()
-        await asyncio.gather(serving_task, return_exceptions=True)
+        # Pushed after the bus and the store: on the way out the partitions are released (drained) and the
+        # dispatchers stopped before those close.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     runtime.stack.push_async_callback(release)
     api = OrchestrationApi(
