@@ -12,16 +12,17 @@ import time
 from dataclasses import dataclass
 
 import nats
+import orjson
 import pytest
 
 from cdp.profile.v1 import profile_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Bus, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import InvalidArgument, Unavailable
-from cdp_kit.storage import open_store
+from cdp_kit.storage import Put, open_store
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, LIVE, SHADOW, canary_bucket
-from cdp_scoring.engine import CHANGED_AT, FIELDS, ScoringEngine
+from cdp_scoring.engine import CHANGED_AT, CHECKPOINTS, FIELDS, SNAPSHOTS, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore
 from cdp_scoring.stream import ScoringStream, scoring_stream
 from cdp_testing.fakes import T0, Clock
@@ -374,3 +375,33 @@ async def test_errors_name_what_is_wrong(setup):
     with pytest.raises(InvalidArgument) as caught:
         await engine.deploy(b"not a model", role=None)
     assert caught.value.field == "onnx"
+
+
+async def test_an_upgrade_keeps_the_snapshot_taken_before_the_engine(nats_server, tmp_path):
+    """Before the partitioned engine, the snapshot's positions were scoring's only checkpoints, kept in
+    `scoring_checkpoints`, whose keys the engine's checkpoints now use: on the first start they move to
+    `scoring_snapshots`, the fields come back from that snapshot, and what came after it is scored."""
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="upgrade") as bus:
+        await bus.ensure_streams(profiles_stream(), scores_stream())
+        for message in (changed([change("p1", orders=1, sessions=2)]), changed([change("p1", orders=3)])):
+            await bus.js.publish(subjects.profiles_changed(0), message.SerializeToString())
+        fields = {"computed.orders_90d": 3.0, "computed.sessions_30d": 2.0, CHANGED_AT: T0}
+        await store.bulk_write(
+            [
+                Put(FIELDS, "p1", {"fields": orjson.dumps(fields).decode()}),
+                Put(CHECKPOINTS, subjects.profiles_changed(0), {"stream_seq": 2, "at": T0}),
+            ]
+        )
+        engine, stream = await make_engine(store, bus, tmp_path, clock)
+        try:
+            await engine.deploy(logistic_model(weights=W), role=None)
+            assert engine.fields["p1"] == fields
+            assert (await store.get(SNAPSHOTS, subjects.profiles_changed(0))).doc["stream_seq"] == 2
+            await stream.feed(changed([change("p1", sessions=5, at=T0 + 1)]))
+            [update] = await published(nats_server.url)
+            assert update.at == pytest.approx(T0 + 1)
+            assert update.scores["churn_risk"] == pytest.approx(expected(W, [3, 5]), abs=1e-6)
+        finally:
+            await stream.stop()
+            await engine.stop()
