@@ -22,6 +22,7 @@ def _mapping(mode="upsert", fields=None, obj="contacts", match=None):
             {
                 "id": "dyn",
                 "kind": "dynamics",
+                "url": "https://org.crm.dynamics.com",
                 "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
                 "mappings": [
                     {
@@ -162,6 +163,7 @@ async def test_a_task_is_bound_to_the_persons_contact_by_its_alternate_key(dynam
                 {
                     "id": "dyn",
                     "kind": "dynamics",
+                    "url": "https://org.crm.dynamics.com",
                     "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
                     "mappings": [
                         {

@@ -336,3 +336,51 @@ def test_salesforce_and_dynamics_links_name_their_field():
         ]
     }
     assert "WhoId" in _problems(document, {})["sf/t.about.field"]
+
+
+def test_a_dynamics_connection_needs_its_environment_url():
+    document = {
+        "connections": [
+            {
+                "id": "dyn",
+                "kind": "dynamics",
+                "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
+                "mappings": [
+                    {
+                        "id": "c",
+                        "object": "contacts",
+                        "match": {"cdp_id": "person.id"},
+                        "fields": {"lastname": "traits.last_name"},
+                    }
+                ],
+            }
+        ]
+    }
+    assert "environment's URL" in _problems(document, {})["dyn.url"]
+
+
+def test_a_record_mapping_scoped_to_a_segment_follows_entries_and_exits_by_default():
+    (connection,) = parse_connections(_document(segment="at_risk", mode="mirror"), SCHEMAS)
+    assert connection.mapping("contacts").triggers == {
+        "profiles.changed",
+        "segments.entered",
+        "segments.exited",
+        "backfill",
+    }
+
+
+def test_a_list_mapping_writes_membership_only():
+    document = _document()
+    document["connections"][0]["mappings"].append(
+        {
+            "id": "vip",
+            "object": "contacts",
+            "segment": "vip",
+            "list": "1",
+            "mode": "update_only",
+            "match": {"cdp_id": "person.id"},
+            "fields": {"email": "traits.email"},
+        }
+    )
+    problems = _problems(document)
+    assert "hubspot/vip.mode" in problems and "record mapping" in problems["hubspot/vip.fields"]

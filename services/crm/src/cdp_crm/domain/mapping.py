@@ -4,7 +4,9 @@
       - id: hubspot                       # names the connection everywhere (status, dead letters, metrics)
         kind: hubspot                     # salesforce | hubspot | dynamics | zoho
         account: "62515"                  # the API budget's owner; connections naming the same account share it
-        url: https://api.hubapi.com       # optional: the API (or login) base; the vendor's by default
+        url: https://api.hubapi.com       # the API base (Salesforce: the login URL; Zoho: the accounts
+                                          # URL of the data centre); the vendor's by default, except
+                                          # Dynamics, whose environment URL is required
         credentials: {token: HUBSPOT_TOKEN}   # environment variable NAMES, never the secrets themselves
         limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract
         mappings:
@@ -312,6 +314,10 @@ class _Reader:
         if url is not None and (not isinstance(url, str) or not url.startswith(("https://", "http://"))):
             self.problem(cid, "url", "must be an http(s) URL")
             url = None
+        elif url is None and kind == "dynamics":
+            self.problem(
+                cid, "url", "a dynamics connection needs the environment's URL (https://<org>.crm.dynamics.com)"
+            )
         credentials = self.credentials(cid, kind, raw.get("credentials"))
         limits = self.limits(cid, raw.get("limits"))
         schema = self.schemas.get(cid)
@@ -428,7 +434,11 @@ class _Reader:
             self.problem(where, "mode", UNSUPPORTED[(kind, mode)])
         if kind_of_mapping == "list" and segment is None:
             self.problem(where, "segment", "a list mapping needs the segment whose members the list holds")
-        triggers = self.triggers(where, kind_of_mapping, raw.get("triggers"))
+        if kind_of_mapping == "list" and mode == "update_only":
+            self.problem(where, "mode", "a list mapping adds members (upsert) or also removes them (mirror)")
+        if kind_of_mapping == "list" and raw.get("fields"):
+            self.problem(where, "fields", "a list mapping writes membership only; map fields in a record mapping")
+        triggers = self.triggers(where, kind_of_mapping, raw.get("triggers"), segment is not None)
         fields = self.fields(where, kind, raw.get("fields"), kind_of_mapping, object_schema)
         idempotency_field = raw.get("idempotency_field")
         match: tuple[FieldMapping, ...] = ()
@@ -490,7 +500,7 @@ class _Reader:
             self.schema_field(where, "about.field", link, object_schema, key=False)
         return About(raw["mapping"], link)
 
-    def triggers(self, where: str, kind_of_mapping: str, raw: Any) -> frozenset[str]:
+    def triggers(self, where: str, kind_of_mapping: str, raw: Any, scoped: bool) -> frozenset[str]:
         allowed = {
             "record": (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, BACKFILL),
             "list": (SEGMENT_ENTERED, SEGMENT_EXITED, BACKFILL),
@@ -502,7 +512,8 @@ class _Reader:
             "action": (ACTIONS,),
         }[kind_of_mapping]
         if raw is None:
-            return frozenset(defaults)
+            # A record mapping limited to a segment also follows people entering and leaving it.
+            return frozenset(allowed if kind_of_mapping == "record" and scoped else defaults)
         if not isinstance(raw, list) or not raw:
             self.problem(where, "triggers", f"must be a non-empty list of {', '.join(allowed)}")
             return frozenset(defaults)
