@@ -218,3 +218,22 @@ async def test_bad_requests_name_their_field(service):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.Enroll(pb.EnrollRequest(journey_id="nope", person_id="x"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_publishing_with_map_by_node_id_moves_running_instances_to_the_new_version(service):
+    stub, _ = service
+    await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
+    await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow"))
+    moved = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="cy", idempotency_key="m1"))
+    second = {**SLOW, "version": 2, "nodes": [{"id": "later", "type": "delay", "duration": "2h"}]}
+    await stub.UpdateJourney(pb.UpdateJourneyRequest(journey_id="slow", definition=definition(second)))
+    live = await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow", migration=pb.MIGRATION_MAP_BY_NODE_ID))
+    assert live.version == 2
+    for _ in range(300):
+        instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=moved.instance_id))
+        if instance.journey_version == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert instance.journey_version == 2 and instance.state == pb.INSTANCE_STATE_WAITING
+    old = await stub.GetJourney(pb.GetJourneyRequest(journey_id="slow", version=1))
+    assert old.definition["nodes"][0]["duration"] == "1h"  # a published version never changes

@@ -104,3 +104,17 @@ async def test_quiet_hours_defer_through_a_durable_timer_and_a_purchase_withdraw
     assert dan["end_reason"] == "exit_rule:purchased"
     await asyncio.sleep(1)
     assert len(await world.actions()) == 1
+
+
+async def test_a_reminder_whose_template_reads_a_missing_field_is_not_sent_with_a_blank(world_factory):
+    world = await world_factory()
+    await world.publish_journey(_without_delay())
+    await world.start()
+    await world.profile("eve", consent={"purpose:Marketing": True}, email="eve@example.com")  # no first_name
+    await world.event("eve", "Cart Abandoned", "e-cart-eve", cart_url="u")
+
+    [decision] = await world.eventually(lambda: world.decisions("eve"))
+    assert decision["kind"] == "failed"
+    assert "traits.first_name" in decision["reason"] and "eve@example.com" not in decision["reason"]
+    await asyncio.sleep(0.5)
+    assert await world.actions() == []

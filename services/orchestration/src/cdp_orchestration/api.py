@@ -157,6 +157,7 @@ class OrchestrationApi:
         return await self._journey(journey_id, request.version)
 
     async def ListJourneys(self, request, context) -> pb.ListJourneysResponse:
+        await self.journeys.load()  # journeys created through other replicas too
         size, start = page_size(request.page_size), offset(request.page_token)
         wanted = {STATE_OF_PB[s] for s in request.states if s in STATE_OF_PB} or {
             State.DRAFT,

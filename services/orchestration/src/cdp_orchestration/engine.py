@@ -71,7 +71,7 @@ from cdp_orchestration.domain.instance import (
     new_instance,
     step,
 )
-from cdp_orchestration.domain.journey import Action
+from cdp_orchestration.domain.journey import Action, Journey
 from cdp_orchestration.domain.lifecycle import MigrationPlan
 from cdp_orchestration.domain.records import (
     instance_record,
@@ -292,7 +292,8 @@ class OrchestrationLogic:
         key = f"{body['journey_id']}:{body['idempotency_key']}"
         if await self.store.get(ENROLLMENTS, key) is not None or (ENROLLMENTS, key) in batch.writes:
             return  # answered already
-        record = self.journeys.records.get(body["journey_id"])
+        # Read again: the journey may have been published through another replica a moment ago.
+        record = await self.journeys.reload(body["journey_id"])
         journey = record.live if record is not None else None
         if record is None or journey is None:
             answer = (False, "", "not_found")
@@ -315,7 +316,7 @@ class OrchestrationLogic:
 
     async def _migrate(self, person: Person, body: dict) -> None:
         instance = person.live.get(body["instance_id"])
-        new = self.journeys.version(body["journey_id"], body["to_version"])
+        new = await self._version(body["journey_id"], body["to_version"])
         if instance is None or new is None or instance.version != body["from_version"]:
             return
         plan = MigrationPlan(
@@ -331,7 +332,7 @@ class OrchestrationLogic:
     async def _step(
         self, hot: Partition, batch: Batch, person: Person, instance: Instance, stimulus: Stimulus, now: float
     ) -> None:
-        journey = self.journeys.version(instance.journey_id, instance.version)
+        journey = await self._version(instance.journey_id, instance.version)
         if journey is None:
             log.error(
                 "instance %s runs journey %s v%d, which is not loaded",
@@ -408,7 +409,7 @@ class OrchestrationLogic:
         for index, decision in enumerate(ruling.decisions):
             kind, reason = decision.kind.value, decision.reason
             if decision.kind is Kind.SENT:
-                failure = self._send(batch, person, decision)
+                failure = await self._send(batch, person, decision)
                 if failure is not None:
                     kind, reason = "failed", failure
             doc = {
@@ -488,11 +489,19 @@ class OrchestrationLogic:
             {**doc, "state": state, "decided_at": decision.at, "decided_by": decided_by, "note": note},
         )
 
-    def _send(self, batch: Batch, person: Person, decision: Decision) -> str | None:
+    async def _version(self, journey_id: str, version: int) -> Journey | None:
+        """A published version; read from the store when this replica has not seen it yet (it was published
+        through another replica and the announcement is still on its way)."""
+        journey = self.journeys.version(journey_id, version)
+        if journey is None:
+            await self.journeys.reload(journey_id)
+            journey = self.journeys.version(journey_id, version)
+        return journey
+
+    async def _send(self, batch: Batch, person: Person, decision: Decision) -> str | None:
         """Publish the sent action on actions.<channel>.<p>; the reason it could not be, or None."""
         instance = person.live.get(decision.instance_id)
-        held_version = instance.version if instance is not None else None
-        journey = self.journeys.version(decision.journey_id, held_version) if held_version is not None else None
+        journey = await self._version(decision.journey_id, instance.version) if instance is not None else None
         node = journey.nodes.get(decision.node_id) if journey is not None else None
         if not isinstance(node, Action):
             return "failed: the action's journey version is not loaded"
