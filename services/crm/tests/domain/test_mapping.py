@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from cdp_crm.domain.mapping import MappingInvalid, ObjectSchema, load_connections, parse_connections
-from cdp_crm.domain.projection import Projection, Skipped, Source, changed_fields, project, reads, touches
+from cdp_crm.domain.projection import (
+    Projection,
+    Skipped,
+    Source,
+    changed_fields,
+    cleared,
+    in_scope,
+    project,
+    reads,
+    touches,
+)
 
 HUBSPOT_CONTACTS = ObjectSchema.of(
     "contacts",
@@ -384,3 +394,13 @@ def test_a_list_mapping_writes_membership_only():
     )
     problems = _problems(document)
     assert "hubspot/vip.mode" in problems and "record mapping" in problems["hubspot/vip.fields"]
+
+
+def test_mirror_clears_the_mapped_fields_of_a_person_who_left_the_segment():
+    (connection,) = parse_connections(_document(segment="vip", mode="mirror"), SCHEMAS)
+    contacts = connection.mapping("contacts")
+    left = Source("person-1", PERSON.profile, frozenset({"at_risk"}))
+    assert not in_scope(contacts, left) and in_scope(contacts, PERSON)
+    removal = cleared(contacts, left)
+    assert removal.key == (("cdp_id", "person-1"),) and set(removal.fields.values()) == {None}
+    assert set(removal.fields) == {fm.crm_field for fm in contacts.fields}

@@ -11,7 +11,8 @@ The contract the service layer (engine, inbound, gRPC) builds on:
    a `Projection` (match key + fields) or `Skipped` (no match key value: counted, not an error). The
    service keeps the last projection written per record (record status) and sends only
    `projection.changed_fields(last, current)`; nothing changed, no call. A person out of the mapping's
-   segment (`in_scope` false) is a REMOVE in mirror mode and nothing otherwise.
+   segment (`in_scope` false) is, in mirror mode, `projection.cleared(m, source)` sent as a REMOVE
+   (list membership removed, or the record's mapped fields cleared) and nothing otherwise.
    An actions.crm message (cdp.orchestration.v1.ActionMessage) feeds the action mappings whose `action`
    equals its `crm_kind`, as `Source(action={"id": action_id, "category": ..., "journey_id": ...,
    "signals": "name: value" lines, **content})`; its idempotency key comes from the action id.

@@ -111,6 +111,17 @@ def project(mapping: ObjectMapping, source: Source, about: ObjectMapping | None 
     return Projection(mapping.name, tuple(key), fields, link)
 
 
+def cleared(mapping: ObjectMapping, source: Source) -> Projection | Skipped:
+    """What mirror mode writes for a person who left the mapping's segment: the same record with every
+    mapped field cleared (None). For a list mapping the change is a REMOVE of the membership instead
+    (`coalesce.REMOVE`); its fields are empty either way."""
+    current = project(mapping, source)
+    if isinstance(current, Skipped):
+        return current
+    fields = {} if mapping.kind == "list" else {fm.crm_field: None for fm in mapping.fields}
+    return Projection(current.mapping, current.key, fields)
+
+
 def changed_fields(previous: Projection | None, current: Projection) -> dict[str, Any]:
     """The fields a write must carry: all of them for a record never written, else those whose value
     differs from what was last written (empty: no write)."""
