@@ -240,3 +240,14 @@ async def test_a_task_is_linked_to_the_persons_contact_by_its_external_id(salesf
     (created,) = emulator.records("Task")
     (contact,) = emulator.records("Contact")
     assert created["WhoId"] == contact["Id"] and created["Subject"] == "Call"
+
+
+async def test_a_bulk_job_that_does_not_finish_in_time_is_answer_lost(salesforce):
+    _, adapter = salesforce
+    contacts = _contacts()
+
+    async def no_time_passes(seconds):
+        pass
+
+    outcome = await adapter.bulk_upsert(contacts, _people(contacts, 10), poll=no_time_passes, max_polls=0)
+    assert outcome.error.reason == ANSWER_LOST and outcome.error.transient

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cdp_crm.adapters.http import Answer, exchange, transport_error
 from cdp_crm.domain.coalesce import Change
 from cdp_crm.domain.isolation import (
+    ANSWER_LOST,
     AUTH,
     DUPLICATE,
     INVALID_VALUE,
@@ -254,11 +255,14 @@ class SalesforceAdapter:
         *,
         poll: Callable[[float], Awaitable[None]] = asyncio.sleep,
         poll_seconds: float = 1.0,
+        max_polls: int = 3600,
     ) -> BatchOutcome:
         """A backfill's page through Bulk API 2.0: one ingest job (create, upload, close, poll, results).
 
         Returns per-record results like `send`; a job that fails as a whole is one error. Each poll is a
-        request too: `poll` is awaited before each (reserve budget there)."""
+        request too: `poll` is awaited before each (reserve budget there). A job still running after
+        `max_polls` is ANSWER_LOST: its rows may yet be written, and sending them again upserts the same
+        records."""
         external_id = changes[0].key[0][0]
         columns = list(dict.fromkeys([external_id, *(f for c in changes for f in c.fields)]))
         out = io.StringIO()
@@ -284,7 +288,12 @@ class SalesforceAdapter:
         if (error := _failure(closed)) is not None:
             return BatchOutcome.failed(error, closed.headers)
         state, headers = closed.body.get("state"), closed.headers
+        polls = 0
         while state not in ("JobComplete", "Failed", "Aborted"):
+            if polls >= max_polls:
+                still = CrmError(ANSWER_LOST, "BULK_JOB_RUNNING", f"job still {state} after {polls} polls")
+                return BatchOutcome.failed(still, headers)
+            polls += 1
             await poll(poll_seconds)
             info = await self._call("GET", f"/jobs/ingest/{job}", what="bulk poll")
             if (error := _failure(info)) is not None:
