@@ -17,8 +17,12 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import OutMessage, partition_for, subjects
+from cdp_kit.errors import FailedPrecondition
 from cdp_kit.service import serving
+from cdp_kit.storage import open_store
 from cdp_orchestration.__main__ import setup
+from cdp_orchestration.api import OrchestrationApi
+from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.settings import OrchestrationSettings
 
 PARTITIONS = 2
@@ -237,3 +241,45 @@ async def test_publishing_with_map_by_node_id_moves_running_instances_to_the_new
     assert instance.journey_version == 2 and instance.state == pb.INSTANCE_STATE_WAITING
     old = await stub.GetJourney(pb.GetJourneyRequest(journey_id="slow", version=1))
     assert old.definition["nodes"][0]["duration"] == "1h"  # a published version never changes
+
+
+WIN_BACK = {
+    "id": "win-back",
+    "version": 1,
+    "name": "Win back",
+    "priority": 5,
+    "category": "offer",
+    "timezone": "UTC",
+    "entry": {"api": True},
+    "nodes": [
+        {"id": "bought", "type": "branch", "branches": [{"if": 'performed("Order Completed", within 30d)'}]},
+    ],
+}
+
+
+async def test_a_journey_reading_past_events_has_its_computed_traits_defined_before_it_goes_live(tmp_path):
+    async with open_store(f"sqlite:///{tmp_path}/o.db") as store:
+        defined: list[dict] = []
+
+        async def define(definitions) -> None:
+            defined.extend(definitions)
+
+        api = OrchestrationApi(journeys=Journeys(store), store=store, bus=None, partitions=2, define_traits=define)
+        await api.CreateJourney(pb.CreateJourneyRequest(definition=definition(WIN_BACK)), None)
+        live = await api.PublishJourney(pb.PublishJourneyRequest(journey_id="win-back"), None)
+        assert live.state == pb.JOURNEY_STATE_ACTIVE
+        [trait] = defined
+        assert trait["op"] == "count" and trait["event_names"] == ["Order Completed"] and trait["window"] == "30d"
+
+        # Without a profile service to define them, the journey is not published (its condition would be
+        # false for everyone, silently).
+        other = Journeys(store)
+        no_profile = OrchestrationApi(journeys=other, store=store, bus=None, partitions=2)
+        await no_profile.CreateJourney(
+            pb.CreateJourneyRequest(definition=definition({**WIN_BACK, "id": "win-back-2"})), None
+        )
+        with pytest.raises(FailedPrecondition, match="CDP_PROFILE_ADDRESS"):
+            await no_profile.PublishJourney(pb.PublishJourneyRequest(journey_id="win-back-2"), None)
+        assert (await no_profile.GetJourney(pb.GetJourneyRequest(journey_id="win-back-2"), None)).state == (
+            pb.JOURNEY_STATE_DRAFT
+        )

@@ -19,7 +19,8 @@ from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, segments_stream, subjects
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
-from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.profile_client import ProfileClient
+from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
@@ -98,6 +99,15 @@ async def setup(runtime: ServiceRuntime) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     runtime.stack.push_async_callback(release)
+    define_traits = None
+    if settings.profile_address:
+        profile_channel = client_channel(settings, settings.profile_address)
+        runtime.stack.push_async_callback(profile_channel.close)
+        profile = ProfileClient(profile_channel, settings.profile_token)
+
+        async def define_traits(definitions) -> None:
+            await profile.define(definitions, field="definition.computed_traits.{name}")
+
     api = OrchestrationApi(
         journeys=journeys,
         store=store,
@@ -106,6 +116,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         inbox=inbox,
         answer_timeout=settings.answer_timeout,
         announce=announce,
+        define_traits=define_traits,
     )
     runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
     runtime.grpc.add_service(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from google.protobuf import json_format
@@ -87,6 +87,7 @@ class OrchestrationApi:
         inbox: Any = None,
         answer_timeout: float = 10.0,
         announce: Callable[[str], Awaitable[None]] | None = None,
+        define_traits: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
     ) -> None:
         self.journeys = journeys
         self.store = store
@@ -95,6 +96,7 @@ class OrchestrationApi:
         self.inbox = inbox
         self.answer_timeout = answer_timeout
         self.announce = announce
+        self.define_traits = define_traits
 
     # --- journeys ------------------------------------------------------------------------------------------
 
@@ -126,6 +128,16 @@ class OrchestrationApi:
         record = await self._record(journey_id)
         previous = record.live
         published = lifecycle.publish(record)
+        # Conditions on past events read computed traits the profile service keeps: define them before the
+        # version goes live, or its conditions would silently see nothing.
+        live = published.live
+        if live is not None and live.computed_traits:
+            if self.define_traits is None:
+                raise FailedPrecondition(
+                    f"journey {journey_id} has conditions on past events, which need the profile service's "
+                    "computed traits: set CDP_PROFILE_ADDRESS"
+                )
+            await self.define_traits(live.computed_traits)
         await self._save(published)
         if request.migration == pb.MIGRATION_MAP_BY_NODE_ID and previous is not None:
             await self._migrate(published, previous)

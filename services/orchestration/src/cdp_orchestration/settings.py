@@ -24,6 +24,15 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         help="the arbiter's rules (caps, quiet hours, suppressions, approval gate) as JSON or YAML; "
         "unset: no caps, no quiet hours, no suppressions, approval only for actions marked so",
     )
+    profile_address: str = env(
+        "CDP_PROFILE_ADDRESS",
+        "",
+        help="profile gRPC address (host:port): a journey whose conditions read past events has the computed "
+        "traits they need defined there when it is published; empty: such a journey cannot be published",
+    )
+    profile_token: str = env(
+        "CDP_PROFILE_TOKEN", "", help="bearer token for the profile service (profile:admin)", secret=True
+    )
     batch_size: int = env("CDP_ORCHESTRATION_BATCH_SIZE", 256, help="orchestration.in messages fetched per batch")
     ack_wait: float = env(
         "CDP_ORCHESTRATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
