@@ -358,7 +358,13 @@ def stage_split(before: dict, after: dict) -> dict:
     return split
 
 
-async def bench_realtime(nats_url: str, metrics_url: str | None = None) -> dict:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench_realtime(nats_url: str, metrics_url: str | None = None, pid: int | None = None) -> dict:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
     sent_at: dict[tuple[str, int], list] = {}
@@ -410,6 +416,8 @@ async def bench_realtime(nats_url: str, metrics_url: str | None = None) -> dict:
         plan.append(([(subjects.profiles_changed(p), b.SerializeToString()) for p, b in batches.items()], keys))
     publish_in: list[float] = []
     scrapes: list = []
+    cpu: list[tuple[float, float]] = []  # (process CPU seconds, perf_counter) at the timed window's ends
+    timed_changes = 0
     started = time.perf_counter()
     for i, (messages, keys) in enumerate(plan):
         tick = started + i * TICK
@@ -417,6 +425,10 @@ async def bench_realtime(nats_url: str, metrics_url: str | None = None) -> dict:
         measuring = tick > started + WARMUP_SECONDS
         if measuring and not scrapes and metrics_url:
             scrapes.append(asyncio.create_task(asyncio.to_thread(scrape, metrics_url)))
+        if measuring and not cpu and pid:
+            cpu.append((process_cpu_seconds(pid), time.perf_counter()))
+        if measuring:
+            timed_changes += per_tick
         now = time.perf_counter()
         for key in keys:
             sent_at[key] = [now, measuring]
@@ -425,11 +437,18 @@ async def bench_realtime(nats_url: str, metrics_url: str | None = None) -> dict:
             publish_in.append((time.perf_counter() - now) * 1000)
     elapsed = time.perf_counter() - started
     await asyncio.sleep(2)
+    if cpu:
+        cpu.append((process_cpu_seconds(pid), time.perf_counter()))
     stages = {"publish_in": {"p50_ms": percentile(publish_in, 50), "p99_ms": percentile(publish_in, 99)}}
     if scrapes:
         stages |= stage_split(await scrapes[0], await asyncio.to_thread(scrape, metrics_url))
     await nc.close()
+    process = {}
+    if len(cpu) == 2:
+        used, wall = cpu[1][0] - cpu[0][0], cpu[1][1] - cpu[0][1]
+        process = {"cpu_ms_per_1000_changes": round(used / timed_changes * 1e6, 1), "cores": round(used / wall, 2)}
     return {
+        "process": process,
         "stages": stages,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
@@ -510,7 +529,9 @@ async def main_async() -> tuple[dict, dict]:
             )
             with service:
                 await create_segments(service.grpc_address, live_segments())
-                realtime = await bench_realtime(server.url, f"http://127.0.0.1:{metrics_port}/metrics")
+                realtime = await bench_realtime(
+                    server.url, f"http://127.0.0.1:{metrics_port}/metrics", service.proc.pid if service.proc else None
+                )
             hop = await bench_hop(server.url, 10, rate=RATE, payload=b"x" * 300)
         finally:
             server.stop()
@@ -577,6 +598,9 @@ def write_realtime(realtime: dict, hop: dict, per_change: dict) -> None:
             "hop_p99_ms": hop["p99_ms"],
             "baseline": "one bare JetStream hop (publish -> push consumer) at the same load",
             "stages": realtime["stages"],
+            # The service process' CPU over the timed window and the 2 s after it (the machine is shared:
+            # a figure its load moves less than the latencies).
+            "process": realtime["process"],
             "stages_note": "per stage over the timed window: publish_in = publishing a tick's changes into "
             "PROFILES (here); then the service's engine, per batch: bus_wait = its oldest message stored to "
             "fetched, slot_wait = fetched to a pipeline slot free, decode, apply, commit = its checkpoint and "
