@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.domain.budget import Budget
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import REMOVE, Change
 from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, INVALID_VALUE, THROTTLED, UNKNOWN_FIELD, Isolation
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm.domain.projection import Source, project
@@ -251,3 +251,36 @@ async def test_a_bulk_job_that_does_not_finish_in_time_is_answer_lost(salesforce
 
     outcome = await adapter.bulk_upsert(contacts, _people(contacts, 10), poll=no_time_passes, max_polls=0)
     assert outcome.error.reason == ANSWER_LOST and outcome.error.transient
+
+
+async def test_campaign_membership_follows_the_segment_and_a_resend_changes_nothing(salesforce):
+    emulator, adapter = salesforce
+    contacts = _contacts()
+    await adapter.send(contacts, _people(contacts, 2))
+    campaign = emulator.user_create("Campaign", {"Name": "High value", "CDP_Segment_Id__c": "high_value"})["Id"]
+    document = _document()
+    document["connections"][0]["mappings"].append(
+        {
+            "id": "vip",
+            "object": "Contact",
+            "segment": "high_value",
+            "list": campaign,
+            "match": {"CDP_Id__c": "person.id"},
+            "mode": "mirror",
+        }
+    )
+    (connection,) = parse_connections(document)
+    vip = connection.mapping("vip")
+    entered = [Change(vip.name, (("CDP_Id__c", p),), person_id=p) for p in ("person-0", "person-1", "nobody")]
+    first = await adapter.send(vip, entered)
+    by_person = {c.person_id: first.results[c.record] for c in entered}
+    assert by_person["person-0"].ok and by_person["person-0"].created and by_person["person-1"].ok
+    assert by_person["nobody"].error.reason == "not_found"
+    again = await adapter.send(vip, entered[:2])  # as after a lost answer: nothing new
+    assert all(r.ok and r.created is False for r in again.results.values())
+    assert len(emulator.records("CampaignMember")) == 2
+    left = Change(vip.name, (("CDP_Id__c", "person-0"),), op=REMOVE)
+    assert all(r.ok for r in (await adapter.send(vip, [left])).results.values())
+    assert all(r.ok for r in (await adapter.send(vip, [left])).results.values())  # already gone: fine
+    (member,) = emulator.records("CampaignMember")
+    assert member["CampaignId"] == campaign

@@ -22,6 +22,7 @@ import base64
 import csv
 import io
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import REMOVE, Change
 from cdp_crm.domain.isolation import (
     ANSWER_LOST,
     AUTH,
@@ -50,6 +51,7 @@ from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
 
 API_VERSION = "62.0"
 COLLECTION_LIMIT = 200
+COMPOSITE_LIMIT = 25
 LOGIN = "https://login.salesforce.com"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _REASONS = {
@@ -112,6 +114,9 @@ class SalesforceAdapter:
         pass  # the session is the caller's
 
     def cost(self, mapping: ObjectMapping, n: int) -> int:
+        if mapping.kind == "list":
+            # Two queries (the people's records, their memberships), then Composite writes.
+            return 2 + -(-n // COMPOSITE_LIMIT)
         return 1
 
     # --- auth ------------------------------------------------------------------------------------
@@ -217,8 +222,7 @@ class SalesforceAdapter:
         """sObject Collections upsert by the match key's external id field, allOrNone=false."""
         assert len(changes) <= COLLECTION_LIMIT, "the engine batches by batch_limit"
         if mapping.kind == "list":
-            # Campaign membership needs CampaignMember rows keyed by contact and campaign: not built yet.
-            raise NotImplementedError("Salesforce campaign membership mappings are not supported yet")
+            return await self._membership(mapping, changes)
         external_id = changes[0].key[0][0]
         records = [
             {"attributes": {"type": mapping.object}, **c.fields, **_link(c), external_id: c.key[0][1]} for c in changes
@@ -247,6 +251,92 @@ class SalesforceAdapter:
                 )  # fmt: skip
                 results[change.record] = RecordResult(change.record, False, error=crm_error)
         return BatchOutcome(results, None, answer.headers)
+
+    async def _query(self, soql: str, what: str) -> tuple[list[dict[str, Any]], Answer]:
+        """Every record a SOQL query returns (following nextRecordsUrl), and the last answer."""
+        answer = await self._call("GET", "/query?" + urllib.parse.urlencode({"q": soql}), what=what)
+        records: list[dict[str, Any]] = []
+        while _failure(answer) is None and isinstance(answer.body, dict):
+            records.extend(answer.body.get("records", []))
+            following = answer.body.get("nextRecordsUrl")
+            if answer.body.get("done", True) or not following:
+                break
+            answer = await self._call("GET", following.split(f"/v{API_VERSION}", 1)[-1], what=what)
+        return records, answer
+
+    async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """Campaign membership (the mapping's `list` is the Campaign Id): the people's records found by
+        the match key, their memberships read, then only what differs written through Composite -
+        CampaignMember created for an entry, deleted for an exit. Reading first is what makes a retry
+        after a lost answer change nothing: CampaignId cannot be updated, so members are not upserted."""
+        key_field = changes[0].key[0][0]
+        values = ", ".join(_soql_text(c.key[0][1]) for c in changes)
+        people, answer = await self._query(
+            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})", "campaign people"
+        )
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        record_ids = {str(p.get(key_field, "")).lower(): p["Id"] for p in people}
+        member_field = f"{mapping.object}Id"  # ContactId or LeadId
+        members: dict[str, str] = {}
+        if record_ids:
+            ids = ", ".join(_soql_text(i) for i in record_ids.values())
+            rows, answer = await self._query(
+                f"SELECT Id, {member_field} FROM CampaignMember WHERE CampaignId = {_soql_text(str(mapping.list))} "
+                f"AND {member_field} IN ({ids})",
+                "campaign members",
+            )
+            if (error := _failure(answer)) is not None:
+                return BatchOutcome.failed(error, answer.headers)
+            members = {row[member_field]: row["Id"] for row in rows}
+        results: dict[str, RecordResult] = {}
+        writes: list[tuple[Change, dict[str, Any]]] = []
+        for change in changes:
+            record_id = record_ids.get(change.key[0][1].lower())
+            if record_id is None:
+                missing = CrmError(NOT_FOUND, "NOT_FOUND", f"no {mapping.object} with this {key_field}", 200)
+                results[change.record] = RecordResult(change.record, False, error=missing)
+            elif change.op == REMOVE and record_id in members:
+                url = f"/services/data/v{API_VERSION}/sobjects/CampaignMember/{members[record_id]}"
+                writes.append((change, {"method": "DELETE", "url": url}))
+            elif change.op != REMOVE and record_id not in members:
+                body = {"CampaignId": mapping.list, member_field: record_id}
+                url = f"/services/data/v{API_VERSION}/sobjects/CampaignMember"
+                writes.append((change, {"method": "POST", "url": url, "body": body}))
+            else:
+                results[change.record] = RecordResult(change.record, True, members.get(record_id), False)
+        headers = answer.headers
+        for start in range(0, len(writes), COMPOSITE_LIMIT):
+            chunk = writes[start : start + COMPOSITE_LIMIT]
+            requests = [{**request, "referenceId": f"m{n}"} for n, (_, request) in enumerate(chunk)]
+            answer = await self._call(
+                "POST", "/composite", json={"allOrNone": False, "compositeRequest": requests}, what="campaign members"
+            )
+            headers = answer.headers
+            if (error := _failure(answer)) is not None:
+                for change, _ in chunk:
+                    results[change.record] = RecordResult(change.record, False, error=error)
+                continue
+            answers = {a.get("referenceId"): a for a in answer.body.get("compositeResponse", [])}
+            for n, (change, request) in enumerate(chunk):
+                sub = answers.get(f"m{n}")
+                if sub is None:
+                    continue  # unanswered: asked again
+                status = int(sub.get("httpStatusCode", 0))
+                if status < 300:
+                    created = request["method"] == "POST"
+                    crm_id = (sub.get("body") or {}).get("id") if created else None
+                    results[change.record] = RecordResult(change.record, True, crm_id, created)
+                elif status == 404 and request["method"] == "DELETE":
+                    results[change.record] = RecordResult(change.record, True, None, False)  # already gone
+                else:
+                    problem = (sub.get("body") or [{}])[0] if isinstance(sub.get("body"), list) else {}
+                    code = str(problem.get("errorCode", status))
+                    reason = _REASONS.get(code, REJECTED)
+                    results[change.record] = RecordResult(
+                        change.record, False, error=CrmError(reason, code, str(problem.get("message", "")), status)
+                    )
+        return BatchOutcome(results, None, headers)
 
     async def bulk_upsert(
         self,
@@ -322,6 +412,11 @@ class SalesforceAdapter:
                         change.record, False, error=CrmError(_REASONS.get(code, REJECTED), code, message, 200)
                     )
         return BatchOutcome(results, None, headers)
+
+
+def _soql_text(value: str) -> str:
+    """A SOQL string literal: backslashes and quotes escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _link(change: Change) -> dict[str, Any]:

@@ -87,7 +87,6 @@ CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
 MATCH_FIELDS_MAX = {"salesforce": 1, "hubspot": 1, "dynamics": 5, "zoho": 5}
 # What the adapters do not write yet, refused at start rather than at the first write.
 UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("salesforce", "list"): "campaign membership is not supported for salesforce yet",
     ("dynamics", "list"): "marketing list membership is not supported for dynamics yet",
     ("zoho", "list"): "campaign membership is not supported for zoho yet",
     ("zoho", "update_only"): "update_only is not supported for zoho yet",
