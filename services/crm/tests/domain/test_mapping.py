@@ -183,6 +183,9 @@ def test_action_and_list_mappings_have_their_own_rules():
     assert "needs the segment" in problems["hubspot/vip.segment"]
     assert "hubspot/vip.triggers[0]" in problems
     assert "hubspot/churn-task.mode" in problems and "hubspot/churn-task.idempotency_field" in problems
+    document = _document()
+    document["connections"][0]["mappings"][1]["action"] = "churn_followup"
+    assert "task, case" in _problems(document)["hubspot/churn-task.action"]
     document = _document(fields={"email": "action.email"})
     assert "only in action mappings" in _problems(document)["hubspot/contacts.fields.email.source"]
 

@@ -17,7 +17,7 @@ import orjson
 
 from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, THROTTLED, UNAVAILABLE, CrmError
 
-log = logging.getLogger("cdp_crm.adapters")
+log = logging.getLogger("cdp.crm.adapters")
 
 
 @dataclass

@@ -94,6 +94,7 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
 }
 # The kinds whose link to the person's record is a field the mapping must name (HubSpot associates).
 ABOUT_FIELD_REQUIRED = ("salesforce", "dynamics")
+ACTION_KINDS = ("task", "case")  # what orchestration's actions.crm carry as crm_kind
 PERSON_ID = "person.id"
 SEGMENTS = "segments"
 ACTION = "action"
@@ -418,6 +419,8 @@ class _Reader:
         for name, value in (("action", action), ("list", list_name), ("segment", segment)):
             if value is not None and (not isinstance(value, str) or not value):
                 self.problem(where, name, "must be a non-empty string")
+        if isinstance(action, str) and action not in ACTION_KINDS:
+            self.problem(where, "action", f"must be one of {', '.join(ACTION_KINDS)} (the actions.crm crm_kind)")
         if action is not None and list_name is not None:
             self.problem(where, "list", "an action mapping creates tasks or cases; it cannot also keep a list")
         mode = raw.get("mode", "upsert")
