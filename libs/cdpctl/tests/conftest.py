@@ -87,3 +87,25 @@ async def people_cli(nats_server, tmp_path):
             yield Cli(
                 workspace(tmp_path, nats_server.url, services), nats_server.url, f"http://127.0.0.1:{c.ports['http']}"
             )
+
+
+@pytest.fixture
+async def orchestration_cli(nats_server, tmp_path):
+    """The orchestration service in-process (no channel providers: in-app only), and cdpctl pointed at it."""
+    from cdp_kit.service import serving
+    from cdp_orchestration.__main__ import setup
+    from cdp_orchestration.settings import OrchestrationSettings
+
+    settings = OrchestrationSettings(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=2,
+        shutdown_grace=1.0,
+        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
+        answer_timeout=15.0,
+    )
+    async with serving(settings, setup) as runtime:
+        services = {"orchestration": f"127.0.0.1:{runtime.grpc.port}"}
+        yield Cli(workspace(tmp_path, nats_server.url, services), nats_server.url)

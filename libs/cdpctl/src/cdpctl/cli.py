@@ -1,7 +1,7 @@
 """cdpctl — the operator CLI: run the platform locally, check its health, send test events, operate it.
 
-cdpctl up                 nats-server + every service on the embedded store, restarted when one dies;
-                          Ctrl-C stops all
+cdpctl up                 nats-server, the dev companions (local channel servers, CRM emulators) and
+                          every service on the embedded store, restarted when one dies; Ctrl-C stops all
 cdpctl status [--json]    health of a running platform (found from any folder)
 cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total": 42}'
 cdpctl send track --count 10000     # generated events, with a progress bar
@@ -11,6 +11,8 @@ cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress unti
 cdpctl segments                     # every segment: state, size, definition
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
+cdpctl up / status                                                                          (run.py)
+cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
 
 Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
 """
@@ -19,9 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -31,26 +30,15 @@ from pathlib import Path
 import click
 import grpc
 from google.protobuf import json_format
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.natsserver import NatsServer, wait_for_port
-from cdpctl import bus, people
+from cdpctl import bus, journeys, people
 from cdpctl.common import console, out, rpc_error, service_address
-from cdpctl.platform import SERVICES, Workspace, pick_port, service_environment
-from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
-
-
-async def check_health(address: str, timeout: float = 1.0) -> str:
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.aio.AioRpcError as exc:
-        return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
+from cdpctl.platform import Workspace
+from cdpctl.run import check_health, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
 
 
 @click.group()
@@ -64,247 +52,6 @@ async def check_health(address: str, timeout: float = 1.0) -> str:
 def main(ctx: click.Context, home: Path | None) -> None:
     """Operate a cdp platform."""
     ctx.obj = Workspace(home.resolve()) if home else Workspace.discover()
-
-
-# ---------------------------------------------------------------------------------------------- up
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _spawn(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", module],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy) -> int:
-    previous = ws.running()
-    if previous:
-        console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
-        return 1
-    ws.prepare()
-    nats = NatsServer(store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222))
-    console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
-    nats.start()
-    processes: dict[str, subprocess.Popen] = {}
-    envs: dict[str, dict[str, str]] = {}
-    logs: dict[str, Path] = {}
-    modules = {svc.name: svc.module for svc in SERVICES}
-    state: dict = {
-        "pid": os.getpid(),
-        "nats": nats.url,
-        "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
-        "write_key": ws.write_key(),
-        "admin_token_file": str(ws.admin_token_file),
-        "services": {},
-    }
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    code = 0
-    try:
-        for svc in SERVICES:
-            grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
-            http_port = pick_port(svc.http_port) if svc.http_port else None
-            envs[svc.name] = service_environment(
-                ws,
-                svc,
-                nats_url=nats.url,
-                grpc_port=grpc_port,
-                metrics_port=metrics_port,
-                http_port=http_port,
-                peers={name: info["grpc"] for name, info in state["services"].items()},
-            )
-            logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
-            processes[svc.name] = _spawn(svc.module, envs[svc.name], logs[svc.name])
-            state["services"][svc.name] = {
-                "pid": processes[svc.name].pid,
-                "grpc": f"127.0.0.1:{grpc_port}",
-                "http": f"http://127.0.0.1:{http_port}" if http_port else None,
-                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
-                "log": str(logs[svc.name]),
-            }
-        deadline = time.monotonic() + startup_timeout
-        pending = set(processes)
-        while pending:
-            for name in list(pending):
-                proc = processes[name]
-                if proc.poll() is not None:
-                    console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
-                    console.print(_tail(logs[name]), markup=False, highlight=False)
-                    return 1
-                if await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING":
-                    pending.discard(name)
-            if pending and time.monotonic() > deadline:
-                console.print(f"[red]not healthy after {startup_timeout:.0f}s: {', '.join(sorted(pending))}[/]")
-                for name in pending:
-                    console.print(f"--- {logs[name]}", markup=False)
-                    console.print(_tail(logs[name]), markup=False, highlight=False)
-                return 1
-            if stopping.is_set():
-                return 130
-            await asyncio.sleep(0.2)
-        ws.write_run(state)
-        ws.record_current()
-        out.print(_status_table(state, {name: "SERVING" for name in processes}, nats_ok=True))
-        out.print(f"write key (HTTP Basic user / gRPC write_key): [bold]{state['write_key']}[/]")
-        out.print(f"admin bearer token: {ws.admin_token_file}")
-        out.print(f"addresses, write key and token path for scripts: {ws.run_file}")
-        out.print("[green]cdp is up.[/] Ctrl-C stops everything.")
-
-        # Supervision: a service that exits is started again with backoff (see cdpctl.supervise).
-        started = {name: time.monotonic() for name in processes}
-        backoff = {name: Backoff(policy) for name in processes}
-        restart_at: dict[str, float] = {}
-        recovering: set[str] = set()
-        while not stopping.is_set():
-            now = time.monotonic()
-            for name, proc in list(processes.items()):
-                if name in restart_at:
-                    if now >= restart_at[name]:
-                        del restart_at[name]
-                        processes[name] = _spawn(modules[name], envs[name], logs[name])
-                        started[name] = time.monotonic()
-                        state["services"][name]["pid"] = processes[name].pid
-                        ws.write_run(state)
-                        recovering.add(name)
-                        console.print(f"[yellow]{name} restarted (pid {processes[name].pid})[/]")
-                    continue
-                if proc.poll() is None:
-                    continue
-                how = describe_exit(proc.returncode)
-                delay = backoff[name].after_exit(now - started[name])
-                recovering.discard(name)
-                if delay is None:
-                    console.print(
-                        f"[red]{name} exited ({how}): {backoff[name].fast_crashes} crashes in a row, each within "
-                        f"{policy.stable_after:.0f} s of starting; giving up and stopping the platform. "
-                        f"Last log lines ({logs[name]}):[/]"
-                    )
-                    console.print(_tail(logs[name]), markup=False, highlight=False)
-                    code = 1
-                    stopping.set()
-                    break
-                restart_at[name] = now + delay
-                console.print(
-                    f"[yellow]{name} exited ({how}); restarting it in {delay:.0f} s "
-                    f"(crash {backoff[name].fast_crashes} of {policy.give_up_after} allowed in a row). "
-                    f"Last log lines ({logs[name]}):[/]"
-                )
-                console.print(_tail(logs[name], 5), markup=False, highlight=False)
-            for name in list(recovering):
-                if await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING":
-                    recovering.discard(name)
-                    console.print(f"[green]{name} is SERVING again[/]")
-            try:
-                await asyncio.wait_for(stopping.wait(), 0.5)
-            except TimeoutError:
-                pass
-        return code
-    finally:
-        console.print("stopping …")
-        for proc in processes.values():
-            if proc.poll() is None:
-                proc.terminate()
-        grace = time.monotonic() + 20
-        for name, proc in processes.items():
-            try:
-                proc.wait(max(0.1, grace - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                console.print(f"[yellow]{name} did not stop in time; killing it[/]")
-                proc.kill()
-                proc.wait()
-        nats.stop()
-        try:
-            ws.run_file.unlink()
-        except OSError:
-            pass
-        ws.forget_current()
-        console.print("stopped.")
-
-
-@main.command()
-@click.option("--startup-timeout", default=60.0, show_default=True, help="seconds every service gets to become healthy")
-@click.option("--restart-limit", default=5, show_default=True, help="crashes in a row before giving up on a service")
-@click.pass_obj
-def up(ws: Workspace, startup_timeout: float, restart_limit: int) -> None:
-    """Start nats-server and every service on the embedded store, show where they listen.
-
-    A service that exits is restarted with backoff (1 s, 2 s, 4 s … up to 30 s); after --restart-limit
-    crashes in a row, each within a minute of starting, the platform stops. Ctrl-C stops everything.
-    """
-    policy = RestartPolicy(give_up_after=restart_limit)
-    raise SystemExit(asyncio.run(_up(ws, startup_timeout, policy)))
-
-
-# ------------------------------------------------------------------------------------------ status
-
-
-def _status_table(state: dict, health: dict[str, str], *, nats_ok: bool) -> Table:
-    table = Table(title="cdp")
-    for column in ("service", "health", "gRPC", "HTTP", "metrics"):
-        table.add_column(column)
-    table.add_row(
-        "nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), ""
-    )
-    for name, svc in state["services"].items():
-        status = health.get(name, "?")
-        colour = "green" if status == "SERVING" else "red"
-        table.add_row(name, f"[{colour}]{status}[/]", svc["grpc"], svc.get("http") or "", svc.get("metrics") or "")
-    return table
-
-
-async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool]:
-    state = ws.running()
-    if state is None:
-        return None, {}, False
-    health = {name: await check_health(svc["grpc"]) for name, svc in state["services"].items()}
-    host, _, port = state["nats"].removeprefix("nats://").partition(":")
-    return state, health, wait_for_port(host, int(port), 0.5)
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.pass_obj
-def status(ws: Workspace, as_json: bool) -> None:
-    """Health of every service of the platform `cdpctl up` runs here."""
-    state, health, nats_ok = asyncio.run(_status(ws))
-    if state is None:
-        if as_json:
-            out.print_json(json.dumps({"running": False}))
-        else:
-            console.print("cdp is not running here (start it with `make up`).")
-        raise SystemExit(1)
-    healthy = nats_ok and all(h == "SERVING" for h in health.values())
-    if as_json:
-        services = {name: {**svc, "health": health[name]} for name, svc in state["services"].items()}
-        out.print_json(
-            json.dumps(
-                {
-                    "running": True,
-                    "healthy": healthy,
-                    "home": str(ws.root),
-                    "nats": {"url": state["nats"], "up": nats_ok},
-                    "services": services,
-                    "write_key": state.get("write_key"),
-                    "admin_token_file": state.get("admin_token_file"),
-                }
-            )
-        )
-    else:
-        out.print(_status_table(state, health, nats_ok=nats_ok))
-    raise SystemExit(0 if healthy else 1)
 
 
 # -------------------------------------------------------------------------------------------- send
@@ -336,8 +83,11 @@ def build_event(
     group_id: str | None,
     properties: dict,
     traits: dict,
+    context: dict | None = None,
 ) -> dict:
     body: dict = {"type": kind, "messageId": str(uuid.uuid4()), "timestamp": datetime.now(UTC).isoformat()}
+    if context:
+        body["context"] = context
     if user_id:
         body["userId"] = user_id.replace("{i}", str(index))
     if anonymous_id:
@@ -393,6 +143,10 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
 @click.option("--group-id", help="group: the group id")
 @click.option("--properties", help="track/page/screen properties as a JSON object")
 @click.option("--traits", help="identify/group traits as a JSON object")
+@click.option(
+    "--context",
+    help='the event\'s context as a JSON object, e.g. consent: \'{"consent": {"categoryPreferences": {"Marketing": true}}}\'',
+)
 @click.option("--count", default=1, show_default=True, help="how many events to send")
 @click.option("--batch-size", default=500, show_default=True, help="events per /v1/batch request")
 @click.option("--url", help="collector HTTP base URL (default: the one `cdpctl up` runs)")
@@ -410,6 +164,7 @@ def send(
     group_id,
     properties,
     traits,
+    context,
     count: int,
     batch_size: int,
     url,
@@ -423,6 +178,7 @@ def send(
     if not url or not write_key:
         raise click.UsageError("no running platform found: start one with `make up`, or pass --url and --write-key")
     props, trts = _json_option(properties, "--properties"), _json_option(traits, "--traits")
+    ctx = _json_option(context, "--context")
     events = [
         build_event(
             kind,
@@ -435,6 +191,7 @@ def send(
             group_id=group_id,
             properties=props,
             traits=trts,
+            context=ctx,
         )
         for i in range(count)
     ]
@@ -634,7 +391,18 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
     out.print(table)
 
 
-for _command in (people.graph, people.export, people.delete, people.unmerge, people.quarantine, bus.dlq, bus.lag):
+for _command in (
+    up,
+    status,
+    people.graph,
+    people.export,
+    people.delete,
+    people.unmerge,
+    people.quarantine,
+    bus.dlq,
+    bus.lag,
+    *journeys.COMMANDS,
+):
     main.add_command(_command)
 
 

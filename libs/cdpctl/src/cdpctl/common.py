@@ -3,10 +3,13 @@ the admin bearer token and how a gRPC error reads on the terminal."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 
 from cdpctl.platform import Workspace
@@ -41,5 +44,44 @@ def bearer(ws: Workspace) -> tuple[tuple[str, str], ...]:
         return ()
 
 
-def rpc_error(exc: grpc.aio.AioRpcError) -> click.ClickException:
-    return click.ClickException(f"{exc.code().name}: {exc.details()}")
+def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """(field, description) of every google.rpc BadRequest violation the service attached."""
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:  # details that disagree with the status line: show the line alone
+        return []
+    found = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found += [(v.field, v.description) for v in bad.field_violations]
+    return found
+
+
+class RpcFailed(click.ClickException):
+    """A refused call as the terminal shows it: `CODE: message`, then each field the service named that
+    the message does not already say. `as_json` prints the same to stdout as one JSON object instead."""
+
+    def __init__(self, exc: grpc.aio.AioRpcError, *, as_json: bool = False) -> None:
+        self.code = exc.code().name
+        self.details = exc.details() or ""
+        self.fields = field_violations(exc)
+        self.as_json = as_json
+        lines = [f"{self.code}: {self.details}"]
+        lines += [f"  {field}: {why}" for field, why in self.fields if f"{field}: {why}" != self.details]
+        super().__init__("\n".join(lines))
+
+    def document(self) -> dict:
+        fields = [{"field": field, "description": why} for field, why in self.fields]
+        return {"error": {"code": self.code, "message": self.details, "fields": fields}}
+
+    def show(self, file=None) -> None:
+        if self.as_json:
+            click.echo(json.dumps(self.document()))
+        else:
+            super().show(file)
+
+
+def rpc_error(exc: grpc.aio.AioRpcError, *, as_json: bool = False) -> click.ClickException:
+    return RpcFailed(exc, as_json=as_json)

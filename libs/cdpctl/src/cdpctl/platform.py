@@ -1,12 +1,22 @@
-"""The local platform `cdpctl up` runs: which services exist, their ports, their environment.
+"""The local platform `cdpctl up` runs: which services exist, their ports, their environment, and the
+development companions started beside them.
 
 Each later service adds one `ServiceProcess` entry here (and one component in the Helm chart's values).
+
+Companions (`COMPANIONS`) are local stand-ins for what a deployment reaches outside itself: the channel
+providers orchestration sends through (SMTP, Twilio, FCM, Web Push, webhooks: `cdp_testing.channels`) and
+the four CRMs (`cdp_crm_emulators`). They are test and development code, never in the image or the chart.
+They serve no gRPC health: `cdpctl status` shows them UP while their ports accept connections, and a
+companion that is down does not make the platform unhealthy (it is not part of it). They start before
+the services, so a service whose environment names a companion finds it listening (orchestration checks
+the FCM key file at start).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -23,12 +33,39 @@ class ServiceProcess:
     grpc_port: int
     metrics_port: int
     http_port: int | None = None
-    # Extra variables; "{home}" stands for the workspace folder (.cdp).
+    # Extra variables; "{home}" stands for the workspace folder (.cdp), "{<companion>.<port>}" for the port
+    # a companion listens on (e.g. "{channels.smtp}"), "{secret:<name>}" for a dev secret of the workspace.
     env: dict[str, str] = field(default_factory=dict)
     # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
     calls: tuple[str, ...] = ()
     # Scopes beyond the shared read-only service token: the service then gets a token of its own.
     extra_scopes: tuple[str, ...] = ()
+
+
+# Orchestration sends through the local channel servers: SMTP without TLS or AUTH (a local server only),
+# the Twilio API, FCM with the key file the local FCM server trusts, HMAC-signed webhooks to the local
+# receiver. Web Push stays off: its subscriptions come from a browser. In-app needs no provider.
+ORCHESTRATION = ServiceProcess(
+    "orchestration",
+    "cdp_orchestration",
+    grpc_port=50056,
+    metrics_port=9469,
+    env={
+        "CDP_SMTP_HOST": "127.0.0.1",
+        "CDP_SMTP_PORT": "{channels.smtp}",
+        "CDP_SMTP_SECURITY": "none",
+        "CDP_SMTP_FROM": "cdp local <journeys@cdp.local>",
+        "CDP_TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+        "CDP_TWILIO_AUTH_TOKEN": "{secret:twilio}",
+        "CDP_TWILIO_FROM": "+15005550006",
+        "CDP_TWILIO_API_URL": "http://127.0.0.1:{channels.twilio}",
+        "CDP_FCM_CREDENTIALS_FILE": "{home}/channels/fcm-key.json",
+        "CDP_FCM_PROJECT_ID": "cdp-local",
+        "CDP_FCM_API_URL": "http://127.0.0.1:{channels.fcm}",
+        "CDP_WEBHOOK_SECRET": "{secret:webhook}",
+        "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
+    },
+)
 
 
 SERVICES: tuple[ServiceProcess, ...] = (
@@ -54,11 +91,88 @@ SERVICES: tuple[ServiceProcess, ...] = (
         calls=("profile",),
         extra_scopes=("profile:admin",),
     ),
+    ORCHESTRATION,
+)
+
+
+@dataclass(frozen=True)
+class Companion:
+    """A development stand-in `cdpctl up` runs beside the services (`python -m <module> <args>`).
+
+    `ports` maps each listener to its conventional port; a taken one is replaced by a free one, as for
+    services. In `args`, "{<listener>}" is that listener's port, "{home}" the workspace folder and
+    "{secret:<name>}" a dev secret of the workspace (the same value the services' environment gets).
+    """
+
+    name: str
+    module: str
+    args: tuple[str, ...]
+    ports: dict[str, int]
+    # What the companion stands for, as `cdpctl status` shows it.
+    role: str = ""
+    # How to reach each listener: "{<listener>}" is its port; default http://127.0.0.1:{port}.
+    urls: dict[str, str] = field(default_factory=dict)
+
+
+CHANNELS = Companion(
+    "channels",
+    "cdp_testing.channels",
+    args=(
+        "--smtp-port={smtp}",
+        "--maildir={home}/mail",
+        "--twilio-port={twilio}",
+        "--twilio-auth-token={secret:twilio}",
+        "--fcm-port={fcm}",
+        "--fcm-key-file={home}/channels/fcm-key.json",
+        "--webpush-port={webpush}",
+        "--webhook-port={webhook}",
+        "--webhook-secret={secret:webhook}",
+    ),
+    ports={"smtp": 1025, "twilio": 8025, "fcm": 8026, "webpush": 8027, "webhook": 8028},
+    role="local SMTP (mail in .cdp/mail), Twilio, FCM, Web Push and webhook servers",
+    urls={"smtp": "smtp://127.0.0.1:{smtp}", "webhook": "http://127.0.0.1:{webhook}/hooks/cdp"},
+)
+
+
+def _crm(name: str, port: int, title: str) -> Companion:
+    return Companion(
+        f"crm-{name}",
+        "cdp_crm_emulators",
+        args=(name, "--port={api}", f"--snapshot={{home}}/crm/{name}.json"),
+        ports={"api": port},
+        role=f"{title} emulator (records kept in .cdp/crm/{name}.json)",
+    )
+
+
+COMPANIONS: tuple[Companion, ...] = (
+    CHANNELS,
+    _crm("salesforce", 8031, "Salesforce"),
+    _crm("hubspot", 8032, "HubSpot"),
+    _crm("dynamics", 8033, "Dynamics 365"),
+    _crm("zoho", 8034, "Zoho CRM"),
 )
 
 
 # What services may do to each other: read-only look-ups.
 SERVICE_SCOPES = ("identity:read", "profile:read", "scoring:read", "segmentation:read")
+
+_PLACEHOLDER = re.compile(r"\{([a-z0-9_:.-]+)\}")
+
+
+def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
+    """`text` with "{home}", "{secret:<name>}" and port placeholders ("{smtp}", "{channels.smtp}") filled.
+
+    An unknown placeholder is a bug in the tables above: KeyError names it."""
+
+    def value(match: re.Match) -> str:
+        key = match.group(1)
+        if key == "home":
+            return str(ws.root)
+        if key.startswith("secret:"):
+            return ws.dev_secret(key.removeprefix("secret:"))
+        return str(ports[key])
+
+    return _PLACEHOLDER.sub(value, text)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -153,8 +267,24 @@ class Workspace:
     def run_file(self) -> Path:
         return self.root / "run.json"
 
+    @property
+    def companion_dirs(self) -> tuple[Path, ...]:
+        """Where the companions keep the FCM key and the CRMs' records. Not the maildir (`mail/`): the
+        SMTP server makes it with its cur/new/tmp only when the folder does not exist yet."""
+        return (self.root / "channels", self.root / "crm")
+
+    def dev_secret(self, name: str) -> str:
+        """A secret the services and the companions share locally (the webhook signing key, the local
+        Twilio's auth token), made once per workspace and readable by its owner only."""
+        path = self.secrets_dir / f"dev-{name}.secret"
+        if not path.exists():
+            self.secrets_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
     def prepare(self, services: tuple[ServiceProcess, ...] = SERVICES) -> None:
-        for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir):
+        for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir, *self.companion_dirs):
             folder.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
         own = [svc for svc in services if svc.extra_scopes]
@@ -240,7 +370,10 @@ def service_environment(
     metrics_port: int,
     http_port: int | None,
     peers: dict[str, str] | None = None,
+    companion_ports: dict[str, int] | None = None,
 ) -> dict[str, str]:
+    """The environment of one service process. `companion_ports` maps "<companion>.<listener>" to the
+    port it listens on, for the service's "{channels.smtp}" placeholders."""
     env = dict(os.environ)
     env.update(
         {
@@ -265,8 +398,22 @@ def service_environment(
         name = peer.upper().replace("-", "_")
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
         env[f"CDP_{name}_TOKEN"] = token_file.read_text().strip()
-    env.update({key: value.replace("{home}", str(ws.root)) for key, value in svc.env.items()})
+    env.update({key: fill(value, ws, companion_ports or {}) for key, value in svc.env.items()})
     return env
+
+
+def companion_command(ws: Workspace, companion: Companion, ports: dict[str, int]) -> list[str]:
+    """`python -m <module> <args>` with its ports (by listener), the workspace and its dev secrets filled in."""
+    return [sys.executable, "-m", companion.module, *(fill(arg, ws, ports) for arg in companion.args)]
+
+
+def companion_urls(companion: Companion, ports: dict[str, int]) -> dict[str, str]:
+    return {
+        listener: _PLACEHOLDER.sub(
+            lambda m: str(ports[m.group(1)]), companion.urls.get(listener) or f"http://127.0.0.1:{{{listener}}}"
+        )
+        for listener in companion.ports
+    }
 
 
 def describe(svc: ServiceProcess) -> dict:

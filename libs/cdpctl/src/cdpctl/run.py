@@ -1,0 +1,379 @@
+"""`cdpctl up` and `cdpctl status`: run the local platform under supervision and report its health.
+
+`up` starts nats-server, then the development companions (`platform.COMPANIONS`: local channel servers
+and CRM emulators), waits until each accepts connections, then every service, and waits until each is
+SERVING. It writes where everything listens to `.cdp/run.json` (services under "services", companions
+under "companions") and supervises: a service or companion that exits is restarted with backoff
+(`cdpctl.supervise`); after too many fast crashes in a row the platform stops. Ctrl-C stops everything.
+
+`status` checks each service's gRPC health and each companion's ports. The platform is healthy when
+nats-server and every service are; a companion that is down is shown DOWN but does not make it
+unhealthy (it stands in for something outside the platform).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.table import Table
+
+from cdp_kit.natsserver import NatsServer, wait_for_port
+from cdpctl.common import console, out
+from cdpctl.platform import (
+    COMPANIONS,
+    SERVICES,
+    Workspace,
+    companion_command,
+    companion_urls,
+    pick_port,
+    service_environment,
+)
+from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
+
+
+async def check_health(address: str, timeout: float = 1.0) -> str:
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
+
+
+# ---------------------------------------------------------------------------------------------- up
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def companions_up(companion: dict) -> bool:
+    """A companion is up while every one of its listeners accepts connections."""
+    return all(wait_for_port("127.0.0.1", port, 0.2) for port in companion["ports"].values())
+
+
+async def _ready(
+    names: list[str],
+    processes: dict[str, subprocess.Popen],
+    logs: dict[str, Path],
+    is_ready,
+    startup_timeout: float,
+    stopping: asyncio.Event,
+) -> int | None:
+    """Wait until `is_ready(name)` for every name; an exit code (1, or 130 on Ctrl-C) when that fails."""
+    deadline = time.monotonic() + startup_timeout
+    pending = set(names)
+    while pending:
+        for name in sorted(pending):
+            proc = processes[name]
+            if proc.poll() is not None:
+                console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
+                console.print(_tail(logs[name]), markup=False, highlight=False)
+                return 1
+            if await is_ready(name):
+                pending.discard(name)
+        if pending and time.monotonic() > deadline:
+            console.print(f"[red]not ready after {startup_timeout:.0f}s: {', '.join(sorted(pending))}[/]")
+            for name in pending:
+                console.print(f"--- {logs[name]}", markup=False)
+                console.print(_tail(logs[name]), markup=False, highlight=False)
+            return 1
+        if stopping.is_set():
+            return 130
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, companions: bool = True) -> int:
+    previous = ws.running()
+    if previous:
+        console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
+        return 1
+    ws.prepare()
+    nats = NatsServer(store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222))
+    console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
+    nats.start()
+    processes: dict[str, subprocess.Popen] = {}
+    commands: dict[str, list[str]] = {}
+    envs: dict[str, dict[str, str]] = {}
+    logs: dict[str, Path] = {}
+    state: dict = {
+        "pid": os.getpid(),
+        "nats": nats.url,
+        "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
+        "write_key": ws.write_key(),
+        "admin_token_file": str(ws.admin_token_file),
+        "services": {},
+        "companions": {},
+    }
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    code = 0
+    try:
+        # Companions first: the services' environment names their ports and files.
+        companion_ports: dict[str, int] = {}
+        for companion in COMPANIONS if companions else ():
+            ports = {listener: pick_port(port) for listener, port in companion.ports.items()}
+            companion_ports.update({f"{companion.name}.{listener}": port for listener, port in ports.items()})
+            commands[companion.name] = companion_command(ws, companion, ports)
+            envs[companion.name] = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            logs[companion.name] = ws.logs_dir / f"{companion.name}.log"
+            processes[companion.name] = _spawn(commands[companion.name], envs[companion.name], logs[companion.name])
+            state["companions"][companion.name] = {
+                "pid": processes[companion.name].pid,
+                "role": companion.role,
+                "ports": ports,
+                "urls": companion_urls(companion, ports),
+                "log": str(logs[companion.name]),
+            }
+
+        async def companion_ready(name: str) -> bool:
+            return await asyncio.to_thread(companions_up, state["companions"][name])
+
+        failed = await _ready(list(state["companions"]), processes, logs, companion_ready, startup_timeout, stopping)
+        if failed is not None:
+            return failed
+        for svc in SERVICES:
+            grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
+            http_port = pick_port(svc.http_port) if svc.http_port else None
+            envs[svc.name] = service_environment(
+                ws,
+                svc,
+                nats_url=nats.url,
+                grpc_port=grpc_port,
+                metrics_port=metrics_port,
+                http_port=http_port,
+                peers={name: info["grpc"] for name, info in state["services"].items()},
+                companion_ports=companion_ports,
+            )
+            commands[svc.name] = [sys.executable, "-m", svc.module]
+            logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
+            processes[svc.name] = _spawn(commands[svc.name], envs[svc.name], logs[svc.name])
+            state["services"][svc.name] = {
+                "pid": processes[svc.name].pid,
+                "grpc": f"127.0.0.1:{grpc_port}",
+                "http": f"http://127.0.0.1:{http_port}" if http_port else None,
+                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+                "log": str(logs[svc.name]),
+            }
+
+        async def service_ready(name: str) -> bool:
+            return await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING"
+
+        failed = await _ready(list(state["services"]), processes, logs, service_ready, startup_timeout, stopping)
+        if failed is not None:
+            return failed
+        ws.write_run(state)
+        ws.record_current()
+        out.print(
+            _status_table(
+                state,
+                {name: "SERVING" for name in state["services"]},
+                nats_ok=True,
+                companions={name: True for name in state["companions"]},
+            )
+        )
+        out.print(f"write key (HTTP Basic user / gRPC write_key): [bold]{state['write_key']}[/]")
+        out.print(f"admin bearer token: {ws.admin_token_file}")
+        if state["companions"]:
+            out.print(f"mail sent by journeys: {ws.root / 'mail'} (a maildir: one file per message in new/)")
+        out.print(f"addresses, write key and token path for scripts: {ws.run_file}")
+        out.print("[green]cdp is up.[/] Ctrl-C stops everything.")
+
+        # Supervision: a process that exits is started again with backoff (see cdpctl.supervise).
+        started = {name: time.monotonic() for name in processes}
+        backoff = {name: Backoff(policy) for name in processes}
+        restart_at: dict[str, float] = {}
+        recovering: set[str] = set()
+
+        def entry(name: str) -> dict:
+            return state["services"].get(name) or state["companions"][name]
+
+        while not stopping.is_set():
+            now = time.monotonic()
+            for name, proc in list(processes.items()):
+                if name in restart_at:
+                    if now >= restart_at[name]:
+                        del restart_at[name]
+                        processes[name] = _spawn(commands[name], envs[name], logs[name])
+                        started[name] = time.monotonic()
+                        entry(name)["pid"] = processes[name].pid
+                        ws.write_run(state)
+                        recovering.add(name)
+                        console.print(f"[yellow]{name} restarted (pid {processes[name].pid})[/]")
+                    continue
+                if proc.poll() is None:
+                    continue
+                how = describe_exit(proc.returncode)
+                delay = backoff[name].after_exit(now - started[name])
+                recovering.discard(name)
+                if delay is None:
+                    console.print(
+                        f"[red]{name} exited ({how}): {backoff[name].fast_crashes} crashes in a row, each within "
+                        f"{policy.stable_after:.0f} s of starting; giving up and stopping the platform. "
+                        f"Last log lines ({logs[name]}):[/]"
+                    )
+                    console.print(_tail(logs[name]), markup=False, highlight=False)
+                    code = 1
+                    stopping.set()
+                    break
+                restart_at[name] = now + delay
+                console.print(
+                    f"[yellow]{name} exited ({how}); restarting it in {delay:.0f} s "
+                    f"(crash {backoff[name].fast_crashes} of {policy.give_up_after} allowed in a row). "
+                    f"Last log lines ({logs[name]}):[/]"
+                )
+                console.print(_tail(logs[name], 5), markup=False, highlight=False)
+            for name in list(recovering):
+                ready = service_ready if name in state["services"] else companion_ready
+                if await ready(name):
+                    recovering.discard(name)
+                    what = "SERVING" if name in state["services"] else "UP"
+                    console.print(f"[green]{name} is {what} again[/]")
+            try:
+                await asyncio.wait_for(stopping.wait(), 0.5)
+            except TimeoutError:
+                pass
+        return code
+    finally:
+        console.print("stopping …")
+        # Services first (they may still be sending through a companion), then the companions.
+        order = [n for n in processes if n not in state["companions"]] + list(state["companions"])
+        for name in order:
+            if processes[name].poll() is None:
+                processes[name].terminate()
+        grace = time.monotonic() + 20
+        for name in order:
+            proc = processes[name]
+            try:
+                proc.wait(max(0.1, grace - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                console.print(f"[yellow]{name} did not stop in time; killing it[/]")
+                proc.kill()
+                proc.wait()
+        nats.stop()
+        try:
+            ws.run_file.unlink()
+        except OSError:
+            pass
+        ws.forget_current()
+        console.print("stopped.")
+
+
+@click.command()
+@click.option("--startup-timeout", default=60.0, show_default=True, help="seconds every service gets to become healthy")
+@click.option("--restart-limit", default=5, show_default=True, help="crashes in a row before giving up on a service")
+@click.option(
+    "--no-companions",
+    is_flag=True,
+    help="do not start the local channel servers and CRM emulators (orchestration then sends in-app only)",
+)
+@click.pass_obj
+def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions: bool) -> None:
+    """Start nats-server, the local channel servers and CRM emulators, and every service on the embedded
+    store; show where they listen.
+
+    A service or companion that exits is restarted with backoff (1 s, 2 s, 4 s … up to 30 s); after
+    --restart-limit crashes in a row, each within a minute of starting, the platform stops. Ctrl-C stops
+    everything.
+    """
+    policy = RestartPolicy(give_up_after=restart_limit)
+    raise SystemExit(asyncio.run(_up(ws, startup_timeout, policy, companions=not no_companions)))
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def _status_table(
+    state: dict, health: dict[str, str], *, nats_ok: bool, companions: dict[str, bool] | None = None
+) -> Table:
+    table = Table(title="cdp")
+    for column in ("service", "health", "gRPC", "HTTP", "metrics"):
+        table.add_column(column)
+    table.add_row(
+        "nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), ""
+    )
+    for name, svc in state["services"].items():
+        status = health.get(name, "?")
+        colour = "green" if status == "SERVING" else "red"
+        table.add_row(name, f"[{colour}]{status}[/]", svc["grpc"], svc.get("http") or "", svc.get("metrics") or "")
+    # Development companions: no gRPC, UP while their ports accept connections (see the module docstring).
+    for name, companion in state.get("companions", {}).items():
+        up_now = (companions or {}).get(name, False)
+        urls = companion["urls"]
+        where = (
+            next(iter(urls.values())) if len(urls) == 1 else " ".join(f"{k}:{p}" for k, p in companion["ports"].items())
+        )
+        table.add_row(f"{name} [dim](dev)[/]", "[green]UP[/]" if up_now else "[yellow]DOWN[/]", "", where, "")
+    return table
+
+
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dict[str, bool]]:
+    state = ws.running()
+    if state is None:
+        return None, {}, False, {}
+    health = {name: await check_health(svc["grpc"]) for name, svc in state["services"].items()}
+    companions = {
+        name: await asyncio.to_thread(companions_up, companion)
+        for name, companion in state.get("companions", {}).items()
+    }
+    host, _, port = state["nats"].removeprefix("nats://").partition(":")
+    return state, health, wait_for_port(host, int(port), 0.5), companions
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status(ws: Workspace, as_json: bool) -> None:
+    """Health of every service of the platform `cdpctl up` runs here (and whether its dev companions are up)."""
+    state, health, nats_ok, companions = asyncio.run(_status(ws))
+    if state is None:
+        if as_json:
+            out.print_json(json.dumps({"running": False}))
+        else:
+            console.print("cdp is not running here (start it with `make up`).")
+        raise SystemExit(1)
+    # Companions stand in for what is outside the platform: one that is down does not make it unhealthy.
+    healthy = nats_ok and all(h == "SERVING" for h in health.values())
+    if as_json:
+        services = {name: {**svc, "health": health[name]} for name, svc in state["services"].items()}
+        out.print_json(
+            json.dumps(
+                {
+                    "running": True,
+                    "healthy": healthy,
+                    "home": str(ws.root),
+                    "nats": {"url": state["nats"], "up": nats_ok},
+                    "services": services,
+                    "companions": {
+                        name: {**companion, "up": companions[name]}
+                        for name, companion in state.get("companions", {}).items()
+                    },
+                    "write_key": state.get("write_key"),
+                    "admin_token_file": state.get("admin_token_file"),
+                }
+            )
+        )
+    else:
+        out.print(_status_table(state, health, nats_ok=nats_ok, companions=companions))
+    raise SystemExit(0 if healthy else 1)

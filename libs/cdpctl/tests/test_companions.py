@@ -1,0 +1,127 @@
+"""The development companions `cdpctl up` runs beside the services: the local channel servers start where
+orchestration's environment points, that environment is one orchestration accepts, mail lands in the
+workspace, and `cdpctl status` shows a companion without letting it decide the platform's health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import smtplib
+import subprocess
+import time
+from email.message import EmailMessage
+
+import pytest
+from click.testing import CliRunner
+
+from cdp_kit.natsserver import wait_for_port
+from cdpctl.cli import main
+from cdpctl.platform import (
+    CHANNELS,
+    COMPANIONS,
+    ORCHESTRATION,
+    SERVICES,
+    Workspace,
+    companion_command,
+    pick_port,
+    service_environment,
+)
+
+
+@pytest.fixture
+def channels(tmp_path):
+    """The channels companion as `cdpctl up` starts it, on free ports, in a fresh workspace."""
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    ports = {listener: pick_port(0) for listener in CHANNELS.ports}
+    log = open(tmp_path / "channels.log", "wb")
+    proc = subprocess.Popen(companion_command(ws, CHANNELS, ports), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for port in ports.values():
+            assert wait_for_port("127.0.0.1", port, 30), (tmp_path / "channels.log").read_text()
+        yield ws, ports
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def orchestration_environment(ws: Workspace, ports: dict[str, int]) -> dict[str, str]:
+    return service_environment(
+        ws,
+        ORCHESTRATION,
+        nats_url="nats://127.0.0.1:4222",
+        grpc_port=50056,
+        metrics_port=9469,
+        http_port=None,
+        companion_ports={f"channels.{listener}": port for listener, port in ports.items()},
+    )
+
+
+def test_make_up_runs_orchestration_and_every_crm_emulator():
+    assert ORCHESTRATION in SERVICES
+    crms = {c.args[0] for c in COMPANIONS if c.module == "cdp_crm_emulators"}
+    assert crms == {"salesforce", "hubspot", "dynamics", "zoho"}
+    # One port per listener, none shared (a clash would leave one of them unstarted).
+    wanted = [p for c in COMPANIONS for p in c.ports.values()] + [
+        p for s in SERVICES for p in (s.grpc_port, s.metrics_port)
+    ]
+    assert len(wanted) == len(set(wanted))
+
+
+def test_orchestration_accepts_the_environment_that_points_it_at_the_local_servers(channels):
+    from cdp_orchestration.channels import configured
+
+    ws, ports = channels
+    env = orchestration_environment(ws, ports)
+    providers = configured(env)  # raises with every variable it cannot use
+    assert set(providers) == {"email", "sms", "fcm", "webhook"}
+    assert providers["email"].port == ports["smtp"] and providers["email"].security == "none"
+    assert providers["sms"].api_url == f"http://127.0.0.1:{ports['twilio']}"
+    assert providers["fcm"].api_url == f"http://127.0.0.1:{ports['fcm']}"
+    assert providers["webhook"].default_url == f"http://127.0.0.1:{ports['webhook']}/hooks/cdp"
+    # Both sides of a signature share one secret, made once per workspace and readable by its owner only.
+    assert env["CDP_WEBHOOK_SECRET"] == ws.dev_secret("webhook")
+    assert f"--webhook-secret={env['CDP_WEBHOOK_SECRET']}" in companion_command(ws, CHANNELS, ports)
+    assert (ws.secrets_dir / "dev-webhook.secret").stat().st_mode & 0o077 == 0
+
+
+def test_mail_sent_to_the_local_smtp_server_lands_in_the_workspace_maildir(channels):
+    ws, ports = channels
+    message = EmailMessage()
+    message["From"], message["To"], message["Subject"] = "journeys@cdp.local", "ada@example.com", "your cart"
+    message.set_content("https://shop.example/cart/1")
+    with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
+        smtp.send_message(message)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        delivered = list((ws.root / "mail" / "new").glob("*")) if (ws.root / "mail" / "new").is_dir() else []
+        if delivered:
+            break
+        time.sleep(0.05)
+    assert len(delivered) == 1
+    assert "Subject: your cart" in delivered[0].read_text()
+
+
+async def test_status_shows_companions_but_only_services_decide_health(nats_server, tmp_path):
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    down = pick_port(0)  # nothing listens there
+    ws.write_run(
+        {
+            "pid": os.getpid(),
+            "nats": nats_server.url,
+            "services": {},
+            "companions": {
+                "crm-hubspot": {"ports": {"api": down}, "urls": {"api": f"http://127.0.0.1:{down}"}, "role": "HubSpot"}
+            },
+        }
+    )
+    runner = CliRunner()
+    result = await asyncio.to_thread(runner.invoke, main, ["--home", str(ws.root), "status", "--json"])
+    document = json.loads(result.output)
+    assert result.exit_code == 0 and document["healthy"] is True
+    assert document["companions"]["crm-hubspot"]["up"] is False
+    result = await asyncio.to_thread(runner.invoke, main, ["--home", str(ws.root), "status"])
+    assert "crm-hubspot" in result.output and "DOWN" in result.output
