@@ -39,8 +39,21 @@ _SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 MAX_RESOLVED_MESSAGE_BYTES = 256 * 1024
 
 
+def _size(n: int) -> bytes:
+    """A length as a varint; events are mostly 128 bytes to 16 KiB long (two bytes)."""
+    if n < 0x80:
+        return _SMALL_VARINTS[n]
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    return _varint(n)
+
+
+# The key of a length-delimited field 1..15 is one byte.
+_TAGS = [bytes((n << 3 | 2,)) for n in range(16)]
+
+
 def _length_delimited(field_number: int, data: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(data)) + data
+    return _TAGS[field_number] + _size(len(data)) + data
 
 
 def encode_resolved(
@@ -48,13 +61,15 @@ def encode_resolved(
 ) -> bytes:
     """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
     received, not parsed and re-serialized (most of the cost of resolving would be that)."""
-    out = _length_delimited(1, raw_event) + _length_delimited(2, person_id.encode())
+    person = person_id.encode()
+    parts = [_TAGS[1], _size(len(raw_event)), raw_event, _TAGS[2], _size(len(person)), person]
     for kind, value, reason in dropped:
         item = events_pb2.DroppedIdentifier(type=kind, value=value, reason=reason).SerializeToString()
-        out += _length_delimited(3, item)
+        parts += (_TAGS[3], _size(len(item)), item)
     for key in identifiers:
-        out += _length_delimited(4, key.encode())
-    return out
+        encoded = key.encode()
+        parts += (_TAGS[4], _size(len(encoded)), encoded)
+    return b"".join(parts)
 
 
 def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMessage]:
@@ -68,7 +83,9 @@ def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMe
         for entry in [*entries, None]:
             if entry is None or (chunk and size + len(entry[1]) > MAX_RESOLVED_MESSAGE_BYTES):
                 if chunk:
-                    payload = b"".join(_length_delimited(1, encoded) for _id, encoded in chunk)
+                    payload = b"".join(
+                        [part for _id, encoded in chunk for part in (_TAGS[1], _size(len(encoded)), encoded)]
+                    )
                     msg_id = stable_id("rb_", *(event_id for event_id, _ in chunk))
                     messages.append(
                         OutMessage(subject=subjects.events_resolved(partition), payload=payload, msg_id=msg_id)
