@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 from cdp.events.v1 import events_pb2
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import (
     Bus,
     OutMessage,
@@ -140,6 +141,24 @@ class World:
         event.properties.update(properties)
         batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
         await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
+
+    async def segment(self, person: str, segment: str, *, entered: bool = True) -> None:
+        self.sequence += 1
+        change = segmentation_pb2.SegmentEvent(
+            id=f"seg-{self.sequence}", person_id=person, segment_id=segment, entered=entered, reason="event"
+        )
+        change.at.CopyFrom(from_seconds(self.now()))
+        batch = segmentation_pb2.SegmentEventBatch(events=[change])
+        partition = self.partition(person)
+        subject = subjects.segments_entered(partition) if entered else subjects.segments_exited(partition)
+        await self._publish(subject, batch.SerializeToString())
+        if self.engine is not None:
+
+            async def applied() -> bool:
+                stored = await self.store.get(PERSONS, person)
+                return stored is not None and (segment in stored.doc["segments"]) == entered
+
+            await eventually(applied)
 
     async def actions(self) -> list[pb.ActionMessage]:
         """Every action message stored in ACTIONS, in order."""

@@ -150,6 +150,8 @@ async def test_a_journey_from_draft_to_archived(service):
 
     archived = await stub.ArchiveJourney(pb.JourneyRef(journey_id="slow"))
     assert archived.state == pb.JOURNEY_STATE_ARCHIVED
+    again = await stub.ArchiveJourney(pb.JourneyRef(journey_id="slow"))  # a retried call sweeps again
+    assert again.state == pb.JOURNEY_STATE_ARCHIVED
     for _ in range(300):
         instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=second.instance_id))
         if instance.state == pb.INSTANCE_STATE_ENDED:

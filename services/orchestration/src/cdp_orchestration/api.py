@@ -28,7 +28,7 @@ from cdp_kit.storage import Store
 from cdp_orchestration import streams
 from cdp_orchestration.domain import experiments, lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
-from cdp_orchestration.domain.journey import Journey
+from cdp_orchestration.domain.journey import Journey, ScheduleEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.messages import (
@@ -47,7 +47,7 @@ from cdp_orchestration.messages import (
     token,
     whole_numbers,
 )
-from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, STATS
+from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, PERSONS, STATS
 
 POLL = 0.02  # seconds between looks at the store while a call waits for the engine's answer
 
@@ -141,6 +141,8 @@ class OrchestrationApi:
         await self._save(published)
         if request.migration == pb.MIGRATION_MAP_BY_NODE_ID and previous is not None:
             await self._migrate(published, previous)
+        if live is not None and isinstance(live.entry, ScheduleEntry):
+            await self._arm_members(live)
         return await self._journey(journey_id)
 
     async def PauseJourney(self, request, context) -> pb.Journey:
@@ -150,8 +152,12 @@ class OrchestrationApi:
         return await self._move(request.journey_id, lifecycle.resume)
 
     async def ArchiveJourney(self, request, context) -> pb.Journey:
-        answer = await self._move(request.journey_id, lifecycle.archive)
-        # Its running instances end with reason "archived", each through its person's engine.
+        record = await self._record(required(request.journey_id, "journey_id"))
+        if record.state is not State.ARCHIVED:
+            await self._save(lifecycle.archive(record))
+        answer = await self._journey(record.id)
+        # Its running instances end with reason "archived", each through its person's engine. Archiving
+        # again sweeps again (a call interrupted half-way is retried safely).
         async for doc in self._instances_of(request.journey_id, running=True):
             await self._command(
                 doc["person_id"],
@@ -241,6 +247,15 @@ class OrchestrationApi:
                     "moves": sorted(plan.moves),
                 }
                 await self._command(doc["person_id"], "migrate", body, f"migrate:{doc['id']}:{new.version}")
+
+    async def _arm_members(self, journey: Journey) -> None:
+        """Each member of a scheduled journey's segment gets a timer at their next slot (in their zone), set
+        by their own engine; people joining the segment later get theirs as they join."""
+        segment = journey.entry.segment  # type: ignore[union-attr]
+        async for stored in self.store.scan_all(PERSONS):
+            if segment in stored.doc.get("segments", ()):
+                body = {"person_id": stored.key, "journey_id": journey.id}
+                await self._command(stored.key, "arm", body, f"arm:{journey.id}:{journey.version}:{stored.key}")
 
     async def _instances_of(self, journey_id: str, *, running: bool) -> AsyncIterator[dict[str, Any]]:
         async for stored in self.store.scan_all(INSTANCES):

@@ -71,8 +71,8 @@ from cdp_orchestration.domain.instance import (
     new_instance,
     step,
 )
-from cdp_orchestration.domain.journey import Action, Journey
-from cdp_orchestration.domain.lifecycle import MigrationPlan
+from cdp_orchestration.domain.journey import Action, Journey, ScheduleEntry
+from cdp_orchestration.domain.lifecycle import MigrationPlan, State
 from cdp_orchestration.domain.records import (
     instance_record,
 )
@@ -94,6 +94,7 @@ from cdp_orchestration.state import (
     decision_key,
     load_persons,
     load_stats,
+    slot_id,
     stats_doc,
     stats_key,
     wake_id,
@@ -218,6 +219,14 @@ class OrchestrationLogic:
             for journey in self.journeys.live():
                 if entry.enters_on_segment(journey, segment, entered):
                     await self._enter(hot, batch, person, journey, segment_event_id, Enter(), now)
+            for record in self.journeys.records.values():
+                scheduled = record.live
+                if (
+                    scheduled is not None
+                    and isinstance(scheduled.entry, ScheduleEntry)
+                    and scheduled.entry.segment == segment
+                ):
+                    self._arm(batch, person, scheduled, now)
         elif kind == "profile":
             updates, removed = one.data
             for key, value in updates.items():
@@ -242,6 +251,12 @@ class OrchestrationLogic:
                 await self._ruling(
                     hot, batch, person, arbiter.release(person.state, person.view(), self.rules, now), now
                 )
+        elif kind == "slot":
+            await self._slot(hot, batch, person, one.data, now)
+        elif kind == "arm":
+            record = await self.journeys.reload(one.data["journey_id"])
+            if record is not None and record.live is not None:
+                self._arm(batch, person, record.live, now)
         elif kind == "enroll":
             await self._enroll(hot, batch, person, one.data, now)
         elif kind == "exit":
@@ -263,6 +278,56 @@ class OrchestrationLogic:
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
                 person.dirty = True
         self._keep_wake(batch, person)
+
+    def _arm(self, batch: Batch, person: Person, journey: Journey, now: float) -> None:
+        """Keep one timer at the person's next slot of a scheduled journey while they are in its segment (the
+        slot is read in their zone); none once they left it or the journey no longer runs on a schedule."""
+        schedule = journey.entry if isinstance(journey.entry, ScheduleEntry) else None
+        current = person.slots.get(journey.id)
+        record = self.journeys.records.get(journey.id)
+        wanted = (
+            schedule is not None
+            and schedule.segment in person.segments
+            and record is not None
+            and record.state is not State.ARCHIVED
+        )
+        if wanted and current is not None and current[1] > now:
+            return  # armed already
+        if current is not None:
+            batch.messages.append(streams.cancel(batch.partition, current[0]))
+            del person.slots[journey.id]
+            person.dirty = True
+        if not wanted:
+            return
+        at = entry.next_scheduled_entry(journey, person.view(), now)
+        if at is None:
+            return
+        timer = slot_id(journey.id, person.person_id, at)
+        due = at - self.clock_offset
+        payload = {"s": journey.id, "p": person.person_id, "at": at, "d": due}
+        batch.messages.append(streams.schedule(batch.partition, timer, due, payload))
+        person.slots[journey.id] = (timer, at)
+        person.dirty = True
+
+    async def _slot(self, hot: Partition, batch: Batch, person: Person, body: dict, now: float) -> None:
+        """A scheduled journey's slot came: the person enters (if it takes entries and they are still in the
+        segment), and the next slot is armed."""
+        journey_id = body["s"]
+        current = person.slots.get(journey_id)
+        if current is None or current[0] != slot_id(journey_id, person.person_id, body["at"]):
+            return  # cancelled, or re-armed since
+        del person.slots[journey_id]
+        person.dirty = True
+        record = await self.journeys.reload(journey_id)
+        journey = record.live if record is not None else None
+        if journey is None:
+            return
+        schedule = journey.entry if isinstance(journey.entry, ScheduleEntry) else None
+        if record.accepts_entries and schedule is not None and schedule.segment in person.segments:  # type: ignore[union-attr]
+            trigger = entry.schedule_trigger(body["at"])
+            await self._enter(hot, batch, person, journey, trigger, Enter(), now)
+        # The next slot is after this one (a slot that fired early by a rounding never repeats itself).
+        self._arm(batch, person, journey, max(now, body["at"]))
 
     async def _profile_changed(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
         for instance in list(person.live.values()):
@@ -341,6 +406,11 @@ class OrchestrationLogic:
                 instance.version,
             )
             return
+        record = self.journeys.records.get(instance.journey_id)
+        if record is not None and record.state is State.ARCHIVED and instance.status is Status.RUNNING:
+            # Whatever reaches an instance of an archived journey ends it, should ArchiveJourney's sweep have
+            # missed it (the call interrupted half-way).
+            stimulus = ExitRequest("archived")
         after, commands = step(instance, journey, stimulus, person.view(), now)
         if after != instance:
             person.changed[after.id] = after

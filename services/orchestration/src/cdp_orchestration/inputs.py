@@ -2,7 +2,8 @@
 
 `decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
 segment changes and profile changes (batches: one Input each), fired timers (instance timers and
-per-person wake timers), and the API's commands (enroll, exit, approve, reject, migrate). `at` is the
+per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
+migrate, arm). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 """
 
@@ -27,7 +28,8 @@ from cdp_orchestration.domain.view import Event
 class Input:
     """One thing that happened to one person, at `at` (the message's stream time)."""
 
-    kind: str  # event | segment | profile | timer | wake | enroll | exit | approve | reject | migrate
+    # event | segment | profile | timer | wake | slot | enroll | exit | approve | reject | migrate | arm
+    kind: str
     person_id: str
     at: float
     data: Any = None
@@ -47,7 +49,8 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             return [Input("profile", c.person_id, at, (change_fields(c), c.removed)) for c in batch.changes]
         if stream == subjects.ORCHESTRATION_TIMERS:
             body = orjson.loads(data)
-            return [Input("wake" if "w" in body else "timer", body["p"], at, body)]
+            kind = "wake" if "w" in body else "slot" if "s" in body else "timer"
+            return [Input(kind, body["p"], at, body)]
         if stream == "command":
             body = orjson.loads(data)
             return [Input(what, body["person_id"], at, body)]

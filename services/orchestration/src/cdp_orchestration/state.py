@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -48,6 +48,10 @@ def wake_id(person_id: str, at: float) -> str:
     return "w" + hashlib.sha256(f"wake\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
 
 
+def slot_id(journey_id: str, person_id: str, at: float) -> str:
+    return "s" + hashlib.sha256(f"slot\x1f{journey_id}\x1f{person_id}\x1f{at!r}".encode()).hexdigest()[:32]
+
+
 def stats_key(journey_id: str, version: int, partition: int) -> str:
     return f"{journey_id}:{version}:{partition}"
 
@@ -63,6 +67,7 @@ class Person:
     live: dict[str, Instance] = field(default_factory=dict)  # instances that can still react, by id
     entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
     wake: tuple[str, float] | None = None
+    slots: dict[str, tuple[str, float]] = field(default_factory=dict)  # scheduled journey -> (timer id, at)
     dirty: bool = False
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
 
@@ -78,6 +83,7 @@ class Person:
             "live": sorted(self.live),
             "entered": dict(self.entered),
             "wake": list(self.wake) if self.wake else None,
+            "slots": {journey: list(slot) for journey, slot in self.slots.items()},
         }
 
 
@@ -126,6 +132,7 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.state = person_from_record(doc["arbiter"])
             person.entered = dict(doc["entered"])
             person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
+            person.slots = {journey: (slot[0], slot[1]) for journey, slot in doc.get("slots", {}).items()}
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)
