@@ -4,6 +4,7 @@ timers and decisions come out, on a real nats-server and a real store."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -104,6 +105,11 @@ async def test_quiet_hours_defer_through_a_durable_timer_and_a_purchase_withdraw
     assert dan["end_reason"] == "exit_rule:purchased"
     await asyncio.sleep(1)
     assert len(await world.actions()) == 1
+    # The journey's counters see every decision, the withdrawal of an instance that ended included.
+    decisions: collections.Counter = collections.Counter()
+    async for stored in world.store.scan_all("orchestration_stats"):
+        decisions.update(stored.doc["decisions"])
+    assert decisions == {"deferred": 2, "sent": 1, "withdrawn": 1}
 
 
 async def test_a_reminder_whose_template_reads_a_missing_field_is_not_sent_with_a_blank(world_factory):

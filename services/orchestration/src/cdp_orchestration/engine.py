@@ -500,13 +500,15 @@ class OrchestrationLogic:
             self.m_decisions.add(1, {"kind": kind})
             await self._approval(batch, person, decision, answer)
             instance = person.live.get(decision.instance_id)
-            version = instance.version if instance is not None else 0
+            # An instance that ended in this batch (its pending action withdrawn) is no longer live.
+            known = instance or person.changed.get(decision.instance_id)
 
             def counted(stats: dict, k: str = kind) -> None:
                 stats["decisions"][k] = stats["decisions"].get(k, 0) + 1
 
+            if known is not None:
+                self._count(hot, batch, decision.journey_id, known.version, counted)
             if instance is not None:
-                self._count(hot, batch, decision.journey_id, version, counted)
                 await self._step(hot, batch, person, instance, ActionOutcome(decision.action_id, decision.kind), now)
 
     async def _approval(
