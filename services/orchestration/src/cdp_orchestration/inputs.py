@@ -35,6 +35,9 @@ class Input:
     data: Any = None
 
 
+COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm"})
+
+
 def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
     """The inputs one message carries; `Reject` for one that can never be applied."""
     try:
@@ -52,8 +55,12 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             kind = "wake" if "w" in body else "slot" if "s" in body else "timer"
             return [Input(kind, body["p"], at, body)]
         if stream == "command":
+            if what not in COMMANDS:
+                raise Reject("unknown_command", "Cdp-Command", f"not one of {', '.join(sorted(COMMANDS))}")
             body = orjson.loads(data)
             return [Input(what, body["person_id"], at, body)]
+    except Reject:
+        raise
     except Exception as exc:  # a payload that is not what its stream carries can never be applied
         raise Reject(
             "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"

@@ -1,0 +1,64 @@
+"""What reaches orchestration.in.<p> is read by where it came from; what can never be applied is rejected
+(dead-lettered with a reason naming the header or stream, never a value)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from cdp.events.v1 import events_pb2
+from cdp_kit.engine import Reject
+from cdp_orchestration import streams
+from cdp_orchestration.inputs import decode
+
+
+def source(stream: str, subject: str) -> dict[str, str]:
+    return {streams.SOURCE_HEADER: f"{stream} 7 x.* orchestration.in.{{{{wildcard(1)}}}} {subject} abc"}
+
+
+def test_a_sourced_event_batch_becomes_one_input_per_person_event():
+    batch = events_pb2.ResolvedEventBatch(
+        events=[
+            events_pb2.ResolvedEvent(
+                event=events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Cart Abandoned"),
+                person_id="p1",
+            )
+        ]
+    )
+    stream, what = streams.kind_of(source("EVENTS_RESOLVED", "events.resolved.3"))
+    assert (stream, what) == ("EVENTS_RESOLVED", "events.resolved.3")
+    [one] = decode(stream, what, batch.SerializeToString(), 10.0)
+    assert (one.kind, one.person_id, one.at, one.data.name, one.data.type) == (
+        "event",
+        "p1",
+        10.0,
+        "Cart Abandoned",
+        "track",
+    )
+
+
+def test_fired_timers_say_whose_and_which_kind():
+    stream, what = streams.kind_of(
+        {"Nats-Scheduler": "orchestration.timers.1.t", **source("ORCHESTRATION_TIMERS", "orchestration.fired.1")}
+    )
+    kinds = [
+        decode(stream, what, orjson.dumps(body), 1.0)[0].kind
+        for body in ({"t": "t", "i": "i", "p": "p"}, {"w": "w", "p": "p"}, {"s": "j", "p": "p", "at": 1.0})
+    ]
+    assert kinds == ["timer", "wake", "slot"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "payload", "reason", "field"),
+    [
+        ({streams.COMMAND_HEADER: "drop_table"}, b"{}", "unknown_command", "Cdp-Command"),
+        ({streams.COMMAND_HEADER: "exit"}, b"not json", "invalid_payload", "command"),
+        (source("SEGMENTS", "segments.entered.0"), b"\xff\xff\xff", "invalid_payload", "SEGMENTS"),
+        ({}, b"{}", "unknown_input", "headers"),
+    ],
+)
+def test_what_can_never_be_applied_is_rejected_naming_where_it_came_from(headers, payload, reason, field):
+    stream, what = streams.kind_of(headers)
+    with pytest.raises(Reject) as rejected:
+        decode(stream, what, payload, 1.0)
+    assert (rejected.value.reason, rejected.value.field) == (reason, field)
