@@ -64,7 +64,7 @@ class Replica:
         self.name, self.store, self.nats_url, self.clock = name, store, nats_url, clock
         self.stack = contextlib.AsyncExitStack()
 
-    async def start(self, ownership: str = "nats", snapshot_every: float = 3600) -> Replica:
+    async def start(self, ownership: str = "nats", snapshot_every: float = 3600, standby: str = "") -> Replica:
         self.bus = await self.stack.enter_async_context(Bus.connect(self.nats_url, name=f"segmentation-{self.name}"))
         self.engine = SegmentationEngine(
             self.store,
@@ -73,9 +73,12 @@ class Replica:
             owned=[],
             telemetry=self.bus.telemetry,
             timer_resolution=0.05,
+            namespace=f"_{standby}" if standby else "",
             clock=self.clock,
         )
-        spec = engine_spec(partitions=PARTITIONS, batch_size=16, ack_wait=30, snapshot_every=snapshot_every)
+        spec = engine_spec(
+            partitions=PARTITIONS, batch_size=16, ack_wait=30, snapshot_every=snapshot_every, standby=standby
+        )
         self.stream = SegmentationStream(self.engine, spec, bus=self.bus, store=self.store)
         await self.engine.start()
         self.stack.push_async_callback(self.engine.stop)
@@ -277,3 +280,40 @@ async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_th
             assert (await store.get(CHECKPOINTS, subjects.profiles_changed(0))).doc["stream_seq"] == 7
         finally:
             await after.stop()
+
+
+async def test_hot_standby_replicas_each_serve_every_partition_and_each_transition_is_stored_once(world, nats_server):
+    store, js = world
+    clock = Clock(T0)
+    replicas = [
+        await Replica(name, store, nats_server.url, clock).start(ownership="static", standby=name)
+        for name in ("r0", "r1")
+    ]
+    try:
+        for replica in replicas:  # (in the service a lifecycle call is announced to the other replica)
+            await define(replica, "high", "traits.level > 0")
+        assert all(r.stream.owned() == set(range(PARTITIONS)) for r in replicas)
+        persons = [f"p{i}" for i in range(8)]
+        for n, level in enumerate((1, 0, 1)):
+            for person in persons:
+                batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + n, level=level)])
+                await js.publish(
+                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
+                )
+
+        ends = {}
+        for p in {partition_for(person, PARTITIONS) for person in persons}:
+            subject = subjects.profiles_changed(p)
+            ends[subject] = (await js.get_last_msg("PROFILES", subject)).seq
+
+        async def both_applied() -> bool:
+            return all(r.engine.applied.get(s, 0) >= seq for r in replicas for s, seq in ends.items())
+
+        await until(both_applied, "both replicas applied every change")
+        await asyncio.sleep(0.3)
+        assert all(set(r.engine.membership(p)) == {"high"} for r in replicas for p in persons)
+        events = await transitions(nats_server.url)
+        assert len({e.id for e in events}) == len(events) == 3 * len(persons)
+    finally:
+        for replica in replicas:
+            await replica.stop()
