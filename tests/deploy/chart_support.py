@@ -38,9 +38,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "dev": {"values_files": [values_file("values-dev.yaml")]},
     "prod": {"values_files": [values_file("values-prod.yaml")]},
     # Adding a service must be a values-only change: one key, everything else from componentDefaults.
-    "prod+orchestration": {
+    "prod+newcomer": {
         "values_files": [values_file("values-prod.yaml")],
-        "set_values": {"components": {"orchestration": {}}},
+        "set_values": {"components": {"newcomer": {}}},
+    },
+    # The CRM connector switched on, as it will be once its process lands.
+    "prod+crm": {
+        "values_files": [values_file("values-prod.yaml")],
+        "set_values": {"components": {"crm": {"enabled": True}}},
     },
     "stateful": {
         "set_values": {

@@ -328,7 +328,7 @@ def test_prod_reads_the_mongodb_uri_from_a_secret_and_turns_tls_and_tokens_on(re
 # --- availability --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["prod", "prod+orchestration"])
+@pytest.mark.parametrize("scenario", ["prod", "prod+newcomer", "prod+crm"])
 def test_prod_runs_two_or_more_pods_per_component_behind_a_pdb(scenario, rendered):
     r = rendered[scenario]
     pdbs = r.of_kind("PodDisruptionBudget")
@@ -393,22 +393,19 @@ def test_existing_secrets_are_not_checksummed(rendered):
 
 
 def test_adding_a_component_is_a_values_only_change(rendered):
-    before, after = rendered["prod"], rendered["prod+orchestration"]
+    before, after = rendered["prod"], rendered["prod+newcomer"]
     new = {Rendered.describe(o) for o in after.objects} - {Rendered.describe(o) for o in before.objects}
     assert new == {
-        "ServiceAccount/cdp-orchestration",
-        "Service/cdp-orchestration",
-        "Deployment/cdp-orchestration",
-        "PodDisruptionBudget/cdp-orchestration",
-        "NetworkPolicy/cdp-orchestration",
+        "ServiceAccount/cdp-newcomer",
+        "Service/cdp-newcomer",
+        "Deployment/cdp-newcomer",
+        "PodDisruptionBudget/cdp-newcomer",
+        "NetworkPolicy/cdp-newcomer",
     }
-    (container,) = after.get("Deployment", "cdp-orchestration")["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "cdp_orchestration"]
-    assert env_of(container)["OTEL_SERVICE_NAME"]["value"] == "orchestration"
-    assert (
-        after.get("Deployment", "cdp-orchestration")["spec"]["replicas"]
-        == before.values["componentDefaults"]["replicas"]
-    )
+    (container,) = after.get("Deployment", "cdp-newcomer")["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "cdp_newcomer"]
+    assert env_of(container)["OTEL_SERVICE_NAME"]["value"] == "newcomer"
+    assert after.get("Deployment", "cdp-newcomer")["spec"]["replicas"] == before.values["componentDefaults"]["replicas"]
 
 
 def test_a_stateful_component_gets_ordinals_and_a_claim_per_pod(rendered):
@@ -442,7 +439,7 @@ def test_optional_objects_render_behind_their_switches(rendered):
         assert everything.of_kind(kind), kind
         assert not default.of_kind(kind), f"{kind} is on by default"
     # StatefulSets only for components that own partitions (identity), never as a side effect.
-    stateful = {n for n, c in default.values["components"].items() if c.get("stateful")}
+    stateful = {n for n, c in default.values["components"].items() if c.get("stateful") and c.get("enabled", True)}
     assert {Rendered.describe(o) for o in default.of_kind("StatefulSet")} == {f"StatefulSet/cdp-{n}" for n in stateful}
     hpa = everything.get("HorizontalPodAutoscaler", "cdp-collector")
     assert "replicas" not in everything.get("Deployment", "cdp-collector")["spec"], "the HPA owns replicas"
@@ -454,7 +451,9 @@ def test_optional_objects_render_behind_their_switches(rendered):
     assert url["value"] == "mongodb://cdp-mongodb:27017/cdp"
     assert mongo["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 27017
     monitors = {m["metadata"]["name"] for m in everything.of_kind("ServiceMonitor")}
-    assert monitors == {f"cdp-{name}" for name in ("collector", "identity", "profile", "scoring", "segmentation")}
+    assert monitors == {
+        f"cdp-{name}" for name in ("collector", "identity", "profile", "scoring", "segmentation", "orchestration")
+    }
 
 
 # --- values that must not install ----------------------------------------------------------------------
@@ -549,6 +548,30 @@ BAD_VALUES = {
     "component names that the dependencies use": (
         {"nats": {"enabled": True}, "components": {"nats": {}}},
         'component "nats" would collide',
+    ),
+    "emulators are never deployed": (
+        {"components": {"crm": {"enabled": True, "module": "cdp_crm_emulators"}}},
+        "module cdp_crm_emulators is development and test code",
+    ),
+    "local channel servers are never deployed": (
+        {"components": {"channels": {"module": "cdp_testing.channels"}}},
+        "module cdp_testing.channels is development and test code",
+    ),
+    "secret files get a folder of their own": (
+        {
+            "components": {
+                "orchestration": {"secretFiles": [{"volume": "k", "secret": "s", "mountPath": "/etc/cdp/auth"}]}
+            }
+        },
+        "secretFiles mountPath /etc/cdp/auth is taken",
+    ),
+    "secret files live under /etc/cdp": (
+        {
+            "components": {
+                "orchestration": {"secretFiles": [{"volume": "k", "secret": "s", "mountPath": "/var/lib/cdp"}]}
+            }
+        },
+        "/components/orchestration/secretFiles/0/mountPath",
     ),
     "unknown top-level key": (
         {"componentDefault": {}},
@@ -673,3 +696,58 @@ def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
     (container,) = rendered["prod"].get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]["containers"]
     token = env_of(container)["CDP_IDENTITY_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"]["name"] == "cdp-service-tokens", "a secret, never a value"
+
+
+def test_orchestration_owns_partitions_and_reads_channel_providers_from_secrets(rendered):
+    for scenario in ("default", "dev", "prod"):
+        r = rendered[scenario]
+        sts = r.get("StatefulSet", "cdp-orchestration")
+        spec = sts["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["command"] == ["python", "-m", "cdp_orchestration"]
+        env = env_of(container)
+        assert env["OTEL_SERVICE_NAME"]["value"] == "orchestration"
+        assert "CDP_POD_ORDINAL" in env
+        # No provider is configured from plain values: dev sends in-app only, prod reads Secrets.
+        assert not [name for name in env if name.startswith(("CDP_SMTP_", "CDP_TWILIO_", "CDP_WEBHOOK_", "CDP_FCM_"))]
+        if scenario == "prod":
+            assert env["CDP_OWNERSHIP"]["value"] == "kubernetes" and "CDP_REPLICAS" not in env
+            assert r.get("RoleBinding", "cdp-orchestration-leases")
+            assert container["envFrom"] == [{"secretRef": {"name": "cdp-orchestration-channels", "optional": False}}]
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert mounts["/etc/cdp/channels"]["readOnly"] is True
+            volumes = {v["name"]: v for v in spec["volumes"]}
+            keys = volumes[mounts["/etc/cdp/channels"]["name"]]["secret"]
+            assert keys["secretName"] == "cdp-orchestration-channel-keys" and keys["optional"] is True
+        else:
+            assert "envFrom" not in container
+            assert sts["spec"].get("volumeClaimTemplates"), "the sqlite store must outlive the pod"
+
+
+def test_crm_is_off_until_its_process_lands_and_then_runs_like_the_other_partition_owners(rendered):
+    for scenario in ("default", "dev", "prod"):
+        assert not [o for o in rendered[scenario].objects if o["metadata"]["name"] == "cdp-crm"], scenario
+    r = rendered["prod+crm"]
+    sts = r.get("StatefulSet", "cdp-crm")
+    assert sts["spec"]["replicas"] >= 2
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "cdp_crm"]
+    env = env_of(container)
+    assert env["CDP_OWNERSHIP"]["value"] == "kubernetes" and r.get("RoleBinding", "cdp-crm-leases")
+    assert container["envFrom"] == [{"secretRef": {"name": "cdp-crm-credentials", "optional": False}}]
+    assert {container[p]["grpc"]["port"] for p in ("startupProbe", "livenessProbe", "readinessProbe")} == {
+        int(env["CDP_HEALTH_PORT"]["value"])
+    }
+    (pdb,) = [p for p in r.of_kind("PodDisruptionBudget") if p["metadata"]["name"] == "cdp-crm"]
+    assert matches(pdb["spec"]["selector"]["matchLabels"], sts["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("scenario", ALL)
+def test_no_workload_runs_development_companions_or_points_at_them(scenario, rendered):
+    """The local channel servers and CRM emulators are test code: not in the image, never in a release."""
+    for w, spec, c in component_containers(rendered[scenario]):
+        module = c["command"][2]
+        assert not module.startswith(("cdp_testing", "cdp_crm_emulators", "cdpctl")), Rendered.describe(w)
+        for entry in c["env"]:
+            value = str(entry.get("value", ""))
+            assert "127.0.0.1" not in value and "localhost" not in value, f"{Rendered.describe(w)}: {entry['name']}"

@@ -131,6 +131,19 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if and $c.ports.health (or (eq (int $c.ports.health) (int $c.ports.grpc)) (eq (int $c.ports.health) (int $c.ports.http)) (eq (int $c.ports.health) (int $c.ports.metrics))) -}}
 {{- fail (printf "component %q: ports.health=%d must differ from the grpc, http and metrics ports" $name (int $c.ports.health)) -}}
 {{- end -}}
+{{- $module := include "cdp.module" . -}}
+{{- range $devOnly := list "cdp_testing" "cdp_crm_emulators" "cdpctl" -}}
+{{- if or (eq $module $devOnly) (hasPrefix (printf "%s." $devOnly) $module) -}}
+{{- fail (printf "component %q: module %s is development and test code (local channel servers, CRM emulators, the CLI); it is not in the image and never deployed. Point the service at a real provider through envFromSecrets instead" $name $module) -}}
+{{- end -}}
+{{- end -}}
+{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" -}}
+{{- range $c.secretFiles -}}
+{{- if has .mountPath $mounts -}}
+{{- fail (printf "component %q: secretFiles mountPath %s is taken (by the chart or another entry); give each Secret a folder of its own under /etc/cdp" $name .mountPath) -}}
+{{- end -}}
+{{- $mounts = append $mounts .mountPath -}}
+{{- end -}}
 {{- if and (ne $c.ownership "static") (not $c.stateful) -}}
 {{- fail (printf "component %q: ownership=%s needs stateful: true (only components that own partitions hold leases)" $name $c.ownership) -}}
 {{- end -}}
@@ -429,6 +442,16 @@ spec:
         {{- end }}
       env:
         {{- include "cdp.env" . | nindent 8 }}
+      {{- with $c.envFromSecrets }}
+      {{- /* Every key of these existing Secrets becomes a variable (provider credentials and settings:
+      which keys are present decides what the service enables). `env` above wins on a clash. */}}
+      envFrom:
+        {{- range . }}
+        - secretRef:
+            name: {{ .name }}
+            optional: {{ .optional | default false }}
+        {{- end }}
+      {{- end }}
       {{- /* Kubelet's built-in gRPC probes ask grpc.health.v1 directly: no probe binary in the image. */}}
       startupProbe:
         grpc:
@@ -470,6 +493,11 @@ spec:
         {{- if $c.mountSources }}
         - name: sources
           mountPath: /etc/cdp/sources
+          readOnly: true
+        {{- end }}
+        {{- range $c.secretFiles }}
+        - name: secret-{{ .volume }}
+          mountPath: {{ .mountPath }}
           readOnly: true
         {{- end }}
   volumes:
@@ -517,5 +545,13 @@ spec:
         items:
           - key: {{ $root.Values.sources.key }}
             path: sources.json
+    {{- end }}
+    {{- range $c.secretFiles }}
+    {{- /* Every key a file, the whole directory mounted (no subPath): an updated Secret reaches the pod. */}}
+    - name: secret-{{ .volume }}
+      secret:
+        secretName: {{ .secret }}
+        defaultMode: 0440
+        optional: {{ .optional | default false }}
     {{- end }}
 {{- end -}}
