@@ -179,6 +179,7 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     assert enrolled.entered
     assert (await stub.Enroll(request)).instance_id == enrolled.instance_id  # the same key enrolls once
 
+    live = stub.SubscribeInbox(pb.SubscribeInboxRequest(person_id="bea"))
     [waiting] = (await stub.ListApprovals(pb.ListApprovalsRequest())).approvals
     assert waiting.person_id == "bea" and waiting.value == 250 and waiting.state == pb.APPROVAL_STATE_PENDING
     approved = await stub.ApproveAction(
@@ -196,6 +197,9 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
         await asyncio.sleep(0.05)
     [message] = inbox.messages
     assert message.action_id == waiting.action_id and message.title == "A bonus for you"
+    pushed = await asyncio.wait_for(live.read(), timeout=10)  # the subscriber got it as it arrived
+    assert pushed.action_id == waiting.action_id
+    live.cancel()
     assert message.body == "250 credits, Bea"
     decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="bea"))).decisions
     assert [d.kind for d in decisions] == [pb.DECISION_KIND_SENT, pb.DECISION_KIND_AWAITING_APPROVAL]

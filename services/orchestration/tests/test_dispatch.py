@@ -1,15 +1,18 @@
-"""Channel dispatchers: each action reaches its channel once, however often its message is delivered."""
+"""Channel dispatchers: each action reaches its channel once, however often its message is delivered, and its
+outcome goes back to the collector as an event (once it is accepted there)."""
 
 from __future__ import annotations
 
 import asyncio
+
+from aiohttp import web
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, OutMessage, subjects
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
-from cdp_orchestration.dispatch import SENDS, dispatcher
+from cdp_orchestration.dispatch import SENDS, CollectorReporter, dispatcher
 
 
 class Counting(Channel):
@@ -59,3 +62,54 @@ async def test_an_action_delivered_twice_is_sent_once_and_a_retryable_failure_is
         assert channel.sent == ["a1"]
         record = (await store.get(SENDS, "a1")).doc
         assert record["status"] == "accepted" and record["provider_id"] == "p-a1"
+
+
+async def test_the_outcome_goes_to_the_collector_and_a_refused_report_is_retried_without_sending_again(
+    nats_server, tmp_path, aiohttp_unused_port=None
+):
+    received: list[dict] = []
+    answers = [503, 200]  # the collector refuses the first post
+
+    async def batch(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"].startswith("Basic ")
+        received.append(await request.json())
+        return web.json_response({}, status=answers.pop(0) if answers else 200)
+
+    app = web.Application()
+    app.router.add_post("/v1/batch", batch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    report = CollectorReporter(f"http://127.0.0.1:{port}", "outcomes-key")
+    try:
+        async with (
+            Bus.connect(nats_server.url, name="dispatch-test") as bus,
+            open_store(f"sqlite:///{tmp_path}/d.db") as store,
+        ):
+            await streams.ensure_streams(bus.js)
+            channel = Counting()
+            task = asyncio.create_task(dispatcher(bus, store, channel, report=report).run())
+            message = pb.ActionMessage(
+                action_id="a2", person_id="p2", journey_id="j", channel="webhook", content={"body": "hi"}
+            )
+            [result] = await bus.publisher.publish_batch(
+                [OutMessage(subjects.actions("webhook", 1), message.SerializeToString(), "a2")]
+            )
+            assert result.ok
+            for _ in range(200):
+                stored = await store.get(SENDS, "a2")
+                if stored is not None and stored.doc["reported"]:
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await report.close()
+        await runner.cleanup()
+    assert channel.sent == ["a2"]  # sent once, reported twice (the first report refused)
+    assert len(received) == 2
+    [event] = received[-1]["batch"]
+    assert event["event"] == "Message Sent" and event["messageId"] == "outcome:a2:sent"
+    assert event["properties"]["action_id"] == "a2" and event["properties"]["journey_id"] == "j"

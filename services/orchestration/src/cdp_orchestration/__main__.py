@@ -25,7 +25,7 @@ from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.channels import open_channels
-from cdp_orchestration.dispatch import dispatcher
+from cdp_orchestration.dispatch import CollectorReporter, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.settings import OrchestrationSettings
@@ -62,10 +62,15 @@ async def setup(runtime: ServiceRuntime) -> None:
     inbox = channels.get("inapp")
     if inbox is not None:
         await inbox.start()  # type: ignore[attr-defined]
+    report = None
+    if settings.outcomes_url:
+        report = CollectorReporter(settings.outcomes_url, settings.outcomes_write_key)
+        runtime.stack.push_async_callback(report.close)
     tasks = []
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
-        tasks.append(runtime.spawn(dispatcher(bus, store, channel).run(), f"dispatch actions.{channel.name}"))
+        runner = dispatcher(bus, store, channel, report=report)
+        tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 
     logic = OrchestrationLogic(
         store,

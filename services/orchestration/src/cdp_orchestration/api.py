@@ -464,11 +464,15 @@ class OrchestrationApi:
         person_id = required(request.person_id, "person_id")
         inbox = self._inbox()
         async with inbox.subscribe(person_id) as subscription:
+            # Subscribed before listing, so nothing falls between the two; a message in both comes once.
             unread, _ = await inbox.list(person_id, unread_only=True, page_size=500)
+            seen = set()
             for message in reversed(unread):
+                seen.add(message.message_id)
                 yield inbox_message(message)
             async for message in subscription:
-                yield inbox_message(message)
+                if message.message_id not in seen:
+                    yield inbox_message(message)
 
     # --- commands -----------------------------------------------------------------------------------------
 

@@ -1,39 +1,75 @@
-"""Channel dispatchers: `actions.<channel>.>` -> the channel's adapter, each action sent once.
+"""Channel dispatchers: `actions.<channel>.>` -> the channel's adapter, each action sent once, its outcome
+reported back through the collector.
 
 One durable consumer per channel (`orchestration-dispatch-<channel>`) hands each `ActionMessage` to the
 adapter (`cdp_orchestration.channels`). The send is recorded in `orchestration_sends` under the action id
 before the message is acknowledged, so a redelivery (a crash after the send, an acknowledgement lost)
-finds the record and sends nothing: an action reaches its provider at most once per record, and the
-record is written as soon as the provider answered. The window between the provider's answer and the
-record is the one place a crash can send twice; adapters pass the action id to providers that take an
-idempotency key (`channels` lists them).
+finds the record and sends nothing. The window between the provider's answer and the record is the one
+place a crash can send twice; adapters pass the action id to providers that take an idempotency key
+(`channels` lists them).
 
-Outcomes: accepted and rejected (for good) are recorded; a retryable failure is retried with the
-provider's Retry-After or the consumer's backoff, and dead-lettered with its reason when retries run out.
-Logs name the action id, channel and reason code, never an address or content.
+Outcomes: accepted and rejected (for good) are final; a retryable failure is retried with the provider's
+Retry-After or the consumer's backoff, and is final as "failed" on its last allowed delivery. A final
+outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
+Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
+(`/v1/batch`), so it lands on the profile and in the next model's training data. The record says whether
+it was reported: a redelivery reports what a failed report left behind, and the collector drops a
+duplicate messageId. Logs name the action id, channel and reason code, never an address or content.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
 from cdp_kit.storage import Put, Store
-from cdp_orchestration.channels import Channel
+from cdp_orchestration.channels import Action, Channel, Outcome
+from cdp_orchestration.channels.outcomes import feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
 SENDS = "orchestration_sends"
+MAX_DELIVER = 5
+
+Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
+
+
+class CollectorReporter:
+    """Posts outcome events to the collector's Segment-compatible `/v1/batch` with the source's write key."""
+
+    def __init__(self, url: str, write_key: str, *, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/") + "/v1/batch"
+        # Segment's HTTP API: the write key as the Basic auth user, no password.
+        self.headers = {"Authorization": "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()}
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout))
+
+    async def __call__(self, events: list[dict[str, Any]]) -> bool:
+        try:
+            async with self.session.post(self.url, json={"batch": events}, headers=self.headers) as response:
+                if response.status < 300:
+                    return True
+                log.warning("outcome events not accepted by the collector: HTTP %d", response.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("outcome events not delivered to the collector: %s", type(exc).__name__)
+        return False
+
+    async def close(self) -> None:
+        await self.session.close()
 
 
 class Dispatcher:
-    def __init__(self, channel: Channel, store: Store) -> None:
+    def __init__(self, channel: Channel, store: Store, report: Report | None = None) -> None:
         self.channel = channel
         self.store = store
+        self.report = report
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         for delivery in batch:
@@ -42,33 +78,53 @@ class Dispatcher:
             except Exception as exc:
                 delivery.reject("invalid_action", f"not an ActionMessage: {type(exc).__name__}")
                 continue
-            if await self.store.get(SENDS, action.action_id) is not None:
-                continue  # sent already: a redelivery
-            outcome = await self.channel.send(action)
-            if not outcome.ok and outcome.retryable:
-                log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
-                delivery.retry(outcome.reason, outcome.retry_after)
-                continue
-            record = {
-                "channel": self.channel.name,
-                "person_id": action.person_id,
-                "status": outcome.status,
-                "reason": outcome.reason,
-                "provider_id": outcome.provider_id or "",
-                "at": time.time(),
-            }
-            await self.store.bulk_write([Put(SENDS, action.action_id, record)])
-            if not outcome.ok:
-                log.warning("action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason)
+            stored = await self.store.get(SENDS, action.action_id)
+            if stored is not None:
+                record = stored.doc  # sent already: a redelivery, with perhaps its report still owed
+            else:
+                outcome = await self.channel.send(action)
+                if not outcome.ok and outcome.retryable and delivery.num_delivered < MAX_DELIVER:
+                    log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
+                    delivery.retry(outcome.reason, outcome.retry_after)
+                    continue
+                record = self._record(action, outcome)
+                await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+                if not outcome.ok:
+                    log.warning(
+                        "action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason
+                    )
+            if self.report is not None and not record["reported"]:
+                if await self.report([record["event"]]):
+                    await self.store.bulk_write([Put(SENDS, action.action_id, {**record, "reported": True})])
+                else:
+                    delivery.retry("outcome_not_reported")
+
+    def _record(self, action: Action, outcome: Outcome) -> dict[str, Any]:
+        feedback = feedback_from_outcome(action, outcome, final=True)
+        assert feedback is not None  # a final outcome always says something
+        return {
+            "channel": self.channel.name,
+            "person_id": action.person_id,
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "provider_id": outcome.provider_id or "",
+            "at": time.time(),
+            "event": track_event(feedback, person_id=action.person_id, attributes=action.attributes),
+            "reported": False,
+        }
 
 
-def dispatcher(bus: Bus, store: Store, channel: Channel, *, ack_wait: float = 60.0) -> ConsumerRunner:
+def dispatcher(
+    bus: Bus, store: Store, channel: Channel, *, report: Report | None = None, ack_wait: float = 60.0
+) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
         durable=f"orchestration-dispatch-{channel.name}",
         filter_subjects=(subjects.actions_of(channel.name),),
         batch_size=32,
         ack_wait=ack_wait,
+        max_deliver=MAX_DELIVER,
+        backoff=(0.5, 2.0, 10.0, 30.0, 60.0),
         description=f"orchestration: send {channel.name} actions",
     )
-    return bus.consumer(spec, Dispatcher(channel, store).handle)
+    return bus.consumer(spec, Dispatcher(channel, store, report).handle)

@@ -33,6 +33,15 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     profile_token: str = env(
         "CDP_PROFILE_TOKEN", "", help="bearer token for the profile service (profile:admin)", secret=True
     )
+    outcomes_url: str = env(
+        "CDP_OUTCOMES_URL",
+        "",
+        help="the collector's Segment HTTP API (http://collector:8080): outcome events of sent actions (Message "
+        "Sent, Bounced, Failed) are posted to its /v1/batch; empty: outcomes are recorded here only",
+    )
+    outcomes_write_key: str = env(
+        "CDP_OUTCOMES_WRITE_KEY", "", help="the collector source write key outcome events are sent with", secret=True
+    )
     batch_size: int = env("CDP_ORCHESTRATION_BATCH_SIZE", 256, help="orchestration.in messages fetched per batch")
     ack_wait: float = env(
         "CDP_ORCHESTRATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
@@ -74,6 +83,8 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
                 problems.append(
                     f"CDP_ORCHESTRATION_RULES_FILE={self.rules_file} is not JSON or YAML: {type(exc).__name__}"
                 )
+        if self.outcomes_url and not self.outcomes_write_key:
+            problems.append("CDP_OUTCOMES_WRITE_KEY is required when CDP_OUTCOMES_URL is set")
         if self.batch_size < 1:
             problems.append(f"CDP_ORCHESTRATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if self.hot_persons < 1:
