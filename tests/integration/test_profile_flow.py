@@ -67,6 +67,15 @@ class Platform:
             await asyncio.sleep(0.05)
         raise AssertionError(f"no person for {kind}:{value}")
 
+    async def merged_person(self, *identifiers: tuple[str, str], timeout: float = 15.0) -> str:
+        """The person every one of `identifiers` resolves to, once identity has merged them into one."""
+        for _ in range(int(timeout / 0.05)):
+            persons = {await self.person_of(kind, value) for kind, value in identifiers}
+            if len(persons) == 1:
+                return persons.pop()
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{len(identifiers)} identifiers never resolved to one person")
+
     async def profile_when(self, person_id: str, ready, timeout: float = 15.0) -> profile_pb2.Profile:
         """GetProfile once `ready(profile)` holds (the pipeline is asynchronous)."""
         last = None
@@ -266,7 +275,9 @@ async def test_merges_combine_profiles_and_unmerges_split_them_back(platform):
     await platform.profile_when(phone, lambda p: p.computed["spend"].number_value == 10)
     # Signing in on the laptop links the two devices: identity merges, the profiles combine.
     await platform.send({"type": "identify", "messageId": "c1", "userId": "phone-user", "anonymousId": "anon-laptop"})
-    survivor = await platform.person_of("anonymous_id", "anon-laptop")
+    # The collector's answer does not wait for identity: until c1 is resolved, anon-laptop still names
+    # the laptop's own person, which may be the one merged away. The merge is done once both ids name one.
+    survivor = await platform.merged_person(("user_id", "phone-user"), ("anonymous_id", "anon-laptop"))
     absorbed = laptop if survivor == phone else phone
     merged = await platform.profile_when(survivor, lambda p: p.computed["spend"].number_value == 15)
     assert merged.traits["device"].value.string_value == "phone"
