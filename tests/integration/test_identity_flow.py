@@ -14,6 +14,9 @@ import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp_kit.bus import partition_for, subjects
+
+from .conftest import PARTITIONS
 
 
 @pytest.fixture
@@ -122,7 +125,8 @@ async def test_cross_device_merge_is_published_recorded_and_reversible(platform)
     assert after["i1"].person_id == after["i2"].person_id == phone_person
 
     (merged_msg,) = await platform.messages("IDENTITY", 1)
-    assert merged_msg.subject == "identity.merged"
+    # On the survivor's partition, where profile's owner of that person reads it.
+    assert merged_msg.subject == subjects.identity_merged(partition_for(phone_person, PARTITIONS))
     merged = identity_pb2.IdentityMerged.FromString(merged_msg.data)
     assert (merged.winner, merged.loser) == (phone_person, laptop_person)
     assert merged.cause.rule == "event" and merged.cause.event_id == "web:i2"
@@ -135,7 +139,7 @@ async def test_cross_device_merge_is_published_recorded_and_reversible(platform)
     assert (split.winner, split.loser) == (phone_person, laptop_person)
     assert {(i.type, i.value) for i in split.loser_identifiers} == {("anonymous_id", "laptop-2")}
     messages = await platform.messages("IDENTITY", 2)
-    assert messages[1].subject == "identity.unmerged"
+    assert messages[1].subject == subjects.identity_unmerged(partition_for(phone_person, PARTITIONS))
     assert identity_pb2.IdentityUnmerged.FromString(messages[1].data).loser == laptop_person
 
     back = await platform.identity.Lookup(identity_pb2.LookupRequest(person_id=laptop_person))

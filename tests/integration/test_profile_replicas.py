@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_kit.bus import Bus, OutMessage, events_resolved_stream, identity_stream, partition_for
+from cdp_kit.bus import Bus, OutMessage, events_resolved_stream, identity_stream, partition_for, subjects
 from cdp_kit.natsserver import free_port
 from cdp_kit.service import serving
 from cdp_profile.__main__ import setup as profile_setup
@@ -106,10 +106,14 @@ async def test_any_replica_answers_for_every_person_and_writes_reach_the_owner(n
         winner = next(p for p in persons if partition_for(p, PARTITIONS) % 2 == 0)
         merged = identity_pb2.IdentityMerged(merge_id="mx", winner=winner, loser=remote)
         await bus.ensure_streams(identity_stream())
-        await bus.publisher.publish_batch([OutMessage("identity.merged", merged.SerializeToString(), "merge:mx")])
+        # Identity publishes a merge on the survivor's partition, which replica 0 owns.
+        at = partition_for(winner, PARTITIONS)
+        await bus.publisher.publish_batch(
+            [OutMessage(subjects.identity_merged(at), merged.SerializeToString(), "merge:mx")]
+        )
         for _ in range(100):
-            infos = [await bus.js.consumer_info("IDENTITY", f"profile-identity-{i}") for i in range(2)]
-            if all(i.num_pending == 0 and i.num_ack_pending == 0 for i in infos):
+            info = await bus.js.consumer_info("IDENTITY", subjects.partition_durable("profile", at, input="merges"))
+            if info.num_pending == 0 and info.num_ack_pending == 0:
                 break
             await asyncio.sleep(0.05)
         assert remote in engines[1].profiles

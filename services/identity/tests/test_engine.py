@@ -161,7 +161,7 @@ async def test_a_merge_written_while_another_write_publishes_the_outbox_is_not_s
         gated.held[1].set()
         await merging
 
-        assert publisher.subjects == ["identity.merged"]
+        assert publisher.subjects == ["identity.merged.0"]
         assert [r async for r in memory.scan_all(OUTBOX)] == []
 
 
@@ -186,12 +186,12 @@ async def test_an_api_notification_a_crash_left_unpublished_is_published_by_the_
             await before.resolve([("user_id", "u1"), ("anonymous_id", "a1")], request_id="r2", at=2_000)
         (waiting,) = [r async for r in store.scan_all(OUTBOX)]
         # One outbox format: the kit's engine reads the API's record as it reads a batch's.
-        assert [m.subject for m in outbox.messages_of(waiting)] == ["identity.merged"]
+        assert [m.subject for m in outbox.messages_of(waiting)] == ["identity.merged.0"]
 
         publisher = RecordingPublisher()
         after = IdentityEngine(MergeRules.default(), store, publisher, partitions=1, telemetry=quiet_telemetry())
         await after.start()
-        assert publisher.subjects == ["identity.merged"]
+        assert publisher.subjects == ["identity.merged.0"]
         assert [r async for r in store.scan_all(OUTBOX)] == []
 
 

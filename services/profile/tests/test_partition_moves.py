@@ -16,7 +16,15 @@ from contextlib import AsyncExitStack
 import pytest
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, partition_for, profiles_stream, scores_stream
+from cdp_kit.bus import (
+    Bus,
+    dead_letter_stream,
+    events_resolved_stream,
+    identity_stream,
+    partition_for,
+    profiles_stream,
+    scores_stream,
+)
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import open_store
 from cdp_profile.domain import ComputedTrait, Retention
@@ -48,7 +56,9 @@ def order(message_id: str, person: str, at: float) -> bytes:
 
 async def replica(stack: AsyncExitStack, store, nats_url: str, name: str) -> ProfileEngine:
     bus = await stack.enter_async_context(Bus.connect(nats_url, name=name))
-    await bus.ensure_streams(events_resolved_stream(), profiles_stream(), scores_stream(), dead_letter_stream())
+    await bus.ensure_streams(
+        events_resolved_stream(), identity_stream(), profiles_stream(), scores_stream(), dead_letter_stream()
+    )
     engine = ProfileEngine(
         store,
         bus.publisher,

@@ -40,6 +40,8 @@ async def test_each_subject_is_stored_by_its_stream(nats_client):
         subjects.IDENTITY_MERGED: subjects.IDENTITY,
         subjects.IDENTITY_UNMERGED: subjects.IDENTITY,
         subjects.IDENTITY_QUARANTINED: subjects.IDENTITY,
+        subjects.identity_merged(3): subjects.IDENTITY,
+        subjects.identity_unmerged(3): subjects.IDENTITY,
         subjects.profiles_changed(3): subjects.PROFILES,
         subjects.scores_updated(3): subjects.SCORES,
         subjects.segments_entered(3): subjects.SEGMENTS,

@@ -91,6 +91,15 @@ OUTBOX_MESSAGES: dict[str, type[Message]] = {
     subjects.IDENTITY_UNMERGED: identity_pb2.IdentityUnmerged,
     subjects.IDENTITY_QUARANTINED: identity_pb2.IdentifierQuarantined,
 }
+
+
+def _outbox_kind(subject: str) -> type[Message]:
+    """The message type of an outbox entry: `identity.merged.<p>` (or `identity.merged`, as published
+    before merges were partitioned) holds an IdentityMerged; anything unknown a resolved-event batch."""
+    head, _, tail = subject.rpartition(".")
+    return OUTBOX_MESSAGES.get(head if tail.isdigit() else subject, events_pb2.ResolvedEventBatch)
+
+
 SWEEP_PAGE = 5_000
 # JetStream's default maximum message size, for a publisher that does not tell its connection's.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -521,7 +530,9 @@ class IdentityEngine:
                     loser_identifiers=[identifier_message(k) for k in split.loser_identifiers],
                     reason=reason,
                 )
-                outbox = [(subjects.IDENTITY_UNMERGED, f"unmerge:{merge_id}:{at}", message.SerializeToString())]
+                # On the survivor's partition, as the merge was: profile's owner of it applies both, in order.
+                subject = subjects.identity_unmerged(self._partition_of(split.winner))
+                outbox = [(subject, f"unmerge:{merge_id}:{at}", message.SerializeToString())]
                 write = self._schedule_write(outbox)
             except BaseException:
                 self._failed = True
@@ -643,7 +654,7 @@ class IdentityEngine:
         async for record in self.store.scan_all(OUTBOX):
             kept = []
             for message in record.doc["messages"]:
-                kind = OUTBOX_MESSAGES.get(message["subject"], events_pb2.ResolvedEventBatch)
+                kind = _outbox_kind(message["subject"])
                 if names.isdisjoint(strings(kind.FromString(base64.b64decode(message["payload"])))):
                     kept.append(message)
             if not kept:
@@ -861,7 +872,9 @@ class IdentityEngine:
         message = identity_pb2.IdentityMerged(
             merge_id=merge.id, winner=merge.winner, loser=merge.loser, at=record.at, cause=record.cause
         )
-        return [(subjects.IDENTITY_MERGED, f"merge:{merge.id}", message.SerializeToString())]
+        # On the survivor's partition: whoever owns that partition in profile combines the profiles.
+        subject = subjects.identity_merged(self._partition_of(merge.winner))
+        return [(subject, f"merge:{merge.id}", message.SerializeToString())]
 
     def _quarantine_notification(self, key: str, at: int) -> list[tuple[str, str, bytes]]:
         self._quarantines.add(1, {"type": split_key(key)[0]})

@@ -1,10 +1,11 @@
 """The profile process: consume events.resolved and identity.*, keep profiles, publish profiles.changed.
 
 Which person partitions this replica works on comes from one ownership (`CDP_OWNERSHIP`, group
-"profile"): acquiring partition p loads its profiles from the store and starts both partitioned inputs
-on it (events.resolved.<p> and scores.updated.<p>); releasing it drains both and drops its profiles
-from memory (`ProfileEngine.start_partition` / `stop_partition`). One ownership, not one per input:
-both inputs write the same profiles from one in-memory copy, so a person must have one owner for both.
+"profile"): acquiring partition p loads its profiles from the store and starts every partitioned input
+on it (events.resolved.<p>, scores.updated.<p>, and identity.merged.<p> / identity.unmerged.<p>);
+releasing it drains them and drops its profiles from memory (`ProfileEngine.start_partition` /
+`stop_partition`). One ownership, not one per input: the inputs write the same profiles from one
+in-memory copy, so a person must have one owner for all of them.
 On SIGTERM every partition is released (drained, leases freed, member record removed) before the bus
 and the store close, so the other replicas take over at once instead of after the TTL.
 """
@@ -12,6 +13,8 @@ and the store close, so the other replicas take over at once instead of after th
 from __future__ import annotations
 
 import gc
+
+from nats.js.errors import NotFoundError
 
 from cdp.identity.v1 import identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -79,20 +82,29 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Pushed after the bus and the store: on the way out it runs before they close.
     runtime.stack.push_async_callback(ownership.stop)
     runners = []
-    identity_runner = bus.consumer(
-        ConsumerSpec(
-            stream=subjects.IDENTITY,
-            durable=subjects.replica_durable(SERVICE, "identity", settings.pod_ordinal),
-            filter_subjects=(subjects.IDENTITY_MERGED, subjects.IDENTITY_UNMERGED),
-            batch_size=64,
-            ack_wait=settings.ack_wait,
-            max_ack_pending=64,
-            description="profile: combine and split profiles as identity merges and unmerges persons",
-        ),
-        engine.handle_identity,
-    )
-    runtime.spawn(identity_runner.run(), "consume identity.merged/unmerged")
-    runners.append(identity_runner)
+    # Merges arrive on identity.*.<p>, one of the partitioned inputs (stream.py). What an older identity
+    # published unpartitioned is drained by this replica's durable of then, if it has one; none is
+    # created (a new one would replay every stored merge, re-merging persons unmerged since).
+    legacy = subjects.replica_durable(SERVICE, "identity", settings.pod_ordinal)
+    try:
+        await bus.js.consumer_info(subjects.IDENTITY, legacy)
+    except NotFoundError:
+        pass
+    else:
+        identity_runner = bus.consumer(
+            ConsumerSpec(
+                stream=subjects.IDENTITY,
+                durable=legacy,
+                filter_subjects=(subjects.IDENTITY_MERGED, subjects.IDENTITY_UNMERGED),
+                batch_size=64,
+                ack_wait=settings.ack_wait,
+                max_ack_pending=64,
+                description="profile: merges and unmerges an older identity published (drained)",
+            ),
+            engine.handle_identity,
+        )
+        runtime.spawn(identity_runner.run(), "consume identity.merged/unmerged (unpartitioned)")
+        runners.append(identity_runner)
     identity_channel = client_channel(settings, settings.identity_address)
     runtime.stack.push_async_callback(identity_channel.close)
     if static:

@@ -22,7 +22,6 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import Delivery
-from cdp_kit.bus.subjects import IDENTITY_MERGED, IDENTITY_UNMERGED
 from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import SCORES, field_key
 from cdp_kit.storage import Delete, Put
@@ -42,6 +41,8 @@ class Applied:
     causes: dict[str, str] = field(default_factory=dict)  # person -> cause, where it is not the batch's
     outcomes: dict[str, int] = field(default_factory=lambda: {"applied": 0, "deleted_person": 0})
     newest_received: float = 0.0  # collector acceptance of the newest event applied (0: none)
+    # Merge notices for a survivor this replica does not apply (see `apply_identity_notices`).
+    elsewhere: list[tuple[IdentityNotice, str]] = field(default_factory=list)
 
     def fold(self, person: str, change: ProfileChange) -> None:
         if not change:
@@ -97,49 +98,96 @@ def apply_events(
     return out
 
 
-# --- identity.merged / identity.unmerged --------------------------------------------------------------
+# --- identity.merged.<p> / identity.unmerged.<p> -------------------------------------------------------
+
+# A notice another partition handed on (`Cdp-Forwarded-From: <partition>`): applied where it lands.
+FORWARDED_FROM = "Cdp-Forwarded-From"
+_NOTICES = {"merged": identity_pb2.IdentityMerged, "unmerged": identity_pb2.IdentityUnmerged}
+
+
+@dataclass(slots=True)
+class IdentityNotice:
+    """One merge or unmerge notification, decoded; `data` and `msg_id` as received (for forwarding)."""
+
+    kind: str  # "merged" | "unmerged"
+    message: identity_pb2.IdentityMerged | identity_pb2.IdentityUnmerged
+    data: bytes
+    msg_id: str
+    forwarded: bool = False
+
+    @property
+    def persons(self) -> tuple[str, str]:
+        return self.message.winner, self.message.loser
+
+
+def decode_identity(delivery: Delivery) -> IdentityNotice:
+    """`identity.merged[.<p>]` / `identity.unmerged[.<p>]`; `Reject` for anything else or unreadable."""
+    parts = delivery.subject.split(".")
+    kind = parts[1] if len(parts) > 1 and parts[0] == "identity" else ""
+    decoder = _NOTICES.get(kind)
+    if decoder is None:
+        raise Reject("invalid_message", "subject", f"{delivery.subject} is not a merge notification")
+    try:
+        message = decoder.FromString(delivery.data)
+    except DecodeError as exc:
+        raise Reject("invalid_message", "data", f"not a {decoder.DESCRIPTOR.full_name} ({exc})") from None
+    if not message.winner or not message.loser or not message.merge_id:
+        raise Reject("invalid_message", "merge_id", "a merge notification names its merge, winner and loser")
+    msg_id = delivery.msg_id or f"{kind}:{message.merge_id}:{to_seconds(message.at)}"
+    return IdentityNotice(kind, message, delivery.data, msg_id, forwarded=FORWARDED_FROM in delivery.headers)
+
+
+def apply_identity_notices(
+    hot: HotProfiles,
+    notices: Sequence[IdentityNotice],
+    defs: ComputedTraits,
+    *,
+    here: Callable[[IdentityNotice, str], bool],
+    now: float,
+) -> Applied:
+    """Combine the profiles of merged persons and split unmerged ones, in order; causes "merge" /
+    "unmerge". The persons must be loaded (`HotProfiles.load` of every notice's `persons`). A notice
+    whose survivor (the root of its winner, as this replica knows it) `here` declines is not applied
+    but listed in `elsewhere` with that survivor: the caller hands it to the survivor's owner."""
+    out = Applied()
+    for notice in notices:
+        survivor = hot.root(notice.message.winner)
+        if not here(notice, survivor):
+            out.elsewhere.append((notice, survivor))
+            continue
+        if notice.kind == "merged":
+            _merge(hot, notice.message, defs, now=now, out=out)  # type: ignore[arg-type]
+            out.causes.update(dict.fromkeys(notice.persons, "merge"))
+        else:
+            _unmerge(hot, notice.message, defs, now=now, out=out)  # type: ignore[arg-type]
+            out.causes.update(dict.fromkeys(notice.persons, "unmerge"))
+    return out
 
 
 async def apply_identity(
     hot: HotProfiles, batch: Sequence[Delivery], defs: ComputedTraits, *, owns: Callable[[str], bool], now: float
 ) -> Applied:
-    """Combine the profiles of merged persons and split unmerged ones; causes "merge" / "unmerge"."""
-    out = Applied()
+    """The notices identity published before they were partitioned (`identity.merged` on each replica's
+    durable): applied only by the replica owning the survivor, as then; the others skip them."""
+    notices = []
     for delivery in batch:
         try:
-            if delivery.subject == IDENTITY_MERGED:
-                merged = identity_pb2.IdentityMerged.FromString(delivery.data)
-                await _merge(hot, merged, defs, owns=owns, now=now, out=out)
-                out.causes.update(dict.fromkeys((merged.winner, merged.loser), "merge"))
-            elif delivery.subject == IDENTITY_UNMERGED:
-                unmerged = identity_pb2.IdentityUnmerged.FromString(delivery.data)
-                await _unmerge(hot, unmerged, defs, owns=owns, now=now, out=out)
-                out.causes.update(dict.fromkeys((unmerged.winner, unmerged.loser), "unmerge"))
-        except DecodeError as exc:
-            delivery.reject("invalid_message", f"{delivery.subject}: {exc}")
+            notices.append(decode_identity(delivery))
+        except Reject as bad:
+            delivery.reject(bad.reason, str(bad))
+    await hot.load({person for notice in notices for person in notice.persons})
+    out = apply_identity_notices(hot, notices, defs, here=lambda _notice, survivor: owns(survivor), now=now)
+    for notice, _survivor in out.elsewhere:
+        if notice.kind == "merged" and notice.message.loser in hot.profiles:
+            log.warning("merge across replicas not combined", extra={"merge": notice.message.merge_id})
+    out.elsewhere.clear()
     return out
 
 
-async def _merge(
-    hot: HotProfiles,
-    merged: identity_pb2.IdentityMerged,
-    defs: ComputedTraits,
-    *,
-    owns: Callable[[str], bool],
-    now: float,
-    out: Applied,
+def _merge(
+    hot: HotProfiles, merged: identity_pb2.IdentityMerged, defs: ComputedTraits, *, now: float, out: Applied
 ) -> None:
     winner, loser, merge_id = merged.winner, merged.loser, merged.merge_id
-    if not owns(hot.root(winner)):
-        # The survivor lives on another replica, which cannot read this replica's store: the loser's
-        # profile stays here, whole, rather than being dropped (profiles on two replicas are not
-        # combined yet; see the README).
-        if loser in hot.profiles:
-            log.warning(
-                "merge across replicas not combined", extra={"winner": winner, "loser": loser, "merge": merge_id}
-            )
-        return
-    await hot.load([winner, loser])
     owner = hot.root(winner)
     if hot.root(loser) == owner:
         return  # already merged (a redelivered notification)
@@ -158,20 +206,11 @@ async def _merge(
     hot.expiries.schedule(survivor)
 
 
-async def _unmerge(
-    hot: HotProfiles,
-    unmerged: identity_pb2.IdentityUnmerged,
-    defs: ComputedTraits,
-    *,
-    owns: Callable[[str], bool],
-    now: float,
-    out: Applied,
+def _unmerge(
+    hot: HotProfiles, unmerged: identity_pb2.IdentityUnmerged, defs: ComputedTraits, *, now: float, out: Applied
 ) -> None:
     winner, loser, merge_id = unmerged.winner, unmerged.loser, unmerged.merge_id
-    await hot.load([winner, loser])
     owner = hot.root(winner)
-    if not owns(owner):
-        return
     survivor = hot.profiles.get(owner)
     if survivor is None or loser not in survivor.parts:
         # Merged before it had a profile of its own: only the forwarding tombstone goes.

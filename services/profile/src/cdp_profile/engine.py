@@ -138,6 +138,9 @@ class ProfileEngine:
     def owns(self, person: str) -> bool:
         return self._partition(person) in self.owned
 
+    def partition_of(self, person: str) -> int:
+        return self._partition(person)
+
     # --- life cycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -255,25 +258,27 @@ class ProfileEngine:
             finally:
                 self._steady.set()
 
-    # --- identity.merged / identity.unmerged (a broadcast consumer, not partitioned) ---------------
+    # --- identity.merged / identity.unmerged as published before partitioning (legacy, __main__) ---
 
     async def handle_identity(self, batch: Sequence[Delivery]) -> None:
-        """Consumer handler for `identity.merged` / `identity.unmerged`."""
+        """Consumer handler for the unpartitioned `identity.merged` / `identity.unmerged` an older
+        identity published (each replica's durable; applied by the survivor's owner only). Merges now
+        arrive on `identity.*.<p>`, applied by the partition's owner (`stream.MergesLogic`)."""
         await self._steady.wait()
         step = await apply_identity(self.hot, batch, self.defs, owns=self.owns, now=self.clock())
         if not step.changes:
             await self.commit({}, ops=step.ops)
             return
-        await self._write_by_cause(step, default="merge")
+        messages = self.messages_by_cause(step, default="merge", now=self.clock())
+        await self.commit(step.changes, ops=step.ops)
+        await self.publish(messages)
 
-    async def _write_by_cause(self, step: Applied, *, default: str) -> None:
-        now = self.clock()
+    def messages_by_cause(self, step: Applied, *, default: str, now: float) -> list[OutMessage]:
+        """The `profiles.changed` messages of a step whose changes have causes of their own (merges)."""
         by_cause: dict[str, dict[str, ProfileChange]] = {}
         for person, change in step.changes.items():
             by_cause.setdefault(step.causes.get(person, default), {})[person] = change
-        messages = [m for cause, group in by_cause.items() for m in self.messages(group, cause=cause, now=now)]
-        await self.commit(step.changes, ops=step.ops)
-        await self.publish(messages)
+        return [m for cause, group in by_cause.items() for m in self.messages(group, cause=cause, now=now)]
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 

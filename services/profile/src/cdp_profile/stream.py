@@ -1,6 +1,6 @@
 """Profile's partitioned streams on the kit's `PartitionedEngine`: what profile gives it (`Logic`).
 
-Two inputs are partitioned by person, each its own engine over the same hot profiles and the same
+Three inputs are partitioned by person, each its own engine over the same hot profiles and the same
 `WriteChain` (`ProfileEngine.chain`: a merge or an API write may touch a person of any partition, so
 every write of the service lands in the order it was made):
 
@@ -10,6 +10,26 @@ every write of the service lands in the order it was made):
   (`profile-scores_checkpoints`, `profile-scores_engine_outbox`: the engine names them after its service,
   and the two inputs' positions must not share keys). Before the engine this input had no checkpoint;
   applying a score again changes nothing (the newest per name wins), so starting without one is safe.
+- `identity.merged.<p>` / `identity.unmerged.<p>` (`MergesLogic`): durable `profile-merges-p<p>` (filter
+  `identity.*.<p>`: both kinds of one partition in the order identity published them), checkpoints and
+  outbox of their own (`profile-merges_checkpoints`, `profile-merges_engine_outbox`). Identity publishes
+  a merge and its unmerge on the partition of the merge's survivor, so the replica owning that person
+  combines and splits the profiles, once, and a merge moves with its partition: one that arrives while
+  the partition is between owners waits in the stream for the next owner (before, each replica read
+  every merge on a durable of its own and applied it only if it owned the survivor then, so a merge
+  arriving mid-move was skipped by all of them).
+
+  A notice whose survivor this replica knows to live in another partition (the winner was merged
+  into a person of another partition since) is forwarded, as is, to that partition's subject, marked
+  `Cdp-Forwarded-From` (applied where it lands, never forwarded twice), with the batch's commit, so it
+  is handed on exactly once.
+
+  Upgrade: these durables start at the beginning of the stream, which holds partitioned notices only
+  from an identity that publishes them (none replay what an older identity published; starting at the
+  stream's end instead would lose the merges published between identity's upgrade and profile's).
+  The unpartitioned notices an older identity left are drained by the replicas' existing
+  `profile-identity-<ordinal>` durables (`__main__`), none of which is created anew: a new durable
+  would replay up to 30 days of merges, re-merging persons unmerged since.
 
 The kit does the rest (ordered consumer, checkpoint skip, commit with the outbox, publish, acknowledge,
 pipelining, isolation of a poison message, recovery). `apply` may run while a previous batch is still
@@ -18,13 +38,24 @@ being written; `recover` drops the whole cache unless a recovery since the batch
 
 from __future__ import annotations
 
-from cdp_kit.bus import Bus, Delivery, subjects
+from cdp_kit.bus import Bus, Delivery, OutMessage, subjects
 from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine
 from cdp_profile import SERVICE
-from cdp_profile.apply import ScoreUpdate, apply_events, apply_scores, decode_events, decode_scores
+from cdp_profile.apply import (
+    FORWARDED_FROM,
+    IdentityNotice,
+    ScoreUpdate,
+    apply_events,
+    apply_identity_notices,
+    apply_scores,
+    decode_events,
+    decode_identity,
+    decode_scores,
+)
 from cdp_profile.engine import ProfileEngine
 
 SCORES_SERVICE = f"{SERVICE}-scores"  # durables `profile-scores-p<p>`, as before the engine
+MERGES_SERVICE = f"{SERVICE}-merges"  # durables `profile-merges-p<p>`
 
 
 class EventsLogic:
@@ -79,6 +110,46 @@ class ScoresLogic:
         await self.engine.recover_stream(("scores", partition))
 
 
+class MergesLogic:
+    """`identity.merged.<p>` / `identity.unmerged.<p>`: profiles combine and split (causes "merge" and
+    "unmerge"); a notice whose survivor lives in another partition is forwarded there."""
+
+    def __init__(self, engine: ProfileEngine) -> None:
+        self.engine = engine
+
+    def decode(self, delivery: Delivery) -> IdentityNotice:
+        return decode_identity(delivery)
+
+    async def apply(self, partition: int, items: list[IdentityNotice]) -> Effects:
+        engine = self.engine
+        epoch = await engine.steady(("merges", partition))
+        await engine.hot.load({person for notice in items for person in notice.persons})
+        engine.fresh(epoch)
+        # From here on nothing awaits (see EventsLogic).
+        now = engine.clock()
+
+        def here(notice: IdentityNotice, survivor: str) -> bool:
+            return notice.forwarded or engine.partition_of(survivor) == partition
+
+        step = apply_identity_notices(engine.hot, items, engine.defs, here=here, now=now)
+        messages = engine.messages_by_cause(step, default="merge", now=now)
+        for notice, survivor in step.elsewhere:
+            to = engine.partition_of(survivor)
+            build = subjects.identity_merged if notice.kind == "merged" else subjects.identity_unmerged
+            messages.append(
+                OutMessage(
+                    subject=build(to),
+                    payload=notice.data,
+                    msg_id=f"{notice.msg_id}>p{to}",
+                    headers={FORWARDED_FROM: str(partition)},
+                )
+            )
+        return Effects(engine.writes(step.changes, ops=step.ops), messages)
+
+    async def recover(self, partition: int) -> None:
+        await self.engine.recover_stream(("merges", partition))
+
+
 def partitioned_engines(
     engine: ProfileEngine, bus: Bus, *, partitions: int, batch_size: int, ack_wait: float
 ) -> list[PartitionedEngine]:
@@ -111,6 +182,13 @@ def partitioned_engines(
             subjects.SCORES,
             subjects.SCORES_UPDATED_PREFIX,
             "profile: store the model scores of a person partition",
+        ),
+        on(
+            MergesLogic(engine),
+            MERGES_SERVICE,
+            subjects.IDENTITY,
+            subjects.IDENTITY_MERGES_PREFIX,
+            "profile: combine and split the profiles of a person partition as identity merges and unmerges",
         ),
     ]
     engine.streams.extend(streams)

@@ -12,7 +12,9 @@ consumer at a time, so one person's messages are applied in order.
 |-------------------|---------------------------------------|---------------------|-------------------------------------|
 | `EVENTS_RAW`      | `events.raw.<p(user)>`                | collector           | identity (`identity-p<p>`)          |
 | `EVENTS_RESOLVED` | `events.resolved.<p(person)>`         | identity            | profile (`profile-p<p>`)            |
-| `IDENTITY`        | `identity.merged`, `identity.unmerged`, `identity.quarantined` | identity | profile (`profile-identity-<ordinal>`) |
+| `IDENTITY`        | `identity.merged.<p(survivor)>`, `identity.unmerged.<p(survivor)>` | identity | profile (`profile-merges-p<p>`: both, filter `identity.*.<p>`) |
+|                   | `identity.merged`, `identity.unmerged` (before partitioning; no longer published) | identity | profile (`profile-identity-<ordinal>`, drained if it exists) |
+|                   | `identity.quarantined`                | identity            | (none yet)                          |
 | `PROFILES`        | `profiles.changed.<p(person)>`        | profile             | scoring (`scoring-p<p>`), segmentation (`segmentation-p<p>`) |
 | `SCORES`          | `scores.updated.<p(person)>`          | scoring             | profile (`profile-scores-p<p>`)     |
 | `SEGMENTS`        | `segments.entered.<p>`, `segments.exited.<p>` | segmentation | orchestration, crm-connector     |
@@ -20,6 +22,8 @@ consumer at a time, so one person's messages are applied in order.
 | `ORCHESTRATION`   | `orchestration.in.<p(person)>`        | orchestration's API (commands); sourced server-side from `events.resolved`, `segments.*`, `profiles.changed`, `orchestration.fired` | orchestration (`orchestration-p<p>`) |
 | `ORCHESTRATION_TIMERS` | `orchestration.timers.<p>.<timer id>` (message schedules), `orchestration.fired.<p>` (what they fire) | orchestration | `ORCHESTRATION` (sourced) |
 | `ACTIONS`         | `actions.<channel>.<p(person)>`       | orchestration (arbiter) | channel dispatchers, crm-connector (`actions.crm`) |
+| `CRM`             | `crm.in.<p(person)>`                  | sourced server-side from `profiles.changed`, `segments.*`, `actions.crm` | crm (`crm-p<p>`) |
+|                   | `privacy.deleted` (of `PRIVACY`)      | profile             | crm (`crm-privacy`: one durable shared by the replicas) |
 | `DLQ`             | `dlq.<stream>.<durable>`              | any consumer (kit)  | operators (`cdpctl dlq`)            |
 | (core NATS)       | `scoring.models.changed`              | scoring             | every scoring replica               |
 | (core NATS)       | `segmentation.segments.changed`       | segmentation        | every segmentation replica          |
@@ -42,6 +46,7 @@ PRIVACY = "PRIVACY"
 ORCHESTRATION = "ORCHESTRATION"
 ORCHESTRATION_TIMERS = "ORCHESTRATION_TIMERS"
 ACTIONS = "ACTIONS"
+CRM = "CRM"
 DLQ = "DLQ"
 
 # Prefixes of partitioned subjects: `<prefix>.<p>`.
@@ -51,13 +56,23 @@ PROFILES_CHANGED_PREFIX = "profiles.changed"
 SCORES_UPDATED_PREFIX = "scores.updated"
 SEGMENTS_ENTERED_PREFIX = "segments.entered"
 SEGMENTS_EXITED_PREFIX = "segments.exited"
+# A merge's and an unmerge's notification go to the partition of the survivor (the merge's winner), so
+# they reach whoever owns that person's partition, in order: `identity.merged.<p>`, `identity.unmerged.<p>`.
+IDENTITY_MERGED_PREFIX = "identity.merged"
+IDENTITY_UNMERGED_PREFIX = "identity.unmerged"
+# Both kinds of one partition, as one consumer reads them: `identity.*.<p>`.
+IDENTITY_MERGES_PREFIX = "identity.*"
 ORCHESTRATION_IN_PREFIX = "orchestration.in"
 ORCHESTRATION_FIRED_PREFIX = "orchestration.fired"
 ORCHESTRATION_TIMERS_PREFIX = "orchestration.timers"  # `<prefix>.<p>.<timer id>`: one schedule per subject
 ACTIONS_PREFIX = "actions"  # `actions.<channel>.<p>`
+CRM_CHANNEL = "crm"  # the channel of CRM tasks and cases: `actions.crm.<p>`
+CRM_IN_PREFIX = "crm.in"  # the CRM connector's one input: what it follows about a person, sourced
 DLQ_PREFIX = "dlq"
 
 # Subjects without partitions.
+# Merge notifications as identity published them before they were partitioned: profile drains what is
+# left of them on its existing per-replica durables (`profile-identity-<ordinal>`); nothing new comes.
 IDENTITY_MERGED = "identity.merged"
 IDENTITY_UNMERGED = "identity.unmerged"
 IDENTITY_QUARANTINED = "identity.quarantined"
@@ -78,6 +93,7 @@ STREAM_SUBJECTS: dict[str, tuple[str, ...]] = {
     ORCHESTRATION: (f"{ORCHESTRATION_IN_PREFIX}.*",),
     ORCHESTRATION_TIMERS: (f"{ORCHESTRATION_TIMERS_PREFIX}.>", f"{ORCHESTRATION_FIRED_PREFIX}.*"),
     ACTIONS: (f"{ACTIONS_PREFIX}.>",),
+    CRM: (f"{CRM_IN_PREFIX}.*",),
     DLQ: (f"{DLQ_PREFIX}.>",),
 }
 
@@ -106,6 +122,14 @@ def events_raw(partition: int) -> str:
 
 def events_resolved(partition: int) -> str:
     return f"{EVENTS_RESOLVED_PREFIX}.{partition}"
+
+
+def identity_merged(partition: int) -> str:
+    return f"{IDENTITY_MERGED_PREFIX}.{partition}"
+
+
+def identity_unmerged(partition: int) -> str:
+    return f"{IDENTITY_UNMERGED_PREFIX}.{partition}"
 
 
 def profiles_changed(partition: int) -> str:
@@ -145,6 +169,10 @@ def actions(channel: str, partition: int) -> str:
 def actions_of(channel: str) -> str:
     """Every partition of one channel's actions: `actions.email.>`."""
     return f"{ACTIONS_PREFIX}.{channel}.>"
+
+
+def crm_in(partition: int) -> str:
+    return f"{CRM_IN_PREFIX}.{partition}"
 
 
 def dead_letter(stream: str, durable: str) -> str:
