@@ -1,0 +1,62 @@
+"""Opening each connection: its credentials read from the environment variables the document names, and
+the adapter of its kind. A variable that is missing stops start-up naming the connection and the variable
+(never its value)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import aiohttp
+
+from cdp_crm.adapters import Adapter
+from cdp_crm.adapters.dynamics import DynamicsAdapter
+from cdp_crm.adapters.hubspot import HubSpotAdapter
+from cdp_crm.adapters.salesforce import SalesforceAdapter
+from cdp_crm.adapters.zoho import ZohoAdapter
+from cdp_crm.domain.mapping import Connection, MappingInvalid, Problem
+
+
+def credentials(connection: Connection, environ: Mapping[str, str]) -> dict[str, str]:
+    values, problems = {}, []
+    for name, variable in connection.credentials.items():
+        value = environ.get(variable)
+        if not value:
+            problems.append(Problem(connection.id, f"credentials.{name}", f"the variable {variable} is not set"))
+        else:
+            values[name] = value
+    if problems:
+        raise MappingInvalid(problems)
+    return values
+
+
+def open_adapter(
+    connection: Connection, session: aiohttp.ClientSession, environ: Mapping[str, str], *, timeout: float = 30.0
+) -> Adapter:
+    given = credentials(connection, environ)
+    url = connection.url
+    if connection.kind == "hubspot":
+        return HubSpotAdapter(session, token=given["token"], timeout=timeout, **({"base_url": url} if url else {}))
+    if connection.kind == "salesforce":
+        return SalesforceAdapter(session, timeout=timeout, **given, **({"login_url": url} if url else {}))
+    if connection.kind == "dynamics":
+        assert url is not None  # the document requires it
+        return DynamicsAdapter(session, url=url, timeout=timeout, **given)
+    return ZohoAdapter(session, timeout=timeout, **given, **({"accounts_url": url} if url else {}))
+
+
+def open_adapters(
+    connections: Iterable[Connection],
+    session: aiohttp.ClientSession,
+    environ: Mapping[str, str],
+    *,
+    timeout: float = 30.0,
+) -> dict[str, Adapter]:
+    adapters, problems = {}, []
+    for connection in connections:
+        try:
+            adapters[connection.id] = open_adapter(connection, session, environ, timeout=timeout)
+        except MappingInvalid as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise MappingInvalid(problems)
+    return adapters

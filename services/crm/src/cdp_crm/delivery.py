@@ -1,0 +1,178 @@
+"""Sending one mapping's changes to its CRM: within the account's budget, bad records isolated, transient
+failures retried for a while and then handed back as pending - never dropped, never dead-lettered.
+
+    delivered = await deliverer.deliver(mapping, changes)
+    delivered.synced   # (change, the CRM's result) per record written
+    delivered.dead     # DeadLetters: records the CRM refused for themselves (reason-coded)
+    delivered.pending  # changes still not taken after `retry_for` seconds (429s, 5xx, lost answers, auth)
+
+Every request first reserves its cost from the account's shared budget (budgets.py) and waits when the
+budget says so; the answer's limit headers and any Retry-After go back into it. Batches are cut so their
+cost fits the budget's burst. A transient failure is sent again, unchanged, after a growing back-off:
+every write is an upsert by its key, so a retry after a lost answer converges to the same records.
+Log lines carry the connection, mapping, counts and reason codes, never a value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from cdp_crm.adapters import Adapter
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.isolation import AUTH, THROTTLED, UNAVAILABLE, CrmError, DeadLetter, Isolation, RecordResult
+from cdp_crm.domain.mapping import ObjectMapping
+
+log = logging.getLogger("cdp.crm.delivery")
+
+BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class Delivered:
+    synced: list[tuple[Change, RecordResult]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    pending: list[Change] = field(default_factory=list)
+    units: int = 0
+    requests: int = 0
+
+
+@dataclass
+class Health:
+    """A connection as this replica last saw it (ListConnections)."""
+
+    state: str = "active"  # active | auth_failed | unavailable | throttled
+    last_error_reason: str = ""
+    last_error_code: str = ""
+    last_error_at: float = 0.0
+    last_synced_at: float = 0.0
+
+
+class Deliverer:
+    def __init__(
+        self,
+        adapters: Mapping[str, Adapter],
+        budgets: Mapping[str, SharedBudget],
+        *,
+        retry_for: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        metrics=None,
+    ) -> None:
+        self.adapters = adapters
+        self.budgets = budgets  # by connection id (connections of one account share the object's document)
+        self.retry_for = retry_for
+        self.clock = clock
+        self.health: dict[str, Health] = {c: Health() for c in adapters}
+        self.metrics = metrics
+
+    def batch_size(self, mapping: ObjectMapping) -> int:
+        adapter = self.adapters[mapping.connection]
+        size = adapter.batch_limit
+        burst = self.budgets[mapping.connection].burst
+        while burst is not None and size > 1 and adapter.cost(mapping, size) > burst:
+            size = max(1, size // 2)
+        return size
+
+    async def deliver(
+        self, mapping: ObjectMapping, changes: list[Change], *, retry_for: float | None = None
+    ) -> Delivered:
+        delivered = Delivered()
+        if not changes:
+            return delivered
+        deadline = self.clock() + (self.retry_for if retry_for is None else retry_for)
+        size = self.batch_size(mapping)
+        waiting = [changes[i : i + size] for i in range(0, len(changes), size)]
+        attempt = 0
+        while waiting:
+            isolation = Isolation(waiting.pop(0))
+            stopped = False
+            while (batch := isolation.next_batch()) is not None:
+                if not await self._send(mapping, batch, isolation, delivered, deadline):
+                    stopped = True
+                    break
+            delivered.synced.extend(isolation.synced)
+            delivered.dead.extend(isolation.dead)
+            if stopped:
+                # Out of time waiting for the budget: what was not sent is pending, as are retries.
+                while (rest := isolation.next_batch()) is not None:
+                    delivered.pending.extend(rest)
+                    isolation._pending.popleft()
+                for retry in isolation.retry:
+                    delivered.pending.extend(retry)
+                for batch_left in waiting:
+                    delivered.pending.extend(batch_left)
+                waiting = []
+                break
+            if isolation.retry:
+                self._note_failure(mapping.connection, isolation.retry_errors[-1])
+                if self.clock() >= deadline:
+                    for retry in isolation.retry:
+                        delivered.pending.extend(retry)
+                    continue
+                await asyncio.sleep(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
+                attempt += 1
+                waiting.extend(isolation.retry)
+        if delivered.synced:
+            health = self.health.setdefault(mapping.connection, Health())
+            health.last_synced_at = self.clock()
+            if not delivered.pending:
+                health.state = "active"
+        if self.metrics is not None:
+            self.metrics.delivered(mapping, delivered)
+        if delivered.dead or delivered.pending:
+            log.info(
+                "crm delivery incomplete",
+                extra={
+                    "connection": mapping.connection,
+                    "mapping": mapping.id,
+                    "synced": len(delivered.synced),
+                    "dead_lettered": len(delivered.dead),
+                    "pending": len(delivered.pending),
+                },
+            )
+        return delivered
+
+    async def _send(
+        self, mapping: ObjectMapping, batch: list[Change], isolation: Isolation, delivered: Delivered, deadline: float
+    ) -> bool:
+        """One request within the budget; False when the budget will not allow it before `deadline`."""
+        adapter = self.adapters[mapping.connection]
+        budget = self.budgets[mapping.connection]
+        cost = adapter.cost(mapping, len(batch))
+        while not (reservation := await budget.reserve(cost, self.clock())).granted:
+            if reservation.wait_until > deadline:
+                self.health[mapping.connection].state = "throttled"
+                return False
+            # The budget is shared through the store: there is nothing to wait on but a time.
+            await asyncio.sleep(max(0.01, reservation.wait_until - self.clock()))
+        delivered.units += cost
+        delivered.requests += 1
+        outcome = await adapter.send(mapping, batch)
+        now = self.clock()
+        await budget.observe(outcome.headers, now)
+        if outcome.error is not None and outcome.error.reason == THROTTLED:
+            await budget.throttled(now, retry_after=outcome.error.retry_after, daily=outcome.error.daily)
+        isolation.record(batch, outcome, now)
+        return True
+
+    def _note_failure(self, connection: str, error: CrmError) -> None:
+        health = self.health.setdefault(connection, Health())
+        health.state = {AUTH: "auth_failed", UNAVAILABLE: "unavailable", THROTTLED: "throttled"}.get(
+            error.reason, "unavailable"
+        )
+        health.last_error_reason = error.reason
+        health.last_error_code = error.code
+        health.last_error_at = self.clock()
+        log.warning(
+            "crm request will be retried",
+            extra={
+                "connection": connection,
+                "reason": error.reason,
+                "crm_code": error.code,
+                "http_status": error.status,
+            },
+        )

@@ -1,0 +1,505 @@
+"""The outbound sync on the kit's partitioned engine: what reaches `crm.in.<p>` becomes CRM writes.
+
+Per batch of one person partition (`CrmLogic.apply`):
+
+1. decode: a sourced profile change batch, segment event batch or `ActionMessage` (streams.py) becomes
+   one `Input` per person, stamped with its stream position (later positions are newer);
+2. the persons' views (`crm_persons`: the flat fields the mappings read, their segments) are read and
+   updated in stream order; each input yields, per mapping listening to its trigger, the record the
+   person now projects to (`domain.projection`) - a profile change only for mappings that read a field it
+   touched, a segment exit in mirror mode as the record cleared or the list membership removed, an
+   action as a task or case keyed by its idempotency key;
+3. a projection is compared with what the connector last intended that record to hold (`crm_records`):
+   only changed fields are written, nothing changed means no call; the changes coalesce per record
+   (`domain.coalesce`), with any change of those records still queued from earlier (`crm_pending`);
+4. each mapping's changes are delivered (delivery.py) within the account's budget: written, refused
+   (dead letters, reason-coded, replayable) or still failing after `retry_for` seconds (pending);
+5. the effects - views, record states, dead letters, pending changes, this partition's run counters -
+   are committed with the stream checkpoint, and only then is the batch acknowledged.
+
+A crash anywhere before the commit redelivers the batch: it is projected again against the state of the
+last commit and sent again - upserts by the same keys, so the CRM converges to the latest values and no
+record or task is created twice. `in_flight` must be 1: a batch reads the records the batch before it
+wrote.
+
+Pending changes are retried by the partition's owner (`retry_pending`), under the partition's lock and
+only while every applied batch is durable, so a retry can never send values older than a batch that is
+being written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cdp.orchestration.v1 import orchestration_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_crm import streams
+from cdp_crm.delivery import Delivered, Deliverer
+from cdp_crm.domain import projection as proj
+from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change, Coalescer, Link, record_key
+from cdp_crm.domain.mapping import (
+    ACTIONS,
+    PROFILES_CHANGED,
+    SEGMENT_ENTERED,
+    SEGMENT_EXITED,
+    SEGMENTS,
+    Connection,
+    ObjectMapping,
+)
+from cdp_crm.state import (
+    DEAD_LETTERED,
+    DEAD_LETTERS,
+    OUT_OF_SCOPE,
+    PENDING,
+    PENDING_STATE,
+    PERSONS,
+    RECORDS,
+    RUNS,
+    SYNCED,
+)
+from cdp_kit.bus import Delivery, subjects
+from cdp_kit.engine import Effects, Reject
+from cdp_kit.profile_fields import change_fields
+from cdp_kit.storage import Delete, Put, Store, WriteOp
+
+log = logging.getLogger("cdp.crm.engine")
+
+SERVICE = "crm"
+COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    kind: str  # profile | segment | action
+    person_id: str
+    stamp: int  # the stream position: later is newer
+    data: Any
+
+
+def decode(stream: str, data: bytes, stamp: int) -> list[Input]:
+    try:
+        if stream == subjects.PROFILES:
+            batch = profile_pb2.ProfileChangedBatch.FromString(data)
+            return [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+        if stream == subjects.SEGMENTS:
+            batch = segmentation_pb2.SegmentEventBatch.FromString(data)
+            return [Input("segment", e.person_id, stamp, (e.segment_id, e.entered)) for e in batch.events]
+        if stream == subjects.ACTIONS:
+            action = orchestration_pb2.ActionMessage.FromString(data)
+            return [Input("action", action.person_id, stamp, action)]
+    except Exception as exc:  # a payload that is not what its stream carries can never be applied
+        raise Reject("invalid_payload", stream, f"not a {stream} message: {type(exc).__name__}") from None
+    raise Reject("unknown_input", "headers", "not sourced from PROFILES, SEGMENTS or ACTIONS")
+
+
+@dataclass
+class View:
+    """A person as the connector follows it."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    segments: set[str] = field(default_factory=set)
+    stamp: int = 0
+    dirty: bool = False
+
+    def source(self, person_id: str, action: Mapping[str, Any] | None = None) -> proj.Source:
+        return proj.Source(person_id, self.fields, frozenset(self.segments), action)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"fields": self.fields, "segments": sorted(self.segments), "stamp": self.stamp}
+
+
+def action_source(action: orchestration_pb2.ActionMessage) -> dict[str, Any]:
+    """What an action mapping reads as `action.<field>` (the domain's contract)."""
+    return {
+        **dict(action.content),
+        "id": action.action_id,
+        "category": action.category,
+        "journey_id": action.journey_id,
+        "signals": "\n".join(f"{s.name}: {s.value}" for s in action.signals),
+    }
+
+
+class Outcomes:
+    """The record states, dead letters and pending changes a delivery produced, as store writes."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.writes: dict[tuple[str, str], WriteOp] = {}
+        self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
+
+    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        self.writes[(collection, key)] = Put(collection, key, doc)
+
+    def delete(self, collection: str, key: str) -> None:
+        self.writes[(collection, key)] = Delete(collection, key)
+
+    def count(self, connection: str, name: str, n: int = 1) -> None:
+        self.counters[connection][name] += n
+
+
+def record_doc(
+    mapping: ObjectMapping, change: Change, intended: Mapping[str, Any], member: bool | None, state: str, now: float,
+    previous: Mapping[str, Any] | None = None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    previous = previous or {}
+    return {
+        "connection": mapping.connection,
+        "mapping": mapping.id,
+        "object": mapping.object,
+        "person_id": change.person_id,
+        "key": [list(k) for k in change.key],
+        "fields": dict(intended),
+        "member": member,
+        "state": state,
+        "crm_id": extra.pop("crm_id", None) or previous.get("crm_id"),
+        "synced_at": extra.pop("synced_at", previous.get("synced_at", 0.0)),
+        "synced_stamp": extra.pop("synced_stamp", previous.get("synced_stamp", 0)),
+        "updated_at": now,
+        **extra,
+    }
+
+
+def change_from_doc(doc: Mapping[str, Any]) -> Change:
+    link = doc.get("link")
+    return Change(
+        doc["mapping"], tuple((k, v) for k, v in doc["key"]), dict(doc["fields"]), doc["stamp"], doc["op"],
+        doc["person_id"], doc["trigger"],
+        None if link is None else Link(link["object"], tuple((k, v) for k, v in link["key"]), link["field"]),
+    )  # fmt: skip
+
+
+def change_doc(change: Change, partition: int, attempts: int = 1) -> dict[str, Any]:
+    link = change.link
+    return {
+        "mapping": change.mapping,
+        "key": [list(k) for k in change.key],
+        "fields": change.fields,
+        "stamp": change.stamp,
+        "op": change.op,
+        "person_id": change.person_id,
+        "trigger": change.trigger,
+        "link": None
+        if link is None
+        else {"object": link.object, "key": [list(k) for k in link.key], "field": link.field},
+        "partition": partition,
+        "attempts": attempts,
+    }
+
+
+class CrmLogic:
+    """The engine's logic for `crm.in.<p>` (the flow and its crash guarantees: this module)."""
+
+    def __init__(
+        self,
+        store: Store,
+        connections: Iterable[Connection],
+        deliverer: Deliverer,
+        *,
+        clock=time.time,
+        meter=None,
+    ) -> None:
+        self.store = store
+        self.connections = {c.id: c for c in connections}
+        self.mappings: dict[str, ObjectMapping] = {m.name: m for c in self.connections.values() for m in c.mappings}
+        self.deliverer = deliverer
+        self.clock = clock
+        self.locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.reads: frozenset[str] = frozenset(
+            k for m in self.mappings.values() for k in proj.reads(m) if not k.startswith(SEGMENTS)
+        )
+        self.m_records = self.m_errors = None
+        if meter is not None:
+            self.m_records = meter.create_counter(
+                "cdp.crm.records", unit="{record}", description="CRM records written, by connection and outcome"
+            )
+            self.m_errors = meter.create_counter(
+                "cdp.crm.errors", unit="{record}", description="records a CRM refused, by connection and reason"
+            )
+
+    # --- the engine's contract ---------------------------------------------------------------------
+
+    def decode(self, delivery: Delivery) -> list[Input]:
+        stream, _ = streams.source_of(delivery.headers)
+        return decode(stream, delivery.data, delivery.stream_seq)
+
+    async def recover(self, partition: int) -> None:
+        pass  # nothing is held between batches: every batch reads what it needs from the store
+
+    async def apply(self, partition: int, items: list[list[Input]]) -> Effects:
+        async with self.locks[partition]:
+            inputs = [i for item in items for i in item if i.person_id]
+            if not inputs:
+                return Effects()
+            now = self.clock()
+            out = Outcomes(now)
+            views = await self._views({i.person_id for i in inputs})
+            planned = Planned(self.store)
+            for item in inputs:
+                view = views[item.person_id]
+                view.stamp, view.dirty = max(view.stamp, item.stamp), True
+                for mapping, projection, op, trigger in self._project(item, view):
+                    await planned.add(mapping, projection, op, trigger, item)
+            for pid, view in views.items():
+                if view.dirty:
+                    out.put(PERSONS, pid, view.to_doc())
+            await self._deliver(partition, planned, out)
+            self._run_writes(partition, out)
+            # in_flight is 1: the run documents read here hold every earlier batch's counts.
+            return Effects(writes=await resolve_writes(self.store, out.writes.values()))
+
+    # --- projecting ---------------------------------------------------------------------------------
+
+    async def _views(self, persons: set[str]) -> dict[str, View]:
+        found = await self.store.get_many(PERSONS, persons)
+        views = {}
+        for pid in persons:
+            record = found.get(pid)
+            doc = record.doc if record is not None else {}
+            views[pid] = View(dict(doc.get("fields", {})), set(doc.get("segments", [])), doc.get("stamp", 0))
+        return views
+
+    def _project(self, item: Input, view: View):
+        """(mapping, Projection or Skipped, op, trigger) for each mapping the input concerns."""
+        if item.kind == "profile":
+            updates, removed = item.data
+            if removed:
+                return
+            changed = set()
+            for key, value in updates.items():
+                if key in self.reads:
+                    changed.add(key)
+                    if value is None:
+                        view.fields.pop(key, None)
+                    else:
+                        view.fields[key] = value
+            for mapping in self.mappings.values():
+                if mapping.kind != "record" or PROFILES_CHANGED not in mapping.triggers:
+                    continue
+                if not proj.touches(mapping, changed):
+                    continue
+                source = view.source(item.person_id)
+                if proj.in_scope(mapping, source):
+                    yield mapping, proj.project(mapping, source), UPSERT, PROFILES_CHANGED
+        elif item.kind == "segment":
+            segment, entered = item.data
+            (view.segments.add if entered else view.segments.discard)(segment)
+            trigger = SEGMENT_ENTERED if entered else SEGMENT_EXITED
+            source = view.source(item.person_id)
+            for mapping in self.mappings.values():
+                if mapping.kind == "action":
+                    continue
+                if mapping.segment == segment and trigger in mapping.triggers:
+                    if entered:
+                        yield mapping, proj.project(mapping, source), UPSERT, trigger
+                    elif mapping.mode == "mirror":
+                        op = REMOVE if mapping.kind == "list" else UPSERT
+                        yield mapping, proj.cleared(mapping, source), op, trigger
+                elif (
+                    mapping.kind == "record"
+                    and PROFILES_CHANGED in mapping.triggers
+                    and proj.touches(mapping, {f"{SEGMENTS}.{segment}"})
+                    and proj.in_scope(mapping, source)
+                ):
+                    yield mapping, proj.project(mapping, source), UPSERT, trigger
+        elif item.kind == "action":
+            action: orchestration_pb2.ActionMessage = item.data
+            source = view.source(item.person_id, action_source(action))
+            for mapping in self.mappings.values():
+                if mapping.kind == "action" and mapping.action == action.crm_kind and ACTIONS in mapping.triggers:
+                    about = None
+                    if mapping.about is not None:
+                        about = self.connections[mapping.connection].mapping(mapping.about.mapping)
+                    yield mapping, proj.project(mapping, source, about), UPSERT, ACTIONS
+
+    # --- delivering ---------------------------------------------------------------------------------
+
+    async def _deliver(self, partition: int, planned: Planned, out: Outcomes) -> None:
+        for name, skipped in planned.skipped.items():
+            out.count(self.mappings[name].connection, "skipped", skipped)
+        for name, unchanged in planned.unchanged.items():
+            out.count(self.mappings[name].connection, "unchanged", unchanged)
+        pending = await self.store.get_many(PENDING, list(planned.records))
+        for key, record in pending.items():
+            # A change still queued from an earlier batch: older, so the new one's fields win.
+            planned.coalescer.add(change_from_doc(record.doc))
+            out.delete(PENDING, key)
+        for name in planned.coalescer.mappings():
+            mapping = self.mappings[name]
+            changes = planned.coalescer.take(mapping=name)
+            delivered = await self.deliverer.deliver(mapping, changes)
+            self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out)
+
+    def record_outcome(
+        self,
+        partition: int,
+        mapping: ObjectMapping,
+        delivered: Delivered,
+        intended: Mapping[str, tuple[dict[str, Any], bool | None]],
+        previous: Mapping[str, Mapping[str, Any]],
+        out: Outcomes,
+    ) -> None:
+        now, connection = out.now, mapping.connection
+        out.count(connection, "api_units", delivered.units)
+        for change, result in delivered.synced:
+            fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
+            state = OUT_OF_SCOPE if change.op == REMOVE else SYNCED
+            doc = record_doc(
+                mapping, change, fields, member, state, now, previous.get(change.record),
+                crm_id=result.crm_id, synced_at=now, synced_stamp=change.stamp,
+            )  # fmt: skip
+            out.put(RECORDS, change.record, doc)
+            out.delete(DEAD_LETTERS, change.record)
+            out.count(connection, "created" if result.created else "updated")
+            if self.m_records is not None:
+                self.m_records.add(1, {"connection": connection, "outcome": "synced"})
+        for dead in delivered.dead:
+            fields, member = intended.get(dead.record, (dead.change.fields, dead.change.op != REMOVE))
+            earlier = previous.get(dead.record) or {}
+            doc = record_doc(
+                mapping, dead.change, fields, member, DEAD_LETTERED, now, earlier, reason=dead.reason,
+                crm_code=dead.crm_code,
+            )  # fmt: skip
+            out.put(RECORDS, dead.record, doc)
+            out.put(DEAD_LETTERS, dead.record, {**dead.to_state(), "person_id": dead.change.person_id})
+            out.count(connection, "dead_lettered")
+            log.warning("crm record dead-lettered", extra=dead.log_fields())
+            if self.m_errors is not None:
+                self.m_errors.add(1, {"connection": connection, "reason": dead.reason})
+        for change in delivered.pending:
+            fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
+            doc = record_doc(mapping, change, fields, member, PENDING_STATE, now, previous.get(change.record))
+            out.put(RECORDS, change.record, doc)
+            out.put(PENDING, change.record, change_doc(change, partition))
+            out.count(connection, "pending_retry")
+
+    def _run_writes(self, partition: int, out: Outcomes) -> None:
+        """This partition's share of each connection's stream run (summed by the API): one document per
+        partition, so partitions never contend for one."""
+        for connection, counters in out.counters.items():
+            key = stream_run_key(connection, partition)
+            out.writes[(RUNS, key)] = RunIncrement(key, connection, counters, out.now)  # type: ignore[assignment]
+
+    # --- pending ------------------------------------------------------------------------------------
+
+    async def retry_pending(self, partition: int, *, idle: asyncio.Event | None = None, limit: int = 1000) -> int:
+        """Send this partition's queued changes again; returns how many were taken (written or refused)."""
+        async with self.locks[partition]:
+            if idle is not None and not idle.is_set():
+                return 0  # a batch is being written: its changes supersede what is queued; next time
+            records = await self.store.find(PENDING, "partition", partition, limit=limit)
+            if not records:
+                return 0
+            out = Outcomes(self.clock())
+            previous = await self.store.get_many(RECORDS, [r.key for r in records])
+            by_mapping: dict[str, list[Change]] = defaultdict(list)
+            attempts = {r.key: r.doc.get("attempts", 1) for r in records}
+            for record in records:
+                change = change_from_doc(record.doc)
+                if change.mapping in self.mappings:
+                    by_mapping[change.mapping].append(change)
+            taken = 0
+            for name, changes in by_mapping.items():
+                mapping = self.mappings[name]
+                delivered = await self.deliverer.deliver(mapping, changes, retry_for=0.0)
+                intended = {
+                    k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None
+                }
+                prev = {k: p.doc for k, p in previous.items()}
+                self.record_outcome(partition, mapping, delivered, intended, prev, out)
+                for change, _ in delivered.synced:
+                    out.delete(PENDING, change.record)
+                for dead in delivered.dead:
+                    out.delete(PENDING, dead.record)
+                for change in delivered.pending:
+                    out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 1) + 1))
+                taken += len(delivered.synced) + len(delivered.dead)
+            self._run_writes(partition, out)
+            await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
+            return taken
+
+
+class Planned:
+    """The changes a batch plans, coalesced per record, with what each record should hold afterwards."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.coalescer = Coalescer()
+        self.previous: dict[str, dict[str, Any]] = {}  # record key -> stored crm_records doc
+        self.intended: dict[str, tuple[dict[str, Any], bool | None]] = {}  # record key -> (fields, member)
+        self.records: dict[str, None] = {}
+        self.skipped: dict[str, int] = defaultdict(int)
+        self.unchanged: dict[str, int] = defaultdict(int)
+
+    async def add(self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input) -> None:
+        if isinstance(projection, proj.Skipped):
+            self.skipped[mapping.name] += 1
+            return
+        key = record_key(mapping.name, projection.key)
+        if key not in self.intended:
+            stored = await self.store.get(RECORDS, key)
+            self.previous[key] = stored.doc if stored is not None else {}
+            doc = self.previous[key]
+            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
+        fields_before, member_before = self.intended[key]
+        if mapping.kind == "list":
+            member = op != REMOVE
+            if member_before is member:
+                self.unchanged[mapping.name] += 1
+                return
+            self.intended[key] = ({}, member)
+            fields: dict[str, Any] = {}
+        else:
+            last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
+            fields = proj.changed_fields(last, projection)
+            if not fields and self.previous[key]:
+                self.unchanged[mapping.name] += 1
+                return
+            self.intended[key] = ({**fields_before, **projection.fields}, True)
+        self.records[key] = None
+        self.coalescer.add(
+            Change(mapping.name, projection.key, fields, item.stamp, op, item.person_id, trigger, projection.link)
+        )
+
+
+@dataclass(frozen=True)
+class RunIncrement:
+    """Counters to add to a stream run document: resolved into a Put by `resolve_writes`."""
+
+    key: str
+    connection: str
+    counters: Mapping[str, int]
+    now: float
+
+
+def stream_run_key(connection: str, partition: int) -> str:
+    return f"stream-{connection}-p{partition}"
+
+
+async def resolve_writes(store: Store, writes: Iterable[Any]) -> list[WriteOp]:
+    ops: list[WriteOp] = []
+    for op in writes:
+        if isinstance(op, RunIncrement):
+            record = await store.get(RUNS, op.key)
+            doc = record.doc if record is not None else new_stream_run(op.connection, op.now)
+            for name, n in op.counters.items():
+                doc[name] = doc.get(name, 0) + n
+            doc["processed"] = doc.get("processed", 0) + sum(
+                op.counters[k] for k in ("created", "updated", "unchanged", "skipped", "dead_lettered")
+            )
+            doc["updated_at"] = op.now
+            ops.append(Put(RUNS, op.key, doc))
+        else:
+            ops.append(op)
+    return ops
+
+
+def new_stream_run(connection: str, now: float) -> dict[str, Any]:
+    return {"kind": "stream", "state": "running", "connection": connection, "mapping": "", "started_at": now,
+            **dict.fromkeys(COUNTERS, 0), "processed": 0, "total": 0}  # fmt: skip

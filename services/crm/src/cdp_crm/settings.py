@@ -1,0 +1,71 @@
+"""CRM connector configuration: every variable, its default and meaning (also listed in the README).
+
+The connections document (`CDP_CRM_CONNECTIONS_FILE`) is required: a connector without connections has
+nothing to do, so start-up stops naming the variable. Credentials are not settings: the document names
+the environment variables holding them, read when a connection's adapter is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdp_kit.ownership import OwnershipSettings
+from cdp_kit.settings import ServiceSettings, env
+
+PRIVACY_POLICIES = ("anonymise",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrmSettings(OwnershipSettings, ServiceSettings):
+    """Which person partitions this replica syncs comes from `OwnershipSettings` (`CDP_OWNERSHIP`); what was
+    last written per record, the dead letters, the budgets and the inbound cursors live in the store, so a
+    partition (or the inbound side) moves with nothing to copy."""
+
+    service_name: str = env("OTEL_SERVICE_NAME", "crm", help="service name in traces, metrics and logs")
+    grpc_port: int = env("CDP_GRPC_PORT", 50057, help="gRPC port (CrmService, health, reflection)")
+    connections_file: Path = env(
+        "CDP_CRM_CONNECTIONS_FILE",
+        help="the connections document (JSON, or YAML by its .yaml/.yml suffix): CRMs, credentials' variable "
+        "names, limits, mappings (the README shows one)",
+    )
+    collector_url: str = env(
+        "CDP_CRM_COLLECTOR_URL",
+        "",
+        help="the collector's HTTP API (http://collector:8080): CRM changes are posted there as events; "
+        "empty: nothing is read from the CRMs",
+    )
+    collector_write_key: str = env(
+        "CDP_CRM_COLLECTOR_WRITE_KEY", "", help="the collector write key of the CRM source", secret=True
+    )
+    poll_seconds: float = env("CDP_CRM_POLL_SECONDS", 30.0, help="seconds between two reads of a CRM's changes")
+    batch_size: int = env("CDP_CRM_BATCH_SIZE", 256, help="crm.in messages fetched per batch (coalesced per batch)")
+    ack_wait: float = env("CDP_CRM_ACK_WAIT", 120.0, help="seconds before JetStream redelivers an unacknowledged batch")
+    retry_for: float = env(
+        "CDP_CRM_RETRY_FOR",
+        60.0,
+        help="seconds a batch keeps retrying a CRM that throttles or fails before it is handed back to the "
+        "stream (redelivered later, nothing lost); keep it below CDP_CRM_ACK_WAIT",
+    )
+    request_timeout: float = env("CDP_CRM_REQUEST_TIMEOUT", 30.0, help="seconds one CRM request may take")
+    privacy_policy: str = env(
+        "CDP_CRM_PRIVACY_POLICY",
+        "anonymise",
+        help="what privacy.deleted does in each CRM: anonymise (every mapped field cleared, list memberships "
+        "removed, the record kept under its opaque CDP id)",
+    )
+    retention_days: float = env("CDP_CRM_RETENTION_DAYS", 7.0, help="days the CRM input stream keeps messages")
+
+    def validate(self) -> list[str]:
+        problems = [*ServiceSettings.validate(self), *OwnershipSettings.validate(self)]
+        if not self.connections_file.is_file():
+            problems.append(f"CDP_CRM_CONNECTIONS_FILE={str(self.connections_file)!r} is not a readable file")
+        if self.privacy_policy not in PRIVACY_POLICIES:
+            problems.append(
+                f"CDP_CRM_PRIVACY_POLICY={self.privacy_policy!r} is invalid: must be one of {', '.join(PRIVACY_POLICIES)}"
+            )
+        if self.retry_for <= 0 or self.retry_for >= self.ack_wait:
+            problems.append(f"CDP_CRM_RETRY_FOR={self.retry_for} must be positive and below CDP_CRM_ACK_WAIT")
+        if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
+            problems.append(f"CDP_CRM_COLLECTOR_URL={self.collector_url!r} must be an http(s) URL")
+        return problems

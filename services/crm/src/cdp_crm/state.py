@@ -1,0 +1,43 @@
+"""What the CRM connector keeps in the store, one collection per idea (every document plain JSON).
+
+- `crm_persons` / <person id>: the person as the connector follows it - the flat profile fields its
+  mappings read, the segments the person is in, the stream position of the last change applied. Written
+  with the batch that changed it (the engine's commit), so a redelivered change is applied on it again.
+- `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
+  the mapping and match key): the fields it last intended the CRM to hold, the CRM id, the state
+  (synced, pending, dead_lettered, out_of_scope), the person (indexed: privacy and GetRecordStatus).
+- `crm_pending` / <record key>: a change the CRM did not take yet (throttled, down, answer lost past the
+  batch's retry time): durably queued with the batch, so the stream message can be acknowledged; its
+  partition's owner sends it again (`engine.CrmLogic.retry_pending`).
+- `crm_dead_letters` / <record key>: `isolation.DeadLetter.to_state()`, the latest refusal of a record.
+- `crm_runs` / <run id>: backfills, replays and each connection's continuous (stream) run, with counters.
+- `crm_budgets` / <account>: `budget.Budget.to_state()`, read and written under compare-and-set by every
+  replica and sync (budgets.py).
+- `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes.
+- `crm_privacy` / <request id>: what a privacy deletion did in each CRM (counts, when), never values.
+"""
+
+from __future__ import annotations
+
+from cdp_kit.storage import Store
+
+PERSONS = "crm_persons"
+RECORDS = "crm_records"
+PENDING = "crm_pending"
+DEAD_LETTERS = "crm_dead_letters"
+RUNS = "crm_runs"
+BUDGETS = "crm_budgets"
+CURSORS = "crm_cursors"
+PRIVACY = "crm_privacy"
+
+SYNCED = "synced"
+PENDING_STATE = "pending"
+DEAD_LETTERED = "dead_lettered"
+OUT_OF_SCOPE = "out_of_scope"
+
+
+async def prepare_store(store: Store) -> None:
+    await store.ensure_index(RECORDS, "person_id")
+    await store.ensure_index(PENDING, "partition")
+    await store.ensure_index(DEAD_LETTERS, "connection")
+    await store.ensure_index(RUNS, "connection")

@@ -1,0 +1,191 @@
+"""A world for the connector's service tests: a real nats-server with the upstream streams, the connector's
+engine over a store, the local HubSpot, and helpers publishing what profile, segmentation and
+orchestration would publish."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from cdp.orchestration.v1 import orchestration_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_crm import streams
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.connectors import open_adapters
+from cdp_crm.delivery import Deliverer
+from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.engine import SERVICE, CrmLogic
+from cdp_crm.state import prepare_store
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, profiles_stream, segments_stream, subjects
+from cdp_kit.engine import EngineSpec, PartitionedEngine
+from cdp_kit.storage import open_store
+from cdp_kit.timestamps import from_seconds
+
+PARTITIONS = 2
+TOKEN = "pat-local-hubspot"
+
+
+def hubspot_document(base_url: str, **limits: Any) -> dict[str, Any]:
+    connection: dict[str, Any] = {
+        "id": "hs",
+        "kind": "hubspot",
+        "account": "62515",
+        "url": base_url,
+        "credentials": {"token": "HUBSPOT_TOKEN"},
+        "mappings": [
+            {
+                "id": "contacts",
+                "object": "contacts",
+                "match": {"cdp_id": "person.id"},
+                "fields": {
+                    "email": "traits.email",
+                    "firstname": "traits.first_name",
+                    "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:2"},
+                },
+            },
+            {
+                "id": "success-task",
+                "object": "tasks",
+                "action": "task",
+                "idempotency_field": "cdp_idempotency_key",
+                "about": {"mapping": "contacts"},
+                "fields": {"hs_task_subject": "action.subject", "hs_task_body": "action.signals"},
+            },
+        ],
+    }
+    if limits:
+        connection["limits"] = limits
+    return {"connections": [connection]}
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(every)
+
+
+class World:
+    def __init__(self, bus: Bus, store, emulator: HubSpotEmulator, session: aiohttp.ClientSession) -> None:
+        self.bus = bus
+        self.store = store
+        self.emulator = emulator
+        self.session = session
+        self.engine: PartitionedEngine | None = None
+        self.logic: CrmLogic | None = None
+        self.sequence = 0
+
+    eventually = staticmethod(eventually)
+
+    async def start(self, document: dict[str, Any] | None = None, *, retry_for: float = 5.0) -> PartitionedEngine:
+        connections = parse_connections(document or hubspot_document(self.emulator.base_url))
+        adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN}, timeout=2.0)
+        budgets = {c.id: SharedBudget(self.store, c, margin=0.05) for c in connections}
+        deliverer = Deliverer(adapters, budgets, retry_for=retry_for)
+        self.logic = CrmLogic(self.store, connections, deliverer)
+        spec = EngineSpec(
+            service=SERVICE,
+            stream=subjects.CRM,
+            subject_prefix=subjects.CRM_IN_PREFIX,
+            partitions=PARTITIONS,
+            in_flight=1,
+            fetch_timeout=0.2,
+            ack_wait=30.0,
+        )
+        self.engine = PartitionedEngine(self.logic, spec, bus=self.bus, store=self.store)
+        await self.engine.start()
+        await self.engine.wait_ready()
+        return self.engine
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+            self.engine = None
+
+    def abort(self) -> None:
+        assert self.engine is not None
+        self.engine.abort()
+        self.engine = None
+
+    def partition(self, person: str) -> int:
+        return partition_for(person, PARTITIONS)
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str | None = None) -> None:
+        self.sequence += 1
+        [result] = await self.bus.publisher.publish_batch(
+            [OutMessage(subject, payload, msg_id or f"test-{self.sequence}-{time.time()}")]
+        )
+        assert result.ok, result.error
+
+    async def profiles(self, changes: dict[str, dict[str, Any]]) -> None:
+        """One ProfileChangedBatch per partition: person -> flat field updates (traits.x, scores.y)."""
+        by_partition: dict[int, profile_pb2.ProfileChangedBatch] = {}
+        for person, fields in changes.items():
+            change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(time.time()))
+            for key, value in fields.items():
+                root, _, name = key.partition(".")
+                if root == "scores":
+                    change.scores[name] = value
+                else:
+                    change.traits[name].string_value = str(value)
+            by_partition.setdefault(self.partition(person), profile_pb2.ProfileChangedBatch()).changes.append(change)
+        for partition, batch in by_partition.items():
+            await self._publish(subjects.profiles_changed(partition), batch.SerializeToString())
+
+    async def segment(self, person: str, segment: str, *, entered: bool = True) -> None:
+        self.sequence += 1
+        event = segmentation_pb2.SegmentEvent(
+            id=f"seg-{self.sequence}", person_id=person, segment_id=segment, entered=entered, reason="event"
+        )
+        batch = segmentation_pb2.SegmentEventBatch(events=[event])
+        p = self.partition(person)
+        subject = subjects.segments_entered(p) if entered else subjects.segments_exited(p)
+        await self._publish(subject, batch.SerializeToString())
+
+    async def action(self, person: str, action_id: str, subject: str, **signals: str) -> None:
+        action = orchestration_pb2.ActionMessage(
+            action_id=action_id, person_id=person, channel="crm", crm_kind="task", category="success"
+        )
+        action.content["subject"] = subject
+        for name, value in signals.items():
+            action.signals.add(name=name, value=value)
+        await self._publish(
+            subjects.actions(subjects.CRM_CHANNEL, self.partition(person)), action.SerializeToString(), action_id
+        )
+
+
+@pytest.fixture
+async def world_factory(nats_server, tmp_path):
+    opened: list[Any] = []
+
+    async def make(emulator: HubSpotEmulator) -> World:
+        bus_cm = Bus.connect(nats_server.url, name="crm-test")
+        bus = await bus_cm.__aenter__()
+        await bus.ensure_streams(profiles_stream(), segments_stream(), dead_letter_stream())
+        await streams.ensure_streams(bus.js)
+        store = open_store(f"sqlite:///{tmp_path}/crm-{len(opened)}.db")
+        await prepare_store(store)
+        session = aiohttp.ClientSession()
+        world = World(bus, store, emulator, session)
+        opened.append((world, bus_cm))
+        return world
+
+    yield make
+    for world, bus_cm in opened:
+        await world.stop()
+        await world.session.close()
+        await world.store.close()
+        await bus_cm.__aexit__(None, None, None)
