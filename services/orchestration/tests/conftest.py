@@ -117,14 +117,18 @@ class World:
         )
         assert result.ok, result.error
 
-    async def profile(self, person: str, *, consent: dict[str, bool] | None = None, **traits: Any) -> None:
-        change = profile_pb2.ProfileChanged(person_id=person, cause="api", at=from_seconds(self.now()))
+    async def profile(
+        self, person: str, *, consent: dict[str, bool] | None = None, removed: bool = False, **traits: Any
+    ) -> None:
+        change = profile_pb2.ProfileChanged(
+            person_id=person, cause="delete" if removed else "api", at=from_seconds(self.now()), removed=removed
+        )
         for name, value in traits.items():
             change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
         change.consent.update(consent or {})
         batch = profile_pb2.ProfileChangedBatch(changes=[change])
         await self._publish(subjects.profiles_changed(self.partition(person)), batch.SerializeToString())
-        if self.engine is not None:
+        if self.engine is not None and not removed:
             # Sources interleave: let the change land before what the test sends next.
             async def applied() -> bool:
                 stored = await self.store.get(PERSONS, person)

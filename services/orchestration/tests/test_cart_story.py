@@ -124,3 +124,18 @@ async def test_a_reminder_whose_template_reads_a_missing_field_is_not_sent_with_
     assert "traits.first_name" in decision["reason"] and "eve@example.com" not in decision["reason"]
     await asyncio.sleep(0.5)
     assert await world.actions() == []
+
+
+async def test_a_deleted_profile_ends_its_instances_and_leaves_nothing_of_it_here(world_factory):
+    world = await world_factory()
+    await world.publish_journey({**CART, "nodes": [{**CART["nodes"][0], "duration": "1h"}, CART["nodes"][1]]})
+    await world.start()
+    await world.profile("fay", consent={"purpose:Marketing": True}, first_name="Fay", email="fay@example.com")
+    await world.event("fay", "Cart Abandoned", "e-cart-fay", cart_url="u")
+    await world.eventually(lambda: world.instances("fay"))
+    await world.profile("fay", removed=True)
+
+    [instance] = await world.eventually(lambda: _ended(world, "fay"))
+    assert instance["end_reason"] == "profile_removed"
+    stored = (await world.store.get("orchestration_persons", "fay")).doc
+    assert stored["fields"] == {} and stored["live"] == []

@@ -236,8 +236,16 @@ class OrchestrationLogic:
                     person.fields[key] = value
             person.dirty = True
             if removed:
+                # The profile is gone (deleted, or merged into another): its instances end, and what was
+                # copied of it here goes too.
                 for instance in list(person.live.values()):
                     await self._step(hot, batch, person, instance, ExitRequest("profile_removed"), now)
+                person.live.clear()  # nothing more will come for this person id, goals included
+                person.fields.clear()
+                person.segments.clear()
+                for journey_id, (timer, _at) in list(person.slots.items()):
+                    batch.messages.append(streams.cancel(batch.partition, timer))
+                    del person.slots[journey_id]
             else:
                 await self._profile_changed(hot, batch, person, now)
         elif kind == "timer":
