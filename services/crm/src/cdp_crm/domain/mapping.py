@@ -63,15 +63,17 @@ from typing import Any
 
 import orjson
 
+from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
 
 KINDS = ("salesforce", "hubspot", "dynamics", "zoho")
 MODES = ("upsert", "update_only", "mirror")
-PROFILES_CHANGED = "profiles.changed"
-SEGMENT_ENTERED = "segments.entered"
-SEGMENT_EXITED = "segments.exited"
-ACTIONS = "actions.crm"
+# Triggers are named after what they follow on the bus (the wire vocabulary's names).
+PROFILES_CHANGED = subjects.PROFILES_CHANGED_PREFIX
+SEGMENT_ENTERED = subjects.SEGMENTS_ENTERED_PREFIX
+SEGMENT_EXITED = subjects.SEGMENTS_EXITED_PREFIX
+ACTIONS = f"{subjects.ACTIONS_PREFIX}.{subjects.CRM_CHANNEL}"
 BACKFILL = "backfill"
 TRIGGERS = (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, ACTIONS, BACKFILL)
 
