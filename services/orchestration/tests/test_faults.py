@@ -132,3 +132,25 @@ async def test_persons_dropped_from_memory_come_back_from_the_store_with_their_c
         assert kinds == ["sent", "capped"], person  # the first send was remembered across the reloads
     assert len(await world.actions()) == len(people)
     assert set((await _fired(world)).values()) == {1}
+
+
+async def test_timers_pending_when_nats_server_is_killed_fire_once_after_it_returns(world_factory, nats_server):
+    world = await world_factory()
+    first = {k: v for k, v in TWO_REMINDERS["nodes"][1].items() if k != "next"}
+    delay = {**TWO_REMINDERS["nodes"][0], "duration": "3s"}
+    await world.publish_journey({**TWO_REMINDERS, "nodes": [delay, first]})
+    await world.start()
+    people = [f"k{i}" for i in range(6)]
+    for person in people:
+        await world.profile(person, consent={"purpose:Marketing": True}, first_name=person)
+        await world.event(person, "Cart Abandoned", f"cart-{person}")
+    for person in people:
+        await world.eventually(lambda p=person: world.instances(p))
+    nats_server.kill()  # SIGKILL, with every delay's timer pending
+    await asyncio.sleep(1)
+    nats_server.start()
+
+    await world.eventually(lambda: _ended(world, people), timeout=40)
+    actions = await world.actions()
+    assert sorted(a.person_id for a in actions) == people
+    assert len(await _fired(world)) == len(people) and set((await _fired(world)).values()) == {1}
