@@ -31,7 +31,7 @@ from cdp_kit.bus import (
 from cdp_kit.ownership.nats_kv import nats_kv_ownership
 from cdp_kit.storage import open_store
 from cdp_profile.domain import Retention
-from cdp_profile.engine import PROFILES, ProfileEngine
+from cdp_profile.engine import PROFILES, ProfileEngine, decode_profile
 from cdp_profile.stream import partitioned_engines
 from cdp_testing.fakes import Clock
 
@@ -179,3 +179,79 @@ async def test_every_merge_is_applied_once_while_partitions_move(nats_server):
             else:
                 assert records[loser].doc["merged_into"] == winner
                 assert records[winner].doc["merged_from"] == [loser]
+
+
+async def test_a_merge_whose_survivor_moved_to_another_partition_is_applied_by_that_partitions_owner(nats_server):
+    """Identity merged B into A, then A into C (another partition). Profile may see them the other way
+    round: C has absorbed A when A's partition gets "B into A". The survivor is C now, held by the
+    other replica: the notice is handed to C's partition rather than written from here, where C's
+    owner's copy would silently go stale (its next write refused, its whole cache reloaded)."""
+    persons = [f"p_{i:02d}" for i in range(40)]
+    a = next(p for p in persons if partition_for(p, 2) == 0)
+    b = next(p for p in persons if partition_for(p, 2) == 0 and p != a)
+    c = next(p for p in persons if partition_for(p, 2) == 1)
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store("memory://"))
+        x, y = [await two_partition_replica(stack, store, nats_server.url, name) for name in ("replica-x", "replica-y")]
+        await x.start_partition(0)
+        await y.start_partition(1)
+        for n, person in enumerate((a, b, c)):
+            await x.bus.js.publish(subjects.events_resolved(partition_for(person, 2)), visit(person, n))
+
+        async def stored(*who: str) -> bool:
+            return len(await store.get_many(PROFILES, list(who))) == len(who)
+
+        await wait_for("profiles written", lambda: stored(a, b, c))
+
+        def merge(n: int, winner: str, loser: str) -> OutMessage:
+            message = identity_pb2.IdentityMerged(merge_id=f"m{n}", winner=winner, loser=loser)
+            return OutMessage(subjects.identity_merged(partition_for(winner, 2)), message.SerializeToString(), f"m{n}")
+
+        async def merged_into(loser: str, winner: str) -> bool:
+            record = await store.get(PROFILES, loser)
+            return record is not None and record.doc.get("merged_into") == winner
+
+        await x.bus.publisher.publish_batch([merge(2, c, a)])
+        await wait_for("A merged into C", lambda: merged_into(a, c))
+        await x.bus.publisher.publish_batch([merge(1, a, b)])
+        await wait_for("B merged into C", lambda: merged_into(b, c))
+        # C's owner goes on with C: its copy is the store's.
+        await y.bus.js.publish(subjects.events_resolved(1), visit(c, 9))
+
+        async def c_has_four_events() -> bool:
+            record = await store.get(PROFILES, c)
+            return (
+                record is not None
+                and len(decode_profile(record.doc, [], Retention()).parts) == 3
+                and (c in y.profiles and y.profiles[c].view(now=y.clock()).event_count == 4)
+            )
+
+        await wait_for("C holds A, B and the new event", c_has_four_events)
+        assert y.epoch == 0, "C's owner found its copy of C outdated: another replica wrote C"
+        await x.flush()
+        await y.flush()
+        changes = await profile_changes(x.bus.js)
+        assert Counter(p for ch in changes if ch.cause == "merge" for p in ch.merged) == Counter({a: 1, b: 1})
+        await x.stop_partition(0)
+        await y.stop_partition(1)
+
+
+async def two_partition_replica(stack: AsyncExitStack, store, nats_url: str, name: str) -> ProfileEngine:
+    bus = await stack.enter_async_context(Bus.connect(nats_url, name=name))
+    await bus.ensure_streams(
+        events_resolved_stream(), identity_stream(), profiles_stream(), scores_stream(), dead_letter_stream()
+    )
+    engine = ProfileEngine(
+        store,
+        bus.publisher,
+        partitions=2,
+        owned=(),
+        retention=Retention(max_events=100),
+        telemetry=bus.telemetry,
+        clock=Clock(T0 + 1000),
+    )
+    await engine.start()
+    stack.push_async_callback(engine.stop)
+    partitioned_engines(engine, bus, partitions=2, batch_size=4, ack_wait=30)
+    engine.bus = bus
+    return engine

@@ -1,8 +1,8 @@
 """What each consumed message does to the hot profiles: the domain step of every stream profile reads.
 
-The partitioned streams (`events.resolved.<p>`, `scores.updated.<p>`) are decoded one message at a time
-(`decode_*`: pure, `Reject` for a message that can never be applied) and applied a batch at a time;
-identity's notices are applied from their deliveries. Each `apply_*` takes the hot state and returns
+The partitioned streams (`events.resolved.<p>`, `scores.updated.<p>`, identity's merges and unmerges
+`identity.*.<p>`) are decoded one message at a time (`decode_*`: pure, `Reject` for a message that can
+never be applied) and applied a batch at a time, the persons they name loaded first. Each `apply_*` takes the hot state and returns
 an `Applied`: the profile changes by person (what the group commit writes and what is
 published), the other records to write (tombstones), and counts for the metrics. Nothing here commits,
 publishes or acknowledges: that is the kit's partitioned engine (`stream.py` hands it these functions).

@@ -1,7 +1,7 @@
 """The profile engine: hot profiles in memory, written behind to the store, changes on the bus.
 
-Paths that change a profile (the partitioned streams `events.resolved.<p>` and `scores.updated.<p>`,
-identity merges and unmerges, API writes, computed-trait expiry and backfill, deletion) all end the
+Paths that change a profile (the partitioned streams `events.resolved.<p>`, `scores.updated.<p>` and
+identity's merges and unmerges `identity.*.<p>`, API writes, computed-trait expiry and backfill, deletion) all end the
 same way:
 1. the domain applies the change in memory and reports a compact `ProfileChange` (`apply.py` for the
    consumed streams; `backfill.py`, `expiry.py` and `privacy.py` for the rest);
@@ -188,7 +188,7 @@ class ProfileEngine:
         """This replica now holds `partition` (an ownership's `on_acquire`). What the cache holds of its
         persons may be stale (another replica wrote them since), so it is dropped and the partition's
         profiles are loaded from the store, as `start` loads the owned ones (windowed traits then expire
-        here without waiting for an event); then both partitioned streams start on it."""
+        here without waiting for an event); then every partitioned input starts on it."""
         if partition not in self.owned:
             self.hot.forget(lambda person: self._partition(person) == partition)
             self.owned = self.owned | {partition}
@@ -210,7 +210,7 @@ class ProfileEngine:
             await stream.start_partition(partition)
 
     async def stop_partition(self, partition: int) -> None:
-        """`partition` goes to another replica (an ownership's `on_release`): both streams drain (what
+        """`partition` goes to another replica (an ownership's `on_release`): its inputs drain (what
         they applied is written, published and acknowledged), the writes queued by other paths land,
         and the partition's persons leave the cache, so this replica neither writes them nor answers
         from a copy the new owner no longer updates. Returning lets the new owner start."""

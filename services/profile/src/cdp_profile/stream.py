@@ -153,7 +153,7 @@ class MergesLogic:
 def partitioned_engines(
     engine: ProfileEngine, bus: Bus, *, partitions: int, batch_size: int, ack_wait: float
 ) -> list[PartitionedEngine]:
-    """The engines of profile's two partitioned inputs, registered with `engine` (a deletion waits for
+    """The engines of profile's three partitioned inputs, registered with `engine` (a deletion waits for
     them to be quiescent before it erases their outboxes)."""
 
     def on(logic, service: str, stream: str, prefix: str, description: str) -> PartitionedEngine:
