@@ -86,12 +86,15 @@ class World:
         self.session = session
         self.engine: PartitionedEngine | None = None
         self.logic: CrmLogic | None = None
+        self.retrier: asyncio.Task | None = None
         self.sequence = 0
 
     eventually = staticmethod(eventually)
 
-    async def start(self, document: dict[str, Any] | None = None, *, retry_for: float = 5.0) -> PartitionedEngine:
-        connections = parse_connections(document or hubspot_document(self.emulator.base_url))
+    async def start(
+        self, document: dict[str, Any] | None = None, *, retry_for: float = 5.0, **limits: Any
+    ) -> PartitionedEngine:
+        connections = parse_connections(document or hubspot_document(self.emulator.base_url, **limits))
         adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN}, timeout=2.0)
         budgets = {c.id: SharedBudget(self.store, c, margin=0.05) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for)
@@ -108,14 +111,22 @@ class World:
         self.engine = PartitionedEngine(self.logic, spec, bus=self.bus, store=self.store)
         await self.engine.start()
         await self.engine.wait_ready()
+        self.retrier = asyncio.create_task(self.logic.retry_forever(self.engine, 0.2))
         return self.engine
 
     async def stop(self) -> None:
+        self._stop_retrier()
         if self.engine is not None:
             await self.engine.close()
             self.engine = None
 
+    def _stop_retrier(self) -> None:
+        if self.retrier is not None:
+            self.retrier.cancel()
+            self.retrier = None
+
     def abort(self) -> None:
+        self._stop_retrier()
         assert self.engine is not None
         self.engine.abort()
         self.engine = None

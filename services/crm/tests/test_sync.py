@@ -34,3 +34,58 @@ async def test_a_churn_signal_upserts_the_persons_hubspot_contact_once(world_fac
         statuses = [r.doc async for r in world.store.scan_all(RECORDS)]
         assert {s["state"] for s in statuses} == {"synced"}
         assert await world.store.count(DEAD_LETTERS) == 0
+
+
+def _per_window(times: list[float], window: float) -> int:
+    """The most requests the CRM saw within any `window` seconds."""
+    times = sorted(times)
+    most, start = 0, 0
+    for end, at in enumerate(times):
+        while at - times[start] >= window:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
+
+
+async def test_killed_three_times_mid_sync_every_record_lands_once_with_its_latest_values(world_factory):
+    persons = [f"person-{i}" for i in range(600)]
+    async with HubSpotEmulator(burst_limit=4, burst_window=0.4) as emulator:
+        world = await world_factory(emulator)
+        await world.start(burst=4, window_seconds=0.4)
+        for round_ in range(4):
+            await world.profiles(
+                {p: {"traits.first_name": f"N{round_}", "scores.churn_risk": round_ + 0.5} for p in persons}
+            )
+        for _ in range(3):
+            seen = len(emulator.requests)
+            await world.eventually(lambda seen=seen: len(emulator.requests) >= seen + 2, timeout=30)
+            world.abort()  # as SIGKILL: nothing more written, committed or acknowledged
+            await world.start(burst=4, window_seconds=0.4)
+
+        def all_latest():
+            records = emulator.records("contacts")
+            return len(records) == 600 and all(r["properties"].get("cdp_churn_risk") == "3.5" for r in records)
+
+        await world.eventually(all_latest, timeout=60)
+        records = emulator.records("contacts")
+        assert sorted(r["properties"]["cdp_id"] for r in records) == sorted(persons)  # once each
+        assert {r["properties"]["firstname"] for r in records} == {"N3"}
+        assert emulator.budget()["over_budget"] == 0
+
+
+async def test_a_burst_of_429s_is_waited_out_and_the_crms_limit_is_never_exceeded(world_factory):
+    persons = [f"person-{i}" for i in range(800)]
+    async with HubSpotEmulator(burst_limit=3, burst_window=0.5) as emulator:
+        world = await world_factory(emulator)
+        # The connection says 190 a window: the CRM's headers lower it to what the account really has.
+        await world.start(burst=190, window_seconds=0.5)
+        await world.profiles({"person-warmup": {"traits.first_name": "W"}})
+        await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-warmup"))
+        emulator.faults.throttle_next(4)  # four 429s in a row, then the CRM's own limit
+        await world.profiles({p: {"scores.churn_risk": 0.25} for p in persons})
+
+        await world.eventually(lambda: len(emulator.records("contacts")) == 801, timeout=60)
+        assert emulator.budget()["over_budget"] == 0
+        answered = [r.at for r in emulator.requests if r.path.startswith("/crm/") and r.faulted is None]
+        assert _per_window(answered, 0.5) <= 3
+        assert [r.faulted for r in emulator.requests if r.faulted] == ["status"] * 4

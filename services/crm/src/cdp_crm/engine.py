@@ -388,6 +388,22 @@ class CrmLogic:
 
     # --- pending ------------------------------------------------------------------------------------
 
+    async def retry_forever(self, engine, every: float) -> None:
+        """Retry the queued changes of every partition `engine` owns, every `every` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            for partition in sorted(engine.owned()):
+                pipeline = engine.pipelines.get(partition)
+                if pipeline is None:
+                    continue
+                try:
+                    await self.retry_pending(partition, idle=pipeline.idle)
+                except Exception as exc:  # the store or a CRM failing: the changes stay queued for next time
+                    log.warning(
+                        "retrying queued crm changes failed",
+                        extra={"partition": partition, "error": type(exc).__name__},
+                    )
+
     async def retry_pending(self, partition: int, *, idle: asyncio.Event | None = None, limit: int = 1000) -> int:
         """Send this partition's queued changes again; returns how many were taken (written or refused)."""
         async with self.locks[partition]:
