@@ -8,6 +8,10 @@ import collections
 import time
 from datetime import UTC, datetime, timedelta
 
+import orjson
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.domain.rules import parse_rules
 
 CART = {
@@ -139,3 +143,39 @@ async def test_a_deleted_profile_ends_its_instances_and_leaves_nothing_of_it_her
     assert instance["end_reason"] == "profile_removed"
     stored = (await world.store.get("orchestration_persons", "fay")).doc
     assert stored["fields"] == {} and stored["live"] == []
+
+
+async def test_a_held_reminder_is_rendered_from_the_version_that_proposed_it(world_factory):
+    # Deferred by quiet hours; meanwhile v2 is published and the instance mapped to it by node id.
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    logical = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 7, 59, 55, tzinfo=UTC).timestamp()
+    rules = parse_rules({"quiet_hours": {"from": "21:00", "to": "08:00"}})
+    world = await world_factory(rules=rules, clock_offset=logical - time.time())
+    await world.start()
+    api = OrchestrationApi(journeys=world.journeys, store=world.store, bus=world.bus, partitions=2)
+    first = _without_delay()
+    await api.CreateJourney(pb.CreateJourneyRequest(definition=_definition(first)), None)
+    await api.PublishJourney(pb.PublishJourneyRequest(journey_id="abandoned-cart"), None)
+    await world.profile("gus", consent={"purpose:Marketing": True}, first_name="Gus", email="gus@example.com")
+    await world.event("gus", "Cart Abandoned", "e-cart-gus", cart_url="u")
+    [deferred] = await world.eventually(lambda: world.decisions("gus"))
+    assert deferred["kind"] == "deferred"
+
+    template = {"subject": "v2 for {{ traits.first_name }}", "body": "{{ entry.cart_url }}"}
+    second = {**first, "version": 2, "nodes": [{**first["nodes"][0], "template": template}]}
+    await api.UpdateJourney(pb.UpdateJourneyRequest(journey_id="abandoned-cart", definition=_definition(second)), None)
+    await api.PublishJourney(
+        pb.PublishJourneyRequest(journey_id="abandoned-cart", migration=pb.MIGRATION_MAP_BY_NODE_ID), None
+    )
+    await world.eventually(lambda: _on_version(world, "gus", 2))
+
+    [action] = await world.eventually(world.actions, timeout=15)
+    assert action.journey_version == 1 and action.content["subject"] == "Gus, your cart is waiting"
+
+
+async def _on_version(world, person, version):
+    return [i for i in await world.instances(person) if i["version"] == version]
+
+
+def _definition(document: dict) -> pb.JourneyDefinition:
+    return pb.JourneyDefinition(json=orjson.dumps(document).decode())

@@ -48,7 +48,7 @@ from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration import streams
 from cdp_orchestration.domain import arbiter, entry
-from cdp_orchestration.domain.arbiter import Decision, Kind, Ruling
+from cdp_orchestration.domain.arbiter import Decision, Kind, ProposedAction, Ruling
 from cdp_orchestration.domain.instance import (
     ActionOutcome,
     Assigned,
@@ -444,7 +444,7 @@ class OrchestrationLogic:
                 batch.messages.append(streams.cancel(p, command.timer_id))
             elif isinstance(command, ProposeAction):
                 ruling = arbiter.decide(person.state, command.action, person.view(), self.rules, now)  # type: ignore[arg-type]
-                await self._ruling(hot, batch, person, ruling, now)
+                await self._ruling(hot, batch, person, ruling, now, proposed=command.action)
             elif isinstance(command, WithdrawAction):
                 await self._ruling(hot, batch, person, arbiter.withdraw(person.state, command.action_id, now), now)  # type: ignore[arg-type]
             elif isinstance(command, Assigned):
@@ -478,16 +478,22 @@ class OrchestrationLogic:
         now: float,
         *,
         answer: tuple[str, str, str] | None = None,
+        proposed: ProposedAction | None = None,
     ) -> None:
         """Record the ruling's decisions, publish what was sent, and tell each instance about its action.
-        `answer`: (action id, decided by, note) of an approver's call."""
+        `answer`: (action id, decided by, note) of an approver's call; `proposed`: the action just proposed."""
+        # Each action is rendered from its own journey version (an instance migrated meanwhile keeps it).
+        held = (*person.state.deferred, *person.state.awaiting) if person.state is not None else ()
+        versions = {h.action.action_id: h.action.journey_version for h in held}
+        if proposed is not None:
+            versions[proposed.action_id] = proposed.journey_version
         if ruling.state is not person.state:
             person.state = ruling.state
             person.dirty = True
         for index, decision in enumerate(ruling.decisions):
             kind, reason = decision.kind.value, decision.reason
             if decision.kind is Kind.SENT:
-                failure = await self._send(batch, person, decision)
+                failure = await self._send(batch, person, decision, versions.get(decision.action_id))
                 if failure is not None:
                     kind, reason = "failed", failure
             doc = {
@@ -578,10 +584,12 @@ class OrchestrationLogic:
             journey = self.journeys.version(journey_id, version)
         return journey
 
-    async def _send(self, batch: Batch, person: Person, decision: Decision) -> str | None:
+    async def _send(self, batch: Batch, person: Person, decision: Decision, version: int | None) -> str | None:
         """Publish the sent action on actions.<channel>.<p>; the reason it could not be, or None."""
         instance = person.live.get(decision.instance_id)
-        journey = await self._version(decision.journey_id, instance.version) if instance is not None else None
+        if version is None and instance is not None:
+            version = instance.version
+        journey = await self._version(decision.journey_id, version) if version is not None else None
         node = journey.nodes.get(decision.node_id) if journey is not None else None
         if not isinstance(node, Action):
             return "failed: the action's journey version is not loaded"
