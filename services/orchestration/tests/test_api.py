@@ -16,7 +16,15 @@ from grpc_status import rpc_status
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import OutMessage, partition_for, subjects
+from cdp_kit.bus import (
+    Bus,
+    OutMessage,
+    events_resolved_stream,
+    partition_for,
+    profiles_stream,
+    segments_stream,
+    subjects,
+)
 from cdp_kit.errors import FailedPrecondition
 from cdp_kit.service import serving
 from cdp_kit.storage import open_store
@@ -79,6 +87,9 @@ def settings(nats_server, tmp_path) -> OrchestrationSettings:
 
 @pytest.fixture
 async def service(nats_server, tmp_path):
+    # The streams orchestration sources exist before it starts, as their publishers create them.
+    async with Bus.connect(nats_server.url, name="upstream") as bus:
+        await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
     async with serving(settings(nats_server, tmp_path), setup) as runtime:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
             yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime

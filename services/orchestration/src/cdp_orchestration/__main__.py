@@ -16,7 +16,7 @@ import logging
 import os
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, segments_stream, subjects
+from cdp_kit.bus import Bus, dead_letter_stream, subjects
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
@@ -41,7 +41,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
-    await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
+    # The streams orchestration sources are their publishers' to create and configure (ensuring them here
+    # with default settings would reset, say, identity's retention); a source waits for its stream.
+    await bus.ensure_streams(dead_letter_stream())
     await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
     journeys = Journeys(store)
     await journeys.load()
