@@ -257,3 +257,24 @@ async def test_a_batch_read_before_a_purge_landed_does_not_bring_the_purged_pers
         (item,) = events_pb2.ResolvedEventBatch.FromString(resolved.payload).events
         assert item.person_id != ada.person, "the purged person came back from a read older than the purge"
         assert ada.person not in engine.graph.persons
+
+
+async def test_a_standby_that_becomes_the_writer_publishes_what_the_crashed_writer_left():
+    async with open_store("memory://") as store:
+        publisher = RecordingPublisher()
+        standby = IdentityEngine(MergeRules.default(), store, publisher, partitions=1, telemetry=quiet_telemetry())
+        await standby.start()
+        standby.writer = False
+
+        crashed = IdentityEngine(
+            MergeRules.default(), store, UnreachablePublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await crashed.start()
+        await crashed.resolve([("user_id", "u1")], request_id="r0", at=1_000)
+        await crashed.resolve([("anonymous_id", "a1")], request_id="r1", at=1_000)
+        with pytest.raises(Unavailable):  # the merge is durable; the writer dies before publishing it
+            await crashed.resolve([("user_id", "u1"), ("anonymous_id", "a1")], request_id="r2", at=2_000)
+
+        await standby.become_writer()
+        assert [subject.split(".")[:2] for subject in publisher.subjects] == [["identity", "merged"]]
+        assert [r async for r in store.scan_all(OUTBOX)] == []

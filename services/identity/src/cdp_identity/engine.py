@@ -845,10 +845,16 @@ class IdentityEngine:
             )
 
     async def become_writer(self) -> None:
-        """This replica got the writer lease: whatever it cached may predate the last writer's changes."""
+        """This replica got the writer lease: whatever it cached may predate the last writer's changes,
+        and a writer that crashed may have left API notifications unpublished."""
         async with self.lock:
             await self._drop_cache()
             self.writer = True
+        await self._adopt_outbox()
+        try:
+            await self.publish_outbox()
+        except CdpError as exc:  # still in the outbox: the next API write's publish retries them
+            log.warning("identity notifications left by the previous writer not yet published: %s", exc.message)
 
     async def stop_writing(self) -> None:
         """The writer lease is going: refuse API operations from now on, and let the queued writes land."""
@@ -898,15 +904,19 @@ class IdentityEngine:
         return Put(OUTBOX, f"{API_OUTBOX_PREFIX}{self._api_sequence:0{outbox.POSITION_DIGITS}d}", doc)
 
     async def _adopt_outbox(self) -> None:
-        """At start: queue the API records a previous process left unpublished; publish (and delete)
+        """At start and on becoming the writer: queue the API records a previous process left
+        unpublished; publish (and delete)
         notifications an older version stored one per record (`subject`, `payload`), oldest first."""
         legacy = []
-        async for record in self.store.scan_all(OUTBOX):
-            if record.key.startswith(API_OUTBOX_PREFIX):
-                self._api_outbox.append((record.key, None))
-            elif "messages" not in record.doc:
-                legacy.append(record)
-        self._api_outbox.sort(key=lambda entry: entry[0])
+        async with self._publishing:
+            queued = {key for key, _write in self._api_outbox}
+            async for record in self.store.scan_all(OUTBOX):
+                if record.key.startswith(API_OUTBOX_PREFIX):
+                    if record.key not in queued:
+                        self._api_outbox.append((record.key, None))
+                elif "messages" not in record.doc:
+                    legacy.append(record)
+            self._api_outbox.sort(key=lambda entry: entry[0])
         if not legacy:
             return
         legacy.sort(key=lambda r: (r.doc.get("at", 0), r.doc.get("n", 0)))
