@@ -59,6 +59,17 @@ class SharedBudget:
     async def reserve(self, units: int, now: float) -> Reservation:
         return await self._change(lambda b: b.reserve(units, now))
 
+    async def acquire(self, units: int, clock: Callable[[], float], deadline: float | None = None) -> bool:
+        """Reserve `units`, waiting as long as the budget says; False (nothing reserved) when that would be
+        past `deadline`. The budget is shared through the store: there is no event to wait on, only a time."""
+        reservation = await self.reserve(units, clock())
+        while not reservation.granted:
+            if deadline is not None and reservation.wait_until > deadline:
+                return False
+            await asyncio.sleep(max(0.01, reservation.wait_until - clock()))
+            reservation = await self.reserve(units, clock())
+        return True
+
     async def refund(self, units: int, now: float) -> None:
         await self._change(lambda b: b.refund(units, now))
 

@@ -143,12 +143,9 @@ class Deliverer:
         adapter = self.adapters[mapping.connection]
         budget = self.budgets[mapping.connection]
         cost = adapter.cost(mapping, len(batch))
-        while not (reservation := await budget.reserve(cost, self.clock())).granted:
-            if reservation.wait_until > deadline:
-                self.health[mapping.connection].state = "throttled"
-                return False
-            # The budget is shared through the store: there is nothing to wait on but a time.
-            await asyncio.sleep(max(0.01, reservation.wait_until - self.clock()))
+        if not await budget.acquire(cost, self.clock, deadline):
+            self.health[mapping.connection].state = "throttled"
+            return False
         delivered.units += cost
         delivered.requests += 1
         outcome = await adapter.send(mapping, batch)

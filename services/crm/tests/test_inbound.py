@@ -1,0 +1,120 @@
+"""The feedback loop: a ticket opened in the local HubSpot becomes one event at the collector, carrying the
+CRM ids and the contact's email and CDP id - once, across a restart and a crash before the cursor moved."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller
+from cdp_crm.state import CURSORS, prepare_store
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_kit.storage import open_store
+
+TOKEN = "pat-local-hubspot"
+
+
+class CollectorStandIn:
+    """The collector's /v1/batch as far as the connector relies on it: a write key, and each messageId
+    stored once (a repeat is answered as a duplicate)."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, dict] = {}
+        self.posts = 0
+        self.duplicates = 0
+        self.refuse_next = 0
+        app = web.Application()
+        app.router.add_post("/v1/batch", self.batch)
+        self.runner = web.AppRunner(app)
+
+    async def batch(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Basic Y3JtLWtleTo=":  # "crm-key:"
+            return web.json_response({"success": False, "code": "unauthorized"}, status=401)
+        if self.refuse_next:
+            self.refuse_next -= 1
+            return web.json_response({"success": False, "code": "unavailable"}, status=503)
+        self.posts += 1
+        for event in (await request.json())["batch"]:
+            if event["messageId"] in self.stored:
+                self.duplicates += 1
+            else:
+                self.stored[event["messageId"]] = event
+        return web.json_response({"success": True})
+
+    async def __aenter__(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_restarts(tmp_path):
+    document = {
+        "connections": [
+            {
+                "id": "hs",
+                "kind": "hubspot",
+                "credentials": {"token": "HUBSPOT_TOKEN"},
+                "mappings": [{"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                              "fields": {"email": "traits.email"}}],
+            }
+        ]
+    }  # fmt: skip
+    collector = CollectorStandIn()
+    async with (
+        HubSpotEmulator() as emulator,
+        collector as collector_url,
+        aiohttp.ClientSession() as session,
+        open_store(f"sqlite:///{tmp_path}/crm.db") as store,
+    ):
+        document["connections"][0]["url"] = emulator.base_url
+        (connection,) = parse_connections(document)
+        await prepare_store(store)
+
+        def poller() -> HubSpotPoller:  # a fresh process: nothing in memory, the store as it was left
+            budget = SharedBudget(store, connection)
+            return HubSpotPoller(
+                store, connection, session, TOKEN, budget, Collector(session, collector_url, "crm-key")
+            )
+
+        contact = emulator.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        body = {
+            "properties": {"subject": "Cannot log in", "hs_pipeline_stage": "1", "hs_ticket_priority": "HIGH"},
+            "associations": [{"to": {"id": contact["id"]}, "types": [{"associationCategory": "HUBSPOT_DEFINED",
+                                                                      "associationTypeId": 16}]}],
+        }  # fmt: skip
+        async with session.post(f"{emulator.base_url}/crm/v3/objects/tickets", json=body, headers=headers) as r:
+            ticket = await r.json()
+
+        collector.refuse_next = 1  # the collector is briefly down: nothing is lost, the cursor stays
+        with pytest.raises(CollectorRefused):
+            await poller().poll()
+        assert collector.stored == {}
+        assert await poller().poll() == 1
+        (event,) = collector.stored.values()
+        assert event["event"] == "CRM Ticket Opened"
+        assert event["userId"] == "person-1"
+        assert event["context"]["traits"] == {"email": "ada@example.com"}
+        assert event["properties"]["crm_id"] == ticket["id"]
+        assert event["properties"]["crm_contact_id"] == contact["id"]
+        assert event["properties"]["subject"] == "Cannot log in"
+
+        # A restart reads from the stored cursor: nothing again.
+        assert await poller().poll() == 0
+        # A crash after posting and before the cursor was stored: the page is read again, posted with the
+        # same message id, and the collector keeps it once.
+        await store.delete(CURSORS, "hs:tickets")
+        await poller().poll()
+        assert len(collector.stored) == 1 and collector.duplicates == 1
+
+        emulator.clock.advance(5)
+        emulator.user_update("tickets", ticket["id"], {"hs_pipeline_stage": "4"})
+        assert await poller().poll() == 1
+        assert [e["event"] for e in collector.stored.values()] == ["CRM Ticket Opened", "CRM Ticket Closed"]
