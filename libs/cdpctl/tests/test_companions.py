@@ -55,7 +55,7 @@ def orchestration_environment(ws: Workspace, ports: dict[str, int]) -> dict[str,
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
-        companion_ports={f"channels.{listener}": port for listener, port in ports.items()},
+        named_ports={"collector.http": 8080} | {f"channels.{listener}": port for listener, port in ports.items()},
     )
 
 
@@ -71,16 +71,22 @@ def test_make_up_runs_orchestration_and_every_crm_emulator():
 
 
 def test_orchestration_accepts_the_environment_that_points_it_at_the_local_servers(channels):
+    from cdp_kit.settings import load_settings
     from cdp_orchestration.channels import configured
+    from cdp_orchestration.settings import OrchestrationSettings
 
     ws, ports = channels
     env = orchestration_environment(ws, ports)
+    settings = load_settings(OrchestrationSettings, env)  # raises naming every variable it cannot use
+    assert settings.grpc_port == 50056
     providers = configured(env)  # raises with every variable it cannot use
     assert set(providers) == {"email", "sms", "fcm", "webhook"}
     assert providers["email"].port == ports["smtp"] and providers["email"].security == "none"
     assert providers["sms"].api_url == f"http://127.0.0.1:{ports['twilio']}"
     assert providers["fcm"].api_url == f"http://127.0.0.1:{ports['fcm']}"
     assert providers["webhook"].default_url == f"http://127.0.0.1:{ports['webhook']}/hooks/cdp"
+    # The feedback loop: outcomes go in through the collector with the dev source's write key.
+    assert (env["CDP_OUTCOMES_URL"], env["CDP_OUTCOMES_WRITE_KEY"]) == ("http://127.0.0.1:8080", ws.write_key())
     # Both sides of a signature share one secret, made once per workspace and readable by its owner only.
     assert env["CDP_WEBHOOK_SECRET"] == ws.dev_secret("webhook")
     assert f"--webhook-secret={env['CDP_WEBHOOK_SECRET']}" in companion_command(ws, CHANNELS, ports)

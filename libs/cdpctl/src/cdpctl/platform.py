@@ -33,8 +33,9 @@ class ServiceProcess:
     grpc_port: int
     metrics_port: int
     http_port: int | None = None
-    # Extra variables; "{home}" stands for the workspace folder (.cdp), "{<companion>.<port>}" for the port
-    # a companion listens on (e.g. "{channels.smtp}"), "{secret:<name>}" for a dev secret of the workspace.
+    # Extra variables; "{home}" stands for the workspace folder (.cdp), "{<name>.<listener>}" for the port
+    # a companion or an earlier service listens on (e.g. "{channels.smtp}", "{collector.http}"),
+    # "{secret:<name>}" for a dev secret of the workspace and "{write_key}" for the dev source's write key.
     env: dict[str, str] = field(default_factory=dict)
     # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
     calls: tuple[str, ...] = ()
@@ -64,6 +65,9 @@ ORCHESTRATION = ServiceProcess(
         "CDP_FCM_API_URL": "http://127.0.0.1:{channels.fcm}",
         "CDP_WEBHOOK_SECRET": "{secret:webhook}",
         "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
+        # The feedback loop: outcome events (Message Sent, Bounced, Failed) go in through the collector.
+        "CDP_OUTCOMES_URL": "http://127.0.0.1:{collector.http}",
+        "CDP_OUTCOMES_WRITE_KEY": "{write_key}",
     },
 )
 
@@ -160,7 +164,8 @@ _PLACEHOLDER = re.compile(r"\{([a-z0-9_:.-]+)\}")
 
 
 def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
-    """`text` with "{home}", "{secret:<name>}" and port placeholders ("{smtp}", "{channels.smtp}") filled.
+    """`text` with "{home}", "{write_key}", "{secret:<name>}" and port placeholders ("{smtp}",
+    "{channels.smtp}") filled.
 
     An unknown placeholder is a bug in the tables above: KeyError names it."""
 
@@ -168,6 +173,8 @@ def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
         key = match.group(1)
         if key == "home":
             return str(ws.root)
+        if key == "write_key":
+            return ws.write_key()
         if key.startswith("secret:"):
             return ws.dev_secret(key.removeprefix("secret:"))
         return str(ports[key])
@@ -370,10 +377,10 @@ def service_environment(
     metrics_port: int,
     http_port: int | None,
     peers: dict[str, str] | None = None,
-    companion_ports: dict[str, int] | None = None,
+    named_ports: dict[str, int] | None = None,
 ) -> dict[str, str]:
-    """The environment of one service process. `companion_ports` maps "<companion>.<listener>" to the
-    port it listens on, for the service's "{channels.smtp}" placeholders."""
+    """The environment of one service process. `named_ports` maps "<companion or service>.<listener>" to
+    the port it listens on, for the service's "{channels.smtp}" and "{collector.http}" placeholders."""
     env = dict(os.environ)
     env.update(
         {
@@ -398,7 +405,7 @@ def service_environment(
         name = peer.upper().replace("-", "_")
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
         env[f"CDP_{name}_TOKEN"] = token_file.read_text().strip()
-    env.update({key: fill(value, ws, companion_ports or {}) for key, value in svc.env.items()})
+    env.update({key: fill(value, ws, named_ports or {}) for key, value in svc.env.items()})
     return env
 
 

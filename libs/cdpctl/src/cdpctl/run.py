@@ -130,11 +130,12 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
         loop.add_signal_handler(sig, stopping.set)
     code = 0
     try:
-        # Companions first: the services' environment names their ports and files.
-        companion_ports: dict[str, int] = {}
+        # Companions first: the services' environment names their ports and files (and services started
+        # earlier: orchestration posts outcome events to the collector's HTTP port).
+        named_ports: dict[str, int] = {}
         for companion in COMPANIONS if companions else ():
             ports = {listener: pick_port(port) for listener, port in companion.ports.items()}
-            companion_ports.update({f"{companion.name}.{listener}": port for listener, port in ports.items()})
+            named_ports.update({f"{companion.name}.{listener}": port for listener, port in ports.items()})
             commands[companion.name] = companion_command(ws, companion, ports)
             envs[companion.name] = {**os.environ, "PYTHONUNBUFFERED": "1"}
             logs[companion.name] = ws.logs_dir / f"{companion.name}.log"
@@ -164,8 +165,11 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
                 metrics_port=metrics_port,
                 http_port=http_port,
                 peers={name: info["grpc"] for name, info in state["services"].items()},
-                companion_ports=companion_ports,
+                named_ports=named_ports,
             )
+            named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
+            if http_port is not None:
+                named_ports[f"{svc.name}.http"] = http_port
             commands[svc.name] = [sys.executable, "-m", svc.module]
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
             processes[svc.name] = _spawn(commands[svc.name], envs[svc.name], logs[svc.name])
