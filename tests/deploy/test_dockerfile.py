@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from chart_support import ROOT
 
+from cdp_testing.source import parse
+
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
@@ -458,7 +460,7 @@ def test_the_image_carries_no_test_dev_or_training_package(dockerfile):
 
 def imported_modules(source: str) -> set[str]:
     """Absolute imports a module performs when it runs: `if TYPE_CHECKING:` blocks are not run."""
-    tree = ast.parse(source)
+    tree = parse(source)
     skipped: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):

@@ -14,6 +14,8 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
+from cdp_testing.source import parse_file
+
 REPO = Path(__file__).resolve().parents[3]
 
 # Services still being changed by their owners to the convention. Each owner removes their entry when done.
@@ -28,7 +30,7 @@ UNIT_IN_NAME = re.compile(r"(_total|_ms|_seconds|_milliseconds|_bytes|_count)$")
 
 def instruments(path: Path) -> list[tuple[int, str | None, ast.Call]]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(parse_file(path)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and CREATE.match(node.func.attr):
             arg = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg == "name"), None)
             name = arg.value if isinstance(arg, ast.Constant) and isinstance(arg.value, str) else None

@@ -13,6 +13,8 @@ import ast
 import re
 from pathlib import Path
 
+from cdp_testing.source import parse_file
+
 REPO = Path(__file__).resolve().parents[3]
 VOCABULARY = REPO / "libs/cdp-kit/src/cdp_kit/bus/subjects.py"
 
@@ -54,7 +56,7 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 def wire_literals(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parse_file(path)
     skip = _docstrings(tree)
     # The constant pieces of an f-string are judged as part of the whole f-string.
     for node in ast.walk(tree):

@@ -86,8 +86,9 @@ class PartitionedEngine:
         self.checkpoints = subjects.checkpoints_collection(spec.service)
         self.outbox = spec.outbox or outbox.outbox_collection(spec.service)
         self.pipelines: dict[int, PartitionPipeline] = {}
-        self.gate = asyncio.Event()  # cleared while a snapshot waits for a quiescent point
+        self.gate = asyncio.Event()  # cleared while anyone holds (or waits for) a quiescent point
         self.gate.set()
+        self.holders = 0  # quiescent() callers inside or waiting: the gate opens when the last leaves
         telemetry = bus.telemetry
         self.tracer = telemetry.tracer
         meter = telemetry.meter
@@ -134,6 +135,11 @@ class PartitionedEngine:
             unit="ms",
             description="time to get a batch's messages stored by JetStream",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self.m_snapshot_failures = meter.create_counter(
+            "cdp.engine.snapshot.failures",
+            unit="{snapshot}",
+            description="interval snapshots that failed (the next interval tries again)",
         )
         self.m_recoveries = meter.create_counter(
             "cdp.engine.recoveries", unit="{recovery}", description="pipelines restarted after a failed batch"
@@ -195,7 +201,11 @@ class PartitionedEngine:
             if self.spec.snapshot_every is not None and hasattr(self.logic, "snapshot"):
                 while True:
                     await asyncio.sleep(self.spec.snapshot_every)
-                    await self.snapshot()
+                    try:
+                        await self.snapshot()
+                    except Exception as exc:  # the next interval tries again; the stream goes on
+                        self.m_snapshot_failures.add(1, {"service": self.spec.service})
+                        log.warning("snapshot of %s failed: %s", self.spec.service, type(exc).__name__)
             else:
                 await asyncio.Event().wait()
         finally:
@@ -222,13 +232,19 @@ class PartitionedEngine:
     @contextlib.asynccontextmanager
     async def quiescent(self):
         """Hold every pipeline before its next apply, and wait until every batch applied so far is
-        durable and acknowledged. Yields each owned partition's checkpoint."""
+        durable and acknowledged. Yields each owned partition's checkpoint.
+
+        Several holders may be inside at once (a snapshot and a timer round); the pipelines go on
+        only when the last one has left."""
+        self.holders += 1
         self.gate.clear()
         try:
             await asyncio.gather(*(p.idle.wait() for p in list(self.pipelines.values())))
             yield {p: pipeline.checkpoint for p, pipeline in self.pipelines.items()}
         finally:
-            self.gate.set()
+            self.holders -= 1
+            if self.holders == 0:
+                self.gate.set()
 
     async def snapshot(self) -> None:
         async with self.quiescent() as positions:
