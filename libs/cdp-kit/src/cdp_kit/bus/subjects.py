@@ -197,6 +197,11 @@ def partition_durable(service: str, partition: int, *, input: str | None = None)
     return f"{service}-{input}-p{partition}" if input else f"{service}-p{partition}"
 
 
+def shared_durable(service: str, input: str) -> str:
+    """`crm`, `privacy` → `crm-privacy`: one consumer every replica of a service shares (work split among them)."""
+    return f"{service}-{input}"
+
+
 def replica_durable(service: str, input: str, ordinal: int) -> str:
     """`identity`, `privacy`, 0 → `identity-privacy-0`: one consumer per replica of a broadcast input."""
     return f"{service}-{input}-{ordinal}"
