@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -552,7 +553,13 @@ def _decide(name: str, rpc: str, doc: str):
     @approvals.command(name, help=doc)
     @click.argument("action_id")
     @click.option("--note", default="", help="why (recorded, shown in the decision history)")
-    @click.option("--by", "decided_by", default="cdpctl", show_default=True, help="who decides (recorded)")
+    @click.option(
+        "--by",
+        "decided_by",
+        default=lambda: os.environ.get("USER") or "cdpctl",
+        show_default="$USER",
+        help="who decides (recorded in the decision history)",
+    )
     @_options
     @click.pass_obj
     def command(ws: Workspace, action_id: str, note: str, decided_by: str, as_json: bool, address) -> None:
