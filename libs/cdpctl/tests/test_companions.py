@@ -131,3 +131,25 @@ async def test_status_shows_companions_but_only_services_decide_health(nats_serv
     assert document["companions"]["crm-hubspot"]["up"] is False
     result = await asyncio.to_thread(runner.invoke, main, ["--home", str(ws.root), "status"])
     assert "crm-hubspot" in result.output and "DOWN" in result.output
+
+
+def test_without_companions_orchestration_gets_no_provider_half_configured(tmp_path):
+    """`cdpctl up --no-companions`: the providers that pointed at the local servers are off, not broken."""
+    from cdp_kit.settings import load_settings
+    from cdp_orchestration.channels import configured
+    from cdp_orchestration.settings import OrchestrationSettings
+
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    env = service_environment(
+        ws,
+        ORCHESTRATION,
+        nats_url="nats://127.0.0.1:4222",
+        grpc_port=50056,
+        metrics_port=9469,
+        http_port=None,
+        named_ports={"collector.http": 8080},
+    )
+    assert not [name for name in env if name.startswith(("CDP_SMTP_", "CDP_TWILIO_", "CDP_FCM_", "CDP_WEBHOOK_"))]
+    load_settings(OrchestrationSettings, env)
+    assert configured(env) == {}

@@ -37,6 +37,9 @@ class ServiceProcess:
     # a companion or an earlier service listens on (e.g. "{channels.smtp}", "{collector.http}"),
     # "{secret:<name>}" for a dev secret of the workspace and "{write_key}" for the dev source's write key.
     env: dict[str, str] = field(default_factory=dict)
+    # Variables set only while a companion runs (`cdpctl up --no-companions` leaves them out), by
+    # companion name: a provider pointed at a local stand-in is off without it, never half-configured.
+    companion_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
     calls: tuple[str, ...] = ()
     # Scopes beyond the shared read-only service token: the service then gets a token of its own.
@@ -52,22 +55,26 @@ ORCHESTRATION = ServiceProcess(
     grpc_port=50056,
     metrics_port=9469,
     env={
-        "CDP_SMTP_HOST": "127.0.0.1",
-        "CDP_SMTP_PORT": "{channels.smtp}",
-        "CDP_SMTP_SECURITY": "none",
-        "CDP_SMTP_FROM": "cdp local <journeys@cdp.local>",
-        "CDP_TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-        "CDP_TWILIO_AUTH_TOKEN": "{secret:twilio}",
-        "CDP_TWILIO_FROM": "+15005550006",
-        "CDP_TWILIO_API_URL": "http://127.0.0.1:{channels.twilio}",
-        "CDP_FCM_CREDENTIALS_FILE": "{home}/channels/fcm-key.json",
-        "CDP_FCM_PROJECT_ID": "cdp-local",
-        "CDP_FCM_API_URL": "http://127.0.0.1:{channels.fcm}",
-        "CDP_WEBHOOK_SECRET": "{secret:webhook}",
-        "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
         # The feedback loop: outcome events (Message Sent, Bounced, Failed) go in through the collector.
         "CDP_OUTCOMES_URL": "http://127.0.0.1:{collector.http}",
         "CDP_OUTCOMES_WRITE_KEY": "{write_key}",
+    },
+    companion_env={
+        "channels": {
+            "CDP_SMTP_HOST": "127.0.0.1",
+            "CDP_SMTP_PORT": "{channels.smtp}",
+            "CDP_SMTP_SECURITY": "none",
+            "CDP_SMTP_FROM": "cdp local <journeys@cdp.local>",
+            "CDP_TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+            "CDP_TWILIO_AUTH_TOKEN": "{secret:twilio}",
+            "CDP_TWILIO_FROM": "+15005550006",
+            "CDP_TWILIO_API_URL": "http://127.0.0.1:{channels.twilio}",
+            "CDP_FCM_CREDENTIALS_FILE": "{home}/channels/fcm-key.json",
+            "CDP_FCM_PROJECT_ID": "cdp-local",
+            "CDP_FCM_API_URL": "http://127.0.0.1:{channels.fcm}",
+            "CDP_WEBHOOK_SECRET": "{secret:webhook}",
+            "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
+        },
     },
 )
 
@@ -406,6 +413,10 @@ def service_environment(
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
         env[f"CDP_{name}_TOKEN"] = token_file.read_text().strip()
     env.update({key: fill(value, ws, named_ports or {}) for key, value in svc.env.items()})
+    running = {name.partition(".")[0] for name in named_ports or {}}
+    for companion, variables in svc.companion_env.items():
+        if companion in running:
+            env.update({key: fill(value, ws, named_ports or {}) for key, value in variables.items()})
     return env
 
 
