@@ -16,6 +16,19 @@ async def test_ensure_stream_is_idempotent_and_applies_changes(nats_client):
     assert round(longer.config.max_age) == 30 * 86400
 
 
+async def test_a_reader_creates_a_missing_stream_but_never_changes_its_owners_settings(nats_client):
+    # Identity owns EVENTS_RAW's reading side but the collector configures it (retention, the
+    # de-duplication window): identity starting after the collector must not put the defaults back.
+    js = nats_client.jetstream()
+    created = await ensure_stream(js, events_raw_stream(), update=False)  # a reader first: created
+    assert round(created.config.max_age) == 7 * 86400
+    owner = await ensure_stream(js, events_raw_stream(max_age=30 * 86400, duplicate_window=3600))
+    assert round(owner.config.max_age) == 30 * 86400
+    reader = await ensure_stream(js, events_raw_stream(), update=False)
+    assert round(reader.config.max_age) == 30 * 86400
+    assert round(reader.config.duplicate_window) == 3600
+
+
 async def test_replicas_racing_to_create_a_stream_all_succeed(nats_client):
     js = nats_client.jetstream()
     spec = StreamSpec(name="RACE", subjects=("race.>",))

@@ -50,12 +50,11 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
+    # Identity and scoring own and configure what profile reads: created if missing, never reconfigured.
+    await bus.ensure_read_streams(events_resolved_stream(), identity_stream(), scores_stream())
     await bus.ensure_streams(
-        events_resolved_stream(),
-        identity_stream(),
         profiles_stream(max_age=settings.changes_retention_days * 86_400),
         privacy_stream(),
-        scores_stream(),
         dead_letter_stream(),
     )
     static = settings.ownership == "static"

@@ -39,9 +39,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
-    await bus.ensure_streams(
-        profiles_stream(), scores_stream(max_age=settings.scores_retention_days * 86_400), dead_letter_stream()
-    )
+    await bus.ensure_read_streams(profiles_stream())  # profile's: never reconfigured here
+    await bus.ensure_streams(scores_stream(max_age=settings.scores_retention_days * 86_400), dead_letter_stream())
     kind, where = parse_model_store(settings.model_store)
     model_store = ObjectModelStore(bus.js, where) if kind == "nats" else FolderModelStore(Path(where))
     profile: ProfileClient | None = None

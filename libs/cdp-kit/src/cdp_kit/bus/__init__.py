@@ -122,8 +122,15 @@ class Bus:
                 await nc.close()
 
     async def ensure_streams(self, *specs: StreamSpec) -> None:
+        """The streams this service owns: created, and brought to `specs` when they differ."""
         for spec in specs:
             await ensure_stream(self.js, spec)
+
+    async def ensure_read_streams(self, *specs: StreamSpec) -> None:
+        """Streams another service owns and configures: created with `specs` when missing (start
+        order does not matter), never changed when they exist."""
+        for spec in specs:
+            await ensure_stream(self.js, spec, update=False)
 
     def consumer(self, spec: ConsumerSpec, handler: Handler) -> ConsumerRunner:
         return ConsumerRunner(self.js, spec, handler, self.telemetry)

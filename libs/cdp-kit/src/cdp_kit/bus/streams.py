@@ -174,7 +174,11 @@ def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
     return changed
 
 
-async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> api.StreamInfo:
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, update: bool = True) -> api.StreamInfo:
+    """Create the stream if it is missing; if it exists and differs, bring it to `spec` - unless
+    `update` is False: a service that reads (or writes into) a stream another service owns and
+    configures creates it with defaults when it starts first, and never overwrites the owner's
+    settings (retention, de-duplication window) afterwards."""
     wanted = spec.config()
     for _attempt in range(3):
         try:
@@ -190,7 +194,7 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> api.StreamInf
                     continue
                 raise
         changed = _differs(info.config, wanted)
-        if not changed:
+        if not changed or not update:
             return info
         info = await js.update_stream(wanted)
         log.info("updated stream %s", spec.name, extra={"changed": changed})
