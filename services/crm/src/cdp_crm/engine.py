@@ -249,7 +249,7 @@ class CrmLogic:
             for pid, view in views.items():
                 if view.dirty:
                     out.put(PERSONS, pid, view.to_doc())
-            await self._deliver(partition, planned, out)
+            await self.deliver_planned(partition, planned, out)
             self._run_writes(partition, out)
             # in_flight is 1: the run documents read here hold every earlier batch's counts.
             return Effects(writes=await resolve_writes(self.store, out.writes.values()))
@@ -320,7 +320,7 @@ class CrmLogic:
 
     # --- delivering ---------------------------------------------------------------------------------
 
-    async def _deliver(self, partition: int, planned: Planned, out: Outcomes) -> None:
+    async def deliver_planned(self, partition: int, planned: Planned, out: Outcomes) -> None:
         for name, skipped in planned.skipped.items():
             out.count(self.mappings[name].connection, "skipped", skipped)
         for name, unchanged in planned.unchanged.items():

@@ -38,6 +38,7 @@ OUT_OF_SCOPE = "out_of_scope"
 
 async def prepare_store(store: Store) -> None:
     await store.ensure_index(RECORDS, "person_id")
+    await store.ensure_index(RECORDS, "crm_id")
     await store.ensure_index(PENDING, "partition")
     await store.ensure_index(DEAD_LETTERS, "connection")
     await store.ensure_index(RUNS, "connection")

@@ -1,0 +1,196 @@
+"""The CRM connector process: outbound sync, inbound feedback, privacy, gRPC.
+
+At start the connections document is read and validated (with each CRM's described schema where the
+adapter can describe it), every credential variable must be set, and the streams it needs exist. Then:
+`crm.in.<p>` runs on the kit's partitioned engine (engine.py) over the partitions one ownership gives
+(`CDP_OWNERSHIP`, group "crm"); the owner of a partition retries its queued changes; `privacy.deleted` is
+consumed on one durable the replicas share (privacy.py); each HubSpot connection's changes are read by
+the replica owning the connection's partition and posted to the collector (inbound.py, when
+`CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the partitions are released (drained) before the bus, the HTTP
+session and the store close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import aiohttp
+from opentelemetry.metrics import Observation
+
+from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
+from cdp_crm import streams
+from cdp_crm.api import SCOPES, CrmApi
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.connectors import credentials, open_adapters
+from cdp_crm.delivery import Deliverer
+from cdp_crm.domain.mapping import Connection, load_connections
+from cdp_crm.engine import SERVICE, CrmLogic
+from cdp_crm.inbound import Collector, HubSpotPoller
+from cdp_crm.privacy import Privacy, consumer_spec
+from cdp_crm.runs import Runs
+from cdp_crm.settings import CrmSettings
+from cdp_crm.state import prepare_store
+from cdp_kit.bus import (
+    Bus,
+    dead_letter_stream,
+    partition_for,
+    privacy_stream,
+    profiles_stream,
+    segments_stream,
+    subjects,
+)
+from cdp_kit.engine import EngineSpec, PartitionedEngine
+from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.storage import open_store
+
+log = logging.getLogger("cdp.crm")
+
+
+async def describe(adapters, connections: tuple[Connection, ...]) -> dict:
+    """Each connection's CRM schema of the objects its mappings name; a CRM that cannot describe is left
+    out (its mappings are checked without a schema), never given an empty one."""
+    schemas = {}
+    for connection in connections:
+        adapter = adapters.get(connection.id)
+        if adapter is None:
+            continue
+        objects = sorted({m.object for m in connection.mappings})
+        try:
+            schema = await adapter.describe(objects)
+        except Exception as exc:
+            log.warning("crm describe failed", extra={"connection": connection.id, "error": type(exc).__name__})
+            continue
+        if schema:
+            schemas[connection.id] = schema
+    return schemas
+
+
+async def setup(runtime: ServiceRuntime) -> None:
+    settings: CrmSettings = runtime.settings  # type: ignore[assignment]
+    path = settings.connections_file
+    text = path.read_text()
+    form = "yaml" if path.suffix in (".yaml", ".yml") else "json"
+    connections = load_connections(text, form=form)  # the document on its own first: fail before any call
+
+    store = await runtime.stack.enter_async_context(open_store(settings.store_url))
+    await prepare_store(store)
+    bus = await runtime.stack.enter_async_context(
+        Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
+    )
+    await bus.ensure_streams(profiles_stream(), segments_stream(), privacy_stream(), dead_letter_stream())
+    await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
+    session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
+
+    adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)
+    connections = load_connections(text, await describe(adapters, connections), form=form)
+    budgets = {c.id: SharedBudget(store, c) for c in connections}
+    deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for)
+    meter = runtime.telemetry.meter
+    logic = CrmLogic(store, connections, deliverer, meter=meter)
+
+    budget_left: dict[str, dict] = {}
+
+    def observe_budget(_options):
+        for account, status in list(budget_left.items()):
+            attrs = {"account": account}
+            if status.get("daily_remaining") is not None:
+                yield Observation(status["daily_remaining"], {**attrs, "limit": "daily"})
+            if status.get("burst_remaining") is not None:
+                yield Observation(status["burst_remaining"], {**attrs, "limit": "burst"})
+
+    meter.create_observable_gauge(
+        "cdp.crm.budget.remaining", callbacks=[observe_budget], unit="{unit}",
+        description="API units left in each CRM account's budget (burst window and day)",
+    )  # fmt: skip
+
+    spec = EngineSpec(
+        service=SERVICE,
+        stream=subjects.CRM,
+        subject_prefix=subjects.CRM_IN_PREFIX,
+        partitions=settings.partitions,
+        batch_size=settings.batch_size,
+        ack_wait=settings.ack_wait,
+        in_flight=1,  # a batch reads the record states the one before it wrote (engine.py)
+        description="crm: profile, segment and action changes to the CRMs",
+    )
+    engine = PartitionedEngine(logic, spec, bus=bus, store=store)
+    ownership = await engine.start(
+        await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
+    )
+    tasks = [
+        runtime.spawn(engine.serve(ownership), "apply crm.in"),
+        runtime.spawn(logic.retry_forever(engine, 5.0), "retry queued crm changes"),
+    ]
+    privacy = Privacy(store, logic.mappings, deliverer, retry_for=settings.retry_for)
+    tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
+
+    async def refresh_budgets() -> None:
+        while True:
+            for budget in budgets.values():
+                try:
+                    budget_left[budget.account] = await budget.status(deliverer.clock())
+                except Exception:
+                    pass  # the gauge keeps its last value; the store's failure shows elsewhere
+            await asyncio.sleep(10.0)
+
+    tasks.append(runtime.spawn(refresh_budgets(), "observe crm budgets"))
+
+    if settings.collector_url:
+        collector = Collector(session, settings.collector_url, settings.collector_write_key)
+        for connection in connections:
+            if connection.kind != "hubspot":
+                continue  # inbound is read from HubSpot only so far
+            poller = HubSpotPoller(
+                store, connection, session, credentials(connection, os.environ)["token"], budgets[connection.id],
+                collector, timeout=settings.request_timeout,
+            )  # fmt: skip
+            home = partition_for(connection.id, settings.partitions)
+            tasks.append(
+                runtime.spawn(poll_when_owned(poller, engine, home, settings.poll_seconds), f"read {connection.id}")
+            )
+
+    async def release() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    runtime.stack.push_async_callback(release)
+    runs = Runs(logic, partitions=settings.partitions)
+
+    async def describe_document(parsed):
+        return await describe(adapters, parsed)
+
+    api = CrmApi(store=store, connections=connections, deliverer=deliverer, budgets=budgets, runs=runs,
+                 describe=describe_document)  # fmt: skip
+    runtime.parts.update(bus=bus, store=store, engine=engine, ownership=ownership, api=api, logic=logic)
+    runtime.grpc.add_service(
+        crm_pb2_grpc.add_CrmServiceServicer_to_server,
+        api,
+        crm_pb2.DESCRIPTOR.services_by_name["CrmService"],
+        scopes=SCOPES,
+    )
+
+
+async def poll_when_owned(poller: HubSpotPoller, engine: PartitionedEngine, home: int, every: float) -> None:
+    """Read the connection's changes while this replica owns its home partition: one reader per CRM."""
+    while True:
+        if home in engine.owned():
+            try:
+                await poller.poll()
+            except Exception as exc:  # read again from the cursor next time
+                log.warning(
+                    "reading crm changes failed",
+                    extra={"connection": poller.connection.id, "error": type(exc).__name__},
+                )
+        await asyncio.sleep(every)
+
+
+def main() -> None:
+    run_main(CrmSettings, setup)
+
+
+if __name__ == "__main__":
+    main()
