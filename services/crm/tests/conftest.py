@@ -90,6 +90,10 @@ class World:
         self.sequence = 0
 
     eventually = staticmethod(eventually)
+    partitions = PARTITIONS
+
+    def document(self, **limits: Any) -> dict[str, Any]:
+        return hubspot_document(self.emulator.base_url, **limits)
 
     async def start(
         self, document: dict[str, Any] | None = None, *, retry_for: float = 5.0, **limits: Any
@@ -166,7 +170,10 @@ class World:
         subject = subjects.segments_entered(p) if entered else subjects.segments_exited(p)
         await self._publish(subject, batch.SerializeToString())
 
-    async def action(self, person: str, action_id: str, subject: str, **signals: str) -> None:
+    async def publish_action_again(self, person: str, action_id: str, subject: str) -> None:
+        await self.action(person, action_id, subject, msg_id=f"{action_id}-again")
+
+    async def action(self, person: str, action_id: str, subject: str, msg_id: str = "", **signals: str) -> None:
         action = orchestration_pb2.ActionMessage(
             action_id=action_id, person_id=person, channel="crm", crm_kind="task", category="success"
         )
@@ -174,7 +181,9 @@ class World:
         for name, value in signals.items():
             action.signals.add(name=name, value=value)
         await self._publish(
-            subjects.actions(subjects.CRM_CHANNEL, self.partition(person)), action.SerializeToString(), action_id
+            subjects.actions(subjects.CRM_CHANNEL, self.partition(person)),
+            action.SerializeToString(),
+            msg_id or action_id,
         )
 
 

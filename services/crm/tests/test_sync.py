@@ -4,7 +4,11 @@ never over the CRM's limit, and surviving a crash mid-sync."""
 
 from __future__ import annotations
 
-from cdp_crm.state import DEAD_LETTERS, RECORDS
+import aiohttp
+
+from cdp_crm.domain.coalesce import record_key
+from cdp_crm.runs import Runs
+from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
 
@@ -89,3 +93,77 @@ async def test_a_burst_of_429s_is_waited_out_and_the_crms_limit_is_never_exceede
         answered = [r.at for r in emulator.requests if r.path.startswith("/crm/") and r.faulted is None]
         assert _per_window(answered, 0.5) <= 3
         assert [r.faulted for r in emulator.requests if r.faulted] == ["status"] * 4
+
+
+async def test_orchestrations_task_is_created_once_about_the_persons_contact(world_factory):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start()
+        await world.profiles({"person-1": {"traits.email": "ada@example.com"}})
+        await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-1"))
+        await world.action("person-1", "act-1", "Call Ada about renewal", **{"scores.churn_risk": "0.91"})
+        (task,) = await world.eventually(lambda: emulator.records("tasks"))
+        assert task["properties"]["hs_task_subject"] == "Call Ada about renewal"
+        assert task["properties"]["hs_task_body"] == "scores.churn_risk: 0.91"
+        contact = emulator.find("contacts", "cdp_id", "person-1")
+        await world.eventually(lambda: emulator.associations("tasks", task["id"]) == [("contacts", contact["id"])])
+        # The same action again, past JetStream's duplicate window (another message id): still one task.
+        await world.publish_action_again("person-1", "act-1", "Call Ada about renewal")
+        await world.action("person-1", "act-2", "Second call")
+        await world.eventually(lambda: len(emulator.records("tasks")) == 2)
+        assert sorted(t["properties"]["hs_task_subject"] for t in emulator.records("tasks")) == [
+            "Call Ada about renewal",
+            "Second call",
+        ]
+
+
+async def test_a_segment_becomes_list_membership_and_leaving_it_removes_the_member(world_factory):
+    async with HubSpotEmulator() as emulator, aiohttp.ClientSession() as session:
+        headers = {"Authorization": "Bearer pat-local-hubspot"}
+        body = {"name": "CDP high value", "objectTypeId": "0-1", "processingType": "MANUAL"}
+        async with session.post(f"{emulator.base_url}/crm/v3/lists", json=body, headers=headers) as response:
+            list_id = (await response.json())["list"]["listId"]
+        world = await world_factory(emulator)
+        document = world.document()
+        document["connections"][0]["mappings"].append(
+            {"id": "high-value", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "high_value",
+             "list": list_id, "mode": "mirror"}
+        )  # fmt: skip
+        await world.start(document)
+        await world.profiles({"person-1": {"traits.email": "ada@example.com"}})
+        await world.segment("person-1", "high_value")
+        contact = await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-1"))
+        await world.eventually(lambda: emulator.members(list_id) == [contact["id"]])
+        await world.segment("person-1", "high_value", entered=False)
+        await world.eventually(lambda: emulator.members(list_id) == [])
+        assert len(emulator.records("contacts")) == 1
+
+
+async def test_a_refused_record_is_dead_lettered_and_replayed_after_the_fix(world_factory):
+    async with HubSpotEmulator() as emulator:
+        emulator.faults.reject(lambda obj, record: record.get("cdp_id") == "person-bad", message="INVALID_EMAIL")
+        world = await world_factory(emulator)
+        await world.start()
+        await world.profiles({"person-bad": {"traits.first_name": "Bad"}, "person-ok": {"traits.first_name": "Ok"}})
+        await world.eventually(lambda: world.store.get(DEAD_LETTERS, _record_key("person-bad")))
+        assert emulator.find("contacts", "cdp_id", "person-ok") is not None  # the good one is not held back
+        dead = (await world.store.get(DEAD_LETTERS, _record_key("person-bad"))).doc
+        assert (dead["reason"], dead["mapping"]) == ("invalid_value", "hs/contacts")
+
+        emulator.faults.clear()  # the data was fixed in the CRM
+        runs = Runs(world.logic, partitions=world.partitions)
+        run_id, _, replayed = await runs.replay([], connection="hs")
+        assert replayed == 1
+        await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-bad"))
+        await world.eventually(lambda: _state(world, run_id, "succeeded"))
+        assert await world.store.get(DEAD_LETTERS, _record_key("person-bad")) is None
+        assert (await world.store.get(RECORDS, _record_key("person-bad"))).doc["state"] == "synced"
+
+
+def _record_key(person: str) -> str:
+    return record_key("hs/contacts", (("cdp_id", person),))
+
+
+async def _state(world, run_id: str, state: str) -> bool:
+    record = await world.store.get(RUNS, run_id)
+    return record is not None and record.doc["state"] == state
