@@ -138,9 +138,16 @@ class World:
 
             await eventually(applied)
 
-    async def event(self, person: str, name: str, event_id: str, **properties: Any) -> None:
+    async def event(
+        self, person: str, name: str, event_id: str, *, user_id: str = "", anonymous_id: str = "", **properties: Any
+    ) -> None:
         event = events_pb2.Event(
-            message_id=event_id, type=events_pb2.EVENT_TYPE_TRACK, event=name, timestamp=from_seconds(self.now())
+            message_id=event_id,
+            type=events_pb2.EVENT_TYPE_TRACK,
+            event=name,
+            timestamp=from_seconds(self.now()),
+            user_id=user_id,
+            anonymous_id=anonymous_id,
         )
         event.properties.update(properties)
         batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])

@@ -61,6 +61,27 @@ async def test_the_reminder_leaves_seconds_after_the_cart_is_abandoned(world_fac
     assert instance["end_reason"] == "completed"
 
 
+async def test_the_action_names_the_person_as_identity_knows_them_for_its_outcome_events(world_factory):
+    world = await world_factory()
+    await world.publish_journey(_without_delay())
+    await world.start()
+    for person in ("ada", "anon"):
+        await world.profile(person, consent={"purpose:Marketing": True}, first_name="X", email=f"{person}@example.com")
+    await world.event("ada", "Page Viewed", "e-page-ada", anonymous_id="visitor-7")
+    await world.event("ada", "Cart Abandoned", "e-cart-ada", user_id="ada-42", anonymous_id="visitor-7", cart_url="u")
+    await world.event("anon", "Cart Abandoned", "e-cart-anon", anonymous_id="visitor-9", cart_url="u")
+
+    actions = await world.eventually(lambda: _two(world))
+    by_person = {a.person_id: dict(a.address) for a in actions}
+    assert by_person["ada"] == {"email": "ada@example.com", "user_id": "ada-42"}
+    assert by_person["anon"] == {"email": "anon@example.com", "anonymous_id": "visitor-9"}
+
+
+async def _two(world):
+    actions = await world.actions()
+    return actions if len(actions) == 2 else None
+
+
 async def _ended(world, person):
     return [i for i in await world.instances(person) if i["status"] == "ended"]
 

@@ -92,7 +92,12 @@ async def test_the_outcome_goes_to_the_collector_and_a_refused_report_is_retried
             channel = Counting()
             task = asyncio.create_task(dispatcher(bus, store, channel, report=report).run())
             message = pb.ActionMessage(
-                action_id="a2", person_id="p2", journey_id="j", channel="webhook", content={"body": "hi"}
+                action_id="a2",
+                person_id="p2",
+                journey_id="j",
+                channel="webhook",
+                content={"body": "hi"},
+                address={"user_id": "u2"},
             )
             [result] = await bus.publisher.publish_batch(
                 [OutMessage(subjects.actions("webhook", 1), message.SerializeToString(), "a2")]
@@ -113,3 +118,66 @@ async def test_the_outcome_goes_to_the_collector_and_a_refused_report_is_retried
     [event] = received[-1]["batch"]
     assert event["event"] == "Message Sent" and event["messageId"] == "outcome:a2:sent"
     assert event["properties"]["action_id"] == "a2" and event["properties"]["journey_id"] == "j"
+    # Sent under the person's userId, which identity resolves to them; never under the person id.
+    assert event["userId"] == "u2" and "anonymousId" not in event
+
+
+async def _collector() -> tuple[web.AppRunner, str, list[dict]]:
+    received: list[dict] = []
+
+    async def batch(request: web.Request) -> web.Response:
+        received.extend((await request.json())["batch"])
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/batch", batch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}", received
+
+
+async def test_outcomes_go_in_under_an_identifier_identity_knows_and_never_under_the_person_id(nats_server, tmp_path):
+    runner, url, received = await _collector()
+    report = CollectorReporter(url, "outcomes-key")
+    messages = {
+        "with-user": {"user_id": "ada", "anonymous_id": "visitor-7"},
+        "anonymous": {"anonymous_id": "visitor-9"},
+        "nobody": {},  # a person no event has named yet (enrolled through the API)
+    }
+    try:
+        async with (
+            Bus.connect(nats_server.url, name="dispatch-test") as bus,
+            open_store(f"sqlite:///{tmp_path}/d.db") as store,
+        ):
+            await streams.ensure_streams(bus.js)
+            channel = Counting()
+            task = asyncio.create_task(dispatcher(bus, store, channel, report=report).run())
+            for action_id, ids in messages.items():
+                message = pb.ActionMessage(
+                    action_id=action_id, person_id=f"person-{action_id}", channel="webhook", content={"body": "hi"}
+                )
+                message.address.update(ids)
+                [result] = await bus.publisher.publish_batch(
+                    [OutMessage(subjects.actions("webhook", 0), message.SerializeToString(), action_id)]
+                )
+                assert result.ok
+            for _ in range(200):
+                records = [await store.get(SENDS, a) for a in messages]
+                if all(r is not None and r.doc["reported"] for r in records):
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await report.close()
+        await runner.cleanup()
+    assert sorted(channel.sent) == sorted(messages)  # every action was sent
+    by_action = {e["properties"]["action_id"]: e for e in received}
+    assert set(by_action) == {"with-user", "anonymous"}
+    assert by_action["with-user"]["userId"] == "ada" and "anonymousId" not in by_action["with-user"]
+    assert by_action["anonymous"]["anonymousId"] == "visitor-9" and "userId" not in by_action["anonymous"]
+    # With neither, the outcome stays here: posting it under the person id would make a new person.
+    assert records[2].doc["reported"] == "unattributed" and records[2].doc["status"] == "accepted"

@@ -12,9 +12,13 @@ Outcomes: accepted and rejected (for good) are final; a retryable failure is ret
 Retry-After or the consumer's backoff, and is final as "failed" on its last allowed delivery. A final
 outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
 Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
-(`/v1/batch`), so it lands on the profile and in the next model's training data. The record says whether
-it was reported: a redelivery reports what a failed report left behind, and the collector drops a
-duplicate messageId. Logs name the action id, channel and reason code, never an address or content.
+(`/v1/batch`), so it lands on the profile and in the next model's training data. It is sent under the
+identifier the engine put on the action (`wire.IDENTITY_KEYS`: the person's userId, else one of their
+anonymous ids), which identity resolves to the same person. An action for a person orchestration has
+never seen an identifier of (enrolled through the API before any event of theirs arrived) has neither:
+its outcome is recorded here only (`reported: "unattributed"`), never posted under the person id, which
+identity would take for a new visitor. The record says whether it was reported: a redelivery reports
+what a failed report left behind, and the collector drops a duplicate messageId. Logs name the action id, channel and reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.channels import Action, Channel, Outcome
-from cdp_orchestration.channels.outcomes import feedback_from_outcome, track_event
+from cdp_orchestration.channels.outcomes import attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
 
 log = logging.getLogger("cdp.orchestration.dispatch")
@@ -88,12 +92,17 @@ class Dispatcher:
                     delivery.retry(outcome.reason, outcome.retry_after)
                     continue
                 record = self._record(action, outcome)
+                if not attributed(record["event"]):
+                    log.warning(
+                        "outcome of action %s not reported: the person has no known identifier", action.action_id
+                    )
+                    record["reported"] = "unattributed"
                 await self.store.bulk_write([Put(SENDS, action.action_id, record)])
                 if not outcome.ok:
                     log.warning(
                         "action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason
                     )
-            if self.report is not None and not record["reported"]:
+            if self.report is not None and record["reported"] is False:
                 if await self.report([record["event"]]):
                     await self.store.bulk_write([Put(SENDS, action.action_id, {**record, "reported": True})])
                 else:
@@ -109,7 +118,13 @@ class Dispatcher:
             "reason": outcome.reason,
             "provider_id": outcome.provider_id or "",
             "at": time.time(),
-            "event": track_event(feedback, person_id=action.person_id, attributes=action.attributes),
+            "event": track_event(
+                feedback,
+                person_id=action.person_id,
+                user_id=action.user_id,
+                anonymous_id=action.anonymous_id,
+                attributes=action.attributes,
+            ),
             "reported": False,
         }
 

@@ -47,6 +47,7 @@ from cdp_kit.storage import Put, Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration import streams
+from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
 from cdp_orchestration.domain import arbiter, entry
 from cdp_orchestration.domain.arbiter import Decision, Kind, ProposedAction, Ruling
 from cdp_orchestration.domain.instance import (
@@ -199,6 +200,7 @@ class OrchestrationLogic:
         kind = one.kind
         if kind == "event":
             event: Event = one.data
+            self._learn_ids(person, event)
             if event.name in self.rules.watched_events:
                 state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
                 if state is not person.state:
@@ -286,6 +288,14 @@ class OrchestrationLogic:
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
                 person.dirty = True
         self._keep_wake(batch, person)
+
+    @staticmethod
+    def _learn_ids(person: Person, event: Event) -> None:
+        """Keep the identifiers the person's events come with: outcome events go back in under them."""
+        for key, value in ((USER_ID, event.user_id), (ANONYMOUS_ID, event.anonymous_id)):
+            if value and person.ids.get(key) != value:
+                person.ids[key] = value
+                person.dirty = True
 
     def _arm(self, batch: Batch, person: Person, journey: Journey, now: float) -> None:
         """Keep one timer at the person's next slot of a scheduled journey while they are in its segment (the
@@ -619,6 +629,12 @@ class OrchestrationLogic:
             value = person.fields.get(address[1])
             if isinstance(value, str) and value:
                 message.address[address[0]] = value
+        # Who the person is to identity, for the outcome events (`wire.IDENTITY_KEYS`): the userId when one is
+        # known, else an anonymous id; neither for a person no event has named yet.
+        if person.ids.get(USER_ID):
+            message.address[USER_ID] = person.ids[USER_ID]
+        elif person.ids.get(ANONYMOUS_ID):
+            message.address[ANONYMOUS_ID] = person.ids[ANONYMOUS_ID]
         self.m_actions.add(1, {"channel": decision.channel})
         batch.messages.append(
             OutMessage(

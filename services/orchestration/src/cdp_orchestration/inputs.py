@@ -78,4 +78,13 @@ def event(message: events_pb2.Event) -> Event:
         else {}
     )
     at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
-    return Event(message.message_id, message.event or message.name, at, type_name, properties, context)
+    return Event(
+        message.message_id,
+        message.event or message.name,
+        at,
+        type_name,
+        properties,
+        context,
+        user_id=message.user_id,
+        anonymous_id=message.anonymous_id,
+    )

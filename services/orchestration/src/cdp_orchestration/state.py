@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under) |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -68,6 +68,9 @@ class Person:
     entered: dict[str, float] = field(default_factory=dict)  # journey id -> last entered at
     wake: tuple[str, float] | None = None
     slots: dict[str, tuple[str, float]] = field(default_factory=dict)  # scheduled journey -> (timer id, at)
+    # The latest userId / anonymousId seen on the person's events: identity resolves either to this person,
+    # so outcome events sent under them land here (the person id itself is no identifier identity knows).
+    ids: dict[str, str] = field(default_factory=dict)
     dirty: bool = False
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
 
@@ -84,6 +87,7 @@ class Person:
             "entered": dict(self.entered),
             "wake": list(self.wake) if self.wake else None,
             "slots": {journey: list(slot) for journey, slot in self.slots.items()},
+            "ids": dict(self.ids),
         }
 
 
@@ -133,6 +137,7 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.entered = dict(doc["entered"])
             person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
             person.slots = {journey: (slot[0], slot[1]) for journey, slot in doc.get("slots", {}).items()}
+            person.ids = dict(doc.get("ids") or {})
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)

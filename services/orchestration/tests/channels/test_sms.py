@@ -146,11 +146,11 @@ async def test_status_callbacks_are_signed_and_become_outcome_events():
     delivered = feedback_from_twilio(received[1][1], "act-7")
     undelivered = feedback_from_twilio(received[2][1], "act-7")
     assert track_event(delivered, person_id="person-1")["event"] == "Message Delivered"
-    event = track_event(undelivered, person_id="person-1")
+    event = track_event(undelivered, person_id="person-1", anonymous_id="visitor-1")
     assert (event["event"], event["properties"]["reason"], event["anonymousId"]) == (
         "Message Bounced",
         "twilio_30003",
-        "person-1",
+        "visitor-1",
     )
     assert feedback_from_twilio({"MessageStatus": "sending"}, "act-7") is None
 

@@ -65,8 +65,8 @@ class Action:
 
     `address` is what the channel sends to: an email address, an E.164 phone number, an FCM registration
     token, a Web Push subscription (its JSON), a webhook URL (empty: the configured default). In-app and
-    CRM actions need none. `user_id` is the person's known userId, used to send outcome events back in
-    under an identifier identity already knows. `attributes` carries what the journey wants echoed
+    CRM actions need none. `user_id` (else `anonymous_id`) is an identifier of the person identity knows,
+    which outcome events are sent back in under so they land on the same person. `attributes` carries what the journey wants echoed
     (journey id, node id, category); it goes into outcome events, never into logs."""
 
     action_id: str
@@ -75,6 +75,7 @@ class Action:
     content: Content
     address: str = ""
     user_id: str | None = None
+    anonymous_id: str | None = None
     attributes: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
 
     def __post_init__(self) -> None:

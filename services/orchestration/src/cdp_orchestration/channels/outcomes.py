@@ -131,11 +131,14 @@ def track_event(
     *,
     person_id: str,
     user_id: str | None = None,
+    anonymous_id: str | None = None,
     attributes: Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """The Segment ``track`` call for one outcome. It is sent as the person's `user_id` when known, else
-    with the person id as ``anonymousId``; the person id is in the properties either way."""
+    """The Segment ``track`` call for one outcome, sent under an identifier identity resolves to the person:
+    their `user_id` when known, else one of their anonymous ids. With neither the event names no one
+    (`attributed` says so) and must not be posted: the collector would refuse it, and sending the person id
+    as an anonymous id would make identity a new person. The person id is in the properties either way."""
     at = feedback.at or now or datetime.now(UTC)
     message_id = f"outcome:{feedback.action_id}:{feedback.outcome}"
     if feedback.occurrence:
@@ -156,6 +159,11 @@ def track_event(
     }
     if user_id:
         event["userId"] = user_id
-    else:
-        event["anonymousId"] = person_id
+    elif anonymous_id:
+        event["anonymousId"] = anonymous_id
     return event
+
+
+def attributed(event: Mapping[str, Any]) -> bool:
+    """Whether an outcome event names the person by an identifier identity knows (it can be posted)."""
+    return bool(event.get("userId") or event.get("anonymousId"))

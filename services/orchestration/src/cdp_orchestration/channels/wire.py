@@ -2,7 +2,8 @@
 
 The message's `content` map holds the rendered parts: ``subject``, ``title``, ``body``, ``html``, ``url``;
 any other key is push / webhook data (`Content.data`). Its `address` map holds what the arbiter read from
-the profile, one key per channel (`ADDRESS_KEYS`). Journey coordinates (journey id and version, instance,
+the profile, one key per channel (`ADDRESS_KEYS`), and who the person is to identity (`IDENTITY_KEYS`:
+their userId, else an anonymous id of theirs), which outcome events are sent back in under. Journey coordinates (journey id and version, instance,
 node, category, CRM kind, signals, decision time) travel in `Action.attributes` so outcome events can
 echo them.
 """
@@ -25,6 +26,8 @@ ADDRESS_KEYS = {
     "webhook": "webhook_url",
 }
 CHANNELS = (*ADDRESS_KEYS, "inapp", "crm")
+#: keys of `ActionMessage.address` naming the person as identity knows them (for outcome events)
+USER_ID, ANONYMOUS_ID = IDENTITY_KEYS = ("user_id", "anonymous_id")
 _PARTS = ("subject", "title", "body", "html", "url")
 _COORDINATES = ("journey_id", "instance_id", "node_id", "category", "crm_kind")
 
@@ -46,6 +49,8 @@ def action_from_message(message: pb.ActionMessage) -> Action:
         person_id=message.person_id,
         channel=message.channel,
         address=message.address.get(key, "") if key else "",
+        user_id=message.address.get(USER_ID) or None,
+        anonymous_id=message.address.get(ANONYMOUS_ID) or None,
         content=Content(
             body=content.pop("body", ""),
             subject=content.pop("subject", None),
@@ -80,4 +85,8 @@ def message_from_action(action: Action) -> pb.ActionMessage:
     key = ADDRESS_KEYS.get(action.channel)
     if key and action.address:
         message.address[key] = action.address
+    if action.user_id:
+        message.address[USER_ID] = action.user_id
+    if action.anonymous_id:
+        message.address[ANONYMOUS_ID] = action.anonymous_id
     return message

@@ -44,7 +44,8 @@ class PersonView:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An event about the person: its id (stable across redeliveries), name, type and epoch time."""
+    """An event about the person: its id (stable across redeliveries), name, type and epoch time, and the
+    identifiers it was sent with (userId, anonymousId; "" when absent)."""
 
     event_id: str
     name: str
@@ -52,3 +53,5 @@ class Event:
     type: str = "track"
     properties: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    user_id: str = ""
+    anonymous_id: str = ""
