@@ -18,5 +18,11 @@ the scoring service loads them, `pipeline.MODELS_DIR`) and
 - `models`: one builder per model; `metrics`: AUC, calibration, precision at recall
 - `pipeline`: the whole run and the report
 
+The learning loop (models trained on the platform's own customers, from the profile store):
+
+- `labels`: what a model predicts, as data (`training.label` in its spec)
+- `pointintime`: training sets at a cut-off T from the profile store (features as known at T, labels after)
+- `platformdata`: a profile store written the way the profile service writes it (benchmarks, tests, trials)
+
 See the package README (libs/cdp-training/README.md) for the simulator, the features and the figures.
 """

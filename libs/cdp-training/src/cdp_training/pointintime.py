@@ -1,0 +1,191 @@
+"""Point-in-time training sets from the profile store: features as known at a cut-off T, labels after it.
+
+For every person alive in the store (merged-away and deleted records are skipped) with at least one
+timeline entry at or before T:
+
+- traits, groups and consent are read as of T (`Profile.view(as_of=T)`: the version current at T in
+  each history, by event time);
+- computed traits are recomputed from the timeline entries at or before T by the profile domain's own
+  `Profile.backfill` (the code that serves backfilled traits) at now = T, so windows end at T; the stored
+  computed state, which has seen everything since, is never read;
+- scores are kept only when written at or before T (a profile keeps only the newest score, so a model
+  reading another model's score loses it when it was rescored after T);
+- the row is assembled by the scoring domain's `FeatureAssembler` at T, as serving does;
+- the label comes from the entries after T (`labels.LabelSpec`), and T + window must not pass the last
+  event the store holds (`observed_until`): an unobserved window would read as "nothing happened".
+
+So nothing after T reaches a row's features: the profile the row is read from is built from entries at
+or before T only. What it cannot see is what retention already dropped from the timeline (computed traits
+over long windows are then undercounted in old rows), and identity as it is now: a merge made after T
+still joins the two persons' pre-T histories.
+
+`data_hash` is the SHA-256 of the feature matrix and labels (float32/float64 bytes, row order by person
+id) with the cut-off and the label spec: the same store and cut-off give the same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage import Store
+from cdp_profile.domain import ComputedTraits, Profile, TimelineEntry
+from cdp_profile.records import PROFILES, TIMELINE, decode_entry
+from cdp_scoring.domain import FeatureAssembler, ModelSpec
+from cdp_training.dataset import view_fields
+from cdp_training.labels import LabelSpec
+
+
+@dataclass(slots=True)
+class StoredProfile:
+    """A live profile record as the profile service stored it, with its timeline (oldest first)."""
+
+    person_id: str
+    doc: dict[str, Any]
+    timeline: list[TimelineEntry]
+
+
+async def read_profiles(store: Store) -> list[StoredProfile]:
+    """Every live profile in the profile service's store, with the timeline entries of all its parts."""
+    timelines: dict[str, list[TimelineEntry]] = {}
+    async for record in store.scan_all(TIMELINE, page_size=5000):
+        entry = decode_entry(record.doc)
+        timelines.setdefault(entry.origin, []).append(entry)
+    out = []
+    async for record in store.scan_all(PROFILES, page_size=1000):
+        if "profile" not in record.doc:
+            continue  # merged away or deleted: its data lives in another profile, or nowhere
+        doc = json.loads(record.doc["profile"])
+        origins = [record.key, *doc.get("merged_from", [])]
+        entries = sorted(e for origin in origins for e in timelines.get(origin, ()))
+        out.append(StoredProfile(record.key, doc, entries))
+    out.sort(key=lambda p: p.person_id)
+    return out
+
+
+def observed_until(profiles: Iterable[StoredProfile]) -> float:
+    """The time of the last event the store holds (labels cannot look past it)."""
+    return max((p.timeline[-1].at for p in profiles if p.timeline), default=float("-inf"))
+
+
+def _doc_at(doc: Mapping[str, Any], cutoff: float) -> dict[str, Any]:
+    """The stored document without what was derived from later events: computed state goes (it is
+    recomputed from the timeline), scores written after T go."""
+    parts = []
+    for part in doc["parts"]:
+        part = dict(part)
+        part["computed"] = {}
+        part["scores"] = {name: score for name, score in part.get("scores", {}).items() if score[3] <= cutoff}
+        parts.append(part)
+    return {**doc, "parts": parts}
+
+
+def profile_at(stored: StoredProfile, defs: ComputedTraits, cutoff: float) -> Profile:
+    """The person as the profile service would have served it at T (see the module docstring)."""
+    before = [e for e in stored.timeline if e.at <= cutoff]
+    profile = Profile.from_doc(_doc_at(stored.doc, cutoff), before)
+    for name in [t["name"] for t in defs.to_dicts()]:
+        trait = defs.get(name)
+        if trait is not None:
+            profile.backfill(trait, now=cutoff)
+    return profile
+
+
+def fields_at_cutoff(stored: StoredProfile, defs: ComputedTraits, cutoff: float) -> dict[str, Any]:
+    """The flat profile fields (traits., computed., consent., scores.) as known at T."""
+    return view_fields(profile_at(stored, defs, cutoff).view(now=cutoff, as_of=cutoff))
+
+
+@dataclass(slots=True)
+class TrainingSet:
+    cutoff: float
+    label: LabelSpec
+    spec: ModelSpec
+    person_ids: list[str]
+    fields: list[dict[str, Any]]
+    X: np.ndarray  # float32 [rows, features], the spec's features assembled at T
+    y: np.ndarray  # float64 [rows, len(label.columns)]
+    observed_until: float
+    skipped_unborn: int  # persons whose first event came after T
+    skipped_unlabelled: int  # persons with no label (channel_answered: answered nothing)
+
+    @property
+    def rows(self) -> int:
+        return len(self.person_ids)
+
+    @property
+    def data_hash(self) -> str:
+        digest = hashlib.sha256()
+        header = {
+            "cutoff": self.cutoff,
+            "label": self.label.to_dict(),
+            "features": [f.name for f in self.spec.features],
+        }
+        digest.update(json.dumps(header, sort_keys=True).encode())
+        digest.update("\x00".join(self.person_ids).encode())
+        digest.update(np.ascontiguousarray(self.X, dtype=np.float32).tobytes())
+        digest.update(np.ascontiguousarray(self.y, dtype=np.float64).tobytes())
+        return digest.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "cutoff": self.cutoff,
+            "label": self.label.to_dict(),
+            "rows": self.rows,
+            "skipped_unborn": self.skipped_unborn,
+            "skipped_unlabelled": self.skipped_unlabelled,
+            "observed_until": self.observed_until,
+            "data_hash": self.data_hash,
+        }
+        if self.label.columns == ("label",) and self.rows:
+            values, counts = np.unique(self.y[:, 0], return_counts=True)
+            out["label_counts"] = {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
+        return out
+
+
+def training_set(
+    profiles: Sequence[StoredProfile],
+    *,
+    spec: ModelSpec,
+    label: LabelSpec | Mapping[str, Any],
+    cutoff: float,
+    until: float | None = None,
+) -> TrainingSet:
+    """The rows of `spec`'s features at `cutoff`, labelled by `label` (see the module docstring).
+
+    `until`: the end of the observed data (default: the last event in `profiles`)."""
+    if not isinstance(label, LabelSpec):
+        label = LabelSpec.from_dict(label)
+    end = observed_until(profiles) if until is None else until
+    if cutoff + label.window > end:
+        raise InvalidArgument(
+            "cutoff",
+            f"the label window ({label.to_dict()['window']} after the cut-off) ends after the last event the store "
+            f"holds ({end - cutoff:.0f} s after it): choose a cut-off at least the window before the end of the data",
+        )
+    defs = ComputedTraits.from_dicts(list(spec.computed_traits))
+    person_ids: list[str] = []
+    fields: list[dict[str, Any]] = []
+    labels: list[tuple[float, ...]] = []
+    unborn = unlabelled = 0
+    for stored in profiles:
+        if not stored.timeline or stored.timeline[0].at > cutoff:
+            unborn += 1
+            continue
+        value = label.label((e for e in stored.timeline if e.at > cutoff), cutoff)
+        if value is None:
+            unlabelled += 1
+            continue
+        person_ids.append(stored.person_id)
+        fields.append(fields_at_cutoff(stored, defs, cutoff))
+        labels.append(value)
+    assembler = FeatureAssembler(spec)
+    X = assembler.matrix(fields, cutoff) if fields else np.empty((0, assembler.width), dtype=np.float32)
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), len(label.columns))
+    return TrainingSet(cutoff, label, spec, person_ids, fields, X, y, end, unborn, unlabelled)

@@ -1,0 +1,188 @@
+"""Point-in-time training sets: a row at cut-off T holds what the platform knew at T, and its label what
+happened after. The story: one customer, Ada, whose life goes on after T."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage import MemoryStore
+from cdp_profile.domain import ProfileEvent
+from cdp_scoring.domain import ModelSpec
+from cdp_training.labels import LabelSpec
+from cdp_training.platformdata import write_people
+from cdp_training.pointintime import read_profiles, training_set
+from cdp_training.traits import COMPUTED_TRAITS, ENGAGEMENT_FEATURES, traits_for
+
+DAY = 86_400.0
+T = 1_750_000_000.0
+
+SPEC = ModelSpec.from_dict(
+    {
+        "name": "churn_risk",
+        "version": "2.0.0",
+        "features": ENGAGEMENT_FEATURES,
+        "outputs": [{"score": "churn_risk", "output": "probabilities", "index": 1}],
+        "computed_traits": traits_for(ENGAGEMENT_FEATURES),
+    }
+)
+CHURN = {"kind": "no_activity", "window": "90d"}
+PURCHASE = {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]}
+
+
+def track(n: str, name: str, at: float, **properties) -> ProfileEvent:
+    return ProfileEvent(n, "track", name, at, "web", properties=properties)
+
+
+def identify(n: str, at: float, consent: dict | None = None, **traits) -> ProfileEvent:
+    return ProfileEvent(n, "identify", "", at, "web", traits=traits, consent=consent or {})
+
+
+def page(n: str, at: float) -> ProfileEvent:
+    return ProfileEvent(n, "page", "Home", at, "web")
+
+
+ADA_BEFORE = [
+    identify("a1", T - 200 * DAY, {"channel:email": True}, plan="free"),
+    track("a2", "Signed Up", T - 200 * DAY + 1),
+    page("a3", T - 20 * DAY),
+    track("a4", "Order Completed", T - 10 * DAY, total=40.0),
+    track("a5", "Support Ticket Opened", T - 5 * DAY),
+    page("a6", T - 1 * DAY),
+]
+# Everything after T that a leaking feature would pick up: more orders and sessions (counts, revenue,
+# last order), a plan change (traits), email consent withdrawn (consent), an event a second after T.
+ADA_AFTER = [
+    track("a7", "Order Completed", T + 1, total=900.0),
+    page("a8", T + 2 * DAY),
+    identify("a9", T + 3 * DAY, {"channel:email": False}, plan="pro"),
+    track("a10", "Order Completed", T + 4 * DAY, total=500.0),
+    track("a11", "Product Viewed", T + 5 * DAY),
+]
+# Bob goes quiet at T; Cy only arrives after T; Dee's last event is the end of the observed data.
+BOB = [identify("b1", T - 100 * DAY, plan="plus"), page("b2", T - 50 * DAY)]
+CY = [identify("c1", T + 10 * DAY, plan="free")]
+DEE = [page("d1", T - 30 * DAY), page("d2", T + 120 * DAY)]
+DEFINITIONS = list(COMPUTED_TRAITS.values())
+
+
+async def _profiles(people: dict[str, list[ProfileEvent]]):
+    store = MemoryStore()
+    await write_people(store, people, DEFINITIONS)
+    return await read_profiles(store)
+
+
+async def test_events_after_the_cutoff_never_reach_a_row_at_the_cutoff():
+    everything = await _profiles({"ada": ADA_BEFORE + ADA_AFTER, "bob": BOB, "cy": CY, "dee": DEE})
+    known_at_t = await _profiles({"ada": ADA_BEFORE, "bob": BOB, "dee": DEE[:1]})
+    end = T + 120 * DAY
+    full = training_set(everything, spec=SPEC, label=CHURN, cutoff=T)
+    past_only = training_set(known_at_t, spec=SPEC, label=CHURN, cutoff=T, until=end)
+
+    assert full.person_ids == ["ada", "bob", "dee"]  # cy did not exist at T
+    assert full.skipped_unborn == 1
+    np.testing.assert_array_equal(full.X, past_only.X)  # the future changed no feature, bit for bit
+    assert full.fields == past_only.fields
+    ada = dict(zip([f.name for f in SPEC.features], full.X[0].tolist(), strict=True))
+    assert ada["orders_total"] == 1 and ada["revenue_365d"] == 40.0 and ada["avg_order_value"] == 40.0
+    assert ada["days_since_last_order"] == pytest.approx(10.0)
+    assert ada["days_since_last_session"] == pytest.approx(1.0)
+    assert ada["consent_email"] == 1.0
+    assert ada["plan"] == 0.0  # "free" as at T, not "pro"
+    assert ada["tickets_90d"] == 1
+    # the labels do read the future: ada stayed active, bob churned, dee came back within 90 days? no: 120
+    assert full.y[:, 0].tolist() == [0.0, 1.0, 1.0]
+    assert past_only.y[:, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+async def test_the_same_store_and_cutoff_give_the_same_rows_and_data_hash():
+    people = {"ada": ADA_BEFORE + ADA_AFTER, "bob": BOB, "dee": DEE}
+    one = training_set(await _profiles(people), spec=SPEC, label=PURCHASE, cutoff=T)
+    two = training_set(await _profiles(dict(reversed(people.items()))), spec=SPEC, label=PURCHASE, cutoff=T)
+    assert one.data_hash == two.data_hash
+    assert one.y[:, 0].tolist() == [1.0, 0.0, 0.0]  # an order within 30 days of T: ada only
+    other_label = training_set(await _profiles(people), spec=SPEC, label=CHURN, cutoff=T)
+    assert other_label.data_hash != one.data_hash
+
+
+async def test_labels_of_each_kind_are_read_from_the_window_after_the_cutoff():
+    events = [
+        page("x1", T - 5 * DAY),
+        track("x2", "Email Opened", T + DAY, channel="email"),
+        track("x3", "SMS Clicked", T + 2 * DAY, channel="sms"),
+        track("x4", "SMS Clicked", T + 3 * DAY, channel="sms"),
+        track("x5", "Case Closed", T + 4 * DAY, resolution="resolved"),
+        track("x6", "Order Completed", T + 5 * DAY, total=30.0),
+        track("x7", "Order Completed", T + 50 * DAY, total=20.0),
+        track("x8", "Case Closed", T + 60 * DAY, resolution="fraud"),
+        page("x9", T + 400 * DAY),
+    ]
+    profiles = await _profiles({"x": events})
+
+    def label(spec: dict) -> list[float]:
+        return training_set(profiles, spec=SPEC, label=spec, cutoff=T).y[0].tolist()
+
+    fraud = {
+        "kind": "label_event",
+        "window": "30d",
+        "events": [{"name": "Case Closed", "where": {"resolution": "fraud"}}],
+    }
+    assert label(fraud) == [0.0]  # the fraud case closed on day 60, outside 30 days
+    assert label({**fraud, "window": "90d"}) == [1.0]
+    clv = {
+        "kind": "orders_and_value",
+        "window": "365d",
+        "events": [{"name": "Order Completed"}],
+        "value_property": "total",
+    }
+    assert label(clv) == [2.0, 50.0]
+    nbc = {
+        "kind": "channel_answered",
+        "window": "30d",
+        "events": [{"name": "Email Opened"}, {"name": "SMS Clicked"}],
+        "property": "channel",
+        "classes": ["email", "sms", "push", "in_app"],
+    }
+    assert label(nbc) == [1.0]  # sms answered twice, email once
+    # nobody answered in the 30 days after a later cut-off: no row rather than a made-up class
+    later = training_set(profiles, spec=SPEC, label=nbc, cutoff=T + 100 * DAY)
+    assert later.rows == 0 and later.skipped_unlabelled == 1
+
+
+async def test_a_label_window_past_the_end_of_the_data_is_refused_naming_the_cutoff():
+    profiles = await _profiles({"ada": ADA_BEFORE + ADA_AFTER})
+    with pytest.raises(InvalidArgument) as caught:
+        training_set(profiles, spec=SPEC, label=CHURN, cutoff=T)  # data ends 5 days after T
+    assert caught.value.field == "cutoff"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"window": "30d"}, "label.kind"),
+        ({"kind": "churn", "window": "30d"}, "label.kind"),
+        ({"kind": "no_activity"}, "label.window"),
+        ({"kind": "no_activity", "window": "soon"}, "label.window"),
+        ({"kind": "goal_event", "window": "30d"}, "label.events"),
+        ({"kind": "goal_event", "window": "30d", "events": [{"nme": "Order Completed"}]}, "label.events[0].nme"),
+        ({"kind": "goal_event", "window": "30d", "events": [{"name": "A"}, {"type": "click"}]}, "label.events[1].type"),
+        ({"kind": "label_event", "window": "30d", "events": [{"name": "A", "where": ["x"]}]}, "label.events[0].where"),
+        ({"kind": "orders_and_value", "window": "1w", "events": [{"name": "Order Completed"}]}, "label.value_property"),
+        ({"kind": "channel_answered", "window": "1w", "events": [{"name": "A"}], "property": "c"}, "label.classes"),
+        ({"kind": "no_activity", "window": "1w", "horizon": "1w"}, "label.horizon"),
+    ],
+)
+def test_a_bad_label_spec_is_refused_naming_the_field(spec, field):
+    with pytest.raises(InvalidArgument) as caught:
+        LabelSpec.from_dict(spec)
+    assert caught.value.field == field
+
+
+def test_a_label_spec_reads_back_as_written():
+    spec = {
+        "kind": "label_event",
+        "window": "90d",
+        "events": [{"name": "Case Closed", "where": {"resolution": "fraud"}}],
+    }
+    assert LabelSpec.from_dict(spec).to_dict() == spec
