@@ -141,6 +141,29 @@ class World:
     async def event(
         self, person: str, name: str, event_id: str, *, user_id: str = "", anonymous_id: str = "", **properties: Any
     ) -> None:
+        await self.events(person, [(name, event_id, properties)], user_id=user_id, anonymous_id=anonymous_id)
+
+    async def events(
+        self,
+        person: str,
+        events: list[tuple[str, str, dict[str, Any]]],
+        *,
+        user_id: str = "",
+        anonymous_id: str = "",
+    ) -> None:
+        """Several events of one person in one `events.resolved` message, as identity publishes a batch."""
+        resolved = [
+            events_pb2.ResolvedEvent(
+                event=self._event(name, event_id, properties, user_id, anonymous_id), person_id=person
+            )
+            for name, event_id, properties in events
+        ]
+        batch = events_pb2.ResolvedEventBatch(events=resolved)
+        await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
+
+    def _event(
+        self, name: str, event_id: str, properties: dict[str, Any], user_id: str, anonymous_id: str
+    ) -> events_pb2.Event:
         event = events_pb2.Event(
             message_id=event_id,
             type=events_pb2.EVENT_TYPE_TRACK,
@@ -150,8 +173,7 @@ class World:
             anonymous_id=anonymous_id,
         )
         event.properties.update(properties)
-        batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
-        await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
+        return event
 
     async def segment(self, person: str, segment: str, *, entered: bool = True) -> None:
         self.sequence += 1

@@ -13,6 +13,7 @@ import orjson
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.domain.rules import parse_rules
+from cdp_orchestration.state import STATS
 
 CART = {
     "id": "abandoned-cart",
@@ -59,6 +60,27 @@ async def test_the_reminder_leaves_seconds_after_the_cart_is_abandoned(world_fac
     assert kinds == ["sent"]
     [instance] = await world.eventually(lambda: _ended(world, "ada"))
     assert instance["end_reason"] == "completed"
+
+
+async def test_a_purchase_in_the_same_batch_as_the_cart_event_ends_the_journey_and_counts_as_converted(world_factory):
+    world = await world_factory()
+    await world.publish_journey({**CART, "nodes": [{**CART["nodes"][0], "duration": "3s"}, CART["nodes"][1]]})
+    await world.start()
+    await world.profile("cy", consent={"purpose:Marketing": True}, first_name="Cy", email="cy@example.com")
+    await world.events(
+        "cy", [("Cart Abandoned", "e-cart-cy", {"cart_url": "u"}), ("Order Completed", "e-order-cy", {})]
+    )
+
+    [instance] = await world.eventually(lambda: _ended(world, "cy"))
+    assert instance["end_reason"] == "exit_rule:purchased"
+    assert instance["converted_at"] is not None
+    stats = await world.eventually(lambda: _stats(world, "abandoned-cart"))
+    assert stats["converted"] == 1 and stats["ended"] == {"exit_rule:purchased": 1}
+
+
+async def _stats(world, journey_id):
+    docs = [r.doc async for r in world.store.scan_all(STATS) if r.key.startswith(f"{journey_id}:")]
+    return docs[0] if docs and docs[0]["ended"] else None
 
 
 async def test_the_action_names_the_person_as_identity_knows_them_for_its_outcome_events(world_factory):

@@ -258,6 +258,26 @@ def test_goal_with_exit_ends_the_instance_after_recording_the_conversion() -> No
     assert instance.end_reason == "goal"
 
 
+def test_a_purchase_applied_with_the_cart_event_converts_as_the_exit_rule_ends_the_instance() -> None:
+    j = journey(
+        [{"id": "d", "type": "delay", "duration": "1h"}],
+        entry={"event": "Cart Abandoned"},
+        exit=[{"id": "purchased", "event": "Order Completed"}],
+        goal={"event": "Order Completed", "within": "3d"},
+    )
+    # Both events were sent a moment before the stream stored them, and are applied in the same batch:
+    # the entry is applied at the stream's time, later than the purchase's own time.
+    cart, applied = event("Cart Abandoned", T0), T0 + 0.4
+    instance, _ = step(new_instance(j, "p1", cart.event_id), j, Enter(cart), VIEW, applied)
+    instance, commands = step(instance, j, EventArrived(event("Order Completed", T0 + 0.1)), VIEW, applied)
+    assert instance.end_reason == "exit_rule:purchased" and instance.converted_at == T0 + 0.1
+    assert [type(c) for c in commands] == [RecordGoal, CancelTimer, End]
+    # A purchase from before the cart event is no conversion of it.
+    earlier, _ = step(new_instance(j, "p1", "again"), j, Enter(cart), VIEW, applied)
+    earlier, commands = step(earlier, j, EventArrived(event("Order Completed", T0 - 5)), VIEW, applied)
+    assert earlier.converted_at is None and not of(commands, RecordGoal)
+
+
 @settings(max_examples=200, deadline=None)
 @given(person=st.text(min_size=1, max_size=20), weights=st.lists(st.integers(1, 100), min_size=2, max_size=5))
 def test_split_assignment_is_a_pure_function_of_person_journey_and_node(person: str, weights: list[int]) -> None:

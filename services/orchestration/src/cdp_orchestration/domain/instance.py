@@ -19,7 +19,10 @@ Invariants:
   "api:<reason>"). `steps` keeps the trail (the last MAX_STEPS) for GetInstance. Condition exit rules are
   checked on every stimulus against the view it brings; event exit rules on every event.
 - A goal conversion (the goal event within its window after entry) is recorded once, before exit rules
-  act on the same event, and is still watched after the instance ends, until the window closes.
+  act on the same event, and is still watched after the instance ends, until the window closes. "After
+  entry" compares event times: a goal event counts from the entry event's own time (`trigger_at`), not
+  from when the entry was applied (the stream's time, later than any event time in the same batch), so
+  a purchase sent right after the cart event converts even when both arrive together.
 - An action step waits for the arbiter's final decision about its action (sent, capped, suppressed, ...)
   before moving on; deferred and awaiting approval are not final.
 - Conditions that time alone can make true (`traits.trial_ends_at < now`, an event leaving its window) are
@@ -188,6 +191,8 @@ class Instance:
     status: Status = Status.NEW
     node: str | None = None  # the step it is at
     entered_at: float | None = None
+    # The entry event's own time (else `entered_at`): goal events count from here.
+    trigger_at: float | None = None
     visits: Mapping[str, int] = field(default_factory=dict)  # node id -> times entered
     timers: tuple[Timer, ...] = ()
     pending: tuple[str, ...] = ()  # action ids proposed and not yet finally decided
@@ -352,9 +357,13 @@ class _Run:
         properties = stimulus.properties
         if properties is None:
             properties = stimulus.event.properties if stimulus.event is not None else {}
+        trigger_at = self.now
+        if stimulus.event is not None and 0 < stimulus.event.at < self.now:
+            trigger_at = stimulus.event.at
         self.set(
             status=Status.RUNNING,
             entered_at=self.now,
+            trigger_at=trigger_at,
             goal_until=self.now + goal.within if goal is not None else None,
             entry=dict(properties),
         )
@@ -367,7 +376,8 @@ class _Run:
         instance = self.instance
         if goal is None or not instance.watching_goal(event.at) or instance.entered_at is None:
             return False
-        if event.at < instance.entered_at or not goal.event.matches(event):
+        since = instance.trigger_at if instance.trigger_at is not None else instance.entered_at
+        if event.at < since or not goal.event.matches(event):
             return False
         self.set(converted_at=event.at)
         self.record(instance.node or "", "goal", at=event.at)

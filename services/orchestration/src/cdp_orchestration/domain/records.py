@@ -28,6 +28,7 @@ def instance_record(instance: Instance) -> dict[str, Any]:
         "status": instance.status.value,
         "node": instance.node,
         "entered_at": instance.entered_at,
+        "trigger_at": instance.trigger_at,
         "visits": dict(instance.visits),
         "timers": [[t.id, t.at, t.node_id, t.kind] for t in instance.timers],
         "pending": list(instance.pending),
@@ -51,6 +52,7 @@ def instance_from_record(record: Mapping[str, Any]) -> Instance:
         status=Status(record["status"]),
         node=record["node"],
         entered_at=record["entered_at"],
+        trigger_at=record.get("trigger_at"),  # absent from records written before it was kept
         visits=dict(record["visits"]),
         timers=tuple(Timer(*timer) for timer in record["timers"]),
         pending=tuple(record["pending"]),
