@@ -157,6 +157,19 @@ def test_every_service_has_builtin_grpc_probes_on_a_declared_port(scenario, rend
             assert c[probe]["grpc"]["port"] in ports, f"{w['metadata']['name']} {probe} targets an undeclared port"
 
 
+@pytest.mark.parametrize("scenario", ALL)
+def test_identity_is_ready_only_as_the_writer_and_alive_either_way(scenario, rendered):
+    # Identity's standbys refuse API calls: readiness asks for IdentityService (NOT_SERVING on a
+    # standby), liveness for the process; no other component narrows its readiness.
+    for w, spec, c in component_containers(rendered[scenario]):
+        readiness, liveness = c["readinessProbe"]["grpc"], c["livenessProbe"]["grpc"]
+        assert "service" not in liveness
+        if w["metadata"]["name"].endswith("identity"):
+            assert readiness["service"] == "cdp.identity.v1.IdentityService"
+        else:
+            assert "service" not in readiness, w["metadata"]["name"]
+
+
 def test_probes_use_the_plaintext_health_port_when_tls_is_on(rendered):
     for w, spec, c in component_containers(rendered["prod"]):
         env = env_of(c)
@@ -336,6 +349,11 @@ def test_prod_runs_two_or_more_pods_per_component_behind_a_pdb(scenario, rendere
         assert w["spec"]["replicas"] >= 2, Rendered.describe(w)
         pod_labels = w["spec"]["template"]["metadata"]["labels"]
         covering = [p for p in pdbs if matches(p["spec"]["selector"]["matchLabels"], pod_labels)]
+        if w["metadata"]["name"] == "cdp-identity":
+            # One writer and a standby that is alive but never ready: a PDB would count the standby as
+            # disrupted and refuse every eviction of the writer, whose eviction hands over at once.
+            assert covering == [], "identity's standby would block draining the writer's node"
+            continue
         assert len(covering) == 1, f"{Rendered.describe(w)} is covered by {len(covering)} PDBs"
         assert covering[0]["spec"].get("maxUnavailable", 0) < w["spec"]["replicas"]
 
@@ -623,12 +641,20 @@ def test_the_schema_covers_every_default_key():
 
 
 def test_identity_owns_partitions_with_stable_ordinals(rendered):
-    for scenario in ("default", "prod"):
-        identity = rendered[scenario].get("StatefulSet", "cdp-identity")
-        (container,) = identity["spec"]["template"]["spec"]["containers"]
-        assert container["command"] == ["python", "-m", "cdp_identity"]
-        env = env_of(container)
-        assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env), "identity must know which partitions it owns"
+    # Static (one replica by default) knows its ordinal and the replica count; prod's two replicas are a
+    # writer and a standby under a Kubernetes Lease (static with two replicas refuses to start).
+    identity = rendered["default"].get("StatefulSet", "cdp-identity")
+    (container,) = identity["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "cdp_identity"]
+    env = env_of(container)
+    assert {"CDP_POD_ORDINAL", "CDP_REPLICAS"} <= set(env), "identity must know which partitions it owns"
+    assert identity["spec"]["replicas"] == 1 or env.get("CDP_OWNERSHIP", {}).get("value", "static") != "static"
+    identity = rendered["prod"].get("StatefulSet", "cdp-identity")
+    (container,) = identity["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert identity["spec"]["replicas"] >= 2
+    assert env["CDP_OWNERSHIP"]["value"] == "kubernetes"
+    assert "CDP_REPLICAS" not in env
 
 
 def test_lease_ownership_grants_its_pods_the_lease_verbs_and_nothing_else(rendered):

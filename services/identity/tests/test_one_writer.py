@@ -10,6 +10,7 @@ more than one replica does not start."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -156,6 +157,12 @@ async def test_one_writer_at_a_time_and_every_event_resolved_once_while_the_leas
                 if len(out) >= len(events):
                     break
                 await asyncio.sleep(0.05)
+            # A writer that stops drains what it fetched and frees the lease; the standby takes it at
+            # its next round (the events may all be resolved by then).
+            for _ in range(100):
+                if standby.working_on() == frozenset(range(PARTITIONS)):
+                    break
+                await asyncio.sleep(0.05)
             assert standby.working_on() == frozenset(range(PARTITIONS)), "the standby took over"
             await asyncio.sleep(0.3)  # anything resolved twice would arrive now
             out = await resolved(js)
@@ -185,3 +192,45 @@ def test_static_ownership_refuses_more_than_one_replica():
     assert "CDP_OWNERSHIP=nats or kubernetes" in str(refused.value)
     leased = load_settings(IdentitySettings, {**environ, "CDP_OWNERSHIP": "nats"})
     assert leased.replicas == 2
+
+
+async def health_of(replica: Replica, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    reply = await health_pb2_grpc.HealthStub(replica.channel).Check(health_pb2.HealthCheckRequest(service=service))
+    return reply.status
+
+
+async def test_readiness_follows_the_writer_lease_and_a_stopping_writer_hands_over_at_once(nats_server, tmp_path):
+    # Kubernetes routes to ready pods: a standby's IdentityService is NOT_SERVING (its API refuses)
+    # while its process stays SERVING for liveness. A writer stopped by SIGTERM frees the lease on its
+    # way out, so the standby takes over at once - not after the TTL (30 s here).
+    from grpc_health.v1 import health_pb2
+
+    serving_, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    api = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+    store_url = f"sqlite:///{tmp_path / 'identity.db'}"
+    first = await Replica(dataclasses.replace(settings(nats_server.url, store_url, 0), ownership_ttl=30.0)).start()
+    second = await Replica(dataclasses.replace(settings(nats_server.url, store_url, 1), ownership_ttl=30.0)).start()
+    try:
+        for _ in range(200):
+            working = [r.working_on() for r in (first, second)]
+            if frozenset(range(PARTITIONS)) in working and frozenset() in working:
+                break
+            await asyncio.sleep(0.05)
+        writer, standby = (first, second) if first.working_on() else (second, first)
+        assert writer.working_on() == frozenset(range(PARTITIONS))
+        assert await health_of(writer, api) == serving_
+        assert await health_of(standby, api) == not_serving
+        assert await health_of(standby, "") == serving_
+
+        await writer.stop()
+        for _ in range(100):  # 10 s, a third of the TTL
+            if standby.working_on() == frozenset(range(PARTITIONS)):
+                break
+            await asyncio.sleep(0.1)
+        assert standby.working_on() == frozenset(range(PARTITIONS)), "the lease waited for its TTL"
+        assert await health_of(standby, api) == serving_
+    finally:
+        await first.stop()
+        await second.stop()

@@ -467,6 +467,10 @@ spec:
       readinessProbe:
         grpc:
           port: {{ $probePort }}
+          {{- with $c.probes.readiness.service }}
+          {{- /* Ready = this gRPC service answers (identity's standbys are alive, not ready). */}}
+          service: {{ . | quote }}
+          {{- end }}
         periodSeconds: {{ int $c.probes.readiness.periodSeconds }}
         timeoutSeconds: {{ int $c.probes.readiness.timeoutSeconds }}
         failureThreshold: {{ int $c.probes.readiness.failureThreshold }}

@@ -9,7 +9,9 @@
                                  scopes={"Get": "x:read"})
 
 The grpc.aio server carries the standard health service (SERVING once setup finished; NOT_SERVING the
-moment shutdown starts, so Kubernetes stops routing before the drain), reflection, and the cdp
+moment shutdown starts, so Kubernetes stops routing before the drain; a service may hold one of its
+gRPC services' names NOT_SERVING while it cannot answer, e.g. a standby: `GrpcServer.set_ready`, which
+a readiness probe naming that service follows while liveness, on "", stays SERVING), reflection, and the cdp
 interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
 seconds, then closes every resource in reverse order of acquisition.
 
@@ -64,6 +66,8 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self._unready: set[str] = set()  # service names held NOT_SERVING (set_ready)
+        self._serving = False
 
     def add_service(
         self,
@@ -140,8 +144,24 @@ class GrpcServer:
         return self.port
 
     async def set_serving(self) -> None:
+        self._serving = True
         for name in ("", *self._service_names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(name, self._status(name))
+
+    async def set_ready(self, name: str, ready: bool) -> None:
+        """Whether the gRPC service `name` can answer now (a standby cannot). The process stays SERVING
+        under "" (liveness); a readiness probe on `name` takes the pod out of its Service meanwhile."""
+        if ready:
+            self._unready.discard(name)
+        else:
+            self._unready.add(name)
+        if self._serving:
+            await self.health.set(name, self._status(name))
+
+    def _status(self, name: str):
+        if name in self._unready:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
 
     async def stop(self, grace: float) -> None:
         if self._server is None:

@@ -3,6 +3,7 @@ purge the persons privacy.deleted names."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 
@@ -97,15 +98,36 @@ async def setup(runtime: ServiceRuntime) -> None:
         chain=engine.chain,
     )
     engine.writer = False  # until the lease says so
+    # Readiness follows the writer lease: a standby's API refuses, so Kubernetes routes to the writer
+    # (the chart's readiness probe names this service; liveness, on "", stays SERVING).
+    api_name = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+    await runtime.grpc.set_ready(api_name, False)
+
+    async def become_writer() -> None:
+        await engine.become_writer()
+        await runtime.grpc.set_ready(api_name, True)
+
+    async def stop_writing() -> None:
+        await runtime.grpc.set_ready(api_name, False)
+        await engine.stop_writing()
+
     ownership = await partitioned.start(
         OneWriter(
             await ownership_from_settings(settings, js=bus.js, group="identity", partitions=1),
             partitions=settings.partitions,
-            become_writer=engine.become_writer,
-            stop_writing=engine.stop_writing,
+            become_writer=become_writer,
+            stop_writing=stop_writing,
         )
     )
-    runtime.spawn(partitioned.serve(ownership), "resolve events.raw")
+    serving = runtime.spawn(partitioned.serve(ownership), "resolve events.raw")
+
+    async def release() -> None:
+        # Pushed after the bus and the store: on the way out (SIGTERM) the lease is released and the
+        # partitions drained before they close, so a standby takes over at once, not after the TTL.
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+    runtime.stack.push_async_callback(release)
     runners = [partitioned.pipelines[p].runner for p in sorted(partitioned.pipelines)]
     # Every replica gets every deletion (one durable consumer per ordinal): each purges its own cache.
     privacy = bus.consumer(
