@@ -25,19 +25,33 @@ model-clv            MAE of BG/NBD expected orders in the 90 days after the cuto
                      BG/NBD and Gamma-Gamma parameter-recovery errors on a fresh seed
 model-nbc            top-1 accuracy of next_best_channel among people who answer in the 30 days after the
                      cutoff; baseline: the channel answered most in the last 90 days (email when none)
+training-set         seconds to build a point-in-time training set (`cdp_training.pointintime`: churn_risk's
+                     30 features at the cutoff, churn label over the 90 days after) from a profile store
+                     holding a simulated population (seed 11, CDP_BENCH_TRAINING_SET_PERSONS persons, default
+                     5,000; the issue's figure is 100,000); baseline: DuckDB computing the same rows over the
+                     same events, trait and consent histories held as in-memory tables (windowed conditional
+                     aggregates, ASOF joins for plan and consent): the physical floor for the job. The rows
+                     of both are compared cell by cell (params.mismatched_cells)
 
-    make bench-models     # writes bench/results/model-*.json; needs the shipped models (make models)
+    make bench-models     # writes bench/results/model-*.json and training-set.json; needs make models
+    .venv/bin/python bench/bench_models.py --only training-set
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import duckdb
 import numpy as np
 from benchlib import write_result
 
+from cdp_kit.storage import MemoryStore
+from cdp_scoring.domain import ModelSpec
 from cdp_scoring.modelstore import SHIPPED
 from cdp_scoring.runtime import LoadedModel, load_model
 from cdp_training import metrics
@@ -45,7 +59,10 @@ from cdp_training.bgnbd import BgNbd, GammaGamma, summaries
 from cdp_training.dataset import population_fields
 from cdp_training.graphs import reference_clv
 from cdp_training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
+from cdp_training.platformdata import write_population
+from cdp_training.pointintime import StoredProfile, read_profiles, training_set
 from cdp_training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
+from cdp_training.traits import ENGAGEMENT_FEATURES, traits_for
 
 SEED = 11  # never used by training (7: train, 8: held-out figures in report.json)
 PEOPLE = 12_000  # 80-90 s of profile-domain work on two cores; ~300 fraudsters, ~9,000 buyers, ~5,500 responders
@@ -54,6 +71,7 @@ MODELS = ("churn_risk", "purchase_propensity", "clv", "fraud_risk", "fraud_anoma
 DAY = 86_400.0
 NEVER = 1e6  # days since an event that never happened: later than any real one (AUC reads ranks only)
 HOLDOUT_DAYS = CHURN_DAYS  # the simulation's outcome window: orders after the cutoff are known for 90 days
+TRAINING_SET_PERSONS = int(os.environ.get("CDP_BENCH_TRAINING_SET_PERSONS", "5000"))  # ~1 min on 2 cores
 
 
 def shipped_models() -> dict[str, LoadedModel]:
@@ -310,7 +328,190 @@ def bench_nbc(model: LoadedModel, population: Population, fields: Sequence[Mappi
     }
 
 
+# --- point-in-time training set ---------------------------------------------------------------------------
+
+CHURN_SPEC = ModelSpec.from_dict(
+    {
+        "name": "churn_risk",
+        "version": "bench",
+        "features": ENGAGEMENT_FEATURES,
+        "outputs": [{"score": "churn_risk", "output": "probabilities", "index": 1}],
+        "computed_traits": traits_for(ENGAGEMENT_FEATURES),
+    }
+)
+CHURN_LABEL = {"kind": "no_activity", "window": f"{CHURN_DAYS}d"}
+
+
+def duckdb_tables(con: duckdb.DuckDBPyConnection, profiles: Sequence[StoredProfile]) -> int:
+    """The stored events, plan history and consent history as DuckDB tables (what an as-of join reads)."""
+    properties = sorted({t["property"] for t in traits_for(ENGAGEMENT_FEATURES) if t.get("property", "$at") != "$at"})
+    events: dict[str, list] = {"person": [], "ts": [], "type": [], "name": [], **{p: [] for p in properties}}
+    plans: dict[str, list] = {"person": [], "ts": [], "plan": []}
+    consent: dict[str, list] = {"person": [], "channel": [], "ts": [], "granted": []}
+    for stored in profiles:
+        person = stored.person_id
+        for entry in stored.timeline:
+            events["person"].append(person)
+            events["ts"].append(entry.at)
+            events["type"].append(entry.type)
+            events["name"].append(entry.name)
+            for prop in properties:
+                value = entry.properties.get(prop)
+                events[prop].append(value if isinstance(value, int | float) and not isinstance(value, bool) else None)
+        for part in stored.doc["parts"]:
+            for version in part["traits"].get("plan", []):
+                plans["person"].append(person)
+                plans["ts"].append(version[3])
+                plans["plan"].append(version[0] if isinstance(version[0], str) else None)
+            for key, history in part["consent"].items():
+                for state in history:
+                    consent["person"].append(person)
+                    consent["channel"].append(key)
+                    consent["ts"].append(state[2])
+                    consent["granted"].append(bool(state[0]))
+    for name, columns in (("events_raw", events), ("plans_raw", plans), ("consent_raw", consent)):
+        arrays = {k: np.array(v, dtype=object if k != "ts" else np.float64) for k, v in columns.items()}
+        for prop in properties if name == "events_raw" else ():
+            arrays[prop] = np.array([np.nan if v is None else v for v in columns[prop]], dtype=np.float64)
+        con.register(name, arrays)
+        con.execute(f"CREATE TABLE {name.removesuffix('_raw')} AS SELECT * FROM {name}")
+        con.unregister(name)
+    return len(events["ts"])
+
+
+def _sql_literal(values: Sequence[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def _trait_sql(trait: Mapping[str, Any], cutoff: float) -> str:
+    """The computed trait as a DuckDB aggregate over events at or before the cutoff."""
+    conditions = [f"ts <= {cutoff!r}"]
+    if trait.get("event_type", "track") != "any":
+        conditions.append(f"type = '{trait.get('event_type', 'track')}'")
+    if trait.get("event_names"):
+        conditions.append(f"name IN ({_sql_literal(trait['event_names'])})")
+    if trait.get("window"):
+        window = float(trait["window"][:-1]) * DAY  # every window here is in days ("90d")
+        conditions.append(f"ts > {cutoff - window!r}")
+    where = " AND ".join(conditions)
+    column = "ts" if trait.get("property", "$at") == "$at" else f'"{trait["property"]}"'
+    aggregate = {"count": "count(*)", "sum": f"sum({column})", "avg": f"avg({column})", "min": f"min({column})"}
+    return f"{aggregate.get(trait['op'], f'max({column})')} FILTER (WHERE {where})"
+
+
+def duckdb_training_set(
+    con: duckdb.DuckDBPyConnection, cutoff: float, window: float
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The same rows as `training_set(CHURN_SPEC, CHURN_LABEL)`, by SQL: person ids, features, labels."""
+    traits = traits_for(ENGAGEMENT_FEATURES)
+    aggregates = ",\n".join(f'{_trait_sql(t, cutoff)} AS "{t["name"]}"' for t in traits)
+    consent_joins, consent_columns = [], []
+    for k, feature in enumerate(f for f in ENGAGEMENT_FEATURES if f["path"].startswith("consent.")):
+        key = feature["path"].removeprefix("consent.")
+        consent_joins.append(
+            f"ASOF LEFT JOIN (SELECT * FROM consent WHERE channel = '{key}') c{k} "
+            f"ON c{k}.person = spine.person AND spine.t >= c{k}.ts"
+        )
+        consent_columns.append(f"coalesce(c{k}.granted::DOUBLE, 0.0)")
+    columns = []
+    for feature in ENGAGEMENT_FEATURES:
+        root, name = feature["path"].split(".", 1)
+        if root == "computed" and feature["transform"] == "days_since":
+            columns.append(f'(spine.t - f."{name}") / {DAY!r}')
+        elif root == "computed":
+            default = "'NaN'::DOUBLE" if feature["default"] is None else repr(float(feature["default"]))
+            columns.append(f'coalesce(f."{name}"::DOUBLE, {default})')
+        elif root == "consent":
+            columns.append(consent_columns.pop(0))
+        else:  # plan, a category
+            cases = " ".join(f"WHEN '{c}' THEN {i}" for i, c in enumerate(feature["categories"]))
+            columns.append(f"coalesce(CASE p.plan {cases} END, -1)::DOUBLE")
+    query = f"""
+        WITH spine AS (
+            SELECT person, {cutoff!r} AS t,
+                   (count(*) FILTER (WHERE ts > {cutoff!r} AND ts <= {cutoff + window!r}) = 0)::DOUBLE AS label
+            FROM events GROUP BY person HAVING min(ts) <= {cutoff!r}
+        ),
+        f AS (SELECT person, {aggregates} FROM events WHERE ts <= {cutoff!r} GROUP BY person)
+        SELECT spine.person, spine.label, {", ".join(columns)}
+        FROM spine JOIN f USING (person)
+        ASOF LEFT JOIN plans p ON p.person = spine.person AND spine.t >= p.ts
+        {" ".join(consent_joins)}
+        ORDER BY spine.person
+    """
+    rows = con.execute(query).fetchall()
+    persons = [r[0] for r in rows]
+    labels = np.array([r[1] for r in rows], dtype=np.float64)
+    X = np.array([[np.nan if v is None else v for v in r[2:]] for r in rows], dtype=np.float32)
+    return persons, X, labels
+
+
+def bench_training_set(persons: int) -> dict[str, Any]:
+    started = time.perf_counter()
+    population = simulate(persons, SEED)
+    store = MemoryStore()
+    asyncio.run(write_population(store, population, traits_for(ENGAGEMENT_FEATURES)))
+    setup = time.perf_counter() - started
+    print(f"wrote {persons:,} simulated profiles to a profile store in {setup:.0f}s")
+
+    t0 = time.perf_counter()
+    profiles = asyncio.run(read_profiles(store))
+    t1 = time.perf_counter()
+    ours = training_set(profiles, spec=CHURN_SPEC, label=CHURN_LABEL, cutoff=population.cutoff, until=population.end)
+    t2 = time.perf_counter()
+
+    con = duckdb.connect()
+    events = duckdb_tables(con, profiles)
+    t3 = time.perf_counter()
+    persons_sql, X_sql, y_sql = duckdb_training_set(con, population.cutoff, CHURN_DAYS * DAY)
+    t4 = time.perf_counter()
+    con.close()
+
+    same_rows = persons_sql == ours.person_ids
+    mismatched = int(np.sum(~np.isclose(ours.X, X_sql, rtol=1e-5, atol=1e-4, equal_nan=True))) if same_rows else None
+    return {
+        "value": t2 - t0,
+        "baseline": t4 - t3,
+        "params": {
+            "persons": persons,
+            "rows": ours.rows,
+            "features": len(CHURN_SPEC.features),
+            "events": events,
+            "label": CHURN_LABEL,
+            "positives": int(ours.y.sum()),
+            "read_store_seconds": round(t1 - t0, 3),
+            "build_rows_seconds": round(t2 - t1, 3),
+            "duckdb_load_seconds": round(t3 - t2, 3),
+            "duckdb_query_seconds": round(t4 - t3, 3),
+            "same_persons": same_rows,
+            "mismatched_cells": mismatched,
+            "labels_equal": bool(same_rows and np.array_equal(ours.y[:, 0], y_sql)),
+            "store": "memory:// (the profile service's collections and encodings)",
+            "baseline_heuristic": "DuckDB as-of join over the same events, in memory, query time only",
+            "seconds_per_100k_persons": round((t2 - t0) / max(1, persons) * 100_000, 1),
+        },
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description="the shipped models' quality; the point-in-time training set")
+    parser.add_argument("--only", choices=("models", "training-set"), help="run one part")
+    args = parser.parse_args()
+    if args.only != "training-set":
+        bench_models()
+    if args.only != "models":
+        figures = bench_training_set(TRAINING_SET_PERSONS)
+        write_result(
+            "training-set",
+            value=figures["value"],
+            unit="seconds",
+            baseline=figures["baseline"],
+            higher_is_better=False,
+            params={"seed": SEED, **figures["params"]},
+        )
+
+
+def bench_models() -> None:
     started = time.perf_counter()
     models = shipped_models()
     population = simulate(PEOPLE, SEED)
