@@ -184,7 +184,7 @@ async def test_a_deleted_person_leaves_no_trace_in_any_identity_collection(ident
                     id="contact-other",
                     source="crm",
                     identifiers=[identity_pb2.Identifier(type="salesforce_id", value="SF-OTHER-1990")],
-                    fields={"first_name": "Ada", "last_name": "Lovelace", "zip": "W1", "dob": "1990-01-01"},
+                    fields={"first_name": "Adah", "last_name": "Loveless", "zip": "W1"},
                 ),
             ],
         )

@@ -20,6 +20,7 @@ from cdp_identity.codec import merge_record, timestamp
 from cdp_identity.domain.graph import Purged, stable_id
 from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching import DEFAULT_PERSON_CONFIG, MatchConfig, Matcher
+from cdp_identity.matching.matcher import OLD_FORMATS
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.storage.port import MAX_FIND_LIMIT
@@ -62,10 +63,16 @@ class MatchingService:
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
             self.pool[record.key] = record.doc
         model = await self.store.get(MODEL, "current")
+        if model is not None and model.doc["matcher"].get("format") in OLD_FORMATS:
+            # Fitted by an older release whose parameters do not convert: the pool fits a new one.
+            log.warning(
+                "stored matching model has an old format; refitting", extra={"format": model.doc["matcher"]["format"]}
+            )
+            model = None
         if model is not None:
             self.matcher = Matcher.from_dict(model.doc["matcher"])
             self.fitted_on = model.doc["fitted_on"]
-        elif self.config == DEFAULT_PERSON_CONFIG:
+        if model is None and self.config == DEFAULT_PERSON_CONFIG:
             # Until the pool is big enough to estimate its own weights, start from the parameters EM
             # found on a generated population of 10,000 people (see DEFAULT_MODEL).
             self.matcher = Matcher.from_dict(json.loads(DEFAULT_MODEL.read_text()))

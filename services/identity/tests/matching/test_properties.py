@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 names = st.one_of(
@@ -37,14 +37,14 @@ def test_scores_are_symmetric(fitted, left, right):
 
 
 @fast
-@given(record=records, other=records)
-def test_an_exact_copy_scores_highest(fitted, record, other):
-    matcher, report = fitted
+@given(record=records)
+def test_an_exact_copy_of_an_identifiable_record_is_a_match(fitted, record):
+    # A pair's weight is not the sum of its level weights (housemates agree on their shared fields
+    # together) and a rare agreement (swapped names) may outweigh a common exact one, so what holds for
+    # every record is this: a copy agreeing on a first name and a date of birth is a confident match.
+    matcher, _ = fitted
     copy = matcher.score_pair({"id": 1, **record}, {"id": 2, **record})
-    # Every present field agrees exactly, so the weight is the sum of the exact weights...
     present = [name for name, label in copy.levels.items() if label != "null"]
     assert all(copy.levels[name] == "exact" for name in present)
-    expected = sum(report.comparison(name).level("exact").weight for name in present)
-    assert abs(copy.match_weight - expected) < 1e-9
-    # ...and no other record scores higher against it.
-    assert matcher.score_pair({"id": 1, **record}, {"id": 3, **other}).match_weight <= copy.match_weight + 1e-9
+    assume({"first_name", "dob"} <= set(present))
+    assert copy.probability >= matcher.config.upper_threshold

@@ -1,9 +1,11 @@
 """The Fellegi-Sunter model: m and u probabilities per comparison level, weights and their estimation.
 
-m = P(level | same person), u = P(level | different people), both among the candidate pairs that blocking
-produces, which are the only pairs ever scored. A pair's match weight is Σ log2(m/u) over its
-comparisons (a missing value contributes 0); with λ, the prior probability that a candidate pair is a
-match, the Bayes factor 2^weight turns into a match probability.
+m = P(level | same person), u = P(level | different people). A pair's match weight is Σ log2(m/u) over
+its comparisons (a missing value contributes 0); with λ, the probability that two records drawn at
+random are the same person, the Bayes factor 2^weight turns into a match probability. Blocking only
+chooses which pairs get scored: a pair's probability does not depend on the rule that found it, and
+the weight of the field a rule blocks on counts like any other (so a rule on a common field cannot
+make strangers who share it look alike; see `expectation_maximisation`).
 
 u starts from random record pairs (almost all non-matches), the exact-agreement level computed from
 value frequencies, which is exact and cheap. For identity fields (first name, date of birth) that is
@@ -32,25 +34,54 @@ PSEUDO_COUNT = 1.0
 @dataclass
 class EmOutcome:
     m: list[np.ndarray]
-    u: list[np.ndarray]
-    match_share: float
+    u: list[np.ndarray]  # both non-match classes merged per level: for showing a level's evidence
+    u_strangers: list[np.ndarray]
+    u_look_alikes: list[np.ndarray]
+    # How the two non-match classes mix among all pairs (see `NonMatchMixture`).
+    mixture: NonMatchMixture
+    match_share: float  # among the candidate pairs
+    random_match_probability: float  # λ for two records drawn at random: the prior that scoring uses
     iterations: int
     converged: bool
 
 
-def level_weights(m: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """log2(m/u) per level, 0 for the null level; exact agreement never counts against a match and no
-    level weighs more than a stronger one (levels are ordered strongest agreement first).
+@dataclass(frozen=True)
+class NonMatchMixture:
+    """A non-match pair's likelihood among all pairs: strangers x Π u_strangers + look_alikes x Π
+    u_look_alikes. Look-alikes (housemates) agree on their shared fields together, which per-field u
+    cannot say, so a pair's Bayes factor is taken over its whole comparison vector (`pair_log2_bayes_factors`)."""
 
-    Both caps only bite where the data is thin or the fields are dependent: sampling noise in a rare
-    fuzzy level, or an address that candidate non-matches (housemates) share even more often than
-    duplicates do. With them an exact copy of a record always scores highest.
-    """
+    strangers: float
+    look_alikes: float
+
+
+def level_weights(m: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """log2(m/u) per level, 0 for the null level: each level's own evidence, what a pair agreeing at that
+    level and nowhere else gains. Exact agreement never counts against a match (it can only look so where
+    the data is thin or housemates share the value more often than duplicates keep it)."""
     weights = np.log2(m / u)
     weights[NULL_LEVEL] = 0.0
     weights[EXACT_LEVEL] = max(weights[EXACT_LEVEL], 0.0)
-    weights[EXACT_LEVEL:] = np.minimum.accumulate(weights[EXACT_LEVEL:])
     return weights
+
+
+def pair_log2_bayes_factors(
+    matrix: np.ndarray,
+    m: list[np.ndarray],
+    u_strangers: list[np.ndarray],
+    u_look_alikes: list[np.ndarray],
+    mixture: NonMatchMixture,
+) -> np.ndarray:
+    """log2 P(y | match) / P(y | non-match) per row of the comparison matrix (the pair's match weight)."""
+    log_m = np.zeros(matrix.shape[0])
+    log_strangers = np.full(matrix.shape[0], np.log2(mixture.strangers))
+    log_look_alikes = np.full(matrix.shape[0], np.log2(max(mixture.look_alikes, 1e-300)))
+    for k in range(matrix.shape[1]):
+        levels = matrix[:, k]
+        log_m += np.log2(m[k])[levels]
+        log_strangers += np.log2(u_strangers[k])[levels]
+        log_look_alikes += np.log2(u_look_alikes[k])[levels]
+    return log_m - np.logaddexp2(log_strangers, log_look_alikes)
 
 
 def exact_agreement_rate(column: Column) -> float:
@@ -130,6 +161,7 @@ def expectation_maximisation(
     shareable: list[bool],
     max_iterations: int,
     tolerance: float,
+    all_pairs: float,
     match_share: float = 0.5,
     learn_match_share: bool = True,
 ) -> EmOutcome:
@@ -143,8 +175,26 @@ def expectation_maximisation(
     for look-alikes. Pinning the identity fields is what keeps the classes meaning "same person" and
     "different people" (with every u free, EM would rather split clean duplicates from noisy ones).
     The two non-match classes are then merged into one u per level, so the weights stay additive.
+
+    Strangers are random pairs that happen to pass the blocking rules, so their u is random-pair u for
+    every field and their likelihood among the candidates is u(y) / P(pass | stranger): a rule on a common
+    field (a birthday) fills the candidates with strangers who agree on it, and without that factor EM
+    could only explain them as matches. Blocking exists to keep every match (and look-alikes share the
+    keys too), so the strangers outside the candidates are all the pairs but the candidates' matches and
+    look-alikes, and P(pass | stranger) is the candidate strangers over all strangers. The same counts give
+    λ for two random records (splink likewise reverses its blocking rule's effect on λ). `all_pairs` is
+    n(n-1)/2, the pairs blocking chose from.
     """
     patterns, counts, _ = encode_patterns(matrix, level_counts)
+    candidates = float(counts.sum())
+    all_pairs = max(float(all_pairs), candidates)
+
+    def all_strangers(class_shares: np.ndarray) -> float:
+        return max(all_pairs - candidates * (class_shares[0] + class_shares[2]), 1.0)
+
+    def stranger_pass_rate(class_shares: np.ndarray) -> float:
+        return min(max(candidates * class_shares[1] / all_strangers(class_shares), 1e-300), 1.0)
+
     m = [initial_m(levels) for levels in level_counts]
     strangers = [u_k.copy() for u_k in random_pair_u]
     look_alikes = [
@@ -159,7 +209,7 @@ def expectation_maximisation(
         log_joint = np.log(shares)[:, None] + np.vstack(
             [
                 _log_likelihoods(patterns, m),
-                _log_likelihoods(patterns, strangers),
+                _log_likelihoods(patterns, strangers) - np.log(stranger_pass_rate(shares)),
                 _log_likelihoods(patterns, look_alikes),
             ]
         )
@@ -169,13 +219,11 @@ def expectation_maximisation(
         expected = counts * responsibility  # expected pairs per class and pattern
         # M-step: level distributions per class (u of identity fields stays fixed), then class shares.
         new_m = [_level_distribution(patterns[:, k], expected[0], levels) for k, levels in enumerate(level_counts)]
-        new_strangers, new_look_alikes = (
-            [
-                _level_distribution(patterns[:, k], expected[c], levels) if shareable[k] else random_pair_u[k]
-                for k, levels in enumerate(level_counts)
-            ]
-            for c in (1, 2)
-        )
+        new_strangers = strangers  # random pairs that passed blocking: described by random-pair u alone
+        new_look_alikes = [
+            _level_distribution(patterns[:, k], expected[2], levels) if shareable[k] else random_pair_u[k]
+            for k, levels in enumerate(level_counts)
+        ]
         new_shares = np.maximum(expected.sum(axis=1) / counts.sum(), 1e-9)
         if not learn_match_share:
             new_shares[1:] *= (1 - match_share) / new_shares[1:].sum()
@@ -192,7 +240,23 @@ def expectation_maximisation(
         converged = change < tolerance
     non_match_share = shares[1] + shares[2]
     u = [(shares[1] * a + shares[2] * b) / non_match_share for a, b in zip(strangers, look_alikes, strict=True)]
-    return EmOutcome(m=m, u=u, match_share=float(shares[0]), iterations=iterations, converged=converged)
+    share = float(shares[0])
+    strangers_total, look_alikes_total = all_strangers(shares), candidates * float(shares[2])
+    mixture = NonMatchMixture(
+        strangers=strangers_total / (strangers_total + look_alikes_total),
+        look_alikes=look_alikes_total / (strangers_total + look_alikes_total),
+    )
+    return EmOutcome(
+        m=m,
+        u=u,
+        u_strangers=strangers,
+        u_look_alikes=look_alikes,
+        mixture=mixture,
+        match_share=share,
+        random_match_probability=candidates * share / all_pairs,
+        iterations=iterations,
+        converged=converged,
+    )
 
 
 def match_probability(weights: np.ndarray, prior: float) -> np.ndarray:

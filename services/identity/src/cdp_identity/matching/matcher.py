@@ -22,16 +22,21 @@ from .comparisons import Comparison, build_comparison, compare_pairs
 from .config import MatchConfig
 from .fellegi_sunter import (
     EXACT_LEVEL,
+    NonMatchMixture,
     estimate_u,
     exact_agreement_rate,
     expectation_maximisation,
     level_weights,
     match_probability,
+    pair_log2_bayes_factors,
 )
 from .records import RecordTable
 
 Decision = Literal["match", "review", "non_match"]
-FORMAT = "cdp.identity.matching/v1"
+FORMAT = "cdp.identity.matching/v2"
+# v1 scored with λ among candidate pairs and per-field u pinned to random pairs, which let a blocking
+# rule on a common field manufacture matches; its parameters cannot be converted, only refitted.
+OLD_FORMATS = ("cdp.identity.matching/v1",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +74,9 @@ class FitReport:
     oversized_blocks: int
     iterations: int
     converged: bool
-    match_probability: float  # λ: prior probability that a candidate pair is a match
-    expected_matches: float  # λ x candidate pairs: how many matches EM believes the candidates hold
+    match_probability: float  # share of matches among the candidate pairs, as EM estimated it
+    expected_matches: float  # that share x candidate pairs: how many matches EM believes the candidates hold
+    random_match_probability: float  # λ: the prior that two records drawn at random match (used to score)
     comparisons: tuple[ComparisonEstimate, ...]
 
     def comparison(self, name: str) -> ComparisonEstimate:
@@ -88,9 +94,12 @@ class FitReport:
 
 @dataclass
 class _Parameters:
-    match_probability: float
+    match_probability: float  # λ for two random records
     m: list[np.ndarray]  # per comparison, per level; index 0 (null) is unused
-    u: list[np.ndarray]
+    u: list[np.ndarray]  # the non-match classes merged: each level's own evidence, for explanations
+    u_strangers: list[np.ndarray]
+    u_look_alikes: list[np.ndarray]
+    mixture: NonMatchMixture
 
     def weights(self) -> list[np.ndarray]:
         return [level_weights(m_k, u_k) for m_k, u_k in zip(self.m, self.u, strict=True)]
@@ -136,12 +145,22 @@ class Matcher:
             level_counts,
             self._random_pair_u(table, level_counts),
             shareable=[comparison.spec.shareable for comparison in self._comparisons],
+            all_pairs=n * (n - 1) / 2,
             max_iterations=self.config.em.max_iterations,
             tolerance=self.config.em.tolerance,
             match_share=0.5 if prior is None else prior,
             learn_match_share=prior is None,
         )
-        self._set_parameters(_Parameters(match_probability=outcome.match_share, m=outcome.m, u=outcome.u))
+        self._set_parameters(
+            _Parameters(
+                match_probability=outcome.random_match_probability,
+                m=outcome.m,
+                u=outcome.u,
+                u_strangers=outcome.u_strangers,
+                u_look_alikes=outcome.u_look_alikes,
+                mixture=outcome.mixture,
+            )
+        )
         return FitReport(
             records=n,
             candidate_pairs=len(candidates),
@@ -150,6 +169,7 @@ class Matcher:
             converged=outcome.converged,
             match_probability=outcome.match_share,
             expected_matches=outcome.match_share * len(candidates),
+            random_match_probability=outcome.random_match_probability,
             comparisons=self._estimates(),
         )
 
@@ -214,8 +234,8 @@ class Matcher:
         return self._score_rows(table, candidates.left, candidates.right, min_probability)
 
     def score_pair(self, left: Mapping, right: Mapping) -> ScoredPair:
-        """Score one pair as a candidate: λ is the share of matches among blocked pairs, so use it for
-        pairs found through the blocking keys (the new record against the records sharing one)."""
+        """Score one pair, whether or not a blocking rule would pair them: λ is the prior for any two
+        records, so the probability is the same as `score` gives a candidate pair."""
         table = self._table([left, right], unique_ids=False)
         return self._score_rows(table, np.array([0]), np.array([1]), 0.0)[0]
 
@@ -224,9 +244,9 @@ class Matcher:
     ) -> list[ScoredPair]:
         parameters = self._require_fitted()
         matrix = compare_pairs(self._comparisons, table, left, right)
-        weights = np.zeros(len(left))
-        for k, weights_k in enumerate(self._weights):
-            weights += weights_k[matrix[:, k]]
+        weights = pair_log2_bayes_factors(
+            matrix, parameters.m, parameters.u_strangers, parameters.u_look_alikes, parameters.mixture
+        )
         probabilities = match_probability(weights, parameters.match_probability)
         keep = np.flatnonzero(probabilities >= min_probability)
         upper, lower = self.config.upper_threshold, self.config.lower_threshold
@@ -286,26 +306,39 @@ class Matcher:
         """The config and the fitted parameters as JSON-safe data."""
         data: dict[str, Any] = {"format": FORMAT, "config": self.config.to_dict(), "parameters": None}
         if self._parameters is not None:
+            parameters = self._parameters
             data["parameters"] = {
-                "match_probability": self._parameters.match_probability,
+                "match_probability": parameters.match_probability,
+                "non_match_mixture": {
+                    "strangers": parameters.mixture.strangers,
+                    "look_alikes": parameters.mixture.look_alikes,
+                },
                 "comparisons": [
                     {
                         "name": comparison.name,
                         "levels": [
-                            {"label": label, "m": float(m_k[i]), "u": float(u_k[i])}
+                            {
+                                "label": label,
+                                "m": float(parameters.m[k][i]),
+                                "u": float(parameters.u[k][i]),
+                                "u_strangers": float(parameters.u_strangers[k][i]),
+                                "u_look_alikes": float(parameters.u_look_alikes[k][i]),
+                            }
                             for i, label in enumerate(comparison.labels)
                             if i >= EXACT_LEVEL
                         ],
                     }
-                    for comparison, m_k, u_k in zip(
-                        self._comparisons, self._parameters.m, self._parameters.u, strict=True
-                    )
+                    for k, comparison in enumerate(self._comparisons)
                 ],
             }
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Matcher:
+        if isinstance(data, Mapping) and data.get("format") in OLD_FORMATS:
+            raise InvalidArgument(
+                "format", f"{data['format']!r} parameters cannot be converted to {FORMAT!r}; fit the matcher again"
+            )
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise InvalidArgument("format", f"expected a saved matcher with format {FORMAT!r}")
         matcher = cls(MatchConfig.from_dict(data.get("config")))
@@ -320,12 +353,21 @@ class Matcher:
         prior = data.get("match_probability")
         if not isinstance(prior, int | float) or not 0 < prior < 1:
             raise InvalidArgument("parameters.match_probability", f"must be in (0, 1), got {prior!r}")
+        raw_mixture = data.get("non_match_mixture")
+        shares = []
+        for key in ("strangers", "look_alikes"):
+            value = raw_mixture.get(key) if isinstance(raw_mixture, Mapping) else None
+            if not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise InvalidArgument(f"parameters.non_match_mixture.{key}", f"must be in [0, 1], got {value!r}")
+            shares.append(float(value))
+        if shares[0] <= 0:
+            raise InvalidArgument("parameters.non_match_mixture.strangers", "must be above 0")
         saved = data.get("comparisons")
         if not isinstance(saved, list) or len(saved) != len(self._comparisons):
             raise InvalidArgument(
                 "parameters.comparisons", f"must list the {len(self._comparisons)} configured comparisons in order"
             )
-        m, u = [], []
+        m, u, u_strangers, u_look_alikes = [], [], [], []
         for position, (comparison, entry) in enumerate(zip(self._comparisons, saved, strict=True)):
             path = f"parameters.comparisons[{position}]"
             levels = entry.get("levels") if isinstance(entry, Mapping) else None
@@ -334,9 +376,14 @@ class Matcher:
                 raise InvalidArgument(path, f"expected comparison {comparison.name!r} with levels {expected}")
             if [level.get("label") for level in levels] != expected:
                 raise InvalidArgument(f"{path}.levels", f"labels must be {expected} (the config changed?)")
-            m_k, u_k = np.ones(len(comparison.labels)), np.ones(len(comparison.labels))
+            m_k, u_k, strangers_k, look_alikes_k = (np.ones(len(comparison.labels)) for _ in range(4))
             for i, level in enumerate(levels, start=EXACT_LEVEL):
-                for key, target in (("m", m_k), ("u", u_k)):
+                for key, target in (
+                    ("m", m_k),
+                    ("u", u_k),
+                    ("u_strangers", strangers_k),
+                    ("u_look_alikes", look_alikes_k),
+                ):
                     value = level.get(key)
                     if not isinstance(value, int | float) or not 0 < value <= 1:
                         raise InvalidArgument(
@@ -345,7 +392,16 @@ class Matcher:
                     target[i] = float(value)
             m.append(m_k)
             u.append(u_k)
-        return _Parameters(match_probability=float(prior), m=m, u=u)
+            u_strangers.append(strangers_k)
+            u_look_alikes.append(look_alikes_k)
+        return _Parameters(
+            match_probability=float(prior),
+            m=m,
+            u=u,
+            u_strangers=u_strangers,
+            u_look_alikes=u_look_alikes,
+            mixture=NonMatchMixture(strangers=shares[0], look_alikes=shares[1]),
+        )
 
     # --- helpers ------------------------------------------------------------------------------------------
 
