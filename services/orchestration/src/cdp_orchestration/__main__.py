@@ -5,7 +5,8 @@ gives (`CDP_OWNERSHIP`, group "orchestration"); the streams it needs are created
 Journeys are loaded from the store before the engine starts; a change made through another replica's
 API is announced on `orchestration.journeys.changed` and read again here. Each configured channel
 (`channels.open_channels`: providers from the environment, and in-app) gets a dispatcher; CRM tasks need
-none here: the arbiter's `actions.crm.<p>` messages are what the CRM connector consumes. On SIGTERM the partitions are released (drained) before the bus and
+none here: the arbiter's `actions.crm.<p>` messages are what the CRM connector consumes. `privacy.deleted`
+is followed by one consumer the replicas share (privacy.py). On SIGTERM the partitions are released (drained) before the bus and
 the store close.
 """
 
@@ -16,7 +17,7 @@ import logging
 import os
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
-from cdp_kit.bus import Bus, dead_letter_stream, subjects
+from cdp_kit.bus import Bus, dead_letter_stream, privacy_stream, subjects
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
@@ -25,9 +26,11 @@ from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.channels import open_channels
+from cdp_orchestration.channels.inapp import InboxChannel
 from cdp_orchestration.dispatch import CollectorReporter, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
@@ -44,6 +47,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     # The streams orchestration sources are their publishers' to create and configure (ensuring them here
     # with default settings would reset, say, identity's retention); a source waits for its stream.
     await bus.ensure_streams(dead_letter_stream())
+    await bus.ensure_read_streams(privacy_stream())
     await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
     journeys = Journeys(store)
     await journeys.load()
@@ -97,6 +101,15 @@ async def setup(runtime: ServiceRuntime) -> None:
         await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
     )
     tasks.append(runtime.spawn(engine.serve(ownership), "apply orchestration.in"))
+    privacy = PrivacyHandler(
+        bus,
+        store,
+        partitions=settings.partitions,
+        engine=engine,
+        # The inbox collection is forgotten even when this process runs no in-app dispatcher.
+        inbox=inbox if isinstance(inbox, InboxChannel) else InboxChannel(store),
+    )
+    tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
 
     async def release() -> None:
         # Pushed after the bus and the store: on the way out the partitions are released (drained) and the

@@ -37,10 +37,10 @@ from cdp_kit.storage import Put, Store
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
+from cdp_orchestration.state import SENDS
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
-SENDS = "orchestration_sends"
 MAX_DELIVER = 5
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]

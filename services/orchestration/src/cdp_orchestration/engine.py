@@ -43,7 +43,7 @@ from opentelemetry import metrics
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Delivery, OutMessage, subjects
 from cdp_kit.engine import Effects
-from cdp_kit.storage import Put, Store
+from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration import streams
@@ -82,6 +82,7 @@ from cdp_orchestration.domain.templates import MissingField
 from cdp_orchestration.domain.view import Event
 from cdp_orchestration.inputs import Input, decode
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.privacy import forget
 from cdp_orchestration.state import (
     APPROVALS,
     DECISIONS,
@@ -184,13 +185,15 @@ class OrchestrationLogic:
             if person.dirty:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
+            elif person.forgotten:
+                batch.delete(PERSONS, person.person_id)
+            person.forgotten = False
         for key in batch.stats:
             # A copy: the counters go on changing in memory while this write is on its way.
             batch.put(STATS, key, orjson.loads(orjson.dumps(hot.stats[key])))
         while len(hot.persons) > self.hot_per_partition:
             hot.persons.popitem(last=False)
-        writes = [Put(c, k, d) for (c, k), d in batch.writes.items()]
-        return Effects(writes, batch.messages)
+        return Effects(batch.ops(), batch.messages)
 
     async def recover(self, partition: int) -> None:
         self.hot.pop(partition, None)
@@ -283,6 +286,8 @@ class OrchestrationLogic:
             await self._ruling(hot, batch, person, ruling, now, answer=answer)
         elif kind == "migrate":
             await self._migrate(person, one.data)
+        elif kind == "forget":
+            await forget(self, hot, batch, person, one.data["request_id"], now)
         for instance in list(person.live.values()):
             if instance.status is Status.ENDED and not instance.watching_goal(now):
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more

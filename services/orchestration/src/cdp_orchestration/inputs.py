@@ -3,7 +3,7 @@
 `decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
 segment changes and profile changes (batches: one Input each), fired timers (instance timers and
 per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
-migrate, arm). `at` is the
+migrate, arm, and forget: a privacy deletion). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 """
 
@@ -35,7 +35,7 @@ class Input:
     data: Any = None
 
 
-COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm"})
+COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm", "forget"})
 
 
 def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:

@@ -10,6 +10,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
 | `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
 | `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one |
+| `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
 
 Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
 `Person` per recently seen person with their live instances; anything dropped from it is durable (the
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_kit.bus import OutMessage
-from cdp_kit.storage import Store
+from cdp_kit.storage import Delete, Put, Store
 from cdp_orchestration.domain.arbiter import Decision, PersonState
 from cdp_orchestration.domain.instance import Instance
 from cdp_orchestration.domain.records import instance_from_record, person_from_record, person_record
@@ -36,6 +37,8 @@ DECISIONS = "orchestration_decisions"
 APPROVALS = "orchestration_approvals"
 STATS = "orchestration_stats"
 ENROLLMENTS = "orchestration_enrollments"
+FORGOTTEN = "orchestration_forgotten"
+SENDS = "orchestration_sends"  # written by the dispatchers (`dispatch.py`)
 
 _FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
 
@@ -72,6 +75,7 @@ class Person:
     # so outcome events sent under them land here (the person id itself is no identifier identity knows).
     ids: dict[str, str] = field(default_factory=dict)
     dirty: bool = False
+    forgotten: bool = False  # a privacy deletion dropped the person: their record is deleted, not written
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
 
     def view(self) -> PersonView:
@@ -106,12 +110,21 @@ class Batch:
 
     partition: int
     writes: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    deletes: set[tuple[str, str]] = field(default_factory=set)
     messages: list[OutMessage] = field(default_factory=list)
     touched: dict[str, Person] = field(default_factory=dict)
     stats: set[str] = field(default_factory=set)
 
     def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        self.deletes.discard((collection, key))
         self.writes[(collection, key)] = doc
+
+    def delete(self, collection: str, key: str) -> None:
+        self.writes.pop((collection, key), None)
+        self.deletes.add((collection, key))
+
+    def ops(self) -> list[Put | Delete]:
+        return [Put(c, k, d) for (c, k), d in self.writes.items()] + [Delete(c, k) for c, k in sorted(self.deletes)]
 
 
 def stats_doc() -> dict[str, Any]:
@@ -156,3 +169,6 @@ async def prepare_store(store: Store) -> None:
     """The indexes the API reads instances by."""
     await store.ensure_index(INSTANCES, "person_id")
     await store.ensure_index(INSTANCES, "journey_id")
+    # A privacy deletion finds the person's approvals and sends by these.
+    await store.ensure_index(APPROVALS, "person_id")
+    await store.ensure_index(SENDS, "person_id")

@@ -1,0 +1,226 @@
+"""`privacy.deleted` (stream PRIVACY) -> nothing of the person left in orchestration.
+
+Two halves, because the person's state belongs to the engine of their partition (it may hold them in its
+hot cache, mid-batch):
+
+1. `PrivacyHandler` follows `privacy.deleted` with one durable consumer the replicas share
+   (`orchestration-privacy`, each request handled once). For the person and every person merged into
+   them it publishes a `forget` command to `orchestration.in.<p>` (message id `forget:<request>:<person>`,
+   so a redelivered request is a JetStream duplicate) and waits until the engine has applied it.
+2. `forget`, applied by that engine: the person's running instances end ("deleted", counted in the
+   journey's stats), every timer of theirs is cancelled (instance timers, the arbiter's wake, scheduled
+   entry slots), and their person record (view, identifiers, arbiter state: held actions, caps used),
+   every instance record, decision and approval is deleted in the batch's commit. A marker
+   `orchestration_forgotten/<request>:<person>` (counts only) tells the handler it is done.
+
+Then the handler deletes what the dispatchers keep (the in-app inbox through `InboxChannel.forget`, the
+send records with their outcome events), deletes the engine's published outbox records at a quiescent
+point (they may hold the person's rendered actions), and erases the store (`Store.erase`) so no bytes of
+the deleted records stay readable in its files. Only then is the request acknowledged: a crash anywhere
+redelivers it, and every step is idempotent. What it cannot reach: actions already sent sit in the
+ACTIONS stream until its retention (`CDP_ORCHESTRATION_RETENTION_DAYS`) ages them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.message import DecodeError
+
+from cdp.privacy.v1 import privacy_pb2
+from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
+from cdp_kit.engine import PartitionedEngine
+from cdp_kit.storage import Delete, Store
+from cdp_kit.storage.port import MAX_FIND_LIMIT
+from cdp_orchestration import streams
+from cdp_orchestration.domain.arbiter import PersonState
+from cdp_orchestration.domain.instance import Status
+from cdp_orchestration.state import (
+    APPROVALS,
+    DECISIONS,
+    FORGOTTEN,
+    INSTANCES,
+    SENDS,
+    Batch,
+    Partition,
+    Person,
+)
+
+if TYPE_CHECKING:
+    from cdp_orchestration.channels.inapp import InboxChannel
+    from cdp_orchestration.engine import OrchestrationLogic
+
+log = logging.getLogger("cdp.orchestration.privacy")
+
+SERVICE = "orchestration"
+POLL = 0.05  # seconds between looks at the store while the handler waits for the engine
+
+
+def consumer_spec() -> ConsumerSpec:
+    return ConsumerSpec(
+        stream=subjects.PRIVACY,
+        durable=subjects.shared_durable(SERVICE, "privacy"),
+        filter_subjects=(subjects.PRIVACY_DELETED,),
+        batch_size=16,
+        ack_wait=300.0,
+        max_deliver=100,  # a partition moving between replicas must not turn an erasure into a dead letter
+        backoff=(1.0, 5.0, 15.0, 60.0),
+        description="orchestration: forget deleted persons",
+    )
+
+
+def forgotten_key(request_id: str, person_id: str) -> str:
+    return f"{request_id}:{person_id}"
+
+
+async def forget(
+    logic: OrchestrationLogic, hot: Partition, batch: Batch, person: Person, request_id: str, now: float
+) -> None:
+    """The engine's half (see the module docstring). Idempotent: a person already forgotten has nothing left."""
+    p = batch.partition
+    person_id = person.person_id
+    ended = 0
+    for instance in person.live.values():
+        for timer in instance.timers:
+            batch.messages.append(streams.cancel(p, timer.id))
+        if instance.status is Status.RUNNING:
+            ended += 1
+
+            def counted(stats: dict) -> None:
+                stats["ended"]["deleted"] = stats["ended"].get("deleted", 0) + 1
+
+            logic._count(hot, batch, instance.journey_id, instance.version, counted)
+    if person.wake is not None:
+        batch.messages.append(streams.cancel(p, person.wake[0]))
+    for timer, _at in person.slots.values():
+        batch.messages.append(streams.cancel(p, timer))
+    store = logic.store
+    # Whatever this batch was about to write for the person goes, with what the store holds.
+    for collection, key in list(batch.writes):
+        if (collection == DECISIONS and key.startswith(f"{person_id}:")) or (
+            collection in (INSTANCES, APPROVALS) and batch.writes[(collection, key)].get("person_id") == person_id
+        ):
+            batch.delete(collection, key)
+    instances = await store.find(INSTANCES, "person_id", person_id, limit=MAX_FIND_LIMIT)
+    approvals = await store.find(APPROVALS, "person_id", person_id, limit=MAX_FIND_LIMIT)
+    for collection, records in ((INSTANCES, instances), (APPROVALS, approvals)):
+        for record in records:
+            batch.delete(collection, record.key)
+    decisions = [record.key async for record in store.scan_all(DECISIONS, prefix=f"{person_id}:")]
+    for key in decisions:
+        batch.delete(DECISIONS, key)
+    # The person starts again from nothing: an event of theirs in flight makes a new, empty view.
+    person.fields.clear()
+    person.segments.clear()
+    person.state = PersonState(person_id)
+    person.live.clear()
+    person.changed.clear()
+    person.entered.clear()
+    person.wake = None
+    person.slots.clear()
+    person.ids.clear()
+    person.dirty = False
+    person.forgotten = True
+    batch.put(
+        FORGOTTEN,
+        forgotten_key(request_id, person_id),
+        {"at": now, "instances_ended": ended, "instances": len(instances), "decisions": len(decisions)},
+    )
+    log.info("person forgotten", extra={"request_id": request_id, "instances_ended": ended})
+
+
+class PrivacyHandler:
+    """The consumer's half (see the module docstring)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: Store,
+        *,
+        partitions: int,
+        engine: PartitionedEngine | None = None,
+        inbox: InboxChannel | None = None,
+        answer_timeout: float = 60.0,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.partitions = partitions
+        self.engine = engine
+        self.inbox = inbox
+        self.answer_timeout = answer_timeout
+
+    async def handle(self, batch: Sequence[Delivery]) -> None:
+        for delivery in batch:
+            try:
+                request = privacy_pb2.PrivacyDeleted.FromString(delivery.data)
+            except DecodeError as exc:
+                delivery.reject("invalid_privacy_request", f"not a cdp.privacy.v1.PrivacyDeleted: {exc}")
+                continue
+            if not request.person_id or not request.request_id:
+                delivery.reject("invalid_privacy_request", "person_id and request_id are required")
+                continue
+            if not await self.apply(request):
+                delivery.retry("forget_not_applied_yet")
+
+    async def apply(self, request: privacy_pb2.PrivacyDeleted) -> bool:
+        """Forget the request's persons; False when their engines have not applied it in time (retry)."""
+        persons = list(dict.fromkeys([request.person_id, *request.merged_person_ids]))
+        messages = [
+            streams.command(
+                partition_for(person, self.partitions),
+                "forget",
+                {"person_id": person, "request_id": request.request_id},
+                f"forget:{request.request_id}:{person}",
+            )
+            for person in persons
+        ]
+        results = await self.bus.publisher.publish_batch(messages)
+        if not all(result.ok for result in results):
+            return False
+        deadline = time.monotonic() + self.answer_timeout
+        keys = [forgotten_key(request.request_id, person) for person in persons]
+        while len(await self.store.get_many(FORGOTTEN, keys)) < len(keys):
+            if time.monotonic() > deadline:
+                log.warning("privacy request %s not applied by the engines yet", request.request_id)
+                return False
+            await asyncio.sleep(POLL)
+        inbox_messages = sends = 0
+        for person in persons:
+            if self.inbox is not None:
+                inbox_messages += await self.inbox.forget(person)
+            sends += await self._delete_sends(person)
+        await self._scrub_outbox()
+        await self.store.erase()  # the deletions are durable: leave no bytes of them in the store's files
+        log.info(
+            "privacy deletion applied",
+            extra={
+                "request_id": request.request_id,
+                "persons": len(persons),
+                "inbox_messages": inbox_messages,
+                "sends": sends,
+            },
+        )
+        return True
+
+    async def _delete_sends(self, person_id: str) -> int:
+        deleted = 0
+        while found := await self.store.find(SENDS, "person_id", person_id, limit=500):
+            await self.store.bulk_write([Delete(SENDS, record.key) for record in found])
+            deleted += len(found)
+        return deleted
+
+    async def _scrub_outbox(self) -> None:
+        """Delete this replica's published outbox records: they may hold the person's rendered actions.
+        (A partition owned elsewhere deletes its own with its next commit.)"""
+        engine = self.engine
+        if engine is None:
+            return
+        async with engine.quiescent():
+            # Quiescent: every batch applied is durable and published, so every record left is published.
+            ops: list[Any] = [Delete(engine.outbox, record.key) async for record in self.store.scan_all(engine.outbox)]
+            if ops:
+                await self.store.bulk_write(ops)
