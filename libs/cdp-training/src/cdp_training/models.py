@@ -117,6 +117,7 @@ def _finish(
     quality: Mapping[str, Any],
     test_row: np.ndarray,
     version: str = VERSION,
+    computed_traits: list[dict[str, Any]] | None = None,
 ) -> Built:
     """Attach the spec, with a test vector whose expected scores onnxruntime computed from this model."""
     document: dict[str, Any] = {
@@ -127,7 +128,7 @@ def _finish(
         "input": INPUT,
         "features": features,
         "outputs": outputs,
-        "computed_traits": traits_for(features),
+        "computed_traits": traits_for(features) if computed_traits is None else computed_traits,
         "training": dict(training),
         "quality": dict(quality),
     }

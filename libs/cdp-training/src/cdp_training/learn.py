@@ -1,0 +1,354 @@
+"""A training run on the platform's own customers: train at a cut-off, judge on a later slice, register in
+shadow, promote only on evidence.
+
+    python -m cdp_training train churn_risk --store sqlite:///.cdp/data/profile.db --cutoff 2025-03-01
+    cdpctl models train churn_risk --cutoff 2025-03-01        (the same run, registered on the running platform)
+
+1. The training set is `pointintime.training_set` at the cut-off T, with the features of the live version
+   (so the candidate is a drop-in for it) and the label of the model's spec (`TRAINABLE`, or `--label`).
+2. The evaluation set is the same at a later cut-off E >= T + window (default exactly that): its features
+   start where the training labels end, its labels are later still, so no training row saw the slice.
+3. The candidate (LightGBM, the shipped models' settings) and the live version are both scored on E's
+   rows, each through its own spec's assembler from the same profile fields. The candidate is promoted
+   only when its AUC beats live's by at least `margin` (stated in the decision); otherwise it stays in
+   shadow and the decision says why. No live version: the candidate is the model's first version.
+4. The version carries everything needed to answer for it in its spec: `training` holds the label, the
+   training and evaluation windows, row and label counts, both data hashes, the feature importances
+   (share of split gain) and the promotion decision; `quality` the evaluation figures and live's.
+
+The version name is `t<cut-off date>-<hash of the data hash and seed, 10 digits>`: the same data trains the
+same bytes under the same name (LightGBM runs deterministic on one thread), so running twice deploys
+nothing new.
+
+Binary labels (no_activity, goal_event, label_event) are trained here; channel_answered and
+orders_and_value sets can be built (`pointintime`), their training runs are not written yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightgbm
+import numpy as np
+
+from cdp_kit.durations import format_duration
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
+from cdp_scoring.domain import ModelSpec
+from cdp_training import metrics
+from cdp_training.graphs import run, score_columns
+from cdp_training.labels import BINARY_KINDS, LabelSpec
+from cdp_training.models import OWNER, Built, _finish, _lightgbm, _lightgbm_onnx
+from cdp_training.pointintime import StoredProfile, TrainingSet, training_set
+from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, traits_for
+
+DEFAULT_MARGIN = 0.005  # AUC points the candidate must gain over live on the evaluation slice
+METRIC = "auc"
+
+
+@dataclass(frozen=True, slots=True)
+class Trainable:
+    """A model the platform can retrain on its own data: default features, its score, its label (data)."""
+
+    features: Sequence[Mapping[str, Any]]
+    score: str
+    meaning: str
+    description: str
+    label: Mapping[str, Any]
+
+
+TRAINABLE: dict[str, Trainable] = {
+    "churn_risk": Trainable(
+        ENGAGEMENT_FEATURES,
+        "churn_risk",
+        "P(no activity in the next 90 days)",
+        "Churn risk, trained on this platform's customers: P(no activity at all in the next 90 days).",
+        {"kind": "no_activity", "window": "90d"},
+    ),
+    "purchase_propensity": Trainable(
+        ENGAGEMENT_FEATURES,
+        "purchase_propensity",
+        "P(an order in the next 30 days)",
+        "Purchase propensity, trained on this platform's customers: P(an order in the next 30 days).",
+        {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]},
+    ),
+    "fraud_risk": Trainable(
+        FRAUD_FEATURES,
+        "fraud_risk",
+        "P(a chargeback or a case closed as fraud in the next 90 days)",
+        "Fraud risk, trained on this platform's customers: a chargeback or a CRM case closed as fraud.",
+        {
+            "kind": "label_event",
+            "window": "90d",
+            "events": [{"name": "Chargeback"}, {"name": "Case Closed", "where": {"resolution": "fraud"}}],
+        },
+    ),
+}
+
+
+@dataclass(slots=True)
+class LiveModel:
+    """The version a candidate must beat: its spec, and its scores (the model's first output) for rows
+    assembled by that spec."""
+
+    version: str
+    spec: ModelSpec
+    score: Callable[[np.ndarray], np.ndarray]
+
+
+class ModelRegistry(Protocol):
+    """Where versions are registered: the scoring service (DeployModel / Promote), or a fake in tests."""
+
+    async def live(self, name: str) -> LiveModel | None: ...
+    async def deploy(self, data: bytes, role: str) -> None: ...
+    async def promote(self, name: str, version: str) -> None: ...
+
+
+def live_from_onnx(data: bytes) -> LiveModel:
+    """A live version read from its ONNX file (the API-less run compares against a file)."""
+    from cdp_scoring.runtime import load_model
+
+    loaded = load_model(data)
+    return LiveModel(loaded.spec.version, loaded.spec, lambda rows: loaded.run(rows)[:, 0])
+
+
+@dataclass(slots=True)
+class RunResult:
+    built: Built
+    decision: dict[str, Any]
+    train: TrainingSet
+    evaluation: TrainingSet
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.built.spec.version
+
+
+def iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _template(name: str, trainable: Trainable | None, live: LiveModel | None) -> dict[str, Any]:
+    if live is not None:
+        spec = live.spec.to_dict()
+        return {k: spec[k] for k in ("features", "outputs", "computed_traits")} | {
+            "description": trainable.description if trainable else spec.get("description", "")
+        }
+    if trainable is None:
+        raise InvalidArgument(
+            "model", f"{name!r} has no live version and no default features: known: {', '.join(TRAINABLE)}"
+        )
+    outputs = [{"score": trainable.score, "output": "probabilities", "index": 1, "meaning": trainable.meaning}]
+    features = [dict(f) for f in trainable.features]
+    return {
+        "features": features,
+        "outputs": outputs,
+        "computed_traits": traits_for(features),
+        "description": trainable.description,
+    }
+
+
+def _importances(estimator: lightgbm.LGBMClassifier, names: Sequence[str]) -> dict[str, float]:
+    gain = estimator.booster_.feature_importance(importance_type="gain")
+    total = float(gain.sum()) or 1.0
+    ranked = sorted(zip(names, gain, strict=True), key=lambda item: -item[1])
+    return {name: round(float(value) / total, 4) for name, value in ranked}
+
+
+def decide(candidate: float, live: float | None, live_version: str | None, margin: float) -> dict[str, Any]:
+    """Promote only when the candidate beats live by `margin` on the evaluation slice; say why either way."""
+    decision: dict[str, Any] = {"metric": METRIC, "margin": margin, "candidate": round(candidate, 4)}
+    if live is None:
+        decision.update(promote=True, reason="no live version: the candidate is the model's first version")
+        return decision
+    decision.update(live=round(live, 4), live_version=live_version)
+    gain = candidate - live
+    decision["gain"] = round(gain, 4)
+    if gain >= margin:
+        decision.update(
+            promote=True,
+            reason=f"{METRIC} {candidate:.4f} beats live {live_version}'s {live:.4f} by {gain:.4f} >= {margin}",
+        )
+    else:
+        decision.update(
+            promote=False,
+            reason=f"{METRIC} {candidate:.4f} does not beat live {live_version}'s {live:.4f} by the margin {margin} "
+            f"(gain {gain:+.4f}): stays in shadow",
+        )
+    return decision
+
+
+def train_run(
+    name: str,
+    profiles: Sequence[StoredProfile],
+    *,
+    cutoff: float,
+    evaluate_at: float | None = None,
+    label: Mapping[str, Any] | None = None,
+    live: LiveModel | None = None,
+    margin: float = DEFAULT_MARGIN,
+    until: float | None = None,
+    seed: int = 7,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Train `name` at `cutoff`, judge it and live on the slice at `evaluate_at` (see the module docstring)."""
+    trainable = TRAINABLE.get(name)
+    if label is None:
+        if trainable is None:
+            raise InvalidArgument("label", f"model {name!r} has no default label: give one")
+        label = trainable.label
+    spec_label = LabelSpec.from_dict(label)
+    if spec_label.kind not in BINARY_KINDS:
+        raise InvalidArgument("label.kind", f"training runs for {spec_label.kind} labels are not built yet")
+    if not math.isfinite(margin) or margin < 0:
+        raise InvalidArgument("margin", f"{margin!r} must be a number of AUC points >= 0")
+    if evaluate_at is None:
+        evaluate_at = cutoff + spec_label.window
+    if evaluate_at < cutoff + spec_label.window:
+        raise InvalidArgument(
+            "evaluate_at",
+            f"must be at least the label window ({format_duration(spec_label.window)}) after the cut-off, "
+            "or the evaluation slice would share labels with the training rows",
+        )
+    template = _template(name, trainable, live)
+    draft = ModelSpec.from_dict({"name": name, "version": "draft", **template})
+    train = training_set(profiles, spec=draft, label=spec_label, cutoff=cutoff, until=until)
+    log(f"training set at {iso(cutoff)}: {train.rows} rows, {int(train.y.sum())} positive")
+    evaluation = training_set(profiles, spec=draft, label=spec_label, cutoff=evaluate_at, until=until)
+    log(f"evaluation slice at {iso(evaluate_at)}: {evaluation.rows} rows, {int(evaluation.y.sum())} positive")
+    for where, data in (("cutoff", train), ("evaluate_at", evaluation)):
+        if data.rows == 0 or len(np.unique(data.y[:, 0])) < 2:
+            raise FailedPrecondition(
+                f"{where}: the rows at {iso(data.cutoff)} ({data.rows}) do not hold both label values; "
+                "choose another cut-off or a longer history",
+                reason="one_class",
+            )
+    y = train.y[:, 0].astype(int)
+    y_eval = evaluation.y[:, 0].astype(int)
+    estimator = _lightgbm(train.X, y, seed)
+    model = _lightgbm_onnx(estimator, train.X.shape[1])
+    score = draft.outputs[0].score
+    p = score_columns(draft, run(model, evaluation.X))[score]
+    quality: dict[str, Any] = {"holdout": metrics.binary_report(y_eval, p), "holdout_rows": evaluation.rows}
+    quality["auc"] = quality["holdout"]["auc"]
+    live_auc = None
+    if live is not None:
+        live_rows = evaluation.X if live.spec.features == draft.features else _rows_for(live.spec, evaluation)
+        live_p = np.asarray(live.score(live_rows), dtype=np.float64)
+        quality["live_on_holdout"] = {"version": live.version, **metrics.binary_report(y_eval, live_p)}
+        live_auc = quality["live_on_holdout"]["auc"]
+    decision = decide(quality["auc"], live_auc, live.version if live else None, margin)
+    log(f"candidate AUC {quality['auc']:.4f}" + (f", live {live_auc:.4f}" if live_auc is not None else ""))
+    names = [f.name for f in draft.features]
+    fit = hashlib.sha256(f"{train.data_hash} seed={seed}".encode()).hexdigest()
+    version = f"t{datetime.fromtimestamp(cutoff, UTC):%Y%m%d}-{fit[:10]}"
+    training = {
+        "algorithm": f"LightGBM {lightgbm.__version__} gradient-boosted trees",
+        "data": "this platform's profile store, point in time (cdp_training.pointintime)",
+        "label": spec_label.to_dict(),
+        "window": {
+            "history_until": iso(cutoff),
+            "label_from": iso(cutoff),
+            "label_until": iso(cutoff + spec_label.window),
+        },
+        "evaluation_window": {
+            "history_until": iso(evaluate_at),
+            "label_until": iso(evaluate_at + spec_label.window),
+        },
+        "rows": train.rows,
+        "positives": int(y.sum()),
+        "skipped": {"not_yet_seen": train.skipped_unborn, "unlabelled": train.skipped_unlabelled},
+        "evaluation_rows": evaluation.rows,
+        "evaluation_positives": int(y_eval.sum()),
+        "data_hash": train.data_hash,
+        "evaluation_data_hash": evaluation.data_hash,
+        "feature_importances": _importances(estimator, names),
+        "promotion": decision,
+        "seed": seed,
+    }
+    positives = np.flatnonzero(y_eval == 1)
+    built = _finish(
+        model,
+        name=name,
+        description=template["description"],
+        features=[f.to_dict() for f in draft.features],
+        outputs=[o.to_dict() for o in draft.outputs],
+        training=training,
+        quality=quality,
+        test_row=evaluation.X[int(positives[0]) if positives.size else 0],
+        version=version,
+        computed_traits=list(draft.computed_traits),
+    )
+    record = {"model": name, "version": version, "owner": OWNER, "training": training, "quality": quality}
+    return RunResult(built, decision, train, evaluation, record)
+
+
+def _rows_for(spec: ModelSpec, data: TrainingSet) -> np.ndarray:
+    from cdp_scoring.domain import FeatureAssembler
+
+    missing = [f.path for f in spec.features if f.root == "computed" and f.path.split(".", 1)[1] not in _traits(data)]
+    if missing:
+        raise FailedPrecondition(
+            f"the live version reads computed traits the candidate's set does not compute: {', '.join(missing)}",
+            reason="live_features_differ",
+        )
+    return FeatureAssembler(spec).matrix(data.fields, data.cutoff)
+
+
+def _traits(data: TrainingSet) -> set[str]:
+    return {t["name"] for t in data.spec.computed_traits}
+
+
+async def register(registry: ModelRegistry, result: RunResult, *, had_live: bool) -> str:
+    """Deploy the candidate in shadow beside live and promote it when the decision says so; the role it
+    ends in. A model with no live version gets the candidate as its first, live, version."""
+    spec = result.built.spec
+    if not had_live:
+        await registry.deploy(result.built.data, "live")
+        return "live"
+    await registry.deploy(result.built.data, "shadow")
+    if result.decision["promote"]:
+        await registry.promote(spec.name, spec.version)
+        return "live"
+    return "shadow"
+
+
+def parse_time(value: str, field_name: str) -> float:
+    """Epoch seconds from an ISO date or time ("2025-06-01", "2025-06-01T12:00:00Z") or a number."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(
+            field_name, f"{value!r} is not a time: write 2025-06-01 or 2025-06-01T12:00:00Z"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+async def read_store(store_url: str) -> list[StoredProfile]:
+    """Every live profile in the profile service's store at `store_url` (read only)."""
+    from cdp_kit.storage import open_store
+    from cdp_training.pointintime import read_profiles
+
+    async with open_store(store_url) as store:
+        return await read_profiles(store)
+
+
+def write_run(result: RunResult, out_dir: Path) -> tuple[Path, Path]:
+    """`<model>-<version>.onnx` and its record (`.json`: training, quality, the decision) in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{result.built.spec.name}-{result.version}"
+    onnx_path, record_path = out_dir / f"{stem}.onnx", out_dir / f"{stem}.json"
+    onnx_path.write_bytes(result.built.data)
+    record_path.write_text(json.dumps(result.record, indent=2) + "\n")
+    return onnx_path, record_path
