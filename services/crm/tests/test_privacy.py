@@ -21,7 +21,13 @@ async def test_a_deleted_person_is_anonymised_in_hubspot_and_the_erasure_recorde
         await world.profiles({"person-2": {"traits.email": "bo@example.com", "traits.first_name": "Bo"}})
         await world.eventually(lambda: len(emulator.records("contacts")) == 2)
 
-        privacy = Privacy(world.store, world.logic.mappings, world.logic.deliverer)
+        privacy = Privacy(
+            world.store,
+            world.logic.mappings,
+            world.logic.deliverer,
+            locks=world.logic.locks,
+            partitions=world.partitions,
+        )
         runner = world.bus.consumer(consumer_spec(), privacy.handle)
         task = asyncio.create_task(runner.run())
         try:

@@ -124,7 +124,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         runtime.spawn(engine.serve(ownership), "apply crm.in"),
         runtime.spawn(logic.retry_forever(engine, 5.0), "retry queued crm changes"),
     ]
-    privacy = Privacy(store, logic.mappings, deliverer, retry_for=settings.retry_for)
+    privacy = Privacy(
+        store,
+        logic.mappings,
+        deliverer,
+        retry_for=settings.retry_for,
+        locks=logic.locks,
+        partitions=settings.partitions,
+    )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
 
     async def refresh_budgets() -> None:

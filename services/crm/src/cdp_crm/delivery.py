@@ -18,18 +18,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cdp_crm.adapters import Adapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import Change
-from cdp_crm.domain.isolation import AUTH, THROTTLED, UNAVAILABLE, CrmError, DeadLetter, Isolation, RecordResult
+from cdp_crm.domain.isolation import (
+    AUTH,
+    THROTTLED,
+    UNAVAILABLE,
+    BatchOutcome,
+    CrmError,
+    DeadLetter,
+    Isolation,
+    RecordResult,
+)
 from cdp_crm.domain.mapping import ObjectMapping
 
 log = logging.getLogger("cdp.crm.delivery")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+# What a batch the budget would not allow before the deadline is recorded as: transient, so pending.
+NOT_SENT = CrmError(THROTTLED, "BUDGET", "not sent: the account's budget allows no request before the deadline")
 
 
 @dataclass
@@ -78,44 +90,39 @@ class Deliverer:
         return size
 
     async def deliver(
-        self, mapping: ObjectMapping, changes: list[Change], *, retry_for: float | None = None
+        self,
+        mapping: ObjectMapping,
+        changes: list[Change],
+        *,
+        retry_for: float | None = None,
+        deadline: float | None = None,
     ) -> Delivered:
+        """Send `changes`; retry what fails transiently until `deadline` (default: `retry_for` seconds from
+        now). After the deadline no request is started, except a call's first (so a call always tries)."""
         delivered = Delivered()
         if not changes:
             return delivered
-        deadline = self.clock() + (self.retry_for if retry_for is None else retry_for)
+        if deadline is None:
+            deadline = self.clock() + (self.retry_for if retry_for is None else retry_for)
         size = self.batch_size(mapping)
-        waiting = [changes[i : i + size] for i in range(0, len(changes), size)]
+        waiting = deque(changes[i : i + size] for i in range(0, len(changes), size))
         attempt = 0
         while waiting:
-            isolation = Isolation(waiting.pop(0))
-            stopped = False
+            isolation = Isolation(waiting.popleft())
             while (batch := isolation.next_batch()) is not None:
                 if not await self._send(mapping, batch, isolation, delivered, deadline):
-                    stopped = True
-                    break
+                    isolation.record(batch, BatchOutcome.failed(NOT_SENT), self.clock())
             delivered.synced.extend(isolation.synced)
             delivered.dead.extend(isolation.dead)
-            if stopped:
-                # Out of time waiting for the budget: what was not sent is pending, as are retries.
-                while (rest := isolation.next_batch()) is not None:
-                    delivered.pending.extend(rest)
-                    isolation._pending.popleft()
-                for retry in isolation.retry:
-                    delivered.pending.extend(retry)
-                for batch_left in waiting:
-                    delivered.pending.extend(batch_left)
-                waiting = []
-                break
-            if isolation.retry:
-                self._note_failure(mapping.connection, isolation.retry_errors[-1])
-                if self.clock() >= deadline:
-                    for retry in isolation.retry:
-                        delivered.pending.extend(retry)
-                    continue
-                await asyncio.sleep(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
-                attempt += 1
-                waiting.extend(isolation.retry)
+            if not isolation.retry:
+                continue
+            self._note_failure(mapping.connection, isolation.retry_errors[-1])
+            if self.clock() >= deadline:
+                delivered.pending.extend(change for retry in isolation.retry for change in retry)
+                continue
+            await asyncio.sleep(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
+            attempt += 1
+            waiting.extend(isolation.retry)
         if delivered.synced:
             health = self.health.setdefault(mapping.connection, Health())
             health.last_synced_at = self.clock()
@@ -143,6 +150,8 @@ class Deliverer:
         adapter = self.adapters[mapping.connection]
         budget = self.budgets[mapping.connection]
         cost = adapter.cost(mapping, len(batch))
+        if delivered.requests and self.clock() > deadline:
+            return False
         if not await budget.acquire(cost, self.clock, deadline):
             self.health[mapping.connection].state = "throttled"
             return False

@@ -44,6 +44,7 @@ from cdp_crm import streams
 from cdp_crm.delivery import Delivered, Deliverer
 from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change, Coalescer, Link, record_key
+from cdp_crm.domain.isolation import NOT_FOUND
 from cdp_crm.domain.mapping import (
     ACTIONS,
     PROFILES_CHANGED,
@@ -72,6 +73,9 @@ from cdp_kit.storage import Delete, Put, Store, WriteOp
 log = logging.getLogger("cdp.crm.engine")
 
 SERVICE = "crm"
+WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
+# How often a list membership whose record is not in the CRM yet is tried before it is dead-lettered.
+LIST_WAITS = 20
 COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
 
 
@@ -243,7 +247,7 @@ class CrmLogic:
             planned = Planned(self.store)
             for item in inputs:
                 view = views[item.person_id]
-                view.stamp, view.dirty = max(view.stamp, item.stamp), True
+                view.stamp = max(view.stamp, item.stamp)
                 for mapping, projection, op, trigger in self._project(item, view):
                     await planned.add(mapping, projection, op, trigger, item)
             for pid, view in views.items():
@@ -279,6 +283,9 @@ class CrmLogic:
                         view.fields.pop(key, None)
                     else:
                         view.fields[key] = value
+            if not changed:
+                return  # nothing any mapping reads: no write, not even of the view
+            view.dirty = True
             for mapping in self.mappings.values():
                 if mapping.kind != "record" or PROFILES_CHANGED not in mapping.triggers:
                     continue
@@ -290,6 +297,7 @@ class CrmLogic:
         elif item.kind == "segment":
             segment, entered = item.data
             (view.segments.add if entered else view.segments.discard)(segment)
+            view.dirty = True
             trigger = SEGMENT_ENTERED if entered else SEGMENT_EXITED
             source = view.source(item.person_id)
             for mapping in self.mappings.values():
@@ -326,15 +334,21 @@ class CrmLogic:
         for name, unchanged in planned.unchanged.items():
             out.count(self.mappings[name].connection, "unchanged", unchanged)
         pending = await self.store.get_many(PENDING, list(planned.records))
+        attempts = {}
         for key, record in pending.items():
             # A change still queued from an earlier batch: older, so the new one's fields win.
             planned.coalescer.add(change_from_doc(record.doc))
+            attempts[key] = record.doc.get("attempts", 1)
             out.delete(PENDING, key)
-        for name in planned.coalescer.mappings():
+        # One deadline for the whole batch, however many mappings it writes: the batch must be settled
+        # (written, refused or queued) well within the stream's acknowledgement wait.
+        deadline = self.clock() + self.deliverer.retry_for
+        # Records first: a list membership or a task may need the person's record to exist.
+        for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
             changes = planned.coalescer.take(mapping=name)
-            delivered = await self.deliverer.deliver(mapping, changes)
-            self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out)
+            delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
+            self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
 
     def record_outcome(
         self,
@@ -344,22 +358,36 @@ class CrmLogic:
         intended: Mapping[str, tuple[dict[str, Any], bool | None]],
         previous: Mapping[str, Mapping[str, Any]],
         out: Outcomes,
+        attempts: Mapping[str, int] | None = None,
     ) -> None:
+        """The store writes for what a delivery did. `attempts`: how often each record was tried before."""
         now, connection = out.now, mapping.connection
+        attempts = attempts or {}
         out.count(connection, "api_units", delivered.units)
+        pending = list(delivered.pending)
+        dead_letters = []
+        for dead in delivered.dead:
+            if mapping.kind == "list" and dead.reason == NOT_FOUND and attempts.get(dead.record, 0) < LIST_WAITS:
+                # The person's record is not in the CRM yet: a record mapping's write of it may still be
+                # on its way (segment and profile changes come from different streams). Wait for it.
+                pending.append(dead.change)
+            else:
+                dead_letters.append(dead)
         for change, result in delivered.synced:
             fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
-            state = OUT_OF_SCOPE if change.op == REMOVE else SYNCED
+            left = change.op == REMOVE or (mapping.segment is not None and change.trigger == SEGMENT_EXITED)
+            state = OUT_OF_SCOPE if left else SYNCED
             doc = record_doc(
                 mapping, change, fields, member, state, now, previous.get(change.record),
                 crm_id=result.crm_id, synced_at=now, synced_stamp=change.stamp,
             )  # fmt: skip
             out.put(RECORDS, change.record, doc)
             out.delete(DEAD_LETTERS, change.record)
+            out.delete(PENDING, change.record)
             out.count(connection, "created" if result.created else "updated")
             if self.m_records is not None:
                 self.m_records.add(1, {"connection": connection, "outcome": "synced"})
-        for dead in delivered.dead:
+        for dead in dead_letters:
             fields, member = intended.get(dead.record, (dead.change.fields, dead.change.op != REMOVE))
             earlier = previous.get(dead.record) or {}
             doc = record_doc(
@@ -368,15 +396,16 @@ class CrmLogic:
             )  # fmt: skip
             out.put(RECORDS, dead.record, doc)
             out.put(DEAD_LETTERS, dead.record, {**dead.to_state(), "person_id": dead.change.person_id})
+            out.delete(PENDING, dead.record)
             out.count(connection, "dead_lettered")
             log.warning("crm record dead-lettered", extra=dead.log_fields())
             if self.m_errors is not None:
                 self.m_errors.add(1, {"connection": connection, "reason": dead.reason})
-        for change in delivered.pending:
+        for change in pending:
             fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
             doc = record_doc(mapping, change, fields, member, PENDING_STATE, now, previous.get(change.record))
             out.put(RECORDS, change.record, doc)
-            out.put(PENDING, change.record, change_doc(change, partition))
+            out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 0) + 1))
             out.count(connection, "pending_retry")
 
     def _run_writes(self, partition: int, out: Outcomes) -> None:
@@ -428,13 +457,7 @@ class CrmLogic:
                     k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None
                 }
                 prev = {k: p.doc for k, p in previous.items()}
-                self.record_outcome(partition, mapping, delivered, intended, prev, out)
-                for change, _ in delivered.synced:
-                    out.delete(PENDING, change.record)
-                for dead in delivered.dead:
-                    out.delete(PENDING, dead.record)
-                for change in delivered.pending:
-                    out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 1) + 1))
+                self.record_outcome(partition, mapping, delivered, intended, prev, out, attempts)
                 taken += len(delivered.synced) + len(delivered.dead)
             self._run_writes(partition, out)
             await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))

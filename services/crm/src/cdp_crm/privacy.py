@@ -14,17 +14,18 @@ being recorded as done; a request already recorded is acknowledged without calli
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change
 from cdp_crm.domain.mapping import ObjectMapping
 from cdp_crm.state import DEAD_LETTERS, PENDING, PERSONS, PRIVACY, RECORDS
-from cdp_kit.bus import ConsumerSpec, Delivery, subjects
+from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
 
 log = logging.getLogger("cdp.crm.privacy")
@@ -55,7 +56,11 @@ class Privacy:
         *,
         retry_for: float = 30.0,
         clock: Callable[[], float] = time.time,
+        locks: Mapping[int, asyncio.Lock] | None = None,
+        partitions: int = 1,
     ) -> None:
+        self.locks = locks  # the engine's partition locks: an erasure never interleaves with a batch
+        self.partitions = partitions
         self.store = store
         self.mappings = mappings
         self.deliverer = deliverer
@@ -77,6 +82,12 @@ class Privacy:
 
     async def erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         """Anonymise and forget the request's persons; True once recorded as done."""
+        if self.locks is None:
+            return await self._erase(request)
+        async with self.locks[partition_for(request.person_id, self.partitions)]:
+            return await self._erase(request)
+
+    async def _erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         key = request.request_id or f"person-{request.person_id}"
         if await self.store.get(PRIVACY, key) is not None:
             return True

@@ -44,8 +44,9 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
     retry_for: float = env(
         "CDP_CRM_RETRY_FOR",
         60.0,
-        help="seconds a batch keeps retrying a CRM that throttles or fails before it is handed back to the "
-        "stream (redelivered later, nothing lost); keep it below CDP_CRM_ACK_WAIT",
+        help="seconds a batch keeps retrying a CRM that throttles or fails before what is left is queued "
+        "(crm_pending, retried by the partition's owner: nothing lost); with CDP_CRM_REQUEST_TIMEOUT below "
+        "CDP_CRM_ACK_WAIT",
     )
     request_timeout: float = env("CDP_CRM_REQUEST_TIMEOUT", 30.0, help="seconds one CRM request may take")
     privacy_policy: str = env(
@@ -64,8 +65,12 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
             problems.append(
                 f"CDP_CRM_PRIVACY_POLICY={self.privacy_policy!r} is invalid: must be one of {', '.join(PRIVACY_POLICIES)}"
             )
-        if self.retry_for <= 0 or self.retry_for >= self.ack_wait:
-            problems.append(f"CDP_CRM_RETRY_FOR={self.retry_for} must be positive and below CDP_CRM_ACK_WAIT")
+        if self.retry_for <= 0 or self.retry_for + self.request_timeout >= self.ack_wait:
+            problems.append(
+                f"CDP_CRM_RETRY_FOR={self.retry_for} must be positive, and with CDP_CRM_REQUEST_TIMEOUT "
+                f"({self.request_timeout}) below CDP_CRM_ACK_WAIT ({self.ack_wait}): a batch must be settled "
+                "before JetStream delivers it again"
+            )
         if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
             problems.append(f"CDP_CRM_COLLECTOR_URL={self.collector_url!r} must be an http(s) URL")
         return problems
