@@ -205,6 +205,9 @@ class MatchingService:
                     f"records[{index}].fields.{unknown[0]}",
                     f"not a compared field; compared: {', '.join(sorted(self.field_names))}",
                 )
+            # Before anything is resolved or stored: a value that cannot be read (a date in no accepted
+            # format) would otherwise fail every later scoring of the pool.
+            self.matcher.check_fields(record.fields, f"records[{index}].fields")
             out.append({"key": key, "identifiers": pairs, "fields": dict(record.fields)})
         return out
 

@@ -6,6 +6,7 @@ import pytest
 from cdp_identity.matching.comparisons import build_comparison
 from cdp_identity.matching.config import MatchConfig
 from cdp_identity.matching.records import RecordTable
+from cdp_kit.errors import InvalidArgument
 
 
 def level(spec: dict, left: object, right: object) -> str:
@@ -42,6 +43,8 @@ FIRST = {
 @pytest.mark.parametrize("spec", [EXACT, JW, LEV, DATE, NUMERIC, EMAIL, FIRST])
 @pytest.mark.parametrize(("left", "right"), [(None, None), ("", "x"), (None, "2001-01-01"), ("  ", "3")])
 def test_a_missing_side_is_the_null_level(spec, left, right):
+    if spec is DATE and right:
+        right = "2001-01-01"  # a present date must be a date (see test_an_impossible_date_is_refused)
     assert level(spec, left, right) == "null"
 
 
@@ -81,7 +84,12 @@ def test_date_levels():
     assert level(DATE, "1985-03-31", "1985-04-02") == "within_30_days"
     assert level(DATE, "1985-12-30", "1986-03-01") == "within_365_days"
     assert level(DATE, "1985-12-30", "1990-06-01") == "else"
-    assert level(DATE, "1985-02-30", "1985-03-01") == "null"  # an impossible date is no date
+
+
+def test_an_impossible_date_is_refused_not_read_as_missing():
+    with pytest.raises(InvalidArgument) as raised:
+        level(DATE, "1985-02-30", "1985-03-01")
+    assert raised.value.field == "records[0].dob"
 
 
 def test_numeric_levels():

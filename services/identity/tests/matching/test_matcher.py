@@ -152,3 +152,17 @@ def test_a_config_dict_works_as_well():
     small, _ = generate_population(300, seed=5)
     report = matcher.fit(small)
     assert report.records == len(small) and report.candidate_pairs > 0
+
+
+def test_an_unparseable_date_names_the_record_and_field(fitted):
+    matcher, _ = fitted
+    records = [{"id": "a", "dob": "1956-04-09"}, {"id": "b", "first_name": "Ann", "dob": "19560409x"}]
+    for call in (matcher.score, matcher.fit):
+        with pytest.raises(InvalidArgument) as raised:
+            call(records)
+        assert raised.value.field == "records[1].dob"
+        assert "19560409" not in str(raised.value)
+    with pytest.raises(InvalidArgument) as raised:
+        matcher.check_fields({"dob": "09/04/1956"}, "records[3].fields")
+    assert raised.value.field == "records[3].fields.dob"
+    matcher.check_fields({"dob": "19560409", "first_name": "Ann"}, "records[3].fields")

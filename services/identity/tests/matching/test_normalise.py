@@ -5,6 +5,7 @@ from datetime import date, datetime
 import pytest
 
 from cdp_identity.matching.normalise import (
+    UnparseableValue,
     normalise_address,
     normalise_date,
     normalise_digits,
@@ -60,12 +61,21 @@ def test_address_abbreviations_and_formatting():
         assert normalise_address(variant) == canonical
 
 
-def test_dates_are_iso_or_missing():
+def test_dates_parse_in_the_documented_formats():
     assert normalise_date("1985-3-7") == "1985-03-07"
+    assert normalise_date("1985-03-07T12:30:00Z") == "1985-03-07"
+    assert normalise_date("19850307") == "1985-03-07"
+    assert normalise_date("1985/03/07") == normalise_date("1985.03.07") == "1985-03-07"
     assert normalise_date(date(1985, 3, 7)) == "1985-03-07"
     assert normalise_date(datetime(1985, 3, 7, 12, 30)) == "1985-03-07"
-    assert normalise_date("1985-02-30") is None
-    assert normalise_date("07/03/1985") is None
+
+
+@pytest.mark.parametrize("value", ["1985-02-30", "07/03/1985", "1985030", "yesterday", "19851307", "1985-03"])
+def test_a_date_that_does_not_parse_is_refused_not_dropped(value):
+    with pytest.raises(UnparseableValue) as raised:
+        normalise_date(value)
+    assert "YYYY-MM-DD" in str(raised.value)  # says what would be accepted...
+    assert str(value) not in str(raised.value)  # ...without repeating a birth date into logs
 
 
 def test_numbers_and_digits():

@@ -30,6 +30,7 @@ from .fellegi_sunter import (
     match_probability,
     pair_log2_bayes_factors,
 )
+from .normalise import UnparseableValue
 from .records import RecordTable
 
 Decision = Literal["match", "review", "non_match"]
@@ -219,6 +220,18 @@ class Matcher:
             }
             for record in records
         ]
+
+    def check_fields(self, fields: Mapping[str, Any], path: str) -> None:
+        """Refuse a record whose compared fields do not parse (an unreadable date), naming `path`.field;
+        use it before storing a record, so a bad value never reaches a later scoring call."""
+        for name, value in fields.items():
+            normalise = self._normalisers.get(name)
+            if normalise is None:
+                continue
+            try:
+                normalise(value)
+            except UnparseableValue as error:
+                raise InvalidArgument(f"{path}.{name}", str(error)) from None
 
     def candidate_pairs(self, records: Sequence[Mapping]) -> list[tuple[Any, Any]]:
         """The blocked candidate pairs as (left id, right id), each once, left earlier in `records`."""

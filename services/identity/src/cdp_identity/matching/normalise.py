@@ -16,13 +16,21 @@ import phonenumbers
 
 Normaliser = Callable[[object], str | None]
 
+
+class UnparseableValue(ValueError):
+    """A present value that a typed normaliser cannot read; the message says what is accepted and never
+    repeats the value (it is personal data and error messages get logged)."""
+
+
 _WHITESPACE = re.compile(r"\s+")
 # \u2019 is the typographic apostrophe that word processors put into names like O'Brien.
 _NAME_PUNCTUATION = re.compile("[.'`\u2019\\-_,]")
 _ADDRESS_PUNCTUATION = re.compile("[.,;:'`\u2019\"]")
 _NON_DIGITS = re.compile(r"\D")
 _LEADING_ZEROS = re.compile(r"\b0+(\d)")
-_ISO_DATE = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2})")
+# A separator, then optionally a time ("T12:30:00Z", " 12:30"): the date part is what counts.
+_ISO_DATE = re.compile(r"^(?P<year>\d{4})(?P<sep>[-/.])(?P<month>\d{1,2})(?P=sep)(?P<day>\d{1,2})(?:$|[t ])")
+_COMPACT_DATE = re.compile(r"^(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})$")
 
 # USPS street suffix and unit designator abbreviations: the variants real address data mixes.
 _ADDRESS_TOKENS = {
@@ -133,21 +141,31 @@ def normalise_digits(value: object) -> str | None:
     return _NON_DIGITS.sub("", text) or None
 
 
+DATE_FORMATS = "YYYY-MM-DD (a time may follow, as in ISO 8601), YYYYMMDD, YYYY/MM/DD or YYYY.MM.DD"
+
+
 def normalise_date(value: object) -> str | None:
-    """ISO date "YYYY-MM-DD"; datetime/date objects accepted; an impossible date counts as missing."""
+    """ISO date "YYYY-MM-DD" from one of DATE_FORMATS or a date/datetime object.
+
+    Anything else is refused (UnparseableValue), never treated as missing: a birth date read as missing
+    silently loses the strongest evidence a pair has. Day-first and month-first forms (07/03/1985) are
+    ambiguous, so they are refused too rather than guessed.
+    """
     if isinstance(value, date):
         return value.isoformat()[:10]
     text = _text(value)
     if text is None:
         return None
-    match = _ISO_DATE.match(text)
+    match = _ISO_DATE.match(text) or _COMPACT_DATE.match(text)
     if match is None:
-        return None
-    year, month, day = (int(part) for part in match.groups())
+        raise UnparseableValue(f"is not a date; accepted: {DATE_FORMATS}")
+    year, month, day = (int(match.group(part)) for part in ("year", "month", "day"))
     try:
         return date(year, month, day).isoformat()
     except ValueError:
-        return None
+        raise UnparseableValue(
+            f"is not a calendar date (month 1-12, a day the month has); accepted: {DATE_FORMATS}"
+        ) from None
 
 
 def normalise_number(value: object) -> str | None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from cdp_kit.errors import InvalidArgument
 
-from .normalise import Normaliser
+from .normalise import Normaliser, UnparseableValue
 
 MISSING = -1
 
@@ -64,22 +64,26 @@ class RecordTable:
                     raise InvalidArgument(f"records[{position}].id", f"duplicate id {record_id!r}; ids must be unique")
                 seen.add(record_id)
         columns = {
-            name: Column.from_values(_normalise_all([record.get(name) for record in records], normalise))
+            name: Column.from_values(_normalise_all([record.get(name) for record in records], normalise, name))
             for name, normalise in normalisers.items()
         }
         return cls(ids=ids, columns=columns)
 
 
-def _normalise_all(raw_values: list, normalise: Normaliser) -> list[str | None]:
-    """Normalise each distinct raw value once: names, cities and dates repeat a lot."""
+def _normalise_all(raw_values: list, normalise: Normaliser, name: str) -> list[str | None]:
+    """Normalise each distinct raw value once: names, cities and dates repeat a lot. A value that does not
+    parse is refused with the record's position and the field, never dropped."""
     cache: dict = {}
     result = []
-    for raw in raw_values:
+    for position, raw in enumerate(raw_values):
         try:
-            value = cache[raw]
-        except KeyError:
-            value = cache[raw] = normalise(raw)
-        except TypeError:  # an unhashable raw value: normalise it uncached
-            value = normalise(raw)
+            try:
+                value = cache[raw]
+            except KeyError:
+                value = cache[raw] = normalise(raw)
+            except TypeError:  # an unhashable raw value: normalise it uncached
+                value = normalise(raw)
+        except UnparseableValue as error:
+            raise InvalidArgument(f"records[{position}].{name}", str(error)) from None
         result.append(value)
     return result
