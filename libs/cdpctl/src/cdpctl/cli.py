@@ -7,6 +7,7 @@ cdpctl send track --user-id u1 --event "Order Completed" --properties '{"total":
 cdpctl send track --count 10000     # generated events, with a progress bar
 cdpctl profile user_id u1           # a profile as JSON (NOT_FOUND at once; --wait N waits for it)
 cdpctl models                       # the deployed models, their versions and quality
+cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform's customers (training.py)
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segments                     # every segment: state, size, definition
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
@@ -35,7 +36,7 @@ from rich.table import Table
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdpctl import bus, journeys, people
+from cdpctl import bus, journeys, people, training
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 from cdpctl.run import check_health, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
@@ -253,12 +254,16 @@ async def _models(address: str, token: str) -> list[dict]:
     return [json_format.MessageToDict(m) for m in listed.models]
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every version, spec included)")
 @click.option("--address", help="scoring gRPC address (default: the one `cdpctl up` runs)")
-@click.pass_obj
-def models(ws: Workspace, as_json: bool, address) -> None:
-    """The deployed models: live version, other versions and their roles, scores and quality."""
+@click.pass_context
+def models(ctx: click.Context, as_json: bool, address) -> None:
+    """The deployed models: live version, other versions and their roles, scores and quality.
+    `cdpctl models train MODEL` retrains one on this platform's customers (training.py)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    ws: Workspace = ctx.obj
     address = service_address(ws, "scoring", address)
     documents = asyncio.run(_models(address, ws.admin_token()))
     if as_json:
@@ -404,6 +409,7 @@ for _command in (
     *journeys.COMMANDS,
 ):
     main.add_command(_command)
+models.add_command(training.train)
 
 
 if __name__ == "__main__":
