@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Store
@@ -61,7 +62,7 @@ async def read_profiles(store: Store) -> list[StoredProfile]:
     async for record in store.scan_all(PROFILES, page_size=1000):
         if "profile" not in record.doc:
             continue  # merged away or deleted: its data lives in another profile, or nowhere
-        doc = json.loads(record.doc["profile"])
+        doc = orjson.loads(record.doc["profile"])
         origins = [record.key, *doc.get("merged_from", [])]
         entries = sorted(e for origin in origins for e in timelines.get(origin, ()))
         out.append(StoredProfile(record.key, doc, entries))
