@@ -69,3 +69,84 @@ async def test_an_unparseable_date_is_refused_naming_record_and_field_and_nothin
     compact = record("c-3", first_name="Ann", last_name="Byron", dob="19560409")
     response = await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=[compact]))
     assert len(response.persons) == 1
+
+
+def people(count: int, seed: int) -> list[identity_pb2.MatchRecord]:
+    from cdp_testing.people import generate_population
+
+    generated, _ = generate_population(count, duplicates_rate=0.3, seed=seed)
+    return [
+        identity_pb2.MatchRecord(
+            id=str(person["id"]),
+            source="crm",
+            identifiers=[identity_pb2.Identifier(type="salesforce_id", value=f"SF-{person['id']}")],
+            fields={name: str(value) for name, value in person.items() if name != "id" and value},
+        )
+        for person in generated
+    ]
+
+
+async def test_a_response_holds_the_matches_and_review_band_page_by_page(service):
+    stub, runtime = service
+    records = people(400, seed=3)
+    request = identity_pb2.MatchRecordsRequest(records=records, page_size=7)
+    first = await stub.MatchRecords(request)
+    config = runtime.parts["matching"].config
+    # Non-matches are counted, not sent; what is sent is at least the review band, strongest first.
+    assert first.omitted_pairs > 0 and first.total_pairs > 7
+    assert len(first.pairs) == 7 and first.next_page_token
+    assert all(pair.probability >= config.lower_threshold for pair in first.pairs)
+    probabilities = [pair.probability for pair in first.pairs]
+    assert probabilities == sorted(probabilities, reverse=True)
+    seen = [(pair.left_record, pair.right_record) for pair in first.pairs]
+    token = first.next_page_token
+    while token:
+        page = await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=records, page_size=7, page_token=token))
+        seen += [(pair.left_record, pair.right_record) for pair in page.pairs]
+        token = page.next_page_token
+    assert len(seen) == len(set(seen)) == first.total_pairs
+    # A caller's own threshold: only the confident matches.
+    strict = await stub.MatchRecords(
+        identity_pb2.MatchRecordsRequest(records=records, min_probability=0.99, page_size=1000)
+    )
+    assert strict.pairs and all(pair.probability >= 0.99 for pair in strict.pairs)
+    assert strict.total_pairs + strict.omitted_pairs == first.total_pairs + first.omitted_pairs
+    # A token belongs to its request.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.MatchRecords(
+            identity_pb2.MatchRecordsRequest(records=records[:5], page_size=7, page_token=first.next_page_token)
+        )
+    assert violations(raised.value) == ["page_token"]
+
+
+async def test_a_page_too_big_to_receive_is_refused_before_anything_is_stored(service):
+    stub, runtime = service
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=people(100, seed=4), page_size=100_000))
+    assert violations(raised.value) == ["page_size"]
+    assert await stored_records(runtime) == []
+
+
+async def test_a_new_record_is_scored_against_its_candidates_only(service):
+    stub, runtime = service
+    matching = runtime.parts["matching"]
+    pool = people(600, seed=5)
+    await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=pool))
+    newcomer = pool[0]
+    again = identity_pb2.MatchRecord()
+    again.CopyFrom(newcomer)
+    again.id = "newcomer"
+    again.identifiers[0].value = "SF-newcomer"
+    scored_tables: list[int] = []
+    score_pairs = matching.matcher.score_pairs
+
+    def spy(records, pairs, **kwargs):
+        scored_tables.append(len(records))
+        return score_pairs(records, pairs, **kwargs)
+
+    matching.matcher.score_pairs = spy
+    response = await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=[again]))
+    assert len(scored_tables) == 1 and scored_tables[0] < 20  # the newcomer and its candidates, not 600
+    assert any(
+        {pair.left_record, pair.right_record} == {"crm:newcomer", f"crm:{newcomer.id}"} for pair in response.pairs
+    )

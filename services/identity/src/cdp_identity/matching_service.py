@@ -9,6 +9,8 @@ the thresholds wait in the review queue until someone decides.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import time
@@ -31,6 +33,13 @@ RECORDS = "identity_match_records"
 MODEL = "identity_match_model"
 REVIEWS = "identity_reviews"
 MAX_RECORDS_PER_CALL = 5_000
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1_000
+MAX_ID_LENGTH = 200
+# What a default gRPC client accepts (4 MiB), less room for the envelope.
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# A person id, a merge record's fixed fields (ids, timestamp, rule, detail), protobuf tags and lengths.
+_PERSON_BYTES, _MERGE_FIXED_BYTES, _FIELD_OVERHEAD = 40, 160, 6
 REFIT_GROWTH = 1.25
 MIN_RECORDS_TO_FIT = 50
 # Regenerate with: Matcher(DEFAULT_PERSON_CONFIG).fit(generate_population(10_000, seed=2026)[0]).to_dict()
@@ -56,12 +65,13 @@ class MatchingService:
         self.matcher = Matcher(config)
         self.field_names = frozenset(config.normalisers())
         self.pool: dict[str, dict[str, Any]] = {}  # record key -> {"id", fields..., "_person"}
+        self.blocks: dict[str, set[str]] = {}  # blocking key -> record keys: a new record's candidates
         self.fitted_on = 0
 
     async def start(self) -> None:
         await self.store.ensure_index(RECORDS, "_person")
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
-            self.pool[record.key] = record.doc
+            self._add_to_pool(record.doc)
         model = await self.store.get(MODEL, "current")
         if model is not None and model.doc["matcher"].get("format") in OLD_FORMATS:
             # Fitted by an older release whose parameters do not convert: the pool fits a new one.
@@ -79,28 +89,52 @@ class MatchingService:
 
     async def match_records(self, request: identity_pb2.MatchRecordsRequest) -> identity_pb2.MatchRecordsResponse:
         records = self._validate(request.records)
+        threshold = request.min_probability or self.config.lower_threshold
+        if not 0 < threshold <= 1:
+            raise InvalidArgument("min_probability", f"must be in (0, 1], got {request.min_probability}")
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"{page_size} must be 1-{MAX_PAGE_SIZE}")
+        digest = hashlib.sha256(b"".join(r.SerializeToString(deterministic=True) for r in request.records))
+        offset = self._page_offset(request.page_token, digest.hexdigest())
         now = int(time.time() * 1000)
+        docs = {record["key"]: {"id": record["key"], **record["fields"]} for record in records}
+        # Everything that decides the answer happens before anything is stored: the fit, the scoring and
+        # the size of the response, so a call whose answer could not be delivered leaves no trace.
+        await self._refit_if_grown(docs)
+        scored = self._score_new(docs)
+        kept = sorted(
+            (pair for pair in scored if pair.probability >= threshold),
+            key=lambda pair: (-pair.probability, pair.left_id, pair.right_id),
+        )
+        page = kept[offset : offset + page_size]
+        bound = self._response_bound(len(records), len(page))
+        if bound > MAX_RESPONSE_BYTES:
+            raise InvalidArgument(
+                "page_size",
+                f"a page of {len(page)} pairs could take {bound} bytes, more than a client accepts "
+                f"({MAX_RESPONSE_BYTES}); ask for fewer pairs per page",
+            )
+        response = identity_pb2.MatchRecordsResponse(omitted_pairs=len(scored) - len(kept), total_pairs=len(kept))
+        if offset + page_size < len(kept):
+            response.next_page_token = _page_token(offset + page_size, digest.hexdigest())
+
         batch_keys = []
-        response = identity_pb2.MatchRecordsResponse()
         for record in records:
             resolution, _ = await self.engine.resolve(
                 record["identifiers"], request_id=f"record:{record['key']}", at=now
             )
-            doc = {"id": record["key"], **record["fields"], "_person": resolution.person}
-            self.pool[record["key"]] = doc
+            self._add_to_pool({**docs[record["key"]], "_person": resolution.person})
             batch_keys.append(record["key"])
             response.persons.append(resolution.person)
         await self.store.bulk_write([Put(RECORDS, key, self.pool[key]) for key in batch_keys])
-        await self._refit_if_grown()
 
-        in_batch = set(batch_keys)
-        pool = [self._comparable(doc) for doc in self.pool.values()]
-        for pair in self.matcher.score(pool):
-            if pair.left_id not in in_batch and pair.right_id not in in_batch:
-                continue
+        apply = request.apply and offset == 0
+        in_page = {(pair.left_id, pair.right_id) for pair in page}
+        for pair in kept if apply else page:
             left_person = await self.engine.canonical(self.pool[pair.left_id]["_person"])
             right_person = await self.engine.canonical(self.pool[pair.right_id]["_person"])
-            scored = response.pairs.add(
+            scored_pair = identity_pb2.ScoredPair(
                 left_record=pair.left_id,
                 right_record=pair.right_id,
                 left_person=left_person,
@@ -110,15 +144,86 @@ class MatchingService:
                 decision=pair.decision,
                 levels=pair.levels,
             )
-            if not request.apply or left_person == right_person or pair.decision == "non_match":
+            shown = (pair.left_id, pair.right_id) in in_page
+            if shown:
+                response.pairs.append(scored_pair)
+            if not apply or left_person == right_person or pair.decision == "non_match":
                 continue
             if pair.decision == "match":
-                merge = await self._merge(left_person, right_person, scored, rule="match", detail="")
+                merge = await self._merge(left_person, right_person, scored_pair, rule="match", detail="")
                 if merge is not None:
-                    response.merges.append(merge)
+                    if shown:
+                        response.merges.append(merge)
                     continue
-            response.review_ids.append(await self._queue_review(scored, now))
+            review_id = await self._queue_review(scored_pair, now)
+            if shown:
+                response.review_ids.append(review_id)
         return response
+
+    def _response_bound(self, records: int, pairs: int) -> int:
+        """The most a response can take: each record's person, and per pair its two record keys and
+        persons, the levels, and the merge (both keys again in its cause) or review it may cause."""
+        key = MAX_ID_LENGTH + len("default:") + _FIELD_OVERHEAD
+        levels = sum(
+            len(name) + max(len(label) for label in labels) + 3 * _FIELD_OVERHEAD
+            for name, labels in self.matcher.level_labels().items()
+        )
+        pair = 2 * key + 2 * _PERSON_BYTES + levels + 64
+        merge = _MERGE_FIXED_BYTES + 4 * key + 3 * _PERSON_BYTES
+        return records * _PERSON_BYTES + pairs * (pair + merge + _PERSON_BYTES)
+
+    def _score_new(self, docs: dict[str, dict[str, Any]]) -> list:
+        """The candidate pairs the new records form, with the pool (through the blocking index) and with
+        each other, scored; nothing else of the pool is read, so the cost follows their candidates."""
+        members: dict[str, set[str]] = {}
+        for key, doc in docs.items():
+            for block in self.matcher.blocking_keys(doc):
+                members.setdefault(block, set()).add(key)
+        limit = self.config.max_block_size
+        pairs: set[tuple[str, str]] = set()
+        for block, new_keys in members.items():
+            pooled = self.blocks.get(block, set())
+            if len(pooled | new_keys) > limit:
+                continue  # a block this big is skipped in batch scoring too: a shared value is no evidence
+            for new in new_keys:
+                for other in pooled | new_keys:
+                    if other != new and not (other in docs and other < new):
+                        pairs.add((new, other))
+        involved = sorted({key for pair in pairs for key in pair})
+        position = {key: i for i, key in enumerate(involved)}
+        table = [docs[key] if key in docs else self._comparable(self.pool[key]) for key in involved]
+        return self.matcher.score_pairs(table, [(position[a], position[b]) for a, b in sorted(pairs)])
+
+    def _add_to_pool(self, doc: dict[str, Any]) -> None:
+        key = doc["id"]
+        self._drop_from_blocks(key)
+        self.pool[key] = doc
+        for block in self.matcher.blocking_keys(doc):
+            self.blocks.setdefault(block, set()).add(key)
+
+    def _drop_from_blocks(self, key: str) -> None:
+        old = self.pool.get(key)
+        if old is None:
+            return
+        for block in self.matcher.blocking_keys(old):
+            holders = self.blocks.get(block)
+            if holders is not None:
+                holders.discard(key)
+                if not holders:
+                    del self.blocks[block]
+
+    @staticmethod
+    def _page_offset(token: str, digest: str) -> int:
+        if not token:
+            return 0
+        try:
+            offset_text, token_digest = base64.urlsafe_b64decode(token.encode()).decode().split(":", 1)
+            offset = int(offset_text)
+        except ValueError:
+            raise InvalidArgument("page_token", "is not a token MatchRecords returned") from None
+        if token_digest != digest or offset < 0:
+            raise InvalidArgument("page_token", "belongs to another request; send the same records with it")
+        return offset
 
     async def list_reviews(self, request: identity_pb2.ListReviewsRequest) -> identity_pb2.ListReviewsResponse:
         size = request.page_size or 100
@@ -165,6 +270,7 @@ class MatchingService:
             # Records another replica added are in the store only.
             records.update(r.key for r in await self.store.find(RECORDS, "_person", person, limit=MAX_FIND_LIMIT))
         for key in records:
+            self._drop_from_blocks(key)
             self.pool.pop(key, None)
         ops: list[WriteOp] = [Delete(RECORDS, key) for key in sorted(records)]
         async for record in self.store.scan_all(REVIEWS):
@@ -185,6 +291,10 @@ class MatchingService:
         for index, record in enumerate(records):
             if not record.id:
                 raise InvalidArgument(f"records[{index}].id", "is required")
+            if len(record.id) + len(record.source) > MAX_ID_LENGTH:
+                raise InvalidArgument(
+                    f"records[{index}].id", f"id and source together at most {MAX_ID_LENGTH} characters"
+                )
             key = f"{record.source or 'default'}:{record.id}"
             if key in seen:
                 raise InvalidArgument(f"records[{index}].id", f"{record.id!r} appears twice in this request")
@@ -215,8 +325,9 @@ class MatchingService:
     def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in doc.items() if not k.startswith("_")}
 
-    async def _refit_if_grown(self) -> None:
-        size = len(self.pool)
+    async def _refit_if_grown(self, new_docs: dict[str, dict[str, Any]]) -> None:
+        """Fit on the pool with the call's records when it has grown by a quarter since the last fit."""
+        size = len(self.pool.keys() | new_docs.keys())
         if size < MIN_RECORDS_TO_FIT and not self.matcher.fitted:
             raise FailedPrecondition(
                 f"the matcher has no parameters yet and {size} records are too few to estimate them "
@@ -227,7 +338,8 @@ class MatchingService:
         if size < MIN_RECORDS_TO_FIT or (self.fitted_on and size < self.fitted_on * REFIT_GROWTH):
             return
         started = time.perf_counter()
-        report = self.matcher.fit([self._comparable(doc) for doc in self.pool.values()])
+        pooled = [self._comparable(doc) for key, doc in self.pool.items() if key not in new_docs]
+        report = self.matcher.fit([*pooled, *new_docs.values()])
         self.fitted_on = size
         await self.store.put(MODEL, "current", {"matcher": self.matcher.to_dict(), "fitted_on": size})
         log.info(
@@ -254,3 +366,7 @@ class MatchingService:
         review_id = stable_id("r_", *sorted((pair.left_record, pair.right_record)))
         await self.store.put(REVIEWS, review_id, {"pair": pair.SerializeToString().hex(), "created_at": now})
         return review_id
+
+
+def _page_token(offset: int, digest: str) -> str:
+    return base64.urlsafe_b64encode(f"{offset}:{digest}".encode()).decode()

@@ -166,3 +166,24 @@ def test_an_unparseable_date_names_the_record_and_field(fitted):
         matcher.check_fields({"dob": "09/04/1956"}, "records[3].fields")
     assert raised.value.field == "records[3].fields.dob"
     matcher.check_fields({"dob": "19560409", "first_name": "Ann"}, "records[3].fields")
+
+
+def test_pairs_found_through_blocking_keys_score_as_a_whole_batch_does(fitted, population):
+    matcher, _ = fitted
+    records, _ = population
+    sample = records[:1500]
+    index: dict[str, list[int]] = {}
+    for position, record in enumerate(sample):
+        for key in matcher.blocking_keys(record):
+            index.setdefault(key, []).append(position)
+    pairs = {
+        (a, b)
+        for members in index.values()
+        if len(members) <= matcher.config.max_block_size
+        for i, a in enumerate(members)
+        for b in members[i + 1 :]
+    }
+    by_index = {pair_key(p): p for p in matcher.score_pairs(sample, sorted(pairs))}
+    whole = {pair_key(p): p for p in matcher.score(sample)}
+    assert by_index.keys() == whole.keys()
+    assert all(by_index[key].probability == whole[key].probability for key in whole)

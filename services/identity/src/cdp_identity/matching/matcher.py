@@ -120,6 +120,10 @@ class Matcher:
     def fitted(self) -> bool:
         return self._parameters is not None
 
+    def level_labels(self) -> dict[str, tuple[str, ...]]:
+        """Each comparison's level labels, strongest first ("null" first, "else" last)."""
+        return {comparison.name: comparison.labels for comparison in self._comparisons}
+
     @property
     def comparison_names(self) -> tuple[str, ...]:
         return tuple(comparison.name for comparison in self._comparisons)
@@ -232,6 +236,34 @@ class Matcher:
                 normalise(value)
             except UnparseableValue as error:
                 raise InvalidArgument(f"{path}.{name}", str(error)) from None
+
+    def blocking_keys(self, record: Mapping) -> list[str]:
+        """The record's key under each blocking rule it can be keyed by (records sharing a key are
+        candidates): what an index keeps to find a new record's candidates without scanning the pool.
+        The same keys `score` blocks on; a block over max_block_size is skipped there, and should be here."""
+        keys = []
+        for position, rule in enumerate(self.config.blocking_rules):
+            pieces = []
+            for part in rule.parts:
+                value = self._normalisers[part.field](record.get(part.field))
+                piece = value[part.start : part.stop] if value is not None else None
+                if not piece:
+                    break
+                pieces.append(piece)
+            else:
+                keys.append("\x1f".join((str(position), *pieces)))
+        return keys
+
+    def score_pairs(
+        self, records: Sequence[Mapping], pairs: Sequence[tuple[int, int]], *, min_probability: float = 0.0
+    ) -> list[ScoredPair]:
+        """Score the given pairs of `records` (positions in it) and no others: with an index of blocking
+        keys, the pairs a few new records form cost what those pairs cost, whatever the pool's size."""
+        table = self._table(records)
+        if not pairs:
+            return []
+        left, right = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
+        return self._score_rows(table, left, right, min_probability)
 
     def candidate_pairs(self, records: Sequence[Mapping]) -> list[tuple[Any, Any]]:
         """The blocked candidate pairs as (left id, right id), each once, left earlier in `records`."""

@@ -228,12 +228,18 @@ class MatchRecord(_message.Message):
     def __init__(self, id: _Optional[str] = ..., source: _Optional[str] = ..., fields: _Optional[_Mapping[str, str]] = ..., identifiers: _Optional[_Iterable[_Union[Identifier, _Mapping]]] = ...) -> None: ...
 
 class MatchRecordsRequest(_message.Message):
-    __slots__ = ("records", "apply")
+    __slots__ = ("records", "apply", "min_probability", "page_size", "page_token")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     APPLY_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[MatchRecord]
     apply: bool
-    def __init__(self, records: _Optional[_Iterable[_Union[MatchRecord, _Mapping]]] = ..., apply: _Optional[bool] = ...) -> None: ...
+    min_probability: float
+    page_size: int
+    page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[MatchRecord, _Mapping]]] = ..., apply: _Optional[bool] = ..., min_probability: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ScoredPair(_message.Message):
     __slots__ = ("left_record", "right_record", "left_person", "right_person", "match_weight", "probability", "decision", "levels")
@@ -263,16 +269,22 @@ class ScoredPair(_message.Message):
     def __init__(self, left_record: _Optional[str] = ..., right_record: _Optional[str] = ..., left_person: _Optional[str] = ..., right_person: _Optional[str] = ..., match_weight: _Optional[float] = ..., probability: _Optional[float] = ..., decision: _Optional[str] = ..., levels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MatchRecordsResponse(_message.Message):
-    __slots__ = ("persons", "pairs", "merges", "review_ids")
+    __slots__ = ("persons", "pairs", "merges", "review_ids", "omitted_pairs", "total_pairs", "next_page_token")
     PERSONS_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     MERGES_FIELD_NUMBER: _ClassVar[int]
     REVIEW_IDS_FIELD_NUMBER: _ClassVar[int]
+    OMITTED_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     persons: _containers.RepeatedScalarFieldContainer[str]
     pairs: _containers.RepeatedCompositeFieldContainer[ScoredPair]
     merges: _containers.RepeatedCompositeFieldContainer[MergeRecord]
     review_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, persons: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[ScoredPair, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[MergeRecord, _Mapping]]] = ..., review_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    omitted_pairs: int
+    total_pairs: int
+    next_page_token: str
+    def __init__(self, persons: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[ScoredPair, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[MergeRecord, _Mapping]]] = ..., review_ids: _Optional[_Iterable[str]] = ..., omitted_pairs: _Optional[int] = ..., total_pairs: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
