@@ -15,9 +15,10 @@ timeline entry at or before T:
   event the store holds (`observed_until`): an unobserved window would read as "nothing happened".
 
 So nothing after T reaches a row's features: the profile the row is read from is built from entries at
-or before T only. What it cannot see is what retention already dropped from the timeline (computed traits
-over long windows are then undercounted in old rows), and identity as it is now: a merge made after T
-still joins the two persons' pre-T histories.
+or before T only. T is event time: an event that happened before T but arrived after it counts (timeline
+entries keep no arrival time). What a row cannot see is what retention already dropped from the timeline
+(computed traits over long windows are then undercounted in old rows); and identity is read as it is now:
+a merge made after T still joins the two persons' pre-T histories.
 
 `data_hash` is the SHA-256 of the feature matrix and labels (float32/float64 bytes, row order by person
 id) with the cut-off and the label spec: the same store and cut-off give the same hash.
