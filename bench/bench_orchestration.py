@@ -10,7 +10,10 @@ orchestration-dispatch   p99 from a resolved event published on events.resolved.
                          orchestration.in, from its JetStream time which the action carries as decided_at),
                          then the service's engine per batch from its /metrics (bus wait, slot wait, decode,
                          apply = journeys and the arbiter, commit, publish, ack), and decided -> action
-                         stored. The arbiter alone is orchestration-arbiter's figure.
+                         stored. Also in process (`params.apply_us_per_event`): µs to apply one
+                         everyday event with the 100 journeys and with the probe journey alone, and the
+                         same p50 / p99 at a rate this machine keeps up with (BENCH_ORCHESTRATION_LOW_RATE,
+                         1000). The arbiter alone is orchestration-arbiter's figure.
 orchestration-waiting    N instances waiting in a 30-day delay (each one durable timer): the service's RSS
                          holding them, and the time from a restart (SIGTERM, start) to serving (gRPC
                          listening, and a probe event's action stored). Baseline: the same service with
@@ -31,7 +34,7 @@ orchestration-arbiter    arbiter decisions/s in process (`arbiter.decide` on per
     BENCH_ORCHESTRATION_ONLY=dispatch,arbiter python bench/bench_orchestration.py
     BENCH_ORCHESTRATION_WAITING=1000000 python bench/bench_orchestration.py   # the full size
 
-Sizes by environment: BENCH_ORCHESTRATION_RATE (5000), _SECONDS (10), _WAITING (100000),
+Sizes by environment: BENCH_ORCHESTRATION_RATE (5000), _LOW_RATE (1000), _SECONDS (10), _WAITING (100000),
 _TIMERS (100000), _TIMER_WINDOW (60 s), _DECISIONS (20000). Each result's params say what ran.
 """
 
@@ -370,7 +373,7 @@ async def bench_dispatch(nats_url: str, metrics_url: str, pid: int, rate: int, s
     }
 
 
-async def run_dispatch() -> None:
+async def run_dispatch(per_event: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         server = NatsServer(workdir / "nats")
@@ -416,6 +419,9 @@ async def run_dispatch() -> None:
             "baseline": "one bare JetStream hop (publish -> push consumer) at the same load",
             "stages": ours["stages"],
             "process": ours["process"],
+            # In process, per everyday event: the apply stage with all journeys, and with the probe journey
+            # alone (the difference is the entry checks of the 99 others).
+            "apply_us_per_event": per_event,
             "stages_note": "publish_in = publishing a tick's events into EVENTS_RESOLVED (here); sourcing = "
             "event published -> its copy stored in orchestration.in (the action's decided_at is that JetStream "
             "time); then the engine per batch from /metrics (bus_wait, slot_wait, decode, apply = journeys and "
@@ -426,6 +432,47 @@ async def run_dispatch() -> None:
             "target": "p99 <= 100 ms",
         },
     )
+
+
+def bench_per_event(journey_count: int) -> float:
+    """µs to apply one everyday event in process (`OrchestrationLogic.apply` on a memory store, no bus), with
+    `journey_count` live journeys: the engine's apply stage without the load around it."""
+    from cdp_kit.storage import open_store
+    from cdp_orchestration.domain import lifecycle
+    from cdp_orchestration.domain.document import parse_journey
+    from cdp_orchestration.domain.rules import Rules
+    from cdp_orchestration.engine import OrchestrationLogic
+    from cdp_orchestration.inputs import decode
+    from cdp_orchestration.journeys import Journeys
+
+    async def run() -> float:
+        async with open_store("memory://") as store:
+            journeys = Journeys(store)
+            documents = [probe_journey(), *(everyday_journey(i) for i in range(JOURNEYS - 1))][:journey_count]
+            for document in documents:
+                await journeys.save(lifecycle.publish(lifecycle.create(parse_journey(document))))
+            await journeys.load()
+            logic = OrchestrationLogic(store, journeys, Rules(), partitions=1)
+            persons = [f"p_{i:06d}" for i in range(2000)]
+            now = time.time()
+            profiles = profile_pb2.ProfileChangedBatch(changes=[profile_change(p, now) for p in persons])
+            await logic.apply(0, [decode(subjects.PROFILES, "", profiles.SerializeToString(), now)])
+            rng = random.Random(5)
+            batches = []
+            for k in range(40):
+                batch = events_pb2.ResolvedEventBatch()
+                for n in range(250):
+                    name = rng.choice(EVENT_NAMES)
+                    batch.events.append(event(rng.choice(persons), name, f"e-{k}-{n}", now, everyday_properties(rng)))
+                batches.append(decode(subjects.EVENTS_RESOLVED, "", batch.SerializeToString(), now))
+            for inputs in batches[:10]:
+                await logic.apply(0, [inputs])
+            started = time.perf_counter()
+            for inputs in batches[10:]:
+                await logic.apply(0, [inputs])
+            return (time.perf_counter() - started) / (30 * 250) * 1e6
+
+    return asyncio.run(run())
 
 
 # --- 2. waiting instances ------------------------------------------------------------------------------------
@@ -798,7 +845,9 @@ def main() -> None:
     if wanted("arbiter"):
         run_arbiter()
     if wanted("dispatch"):
-        asyncio.run(run_dispatch())
+        per_event = {f"{n}_journeys": round(bench_per_event(n), 1) for n in (JOURNEYS, 1)}
+        print(f"apply per event: {per_event} µs")
+        asyncio.run(run_dispatch(per_event))
     if wanted("waiting"):
         asyncio.run(run_waiting())
     if wanted("timers"):
