@@ -82,6 +82,7 @@ from cdp_orchestration.domain.templates import MissingField
 from cdp_orchestration.domain.view import Event
 from cdp_orchestration.inputs import Input, decode
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.merges import adopt, handover, request_handovers
 from cdp_orchestration.privacy import forget
 from cdp_orchestration.state import (
     APPROVALS,
@@ -233,16 +234,22 @@ class OrchestrationLogic:
                 ):
                     self._arm(batch, person, scheduled, now)
         elif kind == "profile":
-            updates, removed = one.data
+            updates, removed, cause, merged = one.data
             for key, value in updates.items():
                 if value is None:
                     person.fields.pop(key, None)
                 else:
                     person.fields[key] = value
             person.dirty = True
-            if removed:
-                # The profile is gone (deleted, or merged into another): its instances end, and what was
-                # copied of it here goes too.
+            if merged:
+                request_handovers(self.partitions, batch, person.person_id, merged, now)
+            if removed and cause == "merge":
+                # Merged into another person: the survivor's engine asks for the instances (`merges`); until
+                # then they wait, and the view copied of the profile goes.
+                person.fields.clear()
+                person.segments.clear()
+            elif removed:
+                # The profile is gone (deleted): its instances end, and what was copied of it here goes too.
                 for instance in list(person.live.values()):
                     await self._step(hot, batch, person, instance, ExitRequest("profile_removed"), now)
                 person.live.clear()  # nothing more will come for this person id, goals included
@@ -288,6 +295,10 @@ class OrchestrationLogic:
             await self._migrate(person, one.data)
         elif kind == "forget":
             await forget(self, hot, batch, person, one.data["request_id"], now)
+        elif kind == "handover":
+            handover(self.partitions, batch, person, one.data["survivor"], now)
+        elif kind == "adopt":
+            await adopt(self, hot, batch, person, one.data, now)
         for instance in list(person.live.values()):
             if instance.status is Status.ENDED and not instance.watching_goal(now):
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more

@@ -3,7 +3,8 @@
 `decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
 segment changes and profile changes (batches: one Input each), fired timers (instance timers and
 per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
-migrate, arm, and forget: a privacy deletion). `at` is the
+migrate, arm; forget: a privacy deletion; handover and adopt: a merge, `merges.py`). A profile change
+is (flat field updates, removed, cause, persons merged into it). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 """
 
@@ -35,7 +36,7 @@ class Input:
     data: Any = None
 
 
-COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm", "forget"})
+COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm", "forget", "handover", "adopt"})
 
 
 def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
@@ -49,7 +50,10 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
-            return [Input("profile", c.person_id, at, (change_fields(c), c.removed)) for c in batch.changes]
+            return [
+                Input("profile", c.person_id, at, (change_fields(c), c.removed, c.cause, list(c.merged)))
+                for c in batch.changes
+            ]
         if stream == subjects.ORCHESTRATION_TIMERS:
             body = orjson.loads(data)
             kind = "wake" if "w" in body else "slot" if "s" in body else "timer"

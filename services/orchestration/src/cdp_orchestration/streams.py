@@ -149,14 +149,15 @@ def _rfc3339(at: float) -> str:
     return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def schedule(partition: int, timer_id: str, at: float, payload: dict) -> OutMessage:
+def schedule(partition: int, timer_id: str, at: float, payload: dict, *, msg_id: str | None = None) -> OutMessage:
     """A durable timer firing `payload` into `orchestration.in.<partition>` at `at` (whole seconds, rounded
-    up: a timer never fires early)."""
+    up: a timer never fires early). `msg_id` (default: the timer id) differs for a timer scheduled again
+    elsewhere (a merge moved its instance to another partition)."""
     due = float(int(at)) if at == int(at) else float(int(at) + 1)
     return OutMessage(
         subject=subjects.orchestration_timer(partition, timer_id),
         payload=orjson.dumps(payload),
-        msg_id=timer_id,
+        msg_id=msg_id or timer_id,
         headers={
             "Nats-Schedule": f"@at {_rfc3339(due)}",
             "Nats-Schedule-Target": subjects.orchestration_fired(partition),
