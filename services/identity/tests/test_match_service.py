@@ -3,6 +3,9 @@ what is refused before anything is stored, what a response holds, and what a cal
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -15,8 +18,8 @@ from cdp_identity.settings import IdentitySettings
 from cdp_kit.service import serving
 
 
-@pytest.fixture
-async def service(nats_server):
+@contextlib.asynccontextmanager
+async def running(nats_server, **settings):
     settings = IdentitySettings(
         nats_url=nats_server.url,
         grpc_host="127.0.0.1",
@@ -26,10 +29,17 @@ async def service(nats_server):
         partitions=1,
         batch_size=10,
         shutdown_grace=1.0,
+        **settings,
     )
     async with serving(settings, setup) as runtime:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
             yield identity_pb2_grpc.IdentityServiceStub(channel), runtime
+
+
+@pytest.fixture
+async def service(nats_server):
+    async with running(nats_server) as started:
+        yield started
 
 
 def violations(error: grpc.aio.AioRpcError) -> list[str]:
@@ -150,3 +160,30 @@ async def test_a_new_record_is_scored_against_its_candidates_only(service):
     assert any(
         {pair.left_record, pair.right_record} == {"crm:newcomer", f"crm:{newcomer.id}"} for pair in response.pairs
     )
+
+
+async def test_fitted_weights_are_shown_saved_and_loaded_as_they_are(nats_server, tmp_path):
+    pool = people(300, seed=6)
+    async with running(nats_server) as (stub, _):
+        shipped = await stub.GetMatchingModel(identity_pb2.GetMatchingModelRequest())
+        assert shipped.origin == "default"
+        await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=pool))
+        fitted = await stub.GetMatchingModel(identity_pb2.GetMatchingModelRequest())
+        assert fitted.origin == "fitted" and fitted.fitted_on_records == len(pool)
+        assert fitted.em_converged and fitted.em_iterations > 0
+        before = await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=pool[:40], min_probability=1e-9))
+    saved = tmp_path / "matching.json"
+    saved.write_text(fitted.model_json)
+    async with running(nats_server, matching_file=saved) as (stub, _):
+        loaded = await stub.GetMatchingModel(identity_pb2.GetMatchingModelRequest())
+        assert loaded.origin == "file"
+        assert json.loads(loaded.model_json) == json.loads(fitted.model_json)
+        # 40 records are too few to fit, and the loaded weights need no fit: they score as before.
+        after = await stub.MatchRecords(identity_pb2.MatchRecordsRequest(records=pool[:40], min_probability=1e-9))
+    first_40 = {f"crm:{record.id}" for record in pool[:40]}
+    scores = {
+        (p.left_record, p.right_record): p.probability
+        for p in before.pairs
+        if {p.left_record, p.right_record} <= first_40
+    }
+    assert scores and scores == {(p.left_record, p.right_record): p.probability for p in after.pairs}

@@ -152,6 +152,11 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.ResolveReviewResponse:
         return await self.matching.resolve_review(request)
 
+    async def GetMatchingModel(
+        self, request: identity_pb2.GetMatchingModelRequest, context
+    ) -> identity_pb2.GetMatchingModelResponse:
+        return self.matching.model()
+
 
 SCOPES = {
     "Resolve": "identity:write",
@@ -162,6 +167,7 @@ SCOPES = {
     "ListQuarantined": "identity:read",
     "SetQuarantine": "identity:admin",
     "MatchRecords": "identity:write",
+    "GetMatchingModel": "identity:read",
     "ListReviews": "identity:read",
     "ResolveReview": "identity:admin",
 }

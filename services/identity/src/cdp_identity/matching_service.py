@@ -47,22 +47,31 @@ MIN_RECORDS_TO_FIT = 50
 DEFAULT_MODEL = Path(__file__).parent / "matching" / "default_model.json"
 
 
-def load_match_config(path: Path | None) -> MatchConfig:
+def load_match_config(path: Path | None) -> MatchConfig | Matcher:
+    """The configuration, or a saved matcher (what GetMatchingModel returns: `format`, `config` and fitted
+    `parameters`), whose weights are then used as they are and never refitted."""
     if path is None:
         return DEFAULT_PERSON_CONFIG
     try:
         document = json.loads(path.read_text())
     except ValueError as exc:
         raise InvalidArgument("CDP_IDENTITY_MATCHING_FILE", f"{path} is not JSON: {exc}") from None
+    if isinstance(document, dict) and "format" in document:
+        saved = Matcher.from_dict(document)
+        return saved if saved.fitted else saved.config
     return MatchConfig.from_dict(document)
 
 
 class MatchingService:
-    def __init__(self, engine: IdentityEngine, store: Store, config: MatchConfig) -> None:
+    def __init__(self, engine: IdentityEngine, store: Store, config: MatchConfig | Matcher) -> None:
         self.engine = engine
         self.store = store
-        self.config = config
-        self.matcher = Matcher(config)
+        # Weights loaded from CDP_IDENTITY_MATCHING_FILE are the operator's choice: used, never refitted.
+        self.frozen = isinstance(config, Matcher)
+        self.matcher = config if isinstance(config, Matcher) else Matcher(config)
+        self.config = config = self.matcher.config
+        self.origin = "file" if self.frozen else "unfitted"
+        self.em: dict[str, Any] = {}  # iterations and convergence of the last fit
         self.field_names = frozenset(config.normalisers())
         self.pool: dict[str, dict[str, Any]] = {}  # record key -> {"id", fields..., "_person"}
         self.blocks: dict[str, set[str]] = {}  # blocking key -> record keys: a new record's candidates
@@ -72,6 +81,8 @@ class MatchingService:
         await self.store.ensure_index(RECORDS, "_person")
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
             self._add_to_pool(record.doc)
+        if self.frozen:
+            return
         model = await self.store.get(MODEL, "current")
         if model is not None and model.doc["matcher"].get("format") in OLD_FORMATS:
             # Fitted by an older release whose parameters do not convert: the pool fits a new one.
@@ -82,10 +93,22 @@ class MatchingService:
         if model is not None:
             self.matcher = Matcher.from_dict(model.doc["matcher"])
             self.fitted_on = model.doc["fitted_on"]
+            self.em = model.doc.get("em", {})
+            self.origin = "fitted"
         if model is None and self.config == DEFAULT_PERSON_CONFIG:
             # Until the pool is big enough to estimate its own weights, start from the parameters EM
             # found on a generated population of 10,000 people (see DEFAULT_MODEL).
             self.matcher = Matcher.from_dict(json.loads(DEFAULT_MODEL.read_text()))
+            self.origin = "default"
+
+    def model(self) -> identity_pb2.GetMatchingModelResponse:
+        return identity_pb2.GetMatchingModelResponse(
+            model_json=json.dumps(self.matcher.to_dict(), indent=1),
+            origin=self.origin,
+            fitted_on_records=self.fitted_on,
+            em_iterations=self.em.get("iterations", 0),
+            em_converged=self.em.get("converged", False),
+        )
 
     async def match_records(self, request: identity_pb2.MatchRecordsRequest) -> identity_pb2.MatchRecordsResponse:
         records = self._validate(request.records)
@@ -327,6 +350,8 @@ class MatchingService:
 
     async def _refit_if_grown(self, new_docs: dict[str, dict[str, Any]]) -> None:
         """Fit on the pool with the call's records when it has grown by a quarter since the last fit."""
+        if self.frozen:
+            return
         size = len(self.pool.keys() | new_docs.keys())
         if size < MIN_RECORDS_TO_FIT and not self.matcher.fitted:
             raise FailedPrecondition(
@@ -341,10 +366,13 @@ class MatchingService:
         pooled = [self._comparable(doc) for key, doc in self.pool.items() if key not in new_docs]
         report = self.matcher.fit([*pooled, *new_docs.values()])
         self.fitted_on = size
-        await self.store.put(MODEL, "current", {"matcher": self.matcher.to_dict(), "fitted_on": size})
-        log.info(
-            "matching model re-estimated",
-            extra={"records": size, "seconds": round(time.perf_counter() - started, 3), "converged": report.converged},
+        self.em = {"iterations": report.iterations, "converged": report.converged}
+        self.origin = "fitted"
+        await self.store.put(MODEL, "current", {"matcher": self.matcher.to_dict(), "fitted_on": size, "em": self.em})
+        log.log(
+            logging.INFO if report.converged else logging.WARNING,
+            "matching model re-estimated" if report.converged else "matching model re-estimated; EM did not converge",
+            extra={"records": size, "seconds": round(time.perf_counter() - started, 3), **self.em},
         )
 
     async def _merge(self, left: str, right: str, pair, *, rule: str, detail: str, strict: bool = False):

@@ -102,7 +102,8 @@ class EmSettings:
     """Expectation-maximisation: iteration cap, convergence tolerance (largest change of any m or of λ),
     random pairs sampled to estimate u, and the seed that makes fitting deterministic."""
 
-    max_iterations: int = 100
+    # EM runs until the largest change is below tolerance; the cap only stops a fit that never settles.
+    max_iterations: int = 10_000
     tolerance: float = 1e-5
     u_sample_pairs: int = 300_000
     seed: int = 42

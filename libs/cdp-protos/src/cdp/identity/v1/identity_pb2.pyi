@@ -286,6 +286,24 @@ class MatchRecordsResponse(_message.Message):
     next_page_token: str
     def __init__(self, persons: _Optional[_Iterable[str]] = ..., pairs: _Optional[_Iterable[_Union[ScoredPair, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[MergeRecord, _Mapping]]] = ..., review_ids: _Optional[_Iterable[str]] = ..., omitted_pairs: _Optional[int] = ..., total_pairs: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetMatchingModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetMatchingModelResponse(_message.Message):
+    __slots__ = ("model_json", "origin", "fitted_on_records", "em_iterations", "em_converged")
+    MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    FITTED_ON_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    EM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    EM_CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    model_json: str
+    origin: str
+    fitted_on_records: int
+    em_iterations: int
+    em_converged: bool
+    def __init__(self, model_json: _Optional[str] = ..., origin: _Optional[str] = ..., fitted_on_records: _Optional[int] = ..., em_iterations: _Optional[int] = ..., em_converged: _Optional[bool] = ...) -> None: ...
+
 class ListReviewsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class IdentityServiceStub:
                 request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewRequest.SerializeToString,
                 response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewResponse.FromString,
                 _registered_method=True)
+        self.GetMatchingModel = channel.unary_unary(
+                '/cdp.identity.v1.IdentityService/GetMatchingModel',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -154,6 +159,13 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMatchingModel(self, request, context):
+        """The matching model in use: its configuration and fitted weights, as CDP_IDENTITY_MATCHING_FILE loads them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +218,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ResolveReview,
                     request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewRequest.FromString,
                     response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewResponse.SerializeToString,
+            ),
+            'GetMatchingModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMatchingModel,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +495,33 @@ class IdentityService:
             '/cdp.identity.v1.IdentityService/ResolveReview',
             cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewRequest.SerializeToString,
             cdp_dot_identity_dot_v1_dot_identity__pb2.ResolveReviewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMatchingModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.identity.v1.IdentityService/GetMatchingModel',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.GetMatchingModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
