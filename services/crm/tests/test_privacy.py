@@ -25,7 +25,7 @@ async def test_a_deleted_person_is_anonymised_in_hubspot_and_the_erasure_recorde
             world.store,
             world.logic.mappings,
             world.logic.deliverer,
-            locks=world.logic.locks,
+            settled=world.logic.settled,
             partitions=world.partitions,
         )
         runner = world.bus.consumer(consumer_spec(), privacy.handle)

@@ -176,3 +176,35 @@ def _record_key(person: str) -> str:
 async def _state(world, run_id: str, state: str) -> bool:
     record = await world.store.get(RUNS, run_id)
     return record is not None and record.doc["state"] == state
+
+
+async def test_a_backfill_writes_a_newly_mapped_field_for_everyone_with_progress(world_factory):
+    persons = [f"person-{i}" for i in range(30)]
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        document = world.document()
+        first = document["connections"][0]["mappings"][0]
+        first["fields"] = {"email": "traits.email"}
+        await world.start(document)
+        await world.profiles({p: {"traits.email": f"{p}@example.com", "traits.first_name": p.upper()} for p in persons})
+        await world.eventually(lambda: len(emulator.records("contacts")) == 30)
+        await world.stop()
+
+        first["fields"]["firstname"] = "traits.first_name"  # the administrator maps one more field
+        await world.start(document)
+        runs = Runs(world.logic, partitions=world.partitions)
+        run_id, _ = await runs.start_backfill("hs")
+        again, _ = await runs.start_backfill("hs")
+        assert again == run_id  # one backfill per scope at a time
+        await world.eventually(lambda: _state(world, run_id, "succeeded"))
+        run = (await world.store.get(RUNS, run_id)).doc
+        assert (run["total"], run["processed"], run["updated"], run["created"]) == (30, 30, 30, 0)
+        assert {r["properties"]["firstname"] for r in emulator.records("contacts")} == {p.upper() for p in persons}
+        assert len(emulator.records("contacts")) == 30
+
+        # Nothing left to write: a second backfill makes no call.
+        requests = len(emulator.requests)
+        second, _ = await runs.start_backfill("hs")
+        await world.eventually(lambda: _state(world, second, "succeeded"))
+        assert (await world.store.get(RUNS, second)).doc["unchanged"] == 30
+        assert len(emulator.requests) == requests

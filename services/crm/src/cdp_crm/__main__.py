@@ -117,6 +117,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         description="crm: profile, segment and action changes to the CRMs",
     )
     engine = PartitionedEngine(logic, spec, bus=bus, store=store)
+    logic.engine = engine
     ownership = await engine.start(
         await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
     )
@@ -129,7 +130,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         logic.mappings,
         deliverer,
         retry_for=settings.retry_for,
-        locks=logic.locks,
+        settled=logic.settled,
         partitions=settings.partitions,
     )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))

@@ -30,6 +30,7 @@ being written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -215,6 +216,7 @@ class CrmLogic:
         self.deliverer = deliverer
         self.clock = clock
         self.locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.engine = None  # the PartitionedEngine running this logic, once started (settled)
         self.reads: frozenset[str] = frozenset(
             k for m in self.mappings.values() for k in proj.reads(m) if not k.startswith(SEGMENTS)
         )
@@ -226,6 +228,25 @@ class CrmLogic:
             self.m_errors = meter.create_counter(
                 "cdp.crm.errors", unit="{record}", description="records a CRM refused, by connection and reason"
             )
+
+    @contextlib.asynccontextmanager
+    async def settled(self, partition: int):
+        """The partition's lock, taken at a moment every batch the local engine applied is durable: work
+        outside the stream (backfills, replays, erasures) then reads the records as the last batch left them
+        and never interleaves with a batch. (The lock alone is not enough: a batch's commit lands after its
+        apply released the lock.) A partition another replica owns has nothing to wait for here."""
+        lock = self.locks[partition]
+        while True:
+            await lock.acquire()
+            pipeline = self.engine.pipelines.get(partition) if self.engine is not None else None
+            if pipeline is None or pipeline.idle.is_set():
+                break
+            lock.release()  # a batch is between apply and acknowledgement: let it finish
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            lock.release()
 
     # --- the engine's contract ---------------------------------------------------------------------
 
@@ -277,15 +298,18 @@ class CrmLogic:
                 return
             changed = set()
             for key, value in updates.items():
-                if key in self.reads:
-                    changed.add(key)
+                # Every field is kept, read by a mapping or not: a mapping added later is backfilled
+                # from the view (runs.py) without asking the profile service.
+                if view.fields.get(key) != value:
+                    view.dirty = True
                     if value is None:
                         view.fields.pop(key, None)
                     else:
                         view.fields[key] = value
+                if key in self.reads:
+                    changed.add(key)
             if not changed:
-                return  # nothing any mapping reads: no write, not even of the view
-            view.dirty = True
+                return  # nothing any mapping reads
             for mapping in self.mappings.values():
                 if mapping.kind != "record" or PROFILES_CHANGED not in mapping.triggers:
                     continue

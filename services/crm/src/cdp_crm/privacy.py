@@ -14,11 +14,11 @@ being recorded as done; a request already recorded is acknowledged without calli
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
@@ -56,10 +56,10 @@ class Privacy:
         *,
         retry_for: float = 30.0,
         clock: Callable[[], float] = time.time,
-        locks: Mapping[int, asyncio.Lock] | None = None,
+        settled: Callable[[int], AbstractAsyncContextManager] | None = None,
         partitions: int = 1,
     ) -> None:
-        self.locks = locks  # the engine's partition locks: an erasure never interleaves with a batch
+        self.settled = settled  # CrmLogic.settled: an erasure never interleaves with a batch
         self.partitions = partitions
         self.store = store
         self.mappings = mappings
@@ -82,9 +82,9 @@ class Privacy:
 
     async def erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         """Anonymise and forget the request's persons; True once recorded as done."""
-        if self.locks is None:
+        if self.settled is None:
             return await self._erase(request)
-        async with self.locks[partition_for(request.person_id, self.partitions)]:
+        async with self.settled(partition_for(request.person_id, self.partitions)):
             return await self._erase(request)
 
     async def _erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:

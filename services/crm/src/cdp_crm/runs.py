@@ -7,8 +7,8 @@ call, and one interrupted by a crash is simply started again. A backfill already
 scope is returned instead of starting a second one. A replay sends dead-lettered records again: record
 and list records re-projected from the person's current view, tasks and cases as they were.
 
-Each page of people is handled under its partition's lock, so it never interleaves with a batch of the
-local engine; progress (total, processed, counters, API units) is stored after every page.
+Each page of people is handled while its partition is settled (`CrmLogic.settled`), so it never
+interleaves with a batch of the local engine; progress (total, processed, counters, API units) is stored after every page.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Runs:
             for record in page:
                 by_partition[partition_for(record.key, self.partitions)].append(record)
             for partition, records in by_partition.items():
-                async with self.logic.locks[partition]:
+                async with self.logic.settled(partition):
                     out = Outcomes(self.clock())
                     planned = Planned(self.store)
                     for record in records:
@@ -171,7 +171,7 @@ class Runs:
             dead = DeadLetter.from_state(state)
             by_partition[partition_for(dead.change.person_id, self.partitions)].append(dead)
         for partition, deads in by_partition.items():
-            async with self.logic.locks[partition]:
+            async with self.logic.settled(partition):
                 out = Outcomes(self.clock())
                 planned = Planned(self.store)
                 views = await self.logic._views({d.change.person_id for d in deads})

@@ -1,8 +1,9 @@
 """What the CRM connector keeps in the store, one collection per idea (every document plain JSON).
 
-- `crm_persons` / <person id>: the person as the connector follows it - the flat profile fields its
-  mappings read, the segments the person is in, the stream position of the last change applied. Written
-  with the batch that changed it (the engine's commit), so a redelivered change is applied on it again.
+- `crm_persons` / <person id>: the person as the connector follows it - the flat profile fields (all of
+  them, so a mapping added later can be backfilled), the segments the person is in, the stream position
+  of the last change applied. Written with the batch that changed it (the engine's commit), so a
+  redelivered change is applied on it again. Deleted by a privacy erasure.
 - `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
   the mapping and match key): the fields it last intended the CRM to hold, the CRM id, the state
   (synced, pending, dead_lettered, out_of_scope), the person (indexed: privacy and GetRecordStatus).
