@@ -118,3 +118,34 @@ async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_rest
         emulator.user_update("tickets", ticket["id"], {"hs_pipeline_stage": "4"})
         assert await poller().poll() == 1
         assert [e["event"] for e in collector.stored.values()] == ["CRM Ticket Opened", "CRM Ticket Closed"]
+
+
+async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp_path):
+    collector = CollectorStandIn()
+    async with (
+        HubSpotEmulator() as emulator,
+        collector as collector_url,
+        aiohttp.ClientSession() as session,
+        open_store(f"sqlite:///{tmp_path}/crm.db") as store,
+    ):
+        document = {"connections": [{"id": "hs", "kind": "hubspot", "url": emulator.base_url,
+                                     "credentials": {"token": "HUBSPOT_TOKEN"},
+                                     "mappings": [{"id": "contacts", "object": "contacts",
+                                                   "match": {"cdp_id": "person.id"}, "fields": {"email": "traits.email"}}]}]}  # fmt: skip
+        (connection,) = parse_connections(document)
+        await prepare_store(store)
+        poller = HubSpotPoller(
+            store, connection, session, TOKEN, SharedBudget(store, connection), Collector(session, collector_url, "crm-key"),
+            objects=("tasks",),
+        )  # fmt: skip
+        # As the connector writes a task for orchestration's action: upserted by its idempotency key.
+        task = emulator.user_create(
+            "tasks", {"hs_task_subject": "Call Ada", "hs_task_status": "NOT_STARTED", "cdp_idempotency_key": "cdp-1"}
+        )
+        assert await poller.poll() == 0  # the CDP's own action is not news
+        emulator.clock.advance(5)
+        emulator.user_update("tasks", task["id"], {"hs_task_status": "COMPLETED"})
+        assert await poller.poll() == 1
+        (event,) = collector.stored.values()
+        assert event["event"] == "CRM Task Completed"
+        assert event["properties"]["cdp_idempotency_key"] == "cdp-1"  # which action it was

@@ -44,7 +44,15 @@ SEARCH_SPACING = 0.25  # seconds between two searches: HubSpot's search limit is
 EPOCH = "1970-01-01T00:00:00.000Z"
 # What is read of each object, and the event a change of it becomes.
 HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
-    "tickets": ("subject", "hs_pipeline", "hs_pipeline_stage", "hs_ticket_priority", "hs_ticket_category", "cdp_id"),
+    "tickets": (
+        "subject",
+        "hs_pipeline",
+        "hs_pipeline_stage",
+        "hs_ticket_priority",
+        "hs_ticket_category",
+        "cdp_id",
+        "cdp_idempotency_key",
+    ),
     "tasks": ("hs_task_subject", "hs_task_status", "hs_task_priority", "hs_task_type", "cdp_idempotency_key"),
 }
 
@@ -156,16 +164,19 @@ class HubSpotPoller:
             fresh = [r for r in page if not (_stamp(r) == cursor.after and str(r["id"]) in cursor.seen)]
             if not fresh:
                 return posted
-            contacts = await self._contacts(obj, fresh)
-            await self.collector.post([self._event(obj, r, contacts.get(str(r["id"]))) for r in fresh])
-            posted += len(fresh)
+            # A task or case this connector created comes back as a change: its creation is the CDP's own
+            # action, not news (its later outcome is).
+            report = [r for r in fresh if not _own_creation(r)]
+            contacts = await self._contacts(obj, report) if report else {}
+            await self.collector.post([self._event(obj, r, contacts.get(str(r["id"]))) for r in report])
+            posted += len(report)
             last = _stamp(fresh[-1])
             at_last = [str(r["id"]) for r in fresh if _stamp(r) == last]
             seen = (*cursor.seen, *at_last) if last == cursor.after else tuple(at_last)
             cursor = Cursor(last, seen)
             await self.store.put(CURSORS, self._cursor_key(obj), {"after": cursor.after, "seen": list(cursor.seen)})
             log.info(
-                "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(fresh)}
+                "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(report)}
             )
             if len(page) < PAGE:
                 return posted
@@ -254,6 +265,11 @@ class HubSpotPoller:
 def _stamp(record: dict[str, Any]) -> str:
     props = record.get("properties") or {}
     return str(props.get("hs_lastmodifieddate") or record.get("updatedAt") or EPOCH)
+
+
+def _own_creation(record: dict[str, Any]) -> bool:
+    props = record.get("properties") or {}
+    return bool(props.get("cdp_idempotency_key")) and props.get("createdate") == _stamp(record)
 
 
 def _event_name(obj: str, props: dict[str, Any], stamp: str) -> str:
