@@ -27,7 +27,7 @@ from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
-from cdp_orchestration.dispatch import CollectorReporter, dispatcher
+from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
@@ -137,6 +137,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         answer_timeout=settings.answer_timeout,
         announce=announce,
         define_traits=define_traits,
+        opens=Opens(store, report),
     )
     runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
     runtime.grpc.add_service(

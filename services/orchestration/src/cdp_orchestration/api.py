@@ -26,6 +26,7 @@ from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
 from cdp_orchestration import streams
+from cdp_orchestration.dispatch import Opens
 from cdp_orchestration.domain import experiments, lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey, ScheduleEntry
@@ -88,6 +89,7 @@ class OrchestrationApi:
         answer_timeout: float = 10.0,
         announce: Callable[[str], Awaitable[None]] | None = None,
         define_traits: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
+        opens: Opens | None = None,
     ) -> None:
         self.journeys = journeys
         self.store = store
@@ -97,6 +99,7 @@ class OrchestrationApi:
         self.answer_timeout = answer_timeout
         self.announce = announce
         self.define_traits = define_traits
+        self.opens = opens if opens is not None else Opens(store)
 
     # --- journeys ------------------------------------------------------------------------------------------
 
@@ -458,6 +461,8 @@ class OrchestrationApi:
     async def MarkInboxRead(self, request, context) -> pb.MarkInboxReadResponse:
         person_id = required(request.person_id, "person_id")
         marked = await self._inbox().mark_read(person_id, list(request.message_ids))
+        # Each newly read message is opened once: Message Opened goes back in like any outcome.
+        await self.opens.opened(person_id, marked)
         return pb.MarkInboxReadResponse(marked=len(marked))
 
     async def SubscribeInbox(self, request, context):

@@ -27,6 +27,7 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -35,9 +36,9 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.channels import Action, Channel, Outcome
-from cdp_orchestration.channels.outcomes import attributed, feedback_from_outcome, track_event
+from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
-from cdp_orchestration.state import SENDS
+from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
@@ -127,6 +128,53 @@ class Dispatcher:
             ),
             "reported": False,
         }
+
+
+class Opens:
+    """Message Opened for in-app messages a person marked read (`InboxChannel.mark_read` returns the newly
+    read ones, so each is opened once). Each event is recorded in `orchestration_outcomes` before it is
+    posted, under the person's identifiers (`Person.ids`, as for sends) with the journey coordinates of its
+    send; one the collector refused is posted again by the next call. A person with no known
+    identifier gets the record only (`reported: "unattributed"`)."""
+
+    def __init__(self, store: Store, report: Report | None = None) -> None:
+        self.store = store
+        self.report = report
+
+    async def opened(self, person_id: str, action_ids: Sequence[str], *, at: float | None = None) -> None:
+        if not action_ids:
+            await self.flush()  # what an earlier call could not post
+            return
+        stored = await self.store.get(PERSONS, person_id)
+        ids = (stored.doc.get("ids") or {}) if stored is not None else {}
+        sends = await self.store.get_many(SENDS, list(action_ids))
+        opened_at = datetime.fromtimestamp(at if at is not None else time.time(), UTC)
+        writes = []
+        for action_id in action_ids:
+            send = sends.get(action_id)
+            # The journey coordinates its send reported (what the outcome itself says is set again below).
+            attributes = dict(send.doc["event"]["properties"]) if send is not None else {}
+            event = track_event(
+                Feedback(action_id, "opened", "inapp", at=opened_at),
+                person_id=person_id,
+                user_id=ids.get("user_id"),
+                anonymous_id=ids.get("anonymous_id"),
+                attributes={k: v for k, v in attributes.items() if k not in ("provider_id", "reason")},
+            )
+            reported: bool | str = False if attributed(event) else "unattributed"
+            writes.append(
+                Put(OUTCOMES, event["messageId"], {"person_id": person_id, "event": event, "reported": reported})
+            )
+        await self.store.bulk_write(writes)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Post the recorded outcome events the collector has not taken yet."""
+        if self.report is None:
+            return  # no collector configured: recorded here only
+        pending = await self.store.find(OUTCOMES, "reported", False, limit=500)
+        if pending and await self.report([record.doc["event"] for record in pending]):
+            await self.store.bulk_write([Put(OUTCOMES, r.key, {**r.doc, "reported": True}) for r in pending])
 
 
 def dispatcher(

@@ -14,7 +14,7 @@ hot cache, mid-batch):
    `orchestration_forgotten/<request>:<person>` (counts only) tells the handler it is done.
 
 Then the handler deletes what the dispatchers keep (the in-app inbox through `InboxChannel.forget`, the
-send records with their outcome events), deletes the engine's published outbox records at a quiescent
+send records and other outcome events), deletes the engine's published outbox records at a quiescent
 point (they may hold the person's rendered actions), and erases the store (`Store.erase`) so no bytes of
 the deleted records stay readable in its files. Only then is the request acknowledged: a crash anywhere
 redelivers it, and every step is idempotent. What it cannot reach: actions already sent sit in the
@@ -44,6 +44,7 @@ from cdp_orchestration.state import (
     DECISIONS,
     FORGOTTEN,
     INSTANCES,
+    OUTCOMES,
     SENDS,
     Batch,
     Partition,
@@ -192,7 +193,8 @@ class PrivacyHandler:
         for person in persons:
             if self.inbox is not None:
                 inbox_messages += await self.inbox.forget(person)
-            sends += await self._delete_sends(person)
+            sends += await self._delete_by_person(SENDS, person)
+            await self._delete_by_person(OUTCOMES, person)
         await self._scrub_outbox()
         await self.store.erase()  # the deletions are durable: leave no bytes of them in the store's files
         log.info(
@@ -206,10 +208,10 @@ class PrivacyHandler:
         )
         return True
 
-    async def _delete_sends(self, person_id: str) -> int:
+    async def _delete_by_person(self, collection: str, person_id: str) -> int:
         deleted = 0
-        while found := await self.store.find(SENDS, "person_id", person_id, limit=500):
-            await self.store.bulk_write([Delete(SENDS, record.key) for record in found])
+        while found := await self.store.find(collection, "person_id", person_id, limit=500):
+            await self.store.bulk_write([Delete(collection, record.key) for record in found])
             deleted += len(found)
         return deleted
 

@@ -37,7 +37,8 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "CDP_OUTCOMES_URL",
         "",
         help="the collector's Segment HTTP API (http://collector:8080): outcome events of sent actions (Message "
-        "Sent, Bounced, Failed) are posted to its /v1/batch; empty: outcomes are recorded here only",
+        "Sent, Bounced, Failed) and of in-app messages read (Message Opened) are posted to its /v1/batch; "
+        "empty: outcomes are recorded here only",
     )
     outcomes_write_key: str = env(
         "CDP_OUTCOMES_WRITE_KEY", "", help="the collector source write key outcome events are sent with", secret=True

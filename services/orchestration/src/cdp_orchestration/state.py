@@ -10,6 +10,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
 | `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
 | `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one |
+| `orchestration_outcomes`     | outcome event messageId               | outcome events that are not a send's own (in-app opens), until the collector took them |
 | `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
 
 Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
@@ -39,6 +40,7 @@ STATS = "orchestration_stats"
 ENROLLMENTS = "orchestration_enrollments"
 FORGOTTEN = "orchestration_forgotten"
 SENDS = "orchestration_sends"  # written by the dispatchers (`dispatch.py`)
+OUTCOMES = "orchestration_outcomes"
 
 _FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
 
@@ -172,3 +174,5 @@ async def prepare_store(store: Store) -> None:
     # A privacy deletion finds the person's approvals and sends by these.
     await store.ensure_index(APPROVALS, "person_id")
     await store.ensure_index(SENDS, "person_id")
+    await store.ensure_index(OUTCOMES, "person_id")
+    await store.ensure_index(OUTCOMES, "reported")  # the ones still to post
