@@ -10,6 +10,8 @@ import time
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp.profile.v1 import profile_pb2
@@ -19,6 +21,16 @@ from cdp_kit.timestamps import from_seconds
 from cdp_testing.processes import ServiceProcess
 
 PARTITIONS = 2
+
+
+def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    fields = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
 
 
 def _document(base_url: str) -> dict:
@@ -120,6 +132,19 @@ async def test_the_process_syncs_and_answers_its_api(nats_server, tmp_path):
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await crm.GetConnection(crm_pb2.GetConnectionRequest(connection_id="nope"))
                 assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+                for call, request, field in (
+                    (
+                        crm.StartBackfill,
+                        crm_pb2.StartBackfillRequest(connection_id="hs", mapping_id="nope"),
+                        "mapping_id",
+                    ),
+                    (crm.ListDeadLetters, crm_pb2.ListDeadLettersRequest(page_token="x"), "page_token"),
+                    (crm.GetRecordStatus, crm_pb2.GetRecordStatusRequest(), "subject"),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call(request)
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert bad_fields(refused.value) == [field]
         finally:
             process.stop()
         assert len(emulator.records("contacts")) == 1
