@@ -140,3 +140,15 @@ def test_levels_for_many_pairs_at_once_match_one_by_one():
     together = comparison.compare(table, left, right)
     for a, b, got in zip(left, right, together, strict=True):
         assert comparison.labels[got] == level(JW, names[a], names[b])
+
+
+DAMERAU = {"field": "zip", "kind": "damerau_levenshtein", "thresholds": [1, 2], "normalise": "digits"}
+
+
+def test_damerau_levenshtein_counts_a_transposition_as_one_edit():
+    # Swapped neighbouring digits are the commonest keying error; plain Levenshtein calls them two edits.
+    assert level(DAMERAU, "02147", "02147") == "exact"
+    assert level(DAMERAU, "02147", "02174") == "damerau_levenshtein<=1"
+    assert level(LEV, "02147", "02174") == "levenshtein<=2"
+    assert level(DAMERAU, "02147", "20174") == "damerau_levenshtein<=2"
+    assert level(DAMERAU, "02147", "98765") == "else"

@@ -13,7 +13,7 @@ from datetime import date
 
 import numpy as np
 from rapidfuzz import process
-from rapidfuzz.distance import JaroWinkler, Levenshtein
+from rapidfuzz.distance import DamerauLevenshtein, JaroWinkler, Levenshtein
 
 from .config import ComparisonSpec
 from .nicknames import are_name_variants
@@ -144,19 +144,29 @@ class JaroWinklerComparison(Comparison):
 
 
 class LevenshteinComparison(Comparison):
+    label = "levenshtein"
+    scorer = staticmethod(Levenshtein.distance)
+
     def _graded_labels(self) -> list[str]:
-        return [f"levenshtein<={int(t)}" for t in self.spec.thresholds]
+        return [f"{self.label}<={int(t)}" for t in self.spec.thresholds]
 
     def _graded_levels(self, column: Column, left_codes: np.ndarray, right_codes: np.ndarray) -> np.ndarray:
         distance = process.cpdist(
             _values(column, left_codes),
             _values(column, right_codes),
-            scorer=Levenshtein.distance,
+            scorer=self.scorer,
             score_cutoff=int(max(self.spec.thresholds)),
             dtype=np.int32,
             workers=-1,
         )
         return _first_threshold_met([distance <= t for t in self.spec.thresholds], len(left_codes))
+
+
+class DamerauLevenshteinComparison(LevenshteinComparison):
+    """Edit distance where swapping two neighbouring characters ("02147" / "02174") is one edit."""
+
+    label = "damerau_levenshtein"
+    scorer = staticmethod(DamerauLevenshtein.distance)
 
 
 class EmailComparison(Comparison):
@@ -226,6 +236,7 @@ _KINDS: dict[str, type[Comparison]] = {
     "exact": ExactComparison,
     "jaro_winkler": JaroWinklerComparison,
     "levenshtein": LevenshteinComparison,
+    "damerau_levenshtein": DamerauLevenshteinComparison,
     "email": EmailComparison,
     "date": DateComparison,
     "numeric": NumericComparison,

@@ -18,11 +18,12 @@ from cdp_kit.errors import InvalidArgument
 from .blocking import BlockingRule
 from .normalise import NORMALISER_NAMES, Normaliser, get_normaliser
 
-KINDS = ("date", "email", "exact", "jaro_winkler", "levenshtein", "numeric")
+KINDS = ("damerau_levenshtein", "date", "email", "exact", "jaro_winkler", "levenshtein", "numeric")
 DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "exact": (),
     "jaro_winkler": (0.92, 0.8),
     "levenshtein": (1, 2),
+    "damerau_levenshtein": (1, 2),
     "email": (0.88,),
     "date": (365,),
     "numeric": (1,),
@@ -31,11 +32,12 @@ DEFAULT_NORMALISER = {
     "exact": "text",
     "jaro_winkler": "text",
     "levenshtein": "text",
+    "damerau_levenshtein": "text",
     "email": "email",
     "date": "date",
     "numeric": "number",
 }
-_STRING_KINDS = ("exact", "jaro_winkler", "levenshtein")
+_STRING_KINDS = ("damerau_levenshtein", "exact", "jaro_winkler", "levenshtein")
 _COMPARISON_KEYS = (
     "name",
     "field",
@@ -63,8 +65,8 @@ _TOP_LEVEL_KEYS = (
 class ComparisonSpec:
     """One comparison: `field` compared by `kind` with kind-specific `thresholds`.
 
-    thresholds: jaro_winkler/email similarities (descending, in (0, 1]); levenshtein maximum edit
-    distances and date maximum day differences (ascending positive integers); numeric maximum absolute
+    thresholds: jaro_winkler/email similarities (descending, in (0, 1]); levenshtein and
+    damerau_levenshtein (a transposition of neighbours is one edit) maximum edit distances and date maximum day differences (ascending positive integers); numeric maximum absolute
     differences (ascending, >= 0). `nicknames` adds a name-variant level (bob/robert); `swap_field` adds
     a level for values entered in the other field (first and last name swapped). `shareable` marks a
     field different people often have in common (a household's address or landline, a family surname):
@@ -317,8 +319,8 @@ def _parse_thresholds(kind: str, raw: object, path: str) -> tuple[float, ...]:
                 path, f"similarities must be distinct, in (0, 1] and descending, e.g. [0.92, 0.8]; got {list(values)}"
             )
         return tuple(float(v) for v in values)
-    if kind in ("levenshtein", "date"):
-        unit = "edit distances" if kind == "levenshtein" else "day differences"
+    if kind in ("levenshtein", "damerau_levenshtein", "date"):
+        unit = "day differences" if kind == "date" else "edit distances"
         if not all(float(v).is_integer() and v >= 1 for v in values) or list(values) != sorted(set(values)):
             raise InvalidArgument(
                 path, f"{unit} must be distinct positive integers, ascending, e.g. [1, 2]; got {list(values)}"
