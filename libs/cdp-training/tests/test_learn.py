@@ -73,7 +73,7 @@ async def test_a_first_run_registers_a_live_version_that_keeps_its_training_reco
     assert training["window"]["history_until"] == learn.iso(cutoff)
     assert training["evaluation_window"]["history_until"] == learn.iso(cutoff + 30 * DAY)  # the later slice
     assert training["rows"] == result.train.rows > 600 and training["evaluation_rows"] == result.evaluation.rows
-    assert 0 < training["positives"] < training["rows"]
+    assert 0 < training["positives"]["1"] < training["rows"] == sum(training["positives"].values())
     assert training["data_hash"] == result.train.data_hash != training["evaluation_data_hash"]
     importances = training["feature_importances"]
     assert len(importances) == 30 and sum(importances.values()) == pytest.approx(1, abs=0.01)
@@ -118,7 +118,7 @@ async def test_a_candidate_that_beats_live_by_the_margin_is_promoted_and_live_ke
     await registry.deploy(shipped("churn_risk"), LIVE)
     working = await registry.live("churn_risk")
     # the live version has stopped telling customers apart (a constant score): any real model beats it
-    broken = learn.LiveModel(working.version, working.spec, lambda rows: np.full(len(rows), 0.3))
+    broken = learn.LiveModel(working.version, working.spec, lambda rows: {"churn_risk": np.full(len(rows), 0.3)})
     result = learn.train_run(
         "churn_risk",
         profiles,
@@ -173,3 +173,30 @@ def test_the_api_less_run_writes_the_candidate_and_its_record(world, tmp_path, c
     load_model(records[0].with_suffix(".onnx").read_bytes())  # a file DeployModel takes
     assert main(["train", "purchase_propensity", "--store", db, "--cutoff", "soon"]) == 2
     assert "cutoff" in capsys.readouterr().err
+
+
+async def test_next_best_channel_is_retrained_on_answers_and_judged_on_top1_accuracy_beside_live(world):
+    population, profiles, _ = world
+    registry = InProcessRegistry()
+    await registry.deploy(shipped("next_best_channel"), LIVE)
+    live = await registry.live("next_best_channel")
+    result = learn.train_run(
+        "next_best_channel",
+        profiles,
+        cutoff=population.cutoff - 30 * DAY,
+        live=live,
+        margin=0.5,
+        until=population.end,
+        log=lambda _: None,
+    )
+    assert await learn.register(registry, result, had_live=True) == SHADOW
+    spec = registry.registry.get("next_best_channel").versions[result.version].spec
+    assert [o.score for o in spec.outputs] == [o.score for o in live.spec.outputs]  # a drop-in for live
+    assert spec.training["label"]["kind"] == "channel_answered"
+    assert sum(spec.training["positives"].values()) == spec.training["rows"] == result.train.rows
+    decision = spec.training["promotion"]
+    assert decision["metric"] == "top1_accuracy" and "stays in shadow" in decision["reason"]
+    assert spec.quality["top1_accuracy"] > 0.4
+    assert spec.quality["live_on_holdout"]["top1_accuracy"] > 0.4
+    # a person who answered nothing has no row: only answerers are labelled
+    assert result.train.skipped_unlabelled > 0

@@ -10,8 +10,9 @@ shadow, promote only on evidence.
    start where the training labels end, its labels are later still, so no training row saw the slice.
 3. The candidate (LightGBM, the shipped models' settings) and the live version are both scored on E's
    rows, each through its own spec's assembler from the same profile fields. The candidate is promoted
-   only when its AUC beats live's by at least `margin` (stated in the decision); otherwise it stays in
-   shadow and the decision says why. No live version: the candidate is the model's first version.
+   only when it beats live by at least `margin` (AUC for binary labels, top-1 accuracy for
+   channel_answered; stated in the decision); otherwise it stays in shadow and the decision says why.
+   No live version: the candidate is the model's first version.
 4. The version carries everything needed to answer for it in its spec: `training` holds the label, the
    training and evaluation windows, row and label counts, both data hashes, the feature importances
    (share of split gain) and the promotion decision; `quality` the evaluation figures and live's.
@@ -20,8 +21,10 @@ The version name is `t<cut-off date>-<hash of the data hash and seed, 10 digits>
 same bytes under the same name (LightGBM runs deterministic on one thread), so running twice deploys
 nothing new.
 
-Binary labels (no_activity, goal_event, label_event) are trained here; channel_answered and
-orders_and_value sets can be built (`pointintime`), their training runs are not written yet.
+Trained here: binary labels (no_activity, goal_event, label_event: churn, propensity, fraud) and
+channel_answered (next best channel: multiclass trees, plus the send-hour output when the spec has one, its
+fallback the most common best_hour of the training rows). orders_and_value sets can be built
+(`pointintime`); the CLV run (BG/NBD from the store's orders) is not written yet.
 """
 
 from __future__ import annotations
@@ -43,45 +46,51 @@ from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
 from cdp_training import metrics
 from cdp_training.graphs import run, score_columns
-from cdp_training.labels import BINARY_KINDS, LabelSpec
-from cdp_training.models import OWNER, Built, _finish, _lightgbm, _lightgbm_onnx
+from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
+from cdp_training.models import NBC_TREES, OWNER, Built, _finish, _lightgbm, _lightgbm_onnx, with_send_hour
 from cdp_training.pointintime import StoredProfile, TrainingSet, training_set
-from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, traits_for
+from cdp_training.simulator import CHANNELS, Kind
+from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, NBC_FEATURES, traits_for
 
-DEFAULT_MARGIN = 0.005  # AUC points the candidate must gain over live on the evaluation slice
-METRIC = "auc"
+DEFAULT_MARGIN = 0.005  # points of the metric (AUC; top-1 accuracy for channels) to gain over live
 
 
 @dataclass(frozen=True, slots=True)
 class Trainable:
-    """A model the platform can retrain on its own data: default features, its score, its label (data)."""
+    """A model the platform can retrain on its own data: default features and outputs (used when it has
+    no live version), its label (data)."""
 
     features: Sequence[Mapping[str, Any]]
-    score: str
-    meaning: str
+    outputs: Sequence[Mapping[str, Any]]
     description: str
     label: Mapping[str, Any]
+
+
+def _probability(score: str, meaning: str) -> list[dict[str, Any]]:
+    return [{"score": score, "output": "probabilities", "index": 1, "meaning": meaning}]
+
+
+# What a person answers: the simulator's (and a Segment source's) response events, and orchestration's
+# outcome events for the messages it sent; both carry the channel in `channel`.
+ANSWERS = [*(({"name": name}) for name in Kind.RESPONSE_NAMES), {"name": "Message Opened"}, {"name": "Message Clicked"}]
 
 
 TRAINABLE: dict[str, Trainable] = {
     "churn_risk": Trainable(
         ENGAGEMENT_FEATURES,
-        "churn_risk",
-        "P(no activity in the next 90 days)",
+        _probability("churn_risk", "P(no activity in the next 90 days)"),
         "Churn risk, trained on this platform's customers: P(no activity at all in the next 90 days).",
         {"kind": "no_activity", "window": "90d"},
     ),
     "purchase_propensity": Trainable(
         ENGAGEMENT_FEATURES,
-        "purchase_propensity",
-        "P(an order in the next 30 days)",
+        _probability("purchase_propensity", "P(an order in the next 30 days)"),
         "Purchase propensity, trained on this platform's customers: P(an order in the next 30 days).",
         {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]},
     ),
     "fraud_risk": Trainable(
         FRAUD_FEATURES,
-        "fraud_risk",
-        "P(a chargeback or a case closed as fraud in the next 90 days)",
+        _probability("fraud_risk", "P(a chargeback or a case closed as fraud in the next 90 days)"),
         "Fraud risk, trained on this platform's customers: a chargeback or a CRM case closed as fraud.",
         {
             "kind": "label_event",
@@ -89,17 +98,34 @@ TRAINABLE: dict[str, Trainable] = {
             "events": [{"name": "Chargeback"}, {"name": "Case Closed", "where": {"resolution": "fraud"}}],
         },
     ),
+    "next_best_channel": Trainable(
+        NBC_FEATURES,
+        [
+            *(
+                {"score": f"nbc_{c}", "output": "probabilities", "index": k, "meaning": f"P({c} is answered most)"}
+                for k, c in enumerate(CHANNELS)
+            ),
+            {"score": "best_send_hour", "output": "send_hour", "index": 0, "meaning": "local hour most answered at"},
+        ],
+        "Next best channel, trained on this platform's customers: the channel answered most in the next 30 days.",
+        {
+            "kind": "channel_answered",
+            "window": "30d",
+            "events": ANSWERS,
+            "property": "channel",
+            "classes": list(CHANNELS),
+        },
+    ),
 }
 
 
 @dataclass(slots=True)
 class LiveModel:
-    """The version a candidate must beat: its spec, and its scores (the model's first output) for rows
-    assembled by that spec."""
+    """The version a candidate must beat: its spec, and its scores (by name) for rows assembled by that spec."""
 
     version: str
     spec: ModelSpec
-    score: Callable[[np.ndarray], np.ndarray]
+    scores: Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 
 class ModelRegistry(Protocol):
@@ -115,7 +141,13 @@ def live_from_onnx(data: bytes) -> LiveModel:
     from cdp_scoring.runtime import load_model
 
     loaded = load_model(data)
-    return LiveModel(loaded.spec.version, loaded.spec, lambda rows: loaded.run(rows)[:, 0])
+    names = [o.score for o in loaded.spec.outputs]
+
+    def scores(rows: np.ndarray) -> dict[str, np.ndarray]:
+        values = loaded.run(rows)
+        return {name: values[:, j] for j, name in enumerate(names)}
+
+    return LiveModel(loaded.spec.version, loaded.spec, scores)
 
 
 @dataclass(slots=True)
@@ -145,7 +177,7 @@ def _template(name: str, trainable: Trainable | None, live: LiveModel | None) ->
         raise InvalidArgument(
             "model", f"{name!r} has no live version and no default features: known: {', '.join(TRAINABLE)}"
         )
-    outputs = [{"score": trainable.score, "output": "probabilities", "index": 1, "meaning": trainable.meaning}]
+    outputs = [dict(o) for o in trainable.outputs]
     features = [dict(f) for f in trainable.features]
     return {
         "features": features,
@@ -162,9 +194,11 @@ def _importances(estimator: lightgbm.LGBMClassifier, names: Sequence[str]) -> di
     return {name: round(float(value) / total, 4) for name, value in ranked}
 
 
-def decide(candidate: float, live: float | None, live_version: str | None, margin: float) -> dict[str, Any]:
+def decide(
+    metric: str, candidate: float, live: float | None, live_version: str | None, margin: float
+) -> dict[str, Any]:
     """Promote only when the candidate beats live by `margin` on the evaluation slice; say why either way."""
-    decision: dict[str, Any] = {"metric": METRIC, "margin": margin, "candidate": round(candidate, 4)}
+    decision: dict[str, Any] = {"metric": metric, "margin": margin, "candidate": round(candidate, 4)}
     if live is None:
         decision.update(promote=True, reason="no live version: the candidate is the model's first version")
         return decision
@@ -174,12 +208,12 @@ def decide(candidate: float, live: float | None, live_version: str | None, margi
     if gain >= margin:
         decision.update(
             promote=True,
-            reason=f"{METRIC} {candidate:.4f} beats live {live_version}'s {live:.4f} by {gain:.4f} >= {margin}",
+            reason=f"{metric} {candidate:.4f} beats live {live_version}'s {live:.4f} by {gain:.4f} >= {margin}",
         )
     else:
         decision.update(
             promote=False,
-            reason=f"{METRIC} {candidate:.4f} does not beat live {live_version}'s {live:.4f} by the margin {margin} "
+            reason=f"{metric} {candidate:.4f} does not beat live {live_version}'s {live:.4f} by the margin {margin} "
             f"(gain {gain:+.4f}): stays in shadow",
         )
     return decision
@@ -205,7 +239,7 @@ def train_run(
             raise InvalidArgument("label", f"model {name!r} has no default label: give one")
         label = trainable.label
     spec_label = LabelSpec.from_dict(label)
-    if spec_label.kind not in BINARY_KINDS:
+    if spec_label.kind not in BINARY_KINDS and spec_label.kind != CHANNEL_ANSWERED:
         raise InvalidArgument("label.kind", f"training runs for {spec_label.kind} labels are not built yet")
     if not math.isfinite(margin) or margin < 0:
         raise InvalidArgument("margin", f"{margin!r} must be a number of AUC points >= 0")
@@ -220,32 +254,29 @@ def train_run(
     template = _template(name, trainable, live)
     draft = ModelSpec.from_dict({"name": name, "version": "draft", **template})
     train = training_set(profiles, spec=draft, label=spec_label, cutoff=cutoff, until=until)
-    log(f"training set at {iso(cutoff)}: {train.rows} rows, {int(train.y.sum())} positive")
+    log(f"training set at {iso(cutoff)}: {train.rows} rows, label counts {train.summary().get('label_counts')}")
     evaluation = training_set(profiles, spec=draft, label=spec_label, cutoff=evaluate_at, until=until)
-    log(f"evaluation slice at {iso(evaluate_at)}: {evaluation.rows} rows, {int(evaluation.y.sum())} positive")
+    log(f"evaluation slice at {iso(evaluate_at)}: {evaluation.rows} rows")
+    classes = len(spec_label.classes) or 2
     for where, data in (("cutoff", train), ("evaluate_at", evaluation)):
-        if data.rows == 0 or len(np.unique(data.y[:, 0])) < 2:
+        if data.rows == 0 or len(np.unique(data.y[:, 0])) < classes:
             raise FailedPrecondition(
-                f"{where}: the rows at {iso(data.cutoff)} ({data.rows}) do not hold both label values; "
-                "choose another cut-off or a longer history",
-                reason="one_class",
+                f"{where}: the rows at {iso(data.cutoff)} ({data.rows}) do not hold every label value "
+                f"({classes}); choose another cut-off or a longer history",
+                reason="missing_class",
             )
     y = train.y[:, 0].astype(int)
     y_eval = evaluation.y[:, 0].astype(int)
-    estimator = _lightgbm(train.X, y, seed)
-    model = _lightgbm_onnx(estimator, train.X.shape[1])
-    score = draft.outputs[0].score
-    p = score_columns(draft, run(model, evaluation.X))[score]
-    quality: dict[str, Any] = {"holdout": metrics.binary_report(y_eval, p), "holdout_rows": evaluation.rows}
-    quality["auc"] = quality["holdout"]["auc"]
-    live_auc = None
+    fit = _fit_channels if spec_label.kind == CHANNEL_ANSWERED else _fit_binary
+    model, estimator, quality, metric = fit(draft, train.X, y, evaluation.X, y_eval, seed)
+    live_value = None
     if live is not None:
         live_rows = evaluation.X if live.spec.features == draft.features else _rows_for(live.spec, evaluation)
-        live_p = np.asarray(live.score(live_rows), dtype=np.float64)
-        quality["live_on_holdout"] = {"version": live.version, **metrics.binary_report(y_eval, live_p)}
-        live_auc = quality["live_on_holdout"]["auc"]
-    decision = decide(quality["auc"], live_auc, live.version if live else None, margin)
-    log(f"candidate AUC {quality['auc']:.4f}" + (f", live {live_auc:.4f}" if live_auc is not None else ""))
+        live_scores = live.scores(live_rows)
+        quality["live_on_holdout"] = {"version": live.version, **_judge(spec_label, live.spec, live_scores, y_eval)}
+        live_value = quality["live_on_holdout"][metric]
+    decision = decide(metric, quality[metric], live_value, live.version if live else None, margin)
+    log(f"candidate {metric} {quality[metric]:.4f}" + (f", live {live_value:.4f}" if live_value is not None else ""))
     names = [f.name for f in draft.features]
     fit = hashlib.sha256(f"{train.data_hash} seed={seed}".encode()).hexdigest()
     version = f"t{datetime.fromtimestamp(cutoff, UTC):%Y%m%d}-{fit[:10]}"
@@ -263,10 +294,10 @@ def train_run(
             "label_until": iso(evaluate_at + spec_label.window),
         },
         "rows": train.rows,
-        "positives": int(y.sum()),
+        "positives": train.summary().get("label_counts"),
         "skipped": {"not_yet_seen": train.skipped_unborn, "unlabelled": train.skipped_unlabelled},
         "evaluation_rows": evaluation.rows,
-        "evaluation_positives": int(y_eval.sum()),
+        "evaluation_positives": evaluation.summary().get("label_counts"),
         "data_hash": train.data_hash,
         "evaluation_data_hash": evaluation.data_hash,
         "feature_importances": _importances(estimator, names),
@@ -288,6 +319,53 @@ def train_run(
     )
     record = {"model": name, "version": version, "owner": OWNER, "training": training, "quality": quality}
     return RunResult(built, decision, train, evaluation, record)
+
+
+def _fit_binary(spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_eval: np.ndarray, y_eval: np.ndarray, seed: int):
+    estimator = _lightgbm(X, y, seed)
+    model = _lightgbm_onnx(estimator, X.shape[1])
+    quality: dict[str, Any] = _judge_binary(spec, score_columns(spec, run(model, X_eval)), y_eval)
+    quality["holdout_rows"] = len(y_eval)
+    return model, estimator, quality, "auc"
+
+
+def _judge_binary(spec: ModelSpec, scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
+    p = np.asarray(scores[spec.outputs[0].score], dtype=np.float64)
+    report = metrics.binary_report(y, p)
+    return {"auc": report["auc"], "holdout": report}
+
+
+def _fit_channels(spec: ModelSpec, X: np.ndarray, y: np.ndarray, X_eval: np.ndarray, y_eval: np.ndarray, seed: int):
+    """Multiclass trees as the shipped model has them; a `send_hour` output, when the spec has one, is the
+    row's best_hour or, unknown, the most common best_hour among the training rows."""
+    estimator = _lightgbm(X, y, seed, "multiclass", **NBC_TREES)
+    model = _lightgbm_onnx(estimator, X.shape[1])
+    if any(o.output == "send_hour" for o in spec.outputs):
+        names = [f.name for f in spec.features]
+        if "best_hour" not in names:
+            raise InvalidArgument("features", "a send_hour output reads the feature best_hour, which is missing")
+        column = names.index("best_hour")
+        known = X[:, column][X[:, column] >= 0].astype(int)
+        fallback = int(np.bincount(known, minlength=24).argmax()) if known.size else 12
+        model = with_send_hour(model, column, fallback)
+    quality = _judge_channels(spec, score_columns(spec, run(model, X_eval)), y_eval)
+    quality["holdout_rows"] = len(y_eval)
+    return model, estimator, quality, "top1_accuracy"
+
+
+def _judge_channels(spec: ModelSpec, scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
+    """Top-1 accuracy: class k is the spec's `probabilities` output with index k."""
+    columns = sorted((o for o in spec.outputs if o.output == "probabilities"), key=lambda o: o.index)
+    probabilities = np.stack([np.asarray(scores[o.score], dtype=np.float64) for o in columns], axis=1)
+    predicted = probabilities.argmax(axis=1)
+    return {
+        "top1_accuracy": round(float(np.mean(predicted == y)), 4),
+        "holdout_class_shares": {o.score: round(float(np.mean(y == o.index)), 4) for o in columns},
+    }
+
+
+def _judge(label: LabelSpec, spec: ModelSpec, scores: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, Any]:
+    return _judge_channels(spec, scores, y) if label.kind == CHANNEL_ANSWERED else _judge_binary(spec, scores, y)
 
 
 def _rows_for(spec: ModelSpec, data: TrainingSet) -> np.ndarray:

@@ -483,6 +483,26 @@ def fraud_anomaly(data: Data) -> Built:
 NBC_BASELINE = ("email_opens_90d", "sms_clicks_90d", "push_opens_90d", "inapp_clicks_90d")
 
 
+def with_send_hour(model: onnx.ModelProto, column: int, fallback: int) -> onnx.ModelProto:
+    """Add output `send_hour`: the row's feature `column` (best_hour), or `fallback` where it is unknown (< 0)."""
+    return append_nodes(
+        model,
+        [
+            helper.make_node("Gather", [INPUT, "send_hour_column"], ["send_hour_2d"], axis=1),
+            helper.make_node("Reshape", ["send_hour_2d", "send_hour_flat"], ["send_hour_known"]),
+            helper.make_node("Less", ["send_hour_known", "send_hour_zero"], ["send_hour_unknown"]),
+            helper.make_node("Where", ["send_hour_unknown", "send_hour_fallback", "send_hour_known"], ["send_hour"]),
+        ],
+        [
+            numpy_helper.from_array(np.array([column], dtype=np.int64), "send_hour_column"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), "send_hour_flat"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "send_hour_zero"),
+            numpy_helper.from_array(np.array(float(fallback), dtype=np.float32), "send_hour_fallback"),
+        ],
+        [helper.make_tensor_value_info("send_hour", TensorProto.FLOAT, ["N"])],
+    )
+
+
 def next_best_channel(data: Data) -> Built:
     outputs = [
         {
@@ -513,24 +533,7 @@ def next_best_channel(data: Data) -> Built:
     fallback = int(np.bincount(data.train.outcomes.response_hour[train_rows], minlength=24).argmax())
 
     estimator = _lightgbm(X, y, data.seed, "multiclass", **NBC_TREES)
-    model = _lightgbm_onnx(estimator, X.shape[1])
-    column = names.index("best_hour")
-    model = append_nodes(
-        model,
-        [
-            helper.make_node("Gather", [INPUT, "send_hour_column"], ["send_hour_2d"], axis=1),
-            helper.make_node("Reshape", ["send_hour_2d", "send_hour_flat"], ["send_hour_known"]),
-            helper.make_node("Less", ["send_hour_known", "send_hour_zero"], ["send_hour_unknown"]),
-            helper.make_node("Where", ["send_hour_unknown", "send_hour_fallback", "send_hour_known"], ["send_hour"]),
-        ],
-        [
-            numpy_helper.from_array(np.array([column], dtype=np.int64), "send_hour_column"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), "send_hour_flat"),
-            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "send_hour_zero"),
-            numpy_helper.from_array(np.array(float(fallback), dtype=np.float32), "send_hour_fallback"),
-        ],
-        [helper.make_tensor_value_info("send_hour", TensorProto.FLOAT, ["N"])],
-    )
+    model = with_send_hour(_lightgbm_onnx(estimator, X.shape[1]), names.index("best_hour"), fallback)
     scores = score_columns(spec, run(model, X_test))
     probabilities = np.stack([scores[f"nbc_{c}"] for c in CHANNELS], axis=1)
     predicted = probabilities.argmax(axis=1)

@@ -76,17 +76,18 @@ class ScoringRegistry:
         import numpy as np  # with cdp-training: cdpctl itself does not need it
 
         spec = ModelSpec.from_dict(_spec_dict(version.spec))
-        score = spec.outputs[0].score
 
         def scores(rows):
-            out = []
+            out: list = []
+            names: list[str] = []
             for start in range(0, len(rows), SCORE_CHUNK):
                 chunk = np.ascontiguousarray(rows[start : start + SCORE_CHUNK], dtype=np.float32)
                 request = scoring_pb2.ScoreBatchRequest(model=name, version=spec.version, packed_rows=chunk.tobytes())
                 answer = self._call("ScoreBatch", request)
-                values = np.asarray(answer.values, dtype=np.float64).reshape(len(chunk), len(answer.scores))
-                out.append(values[:, list(answer.scores).index(score)])
-            return np.concatenate(out) if out else np.empty(0)
+                names = list(answer.scores)
+                out.append(np.asarray(answer.values, dtype=np.float64).reshape(len(chunk), len(names)))
+            values = np.concatenate(out) if out else np.empty((0, len(spec.outputs)))
+            return {score: values[:, j] for j, score in enumerate(names or [o.score for o in spec.outputs])}
 
         return LiveModel(spec.version, spec, scores)
 
