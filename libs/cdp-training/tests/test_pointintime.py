@@ -8,10 +8,10 @@ import pytest
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import MemoryStore
-from cdp_profile.domain import ProfileEvent
+from cdp_profile.domain import ComputedTraits, ProfileEvent
 from cdp_scoring.domain import ModelSpec
 from cdp_training.labels import LabelSpec
-from cdp_training.platformdata import write_people
+from cdp_training.platformdata import apply_all, write_people, write_profiles
 from cdp_training.pointintime import read_profiles, training_set
 from cdp_training.traits import COMPUTED_TRAITS, ENGAGEMENT_FEATURES, traits_for
 
@@ -186,3 +186,17 @@ def test_a_label_spec_reads_back_as_written():
         "events": [{"name": "Case Closed", "where": {"resolution": "fraud"}}],
     }
     assert LabelSpec.from_dict(spec).to_dict() == spec
+
+
+async def test_a_merged_profile_gives_one_row_from_both_persons_events_before_the_cutoff():
+    defs = ComputedTraits.from_dicts(DEFINITIONS)
+    ada = apply_all("ada", ADA_BEFORE + ADA_AFTER, defs)
+    web = apply_all("web", [track("w1", "Order Completed", T - 3 * DAY, total=60.0), page("w2", T + 200 * DAY)], defs)
+    ada.merge(web, merge_id="m1", at=T + 6 * DAY, defs=defs, now=T + 6 * DAY)
+    store = MemoryStore()
+    await write_profiles(store, [ada])
+    rows = training_set(await read_profiles(store), spec=SPEC, label=PURCHASE, cutoff=T)
+    assert rows.person_ids == ["ada"]
+    ada_row = dict(zip([f.name for f in SPEC.features], rows.X[0].tolist(), strict=True))
+    assert ada_row["orders_total"] == 2 and ada_row["revenue_365d"] == 100.0  # both sides' orders before T
+    assert ada_row["days_since_last_order"] == pytest.approx(3.0)
