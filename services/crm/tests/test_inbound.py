@@ -3,13 +3,16 @@ CRM ids and the contact's email and CDP id - once, across a restart and a crash 
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import aiohttp
 import pytest
 from aiohttp import web
 
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
-from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller
+from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller, HubSpotWebhooks
 from cdp_crm.state import CURSORS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.storage import open_store
@@ -149,3 +152,64 @@ async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp
         (event,) = collector.stored.values()
         assert event["event"] == "CRM Task Completed"
         assert event["properties"]["cdp_idempotency_key"] == "cdp-1"  # which action it was
+
+
+async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_refused(tmp_path):
+    collector = CollectorStandIn()
+    async with (
+        collector as collector_url,
+        aiohttp.ClientSession() as session,
+        open_store(f"sqlite:///{tmp_path}/crm.db") as store,
+    ):
+        await prepare_store(store)
+        emulator = HubSpotEmulator(client_secret="app-secret")
+        await emulator.start()
+        runner = None
+        try:
+            document = {"connections": [{"id": "hs", "kind": "hubspot", "url": emulator.base_url,
+                                         "credentials": {"token": "HUBSPOT_TOKEN", "client_secret": "HUBSPOT_SECRET"},
+                                         "mappings": [{"id": "contacts", "object": "contacts",
+                                                       "match": {"cdp_id": "person.id"},
+                                                       "fields": {"email": "traits.email"}}]}]}  # fmt: skip
+            (connection,) = parse_connections(document)
+            poller = HubSpotPoller(
+                store, connection, session, TOKEN, SharedBudget(store, connection),
+                Collector(session, collector_url, "crm-key"), objects=("tickets",),
+            )  # fmt: skip
+            hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
+            runner = web.AppRunner(hooks.app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
+            emulator.webhook_url = url
+            # Polled only once an hour: only the webhook can make this quick.
+            reader = asyncio.create_task(poller.run(3600.0, owned=lambda: False))
+            try:
+                emulator.user_create("tickets", {"subject": "Refund please"})
+                await emulator.drain_webhooks()
+                await eventually(lambda: len(collector.stored) == 1)
+                assert [e["event"] for e in collector.stored.values()] == ["CRM Ticket Opened"]
+
+                forged = b'[{"objectId": 1}]'
+                headers = {
+                    "X-HubSpot-Signature-v3": "AAAA",
+                    "X-HubSpot-Request-Timestamp": str(int(time.time() * 1000)),
+                }
+                async with session.post(url, data=forged, headers=headers) as response:
+                    assert response.status == 401
+                assert not poller.woken.is_set()
+            finally:
+                reader.cancel()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await emulator.close()
+
+
+async def eventually(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(0.05)

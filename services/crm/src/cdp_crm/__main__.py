@@ -5,9 +5,9 @@ adapter can describe it), every credential variable must be set, and the streams
 `crm.in.<p>` runs on the kit's partitioned engine (engine.py) over the partitions one ownership gives
 (`CDP_OWNERSHIP`, group "crm"); the owner of a partition retries its queued changes; `privacy.deleted` is
 consumed on one durable the replicas share (privacy.py); each HubSpot connection's changes are read by
-the replica owning the connection's partition and posted to the collector (inbound.py, when
-`CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the partitions are released (drained) before the bus, the HTTP
-session and the store close.
+the replica owning the connection's partition - and at once on a signed webhook (`CDP_CRM_WEBHOOK_PORT`)
+- and posted to the collector (inbound.py, when `CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the
+partitions are released (drained) before the bus, the HTTP session and the store close.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 
 import aiohttp
+from aiohttp import web
 from opentelemetry.metrics import Observation
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
@@ -27,7 +28,7 @@ from cdp_crm.connectors import credentials, open_adapters
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
-from cdp_crm.inbound import Collector, HubSpotPoller
+from cdp_crm.inbound import Collector, HubSpotPoller, HubSpotWebhooks
 from cdp_crm.privacy import Privacy, consumer_spec
 from cdp_crm.runs import Runs
 from cdp_crm.settings import CrmSettings
@@ -148,17 +149,25 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     if settings.collector_url:
         collector = Collector(session, settings.collector_url, settings.collector_write_key)
+        hooks: dict[str, tuple[HubSpotPoller, str]] = {}
         for connection in connections:
             if connection.kind != "hubspot":
                 continue  # inbound is read from HubSpot only so far
+            secrets = credentials(connection, os.environ)
             poller = HubSpotPoller(
-                store, connection, session, credentials(connection, os.environ)["token"], budgets[connection.id],
-                collector, timeout=settings.request_timeout,
+                store, connection, session, secrets["token"], budgets[connection.id], collector,
+                timeout=settings.request_timeout,
             )  # fmt: skip
+            if "client_secret" in secrets:
+                hooks[connection.id] = (poller, secrets["client_secret"])
             home = partition_for(connection.id, settings.partitions)
-            tasks.append(
-                runtime.spawn(poll_when_owned(poller, engine, home, settings.poll_seconds), f"read {connection.id}")
-            )
+            owned = lambda home=home: home in engine.owned()  # noqa: E731 - the replica owning it reads it
+            tasks.append(runtime.spawn(poller.run(settings.poll_seconds, owned), f"read {connection.id}"))
+        if settings.webhook_port:
+            webhooks = web.AppRunner(HubSpotWebhooks(hooks, public_url=settings.webhook_public_url).app)
+            await webhooks.setup()
+            runtime.stack.push_async_callback(webhooks.cleanup)
+            await web.TCPSite(webhooks, settings.grpc_host, settings.webhook_port).start()
 
     async def release() -> None:
         for task in tasks:
@@ -180,20 +189,6 @@ async def setup(runtime: ServiceRuntime) -> None:
         crm_pb2.DESCRIPTOR.services_by_name["CrmService"],
         scopes=SCOPES,
     )
-
-
-async def poll_when_owned(poller: HubSpotPoller, engine: PartitionedEngine, home: int, every: float) -> None:
-    """Read the connection's changes while this replica owns its home partition: one reader per CRM."""
-    while True:
-        if home in engine.owned():
-            try:
-                await poller.poll()
-            except Exception as exc:  # read again from the cursor next time
-                log.warning(
-                    "reading crm changes failed",
-                    extra={"connection": poller.connection.id, "error": type(exc).__name__},
-                )
-        await asyncio.sleep(every)
 
 
 def main() -> None:

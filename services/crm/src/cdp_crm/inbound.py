@@ -4,8 +4,9 @@ Per connection a `Poller` reads the CRM's changed records since its cursor and p
 event per change to the collector (`/v1/batch`, the CRM source's write key), carrying the CRM's ids and,
 for a record linked to a contact, the contact's email and CDP id, so identity links the event to the
 person. Implemented for HubSpot: tickets (opened, updated, closed) and tasks (their outcome), read with
-the CRM search API by `hs_lastmodifieddate` (modified-since polling; the emulator's webhooks are not
-used yet). Every CRM request is reserved from the account's shared budget first.
+the CRM search API by `hs_lastmodifieddate` (modified-since polling), at once when a signed HubSpot
+webhook says something changed (`HubSpotWebhooks`). Every CRM request is reserved from the account's
+shared budget first.
 
 Neither lost nor repeated across a restart:
 - the cursor (`crm_cursors/<connection>:<object>`: the last modification stamp read and the ids read at
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from cdp_crm.adapters.http import exchange, transport_error
 from cdp_crm.budgets import SharedBudget
@@ -132,16 +135,27 @@ class HubSpotPoller:
         self.clock = clock
         self.timeout = timeout
         self._last_search = 0.0
+        self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
 
-    async def run(self, every: float) -> None:
+    async def run(self, every: float, owned: Callable[[], bool] = lambda: True) -> None:
+        """Read the changes every `every` seconds while `owned()` (one reader per connection), and at once
+        whenever a signed webhook says something changed (whichever replica it reached: the cursor and the
+        event ids make a second reader harmless)."""
         while True:
+            try:
+                await asyncio.wait_for(self.woken.wait(), every)
+            except TimeoutError:
+                pass
+            woken = self.woken.is_set()
+            self.woken.clear()
+            if not (woken or owned()):
+                continue
             try:
                 await self.poll()
             except Exception as exc:  # the CRM or the collector failing: read again from the cursor next time
                 log.warning(
                     "reading crm changes failed", extra={"connection": self.connection.id, "error": type(exc).__name__}
                 )
-            await asyncio.sleep(every)
 
     async def poll(self) -> int:
         """Post every change since the cursors; returns how many events were posted."""
@@ -283,3 +297,48 @@ def _event_name(obj: str, props: dict[str, Any], stamp: str) -> str:
             return "CRM Task Completed"
         return "CRM Task Created" if created else "CRM Task Updated"
     return "CRM Record Updated"
+
+
+class HubSpotWebhooks:
+    """`POST /webhooks/hubspot/<connection>`: HubSpot's change notifications, checked against the app's
+    secret (signature v3: base64 HMAC-SHA256 over method, URL, body and timestamp; older than five
+    minutes is refused, so a captured request cannot be replayed), wake that connection's poller. The
+    notification's content is not trusted beyond "something changed": the poller reads the records.
+
+    `public_url`: the base URL HubSpot calls (behind a proxy the request's own URL differs from the one
+    HubSpot signed); empty: the request's URL."""
+
+    MAX_AGE_MS = 300_000
+
+    def __init__(
+        self,
+        pollers: dict[str, tuple[HubSpotPoller, str]],
+        *,
+        public_url: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pollers = pollers  # connection id -> (poller, the app's client secret)
+        self.public_url = public_url.rstrip("/")
+        self.clock = clock
+        self.app = web.Application()
+        self.app.router.add_post("/webhooks/hubspot/{connection}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        entry = self.pollers.get(request.match_info["connection"])
+        if entry is None:
+            return web.json_response({"message": "no such connection"}, status=404)
+        poller, secret = entry
+        body = await request.read()
+        timestamp = request.headers.get("X-HubSpot-Request-Timestamp", "")
+        signature = request.headers.get("X-HubSpot-Signature-v3", "")
+        if not timestamp.isdigit() or abs(self.clock() * 1000 - int(timestamp)) > self.MAX_AGE_MS:
+            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "stale"})
+            return web.json_response({"message": "missing or stale X-HubSpot-Request-Timestamp"}, status=401)
+        url = self.public_url + request.path_qs if self.public_url else str(request.url)
+        message = request.method.encode() + url.encode() + body + timestamp.encode()
+        expected = base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
+        if not hmac.compare_digest(expected, signature):
+            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "signature"})
+            return web.json_response({"message": "the X-HubSpot-Signature-v3 does not match"}, status=401)
+        poller.woken.set()
+        return web.Response(status=204)

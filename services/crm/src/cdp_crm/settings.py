@@ -38,6 +38,17 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
     collector_write_key: str = env(
         "CDP_CRM_COLLECTOR_WRITE_KEY", "", help="the collector write key of the CRM source", secret=True
     )
+    webhook_port: int = env(
+        "CDP_CRM_WEBHOOK_PORT",
+        0,
+        help="port of the HTTP endpoint receiving HubSpot's signed webhooks (POST /webhooks/hubspot/<connection>; "
+        "the connection's credentials name the app's client_secret); 0: off, changes are polled only",
+    )
+    webhook_public_url: str = env(
+        "CDP_CRM_WEBHOOK_PUBLIC_URL",
+        "",
+        help="the base URL HubSpot calls the webhook endpoint at, as it signs it (behind a proxy); empty: as received",
+    )
     poll_seconds: float = env("CDP_CRM_POLL_SECONDS", 30.0, help="seconds between two reads of a CRM's changes")
     batch_size: int = env("CDP_CRM_BATCH_SIZE", 256, help="crm.in messages fetched per batch (coalesced per batch)")
     ack_wait: float = env("CDP_CRM_ACK_WAIT", 120.0, help="seconds before JetStream redelivers an unacknowledged batch")

@@ -80,7 +80,8 @@ TRIGGERS = (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, ACTIONS, BACKFILL
 # Each credential set a kind accepts (either one for Salesforce: client credentials or the JWT bearer flow).
 CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
     "salesforce": (frozenset({"client_id", "client_secret"}), frozenset({"client_id", "username", "private_key"})),
-    "hubspot": (frozenset({"token"}),),
+    # client_secret (optional): the app's secret, to check the signature of HubSpot's webhooks.
+    "hubspot": (frozenset({"token"}), frozenset({"token", "client_secret"})),
     "dynamics": (frozenset({"tenant_id", "client_id", "client_secret"}),),
     "zoho": (frozenset({"client_id", "client_secret", "refresh_token"}),),
 }
