@@ -5,7 +5,7 @@ A label is read from what happened to the person *after* the cut-off T, within a
     {"kind": "no_activity", "window": "90d"}                                      churn: no qualifying event
     {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]}       conversion
     {"kind": "label_event", "window": "90d",
-     "events": [{"name": "Chargeback"}, {"name": "Case Closed", "where": {"resolution": "fraud"}}]}  fraud
+     "events": [{"name": "Chargeback"}, {"name": "CRM Ticket Closed", "where": {"resolution": "fraud"}}]}  fraud
     {"kind": "orders_and_value", "window": "365d", "events": [{"name": "Order Completed"}],
      "value_property": "total"}                                                  CLV: orders and their value
     {"kind": "channel_answered", "window": "30d", "events": [{"name": "Email Opened"}, ...],

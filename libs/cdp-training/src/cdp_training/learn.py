@@ -95,7 +95,7 @@ TRAINABLE: dict[str, Trainable] = {
         {
             "kind": "label_event",
             "window": "90d",
-            "events": [{"name": "Chargeback"}, {"name": "Case Closed", "where": {"resolution": "fraud"}}],
+            "events": [{"name": "Chargeback"}, {"name": "CRM Ticket Closed", "where": {"resolution": "fraud"}}],
         },
     ),
     "next_best_channel": Trainable(
