@@ -187,3 +187,19 @@ async def test_fitted_weights_are_shown_saved_and_loaded_as_they_are(nats_server
         if {p.left_record, p.right_record} <= first_40
     }
     assert scores and scores == {(p.left_record, p.right_record): p.probability for p in after.pairs}
+
+
+async def test_link_only_pairs_records_across_sources_only(nats_server, tmp_path):
+    from cdp_identity.matching import DEFAULT_PERSON_CONFIG
+
+    config = tmp_path / "link.json"
+    config.write_text(json.dumps({**DEFAULT_PERSON_CONFIG.to_dict(), "link_type": "link_only"}))
+    records = people(300, seed=8)
+    for position, one in enumerate(records):
+        one.source = "crm" if position % 2 else "app"
+    async with running(nats_server, matching_file=config) as (stub, _):
+        response = await stub.MatchRecords(
+            identity_pb2.MatchRecordsRequest(records=records, min_probability=1e-9, page_size=1000)
+        )
+    assert response.pairs
+    assert all(pair.left_record.split(":")[0] != pair.right_record.split(":")[0] for pair in response.pairs)

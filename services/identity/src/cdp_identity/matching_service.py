@@ -121,7 +121,9 @@ class MatchingService:
         digest = hashlib.sha256(b"".join(r.SerializeToString(deterministic=True) for r in request.records))
         offset = self._page_offset(request.page_token, digest.hexdigest())
         now = int(time.time() * 1000)
-        docs = {record["key"]: {"id": record["key"], **record["fields"]} for record in records}
+        docs = {
+            record["key"]: {"id": record["key"], **record["fields"], "source": record["source"]} for record in records
+        }
         # Everything that decides the answer happens before anything is stored: the fit, the scoring and
         # the size of the response, so a call whose answer could not be delivered leaves no trace.
         await self._refit_if_grown(docs)
@@ -341,12 +343,18 @@ class MatchingService:
             # Before anything is resolved or stored: a value that cannot be read (a date in no accepted
             # format) would otherwise fail every later scoring of the pool.
             self.matcher.check_fields(record.fields, f"records[{index}].fields")
-            out.append({"key": key, "identifiers": pairs, "fields": dict(record.fields)})
+            out.append(
+                {"key": key, "identifiers": pairs, "fields": dict(record.fields), "source": record.source or "default"}
+            )
         return out
 
     @staticmethod
     def _comparable(doc: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in doc.items() if not k.startswith("_")}
+        """The fields the matcher reads, with the record's source (link_only pairs only across sources;
+        records stored before the source was kept carry it in their key, "source:id")."""
+        return {k: v for k, v in doc.items() if not k.startswith("_")} | {
+            "source": doc.get("source") or doc["id"].split(":", 1)[0]
+        }
 
     async def _refit_if_grown(self, new_docs: dict[str, dict[str, Any]]) -> None:
         """Fit on the pool with the call's records when it has grown by a quarter since the last fit."""

@@ -58,7 +58,9 @@ _TOP_LEVEL_KEYS = (
     "prior_match_probability",
     "max_block_size",
     "em",
+    "link_type",
 )
+LINK_TYPES = ("dedupe", "link_only")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ class MatchConfig:
     # that hundreds of records share is no evidence, and its pairs would grow quadratically.
     max_block_size: int = 1000
     em: EmSettings = field(default_factory=EmSettings)
+    # "dedupe": any two records may be the same person. "link_only": records carry a "source" (two files,
+    # a CRM and an app) and only pairs across sources are candidates; duplicates within one are not sought.
+    link_type: str = "dedupe"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MatchConfig:
@@ -149,7 +154,11 @@ class MatchConfig:
         if prior is not None:
             prior = _probability(prior, "prior_match_probability", allow_one=False)
         max_block_size = _integer(data.get("max_block_size", 1000), "max_block_size", minimum=2)
+        link_type = data.get("link_type", "dedupe")
+        if link_type not in LINK_TYPES:
+            raise InvalidArgument("link_type", f"must be one of {', '.join(LINK_TYPES)}, got {link_type!r}")
         return cls(
+            link_type=link_type,
             comparisons=comparisons,
             blocking_rules=blocking_rules,
             upper_threshold=upper,
@@ -168,7 +177,7 @@ class MatchConfig:
             "prior_match_probability": self.prior_match_probability,
             "max_block_size": self.max_block_size,
             "em": self.em.to_dict(),
-        }
+        } | ({"link_type": self.link_type} if self.link_type != "dedupe" else {})
 
     def normalisers(self) -> dict[str, Normaliser]:
         """The normaliser of every field that is compared or blocked on (text for blocking-only fields)."""

@@ -150,7 +150,7 @@ class Matcher:
             level_counts,
             self._random_pair_u(table, level_counts),
             shareable=[comparison.spec.shareable for comparison in self._comparisons],
-            all_pairs=n * (n - 1) / 2,
+            all_pairs=self._all_pairs(table),
             max_iterations=self.config.em.max_iterations,
             tolerance=self.config.em.tolerance,
             match_share=0.5 if prior is None else prior,
@@ -185,6 +185,11 @@ class Matcher:
         left = rng.integers(0, n, size=sample)
         right = rng.integers(0, n - 1, size=sample)
         right += right >= left  # a uniform partner other than the record itself
+        if table.sources is not None:
+            across = table.sources[left] != table.sources[right]
+            left, right = left[across], right[across]
+            if left.size == 0:
+                raise FailedPrecondition("link_only needs records from at least two sources")
         random_matrix = compare_pairs(self._comparisons, table, left, right)
         exact_rates: list[float | None] = [
             exact_agreement_rate(table.columns[comparison.field]) for comparison in self._comparisons
@@ -260,6 +265,8 @@ class Matcher:
         """Score the given pairs of `records` (positions in it) and no others: with an index of blocking
         keys, the pairs a few new records form cost what those pairs cost, whatever the pool's size."""
         table = self._table(records)
+        if table.sources is not None:
+            pairs = [(a, b) for a, b in pairs if table.sources[a] != table.sources[b]]
         if not pairs:
             return []
         left, right = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
@@ -451,10 +458,35 @@ class Matcher:
     # --- helpers ------------------------------------------------------------------------------------------
 
     def _table(self, records: Sequence[Mapping], *, unique_ids: bool = True) -> RecordTable:
-        return RecordTable.from_records(records, self._normalisers, unique_ids=unique_ids)
+        table = RecordTable.from_records(records, self._normalisers, unique_ids=unique_ids)
+        if self.config.link_type == "link_only":
+            codes: dict[str, int] = {}
+            sources = np.empty(len(records), dtype=np.int64)
+            for position, record in enumerate(records):
+                source = record.get("source")
+                if not isinstance(source, str) or not source:
+                    raise InvalidArgument(
+                        f"records[{position}].source", "link_only: every record names its source (e.g. 'crm', 'app')"
+                    )
+                sources[position] = codes.setdefault(source, len(codes))
+            table.sources = sources
+        return table
 
     def _candidates(self, table: RecordTable) -> CandidatePairs:
-        return candidate_pairs(table, self.config.blocking_rules, self.config.max_block_size)
+        candidates = candidate_pairs(table, self.config.blocking_rules, self.config.max_block_size)
+        if table.sources is None:
+            return candidates
+        across = table.sources[candidates.left] != table.sources[candidates.right]
+        return CandidatePairs(candidates.left[across], candidates.right[across], candidates.oversized_blocks)
+
+    @staticmethod
+    def _all_pairs(table: RecordTable) -> float:
+        """The pairs blocking chooses candidates from: every pair, or (link_only) every pair across sources."""
+        n = len(table)
+        if table.sources is None:
+            return n * (n - 1) / 2
+        per_source = np.bincount(table.sources).astype(np.float64)
+        return float((n * n - (per_source**2).sum()) / 2)
 
     def _require_fitted(self) -> _Parameters:
         if self._parameters is None:

@@ -41,6 +41,7 @@ class Column:
 class RecordTable:
     ids: list
     columns: dict[str, Column]
+    sources: np.ndarray | None = None  # link_only: a code per record's source; pairs must differ in it
 
     def __len__(self) -> int:
         return len(self.ids)
