@@ -25,6 +25,7 @@ from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
+from cdp_orchestration.catalogue import Catalogues, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
@@ -120,10 +121,12 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     runtime.stack.push_async_callback(release)
     define_traits = None
+    computed = None
     if settings.profile_address:
         profile_channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(profile_channel.close)
         profile = ProfileClient(profile_channel, settings.profile_token)
+        computed = profile_computed_traits(profile_channel, settings.profile_token)
 
         async def define_traits(definitions) -> None:
             await profile.define(definitions, field="definition.computed_traits.{name}")
@@ -138,6 +141,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         announce=announce,
         define_traits=define_traits,
         opens=Opens(store, report),
+        catalogues=Catalogues(settings.catalogue(), computed),
     )
     runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
     runtime.grpc.add_service(

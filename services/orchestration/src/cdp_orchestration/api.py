@@ -26,6 +26,7 @@ from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
 from cdp_orchestration import streams
+from cdp_orchestration.catalogue import Catalogues
 from cdp_orchestration.dispatch import Opens
 from cdp_orchestration.domain import experiments, lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
@@ -90,6 +91,7 @@ class OrchestrationApi:
         announce: Callable[[str], Awaitable[None]] | None = None,
         define_traits: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
         opens: Opens | None = None,
+        catalogues: Catalogues | None = None,
     ) -> None:
         self.journeys = journeys
         self.store = store
@@ -100,12 +102,13 @@ class OrchestrationApi:
         self.announce = announce
         self.define_traits = define_traits
         self.opens = opens if opens is not None else Opens(store)
+        self.catalogues = catalogues or Catalogues()
 
     # --- journeys ------------------------------------------------------------------------------------------
 
     async def ValidateJourney(self, request, context) -> pb.ValidateJourneyResponse:
         try:
-            parse_journey(read_definition(request.definition))
+            parse_journey(read_definition(request.definition), await self.catalogues.current())
         except JourneyInvalid as invalid:
             return pb.ValidateJourneyResponse(
                 problems=[pb.Problem(node=p.node, field=p.field, message=p.message) for p in invalid.problems]
@@ -113,7 +116,7 @@ class OrchestrationApi:
         return pb.ValidateJourneyResponse()
 
     async def CreateJourney(self, request, context) -> pb.Journey:
-        journey = parse_journey(read_definition(request.definition))
+        journey = parse_journey(read_definition(request.definition), await self.catalogues.current())
         if journey.id in self.journeys.records or await self.journeys.reload(journey.id) is not None:
             raise AlreadyExists(f"journey {journey.id} exists; UpdateJourney changes its draft")
         await self._save(lifecycle.create(journey))
@@ -122,7 +125,7 @@ class OrchestrationApi:
     async def UpdateJourney(self, request, context) -> pb.Journey:
         journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
-        journey = parse_journey(read_definition(request.definition))
+        journey = parse_journey(read_definition(request.definition), await self.catalogues.current())
         await self._save(lifecycle.save_draft(record, journey))
         return await self._journey(journey_id)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
+from cdp_orchestration.catalogue import CatalogueError, read_catalogue
+from cdp_orchestration.domain.document import Catalogue
 from cdp_orchestration.domain.rules import Rules, parse_rules
 
 
@@ -23,6 +25,12 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         None,
         help="the arbiter's rules (caps, quiet hours, suppressions, approval gate) as JSON or YAML; "
         "unset: no caps, no quiet hours, no suppressions, approval only for actions marked so",
+    )
+    catalogue_file: Path | None = env(
+        "CDP_ORCHESTRATION_CATALOGUE_FILE",
+        None,
+        help="what journeys are validated against, as JSON or YAML (catalogue.py): known events, segments, "
+        "consent purposes, and field names per root; unset: only the profile's computed traits are checked",
     )
     profile_address: str = env(
         "CDP_PROFILE_ADDRESS",
@@ -69,8 +77,20 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
 
         return parse_rules(yaml.safe_load(self.rules_file.read_text()), "CDP_ORCHESTRATION_RULES_FILE")
 
+    def catalogue(self) -> Catalogue | None:
+        return read_catalogue(str(self.catalogue_file)) if self.catalogue_file is not None else None
+
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
+        if self.catalogue_file is not None:
+            try:
+                self.catalogue()
+            except OSError as exc:
+                problems.append(
+                    f"CDP_ORCHESTRATION_CATALOGUE_FILE={self.catalogue_file} cannot be read: {exc.strerror}"
+                )
+            except CatalogueError as exc:
+                problems.append(f"CDP_ORCHESTRATION_CATALOGUE_FILE is invalid: {exc}")
         if self.rules_file is not None:
             try:
                 self.rules()

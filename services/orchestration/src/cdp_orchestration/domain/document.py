@@ -40,7 +40,7 @@ that every action names the consent purpose it is sent under. The document is ke
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
@@ -81,12 +81,28 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Catalogue:
-    """What the platform knows exists; None means "not checked". Field keys are flat ("traits.plan")."""
+    """What the platform knows exists; None means "not checked". Field keys are flat ("traits.plan").
+
+    `fields` is every field there is; `names` is the known names under some roots only ("computed" ->
+    the computed traits the profile service defines), the other roots unchecked: traits are open-ended,
+    while a computed trait or a score that nothing produces would silently read as missing for ever."""
 
     events: frozenset[str] | None = None
     fields: frozenset[str] | None = None
     segments: frozenset[str] | None = None
     purposes: frozenset[str] | None = None
+    names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def unknown_fields(self, fields: frozenset[str]) -> list[str]:
+        """The flat field keys among `fields` this catalogue says do not exist, sorted."""
+        unknown = []
+        for key in sorted(fields):
+            root, _, name = key.partition(".")
+            if (self.fields is not None and key not in self.fields) or (
+                root in self.names and name not in self.names[root]
+            ):
+                unknown.append(key)
+        return unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +255,8 @@ class _Reader:
         found = self.attempt(node, lambda: profile_condition(source, at))
         if found is None:
             return None
-        if self.catalogue.fields is not None:
-            for name in sorted(found.fields - self.catalogue.fields):
-                self.problem(node, at, f"reads {name}, which is not a known profile field")
+        for name in self.catalogue.unknown_fields(found.fields):
+            self.problem(node, at, f"reads {name}, which is not a known profile field")
         if self.catalogue.segments is not None:
             for name in sorted(found.segments - self.catalogue.segments):
                 self.problem(node, at, f"reads membership of segment {name!r}, which does not exist")
@@ -509,8 +524,8 @@ class _Reader:
             self.problem(node_id, f"{at}.category", "must be a non-empty string, like 'offer' or 'reminder'")
             ok = False
         template = self.attempt(node_id, lambda: compile_template(item.get("template"), f"{at}.template"))
-        if template is not None and self.catalogue.fields is not None:
-            for name in sorted(template.fields - self.catalogue.fields):
+        if template is not None:
+            for name in self.catalogue.unknown_fields(template.fields):
                 self.problem(node_id, f"{at}.template", f"reads {name}, which is not a known profile field")
         value = item.get("value")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
@@ -524,7 +539,7 @@ class _Reader:
         if rank_by is not None and (not isinstance(rank_by, str) or rank_by.partition(".")[0] not in ROOTS):
             self.problem(node_id, f"{at}.rank_by", f"{rank_by!r} must be a profile field like 'scores.conversion'")
             ok = False
-        elif rank_by is not None and self.catalogue.fields is not None and rank_by not in self.catalogue.fields:
+        elif rank_by is not None and self.catalogue.unknown_fields(frozenset([rank_by])):
             self.problem(node_id, f"{at}.rank_by", f"{rank_by} is not a known profile field")
         if not ok or template is None:
             return None
