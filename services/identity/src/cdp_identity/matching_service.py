@@ -81,6 +81,12 @@ class MatchingService:
         await self.store.ensure_index(RECORDS, "_person")
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
             self._add_to_pool(record.doc)
+        await self._load_model()
+        if self.pool and any(spec.term_frequencies for spec in self.config.comparisons):
+            # Term frequencies are not saved with the weights (they are a list of names): count the pool.
+            self.matcher.count_terms([self._comparable(doc) for doc in self.pool.values()])
+
+    async def _load_model(self) -> None:
         if self.frozen:
             return
         model = await self.store.get(MODEL, "current")

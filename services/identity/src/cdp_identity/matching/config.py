@@ -48,6 +48,7 @@ _COMPARISON_KEYS = (
     "swap_field",
     "region",
     "shareable",
+    "term_frequencies",
 )
 _EM_KEYS = ("max_iterations", "tolerance", "u_sample_pairs", "seed")
 _TOP_LEVEL_KEYS = (
@@ -73,7 +74,10 @@ class ComparisonSpec:
     a level for values entered in the other field (first and last name swapped). `shareable` marks a
     field different people often have in common (a household's address or landline, a family surname):
     how often non-matches agree on it is then learned among the candidate pairs instead of taken from
-    random pairs, which keeps housemates from looking like one person.
+    random pairs, which keeps housemates from looking like one person. `term_frequencies` weighs an exact
+    agreement by how common the value is (a shared rare surname says more than a shared "smith"): the
+    frequencies come from the records the matcher was fitted on (or given to `Matcher.count_terms`) and
+    are not saved with the parameters, since a list of names and how often they occur is personal data.
     """
 
     field: str
@@ -85,6 +89,7 @@ class ComparisonSpec:
     swap_field: str | None = None
     region: str | None = None
     shareable: bool = False
+    term_frequencies: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"name": self.name, "field": self.field, "kind": self.kind}
@@ -98,6 +103,8 @@ class ComparisonSpec:
             data["region"] = self.region
         if self.shareable:
             data["shareable"] = True
+        if self.term_frequencies:
+            data["term_frequencies"] = True
         return data
 
 
@@ -286,6 +293,11 @@ def _parse_comparison(raw: object, path: str) -> ComparisonSpec:
             )
         if kind not in _STRING_KINDS:
             raise InvalidArgument(f"{path}.swap_field", f"only for kinds {', '.join(_STRING_KINDS)}, not {kind!r}")
+    term_frequencies = raw.get("term_frequencies", False)
+    if not isinstance(term_frequencies, bool):
+        raise InvalidArgument(f"{path}.term_frequencies", f"must be true or false, got {term_frequencies!r}")
+    if term_frequencies and kind not in _STRING_KINDS:
+        raise InvalidArgument(f"{path}.term_frequencies", f"only for kinds {', '.join(_STRING_KINDS)}, not {kind!r}")
     shareable = raw.get("shareable", False)
     if not isinstance(shareable, bool):
         raise InvalidArgument(f"{path}.shareable", f"must be true or false, got {shareable!r}")
@@ -307,6 +319,7 @@ def _parse_comparison(raw: object, path: str) -> ComparisonSpec:
         swap_field=swap_field,
         region=region,
         shareable=shareable,
+        term_frequencies=term_frequencies,
     )
 
 

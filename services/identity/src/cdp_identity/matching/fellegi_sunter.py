@@ -71,8 +71,12 @@ def pair_log2_bayes_factors(
     u_strangers: list[np.ndarray],
     u_look_alikes: list[np.ndarray],
     mixture: NonMatchMixture,
+    stranger_adjustment: np.ndarray | None = None,
 ) -> np.ndarray:
-    """log2 P(y | match) / P(y | non-match) per row of the comparison matrix (the pair's match weight)."""
+    """log2 P(y | match) / P(y | non-match) per row of the comparison matrix (the pair's match weight).
+
+    stranger_adjustment (log2, per row) replaces a level's u among strangers by a value's own: for term
+    frequencies, the share of records holding the value both sides agree on."""
     log_m = np.zeros(matrix.shape[0])
     log_strangers = np.full(matrix.shape[0], np.log2(mixture.strangers))
     log_look_alikes = np.full(matrix.shape[0], np.log2(max(mixture.look_alikes, 1e-300)))
@@ -81,6 +85,8 @@ def pair_log2_bayes_factors(
         log_m += np.log2(m[k])[levels]
         log_strangers += np.log2(u_strangers[k])[levels]
         log_look_alikes += np.log2(u_look_alikes[k])[levels]
+    if stranger_adjustment is not None:
+        log_strangers += stranger_adjustment
     return log_m - np.logaddexp2(log_strangers, log_look_alikes)
 
 

@@ -115,6 +115,8 @@ class Matcher:
         self._normalisers = self.config.normalisers()
         self._parameters: _Parameters | None = None
         self._weights: list[np.ndarray] = []
+        # comparison position -> (normalised value -> records holding it, records with a value)
+        self._term_counts: dict[int, tuple[dict[str, int], int]] = {}
 
     @property
     def fitted(self) -> bool:
@@ -137,6 +139,7 @@ class Matcher:
         n = len(table)
         if n < 2:
             raise FailedPrecondition(f"fit needs at least 2 records, got {n}")
+        self._count_terms(table)
         candidates = self._candidates(table)
         if len(candidates) == 0:
             raise FailedPrecondition(
@@ -177,6 +180,38 @@ class Matcher:
             random_match_probability=outcome.random_match_probability,
             comparisons=self._estimates(),
         )
+
+    def count_terms(self, records: Sequence[Mapping]) -> None:
+        """Take the term frequencies of the comparisons that use them from `records` (fit does this with
+        its own records; a matcher loaded with from_dict needs it before scoring with them)."""
+        self._count_terms(self._table(records))
+
+    def _count_terms(self, table: RecordTable) -> None:
+        self._term_counts = {}
+        for k, comparison in enumerate(self._comparisons):
+            if comparison.spec.term_frequencies:
+                column = table.columns[comparison.field]
+                counts = np.bincount(column.codes[column.codes >= 0], minlength=len(column.values))
+                self._term_counts[k] = (dict(zip(column.values, counts.tolist(), strict=True)), int(counts.sum()))
+
+    def _term_adjustment(self, table: RecordTable, left: np.ndarray, matrix: np.ndarray) -> np.ndarray | None:
+        """Per pair, log2 of (share of records with the agreed value / strangers' exact u), summed over the
+        term-frequency comparisons on which the pair agrees exactly; a value never counted counts once."""
+        if not self._term_counts:
+            return None
+        parameters = self._require_fitted()
+        adjustment = np.zeros(len(left))
+        for k, (counts, total) in self._term_counts.items():
+            rows = np.flatnonzero(matrix[:, k] == EXACT_LEVEL)
+            if rows.size == 0 or total == 0:
+                continue
+            column = table.columns[self._comparisons[k].field]
+            values = column.values
+            shares = np.array(
+                [max(counts.get(values[code], 0), 1) / total for code in column.codes[left[rows]].tolist()]
+            )
+            adjustment[rows] += np.log2(shares) - np.log2(parameters.u_strangers[k][EXACT_LEVEL])
+        return adjustment
 
     def _random_pair_u(self, table: RecordTable, level_counts: list[int]) -> list[np.ndarray]:
         rng = np.random.default_rng(self.config.em.seed)
@@ -297,7 +332,12 @@ class Matcher:
         parameters = self._require_fitted()
         matrix = compare_pairs(self._comparisons, table, left, right)
         weights = pair_log2_bayes_factors(
-            matrix, parameters.m, parameters.u_strangers, parameters.u_look_alikes, parameters.mixture
+            matrix,
+            parameters.m,
+            parameters.u_strangers,
+            parameters.u_look_alikes,
+            parameters.mixture,
+            self._term_adjustment(table, left, matrix),
         )
         probabilities = match_probability(weights, parameters.match_probability)
         keep = np.flatnonzero(probabilities >= min_probability)
