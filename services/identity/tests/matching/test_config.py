@@ -97,3 +97,21 @@ def test_default_person_config_covers_the_person_fields():
         "last_name+dob",
         "first_name[0:1]+last_name[0:3]+zip",
     ]
+
+
+def test_the_readme_example_configuration_loads_and_fits():
+    import json
+    import re
+    import zlib
+    from pathlib import Path
+
+    from cdp_identity.matching import Matcher
+    from cdp_testing.people import generate_population
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = re.search(r"national id number column.*?```json\n(.*?)```", readme, re.S).group(1)
+    matcher = Matcher(MatchConfig.from_dict(json.loads(example)))
+    records, _ = generate_population(300, seed=9)
+    for record in records:
+        record["id_number"] = str(zlib.crc32(str(record.get("email") or record["id"]).encode()) % 10**9)
+    assert matcher.fit(records).candidate_pairs > 0
