@@ -31,7 +31,8 @@ def test_a_rare_surname_counts_more_than_a_common_one(population):
     # Without the adjustment the surname's value makes no difference.
     plain = Matcher(DEFAULT_PERSON_CONFIG)
     plain.fit(records)
-    pair = lambda surname: plain.score_pair(
-        {"id": 1, **base, "last_name": surname}, {"id": 2, **base, "last_name": surname}
-    )  # noqa: E731
+
+    def pair(surname: str):
+        return plain.score_pair({"id": 1, **base, "last_name": surname}, {"id": 2, **base, "last_name": surname})
+
     assert pair("Okonkwo-Baptiste").match_weight == pair(common).match_weight
