@@ -2,8 +2,9 @@
 
 One engine per person partition applies everything about a person in stream order (`streams` says what
 reaches `orchestration.in.<p>`): resolved events, segment and profile changes, fired timers and the API's
-commands. For each, `OrchestrationLogic.apply` loads the person (their view, their arbiter state, their
-live instances), feeds the domain (`instance.step`, `arbiter.decide` / `release` / `approve` / `reject` /
+commands (and the engines' own: `forget` for a privacy deletion, `privacy.py`; `handover` / `adopt` when a
+person is merged into another, `merges.py`). For each, `OrchestrationLogic.apply` loads the person (their
+view, their arbiter state, their live instances), feeds the domain (`instance.step`, `arbiter.decide` / `release` / `approve` / `reject` /
 `withdraw` / `observe`, `entry.admit`), and returns `Effects`:
 
 - writes: the person record, each changed instance, the decisions appended to the person's history,

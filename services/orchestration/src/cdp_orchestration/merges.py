@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp_kit.bus import partition_for
 from cdp_orchestration import streams
-from cdp_orchestration.domain.arbiter import Held, PersonState
+from cdp_orchestration.domain.arbiter import Held, PersonState, merge_states
 from cdp_orchestration.domain.instance import ExitRequest, Status
 from cdp_orchestration.domain.records import instance_from_record, instance_record, person_from_record, person_record
 from cdp_orchestration.state import APPROVALS, Batch, Partition, Person
@@ -129,34 +129,6 @@ async def adopt(
             batch.messages.append(
                 streams.schedule(batch.partition, timer.id, due, payload, msg_id=f"moved:{survivor}:{timer.id}")
             )
-
-
-def merge_states(survivor: PersonState, absorbed: PersonState) -> PersonState:
-    """One arbiter state from two: both send histories (caps count them all), both sets of held actions,
-    the latest time of each watched event."""
-    person_id = survivor.person_id
-
-    def held(items: tuple[Held, ...], known: tuple[Held, ...]) -> tuple[Held, ...]:
-        ids = {h.action.action_id for h in known}
-        return tuple(
-            dataclasses.replace(h, action=dataclasses.replace(h.action, person_id=person_id))
-            for h in items
-            if h.action.action_id not in ids
-        )
-
-    sent_ids = {s.action_id for s in survivor.sent}
-    last_seen = dict(survivor.last_seen)
-    for name, at in absorbed.last_seen.items():
-        last_seen[name] = max(at, last_seen.get(name, at))
-    return PersonState(
-        person_id=person_id,
-        sent=tuple(
-            sorted((*survivor.sent, *(s for s in absorbed.sent if s.action_id not in sent_ids)), key=lambda s: s.at)
-        ),
-        deferred=(*survivor.deferred, *held(absorbed.deferred, survivor.deferred)),
-        awaiting=(*survivor.awaiting, *held(absorbed.awaiting, survivor.awaiting)),
-        last_seen=last_seen,
-    )
 
 
 async def _approval_follows(logic: OrchestrationLogic, batch: Batch, held: Held, survivor: str) -> None:

@@ -20,6 +20,7 @@ from cdp_orchestration.domain.arbiter import (
     ProposedAction,
     approve,
     decide,
+    merge_states,
     next_wake,
     observe,
     reject,
@@ -169,6 +170,21 @@ def test_a_deferral_longer_than_the_hold_limit_expires_with_its_reason() -> None
     r = rules(quiet_hours={"from": "21:00", "to": "08:00"}, max_hold="1h")
     decision = only(decide(STATE, action(at=local(4, 2)), VIEW, r, local(4, 2)))
     assert decision.kind is Kind.EXPIRED and "quiet hours" in decision.reason
+
+
+def test_a_merged_persons_sends_count_toward_the_survivors_caps_and_their_held_actions_follow() -> None:
+    r = rules(
+        caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}],
+        quiet_hours={"from": "21:00", "to": "08:00"},
+    )
+    absorbed = decide(PersonState("p2"), action(1), VIEW, r, NOON).state  # the other device got today's email
+    absorbed = decide(absorbed, action(2, at=local(4, 22)), VIEW, r, local(4, 22)).state  # deferred to 08:00
+    survivor = merge_states(PersonState("p1"), absorbed)
+    assert survivor.person_id == "p1" and [h.action.person_id for h in survivor.deferred] == ["p1"]
+    assert only(decide(survivor, action(3, at=local(4, 13)), VIEW, r, local(4, 13))).kind is Kind.CAPPED
+    assert next_wake(survivor) == local(5, 8)
+    # Merging again (a redelivered hand-over) counts nothing twice.
+    assert merge_states(survivor, absorbed) == survivor
 
 
 def test_caps_count_calendar_days_and_weeks_in_the_persons_zone() -> None:

@@ -12,7 +12,7 @@ Modules:
 - `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`.
   `entry`: who enters and when (`enters_on_*`, `next_scheduled_entry`, `admit`).
 - `arbiter` (+ `rules`): one arbiter per person across every journey: `decide`, `release`, `approve`,
-  `reject`, `withdraw`, `observe`, `next_wake`.
+  `reject`, `withdraw`, `observe`, `next_wake`, and `merge_states` when one person is merged into another.
 - `experiments`: per-variant entries, conversions, uplift against control and a p-value, from counts.
 - `templates`: Jinja2 sandbox over profile fields; a missing field is `MissingField`, never a blank.
 - `records`: instances and arbiter state as plain dicts for storage, round-tripping exactly.

@@ -26,6 +26,7 @@ Invariants:
 - A cap is never exceeded: sends are counted per calendar day / week in the person's zone (exempt
   categories are neither capped nor counted).
 - Decisions name rules, caps, purposes and journeys, never profile values.
+- A merge (`merge_states`) keeps every send of both persons (caps count them all) and every held action.
 - Pure: time is passed in; the state is a frozen value. `next_wake(state)` is when the service must call
   `release` (a held action comes due or an approval expires): one durable timer per person.
 """
@@ -138,6 +139,32 @@ class Ruling:
 def next_wake(state: PersonState) -> float | None:
     """When `release` has work: the earliest deferral due or approval expiry."""
     return min((held.until for held in (*state.deferred, *state.awaiting)), default=None)
+
+
+def merge_states(survivor: PersonState, absorbed: PersonState) -> PersonState:
+    """The survivor's state after another person was merged into them: both send histories (caps count
+    them all), both sets of held actions (now the survivor's), the latest time of each watched event."""
+    person_id = survivor.person_id
+
+    def held(items: tuple[Held, ...], known: tuple[Held, ...]) -> tuple[Held, ...]:
+        ids = {h.action.action_id for h in known}
+        return tuple(
+            replace(h, action=replace(h.action, person_id=person_id)) for h in items if h.action.action_id not in ids
+        )
+
+    sent_ids = {s.action_id for s in survivor.sent}
+    last_seen = dict(survivor.last_seen)
+    for name, at in absorbed.last_seen.items():
+        last_seen[name] = max(at, last_seen.get(name, at))
+    return PersonState(
+        person_id=person_id,
+        sent=tuple(
+            sorted((*survivor.sent, *(s for s in absorbed.sent if s.action_id not in sent_ids)), key=lambda s: s.at)
+        ),
+        deferred=(*survivor.deferred, *held(absorbed.deferred, survivor.deferred)),
+        awaiting=(*survivor.awaiting, *held(absorbed.awaiting, survivor.awaiting)),
+        last_seen=last_seen,
+    )
 
 
 def observe(state: PersonState, event: Event, rules: Rules) -> PersonState:
