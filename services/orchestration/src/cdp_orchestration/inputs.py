@@ -10,7 +10,7 @@ message's stream time, so a redelivered message is applied at the time it was fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -44,7 +44,7 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
     try:
         if stream == subjects.EVENTS_RESOLVED:
             batch = events_pb2.ResolvedEventBatch.FromString(data)
-            return [Input("event", r.person_id, at, event(r.event)) for r in batch.events if r.person_id]
+            return [Input("event", r.person_id, at, resolved_event(r)) for r in batch.events if r.person_id]
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
             return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
@@ -70,6 +70,20 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"
         ) from None
     raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
+
+
+def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
+    """The event, keeping only the identifiers identity linked to the person: one it left out (quarantined,
+    blocked, over a limit) would not lead an outcome event back to them."""
+    found = event(resolved.event)
+    dropped = {d.type for d in resolved.dropped}
+    if dropped & {"user_id", "anonymous_id"}:
+        found = replace(
+            found,
+            user_id="" if "user_id" in dropped else found.user_id,
+            anonymous_id="" if "anonymous_id" in dropped else found.anonymous_id,
+        )
+    return found
 
 
 def event(message: events_pb2.Event) -> Event:
