@@ -203,3 +203,37 @@ async def test_link_only_pairs_records_across_sources_only(nats_server, tmp_path
         )
     assert response.pairs
     assert all(pair.left_record.split(":")[0] != pair.right_record.split(":")[0] for pair in response.pairs)
+
+
+async def test_a_bulk_call_fits_once_on_all_records_then_matches_batch_by_batch(service):
+    stub, runtime = service
+    records = people(1200, seed=10)
+    batches = [records[start : start + 300] for start in range(0, len(records), 300)]
+
+    async def requests():
+        for batch in batches:
+            yield identity_pb2.MatchRecordsBulkRequest(records=batch, apply=True)
+
+    progress = [message async for message in stub.MatchRecordsBulk(requests())]
+    assert [p.records_done for p in progress] == [min(300 * (i + 1), len(records)) for i in range(len(batches))]
+    assert progress[-1].done and progress[-1].records_total == len(records)
+    assert progress[-1].fitted and progress[-1].merges > 100
+    model = await stub.GetMatchingModel(identity_pb2.GetMatchingModelRequest())
+    assert model.fitted_on_records == len(records)  # one fit on everything, not on the first batch
+    assert len(await stored_records(runtime)) == len(records)
+
+
+async def test_a_bad_record_in_a_later_batch_stores_nothing(service):
+    stub, runtime = service
+    records = people(100, seed=11)
+    bad = record("late", first_name="Ann", dob="1956/13/40")
+
+    async def requests():
+        yield identity_pb2.MatchRecordsBulkRequest(records=records)
+        yield identity_pb2.MatchRecordsBulkRequest(records=[bad])
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in stub.MatchRecordsBulk(requests()):
+            pass
+    assert violations(raised.value) == ["batches[1].records[0].fields.dob"]
+    assert await stored_records(runtime) == []

@@ -144,6 +144,10 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.MatchRecordsResponse:
         return await self.matching.match_records(request)
 
+    async def MatchRecordsBulk(self, request_iterator, context):
+        async for progress in self.matching.match_records_bulk(request_iterator):
+            yield progress
+
     async def ListReviews(self, request: identity_pb2.ListReviewsRequest, context) -> identity_pb2.ListReviewsResponse:
         return await self.matching.list_reviews(request)
 
@@ -168,6 +172,7 @@ SCOPES = {
     "SetQuarantine": "identity:admin",
     "MatchRecords": "identity:write",
     "GetMatchingModel": "identity:read",
+    "MatchRecordsBulk": "identity:write",
     "ListReviews": "identity:read",
     "ResolveReview": "identity:admin",
 }

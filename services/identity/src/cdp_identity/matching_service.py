@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ RECORDS = "identity_match_records"
 MODEL = "identity_match_model"
 REVIEWS = "identity_reviews"
 MAX_RECORDS_PER_CALL = 5_000
+MAX_BULK_RECORDS = 500_000
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 1_000
 MAX_ID_LENGTH = 200
@@ -202,6 +204,84 @@ class MatchingService:
         pair = 2 * key + 2 * _PERSON_BYTES + levels + 64
         merge = _MERGE_FIXED_BYTES + 4 * key + 3 * _PERSON_BYTES
         return records * _PERSON_BYTES + pairs * (pair + merge + _PERSON_BYTES)
+
+    async def match_records_bulk(self, requests) -> AsyncIterator[identity_pb2.MatchRecordsBulkProgress]:
+        batches: list[list[dict[str, Any]]] = []
+        keys: set[str] = set()
+        apply, threshold = False, self.config.lower_threshold
+        async for position, request in _enumerate(requests):
+            if position == 0:
+                apply = request.apply
+                threshold = request.min_probability or threshold
+                if not 0 < threshold <= 1:
+                    raise InvalidArgument("min_probability", f"must be in (0, 1], got {request.min_probability}")
+            try:
+                records = self._validate(request.records)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"batches[{position}].{error.field}", error.description) from None
+            for index, record in enumerate(records):
+                if record["key"] in keys:
+                    raise InvalidArgument(
+                        f"batches[{position}].records[{index}].id", "appears in an earlier batch of this call"
+                    )
+                keys.add(record["key"])
+            if len(keys) > MAX_BULK_RECORDS:
+                raise InvalidArgument("records", f"more than {MAX_BULK_RECORDS} records in one call")
+            batches.append(records)
+        total = len(keys)
+        progress = identity_pb2.MatchRecordsBulkProgress(records_total=total)
+        every_doc = {
+            record["key"]: {"id": record["key"], **record["fields"], "source": record["source"]}
+            for batch in batches
+            for record in batch
+        }
+        # One fit on everything the call brings: the first batch is not fitted on alone.
+        progress.fitted = await self._fit(every_doc) if not self.frozen else False
+        now = int(time.time() * 1000)
+        for batch in batches:
+            docs = {record["key"]: every_doc[record["key"]] for record in batch}
+            scored = self._score_new(docs)
+            kept = [pair for pair in scored if pair.probability >= threshold]
+            for record in batch:
+                resolution, _ = await self.engine.resolve(
+                    record["identifiers"], request_id=f"record:{record['key']}", at=now
+                )
+                self._add_to_pool({**docs[record["key"]], "_person": resolution.person})
+            await self.store.bulk_write([Put(RECORDS, key, self.pool[key]) for key in docs])
+            for pair in kept:
+                outcome = await self._apply_pair(pair, now) if apply else None
+                progress.merges += outcome == "merge"
+                progress.reviews += outcome == "review"
+            progress.records_done += len(batch)
+            progress.pairs_kept += len(kept)
+            progress.pairs_omitted += len(scored) - len(kept)
+            progress.done = progress.records_done == total
+            yield progress
+
+    async def _apply_pair(self, pair, now: int) -> str | None:
+        """Merge a confident pair of two persons or queue a doubtful one: "merge", "review" or None."""
+        left_person = await self.engine.canonical(self.pool[pair.left_id]["_person"])
+        right_person = await self.engine.canonical(self.pool[pair.right_id]["_person"])
+        if left_person == right_person or pair.decision == "non_match":
+            return None
+        scored_pair = identity_pb2.ScoredPair(
+            left_record=pair.left_id,
+            right_record=pair.right_id,
+            left_person=left_person,
+            right_person=right_person,
+            match_weight=pair.match_weight,
+            probability=pair.probability,
+            decision=pair.decision,
+            levels=pair.levels,
+        )
+        merged = pair.decision == "match" and await self._merge(
+            left_person, right_person, scored_pair, rule="match", detail=""
+        )
+        if merged:
+            return "merge"
+        # A doubtful pair, or a match a merge rule refused: a person decides.
+        await self._queue_review(scored_pair, now)
+        return "review"
 
     def _score_new(self, docs: dict[str, dict[str, Any]]) -> list:
         """The candidate pairs the new records form, with the pool (through the blocking index) and with
@@ -376,6 +456,13 @@ class MatchingService:
             )
         if size < MIN_RECORDS_TO_FIT or (self.fitted_on and size < self.fitted_on * REFIT_GROWTH):
             return
+        await self._fit(new_docs)
+
+    async def _fit(self, new_docs: dict[str, dict[str, Any]]) -> bool:
+        """Estimate the model on the pool and `new_docs` (not yet in it); False when they are too few."""
+        size = len(self.pool.keys() | new_docs.keys())
+        if size < MIN_RECORDS_TO_FIT:
+            return False
         started = time.perf_counter()
         pooled = [self._comparable(doc) for key, doc in self.pool.items() if key not in new_docs]
         report = self.matcher.fit([*pooled, *new_docs.values()])
@@ -388,6 +475,7 @@ class MatchingService:
             "matching model re-estimated" if report.converged else "matching model re-estimated; EM did not converge",
             extra={"records": size, "seconds": round(time.perf_counter() - started, 3), **self.em},
         )
+        return True
 
     async def _merge(self, left: str, right: str, pair, *, rule: str, detail: str, strict: bool = False):
         cause = {
@@ -408,6 +496,13 @@ class MatchingService:
         review_id = stable_id("r_", *sorted((pair.left_record, pair.right_record)))
         await self.store.put(REVIEWS, review_id, {"pair": pair.SerializeToString().hex(), "created_at": now})
         return review_id
+
+
+async def _enumerate(items):
+    position = 0
+    async for item in items:
+        yield position, item
+        position += 1
 
 
 def _page_token(offset: int, digest: str) -> str:

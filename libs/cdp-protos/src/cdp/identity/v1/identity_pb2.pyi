@@ -241,6 +241,36 @@ class MatchRecordsRequest(_message.Message):
     page_token: str
     def __init__(self, records: _Optional[_Iterable[_Union[MatchRecord, _Mapping]]] = ..., apply: _Optional[bool] = ..., min_probability: _Optional[float] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
+class MatchRecordsBulkRequest(_message.Message):
+    __slots__ = ("records", "apply", "min_probability")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    APPLY_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[MatchRecord]
+    apply: bool
+    min_probability: float
+    def __init__(self, records: _Optional[_Iterable[_Union[MatchRecord, _Mapping]]] = ..., apply: _Optional[bool] = ..., min_probability: _Optional[float] = ...) -> None: ...
+
+class MatchRecordsBulkProgress(_message.Message):
+    __slots__ = ("records_done", "records_total", "pairs_kept", "pairs_omitted", "merges", "reviews", "fitted", "done")
+    RECORDS_DONE_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    REVIEWS_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    records_done: int
+    records_total: int
+    pairs_kept: int
+    pairs_omitted: int
+    merges: int
+    reviews: int
+    fitted: bool
+    done: bool
+    def __init__(self, records_done: _Optional[int] = ..., records_total: _Optional[int] = ..., pairs_kept: _Optional[int] = ..., pairs_omitted: _Optional[int] = ..., merges: _Optional[int] = ..., reviews: _Optional[int] = ..., fitted: _Optional[bool] = ..., done: _Optional[bool] = ...) -> None: ...
+
 class ScoredPair(_message.Message):
     __slots__ = ("left_record", "right_record", "left_person", "right_person", "match_weight", "probability", "decision", "levels")
     class LevelsEntry(_message.Message):

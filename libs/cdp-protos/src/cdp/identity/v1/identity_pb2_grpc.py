@@ -74,6 +74,11 @@ class IdentityServiceStub:
                 request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsRequest.SerializeToString,
                 response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsResponse.FromString,
                 _registered_method=True)
+        self.MatchRecordsBulk = channel.stream_stream(
+                '/cdp.identity.v1.IdentityService/MatchRecordsBulk',
+                request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkRequest.SerializeToString,
+                response_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkProgress.FromString,
+                _registered_method=True)
         self.ListReviews = channel.unary_unary(
                 '/cdp.identity.v1.IdentityService/ListReviews',
                 request_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.ListReviewsRequest.SerializeToString,
@@ -147,6 +152,15 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MatchRecordsBulk(self, request_iterator, context):
+        """Many records at once (a CRM export, two files to link): every batch is checked before anything is
+        stored, the model is fitted once on the pool and all the records, then the batches are matched in
+        order (merges and reviews as MatchRecords with apply), with progress after each batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListReviews(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -208,6 +222,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.MatchRecords,
                     request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsRequest.FromString,
                     response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsResponse.SerializeToString,
+            ),
+            'MatchRecordsBulk': grpc.stream_stream_rpc_method_handler(
+                    servicer.MatchRecordsBulk,
+                    request_deserializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkRequest.FromString,
+                    response_serializer=cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkProgress.SerializeToString,
             ),
             'ListReviews': grpc.unary_unary_rpc_method_handler(
                     servicer.ListReviews,
@@ -441,6 +460,33 @@ class IdentityService:
             '/cdp.identity.v1.IdentityService/MatchRecords',
             cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsRequest.SerializeToString,
             cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MatchRecordsBulk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cdp.identity.v1.IdentityService/MatchRecordsBulk',
+            cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkRequest.SerializeToString,
+            cdp_dot_identity_dot_v1_dot_identity__pb2.MatchRecordsBulkProgress.FromString,
             options,
             channel_credentials,
             insecure,
