@@ -5,6 +5,11 @@ person, then kept in the match pool. Records are scored against the pool with th
 (`cdp_identity.matching`), whose m/u weights are re-estimated by EM whenever the pool has grown by a
 quarter. Pairs of different persons above the upper threshold merge (lineage rule `match`); pairs between
 the thresholds wait in the review queue until someone decides.
+
+Invariants: a call's records are stored only once its answer is settled (validation, fit, scoring and
+the response's largest possible size come first), so a refused call leaves no record behind. A call
+scores only the pairs its records form: the blocking index (`blocks`, key -> record keys, kept with the
+pool through adds and purges) finds their candidates, and the cost follows those, not the pool.
 """
 
 from __future__ import annotations
