@@ -14,6 +14,7 @@ cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
 cdpctl up / status                                                                          (run.py)
 cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
+cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
 
 Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
 """
@@ -36,7 +37,7 @@ from rich.table import Table
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdpctl import bus, journeys, people, training
+from cdpctl import bus, crm, journeys, people, training
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 from cdpctl.run import check_health, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
@@ -407,6 +408,7 @@ for _command in (
     bus.dlq,
     bus.lag,
     *journeys.COMMANDS,
+    crm.crm,
 ):
     main.add_command(_command)
 models.add_command(training.train)

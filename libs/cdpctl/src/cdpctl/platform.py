@@ -44,6 +44,9 @@ class ServiceProcess:
     calls: tuple[str, ...] = ()
     # Scopes beyond the shared read-only service token: the service then gets a token of its own.
     extra_scopes: tuple[str, ...] = ()
+    # Files written before it starts: path (placeholders as in `env`) -> a template under cdpctl/dev/,
+    # filled the same way. A template naming a companion that is not running is written as `empty`.
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 # Orchestration sends through the local channel servers: SMTP without TLS or AUTH (a local server only),
@@ -79,6 +82,33 @@ ORCHESTRATION = ServiceProcess(
 )
 
 
+# The CRM connector writes to the local CRMs (cdpctl/dev/crm.yaml: HubSpot contacts, segments and tasks,
+# Salesforce contacts) with the credentials the emulators accept by default - local stand-ins, not
+# secrets. Their changes (a ticket opened in the local HubSpot) come back through the collector, read
+# every few seconds: the emulators are not told the connector's webhook address. Without companions the
+# connector runs with no connections.
+CRM = ServiceProcess(
+    "crm",
+    "cdp_crm",
+    grpc_port=50057,
+    metrics_port=9470,
+    env={
+        "CDP_CRM_CONNECTIONS_FILE": "{home}/crm/connections.yaml",
+        "CDP_CRM_COLLECTOR_URL": "http://127.0.0.1:{collector.http}",
+        "CDP_CRM_COLLECTOR_WRITE_KEY": "{write_key}",
+        "CDP_CRM_POLL_SECONDS": "5",
+    },
+    companion_env={
+        "crm-hubspot": {"CDP_DEV_HUBSPOT_TOKEN": "pat-local-hubspot"},
+        "crm-salesforce": {
+            "CDP_DEV_SALESFORCE_CLIENT_ID": "local-consumer-key",
+            "CDP_DEV_SALESFORCE_CLIENT_SECRET": "local-consumer-secret",
+        },
+    },
+    files={"{home}/crm/connections.yaml": ("crm.yaml", "connections: []\n")},
+)
+
+
 SERVICES: tuple[ServiceProcess, ...] = (
     ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
     ServiceProcess("identity", "cdp_identity", grpc_port=50052, metrics_port=9465),
@@ -103,6 +133,7 @@ SERVICES: tuple[ServiceProcess, ...] = (
         extra_scopes=("profile:admin",),
     ),
     ORCHESTRATION,
+    CRM,
 )
 
 
@@ -418,6 +449,24 @@ def service_environment(
         if companion in running:
             env.update({key: fill(value, ws, named_ports or {}) for key, value in variables.items()})
     return env
+
+
+def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[str, int]) -> list[Path]:
+    """Write the service's files (`ServiceProcess.files`) from their templates, ports filled in. A
+    template naming a listener nobody runs (`cdpctl up --no-companions`) is replaced by its empty form,
+    so a service is never pointed at a CRM that is not there."""
+    written = []
+    for target, (template, empty) in svc.files.items():
+        text = (Path(__file__).parent / "dev" / template).read_text()
+        try:
+            text = fill(text, ws, named_ports)
+        except KeyError:
+            text = empty
+        path = Path(fill(target, ws, named_ports))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    return written
 
 
 def companion_command(ws: Workspace, companion: Companion, ports: dict[str, int]) -> list[str]:

@@ -37,6 +37,7 @@ from cdpctl.platform import (
     companion_urls,
     pick_port,
     service_environment,
+    write_service_files,
 )
 from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
 
@@ -170,6 +171,7 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
             named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
             if http_port is not None:
                 named_ports[f"{svc.name}.http"] = http_port
+            write_service_files(ws, svc, named_ports)  # the CRM connections, ports filled in
             commands[svc.name] = [sys.executable, "-m", svc.module]
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
             processes[svc.name] = _spawn(commands[svc.name], envs[svc.name], logs[svc.name])

@@ -1,0 +1,364 @@
+"""Operator commands on the CRM connector: what it is connected to, how much API budget is left, its runs,
+the records it wrote and the records a CRM refused.
+
+    cdpctl crm status                        connections (state, last error, last sync), budget left per
+                                             account, the latest runs
+    cdpctl crm runs [--connection C]         backfills, replays and each connection's continuous sync
+    cdpctl crm backfill CONNECTION [--mapping M] [--bulk] [--wait]
+    cdpctl crm dead-letters [--connection C] [--mapping M] [--reason R] [--replay]
+    cdpctl crm record PERSON                 where a person (PERSON_ID, or TYPE VALUE) stands in every mapping
+    cdpctl crm record --crm-id CONNECTION OBJECT ID    one CRM record
+
+Every command takes --json (the API's messages as JSON on stdout; a refused call becomes
+{"error": {"code", "message", "fields"}} on stdout, exit code 1) and --address (default: the connector
+`cdpctl up` runs). A refused call names the field the service named. `backfill --wait` shows progress
+until the run ends and exits 1 when it failed. Dead letters show the CRM's reason and code, never its
+message on the terminal (it may quote the refused value): --json carries it for whoever needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+import grpc
+from google.protobuf import json_format
+from rich.progress import Progress
+from rich.table import Table
+
+from cdp.crm.v1 import crm_pb2 as pb
+from cdp.crm.v1 import crm_pb2_grpc
+from cdpctl.common import bearer, console, out, rpc_error, service_address
+from cdpctl.people import _person_id
+from cdpctl.platform import Workspace
+
+PAGE = 500
+DEAD_LETTER_REASONS = ("invalid_value", "unknown_field", "duplicate", "not_found", "permission", "rejected")
+
+
+def _options(function):
+    """--json and --address, on every command of this module."""
+    function = click.option("--address", help="crm gRPC address (default: the one `cdpctl up` runs)")(function)
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(function)
+
+
+def _call(ws: Workspace, address: str | None, as_json: bool, work: Callable[[Any, tuple], Awaitable[Any]]) -> Any:
+    """Run `work(stub, metadata)` against the connector; a refused call becomes a CLI error naming its field."""
+
+    async def run() -> Any:
+        async with grpc.aio.insecure_channel(service_address(ws, "crm", address)) as channel:
+            try:
+                return await work(crm_pb2_grpc.CrmServiceStub(channel), bearer(ws))
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, as_json=as_json) from None
+
+    return asyncio.run(run())
+
+
+def _dict(message) -> dict:
+    return json_format.MessageToDict(message)
+
+
+def _emit(document: Any) -> None:
+    out.print_json(json.dumps(document))
+
+
+def _enum(value: str, prefix: str) -> str:
+    return value.removeprefix(prefix).lower()
+
+
+def _short(value: str | None) -> str:
+    return (value or "").replace("T", " ").split(".")[0].removesuffix("Z")
+
+
+async def _pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: int) -> list:
+    items: list = []
+    token = ""
+    while True:
+        reply = await fetch(token)
+        items.extend(getattr(reply, field))
+        token = reply.next_page_token
+        if not token or (limit and len(items) >= limit):
+            return items[:limit] if limit else items
+
+
+def _runs_table(runs: list[dict], title: str = "runs") -> Table:
+    table = Table(title=title)
+    for column in ("run", "kind", "state", "connection", "mapping", "progress", "written", "unchanged",
+                   "dead letters", "pending", "started", "finished"):  # fmt: skip
+        table.add_column(column)
+    for run in runs:
+        total, processed = int(run.get("total", 0)), int(run.get("processed", 0))
+        progress = f"{processed}/{total}" if total else str(processed)
+        written = int(run.get("created", 0)) + int(run.get("updated", 0))
+        table.add_row(
+            run.get("runId", ""),
+            _enum(run.get("kind", ""), "RUN_KIND_"),
+            _enum(run.get("state", ""), "RUN_STATE_"),
+            run.get("connectionId", ""),
+            run.get("mappingId", "") or "(all)",
+            progress,
+            str(written),
+            run.get("unchanged", "0"),
+            run.get("deadLettered", "0"),
+            run.get("pendingRetry", "0"),
+            _short(run.get("startedAt")),
+            _short(run.get("finishedAt")),
+        )
+    return table
+
+
+@click.group()
+def crm() -> None:
+    """The CRM connector: connections, budgets, runs, record status, dead letters."""
+
+
+@crm.command("status")
+@click.option("--runs", "run_count", default=5, show_default=True, help="how many of the latest runs to show")
+@_options
+@click.pass_obj
+def crm_status(ws: Workspace, run_count: int, as_json: bool, address) -> None:
+    """Each connection's state, the API budget left per CRM account and the latest runs."""
+
+    async def work(stub, md):
+        connections = await stub.ListConnections(pb.ListConnectionsRequest(), metadata=md, timeout=10)
+        budgets = await stub.GetBudget(pb.GetBudgetRequest(), metadata=md, timeout=10)
+        runs = await stub.ListRuns(pb.ListRunsRequest(page_size=max(1, run_count)), metadata=md, timeout=10)
+        return connections.connections, budgets.budgets, runs.runs[:run_count]
+
+    connections, budgets, runs = _call(ws, address, as_json, work)
+    document = {
+        "connections": [_dict(c) for c in connections],
+        "budgets": [_dict(b) for b in budgets],
+        "runs": [_dict(r) for r in runs],
+    }
+    if as_json:
+        _emit(document)
+        return
+    table = Table(title="crm connections")
+    for column in ("connection", "kind", "account", "state", "mappings", "last synced", "last error"):
+        table.add_column(column)
+    for c in document["connections"]:
+        state = _enum(c.get("state", ""), "CONNECTION_STATE_")
+        colour = "green" if state == "active" else "yellow"
+        error = " / ".join(x for x in (c.get("lastErrorReason"), c.get("lastErrorCode")) if x)
+        if error and c.get("lastErrorAt"):
+            error += f" at {_short(c['lastErrorAt'])}"
+        table.add_row(
+            c["id"],
+            _enum(c.get("kind", ""), "CRM_KIND_"),
+            c.get("account", ""),
+            f"[{colour}]{state}[/]",
+            ", ".join(m["id"] for m in c.get("mappings", [])),
+            _short(c.get("lastSyncedAt")),
+            error,
+        )
+    out.print(table)
+    table = Table(title="API budget left")
+    for column in ("account", "kind", "burst left", "daily used", "daily left", "blocked until"):
+        table.add_column(column)
+    for b in document["budgets"]:
+        burst = (
+            f"{b.get('burstRemaining', '0')} of {b['burstLimit']} / {b.get('burstWindowSeconds', 0):g} s"
+            if int(b.get("burstLimit", 0))
+            else "-"
+        )
+        daily_limit = int(b.get("dailyLimit", 0))
+        daily = f"{b.get('dailyRemaining', '0')} of {daily_limit}" if daily_limit else "-"
+        table.add_row(
+            b.get("account", ""),
+            _enum(b.get("kind", ""), "CRM_KIND_"),
+            burst,
+            b.get("dailyUsed", "0"),
+            daily,
+            _short(b.get("blockedUntil")),
+        )
+    out.print(table)
+    out.print(_runs_table(document["runs"], "latest runs"))
+
+
+@crm.command("runs")
+@click.option("--connection", "connection_id", default="", help="only this connection's runs")
+@click.option("--limit", default=20, show_default=True, help="at most this many, newest first (0: all)")
+@_options
+@click.pass_obj
+def crm_runs(ws: Workspace, connection_id: str, limit: int, as_json: bool, address) -> None:
+    """Backfills, replays and each connection's continuous sync, newest first."""
+
+    async def work(stub, md):
+        return await _pages(
+            lambda token: stub.ListRuns(
+                pb.ListRunsRequest(connection_id=connection_id, page_size=PAGE, page_token=token),
+                metadata=md,
+                timeout=10,
+            ),
+            "runs",
+            limit,
+        )
+
+    documents = [_dict(r) for r in _call(ws, address, as_json, work)]
+    if as_json:
+        _emit(documents)
+    else:
+        out.print(_runs_table(documents))
+
+
+@crm.command("backfill")
+@click.argument("connection_id", metavar="CONNECTION")
+@click.option(
+    "--mapping", "mapping_id", default="", help="only this mapping (default: every mapping with the backfill trigger)"
+)
+@click.option("--bulk", is_flag=True, help="use the CRM's bulk path where it has one (Salesforce Bulk API 2.0)")
+@click.option("--wait", is_flag=True, help="show progress until the run ends; exit 1 when it failed")
+@_options
+@click.pass_obj
+def crm_backfill(ws: Workspace, connection_id: str, mapping_id: str, bulk: bool, wait: bool, as_json: bool, address):
+    """Sync every person the connector follows through a connection's mappings now. A backfill already
+    running for the same scope is returned rather than started twice."""
+    show = wait and not as_json and sys.stderr.isatty()
+
+    async def work(stub, md):
+        run = await stub.StartBackfill(
+            pb.StartBackfillRequest(connection_id=connection_id, mapping_id=mapping_id, bulk=bulk),
+            metadata=md,
+            timeout=30,
+        )
+        if not wait:
+            return run
+        with Progress(console=console, disable=not show, transient=True) as progress:
+            task = progress.add_task(f"backfill {run.run_id}", total=None)
+            while run.state == pb.RUN_STATE_RUNNING:
+                progress.update(task, completed=run.processed, total=run.total or None)
+                await asyncio.sleep(0.5)
+                run = await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=md, timeout=10)
+        return run
+
+    run = _dict(_call(ws, address, as_json, work))
+    state = _enum(run.get("state", ""), "RUN_STATE_")
+    if as_json:
+        _emit(run)
+    else:
+        out.print(_runs_table([run], "backfill"))
+        if run.get("error"):
+            out.print(f"[red]{run['error']}[/]")
+    if wait and state in ("failed", "cancelled"):
+        raise SystemExit(1)
+
+
+@crm.command("dead-letters")
+@click.option("--connection", "connection_id", default="", help="only this connection's")
+@click.option("--mapping", "mapping_id", default="", help="only this mapping's")
+@click.option("--reason", default="", type=click.Choice(("", *DEAD_LETTER_REASONS)), help="only this reason")
+@click.option("--limit", default=100, show_default=True, help="at most this many, newest first (0: all)")
+@click.option("--replay", is_flag=True, help="send every dead letter matching the filters again (after a fix)")
+@_options
+@click.pass_obj
+def crm_dead_letters(
+    ws: Workspace, connection_id: str, mapping_id: str, reason: str, limit: int, replay: bool, as_json: bool, address
+) -> None:
+    """Records a CRM refused, with its reason and the CRM's own code; --replay sends them again, re-projected
+    from the person's current profile, as a replay run."""
+    if replay:
+
+        async def replay_work(stub, md):
+            request = pb.ReplayDeadLettersRequest(connection_id=connection_id, mapping_id=mapping_id, reason=reason)
+            return await stub.ReplayDeadLetters(request, metadata=md, timeout=30)
+
+        answer = _dict(_call(ws, address, as_json, replay_work))
+        if as_json:
+            _emit(answer)
+        else:
+            out.print(f"replaying {answer.get('replayed', '0')} dead letter(s)")
+            if answer.get("run"):
+                out.print(_runs_table([answer["run"]], "replay"))
+        return
+
+    async def work(stub, md):
+        return await _pages(
+            lambda token: stub.ListDeadLetters(
+                pb.ListDeadLettersRequest(
+                    connection_id=connection_id, mapping_id=mapping_id, reason=reason, page_size=PAGE, page_token=token
+                ),
+                metadata=md,
+                timeout=10,
+            ),
+            "dead_letters",
+            limit,
+        )
+
+    documents = [_dict(d) for d in _call(ws, address, as_json, work)]
+    if as_json:
+        _emit(documents)
+        return
+    if not documents:
+        out.print("no dead letters")
+        return
+    table = Table(title="dead letters")
+    for column in ("record", "connection", "mapping", "person", "reason", "CRM code", "HTTP", "attempts", "failed"):
+        table.add_column(column)
+    for d in documents:
+        table.add_row(
+            d.get("id", ""),
+            d.get("connectionId", ""),
+            d.get("mappingId", ""),
+            d.get("personId", ""),
+            d.get("reason", ""),
+            d.get("crmCode", ""),
+            str(d.get("httpStatus", "")),
+            str(d.get("attempts", "")),
+            _short(d.get("failedAt")),
+        )
+    out.print(table)
+
+
+@crm.command("record")
+@click.argument("person", nargs=-1)
+@click.option(
+    "--crm-id", nargs=3, default=None, metavar="CONNECTION OBJECT ID", help="one CRM record by its CRM id instead"
+)
+@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
+@_options
+@click.pass_obj
+def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address, as_json: bool, address) -> None:
+    """Where a person (PERSON_ID, or TYPE VALUE) stands in every mapping: synced, pending, dead-lettered."""
+    if crm_id and person:
+        raise click.UsageError("name a PERSON or --crm-id, not both")
+    if crm_id:
+        connection_id, obj, record_id = crm_id
+        request = pb.GetRecordStatusRequest(
+            crm_record=pb.CrmRecordRef(connection_id=connection_id, object=obj, crm_id=record_id)
+        )
+    else:
+        if not person:
+            raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
+        request = pb.GetRecordStatusRequest(person_id=asyncio.run(_person_id(ws, identity_address, person)))
+
+    async def work(stub, md):
+        return await stub.GetRecordStatus(request, metadata=md, timeout=10)
+
+    documents = [_dict(r) for r in _call(ws, address, as_json, work).records]
+    if as_json:
+        _emit(documents)
+        return
+    if not documents:
+        out.print("no CRM record for this person yet")
+        return
+    table = Table(title="CRM records")
+    for column in ("connection", "mapping", "object", "CRM id", "state", "synced", "reason"):
+        table.add_column(column)
+    for r in documents:
+        reason = " / ".join(x for x in (r.get("reason"), r.get("crmCode")) if x)
+        table.add_row(
+            r.get("connectionId", ""),
+            r.get("mappingId", ""),
+            r.get("object", ""),
+            r.get("crmId", ""),
+            _enum(r.get("state", ""), "RECORD_STATE_"),
+            _short(r.get("syncedAt")),
+            reason,
+        )
+    out.print(table)

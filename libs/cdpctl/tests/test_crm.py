@@ -1,0 +1,173 @@
+"""The CRM connector as `cdpctl up` runs it and `cdpctl crm …` operates it: the dev connections file filled
+with the local HubSpot's and Salesforce's ports, the environment `make up` gives the connector (its dev
+credentials, the workspace's tokens), and the connector itself in-process on a real nats-server. A profile
+change reaches both local CRMs; the operator sees connections, budgets, runs, a person's records and a
+refused record, replays it, and a refused call names its field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from dataclasses import replace
+
+import pytest
+
+from cdp.profile.v1 import profile_pb2
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_kit.bus import Bus, OutMessage, partition_for, subjects
+from cdp_kit.timestamps import from_seconds
+from cdpctl.platform import CRM, SERVICES, Workspace, service_environment, write_service_files
+
+from .conftest import Cli
+
+
+async def eventually(check, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+def crm_environment(ws: Workspace, named_ports: dict[str, int]) -> dict[str, str]:
+    write_service_files(ws, CRM, named_ports)
+    return service_environment(
+        ws, CRM, nats_url="nats://127.0.0.1:4222", grpc_port=50057, metrics_port=9470, http_port=None,
+        named_ports=named_ports,
+    )  # fmt: skip
+
+
+def test_make_up_runs_the_connector_and_without_companions_gives_it_no_connections(tmp_path):
+    from cdp_crm.domain.mapping import load_connections
+
+    assert CRM in SERVICES
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    env = crm_environment(ws, {"collector.http": 8080})  # `cdpctl up --no-companions`
+    assert load_connections(open(env["CDP_CRM_CONNECTIONS_FILE"]).read(), form="yaml") == ()
+    assert "CDP_DEV_HUBSPOT_TOKEN" not in env or env["CDP_DEV_HUBSPOT_TOKEN"] == os.environ.get("CDP_DEV_HUBSPOT_TOKEN")
+
+    env = crm_environment(ws, {"collector.http": 8080, "crm-hubspot.api": 8032, "crm-salesforce.api": 8031})
+    connections = load_connections(open(env["CDP_CRM_CONNECTIONS_FILE"]).read(), form="yaml")
+    assert {(c.id, c.url) for c in connections} == {
+        ("hubspot", "http://127.0.0.1:8032"),
+        ("salesforce", "http://127.0.0.1:8031"),
+    }
+    assert env["CDP_CRM_COLLECTOR_URL"] == "http://127.0.0.1:8080"
+    assert env["CDP_CRM_COLLECTOR_WRITE_KEY"] == ws.write_key()
+    # Every credential variable the file names is set, to what the local CRMs accept.
+    for connection in connections:
+        for variable in connection.credentials.values():
+            assert env.get(variable), variable
+
+
+@pytest.fixture
+async def crm_cli(nats_server, tmp_path, monkeypatch):
+    from cdp_crm.__main__ import setup
+    from cdp_crm.settings import CrmSettings
+    from cdp_kit.service import serving
+    from cdp_kit.settings import load_settings
+
+    async with HubSpotEmulator() as hubspot, SalesforceEmulator() as salesforce:
+        ws = Workspace(tmp_path / "home")
+        ws.prepare(())
+        ports = {"collector.http": 1, "crm-hubspot.api": hubspot.port, "crm-salesforce.api": salesforce.port}
+        env = crm_environment(ws, ports)
+        for variable in ("CDP_DEV_HUBSPOT_TOKEN", "CDP_DEV_SALESFORCE_CLIENT_ID", "CDP_DEV_SALESFORCE_CLIENT_SECRET"):
+            monkeypatch.setenv(variable, env[variable])  # the connector reads credentials from its environment
+        env |= {"CDP_NATS_URL": nats_server.url, "CDP_PARTITIONS": "2", "CDP_LOG_LEVEL": "WARNING"}
+        settings = replace(
+            load_settings(CrmSettings, env), grpc_port=0, metrics_port=0, collector_url="", shutdown_grace=1.0
+        )
+        async with serving(settings, setup) as runtime:
+            ws.write_run(
+                {
+                    "pid": os.getpid(),
+                    "nats": nats_server.url,
+                    "admin_token_file": str(ws.admin_token_file),
+                    "services": {"crm": {"grpc": f"127.0.0.1:{runtime.grpc.port}"}},
+                }
+            )
+            async with Bus.connect(nats_server.url, name="cdpctl-crm-test") as bus:
+                yield Cli(ws.root, nats_server.url), hubspot, salesforce, bus
+
+
+async def change(bus: Bus, person: str, **traits: str) -> None:
+    update = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(time.time()))
+    for name, value in traits.items():
+        update.traits[name].string_value = value
+    batch = profile_pb2.ProfileChangedBatch(changes=[update])
+    subject = subjects.profiles_changed(partition_for(person, 2))
+    [result] = await bus.publisher.publish_batch(
+        [OutMessage(subject, batch.SerializeToString(), f"{person}-{time.time()}")]
+    )
+    assert result.ok, result.error
+
+
+async def test_an_operator_follows_records_into_the_local_crms_and_replays_a_refused_one(crm_cli):
+    cli, hubspot, salesforce, bus = crm_cli
+    await change(bus, "person-1", email="ada@example.com", first_name=" Ada ")
+    contact = await eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
+    assert contact["properties"]["email"] == "ada@example.com"
+    assert contact["properties"]["firstname"] == "Ada"
+    await eventually(lambda: salesforce.find("Contact", "CDP_Id__c", "person-1"))
+
+    async def record_synced():
+        result = await cli.run("crm", "record", "person-1", "--json")
+        assert result.exit_code == 0, result.output
+        records = {(r["connectionId"], r["mappingId"]): r for r in json.loads(result.output)}
+        return all(r["state"] == "RECORD_STATE_SYNCED" for r in records.values()) and len(records) == 2 and records
+
+    records = await eventually(record_synced)
+    assert records[("hubspot", "contacts")]["crmId"] == contact["id"]
+
+    status = json.loads((await cli.run("crm", "status", "--json")).output)
+    assert {c["id"]: c["state"] for c in status["connections"]} == {
+        "hubspot": "CONNECTION_STATE_ACTIVE",
+        "salesforce": "CONNECTION_STATE_ACTIVE",
+    }
+    budget = next(b for b in status["budgets"] if b["account"] == "62515")
+    assert budget["burstLimit"] == "190" and int(budget["dailyUsed"]) >= 1
+    table = await cli.run("crm", "status")
+    assert table.exit_code == 0 and "hubspot" in table.output and "62515" in table.output
+
+    result = await cli.run("crm", "backfill", "hubspot", "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    run = json.loads(result.output)
+    assert (run["state"], run["total"], run["processed"]) == ("RUN_STATE_SUCCEEDED", "1", "1")
+    runs = json.loads((await cli.run("crm", "runs", "--connection", "hubspot", "--json")).output)
+    assert run["runId"] in [r["runId"] for r in runs]
+
+    # HubSpot refuses the address: a dead letter with its reason, replayed once the profile is fixed.
+    await change(bus, "person-2", email="not-an-email")
+
+    async def dead_letter():
+        result = await cli.run("crm", "dead-letters", "--connection", "hubspot", "--json")
+        return json.loads(result.output)
+
+    (letter,) = await eventually(dead_letter)
+    assert (letter["personId"], letter["mappingId"], letter["reason"]) == ("person-2", "contacts", "invalid_value")
+    table = await cli.run("crm", "dead-letters")
+    assert "person-2" in table.output and "not-an-email" not in table.output  # the CRM's message may quote it
+    result = await cli.run("crm", "dead-letters", "--connection", "hubspot", "--replay", "--json")
+    assert result.exit_code == 0, result.output
+    replay = json.loads(result.output)
+    assert replay["replayed"] == "1" and replay["run"]["kind"] == "RUN_KIND_REPLAY"
+    await change(bus, "person-2", email="grace@example.com")
+    fixed = await eventually(lambda: hubspot.find("contacts", "cdp_id", "person-2"))
+    assert fixed["properties"]["email"] == "grace@example.com"
+
+    result = await cli.run("crm", "backfill", "hubspot", "--mapping", "nope", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.output)["error"]
+    assert error["code"] == "INVALID_ARGUMENT" and [f["field"] for f in error["fields"]] == ["mapping_id"]
+    result = await cli.run("crm", "backfill", "nowhere")
+    assert result.exit_code == 1 and "NOT_FOUND" in result.output
