@@ -27,7 +27,9 @@ deterministic rules with recall 0.7, u by random sampling (1e7 pairs, seeded), m
 blocked on first+last name and on date of birth (the tutorial's recipe), predict at probability 0.5.
 Each side's time covers its own training and prediction.
 
-Also: the best F1 over all thresholds on each side's scored pairs, and the time of a one-record
+Also: the same records blocked on date of birth alone on both sides (strangers sharing a birthday fill
+the candidates; scored against the true pairs that rule can reach), the best F1 over all thresholds on
+each side's scored pairs, and the time of a one-record
 MatchRecords scoring step (blocking index lookup and the new pairs only) at pools of ~1.3k, 13k and 100k.
 
     make bench-matching            # writes bench/results/matching.json and matching-f1.json
@@ -40,7 +42,7 @@ import time
 
 from benchlib import write_result
 
-from cdp_identity.matching import DEFAULT_PERSON_CONFIG, Matcher
+from cdp_identity.matching import DEFAULT_PERSON_CONFIG, MatchConfig, Matcher
 from cdp_identity.matching.blocking import BlockingRule
 from cdp_identity.matching.nicknames import name_groups
 from cdp_testing.people import generate_population, true_pairs
@@ -77,9 +79,9 @@ def best_threshold(scored: list[tuple[tuple[str, str], float]], truth: set[tuple
     return {key: round(value, 4) if key != "threshold" else value for key, value in best.items()}
 
 
-def run_ours(records: list[dict]) -> tuple[float, dict, dict, dict, list]:
+def run_ours(records: list[dict], config: MatchConfig = DEFAULT_PERSON_CONFIG) -> tuple[float, dict, dict, dict, list]:
     started = time.perf_counter()
-    matcher = Matcher(DEFAULT_PERSON_CONFIG)
+    matcher = Matcher(config)
     report = matcher.fit(records)
     scored = matcher.score(records)
     elapsed = time.perf_counter() - started
@@ -140,7 +142,7 @@ def splink_rule(rule: BlockingRule):
     return block_on(*parts)
 
 
-def splink_settings():
+def splink_settings(rules=DEFAULT_PERSON_CONFIG.blocking_rules):
     import splink.comparison_level_library as cll
     import splink.comparison_library as cl
     from splink import SettingsCreator
@@ -170,11 +172,11 @@ def splink_settings():
             cl.LevenshteinAtThresholds("zip", [1]),
             cl.JaroWinklerAtThresholds("address", [0.92, 0.8]),
         ],
-        blocking_rules_to_generate_predictions=[splink_rule(rule) for rule in DEFAULT_PERSON_CONFIG.blocking_rules],
+        blocking_rules_to_generate_predictions=[splink_rule(rule) for rule in rules],
     )
 
 
-def run_splink(records: list[dict]) -> tuple[float, set, set, dict]:
+def run_splink(records: list[dict], rules=DEFAULT_PERSON_CONFIG.blocking_rules) -> tuple[float, set, set, dict, list]:
     from splink import DuckDBAPI, Linker, block_on
 
     # The same cleaned values our matcher compares, plus the nickname groups of the first name.
@@ -184,7 +186,7 @@ def run_splink(records: list[dict]) -> tuple[float, set, set, dict]:
 
     started = time.perf_counter()
     db_api = DuckDBAPI()
-    linker = Linker(db_api.register(rows), splink_settings(), log_level=logging.WARNING)
+    linker = Linker(db_api.register(rows), splink_settings(rules), log_level=logging.WARNING)
     linker.training.estimate_probability_two_random_records_match(
         [block_on("first_name", "last_name", "dob"), block_on("email")], recall=0.7
     )
@@ -211,6 +213,19 @@ def main() -> None:
     splink_seconds, splink_half, splink_upper, splink_info, splink_scored = run_splink(records)
     ours_best, splink_best = best_threshold(ours_scored, truth_pairs), best_threshold(splink_scored, truth_pairs)
     incremental = {f"{people}_people": incremental_call_ms(people) for people in (1_000, 10_000, 75_000)}
+    # The same records blocked on date of birth alone (a rule splink's tutorial uses): strangers sharing a
+    # birthday fill the candidates, and neither side may call them matches.
+    dob_config = MatchConfig.from_dict({**DEFAULT_PERSON_CONFIG.to_dict(), "blocking_rules": ["dob"]})
+    _, dob_ours_half, _, _, dob_ours_scored = run_ours(records, dob_config)
+    _, dob_splink_half, _, _, dob_splink_scored = run_splink(records, dob_config.blocking_rules)
+    dob_reachable = truth_pairs & {pair for pair, _ in dob_ours_scored}
+    dob_blocked = {
+        "true_pairs_reachable": len(dob_reachable),
+        "ours": accuracy(dob_ours_half, dob_reachable),
+        "splink": accuracy(dob_splink_half, dob_reachable),
+        "ours_best_threshold": best_threshold(dob_ours_scored, dob_reachable),
+        "splink_best_threshold": best_threshold(dob_splink_scored, dob_reachable),
+    }
 
     ours, splink = accuracy(ours_half, truth_pairs), accuracy(splink_half, truth_pairs)
     ours_at_upper, splink_at_upper = accuracy(ours_upper, truth_pairs), accuracy(splink_upper, truth_pairs)
@@ -228,6 +243,7 @@ def main() -> None:
         "ours_best_threshold": ours_best,
         "splink_best_threshold": splink_best,
         "incremental_one_record_call": incremental,
+        "blocked_on_dob_only": dob_blocked,
     }
     write_result(
         "matching", value=ours_seconds, unit="s", baseline=splink_seconds, higher_is_better=False, params=params
@@ -251,6 +267,13 @@ def main() -> None:
         print(
             f"{name + ' best threshold':<26}{best['precision']:>10.4f}{best['recall']:>9.4f}{best['f1']:>8.4f}"
             f"   at p>={best['threshold']:.4g}"
+        )
+    print(f"blocked on dob alone ({dob_blocked['true_pairs_reachable']} true pairs reachable):")
+    for name in ("ours", "splink"):
+        at_half, best = dob_blocked[name], dob_blocked[f"{name}_best_threshold"]
+        print(
+            f"  {name:<8} p>={THRESHOLD}: precision {at_half['precision']:.4f} recall {at_half['recall']:.4f} "
+            f"F1 {at_half['f1']:.4f}; best F1 {best['f1']:.4f} at p>={best['threshold']:.4g}"
         )
     for label, timing in incremental.items():
         print(
