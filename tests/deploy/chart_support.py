@@ -42,10 +42,32 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "values_files": [values_file("values-prod.yaml")],
         "set_values": {"components": {"newcomer": {}}},
     },
-    # The CRM connector switched on, as it will be once its process lands.
-    "prod+crm": {
-        "values_files": [values_file("values-prod.yaml")],
-        "set_values": {"components": {"crm": {"enabled": True}}},
+    # The CRM connector with its connections inline (as a values file would give them) and its
+    # credentials from a Secret.
+    "crm-inline": {
+        "set_values": {
+            "crmConnections": {
+                "inline": {
+                    "connections": [
+                        {
+                            "id": "hubspot",
+                            "kind": "hubspot",
+                            "account": "62515",
+                            "credentials": {"token": "HUBSPOT_TOKEN", "client_secret": "HUBSPOT_CLIENT_SECRET"},
+                            "mappings": [
+                                {
+                                    "id": "contacts",
+                                    "object": "contacts",
+                                    "match": {"cdp_id": "person.id"},
+                                    "fields": {"email": "traits.email"},
+                                },
+                            ],
+                        }
+                    ]
+                }
+            },
+            "components": {"crm": {"envFromSecrets": [{"name": "cdp-crm-credentials"}]}},
+        },
     },
     "stateful": {
         "set_values": {

@@ -226,11 +226,14 @@ def test_every_variable_is_set_and_none_is_empty(scenario, rendered):
                 assert str(entry.get("value", "")).strip(), f"{Rendered.describe(w)}: {name} is empty"
         if env["CDP_AUTH_MODE"]["value"] == "tokens":
             assert "CDP_AUTH_TOKENS_FILE" in env
-        # Every port the pod declares is the one the service was told to listen on, and vice versa.
+        # Every port the pod declares is the one the service was told to listen on, and vice versa
+        # (the http port in the variable the component names: the CRM connector's webhook port).
+        component = r.values["components"].get(component_of(w)) or {}
+        http_variable = component.get("httpPortVariable") or r.values["componentDefaults"]["httpPortVariable"]
         for p in c["ports"]:
             variable = {
                 "grpc": "CDP_GRPC_PORT",
-                "http": "CDP_HTTP_PORT",
+                "http": http_variable,
                 "metrics": "CDP_METRICS_PORT",
                 "health": "CDP_HEALTH_PORT",
             }[p["name"]]
@@ -252,6 +255,7 @@ def existing_secrets(values: dict[str, Any]) -> set[str]:
             values["auth"].get("existingSecret"),
             values["tls"].get("existingSecret"),
             values["sources"].get("existingSecret"),
+            values["crmConnections"].get("existingSecret"),
             values["global"]["mongodbUri"].get("existingSecret"),
         )
         if s
@@ -341,7 +345,7 @@ def test_prod_reads_the_mongodb_uri_from_a_secret_and_turns_tls_and_tokens_on(re
 # --- availability --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scenario", ["prod", "prod+newcomer", "prod+crm"])
+@pytest.mark.parametrize("scenario", ["prod", "prod+newcomer"])
 def test_prod_runs_two_or_more_pods_per_component_behind_a_pdb(scenario, rendered):
     r = rendered[scenario]
     pdbs = r.of_kind("PodDisruptionBudget")
@@ -470,7 +474,8 @@ def test_optional_objects_render_behind_their_switches(rendered):
     assert mongo["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == 27017
     monitors = {m["metadata"]["name"] for m in everything.of_kind("ServiceMonitor")}
     assert monitors == {
-        f"cdp-{name}" for name in ("collector", "identity", "profile", "scoring", "segmentation", "orchestration")
+        f"cdp-{name}"
+        for name in ("collector", "identity", "profile", "scoring", "segmentation", "orchestration", "crm")
     }
 
 
@@ -570,6 +575,19 @@ BAD_VALUES = {
     "emulators are never deployed": (
         {"components": {"crm": {"enabled": True, "module": "cdp_crm_emulators"}}},
         "module cdp_crm_emulators is development and test code",
+    ),
+    "one source for the CRM connections": (
+        {
+            "crmConnections": {
+                "existingSecret": "cdp-crm-connections",
+                "inline": {"connections": [{"id": "hs", "kind": "hubspot"}]},
+            }
+        },
+        "crmConnections.existingSecret and crmConnections.inline.connections are both set",
+    ),
+    "the connections file is the chart's": (
+        {"components": {"crm": {"env": {"CDP_CRM_CONNECTIONS_FILE": "/tmp/c.yaml"}}}},
+        "the chart sets CDP_CRM_CONNECTIONS_FILE itself",
     ),
     "local channel servers are never deployed": (
         {"components": {"channels": {"module": "cdp_testing.channels"}}},
@@ -750,14 +768,38 @@ def test_orchestration_owns_partitions_and_reads_channel_providers_from_secrets(
             assert sts["spec"].get("volumeClaimTemplates"), "the sqlite store must outlive the pod"
 
 
-def test_crm_is_off_until_its_process_lands_and_then_runs_like_the_other_partition_owners(rendered):
-    for scenario in ("default", "dev", "prod"):
-        assert not [o for o in rendered[scenario].objects if o["metadata"]["name"] == "cdp-crm"], scenario
-    r = rendered["prod+crm"]
+def test_crm_runs_by_default_like_the_other_partition_owners_with_its_connections_from_a_secret(rendered):
+    for scenario in ("default", "dev", "prod", "crm-inline"):
+        r = rendered[scenario]
+        sts = r.get("StatefulSet", "cdp-crm")
+        (container,) = sts["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == ["python", "-m", "cdp_crm"], scenario
+        env = env_of(container)
+        # The webhook endpoint listens on the component's http port, which its Service exposes.
+        assert env["CDP_CRM_WEBHOOK_PORT"]["value"] == "8090" and "CDP_HTTP_PORT" not in env, scenario
+        service = r.get("Service", "cdp-crm")
+        assert {"name": "http", "port": 8090} in [{k: p[k] for k in ("name", "port")} for p in service["spec"]["ports"]]
+        path = env["CDP_CRM_CONNECTIONS_FILE"]["value"]
+        assert path == "/etc/cdp/crm/connections.yaml", scenario
+        volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes["crm-connections"]["secret"]
+        if scenario == "prod":
+            assert secret["secretName"] == "cdp-crm-connections"  # the operator's, never rendered
+            assert not [s for s in r.of_kind("Secret") if s["metadata"]["name"] == "cdp-crm-connections"]
+        else:
+            document = r.get("Secret", secret["secretName"])["stringData"]["connections.yaml"]
+            # JSON is YAML: the connector reads the file by its suffix.
+            assert yaml.safe_load(document) == r.values["crmConnections"]["inline"], scenario
+    assert yaml.safe_load(
+        rendered["default"].get("Secret", "cdp-crm-connections")["stringData"]["connections.yaml"]
+    ) == {"connections": []}, "no connections by default: the connector runs idle"
+    inline = rendered["crm-inline"].get("StatefulSet", "cdp-crm")["spec"]["template"]
+    assert "checksum/config" in inline["metadata"]["annotations"], "a new document must roll the connector"
+
+    r = rendered["prod"]
     sts = r.get("StatefulSet", "cdp-crm")
     assert sts["spec"]["replicas"] >= 2
     (container,) = sts["spec"]["template"]["spec"]["containers"]
-    assert container["command"] == ["python", "-m", "cdp_crm"]
     env = env_of(container)
     assert env["CDP_OWNERSHIP"]["value"] == "kubernetes" and r.get("RoleBinding", "cdp-crm-leases")
     assert container["envFrom"] == [{"secretRef": {"name": "cdp-crm-credentials", "optional": False}}]

@@ -96,6 +96,10 @@ truncating: two truncated names could collide.
 {{- default (printf "%s-auth-tokens" (include "cdp.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "cdp.crmConnectionsSecretName" -}}
+{{- default (printf "%s-crm-connections" (include "cdp.fullname" .)) .Values.crmConnections.existingSecret -}}
+{{- end -}}
+
 {{- define "cdp.sourcesSecretName" -}}
 {{- default (printf "%s-sources" (include "cdp.fullname" .)) .Values.sources.existingSecret -}}
 {{- end -}}
@@ -117,7 +121,7 @@ truncating: two truncated names could collide.
 
 {{/* Variables the chart owns; components.<name>.env may not set them (duplicates would be ambiguous). */}}
 {{- define "cdp.managedEnv" -}}
-OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE
+OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_CRM_CONNECTIONS_FILE CDP_CRM_WEBHOOK_PORT CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE
 {{- end -}}
 
 {{/*
@@ -137,7 +141,7 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- fail (printf "component %q: module %s is development and test code (local channel servers, CRM emulators, the CLI); it is not in the image and never deployed. Point the service at a real provider through envFromSecrets instead" $name $module) -}}
 {{- end -}}
 {{- end -}}
-{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" -}}
+{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" "/etc/cdp/crm" -}}
 {{- range $c.secretFiles -}}
 {{- if has .mountPath $mounts -}}
 {{- fail (printf "component %q: secretFiles mountPath %s is taken (by the chart or another entry); give each Secret a folder of its own under /etc/cdp" $name .mountPath) -}}
@@ -212,6 +216,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if and .Values.auth.existingSecret .Values.auth.tokens -}}
 {{- fail "auth.existingSecret and auth.tokens are both set; keep one (the Secret, in production)" -}}
 {{- end -}}
+{{- if and .Values.crmConnections.existingSecret .Values.crmConnections.inline.connections -}}
+{{- fail "crmConnections.existingSecret and crmConnections.inline.connections are both set; keep one" -}}
+{{- end -}}
 {{- if and .Values.sources.existingSecret .Values.sources.inline.sources -}}
 {{- fail "sources.existingSecret and sources.inline.sources are both set; keep one (the Secret, in production)" -}}
 {{- end -}}
@@ -232,7 +239,7 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 - name: CDP_METRICS_PORT
   value: {{ int $c.ports.metrics | quote }}
 {{- if $c.ports.http }}
-- name: CDP_HTTP_PORT
+- name: {{ $c.httpPortVariable | default "CDP_HTTP_PORT" }}
   value: {{ int $c.ports.http | quote }}
 {{- end }}
 {{- if $c.ports.health }}
@@ -284,6 +291,10 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if $c.mountSources }}
 - name: CDP_COLLECTOR_SOURCES_FILE
   value: /etc/cdp/sources/sources.json
+{{- end }}
+{{- if $c.mountCrmConnections }}
+- name: CDP_CRM_CONNECTIONS_FILE
+  value: {{ printf "/etc/cdp/crm/%s" $root.Values.crmConnections.key | quote }}
 {{- end }}
 - name: CDP_SHUTDOWN_GRACE
   value: {{ int $c.shutdownGraceSeconds | quote }}
@@ -370,6 +381,9 @@ metadata:
   {{- end }}
   {{- if $c.mountSources }}
   {{- $config = print $config (include (print $root.Template.BasePath "/secret-sources.yaml") $root) }}
+  {{- end }}
+  {{- if $c.mountCrmConnections }}
+  {{- $config = print $config (include (print $root.Template.BasePath "/secret-crm-connections.yaml") $root) }}
   {{- end }}
   {{- if trim $config }}
   {{- $_ := set $annotations "checksum/config" ($config | sha256sum) }}
@@ -499,6 +513,11 @@ spec:
           mountPath: /etc/cdp/sources
           readOnly: true
         {{- end }}
+        {{- if $c.mountCrmConnections }}
+        - name: crm-connections
+          mountPath: /etc/cdp/crm
+          readOnly: true
+        {{- end }}
         {{- range $c.secretFiles }}
         - name: secret-{{ .volume }}
           mountPath: {{ .mountPath }}
@@ -549,6 +568,15 @@ spec:
         items:
           - key: {{ $root.Values.sources.key }}
             path: sources.json
+    {{- end }}
+    {{- if $c.mountCrmConnections }}
+    - name: crm-connections
+      secret:
+        secretName: {{ include "cdp.crmConnectionsSecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.crmConnections.key }}
+            path: {{ $root.Values.crmConnections.key }}
     {{- end }}
     {{- range $c.secretFiles }}
     {{- /* Every key a file, the whole directory mounted (no subPath): an updated Secret reaches the pod. */}}
