@@ -132,6 +132,8 @@ def splink_rule(rule: BlockingRule):
 
     parts = []
     for part in rule.parts:
+        if part.other:
+            raise ValueError(f"no Splink block_on equivalent for the unordered pair in {rule.text!r}")
         if not part.sliced:
             parts.append(part.field)
             continue

@@ -12,7 +12,7 @@ from cdp_testing.people import true_pairs
 
 def pairs_for(records: list[dict], rules: list[str], max_block_size: int = 1000) -> set[tuple]:
     parsed = tuple(BlockingRule.parse(rule) for rule in rules)
-    fields = {part.field for rule in parsed for part in rule.parts}
+    fields = {name for rule in parsed for name in rule.fields}
     table = RecordTable.from_records(records, dict.fromkeys(fields, normalise_text))
     candidates = candidate_pairs(table, parsed, max_block_size)
     return {(table.ids[a], table.ids[b]) for a, b in zip(candidates.left, candidates.right, strict=True)}
@@ -79,3 +79,27 @@ def test_blocking_grows_with_pairs_not_with_n_squared():
     assert 100_000 < len(pairs) < 200_000
     by_id = {record["id"]: record["zip"] for record in records}
     assert all(by_id[a] == by_id[b] and a < b for a, b in pairs)
+
+
+def test_an_unordered_pair_of_fields_blocks_swapped_names_together():
+    records = [
+        {"id": 1, "first_name": "Wei", "last_name": "Zhang", "dob": "1980-04-02"},
+        {"id": 2, "first_name": "Zhang", "last_name": "Wei", "dob": "1980-04-02"},  # entered the other way round
+        {"id": 3, "first_name": "Wei", "last_name": "Zhang", "dob": "1991-01-01"},
+        {"id": 4, "first_name": "Wei", "last_name": None, "dob": "1980-04-02"},
+    ]
+    rule = BlockingRule.parse("{first_name, last_name}+dob")
+    assert rule.fields == ("first_name", "last_name", "dob")
+    assert pairs_for(records, ["{first_name,last_name}+dob"]) == {(1, 2)}
+    assert pairs_for(records, ["last_name+dob"]) == set()
+    # The matcher's per-record keys agree, so MatchRecords finds the same candidates.
+    config = {**DEFAULT_PERSON_CONFIG.to_dict(), "blocking_rules": ["{first_name,last_name}+dob"]}
+    matcher = Matcher(config)
+    assert matcher.blocking_keys(records[0]) == matcher.blocking_keys(records[1]) != []
+    assert matcher.blocking_keys(records[3]) == []
+
+
+@pytest.mark.parametrize("bad", ["{first_name}", "{first_name,first_name}", "{a,b}[0:1]", "{a,b,c}"])
+def test_unparseable_field_pairs_are_rejected(bad):
+    with pytest.raises(ValueError):
+        BlockingRule.parse(bad)

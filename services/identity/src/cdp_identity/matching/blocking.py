@@ -2,7 +2,8 @@
 
 A rule is a "+"-joined list of fields, each optionally sliced like a Python string:
 "first_name[0:1]+last_name[0:3]+zip" makes records with the same first initial, surname prefix and zip
-candidates. A record missing any part of a rule has no key for it. Candidates are the union over rules,
+candidates. "{first_name,last_name}" is the two values as an unordered pair, so a record whose names were
+entered the other way round shares the key. A record missing any part of a rule has no key for it. Candidates are the union over rules,
 each pair once, never a record with itself. Keys are grouped by sorting integer codes, so the cost grows
 with the number of pairs produced, not with n².
 """
@@ -17,6 +18,8 @@ import numpy as np
 from .records import Column, RecordTable
 
 _PART = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\])?\s*$")
+_UNORDERED = re.compile(r"^\s*\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*,\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\s*$")
+_PAIR_SEPARATOR = "\x1e"
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class KeyPart:
     field: str
     start: int | None = None
     stop: int | None = None
+    other: str | None = None  # {field,other}: both values, in either order
 
     @property
     def sliced(self) -> bool:
@@ -41,6 +45,10 @@ class BlockingRule:
             raise ValueError(f"must be a rule like 'email' or 'first_name[0:1]+last_name', got {text!r}")
         parts = []
         for raw_part in text.split("+"):
+            unordered = _UNORDERED.match(raw_part)
+            if unordered is not None:
+                parts.append(KeyPart(unordered.group(1), other=unordered.group(2)))
+                continue
             match = _PART.match(raw_part)
             if match is None:
                 raise ValueError(
@@ -48,20 +56,37 @@ class BlockingRule:
                     "expected field or field[start:stop] (integers), joined by '+'"
                 )
             name, start, stop = match.groups()
-            if name == "id":
-                raise ValueError("cannot block on 'id': every id is unique")
             parts.append(KeyPart(name, _bound(start), _bound(stop)))
-        if len({part.field for part in parts}) != len(parts):
+        fields = [name for part in parts for name in (part.field, part.other) if name]
+        if "id" in fields:
+            raise ValueError("cannot block on 'id': every id is unique")
+        if len(set(fields)) != len(fields):
             raise ValueError(f"a field appears twice in {text!r}")
         return cls(text=text.strip(), parts=tuple(parts))
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return tuple(part.field for part in self.parts)
+        return tuple(name for part in self.parts for name in (part.field, part.other) if name)
 
 
 def _bound(text: str | None) -> int | None:
     return int(text) if text else None
+
+
+def unordered_piece(value: str, other: str) -> str:
+    """The key piece of an unordered pair of values: the same whichever field holds which."""
+    return _PAIR_SEPARATOR.join(sorted((value, other)))
+
+
+def _unordered_codes(table: RecordTable, part: KeyPart) -> np.ndarray:
+    first, second = table.columns[part.field], table.columns[part.other]
+    index: dict[str, int] = {}
+    codes = np.full(len(table), -1, dtype=np.int64)
+    for row, (a, b) in enumerate(zip(first.codes.tolist(), second.codes.tolist(), strict=True)):
+        if a >= 0 and b >= 0:
+            piece = unordered_piece(first.values[a], second.values[b])
+            codes[row] = index.setdefault(piece, len(index))
+    return codes
 
 
 def _part_codes(column: Column, part: KeyPart) -> np.ndarray:
@@ -84,8 +109,10 @@ def rule_keys(table: RecordTable, rule: BlockingRule) -> np.ndarray:
     """One int64 key per record (equal keys = same block); -1 for records the rule cannot key."""
     keys: np.ndarray | None = None
     for part in rule.parts:
-        column = table.columns[part.field]
-        codes = _part_codes(column, part).astype(np.int64)
+        if part.other:
+            codes = _unordered_codes(table, part)
+        else:
+            codes = _part_codes(table.columns[part.field], part).astype(np.int64)
         if keys is None:
             keys = codes
             continue

@@ -17,7 +17,7 @@ import numpy as np
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 
-from .blocking import CandidatePairs, candidate_pairs
+from .blocking import CandidatePairs, candidate_pairs, unordered_piece
 from .comparisons import Comparison, build_comparison, compare_pairs
 from .config import MatchConfig
 from .fellegi_sunter import (
@@ -286,7 +286,11 @@ class Matcher:
             pieces = []
             for part in rule.parts:
                 value = self._normalisers[part.field](record.get(part.field))
-                piece = value[part.start : part.stop] if value is not None else None
+                if part.other:
+                    other = self._normalisers[part.other](record.get(part.other))
+                    piece = unordered_piece(value, other) if value is not None and other is not None else None
+                else:
+                    piece = value[part.start : part.stop] if value is not None else None
                 if not piece:
                     break
                 pieces.append(piece)
