@@ -15,22 +15,23 @@ orchestration-dispatch   p99 from a resolved event published on events.resolved.
                          same p50 / p99 at a rate this machine keeps up with (BENCH_ORCHESTRATION_LOW_RATE,
                          1000). The arbiter alone is orchestration-arbiter's figure.
 orchestration-waiting    N instances waiting in a 30-day delay (each one durable timer): the service's RSS
-                         holding them, and the time from a restart (SIGTERM, start) to serving (gRPC
-                         listening, and a probe event's action stored). Baseline: the same service with
-                         the same journeys and no instances: its RSS idle, and the same restart. Targets
-                         (at N = 1,000,000): memory <= 2 GB, restart to serving <= 30 s.
+orchestration-restart    holding them, and the time from a restart (SIGTERM, start) to serving (a probe
+                         event's action stored; gRPC listening is in params). Baseline: the same service
+                         with the same journeys and no instances: its RSS idle, and the same restart.
+                         Targets (at N = 1,000,000): memory <= 2 GB, restart to serving <= 30 s.
 orchestration-timers     lateness (due second -> fire stored) of 100,000 timers due within one minute, as
                          the service writes them (streams.schedule: JetStream message schedules on
                          ORCHESTRATION_TIMERS, which ORCHESTRATION sources), p99. Baseline: the same count of
                          the same payloads published plainly and then consumed at once (ms from the start of
                          consumption to each message's arrival: moving them without schedules). Target p99
                          <= 1.5 s.
-orchestration-arbiter    arbiter decisions/s in process (`arbiter.decide` on person states with sends in the
+orchestration-arbiter    proposals decided per second in process (`arbiter.decide`, which also decides the
+                         held actions due at that instant, on person states with sends in the
                          last week, held actions, watched events, over rules with caps, quiet hours,
                          suppressions and an approval gate); baseline: a do-nothing decision taking the same
                          inputs. Higher is better.
 
-    make bench-orchestration          # all four; each writes bench/results/<name>.json
+    make bench-orchestration          # all of them; each writes bench/results/<name>.json
     BENCH_ORCHESTRATION_ONLY=dispatch,arbiter python bench/bench_orchestration.py
     BENCH_ORCHESTRATION_WAITING=1000000 python bench/bench_orchestration.py   # the full size
 
