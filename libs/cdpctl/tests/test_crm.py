@@ -171,3 +171,19 @@ async def test_an_operator_follows_records_into_the_local_crms_and_replays_a_ref
     assert error["code"] == "INVALID_ARGUMENT" and [f["field"] for f in error["fields"]] == ["mapping_id"]
     result = await cli.run("crm", "backfill", "nowhere")
     assert result.exit_code == 1 and "NOT_FOUND" in result.output
+
+
+async def test_an_operator_checks_a_connections_document_before_applying_it(crm_cli, tmp_path):
+    cli = crm_cli[0]
+    good = (cli.home / "crm" / "connections.yaml").read_text()  # the dev document, as make up wrote it
+    (tmp_path / "good.yaml").write_text(good)
+    result = await cli.run("crm", "validate", str(tmp_path / "good.yaml"), "--describe")
+    assert result.exit_code == 0 and "no problems" in result.output, result.output
+    (tmp_path / "bad.yaml").write_text(good.replace("source: scores.churn_risk", "source: score.churn_risk"))
+    result = await cli.run("crm", "validate", str(tmp_path / "bad.yaml"), "--json")
+    assert result.exit_code == 1
+    assert [(p["mapping"], p["field"]) for p in json.loads(result.output)["problems"]] == [
+        ("hubspot/contacts", "fields.cdp_churn_risk.source")
+    ]
+    result = await cli.run("crm", "validate", str(tmp_path / "missing.yaml"))
+    assert result.exit_code == 2 and "FILE" in result.output

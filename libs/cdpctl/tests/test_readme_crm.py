@@ -149,6 +149,8 @@ async def test_the_readme_crm_story_runs_as_written(platform):
     assert result.exit_code == 0, result.output
     assert "email:ada@example.com" in json.loads(result.output)["identifiers"]
 
+    assert any(" crm validate " in line for line in operations)
     for line in operations:
-        result = await cli.run(*shlex.split(line, comments=True)[1:])
+        args = [a.replace(".cdp/", f"{folder}/.cdp/") for a in shlex.split(line, comments=True)[1:]]
+        result = await cli.run(*args)
         assert result.exit_code == 0, f"{line}\n{result.output}"

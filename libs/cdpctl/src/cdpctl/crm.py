@@ -8,6 +8,7 @@ the records it wrote and the records a CRM refused.
     cdpctl crm dead-letters [--connection C] [--mapping M] [--reason R] [--replay]
     cdpctl crm record PERSON                 where a person (PERSON_ID, or TYPE VALUE) stands in every mapping
     cdpctl crm record --crm-id CONNECTION OBJECT ID    one CRM record
+    cdpctl crm validate FILE [--describe]    a connections document, every problem naming mapping and field
 
 Every command takes --json (the API's messages as JSON on stdout; a refused call becomes
 {"error": {"code", "message", "fields"}} on stdout, exit code 1) and --address (default: the connector
@@ -22,6 +23,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -362,3 +364,42 @@ def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address,
             reason,
         )
     out.print(table)
+
+
+@crm.command("validate")
+@click.argument("file")
+@click.option("--describe", is_flag=True, help="also check objects and fields against each CRM's own schema")
+@_options
+@click.pass_obj
+def crm_validate(ws: Workspace, file: str, describe: bool, as_json: bool, address) -> None:
+    """Check a connections document (JSON, or YAML by its .yaml/.yml suffix; - reads stdin) without applying
+    it: every problem, each naming the mapping and field. Exit 1 when there is one."""
+    if file == "-":
+        text = sys.stdin.read()
+        document = (
+            pb.ConnectionsDocument(json=text) if text.lstrip().startswith("{") else pb.ConnectionsDocument(yaml=text)
+        )
+    else:
+        path = Path(file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="FILE") from None
+        yaml_form = path.suffix.lower() in (".yaml", ".yml")
+        document = pb.ConnectionsDocument(yaml=text) if yaml_form else pb.ConnectionsDocument(json=text)
+
+    async def work(stub, md):
+        request = pb.ValidateConnectionsRequest(document=document, describe=describe)
+        return await stub.ValidateConnections(request, metadata=md, timeout=60)
+
+    problems = [_dict(p) for p in _call(ws, address, as_json, work).problems]
+    if as_json:
+        _emit({"problems": problems})
+    elif not problems:
+        out.print(f"{file}: no problems")
+    else:
+        for problem in problems:
+            where = "/".join(x for x in (problem.get("mapping"), problem.get("field")) if x)
+            out.print(f"[red]{where}[/]: {problem.get('message', '')}", highlight=False)
+    if problems:
+        raise SystemExit(1)
