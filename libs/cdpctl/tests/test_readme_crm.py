@@ -142,12 +142,17 @@ async def test_the_readme_crm_story_runs_as_written(platform):
     ticket = json.loads(outputs[-1])
     assert hubspot.associations("tickets", ticket["id"]) == [("contacts", "1001")]
 
-    # The ticket comes back as an event; as the README says, today it makes a profile of its own under
-    # the person id the connector sends as userId (shares Ada's email) rather than landing on Ada's.
-    person = json.loads((await cli.run("crm", "record", "user_id", "ada", "--json")).output)[0]["personId"]
-    result = await cli.run("profile", "user_id", person, "--wait", "20")
-    assert result.exit_code == 0, result.output
-    assert "email:ada@example.com" in json.loads(result.output)["identifiers"]
+    # The ticket comes back as an event on Ada's own profile: identity links the connector's anonymous id
+    # for her HubSpot contact to her through the email the event carries.
+    async def linked():
+        result = await cli.run("profile", "user_id", "ada", "--wait", "5")
+        assert result.exit_code == 0, result.output
+        ids = json.loads(result.output)["identifiers"]
+        return ids if any(i.startswith("anonymous_id:hubspot:") for i in ids) else None
+
+    ids = await eventually(linked)
+    assert ids, "the ticket's event did not reach Ada's profile"
+    assert "email:ada@example.com" in ids
 
     assert any(" crm validate " in line for line in operations)
     for line in operations:

@@ -103,7 +103,11 @@ async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_rest
         assert await poller().poll() == 1
         (event,) = collector.stored.values()
         assert event["event"] == "CRM Ticket Opened"
-        assert event["userId"] == "person-1"
+        # Linked through the email identity resolves; the person id rides along, never as a userId
+        # (identity would take it for a second user and make a profile of its own).
+        assert "userId" not in event
+        assert event["anonymousId"].startswith("hubspot:")
+        assert event["properties"]["cdp_person_id"] == "person-1"
         assert event["context"]["traits"] == {"email": "ada@example.com"}
         assert event["properties"]["crm_id"] == ticket["id"]
         assert event["properties"]["crm_contact_id"] == contact["id"]

@@ -268,11 +268,12 @@ class HubSpotPoller:
         if contact is not None:
             properties["crm_contact_id"] = contact["id"]
             if contact.get("email"):
+                # Identity links the event to the person through the email (an identifier it resolves);
+                # the CDP person id is a reference, never a userId (identity would take it for a new user).
                 event["context"]["traits"] = {"email": contact["email"]}
             if contact.get("cdp_id"):
-                event["userId"] = contact["cdp_id"]
-        if "userId" not in event:
-            event["anonymousId"] = f"hubspot:{self.connection.account}:{contact['id'] if contact else record_id}"
+                properties["cdp_person_id"] = contact["cdp_id"]
+        event["anonymousId"] = f"hubspot:{self.connection.account}:{contact['id'] if contact else record_id}"
         return event
 
 
