@@ -212,9 +212,9 @@ class OrchestrationLogic:
                     person.state, person.dirty = state, True
             for instance in list(person.live.values()):
                 await self._step(hot, batch, person, instance, EventArrived(event), now)
-            for journey in self.journeys.live():
-                if entry.enters_on_event(journey, event, person.view(), now):
-                    await self._enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+            # Only the journeys whose entry names this event; the view is built once, after the steps above.
+            for journey in entry.entered_by_event(self.journeys.entering_on_event(event.name), event, person.view, now):
+                await self._enter(hot, batch, person, journey, event.event_id, Enter(event), now)
         elif kind == "segment":
             segment_event_id, segment, entered = one.data
             if entered:
@@ -223,17 +223,11 @@ class OrchestrationLogic:
                 person.segments.discard(segment)
             person.dirty = True
             await self._profile_changed(hot, batch, person, now)
-            for journey in self.journeys.live():
+            for journey in self.journeys.entering_on_segment(segment):
                 if entry.enters_on_segment(journey, segment, entered):
                     await self._enter(hot, batch, person, journey, segment_event_id, Enter(), now)
-            for record in self.journeys.records.values():
-                scheduled = record.live
-                if (
-                    scheduled is not None
-                    and isinstance(scheduled.entry, ScheduleEntry)
-                    and scheduled.entry.segment == segment
-                ):
-                    self._arm(batch, person, scheduled, now)
+            for scheduled in self.journeys.scheduled_on(segment):
+                self._arm(batch, person, scheduled, now)
         elif kind == "profile":
             updates, removed, cause, merged = one.data
             for key, value in updates.items():

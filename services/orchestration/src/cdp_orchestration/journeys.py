@@ -8,8 +8,13 @@ published versions as written, and its draft:
 
 A published version never changes, so a parsed `Journey` is cached for good; the record's state and its
 draft are read again whenever the API changes the journey (and, on other replicas, when the change is
-announced on `orchestration.journeys.changed`). The engine reads only `live()` (journeys taking entries)
-and `version(id, v)` (any published version a running instance is on).
+announced on `orchestration.journeys.changed`). The engine reads `live()` (journeys taking entries),
+`version(id, v)` (any published version a running instance is on) and the entry index below.
+
+The entry index (`entering_on_event(name)`, `entering_on_segment(segment)`, `scheduled_on(segment)`) holds the
+live journeys by what can start them, so an event meets only the journeys whose entry names it (or names no
+event) rather than every live journey. It is rebuilt whenever a record is taken or dropped (publish, pause,
+resume, archive, a reload), which is the only way `records` changes, and keeps `live()`'s order.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from cdp_kit.errors import NotFound
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.domain.document import parse_journey
-from cdp_orchestration.domain.journey import Journey
+from cdp_orchestration.domain.journey import EventEntry, Journey, ScheduleEntry, SegmentEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 
 JOURNEYS = "orchestration_journeys"
@@ -50,20 +55,27 @@ class Journeys:
         self.records: dict[str, JourneyRecord] = {}
         self.docs: dict[str, dict[str, Any]] = {}
         self._versions: dict[tuple[str, int], Journey] = {}
+        self._live: tuple[Journey, ...] = ()
+        self._by_event: dict[str, tuple[Journey, ...]] = {}  # event name -> journeys entering on it
+        self._any_event: tuple[Journey, ...] = ()  # journeys entering on an event of any name
+        self._by_segment: dict[str, tuple[Journey, ...]] = {}
+        self._scheduled: dict[str, tuple[Journey, ...]] = {}  # segment -> scheduled journeys over it
 
     async def load(self) -> None:
         async for stored in self.store.scan_all(JOURNEYS):
-            self._take(stored.key, stored.doc)
+            self._take(stored.key, stored.doc, index=False)
+        self._index()
 
     async def reload(self, journey_id: str) -> JourneyRecord | None:
         stored = await self.store.get(JOURNEYS, journey_id)
         if stored is None:
             self.records.pop(journey_id, None)
             self.docs.pop(journey_id, None)
+            self._index()
             return None
         return self._take(journey_id, stored.doc)
 
-    def _take(self, journey_id: str, doc: dict[str, Any]) -> JourneyRecord:
+    def _take(self, journey_id: str, doc: dict[str, Any], *, index: bool = True) -> JourneyRecord:
         versions = {}
         for text, document in doc.get("versions", {}).items():
             key = (journey_id, int(text))
@@ -74,7 +86,37 @@ class Journeys:
         record = JourneyRecord(journey_id, State(doc["state"]), versions, draft)
         self.records[journey_id] = record
         self.docs[journey_id] = doc
+        if index:
+            self._index()
         return record
+
+    def _index(self) -> None:
+        live = tuple(r.live for r in self.records.values() if r.accepts_entries and r.live is not None)
+        names = {name for j in live if isinstance(j.entry, EventEntry) for name in j.entry.event.names}
+        by_event: dict[str, list[Journey]] = {name: [] for name in names}
+        any_event: list[Journey] = []
+        by_segment: dict[str, list[Journey]] = {}
+        scheduled: dict[str, list[Journey]] = {}
+        for journey in live:
+            entry = journey.entry
+            if isinstance(entry, EventEntry):
+                named = entry.event.names
+                if not named:
+                    any_event.append(journey)
+                # A journey entering on any name stays among every name's journeys, in live() order.
+                for name in named or names:
+                    by_event[name].append(journey)
+            elif isinstance(entry, SegmentEntry):
+                by_segment.setdefault(entry.segment, []).append(journey)
+        for record in self.records.values():
+            # Scheduled journeys are armed while published, paused or not (the slot checks at firing).
+            if record.live is not None and isinstance(record.live.entry, ScheduleEntry):
+                scheduled.setdefault(record.live.entry.segment, []).append(record.live)
+        self._live = live
+        self._by_event = {name: tuple(js) for name, js in by_event.items()}
+        self._any_event = tuple(any_event)
+        self._by_segment = {segment: tuple(js) for segment, js in by_segment.items()}
+        self._scheduled = {segment: tuple(js) for segment, js in scheduled.items()}
 
     def get(self, journey_id: str) -> JourneyRecord:
         record = self.records.get(journey_id)
@@ -84,7 +126,19 @@ class Journeys:
 
     def live(self) -> list[Journey]:
         """The live version of every journey taking entries now."""
-        return [r.live for r in self.records.values() if r.accepts_entries and r.live is not None]
+        return list(self._live)
+
+    def entering_on_event(self, name: str) -> tuple[Journey, ...]:
+        """The live journeys an event called `name` may enter (its filter and condition still to check)."""
+        return self._by_event.get(name, self._any_event)
+
+    def entering_on_segment(self, segment: str) -> tuple[Journey, ...]:
+        """The live journeys entering (or exiting) on `segment` (entered vs exited still to check)."""
+        return self._by_segment.get(segment, ())
+
+    def scheduled_on(self, segment: str) -> tuple[Journey, ...]:
+        """The live version of every scheduled journey over `segment`, whatever its record's state."""
+        return self._scheduled.get(segment, ())
 
     def version(self, journey_id: str, version: int) -> Journey | None:
         return self._versions.get((journey_id, version))

@@ -99,6 +99,15 @@ class EventFilter:
     def matches(self, event: Event) -> bool:
         return self.compiled.reads.matches(_lang_event(event))
 
+    def matches_converted(self, event: LangEvent) -> bool:
+        """`matches` on an event `converted` once for several filters."""
+        return self.compiled.reads.matches(event)
+
+
+def converted(event: Event) -> LangEvent:
+    """The event as the filters read it: convert it once to test it against many (`matches_converted`)."""
+    return _lang_event(event)
+
 
 _WRAP = "performed("
 

@@ -2,6 +2,8 @@
 
 - `enters_on_event`, `enters_on_segment`, `enters_on_api`: whether a trigger matches a journey's entry (an
   event's name and filter and the entry's profile condition; a segment entered or exited; an Enroll call).
+  `entered_by_event` answers `enters_on_event` for several journeys at once, converting the event once and
+  building the person's view only if an entry condition is reached, once.
 - `next_scheduled_entry`: a scheduled journey's next slot for one person, its cron read in their zone;
   `schedule_trigger(at)` is the slot's trigger id, so the same slot never enters a person twice.
 - `admit(journey, history, now)`: the re-entry rule (never / cooldown / always) and the cap on concurrent
@@ -11,13 +13,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from croniter import croniter
 
 from cdp_orchestration.domain import clock
+from cdp_orchestration.domain.conditions import converted
 from cdp_orchestration.domain.instance import Instance, Status
 from cdp_orchestration.domain.journey import ApiEntry, EventEntry, Journey, ScheduleEntry, SegmentEntry
 from cdp_orchestration.domain.view import Event, PersonView
@@ -65,6 +68,30 @@ def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float
     if not isinstance(entry, EventEntry) or not entry.event.matches(event):
         return False
     return entry.condition is None or entry.condition.holds(view, now)
+
+
+def entered_by_event(
+    journeys: Iterable[Journey], event: Event, view: Callable[[], PersonView], now: float
+) -> list[Journey]:
+    """Those of `journeys` (in order) the event enters, as `enters_on_event` decides for each."""
+    entered: list[Journey] = []
+    as_read = None
+    person: PersonView | None = None
+    for journey in journeys:
+        entry = journey.entry
+        if not isinstance(entry, EventEntry):
+            continue
+        if as_read is None:
+            as_read = converted(event)
+        if not entry.event.matches_converted(as_read):
+            continue
+        if entry.condition is not None:
+            if person is None:
+                person = view()
+            if not entry.condition.holds(person, now):
+                continue
+        entered.append(journey)
+    return entered
 
 
 def enters_on_segment(journey: Journey, segment: str, entered: bool) -> bool:
