@@ -24,6 +24,7 @@ second writer; static ownership with `CDP_REPLICAS` > 1 is refused at start-up (
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -90,6 +91,6 @@ class OneWriter(Ownership):
             return
         log.info("identity writer lease released: draining every partition", extra={"partitions": self.partitions})
         await self._stop_writing()
-        for p in sorted(self._owned):
-            self._owned -= {p}
-            await self._on_release(p)
+        partitions = sorted(self._owned)
+        self._owned = frozenset()
+        await asyncio.gather(*(self._on_release(p) for p in partitions))  # all drain at once

@@ -64,9 +64,12 @@ class StaticOwnership(Ownership):
         self._notify()
 
     async def stop(self) -> None:
-        for p in sorted(self._owned):
-            self._owned -= {p}
-            await self._on_release(p)
+        # Every partition drains at once: each waits at most for its in-flight fetch and commits, and
+        # no other replica waits for them in any order (a process stopping drained 8 partitions one
+        # after the other, up to a fetch timeout each).
+        partitions = sorted(self._owned)
+        self._owned = frozenset()
+        await asyncio.gather(*(self._on_release(p) for p in partitions))
         self._notify()
 
     def owned(self) -> frozenset[int]:
