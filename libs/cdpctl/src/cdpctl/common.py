@@ -3,11 +3,16 @@ the admin bearer token and how a gRPC error reads on the terminal."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from typing import Any
 
 import click
 import grpc
+from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
@@ -85,3 +90,70 @@ class RpcFailed(click.ClickException):
 
 def rpc_error(exc: grpc.aio.AioRpcError, *, as_json: bool = False) -> click.ClickException:
     return RpcFailed(exc, as_json=as_json)
+
+
+# --- what every command of one service's module shares (journeys.py, crm.py) -------------------------
+
+
+def service_options(service: str):
+    """--json and --address, on every command of a service's module."""
+
+    def decorate(function):
+        function = click.option("--address", help=f"{service} gRPC address (default: the one `cdpctl up` runs)")(
+            function
+        )
+        return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(function)
+
+    return decorate
+
+
+def call_service(
+    ws: Workspace,
+    service: str,
+    stub_class: Callable[[Any], Any],
+    address: str | None,
+    as_json: bool,
+    work: Callable[[Any, tuple], Awaitable[Any]],
+) -> Any:
+    """Run `work(stub, metadata)` against `service`; a refused call becomes a CLI error naming its field.
+    A spinner shows on a terminal only (stderr, and never when a script reads --json)."""
+
+    async def run() -> Any:
+        async with grpc.aio.insecure_channel(service_address(ws, service, address)) as channel:
+            waiting = console.status(f"asking {service} …") if sys.stderr.isatty() and not as_json else nullcontext()
+            try:
+                with waiting:
+                    return await work(stub_class(channel), bearer(ws))
+            except grpc.aio.AioRpcError as exc:
+                raise rpc_error(exc, as_json=as_json) from None
+
+    return asyncio.run(run())
+
+
+async def all_pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: int) -> list:
+    """Every item of a paged List call, page after page, up to `limit` (0: no limit)."""
+    items: list = []
+    token = ""
+    while True:
+        reply = await fetch(token)
+        items.extend(getattr(reply, field))
+        token = reply.next_page_token
+        if not token or (limit and len(items) >= limit):
+            return items[:limit] if limit else items
+
+
+def as_dict(message) -> dict:
+    return json_format.MessageToDict(message)
+
+
+def emit(document: Any) -> None:
+    out.print_json(json.dumps(document))
+
+
+def short_time(value: str | None) -> str:
+    """An RFC 3339 time as tables show it: to the second, without the date's T."""
+    return (value or "").replace("T", " ").split(".")[0].removesuffix("Z")
+
+
+def enum_name(value: str, prefix: str) -> str:
+    return value.removeprefix(prefix).lower()

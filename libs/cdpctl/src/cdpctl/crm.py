@@ -20,21 +20,28 @@ message on the terminal (it may quote the refused value): --json carries it for 
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import grpc
-from google.protobuf import json_format
 from rich.progress import Progress
 from rich.table import Table
 
 from cdp.crm.v1 import crm_pb2 as pb
 from cdp.crm.v1 import crm_pb2_grpc
-from cdpctl.common import bearer, console, out, rpc_error, service_address
+from cdpctl.common import (
+    all_pages,
+    as_dict,
+    call_service,
+    console,
+    emit,
+    enum_name,
+    out,
+    service_options,
+    short_time,
+)
 from cdpctl.people import _person_id
 from cdpctl.platform import Workspace
 
@@ -42,50 +49,12 @@ PAGE = 500
 DEAD_LETTER_REASONS = ("invalid_value", "unknown_field", "duplicate", "not_found", "permission", "rejected")
 
 
-def _options(function):
-    """--json and --address, on every command of this module."""
-    function = click.option("--address", help="crm gRPC address (default: the one `cdpctl up` runs)")(function)
-    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(function)
+_options = service_options("crm")
+_dict, _emit, _enum, _short, _pages = as_dict, emit, enum_name, short_time, all_pages
 
 
 def _call(ws: Workspace, address: str | None, as_json: bool, work: Callable[[Any, tuple], Awaitable[Any]]) -> Any:
-    """Run `work(stub, metadata)` against the connector; a refused call becomes a CLI error naming its field."""
-
-    async def run() -> Any:
-        async with grpc.aio.insecure_channel(service_address(ws, "crm", address)) as channel:
-            try:
-                return await work(crm_pb2_grpc.CrmServiceStub(channel), bearer(ws))
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, as_json=as_json) from None
-
-    return asyncio.run(run())
-
-
-def _dict(message) -> dict:
-    return json_format.MessageToDict(message)
-
-
-def _emit(document: Any) -> None:
-    out.print_json(json.dumps(document))
-
-
-def _enum(value: str, prefix: str) -> str:
-    return value.removeprefix(prefix).lower()
-
-
-def _short(value: str | None) -> str:
-    return (value or "").replace("T", " ").split(".")[0].removesuffix("Z")
-
-
-async def _pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: int) -> list:
-    items: list = []
-    token = ""
-    while True:
-        reply = await fetch(token)
-        items.extend(getattr(reply, field))
-        token = reply.next_page_token
-        if not token or (limit and len(items) >= limit):
-            return items[:limit] if limit else items
+    return call_service(ws, "crm", crm_pb2_grpc.CrmServiceStub, address, as_json, work)
 
 
 def _runs_table(runs: list[dict], title: str = "runs") -> Table:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import grpc
 import yaml
 from google.protobuf import json_format
 from rich.progress import Progress
@@ -37,7 +36,17 @@ from rich.table import Table
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
-from cdpctl.common import bearer, console, out, rpc_error, service_address
+from cdpctl.common import (
+    all_pages,
+    as_dict,
+    call_service,
+    console,
+    emit,
+    enum_name,
+    out,
+    service_options,
+    short_time,
+)
 from cdpctl.people import _person_id
 from cdpctl.platform import Workspace
 
@@ -47,53 +56,12 @@ INSTANCE_STATES = ("running", "waiting", "ended")
 APPROVAL_STATES = ("pending", "approved", "rejected", "expired")
 
 
-def _options(function):
-    """--json and --address, on every command of this module."""
-    function = click.option("--address", help="orchestration gRPC address (default: the one `cdpctl up` runs)")(
-        function
-    )
-    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(function)
+_options = service_options("orchestration")
+_dict, _emit, _enum, _short = as_dict, emit, enum_name, short_time
 
 
 def _call(ws: Workspace, address: str | None, as_json: bool, work: Callable[[Any, tuple], Awaitable[Any]]) -> Any:
-    """Run `work(stub, metadata)` against orchestration; a refused call becomes a CLI error naming its field."""
-
-    async def run() -> Any:
-        async with grpc.aio.insecure_channel(service_address(ws, "orchestration", address)) as channel:
-            stub = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
-            try:
-                # A spinner on the terminal only: stderr, and never when a script reads the output.
-                with console.status("asking orchestration …") if sys.stderr.isatty() and not as_json else _quiet():
-                    return await work(stub, bearer(ws))
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc, as_json=as_json) from None
-
-    return asyncio.run(run())
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _dict(message) -> dict:
-    return json_format.MessageToDict(message)
-
-
-def _emit(document: Any) -> None:
-    out.print_json(json.dumps(document))
-
-
-def _short(value: str | None) -> str:
-    """An RFC 3339 time as the tables show it: to the second, without the date's T."""
-    return (value or "").replace("T", " ").split(".")[0].removesuffix("Z")
-
-
-def _enum(value: str, prefix: str) -> str:
-    return value.removeprefix(prefix).lower()
+    return call_service(ws, "orchestration", orchestration_pb2_grpc.OrchestrationServiceStub, address, as_json, work)
 
 
 def _definition(file: str) -> pb.JourneyDefinition:
@@ -124,16 +92,7 @@ def _journey_id_of(definition: pb.JourneyDefinition, file: str) -> str:
     return journey_id
 
 
-async def _all_pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: int) -> list:
-    """Every item of a paged List call, page after page, up to `limit` (0: no limit)."""
-    items: list = []
-    token = ""
-    while True:
-        reply = await fetch(token)
-        items.extend(getattr(reply, field))
-        token = reply.next_page_token
-        if not token or (limit and len(items) >= limit):
-            return items[:limit] if limit else items
+_all_pages = all_pages
 
 
 def _journey_line(journey: dict) -> str:
