@@ -34,11 +34,12 @@ async def make(nats_server):
             nc = await nats.connect(nats_server.url, max_reconnect_attempts=0)
             stack.push_async_callback(nc.close)
             ownership = await nats_kv_ownership(
-                nc.jetstream(), group="identity", partitions=PARTITIONS, identity=name, ttl=TTL
+                nc.jetstream(), group="identity", partitions=PARTITIONS, identity=name, ttl=make_member.ttl
             )
             member = Member(name, ownership, ledger, release_delay, cut=nc.close)
             return await member.start()
 
+        make_member.ttl = TTL  # short, so the expiry scenarios are quick
         yield make_member
 
 
@@ -54,6 +55,9 @@ async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_
                 writes.append((int(entry.key.rsplit(".", 1)[1]), (entry.value or b"").decode()))
 
     recorder = asyncio.create_task(record())
+    # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine
+    # does not fence a member (which, correctly, drops its leases and re-takes them: a second move).
+    make.ttl = 4 * TTL
     await scale_one_three_two(make)
     await asyncio.sleep(0.2)
     recorder.cancel()
