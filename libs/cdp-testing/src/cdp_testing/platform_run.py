@@ -1,0 +1,170 @@
+"""The whole platform as `make up` runs it, for end-to-end tests, kill tests and the pipeline benchmark.
+
+`RunningPlatform` starts `cdpctl up` in a workspace of its own (CDP_HOME under a temporary folder, a HOME
+of its own so the user's `~/.cdp/current.json` is never touched), waits until every service is SERVING
+and reads `run.json`: where each service and companion listens, the write key and the admin token. The
+supervisor inside `cdpctl up` restarts a service that dies, exactly as it would for a user, so a test that
+SIGKILLs a service (`kill`) then waits for the restart (`wait_restarted`) exercises the real recovery path.
+
+`stop()` ends it as Ctrl-C does (SIGINT to `cdpctl up`, which terminates its children), and falls back to
+SIGKILL of the whole process group, so a failed test never leaves services behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CDPCTL = str(Path(sys.executable).parent / "cdpctl")
+
+
+class PlatformError(RuntimeError):
+    pass
+
+
+class RunningPlatform:
+    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None, startup_timeout: float = 120.0) -> None:
+        self.workdir = Path(workdir)
+        self.home = self.workdir / "cdp-home"
+        user_home = self.workdir / "user"
+        user_home.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            **os.environ,
+            "CDP_HOME": str(self.home),
+            "HOME": str(user_home),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        self.startup_timeout = startup_timeout
+        self.log_path = self.workdir / "cdpctl-up.log"
+        self.proc: subprocess.Popen | None = None
+        self.run: dict = {}
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def start(self) -> RunningPlatform:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [CDPCTL, "up", "--startup-timeout", str(self.startup_timeout)],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.startup_timeout + 30
+        run_file = self.home / "run.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PlatformError(f"cdpctl up exited ({self.proc.returncode}):\n{self.log_tail()}")
+            if run_file.exists():
+                try:
+                    self.run = json.loads(run_file.read_text())
+                    return self
+                except json.JSONDecodeError:
+                    pass  # being written
+            time.sleep(0.3)
+        self.stop()
+        raise PlatformError(f"platform not up after {self.startup_timeout + 30:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Services run in sessions of their own: make sure none outlives a failed stop.
+        for entry in [*self.run.get("services", {}).values(), *self.run.get("companions", {}).values()]:
+            try:
+                os.kill(entry["pid"], signal.SIGKILL)
+            except (ProcessLookupError, KeyError, PermissionError):
+                pass
+
+    def __enter__(self) -> RunningPlatform:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------------ what runs where
+
+    def refresh(self) -> dict:
+        self.run = json.loads((self.home / "run.json").read_text())
+        return self.run
+
+    def service(self, name: str) -> dict:
+        return self.run["services"][name]
+
+    def companion(self, name: str) -> dict:
+        return self.run["companions"][name]
+
+    def grpc_address(self, name: str) -> str:
+        return self.service(name)["grpc"]
+
+    @property
+    def nats_url(self) -> str:
+        return self.run["nats"]
+
+    @property
+    def write_key(self) -> str:
+        return self.run["write_key"]
+
+    @property
+    def admin_token(self) -> str:
+        return Path(self.run["admin_token_file"]).read_text().strip()
+
+    @property
+    def admin_metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.admin_token}")]
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def service_logs(self) -> dict[str, Path]:
+        return {name: Path(info["log"]) for name, info in self.run.get("services", {}).items()}
+
+    # ------------------------------------------------------------------------------------ faults
+
+    def kill(self, name: str) -> int:
+        """SIGKILL a service or companion, as a crash would; returns the pid that was killed."""
+        pid = (self.run["services"].get(name) or self.run["companions"][name])["pid"]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 90.0) -> None:
+        """Until the supervisor has started `name` again and it is SERVING (companions: listening)."""
+        from cdp_kit.natsserver import wait_for_port
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.refresh()
+            entry = self.run["services"].get(name) or self.run["companions"][name]
+            if entry["pid"] != old_pid:
+                if name in self.run["services"]:
+                    if self.health(name) == "SERVING":
+                        return
+                elif all(wait_for_port("127.0.0.1", port, 0.2) for port in entry["ports"].values()):
+                    return
+            time.sleep(0.3)
+        raise PlatformError(f"{name} was not restarted within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def health(self, name: str) -> str:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(self.grpc_address(name)) as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as exc:
+            return exc.code().name
