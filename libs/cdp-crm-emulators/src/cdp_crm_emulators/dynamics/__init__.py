@@ -5,8 +5,9 @@ in Microsoft Entra ID's shape (AADSTS error codes), with OpenID discovery at
 ``/{tenant}/v2.0/.well-known/openid-configuration`` so msal's ConfidentialClientApplication works against it
 (over TLS, with instance discovery off since this host is not a Microsoft cloud).
 
-Entity sets: contacts (alternate keys ``emailaddress1`` and ``cdp_id``), accounts (``cdp_id``), incidents and
-tasks (``cdp_idempotencykey``). ``PATCH <set>(<key>)`` upserts: 204 with ``OData-EntityId``; ``If-Match: *``
+Entity sets: contacts (alternate keys ``emailaddress1`` and ``cdp_id``), accounts (``cdp_id``), incidents,
+opportunities and tasks (``cdp_idempotencykey``); ``statecode`` as Dataverse uses it (0 open/active; 1
+resolved, won, completed; 2 cancelled, lost). ``PATCH <set>(<key>)`` upserts: 204 with ``OData-EntityId``; ``If-Match: *``
 makes it update-only (404 when missing), ``If-None-Match: *`` create-only (412 when present), ``If-Match:
 W/"<version>"`` updates only that version (412 otherwise). Lookups bind with ``<nav>@odata.bind`` to
 ``/<set>(<id or key>)``. Unknown properties fail with 0x80060888; errors are ``{"error": {"code", "message"}}``.
@@ -19,7 +20,10 @@ Service protection: `window_limit` requests per sliding `window_seconds` (6000 /
 429 with error 0x80072322 and ``Retry-After`` (seconds until a slot frees). A ``$batch`` counts as one request.
 
 Inbound: ``Prefer: odata.track-changes`` on a collection GET returns ``@odata.deltaLink``; following it
-returns what changed since (``$deletedEntity`` entries for deletions). `user_update` / `user_create` /
+returns what changed since (``$deletedEntity`` entries for deletions), each record once at its latest
+version; with ``odata.maxpagesize`` the changes come in pages (``@odata.nextLink``) and only the last page
+carries the next ``@odata.deltaLink``, taken when the delta was read (a change made while paging is in
+the next delta, never lost). `user_update` / `user_create` /
 `user_delete` act as a Dynamics user.
 """
 
@@ -81,6 +85,7 @@ class DynamicsEmulator(Emulator):
         self._window: deque[float] = deque()
         self._throttled = 0
         self._pages: dict[str, tuple[str, list[str], list[dict[str, Any]]]] = {}
+        self._delta_pages: dict[str, dict[str, Any]] = {}
         r = self.app.router
         r.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
@@ -413,9 +418,14 @@ class DynamicsEmulator(Emulator):
                     f"Could not find a property named '{name}' on type '{NAMESPACE}.{entity.logical}'.",
                 )
         context = f"{self.base_url}{API}/$metadata#{entity.name}"
+        page_size = 5000
+        if (m := re.search(r"odata\.maxpagesize=(\d+)", prefer)) is not None:
+            page_size = int(m.group(1))
         if "$deltatoken" in query:
             since = int(query["$deltatoken"][0])
-            return 200, {}, self._delta(entity, since, select, context)
+            return 200, {}, self._delta_page(entity, self._delta(entity, since, select, context), page_size)
+        if "$skiptoken" in query and query["$skiptoken"][0] in self._delta_pages:
+            return 200, {}, self._delta_page(entity, self._delta_pages.pop(query["$skiptoken"][0]), page_size)
         if "$skiptoken" in query:
             token = query["$skiptoken"][0]
             if token not in self._pages:
@@ -432,18 +442,23 @@ class DynamicsEmulator(Emulator):
                 )
             if "$top" in query:
                 rows = rows[: int(query["$top"][0])]
-        page_size = 5000
-        if (m := re.search(r"odata\.maxpagesize=(\d+)", prefer)) is not None:
-            page_size = int(m.group(1))
+        applied = {"Preference-Applied": prefer} if prefer else {}
+        if "odata.track-changes" in prefer and "$skiptoken" not in query:
+            # The initial read of a change-tracked collection: its pages are a snapshot, and the deltaLink
+            # (on the last page) starts where that snapshot was taken.
+            snapshot = {
+                "@odata.context": context,
+                "value": [self._public(entity, r, select) for r in rows],
+                "@odata.deltaLink": self._delta_link(entity, select),
+            }
+            return 200, applied, self._delta_page(entity, snapshot, page_size)
         page, rest = rows[:page_size], rows[page_size:]
         answer: dict[str, Any] = {"@odata.context": context, "value": [self._public(entity, r, select) for r in page]}
         if rest:
             token = new_id()
             self._pages[token] = (entity.name, select or [], rest)
             answer["@odata.nextLink"] = f"{self.base_url}{API}/{entity.name}?$skiptoken={token}"
-        if "odata.track-changes" in prefer:
-            answer["@odata.deltaLink"] = self._delta_link(entity, select)
-        return 200, {"Preference-Applied": prefer} if prefer else {}, answer
+        return 200, applied, answer
 
     def _delta_link(self, entity: EntitySet, select: list[str] | None) -> str:
         latest = self.changes[-1][0] if self.changes else 0
@@ -466,6 +481,20 @@ class DynamicsEmulator(Emulator):
             "@odata.context": f"{context}/$delta",
             "value": value,
             "@odata.deltaLink": self._delta_link(entity, select),
+        }
+
+    def _delta_page(self, entity: EntitySet, delta: dict[str, Any], page_size: int) -> dict[str, Any]:
+        """One page of a delta: the rest is kept behind a nextLink, the deltaLink goes on the last page."""
+        value, rest = delta["value"][:page_size], delta["value"][page_size:]
+        if not rest:
+            return delta
+        token = new_id()
+        self._delta_pages[token] = {**delta, "value": rest}
+        following = {k: v for k, v in delta.items() if k != "@odata.deltaLink"}
+        return {
+            **following,
+            "value": value,
+            "@odata.nextLink": f"{self.base_url}{API}/{entity.name}?$skiptoken={token}",
         }
 
     # --- $batch ----------------------------------------------------------------------------------

@@ -65,6 +65,23 @@ def default_entity_sets() -> dict[str, EntitySet]:
             {"customerid_contact": "contacts", "customerid_account": "accounts"},
             ("title",),
         ),
+        "opportunities": EntitySet(
+            "opportunities",
+            "opportunity",
+            "opportunityid",
+            {
+                "name",
+                "stepname",
+                "salesstage",
+                "estimatedvalue",
+                "actualvalue",
+                "actualclosedate",
+                "cdp_idempotencykey",
+            },
+            ("cdp_idempotencykey",),
+            {"parentcontactid": "contacts", "customerid_contact": "contacts", "parentaccountid": "accounts"},
+            ("name",),
+        ),
         "tasks": EntitySet(
             "tasks",
             "task",

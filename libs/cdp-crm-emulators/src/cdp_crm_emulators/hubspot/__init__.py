@@ -1,6 +1,6 @@
 """A local HubSpot: private-app tokens, CRM v3 objects, lists v3, the burst and daily limits, signed webhooks.
 
-Objects: contacts (unique ``email``), companies (unique ``domain``), tickets and tasks; every object also has
+Objects: contacts (unique ``email``), companies (unique ``domain``), deals, tickets and tasks; every object also has
 the unique properties ``cdp_id`` and ``cdp_idempotency_key`` so a sync can upsert any of them by its own key.
 A property outside an object's schema fails the request with ``VALIDATION_ERROR`` / ``PROPERTY_DOESNT_EXIST``,
 as HubSpot does; records rejected one by one (an invalid email, a fault-injected rejection) come back in the
@@ -86,6 +86,7 @@ class HubSpotEmulator(Emulator):
         r = self.app.router
         r.add_post("/crm/v3/objects/{object}/batch/upsert", self._batch_upsert)
         r.add_post("/crm/v3/objects/{object}/batch/read", self._batch_read)
+        r.add_post("/crm/v3/objects/{object}/batch/archive", self._batch_archive)
         r.add_post("/crm/v3/objects/{object}/search", self._search)
         r.add_post("/crm/v3/objects/{object}", self._create)
         r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
@@ -320,6 +321,11 @@ class HubSpotEmulator(Emulator):
         record["properties"]["hs_lastmodifieddate"] = now
         if obj == "contacts":
             record["properties"]["lastmodifieddate"] = now
+        if obj == "deals" and "dealstage" in properties:
+            # HubSpot derives these from the stage's probability; the default pipeline's closed stages.
+            stage = str(properties["dealstage"] or "")
+            record["properties"]["hs_is_closed"] = str(stage in ("closedwon", "closedlost")).lower()
+            record["properties"]["hs_is_closed_won"] = str(stage == "closedwon").lower()
         record["updatedAt"] = now
         record["archived"] = False
         self._store(obj, record)
@@ -422,6 +428,27 @@ class HubSpotEmulator(Emulator):
         if errors:
             answer.update(numErrors=len(errors), errors=errors)
         return json_response(answer, status=207 if errors else 200)
+
+    async def _batch_archive(self, request: web.Request) -> web.Response:
+        """``batch/archive`` by HubSpot ids (at most 100): 204; an id no record has is ignored, as HubSpot does.
+        The record leaves every list and association."""
+        obj = self._object(request)
+        inputs = (await _json(request, {})).get("inputs") or []
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(_error("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400)
+        for item in inputs:
+            record_id = str(item.get("id", ""))
+            old = self.objects[obj].pop(record_id, None)
+            if old is None:
+                continue
+            for prop in UNIQUE[obj]:
+                if old["properties"].get(prop):
+                    self._index.get((obj, prop), {}).pop(str(old["properties"][prop]).lower(), None)
+            for members in self.memberships.values():
+                members.pop(record_id, None)
+            for other in self.links.pop((obj, record_id), {}):
+                self.links.get(other, {}).pop((obj, record_id), None)
+        return web.Response(status=204)
 
     async def _batch_read(self, request: web.Request) -> web.Response:
         obj = self._object(request)

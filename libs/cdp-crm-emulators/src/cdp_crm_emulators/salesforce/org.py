@@ -90,6 +90,12 @@ class Org:
             record["IsClosed"] = values["Status"] in ("Closed", "Completed")
             if obj == "Case":
                 record["ClosedDate"] = now if record["IsClosed"] else None
+        if obj == "Opportunity" and "StageName" in values:
+            record["IsClosed"] = values["StageName"] in ("Closed Won", "Closed Lost")
+            record["IsWon"] = values["StageName"] == "Closed Won"
+        if obj == "CampaignMember" and "Status" in values:
+            # Salesforce reads this from the campaign's member status marked "Responded"; here: these.
+            record["HasResponded"] = values["Status"] in ("Responded", "Clicked", "Registered", "Attended")
         self.store.put(obj, record_id, record)
         return record_id, None
 

@@ -25,6 +25,7 @@ KEY_PREFIXES = {
     "Lead": "00Q",
     "Case": "500",
     "Task": "00T",
+    "Opportunity": "006",
     "Campaign": "701",
     "CampaignMember": "00v",
     "User": "005",
@@ -169,6 +170,24 @@ def default_objects() -> dict[str, SObject]:
             {"WhoId": "Contact", "WhatId": "Account"},
             defaults={"Status": "Not Started", "Priority": "Normal", "IsClosed": False},
         ),
+        "Opportunity": SObject(
+            "Opportunity",
+            {
+                "Name": "string",
+                "StageName": "picklist",
+                "Amount": "double",
+                "CloseDate": "date",
+                "IsClosed": "boolean",
+                "IsWon": "boolean",
+                "AccountId": "reference",
+                "ContactId": "reference",
+                "CDP_Idempotency_Key__c": "string",
+            },
+            ("Name", "StageName", "CloseDate"),
+            ("CDP_Idempotency_Key__c",),
+            {"AccountId": "Account", "ContactId": "Contact"},
+            defaults={"IsClosed": False, "IsWon": False},
+        ),
         "Campaign": SObject(
             "Campaign",
             {
@@ -189,12 +208,13 @@ def default_objects() -> dict[str, SObject]:
                 "ContactId": "reference",
                 "LeadId": "reference",
                 "Status": "picklist",
+                "HasResponded": "boolean",
                 "CDP_Membership_Key__c": "string",
             },
             ("CampaignId",),
             ("CDP_Membership_Key__c",),
             {"CampaignId": "Campaign", "ContactId": "Contact", "LeadId": "Lead"},
-            defaults={"Status": "Sent"},
+            defaults={"Status": "Sent", "HasResponded": False},
         ),
     }
 

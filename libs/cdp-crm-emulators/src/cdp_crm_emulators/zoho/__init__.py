@@ -5,7 +5,7 @@ token (query string or form) answers ``{access_token, api_domain, token_type, ex
 refresh token is ``{"error": "invalid_client"}`` / ``{"error": "invalid_code"}`` with HTTP 200, as Zoho
 answers. API calls carry ``Authorization: Zoho-oauthtoken <token>``; anything else is 401 ``INVALID_TOKEN``.
 
-Modules: Leads, Contacts, Accounts, Cases, Tasks. ``POST /crm/v8/<Module>/upsert`` takes at most 100
+Modules: Leads, Contacts, Accounts, Cases, Deals, Tasks. ``POST /crm/v8/<Module>/upsert`` takes at most 100
 records; each is matched on the first of ``duplicate_check_fields`` (default: the module's system unique
 fields) that it carries and answers its own ``{code, details, message, status}`` (``SUCCESS`` with
 ``action`` insert/update, ``MANDATORY_NOT_FOUND``, ``INVALID_DATA`` naming ``api_name`` and ``json_path``).
@@ -15,7 +15,10 @@ Credits: every call costs `credit_costs[operation]` (default 1) against `daily_c
 24 hours; past it the call is refused with 429 ``LIMIT_REACHED`` and changes nothing.
 
 Inbound: ``GET /crm/v8/<Module>?fields=...`` with ``If-Modified-Since`` lists what changed since (304 when
-nothing did), and search takes ``(Modified_Time:greater_than:<iso>)``. `user_update` / `user_create` act
+nothing did), ``sort_by`` (id, Created_Time, Modified_Time) and ``sort_order`` (desc by default), ``ids``
+(at most 100) and ``page`` / ``per_page``; ``info.next_page_token`` continues the same listing with
+``page_token`` (a snapshot taken at the first page, as Zoho requires past 2,000 records); search takes
+``(Modified_Time:greater_than:<iso>)``. `user_update` / `user_create` act
 as a Zoho user.
 """
 
@@ -66,6 +69,7 @@ class ZohoEmulator(Emulator):
         self._credits: deque[tuple[float, int]] = deque()
         self._used = 0
         self._refused = 0
+        self._listings: dict[str, list[dict[str, Any]]] = {}  # page_token -> the listing's remaining rows
         r = self.app.router
         r.add_post("/oauth/v2/token", self._token)
         r.add_get("/crm/v8/users", self._users)
@@ -73,6 +77,7 @@ class ZohoEmulator(Emulator):
         r.add_get("/crm/v8/settings/modules", self._settings_modules)
         r.add_get("/crm/v8/settings/fields", self._settings_fields)
         r.add_post("/crm/v8/{module}/upsert", self._upsert)
+        r.add_delete("/crm/v8/{module}", self._delete)
         r.add_get("/crm/v8/{module}/search", self._search)
         r.add_get("/crm/v8/{module}", self._list)
         r.add_get("/crm/v8/{module}/{id}", self._get)
@@ -410,19 +415,49 @@ class ZohoEmulator(Emulator):
         unknown = [f for f in fields if f not in module.fields and f not in SYSTEM]
         if unknown:
             return _error(400, "INVALID_DATA", "invalid data", {"api_name": unknown[0]})
+        token = request.query.get("page_token")
+        if token is not None:
+            if token not in self._listings:
+                return _error(400, "INVALID_DATA", "invalid data", {"api_name": "page_token"})
+            return self._listing_page(self._listings.pop(token), request.query)
         rows = list(self.store.objects.get(module.name, {}).values())
+        if "ids" in request.query:
+            ids = request.query["ids"].split(",")
+            if len(ids) > 100:
+                return _error(400, "LIMIT_EXCEEDED", "the ids exceed the limit", {"limit": 100})
+            rows = [r for r in rows if r["id"] in ids]
         since = request.headers.get("If-Modified-Since")
         if since:
             threshold = parse_time(since)
             rows = [r for r in rows if parse_time(r["Modified_Time"]) > threshold]
             if not rows:
                 return web.Response(status=304)
-        if request.query.get("sort_by") in ("Modified_Time", "Created_Time", "id"):
-            rows.sort(
-                key=lambda r: r[request.query["sort_by"]], reverse=request.query.get("sort_order", "desc") == "desc"
-            )
+        sort_by = request.query.get("sort_by", "id")
+        if sort_by in ("Modified_Time", "Created_Time", "id"):
+            descending = request.query.get("sort_order", "desc") == "desc"
+            if sort_by == "id":
+                rows.sort(key=lambda r: int(r["id"]), reverse=descending)
+            else:
+                rows.sort(key=lambda r: (parse_time(r[sort_by]), int(r["id"])), reverse=descending)
         rows = [{k: r.get(k) for k in ["id", *fields]} for r in rows]
-        return _page(rows, request.query)
+        if request.query.get("page", "1") != "1":
+            return _page(rows, request.query)
+        return self._listing_page(rows, request.query)
+
+    def _listing_page(self, rows: list[dict[str, Any]], query: Any) -> web.Response:
+        """The first page of a listing, or the one a page_token continues; the rest stays behind a token."""
+        per_page = min(int(query.get("per_page", PAGE_LIMIT)), PAGE_LIMIT)
+        chunk, rest = rows[:per_page], rows[per_page:]
+        if not chunk:
+            return web.Response(status=204)
+        info: dict[str, Any] = {"per_page": per_page, "count": len(chunk), "more_records": bool(rest)}
+        info["page"] = int(query.get("page", 1)) if "page_token" not in query else None
+        if rest:
+            token = new_id()
+            self._listings[token] = rest
+            info["next_page_token"] = token
+            info["page_token_expiry"] = dt.datetime.fromtimestamp(self.clock() + 86_400, dt.UTC).isoformat()
+        return json_response({"data": chunk, "info": info})
 
     async def _get(self, request: web.Request) -> web.Response:
         module = self._module(request)
@@ -432,6 +467,30 @@ class ZohoEmulator(Emulator):
         if record is None:
             return web.Response(status=204)
         return json_response({"data": [record]})
+
+    async def _delete(self, request: web.Request) -> web.Response:
+        """``DELETE /crm/v8/<Module>?ids=a,b`` (at most 100): each id answers ``SUCCESS`` or, when no record
+        has it (never there, or deleted already), ``INVALID_DATA``."""
+        module = self._module(request)
+        if (refused := self._admit(request, "delete")) is not None:
+            return refused
+        ids = [i for i in request.query.get("ids", "").split(",") if i]
+        if not ids:
+            return _error(400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "ids"})
+        if len(ids) > UPSERT_LIMIT:
+            return _error(400, "LIMIT_EXCEEDED", "the ids exceed the limit", {"limit": UPSERT_LIMIT})
+        data = []
+        for record_id in ids:
+            if self.store.delete(module.name, record_id) is None:
+                data.append(
+                    _record_error("INVALID_DATA", "the related id given seems to be invalid", {"id": record_id})
+                )
+            else:
+                data.append(
+                    {"code": "SUCCESS", "details": {"id": record_id}, "message": "record deleted", "status": "success"}
+                )
+        ok = sum(item["status"] == "success" for item in data)
+        return json_response({"data": data}, status=200 if ok == len(data) else 207 if ok else 400)
 
 
 def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:

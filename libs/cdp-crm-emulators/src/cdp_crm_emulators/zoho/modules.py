@@ -76,6 +76,20 @@ def default_modules() -> dict[str, Module]:
             ("CDP_Idempotency_Key",),
             ("CDP_Idempotency_Key",),
         ),
+        "Deals": Module(
+            "Deals",
+            {
+                "Deal_Name": "text",
+                "Stage": "picklist",
+                "Amount": "double",
+                "Closing_Date": "date",
+                "Contact_Name": "lookup",
+                "CDP_Idempotency_Key": "text",
+            },
+            ("Deal_Name", "Stage"),
+            ("CDP_Idempotency_Key",),
+            ("CDP_Idempotency_Key",),
+        ),
         "Tasks": Module(
             "Tasks",
             {
