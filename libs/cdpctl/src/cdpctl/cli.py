@@ -15,6 +15,7 @@ cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                 
 cdpctl up / status                                                                          (run.py)
 cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
 cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
+cdpctl identity model show / export FILE      the matching model: m, u, weights, λ, EM   (identity.py)
 
 Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
 """
@@ -37,7 +38,7 @@ from rich.table import Table
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdpctl import bus, crm, journeys, people, training
+from cdpctl import bus, crm, identity, journeys, people, training
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 from cdpctl.run import check_health, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
@@ -409,6 +410,7 @@ for _command in (
     bus.lag,
     *journeys.COMMANDS,
     crm.crm,
+    identity.identity,
 ):
     main.add_command(_command)
 models.add_command(training.train)

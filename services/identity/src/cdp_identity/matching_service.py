@@ -15,6 +15,7 @@ pool through adds and purges) finds their candidates, and the cost follows those
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,15 +84,20 @@ class MatchingService:
         self.pool: dict[str, dict[str, Any]] = {}  # record key -> {"id", fields..., "_person"}
         self.blocks: dict[str, set[str]] = {}  # blocking key -> record keys: a new record's candidates
         self.fitted_on = 0
+        # Term frequencies follow the pool and, while a call is scored, its records: what each record
+        # counted key was counted as, so a replaced or purged record is uncounted exactly.
+        self.term_frequencies = any(spec.term_frequencies for spec in config.comparisons)
+        self.counted: dict[str, dict[str, Any]] = {}
 
     async def start(self) -> None:
         await self.store.ensure_index(RECORDS, "_person")
         async for record in self.store.scan_all(RECORDS, page_size=5_000):
             self._add_to_pool(record.doc)
         await self._load_model()
-        if self.pool and any(spec.term_frequencies for spec in self.config.comparisons):
-            # Term frequencies are not saved with the weights (they are a list of names): count the pool.
-            self.matcher.count_terms([self._comparable(doc) for doc in self.pool.values()])
+        if self.term_frequencies:
+            # Term frequencies are not saved with the weights (they are a list of names): count the pool
+            # for the matcher loaded (a saved one starts with none).
+            self.matcher.count_terms(list(self.counted.values()))
 
     async def _load_model(self) -> None:
         if self.frozen:
@@ -115,13 +121,24 @@ class MatchingService:
             self.origin = "default"
 
     def model(self) -> identity_pb2.GetMatchingModelResponse:
-        return identity_pb2.GetMatchingModelResponse(
+        response = identity_pb2.GetMatchingModelResponse(
             model_json=json.dumps(self.matcher.to_dict(), indent=1),
             origin=self.origin,
             fitted_on_records=self.fitted_on,
             em_iterations=self.em.get("iterations", 0),
             em_converged=self.em.get("converged", False),
         )
+        if not self.matcher.fitted:
+            return response
+        response.random_match_probability = self.matcher.random_match_probability
+        for comparison in self.matcher.estimates():
+            for level in comparison.levels:
+                response.levels.add(
+                    comparison=comparison.name, level=level.label, m=level.m, u=level.u, weight=level.weight
+                )
+        for summary in self.matcher.term_frequency_summary():
+            response.term_frequencies.add(**summary)
+        return response
 
     async def match_records(self, request: identity_pb2.MatchRecordsRequest) -> identity_pb2.MatchRecordsResponse:
         records = self._validate(request.records)
@@ -139,20 +156,21 @@ class MatchingService:
         }
         # Everything that decides the answer happens before anything is stored: the fit, the scoring and
         # the size of the response, so a call whose answer could not be delivered leaves no trace.
-        await self._refit_if_grown(docs)
-        scored = self._score_new(docs)
-        kept = sorted(
-            (pair for pair in scored if pair.probability >= threshold),
-            key=lambda pair: (-pair.probability, pair.left_id, pair.right_id),
-        )
-        page = kept[offset : offset + page_size]
-        bound = self._response_bound(len(records), len(page))
-        if bound > MAX_RESPONSE_BYTES:
-            raise InvalidArgument(
-                "page_size",
-                f"a page of {len(page)} pairs could take {bound} bytes, more than a client accepts "
-                f"({MAX_RESPONSE_BYTES}); ask for fewer pairs per page",
+        with self._terms_counted(docs):
+            await self._refit_if_grown(docs)
+            scored = self._score_new(docs)
+            kept = sorted(
+                (pair for pair in scored if pair.probability >= threshold),
+                key=lambda pair: (-pair.probability, pair.left_id, pair.right_id),
             )
+            page = kept[offset : offset + page_size]
+            bound = self._response_bound(len(records), len(page))
+            if bound > MAX_RESPONSE_BYTES:
+                raise InvalidArgument(
+                    "page_size",
+                    f"a page of {len(page)} pairs could take {bound} bytes, more than a client accepts "
+                    f"({MAX_RESPONSE_BYTES}); ask for fewer pairs per page",
+                )
         response = identity_pb2.MatchRecordsResponse(omitted_pairs=len(scored) - len(kept), total_pairs=len(kept))
         if offset + page_size < len(kept):
             response.next_page_token = _page_token(offset + page_size, digest.hexdigest())
@@ -240,8 +258,10 @@ class MatchingService:
             for batch in batches
             for record in batch
         }
-        # One fit on everything the call brings: the first batch is not fitted on alone.
-        progress.fitted = await self._fit(every_doc) if not self.frozen else False
+        # One fit on everything the call brings: the first batch is not fitted on alone. The term
+        # frequencies count them all too, from the first batch on, as the fit did.
+        with self._terms_counted(every_doc):
+            progress.fitted = await self._fit(every_doc) if not self.frozen else False
         now = int(time.time() * 1000)
         for batch in batches:
             docs = {record["key"]: every_doc[record["key"]] for record in batch}
@@ -316,6 +336,33 @@ class MatchingService:
         self.pool[key] = doc
         for block in self.matcher.blocking_keys(doc):
             self.blocks.setdefault(block, set()).add(key)
+        self._count({key: self._comparable(doc)})
+
+    def _count(self, docs: dict[str, dict[str, Any]]) -> None:
+        """Count `docs` in the term frequencies, in place of what their keys were counted as before."""
+        if not self.term_frequencies:
+            return
+        replaced = [self.counted[key] for key in docs if key in self.counted]
+        self.matcher.update_terms(added=list(docs.values()), removed=replaced)
+        self.counted.update(docs)
+
+    def _uncount(self, keys) -> None:
+        if not self.term_frequencies:
+            return
+        self.matcher.update_terms(removed=[self.counted.pop(key) for key in keys if key in self.counted])
+
+    @contextlib.contextmanager
+    def _terms_counted(self, docs: dict[str, dict[str, Any]]):
+        """The call's records counted while it is fitted and scored (a fit counts them too); a call refused
+        before anything is stored takes them out again, putting back what the pool held."""
+        before = {key: self.counted.get(key) for key in docs}
+        self._count(docs)
+        try:
+            yield
+        except BaseException:
+            self._uncount(docs)
+            self._count({key: doc for key, doc in before.items() if doc is not None})
+            raise
 
     def _drop_from_blocks(self, key: str) -> None:
         old = self.pool.get(key)
@@ -388,6 +435,7 @@ class MatchingService:
         for key in records:
             self._drop_from_blocks(key)
             self.pool.pop(key, None)
+        self._uncount(records)
         ops: list[WriteOp] = [Delete(RECORDS, key) for key in sorted(records)]
         async for record in self.store.scan_all(REVIEWS):
             pair = identity_pb2.ScoredPair.FromString(bytes.fromhex(record.doc["pair"]))

@@ -186,6 +186,63 @@ class Matcher:
         its own records; a matcher loaded with from_dict needs it before scoring with them)."""
         self._count_terms(self._table(records))
 
+    def update_terms(self, added: Iterable[Mapping] = (), removed: Iterable[Mapping] = ()) -> None:
+        """Keep the term frequencies in step with a changing set of records without recounting it: count
+        the `added` records' values and uncount the `removed` ones' (records counted before)."""
+        for k, comparison in enumerate(self._comparisons):
+            if not comparison.spec.term_frequencies:
+                continue
+            counts, total = self._term_counts.get(k, ({}, 0))
+            normalise = self._normalisers[comparison.field]
+            for sign, records in ((1, added), (-1, removed)):
+                for record in records:
+                    value = normalise(record.get(comparison.field))
+                    if value is None:
+                        continue
+                    held = counts.get(value, 0) + sign
+                    if held > 0:
+                        counts[value] = held
+                    else:
+                        counts.pop(value, None)
+                    total += sign
+            self._term_counts[k] = (counts, total)
+
+    def term_frequency_summary(self) -> list[dict[str, Any]]:
+        """Per term-frequency comparison: records with a value, distinct values, the share of the most
+        common value and the median share, and what exact agreement weighs on the most common value and on
+        a value one record holds. Counts only: the values themselves (names) are personal data."""
+        parameters = self._parameters
+        summary = []
+        for k, comparison in enumerate(self._comparisons):
+            if not comparison.spec.term_frequencies:
+                continue
+            counts, total = self._term_counts.get(k, ({}, 0))
+            held = np.array(sorted(counts.values()), dtype=np.float64)
+            entry: dict[str, Any] = {
+                "comparison": comparison.name,
+                "records": int(total),
+                "distinct_values": len(counts),
+                "most_common_share": float(held[-1] / total) if total else 0.0,
+                "median_share": float(np.median(held) / total) if total else 0.0,
+                "weight_most_common": 0.0,
+                "weight_rarest": 0.0,
+            }
+            if parameters is not None and total:
+                m_exact = parameters.m[k][EXACT_LEVEL]
+                entry["weight_most_common"] = float(np.log2(m_exact / entry["most_common_share"]))
+                entry["weight_rarest"] = float(np.log2(m_exact * total))
+            summary.append(entry)
+        return summary
+
+    @property
+    def random_match_probability(self) -> float:
+        """λ: the prior that two records drawn at random are one person."""
+        return self._require_fitted().match_probability
+
+    def estimates(self) -> tuple[ComparisonEstimate, ...]:
+        """Each comparison's levels with m, u and weight (log2 m/u), strongest first, null left out."""
+        return self._estimates()
+
     def _count_terms(self, table: RecordTable) -> None:
         self._term_counts = {}
         for k, comparison in enumerate(self._comparisons):

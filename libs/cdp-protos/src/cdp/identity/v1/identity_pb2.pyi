@@ -321,18 +321,56 @@ class GetMatchingModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetMatchingModelResponse(_message.Message):
-    __slots__ = ("model_json", "origin", "fitted_on_records", "em_iterations", "em_converged")
+    __slots__ = ("model_json", "origin", "fitted_on_records", "em_iterations", "em_converged", "random_match_probability", "levels", "term_frequencies")
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     FITTED_ON_RECORDS_FIELD_NUMBER: _ClassVar[int]
     EM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     EM_CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_MATCH_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FREQUENCIES_FIELD_NUMBER: _ClassVar[int]
     model_json: str
     origin: str
     fitted_on_records: int
     em_iterations: int
     em_converged: bool
-    def __init__(self, model_json: _Optional[str] = ..., origin: _Optional[str] = ..., fitted_on_records: _Optional[int] = ..., em_iterations: _Optional[int] = ..., em_converged: _Optional[bool] = ...) -> None: ...
+    random_match_probability: float
+    levels: _containers.RepeatedCompositeFieldContainer[MatchingLevel]
+    term_frequencies: _containers.RepeatedCompositeFieldContainer[TermFrequencySummary]
+    def __init__(self, model_json: _Optional[str] = ..., origin: _Optional[str] = ..., fitted_on_records: _Optional[int] = ..., em_iterations: _Optional[int] = ..., em_converged: _Optional[bool] = ..., random_match_probability: _Optional[float] = ..., levels: _Optional[_Iterable[_Union[MatchingLevel, _Mapping]]] = ..., term_frequencies: _Optional[_Iterable[_Union[TermFrequencySummary, _Mapping]]] = ...) -> None: ...
+
+class MatchingLevel(_message.Message):
+    __slots__ = ("comparison", "level", "m", "u", "weight")
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    U_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    comparison: str
+    level: str
+    m: float
+    u: float
+    weight: float
+    def __init__(self, comparison: _Optional[str] = ..., level: _Optional[str] = ..., m: _Optional[float] = ..., u: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class TermFrequencySummary(_message.Message):
+    __slots__ = ("comparison", "records", "distinct_values", "most_common_share", "median_share", "weight_most_common", "weight_rarest")
+    COMPARISON_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MOST_COMMON_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MEDIAN_SHARE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_MOST_COMMON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_RAREST_FIELD_NUMBER: _ClassVar[int]
+    comparison: str
+    records: int
+    distinct_values: int
+    most_common_share: float
+    median_share: float
+    weight_most_common: float
+    weight_rarest: float
+    def __init__(self, comparison: _Optional[str] = ..., records: _Optional[int] = ..., distinct_values: _Optional[int] = ..., most_common_share: _Optional[float] = ..., median_share: _Optional[float] = ..., weight_most_common: _Optional[float] = ..., weight_rarest: _Optional[float] = ...) -> None: ...
 
 class ListReviewsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
