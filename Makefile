@@ -41,8 +41,11 @@ up: env ## run nats-server and every service on the embedded store (Ctrl-C stops
 status: env ## health of a running platform
 	$(VENV)/bin/cdpctl status
 
-test: env ## run all tests (real nats-server)
-	$(VENV)/bin/pytest -q
+# Tests run on every core (pytest-xdist); a module's tests stay on one worker so a module-scoped fixture (a
+# nats-server, a running platform) starts once. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= auto
+test: env ## run all tests (real nats-server), on every core
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 proto: env ## regenerate the committed stubs from protos/
 	$(PY) -m cdp_testing.protocheck generate protos $(PROTO_OUT)

@@ -134,7 +134,12 @@ def validate(ws: Workspace, file: str, as_json: bool, address) -> None:
     elif not problems:
         out.print(f"{file}: valid")
     else:
-        table = Table(title=f"{file}: {len(problems)} problem{'' if len(problems) == 1 else 's'}")
+        # The heading is a line of its own: a long path must not wrap the count into pieces (a table title
+        # wraps at the table's width).
+        out.print(
+            f"{file}: {len(problems)} problem{'' if len(problems) == 1 else 's'}", soft_wrap=True, highlight=False
+        )
+        table = Table()
         for column in ("node", "field", "problem"):
             table.add_column(column)
         for p in problems:
