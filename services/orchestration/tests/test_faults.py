@@ -118,7 +118,9 @@ async def test_persons_dropped_from_memory_come_back_from_the_store_with_their_c
     # Room for one person per partition: every stimulus of the others reads them back from the store.
     capped = parse_rules({"caps": [{"id": "inapp-daily", "channel": "inapp", "per": "day", "limit": 1}]})
     world = await world_factory(rules=capped, hot_persons=2)
-    await world.publish_journey(TWO_REMINDERS)
+    # The second reminder opts out of waiting for tomorrow's place, so a full cap ends every instance today.
+    second = {**TWO_REMINDERS["nodes"][3], "on_cap": "drop"}
+    await world.publish_journey({**TWO_REMINDERS, "nodes": [*TWO_REMINDERS["nodes"][:3], second]})
     await world.start()
     people = [f"r{i}" for i in range(10)]
     for person in people:

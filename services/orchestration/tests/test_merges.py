@@ -74,9 +74,10 @@ async def test_the_absorbed_persons_journey_goes_on_as_the_survivors_and_their_c
     await merge(world, "bob", "bob-phone")
 
     await world.eventually(lambda: _running(world, "ada", "cart"))
-    # After the delay the reminder is decided for Ada, and the email the visitor got today counts: capped.
+    # After the delay the reminder is decided for Ada, and the email the visitor got today counts: the cap is
+    # full, so the reminder waits for tomorrow's place.
     decisions = await world.eventually(lambda: world.decisions("ada"), timeout=15)
-    assert [(d["journey_id"], d["kind"], d["rule"]) for d in decisions] == [("cart", "capped", "email-daily")]
+    assert [(d["journey_id"], d["kind"], d["rule"]) for d in decisions] == [("cart", "deferred", "email-daily")]
     # The cart instance record is Ada's now (the welcome one had ended: it stays the visitor's history).
     assert [i["journey_id"] for i in await world.instances("visitor")] == ["welcome"]
     ada = (await world.store.get(PERSONS, "ada")).doc

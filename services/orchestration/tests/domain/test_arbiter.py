@@ -181,7 +181,8 @@ def test_a_merged_persons_sends_count_toward_the_survivors_caps_and_their_held_a
     absorbed = decide(absorbed, action(2, at=local(4, 22)), VIEW, r, local(4, 22)).state  # deferred to 08:00
     survivor = merge_states(PersonState("p1"), absorbed)
     assert survivor.person_id == "p1" and [h.action.person_id for h in survivor.deferred] == ["p1"]
-    assert only(decide(survivor, action(3, at=local(4, 13)), VIEW, r, local(4, 13))).kind is Kind.CAPPED
+    decision = only(decide(survivor, action(3, at=local(4, 13)), VIEW, r, local(4, 13)))
+    assert (decision.kind, decision.by, decision.until) == (Kind.DEFERRED, "email-daily", local(5, 0))
     assert next_wake(survivor) == local(5, 8)
     # Merging again (a redelivered hand-over) counts nothing twice.
     assert merge_states(survivor, absorbed) == survivor
@@ -190,12 +191,15 @@ def test_a_merged_persons_sends_count_toward_the_survivors_caps_and_their_held_a
 def test_caps_count_calendar_days_and_weeks_in_the_persons_zone() -> None:
     r = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}])
     state = decide(STATE, action(1, at=local(4, 23, 30)), VIEW, r, local(4, 23, 30)).state
+    # A full cap defers the action to the start of the cap's next period (the person's next day), never drops it.
     decision = only(decide(state, action(2), VIEW, r, local(4, 23, 45)))
-    assert (decision.kind, decision.by, decision.reason) == (
-        Kind.CAPPED,
+    assert (decision.kind, decision.by, decision.until, decision.reason) == (
+        Kind.DEFERRED,
         "email-daily",
-        "capped by email-daily (1 per day)",
+        local(5, 0),
+        "deferred until 2026-12-05 00:00 Europe/Berlin (cap email-daily full)",
     )
+    assert not decision.final
     # 00:15 in Berlin is a new day (though still the same UTC day).
     assert only(decide(state, action(3), VIEW, r, local(5, 0, 15))).kind is Kind.SENT
     assert only(decide(state, action(4, channel="sms"), VIEW, r, local(4, 23, 45))).kind is Kind.SENT
@@ -203,8 +207,65 @@ def test_caps_count_calendar_days_and_weeks_in_the_persons_zone() -> None:
     state = STATE
     for n, day in enumerate((7, 8)):  # Monday, Tuesday
         state = decide(state, action(n, channel="push" if n else "email"), VIEW, weekly, local(day, 12)).state
-    assert only(decide(state, action(5, channel="sms"), VIEW, weekly, local(13, 23))).kind is Kind.CAPPED  # Sunday
+    sunday = only(decide(state, action(5, channel="sms", at=local(13, 23)), VIEW, weekly, local(13, 23)))
+    assert (sunday.kind, sunday.until) == (Kind.DEFERRED, local(14, 0))  # to Monday 00:00, the next week
     assert only(decide(state, action(6, channel="sms"), VIEW, weekly, local(14, 0, 1))).kind is Kind.SENT  # Monday
+
+
+def test_a_capped_action_goes_at_the_start_of_the_next_period() -> None:
+    r = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1), VIEW, r, NOON).state
+    ruling = decide(state, action(2, journey="cart"), VIEW, r, NOON + 60)
+    assert only(ruling).kind is Kind.DEFERRED and next_wake(ruling.state) == local(5, 0)
+    assert release(ruling.state, VIEW, r, local(4, 23, 59)).decisions == ()
+    released = release(ruling.state, VIEW, r, local(5, 0))
+    assert [(d.action_id, d.kind) for d in released.decisions] == [("a2", Kind.SENT)]
+    assert released.state.deferred == () and next_wake(released.state) is None
+
+
+def test_when_several_caps_are_full_the_action_waits_for_the_one_that_frees_up_last() -> None:
+    r = rules(
+        caps=[
+            {"id": "email-daily", "channel": "email", "per": "day", "limit": 1},
+            {"id": "all-weekly", "per": "week", "limit": 1},
+        ]
+    )
+    state = decide(STATE, action(1), VIEW, r, NOON).state  # Friday 4 December
+    decision = only(decide(state, action(2), VIEW, r, NOON + 60))
+    assert (decision.kind, decision.by, decision.until) == (Kind.DEFERRED, "all-weekly", local(7, 0))
+
+
+def test_a_capped_action_whose_validity_ends_first_expires_with_the_reason() -> None:
+    r = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1), VIEW, r, NOON).state
+    short = action(2, expires_at=local(4, 18))  # the action's own validity ends before Berlin's midnight
+    decision = only(decide(state, short, VIEW, r, NOON + 60))
+    assert (decision.kind, decision.by) == (Kind.EXPIRED, "email-daily")
+    assert decision.reason == (
+        "expired: cap email-daily stays full past the action's validity (2026-12-04 18:00 Europe/Berlin)"
+    )
+    # The rules' longest hold is a validity window too.
+    held_briefly = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}], max_hold="6h")
+    decision = only(decide(state, action(3), VIEW, held_briefly, NOON + 60))
+    assert decision.kind is Kind.EXPIRED and "the longest hold" in decision.reason
+    # An action held past its validity for any other reason (an approval that came late) expires when decided.
+    gated = rules(approval={"above": 10})
+    waiting = decide(STATE, action(4, value=50.0, expires_at=NOON + 3600), VIEW, gated, NOON).state
+    decision = only(approve(waiting, "a4", VIEW, gated, NOON + 7200))
+    assert decision.kind is Kind.EXPIRED and "validity" in decision.reason
+
+
+def test_an_action_that_opts_out_is_capped_for_good_as_before() -> None:
+    r = rules(caps=[{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1), VIEW, r, NOON).state
+    ruling = decide(state, action(2, on_cap="drop"), VIEW, r, NOON + 60)
+    decision = only(ruling)
+    assert (decision.kind, decision.by, decision.reason) == (
+        Kind.CAPPED,
+        "email-daily",
+        "capped by email-daily (1 per day)",
+    )
+    assert decision.final and ruling.state.deferred == ()
 
 
 def test_priority_decides_who_gets_the_last_place_when_held_actions_come_due_together() -> None:
@@ -221,7 +282,80 @@ def test_priority_decides_who_gets_the_last_place_when_held_actions_come_due_tog
     ruling = release(state, VIEW, r, local(4, 8))
     kinds = {d.action_id: (d.kind, d.by) for d in ruling.decisions}
     assert kinds == {"a2": (Kind.SENT, None), "a1": (Kind.SUPERSEDED, "cart")}
-    assert ruling.state.deferred == () and next_wake(ruling.state) is None
+    # The loser is not dropped: it waits for the cap's next period (and then for the end of quiet hours).
+    superseded = ruling.about("a1")
+    assert not superseded.final and superseded.until == local(5, 0)
+    assert (
+        superseded.reason
+        == "superseded by journey cart, deferred until 2026-12-05 00:00 Europe/Berlin (cap email-daily)"
+    )
+    assert next_wake(ruling.state) == local(5, 0)
+    at_midnight = release(ruling.state, VIEW, r, local(5, 0))
+    assert [(d.kind, d.until) for d in at_midnight.decisions] == [(Kind.DEFERRED, local(5, 8))]
+    assert [d.kind for d in release(at_midnight.state, VIEW, r, local(5, 8)).decisions] == [Kind.SENT]
+
+
+def test_a_higher_priority_action_takes_the_place_a_lower_held_one_was_waiting_for() -> None:
+    # One message a day in all; email waits out quiet hours, push does not.
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00", "channels": ["email"]},
+        caps=[{"id": "one-a-day", "per": "day", "limit": 1}],
+    )
+    newsletter = action(1, journey="newsletter", priority=5, at=local(4, 2))
+    state = decide(STATE, newsletter, VIEW, r, local(4, 2)).state  # held until 08:00, today's place is its
+    ruling = decide(state, action(2, journey="cart", priority=50, channel="push"), VIEW, r, local(4, 3))
+    assert [(d.action_id, d.kind, d.by, d.until) for d in ruling.decisions] == [
+        ("a2", Kind.SENT, None, None),
+        ("a1", Kind.SUPERSEDED, "cart", local(5, 0)),
+    ]
+    assert ruling.about("a1").reason.startswith("superseded by journey cart, deferred until 2026-12-05 00:00")
+    # 08:00 today passes with nothing more sent; the newsletter goes tomorrow when quiet hours end.
+    assert next_wake(ruling.state) == local(5, 0)
+    state = release(ruling.state, VIEW, r, local(5, 0)).state
+    assert [d.kind for d in release(state, VIEW, r, local(5, 8)).decisions] == [Kind.SENT]
+
+
+def test_a_lower_priority_action_does_not_take_the_place_a_higher_held_one_waits_for() -> None:
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00", "channels": ["email"]},
+        caps=[{"id": "one-a-day", "per": "day", "limit": 1}],
+    )
+    cart = action(1, journey="cart", priority=50, at=local(4, 2))
+    state = decide(STATE, cart, VIEW, r, local(4, 2)).state
+    ruling = decide(state, action(2, journey="newsletter", priority=5, channel="push"), VIEW, r, local(4, 3))
+    decision = only(ruling)
+    assert (decision.kind, decision.by, decision.until) == (Kind.DEFERRED, "one-a-day", local(5, 0))
+    assert [d.kind for d in release(ruling.state, VIEW, r, local(4, 8)).decisions] == [Kind.SENT]
+
+
+def test_an_equal_priority_arrival_does_not_take_a_place_already_held() -> None:
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00", "channels": ["email"]},
+        caps=[{"id": "one-a-day", "per": "day", "limit": 1}],
+    )
+    state = decide(STATE, action(1, at=local(4, 2)), VIEW, r, local(4, 2)).state
+    decision = only(decide(state, action(2, channel="push", at=local(4, 3)), VIEW, r, local(4, 3)))
+    assert (decision.kind, decision.until) == (Kind.DEFERRED, local(5, 0))
+
+
+def test_a_sent_action_is_never_taken_back_by_a_higher_one() -> None:
+    r = rules(caps=[{"id": "one-a-day", "per": "day", "limit": 1}])
+    state = decide(STATE, action(1, journey="newsletter", priority=5), VIEW, r, NOON).state
+    ruling = decide(state, action(2, journey="cart", priority=50), VIEW, r, NOON + 60)
+    decision = only(ruling)
+    assert (decision.kind, decision.until) == (Kind.DEFERRED, local(5, 0))
+    assert [s.action_id for s in ruling.state.sent] == ["a1"]
+
+
+def test_an_action_that_opts_out_is_dropped_when_a_higher_one_takes_its_place() -> None:
+    r = rules(
+        quiet_hours={"from": "21:00", "to": "08:00", "channels": ["email"]},
+        caps=[{"id": "one-a-day", "per": "day", "limit": 1}],
+    )
+    state = decide(STATE, action(1, priority=5, on_cap="drop", at=local(4, 2)), VIEW, r, local(4, 2)).state
+    ruling = decide(state, action(2, journey="cart", priority=50, channel="push"), VIEW, r, local(4, 3))
+    assert [(d.action_id, d.kind) for d in ruling.decisions] == [("a2", Kind.SENT), ("a1", Kind.CAPPED)]
+    assert ruling.state.deferred == ()
 
 
 def test_equal_priority_is_ranked_by_the_actions_score_then_by_proposal() -> None:
@@ -299,10 +433,48 @@ def test_bad_rules_are_rejected_naming_the_field(document: dict, field: str) -> 
 CHANNELS = ("email", "sms", "push")
 
 
+def simulate(proposals, r, view, start):
+    """Proposals in time order, with every wake-up the arbiter asks for in between and after: the decisions."""
+    state = PersonState("p1")
+    decisions = []
+
+    def take(ruling) -> None:
+        nonlocal state
+        state = ruling.state
+        decisions.extend(ruling.decisions)
+
+    for n, (quarter, channel, priority, big, drop, valid_hours) in enumerate(sorted(proposals)):
+        now = start + quarter * 900
+        while (wake := next_wake(state)) is not None and wake <= now:
+            take(release(state, view, r, wake))
+        expires_at = now + valid_hours * 3600 if valid_hours else None
+        proposal = action(
+            n,
+            at=now,
+            journey=f"j{priority}",
+            channel=channel,
+            priority=priority,
+            value=500.0 if big else None,
+            on_cap="drop" if drop else "defer",
+            expires_at=expires_at,
+        )
+        take(decide(state, proposal, view, r, now))
+    while (wake := next_wake(state)) is not None:
+        take(release(state, view, r, wake))
+    return decisions
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     proposals=st.lists(
-        st.tuples(st.integers(0, 14 * 24 * 4), st.sampled_from(CHANNELS), st.integers(0, 3), st.booleans()),
+        st.tuples(
+            st.integers(0, 14 * 24 * 4),
+            st.sampled_from(CHANNELS),
+            st.integers(0, 3),
+            st.booleans(),
+            st.booleans(),
+            st.sampled_from([0, 0, 6, 30]),
+        ),
         min_size=1,
         max_size=40,
     ),
@@ -312,40 +484,49 @@ CHANNELS = ("email", "sms", "push")
 )
 def test_caps_are_never_exceeded_and_nothing_is_dropped_silently(proposals, daily, weekly, zone) -> None:
     r = rules(
-        quiet_hours={"from": "22:00", "to": "07:30"},
+        quiet_hours={"from": "22:00", "to": "07:30", "channels": ["email", "sms"]},
         caps=[
             {"id": "email-day", "channel": "email", "per": "day", "limit": daily},
+            {"id": "all-day", "per": "day", "limit": max(daily, 1)},
             {"id": "week", "per": "week", "limit": weekly},
         ],
         approval={"above": 100, "expires_after": "12h"},
     )
     view = PersonView("p1", {"traits.timezone": zone, "consent.purpose:Marketing": True})
     start = datetime(2026, 3, 23, tzinfo=UTC).timestamp()  # a Monday, with a DST change in the window
-    state = PersonState("p1")
-    decisions = []
-    for n, (quarter, channel, priority, big) in enumerate(sorted(proposals)):
-        now = start + quarter * 900
-        while (wake := next_wake(state)) is not None and wake <= now:
-            ruling = release(state, view, r, wake)
-            state, decisions = ruling.state, decisions + list(ruling.decisions)
-        proposal = action(n, at=now, channel=channel, priority=priority, value=500.0 if big else None)
-        ruling = decide(state, proposal, view, r, now)
-        state, decisions = ruling.state, decisions + list(ruling.decisions)
-    while (wake := next_wake(state)) is not None:
-        ruling = release(state, view, r, wake)
-        state, decisions = ruling.state, decisions + list(ruling.decisions)
-    # Every proposal ends with exactly one final decision.
+    decisions = simulate(proposals, r, view, start)
+    # The same inputs give the same decisions.
+    assert simulate(proposals, r, view, start) == decisions
+    # Every proposal ends with exactly one final decision, and nothing is decided after it.
     finals = Counter(d.action_id for d in decisions if d.kind in FINAL)
     assert finals == Counter(f"a{n}" for n in range(len(proposals)))
-    tz = clock.zone(zone)
+    ended: set[str] = set()
+    for d in decisions:
+        assert d.action_id not in ended and d.reason
+        if d.final:
+            ended.add(d.action_id)
+        else:  # held: it says until when, and that is later
+            assert d.until is not None and d.until > d.at
+    # Only an action that opted out is capped for good; the others wait for room or expire with the reason.
+    dropping = {f"a{n}" for n, p in enumerate(sorted(proposals)) if p[4]}
+    assert {d.action_id for d in decisions if d.kind is Kind.CAPPED} <= dropping
+    # A supersession names a journey that sent at that very instant.
     sent = [d for d in decisions if d.kind is Kind.SENT]
-    per_day = Counter(clock.day_start(d.at, tz) for d in sent if d.channel == "email")
+    for d in decisions:
+        if d.kind is Kind.SUPERSEDED:
+            assert any(s.journey_id == d.by and s.at == d.at for s in sent)
+    # No cap is exceeded in any of its periods.
+    tz = clock.zone(zone)
+    per_day_email = Counter(clock.day_start(d.at, tz) for d in sent if d.channel == "email")
+    per_day = Counter(clock.day_start(d.at, tz) for d in sent)
     per_week = Counter(clock.week_start(d.at, tz) for d in sent)
-    assert all(count <= daily for count in per_day.values())
+    assert all(count <= daily for count in per_day_email.values())
+    assert all(count <= max(daily, 1) for count in per_day.values())
     assert all(count <= weekly for count in per_week.values())
-    for d in sent:  # and nothing went out in quiet hours
-        minute = clock.minute_of_day(d.at, tz)
-        assert 7 * 60 + 30 <= minute < 22 * 60
+    for d in sent:  # and nothing went out on a quiet channel in quiet hours
+        if d.channel in ("email", "sms"):
+            minute = clock.minute_of_day(d.at, tz)
+            assert 7 * 60 + 30 <= minute < 22 * 60
 
 
 def test_a_redelivered_proposal_of_a_sent_action_is_not_sent_again() -> None:

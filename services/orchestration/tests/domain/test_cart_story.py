@@ -240,8 +240,14 @@ def test_a_reminder_and_an_offer_both_held_overnight_go_by_priority_when_the_cap
     assert w.kinds("abandoned-cart") == ["deferred", "sent"]
     assert w.kinds("renewal") == ["deferred", "superseded"]
     superseded = w.decisions[-1] if w.decisions[-1].journey_id == "renewal" else w.decisions[-2]
-    assert superseded.by == "abandoned-cart"
+    assert superseded.by == "abandoned-cart" and superseded.until == at(5, 0)
     assert len(w.sent) == 1
+    # The offer lost the slot, not its life: it waits for tomorrow's place (and the end of quiet hours).
+    w.run_until(at(5, 9))
+    assert w.kinds("renewal") == ["deferred", "superseded", "deferred", "sent"]
+    assert [when for when, _ in w.sent] == [at(4, 8), at(5, 8)]
+    renewal = next(i for i in w.instances.values() if i.journey_id == "renewal")
+    assert renewal.end_reason == "completed" and renewal.steps[-1].outcome == "sent"
 
 
 def test_consent_withdrawn_while_deferred_cancels_the_send() -> None:

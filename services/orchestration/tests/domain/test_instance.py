@@ -89,6 +89,24 @@ def test_delay_then_action_waits_for_the_final_decision_before_moving_on() -> No
     assert of(commands, End)[0].reason == "completed" and instance.status is Status.ENDED
 
 
+def test_an_action_carries_its_cap_choice_and_validity_to_the_arbiter() -> None:
+    j = journey([{"id": "a", "type": "action", **EMAIL, "on_cap": "drop", "expires_after": "2h"}])
+    _, commands = start(j)
+    (proposal,) = of(commands, ProposeAction)
+    assert (proposal.action.on_cap, proposal.action.expires_at) == ("drop", T0 + 7200)
+    _, commands = start(journey([{"id": "a", "type": "action", **EMAIL}]))
+    (proposal,) = of(commands, ProposeAction)
+    assert (proposal.action.on_cap, proposal.action.expires_at) == ("defer", None)
+
+
+def test_a_superseded_action_is_still_pending() -> None:
+    j = journey([{"id": "a", "type": "action", **EMAIL, "next": "b"}, {"id": "b", "type": "exit"}])
+    instance, commands = start(j)
+    (proposal,) = of(commands, ProposeAction)
+    instance, commands = step(instance, j, ActionOutcome(proposal.action.action_id, Kind.SUPERSEDED), VIEW, T0 + 1)
+    assert commands == [] and instance.node == "a" and instance.pending == (proposal.action.action_id,)
+
+
 def test_delay_until_a_time_of_day_uses_the_persons_zone() -> None:
     j = journey([{"id": "d", "type": "delay", "until": "09:00"}], timezone="America/New_York")
     now = datetime(2028, 1, 14, 6, 0, tzinfo=UTC).timestamp()  # 07:00 in Berlin: their 09:00 is 2 h later

@@ -158,6 +158,8 @@ def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None
         (with_nodes({"id": "x", "type": "teleport"}), [("x", "nodes.x.type")]),
         (with_nodes({"id": "x", "type": "exit"}, {"id": "x", "type": "exit"}), [("x", "nodes.x.id")]),
         (with_nodes({"id": "a", "type": "action", **EMAIL, "channel": "fax"}), [("a", "nodes.a.channel")]),
+        (with_nodes({"id": "a", "type": "action", **EMAIL, "on_cap": "skip"}), [("a", "nodes.a.on_cap")]),
+        (with_nodes({"id": "a", "type": "action", **EMAIL, "expires_after": "soon"}), [("a", "nodes.a.expires_after")]),
         (
             with_nodes({"id": "a", "type": "action", **EMAIL, "template": {"b": "{% if %}"}}),
             [("a", "nodes.a.template.b")],
@@ -203,6 +205,17 @@ def test_a_loop_without_a_wait_is_rejected_and_one_with_a_delay_is_not() -> None
 )
 def test_bad_parts_are_named(document: dict, expected: list) -> None:
     assert problems(document) == expected
+
+
+def test_an_action_chooses_what_a_full_cap_does_and_how_long_it_stays_worth_sending() -> None:
+    journey = parse_journey(with_nodes({"id": "a", "type": "action", **EMAIL, "on_cap": "drop", "expires_after": "6h"}))
+    action = journey.nodes["a"]
+    assert (action.on_cap, action.expires_after) == ("drop", 6 * 3600)
+    assert parse_journey(with_nodes({"id": "a", "type": "action", **EMAIL})).nodes["a"].on_cap == "defer"
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(with_nodes({"id": "a", "type": "action", **EMAIL, "on_cap": "skip"}))
+    (problem,) = caught.value.problems
+    assert (problem.node, problem.field) == ("a", "on_cap") and "'defer'" in problem.message
 
 
 def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> None:

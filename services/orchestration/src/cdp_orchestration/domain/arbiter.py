@@ -4,25 +4,33 @@
 `PersonState` and the decisions taken, each with a kind and a reason an operator can read:
 
     sent                 go now (the service renders the template and hands it to the channel)
-    deferred until T     quiet hours, in the person's zone: held and decided again at T, never dropped
-    superseded by J      lost its slot to a higher-priority action of journey J at the same instant
-    capped by C          frequency cap C (per channel or overall, per calendar day or week) is full
+    deferred until T     quiet hours, or a full frequency cap (until the start of its next period), in the
+                         person's zone: held and decided again at T, never dropped
+    superseded by J      a higher-priority action of journey J took the cap's place this one had (or wanted
+                         at the same instant): held until the cap's next period, never dropped
+    capped by C          frequency cap C is full and the action opted out of waiting (`on_cap: drop`)
     suppressed by R      suppression rule R applies (an event within a window, a condition, or both)
     no consent for P     the profile does not grant purpose P (or refuses the channel)
     awaiting approval    held until someone approves or rejects it, or it expires
     rejected / expired / withdrawn    final answers for held actions
 
 Invariants:
-- Nothing is dropped silently: every proposed action gets a decision, and every held one a later one.
+- Nothing is dropped silently: every proposed action gets a decision, and every held one a later one, until
+  a final one. A held action whose wait would outlast its validity (its own `expires_at`, or the rules'
+  `max_hold` after it was proposed) expires at once, with the reason it would have waited for.
 - Nothing is sent twice: a proposal whose action id is held, or was sent in the last eight days, is a
   redelivery and gets no new decision (the service's effectively-once processing covers the rest).
 - Checks run in this order, and all of them again when a held action comes due (consent withdrawn or a
-  ticket opened meanwhile stops the send): consent, suppression, approval, quiet hours, caps.
-- Priority: actions due at the same instant (a new proposal, and held ones whose time has come) are
-  decided together, highest first (journey priority, then the action's `rank_by` score, then proposal
-  time and id, so the order is total and a replay gives the same outcome). An action a cap turns away
-  only because a higher one just took the last place is superseded by that journey; one the cap turns
-  away because of earlier sends is capped.
+  ticket opened meanwhile stops the send): validity, consent, suppression, approval, quiet hours, caps.
+- Priority decides over a slot: actions are ranked by journey priority, then the action's `rank_by` score,
+  then proposal time and id (a total order, so a replay gives the same outcome). A cap's room in a period
+  is taken by the sends in that period and held for the deferred actions due in it. An action that finds
+  the room taken only by lower-ranked deferred actions takes it, and those are superseded (deferred to the
+  cap's next period); one that finds it taken by sends or by higher-ranked held actions waits for the next
+  period. Actions due at the same instant (a new proposal, and held ones whose time has come) are decided
+  together, highest first; one turned away because a higher one just took the last place is superseded by
+  that journey. Sent actions are never taken back. Actions awaiting approval hold no room (an approval may
+  never come).
 - A cap is never exceeded: sends are counted per calendar day / week in the person's zone (exempt
   categories are neither capped nor counted).
 - Decisions name rules, caps, purposes and journeys, never profile values.
@@ -41,6 +49,7 @@ from zoneinfo import ZoneInfo
 
 from cdp_lang.values import number
 from cdp_orchestration.domain import clock
+from cdp_orchestration.domain.journey import DROP
 from cdp_orchestration.domain.rules import Cap, Rules
 from cdp_orchestration.domain.view import Event, PersonView
 
@@ -60,8 +69,9 @@ class Kind(StrEnum):
     WITHDRAWN = "withdrawn"
 
 
-# A final decision ends the action's life in the arbiter; the instance moves on when it hears one.
-FINAL = frozenset(Kind) - {Kind.DEFERRED, Kind.AWAITING_APPROVAL}
+# A final decision ends the action's life in the arbiter; the instance moves on when it hears one. A
+# superseded action is held for a later period, so it is not final.
+FINAL = frozenset(Kind) - {Kind.DEFERRED, Kind.AWAITING_APPROVAL, Kind.SUPERSEDED}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,8 @@ class ProposedAction:
     value: float | None = None
     approval: bool = False
     rank_by: str | None = None
+    on_cap: str = "defer"  # or DROP: a full cap ends it ("capped") instead of deferring it
+    expires_at: float | None = None  # the action's own validity: never sent, nor held, after it
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +108,7 @@ class Decision:
     kind: Kind
     reason: str
     at: float
-    until: float | None = None  # deferred: when it is decided again; awaiting approval: when it expires
+    until: float | None = None  # deferred, superseded: when it is decided again; awaiting approval: its expiry
     by: str | None = None  # the cap, rule, purpose or journey the reason names
 
     @property
@@ -249,6 +261,11 @@ def _decision(
     )
 
 
+def _counts(cap: Cap, channel: str) -> bool:
+    """Whether a send on `channel` counts toward `cap`."""
+    return cap.channel is None or cap.channel == channel
+
+
 def _local(at: float, zone: ZoneInfo) -> str:
     """A time as the person lives it, for reasons an operator reads: "2026-12-04 08:00 Europe/Berlin"."""
     return f"{datetime.fromtimestamp(at, zone):%Y-%m-%d %H:%M} {zone.key}"
@@ -265,6 +282,7 @@ class _Session:
         self.zone = clock.zone(view.timezone, rules.timezone)
         self.decisions: list[Decision] = []
         self.winners: list[ProposedAction] = []  # sent in this round, in order
+        self.periods: dict[str, tuple[float, float]] = {}  # "day" / "week" -> the current one (cached)
 
     def run(self, fresh: list[Held]) -> Ruling:
         now = self.now
@@ -293,6 +311,10 @@ class _Session:
     def _decide(self, held: Held) -> None:
         action, now, rules = held.action, self.now, self.rules
         exempt = action.category in rules.exempt_categories
+        if action.expires_at is not None and now > action.expires_at:
+            return self._say(
+                action, Kind.EXPIRED, f"expired: past the action's validity ({self._at(action.expires_at)})"
+            )
         # Consent: the purpose must be granted (unless the category is exempt); the channel not refused.
         if not exempt and self.view.consent("purpose", action.purpose) is not True:
             return self._say(action, Kind.NO_CONSENT, f"no consent for purpose {action.purpose}", by=action.purpose)
@@ -304,34 +326,95 @@ class _Session:
         if not held.approved and self._needs_approval(action):
             expires = now + rules.approval.expires_after
             self.state = replace(self.state, awaiting=(*self.state.awaiting, Held(action, expires)))
-            reason = f"awaiting approval until {_local(expires, self.zone)}"
+            reason = f"awaiting approval until {self._at(expires)}"
             return self._say(action, Kind.AWAITING_APPROVAL, reason, until=expires)
         quiet = rules.quiet_hours
         if quiet is not None and not exempt and quiet.applies(action.channel) and self._quiet(quiet.start, quiet.end):
             until = clock.next_time_of_day(now, *quiet.end, self.zone, inclusive=True)
-            if until > action.proposed_at + rules.max_hold:
-                return self._say(action, Kind.EXPIRED, "expired: quiet hours outlast the longest hold")
-            self.state = replace(self.state, deferred=(*self.state.deferred, replace(held, until=until)))
-            return self._say(
-                action, Kind.DEFERRED, f"deferred until {_local(until, self.zone)} (quiet hours)", until=until
-            )
+            reason = f"deferred until {self._at(until)} (quiet hours)"
+            return self._hold(held, until, Kind.DEFERRED, reason, cause="quiet hours last")
+        taken: list[tuple[Held, Cap]] = []
         if not exempt:
-            for cap in rules.caps:
-                if (cap.channel is None or cap.channel == action.channel) and self._count(cap) >= cap.limit:
-                    winner = self._taker(cap)
-                    if winner is not None:
-                        return self._say(
-                            action,
-                            Kind.SUPERSEDED,
-                            f"superseded by journey {winner.journey_id} (higher priority, same slot, cap {cap.id})",
-                            by=winner.journey_id,
-                        )
-                    return self._say(action, Kind.CAPPED, f"capped by {cap.id} ({cap.limit} per {cap.per})", by=cap.id)
+            full, taken = self._room(held)
+            if full is not None:
+                return self._turn_away(held, *full)
         self.state = replace(
             self.state, sent=(*self.state.sent, Sent(now, "" if exempt else action.channel, action.action_id))
         )
         self.winners.append(action)
-        return self._say(action, Kind.SENT, "sent")
+        self._say(action, Kind.SENT, "sent")
+        for loser, cap in taken:
+            self.state = replace(self.state, deferred=_without(self.state.deferred, loser.action.action_id))
+            self._turn_away(loser, cap, action)
+
+    def _room(self, held: Held) -> tuple[tuple[Cap, ProposedAction | None] | None, list[tuple[Held, Cap]]]:
+        """Whether a cap turns `held` away now: (the cap, the action of this round that took its last place
+        or None), else None and the lower-ranked deferred actions whose places it takes (with the cap)."""
+        action = held.action
+        rank = self._rank(held)
+        turned: list[tuple[float, int, Cap, ProposedAction | None]] = []
+        taken: list[tuple[Held, Cap]] = []
+        for order, cap in enumerate(self.rules.caps):
+            if not _counts(cap, action.channel):
+                continue
+            used = self._count(cap)
+            moved = {loser.action.action_id for loser, _ in taken}
+            holders = sorted(
+                (h for h in self._holders(cap) if h.action.action_id not in moved),
+                key=self._rank,
+            )
+            above = [h for h in holders if self._rank(h) < rank]
+            if used + len(above) >= cap.limit:
+                # Superseded when the room was there before this round's sends took it.
+                winners = [w for w in self.winners if self._counted(w) and _counts(cap, w.channel)]
+                winner = winners[-1] if winners and used - len(winners) + len(above) < cap.limit else None
+                turned.append((self._next_period(cap), -order, cap, winner))
+                continue
+            excess = used + len(holders) + 1 - cap.limit
+            if excess > 0:
+                taken += [(loser, cap) for loser in holders[len(holders) - excess :]]
+        if turned:
+            # Several caps full: wait for the one that frees up last (the first listed among equals).
+            _, _, cap, winner = max(turned, key=lambda t: (t[0], t[1]))
+            return (cap, winner), []
+        return None, taken
+
+    def _turn_away(self, held: Held, cap: Cap, winner: ProposedAction | None) -> None:
+        """A cap has no room for `held`: it waits for the cap's next period, or ends if it opted out."""
+        action = held.action
+        if action.on_cap == DROP:
+            return self._say(action, Kind.CAPPED, f"capped by {cap.id} ({cap.limit} per {cap.per})", by=cap.id)
+        until = self._next_period(cap)
+        cause = f"cap {cap.id} stays full"
+        if winner is None:
+            reason = f"deferred until {self._at(until)} (cap {cap.id} full)"
+            return self._hold(held, until, Kind.DEFERRED, reason, by=cap.id, cause=cause, cause_by=cap.id)
+        reason = f"superseded by journey {winner.journey_id}, deferred until {self._at(until)} (cap {cap.id})"
+        return self._hold(held, until, Kind.SUPERSEDED, reason, by=winner.journey_id, cause=cause, cause_by=cap.id)
+
+    def _hold(
+        self,
+        held: Held,
+        until: float,
+        kind: Kind,
+        reason: str,
+        *,
+        cause: str,
+        by: str | None = None,
+        cause_by: str | None = None,
+    ) -> None:
+        """Defer `held` to `until`, or expire it when that is past its validity."""
+        action = held.action
+        limit, what = action.proposed_at + self.rules.max_hold, "the longest hold"
+        if action.expires_at is not None and action.expires_at < limit:
+            limit, what = action.expires_at, f"the action's validity ({self._at(action.expires_at)})"
+        if until > limit:
+            return self._say(action, Kind.EXPIRED, f"expired: {cause} past {what}", by=cause_by)
+        self.state = replace(self.state, deferred=(*self.state.deferred, replace(held, until=until)))
+        self._say(action, kind, reason, until=until, by=by)
+
+    def _at(self, at: float) -> str:
+        return _local(at, self.zone)
 
     def _say(
         self, action: ProposedAction, kind: Kind, reason: str, *, until: float | None = None, by: str | None = None
@@ -354,24 +437,36 @@ class _Session:
         first, last = start[0] * 60 + start[1], end[0] * 60 + end[1]
         return first <= minute < last if first < last else minute >= first or minute < last
 
-    def _period_start(self, cap: Cap) -> float:
-        return clock.day_start(self.now, self.zone) if cap.per == "day" else clock.week_start(self.now, self.zone)
+    def _period(self, cap: Cap) -> tuple[float, float]:
+        """The cap's current period in the person's zone: [start, start of the next)."""
+        period = self.periods.get(cap.per)
+        if period is None:
+            if cap.per == "day":
+                period = (clock.day_start(self.now, self.zone), clock.next_day_start(self.now, self.zone))
+            else:
+                period = (clock.week_start(self.now, self.zone), clock.next_week_start(self.now, self.zone))
+            self.periods[cap.per] = period
+        return period
+
+    def _next_period(self, cap: Cap) -> float:
+        return self._period(cap)[1]
+
+    def _counted(self, action: ProposedAction) -> bool:
+        return action.category not in self.rules.exempt_categories
 
     def _count(self, cap: Cap) -> int:
-        start = self._period_start(cap)
+        start = self._period(cap)[0]
         # Exempt sends are kept (so a redelivery is recognised) with no channel, and count toward no cap.
-        return sum(
-            1
-            for s in self.state.sent
-            if s.channel and s.at >= start and (cap.channel is None or s.channel == cap.channel)
-        )
+        return sum(1 for s in self.state.sent if s.channel and s.at >= start and _counts(cap, s.channel))
 
-    def _taker(self, cap: Cap) -> ProposedAction | None:
-        """The higher-priority action sent in this round that took the cap's last place, if one did."""
-        for winner in reversed(self.winners):
-            if winner.category not in self.rules.exempt_categories and cap.channel in (None, winner.channel):
-                return winner
-        return None
+    def _holders(self, cap: Cap) -> list[Held]:
+        """Deferred actions due within the cap's current period: the room they will want is theirs for now."""
+        start, end = self._period(cap)
+        return [
+            h
+            for h in self.state.deferred
+            if start <= h.until < end and self._counted(h.action) and _counts(cap, h.action.channel)
+        ]
 
     def _prune(self) -> None:
         # A week cap looks back at most to last Monday 00:00 local: eight days covers every zone and DST.

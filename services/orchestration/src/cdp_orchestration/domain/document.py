@@ -14,7 +14,8 @@
        {"id": "wait", "type": "delay", "duration": "1h", "next": "remind"},       # or "until": "09:00"
        {"id": "remind", "type": "action", "channel": "email", "purpose": "Marketing", "category": "reminder",
         "template": {"subject": "{{ traits.first_name }}, your cart", "body": "..."},
-        "value": 20, "approval": false, "rank_by": "scores.conversion", "next": "check"},
+        "value": 20, "approval": false, "rank_by": "scores.conversion",
+        "on_cap": "defer", "expires_after": "2d", "next": "check"},   # on_cap "drop": a full cap ends it
        {"id": "check", "type": "wait", "event": "Order Completed", "timeout": "2d",
         "next": "done", "timeout_next": "split"},                               # or "condition": "..."
        {"id": "branch", "type": "branch", "branches": [{"if": "scores.churn_risk > 0.8", "next": "x"}],
@@ -55,6 +56,7 @@ from cdp_orchestration.domain.conditions import EventFilter, ProfileCondition, e
 from cdp_orchestration.domain.journey import (
     CHANNELS,
     NODE_TYPES,
+    ON_CAP,
     Action,
     ApiEntry,
     Branch,
@@ -503,6 +505,7 @@ class _Reader:
 
     def action(self, node_id: str, item: Mapping[str, Any], at: str, target: str | None) -> Action | None:
         keys = ("id", "type", "next", "channel", "template", "category", "purpose", "value", "approval", "rank_by")
+        keys += ("on_cap", "expires_after")
         self.known_keys(item, keys, at, node_id)
         ok = True
         channel = item.get("channel")
@@ -541,6 +544,19 @@ class _Reader:
             ok = False
         elif rank_by is not None and self.catalogue.unknown_fields(frozenset([rank_by])):
             self.problem(node_id, f"{at}.rank_by", f"{rank_by} is not a known profile field")
+        on_cap = item.get("on_cap", "defer")
+        if on_cap not in ON_CAP:
+            self.problem(
+                node_id,
+                f"{at}.on_cap",
+                f"{on_cap!r} must be 'defer' (a full frequency cap holds it to the cap's next period) "
+                "or 'drop' (a full cap ends it)",
+            )
+            ok = False
+        expires_after = None
+        if "expires_after" in item:
+            expires_after = self.attempt(node_id, lambda: parse_duration(item["expires_after"], f"{at}.expires_after"))
+            ok = ok and expires_after is not None
         if not ok or template is None:
             return None
         return Action(
@@ -553,6 +569,8 @@ class _Reader:
             value=float(value) if value is not None else None,
             approval=approval,
             rank_by=rank_by,
+            on_cap=on_cap,
+            expires_after=expires_after,
         )
 
     # --- the graph as a whole ---

@@ -508,6 +508,8 @@ class _Run:
             value=node.value,
             approval=node.approval,
             rank_by=node.rank_by,
+            on_cap=node.on_cap,
+            expires_at=self.now + node.expires_after if node.expires_after is not None else None,
         )
         self.set(pending=(*instance.pending, proposed.action_id))
         self.record(node.id, f"action:{proposed.action_id}")

@@ -21,6 +21,9 @@ from cdp_orchestration.domain.templates import Template
 CHANNELS = ("email", "sms", "push", "webpush", "webhook", "inapp", "crm")
 REENTRY = ("never", "cooldown", "always")
 NODE_TYPES = ("delay", "wait", "branch", "split", "action", "exit")
+# What an action does when a frequency cap turns it away: wait for the cap's next period, or end ("capped").
+DROP = "drop"
+ON_CAP = ("defer", DROP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ class Action:
     value: float | None = None  # what the action is worth or gives away (a discount); approval gates read it
     approval: bool = False  # always needs approval, whatever the value
     rank_by: str | None = None  # a score field ranking this action among equal-priority ones
+    on_cap: str = "defer"  # one of ON_CAP
+    expires_after: float | None = None  # how long after it is proposed the action is still worth sending
 
 
 @dataclass(frozen=True, slots=True)
