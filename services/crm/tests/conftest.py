@@ -96,10 +96,16 @@ class World:
         return hubspot_document(self.emulator.base_url, **limits)
 
     async def start(
-        self, document: dict[str, Any] | None = None, *, retry_for: float = 5.0, **limits: Any
+        self,
+        document: dict[str, Any] | None = None,
+        *,
+        retry_for: float = 5.0,
+        env: dict[str, str] | None = None,
+        **limits: Any,
     ) -> PartitionedEngine:
         connections = parse_connections(document or hubspot_document(self.emulator.base_url, **limits))
-        adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN}, timeout=2.0)
+        self.connections = connections
+        adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=2.0)
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for)

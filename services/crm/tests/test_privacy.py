@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from cdp.crm.v1 import crm_pb2
 from cdp.privacy.v1 import privacy_pb2
+from cdp_crm.api import CrmApi
+from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm.privacy import Privacy, consumer_spec
-from cdp_crm.state import PERSONS, PRIVACY, RECORDS
+from cdp_crm.state import ANONYMISED, DELETED, PERSONS, PRIVACY, RECORDS
+from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 from cdp_kit.bus import OutMessage, privacy_stream, subjects
 
 
@@ -45,6 +53,142 @@ async def test_a_deleted_person_is_anonymised_in_hubspot_and_the_erasure_recorde
         assert kept["email"] == "bo@example.com"  # nobody else touched
         done = (await world.store.get(PRIVACY, "req-1")).doc
         assert done["connections"] == {"hs": {"anonymised": 1, "removed": 0}}
-        assert await world.store.find(RECORDS, "person_id", "person-1") == []
+        # The record's document is now the record of its erasure: no match key, no value.
+        (erased,) = await world.store.find(RECORDS, "person_id", "person-1")
+        assert erased.doc["state"] == ANONYMISED and erased.doc["key"] == [] and erased.doc["fields"] == {}
         assert await world.store.get(PERSONS, "person-1") is None
         assert len(emulator.records("contacts")) == 2  # anonymised, not duplicated
+
+
+def _four_crms(hubspot, salesforce, dynamics, zoho) -> dict:
+    """One connection per CRM, each with the `delete` policy."""
+    person = {"cdp_id": "person.id"}
+    return {
+        "connections": [
+            {
+                "id": "hs", "kind": "hubspot", "url": hubspot.base_url, "on_delete": "delete",
+                "credentials": {"token": "HUBSPOT_TOKEN"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": person,
+                     "fields": {"email": "traits.email", "firstname": "traits.first_name"}},
+                    {"id": "success-task", "object": "tasks", "action": "task",
+                     "idempotency_field": "cdp_idempotency_key", "about": {"mapping": "contacts"},
+                     "fields": {"hs_task_subject": "action.subject"}},
+                ],
+            },
+            {
+                "id": "sf", "kind": "salesforce", "url": salesforce.base_url, "on_delete": "delete",
+                "credentials": {"client_id": "SF_ID", "client_secret": "SF_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contact", "match": {"CDP_Id__c": "person.id"},
+                     "fields": {"Email": "traits.email", "LastName": "traits.last_name"}},
+                ],
+            },
+            {
+                "id": "dyn", "kind": "dynamics", "url": dynamics.base_url, "auth_url": dynamics.base_url,
+                "on_delete": "delete",
+                "credentials": {"tenant_id": "DYN_TENANT", "client_id": "DYN_ID", "client_secret": "DYN_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": person,
+                     "fields": {"emailaddress1": "traits.email", "lastname": "traits.last_name"}},
+                ],
+            },
+            {
+                "id": "zoho", "kind": "zoho", "url": zoho.base_url, "on_delete": "delete",
+                "credentials": {"client_id": "ZOHO_ID", "client_secret": "ZOHO_SECRET", "refresh_token": "ZOHO_REFRESH"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contacts", "match": {"CDP_Id": "person.id"},
+                     "fields": {"Email": "traits.email", "Last_Name": "traits.last_name"}},
+                ],
+            },
+        ]
+    }  # fmt: skip
+
+
+def _env(salesforce, dynamics, zoho) -> dict[str, str]:
+    return {
+        "SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret,
+        "DYN_TENANT": dynamics.tenant, "DYN_ID": dynamics.client_id, "DYN_SECRET": dynamics.client_secret,
+        "ZOHO_ID": zoho.client_id, "ZOHO_SECRET": zoho.client_secret, "ZOHO_REFRESH": "1000.local-refresh-token",
+    }  # fmt: skip
+
+
+async def test_the_delete_policy_deletes_the_persons_records_in_every_crm_once(world_factory):
+    async with (
+        HubSpotEmulator() as hubspot,
+        SalesforceEmulator() as salesforce,
+        DynamicsEmulator() as dynamics,
+        ZohoEmulator() as zoho,
+    ):
+        world = await world_factory(hubspot)
+        await world.start(_four_crms(hubspot, salesforce, dynamics, zoho), env=_env(salesforce, dynamics, zoho))
+        ada = {"traits.email": "ada@example.com", "traits.first_name": "Ada", "traits.last_name": "Lovelace"}
+        bo = {"traits.email": "bo@example.com", "traits.first_name": "Bo", "traits.last_name": "Diddley"}
+        await world.profiles({"person-1": ada, "person-2": bo})
+        await world.action("person-1", "act-1", "Call Ada")
+        crms = {
+            "hs": lambda: hubspot.records("contacts"),
+            "sf": lambda: salesforce.records("Contact"),
+            "dyn": lambda: dynamics.records("contacts"),
+            "zoho": lambda: zoho.records("Contacts"),
+        }
+        await world.eventually(
+            lambda: all(len(records()) == 2 for records in crms.values()) and hubspot.records("tasks")
+        )
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, retry_for=0.5, settled=world.logic.settled,
+            partitions=world.partitions, policies={c.id: c.on_delete for c in world.connections},
+        )  # fmt: skip
+        zoho.faults.fail_next(100, status=503)  # Zoho is down: the others are done, the request comes again
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        assert await privacy.erase(request) is False
+        assert hubspot.find("contacts", "cdp_id", "person-1") is None
+        assert await world.store.get(PRIVACY, "req-1") is None
+        zoho.faults.clear()
+        hubspot_calls = len(hubspot.requests)
+        assert await privacy.erase(request) is True
+        assert len(hubspot.requests) == hubspot_calls  # the retry called only the CRM that was left
+
+        assert [r["properties"]["cdp_id"] for r in hubspot.records("contacts")] == ["person-2"]
+        assert hubspot.records("tasks") == []  # the person's task went too
+        assert [r["CDP_Id__c"] for r in salesforce.records("Contact")] == ["person-2"]
+        assert [r["cdp_id"] for r in dynamics.records("contacts")] == ["person-2"]
+        assert [r["CDP_Id"] for r in zoho.records("Contacts")] == ["person-2"]
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        assert done["policies"] == {"hs": "delete", "sf": "delete", "dyn": "delete", "zoho": "delete"}
+        assert done["connections"] == {
+            "hs": {"deleted": 2, "removed": 0},
+            "sf": {"deleted": 1, "removed": 0},
+            "dyn": {"deleted": 1, "removed": 0},
+            "zoho": {"deleted": 1, "removed": 0},
+        }
+        # What was done stays visible per record (GetRecordStatus, `cdpctl crm record`), without the match key.
+        erased = await world.store.find(RECORDS, "person_id", "person-1")
+        assert len(erased) == 5 and all(r.doc["state"] == DELETED and r.doc["key"] == [] for r in erased)
+        api = CrmApi(
+            store=world.store, connections=world.connections, deliverer=world.logic.deliverer, budgets={}, runs=None
+        )
+        status = await api.GetRecordStatus(crm_pb2.GetRecordStatusRequest(person_id="person-1"), None)
+        assert {r.state for r in status.records} == {crm_pb2.RECORD_STATE_DELETED}
+        assert await world.store.get(PERSONS, "person-1") is None
+
+        calls = sum(len(e.requests) for e in (hubspot, salesforce, dynamics, zoho))
+        again = privacy_pb2.PrivacyDeleted(request_id="req-2", person_id="person-1")
+        assert await privacy.erase(again) is True  # a second request for the same person: nothing left to call
+        assert sum(len(e.requests) for e in (hubspot, salesforce, dynamics, zoho)) == calls
+        await world.profiles({"person-2": {"traits.first_name": "Bob"}})  # the others still sync
+        await world.eventually(
+            lambda: hubspot.find("contacts", "cdp_id", "person-2")["properties"]["firstname"] == "Bob"
+        )
+
+
+def test_an_unknown_on_delete_policy_fails_start_up_naming_the_field():
+    hubspot = HubSpotEmulator()  # not started: only its document is read
+    document = _four_crms(hubspot, SalesforceEmulator(), DynamicsEmulator(), ZohoEmulator())
+    document["connections"] = document["connections"][:1]
+    document["connections"][0]["on_delete"] = "shred"
+    with pytest.raises(MappingInvalid) as raised:
+        parse_connections(document)
+    assert [p.path for p in raised.value.problems] == ["hs.on_delete"]
+    assert "anonymise, delete" in str(raised.value.problems[0])

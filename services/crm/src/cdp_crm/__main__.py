@@ -133,6 +133,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         retry_for=settings.retry_for,
         settled=logic.settled,
         partitions=settings.partitions,
+        policies={c.id: c.on_delete or settings.privacy_policy for c in connections},
     )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
 

@@ -66,6 +66,8 @@ RECORD_STATES = {
     "pending": crm_pb2.RECORD_STATE_PENDING,
     "dead_lettered": crm_pb2.RECORD_STATE_DEAD_LETTERED,
     "out_of_scope": crm_pb2.RECORD_STATE_OUT_OF_SCOPE,
+    "anonymised": crm_pb2.RECORD_STATE_ANONYMISED,
+    "deleted": crm_pb2.RECORD_STATE_DELETED,
 }
 PAGE_MAX = 1000
 

@@ -40,7 +40,8 @@ def open_adapter(
         return SalesforceAdapter(session, timeout=timeout, **given, **({"login_url": url} if url else {}))
     if connection.kind == "dynamics":
         assert url is not None  # the document requires it
-        return DynamicsAdapter(session, url=url, timeout=timeout, **given)
+        authority = {"authority": connection.auth_url} if connection.auth_url else {}
+        return DynamicsAdapter(session, url=url, timeout=timeout, **given, **authority)
     return ZohoAdapter(session, timeout=timeout, **given, **({"accounts_url": url} if url else {}))
 
 

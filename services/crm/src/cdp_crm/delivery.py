@@ -149,7 +149,7 @@ class Deliverer:
         """One request within the budget; False when the budget will not allow it before `deadline`."""
         adapter = self.adapters[mapping.connection]
         budget = self.budgets[mapping.connection]
-        cost = adapter.cost(mapping, len(batch))
+        cost = adapter.cost(mapping, len(batch), op=batch[0].op)
         if delivered.requests and self.clock() > deadline:
             return False
         if not await budget.acquire(cost, self.clock, deadline):

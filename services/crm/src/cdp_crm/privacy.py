@@ -1,15 +1,24 @@
-"""`privacy.deleted`: the person's records anonymised in every connected CRM, and a record that it was done.
+"""`privacy.deleted`: the person's records anonymised or deleted in every connected CRM, and a record of it.
 
-Policy `anonymise` (the only one so far): every record the connector wrote for the person (and for the
-persons merged into them) is sent again with each mapped field cleared, list memberships are removed and
-tasks or cases lose their mapped text; the records stay in the CRM under their opaque CDP id, carrying no
-personal data the CDP put there. Then the connector forgets the person: its view, record states, queued
-changes and dead letters are deleted, and `crm_privacy/<request id>` records what was done per
-connection (counts and when - never an identifier value).
+Each connection's policy (`on_delete` in the connections document, else CDP_CRM_PRIVACY_POLICY) decides:
+
+- `anonymise`: every record the connector wrote for the person (and for the persons merged into them) is
+  sent again with each mapped field cleared, tasks and cases lose their mapped text; the records stay in
+  the CRM under their opaque CDP id, carrying no personal data the CDP put there.
+- `delete`: the records, tasks and cases are deleted through the CRM's own delete (Salesforce sObject
+  Collections DELETE, HubSpot batch archive, Dataverse DELETE by alternate key, Zoho DELETE records); a
+  record already gone counts as deleted.
+
+Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
+erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
+`GetRecordStatus` (`cdpctl crm record`) shows what was done; the person's view, queued changes and dead
+letters are deleted, and `crm_privacy/<request id>` records the policy and counts per connection (never
+an identifier value).
 
 One durable consumer (`crm-privacy`) shared by the replicas, so each request is handled once. A CRM that
 cannot take the changes yet makes the request come again later (redelivered with back-off) rather than
-being recorded as done; a request already recorded is acknowledged without calling any CRM again.
+being recorded as done; what other CRMs already did is kept (their records are marked erased), so the
+retry only calls the CRM that is left. A request already recorded is acknowledged without calling any CRM.
 """
 
 from __future__ import annotations
@@ -17,14 +26,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
-from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.mapping import ObjectMapping
-from cdp_crm.state import DEAD_LETTERS, PENDING, PERSONS, PRIVACY, RECORDS
+from cdp_crm.state import ANONYMISED, DEAD_LETTERED, DEAD_LETTERS, DELETED, ERASED, PENDING, PERSONS, PRIVACY, RECORDS
 from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
 
@@ -58,7 +67,11 @@ class Privacy:
         clock: Callable[[], float] = time.time,
         settled: Callable[[int], AbstractAsyncContextManager] | None = None,
         partitions: int = 1,
+        policies: Mapping[str, str] | None = None,
+        default_policy: str = "anonymise",
     ) -> None:
+        self.policies = dict(policies or {})  # connection -> anonymise | delete
+        self.default_policy = default_policy
         self.settled = settled  # CrmLogic.settled: an erasure never interleaves with a batch
         self.partitions = partitions
         self.store = store
@@ -87,51 +100,116 @@ class Privacy:
         async with self.settled(partition_for(request.person_id, self.partitions)):
             return await self._erase(request)
 
+    def policy(self, connection: str) -> str:
+        return self.policies.get(connection, self.default_policy)
+
     async def _erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         key = request.request_id or f"person-{request.person_id}"
         if await self.store.get(PRIVACY, key) is not None:
             return True
         persons = [request.person_id, *request.merged_person_ids]
         records = [r for pid in persons for r in await self.store.find(RECORDS, "person_id", pid, limit=10_000)]
+        now = self.clock()
+        done: dict[str, dict[str, int]] = defaultdict(dict)
+        ops: list = []
         by_mapping: dict[str, list[Change]] = defaultdict(list)
+        docs: dict[str, dict] = {}
         for record in records:
             doc = record.doc
-            mapping = self.mappings.get(f"{doc['connection']}/{doc['mapping']}")
+            connection = doc["connection"]
+            if doc.get("state") in ERASED:  # done by an earlier attempt of this request (or another one)
+                _count(done, connection, self.policy(connection), doc)
+                continue
+            mapping = self.mappings.get(f"{connection}/{doc['mapping']}")
             if mapping is None:
                 continue  # a mapping no longer configured: nothing to address it by
-            change = erasure(mapping, record.key, doc)
-            if change is not None:
-                by_mapping[mapping.name].append(change)
-        done: dict[str, dict[str, int]] = defaultdict(lambda: {"anonymised": 0, "removed": 0})
-        for name, changes in by_mapping.items():
+            docs[record.key] = doc
+            change = erasure(mapping, record.key, doc, self.policy(connection))
+            if change is None:  # nothing the CRM holds for it (a list it is not a member of)
+                ops.append(Put(RECORDS, record.key, erased(doc, self.policy(connection), key, now)))
+                continue
+            by_mapping[mapping.name].append(change)
+        complete = True
+        # Memberships go first (a list member must still exist to be removed), then tasks and cases, then
+        # the records they are about.
+        for name in sorted(by_mapping, key=lambda n: ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
-            delivered = await self.deliverer.deliver(mapping, changes, retry_for=self.retry_for)
+            policy = self.policy(mapping.connection)
+            delivered = await self.deliverer.deliver(mapping, by_mapping[name], retry_for=self.retry_for)
             if delivered.pending:
                 log.warning(
                     "crm erasure waits for the crm",
                     extra={"connection": mapping.connection, "pending": len(delivered.pending)},
                 )
-                return False
-            for change, _ in delivered.synced:
-                done[mapping.connection]["removed" if change.op == REMOVE else "anonymised"] += 1
+                complete = False
+            for change, result in delivered.synced:
+                doc = {**docs[change.record], "crm_id": result.crm_id or docs[change.record].get("crm_id")}
+                tombstone = erased(doc, policy, key, now, removed=change.op == REMOVE)
+                _count(done, mapping.connection, policy, tombstone)
+                ops.append(Put(RECORDS, change.record, tombstone))
+                ops += [Delete(PENDING, change.record), Delete(DEAD_LETTERS, change.record)]
             for dead in delivered.dead:
+                # Refused: the record keeps its document, marked, so a new request (after a fix) tries again.
                 log.warning("crm erasure refused for a record", extra=dead.log_fields())
                 done[mapping.connection]["refused"] = done[mapping.connection].get("refused", 0) + 1
-        ops = [Delete(RECORDS, r.key) for r in records]
+                ops.append(Put(RECORDS, dead.record, {**docs[dead.record], "state": DEAD_LETTERED,
+                                                       "reason": dead.reason, "crm_code": dead.crm_code}))  # fmt: skip
+        if not complete:
+            await self.store.bulk_write(ops)  # what is done stays done: the retry calls only what is left
+            return False
         ops += [Delete(PENDING, r.key) for r in records] + [Delete(DEAD_LETTERS, r.key) for r in records]
         ops += [Delete(PERSONS, pid) for pid in persons]
-        ops.append(Put(PRIVACY, key, {"policy": "anonymise", "at": self.clock(), "connections": dict(done)}))
+        policies = {c: self.policy(c) for c in done}
+        ops.append(
+            Put(
+                PRIVACY,
+                key,
+                {
+                    "policy": ",".join(sorted(set(policies.values()))) or self.default_policy,
+                    "policies": policies,
+                    "at": now,
+                    "connections": dict(done),
+                },
+            )
+        )
         await self.store.bulk_write(ops)
         log.info("crm erasure done", extra={"records": len(records), "connections": len(done)})
         return True
 
 
-def erasure(mapping: ObjectMapping, record: str, doc: dict) -> Change | None:
+ORDER = {"list": 0, "action": 1, "record": 2}
+
+
+def _count(done: dict[str, dict[str, int]], connection: str, policy: str, tombstone: dict) -> None:
+    counters = done[connection]
+    if not counters:
+        counters.update({"deleted": 0} if policy == "delete" else {"anonymised": 0})
+        counters["removed"] = 0
+    name = "removed" if tombstone.get("removed") else tombstone["state"]
+    counters[name] = counters.get(name, 0) + 1
+
+
+def erased(doc: dict, policy: str, request: str, now: float, *, removed: bool = False) -> dict:
+    """A record's document once erased: what was done and when, the CRM id; no match key, no value."""
+    return {
+        "connection": doc["connection"], "mapping": doc["mapping"], "object": doc["object"],
+        "person_id": doc.get("person_id", ""), "key": [], "fields": {}, "member": None,
+        "state": DELETED if policy == "delete" else ANONYMISED, "removed": removed,
+        "crm_id": doc.get("crm_id"), "synced_at": doc.get("synced_at", 0.0), "synced_stamp": 0,
+        "erased_at": now, "request": request, "updated_at": now,
+    }  # fmt: skip
+
+
+def erasure(mapping: ObjectMapping, record: str, doc: dict, policy: str = "anonymise") -> Change | None:
     key = tuple((k, v) for k, v in doc["key"])
+    if not key:
+        return None
     if mapping.kind == "list":
         if not doc.get("member"):
             return None
         return Change(mapping.name, key, {}, DONE_STAMP, REMOVE, doc.get("person_id", ""), "privacy")
+    if policy == "delete":
+        return Change(mapping.name, key, {}, DONE_STAMP, DELETE, doc.get("person_id", ""), "privacy")
     fields = {fm.crm_field: None for fm in mapping.fields if fm.source is not None}
     if not fields:
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
-PRIVACY_POLICIES = ("anonymise",)
+PRIVACY_POLICIES = ("anonymise", "delete")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,8 +63,9 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
     privacy_policy: str = env(
         "CDP_CRM_PRIVACY_POLICY",
         "anonymise",
-        help="what privacy.deleted does in each CRM: anonymise (every mapped field cleared, list memberships "
-        "removed, the record kept under its opaque CDP id)",
+        help="what privacy.deleted does in a CRM whose connection sets no on_delete: anonymise (every mapped "
+        "field cleared, list memberships removed, the record kept under its opaque CDP id) or delete (the "
+        "records, tasks and cases deleted from the CRM)",
     )
     retention_days: float = env("CDP_CRM_RETENTION_DAYS", 7.0, help="days the CRM input stream keeps messages")
 

@@ -6,7 +6,8 @@
   redelivered change is applied on it again. Deleted by a privacy erasure.
 - `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
   the mapping and match key): the fields it last intended the CRM to hold, the CRM id, the state
-  (synced, pending, dead_lettered, out_of_scope), the person (indexed: privacy and GetRecordStatus).
+  (synced, pending, dead_lettered, out_of_scope; after a privacy erasure anonymised or deleted, with the
+  match key and values dropped), the person (indexed: privacy and GetRecordStatus).
 - `crm_pending` / <record key>: a change the CRM did not take yet (throttled, down, answer lost past the
   batch's retry time): durably queued with the batch, so the stream message can be acknowledged; its
   partition's owner sends it again (`engine.CrmLogic.retry_pending`).
@@ -15,7 +16,7 @@
 - `crm_budgets` / <account>: `budget.Budget.to_state()`, read and written under compare-and-set by every
   replica and sync (budgets.py).
 - `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes.
-- `crm_privacy` / <request id>: what a privacy deletion did in each CRM (counts, when), never values.
+- `crm_privacy` / <request id>: what a privacy deletion did in each CRM (policy, counts, when), never values.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ SYNCED = "synced"
 PENDING_STATE = "pending"
 DEAD_LETTERED = "dead_lettered"
 OUT_OF_SCOPE = "out_of_scope"
+# After a privacy erasure: what became of the record in the CRM (privacy.py). The document stays as the
+# record that it was done, without the match key or any field value.
+ANONYMISED = "anonymised"
+DELETED = "deleted"
+ERASED = (ANONYMISED, DELETED)
 
 
 async def prepare_store(store: Store) -> None:

@@ -240,6 +240,8 @@ class SalesforceEmulator(Emulator):
             return self._query(parts[1:], query, headers, version)
         if head == "composite" and len(parts) == 1 and method == "POST":
             return await self._composite(payload or {}, version)
+        if head == "composite" and parts[1:] == ["sobjects"] and method == "DELETE":
+            return self._collection_delete(query)
         if head == "composite" and len(parts) >= 2 and parts[1] == "sobjects":
             return self._collections(method, parts[2:], payload or {})
         if parts[:2] == ["jobs", "ingest"]:
@@ -393,6 +395,29 @@ class SalesforceEmulator(Emulator):
             self.org.store.restore(before)
             return [r if not r["success"] else _rolled_back() for r in results]
         return results
+
+    def _collection_delete(self, query: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        """``DELETE composite/sobjects?ids=<Id>,<Id>&allOrNone=false``: per Id ``{id, success, errors}``; an Id
+        no record has is ``ENTITY_IS_DELETED`` (Salesforce answers so for a deleted record as well)."""
+        ids = [i for i in query.get("ids", "").split(",") if i]
+        if not ids:
+            return 400, _error_list("MISSING_ARGUMENT", "ids: must be a comma-separated list of Ids"), {}
+        if len(ids) > COLLECTION_LIMIT:
+            return 400, _error_list("EXCEEDED_ID_LIMIT", f"cannot delete more than {COLLECTION_LIMIT} records"), {}
+        all_or_none = query.get("allOrNone", "false").lower() == "true"
+        before = self.org.store.copy_state() if all_or_none else None
+        results: list[dict[str, Any]] = []
+        for record_id in ids:
+            obj = next((o for o, table in self.org.store.objects.items() if record_id in table), None)
+            if obj is None:
+                results.append({"id": record_id, **_failure(error("ENTITY_IS_DELETED", "entity is deleted"))})
+                continue
+            self.org.store.delete(obj, record_id)
+            results.append({"id": record_id, "success": True, "errors": []})
+        if before is not None and not all(r["success"] for r in results):
+            self.org.store.restore(before)
+            return 200, [r if not r["success"] else {"id": r["id"], **_rolled_back()} for r in results], {}
+        return 200, results, {}
 
     def _collection_create(self, records: list[dict[str, Any]], all_or_none: bool) -> list[dict[str, Any]]:
         before = self.org.store.copy_state() if all_or_none else None

@@ -7,7 +7,8 @@ Writes: one ``POST /api/data/v9.2/$batch`` per call (service protection counts i
 record in its own change set holding ``PATCH <set>(<key>='<value>')`` - an upsert by the alternate key,
 so a retry after a lost answer updates the same row. A change set is all or nothing, so one change set per
 record keeps one record's refusal from rolling back the others; its ``Content-ID`` maps the answer back.
-update_only adds ``If-Match: *`` (404 when the row does not exist). ``Prefer: return=representation``
+update_only adds ``If-Match: *`` (404 when the row does not exist). Privacy deletes are
+``DELETE <set>(<key>='<value>')`` in the same change sets; a 404 means the row is already gone. ``Prefer: return=representation``
 tells a created row (201) from an updated one (200).
 
 Limits: service protection answers 429 with ``Retry-After`` (error 0x80072322); answers may carry
@@ -26,7 +27,7 @@ import aiohttp
 import orjson
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import DELETE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
     DUPLICATE,
@@ -76,7 +77,7 @@ class DynamicsAdapter:
     async def close(self) -> None:
         pass  # the session is the caller's
 
-    def cost(self, mapping: ObjectMapping, n: int) -> int:
+    def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
         return 1
 
     async def describe(self, objects: list[str]) -> None:
@@ -153,7 +154,9 @@ class DynamicsAdapter:
             if not content_id.isdigit() or not 0 < int(content_id) <= len(changes):
                 continue
             change = changes[int(content_id) - 1]
-            if status < 300:
+            if change.op == DELETE and (status < 300 or status == 404):
+                results[change.record] = RecordResult(change.record, True, None, False)  # 404: already gone
+            elif status < 300:
                 entity = headers.get("odata-entityid", "")
                 crm_id = entity.rsplit("(", 1)[-1].rstrip(")") if "(" in entity else None
                 results[change.record] = RecordResult(change.record, True, crm_id, status == 201)
@@ -185,7 +188,10 @@ def _batch_body(url: str, mapping: ObjectMapping, changes: list[Change], boundar
     for n, change in enumerate(changes, start=1):
         changeset = f"changeset_{uuid.uuid4().hex}"
         headers = ["Content-Type: application/json", "Prefer: return=representation"]
-        if mapping.mode == "update_only":
+        method, payload = "PATCH", orjson.dumps({**change.fields, **_link(change)}).decode()
+        if change.op == DELETE:
+            headers, method, payload = [], "DELETE", ""
+        elif mapping.mode == "update_only":
             headers.append("If-Match: *")
         operation = "\r\n".join(
             [
@@ -194,10 +200,10 @@ def _batch_body(url: str, mapping: ObjectMapping, changes: list[Change], boundar
                 "Content-Transfer-Encoding: binary",
                 f"Content-ID: {n}",
                 "",
-                f"PATCH {url}{API}/{mapping.object}({_key_segment(change.key)}) HTTP/1.1",
+                f"{method} {url}{API}/{mapping.object}({_key_segment(change.key)}) HTTP/1.1",
                 *headers,
                 "",
-                orjson.dumps({**change.fields, **_link(change)}).decode(),
+                payload,
                 f"--{changeset}--",
             ]
         )

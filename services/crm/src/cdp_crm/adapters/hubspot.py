@@ -14,7 +14,8 @@ budget observes.
 update_only: the existing records are read first (``batch/read`` by the match field), only those are
 upserted, the others come back NOT_FOUND: two requests. Lists: the mapping's ``list`` is the HubSpot list
 id (a MANUAL list); members are found by the match field and added or removed with one
-``memberships/add-and-remove`` call: two requests.
+``memberships/add-and-remove`` call: two requests. Privacy deletes: ``batch/read`` by the match field, then
+``batch/archive`` with HubSpot's ids: two requests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import REMOVE, Change
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     DUPLICATE,
     INVALID_VALUE,
@@ -58,7 +59,9 @@ class HubSpotAdapter:
     async def close(self) -> None:
         pass  # the session is the caller's
 
-    def cost(self, mapping: ObjectMapping, n: int) -> int:
+    def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
+        if op == DELETE:
+            return 2  # read the records' ids by the match key, then one batch archive
         if mapping.about is not None:
             return 2 + n  # upsert, read the linked records, one association each
         return 2 if mapping.kind == "list" or mapping.mode == "update_only" else 1
@@ -96,6 +99,8 @@ class HubSpotAdapter:
         assert len(changes) <= BATCH_LIMIT, "the engine batches by batch_limit"
         if mapping.kind == "list":
             return await self._membership(mapping, changes)
+        if changes[0].op == DELETE:
+            return await self._archive(mapping, changes)
         if mapping.mode == "update_only":
             return await self._update_only(mapping, changes)
         return await self._upsert(mapping, changes)
@@ -202,6 +207,33 @@ class HubSpotAdapter:
         if written.error is not None:
             return written
         return BatchOutcome({**missing, **written.results}, None, written.headers)
+
+    async def _archive(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """Privacy delete: ``batch/read`` by the match key for HubSpot's ids, then ``batch/archive`` (204).
+        A record HubSpot does not have (never written, or archived already) counts as deleted."""
+        id_property = _key_field(changes[0])
+        body = {
+            "idProperty": id_property,
+            "inputs": [{"id": _key_value(c)} for c in changes],
+            "properties": [id_property],
+        }
+        answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/read", body, mapping.object)
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        hs_ids = {
+            str((r.get("properties") or {}).get(id_property, "")).lower(): str(r["id"])
+            for r in answer.body.get("results", [])
+        }
+        results = {c.record: RecordResult(c.record, True, hs_ids.get(_key_value(c)), False) for c in changes}
+        found = [hs_ids[_key_value(c)] for c in changes if _key_value(c) in hs_ids]
+        if not found:
+            return BatchOutcome(results, None, answer.headers)
+        archived = await self._call(
+            "POST", f"/crm/v3/objects/{mapping.object}/batch/archive", {"inputs": [{"id": i} for i in found]}, "archive"
+        )
+        if (error := _failure(archived)) is not None:
+            return BatchOutcome.failed(error, {**answer.headers, **archived.headers})
+        return BatchOutcome(results, None, {**answer.headers, **archived.headers})
 
     async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         id_property = _key_field(changes[0])

@@ -11,6 +11,9 @@ order, ``created`` telling insert from update). Values are JSON: None clears a f
 through Bulk API 2.0 instead (`bulk_upsert`: one ingest job, CSV with ``#N/A`` to clear, per-row
 results matched back by the external id column).
 
+Privacy deletes: the records' Ids read by SOQL on the match key, then one sObject Collections
+``DELETE /composite/sobjects?ids=...&allOrNone=false`` (at most 200 Ids).
+
 Limits: every answer carries ``Sforce-Limit-Info: api-usage=n/limit`` (observed by the budget); past the
 daily allocation Salesforce answers 403 ``REQUEST_LIMIT_EXCEEDED`` and changes nothing: THROTTLED, daily.
 """
@@ -32,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import REMOVE, Change
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     ANSWER_LOST,
     AUTH,
@@ -113,7 +116,9 @@ class SalesforceAdapter:
     async def close(self) -> None:
         pass  # the session is the caller's
 
-    def cost(self, mapping: ObjectMapping, n: int) -> int:
+    def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
+        if op == DELETE:
+            return 2  # the records' Ids by SOQL, then one sObject Collections DELETE
         if mapping.kind == "list":
             # Two queries (the people's records, their memberships), then Composite writes.
             return 2 + -(-n // COMPOSITE_LIMIT)
@@ -223,6 +228,8 @@ class SalesforceAdapter:
         assert len(changes) <= COLLECTION_LIMIT, "the engine batches by batch_limit"
         if mapping.kind == "list":
             return await self._membership(mapping, changes)
+        if changes[0].op == DELETE:
+            return await self._delete(mapping, changes)
         external_id = changes[0].key[0][0]
         records = [
             {"attributes": {"type": mapping.object}, **c.fields, **_link(c), external_id: c.key[0][1]} for c in changes
@@ -251,6 +258,44 @@ class SalesforceAdapter:
                 )  # fmt: skip
                 results[change.record] = RecordResult(change.record, False, error=crm_error)
         return BatchOutcome(results, None, answer.headers)
+
+    async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """sObject Collections DELETE (``/composite/sobjects?ids=...&allOrNone=false``) of the records the
+        match key finds by SOQL. A record not found, or already deleted, counts as deleted."""
+        key_field = changes[0].key[0][0]
+        values = ", ".join(_soql_text(c.key[0][1]) for c in changes)
+        found, answer = await self._query(
+            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})", "delete lookup"
+        )
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        ids = {str(r.get(key_field, "")).lower(): r["Id"] for r in found}
+        results: dict[str, RecordResult] = {}
+        targets: dict[str, Change] = {}
+        for change in changes:
+            record_id = ids.get(change.key[0][1].lower())
+            if record_id is None:
+                results[change.record] = RecordResult(change.record, True, None, False)  # already gone
+            else:
+                targets[record_id] = change
+        if not targets:
+            return BatchOutcome(results, None, answer.headers)
+        query = urllib.parse.urlencode({"ids": ",".join(targets), "allOrNone": "false"})
+        deleted = await self._call("DELETE", f"/composite/sobjects?{query}", what=f"delete {mapping.object}")
+        if (error := _failure(deleted)) is not None:
+            return BatchOutcome.failed(error, deleted.headers)
+        for item in deleted.body if isinstance(deleted.body, list) else []:
+            change = targets.get(str(item.get("id", "")))
+            if change is None:
+                continue
+            problem = (item.get("errors") or [{}])[0]
+            code = str(problem.get("statusCode", ""))
+            if item.get("success") or code in ("ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"):
+                results[change.record] = RecordResult(change.record, True, item.get("id"), False)
+            else:
+                error = CrmError(_REASONS.get(code, REJECTED), code, str(problem.get("message", "")), deleted.status)
+                results[change.record] = RecordResult(change.record, False, error=error)
+        return BatchOutcome(results, None, deleted.headers)
 
     async def _query(self, soql: str, what: str) -> tuple[list[dict[str, Any]], Answer]:
         """Every record a SOQL query returns (following nextRecordsUrl), and the last answer."""

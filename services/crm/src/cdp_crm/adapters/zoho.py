@@ -11,6 +11,10 @@ created. Each record answers on its own (``SUCCESS`` with ``action`` insert/upda
 ``details.api_name``) - also in a 400 when none was written, so a 400 with per-record answers is not a
 batch-level refusal.
 
+Privacy deletes: the records' ids by ``GET /crm/v8/<Module>/search?criteria=(<field>:in:a,b)``, then
+``DELETE /crm/v8/<Module>?ids=...``; a record already gone counts as deleted (Zoho answers INVALID_DATA for an
+id it no longer has).
+
 Credits: each call costs `credits_per_call` (the org's price list: an upsert call of up to 100 records is
 1 credit by default); past the 24-hour allocation Zoho answers 429 ``LIMIT_REACHED``: THROTTLED, daily.
 """
@@ -18,12 +22,13 @@ Credits: each call costs `credits_per_call` (the org's price list: an upsert cal
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from typing import Any
 
 import aiohttp
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import DELETE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
     DUPLICATE,
@@ -71,7 +76,9 @@ class ZohoAdapter:
     async def close(self) -> None:
         pass  # the session is the caller's
 
-    def cost(self, mapping: ObjectMapping, n: int) -> int:
+    def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
+        if op == DELETE:
+            return 2 * self._credits_per_call  # a search for the records' ids, then one delete
         return self._credits_per_call
 
     async def _authenticate(self, stale: str | None = None) -> CrmError | None:
@@ -142,6 +149,8 @@ class ZohoAdapter:
         assert len(changes) <= UPSERT_LIMIT, "the engine batches by batch_limit"
         if mapping.kind == "list":
             raise NotImplementedError("Zoho campaign membership mappings are not supported yet")
+        if changes[0].op == DELETE:
+            return await self._delete(mapping, changes)
         if mapping.mode == "update_only":
             raise NotImplementedError("Zoho update_only mappings are not supported yet")
         checks = [name for name, _ in changes[0].key]
@@ -167,6 +176,54 @@ class ZohoAdapter:
             return BatchOutcome(results, None, answer.headers)
         error = _failure(answer) or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", answer.status)
         return BatchOutcome.failed(error, answer.headers)
+
+    async def _find(self, mapping: ObjectMapping, changes: list[Change]) -> tuple[dict[str, str], Answer]:
+        """Zoho's ids of the changes' records (by the first match field's value, lower-cased), through
+        search with an ``in`` criteria (commas in values escaped, as Zoho reads them)."""
+        key_field = changes[0].key[0][0]
+        values = ",".join(_criteria_text(c.key[0][1]) for c in changes)
+        criteria = urllib.parse.quote(f"({key_field}:in:{values})", safe="")
+        found: dict[str, str] = {}
+        page = 1
+        while True:
+            answer = await self._call(
+                "GET", f"/{mapping.object}/search?criteria={criteria}&page={page}", what=f"search {mapping.object}"
+            )
+            if answer.status == 204 or _failure(answer) is not None or not isinstance(answer.body, dict):
+                return found, answer
+            for row in answer.body.get("data", []):
+                found[str(row.get(key_field, "")).lower()] = str(row["id"])
+            if not (answer.body.get("info") or {}).get("more_records"):
+                return found, answer
+            page += 1
+
+    async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """Privacy delete: the records' ids by search, then ``DELETE /crm/v8/<Module>?ids=...`` (100 at
+        most). A record Zoho does not have (never written, deleted already) counts as deleted."""
+        ids, answer = await self._find(mapping, changes)
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        results = {c.record: RecordResult(c.record, True, ids.get(c.key[0][1].lower()), False) for c in changes}
+        by_id = {ids[c.key[0][1].lower()]: c for c in changes if c.key[0][1].lower() in ids}
+        if not by_id:
+            return BatchOutcome(results, None, answer.headers)
+        deleted = await self._call(
+            "DELETE", f"/{mapping.object}?ids={','.join(by_id)}", what=f"delete {mapping.object}"
+        )
+        if (error := _failure(deleted)) is not None and deleted.status != 400:
+            return BatchOutcome.failed(error, deleted.headers)
+        per_record = deleted.body.get("data") if isinstance(deleted.body, dict) else None
+        if not isinstance(per_record, list):
+            return BatchOutcome.failed(error or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", deleted.status))
+        for item in per_record:
+            change = by_id.get(str((item.get("details") or {}).get("id", "")))
+            if change is not None and item.get("status") != "success" and item.get("code") != "INVALID_DATA":
+                results[change.record] = RecordResult(change.record, False, error=_record_error(item, deleted.status))
+        return BatchOutcome(results, None, deleted.headers)
+
+
+def _criteria_text(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,").replace("(", "\\(").replace(")", "\\)")
 
 
 def _record_error(item: dict[str, Any], status: int) -> CrmError:

@@ -21,6 +21,7 @@ from typing import Any
 
 UPSERT = "upsert"
 REMOVE = "remove"  # a list member who left the segment, a mirrored record's scope lost
+DELETE = "delete"  # the record itself deleted from the CRM (a privacy erasure under the `delete` policy)
 
 
 def _digest(*parts: str) -> str:

@@ -7,8 +7,10 @@
         url: https://api.hubapi.com       # the API base (Salesforce: the login URL; Zoho: the accounts
                                           # URL of the data centre); the vendor's by default, except
                                           # Dynamics, whose environment URL is required
+        auth_url: https://login.microsoftonline.com   # Dynamics only: the Entra ID authority (this default)
         credentials: {token: HUBSPOT_TOKEN}   # environment variable NAMES, never the secrets themselves
         limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract
+        on_delete: anonymise              # privacy.deleted: anonymise | delete (default: CDP_CRM_PRIVACY_POLICY)
         mappings:
           - id: contacts
             object: contacts
@@ -186,6 +188,11 @@ class ObjectMapping:
         return "action" if self.action is not None else "list" if self.list is not None else "record"
 
 
+# privacy.deleted: `anonymise` clears the mapped fields and keeps the record under its opaque CDP id;
+# `delete` deletes the record (and the person's tasks and cases) from the CRM.
+ON_DELETE = ("anonymise", "delete")
+
+
 @dataclass(frozen=True)
 class Limits:
     burst: int | None = None
@@ -202,6 +209,10 @@ class Connection:
     mappings: tuple[ObjectMapping, ...]
     url: str | None = None
     limits: Limits = field(default_factory=Limits)
+    # What privacy.deleted does to the person's records in this CRM; None: the service's default.
+    on_delete: str | None = None
+    # Dynamics: the Entra ID authority issuing tokens (default Microsoft's; a sovereign cloud or a local one).
+    auth_url: str | None = None
 
     def mapping(self, mapping_id: str) -> ObjectMapping:
         for m in self.mappings:
@@ -305,7 +316,7 @@ class _Reader:
         if kind not in KINDS:
             self.problem(cid, "kind", f"must be one of {', '.join(KINDS)}")
             return None
-        known = {"id", "kind", "account", "url", "credentials", "limits", "mappings"}
+        known = {"id", "kind", "account", "url", "auth_url", "credentials", "limits", "mappings", "on_delete"}
         for key in raw:
             if key not in known:
                 self.problem(cid, key, f"is not a connection field (expected one of {', '.join(sorted(known))})")
@@ -321,8 +332,18 @@ class _Reader:
             self.problem(
                 cid, "url", "a dynamics connection needs the environment's URL (https://<org>.crm.dynamics.com)"
             )
+        auth_url = raw.get("auth_url")
+        if auth_url is not None and (kind != "dynamics" or not str(auth_url).startswith(("https://", "http://"))):
+            self.problem(cid, "auth_url", "is the Entra ID authority of a dynamics connection: an http(s) URL")
+            auth_url = None
         credentials = self.credentials(cid, kind, raw.get("credentials"))
         limits = self.limits(cid, raw.get("limits"))
+        on_delete = raw.get("on_delete")
+        if on_delete is not None and on_delete not in ON_DELETE:
+            self.problem(
+                cid, "on_delete", f"must be one of {', '.join(ON_DELETE)} (what privacy.deleted does in this CRM)"
+            )
+            on_delete = None
         schema = self.schemas.get(cid)
         mappings: list[ObjectMapping] = []
         raw_mappings = raw.get("mappings")
@@ -347,7 +368,7 @@ class _Reader:
                     self.problem(
                         mapping.name, "about.mapping", f"must name a record mapping of this connection ({records})"
                     )
-        return Connection(cid, kind, account, credentials, tuple(mappings), url, limits)
+        return Connection(cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url)
 
     def credentials(self, cid: str, kind: str, raw: Any) -> dict[str, str]:
         accepted = CREDENTIALS[kind]

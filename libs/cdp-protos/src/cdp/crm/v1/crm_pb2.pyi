@@ -56,6 +56,8 @@ class RecordState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECORD_STATE_PENDING: _ClassVar[RecordState]
     RECORD_STATE_DEAD_LETTERED: _ClassVar[RecordState]
     RECORD_STATE_OUT_OF_SCOPE: _ClassVar[RecordState]
+    RECORD_STATE_ANONYMISED: _ClassVar[RecordState]
+    RECORD_STATE_DELETED: _ClassVar[RecordState]
 CRM_KIND_UNSPECIFIED: CrmKind
 CRM_KIND_SALESFORCE: CrmKind
 CRM_KIND_HUBSPOT: CrmKind
@@ -85,6 +87,8 @@ RECORD_STATE_SYNCED: RecordState
 RECORD_STATE_PENDING: RecordState
 RECORD_STATE_DEAD_LETTERED: RecordState
 RECORD_STATE_OUT_OF_SCOPE: RecordState
+RECORD_STATE_ANONYMISED: RecordState
+RECORD_STATE_DELETED: RecordState
 
 class Mapping(_message.Message):
     __slots__ = ("id", "object", "mode", "triggers", "match", "fields", "segment", "list", "action", "idempotency_field")
