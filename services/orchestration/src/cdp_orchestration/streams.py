@@ -38,13 +38,14 @@ from datetime import UTC, datetime
 import orjson
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from cdp_kit.bus import OutMessage, subjects
+from cdp_kit.bus import streams as kit_streams
+from cdp_kit.bus.streams import SOURCE_HEADER as SOURCE_HEADER  # read by the input tests
+from cdp_kit.bus.streams import ensure_created, source_of, sourced_input_stream
 
 DAY = 86_400.0
 
-SOURCE_HEADER = "Nats-Stream-Source"
 SCHEDULER_HEADER = "Nats-Scheduler"
 COMMAND_HEADER = "Cdp-Command"  # what an API command published to orchestration.in.<p> asks for
 
@@ -53,33 +54,20 @@ MARKER_TTL = "60s"
 FIRED_TTL = "1h"
 
 
-def _transform(prefix: str) -> api.SubjectTransform:
-    return api.SubjectTransform(
-        src=f"{prefix}.*",
-        dest=f"{subjects.ORCHESTRATION_IN_PREFIX}.{{{{wildcard(1)}}}}",
-    )
-
-
 def input_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0) -> api.StreamConfig:
-    def source(name: str, *prefixes: str) -> api.StreamSource:
-        return api.StreamSource(name=name, subject_transforms=[_transform(p) for p in prefixes])
-
-    return api.StreamConfig(
-        name=subjects.ORCHESTRATION,
+    return sourced_input_stream(
+        subjects.ORCHESTRATION,
+        into_prefix=subjects.ORCHESTRATION_IN_PREFIX,
+        sources={
+            subjects.EVENTS_RESOLVED: (subjects.EVENTS_RESOLVED_PREFIX,),
+            subjects.SEGMENTS: (subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
+            subjects.PROFILES: (subjects.PROFILES_CHANGED_PREFIX,),
+            subjects.ORCHESTRATION_TIMERS: (subjects.ORCHESTRATION_FIRED_PREFIX,),
+        },
         description="orchestration's input per person partition: API commands, and sourced events, segment "
         "and profile changes and fired timers",
-        subjects=list(subjects.STREAM_SUBJECTS[subjects.ORCHESTRATION]),
-        retention=api.RetentionPolicy.LIMITS,
         max_age=max_age,
         duplicate_window=duplicate_window,
-        storage=api.StorageType.FILE,
-        allow_direct=True,
-        sources=[
-            source(subjects.EVENTS_RESOLVED, subjects.EVENTS_RESOLVED_PREFIX),
-            source(subjects.SEGMENTS, subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
-            source(subjects.PROFILES, subjects.PROFILES_CHANGED_PREFIX),
-            source(subjects.ORCHESTRATION_TIMERS, subjects.ORCHESTRATION_FIRED_PREFIX),
-        ],
     )
 
 
@@ -100,30 +88,13 @@ def timers_stream(*, duplicate_window: float = 600.0) -> api.StreamConfig:
 
 
 def actions_stream(*, max_age: float = 7 * DAY) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=subjects.ACTIONS,
-        description="actions the arbiter let through, per channel and person partition",
-        subjects=list(subjects.STREAM_SUBJECTS[subjects.ACTIONS]),
-        retention=api.RetentionPolicy.LIMITS,
-        max_age=max_age,
-        duplicate_window=600.0,
-        storage=api.StorageType.FILE,
-        allow_direct=True,
-    )
+    return kit_streams.actions_stream(max_age=max_age).config()
 
 
 async def ensure_streams(js: JetStreamContext, *, retention: float = 7 * DAY) -> None:
     """Create orchestration's streams when missing (the timers stream first: the input sources it). An
     existing stream is left as it is: its sources' start positions must not move."""
-    for config in (timers_stream(), actions_stream(max_age=retention), input_stream(max_age=retention)):
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            try:
-                await js.add_stream(config)
-            except Exception:
-                # Another replica created it between the lookup and the create.
-                await js.stream_info(config.name)
+    await ensure_created(js, timers_stream(), actions_stream(max_age=retention), input_stream(max_age=retention))
 
 
 # --- input kinds -----------------------------------------------------------------------------------------
@@ -132,10 +103,9 @@ async def ensure_streams(js: JetStreamContext, *, retention: float = 7 * DAY) ->
 def kind_of(headers: dict[str, str]) -> tuple[str, str]:
     """(stream, original subject) of a sourced message, or ("command", <command>) for an API command;
     ("", "") when it is neither."""
-    source = headers.get(SOURCE_HEADER)
-    if source:
-        parts = source.split(" ")
-        return parts[0], parts[4] if len(parts) > 4 else ""
+    stream, original = source_of(headers)
+    if stream:
+        return stream, original
     command = headers.get(COMMAND_HEADER)
     if command:
         return "command", command

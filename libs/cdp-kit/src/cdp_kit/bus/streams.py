@@ -157,6 +157,82 @@ def dead_letter_stream(*, max_age: float = 30 * DAY, replicas: int = 1) -> Strea
     )
 
 
+def actions_stream(*, max_age: float = 7 * DAY, replicas: int = 1) -> StreamSpec:
+    """Actions the orchestration arbiter let through (`actions.<channel>.<p(person)>`): channel
+    dispatchers and the CRM connector consume them. One definition, whichever service starts first."""
+    return StreamSpec(
+        name=subjects.ACTIONS,
+        subjects=subjects.STREAM_SUBJECTS[subjects.ACTIONS],
+        max_age=max_age,
+        duplicate_window=600.0,
+        replicas=replicas,
+        description="actions the arbiter let through, per channel and person partition",
+    )
+
+
+# --- a service's partitioned input, sourced server-side from the streams it follows ---------------------
+
+SOURCE_HEADER = "Nats-Stream-Source"
+
+
+def sourced_input_stream(
+    name: str,
+    *,
+    into_prefix: str,
+    sources: dict[str, tuple[str, ...]],
+    description: str,
+    max_age: float = 7 * DAY,
+    duplicate_window: float = 600.0,
+) -> api.StreamConfig:
+    """One input stream per consuming service holding `<into_prefix>.<p>`: each source stream's
+    `<prefix>.<p>` subjects (for every prefix listed under its name) are copied into partition p by
+    the server (stream sources with subject transforms). Everything the service follows about a person
+    then reaches one partition in one order, so one engine applies it. A sourced message keeps its
+    payload and `Nats-Msg-Id` and says where it came from in `Nats-Stream-Source` (`source_of`)."""
+
+    def transform(prefix: str) -> api.SubjectTransform:
+        return api.SubjectTransform(src=f"{prefix}.*", dest=f"{into_prefix}.{{{{wildcard(1)}}}}")
+
+    return api.StreamConfig(
+        name=name,
+        description=description,
+        subjects=list(subjects.STREAM_SUBJECTS[name]),
+        retention=api.RetentionPolicy.LIMITS,
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+        storage=api.StorageType.FILE,
+        allow_direct=True,
+        sources=[
+            api.StreamSource(name=stream, subject_transforms=[transform(p) for p in prefixes])
+            for stream, prefixes in sources.items()
+        ],
+    )
+
+
+async def ensure_created(js: JetStreamContext, *configs: api.StreamConfig) -> None:
+    """Create each stream when missing, in order. An existing one is left as it is: a sourced stream's
+    source start positions must not move, and an operator's change stays."""
+    for config in configs:
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                log.info("created stream %s", config.name)
+            except Exception:
+                await js.stream_info(config.name)  # another replica created it in between
+
+
+def source_of(headers: dict[str, str] | None) -> tuple[str, str]:
+    """(source stream, original subject) of a message a stream sourced; ("", "") for anything else.
+    The header reads `<stream> <seq> <filter> <transform> <original subject>`."""
+    source = (headers or {}).get(SOURCE_HEADER)
+    if not source:
+        return "", ""
+    parts = source.split(" ")
+    return parts[0], parts[4] if len(parts) > 4 else ""
+
+
 # Fields an update may change; anything else differing is a deliberate operator change we leave alone.
 _COMPARED = ("subjects", "max_age", "duplicate_window", "max_bytes", "max_msg_size", "description", "discard")
 
