@@ -33,14 +33,14 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from cdp_kit.bus import partition_for
-from cdp_orchestration import streams
+from cdp_orchestration import streams, timers
 from cdp_orchestration.domain.arbiter import Held, PersonState, merge_states
 from cdp_orchestration.domain.instance import ExitRequest, Status
 from cdp_orchestration.domain.records import instance_from_record, instance_record, person_from_record, person_record
 from cdp_orchestration.state import APPROVALS, Batch, Partition, Person
 
 if TYPE_CHECKING:
-    from cdp_orchestration.engine import OrchestrationLogic
+    from cdp_orchestration.apply import Applier
 
 MERGED = "merged"  # the end reason of a moved instance the survivor's concurrency cap has no room for
 
@@ -61,14 +61,7 @@ def request_handovers(partitions: int, batch: Batch, survivor: str, absorbed: li
 
 def handover(partitions: int, batch: Batch, person: Person, survivor: str, now: float) -> None:
     """Step 2, on the absorbed person's partition."""
-    p = batch.partition
-    for instance in person.live.values():
-        for timer in instance.timers:
-            batch.messages.append(streams.cancel(p, timer.id))
-    if person.wake is not None:
-        batch.messages.append(streams.cancel(p, person.wake[0]))
-    for timer, _at in person.slots.values():
-        batch.messages.append(streams.cancel(p, timer))
+    timers.cancel_all(batch, person)
     body: dict[str, Any] = {
         "person_id": survivor,
         "from": person.person_id,
@@ -93,9 +86,7 @@ def handover(partitions: int, batch: Batch, person: Person, survivor: str, now: 
     person.dirty = True
 
 
-async def adopt(
-    logic: OrchestrationLogic, hot: Partition, batch: Batch, person: Person, body: dict, now: float
-) -> None:
+async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, body: dict, now: float) -> None:
     """Step 3, on the survivor's partition."""
     survivor = person.person_id
     for key, value in body["ids"].items():
@@ -105,7 +96,7 @@ async def adopt(
     if body["arbiter"] is not None:
         person.state = merge_states(person.state or PersonState(survivor), person_from_record(body["arbiter"]))
         for held in person.state.awaiting:
-            await _approval_follows(logic, batch, held, survivor)
+            await _approval_follows(applier, batch, held, survivor)
     person.dirty = True
     for record in body["instances"]:
         moved = dataclasses.replace(instance_from_record(record), person_id=survivor)
@@ -114,29 +105,33 @@ async def adopt(
         person.live[moved.id] = moved
         person.changed[moved.id] = moved
         if moved.status is Status.RUNNING:
-            journey = await logic._version(moved.journey_id, moved.version)
+            journey = await applier.version(moved.journey_id, moved.version)
             cap = journey.max_concurrent if journey is not None else 1
             running = sum(
                 1 for i in person.live.values() if i.journey_id == moved.journey_id and i.status is Status.RUNNING
             )
             if running > cap:
-                await logic._step(hot, batch, person, moved, ExitRequest(MERGED), now)
+                await applier.step(hot, batch, person, moved, ExitRequest(MERGED), now)
                 continue
         for timer in moved.timers:
-            due = timer.at - logic.clock_offset
-            payload = {"t": timer.id, "i": moved.id, "p": survivor, "d": due}
             # A fresh message id: the timer id was the first schedule's, which JetStream would drop.
-            batch.messages.append(
-                streams.schedule(batch.partition, timer.id, due, payload, msg_id=f"moved:{survivor}:{timer.id}")
+            timers.schedule_instance_timer(
+                batch,
+                survivor,
+                moved.id,
+                timer.id,
+                timer.at,
+                clock_offset=applier.clock_offset,
+                msg_id=f"moved:{survivor}:{timer.id}",
             )
 
 
-async def _approval_follows(logic: OrchestrationLogic, batch: Batch, held: Held, survivor: str) -> None:
+async def _approval_follows(applier: Applier, batch: Batch, held: Held, survivor: str) -> None:
     """An approval record names the person whose engine applies the answer: the survivor from now on."""
     action_id = held.action.action_id
     doc = batch.writes.get((APPROVALS, action_id))
     if doc is None:
-        stored = await logic.store.get(APPROVALS, action_id)
+        stored = await applier.store.get(APPROVALS, action_id)
         doc = stored.doc if stored is not None else None
     if doc is not None and doc["person_id"] != survivor:
         batch.put(APPROVALS, action_id, {**doc, "person_id": survivor})

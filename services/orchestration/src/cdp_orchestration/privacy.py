@@ -36,7 +36,7 @@ from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.engine import PartitionedEngine
 from cdp_kit.storage import Delete, Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
-from cdp_orchestration import streams
+from cdp_orchestration import streams, timers
 from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.instance import Status
 from cdp_orchestration.state import (
@@ -52,8 +52,8 @@ from cdp_orchestration.state import (
 )
 
 if TYPE_CHECKING:
+    from cdp_orchestration.apply import Applier
     from cdp_orchestration.channels.inapp import InboxChannel
-    from cdp_orchestration.engine import OrchestrationLogic
 
 log = logging.getLogger("cdp.orchestration.privacy")
 
@@ -78,28 +78,20 @@ def forgotten_key(request_id: str, person_id: str) -> str:
     return f"{request_id}:{person_id}"
 
 
-async def forget(
-    logic: OrchestrationLogic, hot: Partition, batch: Batch, person: Person, request_id: str, now: float
-) -> None:
+async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person, request_id: str, now: float) -> None:
     """The engine's half (see the module docstring). Idempotent: a person already forgotten has nothing left."""
-    p = batch.partition
     person_id = person.person_id
     ended = 0
+    timers.cancel_all(batch, person)
     for instance in person.live.values():
-        for timer in instance.timers:
-            batch.messages.append(streams.cancel(p, timer.id))
         if instance.status is Status.RUNNING:
             ended += 1
 
             def counted(stats: dict) -> None:
                 stats["ended"]["deleted"] = stats["ended"].get("deleted", 0) + 1
 
-            logic._count(hot, batch, instance.journey_id, instance.version, counted)
-    if person.wake is not None:
-        batch.messages.append(streams.cancel(p, person.wake[0]))
-    for timer, _at in person.slots.values():
-        batch.messages.append(streams.cancel(p, timer))
-    store = logic.store
+            applier.count(hot, batch, instance.journey_id, instance.version, counted)
+    store = applier.store
     # Whatever this batch was about to write for the person goes, with what the store holds.
     for collection, key in list(batch.writes):
         if (collection == DECISIONS and key.startswith(f"{person_id}:")) or (

@@ -1,0 +1,205 @@
+"""The arbiter's rulings, carried out: decisions recorded, approvals kept, sent actions published.
+
+`record_ruling` takes one `arbiter.Ruling` for a person and, for each decision in it:
+
+- writes the decision to `orchestration_decisions` under the person (`state.decision_key`), with its
+  reason; a send whose template cannot be rendered for this person is recorded as "failed" with the
+  field it lacks, never sent with a blank;
+- keeps the approval list (`orchestration_approvals`): a record when an action starts waiting, closed by
+  the approver's answer or the expiry;
+- publishes a sent action as `actions.<channel>.<p>` (message id = action id, so a batch applied again
+  publishes a JetStream duplicate), rendered from the action's own journey version, with the address
+  read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under;
+- tells the instance the outcome of its action (`ActionOutcome`), which may step it on.
+
+Logs name action ids and fields, never the values rendered or the address.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.bus import OutMessage, subjects
+from cdp_kit.timestamps import from_seconds
+from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
+from cdp_orchestration.domain.arbiter import Decision, Kind, ProposedAction, Ruling
+from cdp_orchestration.domain.instance import ActionOutcome
+from cdp_orchestration.domain.journey import Action
+from cdp_orchestration.domain.templates import MissingField
+from cdp_orchestration.state import APPROVALS, DECISIONS, Batch, Partition, Person, decision_key
+
+if TYPE_CHECKING:
+    from cdp_orchestration.apply import Applier
+
+log = logging.getLogger("cdp.orchestration")
+
+# Where an action's address is read from, per channel (the `address` map of ActionMessage).
+ADDRESS_FIELDS = {
+    "email": ("email", "traits.email"),
+    "sms": ("phone", "traits.phone"),
+    "push": ("push_token", "traits.push_token"),
+    "webpush": ("webpush_subscription", "traits.webpush_subscription"),
+    "webhook": ("webhook_url", "traits.webhook_url"),
+}
+
+
+async def record_ruling(
+    applier: Applier,
+    hot: Partition,
+    batch: Batch,
+    person: Person,
+    ruling: Ruling,
+    now: float,
+    *,
+    answer: tuple[str, str, str] | None = None,
+    proposed: ProposedAction | None = None,
+) -> None:
+    """Record the ruling's decisions, publish what was sent, and tell each instance about its action.
+    `answer`: (action id, decided by, note) of an approver's call; `proposed`: the action just proposed."""
+    # Each action is rendered from its own journey version (an instance migrated meanwhile keeps it).
+    held = (*person.state.deferred, *person.state.awaiting) if person.state is not None else ()
+    versions = {h.action.action_id: h.action.journey_version for h in held}
+    if proposed is not None:
+        versions[proposed.action_id] = proposed.journey_version
+    if ruling.state is not person.state:
+        person.state = ruling.state
+        person.dirty = True
+    for index, decision in enumerate(ruling.decisions):
+        kind, reason = decision.kind.value, decision.reason
+        if decision.kind is Kind.SENT:
+            failure = await _send(applier, batch, person, decision, versions.get(decision.action_id))
+            if failure is not None:
+                kind, reason = "failed", failure
+        doc = {
+            "action_id": decision.action_id,
+            "journey_id": decision.journey_id,
+            "instance_id": decision.instance_id,
+            "person_id": decision.person_id,
+            "node_id": decision.node_id,
+            "channel": decision.channel,
+            "category": decision.category,
+            "kind": kind,
+            "reason": reason,
+            "rule": decision.by or "",
+            "until": decision.until,
+            "at": decision.at,
+        }
+        batch.put(DECISIONS, decision_key(person.person_id, decision, index), doc)
+        applier.m_decisions.add(1, {"kind": kind})
+        await _approval(applier, batch, person, decision, answer)
+        instance = person.live.get(decision.instance_id)
+        # An instance that ended in this batch (its pending action withdrawn) is no longer live.
+        known = instance or person.changed.get(decision.instance_id)
+
+        def counted(stats: dict, k: str = kind) -> None:
+            stats["decisions"][k] = stats["decisions"].get(k, 0) + 1
+
+        if known is not None:
+            applier.count(hot, batch, decision.journey_id, known.version, counted)
+        if instance is not None:
+            await applier.step(hot, batch, person, instance, ActionOutcome(decision.action_id, decision.kind), now)
+
+
+async def _approval(
+    applier: Applier, batch: Batch, person: Person, decision: Decision, answer: tuple[str, str, str] | None
+) -> None:
+    """Keep the approval list: a record when an action starts waiting, closed by the answer or expiry."""
+    if decision.kind is Kind.AWAITING_APPROVAL:
+        held = next((h for h in person.state.awaiting if h.action.action_id == decision.action_id), None)  # type: ignore[union-attr]
+        if held is None:
+            return
+        action = held.action
+        batch.put(
+            APPROVALS,
+            action.action_id,
+            {
+                "action_id": action.action_id,
+                "journey_id": action.journey_id,
+                "instance_id": action.instance_id,
+                "person_id": action.person_id,
+                "channel": action.channel,
+                "category": action.category,
+                "value": action.value or 0.0,
+                "state": "pending",
+                "requested_at": decision.at,
+                "expires_at": held.until,
+                "decided_at": None,
+                "decided_by": "",
+                "note": "",
+            },
+        )
+        return
+    answered = answer is not None and answer[0] == decision.action_id
+    state = {Kind.REJECTED: "rejected", Kind.EXPIRED: "expired"}.get(decision.kind)
+    if state is None and answered:
+        state = "approved"
+    if state is None:
+        return
+    doc = batch.writes.get((APPROVALS, decision.action_id))
+    if doc is None:
+        stored = await applier.store.get(APPROVALS, decision.action_id)
+        if stored is None:
+            return  # it never waited for approval (a deferred action expiring, say)
+        doc = stored.doc
+    if doc["state"] != "pending":
+        return
+    decided_by, note = (answer[1], answer[2]) if answered and answer is not None else ("", "")
+    batch.put(
+        APPROVALS,
+        decision.action_id,
+        {**doc, "state": state, "decided_at": decision.at, "decided_by": decided_by, "note": note},
+    )
+
+
+async def _send(applier: Applier, batch: Batch, person: Person, decision: Decision, version: int | None) -> str | None:
+    """Publish the sent action on actions.<channel>.<p>; the reason it could not be, or None."""
+    instance = person.live.get(decision.instance_id)
+    if version is None and instance is not None:
+        version = instance.version
+    journey = await applier.version(decision.journey_id, version) if version is not None else None
+    node = journey.nodes.get(decision.node_id) if journey is not None else None
+    if not isinstance(node, Action):
+        return "failed: the action's journey version is not loaded"
+    try:
+        content = node.template.render(person.view(), instance.entry if instance is not None else None)
+    except MissingField as missing:
+        log.warning(
+            "action %s not sent: its template reads %s, which the person lacks", decision.action_id, missing.field
+        )
+        return f"failed: template part {missing.part!r} reads {missing.field}, which this person does not have"
+    message = pb.ActionMessage(
+        action_id=decision.action_id,
+        person_id=person.person_id,
+        journey_id=decision.journey_id,
+        journey_version=journey.version,  # type: ignore[union-attr]
+        instance_id=decision.instance_id,
+        node_id=decision.node_id,
+        channel=decision.channel,
+        category=decision.category,
+        content=content,
+        decided_at=from_seconds(decision.at),
+    )
+    if decision.channel == "crm":
+        message.crm_kind = content.get("kind", "task")
+    address = ADDRESS_FIELDS.get(decision.channel)
+    if address is not None:
+        value = person.fields.get(address[1])
+        if isinstance(value, str) and value:
+            message.address[address[0]] = value
+    # Who the person is to identity, for the outcome events (`wire.IDENTITY_KEYS`): the userId when one is
+    # known, else an anonymous id; neither for a person no event has named yet.
+    if person.ids.get(USER_ID):
+        message.address[USER_ID] = person.ids[USER_ID]
+    elif person.ids.get(ANONYMOUS_ID):
+        message.address[ANONYMOUS_ID] = person.ids[ANONYMOUS_ID]
+    applier.m_actions.add(1, {"channel": decision.channel})
+    batch.messages.append(
+        OutMessage(
+            subject=subjects.actions(decision.channel, batch.partition),
+            payload=message.SerializeToString(),
+            msg_id=decision.action_id,
+        )
+    )
+    return None
