@@ -8,6 +8,13 @@ python -m cdp_training train MODEL --store URL --cutoff 2025-03-01 [--evaluate-a
 A training run on the platform's own customers (`cdp_training.learn`): a point-in-time set from the profile
 store at the cut-off, judged with the live version (default: the shipped file) on the later slice; writes
 <model>-<version>.onnx and its record to --out. `cdpctl models train` runs the same and registers it.
+
+python -m cdp_training clv (--transactions FILE | --store URL) [--unit weeks|days] [--calibration-end DATE]
+                       [--end DATE] [--horizon N] [--json FILE] [--predictions FILE.csv] ...
+
+BG/NBD + Gamma-Gamma on real transactions (`cdp_training.clvfit`): a calibration / holdout split with the
+paper's diagnostics as text tables (and JSON with --json), then a fit on everything and each customer's
+expected transactions, P(alive) and CLV over the horizon (--predictions).
 """
 
 from __future__ import annotations
@@ -60,10 +67,85 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def clv(argv: list[str]) -> int:
+    import asyncio
+    import csv
+    import json
+
+    from cdp_kit.errors import CdpError
+    from cdp_training import clvfit, transactions
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cdp_training clv", description="BG/NBD + Gamma-Gamma on real transactions, with diagnostics"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--transactions", type=Path, help="a transaction export, one order a row (CSV or Parquet)")
+    source.add_argument("--store", help="the profile service's store (CDP_STORE_URL): its orders, read only")
+    parser.add_argument("--format", choices=transactions.FORMATS, help="of --transactions (default: by suffix)")
+    parser.add_argument("--customer-column", default="customer_id", help="column naming the customer")
+    parser.add_argument("--date-column", default="date", help="column with the order's date or time")
+    parser.add_argument("--value-column", default="value", help="column with the order's value")
+    parser.add_argument("--no-value", action="store_true", help="the export has no values: BG/NBD only")
+    parser.add_argument("--date-format", help="strptime format of the dates (default: ISO 8601)")
+    parser.add_argument("--event", default=transactions.ORDER_EVENT, help="with --store: the order event's name")
+    parser.add_argument(
+        "--value-property", default=transactions.ORDER_VALUE_PROPERTY, help="with --store: the property with the value"
+    )
+    parser.add_argument("--unit", choices=tuple(clvfit.UNITS), default="weeks", help="the time unit of the models")
+    parser.add_argument("--calibration-end", help="last day of the calibration period (default: mid-way)")
+    parser.add_argument("--end", help="last day of the data used (default: the last transaction's)")
+    parser.add_argument("--horizon", type=float, help="prediction horizon in --unit (default: 365 days)")
+    parser.add_argument("--censor", type=int, default=clvfit.DEFAULT_CENSOR, help="last group of the holdout table")
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument("--predictions", type=Path, help="write each customer's predictions as CSV here")
+    args = parser.parse_args(argv)
+    try:
+        if args.transactions is not None:
+            tx = transactions.read_transactions(
+                args.transactions,
+                customer_column=args.customer_column,
+                date_column=args.date_column,
+                value_column=None if args.no_value else args.value_column,
+                date_format=args.date_format,
+                file_format=args.format,
+            )
+        else:
+            from cdp_training.learn import read_store
+
+            profiles = asyncio.run(read_store(args.store))
+            value_property = None if args.no_value else args.value_property
+            tx = transactions.orders_from_profiles(profiles, event=args.event, value_property=value_property)
+        report, predictions = clvfit.analyse(
+            tx,
+            unit=args.unit,
+            calibration_end=args.calibration_end,
+            end=args.end,
+            horizon=args.horizon,
+            censor=args.censor,
+        )
+    except CdpError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(clvfit.render(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.predictions:
+        rows = predictions.rows()
+        with args.predictions.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["customer_id"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.predictions}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return train(argv[1:])
+    if argv[:1] == ["clv"]:
+        return clv(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m cdp_training", description=__doc__.splitlines()[2])
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="training population seed (held-out: seed + 1)")
     parser.add_argument("--population", type=int, default=DEFAULT_POPULATION, help="people to train on")

@@ -19,16 +19,126 @@ customer, independent of the purchase process.
 
 This module holds the likelihoods (closed form, gammaln only), the maximum-likelihood fits, the reference
 formulas (scipy's hyp2f1) that the ONNX graph is checked against, and samplers from both generative
-processes for parameter-recovery checks.
+processes for parameter-recovery checks. The formulas hold in any time unit (alpha is in that unit); the
+profile features read here are turned into weeks.
+
+A fit is guarded (`fit_bgnbd`, `fit_gamma_gamma`, and `BgNbd.fit` / `GammaGamma.fit` on top of them): it is
+rejected with `FitRejected` when its parameters make predictions meaningless (`BgNbd.check`,
+`GammaGamma.check`: Gamma-Gamma q <= 1 gives a negative or infinite expected order value; BG/NBD a = 1 or
+a + b <= 1 leaves the expected purchases undefined), and its `FitReport` says whether the optimiser
+converged and which parameters stopped at a bound of the search box (`BGNBD_LOG_BOUNDS`, `GAMMA_GAMMA_LOG_BOUNDS`): such a parameter is not an
+estimate, only a direction (a -> 0: nobody drops out; alpha at the top: rates too small to tell apart).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import gammaln, hyp2f1
+
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
+
+# The search box of each fit, in log-parameter space (exp(-9) ~ 1.2e-4, exp(9) ~ 8,100, exp(12) ~ 163,000)
+BGNBD_LOG_BOUNDS = (-9.0, 9.0)
+GAMMA_GAMMA_LOG_BOUNDS = (-9.0, 12.0)
+BOUND_TOLERANCE = 1e-6  # a log-parameter this close to its bound stopped there
+MAX_ITERATIONS = 15_000  # scipy's own default for L-BFGS-B
+A_NEAR_ONE = 1e-6  # |a - 1| below this: (a + b - 1) / (a - 1) in E[X(t)] is 0/0 in floating point
+
+
+class FitRejected(FailedPrecondition):
+    """The fitted parameters make the model's predictions meaningless; the message says which and why."""
+
+    reason = "fit_rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class FitReport:
+    """How a maximum-likelihood fit ended: the optimiser's own verdict and the parameters it left at a bound."""
+
+    model: str
+    parameters: dict[str, float]
+    converged: bool
+    message: str
+    iterations: int
+    log_likelihood: float  # summed over the customers fitted
+    customers: int
+    bounds: dict[str, tuple[float, float]]  # per parameter, in the parameter's own scale
+    at_bound: dict[str, str] = field(default_factory=dict)  # parameter -> "lower" | "upper", only those at one
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        if not self.converged:
+            out.append(
+                f"{self.model}: the optimiser did not converge ({self.message}); the parameters are not an optimum"
+            )
+        for name, side in self.at_bound.items():
+            lo, hi = self.bounds[name]
+            out.append(
+                f"{self.model}: {name} = {self.parameters[name]:.6g} stopped at the {side} bound of its search range "
+                f"[{lo:.3g}, {hi:.3g}]: the data push it further, so it is a direction, not an estimate"
+            )
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "parameters": self.parameters,
+            "converged": self.converged,
+            "message": self.message,
+            "iterations": self.iterations,
+            "log_likelihood": self.log_likelihood,
+            "customers": self.customers,
+            "bounds": {k: list(v) for k, v in self.bounds.items()},
+            "at_bound": self.at_bound,
+            "warnings": self.warnings,
+        }
+
+
+def _minimise(
+    name: str,
+    names: tuple[str, ...],
+    objective: Callable[[np.ndarray], float],
+    start: np.ndarray,
+    log_bounds: tuple[float, float],
+    customers: int,
+    max_iterations: int,
+) -> FitReport:
+    """L-BFGS-B over log-parameters; `objective` is the mean negative log-likelihood per customer."""
+    lo, hi = log_bounds
+    options = {"maxiter": max_iterations}
+    result = minimize(objective, start, method="L-BFGS-B", bounds=[log_bounds] * len(names), options=options)
+    values = np.exp(result.x)
+    at_bound = {}
+    for key, log_value in zip(names, result.x, strict=True):
+        if log_value - lo < BOUND_TOLERANCE:
+            at_bound[key] = "lower"
+        elif hi - log_value < BOUND_TOLERANCE:
+            at_bound[key] = "upper"
+    return FitReport(
+        model=name,
+        parameters={k: float(v) for k, v in zip(names, values, strict=True)},
+        converged=bool(result.success),
+        message=str(result.message),
+        iterations=int(result.nit),
+        log_likelihood=-float(result.fun) * customers,
+        customers=customers,
+        bounds={k: (float(np.exp(lo)), float(np.exp(hi))) for k in names},
+        at_bound=at_bound,
+    )
+
+
+def _finite_nonnegative(name: str, values: np.ndarray) -> None:
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        raise InvalidArgument(
+            name, f"{int(bad.sum())} value(s) are negative or not finite (first at row {int(np.argmax(bad))})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,20 +166,36 @@ class BgNbd:
 
     @classmethod
     def fit(cls, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> BgNbd:
-        """Maximum likelihood over log-parameters (L-BFGS-B from (1, 1, 1, 1)); deterministic."""
-        x, t_x, T = (np.asarray(v, dtype=np.float64) for v in (x, t_x, T))
-        # customers with the same summary share one term: fewer gammaln calls per step
-        keys, counts = np.unique(np.stack([x, t_x, T], axis=1), axis=0, return_counts=True)
-        kx, kt, kT = keys.T
-        total = float(counts.sum())
+        """Maximum likelihood (`fit_bgnbd`); raises `FitRejected` on parameters that predict nothing."""
+        return fit_bgnbd(x, t_x, T)[0]
 
-        def objective(log_params: np.ndarray) -> float:
-            ll = cls.log_likelihood(np.exp(log_params), kx, kt, kT)
-            return -float(np.dot(counts, ll)) / total
+    def check(self) -> BgNbd:
+        """Raise `FitRejected` unless E[X(t)] and E[Y(t) | x, t_x, T] are defined: every parameter finite and
+        positive, a != 1 (the factor (a + b - 1) / (a - 1)) and a + b > 1 (the hypergeometric function's
+        c = a + b + x - 1 must be positive for x = 0)."""
+        values = self.as_dict()
+        bad = [k for k, v in values.items() if not (np.isfinite(v) and v > 0)]
+        if bad:
+            raise FitRejected(
+                f"BG/NBD parameter(s) {', '.join(f'{k}={values[k]!r}' for k in bad)} must be finite and > 0"
+            )
+        if abs(self.a - 1) < A_NEAR_ONE:
+            raise FitRejected(
+                f"BG/NBD a={self.a!r} is 1 to within {A_NEAR_ONE}: the expected purchases (a + b - 1) / (a - 1) · (...) "
+                "are 0/0 in floating point; refit on more or other customers"
+            )
+        if self.a + self.b <= 1:
+            raise FitRejected(
+                f"BG/NBD a + b = {self.a + self.b!r} <= 1: the expected purchases need a + b > 1 (the hypergeometric "
+                "function is undefined otherwise); refit on more or other customers"
+            )
+        return self
 
-        result = minimize(objective, np.zeros(4), method="L-BFGS-B", bounds=[(-9.0, 9.0)] * 4)
-        r, alpha, a, b = np.exp(result.x)
-        return cls(float(r), float(alpha), float(a), float(b))
+    def expected_new(self, t: np.ndarray | float) -> np.ndarray:
+        """E[X(t)]: purchases in the first t after a customer's first one (eq. 7): E[Y(t) | x = 0, T = 0]."""
+        t = np.atleast_1d(np.asarray(t, dtype=np.float64))
+        zero = np.zeros_like(t)
+        return np.where(t > 0, self.expected(np.maximum(t, 1e-300), zero, zero, zero), 0.0)  # type: ignore[arg-type]
 
     def p_alive(self, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
         """P(still a customer at T | x, t_x, T); 1 without repeat purchases (dropout follows a purchase)."""
@@ -80,12 +206,21 @@ class BgNbd:
         return 1.0 / (1.0 + odds)
 
     def expected(self, t: float, x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
-        """E[purchases in (T, T + t] | x, t_x, T] (eq. 10), with scipy's hyp2f1."""
+        """E[purchases in (T, T + t] | x, t_x, T] (eq. 10), with scipy's hyp2f1.
+
+        The product ((alpha+T)/(alpha+T+t))^(r+x) 2F1(r+x, b+x; a+b+x-1; z) is taken in Euler's form
+        (1-z)^(a-1) 2F1(a+b-1-r, a-1; a+b+x-1; z) (see `series_terms`): the same number, but scipy's plain
+        form overflows past a few hundred repeat purchases (inf · 0), which real exports have. Where the
+        Euler form is not finite (integer parameters far out) the plain form is used."""
         x = np.asarray(x, dtype=np.float64)
+        T = np.asarray(T, dtype=np.float64)
         r, alpha, a, b = self.r, self.alpha, self.a, self.b
         z = t / (alpha + T + t)
         head = (a + b + x - 1) / (a - 1)
-        tail = ((alpha + T) / (alpha + T + t)) ** (r + x) * hyp2f1(r + x, b + x, a + b + x - 1, z)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            tail = (1 - z) ** (a - 1) * hyp2f1(a + b - 1 - r, a - 1, a + b + x - 1, z)
+            plain = ((alpha + T) / (alpha + T + t)) ** (r + x) * hyp2f1(r + x, b + x, a + b + x - 1, z)
+        tail = np.where(np.isfinite(tail), tail, plain)
         return head * (1 - tail) * self.p_alive(x, t_x, T)
 
     def sample(self, T: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -135,18 +270,26 @@ class GammaGamma:
 
     @classmethod
     def fit(cls, x: np.ndarray, m: np.ndarray) -> GammaGamma:
-        x = np.asarray(x, dtype=np.float64)
-        m = np.asarray(m, dtype=np.float64)
-        keep = (x >= 1) & (m > 0)
-        x, m = x[keep], m[keep]
+        """Maximum likelihood (`fit_gamma_gamma`); raises `FitRejected` when q <= 1."""
+        return fit_gamma_gamma(x, m)[0]
 
-        def objective(log_params: np.ndarray) -> float:
-            return -float(np.mean(cls.log_likelihood(np.exp(log_params), x, m)))
-
-        start = np.log([1.0, 2.0, max(float(np.mean(m)), 1.0)])
-        result = minimize(objective, start, method="L-BFGS-B", bounds=[(-9.0, 12.0)] * 3)
-        p, q, gamma = np.exp(result.x)
-        return cls(float(p), float(q), float(gamma))
+    def check(self) -> GammaGamma:
+        """Raise `FitRejected` unless E[order value] is defined and positive for every customer: p, gamma > 0
+        and q > 1 (the population mean p gamma / (q - 1) and, for few orders, p x + q - 1 > 0)."""
+        values = self.as_dict()
+        bad = [k for k, v in values.items() if not (np.isfinite(v) and v > 0)]
+        if bad:
+            raise FitRejected(
+                f"Gamma-Gamma parameter(s) {', '.join(f'{k}={values[k]!r}' for k in bad)} must be finite and > 0"
+            )
+        if self.q <= 1:
+            raise FitRejected(
+                f"Gamma-Gamma q={self.q!r} <= 1: the expected order value p (gamma + m x) / (p x + q - 1) is negative "
+                "or infinite for customers with few orders (and the population mean p gamma / (q - 1) does not "
+                "exist): the spend is too heavy-tailed for the model. Look for outliers (a wholesale order, a "
+                "currency error) or fit on more customers"
+            )
+        return self
 
     def expected(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
         """E[order value | x orders averaging m] (eq. 5); the population mean p gamma / (q - 1) for x = 0."""
@@ -157,6 +300,63 @@ class GammaGamma:
         """Mean order value over x >= 1 orders per customer, drawn from the model."""
         nu = rng.gamma(self.q, 1 / self.gamma, len(x))
         return rng.gamma(self.p * x, 1 / nu) / x  # a sum of x Gamma(p, nu) values is Gamma(p x, nu)
+
+
+def fit_bgnbd(
+    x: np.ndarray, t_x: np.ndarray, T: np.ndarray, *, check: bool = True, max_iterations: int = MAX_ITERATIONS
+) -> tuple[BgNbd, FitReport]:
+    """Maximum likelihood over log-parameters (L-BFGS-B from (1, 1, 1, 1) within `BGNBD_LOG_BOUNDS`);
+    deterministic. x repeat purchases, t_x and T in one time unit; raises `FitRejected` (`BgNbd.check`)
+    unless `check` is False."""
+    x, t_x, T = (np.asarray(v, dtype=np.float64) for v in (x, t_x, T))
+    for name, values in (("x", x), ("t_x", t_x), ("T", T)):
+        _finite_nonnegative(name, values)
+    if not len(x):
+        raise FailedPrecondition("no customers to fit BG/NBD on")
+    if not np.any(x > 0):
+        # the dropout parameters a, b are read off repeat purchases only: without one they stay where the
+        # search started, and the fit would look like an answer
+        raise FailedPrecondition(f"none of the {len(x)} customers made a repeat purchase: BG/NBD cannot be fitted")
+    # customers with the same summary share one term: fewer gammaln calls per step
+    keys, counts = np.unique(np.stack([x, t_x, T], axis=1), axis=0, return_counts=True)
+    kx, kt, kT = keys.T
+    total = float(counts.sum())
+
+    def objective(log_params: np.ndarray) -> float:
+        ll = BgNbd.log_likelihood(np.exp(log_params), kx, kt, kT)
+        return -float(np.dot(counts, ll)) / total
+
+    report = _minimise(
+        "BG/NBD", ("r", "alpha", "a", "b"), objective, np.zeros(4), BGNBD_LOG_BOUNDS, len(x), max_iterations
+    )
+    model = BgNbd(**report.parameters)
+    return (model.check() if check else model), report
+
+
+def fit_gamma_gamma(
+    x: np.ndarray, m: np.ndarray, *, check: bool = True, max_iterations: int = MAX_ITERATIONS
+) -> tuple[GammaGamma, FitReport]:
+    """Maximum likelihood over customers with x >= 1 transactions of mean value m > 0 (the others say
+    nothing about spend); L-BFGS-B within `GAMMA_GAMMA_LOG_BOUNDS` from (1, 2, mean m). Raises
+    `FitRejected` when q <= 1 (`GammaGamma.check`) unless `check` is False."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.asarray(m, dtype=np.float64)
+    _finite_nonnegative("x", x)
+    _finite_nonnegative("m", m)
+    keep = (x >= 1) & (m > 0)
+    x, m = x[keep], m[keep]
+    if not len(x):
+        raise FailedPrecondition("no customer with a transaction of positive value to fit Gamma-Gamma on")
+
+    def objective(log_params: np.ndarray) -> float:
+        return -float(np.mean(GammaGamma.log_likelihood(np.exp(log_params), x, m)))
+
+    start = np.log([1.0, 2.0, max(float(np.mean(m)), 1.0)])
+    report = _minimise(
+        "Gamma-Gamma", ("p", "q", "gamma"), objective, start, GAMMA_GAMMA_LOG_BOUNDS, len(x), max_iterations
+    )
+    model = GammaGamma(**report.parameters)
+    return (model.check() if check else model), report
 
 
 OCCASION_DAYS = 1.0  # repeat orders closer together than this count as one purchase occasion
