@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 
 import aiohttp
 from aiohttp import web
@@ -45,20 +46,30 @@ from cdp_kit.bus import (
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.service import ServiceRuntime, run_main
-from cdp_kit.storage import open_store
+from cdp_kit.storage import Store, open_store
 
 log = logging.getLogger("cdp.crm")
 
+DESCRIBE_WAIT = 60.0  # seconds describing at start may wait for the account's budget
 
-async def describe(adapters, connections: tuple[Connection, ...]) -> dict:
+
+async def describe(adapters, connections: tuple[Connection, ...], store: Store) -> dict:
     """Each connection's CRM schema of the objects its mappings name; a CRM that cannot describe is left
-    out (its mappings are checked without a schema), never given an empty one."""
+    out (its mappings are checked without a schema), never given an empty one.
+
+    Describing is one request per object, taken from the account's shared budget like any other: a
+    process started right after a crashed one that used up the burst window waits for the window (up to
+    `DESCRIBE_WAIT` seconds, then checks without the schema) rather than going over the CRM's limit."""
     schemas = {}
     for connection in connections:
         adapter = adapters.get(connection.id)
         if adapter is None:
             continue
         objects = sorted({m.object for m in connection.mappings})
+        budget = SharedBudget(store, connection)
+        if not await budget.acquire(len(objects), time.time, time.time() + DESCRIBE_WAIT):
+            log.warning("crm describe skipped: no budget left", extra={"connection": connection.id})
+            continue
         try:
             schema = await adapter.describe(objects)
         except Exception as exc:
@@ -86,7 +97,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 
     adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)
-    connections = load_connections(text, await describe(adapters, connections), form=form)
+    connections = load_connections(text, await describe(adapters, connections, store), form=form)
     budgets = {c.id: SharedBudget(store, c) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for)
     meter = runtime.telemetry.meter
@@ -179,7 +190,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     runs = Runs(logic, partitions=settings.partitions)
 
     async def describe_document(parsed):
-        return await describe(adapters, parsed)
+        return await describe(adapters, parsed, store)
 
     api = CrmApi(store=store, connections=connections, deliverer=deliverer, budgets=budgets, runs=runs,
                  describe=describe_document)  # fmt: skip
