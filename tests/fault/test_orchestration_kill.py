@@ -1,0 +1,226 @@
+"""SIGKILL the orchestration process mid-stream, three times, with timers pending and actions in flight to
+real channel servers, and count at the servers.
+
+A journey waits, emails, waits again and calls a webhook; carts are abandoned in waves while the process
+is killed and started again on the same store and the same nats-server. The local SMTP server and webhook
+receiver run in this test's process, so what they received is counted where the customer would see it:
+every person gets exactly one email and one webhook call (none lost, none sent twice), every delay's
+timer fired once (the fired copies sourced into ORCHESTRATION), and every instance ends "completed", as
+in a run nobody killed.
+
+The dispatcher records a send before acknowledging it, so a redelivery after a crash finds the record.
+Its one window - a crash between the provider's answer and that record - is covered for webhooks by the
+Idempotency-Key (the receiver counts a replay, not a second delivery); SMTP has no such key, which is
+why the mail count is the sharper check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email
+import json
+import random
+import time
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from cdp.events.v1 import events_pb2
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp.orchestration.v1 import orchestration_pb2_grpc
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import (
+    Bus,
+    OutMessage,
+    events_resolved_stream,
+    partition_for,
+    profiles_stream,
+    segments_stream,
+    subjects,
+)
+from cdp_kit.timestamps import from_seconds
+from cdp_testing.channels.smtp import LocalSmtpServer
+from cdp_testing.channels.webhook import LocalWebhookReceiver
+from cdp_testing.processes import ServiceProcess
+
+PARTITIONS = 4
+PEOPLE = 36
+WAVES = 3
+SECRET = "kill-test-webhook-secret"
+
+JOURNEY = {
+    "id": "cart-kill",
+    "version": 1,
+    "name": "Cart reminders under fire",
+    "priority": 10,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "never",
+    "nodes": [
+        {"id": "wait-1", "type": "delay", "duration": "1s", "next": "mail"},
+        {
+            "id": "mail",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "Your cart, {{ traits.first_name }}", "body": "still there"},
+            "next": "wait-2",
+        },
+        {"id": "wait-2", "type": "delay", "duration": "2s", "next": "hook"},
+        {
+            "id": "hook",
+            "type": "action",
+            "channel": "webhook",
+            "purpose": "Marketing",
+            "template": {"title": "cart", "body": "second reminder"},
+        },
+    ],
+}
+
+
+async def eventually(check, timeout: float = 30.0, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if asyncio.iscoroutine(answer):
+            answer = await answer
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s")
+        await asyncio.sleep(every)
+
+
+def orchestration_process(tmp_path, nats_url: str, smtp: LocalSmtpServer, hook: LocalWebhookReceiver):
+    return ServiceProcess(
+        "orchestration",
+        "cdp_orchestration",
+        tmp_path,
+        {
+            "CDP_NATS_URL": nats_url,
+            "CDP_STORE_URL": f"sqlite:///{tmp_path}/orchestration.db",
+            "CDP_PARTITIONS": str(PARTITIONS),
+            "CDP_ORCHESTRATION_ACK_WAIT": "5",
+            "CDP_SMTP_HOST": "127.0.0.1",
+            "CDP_SMTP_PORT": str(smtp.port),
+            "CDP_SMTP_SECURITY": "none",
+            "CDP_SMTP_FROM": "cdp <journeys@cdp.local>",
+            "CDP_WEBHOOK_SECRET": SECRET,
+            "CDP_WEBHOOK_URL": hook.url(),
+        },
+    )
+
+
+class Upstream:
+    """What profile and identity would publish: a person's traits and consent, then their events."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def _publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        [result] = await self.bus.publisher.publish_batch([OutMessage(subject, payload, msg_id)])
+        assert result.ok, result.error
+
+    async def profile(self, person: str) -> None:
+        change = profile_pb2.ProfileChanged(person_id=person, cause="api", at=from_seconds(time.time()))
+        change.traits["first_name"].CopyFrom(struct_pb2.Value(string_value=person))
+        change.traits["email"].CopyFrom(struct_pb2.Value(string_value=f"{person}@example.com"))
+        change.consent.update({"purpose:Marketing": True})
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
+        await self._publish(subject, batch.SerializeToString(), f"profile-{person}")
+
+    async def cart_abandoned(self, person: str) -> None:
+        event = events_pb2.Event(
+            message_id=f"cart-{person}",
+            type=events_pb2.EVENT_TYPE_TRACK,
+            event="Cart Abandoned",
+            timestamp=from_seconds(time.time()),
+            user_id=person,
+        )
+        batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
+        subject = subjects.events_resolved(partition_for(person, PARTITIONS))
+        await self._publish(subject, batch.SerializeToString(), f"cart-{person}")
+
+
+async def timers_fired(bus: Bus) -> collections.Counter:
+    """How many times each timer fired: the fired copies the server sourced into ORCHESTRATION."""
+    info = await bus.js.stream_info(subjects.ORCHESTRATION)
+    fired: collections.Counter = collections.Counter()
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await bus.js.get_msg(subjects.ORCHESTRATION, seq)
+        except Exception:  # a deleted sequence (a gap) holds nothing to count
+            continue
+        scheduler = (msg.headers or {}).get("Nats-Scheduler")
+        if scheduler:
+            fired[scheduler] += 1
+    return fired
+
+
+async def instances(address: str, person: str) -> list[pb.Instance]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+        reply = await stub.ListInstances(pb.ListInstancesRequest(person_id=person), timeout=10)
+        return list(reply.instances)
+
+
+@pytest.mark.timeout(240)
+async def test_killed_three_times_mid_stream_every_mail_and_webhook_arrives_once(nats_server, tmp_path):
+    people = [f"shopper-{i:02d}" for i in range(PEOPLE)]
+    async with (
+        LocalSmtpServer() as smtp,
+        LocalWebhookReceiver(secret=SECRET) as hook,
+        Bus.connect(nats_server.url, name="orchestration-kill-test") as bus,
+    ):
+        # The upstream streams are their publishers' to create; orchestration sources them.
+        await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
+        process = orchestration_process(tmp_path, nats_server.url, smtp, hook)
+        await asyncio.to_thread(process.start)  # the loop keeps serving the channel servers meanwhile
+        try:
+            async with grpc.aio.insecure_channel(process.grpc_address) as channel:
+                stub = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+                definition = pb.JourneyDefinition(json=json.dumps(JOURNEY))
+                created = await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition), timeout=30)
+                await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=created.id), timeout=30)
+            upstream = Upstream(bus)
+            for person in people:
+                await upstream.profile(person)
+            rng = random.Random(20)
+            wave = PEOPLE // WAVES
+            outstanding: list[int] = []  # webhook calls still to come at each kill
+            for round_ in range(WAVES):
+                for person in people[round_ * wave : (round_ + 1) * wave]:
+                    await upstream.cart_abandoned(person)
+                # Timers pending, mail and webhook calls in flight: a crash, as the OOM killer would.
+                await asyncio.sleep(rng.uniform(0.8, 2.5))
+                outstanding.append(PEOPLE - len(hook.deliveries))
+                process.kill()
+                await asyncio.to_thread(process.start)
+
+            await eventually(lambda: len(smtp.mailbox) >= PEOPLE and len(hook.deliveries) >= PEOPLE, timeout=90)
+
+            async def all_completed() -> bool:
+                for person in people:
+                    found = await instances(process.grpc_address, person)
+                    if [i.end_reason for i in found] != ["completed"]:
+                        return False
+                return True
+
+            await eventually(all_completed, timeout=60)
+            await asyncio.sleep(3)  # anything sent twice would arrive by now (redelivery after ack_wait)
+
+            mails = collections.Counter(email.message_from_bytes(m.raw)["X-CDP-Action-Id"] for m in smtp.mailbox)
+            mailed = collections.Counter(m.rcpt_tos[0].split("@")[0] for m in smtp.mailbox)
+            hooked = collections.Counter(d.json["person_id"] for d in hook.deliveries)
+            assert all(n > 0 for n in outstanding), outstanding  # each kill hit a journey mid-way
+            assert mailed == dict.fromkeys(people, 1), "every person mailed exactly once"
+            assert set(mails.values()) == {1}, "no email sent twice under one action id"
+            assert hooked == dict.fromkeys(people, 1), "every person's webhook delivered exactly once"
+            fired = await timers_fired(bus)
+            assert len(fired) == 2 * PEOPLE and set(fired.values()) == {1}, "two delays each, each fired once"
+        finally:
+            process.stop()
