@@ -73,6 +73,25 @@ def test_errors_name_the_field_and_the_position():
     assert kind_error.value.field == "exit.condition"
 
 
+def test_a_caller_may_offer_fields_under_roots_of_its_own():
+    # A journey reads the properties its instance started with as entry.<name>, beside the profile's fields.
+    roots = ("traits", "computed", "consent", "scores", "entry")
+    text = compile_condition('entry.total > 100 and entry.cart.currency = "EUR" and traits.plan = "pro"', roots=roots)
+    tree = compile_condition(text.to_json(), roots=roots)
+    assert tree.node == text.node
+    assert text.reads.fields == {"entry.total", "entry.cart", "traits.plan"}
+    person = {"traits.plan": "pro", "entry.total": 120, "entry.cart": {"currency": "EUR"}}
+    assert text.evaluate(ProfileView(person), NOW) and tree.evaluate(ProfileView(person), NOW)
+    assert not text.evaluate(ProfileView({**person, "entry.total": 80}), NOW)
+    # Without them the profile's roots are the only ones, and the error says which those are.
+    with pytest.raises(SegmentSyntaxError) as text_error:
+        compile_condition("entry.total > 100")
+    assert "traits, computed, consent or scores" in str(text_error.value)
+    with pytest.raises(InvalidArgument) as tree_error:
+        compile_condition({"field": "entry.total", "op": ">", "value": 100})
+    assert tree_error.value.field == "condition.field"
+
+
 def test_reads_say_what_the_answer_depends_on():
     condition = compile_condition(
         'traits.plan = "pro" and in_segment("vip") and performed(event = "Support Ticket Opened", within 1d)'

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.profile_fields import COMPUTED, CONSENT, SCORES, TRAITS, field_key
+from cdp_kit.profile_fields import COMPUTED, CONSENT, ROOTS, SCORES, TRAITS, field_key
 from cdp_lang.compiler import CompiledSegment, compile_segment, computed_trait, literal_test
 from cdp_lang.nodes import Aggregate, And, EventPredicate, Node, Not, Or, Performed
 from cdp_lang.row import row_predicate
@@ -272,17 +272,22 @@ class CompiledCondition:
         return min(instants, default=None)
 
 
-def compile_condition(source: str | Mapping[str, Any], field: str = "condition") -> CompiledCondition:
+def compile_condition(
+    source: str | Mapping[str, Any], field: str = "condition", *, roots: tuple[str, ...] = ROOTS
+) -> CompiledCondition:
     """The compiled form of a condition written as text (`traits.plan = "pro" and scores.churn > 0.8`) or as
     a JSON tree (`{"field": "traits.plan", "op": "=", "value": "pro"}`).
 
     Raises InvalidArgument on `field`: for text a SegmentSyntaxError ("line L, column C: expected X, found Y",
     with `line` and `column` attributes), for a tree the JSON path below `field` (`condition.and[1].op`).
+
+    Field paths start with one of `roots`: the profile's four unless the caller's view carries more flat
+    fields under roots of its own (a journey's `entry.<name>`, the properties its instance started with).
     """
     if isinstance(source, str):
-        node = parse(source, field)
+        node = parse(source, field, roots=roots)
     elif isinstance(source, Mapping):
-        node = from_json(source, field)
+        node = from_json(source, field, roots=roots)
     else:
         raise InvalidArgument(field, "must be the condition's text or its JSON tree (an object)")
     return compile_node(node)

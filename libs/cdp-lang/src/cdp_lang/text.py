@@ -23,8 +23,9 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
                  | "type" "=" ("track" | "page" | "screen" | "identify" | "group" | "any")   (default track)
                  | EVENT_PATH <any condition operator> scalar (no time values)
 
-PATH is `traits.<name>`, `computed.<name>`, `consent.<key>` or `scores.<name>`, then optionally more
-`.<key>` steps into an object value. EVENT_PATH is `properties.<path>` or `context.<path>`. A step is
+PATH is `traits.<name>`, `computed.<name>`, `consent.<key>` or `scores.<name>` (or a root the caller adds
+with `parse(..., roots=...)`, like a journey's `entry.<name>`), then optionally more `.<key>` steps into an
+object value. EVENT_PATH is `properties.<path>` or `context.<path>`. A step is
 letters, digits, `_` and `:` (`consent.purpose:email`), or anything but a backtick or a dot between
 backticks (`` traits.`first name` ``). STRING is double-quoted with the escapes \\" \\\\ \\n \\t \\r \\uXXXX.
 NUMBER is an int or a float (1.5, 2e-3). DURATION is a whole number of seconds written as 90s, 15m, 12h,
@@ -272,9 +273,10 @@ class _Lexer:
 
 
 class _Parser:
-    def __init__(self, text: str, field: str) -> None:
+    def __init__(self, text: str, field: str, roots: tuple[str, ...] = ROOTS) -> None:
         self.tokens = _Lexer(text, field)
         self.field = field
+        self.roots = roots
         self.nesting = 0  # `not`s and parentheses open around the current position
 
     def nest(self, token: _Token) -> None:
@@ -349,15 +351,16 @@ class _Parser:
                 return self.aggregate()
             if word == "performed":
                 return self.performed()
-            if word in ROOTS:
+            if word in self.roots:
                 raise self.error(token, f"a field after '{word}.' (like {word}.plan)")
             hint = "" if word in KEYWORDS else f"a field is written with its root, like traits.{word}"
             raise self.error(token, CONDITION_EXPECTED, hint)
-        if token.value[0] not in ROOTS:
+        if token.value[0] not in self.roots:
             hint = ""
             if token.value[0] in EVENT_ROOTS:
                 hint = f"{token.value[0]}.* are event fields: use them inside count(...), performed(...) or sum(...)"
-            raise self.error(token, "a field of traits, computed, consent or scores (like traits.plan)", hint)
+            named = f"{', '.join(self.roots[:-1])} or {self.roots[-1]}"
+            raise self.error(token, f"a field of {named} (like traits.plan)", hint)
         return self.condition()
 
     def in_segment(self) -> Node:
@@ -619,11 +622,12 @@ def _operator_hint(token: _Token) -> str:
     return ""
 
 
-def parse(text: str, field: str = "expression") -> Node:
-    """The node a segment's text describes; SegmentSyntaxError (an InvalidArgument on `field`) if none."""
+def parse(text: str, field: str = "expression", *, roots: tuple[str, ...] = ROOTS) -> Node:
+    """The node a segment's text describes; SegmentSyntaxError (an InvalidArgument on `field`) if none.
+    A field path starts with one of `roots` (the profile's unless the caller has more to offer)."""
     if not isinstance(text, str):
         raise InvalidArgument(field, f'{text!r} is not text: write a segment like traits.plan = "pro"')
-    node = _Parser(text, field).segment()
+    node = _Parser(text, field, roots).segment()
     if (levels := depth(node)) > MAX_DEPTH:
         raise InvalidArgument(
             field, f"and, or and not nest {levels} levels deep; at most {MAX_DEPTH}: flatten the definition"

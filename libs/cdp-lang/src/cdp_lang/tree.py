@@ -72,10 +72,13 @@ _EVENT_KEYS = ("name", "names", "type", "where")
 _EXAMPLE = '{"field": "traits.plan", "op": "=", "value": "pro"}'
 
 
-def from_json(tree: Any, field: str = "definition", *, max_depth: int = MAX_DEPTH) -> Node:
+def from_json(
+    tree: Any, field: str = "definition", *, max_depth: int = MAX_DEPTH, roots: tuple[str, ...] = ROOTS
+) -> Node:
     """The node a JSON tree describes; InvalidArgument naming the JSON path (below `field`) if it is not one.
-    "and", "or" and "not" nest at most `max_depth` levels."""
-    return _node(tree, field, 0, max_depth)
+    "and", "or" and "not" nest at most `max_depth` levels. A field path starts with one of `roots` (a caller
+    with more to offer than the profile, like a journey's entry properties, passes its own)."""
+    return _node(tree, field, 0, max_depth, roots)
 
 
 def _object(tree: Any, at: str, what: str) -> Mapping[str, Any]:
@@ -90,7 +93,7 @@ def _known_keys(tree: Mapping[str, Any], allowed: tuple[str, ...], at: str) -> N
             raise InvalidArgument(f"{at}.{key}", f"unknown key here; known: {', '.join(allowed)}")
 
 
-def _node(tree: Any, at: str, level: int, max_depth: int) -> Node:
+def _node(tree: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]) -> Node:
     tree = _object(tree, at, f"a condition: use an object like {_EXAMPLE}")
     if level > max_depth:
         raise InvalidArgument(
@@ -108,19 +111,19 @@ def _node(tree: Any, at: str, level: int, max_depth: int) -> Node:
         items = tree[kind]
         if not isinstance(items, list) or not items:
             raise InvalidArgument(f"{at}.{kind}", f"{items!r} must be a non-empty list of conditions")
-        operands = tuple(_node(item, f"{at}.{kind}[{i}]", level + 1, max_depth) for i, item in enumerate(items))
+        operands = tuple(_node(item, f"{at}.{kind}[{i}]", level + 1, max_depth, roots) for i, item in enumerate(items))
         if len(operands) == 1:
             return operands[0]
         return And(operands) if kind == "and" else Or(operands)
     if kind == "not":
-        return Not(_node(tree["not"], f"{at}.not", level + 1, max_depth))
+        return Not(_node(tree["not"], f"{at}.not", level + 1, max_depth, roots))
     if kind == "segment":
         segment = tree["segment"]
         if not isinstance(segment, str) or not segment:
             raise InvalidArgument(f"{at}.segment", f"{segment!r} must be a segment id (a non-empty string)")
         return InSegment(segment)
     if kind == "field":
-        return _condition(tree, at)
+        return _condition(tree, at, roots)
     if kind == "aggregate":
         return _aggregate(tree, at)
     event = _event(tree["performed"], f"{at}.performed")
@@ -128,7 +131,7 @@ def _node(tree: Any, at: str, level: int, max_depth: int) -> Node:
 
 
 def _path(value: Any, at: str, roots: tuple[str, ...]) -> tuple[str, ...]:
-    example = f"{roots[0]}.plan" if roots == ROOTS else "properties.total"
+    example = "properties.total" if roots[0] in EVENT_ROOTS else f"{roots[0]}.plan"
     if not isinstance(value, str):
         raise InvalidArgument(at, f"{value!r} is not a field path: use e.g. {example!r}")
     steps = tuple(value.split("."))
@@ -200,8 +203,8 @@ def _time(value: Mapping[str, Any], at: str, op: str, condition_at: str) -> Now 
     return Now(seconds)
 
 
-def _condition(tree: Mapping[str, Any], at: str) -> Condition:
-    path = _path(tree["field"], f"{at}.field", ROOTS)
+def _condition(tree: Mapping[str, Any], at: str, roots: tuple[str, ...]) -> Condition:
+    path = _path(tree["field"], f"{at}.field", roots)
     op = tree.get("op")
     if op not in CONDITION_OPS:
         raise InvalidArgument(f"{at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")

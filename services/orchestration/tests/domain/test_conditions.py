@@ -72,3 +72,16 @@ def test_profile_conditions_evaluate_on_the_view_with_segments() -> None:
     with pytest.raises(InvalidArgument) as caught:
         profile_condition({"field": "traits.x", "op": "~"}, "c")
     assert caught.value.field == "c.op"
+
+
+def test_a_profile_condition_reads_entry_fields_only_where_an_instance_can_supply_them() -> None:
+    condition = profile_condition('entry.total > 100 and traits.plan = "pro"', "c", entry=True)
+    assert condition.entry_fields == {"entry.total"} and condition.fields == {"traits.plan"}
+    view = PersonView("p1", {"traits.plan": "pro"})
+    assert condition.holds(view, 0.0, {"total": 120})
+    assert not condition.holds(view, 0.0, {"total": 80})
+    assert not condition.holds(view, 0.0)  # no entry: the field is missing, which never compares
+    # Elsewhere (an arbiter rule) there is no entry: the language names the field's roots.
+    with pytest.raises(InvalidArgument) as caught:
+        profile_condition("entry.total > 100", "rules.suppressions[0].condition")
+    assert caught.value.field == "rules.suppressions[0].condition"

@@ -107,6 +107,31 @@ def test_a_superseded_action_is_still_pending() -> None:
     assert commands == [] and instance.node == "a" and instance.pending == (proposal.action.action_id,)
 
 
+def test_branch_wait_and_exit_conditions_read_the_entry_fields() -> None:
+    j = journey(
+        [
+            {"id": "b", "type": "branch", "branches": [{"if": "entry.total > 100", "next": "w"}], "else": "small"},
+            {"id": "w", "type": "wait", "condition": 'entry.tier = "gold" and traits.verified = true', "timeout": "1d"},
+            {"id": "small", "type": "exit"},
+        ],
+        exit=[{"id": "fraud", "condition": "entry.total > 10000"}],
+    )
+    cart = event("Signed Up", T0, total=120, tier="gold")
+    instance, _ = step(new_instance(j, "p1", "e1"), j, Enter(cart), VIEW, T0)
+    assert [s.outcome for s in instance.steps[:1]] == ["branch:0"] and instance.node == "w"
+    verified = PersonView("p1", {**VIEW.fields, "traits.verified": True})
+    waited, _ = step(instance, j, ProfileChanged(), verified, T0 + 60)
+    assert waited.status is Status.ENDED and waited.steps[-1].outcome == "met"
+    small, _ = step(new_instance(j, "p1", "e2"), j, Enter(event("Signed Up", T0, total=80)), VIEW, T0)
+    assert exit_step(small) == "small"
+    _, commands = step(new_instance(j, "p1", "e3"), j, Enter(event("Signed Up", T0, total=20000)), VIEW, T0)
+    assert of(commands, End)[0].reason == "exit_rule:fraud"
+    # An Enroll call's properties are the entry fields of an API entry.
+    api = journey(j.document["nodes"], entry={"api": True})
+    enrolled, _ = step(new_instance(api, "p1", "k1"), api, Enter(properties={"total": 500}), VIEW, T0)
+    assert enrolled.steps[0].outcome == "branch:0"
+
+
 def test_delay_until_a_time_of_day_uses_the_persons_zone() -> None:
     j = journey([{"id": "d", "type": "delay", "until": "09:00"}], timezone="America/New_York")
     now = datetime(2028, 1, 14, 6, 0, tzinfo=UTC).timestamp()  # 07:00 in Berlin: their 09:00 is 2 h later

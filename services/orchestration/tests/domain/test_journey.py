@@ -218,6 +218,51 @@ def test_an_action_chooses_what_a_full_cap_does_and_how_long_it_stays_worth_send
     assert (problem.node, problem.field) == ("a", "on_cap") and "'defer'" in problem.message
 
 
+def test_entry_fields_in_conditions_need_an_entry_that_supplies_them() -> None:
+    nodes = [
+        {"id": "b", "type": "branch", "branches": [{"if": "entry.total > 100", "next": "a"}]},
+        {"id": "a", "type": "action", **EMAIL, "template": {"b": "{{ entry.cart_url }}"}},
+    ]
+    exits = [{"id": "big", "condition": "entry.total > 1000"}]
+    for entry in ({"event": "Cart Abandoned"}, {"api": True}):
+        # An event's properties or an Enroll call's: known only when they come, never checked by the catalogue.
+        journey = parse_journey(with_nodes(*nodes, entry=entry, exit=exits), Catalogue(fields=frozenset()))
+        assert journey.nodes["b"].branches[0][0].entry_fields == {"entry.total"}
+    for entry in ({"segment": "vip"}, {"schedule": {"cron": "0 9 * * 1", "segment": "vip"}}):
+        with pytest.raises(JourneyInvalid) as caught:
+            parse_journey(with_nodes(*nodes, entry=entry, exit=exits))
+        found = [(p.node, p.path) for p in caught.value.problems]
+        assert found == [("", "exit[0].condition"), ("b", "nodes.b.branches[0].if"), ("a", "nodes.a.template")]
+        assert "entry.total" in caught.value.problems[0].message
+        assert "segment or schedule entry" in caught.value.problems[0].message
+    # The entry's own condition decides whether there is an entry at all: it filters the event instead.
+    own = with_nodes(nodes[1], entry={"event": "Cart Abandoned", "if": "entry.total > 1"})
+    assert problems(own) == [("", "entry.if")]
+
+
+def test_an_unknown_event_is_named_by_node_and_field_wherever_it_is_written() -> None:
+    document = with_nodes(
+        {"id": "w", "type": "wait", "event": "Order Complete", "timeout": "1d", "next": "b"},
+        {"id": "b", "type": "branch", "branches": [{"if": 'performed("Cart Abandonned", within 1d)', "next": "x"}]},
+        {"id": "x", "type": "exit"},
+        entry={"event": "Cart Abandoned"},
+        exit=[{"event": "Order Canceled"}, {"condition": 'count("Refnd") > 1'}],
+        goal={"event": "Order Complete", "within": "1d"},
+    )
+    assert problems(document, CATALOGUE) == [
+        ("", "exit[0].event"),
+        ("", "exit[1].condition"),
+        ("", "goal.event"),
+        ("w", "nodes.w.event"),
+        ("b", "nodes.b.branches[0].if"),
+    ]
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(document, CATALOGUE)
+    assert "'Refnd' is not a known event" in str(caught.value)
+    # Without a catalogue event names are not checked (a journey may name an event nobody has sent yet).
+    assert parse_journey(document).id == "j"
+
+
 def test_the_catalogue_catches_unknown_events_fields_segments_and_purposes() -> None:
     document = {
         **CART,

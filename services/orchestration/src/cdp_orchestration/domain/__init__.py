@@ -7,7 +7,8 @@ out the commands it returns; it owns storage, timers and the bus.
 Modules:
 - `journey`: the model of one journey version. `document`: the journey document (JSON/YAML) -> `Journey`,
   validated as a whole (`JourneyInvalid` lists every problem as the API's Problem: node id, field within
-  it, message). `lifecycle`: draft -> active <-> paused -> archived, immutable published versions,
+  it, message). Event names, fields, segments and purposes are checked only against a `Catalogue` that
+  lists them: without one a misspelt event name passes validation and never matches. `lifecycle`: draft -> active <-> paused -> archived, immutable published versions,
   `migration_plan` between versions.
 - `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`.
   `entry`: who enters and when (`enters_on_*`, `next_scheduled_entry`, `admit`).
@@ -26,7 +27,8 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
    with the person's `EntryHistory` for that journey (its `reason` is EnrollResponse's: reentry_never,
    cooldown, concurrency_cap). If admitted: `new_instance(journey, person, trigger_id)` (trigger id: the
    event id, the Enroll idempotency key, or `schedule_trigger(at)`), then `step(..., Enter(event))`, or
-   `Enter(properties=...)` for an Enroll call's properties.
+   `Enter(properties=...)` for an Enroll call's properties. These are the instance's entry fields, which
+   its conditions and templates read as `entry.<name>`.
    The instance id is derived from the trigger, so a redelivered trigger finds the instance that exists and
    must not start a second one.
 2. Stimuli. Route to every running instance of the person (and ended ones still `watching_goal`):
@@ -41,7 +43,8 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
    counts; `End` -> the instance's end, with its reason, in its history.
 4. The arbiter's `PersonState` is per person (the same partition as the person's instances, so one
    writer). Every `Decision` in a `Ruling` is appended to the person's decision history and fed back to
-   the instance as `ActionOutcome`. On `sent`, render the action's template (its node's, in the action's
+   the instance as `ActionOutcome` (only final ones move it on: deferred, superseded and awaiting approval
+   are held, and a later ruling decides them again). On `sent`, render the action's template (its node's, in the action's
    own `journey_version`, with the instance's `entry` properties; a `MissingField` is a failed action
    naming the field, never a blank) and publish
    `actions.<channel>` with the action id as the message id. After every ruling, keep one durable timer

@@ -5,7 +5,9 @@ This is the one module of orchestration that imports the language, through its o
 
 - `ProfileCondition`: a condition on the person (text like
   `scores.churn_risk > 0.8 and not performed("Support Ticket Opened", within 1d)`, or its JSON tree),
-  answered for a `PersonView`. Event conditions (`performed`, `count`, ...) are answered from the view's
+  answered for a `PersonView`. A journey's conditions may also read the instance's entry properties as
+  `entry.<name>` (`profile_condition(..., entry=True)`; `holds(view, now, entry)`): the language reads
+  them as flat fields under one more root, so `entry.total > 100` means what `traits.total > 100` means. Event conditions (`performed`, `count`, ...) are answered from the view's
   recent events when it carries them, else from the computed traits the profile service keeps
   (`computed_traits` lists their definitions so the service can register them). `next_change` is when time
   alone may change the answer (a `now` comparison flips, a counted event leaves its window).
@@ -19,11 +21,12 @@ Errors are InvalidArgument naming the caller's field (and, for text, the line an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.profile_fields import COMPUTED
+from cdp_kit.profile_fields import COMPUTED, ROOTS
 from cdp_lang import (
     CompiledCondition,
     ProfileView,
@@ -35,19 +38,31 @@ from cdp_lang import (
 )
 from cdp_lang import Event as LangEvent
 from cdp_lang.nodes import EventPredicate, Performed
-from cdp_orchestration.domain.view import Event, PersonView
+from cdp_orchestration.domain.view import ENTRY, Event, PersonView
 
 # Names the language gives the computed traits behind event conditions; generated, never catalogued.
 _GENERATED_PREFIX = f"{COMPUTED}.seg_"
+_ENTRY_PREFIX = f"{ENTRY}."
+_WITH_ENTRY = (*ROOTS, ENTRY)
 
 
 def _lang_event(event: Event) -> LangEvent:
     return LangEvent(event.type, event.name, event.at, event.properties, event.context)
 
 
-def _lang_view(view: PersonView) -> ProfileView:
+def _lang_view(
+    view: PersonView, entry: Mapping[str, Any] | None = None, read: frozenset[str] = frozenset()
+) -> ProfileView:
+    """The person as the language reads them; with `entry`, the entry fields in `read` beside the profile's."""
     events = None if view.events is None else tuple(_lang_event(e) for e in view.events)
-    return ProfileView(view.fields, view.segments, events)
+    fields: Mapping[str, Any] = view.fields
+    if read and entry:
+        fields = dict(fields)
+        for key in read:
+            name = key[len(_ENTRY_PREFIX) :]
+            if name in entry:
+                fields[key] = entry[name]
+    return ProfileView(fields, view.segments, events)
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,20 +71,32 @@ class ProfileCondition:
 
     source: Any  # as written (text or JSON tree)
     compiled: CompiledCondition
+    entry_fields: frozenset[str]  # the entry fields it reads ("entry.total")
 
-    def holds(self, view: PersonView, now: float) -> bool:
-        return self.compiled.evaluate(_lang_view(view), now)
+    def holds(self, view: PersonView, now: float, entry: Mapping[str, Any] | None = None) -> bool:
+        """Whether it holds for the person at `now`; `entry`: the instance's entry properties, if it has any."""
+        return self.compiled.evaluate(_lang_view(view, entry, self.entry_fields), now)
 
-    def next_change(self, view: PersonView, now: float) -> float | None:
+    def next_change(self, view: PersonView, now: float, entry: Mapping[str, Any] | None = None) -> float | None:
         """When time alone may change the answer (None: never); re-evaluate then."""
         if not self.compiled.reads.time:
             return None
-        return self.compiled.next_change(_lang_view(view), now)
+        return self.compiled.next_change(_lang_view(view, entry, self.entry_fields), now)
 
     @property
     def fields(self) -> frozenset[str]:
-        """The profile fields an author wrote ("traits.plan"), not the generated computed traits."""
-        return frozenset(f for f in self.compiled.reads.fields if not f.startswith(_GENERATED_PREFIX))
+        """The profile fields an author wrote ("traits.plan"), not the generated computed traits nor the
+        entry fields."""
+        return frozenset(
+            f
+            for f in self.compiled.reads.fields
+            if not f.startswith(_GENERATED_PREFIX) and not f.startswith(_ENTRY_PREFIX)
+        )
+
+    @property
+    def event_names(self) -> frozenset[str]:
+        """The event names its event conditions count (`performed("X")`, `count("Y") > 1`)."""
+        return frozenset(name for predicate in self.compiled.reads.events for name in predicate.names)
 
     @property
     def segments(self) -> frozenset[str]:
@@ -80,9 +107,12 @@ class ProfileCondition:
         return self.compiled.computed_traits
 
 
-def profile_condition(source: Any, field: str) -> ProfileCondition:
-    """A condition from its text or JSON tree; InvalidArgument on `field` (or below it) if it is not one."""
-    return ProfileCondition(source, compile_condition(source, field))
+def profile_condition(source: Any, field: str, *, entry: bool = False) -> ProfileCondition:
+    """A condition from its text or JSON tree; InvalidArgument on `field` (or below it) if it is not one.
+    `entry`: it may read `entry.<name>` (a journey's conditions; an instance passes its entry to `holds`)."""
+    compiled = compile_condition(source, field, roots=_WITH_ENTRY if entry else ROOTS)
+    read = frozenset(f for f in compiled.reads.fields if f.startswith(_ENTRY_PREFIX))
+    return ProfileCondition(source, compiled, read)
 
 
 @dataclass(frozen=True, eq=False)

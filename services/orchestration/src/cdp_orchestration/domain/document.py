@@ -26,15 +26,24 @@
 
 A step without "next" ends the instance (completed). Conditions are the segment language (text or JSON
 tree); event filters are `event` (a name or a list of names) plus an optional `where` on the event's
-properties and context (see `conditions`).
+properties and context (see `conditions`). Branch, wait and exit conditions, and templates, may also read
+the instance's entry fields as `entry.<name>` (`"if": "entry.total > 100"`): the entry event's properties
+or the Enroll call's. A segment or schedule entry brings none, so reading one there is a problem; so is
+reading one in the entry's own `if` (it runs before there is an entry: use `where`).
 
 `parse_journey(document, catalogue)` returns a `Journey` or raises `JourneyInvalid` holding EVERY problem
 found, each naming the node id ("" for the journey's own fields) and the field within it, e.g. node
 "remind", field "purpose" (`Problem.path`: "nodes.remind.purpose"). It checks: unknown or missing next;
 unreachable nodes; a cycle through which an instance could loop without waiting (no delay or wait on it);
 durations, times of day, cron expressions, time zones; conditions and templates (syntax, and fields against
-the catalogue when it lists them); event names against the catalogue when it lists them; channels; and
-that every action names the consent purpose it is sent under. The document is kept as written
+the catalogue when it lists them); event names (of the entry, waits, exits, the goal, and the events
+conditions count) against the catalogue when it lists them; channels; entry fields against the entry; an
+action's `on_cap` and `expires_after`; and that every action names the consent purpose it is sent under.
+
+Names are only as checked as the catalogue is full: without one (`Catalogue()`, or a catalogue without
+events) a misspelt event name, field or segment is accepted and simply never matches. The service passes
+the catalogue it has (its catalogue file and the profile service's computed traits), so an unknown event
+is refused, naming the node and field that wrote it, only where a catalogue lists events. The document is kept as written
 (`Journey.document`); a Journey is immutable: a change is a new version (see `lifecycle`).
 """
 
@@ -158,6 +167,8 @@ class _Reader:
         self.catalogue = catalogue
         self.problems: list[Problem] = []
         self.category = "marketing"  # the journey's; an action without its own category takes it
+        # Whether the entry brings entry fields (`entry.<name>`): an event's properties, an Enroll call's.
+        self.entry_fields = True
 
     # Each helper records problems instead of raising, so one pass reports all of them.
     def problem(self, node: str | None, at: str, message: str) -> None:
@@ -203,6 +214,7 @@ class _Reader:
         if (why := clock.zone_problem(timezone)) is not None:
             self.problem(None, "timezone", why)
         entry = self.entry(document.get("entry"))
+        self.entry_fields = not isinstance(entry, SegmentEntry | ScheduleEntry)
         reentry, cooldown = self.reentry(document.get("reentry", "never"))
         max_concurrent = document.get("max_concurrent", 1)
         if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
@@ -250,11 +262,12 @@ class _Reader:
                 self.problem(node, f"{at}.event", f"{name!r} is not a known event; check the name's spelling and case")
         return found
 
-    def condition(self, source: Any, at: str, node: str | None) -> ProfileCondition | None:
+    def condition(self, source: Any, at: str, node: str | None, *, entry: bool = True) -> ProfileCondition | None:
+        """A condition; `entry`: whether it runs in an instance (and may read its entry fields)."""
         if source is None:
             self.problem(node, at, "is required: a condition like scores.churn_risk > 0.8")
             return None
-        found = self.attempt(node, lambda: profile_condition(source, at))
+        found = self.attempt(node, lambda: profile_condition(source, at, entry=True))
         if found is None:
             return None
         for name in self.catalogue.unknown_fields(found.fields):
@@ -262,7 +275,31 @@ class _Reader:
         if self.catalogue.segments is not None:
             for name in sorted(found.segments - self.catalogue.segments):
                 self.problem(node, at, f"reads membership of segment {name!r}, which does not exist")
+        if self.catalogue.events is not None:
+            for name in sorted(found.event_names - self.catalogue.events):
+                self.problem(node, at, f"{name!r} is not a known event; check the name's spelling and case")
+        if not entry:
+            for name in sorted(found.entry_fields):
+                self.problem(
+                    node,
+                    at,
+                    f"reads {name}, but the entry's own condition runs before there is an entry: "
+                    "test the entry event's properties in where (like properties.total > 100)",
+                )
+        else:
+            self.entry_reads(found.entry_fields, at, node)
         return found
+
+    def entry_reads(self, names: frozenset[str], at: str, node: str | None) -> None:
+        if self.entry_fields:
+            return
+        for name in sorted(names):
+            self.problem(
+                node,
+                at,
+                f"reads {name}, but a segment or schedule entry brings no entry fields "
+                "(only an entry event's properties or an Enroll call's do)",
+            )
 
     def segment(self, value: Any, at: str) -> str | None:
         if not isinstance(value, str) or not value:
@@ -288,7 +325,7 @@ class _Reader:
         if kind == "event":
             self.known_keys(tree, ("event", "where", "if"), "entry", None)
             event = self.event(tree, "entry", None)
-            condition = self.condition(tree["if"], "entry.if", None) if "if" in tree else None
+            condition = self.condition(tree["if"], "entry.if", None, entry=False) if "if" in tree else None
             return EventEntry(event, condition) if event is not None else None
         if kind == "segment":
             self.known_keys(tree, ("segment", "on"), "entry", None)
@@ -530,6 +567,7 @@ class _Reader:
         if template is not None:
             for name in self.catalogue.unknown_fields(template.fields):
                 self.problem(node_id, f"{at}.template", f"reads {name}, which is not a known profile field")
+            self.entry_reads(template.entry_fields, f"{at}.template", node_id)
         value = item.get("value")
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
             self.problem(node_id, f"{at}.value", f"{value!r} must be a number from 0")

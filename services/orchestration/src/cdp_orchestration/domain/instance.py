@@ -25,6 +25,8 @@ Invariants:
   a purchase sent right after the cart event converts even when both arrive together.
 - An action step waits for the arbiter's final decision about its action (sent, capped, suppressed, ...)
   before moving on; deferred and awaiting approval are not final.
+- Conditions read the person's view and the instance's entry properties (`entry.<name>`: the entry
+  event's properties or the Enroll call's, kept from entry on).
 - Conditions that time alone can make true (`traits.trial_ends_at < now`, an event leaving its window) are
   rechecked by one timer per instance at `next_change`, so a wait or exit on them acts on time, not on
   the next unrelated stimulus.
@@ -42,6 +44,7 @@ from typing import Any
 
 from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.arbiter import FINAL, Kind, ProposedAction
+from cdp_orchestration.domain.conditions import ProfileCondition
 from cdp_orchestration.domain.journey import (
     Action,
     Branch,
@@ -288,6 +291,10 @@ class _Run:
     def set(self, **changes: object) -> None:
         self.instance = replace(self.instance, **changes)  # type: ignore[arg-type]
 
+    def holds(self, condition: ProfileCondition) -> bool:
+        """A condition answered for the person now, with this instance's entry fields."""
+        return condition.holds(self.view, self.now, self.instance.entry)
+
     def handle(self, stimulus: Stimulus) -> None:
         self.react(stimulus)
         if self.instance.status is Status.RUNNING:
@@ -331,12 +338,12 @@ class _Run:
             if isinstance(node, Wait) and node.event is not None and node.event.matches(stimulus.event):
                 self.leave_wait(node, node.next)
         elif isinstance(stimulus, ProfileChanged):
-            if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
+            if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                 self.leave_wait(node, node.next)
         elif fired is not None:
             if fired.kind == RECHECK:
                 # Time alone may have made a condition true: exit rules were checked above, now the wait's.
-                if isinstance(node, Wait) and node.condition is not None and node.condition.holds(self.view, self.now):
+                if isinstance(node, Wait) and node.condition is not None and self.holds(node.condition):
                     self.leave_wait(node, node.next)
             elif isinstance(node, Delay):
                 self.record(node.id, "delay")
@@ -388,7 +395,7 @@ class _Run:
 
     def exit_by_condition(self) -> bool:
         for rule in self.journey.exits:
-            if rule.condition is not None and rule.condition.holds(self.view, self.now):
+            if rule.condition is not None and self.holds(rule.condition):
                 self.end(f"exit_rule:{rule.id}")
                 return True
         return False
@@ -409,7 +416,10 @@ class _Run:
         node = self.journey.nodes.get(self.instance.node or "")
         if isinstance(node, Wait) and node.condition is not None:
             conditions.append(node.condition)
-        at = min((t for c in conditions if (t := c.next_change(self.view, self.now)) is not None), default=None)
+        at = min(
+            (t for c in conditions if (t := c.next_change(self.view, self.now, self.instance.entry)) is not None),
+            default=None,
+        )
         current = next((t for t in self.instance.timers if t.kind == RECHECK), None)
         if current is not None and current.at == at:
             return
@@ -461,14 +471,14 @@ class _Run:
                 self.schedule(target, visit, "delay", at)
                 return
             if isinstance(node, Wait):
-                if node.condition is not None and node.condition.holds(self.view, self.now):
+                if node.condition is not None and self.holds(node.condition):
                     self.record(target, "met")
                     target = node.next
                     continue
                 self.schedule(target, visit, "timeout", self.now + node.timeout)
                 return
             if isinstance(node, Branch):
-                taken = next((i for i, (c, _) in enumerate(node.branches) if c.holds(self.view, self.now)), None)
+                taken = next((i for i, (c, _) in enumerate(node.branches) if self.holds(c)), None)
                 self.record(target, "branch:else" if taken is None else f"branch:{taken}")
                 target = node.otherwise if taken is None else node.branches[taken][1]
                 continue

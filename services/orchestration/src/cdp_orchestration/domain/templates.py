@@ -26,9 +26,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
-from cdp_orchestration.domain.view import PersonView
+from cdp_orchestration.domain.view import ENTRY, PersonView
 
-ENTRY = "entry"  # the root of the instance's entry properties
 _NAMES = (*ROOTS, ENTRY)
 
 

@@ -14,6 +14,10 @@ from typing import Any
 
 from cdp_kit.profile_fields import CONSENT, TRAITS, field_key
 
+# The root under which templates and conditions read an instance's entry properties ("entry.total"): the
+# entry event's properties or an Enroll call's. Not a profile root: only an instance has them.
+ENTRY = "entry"
+
 # The trait holding a person's IANA time zone ("Europe/Berlin"); without it the rules' default zone applies.
 TIMEZONE_FIELD = field_key(TRAITS, "timezone")
 
