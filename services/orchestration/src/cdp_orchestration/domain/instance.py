@@ -24,7 +24,7 @@ Invariants:
   from when the entry was applied (the stream's time, later than any event time in the same batch), so
   a purchase sent right after the cart event converts even when both arrive together.
 - An action step waits for the arbiter's final decision about its action (sent, capped, suppressed, ...)
-  before moving on; deferred and awaiting approval are not final.
+  before moving on; deferred, superseded (held for a later slot) and awaiting approval are not final.
 - Conditions read the person's view and the instance's entry properties (`entry.<name>`: the entry
   event's properties or the Enroll call's, kept from entry on).
 - Conditions that time alone can make true (`traits.trial_ends_at < now`, an event leaving its window) are
