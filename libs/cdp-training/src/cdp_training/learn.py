@@ -44,11 +44,12 @@ import numpy as np
 from cdp_kit.durations import format_duration
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
+from cdp_scoring.drift import build_reference
 from cdp_training import metrics
 from cdp_training.graphs import run, score_columns
 from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
 from cdp_training.models import NBC_TREES, OWNER, Built, _finish, _lightgbm, _lightgbm_onnx, with_send_hour
-from cdp_training.pointintime import StoredProfile, TrainingSet, training_set
+from cdp_training.pointintime import StoredProfile, TrainingSet, observed_until, training_set
 from cdp_training.simulator import CHANNELS, Kind
 from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, NBC_FEATURES, traits_for
 
@@ -231,8 +232,12 @@ def train_run(
     until: float | None = None,
     seed: int = 7,
     log: Callable[[str], None] = print,
+    progress: Callable[[str, int], None] | None = None,
 ) -> RunResult:
-    """Train `name` at `cutoff`, judge it and live on the slice at `evaluate_at` (see the module docstring)."""
+    """Train `name` at `cutoff`, judge it and live on the slice at `evaluate_at` (see the module docstring).
+
+    `progress(phase, rows)` is told when each phase ends: training_set, evaluation_set, fitting."""
+    step = progress or (lambda phase, rows: None)
     trainable = TRAINABLE.get(name)
     if label is None:
         if trainable is None:
@@ -255,8 +260,10 @@ def train_run(
     draft = ModelSpec.from_dict({"name": name, "version": "draft", **template})
     train = training_set(profiles, spec=draft, label=spec_label, cutoff=cutoff, until=until)
     log(f"training set at {iso(cutoff)}: {train.rows} rows, label counts {train.summary().get('label_counts')}")
+    step("training_set", train.rows)
     evaluation = training_set(profiles, spec=draft, label=spec_label, cutoff=evaluate_at, until=until)
     log(f"evaluation slice at {iso(evaluate_at)}: {evaluation.rows} rows")
+    step("evaluation_set", evaluation.rows)
     classes = len(spec_label.classes) or 2
     for where, data in (("cutoff", train), ("evaluate_at", evaluation)):
         if data.rows == 0 or len(np.unique(data.y[:, 0])) < classes:
@@ -269,6 +276,10 @@ def train_run(
     y_eval = evaluation.y[:, 0].astype(int)
     fit = _fit_channels if spec_label.kind == CHANNEL_ANSWERED else _fit_binary
     model, estimator, quality, metric = fit(draft, train.X, y, evaluation.X, y_eval, seed)
+    names = [f.name for f in draft.features]
+    # What drift is measured against (cdp_scoring.drift): the training rows' features and their scores.
+    reference = build_reference(names, train.X, score_columns(draft, run(model, train.X)))
+    step("fitting", train.rows)
     live_value = None
     if live is not None:
         live_rows = evaluation.X if live.spec.features == draft.features else _rows_for(live.spec, evaluation)
@@ -277,7 +288,6 @@ def train_run(
         live_value = quality["live_on_holdout"][metric]
     decision = decide(metric, quality[metric], live_value, live.version if live else None, margin)
     log(f"candidate {metric} {quality[metric]:.4f}" + (f", live {live_value:.4f}" if live_value is not None else ""))
-    names = [f.name for f in draft.features]
     fit = hashlib.sha256(f"{train.data_hash} seed={seed}".encode()).hexdigest()
     version = f"t{datetime.fromtimestamp(cutoff, UTC):%Y%m%d}-{fit[:10]}"
     training = {
@@ -303,6 +313,7 @@ def train_run(
         "feature_importances": _importances(estimator, names),
         "promotion": decision,
         "seed": seed,
+        "reference": reference,
     }
     positives = np.flatnonzero(y_eval == 1)
     built = _finish(
@@ -396,6 +407,32 @@ async def register(registry: ModelRegistry, result: RunResult, *, had_live: bool
         await registry.promote(spec.name, spec.version)
         return "live"
     return "shadow"
+
+
+def default_cutoff(profiles: Sequence[StoredProfile], label: Mapping[str, Any], until: float | None = None) -> float:
+    """The latest cut-off (a UTC midnight) whose label window and evaluation slice (one more window) the
+    store has observed: what a run without a cut-off trains on."""
+    window = LabelSpec.from_dict(label).window
+    end = observed_until(profiles) if until is None else until
+    if not math.isfinite(end):
+        raise FailedPrecondition("the profile store holds no events to train on", reason="no_data")
+    latest = end - 2 * window
+    return float(latest - latest % 86_400)
+
+
+def label_for(name: str, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """The label a model is trained and judged with: its version's own (`training.label`), else the
+    default of a trainable model."""
+    own = spec.training.get("label") if spec is not None else None
+    if isinstance(own, Mapping) and "kind" in own:
+        return dict(own)
+    trainable = TRAINABLE.get(name)
+    if trainable is None:
+        raise FailedPrecondition(
+            f"model {name!r} has no label definition: give one (known defaults: {', '.join(TRAINABLE)})",
+            reason="no_label",
+        )
+    return dict(trainable.label)
 
 
 def parse_time(value: str, field_name: str) -> float:

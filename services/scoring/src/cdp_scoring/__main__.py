@@ -16,17 +16,22 @@ import logging
 from pathlib import Path
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import Bus, dead_letter_stream, profiles_stream, scores_stream
+from cdp_kit.bus import Bus, dead_letter_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
-from cdp_scoring.api import SCOPES, ScoringApi
+from cdp_scoring.api import SCOPES, ScoringApi, alert_message
+from cdp_scoring.domain.registry import LIVE
+from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_references, watch
 from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
+from cdp_scoring.quality import RealisedQuality
+from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings
 from cdp_scoring.stream import scoring_stream
+from cdp_scoring.training_runs import TrainingRuns
 
 log = logging.getLogger("cdp.scoring")
 
@@ -52,6 +57,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     async def announce(name: str) -> None:
         await bus.nc.publish(MODELS_CHANGED, name.encode(), headers={"Cdp-Origin": str(id(engine))})
 
+    drift = DriftMonitor(
+        threshold=settings.drift_threshold, min_rows=settings.drift_min_rows, shipped=load_shipped_references()
+    )
+    drift.export(runtime.telemetry.meter)
     engine = ScoringEngine(
         store,
         model_store,
@@ -64,6 +73,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         define_traits=functools.partial(profile.define, field="spec.computed_traits.{name}") if profile else None,
         announce=announce,
         round_linger=settings.round_linger_ms / 1000,
+        drift=drift,
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
@@ -100,15 +110,47 @@ async def setup(runtime: ServiceRuntime) -> None:
     subscription = await bus.nc.subscribe(MODELS_CHANGED, cb=on_model_changed)
     runtime.stack.push_async_callback(subscription.unsubscribe)
     engine.background(_prepare_models(engine, settings.ship_models), "deploy shipped models, define their traits")
+    training, quality, check_drift = await _watch_models(runtime, engine, store, bus, drift)
     runtime.parts.update(
-        bus=bus, store=store, engine=engine, stream=stream, ownership=ownership, model_store=model_store
+        bus=bus,
+        store=store,
+        engine=engine,
+        stream=stream,
+        ownership=ownership,
+        model_store=model_store,
+        training=training,
+        quality=quality,
     )
     runtime.grpc.add_service(
         scoring_pb2_grpc.add_ScoringServiceServicer_to_server,
-        ScoringApi(engine),
+        ScoringApi(engine, check_drift=check_drift, training=training, quality=quality),
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
         scopes=SCOPES,
     )
+
+
+async def _watch_models(runtime: ServiceRuntime, engine: ScoringEngine, store, bus: Bus, drift: DriftMonitor):
+    """Training runs, drift checks and realised quality, each on its schedule (see their modules)."""
+    settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
+    training = TrainingRuns(engine, settings.training_store)
+    runtime.stack.push_async_callback(training.close)
+    quality = RealisedQuality(engine, store, settings.training_store, meter=runtime.telemetry.meter)
+    await quality.load()
+
+    async def alert(report) -> None:
+        retrain = settings.drift_retrain and report.role == LIVE and training.start(report.model, "drift")
+        await bus.nc.publish(subjects.MODELS_DRIFT, alert_message(report, bool(retrain)).SerializeToString())
+
+    async def check_drift() -> None:
+        await check_and_alert(drift, engine.registry.active(), alert)
+
+    runtime.spawn(watch(drift, engine.registry.active, alert, interval=settings.drift_check_seconds), "drift checks")
+    for model, cron in parse_schedule(settings.train_schedule).items():
+        run = functools.partial(training.run_to_end, model, "schedule")
+        runtime.spawn(every(cron, run, f"training run of {model}"), f"training schedule of {model}")
+    if settings.quality_schedule and settings.training_store:
+        runtime.spawn(every(Cron.parse(settings.quality_schedule), quality.refresh_all, "realised quality"), "quality")
+    return training, quality, check_drift
 
 
 async def _prepare_models(engine: ScoringEngine, ship: bool) -> None:

@@ -8,9 +8,10 @@ import numpy as np
 from google.protobuf import json_format
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.domain.registry import CANARY, INACTIVE, LIVE, SHADOW, ModelEntry, Version
+from cdp_scoring.drift import DriftReport
 from cdp_scoring.engine import ScoreResult, ScoringEngine
 
 SCOPES = {
@@ -22,6 +23,9 @@ SCOPES = {
     "DeployModel": "scoring:admin",
     "Promote": "scoring:admin",
     "Rollback": "scoring:admin",
+    "TrainModel": "scoring:admin",
+    "GetDrift": "scoring:read",
+    "GetModelQuality": "scoring:read",
 }
 
 ROLE_TO_PB = {
@@ -86,9 +90,58 @@ def result_message(result: ScoreResult) -> scoring_pb2.ModelScores:
     return message
 
 
+def drift_message(report: DriftReport) -> scoring_pb2.ModelDrift:
+    message = scoring_pb2.ModelDrift(
+        model=report.model,
+        version=report.version,
+        role=ROLE_TO_PB[report.role],
+        status=report.status,
+        threshold=report.threshold,
+        rows=report.rows,
+        pending_rows=report.pending,
+        reference_rows=report.reference_rows,
+    )
+    if report.since:
+        set_seconds(message.since, report.since)
+    if report.checked_at:
+        set_seconds(message.checked_at, report.checked_at)
+    for name, kind, value in report.values:
+        message.values.add(name=name, kind=kind, psi=value)
+    return message
+
+
+def alert_message(report: DriftReport, retrain_started: bool) -> scoring_pb2.DriftAlert:
+    """The payload of `models.drift`."""
+    message = scoring_pb2.DriftAlert(drift=drift_message(report), retrain_started=retrain_started)
+    for name, kind, value in sorted(report.over, key=lambda v: -v[2]):
+        message.over.add(name=name, kind=kind, psi=value)
+    return message
+
+
+def progress_message(item: dict) -> scoring_pb2.TrainProgress:
+    message = scoring_pb2.TrainProgress(
+        phase=item.get("phase", ""),
+        rows=item.get("rows", 0),
+        percent=item.get("percent", 0.0),
+        message=item.get("message", ""),
+        elapsed_seconds=item.get("elapsed", 0.0),
+        done=item.get("done", False),
+        version=item.get("version", ""),
+        role=ROLE_TO_PB.get(item.get("role", ""), scoring_pb2.ROLE_UNSPECIFIED),
+        promoted=item.get("promoted", False),
+        reason=item.get("reason", ""),
+    )
+    if "decision" in item:
+        json_format.ParseDict(dict(item["decision"]), message.decision)
+    return message
+
+
 class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
-    def __init__(self, engine: ScoringEngine) -> None:
+    def __init__(self, engine: ScoringEngine, *, check_drift=None, training=None, quality=None) -> None:
         self.engine = engine
+        self.check_drift = check_drift  # async (): a drift check now, alerting as the schedule does
+        self.training = training  # training_runs.TrainingRuns
+        self.quality = quality  # quality.RealisedQuality
 
     async def Score(self, request: scoring_pb2.ScoreRequest, context) -> scoring_pb2.ScoreResponse:
         engine = self.engine
@@ -188,6 +241,45 @@ class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
         if not request.name:
             raise InvalidArgument("name", "is required")
         return model_message(self.engine, await self.engine.rollback(request.name))
+
+    async def TrainModel(self, request: scoring_pb2.TrainModelRequest, context):
+        if self.training is None:
+            raise FailedPrecondition("training runs are not configured here", reason="training_unavailable")
+        label = json_format.MessageToDict(request.label) if request.HasField("label") else None
+        margin = request.margin if request.HasField("margin") else None
+        async for item in self.training.train(
+            request.model, cutoff=request.cutoff, evaluate_at=request.evaluate_at, margin=margin, label=label
+        ):
+            yield progress_message(item)
+
+    async def GetDrift(self, request: scoring_pb2.GetDriftRequest, context) -> scoring_pb2.GetDriftResponse:
+        monitor = self.engine.drift
+        if monitor is None:
+            raise FailedPrecondition("drift is not watched here", reason="drift_unavailable")
+        if request.model:
+            self.engine.registry.get(request.model)  # NOT_FOUND for an unknown model
+        if request.check_now and self.check_drift is not None:
+            await self.check_drift()
+        versions = [v for v in self.engine.registry.active() if not request.model or v.spec.name == request.model]
+        versions.sort(key=lambda v: (v.spec.name, v.role != "live", v.version))
+        return scoring_pb2.GetDriftResponse(models=[drift_message(monitor.status(v)) for v in versions])
+
+    async def GetModelQuality(self, request: scoring_pb2.GetModelQualityRequest, context) -> scoring_pb2.ModelQuality:
+        if not request.name:
+            raise InvalidArgument("name", "is required")
+        live = self.engine.registry.get(request.name).live
+        if live is None:
+            raise FailedPrecondition(f"model {request.name!r} has no live version", reason="no_live_version")
+        message = scoring_pb2.ModelQuality(model=request.name, version=live.version)
+        json_format.ParseDict(dict(live.spec.quality), message.training)
+        if self.quality is not None:
+            figures = await (self.quality.refresh if request.refresh else self.quality.get)(request.name)
+            if figures is not None:
+                json_format.ParseDict(figures["realised"], message.realised)
+                set_seconds(message.computed_at, figures["computed_at"])
+        elif request.refresh:
+            raise FailedPrecondition("realised quality is not computed here", reason="training_unavailable")
+        return message
 
 
 def _check_finite(values, field: str) -> None:

@@ -37,6 +37,7 @@ from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import to_seconds
 from cdp_scoring.deployments import MODELS, Deployments
 from cdp_scoring.domain.registry import ModelEntry, Registry
+from cdp_scoring.drift import DriftMonitor
 from cdp_scoring.modelstore import ModelStore
 from cdp_scoring.requests import Requests
 from cdp_scoring.requests import ScoreResult as ScoreResult  # re-exported: the API reads it from here
@@ -76,6 +77,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
         announce: Callable[[str], Awaitable[None]] | None = None,
         round_linger: float = 0.005,
         clock: Callable[[], float] = time.time,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.store = store
         self.model_store = models
@@ -91,6 +93,8 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self.announce = announce
         self.round_linger = round_linger
         self.clock = clock
+        # Counts the rows the stream path scores into each version's drift bins (drift.py).
+        self.drift = drift
         self.registry = Registry()
         self.sessions: dict[tuple[str, str], LoadedModel] = {}
         self.stats: dict[tuple[str, str], VersionStats] = {}

@@ -208,6 +208,8 @@ class Rounds:
         stats = self.stats.setdefault((version.spec.name, version.version), VersionStats())
         stats.rows += len(persons)
         self._m_rows.add(len(persons), {"model": version.spec.name, "version": version.version, "role": version.role})
+        if self.drift is not None and isinstance(at, Mapping):  # the stream path's rows, not the API's
+            self.drift.observe(version, matrix, scores)
         return scores
 
     def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:

@@ -8,6 +8,7 @@ from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 from cdp_scoring.modelstore import parse_model_store
+from cdp_scoring.schedule import Cron, parse_schedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,47 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
         "CDP_SCORING_SCORES_RETENTION_DAYS", 7.0, help="days scores.updated keeps score updates"
     )
 
+    drift_check_seconds: float = env(
+        "CDP_SCORING_DRIFT_CHECK_SECONDS",
+        3600.0,
+        help="seconds between drift checks: each compares the rows scored since the previous check with the "
+        "version's training reference (population stability index per feature and score)",
+    )
+    drift_threshold: float = env(
+        "CDP_SCORING_DRIFT_THRESHOLD",
+        0.2,
+        help="a feature or score whose population stability index passes this marks its version drifted: "
+        "an alert on models.drift (and a retrain with CDP_SCORING_DRIFT_RETRAIN)",
+    )
+    drift_min_rows: int = env(
+        "CDP_SCORING_DRIFT_MIN_ROWS",
+        500,
+        help="rows a version must have scored since its last check to be checked (fewer: it keeps counting)",
+    )
+    drift_retrain: bool = env(
+        "CDP_SCORING_DRIFT_RETRAIN",
+        False,
+        help="start a training run of a model whose live version drifted (needs CDP_SCORING_TRAINING_STORE)",
+    )
+    training_store: str = env(
+        "CDP_SCORING_TRAINING_STORE",
+        "",
+        help="the profile service's store URL (its CDP_STORE_URL), read only: training runs (TrainModel, the "
+        "schedule) and realised quality read their point-in-time sets there; empty: neither is available",
+    )
+    train_schedule: str = env(
+        "CDP_SCORING_TRAIN_SCHEDULE",
+        "",
+        help="scheduled training runs, 'model=cron' separated by ';' (cron: five fields in UTC, or @hourly, "
+        "@daily, @weekly), e.g. 'churn_risk=0 3 * * 1;fraud_risk=@daily'; empty: none",
+    )
+    quality_schedule: str = env(
+        "CDP_SCORING_QUALITY_SCHEDULE",
+        "@daily",
+        help="when every live model's realised quality is computed on the latest closed label window (cron, "
+        "UTC; needs CDP_SCORING_TRAINING_STORE; empty: only on request, GetModelQuality refresh)",
+    )
+
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
         try:
@@ -74,6 +116,23 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
             problems.append(f"CDP_SCORING_SNAPSHOT_SECONDS={self.snapshot_interval} is invalid: must be in (0, 3600]")
         if not 0 <= self.round_linger_ms <= 1000:
             problems.append(f"CDP_SCORING_ROUND_LINGER_MS={self.round_linger_ms} is invalid: must be in [0, 1000]")
+        if not 0 < self.drift_check_seconds <= 7 * 86_400:
+            problems.append(
+                f"CDP_SCORING_DRIFT_CHECK_SECONDS={self.drift_check_seconds} is invalid: must be in (0, 604800]"
+            )
+        if not self.drift_threshold > 0:
+            problems.append(f"CDP_SCORING_DRIFT_THRESHOLD={self.drift_threshold} is invalid: must be positive")
+        if self.drift_min_rows < 1:
+            problems.append(f"CDP_SCORING_DRIFT_MIN_ROWS={self.drift_min_rows} is invalid: must be at least 1")
+        for variable, value, parse in (
+            ("CDP_SCORING_TRAIN_SCHEDULE", self.train_schedule, parse_schedule),
+            ("CDP_SCORING_QUALITY_SCHEDULE", self.quality_schedule, Cron.parse),
+        ):
+            if value:
+                try:
+                    parse(value)
+                except InvalidArgument as exc:
+                    problems.append(f"{variable}={value!r} is invalid: {exc.description}")
         if self.threads < 1:
             problems.append(f"CDP_SCORING_THREADS={self.threads} is invalid: must be at least 1")
         return problems

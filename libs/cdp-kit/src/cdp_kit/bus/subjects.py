@@ -26,6 +26,7 @@ consumer at a time, so one person's messages are applied in order.
 |                   | `privacy.deleted` (of `PRIVACY`)      | profile             | crm (`crm-privacy`: one durable shared by the replicas) |
 | `DLQ`             | `dlq.<stream>.<durable>`              | any consumer (kit)  | operators (`cdpctl dlq`)            |
 | (core NATS)       | `scoring.models.changed`              | scoring             | every scoring replica               |
+| (core NATS)       | `models.drift`                        | scoring (drift checks) | operators, alerting (not kept)   |
 | (core NATS)       | `segmentation.segments.changed`       | segmentation        | every segmentation replica          |
 | (core NATS)       | `orchestration.journeys.changed`      | orchestration       | every orchestration replica         |
 
@@ -78,6 +79,8 @@ IDENTITY_UNMERGED = "identity.unmerged"
 IDENTITY_QUARANTINED = "identity.quarantined"
 PRIVACY_DELETED = "privacy.deleted"
 SCORING_MODELS_CHANGED = "scoring.models.changed"
+# A model version's drift check found a feature or score past the threshold (scoring's DriftAlert).
+MODELS_DRIFT = "models.drift"
 SEGMENTATION_SEGMENTS_CHANGED = "segmentation.segments.changed"
 ORCHESTRATION_JOURNEYS_CHANGED = "orchestration.journeys.changed"
 

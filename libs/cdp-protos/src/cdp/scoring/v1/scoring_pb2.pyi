@@ -265,3 +265,125 @@ class ScoresUpdatedBatch(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     at_ms: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[str]] = ..., person_ids: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[float]] = ..., at_ms: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TrainModelRequest(_message.Message):
+    __slots__ = ("model", "cutoff", "evaluate_at", "margin", "label")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_AT_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    cutoff: str
+    evaluate_at: str
+    margin: float
+    label: _struct_pb2.Struct
+    def __init__(self, model: _Optional[str] = ..., cutoff: _Optional[str] = ..., evaluate_at: _Optional[str] = ..., margin: _Optional[float] = ..., label: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class TrainProgress(_message.Message):
+    __slots__ = ("phase", "rows", "percent", "message", "elapsed_seconds", "done", "version", "role", "promoted", "reason", "decision")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    PERCENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    rows: int
+    percent: float
+    message: str
+    elapsed_seconds: float
+    done: bool
+    version: str
+    role: Role
+    promoted: bool
+    reason: str
+    decision: _struct_pb2.Struct
+    def __init__(self, phase: _Optional[str] = ..., rows: _Optional[int] = ..., percent: _Optional[float] = ..., message: _Optional[str] = ..., elapsed_seconds: _Optional[float] = ..., done: _Optional[bool] = ..., version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., promoted: _Optional[bool] = ..., reason: _Optional[str] = ..., decision: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class GetDriftRequest(_message.Message):
+    __slots__ = ("model", "check_now")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHECK_NOW_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    check_now: bool
+    def __init__(self, model: _Optional[str] = ..., check_now: _Optional[bool] = ...) -> None: ...
+
+class DriftValue(_message.Message):
+    __slots__ = ("name", "kind", "psi")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    psi: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., psi: _Optional[float] = ...) -> None: ...
+
+class ModelDrift(_message.Message):
+    __slots__ = ("model", "version", "role", "status", "threshold", "rows", "pending_rows", "reference_rows", "since", "checked_at", "values")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_ROWS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    role: Role
+    status: str
+    threshold: float
+    rows: int
+    pending_rows: int
+    reference_rows: int
+    since: _timestamp_pb2.Timestamp
+    checked_at: _timestamp_pb2.Timestamp
+    values: _containers.RepeatedCompositeFieldContainer[DriftValue]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., status: _Optional[str] = ..., threshold: _Optional[float] = ..., rows: _Optional[int] = ..., pending_rows: _Optional[int] = ..., reference_rows: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., values: _Optional[_Iterable[_Union[DriftValue, _Mapping]]] = ...) -> None: ...
+
+class GetDriftResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelDrift]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelDrift, _Mapping]]] = ...) -> None: ...
+
+class DriftAlert(_message.Message):
+    __slots__ = ("drift", "over", "retrain_started")
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    OVER_FIELD_NUMBER: _ClassVar[int]
+    RETRAIN_STARTED_FIELD_NUMBER: _ClassVar[int]
+    drift: ModelDrift
+    over: _containers.RepeatedCompositeFieldContainer[DriftValue]
+    retrain_started: bool
+    def __init__(self, drift: _Optional[_Union[ModelDrift, _Mapping]] = ..., over: _Optional[_Iterable[_Union[DriftValue, _Mapping]]] = ..., retrain_started: _Optional[bool] = ...) -> None: ...
+
+class GetModelQualityRequest(_message.Message):
+    __slots__ = ("name", "refresh")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    refresh: bool
+    def __init__(self, name: _Optional[str] = ..., refresh: _Optional[bool] = ...) -> None: ...
+
+class ModelQuality(_message.Message):
+    __slots__ = ("model", "version", "training", "realised", "computed_at")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    REALISED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    training: _struct_pb2.Struct
+    realised: _struct_pb2.Struct
+    computed_at: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., realised: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

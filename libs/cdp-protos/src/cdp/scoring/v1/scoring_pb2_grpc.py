@@ -74,6 +74,21 @@ class ScoringServiceStub:
                 request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.Model.FromString,
                 _registered_method=True)
+        self.TrainModel = channel.unary_stream(
+                '/cdp.scoring.v1.ScoringService/TrainModel',
+                request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainModelRequest.SerializeToString,
+                response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainProgress.FromString,
+                _registered_method=True)
+        self.GetDrift = channel.unary_unary(
+                '/cdp.scoring.v1.ScoringService/GetDrift',
+                request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftRequest.SerializeToString,
+                response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftResponse.FromString,
+                _registered_method=True)
+        self.GetModelQuality = channel.unary_unary(
+                '/cdp.scoring.v1.ScoringService/GetModelQuality',
+                request_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.SerializeToString,
+                response_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.FromString,
+                _registered_method=True)
 
 
 class ScoringServiceServicer:
@@ -135,6 +150,30 @@ class ScoringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainModel(self, request, context):
+        """Retrain a model on this platform's own customers (point in time, from the profile store), register
+        the candidate in shadow and promote it only when it beats live by the margin; streams progress, the
+        last message carries the decision and its reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDrift(self, request, context):
+        """Population stability of each active version's features and scores: the rows scored since the
+        previous check against the version's training reference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelQuality(self, request, context):
+        """The live version's quality on the latest data whose labels are known, beside its training figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +216,21 @@ def add_ScoringServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.RollbackRequest.FromString,
                     response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.Model.SerializeToString,
+            ),
+            'TrainModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.TrainModel,
+                    request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainModelRequest.FromString,
+                    response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainProgress.SerializeToString,
+            ),
+            'GetDrift': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDrift,
+                    request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftRequest.FromString,
+                    response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftResponse.SerializeToString,
+            ),
+            'GetModelQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelQuality,
+                    request_deserializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.FromString,
+                    response_serializer=cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +449,87 @@ class ScoringService:
             '/cdp.scoring.v1.ScoringService/Rollback',
             cdp_dot_scoring_dot_v1_dot_scoring__pb2.RollbackRequest.SerializeToString,
             cdp_dot_scoring_dot_v1_dot_scoring__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cdp.scoring.v1.ScoringService/TrainModel',
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainModelRequest.SerializeToString,
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.TrainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDrift(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.scoring.v1.ScoringService/GetDrift',
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftRequest.SerializeToString,
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetDriftResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.scoring.v1.ScoringService/GetModelQuality',
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.GetModelQualityRequest.SerializeToString,
+            cdp_dot_scoring_dot_v1_dot_scoring__pb2.ModelQuality.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,358 @@
+"""Drift: how far the population a model scores now has moved from the one it was trained on.
+
+**Reference.** Each version carries the distribution of its training rows in its spec, under
+`training.reference` (written by the training run, `cdp_training.learn`; the shipped models' references
+are computed from their training population and kept beside them in `models/reference.json`):
+
+    {"rows": 16000, "features": {"orders_90d": {"edges": [0, 1, 3], "shares": [0, .41, .22, .37, 0]}, ...},
+     "scores": {"churn_risk": {"edges": [...], "shares": [...]}}}
+
+`edges` are k increasing cut points (the training values' deciles, repeated ones merged, each moved
+half-way down to the next lower training value so that no value sits on a cut), making k + 1
+bins [-inf, e0), [e0, e1), ..., [e(k-1), inf), and one more bin for a missing value (NaN); `shares` are
+the training rows' shares of those k + 2 bins.
+
+**Live.** The rows the stream path scores (every profile change a model reads, `rounds.py`) are counted
+into the same bins, per version: a fixed array of counts per feature and score, added to once per
+round. Nothing is written per event, and the memory is bounded by the active versions' bins.
+
+**Check.** On a schedule (`CDP_SCORING_DRIFT_CHECK_SECONDS`), each version with at least
+`CDP_SCORING_DRIFT_MIN_ROWS` rows counted since its last check gets the population stability index of
+each feature and score,
+
+    PSI = sum over bins of (live share - reference share) * ln(live share / reference share),
+
+with shares floored at 1e-4 so an empty bin counts as rare, not impossible. Its counts then start again:
+each check describes the rows since the previous one. A version with fewer rows keeps counting until
+the next check. Any value above `CDP_SCORING_DRIFT_THRESHOLD` (0.2: the usual "significant shift")
+marks the version drifted: an alert goes out on `models.drift` and, with
+`CDP_SCORING_DRIFT_RETRAIN`, a training run of the model starts (`training_runs.py`).
+
+Each replica counts the rows of its own partitions: its figures describe a sample of the population,
+and each replica checks (and alerts) on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from opentelemetry.metrics import Observation
+
+from cdp_scoring.domain.registry import Version
+
+log = logging.getLogger("cdp.scoring.drift")
+
+DEFAULT_BINS = 10
+FLOOR = 1e-4
+FEATURE, SCORE = "feature", "score"
+# Statuses of a version's last check.
+OK, DRIFTED, TOO_FEW_ROWS, NO_REFERENCE = "ok", "drifted", "too_few_rows", "no_reference"
+SHIPPED_REFERENCES = Path(__file__).resolve().parent / "models" / "reference.json"
+
+
+def bins_of(values: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
+    """The reference bins of one column: quantile cut points of its finite values and the shares."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    edges = np.empty(0)
+    if finite.size:
+        quantiles = np.quantile(finite, np.linspace(0, 1, bins + 1)[1:-1])
+        # A cut goes half-way to the next lower value seen, not on a value: a live value computed with
+        # another rounding (float32 against float64) must fall in the same bin as in training.
+        seen = np.unique(finite)
+        below = seen[np.maximum(np.searchsorted(seen, quantiles, side="left") - 1, 0)]
+        edges = np.unique(np.where(below < quantiles, (below + quantiles) / 2, quantiles))
+    counts = _counts(values, edges)
+    total = counts.sum()
+    shares = counts / total if total else counts.astype(np.float64)
+    return {"edges": [float(e) for e in edges], "shares": [round(float(s), 6) for s in shares]}
+
+
+def build_reference(
+    feature_names: Sequence[str],
+    X: np.ndarray,
+    scores: Mapping[str, np.ndarray],
+    bins: int = DEFAULT_BINS,
+) -> dict[str, Any]:
+    """`training.reference` for a version trained on rows `X` (columns named `feature_names`) whose
+    scores on those rows are `scores`."""
+    X = np.asarray(X, dtype=np.float64)
+    return {
+        "rows": int(X.shape[0]),
+        "bins": bins,
+        "features": {name: bins_of(X[:, j], bins) for j, name in enumerate(feature_names)},
+        "scores": {name: bins_of(np.asarray(values), bins) for name, values in scores.items()},
+    }
+
+
+def _counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    index = np.searchsorted(edges, values, side="right")
+    index[np.isnan(values)] = edges.size + 1
+    return np.bincount(index, minlength=edges.size + 2)
+
+
+def psi(live: np.ndarray, reference: np.ndarray) -> float:
+    """Population stability index of live counts (or shares) against reference shares."""
+    live = np.asarray(live, dtype=np.float64)
+    total = live.sum()
+    if total <= 0:
+        return 0.0
+    actual = np.maximum(live / total, FLOOR)
+    expected = np.maximum(np.asarray(reference, dtype=np.float64), FLOOR)
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+@dataclass(slots=True)
+class Column:
+    name: str
+    kind: str  # FEATURE or SCORE
+    index: int  # column of the feature matrix, or of the scores
+    edges: np.ndarray
+    shares: np.ndarray
+
+
+@dataclass(slots=True)
+class Reference:
+    rows: int
+    columns: list[Column]
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any], features: Sequence[str], scores: Sequence[str]) -> Reference | None:
+        """The reference of a version whose features and scores are named so; None when the document
+        does not describe them all (an old or a foreign reference is not compared with)."""
+        try:
+            columns = []
+            for kind, names, bins in ((FEATURE, features, doc["features"]), (SCORE, scores, doc["scores"])):
+                for index, name in enumerate(names):
+                    edges = np.asarray(bins[name]["edges"], dtype=np.float64)
+                    shares = np.asarray(bins[name]["shares"], dtype=np.float64)
+                    if shares.size != edges.size + 2:
+                        return None
+                    columns.append(Column(name, kind, index, edges, shares))
+            return cls(int(doc.get("rows", 0)), columns)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(slots=True)
+class Window:
+    """The live counts of one version since its last check."""
+
+    reference: Reference
+    counts: list[np.ndarray]
+    rows: int = 0
+    since: float = 0.0
+
+    @classmethod
+    def empty(cls, reference: Reference, now: float) -> Window:
+        return cls(reference, [np.zeros(c.edges.size + 2, dtype=np.int64) for c in reference.columns], 0, now)
+
+
+@dataclass(slots=True)
+class DriftReport:
+    model: str
+    version: str
+    role: str
+    status: str
+    threshold: float
+    rows: int = 0  # rows the figures describe
+    pending: int = 0  # rows counted since, for the next check
+    reference_rows: int = 0
+    checked_at: float = 0.0
+    since: float = 0.0
+    values: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, psi)
+
+    @property
+    def over(self) -> list[tuple[str, str, float]]:
+        return [v for v in self.values if v[2] > self.threshold]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "role": self.role,
+            "status": self.status,
+            "threshold": self.threshold,
+            "rows": self.rows,
+            "pending": self.pending,
+            "reference_rows": self.reference_rows,
+            "checked_at": self.checked_at,
+            "since": self.since,
+            "psi": {f"{kind}:{name}": round(value, 6) for name, kind, value in self.values},
+        }
+
+
+def load_shipped_references(path: Path = SHIPPED_REFERENCES) -> dict[str, Mapping[str, Any]]:
+    """{model: {"version": ..., "reference": ...}} for the shipped models (empty without the file)."""
+    try:
+        return json.loads(path.read_text())["models"]
+    except FileNotFoundError:
+        return {}
+
+
+class DriftMonitor:
+    """The live counts per version, the checks and their last results (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.2,
+        min_rows: int = 500,
+        shipped: Mapping[str, Mapping[str, Any]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.threshold = threshold
+        self.min_rows = min_rows
+        self.shipped = dict(shipped or {})
+        self.clock = clock
+        self.windows: dict[tuple[str, str], Window] = {}
+        self.last: dict[tuple[str, str], DriftReport] = {}
+        # (model, version) -> its reference (None: it has none), read once per version
+        self._references: dict[tuple[str, str], Reference | None] = {}
+
+    def reference(self, version: Version) -> Reference | None:
+        key = (version.spec.name, version.version)
+        if key not in self._references:
+            spec = version.spec
+            doc = spec.training.get("reference") if isinstance(spec.training, Mapping) else None
+            if doc is None:
+                shipped = self.shipped.get(spec.name)
+                if shipped is not None and shipped.get("version") == version.version:
+                    doc = shipped.get("reference")
+            features = [f.name for f in spec.features]
+            self._references[key] = None if doc is None else Reference.from_doc(doc, features, spec.score_names)
+        return self._references[key]
+
+    def observe(self, version: Version, matrix: np.ndarray, scores: np.ndarray) -> None:
+        """Count a round's rows of `version` (its feature matrix and its scores) into the live bins."""
+        key = (version.spec.name, version.version)
+        window = self.windows.get(key)
+        if window is None:
+            reference = self.reference(version)
+            if reference is None:
+                return
+            window = self.windows[key] = Window.empty(reference, self.clock())
+        scores = np.asarray(scores).reshape(len(matrix), -1)
+        for column, counts in zip(window.reference.columns, window.counts, strict=True):
+            source = matrix if column.kind == FEATURE else scores
+            counts += _counts(np.asarray(source[:, column.index], dtype=np.float64), column.edges)
+        window.rows += len(matrix)
+
+    def check(self, versions: Sequence[Version]) -> list[DriftReport]:
+        """Check every given (active) version; the reports of those checked now with enough rows.
+        Versions no longer given are forgotten."""
+        now = self.clock()
+        keys = {(v.spec.name, v.version) for v in versions}
+        for stale in [k for k in self.windows if k not in keys]:
+            del self.windows[stale]
+        for stale in [k for k in self.last if k not in keys]:
+            del self.last[stale]
+        for stale in [k for k in self._references if k not in keys]:
+            del self._references[stale]
+        fresh = []
+        for version in versions:
+            key = (version.spec.name, version.version)
+            reference = self.reference(version)
+            if reference is None:
+                continue
+            report = DriftReport(version.spec.name, version.version, version.role, OK, self.threshold)
+            window = self.windows.get(key)
+            if window is None or window.rows < self.min_rows:
+                continue  # keeps counting; the last figures (if any) stand until enough rows came
+            report.reference_rows = reference.rows
+            report.values = [
+                (column.name, column.kind, psi(counts, column.shares))
+                for column, counts in zip(reference.columns, window.counts, strict=True)
+            ]
+            report.rows, report.since, report.checked_at = window.rows, window.since, now
+            report.status = DRIFTED if report.over else OK
+            self.last[key] = report
+            self.windows[key] = Window.empty(reference, now)
+            fresh.append(report)
+        return fresh
+
+    def status(self, version: Version) -> DriftReport:
+        """What GetDrift shows of a version: its last figures and the rows counted since, or why it has
+        none."""
+        key = (version.spec.name, version.version)
+        window = self.windows.get(key)
+        pending = window.rows if window is not None else 0
+        last = self.last.get(key)
+        if last is not None:
+            return replace(last, role=version.role, pending=pending)
+        reference = self.reference(version)
+        return DriftReport(
+            version.spec.name,
+            version.version,
+            version.role,
+            NO_REFERENCE if reference is None else TOO_FEW_ROWS,
+            self.threshold,
+            pending=pending,
+            reference_rows=reference.rows if reference is not None else 0,
+            since=window.since if window is not None else 0.0,
+        )
+
+    def export(self, meter) -> None:
+        """`cdp.scoring.drift.psi`: the last check's figures, one point per model, version and feature or
+        score."""
+        meter.create_observable_gauge(
+            "cdp.scoring.drift.psi",
+            callbacks=[lambda _options: [Observation(value, attrs) for value, attrs in self.observations()]],
+            unit="1",
+            description="population stability index of a feature or score at the last drift check (rows "
+            "scored since the check before, against the version's training reference)",
+        )
+
+    def observations(self) -> list[tuple[float, dict[str, str]]]:
+        """The last figures as metric points: (psi, {model, version, feature | score})."""
+        out = []
+        for report in self.last.values():
+            for name, kind, value in report.values:
+                out.append((value, {"model": report.model, "version": report.version, kind: name}))
+        return out
+
+
+async def watch(
+    monitor: DriftMonitor,
+    versions: Callable[[], Sequence[Version]],
+    alert: Callable[[DriftReport], Awaitable[None]],
+    *,
+    interval: float,
+) -> None:
+    """Check every `interval` seconds, for the life of the service; alert on each drifted version."""
+    while True:
+        await asyncio.sleep(interval)
+        await check_and_alert(monitor, versions(), alert)
+
+
+async def check_and_alert(
+    monitor: DriftMonitor, versions: Sequence[Version], alert: Callable[[DriftReport], Awaitable[None]]
+) -> list[DriftReport]:
+    reports = monitor.check(versions)
+    for report in reports:
+        if report.status != DRIFTED:
+            continue
+        worst = max(report.over, key=lambda v: v[2])
+        log.warning(
+            "model drifted",
+            extra={
+                "model": report.model,
+                "version": report.version,
+                "over_threshold": len(report.over),
+                "worst": f"{worst[1]}:{worst[0]}",
+                "psi": round(worst[2], 4),
+            },
+        )
+        try:
+            await alert(report)
+        except Exception as exc:  # the figures stand (GetDrift, metrics); the next check alerts again
+            log.error("could not publish the drift alert of model %s: %r", report.model, exc)
+    return reports
