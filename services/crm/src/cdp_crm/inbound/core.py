@@ -1,0 +1,453 @@
+"""What every CRM's inbound side shares: the collector, event ids, the change -> event rule, the polling loop.
+
+A CRM's `Reader` turns its change mechanism (modified-since polling, change tracking) into pages of
+`Change`s, each page with the cursor that follows it; the `Poller` posts a page's events to the collector
+(`/v1/batch`, the CRM source's write key) and only then stores the cursor (`crm_cursors/<connection>:<object>`),
+so a crash re-reads the page instead of skipping it. An event's `messageId` derives from the connection,
+object, record id and modification stamp only, so a page read again is posted with the same ids and the
+collector stores each change once. Together: a restart neither loses nor repeats a change.
+
+Identity: every event carries the CRM ids and, when the record is linked to a contact (or is one), the
+contact's email in `context.traits` (an identifier identity resolves) under the anonymous id
+`<kind>:<account>:<contact id>`; the CDP person id the connector wrote rides along as
+`properties.cdp_person_id`, never as a userId (identity would take it for a second user).
+
+Traits and consent written in the CRM: a contact's change also becomes an `identify` whose traits and
+`context.consent` are the contact's fields that a record mapping of the connection fills from `traits.*` or
+`consent.*` (the mapping read backwards; fields whose transform is not value-preserving are left out).
+Posted with the CRM source's write key, the profile records them with that source and the event id as
+provenance; `context.source` names the CRM and the connection. The event's time is the CRM's modification
+stamp, so an older CRM value never overrides a newer one.
+
+What a record was when last read (`crm_cursors/<connection>:<object>:<id>`: the watched field - a deal's
+stage, a case's or task's status - and a digest of the reported fields) tells a stage change from any other
+edit and keeps an edit of fields nobody reads (a score the connector wrote) from becoming an event. It is
+written after the post and before the cursor, with the stamp it was read at and what that read compared
+with: a page read again compares with the same thing and posts the same events under the same ids.
+
+Log lines name the connection, object and counts; never record values or emails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+
+from cdp_crm.domain.mapping import Connection
+from cdp_crm.state import CURSORS
+from cdp_kit.storage import Store
+
+log = logging.getLogger("cdp.crm.inbound")
+
+EPOCH = "1970-01-01T00:00:00.000Z"
+POST_CHUNK = 100  # changes per cursor step, where the cursor allows steps within a CRM's page
+BATCH_BYTES = 400_000  # a collector request stays under the Segment API's 500 KB
+# Transforms that keep a value as it is (up to case and spaces): a field mapped through one of them can be
+# read back as the trait; a rounded score or a joined list cannot.
+REVERSIBLE = frozenset({"string", "trim", "lower", "upper", "boolean"})
+
+
+class CollectorRefused(Exception):
+    """The collector did not store the events (429, 5xx, unreachable): the page is read again later."""
+
+
+class CrmReadFailed(Exception):
+    """The CRM did not answer a read (throttled, down, refused): the poller tries again from its cursor."""
+
+
+class Collector:
+    """The collector's Segment HTTP API, as one source with its write key."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, write_key: str, *, timeout: float = 30.0) -> None:
+        self._session = session
+        self._url = url.rstrip("/") + "/v1/batch"
+        self._auth = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
+        self._timeout = timeout
+
+    async def post(self, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        try:
+            async with self._session.post(
+                self._url,
+                json={"batch": events},
+                headers={"Authorization": self._auth},
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+            ) as response:
+                body = await response.json(content_type=None)
+                status = response.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise CollectorRefused(type(exc).__name__) from None
+        if status == 200:
+            return
+        if status == 400 and isinstance(body, dict) and body.get("code") == "invalid_events":
+            # The valid events were stored; an invalid one would be refused again: say so and go on.
+            log.error("collector refused crm events", extra={"rejected": len(body.get("rejected", []))})
+            return
+        raise CollectorRefused(f"collector answered {status}")
+
+
+def event_id(connection: str, obj: str, record_id: str, stamp: str, part: str = "") -> str:
+    """Stable for one change of one record: the same on every replica and after any restart. `part` tells
+    the two events of one contact change apart (the track and the identify)."""
+    fields = ("crm", connection, obj, record_id, stamp, *((part,) if part else ()))
+    return "crm-" + hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
+
+
+def instant(stamp: str) -> dt.datetime:
+    """A CRM's modification stamp as an aware datetime (ISO 8601 with Z, +00:00 or Salesforce's +0000)."""
+    text = stamp.strip().replace("Z", "+00:00")
+    if len(text) > 5 and text[-5] in "+-" and text[-4:].isdigit():
+        text = text[:-2] + ":" + text[-2:]
+    parsed = dt.datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+# --- changes --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Person:
+    """The CRM contact (or lead) a change is about."""
+
+    id: str
+    email: str | None = None
+    cdp_id: str | None = None
+
+
+@dataclass
+class Change:
+    """One change of one CRM record, as a reader saw it."""
+
+    obj: str  # the CRM object as the connection names it (Contact, incidents, Deals, tickets, ...)
+    record_id: str
+    stamp: str  # its modification stamp (versionnumber for Dataverse)
+    kind: str  # contact | lead | case | ticket | task | deal | campaign_member
+    properties: dict[str, Any]  # the fields the event reports
+    created: bool = False  # this stamp is the record's creation
+    watched: Any = None  # the field whose change names the event (status, stage)
+    closed: bool | None = None  # a case/ticket closed, a task completed, a deal closed
+    won: bool | None = None  # a closed deal won
+    own: bool = False  # created by the connector (an idempotency key, created at this stamp): not news
+    deleted: bool = False
+    person: Person | None = None
+    record: dict[str, Any] = field(default_factory=dict)  # every field read (for traits read backwards)
+    at: str | None = None  # when it changed, where the stamp is not a time (a Dataverse version number)
+
+
+class Reader(Protocol):
+    """One CRM connection's change mechanism."""
+
+    kind: str
+    objects: tuple[str, ...]
+
+    def pages(self, obj: str, cursor: dict[str, Any] | None) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        """The changes since `cursor` (None: from the beginning), a page at a time, each with the cursor
+        that follows it."""
+        ...
+
+
+# --- keyset cursors (modified-since polling) ------------------------------------------------------
+
+
+@dataclass
+class Keyset:
+    """How far a modified-since reader has read: the last stamp, and the ids read at exactly that stamp
+    (the next read starts AT that stamp: a record changed in the same instant is not skipped)."""
+
+    after: str = EPOCH
+    seen: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cursor: dict[str, Any] | None) -> Keyset:
+        return cls(cursor["after"], tuple(cursor["seen"])) if cursor else cls()
+
+    def doc(self) -> dict[str, Any]:
+        return {"after": self.after, "seen": list(self.seen)}
+
+    def fresh(self, records: list[tuple[str, str]]) -> list[int]:
+        """The positions of (id, stamp) pairs not read yet."""
+        at = instant(self.after)
+        keep = []
+        for i, (record_id, stamp) in enumerate(records):
+            when = instant(stamp)
+            if when > at or (when == at and record_id not in self.seen):
+                keep.append(i)
+        return keep
+
+    def advance(self, records: list[tuple[str, str]]) -> Keyset:
+        """The cursor after these (id, stamp) pairs, read in ascending stamp order."""
+        cursor = self
+        for record_id, stamp in records:
+            if instant(stamp) == instant(cursor.after):
+                cursor = Keyset(cursor.after, (*cursor.seen, record_id))
+            else:
+                cursor = Keyset(stamp, (record_id,))
+        return cursor
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+class Poller:
+    """One connection's changes, since each object's cursor, to the collector."""
+
+    def __init__(
+        self,
+        store: Store,
+        connection: Connection,
+        reader: Reader,
+        collector: Collector,
+        *,
+        objects: tuple[str, ...] | None = None,
+    ) -> None:
+        self.store = store
+        self.connection = connection
+        self.reader = reader
+        self.collector = collector
+        self.objects = objects or reader.objects
+        self.traits = backwards(connection)
+        self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
+
+    async def run(self, every: float, owned: Callable[[], bool] = lambda: True) -> None:
+        """Read the changes every `every` seconds while `owned()` (one reader per connection), and at once
+        whenever a signed webhook says something changed (whichever replica it reached: the cursor and the
+        event ids make a second reader harmless)."""
+        while True:
+            try:
+                await asyncio.wait_for(self.woken.wait(), every)
+            except TimeoutError:
+                pass
+            woken = self.woken.is_set()
+            self.woken.clear()
+            if not (woken or owned()):
+                continue
+            try:
+                await self.poll()
+            except Exception as exc:  # the CRM or the collector failing: read again from the cursor next time
+                log.warning(
+                    "reading crm changes failed", extra={"connection": self.connection.id, "error": type(exc).__name__}
+                )
+
+    async def poll(self) -> int:
+        """Post every change since the cursors; returns how many events were posted."""
+        posted = 0
+        for obj in self.objects:
+            posted += await self._poll_object(obj)
+        return posted
+
+    def _key(self, obj: str, record_id: str | None = None) -> str:
+        return f"{self.connection.id}:{obj}" + (f":{record_id}" if record_id is not None else "")
+
+    async def _poll_object(self, obj: str) -> int:
+        record = await self.store.get(CURSORS, self._key(obj))
+        posted = 0
+        async for changes, cursor in self.reader.pages(obj, record.doc if record is not None else None):
+            memos = {}
+            events: list[dict[str, Any]] = []
+            for change in changes:
+                stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
+                before = _before(stored.doc if stored is not None else None, change.stamp)
+                memo = _memo(change)
+                memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
+                events.extend(self.events(change, before, memo))
+            for batch in _batches(events):
+                await self.collector.post(batch)
+            for record_id, memo in memos.items():
+                await self.store.put(CURSORS, self._key(obj, record_id), memo)
+            await self.store.put(CURSORS, self._key(obj), cursor)
+            posted += len(events)
+            log.info(
+                "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
+            )
+        return posted
+
+    # --- a change as events ---------------------------------------------------------------------
+
+    def events(self, change: Change, before: dict[str, Any] | None, memo: dict[str, Any]) -> list[dict[str, Any]]:
+        if change.own:
+            return []  # the CDP's own action coming back is not news (its later outcome is)
+        if before is not None and before == memo and not change.deleted:
+            return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
+        name = event_name(change, before)
+        kind, conn = self.connection.kind, self.connection.id
+        properties = {k: v for k, v in change.properties.items() if v not in (None, "")}
+        properties.update(crm=kind, connection=conn, object=change.obj, crm_id=change.record_id)
+        previous = before.get("watched") if before is not None else None
+        if previous is not None and change.watched is not None and previous != change.watched:
+            properties["previous_" + ("stage" if change.kind == "deal" else "status")] = before["watched"]
+        context: dict[str, Any] = {"source": {"crm": kind, "connection": conn}}
+        person = change.person
+        if person is not None:
+            properties["crm_contact_id"] = person.id
+            if person.email:
+                # Identity links the event to the person through the email (an identifier it resolves);
+                # the CDP person id is a reference, never a userId (identity would take it for a new user).
+                context["traits"] = {"email": person.email}
+            if person.cdp_id:
+                properties["cdp_person_id"] = person.cdp_id
+        anonymous = f"{kind}:{self.connection.account}:{person.id if person else change.record_id}"
+        timestamp = _iso(change.at or change.stamp) if not change.deleted else None
+        track: dict[str, Any] = {
+            "type": "track",
+            "event": name,
+            "messageId": event_id(conn, change.obj, change.record_id, change.stamp),
+            "properties": properties,
+            "context": context,
+            "anonymousId": anonymous,
+        }
+        if timestamp:
+            track["timestamp"] = timestamp
+        events = [track]
+        if change.kind in ("contact", "lead") and not change.deleted:
+            identify = self._identify(change, context, anonymous, timestamp)
+            if identify is not None:
+                events.append(identify)
+        return events
+
+    def _identify(
+        self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None
+    ) -> dict[str, Any] | None:
+        traits: dict[str, Any] = {}
+        purposes: dict[str, bool] = {}
+        channels: dict[str, bool] = {}
+        for crm_field, target in self.traits.get(change.obj.lower(), {}).items():
+            if crm_field not in change.record:
+                continue
+            value = change.record[crm_field]
+            if target.startswith("traits."):
+                if value not in (None, ""):
+                    traits[target.removeprefix("traits.")] = value
+            elif (granted := _bool(value)) is not None:
+                key = target.removeprefix("consent.")
+                if key.startswith("purpose:"):
+                    purposes[key.removeprefix("purpose:")] = granted
+                elif key.startswith("channel:"):
+                    channels[key.removeprefix("channel:")] = granted
+        if change.person is not None and change.person.email:
+            traits.setdefault("email", change.person.email)
+        if not (traits or purposes or channels):
+            return None
+        ctx = {"source": context["source"]}
+        if purposes or channels:
+            ctx["consent"] = {
+                **({"categoryPreferences": purposes} if purposes else {}),
+                **({"channelPreferences": channels} if channels else {}),
+            }
+        identify: dict[str, Any] = {
+            "type": "identify",
+            "messageId": event_id(self.connection.id, change.obj, change.record_id, change.stamp, "identify"),
+            "anonymousId": anonymous,
+            "traits": traits,
+            "context": ctx,
+        }
+        if timestamp:
+            identify["timestamp"] = timestamp
+        return identify
+
+
+def backwards(connection: Connection) -> dict[str, dict[str, str]]:
+    """Per CRM object (lower case): CRM field -> `traits.<name>` or `consent.<key>`, from the connection's
+    record mappings whose transforms keep the value as it is."""
+    out: dict[str, dict[str, str]] = {}
+    for mapping in connection.mappings:
+        if mapping.kind != "record":
+            continue
+        for fm in (*mapping.match, *mapping.fields):
+            source = fm.source or ""
+            if not source.startswith(("traits.", "consent.")) or fm.translate:
+                continue
+            if any(t.name not in REVERSIBLE for t in fm.transforms):
+                continue
+            out.setdefault(mapping.object.lower(), {})[fm.crm_field] = source
+    return out
+
+
+def event_name(change: Change, before: dict[str, Any] | None) -> str:
+    """The event a change becomes (the table in the service README)."""
+    kind = change.kind
+    noun = {
+        "contact": "Contact",
+        "lead": "Lead",
+        "case": "Case",
+        "ticket": "Ticket",
+        "task": "Task",
+        "deal": "Deal",
+        "campaign_member": "Campaign Member",
+    }[kind]
+    if change.deleted:
+        return f"CRM {noun} Deleted"
+    moved = before is None or before.get("watched") != change.watched
+    if kind in ("contact", "lead"):
+        return f"CRM {noun} Created" if change.created else f"CRM {noun} Updated"
+    if kind in ("case", "ticket"):
+        if change.created:
+            return f"CRM {noun} Opened"
+        return f"CRM {noun} Closed" if change.closed and moved else f"CRM {noun} Updated"
+    if kind == "task":
+        if change.closed and (moved or change.created):
+            return "CRM Task Completed"
+        return "CRM Task Created" if change.created else "CRM Task Updated"
+    if kind == "deal":
+        if change.created and not change.closed:
+            return "CRM Deal Created"
+        if change.closed and (moved or change.created):
+            return "CRM Deal Won" if change.won else "CRM Deal Lost"
+        return "CRM Deal Stage Changed" if moved and before is not None else "CRM Deal Updated"
+    # campaign members: added to the campaign, then their engagement (the member status) changing
+    if change.created:
+        return "CRM Campaign Member Added"
+    return "CRM Campaign Engagement" if moved else "CRM Campaign Member Updated"
+
+
+def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """A page's events in as few collector requests as the request size allows (one, normally)."""
+    batches: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for event in events:
+        length = len(orjson.dumps(event, default=str))
+        if batches[-1] and size + length > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(event)
+        size += length
+    return [b for b in batches if b]
+
+
+def _before(stored: dict[str, Any] | None, stamp: str) -> dict[str, Any] | None:
+    """What the record was before this change: the stored memo, or - when this very change was read
+    before (a page read again) - what that read compared with, so the same events come out again."""
+    if stored is None:
+        return None
+    if stored.get("stamp") == stamp:
+        return stored.get("before")
+    return {"watched": stored.get("watched"), "digest": stored.get("digest")}
+
+
+def _memo(change: Change) -> dict[str, Any]:
+    digest = hashlib.sha256(orjson.dumps(change.properties, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
+    return {"watched": change.watched, "digest": digest[:24]}
+
+
+def _iso(stamp: str) -> str | None:
+    try:
+        return instant(stamp).isoformat().replace("+00:00", "Z")
+    except ValueError:
+        return None  # a version number (Dataverse): the collector stamps the time it received it
+
+
+def _bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None

@@ -1,0 +1,285 @@
+"""HubSpot's changes: contacts, deals, tickets and tasks read with the CRM search API by their modification
+date (modified-since polling: `lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), at
+once when a signed HubSpot webhook (v3: contact.propertyChange, deal.propertyChange, ticket.creation, ...)
+says something changed (`HubSpotWebhooks`). Every request is reserved from the account's shared budget
+first; HubSpot's per-second search limit is kept apart from the burst budget.
+
+The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
+again from the new cursor after each page; a full page of records all read already (more than a page
+changed in one instant) goes on with the search's own `after` paging instead. A record linked to a contact
+(tickets, tasks, deals: the v4 associations) carries that contact's email and CDP id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cdp_crm.adapters.http import exchange, transport_error
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import Connection
+from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, backwards
+from cdp_kit.storage import Store
+
+log = logging.getLogger("cdp.crm.inbound")
+
+PAGE = 100
+SEARCH_SPACING = 0.25  # seconds between two searches: HubSpot's search limit is per second
+# What is read of each object (the event's properties), its modification stamp, and what it is.
+HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
+    "tickets": (
+        "subject",
+        "hs_pipeline",
+        "hs_pipeline_stage",
+        "hs_ticket_priority",
+        "hs_ticket_category",
+        "cdp_id",
+        "cdp_idempotency_key",
+    ),
+    "tasks": ("hs_task_subject", "hs_task_status", "hs_task_priority", "hs_task_type", "cdp_idempotency_key"),
+    "contacts": ("email", "firstname", "lastname", "phone", "company", "lifecyclestage", "city", "country", "cdp_id"),
+    "deals": (
+        "dealname",
+        "dealstage",
+        "pipeline",
+        "amount",
+        "closedate",
+        "hs_is_closed",
+        "hs_is_closed_won",
+        "cdp_idempotency_key",
+    ),
+}
+STAMP = {"contacts": "lastmodifieddate"}  # the others: hs_lastmodifieddate
+KIND = {"tickets": "ticket", "tasks": "task", "contacts": "contact", "deals": "deal"}
+CLOSED_TICKET_STAGES = ("4", "closed")
+
+
+class HubSpotReader:
+    kind = "hubspot"
+    objects = tuple(HUBSPOT_OBJECTS)
+
+    def __init__(
+        self,
+        connection: Connection,
+        session: aiohttp.ClientSession,
+        token: str,
+        budget: SharedBudget,
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 30.0,
+    ) -> None:
+        self.connection = connection
+        self.session = session
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.base = (connection.url or "https://api.hubapi.com").rstrip("/")
+        self.budget = budget
+        self.clock = clock
+        self.timeout = timeout
+        self._last_search = 0.0
+        self.mapped = backwards(connection)
+
+    async def pages(
+        self, obj: str, cursor: dict[str, Any] | None
+    ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        keyset = Keyset.of(cursor)
+        after: str | None = None  # the search's own paging, only within a run of already-read records
+        while True:
+            page, following = await self._search(obj, keyset.after, after)
+            pairs = [(str(r["id"]), _stamp(obj, r)) for r in page]
+            fresh = [page[i] for i in keyset.fresh(pairs)]
+            if not fresh:
+                if len(page) < PAGE or following is None:
+                    return
+                after = following  # a full page read already: more than a page changed in one instant
+                continue
+            after = None
+            contacts = await self._contacts(obj, fresh)
+            changes = [self._change(obj, r, contacts.get(str(r["id"]))) for r in fresh]
+            keyset = keyset.advance([(str(r["id"]), _stamp(obj, r)) for r in fresh])
+            yield changes, keyset.doc()
+            if len(page) < PAGE:
+                return
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, body: Any, what: str) -> Any:
+        search = path.endswith("/search")
+        for _ in range(5):
+            await self.budget.acquire(1, self.clock)
+            if search:
+                # HubSpot allows a few searches a second per account, apart from the burst budget.
+                await asyncio.sleep(max(0.0, self._last_search + SEARCH_SPACING - time.monotonic()))
+                self._last_search = time.monotonic()
+            answer = await exchange(
+                self.session, method, self.base + path, json=body, headers=self.headers, timeout=self.timeout, what=what
+            )
+            await self.budget.observe(answer.headers, self.clock())
+            policy = answer.body.get("policyName") if isinstance(answer.body, dict) else None
+            if answer.status == 429 and policy == "SECONDLY":
+                await asyncio.sleep(1.0)
+                continue
+            error = transport_error(answer)
+            if error is not None:
+                if answer.status == 429:
+                    await self.budget.throttled(self.clock(), retry_after=error.retry_after, daily=policy == "DAILY")
+                raise CrmReadFailed(f"hubspot {what} failed: {error.reason} {policy or error.code}")
+            if answer.status >= 400:
+                raise CrmReadFailed(f"hubspot {what} answered {answer.status}")
+            return answer.body
+        raise CrmReadFailed(f"hubspot {what} stayed over the search rate")
+
+    async def _search(self, obj: str, since: str, after: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        stamp = STAMP.get(obj, "hs_lastmodifieddate")
+        wanted = [*HUBSPOT_OBJECTS[obj], *self.mapped.get(obj, {}), stamp, "createdate"]
+        body: dict[str, Any] = {
+            "filterGroups": [{"filters": [{"propertyName": stamp, "operator": "GTE", "value": since}]}],
+            "sorts": [{"propertyName": stamp, "direction": "ASCENDING"}],
+            "properties": list(dict.fromkeys(wanted)),
+            "limit": PAGE,
+        }
+        if after is not None:
+            body["after"] = after
+        answer = await self._call("POST", f"/crm/v3/objects/{obj}/search", body, f"search {obj}")
+        following = ((answer.get("paging") or {}).get("next") or {}).get("after")
+        return list(answer.get("results", [])), following
+
+    async def _contacts(self, obj: str, records: list[dict[str, Any]]) -> dict[str, Person]:
+        """The contact each record is (contacts) or is associated with (its id, email, cdp_id), by record id."""
+        if obj == "contacts":
+            return {str(r["id"]): _person(str(r["id"]), r.get("properties") or {}) for r in records}
+        linked: dict[str, str] = {}
+        for r in records:
+            answer = await self._call(
+                "GET", f"/crm/v4/objects/{obj}/{r['id']}/associations/contacts", None, "associations"
+            )
+            results = answer.get("results", []) if isinstance(answer, dict) else []
+            if results:
+                linked[str(r["id"])] = str(results[0].get("toObjectId"))
+        if not linked:
+            return {}
+        body = {"inputs": [{"id": c} for c in dict.fromkeys(linked.values())], "properties": ["email", "cdp_id"]}
+        answer = await self._call("POST", "/crm/v3/objects/contacts/batch/read", body, "contacts")
+        contacts = {str(c["id"]): _person(str(c["id"]), c.get("properties") or {}) for c in answer.get("results", [])}
+        return {rid: contacts[cid] for rid, cid in linked.items() if cid in contacts}
+
+    def _change(self, obj: str, record: dict[str, Any], person: Person | None) -> Change:
+        props = record.get("properties") or {}
+        stamp = _stamp(obj, record)
+        created = props.get("createdate") == stamp
+        kind = KIND[obj]
+        watched: Any = None
+        closed = won = None
+        if obj == "tickets":
+            watched = props.get("hs_pipeline_stage")
+            closed = str(watched) in CLOSED_TICKET_STAGES
+        elif obj == "tasks":
+            watched = props.get("hs_task_status")
+            closed = str(watched or "").upper() == "COMPLETED"
+        elif obj == "deals":
+            watched = props.get("dealstage")
+            closed = str(props.get("hs_is_closed", "")).lower() == "true"
+            won = str(props.get("hs_is_closed_won", "")).lower() == "true"
+        return Change(
+            obj=obj,
+            record_id=str(record["id"]),
+            stamp=stamp,
+            kind=kind,
+            properties={k: props.get(k) for k in HUBSPOT_OBJECTS[obj]},
+            created=created,
+            watched=watched,
+            closed=closed,
+            won=won,
+            # A task or case this connector created comes back as a change: its creation is the CDP's own
+            # action, not news (its later outcome is).
+            own=bool(props.get("cdp_idempotency_key")) and created,
+            person=person,
+            record=dict(props),
+        )
+
+
+class HubSpotPoller(Poller):
+    """One HubSpot connection's changed records, since the cursors, to the collector."""
+
+    def __init__(
+        self,
+        store: Store,
+        connection: Connection,
+        session: aiohttp.ClientSession,
+        token: str,
+        budget: SharedBudget,
+        collector: Collector,
+        *,
+        objects: tuple[str, ...] = tuple(HUBSPOT_OBJECTS),
+        clock: Callable[[], float] = time.time,
+        timeout: float = 30.0,
+    ) -> None:
+        reader = HubSpotReader(connection, session, token, budget, clock=clock, timeout=timeout)
+        super().__init__(store, connection, reader, collector, objects=objects)
+
+
+def _stamp(obj: str, record: dict[str, Any]) -> str:
+    props = record.get("properties") or {}
+    return str(
+        props.get(STAMP.get(obj, "hs_lastmodifieddate"))
+        or props.get("hs_lastmodifieddate")
+        or record.get("updatedAt")
+        or EPOCH
+    )
+
+
+def _person(record_id: str, props: dict[str, Any]) -> Person:
+    return Person(record_id, props.get("email") or None, props.get("cdp_id") or None)
+
+
+class HubSpotWebhooks:
+    """`POST /webhooks/hubspot/<connection>`: HubSpot's change notifications, checked against the app's
+    secret (signature v3: base64 HMAC-SHA256 over method, URL, body and timestamp; older than five
+    minutes is refused, so a captured request cannot be replayed), wake that connection's poller. The
+    notification's content is not trusted beyond "something changed": the poller reads the records.
+
+    `public_url`: the base URL HubSpot calls (behind a proxy the request's own URL differs from the one
+    HubSpot signed); empty: the request's URL."""
+
+    MAX_AGE_MS = 300_000
+
+    def __init__(
+        self,
+        pollers: dict[str, tuple[Poller, str]],
+        *,
+        public_url: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pollers = pollers  # connection id -> (poller, the app's client secret)
+        self.public_url = public_url.rstrip("/")
+        self.clock = clock
+        self.app = web.Application()
+        self.app.router.add_post("/webhooks/hubspot/{connection}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        entry = self.pollers.get(request.match_info["connection"])
+        if entry is None:
+            return web.json_response({"message": "no such connection"}, status=404)
+        poller, secret = entry
+        body = await request.read()
+        timestamp = request.headers.get("X-HubSpot-Request-Timestamp", "")
+        signature = request.headers.get("X-HubSpot-Signature-v3", "")
+        if not timestamp.isdigit() or abs(self.clock() * 1000 - int(timestamp)) > self.MAX_AGE_MS:
+            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "stale"})
+            return web.json_response({"message": "missing or stale X-HubSpot-Request-Timestamp"}, status=401)
+        url = self.public_url + request.path_qs if self.public_url else str(request.url)
+        message = request.method.encode() + url.encode() + body + timestamp.encode()
+        expected = base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
+        if not hmac.compare_digest(expected, signature):
+            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "signature"})
+            return web.json_response({"message": "the X-HubSpot-Signature-v3 does not match"}, status=401)
+        poller.woken.set()
+        return web.Response(status=204)

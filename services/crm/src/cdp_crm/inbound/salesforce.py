@@ -1,0 +1,207 @@
+"""Salesforce's changes: modified-since polling with SOQL on `SystemModstamp`.
+
+Per object one query a poll - ``SELECT ... FROM <Object> WHERE SystemModstamp >= <cursor> ORDER BY
+SystemModstamp, Id`` - followed through its ``nextRecordsUrl`` pages (Salesforce keeps the query's result
+set, so a record edited while the pages are read is in the next poll, never skipped). The cursor
+(`core.Keyset`: the last stamp and the ids read at it) moves after every chunk of a page the collector took,
+so a kill in the middle of a 2,000-record page re-reads from the last chunk, not from the page's start.
+
+Objects: Contact and Lead (the person: their fields, and traits or consent a mapping fills), Case (opened,
+status changes, closed), Task (created by a user, its outcome when it completes), Opportunity (stage
+changes, won, lost), CampaignMember (added, its status - the campaign engagement). A record's person is
+its ContactId / WhoId / LeadId, read in one query per page for their Email and the CDP id field the
+connection's mapping matches on.
+
+Calls go through the outbound adapter's authenticated session (its token, renewed once on
+INVALID_SESSION_ID) and are reserved from the account's shared budget; 403 REQUEST_LIMIT_EXCEEDED is the
+day's allocation spent.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from cdp_crm.adapters.http import Answer, transport_error
+from cdp_crm.adapters.salesforce import API_VERSION, SalesforceAdapter
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import PERSON_ID, Connection
+from cdp_crm.inbound.core import POST_CHUNK, Change, CrmReadFailed, Keyset, Person, backwards, instant
+
+# object -> (what it is, the fields the event reports, the field naming its person, the watched field)
+OBJECTS: dict[str, tuple[str, tuple[str, ...], str | None, str | None]] = {
+    "Contact": ("contact", ("Email", "FirstName", "LastName", "Phone", "Title", "HasOptedOutOfEmail"), None, None),
+    "Lead": ("lead", ("Email", "FirstName", "LastName", "Company", "Status"), None, "Status"),
+    "Case": (
+        "case",
+        (
+            "CaseNumber",
+            "Subject",
+            "Status",
+            "Priority",
+            "Origin",
+            "Type",
+            "Reason",
+            "IsClosed",
+            "CDP_Idempotency_Key__c",
+        ),
+        "ContactId",
+        "Status",
+    ),
+    "Task": (
+        "task",
+        ("Subject", "Status", "Priority", "TaskSubtype", "IsClosed", "CDP_Idempotency_Key__c"),
+        "WhoId",
+        "Status",
+    ),
+    "Opportunity": (
+        "deal",
+        ("Name", "StageName", "Amount", "CloseDate", "IsClosed", "IsWon", "CDP_Idempotency_Key__c"),
+        "ContactId",
+        "StageName",
+    ),
+    "CampaignMember": ("campaign_member", ("CampaignId", "Status", "HasResponded"), "ContactId", "Status"),
+}
+PREFIXES = {"003": "Contact", "00Q": "Lead"}  # whose record an id is: a polymorphic WhoId names either
+_BASE = f"/services/data/v{API_VERSION}"
+
+
+class SalesforceReader:
+    kind = "salesforce"
+    objects = tuple(OBJECTS)
+
+    def __init__(
+        self,
+        connection: Connection,
+        adapter: SalesforceAdapter,
+        budget: SharedBudget,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.connection = connection
+        self.adapter = adapter
+        self.budget = budget
+        self.clock = clock
+        self.mapped = backwards(connection)
+        # The field holding the CDP person id on each person object: the mapping's match on person.id.
+        self.cdp_field = {
+            m.object.lower(): fm.crm_field
+            for m in connection.mappings
+            for fm in m.match
+            if fm.source == PERSON_ID and m.kind == "record"
+        }
+
+    async def pages(
+        self, obj: str, cursor: dict[str, Any] | None
+    ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
+        kind, reported, link, _ = OBJECTS[obj]
+        keyset = Keyset.of(cursor)
+        person_fields = (*self._person_fields(obj),) if kind in ("contact", "lead") else ()
+        fields = dict.fromkeys(
+            ["Id", "CreatedDate", "SystemModstamp", *reported, *((link,) if link else ()), *person_fields]
+        )
+        if obj == "CampaignMember":
+            fields["LeadId"] = None
+        fields.update(dict.fromkeys(self.mapped.get(obj.lower(), {})))
+        soql = (
+            f"SELECT {', '.join(fields)} FROM {obj} WHERE SystemModstamp >= {_literal(keyset.after)} "
+            "ORDER BY SystemModstamp, Id"
+        )
+        answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {obj}")
+        while True:
+            rows = answer.get("records", [])
+            for start in range(0, len(rows), POST_CHUNK):
+                chunk = rows[start : start + POST_CHUNK]
+                pairs = [(r["Id"], r["SystemModstamp"]) for r in chunk]
+                fresh = [chunk[i] for i in keyset.fresh(pairs)]
+                if not fresh:
+                    continue
+                people = await self._people(obj, fresh)
+                changes = [self._change(obj, r, people) for r in fresh]
+                keyset = keyset.advance([(r["Id"], r["SystemModstamp"]) for r in fresh])
+                yield changes, keyset.doc()
+            following = answer.get("nextRecordsUrl")
+            if answer.get("done", True) or not following:
+                return
+            answer = await self._get(following.removeprefix(_BASE), f"query {obj} (more)")
+
+    def _person_fields(self, obj: str) -> tuple[str, ...]:
+        field = self.cdp_field.get(obj.lower())
+        return ("Email", field) if field else ("Email",)
+
+    async def _get(self, path: str, what: str) -> dict[str, Any]:
+        await self.budget.acquire(1, self.clock)
+        answer: Answer = await self.adapter._call("GET", path, what=what)  # the adapter's authenticated session
+        await self.budget.observe(answer.headers, self.clock())
+        codes = [e.get("errorCode") for e in answer.body] if isinstance(answer.body, list) else []
+        if "REQUEST_LIMIT_EXCEEDED" in codes:
+            await self.budget.throttled(self.clock(), retry_after=None, daily=True)
+            raise CrmReadFailed(f"salesforce {what}: REQUEST_LIMIT_EXCEEDED")
+        error = transport_error(answer)
+        if error is not None:
+            raise CrmReadFailed(f"salesforce {what} failed: {error.reason} {error.code}")
+        if answer.status >= 400 or not isinstance(answer.body, dict):
+            raise CrmReadFailed(f"salesforce {what} answered {answer.status} {','.join(map(str, codes))}")
+        return answer.body
+
+    async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
+        """The person each row is or names (by the person's Salesforce id)."""
+        kind, _, link, _ = OBJECTS[obj]
+        if kind in ("contact", "lead"):
+            field = self.cdp_field.get(obj.lower())
+            return {
+                r["Id"]: Person(r["Id"], r.get("Email") or None, (r.get(field) if field else None) or None)
+                for r in rows
+            }
+        ids = {str(r.get(name)) for r in rows for name in (link, "LeadId") if name and r.get(name)}
+        people: dict[str, Person] = {}
+        for prefix, target in PREFIXES.items():
+            wanted = sorted(i for i in ids if i.startswith(prefix))
+            if not wanted:
+                continue
+            fields = ", ".join(dict.fromkeys(["Id", *self._person_fields(target)]))
+            quoted = ", ".join("'" + i.replace("\\", "\\\\").replace("'", "\\'") + "'" for i in wanted)
+            soql = f"SELECT {fields} FROM {target} WHERE Id IN ({quoted})"
+            answer = await self._get("/query?" + urllib.parse.urlencode({"q": soql}), f"query {target} (people)")
+            field = self.cdp_field.get(target.lower())
+            for r in answer.get("records", []):
+                people[r["Id"]] = Person(r["Id"], r.get("Email") or None, (r.get(field) if field else None) or None)
+        return people
+
+    def _change(self, obj: str, row: dict[str, Any], people: dict[str, Person]) -> Change:
+        kind, reported, link, watched = OBJECTS[obj]
+        stamp = row["SystemModstamp"]
+        created = instant(row.get("CreatedDate") or stamp) == instant(stamp)
+        if kind in ("contact", "lead"):
+            person = people.get(row["Id"])
+        else:
+            ref = row.get(link) if link else None
+            person = people.get(str(ref)) if ref else None
+            if person is None and row.get("LeadId"):
+                person = people.get(str(row["LeadId"]))
+        closed = won = None
+        if kind in ("case", "task", "deal"):
+            closed = bool(row.get("IsClosed"))
+        if kind == "deal":
+            won = bool(row.get("IsWon"))
+        return Change(
+            obj=obj,
+            record_id=row["Id"],
+            stamp=stamp,
+            kind=kind,
+            properties={k: row.get(k) for k in reported},
+            created=created,
+            watched=row.get(watched) if watched else None,
+            closed=closed,
+            won=won,
+            own=bool(row.get("CDP_Idempotency_Key__c")) and created,
+            person=person,
+            record={k: v for k, v in row.items() if k != "attributes"},
+        )
+
+
+def _literal(stamp: str) -> str:
+    """A SOQL datetime literal (unquoted, UTC)."""
+    return instant(stamp).strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant(stamp).microsecond // 1000:03d}Z"
