@@ -2,8 +2,10 @@
 
 Each submitted record is first resolved through its own identifiers (a CRM contact id, an email) to a
 person, then kept in the match pool. Records are scored against the pool with the Fellegi-Sunter model
-(`cdp_identity.matching`), whose m/u weights are re-estimated by EM whenever the pool has grown by a
-quarter. Pairs of different persons above the upper threshold merge (lineage rule `match`); pairs between
+(`cdp_identity.matching`), whose m/u weights are re-estimated by EM, inside the call and before its
+pairs are scored, whenever the pool or one source in it (a CRM export, then the app's sign-ups) has
+grown by a quarter since the last fit; linking two sources, nothing is fitted or scored while the pool
+holds one. Pairs of different persons above the upper threshold merge (lineage rule `match`); pairs between
 the thresholds wait in the review queue until someone decides.
 
 Invariants: a call's records are stored only once its answer is settled (validation, fit, scoring and
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -84,6 +87,10 @@ class MatchingService:
         self.pool: dict[str, dict[str, Any]] = {}  # record key -> {"id", fields..., "_person"}
         self.blocks: dict[str, set[str]] = {}  # blocking key -> record keys: a new record's candidates
         self.fitted_on = 0
+        # Records per source in the pool, and at the last fit: a source that grew by a quarter (or one the
+        # fit never saw: the app's sign-ups after the CRM export) is refitted on before it is scored.
+        self.source_counts: Counter[str] = Counter()
+        self.fitted_sources: dict[str, int] = {}
         # Term frequencies follow the pool and, while a call is scored, its records: what each record
         # counted key was counted as, so a replaced or purged record is uncounted exactly.
         self.term_frequencies = any(spec.term_frequencies for spec in config.comparisons)
@@ -112,6 +119,7 @@ class MatchingService:
         if model is not None:
             self.matcher = Matcher.from_dict(model.doc["matcher"])
             self.fitted_on = model.doc["fitted_on"]
+            self.fitted_sources = model.doc.get("fitted_sources", {})
             self.em = model.doc.get("em", {})
             self.origin = "fitted"
         if model is None and self.config == DEFAULT_PERSON_CONFIG:
@@ -332,6 +340,8 @@ class MatchingService:
 
     def _add_to_pool(self, doc: dict[str, Any]) -> None:
         key = doc["id"]
+        if key not in self.pool:
+            self.source_counts[self._comparable(doc)["source"]] += 1
         self._drop_from_blocks(key)
         self.pool[key] = doc
         for block in self.matcher.blocking_keys(doc):
@@ -434,7 +444,9 @@ class MatchingService:
             records.update(r.key for r in await self.store.find(RECORDS, "_person", person, limit=MAX_FIND_LIMIT))
         for key in records:
             self._drop_from_blocks(key)
-            self.pool.pop(key, None)
+            doc = self.pool.pop(key, None)
+            if doc is not None:
+                self.source_counts[self._comparable(doc)["source"]] -= 1
         self._uncount(records)
         ops: list[WriteOp] = [Delete(RECORDS, key) for key in sorted(records)]
         async for record in self.store.scan_all(REVIEWS):
@@ -495,11 +507,39 @@ class MatchingService:
             "source": doc.get("source") or doc["id"].split(":", 1)[0]
         }
 
+    def _sources_with(self, new_docs: dict[str, dict[str, Any]]) -> Counter[str]:
+        """Records per source in the pool and the call's records together (a key names its source)."""
+        sources = Counter(self.source_counts)
+        sources.update(doc["source"] for key, doc in new_docs.items() if key not in self.pool)
+        return sources
+
+    def _grown(self, sources: Counter[str]) -> bool:
+        """Whether the pool, or any one source in it, has grown by a quarter since the last fit: a fit on the
+        CRM export alone must not score the app's sign-ups. A source counts once it brought at least
+        MIN_RECORDS_TO_FIT new records, so a trickle from a new source does not refit on every call."""
+        if not self.fitted_on or sum(sources.values()) >= self.fitted_on * REFIT_GROWTH:
+            return True
+        for source, count in sources.items():
+            had = self.fitted_sources.get(source, 0)
+            if count - had >= max(had * (REFIT_GROWTH - 1), MIN_RECORDS_TO_FIT):
+                return True
+        return False
+
+    def _fittable(self, sources: Counter[str]) -> bool:
+        """Enough records to estimate a model from; link_only needs two sources to have any pair at all."""
+        if sum(sources.values()) < MIN_RECORDS_TO_FIT:
+            return False
+        return self.config.link_type != "link_only" or sum(1 for count in sources.values() if count) >= 2
+
     async def _refit_if_grown(self, new_docs: dict[str, dict[str, Any]]) -> None:
-        """Fit on the pool with the call's records when it has grown by a quarter since the last fit."""
+        """Fit on the pool with the call's records, before they are scored, when the pool or one of its
+        sources has grown by a quarter since the last fit (see `_grown`)."""
         if self.frozen:
             return
-        size = len(self.pool.keys() | new_docs.keys())
+        sources = self._sources_with(new_docs)
+        if self.config.link_type == "link_only" and len(sources) < 2:
+            return  # one file so far: its records form no pair, so there is nothing to score or fit yet
+        size = sum(sources.values())
         if size < MIN_RECORDS_TO_FIT and not self.matcher.fitted:
             raise FailedPrecondition(
                 f"the matcher has no parameters yet and {size} records are too few to estimate them "
@@ -507,22 +547,33 @@ class MatchingService:
                 "or submit more records",
                 reason="matcher_not_fitted",
             )
-        if size < MIN_RECORDS_TO_FIT or (self.fitted_on and size < self.fitted_on * REFIT_GROWTH):
-            return
-        await self._fit(new_docs)
+        if self._fittable(sources) and self._grown(sources):
+            await self._fit(new_docs)
 
     async def _fit(self, new_docs: dict[str, dict[str, Any]]) -> bool:
-        """Estimate the model on the pool and `new_docs` (not yet in it); False when they are too few."""
-        size = len(self.pool.keys() | new_docs.keys())
-        if size < MIN_RECORDS_TO_FIT:
+        """Estimate the model on the pool and `new_docs` (not yet in it); False when they are too few (or,
+        linking, all from one source)."""
+        sources = self._sources_with(new_docs)
+        if not self._fittable(sources):
             return False
+        size = sum(sources.values())
         started = time.perf_counter()
         pooled = [self._comparable(doc) for key, doc in self.pool.items() if key not in new_docs]
         report = self.matcher.fit([*pooled, *new_docs.values()])
         self.fitted_on = size
+        self.fitted_sources = dict(sources)
         self.em = {"iterations": report.iterations, "converged": report.converged}
         self.origin = "fitted"
-        await self.store.put(MODEL, "current", {"matcher": self.matcher.to_dict(), "fitted_on": size, "em": self.em})
+        await self.store.put(
+            MODEL,
+            "current",
+            {
+                "matcher": self.matcher.to_dict(),
+                "fitted_on": size,
+                "fitted_sources": self.fitted_sources,
+                "em": self.em,
+            },
+        )
         log.log(
             logging.INFO if report.converged else logging.WARNING,
             "matching model re-estimated" if report.converged else "matching model re-estimated; EM did not converge",
