@@ -3,9 +3,11 @@ survivor already runs that journey), and the caps they used count for the surviv
 
 from __future__ import annotations
 
+from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.timestamps import from_seconds
+from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.domain.rules import parse_rules
 from cdp_orchestration.state import PERSONS
 
@@ -93,3 +95,126 @@ async def test_the_absorbed_persons_journey_goes_on_as_the_survivors_and_their_c
 
 async def _ended_merged(world, person):
     return [i for i in await world.instances(person) if i["end_reason"] == "merged"]
+
+
+NUDGE = {
+    "id": "nudge",
+    "version": 1,
+    "name": "Nudge",
+    "priority": 50,
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "always",
+    "nodes": [
+        {"id": "wait", "type": "wait", "event": "Nudge Now", "timeout": "2d", "next": "remind", "timeout_next": "out"},
+        {"id": "remind", "type": "action", **EMAIL, "next": "out"},
+        {"id": "out", "type": "exit"},
+    ],
+}
+
+
+async def unmerge(world, survivor: str, restored: str, **traits) -> None:
+    """What profile publishes once it applied identity.unmerged: the restored person's change (everything
+    it holds, `split_from` the survivor) and the survivor's (what it lost)."""
+    at = from_seconds(world.now())
+    back = profile_pb2.ProfileChanged(person_id=restored, cause="unmerge", split_from=survivor, at=at)
+    for name, value in traits.items():
+        back.traits[name].string_value = value
+    back.consent["purpose:Marketing"] = True
+    lost = profile_pb2.ProfileChanged(person_id=survivor, cause="unmerge", at=at)
+    for person, change in ((restored, back), (survivor, lost)):
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        await world._publish(subjects.profiles_changed(world.partition(person)), batch.SerializeToString())
+
+
+async def test_an_unmerge_gives_the_restored_person_back_their_journeys_and_their_caps(world_factory):
+    rules = parse_rules({"caps": [{"id": "email-daily", "channel": "email", "per": "day", "limit": 1}]})
+    world = await world_factory(rules=rules)
+    await world.publish_journey(WELCOME)
+    await world.publish_journey(NUDGE)
+    await world.start()
+    consent = {"purpose:Marketing": True}
+    # The visitor got today's email, then abandoned a cart (waiting for a nudge); Ada has had nothing yet.
+    await world.profile("visitor", consent=consent, first_name="V", email="v@example.com")
+    await world.event("visitor", "Signed Up", "e-signup-v", anonymous_id="anon-v")
+    await world.eventually(world.actions)
+    await world.event("visitor", "Cart Abandoned", "e-cart-v", anonymous_id="anon-v")
+    [waiting] = await world.eventually(lambda: _running(world, "visitor", "nudge"))
+    await world.profile("ada", consent=consent, first_name="Ada", email="ada@example.com")
+    await merge(world, "ada", "visitor")
+    await world.eventually(lambda: _running(world, "ada", "nudge"))
+
+    # The merge was wrong: the visitor is a person again.
+    await unmerge(world, "ada", "visitor", first_name="V", email="v@example.com")
+    [back] = await world.eventually(lambda: _running(world, "visitor", "nudge"))
+    assert back["id"] == waiting["id"] and await _running(world, "ada", "nudge") == []
+    visitor = (await world.store.get(PERSONS, "visitor")).doc
+    assert waiting["id"] in visitor["live"] and visitor["ids"] == {"anonymous_id": "anon-v"}
+
+    # The journey goes on as the visitor's, with the visitor's cap: today's email was theirs.
+    await world.event("visitor", "Nudge Now", "e-nudge-v", anonymous_id="anon-v")
+    decided = await world.eventually(lambda: _of(world, "visitor", "nudge"))
+    assert [(d["kind"], d["rule"]) for d in decided] == [("deferred", "email-daily")]  # to tomorrow
+    # Ada's cap is hers alone again: her first email of the day goes out.
+    await world.event("ada", "Signed Up", "e-signup-ada", user_id="ada-uid")
+    [sent] = await world.eventually(lambda: _of(world, "ada", "welcome"))
+    assert sent["kind"] == "sent"
+    ada = (await world.store.get(PERSONS, "ada")).doc
+    assert ada["ids"] == {"user_id": "ada-uid"}  # the visitor's anonymous id went back with them
+
+
+async def _of(world, person, journey_id):
+    return [d for d in await world.decisions(person) if d["journey_id"] == journey_id]
+
+
+async def test_decisions_follow_the_person_they_were_merged_into(world_factory):
+    world = await world_factory()
+    await world.publish_journey(WELCOME)
+    await world.start()
+    api = OrchestrationApi(journeys=world.journeys, store=world.store, bus=world.bus, partitions=2)
+    consent = {"purpose:Marketing": True}
+    await world.profile("visitor", consent=consent, first_name="V", email="v@example.com")
+    await world.event("visitor", "Signed Up", "e-signup-v", anonymous_id="anon-v")
+    await world.eventually(lambda: world.decisions("visitor"))
+    await world.profile("ada", consent=consent, first_name="Ada", email="ada@example.com")
+    await merge(world, "ada", "visitor")
+    await world.eventually(lambda: _merged_into(world, "visitor", "ada"))
+    await world.event("ada", "Signed Up", "e-signup-ada", user_id="ada-uid")
+    await world.eventually(lambda: world.decisions("ada"))
+
+    async def history(person: str, page_size: int = 0) -> list[tuple[str, str]]:
+        """(person decided for, kind) of every decision ListDecisions gives for `person`, page by page."""
+        out, token = [], ""
+        while True:
+            request = pb.ListDecisionsRequest(person_id=person, page_size=page_size, page_token=token)
+            response = await api.ListDecisions(request, None)
+            out += [(d.person_id, d.action_id) for d in response.decisions]
+            token = response.next_page_token
+            if not token:
+                return out
+
+    ada_action = (await world.decisions("ada"))[0]["action_id"]
+    visitor_action = (await world.decisions("visitor"))[0]["action_id"]
+    # Ada's history holds what was decided for the visitor before the merge, newest first...
+    both = [("ada", ada_action), ("visitor", visitor_action)]
+    assert await history("ada") == both
+    assert await history("ada", page_size=1) == both
+    # ...and the visitor's id, merged away, reads the person it went to.
+    assert await history("visitor") == both
+
+    # Undone: each reads their own again.
+    await unmerge(world, "ada", "visitor", first_name="V", email="v@example.com")
+    await world.eventually(lambda: _merged_into(world, "visitor", ""))
+    await world.eventually(lambda: _no_merges(world, "ada"))
+    assert await history("ada") == [("ada", ada_action)]
+    assert await history("visitor") == [("visitor", visitor_action)]
+
+
+async def _merged_into(world, person, survivor):
+    stored = await world.store.get(PERSONS, person)
+    return stored is not None and stored.doc.get("merged_into", "") == survivor
+
+
+async def _no_merges(world, person):
+    stored = await world.store.get(PERSONS, person)
+    return stored is not None and not stored.doc.get("merged_from")

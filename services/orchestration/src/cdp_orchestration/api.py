@@ -14,6 +14,7 @@ Reads (instances, decisions, approvals, stats) come from the store. Errors name 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -25,6 +26,7 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
+from cdp_kit.storage.port import decode_cursor, encode_cursor
 from cdp_orchestration import streams
 from cdp_orchestration.catalogue import Catalogues
 from cdp_orchestration.dispatch import Opens
@@ -33,6 +35,7 @@ from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey, ScheduleEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import (
     APPROVAL_OF_PB,
     JOURNEY_STATE,
@@ -420,28 +423,46 @@ class OrchestrationApi:
         return totals
 
     async def ListDecisions(self, request, context) -> pb.ListDecisionsResponse:
+        """The person's decisions, newest first, with those of every person merged into them; an id merged
+        into another reads the survivor's (each decision names the person it was decided for)."""
         person_id = required(request.person_id, "person_id")
         size = page_size(request.page_size)
-        cursor = request.page_token or None
-        response = pb.ListDecisionsResponse()
-        # Keys hold the time inverted: a scan reads the newest first. Filters may need several pages.
-        while len(response.decisions) < size:
+        after = None
+        if request.page_token:
             try:
-                page = await self.store.scan(DECISIONS, prefix=f"{person_id}:", cursor=cursor, limit=size)
+                after = decode_cursor(request.page_token)
             except InvalidArgument:
                 raise InvalidArgument("page_token", "is not a token this service gave") from None
-            for stored in page.records:
-                doc = stored.doc
-                if request.journey_id and doc["journey_id"] != request.journey_id:
-                    continue
-                if request.action_id and doc["action_id"] != request.action_id:
-                    continue
-                response.decisions.append(decision_message(doc))
-            cursor = page.next_cursor
-            if cursor is None:
+        persons = await decision_persons(self.store, person_id)
+        response = pb.ListDecisionsResponse()
+        # Keys are `<person>:<inverted time>:...`: each person's scan reads the newest first, and merging the
+        # scans by what follows the person id reads them all in one order. The token is the last one read.
+        pending: dict[str, collections.deque] = {}
+        cursors: dict[str, str | None] = {p: encode_cursor(f"{p}:{after}") if after else None for p in persons}
+        last = None
+        while len(response.decisions) < size:
+            for person in persons:
+                if not pending.get(person) and person in cursors:
+                    page = await self.store.scan(
+                        DECISIONS, prefix=f"{person}:", cursor=cursors[person], limit=min(size, 100)
+                    )
+                    pending[person] = collections.deque(page.records)
+                    if page.next_cursor is None:
+                        del cursors[person]
+                    else:
+                        cursors[person] = page.next_cursor
+            heads = [(queue[0].key[len(person) + 1 :], person) for person, queue in pending.items() if queue]
+            if not heads:
                 break
-        if cursor is not None:
-            response.next_page_token = cursor
+            last, person = min(heads)
+            doc = pending[person].popleft().doc
+            if request.journey_id and doc["journey_id"] != request.journey_id:
+                continue
+            if request.action_id and doc["action_id"] != request.action_id:
+                continue
+            response.decisions.append(decision_message(doc))
+        if last is not None and (cursors or any(pending.values())):
+            response.next_page_token = encode_cursor(last)
         return response
 
     # --- inbox -------------------------------------------------------------------------------------------

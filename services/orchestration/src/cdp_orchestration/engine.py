@@ -3,7 +3,7 @@
 One engine per person partition applies everything about a person in stream order (`streams` says what
 reaches `orchestration.in.<p>`): resolved events, segment and profile changes, fired timers and the API's
 commands (and the engines' own: `forget` for a privacy deletion, `privacy.py`; `handover` / `adopt` when a
-person is merged into another, `merges.py`). For each, `OrchestrationLogic.apply` loads the person (their
+person is merged into another, `restore` / `adopt` when an unmerge splits them again, `merges.py`). For each, `OrchestrationLogic.apply` loads the person (their
 view, their arbiter state, their live instances), routes the input to what it does to them, and returns
 `Effects`. The work is split by what it owns:
 
@@ -64,7 +64,7 @@ from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.domain.view import Event
 from cdp_orchestration.inputs import Input, decode
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.merges import adopt, handover, request_handovers
+from cdp_orchestration.merges import adopt, give_back, handover, request_handovers, request_restore
 from cdp_orchestration.privacy import forget
 from cdp_orchestration.state import (
     INSTANCES,
@@ -187,7 +187,7 @@ class OrchestrationLogic:
             for scheduled in self.journeys.scheduled_on(segment):
                 timers.arm(self.applier, batch, person, scheduled, now)
         elif kind == "profile":
-            updates, removed, cause, merged = one.data
+            updates, removed, cause, merged, split_from = one.data
             for key, value in updates.items():
                 if value is None:
                     person.fields.pop(key, None)
@@ -196,6 +196,9 @@ class OrchestrationLogic:
             person.dirty = True
             if merged:
                 request_handovers(self.partitions, batch, person.person_id, merged, now)
+            if split_from:
+                # An unmerge made this person again: what came from them goes back (`merges`).
+                request_restore(self.partitions, batch, person, split_from, now)
             if removed and cause == "merge":
                 # Merged into another person: the survivor's engine asks for the instances (`merges`); until
                 # then they wait, and the view copied of the profile goes.
@@ -252,6 +255,8 @@ class OrchestrationLogic:
             handover(self.partitions, batch, person, one.data["survivor"], now)
         elif kind == "adopt":
             await adopt(self.applier, hot, batch, person, one.data, now)
+        elif kind == "restore":
+            await give_back(self.applier, self.partitions, batch, person, one.data["restored"], now)
         for instance in list(person.live.values()):
             if instance.status is Status.ENDED and not instance.watching_goal(now):
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more

@@ -3,8 +3,9 @@
 `decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
 segment changes and profile changes (batches: one Input each), fired timers (instance timers and
 per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
-migrate, arm; forget: a privacy deletion; handover and adopt: a merge, `merges.py`). A profile change
-is (flat field updates, removed, cause, persons merged into it). `at` is the
+migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore and adopt: an unmerge,
+`merges.py`). A profile change is (flat field updates, removed, cause, persons merged into it, the person
+it was split from by an unmerge or ""). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 """
 
@@ -36,7 +37,9 @@ class Input:
     data: Any = None
 
 
-COMMANDS = frozenset({"enroll", "exit", "approve", "reject", "migrate", "arm", "forget", "handover", "adopt"})
+COMMANDS = frozenset(
+    {"enroll", "exit", "approve", "reject", "migrate", "arm", "forget", "handover", "adopt", "restore"}
+)
 
 
 def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
@@ -51,7 +54,7 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
             return [
-                Input("profile", c.person_id, at, (change_fields(c), c.removed, c.cause, list(c.merged)))
+                Input("profile", c.person_id, at, (change_fields(c), c.removed, c.cause, list(c.merged), c.split_from))
                 for c in batch.changes
             ]
         if stream == subjects.ORCHESTRATION_TIMERS:

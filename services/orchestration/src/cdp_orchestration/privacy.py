@@ -116,6 +116,8 @@ async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person,
     person.wake = None
     person.slots.clear()
     person.ids.clear()
+    person.merged_from.clear()
+    person.merged_into = ""
     person.dirty = False
     person.forgotten = True
     batch.put(

@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under) |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -76,6 +76,10 @@ class Person:
     # The latest userId / anonymousId seen on the person's events: identity resolves either to this person,
     # so outcome events sent under them land here (the person id itself is no identifier identity knows).
     ids: dict[str, str] = field(default_factory=dict)
+    # Persons merged into this one -> what came from them (`merges.merged_from_record`), so an unmerge gives
+    # it back and their decision history reads as this person's.
+    merged_from: dict[str, dict[str, Any]] = field(default_factory=dict)
+    merged_into: str = ""  # the survivor this person was merged into ("" while they are a person of their own)
     dirty: bool = False
     forgotten: bool = False  # a privacy deletion dropped the person: their record is deleted, not written
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
@@ -94,6 +98,8 @@ class Person:
             "wake": list(self.wake) if self.wake else None,
             "slots": {journey: list(slot) for journey, slot in self.slots.items()},
             "ids": dict(self.ids),
+            "merged_from": dict(self.merged_from),
+            "merged_into": self.merged_into,
         }
 
 
@@ -153,6 +159,8 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
             person.slots = {journey: (slot[0], slot[1]) for journey, slot in doc.get("slots", {}).items()}
             person.ids = dict(doc.get("ids") or {})
+            person.merged_from = dict(doc.get("merged_from") or {})
+            person.merged_into = doc.get("merged_into") or ""
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)
