@@ -33,8 +33,21 @@ training-set         seconds to build a point-in-time training set (`cdp_trainin
                      aggregates, ASOF joins for plan and consent): the physical floor for the job. The rows
                      of both are compared cell by cell (params.mismatched_cells)
 
-    make bench-models     # writes bench/results/model-*.json and training-set.json; needs make models
+clv-cdnow-holdout    CLV on real transactions (`cdp_training.clvfit`) on the CDNOW sample that the `lifetimes`
+                     package ships (6,919 orders of 2,357 customers, Fader, Hardie & Lee 2005; a dev dependency,
+                     only its data file is read), read as a transaction export: BG/NBD + Gamma-Gamma fitted on
+                     weeks 1-39, MAE per customer of the repeat transactions in weeks 40-78; baseline: the naive
+                     run rate (calibration repeat transactions / T x 39 weeks). params: each parameter's relative
+                     error against the published table (BG/NBD r, alpha, a, b; Gamma-Gamma p, q, gamma), the
+                     holdout predicted / actual, the by-frequency table and the tracking's end points
+clv-cdnow-fit        seconds to fit both models on those summaries (median of CDP_BENCH_CLV_REPEATS runs);
+                     baseline: lifetimes' BetaGeoFitter + GammaGammaFitter on the same summaries in the same run
+                     (the reference implementation a data scientist would reach for), or, when it cannot be
+                     imported, the same likelihood summed by a plain Python loop per customer in the same optimiser
+
+    make bench-models     # writes bench/results/model-*.json, training-set.json and clv-cdnow-*.json; needs make models
     .venv/bin/python bench/bench_models.py --only training-set
+    .venv/bin/python bench/bench_models.py --only clv      # seconds; needs neither make models nor a simulation
 """
 
 from __future__ import annotations
@@ -493,10 +506,196 @@ def bench_training_set(persons: int) -> dict[str, Any]:
     }
 
 
+# --- CLV on real transactions: the CDNOW sample against the published parameters ------------------------
+
+# Fader, Hardie & Lee (2005): BG/NBD on the CDNOW sample's weeks 1-39 ("Counting your customers the easy way",
+# table 1), Gamma-Gamma on its 946 repeat buyers ("RFM and CLV", section 4)
+CDNOW_PUBLISHED = {
+    "bgnbd": {"r": 0.243, "alpha": 4.414, "a": 0.793, "b": 2.426},
+    "gamma_gamma": {"p": 6.25, "q": 3.74, "gamma": 15.44},
+}
+CDNOW_CALIBRATION_END, CDNOW_END = "1997-09-30", "1998-06-30"
+CLV_REPEATS = int(os.environ.get("CDP_BENCH_CLV_REPEATS", "5"))
+
+
+def cdnow_transactions() -> Any:
+    """CDNOW_sample.txt (customer index, id, yyyymmdd, CDs, dollars) as the transaction export reader reads a
+    file: written to a temporary CSV, read back by `cdp_training.transactions.read_transactions`."""
+    import csv
+    import tempfile
+    from importlib.metadata import PackageNotFoundError, distribution
+    from pathlib import Path
+
+    from cdp_training.transactions import read_transactions
+
+    try:
+        raw = Path(str(distribution("lifetimes").locate_file("lifetimes/datasets/CDNOW_sample.txt")))
+    except PackageNotFoundError:
+        raise SystemExit("the CDNOW sample comes with the dev dependency lifetimes: run `make env`") from None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cdnow.csv"
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["customer_id", "date", "value"])
+            for line in raw.read_text().splitlines():
+                _, customer, day, _, dollars = line.split()
+                writer.writerow([customer, day, dollars])
+        return read_transactions(path)
+
+
+def _loop_fit(x: np.ndarray, t_x: np.ndarray, T: np.ndarray, m: np.ndarray) -> dict[str, float]:
+    """The fallback baseline: the same likelihoods and optimiser, summed customer by customer in Python."""
+    from math import lgamma, log
+
+    from scipy.optimize import minimize
+
+    def bgnbd(log_params: np.ndarray) -> float:
+        r, alpha, a, b = np.exp(log_params)
+        total = 0.0
+        for xi, ti, Ti in zip(x, t_x, T, strict=True):
+            head = lgamma(r + xi) - lgamma(r) + r * log(alpha) + lgamma(a + b) + lgamma(b + xi)
+            head -= lgamma(b) + lgamma(a + b + xi)
+            a3 = -(r + xi) * log(alpha + Ti)
+            if xi > 0:
+                a4 = log(a) - log(b + xi - 1) - (r + xi) * log(alpha + ti)
+                total += head + max(a3, a4) + log(1 + np.exp(min(a3, a4) - max(a3, a4)))
+            else:
+                total += head + a3
+        return -total / len(x)
+
+    def spend(log_params: np.ndarray) -> float:
+        p, q, g = np.exp(log_params)
+        total = 0.0
+        for xi, mi in zip(x[x > 0], m[x > 0], strict=True):
+            total += lgamma(p * xi + q) - lgamma(p * xi) - lgamma(q) + q * log(g) + (p * xi - 1) * log(mi)
+            total += p * xi * log(xi) - (p * xi + q) * log(g + mi * xi)
+        return -total / int((x > 0).sum())
+
+    one = minimize(bgnbd, np.zeros(4), method="L-BFGS-B", bounds=[(-9.0, 9.0)] * 4).x
+    two = minimize(spend, np.log([1.0, 2.0, float(m[x > 0].mean())]), method="L-BFGS-B", bounds=[(-9.0, 12.0)] * 3).x
+    return dict(zip(("r", "alpha", "a", "b", "p", "q", "gamma"), np.exp([*one, *two]).tolist(), strict=True))
+
+
+def _baseline_fit(x: np.ndarray, t_x: np.ndarray, T: np.ndarray, m: np.ndarray) -> tuple[str, Any]:
+    """(name, fit function) of the fit-time baseline: lifetimes' fitters when they import, else the loop."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from lifetimes import BetaGeoFitter, GammaGammaFitter
+    except Exception as error:  # an old package on new pandas/numpy: fall back, and say so
+        return (
+            f"plain Python loop over customers (lifetimes did not import: {type(error).__name__})",
+            lambda: _loop_fit(x, t_x, T, m),
+        )
+    buyers = x > 0
+
+    def fit() -> dict[str, float]:
+        bg = BetaGeoFitter().fit(x, t_x, T)
+        gg = GammaGammaFitter().fit(x[buyers], m[buyers])
+        return {**bg.params_.to_dict(), **{"p": gg.params_["p"], "q": gg.params_["q"], "gamma": gg.params_["v"]}}
+
+    return "lifetimes 0.11.3 BetaGeoFitter + GammaGammaFitter", fit
+
+
+def bench_clv_cdnow() -> list[dict[str, Any]]:
+    from cdp_training.clvfit import analyse, fit
+    from cdp_training.transactions import parse_day, summarise
+
+    tx = cdnow_transactions()
+    report, _ = analyse(tx, unit="weeks", calibration_end=CDNOW_CALIBRATION_END, end=CDNOW_END)
+    fitted = report["calibration_fit"]
+    errors = {
+        model: {
+            name: round(abs(fitted[model]["parameters"][name] / value - 1), 5)
+            for name, value in CDNOW_PUBLISHED[model].items()
+        }
+        for model in CDNOW_PUBLISHED
+    }
+    max_error = max(e for table in errors.values() for e in table.values())
+    summary = summarise(
+        tx,
+        calibration_end=parse_day(CDNOW_CALIBRATION_END, "end"),
+        holdout_end=parse_day(CDNOW_END, "end"),
+        unit_days=7,
+    )
+    calibrated = fit(summary)
+    predicted = calibrated.bgnbd.expected(summary.holdout_length, summary.x, summary.t_x, summary.T)
+    run_rate = np.divide(summary.x, summary.T, out=np.zeros_like(summary.x), where=summary.T > 0)
+    naive = run_rate * summary.holdout_length
+    actual = summary.x_holdout
+    hold, tracking = report["holdout"], report["tracking"]
+    common = {
+        "data": "CDNOW sample (lifetimes 0.11.3 datasets/CDNOW_sample.txt): 6,919 orders, 2,357 customers",
+        "same_day_orders_merged": tx.merged,
+        "calibration": f"weeks 1-39 (to {CDNOW_CALIBRATION_END}), holdout weeks 40-78 (to {CDNOW_END})",
+        "published": CDNOW_PUBLISHED,
+        "fitted": {model: fitted[model]["parameters"] for model in CDNOW_PUBLISHED},
+        "parameter_relative_error": errors,
+        "max_parameter_relative_error": max_error,
+        "converged": all(fitted[model]["converged"] for model in CDNOW_PUBLISHED),
+        "at_bound": {model: fitted[model]["at_bound"] for model in CDNOW_PUBLISHED},
+        "holdout_predicted_transactions": hold["predicted_transactions"],
+        "holdout_actual_transactions": hold["actual_transactions"],
+        "holdout_predicted_over_actual": hold["predicted_over_actual"],
+    }
+    holdout = write_result(
+        "clv-cdnow-holdout",
+        value=float(np.mean(np.abs(predicted - actual))),
+        unit="repeat transactions MAE per customer, 39 weeks",
+        baseline=float(np.mean(np.abs(naive - actual))),
+        higher_is_better=False,
+        params={
+            **common,
+            "baseline_heuristic": "run rate: calibration repeat transactions / T x 39 weeks",
+            "baseline_predicted_over_actual": round(float(naive.sum() / actual.sum()), 4),
+            "holdout_transaction_value": hold.get("transaction_value"),
+            "by_frequency": report["by_frequency"],
+            "tracking_end_of_calibration": tracking[38],
+            "tracking_end_of_holdout": tracking[-1],
+        },
+    )
+
+    baseline_name, baseline_fit = _baseline_fit(summary.x, summary.t_x, summary.T, summary.m)
+    ours_seconds, baseline_seconds = [], []
+    baseline_parameters: dict[str, float] = {}
+    for _ in range(max(1, CLV_REPEATS)):
+        started = time.perf_counter()
+        fit(summary)
+        ours_seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        baseline_parameters = baseline_fit()
+        baseline_seconds.append(time.perf_counter() - started)
+    ours_parameters = {**fitted["bgnbd"]["parameters"], **fitted["gamma_gamma"]["parameters"]}
+    fit_time = write_result(
+        "clv-cdnow-fit",
+        value=float(np.median(ours_seconds)),
+        unit="seconds",
+        baseline=float(np.median(baseline_seconds)),
+        higher_is_better=False,
+        params={
+            **common,
+            "repeats": len(ours_seconds),
+            "customers": len(summary.customers),
+            "baseline_heuristic": baseline_name,
+            "baseline_parameters": {k: round(float(v), 5) for k, v in baseline_parameters.items()},
+            "max_relative_difference_to_baseline_parameters": round(
+                max(abs(ours_parameters[k] / baseline_parameters[k] - 1) for k in ours_parameters), 6
+            ),
+        },
+    )
+    return [holdout, fit_time]
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="the shipped models' quality; the point-in-time training set")
-    parser.add_argument("--only", choices=("models", "training-set"), help="run one part")
+    parser = argparse.ArgumentParser(description="the shipped models' quality; the point-in-time training set; CLV")
+    parser.add_argument("--only", choices=("models", "training-set", "clv"), help="run one part")
     args = parser.parse_args()
+    if args.only in (None, "clv"):
+        bench_clv_cdnow()
+        if args.only == "clv":
+            return
     if args.only != "training-set":
         bench_models()
     if args.only != "models":
