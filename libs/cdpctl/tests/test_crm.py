@@ -39,10 +39,13 @@ async def eventually(check, timeout: float = 20.0):
 
 def crm_environment(ws: Workspace, named_ports: dict[str, int]) -> dict[str, str]:
     write_service_files(ws, CRM, named_ports)
-    return service_environment(
+    env = service_environment(
         ws, CRM, nats_url="nats://127.0.0.1:4222", grpc_port=50057, metrics_port=9470, http_port=None,
-        named_ports=named_ports,
+        named_ports=named_ports, peers={"profile": "127.0.0.1:50053"},
     )  # fmt: skip
+    # No profile service runs here: a backfill reaches the persons the connector has seen change.
+    assert env.pop("CDP_CRM_PROFILE_STORE_URL") == f"sqlite:///{ws.data_dir / 'profile.db'}"
+    return env
 
 
 def test_make_up_runs_the_connector_and_without_companions_gives_it_no_connections(tmp_path):

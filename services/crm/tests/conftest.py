@@ -108,7 +108,7 @@ class World:
         adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=2.0)
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
-        deliverer = Deliverer(adapters, budgets, retry_for=retry_for)
+        deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02)
         self.logic = CrmLogic(self.store, connections, deliverer)
         spec = EngineSpec(
             service=SERVICE,

@@ -92,8 +92,11 @@ CRM = ServiceProcess(
     "cdp_crm",
     grpc_port=50057,
     metrics_port=9470,
+    # A backfill reaches every person: listed from the profile service's store, read through its API.
+    calls=("profile",),
     env={
         "CDP_CRM_CONNECTIONS_FILE": "{home}/crm/connections.yaml",
+        "CDP_CRM_PROFILE_STORE_URL": "sqlite:///{home}/data/profile.db",
         "CDP_CRM_COLLECTOR_URL": "http://127.0.0.1:{collector.http}",
         "CDP_CRM_COLLECTOR_WRITE_KEY": "{write_key}",
         "CDP_CRM_POLL_SECONDS": "5",

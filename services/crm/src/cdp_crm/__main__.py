@@ -30,6 +30,7 @@ from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.inbound import Collector, HubSpotPoller, HubSpotWebhooks
+from cdp_crm.people import ProfileDirectory, profile_fetch
 from cdp_crm.privacy import Privacy, consumer_spec
 from cdp_crm.runs import Runs
 from cdp_crm.settings import CrmSettings
@@ -45,7 +46,7 @@ from cdp_kit.bus import (
 )
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
-from cdp_kit.service import ServiceRuntime, run_main
+from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import Store, open_store
 
 log = logging.getLogger("cdp.crm")
@@ -99,7 +100,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)
     connections = load_connections(text, await describe(adapters, connections, store), form=form)
     budgets = {c.id: SharedBudget(store, c) for c in connections}
-    deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for)
+    deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
     logic = CrmLogic(store, connections, deliverer, meter=meter)
 
@@ -187,7 +188,14 @@ async def setup(runtime: ServiceRuntime) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     runtime.stack.push_async_callback(release)
-    runs = Runs(logic, partitions=settings.partitions)
+    people = None
+    if settings.profile_store_url:
+        profiles = await runtime.stack.enter_async_context(open_store(settings.profile_store_url))
+        channel = client_channel(settings, settings.profile_address)
+        runtime.stack.push_async_callback(channel.close)
+        fetch = profile_fetch(channel, settings.profile_token, timeout=settings.request_timeout)
+        people = ProfileDirectory(profiles, fetch, store)
+    runs = Runs(logic, partitions=settings.partitions, people=people)
 
     async def describe_document(parsed):
         return await describe(adapters, parsed, store)

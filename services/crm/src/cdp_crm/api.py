@@ -196,7 +196,7 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
 
     async def StartBackfill(self, request, context):
         self._connection(request.connection_id)
-        run_id, doc = await self.runs.start_backfill(request.connection_id, request.mapping_id)
+        run_id, doc = await self.runs.start_backfill(request.connection_id, request.mapping_id, bulk=request.bulk)
         return run_message(run_id, doc)
 
     async def GetRun(self, request, context):

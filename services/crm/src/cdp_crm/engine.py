@@ -352,7 +352,11 @@ class CrmLogic:
 
     # --- delivering ---------------------------------------------------------------------------------
 
-    async def deliver_planned(self, partition: int, planned: Planned, out: Outcomes) -> None:
+    async def deliver_planned(
+        self, partition: int, planned: Planned, out: Outcomes, *, bulk: bool = False, progress=None
+    ) -> None:
+        """Send what `planned` holds, records first; `bulk` (a backfill asking for it) sends record mappings
+        through the CRM's bulk path where it has one (`Deliverer.deliver_bulk`)."""
         for name, skipped in planned.skipped.items():
             out.count(self.mappings[name].connection, "skipped", skipped)
         for name, unchanged in planned.unchanged.items():
@@ -371,7 +375,10 @@ class CrmLogic:
         for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
             changes = planned.coalescer.take(mapping=name)
-            delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
+            if bulk:
+                delivered = await self.deliverer.deliver_bulk(mapping, changes, deadline=deadline, progress=progress)
+            else:
+                delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
             self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
 
     def record_outcome(

@@ -1,14 +1,19 @@
 """Backfills and replays: syncing people on request, with progress in `crm_runs/<run id>`.
 
-A backfill projects every person the connector follows (`crm_persons`: everyone whose profile changes it
-has read) through the mappings in scope with the `backfill` trigger and writes what differs from what each
-record should hold - the same path as the stream (engine.py), so a backfill after a complete sync makes no
-call, and one interrupted by a crash is simply started again. A backfill already running for the same
-scope is returned instead of starting a second one. A replay sends dead-lettered records again: record
-and list records re-projected from the person's current view, tasks and cases as they were.
+A backfill projects every person (people.py: every live profile of the profile service when it is
+configured, else everyone the connector has seen change) through the mappings in scope with the
+`backfill` trigger and writes what differs from what each record should hold - the same path as the
+stream (engine.py), so a backfill after a complete sync makes no call, and one interrupted by a crash is
+simply started again. A backfill already running for the same scope is returned instead of starting a
+second one. With `bulk`, record mappings go through the CRM's bulk path where it has one (Salesforce
+Bulk API 2.0: one ingest job per page of up to `BULK_PAGE` people and partition, its state and rows
+processed in the run document as it runs; refused and unprocessed rows dead-lettered); the others keep
+their batch endpoints. A replay sends dead-lettered records again: record and list records re-projected
+from the person's current view, tasks and cases as they were.
 
 Each page of people is handled while its partition is settled (`CrmLogic.settled`), so it never
-interleaves with a batch of the local engine; progress (total, processed, counters, API units) is stored after every page.
+interleaves with a batch of the local engine; progress (total, processed, counters, API units) is stored
+after every page.
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from cdp_crm.domain.coalesce import REMOVE, UPSERT
 from cdp_crm.domain.isolation import DeadLetter
 from cdp_crm.domain.mapping import BACKFILL, ObjectMapping
 from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, View, resolve_writes
-from cdp_crm.state import DEAD_LETTERS, PERSONS, RECORDS, RUNS
+from cdp_crm.people import ConnectorView, People
+from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
 from cdp_kit.bus import partition_for
 from cdp_kit.errors import InvalidArgument, NotFound
 
 log = logging.getLogger("cdp.crm.runs")
 
 PAGE = 200
+BULK_PAGE = 10_000  # people per page of a bulk backfill: a Bulk API job is worth its five extra requests
 
 
 def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, Any]:
@@ -42,8 +49,9 @@ def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, A
 
 
 class Runs:
-    def __init__(self, logic: CrmLogic, *, partitions: int, clock=time.time) -> None:
+    def __init__(self, logic: CrmLogic, *, partitions: int, clock=time.time, people: People | None = None) -> None:
         self.logic = logic
+        self.people = people or ConnectorView(logic.store)
         self.store = logic.store
         self.partitions = partitions
         self.clock = clock
@@ -63,7 +71,9 @@ class Runs:
             return [mapping]
         return [m for m in connection.mappings if BACKFILL in m.triggers and m.kind != "action"]
 
-    async def start_backfill(self, connection_id: str, mapping_id: str = "") -> tuple[str, dict[str, Any]]:
+    async def start_backfill(
+        self, connection_id: str, mapping_id: str = "", *, bulk: bool = False
+    ) -> tuple[str, dict[str, Any]]:
         mappings = self._scope(connection_id, mapping_id)
         for record in await self.store.find(RUNS, "connection", connection_id, limit=1000):
             doc = record.doc
@@ -71,9 +81,12 @@ class Runs:
                 return record.key, doc
         run_id = f"backfill-{uuid.uuid4().hex[:16]}"
         doc = new_run("backfill", connection_id, mapping_id, self.clock())
-        doc["total"] = await self.store.count(PERSONS)
+        doc["bulk"] = bulk
+        doc["people"] = self.people.name  # profiles: every person of the profile service; connector: its view
+        doc["total"] = await self.people.count()
         await self.store.put(RUNS, run_id, doc)
-        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, self._backfill(run_id, doc, mappings)))
+        work = self._backfill(run_id, doc, mappings, bulk)
+        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, work))
         return run_id, doc
 
     async def _guard(self, run_id: str, work) -> None:
@@ -95,20 +108,27 @@ class Runs:
                 RUNS, run_id, {**record.doc, "state": state, "error": error, "finished_at": self.clock()}
             )
 
-    async def _backfill(self, run_id: str, doc: dict[str, Any], mappings: list[ObjectMapping]) -> None:
-        async for page in self._pages():
+    async def _backfill(
+        self, run_id: str, doc: dict[str, Any], mappings: list[ObjectMapping], bulk: bool = False
+    ) -> None:
+        run = {"doc": doc}
+
+        async def progress(job: str, state: str, processed: int) -> None:
+            run["doc"] = {**run["doc"], "bulk_job": job, "bulk_state": state, "bulk_rows_processed": processed}
+            await self.store.put(RUNS, run_id, run["doc"])
+
+        async for people in self.people.pages(BULK_PAGE if bulk else PAGE):
             by_partition: dict[int, list[Any]] = defaultdict(list)
-            for record in page:
-                by_partition[partition_for(record.key, self.partitions)].append(record)
-            for partition, records in by_partition.items():
+            for person in people:
+                by_partition[partition_for(person.person_id, self.partitions)].append(person)
+            for partition, persons in by_partition.items():
                 async with self.logic.settled(partition):
                     out = Outcomes(self.clock())
                     planned = Planned(self.store)
-                    for record in records:
-                        view = View(dict(record.doc.get("fields", {})), set(record.doc.get("segments", [])))
-                        item = Input("backfill", record.key, record.doc.get("stamp", 0), None)
+                    for person in persons:
+                        source = View(person.fields, person.segments).source(person.person_id)
+                        item = Input("backfill", person.person_id, person.stamp, None)
                         for mapping in mappings:
-                            source = view.source(record.key)
                             if mapping.kind == "list":
                                 member = proj.in_scope(mapping, source)
                                 await planned.add(
@@ -116,23 +136,14 @@ class Runs:
                                 )
                             elif proj.in_scope(mapping, source):
                                 await planned.add(mapping, proj.project(mapping, source), UPSERT, BACKFILL, item)
-                    await self.logic.deliver_planned(partition, planned, out)
+                    await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
                     await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
-                doc = self._count(doc, out, len(records))
-                await self.store.put(RUNS, run_id, doc)
+                run["doc"] = self._count(run["doc"], out, len(persons))
+                await self.store.put(RUNS, run_id, run["doc"])
+        doc = run["doc"]
         doc["state"] = "succeeded_with_errors" if doc["dead_lettered"] or doc["pending_retry"] else "succeeded"
         doc["finished_at"] = self.clock()
         await self.store.put(RUNS, run_id, doc)
-
-    async def _pages(self):
-        cursor = None
-        while True:
-            page = await self.store.scan(PERSONS, cursor=cursor, limit=PAGE)
-            if page.records:
-                yield page.records
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
 
     def _count(self, doc: dict[str, Any], out: Outcomes, people: int) -> dict[str, Any]:
         doc = dict(doc)

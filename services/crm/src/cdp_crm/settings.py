@@ -49,6 +49,18 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
         "",
         help="the base URL HubSpot calls the webhook endpoint at, as it signs it (behind a proxy); empty: as received",
     )
+    profile_store_url: str = env(
+        "CDP_CRM_PROFILE_STORE_URL",
+        "",
+        help="the profile service's store (read only), listing every person a backfill reaches - with "
+        "CDP_PROFILE_ADDRESS, which serves their fields; empty: a backfill reaches the persons the connector "
+        "has seen change",
+    )
+    profile_address: str = env("CDP_PROFILE_ADDRESS", "", help="the profile service's gRPC address (backfills)")
+    profile_token: str = env("CDP_PROFILE_TOKEN", "", help="the token presented to the profile service", secret=True)
+    bulk_poll_seconds: float = env(
+        "CDP_CRM_BULK_POLL_SECONDS", 2.0, help="seconds between two reads of a Bulk API job's state"
+    )
     poll_seconds: float = env("CDP_CRM_POLL_SECONDS", 30.0, help="seconds between two reads of a CRM's changes")
     batch_size: int = env("CDP_CRM_BATCH_SIZE", 256, help="crm.in messages fetched per batch (coalesced per batch)")
     ack_wait: float = env("CDP_CRM_ACK_WAIT", 120.0, help="seconds before JetStream redelivers an unacknowledged batch")
@@ -82,6 +94,11 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
                 f"CDP_CRM_RETRY_FOR={self.retry_for} must be positive, and with CDP_CRM_REQUEST_TIMEOUT "
                 f"({self.request_timeout}) below CDP_CRM_ACK_WAIT ({self.ack_wait}): a batch must be settled "
                 "before JetStream delivers it again"
+            )
+        if self.profile_store_url and not self.profile_address:
+            problems.append(
+                "CDP_CRM_PROFILE_STORE_URL needs CDP_PROFILE_ADDRESS: the store lists the persons, the profile "
+                "service serves their fields"
             )
         if self.collector_url and not self.collector_url.startswith(("http://", "https://")):
             problems.append(f"CDP_CRM_COLLECTOR_URL={self.collector_url!r} must be an http(s) URL")

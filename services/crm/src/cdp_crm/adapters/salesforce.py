@@ -391,13 +391,16 @@ class SalesforceAdapter:
         poll: Callable[[float], Awaitable[None]] = asyncio.sleep,
         poll_seconds: float = 1.0,
         max_polls: int = 3600,
+        progress: Callable[[str, str, int], Awaitable[None]] | None = None,
     ) -> BatchOutcome:
-        """A backfill's page through Bulk API 2.0: one ingest job (create, upload, close, poll, results).
+        """A backfill's records through Bulk API 2.0: one ingest job (create, upload the CSV, close, poll
+        the state, read the successful, failed and unprocessed rows).
 
-        Returns per-record results like `send`; a job that fails as a whole is one error. Each poll is a
-        request too: `poll` is awaited before each (reserve budget there). A job still running after
-        `max_polls` is ANSWER_LOST: its rows may yet be written, and sending them again upserts the same
-        records."""
+        Returns per-record results like `send`: a failed row carries Salesforce's ``sf__Error``, an
+        unprocessed one (the job was aborted) ``BULK_UNPROCESSED``. A job that fails as a whole is one
+        error. Each poll is a request too: `poll` is awaited before each (reserve budget there), and
+        `progress(job id, state, rows processed)` after it. A job still running after `max_polls` is
+        ANSWER_LOST: its rows may yet be written, and sending them again upserts the same records."""
         external_id = changes[0].key[0][0]
         columns = list(dict.fromkeys([external_id, *(f for c in changes for f in c.fields)]))
         out = io.StringIO()
@@ -434,11 +437,13 @@ class SalesforceAdapter:
             if (error := _failure(info)) is not None:
                 return BatchOutcome.failed(error, info.headers)
             state, headers = info.body.get("state"), info.headers
-            if state in ("Failed", "Aborted"):
+            if progress is not None:
+                await progress(job, str(state), int(info.body.get("numberRecordsProcessed", 0)))
+            if state == "Failed":
                 message = str(info.body.get("errorMessage", ""))
-                return BatchOutcome.failed(CrmError(REJECTED, f"BULK_JOB_{state.upper()}", message, 200), headers)
+                return BatchOutcome.failed(CrmError(REJECTED, "BULK_JOB_FAILED", message, 200), headers)
         results: dict[str, RecordResult] = {}
-        for kind in ("successfulResults", "failedResults"):
+        for kind in ("successfulResults", "failedResults", "unprocessedrecords"):
             answer = await self._call("GET", f"/jobs/ingest/{job}/{kind}", what="bulk results")
             if (error := _failure(answer)) is not None:
                 return BatchOutcome(results, None, answer.headers)  # the rest is asked again
@@ -451,12 +456,19 @@ class SalesforceAdapter:
                     results[change.record] = RecordResult(
                         change.record, True, row.get("sf__Id"), row.get("sf__Created") == "true"
                     )
-                else:
+                elif kind == "failedResults":
                     code, _, message = str(row.get("sf__Error", "")).partition(":")
                     results[change.record] = RecordResult(
                         change.record, False, error=CrmError(_REASONS.get(code, REJECTED), code, message, 200)
                     )
+                else:
+                    unprocessed = CrmError(REJECTED, "BULK_UNPROCESSED", f"the job ended {state} before this row", 200)
+                    results[change.record] = RecordResult(change.record, False, error=unprocessed)
         return BatchOutcome(results, None, headers)
+
+    def bulk_cost(self) -> int:
+        """Budget units a bulk job takes besides its polls: create, upload, close, three result reads."""
+        return 6
 
 
 def _soql_text(value: str) -> str:

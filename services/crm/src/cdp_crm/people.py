@@ -1,0 +1,128 @@
+"""Who a backfill reaches: every person the profile service holds, or, without it, those the connector follows.
+
+`ProfileDirectory` - every live person of the profile service. The profile service has no paged listing
+RPC, so the listing is read from its store (`CDP_CRM_PROFILE_STORE_URL`, the `profiles` collection the
+training library reads too: one document per person id, a live one holding its `profile` part; a person
+merged away or deleted holds none and is skipped). Each page's current fields come from the profile
+service itself (`BatchGetProfiles` at `CDP_PROFILE_ADDRESS`, flattened by `cdp_kit.profile_fields`), so
+the connector decodes no profile document of its own. Segments come from the connector's view
+(`crm_persons`: segments.entered/exited), the only place they are held per person.
+
+`ConnectorView` - the persons the connector has seen change (`crm_persons`), with the fields it keeps:
+what a backfill reads when no profile service is configured.
+
+Both page through their listing in key order, so a backfill started again after a crash reads the same
+persons again (every write is an upsert; what is unchanged makes no call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_crm.state import PERSONS
+from cdp_kit.errors import Unavailable
+from cdp_kit.profile_fields import profile_fields
+from cdp_kit.storage import Store
+
+# The profile service's collection of profiles in its store (cdp_profile.records.PROFILES).
+PROFILE_COLLECTION = "profiles"
+# Persons per BatchGetProfiles call (the profile service takes at most 500).
+FETCH_BATCH = 500
+
+Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
+
+
+@dataclass
+class Person:
+    person_id: str
+    fields: dict[str, Any]
+    segments: set[str] = field(default_factory=set)
+    stamp: int = 0  # the connector's stream position for the person (0: never seen change)
+
+
+class People(Protocol):
+    name: str
+
+    async def count(self) -> int: ...
+
+    def pages(self, size: int) -> AsyncIterator[list[Person]]: ...
+
+
+class ConnectorView:
+    name = "connector"
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def count(self) -> int:
+        return await self.store.count(PERSONS)
+
+    async def pages(self, size: int) -> AsyncIterator[list[Person]]:
+        cursor = None
+        while True:
+            page = await self.store.scan(PERSONS, cursor=cursor, limit=size)
+            if page.records:
+                yield [
+                    Person(r.key, dict(r.doc.get("fields", {})), set(r.doc.get("segments", [])), r.doc.get("stamp", 0))
+                    for r in page.records
+                ]
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+
+class ProfileDirectory:
+    name = "profiles"
+
+    def __init__(self, profiles: Store, fetch: Fetch, connector: Store) -> None:
+        self.profiles = profiles  # the profile service's store, read only
+        self.fetch = fetch
+        self.connector = connector
+
+    async def count(self) -> int:
+        return await self.profiles.count(PROFILE_COLLECTION)  # merged-away persons included: an upper bound
+
+    async def pages(self, size: int) -> AsyncIterator[list[Person]]:
+        cursor = None
+        while True:
+            page = await self.profiles.scan(PROFILE_COLLECTION, cursor=cursor, limit=size)
+            ids = [r.key for r in page.records if "profile" in r.doc]
+            if ids:
+                fields = await self.fetch(ids)
+                views = await self.connector.get_many(PERSONS, ids)
+                persons = []
+                for pid in ids:
+                    if pid not in fields:
+                        continue  # deleted since the listing was read
+                    view = views.get(pid)
+                    doc = view.doc if view is not None else {}
+                    persons.append(Person(pid, fields[pid], set(doc.get("segments", [])), doc.get("stamp", 0)))
+                yield persons
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+
+def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Fetch:
+    """`Fetch` through the profile service's BatchGetProfiles: person id -> flat fields."""
+    stub = profile_pb2_grpc.ProfileServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def fetch(person_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(person_ids), FETCH_BATCH):
+            request = profile_pb2.BatchGetProfilesRequest(person_ids=list(person_ids[start : start + FETCH_BATCH]))
+            try:
+                answer = await stub.BatchGetProfiles(request, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"profile service: {exc.code().name}", retry_after=5.0) from None
+            for profile in answer.profiles:
+                found[profile.person_id] = profile_fields(profile)
+        return found
+
+    return fetch
