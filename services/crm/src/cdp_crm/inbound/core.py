@@ -35,6 +35,7 @@ import base64
 import datetime as dt
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -217,32 +218,48 @@ class Poller:
         self.objects = objects or reader.objects
         self.traits = backwards(connection)
         self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
+        self._named: set[str] | None = set()  # the objects the webhooks since the last read named (None: all)
+
+    def wake(self, objects: set[str] | None = None) -> None:
+        """Read now - only `objects` if every wake since the last read named its objects."""
+        if self._named is not None:
+            self._named = None if objects is None else self._named | objects
+        self.woken.set()
 
     async def run(self, every: float, owned: Callable[[], bool] = lambda: True) -> None:
         """Read the changes every `every` seconds while `owned()` (one reader per connection), and at once
         whenever a signed webhook says something changed (whichever replica it reached: the cursor and the
         event ids make a second reader harmless)."""
+        turn = time.monotonic() + every  # the next polling turn, kept however often webhooks wake it
         while True:
             try:
-                await asyncio.wait_for(self.woken.wait(), every)
+                await asyncio.wait_for(self.woken.wait(), max(0.0, turn - time.monotonic()))
+                woken = True
             except TimeoutError:
-                pass
-            woken = self.woken.is_set()
+                woken = False
+            named, self._named = self._named, set()
             self.woken.clear()
-            if not (woken or owned()):
-                continue
+            if woken:
+                objects = named or None  # what the webhooks named (nothing named: everything)
+            else:
+                turn = time.monotonic() + every
+                if not owned():
+                    continue
+                objects = None  # the polling turn: everything
             try:
-                await self.poll()
+                await self.poll(objects)
             except Exception as exc:  # the CRM or the collector failing: read again from the cursor next time
                 log.warning(
                     "reading crm changes failed", extra={"connection": self.connection.id, "error": type(exc).__name__}
                 )
 
-    async def poll(self) -> int:
-        """Post every change since the cursors; returns how many events were posted."""
+    async def poll(self, objects: set[str] | None = None) -> int:
+        """Post every change since the cursors (of `objects` only, when given); returns how many events
+        were posted."""
         posted = 0
         for obj in self.objects:
-            posted += await self._poll_object(obj)
+            if objects is None or obj in objects:
+                posted += await self._poll_object(obj)
         return posted
 
     def _key(self, obj: str, record_id: str | None = None) -> str:
@@ -257,7 +274,7 @@ class Poller:
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
-                memo = _memo(change)
+                memo = self._memo(change)
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
                 events.extend(self.events(change, before, memo))
             for batch in _batches(events):
@@ -270,6 +287,13 @@ class Poller:
                 "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
             )
         return posted
+
+    def _memo(self, change: Change) -> dict[str, Any]:
+        """What the events report of a record: the watched field, and a digest of the reported fields and
+        of the fields read back as traits or consent."""
+        mapped = {f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}
+        reported = orjson.dumps([change.properties, mapped], option=orjson.OPT_SORT_KEYS, default=str)
+        return {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
 
     # --- a change as events ---------------------------------------------------------------------
 
@@ -431,11 +455,6 @@ def _before(stored: dict[str, Any] | None, stamp: str) -> dict[str, Any] | None:
     if stored.get("stamp") == stamp:
         return stored.get("before")
     return {"watched": stored.get("watched"), "digest": stored.get("digest")}
-
-
-def _memo(change: Change) -> dict[str, Any]:
-    digest = hashlib.sha256(orjson.dumps(change.properties, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
-    return {"watched": change.watched, "digest": digest[:24]}
 
 
 def _iso(stamp: str) -> str | None:

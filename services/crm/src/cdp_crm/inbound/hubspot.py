@@ -1,7 +1,7 @@
 """HubSpot's changes: contacts, deals, tickets and tasks read with the CRM search API by their modification
 date (modified-since polling: `lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), at
 once when a signed HubSpot webhook (v3: contact.propertyChange, deal.propertyChange, ticket.creation, ...)
-says something changed (`HubSpotWebhooks`). Every request is reserved from the account's shared budget
+says something changed (`HubSpotWebhooks`: only the objects the notification names are read then). Every request is reserved from the account's shared budget
 first; HubSpot's per-second search limit is kept apart from the burst budget.
 
 The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from cdp_crm.adapters.http import exchange, transport_error
@@ -60,6 +61,7 @@ HUBSPOT_OBJECTS: dict[str, tuple[str, ...]] = {
 }
 STAMP = {"contacts": "lastmodifieddate"}  # the others: hs_lastmodifieddate
 KIND = {"tickets": "ticket", "tasks": "task", "contacts": "contact", "deals": "deal"}
+PLURAL = {singular: obj for obj, singular in KIND.items()}
 CLOSED_TICKET_STAGES = ("4", "closed")
 
 
@@ -281,5 +283,24 @@ class HubSpotWebhooks:
         if not hmac.compare_digest(expected, signature):
             log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "signature"})
             return web.json_response({"message": "the X-HubSpot-Signature-v3 does not match"}, status=401)
-        poller.woken.set()
+        poller.wake(_objects_named(body))
         return web.Response(status=204)
+
+
+def _objects_named(body: bytes) -> set[str] | None:
+    """The objects a notification's subscription types name (contact.propertyChange -> contacts); None
+    when one is not read here or the body is not HubSpot's list: then everything is read."""
+    try:
+        events = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(events, list):
+        return None
+    named = set()
+    for event in events:
+        singular = str(event.get("subscriptionType", "")).split(".", 1)[0] if isinstance(event, dict) else ""
+        obj = PLURAL.get(singular)
+        if obj is None:
+            return None
+        named.add(obj)
+    return named or None

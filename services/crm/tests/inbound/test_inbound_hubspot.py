@@ -1,0 +1,133 @@
+"""HubSpot contacts and deals in the feedback loop, against the local HubSpot over HTTP: a contact's edited
+properties and email consent reach the profile as traits and consent with HubSpot as the source, a deal's
+stage changes and its win become events on the person, and a signed contact.propertyChange webhook
+makes the poller read at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.inbound import HubSpotPoller, HubSpotWebhooks
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+
+TOKEN = "pat-local-hubspot"
+
+
+def _poller(store, session, emulator, collector, objects) -> HubSpotPoller:
+    document = {"connections": [{
+        "id": "hs", "kind": "hubspot", "account": "62515", "url": emulator.base_url,
+        "credentials": {"token": "HUBSPOT_TOKEN"},
+        "mappings": [{"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                      "fields": {"email": "traits.email", "firstname": {"source": "traits.first_name",
+                                                                         "transform": "trim"},
+                                 "cdp_consent_email": "consent.purpose:email",
+                                 "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:2"}}}],
+    }]}  # fmt: skip
+    (connection,) = parse_connections(document)
+    return HubSpotPoller(
+        store, connection, session, TOKEN, SharedBudget(store, connection), collector.client(session), objects=objects
+    )
+
+
+async def test_a_contact_edit_and_consent_in_hubspot_reach_the_profile_with_hubspot_as_source(
+    store, session, collector
+):
+    async with HubSpotEmulator() as hubspot:
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
+        poller = _poller(store, session, hubspot, collector, ("contacts",))
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", ada["id"], {"cdp_consent_email": "false"})  # consent alone
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", ada["id"], {"cdp_churn_risk": "0.42"})  # what the connector wrote
+        assert await poller.poll() == 0
+
+        assert collector.names() == ["CRM Contact Created", "CRM Contact Updated", "CRM Contact Updated"]
+        latest = max(collector.events(kind="identify"), key=lambda e: e["timestamp"])
+        assert latest["traits"] == {"email": "ada@example.com", "first_name": "Ada"}
+        assert latest["context"]["consent"] == {"categoryPreferences": {"email": False}}
+        assert latest["context"]["source"] == {"crm": "hubspot", "connection": "hs"}
+        assert latest["anonymousId"] == f"hubspot:62515:{ada['id']}" and "userId" not in latest
+        updated = collector.events("CRM Contact Updated")[0]
+        assert updated["properties"]["cdp_person_id"] == "person-1"
+        assert updated["properties"]["firstname"] == "Ada"
+
+
+async def test_a_deal_moved_and_won_in_hubspot_becomes_events_on_the_person(store, session, collector):
+    async with HubSpotEmulator() as hubspot:
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com", "cdp_id": "person-1"})
+        body = {
+            "properties": {"dealname": "Renewal", "dealstage": "appointmentscheduled"},
+            "associations": [{"to": {"id": ada["id"]}, "types": [{"associationCategory": "HUBSPOT_DEFINED",
+                                                                  "associationTypeId": 3}]}],
+        }  # fmt: skip
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with session.post(f"{hubspot.base_url}/crm/v3/objects/deals", json=body, headers=headers) as r:
+            deal = await r.json()
+        poller = _poller(store, session, hubspot, collector, ("deals",))
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("deals", deal["id"], {"dealstage": "contractsent"})
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("deals", deal["id"], {"amount": "1200"})
+        await poller.poll()
+        hubspot.clock.advance(5)
+        hubspot.user_update("deals", deal["id"], {"dealstage": "closedwon"})
+        await poller.poll()
+
+        assert collector.names() == ["CRM Deal Created", "CRM Deal Stage Changed", "CRM Deal Updated", "CRM Deal Won"]
+        for event in collector.events():
+            assert event["anonymousId"] == f"hubspot:62515:{ada['id']}"
+            assert event["context"]["traits"] == {"email": "ada@example.com"}
+            assert event["properties"]["crm_id"] == deal["id"] and event["properties"]["cdp_person_id"] == "person-1"
+        (won,) = collector.events("CRM Deal Won")
+        assert won["properties"]["previous_stage"] == "contractsent" and won["properties"]["amount"] == "1200"
+
+
+async def test_a_signed_contact_property_change_webhook_reads_the_contact_at_once(store, session, collector):
+    hubspot = HubSpotEmulator(client_secret="app-secret")
+    await hubspot.start()
+    runner = None
+    try:
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com"})
+        poller = _poller(store, session, hubspot, collector, ("deals", "contacts"))  # a full read: deals first
+        await poller.poll()
+        hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
+        runner = web.AppRunner(hooks.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        hubspot.webhook_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hs"
+
+        def deal_searches() -> int:
+            return sum(1 for r in hubspot.requests if r.path == "/crm/v3/objects/deals/search")
+
+        before = deal_searches()
+        reader = asyncio.create_task(poller.run(3600.0, owned=lambda: False))  # only the webhook can wake it
+        try:
+            hubspot.clock.advance(5)
+            hubspot.user_update("contacts", ada["id"], {"firstname": "Ada"})  # contact.propertyChange, signed
+            await hubspot.drain_webhooks()
+            deadline = time.monotonic() + 10
+            while "CRM Contact Updated" not in collector.names():
+                assert time.monotonic() < deadline, "the webhook did not make the poller read"
+                await asyncio.sleep(0.05)
+            # Only what the notification named was read: no deal search spent on a contact's change.
+            assert deal_searches() == before
+
+        finally:
+            reader.cancel()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await hubspot.close()
