@@ -4,9 +4,10 @@ At start the connections document is read and validated (with each CRM's describ
 adapter can describe it), every credential variable must be set, and the streams it needs exist. Then:
 `crm.in.<p>` runs on the kit's partitioned engine (engine.py) over the partitions one ownership gives
 (`CDP_OWNERSHIP`, group "crm"); the owner of a partition retries its queued changes; `privacy.deleted` is
-consumed on one durable the replicas share (privacy.py); each HubSpot connection's changes are read by
-the replica owning the connection's partition - and at once on a signed webhook (`CDP_CRM_WEBHOOK_PORT`)
-- and posted to the collector (inbound.py, when `CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the
+consumed on one durable the replicas share (privacy.py); each connection's changes are read by the
+replica owning the connection's partition (inbound/: HubSpot search, Salesforce SOQL on SystemModstamp,
+Dataverse change tracking, Zoho If-Modified-Since) - HubSpot's also at once on a signed webhook
+(`CDP_CRM_WEBHOOK_PORT`) - and posted to the collector (when `CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the
 partitions are released (drained) before the bus, the HTTP session and the store close.
 """
 
@@ -29,7 +30,7 @@ from cdp_crm.connectors import credentials, open_adapters
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
-from cdp_crm.inbound import Collector, HubSpotPoller, HubSpotWebhooks
+from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
 from cdp_crm.people import ProfileDirectory, profile_fetch
 from cdp_crm.privacy import Privacy, consumer_spec
 from cdp_crm.runs import Runs
@@ -162,16 +163,14 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     if settings.collector_url:
         collector = Collector(session, settings.collector_url, settings.collector_write_key)
-        hooks: dict[str, tuple[HubSpotPoller, str]] = {}
+        hooks: dict[str, tuple[Poller, str]] = {}
         for connection in connections:
-            if connection.kind != "hubspot":
-                continue  # inbound is read from HubSpot only so far
             secrets = credentials(connection, os.environ)
-            poller = HubSpotPoller(
-                store, connection, session, secrets["token"], budgets[connection.id], collector,
+            poller = open_poller(
+                store, connection, adapters[connection.id], budgets[connection.id], collector, session, secrets,
                 timeout=settings.request_timeout,
             )  # fmt: skip
-            if "client_secret" in secrets:
+            if connection.kind == "hubspot" and "client_secret" in secrets:
                 hooks[connection.id] = (poller, secrets["client_secret"])
             home = partition_for(connection.id, settings.partitions)
             owned = lambda home=home: home in engine.owned()  # noqa: E731 - the replica owning it reads it
