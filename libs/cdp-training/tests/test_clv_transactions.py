@@ -3,7 +3,9 @@ day, bad rows named, and fits that predict nothing refused or flagged."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +14,7 @@ import pytest
 from scipy.special import hyp2f1
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
-from cdp_kit.storage import MemoryStore
+from cdp_kit.storage import MemoryStore, open_store
 from cdp_profile.domain import ProfileEvent
 from cdp_training.__main__ import main
 from cdp_training.bgnbd import BgNbd, FitRejected, GammaGamma, fit_bgnbd, fit_gamma_gamma
@@ -256,3 +258,38 @@ def test_the_split_defaults_to_halfway_and_days_work_as_the_unit(tmp_path):
     assert report["calibration"]["calibration_end"] == (first + (last - first) // 2).isoformat()
     assert report["predictions"]["horizon"] == 365
     assert report["final_fit"]["bgnbd"]["parameters"]["alpha"] > 7  # per day, not per week
+
+
+def test_the_command_fits_the_platforms_own_orders_from_the_profile_store(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    start = 1_704_067_200.0  # 2024-01-01 00:00 UTC
+    ages = rng.uniform(60, 200, 300)  # days before the end (day 200) of each customer's first order
+    x, t_x = BgNbd(0.8, 20.0, 0.7, 2.5).sample(ages, rng)  # per day
+    people: dict[str, list[ProfileEvent]] = {}
+    for i in range(len(ages)):
+        first = start + float(200 - ages[i]) * DAY + 3600
+        # the first order, x - 1 repeat orders before t_x and the last at t_x (days after the first)
+        repeats = [*sorted(rng.uniform(0, t_x[i], int(x[i]) - 1)), t_x[i]] if x[i] else []
+        times = [first, *(first + float(t) * DAY for t in repeats)]
+        events = [
+            ProfileEvent(f"o{i}-{k}", "track", "Order Completed", at, "web", properties={"total": 20.0 + k})
+            for k, at in enumerate(times)
+        ]
+        events.append(ProfileEvent(f"v{i}", "page", "Home", first - DAY, "web"))
+        people[f"person-{i}"] = events
+
+    async def fill(url: str) -> None:
+        async with open_store(url) as store:
+            await write_people(store, people, [])
+
+    url = f"sqlite:///{tmp_path}/profiles.db"
+    asyncio.run(fill(url))
+    out = tmp_path / "report.json"
+    assert main(["clv", "--store", url, "--unit", "days", "--horizon", "30", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("profile store: ") and "customers" in text and "next 30 days" in text
+    report = json.loads(out.read_text())
+    assert report["data"]["customers"] == 300 and report["unit"] == "days"
+    assert report["calibration_fit"]["bgnbd"]["converged"]
+    first, last = (dt.date.fromisoformat(report["data"][k]) for k in ("first_day", "last_day"))
+    assert len(report["tracking"]) == (last - first).days + 1  # one row per day
