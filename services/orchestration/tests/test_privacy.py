@@ -9,8 +9,9 @@ import asyncio
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import OutMessage, privacy_stream, subjects
 from cdp_kit.storage import Put
-from cdp_orchestration.channels import Action, Content
+from cdp_orchestration.channels import Action, Channel, Content, Outcome
 from cdp_orchestration.channels.inapp import COLLECTION, InboxChannel
+from cdp_orchestration.dispatch import dispatcher
 from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
 from cdp_orchestration.state import APPROVALS, FORGOTTEN, PERSONS, SENDS, STATS, prepare_store
 
@@ -111,3 +112,88 @@ async def test_a_deleted_person_leaves_nothing_readable_and_others_are_untouched
     files = b"".join(path.read_bytes() for path in tmp_path.glob("orchestration-0.db*"))
     assert b"bob-secret@example.com" in files
     assert b"ada-secret@example.com" not in files and b"ada-uid" not in files
+
+
+REACH = {
+    "id": "reach",
+    "version": 1,
+    "name": "Reach",
+    "priority": 50,
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "always",
+    "nodes": [
+        {
+            "id": "mail",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "Your cart", "body": "Write to {{ traits.email }}"},
+            "next": "text",
+        },
+        {
+            "id": "text",
+            "type": "action",
+            "channel": "sms",
+            "purpose": "Marketing",
+            "template": {"body": "We call {{ traits.phone }}"},
+        },
+    ],
+}
+
+
+class Mailbox(Channel):
+    name = "email"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, action) -> Outcome:
+        self.sent.append(action.person_id)
+        return Outcome.accepted(provider_id=f"m-{action.action_id}")
+
+
+def _actions_files(nats_dir) -> bytes:
+    """Every byte of the ACTIONS stream's files in the nats-server's JetStream file store."""
+    [stream] = [p for p in nats_dir.rglob("ACTIONS") if p.is_dir() and p.parent.name == "streams"]
+    return b"".join(p.read_bytes() for p in stream.rglob("*") if p.is_file())
+
+
+async def test_the_actions_stream_keeps_no_content_of_a_deleted_person(world_factory, tmp_path):
+    world = await world_factory()
+    await world.bus.ensure_streams(privacy_stream())
+    await prepare_store(world.store)
+    await world.publish_journey(REACH)
+    engine = await world.start()
+    mailbox = Mailbox()
+    # The email dispatcher runs; no SMS provider is configured, so SMS actions wait in ACTIONS.
+    runner = asyncio.create_task(dispatcher(world.bus, world.store, mailbox).run())
+    try:
+        for person, phone in (("ada", "+15550001111"), ("bob", "+15550002222")):
+            consent = {"purpose:Marketing": True}
+            await world.profile(person, consent=consent, email=f"{person}-secret@example.com", phone=phone)
+            await world.event(person, "Cart Abandoned", f"e-cart-{person}", user_id=f"{person}-uid")
+        await world.eventually(lambda: sorted(mailbox.sent) == ["ada", "bob"])
+        await world.eventually(lambda: _in_actions(world, "sms", 2))
+        # A sent email's message goes once its outcome is recorded: no address or body stays behind.
+        await world.eventually(lambda: _in_actions(world, "email", 0))
+        [ada_sms] = [a for a in await world.actions() if a.person_id == "ada"]
+
+        handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=engine)
+        assert await handler.apply(privacy_pb2.PrivacyDeleted(request_id="req-2", person_id="ada"))
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    # Ada's SMS, never sent, is withdrawn: gone from the stream, and no dispatcher will send it.
+    assert [a.person_id for a in await world.actions()] == ["bob"]
+    assert (await world.store.get(SENDS, ada_sms.action_id)).doc["status"] == "withdrawn"
+    files = _actions_files(tmp_path / "nats")
+    assert b"+15550002222" in files  # bob's SMS waits for its provider
+    for secret in (b"ada-secret@example.com", b"+15550001111", b"bob-secret@example.com"):
+        assert secret not in files, secret
+
+
+async def _in_actions(world, channel: str, count: int) -> bool:
+    """Whether ACTIONS holds `count` messages of the channel."""
+    return sum(1 for a in await world.actions() if a.channel == channel) == count

@@ -18,7 +18,14 @@ anonymous ids), which identity resolves to the same person. An action for a pers
 never seen an identifier of (enrolled through the API before any event of theirs arrived) has neither:
 its outcome is recorded here only (`reported: "unattributed"`), never posted under the person id, which
 identity would take for a new visitor. The record says whether it was reported: a redelivery reports
-what a failed report left behind, and the collector drops a duplicate messageId. Logs name the action id, channel and reason code, never an address or content.
+what a failed report left behind, and the collector drops a duplicate messageId.
+
+The action's message holds the person's rendered content and address, so it stays in ACTIONS no longer
+than the dispatch needs it: once the outcome is recorded (and reported, when it can be), the dispatcher
+deletes the message by its stream sequence, which JetStream erases (overwritten in the stream's files,
+not only marked deleted). A message still being retried stays until its last delivery. A send record
+that says "withdrawn" (`privacy.py`: the person was deleted before their action went out) makes the
+dispatcher send nothing. Logs name the action id, channel and reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError, ServerError
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
@@ -43,6 +52,7 @@ from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 log = logging.getLogger("cdp.orchestration.dispatch")
 
 MAX_DELIVER = 5
+NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
 
@@ -71,10 +81,13 @@ class CollectorReporter:
 
 
 class Dispatcher:
-    def __init__(self, channel: Channel, store: Store, report: Report | None = None) -> None:
+    def __init__(
+        self, channel: Channel, store: Store, report: Report | None = None, *, js: JetStreamContext | None = None
+    ) -> None:
         self.channel = channel
         self.store = store
         self.report = report
+        self.js = js  # where the action messages are erased once done with (None: they stay)
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         for delivery in batch:
@@ -85,7 +98,8 @@ class Dispatcher:
                 continue
             stored = await self.store.get(SENDS, action.action_id)
             if stored is not None:
-                record = stored.doc  # sent already: a redelivery, with perhaps its report still owed
+                # Sent already (a redelivery, with perhaps its report still owed), or withdrawn.
+                record = stored.doc
             else:
                 outcome = await self.channel.send(action)
                 if not outcome.ok and outcome.retryable and delivery.num_delivered < MAX_DELIVER:
@@ -108,6 +122,17 @@ class Dispatcher:
                     await self.store.bulk_write([Put(SENDS, action.action_id, {**record, "reported": True})])
                 else:
                     delivery.retry("outcome_not_reported")
+                    continue
+            await self._erase(delivery)
+
+    async def _erase(self, delivery: Delivery) -> None:
+        """Delete the action's message: its outcome is recorded, nothing needs its content any more."""
+        if self.js is None:
+            return
+        try:
+            await erase_action(self.js, delivery.stream_seq)
+        except Exception as exc:  # the retention ages it out still; the send is done either way
+            log.warning("action message %d not erased: %s", delivery.stream_seq, type(exc).__name__)
 
     def _record(self, action: Action, outcome: Outcome) -> dict[str, Any]:
         feedback = feedback_from_outcome(action, outcome, final=True)
@@ -190,4 +215,19 @@ def dispatcher(
         backoff=(0.5, 2.0, 10.0, 30.0, 60.0),
         description=f"orchestration: send {channel.name} actions",
     )
-    return bus.consumer(spec, Dispatcher(channel, store, report).handle)
+    return bus.consumer(spec, Dispatcher(channel, store, report, js=bus.js).handle)
+
+
+async def erase_action(js: JetStreamContext, seq: int) -> None:
+    """Delete one ACTIONS message; JetStream overwrites its bytes (a delete without `no_erase`). One gone
+    already is fine."""
+    try:
+        await js.delete_msg(subjects.ACTIONS, seq)
+    except (NotFoundError, ServerError) as exc:
+        if getattr(exc, "err_code", None) != NO_MESSAGE and not isinstance(exc, NotFoundError):
+            raise
+
+
+def withdrawn_record(channel: str, at: float) -> dict[str, Any]:
+    """The send record of an action withdrawn before it went out (no person's data: it outlives them)."""
+    return {"channel": channel, "status": "withdrawn", "reason": "person_deleted", "at": at, "reported": "withdrawn"}

@@ -15,10 +15,17 @@ hot cache, mid-batch):
 
 Then the handler deletes what the dispatchers keep (the in-app inbox through `InboxChannel.forget`, the
 send records and other outcome events), deletes the engine's published outbox records at a quiescent
-point (they may hold the person's rendered actions), and erases the store (`Store.erase`) so no bytes of
-the deleted records stay readable in its files. Only then is the request acknowledged: a crash anywhere
-redelivers it, and every step is idempotent. What it cannot reach: actions already sent sit in the
-ACTIONS stream until its retention (`CDP_ORCHESTRATION_RETENTION_DAYS`) ages them out.
+point (they may hold the person's rendered actions), withdraws the person's actions still in the
+ACTIONS stream (each erased by its sequence, with a "withdrawn" send record so a dispatcher that holds
+it already sends nothing; `actions.crm` ones too, which the CRM connector has not taken yet), and
+erases the store (`Store.erase`) so no bytes of the deleted records stay readable in its files. Only
+then is the request acknowledged: a crash anywhere redelivers it, and every step is idempotent.
+
+ACTIONS holds a message only until its dispatcher recorded the outcome (`dispatch.py` erases it then),
+so what is left of a person there is what has not gone out: a channel whose dispatcher is behind or not
+configured here, or a send being retried. An action the engine of another replica had not published yet
+when the request was handled (its outbox lags the commit that forgot the person) is the one case left
+to the stream's retention (`CDP_ORCHESTRATION_RETENTION_DAYS`).
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
+from nats.js.errors import NotFoundError
 
+from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.engine import PartitionedEngine
-from cdp_kit.storage import Delete, Store
+from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
+from cdp_orchestration.dispatch import erase_action, withdrawn_record
 from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.instance import Status
 from cdp_orchestration.state import (
@@ -190,6 +200,9 @@ class PrivacyHandler:
             sends += await self._delete_by_person(SENDS, person)
             await self._delete_by_person(OUTCOMES, person)
         await self._scrub_outbox()
+        withdrawn = 0
+        for person in persons:
+            withdrawn += await self._withdraw_actions(person)
         await self.store.erase()  # the deletions are durable: leave no bytes of them in the store's files
         log.info(
             "privacy deletion applied",
@@ -198,6 +211,7 @@ class PrivacyHandler:
                 "persons": len(persons),
                 "inbox_messages": inbox_messages,
                 "sends": sends,
+                "actions_withdrawn": withdrawn,
             },
         )
         return True
@@ -208,6 +222,30 @@ class PrivacyHandler:
             await self.store.bulk_write([Delete(collection, record.key) for record in found])
             deleted += len(found)
         return deleted
+
+    async def _withdraw_actions(self, person_id: str) -> int:
+        """Erase the person's messages left in ACTIONS (all on their partition's subjects), each withdrawn
+        first so a dispatcher holding it already sends nothing. The number withdrawn."""
+        js = self.bus.js
+        partition = partition_for(person_id, self.partitions)
+        subject = f"{subjects.ACTIONS_PREFIX}.*.{partition}"
+        withdrawn, seq = 0, 1
+        while True:
+            try:
+                msg = await js.get_msg(subjects.ACTIONS, seq, subject=subject, next=True)
+            except NotFoundError:
+                return withdrawn
+            assert msg.seq is not None
+            seq = msg.seq + 1
+            try:
+                action = pb.ActionMessage.FromString(msg.data or b"")
+            except DecodeError:
+                continue
+            if action.person_id != person_id:
+                continue
+            await self.store.bulk_write([Put(SENDS, action.action_id, withdrawn_record(action.channel, time.time()))])
+            await erase_action(js, msg.seq)
+            withdrawn += 1
 
     async def _scrub_outbox(self) -> None:
         """Delete this replica's published outbox records: they may hold the person's rendered actions.

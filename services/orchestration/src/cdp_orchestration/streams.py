@@ -23,6 +23,13 @@ Three streams (names in `cdp_kit.bus.subjects`):
   stream of their own rather than living in `ORCHESTRATION`. It keeps no `max_age` (a timer may be
   weeks away); fired copies expire by `Nats-Schedule-TTL` once sourced.
 - `ACTIONS`: `actions.<channel>.<p>`, one `ActionMessage` per sent action, `Nats-Msg-Id` = action id.
+  Retention: limits (`max_age` = `CDP_ORCHESTRATION_RETENTION_DAYS`), but a message holds a person's
+  rendered content and address, so it is kept no longer than its dispatch needs it: the channel's
+  dispatcher erases it by sequence once the outcome is recorded (`dispatch.py`), and a privacy deletion
+  erases the person's messages still waiting (`privacy.py`). What the age limit still removes is what
+  no dispatcher here takes: `actions.crm` (sourced by the CRM connector) and channels not configured.
+  Not a work queue: the CRM connector sources `actions.crm` from it, and a work-queue stream removes a
+  message on acknowledgement without erasing its bytes from the files.
 
 Scheduling and cancelling are ordinary messages: the engine publishes them from its outbox after the
 change that asked for them is durable, with the timer id (or `cancel-<timer id>`) as message id, so a
