@@ -19,6 +19,7 @@ from cdp_profile.domain import ProfileEvent
 from cdp_training.__main__ import main
 from cdp_training.bgnbd import BgNbd, FitRejected, GammaGamma, fit_bgnbd, fit_gamma_gamma
 from cdp_training.clvfit import analyse
+from cdp_training.graphs import clv_graph
 from cdp_training.platformdata import write_people
 from cdp_training.pointintime import read_profiles
 from cdp_training.transactions import orders_from_profiles, parse_day, read_transactions, summarise
@@ -164,6 +165,16 @@ def test_gamma_gamma_with_q_at_most_one_is_refused():
     assert model.q < 1 and report.converged
     with pytest.raises(FitRejected):
         GammaGamma(6.0, 1.0, 15.0).check()
+
+
+def test_no_served_graph_is_built_from_parameters_that_predict_nothing():
+    fine = BgNbd(0.243, 4.414, 0.793, 2.426)
+    with pytest.raises(FitRejected, match=r"q=0\.9 <= 1"):
+        clv_graph(fine, GammaGamma(6.0, 0.9, 15.0), input_name="features", horizon_days=365, terms=50)
+    with pytest.raises(FitRejected, match=r"a=1\.0 is 1"):
+        clv_graph(
+            BgNbd(0.5, 4.0, 1.0, 2.0), GammaGamma(6.0, 3.7, 15.0), input_name="features", horizon_days=365, terms=50
+        )
 
 
 @pytest.mark.parametrize(

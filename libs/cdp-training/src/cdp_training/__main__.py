@@ -74,6 +74,7 @@ def clv(argv: list[str]) -> int:
 
     from cdp_kit.errors import CdpError
     from cdp_training import clvfit, transactions
+    from cdp_training.bgnbd import FitRejected
 
     parser = argparse.ArgumentParser(
         prog="python -m cdp_training clv", description="BG/NBD + Gamma-Gamma on real transactions, with diagnostics"
@@ -125,6 +126,8 @@ def clv(argv: list[str]) -> int:
         )
     except CdpError as error:
         print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, FitRejected) and "Gamma-Gamma" in str(error):
+            print("(--no-value fits BG/NBD alone: expected transactions and P(alive) without values)", file=sys.stderr)
         return 2
     print(clvfit.render(report))
     if args.json:

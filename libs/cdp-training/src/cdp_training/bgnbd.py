@@ -1,8 +1,9 @@
 """BG/NBD (Fader, Hardie & Lee 2005, "Counting your customers the easy way") and Gamma-Gamma (Fader,
 Hardie & Lee 2005, "RFM and CLV: using iso-value curves for customer base analysis").
 
-Time is in weeks. Per customer: x = repeat purchases (orders after the first), t_x = time of the last
-purchase and T = age, both counted from the first purchase.
+Time is in weeks for the served model (`summaries` of profile features; `cdp_training.clvfit` also fits in
+days). Per customer: x = repeat purchases (orders after the first), t_x = time of the last purchase and
+T = age, both counted from the first purchase.
 
 Repeat purchases are purchase occasions, counted at most one per OCCASION_DAYS of the span from the first
 to the last order (`repeat_occasions`): the model's Poisson process describes how often a customer comes
@@ -19,8 +20,7 @@ customer, independent of the purchase process.
 
 This module holds the likelihoods (closed form, gammaln only), the maximum-likelihood fits, the reference
 formulas (scipy's hyp2f1) that the ONNX graph is checked against, and samplers from both generative
-processes for parameter-recovery checks. The formulas hold in any time unit (alpha is in that unit); the
-profile features read here are turned into weeks.
+processes for parameter-recovery checks. The formulas hold in any time unit (alpha is per that unit).
 
 A fit is guarded (`fit_bgnbd`, `fit_gamma_gamma`, and `BgNbd.fit` / `GammaGamma.fit` on top of them): it is
 rejected with `FitRejected` when its parameters make predictions meaningless (`BgNbd.check`,

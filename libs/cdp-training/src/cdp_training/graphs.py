@@ -89,8 +89,10 @@ def clv_graph(
     Without an order the BG/NBD formulas are read with x = 0 and T = days since sign-up (a customer about
     whom only "no purchase over T" is known); p_alive is then 1 by the model (dropout follows a purchase)."""
     r, alpha, a, b = bgnbd.r, bgnbd.alpha, bgnbd.a, bgnbd.b
-    if abs(a - 1) < 1e-9 or a + b - 1 <= 0:
-        raise ValueError(f"BG/NBD parameters a={a}, b={b} leave the expectation undefined (need a != 1, a + b > 1)")
+    # no graph serves a meaningless prediction: a != 1 and a + b > 1, and Gamma-Gamma q > 1 (else the
+    # expected order value of a customer with few orders is negative or infinite); raises bgnbd.FitRejected
+    bgnbd.check()
+    gamma_gamma.check()
     horizon = horizon_days / 7.0
     j = np.arange(terms, dtype=np.float64)[None, :]
     ln_factor, sign = series_terms(bgnbd, terms)
