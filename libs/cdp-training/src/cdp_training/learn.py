@@ -45,6 +45,7 @@ from cdp_kit.durations import format_duration
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.drift import build_reference
+from cdp_scoring.schedule import parse_time as parse_time  # where callers have read it
 from cdp_training import metrics
 from cdp_training.graphs import run, score_columns
 from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
@@ -433,21 +434,6 @@ def label_for(name: str, spec: ModelSpec | None = None) -> dict[str, Any]:
             reason="no_label",
         )
     return dict(trainable.label)
-
-
-def parse_time(value: str, field_name: str) -> float:
-    """Epoch seconds from an ISO date or time ("2025-06-01", "2025-06-01T12:00:00Z") or a number."""
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidArgument(
-            field_name, f"{value!r} is not a time: write 2025-06-01 or 2025-06-01T12:00:00Z"
-        ) from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 async def read_store(store_url: str) -> list[StoredProfile]:

@@ -32,6 +32,7 @@ from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings
 from cdp_scoring.stream import scoring_stream
 from cdp_scoring.training_runs import TrainingRuns
+from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring")
 
@@ -132,9 +133,11 @@ async def setup(runtime: ServiceRuntime) -> None:
 async def _watch_models(runtime: ServiceRuntime, engine: ScoringEngine, store, bus: Bus, drift: DriftMonitor):
     """Training runs, drift checks and realised quality, each on its schedule (see their modules)."""
     settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
-    training = TrainingRuns(engine, settings.training_store)
+    worker = Worker()
+    runtime.stack.callback(worker.stop)
+    training = TrainingRuns(engine, settings.training_store, worker)
     runtime.stack.push_async_callback(training.close)
-    quality = RealisedQuality(engine, store, settings.training_store, meter=runtime.telemetry.meter)
+    quality = RealisedQuality(engine, store, settings.training_store, worker, meter=runtime.telemetry.meter)
     await quality.load()
 
     async def alert(report) -> None:

@@ -3,7 +3,7 @@ training figures.
 
 The computation is `cdp_training.realised.realised_quality` (the point-in-time rows at the latest
 cut-off whose label window the profile store has observed, scored by the live version's own file,
-labelled by its spec's label definition), run in a worker process (`training_runs.run_job`) on the
+labelled by its spec's label definition), run in the worker process (worker.py) on the
 schedule `CDP_SCORING_QUALITY_SCHEDULE` and on request (`GetModelQuality` with refresh). Labels arrive
 as the windows close and as label events land on timelines, so each computation takes the newest window
 there is.
@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from typing import Any
 
 from opentelemetry.metrics import Observation
 
 from cdp_kit.errors import CdpError, FailedPrecondition
 from cdp_kit.storage import Put, Store
-from cdp_scoring.training_runs import run_job
+from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring.quality")
 
@@ -34,9 +35,17 @@ QUALITY = "scoring_quality"
 
 class RealisedQuality:
     def __init__(
-        self, engine, store: Store, store_url: str, *, meter=None, clock: Callable[[], float] = time.time
+        self,
+        engine,
+        store: Store,
+        store_url: str,
+        worker: Worker,
+        *,
+        meter=None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
+        self.worker = worker
         self.store = store
         self.store_url = store_url
         self.clock = clock
@@ -90,9 +99,11 @@ class RealisedQuality:
             )
         onnx = await self.engine.model_store.get(live.spec.name, live.version, live.sha256)
         realised: dict[str, Any] = {}
-        async for kind, payload in run_job("quality", store_url=self.store_url, onnx=onnx):
-            if kind == "result":
-                realised = payload
+        job = self.worker.run("quality", store_url=self.store_url, onnx=onnx)
+        async with aclosing(job):
+            async for kind, payload in job:
+                if kind == "result":
+                    realised = payload
         figures = {"version": live.version, "realised": realised, "computed_at": self.clock()}
         await self.store.bulk_write([Put(QUALITY, model, figures)])
         self.figures[model] = figures

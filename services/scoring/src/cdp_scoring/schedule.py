@@ -1,4 +1,5 @@
-"""When scheduled jobs run: cron expressions (five fields, UTC) and the loop that waits for them.
+"""When scheduled jobs run: cron expressions (five fields, UTC) and the loop that waits for them; and
+the times a run is given (`parse_time`: an ISO date or time, or epoch seconds).
 
     minute hour day-of-month month day-of-week        "0 3 * * 1"  (Mondays at 03:00 UTC)
     @hourly = "0 * * * *", @daily = "0 0 * * *", @weekly = "0 0 * * 0"
@@ -103,6 +104,21 @@ class Cron:
                 continue
             return at.timestamp()
         raise InvalidArgument("schedule", f"{self.text!r} names no time in the next five years")
+
+
+def parse_time(value: str, field_name: str) -> float:
+    """Epoch seconds from an ISO date or time ("2025-06-01", "2025-06-01T12:00:00Z") or a number."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(
+            field_name, f"{value!r} is not a time: write 2025-06-01 or 2025-06-01T12:00:00Z"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def parse_schedule(text: str) -> dict[str, Cron]:

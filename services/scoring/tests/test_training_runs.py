@@ -1,0 +1,220 @@
+"""Training runs started by the service, and realised quality, on the platform's own data.
+
+A profile store written as the profile service writes it (a simulated population through the profile
+domain, `cdp_training.platformdata`) is the service's `CDP_SCORING_TRAINING_STORE`. `TrainModel` streams
+its phases, registers the candidate (a first version goes live; a later one stays in shadow unless it
+beats live by the margin) and says why; the version keeps the reference drift is measured against.
+`GetModelQuality` judges the live version on the latest closed label window, beside its training
+figures. The schedule's cron expressions and its loop are checked on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.service import serving
+from cdp_kit.storage import open_store
+from cdp_scoring.__main__ import setup
+from cdp_scoring.schedule import Cron, every, parse_schedule
+from cdp_scoring.settings import ScoringSettings
+from cdp_training.platformdata import write_population
+from cdp_training.simulator import simulate
+from cdp_training.traits import COMPUTED_TRAITS
+
+
+def settings(nats_server, tmp_path, **overrides) -> ScoringSettings:
+    values = dict(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=2,
+        shutdown_grace=1.0,
+        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
+        model_store=str(tmp_path / "models"),
+        ship_models=False,
+    )
+    return ScoringSettings(**(values | overrides))
+
+
+@pytest.fixture(scope="module")
+def profile_store(tmp_path_factory) -> str:
+    """The profile service's store of a platform that ran for 20 months (400 simulated customers)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('profile') / 'profile.db'}"
+
+    async def write() -> None:
+        async with open_store(url) as store:
+            await write_population(store, simulate(400, 21), list(COMPUTED_TRAITS.values()))
+
+    asyncio.run(write())
+    return url
+
+
+@pytest.fixture
+async def scoring(nats_server, tmp_path, profile_store):
+    async with serving(settings(nats_server, tmp_path, training_store=profile_store), setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield scoring_pb2_grpc.ScoringServiceStub(channel), runtime
+
+
+def violations(error: grpc.aio.AioRpcError) -> list[str]:
+    fields = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+async def train(stub, **request) -> list[scoring_pb2.TrainProgress]:
+    return [p async for p in stub.TrainModel(scoring_pb2.TrainModelRequest(**request))]
+
+
+async def test_a_run_by_api_streams_its_phases_registers_the_candidate_and_says_why(scoring):
+    stub, _ = scoring
+    progress = await train(stub, model="purchase_propensity")
+    phases = [p.phase for p in progress]
+    assert [phase for i, phase in enumerate(phases) if phase not in phases[:i]] == [
+        "reading",
+        "training_set",
+        "evaluation_set",
+        "fitting",
+        "registering",
+        "done",
+    ]
+    assert [p.percent for p in progress] == sorted(p.percent for p in progress)
+    rows = {p.phase: p.rows for p in progress}
+    assert rows["reading"] == 400 and 0 < rows["training_set"] <= 400
+    first = progress[-1]
+    assert first.done and first.role == scoring_pb2.ROLE_LIVE and first.promoted
+    assert "first version" in first.reason and first.version.startswith("t")
+
+    model = await stub.GetModel(scoring_pb2.GetModelRequest(name="purchase_propensity"))
+    assert model.live_version == first.version
+    training = json_format.MessageToDict(model.versions[0].spec.training)
+    # no cut-off given: the latest UTC midnight whose label window and evaluation slice are observed
+    assert training["window"]["history_until"].endswith("T00:00:00Z")
+    assert training["promotion"]["reason"] == first.reason
+    reference = training["reference"]
+    assert set(reference["scores"]) == {"purchase_propensity"} and len(reference["features"]) == 30
+    assert reference["rows"] == rows["training_set"]
+
+    # a later candidate that must beat live by half an AUC point: it stays in shadow, and says why
+    second = (await train(stub, model="purchase_propensity", cutoff="2025-05-01", margin=0.5))[-1]
+    assert second.done and second.role == scoring_pb2.ROLE_SHADOW and not second.promoted
+    assert "does not beat live" in second.reason and first.version in second.reason
+    assert json_format.MessageToDict(second.decision)["margin"] == 0.5
+    model = await stub.GetModel(scoring_pb2.GetModelRequest(name="purchase_propensity"))
+    assert model.live_version == first.version
+    assert {v.spec.version: v.role for v in model.versions} == {
+        first.version: scoring_pb2.ROLE_LIVE,
+        second.version: scoring_pb2.ROLE_SHADOW,
+    }
+
+    # realised quality: the live version on the latest closed label window, beside its training figures
+    quality = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="purchase_propensity", refresh=True))
+    realised = json_format.MessageToDict(quality.realised)
+    assert quality.version == first.version and realised["version"] == first.version
+    assert realised["label"] == {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]}
+    # the newest closed window: it ends within the last day of the data (2025-08-30)
+    assert "2025-08-29T00:00:00Z" <= realised["label_until"] <= "2025-08-30T00:00:00Z"
+    assert realised["auc"] > 0.7 and 0 < realised["brier"] < 0.25
+    bins = realised["reliability"]
+    assert len(bins) == 10 and sum(b["rows"] for b in bins) == realised["rows"] > 300
+    assert json_format.MessageToDict(quality.training)["auc"] > 0.7
+    again = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="purchase_propensity"))
+    assert json_format.MessageToDict(again.realised) == realised and again.computed_at == quality.computed_at
+
+
+async def test_bad_runs_are_refused_naming_the_field(scoring):
+    stub, runtime = scoring
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="purchase_propensity", cutoff="last tuesday")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["cutoff"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="")
+    assert violations(caught.value) == ["model"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="purchase_propensity", margin=-1)
+    assert violations(caught.value) == ["margin"]
+    training = runtime.parts["training"]
+    training.running.add("churn_risk")  # as while a run of it goes on
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="churn_risk")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "already running" in caught.value.details()
+    assert training.start("churn_risk", "schedule") is False
+
+
+async def test_without_a_training_store_runs_are_refused_with_the_variable_to_set(nats_server, tmp_path):
+    async with serving(settings(nats_server, tmp_path), setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await train(stub, model="churn_risk")
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "CDP_SCORING_TRAINING_STORE" in caught.value.details()
+
+
+# --- the schedule --------------------------------------------------------------------------------------
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("expression", "now", "expected"),
+    [
+        ("@hourly", "2025-06-01T10:15:30", "2025-06-01T11:00:00"),
+        ("@daily", "2025-06-01T10:15:00", "2025-06-02T00:00:00"),
+        ("0 3 * * 1", "2025-06-01T10:00:00", "2025-06-02T03:00:00"),  # 2025-06-02 is a Monday
+        ("*/15 * * * *", "2025-06-01T10:15:00", "2025-06-01T10:30:00"),
+        ("30 2 1 */3 *", "2025-06-01T10:00:00", "2025-07-01T02:30:00"),
+        ("0 0 31 * *", "2025-06-01T00:00:00", "2025-07-31T00:00:00"),  # June has no 31st
+        ("0 12 13 * 5", "2025-06-01T00:00:00", "2025-06-06T12:00:00"),  # the 13th or a Friday
+    ],
+)
+def test_cron_names_the_next_time(expression, now, expected):
+    assert Cron.parse(expression).next_after(at(now)) == at(expected)
+
+
+def test_a_schedule_names_each_model_and_refuses_what_it_cannot_read():
+    schedule = parse_schedule("churn_risk=0 3 * * 1; fraud_risk=@daily")
+    assert sorted(schedule) == ["churn_risk", "fraud_risk"]
+    for bad in ("churn_risk", "churn_risk=61 * * * *", "churn_risk=@daily;churn_risk=@hourly", "x=* * *"):
+        with pytest.raises(InvalidArgument) as caught:
+            parse_schedule(bad)
+        assert caught.value.field == "schedule"
+    problems = ScoringSettings(nats_url="nats://x", train_schedule="churn_risk=99 * * * *").validate()
+    assert [p for p in problems if p.startswith("CDP_SCORING_TRAIN_SCHEDULE=")]
+
+
+async def test_the_scheduled_job_runs_at_its_time_and_a_failure_does_not_stop_the_schedule():
+    # a clock a moment before a minute starts: "every minute" is due almost at once, then a minute later
+    offset = 60 - time.time() % 60 - 0.2
+    runs: list[float] = []
+
+    async def job() -> None:
+        runs.append(time.time() + offset)
+        raise RuntimeError("the store is down")
+
+    task = asyncio.create_task(every(Cron.parse("* * * * *"), job, "test job", clock=lambda: time.time() + offset))
+    try:
+        for _ in range(200):
+            if runs:
+                break
+            await asyncio.sleep(0.01)
+        assert len(runs) == 1 and runs[0] % 60 < 1  # at the start of the minute
+        assert not task.done()  # the failure was logged; the schedule goes on
+    finally:
+        task.cancel()
