@@ -4,7 +4,9 @@
 of its own so the user's `~/.cdp/current.json` is never touched), waits until every service is SERVING
 and reads `run.json`: where each service and companion listens, the write key and the admin token. The
 supervisor inside `cdpctl up` restarts a service that dies, exactly as it would for a user, so a test that
-SIGKILLs a service (`kill`) then waits for the restart (`wait_restarted`) exercises the real recovery path.
+SIGKILLs a service (`kill`) then waits for the restart (`wait_restarted`) exercises the real recovery path;
+`kill_nats` / `wait_nats_restarted` do the same for nats-server, which the supervisor starts again on the
+same port and store.
 
 `stop()` ends it as Ctrl-C does (SIGINT to `cdpctl up`, which terminates its children), and falls back to
 SIGKILL of the whole process group, so a failed test never leaves services behind.
@@ -28,7 +30,14 @@ class PlatformError(RuntimeError):
 
 
 class RunningPlatform:
-    def __init__(self, workdir: Path, *, env: dict[str, str] | None = None, startup_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        startup_timeout: float = 120.0,
+        restart_limit: int | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         self.home = self.workdir / "cdp-home"
         user_home = self.workdir / "user"
@@ -41,6 +50,7 @@ class RunningPlatform:
             **(env or {}),
         }
         self.startup_timeout = startup_timeout
+        self.restart_limit = restart_limit  # crashes in a row the supervisor allows (None: its default)
         self.log_path = self.workdir / "cdpctl-up.log"
         self.proc: subprocess.Popen | None = None
         self.run: dict = {}
@@ -50,7 +60,13 @@ class RunningPlatform:
     def start(self) -> RunningPlatform:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [CDPCTL, "up", "--startup-timeout", str(self.startup_timeout)],
+                [
+                    CDPCTL,
+                    "up",
+                    "--startup-timeout",
+                    str(self.startup_timeout),
+                    *(["--restart-limit", str(self.restart_limit)] if self.restart_limit is not None else []),
+                ],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -157,6 +173,25 @@ class RunningPlatform:
                     return
             time.sleep(0.3)
         raise PlatformError(f"{name} was not restarted within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def kill_nats(self) -> int:
+        """SIGKILL nats-server, as a crashed node would; returns the pid that was killed."""
+        pid = self.run["nats_pid"]
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def wait_nats_restarted(self, old_pid: int, timeout: float = 60.0) -> None:
+        """Until the supervisor has started nats-server again (a new pid, its port listening)."""
+        from cdp_kit.natsserver import wait_for_port
+
+        host, _, port = self.nats_url.removeprefix("nats://").partition(":")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.refresh()
+            if self.run.get("nats_pid") not in (None, old_pid) and wait_for_port(host, int(port), 0.2):
+                return
+            time.sleep(0.3)
+        raise PlatformError(f"nats-server was not restarted within {timeout:.0f} s:\n{self.log_tail()}")
 
     def health(self, name: str) -> str:
         import grpc

@@ -4,7 +4,8 @@
 and CRM emulators), waits until each accepts connections, then every service, and waits until each is
 SERVING. It writes where everything listens to `.cdp/run.json` (services under "services", companions
 under "companions") and supervises: a service or companion that exits is restarted with backoff
-(`cdpctl.supervise`); after too many fast crashes in a row the platform stops. Ctrl-C stops everything.
+(`cdpctl.supervise`); after too many fast crashes in a row the platform stops. nats-server that exits is
+started again at once on the same port and store, as the chart's StatefulSet would. Ctrl-C stops everything.
 
 `status` checks each service's gRPC health and each companion's ports. The platform is healthy when
 nats-server and every service are; a companion that is down is shown DOWN but does not make it
@@ -119,6 +120,7 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
     state: dict = {
         "pid": os.getpid(),
         "nats": nats.url,
+        "nats_pid": nats._proc.pid if nats._proc is not None else None,
         "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
         "write_key": ws.write_key(),
         "admin_token_file": str(ws.admin_token_file),
@@ -216,6 +218,19 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
             return state["services"].get(name) or state["companions"][name]
 
         while not stopping.is_set():
+            if not nats.running:
+                # As the chart's StatefulSet would: the same port and JetStream store, started again at
+                # once (the services reconnect by themselves). One that cannot start stops the platform.
+                console.print(f"[yellow]nats-server exited; restarting it (data in {ws.nats_dir})[/]")
+                try:
+                    await asyncio.to_thread(nats.start)
+                except RuntimeError as exc:
+                    console.print(f"[red]{exc}; stopping the platform.[/]")
+                    code = 1
+                    break
+                state["nats_pid"] = nats._proc.pid if nats._proc is not None else None
+                ws.write_run(state)
+                console.print(f"[green]nats-server is UP again (pid {state['nats_pid']})[/]")
             now = time.monotonic()
             for name, proc in list(processes.items()):
                 if name in restart_at:
