@@ -249,9 +249,10 @@ class Poller:
             try:
                 await self.poll(objects)
             except Exception as exc:  # the CRM or the collector failing: read again from the cursor next time
-                log.warning(
-                    "reading crm changes failed", extra={"connection": self.connection.id, "error": type(exc).__name__}
-                )
+                extra = {"connection": self.connection.id, "error": type(exc).__name__}
+                if isinstance(exc, CrmReadFailed | CollectorRefused):
+                    extra["reason"] = str(exc)  # the CRM's status and code, never a record's values
+                log.warning("reading crm changes failed", extra=extra)
 
     async def poll(self, objects: set[str] | None = None) -> int:
         """Post every change since the cursors (of `objects` only, when given); returns how many events
