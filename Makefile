@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 GRPC_TOOLS_VERSION := 1.85.1
 PROTO_OUT := libs/cdp-protos/src
 
-.PHONY: help env lock lock-check up status test test-fast proto proto-check lint models bench bench-% deploy-check clean
+.PHONY: help env lock lock-check up status test test-fast soak proto proto-check lint models bench bench-% deploy-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ status: env ## health of a running platform
 TEST_WORKERS ?= auto
 test: env ## run all tests (real nats-server), on every core
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope
+
+soak: env ## the whole-platform kill test, long: CDP_SOAK_SECONDS (600) of load, a kill every CDP_SOAK_KILL_EVERY (10) s
+	CDP_SOAK_SECONDS=$${CDP_SOAK_SECONDS:-600} $(VENV)/bin/pytest -q -p no:cacheprovider tests/fault/test_platform_kill.py
 
 proto: env ## regenerate the committed stubs from protos/
 	$(PY) -m cdp_testing.protocheck generate protos $(PROTO_OUT)
