@@ -9,7 +9,7 @@ import pytest
 
 from cdp_crm.adapters.dynamics import DynamicsAdapter
 from cdp_crm.domain.budget import Budget
-from cdp_crm.domain.coalesce import Change
+from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, NOT_FOUND, THROTTLED, UNKNOWN_FIELD, Isolation
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.domain.projection import Source, project
@@ -193,3 +193,50 @@ async def test_a_task_is_bound_to_the_persons_contact_by_its_alternate_key(dynam
     (created,) = emulator.records("tasks")
     (contact,) = emulator.records("contacts")
     assert created["_regardingobjectid_contact_value"] == contact["contactid"]
+
+
+def _marketing_list(list_id: str):
+    document = {
+        "connections": [
+            {
+                "id": "dyn",
+                "kind": "dynamics",
+                "url": "https://org.crm.dynamics.com",
+                "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
+                "mappings": [
+                    {"id": "vip", "object": "contacts", "segment": "vip", "list": list_id, "mode": "mirror",
+                     "match": {"cdp_id": "person.id"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+    (connection,) = parse_connections(document)
+    return connection.mapping("vip")
+
+
+def _member(mapping, person_id: str, op: str = UPSERT) -> Change:
+    return Change(mapping.name, (("cdp_id", person_id),), {}, op=op, person_id=person_id)
+
+
+async def test_a_segment_becomes_marketing_list_membership(dynamics):
+    emulator, adapter = dynamics
+    contacts = _mapping()
+    await adapter.send(contacts, _people(contacts, 3))
+    ids = {r["cdp_id"]: r["contactid"] for r in emulator.records("contacts")}
+    listed = emulator.user_create("lists", {"listname": "High value", "membertype": 2, "type": False})
+    vip = _marketing_list(listed["listid"])
+
+    for _ in range(2):  # AddMemberList twice (a retry after a lost answer): one member each
+        entered = await adapter.send(vip, [_member(vip, "person-0"), _member(vip, "person-1")])
+        assert entered.error is None and all(r.ok for r in entered.results.values())
+    assert sorted(emulator.list_members(listed["listid"])) == sorted([ids["person-0"], ids["person-1"]])
+    assert emulator.budget()["window_used"] == 1 + 2 * 2  # the upsert, then a read and one $batch each time
+
+    for _ in range(2):  # disassociated twice: the second finds no member, and that is fine
+        left = await adapter.send(vip, [_member(vip, "person-1", REMOVE), _member(vip, "person-9", REMOVE)])
+        assert all(r.ok for r in left.results.values())
+    assert emulator.list_members(listed["listid"]) == [ids["person-0"]]
+
+    missing = await adapter.send(vip, [_member(vip, "person-9")])
+    (result,) = missing.results.values()
+    assert not result.ok and result.error.reason == NOT_FOUND  # the engine waits for the record

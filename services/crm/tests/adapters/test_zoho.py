@@ -7,8 +7,8 @@ import aiohttp
 import pytest
 
 from cdp_crm.adapters.zoho import ZohoAdapter
-from cdp_crm.domain.coalesce import Change
-from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, DUPLICATE, INVALID_VALUE, THROTTLED, Isolation
+from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change
+from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, DUPLICATE, INVALID_VALUE, NOT_FOUND, THROTTLED, Isolation
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
 from cdp_crm.domain.projection import Source, project
 from cdp_crm_emulators.zoho import ZohoEmulator
@@ -143,3 +143,38 @@ async def test_describe_marks_unique_fields_as_match_keys(zoho):
     with pytest.raises(MappingInvalid) as caught:
         parse_connections(_document(match={"Last_Name": "traits.last_name"}), {"zoho": schema})
     assert caught.value.field == "zoho/contacts.match.Last_Name"
+
+
+def _campaign(campaign_id: str, mode: str = "mirror"):
+    document = _document()
+    document["connections"][0]["mappings"].append(
+        {"id": "vip", "object": "Contacts", "segment": "vip", "list": campaign_id, "mode": mode,
+         "match": {"CDP_Id": "person.id"}}
+    )  # fmt: skip
+    (connection,) = parse_connections(document)
+    return connection.mapping("vip")
+
+
+def _member(mapping, person_id: str, op: str = UPSERT) -> Change:
+    return Change(mapping.name, (("CDP_Id", person_id),), {}, op=op, person_id=person_id)
+
+
+async def test_a_segment_becomes_campaign_membership_through_the_related_list(zoho):
+    emulator, adapter = zoho
+    campaign = emulator.user_create("Campaigns", {"Campaign_Name": "High value"})
+    contacts, vip = _contacts(), _campaign(campaign["id"])
+    await adapter.send(contacts, _people(contacts, 3))
+    ids = {r["CDP_Id"]: r["id"] for r in emulator.records("Contacts")}
+
+    for _ in range(2):  # entering twice (a retry after a lost answer) relates each contact once
+        entered = await adapter.send(vip, [_member(vip, "person-0"), _member(vip, "person-1")])
+        assert entered.error is None and all(r.ok for r in entered.results.values())
+    assert sorted(emulator.campaign_members(campaign["id"])) == sorted([ids["person-0"], ids["person-1"]])
+
+    left = await adapter.send(vip, [_member(vip, "person-1", REMOVE), _member(vip, "person-9", REMOVE)])
+    assert all(r.ok for r in left.results.values())  # person-9 has no record: not a member either
+    assert emulator.campaign_members(campaign["id"]) == [ids["person-0"]]
+
+    missing = await adapter.send(vip, [_member(vip, "person-9")])
+    (result,) = missing.results.values()
+    assert not result.ok and result.error.reason == NOT_FOUND  # the engine waits for the record

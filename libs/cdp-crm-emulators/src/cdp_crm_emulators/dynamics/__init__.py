@@ -6,7 +6,8 @@ in Microsoft Entra ID's shape (AADSTS error codes), with OpenID discovery at
 (over TLS, with instance discovery off since this host is not a Microsoft cloud).
 
 Entity sets: contacts (alternate keys ``emailaddress1`` and ``cdp_id``), accounts (``cdp_id``), incidents,
-opportunities and tasks (``cdp_idempotencykey``); ``statecode`` as Dataverse uses it (0 open/active; 1
+opportunities and tasks (``cdp_idempotencykey``), marketing lists (``lists``: members added with
+``AddMemberList``, removed through ``listcontact_association``; see `lists`); ``statecode`` as Dataverse uses it (0 open/active; 1
 resolved, won, completed; 2 cancelled, lost). ``PATCH <set>(<key>)`` upserts: 204 with ``OData-EntityId``; ``If-Match: *``
 makes it update-only (404 when missing), ``If-None-Match: *`` create-only (412 when present), ``If-Match:
 W/"<version>"`` updates only that version (412 otherwise). Lookups bind with ``<nav>@odata.bind`` to
@@ -41,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, iso_z, json_response, new_id
+from cdp_crm_emulators.dynamics import lists
 from cdp_crm_emulators.dynamics.batch import boundary_of, http_part, split_multipart
 from cdp_crm_emulators.dynamics.odata import (
     NAMESPACE,
@@ -100,6 +102,10 @@ class DynamicsEmulator(Emulator):
     def find(self, entity_set: str, attribute: str, value: Any) -> dict[str, Any] | None:
         record_id = self.store.find(entity_set, attribute, value)
         return None if record_id is None else dict(self.store.objects[entity_set][record_id])
+
+    def list_members(self, list_id: str) -> list[str]:
+        """The row ids of a marketing list's members."""
+        return lists.members(self.store, list_id)
 
     def budget(self) -> dict[str, Any]:
         self._roll()
@@ -257,6 +263,9 @@ class DynamicsEmulator(Emulator):
             ref = path.split("/")[0]
             if ref[1:] in content_ids:
                 path = content_ids[ref[1:]] + path[len(ref) :]
+        if (listed := re.fullmatch(r"lists\(([^)/]+)\)/(.+)", path.strip("/"))) is not None:
+            payload = orjson.loads(body) if body.strip() else {}
+            return lists.handle(self.store, listed.group(1).strip(), method, listed.group(2), payload)
         match = re.fullmatch(r"(\w+)(?:\((.*)\))?", path.strip("/"))
         if match is None or match.group(1) not in self.sets:
             raise DataverseError(404, "0x80060888", f"Resource not found for the segment '{path.split('(')[0]}'.")

@@ -82,6 +82,15 @@ def default_entity_sets() -> dict[str, EntitySet]:
             {"parentcontactid": "contacts", "customerid_contact": "contacts", "parentaccountid": "accounts"},
             ("name",),
         ),
+        "lists": EntitySet(
+            "lists",
+            "list",
+            "listid",
+            {"listname", "type", "membertype", "createdfromcode", "description"},
+            (),
+            {},
+            ("listname",),
+        ),
         "tasks": EntitySet(
             "tasks",
             "task",

@@ -5,7 +5,8 @@ token (query string or form) answers ``{access_token, api_domain, token_type, ex
 refresh token is ``{"error": "invalid_client"}`` / ``{"error": "invalid_code"}`` with HTTP 200, as Zoho
 answers. API calls carry ``Authorization: Zoho-oauthtoken <token>``; anything else is 401 ``INVALID_TOKEN``.
 
-Modules: Leads, Contacts, Accounts, Cases, Deals, Tasks. ``POST /crm/v8/<Module>/upsert`` takes at most 100
+Modules: Leads, Contacts, Accounts, Cases, Deals, Tasks, Campaigns (members through the related-list
+API: see `related`). ``POST /crm/v8/<Module>/upsert`` takes at most 100
 records; each is matched on the first of ``duplicate_check_fields`` (default: the module's system unique
 fields) that it carries and answers its own ``{code, details, message, status}`` (``SUCCESS`` with
 ``action`` insert/update, ``MANDATORY_NOT_FOUND``, ``INVALID_DATA`` naming ``api_name`` and ``json_path``).
@@ -34,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, json_response, new_id
+from cdp_crm_emulators.zoho import related
 from cdp_crm_emulators.zoho.criteria import parse_time, search_predicate
 from cdp_crm_emulators.zoho.modules import SYSTEM, Module, default_modules
 
@@ -81,6 +83,9 @@ class ZohoEmulator(Emulator):
         r.add_get("/crm/v8/{module}/search", self._search)
         r.add_get("/crm/v8/{module}", self._list)
         r.add_get("/crm/v8/{module}/{id}", self._get)
+        r.add_put("/crm/v8/{module}/{id}/{related}", self._relate)
+        r.add_delete("/crm/v8/{module}/{id}/{related}", self._delink)
+        r.add_get("/crm/v8/{module}/{id}/{related}", self._related)
 
     # --- inspection ------------------------------------------------------------------------------
 
@@ -458,6 +463,55 @@ class ZohoEmulator(Emulator):
             info["next_page_token"] = token
             info["page_token_expiry"] = dt.datetime.fromtimestamp(self.clock() + 86_400, dt.UTC).isoformat()
         return json_response({"data": chunk, "info": info})
+
+    def campaign_members(self, campaign_id: str, module: str = "Contacts") -> list[str]:
+        """The ids of the records a campaign's related list holds."""
+        return related.members(self.store, campaign_id, module)
+
+    def _related_list(self, request: web.Request) -> tuple[str, str, web.Response | None]:
+        """(campaign id, related module) of a related-list request, or the answer refusing it."""
+        module = self._module(request)
+        campaign_id, related_module = request.match_info["id"], request.match_info["related"]
+        if not related.supported(module.name, related_module):
+            return "", "", _error(400, "INVALID_DATA", "the related list given seems to be invalid", {})
+        if self.store.get(module.name, campaign_id) is None:
+            return "", "", _error(400, "INVALID_DATA", "the id given seems to be invalid", {"id": campaign_id})
+        return campaign_id, related_module, None
+
+    async def _relate(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "upsert")) is not None:
+            return refused
+        campaign_id, related_module, refused = self._related_list(request)
+        if refused is not None:
+            return refused
+        data = (orjson.loads(await request.read() or b"{}")).get("data") or []
+        if len(data) > related.LIMIT:
+            return _error(400, "LIMIT_EXCEEDED", "the data exceeds the limit", {"limit": related.LIMIT})
+        answers = related.relate(self.store, campaign_id, related_module, data)
+        ok = sum(a["status"] == "success" for a in answers)
+        return json_response({"data": answers}, status=200 if ok == len(answers) else 207 if ok else 400)
+
+    async def _delink(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "delete")) is not None:
+            return refused
+        campaign_id, related_module, refused = self._related_list(request)
+        if refused is not None:
+            return refused
+        ids = [i for i in request.query.get("ids", "").split(",") if i]
+        if not ids or len(ids) > related.LIMIT:
+            return _error(400, "INVALID_DATA", "ids: 1 to 100 ids", {"param": "ids"})
+        answers = related.delink(self.store, campaign_id, related_module, ids)
+        ok = sum(a["status"] == "success" for a in answers)
+        return json_response({"data": answers}, status=200 if ok == len(answers) else 207 if ok else 400)
+
+    async def _related(self, request: web.Request) -> web.Response:
+        if (refused := self._admit(request, "get")) is not None:
+            return refused
+        campaign_id, related_module, refused = self._related_list(request)
+        if refused is not None:
+            return refused
+        rows = [self.store.get(related_module, i) for i in related.members(self.store, campaign_id, related_module)]
+        return _page([dict(r) for r in rows if r is not None], request.query)
 
     async def _get(self, request: web.Request) -> web.Response:
         module = self._module(request)

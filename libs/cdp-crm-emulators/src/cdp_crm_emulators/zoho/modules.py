@@ -90,6 +90,13 @@ def default_modules() -> dict[str, Module]:
             ("CDP_Idempotency_Key",),
             ("CDP_Idempotency_Key",),
         ),
+        "Campaigns": Module(
+            "Campaigns",
+            {"Campaign_Name": "text", "Status": "picklist", "Type": "picklist", "Description": "textarea"},
+            ("Campaign_Name",),
+            ("Campaign_Name",),
+            ("Campaign_Name",),
+        ),
         "Tasks": Module(
             "Tasks",
             {

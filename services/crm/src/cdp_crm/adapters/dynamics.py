@@ -7,6 +7,8 @@ Writes: one ``POST /api/data/v9.2/$batch`` per call (service protection counts i
 record in its own change set holding ``PATCH <set>(<key>='<value>')`` - an upsert by the alternate key,
 so a retry after a lost answer updates the same row. A change set is all or nothing, so one change set per
 record keeps one record's refusal from rolling back the others; its ``Content-ID`` maps the answer back.
+Marketing lists (a list mapping's `list` is the list's id): members' rows read by alternate key,
+then ``AddMemberList`` / the ``list<type>_association`` disassociated in one ``$batch``.
 update_only adds ``If-Match: *`` (404 when the row does not exist). Privacy deletes are
 ``DELETE <set>(<key>='<value>')`` in the same change sets; a 404 means the row is already gone. ``Prefer: return=representation``
 tells a created row (201) from an updated one (200).
@@ -27,7 +29,7 @@ import aiohttp
 import orjson
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import DELETE, UPSERT, Change
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
     DUPLICATE,
@@ -43,6 +45,7 @@ from cdp_crm.domain.isolation import (
 from cdp_crm.domain.mapping import ObjectMapping
 
 API = "/api/data/v9.2"
+NAMESPACE = "Microsoft.Dynamics.CRM"  # of the Web API's actions (AddMemberList)
 AUTHORITY = "https://login.microsoftonline.com"
 BATCH_LIMIT = 1000
 # Records per $batch: well under the 1000-operation limit, so a batch stays a short request.
@@ -78,7 +81,7 @@ class DynamicsAdapter:
         pass  # the session is the caller's
 
     def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
-        return 1
+        return 2 if mapping.kind == "list" else 1  # a list: the members' rows read first
 
     async def describe(self, objects: list[str]) -> None:
         # EntityDefinitions (attributes, alternate keys) are not served by the local Dataverse yet, so
@@ -118,33 +121,9 @@ class DynamicsAdapter:
     async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         assert len(changes) <= RECORDS_PER_BATCH, "the engine batches by batch_limit"
         if mapping.kind == "list":
-            raise NotImplementedError("Dynamics marketing list mappings are not supported yet")
+            return await self._membership(mapping, changes)
         boundary = f"batch_{uuid.uuid4().hex}"
-        body = _batch_body(self._url, mapping, changes, boundary)
-        for attempt in (0, 1):
-            if self._token is None and (failed := await self._authenticate()) is not None:
-                return BatchOutcome.failed(failed)
-            token = self._token
-            answer = await exchange(
-                self._session,
-                "POST",
-                f"{self._url}{API}/$batch",
-                data=body,
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "Content-Type": f"multipart/mixed; boundary={boundary}",
-                    "OData-Version": "4.0",
-                    "OData-MaxVersion": "4.0",
-                    "Accept": "application/json",
-                },
-                timeout=self._timeout,
-                what=mapping.object,
-            )
-            if answer.status == 401 and attempt == 0:
-                if (failed := await self._authenticate(stale=token)) is not None:
-                    return BatchOutcome.failed(failed, answer.headers)
-                continue
-            break
+        answer = await self._batch(_batch_body(self._url, mapping, changes, boundary), boundary, mapping.object)
         error = _failure(answer)
         if error is not None:
             return BatchOutcome.failed(error, answer.headers)
@@ -163,6 +142,117 @@ class DynamicsAdapter:
             else:
                 results[change.record] = RecordResult(change.record, False, error=_op_error(status, payload))
         return BatchOutcome(results, None, answer.headers)
+
+    async def _request(
+        self, method: str, path: str, *, data: bytes | None, headers: dict[str, str], what: str
+    ) -> Answer:
+        """One Web API request with the token; one new token and one retry on a 401."""
+        for attempt in (0, 1):
+            if self._token is None and (failed := await self._authenticate()) is not None:
+                return Answer(0, {}, None, failed)
+            token = self._token
+            answer = await exchange(
+                self._session,
+                method,
+                f"{self._url}{API}/{path}",
+                data=data,
+                headers={
+                    "Authorization": f"Bearer {token}",
+                    "OData-Version": "4.0",
+                    "OData-MaxVersion": "4.0",
+                    "Accept": "application/json",
+                    **headers,
+                },
+                timeout=self._timeout,
+                what=what,
+            )
+            if answer.status == 401 and attempt == 0:
+                if (failed := await self._authenticate(stale=token)) is not None:
+                    return Answer(0, {}, None, failed)
+                continue
+            return answer
+        raise AssertionError("unreachable")
+
+    async def _batch(self, body: bytes, boundary: str, what: str) -> Answer:
+        return await self._request(
+            "POST", "$batch", data=body, headers={"Content-Type": f"multipart/mixed; boundary={boundary}"}, what=what
+        )
+
+    async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """Marketing list membership (the mapping's `list` is the list's id): the people's rows found by
+        their alternate key in one query, then one ``$batch`` with a change set per member - the
+        ``AddMemberList`` action for an entry (adding a member again adds nothing), the
+        ``list<type>_association`` disassociated for an exit (404: not a member, so already removed)."""
+        primary = f"{mapping.object.removesuffix('s')}id"  # contacts -> contactid, leads -> leadid
+        names = [name for name, _ in changes[0].key]
+        clauses = [" and ".join(f"{n} eq '{_quote(v)}'" for n, v in c.key) for c in changes]
+        query = urllib.parse.urlencode({"$select": ",".join([primary, *names]), "$filter": " or ".join(clauses)})
+        found = await self._request("GET", f"{mapping.object}?{query}", data=None, headers={}, what=mapping.object)
+        if (error := _failure(found)) is not None:
+            return BatchOutcome.failed(error, found.headers)
+        rows = found.body.get("value", []) if isinstance(found.body, dict) else []
+        ids = {tuple(str(r.get(n, "")).lower() for n in names): r[primary] for r in rows}
+        results: dict[str, RecordResult] = {}
+        operations: list[tuple[Change, str, str, str]] = []  # change, method, path, body
+        association = f"list{mapping.object.removesuffix('s')}_association"
+        for change in changes:
+            row = ids.get(tuple(v.lower() for _, v in change.key))
+            if row is None and change.op == REMOVE:
+                results[change.record] = RecordResult(change.record, True, None, False)  # no row: not a member
+            elif row is None:
+                missing = CrmError(NOT_FOUND, "0x80040217", f"no {mapping.object} row with this key", 404)
+                results[change.record] = RecordResult(change.record, False, error=missing)
+            elif change.op == REMOVE:
+                operations.append((change, "DELETE", f"lists({mapping.list})/{association}({row})/$ref", ""))
+            else:
+                body = orjson.dumps({"EntityId": row}).decode()
+                operations.append((change, "POST", f"lists({mapping.list})/{NAMESPACE}.AddMemberList", body))
+        if not operations:
+            return BatchOutcome(results, None, found.headers)
+        boundary = f"batch_{uuid.uuid4().hex}"
+        answer = await self._batch(_operations_body(self._url, operations, boundary), boundary, "list members")
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, {**found.headers, **answer.headers})
+        content_type = next((v for k, v in answer.headers.items() if k.lower() == "content-type"), "")
+        for content_id, status, _, payload in _responses(answer.raw, content_type):
+            if not content_id.isdigit() or not 0 < int(content_id) <= len(operations):
+                continue
+            change, method, _, _ = operations[int(content_id) - 1]
+            if status < 300 or (method == "DELETE" and status == 404):
+                crm_id = payload.get("id") if isinstance(payload, dict) else None
+                results[change.record] = RecordResult(change.record, True, crm_id, method == "POST")
+            else:
+                results[change.record] = RecordResult(change.record, False, error=_op_error(status, payload))
+        return BatchOutcome(results, None, {**found.headers, **answer.headers})
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _operations_body(url: str, operations: list[tuple[Change, str, str, str]], boundary: str) -> bytes:
+    """A $batch of one change set per operation (so one refusal does not roll back the others)."""
+    out: list[str] = []
+    for n, (_, method, path, body) in enumerate(operations, start=1):
+        changeset = f"changeset_{uuid.uuid4().hex}"
+        headers = ["Content-Type: application/json"] if body else []
+        operation = "\r\n".join(
+            [
+                f"--{changeset}",
+                "Content-Type: application/http",
+                "Content-Transfer-Encoding: binary",
+                f"Content-ID: {n}",
+                "",
+                f"{method} {url}{API}/{path} HTTP/1.1",
+                *headers,
+                "",
+                body,
+                f"--{changeset}--",
+            ]
+        )
+        out.append(f"--{boundary}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n{operation}\r\n")
+    out.append(f"--{boundary}--\r\n")
+    return "".join(out).encode()
 
 
 def _key_text(key: tuple[tuple[str, str], ...]) -> str:

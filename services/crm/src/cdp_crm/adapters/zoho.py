@@ -11,6 +11,10 @@ created. Each record answers on its own (``SUCCESS`` with ``action`` insert/upda
 ``details.api_name``) - also in a 400 when none was written, so a 400 with per-record answers is not a
 batch-level refusal.
 
+Campaign membership (a list mapping's `list` is the Campaign's id): the records' ids by search, then the
+Campaign's related list - ``PUT /crm/v8/Campaigns/<id>/<Module>`` relates the entries, ``DELETE ...?ids=``
+delinks the exits (Zoho's documented way to make records campaign members; tags would carry no campaign).
+
 Privacy deletes: the records' ids by ``GET /crm/v8/<Module>/search?criteria=(<field>:in:a,b)``, then
 ``DELETE /crm/v8/<Module>?ids=...``; a record already gone counts as deleted (Zoho answers INVALID_DATA for an
 id it no longer has).
@@ -28,11 +32,12 @@ from typing import Any
 import aiohttp
 
 from cdp_crm.adapters.http import Answer, exchange, transport_error
-from cdp_crm.domain.coalesce import DELETE, UPSERT, Change
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
     DUPLICATE,
     INVALID_VALUE,
+    NOT_FOUND,
     PERMISSION,
     REJECTED,
     THROTTLED,
@@ -79,6 +84,8 @@ class ZohoAdapter:
     def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
         if op == DELETE:
             return 2 * self._credits_per_call  # a search for the records' ids, then one delete
+        if mapping.kind == "list":
+            return 3 * self._credits_per_call  # the search, then relating and delinking
         return self._credits_per_call
 
     async def _authenticate(self, stale: str | None = None) -> CrmError | None:
@@ -148,7 +155,7 @@ class ZohoAdapter:
     async def send(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         assert len(changes) <= UPSERT_LIMIT, "the engine batches by batch_limit"
         if mapping.kind == "list":
-            raise NotImplementedError("Zoho campaign membership mappings are not supported yet")
+            return await self._membership(mapping, changes)
         if changes[0].op == DELETE:
             return await self._delete(mapping, changes)
         if mapping.mode == "update_only":
@@ -196,6 +203,53 @@ class ZohoAdapter:
             if not (answer.body.get("info") or {}).get("more_records"):
                 return found, answer
             page += 1
+
+    async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
+        """Campaign membership (the mapping's `list` is the Campaign's id) through the Campaign's related
+        list: the records' ids by search, then ``PUT /Campaigns/<id>/<Module>`` relating the entries and
+        ``DELETE /Campaigns/<id>/<Module>?ids=`` delinking the exits. Relating again changes nothing."""
+        ids, answer = await self._find(mapping, changes)
+        if (error := _failure(answer)) is not None:
+            return BatchOutcome.failed(error, answer.headers)
+        results: dict[str, RecordResult] = {}
+        add: dict[str, Change] = {}
+        remove: dict[str, Change] = {}
+        for change in changes:
+            record_id = ids.get(change.key[0][1].lower())
+            if record_id is None and change.op == REMOVE:
+                results[change.record] = RecordResult(change.record, True, None, False)  # no record: no member
+            elif record_id is None:
+                missing = CrmError(NOT_FOUND, "NOT_FOUND", f"no {mapping.object} record with this key", 204)
+                results[change.record] = RecordResult(change.record, False, error=missing)
+            else:
+                (remove if change.op == REMOVE else add)[record_id] = change
+        headers = answer.headers
+        path = f"/Campaigns/{mapping.list}/{mapping.object}"
+        for ids_of, method in ((add, "PUT"), (remove, "DELETE")):
+            if not ids_of:
+                continue
+            if method == "PUT":
+                body = {"data": [{"id": i} for i in ids_of]}
+                answer = await self._call("PUT", path, json=body, what="campaign members")
+            else:
+                answer = await self._call("DELETE", f"{path}?ids={','.join(ids_of)}", what="campaign members")
+            headers = answer.headers
+            per_record = answer.body.get("data") if isinstance(answer.body, dict) else None
+            if not isinstance(per_record, list):
+                error = _failure(answer) or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", answer.status)
+                return BatchOutcome.failed(error, headers)
+            for item in per_record:
+                record_id = str((item.get("details") or {}).get("id", ""))
+                change = ids_of.get(record_id)
+                if change is None:
+                    continue
+                if item.get("status") == "success":
+                    results[change.record] = RecordResult(change.record, True, record_id, method == "PUT")
+                else:
+                    results[change.record] = RecordResult(
+                        change.record, False, error=_record_error(item, answer.status)
+                    )
+        return BatchOutcome(results, None, headers)
 
     async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """Privacy delete: the records' ids by search, then ``DELETE /crm/v8/<Module>?ids=...`` (100 at

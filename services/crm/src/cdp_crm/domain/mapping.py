@@ -28,7 +28,8 @@
             object: contacts
             match: {cdp_id: person.id}
             segment: high_value           # only members; with mode mirror a person who leaves is removed
-            list: CDP high value          # membership of this CRM list / campaign (else: the mapped fields)
+            list: CDP high value          # membership of this CRM list / campaign (else: the mapped fields):
+                                          # HubSpot list id, Salesforce / Zoho Campaign id, Dataverse list id
             mode: mirror
           - id: churn-task
             object: tasks
@@ -92,8 +93,6 @@ CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
 MATCH_FIELDS_MAX = {"salesforce": 1, "hubspot": 1, "dynamics": 5, "zoho": 5}
 # What the adapters do not write yet, refused at start rather than at the first write.
 UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("dynamics", "list"): "marketing list membership is not supported for dynamics yet",
-    ("zoho", "list"): "campaign membership is not supported for zoho yet",
     ("zoho", "update_only"): "update_only is not supported for zoho yet",
     ("zoho", "about"): "linking a task or case to the person's record is not supported for zoho yet",
 }
