@@ -36,6 +36,7 @@ from cdp_training.transactions import Summary, Transactions, day_to_iso, summari
 UNITS = {"days": 1.0, "weeks": 7.0}
 DEFAULT_HORIZON_DAYS = 365.0
 DEFAULT_CENSOR = 7  # the paper groups customers with 7 or more calibration repeat transactions
+TRACKING_LINES = 80  # the text rendering thins the tracking table to about this many rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,14 +335,19 @@ def render(report: dict[str, Any]) -> str:
                 [[r["x"], r["customers"], r["actual_mean"], r["predicted_mean"]] for r in report["by_frequency"]],
             )
         ]
-        lines += ["", f"cumulative repeat transactions per {unit[:-1]}"]
+        rows = report["tracking"]
+        step = -(-len(rows) // TRACKING_LINES)  # a terminal's worth of rows; the JSON has every period
+        last_calibration = max((r["period"] for r in rows if r["phase"] == "calibration"), default=0)
+        shown = [r for r in rows if r["period"] % step == 0 or r["period"] in (1, last_calibration, len(rows))]
+        every = f"every {step} {unit}" if step > 1 else f"per {unit[:-1]}"
+        lines += ["", f"cumulative repeat transactions of the calibration customers, {every}"]
         lines += [
             "  " + line
             for line in _table(
                 ["period", "ends", "phase", "actual", "predicted"],
                 [
                     [r["period"], r["ends"], r["phase"], r["actual_cumulative"], r["predicted_cumulative"]]
-                    for r in report["tracking"]
+                    for r in shown
                 ],
             )
         ]
