@@ -141,6 +141,7 @@ async def bare_server_calls(
     return {
         "rps": calls / elapsed,
         "p50_ms": percentile(latencies, 50),
+        "p95_ms": percentile(latencies, 95),
         "p99_ms": percentile(latencies, 99),
         # the process' CPU time per call (client, server and grpc's threads): less skewed by other work on
         # the machine than requests/s

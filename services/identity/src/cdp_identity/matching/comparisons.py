@@ -115,6 +115,15 @@ class ExactComparison(Comparison):
         return np.full(len(left_codes), -1, dtype=np.int8)
 
 
+# rapidfuzz starts its threads on every call that asks for them: ~2 ms, against microseconds for the
+# few pairs a one-record MatchRecords call compares. Threads pay off only on a batch this big.
+_PARALLEL_PAIRS = 20_000
+
+
+def _workers(pairs: int) -> int:
+    return -1 if pairs >= _PARALLEL_PAIRS else 1
+
+
 def _values(column: Column, codes: np.ndarray) -> list[str]:
     values = column.values
     return [values[code] for code in codes.tolist()]
@@ -138,7 +147,7 @@ class JaroWinklerComparison(Comparison):
             _values(column, right_codes),
             scorer=JaroWinkler.similarity,
             dtype=np.float64,
-            workers=-1,
+            workers=_workers(len(left_codes)),
         )
         return _first_threshold_met([similarity >= t for t in self.spec.thresholds], len(left_codes))
 
@@ -157,7 +166,7 @@ class LevenshteinComparison(Comparison):
             scorer=self.scorer,
             score_cutoff=int(max(self.spec.thresholds)),
             dtype=np.int32,
-            workers=-1,
+            workers=_workers(len(left_codes)),
         )
         return _first_threshold_met([distance <= t for t in self.spec.thresholds], len(left_codes))
 
@@ -183,7 +192,11 @@ class EmailComparison(Comparison):
             count=len(left_values),
         )
         similarity = process.cpdist(
-            left_values, right_values, scorer=JaroWinkler.similarity, dtype=np.float64, workers=-1
+            left_values,
+            right_values,
+            scorer=JaroWinkler.similarity,
+            dtype=np.float64,
+            workers=_workers(len(left_values)),
         )
         return _first_threshold_met([same_local, *(similarity >= t for t in self.spec.thresholds)], len(left_values))
 
