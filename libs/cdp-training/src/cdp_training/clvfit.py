@@ -31,7 +31,7 @@ import numpy as np
 
 from cdp_kit.errors import InvalidArgument
 from cdp_training.bgnbd import BgNbd, FitReport, GammaGamma, fit_bgnbd, fit_gamma_gamma
-from cdp_training.transactions import Summary, Transactions, day_to_iso, summarise
+from cdp_training.transactions import Summary, Transactions, day_to_iso, parse_day, summarise
 
 UNITS = {"days": 1.0, "weeks": 7.0}
 DEFAULT_HORIZON_DAYS = 365.0
@@ -97,8 +97,7 @@ def tracking(model: BgNbd, summary: Summary) -> list[dict[str, Any]]:
     periods = int(np.ceil((summary.holdout_end - start + 1) / unit))
     ends = np.arange(1, periods + 1) * unit  # days after `start` at each period's end
     offsets = (summary.first_day - start).astype(np.float64)  # s_i, in days
-    # actual: every repeat transaction is at a day; a customer's repeat days are not stored in the summary,
-    # so the caller's transactions are needed: see `tracking_actual`
+    # (the actual counts need the transactions themselves, not the summary: `tracking_actual` adds them)
     predicted = np.zeros(periods)
     firsts, counts = np.unique(offsets, return_counts=True)  # customers starting on one day share E[X(t - s)]
     for s, n in zip(firsts, counts, strict=True):
@@ -203,8 +202,6 @@ def predict(fitted: Fitted, summary: Summary, horizon: float) -> Predictions:
 def _day(value: str | int | None, field: str) -> int | None:
     if value is None or isinstance(value, int):
         return value
-    from cdp_training.transactions import parse_day
-
     return parse_day(value, field)
 
 
