@@ -47,6 +47,8 @@ class RunningPlatform:
             "CDP_HOME": str(self.home),
             "HOME": str(user_home),
             "PYTHONUNBUFFERED": "1",
+            # Never the conventional ports: other platforms may be starting at the same moment (parallel tests).
+            "CDP_UP_PORTS": "any",
             **(env or {}),
         }
         self.startup_timeout = startup_timeout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import secrets
 import socket
@@ -233,10 +234,23 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
+# Ports picked when the conventional one is taken come from below Linux's ephemeral range (32768+): a port
+# the kernel handed out for bind(0) and we released may be reused for someone's outgoing connection before
+# the service binds it.
+_SPARE_PORTS = range(20_000, 32_000)
+
+
 def pick_port(preferred: int) -> int:
-    """The conventional port when free, else any free one (a second checkout, a busy laptop)."""
-    if preferred and port_is_free(preferred):
+    """The conventional port when free, else a free spare one (a second checkout, a busy laptop).
+    CDP_UP_PORTS=any skips the conventional ports: several platforms started at once on one machine (tests
+    running in parallel) would otherwise all race for the same ones."""
+    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and port_is_free(preferred):
         return preferred
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.choice(_SPARE_PORTS)
+        if port_is_free(port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -16,7 +16,8 @@ Associations: a single create may carry ``associations`` (``to.id`` + ``types``)
 ``PUT /crm/v4/objects/<from>/<id>/associations/default/<to>/<id>`` links two records; a task or ticket is
 tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to>`` lists them.
 
-Inbound: `user_update` / `user_create` edit records as a HubSpot user would and, with `webhook_url` set,
+Inbound: `user_update` / `user_create` edit records as a HubSpot user would and, with `webhook_url` set (at
+start, or by the developer API's ``PUT /webhooks/v3/<app id>/settings?hapikey=`` as an app's settings are),
 POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64 HMAC-SHA256 over method, URL,
 body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
 """
@@ -58,6 +59,7 @@ class HubSpotEmulator(Emulator):
         search_per_second: int = 5,
         webhook_url: str | None = None,
         client_secret: str = "hubspot-app-secret",
+        developer_api_key: str = "local-developer-key",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -69,11 +71,14 @@ class HubSpotEmulator(Emulator):
         self.search_per_second = search_per_second
         self.webhook_url = webhook_url
         self.client_secret = client_secret
+        self.developer_api_key = developer_api_key
         self.objects: dict[str, dict[str, dict[str, Any]]] = {obj: {} for obj in PROPERTIES}
         self._index: dict[tuple[str, str], dict[str, str]] = {}
         self.lists: dict[str, dict[str, Any]] = {}
         self.memberships: dict[str, dict[str, str]] = {}
         self.webhook_deliveries = 0
+        self.webhook_settings: dict[str, Any] = {}
+        self.webhook_statuses: list[int] = []  # what the target answered each delivery attempt
         self._ids = itertools.count(1001)
         self._burst: deque[float] = deque()
         self._searches: deque[float] = deque()
@@ -100,6 +105,10 @@ class HubSpotEmulator(Emulator):
         r.add_put("/crm/v3/lists/{list_id}/memberships/remove", self._remove_members)
         r.add_put("/crm/v3/lists/{list_id}/memberships/add-and-remove", self._add_and_remove)
         r.add_get("/crm/v3/lists/{list_id}/memberships", self._get_members)
+        r.add_put("/webhooks/v3/{app_id}/settings", self._webhook_settings)
+        r.add_post("/_emulator/user/{object}", self._inspect_user_create)
+        r.add_get("/_emulator/webhooks", self._inspect_webhooks)
+        r.add_get("/webhooks/v3/{app_id}/settings", self._webhook_settings)
         self.app.middlewares.append(self._limits)
 
     # --- inspection ------------------------------------------------------------------------------
@@ -211,6 +220,7 @@ class HubSpotEmulator(Emulator):
             for attempt in range(3):
                 try:
                     async with session.post(self.webhook_url, data=body, headers=headers) as response:
+                        self.webhook_statuses.append(response.status)
                         if response.status < 500:
                             self.webhook_deliveries += 1
                             return
@@ -219,6 +229,41 @@ class HubSpotEmulator(Emulator):
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     # --- auth and limits -------------------------------------------------------------------------
+
+    def is_api(self, request: web.Request) -> bool:
+        # The developer platform's webhook settings take the developer API key, outside the account's limits.
+        return super().is_api(request) and not request.path.startswith("/webhooks/")
+
+    async def _inspect_user_create(self, request: web.Request) -> web.Response:
+        """``POST /_emulator/user/<object>`` ``{"properties": {...}}``: `user_create` from another process (a
+        support agent opening a ticket in HubSpot's UI), webhooks included."""
+        obj = self._object(request)
+        properties = (await _json(request)).get("properties") or {}
+        if (rejected := self._unknown_properties(obj, properties)) is not None:
+            return rejected
+        return json_response(self.user_create(obj, properties), status=201)
+
+    async def _inspect_webhooks(self, request: web.Request) -> web.Response:
+        return json_response({"target_url": self.webhook_url, "statuses": self.webhook_statuses})
+
+    async def _webhook_settings(self, request: web.Request) -> web.Response:
+        """``PUT /webhooks/v3/<app id>/settings?hapikey=<developer API key>`` with ``{"targetUrl",
+        "throttling"}`` points the app's webhooks at `targetUrl` (what `webhook_url` does at start); GET
+        reads them (404 before any)."""
+        if request.query.get("hapikey") != self.developer_api_key:
+            return json_response(_error("INVALID_AUTHENTICATION", "The developer API key is not valid."), status=401)
+        now = iso_z(self.clock())
+        if request.method == "PUT":
+            body = await _json(request)
+            target = body.get("targetUrl")
+            if not isinstance(target, str) or not target.startswith(("http://", "https://")):
+                return json_response(_error("VALIDATION_ERROR", "targetUrl must be an http(s) URL"), status=400)
+            self.webhook_url = target
+            self.webhook_settings = {"targetUrl": target, "throttling": body.get("throttling") or {},
+                                     "createdAt": self.webhook_settings.get("createdAt", now), "updatedAt": now}  # fmt: skip
+        if not self.webhook_settings:
+            return json_response(_error("NOT_FOUND", "No webhook settings for this app."), status=404)
+        return json_response(self.webhook_settings)
 
     def error_response(self, status: int, request: web.Request) -> web.Response:
         if status == 429:
