@@ -57,7 +57,7 @@ async def test_cases_tasks_and_opportunities_reach_the_person_through_change_tra
         await poller.poll()
 
         assert sorted(collector.names()) == sorted([
-            "CRM Contact Created", "CRM Case Opened", "CRM Task Created", "CRM Deal Created", "CRM Case Closed",
+            "CRM Case Opened", "CRM Task Created", "CRM Deal Created", "CRM Case Closed",
             "CRM Task Completed", "CRM Deal Stage Changed", "CRM Deal Won",
         ])  # fmt: skip
         for event in collector.events():

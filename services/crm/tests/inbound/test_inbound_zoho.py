@@ -54,7 +54,7 @@ async def test_cases_tasks_and_deals_reach_the_person(store, session, collector)
         await poller.poll()
 
         assert sorted(collector.names()) == sorted([
-            "CRM Contact Created", "CRM Case Opened", "CRM Task Created", "CRM Deal Created", "CRM Case Closed",
+            "CRM Case Opened", "CRM Task Created", "CRM Deal Created", "CRM Case Closed",
             "CRM Task Completed", "CRM Deal Stage Changed", "CRM Deal Lost",
         ])  # fmt: skip
         for event in collector.events():

@@ -299,7 +299,7 @@ class Poller:
     # --- a change as events ---------------------------------------------------------------------
 
     def events(self, change: Change, before: dict[str, Any] | None, memo: dict[str, Any]) -> list[dict[str, Any]]:
-        if change.own:
+        if change.own or _connector_created_person(change):
             return []  # the CDP's own action coming back is not news (its later outcome is)
         if before is not None and before == memo and not change.deleted:
             return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
@@ -432,6 +432,12 @@ def event_name(change: Change, before: dict[str, Any] | None) -> str:
     if change.created:
         return "CRM Campaign Member Added"
     return "CRM Campaign Engagement" if moved else "CRM Campaign Member Updated"
+
+
+def _connector_created_person(change: Change) -> bool:
+    """A contact or lead created already holding the CDP person id: the connector's upsert made it."""
+    person = change.person
+    return change.kind in ("contact", "lead") and change.created and person is not None and bool(person.cdp_id)
 
 
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
