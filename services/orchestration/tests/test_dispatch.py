@@ -12,7 +12,8 @@ from cdp_kit.bus import Bus, OutMessage, subjects
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
-from cdp_orchestration.dispatch import SENDS, CollectorReporter, dispatcher
+from cdp_orchestration.dispatch import SENDS, CollectorReporter, Opens, dispatcher
+from cdp_orchestration.state import prepare_store
 
 
 class Counting(Channel):
@@ -181,3 +182,58 @@ async def test_outcomes_go_in_under_an_identifier_identity_knows_and_never_under
     assert by_action["anonymous"]["anonymousId"] == "visitor-9" and "userId" not in by_action["anonymous"]
     # With neither, the outcome stays here: posting it under the person id would make a new person.
     assert records[2].doc["reported"] == "unattributed" and records[2].doc["status"] == "accepted"
+
+
+WELCOME = {
+    "id": "welcome",
+    "version": 1,
+    "name": "Welcome",
+    "priority": 10,
+    "timezone": "UTC",
+    "entry": {"api": True},
+    "reentry": "always",
+    "nodes": [{"id": "hook", "type": "action", "channel": "webhook", "purpose": "Service", "template": {"body": "hi"}}],
+}
+
+
+async def test_an_outcome_recorded_before_the_person_had_an_identifier_goes_in_once_they_have_one(world_factory):
+    collector, url, received = await _collector()
+    report = CollectorReporter(url, "outcomes-key")
+    world = await world_factory()
+    await prepare_store(world.store)
+    await world.publish_journey(WELCOME)
+    await world.start()
+    channel = Counting()
+    task = asyncio.create_task(dispatcher(world.bus, world.store, channel, report=report).run())
+    try:
+        # Enrolled through the API before any event of theirs: the send has no identifier to go in under.
+        await world.profile("newcomer", consent={"purpose:Service": True}, webhook_url="https://h")
+        body = {"person_id": "newcomer", "journey_id": "welcome", "idempotency_key": "k1"}
+        [result] = await world.bus.publisher.publish_batch(
+            [streams.command(world.partition("newcomer"), "enroll", body, "enroll-k1")]
+        )
+        assert result.ok
+        [action_id] = await world.eventually(lambda: channel.sent)
+        record = await world.eventually(lambda: world.store.get(SENDS, action_id))
+        assert record.doc["reported"] == "unattributed" and received == []
+        # They open a message too (as MarkInboxRead records it): recorded, not posted either.
+        await Opens(world.store, report).opened("newcomer", ["inbox-1"])
+        assert received == []
+        # Their first event names them: the outcome goes in under that userId, and nothing is sent again.
+        await world.event("newcomer", "Page Viewed", "e-page-1", user_id="u-newcomer")
+        await world.eventually(lambda: len(received) == 2)
+        await world.eventually(lambda: _reported(world, action_id))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await report.close()
+        await collector.cleanup()
+    by_id = {event["messageId"]: event for event in received}
+    assert set(by_id) == {f"outcome:{action_id}:sent", "outcome:inbox-1:opened"}
+    assert all(event["userId"] == "u-newcomer" for event in received)
+    assert channel.sent == [action_id]
+
+
+async def _reported(world, action_id: str) -> bool:
+    stored = await world.store.get(SENDS, action_id)
+    return stored is not None and stored.doc["reported"] is True

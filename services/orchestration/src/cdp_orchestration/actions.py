@@ -12,6 +12,18 @@
   read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under;
 - tells the instance the outcome of its action (`ActionOutcome`), which may step it on.
 
+Outcomes of sends made before the person had an identifier: an action carries the identifier outcome
+events go back in under (the userId, else an anonymous id, `wire.IDENTITY_KEYS`); a person enrolled
+through the API before any event of theirs has neither, and their dispatcher records the outcome without
+posting it ("unattributed": under the person id, identity would make a new visitor of it). When such a
+person's first identifier arrives, `attribute_sends` publishes, for each send still in their arbiter
+history (the last week and a day, `arbiter.Sent`), an attribution message on the action's own subject:
+an `ActionMessage` with the action id and the identifier only, header `Cdp-Attribution`, message id
+`attribute:<action id>`. Its dispatcher sends nothing for it: it posts the recorded outcome under that
+identifier (`dispatch.py`). Not for `crm` actions: the CRM connector takes every `actions.crm` message as
+a task, and their outcomes are not orchestration's to post. Older unattributed outcomes stay recorded
+only.
+
 Logs name action ids and fields, never the values rendered or the address.
 """
 
@@ -43,6 +55,44 @@ ADDRESS_FIELDS = {
     "webpush": ("webpush_subscription", "traits.webpush_subscription"),
     "webhook": ("webhook_url", "traits.webhook_url"),
 }
+
+
+ATTRIBUTION_HEADER = "Cdp-Attribution"  # an attribution message: post this action's outcome, send nothing
+UNATTRIBUTED_CHANNELS = frozenset({"crm"})  # channels orchestration posts no outcome for
+
+
+def named(person: Person) -> bool:
+    """Whether the person has an identifier outcome events can go in under."""
+    return bool(person.ids.get(USER_ID) or person.ids.get(ANONYMOUS_ID))
+
+
+def attribute_sends(batch: Batch, person: Person) -> None:
+    """The person has an identifier for the first time: an attribution message for each of their recent
+    sends (see the module docstring)."""
+    if person.state is None:
+        return
+    for sent in person.state.sent:
+        if sent.channel in UNATTRIBUTED_CHANNELS:
+            continue
+        message = pb.ActionMessage(action_id=sent.action_id, person_id=person.person_id, channel=sent.channel)
+        _identify(message, person)
+        batch.messages.append(
+            OutMessage(
+                subject=subjects.actions(sent.channel, batch.partition),
+                payload=message.SerializeToString(),
+                msg_id=f"attribute:{sent.action_id}",
+                headers={ATTRIBUTION_HEADER: "1"},
+            )
+        )
+
+
+def _identify(message: pb.ActionMessage, person: Person) -> None:
+    """Who the person is to identity, for the outcome events (`wire.IDENTITY_KEYS`): the userId when one is
+    known, else an anonymous id; neither for a person no event has named yet."""
+    if person.ids.get(USER_ID):
+        message.address[USER_ID] = person.ids[USER_ID]
+    elif person.ids.get(ANONYMOUS_ID):
+        message.address[ANONYMOUS_ID] = person.ids[ANONYMOUS_ID]
 
 
 async def record_ruling(
@@ -188,12 +238,7 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         value = person.fields.get(address[1])
         if isinstance(value, str) and value:
             message.address[address[0]] = value
-    # Who the person is to identity, for the outcome events (`wire.IDENTITY_KEYS`): the userId when one is
-    # known, else an anonymous id; neither for a person no event has named yet.
-    if person.ids.get(USER_ID):
-        message.address[USER_ID] = person.ids[USER_ID]
-    elif person.ids.get(ANONYMOUS_ID):
-        message.address[ANONYMOUS_ID] = person.ids[ANONYMOUS_ID]
+    _identify(message, person)
     applier.m_actions.add(1, {"channel": decision.channel})
     batch.messages.append(
         OutMessage(

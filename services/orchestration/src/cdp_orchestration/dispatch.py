@@ -17,7 +17,11 @@ identifier the engine put on the action (`wire.IDENTITY_KEYS`: the person's user
 anonymous ids), which identity resolves to the same person. An action for a person orchestration has
 never seen an identifier of (enrolled through the API before any event of theirs arrived) has neither:
 its outcome is recorded here only (`reported: "unattributed"`), never posted under the person id, which
-identity would take for a new visitor. The record says whether it was reported: a redelivery reports
+identity would take for a new visitor, until the person's first identifier arrives: the engine then
+publishes an attribution message for each of their recent sends (`actions.py`, header
+`Cdp-Attribution`), and the dispatcher posts the recorded outcome under that identifier (sending
+nothing; one that comes before its send's record waits for it), with the in-app opens recorded
+unattributed for the person (`Opens.attribute`). The record says whether it was reported: a redelivery reports
 what a failed report left behind, and the collector drops a duplicate messageId.
 
 The action's message holds the person's rendered content and address, so it stays in ACTIONS no longer
@@ -44,6 +48,7 @@ from nats.js.errors import NotFoundError, ServerError
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
 from cdp_kit.storage import Put, Store
+from cdp_orchestration.actions import ATTRIBUTION_HEADER
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
@@ -97,6 +102,9 @@ class Dispatcher:
                 delivery.reject("invalid_action", f"not an ActionMessage: {type(exc).__name__}")
                 continue
             stored = await self.store.get(SENDS, action.action_id)
+            if ATTRIBUTION_HEADER in delivery.headers:
+                await self._attribute(delivery, action, stored)
+                continue
             if stored is not None:
                 # Sent already (a redelivery, with perhaps its report still owed), or withdrawn.
                 record = stored.doc
@@ -117,13 +125,43 @@ class Dispatcher:
                     log.warning(
                         "action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason
                     )
-            if self.report is not None and record["reported"] is False:
-                if await self.report([record["event"]]):
-                    await self.store.bulk_write([Put(SENDS, action.action_id, {**record, "reported": True})])
-                else:
-                    delivery.retry("outcome_not_reported")
-                    continue
-            await self._erase(delivery)
+            await self._report_and_erase(delivery, action.action_id, record)
+
+    async def _report_and_erase(self, delivery: Delivery, action_id: str, record: dict[str, Any]) -> None:
+        """Post the recorded outcome if it is owed, then erase the message (kept for a retry if the post
+        failed)."""
+        if self.report is not None and record["reported"] is False:
+            if await self.report([record["event"]]):
+                await self.store.bulk_write([Put(SENDS, action_id, {**record, "reported": True})])
+            else:
+                delivery.retry("outcome_not_reported")
+                return
+        await self._erase(delivery)
+
+    async def _attribute(self, delivery: Delivery, action: Action, stored: Any) -> None:
+        """An attribution message (`actions.py`): the person now has an identifier, so an outcome recorded
+        without one goes in under it. Nothing is sent."""
+        if stored is None:
+            # The send itself is not recorded yet (its message waits behind this one): once it is.
+            if delivery.num_delivered < MAX_DELIVER:
+                delivery.retry("send_not_recorded_yet")
+            else:
+                await self._erase(delivery)
+            return
+        record = stored.doc
+        # In-app opens recorded before the person had an identifier go in too.
+        await Opens(self.store, self.report).attribute(
+            action.person_id, user_id=action.user_id, anonymous_id=action.anonymous_id
+        )
+        if record["reported"] == "unattributed" and (action.user_id or action.anonymous_id):
+            event = {k: v for k, v in record["event"].items() if k not in ("userId", "anonymousId")}
+            if action.user_id:
+                event["userId"] = action.user_id
+            else:
+                event["anonymousId"] = action.anonymous_id
+            record = {**record, "event": event, "reported": False}
+            await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+        await self._report_and_erase(delivery, action.action_id, record)
 
     async def _erase(self, delivery: Delivery) -> None:
         """Delete the action's message: its outcome is recorded, nothing needs its content any more."""
@@ -192,6 +230,22 @@ class Opens:
             )
         await self.store.bulk_write(writes)
         await self.flush()
+
+    async def attribute(self, person_id: str, *, user_id: str | None, anonymous_id: str | None) -> None:
+        """The person has an identifier now: their opens recorded without one go in under it."""
+        if not (user_id or anonymous_id):
+            return
+        found = await self.store.find(OUTCOMES, "person_id", person_id, limit=500)
+        writes = []
+        for record in found:
+            if record.doc["reported"] != "unattributed":
+                continue
+            event = {k: v for k, v in record.doc["event"].items() if k not in ("userId", "anonymousId")}
+            event["userId" if user_id else "anonymousId"] = user_id or anonymous_id
+            writes.append(Put(OUTCOMES, record.key, {**record.doc, "event": event, "reported": False}))
+        if writes:
+            await self.store.bulk_write(writes)
+            await self.flush()
 
     async def flush(self) -> None:
         """Post the recorded outcome events the collector has not taken yet."""

@@ -54,7 +54,7 @@ from cdp_kit.bus import Delivery, subjects
 from cdp_kit.engine import Effects
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS
-from cdp_orchestration import streams, timers
+from cdp_orchestration import actions, streams, timers
 from cdp_orchestration.apply import Applier
 from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
 from cdp_orchestration.domain import arbiter, entry
@@ -163,7 +163,7 @@ class OrchestrationLogic:
         kind = one.kind
         if kind == "event":
             event: Event = one.data
-            self._learn_ids(person, event)
+            self._learn_ids(batch, person, event)
             if event.name in self.rules.watched_events:
                 state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
                 if state is not person.state:
@@ -264,9 +264,14 @@ class OrchestrationLogic:
         timers.keep_wake(batch, person, clock_offset=self.clock_offset)
 
     @staticmethod
-    def _learn_ids(person: Person, event: Event) -> None:
-        """Keep the identifiers the person's events come with: outcome events go back in under them."""
+    def _learn_ids(batch: Batch, person: Person, event: Event) -> None:
+        """Keep the identifiers the person's events come with: outcome events go back in under them. The
+        first one a person gets also sends in the outcomes of what was sent to them before
+        (`actions.attribute_sends`)."""
+        named = actions.named(person)
         for key, value in ((USER_ID, event.user_id), (ANONYMOUS_ID, event.anonymous_id)):
             if value and person.ids.get(key) != value:
                 person.ids[key] = value
                 person.dirty = True
+        if not named and actions.named(person):
+            actions.attribute_sends(batch, person)

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 from cdp_kit.bus import partition_for
 from cdp_kit.storage import Store
-from cdp_orchestration import streams, timers
+from cdp_orchestration import actions, streams, timers
 from cdp_orchestration.domain.arbiter import Held, PersonState, merge_states
 from cdp_orchestration.domain.instance import ExitRequest, Status
 from cdp_orchestration.domain.records import instance_from_record, instance_record, person_from_record, person_record
@@ -124,6 +124,7 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
     receiver = person.person_id
     if not body.get("unmerge"):
         _remember(person, body)
+    named = actions.named(person)
     for key, value in body["ids"].items():
         person.ids.setdefault(key, value)
     for journey_id, at in body["entered"].items():
@@ -133,6 +134,8 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
         for held in person.state.awaiting:
             await _approval_follows(applier, batch, held, receiver)
     person.dirty = True
+    if not named and actions.named(person):
+        actions.attribute_sends(batch, person)  # what was sent to them before can now be attributed
     for record in body["instances"]:
         moved = dataclasses.replace(instance_from_record(record), person_id=receiver)
         if moved.id in person.live:

@@ -46,6 +46,7 @@ from cdp_kit.engine import PartitionedEngine
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
+from cdp_orchestration.actions import ATTRIBUTION_HEADER
 from cdp_orchestration.dispatch import erase_action, withdrawn_record
 from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.instance import Status
@@ -243,7 +244,9 @@ class PrivacyHandler:
                 continue
             if action.person_id != person_id:
                 continue
-            await self.store.bulk_write([Put(SENDS, action.action_id, withdrawn_record(action.channel, time.time()))])
+            if ATTRIBUTION_HEADER not in (msg.headers or {}):  # an attribution sends nothing: none to withdraw
+                record = withdrawn_record(action.channel, time.time())
+                await self.store.bulk_write([Put(SENDS, action.action_id, record)])
             await erase_action(js, msg.seq)
             withdrawn += 1
 
