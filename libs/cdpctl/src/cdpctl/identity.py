@@ -117,7 +117,7 @@ def _show(reply: identity_pb2.GetMatchingModelResponse) -> None:
         previous = level.comparison
     out.print(table)
     if reply.term_frequencies:
-        table = Table(title="term frequencies (exact agreement weighs more on a rare value)")
+        table = Table(title="term frequencies (exact agreement against strangers weighs more on a rare value)")
         for column in ("comparison", "records", "distinct", "most common", "median", "weight: most common",
                        "weight: rarest"):  # fmt: skip
             table.add_column(column, justify="left" if column == "comparison" else "right")
