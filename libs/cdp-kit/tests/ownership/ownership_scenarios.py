@@ -144,7 +144,8 @@ async def killed_member_loses_partitions_after_ttl(make: MakeMember) -> None:
 
 async def slow_releaser_delays_the_new_owner(make: MakeMember) -> None:
     ledger = Ledger()
-    drain = 2 * TTL  # longer than the TTL: the releaser keeps renewing while it drains
+    # Longer than the members' TTL: the releaser keeps renewing while it drains.
+    drain = 2 * getattr(make, "ttl", TTL)
     a = await make("replica-0", ledger, drain)
     await settled([a], ledger)
 

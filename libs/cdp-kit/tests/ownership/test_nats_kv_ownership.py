@@ -77,6 +77,9 @@ async def test_a_crashed_member_loses_its_partitions_after_the_ttl(make):
 
 
 async def test_a_slow_releaser_delays_the_new_owner_instead_of_overlapping(make):
+    # The hand-over goes by release, not expiry: a TTL long enough that one slow renewal round on a busy
+    # machine (tests run in parallel) does not fence the releaser mid-drain. The drain stays twice the TTL.
+    make.ttl = 3 * TTL
     await slow_releaser_delays_the_new_owner(make)
 
 
