@@ -15,7 +15,10 @@
 - `crm_runs` / <run id>: backfills, replays and each connection's continuous (stream) run, with counters.
 - `crm_budgets` / <account>: `budget.Budget.to_state()`, read and written under compare-and-set by every
   replica and sync (budgets.py).
-- `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes.
+- `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes (a stamp and
+  the ids read at it, or a Dataverse delta link); <connection>:<object>:<record id>: what the inbound
+  side saw last of one record - its status or stage and a digest of the fields it reports, no values
+  (inbound/core.py).
 - `crm_privacy` / <request id>: what a privacy deletion did in each CRM (policy, counts, when), never values.
 """
 
