@@ -143,10 +143,25 @@ def clv(argv: list[str]) -> int:
     return 0
 
 
+def reference(argv: list[str]) -> int:
+    from cdp_training.drift import shipped_references, write_references
+
+    parser = argparse.ArgumentParser(prog="python -m cdp_training reference", description="shipped drift references")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the shipped models' training seed")
+    parser.add_argument("--population", type=int, default=DEFAULT_POPULATION, help="their training population")
+    parser.add_argument("--workers", type=int, default=None, help="processes for the profile pass")
+    args = parser.parse_args(argv)
+    references = shipped_references(seed=args.seed, population=args.population, workers=args.workers)
+    print(f"wrote {write_references(references)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return train(argv[1:])
+    if argv[:1] == ["reference"]:
+        return reference(argv[1:])
     if argv[:1] == ["clv"]:
         return clv(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m cdp_training", description=__doc__.splitlines()[2])

@@ -8,6 +8,7 @@ cdpctl send track --count 10000     # generated events, with a progress bar
 cdpctl profile user_id u1           # a profile as JSON (NOT_FOUND at once; --wait N waits for it)
 cdpctl models                       # the deployed models, their versions and quality
 cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform's customers (training.py)
+cdpctl models drift | quality churn_risk             # drift of features and scores; realised quality
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segments                     # every segment: state, size, definition
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
@@ -414,6 +415,8 @@ for _command in (
 ):
     main.add_command(_command)
 models.add_command(training.train)
+models.add_command(training.drift)
+models.add_command(training.quality)
 
 
 if __name__ == "__main__":

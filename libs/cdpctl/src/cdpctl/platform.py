@@ -125,7 +125,11 @@ SERVICES: tuple[ServiceProcess, ...] = (
         metrics_port=9467,
         calls=("profile",),
         extra_scopes=("profile:admin",),
-        env={"CDP_SCORING_MODEL_STORE": "{home}/models"},
+        # Training runs and realised quality read profile's store (read only) in a worker process.
+        env={
+            "CDP_SCORING_MODEL_STORE": "{home}/models",
+            "CDP_SCORING_TRAINING_STORE": "sqlite:///{home}/data/profile.db",
+        },
     ),
     # Segmentation defines the computed traits its event conditions compile to on profile (profile:admin).
     ServiceProcess(

@@ -1,0 +1,105 @@
+"""What production watching reads from training: the drift reference a version carries (and the shipped
+models' references), and the realised quality of a version on the latest closed label window."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from cdp_kit.errors import FailedPrecondition
+from cdp_kit.storage import MemoryStore
+from cdp_scoring.domain.registry import LIVE, Version
+from cdp_scoring.drift import DriftMonitor, load_shipped_references
+from cdp_scoring.runtime import load_model
+from cdp_training import learn
+from cdp_training.drift import REFERENCES
+from cdp_training.pipeline import MODELS_DIR
+from cdp_training.platformdata import write_population
+from cdp_training.pointintime import read_profiles
+from cdp_training.realised import realised_quality
+from cdp_training.simulator import simulate
+from cdp_training.traits import COMPUTED_TRAITS
+
+DAY = 86_400.0
+
+
+@pytest.fixture(scope="module")
+def world():
+    population = simulate(500, 23)
+    store = MemoryStore()
+    asyncio.run(write_population(store, population, list(COMPUTED_TRAITS.values())))
+    return population, asyncio.run(read_profiles(store))
+
+
+@pytest.fixture(scope="module")
+def churn_run(world):
+    population, profiles = world
+    return learn.train_run(
+        "churn_risk", profiles, cutoff=population.cutoff - 120 * DAY, until=population.end, log=lambda _: None
+    )
+
+
+def _version(data: bytes) -> Version:
+    loaded = load_model(data)
+    return Version(loaded.spec, LIVE, loaded.sha256, loaded.size_bytes, 0.0)
+
+
+def test_a_trained_version_carries_the_reference_of_its_own_training_rows(churn_run):
+    version = _version(churn_run.built.data)
+    reference = version.spec.training["reference"]
+    assert reference["rows"] == churn_run.train.rows
+    assert set(reference["features"]) == {f.name for f in version.spec.features}
+    assert list(reference["scores"]) == ["churn_risk"]
+    for bins in [*reference["features"].values(), *reference["scores"].values()]:
+        assert len(bins["shares"]) == len(bins["edges"]) + 2 and sum(bins["shares"]) == pytest.approx(1, abs=1e-4)
+    # the service, shown the training rows themselves as it scores them, sees no drift at all
+    monitor = DriftMonitor(min_rows=1)
+    loaded = load_model(churn_run.built.data)
+    monitor.observe(version, churn_run.train.X, loaded.run(churn_run.train.X))
+    (report,) = monitor.check([version])
+    assert max(value for _, _, value in report.values) < 1e-6
+
+
+def test_realised_quality_judges_the_version_on_the_latest_closed_window_with_its_own_label(world, churn_run):
+    population, profiles = world
+    realised = realised_quality(profiles, churn_run.built.data, until=population.end)
+    assert realised["label"] == {"kind": "no_activity", "window": "90d"}  # the version's training.label
+    assert realised["cutoff"] == learn.iso(population.end - 90 * DAY)  # the end is a midnight
+    assert realised["label_until"] == learn.iso(population.end)
+    assert realised["rows"] > 400 and 0 < realised["positives"] < realised["rows"]
+    assert realised["auc"] > 0.7 and 0 < realised["brier"] < 0.25 and realised["status"] == "ok"
+    bins = realised["reliability"]
+    assert sum(b["rows"] for b in bins) == realised["rows"]
+    # where there are rows, the observed rate is a rate and the mean prediction lies in its bin
+    for b in bins:
+        if b["rows"]:
+            assert 0 <= b["observed_rate"] <= 1 and b["from"] <= b["mean_predicted"] <= b["to"]
+
+
+def test_a_shipped_model_is_judged_with_its_trainable_label(world):
+    population, profiles = world
+    realised = realised_quality(profiles, (MODELS_DIR / "purchase_propensity.onnx").read_bytes(), until=population.end)
+    assert realised["label"]["kind"] == "goal_event" and realised["version"] == "1.0.0"
+    assert "auc" in realised
+
+
+def test_a_model_without_a_label_definition_cannot_be_judged(world):
+    _, profiles = world
+    with pytest.raises(FailedPrecondition) as caught:
+        realised_quality(profiles, (MODELS_DIR / "fraud_anomaly.onnx").read_bytes())
+    assert "no label definition" in caught.value.message
+
+
+def test_every_shipped_model_has_the_reference_of_its_version():
+    references = json.loads((MODELS_DIR / REFERENCES).read_text())
+    monitor = DriftMonitor(shipped=load_shipped_references(MODELS_DIR / REFERENCES))
+    for path in sorted(MODELS_DIR.glob("*.onnx")):
+        version = _version(path.read_bytes())
+        assert references["models"][version.spec.name]["version"] == version.version
+        assert monitor.reference(version) is not None, version.spec.name
+    churn = references["models"]["churn_risk"]["reference"]
+    assert churn["rows"] == references["population"] == 16_000
+    assert np.isclose(sum(churn["scores"]["churn_risk"]["shares"]), 1, atol=1e-4)
