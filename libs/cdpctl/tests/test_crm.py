@@ -38,9 +38,9 @@ async def eventually(check, timeout: float = 20.0):
 
 
 def crm_environment(ws: Workspace, named_ports: dict[str, int]) -> dict[str, str]:
-    write_service_files(ws, CRM, named_ports)
+    write_service_files(ws, CRM, {**named_ports, "crm.http": 8035})
     env = service_environment(
-        ws, CRM, nats_url="nats://127.0.0.1:4222", grpc_port=50057, metrics_port=9470, http_port=None,
+        ws, CRM, nats_url="nats://127.0.0.1:4222", grpc_port=50057, metrics_port=9470, http_port=8035,
         named_ports=named_ports, peers={"profile": "127.0.0.1:50053"},
     )  # fmt: skip
     # No profile service runs here: a backfill reaches the persons the connector has seen change.
@@ -84,7 +84,7 @@ async def crm_cli(nats_server, tmp_path, monkeypatch):
         ws.prepare(())
         ports = {"collector.http": 1, "crm-hubspot.api": hubspot.port, "crm-salesforce.api": salesforce.port}
         env = crm_environment(ws, ports)
-        for variable in ("CDP_DEV_HUBSPOT_TOKEN", "CDP_DEV_SALESFORCE_CLIENT_ID", "CDP_DEV_SALESFORCE_CLIENT_SECRET"):
+        for variable in [v for v in env if v.startswith("CDP_DEV_")]:
             monkeypatch.setenv(variable, env[variable])  # the connector reads credentials from its environment
         env |= {"CDP_NATS_URL": nats_server.url, "CDP_PARTITIONS": "2", "CDP_LOG_LEVEL": "WARNING"}
         settings = replace(

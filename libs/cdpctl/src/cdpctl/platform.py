@@ -85,25 +85,31 @@ ORCHESTRATION = ServiceProcess(
 
 # The CRM connector writes to the local CRMs (cdpctl/dev/crm.yaml: HubSpot contacts, segments and tasks,
 # Salesforce contacts) with the credentials the emulators accept by default - local stand-ins, not
-# secrets. Their changes (a ticket opened in the local HubSpot) come back through the collector, read
-# every few seconds: the emulators are not told the connector's webhook address. Without companions the
-# connector runs with no connections.
+# secrets. Their changes (a ticket opened in the local HubSpot) come back through the collector: HubSpot's
+# at once, since the connector points the local HubSpot app's webhooks at its own endpoint ({crm.http})
+# at start, the others read every few seconds. Without companions the connector runs with no connections.
 CRM = ServiceProcess(
     "crm",
     "cdp_crm",
     grpc_port=50057,
     metrics_port=9470,
+    http_port=8035,  # HubSpot's webhooks (POST /webhooks/hubspot/<connection>)
     # A backfill reaches every person: listed from the profile service's store, read through its API.
     calls=("profile",),
     env={
         "CDP_CRM_CONNECTIONS_FILE": "{home}/crm/connections.yaml",
+        "CDP_CRM_WEBHOOK_PORT": "{crm.http}",
         "CDP_CRM_PROFILE_STORE_URL": "sqlite:///{home}/data/profile.db",
         "CDP_CRM_COLLECTOR_URL": "http://127.0.0.1:{collector.http}",
         "CDP_CRM_COLLECTOR_WRITE_KEY": "{write_key}",
         "CDP_CRM_POLL_SECONDS": "5",
     },
     companion_env={
-        "crm-hubspot": {"CDP_DEV_HUBSPOT_TOKEN": "pat-local-hubspot"},
+        "crm-hubspot": {
+            "CDP_DEV_HUBSPOT_TOKEN": "pat-local-hubspot",
+            "CDP_DEV_HUBSPOT_CLIENT_SECRET": "hubspot-app-secret",
+            "CDP_DEV_HUBSPOT_DEVELOPER_KEY": "local-developer-key",
+        },
         "crm-salesforce": {
             "CDP_DEV_SALESFORCE_CLIENT_ID": "local-consumer-key",
             "CDP_DEV_SALESFORCE_CLIENT_SECRET": "local-consumer-secret",
@@ -459,6 +465,9 @@ def service_environment(
     if http_port is not None:
         env["CDP_HTTP_HOST"] = "127.0.0.1"
         env["CDP_HTTP_PORT"] = str(http_port)
+    named_ports = dict(named_ports or {})
+    if http_port is not None:
+        named_ports[f"{svc.name}.http"] = http_port  # its own listener, for its own variables ("{crm.http}")
     token_file = ws.service_token_file(svc.name) if svc.extra_scopes else ws.services_token_file
     for peer in svc.calls:
         name = peer.upper().replace("-", "_")

@@ -180,6 +180,20 @@ async def setup(runtime: ServiceRuntime) -> None:
             await webhooks.setup()
             runtime.stack.push_async_callback(webhooks.cleanup)
             await web.TCPSite(webhooks, settings.grpc_host, settings.webhook_port).start()
+            for connection in connections:
+                if connection.webhooks is None or connection.id not in hooks:
+                    continue
+                # Point the app's webhooks here (the local HubSpot under `make up`); polling stays the net.
+                refused = await adapters[connection.id].register_webhooks(
+                    connection.webhooks.app_id,
+                    connection.webhooks.target_url,
+                    credentials(connection, os.environ)["developer_key"],
+                )
+                if refused is not None:
+                    log.warning(
+                        "hubspot webhooks not registered; changes are polled",
+                        extra={"connection": connection.id, "reason": refused.reason, "crm_code": refused.code},
+                    )
 
     async def release() -> None:
         for task in tasks:

@@ -407,3 +407,29 @@ def test_mirror_clears_the_mapped_fields_of_a_person_who_left_the_segment():
     removal = cleared(contacts, left)
     assert removal.key == (("cdp_id", "person-1"),) and set(removal.fields.values()) == {None}
     assert set(removal.fields) == {fm.crm_field for fm in contacts.fields}
+
+
+def test_hubspot_webhooks_need_the_apps_secret_and_developer_key():
+    document = {
+        "connections": [
+            {
+                "id": "hs",
+                "kind": "hubspot",
+                "credentials": {"token": "HS_TOKEN"},
+                "webhooks": {"app_id": "1", "target_url": "http://127.0.0.1:8035/webhooks/hubspot/hs"},
+                "mappings": [
+                    {
+                        "id": "c",
+                        "object": "contacts",
+                        "match": {"cdp_id": "person.id"},
+                        "fields": {"email": "traits.email"},
+                    }
+                ],
+            }
+        ]
+    }
+    problems = _problems(document, {})
+    assert set(problems) == {"hs.credentials.client_secret", "hs.credentials.developer_key"}
+    document["connections"][0]["credentials"] |= {"client_secret": "HS_SECRET", "developer_key": "HS_DEV_KEY"}
+    (connection,) = parse_connections(document)
+    assert connection.webhooks.target_url == "http://127.0.0.1:8035/webhooks/hubspot/hs"

@@ -20,6 +20,7 @@ id (a MANUAL list); members are found by the match field and added or removed wi
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any
 
 import aiohttp
@@ -70,6 +71,18 @@ class HubSpotAdapter:
         return await exchange(
             self._session, method, self._base + path, json=body, headers=self._headers, timeout=self._timeout, what=what
         )
+
+    async def register_webhooks(self, app_id: str, target_url: str, developer_key: str) -> CrmError | None:
+        """Point the app's webhooks at the connector: ``PUT /webhooks/v3/<app id>/settings`` with the
+        developer API key (``hapikey``); None when HubSpot took it. Not counted against the account's
+        API budget (it is the developer platform's, not the account's)."""
+        body = {"targetUrl": target_url, "throttling": {"maxConcurrentRequests": 10, "period": "SECONDLY"}}
+        query = urllib.parse.urlencode({"hapikey": developer_key})
+        answer = await exchange(
+            self._session, "PUT", f"{self._base}/webhooks/v3/{urllib.parse.quote(app_id)}/settings?{query}",
+            json=body, timeout=self._timeout, what="webhook settings",
+        )  # fmt: skip
+        return _failure(answer)
 
     # --- describe --------------------------------------------------------------------------------
 

@@ -83,8 +83,13 @@ TRIGGERS = (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, ACTIONS, BACKFILL
 # Each credential set a kind accepts (either one for Salesforce: client credentials or the JWT bearer flow).
 CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
     "salesforce": (frozenset({"client_id", "client_secret"}), frozenset({"client_id", "username", "private_key"})),
-    # client_secret (optional): the app's secret, to check the signature of HubSpot's webhooks.
-    "hubspot": (frozenset({"token"}), frozenset({"token", "client_secret"})),
+    # client_secret (optional): the app's secret, to check the signature of HubSpot's webhooks;
+    # developer_key (with `webhooks`): the developer API key that points the app's webhooks at the connector.
+    "hubspot": (
+        frozenset({"token"}),
+        frozenset({"token", "client_secret"}),
+        frozenset({"token", "client_secret", "developer_key"}),
+    ),
     "dynamics": (frozenset({"tenant_id", "client_id", "client_secret"}),),
     "zoho": (frozenset({"client_id", "client_secret", "refresh_token"}),),
 }
@@ -187,6 +192,16 @@ class ObjectMapping:
         return "action" if self.action is not None else "list" if self.list is not None else "record"
 
 
+@dataclass(frozen=True)
+class Webhooks:
+    """A HubSpot app's webhook settings the connector registers at start (``PUT /webhooks/v3/<app>/settings``
+    with the developer API key): HubSpot then calls `target_url` - the connector's webhook endpoint for
+    this connection - when a subscribed object changes."""
+
+    app_id: str
+    target_url: str
+
+
 # privacy.deleted: `anonymise` clears the mapped fields and keeps the record under its opaque CDP id;
 # `delete` deletes the record (and the person's tasks and cases) from the CRM.
 ON_DELETE = ("anonymise", "delete")
@@ -212,6 +227,8 @@ class Connection:
     on_delete: str | None = None
     # Dynamics: the Entra ID authority issuing tokens (default Microsoft's; a sovereign cloud or a local one).
     auth_url: str | None = None
+    # HubSpot: the app whose webhooks the connector points at itself at start.
+    webhooks: Webhooks | None = None
 
     def mapping(self, mapping_id: str) -> ObjectMapping:
         for m in self.mappings:
@@ -315,7 +332,18 @@ class _Reader:
         if kind not in KINDS:
             self.problem(cid, "kind", f"must be one of {', '.join(KINDS)}")
             return None
-        known = {"id", "kind", "account", "url", "auth_url", "credentials", "limits", "mappings", "on_delete"}
+        known = {
+            "id",
+            "kind",
+            "account",
+            "url",
+            "auth_url",
+            "credentials",
+            "limits",
+            "mappings",
+            "on_delete",
+            "webhooks",
+        }
         for key in raw:
             if key not in known:
                 self.problem(cid, key, f"is not a connection field (expected one of {', '.join(sorted(known))})")
@@ -367,7 +395,27 @@ class _Reader:
                     self.problem(
                         mapping.name, "about.mapping", f"must name a record mapping of this connection ({records})"
                     )
-        return Connection(cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url)
+        webhooks = self.webhooks(cid, kind, raw.get("webhooks"), credentials)
+        return Connection(cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks)
+
+    def webhooks(self, cid: str, kind: str, raw: Any, credentials: Mapping[str, str]) -> Webhooks | None:
+        if raw is None:
+            return None
+        if kind != "hubspot" or not isinstance(raw, dict):
+            self.problem(cid, "webhooks", "is a hubspot connection's {app_id, target_url}")
+            return None
+        for key in raw:
+            if key not in ("app_id", "target_url"):
+                self.problem(cid, f"webhooks.{key}", "is not a webhooks field (app_id, target_url)")
+        app_id, target = raw.get("app_id"), raw.get("target_url")
+        if not isinstance(app_id, str | int) or not str(app_id):
+            self.problem(cid, "webhooks.app_id", "must be the HubSpot app's id")
+        if not isinstance(target, str) or not target.startswith(("https://", "http://")):
+            self.problem(cid, "webhooks.target_url", "must be the http(s) URL HubSpot calls (/webhooks/hubspot/<id>)")
+        for needed in ("client_secret", "developer_key"):
+            if needed not in credentials:
+                self.problem(cid, f"credentials.{needed}", "webhooks need the app's client_secret and developer_key")
+        return Webhooks(str(app_id), str(target)) if isinstance(target, str) else None
 
     def credentials(self, cid: str, kind: str, raw: Any) -> dict[str, str]:
         accepted = CREDENTIALS[kind]
