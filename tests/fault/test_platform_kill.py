@@ -67,16 +67,16 @@ JOURNEY = {
 
 
 def person_script(i: int) -> list[list[dict]]:
-    """One person's batches, in order: identify as basic, page views, identify as pro with a new name."""
+    """One person's batches, in order: identify (basic plan), page views, identify as pro (the segment
+    entry, the welcome email, the CRM's segment field), more views, identify with a new first name (the
+    CRM contact's latest value)."""
     user = f"kt-{i:04d}"
     consent = {"consent": {"categoryPreferences": {"Marketing": True}}}
-    first = {
-        "type": "identify",
-        "userId": user,
-        "messageId": f"{user}-identify-1",
-        "traits": {"email": f"{user}@example.com", "first_name": f"First{i}", "plan": "basic"},
-        "context": consent,
-    }
+
+    def identify(n: int, traits: dict) -> dict:
+        return {"type": "identify", "userId": user, "messageId": f"{user}-identify-{n}", "traits": traits,
+                "context": consent}  # fmt: skip
+
     views = [
         {
             "type": "track",
@@ -87,14 +87,13 @@ def person_script(i: int) -> list[list[dict]]:
         }
         for k in range(VIEWS)
     ]
-    last = {
-        "type": "identify",
-        "userId": user,
-        "messageId": f"{user}-identify-2",
-        "traits": {"first_name": f"Final{i}", "plan": "pro"},
-        "context": consent,
-    }
-    return [[first], views[: VIEWS // 2], views[VIEWS // 2 :], [last]]
+    return [
+        [identify(1, {"email": f"{user}@example.com", "first_name": f"First{i}", "plan": "basic"})],
+        views[: VIEWS // 2],
+        [identify(2, {"plan": "pro"})],
+        views[VIEWS // 2 :],
+        [identify(3, {"first_name": f"Final{i}"})],
+    ]
 
 
 class Sender(threading.Thread):
@@ -200,12 +199,12 @@ def set_up_segment_and_journey(platform: RunningPlatform) -> None:
 
 
 def interleaved(people: int) -> list[list[dict]]:
-    """Everyone's batches, person scripts interleaved so every step happens throughout the run."""
-    scripts = [person_script(i) for i in range(people)]
-    out = []
-    for step in range(max(len(s) for s in scripts)):
-        out += [s[step] for s in scripts if step < len(s)]
-    return out
+    """Everyone's batches, each person's in order, the people staggered (person i's step s comes with
+    person i + s * stagger's first) so that every kind of step - segment entries, emails, CRM updates -
+    is under way throughout the run, whichever service is being killed."""
+    stagger = max(1, people // 3)
+    keyed = [(i + step * stagger, i, batch) for i in range(people) for step, batch in enumerate(person_script(i))]
+    return [batch for _key, _i, batch in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
 def kill_in_turn(platform: RunningPlatform, sender: Sender, kills: list[str], under_load: list[bool]) -> None:
@@ -226,6 +225,8 @@ def kill_in_turn(platform: RunningPlatform, sender: Sender, kills: list[str], un
         for k, name in enumerate(targets):
             if name == "nats-server" and round_ > 0:
                 continue  # once per run: it stops every service's streams for a while
+            if SOAK_SECONDS and (time.monotonic() - started > SOAK_SECONDS or sender.sent >= total):
+                return  # the load is over: a kill now would find nothing in flight
             if not SOAK_SECONDS:
                 sender.release(total * (k + 1) // (len(targets) + 1))
                 time.sleep(0.5)  # a few batches in flight
@@ -238,7 +239,7 @@ def kill_in_turn(platform: RunningPlatform, sender: Sender, kills: list[str], un
             if SOAK_SECONDS:
                 time.sleep(KILL_EVERY)
         round_ += 1
-        if not SOAK_SECONDS or time.monotonic() - started > SOAK_SECONDS or not sender.is_alive():
+        if not SOAK_SECONDS:
             sender.release(total)
             return
 
@@ -349,14 +350,14 @@ def test_every_service_killed_in_turn_under_load_loses_and_duplicates_nothing(pl
     assert sender.retries > 0, "batches were sent again while the collector or nats-server was down"
     assert not sender.refusals, f"valid batches refused: {dict(sender.refusals)}"
     expected = collections.Counter(sender.accepted)
-    assert len(expected) == PEOPLE * (VIEWS + 2)
+    assert len(expected) == PEOPLE * (VIEWS + 3)
     hubspot = platform.companion("crm-hubspot")["urls"]["api"]
     salesforce = platform.companion("crm-salesforce")["urls"]["api"]
     maildir = platform.home / "mail"
 
     def timelines_complete():
         counts = timeline_counts(platform, users)
-        short = {u: VIEWS + 2 - len(c) for u, c in counts.items() if len(c) < VIEWS + 2}
+        short = {u: VIEWS + 3 - len(c) for u, c in counts.items() if len(c) < VIEWS + 3}
         return True if not short else f"events missing on profiles: {short}"
 
     eventually(timelines_complete, timeout=120)
