@@ -231,3 +231,34 @@ async def test_get_drift_names_an_unknown_model(nats_server, tmp_path):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetDrift(scoring_pb2.GetDriftRequest(model="nope"))
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_with_retrain_on_a_drifted_live_model_a_training_run_starts(nats_server, tmp_path):
+    config = settings(nats_server, tmp_path, drift_min_rows=200, drift_retrain=True)
+    alerts: list[scoring_pb2.DriftAlert] = []
+    async with (
+        serving(config, setup) as runtime,
+        grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel,
+        Bus.connect(nats_server.url, name="drift-retrain-test") as bus,
+    ):
+
+        async def on_alert(msg) -> None:
+            alerts.append(scoring_pb2.DriftAlert.FromString(msg.data))
+
+        await bus.nc.subscribe(subjects.MODELS_DRIFT, cb=on_alert)
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=trained_model()))
+        started: list[tuple[str, str]] = []
+        runtime.parts["training"].start = lambda model, trigger: started.append((model, trigger)) or True
+        engine = runtime.parts["engine"]
+        shifted = population(np.random.default_rng(2), 300, orders_mean=6.0)
+        engine.drift.observe(engine.registry.get("churn_risk").live, shifted, scores(shifted))
+
+        reply = await stub.GetDrift(scoring_pb2.GetDriftRequest(model="churn_risk", check_now=True))
+        assert reply.models[0].status == DRIFTED
+        assert started == [("churn_risk", "drift")]
+        deadline = time.monotonic() + 5
+        while not alerts:
+            assert time.monotonic() < deadline, "no drift alert on models.drift"
+            await asyncio.sleep(0.02)
+        assert alerts[0].retrain_started

@@ -13,8 +13,9 @@ bins [-inf, e0), [e0, e1), ..., [e(k-1), inf), and one more bin for a missing va
 the training rows' shares of those k + 2 bins.
 
 **Live.** The rows the stream path scores (every profile change a model reads, `rounds.py`) are counted
-into the same bins, per version: a fixed array of counts per feature and score, added to once per
-round. Nothing is written per event, and the memory is bounded by the active versions' bins.
+into the same bins, per version: a fixed array of counts per feature and score, to which the rounds'
+rows are added a few thousand at a time. Nothing is written per event, and the memory is bounded by the
+active versions' bins and the rows waiting to be counted.
 
 **Check.** On a schedule (`CDP_SCORING_DRIFT_CHECK_SECONDS`), each version with at least
 `CDP_SCORING_DRIFT_MIN_ROWS` rows counted since its last check gets the population stability index of
@@ -51,6 +52,7 @@ from cdp_scoring.domain.registry import Version
 log = logging.getLogger("cdp.scoring.drift")
 
 DEFAULT_BINS = 10
+FOLD_ROWS = 4096  # rows kept unbinned per version, at most (about 0.5 MB for 30 features)
 FLOOR = 1e-4
 FEATURE, SCORE = "feature", "score"
 # Statuses of a version's last check.
@@ -144,16 +146,38 @@ class Reference:
 
 @dataclass(slots=True)
 class Window:
-    """The live counts of one version since its last check."""
+    """The live counts of one version since its last check. A round's rows are kept as they are until
+    `FOLD_ROWS` of them wait, then counted together: binning costs per call far more than per row, and
+    most rounds are a few rows."""
 
     reference: Reference
     counts: list[np.ndarray]
     rows: int = 0
     since: float = 0.0
+    waiting: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    waiting_rows: int = 0
 
     @classmethod
     def empty(cls, reference: Reference, now: float) -> Window:
         return cls(reference, [np.zeros(c.edges.size + 2, dtype=np.int64) for c in reference.columns], 0, now)
+
+    def add(self, matrix: np.ndarray, scores: np.ndarray) -> None:
+        self.waiting.append((matrix, np.asarray(scores).reshape(len(matrix), -1)))
+        self.waiting_rows += len(matrix)
+        self.rows += len(matrix)
+        if self.waiting_rows >= FOLD_ROWS:
+            self.fold()
+
+    def fold(self) -> None:
+        """Count the waiting rows into the bins."""
+        if not self.waiting:
+            return
+        matrix = np.concatenate([m for m, _ in self.waiting]) if len(self.waiting) > 1 else self.waiting[0][0]
+        scores = np.concatenate([s for _, s in self.waiting]) if len(self.waiting) > 1 else self.waiting[0][1]
+        self.waiting, self.waiting_rows = [], 0
+        for column, counts in zip(self.reference.columns, self.counts, strict=True):
+            source = matrix if column.kind == FEATURE else scores
+            counts += _counts(np.asarray(source[:, column.index], dtype=np.float64), column.edges)
 
 
 @dataclass(slots=True)
@@ -240,11 +264,7 @@ class DriftMonitor:
             if reference is None:
                 return
             window = self.windows[key] = Window.empty(reference, self.clock())
-        scores = np.asarray(scores).reshape(len(matrix), -1)
-        for column, counts in zip(window.reference.columns, window.counts, strict=True):
-            source = matrix if column.kind == FEATURE else scores
-            counts += _counts(np.asarray(source[:, column.index], dtype=np.float64), column.edges)
-        window.rows += len(matrix)
+        window.add(matrix, scores)
 
     def check(self, versions: Sequence[Version]) -> list[DriftReport]:
         """Check every given (active) version; the reports of those checked now with enough rows.
@@ -268,6 +288,7 @@ class DriftMonitor:
             if window is None or window.rows < self.min_rows:
                 continue  # keeps counting; the last figures (if any) stand until enough rows came
             report.reference_rows = reference.rows
+            window.fold()
             report.values = [
                 (column.name, column.kind, psi(counts, column.shares))
                 for column, counts in zip(reference.columns, window.counts, strict=True)
