@@ -132,3 +132,32 @@ async def test_a_signed_contact_property_change_webhook_reads_the_contact_at_onc
         if runner is not None:
             await runner.cleanup()
         await hubspot.close()
+
+
+async def test_the_connectors_own_writes_to_a_contact_do_not_come_back_as_news(world_factory, collector):
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        (connection,) = world.connections
+        poller = HubSpotPoller(
+            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+            collector.client(world.session), objects=("contacts",),
+        )  # fmt: skip
+        # The CDP creates Ada's contact, then changes her first name there: both are the CDP's own writes.
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
+        assert await poller.poll() == 0
+        hubspot.clock.advance(5)
+        await world.profiles({"person-1": {"traits.first_name": "Augusta", "scores.churn_risk": 0.9}})
+        await world.eventually(
+            lambda: hubspot.find("contacts", "cdp_id", "person-1")["properties"]["firstname"] == "Augusta"
+        )
+        assert await poller.poll() == 0
+        # A sales rep's edit is news.
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"lastname": "King"})
+        assert await poller.poll() == 2
+        assert collector.names() == ["CRM Contact Updated"]
+        (identify,) = collector.events(kind="identify")
+        assert identify["traits"] == {"email": "ada@example.com", "first_name": "Augusta"}
+        await world.stop()

@@ -21,7 +21,9 @@ stamp, so an older CRM value never overrides a newer one.
 
 What a record was when last read (`crm_cursors/<connection>:<object>:<id>`: the watched field - a deal's
 stage, a case's or task's status - and a digest of the reported fields) tells a stage change from any other
-edit and keeps an edit of fields nobody reads (a score the connector wrote) from becoming an event. It is
+edit and keeps an edit of fields nobody reads (a score the connector wrote) from becoming an event; a
+contact's field holding what the connector last wrote there (`crm_records`) counts as unchanged, so the
+CDP's own writes do not come back as news, nor do the contacts the connector created (holding the CDP id). It is
 written after the post and before the cursor, with the stamp it was read at and what that read compared
 with: a page read again compares with the same thing and posts the same events under the same ids.
 
@@ -44,7 +46,7 @@ import aiohttp
 import orjson
 
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.state import CURSORS
+from cdp_crm.state import CURSORS, RECORDS
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
@@ -275,7 +277,7 @@ class Poller:
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
-                memo = self._memo(change)
+                memo = self._memo(change, await self._written(change))
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
                 events.extend(self.events(change, before, memo))
             for batch in _batches(events):
@@ -289,11 +291,26 @@ class Poller:
             )
         return posted
 
-    def _memo(self, change: Change) -> dict[str, Any]:
+    async def _written(self, change: Change) -> dict[str, Any]:
+        """What the connector last wrote to this contact (its `crm_records` document's fields), if it did."""
+        if change.kind not in ("contact", "lead") or change.deleted:
+            return {}
+        written: dict[str, Any] = {}
+        for record in await self.store.find(RECORDS, "crm_id", change.record_id, limit=20):
+            doc = record.doc
+            if doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower():
+                written.update(doc.get("fields") or {})
+        return written
+
+    def _memo(self, change: Change, written: dict[str, Any]) -> dict[str, Any]:
         """What the events report of a record: the watched field, and a digest of the reported fields and
-        of the fields read back as traits or consent."""
-        mapped = {f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}
-        reported = orjson.dumps([change.properties, mapped], option=orjson.OPT_SORT_KEYS, default=str)
+        of the fields read back as traits or consent. A field holding what the connector itself wrote
+        there counts as the connector's, whatever its value: the CDP's own write coming back is no news."""
+        fields = {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
+        for name, value in fields.items():
+            if name in written and _same(value, written[name]):
+                fields[name] = "<written by the connector>"
+        reported = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str)
         return {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
 
     # --- a change as events ---------------------------------------------------------------------
@@ -469,6 +486,20 @@ def _iso(stamp: str) -> str | None:
         return instant(stamp).isoformat().replace("+00:00", "Z")
     except ValueError:
         return None  # a version number (Dataverse): the collector stamps the time it received it
+
+
+def _same(crm: Any, written: Any) -> bool:
+    """A CRM's value and the one the connector wrote, as the CRM may give it back (HubSpot: text)."""
+    if crm == written:
+        return True
+    if isinstance(written, bool) or isinstance(crm, bool):
+        return _bool(crm) is not None and _bool(crm) == _bool(written)
+    if isinstance(written, int | float) and not isinstance(written, bool):
+        try:
+            return float(crm) == float(written)
+        except (TypeError, ValueError):
+            return False
+    return crm is not None and written is not None and str(crm) == str(written)
 
 
 def _bool(value: Any) -> bool | None:
