@@ -18,7 +18,7 @@ from pathlib import Path
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import FailedPrecondition, Unavailable
-from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.ownership import Ownership, ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
@@ -111,7 +111,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     subscription = await bus.nc.subscribe(MODELS_CHANGED, cb=on_model_changed)
     runtime.stack.push_async_callback(subscription.unsubscribe)
     engine.background(_prepare_models(engine, settings.ship_models), "deploy shipped models, define their traits")
-    training, quality, check_drift = await _watch_models(runtime, engine, store, bus, drift)
+    training, quality, check_drift = await _watch_models(runtime, engine, store, bus, drift, ownership)
     runtime.parts.update(
         bus=bus,
         store=store,
@@ -130,8 +130,14 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
 
 
-async def _watch_models(runtime: ServiceRuntime, engine: ScoringEngine, store, bus: Bus, drift: DriftMonitor):
-    """Training runs, drift checks and realised quality, each on its schedule (see their modules)."""
+async def _watch_models(
+    runtime: ServiceRuntime, engine: ScoringEngine, store, bus: Bus, drift: DriftMonitor, ownership: Ownership
+):
+    """Training runs, drift checks and realised quality, each on its schedule (see their modules).
+
+    Every replica checks the drift of the rows it scores; the scheduled training runs and quality checks
+    run on one replica only, the one holding partition 0 when their time comes (they read the whole
+    store, and the others would compute the same)."""
     settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
     worker = Worker()
     runtime.stack.callback(worker.stop)
@@ -148,11 +154,20 @@ async def _watch_models(runtime: ServiceRuntime, engine: ScoringEngine, store, b
         await check_and_alert(drift, engine.registry.active(), alert)
 
     runtime.spawn(watch(drift, engine.registry.active, alert, interval=settings.drift_check_seconds), "drift checks")
+
+    def on_one_replica(job):
+        async def run() -> None:
+            if 0 in ownership.owned():
+                await job()
+
+        return run
+
     for model, cron in parse_schedule(settings.train_schedule).items():
-        run = functools.partial(training.run_to_end, model, "schedule")
+        run = on_one_replica(functools.partial(training.run_to_end, model, "schedule"))
         runtime.spawn(every(cron, run, f"training run of {model}"), f"training schedule of {model}")
     if settings.quality_schedule and settings.training_store:
-        runtime.spawn(every(Cron.parse(settings.quality_schedule), quality.refresh_all, "realised quality"), "quality")
+        run = on_one_replica(quality.refresh_all)
+        runtime.spawn(every(Cron.parse(settings.quality_schedule), run, "realised quality"), "quality schedule")
     return training, quality, check_drift
 
 
