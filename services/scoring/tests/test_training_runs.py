@@ -121,6 +121,13 @@ async def test_a_run_by_api_streams_its_phases_registers_the_candidate_and_says_
         second.version: scoring_pb2.ROLE_SHADOW,
     }
 
+    # the first run again: the same data trains the same version, which is registered already
+    again = (await train(stub, model="purchase_propensity"))[-1]
+    assert again.version == first.version and again.role == scoring_pb2.ROLE_LIVE
+    assert "trained on the same data before" in again.reason
+    model = await stub.GetModel(scoring_pb2.GetModelRequest(name="purchase_propensity"))
+    assert len(model.versions) == 2 and model.live_version == first.version
+
     # realised quality: the live version on the latest closed label window, beside its training figures
     quality = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="purchase_propensity", refresh=True))
     realised = json_format.MessageToDict(quality.realised)

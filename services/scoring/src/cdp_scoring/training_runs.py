@@ -97,7 +97,7 @@ class TrainingRuns:
                     else:
                         result = payload
             yield {"phase": "registering", "percent": 95.0, "message": f"registering {result['version']}"}
-            role = await self._register(model, result["onnx"], result["version"], result["decision"], live)
+            role, note = await self._register(model, result["onnx"], result["version"], result["decision"], live)
             decision = result["decision"]
             outcome = {
                 "phase": "done",
@@ -106,7 +106,7 @@ class TrainingRuns:
                 "version": result["version"],
                 "role": role,
                 "promoted": role == LIVE,
-                "reason": decision["reason"],
+                "reason": f"{note}; {decision['reason']}" if note else decision["reason"],
                 "decision": decision,
                 "elapsed": time.monotonic() - started,
                 "message": f"{model} {result['version']}: {role}",
@@ -123,17 +123,25 @@ class TrainingRuns:
         finally:
             self.running.discard(model)
 
-    async def _register(self, model: str, data: bytes, version: str, decision: Mapping[str, Any], live) -> str:
+    async def _register(
+        self, model: str, data: bytes, version: str, decision: Mapping[str, Any], live
+    ) -> tuple[str, str]:
         """As `cdp_training.learn.register` (not imported: the service process keeps the training stack
-        out): the first version goes live; else shadow, promoted when the decision says so."""
+        out): the first version goes live; else shadow, promoted when the decision says so. Returns the
+        role the version ends in, and why when that is not the decision's doing."""
+        entry = self.engine.registry.models.get(model)
+        existing = entry.versions.get(version) if entry is not None else None
+        if existing is not None:
+            # The same data trains the same version; its file differs only in the decision it records.
+            return existing.role, f"{version} was trained on the same data before and is registered ({existing.role})"
         if live is None:
             await self.engine.deploy(data, role=LIVE)
-            return LIVE
+            return LIVE, ""
         await self.engine.deploy(data, role=SHADOW)
         if decision["promote"]:
             await self.engine.promote(model, version)
-            return LIVE
-        return SHADOW
+            return LIVE, ""
+        return SHADOW, ""
 
     async def run_to_end(self, model: str, trigger: str) -> dict[str, Any] | None:
         """A run nobody watches (the schedule, drift): its outcome, or None when it failed (logged)."""
