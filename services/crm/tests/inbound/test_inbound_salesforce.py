@@ -122,3 +122,16 @@ async def test_a_poller_killed_in_the_middle_of_a_page_neither_loses_nor_repeats
         assert len(leads) == 250 and len({e["properties"]["crm_id"] for e in leads}) == 250
         assert collector.duplicates == 0  # the cursor had moved past the first chunk: nothing posted twice
         assert await _poller(store, session, sf, collector, objects=("Lead",)).poll() == 0
+
+
+async def test_a_mappings_placeholder_is_not_sent_back_as_the_persons_trait(store, session, collector):
+    async with SalesforceEmulator() as sf:
+        # Salesforce requires a last name; the mapping writes "(unknown)" when the CDP has none.
+        grace = sf.user_create("Contact", {"LastName": "(unknown)", "Email": "grace@example.com"})
+        poller = _poller(store, session, sf, collector, objects=("Contact",))
+        await poller.poll()
+        sf.clock.advance(1)
+        sf.user_update("Contact", grace["Id"], {"FirstName": "Grace"})
+        await poller.poll()
+        latest = max(collector.events(kind="identify"), key=lambda e: e["timestamp"])
+        assert latest["traits"] == {"email": "grace@example.com", "first_name": "Grace"}

@@ -219,6 +219,7 @@ class Poller:
         self.collector = collector
         self.objects = objects or reader.objects
         self.traits = backwards(connection)
+        self.placeholders = placeholders(connection)
         self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
         self._named: set[str] | None = set()  # the objects the webhooks since the last read named (None: all)
 
@@ -277,9 +278,10 @@ class Poller:
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
-                memo = self._memo(change, await self._written(change))
+                written = await self._written(change)
+                memo = self._memo(change, written)
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
-                events.extend(self.events(change, before, memo))
+                events.extend(self.events(change, before, memo, written))
             for batch in _batches(events):
                 await self.collector.post(batch)
             for record_id, memo in memos.items():
@@ -315,7 +317,13 @@ class Poller:
 
     # --- a change as events ---------------------------------------------------------------------
 
-    def events(self, change: Change, before: dict[str, Any] | None, memo: dict[str, Any]) -> list[dict[str, Any]]:
+    def events(
+        self,
+        change: Change,
+        before: dict[str, Any] | None,
+        memo: dict[str, Any],
+        written: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
         if change.own or _connector_created_person(change):
             return []  # the CDP's own action coming back is not news (its later outcome is)
         if before is not None and before == memo and not change.deleted:
@@ -351,21 +359,29 @@ class Poller:
             track["timestamp"] = timestamp
         events = [track]
         if change.kind in ("contact", "lead") and not change.deleted:
-            identify = self._identify(change, context, anonymous, timestamp)
+            identify = self._identify(change, context, anonymous, timestamp, written or {})
             if identify is not None:
                 events.append(identify)
         return events
 
     def _identify(
-        self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None
+        self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None, written: dict[str, Any]
     ) -> dict[str, Any] | None:
+        """The contact's traits and consent as a CRM user wrote them: a field holding what the connector
+        wrote there, or the placeholder a mapping's `default` puts in, is the CDP's own value, not news.
+        None when nothing is left (the track event links the contact by its email anyway)."""
         traits: dict[str, Any] = {}
         purposes: dict[str, bool] = {}
         channels: dict[str, bool] = {}
+        placeholders = self.placeholders.get(change.obj.lower(), {})
         for crm_field, target in self.traits.get(change.obj.lower(), {}).items():
             if crm_field not in change.record:
                 continue
             value = change.record[crm_field]
+            if crm_field in written and _same(value, written[crm_field]):
+                continue
+            if crm_field in placeholders and _same(value, placeholders[crm_field]):
+                continue
             if target.startswith("traits."):
                 if value not in (None, ""):
                     traits[target.removeprefix("traits.")] = value
@@ -375,10 +391,10 @@ class Poller:
                     purposes[key.removeprefix("purpose:")] = granted
                 elif key.startswith("channel:"):
                     channels[key.removeprefix("channel:")] = granted
-        if change.person is not None and change.person.email:
-            traits.setdefault("email", change.person.email)
         if not (traits or purposes or channels):
             return None
+        if change.person is not None and change.person.email:
+            traits.setdefault("email", change.person.email)  # what identity links the contact to the person by
         ctx = {"source": context["source"]}
         if purposes or channels:
             ctx["consent"] = {
@@ -411,6 +427,19 @@ def backwards(connection: Connection) -> dict[str, dict[str, str]]:
             if any(t.name not in REVERSIBLE for t in fm.transforms):
                 continue
             out.setdefault(mapping.object.lower(), {})[fm.crm_field] = source
+    return out
+
+
+def placeholders(connection: Connection) -> dict[str, dict[str, Any]]:
+    """Per CRM object (lower case): CRM field -> the `default` its record mapping writes when the CDP has
+    no value (Salesforce's required LastName: "(unknown)")."""
+    out: dict[str, dict[str, Any]] = {}
+    for mapping in connection.mappings:
+        if mapping.kind != "record":
+            continue
+        for fm in mapping.fields:
+            if fm.default is not None:
+                out.setdefault(mapping.object.lower(), {})[fm.crm_field] = fm.default
     return out
 
 
