@@ -54,7 +54,7 @@ class Service:
     async def move(self, journey_id: str, to) -> None:
         await self.journeys.save(to(self.journeys.get(journey_id)))
 
-    async def event(self, person: str, name: str) -> None:
+    async def event(self, person: str, name: str, **properties: Any) -> None:
         self.sequence += 1
         message = events_pb2.Event(
             message_id=f"e-{self.sequence}",
@@ -62,6 +62,7 @@ class Service:
             event=name,
             timestamp=from_seconds(time.time()),
         )
+        message.properties.update(properties)
         batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id=person)])
         await self.apply(subjects.EVENTS_RESOLVED, "", batch.SerializeToString())
 
@@ -147,3 +148,36 @@ async def test_publishing_pausing_and_archiving_a_journey_changes_what_the_next_
         assert [j.id for j in service.journeys.entering_on_event("Checkout Started")] == ["orders"]
         await service.journeys.reload("orders")
         assert service.journeys.entering_on_event("Checkout Started") == ()
+
+
+async def test_an_event_meets_only_the_journeys_whose_filter_can_hold_for_its_property_values():
+    """A filter requiring `properties.<key> = "<text>"` is looked up by the event's value of that key, so an
+    event is tested against the journeys it can enter rather than every one entering on its name."""
+    viewed = "Product Viewed"
+    async with open_store("memory://") as store:
+        service = Service(store)
+        await service.publish(journey("shoes", {"event": viewed, "where": 'properties.category = "shoes"'}))
+        await service.publish(
+            journey("big-hats", {"event": viewed, "where": 'properties.price > 100 and properties.category = "hats"'})
+        )
+        await service.publish(journey("any", {"event": viewed}))
+        await service.publish(journey("not-shoes", {"event": viewed, "where": 'properties.category != "shoes"'}))
+        await service.publish(journey("five", {"event": viewed, "where": "properties.size = 5"}))
+        await service.journeys.load()
+
+        def meets(**properties: Any) -> list[str]:
+            return [j.id for j in service.journeys.entering_on_event(viewed, properties)]
+
+        # In live() order, the keyed ones among the rest.
+        assert meets(category="shoes") == ["shoes", "any", "not-shoes", "five"]
+        assert meets(category="hats", price=150) == ["big-hats", "any", "not-shoes", "five"]
+        assert meets(category=5) == meets() == ["any", "not-shoes", "five"]
+        # What each event enters is what every filter says.
+        await service.event("ada", viewed, category="shoes", size=5)
+        assert sorted(await service.entered("ada")) == ["any", "five", "shoes"]
+        await service.event("bob", viewed, category="hats", price=150)
+        assert sorted(await service.entered("bob")) == ["any", "big-hats", "not-shoes"]
+        await service.event("cy", viewed, category="hats", price=50)
+        assert sorted(await service.entered("cy")) == ["any", "not-shoes"]
+        await service.event("dee", viewed)
+        assert await service.entered("dee") == ["any"]

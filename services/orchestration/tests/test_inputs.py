@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from google.protobuf import json_format
 
 from cdp.events.v1 import events_pb2
 from cdp_kit.engine import Reject
@@ -78,3 +79,29 @@ def test_what_can_never_be_applied_is_rejected_naming_where_it_came_from(headers
     with pytest.raises(Reject) as rejected:
         decode(stream, what, payload, 1.0)
     assert (rejected.value.reason, rejected.value.field) == (reason, field)
+
+
+def test_an_events_properties_are_read_as_sent_nested_values_and_all():
+    properties = {
+        "sku": "s-1",
+        "price": 19.5,
+        "quantity": 2,
+        "gift": False,
+        "coupon": None,
+        "tags": ["a", 1, True, None, {"deep": [2.5]}],
+        "shipping": {"city": "Oslo", "express": True, "legs": []},
+    }
+    message = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed")
+    message.properties.update(properties)
+    batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id="p1")])
+    [one] = decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
+    assert (
+        one.data.properties
+        == json_format.MessageToDict(message.properties)
+        == {
+            **properties,
+            "quantity": 2.0,
+            "tags": ["a", 1.0, True, None, {"deep": [2.5]}],
+        }
+    )
+    assert isinstance(one.data.properties["quantity"], float)  # JSON numbers, as the language compares them

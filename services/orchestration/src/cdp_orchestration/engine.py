@@ -171,7 +171,8 @@ class OrchestrationLogic:
             for instance in list(person.live.values()):
                 await self.applier.step(hot, batch, person, instance, EventArrived(event), now)
             # Only the journeys whose entry names this event; the view is built once, after the steps above.
-            for journey in entry.entered_by_event(self.journeys.entering_on_event(event.name), event, person.view, now):
+            candidates = self.journeys.entering_on_event(event.name, event.properties)
+            for journey in entry.entered_by_event(candidates, event, person.view, now):
                 await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
         elif kind == "segment":
             segment_event_id, segment, entered = one.data

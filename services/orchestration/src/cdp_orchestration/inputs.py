@@ -11,11 +11,12 @@ message's stream time, so a redelivered message is applied at the time it was fi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
@@ -92,7 +93,7 @@ def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
 def event(message: events_pb2.Event) -> Event:
     """A resolved event as the domain sees it (its message id, name, type, time, properties, context)."""
     type_name = events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
-    properties = json_format.MessageToDict(message.properties) if message.HasField("properties") else {}
+    properties = struct_dict(message.properties) if message.HasField("properties") else {}
     context = (
         json_format.MessageToDict(message.context, preserving_proto_field_name=True)
         if message.HasField("context")
@@ -109,3 +110,28 @@ def event(message: events_pb2.Event) -> Event:
         user_id=message.user_id,
         anonymous_id=message.anonymous_id,
     )
+
+
+def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """A `Struct` as plain Python, as `json_format.MessageToDict` gives it (numbers as floats, null as None;
+    a NaN or infinite number is refused the same way), without its generic per-field machinery: every
+    event's properties go through here."""
+    return {key: _plain(value) for key, value in struct.fields.items()}
+
+
+def _plain(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError("a Value.number_value is not finite")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_dict(value.struct_value)
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    return None
