@@ -10,6 +10,8 @@ figures. The schedule's cron expressions and its loop are checked on their own."
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -225,3 +227,42 @@ async def test_the_scheduled_job_runs_at_its_time_and_a_failure_does_not_stop_th
         assert not task.done()  # the failure was logged; the schedule goes on
     finally:
         task.cancel()
+
+
+# --- the worker process --------------------------------------------------------------------------------
+
+
+def test_the_worker_process_ends_when_the_service_is_killed():
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from cdp_scoring.worker import Worker\n"
+            "worker = Worker()\n"
+            "worker._start()\n"
+            "print(worker._process.pid, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        worker = int(service.stdout.readline())
+        assert alive(worker)
+        service.kill()  # SIGKILL: nothing of the service runs to stop its worker
+        service.wait()
+        deadline = time.monotonic() + 10
+        while alive(worker):
+            assert time.monotonic() < deadline, "the worker outlived the service"
+            time.sleep(0.05)
+    finally:
+        service.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] not in "ZX"  # a zombie has ended
+    except FileNotFoundError:
+        return False

@@ -19,6 +19,7 @@ import asyncio
 import importlib.util
 import logging
 import multiprocessing
+import os
 import queue as queues
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -85,10 +86,17 @@ def _error_doc(error: BaseException) -> dict[str, Any]:
     return {"type": "Internal", "message": f"{type(error).__name__}: {str(error)[:500]}"}
 
 
-def _serve(jobs, results) -> None:
-    """The worker's loop: each job's progress, then ("result", ...) or ("error", ...)."""
+def _serve(jobs, results, service: int) -> None:
+    """The worker's loop: each job's progress, then ("result", ...) or ("error", ...). It ends when told,
+    or once the service process (`service`, its parent) is gone: killed, nobody would stop the worker or
+    read its answers."""
     while True:
-        item = jobs.get()
+        try:
+            item = jobs.get(timeout=1.0)
+        except queues.Empty:
+            if os.getppid() != service:
+                return
+            continue
         if item is None:
             return
         job, kwargs = item
@@ -170,7 +178,7 @@ class Worker:
         context = multiprocessing.get_context("spawn")
         self._jobs, self._results = context.Queue(), context.Queue()
         self._process = context.Process(
-            target=_serve, args=(self._jobs, self._results), name="cdp-scoring-worker", daemon=True
+            target=_serve, args=(self._jobs, self._results, os.getpid()), name="cdp-scoring-worker", daemon=True
         )
         self._process.start()
 
