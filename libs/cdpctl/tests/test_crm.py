@@ -65,7 +65,8 @@ def test_make_up_runs_the_connector_and_without_companions_gives_it_no_connectio
         ("salesforce", "http://127.0.0.1:8031"),
     }
     assert env["CDP_CRM_COLLECTOR_URL"] == "http://127.0.0.1:8080"
-    assert env["CDP_CRM_COLLECTOR_WRITE_KEY"] == ws.write_key()
+    # The connector posts CRM users' changes as a collector source of its own (provenance names it).
+    assert env["CDP_CRM_COLLECTOR_WRITE_KEY"] == ws.write_key("crm") != ws.write_key()
     # Every credential variable the file names is set, to what the local CRMs accept.
     for connection in connections:
         for variable in connection.credentials.values():

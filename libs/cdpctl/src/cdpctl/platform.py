@@ -36,7 +36,8 @@ class ServiceProcess:
     http_port: int | None = None
     # Extra variables; "{home}" stands for the workspace folder (.cdp), "{<name>.<listener>}" for the port
     # a companion or an earlier service listens on (e.g. "{channels.smtp}", "{collector.http}"),
-    # "{secret:<name>}" for a dev secret of the workspace and "{write_key}" for the dev source's write key.
+    # "{secret:<name>}" for a dev secret of the workspace and "{write_key}" for the dev source's write key
+    # ("{write_key:crm}": the CRM source's).
     env: dict[str, str] = field(default_factory=dict)
     # Variables set only while a companion runs (`cdpctl up --no-companions` leaves them out), by
     # companion name: a provider pointed at a local stand-in is off without it, never half-configured.
@@ -101,7 +102,8 @@ CRM = ServiceProcess(
         "CDP_CRM_WEBHOOK_PORT": "{crm.http}",
         "CDP_CRM_PROFILE_STORE_URL": "sqlite:///{home}/data/profile.db",
         "CDP_CRM_COLLECTOR_URL": "http://127.0.0.1:{collector.http}",
-        "CDP_CRM_COLLECTOR_WRITE_KEY": "{write_key}",
+        # A collector source of its own: a trait a CRM user wrote shows the CRM as its provenance.
+        "CDP_CRM_COLLECTOR_WRITE_KEY": "{write_key:crm}",
         "CDP_CRM_POLL_SECONDS": "5",
     },
     companion_env={
@@ -216,8 +218,8 @@ _PLACEHOLDER = re.compile(r"\{([a-z0-9_:.-]+)\}")
 
 
 def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
-    """`text` with "{home}", "{write_key}", "{secret:<name>}" and port placeholders ("{smtp}",
-    "{channels.smtp}") filled.
+    """`text` with "{home}", "{write_key}" (the dev source's; "{write_key:<source>}" another's),
+    "{secret:<name>}" and port placeholders ("{smtp}", "{channels.smtp}") filled.
 
     An unknown placeholder is a bug in the tables above: KeyError names it."""
 
@@ -227,6 +229,8 @@ def fill(text: str, ws: Workspace, ports: dict[str, int]) -> str:
             return str(ws.root)
         if key == "write_key":
             return ws.write_key()
+        if key.startswith("write_key:"):
+            return ws.write_key(key.removeprefix("write_key:"))
         if key.startswith("secret:"):
             return ws.dev_secret(key.removeprefix("secret:"))
         return str(ports[key])
@@ -380,12 +384,22 @@ class Workspace:
             }
             self.sources_file.write_text(json.dumps(document, indent=2))
             self.sources_file.chmod(0o600)
+        document = json.loads(self.sources_file.read_text())
+        if not any(source.get("id") == "crm" for source in document["sources"]):
+            # The CRM connector posts what CRM users change as a source of its own (a workspace made
+            # before it had one gets it now); "dev" stays first, the key `write_key()` gives.
+            crm = {"id": "crm", "name": "CRM changes read back", "write_key": "wk_crm_" + secrets.token_hex(12)}
+            document["sources"].append(crm)
+            self.sources_file.write_text(json.dumps(document, indent=2))
+            self.sources_file.chmod(0o600)
 
     def admin_token(self) -> str:
         return self.admin_token_file.read_text().strip()
 
-    def write_key(self) -> str:
-        return json.loads(self.sources_file.read_text())["sources"][0]["write_key"]
+    def write_key(self, source: str | None = None) -> str:
+        """The dev source's write key, or the named source's."""
+        sources = json.loads(self.sources_file.read_text())["sources"]
+        return next(s for s in sources if source is None or s["id"] == source)["write_key"]
 
     def write_run(self, state: dict) -> None:
         self.run_file.write_text(json.dumps(state, indent=2))
