@@ -28,6 +28,7 @@ from cdp_kit.storage import open_store
 from cdp_scoring.__main__ import setup
 from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings
+from cdp_testing.metrics import MetricsCapture
 from cdp_training.platformdata import write_population
 from cdp_training.simulator import simulate
 from cdp_training.traits import COMPUTED_TRAITS
@@ -63,7 +64,10 @@ def profile_store(tmp_path_factory) -> str:
 
 @pytest.fixture
 async def scoring(nats_server, tmp_path, profile_store):
-    async with serving(settings(nats_server, tmp_path, training_store=profile_store), setup) as runtime:
+    captured = MetricsCapture("scoring")
+    config = settings(nats_server, tmp_path, training_store=profile_store)
+    async with serving(config, setup, telemetry=captured.telemetry) as runtime:
+        runtime.parts["metrics"] = captured
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
             yield scoring_pb2_grpc.ScoringServiceStub(channel), runtime
 
@@ -83,7 +87,7 @@ async def train(stub, **request) -> list[scoring_pb2.TrainProgress]:
 
 
 async def test_a_run_by_api_streams_its_phases_registers_the_candidate_and_says_why(scoring):
-    stub, _ = scoring
+    stub, runtime = scoring
     progress = await train(stub, model="purchase_propensity")
     phases = [p.phase for p in progress]
     assert [phase for i, phase in enumerate(phases) if phase not in phases[:i]] == [
@@ -143,6 +147,11 @@ async def test_a_run_by_api_streams_its_phases_registers_the_candidate_and_says_
     assert json_format.MessageToDict(quality.training)["auc"] > 0.7
     again = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="purchase_propensity"))
     assert json_format.MessageToDict(again.realised) == realised and again.computed_at == quality.computed_at
+    metrics = runtime.parts["metrics"].collected()
+    for name, key in (("cdp.scoring.quality.auc", "auc"), ("cdp.scoring.quality.brier", "brier")):
+        (point,) = metrics[name][1]
+        assert point.value == realised[key]
+        assert dict(point.attributes) == {"model": "purchase_propensity", "version": first.version}
 
 
 async def test_bad_runs_are_refused_naming_the_field(scoring):
