@@ -348,10 +348,14 @@ async def watch(
     *,
     interval: float,
 ) -> None:
-    """Check every `interval` seconds, for the life of the service; alert on each drifted version."""
+    """Check every `interval` seconds, for the life of the service; alert on each drifted version. A
+    check that fails is logged: watching drift must never stop the scoring."""
     while True:
         await asyncio.sleep(interval)
-        await check_and_alert(monitor, versions(), alert)
+        try:
+            await check_and_alert(monitor, versions(), alert)
+        except Exception:
+            log.exception("drift check failed")
 
 
 async def check_and_alert(
