@@ -5,6 +5,10 @@ ownership gives (`CDP_OWNERSHIP`, group "scoring"): acquiring partition p restor
 (snapshot plus stream) before its pipeline starts; releasing it drains the pipeline, snapshots, and
 forgets them. The partitions are taken before the service reports SERVING; on SIGTERM they are
 released (drained, snapshotted, leases freed) before the bus and the store close.
+
+Beside the scoring, the models are watched: drift checks of the rows scored (drift.py), training runs
+by API and on a schedule, and realised quality, both in a worker process (training_runs.py,
+quality.py, worker.py).
 """
 
 from __future__ import annotations

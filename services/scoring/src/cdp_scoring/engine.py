@@ -6,6 +6,7 @@ Where a rule lives:
   snapshot plus the stream and dropped as ownership moves, snapshots at quiescent points;
 - rounds.py: scoring what changed, a round at a time across partitions;
 - requests.py: the synchronous paths (gRPC);
+- drift.py: the scored rows counted against each version's training reference;
 - this module: the held fields (cdp_kit.held) and how a profile change updates them.
 
 The fields are state derived from the `PROFILES` stream, and that stream is their log: nothing is
