@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -696,3 +697,24 @@ async def test_the_values_held_for_a_deleted_computed_trait_are_forgotten(servic
     assert "computed." + name not in service.engine.persons["p2"].fields
     again = await service.stub.Estimate(pb.EstimateRequest(definition=text(BUYERS)))
     assert again.size == 0
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("call", ["CreateSegment", "Estimate"])
+async def test_a_tree_holding_a_number_json_cannot_write_names_the_tree(service, call, number):
+    """What the fuzz found: a Struct may carry NaN or an infinity, which JSON cannot; the tree was refused
+    as INTERNAL (the JSON conversion failed) instead of naming the field."""
+    definition = pb.Definition()
+    definition.tree.update({"field": "scores.churn", "op": ">=", "value": 0.5})
+    definition.tree.fields["value"].number_value = number
+    request = (
+        pb.CreateSegmentRequest(id="odd", definition=definition)
+        if call == "CreateSegment"
+        else pb.EstimateRequest(definition=definition)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await getattr(service.stub, call)(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [(field, description)] = violations(caught.value)
+    assert field == "definition.tree"
+    assert "finite" in description

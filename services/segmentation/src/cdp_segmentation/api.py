@@ -55,7 +55,14 @@ def definition_node(definition: segmentation_pb2.Definition, field: str) -> Node
         size = definition.tree.ByteSize()
         if size > MAX_TEXT:
             raise InvalidArgument(f"{field}.tree", f"{size} bytes encoded; at most {MAX_TEXT}")
-        node = from_json(whole_numbers(json_format.MessageToDict(definition.tree)), field=f"{field}.tree")
+        try:
+            tree = json_format.MessageToDict(definition.tree)
+        except ValueError:
+            # A Struct can carry NaN and the infinities; JSON, and so the tree form, cannot.
+            raise InvalidArgument(
+                f"{field}.tree", "holds a number that is not finite (NaN or an infinity); use a finite number"
+            ) from None
+        node = from_json(whole_numbers(tree), field=f"{field}.tree")
     else:
         raise InvalidArgument(field, "is required: text (the readable form) or tree (the JSON form)")
     check_readable(node, field)
