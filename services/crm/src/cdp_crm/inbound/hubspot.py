@@ -1,8 +1,9 @@
 """HubSpot's changes: contacts, deals, tickets and tasks read with the CRM search API by their modification
-date (modified-since polling: `lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), at
+date (modified-since polling: `lastmodifieddate` for contacts, `hs_lastmodifieddate` for the rest), and at
 once when a signed HubSpot webhook (v3: contact.propertyChange, deal.propertyChange, ticket.creation, ...)
-says something changed (`HubSpotWebhooks`: only the objects the notification names are read then). Every request is reserved from the account's shared budget
-first; HubSpot's per-second search limit is kept apart from the burst budget.
+says something changed (`HubSpotWebhooks`: then only the objects the notification names are read). Every
+request is reserved from the account's shared budget first; HubSpot's per-second search limit is kept
+apart from the burst budget.
 
 The search starts AT the cursor's stamp (ids read at that stamp are skipped, `core.Keyset`) and is asked
 again from the new cursor after each page; a full page of records all read already (more than a page
