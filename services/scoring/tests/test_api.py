@@ -176,3 +176,18 @@ async def test_a_model_deployed_on_one_replica_is_live_on_the_other(nats_server,
             assert [m.live_version for m in listed.models] == ["1.0.0"]
             reply = await stub_b.Score(scoring_pb2.ScoreRequest(model="churn_risk", features=[2, 4]))
             assert reply.results[0].scores["churn_risk"] == pytest.approx(expected(W, [2, 4]), abs=1e-6)
+
+
+async def test_a_training_label_holding_a_number_json_cannot_write_is_refused_naming_the_label(nats_server, tmp_path):
+    """What the fuzz found: a label Struct holding NaN (or an infinity) failed TrainModel as INTERNAL: its JSON
+    conversion raised before the label was read."""
+    values = settings(nats_server, tmp_path, training_store=f"sqlite:///{tmp_path / 'profile.db'}")
+    async with serving(values, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            request = scoring_pb2.TrainModelRequest(model="churn_risk")
+            request.label.update({"kind": "no_activity", "window": "90d", "weight": float("nan")})
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async for _ in scoring_pb2_grpc.ScoringServiceStub(channel).TrainModel(request):
+                    pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == ["label"]

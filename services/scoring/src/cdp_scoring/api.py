@@ -245,7 +245,11 @@ class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
     async def TrainModel(self, request: scoring_pb2.TrainModelRequest, context):
         if self.training is None:
             raise FailedPrecondition("training runs are not configured here", reason="training_unavailable")
-        label = json_format.MessageToDict(request.label) if request.HasField("label") else None
+        try:
+            label = json_format.MessageToDict(request.label) if request.HasField("label") else None
+        except ValueError:
+            # A Struct can carry NaN and the infinities; JSON, and so a label spec, cannot.
+            raise InvalidArgument("label", "holds a number that is not finite (NaN or an infinity)") from None
         margin = request.margin if request.HasField("margin") else None
         async for item in self.training.train(
             request.model, cutoff=request.cutoff, evaluate_at=request.evaluate_at, margin=margin, label=label
