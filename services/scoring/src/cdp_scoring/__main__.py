@@ -151,7 +151,12 @@ async def _watch_models(
     await quality.load()
 
     async def alert(report) -> None:
-        retrain = settings.drift_retrain and report.role == LIVE and training.start(report.model, "drift")
+        retrain = (
+            settings.drift_retrain
+            and report.role == LIVE
+            and report.newly_drifted
+            and training.start(report.model, "drift")
+        )
         await bus.nc.publish(subjects.MODELS_DRIFT, alert_message(report, bool(retrain)).SerializeToString())
 
     async def check_drift() -> None:

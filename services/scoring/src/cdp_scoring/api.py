@@ -112,7 +112,9 @@ def drift_message(report: DriftReport) -> scoring_pb2.ModelDrift:
 
 def alert_message(report: DriftReport, retrain_started: bool) -> scoring_pb2.DriftAlert:
     """The payload of `models.drift`."""
-    message = scoring_pb2.DriftAlert(drift=drift_message(report), retrain_started=retrain_started)
+    message = scoring_pb2.DriftAlert(
+        drift=drift_message(report), retrain_started=retrain_started, newly_drifted=report.newly_drifted
+    )
     for name, kind, value in sorted(report.over, key=lambda v: -v[2]):
         message.over.add(name=name, kind=kind, psi=value)
     return message

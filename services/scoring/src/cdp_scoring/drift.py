@@ -26,8 +26,9 @@ each feature and score,
 with shares floored at 1e-4 so an empty bin counts as rare, not impossible. Its counts then start again:
 each check describes the rows since the previous one. A version with fewer rows keeps counting until
 the next check. Any value above `CDP_SCORING_DRIFT_THRESHOLD` (0.2: the usual "significant shift")
-marks the version drifted: an alert goes out on `models.drift` and, with
-`CDP_SCORING_DRIFT_RETRAIN`, a training run of the model starts (`training_runs.py`).
+marks the version drifted: an alert goes out on `models.drift` at every check that finds it so, and,
+with `CDP_SCORING_DRIFT_RETRAIN`, a training run of the model starts when a live version becomes
+drifted (not again at each check it stays so: a run that kept live would run again on the same data).
 
 Each replica counts the rows of its own partitions: its figures describe a sample of the population,
 and each replica checks (and alerts) on its own.
@@ -193,6 +194,7 @@ class DriftReport:
     checked_at: float = 0.0
     since: float = 0.0
     values: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, psi)
+    newly_drifted: bool = False  # drifted now, not at the version's previous check
 
     @property
     def over(self) -> list[tuple[str, str, float]]:
@@ -295,6 +297,8 @@ class DriftMonitor:
             ]
             report.rows, report.since, report.checked_at = window.rows, window.since, now
             report.status = DRIFTED if report.over else OK
+            previous = self.last.get(key)
+            report.newly_drifted = report.status == DRIFTED and (previous is None or previous.status != DRIFTED)
             self.last[key] = report
             self.windows[key] = Window.empty(reference, now)
             fresh.append(report)

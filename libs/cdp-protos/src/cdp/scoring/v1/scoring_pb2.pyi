@@ -357,14 +357,16 @@ class GetDriftResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelDrift, _Mapping]]] = ...) -> None: ...
 
 class DriftAlert(_message.Message):
-    __slots__ = ("drift", "over", "retrain_started")
+    __slots__ = ("drift", "over", "retrain_started", "newly_drifted")
     DRIFT_FIELD_NUMBER: _ClassVar[int]
     OVER_FIELD_NUMBER: _ClassVar[int]
     RETRAIN_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NEWLY_DRIFTED_FIELD_NUMBER: _ClassVar[int]
     drift: ModelDrift
     over: _containers.RepeatedCompositeFieldContainer[DriftValue]
     retrain_started: bool
-    def __init__(self, drift: _Optional[_Union[ModelDrift, _Mapping]] = ..., over: _Optional[_Iterable[_Union[DriftValue, _Mapping]]] = ..., retrain_started: _Optional[bool] = ...) -> None: ...
+    newly_drifted: bool
+    def __init__(self, drift: _Optional[_Union[ModelDrift, _Mapping]] = ..., over: _Optional[_Iterable[_Union[DriftValue, _Mapping]]] = ..., retrain_started: _Optional[bool] = ..., newly_drifted: _Optional[bool] = ...) -> None: ...
 
 class GetModelQualityRequest(_message.Message):
     __slots__ = ("name", "refresh")
