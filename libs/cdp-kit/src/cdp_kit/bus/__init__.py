@@ -6,6 +6,11 @@ async with Bus.connect(settings.nats_url, name="collector", telemetry=t) as bus:
     runner = bus.consumer(ConsumerSpec(...), handler)
 
 Stream, subject and durable names: `cdp_kit.bus.subjects` (one owner; nothing else spells them).
+
+Who connects, and how the server is checked: `Bus.connect` reads CDP_NATS_CREDENTIALS_FILE and
+CDP_NATS_TLS_* itself (`cdp_kit.natsauth.NatsClientSettings`) unless `security` is given, so every
+service connects as its own NATS user (with only the permissions `cdp_kit.natsauth.ROLES` gives it) and
+over TLS when configured, without declaring those variables. A malformed one stops start-up naming it.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client as NATS
@@ -36,10 +43,31 @@ from cdp_kit.bus.streams import (
     scores_stream,
     segments_stream,
 )
-from cdp_kit.errors import Unavailable
+from cdp_kit.errors import Unauthenticated, Unavailable
 from cdp_kit.telemetry import Telemetry, setup_telemetry
 
+if TYPE_CHECKING:
+    from cdp_kit.natsauth import CredentialsFile, NatsClientSettings
+
 log = logging.getLogger("cdp.bus")
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why the server refused us, when it did ("" for anything a retry may cure)."""
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower():
+        return "authorization violation"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or type(exc).__name__}"
+    return ""
+
+
+async def _follow_rotation(nc: NATS, credentials: CredentialsFile, every: float = 1.0) -> None:
+    """Reconnect as soon as the credentials file holds new credentials (see cdp_kit.natsauth: rotation)."""
+    while True:
+        await asyncio.sleep(every)
+        if credentials.changed() and nc.is_connected:
+            log.info("nats credentials file changed; reconnecting with the new credentials")
+            await nc.force_reconnect()
 
 
 class Bus:
@@ -66,13 +94,25 @@ class Bus:
         connect_timeout: float = 30.0,
         ack_timeout: float = 5.0,
         max_in_flight: int = 50_000,
+        security: NatsClientSettings | None = None,
     ) -> AsyncIterator[Bus]:
         """Connect (retrying for up to `connect_timeout` seconds: NATS may start after us), reconnect
-        forever afterwards, drain on exit."""
+        forever afterwards, drain on exit. `security`: credentials and TLS (default: from the environment)."""
+        from cdp_kit.natsauth import NatsClientSettings
+
+        security = security or NatsClientSettings.from_environment()
+        credentials = security.credentials()
+        secured = security.connect_options(credentials)
         telemetry = telemetry or setup_telemetry(name)
+
+        # Refused credentials or a certificate that does not verify will not get better by retrying: at
+        # start-up they stop the service with the reason (later, after a rotation, reconnects go on).
+        refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
         async def on_error(exc: Exception) -> None:
             log.warning("nats: %s", exc)
+            if not refused.done() and _refusal(exc):
+                refused.set_result(exc)
 
         async def on_disconnected() -> None:
             log.warning("nats disconnected; reconnecting")
@@ -85,8 +125,8 @@ class Bus:
         attempt = 0
         while True:
             nc = NATS()
-            try:
-                await nc.connect(
+            connecting = asyncio.ensure_future(
+                nc.connect(
                     servers=servers,
                     name=name,
                     connect_timeout=2,
@@ -97,7 +137,22 @@ class Bus:
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
                     pending_size=64 * 1024 * 1024,
+                    **secured,
                 )
+            )
+            await asyncio.wait({connecting, refused}, return_when=asyncio.FIRST_COMPLETED)
+            if refused.done() and not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                raise Unauthenticated(
+                    f"NATS at {url} refused this client ({_refusal(refused.result())}): check "
+                    "CDP_NATS_CREDENTIALS_FILE and CDP_NATS_TLS_* against the server's users and certificates"
+                )
+            try:
+                connecting.result()
                 break
             except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
                 attempt += 1
@@ -107,10 +162,14 @@ class Bus:
                     log.warning("waiting for NATS at %s: %s", url, exc)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
         bus = cls(nc, telemetry, ack_timeout=ack_timeout, max_in_flight=max_in_flight)
+        watching = asyncio.create_task(_follow_rotation(nc, credentials)) if credentials is not None else None
         try:
             await bus.publisher.start()
             yield bus
         finally:
+            if watching is not None:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
             await bus.publisher.close()
             if nc.is_connected:
                 try:

@@ -1,0 +1,443 @@
+"""Who may do what on NATS: one user per service, with the subjects it may publish and subscribe to.
+
+One table (`ROLES`) says, per service, which streams it configures, which it only creates when missing
+(start order does not matter), which it consumes, which it reads single messages from, what it
+publishes and which core-NATS announcements it follows. Everything NATS is told comes from it:
+
+- `permissions(role)`: the nats-server `permissions` block of that service's user. A service may publish
+  only the subjects it owns (`cdp_kit.bus.subjects` says who owns what): the profile service publishing
+  `events.resolved.0` is refused by the server ("Permissions Violation"), whatever its code does.
+  JetStream is reached through its API subjects, so each user gets only the `$JS.API` calls its streams
+  need (create/update for streams it configures, create for those it reads, consumer management, fetch,
+  acknowledgements `$JS.ACK.<stream>.>`, dead letters of what it consumes), the ownership key-value
+  bucket under its own group, and replies on its own inbox prefix (`_INBOX.<service>.`) only, so no
+  service reads another's API answers.
+- `server_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and these
+  permissions, plus an operator user without limits for cdpctl and tests), and the chart renders the same
+  through `cdpctl nats-config` (see deploy/README.md).
+
+Stream sourcing (orchestration's and the CRM connector's input streams) and message schedules are done
+by the server inside the account: they need no user permission.
+
+The client side: `NatsClientSettings` (CDP_NATS_CREDENTIALS_FILE, CDP_NATS_TLS_*), read by
+`Bus.connect` itself, so every service gets them without declaring them. The credentials file is JSON,
+`{"user": "profile", "password": "…"}`, read at connect and at every reconnect. A user is named after
+its service, optionally with a generation after a dot (`profile.2`): the service part picks the role
+and the inbox prefix.
+
+Rotation without a restart, make before break (nats.py gives up for good on a connection the server
+closes for its credentials, so the old ones must stay valid until nobody uses them):
+1. the server gets the new user beside the old one (`authorization_config` with both), reloaded;
+2. the service's file is rewritten: the bus sees the change (`CredentialsFile.changed`, polled) and
+   reconnects at once with the new user; subscriptions and consumers carry on;
+3. the old user is removed from the server, reloaded.
+`cdpctl nats rotate` does the three steps for `make up`; the chart's Secrets follow the same order.
+A file that cannot be read at a reconnect keeps the last good credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp_kit.bus import subjects
+from cdp_kit.settings import SettingsError, env, load_settings
+
+log = logging.getLogger("cdp.bus")
+
+# The KV bucket of partition ownership (cdp_kit.ownership.nats_kv); keys are `<group>.…`.
+OWNERSHIP_BUCKET = "CDP_OWNERSHIP"
+# The object store scoring may keep its models in (CDP_SCORING_MODEL_STORE=nats://cdp-models).
+MODEL_BUCKET = "cdp-models"
+# The user cdpctl (and tests) connect as under `cdpctl up`: no limits. The chart has no such user.
+OPERATOR = "cdpctl"
+
+
+@dataclass(frozen=True)
+class BusRole:
+    """What one service does on NATS. Stream names and subjects come from `cdp_kit.bus.subjects`."""
+
+    name: str
+    # Streams it creates and brings to its configuration (`Bus.ensure_streams`).
+    configures: tuple[str, ...] = ()
+    # Streams it creates when missing but never changes (`Bus.ensure_read_streams`, `ensure_created`).
+    creates: tuple[str, ...] = ()
+    # Streams it consumes (durable or ephemeral consumers): consumer management, fetch, ack, dead letters.
+    consumes: tuple[str, ...] = ()
+    # Streams it reads single messages from (get by sequence, last by subject).
+    reads: tuple[str, ...] = ()
+    # Streams it removes single messages from (an erased action).
+    erases: tuple[str, ...] = ()
+    # Subjects it publishes (stream subjects it owns and core-NATS announcements).
+    publishes: tuple[str, ...] = ()
+    # Core-NATS subjects it subscribes to.
+    subscribes: tuple[str, ...] = ()
+    # Object stores it keeps files in.
+    object_stores: tuple[str, ...] = ()
+
+
+def _each(prefix: str) -> str:
+    return subjects.every_partition(prefix)
+
+
+# Every service may announce on / follow its own core subjects and keep its ownership leases.
+ROLES: dict[str, BusRole] = {
+    role.name: role
+    for role in (
+        BusRole(
+            "collector",
+            configures=(subjects.EVENTS_RAW, subjects.PRIVACY, subjects.DLQ),
+            consumes=(subjects.PRIVACY,),  # the suppression list: an ordered consumer over privacy.deleted
+            reads=(subjects.PRIVACY,),
+            publishes=(_each(subjects.EVENTS_RAW_PREFIX),),
+        ),
+        BusRole(
+            "identity",
+            configures=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.PRIVACY, subjects.DLQ),
+            creates=(subjects.EVENTS_RAW,),
+            consumes=(subjects.EVENTS_RAW, subjects.PRIVACY),
+            publishes=(
+                *subjects.STREAM_SUBJECTS[subjects.EVENTS_RESOLVED],
+                *subjects.STREAM_SUBJECTS[subjects.IDENTITY],
+            ),
+        ),
+        BusRole(
+            "profile",
+            configures=(subjects.PROFILES, subjects.PRIVACY, subjects.DLQ),
+            creates=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.SCORES),
+            consumes=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.SCORES),
+            publishes=(_each(subjects.PROFILES_CHANGED_PREFIX), subjects.PRIVACY_DELETED),
+        ),
+        BusRole(
+            "scoring",
+            configures=(subjects.SCORES, subjects.DLQ),
+            creates=(subjects.PROFILES,),
+            consumes=(subjects.PROFILES,),
+            reads=(subjects.PROFILES,),
+            publishes=(_each(subjects.SCORES_UPDATED_PREFIX), subjects.SCORING_MODELS_CHANGED, subjects.MODELS_DRIFT),
+            subscribes=(subjects.SCORING_MODELS_CHANGED,),
+            object_stores=(MODEL_BUCKET,),
+        ),
+        BusRole(
+            "segmentation",
+            configures=(subjects.SEGMENTS, subjects.DLQ),
+            creates=(subjects.PROFILES,),
+            consumes=(subjects.PROFILES,),
+            reads=(subjects.PROFILES,),
+            publishes=(
+                _each(subjects.SEGMENTS_ENTERED_PREFIX),
+                _each(subjects.SEGMENTS_EXITED_PREFIX),
+                subjects.SEGMENTATION_SEGMENTS_CHANGED,
+            ),
+            subscribes=(subjects.SEGMENTATION_SEGMENTS_CHANGED,),
+        ),
+        BusRole(
+            "orchestration",
+            configures=(subjects.DLQ,),
+            creates=(subjects.PRIVACY, subjects.ORCHESTRATION, subjects.ORCHESTRATION_TIMERS, subjects.ACTIONS),
+            consumes=(subjects.ORCHESTRATION, subjects.PRIVACY, subjects.ACTIONS),
+            reads=(subjects.ACTIONS,),
+            erases=(subjects.ACTIONS,),
+            publishes=(
+                _each(subjects.ORCHESTRATION_IN_PREFIX),
+                _each(subjects.ORCHESTRATION_TIMERS_PREFIX),
+                _each(subjects.ACTIONS_PREFIX),
+                subjects.ORCHESTRATION_JOURNEYS_CHANGED,
+            ),
+            subscribes=(subjects.ORCHESTRATION_JOURNEYS_CHANGED,),
+        ),
+        BusRole(
+            "crm",
+            # The connector makes sure the streams it sources exist, with their owners' configuration.
+            configures=(subjects.PROFILES, subjects.SEGMENTS, subjects.PRIVACY, subjects.DLQ),
+            creates=(subjects.ACTIONS, subjects.CRM),
+            consumes=(subjects.CRM, subjects.PRIVACY),
+        ),
+    )
+}
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def inbox_prefix(service: str) -> str:
+    """Where a service's replies arrive (JetStream API answers, publish acks, fetched messages)."""
+    return f"_INBOX.{service}"
+
+
+def role_of(user: str) -> str:
+    """`profile` and `profile.2` (a rotated generation) are both the profile service's users."""
+    return user.split(".", 1)[0]
+
+
+def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
+    """The nats-server permissions of `role`'s user: `{"publish": {"allow": [...]}, "subscribe": {...}}`."""
+    api = "$JS.API"
+    publish = [f"{api}.INFO", *role.publishes]
+    subscribe = [f"{inbox_prefix(role.name)}.>", *role.subscribes]
+    touched = (*role.configures, *role.creates, *role.consumes, *role.reads, *role.erases)
+    for stream in _unique(touched):
+        publish.append(f"{api}.STREAM.INFO.{stream}")
+    for stream in _unique((*role.configures, *role.creates)):
+        publish.append(f"{api}.STREAM.CREATE.{stream}")
+    for stream in role.configures:
+        publish.append(f"{api}.STREAM.UPDATE.{stream}")
+    for stream in role.consumes:
+        publish += [
+            f"{api}.CONSUMER.CREATE.{stream}",  # an ephemeral consumer
+            f"{api}.CONSUMER.CREATE.{stream}.>",  # a named one, with or without its filter
+            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*",
+            f"{api}.CONSUMER.INFO.{stream}.*",
+            f"{api}.CONSUMER.DELETE.{stream}.*",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",  # flow control of push consumers
+            subjects.dead_letter_filter(stream),  # what its consumers give up on
+        ]
+        subscribe.append(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*")
+    for stream in role.reads:
+        publish += [f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
+    for stream in role.erases:
+        publish.append(f"{api}.STREAM.MSG.DELETE.{stream}")
+    # Partition ownership (CDP_OWNERSHIP=nats): the bucket, and only this service's group of keys in it.
+    kv_stream = f"KV_{OWNERSHIP_BUCKET}"
+    publish += [
+        f"{api}.STREAM.INFO.{kv_stream}",
+        f"{api}.STREAM.CREATE.{kv_stream}",
+        f"{api}.CONSUMER.CREATE.{kv_stream}",
+        f"{api}.CONSUMER.CREATE.{kv_stream}.>",
+        f"{api}.CONSUMER.DELETE.{kv_stream}.*",
+        f"{api}.STREAM.MSG.GET.{kv_stream}",
+        f"{api}.DIRECT.GET.{kv_stream}.$KV.{OWNERSHIP_BUCKET}.{role.name}.>",
+        f"$JS.FC.{kv_stream}.>",
+        f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>",
+    ]
+    for bucket in role.object_stores:
+        obj_stream = f"OBJ_{bucket}"
+        publish += [
+            f"{api}.STREAM.INFO.{obj_stream}",
+            f"{api}.STREAM.CREATE.{obj_stream}",
+            f"{api}.STREAM.PURGE.{obj_stream}",
+            f"{api}.STREAM.MSG.GET.{obj_stream}",
+            f"{api}.DIRECT.GET.{obj_stream}",
+            f"{api}.DIRECT.GET.{obj_stream}.>",
+            f"{api}.CONSUMER.CREATE.{obj_stream}",
+            f"{api}.CONSUMER.CREATE.{obj_stream}.>",
+            f"{api}.CONSUMER.DELETE.{obj_stream}.*",
+            f"$JS.FC.{obj_stream}.>",
+            f"$O.{bucket}.>",
+        ]
+    return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": _unique(subscribe)}}
+
+
+# ------------------------------------------------------------------------------------ credentials
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_credentials(path: Path, user: str, password: str) -> None:
+    """Write a service's credentials file, readable by its owner only (replaced in one rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".new")
+    staging.write_text(json.dumps({"user": user, "password": password}) + "\n")
+    staging.chmod(0o600)
+    staging.replace(path)
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    """(user, password) of a credentials file; ValueError naming the file when it is malformed."""
+    try:
+        document = json.loads(path.read_text())
+        user, password = document["user"], document["password"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f'CDP_NATS_CREDENTIALS_FILE {path} must be JSON {{"user": …, "password": …}}') from exc
+    if not isinstance(user, str) or not isinstance(password, str) or not user or not password:
+        raise ValueError(f"CDP_NATS_CREDENTIALS_FILE {path}: user and password must be non-empty strings")
+    return user, password
+
+
+class CredentialsFile:
+    """The user and password of a credentials file, read again whenever nats.py sends CONNECT (at
+    connect and at every reconnect). nats.py asks for the user first, then the password: the user
+    call reads the file, the password call answers from that same read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._current = read_credentials(path)  # a bad file at start-up stops the service
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()  # follows the symlink a Kubernetes Secret volume swaps
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_ino
+
+    def changed(self) -> bool:
+        """True once after the file was rewritten with readable credentials different from those in use."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            return read_credentials(self.path) != self._current
+        except (OSError, ValueError):
+            return False
+
+    def user(self) -> str:
+        try:
+            self._current = read_credentials(self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("nats credentials file unreadable; keeping the last good one: %s", type(exc).__name__)
+        return self._current[0]
+
+    def password(self) -> str:
+        return self._current[1]
+
+
+# ------------------------------------------------------------------------------------ the server
+
+
+def _quoted(value: str) -> str:
+    return json.dumps(value)
+
+
+def _block(perms: Mapping[str, Mapping[str, list[str]]]) -> str:
+    parts = []
+    for direction in ("publish", "subscribe"):
+        allow = ", ".join(_quoted(s) for s in perms[direction]["allow"])
+        parts.append(f"{direction}: {{ allow: [{allow}] }}")
+    return "{ " + ", ".join(parts) + " }"
+
+
+def authorization_config(passwords: Mapping[str, str], *, operator_password: str | None = None) -> str:
+    """The nats-server `authorization` block: one user per entry of `passwords` (user -> password), with
+    the permissions of its service's role (`role_of(user)`); with `operator_password`, an unrestricted
+    `cdpctl` user."""
+    lines = ["authorization {", "  users = ["]
+    for user, password in passwords.items():
+        role = role_of(user)
+        if role not in ROLES:
+            raise KeyError(f"no NATS role for service {role!r}; add it to cdp_kit.natsauth.ROLES")
+        perms = _block(permissions(ROLES[role]))
+        lines.append(f"    {{ user: {_quoted(user)}, password: {_quoted(password)}, permissions: {perms} }}")
+    if operator_password is not None:
+        lines.append(f"    {{ user: {_quoted(OPERATOR)}, password: {_quoted(operator_password)} }}")
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS for nats-server's client port; with `client_ca`, clients must present a certificate it signed."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca: Path | None = None
+
+    def config(self) -> str:
+        lines = ["tls {", f"  cert_file: {_quoted(str(self.cert_file))}", f"  key_file: {_quoted(str(self.key_file))}"]
+        if self.client_ca is not None:
+            lines += [f"  ca_file: {_quoted(str(self.client_ca))}", "  verify: true"]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ the client
+
+
+@dataclasses.dataclass(frozen=True)
+class NatsClientSettings:
+    """How a process authenticates to NATS and checks it. Read by `Bus.connect` from the environment
+    (every service, cdpctl), so no service declares them; documented in docs/security.md."""
+
+    credentials_file: Path | None = env(
+        "CDP_NATS_CREDENTIALS_FILE",
+        None,
+        help='JSON {"user","password"} of this service\'s NATS user; re-read at every reconnect (rotation)',
+    )
+    tls_ca_file: Path | None = env(
+        "CDP_NATS_TLS_CA_FILE", None, help="CA (PEM) that signed the NATS server's certificate"
+    )
+    tls_cert_file: Path | None = env("CDP_NATS_TLS_CERT_FILE", None, help="client certificate (PEM) for mutual TLS")
+    tls_key_file: Path | None = env("CDP_NATS_TLS_KEY_FILE", None, help="client private key (PEM)", secret=True)
+
+    def validate(self) -> list[str]:
+        problems = []
+        for variable, path in (
+            ("CDP_NATS_CREDENTIALS_FILE", self.credentials_file),
+            ("CDP_NATS_TLS_CA_FILE", self.tls_ca_file),
+            ("CDP_NATS_TLS_CERT_FILE", self.tls_cert_file),
+            ("CDP_NATS_TLS_KEY_FILE", self.tls_key_file),
+        ):
+            if path is not None and not path.is_file():
+                problems.append(f"{variable}={str(path)!r} is not a readable file")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("CDP_NATS_TLS_CERT_FILE and CDP_NATS_TLS_KEY_FILE must be set together")
+        if self.credentials_file is not None and self.credentials_file.is_file():
+            try:
+                read_credentials(self.credentials_file)
+            except (OSError, ValueError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> NatsClientSettings:
+        return load_settings(cls, environ)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """A client TLS context when a CA or a client certificate is configured (None: plain TCP)."""
+        if self.tls_ca_file is None and self.tls_cert_file is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca_file) if self.tls_ca_file else None)
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            context.load_cert_chain(str(self.tls_cert_file), str(self.tls_key_file))
+        return context
+
+    def credentials(self) -> CredentialsFile | None:
+        return CredentialsFile(self.credentials_file) if self.credentials_file is not None else None
+
+    def connect_options(self, credentials: CredentialsFile | None = None) -> dict[str, Any]:
+        """Keyword arguments for `nats.aio.client.Client.connect`. With credentials, replies arrive on
+        the service's own inbox prefix (the only one its permissions let it subscribe to)."""
+        options: dict[str, Any] = {}
+        if credentials is not None:
+            options.update(
+                user=credentials.user,
+                password=credentials.password,
+                inbox_prefix=inbox_prefix(role_of(credentials.user())),
+            )
+        tls = self.tls_context()
+        if tls is not None:
+            options["tls"] = tls
+        return options
+
+
+__all__ = [
+    "MODEL_BUCKET",
+    "OPERATOR",
+    "OWNERSHIP_BUCKET",
+    "ROLES",
+    "BusRole",
+    "CredentialsFile",
+    "NatsClientSettings",
+    "ServerTls",
+    "SettingsError",
+    "authorization_config",
+    "inbox_prefix",
+    "new_password",
+    "permissions",
+    "read_credentials",
+    "role_of",
+    "write_credentials",
+]

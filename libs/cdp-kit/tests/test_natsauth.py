@@ -1,0 +1,288 @@
+"""NATS users per service against a real nats-server: each publishes only what it owns, credentials
+rotate without a restart, and the connection can be TLS (mutual or not)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cdp_kit.bus import Bus, ConsumerSpec, events_resolved_stream, profiles_stream, subjects
+from cdp_kit.errors import Unauthenticated
+from cdp_kit.natsauth import (
+    OPERATOR,
+    ROLES,
+    NatsClientSettings,
+    ServerTls,
+    authorization_config,
+    new_password,
+    write_credentials,
+)
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.settings import SettingsError
+
+
+class Users:
+    """A nats-server with every service's user (and the operator), and each user's credentials file."""
+
+    def __init__(self, server: NatsServer, folder: Path) -> None:
+        self.server = server
+        self.folder = folder
+        self.passwords = {name: new_password() for name in ROLES}
+        self.operator_password = new_password()
+        for name, password in self.passwords.items():
+            write_credentials(self.file(name), name, password)
+
+    def file(self, name: str) -> Path:
+        return self.folder / f"{name}.nats.json"
+
+    def config(self) -> str:
+        return authorization_config(self.passwords, operator_password=self.operator_password)
+
+    def security(self, name: str) -> NatsClientSettings:
+        return NatsClientSettings(credentials_file=self.file(name))
+
+    def reload(self) -> None:
+        self.server.reload(self.config())
+
+    async def operator(self):
+        return await nats.connect(self.server.url, user=OPERATOR, password=self.operator_password)
+
+
+@pytest.fixture
+def users(tmp_path):
+    server = NatsServer(store_dir=tmp_path / "nats")
+    users = Users(server, tmp_path / "secrets")
+    server.config = users.config()
+    server.start()
+    try:
+        yield users
+    finally:
+        server.close()
+
+
+def violations(server: NatsServer) -> list[str]:
+    """The server's log lines of refused publishes and subscriptions ("Publish Violation - Subject …")."""
+    return [line for line in server.log_path.read_text().splitlines() if " Violation - Subject " in line]
+
+
+async def until(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_service_publishes_what_it_owns_and_nothing_else(users):
+    async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
+        await identity.ensure_streams(events_resolved_stream())
+        ack = await identity.js.publish(subjects.events_resolved(0), b"resolved", timeout=5)
+        assert ack.stream == subjects.EVENTS_RESOLVED
+
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        # The profile service reads events.resolved (a durable consumer, fetch, ack) ...
+        seen: list[bytes] = []
+
+        async def handle(batch):
+            seen.extend(d.msg.data for d in batch)
+
+        runner = profile.consumer(
+            ConsumerSpec(
+                stream=subjects.EVENTS_RESOLVED,
+                durable=subjects.partition_durable("profile", 0),
+                filter_subjects=(subjects.events_resolved(0),),
+            ),
+            handle,
+        )
+        task = asyncio.create_task(runner.run())
+        try:
+            await until(lambda: seen == [b"resolved"])
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        # ... publishes its own subject ...
+        await profile.ensure_streams(profiles_stream())
+        ack = await profile.js.publish(subjects.profiles_changed(0), b"changed", timeout=5)
+        assert ack.stream == subjects.PROFILES
+        # ... and cannot forge an identity decision: the server drops the publish and says why.
+        with pytest.raises(nats.errors.TimeoutError):
+            await profile.js.publish(subjects.events_resolved(0), b"forged", timeout=1)
+
+    nc = await users.operator()
+    try:
+        info = await nc.jetstream().stream_info(subjects.EVENTS_RESOLVED)
+        assert info.state.messages == 1  # only identity's
+    finally:
+        await nc.close()
+    refused = violations(users.server)
+    assert len(refused) == 1 and "Publish Violation" in refused[0]
+    assert subjects.events_resolved(0) in refused[0] and "user:profile" in refused[0]
+
+
+async def test_a_service_cannot_read_another_services_replies(users):
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.nc.subscribe(f"_INBOX.{'identity'}.>")
+        await profile.nc.flush()
+        await until(lambda: any("Subscription Violation" in line for line in violations(users.server)))
+
+
+async def test_without_credentials_or_with_a_wrong_password_nothing_connects(users, tmp_path):
+    with pytest.raises(Unauthenticated, match="authorization violation"):
+        async with Bus.connect(users.server.url, name="profile", security=NatsClientSettings()):
+            pass
+    wrong = tmp_path / "wrong.json"
+    write_credentials(wrong, "profile", "not-the-password")
+    with pytest.raises(Unauthenticated, match="CDP_NATS_CREDENTIALS_FILE"):
+        async with Bus.connect(
+            users.server.url, name="profile", connect_timeout=1, security=NatsClientSettings(credentials_file=wrong)
+        ):
+            pass
+
+
+async def test_rotated_credentials_take_effect_without_a_restart(users):
+    old = users.passwords["profile"]
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.ensure_streams(profiles_stream())
+        reconnected = asyncio.Event()
+        profile.nc._reconnected_cb = _set(reconnected)
+        # Make before break: the server knows the new user, the service's file is rewritten (the bus
+        # reconnects with it by itself), then the old user goes.
+        users.passwords["profile.2"] = new_password()
+        users.reload()
+        write_credentials(users.file("profile"), "profile.2", users.passwords["profile.2"])
+        await asyncio.wait_for(reconnected.wait(), 15)
+        del users.passwords["profile"]
+        users.reload()
+        await asyncio.sleep(0.5)  # the server has applied it (a stale connection would be closed now)
+        ack = await profile.js.publish(subjects.profiles_changed(1), b"after rotation", timeout=5)
+        assert ack.seq == 1 and profile.connected
+    stale = users.folder / "stale.json"
+    write_credentials(stale, "profile", old)
+    with pytest.raises(Unauthenticated):
+        async with Bus.connect(users.server.url, name="profile", security=NatsClientSettings(credentials_file=stale)):
+            pass
+
+
+def _set(event: asyncio.Event):
+    async def callback() -> None:
+        event.set()
+
+    return callback
+
+
+def test_client_settings_name_each_bad_variable(tmp_path):
+    bad = tmp_path / "creds.json"
+    bad.write_text("user=profile")
+    with pytest.raises(SettingsError) as info:
+        NatsClientSettings.from_environment(
+            {"CDP_NATS_CREDENTIALS_FILE": str(bad), "CDP_NATS_TLS_CERT_FILE": str(tmp_path / "missing.pem")}
+        )
+    message = str(info.value)
+    assert "CDP_NATS_CREDENTIALS_FILE" in message and "CDP_NATS_TLS_CERT_FILE" in message
+    assert "CDP_NATS_TLS_KEY_FILE" in message  # the pair is incomplete
+
+
+# ------------------------------------------------------------------------------------------------ TLS
+
+
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write(path: Path, cert, key) -> tuple[Path, Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = path.with_suffix(".crt"), path.with_suffix(".key")
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cdp test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(name: str, *, server: bool):
+        key = _key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    ca_file = folder / "ca.crt"
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server_cert, server_key = _write(folder / "server", *leaf("nats", server=True))
+    client_cert, client_key = _write(folder / "client", *leaf("profile", server=False))
+    return {"ca": ca_file, "server_cert": server_cert, "server_key": server_key, "cert": client_cert, "key": client_key}
+
+
+async def test_the_bus_connects_over_tls_and_checks_the_server(tmp_path):
+    certs = certificates(tmp_path / "certs")
+    server = NatsServer(
+        store_dir=tmp_path / "nats", config=ServerTls(certs["server_cert"], certs["server_key"]).config()
+    )
+    with server:
+        async with Bus.connect(server.url, name="profile", security=NatsClientSettings(tls_ca_file=certs["ca"])) as bus:
+            await bus.ensure_streams(profiles_stream())
+            assert (await bus.js.publish(subjects.profiles_changed(0), b"x", timeout=5)).seq == 1
+        # A client that does not trust the server's CA does not connect.
+        with pytest.raises(Unauthenticated, match="TLS"):
+            async with Bus.connect(
+                server.url, name="profile", connect_timeout=1, security=NatsClientSettings(tls_ca_file=certs["cert"])
+            ):
+                pass
+
+
+async def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
+    certs = certificates(tmp_path / "certs")
+    tls = ServerTls(certs["server_cert"], certs["server_key"], client_ca=certs["ca"])
+    with NatsServer(store_dir=tmp_path / "nats", config=tls.config()) as server:
+        mutual = NatsClientSettings(tls_ca_file=certs["ca"], tls_cert_file=certs["cert"], tls_key_file=certs["key"])
+        async with Bus.connect(server.url, name="profile", security=mutual) as bus:
+            await bus.ensure_streams(profiles_stream())
+        with pytest.raises(Unauthenticated, match="TLS"):
+            async with Bus.connect(
+                server.url, name="profile", connect_timeout=1, security=NatsClientSettings(tls_ca_file=certs["ca"])
+            ):
+                pass
