@@ -89,6 +89,12 @@ class Person:
 
     def record(self) -> dict[str, Any]:
         assert self.state is not None
+        # Merge bookkeeping only where there is some: most persons never merge, and this is written often.
+        merges: dict[str, Any] = {}
+        if self.merged_from:
+            merges["merged_from"] = dict(self.merged_from)
+        if self.merged_into:
+            merges["merged_into"] = self.merged_into
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
@@ -98,8 +104,7 @@ class Person:
             "wake": list(self.wake) if self.wake else None,
             "slots": {journey: list(slot) for journey, slot in self.slots.items()},
             "ids": dict(self.ids),
-            "merged_from": dict(self.merged_from),
-            "merged_into": self.merged_into,
+            **merges,
         }
 
 
