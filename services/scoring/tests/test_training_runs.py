@@ -162,9 +162,10 @@ async def test_bad_runs_are_refused_naming_the_field(scoring):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await train(stub, model="")
     assert violations(caught.value) == ["model"]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await train(stub, model="purchase_propensity", margin=-1)
-    assert violations(caught.value) == ["margin"]
+    for margin in (-1, float("inf"), float("nan")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await train(stub, model="purchase_propensity", margin=margin)
+        assert violations(caught.value) == ["margin"]
     training = runtime.parts["training"]
     training.running.add("churn_risk")  # as while a run of it goes on
     with pytest.raises(grpc.aio.AioRpcError) as caught:

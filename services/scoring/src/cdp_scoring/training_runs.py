@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -67,8 +68,8 @@ class TrainingRuns:
     ) -> AsyncIterator[dict[str, Any]]:
         """Run one training of `model`; yields progress, the last item with done=True and the decision."""
         self.check(model)
-        if margin is not None and not margin >= 0:
-            raise InvalidArgument("margin", f"{margin!r} must be a number of metric points >= 0")
+        if margin is not None and not (math.isfinite(margin) and margin >= 0):
+            raise InvalidArgument("margin", f"{margin!r} must be a finite number of metric points >= 0")
         for field_name, value in (("cutoff", cutoff), ("evaluate_at", evaluate_at)):
             if value:
                 parse_time(value, field_name)  # refused now, not once the worker has read the store
