@@ -9,6 +9,10 @@ already processed gets the first answer again and is not recorded twice (`replay
 `stall_next(n, seconds)` holds the next n requests that long before answering (for timeouts). With
 ``slack=True`` it behaves like a Slack incoming webhook: the body must be JSON with ``text`` or
 ``blocks`` (400 ``no_text`` / ``invalid_payload``), and the answer is the text ``ok``.
+
+``GET /_deliveries`` lists what it accepted, oldest first (path, idempotency key, the time it arrived, the
+JSON body), so a test or a person can see what arrived when it runs in another process (`make up`'s
+``channels`` companion); nothing else is served on GET.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class Delivery:
     headers: dict[str, str]
     body: bytes
     json: Any
+    received_at: float = 0.0  # epoch seconds, when the request was accepted
 
 
 class LocalWebhookReceiver(HttpFake):
@@ -47,6 +52,7 @@ class LocalWebhookReceiver(HttpFake):
         self._failures: list[tuple[int, str | None]] = []
         self._stalls: list[float] = []
         self._processed: dict[str, tuple[int, str]] = {}
+        self.app.router.add_get("/_deliveries", self._list)
         self.app.router.add_post("/{path:.*}", self._receive)
 
     def fail_next(self, n: int = 1, *, status: int = 503, retry_after: str | None = None) -> None:
@@ -57,6 +63,19 @@ class LocalWebhookReceiver(HttpFake):
 
     def url(self, path: str = "hooks/cdp") -> str:
         return f"{self.base_url}/{path}"
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            [
+                {
+                    "path": d.path,
+                    "idempotency_key": d.headers.get("Idempotency-Key"),
+                    "received_at": d.received_at,
+                    "json": d.json,
+                }
+                for d in self.deliveries
+            ]
+        )
 
     def _signed(self, request: web.Request, body: bytes) -> bool:
         timestamp = request.headers.get("X-CDP-Timestamp", "")
@@ -89,7 +108,7 @@ class LocalWebhookReceiver(HttpFake):
             return web.Response(status=400, text="invalid_payload")
         if self.slack and not (isinstance(payload, dict) and (payload.get("text") or payload.get("blocks"))):
             return web.Response(status=400, text="no_text")
-        self.deliveries.append(Delivery(request.path, dict(request.headers), body, payload))
+        self.deliveries.append(Delivery(request.path, dict(request.headers), body, payload, time.time()))
         answer = (200, "ok")
         if key is not None:
             self._processed[key] = answer
