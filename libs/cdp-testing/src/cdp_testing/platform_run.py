@@ -184,9 +184,12 @@ class RunningPlatform:
 
     def wait_nats_restarted(self, old_pid: int, timeout: float = 60.0) -> None:
         """Until the supervisor has started nats-server again (a new pid, its port listening)."""
+        from urllib.parse import urlsplit
+
         from cdp_kit.natsserver import wait_for_port
 
-        host, _, port = self.nats_url.removeprefix("nats://").partition(":")
+        where = urlsplit(self.nats_url)  # run.json's URL carries the operator's user and password
+        host, port = where.hostname or "127.0.0.1", where.port
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.refresh()

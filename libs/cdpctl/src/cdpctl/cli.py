@@ -42,7 +42,7 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdpctl import bus, crm, identity, journeys, people, training
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
-from cdpctl.run import check_health, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
+from cdpctl.run import check_health, nats_rotate, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
 
 
 @click.group()
@@ -409,6 +409,7 @@ for _command in (
     people.quarantine,
     bus.dlq,
     bus.lag,
+    nats_rotate,
     *journeys.COMMANDS,
     crm.crm,
     identity.identity,

@@ -25,6 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cdp_kit.auth import new_token, write_tokens_file
+from cdp_kit.natsauth import (
+    OPERATOR,
+    authorization_config,
+    new_password,
+    read_credentials,
+    write_credentials,
+)
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,42 @@ class Workspace:
         return self.secrets_dir / f"{name}.token"
 
     @property
+    def nats_secrets_dir(self) -> Path:
+        return self.secrets_dir / "nats"
+
+    def nats_credentials_file(self, service: str) -> Path:
+        """A service's NATS user and password (CDP_NATS_CREDENTIALS_FILE); `cdpctl` for the operator."""
+        return self.nats_secrets_dir / f"{service}.json"
+
+    @property
+    def nats_auth_file(self) -> Path:
+        """The users and permissions nats-server reads (included by its nats.conf, beside it)."""
+        return self.nats_dir / "auth.conf"
+
+    def nats_users(self, services: tuple[ServiceProcess, ...] | None = None) -> dict[str, str]:
+        """user -> password of every service's current credentials file."""
+        users = {}
+        for svc in services or SERVICES:
+            user, password = read_credentials(self.nats_credentials_file(svc.name))
+            users[user] = password
+        return users
+
+    def write_nats_auth(self, extra: dict[str, str] | None = None) -> None:
+        """nats-server's users: each service's (plus `extra`, a user being rotated in) and the operator."""
+        _user, operator = read_credentials(self.nats_credentials_file(OPERATOR))
+        text = authorization_config({**self.nats_users(), **(extra or {})}, operator_password=operator)
+        self.nats_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.nats_auth_file.with_suffix(".new")
+        staging.write_text(text)
+        staging.chmod(0o600)
+        staging.replace(self.nats_auth_file)
+
+    def nats_operator_url(self, url: str) -> str:
+        """`url` with the operator's user and password: what run.json gives cdpctl and tests."""
+        _user, password = read_credentials(self.nats_credentials_file(OPERATOR))
+        return url.replace("nats://", f"nats://{OPERATOR}:{password}@", 1)
+
+    @property
     def sources_file(self) -> Path:
         return self.secrets_dir / "sources.json"
 
@@ -378,6 +421,11 @@ class Workspace:
             for path, value in written:
                 path.write_text(value + "\n")
                 path.chmod(0o600)
+        self.nats_secrets_dir.mkdir(parents=True, exist_ok=True)
+        self.nats_secrets_dir.chmod(0o700)
+        for name in (OPERATOR, *(svc.name for svc in services)):
+            if not self.nats_credentials_file(name).exists():
+                write_credentials(self.nats_credentials_file(name), name, new_password())
         if not self.sources_file.exists():
             document = {
                 "sources": [{"id": "dev", "name": "Local development", "write_key": "wk_dev_" + secrets.token_hex(12)}]
@@ -465,6 +513,7 @@ def service_environment(
         {
             "OTEL_SERVICE_NAME": svc.name,
             "CDP_NATS_URL": nats_url,
+            "CDP_NATS_CREDENTIALS_FILE": str(ws.nats_credentials_file(svc.name)),
             "CDP_GRPC_HOST": "127.0.0.1",
             "CDP_GRPC_PORT": str(grpc_port),
             "CDP_METRICS_PORT": str(metrics_port),
@@ -493,6 +542,17 @@ def service_environment(
         if companion in running:
             env.update({key: fill(value, ws, named_ports or {}) for key, value in variables.items()})
     return env
+
+
+def next_nats_user(user: str) -> str:
+    """The user a rotation brings in: `profile` -> `profile.2` -> `profile.3`."""
+    role, _, generation = user.partition(".")
+    return f"{role}.{int(generation or 1) + 1}"
+
+
+# nats-server reads the users from the workspace's auth file (`Workspace.nats_auth_file`), so a rotation
+# rewrites that file and asks the server to reload, and a restarted server reads the current users.
+NATS_SERVER_CONFIG = 'include "auth.conf"\n'
 
 
 def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[str, int]) -> list[Path]:

@@ -7,6 +7,10 @@ under "companions") and supervises: a service or companion that exits is restart
 (`cdpctl.supervise`); after too many fast crashes in a row the platform stops. nats-server that exits is
 started again at once on the same port and store, as the chart's StatefulSet would. Ctrl-C stops everything.
 
+nats-server runs with one user per service (`cdp_kit.natsauth`: each may publish only what it owns);
+each service gets its own credentials file, cdpctl and tests the operator's through run.json's "nats"
+URL. `nats-rotate SERVICE` gives a service new credentials while everything runs (make before break).
+
 `status` checks each service's gRPC health and each companion's ports. The platform is healthy when
 nats-server and every service are; a companion that is down is shown DOWN but does not make it
 unhealthy (it stands in for something outside the platform).
@@ -21,21 +25,26 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
+from cdp_kit.natsauth import new_password, read_credentials, write_credentials
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl.common import console, out
 from cdpctl.platform import (
     COMPANIONS,
+    NATS_SERVER_CONFIG,
     SERVICES,
     Workspace,
     companion_command,
     companion_urls,
+    next_nats_user,
     pick_port,
     service_environment,
     write_service_files,
@@ -110,7 +119,10 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
         console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
         return 1
     ws.prepare()
-    nats = NatsServer(store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222))
+    ws.write_nats_auth()
+    nats = NatsServer(
+        store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222), config=NATS_SERVER_CONFIG
+    )
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
     nats.start()
     processes: dict[str, subprocess.Popen] = {}
@@ -119,7 +131,7 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
     logs: dict[str, Path] = {}
     state: dict = {
         "pid": os.getpid(),
-        "nats": nats.url,
+        "nats": ws.nats_operator_url(nats.url),  # the operator's user: cdpctl and tests
         "nats_pid": nats._proc.pid if nats._proc is not None else None,
         "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
         "write_key": ws.write_key(),
@@ -332,7 +344,11 @@ def _status_table(
     for column in ("service", "health", "gRPC", "HTTP", "metrics"):
         table.add_column(column)
     table.add_row(
-        "nats-server", "[green]UP[/]" if nats_ok else "[red]DOWN[/]", state["nats"], state.get("nats_monitor", ""), ""
+        "nats-server",
+        "[green]UP[/]" if nats_ok else "[red]DOWN[/]",
+        _without_credentials(state["nats"]),
+        state.get("nats_monitor", ""),
+        "",
     )
     for name, svc in state["services"].items():
         status = health.get(name, "?")
@@ -358,8 +374,13 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dic
         name: await asyncio.to_thread(companions_up, companion)
         for name, companion in state.get("companions", {}).items()
     }
-    host, _, port = state["nats"].removeprefix("nats://").partition(":")
-    return state, health, wait_for_port(host, int(port), 0.5), companions
+    where = urlsplit(state["nats"])
+    return state, health, wait_for_port(where.hostname or "127.0.0.1", where.port or 4222, 0.5), companions
+
+
+def _without_credentials(url: str) -> str:
+    where = urlsplit(url)
+    return f"{where.scheme}://{where.hostname}:{where.port}" if where.password else url
 
 
 @click.command()
@@ -398,3 +419,60 @@ def status(ws: Workspace, as_json: bool) -> None:
     else:
         out.print(_status_table(state, health, nats_ok=nats_ok, companions=companions))
     raise SystemExit(0 if healthy else 1)
+
+
+# ------------------------------------------------------------------------------------- nats-rotate
+
+
+def _monitor(state: dict, path: str) -> dict:
+    with urllib.request.urlopen(f"{state['nats_monitor']}{path}", timeout=5) as reply:
+        return json.loads(reply.read())
+
+
+def _reload_nats(state: dict, timeout: float = 10.0) -> None:
+    """SIGHUP nats-server and wait until it has read its configuration again."""
+    before = _monitor(state, "/varz").get("config_load_time")
+    os.kill(state["nats_pid"], signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while _monitor(state, "/varz").get("config_load_time") == before:
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"nats-server did not reload its configuration within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _users_connected(state: dict) -> set[str]:
+    return {c.get("authorized_user", "") for c in _monitor(state, "/connz?auth=true&limit=1024").get("connections", [])}
+
+
+@click.command("nats-rotate")
+@click.argument("service", type=click.Choice([svc.name for svc in SERVICES]))
+@click.option("--timeout", default=30.0, show_default=True, help="seconds the service gets to reconnect")
+@click.pass_obj
+def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
+    """Give SERVICE new NATS credentials while everything runs, without restarting anything.
+
+    Make before break: nats-server learns the new user beside the old one, the service's credentials file
+    is rewritten (the service reconnects with it by itself), then the old user is removed.
+    """
+    state = ws.running()
+    if state is None:
+        raise click.ClickException("cdp is not running here (start it with `make up`)")
+    path = ws.nats_credentials_file(service)
+    old, _password = read_credentials(path)
+    new, password = next_nats_user(old), new_password()
+    ws.write_nats_auth(extra={new: password})
+    _reload_nats(state)
+    write_credentials(path, new, password)
+    deadline = time.monotonic() + timeout
+    while True:
+        users = _users_connected(state)
+        if new in users and old not in users:
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                f"{service} still connects as {old!r} after {timeout:.0f}s; both users stay valid (run again)"
+            )
+        time.sleep(0.2)
+    ws.write_nats_auth()
+    _reload_nats(state)
+    console.print(f"{service} now connects to NATS as {new!r}; {old!r} is gone.")

@@ -1,0 +1,116 @@
+"""`make up` with one NATS user per service: every service does its job under its own permissions, none
+can publish what it does not own, and a service's credentials rotate while everything runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from cdp_kit.bus import Bus, subjects
+from cdp_kit.natsauth import NatsClientSettings
+from cdp_testing.platform_run import CDPCTL, RunningPlatform
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("collector", "identity", "profile", "scoring", "segmentation", "orchestration", "crm")
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    with RunningPlatform(tmp_path_factory.mktemp("nats-users")) as running:
+        yield running
+
+
+def cdpctl(platform: RunningPlatform, *args: str) -> str:
+    result = subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"cdpctl {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def connections(platform: RunningPlatform) -> dict[str, str]:
+    """Connection name -> the NATS user it authenticated as."""
+    with urllib.request.urlopen(f"{platform.run['nats_monitor']}/connz?auth=true&limit=1024", timeout=5) as reply:
+        found = json.loads(reply.read())["connections"]
+    return {c.get("name", ""): c.get("authorized_user", "") for c in found}
+
+
+def violations(platform: RunningPlatform) -> list[str]:
+    log = platform.home / "nats" / "nats-server.log"
+    return [line for line in log.read_text().splitlines() if " Violation - Subject " in line]
+
+
+def credentials(platform: RunningPlatform, service: str) -> NatsClientSettings:
+    return NatsClientSettings(credentials_file=platform.home / "secrets" / "nats" / f"{service}.json")
+
+
+def nats_address(platform: RunningPlatform) -> str:
+    from urllib.parse import urlsplit
+
+    where = urlsplit(platform.nats_url)
+    return f"nats://{where.hostname}:{where.port}"
+
+
+@pytest.mark.timeout(180)
+def test_every_service_works_as_its_own_nats_user(platform):
+    users = connections(platform)
+    assert {service: users.get(service) for service in SERVICES} == {service: service for service in SERVICES}
+
+    # Events through the whole chain, a segment, a journey that schedules a timer: every service
+    # creates its streams and consumers, reads, publishes and announces under its permissions.
+    cdpctl(platform, "journey", "create", str(ROOT / "docs/journeys/abandoned-cart.yaml"), "--publish")
+    consent = '{"consent": {"categoryPreferences": {"Marketing": true}}}'
+    cdpctl(
+        platform,
+        "send",
+        "identify",
+        "--user-id",
+        "ada",
+        "--traits",
+        '{"email": "ada@example.com"}',
+        "--context",
+        consent,
+    )
+    cdpctl(platform, "send", "track", "--user-id", "ada", "--event", "Cart Abandoned", "--properties", "{}")
+    cdpctl(platform, "send", "track", "--user-id", "ada", "--event", "Order Completed", "--properties", '{"total": 42}')
+    cdpctl(
+        platform,
+        "segment",
+        "create",
+        "big_spenders",
+        'sum(properties.total, event = "Order Completed", within 90d) > 40',
+    )
+    person = json.loads(cdpctl(platform, "profile", "user_id", "ada", "--wait", "20"))["personId"]
+    deadline = time.monotonic() + 30
+    while person not in cdpctl(platform, "segment", "members", "big_spenders"):
+        assert time.monotonic() < deadline, "ada never entered the segment"
+        time.sleep(0.5)
+    instances = json.loads(cdpctl(platform, "journey", "instances", "--journey", "abandoned-cart", "--json"))
+    assert instances, "the journey took no one in"
+    cdpctl(platform, "lag")  # the operator's user reads every consumer
+    assert violations(platform) == []
+
+
+async def test_a_service_cannot_publish_what_another_owns(platform):
+    async with Bus.connect(nats_address(platform), name="profile", security=credentials(platform, "profile")) as bus:
+        with pytest.raises(nats.errors.TimeoutError):
+            await bus.js.publish(subjects.events_resolved(0), b"forged", timeout=1)
+    refused = violations(platform)
+    assert len(refused) == 1 and subjects.events_resolved(0) in refused[0] and "user:profile" in refused[0]
+
+
+@pytest.mark.timeout(120)
+def test_rotated_nats_credentials_take_effect_without_a_restart(platform):
+    pid = platform.service("profile")["pid"]
+    cdpctl(platform, "nats-rotate", "profile")
+    assert connections(platform)["profile"] == "profile.2"
+    # The profile service still consumes and publishes: a new person's profile is built.
+    cdpctl(platform, "send", "identify", "--user-id", "eve", "--traits", '{"first_name": "Eve"}')
+    assert json.loads(cdpctl(platform, "profile", "user_id", "eve", "--wait", "20"))["personId"]
+    platform.refresh()
+    assert platform.service("profile")["pid"] == pid
+    assert [line for line in violations(platform) if "user:profile.2" in line] == []
