@@ -121,7 +121,12 @@ class Applier:
     ) -> tuple[bool, str, str]:
         """(entered, instance id, reason) for one trigger of one journey."""
         instance = new_instance(journey, person.person_id, trigger)
-        if instance.id in person.live or await self.store.get(INSTANCES, instance.id) is not None:
+        if instance.id in person.live or (
+            # Only a person who entered this journey before can have started it with this trigger (an entry is
+            # recorded with its instance, in one commit), unless they were merged away: their entries went.
+            (journey.id in person.entered or person.merged_into)
+            and await self.store.get(INSTANCES, instance.id) is not None
+        ):
             return True, instance.id, "admitted"  # this trigger started it already
         running = sum(1 for i in person.live.values() if i.journey_id == journey.id and i.status is Status.RUNNING)
         history = entry.EntryHistory(running=running, last_entered_at=person.entered.get(journey.id))
