@@ -8,15 +8,15 @@ than the parser allows, empty fields everywhere. A service may refuse any of it 
 NOT_FOUND, FAILED_PRECONDITION, …) but must never fail on it: INTERNAL and UNKNOWN mean an exception
 escaped the code that should have named the bad field.
 
-The generator is seeded, so a failure reproduces; the report names the RPC, the status and the request.
-Identifiers the services hand back (person ids, merge ids, review ids) join the pool strings are drawn
-from, so later calls reach past the "unknown id" answers into the code behind them.
+The generator (`cdp_testing.fuzz.Fuzzer`; tests/fuzz/ drives every service with hypothesis) is seeded,
+so a failure reproduces; the report names the RPC, the status and the request. Identifiers the services
+hand back (person ids, merge ids, review ids) join the pool strings are drawn from, so later calls reach
+past the "unknown id" answers into the code behind them.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import pytest
 from google.protobuf import message_factory
-from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
@@ -35,190 +35,11 @@ from cdp_collector.settings import CollectorSettings
 from cdp_identity.__main__ import setup as identity_setup
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.service import serving
+from cdp_testing.fuzz import Fuzzer, harvest, show
 
 SEED = 20240611
 WRITE_KEY = "wk_fuzz_000000000001"
 FAILURES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
-
-_INT_RANGES = {
-    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
-    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
-    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
-    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
-    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
-}
-_FLOATS = (0.0, -0.0, 1.5, -1.0, 1e308, -1e308, 5e-324, math.inf, -math.inf, math.nan)
-_NASTY = (
-    "",
-    " ",
-    "\x00",
-    "a\x00b",
-    "\t\n\r",
-    "\u0301",  # a combining mark with nothing to combine with
-    "\u202eevil",  # right-to-left override
-    "😀" * 3,
-    "null",
-    "None",
-    "-1",
-    "1e400",
-    "NaN",
-    "0x7fffffff",
-    "../../etc/passwd",
-    "$where",
-    "{'$gt': ''}",
-    "%s%n",
-    "'; DROP TABLE people; --",
-    "person@example.com",
-    "+1 (555) 010-9999",
-    "user_id:u1",
-    "email:",
-    ":",
-    "2024-02-30",
-    "9999-12-31T23:59:60Z",
-    "x" * 65_536,
-)
-# Seconds of a Timestamp: the edges of years 1..9999, one past them, and far beyond.
-_SECONDS = (0, -1, 1_700_000_000, -62_135_596_800, 253_402_300_799, -62_135_596_801, 253_402_300_800, 2**62, -(2**62))
-_NANOS = (0, 1, 999_999_999, 1_000_000_000, -1, 2**31 - 1, -(2**31))
-
-
-class Fuzzer:
-    """Random well-typed protobuf messages, built from their descriptors."""
-
-    def __init__(self, seed: int, pool: list[str]) -> None:
-        self.rng = random.Random(seed)
-        self.pool = pool  # strings worth reusing: ids the services know, the write key
-
-    def string(self) -> str:
-        rng = self.rng
-        roll = rng.random()
-        if roll < 0.35 and self.pool:
-            return rng.choice(self.pool)
-        if roll < 0.7:
-            return rng.choice(_NASTY)
-        alphabet = "abcXYZ019_-.:@ \x00\x7f\u00e9\u4e2d\U0001f600"
-        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
-
-    def integer(self, kind: int) -> int:
-        low, high = _INT_RANGES[kind]
-        return self.rng.choice((0, 1, -1 if low < 0 else 2, low, high, self.rng.randint(low, high), 100, 10_000))
-
-    def scalar(self, field: FieldDescriptor, depth: int):
-        kind = field.type
-        if kind == FieldDescriptor.TYPE_STRING:
-            return self.string()
-        if kind == FieldDescriptor.TYPE_BYTES:
-            return self.string().encode()
-        if kind == FieldDescriptor.TYPE_BOOL:
-            return self.rng.random() < 0.5
-        if kind in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
-            value = self.rng.choice(_FLOATS)
-            return (
-                max(min(value, 3e38), -3e38) if kind == FieldDescriptor.TYPE_FLOAT and math.isfinite(value) else value
-            )
-        if kind == FieldDescriptor.TYPE_ENUM:
-            declared = [v.number for v in field.enum_type.values]
-            return self.rng.choice([*declared, 99, -7])  # open enums carry numbers nobody declared
-        return self.integer(kind)
-
-    def fill(self, message: Message, depth: int = 0) -> Message:
-        name = message.DESCRIPTOR.full_name
-        if name == "google.protobuf.Timestamp" or name == "google.protobuf.Duration":
-            message.seconds = self.rng.choice(_SECONDS)
-            message.nanos = self.rng.choice(_NANOS)
-            return message
-        if name == "google.protobuf.Struct":
-            self.struct(message, depth)
-            return message
-        if name == "google.protobuf.Value":
-            self.value(message, depth)
-            return message
-        for field in message.DESCRIPTOR.fields:
-            if self.rng.random() < 0.35:
-                continue  # empty fields are part of the fuzz
-            self.set(message, field, depth)
-        return message
-
-    def set(self, message: Message, field: FieldDescriptor, depth: int) -> None:
-        is_message = field.type == FieldDescriptor.TYPE_MESSAGE
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            entries = getattr(message, field.name)
-            key_field, value_field = (
-                field.message_type.fields_by_name["key"],
-                field.message_type.fields_by_name["value"],
-            )
-            for _ in range(self.rng.choice((0, 1, 3, 8))):
-                key = self.scalar(key_field, depth)
-                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
-                    self.fill(entries[key], depth + 1)
-                else:
-                    entries[key] = self.scalar(value_field, depth)
-            return
-        if field.is_repeated:
-            items = getattr(message, field.name)
-            for _ in range(self.rng.choice((0, 1, 2, 5, 40 if depth == 0 else 2))):
-                if is_message:
-                    if depth < 6:
-                        self.fill(items.add(), depth + 1)
-                else:
-                    items.append(self.scalar(field, depth))
-            return
-        if is_message:
-            if depth < 6:
-                self.fill(getattr(message, field.name), depth + 1)
-                getattr(message, field.name).SetInParent()
-            return
-        setattr(message, field.name, self.scalar(field, depth))
-
-    def struct(self, struct, depth: int) -> None:
-        # Now and then far deeper than the parser's recursion limit (100 messages; 3 per Struct level).
-        if depth == 0 and self.rng.random() < 0.05:
-            inner = struct
-            for _ in range(self.rng.choice((20, 40))):
-                inner = inner.fields["d"].struct_value
-            inner.fields["leaf"].string_value = self.string()
-            return
-        for _ in range(self.rng.choice((0, 1, 3))):
-            self.value(struct.fields[self.string()[:64]], depth + 1)
-
-    def value(self, value, depth: int) -> None:
-        kind = self.rng.choice(("null", "number", "string", "bool", "struct", "list"))
-        if depth > 8 and kind in ("struct", "list"):
-            kind = "string"
-        if kind == "null":
-            value.null_value = 0
-        elif kind == "number":
-            value.number_value = self.rng.choice(_FLOATS)
-        elif kind == "string":
-            value.string_value = self.string()
-        elif kind == "bool":
-            value.bool_value = True
-        elif kind == "struct":
-            self.struct(value.struct_value, depth + 1)
-            value.struct_value.SetInParent()
-        else:
-            for _ in range(self.rng.choice((0, 1, 3))):
-                self.value(value.list_value.values.add(), depth + 1)
-            value.list_value.SetInParent()
-
-
-def harvest(message: Message, pool: list[str]) -> None:
-    """Ids a response names, for later requests to reuse."""
-    for field, value in message.ListFields():
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
-            if field.message_type.GetOptions().map_entry:
-                continue
-            for item in value if field.is_repeated else (value,):
-                harvest(item, pool)
-        elif field.type == FieldDescriptor.TYPE_STRING and field.name.endswith(("id", "winner", "loser", "_ids")):
-            for item in value if field.is_repeated else (value,):
-                if item and item not in pool and len(pool) < 200:
-                    pool.append(item)
 
 
 async def fuzz_service(
@@ -260,17 +81,12 @@ async def fuzz_service(
             except grpc.aio.AioRpcError as exc:
                 codes[exc.code().name] += 1
                 if exc.code() in FAILURES:
-                    failures.append(f"{name} (call {number}): {exc.code().name} {exc.details()!r}\n  {_show(request)}")
+                    failures.append(f"{name} (call {number}): {exc.code().name} {exc.details()!r}\n  {show(request)}")
                 continue
             codes["OK"] += 1
             for response in responses:
                 harvest(response, pool)
     return codes, failures
-
-
-def _show(request: Message) -> str:
-    text = str(request).replace("\n", " ")
-    return text if len(text) < 600 else text[:600] + "…"
 
 
 def _assert_no_failures(codes: Counter, failures: Iterable[str]) -> None:

@@ -1,0 +1,330 @@
+"""Every gRPC method of every service, fuzzed on the whole running platform (`cdpctl up`, real processes).
+
+The methods are found, not listed: every service descriptor in the generated stubs (libs/cdp-protos), so a
+new RPC or a new service is fuzzed the day it is added. Each method gets hostile but well-typed requests
+built from its input descriptor (`cdp_testing.fuzz.messages`): nasty strings (NUL, right-to-left marks,
+64 KiB), integers at the edges of their type, NaN and infinities, Timestamps outside years 1..9999, enum
+numbers nobody declared, Structs deeper than the parser allows. Where a field holds a language, it gets
+that language: segment-language text and JSON trees for segment definitions, journey documents (JSON,
+YAML, Struct) whose conditions are random segment-language text. Every unary method also gets random
+bytes as its body.
+
+What must hold for every answer:
+  - never INTERNAL, UNKNOWN or DATA_LOSS: those mean an exception escaped the code that should have named
+    the bad field;
+  - never DEADLINE_EXCEEDED (a hang), except on the subscription streams (Subscribe*), which are open-ended;
+  - INVALID_ARGUMENT carries a google.rpc BadRequest naming the field at fault.
+Calls are made with the admin token, so they reach past authorization into the code behind it.
+
+A failure is shrunk by hypothesis to the smallest request that still fails and printed with the method.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from google.protobuf import message_factory, struct_pb2
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cdp
+from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
+from cdp_testing.fuzz import (
+    FAILURES,
+    bad_request_fields,
+    budget,
+    messages,
+    nasty_text,
+    segment_text,
+    segment_tree,
+    show,
+)
+
+EXAMPLES = 6  # per method in `make test` (~90 methods); `make fuzz` multiplies it
+TIMEOUT = 15.0  # a hang, on a machine shared with the rest of the suite
+
+
+def every_service() -> list[tuple[str, ServiceDescriptor]]:
+    """(platform service name, descriptor) for every service in the generated stubs: cdp.<name>.v1."""
+    found = []
+    for root in map(Path, cdp.__path__):  # a namespace package: pkgutil does not walk into it
+        for stub in sorted(root.glob("*/v*/*_pb2.py")):
+            module = importlib.import_module(".".join(("cdp", *stub.relative_to(root).with_suffix("").parts)))
+            for service in module.DESCRIPTOR.services_by_name.values():
+                found.append((service.full_name.split(".")[1], service))
+    return sorted(found, key=lambda item: item[1].full_name)
+
+
+METHODS = [(name, method) for name, service in every_service() for method in service.methods]
+
+
+def test_every_service_is_found():
+    assert {name for name, _ in METHODS} >= {
+        "collector",
+        "identity",
+        "profile",
+        "scoring",
+        "segmentation",
+        "orchestration",
+        "crm",
+    }
+
+
+# --------------------------------------------------------------------------------------------- languages
+
+# A journey that parses (see cdp_orchestration.domain.document), which the fuzz then bends out of shape.
+JOURNEY = {
+    "id": "fz-cart",
+    "version": 1,
+    "name": "Abandoned cart",
+    "priority": 50,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned", "where": "properties.total > 0", "if": 'traits.country = "DE"'},
+    "reentry": {"cooldown": "7d"},
+    "exit": [{"id": "purchased", "event": "Order Completed"}, {"condition": "traits.unsubscribed = true"}],
+    "goal": {"event": "Order Completed", "within": "3d"},
+    "nodes": [
+        {"id": "wait", "type": "delay", "duration": "1h", "next": "remind"},
+        {
+            "id": "remind",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "{{ traits.first_name }}, your cart", "body": "{{ entry.total }}"},
+            "next": "check",
+        },
+        {"id": "check", "type": "wait", "event": "Order Completed", "timeout": "2d", "next": "done",
+         "timeout_next": "branch"},
+        {"id": "branch", "type": "branch", "branches": [{"if": "scores.churn_risk > 0.8", "next": "split"}],
+         "else": "done"},
+        {"id": "split", "type": "split", "variants": [{"name": "a", "weight": 50, "next": "done"},
+                                                     {"name": "control", "weight": 50, "control": True}]},
+        {"id": "done", "type": "exit"},
+    ],
+}  # fmt: skip
+
+# Places in the document that hold segment-language text.
+CONDITION_PATHS = (
+    ("entry", "if"),
+    ("entry", "where"),
+    ("exit", 1, "condition"),
+    ("nodes", 3, "branches", 0, "if"),
+)
+
+
+def _json_values() -> st.SearchStrategy:
+    text = nasty_text()
+    return st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), text),
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+        max_leaves=6,
+    )
+
+
+def _paths(document, prefix=()):
+    yield prefix
+    if isinstance(document, dict):
+        for key, value in document.items():
+            yield from _paths(value, (*prefix, key))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            yield from _paths(value, (*prefix, index))
+
+
+_ALL_PATHS = [path for path in _paths(JOURNEY) if path]
+
+
+def _set(document, path, value):
+    target = document
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+
+
+@st.composite
+def journey_documents(draw) -> dict:
+    """The valid journey with a few changes: segment-language text in its conditions, hostile JSON at
+    random places, keys removed."""
+    document = json.loads(json.dumps(JOURNEY))
+    for _ in range(draw(st.integers(0, 4))):
+        action = draw(st.sampled_from(("condition", "value", "drop")))
+        if action == "condition":
+            _set(document, draw(st.sampled_from(CONDITION_PATHS)), draw(segment_text()))
+            continue
+        path = draw(st.sampled_from(_ALL_PATHS))
+        try:
+            if action == "value":
+                _set(document, path, draw(_json_values()))
+            else:
+                target = document
+                for step in path[:-1]:
+                    target = target[step]
+                del target[path[-1]]
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier change removed or replaced what this path led to
+    return document
+
+
+def _struct(value: dict) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+OVERRIDES = {
+    "cdp.segmentation.v1.Definition.text": segment_text(),
+    "cdp.segmentation.v1.Definition.tree": segment_tree().filter(lambda t: isinstance(t, dict)).map(_struct),
+    "cdp.segmentation.v1.CreateSegmentRequest.id": st.one_of(st.sampled_from(("fz_a", "fz-b")), nasty_text()),
+    "cdp.segmentation.v1.UpdateSegmentRequest.id": st.one_of(st.sampled_from(("fz_a", "fz-b")), nasty_text()),
+    "cdp.orchestration.v1.JourneyDefinition.json": journey_documents().map(json.dumps),
+    "cdp.orchestration.v1.JourneyDefinition.yaml": journey_documents().map(yaml.safe_dump),
+    "cdp.orchestration.v1.JourneyDefinition.tree": journey_documents().map(_struct),
+}
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+
+def _has_non_finite_struct_number(message: Message) -> bool:
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.full_name == "google.protobuf.Value":
+            items = value if field.is_repeated else (value,)
+            if any(v.WhichOneof("kind") == "number_value" and not math.isfinite(v.number_value) for v in items):
+                return True
+        if field.message_type.GetOptions().map_entry:
+            items = value.values() if field.message_type.fields_by_name["value"].message_type else ()
+        else:
+            items = value if field.is_repeated else (value,)
+        if any(_has_non_finite_struct_number(item) for item in items):
+            return True
+    return False
+
+
+# Known, reported and not fixed here (their services are being changed by others): a predicate on the
+# (service, method, request) and why. Each has a strict xfail test below that turns red once it is fixed.
+KNOWN = {
+    "orchestration: a journey tree or Enroll properties Struct holding NaN/inf is INTERNAL": lambda name, method, r: (
+        name == "orchestration" and method.name in ("ValidateJourney", "CreateJourney", "UpdateJourney", "Enroll")
+        and _has_non_finite_struct_number(r)
+    ),
+}  # fmt: skip
+
+
+def verdict(name: str, method: MethodDescriptor, request: Message | bytes, error: grpc.RpcError | None) -> str | None:
+    """Why this answer is wrong, or None."""
+    if error is None:
+        return None
+    code = error.code()
+    if code in FAILURES:
+        if isinstance(request, Message) and any(known(name, method, request) for known in KNOWN.values()):
+            return None
+        return f"{code.name}: {error.details()!r}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not method.name.startswith("Subscribe"):
+        return f"no answer within {TIMEOUT:g} s"
+    if code == grpc.StatusCode.INVALID_ARGUMENT and not bad_request_fields(error):
+        return f"INVALID_ARGUMENT without a BadRequest naming the field: {error.details()!r}"
+    return None
+
+
+def call(channel: grpc.Channel, method: MethodDescriptor, request, metadata, *, raw: bool = False):
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if raw:
+        serialize = deserialize = None
+    else:
+        serialize = message_factory.GetMessageClass(method.input_type).SerializeToString
+        deserialize = message_factory.GetMessageClass(method.output_type).FromString
+    timeout = 1.0 if method.name.startswith("Subscribe") else TIMEOUT
+    if method.client_streaming:
+        make = channel.stream_stream if method.server_streaming else channel.stream_unary
+        answer = make(path, serialize, deserialize)(iter([request]), timeout=timeout, metadata=metadata)
+    else:
+        make = channel.unary_stream if method.server_streaming else channel.unary_unary
+        answer = make(path, serialize, deserialize)(request, timeout=timeout, metadata=metadata)
+    return list(answer) if method.server_streaming else answer
+
+
+@pytest.fixture(scope="module")
+def channels(platform):
+    opened = {name: grpc.insecure_channel(platform.grpc_address(name)) for name in platform.run["services"]}
+    yield opened
+    for channel in opened.values():
+        channel.close()
+
+
+# --------------------------------------------------------------------------------------------- the fuzz
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("name", "method"), METHODS, ids=[f"{method.containing_service.name}.{method.name}" for _, method in METHODS]
+)
+def test_no_method_fails_on_hostile_requests(platform, channels, name, method):
+    strategy = messages(method.input_type, pool=("u-1", "fz_a", "fz-cart", "churn_risk"), overrides=OVERRIDES)
+
+    @budget(EXAMPLES)
+    @given(request=strategy, right_key=st.booleans())
+    def fuzz(request, right_key):
+        if method.input_type.full_name == "cdp.collector.v1.CollectRequest" and right_key:
+            request.write_key = platform.write_key  # past the door, into validating and storing events
+        try:
+            call(channels[name], method, request, platform.admin_metadata)
+            error = None
+        except grpc.RpcError as exc:
+            error = exc
+        wrong = verdict(name, method, request, error)
+        assert wrong is None, f"{method.full_name}: {wrong}\nrequest: {show(request)}"
+
+    fuzz()
+
+
+UNARY = [(name, method) for name, method in METHODS if not method.client_streaming]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("name", "method"), UNARY, ids=[f"{method.containing_service.name}.{method.name}" for _, method in UNARY]
+)
+def test_random_bytes_as_a_body_are_invalid_argument_naming_the_request(platform, channels, name, method):
+    @budget(3)
+    @given(body=st.one_of(st.binary(min_size=1, max_size=256), st.just(b"\xff\xff\xff\xff\x0f\x01")))
+    def fuzz(body):
+        try:
+            call(channels[name], method, body, platform.admin_metadata, raw=True)
+            return  # some bytes are a valid message (unknown fields are skipped)
+        except grpc.RpcError as exc:
+            wrong = verdict(name, method, body, exc)
+            assert wrong is None, f"{method.full_name}: {wrong}\nbody: {show(body)}"
+
+    fuzz()
+
+
+# --------------------------------------------------------------------------------------------- known, reported
+
+
+@pytest.mark.xfail(
+    strict=True, reason="orchestration: a Struct holding NaN fails the JSON conversion (reported, not fixed here)"
+)
+def test_a_journey_tree_holding_nan_is_invalid_argument_naming_the_definition(platform, channels):
+    definition = orchestration_pb2.JourneyDefinition(tree=_struct(JOURNEY))
+    definition.tree.fields["priority"].number_value = math.nan
+    stub = orchestration_pb2_grpc.OrchestrationServiceStub(channels["orchestration"])
+    try:
+        stub.ValidateJourney(
+            orchestration_pb2.ValidateJourneyRequest(definition=definition),
+            metadata=platform.admin_metadata,
+            timeout=TIMEOUT,
+        )
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        assert bad_request_fields(exc)
