@@ -91,8 +91,20 @@ def test_every_service_works_as_its_own_nats_user(platform):
         time.sleep(0.5)
     instances = json.loads(cdpctl(platform, "journey", "instances", "--journey", "abandoned-cart", "--json"))
     assert instances, "the journey took no one in"
-    cdpctl(platform, "lag")  # the operator's user reads every consumer
+    # A privacy deletion: profile publishes privacy.deleted, identity, collector, orchestration and the
+    # CRM connector consume it.
+    cdpctl(platform, "delete", "user_id", "ada", "--yes")
+    deadline = time.monotonic() + 30
+    while _pending_privacy(json.loads(cdpctl(platform, "lag", "--json"))):
+        assert time.monotonic() < deadline, "privacy.deleted was not consumed everywhere"
+        time.sleep(0.5)
     assert violations(platform) == []
+
+
+def _pending_privacy(rows: list[dict]) -> bool:
+    """True while a consumer of privacy.deleted has not acknowledged everything (or none exists yet)."""
+    privacy = [r for r in rows if r["stream"] == subjects.PRIVACY]
+    return not privacy or any(r["pending"] or r["ack_pending"] for r in privacy)
 
 
 async def test_a_service_cannot_publish_what_another_owns(platform):

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from cdp_kit.bus import Bus, ConsumerSpec, events_resolved_stream, profiles_stream, subjects
 from cdp_kit.errors import Unauthenticated
 from cdp_kit.natsauth import (
+    MODEL_BUCKET,
     OPERATOR,
     ROLES,
     NatsClientSettings,
@@ -286,3 +287,27 @@ async def test_mutual_tls_refuses_a_client_without_a_certificate(tmp_path):
                 server.url, name="profile", connect_timeout=1, security=NatsClientSettings(tls_ca_file=certs["ca"])
             ):
                 pass
+
+
+async def test_a_service_keeps_its_partition_leases_and_cannot_touch_anothers(users):
+    from cdp_kit.ownership.nats_kv import NatsKvLeaseStore
+
+    async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
+        store = await NatsKvLeaseStore.open(identity.js, "identity")
+        await store.heartbeat("pod-0")
+        assert set(await store.members()) == {"pod-0"}
+        lease = await store.write(0, "pod-0", None)
+        assert lease is not None and (await store.leases())[0].holder == "pod-0"
+        # The profile service's leases are not identity's to take.
+        theirs = await NatsKvLeaseStore.open(identity.js, "profile")
+        with pytest.raises(nats.errors.TimeoutError):
+            await theirs.kv.put("profile.partitions.0", b"pod-0")
+
+
+async def test_scoring_keeps_its_models_in_its_object_store(users):
+    async with Bus.connect(users.server.url, name="scoring", security=users.security("scoring")) as scoring:
+        store = await scoring.js.create_object_store(MODEL_BUCKET)
+        await store.put("churn/3", b"onnx bytes" * 50_000)
+        again = await scoring.js.object_store(MODEL_BUCKET)
+        assert (await again.get("churn/3")).data == b"onnx bytes" * 50_000
+    assert violations(users.server) == []

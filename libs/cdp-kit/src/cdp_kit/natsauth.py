@@ -214,6 +214,7 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
         f"{api}.STREAM.CREATE.{kv_stream}",
         f"{api}.CONSUMER.CREATE.{kv_stream}",
         f"{api}.CONSUMER.CREATE.{kv_stream}.>",
+        f"{api}.CONSUMER.INFO.{kv_stream}.*",
         f"{api}.CONSUMER.DELETE.{kv_stream}.*",
         f"{api}.STREAM.MSG.GET.{kv_stream}",
         f"{api}.DIRECT.GET.{kv_stream}.$KV.{OWNERSHIP_BUCKET}.{role.name}.>",
@@ -223,6 +224,7 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     for bucket in role.object_stores:
         obj_stream = f"OBJ_{bucket}"
         publish += [
+            f"{api}.STREAM.NAMES",  # nats.py finds the stream of an object's subject by name lookup
             f"{api}.STREAM.INFO.{obj_stream}",
             f"{api}.STREAM.CREATE.{obj_stream}",
             f"{api}.STREAM.PURGE.{obj_stream}",
@@ -231,6 +233,7 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
             f"{api}.DIRECT.GET.{obj_stream}.>",
             f"{api}.CONSUMER.CREATE.{obj_stream}",
             f"{api}.CONSUMER.CREATE.{obj_stream}.>",
+            f"{api}.CONSUMER.INFO.{obj_stream}.*",
             f"{api}.CONSUMER.DELETE.{obj_stream}.*",
             f"$JS.FC.{obj_stream}.>",
             f"$O.{bucket}.>",
