@@ -210,7 +210,8 @@ class Deliverer:
             return fallback
         delivered = Delivered(units=units, requests=units)
         for change in changes:
-            result = outcome.results.get(change.record)
+            record = change.record
+            result = outcome.results.get(record)
             if result is None:  # not in any result file: never seen by the job; the batch endpoints take it
                 delivered.pending.append(change)
             elif result.ok:
@@ -218,7 +219,7 @@ class Deliverer:
             else:
                 error = result.error or CrmError(REJECTED, "BULK_FAILED", "", 200)
                 dead = DeadLetter(
-                    mapping.connection, mapping.name, change.record, error.reason, error.code, error.message,
+                    mapping.connection, mapping.name, record, error.reason, error.code, error.message,
                     error.status, now, change,
                 )  # fmt: skip
                 delivered.dead.append(dead)

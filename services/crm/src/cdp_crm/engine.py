@@ -405,16 +405,17 @@ class CrmLogic:
             else:
                 dead_letters.append(dead)
         for change, result in delivered.synced:
-            fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
+            key = result.record or change.record  # the record key, computed once (a hash)
+            fields, member = intended.get(key, (change.fields, change.op != REMOVE))
             left = change.op == REMOVE or (mapping.segment is not None and change.trigger == SEGMENT_EXITED)
             state = OUT_OF_SCOPE if left else SYNCED
             doc = record_doc(
-                mapping, change, fields, member, state, now, previous.get(change.record),
+                mapping, change, fields, member, state, now, previous.get(key),
                 crm_id=result.crm_id, synced_at=now, synced_stamp=change.stamp,
             )  # fmt: skip
-            out.put(RECORDS, change.record, doc)
-            out.delete(DEAD_LETTERS, change.record)
-            out.delete(PENDING, change.record)
+            out.put(RECORDS, key, doc)
+            out.delete(DEAD_LETTERS, key)
+            out.delete(PENDING, key)
             out.count(connection, "created" if result.created else "updated")
             if self.m_records is not None:
                 self.m_records.add(1, {"connection": connection, "outcome": "synced"})
@@ -506,6 +507,16 @@ class Planned:
         self.records: dict[str, None] = {}
         self.skipped: dict[str, int] = defaultdict(int)
         self.unchanged: dict[str, int] = defaultdict(int)
+
+    async def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the stored states of these records in one query (a backfill page plans thousands)."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.intended]
+        found = await self.store.get_many(RECORDS, missing) if missing else {}
+        for key in missing:
+            record = found.get(key)
+            doc = record.doc if record is not None else {}
+            self.previous[key] = doc
+            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
 
     async def add(self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input) -> None:
         if isinstance(projection, proj.Skipped):

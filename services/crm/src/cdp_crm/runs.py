@@ -26,7 +26,7 @@ from collections import defaultdict
 from typing import Any
 
 from cdp_crm.domain import projection as proj
-from cdp_crm.domain.coalesce import REMOVE, UPSERT
+from cdp_crm.domain.coalesce import REMOVE, UPSERT, record_key
 from cdp_crm.domain.isolation import DeadLetter
 from cdp_crm.domain.mapping import BACKFILL, ObjectMapping
 from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, View, resolve_writes
@@ -125,17 +125,21 @@ class Runs:
                 async with self.logic.settled(partition):
                     out = Outcomes(self.clock())
                     planned = Planned(self.store)
+                    projected = []
                     for person in persons:
                         source = View(person.fields, person.segments).source(person.person_id)
                         item = Input("backfill", person.person_id, person.stamp, None)
                         for mapping in mappings:
                             if mapping.kind == "list":
-                                member = proj.in_scope(mapping, source)
-                                await planned.add(
-                                    mapping, proj.project(mapping, source), UPSERT if member else REMOVE, BACKFILL, item
-                                )
+                                op = UPSERT if proj.in_scope(mapping, source) else REMOVE
+                                projected.append((mapping, proj.project(mapping, source), op, item))
                             elif proj.in_scope(mapping, source):
-                                await planned.add(mapping, proj.project(mapping, source), UPSERT, BACKFILL, item)
+                                projected.append((mapping, proj.project(mapping, source), UPSERT, item))
+                    await planned.prefetch(
+                        record_key(m.name, p.key) for m, p, _, _ in projected if isinstance(p, proj.Projection)
+                    )
+                    for mapping, projection, op, item in projected:
+                        await planned.add(mapping, projection, op, BACKFILL, item)
                     await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
                     await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
                 run["doc"] = self._count(run["doc"], out, len(persons))
