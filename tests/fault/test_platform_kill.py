@@ -3,14 +3,15 @@ at the end where a user would look.
 
 The platform runs as `make up` runs it (`cdpctl up`: every service, the local channel servers and CRM
 emulators, under its supervisor). A segment ("pro": `traits.plan = "pro"`) and a journey (entering it
-sends one email) are set up through the services' APIs. Then people are sent through the collector's
+sends one email, then after a delay calls a webhook) are set up through the services' APIs. Then people are sent through the collector's
 Segment HTTP API as an SDK sends them - batches with stable messageIds, the same batch sent again until
 it is accepted - while collector, identity, profile, scoring, segmentation, orchestration and the CRM
 connector are each SIGKILLed and nats-server is killed once; the supervisor starts each again. At the end:
 
 - every accepted event is on its person's profile timeline exactly once;
 - every person entered "pro" exactly once and never left it (the segments stream);
-- every person got exactly one email (the local SMTP server's maildir, by recipient and action id);
+- every person got exactly one email (the local SMTP server's maildir, by recipient and action id) and
+  one webhook call (the local receiver's list of what it accepted);
 - every person is one HubSpot contact with their latest first name and segment, and the account's limit
   was never exceeded (the emulator's own counters), and one Salesforce contact.
 
@@ -61,7 +62,17 @@ JOURNEY = {
             "channel": "email",
             "purpose": "Marketing",
             "template": {"subject": "Welcome to pro, {{ traits.first_name }}", "body": "enjoy"},
-        }
+            "next": "later",
+        },
+        # A timer pending across the kills, then a call to the local webhook receiver.
+        {"id": "later", "type": "delay", "duration": "2s", "next": "notify"},
+        {
+            "id": "notify",
+            "type": "action",
+            "channel": "webhook",
+            "purpose": "Marketing",
+            "template": {"title": "pro", "body": "a new pro customer"},
+        },
     ],
 }
 
@@ -368,6 +379,13 @@ def test_every_service_killed_in_turn_under_load_loses_and_duplicates_nothing(pl
         return True if not missing else f"not mailed: {missing[:5]} ({len(missing)})"
 
     eventually(mailed_everyone, timeout=90)
+    receiver = platform.companion("channels")["urls"]["webhook"].removesuffix("/hooks/cdp")
+
+    def called_for_everyone():
+        called = {d["json"]["person_id"] for d in get_json(f"{receiver}/_deliveries")}
+        return True if len(called) >= PEOPLE else f"webhook called for {len(called)} of {PEOPLE}"
+
+    eventually(called_for_everyone, timeout=90)
 
     def crm_latest():
         contacts = get_json(f"{hubspot}/_emulator/records/contacts")
@@ -398,6 +416,11 @@ def test_every_service_killed_in_turn_under_load_loses_and_duplicates_nothing(pl
     recipients, actions = mail_by_recipient(maildir)
     assert {u: recipients[u] for u in users} == dict.fromkeys(users, 1), "one welcome email each"
     assert set(actions.values()) == {1}, "no action mailed twice"
+
+    deliveries = get_json(f"{receiver}/_deliveries")
+    called = collections.Counter(d["json"]["person_id"] for d in deliveries)
+    assert called == dict.fromkeys(persons.values(), 1), "one webhook call each (after the pending delay)"
+    assert len({d["idempotency_key"] for d in deliveries}) == len(deliveries), "no action delivered twice"
 
     # Every CRM record once, with its latest values; the account's limit never exceeded.
     contacts = get_json(f"{hubspot}/_emulator/records/contacts")
