@@ -58,6 +58,9 @@ class Recorder:
             raise InvalidArgument("traits.email", "'ada.example.com' must contain '@'")
         if request == b"abort":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "handler said no")
+        if request == b"long":
+            unknown = ", ".join(f'in_segment("s{i}") is not a segment ✗' for i in range(2_000))
+            raise InvalidArgument("definition.text", unknown)
         if request == b"set-code":
             context.set_code(grpc.StatusCode.ALREADY_EXISTS)
             context.set_details("exists already")
@@ -230,6 +233,25 @@ async def test_a_domain_error_becomes_its_status_with_details(observed, caplog):
     (line,) = [r for r in caplog.records if r.name == "cdp.grpc"]
     assert (line.levelname, line.getMessage(), line.status) == ("INFO", "grpc call rejected", "INVALID_ARGUMENT")
     assert (line.method, line.reason, line.field) == ("/test.Svc/Fail", "invalid_argument", "traits.email")
+
+
+async def test_a_long_error_is_shortened_to_fit_the_trailers_and_still_names_its_field(observed):
+    """What the fuzz found: a definition naming 2,000 unknown segments was refused with a message of
+    ~100 KB; the trailers carrying it passed gRPC's 16 KB metadata limit, and the caller got
+    RESOURCE_EXHAUSTED ("Stream removed") instead of INVALID_ARGUMENT naming the field."""
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await channel.unary_unary("/test.Svc/Fail")(b"long")
+
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad.value.details().startswith('definition.text: in_segment("s0") is not a segment ✗')
+    assert "more characters" in bad.value.details()
+    request = error_details_pb2.BadRequest()
+    assert rpc_status.from_call(bad.value).details[1].Unpack(request)
+    [violation] = request.field_violations
+    assert violation.field == "definition.text"
+    assert violation.description.startswith('in_segment("s0") is not a segment ✗')
+    assert len(violation.description.encode()) <= 1100
 
 
 async def test_the_caller_hears_the_value_that_failed_the_log_and_span_do_not(observed, caplog):

@@ -97,15 +97,33 @@ def current_caller() -> Caller:
     return _caller.get()
 
 
+# The status travels in trailers, twice (grpc-message, percent-encoded, and inside grpc-status-details-bin,
+# base64), and a client drops a call whose trailers pass its metadata limit (16 KB by default) as
+# RESOURCE_EXHAUSTED: an error listing thousands of problems would never reach the caller as itself. Each
+# text is kept to this many UTF-8 bytes, its start (the field and the first problems) kept.
+MAX_ERROR_TEXT_BYTES = 1024
+
+
+def bounded(text: str, limit: int = MAX_ERROR_TEXT_BYTES) -> str:
+    """`text`, or its start cut to at most `limit` UTF-8 bytes with how much was left out."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    kept = encoded[: limit - 40].decode(errors="ignore")
+    return f"{kept} … ({len(text) - len(kept)} more characters)"
+
+
 def status_for(error: CdpError) -> status_pb2.Status:
     """The google.rpc.Status (with details) a domain error becomes on the wire."""
-    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    status = status_pb2.Status(code=error.code.value[0], message=bounded(error.message))
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain="cdp")
     status.details.add().Pack(info)
     if isinstance(error, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=bounded(error.field, 256), description=bounded(error.description)
+                )
             ]
         )
         status.details.add().Pack(bad_request)
