@@ -1,0 +1,574 @@
+"""A privacy deletion leaves nothing of the person readable anywhere the platform writes.
+
+The whole platform runs as `make up` runs it (`cdpctl up` in a temporary workspace: every service on its
+embedded SQLite store under the workspace's `data/`, nats-server's store under `nats/`, the local channel
+servers and CRM emulators beside them). One person, with identifiers and a trait no one else has, goes
+through every service: a profile, scores, a segment, a journey that emails them, leaves an in-app
+message and opens a CRM task, and a contact in the local HubSpot and Salesforce. A second person goes the
+same way and must be untouched (and shows that the scan below does find what is there).
+
+Then the operator deletes the first person as the README documents (`cdpctl delete user_id ... --yes`),
+and waits until the deletion is reported complete: every durable consumer of `privacy.deleted` has
+acknowledged it (each acknowledges only once its purge is durable and its store erased). Afterwards:
+
+- every file under the workspace that a service writes (the SQLite stores with their -wal/-shm files,
+  anything else in `data/`, the scoring model store) is read byte by byte for each of the person's
+  values in the encodings a store may keep them in (UTF-8, lower-cased, UTF-16, JSON-escaped): none;
+- every CRM emulator's records and request log, and the in-app inbox, hold nothing of the person; the
+  CRM records are anonymised under the default policy; every service answers NOT_FOUND or nothing;
+- every log line of every service holds neither the person's values nor a secret of the workspace
+  (write keys, tokens, NATS passwords);
+- every JetStream stream the platform created keeps messages at most 30 days, unless docs/privacy.md
+  lists it as holding no personal data.
+
+What is deliberately not scanned: `nats/` (streams keep events until their retention, see
+docs/privacy.md), `mail/` (the email went out: it is the recipient's mailbox, not the platform's) and
+the emulators' own snapshot files (they stand for the CRMs and are checked through their APIs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
+from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_testing.platform_run import CDPCTL, RunningPlatform
+
+ROOT = Path(__file__).resolve().parents[2]
+DAY = 86_400
+
+# The person deleted: every value is one no other test or fixture uses.
+USER = "u-priv-7d3e91"
+ANON = "anon-priv-c0ffee42"
+EMAIL = "Quinn.Erasable-5k2@Example.ORG"  # identity keeps it lower-cased
+PHONE = "+44 7700 900871"
+FIRST_NAME = "Zoëquartz"  # not ASCII: a JSON writer may escape it
+LAST_NAME = "Erasabelle-4471"
+NOTE = "priv-note-b1e5d0"  # an event property
+
+# The person kept.
+KEEP_USER = "u-priv-keep-51aa"
+KEEP_EMAIL = "keep.me-51aa@example.org"
+
+CONSENT = {"consent": {"categoryPreferences": {"Marketing": True}}}
+
+JOURNEY = {
+    "id": "priv-welcome",
+    "version": 1,
+    "name": "Welcome (privacy test)",
+    "priority": 10,
+    "category": "onboarding",
+    "timezone": "UTC",
+    "entry": {"segment": "priv-vip", "on": "entered"},
+    "reentry": "never",
+    "nodes": [
+        {
+            "id": "mail",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "Hello {{ traits.first_name }}", "body": "Dear {{ traits.last_name }}"},
+            "next": "inbox",
+        },
+        {
+            "id": "inbox",
+            "type": "action",
+            "channel": "inapp",
+            "purpose": "Marketing",
+            "template": {"title": "For {{ traits.first_name }}", "body": "{{ traits.last_name }}, welcome"},
+            "next": "task",
+        },
+        {
+            "id": "task",
+            "type": "action",
+            "channel": "crm",
+            "purpose": "Marketing",
+            "template": {"kind": "task", "subject": "Call {{ traits.first_name }}", "body": "{{ traits.email }}"},
+        },
+    ],
+}
+
+
+def encodings(value: str) -> set[bytes]:
+    """The byte strings a store or a log may hold `value` as."""
+    forms = {value, value.lower()}
+    out: set[bytes] = set()
+    for form in forms:
+        escaped = json.dumps(form)[1:-1]  # ensure_ascii: "Zo\u00ebquartz"
+        out |= {form.encode(), escaped.encode(), escaped.upper().replace("\\U", "\\u").encode()}
+        out |= {form.encode("utf-16-le"), form.encode("utf-16-be")}
+    return out
+
+
+def markers() -> dict[bytes, str]:
+    """Every encoding of every value of the deleted person -> which value it is (for the failure text)."""
+    values = {
+        "user id": USER,
+        "anonymous id": ANON,
+        "email": EMAIL,
+        "phone": PHONE,
+        "phone digits": re.sub(r"\D", "", PHONE),
+        "first name": FIRST_NAME,
+        "last name": LAST_NAME,
+        "event property": NOTE,
+    }
+    found: dict[bytes, str] = {}
+    for name, value in values.items():
+        for form in encodings(value):
+            found[form] = name
+    return found
+
+
+def holding(paths: list[Path], wanted: dict[bytes, str]) -> dict[str, list[str]]:
+    """file -> the values (by name) found in it."""
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # a -wal file truncated away, a temp file renamed
+        for form, name in wanted.items():
+            if form in data:
+                found.setdefault(str(path), set()).add(name)
+    return {path: sorted(names) for path, names in sorted(found.items())}
+
+
+def eventually(check: Callable[[], Any], timeout: float, every: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except (grpc.RpcError, OSError, LookupError, ValueError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:.0f} s; last: {last!r}")
+        time.sleep(every)
+
+
+def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read()
+    return json.loads(text) if text else None
+
+
+class Workspace:
+    """The running platform as its user and operator reach it."""
+
+    def __init__(self, platform: RunningPlatform) -> None:
+        self.platform = platform
+        self.md = platform.admin_metadata
+        self.channels = {name: grpc.insecure_channel(platform.grpc_address(name)) for name in platform.run["services"]}
+        self.identity = identity_pb2_grpc.IdentityServiceStub(self.channels["identity"])
+        self.profiles = profile_pb2_grpc.ProfileServiceStub(self.channels["profile"])
+        self.segments = segmentation_pb2_grpc.SegmentationServiceStub(self.channels["segmentation"])
+        self.journeys = orchestration_pb2_grpc.OrchestrationServiceStub(self.channels["orchestration"])
+        self.crm = crm_pb2_grpc.CrmServiceStub(self.channels["crm"])
+
+    def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+
+    def send(self, *events: dict[str, Any]) -> None:
+        url = self.platform.service("collector")["http"].rstrip("/") + "/v1/batch"
+        auth = "Basic " + base64.b64encode(f"{self.platform.write_key}:".encode()).decode()
+        eventually(lambda: http_json(url, {"batch": list(events)}, {"Authorization": auth}) is not None, 30)
+
+    def profile(self, user_id: str) -> profile_pb2.Profile:
+        return self.profiles.LookupProfile(
+            profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=user_id),
+            metadata=self.md,
+            timeout=10,
+        )
+
+    def memberships(self, person_id: str) -> set[str]:
+        request = segmentation_pb2.GetMembershipRequest(person_id=person_id)
+        return {m.segment_id for m in self.segments.GetMembership(request, metadata=self.md, timeout=10).segments}
+
+    def inbox(self, person_id: str) -> list[orchestration_pb2.InboxMessage]:
+        request = orchestration_pb2.ListInboxRequest(person_id=person_id, page_size=100)
+        return list(self.journeys.ListInbox(request, metadata=self.md, timeout=10).messages)
+
+    def crm_records(self, person_id: str) -> list[crm_pb2.RecordStatus]:
+        request = crm_pb2.GetRecordStatusRequest(person_id=person_id)
+        return list(self.crm.GetRecordStatus(request, metadata=self.md, timeout=10).records)
+
+    def emulator(self, name: str, path: str) -> Any:
+        return http_json(self.platform.companion(name)["urls"]["api"] + path)
+
+    def mail_to(self, address: str) -> list[Path]:
+        maildir = self.platform.home / "mail"
+        return [p for p in maildir.glob("*/*") if p.is_file() and address.lower().encode() in p.read_bytes().lower()]
+
+    def store_files(self) -> list[Path]:
+        """Every file a service writes, besides nats-server's store and the logs (see the module docstring)."""
+        skip = {"nats", "mail", "crm", "logs", "secrets", "channels"}
+        home = self.platform.home
+        return [
+            path
+            for path in sorted(home.rglob("*"))
+            if path.is_file() and path.relative_to(home).parts[0] not in skip and path.parent != home
+        ]
+
+
+# CRM emulator objects the connector may write for a person (each emulator answers [] for one it has not).
+EMULATOR_OBJECTS = {
+    "crm-hubspot": ("contacts", "tasks", "tickets", "notes"),
+    "crm-salesforce": ("Contact", "Task", "Case", "Lead"),
+    "crm-dynamics": ("contacts", "tasks", "incidents"),
+    "crm-zoho": ("Contacts", "Tasks", "Cases"),
+}
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    # DEBUG: the log test reads every line the services can write, not only what INFO lets through.
+    running = RunningPlatform(tmp_path_factory.mktemp("privacy-everywhere"), env={"CDP_LOG_LEVEL": "DEBUG"})
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def deleted(platform):
+    """The story up to a completed deletion; what was seen before it, for the tests to compare."""
+    ws = Workspace(platform)
+    try:
+        yield _story(ws)
+    finally:
+        ws.close()
+
+
+def _story(ws: Workspace) -> dict[str, Any]:
+    ws.segments.CreateSegment(
+        segmentation_pb2.CreateSegmentRequest(
+            id="priv-vip", name="VIP", definition=segmentation_pb2.Definition(text='traits.plan = "vip"'), wait=True
+        ),
+        metadata=ws.md,
+        timeout=60,
+    )
+    created = ws.journeys.CreateJourney(
+        orchestration_pb2.CreateJourneyRequest(
+            definition=orchestration_pb2.JourneyDefinition(json=json.dumps(JOURNEY))
+        ),
+        metadata=ws.md,
+        timeout=30,
+    )
+    ws.journeys.PublishJourney(
+        orchestration_pb2.PublishJourneyRequest(journey_id=created.id), metadata=ws.md, timeout=60
+    )
+    for user, anon, traits, note in (
+        (USER, ANON, {"email": EMAIL, "phone": PHONE, "first_name": FIRST_NAME, "last_name": LAST_NAME}, NOTE),
+        (KEEP_USER, "anon-priv-keep-51aa", {"email": KEEP_EMAIL, "first_name": "Keeper", "last_name": "Kept"}, "n"),
+    ):
+        ws.send(
+            {"type": "page", "anonymousId": anon, "name": "Pricing", "messageId": f"{user}-page"},
+            {
+                "type": "identify",
+                "userId": user,
+                "anonymousId": anon,
+                "messageId": f"{user}-id",
+                "traits": {**traits, "plan": "vip"},
+                "context": CONSENT,
+            },
+            {
+                "type": "track",
+                "userId": user,
+                "event": "Order Completed",
+                "messageId": f"{user}-order",
+                "properties": {"total": 42, "note": note},
+            },
+        )
+
+    # The person reached every service.
+    person = eventually(lambda: (p := ws.profile(USER)).event_count >= 3 and p.scores and p, 60)
+    keep = eventually(lambda: ws.profile(KEEP_USER).person_id, 30)
+    person_id = person.person_id
+    eventually(lambda: "priv-vip" in ws.memberships(person_id), 30)
+    eventually(lambda: ws.inbox(person_id), 30)
+    eventually(lambda: ws.mail_to(EMAIL), 30)
+    eventually(lambda: ws.mail_to(KEEP_EMAIL), 30)
+    # Contacts in HubSpot and Salesforce, and the task in HubSpot.
+    eventually(lambda: {(r.connection_id, r.mapping_id) for r in ws.crm_records(person_id) if r.crm_id}
+               >= {("hubspot", "contacts"), ("salesforce", "contacts"), ("hubspot", "success-task")}, 60)  # fmt: skip
+    eventually(lambda: any(EMAIL.lower() in json.dumps(c).lower() for c in ws.emulator("crm-hubspot",
+               "/_emulator/records/contacts")), 30)  # fmt: skip
+    eventually(lambda: any(KEEP_EMAIL in json.dumps(c) for c in ws.emulator("crm-hubspot",
+               "/_emulator/records/contacts")), 30)  # fmt: skip
+    before = holding(ws.store_files(), markers())
+
+    # The deletion, as the README documents it.
+    done = subprocess.run(
+        [CDPCTL, "delete", "user_id", USER, "--yes", "--request-id", "priv-erase-1"],
+        env=ws.platform.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    acknowledged = asyncio.run(_acknowledged_by_every_consumer(ws.platform.run["nats"], "priv-erase-1"))
+    return {
+        "person_id": person_id,
+        "keep_id": keep,
+        "before": before,
+        "result": result,
+        "acknowledged": acknowledged,
+        "ws": ws,
+    }
+
+
+async def _acknowledged_by_every_consumer(nats_url: str, request_id: str, timeout: float = 90.0) -> dict[str, int]:
+    """Wait until every durable consumer of the PRIVACY stream has acknowledged the request's message
+    (each service acknowledges only once its purge is durable and its store erased); durable -> ack floor."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        seq = 0
+        while not seq:
+            for_request = await js.get_last_msg("PRIVACY", "privacy.deleted")
+            if for_request.headers and for_request.headers.get("Nats-Msg-Id") == f"privacy:{request_id}":
+                seq = for_request.seq
+            assert time.monotonic() < deadline, "privacy.deleted never published"
+        while True:
+            consumers = [c for c in await js.consumers_info("PRIVACY") if c.config.durable_name]
+            floors = {c.config.durable_name: c.ack_floor.stream_seq for c in consumers}
+            if floors and all(floor >= seq for floor in floors.values()):
+                return floors
+            if time.monotonic() > deadline:
+                raise AssertionError(f"privacy.deleted (seq {seq}) not acknowledged by every consumer: {floors}")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+
+
+def test_the_deletion_is_reported_done_by_every_service_that_keeps_the_person(deleted):
+    assert deleted["result"]["requestId"] == "priv-erase-1"
+    assert int(deleted["result"]["identifiers"]) >= 4  # user id, anonymous id, email, phone
+    # Identity (one durable per replica), orchestration and the CRM connector each acknowledged it.
+    durables = set(deleted["acknowledged"])
+    assert any(d.startswith("identity") for d in durables), durables
+    assert any(d.startswith("orchestration") for d in durables), durables
+    assert any(d.startswith("crm") for d in durables), durables
+
+
+def left_in_store(ws: Workspace, service: str) -> dict[str, list[str]]:
+    """What of the person is left in `service`'s store files, once its erasure had time to happen:
+    scoring and segmentation forget on the profile's removal at their next snapshot (every few seconds)."""
+    files = lambda: [p for p in ws.store_files() if p.name.split(".db")[0] == service]  # noqa: E731
+    deadline = time.monotonic() + 20
+    while (left := holding(files(), markers())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+CRM_KEEPS = (
+    "the CRM connector's erasure (services/crm/src/cdp_crm/privacy.py) never calls Store.erase(): the "
+    "person's view (with the phone) and the records' old values stay in crm.db-wal; a Salesforce contact "
+    "whose anonymising is refused keeps its crm_records document with every value (see the CRM test)"
+)
+
+
+@pytest.mark.parametrize(
+    "service",
+    [
+        "identity",
+        "profile",
+        "scoring",
+        "segmentation",
+        "orchestration",
+        pytest.param("crm", marks=pytest.mark.xfail(strict=True, reason=CRM_KEEPS)),
+    ],
+)
+def test_no_store_file_of_a_service_holds_the_person(deleted, service):
+    ws: Workspace = deleted["ws"]
+    assert left_in_store(ws, service) == {}
+
+
+def test_the_scan_finds_what_is_there(deleted):
+    """Before the deletion the person was in the stores of identity, profile, orchestration and the CRM
+    connector, and the other person still is: the scan above is not blind."""
+    before = {Path(p).name.split(".db")[0] for p in deleted["before"]}
+    assert {"identity", "profile", "orchestration", "crm"} <= before, deleted["before"]
+    kept = {Path(p).name.split(".db")[0] for p in holding(deleted["ws"].store_files(), {KEEP_EMAIL.encode(): "e"})}
+    assert {"identity", "profile", "orchestration", "crm"} <= kept, kept
+
+
+def test_no_other_file_the_services_write_holds_the_person(deleted):
+    ws: Workspace = deleted["ws"]
+    others = [p for p in ws.store_files() if ".db" not in p.name]
+    assert holding(others, markers()) == {}
+
+
+def test_services_answer_that_the_person_is_gone(deleted):
+    ws: Workspace = deleted["ws"]
+    person_id = deleted["person_id"]
+    for kind, value in (("user_id", USER), ("email", EMAIL.lower()), ("anonymous_id", ANON)):
+        with pytest.raises(grpc.RpcError) as lookup:
+            ws.identity.Lookup(
+                identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=kind, value=value)),
+                metadata=ws.md,
+                timeout=10,
+            )
+        assert lookup.value.code() == grpc.StatusCode.NOT_FOUND, kind
+    with pytest.raises(grpc.RpcError) as profile:
+        ws.profile(USER)
+    assert profile.value.code() == grpc.StatusCode.NOT_FOUND
+    try:
+        assert "priv-vip" not in ws.memberships(person_id)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.NOT_FOUND
+    assert ws.inbox(person_id) == []
+    instances = ws.journeys.ListInstances(
+        orchestration_pb2.ListInstancesRequest(person_id=person_id, page_size=100), metadata=ws.md, timeout=10
+    ).instances
+    assert list(instances) == []
+    decisions = ws.journeys.ListDecisions(
+        orchestration_pb2.ListDecisionsRequest(person_id=person_id, page_size=100), metadata=ws.md, timeout=10
+    ).decisions
+    assert list(decisions) == []
+    # The other person keeps everything.
+    assert ws.profile(KEEP_USER).person_id == deleted["keep_id"]
+    assert ws.inbox(deleted["keep_id"])
+
+
+SALESFORCE_KEEPS = (
+    "anonymising a Salesforce contact clears LastName, which Salesforce requires (REQUIRED_FIELD_MISSING): "
+    "the erasure is dead-lettered, the request still recorded done and acknowledged, and the contact keeps "
+    "its email and names (services/crm/src/cdp_crm/privacy.py `erasure`)"
+)
+
+
+@pytest.mark.parametrize(
+    "emulator",
+    [
+        "crm-hubspot",
+        pytest.param("crm-salesforce", marks=pytest.mark.xfail(strict=True, reason=SALESFORCE_KEEPS)),
+        "crm-dynamics",
+        "crm-zoho",
+    ],
+)
+def test_no_crm_holds_the_person(deleted, emulator):
+    ws: Workspace = deleted["ws"]
+    wanted = markers()
+    for obj in EMULATOR_OBJECTS[emulator]:
+        records = ws.emulator(emulator, f"/_emulator/records/{urllib.parse.quote(obj)}")
+        text = json.dumps(records, ensure_ascii=False).encode()
+        assert not {name for form, name in wanted.items() if form in text}, (emulator, obj)
+    # The emulators log each request's path and query (a CRM's own access log): no identifier in them.
+    requests = json.dumps(ws.emulator(emulator, "/_emulator/requests")).encode()
+    assert not {name for form, name in wanted.items() if form in requests}, emulator
+
+
+def test_the_other_person_is_still_in_the_crm(deleted):
+    ws: Workspace = deleted["ws"]
+    assert any(KEEP_EMAIL in json.dumps(c) for c in ws.emulator("crm-hubspot", "/_emulator/records/contacts"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after the erasure, the person's removal (profiles.changed) and segment exit reach the connector "
+    "and it upserts the HubSpot contact again: its record reads SYNCED, not ANONYMISED (under the delete "
+    "policy the contact would be created again); and Salesforce's refused erasure reads DEAD_LETTERED",
+)
+def test_the_connector_reports_every_record_anonymised(deleted):
+    ws: Workspace = deleted["ws"]
+    # The connector's own account (`cdpctl crm record`): under the default policy every record anonymised.
+    states = {
+        (r.connection_id, r.mapping_id): crm_pb2.RecordState.Name(r.state) for r in ws.crm_records(deleted["person_id"])
+    }
+    assert states and all(state == "RECORD_STATE_ANONYMISED" for state in states.values()), states
+
+
+def secrets_of(ws: Workspace) -> dict[bytes, str]:
+    """The workspace's secrets as a log line could carry them."""
+    found: dict[bytes, str] = {}
+    run = ws.platform.run
+    found[run["write_key"].encode()] = "write key"
+    for path in (ws.platform.home / "secrets").rglob("*"):
+        if not path.is_file():
+            continue
+        text = path.read_text(errors="replace")
+        # Token files and credentials: every long token-like word in them (digests are not secrets).
+        for word in set(re.findall(r"[A-Za-z0-9_\-]{20,}", text)):
+            if not re.fullmatch(r"[0-9a-f]{64}", word):
+                found[word.encode()] = f"secret from {path.name}"
+    if "@" in run["nats"]:
+        password = urllib.parse.urlsplit(run["nats"]).password
+        if password:
+            found[password.encode()] = "nats operator password"
+    return found
+
+
+def test_no_log_line_holds_the_person_or_a_secret(deleted):
+    ws: Workspace = deleted["ws"]
+    logs = sorted(p for p in (ws.platform.home / "logs").rglob("*") if p.is_file())
+    assert logs, "no service logs found"
+    secrets = secrets_of(ws)
+    # Both write keys, the admin and service tokens, every service's NATS password.
+    assert len(secrets) >= 12, sorted(secrets.values())
+    # These are the logs of this run: the services logged the deletion (by request id, no values).
+    assert any(b"privacy deletion applied" in path.read_bytes() for path in logs)
+    wanted = {**markers(), **secrets}
+    leaks: dict[str, set[str]] = {}
+    for path in logs:
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            for form, name in wanted.items():
+                if form in line:
+                    leaks.setdefault(f"{path.name}:{number}", set()).add(name)
+    assert leaks == {}, {k: sorted(v) for k, v in list(leaks.items())[:20]}
+
+
+# Streams kept without an age limit on purpose, each explained in docs/privacy.md: PRIVACY holds only
+# hashed identifiers (the suppression list is rebuilt from it), ORCHESTRATION_TIMERS only opaque person
+# and timer ids (a timer may be weeks away; fired copies and cancellations expire within minutes).
+UNLIMITED = {"PRIVACY": "hashed identifiers only", "ORCHESTRATION_TIMERS": "no personal data"}
+
+
+def test_every_stream_with_personal_data_keeps_it_at_most_30_days(platform, deleted):
+    async def streams() -> dict[str, float]:
+        import nats
+
+        nc = await nats.connect(platform.run["nats"])
+        try:
+            return {info.config.name: info.config.max_age or 0.0 for info in await nc.jetstream().streams_info()}
+        finally:
+            await nc.close()
+
+    ages = asyncio.run(streams())
+    assert {"EVENTS_RAW", "PROFILES", "ACTIONS", "PRIVACY", "ORCHESTRATION_TIMERS"} <= set(ages), ages
+    too_long = {name: age / DAY for name, age in ages.items() if name not in UNLIMITED and not 0 < age <= 30 * DAY}
+    assert too_long == {}, too_long
+    # Every stream is in docs/privacy.md (what a deletion erases at once, what ages out and when), and
+    # the unlimited ones say why.
+    documented = (ROOT / "docs" / "privacy.md").read_text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([A-Z_]+)` \|.*$", documented, flags=re.M)}
+    assert set(ages) <= set(rows), set(ages) - set(rows)
+    for name, why in UNLIMITED.items():
+        assert why in rows[name], name
