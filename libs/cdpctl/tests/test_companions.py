@@ -33,7 +33,7 @@ from cdpctl.platform import (
 def channels(tmp_path):
     """The channels companion as `cdpctl up` starts it, on free ports, in a fresh workspace."""
     ws = Workspace(tmp_path / "home")
-    ws.prepare(())
+    ws.prepare((ORCHESTRATION,))  # its own token: it calls profile
     ports = {listener: pick_port(0) for listener in CHANNELS.ports}
     log = open(tmp_path / "channels.log", "wb")
     proc = subprocess.Popen(companion_command(ws, CHANNELS, ports), stdout=log, stderr=subprocess.STDOUT)
@@ -55,6 +55,7 @@ def orchestration_environment(ws: Workspace, ports: dict[str, int]) -> dict[str,
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
+        peers={"profile": "127.0.0.1:50053"},
         named_ports={"collector.http": 8080} | {f"channels.{listener}": port for listener, port in ports.items()},
     )
 
@@ -140,7 +141,7 @@ def test_without_companions_orchestration_gets_no_provider_half_configured(tmp_p
     from cdp_orchestration.settings import OrchestrationSettings
 
     ws = Workspace(tmp_path / "home")
-    ws.prepare(())
+    ws.prepare((ORCHESTRATION,))  # its own token: it calls profile
     env = service_environment(
         ws,
         ORCHESTRATION,
@@ -148,6 +149,7 @@ def test_without_companions_orchestration_gets_no_provider_half_configured(tmp_p
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
+        peers={"profile": "127.0.0.1:50053"},
         named_ports={"collector.http": 8080},
     )
     assert not [name for name in env if name.startswith(("CDP_SMTP_", "CDP_TWILIO_", "CDP_FCM_", "CDP_WEBHOOK_"))]

@@ -66,6 +66,10 @@ ORCHESTRATION = ServiceProcess(
     "cdp_orchestration",
     grpc_port=50056,
     metrics_port=9469,
+    # A journey whose conditions read past events is published once profile defines the computed traits
+    # behind them (profile:admin), as segmentation's are.
+    calls=("profile",),
+    extra_scopes=("profile:admin",),
     env={
         # The feedback loop: outcome events (Message Sent, Bounced, Failed) go in through the collector.
         "CDP_OUTCOMES_URL": "http://127.0.0.1:{collector.http}",
