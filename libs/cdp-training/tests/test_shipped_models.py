@@ -19,7 +19,7 @@ from cdp_training.graphs import run, score_columns
 from cdp_training.pipeline import FLOORS, MODELS_DIR, REPORT, check_floors
 from cdp_training.traits import COMPUTED_TRAITS
 
-MODELS = ("churn_risk", "purchase_propensity", "clv", "fraud_risk", "fraud_anomaly", "next_best_channel")
+MODELS = ("churn_risk", "purchase_propensity", "clv", "fraud_risk", "fraud_anomaly", "next_best_channel", "clusters")
 SCORES = {
     "churn_risk": ["churn_risk"],
     "purchase_propensity": ["purchase_propensity"],
@@ -27,6 +27,7 @@ SCORES = {
     "fraud_risk": ["fraud_risk"],
     "fraud_anomaly": ["fraud_anomaly"],
     "next_best_channel": ["nbc_email", "nbc_sms", "nbc_push", "nbc_in_app", "best_send_hour"],
+    "clusters": ["cluster"],
 }
 
 

@@ -9,6 +9,19 @@ A training run on the platform's own customers (`cdp_training.learn`): a point-i
 store at the cut-off, judged with the live version (default: the shipped file) on the later slice; writes
 <model>-<version>.onnx and its record to --out. `cdpctl models train` runs the same and registers it.
 
+python -m cdp_training clusters describe [--model FILE.onnx] [--json]
+python -m cdp_training clusters train --store URL --cutoff 2025-03-01 [--k 6] [--live FILE.onnx] [--out DIR]
+
+Behavioural clusters (`cdp_training.clusters`): what each cluster of a clusters file is (its share and the
+three features that set its centroid apart), or a clustering of the profile store's persons at a cut-off.
+
+python -m cdp_training uplift-data --orchestration-store URL --journey ID [--node SPLIT] [--store URL]
+                       [--outcome JSON] [--model FILE.onnx] [--out FILE.csv]
+
+A journey's split with a control group as uplift data (`cdp_training.feedback`): one row per person
+assigned, treatment or control, and the outcome (the journey's goal, or events on the profile within a
+window), optionally with a model's features as known at the assignment.
+
 python -m cdp_training clv (--transactions FILE | --store URL) [--unit weeks|days] [--calibration-end DATE]
                        [--end DATE] [--horizon N] [--json FILE] [--predictions FILE.csv] ...
 
@@ -156,8 +169,112 @@ def reference(argv: list[str]) -> int:
     return 0
 
 
+def clusters(argv: list[str]) -> int:
+    import asyncio
+    import json
+
+    from cdp_kit.errors import CdpError
+    from cdp_scoring.runtime import load_model
+    from cdp_training import clusters as clustering
+    from cdp_training import learn
+
+    parser = argparse.ArgumentParser(prog="python -m cdp_training clusters", description="behavioural clusters")
+    commands = parser.add_subparsers(dest="command", required=True)
+    describe = commands.add_parser("describe", help="each cluster's share and distinguishing features")
+    describe.add_argument("--model", type=Path, default=MODELS_DIR / f"{clustering.NAME}.onnx", help="a clusters file")
+    describe.add_argument("--json", action="store_true", help="the descriptions as JSON")
+    train = commands.add_parser("train", help="a clustering of the profile store's persons at a cut-off")
+    train.add_argument("--store", required=True, help="the profile service's store (CDP_STORE_URL), read only")
+    train.add_argument("--cutoff", required=True, help="cluster behaviour as known at this time (ISO date/time)")
+    train.add_argument("--k", type=int, default=clustering.DEFAULT_K, help="how many clusters")
+    train.add_argument("--live", type=Path, help="the live clusters file: numbers are matched to its clusters")
+    train.add_argument("--out", type=Path, default=Path("training-runs"), help="where the file and record go")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "describe":
+            spec = load_model(args.model.read_bytes()).spec
+            clustering.from_spec(spec)  # refuses a file that is not a clustering
+            descriptions = spec.training.get("clusters", [])
+            print(json.dumps(descriptions, indent=2) if args.json else f"{spec.key}\n{clustering.render(descriptions)}")
+            return 0
+        cutoff = learn.parse_time(args.cutoff, "cutoff")
+        live = load_model(args.live.read_bytes()).spec if args.live else None
+        profiles = asyncio.run(learn.read_store(args.store))
+        result = clustering.train_run(profiles, cutoff=cutoff, k=args.k, live=live)
+    except CdpError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{clustering.NAME}-{result.version}"
+    stem.with_suffix(".onnx").write_bytes(result.data)
+    stem.with_suffix(".json").write_text(json.dumps(result.record, indent=2) + "\n")
+    print(
+        f"{result.spec.key}: {'promote' if result.decision['promote'] else 'keep in shadow'}: {result.decision['reason']}"
+    )
+    print(clustering.render(result.spec.training["clusters"]))
+    print(f"wrote {stem}.onnx and {stem}.json")
+    return 0
+
+
+def uplift_data(argv: list[str]) -> int:
+    import asyncio
+    import csv
+    import json
+
+    from cdp_kit.errors import CdpError
+    from cdp_scoring.runtime import load_model
+    from cdp_training import feedback
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cdp_training uplift-data", description="a journey's split with a control group as uplift data"
+    )
+    parser.add_argument("--orchestration-store", required=True, help="orchestration's store (its CDP_STORE_URL)")
+    parser.add_argument("--journey", required=True, help="the journey id")
+    parser.add_argument("--node", help="the split node (default: the journey's one split with a control group)")
+    parser.add_argument("--store", help="the profile service's store: for --outcome and --model")
+    parser.add_argument(
+        "--outcome",
+        help='JSON: {"events": [{"name": "Order Completed"}], "window": "7d"} (default: the journey\'s goal)',
+    )
+    parser.add_argument("--model", type=Path, help="an ONNX file whose features are added, as known at assignment")
+    parser.add_argument("--out", type=Path, help="write the rows as CSV here")
+    args = parser.parse_args(argv)
+    try:
+        try:
+            outcome = json.loads(args.outcome) if args.outcome else None
+        except ValueError as exc:
+            raise feedback.InvalidArgument("outcome", f"is not JSON: {exc}") from None
+        features = load_model(args.model.read_bytes()).spec if args.model else None
+        data = asyncio.run(
+            feedback.export(
+                args.orchestration_store,
+                args.journey,
+                store_url=args.store,
+                node=args.node,
+                outcome=outcome,
+                features=features,
+            )
+        )
+    except CdpError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(data.summary()))
+    if args.out:
+        rows = data.table()
+        with args.out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["uplift-data"]:
+        return uplift_data(argv[1:])
+    if argv[:1] == ["clusters"]:
+        return clusters(argv[1:])
     if argv[:1] == ["train"]:
         return train(argv[1:])
     if argv[:1] == ["reference"]:

@@ -9,13 +9,15 @@ A label is read from what happened to the person *after* the cut-off T, within a
     {"kind": "orders_and_value", "window": "365d", "events": [{"name": "Order Completed"}],
      "value_property": "total"}                                                  CLV: orders and their value
     {"kind": "channel_answered", "window": "30d", "events": [{"name": "Email Opened"}, ...],
-     "property": "channel", "classes": ["email", "sms", "push", "in_app"]}       next best channel
+     "property": "channel", "classes": ["email", "sms", "push", "in_app"],
+     "aliases": {"inapp": "in_app", "webpush": "push"}}                          next best channel
 
 `events` lists what qualifies: each a `name` (an event name; absent: any name), an optional `type`
 (track, page, screen, identify, group, alias; absent: any) and an optional `where` (property -> value
 every match must carry). `no_activity` without `events` counts every event. A `channel_answered` row's label
 is the class answered most in the window (ties: the one answered first); a person who answered none has
-no label and no row. Every error names the field (`label.window`, `label.events[1].where`) and what to write.
+no label and no row; `aliases` maps other names senders use for a class onto it (orchestration's outcome
+events say "inapp" and "webpush" where the classes say "in_app" and "push"). Every error names the field (`label.window`, `label.events[1].where`) and what to write.
 
 The spec travels with the model (`training.label` in its ModelSpec), so a version says what it predicts.
 """
@@ -40,7 +42,7 @@ NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT, ORDERS_AND_VALUE, CHANNEL_ANSWERED = (
 KINDS = (NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT, ORDERS_AND_VALUE, CHANNEL_ANSWERED)
 BINARY_KINDS = frozenset({NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT})
 EVENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
-_KEYS = ("kind", "window", "events", "value_property", "property", "classes")
+_KEYS = ("kind", "window", "events", "value_property", "property", "classes", "aliases")
 _MATCH_KEYS = ("name", "type", "where")
 
 
@@ -94,6 +96,8 @@ class LabelSpec:
     value_property: str | None = None
     channel_property: str | None = None
     classes: tuple[str, ...] = ()
+    # channel_answered: another name a sender gives a class (orchestration says "inapp" for "in_app")
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "label") -> LabelSpec:
@@ -131,12 +135,25 @@ class LabelSpec:
                 or len(set(classes)) != len(classes)
             ):
                 raise InvalidArgument(f"{where}.classes", "list at least two distinct channel names")
+        aliases = data.get("aliases", {})
+        if kind == CHANNEL_ANSWERED:
+            if not isinstance(aliases, Mapping):
+                raise InvalidArgument(f"{where}.aliases", "must be an object of the name events carry -> a class")
+            for name, target in aliases.items():
+                if not isinstance(name, str) or not name or target not in classes:
+                    raise InvalidArgument(
+                        f"{where}.aliases.{name}", f"{target!r} is not one of the classes ({', '.join(classes)})"
+                    )
+                if name in classes:
+                    raise InvalidArgument(f"{where}.aliases.{name}", "is a class itself, not another name for one")
+        elif aliases:
+            raise InvalidArgument(f"{where}.aliases", f"only {CHANNEL_ANSWERED} labels have aliases")
         else:
             if prop is not None:
                 raise InvalidArgument(f"{where}.property", f"only {CHANNEL_ANSWERED} labels read a property")
             if classes:
                 raise InvalidArgument(f"{where}.classes", f"only {CHANNEL_ANSWERED} labels have classes")
-        return cls(kind, window, events, value_property, prop, tuple(classes))
+        return cls(kind, window, events, value_property, prop, tuple(classes), tuple(sorted(aliases.items())))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "window": format_duration(self.window)}
@@ -147,6 +164,8 @@ class LabelSpec:
         if self.channel_property is not None:
             out["property"] = self.channel_property
             out["classes"] = list(self.classes)
+        if self.aliases:
+            out["aliases"] = dict(self.aliases)
         return out
 
     @property
@@ -174,8 +193,10 @@ class LabelSpec:
             return (float(len(hits)), value)
         counts: dict[str, int] = {}
         first: dict[str, float] = {}
+        aliases = dict(self.aliases)
         for entry in sorted(hits):
             channel = entry.properties.get(self.channel_property)
+            channel = aliases.get(channel, channel) if isinstance(channel, str) else channel
             if channel in self.classes:
                 counts[channel] = counts.get(channel, 0) + 1
                 first.setdefault(channel, entry.at)

@@ -46,12 +46,12 @@ from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.drift import build_reference
 from cdp_scoring.schedule import parse_time as parse_time  # where callers have read it
-from cdp_training import metrics
+from cdp_training import feedback, metrics
 from cdp_training.graphs import run, score_columns
 from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
 from cdp_training.models import NBC_TREES, OWNER, Built, _finish, _lightgbm, _lightgbm_onnx, with_send_hour
 from cdp_training.pointintime import StoredProfile, TrainingSet, observed_until, training_set
-from cdp_training.simulator import CHANNELS, Kind
+from cdp_training.simulator import CHANNELS
 from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, NBC_FEATURES, traits_for
 
 DEFAULT_MARGIN = 0.005  # points of the metric (AUC; top-1 accuracy for channels) to gain over live
@@ -72,9 +72,9 @@ def _probability(score: str, meaning: str) -> list[dict[str, Any]]:
     return [{"score": score, "output": "probabilities", "index": 1, "meaning": meaning}]
 
 
-# What a person answers: the simulator's (and a Segment source's) response events, and orchestration's
-# outcome events for the messages it sent; both carry the channel in `channel`.
-ANSWERS = [*(({"name": name}) for name in Kind.RESPONSE_NAMES), {"name": "Message Opened"}, {"name": "Message Clicked"}]
+# What a person answers (`feedback.ANSWERS`): the Segment response events and orchestration's answers to
+# the messages it sent, the channel in `channel` under orchestration's names or the classes' own.
+ANSWERS = feedback.ANSWERS
 
 
 TRAINABLE: dict[str, Trainable] = {
@@ -116,6 +116,7 @@ TRAINABLE: dict[str, Trainable] = {
             "events": ANSWERS,
             "property": "channel",
             "classes": list(CHANNELS),
+            "aliases": dict(feedback.CHANNEL_ALIASES),
         },
     ),
 }

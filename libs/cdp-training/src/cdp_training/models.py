@@ -23,6 +23,7 @@ from onnxmltools.convert.common.data_types import FloatTensorType as MlFloatTens
 from sklearn.ensemble import IsolationForest
 
 from cdp_scoring.domain import ModelSpec
+from cdp_training import clusters as clustering
 from cdp_training import metrics
 from cdp_training.bgnbd import OCCASION_DAYS, BgNbd, GammaGamma, summaries, terms_needed
 from cdp_training.dataset import PopulationFields, matrix
@@ -38,6 +39,7 @@ from cdp_training.graphs import (
 )
 from cdp_training.simulator import CHANNELS, CHURN_DAYS, PURCHASE_DAYS, RESPONSE_DAYS, Population
 from cdp_training.traits import (
+    CLUSTER_FEATURES,
     CLV_FEATURES,
     ENGAGEMENT_FEATURES,
     FRAUD_FEATURES,
@@ -577,6 +579,41 @@ def next_best_channel(data: Data) -> Built:
     )
 
 
+# --- behavioural clusters ------------------------------------------------------------------------------
+
+
+def clusters(data: Data) -> Built:
+    """k-means on the training population's behaviour at the cut-off (`clusters`), judged on the held-out one."""
+    spec = _spec_for(clustering.NAME, CLUSTER_FEATURES, clustering.OUTPUTS)
+    X = matrix(spec, data.train_fields.at_cutoff, data.train.cutoff)
+    X_test = matrix(spec, data.test_fields.at_cutoff, data.test.cutoff)
+    names = [f["name"] for f in CLUSTER_FEATURES]
+    fitted = clustering.fit(X, names, k=clustering.DEFAULT_K, seed=data.seed)
+    model = clustering.graph(fitted, input_name=INPUT)
+    quality = clustering.quality(fitted, model, X_test, seed=data.seed)
+    training = _training_summary(
+        data,
+        len(X),
+        0,
+        "none (unsupervised)",
+        f"k-means (k={fitted.k}, k-means++ starts, Lloyd's iterations) on log(1 + x), standardised",
+    )
+    training["data"] = "simulated customers (cdp_training.simulator); features computed by the profile domain"
+    training.pop("positives", None)
+    training["clustering"] = clustering.record(fitted)
+    training["clusters"] = clustering.describe(fitted, X)
+    return _finish(
+        model,
+        name=clustering.NAME,
+        description=clustering.DESCRIPTION,
+        features=CLUSTER_FEATURES,
+        outputs=clustering.OUTPUTS,
+        training=training,
+        quality=quality,
+        test_row=X_test[0],
+    )
+
+
 BUILDERS: Sequence[Callable[[Data], Built]] = (
     churn_risk,
     purchase_propensity,
@@ -584,4 +621,5 @@ BUILDERS: Sequence[Callable[[Data], Built]] = (
     fraud_risk,
     fraud_anomaly,
     next_best_channel,
+    clusters,
 )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,12 @@ import orjson
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Store
 from cdp_profile.domain import ComputedTraits, Profile, TimelineEntry
-from cdp_profile.records import PROFILES, TIMELINE, decode_entry
+from cdp_profile.records import PROFILES, TIMELINE, decode_entry, timeline_prefix
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
 from cdp_training.dataset import view_fields
 from cdp_training.labels import LabelSpec
+
+TIMELINE_PAGE = 2000  # timeline records a scan call returns (a person's whole timeline, usually)
 
 
 @dataclass(slots=True)
@@ -53,20 +55,33 @@ class StoredProfile:
     timeline: list[TimelineEntry]
 
 
-async def read_profiles(store: Store) -> list[StoredProfile]:
-    """Every live profile in the profile service's store, with the timeline entries of all its parts."""
-    timelines: dict[str, list[TimelineEntry]] = {}
-    async for record in store.scan_all(TIMELINE, page_size=5000):
-        entry = decode_entry(record.doc)
-        timelines.setdefault(entry.origin, []).append(entry)
-    out = []
-    async for record in store.scan_all(PROFILES, page_size=1000):
+async def iter_profiles(store: Store, *, batch: int = 500) -> AsyncIterator[list[StoredProfile]]:
+    """The live profiles in the profile service's store, `batch` at a time in key order, each with the
+    timeline entries of all its parts (read by origin prefix): memory holds one batch, not the store."""
+    pending: list[tuple[str, dict[str, Any]]] = []
+    async for record in store.scan_all(PROFILES, page_size=batch):
         if "profile" not in record.doc:
             continue  # merged away or deleted: its data lives in another profile, or nowhere
-        doc = orjson.loads(record.doc["profile"])
-        origins = [record.key, *doc.get("merged_from", [])]
-        entries = sorted(e for origin in origins for e in timelines.get(origin, ()))
-        out.append(StoredProfile(record.key, doc, entries))
+        pending.append((record.key, orjson.loads(record.doc["profile"])))
+        if len(pending) >= batch:
+            yield [await _stored(store, key, doc) for key, doc in pending]
+            pending = []
+    if pending:
+        yield [await _stored(store, key, doc) for key, doc in pending]
+
+
+async def _stored(store: Store, person_id: str, doc: dict[str, Any]) -> StoredProfile:
+    entries: list[TimelineEntry] = []
+    for origin in (person_id, *doc.get("merged_from", [])):
+        async for record in store.scan_all(TIMELINE, prefix=timeline_prefix(origin), page_size=TIMELINE_PAGE):
+            entries.append(decode_entry(record.doc))
+    entries.sort()  # keys order by origin, then millisecond: one sort puts merged parts and ties in time order
+    return StoredProfile(person_id, doc, entries)
+
+
+async def read_profiles(store: Store) -> list[StoredProfile]:
+    """Every live profile in the profile service's store, with the timeline entries of all its parts."""
+    out = [stored async for batch in iter_profiles(store) for stored in batch]
     out.sort(key=lambda p: p.person_id)
     return out
 
@@ -151,6 +166,68 @@ class TrainingSet:
         return out
 
 
+def _check_window(label: LabelSpec, cutoff: float, end: float) -> None:
+    if cutoff + label.window > end:
+        raise InvalidArgument(
+            "cutoff",
+            f"the label window ({label.to_dict()['window']} after the cut-off) ends after the last event the store "
+            f"holds ({end - cutoff:.0f} s after it): choose a cut-off at least the window before the end of the data",
+        )
+
+
+class _Rows:
+    """Rows collected one stored profile at a time (a list or a streamed store read alike); with no label,
+    every person seen by the cut-off gives a row (unsupervised models)."""
+
+    def __init__(self, spec: ModelSpec, label: LabelSpec | None, cutoff: float) -> None:
+        self.spec, self.label, self.cutoff = spec, label, cutoff
+        self.defs = ComputedTraits.from_dicts(list(spec.computed_traits))
+        self.person_ids: list[str] = []
+        self.fields: list[dict[str, Any]] = []
+        self.labels: list[tuple[float, ...]] = []
+        self.unborn = self.unlabelled = 0
+        self.last_event = float("-inf")
+
+    def add(self, stored: StoredProfile) -> None:
+        if stored.timeline:
+            self.last_event = max(self.last_event, stored.timeline[-1].at)
+        if not stored.timeline or stored.timeline[0].at > self.cutoff:
+            self.unborn += 1
+            return
+        if self.label is not None:
+            cutoff = self.cutoff
+            value = self.label.label((e for e in stored.timeline if e.at > cutoff), cutoff)
+            if value is None:
+                self.unlabelled += 1
+                return
+            self.labels.append(value)
+        self.person_ids.append(stored.person_id)
+        self.fields.append(fields_at_cutoff(stored, self.defs, self.cutoff))
+
+    def matrix(self) -> np.ndarray:
+        assembler = FeatureAssembler(self.spec)
+        if not self.fields:
+            return np.empty((0, assembler.width), dtype=np.float32)
+        return assembler.matrix(self.fields, self.cutoff)
+
+    def finish(self, end: float) -> TrainingSet:
+        assert self.label is not None
+        columns = len(self.label.columns)
+        y = np.asarray(self.labels, dtype=np.float64).reshape(len(self.labels), columns)
+        return TrainingSet(
+            self.cutoff,
+            self.label,
+            self.spec,
+            self.person_ids,
+            self.fields,
+            self.matrix(),
+            y,
+            end,
+            self.unborn,
+            self.unlabelled,
+        )
+
+
 def training_set(
     profiles: Sequence[StoredProfile],
     *,
@@ -165,29 +242,60 @@ def training_set(
     if not isinstance(label, LabelSpec):
         label = LabelSpec.from_dict(label)
     end = observed_until(profiles) if until is None else until
-    if cutoff + label.window > end:
-        raise InvalidArgument(
-            "cutoff",
-            f"the label window ({label.to_dict()['window']} after the cut-off) ends after the last event the store "
-            f"holds ({end - cutoff:.0f} s after it): choose a cut-off at least the window before the end of the data",
-        )
-    defs = ComputedTraits.from_dicts(list(spec.computed_traits))
-    person_ids: list[str] = []
-    fields: list[dict[str, Any]] = []
-    labels: list[tuple[float, ...]] = []
-    unborn = unlabelled = 0
+    _check_window(label, cutoff, end)
+    rows = _Rows(spec, label, cutoff)
     for stored in profiles:
-        if not stored.timeline or stored.timeline[0].at > cutoff:
-            unborn += 1
-            continue
-        value = label.label((e for e in stored.timeline if e.at > cutoff), cutoff)
-        if value is None:
-            unlabelled += 1
-            continue
-        person_ids.append(stored.person_id)
-        fields.append(fields_at_cutoff(stored, defs, cutoff))
-        labels.append(value)
-    assembler = FeatureAssembler(spec)
-    X = assembler.matrix(fields, cutoff) if fields else np.empty((0, assembler.width), dtype=np.float32)
-    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), len(label.columns))
-    return TrainingSet(cutoff, label, spec, person_ids, fields, X, y, end, unborn, unlabelled)
+        rows.add(stored)
+    return rows.finish(end)
+
+
+async def training_set_from_store(
+    store: Store,
+    *,
+    spec: ModelSpec,
+    label: LabelSpec | Mapping[str, Any],
+    cutoff: float,
+    until: float | None = None,
+    batch: int = 500,
+) -> TrainingSet:
+    """`training_set` read from the store a batch of profiles at a time: the same rows, while memory
+    holds the rows' fields and one batch of timelines instead of every timeline in the store. Without
+    `until`, the window is checked against the last event once every profile has been read."""
+    if not isinstance(label, LabelSpec):
+        label = LabelSpec.from_dict(label)
+    if until is not None:
+        _check_window(label, cutoff, until)
+    rows = _Rows(spec, label, cutoff)
+    async for profiles in iter_profiles(store, batch=batch):
+        for stored in profiles:
+            rows.add(stored)
+    end = rows.last_event if until is None else until
+    _check_window(label, cutoff, end)
+    result = rows.finish(end)
+    order = np.argsort(result.person_ids, kind="stable")  # the list path's order: by person id
+    if np.any(order != np.arange(len(order))):
+        ids = [result.person_ids[i] for i in order]
+        result = TrainingSet(
+            result.cutoff,
+            result.label,
+            result.spec,
+            ids,
+            [result.fields[i] for i in order],
+            result.X[order],
+            result.y[order],
+            result.observed_until,
+            result.skipped_unborn,
+            result.skipped_unlabelled,
+        )
+    return result
+
+
+def feature_rows(
+    profiles: Iterable[StoredProfile], *, spec: ModelSpec, cutoff: float
+) -> tuple[list[str], np.ndarray, int]:
+    """Unlabelled rows at `cutoff` (person ids, features, persons not yet seen by then): every person with
+    an event at or before the cut-off, features as `training_set` builds them."""
+    rows = _Rows(spec, None, cutoff)
+    for stored in profiles:
+        rows.add(stored)
+    return rows.person_ids, rows.matrix(), rows.unborn

@@ -280,6 +280,34 @@ class Outcomes:
     responses: np.ndarray  # int [n, 4]: answers per channel in RESPONSE_DAYS
 
 
+@dataclass(frozen=True, slots=True)
+class RegimeShift:
+    """Behaviour that changes at `at` (epoch seconds): from then on the dropout hazard of app users is
+    multiplied by `app_factor` and of everyone else by `web_factor` (a competitor's app arrives: app users
+    leave, web shoppers stay). The dropout of a person still a customer at `at` is drawn again from then on
+    (the hazard has no memory); `at` before a person's sign-up puts their whole life in the new regime.
+    Drawn with its own generator, so a population without a shift is the one it always was."""
+
+    at: float
+    app_factor: float = 4.0
+    web_factor: float = 0.4
+    # days over which activity fades before a dropout drawn in the new regime (None: as before, 20-70):
+    # leaving for a competitor is abrupt, so recency says less about it
+    fade_days: float | None = 7.0
+
+    def dropout(self, sim: _Simulation, tau: np.ndarray, hazard: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng([sim.seed, 1])
+        factor = np.where(sim.app_user, self.app_factor, self.web_factor)
+        start = np.maximum(self.at, sim.signup)
+        redrawn = start + rng.exponential(1.0, sim.n) / (hazard * factor) * DAY
+        sim.shifted = tau > start
+        return np.where(sim.shifted, redrawn, tau)
+
+    def fade(self, sim: _Simulation) -> None:
+        if self.fade_days is not None:
+            sim.fade_days = np.where(sim.shifted, self.fade_days, sim.fade_days)
+
+
 @dataclass(slots=True)
 class Population:
     """The people (latent traits), their event table (sorted by person, then time) and their outcomes."""
@@ -569,6 +597,8 @@ class _Simulation:
         self.end = cutoff + CHURN_DAYS * DAY
         self.history_days = history_days
         self.fraud_rate = fraud_rate
+        self.regime: RegimeShift | None = None
+        self.shifted = np.zeros(size, dtype=bool)  # whose dropout the regime shift drew again
         self.zones = Zones(tuple(c.timezone for c in CITIES), self.start - 10 * DAY, self.end + 10 * DAY)
         self.rows = _Rows()
         self.next_card = 0
@@ -652,6 +682,8 @@ class _Simulation:
         hazard = np.exp(rng.normal(np.log(1 / 500), 0.9, n))
         hazard *= np.array([1.25, 0.9, 0.6])[self.plan] * (0.7 + 0.6 * self.price) / self.engagement**0.3
         tau = self.signup + rng.exponential(1.0, n) / hazard * DAY
+        if self.regime is not None:
+            tau = self.regime.dropout(self, tau, hazard)
         self.bad = rng.random(n) < 0.25
         self.bad_at = self.signup + rng.random(n) * (self.end - self.signup)
         after_bad = self.bad_at + rng.exponential(1.0, n) / (5 * hazard) * DAY
@@ -1006,12 +1038,17 @@ def simulate(
     cutoff: float = DEFAULT_CUTOFF,
     history_days: int = 540,
     fraud_rate: float = 0.025,
+    regime: RegimeShift | None = None,
 ) -> Population:
-    """A population of `size` people; the same arguments always give the same population."""
+    """A population of `size` people; the same arguments always give the same population. `regime`: a
+    change of behaviour during the simulated span (`RegimeShift`)."""
     if size < 1:
         raise ValueError(f"size must be at least 1, not {size}")
     sim = _Simulation(size, seed, cutoff, history_days, fraud_rate)
+    sim.regime = regime
     sim.people()
+    if regime is not None:
+        regime.fade(sim)
     sim.signups()
     sim.sessions()
     sim.orders()

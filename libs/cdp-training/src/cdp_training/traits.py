@@ -213,6 +213,28 @@ NBC_FEATURES: list[dict[str, Any]] = [
 ]
 
 
+# Behavioural clusters (`clusters`): how much and how a person uses the shop, every value a number >= 0
+# (the graph reads log(1 + x)). "Never" is two years ago for recency; an unknown sign-up is tenure 0.
+NEVER_DAYS = 730.0
+CLUSTER_FEATURES: list[dict[str, Any]] = [
+    computed("sessions_30d"),
+    computed("app_sessions_30d"),
+    computed("product_views_30d"),
+    computed("cart_adds_30d"),
+    computed("orders_365d"),
+    computed("revenue_365d"),
+    computed("avg_order_value"),
+    days_since("days_since_last_session", "last_session_at", NEVER_DAYS),
+    days_since("days_since_last_order", "last_order_at", NEVER_DAYS),
+    days_since("days_since_signup", "signed_up_at", 0.0),
+    computed("tickets_365d"),
+    computed("email_opens_90d"),
+    computed("sms_clicks_90d"),
+    computed("push_opens_90d"),
+    computed("inapp_clicks_90d"),
+]
+
+
 def traits_for(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The computed-trait definitions a feature list reads, in first-use order."""
     names: dict[str, None] = {}
