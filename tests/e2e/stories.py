@@ -78,8 +78,7 @@ class Story:
 
     def __init__(self, platform: RunningPlatform) -> None:
         self.platform = platform
-        md = platform.admin_metadata
-        self.md = md
+        self.metadata = platform.admin_metadata
         self._channels = {name: grpc.insecure_channel(platform.grpc_address(name)) for name in platform.run["services"]}
         self.profiles = profile_pb2_grpc.ProfileServiceStub(self._channels["profile"])
         self.segments = segmentation_pb2_grpc.SegmentationServiceStub(self._channels["segmentation"])
@@ -125,17 +124,17 @@ class Story:
             segmentation_pb2.CreateSegmentRequest(
                 id=segment_id, name=name or segment_id, definition=segmentation_pb2.Definition(text=text), wait=True
             ),
-            metadata=self.md,
+            metadata=self.metadata,
             timeout=60,
         )
 
     def publish_journey(self, document: dict[str, Any]) -> None:
         definition = orchestration_pb2.JourneyDefinition(json=json.dumps(document))
         created = self.journeys.CreateJourney(
-            orchestration_pb2.CreateJourneyRequest(definition=definition), metadata=self.md, timeout=30
+            orchestration_pb2.CreateJourneyRequest(definition=definition), metadata=self.metadata, timeout=30
         )
         self.journeys.PublishJourney(
-            orchestration_pb2.PublishJourneyRequest(journey_id=created.id), metadata=self.md, timeout=60
+            orchestration_pb2.PublishJourneyRequest(journey_id=created.id), metadata=self.metadata, timeout=60
         )
 
     def person_id(self, user_id: str) -> str:
@@ -144,7 +143,7 @@ class Story:
     def profile(self, user_id: str, identifier_type: str = "user_id") -> profile_pb2.Profile:
         return self.profiles.LookupProfile(
             profile_pb2.LookupProfileRequest(identifier_type=identifier_type, identifier_value=user_id),
-            metadata=self.md,
+            metadata=self.metadata,
             timeout=10,
         )
 
@@ -160,7 +159,7 @@ class Story:
         while True:
             page = self.profiles.ListEvents(
                 profile_pb2.ListEventsRequest(person_id=person_id, page_size=1000, page_token=token),
-                metadata=self.md,
+                metadata=self.metadata,
                 timeout=10,
             )
             events.extend(page.events)
@@ -170,7 +169,9 @@ class Story:
 
     def members(self, segment_id: str) -> set[str]:
         page = self.segments.ListMembers(
-            segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=1000), metadata=self.md, timeout=10
+            segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=1000),
+            metadata=self.metadata,
+            timeout=10,
         )
         return {m.person_id for m in page.members}
 
@@ -178,7 +179,7 @@ class Story:
         return list(
             self.journeys.ListDecisions(
                 orchestration_pb2.ListDecisionsRequest(person_id=person_id, journey_id=journey_id, page_size=100),
-                metadata=self.md,
+                metadata=self.metadata,
                 timeout=10,
             ).decisions
         )
@@ -186,13 +187,15 @@ class Story:
     def instances(self, person_id: str) -> list[orchestration_pb2.Instance]:
         return list(
             self.journeys.ListInstances(
-                orchestration_pb2.ListInstancesRequest(person_id=person_id, page_size=100), metadata=self.md, timeout=10
+                orchestration_pb2.ListInstancesRequest(person_id=person_id, page_size=100),
+                metadata=self.metadata,
+                timeout=10,
             ).instances
         )
 
     def crm_record(self, person_id: str) -> crm_pb2.GetRecordStatusResponse:
         return self.crm.GetRecordStatus(
-            crm_pb2.GetRecordStatusRequest(person_id=person_id), metadata=self.md, timeout=10
+            crm_pb2.GetRecordStatusRequest(person_id=person_id), metadata=self.metadata, timeout=10
         )
 
     # ---------------------------------------------------------------------------------- the CRM connector
