@@ -99,3 +99,41 @@ async def test_bad_input_names_what_is_wrong(people_cli):
     assert result.exit_code == 1 and "merge_id" in result.output, result.output
     result = await people_cli.run("export", "a", "b", "c")
     assert result.exit_code == 2 and "TYPE VALUE" in result.output, result.output
+
+
+async def test_delete_wait_reports_when_every_service_acknowledged_it(people_cli):
+    """`delete --wait` answers once every durable consumer of PRIVACY (here identity's) has acknowledged
+    the deletion, i.e. has purged the person and erased its store; a consumer that never does is named."""
+    import nats
+    from nats.js import api
+
+    await people_cli.send({"type": "identify", "userId": "grace", "traits": {"plan": "pro"}, "messageId": "g1"})
+    await people_cli.send({"type": "identify", "userId": "alan", "traits": {"plan": "pro"}, "messageId": "a1"})
+    assert (await until_ok(people_cli, "profile", "user_id", "grace")).exit_code == 0
+    assert (await until_ok(people_cli, "profile", "user_id", "alan")).exit_code == 0
+
+    result = await people_cli.run("delete", "user_id", "grace", "--yes", "--wait", "--timeout", "30")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["acknowledged"] == {"identity-privacy-0": True}
+    # Acknowledged means purged: identity no longer knows her.
+    state = json.loads((people_cli.home / "run.json").read_text())
+    async with grpc.aio.insecure_channel(state["services"]["identity"]["grpc"]) as channel:
+        grace = identity_pb2.Identifier(type="user_id", value="grace")
+        try:
+            await identity_pb2_grpc.IdentityServiceStub(channel).Lookup(identity_pb2.LookupRequest(identifier=grace))
+            raise AssertionError("identity still resolves a deleted person")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+    # A consumer left behind (a service that is down, a replica scaled away) never acknowledges: named.
+    nc = await nats.connect(people_cli.nats_url)
+    try:
+        await nc.jetstream().add_consumer("PRIVACY", api.ConsumerConfig(durable_name="stale-privacy"))
+    finally:
+        await nc.close()
+    result = await people_cli.run("delete", "user_id", "alan", "--yes", "--wait", "--timeout", "1")
+    assert result.exit_code == 1, result.output
+    assert "not acknowledged within 1s by: stale-privacy" in result.output, result.output
+    shown = json.loads(result.output[: result.output.rindex("}") + 1])  # the answer, then the error
+    assert shown["acknowledged"] == {"identity-privacy-0": True, "stale-privacy": False}

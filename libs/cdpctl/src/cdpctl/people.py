@@ -3,6 +3,13 @@ export everything held about a person, and the privacy deletion.
 
 A person is named by its person id, or by an identifier (`user_id u1`) that identity resolves to the
 person holding it now. Deletion is irreversible, so it asks first unless `--yes` is given.
+
+`delete --wait` reports when the deletion is done everywhere: profile answers once its own part is
+durable and the `privacy.deleted` notice is in the PRIVACY stream; every other service that keeps the
+person follows that stream with a durable consumer and acknowledges a notice only once its purge is
+durable and its store erased. So the deletion is done when every durable consumer of PRIVACY has
+acknowledged everything the stream held when profile answered (the notice included). A consumer that
+never gets there (a service down, a replica scaled away whose consumer was left behind) is named.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ from pathlib import Path
 
 import click
 import grpc
+import nats
 from google.protobuf import json_format
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdpctl.common import bearer, console, out, rpc_error, service_address
+from cdp_kit.bus import subjects
+from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 
 
@@ -149,9 +158,21 @@ def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity
 @click.option("--yes", is_flag=True, help="do not ask for confirmation")
 @click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.option("--wait", is_flag=True, help="wait until every service that keeps people acknowledged the deletion")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="seconds --wait waits")
+@click.option("--nats", "nats_address", help="NATS URL for --wait (default: the one `cdpctl up` runs)")
 @click.pass_obj
 def delete(
-    ws: Workspace, person: tuple[str, ...], suppress: bool, request_id: str, yes: bool, identity_address, address
+    ws: Workspace,
+    person: tuple[str, ...],
+    suppress: bool,
+    request_id: str,
+    yes: bool,
+    identity_address,
+    address,
+    wait: bool,
+    timeout: float,
+    nats_address: str | None,
 ) -> None:
     """Privacy deletion of a person (PERSON_ID, or TYPE VALUE) everywhere; irreversible."""
     person_id = asyncio.run(_person_id(ws, identity_address, person))
@@ -171,4 +192,33 @@ def delete(
                 raise rpc_error(exc) from None
         return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
-    out.print_json(json.dumps(asyncio.run(call())))
+    result = asyncio.run(call())
+    if not wait:
+        out.print_json(json.dumps(result))
+        return
+    result["acknowledged"] = acknowledged = asyncio.run(privacy_acknowledged(nats_url(ws, nats_address), timeout))
+    out.print_json(json.dumps(result))
+    pending = sorted(name for name, done in acknowledged.items() if not done)
+    if not acknowledged:
+        raise click.ClickException(f"no service follows {subjects.PRIVACY_DELETED} yet: nothing has purged the person")
+    if pending:
+        raise click.ClickException(f"not acknowledged within {timeout:g}s by: {', '.join(pending)}")
+
+
+async def privacy_acknowledged(url: str, timeout: float) -> dict[str, bool]:
+    """Durable consumer of PRIVACY -> whether it has acknowledged everything the stream holds now, waiting
+    up to `timeout` seconds for all of them (see the module docstring)."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info(subjects.PRIVACY)).state.last_seq
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            consumers = [c for c in await js.consumers_info(subjects.PRIVACY) if c.config.durable_name]
+            done = {c.config.durable_name: c.ack_floor.stream_seq >= last for c in consumers}
+            if (done and all(done.values())) or loop.time() > deadline:
+                return dict(sorted(done.items()))
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
