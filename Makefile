@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 GRPC_TOOLS_VERSION := 1.85.1
 PROTO_OUT := libs/cdp-protos/src
 
-.PHONY: help env lock lock-check up status test test-fast soak proto proto-check lint models bench bench-% deploy-check clean
+.PHONY: help env lock lock-check up status test test-fast soak fuzz proto proto-check lint models bench bench-% deploy-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_%-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ test: env ## run all tests (real nats-server), on every core
 
 soak: env ## the whole-platform kill test, long: CDP_SOAK_SECONDS (600) of load, a kill every CDP_SOAK_KILL_EVERY (10) s
 	CDP_SOAK_SECONDS=$${CDP_SOAK_SECONDS:-600} $(VENV)/bin/pytest -q -p no:cacheprovider tests/fault/test_platform_kill.py
+
+fuzz: env ## the fuzz tests (tests/fuzz) with CDP_FUZZ_SCALE (50) times the inputs `make test` gives them, fresh ones each run
+	CDP_FUZZ_SCALE=$${CDP_FUZZ_SCALE:-50} $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --timeout 3600 tests/fuzz
 
 proto: env ## regenerate the committed stubs from protos/
 	$(PY) -m cdp_testing.protocheck generate protos $(PROTO_OUT)

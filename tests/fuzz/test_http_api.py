@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.bus import subjects
-from cdp_testing.fuzz import budget, nasty_text
+from cdp_testing.fuzz import budget, nasty_text, time_limit
 
 EXAMPLES = 40  # requests in `make test`; `make fuzz` multiplies it
 RETRY = {429, 503}
@@ -202,7 +202,7 @@ def ledger(platform) -> Ledger:
     return Ledger(run=f"fzh{int(time.time()) % 100_000}")
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(time_limit(600))
 def test_every_request_is_answered_as_documented_and_rejections_name_the_field(platform, ledger):
     @budget(EXAMPLES)
     @given(request=requests)
@@ -294,7 +294,7 @@ async def dead_letters_of(nats_url: str, marker: bytes) -> list[str]:
         await nc.close()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(time_limit(300))
 def test_every_accepted_event_is_on_its_persons_timeline_and_nothing_was_dead_lettered(platform, ledger):
     if not ledger.expected:
         pytest.skip("runs after the fuzz, which accepted nothing to follow")  # only when run alone

@@ -32,6 +32,11 @@ SCALE = float(os.environ.get("CDP_FUZZ_SCALE", "1"))
 LONG = SCALE > 1
 
 
+def time_limit(seconds: float) -> float:
+    """A test's timeout, grown with its number of inputs under `make fuzz`."""
+    return seconds * max(1.0, SCALE)
+
+
 def budget(examples: int) -> settings:
     """hypothesis settings for `examples` inputs in `make test` (times CDP_FUZZ_SCALE under `make fuzz`)."""
     return settings(
