@@ -87,6 +87,22 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # Production with everything the security review asks for: the in-chart NATS (so its policy renders),
+    # TLS to NATS with a client certificate, and the peers network policies admit besides the callers.
+    "secure": {
+        "values_files": [values_file("values-prod.yaml")],
+        "set_values": {
+            "nats": {"enabled": True},
+            "natsAuth": {"enabled": True, "tls": {"existingSecret": "cdp-nats-tls", "clientCertificate": True}},
+            "networkPolicy": {
+                "enabled": True,
+                "grpcFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cdp-ops"}}}],
+                "httpFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}],
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                "natsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "cdp-ops"}}}],
+            },
+        },
+    },
     # Every optional object at once, so each is schema-checked at least once.
     "everything": {
         "values_files": [values_file("values-prod.yaml")],

@@ -257,6 +257,8 @@ def existing_secrets(values: dict[str, Any]) -> set[str]:
             values["sources"].get("existingSecret"),
             values["crmConnections"].get("existingSecret"),
             values["global"]["mongodbUri"].get("existingSecret"),
+            values["natsAuth"]["tls"].get("existingSecret"),
+            values["serviceTokens"].get("existingSecret"),
         )
         if s
     }
@@ -423,6 +425,7 @@ def test_adding_a_component_is_a_values_only_change(rendered):
         "Deployment/cdp-newcomer",
         "PodDisruptionBudget/cdp-newcomer",
         "NetworkPolicy/cdp-newcomer",
+        "Secret/cdp-newcomer-nats",  # its NATS user (natsAuth), which may do nothing until it has a role
     }
     (container,) = after.get("Deployment", "cdp-newcomer")["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["python", "-m", "cdp_newcomer"]
@@ -738,8 +741,14 @@ def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
         assert env["CDP_IDENTITY_ADDRESS"]["value"] == f"cdp-identity:{grpc_port}"
     assert rendered["default"].get("StatefulSet", "cdp-profile")["spec"].get("volumeClaimTemplates")
     (container,) = rendered["prod"].get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]["containers"]
-    token = env_of(container)["CDP_IDENTITY_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"]["name"] == "cdp-service-tokens", "a secret, never a value"
+    # The token for identity: a file from the service-tokens Secret (profile's own key only), re-read when
+    # the Secret changes; never a value, never an environment variable.
+    env = env_of(container)
+    assert env["CDP_IDENTITY_TOKEN_FILE"]["value"] == "/etc/cdp/peer-token/token" and "CDP_IDENTITY_TOKEN" not in env
+    spec = rendered["prod"].get("StatefulSet", "cdp-profile")["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "peer-token"]
+    assert volume["secret"]["secretName"] == "cdp-service-tokens"
+    assert volume["secret"]["items"] == [{"key": "profile", "path": "token"}]
 
 
 def test_orchestration_owns_partitions_and_reads_channel_providers_from_secrets(rendered):

@@ -92,6 +92,11 @@ truncating: two truncated names could collide.
 {{- printf "%s-mongodb" (include "cdp.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* A component's NATS credentials: <release>-<name>-nats (secret-nats.yaml). */}}
+{{- define "cdp.natsSecretName" -}}
+{{- printf "%s-%s-nats" (include "cdp.fullname" .root) .name -}}
+{{- end -}}
+
 {{- define "cdp.authSecretName" -}}
 {{- default (printf "%s-auth-tokens" (include "cdp.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
@@ -121,7 +126,7 @@ truncating: two truncated names could collide.
 
 {{/* Variables the chart owns; components.<name>.env may not set them (duplicates would be ambiguous). */}}
 {{- define "cdp.managedEnv" -}}
-OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_CRM_CONNECTIONS_FILE CDP_CRM_WEBHOOK_PORT CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE
+OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_CRM_CONNECTIONS_FILE CDP_CRM_WEBHOOK_PORT CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE CDP_NATS_CREDENTIALS_FILE CDP_NATS_TLS_CA_FILE CDP_NATS_TLS_CERT_FILE CDP_NATS_TLS_KEY_FILE
 {{- end -}}
 
 {{/*
@@ -141,7 +146,7 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- fail (printf "component %q: module %s is development and test code (local channel servers, CRM emulators, the CLI); it is not in the image and never deployed. Point the service at a real provider through envFromSecrets instead" $name $module) -}}
 {{- end -}}
 {{- end -}}
-{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" "/etc/cdp/crm" -}}
+{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" "/etc/cdp/crm" "/etc/cdp/nats" "/etc/cdp/nats-tls" "/etc/cdp/peer-token" -}}
 {{- range $c.secretFiles -}}
 {{- if has .mountPath $mounts -}}
 {{- fail (printf "component %q: secretFiles mountPath %s is taken (by the chart or another entry); give each Secret a folder of its own under /etc/cdp" $name .mountPath) -}}
@@ -234,6 +239,20 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
   value: {{ $name | quote }}
 - name: CDP_NATS_URL
   value: {{ include "cdp.natsUrl" $root | quote }}
+{{- if $root.Values.natsAuth.enabled }}
+- name: CDP_NATS_CREDENTIALS_FILE
+  value: /etc/cdp/nats/credentials.json
+{{- end }}
+{{- if $root.Values.natsAuth.tls.existingSecret }}
+- name: CDP_NATS_TLS_CA_FILE
+  value: /etc/cdp/nats-tls/ca.crt
+{{- if $root.Values.natsAuth.tls.clientCertificate }}
+- name: CDP_NATS_TLS_CERT_FILE
+  value: /etc/cdp/nats-tls/tls.crt
+- name: CDP_NATS_TLS_KEY_FILE
+  value: /etc/cdp/nats-tls/tls.key
+{{- end }}
+{{- end }}
 - name: CDP_GRPC_PORT
   value: {{ int $c.ports.grpc | quote }}
 - name: CDP_METRICS_PORT
@@ -329,6 +348,11 @@ follows the live pods and nothing may depend on the count the chart was rendered
 {{- $pc := mergeOverwrite (deepCopy $root.Values.componentDefaults) (deepCopy ($raw | default dict)) }}
 - name: CDP_{{ $peer | upper | replace "-" "_" }}_ADDRESS
   value: {{ printf "%s:%d" (include "cdp.componentFullname" (dict "root" $root "name" $peer "c" $pc)) (int $pc.ports.grpc) | quote }}
+{{- if $root.Values.serviceTokens.existingSecret }}
+{{- /* The token for this peer, from a file re-read when the Secret changes (cdp_kit.auth: outbound). */}}
+- name: CDP_{{ $peer | upper | replace "-" "_" }}_TOKEN_FILE
+  value: /etc/cdp/peer-token/token
+{{- end }}
 {{- end }}
 {{- range $var, $value := $c.env }}
 - name: {{ $var }}
@@ -518,6 +542,21 @@ spec:
           mountPath: /etc/cdp/crm
           readOnly: true
         {{- end }}
+        {{- if $root.Values.natsAuth.enabled }}
+        - name: nats-credentials
+          mountPath: /etc/cdp/nats
+          readOnly: true
+        {{- end }}
+        {{- if $root.Values.natsAuth.tls.existingSecret }}
+        - name: nats-tls
+          mountPath: /etc/cdp/nats-tls
+          readOnly: true
+        {{- end }}
+        {{- if and $root.Values.serviceTokens.existingSecret $c.calls }}
+        - name: peer-token
+          mountPath: /etc/cdp/peer-token
+          readOnly: true
+        {{- end }}
         {{- range $c.secretFiles }}
         - name: secret-{{ .volume }}
           mountPath: {{ .mountPath }}
@@ -577,6 +616,41 @@ spec:
         items:
           - key: {{ $root.Values.crmConnections.key }}
             path: {{ $root.Values.crmConnections.key }}
+    {{- end }}
+    {{- if $root.Values.natsAuth.enabled }}
+    {{- /* This component's NATS user only (secret-nats.yaml); re-read at every reconnect. */}}
+    - name: nats-credentials
+      secret:
+        secretName: {{ include "cdp.natsSecretName" . }}
+        defaultMode: 0440
+        items:
+          - key: credentials.json
+            path: credentials.json
+    {{- end }}
+    {{- if $root.Values.natsAuth.tls.existingSecret }}
+    - name: nats-tls
+      secret:
+        secretName: {{ $root.Values.natsAuth.tls.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: ca.crt
+            path: ca.crt
+          {{- if $root.Values.natsAuth.tls.clientCertificate }}
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+          {{- end }}
+    {{- end }}
+    {{- if and $root.Values.serviceTokens.existingSecret $c.calls }}
+    {{- /* Only this component's own token (the key named after it), never another's. */}}
+    - name: peer-token
+      secret:
+        secretName: {{ $root.Values.serviceTokens.existingSecret }}
+        defaultMode: 0440
+        items:
+          - key: {{ $name }}
+            path: token
     {{- end }}
     {{- range $c.secretFiles }}
     {{- /* Every key a file, the whole directory mounted (no subPath): an updated Secret reaches the pod. */}}

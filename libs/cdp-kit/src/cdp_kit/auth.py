@@ -8,18 +8,29 @@ tokens, never the tokens themselves:
 A scope is `<service>:<verb>` (e.g. `profile:read`); `<service>:*` grants every verb of one service and
 `*` grants everything. The file is re-read when it changes, so a rotated Secret takes effect without a
 restart.
+
+Outbound: the token a service presents to a peer it calls comes from `CDP_<PEER>_TOKEN_FILE` (a mounted
+Secret holding the token alone), re-read when the file changes, so rotating it needs no restart either.
+`cdp_kit.service.client_channel` puts it on every call to that peer (`BearerFromFile`); when the file is
+set it is what is sent. `CDP_<PEER>_TOKEN` (the token in the environment) still works, for development.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from cdp_kit.errors import PermissionDenied, Unauthenticated
 from cdp_kit.watched import WatchedJsonFile
+
+log = logging.getLogger("cdp.auth")
 
 
 @dataclass(frozen=True)
@@ -81,3 +92,90 @@ class TokenAuthenticator:
     def authorize(caller: Caller, scope: str, method: str) -> None:
         if not caller.allows(scope):
             raise PermissionDenied(f"caller {caller.name!r} lacks scope {scope!r} required by {method}")
+
+
+# ------------------------------------------------------------------------------------------ outbound
+
+
+class TokenFile:
+    """A bearer token alone in a file (a mounted Secret), re-read when the file changes. While the file
+    is unreadable or empty (a Secret caught mid-rewrite) the last good token stays in force; at start a
+    missing or empty file is an error naming `variable`."""
+
+    def __init__(self, path: Path, *, variable: str) -> None:
+        self.path = path
+        self.variable = variable
+        self._stamp: tuple[int, int] | None = None
+        self._token = ""
+        if not self._reload():
+            raise ValueError(f"{variable}={str(path)!r} must be a readable file holding the token")
+
+    def _reload(self) -> bool:
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_ino)
+            if stamp == self._stamp:
+                return True
+            token = self.path.read_text().strip()
+        except OSError:
+            return False
+        if not token:
+            return False
+        self._stamp, self._token = stamp, token
+        return True
+
+    @property
+    def value(self) -> str:
+        if not self._reload():
+            log.warning("token file unreadable; keeping the last good token", extra={"variable": self.variable})
+        return self._token
+
+
+def _with_bearer(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = [(k, v) for k, v in (details.metadata or ()) if k.lower() != "authorization"]
+    metadata.append(("authorization", f"Bearer {token}"))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+    )
+
+
+class _Unary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: TokenFile) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token.value), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: TokenFile) -> None:
+        self.token = token
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token.value), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, token: TokenFile) -> None:
+        self.token = token
+
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token.value), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, token: TokenFile) -> None:
+        self.token = token
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token.value), request_iterator)
+
+
+def bearer_from_file(token: TokenFile) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors putting the file's current token on every call (replacing any other)."""
+    return [_Unary(token), _UnaryStream(token), _StreamUnary(token), _StreamStream(token)]
+
+
+def token_file_variable(peer: str) -> str:
+    """`profile` -> CDP_PROFILE_TOKEN_FILE: where the token presented to `peer` is kept."""
+    return f"CDP_{peer.upper().replace('-', '_')}_TOKEN_FILE"

@@ -241,6 +241,12 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": _unique(subscribe)}}
 
 
+def permissions_document() -> dict[str, dict[str, dict[str, list[str]]]]:
+    """Every role's permissions, as the Helm chart reads them (deploy/helm/cdp/files/nats-permissions.json,
+    written by `python -m cdp_kit.natsauth`; tests/deploy checks it is current)."""
+    return {name: permissions(role) for name, role in sorted(ROLES.items())}
+
+
 # ------------------------------------------------------------------------------------ credentials
 
 
@@ -426,6 +432,10 @@ class NatsClientSettings:
         return options
 
 
+if __name__ == "__main__":
+    print(json.dumps(permissions_document(), indent=2))
+
+
 __all__ = [
     "MODEL_BUCKET",
     "OPERATOR",
@@ -440,6 +450,7 @@ __all__ = [
     "inbox_prefix",
     "new_password",
     "permissions",
+    "permissions_document",
     "read_credentials",
     "role_of",
     "write_credentials",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -39,7 +41,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cdp_kit.auth import TokenAuthenticator
+from cdp_kit.auth import TokenAuthenticator, TokenFile, bearer_from_file, token_file_variable
 from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
@@ -174,16 +176,36 @@ class GrpcServer:
             self._health_server = None
 
 
-def client_channel(settings: ServiceSettings, address: str) -> grpc.aio.Channel:
-    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on."""
+def _peer_of(settings: ServiceSettings, address: str) -> str | None:
+    """The peer `address` belongs to, from the settings field that holds it (`profile_address` -> profile)."""
+    for f in dataclasses.fields(settings):
+        if f.name.endswith("_address") and getattr(settings, f.name) == address:
+            return f.name.removesuffix("_address")
+    return None
+
+
+def client_channel(
+    settings: ServiceSettings, address: str, *, environ: Mapping[str, str] | None = None
+) -> grpc.aio.Channel:
+    """A channel to another cdp service: mutual TLS with this service's own certificate when TLS is on,
+    and the token of CDP_<PEER>_TOKEN_FILE on every call when that file is set (cdp_kit.auth: outbound)."""
+    environ = os.environ if environ is None else environ
+    interceptors = None
+    peer = _peer_of(settings, address)
+    if peer is not None and environ.get(token_file_variable(peer)):
+        variable = token_file_variable(peer)
+        try:
+            interceptors = bearer_from_file(TokenFile(Path(environ[variable]), variable=variable))
+        except ValueError as exc:
+            raise SettingsError([str(exc)]) from None
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None,
             private_key=settings.tls_key_file.read_bytes(),
             certificate_chain=settings.tls_cert_file.read_bytes(),
         )
-        return grpc.aio.secure_channel(address, credentials)
-    return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
 
 @dataclass
