@@ -10,8 +10,9 @@ connector are each SIGKILLed and nats-server is killed once; the supervisor star
 
 - every accepted event is on its person's profile timeline exactly once;
 - every person entered "pro" exactly once and never left it (the segments stream);
-- every person got exactly one email (the local SMTP server's maildir, by recipient and action id) and
-  one webhook call (the local receiver's list of what it accepted);
+- every person got one email action (the local SMTP server's maildir, by recipient and action id; a
+  copy sent again under the same Message-ID only in SMTP's documented window, at most one per kill of
+  orchestration) and exactly one webhook call (the local receiver's list of what it accepted);
 - every person is one HubSpot contact with their latest first name and segment, and the account's limit
   was never exceeded (the emulator's own counters), and one Salesforce contact.
 
@@ -332,15 +333,16 @@ def segment_transitions(nats_url: str) -> collections.Counter:
     return asyncio.run(read())
 
 
-def mail_by_recipient(maildir: Path) -> tuple[collections.Counter, collections.Counter]:
-    recipients: collections.Counter = collections.Counter()
-    actions: collections.Counter = collections.Counter()
+def mail_by_recipient(maildir: Path) -> tuple[dict[str, set[str]], collections.Counter]:
+    """(user -> the action ids mailed to them, action id -> copies received) from the SMTP server's maildir."""
+    recipients: dict[str, set[str]] = collections.defaultdict(set)
+    copies: collections.Counter = collections.Counter()
     for folder in ("new", "cur"):
         for path in (maildir / folder).glob("*") if (maildir / folder).is_dir() else ():
             message = email.message_from_bytes(path.read_bytes())
-            recipients[message["To"].split("@")[0]] += 1
-            actions[message["X-CDP-Action-Id"]] += 1
-    return recipients, actions
+            recipients[message["To"].split("@")[0]].add(message["X-CDP-Action-Id"])
+            copies[message["X-CDP-Action-Id"]] += 1
+    return recipients, copies
 
 
 @pytest.mark.timeout(600 + int(SOAK_SECONDS * 2))
@@ -375,7 +377,7 @@ def test_every_service_killed_in_turn_under_load_loses_and_duplicates_nothing(pl
 
     def mailed_everyone():
         recipients, _ = mail_by_recipient(maildir)
-        missing = [u for u in users if recipients[u] == 0]
+        missing = [u for u in users if not recipients.get(u)]
         return True if not missing else f"not mailed: {missing[:5]} ({len(missing)})"
 
     eventually(mailed_everyone, timeout=90)
@@ -412,10 +414,13 @@ def test_every_service_killed_in_turn_under_load_loses_and_duplicates_nothing(pl
     pro = {key: n for key, n in transitions.items() if key[1] == "pro"}
     assert pro == {(p, "pro", True): 1 for p in persons.values()}, "every person entered pro exactly once"
 
-    # Every journey action sent once: one welcome email per person, one per action id.
-    recipients, actions = mail_by_recipient(maildir)
-    assert {u: recipients[u] for u in users} == dict.fromkeys(users, 1), "one welcome email each"
-    assert set(actions.values()) == {1}, "no action mailed twice"
+    # Every journey action sent once: one welcome email action per person. SMTP has no idempotency key:
+    # a kill between the server's 250 and orchestration's record of the send mails that one message again
+    # under the same Message-ID (what mail clients deduplicate by) - at most one copy per kill.
+    recipients, copies = mail_by_recipient(maildir)
+    assert {u: len(recipients.get(u, ())) for u in users} == dict.fromkeys(users, 1), "one welcome email each"
+    repeats = sum(n - 1 for n in copies.values())
+    assert repeats <= kills.count("orchestration") and set(copies.values()) <= {1, 2}, f"mailed again: {repeats}"
 
     deliveries = get_json(f"{receiver}/_deliveries")
     called = collections.Counter(d["json"]["person_id"] for d in deliveries)
