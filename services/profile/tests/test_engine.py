@@ -486,3 +486,38 @@ async def test_a_deleted_persons_answer_is_not_kept(engine, nats_server):
     assert "p1" not in engine.hot.views  # personal data gone from memory, not just unreachable
     with pytest.raises(NotFound):
         await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)
+
+
+async def test_a_deletion_without_suppression_leaves_no_hash_of_the_persons_identifiers_on_the_bus(engine, nats_server):
+    """privacy.deleted stays in PRIVACY without an age limit (suppressions are rebuilt from it). The hashes
+    of a person's identifiers are what a suppression needs; a plain deletion needs only the person ids, so
+    its notice carries none: nothing linkable to the person's email or user id is kept there for ever."""
+    import hashlib
+
+    from cdp.privacy.v1 import privacy_pb2
+    from cdp_kit.bus import privacy_stream
+
+    async with Bus.connect(nats_server.url, name="privacy") as bus:
+        await bus.ensure_streams(privacy_stream())
+    for person in ("p1", "p2"):
+        await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order(f"o-{person}", person, T0, 10)]))
+        await engine.update_traits(person, {"email": f"{person}@example.com"}, {}, source="api", at=None,
+                                   request_id=f"w-{person}")  # fmt: skip
+    plain = await engine.delete("p1", suppress=False, request_id="r1")
+    suppressed = await engine.delete("p2", suppress=True, request_id="r2")
+    assert plain["identifiers"] >= 1 and suppressed["identifiers"] >= 1  # the answer still counts them
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        notices = {}
+        info = await js.stream_info("PRIVACY")
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            notice = privacy_pb2.PrivacyDeleted.FromString((await js.get_msg("PRIVACY", seq)).data)
+            notices[notice.request_id] = notice
+    finally:
+        await nc.close()
+    assert notices["r1"].person_id == "p1" and not notices["r1"].suppress
+    assert list(notices["r1"].identifier_hashes) == []
+    assert notices["r2"].suppress
+    assert hashlib.sha256(b"user_id:p2").hexdigest() in notices["r2"].identifier_hashes

@@ -3,7 +3,8 @@
 A deletion is one group commit: the timeline entries of the person and of every person merged into
 it are deleted; the person and those absorbed persons become bare markers (`deleted_at`, no personal
 data) that drop events already in flight; the request's result and its `privacy.deleted` notice
-(hashed identifiers only) are stored under the request id, so a repeated request answers the same.
+(person ids, and the hashed identifiers only when the person is suppressed) are stored under the request
+id, so a repeated request answers the same.
 Once durable, the notice is published (again at start-up if that failed) and the store erases the
 bytes the deleted records left in its files.
 
@@ -87,7 +88,9 @@ class Privacy:
         notice = privacy_pb2.PrivacyDeleted(
             request_id=request_id,
             person_id=person,
-            identifier_hashes=hashes,
+            # Only a suppression needs them (the collector matches new events against them), and PRIVACY
+            # keeps its messages without an age limit: a plain deletion leaves no hash of the person there.
+            identifier_hashes=hashes if suppress else [],
             suppress=suppress,
             at=from_seconds(now),
             merged_person_ids=origins[1:],
