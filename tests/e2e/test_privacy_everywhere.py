@@ -511,9 +511,10 @@ def test_no_log_line_holds_the_person_or_a_secret(deleted):
     assert leaks == {}, {k: sorted(v) for k, v in list(leaks.items())[:20]}
 
 
-# Streams kept without an age limit on purpose, each explained in docs/privacy.md: PRIVACY holds only
-# hashed identifiers (the suppression list is rebuilt from it), ORCHESTRATION_TIMERS only opaque person
-# and timer ids (a timer may be weeks away; fired copies and cancellations expire within minutes).
+# Streams kept without an age limit on purpose, each explained in docs/privacy.md: PRIVACY holds person
+# ids and the hashed identifiers of suppressed persons only (the suppression list is rebuilt from it),
+# ORCHESTRATION_TIMERS only opaque person and timer ids (a timer may be weeks away; fired copies and
+# cancellations expire within minutes).
 UNLIMITED = {"PRIVACY": "hashed identifiers only", "ORCHESTRATION_TIMERS": "no personal data"}
 
 
