@@ -37,9 +37,22 @@ from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_testing.platform_run import RunningPlatform
+from cdp_testing.platform_run import PlatformError, RunningPlatform
 
 SALESFORCE_API = "/services/data/v62.0"
+
+
+def start_platform(workdir: Path, env: dict[str, str] | None = None) -> RunningPlatform:
+    """`cdpctl up` in `workdir`, started again once if a port it picked was taken before a service bound
+    it (other processes on a shared machine pick ports too; `cdpctl up` then stops at start-up)."""
+    for attempt in (1, 2):
+        platform = RunningPlatform(workdir / f"attempt-{attempt}", env=env)
+        try:
+            return platform.start()
+        except PlatformError as exc:
+            if attempt == 2 or "Address already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
 
 
 def eventually(check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:

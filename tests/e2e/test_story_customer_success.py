@@ -25,9 +25,7 @@ import time
 
 import pytest
 import yaml
-from stories import Story, days_ago, eventually, iso, kind
-
-from cdp_testing.platform_run import RunningPlatform
+from stories import Story, days_ago, eventually, iso, kind, start_platform
 
 PAGES = ("Home", "Catalog", "Product", "Search", "Account")
 HISTORY_DAYS = 60
@@ -35,8 +33,7 @@ HISTORY_DAYS = 60
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    platform = RunningPlatform(tmp_path_factory.mktemp("customer-success"))
-    platform.start()
+    platform = start_platform(tmp_path_factory.mktemp("customer-success"))
     story = Story(platform)
     try:
         yield story

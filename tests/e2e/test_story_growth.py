@@ -20,17 +20,14 @@ import time
 
 import pytest
 import yaml
-from stories import Story, days_ago, eventually, iso
-
-from cdp_testing.platform_run import RunningPlatform
+from stories import Story, days_ago, eventually, iso, start_platform
 
 CUSTOMERS = 20
 
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    platform = RunningPlatform(tmp_path_factory.mktemp("growth"))
-    platform.start()
+    platform = start_platform(tmp_path_factory.mktemp("growth"))
     story = Story(platform)
     try:
         yield story

@@ -25,9 +25,7 @@ import time
 
 import pytest
 import yaml
-from stories import Story, eventually, kind
-
-from cdp_testing.platform_run import RunningPlatform
+from stories import Story, eventually, kind, start_platform
 
 IDENTITY_RULES = {
     "types": [
@@ -85,8 +83,7 @@ def story(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("risk")
     rules = workdir / "identity-rules.json"
     rules.write_text(json.dumps(IDENTITY_RULES))
-    platform = RunningPlatform(workdir, env={"CDP_IDENTITY_RULES_FILE": str(rules)})
-    platform.start()
+    platform = start_platform(workdir, env={"CDP_IDENTITY_RULES_FILE": str(rules)})
     story = Story(platform)
     try:
         yield story

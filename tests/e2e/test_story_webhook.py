@@ -19,9 +19,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from stories import Story, days_ago, eventually, iso, kind
-
-from cdp_testing.platform_run import RunningPlatform
+from stories import Story, days_ago, eventually, iso, kind, start_platform
 
 JOURNEY = {
     "id": "price-drop-alert",
@@ -52,8 +50,7 @@ JOURNEY = {
 
 @pytest.fixture(scope="module")
 def story(tmp_path_factory):
-    platform = RunningPlatform(tmp_path_factory.mktemp("webhook"), env={"CDP_WEBHOOK_PAYLOAD": "slack"})
-    platform.start()
+    platform = start_platform(tmp_path_factory.mktemp("webhook"), env={"CDP_WEBHOOK_PAYLOAD": "slack"})
     story = Story(platform)
     try:
         yield story
