@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdp_kit.auth import new_token, write_tokens_file
+from cdp_kit.auth import new_token, token_file_variable, write_tokens_file
 from cdp_kit.natsauth import (
     OPERATOR,
     authorization_config,
@@ -49,7 +49,7 @@ class ServiceProcess:
     # Variables set only while a companion runs (`cdpctl up --no-companions` leaves them out), by
     # companion name: a provider pointed at a local stand-in is off without it, never half-configured.
     companion_env: dict[str, dict[str, str]] = field(default_factory=dict)
-    # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS (and CDP_<NAME>_TOKEN), as in the chart.
+    # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS and CDP_<NAME>_TOKEN_FILE, as in the chart.
     calls: tuple[str, ...] = ()
     # Scopes beyond the shared read-only service token: the service then gets a token of its own.
     extra_scopes: tuple[str, ...] = ()
@@ -539,6 +539,9 @@ def service_environment(
     for peer in svc.calls:
         name = peer.upper().replace("-", "_")
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
+        # The token from its file (re-read when it changes; it wins over the variable), as the chart
+        # mounts it. CDP_<NAME>_TOKEN stays set for development tools that read the environment.
+        env[token_file_variable(peer)] = str(token_file)
         env[f"CDP_{name}_TOKEN"] = token_file.read_text().strip()
     env.update({key: fill(value, ws, named_ports or {}) for key, value in svc.env.items()})
     running = {name.partition(".")[0] for name in named_ports or {}}
