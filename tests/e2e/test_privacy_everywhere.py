@@ -459,9 +459,11 @@ def test_the_other_person_is_still_in_the_crm(deleted):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="after the erasure, the person's removal (profiles.changed) and segment exit reach the connector "
-    "and it upserts the HubSpot contact again: its record reads SYNCED, not ANONYMISED (under the delete "
-    "policy the contact would be created again); and Salesforce's refused erasure reads DEAD_LETTERED",
+    reason="the segment exit segmentation publishes after the deletion (reason removed) reaches the connector "
+    "after its erasure: it re-creates the person's view in crm_persons and upserts the HubSpot contact (the "
+    "contacts mapping reads `segments`), so the record reads SYNCED, not ANONYMISED (under the delete policy "
+    "that upsert would create the contact again; services/crm/src/cdp_crm/engine.py `_project`); and "
+    "Salesforce's refused erasure reads DEAD_LETTERED",
 )
 def test_the_connector_reports_every_record_anonymised(deleted):
     ws: Workspace = deleted["ws"]
