@@ -311,3 +311,11 @@ async def test_scoring_keeps_its_models_in_its_object_store(users):
         again = await scoring.js.object_store(MODEL_BUCKET)
         assert (await again.get("churn/3")).data == b"onnx bytes" * 50_000
     assert violations(users.server) == []
+
+
+async def test_a_refusal_names_the_server_but_never_the_password_in_its_url(users):
+    url = users.server.url.replace("nats://", "nats://profile:s3cret-in-url@")
+    with pytest.raises(Unauthenticated) as info:
+        async with Bus.connect(url, name="profile", security=NatsClientSettings()):
+            pass
+    assert "s3cret-in-url" not in str(info.value) and f"127.0.0.1:{users.server.port}" in str(info.value)

@@ -405,7 +405,7 @@ def status(ws: Workspace, as_json: bool) -> None:
                     "running": True,
                     "healthy": healthy,
                     "home": str(ws.root),
-                    "nats": {"url": state["nats"], "up": nats_ok},
+                    "nats": {"url": _without_credentials(state["nats"]), "up": nats_ok},
                     "services": services,
                     "companions": {
                         name: {**companion, "up": companions[name]}

@@ -52,6 +52,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdp.bus")
 
 
+def _without_credentials(url: str) -> str:
+    """CDP_NATS_URL as logs and errors may show it: a user and password in it are left out."""
+    return ", ".join(
+        f"{part.partition('://')[0]}://{part.rpartition('@')[2]}" if "@" in part else part for part in url.split(",")
+    )
+
+
 def _refusal(exc: BaseException) -> str:
     """Why the server refused us, when it did ("" for anything a retry may cure)."""
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower():
@@ -148,7 +155,7 @@ class Bus:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 raise Unauthenticated(
-                    f"NATS at {url} refused this client ({_refusal(refused.result())}): check "
+                    f"NATS at {_without_credentials(url)} refused this client ({_refusal(refused.result())}): check "
                     "CDP_NATS_CREDENTIALS_FILE and CDP_NATS_TLS_* against the server's users and certificates"
                 )
             try:
@@ -157,9 +164,11 @@ class Bus:
             except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
                 attempt += 1
                 if time.monotonic() >= deadline:
-                    raise Unavailable(f"cannot connect to NATS at {url} (CDP_NATS_URL): {exc}") from exc
+                    raise Unavailable(
+                        f"cannot connect to NATS at {_without_credentials(url)} (CDP_NATS_URL): {exc}"
+                    ) from exc
                 if attempt == 1:
-                    log.warning("waiting for NATS at %s: %s", url, exc)
+                    log.warning("waiting for NATS at %s: %s", _without_credentials(url), exc)
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
         bus = cls(nc, telemetry, ack_timeout=ack_timeout, max_in_flight=max_in_flight)
         watching = asyncio.create_task(_follow_rotation(nc, credentials)) if credentials is not None else None
