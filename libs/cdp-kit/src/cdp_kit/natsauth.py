@@ -6,15 +6,16 @@ publishes and which core-NATS announcements it follows. Everything NATS is told 
 
 - `permissions(role)`: the nats-server `permissions` block of that service's user. A service may publish
   only the subjects it owns (`cdp_kit.bus.subjects` says who owns what): the profile service publishing
-  `events.resolved.0` is refused by the server ("Permissions Violation"), whatever its code does.
+  `events.resolved.0` is refused by the server ("Publish Violation"), whatever its code does.
   JetStream is reached through its API subjects, so each user gets only the `$JS.API` calls its streams
   need (create/update for streams it configures, create for those it reads, consumer management, fetch,
   acknowledgements `$JS.ACK.<stream>.>`, dead letters of what it consumes), the ownership key-value
   bucket under its own group, and replies on its own inbox prefix (`_INBOX.<service>.`) only, so no
   service reads another's API answers.
-- `server_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and these
-  permissions, plus an operator user without limits for cdpctl and tests), and the chart renders the same
-  through `cdpctl nats-config` (see deploy/README.md).
+- `authorization_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and
+  these permissions, plus an operator user without limits for cdpctl and tests). The Helm chart renders
+  the same block from `permissions_document()`, kept in deploy/helm/cdp/files/nats-permissions.json
+  (`python -m cdp_kit.natsauth` writes it; a deploy test fails when it is stale).
 
 Stream sourcing (orchestration's and the CRM connector's input streams) and message schedules are done
 by the server inside the account: they need no user permission.
@@ -31,7 +32,7 @@ closes for its credentials, so the old ones must stay valid until nobody uses th
 2. the service's file is rewritten: the bus sees the change (`CredentialsFile.changed`, polled) and
    reconnects at once with the new user; subscriptions and consumers carry on;
 3. the old user is removed from the server, reloaded.
-`cdpctl nats rotate` does the three steps for `make up`; the chart's Secrets follow the same order.
+`cdpctl nats-rotate SERVICE` does the three steps for `make up` (docs/security.md).
 A file that cannot be read at a reconnect keeps the last good credentials.
 """
 
