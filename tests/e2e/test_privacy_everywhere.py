@@ -20,11 +20,12 @@ erased). Afterwards:
 - every log line of every service holds neither the person's values nor a secret of the workspace
   (write keys, tokens, NATS passwords);
 - every JetStream stream the platform created keeps messages at most 30 days, unless docs/privacy.md
-  lists it as holding no personal data.
+  says why it keeps them longer; in nats-server's files, ACTIONS and those two streams hold no value of
+  the person (the other streams do until their age limit, as docs/privacy.md says).
 
-What is deliberately not scanned: `nats/` (streams keep events until their retention, see
-docs/privacy.md), `mail/` (the email went out: it is the recipient's mailbox, not the platform's) and
-the emulators' own snapshot files (they stand for the CRMs and are checked through their APIs).
+What is deliberately not scanned: the rest of `nats/` (streams keep events until their retention),
+`mail/` (the email went out: it is the recipient's mailbox, not the platform's) and the emulators' own
+snapshot files (they stand for the CRMs and are checked through their APIs).
 """
 
 from __future__ import annotations
@@ -503,7 +504,7 @@ def test_no_log_line_holds_the_person_or_a_secret(deleted):
     assert len(secrets) >= 12, sorted(secrets.values())
     # These are the logs of this run: the services logged the deletion (by request id, no values).
     assert any(b"privacy deletion applied" in path.read_bytes() for path in logs)
-    wanted = {**markers(), **secrets}
+    wanted = {**markers(), **secrets, KEEP_USER.encode(): "kept user id", KEEP_EMAIL.encode(): "kept email"}
     leaks: dict[str, set[str]] = {}
     for path in logs:
         for number, line in enumerate(path.read_bytes().splitlines(), 1):
@@ -541,3 +542,19 @@ def test_every_stream_with_personal_data_keeps_it_at_most_30_days(platform, dele
     assert set(ages) <= set(rows), set(ages) - set(rows)
     for name, why in UNLIMITED.items():
         assert why in rows[name], name
+
+
+def test_streams_a_deletion_erases_or_keeps_for_ever_hold_no_value_of_the_person(platform, deleted):
+    """What docs/privacy.md says, read in nats-server's own files: ACTIONS (the person's messages erased
+    at once, by their dispatch or by the deletion) and the two streams kept for ever (PRIVACY has person
+    ids only for a plain deletion, the timers opaque ids only) hold no value of the person. The other
+    streams still do, until their age limit."""
+    streams = next((platform.home / "nats").rglob("streams"))
+    left = {
+        name: found
+        for name in ("ACTIONS", *UNLIMITED)
+        if (found := holding(sorted(p for p in (streams / name).rglob("*") if p.is_file()), markers()))
+    }
+    assert left == {}
+    aging = holding(sorted(p for p in (streams / "EVENTS_RAW").rglob("*") if p.is_file()), markers())
+    assert aging, "the scan sees the events still in EVENTS_RAW"
