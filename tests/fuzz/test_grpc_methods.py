@@ -22,9 +22,11 @@ A failure is shrunk by hypothesis to the smallest request that still fails and p
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import math
+import time
 from pathlib import Path
 
 import grpc
@@ -42,6 +44,7 @@ from cdp_testing.fuzz import (
     FAILURES,
     bad_request_fields,
     budget,
+    dead_letters,
     messages,
     nasty_text,
     segment_text,
@@ -311,6 +314,14 @@ def test_random_bytes_as_a_body_are_invalid_argument_naming_the_request(platform
             assert wrong is None, f"{method.full_name}: {wrong}\nbody: {show(body)}"
 
     fuzz()
+
+
+def test_nothing_the_fuzzed_calls_stored_was_dead_lettered_downstream(platform):
+    """What Collect, UpdateTraits, Enroll, ... accepted, every service downstream could read: no consumer
+    gave up on a message (runs after the fuzz; the dead letters carry their reason)."""
+    time.sleep(3)  # the last accepted events are still on their way through identity and profile
+    dead = asyncio.run(dead_letters(platform.nats_url))
+    assert not dead, "dead-lettered:\n" + "\n".join(dead[:20])
 
 
 # --------------------------------------------------------------------------------------------- known, reported

@@ -477,3 +477,31 @@ def show(message: Message | bytes | str, limit: int = 600) -> str:
 def json_dumps_loose(value) -> bytes:
     """JSON as a careless client writes it: NaN and Infinity as bare words, lone surrogates escaped."""
     return json.dumps(value, allow_nan=True, ensure_ascii=True).encode()
+
+
+# ---------------------------------------------------------------------------------------------- downstream
+
+
+async def dead_letters(nats_url: str, marker: bytes = b"") -> list[str]:
+    """Every dead-lettered message (containing `marker`, when given) as "<subject>: <reason> <detail>"."""
+    import nats
+
+    from cdp_kit.bus import subjects
+    from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_REASON
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.DLQ)
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages else ():
+            try:
+                message = await js.get_msg(subjects.DLQ, seq)
+            except Exception:
+                continue
+            if marker in message.data:
+                headers = message.headers or {}
+                found.append(f"{message.subject}: {headers.get(DLQ_REASON, '')} {headers.get(DLQ_DETAIL, '')[:300]}")
+        return found
+    finally:
+        await nc.close()
