@@ -160,6 +160,7 @@ def test_a_customer_drifting_away_gets_a_success_manager_whose_outcome_comes_bac
     grace = story.wait_profile("grace", lambda p: p.scores["churn_risk"].value > threshold, timeout=30)
     eventually(lambda: grace_id in story.members("at_risk"), timeout=30)
     assert story.profile("henry").scores["churn_risk"].value <= threshold
+    print(f"\nchurn_risk: Henry {healthy:.4f}, threshold {threshold}, Grace {grace.scores['churn_risk'].value:.4f}")
     assert henry_id not in story.members("at_risk")
 
     # The success manager's view: one case in Salesforce, on Grace's contact, with her top signals.
