@@ -218,6 +218,22 @@ async def test_change_tracking_delta_link_returns_user_changes_and_deletions():
         assert nothing["value"] == []
 
 
+async def test_an_expired_delta_link_answers_expired_version_stamp_until_tracking_starts_again():
+    async with DynamicsEmulator() as dv:
+        await _call(dv, "PATCH", "contacts(cdp_id='p1')", {"lastname": "One"})
+        _, _, first = await _call(dv, "GET", "contacts", headers={"Prefer": "odata.track-changes"})
+        old = first["@odata.deltaLink"].split(API + "/", 1)[1]
+        dv.expire_change_tracking()
+        status, _, refused = await _call(dv, "GET", old)
+        assert status == 400 and refused["error"]["code"] == "0x80044352"
+        # A new change-tracking read gives a link that works again.
+        _, _, again = await _call(dv, "GET", "contacts", headers={"Prefer": "odata.track-changes"})
+        assert [c["cdp_id"] for c in again["value"]] == ["p1"]
+        dv.user_update("contacts", again["value"][0]["contactid"], {"jobtitle": "Analyst"})
+        status, _, changes = await _call(dv, "GET", again["@odata.deltaLink"].split(API + "/", 1)[1])
+        assert status == 200 and [c["jobtitle"] for c in changes["value"]] == ["Analyst"]
+
+
 async def test_paging_with_maxpagesize_and_filter():
     async with DynamicsEmulator() as dv:
         token = await _token(dv)

@@ -51,6 +51,7 @@ CONNECTION_STATES = {
 }
 RUN_KINDS = {
     "backfill": crm_pb2.RUN_KIND_BACKFILL,
+    "import": crm_pb2.RUN_KIND_BACKFILL,  # inbound.start: all - a backfill the other way, CRM to CDP
     "stream": crm_pb2.RUN_KIND_STREAM,
     "replay": crm_pb2.RUN_KIND_REPLAY,
 }

@@ -107,3 +107,32 @@ async def test_a_poller_killed_in_the_middle_of_a_delta_reads_it_again_and_the_c
         # The delta was read again from its start: its first page posted again, under the same ids.
         assert collector.duplicates == 100
         assert await _poller(store, session, dv, collector, objects=("incidents",)).poll() == 0
+
+
+async def test_an_expired_delta_link_is_read_afresh_and_what_changed_meanwhile_arrives_once(
+    store, session, collector, caplog
+):
+    async with DynamicsEmulator() as dv:
+        ada = dv.user_create("contacts", {"lastname": "Lovelace", "emailaddress1": "ada@example.com"})
+        about_ada = f"/contacts({ada['contactid']})"
+        poller = _poller(store, session, dv, collector, objects=("incidents",))
+        await poller.poll()
+        dv.clock.advance(1)
+        case = dv.user_create("incidents", {"title": "Cannot log in", "customerid_contact@odata.bind": about_ada})
+        await poller.poll()
+        assert collector.names() == ["CRM Case Opened"]
+        # Change tracking expires (the organisation keeps it for so many days), and meanwhile the case closes.
+        dv.expire_change_tracking()
+        dv.clock.advance(1)
+        dv.user_update("incidents", case["incidentid"], {"statecode": 1, "statuscode": 5})
+        await poller.poll()
+        assert collector.names() == ["CRM Case Opened", "CRM Case Closed"]
+        (expired,) = [r for r in caplog.records if "change tracking expired" in r.getMessage()]
+        assert (expired.connection, expired.object, expired.crm_code) == ("dyn", "incidents", "0x80044352")
+        assert "ada@example.com" not in caplog.text and "Cannot log in" not in caplog.text
+        # The fresh delta link is the cursor now: later changes come through it, and nothing twice.
+        dv.clock.advance(1)
+        dv.user_create("incidents", {"title": "Second", "customerid_contact@odata.bind": about_ada})
+        await poller.poll()
+        assert collector.names() == ["CRM Case Opened", "CRM Case Closed", "CRM Case Opened"]
+        assert await poller.poll() == 0

@@ -24,8 +24,10 @@ Inbound: ``Prefer: odata.track-changes`` on a collection GET returns ``@odata.de
 returns what changed since (``$deletedEntity`` entries for deletions), each record once at its latest
 version; with ``odata.maxpagesize`` the changes come in pages (``@odata.nextLink``) and only the last page
 carries the next ``@odata.deltaLink``, taken when the delta was read (a change made while paging is in
-the next delta, never lost). `user_update` / `user_create` /
-`user_delete` act as a Dynamics user.
+the next delta, never lost). A delta token is ``<version>!<issue>``; `expire_change_tracking` makes every
+token issued so far expired, as when the organisation's ExpireChangeTrackingInDays passed: following one
+answers 400 with ExpiredVersionStamp (0x80044352), and a new change-tracking read gives a fresh link.
+`user_update` / `user_create` / `user_delete` act as a Dynamics user.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class DynamicsEmulator(Emulator):
         self._throttled = 0
         self._pages: dict[str, tuple[str, list[str], list[dict[str, Any]]]] = {}
         self._delta_pages: dict[str, dict[str, Any]] = {}
+        self._issued = itertools.count(1)  # delta tokens issued: each names its issue
+        self._expired_through = 0  # tokens issued up to this one are expired
         r = self.app.router
         r.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._openid)
         r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
@@ -123,6 +127,10 @@ class DynamicsEmulator(Emulator):
         self.store.restore(state.get("objects", {}))
         self.changes = [tuple(c) for c in state.get("changes", [])]  # type: ignore[misc]
         self._versions = itertools.count(state.get("version", 1000))
+
+    def expire_change_tracking(self) -> None:
+        """Every delta link issued so far expires (ExpireChangeTrackingInDays passed, or tracking reset)."""
+        self._expired_through = next(self._issued)
 
     # --- the CRM user's side (inbound) -----------------------------------------------------------
 
@@ -431,7 +439,14 @@ class DynamicsEmulator(Emulator):
         if (m := re.search(r"odata\.maxpagesize=(\d+)", prefer)) is not None:
             page_size = int(m.group(1))
         if "$deltatoken" in query:
-            since = int(query["$deltatoken"][0])
+            version, _, issue = query["$deltatoken"][0].partition("!")
+            if not version.isdigit() or (issue.isdigit() and int(issue) <= self._expired_through):
+                raise DataverseError(
+                    400,
+                    "0x80044352",
+                    "Version stamp associated with the client has expired. Please perform a full sync.",
+                )
+            since = int(version)
             return 200, {}, self._delta_page(entity, self._delta(entity, since, select, context), page_size)
         if "$skiptoken" in query and query["$skiptoken"][0] in self._delta_pages:
             return 200, {}, self._delta_page(entity, self._delta_pages.pop(query["$skiptoken"][0]), page_size)
@@ -472,7 +487,7 @@ class DynamicsEmulator(Emulator):
     def _delta_link(self, entity: EntitySet, select: list[str] | None) -> str:
         latest = self.changes[-1][0] if self.changes else 0
         selected = f"$select={','.join(select)}&" if select else ""
-        return f"{self.base_url}{API}/{entity.name}?{selected}$deltatoken={latest}"
+        return f"{self.base_url}{API}/{entity.name}?{selected}$deltatoken={latest}!{next(self._issued)}"
 
     def _delta(self, entity: EntitySet, since: int, select: list[str] | None, context: str) -> dict[str, Any]:
         latest: dict[str, tuple[int, bool]] = {}

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.parse
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.adapters.http import Answer, Reserve, exchange, metered_read, transport_error
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
@@ -43,6 +45,9 @@ from cdp_crm.domain.isolation import (
     RecordResult,
 )
 from cdp_crm.domain.mapping import ObjectMapping
+
+if TYPE_CHECKING:
+    from cdp_crm.budgets import SharedBudget
 
 API = "/api/data/v9.2"
 NAMESPACE = "Microsoft.Dynamics.CRM"  # of the Web API's actions (AddMemberList)
@@ -143,14 +148,53 @@ class DynamicsAdapter:
                 results[change.record] = RecordResult(change.record, False, error=_op_error(status, payload))
         return BatchOutcome(results, None, answer.headers)
 
+    async def read(
+        self,
+        path: str,
+        budget: SharedBudget,
+        clock: Callable[[], float] = time.time,
+        *,
+        headers: dict[str, str] | None = None,
+        what: str = "",
+    ) -> Answer:
+        """An authenticated GET of the Web API for the change readers: `path` under /api/data/v9.2, or a link
+        Dataverse gave (``@odata.nextLink``, ``@odata.deltaLink``) - only one of this environment's, so the
+        token never goes to another host. A unit of the account's shared budget per request, a new token
+        and one retry on a 401, and the answer's ``error`` set by this adapter's error mapping (429 is
+        service protection, with its Retry-After; the Web API's own code, such as 0x80044352 for an
+        expired change-tracking token) - None when Dataverse answered it."""
+        prefix = f"{self._url}{API}/"
+        if "://" in path:
+            if not path.startswith(prefix):
+                refused = CrmError(REJECTED, "FOREIGN_LINK", "a link outside this Dataverse environment")
+                return Answer(0, {}, None, refused)
+            path = path.removeprefix(prefix)
+        return await metered_read(
+            budget,
+            clock,
+            lambda reserve: self._request(
+                "GET", path, data=None, headers=headers or {}, what=what or path.partition("?")[0], reserve=reserve
+            ),
+            _failure,
+        )
+
     async def _request(
-        self, method: str, path: str, *, data: bytes | None, headers: dict[str, str], what: str
+        self,
+        method: str,
+        path: str,
+        *,
+        data: bytes | None,
+        headers: dict[str, str],
+        what: str,
+        reserve: Reserve | None = None,
     ) -> Answer:
         """One Web API request with the token; one new token and one retry on a 401."""
         for attempt in (0, 1):
             if self._token is None and (failed := await self._authenticate()) is not None:
                 return Answer(0, {}, None, failed)
             token = self._token
+            if reserve is not None:
+                await reserve()
             answer = await exchange(
                 self._session,
                 method,

@@ -9,13 +9,20 @@ template's object and the status - never bodies, which hold personal data.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
 from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, THROTTLED, UNAVAILABLE, CrmError
+
+if TYPE_CHECKING:
+    from cdp_crm.budgets import SharedBudget
+
+# Called before each request a read sends (the first, and the retry after a new token).
+Reserve = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("cdp.crm.adapters")
 
@@ -80,3 +87,27 @@ def transport_error(answer: Answer, code: str = "", message: str = "") -> CrmErr
     if status >= 500:
         return CrmError(UNAVAILABLE, code or str(status), message, status, retry_after)
     return None
+
+
+async def metered_read(
+    budget: SharedBudget,
+    clock: Callable[[], float],
+    send: Callable[[Reserve], Awaitable[Answer]],
+    failure: Callable[[Answer], CrmError | None],
+) -> Answer:
+    """One read through an adapter, accounted on the account's shared budget: a unit reserved before every
+    request `send` makes (`send` calls the hook it is given), the answer's limit headers observed, and a
+    throttling answer recorded (its Retry-After, the day's quota when the CRM says so). The answer's `error`
+    is what `failure` (the adapter's own error mapping) makes of it: None when the CRM answered the read."""
+
+    async def reserve() -> None:
+        await budget.acquire(1, clock)
+
+    answer = await send(reserve)
+    await budget.observe(answer.headers, clock())
+    error = failure(answer)
+    if error is None:
+        return answer
+    if error.reason == THROTTLED:
+        await budget.throttled(clock(), retry_after=error.retry_after, daily=error.daily)
+    return replace(answer, error=error)

@@ -27,14 +27,14 @@ import io
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.adapters.http import Answer, Reserve, exchange, metered_read, transport_error
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     ANSWER_LOST,
@@ -51,6 +51,9 @@ from cdp_crm.domain.isolation import (
     RecordResult,
 )
 from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
+
+if TYPE_CHECKING:
+    from cdp_crm.budgets import SharedBudget
 
 API_VERSION = "62.0"
 COLLECTION_LIMIT = 200
@@ -166,9 +169,20 @@ class SalesforceAdapter:
         signature = self._key.sign(f"{header}.{payload}".encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{header}.{payload}.{b64(signature)}"
 
+    async def read(
+        self, path: str, budget: SharedBudget, clock: Callable[[], float] = time.time, *, what: str = ""
+    ) -> Answer:
+        """An authenticated GET under /services/data/vXX.X (a query, its ``nextRecordsUrl``) for the change
+        readers: a unit of the account's shared budget per request, a new token and one retry on an expired
+        session, and the answer's ``error`` set by this adapter's error mapping (REQUEST_LIMIT_EXCEEDED is
+        THROTTLED, daily when the day's TotalRequests are spent) - None when Salesforce answered it."""
+        return await metered_read(
+            budget, clock, lambda reserve: self._call("GET", path, what=what, reserve=reserve), _failure
+        )
+
     async def _call(
         self, method: str, path: str, *, json: Any = None, data: str | None = None, content_type: str | None = None,
-        what: str = "",
+        what: str = "", reserve: Reserve | None = None,
     ) -> Answer:  # fmt: skip
         """A REST call under /services/data/vXX.X; one new token and one retry on an expired session."""
         for attempt in (0, 1):
@@ -177,6 +191,8 @@ class SalesforceAdapter:
                 if failed is not None:
                     return Answer(0, {}, None, failed)
             token = self._token
+            if reserve is not None:
+                await reserve()
             headers = {"Authorization": f"Bearer {token}"}
             if content_type is not None:
                 headers["Content-Type"] = content_type

@@ -26,12 +26,14 @@ Credits: each call costs `credits_per_call` (the org's price list: an upsert cal
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.parse
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.adapters.http import Answer, Reserve, exchange, metered_read, transport_error
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
@@ -47,6 +49,9 @@ from cdp_crm.domain.isolation import (
     RecordResult,
 )
 from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
+
+if TYPE_CHECKING:
+    from cdp_crm.budgets import SharedBudget
 
 UPSERT_LIMIT = 100
 ACCOUNTS = "https://accounts.zoho.com"
@@ -113,17 +118,52 @@ class ZohoAdapter:
             self._api = str(body.get("api_domain", "https://www.zohoapis.com")).rstrip("/")
             return None
 
-    async def _call(self, method: str, path: str, *, json: Any = None, what: str = "") -> Answer:
+    async def read(
+        self,
+        path: str,
+        budget: SharedBudget,
+        clock: Callable[[], float] = time.time,
+        *,
+        headers: dict[str, str] | None = None,
+        what: str = "",
+    ) -> Answer:
+        """An authenticated GET under /crm/v8 (a listing, ``If-Modified-Since`` in `headers`) for the change
+        readers: a unit of the account's shared budget per request, a new token and one retry on a 401,
+        and the answer's ``error`` set by this adapter's error mapping (429 LIMIT_REACHED is the day's
+        credits spent) - None when Zoho answered it, 204 and 304 (nothing there, nothing changed) included."""
+
+        def failure(answer: Answer) -> CrmError | None:
+            return None if answer.error is None and answer.status in (204, 304) else _failure(answer)
+
+        return await metered_read(
+            budget,
+            clock,
+            lambda reserve: self._call("GET", path, headers=headers, what=what, reserve=reserve),
+            failure,
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+        what: str = "",
+        reserve: Reserve | None = None,
+    ) -> Answer:
         for attempt in (0, 1):
             if self._token is None and (failed := await self._authenticate()) is not None:
                 return Answer(0, {}, None, failed)
             token = self._token
+            if reserve is not None:
+                await reserve()
             answer = await exchange(
                 self._session,
                 method,
                 f"{self._api}/crm/v8{path}",
                 json=json,
-                headers={"Authorization": f"Zoho-oauthtoken {token}"},
+                headers={"Authorization": f"Zoho-oauthtoken {token}", **(headers or {})},
                 timeout=self._timeout,
                 what=what,
             )

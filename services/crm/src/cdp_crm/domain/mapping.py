@@ -11,6 +11,7 @@
         credentials: {token: HUBSPOT_TOKEN}   # environment variable NAMES, never the secrets themselves
         limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract
         on_delete: anonymise              # privacy.deleted: anonymise | delete (default: CDP_CRM_PRIVACY_POLICY)
+        inbound: {start: now}             # where a new connection's change reading starts: now (default) | all
         mappings:
           - id: contacts
             object: contacts
@@ -205,6 +206,9 @@ class Webhooks:
 # privacy.deleted: `anonymise` clears the mapped fields and keeps the record under its opaque CDP id;
 # `delete` deletes the record (and the person's tasks and cases) from the CRM.
 ON_DELETE = ("anonymise", "delete")
+# Where reading a CRM's changes starts when the connection has no cursor yet: `now` - what changes from the
+# first start on (a CRM's existing records are not news); `all` - every existing record once (an import).
+INBOUND_START = ("now", "all")
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,8 @@ class Connection:
     auth_url: str | None = None
     # HubSpot: the app whose webhooks the connector points at itself at start.
     webhooks: Webhooks | None = None
+    # Where reading the CRM's changes starts while the connection has no cursor (INBOUND_START).
+    inbound_start: str = "now"
 
     def mapping(self, mapping_id: str) -> ObjectMapping:
         for m in self.mappings:
@@ -343,6 +349,7 @@ class _Reader:
             "mappings",
             "on_delete",
             "webhooks",
+            "inbound",
         }
         for key in raw:
             if key not in known:
@@ -396,7 +403,30 @@ class _Reader:
                         mapping.name, "about.mapping", f"must name a record mapping of this connection ({records})"
                     )
         webhooks = self.webhooks(cid, kind, raw.get("webhooks"), credentials)
-        return Connection(cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks)
+        start = self.inbound_start(cid, raw.get("inbound"))
+        return Connection(
+            cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks, start
+        )
+
+    def inbound_start(self, cid: str, raw: Any) -> str:
+        if raw is None:
+            return "now"
+        if not isinstance(raw, dict):
+            self.problem(cid, "inbound", "is a mapping {start: now | all}")
+            return "now"
+        for key in raw:
+            if key != "start":
+                self.problem(cid, f"inbound.{key}", "is not an inbound field (start)")
+        start = raw.get("start", "now")
+        if start not in INBOUND_START:
+            self.problem(
+                cid,
+                "inbound.start",
+                "must be now (read what changes from the connection's first start) or all (every existing "
+                "record once, then what changes)",
+            )
+            return "now"
+        return start
 
     def webhooks(self, cid: str, kind: str, raw: Any, credentials: Mapping[str, str]) -> Webhooks | None:
         if raw is None:

@@ -47,7 +47,7 @@ def open_poller(
         reader = DynamicsReader(connection, adapter, budget, clock=clock, timeout=timeout)  # type: ignore[arg-type]
     else:
         reader = ZohoReader(connection, adapter, budget, clock=clock, timeout=timeout)  # type: ignore[arg-type]
-    return Poller(store, connection, reader, collector)
+    return Poller(store, connection, reader, collector, clock=clock)
 
 
 __all__ = [

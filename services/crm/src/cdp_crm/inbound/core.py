@@ -46,12 +46,13 @@ import aiohttp
 import orjson
 
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.state import CURSORS, RECORDS
+from cdp_crm.state import CURSORS, RECORDS, RUNS
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
 
 EPOCH = "1970-01-01T00:00:00.000Z"
+START_MARGIN = 300.0  # seconds before the first start `inbound.start: now` reads from (clocks apart)
 POST_CHUNK = 100  # changes per cursor step, where the cursor allows steps within a CRM's page
 BATCH_BYTES = 400_000  # a collector request stays under the Segment API's 500 KB
 # Transforms that keep a value as it is (up to case and spaces): a field mapped through one of them can be
@@ -212,11 +213,13 @@ class Poller:
         collector: Collector,
         *,
         objects: tuple[str, ...] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.connection = connection
         self.reader = reader
         self.collector = collector
+        self.clock = clock
         self.objects = objects or reader.objects
         self.traits = backwards(connection)
         self.placeholders = placeholders(connection)
@@ -269,10 +272,54 @@ class Poller:
     def _key(self, obj: str, record_id: str | None = None) -> str:
         return f"{self.connection.id}:{obj}" + (f":{record_id}" if record_id is not None else "")
 
-    async def _poll_object(self, obj: str) -> int:
+    async def _start(self, obj: str) -> tuple[dict[str, Any] | None, bool]:
+        """The object's cursor, and whether this read is (part of) the connection's initial import.
+
+        Without a cursor, `inbound.start: now` starts at the first start's clock, less `START_MARGIN` (a CRM
+        clock a little behind loses nothing; a record changed in that margin is an event once) - stored at
+        once, so "now" stays the first start's while nothing changes; `all` reads every existing record
+        (the `import-<connection>` run counts them)."""
         record = await self.store.get(CURSORS, self._key(obj))
+        if record is not None and record.doc:
+            if self.connection.inbound_start != "all":
+                return record.doc, False
+            run = await self.store.get(RUNS, self.import_run)  # an import interrupted: it goes on from its cursor
+            return record.doc, run is not None and run.doc["state"] == "running" and obj not in run.doc["done"]
+        if self.connection.inbound_start == "now":
+            since = dt.datetime.fromtimestamp(self.clock() - START_MARGIN, dt.UTC)
+            cursor = {"after": since.strftime("%Y-%m-%dT%H:%M:%S.") + f"{since.microsecond // 1000:03d}Z", "seen": []}
+            await self.store.put(CURSORS, self._key(obj), cursor)
+            return cursor, False
+        run = await self.store.get(RUNS, self.import_run)
+        if run is None:
+            doc = {
+                "kind": "import", "state": "running", "connection": self.connection.id, "mapping": "",
+                "started_at": self.clock(), "finished_at": 0.0, "total": 0, "processed": 0, "created": 0,
+                "done": [], "error": "",
+            }  # fmt: skip
+            await self.store.put(RUNS, self.import_run, doc)
+        return None, True
+
+    @property
+    def import_run(self) -> str:
+        return f"import-{self.connection.id}"
+
+    async def _imported(self, obj: str | None, records: int, events: int) -> None:
+        """The import run's progress: records read and events posted, and the objects read to their end."""
+        run = await self.store.get(RUNS, self.import_run)
+        if run is None or run.doc["state"] != "running":
+            return
+        doc = {**run.doc, "processed": run.doc["processed"] + records, "created": run.doc["created"] + events}
+        if obj is not None:
+            doc["done"] = sorted({*doc["done"], obj})
+            if set(doc["done"]) >= set(self.objects):
+                doc.update(state="succeeded", finished_at=self.clock())
+        await self.store.put(RUNS, self.import_run, doc)
+
+    async def _poll_object(self, obj: str) -> int:
+        start, importing = await self._start(obj)
         posted = 0
-        async for changes, cursor in self.reader.pages(obj, record.doc if record is not None else None):
+        async for changes, cursor in self.reader.pages(obj, start):
             memos = {}
             events: list[dict[str, Any]] = []
             for change in changes:
@@ -288,9 +335,16 @@ class Poller:
                 await self.store.put(CURSORS, self._key(obj, record_id), memo)
             await self.store.put(CURSORS, self._key(obj), cursor)
             posted += len(events)
+            if importing:
+                await self._imported(None, len(changes), len(events))
             log.info(
                 "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
             )
+        if importing:
+            if await self.store.get(CURSORS, self._key(obj)) is None:
+                # Nothing there yet: the import of this object is done all the same (a keyset from the start).
+                await self.store.put(CURSORS, self._key(obj), Keyset().doc())
+            await self._imported(obj, 0, 0)
         return posted
 
     async def _written(self, change: Change) -> dict[str, Any]:

@@ -17,23 +17,36 @@ record's person is its contact lookup (``_customerid_value``, ``_regardingobject
 ``_parentcontactid_value``), read once per page for ``emailaddress1`` and the CDP id field the connection's
 mapping matches on.
 
-Calls use the outbound adapter's Entra ID token (renewed once on a 401) and are reserved from the account's
-shared budget; 429 with Retry-After is Dataverse's service protection.
+A delta link Dataverse no longer knows (ExpiredVersionStamp 0x80044352: older than the organisation keeps
+change tracking) would fail every read after it: the table is read afresh instead, with a new change-tracking
+read, and of its records those modified since the last delta was read (`read_at`, less `RENEW_MARGIN`) are
+posted - a change posted before has the same event id, so the collector keeps it once. The same filter
+serves `inbound.start: now` (the cursor's `after`): a new connection's first read only takes the delta link.
+
+Calls go through the outbound adapter's `read` (its Entra ID token, renewed once on a 401; a unit of the
+account's shared budget each; 429 with Retry-After is Dataverse's service protection).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cdp_crm.adapters.dynamics import API, DynamicsAdapter
-from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.adapters.dynamics import DynamicsAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
 from cdp_crm.inbound.core import Change, CrmReadFailed, Person, backwards, instant
 
+log = logging.getLogger("cdp.crm.inbound")
+
 PAGE = 100
+# Dataverse's ExpiredVersionStamp: "Version stamp associated with the client has expired. Please perform a
+# full sync." - a change-tracking token older than the organisation keeps (ExpireChangeTrackingInDays).
+EXPIRED_VERSION_STAMP = "0x80044352"
+RENEW_MARGIN = 600.0  # seconds before the last delta read that a fresh read after an expiry still posts
 # entity set -> (what it is, the attributes the event reports, the lookups naming its contact, watched)
 OBJECTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str | None]] = {
     "contacts": (
@@ -84,7 +97,6 @@ class DynamicsReader:
         self.budget = budget
         self.clock = clock
         self.timeout = timeout
-        self.base = adapter._url  # the environment URL the adapter writes to
         self.mapped = backwards(connection)
         self.cdp_field = next(
             (
@@ -101,56 +113,57 @@ class DynamicsReader:
     async def pages(
         self, obj: str, cursor: dict[str, Any] | None
     ) -> AsyncIterator[tuple[list[Change], dict[str, Any]]]:
-        url = cursor["delta"] if cursor else f"{self.base}{API}/{obj}"
+        cursor = cursor or {}
+        url = cursor.get("delta") or obj
+        # A fresh read returns every record: with `after` (inbound.start: now, or a delta link expired)
+        # only those modified since are news.
+        since = instant(cursor["after"]) if cursor.get("after") and not cursor.get("delta") else None
+        started = _iso(self.clock())
+        renewed = False
         while True:
-            answer = await self._get(url, obj)
+            try:
+                answer = await self._get(url, obj)
+            except DeltaExpired:
+                if renewed or not cursor.get("delta"):
+                    raise
+                # Dataverse no longer knows the link's version (older than the organisation keeps change
+                # tracking, or the table's tracking was reset): read afresh, keeping what changed since the
+                # last delta was read (less a margin; a change posted again has the same event id and the
+                # collector drops it). A deletion within the gap cannot be seen any more.
+                renewed, url = True, obj
+                read_at = cursor.get("read_at")
+                since = instant(read_at) - dt.timedelta(seconds=RENEW_MARGIN) if read_at else None
+                log.warning(
+                    "dynamics change tracking expired; reading the table afresh",
+                    extra={"connection": self.connection.id, "object": obj, "crm_code": EXPIRED_VERSION_STAMP},
+                )
+                continue
             rows = answer.get("value", [])
+            if since is not None:
+                rows = [
+                    r for r in rows if "reason" in r or not r.get("modifiedon") or instant(r["modifiedon"]) >= since
+                ]
             people = await self._people(obj, rows)
             changes = [self._change(obj, row, people) for row in rows]
             delta = answer.get("@odata.deltaLink")
             following = answer.get("@odata.nextLink")
             if delta is not None or following is None:
                 # The delta read to its end: from now on, what changed after it.
-                yield changes, ({"delta": delta} if delta else (cursor or {}))
+                yield changes, ({"delta": delta, "read_at": started} if delta else cursor)
                 return
-            yield changes, (cursor or {})  # the middle of a delta: read it again from its start after a crash
+            # The middle of a delta: read again from its start after a crash (a fresh read from its `after`).
+            yield changes, ({"after": _iso(since.timestamp())} if since is not None else cursor)
             url = following
 
     async def _get(self, url: str, what: str) -> dict[str, Any]:
-        for attempt in (0, 1):
-            if self.adapter._token is None and (failed := await self.adapter._authenticate()) is not None:
-                raise CrmReadFailed(f"dynamics token: {failed.code}")
-            token = self.adapter._token
-            await self.budget.acquire(1, self.clock)
-            answer: Answer = await exchange(
-                self.adapter._session,
-                "GET",
-                url,
-                headers={
-                    "Authorization": f"Bearer {token}",
-                    "Prefer": self.prefer,
-                    "OData-Version": "4.0",
-                    "OData-MaxVersion": "4.0",
-                    "Accept": "application/json",
-                },
-                timeout=self.timeout,
-                what=what,
-            )
-            await self.budget.observe(answer.headers, self.clock())
-            if answer.status == 401 and attempt == 0:
-                if (failed := await self.adapter._authenticate(stale=token)) is not None:
-                    raise CrmReadFailed(f"dynamics token: {failed.code}")
-                continue
-            error = transport_error(answer)
-            if error is not None:
-                if answer.status == 429:
-                    await self.budget.throttled(self.clock(), retry_after=error.retry_after, daily=False)
-                raise CrmReadFailed(f"dynamics {what} failed: {error.reason} {error.code}")
-            if answer.status >= 400 or not isinstance(answer.body, dict):
-                code = (answer.body.get("error") or {}).get("code") if isinstance(answer.body, dict) else None
-                raise CrmReadFailed(f"dynamics {what} answered {answer.status} {code or ''}".strip())
-            return answer.body
-        raise AssertionError("unreachable")
+        answer = await self.adapter.read(url, self.budget, self.clock, headers={"Prefer": self.prefer}, what=what)
+        if answer.error is not None:
+            if answer.error.code == EXPIRED_VERSION_STAMP:
+                raise DeltaExpired(f"dynamics {what}: change tracking token expired {answer.error.code}")
+            raise CrmReadFailed(f"dynamics {what} failed: {answer.error.reason} {answer.error.code}")
+        if not isinstance(answer.body, dict):
+            raise CrmReadFailed(f"dynamics {what} answered {answer.status} without a JSON object")
+        return answer.body
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
         kind, _, lookups, _ = OBJECTS[obj]
@@ -161,7 +174,7 @@ class DynamicsReader:
         select = ",".join(["emailaddress1", *([self.cdp_field] if self.cdp_field else [])])
         for contact_id in sorted(ids):
             try:
-                row = await self._get(f"{self.base}{API}/contacts({contact_id})?$select={select}", "contacts")
+                row = await self._get(f"contacts({contact_id})?$select={select}", "contacts")
             except CrmReadFailed:
                 continue  # deleted since, or not readable: the change still goes, without the person's email
             people[contact_id] = self._person({**row, "contactid": contact_id})
@@ -206,6 +219,15 @@ class DynamicsReader:
             record=row,
             at=row.get("modifiedon"),
         )
+
+
+class DeltaExpired(CrmReadFailed):
+    """Dataverse refused the delta link as expired (EXPIRED_VERSION_STAMP)."""
+
+
+def _iso(seconds: float) -> str:
+    at = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    return at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
 
 
 def _contact_of(row: dict[str, Any], lookups: tuple[str, ...]) -> str | None:

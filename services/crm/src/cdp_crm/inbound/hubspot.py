@@ -226,7 +226,7 @@ class HubSpotPoller(Poller):
         timeout: float = 30.0,
     ) -> None:
         reader = HubSpotReader(connection, session, token, budget, clock=clock, timeout=timeout)
-        super().__init__(store, connection, reader, collector, objects=objects)
+        super().__init__(store, connection, reader, collector, objects=objects, clock=clock)
 
 
 def _stamp(obj: str, record: dict[str, Any]) -> str:

@@ -12,9 +12,8 @@ changes, won, lost), CampaignMember (added, its status - the campaign engagement
 its ContactId / WhoId / LeadId, read in one query per page for their Email and the CDP id field the
 connection's mapping matches on.
 
-Calls go through the outbound adapter's authenticated session (its token, renewed once on
-INVALID_SESSION_ID) and are reserved from the account's shared budget; 403 REQUEST_LIMIT_EXCEEDED is the
-day's allocation spent.
+Calls go through the outbound adapter's `read` (its token, renewed once on INVALID_SESSION_ID; a unit of
+the account's shared budget each); 403 REQUEST_LIMIT_EXCEEDED is the day's allocation spent.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cdp_crm.adapters.http import Answer, transport_error
 from cdp_crm.adapters.salesforce import API_VERSION, SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
@@ -132,18 +130,11 @@ class SalesforceReader:
         return ("Email", field) if field else ("Email",)
 
     async def _get(self, path: str, what: str) -> dict[str, Any]:
-        await self.budget.acquire(1, self.clock)
-        answer: Answer = await self.adapter._call("GET", path, what=what)  # the adapter's authenticated session
-        await self.budget.observe(answer.headers, self.clock())
-        codes = [e.get("errorCode") for e in answer.body] if isinstance(answer.body, list) else []
-        if "REQUEST_LIMIT_EXCEEDED" in codes:
-            await self.budget.throttled(self.clock(), retry_after=None, daily=True)
-            raise CrmReadFailed(f"salesforce {what}: REQUEST_LIMIT_EXCEEDED")
-        error = transport_error(answer)
-        if error is not None:
-            raise CrmReadFailed(f"salesforce {what} failed: {error.reason} {error.code}")
-        if answer.status >= 400 or not isinstance(answer.body, dict):
-            raise CrmReadFailed(f"salesforce {what} answered {answer.status} {','.join(map(str, codes))}")
+        answer = await self.adapter.read(path, self.budget, self.clock, what=what)
+        if answer.error is not None:
+            raise CrmReadFailed(f"salesforce {what} failed: {answer.error.reason} {answer.error.code}")
+        if not isinstance(answer.body, dict):
+            raise CrmReadFailed(f"salesforce {what} answered {answer.status} without a JSON object")
         return answer.body
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:

@@ -11,8 +11,8 @@ closed), Tasks (created by a user, completed), Deals (stage changes, won, lost).
 contact lookup (Related_To, Who_Id, Contact_Name), read once per page with ``ids`` for Email and the CDP
 id field the connection's mapping matches on.
 
-Calls use the outbound adapter's OAuth token (refreshed once on a 401) and are reserved from the account's
-shared budget; 429 LIMIT_REACHED is the day's credits spent.
+Calls go through the outbound adapter's `read` (its OAuth token, refreshed once on a 401; a unit of the
+account's shared budget each); 429 LIMIT_REACHED is the day's credits spent.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error
 from cdp_crm.adapters.zoho import ZohoAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
@@ -110,37 +109,14 @@ class ZohoReader:
 
     async def _get(self, path: str, headers: dict[str, str], what: str) -> dict[str, Any] | None:
         """The listing's answer; None when nothing changed (304) or nothing is there (204)."""
-        for attempt in (0, 1):
-            if self.adapter._token is None and (failed := await self.adapter._authenticate()) is not None:
-                raise CrmReadFailed(f"zoho token: {failed.code}")
-            token = self.adapter._token
-            await self.budget.acquire(1, self.clock)
-            answer: Answer = await exchange(
-                self.adapter._session,
-                "GET",
-                f"{self.adapter._api}/crm/v8{path}",
-                headers={"Authorization": f"Zoho-oauthtoken {token}", **headers},
-                timeout=self.timeout,
-                what=what,
-            )
-            await self.budget.observe(answer.headers, self.clock())
-            if answer.status == 401 and attempt == 0:
-                if (failed := await self.adapter._authenticate(stale=token)) is not None:
-                    raise CrmReadFailed(f"zoho token: {failed.code}")
-                continue
-            if answer.status in (204, 304):
-                return None
-            code = answer.body.get("code") if isinstance(answer.body, dict) else None
-            error = transport_error(answer, code or "")
-            if error is not None:
-                if answer.status == 429:
-                    # Zoho's credits are counted over a rolling day.
-                    await self.budget.throttled(self.clock(), retry_after=error.retry_after, daily=True)
-                raise CrmReadFailed(f"zoho {what} failed: {error.reason} {error.code}")
-            if answer.status >= 400 or not isinstance(answer.body, dict):
-                raise CrmReadFailed(f"zoho {what} answered {answer.status} {code or ''}".strip())
-            return answer.body
-        raise AssertionError("unreachable")
+        answer = await self.adapter.read(path, self.budget, self.clock, headers=headers, what=what)
+        if answer.error is not None:
+            raise CrmReadFailed(f"zoho {what} failed: {answer.error.reason} {answer.error.code}")
+        if answer.status in (204, 304):
+            return None
+        if not isinstance(answer.body, dict):
+            raise CrmReadFailed(f"zoho {what} answered {answer.status} without a JSON object")
+        return answer.body
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
         kind, _, link, _ = OBJECTS[obj]
