@@ -145,6 +145,27 @@ async def test_erase_leaves_no_byte_of_deleted_documents_in_any_file(tmp_path: P
     assert files_holding(tmp_path, marker) == []
 
 
+async def test_an_erase_a_reader_kept_from_finishing_is_finished_by_the_next_write(tmp_path: Path) -> None:
+    """A reader that holds an old snapshot longer than erase waits (another process reading the file, a
+    long scan) leaves the deleted person's page images in the WAL. The store owes the erase then: the
+    next write truncates the WAL as soon as no reader holds it, rather than waiting for the next deletion."""
+    path = tmp_path / "profile.db"
+    marker = b"katherine.johnson@example.com"
+    async with SqliteStore(path, busy_timeout=0.02) as store:
+        await store.put("profiles", "p1", {"email": marker.decode()})
+        reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM documents").fetchone()  # a snapshot with the document in it
+        await store.delete("profiles", "p1")
+        assert await store.erase() is False  # the reader never let go while erase tried
+        assert files_holding(tmp_path, marker)
+        reader.execute("COMMIT")
+        reader.close()
+        await store.put("profiles", "p2", {"email": "someone.else@example.org"})  # any later write
+        assert files_holding(tmp_path, marker) == []
+        assert (await store.get("profiles", "p2")).doc["email"] == "someone.else@example.org"
+
+
 async def test_erase_waits_for_a_reader_holding_an_old_snapshot(tmp_path: Path) -> None:
     path = tmp_path / "profile.db"
     marker = b"grace.hopper@example.com"

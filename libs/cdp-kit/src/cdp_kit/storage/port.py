@@ -627,7 +627,8 @@ class Store(abc.ABC):
         that deletion is committed. True when nothing deleted is left in them.
 
         SQLite: deleted content is zeroed as it is deleted (``secure_delete``), and this truncates the
-        write-ahead log, which still holds page images from before the deletion. Memory: nothing to do.
+        write-ahead log, which still holds page images from before the deletion (False when readers
+        kept it from finishing: the store's next writes finish it). Memory: nothing to do.
         MongoDB: nothing the adapter can do - deleted documents are gone from the collections and their
         indexes (WiredTiger reuses the space), but the oplog keeps the deleting and the earlier writes
         for its retention window, and backups keep them for theirs; size ``oplogSizeMB`` /

@@ -34,7 +34,8 @@ pages) in the page images it writes. The page images written *before* the deleti
 until it is reset, so `erase()` checkpoints with TRUNCATE: every page goes to the main file and the WAL
 is cut to nothing. A reader in the middle of a read transaction keeps TRUNCATE from finishing; the
 checkpoint waits for it (busy_timeout) and is retried a few times, and `erase()` says False if readers
-never let go (the next erase finishes the job).
+never let go. The store then owes the erase: every later write tries the truncation again, without
+waiting for readers, until it succeeds - the person's page images do not wait for the next deletion.
 
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
 transaction before anything is written; a unique-index violation rolls everything back and is then
@@ -152,6 +153,7 @@ class SqliteStore(Store):
         self.path = Path(path)
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
+        self._erase_owed = False  # an erase readers kept from finishing (writer thread only)
         # collection -> field -> unique. Replaced wholesale (never mutated) and only on the writer thread,
         # so the event loop always sees a consistent mapping.
         self._indexes: dict[str, dict[str, bool]] = {}
@@ -359,6 +361,8 @@ class SqliteStore(Store):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if self._erase_owed:
+            self._finish_erase()
         return bulk_result(steps)
 
     def _read_versions(self, ops: list[WriteOp]) -> dict[tuple[str, str], int]:
@@ -485,9 +489,26 @@ class SqliteStore(Store):
             # even after waiting busy_timeout for it.
             busy, _, _ = self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
+                self._erase_owed = False
                 return True
-        log.warning("sqlite store %s: readers kept the WAL from being truncated; the next erase does it", self.path)
+        self._erase_owed = True
+        log.warning("sqlite store %s: readers kept the WAL from being truncated; the next write tries again", self.path)
         return False
+
+    def _finish_erase(self) -> None:
+        """The owed truncation, after a write: tried once, without waiting for readers (a write must not
+        stall behind them); a reader still there leaves it owed for the next write."""
+        conn = self._wconn
+        conn.execute("PRAGMA busy_timeout=0")
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            busy = 1
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+        if not busy:
+            self._erase_owed = False
+            log.info("sqlite store %s: the write-ahead log an erase left behind is truncated now", self.path)
 
     async def _close(self) -> None:
         loop = asyncio.get_running_loop()
