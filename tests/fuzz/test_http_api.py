@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import gzip
 import http.client
 import itertools
@@ -257,7 +258,8 @@ def test_every_request_is_answered_as_documented_and_rejections_name_the_field(p
     assert ledger.requests >= EXAMPLES
 
 
-def timeline(platform, stub, user: str) -> set[str]:
+def timeline(platform, stub, user: str) -> collections.Counter:
+    """The message ids on the user's person's timeline, with how often each is there."""
     try:
         profile = stub.LookupProfile(
             profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=user),
@@ -266,9 +268,9 @@ def timeline(platform, stub, user: str) -> set[str]:
         )
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            return set()
+            return collections.Counter()
         raise
-    seen, token = set(), ""
+    seen, token = collections.Counter(), ""
     while True:
         page = stub.ListEvents(
             profile_pb2.ListEventsRequest(person_id=profile.person_id, page_size=1000, page_token=token),
@@ -282,7 +284,7 @@ def timeline(platform, stub, user: str) -> set[str]:
 
 
 @pytest.mark.timeout(time_limit(300))
-def test_every_accepted_event_is_on_its_persons_timeline_and_nothing_was_dead_lettered(platform, ledger):
+def test_every_accepted_event_is_on_its_persons_timeline_once_and_nothing_was_dead_lettered(platform, ledger):
     if not ledger.expected:
         pytest.skip("runs after the fuzz, which accepted nothing to follow")  # only when run alone
     assert ledger.accepted > 10, "the fuzz should get plenty of events accepted"
@@ -291,11 +293,40 @@ def test_every_accepted_event_is_on_its_persons_timeline_and_nothing_was_dead_le
         stub = profile_pb2_grpc.ProfileServiceStub(channel)
         missing = dict(ledger.expected)
         while missing and time.monotonic() < deadline:
-            missing = {user: lost for user, ids in missing.items() if (lost := ids - timeline(platform, stub, user))}
+            seen = {user: timeline(platform, stub, user) for user in missing}
+            missing = {user: lost for user, ids in missing.items() if (lost := ids - set(seen[user]))}
             if missing:
                 time.sleep(1.0)
+        twice = {m: n for user in ledger.expected for m, n in timeline(platform, stub, user).items() if n > 1}
     assert not missing, "accepted but not on the profile timeline:\n" + "\n".join(
         f"{user}: {ledger.sent.get(message)}" for user, ids in missing.items() for message in ids
     )
+    assert not twice, f"on a timeline more than once: {twice}"
     dead = asyncio.run(dead_letters(platform.nats_url, ledger.run.encode()))
     assert not dead, f"dead-lettered: {dead}"
+
+
+@pytest.mark.timeout(time_limit(120))
+def test_a_batch_sent_again_is_all_duplicates_and_stored_once(platform, ledger):
+    """As an SDK retries after a lost answer: the same batch again, byte for byte, later."""
+    user = f"{ledger.run}-again"
+    events = [
+        {"type": "track", "userId": user, "messageId": f"{user}-{i}", "event": "Viewed", "properties": {"i": i}}
+        for i in range(5)
+    ]
+    body = json.dumps({"batch": events}).encode()
+    assert post(platform, "/v1/batch", body, {}) == (
+        200,
+        {"success": True, "accepted": 5, "duplicates": 0, "suppressed": 0},
+    )
+    assert post(platform, "/v1/batch", body, {}) == (
+        200,
+        {"success": True, "accepted": 0, "duplicates": 5, "suppressed": 0},
+    )
+    ids = {event["messageId"] for event in events}
+    with grpc.insecure_channel(platform.grpc_address("profile")) as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        deadline = time.monotonic() + 60
+        while not ids <= set(seen := timeline(platform, stub, user)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert {m: n for m, n in seen.items() if m in ids} == dict.fromkeys(ids, 1)
