@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from chart_support import ROOT
+import yaml
+from chart_support import ROOT, request
 
 from cdp_testing.source import parse
 
@@ -83,6 +84,17 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[Stage]]:
     return global_args, stages
 
 
+def lineage(stages: list[Stage], name: str) -> Stage:
+    """A stage with the instructions of the stages it is built FROM before its own (what the image holds)."""
+    by_name = {s.name: s for s in stages if s.name}
+    stage = by_name[name]
+    instructions = list(stage.instructions)
+    while stage.base in by_name:
+        stage = by_name[stage.base]
+        instructions = stage.instructions + instructions
+    return Stage(stage.base, name, instructions)
+
+
 def env_of(stage: Stage) -> dict[str, str]:
     env = {}
     for instruction in stage.all("ENV"):
@@ -125,9 +137,9 @@ def test_uv_is_the_makefiles_version(dockerfile):
     assert uv_arg.args == f"UV_VERSION={makefile_var('UV_VERSION')}"
 
 
-def uv_syncs(dockerfile) -> list[list[str]]:
+def uv_syncs(dockerfile, stage: str = "build") -> list[list[str]]:
     _, stages = dockerfile
-    build = next(s for s in stages if s.name == "build")
+    build = next(s for s in stages if s.name == stage)
     syncs = []
     for run in build.all("RUN"):
         words = shlex.split(run.args)
@@ -163,7 +175,8 @@ def test_dependencies_come_from_the_lock_without_dev_tools(dockerfile):
 
 def test_runtime_stage_is_non_root_with_no_build_tools(dockerfile, rendered):
     _, stages = dockerfile
-    runtime = stages[-1]
+    assert stages[-1].name == "runtime", "the default target (the last stage) is the runtime image"
+    runtime = lineage(stages, "runtime")
     users = runtime.all("USER")
     assert users, "the runtime stage must set USER"
     user = users[-1].args
@@ -211,7 +224,7 @@ def test_default_command_runs_a_real_service_module(dockerfile):
 
 def test_exposed_ports_are_the_collectors(dockerfile, rendered):
     _, stages = dockerfile
-    exposed = {int(p) for e in stages[-1].all("EXPOSE") for p in e.args.split()}
+    exposed = {int(p) for e in lineage(stages, "runtime").all("EXPOSE") for p in e.args.split()}
     (collector,) = [
         c
         for w in rendered["default"].component_workloads()
@@ -453,6 +466,70 @@ def test_the_image_carries_no_test_dev_or_training_package(dockerfile):
     assert {"cdp-kit", "cdp-protos", "onnxruntime", "grpcio", "nats-py"} <= image
     shipped = sorted(image & set(NOT_IN_THE_IMAGE))
     assert shipped == [], f"the image would install {shipped}: a service's runtime dependencies reach them"
+
+
+# --- The training target: the runtime image plus cdp-training --------------------------------------------
+
+
+def test_the_training_target_is_the_runtime_image_plus_cdp_training(dockerfile):
+    """Scoring's TrainModel and scheduled training need cdp-training (LightGBM, scikit-learn), which the
+    default image leaves out; `--target training` is the same image with it, for the chart's
+    components.scoring.training.enabled."""
+    _, stages = dockerfile
+    runtime, training = lineage(stages, "runtime"), lineage(stages, "training")
+    # Everything but the venv it copies and its command is the runtime image's: same user, env, no tools.
+    same = [(i.keyword, i.args) for i in runtime.instructions if i.keyword not in ("COPY", "CMD")]
+    assert [(i.keyword, i.args) for i in training.instructions if i.keyword not in ("COPY", "CMD")] == same
+    (copy,) = training.all("COPY")
+    source = copy.args.split()[0].removeprefix("--from=")
+    assert copy.args == f"--from={source} /app/.venv /app/.venv"
+    assert next(s for s in stages if s.name == source).base == "build", "built on the runtime image's build"
+    (flags,) = uv_syncs(dockerfile, source)
+    assert {"--frozen", "--no-dev", "--no-editable"} <= set(flags)
+    assert sorted(synced_packages(flags)) == sorted([*synced_packages(uv_syncs(dockerfile)[1]), "cdp-training"])
+    closure = lock_closure(LOCK.read_text(), synced_packages(flags))
+    assert {"cdp-training", "lightgbm", "scikit-learn"} <= closure
+    training_stack = {"cdp-training", "lightgbm", "scikit-learn", "scipy", "onnxmltools", "skl2onnx"}
+    test_tools = sorted(closure & (set(NOT_IN_THE_IMAGE) - training_stack))
+    assert test_tools == [], f"the training image would install {test_tools}"
+    (cmd,) = training.all("CMD")
+    assert json.loads(cmd.args) == ["python", "-m", "cdp_scoring"]
+
+
+def test_the_default_image_still_leaves_cdp_training_out(dockerfile):
+    image = image_closure(dockerfile)
+    assert not image & {"cdp-training", "lightgbm", "scikit-learn"}
+
+
+def test_scoring_runs_the_training_image_when_training_is_enabled(helm_batch):
+    on = {"image": {"repository": "registry.example/cdp", "tag": "1.2.3"},
+          "components": {"scoring": {"training": {"enabled": True}}}}  # fmt: skip
+    own = {"image": {"repository": "registry.example/cdp", "tag": "1.2.3@sha256:" + "a" * 64,
+                     "trainingTag": "1.2.3-training@sha256:" + "b" * 64},
+           "components": {"scoring": {"training": {"enabled": True}}}}  # fmt: skip
+    digest_only = {"image": {"repository": "registry.example/cdp", "tag": "1.2.3@sha256:" + "a" * 64},
+                   "components": {"scoring": {"training": {"enabled": True}}}}  # fmt: skip
+    off, with_training, with_own_tag, refused = helm_batch(
+        [request("template", {"set_values": v}) for v in ({"image": on["image"]}, on, own, digest_only)]
+    )
+
+    def images(result) -> dict[str, str]:
+        assert result["ok"], result.get("error")
+        objects = [d for d in yaml.safe_load_all(result["manifest"]) if d]
+        return {
+            o["metadata"]["labels"]["app.kubernetes.io/component"]: c["image"]
+            for o in objects
+            if o["kind"] in ("Deployment", "StatefulSet")
+            for c in o["spec"]["template"]["spec"]["containers"]
+        }
+
+    assert set(images(off).values()) == {"registry.example/cdp:1.2.3"}
+    trained = images(with_training)
+    assert trained.pop("scoring") == "registry.example/cdp:1.2.3-training"
+    assert set(trained.values()) == {"registry.example/cdp:1.2.3"}, "only scoring runs the training image"
+    assert images(with_own_tag)["scoring"] == "registry.example/cdp:1.2.3-training@sha256:" + "b" * 64
+    # A digest names one image: the training image's cannot be derived from it.
+    assert not refused["ok"] and "image.trainingTag" in refused["error"]
 
 
 # --- Each runtime module imports only what its package declares -----------------------------------------

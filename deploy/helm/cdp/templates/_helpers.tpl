@@ -32,6 +32,19 @@ takes either the root context or a "component context":
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag | toString) -}}
 {{- end -}}
 
+{{/* The Dockerfile's training target: image.trainingTag, else "<tag>-training" (a digest names one image,
+so with one the training image's must be given). */}}
+{{- define "cdp.trainingImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag | toString -}}
+{{- if .Values.image.trainingTag -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.trainingTag | toString) -}}
+{{- else if contains "@" $tag -}}
+{{- fail "image.tag carries a digest: set image.trainingTag to the training image's tag and digest (components.*.training.enabled)" -}}
+{{- else -}}
+{{- printf "%s:%s-training" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "cdp.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 app.kubernetes.io/name: {{ include "cdp.name" . }}
@@ -456,7 +469,7 @@ spec:
   {{- end }}
   containers:
     - name: {{ $name }}
-      image: {{ include "cdp.image" $root | quote }}
+      image: {{ include (ternary "cdp.trainingImage" "cdp.image" (dig "training" "enabled" false $c)) $root | quote }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       command: ["python", "-m", {{ include "cdp.module" . | quote }}]
       ports:
