@@ -12,7 +12,7 @@ from cdp_profile.domain import ComputedTraits, ProfileEvent
 from cdp_scoring.domain import ModelSpec
 from cdp_training.labels import LabelSpec
 from cdp_training.platformdata import apply_all, write_people, write_profiles
-from cdp_training.pointintime import read_profiles, training_set
+from cdp_training.pointintime import iter_profiles, read_profiles, training_set, training_set_from_store
 from cdp_training.traits import COMPUTED_TRAITS, ENGAGEMENT_FEATURES, traits_for
 
 DAY = 86_400.0
@@ -200,3 +200,33 @@ async def test_a_merged_profile_gives_one_row_from_both_persons_events_before_th
     ada_row = dict(zip([f.name for f in SPEC.features], rows.X[0].tolist(), strict=True))
     assert ada_row["orders_total"] == 2 and ada_row["revenue_365d"] == 100.0  # both sides' orders before T
     assert ada_row["days_since_last_order"] == pytest.approx(3.0)
+
+
+async def test_a_set_streamed_from_the_store_a_batch_at_a_time_is_the_whole_store_set():
+    """Read 2 profiles at a time (each timeline by its origin's key prefix, so p1's read never takes
+    p10's entries), with a merged profile among them: the same rows, labels and data hash."""
+    defs = ComputedTraits.from_dicts(DEFINITIONS)
+    ada = apply_all("ada", ADA_BEFORE + ADA_AFTER, defs)
+    web = apply_all("web", [track("w1", "Order Completed", T - 3 * DAY, total=60.0), page("w2", T + 200 * DAY)], defs)
+    ada.merge(web, merge_id="m1", at=T + 6 * DAY, defs=defs, now=T + 6 * DAY)
+    others = {
+        "p1": [page("p1a", T - 3 * DAY)],
+        "p10": [track("p10a", "Order Completed", T - 2 * DAY, total=5.0), page("p10b", T + 3 * DAY)],
+        "bob": BOB,
+        "cy": CY,
+    }
+    store = MemoryStore()
+    await write_profiles(store, [ada, *(apply_all(p, events, defs) for p, events in others.items())])
+    whole = training_set(await read_profiles(store), spec=SPEC, label=PURCHASE, cutoff=T)
+    streamed = await training_set_from_store(store, spec=SPEC, label=PURCHASE, cutoff=T, batch=2)
+    assert streamed.person_ids == whole.person_ids == ["ada", "bob", "p1", "p10"]
+    assert streamed.data_hash == whole.data_hash and streamed.observed_until == whole.observed_until
+    assert streamed.fields == whole.fields and streamed.skipped_unborn == 1
+    # rows built in worker processes while the store is read: the same set
+    parallel = await training_set_from_store(store, spec=SPEC, label=PURCHASE, cutoff=T, batch=1, workers=2)
+    assert parallel.data_hash == whole.data_hash and parallel.skipped_unborn == 1
+    sizes = [len(batch) async for batch in iter_profiles(store, batch=2)]
+    assert sizes == [2, 2, 1]  # the merged-away "web" record is not a profile of its own
+    with pytest.raises(InvalidArgument) as caught:
+        await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T + 150 * DAY)
+    assert caught.value.field == "cutoff"

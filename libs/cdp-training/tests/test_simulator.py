@@ -12,7 +12,7 @@ from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
 from cdp_profile.domain.computed import local_hour
 from cdp_profile.events import to_profile_event
-from cdp_training.simulator import CHANNELS, CITIES, Kind, simulate
+from cdp_training.simulator import CHANNELS, CITIES, Kind, RegimeShift, simulate
 
 REQUIRED = {"type", "messageId", "userId", "anonymousId", "context", "timestamp"}
 
@@ -127,3 +127,19 @@ def test_the_stream_is_everyone_in_time_order(population):
     assert len(stream) == sum(len(population.rows(p, population.cutoff)) for p in range(population.size))
     times = [e["timestamp"] for e in stream]
     assert times == sorted(times)
+
+
+def test_a_regime_shift_changes_who_leaves_after_it_and_nothing_before_it():
+    """App users start leaving at the change; people who had left before it are untouched; a population
+    without a shift is the one it always was (the shift draws from its own generator)."""
+    plain = simulate(2000, 9)
+    change = (plain.start + plain.end) / 2
+    shifted = simulate(2000, 9, regime=RegimeShift(change, app_factor=4.0, web_factor=0.4))
+    assert np.array_equal(simulate(2000, 9).table["t"], plain.table["t"])
+    before, after = plain.traits["dropout_at"], shifted.traits["dropout_at"]
+    gone = before <= change
+    assert np.array_equal(before[gone], after[gone])
+    app = shifted.traits["app_user"]
+    churn = shifted.outcomes.churned
+    assert churn[app].mean() > 1.5 * churn[~app].mean()  # after the change, app users churn far more
+    assert abs(plain.outcomes.churned[app].mean() - plain.outcomes.churned[~app].mean()) < 0.1  # before: alike

@@ -26,9 +26,12 @@ id) with the cut-off and the label spec: the same store and cut-off give the sam
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +110,25 @@ def profile_at(stored: StoredProfile, defs: ComputedTraits, cutoff: float) -> Pr
     """The person as the profile service would have served it at T (see the module docstring)."""
     before = [e for e in stored.timeline if e.at <= cutoff]
     profile = Profile.from_doc(_doc_at(stored.doc, cutoff), before)
-    for name in [t["name"] for t in defs.to_dicts()]:
-        trait = defs.get(name)
-        if trait is not None:
-            profile.backfill(trait, now=cutoff)
+    for trait in _traits_of(defs):
+        profile.backfill(trait, now=cutoff)
     return profile
+
+
+_TRAITS: dict[int, tuple[Any, ...]] = {}
+
+
+def _traits_of(defs: ComputedTraits) -> tuple[Any, ...]:
+    """The definitions' traits in order, worked out once per definitions object (not once per person)."""
+    key = id(defs)
+    cached = _TRAITS.get(key)
+    if cached is None or cached[0] is not defs:
+        traits = tuple(t for t in (defs.get(d["name"]) for d in defs.to_dicts()) if t is not None)
+        cached = _TRAITS[key] = (defs, traits)
+        if len(_TRAITS) > 64:
+            _TRAITS.clear()
+            _TRAITS[key] = cached
+    return cached[1]
 
 
 def fields_at_cutoff(stored: StoredProfile, defs: ComputedTraits, cutoff: float) -> dict[str, Any]:
@@ -257,18 +274,26 @@ async def training_set_from_store(
     cutoff: float,
     until: float | None = None,
     batch: int = 500,
+    workers: int = 1,
 ) -> TrainingSet:
     """`training_set` read from the store a batch of profiles at a time: the same rows, while memory
-    holds the rows' fields and one batch of timelines instead of every timeline in the store. Without
-    `until`, the window is checked against the last event once every profile has been read."""
+    holds the rows' fields and a few batches of timelines instead of every timeline in the store. Without
+    `until`, the window is checked against the last event once every profile has been read.
+
+    With `workers` > 1, batches are turned into rows in that many processes while this one reads and
+    decodes the next (the two halves of the work cost about the same); the rows come back in the order
+    read, so the result is the same."""
     if not isinstance(label, LabelSpec):
         label = LabelSpec.from_dict(label)
     if until is not None:
         _check_window(label, cutoff, until)
     rows = _Rows(spec, label, cutoff)
-    async for profiles in iter_profiles(store, batch=batch):
-        for stored in profiles:
-            rows.add(stored)
+    if workers <= 1:
+        async for profiles in iter_profiles(store, batch=batch):
+            for stored in profiles:
+                rows.add(stored)
+    else:
+        await _rows_in_workers(store, rows, batch, workers)
     end = rows.last_event if until is None else until
     _check_window(label, cutoff, end)
     result = rows.finish(end)
@@ -288,6 +313,44 @@ async def training_set_from_store(
             result.skipped_unlabelled,
         )
     return result
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(spec: dict[str, Any], label: dict[str, Any], cutoff: float) -> None:
+    _WORKER.update(spec=ModelSpec.from_dict(spec), label=LabelSpec.from_dict(label), cutoff=cutoff)
+
+
+def _batch_rows(profiles: list[StoredProfile]) -> tuple[Any, ...]:
+    rows = _Rows(_WORKER["spec"], _WORKER["label"], _WORKER["cutoff"])
+    for stored in profiles:
+        rows.add(stored)
+    return rows.person_ids, rows.fields, rows.labels, rows.unborn, rows.unlabelled, rows.last_event
+
+
+async def _rows_in_workers(store: Store, rows: _Rows, batch: int, workers: int) -> None:
+    assert rows.label is not None
+    loop = asyncio.get_running_loop()
+    initargs = (rows.spec.to_dict(), rows.label.to_dict(), rows.cutoff)
+    with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker, initargs=initargs) as pool:
+        pending: collections.deque[asyncio.Future] = collections.deque()
+
+        async def take() -> None:
+            person_ids, fields, labels, unborn, unlabelled, last_event = await pending.popleft()
+            rows.person_ids += person_ids
+            rows.fields += fields
+            rows.labels += labels
+            rows.unborn += unborn
+            rows.unlabelled += unlabelled
+            rows.last_event = max(rows.last_event, last_event)
+
+        async for profiles in iter_profiles(store, batch=batch):
+            pending.append(loop.run_in_executor(pool, _batch_rows, profiles))
+            while len(pending) > 2 * workers:  # bounded: the reader waits for the workers
+                await take()
+        while pending:
+            await take()
 
 
 def feature_rows(
