@@ -126,3 +126,15 @@ def test_rotated_nats_credentials_take_effect_without_a_restart(platform):
     platform.refresh()
     assert platform.service("profile")["pid"] == pid
     assert [line for line in violations(platform) if "user:profile.2" in line] == []
+
+
+@pytest.mark.timeout(120)
+def test_a_restarted_nats_server_keeps_every_user_and_permission(platform):
+    platform.wait_nats_restarted(platform.kill_nats())
+    deadline = time.monotonic() + 30
+    while set(connections(platform).values()) < {"collector", "identity", "profile.2", "scoring"}:
+        assert time.monotonic() < deadline, f"services did not reconnect: {connections(platform)}"
+        time.sleep(0.5)
+    cdpctl(platform, "send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}')
+    assert json.loads(cdpctl(platform, "profile", "user_id", "zoe", "--wait", "30"))["personId"]
+    assert [line for line in violations(platform) if "user:profile.2" in line] == []
