@@ -20,6 +20,7 @@ def test_the_readme_document_is_valid_against_hubspots_objects():
     }
     (connection,) = load_connections(example, {"hubspot": described}, form="yaml")
     assert [m.kind for m in connection.mappings] == ["record", "list", "action"]
+    assert connection.inbound_start == "now"
     assert yaml.safe_load(example)["connections"][0]["credentials"] == {"token": "HUBSPOT_TOKEN"}
 
 
