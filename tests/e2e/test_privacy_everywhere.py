@@ -234,6 +234,16 @@ class Workspace:
         ]
 
 
+# Streams whose age limit the operator sets through their owner's variable.
+SHORTER = {
+    "EVENTS_RAW": "CDP_EVENTS_RETENTION_DAYS",
+    "PROFILES": "CDP_PROFILE_CHANGES_RETENTION_DAYS",
+    "SCORES": "CDP_SCORING_SCORES_RETENTION_DAYS",
+    "SEGMENTS": "CDP_SEGMENTATION_RETENTION_DAYS",
+    "ACTIONS": "CDP_ORCHESTRATION_RETENTION_DAYS",
+    "CRM": "CDP_CRM_RETENTION_DAYS",
+}
+
 # CRM emulator objects the connector may write for a person (each emulator answers [] for one it has not).
 EMULATOR_OBJECTS = {
     "crm-hubspot": ("contacts", "tasks", "tickets", "notes"),
@@ -246,7 +256,9 @@ EMULATOR_OBJECTS = {
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     # DEBUG: the log test reads every line the services can write, not only what INFO lets through.
-    running = RunningPlatform(tmp_path_factory.mktemp("privacy-everywhere"), env={"CDP_LOG_LEVEL": "DEBUG"})
+    # Shorter retentions than the defaults: the streams' owners apply them (checked below).
+    env = {"CDP_LOG_LEVEL": "DEBUG", **{variable: "3" for variable in SHORTER.values()}}
+    running = RunningPlatform(tmp_path_factory.mktemp("privacy-everywhere"), env=env)
     running.start()
     try:
         yield running
@@ -282,10 +294,13 @@ def _story(ws: Workspace) -> dict[str, Any]:
     ws.journeys.PublishJourney(
         orchestration_pb2.PublishJourneyRequest(journey_id=created.id), metadata=ws.auth, timeout=60
     )
-    for user, anon, traits, note in (
+    people = (
         (USER, ANON, {"email": EMAIL, "phone": PHONE, "first_name": FIRST_NAME, "last_name": LAST_NAME}, NOTE),
         (KEEP_USER, "anon-priv-keep-51aa", {"email": KEEP_EMAIL, "first_name": "Keeper", "last_name": "Kept"}, "n"),
-    ):
+    )
+    # Consent first: orchestration's inputs interleave, and a segment entry that overtook the profile
+    # change carrying the consent would be refused (no_consent), as it would be for a real customer.
+    for user, anon, traits, _note in people:
         ws.send(
             {"type": "page", "anonymousId": anon, "name": "Pricing", "messageId": f"{user}-page"},
             {
@@ -293,9 +308,16 @@ def _story(ws: Workspace) -> dict[str, Any]:
                 "userId": user,
                 "anonymousId": anon,
                 "messageId": f"{user}-id",
-                "traits": {**traits, "plan": "vip"},
+                "traits": traits,
                 "context": CONSENT,
             },
+        )
+    for user, *_ in people:
+        eventually(lambda user=user: ws.profile(user).consent, 30)
+    time.sleep(1.0)  # the consent's profile change reaches orchestration (its sources) well before the entry
+    for user, _anon, _traits, note in people:
+        ws.send(
+            {"type": "identify", "userId": user, "messageId": f"{user}-vip", "traits": {"plan": "vip"}},
             {
                 "type": "track",
                 "userId": user,
@@ -306,7 +328,7 @@ def _story(ws: Workspace) -> dict[str, Any]:
         )
 
     # The person reached every service.
-    person = eventually(lambda: (p := ws.profile(USER)).event_count >= 3 and p.scores and p, 60)
+    person = eventually(lambda: (p := ws.profile(USER)).event_count >= 4 and p.scores and p, 60)
     keep = eventually(lambda: ws.profile(KEEP_USER).person_id, 30)
     person_id = person.person_id
     eventually(lambda: "priv-vip" in ws.memberships(person_id), 30)
@@ -522,16 +544,7 @@ UNLIMITED = {"PRIVACY": "hashed identifiers only", "ORCHESTRATION_TIMERS": "no p
 
 
 def test_every_stream_with_personal_data_keeps_it_at_most_30_days(platform, deleted):
-    async def streams() -> dict[str, float]:
-        import nats
-
-        nc = await nats.connect(platform.run["nats"])
-        try:
-            return {info.config.name: info.config.max_age or 0.0 for info in await nc.jetstream().streams_info()}
-        finally:
-            await nc.close()
-
-    ages = asyncio.run(streams())
+    ages = asyncio.run(stream_ages(platform.run["nats"]))
     assert {"EVENTS_RAW", "PROFILES", "ACTIONS", "PRIVACY", "ORCHESTRATION_TIMERS"} <= set(ages), ages
     too_long = {name: age / DAY for name, age in ages.items() if name not in UNLIMITED and not 0 < age <= 30 * DAY}
     assert too_long == {}, too_long
@@ -542,6 +555,38 @@ def test_every_stream_with_personal_data_keeps_it_at_most_30_days(platform, dele
     assert set(ages) <= set(rows), set(ages) - set(rows)
     for name, why in UNLIMITED.items():
         assert why in rows[name], name
+
+
+async def stream_ages(nats_url: str) -> dict[str, float]:
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        return {info.config.name: info.config.max_age or 0.0 for info in await nc.jetstream().streams_info()}
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        pytest.param(
+            name,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="the CRM connector configures PROFILES and SEGMENTS as their owner would "
+                "(services/crm/src/cdp_crm/__main__.py: bus.ensure_streams(profiles_stream(), segments_stream(), "
+                "...) instead of ensure_read_streams): starting after profile and segmentation, it puts back "
+                "the default 7 days",
+            ),
+        )
+        if name in ("PROFILES", "SEGMENTS")
+        else name
+        for name in SHORTER
+    ],
+)
+def test_a_shorter_retention_the_operator_sets_is_the_one_the_stream_keeps(platform, deleted, stream):
+    assert asyncio.run(stream_ages(platform.run["nats"]))[stream] == 3 * DAY
 
 
 def test_streams_a_deletion_erases_or_keeps_for_ever_hold_no_value_of_the_person(platform, deleted):
