@@ -319,3 +319,19 @@ async def test_a_refusal_names_the_server_but_never_the_password_in_its_url(user
         async with Bus.connect(url, name="profile", security=NatsClientSettings()):
             pass
     assert "s3cret-in-url" not in str(info.value) and f"127.0.0.1:{users.server.port}" in str(info.value)
+
+
+def test_every_stream_and_announcement_of_the_vocabulary_has_a_role():
+    """A stream or core subject added to cdp_kit.bus.subjects without a role in cdp_kit.natsauth would be
+    refused to every service under make up and the chart: the table must grow with the vocabulary."""
+    made = {s for role in ROLES.values() for s in (*role.configures, *role.creates)}
+    assert set(subjects.STREAM_SUBJECTS) - made == set(), "streams nobody may create"
+    announcements = {
+        value
+        for name, value in vars(subjects).items()
+        if name.isupper() and isinstance(value, str) and "." in value and name.endswith(("_CHANGED", "_DRIFT"))
+    }
+    published = {s for role in ROLES.values() for s in role.publishes}
+    assert announcements - published == set(), "core subjects nobody may publish"
+    followed = {s for role in ROLES.values() for s in role.subscribes}
+    assert {a for a in announcements if a != subjects.MODELS_DRIFT} - followed == set()
