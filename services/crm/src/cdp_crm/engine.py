@@ -121,13 +121,14 @@ class View:
 
 
 def action_source(action: orchestration_pb2.ActionMessage) -> dict[str, Any]:
-    """What an action mapping reads as `action.<field>` (the domain's contract)."""
+    """What an action mapping reads as `action.<field>` (the domain's contract). `signals` is the action's
+    top signals as "name: value" lines, unless its template has a part of that name: the author's wins."""
     return {
+        "signals": "\n".join(f"{s.name}: {s.value}" for s in action.signals),
         **dict(action.content),
         "id": action.action_id,
         "category": action.category,
         "journey_id": action.journey_id,
-        "signals": "\n".join(f"{s.name}: {s.value}" for s in action.signals),
     }
 
 
