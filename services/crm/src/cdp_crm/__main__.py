@@ -94,7 +94,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
-    await bus.ensure_streams(profiles_stream(), segments_stream(), privacy_stream(), dead_letter_stream())
+    # Profile's, segmentation's and the privacy streams are their owners' to configure (retention above all):
+    # created with defaults when missing, never changed here.
+    await bus.ensure_read_streams(profiles_stream(), segments_stream(), privacy_stream())
+    await bus.ensure_streams(dead_letter_stream())
     await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 
