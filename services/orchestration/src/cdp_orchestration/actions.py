@@ -9,7 +9,8 @@
   the approver's answer or the expiry;
 - publishes a sent action as `actions.<channel>.<p>` (message id = action id, so a batch applied again
   publishes a JetStream duplicate), rendered from the action's own journey version, with the address
-  read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under;
+  read from the profile (`ADDRESS_FIELDS`) and the identifier outcome events go back in under; a `crm`
+  action also carries the person's top signals (`signals.top_signals`), the context of its task or case;
 - tells the instance the outcome of its action (`ActionOutcome`), which may step it on.
 
 Outcomes of sends made before the person had an identifier: an action carries the identifier outcome
@@ -24,7 +25,8 @@ identifier (`dispatch.py`). Not for `crm` actions: the CRM connector takes every
 a task, and their outcomes are not orchestration's to post. Older unattributed outcomes stay recorded
 only.
 
-Logs name action ids and fields, never the values rendered or the address.
+Logs name action ids and fields, never the values rendered, the signals or the address; decisions record
+neither.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
 from cdp_orchestration.domain.arbiter import Decision, Kind, ProposedAction, Ruling
 from cdp_orchestration.domain.instance import ActionOutcome
 from cdp_orchestration.domain.journey import Action
+from cdp_orchestration.domain.signals import top_signals
 from cdp_orchestration.domain.templates import MissingField
 from cdp_orchestration.state import APPROVALS, DECISIONS, Batch, Partition, Person, decision_key
 
@@ -212,8 +215,9 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
     node = journey.nodes.get(decision.node_id) if journey is not None else None
     if not isinstance(node, Action):
         return "failed: the action's journey version is not loaded"
+    view = person.view()
     try:
-        content = node.template.render(person.view(), instance.entry if instance is not None else None)
+        content = node.template.render(view, instance.entry if instance is not None else None)
     except MissingField as missing:
         log.warning(
             "action %s not sent: its template reads %s, which the person lacks", decision.action_id, missing.field
@@ -233,6 +237,8 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
     )
     if decision.channel == "crm":
         message.crm_kind = content.get("kind", "task")
+        for name, value in top_signals(node, view):
+            message.signals.add(name=name, value=value)
     address = ADDRESS_FIELDS.get(decision.channel)
     if address is not None:
         value = person.fields.get(address[1])

@@ -408,3 +408,40 @@ def test_a_problem_names_the_node_and_the_field_within_it() -> None:
         parse_journey({**with_nodes({"id": "x", "type": "exit"}), "entry": {"event": 5}})
     (problem,) = caught.value.problems
     assert (problem.node, problem.field) == ("", "entry.event")
+
+
+CRM = {
+    "id": "a",
+    "type": "action",
+    "channel": "crm",
+    "purpose": "Service",
+    "template": {"kind": "case", "subject": "s"},
+}
+
+
+def test_a_crm_action_lists_the_profile_fields_its_task_carries() -> None:
+    listed = parse_journey(with_nodes({**CRM, "signals": ["scores.churn_risk", "computed.tickets_30d", "traits.plan"]}))
+    assert listed.nodes["a"].signals == ("scores.churn_risk", "computed.tickets_30d", "traits.plan")
+    assert parse_journey(with_nodes(CRM)).nodes["a"].signals == ()  # the person's top scores, when sent
+    scores = Catalogue(names={"scores": frozenset({"churn_risk"})})
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(with_nodes({**CRM, "signals": ["scores.churn_risk", "scores.churn_rsik"]}), scores)
+    (problem,) = caught.value.problems
+    assert (problem.node, problem.field) == ("a", "signals[1]")
+    assert "scores.churn_rsik" in problem.message and "not a known profile field" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("node", "field"),
+    [
+        ({**CRM, "signals": "scores.churn_risk"}, "nodes.a.signals"),
+        ({**CRM, "signals": ["scores.churn_risk", "churn_risk"]}, "nodes.a.signals[1]"),
+        ({**CRM, "signals": ["scores.churn_risk", 3]}, "nodes.a.signals[1]"),
+        ({**CRM, "signals": ["entry.total"]}, "nodes.a.signals[0]"),
+        ({**CRM, "signals": ["traits.plan", "traits.plan"]}, "nodes.a.signals[1]"),
+        ({**CRM, "signals": [f"traits.t{i}" for i in range(21)]}, "nodes.a.signals"),
+        ({"id": "a", "type": "action", **EMAIL, "signals": ["traits.plan"]}, "nodes.a.signals"),
+    ],
+)
+def test_bad_signals_are_named_by_node_and_field(node: dict, field: str) -> None:
+    assert problems(with_nodes(node)) == [("a", field)]

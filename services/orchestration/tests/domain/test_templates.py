@@ -95,3 +95,19 @@ def test_entry_properties_render_as_entry_fields_and_are_named_when_missing() ->
     with pytest.raises(MissingField) as caught:
         template.render(PERSON, {})
     assert caught.value.field == "entry.cart_url"
+
+
+def test_numbers_render_as_people_write_them_and_an_author_can_still_format_them() -> None:
+    # Profiles and event properties carry every number as a double: 399 arrives as 399.0.
+    person = PersonView("p", {"computed.orders_90d": 3.0, "scores.churn_risk": 0.1 + 0.2, "traits.balance": -12.5})
+    template = compile_template(
+        {
+            "body": "{{ computed.orders_90d }} orders, {{ entry.price }} EUR, risk {{ scores.churn_risk }}, "
+            "{{ traits.balance }}, {{ entry.price * 1.1 }}",
+            "formatted": "{{ '%.2f' | format(entry.price) }} {{ entry.count | int }} {{ entry.price | round(1) }}",
+        },
+        "t",
+    )
+    rendered = template.render(person, {"price": 399.0, "count": 2.0})
+    assert rendered["body"] == "3 orders, 399 EUR, risk 0.3, -12.5, 438.9"
+    assert rendered["formatted"] == "399.00 2 399"

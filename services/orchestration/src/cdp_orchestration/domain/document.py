@@ -16,6 +16,9 @@
         "template": {"subject": "{{ traits.first_name }}, your cart", "body": "..."},
         "value": 20, "approval": false, "rank_by": "scores.conversion",
         "on_cap": "defer", "expires_after": "2d", "next": "check"},   # on_cap "drop": a full cap ends it
+       {"id": "case", "type": "action", "channel": "crm", "purpose": "Service",
+        "template": {"kind": "case", "subject": "...", "body": "..."},
+        "signals": ["scores.churn_risk", "computed.tickets_30d", "traits.plan"]},  # none: the top 5 scores
        {"id": "check", "type": "wait", "event": "Order Completed", "timeout": "2d",
         "next": "done", "timeout_next": "split"},                               # or "condition": "..."
        {"id": "branch", "type": "branch", "branches": [{"if": "scores.churn_risk > 0.8", "next": "x"}],
@@ -38,7 +41,8 @@ unreachable nodes; a cycle through which an instance could loop without waiting 
 durations, times of day, cron expressions, time zones; conditions and templates (syntax, and fields against
 the catalogue when it lists them); event names (of the entry, waits, exits, the goal, and the events
 conditions count) against the catalogue when it lists them; channels; entry fields against the entry; an
-action's `on_cap` and `expires_after`; and that every action names the consent purpose it is sent under.
+action's `on_cap` and `expires_after`; a crm action's `signals` (profile fields, against the catalogue);
+and that every action names the consent purpose it is sent under.
 
 Names are only as checked as the catalogue is full: without one (`Catalogue()`, or a catalogue without
 events) a misspelt event name, field or segment is accepted and simply never matches. The service passes
@@ -64,6 +68,7 @@ from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.conditions import EventFilter, ProfileCondition, event_filter, profile_condition
 from cdp_orchestration.domain.journey import (
     CHANNELS,
+    CRM,
     NODE_TYPES,
     ON_CAP,
     Action,
@@ -86,6 +91,7 @@ from cdp_orchestration.domain.journey import (
 from cdp_orchestration.domain.templates import compile_template
 
 MAX_NODES = 500
+MAX_SIGNALS = 20  # fields a CRM task or case carries as context: enough for a person to read at a glance
 
 T = TypeVar("T")
 
@@ -542,7 +548,7 @@ class _Reader:
 
     def action(self, node_id: str, item: Mapping[str, Any], at: str, target: str | None) -> Action | None:
         keys = ("id", "type", "next", "channel", "template", "category", "purpose", "value", "approval", "rank_by")
-        keys += ("on_cap", "expires_after")
+        keys += ("on_cap", "expires_after", "signals")
         self.known_keys(item, keys, at, node_id)
         ok = True
         channel = item.get("channel")
@@ -595,7 +601,9 @@ class _Reader:
         if "expires_after" in item:
             expires_after = self.attempt(node_id, lambda: parse_duration(item["expires_after"], f"{at}.expires_after"))
             ok = ok and expires_after is not None
-        if not ok or template is None:
+        signals = self.signals(node_id, item, at, channel)
+        ok = ok and signals is not None
+        if not ok or template is None or signals is None:
             return None
         return Action(
             node_id,
@@ -609,7 +617,45 @@ class _Reader:
             rank_by=rank_by,
             on_cap=on_cap,
             expires_after=expires_after,
+            signals=signals,
         )
+
+    def signals(self, node_id: str, item: Mapping[str, Any], at: str, channel: Any) -> tuple[str, ...] | None:
+        """The profile fields a CRM task or case carries (`signals`); None when they are not valid."""
+        if "signals" not in item:
+            return ()
+        listed = item["signals"]
+        if channel != CRM:
+            self.problem(
+                node_id,
+                f"{at}.signals",
+                "only a crm action carries signals (the context of its task or case); "
+                "other channels send what their template renders",
+            )
+            return None
+        if not isinstance(listed, list) or len(listed) > MAX_SIGNALS:
+            self.problem(
+                node_id,
+                f"{at}.signals",
+                f"must be a list of at most {MAX_SIGNALS} profile fields, like ['scores.churn_risk', 'traits.plan']",
+            )
+            return None
+        found: list[str] = []
+        for i, name in enumerate(listed):
+            field_at = f"{at}.signals[{i}]"
+            if not isinstance(name, str) or name.partition(".")[0] not in ROOTS or not name.partition(".")[2]:
+                self.problem(
+                    node_id,
+                    field_at,
+                    f"{name!r} must be a profile field: {', '.join(r + '.<name>' for r in ROOTS)}",
+                )
+            elif name in found:
+                self.problem(node_id, field_at, f"{name} is listed twice")
+            elif self.catalogue.unknown_fields(frozenset([name])):
+                self.problem(node_id, field_at, f"{name} is not a known profile field")
+            else:
+                found.append(name)
+        return tuple(found) if len(found) == len(listed) else None
 
     # --- the graph as a whole ---
 

@@ -19,6 +19,7 @@ from cdp_orchestration.domain.templates import Template
 
 # The channel names of actions.<channel> (the channel adapters answer to the same names).
 CHANNELS = ("email", "sms", "push", "webpush", "webhook", "inapp", "crm")
+CRM = "crm"  # the channel whose actions become CRM tasks and cases (and carry signals)
 REENTRY = ("never", "cooldown", "always")
 NODE_TYPES = ("delay", "wait", "branch", "split", "action", "exit")
 # What an action does when a frequency cap turns it away: wait for the cap's next period, or end ("capped").
@@ -118,6 +119,8 @@ class Action:
     rank_by: str | None = None  # a score field ranking this action among equal-priority ones
     on_cap: str = "defer"  # one of ON_CAP
     expires_after: float | None = None  # how long after it is proposed the action is still worth sending
+    # crm only: the profile fields (flat keys) its task or case carries as context; none: the top scores
+    signals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,10 +12,14 @@ Enroll call's) as `{{ entry.cart_url }}`. Invariants:
 - `compile_template` checks syntax and lists the fields a template reads (`Template.fields`), so a journey is
   validated against the catalogue of known fields before it is published, not when a message fails.
 - Errors name the part and field, never a value from the profile.
+- Numbers print as people write them: `{{ entry.price }}` of 399.0 (numbers travel as doubles) prints 399,
+  and 0.1 + 0.2 prints 0.3, not 0.30000000000000004 (`_as_written`). An author formats explicitly where it
+  matters: `{{ '%.2f' | format(entry.price) }}`, `{{ scores.churn_risk | round(3) }}`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +76,19 @@ for _klass in (jinja2.Undefined, jinja2.StrictUndefined):
             setattr(_Missing, _name, _Missing._fail_with_undefined_error)
 
 
-_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True)
+def _as_written(value: Any) -> Any:
+    """What `{{ ... }}` prints. Every number in a profile or an event travels as a double, so 399 arrives as
+    399.0 and arithmetic adds binary noise (0.1 + 0.2): print whole numbers as integers and others with at
+    most 15 significant digits, which a double holds exactly. A fixed form is the author's to ask for
+    (`'%.2f' | format(...)` prints text, untouched here); this only changes how a float prints."""
+    if type(value) is not float or not math.isfinite(value):
+        return value
+    if value.is_integer() and abs(value) < 1e15:
+        return int(value)
+    return format(value, ".15g")
+
+
+_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True, finalize=_as_written)
 
 
 @dataclass(frozen=True, eq=False)
