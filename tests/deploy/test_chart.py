@@ -751,6 +751,22 @@ def test_profile_owns_partitions_and_finds_identity_through_calls(rendered):
     assert volume["secret"]["items"] == [{"key": "profile", "path": "token"}]
 
 
+def test_every_service_calls_the_same_peers_in_the_cluster_as_under_make_up(rendered):
+    # A peer only `make up` wires works on a laptop and fails in the cluster (orchestration publishing a
+    # journey that reads past events needs profile): the chart's `calls` are make up's.
+    from cdpctl.platform import SERVICES
+
+    make_up = {svc.name: set(svc.calls) for svc in SERVICES}
+    for scenario in ("default", "dev", "prod"):  # the values files the chart ships
+        r = rendered[scenario]
+        names = {component_of(w) for w in r.component_workloads()}
+        chart = {}
+        for w, _, container in component_containers(r):
+            env = env_of(container)
+            chart[component_of(w)] = {p for p in names if f"CDP_{p.upper().replace('-', '_')}_ADDRESS" in env}
+        assert chart == make_up, scenario
+
+
 def test_orchestration_owns_partitions_and_reads_channel_providers_from_secrets(rendered):
     for scenario in ("default", "dev", "prod"):
         r = rendered[scenario]

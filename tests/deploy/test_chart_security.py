@@ -93,7 +93,7 @@ def test_identity_admits_profile_alone_and_scoring_is_called_by_nobody(rendered)
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-identity"), "grpc")
     assert split_peers(rule)[0] == {"profile"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-profile"), "grpc")
-    assert split_peers(rule)[0] == {"scoring", "segmentation"}
+    assert split_peers(rule)[0] == {"scoring", "segmentation", "orchestration", "crm"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-scoring"), "grpc")
     assert split_peers(rule) == (set(), r.values["networkPolicy"]["grpcFrom"]), "operators only"
 
