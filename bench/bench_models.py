@@ -28,10 +28,19 @@ model-nbc            top-1 accuracy of next_best_channel among people who answer
 training-set         seconds to build a point-in-time training set (`cdp_training.pointintime`: churn_risk's
                      30 features at the cutoff, churn label over the 90 days after) from a profile store
                      holding a simulated population (seed 11, CDP_BENCH_TRAINING_SET_PERSONS persons, default
-                     5,000; the issue's figure is 100,000); baseline: DuckDB computing the same rows over the
-                     same events, trait and consent histories held as in-memory tables (windowed conditional
-                     aggregates, ASOF joins for plan and consent): the physical floor for the job. The rows
-                     of both are compared cell by cell (params.mismatched_cells)
+                     5,000; the issue's figure is 100,000, with CDP_BENCH_TRAINING_SET_STORE a SQLite file),
+                     read as it streams (`training_set_from_store`: 500 profiles at a time); up to
+                     CDP_BENCH_WHOLE_STORE_PERSONS (20,000) the whole-store read it replaced runs too
+                     (params.whole_store_seconds, same data hash asserted); baseline: DuckDB computing the same
+                     rows over the same events, trait and consent histories held as in-memory tables (windowed
+                     conditional aggregates, ASOF joins for plan and consent): the physical floor for the
+                     job. The rows of both are compared cell by cell (params.mismatched_cells)
+model-regime         AUC of churn_risk retrained on the platform's own data after a regime change half-way
+                     through a simulated population's span (`cdp_training.regime`: app users' dropout hazard x4,
+                     everyone else's x0.4, abrupt), on the slice after the change; baseline: the same run on a
+                     population that always lived in the new regime, scored on the same rows. params: the
+                     frozen model's AUC after the change and on the twin population in which nothing changed
+                     (same persons and cut-off). CDP_BENCH_REGIME_PERSONS a population
 
 clv-cdnow-holdout    CLV on real transactions (`cdp_training.clvfit`) on the CDNOW sample that the `lifetimes`
                      package ships (6,919 orders of 2,357 customers, Fader, Hardie & Lee 2005; a dev dependency,
@@ -47,6 +56,7 @@ clv-cdnow-fit        seconds to fit both models on those summaries (median of CD
 
     make bench-models     # writes bench/results/model-*.json, training-set.json and clv-cdnow-*.json; needs make models
     .venv/bin/python bench/bench_models.py --only training-set
+    .venv/bin/python bench/bench_models.py --only regime
     .venv/bin/python bench/bench_models.py --only clv      # seconds; needs neither make models nor a simulation
 """
 
@@ -56,14 +66,14 @@ import argparse
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import duckdb
 import numpy as np
 from benchlib import write_result
 
-from cdp_kit.storage import MemoryStore
+from cdp_kit.storage import Store, open_store
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.modelstore import SHIPPED
 from cdp_scoring.runtime import LoadedModel, load_model
@@ -73,7 +83,7 @@ from cdp_training.dataset import population_fields
 from cdp_training.graphs import reference_clv
 from cdp_training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
 from cdp_training.platformdata import write_population
-from cdp_training.pointintime import StoredProfile, read_profiles, training_set
+from cdp_training.pointintime import StoredProfile, iter_profiles, read_profiles, training_set, training_set_from_store
 from cdp_training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
 from cdp_training.traits import ENGAGEMENT_FEATURES, traits_for
 
@@ -85,6 +95,14 @@ DAY = 86_400.0
 NEVER = 1e6  # days since an event that never happened: later than any real one (AUC reads ranks only)
 HOLDOUT_DAYS = CHURN_DAYS  # the simulation's outcome window: orders after the cutoff are known for 90 days
 TRAINING_SET_PERSONS = int(os.environ.get("CDP_BENCH_TRAINING_SET_PERSONS", "5000"))  # ~1 min on 2 cores
+# Where the simulated profile store lives: memory:// (default) holds every timeline record in the process;
+# for 100,000 persons (7.6M events) give a file, e.g. sqlite:///tmp/bench-profiles.db (written once, reused)
+TRAINING_SET_STORE = os.environ.get("CDP_BENCH_TRAINING_SET_STORE", "memory://")
+# Up to this many persons the whole-store read (read_profiles, then training_set) runs too, for comparison
+WHOLE_STORE_PERSONS = int(os.environ.get("CDP_BENCH_WHOLE_STORE_PERSONS", "20000"))
+# Processes turning streamed batches into rows while the store is read (1: all in this process)
+TRAINING_SET_WORKERS = int(os.environ.get("CDP_BENCH_TRAINING_SET_WORKERS", "1"))
+REGIME_PERSONS = int(os.environ.get("CDP_BENCH_REGIME_PERSONS", "4000"))  # per population; ~3 min a 1,000
 
 
 def shipped_models() -> dict[str, LoadedModel]:
@@ -355,33 +373,37 @@ CHURN_SPEC = ModelSpec.from_dict(
 CHURN_LABEL = {"kind": "no_activity", "window": f"{CHURN_DAYS}d"}
 
 
-def duckdb_tables(con: duckdb.DuckDBPyConnection, profiles: Sequence[StoredProfile]) -> int:
-    """The stored events, plan history and consent history as DuckDB tables (what an as-of join reads)."""
+def duckdb_tables(con: duckdb.DuckDBPyConnection, batches: Iterable[Sequence[StoredProfile]]) -> int:
+    """The stored events, plan history and consent history as DuckDB tables (what an as-of join reads),
+    from batches of stored profiles (a list of them, or a store read batch by batch)."""
     properties = sorted({t["property"] for t in traits_for(ENGAGEMENT_FEATURES) if t.get("property", "$at") != "$at"})
     events: dict[str, list] = {"person": [], "ts": [], "type": [], "name": [], **{p: [] for p in properties}}
     plans: dict[str, list] = {"person": [], "ts": [], "plan": []}
     consent: dict[str, list] = {"person": [], "channel": [], "ts": [], "granted": []}
-    for stored in profiles:
-        person = stored.person_id
-        for entry in stored.timeline:
-            events["person"].append(person)
-            events["ts"].append(entry.at)
-            events["type"].append(entry.type)
-            events["name"].append(entry.name)
-            for prop in properties:
-                value = entry.properties.get(prop)
-                events[prop].append(value if isinstance(value, int | float) and not isinstance(value, bool) else None)
-        for part in stored.doc["parts"]:
-            for version in part["traits"].get("plan", []):
-                plans["person"].append(person)
-                plans["ts"].append(version[3])
-                plans["plan"].append(version[0] if isinstance(version[0], str) else None)
-            for key, history in part["consent"].items():
-                for state in history:
-                    consent["person"].append(person)
-                    consent["channel"].append(key)
-                    consent["ts"].append(state[2])
-                    consent["granted"].append(bool(state[0]))
+    for profiles in batches:
+        for stored in profiles:
+            person = stored.person_id
+            for entry in stored.timeline:
+                events["person"].append(person)
+                events["ts"].append(entry.at)
+                events["type"].append(entry.type)
+                events["name"].append(entry.name)
+                for prop in properties:
+                    value = entry.properties.get(prop)
+                    events[prop].append(
+                        value if isinstance(value, int | float) and not isinstance(value, bool) else None
+                    )
+            for part in stored.doc["parts"]:
+                for version in part["traits"].get("plan", []):
+                    plans["person"].append(person)
+                    plans["ts"].append(version[3])
+                    plans["plan"].append(version[0] if isinstance(version[0], str) else None)
+                for key, history in part["consent"].items():
+                    for state in history:
+                        consent["person"].append(person)
+                        consent["channel"].append(key)
+                        consent["ts"].append(state[2])
+                        consent["granted"].append(bool(state[0]))
     for name, columns in (("events_raw", events), ("plans_raw", plans), ("consent_raw", consent)):
         arrays = {k: np.array(v, dtype=object if k != "ts" else np.float64) for k, v in columns.items()}
         for prop in properties if name == "events_raw" else ():
@@ -390,6 +412,20 @@ def duckdb_tables(con: duckdb.DuckDBPyConnection, profiles: Sequence[StoredProfi
         con.execute(f"CREATE TABLE {name.removesuffix('_raw')} AS SELECT * FROM {name}")
         con.unregister(name)
     return len(events["ts"])
+
+
+def store_batches(store: Store) -> Iterator[list[StoredProfile]]:
+    """The store's profiles a batch at a time, for synchronous code (DuckDB's loading)."""
+    loop = asyncio.new_event_loop()
+    batches = iter_profiles(store, batch=2000)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(anext(batches))
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.close()
 
 
 def _sql_literal(values: Sequence[str]) -> str:
@@ -459,32 +495,56 @@ def duckdb_training_set(
     return persons, X, labels
 
 
-def bench_training_set(persons: int) -> dict[str, Any]:
-    started = time.perf_counter()
+async def _filled_store(persons: int) -> tuple[Population, Store, float]:
+    """The simulated population in a profile store at TRAINING_SET_STORE (a file store already holding
+    exactly these persons is reused: writing 100,000 through the profile domain takes a while)."""
     population = simulate(persons, SEED)
-    store = MemoryStore()
-    asyncio.run(write_population(store, population, traits_for(ENGAGEMENT_FEATURES)))
-    setup = time.perf_counter() - started
-    print(f"wrote {persons:,} simulated profiles to a profile store in {setup:.0f}s")
+    store = open_store(TRAINING_SET_STORE)
+    started = time.perf_counter()
+    from cdp_profile.records import PROFILES
 
-    t0 = time.perf_counter()
-    profiles = asyncio.run(read_profiles(store))
-    t1 = time.perf_counter()
-    ours = training_set(profiles, spec=CHURN_SPEC, label=CHURN_LABEL, cutoff=population.cutoff, until=population.end)
-    t2 = time.perf_counter()
+    if await store.count(PROFILES) != persons:
+        await write_population(store, population, traits_for(ENGAGEMENT_FEATURES))
+    return population, store, time.perf_counter() - started
+
+
+def bench_training_set(persons: int) -> dict[str, Any]:
+    population, store, setup = asyncio.run(_filled_store(persons))
+    print(f"wrote {persons:,} simulated profiles to a profile store ({TRAINING_SET_STORE}) in {setup:.0f}s")
+    label = {"spec": CHURN_SPEC, "label": CHURN_LABEL, "cutoff": population.cutoff, "until": population.end}
+
+    whole: dict[str, float] = {}
+    if persons <= WHOLE_STORE_PERSONS:  # the former way: every timeline in memory, then the rows
+        t0, c0 = time.perf_counter(), time.process_time()
+        profiles = asyncio.run(read_profiles(store))
+        t1 = time.perf_counter()
+        before = training_set(profiles, **label)
+        whole = {
+            "whole_store_seconds": time.perf_counter() - t0,
+            "whole_store_read_seconds": t1 - t0,
+            "whole_store_cpu_seconds": time.process_time() - c0,
+        }
+        del profiles
+    t0, c0 = time.perf_counter(), time.process_time()
+    ours = asyncio.run(training_set_from_store(store, **label, workers=TRAINING_SET_WORKERS))
+    t1, c1 = time.perf_counter(), time.process_time()
+    if whole:
+        assert before.data_hash == ours.data_hash, "the streamed set differs from the whole-store one"
+        del before
 
     con = duckdb.connect()
-    events = duckdb_tables(con, profiles)
-    t3 = time.perf_counter()
+    events = duckdb_tables(con, store_batches(store))
+    t2, c2 = time.perf_counter(), time.process_time()
     persons_sql, X_sql, y_sql = duckdb_training_set(con, population.cutoff, CHURN_DAYS * DAY)
-    t4 = time.perf_counter()
+    t3, c3 = time.perf_counter(), time.process_time()
     con.close()
+    asyncio.run(store.close())
 
     same_rows = persons_sql == ours.person_ids
     mismatched = int(np.sum(~np.isclose(ours.X, X_sql, rtol=1e-5, atol=1e-4, equal_nan=True))) if same_rows else None
     return {
-        "value": t2 - t0,
-        "baseline": t4 - t3,
+        "value": t1 - t0,
+        "baseline": t3 - t2,
         "params": {
             "persons": persons,
             "rows": ours.rows,
@@ -492,16 +552,55 @@ def bench_training_set(persons: int) -> dict[str, Any]:
             "events": events,
             "label": CHURN_LABEL,
             "positives": int(ours.y.sum()),
-            "read_store_seconds": round(t1 - t0, 3),
-            "build_rows_seconds": round(t2 - t1, 3),
-            "duckdb_load_seconds": round(t3 - t2, 3),
-            "duckdb_query_seconds": round(t4 - t3, 3),
+            "how": "streamed: profiles read 500 at a time (each timeline by its origin prefix) and turned into rows",
+            "workers": TRAINING_SET_WORKERS,
+            # CPU seconds of this process (DuckDB's threads included): on a shared machine wall times swing
+            # with the neighbours' load, CPU times much less (workers' CPU is not counted)
+            "cpu_seconds": round(c1 - c0, 3),
+            "duckdb_query_cpu_seconds": round(c3 - c2, 3),
+            "cpu_ratio": round((c1 - c0) / max(c3 - c2, 1e-9), 1),
+            **{k: round(v, 3) for k, v in whole.items()},
+            "whole_store_ratio": round(whole["whole_store_seconds"] / (t3 - t2), 1) if whole else None,
+            "whole_store_cpu_ratio": round(whole["whole_store_cpu_seconds"] / max(c3 - c2, 1e-9), 1) if whole else None,
+            "duckdb_load_seconds": round(t2 - t1, 3),
+            "duckdb_query_seconds": round(t3 - t2, 3),
             "same_persons": same_rows,
             "mismatched_cells": mismatched,
             "labels_equal": bool(same_rows and np.array_equal(ours.y[:, 0], y_sql)),
-            "store": "memory:// (the profile service's collections and encodings)",
+            "store": f"{TRAINING_SET_STORE} (the profile service's collections and encodings)",
             "baseline_heuristic": "DuckDB as-of join over the same events, in memory, query time only",
-            "seconds_per_100k_persons": round((t2 - t0) / max(1, persons) * 100_000, 1),
+            "seconds_per_100k_persons": round((t1 - t0) / max(1, persons) * 100_000, 1),
+        },
+    }
+
+
+# --- regime change: retraining on the platform's own data --------------------------------------------------
+
+
+def bench_regime(persons: int) -> dict[str, Any]:
+    """The three AUCs of `cdp_training.regime` (frozen, retrained on the platform's data, trained on the new
+    regime directly) on the slice after the change, and the frozen model's where nothing changed."""
+    from cdp_training.regime import experiment
+
+    figures = experiment(persons, seed=SEED)
+    print(
+        f"regime change: frozen {figures.frozen_before:.4f} without it, {figures.frozen_after:.4f} with it; retrained "
+        f"{figures.retrained:.4f}; new regime directly {figures.new_regime:.4f}"
+    )
+    return {
+        "value": figures.retrained,
+        "baseline": figures.new_regime,
+        "params": {
+            "frozen_auc_without_the_change": figures.frozen_before,
+            "frozen_auc_after_the_change": figures.frozen_after,
+            "retrained_auc": figures.retrained,
+            "new_regime_auc": figures.new_regime,
+            "frozen_drop": round(figures.frozen_before - figures.frozen_after, 4),
+            "frozen_below_new_regime": round(figures.new_regime - figures.frozen_after, 4),
+            "recovered_within_0_02": figures.recovered,
+            **figures.params,
+            "baseline_heuristic": "churn_risk trained on a population that always lived in the new regime, "
+            "judged on the same rows",
         },
     }
 
@@ -690,8 +789,20 @@ def bench_clv_cdnow() -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="the shipped models' quality; the point-in-time training set; CLV")
-    parser.add_argument("--only", choices=("models", "training-set", "clv"), help="run one part")
+    parser.add_argument("--only", choices=("models", "training-set", "clv", "regime"), help="run one part")
     args = parser.parse_args()
+    if args.only in (None, "regime"):
+        figures = bench_regime(REGIME_PERSONS)
+        write_result(
+            "model-regime",
+            value=figures["value"],
+            unit="AUC after the change",
+            baseline=figures["baseline"],
+            higher_is_better=True,
+            params={"seed": SEED, **figures["params"]},
+        )
+        if args.only == "regime":
+            return
     if args.only in (None, "clv"):
         bench_clv_cdnow()
         if args.only == "clv":
