@@ -19,12 +19,14 @@ from cdp_orchestration.domain.records import instance_record
 from cdp_orchestration.journeys import JOURNEYS
 from cdp_orchestration.state import INSTANCES
 from cdp_profile.domain import ComputedTraits, ProfileEvent
+from cdp_scoring.domain import ModelSpec
 from cdp_training import feedback, learn
 from cdp_training.__main__ import main
 from cdp_training.labels import LabelSpec
 from cdp_training.platformdata import apply_all
 from cdp_training.pointintime import StoredProfile
 from cdp_training.simulator import CHANNELS
+from cdp_training.traits import COMPUTED_TRAITS
 
 DAY = 86_400.0
 T = 1_740_000_000.0  # the cut-off
@@ -149,7 +151,8 @@ def test_the_outcome_can_be_any_event_on_the_profile_within_a_window(orchestrati
     profiles = [
         stored("p0", [order("p0", T + 2 * DAY)]),
         stored("p1", [order("p1", T + 9 * DAY)]),  # after the window
-        *(stored(f"p{n}", []) for n in (2, 3, 5, 6, 7)),
+        stored("p2", [order("p2", T - DAY)]),  # before the assignment: a feature, not an outcome
+        *(stored(f"p{n}", []) for n in (3, 5, 6, 7)),
         stored("p4", [order("p4", T + DAY)]),
         stored("p9", [order("p9", T + 40 * DAY)]),  # someone else: the store has observed 40 days
     ]
@@ -157,6 +160,24 @@ def test_the_outcome_can_be_any_event_on_the_profile_within_a_window(orchestrati
     data = asyncio.run(feedback.uplift_rows(orchestration, "winback", outcome=spec, profiles=profiles))
     outcomes = {r.person_id: r.outcome for r in data.rows}
     assert outcomes["p0"] == 1 and outcomes["p1"] == 0 and outcomes["p4"] == 1 and outcomes["p5"] == 0
+    assert outcomes["p2"] == 0 and data.skipped["no_profile"] == 1  # p8 has no profile
+    # a model's features as known at each person's assignment: p0's order came after it
+    features = ModelSpec.from_dict(
+        {
+            "name": "orders",
+            "version": "1",
+            "features": [{"name": "orders_total", "path": "computed.orders_total"}],
+            "outputs": [{"score": "x", "output": "y"}],
+            "computed_traits": [COMPUTED_TRAITS["orders_total"]],
+        }
+    )
+    data = asyncio.run(
+        feedback.uplift_rows(orchestration, "winback", outcome=spec, profiles=profiles, features=features)
+    )
+    assert data.feature_names == ["orders_total"]
+    known = {r.person_id: r.features for r in data.rows}
+    assert known["p0"] == [0.0] and known["p2"] == [1.0] and known["p4"] == [0.0]
+    assert data.table()[0]["orders_total"] in (0.0, 1.0)
     with pytest.raises(InvalidArgument) as caught:
         asyncio.run(feedback.uplift_rows(orchestration, "winback", outcome=spec))
     assert caught.value.field == "store"
