@@ -23,9 +23,11 @@ A failure is shrunk by hypothesis to the smallest request that still fails and p
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -42,9 +44,13 @@ import cdp
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp_testing.fuzz import (
     FAILURES,
+    LONG,
+    SCALE,
+    Fuzzer,
     bad_request_fields,
     budget,
     dead_letters,
+    harvest,
     messages,
     nasty_text,
     segment_text,
@@ -53,6 +59,7 @@ from cdp_testing.fuzz import (
     time_limit,
 )
 
+SEED = 20261204
 EXAMPLES = 5  # per method in `make test` (~90 methods); `make fuzz` multiplies it
 TIMEOUT = 15.0  # a hang, on a machine shared with the rest of the suite
 # Methods that may start real work in a worker process (a training run, a realised-quality check, scoring
@@ -202,13 +209,12 @@ OVERRIDES = {
 
 
 def _has_non_finite_struct_number(message: Message) -> bool:
+    is_value = message.DESCRIPTOR.full_name == "google.protobuf.Value"
+    if is_value and message.WhichOneof("kind") == "number_value" and not math.isfinite(message.number_value):
+        return True
     for field, value in message.ListFields():
         if field.message_type is None:
             continue
-        if field.message_type.full_name == "google.protobuf.Value":
-            items = value if field.is_repeated else (value,)
-            if any(v.WhichOneof("kind") == "number_value" and not math.isfinite(v.number_value) for v in items):
-                return True
         if field.message_type.GetOptions().map_entry:
             items = value.values() if field.message_type.fields_by_name["value"].message_type else ()
         else:
@@ -314,6 +320,79 @@ def test_random_bytes_as_a_body_are_invalid_argument_naming_the_request(platform
             assert wrong is None, f"{method.full_name}: {wrong}\nbody: {show(body)}"
 
     fuzz()
+
+
+# A journey any person can be enrolled in through the API, for the session below to publish and enroll into.
+API_JOURNEY = {
+    "id": "fz-api",
+    "version": 1,
+    "name": "Enrolled by the fuzz",
+    "entry": {"api": True},
+    "nodes": [
+        {"id": "wait", "type": "delay", "duration": "1d", "next": "check"},
+        {"id": "check", "type": "branch", "branches": [{"if": "entry.total > 10", "next": "done"}], "else": "done"},
+        {"id": "done", "type": "exit"},
+    ],
+}
+SEGMENT_TEXTS = (
+    'traits.plan = "pro"',
+    "traits.age >= 18 and not traits.plan exists",
+    'count("Viewed", within 30d) >= 1',
+)
+SESSION_CALLS = 3  # per method in `make test`; `make fuzz` multiplies it
+
+
+@pytest.mark.timeout(time_limit(600))
+def test_a_session_across_every_service_reaches_past_unknown_ids(platform, channels):
+    """One seeded session of calls to every method of every service, interleaved, sharing what they learn:
+    ids the answers name (persons, journeys, instances, runs, reviews) join the pool later requests draw
+    from, and some requests are made plausible (a valid segment, a journey published for API entry, the
+    write key), so calls get past "unknown id" into the code behind it: enrolling a person the identity
+    service made into a journey that was just published, with hostile properties."""
+    pool = ["u-1", "fz_a", "fz-api", "churn_risk", "salesforce", "hubspot", "p_0000000000000000"]
+    fuzzer = Fuzzer(SEED if not LONG else random.randrange(2**32), pool)
+    methods = [(name, method) for name, method in METHODS]
+    order = [item for item in methods for _ in range(max(1, round(SESSION_CALLS * SCALE)))]
+    fuzzer.rng.shuffle(order)
+    failures: list[str] = []
+    codes: collections.Counter = collections.Counter()
+
+    def adjust(method: MethodDescriptor, request: Message) -> None:
+        rng = fuzzer.rng
+        plausible = rng.random() < 0.5
+        fields = method.input_type.fields_by_name
+        if method.input_type.full_name == "cdp.collector.v1.CollectRequest" and rng.random() < 0.85:
+            request.write_key = platform.write_key
+        if not plausible:
+            return
+        if "definition" in fields and method.containing_service.name == "SegmentationService":
+            request.definition.text = rng.choice(SEGMENT_TEXTS)
+            if "id" in fields:
+                request.id = rng.choice(("fz_a", "fz_b"))
+        if "definition" in fields and method.containing_service.name == "OrchestrationService":
+            request.definition.json = json.dumps(API_JOURNEY)
+        if "journey_id" in fields:
+            request.journey_id = "fz-api"
+        if "person_id" in fields and pool:
+            persons = [item for item in pool if item.startswith("p_")]
+            if persons:
+                request.person_id = rng.choice(persons)
+
+    for number, (name, method) in enumerate(order):
+        request = fuzzer.fill(message_factory.GetMessageClass(method.input_type)())
+        adjust(method, request)
+        try:
+            answer = call(channels[name], method, request, platform.admin_metadata)
+        except grpc.RpcError as exc:
+            codes[exc.code().name] += 1
+            if (wrong := verdict(name, method, request, exc)) is not None:
+                failures.append(f"{method.full_name} (call {number}): {wrong}\n  {show(request)}")
+            continue
+        codes["OK"] += 1
+        for response in answer if method.server_streaming else [answer]:
+            harvest(response, pool)
+    assert not failures, f"{len(failures)} calls failed ({dict(codes)}):\n" + "\n".join(failures[:10])
+    assert codes["OK"] > len(methods) // 2, dict(codes)
 
 
 def test_nothing_the_fuzzed_calls_stored_was_dead_lettered_downstream(platform):
