@@ -48,12 +48,27 @@ async def platform(people_cli, nats_server, tmp_path, monkeypatch):
     async with HubSpotEmulator() as hubspot, SalesforceEmulator() as salesforce:
         ws = Workspace(tmp_path / ".cdp")
         ws.prepare(())
-        ports = {"collector.http": 1, "crm-hubspot.api": hubspot.port, "crm-salesforce.api": salesforce.port}
+        ports = {
+            "collector.http": 1,
+            "crm.http": 0,
+            "crm-hubspot.api": hubspot.port,
+            "crm-salesforce.api": salesforce.port,
+        }
         write_service_files(ws, CRM, ports)
+        # The connector calls profile (a backfill reaches every person): the one people_cli runs.
+        profile = json.loads((people_cli.home / "run.json").read_text())["services"]["profile"]["grpc"]
         env = service_environment(
-            ws, CRM, nats_url=nats_server.url, grpc_port=0, metrics_port=0, http_port=None, named_ports=ports
+            ws,
+            CRM,
+            nats_url=nats_server.url,
+            grpc_port=0,
+            metrics_port=0,
+            http_port=None,
+            named_ports=ports,
+            peers={"profile": profile},
         )
-        for variable in ("CDP_DEV_HUBSPOT_TOKEN", "CDP_DEV_SALESFORCE_CLIENT_ID", "CDP_DEV_SALESFORCE_CLIENT_SECRET"):
+        env["CDP_CRM_PROFILE_STORE_URL"] = f"sqlite:///{tmp_path / 'profile.db'}"  # people_cli's profile store
+        for variable in [name for name in env if name.startswith("CDP_DEV_")]:  # the connections' credentials
             monkeypatch.setenv(variable, env[variable])
         env |= {"CDP_PARTITIONS": "2", "CDP_LOG_LEVEL": "WARNING"}  # as collector, identity and profile
         settings = replace(
