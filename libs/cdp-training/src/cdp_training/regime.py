@@ -12,6 +12,8 @@ itself (`learn.train_run`, point in time):
   difference is what the change cost it;
 - **retrained**: the platform's own run at a cut-off after the change, with the frozen model as live: its
   AUC on the slice after the change (the same rows the frozen model is judged on);
+- **drift**: one check of scoring's drift monitor on the frozen version (its training reference, the rows
+  scored at the judging cut-off), after the change and where nothing changed;
 - **new regime directly**: the same run on a second population that always lived in the new regime
   (another seed), scored on the first population's slice after the change: the best a model of these
   features could do there.
@@ -31,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from cdp_kit.storage import MemoryStore
+from cdp_scoring.domain.registry import LIVE, Version
+from cdp_scoring.drift import DRIFTED, DriftMonitor
 from cdp_training import learn, metrics
 from cdp_training.labels import LabelSpec
 from cdp_training.platformdata import write_population
@@ -63,6 +67,23 @@ def _profiles(population: Population) -> list[StoredProfile]:
         return await read_profiles(store)
 
     return asyncio.run(build())
+
+
+def _drift(live: learn.LiveModel, X: np.ndarray, at: float) -> dict[str, Any]:
+    """One scheduled drift check of the frozen version (scoring's DriftMonitor, its training reference)
+    over the rows scored at `at`: drifted or not, the score's PSI and the three most moved features."""
+    version = Version(live.spec, LIVE, "", 0, at)
+    monitor = DriftMonitor(min_rows=min(500, len(X)), clock=lambda: at)
+    scores = live.scores(X)
+    monitor.observe(version, X, np.stack([np.asarray(scores[s]) for s in live.spec.score_names], axis=1))
+    [report] = monitor.check([version])
+    features = sorted((v for v in report.values if v[1] == "feature"), key=lambda v: -v[2])[:3]
+    return {
+        "drifted": report.status == DRIFTED,
+        "threshold": report.threshold,
+        "score_psi": round(next(v[2] for v in report.values if v[1] == "score"), 4),
+        "most_moved_features": {name: round(value, 4) for name, _kind, value in features},
+    }
 
 
 def experiment(
@@ -105,6 +126,10 @@ def experiment(
     frozen_unchanged = metrics.auc(
         unchanged.y[:, 0].astype(int), np.asarray(live.scores(unchanged.X)[MODEL], dtype=np.float64)
     )
+    drift = {
+        "after_the_change": _drift(live, rows.X, shifted.cutoff),
+        "where_nothing_changed": _drift(live, unchanged.X, twin.cutoff),
+    }
     figures = RegimeFigures(
         frozen_before=round(float(frozen_unchanged), 4),
         frozen_after=float(retrained.record["quality"]["live_on_holdout"]["auc"]),
@@ -125,6 +150,7 @@ def experiment(
             "frozen_training_rows": frozen.train.rows,
             "retrained_training_rows": retrained.train.rows,
             "churn_rate_without_the_change": round(float(unchanged.y[:, 0].mean()), 4),
+            "frozen_drift_check": drift,
         },
     )
     return figures
