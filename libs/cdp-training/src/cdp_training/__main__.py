@@ -221,7 +221,7 @@ def uplift_data(argv: list[str]) -> int:
     import csv
     import json
 
-    from cdp_kit.errors import CdpError
+    from cdp_kit.errors import CdpError, InvalidArgument
     from cdp_scoring.runtime import load_model
     from cdp_training import feedback
 
@@ -243,7 +243,7 @@ def uplift_data(argv: list[str]) -> int:
         try:
             outcome = json.loads(args.outcome) if args.outcome else None
         except ValueError as exc:
-            raise feedback.InvalidArgument("outcome", f"is not JSON: {exc}") from None
+            raise InvalidArgument("outcome", f"is not JSON: {exc}") from None
         features = load_model(args.model.read_bytes()).spec if args.model else None
         data = asyncio.run(
             feedback.export(
