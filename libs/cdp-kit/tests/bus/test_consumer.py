@@ -319,3 +319,36 @@ async def test_bad_messages_at_the_head_side_by_side_and_at_the_tail_are_each_is
     assert sorted(int(m.data) for m in letters) == [0, 1, 99]
     assert await dead_letter_count(bus) == 3
     assert await everything_settled(bus)
+
+
+async def test_a_message_on_a_quiet_stream_is_handed_over_without_a_second_request(bus, monkeypatch):
+    # A message alone in the stream goes to the handler as soon as it arrives: no further round trip to
+    # the server to look for more (every hop of the pipeline pays it otherwise). Messages waiting behind
+    # one still come as one batch.
+    import orjson
+
+    async def handle(batch):
+        pass
+
+    runner = bus.consumer(spec(batch_size=64), handle)
+    await runner.provision()
+    subscription = await bus.js.pull_subscribe_bind(durable="t", stream="EVENTS_RAW")
+    requests = []
+    publish_ = runner.nc.publish
+
+    async def recording(subject, payload=b"", reply="", headers=None):
+        if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+            requests.append(orjson.loads(payload))
+        return await publish_(subject, payload, reply=reply, headers=headers)
+
+    monkeypatch.setattr(runner.nc, "publish", recording)
+    await publish(bus, 1)
+    msgs = await runner._fetch(subscription)
+    assert [int(m.data) for m in msgs] == [0]
+    assert len(requests) == 1 and not requests[0].get("no_wait")
+
+    await bus.publisher.publish_batch([OutMessage("events.raw.0", str(i).encode(), f"id-{i}") for i in range(1, 6)])
+    msgs = await runner._fetch(subscription)
+    assert [int(m.data) for m in msgs] == [1, 2, 3, 4, 5]
+    for m in msgs:
+        await m.ack()
