@@ -179,3 +179,45 @@ async def test_a_poller_killed_between_search_pages_neither_loses_nor_repeats_a_
         assert len(created) == 250 and len({e["properties"]["crm_id"] for e in created}) == 250
         assert collector.duplicates == 0
         assert await _poller(store, session, hubspot, collector, ("contacts",)).poll() == 0
+
+
+async def test_a_contact_the_connector_erased_for_a_deleted_person_never_comes_back_as_news(world_factory, collector):
+    from cdp.privacy.v1 import privacy_pb2
+    from cdp_crm.privacy import Privacy, consumer_spec
+    from cdp_crm.state import PRIVACY
+    from cdp_kit.bus import OutMessage, privacy_stream, subjects
+
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.bus.ensure_streams(privacy_stream())
+        await world.start()
+        (connection,) = world.connections
+        poller = HubSpotPoller(
+            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+            collector.client(world.session), objects=("contacts",),
+        )  # fmt: skip
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
+        assert await poller.poll() == 0
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        task = asyncio.create_task(world.bus.consumer(consumer_spec(), privacy.handle).run())
+        try:
+            request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+            await world.bus.publisher.publish_batch(
+                [OutMessage(subjects.PRIVACY_DELETED, request.SerializeToString(), "req-1")]
+            )
+            await world.eventually(lambda: world.store.get(PRIVACY, "req-1"))
+        finally:
+            task.cancel()
+        # The anonymisation is the connector's own write: no event (an identify would bring the deleted
+        # person back as a profile keyed by the contact), nor for a later edit of the erased record.
+        hubspot.clock.advance(5)
+        assert await poller.poll() == 0
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"lastname": "King"})
+        assert await poller.poll() == 0
+        assert collector.names() == []
+        await world.stop()

@@ -46,7 +46,7 @@ import aiohttp
 import orjson
 
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.state import CURSORS, RECORDS, RUNS
+from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
@@ -325,10 +325,11 @@ class Poller:
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
-                written = await self._written(change)
+                written, erased = await self._written(change)
                 memo = self._memo(change, written)
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
-                events.extend(self.events(change, before, memo, written))
+                if not erased:
+                    events.extend(self.events(change, before, memo, written))
             for batch in _batches(events):
                 await self.collector.post(batch)
             for record_id, memo in memos.items():
@@ -347,16 +348,21 @@ class Poller:
             await self._imported(obj, 0, 0)
         return posted
 
-    async def _written(self, change: Change) -> dict[str, Any]:
-        """What the connector last wrote to this contact (its `crm_records` document's fields), if it did."""
+    async def _written(self, change: Change) -> tuple[dict[str, Any], bool]:
+        """What the connector last wrote to this contact (its `crm_records` document's fields), if it did,
+        and whether the connector erased it for a deleted person. An erased record is never news: its
+        anonymisation is the connector's own write, and a later edit there would bring a deleted person
+        back into the CDP (an identify keyed by the contact)."""
         if change.kind not in ("contact", "lead") or change.deleted:
-            return {}
+            return {}, False
         written: dict[str, Any] = {}
+        erased = False
         for record in await self.store.find(RECORDS, "crm_id", change.record_id, limit=20):
             doc = record.doc
             if doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower():
                 written.update(doc.get("fields") or {})
-        return written
+                erased = erased or doc.get("state") in ERASED
+        return written, erased
 
     def _memo(self, change: Change, written: dict[str, Any]) -> dict[str, Any]:
         """What the events report of a record: the watched field, and a digest of the reported fields and
