@@ -5,13 +5,23 @@ them apart."""
 
 from __future__ import annotations
 
+import asyncio
+
+import grpc
 import pytest
 from opentelemetry import metrics
 
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.service import serving
 from cdp_kit.storage import open_store
+from cdp_scoring.__main__ import setup
 from cdp_scoring.engine import ScoringEngine
 from cdp_scoring.modelstore import FolderModelStore, shipped_models
+from cdp_scoring.settings import ScoringSettings
 from cdp_testing.fakes import T0
+from cdp_training.platformdata import write_population
+from cdp_training.simulator import simulate
+from cdp_training.traits import COMPUTED_TRAITS
 
 DAY = 86_400.0
 # Profile fields as the service holds them (epoch seconds for times)
@@ -75,3 +85,38 @@ async def test_the_shipped_clusters_model_is_served_as_a_whole_cluster_number(en
     assert "high" in fan.values() and set(fan) & {"app_sessions_30d", "inapp_clicks_90d", "sessions_30d"}
     lapsed = {f["feature"]: f["direction"] for f in described[clusters["lapsed"]]["distinguishing"]}
     assert lapsed.get("days_since_last_session") == "high" or "low" in lapsed.values()
+
+
+async def test_a_clustering_trained_by_the_service_waits_in_shadow_beside_the_shipped_one(nats_server, tmp_path):
+    """TrainModel for `clusters` clusters the profile store's persons (point in time, at the last day it
+    holds); with the shipped version live, the candidate goes to shadow with the reason: segments name
+    cluster numbers, a person promotes it."""
+    url = f"sqlite:///{tmp_path / 'profile.db'}"
+    async with open_store(url) as store:
+        await write_population(store, simulate(300, 5), list(COMPUTED_TRAITS.values()))
+    config = ScoringSettings(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=1,
+        shutdown_grace=1.0,
+        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
+        model_store=str(tmp_path / "models"),
+        training_store=url,
+    )
+    async with serving(config, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            for _ in range(200):  # the shipped models go live in the background
+                listed = await stub.ListModels(scoring_pb2.ListModelsRequest())
+                if "clusters" in [m.name for m in listed.models]:
+                    break
+                await asyncio.sleep(0.05)
+            progress = [p async for p in stub.TrainModel(scoring_pb2.TrainModelRequest(model="clusters"))]
+            done = progress[-1]
+            assert done.done and done.role == scoring_pb2.ROLE_SHADOW
+            assert "promoted by hand" in done.reason
+            model = await stub.GetModel(scoring_pb2.GetModelRequest(name="clusters"))
+            assert model.live_version == "1.0.0"
+            assert done.version in [v.spec.version for v in model.versions]

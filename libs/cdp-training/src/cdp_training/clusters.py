@@ -27,6 +27,7 @@ features' own units. The descriptions are kept in the version's spec (`training.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import kmeans_plusplus
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.drift import build_reference
 from cdp_training.graphs import OPSET, run
@@ -319,6 +320,16 @@ def data_hash(person_ids: Sequence[str], X: np.ndarray, cutoff: float) -> str:
     digest.update("\x00".join(person_ids).encode())
     digest.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+def default_cutoff(profiles: Sequence[StoredProfile]) -> float:
+    """The UTC midnight before the last event the store holds (a clustering needs no label window)."""
+    from cdp_training.pointintime import observed_until
+
+    end = observed_until(profiles)
+    if not math.isfinite(end):
+        raise FailedPrecondition("the profile store holds no events to cluster", reason="no_data")
+    return float(end - end % 86_400)
 
 
 @dataclass(slots=True)

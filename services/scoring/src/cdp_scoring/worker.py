@@ -48,6 +48,13 @@ def _train(report, *, store_url, model, live_onnx, cutoff, evaluate_at, margin, 
     profiles = asyncio.run(learn.read_store(store_url))
     report("reading", len(profiles), PERCENT["reading"], f"{len(profiles)} profiles read")
     live = learn.live_from_onnx(live_onnx) if live_onnx else None
+    if model == "clusters":  # unsupervised: no label, no evaluation slice (cdp_training.clusters)
+        from cdp_training import clusters
+
+        cut = learn.parse_time(cutoff, "cutoff") if cutoff else clusters.default_cutoff(profiles)
+        run = clusters.train_run(profiles, cutoff=cut, live=live.spec if live else None)
+        report("fitting", run.record["training"]["rows"], PERCENT["fitting"], "clusters fitted")
+        return {"onnx": run.data, "version": run.version, "decision": run.decision}
     label = dict(label) if label else learn.label_for(model, live.spec if live else None)
     cut = learn.parse_time(cutoff, "cutoff") if cutoff else learn.default_cutoff(profiles, label)
     result = learn.train_run(
