@@ -16,10 +16,13 @@ machine's clock from the moment the collector answered its batch (accepted means
 - to CRM task (informational): the task's `createdAt` at the local HubSpot, which the connector writes
   within the account's rate budget.
 
-A step is *sustained* when every batch was accepted (no 429/503, no error), the offered rate was kept
-(>= 95 %), the profile service's lag (events the collector accepted minus events profile handled, read
-from both services' counters every second) stayed bounded in the step's second half (<= 2 s of load),
-and after the load stopped profile caught up within the drain limit with nothing missing (0 loss).
+Before each step every consumer on the bus but the CRM connector's has caught up with the step before
+(bounded, `settled_before_s`; what was still behind is in `backlog_before_events`), so a step's
+latencies are not the previous step's backlog. A step is *sustained* when every batch was accepted (no
+429/503, no error), the offered rate was kept (>= 95 %), the profile service's lag (events the collector
+accepted minus events profile handled, read from both services' counters every second) stayed bounded in
+the step's second half (<= 2 s of load), and after the load stopped profile caught up within the drain
+limit with nothing missing (0 loss).
 
 Results (benchlib JSON):
 
@@ -71,6 +74,7 @@ from pipeline_parts import (
     bare_jetstream_throughput,
     counted,
     scrape,
+    settle,
     window,
 )
 
@@ -90,6 +94,9 @@ ACTION_HOPS = 6
 PROFILE_HOPS = 3  # events.raw, events.resolved, profiles.changed (seen by this process)
 SEGMENT_HOPS = 4
 EVENT_HOPS = 3
+# How long a step waits for every stage to catch up with the one before it (then it runs anyway and
+# says what was still behind).
+SETTLE_LIMIT_S = 60.0
 PROBE_ID = re.compile(r"probe-[0-9a-f]+-(\d+)")
 
 JOURNEY = {
@@ -377,6 +384,10 @@ def latency_summary(values: list[float]) -> dict:
 
 
 async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_interval: float) -> dict:
+    # Every stage caught up with the step before (profile's drain does not cover the stages after it), so
+    # a step's latencies are its own and not the previous step's backlog. The CRM connector writes within
+    # the account's rate budget and may stay behind for long: not waited for.
+    settled_in, backlog_before = await settle(pipe.observer.nc.jetstream(), SETTLE_LIMIT_S, ignore=("crm",))
     bodies = load.bodies(rate, seconds, probe_interval)
     probes = [n for _, ns in bodies for n in ns]
     accepted0, handled0 = await asyncio.to_thread(pipe.counts)
@@ -460,6 +471,8 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         "profile_lag_max_events": max((lag for _, lag in lags), default=0),
         "profile_lag_second_half_max_events": max(second_half, default=0),
         "profile_lag_bound_events": lag_bound,
+        "settled_before_s": None if settled_in is None else round(settled_in, 2),
+        "backlog_before_events": backlog_before,
         "drained_in_s": None if drained_in is None else round(drained_in, 2),
         "drain_limit_s": drain_limit,
         "behind_at_drain_limit_events": int(behind),

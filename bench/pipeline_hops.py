@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pipeline import Load, Pipeline
 from benchlib import percentile
-from pipeline_parts import window
+from pipeline_parts import backlog, settle, window
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus.streams import SOURCE_HEADER
@@ -83,15 +83,20 @@ async def measure(args: argparse.Namespace) -> dict:
         await pipe.sender.offer([(b, []) for b in load.everyone()], 1000 / load.batch)
         # A short warm step, then the measured one.
         await pipe.sender.offer(load.bodies(args.rate, 2.0, None), args.rate / load.batch)
-        # The warm-up drained: one probe through to the receiver before the measured load.
+        nc = await nats.connect(platform.nats_url)
+        js = nc.jetstream()
+        # The warm-up drained: one probe through to the receiver, and (unless --no-settle) every
+        # consumer on the bus caught up, before the measured load.
         warm = load.bodies(load.batch, 1.0, 0.5)
         await pipe.sender.offer(warm, 1.0)
         await wait_delivered(pipe, load.probes, 120.0)
-        await asyncio.sleep(1.0)
+        behind_at_warm = await backlog(js)
+        settled_in, behind = None, behind_at_warm
+        if not args.no_settle:
+            settled_in, behind = await settle(js, 300.0)
+        print(f"backlog after the warm-up: {behind_at_warm}; settled in {settled_in} s; still behind: {behind}")
         first_probe = load.probes + 1
         bodies = load.bodies(args.rate, args.seconds, args.probe_interval)
-        nc = await nats.connect(platform.nats_url)
-        js = nc.jetstream()
         live: list[tuple[float, bytes]] = []
 
         async def on_action(msg) -> None:
@@ -173,6 +178,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000, help="distinct people in the background load")
     parser.add_argument("--probe-interval", type=float, default=0.25, help="seconds between probes")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds to wait after the load")
+    parser.add_argument("--no-settle", action="store_true", help="do not wait for every consumer to catch up")
     parser.add_argument("--out", help="write the table as JSON here")
     args = parser.parse_args()
     started = time.monotonic()

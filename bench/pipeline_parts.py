@@ -12,6 +12,10 @@ Baselines, each measured in the same run on the same machine, before the platfor
   HTTP server as fast as the client posts them, and through one JetStream stream (publish, a pull
   consumer fetches and acknowledges) at the same batch size: the throughput floor of one stage each.
 
+`backlog` / `settle`: every durable consumer's messages not yet handled (not delivered, or delivered
+and not acknowledged), and a bounded wait until there are none: a step starts on a platform that has
+caught up.
+
 Metrics: every service serves Prometheus text on its metrics endpoint (run.json's `metrics`). `scrape`
 parses one, `window` turns two scrapes into what happened between them: each engine stage per batch
 (mean exact, p50 / p99 interpolated within the histogram's buckets), the freshness histograms, and the
@@ -275,3 +279,30 @@ async def bare_jetstream_throughput(nats_url: str, payload: bytes, events_per_me
         await js.delete_stream("BARE")
         await nc.close()
     return messages * events_per_message / elapsed
+
+
+async def backlog(js) -> dict[str, int]:
+    """Every durable consumer on the bus with messages it has not finished: durable -> messages not yet
+    delivered plus delivered and not acknowledged (the dead-letter stream's readers left out)."""
+    out: dict[str, int] = {}
+    for stream in await js.streams_info():
+        if stream.config.name == "DLQ":
+            continue
+        for consumer in await js.consumers_info(stream.config.name):
+            behind = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+            if behind and consumer.config.durable_name:
+                out[consumer.config.durable_name] = behind
+    return out
+
+
+async def settle(js, limit: float, *, ignore: tuple[str, ...] = ()) -> tuple[float | None, dict[str, int]]:
+    """Wait until no durable consumer (but those starting with `ignore`) has a backlog: the seconds it
+    took (None: not within `limit`) and what was still behind then."""
+    started = time.monotonic()
+    while True:
+        behind = {name: n for name, n in (await backlog(js)).items() if not name.startswith(ignore)}
+        if not behind:
+            return time.monotonic() - started, {}
+        if time.monotonic() - started > limit:
+            return None, behind
+        await asyncio.sleep(0.5)
