@@ -5,6 +5,7 @@ newest first, stats, and errors naming the field."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import orjson
@@ -220,6 +221,16 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     assert stats.entered == 1 and dict(stats.decisions) == {"awaiting_approval": 1, "sent": 1}
 
 
+def _struct(data: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(data)
+    return message
+
+
+def _tree(data: dict) -> pb.JourneyDefinition:
+    return pb.JourneyDefinition(tree=_struct(data))
+
+
 async def test_bad_requests_name_their_field(service):
     stub, _ = service
     cases = [
@@ -230,7 +241,14 @@ async def test_bad_requests_name_their_field(service):
         (stub.GetInstance(pb.GetInstanceRequest()), "instance_id"),
         (stub.CreateJourney(pb.CreateJourneyRequest()), "definition"),
         (stub.CreateJourney(pb.CreateJourneyRequest(definition=pb.JourneyDefinition(json="{"))), "journey"),
-    ]
+        # NaN and infinity have no JSON form: refused where they are, not an INTERNAL error.
+        (stub.CreateJourney(pb.CreateJourneyRequest(definition=_tree({"id": "j", "priority": math.nan}))),
+         "definition.tree.priority"),
+        (stub.ValidateJourney(pb.ValidateJourneyRequest(definition=_tree({"nodes": [{"wait": math.inf}]}))),
+         "definition.tree.nodes[0].wait"),
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="x", properties=_struct({"total": -math.inf}))),
+         "properties.total"),
+    ]  # fmt: skip
     for call, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call

@@ -20,8 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from google.protobuf import json_format
-
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -49,8 +47,8 @@ from cdp_orchestration.messages import (
     read_definition,
     required,
     set_time,
+    struct_dict,
     token,
-    whole_numbers,
 )
 from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, PERSONS, STATS
 
@@ -277,13 +275,11 @@ class OrchestrationApi:
     async def Enroll(self, request, context) -> pb.EnrollResponse:
         journey_id = required(request.journey_id, "journey_id")
         person_id = required(request.person_id, "person_id")
+        properties = struct_dict(request.properties, "properties") if request.HasField("properties") else {}
         record = await self._record(journey_id)
         if record.live is None:
             raise FailedPrecondition(f"journey {journey_id} has never been published; PublishJourney first")
         key = request.idempotency_key or uuid.uuid4().hex
-        properties = (
-            whole_numbers(json_format.MessageToDict(request.properties)) if request.HasField("properties") else {}
-        )
         body = {"person_id": person_id, "journey_id": journey_id, "idempotency_key": key, "properties": properties}
         await self._command(person_id, "enroll", body, f"enroll:{journey_id}:{key}")
         doc = await self._answer(lambda: self._doc(ENROLLMENTS, f"{journey_id}:{key}"), "Enroll")

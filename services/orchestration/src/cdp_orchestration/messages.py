@@ -4,6 +4,7 @@ and the request checks every RPC shares (required fields, page sizes and tokens)
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 import orjson
@@ -59,6 +60,36 @@ def whole_numbers(value: Any) -> Any:
     return value
 
 
+def _non_finite(value: Any, path: str) -> str | None:
+    """The path of the first NaN or infinity in a Struct / Value / ListValue tree, if any."""
+    kind = (
+        value.WhichOneof("kind") if hasattr(value, "WhichOneof") and "kind" in value.DESCRIPTOR.oneofs_by_name else None
+    )
+    if kind == "number_value":
+        return None if math.isfinite(value.number_value) else path
+    if kind == "struct_value":
+        value = value.struct_value
+    elif kind == "list_value":
+        for i, item in enumerate(value.list_value.values):
+            if (found := _non_finite(item, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    if value.DESCRIPTOR.full_name == "google.protobuf.Struct":
+        for key, item in value.fields.items():
+            if (found := _non_finite(item, f"{path}.{key}")) is not None:
+                return found
+    return None
+
+
+def struct_dict(message: Any, field: str) -> Any:
+    """A Struct as plain data (whole numbers as ints). NaN and infinity have no JSON form: refused, naming
+    where they are, rather than failing inside the conversion."""
+    where = _non_finite(message, field)
+    if where is not None:
+        raise InvalidArgument(where, "is not a finite number (NaN and infinity are not accepted)")
+    return whole_numbers(json_format.MessageToDict(message))
+
+
 def read_definition(definition: pb.JourneyDefinition, field: str = "definition") -> Any:
     """The journey document a JourneyDefinition holds (JSON text, YAML text or a Struct tree)."""
     form = definition.WhichOneof("form")
@@ -67,7 +98,7 @@ def read_definition(definition: pb.JourneyDefinition, field: str = "definition")
     if form == "tree":
         if definition.tree.ByteSize() > MAX_DEFINITION:
             raise InvalidArgument(f"{field}.tree", f"is larger than {MAX_DEFINITION} bytes")
-        return whole_numbers(json_format.MessageToDict(definition.tree))
+        return struct_dict(definition.tree, f"{field}.tree")
     text = getattr(definition, form)
     if len(text) > MAX_DEFINITION:
         raise InvalidArgument(f"{field}.{form}", f"is larger than {MAX_DEFINITION} characters")
