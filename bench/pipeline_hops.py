@@ -14,8 +14,9 @@ receiver's own arrival time. Every time is this machine's clock (nats-server run
 subtract exactly. Before the measured load the platform is warmed (everyone identified, a short step)
 and drained (a probe reached the receiver).
 
-Prints a table: hop -> p50 / p99 / max of the time it added, over the probes, and each service's cores
-and engine stages (mean / p99 per batch) over the load; writes it all as JSON to `--out` when given. A
+Prints a table: hop -> p50 / p99 / max of the time it added, over the probes, each service's cores and
+engine stages (mean / p99 per batch) over the load, and how long each process (nats-server too) waited
+for a CPU while runnable (Linux schedstat): on a shared machine that is where a hop's time goes; writes it all as JSON to `--out` when given. A
 measuring tool for people (no benchlib result file); keep it to low rates on a shared machine.
 """
 
@@ -103,10 +104,15 @@ async def measure(args: argparse.Namespace) -> dict:
             live.append((time.time(), msg.data))
 
         await nc.subscribe(STOPS[-1][2], cb=on_action)
+        pids = {name: info["pid"] for name, info in platform.run["services"].items() if info.get("pid")}
+        pids["nats-server"] = platform.run.get("nats_pid")
         before = await pipe.scrape_all()
+        sched0, clock0 = {name: schedstat(pid) for name, pid in pids.items()}, time.monotonic()
         sent = await pipe.sender.offer(bodies, args.rate / load.batch)
+        sched1, wall = {name: schedstat(pid) for name, pid in pids.items()}, time.monotonic() - clock0
         after = await pipe.scrape_all()
         services = {name: window(before[name], after[name]) for name in before}
+        scheduling = {name: scheduled(sched0[name], sched1[name], wall) for name in pids}
         await asyncio.sleep(args.settle)
         probes = [n for _, ns in bodies for n in ns]
         pattern = re.compile(rf"probe-{load.run}-(\d+)".encode())
@@ -147,7 +153,48 @@ async def measure(args: argparse.Namespace) -> dict:
     table.append({"hop": "events.raw -> receiver (total)", **summary(total)})
     accepted = [(seen["receiver"][n] - seen["accepted"][n]) * 1000 for n in probes if n in seen["receiver"]]
     table.append({"hop": "collector answered -> receiver", **summary(accepted)})
-    return {"rate": args.rate, "seconds": args.seconds, "probes": len(probes), "hops": table, "services": services}
+    return {
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "probes": len(probes),
+        "hops": table,
+        "services": services,
+        "scheduling": scheduling,
+    }
+
+
+def schedstat(pid: int | None) -> tuple[float, float, int] | None:
+    """A process' threads summed, from Linux's /proc/<pid>/task/*/schedstat: seconds on a CPU, seconds
+    runnable but waiting for one (the run queue), and the number of times it was given a CPU."""
+    if not pid:
+        return None
+    on_cpu = waiting = 0.0
+    slices = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                run_ns, wait_ns, count = (task / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            on_cpu += int(run_ns) / 1e9
+            waiting += int(wait_ns) / 1e9
+            slices += int(count)
+    except OSError:
+        return None
+    return on_cpu, waiting, slices
+
+
+def scheduled(before, after, wall: float) -> dict:
+    """Over `wall` seconds: the cores a process used, the share of the time it spent runnable but not
+    running (summed over its threads), and how long it waited for a CPU each time it was given one."""
+    if before is None or after is None or wall <= 0:
+        return {}
+    on_cpu, waiting, slices = (b - a for a, b in zip(before, after, strict=True))
+    return {
+        "cores": round(on_cpu / wall, 3),
+        "run_queue_per_s_ms": round(1000 * waiting / wall, 1),
+        "wait_per_slice_ms": round(1000 * waiting / slices, 2) if slices else None,
+    }
 
 
 async def wait_delivered(pipe: Pipeline, count: int, limit: float) -> None:
@@ -191,6 +238,12 @@ def main() -> None:
             f"{label} {v['mean_ms']:.1f}/{v['p99_ms']:.0f}" for label, v in sorted(seen["stages"].items())
         )
         print(f"  {name}: {seen['cores']} cores; stages mean/p99 ms: {stages}")
+    for name, seen in result["scheduling"].items():
+        if seen:
+            print(
+                f"  {name}: {seen['cores']} cores, runnable but waiting for a CPU {seen['run_queue_per_s_ms']} ms"
+                f" per s, {seen['wait_per_slice_ms']} ms per time it got one"
+            )
     print(f"{result['probes']} probes at {result['rate']}/s; {time.monotonic() - started:.0f} s in all")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
