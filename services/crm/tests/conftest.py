@@ -101,11 +101,17 @@ class World:
         *,
         retry_for: float = 5.0,
         env: dict[str, str] | None = None,
+        describe: bool = False,
         **limits: Any,
     ) -> PartitionedEngine:
-        connections = parse_connections(document or hubspot_document(self.emulator.base_url, **limits))
-        self.connections = connections
+        """`describe`: read the connections with each CRM's described schema, as the service does at start."""
+        document = document or hubspot_document(self.emulator.base_url, **limits)
+        connections = parse_connections(document)
         adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=2.0)
+        if describe:
+            schemas = {c.id: await adapters[c.id].describe(sorted({m.object for m in c.mappings})) for c in connections}
+            connections = parse_connections(document, {cid: schema for cid, schema in schemas.items() if schema})
+        self.connections = connections
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02)

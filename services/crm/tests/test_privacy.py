@@ -192,3 +192,177 @@ def test_an_unknown_on_delete_policy_fails_start_up_naming_the_field():
         parse_connections(document)
     assert [p.path for p in raised.value.problems] == ["hs.on_delete"]
     assert "anonymise, delete" in str(raised.value.problems[0])
+
+
+async def test_nothing_of_the_erased_person_stays_readable_in_the_stores_files(world_factory, tmp_path):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start()
+        ada = {"traits.email": "ada-7f3@example.com", "traits.first_name": "Adalind", "traits.phone": "+15550104477"}
+        await world.profiles({"person-1": ada, "person-2": {"traits.email": "bo-91c@example.com"}})
+        await world.eventually(lambda: len(emulator.records("contacts")) == 2)
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        assert await privacy.erase(request) is True
+
+        # The view (every field, the phone too) and the record's values: no byte left in crm.db or its WAL.
+        files = b"".join(path.read_bytes() for path in tmp_path.glob("crm-0.db*"))
+        assert b"bo-91c@example.com" in files  # the scan sees what is there
+        assert not {v for v in ada.values() if v.encode() in files}
+
+
+def _salesforce(salesforce, **connection) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "sf", "kind": "salesforce", "url": salesforce.base_url,
+                "credentials": {"client_id": "SF_ID", "client_secret": "SF_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contact", "match": {"CDP_Id__c": "person.id"},
+                     "fields": {"Email": "traits.email", "FirstName": "traits.first_name",
+                                "LastName": "traits.last_name"}},
+                ],
+                **connection,
+            }
+        ]
+    }  # fmt: skip
+
+
+async def test_anonymising_writes_a_placeholder_in_the_fields_the_crm_requires(world_factory):
+    async with SalesforceEmulator() as salesforce:
+        world = await world_factory(salesforce)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(_salesforce(salesforce), env=env, describe=True)
+        ada = {"traits.email": "ada@example.com", "traits.first_name": "Ada", "traits.last_name": "Lovelace"}
+        await world.profiles({"person-1": ada})
+        await world.eventually(lambda: salesforce.find("Contact", "CDP_Id__c", "person-1"))
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, retry_for=0.5, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        assert await privacy.erase(request) is True
+        contact = salesforce.find("Contact", "CDP_Id__c", "person-1")
+        # Salesforce requires LastName (its describe says so): a placeholder, never the person's name.
+        assert contact["LastName"] == "(deleted)"
+        assert not contact.get("Email") and not contact.get("FirstName")
+        (record,) = await world.store.find(RECORDS, "person_id", "person-1")
+        assert record.doc["state"] == ANONYMISED
+        assert (await world.store.get(PRIVACY, "req-1")).doc["connections"] == {"sf": {"anonymised": 1, "removed": 0}}
+
+
+async def test_an_erasure_the_crm_refuses_is_not_done_it_comes_again_and_its_status_says_why(world_factory):
+    async with SalesforceEmulator() as salesforce:
+        world = await world_factory(salesforce)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        # Started without the CRM's schema (its describe failed at start): the connector cannot know that
+        # LastName is required, so Salesforce refuses the anonymised contact.
+        await world.start(_salesforce(salesforce), env=env)
+        ada = {"traits.email": "ada@example.com", "traits.first_name": "Ada", "traits.last_name": "Lovelace"}
+        await world.profiles({"person-1": ada})
+        await world.eventually(lambda: salesforce.find("Contact", "CDP_Id__c", "person-1"))
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, retry_for=0.5, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        handled: list[str] = []
+
+        async def handle(batch) -> None:
+            await privacy.handle(batch)
+            handled.extend(d.outcome or "ack" for d in batch)
+
+        await world.bus.ensure_streams(privacy_stream())
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        [published] = await world.bus.publisher.publish_batch(
+            [OutMessage(subjects.PRIVACY_DELETED, request.SerializeToString(), "privacy:req-1")]
+        )
+        assert published.ok
+        task = asyncio.create_task(world.bus.consumer(consumer_spec(), handle).run())
+        try:
+            await world.eventually(lambda: handled)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert handled == ["retry"]  # not acknowledged: the request comes again
+        assert await world.store.get(PRIVACY, "req-1") is None  # not recorded as done
+        api = CrmApi(
+            store=world.store, connections=world.connections, deliverer=world.logic.deliverer, budgets={}, runs=None
+        )
+        [status] = (await api.GetRecordStatus(crm_pb2.GetRecordStatusRequest(person_id="person-1"), None)).records
+        assert status.state == crm_pb2.RECORD_STATE_DEAD_LETTERED and status.crm_code == "REQUIRED_FIELD_MISSING"
+
+        # Once the connector knows the schema (restarted after the CRM answered its describe), the request
+        # that comes again is done.
+        await world.stop()
+        await world.start(_salesforce(salesforce), env=env, describe=True)
+        privacy.mappings = world.logic.mappings
+        assert await privacy.erase(request) is True
+        contact = salesforce.find("Contact", "CDP_Id__c", "person-1")
+        assert contact["LastName"] == "(deleted)" and not contact.get("Email")
+        [status] = (await api.GetRecordStatus(crm_pb2.GetRecordStatusRequest(person_id="person-1"), None)).records
+        assert status.state == crm_pb2.RECORD_STATE_ANONYMISED
+
+
+def _with_segments(document: dict) -> dict:
+    """HubSpot's contacts mapping also writes the person's segments (as make up's does)."""
+    [contacts, _task] = document["connections"][0]["mappings"]
+    contacts["fields"]["cdp_segments"] = {"source": "segments", "transform": "join:;"}
+    contacts["triggers"] = ["profiles.changed", "segments.entered", "segments.exited"]
+    return document
+
+
+@pytest.mark.parametrize("policy", ["anonymise", "delete"])
+async def test_what_reaches_the_connector_after_an_erasure_never_writes_the_person_again(world_factory, policy):
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        document = _with_segments(world.document())
+        document["connections"][0]["on_delete"] = policy
+        await world.start(document)
+        # A witness on the person's partition: once its later changes are written, so are the person's.
+        witness = next(
+            p for p in (f"person-{n}" for n in range(2, 100)) if world.partition(p) == world.partition("person-1")
+        )
+        await world.profiles({"person-1": {"traits.email": "ada@example.com"}, witness: {"traits.email": "w@x.org"}})
+        await world.segment("person-1", "vip")
+        await world.eventually(
+            lambda: (
+                (emulator.find("contacts", "cdp_id", "person-1") or {}).get("properties", {}).get("cdp_segments")
+                == "vip"
+            )
+        )
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions, policies={c.id: c.on_delete for c in world.connections},
+        )  # fmt: skip
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        assert await privacy.erase(request) is True
+
+        # Published before the deletion, sourced after the erasure: segmentation's exit (reason removed)
+        # and a late profile change.
+        await world.segment("person-1", "vip", entered=False)
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        await world.segment(witness, "vip")
+        await world.profiles({witness: {"traits.first_name": "Wit"}})
+        await world.eventually(
+            lambda: (
+                (emulator.find("contacts", "cdp_id", witness) or {}).get("properties", {}).get("firstname") == "Wit"
+                and emulator.find("contacts", "cdp_id", witness)["properties"].get("cdp_segments") == "vip"
+            )
+        )
+
+        contact = emulator.find("contacts", "cdp_id", "person-1")
+        if policy == "delete":
+            assert contact is None  # not created again
+        else:
+            assert not contact["properties"].get("email") and not contact["properties"].get("firstname")
+        assert await world.store.get(PERSONS, "person-1") is None
+        records = await world.store.find(RECORDS, "person_id", "person-1")
+        expected = DELETED if policy == "delete" else ANONYMISED
+        assert [r.doc["state"] for r in records] == [expected]

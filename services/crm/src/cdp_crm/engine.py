@@ -3,7 +3,9 @@
 Per batch of one person partition (`CrmLogic.apply`):
 
 1. decode: a sourced profile change batch, segment event batch or `ActionMessage` (streams.py) becomes
-   one `Input` per person, stamped with its stream position (later positions are newer);
+   one `Input` per person, stamped with its stream position (later positions are newer); the inputs of a
+   person a privacy erasure tombstoned (`crm_tombstones`, privacy.py) are dropped: what follows a
+   deletion (segmentation's exits, a profile change sourced late) must not write them to a CRM again;
 2. the persons' views (`crm_persons`: the flat fields the mappings read, their segments) are read and
    updated in stream order; each input yields, per mapping listening to its trigger, the record the
    person now projects to (`domain.projection`) - a profile change only for mappings that read a field it
@@ -65,6 +67,7 @@ from cdp_crm.state import (
     RECORDS,
     RUNS,
     SYNCED,
+    TOMBSTONES,
 )
 from cdp_kit.bus import Delivery, subjects
 from cdp_kit.engine import Effects, Reject
@@ -261,6 +264,10 @@ class CrmLogic:
     async def apply(self, partition: int, items: list[list[Input]]) -> Effects:
         async with self.locks[partition]:
             inputs = [i for item in items for i in item if i.person_id]
+            erased = await self.store.get_many(TOMBSTONES, list({i.person_id for i in inputs}))
+            if erased:
+                inputs = [i for i in inputs if i.person_id not in erased]
+                log.info("crm inputs of erased persons dropped", extra={"persons": len(erased)})
             if not inputs:
                 return Effects()
             now = self.clock()

@@ -4,7 +4,9 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
 
 - `anonymise`: every record the connector wrote for the person (and for the persons merged into them) is
   sent again with each mapped field cleared, tasks and cases lose their mapped text; the records stay in
-  the CRM under their opaque CDP id, carrying no personal data the CDP put there.
+  the CRM under their opaque CDP id, carrying no personal data the CDP put there. A field the CRM's
+  described schema marks required (Salesforce's Contact.LastName) gets `PLACEHOLDER` instead of nothing,
+  which the CRM would refuse.
 - `delete`: the records, tasks and cases are deleted through the CRM's own delete (Salesforce sObject
   Collections DELETE, HubSpot batch archive, Dataverse DELETE by alternate key, Zoho DELETE records); a
   record already gone counts as deleted.
@@ -12,13 +14,18 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
 erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
 `GetRecordStatus` (`cdpctl crm record`) shows what was done; the person's view, queued changes and dead
-letters are deleted, and `crm_privacy/<request id>` records the policy and counts per connection (never
-an identifier value).
+letters are deleted, `crm_privacy/<request id>` records the policy and counts per connection (never
+an identifier value), and the store is erased (`Store.erase`: no bytes of the deleted values left in its
+files, the write-ahead log included). A tombstone per person (`crm_tombstones`, written with the first
+attempt) makes the engine drop whatever reaches it for them afterwards: segmentation's exits follow the
+deletion, and a profile change published before it may be sourced after it.
 
 One durable consumer (`crm-privacy`) shared by the replicas, so each request is handled once. A CRM that
-cannot take the changes yet makes the request come again later (redelivered with back-off) rather than
-being recorded as done; what other CRMs already did is kept (their records are marked erased), so the
-retry only calls the CRM that is left. A request already recorded is acknowledged without calling any CRM.
+cannot take the changes yet, or refuses one (the record reads `dead_lettered` with the CRM's reason and
+code until a later attempt is taken), makes the request come again later (redelivered with back-off,
+then dead-lettered after `max_deliver` attempts) rather than being recorded as done; what other CRMs
+already did is kept (their records are marked erased), so the retry only calls the CRM that is left. A
+request already recorded is acknowledged without calling any CRM.
 """
 
 from __future__ import annotations
@@ -33,7 +40,18 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.mapping import ObjectMapping
-from cdp_crm.state import ANONYMISED, DEAD_LETTERED, DEAD_LETTERS, DELETED, ERASED, PENDING, PERSONS, PRIVACY, RECORDS
+from cdp_crm.state import (
+    ANONYMISED,
+    DEAD_LETTERED,
+    DEAD_LETTERS,
+    DELETED,
+    ERASED,
+    PENDING,
+    PERSONS,
+    PRIVACY,
+    RECORDS,
+    TOMBSTONES,
+)
 from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
 
@@ -41,6 +59,7 @@ log = logging.getLogger("cdp.crm.privacy")
 
 SERVICE = "crm"
 DONE_STAMP = 2**62  # newer than any stream position: the erasure wins over a change coalesced with it
+PLACEHOLDER = "(deleted)"  # what an anonymised record holds in a field its CRM requires
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -91,7 +110,7 @@ class Privacy:
                 delivery.reject("invalid_request", "person_id: empty")
                 continue
             if not await self.erase(request):
-                delivery.retry("crm_unavailable")
+                delivery.retry("crm_erasure_not_done")
 
     async def erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         """Anonymise and forget the request's persons; True once recorded as done."""
@@ -111,7 +130,9 @@ class Privacy:
         records = [r for pid in persons for r in await self.store.find(RECORDS, "person_id", pid, limit=10_000)]
         now = self.clock()
         done: dict[str, dict[str, int]] = defaultdict(dict)
-        ops: list = []
+        # The tombstones first, with whatever this attempt writes: from then on the engine drops the persons'
+        # inputs, so nothing writes them to a CRM again while the erasure is retried.
+        ops: list = [Put(TOMBSTONES, pid, {"at": now, "request": key}) for pid in persons]
         by_mapping: dict[str, list[Change]] = defaultdict(list)
         docs: dict[str, dict] = {}
         for record in records:
@@ -147,18 +168,21 @@ class Privacy:
                 tombstone = erased(doc, policy, key, now, removed=change.op == REMOVE)
                 _count(done, mapping.connection, policy, tombstone)
                 ops.append(Put(RECORDS, change.record, tombstone))
-                ops += [Delete(PENDING, change.record), Delete(DEAD_LETTERS, change.record)]
             for dead in delivered.dead:
-                # Refused: the record keeps its document, marked, so a new request (after a fix) tries again.
+                # Refused: the record keeps its document, marked with the CRM's reason and code, and the
+                # request is not done: it comes again (after a fix, the next attempt is taken).
                 log.warning("crm erasure refused for a record", extra=dead.log_fields())
-                done[mapping.connection]["refused"] = done[mapping.connection].get("refused", 0) + 1
+                complete = False
                 ops.append(Put(RECORDS, dead.record, {**docs[dead.record], "state": DEAD_LETTERED,
                                                        "reason": dead.reason, "crm_code": dead.crm_code}))  # fmt: skip
-        if not complete:
-            await self.store.bulk_write(ops)  # what is done stays done: the retry calls only what is left
-            return False
+        # The view, queued changes and dead letters carry the person's values: a backfill, a retry or a replay
+        # must not send them while the erasure waits for a CRM.
         ops += [Delete(PENDING, r.key) for r in records] + [Delete(DEAD_LETTERS, r.key) for r in records]
         ops += [Delete(PERSONS, pid) for pid in persons]
+        if not complete:
+            await self.store.bulk_write(ops)  # what is done stays done: the retry calls only what is left
+            await self.store.erase()  # no bytes left of the values already erased
+            return False
         policies = {c: self.policy(c) for c in done}
         ops.append(
             Put(
@@ -173,6 +197,7 @@ class Privacy:
             )
         )
         await self.store.bulk_write(ops)
+        await self.store.erase()  # the deletions are durable: leave no bytes of them in the store's files
         log.info("crm erasure done", extra={"records": len(records), "connections": len(done)})
         return True
 
@@ -210,7 +235,11 @@ def erasure(mapping: ObjectMapping, record: str, doc: dict, policy: str = "anony
         return Change(mapping.name, key, {}, DONE_STAMP, REMOVE, doc.get("person_id", ""), "privacy")
     if policy == "delete":
         return Change(mapping.name, key, {}, DONE_STAMP, DELETE, doc.get("person_id", ""), "privacy")
-    fields = {fm.crm_field: None for fm in mapping.fields if fm.source is not None}
+    fields = {
+        fm.crm_field: PLACEHOLDER if fm.crm_field in mapping.required else None
+        for fm in mapping.fields
+        if fm.source is not None
+    }
     if not fields:
         return None
     return Change(mapping.name, key, fields, DONE_STAMP, UPSERT, doc.get("person_id", ""), "privacy")

@@ -3,7 +3,8 @@
 - `crm_persons` / <person id>: the person as the connector follows it - the flat profile fields (all of
   them, so a mapping added later can be backfilled), the segments the person is in, the stream position
   of the last change applied. Written with the batch that changed it (the engine's commit), so a
-  redelivered change is applied on it again. Deleted by a privacy erasure.
+  redelivered change is applied on it again. Deleted by a privacy erasure (and never written again:
+  `crm_tombstones`).
 - `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
   the mapping and match key): the fields it last intended the CRM to hold, the CRM id, the state
   (synced, pending, dead_lettered, out_of_scope; after a privacy erasure anonymised or deleted, with the
@@ -20,6 +21,9 @@
   side saw last of one record - its status or stage and a digest of the fields it reports, no values
   (inbound/core.py).
 - `crm_privacy` / <request id>: what a privacy deletion did in each CRM (policy, counts, when), never values.
+- `crm_tombstones` / <person id>: a person a privacy deletion erased (when, which request): what reaches
+  the connector for them afterwards (segmentation's exits, a profile change sourced late) is dropped, so
+  nothing writes them to a CRM again. The person id is the CDP's own; no identifier or value is kept.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ RUNS = "crm_runs"
 BUDGETS = "crm_budgets"
 CURSORS = "crm_cursors"
 PRIVACY = "crm_privacy"
+TOMBSTONES = "crm_tombstones"
 
 SYNCED = "synced"
 PENDING_STATE = "pending"

@@ -145,6 +145,15 @@ async def test_describe_marks_unique_fields_as_match_keys(zoho):
     assert caught.value.field == "zoho/contacts.match.Last_Name"
 
 
+async def test_describe_says_which_mapped_fields_zoho_requires(zoho):
+    # An anonymised contact keeps a placeholder there (privacy.py): Zoho refuses one without a last name.
+    _, adapter = zoho
+    schema = await adapter.describe(["Contacts"])
+    assert schema["Contacts"].fields["Last_Name"].required and not schema["Contacts"].fields["Email"].required
+    (connection,) = parse_connections(_document(), {"zoho": schema})
+    assert connection.mapping("contacts").required == {"Last_Name"}
+
+
 def _campaign(campaign_id: str, mode: str = "mirror"):
     document = _document()
     document["connections"][0]["mappings"].append(

@@ -231,6 +231,8 @@ class SalesforceAdapter:
                     f.get("type", "string"),
                     bool(f.get("externalId")) or f["name"] == "Id",
                     bool(f.get("updateable")),
+                    # What Salesforce itself calls required: no null, set on create, and no default then.
+                    not f.get("nillable", True) and bool(f.get("createable")) and not f.get("defaultedOnCreate"),
                 )
                 for f in answer.body.get("fields", [])
             }

@@ -185,7 +185,11 @@ class ZohoAdapter:
                 raise ConnectionError(f"describing {module} failed: {error.reason} {error.code}")
             fields = {
                 f["api_name"]: FieldSchema(
-                    f["api_name"], f.get("data_type", "text"), bool(f.get("unique")), not f.get("read_only", False)
+                    f["api_name"],
+                    f.get("data_type", "text"),
+                    bool(f.get("unique")),
+                    not f.get("read_only", False),
+                    bool(f.get("system_mandatory")),
                 )
                 for f in answer.body.get("fields", [])
             }

@@ -123,6 +123,7 @@ class FieldSchema:
     type: str = "string"
     key: bool = False  # usable as a match key: external id, unique property, alternate key
     updateable: bool = True
+    required: bool = False  # the CRM refuses a record without a value in it (Salesforce's Contact.LastName)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,9 @@ class ObjectMapping:
     action: str | None = None
     idempotency_field: str | None = None
     about: About | None = None
+    # The mapped CRM fields the CRM's described schema says a record must have a value in: anonymising
+    # writes a placeholder there instead of clearing them (privacy.py). Empty without a schema.
+    required: frozenset[str] = frozenset()
 
     @property
     def name(self) -> str:
@@ -293,6 +297,16 @@ def parse_connections(document: Any, schemas: Mapping[str, CrmSchema] | None = N
     if reader.problems:
         raise MappingInvalid(reader.problems)
     return connections
+
+
+def required_fields(fields: Sequence[FieldMapping], schema: ObjectSchema | None) -> frozenset[str]:
+    if schema is None:
+        return frozenset()
+    return frozenset(
+        fm.crm_field
+        for fm in fields
+        if (described := schema.fields.get(fm.crm_field)) is not None and described.required
+    )
 
 
 class _Reader:
@@ -573,6 +587,7 @@ class _Reader:
             action if isinstance(action, str) else None,
             idempotency_field,
             about,
+            required_fields(fields, object_schema),
         )
 
     def about(
