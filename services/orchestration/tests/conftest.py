@@ -118,7 +118,13 @@ class World:
         assert result.ok, result.error
 
     async def profile(
-        self, person: str, *, consent: dict[str, bool] | None = None, removed: bool = False, **traits: Any
+        self,
+        person: str,
+        *,
+        consent: dict[str, bool] | None = None,
+        removed: bool = False,
+        wait: bool = True,
+        **traits: Any,
     ) -> None:
         change = profile_pb2.ProfileChanged(
             person_id=person, cause="delete" if removed else "api", at=from_seconds(self.now()), removed=removed
@@ -128,7 +134,7 @@ class World:
         change.consent.update(consent or {})
         batch = profile_pb2.ProfileChangedBatch(changes=[change])
         await self._publish(subjects.profiles_changed(self.partition(person)), batch.SerializeToString())
-        if self.engine is not None and not removed:
+        if self.engine is not None and not removed and wait:
             # Sources interleave: let the change land before what the test sends next.
             async def applied() -> bool:
                 stored = await self.store.get(PERSONS, person)
@@ -175,7 +181,7 @@ class World:
         event.properties.update(properties)
         return event
 
-    async def segment(self, person: str, segment: str, *, entered: bool = True) -> None:
+    async def segment(self, person: str, segment: str, *, entered: bool = True, wait: bool = True) -> None:
         self.sequence += 1
         change = segmentation_pb2.SegmentEvent(
             id=f"seg-{self.sequence}", person_id=person, segment_id=segment, entered=entered, reason="event"
@@ -185,7 +191,7 @@ class World:
         partition = self.partition(person)
         subject = subjects.segments_entered(partition) if entered else subjects.segments_exited(partition)
         await self._publish(subject, batch.SerializeToString())
-        if self.engine is not None:
+        if self.engine is not None and wait:
 
             async def applied() -> bool:
                 stored = await self.store.get(PERSONS, person)

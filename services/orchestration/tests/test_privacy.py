@@ -197,3 +197,47 @@ async def test_the_actions_stream_keeps_no_content_of_a_deleted_person(world_fac
 async def _in_actions(world, channel: str, count: int) -> bool:
     """Whether ACTIONS holds `count` messages of the channel."""
     return sum(1 for a in await world.actions() if a.channel == channel) == count
+
+
+async def test_what_reaches_a_forgotten_person_afterwards_never_fills_their_record_again(world_factory, tmp_path):
+    world = await world_factory()
+    await world.bus.ensure_streams(privacy_stream())
+    await prepare_store(world.store)
+    await world.publish_journey(GATED)
+    engine = await world.start()
+    # A witness on Ada's partition: once its later inputs from each stream are applied, so are Ada's.
+    witness = next(p for p in (f"wit-{n}" for n in range(100)) if world.partition(p) == world.partition("ada"))
+    consent = {"purpose:Marketing": True}
+    await world.profile("ada", consent=consent, first_name="Ada", email="ada-secret@example.com")
+    handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=engine)
+    assert await handler.apply(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="ada"))
+
+    async def late(n: int) -> None:
+        """What was published before the deletion and sourced after it: a profile change, an event, a
+        segment entry; then the witness's, to know they were applied."""
+        await world.profile("ada", consent=consent, email=f"ada-late-{n}@example.com", wait=False)
+        await world.event("ada", "Cart Abandoned", f"e-late-{n}", user_id=f"ada-uid-{n}")
+        await world.segment("ada", "vip", wait=False)
+        await world.profile(witness, first_name=f"Wit{n}")
+        await world.segment(witness, f"seen-{n}")
+        await world.event(witness, "Page Viewed", f"e-wit-{n}", user_id=f"wit-uid-{n}")
+
+        async def witness_event_applied() -> bool:
+            stored = await world.store.get(PERSONS, witness)
+            return stored.doc["ids"].get("user_id") == f"wit-uid-{n}"
+
+        await world.eventually(witness_event_applied)
+
+    await late(1)
+    assert await world.store.get(PERSONS, "ada") is None
+    assert await world.instances("ada") == [] and await world.decisions("ada") == []
+    # Also when the engine reads the person from the store again (another replica, a restart).
+    await world.stop()
+    await world.start()
+    await late(2)
+    assert await world.store.get(PERSONS, "ada") is None
+    assert await world.instances("ada") == [] and await world.decisions("ada") == []
+    files = b"".join(path.read_bytes() for path in tmp_path.glob("orchestration-0.db*"))
+    assert b"Wit2" in files  # the scan sees what is there
+    for value in (b"ada-secret@example.com", b"ada-late-1@example.com", b"ada-late-2@example.com", b"ada-uid-"):
+        assert value not in files, value

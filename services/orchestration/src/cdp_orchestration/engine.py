@@ -67,6 +67,7 @@ from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.merges import adopt, give_back, handover, request_handovers, request_restore
 from cdp_orchestration.privacy import forget
 from cdp_orchestration.state import (
+    ENROLLMENTS,
     INSTANCES,
     PERSONS,
     STATS,
@@ -136,6 +137,9 @@ class OrchestrationLogic:
         for one in inputs:
             person = hot.persons[one.person_id]
             hot.persons.move_to_end(one.person_id)
+            if person.forgotten and one.kind != "forget":
+                await self._dropped(batch, one)
+                continue
             batch.touched[person.person_id] = person
             await self._handle(hot, batch, person, one)
         for person in batch.touched.values():
@@ -145,9 +149,6 @@ class OrchestrationLogic:
             if person.dirty:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
-            elif person.forgotten:
-                batch.delete(PERSONS, person.person_id)
-            person.forgotten = False
         for key in batch.stats:
             # A copy: the counters go on changing in memory while this write is on its way.
             batch.put(STATS, key, orjson.loads(orjson.dumps(hot.stats[key])))
@@ -263,6 +264,16 @@ class OrchestrationLogic:
                 del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
                 person.dirty = True
         timers.keep_wake(batch, person, clock_offset=self.clock_offset)
+
+    async def _dropped(self, batch: Batch, one: Input) -> None:
+        """An input for a person a privacy deletion forgot (`privacy.py`): it changes nothing. An Enroll not
+        answered yet is answered (not entered, "deleted"), so the API call does not wait in vain."""
+        if one.kind == "enroll":
+            key = f"{one.data['journey_id']}:{one.data['idempotency_key']}"
+            if (ENROLLMENTS, key) not in batch.writes and await self.store.get(ENROLLMENTS, key) is None:
+                answer = {"entered": False, "instance_id": "", "reason": "deleted", "at": one.at}
+                batch.put(ENROLLMENTS, key, answer)
+        log.debug("input for a forgotten person dropped", extra={"kind": one.kind})
 
     @staticmethod
     def _learn_ids(batch: Batch, person: Person, event: Event) -> None:

@@ -11,7 +11,11 @@ hot cache, mid-batch):
    journey's stats), every timer of theirs is cancelled (instance timers, the arbiter's wake, scheduled
    entry slots), and their person record (view, identifiers, arbiter state: held actions, caps used),
    every instance record, decision and approval is deleted in the batch's commit. A marker
-   `orchestration_forgotten/<request>:<person>` (counts only) tells the handler it is done.
+   `orchestration_forgotten/<request>:<person>` (counts only) tells the handler it is done, and a
+   tombstone `orchestration_tombstones/<person>` (when, which request) makes the engine drop whatever
+   reaches it for the person afterwards (`engine.py`): a profile change or event published before the
+   deletion may be sourced after it, and must not fill the forgotten person's record again. Person ids
+   are never reused (identity gives a returning customer a new one), so nothing real is dropped.
 
 Then the handler deletes what the dispatchers keep (the in-app inbox through `InboxChannel.forget`, the
 send records and other outcome events), deletes the engine's published outbox records at a quiescent
@@ -56,7 +60,9 @@ from cdp_orchestration.state import (
     FORGOTTEN,
     INSTANCES,
     OUTCOMES,
+    PERSONS,
     SENDS,
+    TOMBSTONES,
     Batch,
     Partition,
     Person,
@@ -131,6 +137,8 @@ async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person,
     person.merged_into = ""
     person.dirty = False
     person.forgotten = True
+    batch.delete(PERSONS, person_id)
+    batch.put(TOMBSTONES, person_id, {"at": now, "request_id": request_id})
     batch.put(
         FORGOTTEN,
         forgotten_key(request_id, person_id),

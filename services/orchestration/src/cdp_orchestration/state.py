@@ -12,6 +12,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one |
 | `orchestration_outcomes`     | outcome event messageId               | outcome events that are not a send's own (in-app opens), until the collector took them |
 | `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
+| `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped |
 
 Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
 `Person` per recently seen person with their live instances; anything dropped from it is durable (the
@@ -39,6 +40,7 @@ APPROVALS = "orchestration_approvals"
 STATS = "orchestration_stats"
 ENROLLMENTS = "orchestration_enrollments"
 FORGOTTEN = "orchestration_forgotten"
+TOMBSTONES = "orchestration_tombstones"
 SENDS = "orchestration_sends"  # written by the dispatchers (`dispatch.py`)
 OUTCOMES = "orchestration_outcomes"
 
@@ -81,7 +83,9 @@ class Person:
     merged_from: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged_into: str = ""  # the survivor this person was merged into ("" while they are a person of their own)
     dirty: bool = False
-    forgotten: bool = False  # a privacy deletion dropped the person: their record is deleted, not written
+    # A privacy deletion forgot the person (`privacy.forget`; a tombstone in the store): their record is
+    # deleted, never written again, and what reaches the engine for them afterwards is dropped.
+    forgotten: bool = False
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
 
     def view(self) -> PersonView:
@@ -150,12 +154,13 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
     if not missing:
         return
     stored = await store.get_many(PERSONS, missing)
+    tombstones = await store.get_many(TOMBSTONES, missing)
     live_ids = [i for r in stored.values() for i in r.doc.get("live", [])]
     instances = await store.get_many(INSTANCES, live_ids) if live_ids else {}
     for person_id in missing:
         record = stored.get(person_id)
-        person = Person(person_id, state=PersonState(person_id))
-        if record is not None:
+        person = Person(person_id, state=PersonState(person_id), forgotten=person_id in tombstones)
+        if record is not None and not person.forgotten:
             doc = record.doc
             person.fields = dict(doc["fields"])
             person.segments = set(doc["segments"])
