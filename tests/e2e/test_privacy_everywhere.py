@@ -377,24 +377,7 @@ def left_in_store(ws: Workspace, service: str) -> dict[str, list[str]]:
     return left
 
 
-CRM_KEEPS = (
-    "the CRM connector's erasure (services/crm/src/cdp_crm/privacy.py) never calls Store.erase(): the "
-    "person's view (with the phone) and the records' old values stay in crm.db-wal; a Salesforce contact "
-    "whose anonymising is refused keeps its crm_records document with every value (see the CRM test)"
-)
-
-
-@pytest.mark.parametrize(
-    "service",
-    [
-        "identity",
-        "profile",
-        "scoring",
-        "segmentation",
-        "orchestration",
-        pytest.param("crm", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=CRM_KEEPS)),
-    ],
-)
+@pytest.mark.parametrize("service", ["identity", "profile", "scoring", "segmentation", "orchestration", "crm"])
 def test_no_store_file_of_a_service_holds_the_person(deleted, service):
     ws: Workspace = deleted["ws"]
     assert left_in_store(ws, service) == {}
@@ -447,24 +430,7 @@ def test_services_answer_that_the_person_is_gone(deleted):
     assert ws.inbox(deleted["keep_id"])
 
 
-SALESFORCE_KEEPS = (
-    "anonymising a Salesforce contact clears LastName, which Salesforce requires (REQUIRED_FIELD_MISSING): "
-    "the erasure is dead-lettered, the request still recorded done and acknowledged, and the contact keeps "
-    "its email and names (services/crm/src/cdp_crm/privacy.py `erasure`)"
-)
-
-
-@pytest.mark.parametrize(
-    "emulator",
-    [
-        "crm-hubspot",
-        pytest.param(
-            "crm-salesforce", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SALESFORCE_KEEPS)
-        ),
-        "crm-dynamics",
-        "crm-zoho",
-    ],
-)
+@pytest.mark.parametrize("emulator", ["crm-hubspot", "crm-salesforce", "crm-dynamics", "crm-zoho"])
 def test_no_crm_holds_the_person(deleted, emulator):
     ws: Workspace = deleted["ws"]
     wanted = markers()
@@ -482,15 +448,6 @@ def test_the_other_person_is_still_in_the_crm(deleted):
     assert any(KEEP_EMAIL in json.dumps(c) for c in ws.emulator("crm-hubspot", "/_emulator/records/contacts"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the segment exit segmentation publishes after the deletion (reason removed) reaches the connector "
-    "after its erasure: it re-creates the person's view in crm_persons and upserts the HubSpot contact (the "
-    "contacts mapping reads `segments`), so the record reads SYNCED, not ANONYMISED (under the delete policy "
-    "that upsert would create the contact again; services/crm/src/cdp_crm/engine.py `_project`); and "
-    "Salesforce's refused erasure reads DEAD_LETTERED",
-)
 def test_the_connector_reports_every_record_anonymised(deleted):
     ws: Workspace = deleted["ws"]
     # The connector's own account (`cdpctl crm record`): under the default policy every record anonymised.
