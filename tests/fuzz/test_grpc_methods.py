@@ -208,10 +208,10 @@ OVERRIDES = {
 # --------------------------------------------------------------------------------------------- verdicts
 
 
-def _has_non_finite_struct_number(message: Message) -> bool:
-    is_value = message.DESCRIPTOR.full_name == "google.protobuf.Value"
-    if is_value and message.WhichOneof("kind") == "number_value" and not math.isfinite(message.number_value):
-        return True
+def _struct_numbers(message: Message):
+    """Every number inside the Structs / Values of `message`."""
+    if message.DESCRIPTOR.full_name == "google.protobuf.Value" and message.WhichOneof("kind") == "number_value":
+        yield message.number_value
     for field, value in message.ListFields():
         if field.message_type is None:
             continue
@@ -219,19 +219,24 @@ def _has_non_finite_struct_number(message: Message) -> bool:
             items = value.values() if field.message_type.fields_by_name["value"].message_type else ()
         else:
             items = value if field.is_repeated else (value,)
-        if any(_has_non_finite_struct_number(item) for item in items):
-            return True
-    return False
+        for item in items:
+            yield from _struct_numbers(item)
 
 
-# Known, reported and not fixed here (their services are being changed by others): a predicate on the
-# (service, method, request) and why. Each has a strict xfail test below that turns red once it is fixed.
+# Known, reported and not fixed here (orchestration is being changed by others): a predicate on the
+# (service, method, request) and why. Each has a strict xfail test below that turns red once it is fixed:
+# then delete it here and drop the xfail.
 KNOWN = {
-    "orchestration: a journey tree or Enroll properties Struct holding NaN/inf is INTERNAL": lambda name, method, r: (
-        name == "orchestration" and method.name in ("ValidateJourney", "CreateJourney", "UpdateJourney", "Enroll")
-        and _has_non_finite_struct_number(r)
+    "orchestration: Enroll properties holding a whole number past 64 bits (1e20) are INTERNAL": lambda name, method, r: (
+        name == "orchestration" and method.name == "Enroll"
+        and any(math.isfinite(n) and n.is_integer() and abs(n) >= 2**63 for n in _struct_numbers(r))
+    ),
+    "orchestration: Enroll with a NUL in person_id is never answered": lambda name, method, r: (
+        name == "orchestration" and method.name == "Enroll" and "\x00" in r.person_id
     ),
 }  # fmt: skip
+# Dead letters of the same known defects (the Enroll command a NUL person id makes cannot be stored).
+KNOWN_DEAD = ("the key contains a NUL character (collection 'orchestration_enrollments')",)
 
 
 def verdict(name: str, method: MethodDescriptor, request: Message | bytes, error: grpc.RpcError | None) -> str | None:
@@ -239,15 +244,16 @@ def verdict(name: str, method: MethodDescriptor, request: Message | bytes, error
     if error is None:
         return None
     code = error.code()
+    wrong = None
     if code in FAILURES:
-        if isinstance(request, Message) and any(known(name, method, request) for known in KNOWN.values()):
-            return None
-        return f"{code.name}: {error.details()!r}"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED and not method.name.startswith("Subscribe"):
-        return f"no answer within {LONG_RUNNING.get(method.name, TIMEOUT):g} s"
-    if code == grpc.StatusCode.INVALID_ARGUMENT and not bad_request_fields(error):
-        return f"INVALID_ARGUMENT without a BadRequest naming the field: {error.details()!r}"
-    return None
+        wrong = f"{code.name}: {error.details()!r}"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and not method.name.startswith("Subscribe"):
+        wrong = f"no answer within {LONG_RUNNING.get(method.name, TIMEOUT):g} s"
+    elif code == grpc.StatusCode.INVALID_ARGUMENT and not bad_request_fields(error):
+        wrong = f"INVALID_ARGUMENT without a BadRequest naming the field: {error.details()!r}"
+    if wrong and isinstance(request, Message) and any(known(name, method, request) for known in KNOWN.values()):
+        return None
+    return wrong
 
 
 def call(channel: grpc.Channel, method: MethodDescriptor, request, metadata, *, raw: bool = False):
@@ -399,17 +405,15 @@ def test_nothing_the_fuzzed_calls_stored_was_dead_lettered_downstream(platform):
     """What Collect, UpdateTraits, Enroll, ... accepted, every service downstream could read: no consumer
     gave up on a message (runs after the fuzz; the dead letters carry their reason)."""
     time.sleep(3)  # the last accepted events are still on their way through identity and profile
-    dead = asyncio.run(dead_letters(platform.nats_url))
+    dead = [line for line in asyncio.run(dead_letters(platform.nats_url)) if not any(k in line for k in KNOWN_DEAD)]
     assert not dead, "dead-lettered:\n" + "\n".join(dead[:20])
 
 
 # --------------------------------------------------------------------------------------------- known, reported
 
 
-@pytest.mark.xfail(
-    strict=True, reason="orchestration: a Struct holding NaN fails the JSON conversion (reported, not fixed here)"
-)
-def test_a_journey_tree_holding_nan_is_invalid_argument_naming_the_definition(platform, channels):
+def test_a_journey_tree_holding_nan_is_invalid_argument_naming_the_field(platform, channels):
+    """What the fuzz found first (fixed in orchestration): a Struct holding NaN failed as INTERNAL."""
     definition = orchestration_pb2.JourneyDefinition(tree=_struct(JOURNEY))
     definition.tree.fields["priority"].number_value = math.nan
     stub = orchestration_pb2_grpc.OrchestrationServiceStub(channels["orchestration"])
@@ -422,3 +426,53 @@ def test_a_journey_tree_holding_nan_is_invalid_argument_naming_the_definition(pl
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
         assert bad_request_fields(exc)
+
+
+@pytest.fixture(scope="module")
+def enrollable(platform, channels) -> str:
+    """A journey published for API entry (the session may have made it already)."""
+    stub = orchestration_pb2_grpc.OrchestrationServiceStub(channels["orchestration"])
+    definition = orchestration_pb2.JourneyDefinition(json=json.dumps({**API_JOURNEY, "id": "fz-enroll"}))
+    try:
+        stub.CreateJourney(
+            orchestration_pb2.CreateJourneyRequest(definition=definition), metadata=platform.admin_metadata
+        )
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.ALREADY_EXISTS, exc.details()
+    stub.PublishJourney(
+        orchestration_pb2.PublishJourneyRequest(journey_id="fz-enroll"), metadata=platform.admin_metadata
+    )
+    return "fz-enroll"
+
+
+def enroll(platform, channels, request: orchestration_pb2.EnrollRequest) -> grpc.RpcError | None:
+    stub = orchestration_pb2_grpc.OrchestrationServiceStub(channels["orchestration"])
+    try:
+        stub.Enroll(request, metadata=platform.admin_metadata, timeout=TIMEOUT)
+    except grpc.RpcError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.xfail(strict=True, reason="orchestration: reported, not fixed here (see KNOWN)")
+def test_enroll_properties_with_a_whole_number_past_64_bits_are_refused_naming_the_field(
+    platform, channels, enrollable
+):
+    request = orchestration_pb2.EnrollRequest(
+        journey_id=enrollable, person_id="p_fz0000000000001", idempotency_key="big"
+    )
+    request.properties.update({"total": 1e20})  # whole, so made an int, which the command's JSON cannot hold
+    error = enroll(platform, channels, request)
+    assert error is None or (error.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error)), (
+        f"{error.code().name}: {error.details()}"
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="orchestration: reported, not fixed here (see KNOWN)")
+def test_enroll_with_a_nul_in_the_person_id_is_answered_naming_the_field(platform, channels, enrollable):
+    request = orchestration_pb2.EnrollRequest(journey_id=enrollable, person_id="p_\x00", idempotency_key="nul")
+    error = enroll(platform, channels, request)
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT, (
+        error and f"{error.code().name}: {error.details()}"
+    )
+    assert bad_request_fields(error) == ["person_id"]
