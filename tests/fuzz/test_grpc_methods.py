@@ -231,7 +231,7 @@ KNOWN = {
         name == "orchestration" and method.name == "Enroll"
         and any(math.isfinite(n) and n.is_integer() and abs(n) >= 2**63 for n in _struct_numbers(r))
     ),
-    "orchestration: Enroll with a NUL in person_id is never answered": lambda name, method, r: (
+    "orchestration: Enroll with a NUL in person_id is taken (will be applied, it says) and then dead-lettered": lambda name, method, r: (
         name == "orchestration" and method.name == "Enroll" and "\x00" in r.person_id
     ),
 }  # fmt: skip
