@@ -9,11 +9,12 @@ import asyncio
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import OutMessage, privacy_stream, subjects
 from cdp_kit.storage import Put
+from cdp_orchestration import streams
 from cdp_orchestration.channels import Action, Channel, Content, Outcome
 from cdp_orchestration.channels.inapp import COLLECTION, InboxChannel
 from cdp_orchestration.dispatch import dispatcher
 from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
-from cdp_orchestration.state import APPROVALS, FORGOTTEN, PERSONS, SENDS, STATS, prepare_store
+from cdp_orchestration.state import APPROVALS, ENROLLMENTS, FORGOTTEN, PERSONS, SENDS, STATS, prepare_store
 
 GATED = {
     "id": "win-back",
@@ -231,6 +232,14 @@ async def test_what_reaches_a_forgotten_person_afterwards_never_fills_their_reco
     await late(1)
     assert await world.store.get(PERSONS, "ada") is None
     assert await world.instances("ada") == [] and await world.decisions("ada") == []
+    # An Enroll for the forgotten person is answered, not left waiting: not entered, "deleted".
+    body = {"person_id": "ada", "journey_id": "win-back", "idempotency_key": "k1", "properties": {}}
+    [sent] = await world.bus.publisher.publish_batch(
+        [streams.command(world.partition("ada"), "enroll", body, "enroll:win-back:k1")]
+    )
+    assert sent.ok
+    answer = await world.eventually(lambda: world.store.get(ENROLLMENTS, "win-back:k1"))
+    assert (answer.doc["entered"], answer.doc["reason"]) == (False, "deleted")
     # Also when the engine reads the person from the store again (another replica, a restart).
     await world.stop()
     await world.start()
