@@ -196,8 +196,12 @@ async def test_stopping_a_partition_drains_its_commits_and_it_resumes_where_it_s
     store.hold.set()
     await asyncio.wait_for(stopping, 10)
     assert 0 not in eng.owned()
-    info = await bus.js.consumer_info("TOYIN", "toy-p0")
-    assert info.num_ack_pending == 0  # everything it applied is durable and acknowledged
+
+    async def nothing_pending() -> bool:
+        # The server applies acknowledgements asynchronously: read until it has (or the wait fails).
+        return (await bus.js.consumer_info("TOYIN", "toy-p0")).num_ack_pending == 0
+
+    await until(nothing_pending, timeout=5.0)  # everything it applied is durable and acknowledged
     more = await publish_inputs(bus, keys, 2, positions, start=len(ids))
     await eng.start_partition(0)  # acquired again (here, or by another replica)
     await until(lambda: all_applied(store, ids + more))
