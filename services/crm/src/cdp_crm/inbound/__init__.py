@@ -44,9 +44,9 @@ def open_poller(
     elif connection.kind == "salesforce":
         reader = SalesforceReader(connection, adapter, budget, clock=clock)  # type: ignore[arg-type]
     elif connection.kind == "dynamics":
-        reader = DynamicsReader(connection, adapter, budget, clock=clock, timeout=timeout)  # type: ignore[arg-type]
+        reader = DynamicsReader(connection, adapter, budget, clock=clock)  # type: ignore[arg-type]
     else:
-        reader = ZohoReader(connection, adapter, budget, clock=clock, timeout=timeout)  # type: ignore[arg-type]
+        reader = ZohoReader(connection, adapter, budget, clock=clock)  # type: ignore[arg-type]
     return Poller(store, connection, reader, collector, clock=clock)
 
 

@@ -45,7 +45,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from cdp_crm.domain.mapping import Connection
+from cdp_crm.adapters.http import Answer
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.mapping import PERSON_ID, Connection
 from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS
 from cdp_kit.storage import Store
 
@@ -197,6 +199,49 @@ class Keyset:
             else:
                 cursor = Keyset(stamp, (record_id,))
         return cursor
+
+
+# --- readers through the outbound adapter ---------------------------------------------------------
+
+
+class AdapterReader:
+    """What the Salesforce, Dynamics and Zoho readers share: they call their CRM through the connection's
+    outbound adapter (its `read`: the adapter's token, renewed once when it expires, and a unit of the
+    account's shared budget per request), and a failed or non-JSON answer is a `CrmReadFailed` naming the
+    CRM's status and code, never a record's values."""
+
+    kind: str
+
+    def __init__(
+        self, connection: Connection, adapter: Any, budget: SharedBudget, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.connection = connection
+        self.adapter = adapter
+        self.budget = budget
+        self.clock = clock
+        self.mapped = backwards(connection)
+
+    def _json(self, answer: Answer, what: str) -> dict[str, Any]:
+        if answer.error is not None:
+            raise CrmReadFailed(f"{self.kind} {what} failed: {answer.error.reason} {answer.error.code}")
+        if not isinstance(answer.body, dict):
+            raise CrmReadFailed(f"{self.kind} {what} answered {answer.status} without a JSON object")
+        return answer.body
+
+
+def person_id_field(connection: Connection, obj: str) -> str | None:
+    """The field of the CRM object `obj` (any case) holding the CDP person id: the first field a record
+    mapping of that object matches on `person.id` (None when none does)."""
+    return next(
+        (
+            fm.crm_field
+            for m in connection.mappings
+            if m.object.lower() == obj.lower() and m.kind == "record"
+            for fm in m.match
+            if fm.source == PERSON_ID
+        ),
+        None,
+    )
 
 
 # --- the loop -------------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ from typing import Any
 
 from cdp_crm.adapters.dynamics import DynamicsAdapter
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.domain.mapping import PERSON_ID, Connection
-from cdp_crm.inbound.core import Change, CrmReadFailed, Person, backwards, instant
+from cdp_crm.domain.mapping import Connection
+from cdp_crm.inbound.core import AdapterReader, Change, CrmReadFailed, Person, instant, person_id_field
 
 log = logging.getLogger("cdp.crm.inbound")
 
@@ -79,9 +79,10 @@ OBJECTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str | None]] = {
 LOOKUP_TYPE = "@Microsoft.Dynamics.CRM.lookuplogicalname"
 
 
-class DynamicsReader:
+class DynamicsReader(AdapterReader):
     kind = "dynamics"
     objects = tuple(OBJECTS)
+    adapter: DynamicsAdapter
 
     def __init__(
         self,
@@ -90,24 +91,9 @@ class DynamicsReader:
         budget: SharedBudget,
         *,
         clock: Callable[[], float] = time.time,
-        timeout: float = 30.0,
     ) -> None:
-        self.connection = connection
-        self.adapter = adapter
-        self.budget = budget
-        self.clock = clock
-        self.timeout = timeout
-        self.mapped = backwards(connection)
-        self.cdp_field = next(
-            (
-                fm.crm_field
-                for m in connection.mappings
-                if m.object.lower() == "contacts" and m.kind == "record"
-                for fm in m.match
-                if fm.source == PERSON_ID
-            ),
-            None,
-        )
+        super().__init__(connection, adapter, budget, clock=clock)
+        self.cdp_field = person_id_field(connection, "contacts")
         self.prefer = f'odata.track-changes,odata.maxpagesize={PAGE},odata.include-annotations="{LOOKUP_TYPE[1:]}"'
 
     async def pages(
@@ -157,13 +143,9 @@ class DynamicsReader:
 
     async def _get(self, url: str, what: str) -> dict[str, Any]:
         answer = await self.adapter.read(url, self.budget, self.clock, headers={"Prefer": self.prefer}, what=what)
-        if answer.error is not None:
-            if answer.error.code == EXPIRED_VERSION_STAMP:
-                raise DeltaExpired(f"dynamics {what}: change tracking token expired {answer.error.code}")
-            raise CrmReadFailed(f"dynamics {what} failed: {answer.error.reason} {answer.error.code}")
-        if not isinstance(answer.body, dict):
-            raise CrmReadFailed(f"dynamics {what} answered {answer.status} without a JSON object")
-        return answer.body
+        if answer.error is not None and answer.error.code == EXPIRED_VERSION_STAMP:
+            raise DeltaExpired(f"dynamics {what}: change tracking token expired {answer.error.code}")
+        return self._json(answer, what)
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
         kind, _, lookups, _ = OBJECTS[obj]

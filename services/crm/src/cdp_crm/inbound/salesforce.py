@@ -25,8 +25,8 @@ from typing import Any
 
 from cdp_crm.adapters.salesforce import API_VERSION, SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.domain.mapping import PERSON_ID, Connection
-from cdp_crm.inbound.core import POST_CHUNK, Change, CrmReadFailed, Keyset, Person, backwards, instant
+from cdp_crm.domain.mapping import Connection
+from cdp_crm.inbound.core import POST_CHUNK, AdapterReader, Change, Keyset, Person, instant, person_id_field
 
 # object -> (what it is, the fields the event reports, the field naming its person, the watched field)
 OBJECTS: dict[str, tuple[str, tuple[str, ...], str | None, str | None]] = {
@@ -66,9 +66,10 @@ PREFIXES = {"003": "Contact", "00Q": "Lead"}  # whose record an id is: a polymor
 _BASE = f"/services/data/v{API_VERSION}"
 
 
-class SalesforceReader:
+class SalesforceReader(AdapterReader):
     kind = "salesforce"
     objects = tuple(OBJECTS)
+    adapter: SalesforceAdapter
 
     def __init__(
         self,
@@ -78,17 +79,10 @@ class SalesforceReader:
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.connection = connection
-        self.adapter = adapter
-        self.budget = budget
-        self.clock = clock
-        self.mapped = backwards(connection)
-        # The field holding the CDP person id on each person object: the mapping's match on person.id.
+        super().__init__(connection, adapter, budget, clock=clock)
+        # The field holding the CDP person id on each person object (a WhoId names a Contact or a Lead).
         self.cdp_field = {
-            m.object.lower(): fm.crm_field
-            for m in connection.mappings
-            for fm in m.match
-            if fm.source == PERSON_ID and m.kind == "record"
+            target.lower(): field for target in PREFIXES.values() if (field := person_id_field(connection, target))
         }
 
     async def pages(
@@ -130,12 +124,7 @@ class SalesforceReader:
         return ("Email", field) if field else ("Email",)
 
     async def _get(self, path: str, what: str) -> dict[str, Any]:
-        answer = await self.adapter.read(path, self.budget, self.clock, what=what)
-        if answer.error is not None:
-            raise CrmReadFailed(f"salesforce {what} failed: {answer.error.reason} {answer.error.code}")
-        if not isinstance(answer.body, dict):
-            raise CrmReadFailed(f"salesforce {what} answered {answer.status} without a JSON object")
-        return answer.body
+        return self._json(await self.adapter.read(path, self.budget, self.clock, what=what), what)
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
         """The person each row is or names (by the person's Salesforce id)."""

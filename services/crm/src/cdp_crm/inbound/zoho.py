@@ -25,8 +25,8 @@ from typing import Any
 
 from cdp_crm.adapters.zoho import ZohoAdapter
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.domain.mapping import PERSON_ID, Connection
-from cdp_crm.inbound.core import POST_CHUNK, Change, CrmReadFailed, Keyset, Person, backwards, instant
+from cdp_crm.domain.mapping import Connection
+from cdp_crm.inbound.core import POST_CHUNK, AdapterReader, Change, Keyset, Person, instant, person_id_field
 
 PAGE = 200
 # module -> (what it is, the fields the event reports, the lookup naming its contact, the watched field)
@@ -43,9 +43,10 @@ OBJECTS: dict[str, tuple[str, tuple[str, ...], str | None, str | None]] = {
 }
 
 
-class ZohoReader:
+class ZohoReader(AdapterReader):
     kind = "zoho"
     objects = tuple(OBJECTS)
+    adapter: ZohoAdapter
 
     def __init__(
         self,
@@ -54,24 +55,9 @@ class ZohoReader:
         budget: SharedBudget,
         *,
         clock: Callable[[], float] = time.time,
-        timeout: float = 30.0,
     ) -> None:
-        self.connection = connection
-        self.adapter = adapter
-        self.budget = budget
-        self.clock = clock
-        self.timeout = timeout
-        self.mapped = backwards(connection)
-        self.cdp_field = next(
-            (
-                fm.crm_field
-                for m in connection.mappings
-                if m.object.lower() == "contacts" and m.kind == "record"
-                for fm in m.match
-                if fm.source == PERSON_ID
-            ),
-            None,
-        )
+        super().__init__(connection, adapter, budget, clock=clock)
+        self.cdp_field = person_id_field(connection, "contacts")
 
     async def pages(
         self, obj: str, cursor: dict[str, Any] | None
@@ -110,13 +96,9 @@ class ZohoReader:
     async def _get(self, path: str, headers: dict[str, str], what: str) -> dict[str, Any] | None:
         """The listing's answer; None when nothing changed (304) or nothing is there (204)."""
         answer = await self.adapter.read(path, self.budget, self.clock, headers=headers, what=what)
-        if answer.error is not None:
-            raise CrmReadFailed(f"zoho {what} failed: {answer.error.reason} {answer.error.code}")
-        if answer.status in (204, 304):
+        if answer.error is None and answer.status in (204, 304):
             return None
-        if not isinstance(answer.body, dict):
-            raise CrmReadFailed(f"zoho {what} answered {answer.status} without a JSON object")
-        return answer.body
+        return self._json(answer, what)
 
     async def _people(self, obj: str, rows: list[dict[str, Any]]) -> dict[str, Person]:
         kind, _, link, _ = OBJECTS[obj]
