@@ -3,6 +3,8 @@ happened after. The story: one customer, Ada, whose life goes on after T."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -230,3 +232,22 @@ async def test_a_set_streamed_from_the_store_a_batch_at_a_time_is_the_whole_stor
     with pytest.raises(InvalidArgument) as caught:
         await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T + 150 * DAY)
     assert caught.value.field == "cutoff"
+
+
+async def test_building_a_set_gives_the_cycle_collector_back_as_it_found_it():
+    """The collector is held off while a set is built (its full collections over every row kept alive
+    cost half the work); afterwards it runs as before, with nothing left frozen, and a caller that had it
+    off still has it off."""
+    store = MemoryStore()
+    await write_people(store, {"ada": ADA_BEFORE + ADA_AFTER, "bob": BOB, "dee": DEE}, DEFINITIONS)
+    assert gc.isenabled()
+    profiles = await read_profiles(store)
+    training_set(profiles, spec=SPEC, label=CHURN, cutoff=T)
+    await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T)
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
