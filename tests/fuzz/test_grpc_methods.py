@@ -21,7 +21,8 @@ Then one seeded session calls every method of every service interleaved, sharing
 so calls reach past "unknown id"; and afterwards nothing any service consumed was dead-lettered.
 
 A failure is shrunk by hypothesis to the smallest request that still fails and printed with the method.
-Defects found and reported but not fixed here are listed in KNOWN, each with a strict xfail test.
+Defects found and not fixed yet would be listed in KNOWN, each with a strict xfail test (none now: the ones found
+were fixed, and their tests are plain regression tests).
 """
 
 from __future__ import annotations
@@ -212,35 +213,11 @@ OVERRIDES = {
 # --------------------------------------------------------------------------------------------- verdicts
 
 
-def _struct_numbers(message: Message):
-    """Every number inside the Structs / Values of `message`."""
-    if message.DESCRIPTOR.full_name == "google.protobuf.Value" and message.WhichOneof("kind") == "number_value":
-        yield message.number_value
-    for field, value in message.ListFields():
-        if field.message_type is None:
-            continue
-        if field.message_type.GetOptions().map_entry:
-            items = value.values() if field.message_type.fields_by_name["value"].message_type else ()
-        else:
-            items = value if field.is_repeated else (value,)
-        for item in items:
-            yield from _struct_numbers(item)
-
-
-# Known, reported and not fixed here (orchestration is being changed by others): a predicate on the
-# (service, method, request) and why. Each has a strict xfail test below that turns red once it is fixed:
-# then delete it here and drop the xfail.
-KNOWN = {
-    "orchestration: Enroll properties holding a whole number past 64 bits (1e20) are INTERNAL": lambda name, method, r: (
-        name == "orchestration" and method.name == "Enroll"
-        and any(math.isfinite(n) and n.is_integer() and abs(n) >= 2**63 for n in _struct_numbers(r))
-    ),
-    "orchestration: Enroll with a NUL in person_id is taken (will be applied, it says) and then dead-lettered": lambda name, method, r: (
-        name == "orchestration" and method.name == "Enroll" and "\x00" in r.person_id
-    ),
-}  # fmt: skip
-# Dead letters of the same known defects (the Enroll command a NUL person id makes cannot be stored).
-KNOWN_DEAD = ("the key contains a NUL character (collection 'orchestration_enrollments')",)
+# Known, reported and not fixed yet: a predicate on the (service, method, request) and why, each with a
+# strict xfail test that turns red once it is fixed (then delete it here and drop the xfail). None now.
+KNOWN: dict = {}
+# Dead letters of known defects.
+KNOWN_DEAD: tuple[str, ...] = ()
 
 
 def verdict(name: str, method: MethodDescriptor, request: Message | bytes, error: grpc.RpcError | None) -> str | None:
@@ -458,7 +435,6 @@ def enroll(platform, channels, request: orchestration_pb2.EnrollRequest) -> grpc
     return None
 
 
-@pytest.mark.xfail(strict=True, reason="orchestration: reported, not fixed here (see KNOWN)")
 def test_enroll_properties_with_a_whole_number_past_64_bits_are_refused_naming_the_field(
     platform, channels, enrollable
 ):
@@ -472,7 +448,6 @@ def test_enroll_properties_with_a_whole_number_past_64_bits_are_refused_naming_t
     )
 
 
-@pytest.mark.xfail(strict=True, reason="orchestration: reported, not fixed here (see KNOWN)")
 def test_enroll_with_a_nul_in_the_person_id_is_answered_naming_the_field(platform, channels, enrollable):
     request = orchestration_pb2.EnrollRequest(journey_id=enrollable, person_id="p_\x00", idempotency_key="nul")
     error = enroll(platform, channels, request)

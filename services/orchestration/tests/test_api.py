@@ -248,6 +248,10 @@ async def test_bad_requests_name_their_field(service):
          "definition.tree.nodes[0].wait"),
         (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="x", properties=_struct({"total": -math.inf}))),
          "properties.total"),
+        # The store keeps ids as keys: a NUL is refused at the door, naming the field, never dead-lettered later.
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="p_\x00")), "person_id"),
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="x", idempotency_key="k\x00")),
+         "idempotency_key"),
     ]  # fmt: skip
     for call, field in cases:
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -318,3 +322,11 @@ async def test_a_journey_reading_past_events_has_its_computed_traits_defined_bef
         assert (await no_profile.GetJourney(pb.GetJourneyRequest(journey_id="win-back-2"), None)).state == (
             pb.JOURNEY_STATE_DRAFT
         )
+
+
+def test_struct_numbers_become_ints_only_where_a_double_holds_them_exactly():
+    from cdp_orchestration.messages import whole_numbers
+
+    converted = whole_numbers({"count": 3.0, "big": 1e20, "huge": 1e308, "part": 2.5})
+    assert converted == {"count": 3, "big": 1e20, "huge": 1e308, "part": 2.5}
+    assert isinstance(converted["count"], int) and isinstance(converted["big"], float)  # JSON carries both

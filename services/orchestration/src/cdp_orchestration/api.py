@@ -40,6 +40,7 @@ from cdp_orchestration.messages import (
     STATE_OF_PB,
     approval_message,
     decision_message,
+    identifier,
     inbox_message,
     instance_message,
     offset,
@@ -276,10 +277,10 @@ class OrchestrationApi:
         journey_id = required(request.journey_id, "journey_id")
         person_id = required(request.person_id, "person_id")
         properties = struct_dict(request.properties, "properties") if request.HasField("properties") else {}
+        key = identifier(request.idempotency_key, "idempotency_key") if request.idempotency_key else uuid.uuid4().hex
         record = await self._record(journey_id)
         if record.live is None:
             raise FailedPrecondition(f"journey {journey_id} has never been published; PublishJourney first")
-        key = request.idempotency_key or uuid.uuid4().hex
         body = {"person_id": person_id, "journey_id": journey_id, "idempotency_key": key, "properties": properties}
         await self._command(person_id, "enroll", body, f"enroll:{journey_id}:{key}")
         doc = await self._answer(lambda: self._doc(ENROLLMENTS, f"{journey_id}:{key}"), "Enroll")

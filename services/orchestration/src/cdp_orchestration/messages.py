@@ -50,8 +50,9 @@ MAX_DEFINITION = 512 * 1024
 
 
 def whole_numbers(value: Any) -> Any:
-    """Struct numbers are doubles: 1.0 where the author wrote 1."""
-    if isinstance(value, float) and value.is_integer():
+    """Struct numbers are doubles: 1.0 where the author wrote 1. Only where a double holds the whole number
+    exactly (below 2**53): a larger one stays a double (JSON cannot carry an integer past 64 bits)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         return int(value)
     if isinstance(value, dict):
         return {k: whole_numbers(v) for k, v in value.items()}
@@ -130,6 +131,15 @@ def token(offset: int) -> str:
 def required(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(field, "is required")
+    return identifier(value, field)
+
+
+def identifier(value: str, field: str) -> str:
+    """An id or key as the store keeps it: no NUL characters (the store refuses them as keys), bounded."""
+    if "\x00" in value:
+        raise InvalidArgument(field, "must not contain a NUL character")
+    if len(value) > 512:
+        raise InvalidArgument(field, f"is {len(value)} characters long: at most 512")
     return value
 
 
