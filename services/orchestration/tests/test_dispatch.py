@@ -4,14 +4,18 @@ outcome goes back to the collector as an event (once it is accepted there)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiohttp import web
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdp_kit.bus import Bus, OutMessage, subjects
+from cdp_kit.bus import Bus, OutMessage, partition_for, subjects
+from cdp_kit.settings import load_settings
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
+from cdp_orchestration.channels.settings import WebhookSettings
+from cdp_orchestration.channels.webhook import WebhookChannel
 from cdp_orchestration.dispatch import SENDS, CollectorReporter, Opens, dispatcher
 from cdp_orchestration.state import prepare_store
 
@@ -237,3 +241,138 @@ async def test_an_outcome_recorded_before_the_person_had_an_identifier_goes_in_o
 async def _reported(world, action_id: str) -> bool:
     stored = await world.store.get(SENDS, action_id)
     return stored is not None and stored.doc["reported"] is True
+
+
+class SlowProvider:
+    """A webhook receiver that takes `delay` seconds per request and records when each request for each
+    action started and ended, and the most requests it ever had in flight at once. `throttle_first`
+    answers the first request 429 with that Retry-After (seconds)."""
+
+    def __init__(self, delay: float, *, throttle_first: float | None = None) -> None:
+        self.delay = delay
+        self.throttle_first = throttle_first
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests: list[tuple[str, float, float, int]] = []  # action id, started, ended, status
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self._receive)
+        self.runner = web.AppRunner(self.app)
+
+    async def start(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        started = time.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        status = 200
+        if self.throttle_first is not None:
+            status, retry_after, self.throttle_first = 429, self.throttle_first, None
+            self.requests.append((request.headers["Idempotency-Key"], started, time.monotonic(), status))
+            return web.Response(status=429, headers={"Retry-After": str(int(retry_after))})
+        self.requests.append((request.headers["Idempotency-Key"], started, time.monotonic(), status))
+        return web.Response(status=status)
+
+    def sent(self) -> list[str]:
+        return [action_id for action_id, _, _, status in self.requests if status == 200]
+
+
+def webhook_channel(**more: str) -> WebhookChannel:
+    environ = {"CDP_WEBHOOK_SECRET": "a-webhook-secret-of-some-length", "CDP_WEBHOOK_TIMEOUT": "5", **more}
+    return WebhookChannel(load_settings(WebhookSettings, environ))
+
+
+async def _publish_actions(bus: Bus, url: str, actions: list[tuple[str, str]]) -> None:
+    messages = []
+    for action_id, person_id in actions:
+        message = pb.ActionMessage(action_id=action_id, person_id=person_id, channel="webhook", content={"body": "hi"})
+        message.address.update({"webhook_url": url, "user_id": f"u-{person_id}"})
+        partition = partition_for(person_id, 4)
+        messages.append(OutMessage(subjects.actions("webhook", partition), message.SerializeToString(), action_id))
+    results = await bus.publisher.publish_batch(messages)
+    assert all(result.ok for result in results)
+
+
+async def test_a_batch_goes_to_a_slow_provider_concurrently_each_action_once_in_order_per_person(nats_server, tmp_path):
+    provider = SlowProvider(delay=0.3)
+    url = await provider.start()
+    collector, collector_url, received = await _collector()
+    posts: list[int] = []
+    reporter = CollectorReporter(collector_url, "outcomes-key")
+
+    async def report(events: list[dict]) -> bool:
+        posts.append(len(events))
+        return await reporter(events)
+
+    # Eight people with one action each, and one of them with a second action the journey sent later.
+    actions = [(f"act-{n}", f"person-{n}") for n in range(8)] + [("act-0-later", "person-0")]
+    channel = webhook_channel()
+    try:
+        async with (
+            Bus.connect(nats_server.url, name="dispatch-test") as bus,
+            open_store(f"sqlite:///{tmp_path}/d.db") as store,
+        ):
+            await streams.ensure_streams(bus.js)
+            await _publish_actions(bus, url, actions)  # all waiting before the dispatcher fetches
+            task = asyncio.create_task(dispatcher(bus, store, channel, report=report).run())
+            for _ in range(200):
+                records = [await store.get(SENDS, action_id) for action_id, _ in actions]
+                if all(r is not None and r.doc["reported"] is True for r in records):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a redelivery would send again now
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await channel.close()
+        await reporter.close()
+        await collector.cleanup()
+        await provider.runner.cleanup()
+    # The provider saw the batch's requests at the same time, not one after another.
+    assert provider.max_in_flight > 1
+    assert sorted(provider.sent()) == sorted(action_id for action_id, _ in actions)  # each once
+    # One person's actions still go out in the order the journey made them: the later one waits.
+    timings = {action_id: (started, ended) for action_id, started, ended, _ in provider.requests}
+    assert timings["act-0-later"][0] >= timings["act-0"][1]
+    # Every outcome went in, in fewer collector calls than actions.
+    assert sorted(e["properties"]["action_id"] for e in received) == sorted(a for a, _ in actions)
+    assert len(posts) < len(actions)
+
+
+async def test_a_provider_asking_to_wait_holds_the_actions_not_yet_sent(nats_server, tmp_path):
+    provider = SlowProvider(delay=0.2, throttle_first=2)
+    url = await provider.start()
+    actions = [(f"act-{n}", f"person-{n}") for n in range(6)]
+    # Two at a time; a Retry-After above the channel's own backoff cap comes back to the dispatcher.
+    channel = webhook_channel(CDP_WEBHOOK_BACKOFF_MAX="0.5")
+    try:
+        async with (
+            Bus.connect(nats_server.url, name="dispatch-test") as bus,
+            open_store(f"sqlite:///{tmp_path}/d.db") as store,
+        ):
+            await streams.ensure_streams(bus.js)
+            await _publish_actions(bus, url, actions)
+            task = asyncio.create_task(dispatcher(bus, store, channel, concurrency=2).run())
+            for _ in range(200):
+                records = [await store.get(SENDS, action_id) for action_id, _ in actions]
+                if all(r is not None for r in records):
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await channel.close()
+        await provider.runner.cleanup()
+    assert sorted(provider.sent()) == sorted(action_id for action_id, _ in actions)  # each once, in the end
+    assert all(r.doc["status"] == "accepted" for r in records)
+    [(_, _, throttled_at, _)] = [r for r in provider.requests if r[3] == 429]
+    # Nothing started while the provider asked for quiet (what was already in flight could still finish).
+    later = [started for _, started, _, _ in provider.requests if started > throttled_at]
+    assert later and min(later) >= throttled_at + 2 - 0.1

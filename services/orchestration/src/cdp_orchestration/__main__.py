@@ -76,7 +76,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     tasks = []
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
-        runner = dispatcher(bus, store, channel, report=report)
+        runner = dispatcher(bus, store, channel, report=report, concurrency=settings.dispatch_concurrency)
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 
     logic = OrchestrationLogic(

@@ -2,7 +2,13 @@
 reported back through the collector.
 
 One durable consumer per channel (`orchestration-dispatch-<channel>`) hands each `ActionMessage` to the
-adapter (`cdp_orchestration.channels`). The send is recorded in `orchestration_sends` under the action id
+adapter (`cdp_orchestration.channels`). A fetched batch is worked concurrently, at most `concurrency`
+(CDP_ORCHESTRATION_DISPATCH_CONCURRENCY) actions in flight, so one slow provider answer does not hold up
+the rest; one person's actions go one after another in the order they came (a reminder never overtakes
+its first message, an attribution finds its send recorded). A provider that answers with Retry-After
+pauses its destination (`Channel.destination`: the provider account, or a webhook's host): actions to it
+not started yet are given back with that delay instead of sent (on their last delivery they are sent
+anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
 before the message is acknowledged, so a redelivery (a crash after the send, an acknowledgement lost)
 finds the record and sends nothing. The window between the provider's answer and the record is the one
 place a crash can send twice; adapters pass the action id to providers that take an idempotency key
@@ -12,8 +18,8 @@ Outcomes: accepted and rejected (for good) are final; a retryable failure is ret
 Retry-After or the consumer's backoff, and is final as "failed" on its last allowed delivery. A final
 outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
 Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
-(`/v1/batch`), so it lands on the profile and in the next model's training data. It is sent under the
-identifier the engine put on the action (`wire.IDENTITY_KEYS`: the person's userId, else one of their
+(`/v1/batch`), the batch's together in one call once its sends are recorded, so it lands on the profile
+and in the next model's training data. It is sent under the identifier the engine put on the action (`wire.IDENTITY_KEYS`: the person's userId, else one of their
 anonymous ids), which identity resolves to the same person. An action for a person orchestration has
 never seen an identifier of (enrolled through the API before any event of theirs arrived) has neither:
 its outcome is recorded here only (`reported: "unattributed"`), never posted under the person id, which
@@ -34,6 +40,7 @@ dispatcher send nothing. Logs name the action id, channel and reason code, never
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -57,6 +64,7 @@ from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 log = logging.getLogger("cdp.orchestration.dispatch")
 
 MAX_DELIVER = 5
+DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY)
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
@@ -86,68 +94,123 @@ class CollectorReporter:
 
 
 class Dispatcher:
+    """Works one fetched batch at a time, its actions concurrently (at most `concurrency` in flight),
+    each person's in the order they came; then posts the batch's outcomes in one collector call and
+    erases what is done. `handle` returns (and the kit acknowledges) only after that."""
+
     def __init__(
-        self, channel: Channel, store: Store, report: Report | None = None, *, js: JetStreamContext | None = None
+        self,
+        channel: Channel,
+        store: Store,
+        report: Report | None = None,
+        *,
+        js: JetStreamContext | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
         self.channel = channel
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
+        self._slots = asyncio.Semaphore(concurrency)
+        # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
+        self._paused: dict[str, float] = {}
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
+        by_person: dict[str, list[tuple[Delivery, Action]]] = {}
         for delivery in batch:
             try:
                 action = action_from_message(pb.ActionMessage.FromString(delivery.data))
             except Exception as exc:
                 delivery.reject("invalid_action", f"not an ActionMessage: {type(exc).__name__}")
                 continue
-            stored = await self.store.get(SENDS, action.action_id)
-            if ATTRIBUTION_HEADER in delivery.headers:
-                await self._attribute(delivery, action, stored)
-                continue
-            if stored is not None:
-                # Sent already (a redelivery, with perhaps its report still owed), or withdrawn.
-                record = stored.doc
-            else:
-                outcome = await self.channel.send(action)
-                if not outcome.ok and outcome.retryable and delivery.num_delivered < MAX_DELIVER:
-                    log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
-                    delivery.retry(outcome.reason, outcome.retry_after)
-                    continue
-                record = self._record(action, outcome)
-                if not attributed(record["event"]):
-                    log.warning(
-                        "outcome of action %s not reported: the person has no known identifier", action.action_id
-                    )
-                    record["reported"] = "unattributed"
-                await self.store.bulk_write([Put(SENDS, action.action_id, record)])
-                if not outcome.ok:
-                    log.warning(
-                        "action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason
-                    )
-            await self._report_and_erase(delivery, action.action_id, record)
+            by_person.setdefault(action.person_id, []).append((delivery, action))
+        done: list[tuple[Delivery, str, dict[str, Any]]] = []  # recorded, to report (when owed) and erase
+        results = await asyncio.gather(
+            *(self._person(actions, done) for actions in by_person.values()), return_exceptions=True
+        )
+        await self._report_and_erase(done)
+        for result in results:
+            if isinstance(result, BaseException):
+                # A store fault mid-batch: the kit redelivers the batch; what was recorded is found then.
+                raise result
 
-    async def _report_and_erase(self, delivery: Delivery, action_id: str, record: dict[str, Any]) -> None:
-        """Post the recorded outcome if it is owed, then erase the message (kept for a retry if the post
-        failed)."""
-        if self.report is not None and record["reported"] is False:
-            if await self.report([record["event"]]):
-                await self.store.bulk_write([Put(SENDS, action_id, {**record, "reported": True})])
-            else:
-                delivery.retry("outcome_not_reported")
-                return
-        await self._erase(delivery)
+    async def _person(
+        self, actions: list[tuple[Delivery, Action]], done: list[tuple[Delivery, str, dict[str, Any]]]
+    ) -> None:
+        """One person's actions, one after another: a later message waits for the earlier one's send and
+        record (a reminder never overtakes its first message; an attribution finds its send recorded)."""
+        for delivery, action in actions:
+            async with self._slots:
+                record = await self._one(delivery, action)
+            if record is not None:
+                done.append((delivery, action.action_id, record))
 
-    async def _attribute(self, delivery: Delivery, action: Action, stored: Any) -> None:
+    async def _one(self, delivery: Delivery, action: Action) -> dict[str, Any] | None:
+        """Send one action (unless its record says it went already, or was withdrawn) and record it. The
+        record, or None when the delivery was given back to be retried."""
+        stored = await self.store.get(SENDS, action.action_id)
+        if ATTRIBUTION_HEADER in delivery.headers:
+            return await self._attribute(delivery, action, stored)
+        if stored is not None:
+            # Sent already (a redelivery, with perhaps its report still owed), or withdrawn.
+            return stored.doc
+        destination = self.channel.destination(action)
+        wait = self._paused.get(destination, 0.0) - time.monotonic()
+        if wait > 0 and delivery.num_delivered < MAX_DELIVER:
+            # The provider asked for quiet (Retry-After): do not add to its load; on the last delivery
+            # the send is tried anyway, so the action ends with an outcome rather than unrecorded.
+            delivery.retry("provider_paused", wait)
+            return None
+        outcome = await self.channel.send(action)
+        if not outcome.ok and outcome.retryable and outcome.retry_after:
+            until = time.monotonic() + outcome.retry_after
+            self._paused[destination] = max(self._paused.get(destination, 0.0), until)
+        if not outcome.ok and outcome.retryable and delivery.num_delivered < MAX_DELIVER:
+            log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
+            delivery.retry(outcome.reason, outcome.retry_after)
+            return None
+        record = self._record(action, outcome)
+        if not attributed(record["event"]):
+            log.warning("outcome of action %s not reported: the person has no known identifier", action.action_id)
+            record["reported"] = "unattributed"
+        await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+        if not outcome.ok:
+            log.warning("action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason)
+        return record
+
+    async def _report_and_erase(self, done: list[tuple[Delivery, str, dict[str, Any]]]) -> None:
+        """Post the batch's owed outcomes in one collector call, then erase the messages (those whose
+        outcome the collector refused are kept, for a retry that posts it again)."""
+        owed = [item for item in done if self.report is not None and item[2]["reported"] is False]
+        if owed:
+            events = {action_id: record for _, action_id, record in owed}  # one per action, if delivered twice
+            assert self.report is not None
+            if await self.report([record["event"] for record in events.values()]):
+                await self.store.bulk_write(
+                    [Put(SENDS, action_id, {**record, "reported": True}) for action_id, record in events.items()]
+                )
+            else:
+                for delivery, _, _ in owed:
+                    delivery.retry("outcome_not_reported")
+                done = [item for item in done if item[2]["reported"] is not False]
+        await asyncio.gather(*(self._erase_bounded(delivery) for delivery, _, _ in done))
+
+    async def _erase_bounded(self, delivery: Delivery) -> None:
+        async with self._slots:
+            await self._erase(delivery)
+
+    async def _attribute(self, delivery: Delivery, action: Action, stored: Any) -> dict[str, Any] | None:
         """An attribution message (`actions.py`): the person now has an identifier, so an outcome recorded
-        without one goes in under it. Nothing is sent."""
+        without one goes in under it. Nothing is sent. The record to report, or None when there is none."""
         if stored is None:
             # The send itself is not recorded yet (its message waits behind this one): once it is.
             if delivery.num_delivered < MAX_DELIVER:
                 delivery.retry("send_not_recorded_yet")
             else:
                 await self._erase(delivery)
-            return
+            return None
         record = stored.doc
         # In-app opens recorded before the person had an identifier go in too.
         await Opens(self.store, self.report).attribute(
@@ -161,7 +224,7 @@ class Dispatcher:
                 event["anonymousId"] = action.anonymous_id
             record = {**record, "event": event, "reported": False}
             await self.store.bulk_write([Put(SENDS, action.action_id, record)])
-        await self._report_and_erase(delivery, action.action_id, record)
+        return record
 
     async def _erase(self, delivery: Delivery) -> None:
         """Delete the action's message: its outcome is recorded, nothing needs its content any more."""
@@ -257,7 +320,13 @@ class Opens:
 
 
 def dispatcher(
-    bus: Bus, store: Store, channel: Channel, *, report: Report | None = None, ack_wait: float = 60.0
+    bus: Bus,
+    store: Store,
+    channel: Channel,
+    *,
+    report: Report | None = None,
+    ack_wait: float = 60.0,
+    concurrency: int = DEFAULT_CONCURRENCY,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -269,7 +338,7 @@ def dispatcher(
         backoff=(0.5, 2.0, 10.0, 30.0, 60.0),
         description=f"orchestration: send {channel.name} actions",
     )
-    return bus.consumer(spec, Dispatcher(channel, store, report, js=bus.js).handle)
+    return bus.consumer(spec, Dispatcher(channel, store, report, js=bus.js, concurrency=concurrency).handle)
 
 
 async def erase_action(js: JetStreamContext, seq: int) -> None:

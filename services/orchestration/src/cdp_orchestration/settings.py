@@ -55,6 +55,11 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     ack_wait: float = env(
         "CDP_ORCHESTRATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
     )
+    dispatch_concurrency: int = env(
+        "CDP_ORCHESTRATION_DISPATCH_CONCURRENCY",
+        16,
+        help="actions each channel's dispatcher has in flight to its provider at once (one person's in order)",
+    )
     hot_persons: int = env(
         "CDP_ORCHESTRATION_HOT_PERSONS",
         100_000,
@@ -108,6 +113,10 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
             problems.append("CDP_OUTCOMES_WRITE_KEY is required when CDP_OUTCOMES_URL is set")
         if self.batch_size < 1:
             problems.append(f"CDP_ORCHESTRATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if self.dispatch_concurrency < 1:
+            problems.append(
+                f"CDP_ORCHESTRATION_DISPATCH_CONCURRENCY={self.dispatch_concurrency} is invalid: must be positive"
+            )
         if self.hot_persons < 1:
             problems.append(f"CDP_ORCHESTRATION_HOT_PERSONS={self.hot_persons} is invalid: must be positive")
         if self.answer_timeout <= 0:

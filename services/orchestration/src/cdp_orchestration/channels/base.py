@@ -125,6 +125,12 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def send(self, action: Action) -> Outcome: ...
 
+    def destination(self, action: Action) -> str:
+        """Who answers this action's send, as far as rate limits go: a provider that asks for a pause
+        (Retry-After) holds the dispatcher's other sends to the same destination. One provider account per
+        channel by default; channels that reach many receivers (webhooks, push services) name the host."""
+        return ""
+
     async def close(self) -> None:
         return None
 

@@ -115,6 +115,10 @@ class WebhookChannel(Channel):
             SIGNATURE_HEADER: sign(self._settings.secret, timestamp, body),
         }
 
+    def destination(self, action: Action) -> str:
+        # One receiver's 429 says nothing about another's: each host is paused on its own.
+        return (urlsplit(action.address or self._settings.default_url or "").hostname or "").lower()
+
     async def send(self, action: Action) -> Outcome:
         url = action.address or self._settings.default_url
         parts = urlsplit(url or "")

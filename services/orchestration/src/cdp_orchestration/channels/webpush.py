@@ -123,6 +123,14 @@ class WebPushChannel(Channel):
             }
         )
 
+    def destination(self, action: Action) -> str:
+        # Each browser's push service (FCM, Mozilla, Apple) keeps its own limits.
+        try:
+            endpoint, _, _ = parse_subscription(action.address)
+        except InvalidSubscription:
+            return ""
+        return (urlsplit(endpoint).hostname or "").lower()
+
     async def send(self, action: Action) -> Outcome:
         try:
             endpoint, public, auth = parse_subscription(action.address)
