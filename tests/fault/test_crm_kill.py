@@ -23,6 +23,7 @@ from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, partition_for, profiles_stream, segments_stream, subjects
 from cdp_kit.timestamps import from_seconds
 from cdp_testing.processes import ServiceProcess
+from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
 PEOPLE = 400
@@ -63,19 +64,6 @@ def connections(base_url: str) -> dict:
             }
         ]
     }
-
-
-async def eventually(check, timeout: float = 30.0, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(every)
 
 
 class Upstream:
@@ -147,7 +135,7 @@ async def test_killed_three_times_mid_sync_every_contact_and_task_lands_once_wit
                 if round_ == ROUNDS - 1:
                     break
                 # A round is several batch writes at BURST per WINDOW: two in, the sync is midway.
-                await eventually(lambda seen=seen: len(hubspot.requests) >= seen + 2, timeout=60)
+                await eventually(lambda seen=seen: len(hubspot.requests) >= seen + 2, timeout=60, every=0.1)
                 latest = [r["properties"].get("firstname") for r in hubspot.records("contacts")]
                 kills_mid_sync += latest.count(f"N{round_}") < PEOPLE
                 process.kill()  # SIGKILL: nothing more written, committed or acknowledged
@@ -161,7 +149,7 @@ async def test_killed_three_times_mid_sync_every_contact_and_task_lands_once_wit
                     and len(hubspot.records("tasks")) >= len(tasks)
                 )
 
-            await eventually(all_latest, timeout=120)
+            await eventually(all_latest, timeout=120, every=0.1)
             await asyncio.sleep(2)  # a write repeated after a crash would land by now
         finally:
             process.stop()

@@ -45,6 +45,7 @@ from cdp_kit.timestamps import from_seconds
 from cdp_testing.channels.smtp import LocalSmtpServer
 from cdp_testing.channels.webhook import LocalWebhookReceiver
 from cdp_testing.processes import ServiceProcess
+from cdp_testing.waiting import eventually
 
 PARTITIONS = 4
 PEOPLE = 36
@@ -80,19 +81,6 @@ JOURNEY = {
         },
     ],
 }
-
-
-async def eventually(check, timeout: float = 30.0, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(every)
 
 
 def orchestration_process(tmp_path, nats_url: str, smtp: LocalSmtpServer, hook: LocalWebhookReceiver):
@@ -202,7 +190,9 @@ async def test_killed_three_times_mid_stream_every_mail_and_webhook_arrives_once
                 process.kill()
                 await asyncio.to_thread(process.start)
 
-            await eventually(lambda: len(smtp.mailbox) >= PEOPLE and len(hook.deliveries) >= PEOPLE, timeout=90)
+            await eventually(
+                lambda: len(smtp.mailbox) >= PEOPLE and len(hook.deliveries) >= PEOPLE, timeout=90, every=0.2
+            )
 
             async def all_completed() -> bool:
                 for person in people:
@@ -211,7 +201,7 @@ async def test_killed_three_times_mid_stream_every_mail_and_webhook_arrives_once
                         return False
                 return True
 
-            await eventually(all_completed, timeout=60)
+            await eventually(all_completed, timeout=60, every=0.2)
             await asyncio.sleep(3)  # anything sent twice would arrive by now (redelivery after ack_wait)
 
             headers = [email.message_from_bytes(m.raw) for m in smtp.mailbox]

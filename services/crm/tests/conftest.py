@@ -5,8 +5,8 @@ orchestration would publish."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -27,6 +27,7 @@ from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, prof
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.storage import open_store
 from cdp_kit.timestamps import from_seconds
+from cdp_testing import waiting
 
 PARTITIONS = 2
 TOKEN = "pat-local-hubspot"
@@ -65,17 +66,7 @@ def hubspot_document(base_url: str, **limits: Any) -> dict[str, Any]:
     return {"connections": [connection]}
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 15.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(every)
+eventually = functools.partial(waiting.eventually, timeout=15.0)  # these tests wait up to 15 s unless they say
 
 
 class World:

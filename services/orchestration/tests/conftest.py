@@ -3,9 +3,7 @@ store, and helpers that publish what identity, profile and segmentation would pu
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,22 +33,9 @@ from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.state import DECISIONS, INSTANCES, PERSONS
+from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: float = 0.05) -> Any:
-    """The first truthy answer of `check` (sync or async) within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(every)
 
 
 class World:
