@@ -22,6 +22,7 @@ from cdp.profile.v1 import profile_pb2
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, partition_for, profiles_stream, segments_stream, subjects
 from cdp_kit.timestamps import from_seconds
+from cdp_testing.crm import hubspot_document
 from cdp_testing.processes import ServiceProcess
 from cdp_testing.waiting import eventually
 
@@ -29,41 +30,6 @@ PARTITIONS = 2
 PEOPLE = 400
 ROUNDS = 4
 BURST, WINDOW = 4, 0.5
-
-
-def connections(base_url: str) -> dict:
-    return {
-        "connections": [
-            {
-                "id": "hs",
-                "kind": "hubspot",
-                "account": "62515",
-                "url": base_url,
-                "credentials": {"token": "HUBSPOT_TOKEN"},
-                "limits": {"burst": BURST, "window_seconds": WINDOW},
-                "mappings": [
-                    {
-                        "id": "contacts",
-                        "object": "contacts",
-                        "match": {"cdp_id": "person.id"},
-                        "fields": {
-                            "email": "traits.email",
-                            "firstname": "traits.first_name",
-                            "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:2"},
-                        },
-                    },
-                    {
-                        "id": "success-task",
-                        "object": "tasks",
-                        "action": "task",
-                        "idempotency_field": "cdp_idempotency_key",
-                        "about": {"mapping": "contacts"},
-                        "fields": {"hs_task_subject": "action.subject"},
-                    },
-                ],
-            }
-        ]
-    }
 
 
 class Upstream:
@@ -108,7 +74,7 @@ async def test_killed_three_times_mid_sync_every_contact_and_task_lands_once_wit
     ):
         await bus.ensure_streams(profiles_stream(), segments_stream())
         document = tmp_path / "connections.json"
-        document.write_text(json.dumps(connections(hubspot.base_url)))
+        document.write_text(json.dumps(hubspot_document(hubspot.base_url, burst=BURST, window_seconds=WINDOW)))
         process = ServiceProcess(
             "crm",
             "cdp_crm",

@@ -28,42 +28,10 @@ from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.storage import open_store
 from cdp_kit.timestamps import from_seconds
 from cdp_testing import waiting
+from cdp_testing.crm import hubspot_document
 
 PARTITIONS = 2
 TOKEN = "pat-local-hubspot"
-
-
-def hubspot_document(base_url: str, **limits: Any) -> dict[str, Any]:
-    connection: dict[str, Any] = {
-        "id": "hs",
-        "kind": "hubspot",
-        "account": "62515",
-        "url": base_url,
-        "credentials": {"token": "HUBSPOT_TOKEN"},
-        "mappings": [
-            {
-                "id": "contacts",
-                "object": "contacts",
-                "match": {"cdp_id": "person.id"},
-                "fields": {
-                    "email": "traits.email",
-                    "firstname": "traits.first_name",
-                    "cdp_churn_risk": {"source": "scores.churn_risk", "transform": "round:2"},
-                },
-            },
-            {
-                "id": "success-task",
-                "object": "tasks",
-                "action": "task",
-                "idempotency_field": "cdp_idempotency_key",
-                "about": {"mapping": "contacts"},
-                "fields": {"hs_task_subject": "action.subject", "hs_task_body": "action.signals"},
-            },
-        ],
-    }
-    if limits:
-        connection["limits"] = limits
-    return {"connections": [connection]}
 
 
 eventually = functools.partial(waiting.eventually, timeout=15.0)  # these tests wait up to 15 s unless they say
