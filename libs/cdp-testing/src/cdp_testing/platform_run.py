@@ -202,8 +202,11 @@ class RunningPlatform:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        # With `cdpctl up --tls` the gRPC port wants a client certificate; the plaintext health-only port
+        # (run.json's "health") answers the same question without one.
+        address = self.service(name).get("health") or self.grpc_address(name)
         try:
-            with grpc.insecure_channel(self.grpc_address(name)) as channel:
+            with grpc.insecure_channel(address) as channel:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as exc:

@@ -39,7 +39,7 @@ from rich.table import Table
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdpctl import bus, crm, identity, journeys, people, training
+from cdpctl import bus, crm, identity, journeys, people, tls, training
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 from cdpctl.run import check_health, nats_rotate, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
@@ -56,6 +56,8 @@ from cdpctl.run import check_health, nats_rotate, status, up  # noqa: F401  (cdp
 def main(ctx: click.Context, home: Path | None) -> None:
     """Operate a cdp platform."""
     ctx.obj = Workspace(home.resolve()) if home else Workspace.discover()
+    # Calls to the services present cdpctl's certificate when that platform runs with mutual TLS.
+    tls.use_workspace(ctx.obj.root)
 
 
 # -------------------------------------------------------------------------------------------- send
@@ -213,7 +215,7 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
     request = profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value, include_history=True)
     metadata = (("authorization", f"Bearer {token}"),)
     deadline = time.monotonic() + wait
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.aio_channel(address) as channel:
         stub = profile_pb2_grpc.ProfileServiceStub(channel)
         for _attempt in range(10_000):
             try:
@@ -246,7 +248,7 @@ def profile(ws: Workspace, identifier_type: str, value: str, wait: float, addres
 
 
 async def _models(address: str, token: str) -> list[dict]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.aio_channel(address) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             listed = await stub.ListModels(
@@ -298,7 +300,7 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
     from rich.progress import Progress
 
     metadata = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.aio_channel(address) as channel:
         stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
         try:
             segment = await stub.CreateSegment(request, metadata=metadata, timeout=30)
@@ -353,7 +355,7 @@ def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None
     """A segment's members (person ids, oldest id first) and when they entered."""
 
     async def members() -> dict:
-        async with grpc.aio.insecure_channel(_segmentation_address(ws, address)) as channel:
+        async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
             try:
                 reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListMembers(
                     segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=max(1, min(limit, 10_000))),
@@ -375,7 +377,7 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
     """Every segment: state, size, definition."""
 
     async def listed() -> list[dict]:
-        async with grpc.aio.insecure_channel(_segmentation_address(ws, address)) as channel:
+        async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
             try:
                 reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListSegments(
                     segmentation_pb2.ListSegmentsRequest(),

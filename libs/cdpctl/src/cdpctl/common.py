@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 
+from cdpctl import tls
 from cdpctl.platform import Workspace
 
 # Wide enough for tables when output is a pipe or a CI log rather than a terminal.
@@ -119,7 +120,7 @@ def call_service(
     A spinner shows on a terminal only (stderr, and never when a script reads --json)."""
 
     async def run() -> Any:
-        async with grpc.aio.insecure_channel(service_address(ws, service, address)) as channel:
+        async with tls.aio_channel(service_address(ws, service, address)) as channel:
             waiting = console.status(f"asking {service} …") if sys.stderr.isatty() and not as_json else nullcontext()
             try:
                 with waiting:

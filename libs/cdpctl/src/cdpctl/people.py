@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.bus import subjects
+from cdpctl import tls
 from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 
@@ -36,7 +37,7 @@ async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str
         return key[0]
     if len(key) != 2:
         raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
-    async with grpc.aio.insecure_channel(service_address(ws, "identity", identity_address)) as channel:
+    async with tls.aio_channel(service_address(ws, "identity", identity_address)) as channel:
         try:
             found = await identity_pb2_grpc.IdentityServiceStub(channel).Lookup(
                 identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=key[0], value=key[1])),
@@ -62,7 +63,7 @@ def graph(ws: Workspace, person: tuple[str, ...], address) -> None:
         request = identity_pb2.GetGraphRequest(identifier=identity_pb2.Identifier(type=person[0], value=person[1]))
 
     async def call() -> dict:
-        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+        async with tls.aio_channel(service_address(ws, "identity", address)) as channel:
             try:
                 reply = await identity_pb2_grpc.IdentityServiceStub(channel).GetGraph(
                     request, metadata=bearer(ws), timeout=10
@@ -83,7 +84,7 @@ def unmerge(ws: Workspace, merge_id: str, reason: str, address) -> None:
     """Split a merge back (the merge id is on `GetGraph`'s merges): the loser becomes a person again."""
 
     async def call() -> dict:
-        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+        async with tls.aio_channel(service_address(ws, "identity", address)) as channel:
             try:
                 reply = await identity_pb2_grpc.IdentityServiceStub(channel).Unmerge(
                     identity_pb2.UnmergeRequest(merge_id=merge_id, reason=reason), metadata=bearer(ws), timeout=30
@@ -108,7 +109,7 @@ def quarantine(ws: Workspace, identifier_type: str, value: str, release: bool, a
         request = identity_pb2.SetQuarantineRequest(
             identifier=identity_pb2.Identifier(type=identifier_type, value=value), quarantined=not release
         )
-        async with grpc.aio.insecure_channel(service_address(ws, "identity", address)) as channel:
+        async with tls.aio_channel(service_address(ws, "identity", address)) as channel:
             try:
                 reply = await identity_pb2_grpc.IdentityServiceStub(channel).SetQuarantine(
                     request, metadata=bearer(ws), timeout=30
@@ -133,7 +134,7 @@ def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity
 
     async def call() -> dict:
         person_id = await _person_id(ws, identity_address, person)
-        async with grpc.aio.insecure_channel(service_address(ws, "profile", address)) as channel:
+        async with tls.aio_channel(service_address(ws, "profile", address)) as channel:
             try:
                 reply = await profile_pb2_grpc.ProfileServiceStub(channel).Export(
                     profile_pb2.ExportRequest(person_id=person_id), metadata=bearer(ws), timeout=60
@@ -181,7 +182,7 @@ def delete(
     mode = profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE if suppress else profile_pb2.DELETE_MODE_DELETE
 
     async def call() -> dict:
-        async with grpc.aio.insecure_channel(service_address(ws, "profile", address)) as channel:
+        async with tls.aio_channel(service_address(ws, "profile", address)) as channel:
             try:
                 reply = await profile_pb2_grpc.ProfileServiceStub(channel).Delete(
                     profile_pb2.DeleteRequest(person_id=person_id, mode=mode, request_id=request_id),

@@ -11,6 +11,11 @@ nats-server runs with one user per service (`cdp_kit.natsauth`: each may publish
 each service gets its own credentials file, cdpctl and tests the operator's through run.json's "nats"
 URL. `nats-rotate SERVICE` gives a service new credentials while everything runs (make before break).
 
+`up --tls` (CDP_UP_TLS=1) adds mutual TLS between the services (`cdpctl.tls`): each serves gRPC only to
+clients with a certificate from the workspace's CA and dials its peers with its own; cdpctl's calls and
+health checks present cdpctl's certificate (run.json's "tls"), and each service's plaintext health-only
+port is its "health" in run.json.
+
 `status` checks each service's gRPC health and each companion's ports. The platform is healthy when
 nats-server and every service are; a companion that is down is shown DOWN but does not make it
 unhealthy (it stands in for something outside the platform).
@@ -36,6 +41,7 @@ from rich.table import Table
 
 from cdp_kit.natsauth import new_password, read_credentials, write_credentials
 from cdp_kit.natsserver import NatsServer, wait_for_port
+from cdpctl import tls
 from cdpctl.common import console, out
 from cdpctl.platform import (
     COMPANIONS,
@@ -54,7 +60,7 @@ from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
 
 async def check_health(address: str, timeout: float = 1.0) -> str:
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with tls.aio_channel(address) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.aio.AioRpcError as exc:
@@ -113,13 +119,21 @@ async def _ready(
     return None
 
 
-async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, companions: bool = True) -> int:
+async def _up(
+    ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, companions: bool = True, use_tls: bool = False
+) -> int:
     previous = ws.running()
     if previous:
         console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
         return 1
     ws.prepare()
     ws.write_nats_auth()
+    client = None
+    if use_tls:
+        # Before anything starts: every service serves and dials with its certificate, cdpctl with its own.
+        tls.ensure_certificates(ws.root, [svc.name for svc in SERVICES])
+        client = tls.files(ws.root, tls.CLIENT)
+    tls.use_client(client)
     nats = NatsServer(
         store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222), config=NATS_SERVER_CONFIG
     )
@@ -139,6 +153,8 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
         "services": {},
         "companions": {},
     }
+    if client is not None:
+        state["tls"] = client  # cdpctl's certificate, key and the CA: what commands and tests present
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -172,6 +188,7 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
         for svc in SERVICES:
             grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
+            health_port = pick_port(0) if use_tls else None
             envs[svc.name] = service_environment(
                 ws,
                 svc,
@@ -182,6 +199,8 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
                 peers={name: info["grpc"] for name, info in state["services"].items()},
                 named_ports=named_ports,
             )
+            if health_port is not None:
+                envs[svc.name].update(tls.service_environment(ws.root, svc.name, health_port))
             named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
             if http_port is not None:
                 named_ports[f"{svc.name}.http"] = http_port
@@ -196,6 +215,9 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
                 "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
                 "log": str(logs[svc.name]),
             }
+            if health_port is not None:
+                # Plaintext, grpc.health.v1 only: for probes that present no certificate.
+                state["services"][svc.name]["health"] = f"127.0.0.1:{health_port}"
 
         async def service_ready(name: str) -> bool:
             return await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING"
@@ -321,8 +343,16 @@ async def _up(ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, c
     is_flag=True,
     help="do not start the local channel servers and CRM emulators (orchestration then sends in-app only)",
 )
+@click.option(
+    "--tls",
+    "use_tls",
+    is_flag=True,
+    envvar="CDP_UP_TLS",
+    help="mutual TLS between the services and for cdpctl: a development CA and one certificate per service "
+    "under the workspace's secrets/tls/",
+)
 @click.pass_obj
-def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions: bool) -> None:
+def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions: bool, use_tls: bool) -> None:
     """Start nats-server, the local channel servers and CRM emulators, and every service on the embedded
     store; show where they listen.
 
@@ -331,7 +361,7 @@ def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions:
     everything.
     """
     policy = RestartPolicy(give_up_after=restart_limit)
-    raise SystemExit(asyncio.run(_up(ws, startup_timeout, policy, companions=not no_companions)))
+    raise SystemExit(asyncio.run(_up(ws, startup_timeout, policy, companions=not no_companions, use_tls=use_tls)))
 
 
 # ------------------------------------------------------------------------------------------ status

@@ -35,6 +35,7 @@ from grpc_status import rpc_status
 from rich.table import Table
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdpctl import tls
 from cdpctl.common import (
     as_dict,
     bearer,
@@ -71,7 +72,7 @@ class ScoringRegistry:
     training run scores live's rows from synchronous code)."""
 
     def __init__(self, address: str, token: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+        self.channel = tls.channel(address)
         self.stub = scoring_pb2_grpc.ScoringServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
@@ -212,7 +213,7 @@ async def _train_on_service(address, metadata, model, cutoff, evaluate_at, label
         request.margin = margin
     if label is not None:
         json_format.ParseDict(json.loads(label.read_text()), request.label)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with tls.aio_channel(address) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
             last = None

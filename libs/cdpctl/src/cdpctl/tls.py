@@ -1,0 +1,222 @@
+"""Mutual TLS between the services `cdpctl up --tls` runs (CDP_UP_TLS=1), and cdpctl's own client side.
+
+`ensure_certificates` makes a development CA and one certificate per service (plus one for cdpctl, a
+client like any other) under the workspace's `secrets/tls/`, owner-only (folder 0700, files 0600). The
+same certificate serves a service's gRPC port and identifies it when it dials its peers
+(`cdp_kit.service.client_channel`): each service gets CDP_TLS_CERT_FILE / CDP_TLS_KEY_FILE and
+CDP_TLS_CLIENT_CA_FILE (the CA, which both requires client certificates on its port and is the root it
+trusts when it calls a peer). A certificate names its service (CN, and a DNS name) and 127.0.0.1 /
+localhost, where `make up` listens. The files are kept across runs and made again, all together, when one
+is missing or about to expire.
+
+With TLS on, the gRPC port accepts nothing else: no plaintext, no client without a certificate from this
+CA. Kubelet-style probes get `CDP_HEALTH_PORT`, a plaintext port serving only grpc.health.v1 (run.json
+records it as each service's "health"); cdpctl itself checks health and calls services over mutual TLS
+with its own certificate, found through run.json's "tls". The collector's tracking HTTP API and the CRM
+connector's webhooks stay plain HTTP (their callers are outside the platform).
+
+The private keys never leave the files: nothing here logs or prints them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CLIENT = "cdpctl"  # the certificate cdpctl (and tests, through run.json) present
+CA_DAYS = 365
+LEAF_DAYS = 90
+RENEW_BEFORE = datetime.timedelta(days=7)
+
+
+def tls_dir(root: Path) -> Path:
+    return root / "secrets" / "tls"
+
+
+def files(root: Path, name: str) -> dict[str, str]:
+    """Where `name`'s certificate and key are, and the CA: run.json's "tls" for cdpctl."""
+    folder = tls_dir(root)
+    return {
+        "ca_file": str(folder / "ca.crt"),
+        "cert_file": str(folder / f"{name}.crt"),
+        "key_file": str(folder / f"{name}.key"),
+    }
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cdp make up"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Written owner-only from the first byte (a key never exists world-readable, even briefly)."""
+    staging = path.with_suffix(path.suffix + ".new")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(staging, 0o600)
+    staging.replace(path)
+
+
+def _still_good(path: Path, now: datetime.datetime) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return cert.not_valid_after_utc - RENEW_BEFORE > now
+
+
+def ensure_certificates(root: Path, names: list[str] | tuple[str, ...]) -> None:
+    """A CA and a certificate per name (and cdpctl's), made unless every one exists and is not about to
+    expire. Made all together: certificates from an earlier CA never mix with a new one."""
+    folder = tls_dir(root)
+    now = datetime.datetime.now(datetime.UTC)
+    everyone = [*names, CLIENT]
+    wanted = [Path(files(root, n)[k]) for n in everyone for k in ("cert_file", "key_file")] + [folder / "ca.crt"]
+    if all(p.exists() for p in wanted) and all(_still_good(p, now) for p in wanted if p.suffix == ".crt"):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    # A random suffix: two workspaces' CAs are never the same name (nor, of course, the same key).
+    ca_name = _name(f"cdp development CA {secrets.token_hex(4)}")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    for name in everyone:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(name), x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            # Every service is both: it serves its port and dials its peers with the same certificate.
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        where = files(root, name)
+        _write_private(Path(where["key_file"]), _pem_key(key))
+        _write_private(Path(where["cert_file"]), cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+    # The CA's key is not kept: nothing signs again until the whole set is made anew.
+
+
+def service_environment(root: Path, name: str, health_port: int) -> dict[str, str]:
+    """What turns mutual TLS on for one service: its certificate and key, the CA its clients' and its
+    peers' certificates must chain to, and the plaintext health-only port."""
+    where = files(root, name)
+    return {
+        "CDP_TLS_CERT_FILE": where["cert_file"],
+        "CDP_TLS_KEY_FILE": where["key_file"],
+        "CDP_TLS_CLIENT_CA_FILE": where["ca_file"],
+        "CDP_HEALTH_PORT": str(health_port),
+    }
+
+
+def credentials(client: dict[str, str]) -> grpc.ChannelCredentials:
+    """Channel credentials from run.json's "tls" (CA, certificate, key)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(client["ca_file"]).read_bytes(),
+        private_key=Path(client["key_file"]).read_bytes(),
+        certificate_chain=Path(client["cert_file"]).read_bytes(),
+    )
+
+
+# ------------------------------------------------------------------ cdpctl's channels to the services
+
+# Which workspace's run.json says whether the platform speaks TLS (set by the CLI group for every
+# command), or the client files themselves (set by `cdpctl up` before run.json exists).
+_workspace_root: Path | None = None
+_client: dict[str, str] | None = None
+
+
+def use_workspace(root: Path) -> None:
+    global _workspace_root
+    _workspace_root = root
+
+
+def use_client(client: dict[str, str] | None) -> None:
+    global _client
+    _client = client
+
+
+def client_files() -> dict[str, str] | None:
+    """cdpctl's certificate, key and CA when the platform runs with TLS, else None."""
+    if _client is not None:
+        return _client
+    if _workspace_root is None:
+        return None
+    import json
+
+    try:
+        state = json.loads((_workspace_root / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state.get("tls") or None
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    """An asyncio channel to a service: mutual TLS with cdpctl's certificate when the platform uses it."""
+    client = client_files()
+    if client is None:
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, credentials(client))
+
+
+def channel(address: str) -> grpc.Channel:
+    """A blocking channel to a service, as `aio_channel`."""
+    client = client_files()
+    if client is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials(client))
