@@ -9,32 +9,16 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.service import serving
 from cdp_scoring.__main__ import setup
-from cdp_scoring.settings import ScoringSettings
+from cdp_testing.errors import bad_request_fields
 from cdp_testing.onnx_models import expected, logistic_model
 
+from .conftest import settings
+
 W = [0.5, -0.25]
-
-
-def settings(nats_server, tmp_path, **overrides) -> ScoringSettings:
-    values = dict(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=2,
-        shutdown_grace=1.0,
-        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
-        model_store=str(tmp_path / "models"),
-        ship_models=False,
-    )
-    values.update(overrides)
-    return ScoringSettings(**values)
 
 
 @pytest.fixture
@@ -42,16 +26,6 @@ async def scoring(nats_server, tmp_path):
     async with serving(settings(nats_server, tmp_path), setup) as runtime:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
             yield scoring_pb2_grpc.ScoringServiceStub(channel), runtime
-
-
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
-    fields = []
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def test_deploy_list_and_score_a_vector(scoring):
@@ -125,7 +99,7 @@ async def test_bad_requests_get_a_clear_status_naming_the_field(scoring, request
         await method(request_)
     assert caught.value.code() == code, caught.value.details()
     if field is not None:
-        assert violations(caught.value) == [field]
+        assert bad_request_fields(caught.value) == [field]
 
 
 async def test_shadow_promote_rollback_over_grpc(scoring):
@@ -190,4 +164,4 @@ async def test_a_training_label_holding_a_number_json_cannot_write_is_refused_na
                 async for _ in scoring_pb2_grpc.ScoringServiceStub(channel).TrainModel(request):
                     pass
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violations(caught.value) == ["label"]
+    assert bad_request_fields(caught.value) == ["label"]

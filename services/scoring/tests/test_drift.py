@@ -24,27 +24,13 @@ from cdp_scoring.__main__ import setup
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.domain.registry import LIVE, Version
 from cdp_scoring.drift import DRIFTED, NO_REFERENCE, OK, DriftMonitor, bins_of, build_reference, psi
-from cdp_scoring.settings import ScoringSettings
 from cdp_testing.fakes import T0
 from cdp_testing.metrics import MetricsCapture
 from cdp_testing.onnx_models import logistic_model
 
+from .conftest import settings
+
 W = np.array([0.5, -0.25])
-
-
-def settings(nats_server, tmp_path, **overrides) -> ScoringSettings:
-    values = dict(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=2,
-        shutdown_grace=1.0,
-        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
-        model_store=str(tmp_path / "models"),
-        ship_models=False,
-    )
-    return ScoringSettings(**(values | overrides))
 
 
 def population(rng: np.random.Generator, n: int, orders_mean: float = 2.0) -> np.ndarray:

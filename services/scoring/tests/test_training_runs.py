@@ -18,8 +18,6 @@ from datetime import UTC, datetime
 import grpc
 import pytest
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import InvalidArgument
@@ -28,25 +26,13 @@ from cdp_kit.storage import open_store
 from cdp_scoring.__main__ import setup
 from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings
+from cdp_testing.errors import bad_request_fields
 from cdp_testing.metrics import MetricsCapture
 from cdp_training.platformdata import write_population
 from cdp_training.simulator import simulate
 from cdp_training.traits import COMPUTED_TRAITS
 
-
-def settings(nats_server, tmp_path, **overrides) -> ScoringSettings:
-    values = dict(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=2,
-        shutdown_grace=1.0,
-        store_url=f"sqlite:///{tmp_path / 'scoring.db'}",
-        model_store=str(tmp_path / "models"),
-        ship_models=False,
-    )
-    return ScoringSettings(**(values | overrides))
+from .conftest import settings
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +56,6 @@ async def scoring(nats_server, tmp_path, profile_store):
         runtime.parts["metrics"] = captured
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
             yield scoring_pb2_grpc.ScoringServiceStub(channel), runtime
-
-
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
-    fields = []
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def train(stub, **request) -> list[scoring_pb2.TrainProgress]:
@@ -158,14 +134,14 @@ async def test_bad_runs_are_refused_naming_the_field(scoring):
     stub, runtime = scoring
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await train(stub, model="purchase_propensity", cutoff="last tuesday")
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and violations(caught.value) == ["cutoff"]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(caught.value) == ["cutoff"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await train(stub, model="")
-    assert violations(caught.value) == ["model"]
+    assert bad_request_fields(caught.value) == ["model"]
     for margin in (-1, float("inf"), float("nan")):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await train(stub, model="purchase_propensity", margin=margin)
-        assert violations(caught.value) == ["margin"]
+        assert bad_request_fields(caught.value) == ["margin"]
     training = runtime.parts["training"]
     training.running.add("churn_risk")  # as while a run of it goes on
     with pytest.raises(grpc.aio.AioRpcError) as caught:

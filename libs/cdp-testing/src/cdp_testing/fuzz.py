@@ -26,6 +26,8 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from cdp_testing.errors import bad_request_fields  # noqa: F401  (the fuzz tests import it from here)
+
 # ---------------------------------------------------------------------------------------------- budgets
 
 SCALE = float(os.environ.get("CDP_FUZZ_SCALE", "1"))
@@ -449,24 +451,6 @@ def segment_tree() -> st.SearchStrategy:
 # ---------------------------------------------------------------------------------------------- gRPC verdicts
 
 FAILURES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
-
-
-def bad_request_fields(error: grpc.RpcError) -> list[str]:
-    """The fields a google.rpc BadRequest detail of this error names (empty when it carries none)."""
-    from google.protobuf import any_pb2  # noqa: F401  (registers Any for Status.details)
-    from google.rpc import error_details_pb2, status_pb2
-
-    for key, value in error.trailing_metadata() or ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            fields = []
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    fields.extend(v.field for v in bad.field_violations)
-            return fields
-    return []
 
 
 def show(message: Message | bytes | str, limit: int = 600) -> str:
