@@ -16,48 +16,12 @@ from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller, HubSpotW
 from cdp_crm.state import CURSORS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.storage import open_store
+from cdp_testing.waiting import eventually
 
 TOKEN = "pat-local-hubspot"
 
 
-class CollectorStandIn:
-    """The collector's /v1/batch as far as the connector relies on it: a write key, and each messageId
-    stored once (a repeat is answered as a duplicate)."""
-
-    def __init__(self) -> None:
-        self.stored: dict[str, dict] = {}
-        self.posts = 0
-        self.duplicates = 0
-        self.refuse_next = 0
-        app = web.Application()
-        app.router.add_post("/v1/batch", self.batch)
-        self.runner = web.AppRunner(app)
-
-    async def batch(self, request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != "Basic Y3JtLWtleTo=":  # "crm-key:"
-            return web.json_response({"success": False, "code": "unauthorized"}, status=401)
-        if self.refuse_next:
-            self.refuse_next -= 1
-            return web.json_response({"success": False, "code": "unavailable"}, status=503)
-        self.posts += 1
-        for event in (await request.json())["batch"]:
-            if event["messageId"] in self.stored:
-                self.duplicates += 1
-            else:
-                self.stored[event["messageId"]] = event
-        return web.json_response({"success": True})
-
-    async def __aenter__(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-
-    async def __aexit__(self, *exc) -> None:
-        await self.runner.cleanup()
-
-
-async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_restarts(tmp_path):
+async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_restarts(tmp_path, collector):
     document = {
         "connections": [
             {
@@ -69,10 +33,8 @@ async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_rest
             }
         ]
     }  # fmt: skip
-    collector = CollectorStandIn()
     async with (
         HubSpotEmulator() as emulator,
-        collector as collector_url,
         aiohttp.ClientSession() as session,
         open_store(f"sqlite:///{tmp_path}/crm.db") as store,
     ):
@@ -83,7 +45,7 @@ async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_rest
         def poller() -> HubSpotPoller:  # a fresh process: nothing in memory, the store as it was left
             budget = SharedBudget(store, connection)
             return HubSpotPoller(
-                store, connection, session, TOKEN, budget, Collector(session, collector_url, "crm-key"),
+                store, connection, session, TOKEN, budget, Collector(session, collector.url, "crm-key"),
                 objects=("tickets",),  # the contact's own creation is another test's story
             )  # fmt: skip
 
@@ -128,11 +90,9 @@ async def test_a_ticket_opened_in_hubspot_reaches_the_collector_once_across_rest
         assert [e["event"] for e in collector.stored.values()] == ["CRM Ticket Opened", "CRM Ticket Closed"]
 
 
-async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp_path):
-    collector = CollectorStandIn()
+async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp_path, collector):
     async with (
         HubSpotEmulator() as emulator,
-        collector as collector_url,
         aiohttp.ClientSession() as session,
         open_store(f"sqlite:///{tmp_path}/crm.db") as store,
     ):
@@ -143,7 +103,7 @@ async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp
         (connection,) = parse_connections(document)
         await prepare_store(store)
         poller = HubSpotPoller(
-            store, connection, session, TOKEN, SharedBudget(store, connection), Collector(session, collector_url, "crm-key"),
+            store, connection, session, TOKEN, SharedBudget(store, connection), Collector(session, collector.url, "crm-key"),
             objects=("tasks",),
         )  # fmt: skip
         # As the connector writes a task for orchestration's action: upserted by its idempotency key.
@@ -159,10 +119,8 @@ async def test_a_task_the_connector_created_comes_back_only_with_its_outcome(tmp
         assert event["properties"]["cdp_idempotency_key"] == "cdp-1"  # which action it was
 
 
-async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_refused(tmp_path):
-    collector = CollectorStandIn()
+async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_refused(tmp_path, collector):
     async with (
-        collector as collector_url,
         aiohttp.ClientSession() as session,
         open_store(f"sqlite:///{tmp_path}/crm.db") as store,
     ):
@@ -179,7 +137,7 @@ async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_ref
             (connection,) = parse_connections(document)
             poller = HubSpotPoller(
                 store, connection, session, TOKEN, SharedBudget(store, connection),
-                Collector(session, collector_url, "crm-key"), objects=("tickets",),
+                Collector(session, collector.url, "crm-key"), objects=("tickets",),
             )  # fmt: skip
             hooks = HubSpotWebhooks({"hs": (poller, "app-secret")})
             runner = web.AppRunner(hooks.app)
@@ -210,11 +168,3 @@ async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_ref
             if runner is not None:
                 await runner.cleanup()
             await emulator.close()
-
-
-async def eventually(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(0.05)

@@ -5,6 +5,7 @@ budgets, backfills, validation naming the field. A missing credential stops it n
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -12,28 +13,18 @@ import time
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp.profile.v1 import profile_pb2
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, partition_for, profiles_stream, subjects
 from cdp_kit.timestamps import from_seconds
+from cdp_testing.errors import bad_request_fields
 from cdp_testing.processes import ServiceProcess
+from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
 START_BOUND = 120.0  # seconds a process may take to start (or to stop, refusing its settings) under load
-
-
-def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    fields = []
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 def _document(base_url: str) -> dict:
@@ -84,17 +75,7 @@ def _exit_code(process: ServiceProcess, bound: float) -> int:
             proc.wait()
 
 
-async def _eventually(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s")
-        await asyncio.sleep(0.1)
+_eventually = functools.partial(eventually, timeout=20.0, every=0.1)
 
 
 async def test_the_process_syncs_and_answers_its_api(nats_server, tmp_path):
@@ -159,7 +140,7 @@ async def test_the_process_syncs_and_answers_its_api(nats_server, tmp_path):
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
                         await call(request)
                     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                    assert bad_fields(refused.value) == [field]
+                    assert bad_request_fields(refused.value) == [field]
         finally:
             process.stop()
         assert len(emulator.records("contacts")) == 1

@@ -4,10 +4,9 @@ CRM's collector source and the inbound event, and the case opened about her is o
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import json
-import time
 
 import grpc
 
@@ -19,6 +18,7 @@ from cdp_crm.inbound import Collector, Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 from cdp_kit.service import serving
+from cdp_testing.waiting import eventually
 
 WEB_KEY, CRM_KEY = "wk-web-0001", "wk-crm-0001"
 
@@ -112,11 +112,4 @@ async def _lookup(stub, kind: str, value: str):
         raise
 
 
-async def _eventually(check, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = await check()
-        if answer:
-            return answer
-        assert time.monotonic() < deadline, f"not within {timeout}s"
-        await asyncio.sleep(0.1)
+_eventually = functools.partial(eventually, timeout=20.0, every=0.1)
