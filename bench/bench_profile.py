@@ -38,7 +38,15 @@ from pathlib import Path
 
 import grpc
 import nats
-from benchlib import acknowledged, bare_server_calls, bench_hop, percentile, wait_count, write_result
+from benchlib import (
+    ENGINE_STAGES,
+    acknowledged,
+    bare_server_calls,
+    bench_hop,
+    percentile,
+    wait_count,
+    write_result,
+)
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
@@ -379,17 +387,6 @@ async def probe_freshness(collector, profile, person: str, seconds: float) -> li
             await asyncio.sleep(POLL)
         await asyncio.sleep(max(0.0, 0.1 - (time.perf_counter() - sent)))
     return probes
-
-
-ENGINE_STAGES = {
-    "bus_wait": "cdp_engine_bus_wait_duration_milliseconds",
-    "slot_wait": "cdp_engine_slot_wait_duration_milliseconds",
-    "decode": "cdp_engine_decode_duration_milliseconds",
-    "apply": "cdp_engine_batch_apply_duration_milliseconds",
-    "commit": "cdp_engine_commit_duration_milliseconds",
-    "publish": "cdp_engine_publish_duration_milliseconds",
-    "ack": "cdp_engine_ack_duration_milliseconds",
-}
 
 
 def engine_histograms(metrics_port: int, service: str) -> dict[str, dict]:

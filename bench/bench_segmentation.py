@@ -36,7 +36,7 @@ import nats
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchlib import acknowledged, bench_hop, percentile, wait_count, write_result
+from benchlib import acknowledged, bench_hop, bucket_quantile, percentile, wait_count, write_result
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
@@ -324,18 +324,6 @@ def scrape(url: str) -> dict[str, tuple[list[tuple[float, float]], float, float]
                     count += sample.value
         out[stage] = (sorted(buckets.items()), total, count)
     return out
-
-
-def bucket_quantile(cumulative: list[tuple[float, float]], count: float, q: float) -> float:
-    """The q-quantile of a histogram given as cumulative (upper bound, count) pairs, linear within a bucket."""
-    rank, lower, below = q * count, 0.0, 0.0
-    for bound, n in cumulative:
-        if n >= rank:
-            if bound == float("inf"):
-                return lower
-            return round(lower + (bound - lower) * (rank - below) / max(n - below, 1e-9), 2)
-        lower, below = bound, n
-    return lower
 
 
 def stage_split(before: dict, after: dict) -> dict:

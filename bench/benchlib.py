@@ -21,6 +21,16 @@ import grpc
 from cdp_kit.bus import subjects
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The kit engine's histograms of one batch's way through a service, in the order a batch meets them.
+ENGINE_STAGES = {
+    "bus_wait": "cdp_engine_bus_wait_duration_milliseconds",
+    "slot_wait": "cdp_engine_slot_wait_duration_milliseconds",
+    "decode": "cdp_engine_decode_duration_milliseconds",
+    "apply": "cdp_engine_batch_apply_duration_milliseconds",
+    "commit": "cdp_engine_commit_duration_milliseconds",
+    "publish": "cdp_engine_publish_duration_milliseconds",
+    "ack": "cdp_engine_ack_duration_milliseconds",
+}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -185,3 +195,15 @@ async def bench_hop(nats_url: str, seconds: float, *, rate: int, payload: bytes)
         await js.delete_stream("HOP")
         await nc.close()
     return {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99), "probes": len(latencies)}
+
+
+def bucket_quantile(cumulative: list[tuple[float, float]], count: float, q: float) -> float:
+    """The q-quantile of a histogram given as cumulative (upper bound, count) pairs, linear within a bucket."""
+    rank, lower, below = q * count, 0.0, 0.0
+    for bound, n in cumulative:
+        if n >= rank:
+            if bound == float("inf"):
+                return lower
+            return round(lower + (bound - lower) * (rank - below) / max(n - below, 1e-9), 2)
+        lower, below = bound, n
+    return lower

@@ -30,18 +30,8 @@ import threading
 import time
 import urllib.request
 
-from benchlib import percentile
+from benchlib import ENGINE_STAGES, bucket_quantile, percentile
 
-# The kit engine's histograms of one batch's way through a service, in the order a batch meets them.
-ENGINE_STAGES = {
-    "bus_wait": "cdp_engine_bus_wait_duration_milliseconds",
-    "slot_wait": "cdp_engine_slot_wait_duration_milliseconds",
-    "decode": "cdp_engine_decode_duration_milliseconds",
-    "apply": "cdp_engine_batch_apply_duration_milliseconds",
-    "commit": "cdp_engine_commit_duration_milliseconds",
-    "publish": "cdp_engine_publish_duration_milliseconds",
-    "ack": "cdp_engine_ack_duration_milliseconds",
-}
 # Service-specific histograms worth reading beside the engine's (name -> what it measures).
 SERVICE_HISTOGRAMS = {
     "cdp_profile_freshness_milliseconds": "collector acceptance to the profile change visible, per batch",
@@ -86,18 +76,6 @@ def scrape(url: str) -> dict:
             elif sample.name.endswith("_count"):
                 entry[2] += sample.value
     return {"hist": hist, "cpu": cpu, "at": time.monotonic()}
-
-
-def bucket_quantile(cumulative: list[tuple[float, float]], count: float, q: float) -> float:
-    """The q-quantile of a histogram given as cumulative (upper bound, count) pairs, linear within a bucket."""
-    rank, lower, below = q * count, 0.0, 0.0
-    for bound, n in cumulative:
-        if n >= rank:
-            if bound == float("inf"):
-                return lower
-            return round(lower + (bound - lower) * (rank - below) / max(n - below, 1e-9), 2)
-        lower, below = bound, n
-    return lower
 
 
 def window(before: dict, after: dict) -> dict:
