@@ -11,6 +11,11 @@ servers and the CRM emulators) and speaks to it only through what the platform o
 - what a customer or a CRM user sees is read where they would see it: the local mailbox (a maildir), the
   webhook receiver's list of deliveries, the CRM emulators' own HTTP APIs.
 
+Every identifier a story sends (user and anonymous ids, emails, phone numbers, device ids, IP addresses)
+is kept in `Story.identifiers`; `register` adds values sent some other way. When a story module ends,
+conftest.py reads every log line its platform wrote and fails on any of them, or on any secret of the
+workspace (write keys, tokens, NATS passwords, the CRMs' credentials).
+
 Time: the platform runs on the real clock. Stories that need a person's 2 a.m. pick the person's time
 zone (a `traits.timezone`) in which it is 2 a.m. now, and history is sent with past event timestamps.
 """
@@ -86,11 +91,30 @@ def http_json(url: str, body: Any = None, *, method: str | None = None, headers:
     return json.loads(text) if text else None
 
 
+# Every Story made, in order: conftest.py audits the logs of those a module made when it ends.
+OPENED: list[Story] = []
+
+# Where a Segment event carries an identifier of a person (dotted paths).
+IDENTIFIER_PATHS = (
+    "userId", "anonymousId", "previousId",
+    "traits.email", "traits.phone", "context.traits.email", "context.traits.phone",
+    "context.device.id", "context.ip",
+)  # fmt: skip
+
+
+def _at(event: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        event = event.get(part) if isinstance(event, dict) else None
+    return event
+
+
 class Story:
     """One platform and the people in one story module."""
 
     def __init__(self, platform: RunningPlatform) -> None:
         self.platform = platform
+        self.identifiers: set[str] = set()
+        OPENED.append(self)
         self.metadata = platform.admin_metadata
         self._channels = {name: grpc.insecure_channel(platform.grpc_address(name)) for name in platform.run["services"]}
         self.profiles = profile_pb2_grpc.ProfileServiceStub(self._channels["profile"])
@@ -109,6 +133,8 @@ class Story:
     def send(self, *events: dict[str, Any]) -> None:
         """One Segment batch, sent again (unchanged) until the collector accepts it."""
         batch = [{"messageId": str(uuid.uuid4()), **event} for event in events]
+        for event in batch:
+            self.register(*(_at(event, path) for path in IDENTIFIER_PATHS))
         body = json.dumps({"batch": batch}).encode()
         request = urllib.request.Request(
             self._collector, body, {"Content-Type": "application/json", "Authorization": self._auth}, method="POST"
@@ -125,6 +151,10 @@ class Story:
                 pass
             time.sleep(0.2)
         raise AssertionError("the collector did not accept the batch")
+
+    def register(self, *values: Any) -> None:
+        """Identifier values no log line may hold (strings; anything else is ignored)."""
+        self.identifiers.update(v for v in values if isinstance(v, str) and v)
 
     def send_many(self, events: list[dict[str, Any]], size: int = 200) -> None:
         for start in range(0, len(events), size):
