@@ -60,7 +60,7 @@ def test_the_certificates_are_the_owners_alone(platform):
 @pytest.mark.timeout(180)
 def test_events_flow_and_cdpctl_works_over_mutual_tls(platform):
     status = json.loads(cdpctl(platform, "status", "--json"))
-    assert status["healthy"], status
+    assert status["healthy"], f"{status}\n{platform.log_tail()}"
     assert {name: svc["health"] for name, svc in status["services"].items()} == dict.fromkeys(SERVICES, "SERVING")
 
     # Collector (HTTP, unchanged) -> identity -> profile; segmentation defines its computed trait on profile
@@ -118,7 +118,7 @@ def test_every_grpc_port_refuses_clients_without_a_certificate_from_the_ca(platf
         "another CA's certificate": "UNAVAILABLE",
         "health port, plaintext": "SERVING",
     }
-    assert seen == dict.fromkeys(SERVICES, expected)
+    assert seen == dict.fromkeys(SERVICES, expected), platform.log_tail()
 
 
 def test_the_health_port_serves_health_only(platform):
