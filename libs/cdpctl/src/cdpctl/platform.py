@@ -14,6 +14,8 @@ the FCM key file at start).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import random
@@ -21,6 +23,7 @@ import re
 import secrets
 import socket
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -264,21 +267,63 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 # the service binds it.
 _SPARE_PORTS = range(20_000, 32_000)
 
+# A port is free when nothing listens on it *and* no other `cdpctl up` on this machine picked it: between
+# picking a port and its service binding it there are seconds (the services start one after another), in
+# which another platform starting at the same moment (tests running in parallel) would see it free too.
+# A pick is a file named after the port holding the picker's pid, made with O_EXCL; it lasts as long as
+# that process (a file whose process is gone is taken over), and is removed when the process exits.
+_RESERVATIONS = Path(tempfile.gettempdir()) / "cdp-ports"
+_mine: set[Path] = set()
+
+
+def _release_ports() -> None:
+    for path in list(_mine):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        _mine.discard(path)
+
+
+def _reserve(port: int) -> bool:
+    """Take `port` for this process unless another live process on this machine picked it."""
+    _RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
+    path = _RESERVATIONS / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder == os.getpid():
+                return True
+            if holder and pid_alive(holder):
+                return False
+            with contextlib.suppress(OSError):
+                path.unlink()  # its picker is gone: take it over
+            continue
+        with os.fdopen(fd, "w") as file:
+            file.write(str(os.getpid()))
+        if not _mine:
+            atexit.register(_release_ports)
+        _mine.add(path)
+        return True
+    return False
+
 
 def pick_port(preferred: int) -> int:
-    """The conventional port when free, else a free spare one (a second checkout, a busy laptop).
-    CDP_UP_PORTS=any skips the conventional ports: several platforms started at once on one machine (tests
-    running in parallel) would otherwise all race for the same ones."""
-    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and port_is_free(preferred):
+    """The conventional port when free, else a free spare one (a second checkout, a busy laptop); free means
+    nothing listens there and no other `cdpctl up` on this machine picked it. CDP_UP_PORTS=any skips the
+    conventional ports: several platforms started at once (tests running in parallel) would otherwise all
+    want the same ones."""
+    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and port_is_free(preferred) and _reserve(preferred):
         return preferred
     rng = random.SystemRandom()
-    for _ in range(100):
+    for _ in range(200):
         port = rng.choice(_SPARE_PORTS)
-        if port_is_free(port):
+        if port_is_free(port) and _reserve(port):
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    raise RuntimeError(f"no free port found in {_SPARE_PORTS.start}-{_SPARE_PORTS.stop - 1}")
 
 
 @dataclass
