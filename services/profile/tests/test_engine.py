@@ -521,3 +521,90 @@ async def test_a_deletion_without_suppression_leaves_no_hash_of_the_persons_iden
     assert list(notices["r1"].identifier_hashes) == []
     assert notices["r2"].suppress
     assert hashlib.sha256(b"user_id:p2").hexdigest() in notices["r2"].identifier_hashes
+
+
+class HeldWrites:
+    """Holds the store's writes until released (a slow commit); `fail` fails the next one."""
+
+    def __init__(self, store) -> None:
+        self.write = store.bulk_write
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail = False
+        store.bulk_write = self.bulk_write
+
+    async def bulk_write(self, ops) -> None:
+        self.held.set()
+        await self.release.wait()
+        if self.fail:
+            from cdp_kit.errors import Unavailable
+
+            self.fail = False
+            raise Unavailable("store down")
+        await self.write(ops)
+
+
+async def test_get_profile_never_shows_a_change_before_it_is_written(engine):
+    """Read-your-durable-writes: a batch applied while its commit is held is not visible to readers;
+    the read waits for the commit and answers after it lands (a person with nothing pending answers at once)."""
+    from cdp_profile.api import ProfileApi
+
+    api = ProfileApi(engine)
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o9", "p2", T0, 10)]))
+    held = HeldWrites(engine.store)
+    await engine.events.bus.js.publish(
+        "events.resolved.0", events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString()
+    )
+    await asyncio.wait_for(held.held.wait(), 10)
+    assert engine.profiles["p1"].events(limit=10)[0][0].event_id == "t:o2"  # applied in memory, not written
+
+    # Another person, nothing pending: answered at once.
+    assert (await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p2"), None)).event_count == 1
+    released = False
+
+    async def read():
+        answer = await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)
+        return released, answer
+
+    reading = asyncio.create_task(read())
+    try:
+        await asyncio.sleep(0.3)
+        assert not reading.done(), "the read answered while p1's change was not durable"
+    finally:
+        released = True
+        held.release.set()
+    seen_after_release, answer = await asyncio.wait_for(reading, 10)
+    assert seen_after_release and answer.event_count == 2
+
+
+async def test_a_read_waiting_for_a_write_that_fails_is_unavailable_and_then_answers_what_was_stored(engine):
+    from cdp_kit.errors import Unavailable
+    from cdp_profile.api import ProfileApi
+
+    api = ProfileApi(engine)
+    request = profile_pb2.GetProfileRequest(person_id="p1")
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    held = HeldWrites(engine.store)
+    held.fail = True
+    await engine.events.bus.js.publish(
+        "events.resolved.0", events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString()
+    )
+    await asyncio.wait_for(held.held.wait(), 10)
+    reading = asyncio.create_task(api.GetProfile(request, None))
+    await asyncio.sleep(0.1)
+    held.release.set()
+    with pytest.raises(Unavailable) as failed:
+        await asyncio.wait_for(reading, 10)
+    assert failed.value.retry_after > 0
+    # The store is back: the batch comes again, lands, and the read shows it.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            answer = await api.GetProfile(request, None)
+        except Unavailable:
+            answer = None
+        if answer is not None and answer.event_count == 2:
+            break
+        assert time.monotonic() < deadline, "the redelivered batch was not applied"
+        await asyncio.sleep(0.05)

@@ -62,3 +62,42 @@ async def test_a_failed_group_fails_every_write_in_it_and_every_later_one():
     chain.reset()
     await chain.submit([put("f")])
     assert store.writes == [["a"], ["f"]]
+
+
+async def test_a_submission_is_landing_until_its_write_is_durable_then_nothing_is_left_to_wait_for():
+    store = GatedStore()
+    chain = WriteChain(store)
+    assert chain.submitted == 0 and chain.landing(1) is None  # nothing submitted: nothing to wait for
+    first = chain.submit([put("a")])
+    await asyncio.sleep(0)
+    second, third = chain.submit([put("b")]), chain.submit([put("c")])  # one group behind a
+    assert (chain.submitted, chain.durable) == (3, 0)
+    assert chain.landing(1) is first
+    assert chain.landing(2) is second and chain.landing(3) is second
+    assert not first.done()
+    store.release.set()
+    await chain.landing(3)
+    assert chain.durable == 3
+    assert all(chain.landing(n) is None for n in (1, 2, 3))
+    assert third.done()
+
+
+async def test_a_failed_submission_is_seen_failed_until_the_owner_resets_the_chain():
+    store = GatedStore()
+    chain = WriteChain(store)
+    first = chain.submit([put("a")])
+    await asyncio.sleep(0)
+    chain.submit([put("b")])
+    store.fail_next = True
+    store.release.set()
+    await first
+    await chain.settle()
+    failed = chain.landing(2)
+    assert failed is not None and failed.done()
+    with pytest.raises(Unavailable):
+        failed.result()
+    assert chain.landing(1) is None  # landed before the failure
+    chain.reset()
+    assert chain.landing(2) is None  # the owner dropped the state it carried
+    await chain.submit([put("c")])
+    assert (chain.submitted, chain.durable) == (3, 3)

@@ -15,6 +15,15 @@ and pipelines (batch n+1 applied while n is written). A write that fails drops t
 the writes queued after it fail too, the unacknowledged batches are redelivered onto the store's state,
 so nothing is counted twice.
 
+Reads answer from durable state only. A change is in memory before its write lands (a batch is applied
+while the one before it is being written; an API write waits for its own), and a crash in between loses
+it until the stream brings it again, if ever (a deletion or a merge may come first). So every write of a
+person's record notes the number of the chain's submission that carries it (`HotProfiles.versioned_put`
+-> `_noted`; nothing awaits between that and the submit), and `profile()` waits, at most
+`DURABLE_READ_WAIT` seconds, until the writes noted for the person asked and the person holding its data
+have landed (milliseconds: the next group commit); if one fails, the read is UNAVAILABLE (retry: the
+cache is being rebuilt from the store). A person with nothing in flight costs a lookup and a comparison.
+
 This module holds the hot state and the out-of-stream paths; what a message does to a profile is not
 here. Merged-away persons keep a tombstone (`merged_into`) so late events are applied to the survivor;
 deleted persons keep a marker without personal data, so events already in flight at deletion time do
@@ -27,6 +36,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -62,6 +72,9 @@ from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.engine")
 
+# How long a read waits for a person's pending writes to land before it answers UNAVAILABLE.
+DURABLE_READ_WAIT = 5.0
+
 
 class ProfileEngine:
     def __init__(
@@ -83,11 +96,15 @@ class ProfileEngine:
         self.retention = retention
         self.clock = clock
         self._partition = Partitioner(partitions)
-        self.hot = HotProfiles(store, retention=retention, owns=self.owns)
-        self.catalogue = ComputedTraitCatalogue(self, max_held=max_computed_traits)
-        self.privacy = Privacy(self)
         # Every write of the service, stream batches and the rest, lands in the order it was made.
         self.chain = WriteChain(store)
+        # Person -> the chain submission carrying its latest write (see the module docstring), and the
+        # same by submission, oldest first, to drop what has landed.
+        self._unlanded: dict[str, int] = {}
+        self._notes: deque[tuple[int, list[str]]] = deque()
+        self.hot = HotProfiles(store, retention=retention, owns=self.owns, on_write=self._noted)
+        self.catalogue = ComputedTraitCatalogue(self, max_held=max_computed_traits)
+        self.privacy = Privacy(self)
         # The partitioned engines running on this hot state (`stream.py`): a deletion waits for them.
         self.streams: list = []
         # Bumped when a recovery starts: a batch applied across a recovery is refused (`fresh`).
@@ -252,6 +269,7 @@ class ProfileEngine:
             try:
                 await self.chain.settle()
                 self.hot.reset()
+                self._forget_notes()
                 log.warning("profile cache dropped after a failed write; reloading from the store")
                 await self.hot.warm()
                 self.chain.reset()
@@ -282,8 +300,11 @@ class ProfileEngine:
 
     # --- synchronous paths (gRPC) -----------------------------------------------------------------
 
-    async def profile(self, person_id: str) -> Profile:
+    async def profile(self, person_id: str, *, durable: bool = True) -> Profile:
         """The live profile of a person (following merges), read from the store if not ours.
+
+        `durable` (reads): answered once every change it shows has been written (see the module
+        docstring); writers pass False, their own write is ordered after the pending ones anyway.
 
         A person of a partition this replica does not own (asked while its partition moves, or on a
         replica that cannot forward) is read into a copy of its own and not kept: its owner writes it,
@@ -291,12 +312,62 @@ class ProfileEngine:
         hot = self.hot if self.owns(person_id) else HotProfiles(self.store, retention=self.retention, owns=self.owns)
         await hot.load([person_id])
         root = hot.root(person_id)
+        if durable and self._unlanded and hot is self.hot:
+            root = await self._landed(person_id, root)
         profile = hot.profiles.get(root)
         if profile is None:
             if root in hot.deleted:
                 raise NotFound(f"person {person_id!r} was deleted", reason="deleted")
             raise NotFound(f"no profile for person {person_id!r}", reason="unknown_person")
         return profile
+
+    def _noted(self, person: str) -> None:
+        """A write of `person`'s record is about to be submitted (`HotProfiles.versioned_put`)."""
+        number = self.chain.submitted + 1
+        self._unlanded[person] = number
+        notes = self._notes
+        if notes and notes[-1][0] == number:
+            notes[-1][1].append(person)
+            return
+        durable = self.chain.durable
+        while notes and notes[0][0] <= durable:
+            landed, persons = notes.popleft()
+            for someone in persons:
+                if self._unlanded.get(someone) == landed:
+                    del self._unlanded[someone]
+        notes.append((number, [person]))
+
+    def _forget_notes(self) -> None:
+        self._unlanded.clear()
+        self._notes.clear()
+
+    def _pending(self, person: str) -> asyncio.Future | None:
+        number = self._unlanded.get(person)
+        return None if number is None else self.chain.landing(number)
+
+    async def _landed(self, person_id: str, root: str) -> str:
+        """Wait until the writes noted for `person_id` and for the person holding its data have landed;
+        the latter, as it is then. UNAVAILABLE if one fails or they take longer than DURABLE_READ_WAIT."""
+        deadline = None
+        loop = asyncio.get_running_loop()
+        while (write := self._pending(person_id) or self._pending(root)) is not None:
+            if deadline is None:
+                deadline = loop.time() + DURABLE_READ_WAIT
+            try:
+                await asyncio.wait_for(asyncio.shield(write), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise Unavailable("the profile's latest change is not written yet; retry", retry_after=1.0) from None
+            except asyncio.CancelledError:
+                if write.cancelled():
+                    raise Unavailable("the profile's latest change was not written; retry", retry_after=1.0) from None
+                raise
+            except Exception:
+                # The cache is rebuilt from the store (`recover`); the read is answered from there on retry.
+                raise Unavailable("the profile's latest change was not written; retry", retry_after=1.0) from None
+            # Meanwhile the person may have been merged, or the cache rebuilt: look again.
+            await self.hot.load([person_id])
+            root = self.hot.root(person_id)
+        return root
 
     def owned_profile_or_fail(self, person: str) -> None:
         partition = self._partition(person)
@@ -317,7 +388,7 @@ class ProfileEngine:
         at: float | None,
         request_id: str,
     ) -> tuple[Profile, ProfileChange]:
-        profile = await self.profile(person_id)
+        profile = await self.profile(person_id, durable=False)
         self.owned_profile_or_fail(profile.person_id)
         now = self.clock()
         at = now if at is None else at
@@ -333,7 +404,7 @@ class ProfileEngine:
     async def set_scores(
         self, person_id: str, scores: dict[str, float], *, model: str, version: str, at: float
     ) -> ProfileChange:
-        profile = await self.profile(person_id)
+        profile = await self.profile(person_id, durable=False)
         self.owned_profile_or_fail(profile.person_id)
         change = profile.set_scores(scores, model=model, version=version, at=at)
         await self.write({profile.person_id: change} if change else {}, cause="score", now=self.clock())

@@ -10,6 +10,8 @@ this and reloads it from the store (`reset` + `warm`).
 rather than per read). Every change to a profile is written, and every write of a person's record goes
 through `versioned_put`, which drops that person's view; `reset` drops them all. So a view is never
 older than the last write of its profile, and a deleted or merged-away person's view is gone with it.
+The same funnel tells the engine which persons have a write not yet durable (`on_write`, see
+`ProfileEngine.profile`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ from cdp_profile.records import PROFILES, TIMELINE, decode_entry, decode_profile
 
 
 class HotProfiles:
-    def __init__(self, store: Store, *, retention: Retention, owns: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        retention: Retention,
+        owns: Callable[[str], bool],
+        on_write: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
+        self._on_write = on_write
         self.retention = retention
         self._owns = owns
         self.profiles: dict[str, Profile] = {}
@@ -113,4 +123,6 @@ class HotProfiles:
         expected = self.versions.get(person, 0)
         self.versions[person] = expected + 1
         self.views.pop(person, None)
+        if self._on_write is not None:
+            self._on_write(person)
         return Put(PROFILES, person, doc, expected_version=expected)

@@ -18,11 +18,19 @@ Group commit: writes submitted while an earlier one is still being written are q
 land in one `bulk_write` (in submission order, at most `max_group_ops` operations), so a chain shared by
 many partitions costs one store round trip per round, not one per batch. A group lands or fails whole:
 a write that fails takes the others of its group with it, as it would take every later write anyway.
+
+Positions: each `submit` is numbered (`submitted` is the number of the latest), and `durable` is the
+highest number whose write has landed; every write before it has landed too (writes land in order).
+`landing(n)` is the future of write n, or None once it is durable: an owner that noted, when it changed
+some state, the number of the write that carries the change (`submitted + 1` right before submitting it,
+with nothing awaited between) can tell whether that change is durable yet, and wait for it, at the cost
+of a comparison when it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable
 
 from cdp_kit.errors import Unavailable
@@ -34,10 +42,11 @@ class EarlierWriteFailed(Unavailable):
 
 
 class _Group:
-    __slots__ = ("ops", "sealed", "write")
+    __slots__ = ("last", "ops", "sealed", "write")
 
-    def __init__(self, ops: list[WriteOp]) -> None:
+    def __init__(self, ops: list[WriteOp], last: int) -> None:
         self.ops = ops
+        self.last = last  # the number of the latest submission it carries
         self.sealed = False  # its bulk_write has started: nothing joins any more
         self.write: asyncio.Future | None = None
 
@@ -50,6 +59,10 @@ class WriteChain:
         self._open: _Group | None = None  # the last group, joinable until its write starts
         self._tasks: set[asyncio.Future] = set()
         self._closed = False
+        self.submitted = 0  # the number of the latest submission
+        self.durable = 0  # every submission up to this number has landed
+        # Groups not known durable, in submission order: in flight, or failed (dropped by `reset`).
+        self._unlanded: deque[_Group] = deque()
 
     def submit(self, ops: Iterable[WriteOp], *, after: asyncio.Future | None = None) -> asyncio.Future:
         """Queue one `bulk_write` of `ops` behind every write submitted so far (and behind `after`).
@@ -60,6 +73,7 @@ class WriteChain:
             write.set_exception(EarlierWriteFailed("the write chain was aborted"))
             return write
         ops = list(ops)
+        self.submitted += 1
         group = self._open
         if (
             group is not None
@@ -69,14 +83,30 @@ class WriteChain:
             and (after is None or after.done() or after in self._tasks)
         ):
             group.ops.extend(ops)
+            group.last = self.submitted
             return group.write  # type: ignore[return-value]
-        group = _Group(ops)
+        group = _Group(ops, self.submitted)
         write = group.write = asyncio.ensure_future(self._write(self._last, after, group))
         self._open = group
         self._last = write
         self._tasks.add(write)
+        self._unlanded.append(group)
         write.add_done_callback(self._tasks.discard)
         return write
+
+    def landing(self, number: int) -> asyncio.Future | None:
+        """The write of submission `number` (done with an error if it failed), or None if it has landed
+        (or was failed and dropped by `reset`: its state is gone with the owner's recovery)."""
+        if number <= self.durable:
+            return None
+        for group in self._unlanded:
+            if group.last >= number:
+                return group.write
+        if self._closed:
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(EarlierWriteFailed("the write chain was aborted"))
+            return failed
+        return None
 
     async def _write(self, previous: asyncio.Future | None, after: asyncio.Future | None, group: _Group) -> None:
         try:
@@ -85,6 +115,10 @@ class WriteChain:
             group.sealed = True
         if group.ops:
             await self.store.bulk_write(group.ops)
+        # Landed, so every earlier submission has too (or failed before a `reset`).
+        self.durable = max(self.durable, group.last)
+        while self._unlanded and self._unlanded[0].last <= self.durable:
+            self._unlanded.popleft()
 
     @staticmethod
     async def _wait_for(previous: asyncio.Future | None, after: asyncio.Future | None) -> None:
@@ -114,6 +148,8 @@ class WriteChain:
         earlier ones. Only after the state computed on a failed write has been dropped."""
         self._last = None
         self._open = None
+        # Only failed groups can be left before a landed one; those in flight stay until they land.
+        self._unlanded = deque(g for g in self._unlanded if not (g.write is not None and g.write.done()))
 
     def abort(self) -> None:
         """Cancel every write not yet landed and refuse any later one (tests: what a crash does to a
