@@ -312,8 +312,13 @@ class ProfileEngine:
         hot = self.hot if self.owns(person_id) else HotProfiles(self.store, retention=self.retention, owns=self.owns)
         await hot.load([person_id])
         root = hot.root(person_id)
-        if durable and self._unlanded and hot is self.hot:
-            root = await self._landed(person_id, root)
+        chain = self.chain
+        # Every write submitted has landed (an idle chain): nothing to wait for. Otherwise the common case
+        # (nothing noted for these persons, or it landed) costs two lookups.
+        if durable and chain.durable < chain.submitted and hot is self.hot:
+            unlanded = self._unlanded
+            if max(unlanded.get(person_id, 0), unlanded.get(root, 0)) > chain.durable:
+                root = await self._landed(person_id, root)
         profile = hot.profiles.get(root)
         if profile is None:
             if root in hot.deleted:
