@@ -608,3 +608,24 @@ async def test_a_read_waiting_for_a_write_that_fails_is_unavailable_and_then_ans
             break
         assert time.monotonic() < deadline, "the redelivered batch was not applied"
         await asyncio.sleep(0.05)
+
+
+async def test_a_read_during_an_api_write_shows_the_new_trait_only_once_it_is_written(engine):
+    from cdp_profile.api import ProfileApi
+
+    api = ProfileApi(engine)
+    request = profile_pb2.GetProfileRequest(person_id="p1")
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    held = HeldWrites(engine.store)
+    writing = asyncio.create_task(
+        engine.update_traits("p1", {"plan": "pro"}, {}, source="api", at=None, request_id="w1")
+    )
+    try:
+        await asyncio.wait_for(held.held.wait(), 10)
+        reading = asyncio.create_task(api.GetProfile(request, None))
+        await asyncio.sleep(0.2)
+        assert not reading.done(), "the read answered while the API write was not durable"
+    finally:
+        held.release.set()
+    await asyncio.wait_for(writing, 10)
+    assert (await asyncio.wait_for(reading, 10)).traits["plan"].value.string_value == "pro"
