@@ -67,6 +67,27 @@ def test_retry_after_blocks_every_grant_until_then_in_seconds_or_as_an_http_date
     assert refused.reason == "retry_after" and refused.wait_until == T0 + 120
 
 
+def test_a_429_without_a_hint_while_the_window_has_room_pauses_a_moment_not_a_whole_window():
+    # A refusal whose own limit headers show room (a transient throttle, a fault): one second, then on.
+    budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
+    assert budget.reserve(1, T0).granted
+    budget.observe({"X-HubSpot-RateLimit-Remaining": "150", "X-HubSpot-RateLimit-Max": "190"}, T0 + 1)
+    budget.throttled(T0 + 1)
+    assert not budget.reserve(1, T0 + 1.5).granted
+    assert budget.reserve(1, T0 + 2).granted  # it used to wait the whole window (T0 + 11)
+
+
+def test_a_429_without_a_hint_when_the_crm_counts_the_window_full_waits_until_its_units_leave():
+    budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
+    assert all(budget.reserve(1, T0).granted for _ in range(100))
+    # Another app used the rest: the refusal's headers say nothing is left.
+    budget.observe({"X-HubSpot-RateLimit-Remaining": "0"}, T0 + 1)
+    budget.throttled(T0 + 1)
+    refused = budget.reserve(1, T0 + 5)
+    assert not refused.granted and refused.reason == "burst"
+    assert budget.reserve(1, T0 + 10).granted  # our oldest grants left the window
+
+
 def test_a_daily_limit_answer_waits_for_the_next_day():
     budget = Budget.for_kind("hubspot", account="62515")
     budget.throttled(T0, daily=True)

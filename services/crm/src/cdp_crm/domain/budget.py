@@ -168,8 +168,13 @@ class Budget:
             self.blocked_until = max(self.blocked_until, (self.day + 1) * DAY)
         wait = parse_retry_after(retry_after, now)
         if wait is None and not daily:
-            # Throttled without a hint: the window is full as far as the CRM is concerned.
-            wait = now + (self.span if self.window else 1.0)
+            # Throttled without a hint. The answer's limit headers were observed first (`observe`): when
+            # they said the CRM's window is full, it is full here too, and reservations wait until its
+            # oldest units leave it - no more. When our window still has room after that, the refusal was
+            # not about this window (a transient throttle, another limit): a short pause, not a whole
+            # window (a 429 every few seconds would otherwise stop the sync altogether).
+            full = self.burst is not None and self.window is not None and sum(n for _, n in self.grants) >= self.burst
+            wait = None if full else now + 1.0
         if wait is not None:
             self.blocked_until = max(self.blocked_until, wait)
 
