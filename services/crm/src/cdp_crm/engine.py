@@ -458,20 +458,24 @@ class CrmLogic:
     # --- pending ------------------------------------------------------------------------------------
 
     async def retry_forever(self, engine, every: float) -> None:
-        """Retry the queued changes of every partition `engine` owns, every `every` seconds, until cancelled."""
+        """Retry the queued changes of every partition `engine` owns until cancelled: again at once while a
+        round takes some (a backlog drains at the pace the account's budget allows), else every `every`
+        seconds."""
         while True:
-            await asyncio.sleep(every)
+            taken = 0
             for partition in sorted(engine.owned()):
                 pipeline = engine.pipelines.get(partition)
                 if pipeline is None:
                     continue
                 try:
-                    await self.retry_pending(partition, idle=pipeline.idle)
+                    taken += await self.retry_pending(partition, idle=pipeline.idle)
                 except Exception as exc:  # the store or a CRM failing: the changes stay queued for next time
                     log.warning(
                         "retrying queued crm changes failed",
                         extra={"partition": partition, "error": type(exc).__name__},
                     )
+            if not taken:
+                await asyncio.sleep(every)
 
     async def retry_pending(self, partition: int, *, idle: asyncio.Event | None = None, limit: int = 1000) -> int:
         """Send this partition's queued changes again; returns how many were taken (written or refused)."""
@@ -492,7 +496,9 @@ class CrmLogic:
             taken = 0
             for name, changes in by_mapping.items():
                 mapping = self.mappings[name]
-                delivered = await self.deliverer.deliver(mapping, changes, retry_for=0.0)
+                # A few seconds for the budget: a backlog waits its turn in the account's window rather than
+                # failing the round at once (the pipeline is idle; a new batch waits at most this long).
+                delivered = await self.deliverer.deliver(mapping, changes, retry_for=min(5.0, self.deliverer.retry_for))
                 intended = {
                     k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None
                 }
