@@ -221,3 +221,30 @@ async def test_a_contact_the_connector_erased_for_a_deleted_person_never_comes_b
         assert await poller.poll() == 0
         assert collector.names() == []
         await world.stop()
+
+
+async def test_a_contact_the_connector_created_and_wrote_again_before_the_first_read_is_not_news(
+    world_factory, collector
+):
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        (connection,) = world.connections
+        poller = HubSpotPoller(
+            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+            collector.client(world.session), objects=("contacts",),
+        )  # fmt: skip
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
+        hubspot.clock.advance(5)
+        await world.profiles({"person-1": {"traits.first_name": "Augusta"}})
+        await world.eventually(
+            lambda: hubspot.find("contacts", "cdp_id", "person-1")["properties"]["firstname"] == "Augusta"
+        )
+        # First read: created, then written again, by the connector alone.
+        assert await poller.poll() == 0
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", contact["id"], {"lastname": "King"})
+        assert await poller.poll() >= 1  # a sales rep's edit still is news
+        assert "CRM Contact Updated" in collector.names()
+        await world.stop()

@@ -409,6 +409,16 @@ class Poller:
                 erased = erased or doc.get("state") in ERASED
         return written, erased
 
+    def _only_written(self, change: Change, written: dict[str, Any]) -> bool:
+        """Every field the events would report holds what the connector itself wrote there, the CDP person
+        id it matches on, or nothing."""
+        fields = {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
+        cdp_id = change.person.cdp_id if change.person is not None else None
+        return all(
+            value in (None, "") or (name in written and _same(value, written[name])) or (cdp_id and value == cdp_id)
+            for name, value in fields.items()
+        )
+
     def _memo(self, change: Change, written: dict[str, Any]) -> dict[str, Any]:
         """What the events report of a record: the watched field, and a digest of the reported fields and
         of the fields read back as traits or consent. A field holding what the connector itself wrote
@@ -431,6 +441,10 @@ class Poller:
     ) -> list[dict[str, Any]]:
         if change.own or _connector_created_person(change):
             return []  # the CDP's own action coming back is not news (its later outcome is)
+        if before is None and written and self._only_written(change, written):
+            # First seen, and all it holds is what the connector wrote: its own record (created and then
+            # written again before this read, so no longer "created") coming back, not news.
+            return []
         if before is not None and before == memo and not change.deleted:
             return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
         name = event_name(change, before)
