@@ -134,15 +134,20 @@ async def test_a_signed_contact_property_change_webhook_reads_the_contact_at_onc
         await hubspot.close()
 
 
+def _contacts_poller(world, collector) -> HubSpotPoller:
+    """A poller of the world's HubSpot connection's contacts, beside the outbound engine writing them."""
+    (connection,) = world.connections
+    return HubSpotPoller(
+        world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+        collector.client(world.session), objects=("contacts",),
+    )  # fmt: skip
+
+
 async def test_the_connectors_own_writes_to_a_contact_do_not_come_back_as_news(world_factory, collector):
     async with HubSpotEmulator() as hubspot:
         world = await world_factory(hubspot)
         await world.start()
-        (connection,) = world.connections
-        poller = HubSpotPoller(
-            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-            collector.client(world.session), objects=("contacts",),
-        )  # fmt: skip
+        poller = _contacts_poller(world, collector)
         # The CDP creates Ada's contact, then changes her first name there: both are the CDP's own writes.
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
@@ -191,11 +196,7 @@ async def test_a_contact_the_connector_erased_for_a_deleted_person_never_comes_b
         world = await world_factory(hubspot)
         await world.bus.ensure_streams(privacy_stream())
         await world.start()
-        (connection,) = world.connections
-        poller = HubSpotPoller(
-            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-            collector.client(world.session), objects=("contacts",),
-        )  # fmt: skip
+        poller = _contacts_poller(world, collector)
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
         assert await poller.poll() == 0
@@ -229,11 +230,7 @@ async def test_a_contact_the_connector_created_and_wrote_again_before_the_first_
     async with HubSpotEmulator() as hubspot:
         world = await world_factory(hubspot)
         await world.start()
-        (connection,) = world.connections
-        poller = HubSpotPoller(
-            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
-            collector.client(world.session), objects=("contacts",),
-        )  # fmt: skip
+        poller = _contacts_poller(world, collector)
         await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
         contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
         hubspot.clock.advance(5)
