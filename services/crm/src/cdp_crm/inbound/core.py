@@ -409,10 +409,14 @@ class Poller:
                 erased = erased or doc.get("state") in ERASED
         return written, erased
 
+    def _reported(self, change: Change) -> dict[str, Any]:
+        """The fields the events report of a record: its reported properties and those read back as traits."""
+        return {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
+
     def _only_written(self, change: Change, written: dict[str, Any]) -> bool:
         """Every field the events would report holds what the connector itself wrote there, the CDP person
         id it matches on, or nothing."""
-        fields = {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
+        fields = self._reported(change)
         cdp_id = change.person.cdp_id if change.person is not None else None
         return all(
             value in (None, "") or (name in written and _same(value, written[name])) or (cdp_id and value == cdp_id)
@@ -423,7 +427,7 @@ class Poller:
         """What the events report of a record: the watched field, and a digest of the reported fields and
         of the fields read back as traits or consent. A field holding what the connector itself wrote
         there counts as the connector's, whatever its value: the CDP's own write coming back is no news."""
-        fields = {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
+        fields = self._reported(change)
         for name, value in fields.items():
             if name in written and _same(value, written[name]):
                 fields[name] = "<written by the connector>"
