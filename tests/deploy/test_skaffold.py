@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_support import CHART, NAMESPACE, RELEASE, ROOT
+from chart_support import CHART, NAMESPACE, RELEASE, ROOT, request
 
 SKAFFOLD = ROOT / "skaffold.yaml"
 API_VERSION = "skaffold/v4beta14"
@@ -124,7 +124,15 @@ def apply_patches(config: dict[str, Any], patches: list[dict[str, Any]]) -> dict
         for part in parents:
             node = node[int(part)] if isinstance(node, list) else node[part]
         if isinstance(node, list):
-            node[int(last)] = patch["value"]
+            value = copy.deepcopy(patch["value"])
+            if last == "-":  # JSON patch: add at the end
+                assert patch["op"] == "add", f"{patch['path']}: '-' only with add"
+                node.append(value)
+            elif patch["op"] == "add":  # JSON patch: add at an index inserts
+                assert 0 <= int(last) <= len(node), f"{patch['path']} is past the end"
+                node.insert(int(last), value)
+            else:
+                node[int(last)] = value
         else:
             assert patch["op"] == "add" or last in node, f"replace of missing {patch['path']}"
             node[last] = patch["value"]
@@ -173,10 +181,14 @@ def test_one_artifact_built_from_the_root_dockerfile(config):
     assert (context / ".dockerignore").is_file()
 
 
+def template_key(image: str) -> str:
+    # skaffold exposes IMAGE_REPO_<image>, IMAGE_TAG_<image>, IMAGE_DIGEST_<image> with non-word characters as _.
+    return "".join(ch if ch.isalnum() else "_" for ch in image)
+
+
 def test_the_built_image_is_what_the_chart_deploys(config):
     (artifact,) = config["build"]["artifacts"]
-    # skaffold exposes IMAGE_REPO_<image>, IMAGE_TAG_<image>, IMAGE_DIGEST_<image> with non-word characters as _.
-    key = "".join(ch if ch.isalnum() else "_" for ch in artifact["image"])
+    key = template_key(artifact["image"])
     (release,) = config["deploy"]["helm"]["releases"]
     templates = release["setValueTemplates"]
     assert templates["image.repository"] == f"{{{{.IMAGE_REPO_{key}}}}}"
@@ -225,3 +237,53 @@ def test_dev_port_forwards_reach_the_collectors_ports(config, rendered):
         assert forward["port"] in {p["port"] for p in service["spec"]["ports"]}, (
             f"{forward['resourceName']} has no port {forward['port']}"
         )
+
+
+def test_the_training_profile_builds_the_training_target_and_scoring_runs_it(config, helm_batch):
+    training = resolved(config, "training")
+    base, extra = training["build"]["artifacts"]
+    assert base == config["build"]["artifacts"][0], "the service image is built as before"
+    assert_keys(extra, "artifact", "training artifact")
+    assert_keys(extra["docker"], "docker", "training artifact.docker")
+    assert extra["docker"]["target"] == "training"
+    assert f"FROM base AS {extra['docker']['target']}" in (ROOT / extra["docker"]["dockerfile"]).read_text()
+    key = template_key(extra["image"])
+    (release,) = training["deploy"]["helm"]["releases"]
+    templates = release["setValueTemplates"]
+    assert templates["image.trainingRepository"] == f"{{{{.IMAGE_REPO_{key}}}}}"
+    assert templates["image.trainingTag"] == f"{{{{.IMAGE_TAG_{key}}}}}@{{{{.IMAGE_DIGEST_{key}}}}}"
+    assert release["setValues"] == {"components.scoring.training.enabled": True}
+    assert "setValues" not in config["deploy"]["helm"]["releases"][0], "patches must not leak into the base"
+    # The chart renders it as skaffold would set it: scoring on the training image, the others on cdp.
+    digest = "sha256:" + "c" * 64
+    dotted = {
+        "image.repository": "registry.example.com/cdp",
+        "image.tag": "abc123@sha256:" + "a" * 64,
+        "image.trainingRepository": "registry.example.com/cdp_training",
+        "image.trainingTag": f"abc123@{digest}",
+        **release["setValues"],
+    }
+    values: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, last = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    (render,) = helm_batch([request("template", {"set_values": values})])
+    assert render["ok"], render.get("error")
+    images = {
+        o["metadata"]["labels"]["app.kubernetes.io/component"]: c["image"]
+        for o in yaml.safe_load_all(render["manifest"])
+        if o and o["kind"] in ("Deployment", "StatefulSet")
+        for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    assert images.pop("scoring") == f"registry.example.com/cdp_training:abc123@{digest}"
+    assert set(images.values()) == {"registry.example.com/cdp:abc123@sha256:" + "a" * 64}
+
+
+def test_dev_port_forwards_every_service_on_its_make_up_port(config):
+    from cdpctl.platform import SERVICES
+
+    forwards = {f["resourceName"]: f["localPort"] for f in resolved(config, "dev")["portForward"] if f["port"] != 8080}
+    assert forwards == {f"{RELEASE}-{s.name}": s.grpc_port for s in SERVICES}

@@ -36,12 +36,13 @@ takes either the root context or a "component context":
 so with one the training image's must be given). */}}
 {{- define "cdp.trainingImage" -}}
 {{- $tag := default .Chart.AppVersion .Values.image.tag | toString -}}
+{{- $repository := default .Values.image.repository .Values.image.trainingRepository -}}
 {{- if .Values.image.trainingTag -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.trainingTag | toString) -}}
+{{- printf "%s:%s" $repository (.Values.image.trainingTag | toString) -}}
 {{- else if contains "@" $tag -}}
 {{- fail "image.tag carries a digest: set image.trainingTag to the training image's tag and digest (components.*.training.enabled)" -}}
 {{- else -}}
-{{- printf "%s:%s-training" .Values.image.repository $tag -}}
+{{- printf "%s:%s-training" $repository $tag -}}
 {{- end -}}
 {{- end -}}
 
