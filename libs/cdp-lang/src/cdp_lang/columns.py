@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from cdp_lang.percentiles import PercentileSpec, percentile_of
 from cdp_lang.values import (
     MILLISECONDS_ABOVE,
     epoch_of_text,
@@ -183,18 +184,38 @@ class Column:
 
 
 class Columns:
-    """The population the vectorised evaluator reads: `size` rows, a `Column` per (field, sub-path)."""
+    """The population the vectorised evaluator reads: `size` rows, a `Column` per (field, sub-path).
 
-    def __init__(self, size: int, fields: Callable[[str], Column | None]) -> None:
+    `percentiles` (key -> value) are the population percentiles a definition compares with, given when these
+    rows are a chunk of a larger population; without them each is computed from these rows (`percentiles`)."""
+
+    def __init__(
+        self,
+        size: int,
+        fields: Callable[[str], Column | None],
+        percentiles: Mapping[str, float | None] | None = None,
+    ) -> None:
         self.size = size
         self._fields = fields  # field key -> its column (None: no such field)
         self._columns: dict[tuple[str, tuple[str, ...]], Column] = {}
+        self._percentiles: dict[str, float | None] = dict(percentiles) if percentiles is not None else {}
+        self._given = percentiles is not None
 
     @classmethod
-    def from_records(cls, records: Sequence[Mapping[str, Any]]) -> Columns:
+    def from_records(
+        cls, records: Sequence[Mapping[str, Any]], percentiles: Mapping[str, float | None] | None = None
+    ) -> Columns:
         """Columns over records (flat field key -> JSON value), each built on first use and kept."""
         rows = list(records)
-        return cls(len(rows), lambda field: Column(len(rows), [record.get(field) for record in rows]))
+        return cls(len(rows), lambda field: Column(len(rows), [record.get(field) for record in rows]), percentiles)
+
+    def percentile(self, spec: PercentileSpec) -> float | None:
+        """The population percentile `spec` names: given, or computed once from these rows."""
+        if spec.key not in self._percentiles:
+            self._percentiles[spec.key] = (
+                None if self._given else percentile_of(self.column(spec.field, spec.sub).number, spec.percent)
+            )
+        return self._percentiles[spec.key]
 
     @classmethod
     def from_arrays(cls, size: int, arrays: Mapping[str, np.ndarray | list[Any]]) -> Columns:

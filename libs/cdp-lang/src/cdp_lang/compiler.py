@@ -33,28 +33,33 @@ from cdp_lang.nodes import (
     Condition,
     Date,
     EventPredicate,
+    FieldRef,
     InSegment,
     Node,
     Not,
     Now,
     Or,
+    Percentile,
     Performed,
     duration_text,
     where_document,
 )
+from cdp_lang.percentiles import PercentileSpec, spec_of
 from cdp_lang.plan import (
     AllOf,
     AnyOf,
+    FieldTest,
     Member,
     Negate,
     NumberTest,
     OneOf,
+    PercentileTest,
     Plan,
     Test,
     TimeTest,
     moving_tests,
 )
-from cdp_lang.row import RowPredicate, flip_time, row_predicate
+from cdp_lang.row import NO_PERCENTILES, RowPredicate, flip_time, row_predicate
 from cdp_lang.vector import VectorPredicate, vector_predicate
 
 NO_MEMBERS: Mapping[str, np.ndarray] = {}
@@ -104,6 +109,9 @@ class CompiledSegment:
     segments: frozenset[str]  # the segments it reads membership of (in_segment)
     computed_traits: tuple[dict[str, Any], ...]  # profile definitions its aggregates read, each once
     time_dependent: bool  # compares a field with `now`: membership can change as time passes
+    # the population percentiles it compares with, each once: the per-profile evaluator reads their values
+    # from the mapping `compile_segment` was given; `evaluate_columns` from its Columns
+    percentiles: tuple[PercentileSpec, ...]
     _row: RowPredicate = field(repr=False)
     _vector: VectorPredicate = field(repr=False)
     _moving: tuple[TimeTest, ...] = field(repr=False)
@@ -140,6 +148,7 @@ class _Lowering:
         self.fields: set[str] = set()
         self.segments: set[str] = set()
         self.computed: dict[str, dict[str, Any]] = {}
+        self.percentiles: dict[str, PercentileSpec] = {}
 
     def lower(self, node: Node) -> Plan:
         if isinstance(node, Condition):
@@ -164,6 +173,15 @@ class _Lowering:
             return TimeTest(node.field, node.sub, node.op, value.offset, None)
         if isinstance(value, Date):
             return TimeTest(node.field, node.sub, node.op, None, value.epoch)
+        if isinstance(value, FieldRef):
+            self.fields.add(value.field)  # a change of either side can change the answer
+            return FieldTest(node.field, node.sub, node.op, value.field, value.path[2:])
+        if isinstance(value, Percentile):
+            # The percentile moves when any person's value of its field changes; the owner of the population
+            # re-evaluates for that. For this person, their own value of it is one input among all.
+            self.fields.add(value.field)
+            spec = self.percentiles.setdefault((found := spec_of(value)).key, found)
+            return PercentileTest(node.field, node.sub, node.op, spec.key, spec.field, spec.sub, spec.percent)
         return literal_test(node.field, node.sub, node.op, value)
 
     def aggregate(self, node: Aggregate | Performed) -> Plan:
@@ -178,8 +196,10 @@ class _Lowering:
         return NumberTest(key, comparison, value, 0.0 if op in ZERO_WHEN_MISSING else None)
 
 
-def compile_segment(node: Node) -> CompiledSegment:
-    """The compiled form of a node (from `parse` or `from_json`)."""
+def compile_segment(node: Node, percentiles: Mapping[str, float | None] = NO_PERCENTILES) -> CompiledSegment:
+    """The compiled form of a node (from `parse` or `from_json`). `percentiles` is where the per-profile
+    evaluator reads the population percentiles the node compares with (`PercentileSpec.key` -> value, None or
+    absent: no value, and the comparison is false); its owner keeps it current."""
     lowering = _Lowering()
     plan = lowering.lower(node)
     moving = tuple(moving_tests(plan))
@@ -190,7 +210,8 @@ def compile_segment(node: Node) -> CompiledSegment:
         segments=frozenset(lowering.segments),
         computed_traits=tuple(lowering.computed.values()),
         time_dependent=bool(moving),
-        _row=row_predicate(plan),
+        percentiles=tuple(lowering.percentiles.values()),
+        _row=row_predicate(plan, percentiles),
         _vector=vector_predicate(plan),
         _moving=moving,
     )

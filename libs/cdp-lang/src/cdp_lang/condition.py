@@ -31,7 +31,7 @@ from typing import Any
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import COMPUTED, CONSENT, ROOTS, SCORES, TRAITS, field_key
 from cdp_lang.compiler import CompiledSegment, compile_segment, computed_trait, literal_test
-from cdp_lang.nodes import Aggregate, And, EventPredicate, Node, Not, Or, Performed
+from cdp_lang.nodes import Aggregate, And, EventPredicate, Node, Not, Or, Performed, percent_text, percentiles_in
 from cdp_lang.row import row_predicate
 from cdp_lang.text import parse, to_text
 from cdp_lang.tree import from_json, to_json
@@ -290,11 +290,19 @@ def compile_condition(
         node = from_json(source, field, roots=roots)
     else:
         raise InvalidArgument(field, "must be the condition's text or its JSON tree (an object)")
-    return compile_node(node)
+    return compile_node(node, field)
 
 
-def compile_node(node: Node) -> CompiledCondition:
-    """The compiled form of a node built by `parse` or `from_json`."""
+def compile_node(node: Node, field: str = "condition") -> CompiledCondition:
+    """The compiled form of a node built by `parse` or `from_json`. A node comparing with `percentile(...)`
+    is refused (InvalidArgument on `field`): a condition on one person has no population to take it over."""
+    if found := percentiles_in(node):
+        raise InvalidArgument(
+            field,
+            f"percentile({'.'.join(found[0].path)}, {percent_text(found[0].percent)}) is a percentile of the "
+            "population, which a condition on one person cannot know: define a segment with it and test "
+            'in_segment("<its id>") here',
+        )
     segment = compile_segment(node)
     aggregates = _event_aggregates(node)
     predicates = tuple(dict.fromkeys(_event_predicates(node)))

@@ -8,6 +8,7 @@ call them equal).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,34 @@ class Date:
 
 
 TimeValue = Now | Date
-Value = Scalar | tuple[Scalar, ...] | TimeValue | None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRef:
+    """Another profile field as the value compared with: `traits.last_order_total > traits.avg_order_total`."""
+
+    path: tuple[str, ...]
+
+    @property
+    def field(self) -> str:
+        return f"{self.path[0]}.{self.path[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Percentile:
+    """`percentile(scores.clv_value_365d, 90)`: the value below which `percent` % of the population's values of
+    the field lie (linear interpolation between the closest ranks). `percent` is kept as a float in [0, 100],
+    so `90` and `90.0` are one node. Only an evaluator that holds a population can give it a value."""
+
+    path: tuple[str, ...]
+    percent: float
+
+    @property
+    def field(self) -> str:
+        return f"{self.path[0]}.{self.path[1]}"
+
+
+Value = Scalar | tuple[Scalar, ...] | TimeValue | FieldRef | Percentile | None
 
 
 def typed(value: Any) -> Any:
@@ -67,7 +95,9 @@ class Condition:
 
     path: tuple[str, ...]
     op: str
-    value: Value = None  # a scalar; a tuple for `in`; Now/Date for a time comparison; None for `exists`
+    # a scalar; a tuple for `in`; Now/Date for a time comparison; FieldRef for another field; Percentile for
+    # a population percentile; None for `exists`
+    value: Value = None
 
     @property
     def field(self) -> str:
@@ -178,6 +208,35 @@ Node = And | Or | Not | Condition | Aggregate | Performed | InSegment
 # levels, is far more than any definition written by hand or by a builder, and keeps every recursive walk
 # over the tree (compile, to_text, to_json) shallow.
 MAX_DEPTH = 12
+
+
+def percent_of(value: Any) -> float:
+    """A percentile's percent as a float in [0, 100]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(f"{value!r} is not a percent: use a number from 0 to 100, like 90")
+    try:
+        percent = float(value)
+    except OverflowError:
+        percent = math.inf
+    if not 0.0 <= percent <= 100.0:
+        raise Invalid(f"{value!r} is not a percent: use a number from 0 to 100, like 90")
+    return percent + 0.0  # -0.0 is 0.0
+
+
+def percent_text(percent: float) -> str:
+    """90.0 is written 90, 99.5 stays 99.5."""
+    return str(int(percent)) if percent == int(percent) else repr(percent)
+
+
+def percentiles_in(node: Node) -> list[Percentile]:
+    """The percentiles a definition compares with, in order of appearance."""
+    if isinstance(node, Not):
+        return percentiles_in(node.operand)
+    if isinstance(node, And | Or):
+        return [p for operand in node.operands for p in percentiles_in(operand)]
+    if isinstance(node, Condition) and isinstance(node.value, Percentile):
+        return [node.value]
+    return []
 
 
 def depth(node: Node) -> int:

@@ -52,6 +52,32 @@ class TimeTest:
 
 
 @dataclass(frozen=True, slots=True)
+class FieldTest:
+    """A field (and sub-path) against another one's value: it holds when the other has a scalar value (a
+    string, true or false, a finite number) and the first compared with that value as a literal holds."""
+
+    field: str
+    sub: tuple[str, ...]
+    op: str  # = != < <= > >=
+    other: str
+    other_sub: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PercentileTest:
+    """A field (and sub-path) as a number against a percentile of the population's values of `source`;
+    `key` names the percentile where an evaluator is given its value (see `cdp_lang.percentiles`)."""
+
+    field: str
+    sub: tuple[str, ...]
+    op: str  # < <= > >=
+    key: str
+    source: str
+    source_sub: tuple[str, ...]
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
 class NumberTest:
     """An aggregate's computed trait against a number; `default` stands in for a missing value (or None)."""
 
@@ -81,7 +107,7 @@ class Negate:
     part: Plan
 
 
-Plan = Test | TimeTest | NumberTest | Member | AllOf | AnyOf | Negate
+Plan = Test | TimeTest | FieldTest | PercentileTest | NumberTest | Member | AllOf | AnyOf | Negate
 
 
 def moving_tests(plan: Plan) -> list[TimeTest]:
@@ -92,4 +118,15 @@ def moving_tests(plan: Plan) -> list[TimeTest]:
         return [test for part in plan.parts for test in moving_tests(part)]
     if isinstance(plan, Negate):
         return moving_tests(plan.part)
+    return []
+
+
+def percentile_tests(plan: Plan) -> list[PercentileTest]:
+    """The tests against a percentile of the population."""
+    if isinstance(plan, PercentileTest):
+        return [plan]
+    if isinstance(plan, AllOf | AnyOf):
+        return [test for part in plan.parts for test in percentile_tests(part)]
+    if isinstance(plan, Negate):
+        return percentile_tests(plan.part)
     return []

@@ -10,17 +10,20 @@ from cdp_lang.plan import (
     COMPARE,
     AllOf,
     AnyOf,
+    FieldTest,
     Member,
     Negate,
     NumberTest,
     OneOf,
+    PercentileTest,
     Plan,
     Test,
     TimeTest,
 )
-from cdp_lang.values import element_equals, epoch, is_list, number, present
+from cdp_lang.values import element_equals, epoch, is_list, number, present, scalar
 
 RowPredicate = Callable[[Mapping[str, Any], Container[str], float], bool]
+NO_PERCENTILES: Mapping[str, float | None] = {}
 
 
 def _never(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
@@ -42,20 +45,26 @@ def _getter(field: str, sub: tuple[str, ...]) -> Callable[[Mapping[str, Any]], A
     return get
 
 
-def row_predicate(plan: Plan) -> RowPredicate:
+def row_predicate(plan: Plan, percentiles: Mapping[str, float | None] = NO_PERCENTILES) -> RowPredicate:
+    """The plan as a closure over one record. `percentiles` holds the population percentiles the plan compares
+    with (`PercentileTest.key` -> value), read at every evaluation: its owner keeps it current."""
     if isinstance(plan, Test):
         return _test(plan)
     if isinstance(plan, TimeTest):
         return _time_test(plan)
+    if isinstance(plan, FieldTest):
+        return _field_test(plan)
+    if isinstance(plan, PercentileTest):
+        return _percentile_test(plan, percentiles)
     if isinstance(plan, NumberTest):
         return _number_test(plan)
     if isinstance(plan, Member):
         segment = plan.segment
         return lambda record, members, now: segment in members
     if isinstance(plan, Negate):
-        inner = row_predicate(plan.part)
+        inner = row_predicate(plan.part, percentiles)
         return lambda record, members, now: not inner(record, members, now)
-    parts = tuple(row_predicate(part) for part in plan.parts)
+    parts = tuple(row_predicate(part, percentiles) for part in plan.parts)
     # Two or three parts (the common case) without a generator: this runs per person and segment.
     if isinstance(plan, AllOf):
         if len(parts) == 2:
@@ -143,6 +152,43 @@ def _one_of(get: Callable[[Mapping[str, Any]], Any], literal: OneOf) -> RowPredi
         return as_number is not None and as_number in numbers
 
     return one_of
+
+
+def compare_scalar(value: Any, op: str, literal: str | float | bool) -> bool:
+    """`value op literal` for a comparison operator, as a literal test with that literal means it."""
+    if op == "=":
+        return element_equals(value, literal)
+    if op == "!=":
+        return present(value) and not element_equals(value, literal)
+    if isinstance(literal, bool):
+        return False  # bools have no order
+    if isinstance(literal, str):
+        return isinstance(value, str) and COMPARE[op](value, literal)
+    as_number = number(value)
+    return as_number is not None and COMPARE[op](as_number, literal)
+
+
+def _field_test(test: FieldTest) -> RowPredicate:
+    get, get_other, op = _getter(test.field, test.sub), _getter(test.other, test.other_sub), test.op
+
+    def field_vs_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        other = scalar(get_other(record))
+        return other is not None and compare_scalar(get(record), op, other)
+
+    return field_vs_field
+
+
+def _percentile_test(test: PercentileTest, percentiles: Mapping[str, float | None]) -> RowPredicate:
+    get, compare, key = _getter(test.field, test.sub), COMPARE[test.op], test.key
+
+    def against_percentile(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        threshold = percentiles.get(key)
+        if threshold is None:
+            return False
+        value = number(get(record))
+        return value is not None and compare(value, threshold)
+
+    return against_percentile
 
 
 def _time_test(test: TimeTest) -> RowPredicate:

@@ -10,7 +10,8 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
     condition   := PATH ("=" | "!=" | "<" | "<=" | ">" | ">=") value
                  | PATH "in" "[" scalar ("," scalar)* "]"
                  | PATH "contains" scalar | PATH "starts_with" STRING | PATH "exists"
-    value       := scalar | time
+    value       := scalar | time | PATH | "percentile" "(" PATH "," NUMBER ")"
+                   (a PATH: another field; percentile: of the population, ordering operators only)
     scalar      := STRING | ["-"] NUMBER | "true" | "false"
     time        := "now" [("+" | "-") DURATION] | "date" "(" STRING ")"     (ordering operators with now)
     aggregate   := "count" "(" events ["," "within" DURATION] ")" comparison ["-"] NUMBER
@@ -59,12 +60,14 @@ from cdp_lang.nodes import (
     Date,
     EventCondition,
     EventPredicate,
+    FieldRef,
     InSegment,
     Invalid,
     Node,
     Not,
     Now,
     Or,
+    Percentile,
     Performed,
     Scalar,
     check_date,
@@ -72,6 +75,8 @@ from cdp_lang.nodes import (
     depth,
     duration,
     duration_text,
+    percent_of,
+    percent_text,
     where_document,
 )
 
@@ -79,7 +84,7 @@ KEYWORDS = frozenset(
     (
         *("and", "or", "not", "in", "contains", "starts_with", "exists", "now", "date", "within"),
         *("true", "false", "null", "count", "performed", "sum", "avg", "min", "max", "in_segment"),
-        *("event", "type", "properties", "context"),
+        *("event", "type", "properties", "context", "percentile"),
     )
 )
 
@@ -87,7 +92,7 @@ OPERATORS_EXPECTED = "a comparison operator (=, !=, <, <=, >, >=, in, contains, 
 CONDITION_EXPECTED = (
     "a condition (a field like traits.plan, not, (, in_segment, performed, count, sum, avg, min or max)"
 )
-VALUE_EXPECTED = 'a value (a string, a number, true, false, now or date("..."))'
+VALUE_EXPECTED = 'a value (a string, a number, true, false, now, date("..."), a field or percentile(...))'
 SCALAR_EXPECTED = "a value (a string, a number, true or false)"
 DURATION_EXPECTED = "a duration like 30d (a whole number, then s, m, h, d or w)"
 EVENT_TERM_EXPECTED = (
@@ -381,6 +386,8 @@ class _Parser:
             value = self.value(times=True)
             if isinstance(value, Now) and operator.text not in ORDERINGS:
                 raise self.error(operator, "<, <=, > or >= before now", "a moving time is compared by order")
+            if isinstance(value, Percentile) and operator.text not in ORDERINGS:
+                raise self.error(operator, "<, <=, > or >= before percentile", "a percentile is compared by order")
             return Condition(path, operator.text, value)
         if self.is_word("in"):
             self.tokens.take()
@@ -397,6 +404,11 @@ class _Parser:
         raise self.error(operator, OPERATORS_EXPECTED, _operator_hint(operator))
 
     def value(self, times: bool) -> Any:
+        token = self.tokens.peek()
+        if times and token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
+            return FieldRef(self.tokens.take().value)
+        if times and self.is_word("percentile"):
+            return self.percentile()
         if times and self.is_word("now"):
             self.tokens.take()
             if self.is_punct("+") or self.is_punct("-"):
@@ -421,6 +433,24 @@ class _Parser:
             self.expect_punct(")", "')'")
             return Date(text.value)
         return self.scalar(VALUE_EXPECTED if times else SCALAR_EXPECTED)
+
+    def percentile(self) -> Percentile:
+        """`percentile(scores.clv, 90)`."""
+        self.tokens.take()
+        self.expect_punct("(", "'('")
+        token = self.tokens.peek()
+        if token.kind != "name" or len(token.value) < 2 or token.value[0] not in self.roots:
+            raise self.error(token, "the field to take the percentile of, like scores.clv_value_365d")
+        path = self.tokens.take().value
+        self.expect_punct(",", "',' and the percent (0 to 100)")
+        token = self.tokens.peek()
+        percent = self.number("the percent, a number from 0 to 100")
+        try:
+            percent = percent_of(percent)
+        except Invalid as error:
+            raise self.error(token, "a percent from 0 to 100", str(error)) from None
+        self.expect_punct(")", "')'")
+        return Percentile(path, percent)
 
     def scalar(self, expected: str = SCALAR_EXPECTED) -> Scalar:
         token = self.tokens.peek()
@@ -680,6 +710,10 @@ def value_text(value: Any) -> str:
         return f"now {sign} {duration_text(abs(value.offset))}"
     if isinstance(value, Date):
         return f"date({quote(value.text)})"
+    if isinstance(value, FieldRef):
+        return path_text(value.path)
+    if isinstance(value, Percentile):
+        return f"percentile({path_text(value.path)}, {percent_text(value.percent)})"
     if isinstance(value, tuple):
         return "[" + ", ".join(scalar_text(item) for item in value) + "]"
     return scalar_text(value)

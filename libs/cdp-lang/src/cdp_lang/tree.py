@@ -6,6 +6,8 @@
     {"field": "traits.phone", "op": "exists"}                    (no "value")
     {"field": "traits.created_at", "op": "<", "value": {"now": "-30d"}}    {"now": "+3d"}, {"now": 0}
     {"field": "traits.signup_date", "op": ">", "value": {"date": "2026-01-01T00:00:00Z"}}
+    {"field": "traits.last_order_total", "op": ">", "value": {"field": "traits.avg_order_total"}}   (another field)
+    {"field": "scores.clv", "op": ">=", "value": {"percentile": "scores.clv", "percent": 90}}   (< <= > >= only)
     {"segment": "vip"}                                           (in_segment)
     {"aggregate": "count", "event": <event>, "within": "30d", "op": ">=", "value": 3}
     {"aggregate": "sum", "property": "properties.total", "event": <event>, "op": ">", "value": 500}
@@ -43,18 +45,21 @@ from cdp_lang.nodes import (
     Date,
     EventCondition,
     EventPredicate,
+    FieldRef,
     InSegment,
     Invalid,
     Node,
     Not,
     Now,
     Or,
+    Percentile,
     Performed,
     Scalar,
     check_date,
     check_event_type,
     duration,
     duration_text,
+    percent_of,
     where_document,
 )
 
@@ -158,7 +163,7 @@ def _scalar(value: Any, at: str) -> Scalar:
     raise InvalidArgument(at, f"{value!r} is not a string, a number, true or false")
 
 
-def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool) -> Any:
+def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool, roots: tuple[str, ...] = ROOTS) -> Any:
     """The "value" an operator takes (a scalar, a list for `in`, nothing for `exists`, or a time)."""
     if op == "exists":
         if "value" in tree:
@@ -174,8 +179,30 @@ def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool) -> Any:
     if op == "starts_with" and not isinstance(value, str):
         raise InvalidArgument(f"{at}.value", f"{value!r} must be a string for op 'starts_with'")
     if isinstance(value, Mapping) and times and op in COMPARISONS:
+        if "field" in value or "percentile" in value:
+            return _reference(value, f"{at}.value", op, at, roots)
         return _time(value, f"{at}.value", op, at)
     return _scalar(value, f"{at}.value")
+
+
+def _reference(
+    value: Mapping[str, Any], at: str, op: str, condition_at: str, roots: tuple[str, ...]
+) -> FieldRef | Percentile:
+    """{"field": "traits.b"} (another field) or {"percentile": "scores.clv", "percent": 90}."""
+    if "field" in value:
+        _known_keys(value, ("field",), at)
+        return FieldRef(_path(value["field"], f"{at}.field", roots))
+    _known_keys(value, ("percentile", "percent"), at)
+    path = _path(value["percentile"], f"{at}.percentile", roots)
+    if "percent" not in value:
+        raise InvalidArgument(f"{at}.percent", "is required: a number from 0 to 100, like 90")
+    try:
+        percent = percent_of(value["percent"])
+    except Invalid as error:
+        raise InvalidArgument(f"{at}.percent", str(error)) from None
+    if op not in ORDERINGS:
+        raise InvalidArgument(f"{condition_at}.op", f"{op!r} cannot compare with a percentile: use <, <=, > or >=")
+    return Percentile(path, percent)
 
 
 def _time(value: Mapping[str, Any], at: str, op: str, condition_at: str) -> Now | Date:
@@ -208,7 +235,7 @@ def _condition(tree: Mapping[str, Any], at: str, roots: tuple[str, ...]) -> Cond
     op = tree.get("op")
     if op not in CONDITION_OPS:
         raise InvalidArgument(f"{at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")
-    return Condition(path, op, _operand(tree, at, op, times=True))
+    return Condition(path, op, _operand(tree, at, op, times=True, roots=roots))
 
 
 def _within(tree: Mapping[str, Any], at: str) -> float | None:
@@ -290,6 +317,11 @@ def _value_json(value: Any) -> Any:
         return {"now": ("-" if value.offset < 0 else "+") + duration_text(abs(value.offset))}
     if isinstance(value, Date):
         return {"date": value.text}
+    if isinstance(value, FieldRef):
+        return {"field": ".".join(value.path)}
+    if isinstance(value, Percentile):
+        percent = int(value.percent) if value.percent == int(value.percent) else value.percent
+        return {"percentile": ".".join(value.path), "percent": percent}
     if isinstance(value, tuple):
         return list(value)
     return value

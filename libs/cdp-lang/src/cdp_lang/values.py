@@ -57,6 +57,14 @@ def is_list(value: Any) -> bool:
     return isinstance(value, list | tuple)
 
 
+def scalar(value: Any) -> str | float | bool | None:
+    """The value as a literal would be: a string, a bool, a finite number as a float; None for anything else
+    (missing, null, non-finite, a list or an object). What the other side of a field-to-field comparison is."""
+    if isinstance(value, str | bool):
+        return value
+    return number(value)
+
+
 def element_equals(element: Any, literal: Any) -> bool:
     """Equality of one value with a literal (str, float or bool) under the language's typing rules."""
     if isinstance(literal, bool):

@@ -10,14 +10,17 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from cdp_lang.columns import Column, Columns
+from cdp_lang.percentiles import PercentileSpec
 from cdp_lang.plan import (
     COMPARE,
     AllOf,
     AnyOf,
+    FieldTest,
     Member,
     Negate,
     NumberTest,
     OneOf,
+    PercentileTest,
     Plan,
     Test,
     TimeTest,
@@ -32,6 +35,10 @@ def vector_predicate(plan: Plan) -> VectorPredicate:
         return _test(plan)
     if isinstance(plan, TimeTest):
         return _time_test(plan)
+    if isinstance(plan, FieldTest):
+        return _field_test(plan)
+    if isinstance(plan, PercentileTest):
+        return _percentile_test(plan)
     if isinstance(plan, NumberTest):
         return _number_test(plan)
     if isinstance(plan, Member):
@@ -130,6 +137,54 @@ def _one_of(column: Column, literal: OneOf) -> np.ndarray:
         else:
             result |= column.bools == int(next(iter(literal.bools)))
     return result
+
+
+def _string_ranks(left: Column, right: Column) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's string as its rank among both columns' strings (-1: not a string), so that comparing ranks
+    compares the strings (Python orders str by code point, as `sorted` does)."""
+    both = sorted(set(left.vocabulary) | set(right.vocabulary))
+    rank = {text: i for i, text in enumerate(both)}
+    ranks = []
+    for column in (left, right):
+        by_code = np.array([rank[text] for text in column.vocabulary] + [-1], dtype=np.int64)
+        ranks.append(by_code[column.codes])
+    return ranks[0], ranks[1]
+
+
+def _field_test(test: FieldTest) -> VectorPredicate:
+    field, sub, op, other, other_sub = test.field, test.sub, test.op, test.other, test.other_sub
+
+    def field_vs_field(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
+        left, right = columns.column(field, sub), columns.column(other, other_sub)
+        left_rank, right_rank = _string_ranks(left, right)
+        strings = (left_rank >= 0) & (right_rank >= 0)
+        if op in ("=", "!="):
+            equal = left.number == right.number  # NaN (no number) equals nothing
+            equal |= strings & (left_rank == right_rank)
+            equal |= (left.bools >= 0) & (left.bools == right.bools)
+            if op == "=":
+                return equal
+            right_scalar = ~right.missing_number | (right_rank >= 0) | (right.bools >= 0)
+            return left.present & right_scalar & ~equal
+        compare = COMPARE[op]
+        result = compare(left.number, right.number)
+        result |= strings & compare(left_rank, right_rank)
+        return result
+
+    return field_vs_field
+
+
+def _percentile_test(test: PercentileTest) -> VectorPredicate:
+    field, sub, compare = test.field, test.sub, COMPARE[test.op]
+    spec = PercentileSpec(test.key, test.source, test.source_sub, test.percent)
+
+    def against_percentile(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
+        threshold = columns.percentile(spec)
+        if threshold is None:
+            return np.zeros(columns.size, dtype=bool)
+        return compare(columns.column(field, sub).number, threshold)
+
+    return against_percentile
 
 
 def _time_test(test: TimeTest) -> VectorPredicate:

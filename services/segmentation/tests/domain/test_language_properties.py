@@ -9,6 +9,7 @@ import hypothesis.strategies as st
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 
+from cdp_lang.percentiles import population_percentiles
 from cdp_segmentation.domain import (
     Aggregate,
     And,
@@ -28,7 +29,7 @@ from cdp_segmentation.domain import (
     to_json,
     to_text,
 )
-from cdp_segmentation.domain.nodes import CONDITION_OPS, EVENT_TYPES, ORDERINGS
+from cdp_segmentation.domain.nodes import CONDITION_OPS, EVENT_TYPES, ORDERINGS, FieldRef, Percentile
 
 DAY = 86_400.0
 JAN_1 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, the middle of the times below
@@ -119,7 +120,13 @@ def conditions(draw, paths):
         return Condition(path, op, draw(scalar_literals))
     if op == "starts_with":
         return Condition(path, op, draw(string_literals))
-    if draw(st.booleans()):
+    other = draw(st.sampled_from(["literal", "literal", "time", "field", "percentile"]))
+    if other == "field":
+        return Condition(path, op, FieldRef(draw(st.sampled_from(paths))))
+    if other == "percentile" and op in ORDERINGS:
+        percent = draw(st.sampled_from([0.0, 10.0, 50.0, 90.0, 99.5, 100.0]))
+        return Condition(path, op, Percentile(draw(st.sampled_from(paths)), percent))
+    if other == "time":
         value = draw(time_literals)
         if isinstance(value, Now) and op not in ORDERINGS:
             value = Date(ISO_LITERALS[0])
@@ -199,14 +206,17 @@ def member_arrays(sets):
 
 
 def assert_agree(segment, columns, records, sets, now):
+    if segment.percentiles:  # the per-profile evaluator is told them, the vectorised one takes its rows'
+        segment = compile_segment(segment.node, population_percentiles(segment.percentiles, records))
     vectorised = segment.evaluate_columns(columns, member_arrays(sets), now)
     assert vectorised.dtype == bool and vectorised.shape == (len(records),)
     per_profile = [segment.evaluate(record, row, now) for record, row in zip(records, sets, strict=True)]
     assert vectorised.tolist() == per_profile, to_text(segment.node)
 
 
-def single_conditions(path):
-    """Every operator with every literal of the pools (and every kind of time) on one path."""
+def single_conditions(path, others=()):
+    """Every operator with every literal of the pools (and every kind of time) on one path; compared with each
+    of `others` as a field and as a percentile."""
     strings = [v for v in LITERALS if isinstance(v, str)]
     yield Condition(path, "exists")
     yield Condition(path, "in", tuple(LITERALS))
@@ -224,16 +234,26 @@ def single_conditions(path):
     for op in ORDERINGS:
         for offset in (0.0, -30 * DAY, 3 * DAY + 0.5, -DAY):
             yield Condition(path, op, Now(offset))
+    for op in ("=", "!=", "<", "<=", ">", ">="):
+        for other in others:
+            yield Condition(path, op, FieldRef(other))
+    for op in ORDERINGS:
+        for other in others:
+            for percent in (0.0, 25.0, 90.0, 100.0):
+                yield Condition(path, op, Percentile(other, percent))
 
 
 def test_every_operator_literal_and_value_agree():
     records = [{"traits.x": value, "traits.n": {"city": value}} for value in VALUES]
     records += [{}, {"traits.n": "not an object"}]
+    # pairs for comparisons of one field with another
+    records += [{"traits.x": a, "traits.y": b} for a in VALUES[::3] for b in VALUES[::4]]
+    checked = 0
     sets = [set() for _ in records]
     columns = Columns.from_records(records)
-    checked = 0
-    for path in (("traits", "x"), ("traits", "n", "city")):
-        for node in single_conditions(path):
+    paths = (("traits", "x"), ("traits", "n", "city"), ("traits", "y"))
+    for path in paths[:2]:
+        for node in single_conditions(path, paths):
             for now in (JAN_1, JAN_1 + 30 * DAY + 0.5):
                 assert_agree(compile_segment(node), columns, records, sets, now)
                 checked += 1
@@ -344,7 +364,7 @@ def test_every_operator_literal_and_value_agree_on_typed_arrays():
     sets = [set() for _ in records]
     population = Columns.from_arrays(size, arrays)
     for path in TYPED_PATHS:
-        for node in single_conditions(path):
+        for node in single_conditions(path, TYPED_PATHS[:7:2]):
             assert_agree(compile_segment(node), population, records, sets, JAN_1 + 0.5)
 
 
@@ -428,6 +448,11 @@ def any_conditions(draw):
         return Condition(path, op, tuple(draw(st.lists(literal, min_size=1, max_size=3))))
     if op == "starts_with":
         return Condition(path, op, draw(any_text))
+    if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
+        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
+        if op in ORDERINGS and draw(st.booleans()):
+            return Condition(path, op, Percentile(other, draw(st.floats(0, 100).map(lambda v: v + 0.0))))
+        return Condition(path, op, FieldRef(other))
     if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.booleans()):
         offset = draw(st.integers(-(10**8), 10**8).map(float))
         value = Now(offset) if op in ORDERINGS else Date(draw(st.sampled_from(ISO_LITERALS)))
@@ -443,8 +468,9 @@ def any_events(draw):
     for tail in where_paths:
         condition = draw(any_conditions())
         root = draw(st.sampled_from(["properties", "context"]))
-        value = condition.value if not isinstance(condition.value, Now | Date) else 1
-        op = condition.op if not isinstance(condition.value, Now | Date) else "="
+        profile_only = isinstance(condition.value, Now | Date | FieldRef | Percentile)  # not on an event
+        value = condition.value if not profile_only else 1
+        op = condition.op if not profile_only else "="
         where.append(EventCondition((root, *tail), op, value))
     return EventPredicate(names, draw(st.sampled_from(EVENT_TYPES)), tuple(where))
 
