@@ -499,3 +499,59 @@ async def test_a_stored_segment_that_cannot_be_loaded_is_left_out_and_can_be_del
         assert await store.get(SEGMENTS, "broken") is None and restarted.unreadable == {}
     finally:
         await restarted.stop()
+
+
+async def test_a_percentile_is_exact_when_built_and_follows_the_population_on_its_schedule(setup, nats_server):
+    engine, *_ = setup
+    await engine.handle([changed([change(f"p{i}", scores={"clv": float(i)}) for i in range(20)], 1)])
+    estimate = await engine.estimate(parse("scores.clv >= percentile(scores.clv, 90)"))
+    assert (estimate.size, estimate.population) == (2, 20)
+    await create(engine, "top", "scores.clv >= percentile(scores.clv, 90)")
+    assert sorted(engine.members["top"]) == ["p18", "p19"]  # the top decile of twenty
+    # Two persons become the biggest: each is compared with the value of the last round as it changes...
+    await engine.handle([changed([change("p5", scores={"clv": 100.0}), change("p6", scores={"clv": 101.0})], 2)])
+    assert sorted(engine.members["top"]) == ["p18", "p19", "p5", "p6"]
+    # ...and the next round moves the percentile (19 + 0.1 * 81) and evaluates only those it passed over.
+    assert await engine.recompute_percentiles() == 2
+    assert sorted(engine.members["top"]) == ["p5", "p6"]
+    assert await engine.recompute_percentiles() == 0  # nothing moved it since
+    assert moves(await published(nats_server.url))[-4:] == [
+        ("p5", "top", "enter", "event"),
+        ("p6", "top", "enter", "event"),
+        ("p18", "top", "exit", "percentile"),
+        ("p19", "top", "exit", "percentile"),
+    ]
+    # A person leaving the population moves it too.
+    await engine.handle([changed([change("p6", removed=True, at=T0 + 3)], 3)])
+    await engine.recompute_percentiles()
+    assert engine.percentiles == {"scores.clv@90": pytest.approx(18.2)}  # 19 left: rank 16.2, from 18 to 19
+    assert sorted(engine.members["top"]) == ["p19", "p5"]
+
+
+async def test_the_percentiles_are_kept_with_the_snapshot(setup, nats_server):
+    engine, store, bus, clock, profile = setup
+    await engine.handle([changed([change(f"p{i}", scores={"clv": float(i)}) for i in range(10)], 1)])
+    await create(engine, "top", "scores.clv > percentile(scores.clv, 50)")
+    await engine.snapshot()
+    again = await make_engine(store, bus, clock, profile)
+    try:
+        assert again.percentiles == {"scores.clv@50": 4.5}
+        assert sorted(again.members["top"]) == ["p5", "p6", "p7", "p8", "p9"]
+        assert again.segments["top"].compiled.evaluate({"scores.clv": 4.6})
+    finally:
+        await again.stop()
+
+
+async def test_a_field_compared_with_another_is_evaluated_on_a_change_of_either(setup, nats_server):
+    engine, *_ = setup
+    # Two thresholds on computed.last make it threshold-indexed; the comparison with computed.avg is not one.
+    await create(engine, "big", "computed.last > 100")
+    await create(engine, "huge", "computed.last > 1000")
+    await create(engine, "above_average", "computed.last > computed.avg")
+    await engine.handle([changed([change("p1", computed={"last": 50.0, "avg": 80.0})], 1)])
+    assert engine.membership("p1") == {}
+    await engine.handle([changed([change("p1", computed={"avg": 40.0})], 2)])
+    assert set(engine.membership("p1")) == {"above_average"}
+    await engine.handle([changed([change("p1", computed={"last": 30.0})], 3)])
+    assert engine.membership("p1") == {}
+    assert [m[2:] for m in moves(await published(nats_server.url))] == [("enter", "event"), ("exit", "event")]

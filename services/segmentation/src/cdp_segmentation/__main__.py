@@ -81,6 +81,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         namespace=namespace,
         announce=announce,
         max_computed_traits=settings.max_computed_traits,
+        percentile_interval=settings.percentile_interval,
     )
     stream = SegmentationStream(
         engine,

@@ -68,7 +68,7 @@ class Builds:
             await self._prepare(compiled)
             await self._referenced_live(compiled)
             self._touched.append(touched)
-            persons, inside = await self._population(compiled, progress=segment)
+            persons, inside, percentiles = await self._population(compiled, progress=segment)
             async with self._lifecycle_lock:
                 if self.segments.get(segment.id) is not segment or segment.building_version != version:
                     return  # replaced or deleted meanwhile
@@ -102,6 +102,14 @@ class Builds:
                     segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
                     segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
                     self._reindex()
+                    if percentiles:
+                        # The values it was built with serve from now on; other segments comparing with them
+                        # follow (persons in range evaluated again), and the next round catches up with
+                        # changes applied while the population was evaluated.
+                        async with self.held.mutating():
+                            moved = self._move_percentiles(percentiles, now)
+                            await self._publish([m for p, ts in sorted(moved.items()) for m in self._messages(p, ts)])
+                        self.percentiles_stale = True
                     # Persons changed while the population was evaluated, and those whose membership moved
                     # segments referring to this one: evaluated again, as live.
                     self._touched.remove(touched)
@@ -195,11 +203,13 @@ class Builds:
 
     async def _population(
         self, compiled: CompiledSegment, *, progress: Segment | None = None
-    ) -> tuple[list[str], np.ndarray]:
-        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment)."""
+    ) -> tuple[list[str], np.ndarray, dict[str, float | None]]:
+        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment); and
+        the population percentiles it compared with, computed exactly over every held person first."""
         started = time.perf_counter()
         persons = sorted(self.persons)
         total = len(persons)
+        percentiles = self.exact_percentiles(compiled.percentiles) if compiled.percentiles else None
         if progress is not None:
             progress.total, progress.done = total, 0
         now = self.clock()
@@ -208,14 +218,14 @@ class Builds:
         for start in range(0, total, CHUNK):
             chunk = persons[start : start + CHUNK]
             rows = [self.persons[p] for p in chunk]
-            columns = Columns.from_records([r.fields for r in rows])
+            columns = Columns.from_records([r.fields for r in rows], percentiles)
             members = {ref: np.fromiter((ref in r.members for r in rows), dtype=bool, count=len(rows)) for ref in refs}
             result[start : start + len(chunk)] = compiled.evaluate_columns(columns, members, now)
             if progress is not None:
                 progress.done = start + len(chunk)
             await asyncio.sleep(0)
         self._m_population.record((time.perf_counter() - started) * 1000)
-        return persons, result
+        return persons, result, percentiles or {}
 
     async def estimate(self, node) -> Estimate:
         """The definition's size now. The computed traits it needs are defined for the call and deleted
@@ -226,7 +236,7 @@ class Builds:
         try:
             await self._prepare(compiled)
             started = time.perf_counter()
-            persons, inside = await self._population(compiled)
+            persons, inside, _percentiles = await self._population(compiled)
             elapsed = (time.perf_counter() - started) * 1000
         finally:
             self._estimating.remove(reading)

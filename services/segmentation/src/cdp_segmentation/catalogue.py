@@ -119,13 +119,16 @@ class Segment:
         return self.pending[0] if self.pending is not None else self.version
 
 
-def segment_from_doc(segment_id: str, doc: Mapping[str, Any]) -> Segment:
-    """A stored segment (any exception: it cannot be loaded)."""
-    compiled = compile_segment(from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH))
+def segment_from_doc(
+    segment_id: str, doc: Mapping[str, Any], percentiles: Mapping[str, float | None] | None = None
+) -> Segment:
+    """A stored segment (any exception: it cannot be loaded); `percentiles`: the engine's live values."""
+    held = percentiles if percentiles is not None else {}
+    compiled = compile_segment(from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH), held)
     pending = None
     if doc.get("pending"):
         tree = from_json(orjson.loads(doc["pending"]["tree"]), max_depth=STORED_MAX_DEPTH)
-        pending = (doc["pending"]["version"], compile_segment(tree))
+        pending = (doc["pending"]["version"], compile_segment(tree, held))
     return Segment(
         id=segment_id,
         name=doc.get("name", ""),
@@ -156,7 +159,7 @@ class Catalogue:
     def compile(self, node, *, segment_id: str | None = None) -> CompiledSegment:
         """Compile a definition and check it against the other segments (known references, no cycles) and
         the number of computed traits one definition may have defined on the profile service."""
-        compiled = compile_segment(node)
+        compiled = compile_segment(node, self.percentiles)
         if len(compiled.computed_traits) > self.max_computed_traits:
             raise InvalidArgument(
                 "definition",
@@ -320,7 +323,7 @@ class Catalogue:
                 if current is not None and deleted:
                     await self._drop(segment_id, version=deleted["version"], at=deleted["at"])
                 return
-            loaded = segment_from_doc(segment_id, record.doc)
+            loaded = segment_from_doc(segment_id, record.doc, self.percentiles)
             if current is None:
                 self.segments[segment_id] = loaded
                 if loaded.state == BUILDING:

@@ -7,6 +7,7 @@ Where a rule lives:
 - index.py: which live segments a field change can move (the field index, the threshold index);
 - evaluation.py: per-person evaluation of a change, removals, and the timers of time-dependent segments;
 - builds.py: whole-population builds (a segment created or changed) with progress, and `Estimate`;
+- percentiles.py: the population percentiles definitions compare with, kept current on a schedule;
 - stream.py: the partitioned engine (consumer, checkpoint and outbox, publishing, ownership);
 - this module: applying a batch (`apply_changes`), loading, replaying and dropping a partition's held
   state, snapshots, reads.
@@ -66,6 +67,7 @@ from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
+from cdp_segmentation.percentiles import PERCENTILES, Percentiles
 
 if TYPE_CHECKING:
     from cdp_segmentation.stream import Changes, SegmentationStream
@@ -90,7 +92,7 @@ StreamEnds = Callable[[], Awaitable[dict[str, int]]]
 History = Callable[[int], AsyncIterator[tuple[str, int, bytes]]]
 
 
-class SegmentationEngine(Catalogue, Evaluation, Builds):
+class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
     def __init__(
         self,
         store: Store,
@@ -109,6 +111,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         namespace: str = "",
         announce: Callable[[str], Awaitable[None]] | None = None,
         max_computed_traits: int = 20,
+        percentile_interval: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -133,6 +136,12 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         self.unreadable: dict[str, str] = {}
         self.announce = announce
         self.segments: dict[str, Segment] = {}
+        # The population percentiles live definitions compare with (key -> value): every compiled
+        # definition's per-profile predicate reads this one mapping (percentiles.py keeps it current).
+        self.percentiles: dict[str, float | None] = {}
+        self.percentiles_stale = False  # something moved one since the last round
+        self.percentile_interval = percentile_interval
+        self._moved_persons = 0
         self._partition = Partitioner(partitions)
         self._namespace = namespace
         # Standby replicas each hold every partition: their persons and positions are their own.
@@ -143,7 +152,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             owns=lambda person: self._partition(person) in self.owned,
             codec=Codec(copy=_copy_person, encode=_encode_person, decode=self._decode_person),
             fetch=profile_source,
-            marks=lambda: {BUILT: {"versions": {s.id: s.version for s in self.segments.values() if s.serving}}},
+            marks=lambda: {
+                BUILT: {"versions": {s.id: s.version for s in self.segments.values() if s.serving}},
+                **self.percentile_marks(),
+            },
             clock=clock,
             # The batches' commits share the store's writer with the snapshot's chunks and wait behind
             # the one being written: 100 persons is ~3 ms of SQLite, 500 is ~25-45 ms (measured).
@@ -216,7 +228,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
         loaded: dict[str, Segment] = {}
         async for record in self.store.scan_all(SEGMENTS):
             try:
-                loaded[record.key] = segment_from_doc(record.key, record.doc)
+                loaded[record.key] = segment_from_doc(record.key, record.doc, self.percentiles)
             except Exception as exc:
                 self.unreadable[record.key] = type(exc).__name__
                 log.error(
@@ -232,12 +244,15 @@ class SegmentationEngine(Catalogue, Evaluation, Builds):
             if segment.serving and built.get(segment.id) != segment.version and segment.state == LIVE:
                 segment.pending = (segment.version, segment.compiled)
                 segment.state = BUILDING
+        percentiles = await self.store.get(self.held.checkpoints, PERCENTILES)
+        self.load_percentiles(percentiles.doc if percentiles is not None else None)
         self._reindex()
         owned, self.owned = set(self.owned), set()
         await self._load(owned)
         if self.stream is None:
             self.active |= owned
         self._tasks.append(asyncio.create_task(self._timer_loop(), name="segmentation timers"))
+        self._tasks.append(asyncio.create_task(self._percentile_loop(), name="segmentation percentiles"))
 
     async def _migrate_snapshot_positions(self) -> None:
         """The first start after the upgrade to the partitioned engine: the last snapshot's positions

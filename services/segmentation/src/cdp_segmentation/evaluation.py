@@ -219,6 +219,8 @@ class Evaluation:
             if change.removed:
                 if person is not None:
                     self._remove(person_id, person, at=at, cause=f"{cause}.{index}", out=out)
+                    if self.index.percentiles:
+                        self.percentiles_stale = True  # one person fewer in the population
                 continue
             updates = change_fields(change)
             new = person is None
@@ -230,6 +232,8 @@ class Evaluation:
             self.held.mark(person_id)
             for touched in self._touched:
                 touched.add(person_id)
+            if self.index.percentile_sources and (new or not self.index.percentile_sources.isdisjoint(changed)):
+                self.percentiles_stale = True  # the population's values moved: recomputed at the next round
             if new or changed:
                 # A person first seen: every live segment (`not traits.x exists` holds for an empty profile).
                 if new:

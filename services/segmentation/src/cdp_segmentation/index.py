@@ -5,6 +5,12 @@ a set of changed fields it gives the segments to evaluate, dependencies first, e
 reads one of the fields itself (else it only refers to a segment that does, and is evaluated only if
 that one flips). `TIME` is the pseudo-field time-dependent segments read (the timers' segments).
 
+A comparison of one field with another (`traits.last_order_total > traits.avg_order_total`) reads both
+fields, so a change of either evaluates it; it is never a threshold. Nor is a comparison with a population
+percentile: the percentile index (`percentiles`) says, per percentile, which segments compare which field
+with it, so that when the percentile moves only the persons whose value lies between its old and new value
+are evaluated again (percentiles.py).
+
 The threshold index: several segments comparing one field with one number (`computed.orders_90d >= 3`,
 `>= 5`, `>= 10`) are not evaluated on every change of the field but only those whose number lies in the
 range the field moved over (`crossed`); the others give the same outcome for the old and the new value.
@@ -17,9 +23,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Mapping
 
+from cdp_lang.percentiles import PercentileSpec
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
-from cdp_segmentation.domain.plan import NumberTest, Test
+from cdp_segmentation.domain.plan import NumberTest, Test, percentile_tests
 from cdp_segmentation.domain.values import number
 
 TIME = "$time"  # the pseudo-field every time-dependent segment reads
@@ -74,6 +81,15 @@ class FieldIndex:
             if len(items) > 1
         }
         self.indexed = {name: frozenset(s.id for s, _ in index[1]) for name, index in self.thresholds.items()}
+        # percentile key -> its spec, and the segments comparing a field (and sub-path) with it
+        self.percentiles: dict[str, PercentileSpec] = {}
+        self.percentile_readers: dict[str, list[tuple[Segment, str, tuple[str, ...]]]] = {}
+        for segment in serving.values():
+            for test in percentile_tests(segment.compiled.plan):
+                self.percentiles[test.key] = PercentileSpec(test.key, test.source, test.source_sub, test.percent)
+                self.percentile_readers.setdefault(test.key, []).append((segment, test.field, test.sub))
+        # the fields whose change can move a percentile
+        self.percentile_sources = frozenset(spec.field for spec in self.percentiles.values())
         self._affected_cache: dict[frozenset[str], Affected] = {}
         self.time_segments: Affected = self.affected(frozenset({TIME})) if TIME in direct else ()
         self.all: Affected = tuple((serving[s], True) for s in order)
@@ -120,6 +136,14 @@ class FieldIndex:
             low, high = (before, after) if before <= after else (after, before)
             crossed.extend(segments[bisect.bisect_left(thresholds, low) : bisect.bisect_right(thresholds, high)])
         return crossed
+
+    def readers_of_all(self, segments: Iterable[Segment]) -> Affected:
+        """These segments and every live segment referring to one of them, dependencies first."""
+        found = {s.id for s in segments}
+        for segment_id in self.order:
+            if self.serving[segment_id].compiled.segments & found:
+                found.add(segment_id)
+        return tuple((self.serving[s], True) for s in self.order if s in found)
 
     def readers_of(self, segment: Segment) -> Affected:
         """The segment and every live segment referring to it, dependencies first (all evaluated)."""

@@ -58,6 +58,12 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         help="computed traits one definition may need on the profile service (one per distinct event "
         "condition); a definition needing more is refused with INVALID_ARGUMENT",
     )
+    percentile_interval: float = env(
+        "CDP_SEGMENTATION_PERCENTILE_SECONDS",
+        5.0,
+        help="seconds between recomputations of the population percentiles definitions compare with "
+        "(percentile(...)), when a change moved them; each costs one pass over the held persons",
+    )
     segments_retention_days: float = env(
         "CDP_SEGMENTATION_RETENTION_DAYS", 7.0, help="days segments.entered/exited keep transitions"
     )
@@ -75,6 +81,10 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
             )
         if not 0 < self.timer_resolution <= 60:
             problems.append(f"CDP_SEGMENTATION_TIMER_SECONDS={self.timer_resolution} is invalid: must be in (0, 60]")
+        if not 0 < self.percentile_interval <= 3600:
+            problems.append(
+                f"CDP_SEGMENTATION_PERCENTILE_SECONDS={self.percentile_interval} is invalid: must be in (0, 3600]"
+            )
         if self.max_computed_traits < 0:
             problems.append(
                 f"CDP_SEGMENTATION_MAX_COMPUTED_TRAITS={self.max_computed_traits} is invalid: must be 0 or more"
