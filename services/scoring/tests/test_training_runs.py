@@ -10,25 +10,35 @@ figures. The schedule's cron expressions and its loop are checked on their own."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import grpc
 import pytest
 from google.protobuf import json_format
 
+from cdp.events.v1 import events_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.service import serving
-from cdp_kit.storage import open_store
+from cdp_kit.storage import Put, open_store
+from cdp_profile.domain import TimelineEntry
+from cdp_profile.records import TIMELINE, encode_entry, timeline_key
 from cdp_scoring.__main__ import setup
+from cdp_scoring.labelwatch import LabelWatch
+from cdp_scoring.quality import RealisedQuality
 from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings
 from cdp_testing.errors import bad_request_fields
 from cdp_testing.metrics import MetricsCapture
+from cdp_training.pipeline import MODELS_DIR
 from cdp_training.platformdata import write_population
+from cdp_training.pointintime import iter_profiles
 from cdp_training.simulator import simulate
 from cdp_training.traits import COMPUTED_TRAITS
 
@@ -252,3 +262,164 @@ def alive(pid: int) -> bool:
             return stat.read().split(") ", 1)[1][0] not in "ZX"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+# --- realised quality as labels arrive ---------------------------------------------------------------------
+
+
+async def test_a_fraud_label_arriving_makes_the_live_versions_realised_quality_move(
+    nats_server, tmp_path, profile_store
+):
+    """A chargeback reaches the platform: the fraud model's figures are marked stale and computed again a
+    moment later (no schedule, no request), counting the new positive; labels arriving together cost one
+    computation."""
+    store_url = f"sqlite:///{tmp_path / 'profile.db'}"
+    shutil.copy(profile_store.removeprefix("sqlite:///"), tmp_path / "profile.db")
+    config = settings(
+        nats_server,
+        tmp_path,
+        training_store=store_url,
+        quality_schedule="",
+        quality_settle_seconds=0.2,
+        quality_debounce_seconds=1.0,
+    )
+    async with serving(config, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=(MODELS_DIR / "fraud_risk.onnx").read_bytes()))
+            request = scoring_pb2.GetModelQualityRequest(name="fraud_risk")
+            before = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="fraud_risk", refresh=True))
+            realised = json_format.MessageToDict(before.realised)
+            assert before.trigger == "request" and before.labelled_rows == realised["rows"] > 300
+            assert realised["positives"] == 0 and not before.HasField("stale_since")
+
+            # the profile service stores the chargeback (dated inside the window just closed) ...
+            person = await a_person_seen_by(store_url, iso_seconds(realised["cutoff"]))
+            at = iso_seconds(realised["cutoff"]) + 10 * 86_400
+            async with open_store(store_url) as store:
+                entry = TimelineEntry(at, "chargeback-1", "track", "Chargeback", {"amount": 80}, "psp", person)
+                await store.bulk_write([Put(TIMELINE, timeline_key(entry), encode_entry(entry))])
+            # ... and scoring sees it, twice over (a redelivery) beside an event that labels nothing
+            quality = runtime.parts["quality"]
+            computed = counting(quality)
+            nc = runtime.parts["bus"].nc
+            for name in ("Chargeback", "Page Viewed", "Chargeback"):
+                await nc.publish(subjects.events_resolved(0), resolved(person, name, at).SerializeToString())
+            await nc.flush()
+
+            stale = await wait_for(stub, request, lambda q: q.HasField("stale_since"))
+            assert stale.stale_trigger == "label event Chargeback" and stale.computed_at == before.computed_at
+            after = await wait_for(stub, request, lambda q: q.computed_at != before.computed_at)
+            moved = json_format.MessageToDict(after.realised)
+            assert after.trigger == "label event Chargeback" and not after.HasField("stale_since")
+            assert moved["positives"] == 1 and moved["cutoff"] == realised["cutoff"]
+            assert after.labelled_rows == before.labelled_rows
+            await asyncio.sleep(1.5)  # past the debounce: the flood did not compute again
+            assert computed == ["fraud_risk"]
+
+            # an event that labels no live model marks nothing stale
+            await nc.publish(subjects.events_resolved(1), resolved(person, "Order Completed", at).SerializeToString())
+            await nc.flush()
+            await asyncio.sleep(0.3)
+            assert not (await stub.GetModelQuality(request)).HasField("stale_since")
+
+
+def iso_seconds(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def a_person_seen_by(store_url: str, cutoff: float) -> str:
+    async with open_store(store_url) as store:
+        async for batch in iter_profiles(store):
+            for stored in batch:
+                if stored.timeline and stored.timeline[0].at <= cutoff:
+                    return stored.person_id
+    raise AssertionError("nobody was seen by the cut-off")
+
+
+def resolved(person: str, name: str, at: float) -> events_pb2.ResolvedEventBatch:
+    event = events_pb2.Event(message_id=f"m-{name}", type=events_pb2.EVENT_TYPE_TRACK, event=name)
+    event.timestamp.FromSeconds(int(at))
+    return events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
+
+
+def counting(quality) -> list[str]:
+    """The models `quality` computes from now on (its refresh, wrapped)."""
+    calls: list[str] = []
+    refresh = quality.refresh
+
+    async def counted(model, *args, **kwargs):
+        calls.append(model)
+        return await refresh(model, *args, **kwargs)
+
+    quality.refresh = counted
+    return calls
+
+
+async def wait_for(stub, request, condition, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await stub.GetModelQuality(request)
+        if condition(answer):
+            return answer
+        assert time.monotonic() < deadline, f"GetModelQuality never got there: {answer}"
+        await asyncio.sleep(0.05)
+
+
+FRAUD_LABEL = {
+    "kind": "label_event",
+    "window": "90d",
+    "events": [{"name": "Chargeback"}, {"name": "CRM Ticket Closed", "where": {"resolution": "fraud"}}],
+}
+
+
+def test_label_events_are_matched_as_the_label_definition_says():
+    watch = LabelWatch(
+        {
+            "fraud_risk": FRAUD_LABEL,
+            "purchase_propensity": {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]},
+            "churn_risk": {"kind": "no_activity", "window": "90d"},  # any event is activity, not a label
+            "clv": None,  # label not known yet
+        }
+    )
+
+    def labelled(name: str, **properties) -> dict[str, str]:
+        batch = resolved("p1", name, 1.7e9)
+        batch.events[0].event.properties.update(properties)
+        return watch.labelled(batch.SerializeToString())
+
+    assert labelled("Chargeback") == {"fraud_risk": "Chargeback"}
+    assert labelled("CRM Ticket Closed", resolution="fraud") == {"fraud_risk": "CRM Ticket Closed"}
+    assert labelled("CRM Ticket Closed", resolution="solved") == {}
+    assert labelled("Order Completed") == {"purchase_propensity": "Order Completed"}
+    assert labelled("Page Viewed") == {}
+    assert watch.needles is not None  # every match has a name: other messages are not even decoded
+
+
+async def test_a_closed_label_window_or_a_new_live_version_marks_the_figures_stale():
+    now = [at("2025-06-01T23:59:00")]
+
+    def live(name: str, version: str) -> SimpleNamespace:
+        spec = SimpleNamespace(training={"label": FRAUD_LABEL} if name == "fraud_risk" else {})
+        return SimpleNamespace(name=name, live=SimpleNamespace(version=version, spec=spec))
+
+    engine = SimpleNamespace(registry=[live("churn_risk", "1"), live("fraud_risk", "2"), live("clv", "1")])
+    quality = RealisedQuality(engine, None, "sqlite:///unused", None, clock=lambda: now[0], settle=3600)
+    computed = {"computed_at": at("2025-06-01T10:00:00"), "realised": {}, "trigger": "schedule"}
+    quality.figures = {"churn_risk": computed | {"version": "1"}, "fraud_risk": computed | {"version": "1"}}
+    quality.failed = {"clv": ("1", at("2025-06-01T11:00:00"))}  # its computation failed today
+    try:
+        quality.check_windows()
+        assert {m: s["trigger"] for m, s in quality.stale.items()} == {"fraud_risk": "new live version"}
+        now[0] = at("2025-06-02T00:00:30")  # a day boundary: yesterday's cohort's label windows closed
+        quality.check_windows()
+        assert {m: s["trigger"] for m, s in quality.stale.items()} == {
+            "fraud_risk": "new live version",
+            "churn_risk": "label window closed",
+            "clv": "new live version",  # tried again the next day
+        }
+        # a label of fraud_risk's own definition joins the computation already due
+        quality.on_resolved(resolved("p1", "Chargeback", now[0]).SerializeToString())
+        assert quality.stale["fraud_risk"]["labels"] == 1 and len(quality._due) == 3
+    finally:
+        await quality.close()

@@ -40,6 +40,10 @@ from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring")
 
+# The queue group of the replicas' label-event subscriptions (each event reaches one replica).
+QUALITY_LABELS = "scoring-quality-labels"
+WINDOW_CHECK_SECONDS = 60.0  # a closed label window is noticed within a minute of the day boundary
+
 
 async def setup(runtime: ServiceRuntime) -> None:
     settings: ScoringSettings = runtime.settings  # type: ignore[assignment]
@@ -147,8 +151,17 @@ async def _watch_models(
     runtime.stack.callback(worker.stop)
     training = TrainingRuns(engine, settings.training_store, worker)
     runtime.stack.push_async_callback(training.close)
-    quality = RealisedQuality(engine, store, settings.training_store, worker, meter=runtime.telemetry.meter)
+    quality = RealisedQuality(
+        engine,
+        store,
+        settings.training_store,
+        worker,
+        meter=runtime.telemetry.meter,
+        settle=settings.quality_settle_seconds,
+        debounce=settings.quality_debounce_seconds,
+    )
     await quality.load()
+    runtime.stack.push_async_callback(quality.close)
 
     async def alert(report) -> None:
         retrain = (
@@ -177,6 +190,24 @@ async def _watch_models(
     if settings.quality_schedule and settings.training_store:
         run = on_one_replica(quality.refresh_all)
         runtime.spawn(every(Cron.parse(settings.quality_schedule), run, "realised quality"), "quality schedule")
+    if settings.training_store:
+        # Labels arriving make realised quality stale (quality.py): label events reach one replica of the
+        # group; label windows closing and versions going live are checked on one replica.
+        async def on_resolved(msg) -> None:
+            quality.on_resolved(msg.data)
+
+        labels = await bus.nc.subscribe(
+            subjects.every_partition(subjects.EVENTS_RESOLVED_PREFIX), queue=QUALITY_LABELS, cb=on_resolved
+        )
+        runtime.stack.push_async_callback(labels.unsubscribe)
+
+        async def check_windows() -> None:
+            while True:
+                if 0 in ownership.owned():
+                    quality.check_windows()
+                await asyncio.sleep(WINDOW_CHECK_SECONDS)
+
+        runtime.spawn(check_windows(), "label windows")
     return training, quality, check_drift
 
 

@@ -283,6 +283,12 @@ class ScoringApi(scoring_pb2_grpc.ScoringServiceServicer):
             if figures is not None:
                 json_format.ParseDict(figures["realised"], message.realised)
                 set_seconds(message.computed_at, figures["computed_at"])
+                message.trigger = figures.get("trigger", "")
+                message.labelled_rows = int(figures["realised"].get("rows", 0))
+            stale = self.quality.stale.get(request.name)
+            if stale is not None:
+                set_seconds(message.stale_since, stale["since"])
+                message.stale_trigger = stale["trigger"]
         elif request.refresh:
             raise FailedPrecondition("realised quality is not computed here", reason="training_unavailable")
         return message

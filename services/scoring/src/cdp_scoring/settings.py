@@ -101,7 +101,21 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
         "CDP_SCORING_QUALITY_SCHEDULE",
         "@daily",
         help="when every live model's realised quality is computed on the latest closed label window (cron, "
-        "UTC; needs CDP_SCORING_TRAINING_STORE; empty: only on request, GetModelQuality refresh)",
+        "UTC; needs CDP_SCORING_TRAINING_STORE; empty: only when labels arrive and on request, GetModelQuality "
+        "refresh)",
+    )
+    quality_settle_seconds: float = env(
+        "CDP_SCORING_QUALITY_SETTLE_SECONDS",
+        30.0,
+        help="seconds from a label's arrival (a label event of a live model's spec on events.resolved, a label "
+        "window closing at a UTC day boundary) to its model's realised quality being computed again, so the "
+        "profile service has stored it",
+    )
+    quality_debounce_seconds: float = env(
+        "CDP_SCORING_QUALITY_DEBOUNCE_SECONDS",
+        600.0,
+        help="a model's realised quality is computed for arriving labels at most once in this many seconds "
+        "(a flood of labels costs one computation per period)",
     )
 
     def validate(self) -> list[str]:
@@ -122,6 +136,12 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
             )
         if not self.drift_threshold > 0:
             problems.append(f"CDP_SCORING_DRIFT_THRESHOLD={self.drift_threshold} is invalid: must be positive")
+        for variable, value in (
+            ("CDP_SCORING_QUALITY_SETTLE_SECONDS", self.quality_settle_seconds),
+            ("CDP_SCORING_QUALITY_DEBOUNCE_SECONDS", self.quality_debounce_seconds),
+        ):
+            if not 0 <= value <= 7 * 86_400:
+                problems.append(f"{variable}={value} is invalid: must be in [0, 604800]")
         if self.drift_min_rows < 1:
             problems.append(f"CDP_SCORING_DRIFT_MIN_ROWS={self.drift_min_rows} is invalid: must be at least 1")
         for variable, value, parse in (

@@ -377,15 +377,23 @@ class GetModelQualityRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., refresh: _Optional[bool] = ...) -> None: ...
 
 class ModelQuality(_message.Message):
-    __slots__ = ("model", "version", "training", "realised", "computed_at")
+    __slots__ = ("model", "version", "training", "realised", "computed_at", "trigger", "labelled_rows", "stale_since", "stale_trigger")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     REALISED_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    STALE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    STALE_TRIGGER_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     training: _struct_pb2.Struct
     realised: _struct_pb2.Struct
     computed_at: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., realised: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    trigger: str
+    labelled_rows: int
+    stale_since: _timestamp_pb2.Timestamp
+    stale_trigger: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., training: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., realised: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trigger: _Optional[str] = ..., labelled_rows: _Optional[int] = ..., stale_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stale_trigger: _Optional[str] = ...) -> None: ...
