@@ -15,7 +15,9 @@ crm-bulk-backfill  records/s of a backfill with bulk=true (runs.Runs over the co
                    creating one job per 10,000 rows, uploading the same CSV, closing, polling and reading
                    the successful results. Full size: --records 1000000.
 crm-signal-task    p99 from a signal to the task created at the local HubSpot (in this process, so the
-                   moment the task is written is seen directly), ~20 probes/s. The connector's mappings
+                   moment the task is written is seen directly), 10 probes/s: each task is one request,
+                   and the connection's budget is HubSpot's 190 requests per 10 s, so a faster probe
+                   would measure the queue behind the budget, not the path. The connector's mappings
                    cannot create a task from a profile change or a segment entry themselves (an action
                    mapping listens to actions.crm only: orchestration decides who gets a task), so the
                    signal is a segment entry: `segments.entered.<p>` as segmentation publishes it, through
@@ -77,6 +79,7 @@ PARTITIONS = 4
 HUBSPOT_TOKEN = "pat-local-hubspot"
 BURST, WINDOW, BATCH = 190, 10.0, 100
 LIMIT_RECORDS_PER_S = BURST / WINDOW * BATCH
+PROBE_INTERVAL = 0.1  # crm-signal-task: 10 probes/s, half the connection's request budget
 
 
 @contextlib.contextmanager
@@ -460,7 +463,7 @@ async def segment_to_task(probes: int, server_url: str, workdir: Path, hubspot: 
             sent[f"Review probe {n}"] = time.perf_counter()
             [result] = await bus.publisher.publish_batch([OutMessage(subject, batch.SerializeToString(), entry.id)])
             assert result.ok, result.error
-            await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - tick)))
+            await asyncio.sleep(max(0.0, PROBE_INTERVAL - (time.perf_counter() - tick)))
         deadline = time.perf_counter() + 60
         while not set(sent) <= set(hubspot.subject_written) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
@@ -481,15 +484,19 @@ async def run_signal(probes: int, workdir: Path) -> None:
         async with WatchedHubSpot() as hubspot:
             async with Bus.connect(server.url, name="bench-crm") as bus:
                 await ensure_upstream(bus)
+            # The local HubSpot answers on this process's event loop: starting and stopping the processes
+            # (which wait for them) happen in a thread, so the connector's describe at start and the
+            # requests it drains at stop are answered meanwhile.
             proc = connector(workdir, server.url, hubspot_document(hubspot.base_url, tasks=True))
-            proc.start(60)
+            await asyncio.to_thread(proc.start, 60)
             journeys = orchestration(workdir, server.url)
             sent: dict[str, float] = {}
             try:
-                journeys.start(60)
+                await asyncio.to_thread(journeys.start, 60)
                 await publish_journey(journeys.grpc_address)
                 signal = await segment_to_task(probes, server.url, workdir, hubspot)
-                journeys.stop()
+                await asyncio.to_thread(journeys.stop)
+                await asyncio.sleep(WINDOW)  # the first stage's requests leave the budget's rolling window
                 async with Bus.connect(server.url, name="bench-crm") as bus:
                     for n in range(probes):
                         tick = time.perf_counter()
@@ -505,16 +512,17 @@ async def run_signal(probes: int, workdir: Path) -> None:
                             [OutMessage(subject, action.SerializeToString(), f"act-{n}")]
                         )
                         assert result.ok, result.error
-                        await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - tick)))
+                        await asyncio.sleep(max(0.0, PROBE_INTERVAL - (time.perf_counter() - tick)))
+                    # The signal stage's tasks are written already: wait for this stage's own.
                     deadline = time.perf_counter() + 60
-                    while len(hubspot.task_written) < probes and time.perf_counter() < deadline:  # noqa: ASYNC110
+                    while not set(sent) <= set(hubspot.task_written) and time.perf_counter() < deadline:  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
             finally:
-                journeys.stop()
-                proc.stop()
+                await asyncio.to_thread(journeys.stop)
+                await asyncio.to_thread(proc.stop)
             latencies = [(hubspot.task_written[k] - t) * 1000 for k, t in sent.items() if k in hubspot.task_written]
             tasks = len(hubspot.records("tasks"))
-        hop = await bench_hop(server.url, max(2.0, probes / 20), rate=20 * 50, payload=b"x" * 300)
+        hop = await bench_hop(server.url, max(2.0, probes * PROBE_INTERVAL), rate=20 * 50, payload=b"x" * 300)
     finally:
         server.close()
     action_to_task = {"from": "actions.crm", "p99_ms": round(percentile(latencies, 99), 1),
