@@ -105,3 +105,39 @@ def test_an_events_properties_are_read_as_sent_nested_values_and_all():
         }
     )
     assert isinstance(one.data.properties["quantity"], float)  # JSON numbers, as the language compares them
+
+
+def test_an_events_context_is_read_as_json_format_reads_it():
+    # The context is read field by field (json_format's printer was the largest cost of decoding an event);
+    # conditions read it by proto field names, so it must stay exactly what json_format gives.
+    message = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Viewed")
+    context = message.context
+    context.ip, context.user_agent, context.locale = "192.0.2.1", "Mozilla/5.0", "nb-NO"
+    context.page.url, context.page.title = "https://shop.example/p/1", "Shoes"
+    context.device.SetInParent()  # present and empty: {}
+    context.location.latitude, context.location.longitude = float("nan"), float("-inf")
+    context.location.city = "Oslo"
+    context.screen.width, context.screen.density = 390, 3.0
+    context.network.wifi = True
+    context.consent.category_preferences["Marketing"] = True
+    context.consent.channel_preferences["sms"] = False
+    context.traits.update({"plan": "pro", "seats": 3, "tags": ["a", None, {"deep": [1.5]}]})
+    context.extra.update({"experiment": {"arm": "b"}})
+    batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id="p1")])
+    [one] = decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
+    expected = json_format.MessageToDict(context, preserving_proto_field_name=True)
+    assert one.data.context == expected
+    assert expected["location"] == {"city": "Oslo", "latitude": "NaN", "longitude": "-Infinity"}
+    assert expected["device"] == {} and expected["screen"] == {"width": 390, "density": 3.0}
+    assert isinstance(one.data.context["traits"]["seats"], float)
+
+
+def test_an_event_whose_context_holds_a_number_json_cannot_carry_is_rejected_as_before():
+    message = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Viewed")
+    message.context.extra.update({"ratio": 1.0})
+    message.context.extra.fields["ratio"].number_value = float("nan")
+    batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id="p1")])
+    with pytest.raises(Reject) as rejected:
+        decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
+    assert (rejected.value.reason, rejected.value.field) == ("invalid_payload", "EVENTS_RESOLVED")
+    assert "SerializeToJsonError" in str(rejected.value)
