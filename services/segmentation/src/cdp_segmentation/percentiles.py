@@ -19,7 +19,9 @@ in `percentiles` (key -> value), the mapping every compiled definition's per-pro
   with the values the snapshotted memberships were evaluated with; the first round after it catches up.
   A round's transitions not yet included in a snapshot when the process dies are found again by the
   first round after the restart, under that round's id (cause "q<ms>"): unlike timer and stream
-  transitions they may then be published twice.
+  transitions they may then be published twice. For the same reason hot standby replicas, whose rounds
+  run at their own times over what each has applied, publish their percentile transitions under ids of
+  their own: a consumer may see such a transition once from each.
 
 Replicas that split the partitions each take the percentile over their own persons. Persons are spread
 over partitions by a hash of their id, so each replica's population is a uniform sample of the whole and
@@ -112,7 +114,10 @@ class Percentiles:
             for segment, field, sub in self.index.percentile_readers.get(key, ()):
                 ranges.append((segment, field, sub, low, high))
         affected: dict[str, dict[str, Segment]] = {}
+        partition_of, active = self._partition, self.active
         for person_id, person in self.persons.items():
+            if partition_of(person_id) not in active:
+                continue  # a partition still arriving: its replay evaluates with the new values
             for segment, field, sub, low, high in ranges:
                 value = value_at(person.fields, field, sub)
                 if value is not None and low <= value <= high:
