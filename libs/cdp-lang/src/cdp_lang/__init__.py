@@ -14,7 +14,8 @@ The modules, for segmentation and for anyone who needs the parts:
 
 - `nodes`: the syntax tree both written forms map onto; `text`: `parse` / `to_text` (the grammar in its
   docstring); `tree`: `from_json` / `to_json` (the JSON shapes); `values`: what values mean (missing,
-  numbers, strings, times), the rules every evaluator applies.
+  numbers, strings, times), the rules every evaluator applies; `percentiles`: what a percentile of the
+  population is, and how each evaluator is given it.
 - `compiler`: `compile_segment(node)` -> `CompiledSegment`; `plan`, `row`, `vector`, `columns`: the compiled
   form and its per-profile and vectorised (NumPy, whole populations) evaluators.
 - `condition`: the one-person API above.
