@@ -242,6 +242,22 @@ async def test_create_from_the_json_tree(service):
     assert [m.person_id for m in members.members] == ["p2"]
 
 
+async def test_a_percentile_and_a_field_comparison_travel_as_a_tree(service):
+    await service.feed(*(change(f"p{i}", scores={"clv": float(i), "avg": 4.5}) for i in range(10)))
+    definition = {
+        "and": [
+            {"field": "scores.clv", "op": ">=", "value": {"percentile": "scores.clv", "percent": 80}},
+            {"field": "scores.clv", "op": ">", "value": {"field": "scores.avg"}},
+        ]
+    }
+    segment = await service.stub.CreateSegment(
+        pb.CreateSegmentRequest(id="top", definition=tree(definition), wait=True)
+    )
+    assert segment.state == LIVE and segment.size == 2  # 7.2 and above: p8, p9
+    assert segment.text == "scores.clv >= percentile(scores.clv, 80) and scores.clv > scores.avg"
+    assert as_dict(segment.tree) == definition
+
+
 async def test_a_tree_and_the_text_it_stands_for_make_the_same_segment(service, profile):
     """A Struct carries only doubles: the tree's 50 arrives as 50.0. The same definition written either
     way must read back the same and share one computed trait on the profile service."""
