@@ -12,9 +12,10 @@ import pytest
 from cdp_kit.errors import FailedPrecondition
 from cdp_kit.storage import MemoryStore
 from cdp_scoring.domain.registry import LIVE, Version
-from cdp_scoring.drift import DriftMonitor, load_shipped_references
+from cdp_scoring.drift import DriftMonitor, build_reference, load_shipped_references
 from cdp_scoring.runtime import load_model
 from cdp_training import learn
+from cdp_training.dataset import matrix
 from cdp_training.drift import REFERENCES
 from cdp_training.pipeline import MODELS_DIR
 from cdp_training.platformdata import write_population
@@ -53,6 +54,9 @@ def test_a_trained_version_carries_the_reference_of_its_own_training_rows(churn_
     assert reference["rows"] == churn_run.train.rows
     assert set(reference["features"]) == {f.name for f in version.spec.features}
     assert list(reference["scores"]) == ["churn_risk"]
+    # taken at the cut-off, naming the features that move with the clock (drift compares them aged)
+    assert reference["taken_at"] == churn_run.train.cutoff
+    assert reference["aged"] == ["days_since_signup", "days_since_first_order"]
     for bins in [*reference["features"].values(), *reference["scores"].values()]:
         assert len(bins["shares"]) == len(bins["edges"]) + 2 and sum(bins["shares"]) == pytest.approx(1, abs=1e-4)
     # the service, shown the training rows themselves as it scores them, sees no drift at all
@@ -103,3 +107,65 @@ def test_every_shipped_model_has_the_reference_of_its_version():
     churn = references["models"]["churn_risk"]["reference"]
     assert churn["rows"] == references["population"] == 16_000
     assert np.isclose(sum(churn["scores"]["churn_risk"]["shares"]), 1, atol=1e-4)
+
+
+# --- drift of features that move with the clock -------------------------------------------------------------
+
+YEAR = 365 * DAY
+ACTIVITY = ("sessions_7d", "sessions_30d", "sessions_90d", "app_sessions_30d", "product_views_30d", "cart_adds_30d")
+
+
+def _year_later(model: str, population, fields, change=None):
+    """One scheduled drift check of shipped `model` a year after its reference was taken (the shipped way:
+    models/reference.json's format, which names neither the aged features nor when it was taken), on the
+    same persons behaving exactly as they did: every value the same, but a year more since they signed
+    up and first ordered. `change` alters their behaviour as well."""
+    loaded = load_model((MODELS_DIR / f"{model}.onnx").read_bytes())
+    spec = loaded.spec
+    X = matrix(spec, fields.at_cutoff, population.cutoff)
+    assert learn.iso(population.cutoff) == spec.training["cutoff"]  # the rows are taken when its reference was
+    names = [f.name for f in spec.features]
+    scores = loaded.run(X)
+    reference = build_reference(names, X, {n: scores[:, j] for j, n in enumerate(spec.score_names)})
+    later = X.copy()
+    for name in ("days_since_signup", "days_since_first_order"):
+        column = later[:, names.index(name)]
+        column[np.isfinite(column)] += 365
+    if change is not None:
+        change(later, names)
+    version = Version(spec, LIVE, loaded.sha256, loaded.size_bytes, 0.0)
+    monitor = DriftMonitor(
+        min_rows=100,
+        shipped={model: {"version": spec.version, "reference": reference}},
+        clock=lambda: population.cutoff + YEAR,
+        rescorer=lambda _version: loaded.run,
+    )
+    monitor.observe(version, later, loaded.run(later))
+    (report,) = monitor.check([version])
+    return report
+
+
+@pytest.mark.parametrize("model", ["churn_risk", "clv"])
+def test_an_unchanged_population_a_year_later_has_not_drifted(population, fields, model):
+    report = _year_later(model, population, fields)
+    psi = {f"{kind}:{name}": value for name, kind, value in report.values}
+    assert report.status == "ok", {k: round(v, 3) for k, v in psi.items() if v > 0.1}
+    # tenure was compared against the reference aged by the year, and so was the score
+    assert {"feature:days_since_signup", "feature:days_since_first_order"} <= set(report.aged)
+    assert psi["feature:days_since_signup"] < 0.05
+    assert all(
+        f"score:{name}" in report.aged
+        for name in load_model((MODELS_DIR / f"{model}.onnx").read_bytes()).spec.score_names
+        if psi[f"score:{name}"] > 1e-9
+    )
+
+
+def test_a_change_of_behaviour_a_year_later_is_still_flagged_at_the_first_check(population, fields):
+    def less_active(X, names):
+        for name in ACTIVITY:
+            X[:, names.index(name)] = np.floor(X[:, names.index(name)] / 3)
+
+    report = _year_later("churn_risk", population, fields, change=less_active)
+    assert report.status == "drifted" and report.newly_drifted
+    over = {name for name, _kind, _value in report.over}
+    assert {"sessions_30d", "sessions_90d"} <= over and "days_since_signup" not in over

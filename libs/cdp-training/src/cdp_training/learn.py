@@ -44,7 +44,7 @@ import numpy as np
 from cdp_kit.durations import format_duration
 from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_scoring.domain import ModelSpec
-from cdp_scoring.drift import build_reference
+from cdp_scoring.drift import build_reference, clock_features
 from cdp_scoring.schedule import parse_time as parse_time  # where callers have read it
 from cdp_training import feedback, metrics
 from cdp_training.graphs import run, score_columns
@@ -280,7 +280,14 @@ def train_run(
     model, estimator, quality, metric = fit(draft, train.X, y, evaluation.X, y_eval, seed)
     names = [f.name for f in draft.features]
     # What drift is measured against (cdp_scoring.drift): the training rows' features and their scores.
-    reference = build_reference(names, train.X, score_columns(draft, run(model, train.X)))
+    # Taken at the cut-off, with the features that move with the clock named (compared aged later on).
+    reference = build_reference(
+        names,
+        train.X,
+        score_columns(draft, run(model, train.X)),
+        aged=clock_features(draft),
+        taken_at=train.cutoff,
+    )
     step("fitting", train.rows)
     live_value = None
     if live is not None:

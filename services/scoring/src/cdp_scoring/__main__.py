@@ -84,6 +84,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         round_linger=settings.round_linger_ms / 1000,
         drift=drift,
     )
+    # The aged drift comparison scores rows again with the version's own session (drift.py).
+    drift.rescorer = lambda version: getattr(engine.sessions.get((version.spec.name, version.version)), "run", None)
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
     stream = scoring_stream(

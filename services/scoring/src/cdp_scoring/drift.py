@@ -30,6 +30,24 @@ marks the version drifted: an alert goes out on `models.drift` at every check th
 with `CDP_SCORING_DRIFT_RETRAIN`, a training run of the model starts when a live version becomes
 drifted (not again at each check it stays so: a run that kept live would run again on the same data).
 
+**Features that move with the clock.** Days since a first time (sign-up, first order: a `days_since`
+feature of a computed trait that is the `min` of `$at`) grow a day each day whatever a person does, so
+a population that behaves exactly as the training one shows another tenure a year later, and the
+version's score, which reads tenure, moves with it. Such a column is also compared against the
+reference *aged* by the time since it was taken: the rows' clock features are moved back by the elapsed
+days (a value at the feature's default, "unknown", stays), the rows are scored again by the version
+itself, and those features and scores are binned as well. A clock feature's or score's value is the
+smaller of the two PSIs: the population is either a steady state whose tenure does not move (as taken)
+or the training cohort grown older (aged), and both are no drift. A change in behaviour moves the
+behavioural features and the score under both comparisons, and a population that is neither (a wave of
+new customers, a platform grown far past its training population's age) moves tenure under both.
+
+The reference says which features are aged and when it was taken (`"aged": [...]`, `"taken_at"`:
+epoch seconds, written by training runs). A reference without them (the shipped `models/reference.json`,
+versions trained before) gets them from its spec: the features found as above, and the training cut-off
+(`training.cutoff`, or `training.window.history_until`). Without a time, or without the version's own
+session to score with, the comparison is as taken only.
+
 Each replica counts the rows of its own partitions: its figures describe a sample of the population,
 and each replica checks (and alerts) on its own.
 """
@@ -42,6 +60,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +78,9 @@ FEATURE, SCORE = "feature", "score"
 # Statuses of a version's last check.
 OK, DRIFTED, TOO_FEW_ROWS, NO_REFERENCE = "ok", "drifted", "too_few_rows", "no_reference"
 SHIPPED_REFERENCES = Path(__file__).resolve().parent / "models" / "reference.json"
+DAY = 86_400.0
+
+Rescore = Callable[[np.ndarray], np.ndarray]  # a version's scores of feature rows (LoadedModel.run)
 
 
 def bins_of(values: np.ndarray, bins: int = DEFAULT_BINS) -> dict[str, list[float]]:
@@ -84,16 +106,53 @@ def build_reference(
     X: np.ndarray,
     scores: Mapping[str, np.ndarray],
     bins: int = DEFAULT_BINS,
+    *,
+    aged: Sequence[str] = (),
+    taken_at: float | None = None,
 ) -> dict[str, Any]:
     """`training.reference` for a version trained on rows `X` (columns named `feature_names`) whose
-    scores on those rows are `scores`."""
+    scores on those rows are `scores`, taken at `taken_at` (the rows' cut-off); `aged` names the features
+    that move with the clock (`clock_features`)."""
     X = np.asarray(X, dtype=np.float64)
-    return {
+    out: dict[str, Any] = {
         "rows": int(X.shape[0]),
         "bins": bins,
         "features": {name: bins_of(X[:, j], bins) for j, name in enumerate(feature_names)},
         "scores": {name: bins_of(np.asarray(values), bins) for name, values in scores.items()},
     }
+    if taken_at is not None:
+        out["taken_at"] = float(taken_at)
+        out["aged"] = [name for name in feature_names if name in set(aged)]
+    return out
+
+
+def clock_features(spec) -> list[str]:
+    """The features of `spec` that move with the clock by construction: days since a first time (a
+    computed trait that is the earliest `$at` of its events: sign-up, first order)."""
+    firsts = {
+        trait["name"]
+        for trait in spec.computed_traits
+        if trait.get("op") == "min" and trait.get("property", "$at") == "$at"
+    }
+    return [
+        f.name
+        for f in spec.features
+        if f.transform == "days_since" and f.path.startswith("computed.") and f.path.split(".", 1)[1] in firsts
+    ]
+
+
+def _reference_time(doc: Mapping[str, Any], training: Mapping[str, Any]) -> float | None:
+    """When the reference's rows were taken: its own `taken_at`, else the version's training cut-off."""
+    if isinstance(doc.get("taken_at"), int | float):
+        return float(doc["taken_at"])
+    window = training.get("window") if isinstance(training.get("window"), Mapping) else {}
+    for text in (training.get("cutoff"), window.get("history_until")):
+        if isinstance(text, str):
+            try:
+                return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def _counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -126,11 +185,23 @@ class Column:
 class Reference:
     rows: int
     columns: list[Column]
+    # Column index of each feature that moves with the clock -> its default (a value left as it is).
+    aged: dict[int, float | None] = field(default_factory=dict)
+    taken_at: float | None = None
 
     @classmethod
-    def from_doc(cls, doc: Mapping[str, Any], features: Sequence[str], scores: Sequence[str]) -> Reference | None:
+    def from_doc(
+        cls,
+        doc: Mapping[str, Any],
+        features: Sequence[str],
+        scores: Sequence[str],
+        *,
+        spec=None,
+    ) -> Reference | None:
         """The reference of a version whose features and scores are named so; None when the document
-        does not describe them all (an old or a foreign reference is not compared with)."""
+        does not describe them all (an old or a foreign reference is not compared with). With the
+        version's `spec`, a reference that does not say which features are aged and when it was taken
+        gets them from the spec (see the module docstring)."""
         try:
             columns = []
             for kind, names, bins in ((FEATURE, features, doc["features"]), (SCORE, scores, doc["scores"])):
@@ -140,9 +211,33 @@ class Reference:
                     if shares.size != edges.size + 2:
                         return None
                     columns.append(Column(name, kind, index, edges, shares))
-            return cls(int(doc.get("rows", 0)), columns)
+            reference = cls(int(doc.get("rows", 0)), columns)
         except (KeyError, TypeError, ValueError):
             return None
+        training = spec.training if spec is not None and isinstance(spec.training, Mapping) else {}
+        reference.taken_at = _reference_time(doc, training)
+        names = doc.get("aged")
+        if not isinstance(names, list):
+            names = clock_features(spec) if spec is not None else []
+        defaults = {f.name: f.default for f in spec.features} if spec is not None else {}
+        for index, name in enumerate(features):
+            if name in names:
+                default = defaults.get(name)
+                reference.aged[index] = float(default) if isinstance(default, int | float) else None
+        return reference
+
+    def age(self, matrix: np.ndarray, now: float) -> np.ndarray | None:
+        """`matrix` with its clock features moved back by the days since the reference was taken (None:
+        nothing to age)."""
+        if not self.aged or self.taken_at is None or now <= self.taken_at:
+            return None
+        elapsed = (now - self.taken_at) / DAY
+        aged = np.array(matrix, dtype=np.float32, copy=True)
+        for index, default in self.aged.items():
+            column = aged[:, index]
+            moved = np.isfinite(column) if default is None else np.isfinite(column) & (column != np.float32(default))
+            column[moved] -= elapsed
+        return aged
 
 
 @dataclass(slots=True)
@@ -157,10 +252,25 @@ class Window:
     since: float = 0.0
     waiting: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     waiting_rows: int = 0
+    # The same columns binned against the aged reference (clock features and scores; None elsewhere).
+    aged_counts: list[np.ndarray | None] = field(default_factory=list)
+    rescore: Rescore | None = None
+    clock: Callable[[], float] = time.time
 
     @classmethod
-    def empty(cls, reference: Reference, now: float) -> Window:
-        return cls(reference, [np.zeros(c.edges.size + 2, dtype=np.int64) for c in reference.columns], 0, now)
+    def empty(
+        cls, reference: Reference, now: float, rescore: Rescore | None = None, clock: Callable[[], float] = time.time
+    ) -> Window:
+        zeros = [np.zeros(c.edges.size + 2, dtype=np.int64) for c in reference.columns]
+        aged: list[np.ndarray | None] = [
+            np.zeros(c.edges.size + 2, dtype=np.int64)
+            if (c.kind == FEATURE and c.index in reference.aged) or (c.kind == SCORE and rescore is not None)
+            else None
+            for c in reference.columns
+        ]
+        if not reference.aged or reference.taken_at is None:
+            aged = [None] * len(zeros)
+        return cls(reference, zeros, 0, now, aged_counts=aged, rescore=rescore, clock=clock)
 
     def add(self, matrix: np.ndarray, scores: np.ndarray) -> None:
         self.waiting.append((matrix, np.asarray(scores).reshape(len(matrix), -1)))
@@ -179,6 +289,33 @@ class Window:
         for column, counts in zip(self.reference.columns, self.counts, strict=True):
             source = matrix if column.kind == FEATURE else scores
             counts += _counts(np.asarray(source[:, column.index], dtype=np.float64), column.edges)
+        if not any(c is not None for c in self.aged_counts):
+            return
+        aged = self.reference.age(matrix, self.clock())
+        if aged is None:  # not older than the reference: aged is as taken
+            aged, rescored = matrix, scores
+        else:
+            rescored = self.rescore(aged) if self.rescore is not None else None
+        for column, counts in zip(self.reference.columns, self.aged_counts, strict=True):
+            if counts is None:
+                continue
+            source = aged if column.kind == FEATURE else rescored
+            if source is not None:
+                counts += _counts(np.asarray(source[:, column.index], dtype=np.float64), column.edges)
+
+    def values(self) -> list[tuple[str, str, float, bool]]:
+        """(name, kind, psi, aged) per column: the smaller of the PSIs as taken and aged (see the module
+        docstring), and whether the aged one was it."""
+        out = []
+        for column, counts, aged in zip(self.reference.columns, self.counts, self.aged_counts, strict=True):
+            value = psi(counts, column.shares)
+            if aged is not None and aged.sum() > 0:
+                against_aged = psi(aged, column.shares)
+                if against_aged < value:
+                    out.append((column.name, column.kind, against_aged, True))
+                    continue
+            out.append((column.name, column.kind, value, False))
+        return out
 
 
 @dataclass(slots=True)
@@ -195,6 +332,7 @@ class DriftReport:
     since: float = 0.0
     values: list[tuple[str, str, float]] = field(default_factory=list)  # (name, kind, psi)
     newly_drifted: bool = False  # drifted now, not at the version's previous check
+    aged: list[str] = field(default_factory=list)  # "kind:name" of values taken against the aged reference
 
     @property
     def over(self) -> list[tuple[str, str, float]]:
@@ -213,6 +351,7 @@ class DriftReport:
             "checked_at": self.checked_at,
             "since": self.since,
             "psi": {f"{kind}:{name}": round(value, 6) for name, kind, value in self.values},
+            "aged": list(self.aged),
         }
 
 
@@ -234,11 +373,14 @@ class DriftMonitor:
         min_rows: int = 500,
         shipped: Mapping[str, Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.time,
+        rescorer: Callable[[Version], Rescore | None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.min_rows = min_rows
         self.shipped = dict(shipped or {})
         self.clock = clock
+        # A version's own scoring of rows (its loaded session's run), for the aged comparison.
+        self.rescorer = rescorer
         self.windows: dict[tuple[str, str], Window] = {}
         self.last: dict[tuple[str, str], DriftReport] = {}
         # (model, version) -> its reference (None: it has none), read once per version
@@ -254,8 +396,14 @@ class DriftMonitor:
                 if shipped is not None and shipped.get("version") == version.version:
                     doc = shipped.get("reference")
             features = [f.name for f in spec.features]
-            self._references[key] = None if doc is None else Reference.from_doc(doc, features, spec.score_names)
+            self._references[key] = (
+                None if doc is None else Reference.from_doc(doc, features, spec.score_names, spec=spec)
+            )
         return self._references[key]
+
+    def _window(self, version: Version, reference: Reference, now: float) -> Window:
+        rescore = self.rescorer(version) if self.rescorer is not None and reference.aged else None
+        return Window.empty(reference, now, rescore, self.clock)
 
     def observe(self, version: Version, matrix: np.ndarray, scores: np.ndarray) -> None:
         """Count a round's rows of `version` (its feature matrix and its scores) into the live bins."""
@@ -265,7 +413,7 @@ class DriftMonitor:
             reference = self.reference(version)
             if reference is None:
                 return
-            window = self.windows[key] = Window.empty(reference, self.clock())
+            window = self.windows[key] = self._window(version, reference, self.clock())
         window.add(matrix, scores)
 
     def check(self, versions: Sequence[Version]) -> list[DriftReport]:
@@ -291,16 +439,15 @@ class DriftMonitor:
                 continue  # keeps counting; the last figures (if any) stand until enough rows came
             report.reference_rows = reference.rows
             window.fold()
-            report.values = [
-                (column.name, column.kind, psi(counts, column.shares))
-                for column, counts in zip(reference.columns, window.counts, strict=True)
-            ]
+            values = window.values()
+            report.values = [(name, kind, value) for name, kind, value, _aged in values]
+            report.aged = [f"{kind}:{name}" for name, kind, _value, aged in values if aged]
             report.rows, report.since, report.checked_at = window.rows, window.since, now
             report.status = DRIFTED if report.over else OK
             previous = self.last.get(key)
             report.newly_drifted = report.status == DRIFTED and (previous is None or previous.status != DRIFTED)
             self.last[key] = report
-            self.windows[key] = Window.empty(reference, now)
+            self.windows[key] = self._window(version, reference, now)
             fresh.append(report)
         return fresh
 
