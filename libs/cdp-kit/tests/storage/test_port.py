@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.storage.port import decode_cursor, encode_cursor, prefix_end, scan_range
+from cdp_kit.storage.port import check_document, decode_cursor, encode_cursor, prefix_end, scan_range
 
 keys = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
 
@@ -45,3 +47,40 @@ def test_a_cursor_behind_the_prefix_starts_at_the_prefix() -> None:
 def test_foreign_cursors_are_refused(cursor: str) -> None:
     with pytest.raises(InvalidArgument):
         decode_cursor(cursor)
+
+
+class _Level(IntEnum):
+    HIGH = 3
+
+
+@pytest.mark.parametrize(
+    ("doc", "field", "problem"),
+    [
+        # Values in lists and in dicts nested in lists: checked inline, named by their path.
+        ({"xs": [1.0, float("nan")]}, "doc.xs[1]", "finite"),
+        ({"xs": ["a", [float("-inf")]]}, "doc.xs[1][0]", "finite"),
+        ({"xs": [0, -(2**63) - 1]}, "doc.xs[1]", "64-bit"),
+        ({"xs": ["ok", "bad \ud800"]}, "doc.xs[1]", "Unicode"),
+        ({"xs": [{"ok": 1}, {"$inc": 1}]}, "doc.xs[1]['$inc']", "'$'"),
+        ({"a": {"b": {"c": 2**64}}}, "doc.a.b.c", "64-bit"),
+        ({"a": {"bad \udc00": 1}}, "doc.a['bad \\udc00']", "Unicode"),
+        ({"a": {"k": b"raw"}}, "doc.a.k", "bytes"),
+    ],
+)
+def test_a_document_is_refused_naming_the_first_unportable_value(doc: dict, field: str, problem: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_document("profiles", "p1", doc)
+
+    assert caught.value.field == field
+    assert problem in str(caught.value)
+
+
+def test_portable_values_of_every_plain_kind_and_their_subclasses_are_accepted() -> None:
+    doc = {
+        "ü-key": {"日本": ["ü", 1, 2**63 - 1, -(2**63), 0.5, True, False, None, [], {}]},
+        "level": _Level.HIGH,
+        "levels": [_Level.HIGH, {"nested": _Level.HIGH}],
+        "text": "plain",
+    }
+
+    assert check_document("profiles", "p1", doc) is doc

@@ -32,6 +32,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from math import isfinite
 from types import TracebackType
 from typing import Any, Literal, Self, TypeAlias
 
@@ -234,18 +235,41 @@ def _check_unicode(text: str, error: Any) -> None:
 def _check_dict(value: dict, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise _BadValue(f"nests deeper than {MAX_DEPTH} levels")
+    # Every value of every document written comes through here: the plain cases (an ASCII key, a str,
+    # float, None, bool or int) are checked inline, without a call per value; anything else goes to
+    # `_check_name` / `_check_value`, which decide exactly as before.
     for name, item in value.items():
         try:
-            if not isinstance(name, str):
-                raise _BadValue(f"has a {type(name).__name__} key {name!r}; keys are strings")
-            if name.startswith("$") or "\x00" in name:
-                raise _BadValue("is a field name starting with '$' or containing NUL (MongoDB reserves these)")
-            if not name.isascii():
-                _check_unicode(name, lambda: _BadValue("is a field name that is not valid Unicode"))
-            _check_value(item, depth)
+            if type(name) is not str or not name.isascii() or name.startswith("$") or "\x00" in name:
+                _check_name(name)
+            kind = type(item)
+            if kind is str:
+                if not item.isascii():
+                    _check_unicode(item, _bad_text)
+            elif kind is float:
+                if not isfinite(item):
+                    raise _BadValue(f"is {item!r}; only finite numbers are stored")
+            elif kind is dict:
+                _check_dict(item, depth + 1)
+            elif item is None or kind is bool:
+                pass
+            elif kind is int:
+                if not INT64_MIN <= item <= INT64_MAX:
+                    raise _BadValue("is an integer outside the signed 64-bit range; store it as a string")
+            else:
+                _check_value(item, depth)
         except _BadValue as bad:
             bad.path.append(f".{name}" if isinstance(name, str) and name.isidentifier() else f"[{name!r}]")
             raise
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise _BadValue(f"has a {type(name).__name__} key {name!r}; keys are strings")
+    if name.startswith("$") or "\x00" in name:
+        raise _BadValue("is a field name starting with '$' or containing NUL (MongoDB reserves these)")
+    if not name.isascii():
+        _check_unicode(name, lambda: _BadValue("is a field name that is not valid Unicode"))
 
 
 def _check_value(value: object, depth: int) -> None:
@@ -289,7 +313,20 @@ def _check_list(value: list, depth: int) -> None:
         raise _BadValue(f"nests deeper than {MAX_DEPTH} levels")
     for index, item in enumerate(value):
         try:
-            _check_value(item, depth + 1)
+            kind = type(item)  # the plain cases inline, as in `_check_dict`
+            if kind is str:
+                if not item.isascii():
+                    _check_unicode(item, _bad_text)
+            elif kind is float:
+                if not isfinite(item):
+                    raise _BadValue(f"is {item!r}; only finite numbers are stored")
+            elif item is None or kind is bool:
+                pass
+            elif kind is int:
+                if not INT64_MIN <= item <= INT64_MAX:
+                    raise _BadValue("is an integer outside the signed 64-bit range; store it as a string")
+            else:
+                _check_value(item, depth + 1)
         except _BadValue as bad:
             bad.path.append(f"[{index}]")
             raise
