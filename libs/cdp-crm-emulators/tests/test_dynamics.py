@@ -270,3 +270,102 @@ async def test_upsert_by_guid_creates_with_that_guid():
         guid = str(uuid.uuid4())
         status, _, _ = await _call(dv, "PATCH", f"accounts({guid})", {"name": "Initech"})
         assert status == 204 and dv.records("accounts")[0]["accountid"] == guid
+
+
+DEFINITION = (
+    "$select=LogicalName,EntitySetName,PrimaryIdAttribute"
+    "&$expand=Attributes($select=LogicalName,AttributeType,RequiredLevel,IsValidForCreate,IsValidForUpdate),"
+    "Keys($select=LogicalName,KeyAttributes)"
+)
+
+
+async def test_a_table_definition_answers_in_the_web_apis_metadata_shape():
+    async with DynamicsEmulator() as dv:
+        status, _, contact = await _call(dv, "GET", f"EntityDefinitions(LogicalName='contact')?{DEFINITION}")
+        assert status == 200 and contact["@odata.context"].endswith("$metadata#EntityDefinitions/$entity")
+        assert {k for k in contact if not k.startswith("@")} == {
+            "MetadataId", "LogicalName", "EntitySetName", "PrimaryIdAttribute", "Attributes", "Keys",
+        }  # fmt: skip
+        assert contact["EntitySetName"] == "contacts" and str(uuid.UUID(contact["MetadataId"]))
+        attributes = {a["LogicalName"]: a for a in contact["Attributes"]}
+        lastname = attributes["lastname"]
+        assert lastname["@odata.type"] == "#Microsoft.Dynamics.CRM.StringAttributeMetadata"
+        assert lastname["AttributeType"] == "String" and lastname["IsValidForCreate"] and lastname["IsValidForUpdate"]
+        # RequiredLevel is the managed property, its Value an AttributeRequiredLevel member.
+        assert lastname["RequiredLevel"] == {
+            "Value": "ApplicationRequired", "CanBeChanged": True,
+            "ManagedPropertyLogicalName": "canmodifyrequirementlevelsettings",
+        }  # fmt: skip
+        assert attributes["emailaddress1"]["RequiredLevel"]["Value"] == "None"
+        assert attributes["contactid"]["RequiredLevel"]["Value"] == "SystemRequired"
+        assert attributes["contactid"]["AttributeType"] == "Uniqueidentifier"
+        assert (
+            attributes["fullname"]["IsValidForCreate"] is False and attributes["fullname"]["IsValidForUpdate"] is False
+        )
+        assert attributes["donotbulkemail"]["AttributeType"] == "Boolean"
+        assert attributes["parentcustomerid"]["AttributeType"] == "Customer"
+        assert set(attributes["lastname"]) == {
+            "@odata.type", "MetadataId", "LogicalName", "AttributeType", "RequiredLevel", "IsValidForCreate",
+            "IsValidForUpdate",
+        }  # $select narrowed each attribute  # fmt: skip
+        keys = sorted(tuple(k["KeyAttributes"]) for k in contact["Keys"])
+        assert keys == [("cdp_id",), ("emailaddress1",)]
+
+        # By entity set name, as a mapping names the table; no match is an empty collection.
+        status, _, found = await _call(dv, "GET", f"EntityDefinitions?$filter=EntitySetName eq 'tasks'&{DEFINITION}")
+        assert status == 200 and [d["LogicalName"] for d in found["value"]] == ["task"]
+        status, _, none = await _call(dv, "GET", "EntityDefinitions?$filter=EntitySetName eq 'nopes'")
+        assert status == 200 and none["value"] == []
+
+        # The documented filter on the managed property's enum value, on the Attributes collection.
+        required = "RequiredLevel/Value eq Microsoft.Dynamics.CRM.AttributeRequiredLevel'ApplicationRequired'"
+        status, _, listed = await _call(
+            dv, "GET", f"EntityDefinitions(LogicalName='contact')/Attributes?$select=LogicalName&$filter={required}"
+        )
+        assert status == 200 and [a["LogicalName"] for a in listed["value"]] == ["lastname"]
+
+        status, _, relationships = await _call(
+            dv, "GET", "EntityDefinitions(LogicalName='incident')?$select=LogicalName&$expand=ManyToOneRelationships"
+        )
+        navs = {
+            r["ReferencingEntityNavigationPropertyName"]: (r["ReferencingAttribute"], r["ReferencedEntity"])
+            for r in relationships["ManyToOneRelationships"]
+        }
+        assert navs == {
+            "customerid_contact": ("customerid", "contact"),
+            "customerid_account": ("customerid", "account"),
+        }
+
+
+async def test_an_unknown_table_or_property_answers_dataverses_error():
+    async with DynamicsEmulator() as dv:
+        status, _, body = await _call(dv, "GET", "EntityDefinitions(LogicalName='cdp_nothing')")
+        assert status == 404 and body["error"]["code"] == "0x80040217" and "cdp_nothing" in body["error"]["message"]
+        status, _, body = await _call(dv, "GET", "EntityDefinitions(LogicalName='contact')?$select=Nope")
+        assert status == 400 and set(body["error"]) == {"code", "message"} and "Nope" in body["error"]["message"]
+        status, _, _ = await _call(dv, "DELETE", "EntityDefinitions(LogicalName='contact')")
+        assert status == 405
+
+
+async def test_what_the_definitions_call_required_is_what_the_web_api_holds_rows_to():
+    async with DynamicsEmulator() as dv:
+        _, _, definitions = await _call(dv, "GET", f"EntityDefinitions?{DEFINITION}")
+        level = {
+            (d["EntitySetName"], a["LogicalName"]): a["RequiredLevel"]["Value"]
+            for d in definitions["value"]
+            for a in d["Attributes"]
+        }
+        # ApplicationRequired lastname: forms ask for it, the Web API takes a contact without one.
+        assert level["contacts", "lastname"] == "ApplicationRequired"
+        status, _, _ = await _call(dv, "PATCH", "contacts(cdp_id='p1')", {"emailaddress1": "a@example.com"})
+        assert status == 204
+        status, _, _ = await _call(dv, "PATCH", "contacts(cdp_id='p1')", {"lastname": None})
+        assert status == 204
+        # A SystemRequired column is the platform's: it cannot be cleared.
+        assert level["contacts", "statecode"] == "SystemRequired"
+        status, _, body = await _call(dv, "PATCH", "contacts(cdp_id='p1')", {"statecode": None})
+        assert status == 400 and "statecode" in body["error"]["message"]
+        # The primary name column a row is created with (account's name) is described as required.
+        assert level["accounts", "name"] == "ApplicationRequired"
+        status, _, body = await _call(dv, "POST", "accounts", {"websiteurl": "https://example.com"})
+        assert status == 400 and "'name'" in body["error"]["message"]

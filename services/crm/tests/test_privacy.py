@@ -309,6 +309,34 @@ async def test_an_erasure_the_crm_refuses_is_not_done_it_comes_again_and_its_sta
         assert status.state == crm_pb2.RECORD_STATE_ANONYMISED
 
 
+async def test_anonymising_a_dynamics_contact_writes_a_placeholder_in_its_required_lastname(world_factory):
+    async with DynamicsEmulator() as dynamics:
+        world = await world_factory(dynamics)
+        env = {"DYN_TENANT": dynamics.tenant, "DYN_ID": dynamics.client_id, "DYN_SECRET": dynamics.client_secret}
+        document = _four_crms(HubSpotEmulator(), SalesforceEmulator(), dynamics, ZohoEmulator())
+        document["connections"] = [{**document["connections"][2], "on_delete": "anonymise"}]
+        await world.start(document, env=env, describe=True)
+        ada = {"traits.email": "ada@example.com", "traits.last_name": "Lovelace"}
+        await world.profiles({"person-1": ada})
+        await world.eventually(lambda: dynamics.find("contacts", "cdp_id", "person-1"))
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, retry_for=0.5, settled=world.logic.settled,
+            partitions=world.partitions, policies={"dyn": "anonymise"},
+        )  # fmt: skip
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        assert await privacy.erase(request) is True
+        contact = dynamics.find("contacts", "cdp_id", "person-1")
+        # Dataverse describes lastname as ApplicationRequired: a placeholder, so the contact stays one a
+        # user can save in the app, and never the person's name.
+        assert contact["lastname"] == "(deleted)" and not contact.get("emailaddress1")
+        assert "Lovelace" not in str(contact) and len(dynamics.records("contacts")) == 1
+        (record,) = await world.store.find(RECORDS, "person_id", "person-1")
+        assert record.doc["state"] == ANONYMISED
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        assert done["connections"] == {"dyn": {"anonymised": 1, "removed": 0}}
+
+
 def _with_segments(document: dict) -> dict:
     """HubSpot's contacts mapping also writes the person's segments (as make up's does)."""
     [contacts, _task] = document["connections"][0]["mappings"]

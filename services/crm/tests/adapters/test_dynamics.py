@@ -4,16 +4,24 @@ answers."""
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
+import orjson
 import pytest
 
-from cdp_crm.adapters.dynamics import DynamicsAdapter
+from cdp_crm.__main__ import describe
+from cdp_crm.adapters.dynamics import DynamicsAdapter, _object_schema
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.connectors import open_adapters
 from cdp_crm.domain.budget import Budget
 from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import ANSWER_LOST, AUTH, NOT_FOUND, THROTTLED, UNKNOWN_FIELD, Isolation
-from cdp_crm.domain.mapping import parse_connections
+from cdp_crm.domain.mapping import MappingInvalid, load_connections, parse_connections
 from cdp_crm.domain.projection import Source, project
+from cdp_crm.state import prepare_store
 from cdp_crm_emulators.dynamics import DynamicsEmulator
+from cdp_kit.storage import open_store
 
 
 def _mapping(mode="upsert", fields=None, obj="contacts", match=None):
@@ -240,3 +248,99 @@ async def test_a_segment_becomes_marketing_list_membership(dynamics):
     missing = await adapter.send(vip, [_member(vip, "person-9")])
     (result,) = missing.results.values()
     assert not result.ok and result.error.reason == NOT_FOUND  # the engine waits for the record
+
+
+def _document(contact_fields=None, match=None, about_field="regardingobjectid_contact"):
+    return {
+        "connections": [
+            {
+                "id": "dyn", "kind": "dynamics", "url": "https://org.crm.dynamics.com",
+                "credentials": {"tenant_id": "T", "client_id": "C", "client_secret": "S"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": match or {"cdp_id": "person.id"},
+                     "fields": contact_fields or {"lastname": "traits.last_name", "emailaddress1": "traits.email"}},
+                    {"id": "task", "object": "tasks", "action": "task", "idempotency_field": "cdp_idempotencykey",
+                     "about": {"mapping": "contacts", "field": about_field},
+                     "fields": {"subject": "action.subject", "description": "action.body"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+async def test_describe_feeds_mapping_validation_so_a_typo_fails_at_start_naming_the_field(dynamics):
+    emulator, adapter = dynamics
+    schema = await adapter.describe(["contacts", "tasks", "cdp_nothings"])
+    assert set(schema) == {"contacts", "tasks"}  # a set that is no table is left out: the mapping check names it
+    assert emulator.budget()["window_used"] == 3  # one request per object, as the budget was charged
+    contacts = schema["contacts"].fields
+    assert contacts["cdp_id"].key and contacts["emailaddress1"].key and not contacts["lastname"].key
+    assert contacts["lastname"].required and not contacts["emailaddress1"].required
+    assert not contacts["fullname"].updateable and contacts["cdp_churnrisk"].type == "Decimal"
+    # A lookup is bound through its navigation property, which is the field; the column itself is not.
+    assert "parentcustomerid_account" in contacts and "parentcustomerid" not in contacts
+
+    (connection,) = parse_connections(_document(), {"dyn": schema})
+    assert connection.mapping("contacts").required == {"lastname"}
+    assert connection.mapping("task").required == frozenset({"subject"})
+
+    with pytest.raises(MappingInvalid) as caught:
+        parse_connections(_document({"lastnme": "traits.last_name"}), {"dyn": schema})
+    assert caught.value.field == "dyn/contacts.fields.lastnme" and "did you mean 'lastname'" in caught.value.message
+    with pytest.raises(MappingInvalid) as caught:
+        parse_connections(_document({"fullname": "traits.name"}), {"dyn": schema})
+    assert "read-only" in caught.value.message
+    with pytest.raises(MappingInvalid) as caught:
+        parse_connections(_document(match={"lastname": "traits.last_name"}), {"dyn": schema})
+    assert caught.value.field == "dyn/contacts.match.lastname" and "alternate key" in caught.value.message
+    with pytest.raises(MappingInvalid) as caught:
+        parse_connections(_document(about_field="regardingobjectid_contct"), {"dyn": schema})
+    assert caught.value.field == "dyn/task.about.field"
+
+
+def test_an_activitys_regarding_lookup_is_bound_by_its_own_or_its_inherited_navigation_property():
+    # Dataverse names a task's relationship to a contact regardingobjectid_contact_task; the task also
+    # carries the activity's regardingobjectid_contact. Both bind the same column.
+    definition = {
+        "LogicalName": "task",
+        "Attributes": [
+            {"LogicalName": "subject", "AttributeType": "String", "IsValidForUpdate": True,
+             "RequiredLevel": {"Value": "ApplicationRequired"}},
+            {"LogicalName": "regardingobjectid", "AttributeType": "Lookup", "IsValidForUpdate": True,
+             "RequiredLevel": {"Value": "None"}},
+        ],
+        "Keys": [{"LogicalName": "cdp_task_key", "KeyAttributes": ["cdp_idempotencykey"]}],
+        "ManyToOneRelationships": [
+            {"ReferencingAttribute": "regardingobjectid", "ReferencedEntity": "contact",
+             "ReferencingEntityNavigationPropertyName": "regardingobjectid_contact_task"},
+            {"ReferencingAttribute": "ownerid", "ReferencedEntity": "systemuser",
+             "ReferencingEntityNavigationPropertyName": "owninguser"},
+        ],
+    }  # fmt: skip
+    fields = _object_schema("tasks", definition).fields
+    assert {"regardingobjectid_contact_task", "regardingobjectid_contact", "owninguser"} <= set(fields)
+    assert "regardingobjectid" not in fields and "ownerid_systemuser" not in fields
+    assert fields["subject"].required and fields["subject"].updateable
+
+
+async def test_at_start_a_mapping_to_a_field_dataverse_lacks_fails_naming_it_and_describing_spends_the_budget(
+    tmp_path,
+):
+    async with DynamicsEmulator() as emulator, aiohttp.ClientSession() as session:
+        document = _document({"lastname": "traits.last_name", "emailadress1": "traits.email"})
+        connection = document["connections"][0]
+        connection.update(url=emulator.base_url, auth_url=emulator.base_url, account="org-dyn")
+        connection["credentials"] = {"tenant_id": "DYN_TENANT", "client_id": "DYN_ID", "client_secret": "DYN_SECRET"}
+        env = {"DYN_TENANT": emulator.tenant, "DYN_ID": emulator.client_id, "DYN_SECRET": emulator.client_secret}
+        text = orjson.dumps(document)
+        connections = load_connections(text)  # the document alone is fine: no schema yet
+        async with open_store(f"sqlite:///{tmp_path}/crm.db") as store:
+            await prepare_store(store)
+            budget = SharedBudget(store, connections[0])
+            before = (await budget.status(time.time()))["burst_remaining"]
+            schemas = await describe(open_adapters(connections, session, env, timeout=5), connections, store)
+            assert (await budget.status(time.time()))["burst_remaining"] == before - 2  # contacts and tasks
+        with pytest.raises(MappingInvalid) as caught:
+            load_connections(text, schemas)
+        assert [p.path for p in caught.value.problems] == ["dyn/contacts.fields.emailadress1"]
+        assert "did you mean 'emailaddress1'" in str(caught.value.problems[0])

@@ -12,6 +12,9 @@ resolved, won, completed; 2 cancelled, lost). ``PATCH <set>(<key>)`` upserts: 20
 makes it update-only (404 when missing), ``If-None-Match: *`` create-only (412 when present), ``If-Match:
 W/"<version>"`` updates only that version (412 otherwise). Lookups bind with ``<nav>@odata.bind`` to
 ``/<set>(<id or key>)``. Unknown properties fail with 0x80060888; errors are ``{"error": {"code", "message"}}``.
+Table definitions (``EntityDefinitions``: attributes with their RequiredLevel, alternate keys, many-to-one
+relationships) are derived from the same entity sets, so what it describes is what it holds rows to; see
+`metadata`.
 
 ``$batch`` (multipart/mixed): requests outside change sets run one by one; a change set is all or nothing -
 on the first failure it is rolled back and answered by that failure alone. ``Content-ID`` references
@@ -44,7 +47,7 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, iso_z, json_response, new_id
-from cdp_crm_emulators.dynamics import lists
+from cdp_crm_emulators.dynamics import lists, metadata
 from cdp_crm_emulators.dynamics.batch import boundary_of, http_part, split_multipart
 from cdp_crm_emulators.dynamics.odata import (
     NAMESPACE,
@@ -271,6 +274,8 @@ class DynamicsEmulator(Emulator):
             ref = path.split("/")[0]
             if ref[1:] in content_ids:
                 path = content_ids[ref[1:]] + path[len(ref) :]
+        if path.strip("/").startswith("EntityDefinitions"):
+            return metadata.handle(self.sets, f"{self.base_url}{API}/$metadata", method, path, query)
         if (listed := re.fullmatch(r"lists\(([^)/]+)\)/(.+)", path.strip("/"))) is not None:
             payload = orjson.loads(body) if body.strip() else {}
             return lists.handle(self.store, listed.group(1).strip(), method, listed.group(2), payload)
@@ -384,8 +389,10 @@ class DynamicsEmulator(Emulator):
             values[name] = value
         if record_id is None:
             missing = [n for n in entity.required if values.get(n) in (None, "")]
-            if missing:
-                raise DataverseError(400, "0x80040200", f"Required field '{missing[0]}' is missing a value.")
+        else:  # the platform's own required columns cannot be cleared (forms alone guard the others)
+            missing = [n for n, v in values.items() if v in (None, "") and entity.required_level(n) == "SystemRequired"]
+        if missing:
+            raise DataverseError(400, "0x80040200", f"Required field '{missing[0]}' is missing a value.")
         if (message := self.faults.rejection_for(entity_set, values)) is not None:
             raise DataverseError(400, "0x80040265", message)
         for key in entity.keys:

@@ -9,8 +9,45 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# Columns Dataverse keeps itself: never written through the Web API.
+SYSTEM_COLUMNS = ("createdon", "modifiedon", "versionnumber")
+# Each column's AttributeType where it is not String (metadata.py describes them).
+ATTRIBUTE_TYPES = {
+    "createdon": "DateTime",
+    "modifiedon": "DateTime",
+    "scheduledend": "DateTime",
+    "actualclosedate": "DateTime",
+    "versionnumber": "BigInt",
+    "statecode": "State",
+    "statuscode": "Status",
+    "donotbulkemail": "Boolean",
+    "type": "Boolean",
+    "prioritycode": "Picklist",
+    "caseorigincode": "Picklist",
+    "industrycode": "Picklist",
+    "salesstage": "Picklist",
+    "createdfromcode": "Picklist",
+    "membertype": "Integer",
+    "estimatedvalue": "Money",
+    "actualvalue": "Money",
+    "cdp_churnrisk": "Decimal",
+    "cdp_fraudscore": "Decimal",
+    "cdp_lifetimevalue": "Decimal",
+    "description": "Memo",
+    "cdp_segments": "Memo",
+}
+
 
 class EntitySet:
+    """One table: its entity set and logical names, primary id and name columns, columns, alternate keys
+    (one column each), lookups (navigation property -> the entity set it binds to) and requirement levels.
+
+    `required` are the columns a new row must have a value in (its primary name column), refused with
+    0x80040200 when missing: ApplicationRequired, as Dataverse describes them. `application_required`
+    are further ApplicationRequired columns (contact's lastname) that, as in Dataverse, only forms
+    enforce: the Web API takes a row without them. SystemRequired columns (the primary id, statecode)
+    are kept by the platform and can never be cleared."""
+
     def __init__(
         self,
         name: str,
@@ -20,10 +57,34 @@ class EntitySet:
         keys: tuple[str, ...],
         lookups: dict[str, str],
         required: tuple[str, ...] = (),
+        *,
+        primary_name: str | None = None,
+        application_required: tuple[str, ...] = (),
+        read_only: tuple[str, ...] = (),
     ):
         self.name, self.logical, self.primary = name, logical, primary
-        self.attributes = attributes | {primary, "createdon", "modifiedon", "versionnumber", "statecode", "statuscode"}
+        self.attributes = attributes | {primary, *SYSTEM_COLUMNS, "statecode", "statuscode"}
         self.keys, self.lookups, self.required = keys, lookups, required
+        self.primary_name = primary_name or (required[0] if required else primary)
+        self.application_required = application_required
+        self.read_only = read_only  # computed by Dataverse (contact's fullname): neither created nor updated
+
+    def required_level(self, column: str) -> str:
+        """The column's RequiredLevel as Dataverse names it."""
+        if column in (self.primary, "statecode"):
+            return "SystemRequired"
+        if column in self.required or column in self.application_required:
+            return "ApplicationRequired"
+        return "None"
+
+    def attribute_type(self, column: str) -> str:
+        return "Uniqueidentifier" if column == self.primary else ATTRIBUTE_TYPES.get(column, "String")
+
+    def valid_for_create(self, column: str) -> bool:
+        return column not in (*SYSTEM_COLUMNS, *self.read_only)
+
+    def valid_for_update(self, column: str) -> bool:
+        return column not in (*SYSTEM_COLUMNS, self.primary, "ticketnumber", *self.read_only)
 
 
 def default_entity_sets() -> dict[str, EntitySet]:
@@ -46,6 +107,9 @@ def default_entity_sets() -> dict[str, EntitySet]:
             | {"cdp_churnrisk", "cdp_fraudscore", "cdp_lifetimevalue", "cdp_segments"},
             ("emailaddress1", "cdp_id"),
             {"parentcustomerid_account": "accounts"},
+            primary_name="fullname",
+            application_required=("lastname",),
+            read_only=("fullname",),
         ),
         "accounts": EntitySet(
             "accounts",

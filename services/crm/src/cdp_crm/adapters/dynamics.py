@@ -13,6 +13,9 @@ update_only adds ``If-Match: *`` (404 when the row does not exist). Privacy dele
 ``DELETE <set>(<key>='<value>')`` in the same change sets; a 404 means the row is already gone. ``Prefer: return=representation``
 tells a created row (201) from an updated one (200).
 
+Schema: `describe` reads each entity set's table definition (``EntityDefinitions``: attributes, alternate
+keys, lookups' navigation properties), one request per object, so mappings are checked at start.
+
 Limits: service protection answers 429 with ``Retry-After`` (error 0x80072322); answers may carry
 ``x-ms-ratelimit-burst-remaining-xrm-requests``, which the budget observes.
 """
@@ -44,7 +47,7 @@ from cdp_crm.domain.isolation import (
     CrmError,
     RecordResult,
 )
-from cdp_crm.domain.mapping import ObjectMapping
+from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
 
 if TYPE_CHECKING:
     from cdp_crm.budgets import SharedBudget
@@ -88,10 +91,35 @@ class DynamicsAdapter:
     def cost(self, mapping: ObjectMapping, n: int, op: str = UPSERT) -> int:
         return 2 if mapping.kind == "list" else 1  # a list: the members' rows read first
 
-    async def describe(self, objects: list[str]) -> None:
-        # EntityDefinitions (attributes, alternate keys) are not served by the local Dataverse yet, so
-        # there is nothing tested to read them with: Dynamics mappings are validated without a schema.
-        return None
+    async def describe(self, objects: list[str]) -> dict[str, ObjectSchema]:
+        """Each entity set's table definition, one ``GET EntityDefinitions?$filter=EntitySetName eq '<set>'``
+        per object (a mapping names the set; the definition says its logical name) with its attributes,
+        alternate keys and many-to-one relationships expanded.
+
+        A column is a field of its type, writable when IsValidForUpdate, required when its RequiredLevel is
+        SystemRequired or ApplicationRequired (anonymising then writes a placeholder, so the row stays one
+        a user can save in the app), a match key when an alternate key names it. Lookup columns are written
+        through their navigation properties (``<nav>@odata.bind``), so those are the fields: each
+        relationship's ReferencingEntityNavigationPropertyName and, for an activity's polymorphic
+        ``regardingobjectid_contact_task``, the ``regardingobjectid_contact`` it inherits. A set that is
+        not a table here is left out (the mapping check names it)."""
+        schema: dict[str, ObjectSchema] = {}
+        for entity_set in objects:
+            query = urllib.parse.urlencode(
+                {"$filter": f"EntitySetName eq '{_quote(entity_set)}'", **DEFINITION_QUERY},
+                safe="$(),;='/",
+                quote_via=urllib.parse.quote,
+            )
+            answer = await self._request(
+                "GET", f"EntityDefinitions?{query}", data=None, headers={}, what=f"describe {entity_set}"
+            )
+            if (error := _failure(answer)) is not None:
+                raise ConnectionError(f"describing {entity_set} failed: {error.reason} {error.code}")
+            body = answer.body if isinstance(answer.body, dict) else {}
+            found = body.get("value", [body] if "LogicalName" in body else [])
+            if found:
+                schema[entity_set] = _object_schema(entity_set, found[0])
+        return schema
 
     async def _authenticate(self, stale: str | None = None) -> CrmError | None:
         async with self._token_lock:
@@ -272,6 +300,44 @@ class DynamicsAdapter:
 
 def _quote(value: str) -> str:
     return value.replace("'", "''")
+
+
+# What describe reads of a table definition (one request: the collections expanded, each narrowed).
+DEFINITION_QUERY = {
+    "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
+    "$expand": (
+        "Attributes($select=LogicalName,AttributeType,RequiredLevel,IsValidForCreate,IsValidForUpdate),"
+        "Keys($select=LogicalName,KeyAttributes),"
+        "ManyToOneRelationships($select=ReferencingAttribute,ReferencedEntity,ReferencingEntityNavigationPropertyName)"
+    ),
+}
+REQUIRED_LEVELS = ("SystemRequired", "ApplicationRequired")
+LOOKUP_TYPES = ("Lookup", "Customer", "Owner")
+
+
+def _object_schema(entity_set: str, definition: dict[str, Any]) -> ObjectSchema:
+    keyed = {name for key in definition.get("Keys") or [] for name in key.get("KeyAttributes") or []}
+    fields: dict[str, FieldSchema] = {}
+    for attribute in definition.get("Attributes") or []:
+        name, kind = attribute.get("LogicalName"), attribute.get("AttributeType", "String")
+        if not name or kind in LOOKUP_TYPES:
+            continue  # a lookup is written through its navigation property, below
+        level = (attribute.get("RequiredLevel") or {}).get("Value")
+        fields[name] = FieldSchema(
+            name, kind, name in keyed, bool(attribute.get("IsValidForUpdate")), level in REQUIRED_LEVELS
+        )
+    logical = definition.get("LogicalName", "")
+    for relationship in definition.get("ManyToOneRelationships") or []:
+        nav = relationship.get("ReferencingEntityNavigationPropertyName")
+        if not nav:
+            continue
+        fields[nav] = FieldSchema(nav, "Lookup")
+        # An activity's relationship to its regarding table (regardingobjectid_contact_task) is also bound
+        # through the navigation property the activity inherits (regardingobjectid_contact).
+        inherited = f"{relationship.get('ReferencingAttribute')}_{relationship.get('ReferencedEntity')}"
+        if nav == f"{inherited}_{logical}":
+            fields[inherited] = FieldSchema(inherited, "Lookup")
+    return ObjectSchema(entity_set, fields)
 
 
 def _operations_body(url: str, operations: list[tuple[Change, str, str, str]], boundary: str) -> bytes:
