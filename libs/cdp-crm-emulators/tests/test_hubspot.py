@@ -132,6 +132,30 @@ async def test_burst_window_throttles_with_policy_name_and_recovers_when_the_win
         assert status == 200
 
 
+async def test_a_request_that_meets_an_injected_fault_was_counted_like_any_other():
+    # HubSpot counts a request when it arrives: a 503, a 429 or a connection dropped after the write
+    # happen inside it, so the request took a unit of the window all the same.
+    async with HubSpotEmulator(burst_limit=4) as hs:
+        hs.faults.fail_next(status=503)
+        hs.faults.throttle_next()
+        hs.faults.drop_after_commit_next()
+        statuses = []
+        for i in range(3):
+            try:
+                statuses.append(
+                    (await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1, i)}))[0]
+                )
+            except aiohttp.ClientError:
+                statuses.append("dropped")
+        assert statuses == [503, 429, "dropped"] and hs.budget()["burst_used"] == 3
+        status, headers, _ = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1, 3)})
+        assert status == 200 and headers["X-HubSpot-RateLimit-Remaining"] == "0"
+        status, _, body = await _post(hs, "/crm/v3/objects/contacts/batch/upsert", {"inputs": _upsert_inputs(1, 4)})
+        assert status == 429 and body["policyName"] == "TEN_SECONDLY_ROLLING"
+        assert hs.budget()["over_budget"] == 1
+        assert [r.status for r in hs.requests][-1] == 429  # a request refused for the limit is in the log too
+
+
 async def test_daily_limit_throttles_with_daily_policy_until_the_next_day():
     async with HubSpotEmulator(daily_limit=2) as hs:
         for _ in range(2):

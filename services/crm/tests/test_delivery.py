@@ -10,12 +10,16 @@ import asyncio
 import aiohttp
 
 from cdp_crm.adapters.hubspot import HubSpotAdapter
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.budget import Budget
 from cdp_crm.domain.coalesce import Change, Coalescer
 from cdp_crm.domain.isolation import THROTTLED, Isolation
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.domain.projection import Source, changed_fields, project
+from cdp_crm.state import prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_kit.storage import open_store
 
 DOCUMENT = {
     "connections": [
@@ -49,6 +53,7 @@ async def _deliver(adapter, budget, mapping, changes, clock, dead):
             while not (reservation := budget.reserve(adapter.cost(mapping, len(batch)), clock())).granted:  # noqa: ASYNC110
                 await asyncio.sleep(max(0.0, reservation.wait_until - clock()))
             outcome = await adapter.send(mapping, batch)
+            budget.release(reservation.ticket, clock())  # the answer is in: the CRM counted it before now
             budget.observe(outcome.headers, clock())
             if outcome.error is not None and outcome.error.reason == THROTTLED:
                 budget.throttled(clock(), retry_after=outcome.error.retry_after, daily=outcome.error.daily)
@@ -95,3 +100,54 @@ async def test_a_stream_of_changes_lands_once_with_latest_values_within_the_burs
         assert sorted({d.change.person_id for d in dead}) == ["person-170", "person-7", "person-70"]
         assert [r.faulted for r in emulator.requests if r.faulted] == ["status", "drop"]  # both faults hit
         assert emulator.budget()["over_budget"] == 0
+
+
+async def test_requests_that_reach_the_crm_late_never_put_it_over_its_limit_faults_included():
+    """The CRM counts a request when it arrives, which can be long after our grant (a loaded machine, a
+    store write queued behind a commit, a slow network): here the first window's requests spend 0.7 s on
+    their way, longer than any fixed margin. Four deliveries share the budget (as the engine's partitions
+    do), with a 429, a 503 and a connection dropped after the write committed injected - each counted by
+    the CRM. Not one request arrives over its limit, and every contact is written once."""
+    (connection,) = parse_connections(DOCUMENT)
+    contacts = connection.mapping("contacts")
+    slow = 10  # the first window's requests are slow on their way
+
+    async def on_the_way(session, context, params) -> None:
+        nonlocal slow
+        if slow > 0:
+            slow -= 1
+            await asyncio.sleep(0.7)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_the_way)
+    async with (
+        HubSpotEmulator(burst_limit=10, burst_window=1.0) as emulator,
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
+    ):
+        adapter = HubSpotAdapter(session, token="pat-local-hubspot", base_url=emulator.base_url, timeout=5.0)
+        async with open_store("memory://") as store:
+            await prepare_store(store)
+            budget = SharedBudget(store, parse_connections(_limited(DOCUMENT, burst=10, window=1.0))[0])
+            deliverer = Deliverer({"hs": adapter}, {"hs": budget}, retry_for=30.0, clock=emulator.clock)
+            emulator.faults.throttle_next()
+            emulator.faults.fail_next(status=503)
+            emulator.faults.drop_after_commit_next()
+            people = [[f"person-{p}-{i}" for i in range(300)] for p in range(4)]
+            delivered = await asyncio.gather(
+                *(deliverer.deliver(contacts, [_change(contacts, person) for person in persons]) for persons in people)
+            )
+        assert all(not d.pending and not d.dead for d in delivered)
+        assert sorted(r.faulted for r in emulator.requests if r.faulted) == ["drop", "status", "status"]
+        assert emulator.budget()["over_budget"] == 0
+        ids = [r["properties"]["cdp_id"] for r in emulator.records("contacts")]
+        assert len(ids) == 1200 and len(set(ids)) == 1200
+
+
+def _limited(document: dict, *, burst: int, window: float) -> dict:
+    (connection,) = document["connections"]
+    return {"connections": [{**connection, "limits": {"burst": burst, "window_seconds": window}}]}
+
+
+def _change(mapping, person: str) -> Change:
+    projection = project(mapping, Source(person, {"traits.first_name": person.upper(), "scores.churn_risk": 0.5}))
+    return Change(mapping.name, projection.key, projection.fields, stamp=1, person_id=person)

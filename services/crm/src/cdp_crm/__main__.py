@@ -69,7 +69,8 @@ async def describe(adapters, connections: tuple[Connection, ...], store: Store) 
             continue
         objects = sorted({m.object for m in connection.mappings})
         budget = SharedBudget(store, connection)
-        if not await budget.acquire(len(objects), time.time, time.time() + DESCRIBE_WAIT):
+        reservation = await budget.acquire(len(objects), time.time, time.time() + DESCRIBE_WAIT)
+        if reservation is None:
             log.warning("crm describe skipped: no budget left", extra={"connection": connection.id})
             continue
         try:
@@ -77,6 +78,8 @@ async def describe(adapters, connections: tuple[Connection, ...], store: Store) 
         except Exception as exc:
             log.warning("crm describe failed", extra={"connection": connection.id, "error": type(exc).__name__})
             continue
+        finally:
+            await budget.settle(reservation, time.time())  # the answers are in: the slots age from now
         if schema:
             schemas[connection.id] = schema
     return schemas

@@ -1,10 +1,15 @@
 """Each CRM account's budget, shared by every sync and replica through one store document.
 
 The budget (`domain.budget.Budget`) is plain data; here it lives in `crm_budgets/<account>` and every
-change to it - a reservation, what the CRM's headers say, a Retry-After - is a read, the domain call, and
-a write with `expected_version` (compare-and-set). A lost race re-reads and tries again, so two replicas
-can never both take the last unit of a window: a grant is only a grant once its write has landed. A
-restart reads the same document back: the day's count and the window's grants survive it.
+change to it - a reservation, a request's answer coming back, what the CRM's headers say, a Retry-After -
+is the domain call and a write with `expected_version` (compare-and-set). A lost race re-reads and tries
+again, so two replicas can never both take the last unit of a window: a grant is only a grant once its
+write has landed. Within one process the changes take turns (a lock) on the last state this process
+wrote, so they neither race each other nor read the document back before every write. A restart reads
+the same document back: the day's count and the window's grants survive it.
+
+A grant is held until its request's answer comes back (`settle`): the CRM counts a request when it
+arrives, and only the answer bounds when that was (domain/budget.py).
 
 Chosen over a NATS KV bucket because every other piece of the connector's state is in the store already
 (one thing to back up, one thing the tests open); the KV would give the same compare-and-set.
@@ -25,7 +30,7 @@ T = TypeVar("T")
 
 
 class SharedBudget:
-    def __init__(self, store: Store, connection: Connection, *, margin: float = 0.5) -> None:
+    def __init__(self, store: Store, connection: Connection, *, margin: float = 0.1, hold: float = 120.0) -> None:
         self.store = store
         self.account = connection.account
         limits = connection.limits
@@ -36,42 +41,79 @@ class SharedBudget:
             window=limits.window_seconds,
             daily=limits.daily,
             margin=margin,
+            hold=hold,
         )
+        self._lock = asyncio.Lock()
+        self._known: tuple[int, dict[str, Any]] | None = None  # (version, state) this process last wrote
 
     @property
     def burst(self) -> int | None:
         return self._fresh().burst
 
     async def _change(self, change: Callable[[Budget], T]) -> T:
-        while True:
-            record = await self.store.get(BUDGETS, self.account)
-            budget = Budget.from_state(record.doc) if record is not None else self._fresh()
-            answer = change(budget)
-            try:
-                await self.store.put(
-                    BUDGETS, self.account, budget.to_state(), expected_version=record.version if record else 0
-                )
-            except VersionConflict:
-                await asyncio.sleep(0)  # another replica or sync wrote first: read its state and redo
-                continue
-            return answer
+        async with self._lock:
+            known = self._known
+            while True:
+                if known is None:
+                    record = await self.store.get(BUDGETS, self.account)
+                    known = (record.version, record.doc) if record is not None else (0, {})
+                version, doc = known
+                budget = Budget.from_state(doc) if doc else self._fresh()
+                answer = change(budget)
+                state = budget.to_state()
+                try:
+                    written = await self.store.put(BUDGETS, self.account, state, expected_version=version)
+                except VersionConflict:
+                    # Another replica wrote first: read its state and redo.
+                    known = self._known = None
+                    await asyncio.sleep(0)
+                    continue
+                self._known = (written, state)
+                return answer
 
     async def reserve(self, units: int, now: float) -> Reservation:
         return await self._change(lambda b: b.reserve(units, now))
 
-    async def acquire(self, units: int, clock: Callable[[], float], deadline: float | None = None) -> bool:
-        """Reserve `units`, waiting as long as the budget says; False (nothing reserved) when that would be
-        past `deadline`. The budget is shared through the store: there is no event to wait on, only a time."""
+    async def acquire(
+        self, units: int, clock: Callable[[], float], deadline: float | None = None
+    ) -> Reservation | None:
+        """Reserve `units`, waiting as long as the budget says; None (nothing reserved) when that would be
+        past `deadline`. The budget is shared through the store: there is no event to wait on, only a time.
+        The grant is held until `settle` (or `refund`) is given it."""
         reservation = await self.reserve(units, clock())
         while not reservation.granted:
             if deadline is not None and reservation.wait_until > deadline:
-                return False
+                return None
             await asyncio.sleep(max(0.01, reservation.wait_until - clock()))
             reservation = await self.reserve(units, clock())
-        return True
+        return reservation
 
-    async def refund(self, units: int, now: float) -> None:
-        await self._change(lambda b: b.refund(units, now))
+    async def settle(
+        self,
+        reservation: Reservation | None,
+        now: float,
+        headers: Mapping[str, str] | None = None,
+        *,
+        answered: bool = True,
+        throttled: tuple[str | float | None, bool] | None = None,
+    ) -> None:
+        """A request made on `reservation` is over, in one write: its grant released (`answered`: an answer
+        or a failure came back; not after a timeout, when the CRM may still take it: then the grant is held
+        its `hold`), the answer's limit headers observed, and a throttling answer's (Retry-After, daily)."""
+
+        def change(budget: Budget) -> None:
+            if reservation is not None and reservation.ticket and answered:
+                budget.release(reservation.ticket, now)
+            if headers:
+                budget.observe(headers, now)
+            if throttled is not None:
+                budget.throttled(now, retry_after=throttled[0], daily=throttled[1])
+
+        await self._change(change)
+
+    async def refund(self, reservation: Reservation, now: float) -> None:
+        """Give back a reservation whose request was never sent."""
+        await self._change(lambda b: b.refund(reservation.ticket, now))
 
     async def observe(self, headers: Mapping[str, str], now: float) -> None:
         if headers:

@@ -7,7 +7,10 @@ failures retried for a while and then handed back as pending - never dropped, ne
     delivered.pending  # changes still not taken after `retry_for` seconds (429s, 5xx, lost answers, auth)
 
 Every request first reserves its cost from the account's shared budget (budgets.py) and waits when the
-budget says so; the answer's limit headers and any Retry-After go back into it. Batches are cut so their
+budget says so; the reservation is held until the answer (or the failure) comes back - the CRM counted
+the request before that, however late it arrived - and the answer's limit headers and any Retry-After go
+back into it in the same write. A request that timed out leaves its reservation held (the CRM may still
+take it) and one that failed counts: only a request never sent gives its units back. Batches are cut so their
 cost fits the budget's burst. A transient failure is sent again, unchanged, after a growing back-off:
 every write is an upsert by its key, so a retry after a lost answer converges to the same records.
 A backfill may go through the CRM's bulk path instead (`deliver_bulk`: Salesforce Bulk API 2.0).
@@ -25,8 +28,10 @@ from dataclasses import dataclass, field
 
 from cdp_crm.adapters import Adapter
 from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.budget import Reservation
 from cdp_crm.domain.coalesce import Change
 from cdp_crm.domain.isolation import (
+    ANSWER_LOST,
     AUTH,
     REJECTED,
     THROTTLED,
@@ -44,6 +49,11 @@ log = logging.getLogger("cdp.crm.delivery")
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 # What a batch the budget would not allow before the deadline is recorded as: transient, so pending.
 NOT_SENT = CrmError(THROTTLED, "BUDGET", "not sent: the account's budget allows no request before the deadline")
+
+
+def timed_out(error: CrmError | None) -> bool:
+    """A request with no answer within its timeout: the CRM may take it later still (its grant stays held)."""
+    return error is not None and error.reason == ANSWER_LOST and error.code == "TIMEOUT"
 
 
 @dataclass
@@ -156,16 +166,17 @@ class Deliverer:
         cost = adapter.cost(mapping, len(batch), op=batch[0].op)
         if delivered.requests and self.clock() > deadline:
             return False
-        if not await budget.acquire(cost, self.clock, deadline):
+        reservation = await budget.acquire(cost, self.clock, deadline)
+        if reservation is None:
             self.health[mapping.connection].state = "throttled"
             return False
         delivered.units += cost
         delivered.requests += 1
         outcome = await adapter.send(mapping, batch)
         now = self.clock()
-        await budget.observe(outcome.headers, now)
-        if outcome.error is not None and outcome.error.reason == THROTTLED:
-            await budget.throttled(now, retry_after=outcome.error.retry_after, daily=outcome.error.daily)
+        error = outcome.error
+        throttled = (error.retry_after, error.daily) if error is not None and error.reason == THROTTLED else None
+        await budget.settle(reservation, now, outcome.headers, answered=not timed_out(error), throttled=throttled)
         isolation.record(batch, outcome, now)
         return True
 
@@ -191,18 +202,24 @@ class Deliverer:
             deadline = self.clock() + self.retry_for
         budget = self.budgets[mapping.connection]
         units = adapter.bulk_cost()
-        if not await budget.acquire(units, self.clock, deadline):
+        job = await budget.acquire(units, self.clock, deadline)
+        if job is None:
             return await self.deliver(mapping, changes, deadline=deadline)
+        polled: list[Reservation] = []
 
         async def poll(seconds: float) -> None:
             nonlocal units
             await asyncio.sleep(seconds)
-            await budget.acquire(1, self.clock)  # a poll waits for the budget however long: the job runs
+            if polled:  # the previous poll's answer is in: its slot ages from now
+                await budget.settle(polled.pop(), self.clock())
+            polled.append(await budget.acquire(1, self.clock))  # a poll waits for the budget however long
             units += 1
 
         outcome = await bulk(mapping, changes, poll=poll, poll_seconds=self.bulk_poll_seconds, progress=progress)
         now = self.clock()
-        await budget.observe(outcome.headers, now)
+        for reservation in polled:
+            await budget.settle(reservation, now)
+        await budget.settle(job, now, outcome.headers, answered=not timed_out(outcome.error))
         if outcome.error is not None:
             self._note_failure(mapping.connection, outcome.error)
             fallback = await self.deliver(mapping, changes, deadline=max(deadline, now + 1.0))

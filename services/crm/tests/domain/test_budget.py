@@ -14,9 +14,17 @@ from cdp_crm.domain.budget import DAY, Budget
 T0 = 1_780_000_000.0  # a fixed moment, mid-day UTC
 
 
+def _answered(budget, units, now):
+    """A request whose answer came back at once: its grant is released when it was made."""
+    reservation = budget.reserve(units, now)
+    if reservation.granted:
+        budget.release(reservation.ticket, now)
+    return reservation
+
+
 def _grant_all(budget, n, now):
     granted = 0
-    while budget.reserve(1, now).granted:
+    while _answered(budget, 1, now).granted:
         granted += 1
         if granted > n:
             break
@@ -34,7 +42,7 @@ def test_hubspot_burst_is_190_per_ten_seconds_and_says_when_to_come_back():
 def test_a_wait_is_exactly_long_enough_for_a_larger_request():
     budget = Budget("a", "hubspot", burst=10, window=10.0, daily=None, margin=0.0)
     for i in range(10):
-        assert budget.reserve(1, T0 + i).granted
+        assert _answered(budget, 1, T0 + i).granted
     refused = budget.reserve(3, T0 + 9.5)
     assert refused.wait_until == T0 + 12  # the grants of T0, T0+1 and T0+2 must have left the window
     assert not budget.reserve(3, T0 + 11.9).granted and budget.reserve(3, T0 + 12).granted
@@ -52,7 +60,7 @@ def test_the_daily_quota_holds_until_the_next_utc_day():
 def test_a_restart_resumes_the_day_instead_of_resetting_it():
     budget = Budget("org", "salesforce", burst=None, window=None, daily=5)
     for _ in range(4):
-        budget.reserve(1, T0)
+        _answered(budget, 1, T0)
     restored = Budget.from_state(budget.to_state())
     assert restored.reserve(1, T0 + 5).granted and not restored.reserve(1, T0 + 6).granted
 
@@ -79,7 +87,7 @@ def test_a_429_without_a_hint_while_the_window_has_room_pauses_a_moment_not_a_wh
 
 def test_a_429_without_a_hint_when_the_crm_counts_the_window_full_waits_until_its_units_leave():
     budget = Budget.for_kind("hubspot", account="62515", margin=0.0)
-    assert all(budget.reserve(1, T0).granted for _ in range(100))
+    assert all(_answered(budget, 1, T0).granted for _ in range(100))
     # Another app used the rest: the refusal's headers say nothing is left.
     budget.observe({"X-HubSpot-RateLimit-Remaining": "0"}, T0 + 1)
     budget.throttled(T0 + 1)
@@ -146,23 +154,47 @@ def test_a_request_larger_than_a_limit_is_refused_outright():
 operations = st.lists(
     st.one_of(
         st.tuples(st.just("advance"), st.floats(min_value=0, max_value=30)),
+        st.tuples(st.just("advance"), st.floats(min_value=0, max_value=0.5)),
+        st.tuples(st.just("advance"), st.floats(min_value=9.5, max_value=11)),  # about one window
         st.tuples(st.just("reserve"), st.integers(min_value=1, max_value=7)),
+        st.tuples(st.just("reserve"), st.integers(min_value=4, max_value=7)),
+        st.tuples(st.just("arrive"), st.integers(min_value=0, max_value=50)),
+        st.tuples(st.just("answer"), st.integers(min_value=0, max_value=50)),
+        st.tuples(st.just("time_out"), st.integers(min_value=0, max_value=50)),
         st.tuples(st.just("observe"), st.integers(min_value=0, max_value=20)),
+        st.tuples(st.just("observe_crm"), st.just(0)),
         st.tuples(st.just("retry_after"), st.floats(min_value=0, max_value=5)),
         st.tuples(st.just("restart"), st.just(0)),
-        st.tuples(st.just("refund_unsent"), st.just(0)),
+        st.tuples(st.just("refund_unsent"), st.integers(min_value=0, max_value=50)),
     ),
+    min_size=20,
     max_size=200,
 )
 
 
-@settings(max_examples=300, deadline=None)
-@given(operations, st.floats(min_value=0, max_value=2 * DAY))
-def test_property_never_grants_over_the_burst_window_or_the_day(ops, start):
-    burst, window, daily = 20, 10.0, 60
-    budget = Budget("a", "hubspot", burst=burst, window=window, daily=daily, margin=0.25)
+class Request:
+    """One request as the CRM sees it: counted when it arrives - at any moment between our grant and
+    its answer coming back, and never later than `hold` after the grant (the longest a request may be
+    on its way, a timeout included)."""
+
+    def __init__(self, ticket: str, units: int, granted: float) -> None:
+        self.ticket, self.units, self.granted = ticket, units, granted
+        self.arrived: float | None = None
+        self.timed_out = False
+
+
+@settings(max_examples=400, deadline=None)
+@given(operations, st.floats(min_value=0, max_value=2 * DAY), st.sampled_from([0.0, 0.25]))
+def test_property_neither_we_nor_the_crm_ever_count_over_the_burst_window_or_the_day(ops, start, margin):
+    burst, window, daily, hold = 20, 10.0, 60, 40.0
+    budget = Budget("a", "hubspot", burst=burst, window=window, daily=daily, margin=margin, hold=hold)
     now = T0 + start
     granted: list[tuple[float, int]] = []
+    requests: list[Request] = []
+
+    def crm_used(at: float) -> int:
+        return sum(r.units for r in requests if r.arrived is not None and at - window < r.arrived <= at)
+
     for op, arg in ops:
         if op == "advance":
             now += arg
@@ -170,22 +202,54 @@ def test_property_never_grants_over_the_burst_window_or_the_day(ops, start):
             r = budget.reserve(arg, now)
             if r.granted:
                 granted.append((now, arg))
+                requests.append(Request(r.ticket, arg, now))
             else:
                 assert r.wait_until > now
+        elif op in ("arrive", "answer", "time_out", "refund_unsent"):
+            # A request on its way reaches the CRM; its answer (or a failure: a 5xx, a dropped connection)
+            # comes back, so it arrived by now; the client gives up waiting (it may arrive later still);
+            # or it was never sent after all.
+            waiting = [r for r in requests if r.ticket]
+            if not waiting:
+                continue
+            request = waiting[arg % len(waiting)]
+            if op == "refund_unsent":
+                if request.arrived is None and not request.timed_out:
+                    requests.remove(request)
+                    granted.remove((request.granted, request.units))
+                    budget.refund(request.ticket, now)
+                continue
+            if op in ("arrive", "answer") and request.arrived is None:
+                request.arrived = min(now, request.granted + hold)
+            if op == "answer" and not request.timed_out:
+                budget.release(request.ticket, now)
+                request.ticket = ""  # its answer is in: nothing more happens to it
+            elif op == "time_out":
+                request.timed_out = True
         elif op == "observe":
             budget.observe({"X-HubSpot-RateLimit-Remaining": str(arg)}, now)
+        elif op == "observe_crm":
+            # What the CRM's headers say: the window as it counts it.
+            budget.observe({"X-HubSpot-RateLimit-Remaining": str(max(0, burst - crm_used(now)))}, now)
         elif op == "retry_after":
             budget.throttled(now, retry_after=arg)
         elif op == "restart":
             budget = Budget.from_state(budget.to_state())
-        elif op == "refund_unsent" and granted and granted[-1][0] == now:
-            # Only the very last grant, unsent, may come back.
-            at, n = granted.pop()
-            budget.refund(n, now)
+    for request in requests:  # what is still on its way arrives at the end, or when it had to
+        if request.arrived is None:
+            request.arrived = min(now, request.granted + hold)
+    # Our view: never more than the limits granted.
     for at, _ in granted:
-        in_window = sum(n for t, n in granted if at - window < t <= at)
-        assert in_window <= burst
+        assert sum(n for t, n in granted if at - window < t <= at) <= burst
     days: dict[int, int] = {}
     for at, n in granted:
         days[int(at // DAY)] = days.get(int(at // DAY), 0) + n
     assert all(used <= daily for used in days.values())
+    # The CRM's view: counted on arrival, later than the grant by any delay - never over either.
+    arrivals = [(r.arrived, r.units) for r in requests if r.arrived is not None]
+    for at, _ in arrivals:
+        assert sum(n for t, n in arrivals if at - window < t <= at) <= burst, "the CRM counted over its window"
+    crm_days: dict[int, int] = {}
+    for at, n in arrivals:
+        crm_days[int(at // DAY)] = crm_days.get(int(at // DAY), 0) + n
+    assert all(used <= daily for used in crm_days.values()), "the CRM counted over its day"

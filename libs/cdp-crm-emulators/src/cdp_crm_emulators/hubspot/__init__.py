@@ -6,11 +6,15 @@ A property outside an object's schema fails the request with ``VALIDATION_ERROR`
 as HubSpot does; records rejected one by one (an invalid email, a fault-injected rejection) come back in the
 ``errors`` of a 207 while the rest of the batch is written.
 
-Limits (every authenticated API request counts, answered or throttled requests alike do not double count):
+Limits - every authenticated API request that is let in counts, stamped when it arrives, whatever it
+then gets: an answer, a 5xx, a timeout, a dropped connection (injected faults happen inside HubSpot, after
+it counted the request, as they would there); a request refused for a limit changes nothing and is not
+counted again:
 - `burst_limit` requests per rolling `burst_window` seconds (190 / 10 s): 429 ``TEN_SECONDLY_ROLLING``;
 - `daily_limit` requests per UTC day: 429 ``DAILY``.
 - `search_per_second` search requests per second (5): 429 ``SECONDLY``.
-Every answer carries the ``X-HubSpot-RateLimit-*`` headers. A throttled request changes nothing.
+Every answer carries the ``X-HubSpot-RateLimit-*`` headers. ``over_budget`` (`budget()`) counts the
+requests that arrived over a limit: a client that keeps to the limits never has one.
 
 Associations: a single create may carry ``associations`` (``to.id`` + ``types``), and
 ``PUT /crm/v4/objects/<from>/<id>/associations/default/<to>/<id>`` links two records; a task or ticket is
@@ -35,7 +39,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from cdp_crm_emulators._server import Emulator, iso_z, json_response, new_id
+from cdp_crm_emulators._server import Emulator, LoggedRequest, iso_z, json_response, new_id
 from cdp_crm_emulators.hubspot.schema import PROPERTIES, SINGULAR, UNIQUE, object_by_type
 from cdp_crm_emulators.hubspot.search import matches_all, sortable
 from cdp_crm_emulators.hubspot.webhooks import webhook_signature_v3
@@ -109,7 +113,8 @@ class HubSpotEmulator(Emulator):
         r.add_post("/_emulator/user/{object}", self._inspect_user_create)
         r.add_get("/_emulator/webhooks", self._inspect_webhooks)
         r.add_get("/webhooks/v3/{app_id}/settings", self._webhook_settings)
-        self.app.middlewares.append(self._limits)
+        # Outermost: the limits see every request before an injected fault does (`_limits`).
+        self.app.middlewares.insert(0, self._limits)
 
     # --- inspection ------------------------------------------------------------------------------
 
@@ -306,26 +311,29 @@ class HubSpotEmulator(Emulator):
 
     @web.middleware
     async def _limits(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Authentication and the limits, before anything else (the request log and the fault injector run
+        inside): a request is counted the moment it arrives, so a fault injected into it - a 503, a 429,
+        a timeout, a dropped connection - has been counted, as HubSpot would have."""
         if not self.is_api(request):
             return await handler(request)
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
             body = _error("INVALID_AUTHENTICATION", "Authentication credentials not found.")
-            return json_response(body, status=401)
+            return self._refused(request, json_response(body, status=401))
         now = self.clock()
         self._roll(now)
         if self._daily_used >= self.daily_limit:
             self._over_budget += 1
-            return self._throttled("DAILY")
+            return self._refused(request, self._throttled("DAILY"))
         if len(self._burst) >= self.burst_limit:
             self._over_budget += 1
-            return self._throttled("TEN_SECONDLY_ROLLING")
+            return self._refused(request, self._throttled("TEN_SECONDLY_ROLLING"))
         if request.path.endswith("/search"):
             while self._searches and self._searches[0] <= now - 1.0:
                 self._searches.popleft()
             if len(self._searches) >= self.search_per_second:
                 self._over_budget += 1
-                return self._throttled("SECONDLY")
+                return self._refused(request, self._throttled("SECONDLY"))
             self._searches.append(now)
         self._burst.append(now)
         self._daily_used += 1
@@ -335,6 +343,11 @@ class HubSpotEmulator(Emulator):
             exc.headers.update(self._limit_headers())
             raise
         response.headers.update(self._limit_headers())
+        return response
+
+    def _refused(self, request: web.Request, response: web.Response) -> web.Response:
+        # Refused before the request log's middleware saw it: logged here, so the log holds every request.
+        self.requests.append(LoggedRequest(request.method, request.path_qs, response.status, self.clock()))
         return response
 
     # --- records ---------------------------------------------------------------------------------

@@ -96,18 +96,27 @@ async def metered_read(
     failure: Callable[[Answer], CrmError | None],
 ) -> Answer:
     """One read through an adapter, accounted on the account's shared budget: a unit reserved before every
-    request `send` makes (`send` calls the hook it is given), the answer's limit headers observed, and a
-    throttling answer recorded (its Retry-After, the day's quota when the CRM says so). The answer's `error`
-    is what `failure` (the adapter's own error mapping) makes of it: None when the CRM answered the read."""
+    request `send` makes (`send` calls the hook it is given) and held until the read's answer is in, the
+    answer's limit headers observed, and a throttling answer recorded (its Retry-After, the day's quota
+    when the CRM says so). The answer's `error` is what `failure` (the adapter's own error mapping) makes of
+    it: None when the CRM answered the read."""
+    reservations = []
 
     async def reserve() -> None:
-        await budget.acquire(1, clock)
+        reservations.append(await budget.acquire(1, clock))
 
     answer = await send(reserve)
-    await budget.observe(answer.headers, clock())
     error = failure(answer)
-    if error is None:
-        return answer
-    if error.reason == THROTTLED:
-        await budget.throttled(clock(), retry_after=error.retry_after, daily=error.daily)
-    return replace(answer, error=error)
+    now = clock()
+    throttled = (error.retry_after, error.daily) if error is not None and error.reason == THROTTLED else None
+    # Each request before the last had its answer already; the last's fate is unknown after a timeout.
+    lost = answer.error is not None and answer.error.code == "TIMEOUT"
+    for n, reservation in enumerate(reservations):
+        last = n == len(reservations) - 1
+        await budget.settle(
+            reservation, now, answer.headers if last else None, answered=not (last and lost),
+            throttled=throttled if last else None,
+        )  # fmt: skip
+    if not reservations:
+        await budget.settle(None, now, answer.headers, throttled=throttled)
+    return answer if error is None else replace(answer, error=error)

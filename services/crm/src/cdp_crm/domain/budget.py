@@ -1,8 +1,9 @@
 """One API budget per CRM account: a burst window and a daily quota, shared by every sync and replica.
 
     budget = Budget.for_kind("hubspot", account="62515")
-    r = budget.reserve(1, now)           # Reservation(granted=True) or (granted=False, wait_until=...)
+    r = budget.reserve(1, now)           # Reservation(granted=True, ticket=...) or (granted=False, wait_until=...)
     ... send the request ...
+    budget.release(r.ticket, now)           # its answer (or its failure) came back: the slot starts to age
     budget.observe(response_headers, now)   # sync with what the CRM says is left
     budget.throttled(now, retry_after="7")  # a 429 / REQUEST_LIMIT_EXCEEDED: nothing before that time
 
@@ -13,9 +14,18 @@ override them with the account's own contract.
 Invariants:
 - `reserve` never grants past either limit: over ANY `window` seconds at most `burst` units, and within a
   UTC day at most `daily` units (property-tested). A request that could never fit raises ValueError.
-- The window is counted from the grant and padded by `margin` seconds, since the CRM counts the request
-  when it arrives, a little after the grant; the CRM's own headers (`observe`) then correct this view
-  downwards, never upwards: units used elsewhere (another app on the account) only shrink what is left.
+- The CRM's view, not only ours: the CRM counts a request when it arrives, which is after our grant by
+  however long the machine, the store and the network took - no fixed margin bounds that. So a grant is
+  held (open) from `reserve` until `release`, when its answer or its failure came back: the request can
+  only have arrived before that moment, so its slot leaves the window at `release + window (+ margin)`,
+  never earlier than it leaves the CRM's (property-tested with arrivals anywhere between grant and
+  release). A grant never released (its sender died) is held `hold` seconds, longer than any request
+  may take, then ages as if released then. A request that left the socket counts whatever came back -
+  a 5xx, a timeout, a dropped connection: the CRM counted it; only one never sent is `refund`ed.
+- The day is the CRM's too: grants still open when a UTC day ends count in the new day as well (they may
+  arrive after midnight).
+- The CRM's own headers (`observe`) correct this view downwards, never upwards: units used elsewhere
+  (another app on the account) only shrink what is left.
 - `Retry-After` (seconds or an HTTP date) blocks every grant until then; a daily-limit answer blocks
   until the next UTC day.
 - The state is plain data (`to_state` / `from_state`): a restart resumes the same day's count and the
@@ -32,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DAY = 86400.0
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: grants as [at, units], every one answered (read and upgraded)
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,18 @@ class Reservation:
     units: int = 0
     wait_until: float = 0.0  # when not granted: the earliest time a retry can succeed
     reason: str = ""  # "burst" | "daily" | "retry_after"
+    ticket: str = ""  # when granted: names the grant to `release` (or `refund`)
+
+
+@dataclass
+class Grant:
+    at: float  # granted at; once released, when its answer came back
+    units: int
+    ticket: str = ""  # set while open: the request may still be on its way to the CRM
+
+    @property
+    def open(self) -> bool:
+        return bool(self.ticket)
 
 
 @dataclass
@@ -69,12 +91,15 @@ class Budget:
     burst: int | None
     window: float | None
     daily: int | None
-    margin: float = 0.5
-    grants: list[tuple[float, int]] = field(default_factory=list)  # (granted at, units) within the window
+    # Timer slack between our clock and the CRM's: the window itself is kept from the answer (`release`).
+    margin: float = 0.1
+    grants: list[Grant] = field(default_factory=list)  # open ones, and released ones still in the window
     day: int = -1
     daily_used: int = 0
     blocked_until: float = 0.0
     last_seen: float = 0.0
+    hold: float = 120.0  # the longest a request may be on its way: a grant never released is held this long
+    issued: int = 0  # grants made so far: each one's ticket
 
     @classmethod
     def for_kind(
@@ -85,7 +110,8 @@ class Budget:
         burst: int | None = None,
         window: float | None = None,
         daily: int | None = None,
-        margin: float = 0.5,
+        margin: float = 0.1,
+        hold: float = 120.0,
     ) -> Budget:
         """The documented limits of `kind`, each overridden when given."""
         policy = DEFAULTS[kind]
@@ -96,6 +122,7 @@ class Budget:
             window if window is not None else policy.window,
             daily if daily is not None else policy.daily,
             margin,
+            hold=hold,
         )
 
     # --- reserving -------------------------------------------------------------------------------
@@ -112,49 +139,68 @@ class Budget:
         if self.daily is not None and self.daily_used + units > self.daily:
             return Reservation(False, wait_until=(self.day + 1) * DAY, reason="daily")
         if self.burst is not None and self.window is not None:
-            used = sum(n for _, n in self.grants)
+            used = self._used()
             if used + units > self.burst:
-                # The earliest moment enough of the oldest grants have left the window.
+                # The earliest moment enough grants can have left the window: an open one leaves a window
+                # after its answer, which comes back no earlier than now.
                 excess = used + units - self.burst
-                for granted_at, n in self.grants:
+                for leaves, n in sorted((self._leaves(g, now), g.units) for g in self.grants):
                     excess -= n
                     if excess <= 0:
-                        return Reservation(False, wait_until=granted_at + self.span, reason="burst")
-        if self.window is not None:
-            self.grants.append((now, units))
+                        return Reservation(False, wait_until=leaves, reason="burst")
+        self.issued += 1
+        ticket = str(self.issued)
+        self.grants.append(Grant(now, units, ticket))
         self.daily_used += units
-        return Reservation(True, units)
+        return Reservation(True, units, ticket=ticket)
 
-    def refund(self, units: int, now: float) -> None:
-        """Give back units reserved for a request that was never sent (not one that failed: the CRM
-        counted that)."""
+    def release(self, ticket: str, now: float) -> None:
+        """The answer to the grant's request - or its failure: a 5xx, a dropped connection - came back at
+        `now`: the CRM counted it, if at all, before now, so from now on its slot ages. Not for a request
+        whose fate is unknown (a timeout: the CRM may still be about to take it): that one is held
+        `hold` seconds."""
         now = self._advance(now)
-        self.daily_used = max(0, self.daily_used - units)
-        for i in range(len(self.grants) - 1, -1, -1):
-            at, n = self.grants[i]
-            if n <= units:
-                units -= n
+        for grant in self.grants:
+            if grant.ticket == ticket:
+                grant.at, grant.ticket = max(grant.at, now), ""
+                self.grants.sort(key=lambda g: g.at)
+                self._advance(now)  # without a window, a released grant has nothing left to count
+                return
+
+    def refund(self, ticket: str, now: float) -> None:
+        """Give back the units of a grant whose request was never sent. Not one that failed, timed out or
+        lost its connection: it left the socket, and the CRM counted it."""
+        now = self._advance(now)
+        for i, grant in enumerate(self.grants):
+            if grant.ticket == ticket:
                 del self.grants[i]
-            else:
-                self.grants[i] = (at, n - units)
-                units = 0
-            if units == 0:
-                break
+                self.daily_used = max(0, self.daily_used - grant.units)
+                return
 
     @property
     def span(self) -> float:
         return (self.window or 0.0) + self.margin
+
+    def _used(self) -> int:
+        return sum(g.units for g in self.grants)
+
+    def _leaves(self, grant: Grant, now: float) -> float:
+        """When `grant` can have left the window at the earliest."""
+        if grant.open:
+            return min(max(now, grant.at), grant.at + self.hold) + self.span
+        return grant.at + self.span
 
     def _advance(self, now: float) -> float:
         # A clock behind the last time seen (another replica's, or a step back) is treated as that time,
         # so it can neither free window units early nor roll the day back.
         now = max(now, self.last_seen)
         self.last_seen = now
-        while self.grants and self.grants[0][0] <= now - self.span:
-            self.grants.pop(0)
+        # An open grant stays until released, or until `hold` says its sender is gone.
+        self.grants = [g for g in self.grants if (g.at + self.hold if g.open else g.at) > now - self.span]
         day = int(now // DAY)
         if day > self.day:
-            self.day, self.daily_used = day, 0
+            # What is still on its way may reach the CRM after midnight: it counts in the new day too.
+            self.day, self.daily_used = day, sum(g.units for g in self.grants if g.open)
         return now
 
     # --- what the CRM says -----------------------------------------------------------------------
@@ -173,7 +219,7 @@ class Budget:
             # oldest units leave it - no more. When our window still has room after that, the refusal was
             # not about this window (a transient throttle, another limit): a short pause, not a whole
             # window (a 429 every few seconds would otherwise stop the sync altogether).
-            full = self.burst is not None and self.window is not None and sum(n for _, n in self.grants) >= self.burst
+            full = self.burst is not None and self.window is not None and self._used() >= self.burst
             wait = None if full else now + 1.0
         if wait is not None:
             self.blocked_until = max(self.blocked_until, wait)
@@ -213,18 +259,17 @@ class Budget:
         if daily_left is not None and self.daily is not None:
             self.daily_used = max(self.daily_used, self.daily - max(0, daily_left))
         if burst_left is not None and self.burst is not None and self.window is not None:
-            used = sum(n for _, n in self.grants)
-            unseen = (self.burst - max(0, burst_left)) - used
+            unseen = (self.burst - max(0, burst_left)) - self._used()
             if unseen > 0:
                 # Units the CRM counted that we did not grant (another app, a lost state): held as if
-                # granted now, so they leave our window no earlier than the CRM's.
-                self.grants.append((now, unseen))
+                # answered now, so they leave our window no earlier than the CRM's.
+                self.grants.append(Grant(now, unseen))
 
     # --- status and persistence ------------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
         now = self._advance(now)
-        used = sum(n for _, n in self.grants)
+        used = self._used() if self.window is not None else 0
         return {
             "account": self.account,
             "kind": self.kind,
@@ -246,17 +291,21 @@ class Budget:
             "window": self.window,
             "daily": self.daily,
             "margin": self.margin,
-            "grants": [[at, n] for at, n in self.grants],
+            "grants": [[g.at, g.units, g.ticket] for g in self.grants],
             "day": self.day,
             "daily_used": self.daily_used,
             "blocked_until": self.blocked_until,
             "last_seen": self.last_seen,
+            "hold": self.hold,
+            "issued": self.issued,
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> Budget:
-        if state.get("format") != STATE_FORMAT:
+        if state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(f"budget state format {state.get('format')!r} is not {STATE_FORMAT}")
+        # Format 1 (before grants were held until answered) kept [at, units]: read as answered then.
+        grants = [Grant(float(g[0]), int(g[1]), str(g[2]) if len(g) > 2 else "") for g in state["grants"]]
         return cls(
             state["account"],
             state["kind"],
@@ -264,11 +313,13 @@ class Budget:
             state["window"],
             state["daily"],
             state["margin"],
-            [(float(at), int(n)) for at, n in state["grants"]],
+            grants,
             int(state["day"]),
             int(state["daily_used"]),
             float(state["blocked_until"]),
             float(state["last_seen"]),
+            float(state.get("hold", 120.0)),
+            int(state.get("issued", 0)),
         )
 
 

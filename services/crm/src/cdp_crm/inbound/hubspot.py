@@ -117,7 +117,7 @@ class HubSpotReader:
     async def _call(self, method: str, path: str, body: Any, what: str) -> Any:
         search = path.endswith("/search")
         for _ in range(5):
-            await self.budget.acquire(1, self.clock)
+            reservation = await self.budget.acquire(1, self.clock)
             if search:
                 # HubSpot allows a few searches a second per account, apart from the burst budget.
                 await asyncio.sleep(max(0.0, self._last_search + SEARCH_SPACING - time.monotonic()))
@@ -125,7 +125,9 @@ class HubSpotReader:
             answer = await exchange(
                 self.session, method, self.base + path, json=body, headers=self.headers, timeout=self.timeout, what=what
             )
-            await self.budget.observe(answer.headers, self.clock())
+            # Held until the answer is in (the CRM counts it on arrival), then aged from there.
+            lost = answer.error is not None and answer.error.code == "TIMEOUT"  # the CRM may take it later still
+            await self.budget.settle(reservation, self.clock(), answer.headers, answered=not lost)
             policy = answer.body.get("policyName") if isinstance(answer.body, dict) else None
             if answer.status == 429 and policy == "SECONDLY":
                 await asyncio.sleep(1.0)
