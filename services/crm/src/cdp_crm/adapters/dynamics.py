@@ -98,7 +98,7 @@ class DynamicsAdapter:
 
         A column is a field of its type, writable when IsValidForUpdate, required when its RequiredLevel is
         SystemRequired or ApplicationRequired (anonymising then writes a placeholder, so the row stays one
-        a user can save in the app), a match key when an alternate key names it. Lookup columns are written
+        a user can save in the app), a match key when an active alternate key names it. Lookup columns are written
         through their navigation properties (``<nav>@odata.bind``), so those are the fields: each
         relationship's ReferencingEntityNavigationPropertyName and, for an activity's polymorphic
         ``regardingobjectid_contact_task``, the ``regardingobjectid_contact`` it inherits. A set that is
@@ -307,7 +307,7 @@ DEFINITION_QUERY = {
     "$select": "LogicalName,EntitySetName,PrimaryIdAttribute",
     "$expand": (
         "Attributes($select=LogicalName,AttributeType,RequiredLevel,IsValidForCreate,IsValidForUpdate),"
-        "Keys($select=LogicalName,KeyAttributes),"
+        "Keys($select=LogicalName,KeyAttributes,EntityKeyIndexStatus),"
         "ManyToOneRelationships($select=ReferencingAttribute,ReferencedEntity,ReferencingEntityNavigationPropertyName)"
     ),
 }
@@ -316,7 +316,13 @@ LOOKUP_TYPES = ("Lookup", "Customer", "Owner")
 
 
 def _object_schema(entity_set: str, definition: dict[str, Any]) -> ObjectSchema:
-    keyed = {name for key in definition.get("Keys") or [] for name in key.get("KeyAttributes") or []}
+    # An alternate key is usable once Dataverse has built its index (Active); until then an upsert by it fails.
+    keyed = {
+        name
+        for key in definition.get("Keys") or []
+        if key.get("EntityKeyIndexStatus", "Active") == "Active"
+        for name in key.get("KeyAttributes") or []
+    }
     fields: dict[str, FieldSchema] = {}
     for attribute in definition.get("Attributes") or []:
         name, kind = attribute.get("LogicalName"), attribute.get("AttributeType", "String")
