@@ -10,11 +10,19 @@ import pytest
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import MemoryStore
-from cdp_profile.domain import ComputedTraits, ProfileEvent
+from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent
 from cdp_scoring.domain import ModelSpec
 from cdp_training.labels import LabelSpec
-from cdp_training.platformdata import apply_all, write_people, write_profiles
-from cdp_training.pointintime import iter_profiles, read_profiles, training_set, training_set_from_store
+from cdp_training.platformdata import apply_all, write_people, write_population, write_profiles
+from cdp_training.pointintime import (
+    _doc_at,
+    iter_profiles,
+    profile_at,
+    read_profiles,
+    training_set,
+    training_set_from_store,
+)
+from cdp_training.simulator import simulate
 from cdp_training.traits import COMPUTED_TRAITS, ENGAGEMENT_FEATURES, traits_for
 
 DAY = 86_400.0
@@ -251,3 +259,27 @@ async def test_building_a_set_gives_the_cycle_collector_back_as_it_found_it():
         assert not gc.isenabled() and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+
+
+async def test_each_trait_rebuilt_from_only_the_events_it_matches_is_what_the_whole_timeline_gives():
+    """`profile_at` shows each trait's backfill only the entries of the events it matches: the same
+    profile as the plain way (every trait's backfill over the whole timeline), for simulated customers
+    and a merged profile, at cut-offs inside their lives."""
+    population = simulate(60, 5)
+    defs = ComputedTraits.from_dicts(DEFINITIONS)
+    ada = apply_all("ada", ADA_BEFORE + ADA_AFTER, defs)
+    web = apply_all("web", [track("w1", "Order Completed", T - 3 * DAY, total=60.0), page("w2", T + 200 * DAY)], defs)
+    ada.merge(web, merge_id="m1", at=T + 6 * DAY, defs=defs, now=T + 6 * DAY)
+    store = MemoryStore()
+    await write_population(store, population, DEFINITIONS)
+    await write_profiles(store, [ada])
+    profiles = await read_profiles(store)
+    traits = [defs.get(d["name"]) for d in defs.to_dicts()]
+    for cutoff in (population.cutoff - 200 * DAY, population.cutoff, T):
+        for stored in profiles:
+            plain = Profile.from_doc(_doc_at(stored.doc, cutoff), [e for e in stored.timeline if e.at <= cutoff])
+            for trait in traits:
+                plain.backfill(trait, now=cutoff)
+            grouped = profile_at(stored, defs, cutoff)
+            assert grouped.view(now=cutoff, as_of=cutoff) == plain.view(now=cutoff, as_of=cutoff), stored.person_id
+            assert grouped.to_doc() == plain.to_doc()  # the whole timeline is put back
