@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import gc
 import io
 import json
 import os
@@ -66,7 +67,7 @@ from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.coalesce import task_key
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.engine import CrmLogic
-from cdp_crm.runs import BULK_PAGE, Runs
+from cdp_crm.runs import BULK_PAGE, GC_THRESHOLD, Runs
 from cdp_crm.state import PERSONS, RUNS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, profiles_stream, segments_stream, subjects
@@ -336,6 +337,7 @@ def bulk_csv(numbers, prefix: str) -> str:
 
 
 async def run_bulk(records: int, workdir: Path) -> None:
+    gc.set_threshold(*GC_THRESHOLD)  # as the service sets it: Runs runs in this process here
     with emulator_process("salesforce", workdir, daily_limit=10_000_000) as base_url:
         store = open_store(f"sqlite:///{workdir}/crm-bulk.db")
         await prepare_store(store)

@@ -4,14 +4,17 @@ rows Salesforce refused dead-lettered."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
+
 import grpc
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_crm.people import PROFILE_COLLECTION, ProfileDirectory, profile_fetch
-from cdp_crm.runs import Runs
+from cdp_crm.runs import STALE_AFTER, Runs
 from cdp_crm.state import DEAD_LETTERS, RUNS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
-from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator, bulk
 from cdp_kit.storage import Put, open_store
 
 
@@ -129,3 +132,131 @@ async def test_a_bulk_backfill_goes_through_bulk_api_jobs_with_progress(world_fa
 
 async def _persons(world, n: int) -> bool:
     return await world.store.count("crm_persons") == n
+
+
+class HeldJobs:
+    """The local Salesforce's Bulk API jobs from the `held_from`-th on wait for `release` before their rows
+    are applied: a backfill is then stopped (or killed) while one of its jobs runs."""
+
+    def __init__(self, monkeypatch, held_from: int) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+        self.held: list[str] = []
+        self.held_from = held_from
+        original = bulk.process
+
+        async def process(job, write_row, stamp):
+            self.started += 1
+            if self.started >= self.held_from:
+                self.held.append(job.id)
+                await self.release.wait()
+            await original(job, write_row, stamp)
+
+        monkeypatch.setattr(bulk, "process", process)
+
+
+def _rows_sent(emulator) -> Counter:
+    """How often each person's row reached the local Salesforce, over every ingest job."""
+    sent: Counter = Counter()
+    for job in emulator.jobs.values():
+        at = job.columns.index("CDP_Id__c") if job.columns else None
+        for row in job.successful + job.failed:
+            sent[row[at + 2]] += 1
+        for row in job.unprocessed:
+            sent[row[at]] += 1
+    return sent
+
+
+async def _stopped_mid_job(world_factory, emulator, monkeypatch, persons):
+    """A bulk backfill of `persons` in pages of 10 (two partitions: two jobs a page), stopped while the
+    second page's first job runs; its run id."""
+    world = await world_factory(emulator)
+    env = {"SF_ID": emulator.client_id, "SF_SECRET": emulator.client_secret}
+    await world.start(_salesforce_document(emulator), env=env)
+    await world.profiles({p: {"traits.email": f"{p}@example.com", "traits.last_name": p.upper()} for p in persons})
+    await world.eventually(lambda: _persons(world, len(persons)))
+    held = HeldJobs(monkeypatch, held_from=3)
+    runs = Runs(world.logic, partitions=world.partitions, bulk_page=10)
+    run_id, _ = await runs.start_backfill("sf", bulk=True)
+    await world.eventually(lambda: _polling(world, run_id, held.held))
+    await runs.close()  # the connector stops mid-job
+    held.release.set()
+    await emulator.drain_jobs()  # the stopped job's rows are applied all the same, as Salesforce would
+    return world, run_id
+
+
+async def _polling(world, run_id: str, jobs: list[str]) -> bool:
+    """The backfill is polling one of `jobs` (its progress names it)."""
+    return (await world.store.get(RUNS, run_id)).doc.get("bulk_job") in jobs
+
+
+async def test_a_bulk_backfill_stopped_mid_job_resumes_after_its_last_finished_page(world_factory, monkeypatch):
+    persons = [f"person-{i:02d}" for i in range(30)]
+    async with SalesforceEmulator() as emulator:
+        world, run_id = await _stopped_mid_job(world_factory, emulator, monkeypatch, persons)
+        stopped = (await world.store.get(RUNS, run_id)).doc
+        assert stopped["state"] == "cancelled"
+        assert (stopped["processed"], stopped["after"]) == (10, "person-09")  # the first page is done
+
+        # The connector starts again: the backfill goes on under its run id from the second page.
+        again = Runs(world.logic, partitions=world.partitions, bulk_page=10)
+        assert await again.resume_interrupted() == [run_id]
+        await world.eventually(lambda: _state(world, run_id, "succeeded"))
+        run = (await world.store.get(RUNS, run_id)).doc
+        assert (run["processed"], run["total"], run["resumed"]) == (30, 30, 1)
+        assert run["created"] + run["updated"] + run["unchanged"] == 30  # each person counted once
+        sent = _rows_sent(emulator)
+        assert all(sent[p] == 1 for p in persons[:10])  # the finished page is not sent again
+        assert set(sent) == set(persons)
+        contacts = [c["CDP_Id__c"] for c in emulator.records("Contact")]
+        assert sorted(contacts) == persons  # every person once: no duplicate
+        # Started again by hand after it finished: a new backfill, which finds nothing to write.
+        second, _ = await again.start_backfill("sf", bulk=True)
+        assert second != run_id
+        await world.eventually(lambda: _state(world, second, "succeeded"))
+        assert (await world.store.get(RUNS, second)).doc["unchanged"] == 30
+
+
+async def test_a_killed_bulk_backfill_is_resumed_once_its_progress_is_stale(world_factory, monkeypatch):
+    persons = [f"person-{i:02d}" for i in range(30)]
+    async with SalesforceEmulator() as emulator:
+        world, run_id = await _stopped_mid_job(world_factory, emulator, monkeypatch, persons)
+        # A kill leaves the run as its last progress write left it: running, mid-job.
+        record = await world.store.get(RUNS, run_id)
+        await world.store.put(RUNS, run_id, {**record.doc, "state": "running", "error": "", "finished_at": 0.0})
+        killed_at = record.doc["heartbeat"]
+
+        now = {"t": killed_at + 5.0}
+        again = Runs(world.logic, partitions=world.partitions, bulk_page=10, clock=lambda: now["t"])
+        # Progress seconds old: another replica may be at it - nothing resumed, the run returned as it is.
+        assert await again.resume_interrupted() == []
+        same, doc = await again.start_backfill("sf", bulk=True)
+        assert (same, doc["state"], doc["processed"]) == (run_id, "running", 10)
+        assert not again.tasks
+
+        now["t"] = killed_at + STALE_AFTER + 1.0  # its connector is gone
+        same, doc = await again.start_backfill("sf", bulk=True)
+        assert (same, doc["resumed"]) == (run_id, 1)
+        await world.eventually(lambda: _state(world, run_id, "succeeded"))
+        run = (await world.store.get(RUNS, run_id)).doc
+        assert (run["processed"], run["created"] + run["updated"] + run["unchanged"]) == (30, 30)
+        assert all(_rows_sent(emulator)[p] == 1 for p in persons[:10])
+        assert sorted(c["CDP_Id__c"] for c in emulator.records("Contact")) == persons
+
+
+async def test_a_stopped_backfill_starts_over_when_its_mappings_changed(world_factory, monkeypatch):
+    persons = [f"person-{i:02d}" for i in range(30)]
+    async with SalesforceEmulator() as emulator:
+        world, run_id = await _stopped_mid_job(world_factory, emulator, monkeypatch, persons)
+        document = _salesforce_document(emulator)
+        document["connections"][0]["mappings"][0]["fields"]["FirstName"] = "traits.email"  # one more field
+        await world.stop()
+        env = {"SF_ID": emulator.client_id, "SF_SECRET": emulator.client_secret}
+        await world.start(document, env=env)
+        again = Runs(world.logic, partitions=world.partitions, bulk_page=10)
+        assert await again.resume_interrupted() == []  # what it was writing is not what is mapped now
+        fresh, _ = await again.start_backfill("sf", bulk=True)
+        assert fresh != run_id
+        await world.eventually(lambda: _state(world, fresh, "succeeded"))
+        assert (await world.store.get(RUNS, fresh)).doc["processed"] == 30
+        assert {c["FirstName"] for c in emulator.records("Contact")} == {f"{p}@example.com" for p in persons}

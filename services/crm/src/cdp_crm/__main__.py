@@ -14,6 +14,7 @@ partitions are released (drained) before the bus, the HTTP session and the store
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
 from cdp_crm.people import ProfileDirectory, profile_fetch
 from cdp_crm.privacy import Privacy, consumer_spec
-from cdp_crm.runs import Runs
+from cdp_crm.runs import GC_THRESHOLD, Runs
 from cdp_crm.settings import CrmSettings
 from cdp_crm.state import prepare_store
 from cdp_kit.bus import (
@@ -87,6 +88,7 @@ async def describe(adapters, connections: tuple[Connection, ...], store: Store) 
 
 async def setup(runtime: ServiceRuntime) -> None:
     settings: CrmSettings = runtime.settings  # type: ignore[assignment]
+    gc.set_threshold(*GC_THRESHOLD)  # a bulk backfill's page is many objects alive at once (runs.py)
     path = settings.connections_file
     text = path.read_text()
     form = "yaml" if path.suffix in (".yaml", ".yml") else "json"
@@ -215,6 +217,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         fetch = profile_fetch(channel, settings.profile_token, timeout=settings.request_timeout)
         people = ProfileDirectory(profiles, fetch, store)
     runs = Runs(logic, partitions=settings.partitions, people=people)
+    runtime.stack.push_async_callback(runs.close)  # a stop leaves each backfill cancelled, to be resumed
+    tasks.append(runtime.spawn(runs.watch(), "resume interrupted crm backfills"))
 
     async def describe_document(parsed):
         return await describe(adapters, parsed, store)

@@ -532,11 +532,15 @@ class Planned:
             self.previous[key] = doc
             self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
 
-    async def add(self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input) -> None:
+    async def add(
+        self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input, key: str | None = None
+    ) -> None:
+        """`key`: the projection's record key when the caller computed it already (a backfill page does)."""
         if isinstance(projection, proj.Skipped):
             self.skipped[mapping.name] += 1
             return
-        key = record_key(mapping.name, projection.key)
+        if key is None:
+            key = record_key(mapping.name, projection.key)
         if key not in self.intended:
             stored = await self.store.get(RECORDS, key)
             self.previous[key] = stored.doc if stored is not None else {}
@@ -559,7 +563,7 @@ class Planned:
             self.intended[key] = ({**fields_before, **projection.fields}, True)
         self.records[key] = None
         self.coalescer.add(
-            Change(mapping.name, projection.key, fields, item.stamp, op, item.person_id, trigger, projection.link)
+            Change(mapping.name, projection.key, fields, item.stamp, op, item.person_id, trigger, projection.link), key
         )
 
 

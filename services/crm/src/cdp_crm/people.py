@@ -11,8 +11,10 @@ the connector decodes no profile document of its own. Segments come from the con
 `ConnectorView` - the persons the connector has seen change (`crm_persons`), with the fields it keeps:
 what a backfill reads when no profile service is configured.
 
-Both page through their listing in key order, so a backfill started again after a crash reads the same
-persons again (every write is an upsert; what is unchanged makes no call).
+Both page through their listing in key order and say, with each page, the last listing key it covered:
+a backfill keeps that as its resume point (`after`), so one resumed after a crash reads on from the page
+after the last it finished (and reading a page again is harmless: every write is an upsert, what is
+unchanged makes no call).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cdp_crm.state import PERSONS
 from cdp_kit.errors import Unavailable
 from cdp_kit.profile_fields import profile_fields
 from cdp_kit.storage import Store
+from cdp_kit.storage.port import encode_cursor
 
 # The profile service's collection of profiles in its store (cdp_profile.records.PROFILES).
 PROFILE_COLLECTION = "profiles"
@@ -50,7 +53,9 @@ class People(Protocol):
 
     async def count(self) -> int: ...
 
-    def pages(self, size: int) -> AsyncIterator[list[Person]]: ...
+    def pages(self, size: int, after: str | None = None) -> AsyncIterator[tuple[list[Person], str]]:
+        """Pages of up to `size` persons listed after the key `after`, each with its last listing key."""
+        ...
 
 
 class ConnectorView:
@@ -62,15 +67,17 @@ class ConnectorView:
     async def count(self) -> int:
         return await self.store.count(PERSONS)
 
-    async def pages(self, size: int) -> AsyncIterator[list[Person]]:
-        cursor = None
+    async def pages(self, size: int, after: str | None = None) -> AsyncIterator[tuple[list[Person], str]]:
+        cursor = encode_cursor(after) if after else None
         while True:
             page = await self.store.scan(PERSONS, cursor=cursor, limit=size)
             if page.records:
-                yield [
-                    Person(r.key, dict(r.doc.get("fields", {})), set(r.doc.get("segments", [])), r.doc.get("stamp", 0))
-                    for r in page.records
-                ]
+                # The documents are this page's own (decoded for it): read as they are, not copied.
+                yield (
+                    [Person(r.key, r.doc.get("fields", {}), set(r.doc.get("segments", ())), r.doc.get("stamp", 0))
+                     for r in page.records],
+                    page.records[-1].key,
+                )  # fmt: skip
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
@@ -87,8 +94,8 @@ class ProfileDirectory:
     async def count(self) -> int:
         return await self.profiles.count(PROFILE_COLLECTION)  # merged-away persons included: an upper bound
 
-    async def pages(self, size: int) -> AsyncIterator[list[Person]]:
-        cursor = None
+    async def pages(self, size: int, after: str | None = None) -> AsyncIterator[tuple[list[Person], str]]:
+        cursor = encode_cursor(after) if after else None
         while True:
             page = await self.profiles.scan(PROFILE_COLLECTION, cursor=cursor, limit=size)
             ids = [r.key for r in page.records if "profile" in r.doc]
@@ -102,7 +109,7 @@ class ProfileDirectory:
                     view = views.get(pid)
                     doc = view.doc if view is not None else {}
                     persons.append(Person(pid, fields[pid], set(doc.get("segments", [])), doc.get("stamp", 0)))
-                yield persons
+                yield persons, page.records[-1].key
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor

@@ -3,42 +3,66 @@
 A backfill projects every person (people.py: every live profile of the profile service when it is
 configured, else everyone the connector has seen change) through the mappings in scope with the
 `backfill` trigger and writes what differs from what each record should hold - the same path as the
-stream (engine.py), so a backfill after a complete sync makes no call, and one interrupted by a crash is
-simply started again. A backfill already running for the same scope is returned instead of starting a
-second one. With `bulk`, record mappings go through the CRM's bulk path where it has one (Salesforce
-Bulk API 2.0: one ingest job per page of up to `BULK_PAGE` people and partition, its state and rows
-processed in the run document as it runs; refused and unprocessed rows dead-lettered); the others keep
-their batch endpoints. A replay sends dead-lettered records again: record and list records re-projected
-from the person's current view, tasks and cases as they were.
+stream (engine.py), so a backfill after a complete sync makes no call. A backfill already running for
+the same scope is returned instead of starting a second one. With `bulk`, record mappings go through the
+CRM's bulk path where it has one (Salesforce Bulk API 2.0: one ingest job per page of up to `BULK_PAGE`
+people and partition, its state and rows processed in the run document as it runs; refused and
+unprocessed rows dead-lettered); the others keep their batch endpoints. A replay sends dead-lettered
+records again: record and list records re-projected from the person's current view, tasks and cases as
+they were.
 
-Each page of people is handled while its partition is settled (`CrmLogic.settled`), so it never
-interleaves with a batch of the local engine; progress (total, processed, counters, API units) is stored
-after every page.
+Resuming: the run document keeps `after`, the last listing key of the last page whose every partition's
+share is written, a `heartbeat` (every page, every poll of a bulk job) and `scope`, a digest of the
+mappings it writes. A backfill cancelled by a stop, or left `running` by a kill (no task here runs it and
+its heartbeat is older than `STALE_AFTER`), goes on under the same run id from the page after `after` -
+at the next start (`watch`) or when it is started again - with its counters; the page it was in is sent
+again (upserts by the match key: nothing is duplicated, and what that page had written already counts as
+unchanged or updated; the counters and `processed` move with `after`, a whole page at a time). Taking a
+run over is a compare-and-set, so one replica does. A run whose mappings changed since is not resumed: a
+new one starts from the beginning.
+
+Each page of people is read and projected (a pure function of the page, record keys hashed once) while
+the page before it is being delivered; each partition's share of it is then planned, delivered and its
+outcome written while that partition is settled (`CrmLogic.settled`), so it never interleaves with a
+batch of the local engine; progress (total, processed, counters, API units) is stored after every page.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import REMOVE, UPSERT, record_key
 from cdp_crm.domain.isolation import DeadLetter
 from cdp_crm.domain.mapping import BACKFILL, ObjectMapping
-from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, View, resolve_writes
+from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, resolve_writes
 from cdp_crm.people import ConnectorView, People
-from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
+from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_kit.bus import partition_for
 from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.storage import Delete, VersionConflict
 
 log = logging.getLogger("cdp.crm.runs")
 
 PAGE = 200
 BULK_PAGE = 10_000  # people per page of a bulk backfill: a Bulk API job is worth its five extra requests
+# A bulk backfill's page is hundreds of thousands of objects alive at once: with the interpreter's default
+# generation-0 threshold (700) the collector rescans them over and over - about half the connector's time
+# in a bulk backfill (measured with bench/bench_crm.py). The service collects young objects less often,
+# as identity and segmentation do (`gc.set_threshold(*GC_THRESHOLD)` at start).
+GC_THRESHOLD = (50_000, 20, 100)
+YIELD_EVERY = 1000  # persons projected between two turns of the event loop
+# A running backfill whose progress (written after every page and every poll of a bulk job) is older than
+# this has lost its connector (killed): a replica resumes it.
+STALE_AFTER = 120.0
 
 
 def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, Any]:
@@ -48,9 +72,29 @@ def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, A
     }  # fmt: skip
 
 
+@dataclass
+class Unit:
+    """One partition's share of a page of people: its persons and what they project to, each with its
+    record key (hashed once)."""
+
+    partition: int
+    persons: list[str] = field(default_factory=list)
+    projected: list[tuple[ObjectMapping, Any, str, Input, str | None]] = field(default_factory=list)
+
+
+def fingerprint(mappings: list[ObjectMapping]) -> str:
+    """What a backfill writes, as a digest: a run is resumed only over the same mappings."""
+    described = repr([(m.name, m.object, m.mode, m.segment, m.list, m.match, m.fields) for m in mappings])
+    return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
 class Runs:
-    def __init__(self, logic: CrmLogic, *, partitions: int, clock=time.time, people: People | None = None) -> None:
+    def __init__(
+        self, logic: CrmLogic, *, partitions: int, clock=time.time, people: People | None = None,
+        bulk_page: int = BULK_PAGE,
+    ) -> None:  # fmt: skip
         self.logic = logic
+        self.bulk_page = bulk_page
         self.people = people or ConnectorView(logic.store)
         self.store = logic.store
         self.partitions = partitions
@@ -75,25 +119,103 @@ class Runs:
         self, connection_id: str, mapping_id: str = "", *, bulk: bool = False
     ) -> tuple[str, dict[str, Any]]:
         mappings = self._scope(connection_id, mapping_id)
+        scope = fingerprint(mappings)
+        resumable = None
         for record in await self.store.find(RUNS, "connection", connection_id, limit=1000):
             doc = record.doc
-            if doc["kind"] == "backfill" and doc["state"] == "running" and doc["mapping"] == mapping_id:
-                return record.key, doc
+            if doc["kind"] != "backfill" or doc["mapping"] != mapping_id:
+                continue
+            if doc["state"] == "running" and not self._stale(record.key, doc):
+                return record.key, doc  # running here, or on a replica that is still at it
+            if self._resumable(doc, scope, bulk) and (
+                resumable is None or doc["started_at"] > resumable.doc["started_at"]
+            ):
+                resumable = record
+        if resumable is not None:
+            resumed = await self._resume(resumable, mappings)
+            if resumed is not None:
+                return resumed
         run_id = f"backfill-{uuid.uuid4().hex[:16]}"
         doc = new_run("backfill", connection_id, mapping_id, self.clock())
-        doc["bulk"] = bulk
+        doc.update(bulk=bulk, scope=scope, after=None, heartbeat=self.clock())
         doc["people"] = self.people.name  # profiles: every person of the profile service; connector: its view
         doc["total"] = await self.people.count()
         await self.store.put(RUNS, run_id, doc)
-        work = self._backfill(run_id, doc, mappings, bulk)
-        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, work))
+        self._spawn(run_id, doc, mappings)
         return run_id, doc
+
+    async def resume_interrupted(self) -> list[str]:
+        """Resume the backfills a stopped or killed connector left unfinished (a `running` one whose
+        progress stopped `STALE_AFTER` seconds ago, or one `cancelled` by a stop): each goes on from the
+        page after the last it finished, under the same run id. Run at start and now and then after."""
+        resumed = []
+        async for record in self.store.scan_all(RUNS, prefix="backfill-"):
+            doc = record.doc
+            if record.key in self.tasks or doc["state"] not in ("running", "cancelled"):
+                continue
+            if doc["state"] == "running" and not self._stale(record.key, doc):
+                continue
+            connection = self.logic.connections.get(doc["connection"])
+            try:
+                mappings = self._scope(doc["connection"], doc["mapping"]) if connection is not None else []
+            except InvalidArgument:
+                continue  # the mapping no longer backfills
+            if not mappings or not self._resumable(doc, fingerprint(mappings), doc.get("bulk", False)):
+                continue
+            if await self._resume(record, mappings) is not None:
+                resumed.append(record.key)
+        return resumed
+
+    async def close(self) -> None:
+        """Cancel the backfills running here (each is left `cancelled`, with its resume point)."""
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def watch(self, every: float = 30.0) -> None:
+        """`resume_interrupted` now and every `every` seconds, until cancelled."""
+        while True:
+            try:
+                await self.resume_interrupted()
+            except Exception as exc:  # the store failing: next time
+                log.warning("resuming crm backfills failed", extra={"error": type(exc).__name__})
+            await asyncio.sleep(every)
+
+    def _stale(self, run_id: str, doc: dict[str, Any]) -> bool:
+        """A running backfill no task here runs and whose progress stopped: its connector is gone."""
+        if run_id in self.tasks:
+            return False
+        return self.clock() - doc.get("heartbeat", doc["started_at"]) > STALE_AFTER
+
+    @staticmethod
+    def _resumable(doc: dict[str, Any], scope: str, bulk: bool) -> bool:
+        """Interrupted (a stop, a crash), over the same mappings as now (a mapping changed since means
+        everyone again), the same way (bulk or not)."""
+        stopped = doc["state"] == "cancelled" or doc["state"] == "running"
+        return stopped and doc.get("scope") == scope and bool(doc.get("bulk")) == bulk
+
+    async def _resume(self, record, mappings: list[ObjectMapping]) -> tuple[str, dict[str, Any]] | None:
+        """Take the run over (compare-and-set: one replica does) and go on from its resume point."""
+        doc = {**record.doc, "state": "running", "error": "", "finished_at": 0.0, "heartbeat": self.clock(),
+               "resumed": record.doc.get("resumed", 0) + 1}  # fmt: skip
+        try:
+            await self.store.put(RUNS, record.key, doc, expected_version=record.version)
+        except VersionConflict:
+            return None  # another replica took it
+        log.info("crm backfill resumed", extra={"run": record.key, "processed": doc["processed"]})
+        self._spawn(record.key, doc, mappings)
+        return record.key, doc
+
+    def _spawn(self, run_id: str, doc: dict[str, Any], mappings: list[ObjectMapping]) -> None:
+        work = self._backfill(run_id, doc, mappings, doc.get("bulk", False))
+        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, work))
 
     async def _guard(self, run_id: str, work) -> None:
         try:
             await work
         except asyncio.CancelledError:
-            await self._finish(run_id, "cancelled", "the connector stopped; start the backfill again")
+            await self._finish(run_id, "cancelled", "the connector stopped; it resumes when the connector starts")
             raise
         except Exception as exc:
             log.error("crm run failed", extra={"run": run_id, "error": type(exc).__name__})
@@ -114,40 +236,87 @@ class Runs:
         run = {"doc": doc}
 
         async def progress(job: str, state: str, processed: int) -> None:
-            run["doc"] = {**run["doc"], "bulk_job": job, "bulk_state": state, "bulk_rows_processed": processed}
+            run["doc"] = {**run["doc"], "bulk_job": job, "bulk_state": state, "bulk_rows_processed": processed,
+                          "heartbeat": self.clock()}  # fmt: skip
             await self.store.put(RUNS, run_id, run["doc"])
 
-        async for people in self.people.pages(BULK_PAGE if bulk else PAGE):
-            by_partition: dict[int, list[Any]] = defaultdict(list)
-            for person in people:
-                by_partition[partition_for(person.person_id, self.partitions)].append(person)
-            for partition, persons in by_partition.items():
-                async with self.logic.settled(partition):
-                    out = Outcomes(self.clock())
-                    planned = Planned(self.store)
-                    projected = []
-                    for person in persons:
-                        source = View(person.fields, person.segments).source(person.person_id)
-                        item = Input("backfill", person.person_id, person.stamp, None)
-                        for mapping in mappings:
-                            if mapping.kind == "list":
-                                op = UPSERT if proj.in_scope(mapping, source) else REMOVE
-                                projected.append((mapping, proj.project(mapping, source), op, item))
-                            elif proj.in_scope(mapping, source):
-                                projected.append((mapping, proj.project(mapping, source), UPSERT, item))
-                    await planned.prefetch(
-                        record_key(m.name, p.key) for m, p, _, _ in projected if isinstance(p, proj.Projection)
-                    )
-                    for mapping, projection, op, item in projected:
-                        await planned.add(mapping, projection, op, BACKFILL, item)
-                    await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
-                    await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
-                run["doc"] = self._count(run["doc"], out, len(persons))
+        pages = self._projected(mappings, self.bulk_page if bulk else PAGE, doc.get("after"))
+        # The next page is read and projected (outside any partition's lock, as the page itself always was)
+        # while this one is delivered: a bulk job mostly waits for the CRM meanwhile.
+        following = asyncio.ensure_future(anext(pages, None))
+        try:
+            while (page := await following) is not None:
+                following = asyncio.ensure_future(anext(pages, None))
+                units, after = page
+                done = []
+                for unit in units:
+                    done.append((await self._deliver_unit(unit, bulk, progress), len(unit.persons)))
+                    run["doc"] = {**run["doc"], "heartbeat": self.clock()}
+                    await self.store.put(RUNS, run_id, run["doc"])
+                # Every partition's share of the page is written: it counts, and a resumed run starts after it.
+                for out, persons in done:
+                    run["doc"] = self._count(run["doc"], out, persons)
+                run["doc"] = {**run["doc"], "after": after}
                 await self.store.put(RUNS, run_id, run["doc"])
+        finally:
+            following.cancel()
+            await pages.aclose()
         doc = run["doc"]
         doc["state"] = "succeeded_with_errors" if doc["dead_lettered"] or doc["pending_retry"] else "succeeded"
         doc["finished_at"] = self.clock()
         await self.store.put(RUNS, run_id, doc)
+
+    async def _projected(
+        self, mappings: list[ObjectMapping], size: int, after: str | None
+    ) -> AsyncIterator[tuple[list[Unit], str]]:
+        """Each page of people after `after`, projected through `mappings`, one `Unit` per partition, with
+        the page's last listing key. Projecting reads only the page: no store, no lock."""
+        async for people, last in self.people.pages(size, after):
+            units: dict[int, Unit] = {}
+            for n, person in enumerate(people, start=1):
+                partition = partition_for(person.person_id, self.partitions)
+                unit = units.get(partition)
+                if unit is None:
+                    unit = units[partition] = Unit(partition)
+                unit.persons.append(person.person_id)
+                source = proj.Source(person.person_id, person.fields, frozenset(person.segments))
+                item = Input("backfill", person.person_id, person.stamp, None)
+                for mapping in mappings:
+                    if mapping.kind == "list":
+                        op = UPSERT if proj.in_scope(mapping, source) else REMOVE
+                    elif proj.in_scope(mapping, source):
+                        op = UPSERT
+                    else:
+                        continue
+                    projection = proj.project(mapping, source)
+                    key = record_key(mapping.name, projection.key) if isinstance(projection, proj.Projection) else None
+                    unit.projected.append((mapping, projection, op, item, key))
+                if n % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let the page being delivered go on (its answers, its polls)
+            yield sorted(units.values(), key=lambda u: u.partition), last
+
+    async def _deliver_unit(self, unit: Unit, bulk: bool, progress) -> Outcomes:
+        """One partition's share of a page, planned and delivered while the partition is settled, its
+        outcome written before the lock is released."""
+        async with self.logic.settled(unit.partition):
+            out = Outcomes(self.clock())
+            planned = Planned(self.store)
+            keys = [key for _, _, _, _, key in unit.projected if key is not None]
+            await planned.prefetch(keys)
+            # Which of these records have a dead letter or a queued change: a record written now clears
+            # them, and only those need a delete (a backfill writes thousands of records that have none).
+            held = {
+                collection: set(await self.store.get_many(collection, keys)) for collection in (DEAD_LETTERS, PENDING)
+            }
+            for mapping, projection, op, item, key in unit.projected:
+                await planned.add(mapping, projection, op, BACKFILL, item, key)
+            await self.logic.deliver_planned(unit.partition, planned, out, bulk=bulk, progress=progress)
+            writes = [
+                op for op in out.writes.values()
+                if not (isinstance(op, Delete) and op.collection in held and op.key not in held[op.collection])
+            ]  # fmt: skip
+            await self.store.bulk_write(await resolve_writes(self.store, writes))
+        return out
 
     def _count(self, doc: dict[str, Any], out: Outcomes, people: int) -> dict[str, Any]:
         doc = dict(doc)

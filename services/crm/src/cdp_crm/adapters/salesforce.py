@@ -420,15 +420,21 @@ class SalesforceAdapter:
         `progress(job id, state, rows processed)` after it. A job still running after `max_polls` is
         ANSWER_LOST: its rows may yet be written, and sending them again upserts the same records."""
         external_id = changes[0].key[0][0]
+        # The external id first, then every field any change carries (an empty cell leaves it unchanged).
         columns = list(dict.fromkeys([external_id, *(f for c in changes for f in c.fields)]))
+        rest = columns[1:]
+        by_key: dict[str, Change] = {}
+        rows = []
+        for change in changes:
+            value = change.key[0][1]
+            by_key[value.lower()] = change
+            fields = change.fields
+            rows.append([value, *[_cell(fields[c]) if c in fields else "" for c in rest]])
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
-        by_key: dict[str, Change] = {}
-        for change in changes:
-            by_key[change.key[0][1].lower()] = change
-            row = {**change.fields, external_id: change.key[0][1]}
-            writer.writerow([_cell(row[c]) if c in row else "" for c in columns])
+        writer.writerows(rows)
+        del rows
         spec = {"object": mapping.object, "externalIdFieldName": external_id, "contentType": "CSV",
                 "operation": "upsert", "lineEnding": "LF"}  # fmt: skip
         created = await self._call("POST", "/jobs/ingest", json=spec, what="bulk job")
@@ -466,22 +472,27 @@ class SalesforceAdapter:
             if (error := _failure(answer)) is not None:
                 return BatchOutcome(results, None, answer.headers)  # the rest is asked again
             headers = answer.headers
-            for row in csv.DictReader(io.StringIO(str(answer.body or ""))):
-                change = by_key.get(str(row.get(external_id, "")).lower())
+            rows = csv.reader(io.StringIO(str(answer.body or "")))
+            header = next(rows, [])
+            column = {name: n for n, name in enumerate(header)}
+            if external_id not in column:
+                continue  # no rows (or not a result file): what it should have held is asked again
+            at = column[external_id]
+            unprocessed = CrmError(REJECTED, "BULK_UNPROCESSED", f"the job ended {state} before this row", 200)
+            for row in rows:
+                change = by_key.get(row[at].lower()) if at < len(row) else None
                 if change is None:
                     continue
+                record = change.record
                 if kind == "successfulResults":
-                    results[change.record] = RecordResult(
-                        change.record, True, row.get("sf__Id"), row.get("sf__Created") == "true"
-                    )
+                    results[record] = RecordResult(record, True, _column(row, column, "sf__Id") or None,
+                                                   _column(row, column, "sf__Created") == "true")  # fmt: skip
                 elif kind == "failedResults":
-                    code, _, message = str(row.get("sf__Error", "")).partition(":")
-                    results[change.record] = RecordResult(
-                        change.record, False, error=CrmError(_REASONS.get(code, REJECTED), code, message, 200)
-                    )
+                    code, _, message = _column(row, column, "sf__Error").partition(":")
+                    error = CrmError(_REASONS.get(code, REJECTED), code, message, 200)
+                    results[record] = RecordResult(record, False, error=error)
                 else:
-                    unprocessed = CrmError(REJECTED, "BULK_UNPROCESSED", f"the job ended {state} before this row", 200)
-                    results[change.record] = RecordResult(change.record, False, error=unprocessed)
+                    results[record] = RecordResult(record, False, error=unprocessed)
         return BatchOutcome(results, None, headers)
 
     def bulk_cost(self) -> int:
@@ -506,7 +517,15 @@ def _link(change: Change) -> dict[str, Any]:
     return {relationship: {"attributes": {"type": link.object}, **dict(link.key)}}
 
 
+def _column(row: list[str], column: dict[str, int], name: str) -> str:
+    """A result row's cell by its column's name ("" when the file has no such column)."""
+    n = column.get(name)
+    return row[n] if n is not None and n < len(row) else ""
+
+
 def _cell(value: Any) -> str:
+    if type(value) is str:
+        return value  # most values: no conversion
     if value is None:
         return "#N/A"  # Bulk API 2.0's "clear this field"; an empty cell leaves it unchanged
     if isinstance(value, bool):

@@ -66,10 +66,15 @@ class Change:
     person_id: str = ""
     trigger: str = ""
     link: Link | None = None
+    # The record key, hashed once: a change is looked up by it several times on its way (coalescing,
+    # delivery, the CRM's per-record results, the outcome), and a backfill makes a million of them.
+    _record: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def record(self) -> str:
-        return record_key(self.mapping, self.key)
+        if self._record is None:
+            self._record = record_key(self.mapping, self.key)
+        return self._record
 
 
 class Coalescer:
@@ -81,17 +86,22 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._changes)
 
-    def add(self, change: Change) -> None:
+    def add(self, change: Change, record: str | None = None) -> None:
+        """`record`: the change's record key when the caller computed it already (the same hash)."""
+        if record is not None and change._record is None:
+            change._record = record
         record = change.record
         held = self._changes.get(record)
         if held is None:
-            self._changes[record] = replace(change, fields=dict(change.fields))
-            return
-        newer, older = (change, held) if change.stamp >= held.stamp else (held, change)
-        merged = {**older.fields, **newer.fields}
-        if newer.op == REMOVE:
-            merged = dict(newer.fields)
-        self._changes[record] = replace(newer, fields=merged, link=newer.link or older.link)
+            kept = replace(change, fields=dict(change.fields))
+        else:
+            newer, older = (change, held) if change.stamp >= held.stamp else (held, change)
+            merged = {**older.fields, **newer.fields}
+            if newer.op == REMOVE:
+                merged = dict(newer.fields)
+            kept = replace(newer, fields=merged, link=newer.link or older.link)
+        kept._record = record  # same mapping and match key: the same record
+        self._changes[record] = kept
 
     def extend(self, changes: Iterable[Change]) -> None:
         for change in changes:
