@@ -42,7 +42,8 @@ status: env ## health of a running platform
 	$(VENV)/bin/cdpctl status
 
 # Tests run on every core (pytest-xdist); a module's tests stay on one worker so a module-scoped fixture (a
-# nats-server, a running platform) starts once. TEST_WORKERS=0 runs them in this process, one after another.
+# nats-server, a running platform) starts once, and the longest modules go first so both cores finish
+# together (cdp_testing.scheduling; its durations.json). TEST_WORKERS=0 runs them in this process, one after another.
 TEST_WORKERS ?= auto
 test: env ## run all tests (real nats-server), on every core
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope
@@ -51,7 +52,8 @@ soak: env ## the whole-platform kill test, long: CDP_SOAK_SECONDS (600) of load,
 	CDP_SOAK_SECONDS=$${CDP_SOAK_SECONDS:-600} $(VENV)/bin/pytest -q -p no:cacheprovider tests/fault/test_platform_kill.py
 
 fuzz: env ## the fuzz tests (tests/fuzz) with CDP_FUZZ_SCALE (50) times the inputs `make test` gives them, fresh ones each run
-	CDP_FUZZ_SCALE=$${CDP_FUZZ_SCALE:-50} $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --timeout 3600 tests/fuzz
+# (loadfile, not loadscope: `make test` keeps tests/fuzz on one worker for its one platform; here each module gets a core)
+	CDP_FUZZ_SCALE=$${CDP_FUZZ_SCALE:-50} $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --timeout 3600 tests/fuzz
 
 proto: env ## regenerate the committed stubs from protos/
 	$(PY) -m cdp_testing.protocheck generate protos $(PROTO_OUT)
