@@ -80,6 +80,8 @@ SERVICE = "crm"
 WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
 # How often a list membership whose record is not in the CRM yet is tried before it is dead-lettered.
 LIST_WAITS = 20
+# Seconds between looks at a partition this process queued changes for, until its pipeline is idle to retry.
+BACKLOG_POLL = 0.2
 COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
 
 
@@ -220,6 +222,8 @@ class CrmLogic:
         self.deliverer = deliverer
         self.clock = clock
         self.locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.backlog: set[int] = set()  # partitions a batch queued changes for, not retried since
+        self.queued = asyncio.Event()  # set when a batch adds to the backlog: wakes `retry_forever`
         self.engine = None  # the PartitionedEngine running this logic, once started (settled)
         self.reads: frozenset[str] = frozenset(
             k for m in self.mappings.values() for k in proj.reads(m) if not k.startswith(SEGMENTS)
@@ -274,15 +278,25 @@ class CrmLogic:
             out = Outcomes(now)
             views = await self._views({i.person_id for i in inputs})
             planned = Planned(self.store)
+            projected = []
             for item in inputs:
                 view = views[item.person_id]
                 view.stamp = max(view.stamp, item.stamp)
-                for mapping, projection, op, trigger in self._project(item, view):
-                    await planned.add(mapping, projection, op, trigger, item)
+                projected.extend((item, *p) for p in self._project(item, view))
+            # The stored states of every record the batch touches in one query, not one read per record (a
+            # batch of profile changes holds thousands): the CRM's budget waits while a batch is planned.
+            await planned.prefetch(
+                record_key(m.name, p.key) for _, m, p, _, _ in projected if not isinstance(p, proj.Skipped)
+            )
+            for item, mapping, projection, op, trigger in projected:
+                await planned.add(mapping, projection, op, trigger, item)
             for pid, view in views.items():
                 if view.dirty:
                     out.put(PERSONS, pid, view.to_doc())
             await self.deliver_planned(partition, planned, out)
+            if any(counters["pending_retry"] for counters in out.counters.values()):
+                self.backlog.add(partition)  # what the budget did not allow in time: retried once committed
+                self.queued.set()
             self._run_writes(partition, out)
             # in_flight is 1: the run documents read here hold every earlier batch's counts.
             return Effects(writes=await resolve_writes(self.store, out.writes.values()))
@@ -458,30 +472,40 @@ class CrmLogic:
     # --- pending ------------------------------------------------------------------------------------
 
     async def retry_forever(self, engine, every: float) -> None:
-        """Retry the queued changes of every partition `engine` owns until cancelled: again at once while a
-        round takes some (a backlog drains at the pace the account's budget allows), else every `every`
-        seconds."""
+        """Retry the queued changes of every partition `engine` owns until cancelled, the partitions side by
+        side (each sends one request at a time; together they keep the account's budget busy): again at
+        once while a round takes some (a backlog drains at the pace the budget allows); as soon as a batch
+        of this process queued some is committed (`backlog`: the budget would idle meanwhile); else every
+        `every` seconds."""
+
+        async def retry(partition: int, idle: asyncio.Event) -> int:
+            try:
+                return await self.retry_pending(partition, idle=idle)
+            except Exception as exc:  # the store or a CRM failing: the changes stay queued for next time
+                log.warning(
+                    "retrying queued crm changes failed", extra={"partition": partition, "error": type(exc).__name__}
+                )
+                return 0
+
         while True:
-            taken = 0
-            for partition in sorted(engine.owned()):
-                pipeline = engine.pipelines.get(partition)
-                if pipeline is None:
-                    continue
-                try:
-                    taken += await self.retry_pending(partition, idle=pipeline.idle)
-                except Exception as exc:  # the store or a CRM failing: the changes stay queued for next time
-                    log.warning(
-                        "retrying queued crm changes failed",
-                        extra={"partition": partition, "error": type(exc).__name__},
-                    )
-            if not taken:
-                await asyncio.sleep(every)
+            pipelines = {p: engine.pipelines.get(p) for p in sorted(engine.owned())}
+            rounds = [retry(p, pipeline.idle) for p, pipeline in pipelines.items() if pipeline is not None]
+            taken = sum(await asyncio.gather(*rounds))
+            if taken:
+                continue
+            if self.backlog & set(pipelines):
+                await asyncio.sleep(min(every, BACKLOG_POLL))  # its batch is still being committed
+            else:
+                self.queued.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.queued.wait(), every)
 
     async def retry_pending(self, partition: int, *, idle: asyncio.Event | None = None, limit: int = 1000) -> int:
         """Send this partition's queued changes again; returns how many were taken (written or refused)."""
         async with self.locks[partition]:
             if idle is not None and not idle.is_set():
                 return 0  # a batch is being written: its changes supersede what is queued; next time
+            self.backlog.discard(partition)
             records = await self.store.find(PENDING, "partition", partition, limit=limit)
             if not records:
                 return 0
