@@ -293,9 +293,9 @@ async def test_a_fraud_label_arriving_makes_the_live_versions_realised_quality_m
             assert before.trigger == "request" and before.labelled_rows == realised["rows"] > 300
             assert realised["positives"] == 0 and not before.HasField("stale_since")
 
-            # the profile service stores the chargeback (dated inside the window just closed) ...
+            # the profile service stores the chargeback, decided just now (the newest event there is) ...
             person = await a_person_seen_by(store_url, iso_seconds(realised["cutoff"]))
-            at = iso_seconds(realised["cutoff"]) + 10 * 86_400
+            at = iso_seconds(realised["label_until"]) + 3600
             async with open_store(store_url) as store:
                 entry = TimelineEntry(at, "chargeback-1", "track", "Chargeback", {"amount": 80}, "psp", person)
                 await store.bulk_write([Put(TIMELINE, timeline_key(entry), encode_entry(entry))])
@@ -312,7 +312,8 @@ async def test_a_fraud_label_arriving_makes_the_live_versions_realised_quality_m
             after = await wait_for(stub, request, lambda q: q.computed_at != before.computed_at)
             moved = json_format.MessageToDict(after.realised)
             assert after.trigger == "label event Chargeback" and not after.HasField("stale_since")
-            assert moved["positives"] == 1 and moved["cutoff"] == realised["cutoff"]
+            # the window that closed with it: an hour later, holding the new label
+            assert moved["positives"] == 1 and iso_seconds(moved["cutoff"]) == iso_seconds(realised["cutoff"]) + 3600
             assert after.labelled_rows == before.labelled_rows
             await asyncio.sleep(1.5)  # past the debounce: the flood did not compute again
             assert computed == ["fraud_risk"]

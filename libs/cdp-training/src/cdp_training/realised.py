@@ -2,7 +2,8 @@
 
 Labels arrive late: a churn label is known only once its window has closed, a fraud label once the
 chargeback or the case closed as fraud is on the timeline. So the figures are taken at the latest
-cut-off T whose window the store has fully observed (T = last event - window, a UTC midnight): the
+cut-off T whose window the store has fully observed, T = last event - window (to the second, not a
+midnight: a label that arrived just now, the last event there is, is inside the window): the
 rows are the point-in-time set at T (`pointintime.training_set`, the features as they were known at T,
 assembled by the version's own spec), scored by the version's own ONNX file, and labelled by what
 happened in (T, T + window] with the label definition of the version's spec (`training.label`; the
@@ -62,8 +63,7 @@ def realised_quality(
     if cutoff is None:
         if not np.isfinite(end):
             raise FailedPrecondition("the profile store holds no events to judge on", reason="no_data")
-        latest = end - label_spec.window
-        cutoff = float(latest - latest % 86_400)
+        cutoff = float(end - label_spec.window)
     rows = training_set(profiles, spec=spec, label=label_spec, cutoff=cutoff, until=end)
     out: dict[str, Any] = {
         "version": spec.version,
