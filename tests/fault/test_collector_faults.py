@@ -16,6 +16,7 @@ import pytest
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
 from cdp_testing.processes import CollectorProcess
+from cdp_testing.streams import stream_messages
 
 WRITE_KEY = "wk_fault_0123456789"
 BATCHES = 200  # per sender: enough load to still be running when the faults hit
@@ -61,14 +62,12 @@ async def load(address: str, senders: int, batches: int, attempts: list[int]) ->
 
 async def stream_ids(url: str) -> list[str]:
     nc = await nats.connect(url)
-    js = nc.jetstream()
-    info = await js.stream_info("EVENTS_RAW")
-    ids = [
-        events_pb2.Event.FromString((await js.get_msg("EVENTS_RAW", seq)).data).message_id
-        for seq in range(info.state.first_seq, info.state.last_seq + 1)
-    ]
-    await nc.close()
-    return ids
+    try:
+        return [
+            events_pb2.Event.FromString(m.data).message_id for m in await stream_messages(nc.jetstream(), "EVENTS_RAW")
+        ]
+    finally:
+        await nc.close()
 
 
 SENDERS = 4
