@@ -282,14 +282,14 @@ class CrmLogic:
             for item in inputs:
                 view = views[item.person_id]
                 view.stamp = max(view.stamp, item.stamp)
-                projected.extend((item, *p) for p in self._project(item, view))
+                for mapping, projection, op, trigger in self._project(item, view):
+                    key = None if isinstance(projection, proj.Skipped) else record_key(mapping.name, projection.key)
+                    projected.append((item, mapping, projection, op, trigger, key))
             # The stored states of every record the batch touches in one query, not one read per record (a
             # batch of profile changes holds thousands): the CRM's budget waits while a batch is planned.
-            await planned.prefetch(
-                record_key(m.name, p.key) for _, m, p, _, _ in projected if not isinstance(p, proj.Skipped)
-            )
-            for item, mapping, projection, op, trigger in projected:
-                await planned.add(mapping, projection, op, trigger, item)
+            await planned.prefetch(key for *_, key in projected if key is not None)
+            for item, mapping, projection, op, trigger, key in projected:
+                await planned.add(mapping, projection, op, trigger, item, key)
             for pid, view in views.items():
                 if view.dirty:
                     out.put(PERSONS, pid, view.to_doc())
