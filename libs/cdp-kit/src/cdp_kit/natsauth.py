@@ -123,7 +123,8 @@ ROLES: dict[str, BusRole] = {
             consumes=(subjects.PROFILES,),
             reads=(subjects.PROFILES,),
             publishes=(_each(subjects.SCORES_UPDATED_PREFIX), subjects.SCORING_MODELS_CHANGED, subjects.MODELS_DRIFT),
-            subscribes=(subjects.SCORING_MODELS_CHANGED,),
+            # Label events make realised quality stale (core NATS, queue group scoring-quality-labels).
+            subscribes=(subjects.SCORING_MODELS_CHANGED, _each(subjects.EVENTS_RESOLVED_PREFIX)),
             object_stores=(MODEL_BUCKET,),
         ),
         BusRole(
