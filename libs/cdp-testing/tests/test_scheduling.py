@@ -23,17 +23,17 @@ def test_units_are_modules_except_the_shared_fuzz_folder():
     assert unit_of("tests/fuzz/test_http.py::test_x[1]") == unit_of("tests/fuzz/test_grpc.py::test_y") == "tests/fuzz/"
 
 
-def test_units_go_longest_first_and_keep_their_tests_in_order():
+def test_unmeasured_units_go_first_then_the_longest_and_tests_keep_their_order():
     ids = ["a.py::t1", "a.py::t2", "b.py::t1", "new.py::t1", "c.py::t1", "c.py::t2", "c.py::t3"]
     table = {"a.py": 1.0, "b.py": 30.0, "c.py": 5.0}
     assert longest_first(ids, table) == [
+        "new.py::t1",
         "b.py::t1",
         "c.py::t1",
         "c.py::t2",
         "c.py::t3",
         "a.py::t1",
         "a.py::t2",
-        "new.py::t1",
     ]
 
 

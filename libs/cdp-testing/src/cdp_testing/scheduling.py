@@ -8,8 +8,9 @@ Two rules on top of xdist's loadscope:
   of them alone while the other core idles. Here modules go out in the order of their measured duration
   (`durations.json`, longest first: longest-processing-time-first scheduling), so the long ones overlap
   each other at the start and the short ones fill both workers evenly at the end. Only the relative sizes
-  matter, so a table measured on a busy machine serves. A module missing from the table (a new one)
-  counts `UNKNOWN_PER_TEST` seconds a test. Within a module the tests keep their collected order.
+  matter, so a table measured on a busy machine serves. A module missing from the table (a new one) goes
+  before all of them: it may be long, and a long module last is what leaves a core idle, while a short
+  one early costs nothing. Within a module the tests keep their collected order.
 - One unit per shared fixture. The modules of a folder in `SHARED_SESSION_FOLDERS` share a session
   fixture that is expensive to start (tests/fuzz: a whole platform); they go to one worker together,
   so it starts once rather than once per worker. Every other module is one unit (its classes too, unlike
@@ -31,7 +32,6 @@ from pathlib import Path
 
 TABLE = Path(__file__).with_name("durations.json")
 ROOT = Path(__file__).resolve().parents[4]  # the checkout: libs/cdp-testing/src/cdp_testing/
-UNKNOWN_PER_TEST = 0.1  # seconds: most unlisted tests are quick unit tests
 SHARED_SESSION_FOLDERS = ("tests/fuzz/",)
 
 
@@ -52,8 +52,8 @@ def unit_of(nodeid: str) -> str:
 
 
 def longest_first(nodeids: list[str], table: dict[str, float]) -> list[str]:
-    """`nodeids` grouped by unit, the units in descending expected duration; tests keep their order
-    within a unit. Ties keep collection order."""
+    """`nodeids` grouped by unit: units holding a module missing from `table` first, then the others in
+    descending expected duration; tests keep their order within a unit, and ties keep collection order."""
     first_seen: dict[str, int] = {}
     expected: dict[str, float] = defaultdict(float)
     counted_modules: set[str] = set()
@@ -65,7 +65,7 @@ def longest_first(nodeids: list[str], table: dict[str, float]) -> list[str]:
                 counted_modules.add(module)
                 expected[unit] += table[module]
         else:
-            expected[unit] += UNKNOWN_PER_TEST
+            expected[unit] = float("inf")  # unmeasured: first (see the module docstring)
     order = {nodeid: index for index, nodeid in enumerate(nodeids)}
     return sorted(nodeids, key=lambda n: (-expected[unit_of(n)], first_seen[unit_of(n)], order[n]))
 
