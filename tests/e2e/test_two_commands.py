@@ -27,10 +27,17 @@ def readme_blocks(language: str) -> list[str]:
 
 def wait_healthy(env: dict, timeout: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    # `cdpctl up` writes run.json once every service is SERVING: until then a cheap look at the file, not
+    # a `cdpctl status` process every half second taking the CPU the starting services need.
+    run_file = Path(env["CDP_HOME"]) / "run.json"
+    while not run_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while True:
         result = subprocess.run([CDPCTL, "status", "--json"], env=env, capture_output=True, text=True)
         if result.returncode == 0:
             return json.loads(result.stdout)
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.5)
     raise AssertionError(f"platform not healthy after {timeout}s: {result.stdout} {result.stderr}")
 
