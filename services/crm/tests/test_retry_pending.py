@@ -1,7 +1,8 @@
-"""Queued changes (what a batch's deadline left, crm_pending) are retried by the partitions' owner: the
-partitions side by side, so a backlog drains at the pace the account's budget allows, not at one request
-at a time; and as soon as the batch that queued them is committed, not at the next round `every` seconds
-later (the account's budget would idle meanwhile)."""
+"""Retries that keep the account's budget busy. Queued changes (what a batch's deadline left, crm_pending)
+are retried by the partitions' owner: the partitions side by side, so a backlog drains at the pace the
+budget allows, not at one request at a time; and as soon as the batch that queued them is committed, not
+at the next round `every` seconds later. Within a delivery, a failure between answered requests backs
+off briefly: the back-off grows only while the CRM keeps failing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import contextlib
 from types import SimpleNamespace
 
+from cdp_crm import delivery
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.coalesce import Change
@@ -121,3 +123,45 @@ async def test_what_a_batch_queued_is_retried_once_the_batch_is_committed_not_a_
         finally:
             retrier.cancel()
             await asyncio.gather(retrier, return_exceptions=True)
+
+
+class FailingEveryOther:
+    """A CRM answering every other request with a 503 (a fault every few seconds, not an outage)."""
+
+    kind, batch_limit = "hubspot", 100
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def cost(self, mapping, n, op="upsert") -> int:
+        return 1
+
+    async def send(self, mapping, changes) -> BatchOutcome:
+        self.requests += 1
+        if self.requests % 2 == 0:
+            return BatchOutcome.failed(CrmError(UNAVAILABLE, "503", "", 503))
+        return BatchOutcome({c.record: RecordResult(c.record, True, "1", True) for c in changes})
+
+
+async def test_a_failure_between_answered_requests_backs_off_briefly_not_longer_each_time(monkeypatch):
+    (connection,) = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    contacts = connection.mapping("contacts")
+    backoffs: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        backoffs.append(seconds)
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(delivery, "asyncio", SimpleNamespace(sleep=sleep))
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        deliverer = Deliverer(
+            {connection.id: FailingEveryOther()}, {connection.id: SharedBudget(store, connection)}, retry_for=60.0
+        )
+        changes = []
+        for i in range(800):
+            projection = project(contacts, Source(f"person-{i}", {"traits.email": f"p{i}@example.com"}))
+            changes.append(Change(contacts.name, projection.key, projection.fields, stamp=1, person_id=f"person-{i}"))
+        delivered = await deliverer.deliver(contacts, changes)
+    assert len(delivered.synced) == 800 and not delivered.pending
+    assert backoffs == [delivery.BACKOFF[0]] * len(backoffs) and len(backoffs) >= 4

@@ -10,9 +10,10 @@ Every request first reserves its cost from the account's shared budget (budgets.
 budget says so; the reservation is held until the answer (or the failure) comes back - the CRM counted
 the request before that, however late it arrived - and the answer's limit headers and any Retry-After go
 back into it in the same write. A request that timed out leaves its reservation held (the CRM may still
-take it) and one that failed counts: only a request never sent gives its units back. Batches are cut so their
-cost fits the budget's burst. A transient failure is sent again, unchanged, after a growing back-off:
-every write is an upsert by its key, so a retry after a lost answer converges to the same records.
+take it) and one that failed counts: only a request never sent gives its units back. Batches are cut so
+their cost fits the budget's burst. A transient failure is sent again, unchanged, after a back-off that
+grows while the CRM keeps failing (and starts over once it takes a request): every write is an upsert by
+its key, so a retry after a lost answer converges to the same records.
 A backfill may go through the CRM's bulk path instead (`deliver_bulk`: Salesforce Bulk API 2.0).
 Log lines carry the connection, mapping, counts and reason codes, never a value.
 """
@@ -129,6 +130,7 @@ class Deliverer:
             delivered.synced.extend(isolation.synced)
             delivered.dead.extend(isolation.dead)
             if not isolation.retry:
+                attempt = 0  # the CRM is taking requests: the next failure backs off from the start again
                 continue
             self._note_failure(mapping.connection, isolation.retry_errors[-1])
             if self.clock() >= deadline:
