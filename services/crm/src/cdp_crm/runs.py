@@ -30,11 +30,12 @@ batch of the local engine; progress (total, processed, counters, API units) is s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,7 +60,10 @@ BULK_PAGE = 10_000  # people per page of a bulk backfill: a Bulk API job is wort
 # in a bulk backfill (measured with bench/bench_crm.py). The service collects young objects less often,
 # as identity and segmentation do (`gc.set_threshold(*GC_THRESHOLD)` at start).
 GC_THRESHOLD = (50_000, 20, 100)
-YIELD_EVERY = 1000  # persons projected between two turns of the event loop
+YIELD_EVERY = 1000
+# Shares of one partition delivered under one hold of its lock when they come one after the other (a
+# connector with one partition): the second's delivery overlaps the first's store write.
+HOLD_UNITS = 2  # persons projected between two turns of the event loop
 # A running backfill whose progress (written after every page and every poll of a bulk job) is older than
 # this has lost its connector (killed): a replica resumes it.
 STALE_AFTER = 120.0
@@ -70,6 +74,16 @@ def new_run(kind: str, connection: str, mapping: str, now: float) -> dict[str, A
         "kind": kind, "state": "running", "connection": connection, "mapping": mapping, "started_at": now,
         "finished_at": 0.0, "total": 0, "processed": 0, **dict.fromkeys(COUNTERS, 0), "error": "",
     }  # fmt: skip
+
+
+@dataclass
+class Held:
+    """A partition's lock (`CrmLogic.settled`) held by a backfill, with the last write made under it."""
+
+    stack: contextlib.AsyncExitStack
+    write: asyncio.Task[Outcomes] | None = None
+    keys: frozenset[str] = frozenset()  # the records that write holds
+    units: int = 0  # shares delivered under this hold
 
 
 @dataclass
@@ -100,6 +114,7 @@ class Runs:
         self.partitions = partitions
         self.clock = clock
         self.tasks: dict[str, asyncio.Task] = {}
+        self.releases: set[asyncio.Task] = set()  # partition locks released once their backfill write lands
 
     def _scope(self, connection_id: str, mapping_id: str) -> list[ObjectMapping]:
         connection = self.logic.connections.get(connection_id)
@@ -240,27 +255,53 @@ class Runs:
                           "heartbeat": self.clock()}  # fmt: skip
             await self.store.put(RUNS, run_id, run["doc"])
 
+        async def count_written(wait: bool) -> None:
+            """Count the pages whose every share is written, in order: the resume point moves past them."""
+            while unsettled and (wait or all(write.done() for write, _ in unsettled[0][0])):
+                writes, after = unsettled[0]
+                outcomes = [(await write, persons) for write, persons in writes]  # a failed write raises here
+                unsettled.popleft()
+                for out, persons in outcomes:
+                    run["doc"] = self._count(run["doc"], out, persons)
+                run["doc"] = {**run["doc"], "after": after}
+                await self.store.put(RUNS, run_id, run["doc"])
+
         pages = self._projected(mappings, self.bulk_page if bulk else PAGE, doc.get("after"))
         # The next page is read and projected (outside any partition's lock, as the page itself always was)
         # while this one is delivered: a bulk job mostly waits for the CRM meanwhile.
         following = asyncio.ensure_future(anext(pages, None))
+        held: dict[int, Held] = {}
+        unsettled: deque[tuple[list[tuple[asyncio.Task[Outcomes], int]], str]] = deque()
         try:
             while (page := await following) is not None:
                 following = asyncio.ensure_future(anext(pages, None))
                 units, after = page
-                done = []
+                writes = []
                 for unit in units:
-                    done.append((await self._deliver_unit(unit, bulk, progress), len(unit.persons)))
+                    await count_written(wait=False)
+                    # A partition's next share comes next only when there is one partition (a page holds
+                    # one share per partition): then its lock is kept for it.
+                    keep = self.partitions == 1
+                    writes.append((await self._deliver_unit(unit, bulk, progress, held, keep), len(unit.persons)))
+                    await count_written(wait=False)
                     run["doc"] = {**run["doc"], "heartbeat": self.clock()}
                     await self.store.put(RUNS, run_id, run["doc"])
-                # Every partition's share of the page is written: it counts, and a resumed run starts after it.
-                for out, persons in done:
-                    run["doc"] = self._count(run["doc"], out, persons)
-                run["doc"] = {**run["doc"], "after": after}
-                await self.store.put(RUNS, run_id, run["doc"])
+                unsettled.append((writes, after))
+            for partition in list(held):
+                await self._release(held.pop(partition))
+            await count_written(wait=True)
         finally:
             following.cancel()
             await pages.aclose()
+            for partition in list(held):
+                await self._release(held.pop(partition))
+            # A run that failed or was cancelled: its writes still land, and the pages they completed count
+            # (the resume point moves past them).
+            for writes, _ in unsettled:
+                await asyncio.gather(*(write for write, _ in writes), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await count_written(wait=True)
+            await asyncio.gather(*self.releases)
         doc = run["doc"]
         doc["state"] = "succeeded_with_errors" if doc["dead_lettered"] or doc["pending_retry"] else "succeeded"
         doc["finished_at"] = self.clock()
@@ -295,28 +336,73 @@ class Runs:
                     await asyncio.sleep(0)  # let the page being delivered go on (its answers, its polls)
             yield sorted(units.values(), key=lambda u: u.partition), last
 
-    async def _deliver_unit(self, unit: Unit, bulk: bool, progress) -> Outcomes:
-        """One partition's share of a page, planned and delivered while the partition is settled, its
-        outcome written before the lock is released."""
-        async with self.logic.settled(unit.partition):
+    async def _deliver_unit(
+        self, unit: Unit, bulk: bool, progress, held: dict[int, Held], keep: bool
+    ) -> asyncio.Task[Outcomes]:
+        """One partition's share of a page, planned and delivered while the partition is settled; returns
+        its write (the record states, dead letters and queued changes it produced), under way. The lock is
+        released once that write lands - or, with `keep` (the partition's next share comes next), held for
+        that share too (up to `HOLD_UNITS`), whose delivery then overlaps this write: the stream waits for
+        both, and nothing of the local engine runs between a share and its write."""
+        partition = unit.partition
+        hold = held.get(partition)
+        if hold is not None and hold.units >= HOLD_UNITS:
+            await self._release(held.pop(partition))
+            hold = None
+        if hold is None:
+            hold = Held(contextlib.AsyncExitStack())
+            await hold.stack.enter_async_context(self.logic.settled(partition))
+        keys = [key for _, _, _, _, key in unit.projected if key is not None]
+        before = hold.write
+        try:
+            if before is not None and not hold.keys.isdisjoint(keys):
+                await asyncio.wait([before])  # a record both shares write: plan on what the first wrote
             out = Outcomes(self.clock())
             planned = Planned(self.store)
-            keys = [key for _, _, _, _, key in unit.projected if key is not None]
             await planned.prefetch(keys)
             # Which of these records have a dead letter or a queued change: a record written now clears
             # them, and only those need a delete (a backfill writes thousands of records that have none).
-            held = {
+            present = {
                 collection: set(await self.store.get_many(collection, keys)) for collection in (DEAD_LETTERS, PENDING)
             }
             for mapping, projection, op, item, key in unit.projected:
                 await planned.add(mapping, projection, op, BACKFILL, item, key)
-            await self.logic.deliver_planned(unit.partition, planned, out, bulk=bulk, progress=progress)
+            await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
             writes = [
                 op for op in out.writes.values()
-                if not (isinstance(op, Delete) and op.collection in held and op.key not in held[op.collection])
+                if not (isinstance(op, Delete) and op.collection in present and op.key not in present[op.collection])
             ]  # fmt: skip
-            await self.store.bulk_write(await resolve_writes(self.store, writes))
+            if before is not None:
+                await asyncio.wait([before])  # the shares' writes land in order
+        except BaseException:
+            held.pop(partition, None)
+            await self._release(hold)
+            raise
+        hold.write = asyncio.create_task(self._write(writes, out))
+        hold.keys = frozenset(keys)
+        hold.units += 1
+        if keep:
+            held[partition] = hold
+        else:
+            held.pop(partition, None)
+            release = asyncio.create_task(self._release(hold))
+            self.releases.add(release)
+            release.add_done_callback(self.releases.discard)
+        return hold.write
+
+    async def _write(self, writes: list, out: Outcomes) -> Outcomes:
+        await self.store.bulk_write(await resolve_writes(self.store, writes))
         return out
+
+    @staticmethod
+    async def _release(hold: Held) -> None:
+        """The partition's lock, released once the last write made under it has landed (or failed: the
+        run sees that where it counts the page)."""
+        try:
+            if hold.write is not None:
+                await asyncio.wait([hold.write])
+        finally:
+            await hold.stack.aclose()
 
     def _count(self, doc: dict[str, Any], out: Outcomes, people: int) -> dict[str, Any]:
         doc = dict(doc)
