@@ -28,8 +28,10 @@ model-nbc            top-1 accuracy of next_best_channel among people who answer
 training-set         seconds to build a point-in-time training set (`cdp_training.pointintime`: churn_risk's
                      30 features at the cutoff, churn label over the 90 days after) from a profile store
                      holding a simulated population (seed 11, CDP_BENCH_TRAINING_SET_PERSONS persons, default
-                     5,000; the issue's figure is 100,000, with CDP_BENCH_TRAINING_SET_STORE a SQLite file),
-                     read as it streams (`training_set_from_store`: 500 profiles at a time); up to
+                     5,000; the issue's figure is 100,000) in a SQLite file in the temporary folder (written
+                     once per size, seed and simulator source, then reused; CDP_BENCH_TRAINING_SET_STORE
+                     another store URL), read as it streams (`training_set_from_store`: 500 profiles at a
+                     time; params.peak_rss_mb / build_memory_mb: the process's peak while it runs); up to
                      CDP_BENCH_WHOLE_STORE_PERSONS (20,000) the whole-store read it replaced runs too
                      (params.whole_store_seconds, same data hash asserted); baseline: DuckDB computing the same
                      rows over the same events, trait and consent histories held as in-memory tables (windowed
@@ -64,9 +66,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import hashlib
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -78,6 +84,7 @@ from cdp_scoring.domain import ModelSpec
 from cdp_scoring.modelstore import SHIPPED
 from cdp_scoring.runtime import LoadedModel, load_model
 from cdp_training import metrics
+from cdp_training import simulator as simulator_module
 from cdp_training.bgnbd import BgNbd, GammaGamma, summaries
 from cdp_training.dataset import population_fields
 from cdp_training.graphs import reference_clv
@@ -95,9 +102,10 @@ DAY = 86_400.0
 NEVER = 1e6  # days since an event that never happened: later than any real one (AUC reads ranks only)
 HOLDOUT_DAYS = CHURN_DAYS  # the simulation's outcome window: orders after the cutoff are known for 90 days
 TRAINING_SET_PERSONS = int(os.environ.get("CDP_BENCH_TRAINING_SET_PERSONS", "5000"))  # ~1 min on 2 cores
-# Where the simulated profile store lives: memory:// (default) holds every timeline record in the process;
-# for 100,000 persons (7.6M events) give a file, e.g. sqlite:///tmp/bench-profiles.db (written once, reused)
-TRAINING_SET_STORE = os.environ.get("CDP_BENCH_TRAINING_SET_STORE", "memory://")
+# Where the simulated profile store lives: by default a SQLite file in the temporary folder, named by the
+# size, the seed and the simulator's source (written once, reused while those stay). A memory:// store
+# holds every timeline record in the process (about 0.5 GB a 1,000 persons): it does not fit 100,000.
+TRAINING_SET_STORE = os.environ.get("CDP_BENCH_TRAINING_SET_STORE", "")
 # Up to this many persons the whole-store read (read_profiles, then training_set) runs too, for comparison
 WHOLE_STORE_PERSONS = int(os.environ.get("CDP_BENCH_WHOLE_STORE_PERSONS", "20000"))
 # Processes turning streamed batches into rows while the store is read (1: all in this process)
@@ -375,12 +383,15 @@ CHURN_LABEL = {"kind": "no_activity", "window": f"{CHURN_DAYS}d"}
 
 def duckdb_tables(con: duckdb.DuckDBPyConnection, batches: Iterable[Sequence[StoredProfile]]) -> int:
     """The stored events, plan history and consent history as DuckDB tables (what an as-of join reads),
-    from batches of stored profiles (a list of them, or a store read batch by batch)."""
+    from batches of stored profiles (a list of them, or a store read batch by batch), appended a batch at
+    a time: this process holds one batch's columns, DuckDB the tables."""
     properties = sorted({t["property"] for t in traits_for(ENGAGEMENT_FEATURES) if t.get("property", "$at") != "$at"})
-    events: dict[str, list] = {"person": [], "ts": [], "type": [], "name": [], **{p: [] for p in properties}}
-    plans: dict[str, list] = {"person": [], "ts": [], "plan": []}
-    consent: dict[str, list] = {"person": [], "channel": [], "ts": [], "granted": []}
+    created: set[str] = set()
+    total = 0
     for profiles in batches:
+        events: dict[str, list] = {"person": [], "ts": [], "type": [], "name": [], **{p: [] for p in properties}}
+        plans: dict[str, list] = {"person": [], "ts": [], "plan": []}
+        consent: dict[str, list] = {"person": [], "channel": [], "ts": [], "granted": []}
         for stored in profiles:
             person = stored.person_id
             for entry in stored.timeline:
@@ -404,14 +415,22 @@ def duckdb_tables(con: duckdb.DuckDBPyConnection, batches: Iterable[Sequence[Sto
                         consent["channel"].append(key)
                         consent["ts"].append(state[2])
                         consent["granted"].append(bool(state[0]))
-    for name, columns in (("events_raw", events), ("plans_raw", plans), ("consent_raw", consent)):
-        arrays = {k: np.array(v, dtype=object if k != "ts" else np.float64) for k, v in columns.items()}
-        for prop in properties if name == "events_raw" else ():
-            arrays[prop] = np.array([np.nan if v is None else v for v in columns[prop]], dtype=np.float64)
-        con.register(name, arrays)
-        con.execute(f"CREATE TABLE {name.removesuffix('_raw')} AS SELECT * FROM {name}")
-        con.unregister(name)
-    return len(events["ts"])
+        total += len(events["ts"])
+        for name, columns in (("events_raw", events), ("plans_raw", plans), ("consent_raw", consent)):
+            if not columns["ts"] and name in created:
+                continue
+            arrays = {k: np.array(v, dtype=object if k != "ts" else np.float64) for k, v in columns.items()}
+            for prop in properties if name == "events_raw" else ():
+                arrays[prop] = np.array([np.nan if v is None else v for v in columns[prop]], dtype=np.float64)
+            table = name.removesuffix("_raw")
+            con.register(name, arrays)
+            if name in created:
+                con.execute(f"INSERT INTO {table} SELECT * FROM {name}")
+            else:
+                con.execute(f"CREATE TABLE {table} AS SELECT * FROM {name}")
+                created.add(name)
+            con.unregister(name)
+    return total
 
 
 def store_batches(store: Store) -> Iterator[list[StoredProfile]]:
@@ -495,11 +514,19 @@ def duckdb_training_set(
     return persons, X, labels
 
 
+def training_set_store(persons: int) -> str:
+    """TRAINING_SET_STORE, or a SQLite file in the temporary folder named by what it holds."""
+    if TRAINING_SET_STORE:
+        return TRAINING_SET_STORE
+    simulator = hashlib.sha256(Path(simulator_module.__file__).read_bytes()).hexdigest()[:10]
+    return f"sqlite:///{Path(tempfile.gettempdir()) / f'cdp-bench-profiles-{persons}-s{SEED}-{simulator}.db'}"
+
+
 async def _filled_store(persons: int) -> tuple[Population, Store, float]:
-    """The simulated population in a profile store at TRAINING_SET_STORE (a file store already holding
+    """The simulated population in a profile store at `training_set_store` (a file store already holding
     exactly these persons is reused: writing 100,000 through the profile domain takes a while)."""
     population = simulate(persons, SEED)
-    store = open_store(TRAINING_SET_STORE)
+    store = open_store(training_set_store(persons))
     started = time.perf_counter()
     from cdp_profile.records import PROFILES
 
@@ -508,10 +535,31 @@ async def _filled_store(persons: int) -> tuple[Population, Store, float]:
     return population, store, time.perf_counter() - started
 
 
+def _memory_mb(key: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in MB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_memory() -> None:
+    """Start VmHWM again from the current RSS (Linux: clear_refs 5); a no-op where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
 def bench_training_set(persons: int) -> dict[str, Any]:
     population, store, setup = asyncio.run(_filled_store(persons))
-    print(f"wrote {persons:,} simulated profiles to a profile store ({TRAINING_SET_STORE}) in {setup:.0f}s")
-    label = {"spec": CHURN_SPEC, "label": CHURN_LABEL, "cutoff": population.cutoff, "until": population.end}
+    where = training_set_store(persons)
+    print(f"wrote {persons:,} simulated profiles to a profile store ({where}) in {setup:.0f}s", flush=True)
+    cutoff, end = population.cutoff, population.end
+    del population  # what follows reads the store; the simulation (its event arrays) is not needed
+    label = {"spec": CHURN_SPEC, "label": CHURN_LABEL, "cutoff": cutoff, "until": end}
 
     whole: dict[str, float] = {}
     if persons <= WHOLE_STORE_PERSONS:  # the former way: every timeline in memory, then the rows
@@ -525,9 +573,16 @@ def bench_training_set(persons: int) -> dict[str, Any]:
             "whole_store_cpu_seconds": time.process_time() - c0,
         }
         del profiles
+    gc.collect()
+    rss_before = _memory_mb("VmRSS")
+    _reset_peak_memory()
     t0, c0 = time.perf_counter(), time.process_time()
     ours = asyncio.run(training_set_from_store(store, **label, workers=TRAINING_SET_WORKERS))
     t1, c1 = time.perf_counter(), time.process_time()
+    peak = _memory_mb("VmHWM")
+    print(
+        f"streamed set: {ours.rows:,} rows in {t1 - t0:.1f}s ({c1 - c0:.1f}s CPU), peak RSS {peak:.0f} MB", flush=True
+    )
     if whole:
         assert before.data_hash == ours.data_hash, "the streamed set differs from the whole-store one"
         del before
@@ -535,7 +590,7 @@ def bench_training_set(persons: int) -> dict[str, Any]:
     con = duckdb.connect()
     events = duckdb_tables(con, store_batches(store))
     t2, c2 = time.perf_counter(), time.process_time()
-    persons_sql, X_sql, y_sql = duckdb_training_set(con, population.cutoff, CHURN_DAYS * DAY)
+    persons_sql, X_sql, y_sql = duckdb_training_set(con, cutoff, CHURN_DAYS * DAY)
     t3, c3 = time.perf_counter(), time.process_time()
     con.close()
     asyncio.run(store.close())
@@ -567,7 +622,10 @@ def bench_training_set(persons: int) -> dict[str, Any]:
             "same_persons": same_rows,
             "mismatched_cells": mismatched,
             "labels_equal": bool(same_rows and np.array_equal(ours.y[:, 0], y_sql)),
-            "store": f"{TRAINING_SET_STORE} (the profile service's collections and encodings)",
+            "rss_before_mb": round(rss_before, 1),
+            "peak_rss_mb": round(peak, 1),  # of the process while the streamed set was built (VmHWM)
+            "build_memory_mb": round(peak - rss_before, 1),
+            "store": f"{where.split(':', 1)[0]} (the profile service's collections and encodings)",
             "baseline_heuristic": "DuckDB as-of join over the same events, in memory, query time only",
             "seconds_per_100k_persons": round((t1 - t0) / max(1, persons) * 100_000, 1),
         },
