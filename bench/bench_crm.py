@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import gc
 import io
 import json
@@ -69,6 +70,7 @@ from cdp_crm.domain.coalesce import task_key
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.engine import CrmLogic
 from cdp_crm.runs import BULK_PAGE, GC_THRESHOLD, Runs
+from cdp_crm.settings import CrmSettings
 from cdp_crm.state import PERSONS, RUNS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, profiles_stream, segments_stream, subjects
@@ -80,7 +82,8 @@ from cdp_testing.processes import ServiceProcess
 PARTITIONS = 4
 HUBSPOT_TOKEN = "pat-local-hubspot"
 BURST, WINDOW, BATCH = 190, 10.0, 100
-OUTBOUND_BATCH = 64  # crm.in messages per engine batch in the outbound benchmark (run_outbound says why)
+# crm.in messages per engine batch: the service's default (CDP_CRM_BATCH_SIZE), reported in params.
+OUTBOUND_BATCH = next(f.default for f in dataclasses.fields(CrmSettings) if f.name == "batch_size")
 LIMIT_RECORDS_PER_S = BURST / WINDOW * BATCH
 PROBE_INTERVAL = 0.1  # crm-signal-task: 10 probes/s, half the connection's request budget
 
@@ -239,13 +242,7 @@ async def run_outbound(records: int, workdir: Path) -> None:
         with emulator_process("hubspot", workdir, burst_limit=BURST, burst_window=WINDOW) as base_url:
             async with Bus.connect(server.url, name="bench-crm") as bus:
                 await ensure_upstream(bus)
-            # Batches the budget can deliver well within a batch's deadline (CDP_CRM_RETRY_FOR): 64 messages
-            # of 100 changes are 64 requests a partition, ~14 s with four partitions sharing 19 requests/s.
-            # At the default (256 messages, 25,600 changes) a batch outlasts its deadline, the rest is queued
-            # and retried, and its commit (tens of thousands of documents) holds the store's writer - the
-            # budget's writes with it - for seconds while the budget idles: 0.83 of the limit at 60,000
-            # records where 64 made 0.94.
-            proc = connector(workdir, server.url, hubspot_document(base_url), CDP_CRM_BATCH_SIZE=str(OUTBOUND_BATCH))
+            proc = connector(workdir, server.url, hubspot_document(base_url))
             proc.start(60)
             try:
                 async with Bus.connect(server.url, name="bench-crm") as bus, aiohttp.ClientSession() as session:
