@@ -73,9 +73,14 @@ def _drift(live: learn.LiveModel, X: np.ndarray, at: float) -> dict[str, Any]:
     """One scheduled drift check of the frozen version (scoring's DriftMonitor, its training reference)
     over the rows scored at `at`: drifted or not, the score's PSI and the three most moved features."""
     version = Version(live.spec, LIVE, "", 0, at)
-    monitor = DriftMonitor(min_rows=min(500, len(X)), clock=lambda: at)
-    scores = live.scores(X)
-    monitor.observe(version, X, np.stack([np.asarray(scores[s]) for s in live.spec.score_names], axis=1))
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        scores = live.scores(rows)
+        return np.stack([np.asarray(scores[s]) for s in live.spec.score_names], axis=1)
+
+    # as the service does: the version's own scoring for the comparison against its aged reference
+    monitor = DriftMonitor(min_rows=min(500, len(X)), clock=lambda: at, rescorer=lambda _version: score)
+    monitor.observe(version, X, score(X))
     [report] = monitor.check([version])
     features = sorted((v for v in report.values if v[1] == "feature"), key=lambda v: -v[2])[:3]
     return {
@@ -83,6 +88,7 @@ def _drift(live: learn.LiveModel, X: np.ndarray, at: float) -> dict[str, Any]:
         "threshold": report.threshold,
         "score_psi": round(next(v[2] for v in report.values if v[1] == "score"), 4),
         "most_moved_features": {name: round(value, 4) for name, _kind, value in features},
+        "compared_aged": report.aged,
     }
 
 
