@@ -129,6 +129,21 @@ async def test_a_bulk_backfill_goes_through_bulk_api_jobs_with_progress(world_fa
         dead = [r.doc async for r in world.store.scan_all(DEAD_LETTERS)]
         assert [(d["person_id"], d["reason"]) for d in dead] == [("person-3", "invalid_value")]
 
+        # The data is fixed: the next bulk backfill writes that record, and its dead letter goes.
+        await world.profiles({"person-3": {"traits.last_name": "FIXED"}})
+        await world.eventually(lambda: _last_name(world, "person-3", "FIXED"))
+        fixed, _ = await runs.start_backfill("sf", bulk=True)
+        await world.eventually(lambda: _state(world, fixed, "succeeded"))
+        run = (await world.store.get(RUNS, fixed)).doc
+        assert (run["created"], run["unchanged"], run["dead_lettered"]) == (1, 39, 0)
+        assert [r.doc async for r in world.store.scan_all(DEAD_LETTERS)] == []
+        assert emulator.find("Contact", "CDP_Id__c", "person-3")["LastName"] == "FIXED"
+
+
+async def _last_name(world, person: str, name: str) -> bool:
+    record = await world.store.get("crm_persons", person)
+    return record is not None and record.doc["fields"].get("traits.last_name") == name
+
 
 async def _persons(world, n: int) -> bool:
     return await world.store.count("crm_persons") == n

@@ -360,13 +360,15 @@ class Runs:
             out = Outcomes(self.clock())
             planned = Planned(self.store)
             await planned.prefetch(keys)
-            # Which of these records have a dead letter or a queued change: a record written now clears
-            # them, and only those need a delete (a backfill writes thousands of records that have none).
-            present = {
-                collection: set(await self.store.get_many(collection, keys)) for collection in (DEAD_LETTERS, PENDING)
-            }
             for mapping, projection, op, item, key in unit.projected:
                 await planned.add(mapping, projection, op, BACKFILL, item, key)
+            # Which of the records to write have a dead letter or a queued change: a record written now
+            # clears them, and only those need a delete (a backfill writes thousands of records that have
+            # none). Both are only ever written with the record's state, so a record never written has none.
+            known = [key for key in planned.records if planned.previous.get(key)]
+            present = {
+                collection: set(await self.store.get_many(collection, known)) for collection in (DEAD_LETTERS, PENDING)
+            }
             await self.logic.deliver_planned(partition, planned, out, bulk=bulk, progress=progress)
             writes = [
                 op for op in out.writes.values()
