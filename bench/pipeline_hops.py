@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_pipeline import Load, Pipeline
 from benchlib import percentile
-from pipeline_parts import backlog, settle, window
+from pipeline_parts import backlog, schedstat, settle, window
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus.streams import SOURCE_HEADER
@@ -161,27 +161,6 @@ async def measure(args: argparse.Namespace) -> dict:
         "services": services,
         "scheduling": scheduling,
     }
-
-
-def schedstat(pid: int | None) -> tuple[float, float, int] | None:
-    """A process' threads summed, from Linux's /proc/<pid>/task/*/schedstat: seconds on a CPU, seconds
-    runnable but waiting for one (the run queue), and the number of times it was given a CPU."""
-    if not pid:
-        return None
-    on_cpu = waiting = 0.0
-    slices = 0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                run_ns, wait_ns, count = (task / "schedstat").read_text().split()
-            except (OSError, ValueError):
-                continue  # a thread that ended meanwhile
-            on_cpu += int(run_ns) / 1e9
-            waiting += int(wait_ns) / 1e9
-            slices += int(count)
-    except OSError:
-        return None
-    return on_cpu, waiting, slices
 
 
 def scheduled(before, after, wall: float) -> dict:

@@ -19,7 +19,8 @@ caught up.
 Metrics: every service serves Prometheus text on its metrics endpoint (run.json's `metrics`). `scrape`
 parses one, `window` turns two scrapes into what happened between them: each engine stage per batch
 (mean exact, p50 / p99 interpolated within the histogram's buckets), the freshness histograms, and the
-process' CPU seconds (cores used over the window).
+process' CPU seconds (cores used over the window). `schedstat` reads a process' CPU time (and its time
+runnable but waiting for a CPU) from Linux, for nats-server too, which serves no metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 from benchlib import ENGINE_STAGES, bucket_quantile, percentile
 
@@ -100,6 +102,27 @@ def window(before: dict, after: dict) -> dict:
         }
     wall = after["at"] - before["at"]
     return {"cores": round((after["cpu"] - before["cpu"]) / wall, 2) if wall > 0 else None, "stages": stages}
+
+
+def schedstat(pid: int | None) -> tuple[float, float, int] | None:
+    """A process' threads summed, from Linux's /proc/<pid>/task/*/schedstat: seconds on a CPU, seconds
+    runnable but waiting for one (the run queue), and the number of times it was given a CPU."""
+    if not pid:
+        return None
+    on_cpu = waiting = 0.0
+    slices = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                run_ns, wait_ns, count = (task / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue  # a thread that ended meanwhile
+            on_cpu += int(run_ns) / 1e9
+            waiting += int(wait_ns) / 1e9
+            slices += int(count)
+    except OSError:
+        return None
+    return on_cpu, waiting, slices
 
 
 COUNTER_LINE = re.compile(r"^(cdp_collector_events_total|cdp_profile_events_total)\{([^}]*)\} ([0-9.e+]+)$", re.M)
