@@ -98,7 +98,7 @@ async def test_a_run_by_api_streams_its_phases_registers_the_candidate_and_says_
     assert training["window"]["history_until"].endswith("T00:00:00Z")
     assert training["promotion"]["reason"] == first.reason
     reference = training["reference"]
-    assert set(reference["scores"]) == {"purchase_propensity"} and len(reference["features"]) == 30
+    assert set(reference["scores"]) == {"purchase_propensity"} and len(reference["features"]) == 32
     assert reference["rows"] == rows["training_set"]
 
     # a later candidate that must beat live by half an AUC point: it stays in shadow, and says why
@@ -345,15 +345,15 @@ def resolved(person: str, name: str, at: float) -> events_pb2.ResolvedEventBatch
 
 
 def counting(quality) -> list[str]:
-    """The models `quality` computes from now on (its refresh, wrapped)."""
+    """The models `quality` computes from now on (its computation, wrapped)."""
     calls: list[str] = []
-    refresh = quality.refresh
+    compute = quality._refresh
 
     async def counted(model, *args, **kwargs):
         calls.append(model)
-        return await refresh(model, *args, **kwargs)
+        return await compute(model, *args, **kwargs)
 
-    quality.refresh = counted
+    quality._refresh = counted
     return calls
 
 
@@ -424,3 +424,32 @@ async def test_a_closed_label_window_or_a_new_live_version_marks_the_figures_sta
         assert quality.stale["fraud_risk"]["labels"] == 1 and len(quality._due) == 3
     finally:
         await quality.close()
+
+
+async def test_a_label_falling_due_while_the_schedule_computes_the_figures_does_not_compute_them_again():
+    runs: list[str] = []
+
+    class SlowWorker:
+        async def run(self, job, **kwargs):
+            runs.append(job)
+            await asyncio.sleep(0.3)
+            yield "result", {"rows": 10, "label": FRAUD_LABEL}
+
+    spec = SimpleNamespace(name="fraud_risk", training={"label": FRAUD_LABEL})
+    entry = SimpleNamespace(name="fraud_risk", live=SimpleNamespace(version="2", spec=spec, sha256=""))
+    registry = type("Registry", (list,), {"get": lambda self, _name: entry})([entry])
+    engine = SimpleNamespace(registry=registry, model_store=SimpleNamespace(get=fake_file))
+    async with open_store("memory://") as store:
+        quality = RealisedQuality(engine, store, "sqlite:///unused", SlowWorker(), settle=0.1, debounce=0)
+        try:
+            quality.mark_stale("fraud_risk", "label event Chargeback")  # due in 0.1 s
+            await quality.refresh_all()  # the schedule, from 0 to 0.3 s
+            await asyncio.sleep(0.3)  # the label's computation fell due meanwhile, waited, found it done
+            assert runs == ["quality"] and not quality.stale and not quality._due
+            assert quality.figures["fraud_risk"]["trigger"] == "schedule"
+        finally:
+            await quality.close()
+
+
+async def fake_file(*_args) -> bytes:
+    return b""

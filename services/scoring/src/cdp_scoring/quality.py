@@ -88,6 +88,7 @@ class RealisedQuality:
         self.watch = LabelWatch()
         self._watched: tuple[tuple[str, str, bool], ...] = ()
         self._due: dict[str, asyncio.Task] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         if meter is not None:
             meter.create_observable_gauge(
                 "cdp.scoring.quality.auc",
@@ -126,6 +127,18 @@ class RealisedQuality:
 
     async def refresh(self, model: str, trigger: str = REQUEST) -> dict[str, Any]:
         """Compute the live version's realised quality now, keep it and return it."""
+        async with self._computing(model):
+            return await self._refresh(model, trigger)
+
+    def _computing(self, model: str) -> asyncio.Lock:
+        """Held while `model`'s figures are computed: a computation falling due meanwhile waits, then finds
+        what it was due for done (the schedule's run of every model and a label's must not both run)."""
+        lock = self._locks.get(model)
+        if lock is None:
+            lock = self._locks[model] = asyncio.Lock()
+        return lock
+
+    async def _refresh(self, model: str, trigger: str) -> dict[str, Any]:
         live = self.engine.registry.get(model).live
         if live is None:
             raise FailedPrecondition(f"model {model!r} has no live version", reason="no_live_version")
@@ -236,15 +249,16 @@ class RealisedQuality:
             while due is not None and due > self.clock():
                 await asyncio.sleep(due - self.clock())
                 due = self.due_at(model)
-            state = self.stale.get(model)
-            if state is None:
-                return  # a request or the schedule computed them meanwhile
-            record = await self.store.get(QUALITY, model)
-            if record is not None and record.doc.get("computed_at", 0) >= state["since"]:
-                self.figures[model] = record.doc  # another replica computed them after the labels came
-                del self.stale[model]
-                return
-            await self.refresh(model, state["trigger"])
+            async with self._computing(model):
+                state = self.stale.get(model)
+                if state is None:
+                    return  # a request or the schedule computed them meanwhile
+                record = await self.store.get(QUALITY, model)
+                if record is not None and record.doc.get("computed_at", 0) >= state["since"]:
+                    self.figures[model] = record.doc  # another replica computed them after the labels came
+                    del self.stale[model]
+                    return
+                await self._refresh(model, state["trigger"])
         except CdpError as error:
             self.stale.pop(model, None)
             log.warning("realised quality not computed", extra={"model": model, "why": error.message})
