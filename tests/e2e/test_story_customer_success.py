@@ -12,10 +12,11 @@ her twin in every other way, carries on as before.
 4. The manager works the case and closes it in Salesforce; the connector reads the change back and
    `CRM Case Closed` lands on Grace's profile, with the case's status.
 
-The threshold: the shipped churn model reads recency much more than a drop in frequency or tickets (a
-customer who was here yesterday scores around 0.01 whatever her trend, see docs/stories.md), so an
-absolute threshold of 0.5 never fires for Grace. The operator sets it relative to a healthy customer of
-the same history: one and a half times Henry's risk.
+The threshold is the operator's, fixed in advance: a churn risk above 0.5, more likely than not to have
+lapsed a month from now (the shipped `churn_risk` is the probability of no activity at all in the 60 days
+after the next 30). On the simulated held-out customers it flags about 1 % of those active in the last
+week, two thirds of whom lapse. Grace's drop with her tickets puts her above it; the drop alone, or
+Henry's steady use, does not.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from stories import Story, days_ago, eventually, iso, kind, start_platform
 
 PAGES = ("Home", "Catalog", "Product", "Search", "Account")
 HISTORY_DAYS = 60
+THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +136,11 @@ def test_a_customer_drifting_away_gets_a_success_manager_whose_outcome_comes_bac
     grace_id, henry_id = story.person_id("grace"), story.person_id("henry")
     # Scores settle once the last change is scored.
     story.wait_profile("henry", lambda p: "churn_risk" in p.scores)
+    story.wait_profile("grace", lambda p: "churn_risk" in p.scores)
     time.sleep(2)
-    healthy = story.profile("henry").scores["churn_risk"].value
-    threshold = round(1.5 * healthy, 4)
+    healthy, quieter = (story.profile(user).scores["churn_risk"].value for user in ("henry", "grace"))
+    threshold = THRESHOLD
+    assert healthy < threshold and quieter < threshold, "a quieter week alone is not a verdict"
 
     # The operator: "at risk" is a risk above the threshold and tickets piling up; the journey opens a case.
     story.create_segment(
@@ -160,7 +164,10 @@ def test_a_customer_drifting_away_gets_a_success_manager_whose_outcome_comes_bac
     grace = story.wait_profile("grace", lambda p: p.scores["churn_risk"].value > threshold, timeout=30)
     eventually(lambda: grace_id in story.members("at_risk"), timeout=30)
     assert story.profile("henry").scores["churn_risk"].value <= threshold
-    print(f"\nchurn_risk: Henry {healthy:.4f}, threshold {threshold}, Grace {grace.scores['churn_risk'].value:.4f}")
+    print(
+        f"\nchurn_risk: Henry {healthy:.4f}, Grace after her quieter week {quieter:.4f}, "
+        f"threshold {threshold}, Grace with her tickets {grace.scores['churn_risk'].value:.4f}"
+    )
     assert henry_id not in story.members("at_risk")
 
     # The success manager's view: one case in Salesforce, on Grace's contact, with her top signals.

@@ -182,8 +182,10 @@ def test_engagement_features(fields):
             "avg_order_value": 100.0,
             "days_since_first_order": 40 - 300 / DAY,
             "days_since_last_order": 1 / 24,
+            "tickets_30d": 0,
             "tickets_90d": 0,
             "tickets_365d": 0,
+            "days_since_last_ticket": math.nan,  # never
             "email_opens_30d": 2,
             "email_opens_90d": 2,
             "email_clicks_90d": 0,

@@ -76,7 +76,7 @@ async def test_a_first_run_registers_a_live_version_that_keeps_its_training_reco
     assert 0 < training["positives"]["1"] < training["rows"] == sum(training["positives"].values())
     assert training["data_hash"] == result.train.data_hash != training["evaluation_data_hash"]
     importances = training["feature_importances"]
-    assert len(importances) == 30 and sum(importances.values()) == pytest.approx(1, abs=0.01)
+    assert len(importances) == 32 and sum(importances.values()) == pytest.approx(1, abs=0.01)
     assert training["promotion"]["promote"] and "first version" in training["promotion"]["reason"]
     assert quality["auc"] > 0.7  # learnt something real about who buys next month
     # the same data trains the same file under the same name: registering again changes nothing
@@ -102,14 +102,14 @@ async def test_a_candidate_that_does_not_beat_live_by_the_margin_stays_in_shadow
     assert await learn.register(registry, result, had_live=True) == SHADOW
 
     entry = registry.registry.get("churn_risk")
-    assert entry.live.version == "1.0.0"
+    assert entry.live.version == "1.1.0"
     candidate = entry.versions[result.version]
     assert candidate.role == SHADOW
     decision = candidate.spec.training["promotion"]
     assert decision["promote"] is False and "stays in shadow" in decision["reason"] and "0.5" in decision["reason"]
-    assert decision["live_version"] == "1.0.0" and decision["live"] == candidate.spec.quality["live_on_holdout"]["auc"]
+    assert decision["live_version"] == "1.1.0" and decision["live"] == candidate.spec.quality["live_on_holdout"]["auc"]
     # live was judged on the same rows, through its own spec
-    assert candidate.spec.quality["live_on_holdout"]["version"] == "1.0.0"
+    assert candidate.spec.quality["live_on_holdout"]["version"] == "1.1.0"
 
 
 async def test_a_candidate_that_beats_live_by_the_margin_is_promoted_and_live_kept_for_rollback(world):
@@ -131,7 +131,7 @@ async def test_a_candidate_that_beats_live_by_the_margin_is_promoted_and_live_ke
     assert result.decision["promote"] and result.decision["gain"] >= learn.DEFAULT_MARGIN
     assert await learn.register(registry, result, had_live=True) == LIVE
     entry = registry.registry.get("churn_risk")
-    assert entry.live.version == result.version and entry.previous == ["1.0.0"]
+    assert entry.live.version == result.version and entry.previous == ["1.1.0"]
 
 
 def test_an_evaluation_slice_that_overlaps_the_training_labels_is_refused(world):
@@ -169,7 +169,7 @@ def test_the_api_less_run_writes_the_candidate_and_its_record(world, tmp_path, c
     records = list((tmp_path / "runs").glob("purchase_propensity-*.json"))
     assert len(records) == 1
     record = json.loads(records[0].read_text())
-    assert record["training"]["promotion"]["live_version"] == "1.0.0"  # judged against the shipped file
+    assert record["training"]["promotion"]["live_version"] == "1.1.0"  # judged against the shipped file
     load_model(records[0].with_suffix(".onnx").read_bytes())  # a file DeployModel takes
     assert main(["train", "purchase_propensity", "--store", db, "--cutoff", "soon"]) == 2
     assert "cutoff" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def test_realised_quality_judges_the_version_on_the_latest_closed_window_with_it
 def test_a_shipped_model_is_judged_with_its_trainable_label(world):
     population, profiles = world
     realised = realised_quality(profiles, (MODELS_DIR / "purchase_propensity.onnx").read_bytes(), until=population.end)
-    assert realised["label"]["kind"] == "goal_event" and realised["version"] == "1.0.0"
+    assert realised["label"]["kind"] == "goal_event" and realised["version"] == "1.1.0"
     assert "auc" in realised
 
 

@@ -157,3 +157,74 @@ def test_shipped_clv_does_not_extrapolate_a_burst_of_orders_from_a_customer_seco
     assert burst["clv_p_alive"] == pytest.approx(1.0)  # no repeat purchase occasion, so no dropout yet
     # orders spread over days still tell the model how often the customer buys
     assert got["steady"]["clv_expected_purchases_365d"] > 2 * one["clv_expected_purchases_365d"]
+
+
+def _two_months(drop: bool, tickets: int) -> tuple[list, float]:
+    """The customer-success story's customer as the profile applies her events: signed up 90 days ago on the
+    pro plan, five sessions a day for 60 days (three in the last week when `drop`), three orders, `tickets`
+    support tickets over the last five days."""
+    from cdp_profile.domain import ProfileEvent
+
+    now, day = 1_750_000_000.0, 86_400.0
+    rows = [("identify", "", now - 90 * day, {"plan": "pro"}), ("track", "Signed Up", now - 90 * day + 1, {})]
+    for back in range(60, 0, -1):
+        rows += [("page", "Home", now - back * day + 3600.0 * k, {}) for k in range(3 if drop and back <= 7 else 5)]
+    rows += [("track", "Order Completed", now - back * day, {"total": 80}) for back in (75, 45, 15)]
+    rows += [("track", "Support Ticket Opened", now - back * day, {}) for back in (5, 3, 1, 0.1)[:tickets]]
+    events = [
+        ProfileEvent(
+            event_id=f"web:m{k}",
+            type=kind,
+            name=name,
+            at=at,
+            source="web",
+            properties={} if kind == "identify" else payload,
+            traits=payload if kind == "identify" else {},
+            identifiers=("user_id:u-1",),
+            user_id="u-1",
+        )
+        for k, (kind, name, at, payload) in enumerate(sorted(rows, key=lambda r: r[2]))
+    ]
+    return events, now
+
+
+def test_shipped_churn_risk_sees_a_customer_fading_with_tickets_piling_up():
+    """A customer whose daily use drops by 40 % in her last week while four tickets pile up is at risk (above
+    the customer-success story's 0.5); her twin who carries on as before is not; the drop alone raises the
+    risk without making it a verdict, and the tickets alone raise it less than both."""
+    from cdp_profile.domain import ComputedTraits
+    from cdp_scoring.domain import FeatureAssembler
+    from cdp_training.dataset import fields_at
+
+    data, _, spec = _load("churn_risk")
+    assembler = FeatureAssembler(spec)
+    definitions = ComputedTraits.from_dicts([dict(t) for t in spec.computed_traits])
+
+    def risk(drop: bool, tickets: int) -> float:
+        events, now = _two_months(drop, tickets)
+        (fields,) = fields_at("p-1", events, definitions, [now])
+        row = np.array([assembler.row(fields, now)], dtype=np.float32)
+        return float(score_columns(spec, run(data, row))["churn_risk"][0])
+
+    fading, steady = risk(drop=True, tickets=4), risk(drop=False, tickets=0)
+    assert fading > 0.5 and steady < 0.05
+    assert steady < risk(drop=True, tickets=0) < 0.5
+    assert risk(drop=False, tickets=4) < fading
+
+
+def test_the_trend_columns_the_graph_computes_are_those_the_trees_were_trained_on():
+    """`with_ratios` (served) and `ratios` (training) agree bit for bit, a share of nothing being missing."""
+    from onnx import helper
+
+    from cdp_training.graphs import ratios, with_ratios
+
+    wide = helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["N", 5])
+    out = helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, ["N", 5])
+    graph = helper.make_graph([helper.make_node("Identity", ["features"], ["out"])], "echo", [wide], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = with_ratios(model, "features", 3, [(0, 1), (1, 2)])
+    rows = np.array([[18, 135, 286], [30, 150, 300], [0, 0, 0], [3, 0, 7], [1, 3, 0]], dtype=np.float32)
+    got, expected = run(model, rows)["out"], ratios(rows, [(0, 1), (1, 2)])
+    assert got.shape == (5, 5)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isnan(got[2, 3:]).all() and np.isnan(got[3, 3]) and np.isnan(got[4, 4]) and got[3, 4] == 0

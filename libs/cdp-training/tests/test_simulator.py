@@ -143,3 +143,60 @@ def test_a_regime_shift_changes_who_leaves_after_it_and_nothing_before_it():
     churn = shifted.outcomes.churned
     assert churn[app].mean() > 1.5 * churn[~app].mean()  # after the change, app users churn far more
     assert abs(plain.outcomes.churned[app].mean() - plain.outcomes.churned[~app].mean()) < 0.1  # before: alike
+
+
+def _per_person(people, kinds, lo, hi) -> np.ndarray:
+    """Events of `kinds` per person in [lo, hi) (arrays of instants, one per person)."""
+    table = people.table
+    person, t = table["person"], table["t"]
+    hit = np.isin(table["kind"], kinds) & (t >= lo[person]) & (t < hi[person])
+    return np.bincount(person[hit], minlength=people.size)
+
+
+def test_frustrated_customers_fade_while_their_tickets_pile_up_and_quiet_spells_end():
+    """Churners do not drop off a cliff: a frustrated customer's last weeks are quieter than the month before
+    and busier with tickets; a customer's quiet spell is quieter than before it, and she comes back after."""
+    people = simulate(6000, 4)
+    traits, week = people.traits, 7 * 86400.0
+    sessions, tickets = (Kind.PAGE, Kind.SCREEN), (Kind.TICKET,)
+    tau, bad = traits["dropout_at"], traits["bad_experience"]
+    # frustrated customers who left within the history, with a month of use before their fade
+    left = traits["frustrated"] & (tau < people.cutoff) & (tau - 50 * week / 7 > traits["signup"])
+    assert left.sum() > 100
+    last_week = _per_person(people, sessions, tau - week, tau)[left]
+    month_before = _per_person(people, sessions, tau - 50 * week / 7, tau - 20 * week / 7)[left]
+    assert last_week.sum() / 7 < 0.6 * month_before.sum() / 30, "activity fades before they leave"
+    late_tickets = _per_person(people, tickets, tau - 2 * week, tau)[left]
+    assert late_tickets.mean() > 2.0, "tickets pile up as they go"
+    # and plenty of customers file tickets and stay: tickets alone are no verdict
+    stayed = bad & ~traits["frustrated"] & (traits["signup"] < people.cutoff - 365 * 86400.0)
+    assert (
+        _per_person(people, tickets, np.full(people.size, people.start), np.full(people.size, people.cutoff))[stayed]
+        >= 3
+    ).sum() > 50
+    # a quiet spell: fewer sessions during it than in as long before it, and as many again after it
+    dip_at, dip_days = traits["dip_at"], traits["dip_days"] * 86400.0
+    spell = (
+        traits["regular"]
+        & (dip_at - dip_days > traits["signup"])
+        & (dip_at + 2 * dip_days < np.minimum(tau, people.cutoff))
+    )
+    assert spell.sum() > 20
+    before = _per_person(people, sessions, dip_at - dip_days, dip_at)[spell].sum()
+    during = _per_person(people, sessions, dip_at, dip_at + dip_days)[spell].sum()
+    after = _per_person(people, sessions, dip_at + dip_days, dip_at + 2 * dip_days)[spell].sum()
+    assert during < 0.75 * before and after > 0.9 * before
+
+
+def test_churn_risk_labels_a_lapse_a_month_on_not_an_absence_already_under_way():
+    """`lapsed` is no event in the 60 days after the first 30 after the cutoff: customers active at the cutoff
+    who leave within the month count, those already gone count too, and `churned` stays what it was."""
+    people = simulate(3000, 3)
+    out, table = people.outcomes, people.table
+    person, t = table["person"], table["t"]
+    late = (t >= people.cutoff + 30 * 86400.0) & (t < people.cutoff + 90 * 86400.0)
+    assert np.array_equal(out.lapsed, np.bincount(person[late], minlength=people.size) == 0)
+    assert np.all(out.lapsed[out.churned])
+    soon = (t >= people.cutoff) & (t < people.cutoff + 30 * 86400.0)
+    leaving = out.lapsed & (np.bincount(person[soon], minlength=people.size) > 0)
+    assert leaving.sum() > 30

@@ -118,5 +118,5 @@ async def test_a_clustering_trained_by_the_service_waits_in_shadow_beside_the_sh
             assert done.done and done.role == scoring_pb2.ROLE_SHADOW
             assert "promoted by hand" in done.reason
             model = await stub.GetModel(scoring_pb2.GetModelRequest(name="clusters"))
-            assert model.live_version == "1.0.0"
+            assert model.live_version == "1.1.0"
             assert done.version in [v.spec.version for v in model.versions]

@@ -48,7 +48,7 @@ from cdp_training.pointintime import StoredProfile
 from cdp_training.traits import CLUSTER_FEATURES, traits_for
 
 NAME = "clusters"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: retrained with every shipped model (models.VERSION)
 DEFAULT_K = 6
 TOP = 3  # distinguishing features per cluster
 SILHOUETTE_SAMPLE = 3000

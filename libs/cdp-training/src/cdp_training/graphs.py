@@ -313,6 +313,55 @@ def isolation_forest_graph(forest: Any, width: int, *, input_name: str, output: 
     return model
 
 
+def with_ratios(model: onnx.ModelProto, input_name: str, width: int, pairs: list[tuple[int, int]]) -> onnx.ModelProto:
+    """The model reading `width` columns, with a column appended before its own nodes for each (numerator,
+    denominator) pair of input columns: their ratio, NaN where the denominator is not above 0 (`ratios`
+    computes the same in numpy). The model itself was trained on the `width + len(pairs)` columns."""
+    graph = model.graph
+    wide = f"{input_name}_with_ratios"
+    for node in graph.node:
+        node.input[:] = [wide if name == input_name else name for name in node.input]
+    numerators, denominators = zip(*pairs, strict=True)
+    nodes = [
+        helper.make_node("Gather", [input_name, "ratio_numerators"], ["ratio_num"], axis=1),
+        helper.make_node("Gather", [input_name, "ratio_denominators"], ["ratio_den"], axis=1),
+        helper.make_node("Greater", ["ratio_den", "ratio_zero"], ["ratio_defined"]),
+        helper.make_node("Where", ["ratio_defined", "ratio_den", "ratio_one"], ["ratio_safe_den"]),
+        helper.make_node("Div", ["ratio_num", "ratio_safe_den"], ["ratio_value"]),
+        helper.make_node("Where", ["ratio_defined", "ratio_value", "ratio_nan"], ["ratio_columns"]),
+        helper.make_node("Concat", [input_name, "ratio_columns"], [wide], axis=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(np.array(numerators, dtype=np.int64), "ratio_numerators"),
+        numpy_helper.from_array(np.array(denominators, dtype=np.int64), "ratio_denominators"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "ratio_zero"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "ratio_one"),
+        numpy_helper.from_array(np.array(np.nan, dtype=np.float32), "ratio_nan"),
+    ]
+    own = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + own)
+    graph.initializer.extend(initializers)
+    (entry,) = [i for i in graph.input if i.name == input_name]
+    entry.type.tensor_type.shape.dim[1].dim_value = width
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("", OPSET))
+    onnx.checker.check_model(model)
+    return model
+
+
+def ratios(X: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """`X` (float32) with the ratio columns `with_ratios` appends in the graph, computed the same way."""
+    X = np.asarray(X, dtype=np.float32)
+    columns = []
+    for numerator, denominator in pairs:
+        den = X[:, denominator]
+        defined = den > 0
+        value = X[:, numerator] / np.where(defined, den, np.float32(1.0))
+        columns.append(np.where(defined, value, np.float32(np.nan)).astype(np.float32))
+    return np.hstack([X, np.stack(columns, axis=1)]) if columns else X
+
+
 def append_nodes(
     model: onnx.ModelProto,
     nodes: list[onnx.NodeProto],

@@ -32,25 +32,30 @@ from cdp_training.graphs import (
     batch_outputs,
     clv_graph,
     isolation_forest_graph,
+    ratios,
     reference_clv,
     run,
     score_columns,
+    with_ratios,
     with_spec,
 )
-from cdp_training.simulator import CHANNELS, CHURN_DAYS, PURCHASE_DAYS, RESPONSE_DAYS, Population
+from cdp_training.simulator import CHANNELS, CHURN_DAYS, LAPSE_GRACE_DAYS, PURCHASE_DAYS, RESPONSE_DAYS, Population
 from cdp_training.traits import (
     CLUSTER_FEATURES,
     CLV_FEATURES,
     ENGAGEMENT_FEATURES,
+    ENGAGEMENT_TRENDS,
     FRAUD_FEATURES,
     NBC_FEATURES,
     traits_for,
 )
 
-VERSION = "1.0.0"
 # A model whose bytes change gets its own new version: scoring's registry refuses a version number reused
 # for different bytes, so a deployment can take the new file with DeployModel beside the old one.
-CLV_VERSION = "1.1.0"  # 1.1.0: repeat orders count as purchase occasions, at most one a day
+# 1.1.0: every model retrained on customers who fade as they leave (frustrated ones with their tickets piling
+# up), take quiet spells and come back, or come most days; churn risk predicts a lapse a month on.
+VERSION = "1.1.0"
+CLV_VERSION = "1.2.0"  # 1.1.0: repeat orders count as purchase occasions, at most one a day; 1.2.0: as VERSION
 OWNER = "cdp"
 INPUT = "features"
 LIGHTGBM_OPSET = 15  # the newest onnxmltools converts LightGBM to
@@ -69,11 +74,9 @@ class Data:
     recovery_customers: int = 50_000  # simulated for the BG/NBD parameter-recovery figures
 
 
-# The module path the shipped models name as their origin in their metadata. The pipeline lived in
-# `cdp_scoring.training` when they were trained, and the words are part of their bytes: a model's bytes
-# change only with a new version (the registry refuses a version reused for different bytes), so this
-# changes together with the next retrain that bumps every version.
-SHIPPED_WITH = "cdp_scoring.training"
+# The module path the shipped models name as their origin in their metadata (part of their bytes, so it
+# changes only with a retrain that bumps every version, as 1.1.0 did).
+SHIPPED_WITH = "cdp_training"
 
 
 @dataclass(slots=True)
@@ -206,17 +209,26 @@ def _probability_output(score: str, meaning: str) -> dict[str, Any]:
 # --- churn and purchase propensity ---------------------------------------------------------------------
 
 
+def trend_pairs(features: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """The (numerator, denominator) columns of each engagement trend (`traits.ENGAGEMENT_TRENDS`)."""
+    index = {feature["name"]: k for k, feature in enumerate(features)}
+    return [(index[a], index[b]) for a, b in ENGAGEMENT_TRENDS]
+
+
 def _binary_engagement_model(
     data: Data, *, name: str, score: str, meaning: str, description: str, label: Callable[[Population], np.ndarray]
 ) -> Built:
     outputs = [_probability_output(score, meaning)]
     spec = _spec_for(name, ENGAGEMENT_FEATURES, outputs)
+    pairs = trend_pairs(ENGAGEMENT_FEATURES)
     X = matrix(spec, data.train_fields.at_cutoff, data.train.cutoff)
     y = label(data.train).astype(int)
     X_test = matrix(spec, data.test_fields.at_cutoff, data.test.cutoff)
     y_test = label(data.test).astype(int)
-    estimator = _lightgbm(X, y, data.seed)
-    model = _lightgbm_onnx(estimator, X.shape[1])
+    # the trees also read the trends, which the graph computes from the features it is given
+    wide = ratios(X, pairs)
+    estimator = _lightgbm(wide, y, data.seed)
+    model = with_ratios(_lightgbm_onnx(estimator, wide.shape[1]), INPUT, X.shape[1], pairs)
     p = score_columns(spec, run(model, X_test))[score]
     quality = {"holdout": metrics.binary_report(y_test, p), "holdout_rows": len(y_test)}
     quality["auc"] = quality["holdout"]["auc"]
@@ -241,9 +253,12 @@ def churn_risk(data: Data) -> Built:
         data,
         name="churn_risk",
         score="churn_risk",
-        meaning=f"P(no activity in the next {CHURN_DAYS} days)",
-        description="Churn risk: the probability that the customer shows no activity at all in the next 90 days.",
-        label=lambda population: population.outcomes.churned,
+        meaning=f"P(no activity in the {CHURN_DAYS - LAPSE_GRACE_DAYS} days after the next {LAPSE_GRACE_DAYS})",
+        description=(
+            "Churn risk: the probability that the customer has lapsed a month from now - no activity at all in the "
+            "60 days after the next 30."
+        ),
+        label=lambda population: population.outcomes.lapsed,
     )
 
 

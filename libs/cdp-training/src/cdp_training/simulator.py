@@ -5,7 +5,7 @@ city (country, time zone), a purchase rate and an order-value level (Gamma-Gamma
 bad experience raises, and a small share are fraudsters. Their behaviour over a history window and an
 outcome window after the cutoff is drawn as Poisson processes (vectorised over the whole population with
 numpy) into one event table, one row per event. Labels are read off the outcome window: churned (no
-activity in the 90 days after the cutoff), purchased in the 30 days after it, fraudster, and which channel
+activity in the 90 days after the cutoff), lapsed (none in the 60 days after the first 30: churn risk), purchased in the 30 days after it, fraudster, and which channel
 they answered in the 30 days after it and at which local hour.
 
 Rows become events on demand, in the two forms the platform knows: Segment-spec JSON (what SDKs send the
@@ -24,6 +24,10 @@ Behaviour, roughly:
 - support tickets, more of them around a bad experience, after which the dropout hazard is five times
   higher; activity fades in the weeks before a dropout and stops after it, except for an email opened now
   and then; a third of those who lapse come back months later;
+- three in five bad experiences are never put right: activity falls to about a third over two to six weeks while
+  tickets come faster and faster, then the customer leaves, two in five right after a last ticket; a third
+  of everyone has a quiet spell of one to four weeks (a third to two thirds of their usual activity) and
+  comes back, so a dip alone is no verdict; a quarter are regulars, who come most days;
 - legitimate look-alikes of fraud: travellers (orders abroad, fast but possible travel), VPN users
   (locations that jump), expats (card country differs), families (two accounts on one device), spree
   shoppers (several orders within hours on several cards), second browsers, phones whose address changes
@@ -58,6 +62,11 @@ HOUR = 3_600.0
 CHANNELS = ("email", "sms", "push", "in_app")
 DEFAULT_CUTOFF = datetime(2025, 6, 1, tzinfo=UTC).timestamp()
 CHURN_DAYS = 90
+# Churn risk predicts a lapse, not an absence already under way: no activity in the CHURN_DAYS after the cutoff
+# once LAPSE_GRACE_DAYS have passed. "No activity at all in the next 90 days" is true almost only of someone
+# already gone (a customer here yesterday is back within days, however her trend), so a model of it reads
+# recency and nothing else, and tells a success manager only what is too late to act on.
+LAPSE_GRACE_DAYS = 30
 PURCHASE_DAYS = 30
 RESPONSE_DAYS = 30
 
@@ -272,6 +281,7 @@ class Outcomes:
     """What happened after the cutoff, per person (the models' labels)."""
 
     churned: np.ndarray  # bool: no event in the CHURN_DAYS after the cutoff
+    lapsed: np.ndarray  # bool: no event from LAPSE_GRACE_DAYS after the cutoff to CHURN_DAYS after it
     purchased: np.ndarray  # bool: an order in the PURCHASE_DAYS after the cutoff
     orders_after: np.ndarray  # int: orders in the CHURN_DAYS after the cutoff
     is_fraudster: np.ndarray  # bool
@@ -619,12 +629,15 @@ class _Simulation:
         return who[keep], t[keep]
 
     def activity(self, who: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """The thinning probability: 1 while engaged, fading to 0.15 over the weeks before a dropout, 0 while
-        lapsed; a returning customer is engaged again from their return to their second dropout."""
-        fade = self.fade_days[who] * DAY
-        first = np.where(t < self.tau[who], np.clip((self.tau[who] - t) / fade, 0.15, 1.0), 0.0)
+        """The thinning probability: 1 while engaged, fading to 0.15 over the weeks before a dropout (to 0.35
+        over two to six weeks for a frustrated customer, who then stops at once), 0 while lapsed; a returning
+        customer is engaged again from their return to their second dropout. A dip lowers it for its weeks."""
+        fade, floor = self.fade_days[who] * DAY, self.fade_floor[who]
+        first = np.where(t < self.tau[who], np.clip((self.tau[who] - t) / fade, floor, 1.0), 0.0)
         again = self.returns[who] & (t >= self.back_at[who]) & (t < self.tau2[who])
-        return np.where(again, np.clip((self.tau2[who] - t) / fade, 0.15, 1.0), first)
+        level = np.where(again, np.clip((self.tau2[who] - t) / fade, floor, 1.0), first)
+        dip = self.dips[who] & (t >= self.dip_at[who]) & (t < self.dip_at[who] + self.dip_days[who] * DAY)
+        return np.where(dip, level * self.dip_depth[who], level)
 
     def thin(self, who: np.ndarray, t: np.ndarray, keep_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = self.rng.random(who.size) < keep_p
@@ -690,6 +703,8 @@ class _Simulation:
         self.bad &= self.bad_at < tau
         self.tau = np.where(self.bad, np.minimum(tau, after_bad), tau)
         self.fade_days = rng.uniform(20.0, 70.0, n)
+        self.fade_floor = np.full(n, 0.15)
+        self._frustration_and_dips()
         # a third of those who lapse come back some months later (a win-back, a new need)
         self.returns = rng.random(n) < 0.3
         self.back_at = self.tau + rng.exponential(150.0, n) * DAY
@@ -738,6 +753,28 @@ class _Simulation:
         self.burst_at = np.where(self.takeover, first + rng.random(n) * (last - first), self.burst_at)
         self.alive_end = np.minimum(np.where(self.returns, self.tau2, self.tau), self.end)
 
+    def _frustration_and_dips(self) -> None:
+        """Three in five bad experiences are never put right: the customer uses the shop less and less over two to
+        six weeks while the support tickets pile up, then leaves, often right after a last ticket (a refund,
+        a cancellation). And a third of the customers go quiet for a while (holidays, a busy month) and come
+        back: a dip in activity alone is no verdict. Drawn with their own generator, so the rest of `people`
+        draws what it drew before them."""
+        rng, n = np.random.default_rng([self.seed, 2]), self.n
+        fade = rng.uniform(14.0, 42.0, n)
+        self.frustrated = self.bad & ~self.fraud & (rng.random(n) < 0.6)
+        self.tau = np.where(self.frustrated, np.minimum(self.tau, self.bad_at + fade * DAY), self.tau)
+        self.frustrated &= self.tau > self.bad_at + 7 * DAY
+        self.fade_days = np.where(self.frustrated, fade, self.fade_days)
+        self.fade_floor = np.where(self.frustrated, 0.35, self.fade_floor)
+        self.last_ticket = self.frustrated & (rng.random(n) < 0.4)
+        self.dips = rng.random(n) < 0.35
+        self.dip_at = self.signup + rng.random(n) * (self.cutoff + CHURN_DAYS * DAY - self.signup)
+        self.dip_days = rng.uniform(7.0, 28.0, n)
+        self.dip_depth = rng.uniform(0.35, 0.75, n)
+        # regulars come ten times as often, most days (a shop they run their week on, an app they live in):
+        # the customers whose week-on-month trend is more than noise
+        self.regular = rng.random(n) < 0.25
+
     def _choose_channel(self, allowed: np.ndarray) -> np.ndarray:
         weights = _PREFERENCE_WEIGHTS * allowed
         total = weights.sum(axis=1, keepdims=True)
@@ -775,7 +812,7 @@ class _Simulation:
 
     def sessions(self) -> None:
         rng = self.rng
-        rate = np.minimum(0.06 * self.engagement, 2.0)
+        rate = np.minimum(0.06 * self.engagement * np.where(self.regular, 10.0, 1.0), 0.7)
         who, t = self.moments(rate, self.signup, self.alive_end)
         who, t = self.at_hours(who, t, self.session_hours(who), self.signup, self.alive_end)
         who, t = self.thin(who, t, self.activity(who, t))
@@ -853,11 +890,31 @@ class _Simulation:
         who, t = self.moments(np.full(n, 1 / 700), self.signup, self.alive_end)
         who, t = self.thin(who, t, self.activity(who, t) > 0)
         self.rows.add(who, t, Kind.TICKET, aux=rng.integers(0, 15, who.size))
-        count = np.where(self.bad & (self.bad_at < self.alive_end), 1 + rng.poisson(0.8, n), 0)
+        # a bad experience brings a few tickets over a week or so, whether or not it is put right
+        count = np.where(self.bad & (self.bad_at < self.alive_end), 1 + rng.poisson(1.5, n), 0)
         who = np.repeat(np.arange(n), count)
-        t = self.bad_at[who] + rng.uniform(0, 3, who.size) * DAY
+        t = self.bad_at[who] + rng.uniform(0, 8, who.size) * DAY
         severe = rng.integers(1, 3, who.size)  # normal or high
         self.rows.add(who, t, Kind.TICKET, aux=rng.integers(0, 5, who.size) + 5 * severe)
+        self._frustrated_tickets()
+
+    def _frustrated_tickets(self) -> None:
+        """A frustrated customer's tickets come faster as the fade goes on (up to one every two days), and
+        two in five leave right after a last one. Their own generator, like `_frustration_and_dips`."""
+        rng = np.random.default_rng([self.seed, 3])
+        lo = np.where(self.frustrated, self.bad_at + 3 * DAY, 0.0)
+        hi = np.where(self.frustrated, np.minimum(self.tau, self.end), 0.0)
+        span = np.maximum(hi - lo, 0.0)
+        counts = rng.poisson(0.5 * span / DAY)
+        who = np.repeat(np.arange(self.n), counts)
+        t = lo[who] + rng.random(who.size) * span[who]
+        keep = rng.random(who.size) < (t - lo[who]) / np.maximum(span[who], 1.0)  # the rate ramps up to 0.5/day
+        who, t = who[keep], t[keep]
+        self.rows.add(who, t, Kind.TICKET, aux=rng.integers(0, 5, who.size) + 5 * rng.integers(1, 3, who.size))
+        last = np.flatnonzero(self.last_ticket & (self.tau < self.end))
+        self.rows.add(
+            last, self.tau[last] - rng.uniform(60.0, 6 * HOUR, last.size), Kind.TICKET, aux=1 + 5 * 2
+        )  # billing, high
 
     def responses(self) -> None:
         rng = self.rng
@@ -1078,6 +1135,10 @@ def simulate(
         "consent0": sim.consent0,
         "dropout_at": sim.tau,
         "bad_experience": sim.bad,
+        "frustrated": sim.frustrated,
+        "dip_at": np.where(sim.dips, sim.dip_at, np.inf),
+        "dip_days": np.where(sim.dips, sim.dip_days, 0.0),
+        "regular": sim.regular,
         "order_rate": sim.order_rate,
         "spend_nu": sim.nu,
         "fraudster": sim.fraud,
@@ -1131,6 +1192,10 @@ def _outcomes(n: int, table: dict[str, np.ndarray], local_hour: np.ndarray, cuto
     fraudster[np.unique(person[table["flag"] == FRAUD_BURST])] = True
     return Outcomes(
         churned=active == 0,
+        lapsed=np.bincount(
+            person[(t >= cutoff + LAPSE_GRACE_DAYS * DAY) & (t < cutoff + CHURN_DAYS * DAY)], minlength=n
+        )
+        == 0,
         purchased=purchased > 0,
         orders_after=orders_after,
         is_fraudster=fraudster,

@@ -67,8 +67,10 @@ COMPUTED_TRAITS: dict[str, dict[str, Any]] = {
         _op("first_order_at", "min", "$at", ORDER),
         _op("last_order_at", "max", "$at", ORDER),
         # support
+        _count("tickets_30d", ["Support Ticket Opened"], "30d"),
         _count("tickets_90d", ["Support Ticket Opened"], "90d"),
         _count("tickets_365d", ["Support Ticket Opened"], "365d"),
+        _op("last_ticket_at", "max", "$at", ["Support Ticket Opened"]),
         # channels
         _count("email_opens_30d", ["Email Opened"], "30d"),
         _count("email_opens_90d", ["Email Opened"], "90d"),
@@ -139,8 +141,10 @@ ENGAGEMENT_FEATURES: list[dict[str, Any]] = [
     computed("avg_order_value", None),
     days_since("days_since_first_order", "first_order_at"),
     days_since("days_since_last_order", "last_order_at"),
+    computed("tickets_30d"),
     computed("tickets_90d"),
     computed("tickets_365d"),
+    days_since("days_since_last_ticket", "last_ticket_at"),
     computed("email_opens_30d"),
     computed("email_opens_90d"),
     computed("email_clicks_90d"),
@@ -152,6 +156,12 @@ ENGAGEMENT_FEATURES: list[dict[str, Any]] = [
     consent("push"),
     PLAN,
 ]
+
+# A trend is a share: the sessions of the last week out of the last month's, and of the last month out of
+# the last three. Trees split on values, not on ratios of two of them, and a share reads the same at five
+# sessions a day as at five a month. The engagement models compute them in their graph (`models.trends`)
+# from these features, as (numerator, denominator) names; a share of nothing is missing (NaN).
+ENGAGEMENT_TRENDS: list[tuple[str, str]] = [("sessions_7d", "sessions_30d"), ("sessions_30d", "sessions_90d")]
 
 # BG/NBD + Gamma-Gamma: no order means orders_total 0, and then the order times are not read.
 CLV_FEATURES: list[dict[str, Any]] = [
