@@ -205,8 +205,14 @@ async def _watch_models(
 
         async def check_windows() -> None:
             while True:
-                if 0 in ownership.owned():
-                    quality.check_windows()
+                try:
+                    # Every replica reads the figures the others computed: a label definition learnt
+                    # from them (realised.label) makes its label events recognised here too.
+                    await quality.load()
+                    if 0 in ownership.owned():
+                        quality.check_windows()
+                except Exception:  # a store hiccup: the next minute tries again
+                    log.exception("label window check failed")
                 await asyncio.sleep(WINDOW_CHECK_SECONDS)
 
         runtime.spawn(check_windows(), "label windows")
