@@ -205,6 +205,29 @@ async def test_a_bulk_backfill_upserts_every_row_and_reports_each_failure(salesf
     assert len(emulator.records("Contact")) == 500
 
 
+async def test_a_bulk_row_carries_any_text_a_cleared_field_and_a_flag_as_salesforce_reads_them(salesforce):
+    emulator, adapter = salesforce
+    (connection,) = parse_connections(
+        _document({"LastName": "traits.last_name", "Email": "traits.email", "HasOptedOutOfEmail": "consent.opt_out"})
+    )
+    contacts = connection.mapping("contacts")
+    await adapter.send(contacts, _people(contacts, 1))  # person-0 holds an email
+    quoted = 'O\'Brien, "Jr"\nII'  # a comma, quotes and a line break: one CSV cell
+    cleared = Change(
+        contacts.name, (("CDP_Id__c", "person-0"),), {"LastName": quoted, "Email": None}, person_id="person-0"
+    )
+    flagged = _change(contacts, "person-1", **{"traits.last_name": "Plain", "consent.opt_out": True})
+    outcome = await adapter.bulk_upsert(contacts, [cleared, flagged], poll=asyncio.sleep, poll_seconds=0.02)
+    assert outcome.error is None and all(r.ok for r in outcome.results.values())
+    assert set(outcome.results) == {cleared.record, flagged.record}
+    assert outcome.results[cleared.record].created is False and outcome.results[flagged.record].created is True
+    first = emulator.find("Contact", "CDP_Id__c", "person-0")
+    assert first["LastName"] == quoted and first.get("Email") is None  # None clears (#N/A)
+    second = emulator.find("Contact", "CDP_Id__c", "person-1")
+    assert second["LastName"] == "Plain" and second["HasOptedOutOfEmail"] in (True, "true")
+    assert outcome.results[flagged.record].crm_id == second["Id"]
+
+
 async def test_an_unknown_field_is_rejected_for_every_record():
     async with SalesforceEmulator() as emulator, aiohttp.ClientSession() as session:
         adapter = SalesforceAdapter(
