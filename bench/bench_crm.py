@@ -14,7 +14,9 @@ crm-bulk-backfill  records/s of a backfill with bulk=true (runs.Runs over the co
                    Salesforce Bulk API 2.0 ingest jobs of 10,000, CSV, polled, results read back into record
                    states) against the local Salesforce (its own process). Baseline: a raw HTTP client
                    creating one job per 10,000 rows, uploading the same CSV, closing, polling and reading
-                   the successful results. Full size: --records 1000000.
+                   the successful results. Full size: --records 1000000 (the connector holds two pages
+                   of 10,000 at a time: ~150 MB here at any size; the local Salesforce holds every
+                   record and job result, ~650 MB after 200,000 of ours and 200,000 raw).
 crm-signal-task    p99 from a signal to the task created at the local HubSpot (in this process, so the
                    moment the task is written is seen directly), 10 probes/s: each task is one request,
                    and the connection's budget is HubSpot's 190 requests per 10 s, so a faster probe
@@ -30,7 +32,8 @@ crm-signal-task    p99 from a signal to the task created at the local HubSpot (i
                    p99 <= 1 s.
 
     make bench-crm                                   # all three at small sizes
-    python bench/bench_crm.py --only outbound --outbound-records 100000 --records 1000000   # full size
+    python bench/bench_crm.py --outbound-records 100000 --records 1000000   # all three at full size
+    python bench/bench_crm.py --only bulk --records 1000000                  # the backfill alone
 
 Sizes: --outbound-records (20,000), --records (bulk backfill, 50,000), --probes (200).
 """
