@@ -412,6 +412,7 @@ async def test_a_closed_label_window_or_a_new_live_version_marks_the_figures_sta
     try:
         quality.check_windows()
         assert {m: s["trigger"] for m, s in quality.stale.items()} == {"fraud_risk": "new live version"}
+        assert quality.due_at("fraud_risk") == now[0] + quality.debounce  # a new version waits a whole period
         now[0] = at("2025-06-02T00:00:30")  # a day boundary: yesterday's cohort's label windows closed
         quality.check_windows()
         assert {m: s["trigger"] for m, s in quality.stale.items()} == {

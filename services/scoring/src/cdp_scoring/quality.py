@@ -10,7 +10,7 @@ labelled by its spec's label definition), run in the worker process (worker.py).
   closed as fraud, an order for conversion; labelwatch.py says which events label which model);
 - a label window closes: a UTC day boundary has passed since the figures were computed (the latest
   closed cut-off moves a day, and a day's cohort of churn labels becomes known);
-- a version became live and has no figures yet;
+- a version became live and has no figures yet (computed a debounce period later: nothing arrived);
 and also on the schedule `CDP_SCORING_QUALITY_SCHEDULE` and on request (`GetModelQuality` with refresh).
 An arrival marks the model's figures stale (`stale_since`, the first trigger since they were computed);
 they are computed again `CDP_SCORING_QUALITY_SETTLE_SECONDS` later (so the profile service has stored the
@@ -240,7 +240,10 @@ class RealisedQuality:
         if state is None:
             return None
         last = self.figures.get(model, {}).get("computed_at", float("-inf"))
-        return max(state["since"] + self.settle, last + self.debounce)
+        # A version that went live waits a whole period: nothing arrived for it, and a platform starting
+        # (its shipped models going live) is not slowed by a computation per model.
+        wait = self.debounce if state["trigger"] == NEW_VERSION else self.settle
+        return max(state["since"] + wait, last + self.debounce)
 
     async def _when_due(self, model: str) -> None:
         try:
