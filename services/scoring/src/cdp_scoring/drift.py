@@ -73,6 +73,7 @@ log = logging.getLogger("cdp.scoring.drift")
 
 DEFAULT_BINS = 10
 FOLD_ROWS = 4096  # rows kept unbinned per version, at most (about 0.5 MB for 30 features)
+AGED_RESCORE_ROWS = 512  # aged rows scored again per fold, about (the rest are binned as features only)
 FLOOR = 1e-4
 FEATURE, SCORE = "feature", "score"
 # Statuses of a version's last check.
@@ -295,7 +296,10 @@ class Window:
         if aged is None:  # not older than the reference: aged is as taken
             aged, rescored = matrix, scores
         else:
-            rescored = self.rescore(aged) if self.rescore is not None else None
+            # Scoring the aged rows again is a second inference on the serving path: a fixed-stride
+            # sample of them is enough for shares (PSI reads proportions, not counts).
+            step = max(1, len(aged) // AGED_RESCORE_ROWS)
+            rescored = self.rescore(aged[::step]) if self.rescore is not None else None
         for column, counts in zip(self.reference.columns, self.aged_counts, strict=True):
             if counts is None:
                 continue
