@@ -50,11 +50,12 @@ def test_two_workers_run_the_longest_modules_first_and_the_fuzz_folder_on_one_wo
         path.write_text("".join(RECORDING_TEST.format(name=f"t{i}", log=str(log), module=module) for i in range(count)))
     table = tmp_path / "durations.json"
     table.write_text(json.dumps({module: seconds for module, (_count, seconds) in modules.items()}))
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "cdp_testing.plugin", "-p", "no:cacheprovider"]
+    # Only the plugins this needs (xdist and ours): every installed one would be imported by three processes.
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "xdist", "-p", "cdp_testing.plugin", "-p", "no:cacheprovider"]
     result = subprocess.run(
         [*pytest, "-n", "2", "--dist", "loadscope", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
         cwd=tmp_path,
-        env={**os.environ, "CDP_TEST_DURATIONS": str(table)},
+        env={**os.environ, "CDP_TEST_DURATIONS": str(table), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
         capture_output=True,
         text=True,
         timeout=120,
