@@ -10,7 +10,9 @@ $900 order from each with the same card, issued in another country than the one 
    model, whose strongest signal is "accounts that joined this person in a day", scores each one as
    an ordinary new customer (about 0.002; see docs/stories.md).
 2. The profile counts four sign-ups, four orders, one card, one device in 24 hours; `fraud_risk`
-   rises above 0.5 and the person enters `fraud_review`.
+   rises above the fraud team's threshold, 0.25, and the person enters `fraud_review`. The threshold is
+   the one the shipped model's report gives for catching four fraudsters in five on held-out customers
+   (`threshold_at_that_recall` in report.json: 0.2514, at a precision of 0.78).
 3. The journey `fraud-hold` posts a hold to the payments system's webhook (the local receiver) and
    opens a case in Salesforce for the fraud team, on the person's contact, with the signals.
 4. Seen from outside: one hold naming the person, a few seconds after the last order (the test prints
@@ -36,6 +38,8 @@ IDENTITY_RULES = {
         {"name": "anonymous_id", "quarantine_after": 5, "paths": ["anonymous_id"]},
     ]
 }
+
+THRESHOLD = 0.25
 
 JOURNEY = {
     "id": "fraud-hold",
@@ -125,7 +129,7 @@ def new_account(user: str, *, device: str, ip: str, card: str, card_country: str
 @pytest.mark.timeout(300)
 def test_accounts_sharing_a_device_ip_and_card_are_held_and_get_a_case_within_seconds(story: Story):
     story.configure_crm(connections_with_cases(story))
-    story.create_segment("fraud_review", "scores.fraud_risk > 0.5", name="Orders to review for fraud")
+    story.create_segment("fraud_review", f"scores.fraud_risk > {THRESHOLD}", name="Orders to review for fraud")
     story.publish_journey(JOURNEY)
 
     # A real new customer orders in the same minutes, from her own phone and card.
@@ -145,7 +149,7 @@ def test_accounts_sharing_a_device_ip_and_card_are_held_and_get_a_case_within_se
     assert {story.person_id(user) for user in ring} == {person}, "identity joined the accounts by their device"
     assert hold["json"]["person_id"] == person and hold["json"]["subject"] == "HOLD"
     profile = story.profile("ring-3")
-    assert profile.scores["fraud_risk"].value > 0.5
+    assert profile.scores["fraud_risk"].value > THRESHOLD
     assert {k: int(profile.computed[k].number_value) for k in ("accounts_24h", "orders_24h", "cards_24h")} == {
         "accounts_24h": 4,
         "orders_24h": 4,
@@ -174,7 +178,8 @@ def test_accounts_sharing_a_device_ip_and_card_are_held_and_get_a_case_within_se
 
     # Nina is a customer like any other: low risk, no hold, no case.
     nina = story.profile("nina")
-    assert nina.scores["fraud_risk"].value < 0.5 and nina.person_id not in story.members("fraud_review")
+    print(f"fraud_risk: the ring {profile.scores['fraud_risk'].value:.3f}, Nina {nina.scores['fraud_risk'].value:.4f}")
+    assert nina.scores["fraud_risk"].value < THRESHOLD and nina.person_id not in story.members("fraud_review")
     time.sleep(2)
     assert len(story.webhooks()) == 1 and len(cases()) == 1
     assert story.decisions(nina.person_id, "fraud-hold") == []
