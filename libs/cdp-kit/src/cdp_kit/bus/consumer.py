@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -606,6 +607,178 @@ class ConsumerRunner:
             self._m_handled.add(1, {**self._attrs, "outcome": "dead_letter"})
         except Exception as exc:
             log.error("could not dead-letter after max deliveries advisory: %s", exc)
+
+
+class PullLost(Exception):
+    """The connection was re-established: messages delivered as it broke are lost; resubscribe (for an
+    ordered consumer, at the acknowledgement floor) before fetching again."""
+
+
+class StandingPull:
+    """A partition owner's fetches from one long-lived pull request instead of a new one per batch.
+
+    `ConsumerRunner._fetch` sends a pull request (and, when more is waiting, a no-wait one) for every
+    batch: a socket write and a request the server sets up and tears down, most of what a batch of a few
+    messages costs both processes. Here a request asks for `batch_size` messages with a long `expires`
+    and an idle heartbeat; the server pushes messages into the inbox as they are stored, a batch is what
+    has arrived, and a new request is added when fewer than half a batch remain outstanding (requests
+    are served in the order they were made, so counting each message against the oldest is exact). A
+    quiet stream still hands a message over the moment it comes.
+
+    Invariants the owner relies on:
+    - Every message taken from the inbox is returned to the caller, in stream order; one that comes
+      with or after a status is never dropped (a dropped message would be acknowledged by no one while
+      newer ones are handled).
+    - A request that is no longer served (expired: status 408; the consumer deleted or changed: other
+      statuses; no heartbeat for twice its interval) is forgotten and replaced, so a fetch never waits
+      on a request the server has dropped. After a reconnect `fetch` raises `PullLost`: messages on
+      their way when the connection broke are lost and stay unacknowledged, and an owner that went on
+      with newer ones would find them applied (skipped) when they came back after `ack_wait`.
+    - `close()` unsubscribes the inbox and waits for the server to confirm (a PING round trip), so
+      nothing is delivered to it afterwards. What was delivered and not taken is unacknowledged: the
+      next owner of an ordered consumer (another replica, or this one after a failed batch) restarts it
+      at its acknowledgement floor (`ConsumerRunner.provision`), so those messages come again at once
+      and first, not after `ack_wait`.
+    """
+
+    EXPIRES = 30.0
+    HEARTBEAT = 2.5
+
+    def __init__(self, nc, subscription, batch_size: int, *, expires: float = EXPIRES, heartbeat: float = HEARTBEAT):
+        self.nc = nc
+        self.subscription = subscription
+        self.inbox = subscription._sub  # nats-py keeps the pull subscription's inbox and subjects private
+        self.batch_size = batch_size
+        self.expires = expires
+        self.heartbeat = heartbeat
+        self._requests: deque[list] = deque()  # [messages still owed, local deadline], oldest first
+        self._outstanding = 0
+        self._heard = time.monotonic()  # last message or status from the server on this inbox
+        self._reconnects = nc.stats.get("reconnects", 0)
+        self._request_body = orjson.dumps(
+            {
+                "batch": batch_size,
+                "expires": int(expires * 1e9),
+                "idle_heartbeat": int(heartbeat * 1e9),
+            }
+        )
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def _forget(self) -> None:
+        self._requests.clear()
+        self._outstanding = 0
+
+    def _age(self) -> None:
+        """Forget requests the server no longer serves."""
+        now = time.monotonic()
+        reconnects = self.nc.stats.get("reconnects", 0)
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            self._forget()
+            # Messages the server sent as the connection broke are lost and unacknowledged; newer ones
+            # must not be handled before they come again (the owner restarts at the floor).
+            raise PullLost("reconnected: the standing pull and what was in flight to it are gone")
+        elif self._requests and now - self._heard > 2 * self.heartbeat + 0.5 and self.inbox._pending_queue.empty():
+            self._forget()  # heartbeats stopped (none waits unread in the inbox): the requests are gone
+        while self._requests and self._requests[0][1] <= now:
+            self._outstanding -= self._requests.popleft()[0]
+
+    async def _top_up(self) -> None:
+        self._age()
+        if self._outstanding * 2 < self.batch_size:
+            if not self._requests:
+                self._heard = time.monotonic()  # heartbeats are due from now on
+            # Forgotten a little before the server expires it: a stale request is replaced, never waited on.
+            self._requests.append([self.batch_size, time.monotonic() + self.expires - 0.5])
+            self._outstanding += self.batch_size
+            await self.nc.publish(self.subscription._nms, self._request_body, reply=self.subscription._deliver)
+
+    def _take(self, msg: Msg, msgs: list[Msg]) -> BaseException | None:
+        """Count one message from the inbox: appended to `msgs`, or a status acted on (an error to raise
+        if nothing else comes with it)."""
+        self._heard = time.monotonic()
+        headers = msg.headers
+        status = headers.get("Status") if headers else None
+        if status is None:
+            msgs.append(msg)
+            if self._requests:
+                self._outstanding -= 1
+                self._requests[0][0] -= 1
+                if self._requests[0][0] <= 0:
+                    self._requests.popleft()
+            return None
+        if status == "100":
+            return None  # idle heartbeat (or flow control, unused by pull consumers)
+        if status == "408" and self._requests:
+            self._outstanding -= self._requests.popleft()[0]  # the oldest request expired
+            return None
+        if status == "404":
+            return None
+        # 409 (consumer deleted, leadership change, a limit), 503 (no such consumer): nothing is owed.
+        self._forget()
+        return nats.js.errors.APIError.from_msg(msg)
+
+    def _next_nowait(self) -> Msg | None:
+        queue = self.inbox._pending_queue
+        if queue.empty():
+            return None
+        msg = queue.get_nowait()
+        self.inbox._pending_size -= len(msg.data)
+        queue.task_done()
+        return msg
+
+    async def fetch(self, timeout: float) -> list[Msg]:
+        """What has arrived, up to a batch, or else the next message the moment it comes; [] after
+        `timeout` with nothing. Raises the server's error (a status) when it comes with no message."""
+        if self.nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        msgs: list[Msg] = []
+        error: BaseException | None = None
+        await self._top_up()
+        deadline = time.monotonic() + timeout
+        queue = self.inbox._pending_queue
+        while not msgs:
+            msg = self._next_nowait()
+            if msg is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(remaining, self.heartbeat)):
+                        msg = await queue.get()
+                except TimeoutError:
+                    await self._top_up()  # replaces a request the server has dropped
+                    continue
+                self.inbox._pending_size -= len(msg.data)
+                queue.task_done()
+            error = self._take(msg, msgs) or error
+            if error is not None and not msgs:
+                raise error
+        while len(msgs) < self.batch_size:
+            msg = self._next_nowait()
+            if msg is None:
+                break
+            self._take(msg, msgs)
+        if msgs:
+            await self._top_up()
+        return msgs
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Unsubscribe and make sure the server has stopped delivering to the inbox (see above)."""
+        self._forget()
+        task = asyncio.current_task()
+        try:
+            await self.subscription.unsubscribe()
+            # Not when cancelled (a crash needs no drain; the UNSUB precedes anything this connection
+            # sends next), and shielded: nats-py breaks the connection when a PING's answer finds its
+            # future cancelled.
+            if self.nc.is_connected and not (task is not None and task.cancelling()):
+                await asyncio.shield(self.nc.flush(timeout=timeout))
+        except Exception:
+            pass  # the connection is gone: so is the inbox's interest on the server
 
 
 async def delivered_since(

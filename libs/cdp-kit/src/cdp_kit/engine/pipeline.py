@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cdp_kit.bus import Delivery, OutMessage, subjects
-from cdp_kit.bus.consumer import ConsumerRunner, _raise_if_cancelling, describe_error
+from cdp_kit.bus.consumer import ConsumerRunner, PullLost, StandingPull, _raise_if_cancelling, describe_error
 from cdp_kit.engine import outbox
 from cdp_kit.engine.chain import WriteChain
 from cdp_kit.engine.logic import Reject
@@ -82,7 +82,7 @@ class PartitionPipeline:
         self._published: list[str] = []  # outbox records published: deleted in the next commit
         self._unpublished: list[tuple[str | None, list[OutMessage]]] = []  # careful path: committed, not published
         self._slots = asyncio.Semaphore(self.spec.in_flight)
-        self._subscription = None
+        self._pull: StandingPull | None = None
         self.task: asyncio.Task | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------
@@ -187,9 +187,10 @@ class PartitionPipeline:
         while True:
             try:
                 await self.runner.provision()
-                self._subscription = await self.engine.bus.js.pull_subscribe_bind(
+                subscription = await self.engine.bus.js.pull_subscribe_bind(
                     durable=self.consumer.durable, stream=self.consumer.stream
                 )
+                self._pull = StandingPull(self.runner.nc, subscription, self.consumer.batch_size)
                 return
             except asyncio.CancelledError:
                 raise
@@ -199,17 +200,22 @@ class PartitionPipeline:
                 delay = min(delay * 2, 5.0)
 
     async def _unsubscribe(self) -> None:
-        if self._subscription is not None:
-            subscription, self._subscription = self._subscription, None
-            try:
-                await subscription.unsubscribe()
-            except Exception:
-                pass
+        """Stop the standing pull: once this returns nothing more is delivered to it, and what was
+        delivered and not handled is redelivered first to the next owner (`StandingPull`)."""
+        if self._pull is not None:
+            pull, self._pull = self._pull, None
+            await pull.close()
 
     async def _fetch(self) -> list:
         try:
-            return await self.runner._fetch(self._subscription)
+            return await self._pull.fetch(self.consumer.fetch_timeout)
         except nats.errors.TimeoutError:
+            return []
+        except PullLost:
+            # Restarted at the acknowledgement floor: what was lost in flight comes again, before anything
+            # newer (batches in flight come again too, and are skipped by position once they are durable).
+            log.warning("engine consumer %s: connection re-established; resubscribing", self.consumer.durable)
+            await self._subscribe()
             return []
         except asyncio.CancelledError:
             raise
