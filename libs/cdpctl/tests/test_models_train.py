@@ -73,11 +73,11 @@ async def test_a_candidate_that_does_not_beat_live_stays_in_shadow_with_its_reco
     assert summary["role"] == "shadow" and summary["decision"]["promote"] is False
 
     model = await stub.GetModel(scoring_pb2.GetModelRequest(name="churn_risk"))
-    assert model.live_version == "1.0.0"
+    assert model.live_version == "1.1.0"
     candidate = next(v for v in model.versions if v.spec.version == summary["version"])
     assert candidate.role == scoring_pb2.ROLE_SHADOW
     training = candidate.spec.training
     assert "stays in shadow" in training["promotion"]["reason"]
-    assert training["promotion"]["live_version"] == "1.0.0"  # live scored by the service on the same rows
+    assert training["promotion"]["live_version"] == "1.1.0"  # live scored by the service on the same rows
     assert training["rows"] > 500 and training["data_hash"] and training["feature_importances"]
     assert candidate.spec.quality["live_on_holdout"]["auc"] > 0.6
