@@ -4,8 +4,8 @@ crm-outbound       records/s the connector (`python -m cdp_crm`, 4 partitions, o
                    to the local HubSpot (its own process, at HubSpot's documented limit: 190 requests per
                    rolling 10 s, 100 inputs a batch upsert = 1,900 records/s) from profile changes published
                    on profiles.changed, while faults are injected every two seconds (a 429, a 503, a
-                   connection dropped after the write committed). The connector takes crm.in 64 messages
-                   a batch (run_outbound says why). Baseline: a raw client sending batch upserts of 100 at
+                   connection dropped after the write committed). The connector runs with its defaults
+                   (crm.in 64 messages a batch, CDP_CRM_BATCH_SIZE). Baseline: a raw client sending batch upserts of 100 at
                    exactly the budget (one request every 10/190 s) to a fresh local HubSpot. Target: >= 90 %
                    of the baseline. `params` carry what must be 0: requests HubSpot
                    answered over its limit (`over_budget`, the connector's only) and duplicates (contacts
