@@ -3,9 +3,14 @@
 Two tasks per partition. The *applier* fetches a batch, decodes it, skips what the checkpoint covers,
 calls `apply` and submits the batch's commit to the write chain, then goes on with the next batch
 while that commit is in flight (at most `in_flight` batches between apply and acknowledgement). The
-*settler* takes the batches in the same order, waits for each commit, publishes the batch's messages
-and acknowledges its deliveries. So the checkpoint and the acknowledgements only ever advance over a
-contiguous durable prefix, and batch n+1 is applied while batch n is being written.
+*settler* takes the batches in the same order, waits for each commit, acknowledges the batch's
+deliveries and publishes its messages (one socket write for both; the commit put the messages in the
+outbox, so a process that dies in between loses none). So the checkpoint and the acknowledgements only
+ever advance over a contiguous durable prefix, and batch n+1 is applied while batch n is being written.
+
+Fetching: one standing pull request serves many batches (`cdp_kit.bus.consumer.StandingPull`); a
+batch is what has arrived in its inbox. Stopping closes it so nothing more is delivered to it, and what
+was delivered and not handled comes again first to the next owner (restarted at the floor).
 
 Failure: a commit that fails (or an `apply` that raises) stops the applier; every batch after it fails
 too (the chain), nothing after it is acknowledged. Once the settler has drained, `recover` is called,
@@ -390,6 +395,14 @@ class PartitionPipeline:
             self.checkpoint = max(self.checkpoint, batch.last_seq)
         elif self._failure is not None:
             return
+        acknowledging = time.perf_counter()
+        # Acknowledged before the messages are published: the commit that just landed holds them in the
+        # outbox, which is published (by this settler, or by the next owner's `_restore` before anything
+        # newer) and deleted only once JetStream stored them. Acknowledging first puts the
+        # acknowledgements and the publish in one socket write (nats-py sends what is buffered when its
+        # flusher next runs) instead of two, a round trip apart.
+        await self.runner._settle(batch.deliveries, None, final=True)
+        self.engine.m_ack.record((time.perf_counter() - acknowledging) * 1000, self.attrs)
         if batch.messages:
             attempt = 0
             while not await self._publish(batch.messages):
@@ -400,9 +413,6 @@ class PartitionPipeline:
                 attempt += 1
             if batch.outbox_key is not None:
                 self._published.append(batch.outbox_key)
-        acknowledging = time.perf_counter()
-        await self.runner._settle(batch.deliveries, None, final=True)
-        self.engine.m_ack.record((time.perf_counter() - acknowledging) * 1000, self.attrs)
 
     async def _publish(self, messages: list[OutMessage]) -> bool:
         """One attempt to get every message stored by JetStream (ones already stored are duplicates)."""
