@@ -12,8 +12,9 @@ order of the burst), one `now` per row.
 A heuristic baseline is the best of a few single-field rules (listed in each result's params), chosen on
 this same population: the choice flatters the baseline, never the model.
 
-model-churn          AUC of churn_risk; baseline: recency of the last session, or fewest sessions in 90 days,
-                     or recency of the last order (the strongest)
+model-churn          AUC of churn_risk on the label it was trained for, lapsed a month on (`Outcomes.lapsed`: no
+                     activity in the 60 days after the next 30); baseline: recency of the last session, or
+                     fewest sessions in 90 days, or recency of the last order (the strongest)
 model-propensity     AUC of purchase_propensity; baseline: product views in 7 days, cart adds in 7 days,
                      orders in 90 days, or recency of the last order (the strongest)
 model-fraud          AUC of fraud_risk; baseline: devices_24h + geo_mismatch_24h, or the strongest single
@@ -91,7 +92,7 @@ from cdp_training.graphs import reference_clv
 from cdp_training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
 from cdp_training.platformdata import write_population
 from cdp_training.pointintime import StoredProfile, iter_profiles, read_profiles, training_set, training_set_from_store
-from cdp_training.simulator import CHANNELS, CHURN_DAYS, Population, simulate
+from cdp_training.simulator import CHANNELS, CHURN_DAYS, LAPSE_GRACE_DAYS, Population, simulate
 from cdp_training.traits import ENGAGEMENT_FEATURES, traits_for
 
 SEED = 11  # never used by training (7: train, 8: held-out figures in report.json)
@@ -193,7 +194,14 @@ def bench_churn(model: LoadedModel, population: Population, fields: Sequence[Map
         "fewest sessions in 90 days (-sessions_90d)": -count(fields, "sessions_90d"),
         "days since the last order": days_since(fields, "last_order_at", cutoff),
     }
-    return bench_engagement(model, population, fields, population.outcomes.churned, candidates)
+    # judged on what it was trained to predict (models.churn_risk, learn.TRAINABLE): a lapse a month on, not
+    # "no activity in the next 90 days", for which its probabilities are not calibrated
+    result = bench_engagement(model, population, fields, population.outcomes.lapsed, candidates)
+    result["params"]["label"] = (
+        f"lapsed: no activity in the {CHURN_DAYS - LAPSE_GRACE_DAYS} days after the first {LAPSE_GRACE_DAYS} "
+        "after the cutoff"
+    )
+    return result
 
 
 def bench_propensity(model: LoadedModel, population: Population, fields: Sequence[Mapping[str, Any]]) -> dict:

@@ -148,6 +148,24 @@ def test_an_evaluation_slice_that_overlaps_the_training_labels_is_refused(world)
     assert caught.value.field == "evaluate_at"
 
 
+def test_a_churn_run_evaluates_only_after_the_grace_and_the_window_of_its_training_labels(world):
+    population, profiles, _ = world
+    # the default churn label reads (T + 30d, T + 90d]: an evaluation at T + 60d would see those events as features
+    with pytest.raises(InvalidArgument) as caught:
+        learn.train_run(
+            "churn_risk",
+            profiles,
+            cutoff=population.cutoff - 150 * DAY,
+            evaluate_at=population.cutoff - 90 * DAY,
+            until=population.end,
+            log=lambda _: None,
+        )
+    assert caught.value.field == "evaluate_at" and "90d" in caught.value.message
+    # with no cut-off given, training and evaluation labels both close before the end of the data
+    cutoff = learn.default_cutoff(profiles, learn.TRAINABLE["churn_risk"].label, until=population.end)
+    assert cutoff <= population.end - 180 * DAY and cutoff % DAY == 0
+
+
 def test_the_api_less_run_writes_the_candidate_and_its_record(world, tmp_path, capsys):
     population, _, store = world
     db = f"sqlite:///{tmp_path / 'profile.db'}"

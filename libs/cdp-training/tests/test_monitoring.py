@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from cdp_kit.errors import FailedPrecondition
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_kit.storage import MemoryStore
 from cdp_scoring.domain.registry import LIVE, Version
 from cdp_scoring.drift import DriftMonitor, build_reference, load_shipped_references
@@ -19,12 +19,13 @@ from cdp_training.dataset import matrix
 from cdp_training.drift import REFERENCES
 from cdp_training.pipeline import MODELS_DIR
 from cdp_training.platformdata import write_population
-from cdp_training.pointintime import read_profiles
+from cdp_training.pointintime import read_profiles, training_set
 from cdp_training.realised import realised_quality
 from cdp_training.simulator import simulate
 from cdp_training.traits import COMPUTED_TRAITS
 
 DAY = 86_400.0
+LAPSE = {"kind": "no_activity", "after": "30d", "window": "60d"}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_a_trained_version_carries_the_reference_of_its_own_training_rows(churn_
 def test_realised_quality_judges_the_version_on_the_latest_closed_window_with_its_own_label(world, churn_run):
     population, profiles = world
     realised = realised_quality(profiles, churn_run.built.data, until=population.end)
-    assert realised["label"] == {"kind": "no_activity", "window": "90d"}  # the version's training.label
+    assert realised["label"] == LAPSE  # the version's training.label
     assert realised["cutoff"] == learn.iso(population.end - 90 * DAY)  # the end is a midnight
     assert realised["label_until"] == learn.iso(population.end)
     assert realised["rows"] > 400 and 0 < realised["positives"] < realised["rows"]
@@ -81,6 +82,39 @@ def test_realised_quality_judges_the_version_on_the_latest_closed_window_with_it
     for b in bins:
         if b["rows"]:
             assert 0 <= b["observed_rate"] <= 1 and b["from"] <= b["mean_predicted"] <= b["to"]
+
+
+def test_the_platforms_churn_label_is_the_one_the_shipped_model_was_trained_on(world):
+    population, profiles = world
+    assert learn.TRAINABLE["churn_risk"].label == LAPSE
+    spec = load_model((MODELS_DIR / "churn_risk.onnx").read_bytes()).spec
+    rows = training_set(profiles, spec=spec, label=LAPSE, cutoff=population.cutoff, until=population.end)
+    person = {population.person_id(p): p for p in range(population.size)}
+    who = np.array([person[pid] for pid in rows.person_ids])
+    assert rows.rows > 400
+    # the same customers lapsed as the simulator says, the truth the shipped model learned
+    np.testing.assert_array_equal(rows.y[:, 0].astype(bool), population.outcomes.lapsed[who])
+    # and that is not "no activity in the next 90 days": some came back in the month of grace only
+    assert (population.outcomes.lapsed[who] & ~population.outcomes.churned[who]).any()
+
+
+def test_the_shipped_churn_model_is_judged_on_its_lapse_label_once_offset_and_window_have_closed(world):
+    population, profiles = world
+    shipped = (MODELS_DIR / "churn_risk.onnx").read_bytes()
+    realised = realised_quality(profiles, shipped, until=population.end)
+    assert realised["version"] == "1.1.0" and realised["label"] == LAPSE
+    # the latest cut-off whose 30 days of grace and 60-day window the store has seen whole
+    assert realised["cutoff"] == learn.iso(population.end - 90 * DAY)
+    assert realised["label_from"] == learn.iso(population.end - 60 * DAY)
+    assert realised["label_until"] == learn.iso(population.end)
+    assert realised["status"] == "ok" and realised["auc"] > 0.8
+    # calibrated for its own label: judged on "no activity in the next 90 days" it looks miscalibrated
+    old = realised_quality(profiles, shipped, label={"kind": "no_activity", "window": "90d"}, until=population.end)
+    assert realised["ece_10_bins"] < old["ece_10_bins"]
+    # a later cut-off would read a window not yet observed as "nothing happened": refused
+    with pytest.raises(InvalidArgument) as caught:
+        realised_quality(profiles, shipped, cutoff=population.end - 70 * DAY, until=population.end)
+    assert caught.value.field == "cutoff"
 
 
 def test_a_shipped_model_is_judged_with_its_trainable_label(world):

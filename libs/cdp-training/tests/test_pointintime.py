@@ -38,6 +38,8 @@ SPEC = ModelSpec.from_dict(
     }
 )
 CHURN = {"kind": "no_activity", "window": "90d"}
+# the shipped churn_risk's label: lapsed a month on, no activity in (T + 30d, T + 90d]
+LAPSE = {"kind": "no_activity", "after": "30d", "window": "60d"}
 PURCHASE = {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]}
 
 
@@ -181,6 +183,11 @@ async def test_a_label_window_past_the_end_of_the_data_is_refused_naming_the_cut
         ({"kind": "orders_and_value", "window": "1w", "events": [{"name": "Order Completed"}]}, "label.value_property"),
         ({"kind": "channel_answered", "window": "1w", "events": [{"name": "A"}], "property": "c"}, "label.classes"),
         ({"kind": "no_activity", "window": "1w", "horizon": "1w"}, "label.horizon"),
+        ({"kind": "no_activity", "window": "60d", "after": "soon"}, "label.after"),
+        ({"kind": "no_activity", "window": "60d", "after": "-30d"}, "label.after"),
+        ({"kind": "no_activity", "window": "60d", "after": -1}, "label.after"),
+        ({"kind": "no_activity", "window": "60d", "after": True}, "label.after"),
+        ({"kind": "no_activity", "window": "60d", "after": float("inf")}, "label.after"),
     ],
 )
 def test_a_bad_label_spec_is_refused_naming_the_field(spec, field):
@@ -196,6 +203,44 @@ def test_a_label_spec_reads_back_as_written():
         "events": [{"name": "Case Closed", "where": {"resolution": "fraud"}}],
     }
     assert LabelSpec.from_dict(spec).to_dict() == spec
+
+
+def test_a_label_window_can_start_a_while_after_the_cutoff():
+    lapse = LabelSpec.from_dict(LAPSE)
+    assert (lapse.after, lapse.window, lapse.horizon) == (30 * DAY, 60 * DAY, 90 * DAY)
+    assert lapse.to_dict() == LAPSE
+    # no offset is the window right after the cut-off, written as it always was
+    assert LabelSpec.from_dict({**LAPSE, "after": 0}).after == 0.0
+    assert LabelSpec.from_dict({**LAPSE, "after": "0d"}).to_dict() == {"kind": "no_activity", "window": "60d"}
+    assert LabelSpec.from_dict(CHURN).after == 0.0
+
+
+async def test_a_label_with_a_start_offset_reads_only_its_window_and_features_only_up_to_the_cutoff():
+    quiet = [page("q1", T - DAY)]
+    # back inside the month of grace only: that is no answer to "lapsed a month on"
+    grace = [*quiet, page("g2", T + 10 * DAY), track("g3", "Order Completed", T + 30 * DAY, total=9.0)]
+    # back inside the window (its last instant counts, as every window's does)
+    back = [*quiet, page("b2", T + 90 * DAY)]
+    end = [page("z1", T - DAY), page("z2", T + 120 * DAY)]  # the store observes past T + 90d
+    profiles = await _profiles({"back": back, "grace": grace, "quiet": quiet, "zend": end})
+    lapse = training_set(profiles, spec=SPEC, label=LAPSE, cutoff=T)
+    churn = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T)
+    assert lapse.person_ids == ["back", "grace", "quiet", "zend"]
+    assert lapse.y[:, 0].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert churn.y[:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # the grace month does count for "the next 90 days"
+    # the rows of back, grace and quiet were all the same person at T
+    np.testing.assert_array_equal(lapse.X[0], lapse.X[1])
+    np.testing.assert_array_equal(lapse.X[1], lapse.X[2])
+
+
+async def test_a_label_with_a_start_offset_is_known_only_once_offset_and_window_have_passed():
+    profiles = await _profiles({"x": [page("x1", T - DAY), page("x2", T + 70 * DAY)]})
+    # 70 days observed: enough for a 60-day window, not for one that starts 30 days after T
+    assert training_set(profiles, spec=SPEC, label={**LAPSE, "after": 0}, cutoff=T).rows == 1
+    with pytest.raises(InvalidArgument) as caught:
+        training_set(profiles, spec=SPEC, label=LAPSE, cutoff=T)
+    assert caught.value.field == "cutoff"
+    assert "90d" in caught.value.message
 
 
 async def test_a_merged_profile_gives_one_row_from_both_persons_events_before_the_cutoff():

@@ -230,7 +230,7 @@ async def uplift_rows(
             result = int(converted)
         else:
             assert person is not None
-            if assigned + label.window > end:
+            if assigned + label.horizon > end:
                 skipped["outcome_not_yet_known"] += 1
                 continue
             value = label.label((e for e in person.timeline if e.at > assigned), assigned)

@@ -1,8 +1,9 @@
 """What a model learns to predict, written as data: the label of a point-in-time training row.
 
-A label is read from what happened to the person *after* the cut-off T, within a window (T, T + window]:
+A label is read from what happened to the person *after* the cut-off T, within a window (T, T + window],
+or, with `after`, a window that opens a while later, (T + after, T + after + window]:
 
-    {"kind": "no_activity", "window": "90d"}                                      churn: no qualifying event
+    {"kind": "no_activity", "after": "30d", "window": "60d"}       churn: lapsed a month on, no event in the 60 days after
     {"kind": "goal_event", "window": "30d", "events": [{"name": "Order Completed"}]}       conversion
     {"kind": "label_event", "window": "90d",
      "events": [{"name": "Chargeback"}, {"name": "CRM Ticket Closed", "where": {"resolution": "fraud"}}]}  fraud
@@ -14,7 +15,10 @@ A label is read from what happened to the person *after* the cut-off T, within a
 
 `events` lists what qualifies: each a `name` (an event name; absent: any name), an optional `type`
 (track, page, screen, identify, group, alias; absent: any) and an optional `where` (property -> value
-every match must carry). `no_activity` without `events` counts every event. A `channel_answered` row's label
+every match must carry). `no_activity` without `events` counts every event. `after` (a duration, 0 or
+more; absent: 0) skips what happens in (T, T + after]: "lapsed a month on" is not "already gone", and an
+event in the month of grace is no answer to it. A label is known only once its `horizon` (after + window)
+has passed: nothing reads a cut-off later than the last event the store holds minus the horizon. A `channel_answered` row's label
 is the class answered most in the window (ties: the one answered first); a person who answered none has
 no label and no row; `aliases` maps other names senders use for a class onto it (orchestration's outcome
 events say "inapp" and "webpush" where the classes say "in_app" and "push"). Every error names the field (`label.window`, `label.events[1].where`) and what to write.
@@ -28,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cdp_kit.durations import format_duration, parse_duration
+from cdp_kit.durations import DURATION_RE, format_duration, parse_duration
 from cdp_kit.errors import InvalidArgument
 from cdp_profile.domain import TimelineEntry
 
@@ -42,7 +46,7 @@ NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT, ORDERS_AND_VALUE, CHANNEL_ANSWERED = (
 KINDS = (NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT, ORDERS_AND_VALUE, CHANNEL_ANSWERED)
 BINARY_KINDS = frozenset({NO_ACTIVITY, GOAL_EVENT, LABEL_EVENT})
 EVENT_TYPES = ("track", "page", "screen", "identify", "group", "alias")
-_KEYS = ("kind", "window", "events", "value_property", "property", "classes", "aliases")
+_KEYS = ("kind", "after", "window", "events", "value_property", "property", "classes", "aliases")
 _MATCH_KEYS = ("name", "type", "where")
 
 
@@ -88,6 +92,19 @@ def _match(data: Any, where: str) -> EventMatch:
     return EventMatch(name, kind, tuple(sorted(condition.items())))
 
 
+def _offset(value: Any, where: str) -> float:
+    """`after`: a duration like `window`'s, where 0 (no offset) is allowed too."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if isinstance(value, str) and (match := DURATION_RE.match(value)) and float(match.group(1)) == 0:
+        return 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise InvalidArgument(where, f"{value!r} must not be negative: the window opens at or after the cut-off")
+    if isinstance(value, str) and value.strip().startswith("-"):
+        raise InvalidArgument(where, f"{value!r} must not be negative: the window opens at or after the cut-off")
+    return parse_duration(value, where)
+
+
 @dataclass(frozen=True, slots=True)
 class LabelSpec:
     kind: str
@@ -98,6 +115,12 @@ class LabelSpec:
     classes: tuple[str, ...] = ()
     # channel_answered: another name a sender gives a class (orchestration says "inapp" for "in_app")
     aliases: tuple[tuple[str, str], ...] = ()
+    after: float = 0.0  # seconds after the cut-off before the window opens
+
+    @property
+    def horizon(self) -> float:
+        """Seconds after the cut-off until the label is known: the window closes at T + after + window."""
+        return self.after + self.window
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "label") -> LabelSpec:
@@ -112,6 +135,7 @@ class LabelSpec:
         if "window" not in data:
             raise InvalidArgument(f"{where}.window", "is required: how long after the cut-off to look, e.g. '90d'")
         window = parse_duration(data["window"], f"{where}.window")
+        after = _offset(data.get("after", 0), f"{where}.after")
         raw_events = data.get("events", [])
         if not isinstance(raw_events, list):
             raise InvalidArgument(f"{where}.events", "must be a list of event matches like {'name': 'Order Completed'}")
@@ -153,10 +177,13 @@ class LabelSpec:
                 raise InvalidArgument(f"{where}.property", f"only {CHANNEL_ANSWERED} labels read a property")
             if classes:
                 raise InvalidArgument(f"{where}.classes", f"only {CHANNEL_ANSWERED} labels have classes")
-        return cls(kind, window, events, value_property, prop, tuple(classes), tuple(sorted(aliases.items())))
+        return cls(kind, window, events, value_property, prop, tuple(classes), tuple(sorted(aliases.items())), after)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "window": format_duration(self.window)}
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.after:
+            out["after"] = format_duration(self.after)
+        out["window"] = format_duration(self.window)
         if self.events:
             out["events"] = [match.to_dict() for match in self.events]
         if self.value_property is not None:
@@ -177,9 +204,11 @@ class LabelSpec:
         return not self.events or any(match.matches(entry) for match in self.events)
 
     def label(self, after: Iterable[TimelineEntry], cutoff: float) -> tuple[float, ...] | None:
-        """The label from the person's entries after the cut-off (any order); None: no label, no row."""
-        end = cutoff + self.window
-        hits = [e for e in after if cutoff < e.at <= end and self.qualifies(e)]
+        """The label from the person's entries after the cut-off (any order); None: no label, no row.
+        Only entries in (cutoff + after, cutoff + after + window] count."""
+        start = cutoff + self.after
+        end = start + self.window
+        hits = [e for e in after if start < e.at <= end and self.qualifies(e)]
         if self.kind == NO_ACTIVITY:
             return (0.0 if hits else 1.0,)
         if self.kind in (GOAL_EVENT, LABEL_EVENT):

@@ -6,8 +6,9 @@ shadow, promote only on evidence.
 
 1. The training set is `pointintime.training_set` at the cut-off T, with the features of the live version
    (so the candidate is a drop-in for it) and the label of the model's spec (`TRAINABLE`, or `--label`).
-2. The evaluation set is the same at a later cut-off E >= T + window (default exactly that): its features
-   start where the training labels end, its labels are later still, so no training row saw the slice.
+2. The evaluation set is the same at a later cut-off E >= T + after + window (the label's horizon; default
+   exactly that): its features start where the training labels end, its labels are later still, so no
+   training row saw the slice.
 3. The candidate (LightGBM, the shipped models' settings) and the live version are both scored on E's
    rows, each through its own spec's assembler from the same profile fields. The candidate is promoted
    only when it beats live by at least `margin` (AUC for binary labels, top-1 accuracy for
@@ -51,7 +52,7 @@ from cdp_training.graphs import run, score_columns
 from cdp_training.labels import BINARY_KINDS, CHANNEL_ANSWERED, LabelSpec
 from cdp_training.models import NBC_TREES, OWNER, Built, _finish, _lightgbm, _lightgbm_onnx, with_send_hour
 from cdp_training.pointintime import StoredProfile, TrainingSet, observed_until, training_set
-from cdp_training.simulator import CHANNELS
+from cdp_training.simulator import CHANNELS, CHURN_DAYS, LAPSE_GRACE_DAYS
 from cdp_training.traits import ENGAGEMENT_FEATURES, FRAUD_FEATURES, NBC_FEATURES, traits_for
 
 DEFAULT_MARGIN = 0.005  # points of the metric (AUC; top-1 accuracy for channels) to gain over live
@@ -77,12 +78,17 @@ def _probability(score: str, meaning: str) -> list[dict[str, Any]]:
 ANSWERS = feedback.ANSWERS
 
 
+_LAPSE_WINDOW = CHURN_DAYS - LAPSE_GRACE_DAYS
+
 TRAINABLE: dict[str, Trainable] = {
+    # The shipped model's target (models.churn_risk: `Outcomes.lapsed`): lapsed a month on, no event of any
+    # kind in (T + 30d, T + 90d], so a model retrained here predicts what the shipped one does.
     "churn_risk": Trainable(
         ENGAGEMENT_FEATURES,
-        _probability("churn_risk", "P(no activity in the next 90 days)"),
-        "Churn risk, trained on this platform's customers: P(no activity at all in the next 90 days).",
-        {"kind": "no_activity", "window": "90d"},
+        _probability("churn_risk", f"P(no activity in the {_LAPSE_WINDOW} days after the next {LAPSE_GRACE_DAYS})"),
+        "Churn risk, trained on this platform's customers: the probability that the customer has lapsed a month "
+        f"from now - no activity at all in the {_LAPSE_WINDOW} days after the next {LAPSE_GRACE_DAYS}.",
+        {"kind": "no_activity", "after": f"{LAPSE_GRACE_DAYS}d", "window": f"{_LAPSE_WINDOW}d"},
     ),
     "purchase_propensity": Trainable(
         ENGAGEMENT_FEATURES,
@@ -251,11 +257,11 @@ def train_run(
     if not math.isfinite(margin) or margin < 0:
         raise InvalidArgument("margin", f"{margin!r} must be a number of AUC points >= 0")
     if evaluate_at is None:
-        evaluate_at = cutoff + spec_label.window
-    if evaluate_at < cutoff + spec_label.window:
+        evaluate_at = cutoff + spec_label.horizon
+    if evaluate_at < cutoff + spec_label.horizon:
         raise InvalidArgument(
             "evaluate_at",
-            f"must be at least the label window ({format_duration(spec_label.window)}) after the cut-off, "
+            f"must be at least the end of the label window ({format_duration(spec_label.horizon)}) after the cut-off, "
             "or the evaluation slice would share labels with the training rows",
         )
     template = _template(name, trainable, live)
@@ -305,12 +311,12 @@ def train_run(
         "label": spec_label.to_dict(),
         "window": {
             "history_until": iso(cutoff),
-            "label_from": iso(cutoff),
-            "label_until": iso(cutoff + spec_label.window),
+            "label_from": iso(cutoff + spec_label.after),
+            "label_until": iso(cutoff + spec_label.horizon),
         },
         "evaluation_window": {
             "history_until": iso(evaluate_at),
-            "label_until": iso(evaluate_at + spec_label.window),
+            "label_until": iso(evaluate_at + spec_label.horizon),
         },
         "rows": train.rows,
         "positives": train.summary().get("label_counts"),
@@ -419,13 +425,13 @@ async def register(registry: ModelRegistry, result: RunResult, *, had_live: bool
 
 
 def default_cutoff(profiles: Sequence[StoredProfile], label: Mapping[str, Any], until: float | None = None) -> float:
-    """The latest cut-off (a UTC midnight) whose label window and evaluation slice (one more window) the
-    store has observed: what a run without a cut-off trains on."""
-    window = LabelSpec.from_dict(label).window
+    """The latest cut-off (a UTC midnight) whose label window and evaluation slice (one more horizon: after
+    + window) the store has observed: what a run without a cut-off trains on."""
+    horizon = LabelSpec.from_dict(label).horizon
     end = observed_until(profiles) if until is None else until
     if not math.isfinite(end):
         raise FailedPrecondition("the profile store holds no events to train on", reason="no_data")
-    latest = end - 2 * window
+    latest = end - 2 * horizon
     return float(latest - latest % 86_400)
 
 

@@ -11,8 +11,9 @@ timeline entry at or before T:
 - scores are kept only when written at or before T (a profile keeps only the newest score, so a model
   reading another model's score loses it when it was rescored after T);
 - the row is assembled by the scoring domain's `FeatureAssembler` at T, as serving does;
-- the label comes from the entries after T (`labels.LabelSpec`), and T + window must not pass the last
-  event the store holds (`observed_until`): an unobserved window would read as "nothing happened".
+- the label comes from the entries after T (`labels.LabelSpec`; with `after`, only those after T + after),
+  and T + after + window (the label's horizon) must not pass the last event the store holds
+  (`observed_until`): an unobserved window would read as "nothing happened".
 
 So nothing after T reaches a row's features: the profile the row is read from is built from entries at
 or before T only. T is event time: an event that happened before T but arrived after it counts (timeline
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from cdp_kit.durations import format_duration
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import Store
 from cdp_profile.domain import ComputedTraits, Profile, TimelineEntry
@@ -247,11 +249,12 @@ class TrainingSet:
 
 
 def _check_window(label: LabelSpec, cutoff: float, end: float) -> None:
-    if cutoff + label.window > end:
+    if cutoff + label.horizon > end:
         raise InvalidArgument(
             "cutoff",
-            f"the label window ({label.to_dict()['window']} after the cut-off) ends after the last event the store "
-            f"holds ({end - cutoff:.0f} s after it): choose a cut-off at least the window before the end of the data",
+            f"the label window (closing {format_duration(label.horizon)} after the cut-off) ends after the last event "
+            f"the store holds ({end - cutoff:.0f} s after it): choose a cut-off at least that long before the end "
+            "of the data",
         )
 
 

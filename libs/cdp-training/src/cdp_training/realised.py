@@ -1,13 +1,15 @@
 """Realised quality: how well a deployed version does on the latest customers whose outcome is known.
 
-Labels arrive late: a churn label is known only once its window has closed, a fraud label once the
+Labels arrive late: a churn label is known only once its window has closed (the shipped churn_risk's 90
+days after the cut-off: a month of grace, then 60 days without activity), a fraud label once the
 chargeback or the case closed as fraud is on the timeline. So the figures are taken at the latest
-cut-off T whose window the store has fully observed, T = last event - window (to the second, not a
-midnight: a label that arrived just now, the last event there is, is inside the window): the
-rows are the point-in-time set at T (`pointintime.training_set`, the features as they were known at T,
-assembled by the version's own spec), scored by the version's own ONNX file, and labelled by what
-happened in (T, T + window] with the label definition of the version's spec (`training.label`; the
-shipped models use their trainable default, `learn.TRAINABLE`).
+cut-off T whose window the store has fully observed, T = last event - horizon (the label's after +
+window; to the second, not a midnight: a label that arrived just now, the last event there is, is inside
+the window): the rows are the point-in-time set at T (`pointintime.training_set`, the features as they
+were known at T, assembled by the version's own spec), scored by the version's own ONNX file, and
+labelled by what happened in (T + after, T + after + window] with the label definition of the version's
+spec (`training.label`; the shipped models, whose `training.label` is prose, use their trainable default,
+`learn.TRAINABLE`, the label they were trained on).
 
 Binary labels give AUC, Brier score, expected calibration error and the reliability bins (ten equal
 widths of the predicted probability: rows, mean predicted, observed rate); channel labels give top-1
@@ -63,13 +65,14 @@ def realised_quality(
     if cutoff is None:
         if not np.isfinite(end):
             raise FailedPrecondition("the profile store holds no events to judge on", reason="no_data")
-        cutoff = float(end - label_spec.window)
+        cutoff = float(end - label_spec.horizon)
     rows = training_set(profiles, spec=spec, label=label_spec, cutoff=cutoff, until=end)
     out: dict[str, Any] = {
         "version": spec.version,
         "label": label_spec.to_dict(),
         "cutoff": iso(cutoff),
-        "label_until": iso(cutoff + label_spec.window),
+        "label_from": iso(cutoff + label_spec.after),
+        "label_until": iso(cutoff + label_spec.horizon),
         "rows": rows.rows,
     }
     if rows.rows == 0:
