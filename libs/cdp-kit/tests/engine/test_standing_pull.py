@@ -83,3 +83,24 @@ async def test_what_a_stopped_pull_was_sent_comes_to_the_next_owner_at_once(bus)
     for m in got:
         await m.ack()
     await second.close()
+
+
+async def test_a_quiet_stream_always_has_a_request_waiting(bus):
+    """The standing request is renewed before the server expires it: a message that comes just after
+    an expiry is handed over at once, not when the owner next looks (up to a heartbeat later)."""
+    spec = ConsumerSpec(stream=IN_STREAM, durable="quiet-p1", filter_subjects=(f"{IN_PREFIX}.1",), ordered=True)
+    runner = ConsumerRunner(bus.js, spec, handler=None, telemetry=bus.telemetry)
+    await runner.provision()
+    subscription = await bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    pull = StandingPull(bus.nc, subscription, 16, expires=2.0, heartbeat=0.9)
+
+    async def later() -> None:
+        await asyncio.sleep(2.2)  # the first request expired at the server 0.2 s ago
+        await bus.publisher.publish_batch([OutMessage(f"{IN_PREFIX}.1", b"q", "quiet-1")])
+
+    publishing = asyncio.create_task(later())
+    got = await pull.fetch(2.6)
+    await publishing
+    assert [m.data for m in got] == [b"q"]
+    await got[0].ack()
+    await pull.close()

@@ -743,20 +743,28 @@ class StandingPull:
         while not msgs:
             msg = self._next_nowait()
             if msg is None:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     break
+                # Awake by the oldest request's deadline, so its successor is asked before the server
+                # expires it: a quiet stream never goes without a request waiting.
+                wait = min(remaining, self.heartbeat)
+                if self._requests:
+                    wait = max(0.0, min(wait, self._requests[0][1] - now))
                 try:
-                    async with asyncio.timeout(min(remaining, self.heartbeat)):
+                    async with asyncio.timeout(wait):
                         msg = await queue.get()
                 except TimeoutError:
-                    await self._top_up()  # replaces a request the server has dropped
+                    await self._top_up()  # replaces a request that expired or the server has dropped
                     continue
                 self.inbox._pending_size -= len(msg.data)
                 queue.task_done()
             error = self._take(msg, msgs) or error
-            if error is not None and not msgs:
-                raise error
+            if not msgs:
+                if error is not None:
+                    raise error
+                await self._top_up()  # a status: an expired request is replaced at once
         while len(msgs) < self.batch_size:
             msg = self._next_nowait()
             if msg is None:
