@@ -24,6 +24,7 @@ Without --home or CDP_HOME, commands find the running platform from any folder (
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import sys
 import time
@@ -32,20 +33,65 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-import grpc
-from google.protobuf import json_format
-from rich.table import Table
 
-from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdpctl import bus, crm, identity, journeys, people, tls, training
+from cdpctl import tls
 from cdpctl.common import console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
-from cdpctl.run import check_health, nats_rotate, status, up  # noqa: F401  (cdpctl.cli.check_health: kept importable)
+
+# Each command imports what it uses, when it runs: a command pays for its own imports only (`send` needs
+# neither grpc nor the bus, `dlq` needs nats, `up` the supervisor). The other modules' commands are
+# named here and imported on first use (`LazyGroup`); `--help` imports them all for their summaries.
+COMMANDS = {
+    "up": "cdpctl.run:up",
+    "status": "cdpctl.run:status",
+    "nats-rotate": "cdpctl.run:nats_rotate",
+    "graph": "cdpctl.people:graph",
+    "export": "cdpctl.people:export",
+    "delete": "cdpctl.people:delete",
+    "unmerge": "cdpctl.people:unmerge",
+    "quarantine": "cdpctl.people:quarantine",
+    "dlq": "cdpctl.bus:dlq",
+    "lag": "cdpctl.bus:lag",
+    "journey": "cdpctl.journeys:journey",
+    "approvals": "cdpctl.journeys:approvals",
+    "decisions": "cdpctl.journeys:decisions",
+    "inbox": "cdpctl.journeys:inbox",
+    "crm": "cdpctl.crm:crm",
+    "identity": "cdpctl.identity:identity",
+}
+MODELS_COMMANDS = {
+    "train": "cdpctl.training:train",
+    "drift": "cdpctl.training:drift",
+    "quality": "cdpctl.training:quality",
+}
+# Kept importable from here, as before the commands were imported lazily (cdpctl.cli.check_health).
+_FROM_RUN = ("check_health", "nats_rotate", "status", "up")
 
 
-@click.group()
+def __getattr__(name: str):
+    if name in _FROM_RUN:
+        return getattr(importlib.import_module("cdpctl.run"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class LazyGroup(click.Group):
+    """A group whose commands from other modules are imported when one is asked for by name."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, attribute = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS)
 @click.option(
     "--home",
     type=click.Path(path_type=Path),
@@ -212,6 +258,11 @@ def send(
 
 
 async def _lookup_profile(address: str, token: str, kind: str, value: str, wait: float) -> dict:
+    import grpc.aio
+    from google.protobuf import json_format
+
+    from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+
     request = profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value, include_history=True)
     metadata = (("authorization", f"Bearer {token}"),)
     deadline = time.monotonic() + wait
@@ -248,6 +299,11 @@ def profile(ws: Workspace, identifier_type: str, value: str, wait: float, addres
 
 
 async def _models(address: str, token: str) -> list[dict]:
+    import grpc.aio
+    from google.protobuf import json_format
+
+    from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+
     async with tls.aio_channel(address) as channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
@@ -259,7 +315,7 @@ async def _models(address: str, token: str) -> list[dict]:
     return [json_format.MessageToDict(m) for m in listed.models]
 
 
-@main.group(invoke_without_command=True)
+@main.group(cls=LazyGroup, lazy=MODELS_COMMANDS, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (every version, spec included)")
 @click.option("--address", help="scoring gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_context
@@ -274,6 +330,8 @@ def models(ctx: click.Context, as_json: bool, address) -> None:
     if as_json:
         out.print_json(json.dumps(documents))
         return
+    from rich.table import Table
+
     table = Table(title="models")
     for column in ("model", "live", "versions", "scores", "quality"):
         table.add_column(column)
@@ -297,7 +355,11 @@ def _segmentation_address(ws: Workspace, address: str | None) -> str:
 
 
 async def _create_segment(address: str, token: str, request, show_progress: bool) -> dict:
+    import grpc.aio
+    from google.protobuf import json_format
     from rich.progress import Progress
+
+    from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
     metadata = (("authorization", f"Bearer {token}"),)
     async with tls.aio_channel(address) as channel:
@@ -330,6 +392,10 @@ def segment() -> None:
 @click.pass_obj
 def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, address) -> None:
     """Define a segment in the segment language (or a JSON tree) and wait until it is live."""
+    from google.protobuf import json_format
+
+    from cdp.segmentation.v1 import segmentation_pb2
+
     address = _segmentation_address(ws, address)
     if definition.lstrip().startswith("{"):
         tree = _json_option(definition, "DEFINITION")
@@ -353,6 +419,10 @@ def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, a
 @click.pass_obj
 def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None:
     """A segment's members (person ids, oldest id first) and when they entered."""
+    import grpc.aio
+    from google.protobuf import json_format
+
+    from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
     async def members() -> dict:
         async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
@@ -375,6 +445,11 @@ def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None
 @click.pass_obj
 def segments(ws: Workspace, as_json: bool, address) -> None:
     """Every segment: state, size, definition."""
+    import grpc.aio
+    from google.protobuf import json_format
+    from rich.table import Table
+
+    from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 
     async def listed() -> list[dict]:
         async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
@@ -399,27 +474,6 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
         state = document.get("state", "").removeprefix("SEGMENT_STATE_").lower()
         table.add_row(document["id"], state, document.get("size", "0"), document.get("text", ""))
     out.print(table)
-
-
-for _command in (
-    up,
-    status,
-    people.graph,
-    people.export,
-    people.delete,
-    people.unmerge,
-    people.quarantine,
-    bus.dlq,
-    bus.lag,
-    nats_rotate,
-    *journeys.COMMANDS,
-    crm.crm,
-    identity.identity,
-):
-    main.add_command(_command)
-models.add_command(training.train)
-models.add_command(training.drift)
-models.add_command(training.quality)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,16 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import grpc
-from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from rich.console import Console
 
 from cdpctl import tls
 from cdpctl.platform import Workspace
+
+if TYPE_CHECKING:  # grpc and protobuf are imported where a call is made: `cdpctl send` never needs them
+    import grpc
 
 # Wide enough for tables when output is a pipe or a CI log rather than a terminal.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -52,6 +51,9 @@ def bearer(ws: Workspace) -> tuple[tuple[str, str], ...]:
 
 def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     """(field, description) of every google.rpc BadRequest violation the service attached."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
     try:
         status = rpc_status.from_call(exc)
     except ValueError:  # details that disagree with the status line: show the line alone
@@ -119,6 +121,8 @@ def call_service(
     """Run `work(stub, metadata)` against `service`; a refused call becomes a CLI error naming its field.
     A spinner shows on a terminal only (stderr, and never when a script reads --json)."""
 
+    import grpc.aio
+
     async def run() -> Any:
         async with tls.aio_channel(service_address(ws, service, address)) as channel:
             waiting = console.status(f"asking {service} …") if sys.stderr.isatty() and not as_json else nullcontext()
@@ -144,6 +148,8 @@ async def all_pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: i
 
 
 def as_dict(message) -> dict:
+    from google.protobuf import json_format
+
     return json_format.MessageToDict(message)
 
 

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import click
 import grpc
-import nats
 from google.protobuf import json_format
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_kit.bus import subjects
 from cdpctl import tls
 from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
 from cdpctl.platform import Workspace
@@ -201,6 +199,8 @@ def delete(
     out.print_json(json.dumps(result))
     pending = sorted(name for name, done in acknowledged.items() if not done)
     if not acknowledged:
+        from cdp_kit.bus import subjects
+
         raise click.ClickException(f"no service follows {subjects.PRIVACY_DELETED} yet: nothing has purged the person")
     if pending:
         raise click.ClickException(f"not acknowledged within {timeout:g}s by: {', '.join(pending)}")
@@ -209,6 +209,11 @@ def delete(
 async def privacy_acknowledged(url: str, timeout: float) -> dict[str, bool]:
     """Durable consumer of PRIVACY -> whether it has acknowledged everything the stream holds now, waiting
     up to `timeout` seconds for all of them (see the module docstring)."""
+    # The bus only for --wait: every other command here talks gRPC (and cdpctl's start-up stays short).
+    import nats
+
+    from cdp_kit.bus import subjects
+
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()

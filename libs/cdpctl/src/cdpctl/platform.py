@@ -27,14 +27,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdp_kit.auth import new_token, token_file_variable, write_tokens_file
-from cdp_kit.natsauth import (
-    OPERATOR,
-    authorization_config,
-    new_password,
-    read_credentials,
-    write_credentials,
-)
+# The kit's auth and natsauth are imported where tokens and NATS users are made or read: they pull in
+# grpc and the bus (nats, aiohttp), and every cdpctl command builds a Workspace before it does anything.
 
 
 @dataclass(frozen=True)
@@ -407,6 +401,8 @@ class Workspace:
     def nats_users(self, services: tuple[ServiceProcess, ...] | None = None) -> dict[str, str]:
         """user -> password of every service's current credentials file."""
         users = {}
+        from cdp_kit.natsauth import read_credentials
+
         for svc in services or SERVICES:
             user, password = read_credentials(self.nats_credentials_file(svc.name))
             users[user] = password
@@ -414,6 +410,8 @@ class Workspace:
 
     def write_nats_auth(self, extra: dict[str, str] | None = None) -> None:
         """nats-server's users: each service's (plus `extra`, a user being rotated in) and the operator."""
+        from cdp_kit.natsauth import OPERATOR, authorization_config, read_credentials
+
         _user, operator = read_credentials(self.nats_credentials_file(OPERATOR))
         text = authorization_config({**self.nats_users(), **(extra or {})}, operator_password=operator)
         self.nats_dir.mkdir(parents=True, exist_ok=True)
@@ -424,6 +422,8 @@ class Workspace:
 
     def nats_operator_url(self, url: str) -> str:
         """`url` with the operator's user and password: what run.json gives cdpctl and tests."""
+        from cdp_kit.natsauth import OPERATOR, read_credentials
+
         _user, password = read_credentials(self.nats_credentials_file(OPERATOR))
         return url.replace("nats://", f"nats://{OPERATOR}:{password}@", 1)
 
@@ -452,6 +452,9 @@ class Workspace:
         return path.read_text().strip()
 
     def prepare(self, services: tuple[ServiceProcess, ...] = SERVICES) -> None:
+        from cdp_kit.auth import new_token, write_tokens_file
+        from cdp_kit.natsauth import OPERATOR, new_password, write_credentials
+
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir, *self.companion_dirs):
             folder.mkdir(parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
@@ -557,6 +560,8 @@ def service_environment(
 ) -> dict[str, str]:
     """The environment of one service process. `named_ports` maps "<companion or service>.<listener>" to
     the port it listens on, for the service's "{channels.smtp}" and "{collector.http}" placeholders."""
+    from cdp_kit.auth import token_file_variable
+
     env = dict(os.environ)
     env.update(
         {

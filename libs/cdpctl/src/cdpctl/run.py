@@ -40,7 +40,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
 from cdp_kit.children import die_with_parent
-from cdp_kit.natsauth import new_password, read_credentials, write_credentials
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl import tls
 from cdpctl.common import console, out
@@ -498,6 +497,8 @@ def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
     Make before break: nats-server learns the new user beside the old one, the service's credentials file
     is rewritten (the service reconnects with it by itself), then the old user is removed.
     """
+    from cdp_kit.natsauth import new_password, read_credentials, write_credentials  # (it imports the bus)
+
     state = ws.running()
     if state is None:
         raise click.ClickException("cdp is not running here (start it with `make up`)")

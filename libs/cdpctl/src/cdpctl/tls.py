@@ -25,12 +25,12 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+if TYPE_CHECKING:  # imported where used: every cdpctl command loads this module, few make certificates
+    import grpc
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CLIENT = "cdpctl"  # the certificate cdpctl (and tests, through run.json) present
 CA_DAYS = 365
@@ -53,12 +53,17 @@ def files(root: Path, name: str) -> dict[str, str]:
 
 
 def _name(common: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cdp make up"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
     )
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -75,6 +80,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _still_good(path: Path, now: datetime.datetime) -> bool:
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError):
@@ -85,6 +92,11 @@ def _still_good(path: Path, now: datetime.datetime) -> bool:
 def ensure_certificates(root: Path, names: list[str] | tuple[str, ...]) -> None:
     """A CA and a certificate per name (and cdpctl's), made unless every one exists and is not about to
     expire. Made all together: certificates from an earlier CA never mix with a new one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
     folder = tls_dir(root)
     now = datetime.datetime.now(datetime.UTC)
     everyone = [*names, CLIENT]
@@ -166,6 +178,8 @@ def service_environment(root: Path, name: str, health_port: int) -> dict[str, st
 
 def credentials(client: dict[str, str]) -> grpc.ChannelCredentials:
     """Channel credentials from run.json's "tls" (CA, certificate, key)."""
+    import grpc
+
     return grpc.ssl_channel_credentials(
         root_certificates=Path(client["ca_file"]).read_bytes(),
         private_key=Path(client["key_file"]).read_bytes(),
@@ -208,6 +222,8 @@ def client_files() -> dict[str, str] | None:
 
 def aio_channel(address: str) -> grpc.aio.Channel:
     """An asyncio channel to a service: mutual TLS with cdpctl's certificate when the platform uses it."""
+    import grpc.aio
+
     client = client_files()
     if client is None:
         return grpc.aio.insecure_channel(address)
@@ -216,6 +232,8 @@ def aio_channel(address: str) -> grpc.aio.Channel:
 
 def channel(address: str) -> grpc.Channel:
     """A blocking channel to a service, as `aio_channel`."""
+    import grpc
+
     client = client_files()
     if client is None:
         return grpc.insecure_channel(address)
