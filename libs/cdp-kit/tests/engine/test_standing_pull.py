@@ -104,3 +104,37 @@ async def test_a_quiet_stream_always_has_a_request_waiting(bus):
     assert [m.data for m in got] == [b"q"]
     await got[0].ack()
     await pull.close()
+
+
+async def test_the_engine_survives_a_nats_restart_in_order(nats_server, bus):
+    """The server restarts: its waiting requests are gone, and what was on its way to the inbox may be.
+    The partition resubscribes (at its acknowledgement floor) and goes on, every input applied once and
+    in order."""
+    positions: dict = {}
+    store = CheckedStore(positions)
+    eng, _ = engine(bus, store, 1)
+    task = asyncio.create_task(eng.run())
+    await asyncio.wait_for(eng.wait_ready(), 10)
+    ids = await publish_inputs(bus, [f"k{n % 3}" for n in range(10)], 1, positions)
+    await until(lambda: _applied_count(store, 10))
+    nats_server.restart()
+
+    async def connected() -> bool:
+        return bus.connected
+
+    await until(connected, timeout=15)
+    keys = [f"k{n % 3}" for n in range(10, 30)]
+    for _ in range(40):  # as any producer: until JetStream (recovering its streams) stores them
+        try:
+            more = await publish_inputs(bus, keys, 1, positions, start=10)
+            break
+        except AssertionError:
+            await asyncio.sleep(0.25)
+    await until(lambda: _applied_count(store, 30), timeout=20)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    expected: dict[str, list[str]] = {}
+    for n, msg_id in enumerate(ids + more):
+        expected.setdefault(f"k{n % 3}", []).append(msg_id)
+    assert await applied(store) == expected
+    assert not store.violations
