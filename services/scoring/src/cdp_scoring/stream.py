@@ -44,6 +44,7 @@ from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, Delivery, subjects
 from cdp_kit.bus.consumer import describe_error
 from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject
+from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.errors import Unavailable
 from cdp_scoring.engine import CHECKPOINTS, SERVICE, ScoringEngine
 
@@ -190,25 +191,51 @@ class ScoringStream(PartitionedEngine):
         await self.logic.restore(partition)
         await super().start_partition(partition)
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Partitions being released: draining, and drained but not yet in a last snapshot and dropped.
+        # The pipelines drain at once (a stop releases every partition together; each waits up to a
+        # fetch timeout for its pull to return); what follows runs under the logic's lock.
+        self._draining: set[int] = set()
+        self._drained: dict[int, PartitionPipeline] = {}
+        self._released = asyncio.Condition(self.logic.lock)
+
     async def stop_partition(self, partition: int) -> None:
-        # No snapshot while the partition drains: its fields may hold batches not yet durable, and a
-        # snapshot copies every held person.
-        async with self.logic.lock:
+        # No snapshot while a partition drains: its fields may hold batches not yet durable, and a
+        # snapshot copies every held person. Taking the lock here waits for a snapshot being copied.
+        async with self._released:
             pipeline = self.pipelines.get(partition)
-            await super().stop_partition(partition)  # drained: what was applied is durable and acknowledged
             if pipeline is None:
                 return
-            if partition in self.logic.engine.ready and pipeline.position == pipeline.checkpoint:
-                # A last snapshot with the partition's final checkpoint: its next owner replays less.
+            self._draining.add(partition)
+        try:
+            await super().stop_partition(partition)  # drained: what was applied is durable and acknowledged
+        finally:
+            async with self._released:
+                self._draining.discard(partition)
+                self._released.notify_all()
+        async with self._released:
+            self._drained[partition] = pipeline
+            # The partitions released together are snapshotted together, once all have drained: until
+            # then another one's fields may be ahead of its checkpoint.
+            await self._released.wait_for(lambda: not self._draining)
+            drained, self._drained = self._drained, {}
+            if not drained:
+                return  # a partition released with this one took the last snapshot and dropped it
+            engine = self.logic.engine
+            if all(p in engine.ready and d.position == d.checkpoint for p, d in drained.items()):
+                # A last snapshot with the partitions' final checkpoints: their next owners replay less.
                 async with self.quiescent() as positions:
                     if self._consistent():
-                        await self.logic.snapshot({**positions, partition: pipeline.checkpoint})
-            await self.logic.drop(partition)
+                        await self.logic.snapshot({**positions, **{p: d.checkpoint for p, d in drained.items()}})
+            for p in drained:
+                await self.logic.drop(p)
 
     async def snapshot(self) -> None:
-        """At a quiescent point (one at a time: `quiescent` holds every pipeline through one gate)."""
+        """At a quiescent point (one at a time: `quiescent` holds every pipeline through one gate); none
+        while partitions are being released (`stop_partition` takes theirs)."""
         async with self.logic.lock, self.quiescent() as positions:
-            if self._consistent():
+            if self._consistent() and not self._draining and not self._drained:
                 await self.logic.snapshot(positions)
 
     def _consistent(self) -> bool:

@@ -200,5 +200,9 @@ class Worker:
             process.join(2)
         for channel in (self._jobs, self._results):
             if channel is not None:
+                # What is left in them is abandoned: a job the process never read (a model's ONNX bytes
+                # are more than a pipe holds) would otherwise keep the queue's feeder thread writing to
+                # nobody, and the service from exiting, at interpreter shutdown.
+                channel.cancel_join_thread()
                 channel.close()
         self._jobs = self._results = None
