@@ -138,3 +138,31 @@ async def test_the_engine_survives_a_nats_restart_in_order(nats_server, bus):
         expected.setdefault(f"k{n % 3}", []).append(msg_id)
     assert await applied(store) == expected
     assert not store.violations
+
+
+async def test_the_engine_stops_while_its_consumer_cannot_be_bound_after_a_reconnect(nats_server, bus):
+    """`cdpctl up` SIGKILLed: the kernel tells every child to stop at once, nats-server among them, just
+    after a reconnect. A partition that lost its pull binds its consumer again, and JetStream cannot answer
+    (here: provisioning fails as it does while the server is gone or its streams are still recovering).
+    A stop must still end the partition instead of retrying the bind for ever (the service never exited)."""
+    eng, _ = engine(bus, CheckedStore({}), 1)
+    task = asyncio.create_task(eng.run())
+    await asyncio.wait_for(eng.wait_ready(), 10)
+    pipeline = eng.pipelines[0]
+    binds = 0
+
+    async def not_ready() -> None:
+        nonlocal binds
+        binds += 1
+        raise TimeoutError
+
+    pipeline.runner.provision = not_ready
+    nats_server.restart()
+
+    async def rebinding() -> bool:
+        return binds >= 2
+
+    await until(rebinding, timeout=15)  # the pull was lost in the reconnect, and the bind fails
+    task.cancel()  # the service stopping: release every partition, draining
+    done, _ = await asyncio.wait([task], timeout=30)
+    assert done, "the engine kept trying to bind its consumer after it was told to stop"

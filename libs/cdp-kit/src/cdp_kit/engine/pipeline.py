@@ -190,6 +190,10 @@ class PartitionPipeline:
         await self._unsubscribe()
         delay = 0.1
         while True:
+            if self._stopping.is_set():
+                # Stopping while the consumer cannot be bound (nats-server gone: `cdpctl up` killed ends
+                # every child at once): stay unbound, `_fetch` hands over nothing, and the loops see the stop.
+                return
             try:
                 await self.runner.provision()
                 subscription = await self.engine.bus.js.pull_subscribe_bind(
@@ -212,6 +216,8 @@ class PartitionPipeline:
             await pull.close()
 
     async def _fetch(self) -> list:
+        if self._pull is None:  # unbound: only while stopping (`_subscribe`)
+            return []
         try:
             return await self._pull.fetch(self.consumer.fetch_timeout)
         except nats.errors.TimeoutError:
