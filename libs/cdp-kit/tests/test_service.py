@@ -2,8 +2,12 @@
 
 import asyncio
 import dataclasses
+import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -347,3 +351,45 @@ async def test_metrics_listen_on_the_configured_host_only():
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", metrics_port))
+
+
+HANGS_ON_STOP = """
+import asyncio
+from cdp_kit.service import run_main
+from cdp_kit.settings import ServiceSettings
+
+async def setup(runtime):
+    async def drain_that_never_ends():
+        await asyncio.Event().wait()
+
+    runtime.stack.push_async_callback(drain_that_never_ends)
+
+run_main(ServiceSettings, setup)
+"""
+
+
+def test_a_stop_that_hangs_ends_the_process_after_its_bound(tmp_path):
+    # No supervisor may be left to SIGKILL a service whose stop hangs (cdpctl up SIGKILLed ends its
+    # children with SIGTERM, nats-server among them): the process ends itself, exit code 1, naming why.
+    env = {
+        **os.environ,
+        "CDP_NATS_URL": "nats://127.0.0.1:1",
+        "CDP_AUTH_MODE": "none",
+        "CDP_GRPC_HOST": "127.0.0.1",
+        "CDP_SHUTDOWN_GRACE": "0.5",
+        "CDP_STORE_URL": f"sqlite:///{tmp_path / 'cdp.db'}",
+        "OTEL_SERVICE_NAME": "hangs-on-stop",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HANGS_ON_STOP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Its handlers are in place the moment it has logged that it serves (run_service).
+        while "hangs-on-stop serving" not in (line := proc.stderr.readline()):
+            assert line, "the service ended before serving"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 1
+        assert "hangs-on-stop did not stop within 4s; exiting" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -296,16 +297,40 @@ async def serving(
     telemetry.shutdown()
 
 
+def stop_bound(settings: ServiceSettings) -> float:
+    """Seconds a stopping process may take in all: the calls' grace, the background tasks' grace and
+    the engines' drain, with room to spare."""
+    return 3 * settings.shutdown_grace + 2.0
+
+
 async def run_service(settings: ServiceSettings, setup: SetupFn) -> None:
     loop = asyncio.get_running_loop()
-    async with serving(settings, setup) as runtime:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, runtime.stop)
-        await runtime.stopping.wait()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    watchdog: threading.Timer | None = None
+    try:
+        async with serving(settings, setup) as runtime:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, runtime.stop)
+            await runtime.stopping.wait()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            # A stop that hangs (a drain waiting on a server that is gone, a task that never ends) must not
+            # keep the process alive for ever: no supervisor may be left to kill it (`cdpctl up` SIGKILLed
+            # ends its children with SIGTERM). A thread, so a blocked event loop cannot hold it up. What is
+            # durable stays so: stopping here is no worse than the crash every service already survives.
+            watchdog = threading.Timer(stop_bound(settings), _stop_overran, args=(settings,))
+            watchdog.daemon = True
+            watchdog.start()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     if runtime._failure is not None:
         raise SystemExit(1)
+
+
+def _stop_overran(settings: ServiceSettings) -> None:
+    log.error("%s did not stop within %.0fs; exiting", settings.service_name, stop_bound(settings))
+    logging.shutdown()
+    os._exit(1)
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
