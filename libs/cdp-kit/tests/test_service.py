@@ -355,6 +355,7 @@ async def test_metrics_listen_on_the_configured_host_only():
 
 HANGS_ON_STOP = """
 import asyncio
+import signal
 from cdp_kit.service import run_main
 from cdp_kit.settings import ServiceSettings
 
@@ -363,6 +364,14 @@ async def setup(runtime):
         await asyncio.Event().wait()
 
     runtime.stack.push_async_callback(drain_that_never_ends)
+    runtime.spawn(announce(), "announce")
+
+async def announce():
+    # Once the stop handlers are in place (run_service installs them after serving starts).
+    while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        await asyncio.sleep(0.01)
+    print("stoppable", flush=True)
+    await asyncio.Event().wait()
 
 run_main(ServiceSettings, setup)
 """
@@ -379,14 +388,13 @@ def test_a_stop_that_hangs_ends_the_process_after_its_bound(tmp_path):
         "CDP_SHUTDOWN_GRACE": "0.5",
         "CDP_STORE_URL": f"sqlite:///{tmp_path / 'cdp.db'}",
         "OTEL_SERVICE_NAME": "hangs-on-stop",
+        "CDP_EVENT_LOOP": "asyncio",  # its signal handlers show in signal.getsignal
     }
     proc = subprocess.Popen(
         [sys.executable, "-c", HANGS_ON_STOP], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        # Its handlers are in place the moment it has logged that it serves (run_service).
-        while "hangs-on-stop serving" not in (line := proc.stderr.readline()):
-            assert line, "the service ended before serving"
+        assert proc.stdout.readline().strip() == "stoppable"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 1
         assert "hangs-on-stop did not stop within 4s; exiting" in proc.stderr.read()
