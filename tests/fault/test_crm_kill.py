@@ -85,6 +85,10 @@ async def test_killed_three_times_mid_sync_every_contact_and_task_lands_once_wit
                 "CDP_PARTITIONS": str(PARTITIONS),
                 "CDP_CRM_CONNECTIONS_FILE": str(document),
                 "HUBSPOT_TOKEN": "pat-local-hubspot",
+                # A killed process's open grants are held this (+5 s) in the shared budget, the longest its
+                # requests may have been on their way; the budget here is 4 a window, and the default 30 s
+                # would hold all of it that long after each kill.
+                "CDP_CRM_REQUEST_TIMEOUT": "5",
             },
         )
         await asyncio.to_thread(process.start)  # the loop keeps serving the local HubSpot meanwhile

@@ -54,9 +54,16 @@ from cdp_kit.storage import Store, open_store
 log = logging.getLogger("cdp.crm")
 
 DESCRIBE_WAIT = 60.0  # seconds describing at start may wait for the account's budget
+# A grant whose sender died is held this long past CDP_CRM_REQUEST_TIMEOUT (the longest a request may be on
+# its way: bytes a killed process left in its socket still arrive), then ages out of the window.
+HOLD_PAST_TIMEOUT = 5.0
 
 
-async def describe(adapters, connections: tuple[Connection, ...], store: Store) -> dict:
+def budget_hold(settings: CrmSettings) -> float:
+    return settings.request_timeout + HOLD_PAST_TIMEOUT
+
+
+async def describe(adapters, connections: tuple[Connection, ...], store: Store, hold: float = 120.0) -> dict:
     """Each connection's CRM schema of the objects its mappings name; a CRM that cannot describe is left
     out (its mappings are checked without a schema), never given an empty one.
 
@@ -69,7 +76,7 @@ async def describe(adapters, connections: tuple[Connection, ...], store: Store) 
         if adapter is None:
             continue
         objects = sorted({m.object for m in connection.mappings})
-        budget = SharedBudget(store, connection)
+        budget = SharedBudget(store, connection, hold=hold)
         reservation = await budget.acquire(len(objects), time.time, time.time() + DESCRIBE_WAIT)
         if reservation is None:
             log.warning("crm describe skipped: no budget left", extra={"connection": connection.id})
@@ -107,8 +114,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 
     adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)
-    connections = load_connections(text, await describe(adapters, connections, store), form=form)
-    budgets = {c.id: SharedBudget(store, c) for c in connections}
+    hold = budget_hold(settings)
+    connections = load_connections(text, await describe(adapters, connections, store, hold), form=form)
+    budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
     logic = CrmLogic(store, connections, deliverer, meter=meter)
@@ -221,7 +229,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     tasks.append(runtime.spawn(runs.watch(), "resume interrupted crm backfills"))
 
     async def describe_document(parsed):
-        return await describe(adapters, parsed, store)
+        return await describe(adapters, parsed, store, hold)
 
     api = CrmApi(store=store, connections=connections, deliverer=deliverer, budgets=budgets, runs=runs,
                  describe=describe_document)  # fmt: skip
