@@ -26,14 +26,8 @@ from google.protobuf import json_format
 
 from cdp.events.v1 import events_pb2
 
-TYPES = {
-    events_pb2.EVENT_TYPE_TRACK: "track",
-    events_pb2.EVENT_TYPE_IDENTIFY: "identify",
-    events_pb2.EVENT_TYPE_ALIAS: "alias",
-    events_pb2.EVENT_TYPE_PAGE: "page",
-    events_pb2.EVENT_TYPE_SCREEN: "screen",
-    events_pb2.EVENT_TYPE_GROUP: "group",
-}
+# The Segment call types by their wire value, named from the proto's own enum (EVENT_TYPE_TRACK -> "track").
+TYPES = {v: n.removeprefix("EVENT_TYPE_").lower() for n, v in events_pb2.EventType.items() if v}
 # Label kinds whose events are labels arriving (no_activity's events are activity, not labels).
 ARRIVING = frozenset({"goal_event", "label_event", "orders_and_value", "channel_answered"})
 
