@@ -1,11 +1,15 @@
 """Port picking across platforms started at once on one machine: a port another live `cdpctl up` picked is
-never picked again, even before its service binds it; a pick whose process is gone is taken over."""
+never picked again, even before its service binds it; a pick whose process is gone (however it ended) is
+free again; of several pickers racing for one port exactly one gets it."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -15,20 +19,32 @@ from cdpctl import platform
 @pytest.fixture
 def reservations(tmp_path, monkeypatch):
     monkeypatch.setattr(platform, "_RESERVATIONS", tmp_path / "ports")
-    monkeypatch.setattr(platform, "_mine", set())
+    monkeypatch.setattr(platform, "_mine", {})
     yield tmp_path / "ports"
     platform._release_ports()
 
 
-def other_process() -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+def other_picker(reservations, port: int) -> subprocess.Popen:
+    """Another process that picked `port` the way `cdpctl up` does and lives on (until killed)."""
+    code = textwrap.dedent(
+        f"""
+        import pathlib, sys, time
+        from cdpctl import platform
+        platform._RESERVATIONS = pathlib.Path({str(reservations)!r})
+        assert platform._reserve({port})
+        print("picked", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "picked"
+    return proc
 
 
 def test_a_port_another_live_platform_picked_is_not_picked_again(reservations):
-    other = other_process()
+    other = other_picker(reservations, 4222)
     try:
-        reservations.mkdir()
-        (reservations / "4222").write_text(str(other.pid))  # picked, not bound yet
+        assert not platform._reserve(4222)
         picked = platform.pick_port(4222)
         assert picked != 4222
         assert (reservations / str(picked)).read_text() == str(os.getpid())
@@ -37,14 +53,40 @@ def test_a_port_another_live_platform_picked_is_not_picked_again(reservations):
         other.wait()
 
 
-def test_a_pick_whose_process_is_gone_is_taken_over_and_released_at_exit(reservations):
-    gone = other_process()
-    gone.kill()
+def test_a_pick_whose_process_was_killed_is_free_again_and_released_at_exit(reservations):
+    gone = other_picker(reservations, 25001)
+    gone.send_signal(signal.SIGKILL)  # no atexit: its file stays behind, its lock does not
     gone.wait()
-    reservations.mkdir()
-    (reservations / "25001").write_text(str(gone.pid))
+    assert (reservations / "25001").exists()
     assert platform._reserve(25001)
     assert (reservations / "25001").read_text() == str(os.getpid())
     assert platform._reserve(25001)  # our own pick stays ours
     platform._release_ports()
     assert not (reservations / "25001").exists()
+
+
+def _race(directory: str, barrier, results) -> None:
+    import pathlib
+
+    platform._RESERVATIONS = pathlib.Path(directory)
+    platform._mine = {}
+    barrier.wait()
+    results.put(platform._reserve(25002))
+    barrier.wait()  # hold the pick until every racer has answered
+
+
+def test_of_pickers_racing_for_a_port_left_behind_by_a_dead_one_exactly_one_wins(reservations):
+    # The pid-file scheme let two racers both win a stale pick (one read it empty mid-write, or unlinked
+    # the other's fresh file as stale): two platforms then started services on one port.
+    ctx = multiprocessing.get_context("fork")
+    reservations.mkdir()
+    for _ in range(15):
+        (reservations / "25002").write_text("999999")  # left by a process that is gone
+        barrier, results = ctx.Barrier(5), ctx.Queue()
+        racers = [ctx.Process(target=_race, args=(str(reservations), barrier, results)) for _ in range(5)]
+        for racer in racers:
+            racer.start()
+        wins = [results.get(timeout=30) for _ in racers]
+        for racer in racers:
+            racer.join(timeout=30)
+        assert sum(wins) == 1

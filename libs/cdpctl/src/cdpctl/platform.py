@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -264,43 +265,48 @@ _SPARE_PORTS = range(20_000, 32_000)
 # A port is free when nothing listens on it *and* no other `cdpctl up` on this machine picked it: between
 # picking a port and its service binding it there are seconds (the services start one after another), in
 # which another platform starting at the same moment (tests running in parallel) would see it free too.
-# A pick is a file named after the port holding the picker's pid, made with O_EXCL; it lasts as long as
-# that process (a file whose process is gone is taken over), and is removed when the process exits.
+# A pick is an exclusive flock(2) on a file named after the port, held for as long as the picker lives: the
+# kernel drops the lock when the process ends however it ends (SIGKILL included), so there is no stale pick
+# to take over and no window in which two pickers both see one as stale. The file holds the picker's pid for
+# people; it is removed when the process exits.
 _RESERVATIONS = Path(tempfile.gettempdir()) / "cdp-ports"
-_mine: set[Path] = set()
+_mine: dict[Path, int] = {}  # picked port's file -> the descriptor holding its lock
 
 
 def _release_ports() -> None:
-    for path in list(_mine):
+    for path, fd in list(_mine.items()):
         with contextlib.suppress(OSError):
-            path.unlink()
-        _mine.discard(path)
+            path.unlink()  # before the unlock: a picker that opened this file locks a name no longer there
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        _mine.pop(path, None)
 
 
 def _reserve(port: int) -> bool:
-    """Take `port` for this process unless another live process on this machine picked it."""
+    """Take `port` for this process unless another live process on this machine holds it."""
     _RESERVATIONS.mkdir(mode=0o700, exist_ok=True)
     path = _RESERVATIONS / str(port)
-    for _ in range(2):
+    if path in _mine:
+        return True
+    for _ in range(3):
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            try:
-                holder = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                holder = 0
-            if holder == os.getpid():
-                return True
-            if holder and pid_alive(holder):
-                return False
-            with contextlib.suppress(OSError):
-                path.unlink()  # its picker is gone: take it over
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder released it (unlinking the name) between our open and our lock: again
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as file:
-            file.write(str(os.getpid()))
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
         if not _mine:
             atexit.register(_release_ports)
-        _mine.add(path)
+        _mine[path] = fd
         return True
     return False
 
