@@ -196,6 +196,31 @@ async def test_service_protection_limit_answers_429_with_retry_after_until_the_w
         assert status == 204
 
 
+async def test_a_request_that_meets_an_injected_fault_was_counted_in_the_service_protection_window():
+    # Dataverse counts a request towards the caller's 5-minute window when it arrives: a 503, a 429 or an
+    # answer lost after the write happen inside a request already counted.
+    async with DynamicsEmulator(window_limit=4, window_seconds=300) as dv:
+        token = await _token(dv)
+        dv.faults.fail_next(1, status=503)
+        dv.faults.throttle_next(1)
+        dv.faults.drop_after_commit_next(1)
+        statuses = []
+        for i in range(3):
+            try:
+                statuses.append(
+                    (await _call(dv, "PATCH", f"contacts(cdp_id='p{i}')", {"lastname": "X"}, token=token))[0]
+                )
+            except aiohttp.ClientError:
+                statuses.append("dropped")
+        assert statuses == [503, 429, "dropped"] and dv.budget()["window_used"] == 3
+        status, _, _ = await _call(dv, "GET", "contacts", token=token)
+        assert status == 200
+        status, headers, body = await _call(dv, "PATCH", "contacts(cdp_id='p9')", {"lastname": "X"}, token=token)
+        assert status == 429 and body["error"]["code"] == "0x80072322" and int(headers["Retry-After"]) >= 299
+        assert dv.budget()["throttled"] == 1 and dv.find("contacts", "cdp_id", "p9") is None
+        assert [r.status for r in dv.requests][-1] == 429  # a request refused for the limit is in the log too
+
+
 async def test_change_tracking_delta_link_returns_user_changes_and_deletions():
     async with DynamicsEmulator() as dv:
         await _call(dv, "PATCH", "contacts(cdp_id='p1')", {"lastname": "One"})

@@ -215,6 +215,30 @@ async def test_daily_limit_gives_request_limit_exceeded_and_the_usage_header_cou
         assert status == 200
 
 
+async def test_a_request_that_meets_an_injected_fault_was_counted_against_the_daily_limit():
+    # Salesforce counts a call when it arrives: a throttle, a 503 or an answer lost after the write happen
+    # inside a call the org already counted towards its daily API requests.
+    async with SalesforceEmulator(daily_limit=4) as sf:
+        sf.faults.throttle_next(1)
+        sf.faults.fail_next(1, status=503)
+        sf.faults.drop_after_commit_next(1)
+        statuses = []
+        for i in range(3):
+            try:
+                statuses.append(
+                    (await _call(sf, "PATCH", f"{V}/sobjects/Contact/CDP_Id__c/p{i}", {"LastName": "X"}))[0]
+                )
+            except aiohttp.ClientError:
+                statuses.append("dropped")
+        assert statuses == [403, 503, "dropped"] and sf.budget()["daily_used"] == 3
+        status, headers, _ = await _call(sf, "GET", f"{V}/sobjects")
+        assert status == 200 and headers["Sforce-Limit-Info"] == "api-usage=4/4"
+        status, headers, body = await _call(sf, "PATCH", f"{V}/sobjects/Contact/CDP_Id__c/p9", {"LastName": "X"})
+        assert status == 403 and body[0]["errorCode"] == "REQUEST_LIMIT_EXCEEDED"
+        assert headers["Sforce-Limit-Info"] == "api-usage=4/4" and sf.budget()["over_budget"] == 1
+        assert [r.status for r in sf.requests][-1] == 403  # a call refused for the limit is in the log too
+
+
 async def test_case_and_task_upsert_by_idempotency_key_link_the_contact_by_external_id():
     async with SalesforceEmulator() as sf:
         await _call(sf, "PATCH", f"{V}/sobjects/Contact/CDP_Id__c/p1", {"LastName": "Lovelace"})

@@ -120,6 +120,31 @@ async def test_credits_run_out_with_limit_reached_and_return_after_24_hours():
         assert status == 200
 
 
+async def test_a_call_that_meets_an_injected_fault_used_its_credits():
+    # Zoho deducts a call's credits when it arrives: a 429, a 500 or an answer lost after the write happen
+    # inside a call already paid for.
+    async with ZohoEmulator(daily_credits=4) as zoho:
+        token = (await _token(zoho))["access_token"]
+        zoho.faults.throttle_next(1)
+        zoho.faults.fail_next(1, status=500)
+        zoho.faults.drop_after_commit_next(1)
+        statuses = []
+        for i in range(3):
+            try:
+                statuses.append(
+                    (await _call(zoho, "POST", "/crm/v8/Contacts/upsert", {"data": _contacts(1, i)}, token))[0]
+                )
+            except aiohttp.ClientError:
+                statuses.append("dropped")
+        assert statuses == [429, 500, "dropped"] and zoho.budget()["credits_used"] == 3
+        status, _ = await _call(zoho, "POST", "/crm/v8/Contacts/upsert", {"data": _contacts(1, 3)}, token)
+        assert status == 200
+        status, body = await _call(zoho, "POST", "/crm/v8/Contacts/upsert", {"data": _contacts(1, 9)}, token)
+        assert status == 429 and body["code"] == "LIMIT_REACHED" and zoho.budget()["refused"] == 1
+        assert zoho.find("Contacts", "CDP_Id", "p9") is None
+        assert [r.status for r in zoho.requests][-1] == 429  # a call refused for its credits is in the log too
+
+
 async def test_search_by_criteria_pages_and_answers_204_when_empty():
     async with ZohoEmulator() as zoho:
         token = (await _token(zoho))["access_token"]

@@ -2,8 +2,11 @@
 
 An emulator is an aiohttp application with in-memory state. It binds 127.0.0.1 on a free port (or the one
 given), optionally over TLS with a self-signed certificate made at start (clients that insist on https, like
-simple-salesforce and msal, trust `ca_file`). Every request is kept in memory for inspection (method, path with query,
-status; never bodies or headers, and nothing is written to a log: paths and bodies can hold personal data). Faults apply to API requests only (never to ``/_emulator/`` or token endpoints):
+simple-salesforce and msal, trust `ca_file`). Every request is kept in memory for inspection (method, path with
+query, status; never bodies or headers, and nothing is written to a log: paths and bodies can hold personal
+data). Faults apply to API requests only (never to ``/_emulator/`` or token endpoints), and only to those that
+`admit` (authentication and the CRM's limits) let in, so a faulted request has been counted against the
+limits as the CRM counts it on arrival (the local HubSpot does the same in its own outermost middleware):
 
 - ``status``: answer the CRM's own error for that status (its 429 body and headers for 429) without
   touching state;
@@ -216,6 +219,13 @@ class Emulator:
         """True for requests that count against limits and take faults (not token or inspection)."""
         return not request.path.startswith("/_emulator/")
 
+    def admit(self, request: web.Request) -> web.StreamResponse | None:
+        """Authentication and the CRM's limits for an API request, before the fault injector: None lets the
+        request in, counted; a response refuses it, changing nothing and counting nothing more. The CRM counts
+        a request when it arrives, so one that then meets an injected fault (a 5xx, a 429, a timeout, a
+        dropped connection) has been counted, as it would have been there."""
+        return None
+
     def error_response(self, status: int, request: web.Request) -> web.Response:
         """The CRM's own answer for an injected status (429s carry its rate-limit body and headers)."""
         return json_response({"message": "injected fault"}, status=status)
@@ -290,7 +300,11 @@ class Emulator:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         logged = LoggedRequest(request.method, request.path_qs, at=self.clock())
         self.requests.append(logged)
-        fault = self.faults.take() if self.is_api(request) else None
+        api = self.is_api(request)
+        if api and (refused := self.admit(request)) is not None:
+            logged.status = refused.status
+            return refused
+        fault = self.faults.take() if api else None
         if fault is not None:
             logged.faulted = fault.kind
         if fault is not None and fault.kind == "status":

@@ -21,7 +21,10 @@ on the first failure it is rolled back and answered by that failure alone. ``Con
 (``$1``) point at an entity created earlier in the same change set.
 
 Service protection: `window_limit` requests per sliding `window_seconds` (6000 / 300 s) per caller; past it
-429 with error 0x80072322 and ``Retry-After`` (seconds until a slot frees). A ``$batch`` counts as one request.
+429 with error 0x80072322 and ``Retry-After`` (seconds until a slot frees), changing nothing and counting
+nothing more. A ``$batch`` counts as one request. A request is counted when it arrives, before the fault
+injector, so one that meets an injected fault (a 5xx, a 429, a timeout, an answer lost after the write) took
+its place in the window, as in Dataverse.
 
 Inbound: ``Prefer: odata.track-changes`` on a collection GET returns ``@odata.deltaLink``; following it
 returns what changed since (``$deletedEntity`` entries for deletions), each record once at its latest
@@ -219,7 +222,10 @@ class DynamicsEmulator(Emulator):
         body = {"error": {"code": "0x80072322", "message": message}}
         return json_response(body, status=429, headers={"Retry-After": str(retry_after)})
 
-    def _admit(self, request: web.Request) -> web.Response | None:
+    def admit(self, request: web.Request) -> web.Response | None:
+        """The bearer token, then the caller's service protection window (before the fault injector: Dataverse
+        counts a request when it arrives, so one that meets a 5xx, a 429, a timeout or a lost answer took its
+        place in the window; one refused here is not counted)."""
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
             challenge = (
@@ -237,9 +243,7 @@ class DynamicsEmulator(Emulator):
     # --- Web API ---------------------------------------------------------------------------------
 
     async def _web_api(self, request: web.Request) -> web.StreamResponse:
-        refused = self._admit(request)
-        if refused is not None:
-            return refused
+        # `admit` has checked the token and counted the request.
         body = await request.read()
         status, headers, answer = self._execute(
             request.method, request.match_info["rest"], request.query_string, dict(request.headers), body, {}
@@ -531,9 +535,7 @@ class DynamicsEmulator(Emulator):
     # --- $batch ----------------------------------------------------------------------------------
 
     async def _batch(self, request: web.Request) -> web.StreamResponse:
-        refused = self._admit(request)
-        if refused is not None:
-            return refused
+        # `admit` has checked the token and counted the request.
         boundary = boundary_of(request.headers.get("Content-Type", ""))
         if boundary is None:
             return _error_response(

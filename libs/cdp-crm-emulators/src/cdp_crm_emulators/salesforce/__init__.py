@@ -8,9 +8,12 @@ API 2.0 ingest jobs (see `bulk`). Reads: describe, sObject by Id, SOQL with ``ne
 (``Sforce-Query-Options: batchSize=N``, 200..2000).
 
 Limits: every authenticated REST call counts against `daily_limit` over a rolling 24 hours (a Composite
-request is one call); answers carry ``Sforce-Limit-Info: api-usage=n/limit`` and past the limit Salesforce
-answers 403 ``REQUEST_LIMIT_EXCEEDED`` and changes nothing. An injected 429 gets that same answer, since
-Salesforce throttles with it rather than with 429. A missing or unknown token is 401 ``INVALID_SESSION_ID``.
+request is one call), counted when it arrives - before the fault injector, so a call that then meets an
+injected fault (a throttle, a 5xx, a timeout, an answer lost after the write) used one of the day's calls, as
+it would have in Salesforce; answers carry ``Sforce-Limit-Info: api-usage=n/limit`` and past the limit
+Salesforce answers 403 ``REQUEST_LIMIT_EXCEEDED``, changes nothing and counts nothing more. An injected 429
+gets that same answer, since Salesforce throttles with it rather than with 429. A missing or unknown token
+is 401 ``INVALID_SESSION_ID``.
 
 Inbound: `user_update` / `user_create` write as a Salesforce user would; every write moves the record's
 ``SystemModstamp``, so ``SELECT ... WHERE SystemModstamp > <last seen>`` polling sees it.
@@ -134,6 +137,25 @@ class SalesforceEmulator(Emulator):
             return _errors(status, "SERVER_UNAVAILABLE" if status == 503 else "UNKNOWN_EXCEPTION", "injected fault")
         return _errors(status, "BAD_REQUEST", "injected fault")
 
+    def admit(self, request: web.Request) -> web.Response | None:
+        """The session, then the daily API requests (before the fault injector: Salesforce counts a call when it
+        arrives, so a throttle, a 5xx or an answer lost after the write used one of the day's calls)."""
+        auth = request.headers.get("Authorization", "")
+        token = auth.split(" ", 1)[1] if " " in auth else ""
+        if token not in self.sessions:
+            return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
+        self._roll()
+        if len(self._calls) >= self.daily_limit:
+            self._over_budget += 1
+            response = _errors(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+            response.headers["Sforce-Limit-Info"] = self._usage()
+            return response
+        self._calls.append(self.clock())
+        return None
+
+    def _usage(self) -> str:
+        return f"api-usage={len(self._calls)}/{self.daily_limit}"
+
     def _roll(self) -> None:
         horizon = self.clock() - 86400
         while self._calls and self._calls[0] <= horizon:
@@ -182,31 +204,22 @@ class SalesforceEmulator(Emulator):
         return json_response([{"label": "Winter '25", "url": f"/services/data/v{API_VERSION}", "version": API_VERSION}])
 
     async def _rest(self, request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        token = auth.split(" ", 1)[1] if " " in auth else ""
-        if token not in self.sessions:
-            return _errors(401, "INVALID_SESSION_ID", "Session expired or invalid")
-        self._roll()
-        if len(self._calls) >= self.daily_limit:
-            self._over_budget += 1
-            response = _errors(403, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+        # `admit` has checked the session and counted the call.
+        version = _VERSION.match(request.match_info["version"])
+        if version is None:
+            response = _errors(404, "NOT_FOUND", "The requested resource does not exist")
         else:
-            self._calls.append(self.clock())
-            version = _VERSION.match(request.match_info["version"])
-            if version is None:
-                response = _errors(404, "NOT_FOUND", "The requested resource does not exist")
-            else:
-                body = await request.read()
-                status, answer, headers = await self._dispatch(
-                    request.method,
-                    request.match_info["rest"],
-                    dict(request.query),
-                    body,
-                    request.headers,
-                    version.group(1),
-                )
-                response = _respond(status, answer, headers)
-        response.headers["Sforce-Limit-Info"] = f"api-usage={len(self._calls)}/{self.daily_limit}"
+            body = await request.read()
+            status, answer, headers = await self._dispatch(
+                request.method,
+                request.match_info["rest"],
+                dict(request.query),
+                body,
+                request.headers,
+                version.group(1),
+            )
+            response = _respond(status, answer, headers)
+        response.headers["Sforce-Limit-Info"] = self._usage()
         return response
 
     # --- routing ---------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ fields) that it carries and answers its own ``{code, details, message, status}``
 HTTP status: 200 all written, 207 some written, 400 none written.
 
 Credits: every call costs `credit_costs[operation]` (default 1) against `daily_credits` over a rolling
-24 hours; past it the call is refused with 429 ``LIMIT_REACHED`` and changes nothing.
+24 hours, deducted when it arrives - before the fault injector, so a call that then meets an injected fault
+(a 429, a 5xx, a timeout, an answer lost after the write) was paid for, as in Zoho; past the credits the call
+is refused with 429 ``LIMIT_REACHED``, changes nothing and costs nothing.
 
 Inbound: ``GET /crm/v8/<Module>?fields=...`` with ``If-Modified-Since`` lists what changed since (304 when
 nothing did), ``sort_by`` (id, Created_Time, Modified_Time) and ``sort_order`` (desc by default), ``ids``
@@ -152,7 +154,11 @@ class ZohoEmulator(Emulator):
             }
         )
 
-    def _admit(self, request: web.Request, operation: str) -> web.Response | None:
+    def admit(self, request: web.Request) -> web.Response | None:
+        """The OAuth token, then the call's credits (before the fault injector: Zoho deducts a call's credits
+        when it arrives, so one that meets a 429, a 5xx, a timeout or a lost answer was paid for; one refused
+        here costs nothing)."""
+        operation = _operation(request)
         auth = request.headers.get("Authorization", "")
         if not auth.startswith("Zoho-oauthtoken "):
             return _error(401, "AUTHENTICATION_FAILURE", "Authentication failed", {})
@@ -236,8 +242,6 @@ class ZohoEmulator(Emulator):
 
     async def _upsert(self, request: web.Request) -> web.Response:
         module = self._module(request)
-        if (refused := self._admit(request, "upsert")) is not None:
-            return refused
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -317,8 +321,6 @@ class ZohoEmulator(Emulator):
     # --- metadata (what the Zoho SDK reads before it writes) --------------------------------------
 
     async def _users(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         user = {
             **_USER,
             "full_name": _USER["name"],
@@ -329,8 +331,6 @@ class ZohoEmulator(Emulator):
         return json_response({"users": [user], "info": {"per_page": 200, "count": 1, "page": 1, "more_records": False}})
 
     async def _org(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         return json_response(
             {
                 "org": [
@@ -345,8 +345,6 @@ class ZohoEmulator(Emulator):
         )
 
     async def _settings_modules(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         modules = [
             {
                 "api_name": m.name,
@@ -362,8 +360,6 @@ class ZohoEmulator(Emulator):
         return json_response({"modules": modules})
 
     async def _settings_fields(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         module = self.modules.get(request.query.get("module", ""))
         if module is None:
             return _error(400, "INVALID_MODULE", "the module name given seems to be invalid", {"param_name": "module"})
@@ -394,8 +390,6 @@ class ZohoEmulator(Emulator):
 
     async def _search(self, request: web.Request) -> web.Response:
         module = self._module(request)
-        if (refused := self._admit(request, "search")) is not None:
-            return refused
         query = request.query
         try:
             predicate = search_predicate(query, module)
@@ -410,8 +404,6 @@ class ZohoEmulator(Emulator):
 
     async def _list(self, request: web.Request) -> web.Response:
         module = self._module(request)
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         if "fields" not in request.query:
             return _error(
                 400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "fields"}
@@ -479,8 +471,6 @@ class ZohoEmulator(Emulator):
         return campaign_id, related_module, None
 
     async def _relate(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "upsert")) is not None:
-            return refused
         campaign_id, related_module, refused = self._related_list(request)
         if refused is not None:
             return refused
@@ -492,8 +482,6 @@ class ZohoEmulator(Emulator):
         return json_response({"data": answers}, status=200 if ok == len(answers) else 207 if ok else 400)
 
     async def _delink(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "delete")) is not None:
-            return refused
         campaign_id, related_module, refused = self._related_list(request)
         if refused is not None:
             return refused
@@ -505,8 +493,6 @@ class ZohoEmulator(Emulator):
         return json_response({"data": answers}, status=200 if ok == len(answers) else 207 if ok else 400)
 
     async def _related(self, request: web.Request) -> web.Response:
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         campaign_id, related_module, refused = self._related_list(request)
         if refused is not None:
             return refused
@@ -515,8 +501,6 @@ class ZohoEmulator(Emulator):
 
     async def _get(self, request: web.Request) -> web.Response:
         module = self._module(request)
-        if (refused := self._admit(request, "get")) is not None:
-            return refused
         record = self.store.get(module.name, request.match_info["id"])
         if record is None:
             return web.Response(status=204)
@@ -526,8 +510,6 @@ class ZohoEmulator(Emulator):
         """``DELETE /crm/v8/<Module>?ids=a,b`` (at most 100): each id answers ``SUCCESS`` or, when no record
         has it (never there, or deleted already), ``INVALID_DATA``."""
         module = self._module(request)
-        if (refused := self._admit(request, "delete")) is not None:
-            return refused
         ids = [i for i in request.query.get("ids", "").split(",") if i]
         if not ids:
             return _error(400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "ids"})
@@ -545,6 +527,16 @@ class ZohoEmulator(Emulator):
                 )
         ok = sum(item["status"] == "success" for item in data)
         return json_response({"data": data}, status=200 if ok == len(data) else 207 if ok else 400)
+
+
+def _operation(request: web.Request) -> str:
+    """What a call is for `credit_costs`: writes (upsert, relating a record) are ``upsert``, deletions (records,
+    related-list links) ``delete``, ``<Module>/search`` ``search``, every other read ``get``."""
+    if request.method == "DELETE":
+        return "delete"
+    if request.method in ("POST", "PUT", "PATCH"):
+        return "upsert"
+    return "search" if request.path.endswith("/search") else "get"
 
 
 def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:
