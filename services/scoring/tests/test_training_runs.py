@@ -160,6 +160,48 @@ async def test_bad_runs_are_refused_naming_the_field(scoring):
     assert training.start("churn_risk", "schedule") is False
 
 
+async def test_a_run_that_cannot_happen_is_refused_before_the_worker_starts(scoring):
+    """An unknown model, or one with nothing to learn (no label of its own and no default), is refused
+    naming the field before anything starts: no worker process, no store read."""
+    stub, runtime = scoring
+    worker = runtime.parts["training"].worker
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="no_such_model")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(caught.value) == ["model"]
+    assert "no_such_model" in caught.value.details() and "churn_risk" in caught.value.details()  # what is known
+
+    # fraud_anomaly is live here, but unsupervised: it has no label definition, and none is given
+    await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=(MODELS_DIR / "fraud_anomaly.onnx").read_bytes()))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await train(stub, model="fraud_anomaly")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(caught.value) == ["label"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # and so no realised quality either
+        await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="fraud_anomaly", refresh=True))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no label" in caught.value.details()
+    assert worker._process is None  # nothing was started
+    assert "no_such_model" not in runtime.parts["training"].last and not runtime.parts["training"].running
+
+
+async def test_a_bad_label_is_refused_before_the_store_is_read(scoring):
+    stub, _runtime = scoring
+    request = scoring_pb2.TrainModelRequest(model="churn_risk")
+    request.label.update({"kind": "no_activity", "window": "forever"})
+    seen: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for progress in stub.TrainModel(request):
+            seen.append(progress.phase)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(caught.value) == ["label.window"]
+    assert seen == []  # refused before "reading the profile store"
+
+
+def test_the_service_knows_the_models_the_training_code_has_defaults_for():
+    from cdp_scoring.training_runs import DEFAULT_LABELS
+    from cdp_training.learn import TRAINABLE
+
+    assert set(TRAINABLE) == DEFAULT_LABELS
+
+
 async def test_without_a_training_store_runs_are_refused_with_the_variable_to_set(nats_server, tmp_path):
     async with serving(settings(nats_server, tmp_path), setup) as runtime:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:

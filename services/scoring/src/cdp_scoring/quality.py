@@ -43,6 +43,7 @@ from opentelemetry.metrics import Observation
 from cdp_kit.errors import CdpError, FailedPrecondition
 from cdp_kit.storage import Put, Store
 from cdp_scoring.labelwatch import LabelWatch
+from cdp_scoring.training_runs import has_label
 from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring.quality")
@@ -147,6 +148,13 @@ class RealisedQuality:
                 "realised quality reads the profile store: set CDP_SCORING_TRAINING_STORE to the profile "
                 "service's store URL",
                 reason="training_unavailable",
+            )
+        if not has_label(model, live.spec):
+            # Nothing to judge it on: refused before the worker starts and the store is read.
+            self.failed[model] = (live.version, self.clock())
+            raise FailedPrecondition(
+                f"model {model!r} has no label definition (its version's training.label) and no default",
+                reason="no_label",
             )
         started = self.clock()
         onnx = await self.engine.model_store.get(live.spec.name, live.version, live.sha256)

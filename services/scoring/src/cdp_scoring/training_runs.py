@@ -10,6 +10,10 @@ model's first version goes live; otherwise the candidate goes to shadow beside l
 only when the decision says it beat live by the margin. The decision and its reason stay in the
 version's spec (`training.promotion`), with the reference bins drift is measured against.
 
+A run is checked before anything starts: the model must be one the service has (a deployed version's
+features are the candidate's) or one the training code has defaults for (`DEFAULTS`), and the cut-offs
+and margin must read; only then is the worker started (it checks the label before reading the store).
+
 One run per model at a time: a second one is refused while the first runs (a scheduled time that finds
 its model training is skipped). Runs of different models, and quality checks, take turns in the
 worker. A run cancelled (the caller went away, the service stops) ends the worker's job.
@@ -32,6 +36,20 @@ from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring.training")
 
+# The models the training code has default features, outputs and a label for (`cdp_training.learn.TRAINABLE`),
+# and the unsupervised one it clusters (`cdp_training.clusters`, no label). Named here because this process
+# does not import the training stack; a test holds the lists equal.
+DEFAULT_LABELS = frozenset({"churn_risk", "purchase_propensity", "fraud_risk", "next_best_channel"})
+UNSUPERVISED = "clusters"
+DEFAULTS = DEFAULT_LABELS | {UNSUPERVISED}
+
+
+def has_label(model: str, spec) -> bool:
+    """Whether `model` (its live version's `spec`, or None) can be judged or trained without a label given:
+    its version's own `training.label` definition, else a default of the training code."""
+    own = spec.training.get("label") if spec is not None and isinstance(spec.training, Mapping) else None
+    return (isinstance(own, Mapping) and "kind" in own) or model in DEFAULT_LABELS
+
 
 class TrainingRuns:
     """Starts the runs of the service's models and registers their candidates."""
@@ -44,9 +62,23 @@ class TrainingRuns:
         self.last: dict[str, dict[str, Any]] = {}  # model -> the last run's outcome (or error)
         self._background: set[asyncio.Task] = set()
 
-    def check(self, model: str) -> None:
+    def check(self, model: str, *, label: Mapping[str, Any] | None = None) -> None:
+        """Refuse a run that cannot happen before anything starts: the arguments first (naming the field),
+        then what the service lacks."""
         if not model:
             raise InvalidArgument("model", "is required")
+        entry = self.engine.registry.models.get(model)
+        live = entry.live if entry is not None else None
+        if live is None and model not in DEFAULTS:
+            known = sorted(DEFAULTS | {e.name for e in self.engine.registry if e.live is not None})
+            raise InvalidArgument(
+                "model",
+                f"{model!r} has no live version here and no default features to train with; known: {', '.join(known)}",
+            )
+        if label is None and model != UNSUPERVISED and not has_label(model, live.spec if live else None):
+            raise InvalidArgument(
+                "label", f"model {model!r} has no label definition in its live version and no default: give one"
+            )
         if not self.store_url:
             raise FailedPrecondition(
                 "training runs read the profile store: set CDP_SCORING_TRAINING_STORE to the profile service's "
@@ -67,12 +99,12 @@ class TrainingRuns:
         trigger: str = "api",
     ) -> AsyncIterator[dict[str, Any]]:
         """Run one training of `model`; yields progress, the last item with done=True and the decision."""
-        self.check(model)
         if margin is not None and not (math.isfinite(margin) and margin >= 0):
             raise InvalidArgument("margin", f"{margin!r} must be a finite number of metric points >= 0")
         for field_name, value in (("cutoff", cutoff), ("evaluate_at", evaluate_at)):
             if value:
                 parse_time(value, field_name)  # refused now, not once the worker has read the store
+        self.check(model, label=label)
         self.running.add(model)
         started = time.monotonic()
         try:

@@ -43,11 +43,16 @@ def training_available() -> bool:
 def _train(report, *, store_url, model, live_onnx, cutoff, evaluate_at, margin, label) -> dict[str, Any]:
     """A training run (`cdp_training.learn.train_run`): the candidate's bytes, version and decision."""
     from cdp_training import learn
+    from cdp_training.labels import LabelSpec
 
+    live = learn.live_from_onnx(live_onnx) if live_onnx else None
+    if model != "clusters":
+        # The label is read before the store (minutes at scale): a bad one is refused at once, naming its field.
+        label = dict(label) if label else learn.label_for(model, live.spec if live else None)
+        LabelSpec.from_dict(label)
     report("reading", 0, 5.0, "reading the profile store")
     profiles = asyncio.run(learn.read_store(store_url))
     report("reading", len(profiles), PERCENT["reading"], f"{len(profiles)} profiles read")
-    live = learn.live_from_onnx(live_onnx) if live_onnx else None
     if model == "clusters":  # unsupervised: no label, no evaluation slice (cdp_training.clusters)
         from cdp_training import clusters
 
@@ -55,7 +60,6 @@ def _train(report, *, store_url, model, live_onnx, cutoff, evaluate_at, margin, 
         run = clusters.train_run(profiles, cutoff=cut, live=live.spec if live else None)
         report("fitting", run.record["training"]["rows"], PERCENT["fitting"], "clusters fitted")
         return {"onnx": run.data, "version": run.version, "decision": run.decision}
-    label = dict(label) if label else learn.label_for(model, live.spec if live else None)
     cut = learn.parse_time(cutoff, "cutoff") if cutoff else learn.default_cutoff(profiles, label)
     result = learn.train_run(
         model,
@@ -74,12 +78,16 @@ def _train(report, *, store_url, model, live_onnx, cutoff, evaluate_at, margin, 
 def _quality(report, *, store_url, onnx) -> dict[str, Any]:
     """Realised quality (`cdp_training.realised`) of the version in `onnx`."""
     from cdp_training import learn
+    from cdp_training.labels import LabelSpec
     from cdp_training.realised import realised_quality
 
+    spec = learn.live_from_onnx(onnx).spec
+    label = learn.label_for(spec.name, spec)  # refused before the store is read
+    LabelSpec.from_dict(label)
     report("reading", 0, 5.0, "reading the profile store")
     profiles = asyncio.run(learn.read_store(store_url))
     report("reading", len(profiles), 50.0, f"{len(profiles)} profiles read")
-    return realised_quality(profiles, onnx)
+    return realised_quality(profiles, onnx, label=label)
 
 
 JOBS = {"train": _train, "quality": _quality}
