@@ -95,3 +95,46 @@ async def test_a_bad_cutoff_is_named(platform):
         catch_exceptions=False,
     )
     assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output and "cutoff" in result.output
+
+
+class CannedQuality(scoring_pb2_grpc.ScoringServiceServicer):
+    """A scoring service that answers GetModelQuality with the figures it was given."""
+
+    def __init__(self, reply: scoring_pb2.ModelQuality) -> None:
+        self.reply = reply
+
+    async def GetModelQuality(self, request, context) -> scoring_pb2.ModelQuality:
+        return self.reply
+
+
+async def test_quality_says_when_and_why_the_figures_were_computed_and_that_they_are_stale(tmp_path):
+    """Labels arrived after the figures: the text output says what computed them, on how many labelled rows,
+    and since when (and why) they are stale, as --json does."""
+    reply = scoring_pb2.ModelQuality(
+        model="fraud_risk",
+        version="1.1.0",
+        trigger="label window closed",
+        labelled_rows=412,
+        stale_trigger="label event Chargeback",
+    )
+    reply.training.update({"auc": 0.95, "holdout_rows": 8000})
+    reply.realised.update({"rows": 412, "auc": 0.91, "label": {"kind": "label_event"}, "cutoff": "2025-05-31"})
+    reply.computed_at.FromJsonString("2026-12-04T10:00:00Z")
+    reply.stale_since.FromJsonString("2026-12-04T10:20:30Z")
+    server = grpc.aio.server()
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(CannedQuality(reply), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        ws = Workspace(tmp_path / "home")
+        ws.prepare(())
+        ws.write_run({"pid": os.getpid(), "services": {"scoring": {"grpc": f"127.0.0.1:{port}"}}})
+        shown = (await cdpctl(ws, "models", "quality", "fraud_risk")).output
+        document = json.loads((await cdpctl(ws, "models", "quality", "fraud_risk", "--json")).output)
+    finally:
+        await server.stop(None)
+    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") >= 3}
+    assert "412" in rows["labelled rows"] and "8000" in rows["labelled rows"]
+    assert "2026-12-04 10:00:00" in rows["computed (UTC)"] and "label window closed" in rows["trigger"]
+    assert "2026-12-04 10:20:30" in rows["stale since (UTC)"] and "label event Chargeback" in rows["stale since (UTC)"]
+    assert document["labelledRows"] == "412" and document["staleTrigger"] == "label event Chargeback"

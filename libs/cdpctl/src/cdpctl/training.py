@@ -304,6 +304,15 @@ def quality(ws: Workspace, model: str, refresh: bool, as_json: bool, address) ->
         if trained is None and key not in realised:
             continue
         table.add_row(key, _figure(trained), _figure(realised.get(key)))
+    # When and why the realised figures were computed, and whether newer labels wait for the next computation.
+    if realised:
+        table.add_row("labelled rows", _figure(training.get("holdout_rows")), str(reply.labelled_rows))
+        table.add_row("computed (UTC)", "", short_time(reply.computed_at.ToJsonString()))
+        table.add_row("trigger", "", reply.trigger)
+    if reply.HasField("stale_since"):  # labels arrived, or a window closed, since: new figures are on their way
+        table.add_row(
+            "stale since (UTC)", "", f"{short_time(reply.stale_since.ToJsonString())} ({reply.stale_trigger})"
+        )
     out.print(table)
     bins = realised.get("reliability", [])
     if bins:
