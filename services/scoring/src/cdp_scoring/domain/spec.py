@@ -2,17 +2,18 @@
 
 The training pipeline writes one JSON document under the ONNX metadata key `cdp.model`:
 
-    {"name": "churn_risk", "version": "1.0.0", "owner": "data-science", "description": "...",
+    {"name": "churn_risk", "version": "1.1.0", "owner": "cdp", "description": "...",
      "input": "features",
-     "features": [{"name": "orders_90d", "path": "computed.orders_90d", "transform": "number", "default": 0},
-                  {"name": "days_since_last_order", "path": "computed.last_order_at",
-                   "transform": "days_since", "default": 365},
+     "features": [{"name": "sessions_30d", "path": "computed.sessions_30d", "transform": "number", "default": 0},
+                  {"name": "days_since_last_session", "path": "computed.last_session_at",
+                   "transform": "days_since", "default": null},
                   {"name": "plan", "path": "traits.plan", "transform": "category",
-                   "categories": ["free", "pro"], "default": -1}],
+                   "categories": ["free", "plus", "pro"], "default": -1}],
      "outputs": [{"score": "churn_risk", "output": "probabilities", "index": 1,
-                  "meaning": "P(no activity in the next 90 days)"}],
-     "computed_traits": [{"name": "orders_90d", "op": "count", "event_names": ["Order Completed"], "window": "90d"}],
-     "training": {...}, "quality": {"auc": 0.86, ...},
+                  "meaning": "P(no activity in the 60 days after the next 30)"}],
+     "computed_traits": [{"name": "sessions_30d", "op": "count", "event_type": "any", "window": "30d",
+                          "event_names": ["Home", "Catalog", "Product", ...]}, ...],
+     "training": {...}, "quality": {"auc": 0.90, ...},
      "test_vector": {"features": [...], "expected": {"churn_risk": 0.12}, "tolerance": 1e-4}}
 
 Feature paths name profile fields: `traits.<name>`, `computed.<name>`, `consent.<purpose:X|channel:x>`
