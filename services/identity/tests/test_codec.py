@@ -37,3 +37,12 @@ def test_a_batch_splits_into_messages_that_read_back_in_order():
     assert {m.subject for m in messages} == {"events.resolved.3"}
     persons = [e.person_id for m in messages for e in events_pb2.ResolvedEventBatch.FromString(m.payload).events]
     assert persons == [f"p_{i}" for i in range(10)]
+
+
+def test_the_counts_of_other_persons_per_identifier_type_read_back_as_the_shared_with_map():
+    raw = raw_event(300)
+    encoded = encode_resolved(raw, "p_1", [], ["user_id:u1"], {"device_id": 3, "anonymous_id": 200})
+    decoded = events_pb2.ResolvedEvent.FromString(encoded)
+    assert dict(decoded.shared_with) == {"device_id": 3, "anonymous_id": 200}
+    assert decoded.person_id == "p_1" and list(decoded.identifiers) == ["user_id:u1"]
+    assert events_pb2.ResolvedEvent.FromString(encode_resolved(raw, "p_1", [], [], {})).shared_with == {}

@@ -278,3 +278,39 @@ async def test_a_standby_that_becomes_the_writer_publishes_what_the_crashed_writ
         await standby.become_writer()
         assert [subject.split(".")[:2] for subject in publisher.subjects] == [["identity", "merged"]]
         assert [r async for r in store.scan_all(OUTBOX)] == []
+
+
+async def test_accounts_on_one_phone_stay_apart_and_their_resolved_events_count_the_others(caplog):
+    """Default rules: four accounts on one phone are four persons, and each resolved event says how many
+    OTHER persons used the phone in the last day - a count, never who or which phone, in the event or
+    in any log line."""
+    caplog.set_level("DEBUG")
+    async with open_store("memory://") as memory:
+        engine = IdentityEngine(
+            MergeRules.default(), memory, RecordingPublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await engine.start()
+        deliveries = []
+        for k in range(4):
+            event = identify(f"ring-{k}", f"ring-user-{k}", "")
+            event.context.device.id = "ring-phone-77"
+            event.timestamp.FromMilliseconds(1_700_000_000_000 + k * 60_000)
+            deliveries.append(StreamDelivery(event, "events.raw.0", k + 1))
+        effects = await engine.apply(0, [engine.decode(d) for d in deliveries])
+
+        resolved = [
+            item
+            for m in effects.messages
+            if m.subject.startswith("events.resolved.")
+            for item in events_pb2.ResolvedEventBatch.FromString(m.payload).events
+        ]
+        assert [item.event.message_id for item in resolved] == [f"ring-{k}" for k in range(4)]
+        assert len({item.person_id for item in resolved}) == 4
+        assert [dict(item.shared_with) for item in resolved] == [
+            {},
+            {"device_id": 1},
+            {"device_id": 2},
+            {"device_id": 3},
+        ]
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "ring-phone-77" not in logged and "ring-user-" not in logged

@@ -7,7 +7,7 @@ Nothing here has state or does I/O; the engine decides what to publish, this mod
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
@@ -57,10 +57,15 @@ def _length_delimited(field_number: int, data: bytes) -> bytes:
 
 
 def encode_resolved(
-    raw_event: bytes, person_id: str, dropped: Sequence[tuple[str, str, str]] = (), identifiers: Sequence[str] = ()
+    raw_event: bytes,
+    person_id: str,
+    dropped: Sequence[tuple[str, str, str]] = (),
+    identifiers: Sequence[str] = (),
+    shared: Mapping[str, int] | None = None,
 ) -> bytes:
     """A serialized `ResolvedEvent` built around the raw event's bytes: the event is embedded as
-    received, not parsed and re-serialized (most of the cost of resolving would be that)."""
+    received, not parsed and re-serialized (most of the cost of resolving would be that). `shared`:
+    identifier type -> other persons seen with it (`shared_with`; most events have none)."""
     person = person_id.encode()
     parts = [_TAGS[1], _size(len(raw_event)), raw_event, _TAGS[2], _size(len(person)), person]
     for kind, value, reason in dropped:
@@ -69,6 +74,12 @@ def encode_resolved(
     for key in identifiers:
         encoded = key.encode()
         parts += (_TAGS[4], _size(len(encoded)), encoded)
+    if shared:
+        for kind, count in shared.items():
+            # A map entry is a message: key = 1 (string), value = 2 (varint).
+            name = kind.encode()
+            entry = _TAGS[1] + _size(len(name)) + name + b"\x10" + _varint(count)
+            parts += (_TAGS[5], _size(len(entry)), entry)
     return b"".join(parts)
 
 

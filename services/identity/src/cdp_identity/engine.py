@@ -401,7 +401,13 @@ class IdentityEngine:
                         grouped.setdefault(self._partition_of(person), []).append(
                             (
                                 item.event_id,
-                                encode_resolved(item.raw, person, dropped, [i.key for i in item.identifiers]),
+                                encode_resolved(
+                                    item.raw,
+                                    person,
+                                    dropped,
+                                    [i.key for i in item.identifiers],
+                                    resolution.shared if resolution else None,
+                                ),
                             )
                         )
                 queued = None

@@ -344,6 +344,71 @@ def test_quarantine_evidence_older_than_the_quarantine_window_is_forgotten():
     assert w.event("user_id:u4", "device_id:kiosk", at=4 * DAY + MINUTE).quarantined == ["device_id:kiosk"]
 
 
+# --- sharing across persons (Resolution.shared) ---------------------------------------------------
+
+
+def test_a_phone_behind_four_accounts_tells_each_later_event_how_many_other_accounts_used_it():
+    w = World()  # the defaults: one user id per person, device_id quarantined after 3 persons
+    events = [w.event(f"user_id:ring-{k}", "device_id:ring-phone") for k in range(4)]
+
+    assert len({e.person for e in events}) == 4, "the default rules keep four accounts apart"
+    assert [e.shared for e in events] == [{}, {"device_id": 1}, {"device_id": 2}, {"device_id": 3}]
+    assert events[2].quarantined == ["device_id:ring-phone"]
+    # Later events of any of them count the others too, the quarantine notwithstanding.
+    assert w.event("user_id:ring-1", "device_id:ring-phone").shared == {"device_id": 3}
+    assert w.event("user_id:ring-0", "device_id:ring-phone").shared == {"device_id": 3}
+    # An event that carries only the account (no device) says nothing about the device.
+    assert w.event("user_id:ring-2").shared == {}
+
+
+def test_persons_merged_since_count_once_and_so_does_the_events_own_person():
+    w = World()
+    w.event("user_id:u1", "device_id:tablet")
+    visitor = w.person("anonymous_id:a2", "device_id:tablet")  # a visitor on the tablet: joins u1
+    assert visitor == w.graph.person_of("user_id:u1")
+    w.event("user_id:u2", "device_id:tablet")
+    w.event("user_id:u3", "device_id:tablet")
+    # An operator finds u2 and u3 are one customer (two logins) and merges them.
+    w.graph.merge(w.graph.person_of("user_id:u2"), w.graph.person_of("user_id:u3"), at=w.now, cause={}, force=True)
+
+    seen = w.event("user_id:u5", "device_id:tablet")
+    assert seen.shared == {"device_id": 2}, "u1 and the u2+u3 person: two other persons, not three"
+    assert w.event("user_id:u3", "device_id:tablet").shared == {"device_id": 2}  # u1 and u5; not itself
+
+
+def test_persons_seen_with_the_device_more_than_a_day_before_do_not_count():
+    w = World()
+    w.event("user_id:u1", "device_id:d", at=0)
+    w.event("user_id:u2", "device_id:d", at=MINUTE)
+    assert w.event("user_id:u3", "device_id:d", at=DAY + 2 * MINUTE).shared == {"device_id": 1}  # the owner only
+    assert w.event("user_id:u1", "device_id:d", at=DAY + 3 * MINUTE).shared == {"device_id": 1}  # u3, not u2
+    assert w.event("user_id:u1", "device_id:d", at=3 * DAY).shared == {}  # nobody else in the last day
+
+
+def test_a_replayed_event_reads_the_same_count_and_changes_nothing():
+    w = World()
+    for k in range(3):
+        w.event(f"user_id:u{k}", "device_id:d")
+    identifiers = w.identifiers(("user_id:u2", "device_id:d"))
+    before = copy.deepcopy(w.graph.identifiers["device_id:d"].conflicts)
+    replay = w.graph.resolve(identifiers, event_id="e3", at=w.now, read_only=True)
+    assert replay.shared == {"device_id": 2}
+    assert w.graph.identifiers["device_id:d"].conflicts == before
+
+
+def test_sharing_evidence_is_written_at_most_once_a_minute_per_person():
+    w = World()
+    w.event("user_id:u1", "device_id:d", at=0)
+    w.event("user_id:u2", "device_id:d", at=1_000)
+    w.graph.take_dirty()
+    w.event("user_id:u2", "device_id:d", at=2_000)
+    identifiers, _persons, _merges = w.graph.take_dirty()
+    assert "device_id:d" not in identifiers, "seen with u2 a second ago: nothing new to write"
+    w.event("user_id:u2", "device_id:d", at=1_000 + MINUTE)
+    identifiers, _persons, _merges = w.graph.take_dirty()
+    assert "device_id:d" in identifiers
+
+
 def test_quarantine_and_release_by_hand():
     w = World()
     owner = w.person("user_id:u1", "device_id:kiosk")

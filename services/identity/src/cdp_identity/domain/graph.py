@@ -11,6 +11,12 @@ they attached to (the root at the time) and stay there on unmerge.
 Plain Python, no I/O: the service loads the records a batch needs (`missing_*`), applies events
 synchronously, and writes back what `take_dirty()` returns and deletes what `take_removed()` returns.
 
+Sharing across persons: an identifier of a type with `quarantine_after` remembers the other persons it
+appeared with (`IdentifierState.conflicts`, noted also once it is quarantined), and every resolution
+says, per identifier type of its event, how many persons other than the event's own were seen with those
+identifiers in the day before it (`Resolution.shared`; counts only). That is how a fraud model sees four
+accounts on one phone that the default rules (one user id per person) keep as four persons.
+
 A privacy deletion (`purge`) removes persons with everything merged into them and every identifier they
 own, and rewrites the surviving records that mention them (separations, drops, merge causes,
 quarantine evidence), so the graph keeps no trace of them.
@@ -28,6 +34,11 @@ from cdp_identity.domain.rules import MergeRules
 
 MAX_DROPS_KEPT = 50
 MAX_CONFLICTS_KEPT = 64
+# `Resolution.shared` counts the persons seen with an identifier in the day before the event.
+SHARED_WINDOW_MS = 24 * 3_600_000
+# Evidence of a person already noted on an identifier less than this long ago is not rewritten: a shared
+# device then costs at most one write a minute per person on it, not one per event.
+CONFLICT_REFRESH_MS = 60_000
 
 
 def stable_id(prefix: str, *parts: str) -> str:
@@ -170,6 +181,9 @@ class Resolution:
     merges: list[Merge] = field(default_factory=list)
     drops: list[Drop] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
+    # identifier type -> how many other persons were seen with the event's identifiers of that type in
+    # the SHARED_WINDOW_MS before it (absent when none; see `IdentityGraph.shared_with`)
+    shared: dict[str, int] = field(default_factory=dict)
 
 
 class IdentityGraph:
@@ -307,6 +321,9 @@ class IdentityGraph:
         drops: list[Drop] = []
         quarantined_fallback: str | None = None
         met: list[tuple[str, str]] = []  # (identifier key, its root) of every known identifier: quarantine evidence
+        # Quarantined identifiers keep noting whom they are seen with (sharing counts stay true after a
+        # quarantine), but are no evidence against the event's other identifiers.
+        met_quarantined: list[tuple[str, str]] = []
 
         for ident in identifiers:
             key = ident.key
@@ -320,8 +337,8 @@ class IdentityGraph:
                     new.append(ident)
                 continue
             root = self.root_of(state.person)
-            if state.quarantined_at is None and not read_only:
-                met.append((key, root))
+            if not read_only:
+                (met if state.quarantined_at is None else met_quarantined).append((key, root))
             if root in accepted_roots:
                 continue
             if state.quarantined_at is not None:
@@ -341,13 +358,16 @@ class IdentityGraph:
 
         if read_only:
             person = accepted_roots[0] if accepted_roots else quarantined_fallback
-            return None if person is None else Resolution(person=person)
+            if person is None:
+                return None
+            return Resolution(person=person, shared=self.shared_with(identifiers, person, at))
 
         if not accepted_roots and not new:
             if quarantined_fallback is None:
                 return None
             resolution = Resolution(person=quarantined_fallback, drops=drops)
             self._record_drops(quarantined_fallback, drops, event_id, at)
+            resolution.shared = self.shared_with(identifiers, quarantined_fallback, at)
             return resolution
 
         if accepted_roots:
@@ -385,7 +405,35 @@ class IdentityGraph:
             for other in persons_met:
                 if self.root_of(other) != self.root_of(root) and self._note_conflict(key, root, other, at):
                     resolution.quarantined.append(key)
+        for key, root in met_quarantined:
+            for other in persons_met:
+                if self.root_of(other) != self.root_of(root):
+                    self._note_conflict(key, root, other, at)
+        resolution.shared = self.shared_with(identifiers, winner, at)
         return resolution
+
+    def shared_with(self, identifiers: Iterable[Identifier], person: str, at: int) -> dict[str, int]:
+        """Per identifier type: how many persons other than `person` (a root) were seen with these
+        identifiers within SHARED_WINDOW_MS before `at` - each identifier's owner and the persons in its
+        quarantine evidence, merged persons once. Empty for almost every event: only identifiers that met
+        another person in that window cost more than a lookup."""
+        horizon = at - SHARED_WINDOW_MS
+        by_type: dict[str, set[str]] | None = None
+        for ident in identifiers:
+            state = self.identifiers.get(ident.key)
+            if state is None or not state.conflicts:
+                continue
+            recent = [p for p, t in state.conflicts.items() if t >= horizon]
+            if not recent:
+                continue
+            others = {self.canonical(p) for p in recent}
+            others.add(self.canonical(state.person))
+            others.discard(None)
+            others.discard(person)
+            if others:
+                by_type = by_type if by_type is not None else {}
+                by_type.setdefault(ident.type, set()).update(others)  # type: ignore[arg-type]
+        return {} if by_type is None else {kind: len(persons) for kind, persons in by_type.items()}
 
     def merge(self, winner: str, loser: str, *, at: int, cause: dict[str, Any], force: bool = False) -> Merge | None:
         """An explicit merge (API, review queue, matching). Limits apply unless `force`; None when the two
@@ -747,6 +795,9 @@ class IdentityGraph:
         if kind is None or kind.quarantine_after is None:
             return False
         state = self.identifiers[key]
+        noted = state.conflicts.get(other_root)
+        if noted is not None and 0 <= at - noted < CONFLICT_REFRESH_MS:
+            return False  # the same persons as a moment ago: nothing to decide, nothing to write
         horizon = at - self.rules.quarantine_window * 1000
         state.conflicts[other_root] = at
         state.conflicts = {p: t for p, t in state.conflicts.items() if t >= horizon}

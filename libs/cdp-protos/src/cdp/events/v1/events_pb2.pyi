@@ -251,16 +251,25 @@ class EventBatch(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class ResolvedEvent(_message.Message):
-    __slots__ = ("event", "person_id", "dropped", "identifiers")
+    __slots__ = ("event", "person_id", "dropped", "identifiers", "shared_with")
+    class SharedWithEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     EVENT_FIELD_NUMBER: _ClassVar[int]
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     event: Event
     person_id: str
     dropped: _containers.RepeatedCompositeFieldContainer[DroppedIdentifier]
     identifiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ..., identifiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    shared_with: _containers.ScalarMap[str, int]
+    def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ..., person_id: _Optional[str] = ..., dropped: _Optional[_Iterable[_Union[DroppedIdentifier, _Mapping]]] = ..., identifiers: _Optional[_Iterable[str]] = ..., shared_with: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ResolvedEventBatch(_message.Message):
     __slots__ = ("events",)
