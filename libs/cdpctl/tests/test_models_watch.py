@@ -6,6 +6,7 @@ quality read back. (Where the service cannot train, `models train` runs locally:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -97,14 +98,38 @@ async def test_a_bad_cutoff_is_named(platform):
     assert result.exit_code == 1 and "INVALID_ARGUMENT" in result.output and "cutoff" in result.output
 
 
-class CannedQuality(scoring_pb2_grpc.ScoringServiceServicer):
-    """A scoring service that answers GetModelQuality with the figures it was given."""
+class Canned(scoring_pb2_grpc.ScoringServiceServicer):
+    """A scoring service that answers GetModelQuality and GetDrift with what it was given."""
 
-    def __init__(self, reply: scoring_pb2.ModelQuality) -> None:
-        self.reply = reply
+    def __init__(self, quality: scoring_pb2.ModelQuality | None = None, drift=None) -> None:
+        self.quality, self.drift = quality, drift
 
     async def GetModelQuality(self, request, context) -> scoring_pb2.ModelQuality:
-        return self.reply
+        return self.quality
+
+    async def GetDrift(self, request, context) -> scoring_pb2.GetDriftResponse:
+        return self.drift
+
+
+@contextlib.asynccontextmanager
+async def canned_platform(tmp_path, servicer: Canned):
+    """A workspace whose run file points at `servicer` as the scoring service."""
+    server = grpc.aio.server()
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        ws = Workspace(tmp_path / "home")
+        ws.prepare(())
+        ws.write_run({"pid": os.getpid(), "services": {"scoring": {"grpc": f"127.0.0.1:{port}"}}})
+        yield ws
+    finally:
+        await server.stop(None)
+
+
+def table_rows(shown: str) -> dict[str, str]:
+    """A printed table's rows by their first cell."""
+    return {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") >= 3}
 
 
 async def test_quality_says_when_and_why_the_figures_were_computed_and_that_they_are_stale(tmp_path):
@@ -121,20 +146,26 @@ async def test_quality_says_when_and_why_the_figures_were_computed_and_that_they
     reply.realised.update({"rows": 412, "auc": 0.91, "label": {"kind": "label_event"}, "cutoff": "2025-05-31"})
     reply.computed_at.FromJsonString("2026-12-04T10:00:00Z")
     reply.stale_since.FromJsonString("2026-12-04T10:20:30Z")
-    server = grpc.aio.server()
-    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(CannedQuality(reply), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        ws = Workspace(tmp_path / "home")
-        ws.prepare(())
-        ws.write_run({"pid": os.getpid(), "services": {"scoring": {"grpc": f"127.0.0.1:{port}"}}})
+    async with canned_platform(tmp_path, Canned(quality=reply)) as ws:
         shown = (await cdpctl(ws, "models", "quality", "fraud_risk")).output
         document = json.loads((await cdpctl(ws, "models", "quality", "fraud_risk", "--json")).output)
-    finally:
-        await server.stop(None)
-    rows = {line.split("│")[1].strip(): line for line in shown.splitlines() if line.count("│") >= 3}
+    rows = table_rows(shown)
     assert "412" in rows["labelled rows"] and "8000" in rows["labelled rows"]
     assert "2026-12-04 10:00:00" in rows["computed (UTC)"] and "label window closed" in rows["trigger"]
     assert "2026-12-04 10:20:30" in rows["stale since (UTC)"] and "label event Chargeback" in rows["stale since (UTC)"]
     assert document["labelledRows"] == "412" and document["staleTrigger"] == "label event Chargeback"
+
+
+async def test_drift_names_the_values_compared_against_the_aged_reference(tmp_path):
+    drift = scoring_pb2.ModelDrift(model="churn_risk", version="1.1.0", role=scoring_pb2.ROLE_LIVE, status="ok")
+    drift.values.add(name="sessions_30d", kind="feature", psi=0.08)
+    drift.values.add(name="days_since_signup", kind="feature", psi=0.12, aged=True)
+    drift.values.add(name="churn_risk", kind="score", psi=0.05, aged=True)
+    drift.values.add(name="orders_90d", kind="feature", psi=0.01)
+    async with canned_platform(tmp_path, Canned(drift=scoring_pb2.GetDriftResponse(models=[drift]))) as ws:
+        shown = (await cdpctl(ws, "models", "drift")).output
+        (document,) = json.loads((await cdpctl(ws, "models", "drift", "--json")).output)
+    row = table_rows(shown)["churn_risk"]
+    assert "feature days_since_signup 0.120 (aged), feature sessions_30d" in row  # worst first, aged marked
+    assert row.rstrip("│ ").endswith("days_since_signup, churn_risk")  # the aged column
+    assert [v["name"] for v in document["values"] if v.get("aged")] == ["days_since_signup", "churn_risk"]

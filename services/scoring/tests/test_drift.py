@@ -21,9 +21,10 @@ from cdp_kit.bus import Bus, Partitioner, subjects
 from cdp_kit.service import serving
 from cdp_kit.timestamps import set_seconds
 from cdp_scoring.__main__ import setup
+from cdp_scoring.api import alert_message, drift_message
 from cdp_scoring.domain import ModelSpec
 from cdp_scoring.domain.registry import LIVE, Version
-from cdp_scoring.drift import DRIFTED, NO_REFERENCE, OK, DriftMonitor, bins_of, build_reference, psi
+from cdp_scoring.drift import DRIFTED, NO_REFERENCE, OK, DriftMonitor, DriftReport, bins_of, build_reference, psi
 from cdp_testing.fakes import T0
 from cdp_testing.metrics import MetricsCapture
 from cdp_testing.onnx_models import logistic_model
@@ -252,3 +253,30 @@ async def test_with_retrain_a_live_model_that_becomes_drifted_starts_one_trainin
             assert time.monotonic() < deadline, "no drift alerts on models.drift"
             await asyncio.sleep(0.02)
         assert [(a.newly_drifted, a.retrain_started) for a in alerts] == [(True, True), (False, False)]
+
+
+def test_get_drift_and_the_alert_say_which_values_were_compared_against_the_aged_reference():
+    """A clock feature (days since sign-up) and the score judged against the reference aged by the time
+    since it was taken: GetDrift's values and the alert's say so per value, as the drift report does."""
+    report = DriftReport(
+        "churn_risk",
+        "1.1.0",
+        LIVE,
+        DRIFTED,
+        0.2,
+        rows=500,
+        values=[
+            ("sessions_30d", "feature", 0.41),
+            ("days_since_signup", "feature", 0.02),
+            ("churn_risk", "score", 0.25),
+        ],
+        aged=["feature:days_since_signup", "score:churn_risk"],
+    )
+    message = drift_message(report)
+    assert {(v.kind, v.name): v.aged for v in message.values} == {
+        ("feature", "sessions_30d"): False,
+        ("feature", "days_since_signup"): True,
+        ("score", "churn_risk"): True,
+    }
+    alert = alert_message(report, retrain_started=False)
+    assert [(v.name, v.aged) for v in alert.over] == [("sessions_30d", False), ("churn_risk", True)]

@@ -254,7 +254,9 @@ def drift(ws: Workspace, model, check_now: bool, as_json: bool, address) -> None
         emit(as_dict(reply).get("models", []))
         return
     table = Table(title="drift (population stability index; above the threshold: drifted)")
-    for column in ("model", "version", "role", "status", "rows", "checked", "worst"):
+    # aged: the values compared against the training reference aged by the time since it was taken (clock
+    # features such as days since sign-up, and scores), where that gave the smaller PSI, which counts.
+    for column in ("model", "version", "role", "status", "rows", "checked", "worst", "aged"):
         table.add_column(column)
     for item in reply.models:
         worst = sorted(item.values, key=lambda v: -v.psi)[:3]
@@ -265,7 +267,8 @@ def drift(ws: Workspace, model, check_now: bool, as_json: bool, address) -> None
             item.status,
             f"{item.rows} (+{item.pending_rows})",
             short_time(item.checked_at.ToJsonString()) if item.HasField("checked_at") else "",
-            ", ".join(f"{v.kind} {v.name} {v.psi:.3f}" for v in worst),
+            ", ".join(f"{v.kind} {v.name} {v.psi:.3f}" + (" (aged)" if v.aged else "") for v in worst),
+            ", ".join(v.name for v in item.values if v.aged),
         )
     out.print(table)
 

@@ -105,8 +105,9 @@ def drift_message(report: DriftReport) -> scoring_pb2.ModelDrift:
         set_seconds(message.since, report.since)
     if report.checked_at:
         set_seconds(message.checked_at, report.checked_at)
+    aged = set(report.aged)
     for name, kind, value in report.values:
-        message.values.add(name=name, kind=kind, psi=value)
+        message.values.add(name=name, kind=kind, psi=value, aged=f"{kind}:{name}" in aged)
     return message
 
 
@@ -115,8 +116,9 @@ def alert_message(report: DriftReport, retrain_started: bool) -> scoring_pb2.Dri
     message = scoring_pb2.DriftAlert(
         drift=drift_message(report), retrain_started=retrain_started, newly_drifted=report.newly_drifted
     )
+    aged = set(report.aged)
     for name, kind, value in sorted(report.over, key=lambda v: -v[2]):
-        message.over.add(name=name, kind=kind, psi=value)
+        message.over.add(name=name, kind=kind, psi=value, aged=f"{kind}:{name}" in aged)
     return message
 
 

@@ -315,14 +315,16 @@ class GetDriftRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., check_now: _Optional[bool] = ...) -> None: ...
 
 class DriftValue(_message.Message):
-    __slots__ = ("name", "kind", "psi")
+    __slots__ = ("name", "kind", "psi", "aged")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PSI_FIELD_NUMBER: _ClassVar[int]
+    AGED_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     psi: float
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., psi: _Optional[float] = ...) -> None: ...
+    aged: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., psi: _Optional[float] = ..., aged: _Optional[bool] = ...) -> None: ...
 
 class ModelDrift(_message.Message):
     __slots__ = ("model", "version", "role", "status", "threshold", "rows", "pending_rows", "reference_rows", "since", "checked_at", "values")
