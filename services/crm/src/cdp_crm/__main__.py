@@ -33,7 +33,7 @@ from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
 from cdp_crm.people import ProfileDirectory, profile_fetch
-from cdp_crm.privacy import Privacy, consumer_spec
+from cdp_crm.privacy import Privacy, TombstoneSweeper, consumer_spec
 from cdp_crm.runs import GC_THRESHOLD, Runs
 from cdp_crm.settings import CrmSettings
 from cdp_crm.state import prepare_store
@@ -165,6 +165,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         policies={c.id: c.on_delete or settings.privacy_policy for c in connections},
     )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
+    sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=meter)
+    tasks.append(runtime.spawn(sweeper.run(), "sweep aged-out tombstones"))
 
     async def refresh_budgets() -> None:
         while True:

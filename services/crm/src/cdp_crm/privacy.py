@@ -18,7 +18,12 @@ letters are deleted, `crm_privacy/<request id>` records the policy and counts pe
 an identifier value), and the store is erased (`Store.erase`: no bytes of the deleted values left in its
 files, the write-ahead log included). A tombstone per person (`crm_tombstones`, written with the first
 attempt) makes the engine drop whatever reaches it for them afterwards: segmentation's exits follow the
-deletion, and a profile change published before it may be sourced after it.
+deletion, and a profile change published before it may be sourced after it. Tombstones age out
+(`TombstoneSweeper`): after CDP_CRM_TOMBSTONE_DAYS (35 by default, refused at start below the longest a
+message for the person can still arrive - the dead-letter stream's 30 days, a dead letter being
+replayable, or the CRM stream's CDP_CRM_RETENTION_DAYS) nothing for the person is left to drop, and every
+replica deletes the older ones, a bounded page at a time, every `SWEEP_INTERVAL` seconds (metric
+``cdp.crm.tombstones.swept``).
 
 One durable consumer (`crm-privacy`) shared by the replicas, so each request is handled once. A CRM that
 cannot take the changes yet, or refuses one (the record reads `dead_lettered` with the CRM's reason and
@@ -35,6 +40,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+
+from opentelemetry import metrics
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
@@ -54,12 +61,15 @@ from cdp_crm.state import (
 )
 from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage.expiry import sweep_every, sweep_expired
 
 log = logging.getLogger("cdp.crm.privacy")
 
 SERVICE = "crm"
 DONE_STAMP = 2**62  # newer than any stream position: the erasure wins over a change coalesced with it
 PLACEHOLDER = "(deleted)"  # what an anonymised record holds in a field its CRM requires
+SWEEP_INTERVAL = 3600.0  # seconds between two sweeps of the aged-out tombstones
+DAY = 86_400.0
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -243,3 +253,36 @@ def erasure(mapping: ObjectMapping, record: str, doc: dict, policy: str = "anony
     if not fields:
         return None
     return Change(mapping.name, key, fields, DONE_STAMP, UPSERT, doc.get("person_id", ""), "privacy")
+
+
+class TombstoneSweeper:
+    """Deletes the tombstones older than `days` (see the module docstring): by then nothing that still
+    reaches the connector can be for the person. Only `crm_tombstones`: the erasure records and
+    `crm_privacy/<request>` are what was done, and what makes a redelivered request find it done."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        days: float,
+        meter: metrics.Meter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.max_age = days * DAY
+        self.clock = clock
+        meter = meter or metrics.get_meter("cdp.crm")
+        self.m_swept = meter.create_counter(
+            "cdp.crm.tombstones.swept",
+            unit="{tombstone}",
+            description="privacy tombstones deleted once older than CDP_CRM_TOMBSTONE_DAYS",
+        )
+
+    async def sweep(self) -> int:
+        """One sweep now; how many tombstones it deleted."""
+        swept = await sweep_expired(self.store, TOMBSTONES, before=self.clock() - self.max_age)
+        self.m_swept.add(swept)
+        return swept
+
+    async def run(self, interval: float = SWEEP_INTERVAL) -> None:
+        await sweep_every(interval, self.sweep, TOMBSTONES)

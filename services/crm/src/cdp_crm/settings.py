@@ -10,10 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_kit.bus import dead_letter_stream
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 PRIVACY_POLICIES = ("anonymise", "delete")
+# The longest a message may wait somewhere and still reach the connector: a dead letter, replayable for as
+# long as the dead-letter stream keeps it.
+DEAD_LETTER_DAYS = dead_letter_stream().max_age / 86_400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +87,14 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
         "records, tasks and cases deleted from the CRM)",
     )
     retention_days: float = env("CDP_CRM_RETENTION_DAYS", 7.0, help="days the CRM input stream keeps messages")
+    tombstone_days: float = env(
+        "CDP_CRM_TOMBSTONE_DAYS",
+        35.0,
+        help="days a deleted person's tombstone (person id, time, request id: no personal data) is kept, so "
+        "what still reaches the connector for them is dropped; then it is swept. At least the longest a message "
+        "for them can still arrive: the dead-letter stream's 30 days (a dead letter can be replayed) and "
+        "CDP_CRM_RETENTION_DAYS",
+    )
 
     def validate(self) -> list[str]:
         problems = [*ServiceSettings.validate(self), *OwnershipSettings.validate(self)]
@@ -97,6 +109,14 @@ class CrmSettings(OwnershipSettings, ServiceSettings):
                 f"CDP_CRM_RETRY_FOR={self.retry_for} must be positive, and with CDP_CRM_REQUEST_TIMEOUT "
                 f"({self.request_timeout}) below CDP_CRM_ACK_WAIT ({self.ack_wait}): a batch must be settled "
                 "before JetStream delivers it again"
+            )
+        floor = max(DEAD_LETTER_DAYS, self.retention_days)
+        if not self.tombstone_days >= floor:
+            problems.append(
+                f"CDP_CRM_TOMBSTONE_DAYS={self.tombstone_days:g} is invalid: must be at least {floor:g}, the "
+                f"longest a message for a deleted person can still reach the connector (the dead-letter stream "
+                f"keeps {DEAD_LETTER_DAYS:g} days, CDP_CRM_RETENTION_DAYS={self.retention_days:g}); a tombstone "
+                "swept sooner lets it write the person to a CRM again"
             )
         if self.profile_store_url and not self.profile_address:
             problems.append(

@@ -24,6 +24,7 @@
 - `crm_tombstones` / <person id>: a person a privacy deletion erased (when, which request): what reaches
   the connector for them afterwards (segmentation's exits, a profile change sourced late) is dropped, so
   nothing writes them to a CRM again. The person id is the CDP's own; no identifier or value is kept.
+  Swept after CDP_CRM_TOMBSTONE_DAYS (`privacy.TombstoneSweeper`), when nothing for the person can arrive.
 """
 
 from __future__ import annotations

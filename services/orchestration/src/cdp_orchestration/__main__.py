@@ -32,7 +32,7 @@ from cdp_orchestration.channels.inapp import InboxChannel
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
+from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
@@ -123,6 +123,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         inbox=inbox if isinstance(inbox, InboxChannel) else InboxChannel(store),
     )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
+    sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=runtime.telemetry.meter)
+    tasks.append(runtime.spawn(sweeper.run(), "sweep aged-out tombstones"))
 
     async def release() -> None:
         # Pushed after the bus and the store: on the way out the partitions are released (drained) and the

@@ -16,6 +16,11 @@ hot cache, mid-batch):
    reaches it for the person afterwards (`engine.py`): a profile change or event published before the
    deletion may be sourced after it, and must not fill the forgotten person's record again. Person ids
    are never reused (identity gives a returning customer a new one), so nothing real is dropped.
+   Tombstones age out (`TombstoneSweeper`): after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35 by default,
+   refused at start below the longest a message for the person can still arrive - the dead-letter
+   stream's 30 days, a dead letter being replayable, or this service's own stream retention) nothing
+   for the person is left to drop, and every replica deletes the older ones, a bounded page at a time,
+   every `SWEEP_INTERVAL` seconds (metric ``cdp.orchestration.tombstones.swept``).
 
 Then the handler deletes what the dispatchers keep (the in-app inbox through `InboxChannel.forget`, the
 send records and other outcome events), deletes the engine's published outbox records at a quiescent
@@ -37,17 +42,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 from nats.js.errors import NotFoundError
+from opentelemetry import metrics
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.engine import PartitionedEngine
 from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage.expiry import sweep_every, sweep_expired
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
@@ -76,6 +83,8 @@ log = logging.getLogger("cdp.orchestration.privacy")
 
 SERVICE = "orchestration"
 POLL = 0.05  # seconds between looks at the store while the handler waits for the engine
+SWEEP_INTERVAL = 3600.0  # seconds between two sweeps of the aged-out tombstones
+DAY = 86_400.0
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -269,3 +278,36 @@ class PrivacyHandler:
             ops: list[Any] = [Delete(engine.outbox, record.key) async for record in self.store.scan_all(engine.outbox)]
             if ops:
                 await self.store.bulk_write(ops)
+
+
+class TombstoneSweeper:
+    """Deletes the tombstones older than `days` (see the module docstring): by then nothing that still
+    reaches orchestration can be for the person. Only `orchestration_tombstones`: the `forgotten` markers
+    hold counts under the request id and are what makes a redelivered request find its work done."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        days: float,
+        meter: metrics.Meter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.max_age = days * DAY
+        self.clock = clock
+        meter = meter or metrics.get_meter("cdp.orchestration")
+        self.m_swept = meter.create_counter(
+            "cdp.orchestration.tombstones.swept",
+            unit="{tombstone}",
+            description="privacy tombstones deleted once older than CDP_ORCHESTRATION_TOMBSTONE_DAYS",
+        )
+
+    async def sweep(self) -> int:
+        """One sweep now; how many tombstones it deleted."""
+        swept = await sweep_expired(self.store, TOMBSTONES, before=self.clock() - self.max_age)
+        self.m_swept.add(swept)
+        return swept
+
+    async def run(self, interval: float = SWEEP_INTERVAL) -> None:
+        await sweep_every(interval, self.sweep, TOMBSTONES)

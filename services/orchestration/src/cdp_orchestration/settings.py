@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_kit.bus import dead_letter_stream
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 from cdp_orchestration.catalogue import CatalogueError, read_catalogue
 from cdp_orchestration.domain.document import Catalogue
 from cdp_orchestration.domain.rules import Rules, parse_rules
+
+# The longest a message may wait somewhere and still reach the engine: a dead letter, replayable for as long
+# as the dead-letter stream keeps it.
+DEAD_LETTER_DAYS = dead_letter_stream().max_age / 86_400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +74,14 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     retention_days: float = env(
         "CDP_ORCHESTRATION_RETENTION_DAYS", 7.0, help="days the ORCHESTRATION and ACTIONS streams keep messages"
     )
+    tombstone_days: float = env(
+        "CDP_ORCHESTRATION_TOMBSTONE_DAYS",
+        35.0,
+        help="days a deleted person's tombstone (person id, time, request id: no personal data) is kept, so "
+        "what still reaches orchestration for them is dropped; then it is swept. At least the longest a message "
+        "for them can still arrive: the dead-letter stream's 30 days (a dead letter can be replayed) and "
+        "CDP_ORCHESTRATION_RETENTION_DAYS",
+    )
     answer_timeout: float = env(
         "CDP_ORCHESTRATION_ANSWER_TIMEOUT",
         10.0,
@@ -119,6 +132,14 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
             )
         if self.hot_persons < 1:
             problems.append(f"CDP_ORCHESTRATION_HOT_PERSONS={self.hot_persons} is invalid: must be positive")
+        floor = max(DEAD_LETTER_DAYS, self.retention_days)
+        if not self.tombstone_days >= floor:
+            problems.append(
+                f"CDP_ORCHESTRATION_TOMBSTONE_DAYS={self.tombstone_days:g} is invalid: must be at least {floor:g}, "
+                f"the longest a message for a deleted person can still reach orchestration (the dead-letter "
+                f"stream keeps {DEAD_LETTER_DAYS:g} days, CDP_ORCHESTRATION_RETENTION_DAYS={self.retention_days:g}); "
+                "a tombstone swept sooner lets it fill the person's record again"
+            )
         if self.answer_timeout <= 0:
             problems.append(f"CDP_ORCHESTRATION_ANSWER_TIMEOUT={self.answer_timeout} is invalid: must be positive")
         return problems
