@@ -88,6 +88,13 @@ def test_the_context_is_converted_only_when_a_definition_reads_it():
     assert to_profile_event(events_pb2.ResolvedEvent(event=events_pb2.Event(message_id="m2"))).user_id == ""
 
 
+def test_identitys_counts_of_other_persons_on_the_events_identifiers_reach_the_domain_event():
+    event = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed")
+    resolved = events_pb2.ResolvedEvent(event=event, person_id="p1", shared_with={"device_id": 3})
+    assert to_profile_event(resolved).shared == {"device_id": 3}
+    assert to_profile_event(events_pb2.ResolvedEvent(event=event, person_id="p1")).shared == {}
+
+
 def test_compare_goes_through_grpc_both_ways():
     message = profile_pb2.ComputedTraitDefinition(
         name="geo_mismatch_24h",

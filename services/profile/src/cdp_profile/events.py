@@ -187,4 +187,5 @@ def to_profile_event(resolved: events_pb2.ResolvedEvent, *, needs_context: bool 
         context=context,
         user_id=event.user_id,
         anonymous_id=event.anonymous_id,
+        shared=dict(resolved.shared_with) if resolved.shared_with else EMPTY,
     )

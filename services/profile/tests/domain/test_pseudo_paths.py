@@ -1,4 +1,5 @@
-"""Pseudo-paths: computed traits over the event itself ($at, $hour, $context.<path>, $user_id, $anonymous_id),
+"""Pseudo-paths: computed traits over the event itself ($at, $hour, $context.<path>, $user_id, $anonymous_id,
+$shared.<type>),
 what the timeline keeps for them, and the errors a bad one gives."""
 
 from __future__ import annotations
@@ -128,6 +129,40 @@ def test_user_ids_joined_into_a_person_are_counted_and_empty_ids_are_no_value(ev
     }
 
 
+SHARED_DEVICE = {
+    "name": "shared_device_accounts_24h",
+    "op": "max",
+    "event_type": "any",
+    "property": "$shared.device_id",
+    "window": "24h",
+}
+
+
+def test_the_most_other_accounts_seen_on_the_persons_device_in_a_day(ev, profile_of, defs_of):
+    """Identity counts, on each event, the other persons seen with its device in the day before it; the
+    profile keeps the highest count of the last 24 hours."""
+    defs = defs_of(SHARED_DEVICE, {"name": "shared_anything", "op": "max", "property": "$shared.phone"})
+    profile = profile_of(
+        [
+            ev("s1", "track", "Signed Up", NOW - 3 * HOUR, user_id="ring-3"),
+            ev("v1", "track", "Product Viewed", NOW - 2 * HOUR, shared={"device_id": 2, "anonymous_id": 2}),
+            ev("o1", "track", "Order Completed", NOW - HOUR, shared={"device_id": 3}),
+            ev("o0", "track", "Order Completed", NOW - 2 * DAY, shared={"device_id": 7}),  # outside the day
+        ],
+        defs,
+    )
+    assert profile.view(now=NOW).computed == {"shared_device_accounts_24h": 3}
+    assert profile.view(now=NOW + DAY).computed.get("shared_device_accounts_24h") is None  # the day has passed
+    (entry, *_rest) = [e for e in profile.timeline() if e.event_id == "o1"]
+    assert TimelineEntry.from_doc(json.loads(json.dumps(entry.to_doc()))).shared == {"device_id": 3}
+
+
+def test_a_person_whose_events_carry_no_sharing_has_no_value(ev, profile_of, defs_of):
+    profile = profile_of([ev("o1", "track", "Order Completed", NOW - HOUR)], defs_of(SHARED_DEVICE))
+    assert profile.view(now=NOW).computed == {}
+    assert set(profile.timeline()[0].to_doc()) == {"at", "event_id", "type", "name", "properties", "source", "origin"}
+
+
 def test_where_filters_read_pseudo_paths_too(ev, profile_of, defs_of):
     defs = defs_of(
         {
@@ -187,6 +222,7 @@ def test_backfill_of_a_pseudo_path_definition_equals_live_application(ev, defs_o
         {"name": "accounts", "op": "unique_count", "event_type": "any", "property": "$user_id", "window": "7d"},
         {"name": "speed", "op": "max_speed", "event_type": "any", "property": "$context.location"},
         {"name": "geo", "op": "mismatch_count", "property": "card", "compare": "$context.location.country"},
+        {"name": "shared", "op": "max", "event_type": "any", "property": "$shared.device_id", "window": "2d"},
     ]
     defs = defs_of(*definitions)
     live = Profile.new("p")
@@ -199,10 +235,19 @@ def test_backfill_of_a_pseudo_path_definition_equals_live_application(ev, defs_o
             "timezone": zone,
         }
         card = {"card": "de" if i % 3 else "US"}
-        event = ev(f"e{i}", "track", at=NOW - i * 5 * HOUR, context=context, user_id=f"u{i % 4}", properties=card)
+        shared = {"device_id": i} if i % 2 else {}
+        event = ev(
+            f"e{i}",
+            "track",
+            at=NOW - i * 5 * HOUR,
+            context=context,
+            user_id=f"u{i % 4}",
+            properties=card,
+            shared=shared,
+        )
         live.apply(event, defs, now=NOW)
     expected = live.view(now=NOW).computed
-    assert expected["speed"] > 1000 and expected["geo"] > 0
+    assert expected["speed"] > 1000 and expected["geo"] > 0 and expected["shared"] == 9
     entries = [TimelineEntry.from_doc(json.loads(json.dumps(e.to_doc()))) for e in live.timeline()]
     replayed = Profile.from_doc(json.loads(json.dumps(live.to_doc())), entries)
     for trait in defs:
@@ -224,6 +269,10 @@ def test_backfill_of_a_pseudo_path_definition_equals_live_application(ev, defs_o
         ({"name": "t", "op": "last", "property": "$context.ip.v4"}, "property", "one value"),
         ({"name": "t", "op": "last", "property": "$at.seconds"}, "property", "one value"),
         ({"name": "t", "op": "count", "where": {"$hours": 3}}, "where.$hours", "$hour"),
+        ({"name": "t", "op": "max", "property": "$shared"}, "property", "$shared.device_id"),
+        ({"name": "t", "op": "max", "property": "$shared.device_id.x"}, "property", "one identifier type"),
+        ({"name": "t", "op": "max", "property": "$shared.Device"}, "property", "one identifier type"),
+        ({"name": "t", "op": "max_speed", "property": "$shared.device_id"}, "property", "latitude"),
         ({"name": "t", "op": "count", "where": {"$context..ip": 3}}, "where.$context..ip", "names no context"),
     ],
 )

@@ -3,7 +3,7 @@
 - `events`: what profiles are built from (`ProfileEvent`), the timeline they leave, `Retention`.
 - `history`: versioned facts with provenance (`TraitVersion`, `ConsentState`, `Score`).
 - `computed`: computed trait definitions (`ComputedTrait`), their index (`ComputedTraits`) and the
-  pseudo-paths (`$at`, `$hour`, `$context.<path>`, `$user_id`, `$anonymous_id`) they may read.
+  pseudo-paths (`$at`, `$hour`, `$context.<path>`, `$user_id`, `$anonymous_id`, `$shared.<type>`) they may read.
 - `aggregates`: the mergeable, expirable state behind each computed trait.
 - `profile`: `Profile` (apply, merge, split, expire, view, export, persistence).
 - `change`: `ProfileChange` (what a call changed) and `ProfileView` (what the person looks like).

@@ -43,6 +43,11 @@ Pseudo-paths read the event itself rather than its payload, in `property`, `comp
                          $context.location (an object), $context.location.country, $context.ip
     $user_id             the event's userId; missing when empty
     $anonymous_id        the event's anonymousId; missing when empty
+    $shared.<type>       how many OTHER persons identity saw with the event's identifiers of that type
+                         (device_id, phone, anonymous_id, ...) in the day before it; missing when none
+
+    {"name": "shared_device_accounts_24h", "op": "max", "event_type": "any", "property": "$shared.device_id",
+     "window": "24h"}
 
     {"name": "last_order_at", "op": "max", "event_names": ["Order Completed"], "property": "$at"}
     {"name": "best_send_hour", "op": "most_frequent", "event_type": "any", "property": "$hour"}
@@ -110,9 +115,11 @@ _KNOWN_KEYS = ("name", "op", "event_type", "event_names", "property", "where", "
 _MATCH_CACHE_LIMIT = 4096
 _ZONE_CACHE_LIMIT = 1024
 
-# Pseudo-paths that are one value (nothing after them); `$context` needs a field after it.
+# Pseudo-paths that are one value (nothing after them); `$context` needs a field after it, `$shared` an
+# identifier type (identity's type names).
 VALUE_PSEUDO_PATHS = ("$at", "$hour", "$user_id", "$anonymous_id")
-PSEUDO_PATHS = (*VALUE_PSEUDO_PATHS, "$context")
+PSEUDO_PATHS = (*VALUE_PSEUDO_PATHS, "$context", "$shared")
+IDENTIFIER_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 MISSING: Any = type("Missing", (), {"__repr__": lambda self: "MISSING", "__slots__": ()})()
 
@@ -157,9 +164,16 @@ def _parse_pseudo_path(value: str, field_name: str) -> tuple[str, ...]:
     if root not in PSEUDO_PATHS:
         raise InvalidArgument(
             field_name,
-            f"{_shown(value)} is not a pseudo-path: use {', '.join(VALUE_PSEUDO_PATHS)} or $context.<field> "
-            "(paths starting with '$' are reserved for them)",
+            f"{_shown(value)} is not a pseudo-path: use {', '.join(VALUE_PSEUDO_PATHS)}, $context.<field> "
+            "or $shared.<identifier type> (paths starting with '$' are reserved for them)",
         )
+    if root == "$shared":
+        if len(parts) != 2 or not IDENTIFIER_TYPE_RE.match(parts[1]):
+            raise InvalidArgument(
+                field_name,
+                f"{_shown(value)}: $shared needs one identifier type after it, like '$shared.device_id'",
+            )
+        return parts
     if root != "$context":
         if len(parts) > 1:
             raise InvalidArgument(field_name, f"{_shown(value)}: {root} is one value; use it alone, without '.<field>'")
@@ -268,19 +282,25 @@ def _pseudo_anonymous_id(source: Any) -> Any:
     return source.anonymous_id
 
 
+def _pseudo_shared(source: Any) -> Any:
+    return source.shared
+
+
 _PSEUDO_READERS = {
     "$at": _pseudo_at,
     "$hour": _pseudo_hour,
     "$context": _pseudo_context,
     "$user_id": _pseudo_user_id,
     "$anonymous_id": _pseudo_anonymous_id,
+    "$shared": _pseudo_shared,
 }
 
 
 class EventScope:
-    """What a definition with pseudo-paths reads: the payload, plus `$at`, `$hour`, `$context`, `$user_id`
-    and `$anonymous_id` from `source` (a `ProfileEvent` live, its `TimelineEntry` in backfills and merges:
-    both have `at`, `context`, `user_id` and `anonymous_id`). Reads like the payload mapping would."""
+    """What a definition with pseudo-paths reads: the payload, plus `$at`, `$hour`, `$context`, `$user_id`,
+    `$anonymous_id` and `$shared` from `source` (a `ProfileEvent` live, its `TimelineEntry` in backfills and
+    merges: both have `at`, `context`, `user_id`, `anonymous_id` and `shared`). Reads like the payload
+    mapping would."""
 
     __slots__ = ("payload", "source")
 
@@ -405,7 +425,9 @@ class ComputedTrait:
                 "compare", f"{_shown(self.compare)}: only op 'mismatch_count' compares two paths; remove 'compare'"
             )
         if self.op == "max_speed" and (
-            self.path[0] in VALUE_PSEUDO_PATHS or (self.path[0] == "$context" and not _is_location(self.path))
+            self.path[0] in VALUE_PSEUDO_PATHS
+            or self.path[0] == "$shared"
+            or (self.path[0] == "$context" and not _is_location(self.path))
         ):
             raise InvalidArgument(
                 "property",

@@ -1,7 +1,8 @@
 """What a profile is built from: resolved events, the timeline entries they leave, and how long those are kept.
 
-Events also carry what pseudo-paths read (Segment's context, the user and anonymous ids); timeline entries
-keep the part of it that backfills and merges replay.
+Events also carry what pseudo-paths read (Segment's context, the user and anonymous ids, identity's counts
+of other persons sharing the event's identifiers); timeline entries keep the part of it that backfills and
+merges replay.
 
 Values inside events (properties, traits) are JSON values: dicts, lists, strings, numbers, booleans and
 null. The profile keeps references to them rather than copies (copying every event would cost more than
@@ -109,6 +110,9 @@ class ProfileEvent:
     context: Mapping[str, Any] = EMPTY
     user_id: str = ""
     anonymous_id: str = ""
+    # Identity's `ResolvedEvent.shared_with`: identifier type -> other persons seen with the event's
+    # identifiers of that type in the day before it (`$shared.<type>`); EMPTY for almost every event.
+    shared: Mapping[str, int] = EMPTY
 
     def payload(self) -> Mapping[str, Any]:
         """The data computed traits and the timeline read: traits for identify/group, properties otherwise."""
@@ -121,9 +125,9 @@ class TimelineEntry(NamedTuple):
     A named tuple rather than a dataclass: one is created per applied event (the hot path), and tuple order
     *is* the timeline order — (at, event_id) first, and event ids are unique, so later fields never decide.
     `origin` is the person the event was first resolved to; it decides which side keeps the entry when a
-    merge is undone. `context`, `user_id` and `anonymous_id` are what the pseudo-paths `$context`, `$hour`,
-    `$user_id` and `$anonymous_id` read, so backfills and merges replay those as live application saw them:
-    the context is only the subset TIMELINE_CONTEXT names plus the fields definitions read.
+    merge is undone. `context`, `user_id`, `anonymous_id` and `shared` are what the pseudo-paths `$context`,
+    `$hour`, `$user_id`, `$anonymous_id` and `$shared` read, so backfills and merges replay those as live
+    application saw them: the context is only the subset TIMELINE_CONTEXT names plus the fields definitions read.
     """
 
     at: float
@@ -136,6 +140,7 @@ class TimelineEntry(NamedTuple):
     context: Mapping[str, Any] = EMPTY
     user_id: str = ""
     anonymous_id: str = ""
+    shared: Mapping[str, int] = EMPTY
 
     def cursor(self) -> tuple[float, str]:
         return (self.at, self.event_id)
@@ -157,6 +162,8 @@ class TimelineEntry(NamedTuple):
             doc["user_id"] = self.user_id
         if self.anonymous_id:
             doc["anonymous_id"] = self.anonymous_id
+        if self.shared:
+            doc["shared"] = dict(self.shared)
         return doc
 
     @classmethod
@@ -172,6 +179,7 @@ class TimelineEntry(NamedTuple):
             doc.get("context") or EMPTY,
             doc.get("user_id", ""),
             doc.get("anonymous_id", ""),
+            doc.get("shared") or EMPTY,
         )
 
     # The persisted form is also the readable one.

@@ -226,7 +226,17 @@ class Profile:
         if context:
             context = context_subset(context, defs.context_keep)
         entry = TimelineEntry(
-            at, event_id, kind, event.name, payload, source, part.origin, context, event.user_id, event.anonymous_id
+            at,
+            event_id,
+            kind,
+            event.name,
+            payload,
+            source,
+            part.origin,
+            context,
+            event.user_id,
+            event.anonymous_id,
+            event.shared,
         )
         self._add_entry(part, entry, now, change)
 
