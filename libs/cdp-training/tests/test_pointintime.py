@@ -10,7 +10,7 @@ import pytest
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage import MemoryStore
-from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent
+from cdp_profile.domain import ComputedTraits, Profile, ProfileEvent, Retention
 from cdp_scoring.domain import ModelSpec
 from cdp_training.labels import LabelSpec
 from cdp_training.platformdata import apply_all, write_people, write_population, write_profiles
@@ -328,3 +328,55 @@ async def test_each_trait_rebuilt_from_only_the_events_it_matches_is_what_the_wh
             grouped = profile_at(stored, defs, cutoff)
             assert grouped.view(now=cutoff, as_of=cutoff) == plain.view(now=cutoff, as_of=cutoff), stored.person_id
             assert grouped.to_doc() == plain.to_doc()  # the whole timeline is put back
+
+
+# --- timelines the profile service cut short ---------------------------------------------------------------
+
+WEEK_SPEC = ModelSpec.from_dict(
+    {
+        "name": "churn_risk",
+        "version": "2.0.0",
+        "features": [f for f in ENGAGEMENT_FEATURES if f["name"] == "sessions_7d"],
+        "outputs": [{"score": "churn_risk", "output": "probabilities", "index": 1}],
+        "computed_traits": traits_for([f for f in ENGAGEMENT_FEATURES if f["name"] == "sessions_7d"]),
+    }
+)
+
+
+def _kept(person: str, events: list[ProfileEvent], max_events: int) -> Profile:
+    """`person` as the profile service keeps them with CDP_PROFILE_TIMELINE_MAX_EVENTS=max_events."""
+    defs = ComputedTraits.from_dicts(DEFINITIONS)
+    profile = Profile.new(person, retention=Retention(max_events=max_events))
+    for event in sorted(events, key=lambda e: (e.at, e.event_id)):
+        profile.apply(event, defs, now=event.at)
+    return profile
+
+
+async def test_a_person_whose_timeline_retention_cut_short_gets_no_row_that_the_cut_would_falsify():
+    """Hal ordered three times long ago, then visited every day: with five events kept per person his
+    orders are gone from the timeline, so a rebuild would say he never ordered. He gets no row of a model
+    reading all-time traits, counted as truncated; a model whose windows his kept history covers still
+    gets his row, exactly as from his whole history. Bob, under the cap, is untouched."""
+    orders = [track(f"h{i}", "Order Completed", T - (100 - 10 * i) * DAY, total=30.0) for i in range(3)]
+    visits = [page(f"hv{i}", T - (10 - i) * DAY) for i in range(5)]  # T-10d .. T-6d: covers the last week
+    hal, bob = _kept("hal", orders + visits, 5), _kept("bob", BOB, 5)
+    assert [e.event_id for e in hal.timeline()] == [f"hv{i}" for i in range(5)]  # the orders were dropped
+    store = MemoryStore()
+    await write_profiles(store, [hal, bob])
+    profiles = await read_profiles(store)
+    until = T + 200 * DAY
+
+    everything = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T, until=until)
+    assert everything.person_ids == ["bob"] and everything.skipped_truncated == 1
+    assert everything.skipped_unborn == 0 and everything.summary()["skipped_truncated"] == 1
+    streamed = await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T, until=until)
+    assert streamed.person_ids == ["bob"] and streamed.skipped_truncated == 1
+
+    # sessions in the last 7 days: Hal's kept history starts 10 days before T, so his row is whole
+    week = training_set(profiles, spec=WEEK_SPEC, label=CHURN, cutoff=T, until=until)
+    whole = training_set(await _profiles({"hal": orders + visits}), spec=WEEK_SPEC, label=CHURN, cutoff=T, until=until)
+    assert week.person_ids == ["bob", "hal"] and week.skipped_truncated == 0
+    np.testing.assert_array_equal(week.X[1], whole.X[0])
+    # ... but not at a cut-off whose week reaches past what was kept
+    early = training_set(profiles, spec=WEEK_SPEC, label=CHURN, cutoff=T - 5 * DAY, until=until)
+    assert early.person_ids == ["bob"] and early.skipped_truncated == 1

@@ -320,7 +320,11 @@ def train_run(
         },
         "rows": train.rows,
         "positives": train.summary().get("label_counts"),
-        "skipped": {"not_yet_seen": train.skipped_unborn, "unlabelled": train.skipped_unlabelled},
+        "skipped": {
+            "not_yet_seen": train.skipped_unborn,
+            "unlabelled": train.skipped_unlabelled,
+            "truncated": train.skipped_truncated,  # timeline cut by retention: the row would be undercounted
+        },
         "evaluation_rows": evaluation.rows,
         "evaluation_positives": evaluation.summary().get("label_counts"),
         "data_hash": train.data_hash,

@@ -16,7 +16,20 @@ timeline entry at or before T:
   (`observed_until`): an unobserved window would read as "nothing happened".
 
 So nothing after T reaches a row's features: the profile the row is read from is built from entries at
-or before T only. T is event time: an event that happened before T but arrived after it counts (timeline
+or before T only.
+
+**Truncated timelines.** The profile service keeps at most `CDP_PROFILE_TIMELINE_MAX_EVENTS` entries per
+person (1,000 by default; and none older than its age limit, when one is set), dropping the oldest; its
+served computed traits still count them (they are kept up to date as events arrive), but a rebuild from
+the timeline cannot. Each part of a profile records the events it applied (`event_count`) and the time
+of the first (`first_seen`): a part holding fewer entries than that, or starting later, lost everything
+up to its oldest retained entry (`complete_from`). A person whose loss reaches a row - the oldest
+retained entry is later than T minus the longest window of the spec's computed traits (an all-time trait,
+such as orders in total or the sign-up time, reaches back for ever), or later than T itself for the
+label - gets no row: the features would be undercounted, not unknown. They are counted
+(`skipped_truncated`, in `summary()` too). With an all-time trait that is every person past the cap
+whose history began before it; a model whose traits all have windows loses only those whose kept
+history is shorter than its longest window. T is event time: an event that happened before T but arrived after it counts (timeline
 entries keep no arrival time). What a row cannot see is what retention already dropped from the timeline
 (computed traits over long windows are then undercounted in old rows); and identity is read as it is now:
 a merge made after T still joins the two persons' pre-T histories.
@@ -101,6 +114,35 @@ async def read_profiles(store: Store) -> list[StoredProfile]:
 def observed_until(profiles: Iterable[StoredProfile]) -> float:
     """The time of the last event the store holds (labels cannot look past it)."""
     return max((p.timeline[-1].at for p in profiles if p.timeline), default=float("-inf"))
+
+
+def complete_from(stored: StoredProfile) -> float:
+    """The time from which `stored`'s timeline holds every event its profile applied (-inf: it holds them
+    all): the oldest retained entry of the latest-starting part that lost entries to retention (see the
+    module docstring). Every dropped entry is at or before it."""
+    timeline = stored.timeline
+    parts = stored.doc.get("parts", [])
+    if len(parts) == 1:
+        kept = {parts[0].get("origin"): (len(timeline), timeline[0].at if timeline else None)}
+    else:
+        counts = collections.Counter(entry.origin for entry in timeline)
+        firsts: dict[str, float] = {}
+        for entry in timeline:  # oldest first: the first seen per origin is its oldest
+            firsts.setdefault(entry.origin, entry.at)
+        kept = {origin: (counts[origin], firsts.get(origin)) for origin in counts}
+    out = float("-inf")
+    for part in parts:
+        count, first = kept.get(part.get("origin"), (0, None))
+        applied, first_seen = part.get("event_count", 0), part.get("first_seen")
+        if count < applied or (first_seen is not None and first is not None and first_seen < first):
+            # Nothing retained: its events are all gone, the last of them at last_seen.
+            out = max(out, first if first is not None else part.get("last_seen") or float("inf"))
+    return out
+
+
+def _reach(defs: ComputedTraits) -> float:
+    """How far back before T a row's computed traits read (seconds; inf for an all-time trait)."""
+    return max((float("inf") if t.window is None else float(t.window) for t in _traits_of(defs)), default=0.0)
 
 
 def _doc_at(doc: Mapping[str, Any], cutoff: float) -> dict[str, Any]:
@@ -213,6 +255,7 @@ class TrainingSet:
     observed_until: float
     skipped_unborn: int  # persons whose first event came after T
     skipped_unlabelled: int  # persons with no label (channel_answered: answered nothing)
+    skipped_truncated: int = 0  # persons whose timeline retention cut reaches the row (module docstring)
 
     @property
     def rows(self) -> int:
@@ -239,6 +282,7 @@ class TrainingSet:
             "rows": self.rows,
             "skipped_unborn": self.skipped_unborn,
             "skipped_unlabelled": self.skipped_unlabelled,
+            "skipped_truncated": self.skipped_truncated,
             "observed_until": self.observed_until,
             "data_hash": self.data_hash,
         }
@@ -268,12 +312,19 @@ class _Rows:
         self.person_ids: list[str] = []
         self.fields: list[dict[str, Any]] = []
         self.labels: list[tuple[float, ...]] = []
-        self.unborn = self.unlabelled = 0
+        self.unborn = self.unlabelled = self.truncated = 0
         self.last_event = float("-inf")
+        # A labelled row is refused when retention dropped entries after this time (module docstring).
+        self.complete_by = cutoff - _reach(self.defs) if label is not None else float("inf")
 
     def add(self, stored: StoredProfile) -> None:
         if stored.timeline:
             self.last_event = max(self.last_event, stored.timeline[-1].at)
+        if self.label is not None and complete_from(stored) > self.complete_by:
+            firsts = [p["first_seen"] for p in stored.doc.get("parts", []) if p.get("first_seen") is not None]
+            if firsts and min(firsts) <= self.cutoff:  # seen by T: a row it would have had, but wrong
+                self.truncated += 1
+                return
         if not stored.timeline or stored.timeline[0].at > self.cutoff:
             self.unborn += 1
             return
@@ -308,6 +359,7 @@ class _Rows:
             end,
             self.unborn,
             self.unlabelled,
+            self.truncated,
         )
 
 
@@ -414,6 +466,7 @@ async def training_set_from_store(
             result.observed_until,
             result.skipped_unborn,
             result.skipped_unlabelled,
+            result.skipped_truncated,
         )
     return result
 
@@ -429,7 +482,7 @@ def _batch_rows(profiles: list[StoredProfile]) -> tuple[Any, ...]:
     rows = _Rows(_WORKER["spec"], _WORKER["label"], _WORKER["cutoff"])
     for stored in profiles:
         rows.add(stored)
-    return rows.person_ids, rows.fields, rows.labels, rows.unborn, rows.unlabelled, rows.last_event
+    return rows.person_ids, rows.fields, rows.labels, rows.unborn, rows.unlabelled, rows.truncated, rows.last_event
 
 
 async def _rows_in_workers(
@@ -442,12 +495,13 @@ async def _rows_in_workers(
         pending: collections.deque[asyncio.Future] = collections.deque()
 
         async def take() -> None:
-            person_ids, fields, labels, unborn, unlabelled, last_event = await pending.popleft()
+            person_ids, fields, labels, unborn, unlabelled, truncated, last_event = await pending.popleft()
             rows.person_ids += person_ids
             rows.fields += fields
             rows.labels += labels
             rows.unborn += unborn
             rows.unlabelled += unlabelled
+            rows.truncated += truncated
             rows.last_event = max(rows.last_event, last_event)
 
         async for profiles in iter_profiles(store, batch=batch):
@@ -463,7 +517,8 @@ def feature_rows(
     profiles: Iterable[StoredProfile], *, spec: ModelSpec, cutoff: float
 ) -> tuple[list[str], np.ndarray, int]:
     """Unlabelled rows at `cutoff` (person ids, features, persons not yet seen by then): every person with
-    an event at or before the cut-off, features as `training_set` builds them."""
+    an event at or before the cut-off, features as `training_set` builds them. Persons whose timeline
+    retention cut short are not refused here (see the module docstring): their rows are undercounted."""
     rows = _Rows(spec, None, cutoff)
     for stored in profiles:
         rows.add(stored)
