@@ -27,7 +27,8 @@ model-clv            MAE of BG/NBD expected orders in the 90 days after the cuto
 model-nbc            top-1 accuracy of next_best_channel among people who answer in the 30 days after the
                      cutoff; baseline: the channel answered most in the last 90 days (email when none)
 training-set         seconds to build a point-in-time training set (`cdp_training.pointintime`: churn_risk's
-                     30 features at the cutoff, churn label over the 90 days after) from a profile store
+                     features at the cutoff, labelled with the lapse the product trains and judges churn on,
+                     no activity in the 60 days after the next 30 (`learn.TRAINABLE`)) from a profile store
                      holding a simulated population (seed 11, CDP_BENCH_TRAINING_SET_PERSONS persons, default
                      5,000; the issue's figure is 100,000) in a SQLite file in the temporary folder (written
                      once per size, seed and simulator source, then reused; CDP_BENCH_TRAINING_SET_STORE
@@ -37,7 +38,8 @@ training-set         seconds to build a point-in-time training set (`cdp_trainin
                      (params.whole_store_seconds, same data hash asserted); baseline: DuckDB computing the same
                      rows over the same events, trait and consent histories held as in-memory tables (windowed
                      conditional aggregates, ASOF joins for plan and consent): the physical floor for the
-                     job. The rows of both are compared cell by cell (params.mismatched_cells)
+                     job. The rows of both are compared cell by cell and their labels (the bench fails
+                     unless 0 cells differ: params.mismatched_cells, labels_equal)
 model-regime         AUC of churn_risk retrained on the platform's own data after a regime change half-way
                      through a simulated population's span (`cdp_training.regime`: app users' dropout hazard x4,
                      everyone else's x0.4, abrupt), on the slice after the change; baseline: the same run on a
@@ -89,6 +91,8 @@ from cdp_training import simulator as simulator_module
 from cdp_training.bgnbd import BgNbd, GammaGamma, summaries
 from cdp_training.dataset import population_fields
 from cdp_training.graphs import reference_clv
+from cdp_training.labels import LabelSpec
+from cdp_training.learn import TRAINABLE
 from cdp_training.models import CLV_HORIZON_DAYS, FRAUD_RECALL, parameter_recovery
 from cdp_training.platformdata import write_population
 from cdp_training.pointintime import StoredProfile, iter_profiles, read_profiles, training_set, training_set_from_store
@@ -386,7 +390,8 @@ CHURN_SPEC = ModelSpec.from_dict(
         "computed_traits": traits_for(ENGAGEMENT_FEATURES),
     }
 )
-CHURN_LABEL = {"kind": "no_activity", "window": f"{CHURN_DAYS}d"}
+# The label the product trains and judges churn_risk on: lapsed a month on, no activity in (T + 30d, T + 90d].
+CHURN_LABEL = dict(TRAINABLE["churn_risk"].label)
 
 
 def duckdb_tables(con: duckdb.DuckDBPyConnection, batches: Iterable[Sequence[StoredProfile]]) -> int:
@@ -476,9 +481,11 @@ def _trait_sql(trait: Mapping[str, Any], cutoff: float) -> str:
 
 
 def duckdb_training_set(
-    con: duckdb.DuckDBPyConnection, cutoff: float, window: float
+    con: duckdb.DuckDBPyConnection, cutoff: float, label: LabelSpec
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """The same rows as `training_set(CHURN_SPEC, CHURN_LABEL)`, by SQL: person ids, features, labels."""
+    """The same rows as `training_set(CHURN_SPEC, CHURN_LABEL)`, by SQL: person ids, features, labels (1:
+    no event at all in (cutoff + after, cutoff + after + window])."""
+    opens, closes = cutoff + label.after, cutoff + label.horizon
     traits = traits_for(ENGAGEMENT_FEATURES)
     aggregates = ",\n".join(f'{_trait_sql(t, cutoff)} AS "{t["name"]}"' for t in traits)
     consent_joins, consent_columns = [], []
@@ -505,7 +512,7 @@ def duckdb_training_set(
     query = f"""
         WITH spine AS (
             SELECT person, {cutoff!r} AS t,
-                   (count(*) FILTER (WHERE ts > {cutoff!r} AND ts <= {cutoff + window!r}) = 0)::DOUBLE AS label
+                   (count(*) FILTER (WHERE ts > {opens!r} AND ts <= {closes!r}) = 0)::DOUBLE AS label
             FROM events GROUP BY person HAVING min(ts) <= {cutoff!r}
         ),
         f AS (SELECT person, {aggregates} FROM events WHERE ts <= {cutoff!r} GROUP BY person)
@@ -598,13 +605,20 @@ def bench_training_set(persons: int) -> dict[str, Any]:
     con = duckdb.connect()
     events = duckdb_tables(con, store_batches(store))
     t2, c2 = time.perf_counter(), time.process_time()
-    persons_sql, X_sql, y_sql = duckdb_training_set(con, cutoff, CHURN_DAYS * DAY)
+    persons_sql, X_sql, y_sql = duckdb_training_set(con, cutoff, LabelSpec.from_dict(CHURN_LABEL))
     t3, c3 = time.perf_counter(), time.process_time()
     con.close()
     asyncio.run(store.close())
 
     same_rows = persons_sql == ours.person_ids
     mismatched = int(np.sum(~np.isclose(ours.X, X_sql, rtol=1e-5, atol=1e-4, equal_nan=True))) if same_rows else None
+    labels_equal = bool(same_rows and np.array_equal(ours.y[:, 0], y_sql))
+    print(f"DuckDB: {len(persons_sql):,} rows, {mismatched} cells differ, labels equal: {labels_equal}", flush=True)
+    if not same_rows or mismatched or not labels_equal:
+        raise SystemExit(
+            f"the training set and DuckDB's rows disagree: same persons {same_rows}, {mismatched} cells differ, "
+            f"labels equal {labels_equal}"
+        )
     return {
         "value": t1 - t0,
         "baseline": t3 - t2,
@@ -629,7 +643,8 @@ def bench_training_set(persons: int) -> dict[str, Any]:
             "duckdb_query_seconds": round(t3 - t2, 3),
             "same_persons": same_rows,
             "mismatched_cells": mismatched,
-            "labels_equal": bool(same_rows and np.array_equal(ours.y[:, 0], y_sql)),
+            "labels_equal": labels_equal,
+            "skipped_truncated": ours.skipped_truncated,
             "rss_before_mb": round(rss_before, 1),
             "peak_rss_mb": round(peak, 1),  # of the process while the streamed set was built (VmHWM)
             "build_memory_mb": round(peak - rss_before, 1),
