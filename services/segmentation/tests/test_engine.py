@@ -502,7 +502,7 @@ async def test_a_stored_segment_that_cannot_be_loaded_is_left_out_and_can_be_del
 
 
 async def test_a_percentile_is_exact_when_built_and_follows_the_population_on_its_schedule(setup, nats_server):
-    engine, *_ = setup
+    engine, _store, _bus, clock, _profile = setup
     await engine.handle([changed([change(f"p{i}", scores={"clv": float(i)}) for i in range(20)], 1)])
     estimate = await engine.estimate(parse("scores.clv >= percentile(scores.clv, 90)"))
     assert (estimate.size, estimate.population) == (2, 20)
@@ -523,6 +523,8 @@ async def test_a_percentile_is_exact_when_built_and_follows_the_population_on_it
     ]
     # A person leaving the population moves it too.
     await engine.handle([changed([change("p6", removed=True, at=T0 + 3)], 3)])
+    assert await engine.recompute_percentiles() == 0  # one round per boundary: this one's has run
+    clock.advance(engine.percentile_interval)
     await engine.recompute_percentiles()
     assert engine.percentiles == {"scores.clv@90": pytest.approx(18.2)}  # 19 left: rank 16.2, from 18 to 19
     assert sorted(engine.members["top"]) == ["p19", "p5"]
@@ -540,6 +542,45 @@ async def test_the_percentiles_are_kept_with_the_snapshot(setup, nats_server):
         assert again.segments["top"].compiled.evaluate({"scores.clv": 4.6})
     finally:
         await again.stop()
+
+
+async def test_a_percentile_round_published_before_a_crash_is_published_once(setup, nats_server):
+    """Its transitions keep their ids (segment, person, direction, round) after a restart, and the changes
+    applied after the round are replayed with the value the round set, as they were first evaluated."""
+    engine, store, bus, clock, profile = setup
+    await engine.handle([changed([change(f"p{i}", scores={"clv": float(i)}) for i in range(20)], 1)])
+    await create(engine, "top", "scores.clv >= percentile(scores.clv, 90)")  # snapshotted as it goes live
+    after = [
+        (2, [change("p5", scores={"clv": 100.0}), change("p6", scores={"clv": 101.0})]),
+        (3, [change("p7", scores={"clv": 20.0})]),  # below the round's 27.1, above the build's 17.1
+    ]
+    await engine.handle([changed(after[0][1], 2)])
+    clock.advance(engine.percentile_interval)
+    assert await engine.recompute_percentiles() == 2  # p18 and p19 exit: the value moved to 27.1
+    await engine.handle([changed(after[1][1], 3)])
+    before = await published(nats_server.url)
+    for task in engine._tasks:  # stopped without a final snapshot: as if killed
+        task.cancel()
+    await asyncio.gather(*engine._tasks, return_exceptions=True)
+    engine._tasks.clear()
+    clock.advance(3 * engine.percentile_interval)  # down across a few boundaries
+
+    second = await make_engine(store, bus, clock, profile)
+    try:
+
+        async def stream():
+            for seq, changes in after:
+                yield "profiles.changed.0", seq, profile_pb2.ProfileChangedBatch(changes=changes).SerializeToString()
+
+        assert await second.replay(stream()) == 3
+        second.resume_builds()
+        await second.recompute_percentiles()  # the first round after the restart
+        events = await published(nats_server.url)
+        assert moves(events) == moves(before)  # nothing twice, and p7 never entered
+        assert moves(before)[-2:] == [("p18", "top", "exit", "percentile"), ("p19", "top", "exit", "percentile")]
+        assert sorted(second.members["top"]) == ["p5", "p6"]
+    finally:
+        await second.stop()
 
 
 async def test_a_field_compared_with_another_is_evaluated_on_a_change_of_either(setup, nats_server):

@@ -317,3 +317,87 @@ async def test_hot_standby_replicas_each_serve_every_partition_and_each_transiti
     finally:
         for replica in replicas:
             await replica.stop()
+
+
+# --- percentile rounds: one id per boundary, shared by restarts and replicas --------------------------
+
+TOP = "traits.level >= percentile(traits.level, 90)"
+
+
+async def send_levels(js, levels: dict[str, float], at: float) -> dict[str, int]:
+    """One change per person; the last stream position of each partition written to."""
+    ends: dict[str, int] = {}
+    for person, level in levels.items():
+        subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, at, level=level)])
+        ends[subject] = (await js.publish(subject, batch.SerializeToString())).seq
+    return ends
+
+
+async def applied(replicas: list[Replica], ends: dict[str, int]) -> None:
+    async def done() -> bool:
+        return all(r.engine.applied.get(s, 0) >= seq for r in replicas for s, seq in ends.items())
+
+    await until(done, "every change applied")
+
+
+def percentile_moves(events) -> list[tuple[str, bool]]:
+    return sorted((e.person_id, e.entered) for e in events if e.reason == "percentile")
+
+
+async def test_a_percentile_round_before_a_crash_reaches_the_stream_once(world, nats_server):
+    """The round published p18's and p19's exits; the process died before a snapshot held them. The
+    restart replays the round where it ran, under its id: nothing twice, and p7's later change is
+    evaluated with the round's value, as it was the first time."""
+    store, js = world
+    clock = Clock(T0)
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
+    await define(first, "top", TOP)
+    await first.engine.snapshot()
+    await applied([first], await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
+    clock.advance(5)
+    await first.engine.recompute_percentiles()  # (or its loop did) 17.1 -> 27.1
+    await applied([first], await send_levels(js, {"p7": 20.0}, T0 + 6))  # under 27.1, over 17.1
+    before = await transitions(nats_server.url)
+    assert percentile_moves(before) == [("p18", False), ("p19", False)]
+    await first.crash()
+    clock.advance(15)  # down across boundaries
+
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
+    try:
+        await second.engine.recompute_percentiles()  # the first round after the restart
+        await asyncio.sleep(0.3)
+        events = await transitions(nats_server.url)
+        assert [(e.person_id, e.entered, e.reason) for e in events] == [
+            (e.person_id, e.entered, e.reason) for e in before
+        ]
+        assert sorted(second.engine.members["top"]) == ["p5", "p6"]
+    finally:
+        await second.stop()
+
+
+async def test_hot_standby_replicas_store_each_percentile_transition_once(world, nats_server):
+    """Two replicas run the same boundary's round at their own instants (1.3 s apart): the same id."""
+    store, js = world
+    clock = Clock(T0)
+    replicas = [
+        await Replica("r0", store, nats_server.url, clock).start(ownership="static", standby="r0"),
+        await Replica("r1", store, nats_server.url, lambda: clock() + 1.3).start(ownership="static", standby="r1"),
+    ]
+    try:
+        await applied(replicas, await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
+        for replica in replicas:
+            await define(replica, "top", TOP)
+        await applied(replicas, await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
+        clock.advance(5)
+        for replica in replicas:
+            await replica.engine.recompute_percentiles()
+        await asyncio.sleep(0.3)
+        events = await transitions(nats_server.url)
+        assert percentile_moves(events) == [("p18", False), ("p19", False)]
+        assert len({e.id for e in events}) == len(events)
+        assert all(sorted(r.engine.members["top"]) == ["p5", "p6"] for r in replicas)
+    finally:
+        for replica in replicas:
+            await replica.stop()

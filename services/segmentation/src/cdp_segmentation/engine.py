@@ -67,7 +67,7 @@ from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
-from cdp_segmentation.percentiles import PERCENTILES, Percentiles
+from cdp_segmentation.percentiles import ROUNDS, Percentiles, PercentileValues, Replayed
 
 if TYPE_CHECKING:
     from cdp_segmentation.stream import Changes, SegmentationStream
@@ -138,9 +138,15 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.segments: dict[str, Segment] = {}
         # The population percentiles live definitions compare with (key -> value): every compiled
         # definition's per-profile predicate reads this one mapping (percentiles.py keeps it current).
-        self.percentiles: dict[str, float | None] = {}
+        self.percentiles: dict[str, float | None] = PercentileValues()
         self.percentiles_stale = False  # something moved one since the last round
         self.percentile_interval = percentile_interval
+        self.percentile_round = 0  # the last round run (epoch ms of its boundary): its id
+        self.rounds = ROUNDS + namespace  # the round log (percentiles.py)
+        # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
+        self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}
+        self._logged: list[tuple[int, str]] = []  # (round, key) of the round log records written here
+        self._cut_round: int | None = None  # the round the snapshot being written includes
         self._moved_persons = 0
         self._partition = Partitioner(partitions)
         self._namespace = namespace
@@ -244,8 +250,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             if segment.serving and built.get(segment.id) != segment.version and segment.state == LIVE:
                 segment.pending = (segment.version, segment.compiled)
                 segment.state = BUILDING
-        percentiles = await self.store.get(self.held.checkpoints, PERCENTILES)
-        self.load_percentiles(percentiles.doc if percentiles is not None else None)
+        await self.load_percentiles()
         self._reindex()
         owned, self.owned = set(self.owned), set()
         await self._load(owned)
@@ -289,6 +294,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             for segment_id in person.members:
                 self.members.setdefault(segment_id, set()).add(person_id)
             self._schedule(person_id, person, person.evaluated_at or now)
+        await self.remember_base(partitions)
         self.owned |= partitions
 
     def _decode_person(self, doc: Mapping[str, Any]) -> Person:
@@ -328,7 +334,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             if partition not in self.owned:
                 await self._load({partition})
             subject = subjects.profiles_changed(partition)
-            replayed = await self.replay(history(self.applied.get(subject, 0)))
+            replayed = await self.replay(history(self.applied.get(subject, 0)), partitions=(partition,))
             self.active.add(partition)
         if replayed:
             log.info(
@@ -347,6 +353,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.snapshotted.pop(subject, None)
         self._timers.pop(partition, None)
         self._last_apply.pop(partition, None)
+        self._percentile_base.pop(partition, None)
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:
             self._due.pop(person_id, None)
@@ -401,23 +408,40 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             if messages:
                 await self._publish(messages)
 
-    async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]]) -> int:
+    async def replay(self, messages: AsyncIterator[tuple[str, int, bytes]], partitions: Iterable[int] = ()) -> int:
         """Bring the snapshot up to where the stream had got: apply (subject, stream position, payload)
         in stream order, evaluating as the stream path does, and publish what it finds (what was
-        published before keeps its id: JetStream drops it as a duplicate). Returns the changes applied."""
+        published before keeps its id: JetStream drops it as a duplicate). Returns the changes applied.
+
+        Percentile rounds logged after the snapshot run again where they ran (percentiles.py), so each
+        change is evaluated with the values it was first evaluated with; then each partition replayed (and
+        each of `partitions`) catches up with the live values."""
         now = self.clock()
         for_subject: dict[str, list[Transition]] = {}
+        plans: dict[int, Replayed] = {}
+
+        async def plan(partition: int) -> Replayed:
+            if partition not in plans:
+                plans[partition] = await self.replay_plan(partition)
+            return plans[partition]
 
         async def apply(subject: str, seq: int, data: bytes) -> int:
             partition = subjects.partition_of(subject)
+            out = for_subject.setdefault(subject, [])
+            replayed = await plan(partition)
+            self.replay_rounds(partition, replayed, seq, out)
             try:
                 message = profile_pb2.ProfileChangedBatch.FromString(data)
             except DecodeError:
                 return 0  # dead-lettered when it came
-            await self._apply_message(partition, seq, message, now, for_subject.setdefault(subject, []))
+            with self.replaying(replayed):
+                await self._apply_message(partition, seq, message, now, out)
             return len(message.changes)
 
         applied = await self.held.replay(messages, apply)
+        for partition in sorted({*plans, *partitions}):
+            subject = subjects.profiles_changed(partition)
+            await self.catch_up(partition, await plan(partition), for_subject.setdefault(subject, []))
         for subject, transitions in for_subject.items():
             if transitions:
                 await self._publish_durably(self._messages(subjects.partition_of(subject), transitions))
@@ -445,8 +469,17 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         groups: dict[str, list[Transition]] = {}
         for t in transitions:
             # A stream message's changes ("s<p>.<seq>.<change>") travel together; timers per person.
+            # A percentile round's transitions one by one: each is published once by whichever replica or
+            # restart finds it, even when they find different sets (percentiles.py).
             kind = t.cause[0]
-            key = t.cause.rsplit(".", 1)[0] if kind == "s" else f"{t.cause}:{t.person}" if kind == "t" else t.cause
+            if kind == "s":
+                key = t.cause.rsplit(".", 1)[0]
+            elif kind == "t":
+                key = f"{t.cause}:{t.person}"
+            elif kind == "q":
+                key = f"{t.cause}:{t.person}:{t.segment}"
+            else:
+                key = t.cause
             groups.setdefault(key, []).append(t)
         out: list[OutMessage] = []
         counts = {True: 0, False: 0}
@@ -559,7 +592,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         their own stream position makes the replay skip what they hold."""
         if self.stream is not None:
             return await self.stream.snapshot()
-        return await self.held.snapshot()
+        written = await self.held.snapshot()
+        await self.prune_rounds()
+        return written
 
     async def snapshot_at(self, positions: Mapping[int, int], *, copied: Callable[[], None] | None = None) -> int:
         """The snapshot at a quiescent point, `positions` being each running partition's checkpoint:
@@ -569,7 +604,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             subject = subjects.profiles_changed(partition)
             if partition in self.active and seq > self.applied.get(subject, 0):
                 self.applied[subject] = seq
-        return await self.held.snapshot(copied=copied)
+        written = await self.held.snapshot(copied=copied)
+        await self.prune_rounds()
+        return written
 
     def log_snapshot_failure(self, exc: BaseException) -> None:
         log.warning("snapshot failed (%s); the next one writes what it did not", describe_error(exc))

@@ -8,20 +8,42 @@ in `percentiles` (key -> value), the mapping every compiled definition's per-pro
   live sets the values it was built with (`_move_percentiles`), so its members and the value agree.
 - In real time the exact value is not recomputed per change (a pass over the population): a change of a
   field some percentile is taken of, a person first seen and a person removed mark the percentiles stale,
-  and every `CDP_SEGMENTATION_PERCENTILE_SECONDS` stale ones are recomputed (`recompute_percentiles`), at
-  a quiescent point of the stream like the timers of an idle partition. Between two rounds a person
-  changed is evaluated against the value of the last round.
+  and stale ones are recomputed by a **round** (`recompute_percentiles`) at a quiescent point of the
+  stream. Rounds run at the wall-clock boundaries, the multiples of `CDP_SEGMENTATION_PERCENTILE_SECONDS`
+  since the epoch, at most one per boundary, and a round's id is its boundary (epoch ms). Between two
+  rounds a person changed is evaluated against the value of the last round.
 - When a value moves from a to b, only the persons whose compared value lies between a and b (inclusive)
   can change their answer: those are evaluated again, with the segments referring to theirs, and every
-  flip is a transition with reason `percentile` at the round's time. A round costs one pass over the
-  held persons per percentile that changed (reading one field), plus the evaluations of those in range.
-- The values are snapshotted with the persons (a "$percentiles" mark), so a restart evaluates the replay
-  with the values the snapshotted memberships were evaluated with; the first round after it catches up.
-  A round's transitions not yet included in a snapshot when the process dies are found again by the
-  first round after the restart, under that round's id (cause "q<ms>"): unlike timer and stream
-  transitions they may then be published twice. For the same reason hot standby replicas, whose rounds
-  run at their own times over what each has applied, publish their percentile transitions under ids of
-  their own: a consumer may see such a transition once from each.
+  flip is a transition with reason `percentile` at the boundary's time, cause "q<round>". A round costs
+  one pass over the held persons per percentile that changed (reading one field), plus the evaluations
+  of those in range.
+
+Exactly once. A percentile transition's id is (segment, person, direction, round), and each is published
+as a message of its own whose JetStream message id comes from that id alone, so a second copy within the
+SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it:
+
+- **A restart.** A round that moved a value is logged before anything changes (the round log,
+  `segmentation_percentile_rounds`: per served partition, its position at the round and the new
+  values); a snapshot records per partition the values and the round its memberships include
+  ("$percentiles.<p>"). A
+  partition's replay starts from those values and runs each round logged after them again where it ran
+  (before the first change after its position), under its id; each change is evaluated with the values
+  it was evaluated with the first time (`PercentileValues` gives the replaying task its own values; the
+  other partitions' pipelines read the live ones meanwhile). So a restart across any number of
+  boundaries finds the same transitions under the same ids, and the first round after it goes on from
+  the last round's values. A partition whose replay ends on other values than the live ones (rounds ran
+  here while it was elsewhere) is moved to the live values under the live round's id, and that is logged
+  for it too. A snapshot deletes the log records it includes.
+- **Hot standby replicas** run the same boundary's round at nearly the same instant and each publishes
+  its transitions under the same ids: JetStream keeps one. Each computes the values over its own copy of
+  the population at its own quiescent point, so the two agree exactly when they had applied the same
+  changes by then. When they disagree (one had applied a change the other had not yet), nothing real is
+  dropped: what only one finds is published by it, and what the other finds at a later round is
+  published then, under that round's id. The guarantee is: each transition is stored at most once per
+  (segment, person, direction, round); a consumer may see the same direction twice in a row from two
+  replicas that saw the population differently at a boundary, never a transition lost.
+- A build's own move of the values (above) is published under "q<its instant>" and followed at once by
+  a snapshot; a crash between the two may publish those again after the build resumes.
 
 Replicas that split the partitions each take the percentile over their own persons. Persons are spread
 over partitions by a hash of their id, so each replica's population is a uniform sample of the whole and
@@ -37,9 +59,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cdp_kit.bus import subjects
+from cdp_kit.storage import Delete, Put
 from cdp_lang.percentiles import population_percentiles, value_at
 from cdp_segmentation.evaluation import Transition
 
@@ -48,20 +74,169 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.segmentation.engine")
 
-PERCENTILES = "$percentiles"  # snapshot mark: the values the held memberships were evaluated with
+# Snapshot marks, one per partition ("$percentiles.<p>": replicas that split the partitions share the
+# collection): the values its memberships were evaluated with, and the round that set them. Snapshots
+# before the round log wrote one for all ("$percentiles"), still read.
+PERCENTILES = "$percentiles"
+ROUNDS = "segmentation_percentile_rounds"  # the round log: "<round ms>.<partition>" -> position and values
+
+# The values a replay evaluates with, in the replaying task only (every other task reads the live ones).
+_REPLAYED: ContextVar[Mapping[str, float | None] | None] = ContextVar("segmentation_replayed_percentiles", default=None)
+
+
+class PercentileValues(dict):
+    """The live values (key -> value) every compiled definition reads with `get`, except inside a replay,
+    which reads those in force at the position it is replaying (the replaying task's own, see `_REPLAYED`)."""
+
+    __slots__ = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        replayed = _REPLAYED.get()
+        if replayed is not None:
+            return replayed.get(key, default)
+        return dict.get(self, key, default)
+
+
+@dataclass(slots=True)
+class Replayed:
+    """A partition's replay: the values in force at the position reached, and the logged rounds still ahead
+    of it, (round, position, values) in round order."""
+
+    values: dict[str, float | None]
+    rounds: list[tuple[int, int, dict[str, float | None]]] = field(default_factory=list)
 
 
 class Percentiles:
     """Keeps the population percentiles the live segments compare with current, on a bounded schedule."""
 
-    def percentile_marks(self) -> dict[str, dict[str, Any]]:
-        return {PERCENTILES: {"values": dict(self.percentiles)}}
+    # --- the round's identity -------------------------------------------------------------------
 
-    def load_percentiles(self, mark: Mapping[str, Any] | None) -> None:
-        """The values of the last snapshot; stale, so the first round recomputes them."""
-        if mark:
-            self.percentiles.update(mark.get("values", {}))
+    def round_at(self, now: float) -> int:
+        """The round due at `now`: the last boundary (epoch ms, a multiple of the interval) at or before it."""
+        step = max(1, round(self.percentile_interval * 1000))
+        return math.floor(now * 1000) // step * step
+
+    # --- snapshot marks and the round log ---------------------------------------------------------
+
+    def percentile_marks(self) -> dict[str, dict[str, Any]]:
+        # Called at a snapshot's cut: it includes every round up to this one, in the served partitions
+        # (one arriving keeps the mark its persons were loaded with until its replay is done).
+        self._cut_round = self.percentile_round
+        mark = {"values": dict(self.percentiles), "round": self.percentile_round}
+        return {f"{PERCENTILES}.{partition}": mark for partition in sorted(self.active)}
+
+    async def load_percentiles(self) -> None:
+        """The values of the latest round a snapshot or the round log holds (what the replays bring the
+        held state to); stale, so the next round recomputes them."""
+        latest: tuple[int, dict[str, Any]] = (-1, {})
+        async for record in self.store.scan_all(self.held.checkpoints):
+            if record.key.startswith(PERCENTILES):
+                latest = max(latest, _base(record.doc), key=lambda found: found[0])
+        async for record in self.store.scan_all(self.rounds):
+            latest = max(latest, (record.doc["round"], record.doc["values"]), key=lambda found: found[0])
+        self.percentile_round = max(0, latest[0])
+        self.percentiles.update(latest[1])
         self.percentiles_stale = True
+
+    async def _log_round(self, round_id: int, values: Mapping[str, float | None], partitions: Iterable[int]) -> None:
+        """Durably, before anything is published: round `round_id` set `values` at each partition's current
+        position. A replay of the partition evaluates with them from that position on."""
+        ops = [
+            Put(
+                self.rounds,
+                f"{round_id:015d}.{partition}",
+                {
+                    "round": round_id,
+                    "partition": partition,
+                    "position": self.applied.get(subjects.profiles_changed(partition), 0),
+                    "values": dict(values),
+                },
+            )
+            for partition in partitions
+        ]
+        if ops:
+            await self.store.bulk_write(ops)
+            self._logged.extend((round_id, op.key) for op in ops)
+
+    async def prune_rounds(self) -> None:
+        """After a snapshot: the rounds it includes are no longer replayed (a failure leaves them; they are
+        older than the snapshot's round, so never replayed either)."""
+        cut, self._cut_round = self._cut_round, None
+        if cut is None:
+            return
+        done = [key for round_id, key in self._logged if round_id <= cut]
+        if not done:
+            return
+        try:
+            await self.store.bulk_write([Delete(self.rounds, key) for key in done])
+        except Exception as exc:
+            log.warning("old percentile rounds not deleted: %r", exc)
+            return
+        self._logged = [(round_id, key) for round_id, key in self._logged if round_id > cut]
+
+    # --- replay -----------------------------------------------------------------------------------
+
+    async def remember_base(self, partitions: Iterable[int]) -> None:
+        """The persons of `partitions` were just loaded from the last snapshot: their replay starts from
+        the values that snapshot's memberships were evaluated with."""
+        legacy = await self.store.get(self.held.checkpoints, PERCENTILES)
+        for partition in partitions:
+            record = await self.store.get(self.held.checkpoints, f"{PERCENTILES}.{partition}") or legacy
+            self._percentile_base[partition] = _base(record.doc if record is not None else None)
+
+    async def replay_plan(self, partition: int) -> Replayed:
+        """Where a replay of `partition` starts: the values of the snapshot its persons were loaded from,
+        and the rounds logged after that snapshot for it."""
+        base, values = self._percentile_base.get(partition, (self.percentile_round, {}))
+        rounds = [
+            (record.doc["round"], record.doc["position"], record.doc["values"])
+            async for record in self.store.scan_all(self.rounds)
+            if record.doc["partition"] == partition and record.doc["round"] > base
+        ]
+        # A key the snapshot did not know (a segment built since) is read as it is now.
+        return Replayed({**self.percentiles, **values}, sorted(rounds, key=lambda r: r[0]))
+
+    @staticmethod
+    def replaying(replayed: Replayed) -> _Replaying:
+        """Around a replayed change: this task's definitions read the values in force at its position."""
+        return _Replaying(replayed.values)
+
+    def replay_rounds(self, partition: int, replayed: Replayed, before: int | None, out: list[Transition]) -> None:
+        """Apply to `partition` the logged rounds that ran before stream position `before` (all: None), as
+        they ran: the persons in range evaluated again under the round's id."""
+        in_partition = self._in_partition(partition)
+        while replayed.rounds and (before is None or replayed.rounds[0][1] < before):
+            round_id, _position, values = replayed.rounds.pop(0)
+            new = {**replayed.values, **values}
+            moved = self._reevaluate_in_range(
+                replayed.values, new, in_partition, at=round_id / 1000, cause=f"q{round_id}"
+            )
+            out.extend(moved.get(partition, ()))
+            replayed.values = new
+
+    async def catch_up(self, partition: int, replayed: Replayed, out: list[Transition]) -> None:
+        """The end of a partition's replay: the rounds logged after its last position, then, if the live
+        values differ still (rounds ran here while it was away), a move to them under the live round's id,
+        logged first like a round's (a round running meanwhile is caught up with too)."""
+        self.replay_rounds(partition, replayed, None, out)
+        while True:
+            live, round_id = dict(self.percentiles), self.percentile_round
+            if all(replayed.values.get(key) == value for key, value in live.items()):
+                return
+            await self._log_round(round_id, live, [partition])
+            if dict(self.percentiles) != live:
+                continue  # a round ran while the log was written
+            moved = self._reevaluate_in_range(
+                replayed.values, live, self._in_partition(partition), at=round_id / 1000, cause=f"q{round_id}"
+            )
+            out.extend(moved.get(partition, ()))
+            replayed.values = live
+
+    def _in_partition(self, partition: int) -> Callable[[str], bool]:
+        partition_of = self._partition
+        return lambda person_id: partition_of(person_id) == partition
+
+    # --- rounds -----------------------------------------------------------------------------------
 
     def exact_percentiles(self, keys: Any = None) -> dict[str, float | None]:
         """The exact value of the live segments' percentiles (or of these specs) over the held persons."""
@@ -71,74 +246,124 @@ class Percentiles:
         return population_percentiles(specs, [person.fields for person in self.persons.values()])
 
     async def _percentile_loop(self) -> None:
+        step = self.percentile_interval
         while True:
-            await asyncio.sleep(self.percentile_interval)
+            # Just past the next boundary, so that every replica's round there has the same id.
+            now = self.clock()
+            await asyncio.sleep(max(0.0, (self.round_at(now) / 1000 + step) - now) + 0.01)
             try:
                 await self.recompute_percentiles()
             except Exception as exc:  # stale still: the next round tries again
                 log.warning("percentile round failed: %r", exc)
 
     async def recompute_percentiles(self) -> int:
-        """If anything moved a percentile since the last round: recompute them all exactly, evaluate again
-        the persons a moved value can change, publish what flipped. Returns the persons evaluated."""
+        """If anything moved a percentile since the last round, and this boundary's round has not run:
+        recompute them all exactly, log the round, evaluate again the persons a moved value can change,
+        publish what flipped. Returns the persons evaluated."""
         if not self.percentiles_stale or not self.index.percentiles:
             return 0
         async with self._quiet(), self.held.mutating():
-            self.percentiles_stale = False
+            round_id = self.round_at(self.clock())
+            if round_id <= self.percentile_round:
+                return 0  # this boundary's round ran: the next one takes what moved since
             values = self.exact_percentiles()
-            by_partition = self._move_percentiles(values, self.clock())
+            if any(dict.get(self.percentiles, key) != value for key, value in values.items()):
+                # Before anything changes here: a crash after it replays the round (same id, same place).
+                await self._log_round(round_id, values, sorted(self.active))
+            self.percentiles_stale = False
+            self.percentile_round = round_id
+            by_partition = self._move_percentiles(values, round_id / 1000, cause=f"q{round_id}")
             await self._publish_durably([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
             return self._moved_persons
 
-    def _move_percentiles(self, values: Mapping[str, float | None], now: float) -> dict[int, list[Transition]]:
-        """Set the percentiles to `values` and evaluate again, for the live segments comparing with one that
-        moved, the persons whose compared value lies between its old and new value (all who have one, when
-        either is no value). The transitions, by partition."""
-        moved: dict[str, tuple[float | None, float | None]] = {}
-        for key, value in values.items():
-            old = self.percentiles.get(key)
-            if old != value:
-                moved[key] = (old, value)
-                self.percentiles[key] = value
+    def _move_percentiles(
+        self, values: Mapping[str, float | None], now: float, *, cause: str | None = None
+    ) -> dict[int, list[Transition]]:
+        """Set the live percentiles to `values` and evaluate again, in the served partitions, the persons a
+        moved value can change. The transitions, by partition."""
+        old = dict(self.percentiles)
+        self.percentiles.update(values)
+        if any(old.get(key) != value for key, value in values.items()):
+            self.held.marks_dirty = True
+        active, partition_of = self.active, self._partition
+        return self._reevaluate_in_range(
+            old,
+            {**old, **values},
+            lambda person_id: partition_of(person_id) in active,  # one arriving catches up at its arrival
+            at=now,
+            cause=cause or f"q{round(now * 1000)}",
+        )
+
+    def _reevaluate_in_range(
+        self,
+        old: Mapping[str, float | None],
+        new: Mapping[str, float | None],
+        included: Callable[[str], bool],
+        *,
+        at: float,
+        cause: str,
+    ) -> dict[int, list[Transition]]:
+        """The percentiles moved from `old` to `new`: evaluate again with `new`, for the live segments
+        comparing with one that moved, the persons `included` whose compared value lies between its old and
+        new value (all who have one, when either is no value). The transitions, by partition."""
         self._moved_persons = 0
+        moved = {key: (old.get(key), value) for key, value in new.items() if old.get(key) != value}
         if not moved:
             return {}
-        self.held.marks_dirty = True
         # (segment, compared field, sub-path, low, high) for each comparison with a moved percentile
         ranges = []
-        for key, (old, new) in moved.items():
-            if old is None or new is None:
+        for key, (before, after) in moved.items():
+            if before is None or after is None:
                 low, high = -math.inf, math.inf
             else:
-                low, high = min(old, new), max(old, new)
-            for segment, field, sub in self.index.percentile_readers.get(key, ()):
-                ranges.append((segment, field, sub, low, high))
+                low, high = min(before, after), max(before, after)
+            for segment, field_name, sub in self.index.percentile_readers.get(key, ()):
+                ranges.append((segment, field_name, sub, low, high))
         affected: dict[str, dict[str, Segment]] = {}
-        partition_of, active = self._partition, self.active
-        for person_id, person in self.persons.items():
-            if partition_of(person_id) not in active:
-                continue  # a partition still arriving: its replay evaluates with the new values
-            for segment, field, sub, low, high in ranges:
-                value = value_at(person.fields, field, sub)
-                if value is not None and low <= value <= high:
-                    affected.setdefault(person_id, {})[segment.id] = segment
+        if ranges:
+            for person_id, person in self.persons.items():
+                if not included(person_id):
+                    continue
+                for segment, field_name, sub, low, high in ranges:
+                    value = value_at(person.fields, field_name, sub)
+                    if value is not None and low <= value <= high:
+                        affected.setdefault(person_id, {})[segment.id] = segment
         by_partition: dict[int, list[Transition]] = {}
-        cause = f"q{round(now * 1000)}"
-        for person_id, segments in affected.items():
-            self._evaluate(
-                person_id,
-                self.persons[person_id],
-                self.index.readers_of_all(segments.values()),
-                now=now,
-                at=now,
-                reason="percentile",
-                cause=cause,
-                out=by_partition.setdefault(self._partition(person_id), []),
-            )
+        with _Replaying(new):
+            for person_id, segments in affected.items():
+                self._evaluate(
+                    person_id,
+                    self.persons[person_id],
+                    self.index.readers_of_all(segments.values()),
+                    now=at,
+                    at=at,
+                    reason="percentile",
+                    cause=cause,
+                    out=by_partition.setdefault(self._partition(person_id), []),
+                )
         self._moved_persons = len(affected)
         if affected:
-            log.info(
-                "percentiles moved",
-                extra={"percentiles": sorted(moved), "persons": len(affected)},
-            )
+            log.info("percentiles moved", extra={"percentiles": sorted(moved), "persons": len(affected)})
         return by_partition
+
+
+class _Replaying:
+    """Within it, this task's definitions read `values` (contextvars: other tasks are unaffected)."""
+
+    __slots__ = ("token", "values")
+
+    def __init__(self, values: Mapping[str, float | None]) -> None:
+        self.values = values
+
+    def __enter__(self) -> None:
+        self.token = _REPLAYED.set(self.values)
+
+    def __exit__(self, *exc: object) -> None:
+        _REPLAYED.reset(self.token)
+
+
+def _base(mark: Mapping[str, Any] | None) -> tuple[int, dict[str, float | None]]:
+    """(round, values) of a snapshot's mark."""
+    if not mark:
+        return 0, {}
+    return int(mark.get("round", 0)), dict(mark.get("values", {}))

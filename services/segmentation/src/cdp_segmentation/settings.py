@@ -62,7 +62,8 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         "CDP_SEGMENTATION_PERCENTILE_SECONDS",
         5.0,
         help="seconds between recomputations of the population percentiles definitions compare with "
-        "(percentile(...)), when a change moved them; each costs one pass over the held persons",
+        "(percentile(...)), when a change moved them: rounds run at the multiples of it since the epoch, "
+        "which are their ids (give every replica the same value); each costs one pass over the held persons",
     )
     segments_retention_days: float = env(
         "CDP_SEGMENTATION_RETENTION_DAYS", 7.0, help="days segments.entered/exited keep transitions"
