@@ -16,7 +16,7 @@ from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
 from cdp_orchestration.channels.settings import WebhookSettings
 from cdp_orchestration.channels.webhook import WebhookChannel
-from cdp_orchestration.dispatch import SENDS, CollectorReporter, Opens, dispatcher
+from cdp_orchestration.dispatch import MAX_DELIVER, SENDS, CollectorReporter, Opens, dispatcher
 from cdp_orchestration.state import prepare_store
 
 
@@ -376,3 +376,72 @@ async def test_a_provider_asking_to_wait_holds_the_actions_not_yet_sent(nats_ser
     # Nothing started while the provider asked for quiet (what was already in flight could still finish).
     later = [started for _, started, _, _ in provider.requests if started > throttled_at]
     assert later and min(later) >= throttled_at + 2 - 0.1
+
+
+class Throttling:
+    """A webhook receiver that answers 429 with Retry-After to its first `throttles` requests, then 200."""
+
+    def __init__(self, throttles: int, retry_after: int = 1) -> None:
+        self.throttles = throttles
+        self.retry_after = retry_after
+        self.statuses: list[int] = []
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self._receive)
+        self.runner = web.AppRunner(self.app)
+
+    async def start(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        if self.throttles:
+            self.throttles -= 1
+            self.statuses.append(429)
+            return web.Response(status=429, headers={"Retry-After": str(self.retry_after)})
+        self.statuses.append(200)
+        return web.Response(status=200)
+
+
+async def _dispatch_until_recorded(nats_server, tmp_path, receiver: Throttling, **options) -> dict:
+    url = await receiver.start()
+    # One attempt in process: every 429 (Retry-After 1 s, above the 0.5 s cap) goes back to the dispatcher.
+    channel = webhook_channel(CDP_WEBHOOK_BACKOFF_MAX="0.5", CDP_WEBHOOK_MAX_ATTEMPTS="1")
+    try:
+        async with (
+            Bus.connect(nats_server.url, name="dispatch-test") as bus,
+            open_store(f"sqlite:///{tmp_path}/d.db") as store,
+        ):
+            await streams.ensure_streams(bus.js)
+            await _publish_actions(bus, url, [("act-1", "person-1")])
+            task = asyncio.create_task(dispatcher(bus, store, channel, **options).run())
+            try:
+                for _ in range(400):
+                    record = await store.get(SENDS, "act-1")
+                    if record is not None:
+                        return record.doc
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"no outcome recorded; the receiver answered {receiver.statuses}")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await channel.close()
+        await receiver.runner.cleanup()
+
+
+async def test_a_receiver_saying_later_more_often_than_an_action_has_deliveries_still_gets_it(nats_server, tmp_path):
+    # Six 429s, more than the five deliveries an action may use on failures: a 429 is the receiver asking
+    # for time, not a failed send, so each hand-back waits without using one of them.
+    receiver = Throttling(throttles=MAX_DELIVER + 1)
+    record = await _dispatch_until_recorded(nats_server, tmp_path, receiver)
+    assert record["status"] == "accepted"
+    assert receiver.statuses == [429] * (MAX_DELIVER + 1) + [200]
+
+
+async def test_a_receiver_saying_later_for_longer_than_the_bound_gets_the_action_failed(nats_server, tmp_path):
+    receiver = Throttling(throttles=1_000)
+    record = await _dispatch_until_recorded(nats_server, tmp_path, receiver, defer_for=2.5)
+    assert (record["status"], record["reason"]) == ("failed", "http_429")
+    assert 2 <= len(receiver.statuses) <= 4  # asked again about once a second until the bound, then given up

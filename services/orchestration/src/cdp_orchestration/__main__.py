@@ -85,7 +85,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     tasks = []
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
-        runner = dispatcher(bus, store, channel, report=report, concurrency=settings.dispatch_concurrency)
+        runner = dispatcher(
+            bus, store, channel, report=report, concurrency=settings.dispatch_concurrency,
+            defer_for=settings.defer_seconds,
+        )  # fmt: skip
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 
     logic = OrchestrationLogic(

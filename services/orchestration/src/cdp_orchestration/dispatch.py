@@ -15,7 +15,14 @@ place a crash can send twice; adapters pass the action id to providers that take
 (`channels` lists them).
 
 Outcomes: accepted and rejected (for good) are final; a retryable failure is retried with the provider's
-Retry-After or the consumer's backoff, and is final as "failed" on its last allowed delivery. A final
+Retry-After or the consumer's backoff, and is final as "failed" on its last allowed attempt
+(`MAX_DELIVER`). A provider asking for time - a 429 (`Outcome.later`), or its destination paused by an
+earlier Retry-After - is not a failed attempt: the action is handed back for that long without using
+one, the hand-backs counted in `orchestration_deferrals/<action id>` (a count, no personal data; deleted
+with the outcome's record), and JetStream's own limit on deliveries (`DELIVERY_CAP`) is far above the
+attempts. What bounds a receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by
+default) after the action was published, a 429 is final ("failed", ``http_429``) and a paused
+destination is sent to anyway. A final
 outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
 Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
 (`/v1/batch`), the batch's together in one call once its sends are recorded, so it lands on the profile
@@ -54,7 +61,7 @@ from nats.js.errors import NotFoundError, ServerError
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
-from cdp_kit.storage import Put, Store
+from cdp_kit.storage import Delete, Put, Store
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
@@ -63,7 +70,12 @@ from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
-MAX_DELIVER = 5
+MAX_DELIVER = 5  # attempts an action may fail (retryable) before its failure is final
+# JetStream's limit on the dispatch consumer's deliveries: the attempts plus the hand-backs for a provider
+# asking for time (which use none of them), bounded by time rather than by this.
+DELIVERY_CAP = 1_000
+DEFER_FOR = 86_400.0  # seconds after publication an action may keep waiting for a provider (the default)
+DEFERRALS = "orchestration_deferrals"  # action id -> {"count"}: hand-backs that used no attempt
 DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY)
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 
@@ -106,10 +118,12 @@ class Dispatcher:
         *,
         js: JetStreamContext | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
+        defer_for: float = DEFER_FOR,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
         self.channel = channel
+        self.defer_for = defer_for
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
@@ -158,27 +172,55 @@ class Dispatcher:
             return stored.doc
         destination = self.channel.destination(action)
         wait = self._paused.get(destination, 0.0) - time.monotonic()
-        if wait > 0 and delivery.num_delivered < MAX_DELIVER:
-            # The provider asked for quiet (Retry-After): do not add to its load; on the last delivery
-            # the send is tried anyway, so the action ends with an outcome rather than unrecorded.
-            delivery.retry("provider_paused", wait)
+        # The provider asked for quiet (Retry-After): do not add to its load. Past the time bound the send
+        # is tried anyway, so the action ends with an outcome rather than unrecorded.
+        if wait > 0 and await self._defer(delivery, action, "provider_paused", wait):
             return None
         outcome = await self.channel.send(action)
         if not outcome.ok and outcome.retryable and outcome.retry_after:
             until = time.monotonic() + outcome.retry_after
             self._paused[destination] = max(self._paused.get(destination, 0.0), until)
-        if not outcome.ok and outcome.retryable and delivery.num_delivered < MAX_DELIVER:
-            log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
-            delivery.retry(outcome.reason, outcome.retry_after)
-            return None
+        if not outcome.ok and outcome.retryable:
+            if outcome.deferred:
+                handed_back = await self._defer(delivery, action, outcome.reason, outcome.retry_after)
+            else:
+                handed_back = await self._attempts_used(delivery, action) < MAX_DELIVER
+                if handed_back:
+                    delivery.retry(outcome.reason, outcome.retry_after)
+            if handed_back:
+                log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
+                return None
         record = self._record(action, outcome)
         if not attributed(record["event"]):
             log.warning("outcome of action %s not reported: the person has no known identifier", action.action_id)
             record["reported"] = "unattributed"
-        await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+        ops: list[Put | Delete] = [Put(SENDS, action.action_id, record)]
+        if delivery.num_delivered > 1:  # it may have been handed back: its count goes with it
+            ops.append(Delete(DEFERRALS, action.action_id))
+        await self.store.bulk_write(ops)
         if not outcome.ok:
             log.warning("action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason)
         return record
+
+    async def _defer(self, delivery: Delivery, action: Action, reason: str, wait: float | None) -> bool:
+        """Hand the action back for `wait` seconds (None: the consumer's backoff) without using one of its
+        attempts - the provider asked for time. False once CDP_ORCHESTRATION_DEFER_SECONDS have passed
+        since it was published, or when JetStream's own delivery limit would come first."""
+        age = time.time() - delivery.msg.metadata.timestamp.timestamp()
+        if age >= self.defer_for or delivery.num_delivered >= DELIVERY_CAP - MAX_DELIVER:
+            return False
+        stored = await self.store.get(DEFERRALS, action.action_id)
+        count = stored.doc["count"] if stored is not None else 0
+        await self.store.bulk_write([Put(DEFERRALS, action.action_id, {"count": count + 1})])
+        delivery.retry(reason, wait)
+        return True
+
+    async def _attempts_used(self, delivery: Delivery, action: Action) -> int:
+        """Deliveries of this action that tried to send (or were lost to a crash), the hand-backs left out."""
+        if delivery.num_delivered == 1:
+            return 1
+        stored = await self.store.get(DEFERRALS, action.action_id)
+        return delivery.num_delivered - (stored.doc["count"] if stored is not None else 0)
 
     async def _report_and_erase(self, done: list[tuple[Delivery, str, dict[str, Any]]]) -> None:
         """Post the batch's owed outcomes in one collector call, then erase the messages (those whose
@@ -327,6 +369,7 @@ def dispatcher(
     report: Report | None = None,
     ack_wait: float = 60.0,
     concurrency: int = DEFAULT_CONCURRENCY,
+    defer_for: float = DEFER_FOR,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -334,11 +377,12 @@ def dispatcher(
         filter_subjects=(subjects.actions_of(channel.name),),
         batch_size=32,
         ack_wait=ack_wait,
-        max_deliver=MAX_DELIVER,
+        max_deliver=DELIVERY_CAP,
         backoff=(0.5, 2.0, 10.0, 30.0, 60.0),
         description=f"orchestration: send {channel.name} actions",
     )
-    return bus.consumer(spec, Dispatcher(channel, store, report, js=bus.js, concurrency=concurrency).handle)
+    handler = Dispatcher(channel, store, report, js=bus.js, concurrency=concurrency, defer_for=defer_for).handle
+    return bus.consumer(spec, handler)
 
 
 async def erase_action(js: JetStreamContext, seq: int) -> None:

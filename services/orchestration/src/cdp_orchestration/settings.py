@@ -74,6 +74,13 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     retention_days: float = env(
         "CDP_ORCHESTRATION_RETENTION_DAYS", 7.0, help="days the ORCHESTRATION and ACTIONS streams keep messages"
     )
+    defer_seconds: float = env(
+        "CDP_ORCHESTRATION_DEFER_SECONDS",
+        86_400.0,
+        help="seconds after an action was published that it may keep waiting for a provider asking for time "
+        "(a 429, a Retry-After): such hand-backs use none of the action's attempts; past this a 429 is final "
+        "(failed, http_429) and a paused destination is sent to anyway. Below CDP_ORCHESTRATION_RETENTION_DAYS",
+    )
     tombstone_days: float = env(
         "CDP_ORCHESTRATION_TOMBSTONE_DAYS",
         35.0,
@@ -132,6 +139,12 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
             )
         if self.hot_persons < 1:
             problems.append(f"CDP_ORCHESTRATION_HOT_PERSONS={self.hot_persons} is invalid: must be positive")
+        if not 0 < self.defer_seconds < self.retention_days * 86_400:
+            problems.append(
+                f"CDP_ORCHESTRATION_DEFER_SECONDS={self.defer_seconds:g} is invalid: must be positive and below "
+                f"CDP_ORCHESTRATION_RETENTION_DAYS ({self.retention_days:g} days), or the ACTIONS stream drops "
+                "a waiting action before it ends with an outcome"
+            )
         floor = max(DEAD_LETTER_DAYS, self.retention_days)
         if not self.tombstone_days >= floor:
             problems.append(

@@ -100,6 +100,20 @@ async def test_retry_after_is_honoured_and_a_long_one_is_handed_back_to_the_call
         assert waits.seconds == [3.0]  # nothing slept: the service re-schedules the action
 
 
+async def test_a_long_429_comes_back_as_the_receiver_asking_for_time_not_as_a_failed_send():
+    waits = Waits()
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        receiver.fail_next(1, status=429, retry_after="120")
+        async with WebhookChannel(settings(), sleep=waits) as channel:
+            later = await channel.send(hook(receiver.url()))
+            receiver.fail_next(1, status=503, retry_after="120")
+            failed = await channel.send(hook(receiver.url(), "act-2"))
+        # The dispatcher hands a deferred action back without using one of its attempts; a 5xx uses one.
+        assert (later.status, later.retryable, later.retry_after, later.deferred) == ("failed", True, 120.0, True)
+        assert (failed.retryable, failed.deferred) == (True, False)
+        assert waits.seconds == []
+
+
 async def test_a_receiver_that_never_recovers_fails_the_action_retryably_after_max_attempts():
     waits = Waits()
     async with LocalWebhookReceiver(secret=SECRET) as receiver:

@@ -11,7 +11,8 @@ key), so a redelivered action is not delivered twice by anything that honours it
 - ``accepted``: the provider took the message (its own id, when it gives one, is `provider_id`);
 - ``failed``: not sent; `retryable` says whether sending the same action later can succeed (a timeout, a
   5xx, a 429 - with `retry_after` when the provider said how long) or not (bad credentials, a message
-  the provider will never take);
+  the provider will never take). `deferred` (`Outcome.later`): the provider asked for time (a 429) -
+  not a failed send, so the dispatcher hands the action back without using one of its attempts;
 - ``rejected``: the provider refused *this address* for good (an unknown mailbox, an unregistered device,
   a gone subscription): retrying is pointless and the address should be marked.
 
@@ -97,6 +98,7 @@ class Outcome:
     retryable: bool = False
     provider_id: str | None = None
     retry_after: float | None = None
+    deferred: bool = False
 
     @classmethod
     def accepted(cls, provider_id: str | None = None) -> Outcome:
@@ -105,6 +107,12 @@ class Outcome:
     @classmethod
     def failed(cls, reason: str, *, retryable: bool, retry_after: float | None = None) -> Outcome:
         return cls("failed", reason=reason, retryable=retryable, retry_after=retry_after)
+
+    @classmethod
+    def later(cls, reason: str, *, retry_after: float | None = None) -> Outcome:
+        """The provider is rate-limiting (a 429): send again after `retry_after` (its Retry-After, when it
+        gave one). Not sent, retryable, and not counted as a failed attempt."""
+        return cls("failed", reason=reason, retryable=True, retry_after=retry_after, deferred=True)
 
     @classmethod
     def rejected(cls, reason: str) -> Outcome:

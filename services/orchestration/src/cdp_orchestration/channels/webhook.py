@@ -19,9 +19,13 @@ A URL can come from a profile trait, so CDP_WEBHOOK_ALLOWED_HOSTS limits the hos
 
 Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2**(n-1)`` seconds (at
 most CDP_WEBHOOK_BACKOFF_MAX) with full jitter, or after the Retry-After the receiver sent, up to
-CDP_WEBHOOK_MAX_ATTEMPTS attempts. A Retry-After longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here: the action fails retryable with `retry_after`, so
-the service re-schedules it rather than holding a worker. 404 and 410 (Slack's ``channel_not_found``,
-``channel_is_archived``) reject the address; any other 4xx fails for good.
+CDP_WEBHOOK_MAX_ATTEMPTS attempts. A Retry-After longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here:
+the action comes back retryable with `retry_after`, so the dispatcher re-schedules it rather than holding
+a worker. A 429 is the receiver saying "later", not a failed send (`Outcome.later`): the dispatcher hands
+such an action back without using one of its deliveries, however often the receiver asks, for at most
+CDP_ORCHESTRATION_DEFER_SECONDS since the action was published (then it fails as ``http_429``; see
+`dispatch`). 404 and 410 (Slack's ``channel_not_found``, ``channel_is_archived``) reject the address; any
+other 4xx fails for good.
 """
 
 from __future__ import annotations
@@ -163,7 +167,9 @@ class WebhookChannel(Channel):
         if 200 <= status < 300:
             return Outcome.accepted()
         reason = f"http_{status}"
-        if status == 429 or status >= 500:
+        if status == 429:
+            return Outcome.later(reason, retry_after=retry_after)
+        if status >= 500:
             return Outcome.failed(reason, retryable=True, retry_after=retry_after)
         if status in (404, 410):
             return Outcome.rejected(reason)
