@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from aiohttp import web
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, OutMessage, partition_for, subjects
-from cdp_kit.settings import load_settings
+from cdp_kit.settings import SettingsError, load_settings
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
 from cdp_orchestration.channels.settings import WebhookSettings
 from cdp_orchestration.channels.webhook import WebhookChannel
 from cdp_orchestration.dispatch import MAX_DELIVER, SENDS, CollectorReporter, Opens, dispatcher
+from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
 
@@ -445,3 +447,12 @@ async def test_a_receiver_saying_later_for_longer_than_the_bound_gets_the_action
     record = await _dispatch_until_recorded(nats_server, tmp_path, receiver, defer_for=2.5)
     assert (record["status"], record["reason"]) == ("failed", "http_429")
     assert 2 <= len(receiver.statuses) <= 4  # asked again about once a second until the bound, then given up
+
+
+def test_a_wait_bound_the_actions_stream_would_outlast_is_refused_at_start_naming_the_setting():
+    environ = {"CDP_NATS_URL": "nats://127.0.0.1:4222", "CDP_AUTH_MODE": "none"}
+    assert load_settings(OrchestrationSettings, environ).defer_seconds == 86_400
+    with pytest.raises(SettingsError) as refused:
+        load_settings(OrchestrationSettings, {**environ, "CDP_ORCHESTRATION_DEFER_SECONDS": str(8 * 86_400)})
+    [problem] = [p for p in refused.value.problems if "DEFER" in p]
+    assert problem.startswith("CDP_ORCHESTRATION_DEFER_SECONDS=") and "CDP_ORCHESTRATION_RETENTION_DAYS" in problem
