@@ -30,6 +30,8 @@ from cdp_lang.nodes import (
     ZERO_WHEN_MISSING,
     Aggregate,
     And,
+    Arithmetic,
+    Comparison,
     Condition,
     Date,
     EventPredicate,
@@ -48,11 +50,17 @@ from cdp_lang.percentiles import PercentileSpec, spec_of
 from cdp_lang.plan import (
     AllOf,
     AnyOf,
+    Calculation,
+    Const,
+    Expression,
+    ExpressionTest,
+    FieldNumber,
     FieldTest,
     Member,
     Negate,
     NumberTest,
     OneOf,
+    PercentileNumber,
     PercentileTest,
     Plan,
     Test,
@@ -154,6 +162,8 @@ class _Lowering:
         if isinstance(node, Condition):
             self.fields.add(node.field)
             return self.condition(node)
+        if isinstance(node, Comparison):
+            return ExpressionTest(self.expression(node.left), node.op, self.expression(node.right))
         if isinstance(node, Aggregate | Performed):
             return self.aggregate(node)
         if isinstance(node, InSegment):
@@ -183,6 +193,20 @@ class _Lowering:
             spec = self.percentiles.setdefault((found := spec_of(value)).key, found)
             return PercentileTest(node.field, node.sub, node.op, spec.key, spec.field, spec.sub, spec.percent)
         return literal_test(node.field, node.sub, node.op, value)
+
+    def expression(self, operand: object) -> Expression:
+        """A side of a comparison with arithmetic; every field it reads is one the answer depends on."""
+        if isinstance(operand, Arithmetic):
+            return Calculation(operand.op, self.expression(operand.left), self.expression(operand.right))
+        if isinstance(operand, FieldRef):
+            self.fields.add(operand.field)
+            return FieldNumber(operand.field, operand.path[2:])
+        if isinstance(operand, Percentile):
+            self.fields.add(operand.field)  # as for a percentile compared with a field (see `condition`)
+            spec = self.percentiles.setdefault((found := spec_of(operand)).key, found)
+            return PercentileNumber(spec.key, spec.field, spec.sub, spec.percent)
+        assert isinstance(operand, int | float) and not isinstance(operand, bool)
+        return Const(float(operand))
 
     def aggregate(self, node: Aggregate | Performed) -> Plan:
         if isinstance(node, Performed):

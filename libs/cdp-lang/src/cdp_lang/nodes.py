@@ -22,6 +22,12 @@ EVENT_TYPES = ("track", "page", "screen", "identify", "group", "any")
 COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
 ORDERINGS = ("<", "<=", ">", ">=")
 CONDITION_OPS = (*COMPARISONS, "in", "contains", "starts_with", "exists")
+# The operators whose other side may be another field: the comparisons, and `in` / `contains`.
+FIELD_OPS = (*COMPARISONS, "in", "contains")
+# Arithmetic on the sides of a comparison, by precedence: * and / bind tighter than + and -, and each
+# associates to the left (`a - b - c` is `(a - b) - c`).
+ARITHMETIC = ("+", "-", "*", "/")
+PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 AGGREGATES = ("count", "sum", "avg", "min", "max")
 # Where an aggregate reads a property; count reads none. For count and sum a person without the computed
 # trait (no matching event yet) has the value 0; for the others there is no value.
@@ -79,7 +85,31 @@ class Percentile:
         return f"{self.path[0]}.{self.path[1]}"
 
 
-Value = Scalar | tuple[Scalar, ...] | TimeValue | FieldRef | Percentile | None
+@dataclass(frozen=True, slots=True, eq=False)
+class Arithmetic:
+    """`left op right` on numbers, one of + - * /, on a side of a comparison: `2 * traits.avg_order`.
+
+    Operands are numbers (kept as written, like literals), fields, percentiles and other arithmetic. What it
+    means is in `cdp_lang.values.calculate`: a field without a finite number, a division by zero or a result
+    that is not finite is no value, and a comparison with no value is false."""
+
+    op: str
+    left: Operand
+    right: Operand
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Arithmetic) and (self.op, typed(self.left), typed(self.right)) == (
+            other.op,
+            typed(other.left),
+            typed(other.right),
+        )
+
+    def __hash__(self) -> int:
+        return hash((Arithmetic, self.op, typed(self.left), typed(self.right)))
+
+
+Operand = int | float | FieldRef | Percentile | Arithmetic
+Value = Scalar | tuple[Scalar, ...] | TimeValue | FieldRef | Percentile | Arithmetic | None
 
 
 def typed(value: Any) -> Any:
@@ -95,8 +125,9 @@ class Condition:
 
     path: tuple[str, ...]
     op: str
-    # a scalar; a tuple for `in`; Now/Date for a time comparison; FieldRef for another field; Percentile for
-    # a population percentile; None for `exists`
+    # a scalar; a tuple for `in`; Now/Date for a time comparison; FieldRef for another field (comparisons,
+    # `in` and `contains`); Percentile for a population percentile; None for `exists`. Never Arithmetic: a
+    # comparison with arithmetic on either side is a `Comparison`.
     value: Value = None
 
     @property
@@ -120,6 +151,30 @@ class Condition:
 
     def __hash__(self) -> int:
         return hash((Condition, self.path, self.op, typed(self.value)))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Comparison:
+    """A comparison of numbers with arithmetic on a side, or something other than a field on the left:
+    `traits.ltv > 2 * traits.avg_order`, `computed.orders_30d - computed.orders_90d / 3 < 0`, `5 < traits.x`.
+
+    Both sides are numbers; it holds when both have a value and compare so (`!=` included). Build it with
+    `comparison(...)`, which keeps a plain `<field> <op> <field, literal or percentile>` a `Condition`, so
+    each comparison has one node."""
+
+    left: Operand
+    op: str
+    right: Operand
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Comparison) and (typed(self.left), self.op, typed(self.right)) == (
+            typed(other.left),
+            other.op,
+            typed(other.right),
+        )
+
+    def __hash__(self) -> int:
+        return hash((Comparison, typed(self.left), self.op, typed(self.right)))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -199,14 +254,15 @@ class Or:
     operands: tuple[Node, ...]
 
 
-Node = And | Or | Not | Condition | Aggregate | Performed | InSegment
+Node = And | Or | Not | Condition | Comparison | Aggregate | Performed | InSegment
 
 # How deeply `and`, `or` and `not` may nest. A segment travels as a google.protobuf.Struct (Segment.tree),
 # where each level of the tree costs up to four message levels, and protobuf refuses to decode messages
 # nested deeper than 100: the deepest definition the language allows, an aggregate with a `where` list
 # under 17 levels of `and`, is the most a ListSegmentsResponse still decodes. 12 leaves a margin of five
 # levels, is far more than any definition written by hand or by a builder, and keeps every recursive walk
-# over the tree (compile, to_text, to_json) shallow.
+# over the tree (compile, to_text, to_json) shallow. Arithmetic counts too: each operator is a level below
+# its comparison (in the JSON tree it costs what an `and` does), so `a and b * c + d > 1` is 3 levels.
 MAX_DEPTH = 12
 
 
@@ -228,24 +284,58 @@ def percent_text(percent: float) -> str:
     return str(int(percent)) if percent == int(percent) else repr(percent)
 
 
+def leaves(operand: Any) -> list[Any]:
+    """The numbers, fields and percentiles of an operand (an arithmetic's, left to right; else itself)."""
+    if isinstance(operand, Arithmetic):
+        return [*leaves(operand.left), *leaves(operand.right)]
+    return [operand]
+
+
 def percentiles_in(node: Node) -> list[Percentile]:
-    """The percentiles a definition compares with, in order of appearance."""
+    """The percentiles a definition compares with, in order of appearance (inside arithmetic too)."""
     if isinstance(node, Not):
         return percentiles_in(node.operand)
     if isinstance(node, And | Or):
         return [p for operand in node.operands for p in percentiles_in(operand)]
     if isinstance(node, Condition) and isinstance(node.value, Percentile):
         return [node.value]
+    if isinstance(node, Comparison):
+        return [leaf for leaf in (*leaves(node.left), *leaves(node.right)) if isinstance(leaf, Percentile)]
     return []
 
 
+def arithmetic_depth(operand: Any) -> int:
+    """Levels of arithmetic in an operand: 0 for a number, a field or a percentile."""
+    if isinstance(operand, Arithmetic):
+        return 1 + max(arithmetic_depth(operand.left), arithmetic_depth(operand.right))
+    return 0
+
+
 def depth(node: Node) -> int:
-    """Levels of `and`, `or` and `not` above the deepest condition: 0 for a single condition."""
+    """Levels of `and`, `or`, `not` and arithmetic above the deepest leaf: 0 for a plain condition."""
     if isinstance(node, Not):
         return 1 + depth(node.operand)
     if isinstance(node, And | Or):
         return 1 + max(depth(operand) for operand in node.operands)
+    if isinstance(node, Comparison):
+        return max(arithmetic_depth(node.left), arithmetic_depth(node.right))
     return 0
+
+
+def comparison(left: Operand, op: str, right: Any) -> Condition | Comparison:
+    """The node of `left op right`: a `Condition` when the left side is a plain field and the right one has
+    no arithmetic (as before arithmetic existed), else a `Comparison` of numbers.
+
+    Raises Invalid for a comparison no person's values can change (no field on either side), and for an
+    operator other than < <= > >= with a percentile (a percentile is compared by order)."""
+    if isinstance(left, FieldRef) and not isinstance(right, Arithmetic):
+        return Condition(left.path, op, right)
+    found = [*leaves(left), *leaves(right)]
+    if not any(isinstance(leaf, FieldRef | Percentile) for leaf in found):
+        raise Invalid("compares numbers only, so no person's values change it: compare a field")
+    if op not in ORDERINGS and any(isinstance(leaf, Percentile) for leaf in found):
+        raise Invalid(f"{op!r} cannot compare with a percentile: use <, <=, > or >=")
+    return Comparison(left, op, right)
 
 
 class Invalid(ValueError):

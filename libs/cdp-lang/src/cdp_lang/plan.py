@@ -53,14 +53,62 @@ class TimeTest:
 
 @dataclass(frozen=True, slots=True)
 class FieldTest:
-    """A field (and sub-path) against another one's value: it holds when the other has a scalar value (a
-    string, true or false, a finite number) and the first compared with that value as a literal holds."""
+    """A field (and sub-path) against another one's value. For = != < <= > >= and `contains` it holds when
+    the other has a scalar value (a string, true or false, a finite number) and the first with that value
+    as a literal holds. For `in` the other holds a list, and it holds when the first has a scalar value equal
+    (as `in [...]` means it) to an element of that list."""
 
     field: str
     sub: tuple[str, ...]
-    op: str  # = != < <= > >=
+    op: str  # = != < <= > >= in contains
     other: str
     other_sub: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    """A number in arithmetic, as a float."""
+
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class FieldNumber:
+    """A field (and sub-path) in arithmetic: its value as a number (`values.number`), else no value."""
+
+    field: str
+    sub: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PercentileNumber:
+    """A population percentile in arithmetic; `key` as in `PercentileTest`."""
+
+    key: str
+    source: str
+    source_sub: tuple[str, ...]
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class Calculation:
+    """`left op right`, one of + - * / (`values.calculate` says what it gives)."""
+
+    op: str
+    left: Expression
+    right: Expression
+
+
+Expression = Const | FieldNumber | PercentileNumber | Calculation
+
+
+@dataclass(frozen=True, slots=True)
+class ExpressionTest:
+    """Two numbers compared: it holds when both sides have a value and `left op right`."""
+
+    left: Expression
+    op: str  # = != < <= > >=
+    right: Expression
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +155,7 @@ class Negate:
     part: Plan
 
 
-Plan = Test | TimeTest | FieldTest | PercentileTest | NumberTest | Member | AllOf | AnyOf | Negate
+Plan = Test | TimeTest | FieldTest | PercentileTest | ExpressionTest | NumberTest | Member | AllOf | AnyOf | Negate
 
 
 def moving_tests(plan: Plan) -> list[TimeTest]:
@@ -122,11 +170,32 @@ def moving_tests(plan: Plan) -> list[TimeTest]:
 
 
 def percentile_tests(plan: Plan) -> list[PercentileTest]:
-    """The tests against a percentile of the population."""
+    """The tests of a field against a percentile of the population (not those with arithmetic: see
+    `expression_tests`)."""
     if isinstance(plan, PercentileTest):
         return [plan]
     if isinstance(plan, AllOf | AnyOf):
         return [test for part in plan.parts for test in percentile_tests(part)]
     if isinstance(plan, Negate):
         return percentile_tests(plan.part)
+    return []
+
+
+def expression_tests(plan: Plan) -> list[ExpressionTest]:
+    """The comparisons with arithmetic."""
+    if isinstance(plan, ExpressionTest):
+        return [plan]
+    if isinstance(plan, AllOf | AnyOf):
+        return [test for part in plan.parts for test in expression_tests(part)]
+    if isinstance(plan, Negate):
+        return expression_tests(plan.part)
+    return []
+
+
+def percentiles_of(expression: Expression) -> list[PercentileNumber]:
+    """The percentiles an expression reads."""
+    if isinstance(expression, PercentileNumber):
+        return [expression]
+    if isinstance(expression, Calculation):
+        return [*percentiles_of(expression.left), *percentiles_of(expression.right)]
     return []

@@ -10,6 +10,11 @@ from cdp_lang.plan import (
     COMPARE,
     AllOf,
     AnyOf,
+    Calculation,
+    Const,
+    Expression,
+    ExpressionTest,
+    FieldNumber,
     FieldTest,
     Member,
     Negate,
@@ -20,7 +25,7 @@ from cdp_lang.plan import (
     Test,
     TimeTest,
 )
-from cdp_lang.values import element_equals, epoch, is_list, number, present, scalar
+from cdp_lang.values import calculate, element_equals, epoch, is_list, number, present, scalar
 
 RowPredicate = Callable[[Mapping[str, Any], Container[str], float], bool]
 NO_PERCENTILES: Mapping[str, float | None] = {}
@@ -56,6 +61,8 @@ def row_predicate(plan: Plan, percentiles: Mapping[str, float | None] = NO_PERCE
         return _field_test(plan)
     if isinstance(plan, PercentileTest):
         return _percentile_test(plan, percentiles)
+    if isinstance(plan, ExpressionTest):
+        return _expression_test(plan, percentiles)
     if isinstance(plan, NumberTest):
         return _number_test(plan)
     if isinstance(plan, Member):
@@ -170,6 +177,28 @@ def compare_scalar(value: Any, op: str, literal: str | float | bool) -> bool:
 
 def _field_test(test: FieldTest) -> RowPredicate:
     get, get_other, op = _getter(test.field, test.sub), _getter(test.other, test.other_sub), test.op
+    if op == "in":
+
+        def in_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            items = get_other(record)
+            if not is_list(items):
+                return False
+            value = scalar(get(record))
+            return value is not None and any(element_equals(item, value) for item in items)
+
+        return in_field
+    if op == "contains":
+
+        def contains_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            other = scalar(get_other(record))
+            if other is None:
+                return False
+            value = get(record)
+            if isinstance(value, str):
+                return isinstance(other, str) and other in value
+            return is_list(value) and any(element_equals(element, other) for element in value)
+
+        return contains_field
 
     def field_vs_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
         other = scalar(get_other(record))
@@ -189,6 +218,38 @@ def _percentile_test(test: PercentileTest, percentiles: Mapping[str, float | Non
         return value is not None and compare(value, threshold)
 
     return against_percentile
+
+
+def _expression(expression: Expression, percentiles: Mapping[str, float | None]) -> Callable[[Mapping[str, Any]], Any]:
+    """A side of a comparison with arithmetic as a function of the record: a float, or None for no value."""
+    if isinstance(expression, Const):
+        constant = expression.value
+        return lambda record: constant
+    if isinstance(expression, FieldNumber):
+        get = _getter(expression.field, expression.sub)
+        return lambda record: number(get(record))
+    if isinstance(expression, Calculation):
+        op, left, right = (
+            expression.op,
+            _expression(expression.left, percentiles),
+            _expression(expression.right, percentiles),
+        )
+        return lambda record: calculate(op, left(record), right(record))
+    key = expression.key
+    return lambda record: number(percentiles.get(key))
+
+
+def _expression_test(test: ExpressionTest, percentiles: Mapping[str, float | None]) -> RowPredicate:
+    left, right, compare = _expression(test.left, percentiles), _expression(test.right, percentiles), COMPARE[test.op]
+
+    def compared(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+        a = left(record)
+        if a is None:
+            return False
+        b = right(record)
+        return b is not None and compare(a, b)
+
+    return compared
 
 
 def _time_test(test: TimeTest) -> RowPredicate:

@@ -6,12 +6,18 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
     either      := both ("or" both)*
     both        := negation ("and" negation)*
     negation    := "not" negation | primary
-    primary     := "(" either ")" | condition | aggregate | performed | "in_segment" "(" STRING ")"
+    primary     := "(" either ")" | condition | arithmetic | aggregate | performed
+                 | "in_segment" "(" STRING ")"
     condition   := PATH ("=" | "!=" | "<" | "<=" | ">" | ">=") value
-                 | PATH "in" "[" scalar ("," scalar)* "]"
-                 | PATH "contains" scalar | PATH "starts_with" STRING | PATH "exists"
-    value       := scalar | time | PATH | "percentile" "(" PATH "," NUMBER ")"
+                 | PATH "in" ("[" scalar ("," scalar)* "]" | PATH)
+                 | PATH "contains" (scalar | PATH) | PATH "starts_with" STRING | PATH "exists"
+    value       := scalar | time | sum
                    (a PATH: another field; percentile: of the population, ordering operators only)
+    arithmetic  := sum ("=" | "!=" | "<" | "<=" | ">" | ">=") sum     (numbers only; a field or a percentile
+                                                                    on one side or the other)
+    sum         := product (("+" | "-") product)*
+    product     := operand (("*" | "/") operand)*
+    operand     := ["-"] NUMBER | PATH | "percentile" "(" PATH "," NUMBER ")" | "(" sum ")"
     scalar      := STRING | ["-"] NUMBER | "true" | "false"
     time        := "now" [("+" | "-") DURATION] | "date" "(" STRING ")"     (ordering operators with now)
     aggregate   := "count" "(" events ["," "within" DURATION] ")" comparison ["-"] NUMBER
@@ -32,8 +38,11 @@ backticks (`` traits.`first name` ``). STRING is double-quoted with the escapes 
 NUMBER is an int or a float (1.5, 2e-3). DURATION is a whole number of seconds written as 90s, 15m, 12h,
 30d or 2w. `null` is not a value: `traits.x exists` and `not traits.x exists` test for it.
 
-`not` and parentheses nest at most MAX_DEPTH deep, and so do `and`, `or` and `not` in the tree the text
-makes (see `nodes.MAX_DEPTH`): the parser never recurses deeper than that, whatever the text.
+`not` and parentheses nest at most MAX_DEPTH deep, and so do `and`, `or`, `not` and arithmetic in the tree
+the text makes (see `nodes.MAX_DEPTH`): the parser never recurses deeper than that, whatever the text. A
+comparison is arithmetic when its left side is not a plain field (`2 * traits.a > 1`, `(traits.a + 1) * 2 >
+3`) or its right side has an operator; a `(` that starts a condition opens arithmetic when the token after
+its `)` is an arithmetic or comparison operator, else a group of conditions.
 
 Errors are `SegmentSyntaxError`: the caller's field name, then "line L, column C: expected X, found Y".
 """
@@ -48,14 +57,18 @@ from typing import Any
 from cdp_kit.errors import InvalidArgument
 from cdp_lang.nodes import (
     AGGREGATES,
+    ARITHMETIC,
     COMPARISONS,
     EVENT_ROOTS,
     MAX_DEPTH,
     ORDERINGS,
+    PRECEDENCE,
     ROOTS,
     VALUE_AGGREGATES,
     Aggregate,
     And,
+    Arithmetic,
+    Comparison,
     Condition,
     Date,
     EventCondition,
@@ -72,9 +85,11 @@ from cdp_lang.nodes import (
     Scalar,
     check_date,
     check_event_type,
+    comparison,
     depth,
     duration,
     duration_text,
+    leaves,
     percent_of,
     percent_text,
     where_document,
@@ -93,12 +108,14 @@ CONDITION_EXPECTED = (
     "a condition (a field like traits.plan, not, (, in_segment, performed, count, sum, avg, min or max)"
 )
 VALUE_EXPECTED = 'a value (a string, a number, true, false, now, date("..."), a field or percentile(...))'
+OPERAND_EXPECTED = "a number, a field, percentile(...) or '(' (arithmetic works on numbers)"
+ARITHMETIC_OPERATOR_EXPECTED = "a comparison operator (=, !=, <, <=, >, >=) after arithmetic"
 SCALAR_EXPECTED = "a value (a string, a number, true or false)"
 DURATION_EXPECTED = "a duration like 30d (a whole number, then s, m, h, d or w)"
 EVENT_TERM_EXPECTED = (
     'an event condition (event = "...", event in [...], type = "...", properties.<path> ... or context.<path> ...)'
 )
-NESTING_EXPECTED = f"at most {MAX_DEPTH} levels of nesting (not and parentheses)"
+NESTING_EXPECTED = f"at most {MAX_DEPTH} levels of nesting (not, parentheses and arithmetic)"
 ONLY_AND = "only 'and' combines conditions inside an event predicate, because the profile service evaluates it"
 
 _FIRST_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -107,7 +124,8 @@ _DURATION = re.compile(r"\d+(?:\.\d+)?[smhdw](?![A-Za-z0-9_])")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.]")
 _OPERATORS = ("<=", ">=", "!=", "==", "=", "<", ">", "!")
-_PUNCTUATION = "()[],+-"
+_PUNCTUATION = "()[],+-*/"
+_ARITHMETIC = frozenset(ARITHMETIC)
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
 
 
@@ -283,6 +301,8 @@ class _Parser:
         self.field = field
         self.roots = roots
         self.nesting = 0  # `not`s and parentheses open around the current position
+        # (line, column) of a "(" that starts a condition -> whether it opens arithmetic (see `opens_arithmetic`)
+        self.groups: dict[tuple[int, int], bool] = {}
 
     def nest(self, token: _Token) -> None:
         self.nesting += 1
@@ -340,6 +360,10 @@ class _Parser:
 
     def primary(self) -> Node:
         token = self.tokens.peek()
+        if self.is_punct("(") and self.opens_arithmetic(token):
+            return self.arithmetic(token)
+        if token.kind == "number" or self.is_punct("-") or self.is_word("percentile"):
+            return self.arithmetic(token)
         if self.is_punct("("):
             self.nest(self.tokens.take())
             node = self.either()
@@ -378,9 +402,131 @@ class _Parser:
         self.expect_punct(")", "')'")
         return InSegment(token.value)
 
-    def condition(self) -> Node:
-        path = self.tokens.take().value
+    def opens_arithmetic(self, token: _Token) -> bool:
+        """Whether the "(" ahead, where a condition starts, opens arithmetic (`(traits.a + 1) * 2 > 3`) rather
+        than a group of conditions: the token after its ")" is an arithmetic or a comparison operator.
+
+        Found by reading ahead once: one pass records the answer for every "(" inside too, so the text is
+        read ahead at most once whatever its nesting. A text that does not lex or close is a group: parsing
+        it reports the error where it is."""
+        key = (token.line, token.column)
+        if key not in self.groups:
+            lexer = self.tokens
+            saved = (lexer.position, lexer.line, lexer.line_start, lexer.ahead)
+            opened: list[tuple[int, int]] = []
+            try:
+                while len(opened) <= MAX_DEPTH:  # deeper is refused whichever it is
+                    ahead = lexer.take()
+                    if ahead.kind == "end":
+                        break
+                    if ahead.kind == "punct" and ahead.text == "(":
+                        opened.append((ahead.line, ahead.column))
+                    elif ahead.kind == "punct" and ahead.text == ")" and opened:
+                        after = lexer.peek()
+                        self.groups[opened.pop()] = after.text in _ARITHMETIC or (
+                            after.kind == "op" and after.text in COMPARISONS
+                        )
+                        if not opened:
+                            break
+            except SegmentSyntaxError:
+                pass
+            finally:
+                lexer.position, lexer.line, lexer.line_start, lexer.ahead = saved
+        return self.groups.get(key, False)
+
+    def arithmetic(self, start: _Token, first: Any = None) -> Node:
+        """A comparison of numbers whose left side is arithmetic (or not a plain field); `first`: the
+        field already read at its start."""
+        left = self.sum(first)
         operator = self.tokens.peek()
+        if operator.kind != "op" or operator.text not in COMPARISONS:
+            hint = "in, contains, starts_with and exists test a plain field" if operator.kind == "name" else ""
+            raise self.error(operator, ARITHMETIC_OPERATOR_EXPECTED, hint)
+        self.tokens.take()
+        right = self.sum()
+        return self.compared(start, operator, left, right)
+
+    def compared(self, start: _Token, operator: _Token, left: Any, right: Any) -> Node:
+        found = (*leaves(left), *leaves(right))
+        if operator.text not in ORDERINGS and any(isinstance(leaf, Percentile) for leaf in found):
+            raise self.error(operator, "<, <=, > or >= before percentile", "a percentile is compared by order")
+        try:
+            return comparison(left, operator.text, right)
+        except Invalid as error:
+            raise self.error(start, "a field on one side of the comparison", str(error)) from None
+
+    def sum(self, first: Any = None) -> Any:
+        """`a + b - c`: products joined by + and -, left to right."""
+        return self.sum_levels(first)[0]
+
+    def sum_levels(self, first: Any = None) -> tuple[Any, int]:
+        """The sum and its levels of arithmetic."""
+        left, levels = self.product(first)
+        while self.tokens.peek().text in ("+", "-") and self.tokens.peek().kind == "punct":
+            operator = self.tokens.take()
+            right, right_levels = self.product()
+            left, levels = Arithmetic(operator.text, left, right), 1 + max(levels, right_levels)
+            self.arithmetic_depth(operator, levels)
+        return left, levels
+
+    def product(self, first: Any = None) -> tuple[Any, int]:
+        """`a * b / c`: operands joined by * and /, left to right; (the operand, its levels of arithmetic)."""
+        left, levels = (first, 0) if first is not None else self.operand()
+        while self.tokens.peek().text in ("*", "/") and self.tokens.peek().kind == "punct":
+            operator = self.tokens.take()
+            right, right_levels = self.operand()
+            left, levels = Arithmetic(operator.text, left, right), 1 + max(levels, right_levels)
+            self.arithmetic_depth(operator, levels)
+        return left, levels
+
+    def operand(self) -> tuple[Any, int]:
+        token = self.tokens.peek()
+        if self.is_punct("("):
+            self.nest(self.tokens.take())
+            inner, levels = self.sum_levels()
+            self.expect_punct(")", "an arithmetic operator (+, -, *, /) or ')'")
+            self.nesting -= 1
+            return inner, levels
+        if token.kind == "number" or self.is_punct("-"):
+            return self.number(OPERAND_EXPECTED), 0
+        if self.is_word("percentile"):
+            return self.percentile(), 0
+        if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
+            return FieldRef(self.tokens.take().value), 0
+        hint = ""
+        if token.kind == "string" or self.is_word("true") or self.is_word("false"):
+            hint = "strings and true/false have no arithmetic"
+        elif token.kind == "duration" or self.is_word("now") or self.is_word("date"):
+            hint = "times have no arithmetic: compare with now - 30d or date(...)"
+        raise self.error(token, OPERAND_EXPECTED, hint)
+
+    def arithmetic_depth(self, operator: _Token, levels: int) -> None:
+        if self.nesting + levels > MAX_DEPTH:
+            raise self.error(
+                operator,
+                NESTING_EXPECTED,
+                "arithmetic nests a level per operator: a sum of many terms is a computed trait",
+            )
+
+    def starts_operand(self) -> bool:
+        token = self.tokens.peek()
+        if token.kind == "number" or self.is_punct("-") or self.is_punct("(") or self.is_word("percentile"):
+            return True
+        return token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots
+
+    def field_ref(self) -> FieldRef | None:
+        """Another field as the right side of `in` or `contains`, if one is next."""
+        token = self.tokens.peek()
+        if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
+            return FieldRef(self.tokens.take().value)
+        return None
+
+    def condition(self) -> Node:
+        start = self.tokens.take()
+        path = start.value
+        operator = self.tokens.peek()
+        if operator.kind == "punct" and operator.text in _ARITHMETIC:
+            return self.arithmetic(start, FieldRef(path))
         if operator.kind == "op" and operator.text in COMPARISONS:
             self.tokens.take()
             value = self.value(times=True)
@@ -388,13 +534,16 @@ class _Parser:
                 raise self.error(operator, "<, <=, > or >= before now", "a moving time is compared by order")
             if isinstance(value, Percentile) and operator.text not in ORDERINGS:
                 raise self.error(operator, "<, <=, > or >= before percentile", "a percentile is compared by order")
-            return Condition(path, operator.text, value)
+            after = self.tokens.peek()
+            if after.kind == "punct" and after.text in _ARITHMETIC:
+                raise self.error(after, "'and', 'or' or end of input", "arithmetic works on numbers, not on this value")
+            return self.compared(start, operator, FieldRef(path), value)
         if self.is_word("in"):
             self.tokens.take()
-            return Condition(path, "in", self.scalars())
+            return Condition(path, "in", self.field_ref() or self.scalars())
         if self.is_word("contains"):
             self.tokens.take()
-            return Condition(path, "contains", self.scalar())
+            return Condition(path, "contains", self.field_ref() or self.scalar())
         if self.is_word("starts_with"):
             self.tokens.take()
             return Condition(path, "starts_with", self.string("a string (the prefix)"))
@@ -404,11 +553,8 @@ class _Parser:
         raise self.error(operator, OPERATORS_EXPECTED, _operator_hint(operator))
 
     def value(self, times: bool) -> Any:
-        token = self.tokens.peek()
-        if times and token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
-            return FieldRef(self.tokens.take().value)
-        if times and self.is_word("percentile"):
-            return self.percentile()
+        if times and self.starts_operand():
+            return self.sum()  # a number, a field, a percentile or arithmetic
         if times and self.is_word("now"):
             self.tokens.take()
             if self.is_punct("+") or self.is_punct("-"):
@@ -714,9 +860,24 @@ def value_text(value: Any) -> str:
         return path_text(value.path)
     if isinstance(value, Percentile):
         return f"percentile({path_text(value.path)}, {percent_text(value.percent)})"
+    if isinstance(value, Arithmetic):
+        return operand_text(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(scalar_text(item) for item in value) + "]"
     return scalar_text(value)
+
+
+def operand_text(operand: Any) -> str:
+    """A side of a comparison, with the parentheses its tree needs and no others."""
+    if not isinstance(operand, Arithmetic):
+        return value_text(operand)
+    precedence = PRECEDENCE[operand.op]
+    left, right = operand_text(operand.left), operand_text(operand.right)
+    if isinstance(operand.left, Arithmetic) and PRECEDENCE[operand.left.op] < precedence:
+        left = f"({left})"
+    if isinstance(operand.right, Arithmetic) and PRECEDENCE[operand.right.op] <= precedence:
+        right = f"({right})"  # a - (b - c) and a + (b + c) are trees of their own
+    return f"{left} {operand.op} {right}"
 
 
 def _condition_text(path: tuple[str, ...], op: str, value: Any) -> str:
@@ -751,6 +912,8 @@ def to_text(node: Node) -> str:
     """Canonical text: parse(to_text(node)) == node."""
     if isinstance(node, Condition):
         return _condition_text(node.path, node.op, node.value)
+    if isinstance(node, Comparison):
+        return f"{operand_text(node.left)} {node.op} {operand_text(node.right)}"
     if isinstance(node, InSegment):
         return f"in_segment({quote(node.segment)})"
     if isinstance(node, Performed):

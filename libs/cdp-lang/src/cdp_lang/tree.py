@@ -8,6 +8,13 @@
     {"field": "traits.signup_date", "op": ">", "value": {"date": "2026-01-01T00:00:00Z"}}
     {"field": "traits.last_order_total", "op": ">", "value": {"field": "traits.avg_order_total"}}   (another field)
     {"field": "scores.clv", "op": ">=", "value": {"percentile": "scores.clv", "percent": 90}}   (< <= > >= only)
+    {"field": "traits.tags", "op": "contains", "value": {"field": "traits.favourite_tag"}}    (in: the same)
+    {"field": "traits.ltv", "op": ">", "value": {"*": [2, {"field": "traits.avg_order"}]}}    (arithmetic)
+    {"left": {"-": [{"field": "computed.orders_30d"}, {"/": [{"field": "computed.orders_90d"}, 3]}]},
+     "op": "<", "right": 0}                              (arithmetic on the left: `left`, `op`, `right`)
+
+    <operand> = a number, {"field": ...}, {"percentile": ..., "percent": ...}, or {"+" | "-" | "*" | "/":
+                [<operand>, <operand>]}; a comparison with arithmetic compares numbers, = != < <= > >=
     {"segment": "vip"}                                           (in_segment)
     {"aggregate": "count", "event": <event>, "within": "30d", "op": ">=", "value": 3}
     {"aggregate": "sum", "property": "properties.total", "event": <event>, "op": ">", "value": 500}
@@ -19,8 +26,8 @@
 
 "within" is optional (no key: the person's whole history); an aggregate's "event" is optional ({} = every
 track event). Errors are InvalidArgument on the JSON path of the offending value, below the caller's root
-name: `definition.and[1].op`. "and", "or" and "not" nest at most `max_depth` levels (nodes.MAX_DEPTH
-unless the caller says otherwise); the reader stops at the first object deeper than that.
+name: `definition.and[1].op`. "and", "or", "not" and arithmetic nest at most `max_depth` levels
+(nodes.MAX_DEPTH unless the caller says otherwise); the reader stops at the first object deeper than that.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 from cdp_kit.errors import InvalidArgument
 from cdp_lang.nodes import (
     AGGREGATES,
+    ARITHMETIC,
     COMPARISONS,
     CONDITION_OPS,
     EVENT_ROOTS,
@@ -41,6 +49,8 @@ from cdp_lang.nodes import (
     VALUE_AGGREGATES,
     Aggregate,
     And,
+    Arithmetic,
+    Comparison,
     Condition,
     Date,
     EventCondition,
@@ -57,18 +67,21 @@ from cdp_lang.nodes import (
     Scalar,
     check_date,
     check_event_type,
+    comparison,
     duration,
     duration_text,
+    leaves,
     percent_of,
     where_document,
 )
 
-_KINDS = ("and", "or", "not", "field", "segment", "aggregate", "performed")
+_KINDS = ("and", "or", "not", "field", "left", "segment", "aggregate", "performed")
 _KEYS = {
     "and": ("and",),
     "or": ("or",),
     "not": ("not",),
     "field": ("field", "op", "value"),
+    "left": ("left", "op", "right"),
     "segment": ("segment",),
     "aggregate": ("aggregate", "property", "event", "within", "op", "value"),
     "performed": ("performed", "within"),
@@ -128,7 +141,9 @@ def _node(tree: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]
             raise InvalidArgument(f"{at}.segment", f"{segment!r} must be a segment id (a non-empty string)")
         return InSegment(segment)
     if kind == "field":
-        return _condition(tree, at, roots)
+        return _condition(tree, at, roots, level, max_depth)
+    if kind == "left":
+        return _comparison(tree, at, roots, level, max_depth)
     if kind == "aggregate":
         return _aggregate(tree, at)
     event = _event(tree["performed"], f"{at}.performed")
@@ -163,8 +178,17 @@ def _scalar(value: Any, at: str) -> Scalar:
     raise InvalidArgument(at, f"{value!r} is not a string, a number, true or false")
 
 
-def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool, roots: tuple[str, ...] = ROOTS) -> Any:
-    """The "value" an operator takes (a scalar, a list for `in`, nothing for `exists`, or a time)."""
+def _operand(
+    tree: Mapping[str, Any],
+    at: str,
+    op: str,
+    times: bool,
+    roots: tuple[str, ...] = ROOTS,
+    level: int = 0,
+    max_depth: int = MAX_DEPTH,
+) -> Any:
+    """The "value" an operator takes (a scalar, a list for `in`, nothing for `exists`, a time, another field
+    or arithmetic; `times`: on a profile field, where all of those are allowed)."""
     if op == "exists":
         if "value" in tree:
             raise InvalidArgument(f"{at}.value", "op 'exists' takes no value; remove it")
@@ -172,6 +196,11 @@ def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool, roots: tupl
     if "value" not in tree:
         raise InvalidArgument(f"{at}.value", f"is required for op {op!r}")
     value = tree["value"]
+    if times and op in ("in", "contains") and isinstance(value, Mapping):
+        _known_keys(value, ("field",), f"{at}.value")
+        if "field" not in value:
+            raise InvalidArgument(f"{at}.value", f'{value!r} is not a value: another field is {{"field": "traits.x"}}')
+        return FieldRef(_path(value["field"], f"{at}.value.field", roots))
     if op == "in":
         if not isinstance(value, list) or not value:
             raise InvalidArgument(f"{at}.value", f"{value!r} must be a non-empty list for op 'in'")
@@ -181,6 +210,8 @@ def _operand(tree: Mapping[str, Any], at: str, op: str, times: bool, roots: tupl
     if isinstance(value, Mapping) and times and op in COMPARISONS:
         if "field" in value or "percentile" in value:
             return _reference(value, f"{at}.value", op, at, roots)
+        if any(key in value for key in ARITHMETIC):
+            return _arithmetic(value, f"{at}.value", level + 1, max_depth, roots)
         return _time(value, f"{at}.value", op, at)
     return _scalar(value, f"{at}.value")
 
@@ -203,6 +234,70 @@ def _reference(
     if op not in ORDERINGS:
         raise InvalidArgument(f"{condition_at}.op", f"{op!r} cannot compare with a percentile: use <, <=, > or >=")
     return Percentile(path, percent)
+
+
+def _number_operand(value: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]) -> Any:
+    """A side of a comparison of numbers: a number, {"field": ...}, {"percentile": ...} or arithmetic; the
+    percentile's operator is checked by the caller."""
+    if isinstance(value, Mapping):
+        if any(key in value for key in ARITHMETIC):
+            return _arithmetic(value, at, level + 1, max_depth, roots)
+        if "field" in value or "percentile" in value:
+            return _reference(value, at, "<", at, roots)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(
+            at,
+            f'{value!r} is not a number, {{"field": ...}}, {{"percentile": ..., "percent": ...}} or arithmetic '
+            'like {"*": [2, {"field": "traits.x"}]} (arithmetic works on numbers)',
+        )
+    return _scalar(value, at)
+
+
+def _arithmetic(value: Mapping[str, Any], at: str, level: int, max_depth: int, roots: tuple[str, ...]) -> Arithmetic:
+    """{"*": [<operand>, <operand>]} at `level` levels of and, or, not and arithmetic."""
+    if level > max_depth:
+        raise InvalidArgument(
+            at,
+            f"and, or, not and arithmetic nest more than {max_depth} levels deep here; at most {max_depth}: flatten it",
+        )
+    if len(value) != 1:
+        raise InvalidArgument(
+            at, f"arithmetic is one key, + - * or /, with a list of two operands; found {', '.join(map(str, value))}"
+        )
+    [(op, items)] = value.items()
+    if op not in ARITHMETIC:
+        raise InvalidArgument(f"{at}.{op}", f"unknown key here; known: {', '.join(ARITHMETIC)}")
+    if not isinstance(items, list) or len(items) != 2:
+        raise InvalidArgument(
+            f"{at}.{op}", f'{items!r} must be a list of two operands, like [2, {{"field": "traits.x"}}]'
+        )
+    left = _number_operand(items[0], f"{at}.{op}[0]", level, max_depth, roots)
+    right = _number_operand(items[1], f"{at}.{op}[1]", level, max_depth, roots)
+    return Arithmetic(op, left, right)
+
+
+def _comparison(
+    tree: Mapping[str, Any], at: str, roots: tuple[str, ...], level: int, max_depth: int
+) -> Condition | Comparison:
+    """{"left": <operand>, "op": ..., "right": <operand>}: a comparison of numbers."""
+    op = tree.get("op")
+    if op not in COMPARISONS:
+        raise InvalidArgument(f"{at}.op", f"{op!r} is not a comparison; use one of {', '.join(COMPARISONS)}")
+    for key in ("left", "right"):
+        if key not in tree:
+            raise InvalidArgument(f"{at}.{key}", "is required: a number, a field, a percentile or arithmetic")
+    left = _number_operand(tree["left"], f"{at}.left", level, max_depth, roots)
+    right = _number_operand(tree["right"], f"{at}.right", level, max_depth, roots)
+    return _compared(left, op, right, at)
+
+
+def _compared(left: Any, op: str, right: Any, at: str) -> Condition | Comparison:
+    if op not in ORDERINGS and any(isinstance(leaf, Percentile) for leaf in (*leaves(left), *leaves(right))):
+        raise InvalidArgument(f"{at}.op", f"{op!r} cannot compare with a percentile: use <, <=, > or >=")
+    try:
+        return comparison(left, op, right)
+    except Invalid as error:
+        raise InvalidArgument(at, str(error)) from None
 
 
 def _time(value: Mapping[str, Any], at: str, op: str, condition_at: str) -> Now | Date:
@@ -230,12 +325,17 @@ def _time(value: Mapping[str, Any], at: str, op: str, condition_at: str) -> Now 
     return Now(seconds)
 
 
-def _condition(tree: Mapping[str, Any], at: str, roots: tuple[str, ...]) -> Condition:
+def _condition(
+    tree: Mapping[str, Any], at: str, roots: tuple[str, ...], level: int = 0, max_depth: int = MAX_DEPTH
+) -> Condition | Comparison:
     path = _path(tree["field"], f"{at}.field", roots)
     op = tree.get("op")
     if op not in CONDITION_OPS:
         raise InvalidArgument(f"{at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")
-    return Condition(path, op, _operand(tree, at, op, times=True, roots=roots))
+    value = _operand(tree, at, op, times=True, roots=roots, level=level, max_depth=max_depth)
+    if isinstance(value, Arithmetic):
+        return _compared(FieldRef(path), op, value, at)
+    return Condition(path, op, value)
 
 
 def _within(tree: Mapping[str, Any], at: str) -> float | None:
@@ -322,6 +422,8 @@ def _value_json(value: Any) -> Any:
     if isinstance(value, Percentile):
         percent = int(value.percent) if value.percent == int(value.percent) else value.percent
         return {"percentile": ".".join(value.path), "percent": percent}
+    if isinstance(value, Arithmetic):
+        return {value.op: [_value_json(value.left), _value_json(value.right)]}
     if isinstance(value, tuple):
         return list(value)
     return value
@@ -350,6 +452,10 @@ def to_json(node: Node) -> dict[str, Any]:
     """The JSON tree of a node: from_json(to_json(node)) == node."""
     if isinstance(node, Condition):
         return _condition_json("field", node.path, node.op, node.value)
+    if isinstance(node, Comparison):
+        if isinstance(node.left, FieldRef):
+            return _condition_json("field", node.left.path, node.op, node.right)
+        return {"left": _value_json(node.left), "op": node.op, "right": _value_json(node.right)}
     if isinstance(node, InSegment):
         return {"segment": node.segment}
     if isinstance(node, Performed):

@@ -7,6 +7,9 @@ disagrees with a Python comparison, which the agreement test guards.
 - Missing: no value, a null, a sub-path that runs into something other than an object, and numbers that are
   not finite (or too large for a float) are all missing. Every comparison on a missing value is false.
 - Numbers: int and float, never bool, compared as IEEE doubles (1 = 1.0; ints beyond 2**53 round).
+- Arithmetic (`2 * traits.avg_order`): on numbers as IEEE doubles (`calculate`); an operand with no number
+  (missing, not a number, a string), a division by zero and a result that is not finite (an overflow) are
+  no value, so the comparison is false, as with a missing field. NaN never comes out.
 - Times: numbers are epoch seconds, or epoch milliseconds when their magnitude exceeds 1e11; strings are
   ISO-8601 (a trailing Z is UTC, no zone is UTC); anything else is no time.
 """
@@ -63,6 +66,24 @@ def scalar(value: Any) -> str | float | bool | None:
     if isinstance(value, str | bool):
         return value
     return number(value)
+
+
+def calculate(op: str, left: float | None, right: float | None) -> float | None:
+    """`left op right` (+ - * /) on two numbers; None when either is None, for a division by zero, and when
+    the result is not finite. The vectorised evaluator does the same per row with NumPy's IEEE arithmetic."""
+    if left is None or right is None:
+        return None
+    if op == "+":
+        result = left + right
+    elif op == "-":
+        result = left - right
+    elif op == "*":
+        result = left * right
+    else:
+        if right == 0.0:
+            return None
+        result = left / right
+    return result if result - result == 0.0 else None  # x - x is NaN for infinities and NaN
 
 
 def element_equals(element: Any, literal: Any) -> bool:

@@ -15,17 +15,23 @@ from cdp_lang.plan import (
     COMPARE,
     AllOf,
     AnyOf,
+    Calculation,
+    Const,
+    Expression,
+    ExpressionTest,
+    FieldNumber,
     FieldTest,
     Member,
     Negate,
     NumberTest,
     OneOf,
+    PercentileNumber,
     PercentileTest,
     Plan,
     Test,
     TimeTest,
 )
-from cdp_lang.values import element_equals
+from cdp_lang.values import element_equals, number
 
 VectorPredicate = Callable[[Columns, Mapping[str, np.ndarray], float], np.ndarray]
 
@@ -39,6 +45,8 @@ def vector_predicate(plan: Plan) -> VectorPredicate:
         return _field_test(plan)
     if isinstance(plan, PercentileTest):
         return _percentile_test(plan)
+    if isinstance(plan, ExpressionTest):
+        return _expression_test(plan)
     if isinstance(plan, NumberTest):
         return _number_test(plan)
     if isinstance(plan, Member):
@@ -151,8 +159,55 @@ def _string_ranks(left: Column, right: Column) -> tuple[np.ndarray, np.ndarray]:
     return ranks[0], ranks[1]
 
 
+def _scalar_at(column: Column, row: int) -> str | float | bool | None:
+    """The row's value as `values.scalar` gives it, read from the column's views."""
+    code = column.codes[row]
+    if code >= 0:
+        return column.vocabulary[code]
+    flag = column.bools[row]
+    if flag >= 0:
+        return bool(flag)
+    found = column.number[row]
+    return None if np.isnan(found) else float(found)
+
+
+def _contains_field(left: Column, right: Column) -> np.ndarray:
+    """`left contains right` per row: right's scalar inside left's string (strings only) or among left's
+    list elements. String pairs run once per distinct pair, lists in Python (as for a literal)."""
+    result = np.zeros(left.size, dtype=bool)
+    both = np.flatnonzero((left.codes >= 0) & (right.codes >= 0))
+    if len(both):
+        width = len(right.vocabulary)
+        pairs = left.codes[both].astype(np.int64) * width + right.codes[both]
+        distinct, inverse = np.unique(pairs, return_inverse=True)
+        found = [right.vocabulary[pair % width] in left.vocabulary[pair // width] for pair in distinct.tolist()]
+        result[both] = np.array(found, dtype=bool)[inverse.reshape(-1)]
+    rows, lists = left.lists
+    for row, items in zip(rows.tolist(), lists, strict=True):
+        other = _scalar_at(right, row)
+        result[row] = other is not None and any(element_equals(element, other) for element in items)
+    return result
+
+
+def _in_field(left: Column, right: Column) -> np.ndarray:
+    """`left in right` per row: left's scalar equal to an element of right's list (in Python, per list)."""
+    result = np.zeros(left.size, dtype=bool)
+    rows, lists = right.lists
+    for row, items in zip(rows.tolist(), lists, strict=True):
+        value = _scalar_at(left, row)
+        result[row] = value is not None and any(element_equals(item, value) for item in items)
+    return result
+
+
 def _field_test(test: FieldTest) -> VectorPredicate:
     field, sub, op, other, other_sub = test.field, test.sub, test.op, test.other, test.other_sub
+    if op in ("in", "contains"):
+        membership = _in_field if op == "in" else _contains_field
+
+        def in_or_contains(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
+            return membership(columns.column(field, sub), columns.column(other, other_sub))
+
+        return in_or_contains
 
     def field_vs_field(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
         left, right = columns.column(field, sub), columns.column(other, other_sub)
@@ -185,6 +240,47 @@ def _percentile_test(test: PercentileTest) -> VectorPredicate:
         return compare(columns.column(field, sub).number, threshold)
 
     return against_percentile
+
+
+def _expression(expression: Expression, columns: Columns) -> np.ndarray:
+    """A side of a comparison with arithmetic for every row: float64, NaN where there is no value (as
+    `values.calculate` says, per row). Always a new array."""
+    if isinstance(expression, Const):
+        return np.full(columns.size, expression.value)
+    if isinstance(expression, FieldNumber):
+        return columns.column(expression.field, expression.sub).number.copy()
+    if isinstance(expression, PercentileNumber):
+        spec = PercentileSpec(expression.key, expression.source, expression.source_sub, expression.percent)
+        threshold = number(columns.percentile(spec))
+        return np.full(columns.size, np.nan if threshold is None else threshold, dtype=np.float64)
+    assert isinstance(expression, Calculation)
+    left, right = _expression(expression.left, columns), _expression(expression.right, columns)
+    with np.errstate(all="ignore"):  # overflow, 0/0 and x/0 become NaN below, not warnings
+        if expression.op == "+":
+            result = np.add(left, right, out=left)
+        elif expression.op == "-":
+            result = np.subtract(left, right, out=left)
+        elif expression.op == "*":
+            result = np.multiply(left, right, out=left)
+        else:
+            result = np.divide(left, right, out=left)
+            result[right == 0.0] = np.nan
+    result[~np.isfinite(result)] = np.nan
+    return result
+
+
+def _expression_test(test: ExpressionTest) -> VectorPredicate:
+    left, right, compare = test.left, test.right, COMPARE[test.op]
+    not_equal = test.op == "!="
+
+    def compared(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
+        a, b = _expression(left, columns), _expression(right, columns)
+        result = compare(a, b)  # NaN compares false, except with !=
+        if not_equal:
+            result &= ~(np.isnan(a) | np.isnan(b))
+        return result
+
+    return compared
 
 
 def _time_test(test: TimeTest) -> VectorPredicate:

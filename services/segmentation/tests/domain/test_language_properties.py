@@ -1,5 +1,7 @@
 """Properties over random segments and people: the two evaluators agree row for row, `next_change` never misses
-a flip, and both written forms round-trip."""
+a flip, and both written forms round-trip. The random segments include arithmetic on the sides of comparisons
+(with numbers that overflow, divide by zero and meet values that are no number) and `in` / `contains` against
+another field."""
 
 from __future__ import annotations
 
@@ -29,7 +31,19 @@ from cdp_segmentation.domain import (
     to_json,
     to_text,
 )
-from cdp_segmentation.domain.nodes import CONDITION_OPS, EVENT_TYPES, ORDERINGS, FieldRef, Percentile
+from cdp_segmentation.domain.nodes import (
+    ARITHMETIC,
+    COMPARISONS,
+    CONDITION_OPS,
+    EVENT_TYPES,
+    ORDERINGS,
+    Arithmetic,
+    Comparison,
+    FieldRef,
+    Percentile,
+    comparison,
+    leaves,
+)
 
 DAY = 86_400.0
 JAN_1 = 1_767_225_600.0  # 2026-01-01T00:00:00Z, the middle of the times below
@@ -108,12 +122,48 @@ time_literals = st.one_of(
 )
 
 
+# Numbers in arithmetic: zero (division by it), ones that overflow together, and arbitrary ones.
+arithmetic_numbers = st.one_of(
+    st.sampled_from([0, 1, -1, 2, 3, 0.5, 0.1, -0.25, 1e300, 1e-300, 2**53 + 1, JAN_1]), number_literals
+)
+PERCENTS = [0.0, 10.0, 50.0, 90.0, 99.5, 100.0]
+
+
+def expressions(paths, percentiles=True, max_leaves=4):
+    """Sides of a comparison: numbers, fields and percentiles joined by + - * /."""
+    leaf = [arithmetic_numbers, st.sampled_from(paths).map(FieldRef), st.sampled_from(paths).map(FieldRef)]
+    if percentiles:
+        leaf.append(st.builds(Percentile, st.sampled_from(paths), st.sampled_from(PERCENTS)))
+    return st.recursive(
+        st.one_of(*leaf),
+        lambda inner: st.builds(Arithmetic, st.sampled_from(ARITHMETIC), inner, inner),
+        max_leaves=max_leaves,
+    )
+
+
+@st.composite
+def arithmetic_conditions(draw, paths, percentiles=True):
+    """A comparison with arithmetic on one side or both (or a plain one, when the draw has none)."""
+    left, right = draw(expressions(paths, percentiles)), draw(expressions(paths, percentiles))
+    op = draw(st.sampled_from(COMPARISONS))
+    found = [*leaves(left), *leaves(right)]
+    if not any(isinstance(leaf, FieldRef | Percentile) for leaf in found):
+        left = Arithmetic("-", FieldRef(draw(st.sampled_from(paths))), left)
+    if op not in ORDERINGS and any(isinstance(leaf, Percentile) for leaf in found):
+        op = draw(st.sampled_from(ORDERINGS))
+    return comparison(left, op, right)
+
+
 @st.composite
 def conditions(draw, paths):
     path = draw(st.sampled_from(paths))
-    op = draw(st.sampled_from(CONDITION_OPS))
+    op = draw(st.sampled_from([*CONDITION_OPS, "arithmetic", "arithmetic"]))
+    if op == "arithmetic":
+        return draw(arithmetic_conditions(paths))
     if op == "exists":
         return Condition(path, op)
+    if op in ("in", "contains") and draw(st.integers(0, 2)) == 0:
+        return Condition(path, op, FieldRef(draw(st.sampled_from(paths))))
     if op == "in":
         return Condition(path, op, tuple(draw(st.lists(scalar_literals, min_size=1, max_size=4))))
     if op == "contains":
@@ -169,6 +219,7 @@ def segments(paths):
     leaves = st.one_of(
         conditions(paths),
         conditions(paths),
+        arithmetic_conditions(paths),
         aggregates(),
         st.builds(Performed, event_predicates, windows),
         st.sampled_from(SEGMENT_IDS).map(InSegment),
@@ -241,6 +292,20 @@ def single_conditions(path, others=()):
         for other in others:
             for percent in (0.0, 25.0, 90.0, 100.0):
                 yield Condition(path, op, Percentile(other, percent))
+    field = FieldRef(path)
+    for other in others:
+        yield Condition(path, "in", FieldRef(other))
+        yield Condition(path, "contains", FieldRef(other))
+        second = FieldRef(other)
+        for op in ("=", "!=", "<", "<=", ">", ">="):
+            for sign in ARITHMETIC:
+                yield Comparison(Arithmetic(sign, field, second), op, 1)
+                yield Comparison(field, op, Arithmetic(sign, second, 2))
+                yield Comparison(Arithmetic(sign, second, field), op, Arithmetic("*", field, 0.5))
+            yield Comparison(0, op, Arithmetic("/", field, second))
+            yield Comparison(Arithmetic("*", field, field), op, Arithmetic("-", 1e300, second))
+        for op in ORDERINGS:
+            yield Comparison(field, op, Arithmetic("*", Percentile(other, 50.0), 0.5))
 
 
 def test_every_operator_literal_and_value_agree():
@@ -268,6 +333,16 @@ def test_both_evaluators_agree_on_records(data, node, now):
     records = data.draw(st.lists(st.dictionaries(st.sampled_from(fields), values), min_size=1, max_size=20))
     sets = data.draw(member_sets(len(records)))
     assert_agree(segment, Columns.from_records(records), records, sets, now)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), node=arithmetic_conditions(RECORD_PATHS), now=nows)
+def test_both_evaluators_agree_on_arithmetic(data, node, now):
+    """Comparisons with arithmetic on their own (inside and/or a difference can hide), `!=` included."""
+    segment = compile_segment(node)
+    fields = sorted(set(RECORD_FIELDS) | segment.fields)
+    records = data.draw(st.lists(st.dictionaries(st.sampled_from(fields), values), min_size=1, max_size=20))
+    assert_agree(segment, Columns.from_records(records), records, [set() for _ in records], now)
 
 
 TYPED_PATHS = [
@@ -368,6 +443,14 @@ def test_every_operator_literal_and_value_agree_on_typed_arrays():
             assert_agree(compile_segment(node), population, records, sets, JAN_1 + 0.5)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(node=arithmetic_conditions(TYPED_PATHS), population=typed_populations(), now=nows)
+def test_both_evaluators_agree_on_arithmetic_over_typed_arrays(node, population, now):
+    size, arrays, records = population
+    segment = compile_segment(node)
+    assert_agree(segment, Columns.from_arrays(size, arrays), records, [set() for _ in records], now)
+
+
 time_values = st.one_of(
     st.floats(JAN_1 - 90 * DAY, JAN_1 + 90 * DAY),
     st.floats(JAN_1 - 90 * DAY, JAN_1 + 90 * DAY).map(lambda seconds: seconds * 1000),
@@ -448,6 +531,12 @@ def any_conditions(draw):
         return Condition(path, op, tuple(draw(st.lists(literal, min_size=1, max_size=3))))
     if op == "starts_with":
         return Condition(path, op, draw(any_text))
+    if op in ("in", "contains") and draw(st.integers(0, 3)) == 0:
+        other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
+        return Condition(path, op, FieldRef(other))
+    if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
+        paths = [path, *(tuple([root, *draw(path_tails)]) for root in ("traits", "computed", "consent", "scores"))]
+        return draw(arithmetic_conditions(paths))
     if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
         other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
         if op in ORDERINGS and draw(st.booleans()):
@@ -468,6 +557,8 @@ def any_events(draw):
     for tail in where_paths:
         condition = draw(any_conditions())
         root = draw(st.sampled_from(["properties", "context"]))
+        if isinstance(condition, Comparison):
+            condition = Condition(tail, "=", 1)  # arithmetic is not on an event
         profile_only = isinstance(condition.value, Now | Date | FieldRef | Percentile)  # not on an event
         value = condition.value if not profile_only else 1
         op = condition.op if not profile_only else "="
