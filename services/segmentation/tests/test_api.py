@@ -258,6 +258,62 @@ async def test_a_percentile_and_a_field_comparison_travel_as_a_tree(service):
     assert as_dict(segment.tree) == definition
 
 
+async def test_arithmetic_and_field_membership_travel_as_text_and_tree(service):
+    await service.feed(*(change(f"p{i}", scores={"clv": float(i), "avg": 2.0}) for i in range(10)))
+    definition = {
+        "and": [
+            {"field": "scores.clv", "op": ">", "value": {"*": [2, {"field": "scores.avg"}]}},
+            {
+                "left": {"-": [{"field": "scores.clv"}, {"percentile": "scores.clv", "percent": 50}]},
+                "op": "<",
+                "right": 4,
+            },
+        ]
+    }
+    segment = await service.stub.CreateSegment(
+        pb.CreateSegmentRequest(id="calc", definition=tree(definition), wait=True)
+    )
+    # clv > 4 and clv - 4.5 < 4: p5 to p8
+    assert segment.state == LIVE and segment.size == 4
+    assert segment.text == "scores.clv > 2 * scores.avg and scores.clv - percentile(scores.clv, 50) < 4"
+    assert as_dict(segment.tree) == definition
+    assert from_json(whole_numbers(as_dict(segment.tree))) == parse(segment.text)
+    estimate = await service.stub.Estimate(pb.EstimateRequest(definition=text("scores.clv / scores.avg >= 4")))
+    assert estimate.size == 2  # p8, p9
+
+
+async def test_a_segment_with_arithmetic_or_field_membership_follows_a_change_of_any_field_it_reads(service):
+    # Two thresholds on scores.last make it threshold-indexed; the arithmetic on it is not a threshold.
+    await service.create("big", "scores.last > 100")
+    await service.create("huge", "scores.last > 1000")
+    await service.create("above_twice_average", "scores.last > 2 * scores.avg")
+    await service.create("margin", "scores.last - scores.avg / 2 >= 10")
+    await service.create("allowed", "traits.country in traits.allowed_countries")
+    await service.create("favourite", "traits.tags contains traits.favourite")
+
+    def member_of(person: str) -> set[str]:
+        return set(service.engine.membership(person))
+
+    await service.feed(change("p1", scores={"last": 50.0, "avg": 80.0}))
+    assert member_of("p1") == {"margin"}  # 50 - 40 >= 10
+    await service.feed(change("p1", scores={"avg": 20.0}))
+    assert member_of("p1") == {"above_twice_average", "margin"}
+    await service.feed(change("p1", scores={"last": 30.0}))
+    assert member_of("p1") == {"margin"}  # 30 - 10 >= 10, 30 > 40 no longer
+    await service.feed(change("p1", scores={"avg": 50.0}))
+    assert member_of("p1") == set()
+
+    entry = change("p2", traits={"country": "DE", "favourite": "vip"})
+    entry.traits["allowed_countries"].list_value.values.add().string_value = "AT"
+    entry.traits["tags"].list_value.values.add().string_value = "vip"
+    await service.feed(entry)
+    assert member_of("p2") == {"favourite"}
+    moved = change("p2", traits={"favourite": "new"})
+    moved.traits["allowed_countries"].list_value.values.add().string_value = "DE"
+    await service.feed(moved)
+    assert member_of("p2") == {"allowed"}
+
+
 async def test_a_tree_and_the_text_it_stands_for_make_the_same_segment(service, profile):
     """A Struct carries only doubles: the tree's 50 arrives as 50.0. The same definition written either
     way must read back the same and share one computed trait on the profile service."""
@@ -590,9 +646,47 @@ async def test_a_definition_nested_at_the_limit_travels_in_every_response_and_pa
     assert from_json(whole_numbers(as_dict(updated.segment.tree))) == parse(updated.segment.text)
 
 
+def arithmetic_text(levels: int, within: int = 0) -> str:
+    """`within` levels of alternating or / and around a sum with `levels` levels of arithmetic (+ then -)."""
+    sum_ = " ".join(["scores.y", *(f"{'+' if i % 2 else '-'} scores.y{i}" for i in range(levels))])
+    text = f"{sum_} < 1"
+    for level in range(within):
+        text = f"scores.x{level} > 1 {'and' if level % 2 else 'or'} ({text})"
+    return text
+
+
+def arithmetic_tree(levels: int) -> dict:
+    """The JSON tree of arithmetic_text(levels), built without the parser."""
+    operand: dict = {"field": "scores.y"}
+    for i in range(levels):
+        operand = {"+" if i % 2 else "-": [operand, {"field": f"scores.y{i}"}]}
+    return {"left": operand, "op": "<", "right": 1}
+
+
+async def test_arithmetic_nested_at_the_limit_travels_in_every_response_and_parses_back(service):
+    scores = {"y": 0.0, **{f"y{i}": 0.0 for i in range(MAX_DEPTH)}, **{f"x{i}": 2.0 for i in range(6)}}
+    await service.feed(change("p1", scores=scores))
+    assert to_json(parse(arithmetic_text(MAX_DEPTH))) == arithmetic_tree(MAX_DEPTH)
+    for segment_id, definition in (
+        ("sum", tree(arithmetic_tree(MAX_DEPTH))),
+        ("mixed", text(arithmetic_text(MAX_DEPTH - 6, within=6))),
+    ):
+        created = await service.stub.CreateSegment(
+            pb.CreateSegmentRequest(id=segment_id, definition=definition, wait=True)
+        )
+        assert (created.state, created.size) == (LIVE, 1)
+    listed = (await service.stub.ListSegments(pb.ListSegmentsRequest())).segments
+    assert len(listed) == 2
+    for carried in listed:
+        assert from_json(whole_numbers(as_dict(carried.tree))) == parse(carried.text)
+
+
 @pytest.mark.parametrize(
     "definition, field",
     [
+        (text(arithmetic_text(MAX_DEPTH + 1)), "definition.text"),
+        (text(arithmetic_text(MAX_DEPTH - 5, within=6)), "definition.text"),
+        (tree(arithmetic_tree(MAX_DEPTH + 1)), "definition.tree"),
         (text(nested_text(MAX_DEPTH + 1)), "definition.text"),
         (tree(nested_tree(MAX_DEPTH + 1)), "definition.tree"),
         (text("not " * (MAX_DEPTH + 1) + "traits.x exists"), "definition.text"),

@@ -5,11 +5,14 @@ a set of changed fields it gives the segments to evaluate, dependencies first, e
 reads one of the fields itself (else it only refers to a segment that does, and is evaluated only if
 that one flips). `TIME` is the pseudo-field time-dependent segments read (the timers' segments).
 
-A comparison of one field with another (`traits.last_order_total > traits.avg_order_total`) reads both
-fields, so a change of either evaluates it; it is never a threshold. Nor is a comparison with a population
-percentile: the percentile index (`percentiles`) says, per percentile, which segments compare which field
-with it, so that when the percentile moves only the persons whose value lies between its old and new value
-are evaluated again (percentiles.py).
+A comparison of one field with another (`traits.last_order_total > traits.avg_order_total`, `traits.country
+in traits.allowed_countries`) reads both fields, so a change of either evaluates it; it is never a
+threshold. So does a comparison with arithmetic (`traits.ltv > 2 * traits.avg_order`): it reads every field
+on either side. Nor is a comparison with a population percentile: the percentile index (`percentiles`) says,
+per percentile, which segments compare which field with it, so that when the percentile moves only the
+persons whose value lies between its old and new value are evaluated again (percentiles.py). A percentile
+inside arithmetic (`scores.clv >= percentile(scores.clv, 90) / 2`) has no such range: its segments are in
+`percentile_everyone`, evaluated again for every person when it moves.
 
 The threshold index: several segments comparing one field with one number (`computed.orders_90d >= 3`,
 `>= 5`, `>= 10`) are not evaluated on every change of the field but only those whose number lies in the
@@ -26,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from cdp_lang.percentiles import PercentileSpec
 from cdp_segmentation.catalogue import Segment
 from cdp_segmentation.domain import CompiledSegment, check_segment_graph
-from cdp_segmentation.domain.plan import NumberTest, Test, percentile_tests
+from cdp_segmentation.domain.plan import NumberTest, Test, expression_tests, percentile_tests, percentiles_of
 from cdp_segmentation.domain.values import number
 
 TIME = "$time"  # the pseudo-field every time-dependent segment reads
@@ -88,6 +91,18 @@ class FieldIndex:
             for test in percentile_tests(segment.compiled.plan):
                 self.percentiles[test.key] = PercentileSpec(test.key, test.source, test.source_sub, test.percent)
                 self.percentile_readers.setdefault(test.key, []).append((segment, test.field, test.sub))
+        # percentile key -> the segments comparing arithmetic with it: every person is evaluated again when it
+        # moves (the compared value is no one field that a range of values could narrow down)
+        self.percentile_everyone: dict[str, list[Segment]] = {}
+        for segment in serving.values():
+            for expression in expression_tests(segment.compiled.plan):
+                for found in (*percentiles_of(expression.left), *percentiles_of(expression.right)):
+                    self.percentiles[found.key] = PercentileSpec(
+                        found.key, found.source, found.source_sub, found.percent
+                    )
+                    readers = self.percentile_everyone.setdefault(found.key, [])
+                    if not readers or readers[-1] is not segment:  # once per segment
+                        readers.append(segment)
         # the fields whose change can move a percentile
         self.percentile_sources = frozenset(spec.field for spec in self.percentiles.values())
         self._affected_cache: dict[frozenset[str], Affected] = {}
