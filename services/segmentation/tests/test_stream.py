@@ -6,19 +6,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 
 import nats
+import numpy as np
+import orjson
 import pytest
 
 from cdp.profile.v1 import profile_pb2
 from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import Bus, partition_for, profiles_stream, segments_stream, subjects
+from cdp_kit.ownership import StaticOwnership
 from cdp_kit.ownership.nats_kv import nats_kv_ownership
 from cdp_kit.storage import open_store
 from cdp_kit.timestamps import set_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import BUILT, CHECKPOINTS, LIVE, SNAPSHOTS, SegmentationEngine
 from cdp_segmentation.stream import SegmentationStream, engine_spec
+from cdp_segmentation.summaries import SUMMARY_POINTS, SharedPercentiles
 from cdp_testing.fakes import T0, Clock, Delivery
 
 PARTITIONS = 4
@@ -64,7 +69,15 @@ class Replica:
         self.name, self.store, self.nats_url, self.clock = name, store, nats_url, clock
         self.stack = contextlib.AsyncExitStack()
 
-    async def start(self, ownership: str = "nats", snapshot_every: float = 3600, standby: str = "") -> Replica:
+    async def start(
+        self,
+        ownership: str | StaticOwnership = "nats",
+        snapshot_every: float = 3600,
+        standby: str = "",
+        *,
+        shared: bool = False,
+        percentile_interval: float = 5.0,
+    ) -> Replica:
         self.bus = await self.stack.enter_async_context(Bus.connect(self.nats_url, name=f"segmentation-{self.name}"))
         self.engine = SegmentationEngine(
             self.store,
@@ -74,6 +87,8 @@ class Replica:
             telemetry=self.bus.telemetry,
             timer_resolution=0.05,
             namespace=f"_{standby}" if standby else "",
+            percentile_interval=percentile_interval,
+            shared_percentiles=await SharedPercentiles.open(self.bus.js, "segmentation") if shared else None,
             clock=self.clock,
         )
         spec = engine_spec(
@@ -82,7 +97,7 @@ class Replica:
         self.stream = SegmentationStream(self.engine, spec, bus=self.bus, store=self.store)
         await self.engine.start()
         self.stack.push_async_callback(self.engine.stop)
-        owner = None
+        owner = ownership if isinstance(ownership, StaticOwnership) else None
         if ownership == "nats":
             owner = await nats_kv_ownership(
                 self.bus.js, group="segmentation", partitions=PARTITIONS, identity=self.name, ttl=TTL
@@ -322,6 +337,7 @@ async def test_hot_standby_replicas_each_serve_every_partition_and_each_transiti
 # --- percentile rounds: one id per boundary, shared by restarts and replicas --------------------------
 
 TOP = "traits.level >= percentile(traits.level, 90)"
+INTERVAL = 600.0  # the round loop sleeps to the next boundary (minutes away): the tests run the rounds
 
 
 async def send_levels(js, levels: dict[str, float], at: float) -> dict[str, int]:
@@ -351,20 +367,20 @@ async def test_a_percentile_round_before_a_crash_reaches_the_stream_once(world, 
     evaluated with the round's value, as it was the first time."""
     store, js = world
     clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
     await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
     await define(first, "top", TOP)
     await first.engine.snapshot()
     await applied([first], await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
-    clock.advance(5)
-    await first.engine.recompute_percentiles()  # (or its loop did) 17.1 -> 27.1
+    clock.advance(INTERVAL)
+    await first.engine.recompute_percentiles()  # 17.1 -> 27.1
     await applied([first], await send_levels(js, {"p7": 20.0}, T0 + 6))  # under 27.1, over 17.1
     before = await transitions(nats_server.url)
     assert percentile_moves(before) == [("p18", False), ("p19", False)]
     await first.crash()
-    clock.advance(15)  # down across boundaries
+    clock.advance(3 * INTERVAL)  # down across boundaries
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
     try:
         await second.engine.recompute_percentiles()  # the first round after the restart
         await asyncio.sleep(0.3)
@@ -382,15 +398,17 @@ async def test_hot_standby_replicas_store_each_percentile_transition_once(world,
     store, js = world
     clock = Clock(T0)
     replicas = [
-        await Replica("r0", store, nats_server.url, clock).start(ownership="static", standby="r0"),
-        await Replica("r1", store, nats_server.url, lambda: clock() + 1.3).start(ownership="static", standby="r1"),
+        await Replica(name, store, nats_server.url, replica_clock).start(
+            ownership="static", standby=name, percentile_interval=INTERVAL
+        )
+        for name, replica_clock in (("r0", clock), ("r1", lambda: clock() + 1.3))
     ]
     try:
         await applied(replicas, await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
         for replica in replicas:
             await define(replica, "top", TOP)
         await applied(replicas, await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
-        clock.advance(5)
+        clock.advance(INTERVAL)
         for replica in replicas:
             await replica.engine.recompute_percentiles()
         await asyncio.sleep(0.3)
@@ -400,4 +418,57 @@ async def test_hot_standby_replicas_store_each_percentile_transition_once(world,
         assert all(sorted(r.engine.members["top"]) == ["p5", "p6"] for r in replicas)
     finally:
         for replica in replicas:
+            await replica.stop()
+
+
+async def test_replicas_that_split_the_partitions_agree_on_one_percentile_over_the_whole_population(world, nats_server):
+    """Two replicas, two partitions each, 6,000 persons (more than a summary keeps per partition): both
+    compare with the same value, within the stated bound of the exact one over everyone, and their members
+    together are exactly the persons at or above it."""
+    store, js = world
+    clock = Clock(T0)
+    rng = random.Random(17)
+    levels = {f"p{i:05d}": round(rng.lognormvariate(3.0, 1.0), 3) for i in range(6000)}
+    by_partition: dict[int, list[profile_pb2.ProfileChanged]] = {}
+    for person, level in levels.items():
+        by_partition.setdefault(partition_for(person, PARTITIONS), []).append(change(person, T0, level=level))
+    assert all(len(changes) > SUMMARY_POINTS for changes in by_partition.values())
+    ends = {}
+    for p, changes in by_partition.items():
+        for start in range(0, len(changes), 500):
+            batch = profile_pb2.ProfileChangedBatch(changes=changes[start : start + 500])
+            ends[subjects.profiles_changed(p)] = (
+                await js.publish(subjects.profiles_changed(p), batch.SerializeToString())
+            ).seq
+    a, b = [
+        await Replica(f"s{i}", store, nats_server.url, clock).start(
+            StaticOwnership(partitions=PARTITIONS, ordinal=i, replicas=2), shared=True, percentile_interval=INTERVAL
+        )
+        for i in range(2)
+    ]
+    try:
+        for replica in (a, b):
+            mine = {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            await applied([replica], mine)
+        await a.engine.create("top", parse(TOP))
+        await b.engine.reload(orjson.dumps({"segment": "top"}).decode())  # what the announcement does
+        for replica in (a, b):
+            await replica.engine.wait_live("top")
+        # a decides the first round before b has written its summaries (a's alone, then); b's are in the next.
+        clock.advance(INTERVAL)
+        await a.engine.recompute_percentiles()
+        await b.engine.recompute_percentiles()
+        clock.advance(INTERVAL)
+        await b.engine.recompute_percentiles()
+        await a.engine.recompute_percentiles()
+        value = a.engine.percentiles["traits.level@90"]
+        assert b.engine.percentiles["traits.level@90"] == value
+        assert a.engine.percentile_round == b.engine.percentile_round
+        everyone = np.array(list(levels.values()))
+        n = everyone.size
+        assert np.percentile(everyone, 90) <= value <= np.percentile(everyone, 90 + 0.1 + 100 * PARTITIONS / (n - 1))
+        assert not a.engine.members["top"] & b.engine.members["top"]
+        assert a.engine.members["top"] | b.engine.members["top"] == {p for p, level in levels.items() if level >= value}
+    finally:
+        for replica in (a, b):
             await replica.stop()

@@ -18,6 +18,7 @@ from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
+from cdp_segmentation.summaries import SharedPercentiles
 
 log = logging.getLogger("cdp.segmentation")
 
@@ -37,6 +38,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(channel.close)
         profile = ProfileClient(channel, settings.profile_token)
+    shared: SharedPercentiles | None = None
     if settings.standby:
         # Every partition, with positions, snapshots and outbox of its own: "segmentation-r<ordinal>-p<p>".
         standby, namespace = f"r{settings.pod_ordinal}", f"_r{settings.pod_ordinal}"
@@ -49,6 +51,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         # are loaded as they arrive.
         static = settings.ownership == "static"
         preload = owned_partitions(settings.partitions, settings.pod_ordinal, settings.replicas) if static else []
+        if not (static and settings.replicas == 1):
+            # Replicas split the partitions: one percentile over everyone, through NATS KV (percentiles.py).
+            shared = await SharedPercentiles.open(bus.js, SERVICE)
 
     origin = {"Cdp-Origin": f"{settings.service_name}-{settings.pod_ordinal}-{id(settings)}"}
 
@@ -82,6 +87,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         announce=announce,
         max_computed_traits=settings.max_computed_traits,
         percentile_interval=settings.percentile_interval,
+        shared_percentiles=shared,
     )
     stream = SegmentationStream(
         engine,

@@ -71,6 +71,7 @@ from cdp_segmentation.percentiles import ROUNDS, Percentiles, PercentileValues, 
 
 if TYPE_CHECKING:
     from cdp_segmentation.stream import Changes, SegmentationStream
+    from cdp_segmentation.summaries import SharedPercentiles
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -112,6 +113,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         announce: Callable[[str], Awaitable[None]] | None = None,
         max_computed_traits: int = 20,
         percentile_interval: float = 5.0,
+        shared_percentiles: SharedPercentiles | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -142,6 +144,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.percentiles_stale = False  # something moved one since the last round
         self.percentile_interval = percentile_interval
         self.percentile_round = 0  # the last round run (epoch ms of its boundary): its id
+        # Replicas that split the partitions: one value per round over everyone (summaries.py).
+        self.shared = shared_percentiles
+        self._undecided = False  # summaries written here that no decided round has taken yet
         self.rounds = ROUNDS + namespace  # the round log (percentiles.py)
         # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
         self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}

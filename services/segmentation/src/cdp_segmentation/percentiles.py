@@ -45,10 +45,17 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
 - A build's own move of the values (above) is published under "q<its instant>" and followed at once by
   a snapshot; a crash between the two may publish those again after the build resumes.
 
-Replicas that split the partitions each take the percentile over their own persons. Persons are spread
-over partitions by a hash of their id, so each replica's population is a uniform sample of the whole and
-its percentile an estimate of the global one (for a decile of 100,000 persons on 2 replicas, a few tenths
-of a percentile point); hot standby (the prod values) holds every partition, so there it is exact.
+One population across replicas. Hot standby (the prod values) holds every partition: each replica's
+values are exact. Replicas that split the partitions (`shared`, given unless one replica holds every
+partition by configuration) take one value per round over the whole population (summaries.py): at each
+boundary a replica whose persons changed writes a summary of each percentile field per served partition
+to NATS KV; the first replica with summaries no decided round has taken merges every partition's latest
+one and writes the round's values with a compare-and-set; every replica runs that round with those
+values (so it runs at every boundary, stale here or not, to take values others decided). The values are
+exact while every partition holds at most 1001 numbers of a field, and otherwise never below the exact
+percentile and at most 0.1 + 100 * partitions / (persons - 1) percentile points above it; a replica
+serving every partition at the time decides with the exact values. A partition's summary is at most one
+round old when another replica merges it, so a change moves the shared value within two boundaries.
 
 `Percentiles` is the part of `SegmentationEngine` that does this; its state is set up in the engine's
 `__init__`.
@@ -66,8 +73,9 @@ from typing import TYPE_CHECKING, Any
 
 from cdp_kit.bus import subjects
 from cdp_kit.storage import Delete, Put
-from cdp_lang.percentiles import population_percentiles, value_at
+from cdp_lang.percentiles import PercentileSpec, numbers_of, population_percentiles, value_at
 from cdp_segmentation.evaluation import Transition
+from cdp_segmentation.summaries import Decided, Summary, merged_percentile, summarise
 
 if TYPE_CHECKING:
     from cdp_segmentation.catalogue import Segment
@@ -257,24 +265,86 @@ class Percentiles:
                 log.warning("percentile round failed: %r", exc)
 
     async def recompute_percentiles(self) -> int:
-        """If anything moved a percentile since the last round, and this boundary's round has not run:
-        recompute them all exactly, log the round, evaluate again the persons a moved value can change,
-        publish what flipped. Returns the persons evaluated."""
-        if not self.percentiles_stale or not self.index.percentiles:
+        """The round of the current boundary, unless it ran: with the values shared by the replicas that
+        split the partitions (`shared`, summaries.py), or else, if anything moved a percentile since the
+        last round, the exact values over the held persons. Logs the round, evaluates again the persons a
+        moved value can change, publishes what flipped. Returns the persons evaluated."""
+        if not self.index.percentiles:
+            return 0
+        if self.shared is not None:
+            return await self._shared_round()
+        if not self.percentiles_stale:
             return 0
         async with self._quiet(), self.held.mutating():
             round_id = self.round_at(self.clock())
             if round_id <= self.percentile_round:
                 return 0  # this boundary's round ran: the next one takes what moved since
-            values = self.exact_percentiles()
-            if any(dict.get(self.percentiles, key) != value for key, value in values.items()):
-                # Before anything changes here: a crash after it replays the round (same id, same place).
-                await self._log_round(round_id, values, sorted(self.active))
+            return await self._run_round(round_id, self.exact_percentiles())
+
+    async def _run_round(self, round_id: int, values: Mapping[str, float | None]) -> int:
+        """Round `round_id` sets `values` (at a quiescent point, inside `mutating`)."""
+        if any(dict.get(self.percentiles, key) != value for key, value in values.items()):
+            # Before anything changes here: a crash after it replays the round (same id, same place).
+            await self._log_round(round_id, values, sorted(self.active))
+        self.percentiles_stale = False
+        self.percentile_round = round_id
+        by_partition = self._move_percentiles(values, round_id / 1000, cause=f"q{round_id}")
+        await self._publish_durably([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+        return self._moved_persons
+
+    async def _shared_round(self) -> int:
+        """A round with the values every replica uses (summaries.py): this replica's summaries written if
+        its persons changed, the round's values decided here if none were since, or taken as written."""
+        round_id = self.round_at(self.clock())
+        if round_id <= self.percentile_round:
+            return 0
+        shared = self.shared
+        specs = list(self.index.percentiles.values())
+        if self.percentiles_stale:
             self.percentiles_stale = False
-            self.percentile_round = round_id
-            by_partition = self._move_percentiles(values, round_id / 1000, cause=f"q{round_id}")
-            await self._publish_durably([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
-            return self._moved_persons
+            try:
+                await shared.put_summaries(self._summaries(specs, self.active))
+            except BaseException:
+                self.percentiles_stale = True
+                raise
+            self._undecided = True
+        decided = await shared.decided()
+        if self._undecided and (decided is None or decided.round < round_id):
+            values = await self._merged(specs)
+            if await shared.decide(round_id, values, decided):
+                self._undecided = False
+                decided = Decided(round_id, values)
+            else:  # another replica decided first: its values (the next round takes these summaries)
+                decided = await shared.decided()
+        if decided is None or decided.round <= self.percentile_round:
+            return 0
+        async with self._quiet(), self.held.mutating():
+            if decided.round <= self.percentile_round:
+                return 0
+            return await self._run_round(decided.round, {**self.percentiles, **decided.values})
+
+    def _summaries(self, specs: list[PercentileSpec], partitions: Iterable[int]) -> dict[int, dict[str, Summary]]:
+        """Each of `partitions`' summary of each spec's field, over the persons held here."""
+        wanted = set(partitions)
+        records: dict[int, list[dict[str, Any]]] = {p: [] for p in wanted}
+        partition_of = self._partition
+        for person_id, person in self.persons.items():
+            partition = partition_of(person_id)
+            if partition in wanted:
+                records[partition].append(person.fields)
+        return {p: {spec.key: summarise(numbers_of(rows, spec)) for spec in specs} for p, rows in records.items()}
+
+    async def _merged(self, specs: list[PercentileSpec]) -> dict[str, float | None]:
+        """The values over the whole population: exact when every partition is served here, else merged
+        from the served partitions' summaries and the others' latest in the bucket."""
+        if self.active >= set(range(self.partitions)):
+            return self.exact_percentiles(specs)
+        by_partition = await self.shared.summaries(p for p in range(self.partitions) if p not in self.active)
+        by_partition.update(self._summaries(specs, self.active))
+        return {
+            spec.key: merged_percentile((s[spec.key] for s in by_partition.values() if spec.key in s), spec.percent)
+            for spec in specs
+        }
 
     def _move_percentiles(
         self, values: Mapping[str, float | None], now: float, *, cause: str | None = None
