@@ -139,6 +139,7 @@ class SegmentSyntaxError(InvalidArgument):
         self.column = column
         self.expected = expected
         self.found = found
+        self.hint = hint
 
 
 @dataclass(slots=True)
@@ -793,6 +794,8 @@ class _Parser:
 def _operator_hint(token: _Token) -> str:
     if token.text == "==":
         return "equality is a single '='"
+    if token.kind == "punct" and token.text in _ARITHMETIC:
+        return "arithmetic is on profile fields: an event's fields are compared with values"
     if token.kind == "name" and token.value[0] in ("ends_with", "like", "matches", "startswith", "is"):
         return f"{token.value[0]!r} is not an operator of the segment language"
     return ""

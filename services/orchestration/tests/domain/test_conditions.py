@@ -85,3 +85,50 @@ def test_a_profile_condition_reads_entry_fields_only_where_an_instance_can_suppl
     with pytest.raises(InvalidArgument) as caught:
         profile_condition("entry.total > 100", "rules.suppressions[0].condition")
     assert caught.value.field == "rules.suppressions[0].condition"
+
+
+def test_a_profile_condition_takes_arithmetic_and_field_membership_on_entry_and_profile_fields() -> None:
+    condition = profile_condition(
+        "entry.total > 2 * traits.avg_order and scores.churn_risk * 100 >= 50 and entry.sku in traits.wishlist",
+        "c",
+        entry=True,
+    )
+    assert condition.entry_fields == {"entry.total", "entry.sku"}
+    assert condition.fields == {"traits.avg_order", "scores.churn_risk", "traits.wishlist"}
+    view = PersonView("p1", {"traits.avg_order": 40, "scores.churn_risk": 0.5, "traits.wishlist": ["a", "b"]})
+    assert condition.holds(view, 0.0, {"total": 81, "sku": "b"})
+    assert not condition.holds(view, 0.0, {"total": 80, "sku": "b"})  # 80 > 80 no
+    assert not condition.holds(view, 0.0, {"total": 81, "sku": "c"})
+    assert not condition.holds(view, 0.0, {"total": "81", "sku": "b"})  # a string has no arithmetic: false
+    assert not condition.holds(view, 0.0)
+    assert condition.next_change(view, 0.0, {"total": 81, "sku": "b"}) is None
+    tree = profile_condition(
+        {"left": {"/": [{"field": "traits.a"}, {"field": "traits.b"}]}, "op": ">", "right": 1}, "c"
+    )
+    assert tree.holds(PersonView("p", {"traits.a": 3, "traits.b": 2}), 0.0)
+    assert not tree.holds(PersonView("p", {"traits.a": 3, "traits.b": 0}), 0.0)  # division by zero: false
+    favourite = profile_condition("traits.tags contains traits.favourite", "c")
+    assert favourite.holds(PersonView("p", {"traits.tags": ["x", "vip"], "traits.favourite": "vip"}), 0.0)
+    assert not favourite.holds(PersonView("p", {"traits.tags": ["x", "vip"]}), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("source", "field", "message"),
+    [
+        ("traits.a * ", "c", "line 1, column 12: expected a number, a field"),
+        ('traits.a + "x" > 1', "c", "line 1, column 12: expected a number, a field"),
+        ("scores.clv >= percentile(scores.clv, 90) / 2", "c", "percentile(scores.clv, 90) is a percentile"),
+        ({"field": "traits.a", "op": ">", "value": {"*": [2, "x"]}}, "c.value.*[1]", "is not a number"),
+    ],
+)
+def test_bad_arithmetic_in_a_profile_condition_names_the_field(source: object, field: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        profile_condition(source, "c")
+    assert caught.value.field == field and message in caught.value.message, caught.value.message
+
+
+def test_an_event_filter_refuses_arithmetic_naming_its_where() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        event_filter("X", "properties.total * 2 > 100", "f")
+    assert caught.value.field == "f.where"
+    assert "line 1, column 18" in caught.value.message and "arithmetic is on profile fields" in caught.value.message

@@ -5,7 +5,10 @@ This is the one module of orchestration that imports the language, through its o
 
 - `ProfileCondition`: a condition on the person (text like
   `scores.churn_risk > 0.8 and not performed("Support Ticket Opened", within 1d)`, or its JSON tree),
-  answered for a `PersonView`. A journey's conditions may also read the instance's entry properties as
+  answered for a `PersonView`. Everything the language has for one person is accepted: arithmetic
+  (`entry.total > 2 * traits.avg_order`), `in` / `contains` against another field (`entry.sku in
+  traits.wishlist`); a population percentile (`percentile(...)`, also inside arithmetic) is refused naming
+  the field, since one person has no population. A journey's conditions may also read the instance's entry properties as
   `entry.<name>` (`profile_condition(..., entry=True)`; `holds(view, now, entry)`): the language reads
   them as flat fields under one more root, so `entry.total > 100` means what `traits.total > 100` means. Event conditions (`performed`, `count`, ...) are answered from the view's
   recent events when it carries them, else from the computed traits the profile service keeps
@@ -169,9 +172,10 @@ def event_filter(names: Any, where: Any, field: str, *, event_type: Any = "track
         node = parse(f"{_WRAP}{where})", f"{field}.where")
     except SegmentSyntaxError as error:
         column = error.column - len(_WRAP) if error.line == 1 else error.column
+        hint = f"; {error.hint}" if error.hint else ""
         raise InvalidArgument(
             f"{field}.where",
-            f"line {error.line}, column {max(column, 1)}: expected {error.expected}, found {error.found}",
+            f"line {error.line}, column {max(column, 1)}: expected {error.expected}, found {error.found}{hint}",
         ) from None
     if not isinstance(node, Performed) or node.within is not None:
         raise InvalidArgument(f"{field}.where", "write only conditions on the event, like 'properties.total > 50'")
