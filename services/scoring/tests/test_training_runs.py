@@ -23,12 +23,15 @@ from google.protobuf import json_format
 
 from cdp.events.v1 import events_pb2
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import subjects
+from cdp_kit.bus import Bus, events_resolved_stream, subjects
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.natsauth import ROLES, NatsClientSettings, authorization_config, new_password, write_credentials
+from cdp_kit.natsserver import NatsServer
 from cdp_kit.service import serving
 from cdp_kit.storage import Put, open_store
 from cdp_profile.domain import TimelineEntry
 from cdp_profile.records import TIMELINE, encode_entry, timeline_key
+from cdp_scoring import labelwatch
 from cdp_scoring.__main__ import setup
 from cdp_scoring.labelwatch import LabelWatch
 from cdp_scoring.quality import RealisedQuality
@@ -367,6 +370,39 @@ async def test_a_fraud_label_arriving_makes_the_live_versions_realised_quality_m
             assert not (await stub.GetModelQuality(request)).HasField("stale_since")
 
 
+async def test_a_label_arriving_while_scoring_is_down_marks_the_figures_stale_when_it_is_back(
+    nats_server, tmp_path, profile_store
+):
+    """Every scoring replica is down when a chargeback is resolved: the label waits on the bus, and the
+    first replica back marks fraud_risk's figures stale (a core subscription would have missed it)."""
+    store_url = f"sqlite:///{tmp_path / 'profile.db'}"
+    shutil.copy(profile_store.removeprefix("sqlite:///"), tmp_path / "profile.db")
+    config = settings(
+        nats_server, tmp_path, training_store=store_url, quality_schedule="", quality_settle_seconds=3600.0
+    )
+    request = scoring_pb2.GetModelQualityRequest(name="fraud_risk")
+    async with serving(config, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            await stub.DeployModel(scoring_pb2.DeployModelRequest(onnx=(MODELS_DIR / "fraud_risk.onnx").read_bytes()))
+            before = await stub.GetModelQuality(scoring_pb2.GetModelQualityRequest(name="fraud_risk", refresh=True))
+            assert not before.HasField("stale_since")
+            realised = json_format.MessageToDict(before.realised)
+
+    # scoring is down: identity resolves a chargeback
+    person = await a_person_seen_by(store_url, iso_seconds(realised["cutoff"]))
+    at = iso_seconds(realised["label_until"]) + 3600
+    async with Bus.connect(nats_server.url, name="identity-test") as bus:
+        await bus.ensure_streams(events_resolved_stream())  # as identity does
+        await bus.js.publish(subjects.events_resolved(0), resolved(person, "Chargeback", at).SerializeToString())
+
+    async with serving(config, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+            stale = await wait_for(stub, request, lambda q: q.HasField("stale_since"), timeout=15.0)
+            assert stale.stale_trigger == "label event Chargeback" and stale.computed_at == before.computed_at
+
+
 def iso_seconds(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -496,3 +532,52 @@ async def test_a_label_falling_due_while_the_schedule_computes_the_figures_does_
 
 async def fake_file(*_args) -> bytes:
     return b""
+
+
+async def test_scoring_follows_label_events_as_its_own_nats_user(tmp_path):
+    """Under per-service NATS users (make up, the chart): scoring may create its label consumer on identity's
+    stream, fetch from it and acknowledge, and the server refuses none of it."""
+    server = NatsServer(store_dir=tmp_path / "nats")
+    passwords = {name: new_password() for name in ROLES}
+    for name, password in passwords.items():
+        write_credentials(tmp_path / f"{name}.json", name, password)
+    server.config = authorization_config(passwords, operator_password=new_password())
+    server.start()
+    try:
+        seen: list[bytes] = []
+        login = {n: NatsClientSettings(credentials_file=tmp_path / f"{n}.json") for n in ("identity", "scoring")}
+        async with (
+            Bus.connect(server.url, name="identity", security=login["identity"]) as identity,
+            Bus.connect(server.url, name="scoring", security=login["scoring"]) as scoring,
+        ):
+            await identity.ensure_streams(events_resolved_stream())
+            await scoring.ensure_read_streams(events_resolved_stream())
+            task = asyncio.create_task(labelwatch.follow(scoring, seen.append))
+            try:
+                deadline = time.monotonic() + 10
+                while True:  # the consumer exists: what identity publishes from now on reaches it
+                    try:
+                        await scoring.js.consumer_info(subjects.EVENTS_RESOLVED, labelwatch.DURABLE)
+                        break
+                    except Exception:
+                        assert time.monotonic() < deadline, "the label consumer was never created"
+                        await asyncio.sleep(0.05)
+                data = resolved("p1", "Chargeback", 1.7e9).SerializeToString()
+                await identity.js.publish(subjects.events_resolved(3), data)
+                while not seen:
+                    assert time.monotonic() < deadline, "the label event never reached scoring"
+                    await asyncio.sleep(0.05)
+                assert seen == [data]
+                info = await scoring.js.consumer_info(subjects.EVENTS_RESOLVED, labelwatch.DURABLE)
+                for _ in range(100):  # acknowledged once handled
+                    if info.num_ack_pending == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                    info = await scoring.js.consumer_info(subjects.EVENTS_RESOLVED, labelwatch.DURABLE)
+                assert info.num_ack_pending == 0 and info.num_pending == 0
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert [line for line in server.log_path.read_text().splitlines() if " Violation - Subject " in line] == []
+    finally:
+        server.close()

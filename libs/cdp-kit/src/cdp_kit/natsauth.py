@@ -119,12 +119,13 @@ ROLES: dict[str, BusRole] = {
         BusRole(
             "scoring",
             configures=(subjects.SCORES, subjects.DLQ),
-            creates=(subjects.PROFILES,),
-            consumes=(subjects.PROFILES,),
+            # Label events on events.resolved make realised quality stale (the durable consumer
+            # scoring-quality-labels, so that one arriving while scoring is down is not missed).
+            creates=(subjects.PROFILES, subjects.EVENTS_RESOLVED),
+            consumes=(subjects.PROFILES, subjects.EVENTS_RESOLVED),
             reads=(subjects.PROFILES,),
             publishes=(_each(subjects.SCORES_UPDATED_PREFIX), subjects.SCORING_MODELS_CHANGED, subjects.MODELS_DRIFT),
-            # Label events make realised quality stale (core NATS, queue group scoring-quality-labels).
-            subscribes=(subjects.SCORING_MODELS_CHANGED, _each(subjects.EVENTS_RESOLVED_PREFIX)),
+            subscribes=(subjects.SCORING_MODELS_CHANGED,),
             object_stores=(MODEL_BUCKET,),
         ),
         BusRole(

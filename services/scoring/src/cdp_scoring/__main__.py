@@ -20,12 +20,13 @@ import logging
 from pathlib import Path
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.bus import Bus, dead_letter_stream, profiles_stream, scores_stream, subjects
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.ownership import Ownership, ownership_from_settings
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
+from cdp_scoring import labelwatch
 from cdp_scoring.api import SCOPES, ScoringApi, alert_message
 from cdp_scoring.domain.registry import LIVE
 from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_references, watch
@@ -40,8 +41,6 @@ from cdp_scoring.worker import Worker
 
 log = logging.getLogger("cdp.scoring")
 
-# The queue group of the replicas' label-event subscriptions (each event reaches one replica).
-QUALITY_LABELS = "scoring-quality-labels"
 WINDOW_CHECK_SECONDS = 60.0  # a closed label window is noticed within a minute of the day boundary
 
 
@@ -193,15 +192,11 @@ async def _watch_models(
         run = on_one_replica(quality.refresh_all)
         runtime.spawn(every(Cron.parse(settings.quality_schedule), run, "realised quality"), "quality schedule")
     if settings.training_store:
-        # Labels arriving make realised quality stale (quality.py): label events reach one replica of the
-        # group; label windows closing and versions going live are checked on one replica.
-        async def on_resolved(msg) -> None:
-            quality.on_resolved(msg.data)
-
-        labels = await bus.nc.subscribe(
-            subjects.every_partition(subjects.EVENTS_RESOLVED_PREFIX), queue=QUALITY_LABELS, cb=on_resolved
-        )
-        runtime.stack.push_async_callback(labels.unsubscribe)
+        # Labels arriving make realised quality stale (quality.py): label events reach one replica through
+        # a durable consumer (labelwatch.follow: one that arrived while every replica was down waits in it);
+        # label windows closing and versions going live are checked on one replica.
+        await bus.ensure_read_streams(events_resolved_stream())  # identity's: never reconfigured here
+        runtime.spawn(labelwatch.follow(bus, quality.on_resolved), "label events")
 
         async def check_windows() -> None:
             while True:

@@ -14,17 +14,36 @@ once its window closes, which happens at a day boundary (quality.py's window che
 Most events are not labels, and every resolved event passes here: a message is decoded only when the
 bytes of some label event's name occur in it (a protobuf string is its UTF-8 bytes), so the common
 message costs one substring search per name.
+
+The events come from a durable JetStream consumer on `events.resolved` (`follow`, durable
+`scoring-quality-labels`), which every replica fetches from, so each message reaches one of them, and
+which is acknowledged once the message has marked its models stale. A label that arrives while every
+replica is down waits in it: the first replica back marks the model stale. The consumer is created
+delivering what arrives from then on (the stream's days of history are not read again at the first start);
+later starts resume where it stopped. A stale mark lives in the replica's memory: one lost with a replica
+that dies before computing is caught by the next day boundary or the schedule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
+from nats.js import api
+from nats.js.errors import NotFoundError
 
 from cdp.events.v1 import events_pb2
+from cdp_kit.bus import Bus, ConsumerSpec, Delivery, subjects
+from cdp_kit.bus.consumer import describe_error
+
+log = logging.getLogger("cdp.scoring.quality")
+
+# The durable consumer the replicas' label watch shares (each message reaches one replica).
+DURABLE = "scoring-quality-labels"
 
 # The Segment call types by their wire value, named from the proto's own enum (EVENT_TYPE_TRACK -> "track").
 TYPES = {v: n.removeprefix("EVENT_TYPE_").lower() for n, v in events_pb2.EventType.items() if v}
@@ -99,3 +118,53 @@ class LabelWatch:
                         out[model] = name or kind
                         break
         return out
+
+
+def consumer_spec() -> ConsumerSpec:
+    return ConsumerSpec(
+        stream=subjects.EVENTS_RESOLVED,
+        durable=DURABLE,
+        filter_subjects=(subjects.every_partition(subjects.EVENTS_RESOLVED_PREFIX),),
+        batch_size=512,
+        description="scoring: label events that make realised quality stale",
+    )
+
+
+async def _create_delivering_new(bus: Bus, spec: ConsumerSpec) -> None:
+    """Create the consumer, when it does not exist, at the stream's end (the kit's runner then finds it and
+    keeps where it starts)."""
+    try:
+        await bus.js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        config = spec.config()
+        config.deliver_policy = api.DeliverPolicy.NEW
+        await bus.js.add_consumer(spec.stream, config)
+
+
+async def follow(bus: Bus, on_resolved: Callable[[bytes], None]) -> None:
+    """Hand every `events.resolved` message this replica receives to `on_resolved` (which marks models
+    stale), acknowledged after it returned; runs until cancelled, waiting out NATS outages."""
+    spec = consumer_spec()
+    delay = 0.5
+    while True:
+        try:
+            await _create_delivering_new(bus, spec)
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # NATS or the stream not there yet: try again
+            log.warning("label consumer not ready", extra={"consumer": DURABLE, "error": describe_error(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def handle(batch: Sequence[Delivery]) -> None:
+        for delivery in batch:
+            try:
+                on_resolved(delivery.data)
+            except Exception as exc:  # an unreadable message labels nothing; it must not hold the others
+                log.warning(
+                    "resolved event not read for labels",
+                    extra={"stream_seq": delivery.stream_seq, "error": describe_error(exc)},
+                )
+
+    await bus.consumer(spec, handle).run()

@@ -18,7 +18,8 @@ label the event carries), but at most once per `CDP_SCORING_QUALITY_DEBOUNCE_SEC
 of labels costs one computation per period, not one per label. Whatever computes the figures (request,
 schedule) clears what was stale before it started.
 
-Label events go to one replica of a queue group; the window and new-version checks run on the replica
+Label events go to one replica (a durable consumer they share, labelwatch.py: one that arrives while
+every replica is down waits in it); the window and new-version checks run on the replica
 holding partition 0. A replica whose figures are due first reads the stored ones: when another replica
 computed them after the labels arrived, it takes those instead of computing again.
 

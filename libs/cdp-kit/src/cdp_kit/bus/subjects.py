@@ -11,7 +11,7 @@ consumer at a time, so one person's messages are applied in order.
 | stream            | subject                               | published by        | consumed by                         |
 |-------------------|---------------------------------------|---------------------|-------------------------------------|
 | `EVENTS_RAW`      | `events.raw.<p(user)>`                | collector           | identity (`identity-p<p>`)          |
-| `EVENTS_RESOLVED` | `events.resolved.<p(person)>`         | identity            | profile (`profile-p<p>`); scoring (core NATS, queue group `scoring-quality-labels`: label events) |
+| `EVENTS_RESOLVED` | `events.resolved.<p(person)>`         | identity            | profile (`profile-p<p>`); scoring (`scoring-quality-labels`, shared by its replicas: label events) |
 | `IDENTITY`        | `identity.merged.<p(survivor)>`, `identity.unmerged.<p(survivor)>` | identity | profile (`profile-merges-p<p>`: both, filter `identity.*.<p>`) |
 |                   | `identity.merged`, `identity.unmerged` (before partitioning; no longer published) | identity | profile (`profile-identity-<ordinal>`, drained if it exists) |
 |                   | `identity.quarantined`                | identity            | (none yet)                          |
