@@ -17,6 +17,7 @@ from cdp_kit.storage import open_store
 from cdp_kit.timestamps import set_seconds, to_seconds
 from cdp_segmentation.domain import parse
 from cdp_segmentation.engine import LIVE, SEGMENTS, SegmentationEngine
+from cdp_segmentation.percentiles import ROUNDS
 from cdp_segmentation.stream import SegmentationStream, engine_spec
 from cdp_testing.fakes import T0, Clock, Delivery
 
@@ -579,6 +580,9 @@ async def test_a_percentile_round_published_before_a_crash_is_published_once(set
         assert moves(events) == moves(before)  # nothing twice, and p7 never entered
         assert moves(before)[-2:] == [("p18", "top", "exit", "percentile"), ("p19", "top", "exit", "percentile")]
         assert sorted(second.members["top"]) == ["p5", "p6"]
+        assert [r async for r in store.scan_all(ROUNDS)]
+        await second.snapshot()  # it includes every round logged: none is kept
+        assert [r async for r in store.scan_all(ROUNDS)] == []
     finally:
         await second.stop()
 

@@ -3,10 +3,16 @@ small, within the stated bound otherwise, whatever the distribution."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from cdp_segmentation.summaries import SUMMARY_POINTS, merged_percentile, summarise
+from cdp_kit.bus import Bus
+from cdp_kit.natsauth import ROLES, NatsClientSettings, authorization_config, new_password, write_credentials
+from cdp_kit.natsserver import NatsServer
+from cdp_segmentation.stream import SERVICE
+from cdp_segmentation.summaries import SUMMARY_POINTS, SharedPercentiles, merged_percentile, summarise
 
 PERCENTS = (0, 1, 10, 25, 50, 75, 90, 99, 99.9, 100)
 
@@ -49,3 +55,26 @@ def test_larger_partitions_stay_within_the_stated_bound(values):
 def test_numbers_only():
     assert merged_percentile([summarise(np.array([np.nan])), summarise(np.array([]))], 50) is None
     assert merged_percentile([summarise(np.array([np.nan, 4.0])), summarise(np.array([2.0]))], 50) == 3.0
+
+
+async def test_replicas_share_summaries_and_decide_each_round_once_as_segmentations_own_nats_user(tmp_path):
+    passwords = {name: new_password() for name in ROLES}
+    write_credentials(tmp_path / "segmentation.json", "segmentation", passwords["segmentation"])
+    config = authorization_config(passwords, operator_password=new_password())
+    with NatsServer(store_dir=tmp_path / "nats", config=config) as server:
+        security = NatsClientSettings(credentials_file=Path(tmp_path) / "segmentation.json")
+        async with Bus.connect(server.url, name="segmentation", security=security) as bus:
+            shared = await SharedPercentiles.open(bus.js, SERVICE)
+            summary = summarise(np.arange(5.0))
+            await shared.put_summaries({0: {"scores.clv@90": summary}})
+            assert await shared.summaries([0, 1]) == {0: {"scores.clv@90": summary}}
+            assert await shared.decided() is None
+            assert await shared.decide(1000, {"scores.clv@90": 3.6}, None)
+            first = await shared.decided()
+            assert (first.round, first.values) == (1000, {"scores.clv@90": 3.6})
+            assert not await shared.decide(1000, {"scores.clv@90": 9.0}, None)  # decided by another replica
+            assert await shared.decide(2000, {"scores.clv@90": 4.0}, first)
+            assert not await shared.decide(3000, {"scores.clv@90": 5.0}, first)  # someone wrote since `first`
+            assert (await shared.decided()).values == {"scores.clv@90": 4.0}
+        log = server.log_path.read_text()
+    assert " Violation " not in log

@@ -150,8 +150,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.rounds = ROUNDS + namespace  # the round log (percentiles.py)
         # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
         self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}
-        self._logged: list[tuple[int, str]] = []  # (round, key) of the round log records written here
-        self._cut_round: int | None = None  # the round the snapshot being written includes
+        # The round and the partitions the snapshot being written includes (its marks: percentiles.py).
+        self._cut: tuple[int, frozenset[int]] | None = None
         self._moved_persons = 0
         self._partition = Partitioner(partitions)
         self._namespace = namespace

@@ -42,8 +42,9 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
   published then, under that round's id. The guarantee is: each transition is stored at most once per
   (segment, person, direction, round); a consumer may see the same direction twice in a row from two
   replicas that saw the population differently at a boundary, never a transition lost.
-- A build's own move of the values (above) is published under "q<its instant>" and followed at once by
-  a snapshot; a crash between the two may publish those again after the build resumes.
+- A build's own move of the values (above) is published under "qb<its instant ms>" and followed at once
+  by a snapshot; a crash between the two may publish those again after the build resumes, and the
+  changes applied in between are replayed with the values before it.
 
 One population across replicas. Hot standby (the prod values) holds every partition: each replica's
 values are exact. Replicas that split the partitions (`shared`, given unless one replica holds every
@@ -55,7 +56,9 @@ values (so it runs at every boundary, stale here or not, to take values others d
 exact while every partition holds at most 1001 numbers of a field, and otherwise never below the exact
 percentile and at most 0.1 + 100 * partitions / (persons - 1) percentile points above it; a replica
 serving every partition at the time decides with the exact values. A partition's summary is at most one
-round old when another replica merges it, so a change moves the shared value within two boundaries.
+round old when another replica merges it, so a change moves the shared value within two boundaries. A
+build goes live with the values over the persons held here (builds.py); the next round brings the
+shared ones.
 
 `Percentiles` is the part of `SegmentationEngine` that does this; its state is set up in the engine's
 `__init__`.
@@ -129,7 +132,7 @@ class Percentiles:
     def percentile_marks(self) -> dict[str, dict[str, Any]]:
         # Called at a snapshot's cut: it includes every round up to this one, in the served partitions
         # (one arriving keeps the mark its persons were loaded with until its replay is done).
-        self._cut_round = self.percentile_round
+        self._cut = (self.percentile_round, frozenset(self.active))
         mark = {"values": dict(self.percentiles), "round": self.percentile_round}
         return {f"{PERCENTILES}.{partition}": mark for partition in sorted(self.active)}
 
@@ -164,23 +167,24 @@ class Percentiles:
         ]
         if ops:
             await self.store.bulk_write(ops)
-            self._logged.extend((round_id, op.key) for op in ops)
 
     async def prune_rounds(self) -> None:
-        """After a snapshot: the rounds it includes are no longer replayed (a failure leaves them; they are
-        older than the snapshot's round, so never replayed either)."""
-        cut, self._cut_round = self._cut_round, None
+        """After a snapshot: the log records of the partitions it marked, of the rounds it includes, are
+        never replayed again (their round is not after the mark): deleted. A failure leaves them, harmless."""
+        cut, self._cut = self._cut, None
         if cut is None:
             return
-        done = [key for round_id, key in self._logged if round_id <= cut]
-        if not done:
-            return
+        round_id, partitions = cut
         try:
-            await self.store.bulk_write([Delete(self.rounds, key) for key in done])
+            done = [
+                Delete(self.rounds, record.key)
+                async for record in self.store.scan_all(self.rounds)
+                if record.doc["round"] <= round_id and record.doc["partition"] in partitions
+            ]
+            if done:
+                await self.store.bulk_write(done)
         except Exception as exc:
             log.warning("old percentile rounds not deleted: %r", exc)
-            return
-        self._logged = [(round_id, key) for round_id, key in self._logged if round_id > cut]
 
     # --- replay -----------------------------------------------------------------------------------
 
@@ -361,7 +365,7 @@ class Percentiles:
             {**old, **values},
             lambda person_id: partition_of(person_id) in active,  # one arriving catches up at its arrival
             at=now,
-            cause=cause or f"q{round(now * 1000)}",
+            cause=cause or f"qb{round(now * 1000)}",  # a build's: never a round's id
         )
 
     def _reevaluate_in_range(
