@@ -21,12 +21,13 @@ Durability follows cdp_kit.held: nothing is written per person per change. Field
 person's stream position are snapshotted every few seconds at a quiescent point, then the partition
 positions they include (`segmentation_snapshots`); a partition's start loads them and replays
 `profiles.changed` from there up to where the engine had got, publishing again what the replay finds.
-Every transition has a stable id (segment, person and what caused it: a stream position, a timer instant
-or a definition version), so a transition published before a crash is a JetStream duplicate after it,
-and a person's stream position keeps a change from being applied twice. Memberships therefore never flip
-spuriously: only a real change of the inputs, of time or of a definition moves them. Transitions found
-outside a batch (timers of an idle partition, builds, deletions) are published at a quiescent point,
-after everything the partitions applied before them and before anything they apply next.
+Every transition has a stable id (segment, person and what caused it: a stream position, a timer instant,
+a definition version or a percentile round), so a transition published before a crash is a JetStream
+duplicate after it, and a person's stream position keeps a change from being applied twice. Memberships
+therefore never flip spuriously: only a real change of the inputs, of time or of a definition moves
+them. Transitions found outside a batch (timers of an idle partition, builds, deletions, percentile
+rounds) are published at a quiescent point, after everything the partitions applied before them and
+before anything they apply next.
 """
 
 from __future__ import annotations
