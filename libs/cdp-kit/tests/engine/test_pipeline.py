@@ -211,3 +211,37 @@ async def test_stopping_a_partition_drains_its_commits_and_it_resumes_where_it_s
         expected.setdefault(key, []).append(msg_id)
     assert await applied(store) == expected
     assert not store.violations
+
+
+async def test_a_batch_that_waited_for_a_slot_takes_what_arrived_meanwhile(bus):
+    """Under load every slot is held by a commit; what arrives while a fetched batch waits for one is
+    applied with it (one apply, one commit, one publish) rather than as batches of its own behind it."""
+    positions = {}
+    store = CheckedStore(positions)
+    store.hold = asyncio.Event()
+    keys = keys_in(0, 1, 8)
+    sizes = []
+
+    async def on_apply(partition, items):
+        sizes.append(len(items))
+
+    eng, logic = engine(bus, store, 1, in_flight=1)
+    logic.on_apply = on_apply
+    task = await run(eng)
+    ids = await publish_inputs(bus, keys[:1], 1, positions)
+    await until(lambda: _true(sizes == [1]))  # applied; its commit is held, so the only slot is too
+
+    async def delivered(n: int) -> bool:
+        return (await bus.js.consumer_info("TOYIN", "toy-p0")).num_ack_pending >= n
+
+    ids += await publish_inputs(bus, keys[1:2], 1, positions, start=1)
+    await until(lambda: delivered(2))
+    await asyncio.sleep(0.2)  # fetched, waiting for the slot
+    ids += await publish_inputs(bus, keys[2:], 1, positions, start=2)
+    await until(lambda: delivered(8))
+    store.hold.set()
+    await until(lambda: all_applied(store, ids))
+    await stop(task)
+    assert sizes == [1, 7]
+    assert await applied(store) == {k: [i] for k, i in zip(keys, ids, strict=True)}
+    assert not store.violations

@@ -9,8 +9,12 @@ outbox, so a process that dies in between loses none). So the checkpoint and the
 ever advance over a contiguous durable prefix, and batch n+1 is applied while batch n is being written.
 
 Fetching: one standing pull request serves many batches (`cdp_kit.bus.consumer.StandingPull`); a
-batch is what has arrived in its inbox. Stopping closes it so nothing more is delivered to it, and what
-was delivered and not handled comes again first to the next owner (restarted at the floor).
+batch is what has arrived in its inbox. A batch that has to wait for a slot (every one held by a
+commit: the store is the bottleneck) takes what arrived in the meantime when it gets one, up to one
+more batch's worth: under load, batches grow instead of queueing, so each commit, publish and
+acknowledgement carries more messages and the cost per message falls as the rate rises. Stopping
+closes the pull so nothing more is delivered to it, and what was delivered and not handled comes again
+first to the next owner (restarted at the floor).
 
 Failure: a commit that fails (or an `apply` that raises) stops the applier; every batch after it fails
 too (the chain), nothing after it is acknowledged. Once the settler has drained, `recover` is called,
@@ -215,11 +219,13 @@ class PartitionPipeline:
             pull, self._pull = self._pull, None
             await pull.close()
 
-    async def _fetch(self) -> list:
+    async def _fetch(self, timeout: float | None = None) -> list:
+        """The next batch (waiting up to `timeout`, the consumer's fetch timeout by default; 0: only what
+        has arrived)."""
         if self._pull is None:  # unbound: only while stopping (`_subscribe`)
             return []
         try:
-            return await self._pull.fetch(self.consumer.fetch_timeout)
+            return await self._pull.fetch(self.consumer.fetch_timeout if timeout is None else timeout)
         except nats.errors.TimeoutError:
             return []
         except PullLost:
@@ -264,7 +270,13 @@ class PartitionPipeline:
                     continue
                 fetched = time.perf_counter()
                 self._record_bus_wait(msgs[0])
-                await self._slots.acquire()
+                if self._slots.locked():
+                    # Every slot is held by a commit: what arrives while this batch waits joins it.
+                    await self._slots.acquire()
+                    if len(msgs) < self.consumer.batch_size:
+                        msgs.extend(await self._fetch(0.0))
+                else:
+                    await self._slots.acquire()
                 # A snapshot waits for a quiescent point. Nothing awaits between the gate and
                 # `_begin` (a set event's wait returns at once), so a snapshot never sees this
                 # pipeline idle while it applies.
