@@ -314,6 +314,19 @@ async def test_a_segment_with_arithmetic_or_field_membership_follows_a_change_of
     assert member_of("p2") == {"allowed"}
 
 
+async def test_a_percentile_inside_arithmetic_follows_the_population_for_every_person(service):
+    await service.feed(*(change(f"p{i}", scores={"clv": float(i)}) for i in range(20)))
+    await service.create("half_top", "scores.clv >= percentile(scores.clv, 90) / 2")
+    engine = service.engine
+    assert sorted(engine.members["half_top"]) == sorted(f"p{i}" for i in range(9, 20))  # at least 17.1 / 2
+    await service.feed(change("p5", scores={"clv": 100.0}), change("p6", scores={"clv": 101.0}))
+    assert {"p5", "p6"} <= set(engine.members["half_top"])
+    # The round moves the percentile to 19 + 0.1 * 81 = 27.1: half of it is 13.55. The persons it passed
+    # over are no one field's range of values, so every person is evaluated again.
+    assert await engine.recompute_percentiles() == 20
+    assert sorted(engine.members["half_top"]) == sorted(["p5", "p6", *(f"p{i}" for i in range(14, 20))])
+
+
 async def test_a_tree_and_the_text_it_stands_for_make_the_same_segment(service, profile):
     """A Struct carries only doubles: the tree's 50 arrives as 50.0. The same definition written either
     way must read back the same and share one computed trait on the profile service."""

@@ -13,7 +13,8 @@ in `percentiles` (key -> value), the mapping every compiled definition's per-pro
   since the epoch, at most one per boundary, and a round's id is its boundary (epoch ms). Between two
   rounds a person changed is evaluated against the value of the last round.
 - When a value moves from a to b, only the persons whose compared value lies between a and b (inclusive)
-  can change their answer: those are evaluated again, with the segments referring to theirs, and every
+  can change their answer (for a percentile inside arithmetic, `>= percentile(x, 90) / 2`, there is no one
+  compared value: every person): those are evaluated again, with the segments referring to theirs, and every
   flip is a transition with reason `percentile` at the boundary's time, cause "q<round>". A round costs
   one pass over the held persons per percentile that changed (reading one field), plus the evaluations
   of those in range.
@@ -386,6 +387,7 @@ class Percentiles:
             return {}
         # (segment, compared field, sub-path, low, high) for each comparison with a moved percentile
         ranges = []
+        everyone: dict[str, Segment] = {}
         for key, (before, after) in moved.items():
             if before is None or after is None:
                 low, high = -math.inf, math.inf
@@ -393,11 +395,15 @@ class Percentiles:
                 low, high = min(before, after), max(before, after)
             for segment, field_name, sub in self.index.percentile_readers.get(key, ()):
                 ranges.append((segment, field_name, sub, low, high))
+            # arithmetic with the percentile compares no one field a range could narrow down: every person
+            everyone.update((segment.id, segment) for segment in self.index.percentile_everyone.get(key, ()))
         affected: dict[str, dict[str, Segment]] = {}
-        if ranges:
+        if ranges or everyone:
             for person_id, person in self.persons.items():
                 if not included(person_id):
                     continue
+                if everyone:
+                    affected.setdefault(person_id, {}).update(everyone)
                 for segment, field_name, sub, low, high in ranges:
                     value = value_at(person.fields, field_name, sub)
                     if value is not None and low <= value <= high:
