@@ -325,6 +325,22 @@ def test_every_operator_literal_and_value_agree():
     assert checked > 1000
 
 
+def test_in_and_contains_against_a_field_agree_for_every_pair_of_values():
+    """Every scalar of the pools against every list (and every value against every value) on both sides of
+    `in` and `contains`: equal under the language's typing (1 = 1.0, never true or "1") in both evaluators."""
+    lists = [v for v in VALUES if isinstance(v, list)] + [[1, 1.0, True, "1"], [False, 0, ""], [JAN_1, 2**53 + 1]]
+    pairs = [(a, b) for a in VALUES for b in lists] + [(b, a) for a in VALUES for b in lists]
+    pairs += [(a, b) for a in VALUES for b in VALUES]
+    records = [{"traits.x": a, "traits.y": b, "traits.n": {"city": a}} for a, b in pairs]
+    columns = Columns.from_records(records)
+    sets = [set() for _ in records]
+    for path in (("traits", "x"), ("traits", "n", "city")):
+        for op in ("in", "contains"):
+            for other in (("traits", "y"), ("traits", "x")):
+                assert_agree(compile_segment(Condition(path, op, FieldRef(other))), columns, records, sets, JAN_1)
+                assert_agree(compile_segment(Condition(other, op, FieldRef(path))), columns, records, sets, JAN_1)
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), node=segments(RECORD_PATHS), now=nows)
 def test_both_evaluators_agree_on_records(data, node, now):
