@@ -361,6 +361,46 @@ async def test_an_error_in_the_tree_names_its_json_path(service):
 
 
 @pytest.mark.parametrize(
+    ("definition", "field", "message"),
+    [
+        (text("scores.x > 1 and\n  scores.y * "), "definition.text", "line 2, column 14: expected a number, a field"),
+        (text('scores.x + "1" > 1'), "definition.text", "line 1, column 12: expected a number, a field"),
+        (text("1 + 2 > 3"), "definition.text", "line 1, column 1: expected a field on one side"),
+        (
+            tree(
+                {
+                    "and": [
+                        {"field": "scores.x", "op": ">", "value": 1},
+                        {"left": {"/": [{"field": "scores.y"}]}, "op": ">", "right": 0},
+                    ]
+                }
+            ),
+            "definition.tree.and[1].left./",
+            "a list of two operands",
+        ),
+        (
+            tree({"field": "scores.x", "op": "!=", "value": {"-": [{"percentile": "scores.x", "percent": 50}, 1]}}),
+            "definition.tree.op",
+            "cannot compare with a percentile",
+        ),
+    ],
+)
+async def test_bad_arithmetic_is_refused_naming_where_and_nothing_is_stored(service, definition, field, message):
+    for call in (service.stub.CreateSegment, service.stub.Estimate):
+        request = (
+            pb.CreateSegmentRequest(id="calc", definition=definition)
+            if call == service.stub.CreateSegment
+            else pb.EstimateRequest(definition=definition)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        [(named, description)] = violations(caught.value)
+        assert named == field and message in description, (named, description)
+    assert list((await service.stub.ListSegments(pb.ListSegmentsRequest())).segments) == []
+
+
+@pytest.mark.parametrize(
     ("call", "request_", "code", "field"),
     [
         (
