@@ -2,7 +2,9 @@
 
 One bucket (`CDP_OWNERSHIP` by default) holds every group's records, keyed
 `<group>.members.<identity>` (the member's heartbeat) and `<group>.partitions.<p>` (the holder's
-identity, empty when free). Writes use the KV's own optimistic concurrency: `create` succeeds only
+identity, empty when free). A group may keep state of its own beside its leases under
+`<group>.<name>...` keys (segmentation: `<group>.percentiles.*`, the per-partition population summaries and
+the decided percentile values, `cdp_segmentation.summaries`); the lease keys never collide with them. Writes use the KV's own optimistic concurrency: `create` succeeds only
 when the key is absent, `update(..., last=revision)` only when nobody wrote since that revision.
 Expiry is the protocol's (a revision unchanged for the TTL), not the bucket's, so the bucket keeps no
 per-key TTL and a member's clock never has to agree with the server's.
