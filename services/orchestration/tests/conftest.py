@@ -73,7 +73,7 @@ class World:
             fetch_timeout=0.2,
             ack_wait=5.0,
         )
-        self.engine = PartitionedEngine(logic, spec, bus=self.bus, store=self.store)
+        self.engine = PartitionedEngine(logic, spec, bus=self.bus, store=self.store, chain=logic.chain)
         await self.engine.start()
         await self.engine.wait_ready()
         return self.engine

@@ -1,6 +1,7 @@
 """Timers and actions across restarts and crashes: a timer scheduled before the engine stops fires after it
 starts again, and an engine killed mid-stream (three times, with timers pending and actions in flight) ends
-where a clean run ends: every action published once, every timer fired once."""
+where a clean run ends: every action published once, every timer fired once. A commit that fails (every
+partition shares one write chain) costs a retry, not the partitions' progress."""
 
 from __future__ import annotations
 
@@ -156,3 +157,48 @@ async def test_timers_pending_when_nats_server_is_killed_fire_once_after_it_retu
     actions = await world.actions()
     assert sorted(a.person_id for a in actions) == people
     assert len(await _fired(world)) == len(people) and set((await _fired(world)).values()) == {1}
+
+
+WAITING = {
+    "id": "waiting",
+    "version": 1,
+    "name": "Waiting",
+    "entry": {"event": "Signed Up"},
+    "reentry": "never",
+    "nodes": [{"id": "wait", "type": "delay", "duration": "1d"}],
+}
+
+
+async def test_a_failed_commit_costs_a_retry_and_every_partition_goes_on(world_factory):
+    # Every partition's commits go through one write chain (group commit): a failed one fails the writes
+    # queued with and after it, whichever partition made them. Each recovers, the chain is reset, and
+    # every event is applied once: one instance per person, in both partitions, also for events sent
+    # after the failure.
+    world = await world_factory()
+    await world.publish_journey(WAITING)
+    await world.start()
+    store = world.store
+    real = store.bulk_write
+    failures = []
+
+    async def failing_once(ops, *args, **kwargs):
+        if not failures:
+            failures.append(len(ops))
+            raise OSError("disk went away for a moment")
+        return await real(ops, *args, **kwargs)
+
+    store.bulk_write = failing_once  # type: ignore[method-assign]
+    people = [f"s{i}" for i in range(12)]
+    assert {world.partition(p) for p in people} == {0, 1}
+    for person in people[:6]:
+        await world.event(person, "Signed Up", f"signup-{person}")
+    await world.eventually(lambda: bool(failures))
+    for person in people[6:]:
+        await world.event(person, "Signed Up", f"signup-{person}")
+
+    async def everyone_entered_once() -> bool:
+        counts = [len(await world.instances(p)) for p in people]
+        assert max(counts) <= 1, counts
+        return min(counts) == 1
+
+    await world.eventually(everyone_entered_once, timeout=30)

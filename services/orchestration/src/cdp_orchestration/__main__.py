@@ -109,7 +109,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         in_flight=1,  # the hot cache may drop only what is durable (engine.py)
         description="orchestration: journeys and the arbiter",
     )
-    engine = PartitionedEngine(logic, spec, bus=bus, store=store)
+    engine = PartitionedEngine(logic, spec, bus=bus, store=store, chain=logic.chain)
     ownership = await engine.start(
         await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
     )

@@ -35,6 +35,12 @@ Invariants:
 - Hot state is a bounded cache per partition (`hot_persons`): persons beyond it are dropped least
   recently used and read back from the store. The engine runs with one batch in flight, so whatever is
   dropped is durable already; a failed commit drops the partition's cache (`recover`).
+- One write chain for every partition (`chain`, handed to the kit's engine): commits submitted while
+  another is being written land together in one store transaction (the chain's group commit). A
+  partition's batches are small at everyday rates, and a transaction per batch (begin, the versions
+  read, commit) was most of what writing one cost. A failed group fails every partition's write in it
+  and after it; each of those partitions recovers (drops its cache, reads back from the store), and the
+  chain is reset once the failure has settled (`recover`).
 - Logs name ids and kinds, never profile values.
 
 Metrics: `cdp.orchestration.decisions` (by kind), `cdp.orchestration.actions` (published, by channel),
@@ -46,12 +52,13 @@ own per-stage metrics come from the kit.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 from opentelemetry import metrics
 
 from cdp_kit.bus import Delivery, subjects
-from cdp_kit.engine import Effects
+from cdp_kit.engine import Effects, WriteChain
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_orchestration import actions, streams, timers
@@ -106,6 +113,8 @@ class OrchestrationLogic:
         self.hot_per_partition = max(1, hot_persons // partitions)
         self.clock_offset = clock_offset
         self.hot: dict[int, Partition] = {}
+        # Shared by every partition's pipeline (group commit, see the module docstring).
+        self.chain = WriteChain(store)
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
         self.m_lateness = meter.create_histogram(
@@ -158,6 +167,11 @@ class OrchestrationLogic:
 
     async def recover(self, partition: int) -> None:
         self.hot.pop(partition, None)
+        # The chain is shared: the writes after the failed one failed with it, whichever partition made them
+        # (each of those recovers too; each partition's next write also waits for its own previous one, so
+        # none lands past a failure of its own partition). Reset once they have all settled.
+        await self.chain.settle()
+        self.chain.reset()
 
     async def _handle(self, hot: Partition, batch: Batch, person: Person, one: Input) -> None:
         now = one.at
@@ -190,12 +204,10 @@ class OrchestrationLogic:
                 timers.arm(self.applier, batch, person, scheduled, now)
         elif kind == "profile":
             updates, removed, cause, merged, split_from = one.data
-            for key, value in updates.items():
-                if value is None:
-                    person.fields.pop(key, None)
-                else:
-                    person.fields[key] = value
-            person.dirty = True
+            # Merges, splits and removals change the person whatever their fields; a plain change only when a
+            # value moved (`_update_fields`).
+            if _update_fields(person.fields, updates) or removed or merged or split_from:
+                person.dirty = True
             if merged:
                 request_handovers(self.partitions, batch, person.person_id, merged, now)
             if split_from:
@@ -287,3 +299,26 @@ class OrchestrationLogic:
                 person.dirty = True
         if not named and actions.named(person):
             actions.attribute_sends(batch, person)
+
+
+def _update_fields(fields: dict[str, Any], updates: dict[str, Any]) -> bool:
+    """Apply a profile change's field updates (None: the field is gone) to a person's view; whether any
+    value changed. Most profile changes move a field, but some move none orchestration keeps (only event
+    ids or groups, or values it already holds), and rewriting the person record for them was most of what a
+    profile change cost here. A value is the same only when it is of the same type and equal: `True == 1.0`
+    in Python, but a boolean is not a number to the segment language; lists and maps count as changed."""
+    changed = False
+    for key, value in updates.items():
+        if value is None:
+            if key in fields:
+                del fields[key]
+                changed = True
+            continue
+        old = fields.get(key, _ABSENT)
+        if type(old) is not type(value) or isinstance(value, (dict, list)) or old != value:
+            fields[key] = value
+            changed = True
+    return changed
+
+
+_ABSENT = object()

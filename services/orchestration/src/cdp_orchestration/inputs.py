@@ -80,6 +80,8 @@ def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
     """The event, keeping only the identifiers identity linked to the person: one it left out (quarantined,
     blocked, over a limit) would not lead an outcome event back to them."""
     found = event(resolved.event)
+    if not resolved.dropped:  # most events: nothing left out
+        return found
     dropped = {d.type for d in resolved.dropped}
     if dropped & {"user_id", "anonymous_id"}:
         found = replace(
@@ -92,7 +94,11 @@ def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
 
 def event(message: events_pb2.Event) -> Event:
     """A resolved event as the domain sees it (its message id, name, type, time, properties, context)."""
-    type_name = events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
+    type_name = _TYPE_NAMES.get(message.type)
+    if type_name is None:
+        type_name = _TYPE_NAMES[message.type] = (
+            events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
+        )
     properties = struct_dict(message.properties) if message.HasField("properties") else {}
     context = context_dict(message.context) if message.HasField("context") else {}
     at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
@@ -106,6 +112,10 @@ def event(message: events_pb2.Event) -> Event:
         user_id=message.user_id,
         anonymous_id=message.anonymous_id,
     )
+
+
+# EventType number -> the name the domain uses ("track"), filled as types are met.
+_TYPE_NAMES: dict[int, str] = {}
 
 
 def context_dict(context: events_pb2.Context) -> dict[str, Any]:
