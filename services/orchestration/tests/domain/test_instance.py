@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from cdp_orchestration.domain.arbiter import Kind
 from cdp_orchestration.domain.document import parse_journey
-from cdp_orchestration.domain.entry import EntryHistory, admit, enters_on_event, enters_on_segment, next_scheduled_entry
+from cdp_orchestration.domain.entry import (
+    EntryHistory,
+    admit,
+    entered_by_event,
+    enters_on_event,
+    enters_on_segment,
+    next_scheduled_entry,
+)
 from cdp_orchestration.domain.instance import (
     ActionOutcome,
     Assigned,
@@ -402,6 +409,26 @@ def test_entry_matching_event_filter_condition_and_segment() -> None:
         {"id": "s", "entry": {"segment": "vip", "on": "exited"}, "nodes": [{"id": "x", "type": "exit"}]}
     )
     assert enters_on_segment(seg, "vip", entered=False) and not enters_on_segment(seg, "vip", entered=True)
+
+
+def test_the_entry_condition_compares_the_entry_event_with_the_person() -> None:
+    # A price drop enters only those who viewed THAT product: the event's sku against the person's list.
+    j = parse_journey(
+        {
+            "id": "j",
+            "entry": {"event": "Price Dropped", "if": "entry.product_id in computed.viewed_skus_30d"},
+            "nodes": [{"id": "x", "type": "exit"}],
+        }
+    )
+    viewed = PersonView("p", {"computed.viewed_skus_30d": ["sku-41", "sku-42"]})
+    drop = event("Price Dropped", T0, product_id="sku-42")
+    assert enters_on_event(j, drop, viewed, T0)
+    assert not enters_on_event(j, event("Price Dropped", T0, product_id="sku-7"), viewed, T0)
+    assert not enters_on_event(j, drop, PersonView("p", {"computed.viewed_skus_30d": ["sku-7"]}), T0)
+    assert not enters_on_event(j, drop, PersonView("p"), T0)  # nothing viewed: no list, no entry
+    assert not enters_on_event(j, event("Price Dropped", T0), viewed, T0)  # no sku on the event
+    assert entered_by_event([j], drop, lambda: viewed, T0) == [j]
+    assert entered_by_event([j], event("Price Dropped", T0, product_id="sku-7"), lambda: viewed, T0) == []
 
 
 def test_scheduled_entry_fires_at_the_crons_time_in_each_persons_zone() -> None:

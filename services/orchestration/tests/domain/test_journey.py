@@ -235,9 +235,9 @@ def test_entry_fields_in_conditions_need_an_entry_that_supplies_them() -> None:
         assert found == [("", "exit[0].condition"), ("b", "nodes.b.branches[0].if"), ("a", "nodes.a.template")]
         assert "entry.total" in caught.value.problems[0].message
         assert "segment or schedule entry" in caught.value.problems[0].message
-    # The entry's own condition decides whether there is an entry at all: it filters the event instead.
-    own = with_nodes(nodes[1], entry={"event": "Cart Abandoned", "if": "entry.total > 1"})
-    assert problems(own) == [("", "entry.if")]
+    # An event entry's own condition reads the event's properties too, beside the person's fields.
+    own = with_nodes(nodes[1], entry={"event": "Cart Abandoned", "if": "entry.total > 2 * traits.avg_order"})
+    assert parse_journey(own).entry.condition.entry_fields == {"entry.total"}
 
 
 def test_an_unknown_event_is_named_by_node_and_field_wherever_it_is_written() -> None:

@@ -31,8 +31,9 @@ A step without "next" ends the instance (completed). Conditions are the segment 
 tree); event filters are `event` (a name or a list of names) plus an optional `where` on the event's
 properties and context (see `conditions`). Branch, wait and exit conditions, and templates, may also read
 the instance's entry fields as `entry.<name>` (`"if": "entry.total > 100"`): the entry event's properties
-or the Enroll call's. A segment or schedule entry brings none, so reading one there is a problem; so is
-reading one in the entry's own `if` (it runs before there is an entry: use `where`).
+or the Enroll call's. A segment or schedule entry brings none, so reading one there is a problem. An event
+entry's own `if` reads the event's properties the same way, beside the person's fields, so it can say
+what its `where` cannot: `entry.product_id in computed.viewed_skus_30d`.
 
 `parse_journey(document, catalogue)` returns a `Journey` or raises `JourneyInvalid` holding EVERY problem
 found, each naming the node id ("" for the journey's own fields) and the field within it, e.g. node
@@ -268,8 +269,8 @@ class _Reader:
                 self.problem(node, f"{at}.event", f"{name!r} is not a known event; check the name's spelling and case")
         return found
 
-    def condition(self, source: Any, at: str, node: str | None, *, entry: bool = True) -> ProfileCondition | None:
-        """A condition; `entry`: whether it runs in an instance (and may read its entry fields)."""
+    def condition(self, source: Any, at: str, node: str | None) -> ProfileCondition | None:
+        """A condition; it may read entry fields where the entry brings them (`entry_reads`)."""
         if source is None:
             self.problem(node, at, "is required: a condition like scores.churn_risk > 0.8")
             return None
@@ -284,16 +285,7 @@ class _Reader:
         if self.catalogue.events is not None:
             for name in sorted(found.event_names - self.catalogue.events):
                 self.problem(node, at, f"{name!r} is not a known event; check the name's spelling and case")
-        if not entry:
-            for name in sorted(found.entry_fields):
-                self.problem(
-                    node,
-                    at,
-                    f"reads {name}, but the entry's own condition runs before there is an entry: "
-                    "test the entry event's properties in where (like properties.total > 100)",
-                )
-        else:
-            self.entry_reads(found.entry_fields, at, node)
+        self.entry_reads(found.entry_fields, at, node)
         return found
 
     def entry_reads(self, names: frozenset[str], at: str, node: str | None) -> None:
@@ -331,7 +323,8 @@ class _Reader:
         if kind == "event":
             self.known_keys(tree, ("event", "where", "if"), "entry", None)
             event = self.event(tree, "entry", None)
-            condition = self.condition(tree["if"], "entry.if", None, entry=False) if "if" in tree else None
+            # The event's properties are its entry fields here too (`entry.enters_on_event` passes them).
+            condition = self.condition(tree["if"], "entry.if", None) if "if" in tree else None
             return EventEntry(event, condition) if event is not None else None
         if kind == "segment":
             self.known_keys(tree, ("segment", "on"), "entry", None)

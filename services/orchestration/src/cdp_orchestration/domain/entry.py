@@ -1,7 +1,8 @@
 """Who enters a journey, and when: the entry triggers and the entry decision.
 
 - `enters_on_event`, `enters_on_segment`, `enters_on_api`: whether a trigger matches a journey's entry (an
-  event's name and filter and the entry's profile condition; a segment entered or exited; an Enroll call).
+  event's name and filter and the entry's condition, which reads the event's properties as `entry.<name>`,
+  as the instance it starts will; a segment entered or exited; an Enroll call).
   `entered_by_event` answers `enters_on_event` for several journeys at once, converting the event once and
   building the person's view only if an entry condition is reached, once.
 - `next_scheduled_entry`: a scheduled journey's next slot for one person, its cron read in their zone;
@@ -67,7 +68,7 @@ def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float
     entry = journey.entry
     if not isinstance(entry, EventEntry) or not entry.event.matches(event):
         return False
-    return entry.condition is None or entry.condition.holds(view, now)
+    return entry.condition is None or entry.condition.holds(view, now, event.properties)
 
 
 def entered_by_event(
@@ -88,7 +89,7 @@ def entered_by_event(
         if entry.condition is not None:
             if person is None:
                 person = view()
-            if not entry.condition.holds(person, now):
+            if not entry.condition.holds(person, now, event.properties):
                 continue
         entered.append(journey)
     return entered
