@@ -226,7 +226,14 @@ def bench_fraud(models: Mapping[str, LoadedModel], population: Population, field
     anomaly = served(models["fraud_anomaly"], fields, population.fraud_at)["fraud_anomaly"]
     signals = {
         name: count(fields, name)
-        for name in ("devices_24h", "geo_mismatch_24h", "cards_24h", "countries_24h", "accounts_24h")
+        for name in (
+            "devices_24h",
+            "geo_mismatch_24h",
+            "cards_24h",
+            "countries_24h",
+            "accounts_24h",
+            "shared_device_accounts_24h",
+        )
     }
     candidates = {"devices_24h + geo_mismatch_24h": signals["devices_24h"] + signals["geo_mismatch_24h"], **signals}
     baseline, baseline_auc, aucs = strongest(y, candidates)

@@ -1,6 +1,7 @@
 """Training features are production features: hand-written Segment events go through the collector's
 parser, the profile service's conversion and the profile domain, and the scoring domain's assembler turns
-the flat profile fields into exactly the rows worked out here by hand."""
+the flat profile fields into exactly the rows worked out here by hand. A simulated fraud ring's events go
+through identity's default rules too, and the profile its last order lands on gives the simulator's row."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
+from cdp_identity.codec import encode_resolved, event_time_ms
+from cdp_identity.domain.graph import IdentityGraph
+from cdp_identity.domain.normalize import Normalizer
+from cdp_identity.domain.rules import MergeRules
+from cdp_identity.extract import Extractor
 from cdp_profile.domain import ComputedTraits
 from cdp_profile.events import to_profile_event
 from cdp_scoring.domain import FeatureAssembler, ModelSpec
-from cdp_training.dataset import fields_at
+from cdp_training.dataset import fields_at, matrix
+from cdp_training.simulator import Population
 from cdp_training.traits import (
     CLV_FEATURES,
     COMPUTED_TRAITS,
@@ -130,7 +137,13 @@ def fields() -> dict:
             "batch", orjson.dumps({"batch": [segment]}), received_at=datetime(2026, 1, 1, tzinfo=UTC), source_id="web"
         )
         (event,) = [e for _, e in parsed.valid()]
-        resolved = events_pb2.ResolvedEvent(event=event, person_id="p-1", identifiers=[f"user_id:{event.user_id}"])
+        resolved = events_pb2.ResolvedEvent(
+            event=event,
+            person_id="p-1",
+            identifiers=[f"user_id:{event.user_id}"],
+            # identity saw two other persons on the New York laptop (see ResolvedEvent.shared_with)
+            shared_with={"device_id": 2} if event.message_id == "m10" else {},
+        )
         profile_events.append(to_profile_event(resolved, needs_context=True))
     defs = ComputedTraits.from_dicts(list(COMPUTED_TRAITS.values()))
     (at_cutoff,) = fields_at("p-1", profile_events, defs, [CUTOFF])
@@ -227,6 +240,7 @@ def test_fraud_features(fields):
             "card_countries_24h": 1,
             "geo_mismatch_24h": 1,  # a BR card ordering from the US
             "accounts_24h": 2,  # u-3 and u-2; u-1 signed up 100 days ago
+            "shared_device_accounts_24h": 2,  # identity's count on the New York order
             "max_order_total_24h": 150.0,
             "account_age_days": 100 - 2 / DAY,
             "orders_total": 2,
@@ -260,3 +274,63 @@ def test_next_best_channel_features(fields):
             "plan": 1,
         },
     )
+
+
+def _through_identity(events: list[dict]) -> list[events_pb2.ResolvedEvent]:
+    """Segment events as production resolves them: the collector's parser, identity's extraction and
+    default rules, the resolved event's bytes as identity writes them."""
+    rules = MergeRules.default()
+    extractor, normalizer, graph = Extractor(rules), Normalizer(rules), IdentityGraph(rules)
+    out = []
+    for n, segment in enumerate(events):
+        parsed = parse_request(
+            "batch", orjson.dumps({"batch": [segment]}), received_at=datetime(2026, 1, 1, tzinfo=UTC), source_id="web"
+        )
+        (event,) = [e for _, e in parsed.valid()]
+        identifiers, _rejected = normalizer.normalize(extractor.extract(event))
+        resolution = graph.resolve(identifiers, event_id=f"e{n}", at=event_time_ms(event))
+        encoded = encode_resolved(
+            event.SerializeToString(), resolution.person, (), [i.key for i in identifiers], resolution.shared
+        )
+        out.append(events_pb2.ResolvedEvent.FromString(encoded))
+    return out
+
+
+def test_a_fraud_ring_seen_through_identitys_default_rules_gives_the_simulators_fraud_row(population: Population):
+    """Each of a ring's accounts is a person to identity (one user id per person); the order at the fraud
+    moment lands on its account's profile, and identity's counts of the other accounts on the device
+    give the same `shared_device_accounts_24h` - and every other fraud feature - as the simulator's row."""
+    spec = ModelSpec.from_dict(
+        {
+            "name": "parity",
+            "version": "1",
+            "features": FRAUD_FEATURES,
+            "outputs": [{"score": "s", "output": "o"}],
+            "computed_traits": traits_for(FRAUD_FEATURES),
+        }
+    )
+    defs = ComputedTraits.from_dicts(traits_for(FRAUD_FEATURES))
+    shared_column = [f["name"] for f in FRAUD_FEATURES].index("shared_device_accounts_24h")
+    checked = 0
+    for person in range(population.size):
+        apart = population.fraud_events(person, population.cutoff)
+        if apart is None or not population.traits["fraud_ring"][person]:
+            continue
+        at = float(population.fraud_at[person])
+        (simulated,) = fields_at("p", apart, defs, [at])
+        expected = matrix(spec, [simulated], at)[0]
+        if expected[shared_column] == 0:
+            continue  # a ring whose accounts never met on a device within the day
+        resolved = _through_identity(population.segment_events(person, population.cutoff))
+        (order,) = [
+            r for r in resolved if r.event.event == "Order Completed" and event_time_ms(r.event) == round(at * 1000)
+        ]
+        landed = [to_profile_event(r, needs_context=True) for r in resolved if r.person_id == order.person_id]
+        assert {e.user_id for e in landed} == {order.event.user_id}, "the profile holds one account's events"
+        (production,) = fields_at("p", landed, defs, [at])
+        got = matrix(spec, [production], at)[0]
+        assert got.tolist() == pytest.approx(expected.tolist(), nan_ok=True), person
+        checked += 1
+        if checked == 5:
+            break
+    assert checked == 5, "the test population has rings whose accounts share a device"

@@ -12,7 +12,7 @@ from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
 from cdp_profile.domain.computed import local_hour
 from cdp_profile.events import to_profile_event
-from cdp_training.simulator import CHANNELS, CITIES, Kind, RegimeShift, simulate
+from cdp_training.simulator import CHANNELS, CITIES, Kind, RegimeShift, identity_sharing, simulate
 
 REQUIRED = {"type", "messageId", "userId", "anonymousId", "context", "timestamp"}
 
@@ -54,9 +54,15 @@ def test_fraudsters_show_the_fraud_signals(population, fields):
     def feature(name):
         return np.array([float(f.get(f"computed.{name}", 0) or 0) for f in fields.at_fraud])
 
-    for name in ("cards_24h", "countries_24h", "accounts_24h", "geo_mismatch_24h", "ips_24h", "orders_24h"):
+    for name in ("cards_24h", "geo_mismatch_24h", "ips_24h", "orders_24h", "shared_device_accounts_24h"):
         values = feature(name)
         assert values[fraud].mean() > 1.5 * values[~fraud].mean() + 0.1, name
+    # The fraud moment reads the profile of the account that placed the order (identity's default rules:
+    # one user id per person), so what a ring shows across its accounts - sign-ups, places - shows only
+    # in part there; the other accounts on its device show in shared_device_accounts_24h.
+    for name in ("countries_24h", "accounts_24h"):
+        values = feature(name)
+        assert values[fraud].mean() > values[~fraud].mean(), name
     speed = feature("max_speed_kmh_24h")
     assert np.mean(speed[fraud] > 1000) > 3 * np.mean(speed[~fraud] > 1000)  # impossible travel
     age = np.array(
@@ -200,3 +206,29 @@ def test_churn_risk_labels_a_lapse_a_month_on_not_an_absence_already_under_way()
     soon = (t >= people.cutoff) & (t < people.cutoff + 30 * 86400.0)
     leaving = out.lapsed & (np.bincount(person[soon], minlength=people.size) > 0)
     assert leaving.sum() > 30
+
+
+def test_identity_sharing_counts_the_other_accounts_on_a_device_in_the_day_before_each_event():
+    """As identity's default rules count them (`ResolvedEvent.shared_with`): the device belongs to the
+    first account seen on it; an event counts the others seen on it in the last day, the owner included,
+    itself not; a device on one account only counts nothing."""
+    minute, day = 60.0, 86_400.0
+    times = [0.0, minute, 2 * minute, 3 * minute, 4 * minute, day + 1.5 * minute, 3 * day]
+    accounts = [0, 1, 2, 0, 1, 0, 0]
+    devices = [2, 2, 2, 2, 3, 2, 2]
+    counts = [c.get("device_id", 0) for c in identity_sharing(times, accounts, devices)]
+    assert counts == [0, 1, 2, 2, 0, 1, 0]  # device 3 is account 1's alone; a day on, only account 2 is recent
+
+
+def test_the_fraud_moment_of_a_ring_reads_its_own_accounts_events_only(population):
+    rings = [p for p in range(population.size) if population.traits["fraud_ring"][p]]
+    several = [p for p in rings if population.fraud_events(p, population.cutoff) is not None]
+    assert several, "some rings open several accounts"
+    for person in several:
+        events = population.fraud_events(person, population.cutoff)
+        assert len({e.user_id for e in events}) == 1
+        assert any(e.at == population.fraud_at[person] and e.name == "Order Completed" for e in events)
+    single = next(
+        p for p in range(population.size) if not (population.traits["fraud_ring"] | population.traits["family"])[p]
+    )
+    assert population.fraud_events(single, population.cutoff) is None

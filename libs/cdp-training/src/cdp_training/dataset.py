@@ -2,6 +2,8 @@
 
 Each simulated person's events go through `cdp_profile.domain.Profile` with the models' computed-trait
 definitions, one event at a time and with `now` = the event's time, as the profile service applies them.
+The fraud moment reads the profile its order lands on under identity's default rules: a person with
+several accounts (a fraud ring, a family) is one profile per account there (`Population.fraud_events`).
 At each scoring moment the profile's view is read as the flat fields the scoring service keeps
 ("computed.orders_90d", "traits.plan", "consent.channel:email", "scores.x"), and the scoring domain's
 `FeatureAssembler` turns those into the model's row. No feature is computed anywhere else.
@@ -78,12 +80,14 @@ def _chunk_fields(population: Population, definitions: list[Mapping[str, Any]]) 
     at_cutoff, at_fraud = [], []
     for person in range(population.size):
         fraud_at = float(population.fraud_at[person])
-        fraud, cutoff = fields_at(
-            population.person_id(person),
-            population.profile_events(person, population.cutoff),
-            defs,
-            [fraud_at, population.cutoff],
-        )
+        person_id = population.person_id(person)
+        events = population.profile_events(person, population.cutoff)
+        apart = population.fraud_events(person, population.cutoff)
+        if apart is None:
+            fraud, cutoff = fields_at(person_id, events, defs, [fraud_at, population.cutoff])
+        else:  # several accounts: the fraud order lands on its own account's profile (identity's defaults)
+            (cutoff,) = fields_at(person_id, events, defs, [population.cutoff])
+            (fraud,) = fields_at(person_id, apart, defs, [fraud_at])
         at_fraud.append(fraud)
         at_cutoff.append(cutoff)
     return PopulationFields(at_cutoff, at_fraud)

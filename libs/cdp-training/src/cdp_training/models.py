@@ -56,6 +56,9 @@ from cdp_training.traits import (
 # up), take quiet spells and come back, or come most days; churn risk predicts a lapse a month on.
 VERSION = "1.1.0"
 CLV_VERSION = "1.2.0"  # 1.1.0: repeat orders count as purchase occasions, at most one a day; 1.2.0: as VERSION
+# 1.2.0: the fraud models read the profile the order lands on under identity's default rules (one user id
+# per person: a ring's accounts are persons of their own) and the other accounts identity saw on its device.
+FRAUD_VERSION = "1.2.0"
 OWNER = "cdp"
 INPUT = "features"
 LIGHTGBM_OPSET = 15  # the newest onnxmltools converts LightGBM to
@@ -453,6 +456,7 @@ def fraud_risk(data: Data) -> Built:
         training=training,
         quality=quality,
         test_row=X_test[int(np.flatnonzero(y_test == 1)[0])],
+        version=FRAUD_VERSION,
     )
 
 
@@ -492,6 +496,7 @@ def fraud_anomaly(data: Data) -> Built:
         training=training,
         quality=quality,
         test_row=X_test[int(np.flatnonzero(y_test == 1)[0])],
+        version=FRAUD_VERSION,
     )
 
 

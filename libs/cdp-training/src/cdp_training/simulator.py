@@ -40,6 +40,11 @@ Behaviour, roughly:
 A fraud model scores an order as it happens, so each person also gets a fraud scoring moment: the last
 order of a fraudster's burst, otherwise one of the person's orders (an unusual one, for half the
 travellers and spree shoppers) or their last event.
+
+Identity's default rules allow one user id per person, so a ring's (or a family's) accounts are persons of
+their own in production: the order at the fraud moment lands on its account's profile, which holds only
+that account's events, each carrying how many other accounts identity saw on its device in the day before
+it (`fraud_events`, `identity_sharing`). The other models read the simulated person as a whole.
 """
 
 from __future__ import annotations
@@ -390,6 +395,26 @@ class Population:
         """One person's events (before `until`) as the profile service applies them after identity."""
         return [_profile(event) for event in self._events(person, until)]
 
+    def fraud_events(self, person: int, until: float | None = None) -> list[ProfileEvent] | None:
+        """The events (before `until`) of the profile the fraud scoring order lands on under identity's
+        default rules: only its own account's, each with `shared` as identity fills it (see
+        `identity_sharing`). None when the person has a single account: that is `profile_events`."""
+        rows = self.rows(person, until)
+        accounts = self.table["account"][rows.start : rows.stop]
+        if not accounts.any():
+            return None
+        times = self.table["t"][rows.start : rows.stop]
+        scoring = max(int(np.searchsorted(times, self.fraud_at[person], side="right")) - 1, 0)
+        account = int(accounts[scoring])
+        accounts_list = accounts.tolist()
+        shared = identity_sharing(times.tolist(), accounts_list, self.table["device"][rows.start : rows.stop].tolist())
+        events = self._events(person, until)
+        return [
+            _profile(event, counts)
+            for event, owner, counts in zip(events, accounts_list, shared, strict=True)
+            if owner == account
+        ]
+
     def iter_segment_events(self, until: float | None = None) -> Iterator[dict[str, Any]]:
         """Everyone's events, person after person."""
         for person in range(self.size):
@@ -553,7 +578,48 @@ def _segment(event: _Event) -> dict[str, Any]:
     return out
 
 
-def _profile(event: _Event) -> ProfileEvent:
+# What identity counts in `ResolvedEvent.shared_with` (cdp_identity.domain.graph): persons seen with an
+# identifier in the day before the event, evidence of one person noted at most once a minute.
+SHARED_WINDOW = DAY
+CONFLICT_REFRESH = 60.0
+_NOT_SHARED: dict[str, int] = {}
+_SHARED_COUNTS: dict[int, dict[str, int]] = {}
+
+
+def identity_sharing(times: list[float], accounts: list[int], devices: list[int]) -> list[dict[str, int]]:
+    """Per event of one simulated person (in time order), the `shared_with` identity's default rules give
+    it: every account is a person of its own (one user id per person), a device - and its anonymous id,
+    which the simulator derives from the device - belongs to the first account seen on it, and each other
+    account seen on it is noted with the time (`IdentifierState.conflicts`). An event counts the accounts
+    noted on its device in the day before it, plus the device's owner, less its own account; none when
+    nobody was noted in that day."""
+    owners: dict[int, int] = {}
+    notes: dict[int, dict[int, float]] = {}
+    out: list[dict[str, int]] = []
+    for at, account, device in zip(times, accounts, devices, strict=True):
+        owner = owners.setdefault(device, account)
+        noted = notes.setdefault(device, {})
+        if account != owner:
+            last = noted.get(account)
+            if last is None or not 0 <= at - last < CONFLICT_REFRESH:
+                noted[account] = at
+        horizon = at - SHARED_WINDOW
+        others = {other for other, seen in noted.items() if seen >= horizon}
+        if others:
+            others.add(owner)
+            others.discard(account)
+        count = len(others)
+        if not count:
+            out.append(_NOT_SHARED)
+            continue
+        counts = _SHARED_COUNTS.get(count)
+        if counts is None:
+            counts = _SHARED_COUNTS[count] = {"device_id": count, "anonymous_id": count}
+        out.append(counts)
+    return out
+
+
+def _profile(event: _Event, shared: dict[str, int] = _NOT_SHARED) -> ProfileEvent:
     # identifiers as identity's default rules extract them, strongest first
     identifiers = [f"user_id:{event.user_id}"]
     if event.type == "identify" and "email" in event.payload:
@@ -574,6 +640,7 @@ def _profile(event: _Event) -> ProfileEvent:
         context=event.context,
         user_id=event.user_id,
         anonymous_id=event.anonymous_id,
+        shared=shared,
     )
 
 
@@ -956,12 +1023,16 @@ class _Simulation:
         hopping = (rng.random(rings.size) < 0.5) & ~careful
         proxies = self._proxies(rings.size, careful)
         extra = np.repeat(np.arange(rings.size), accounts - 1)
+        first_extra = np.cumsum(accounts - 1) - (accounts - 1)  # each ring's first row in `extra`
+        # the ring's further accounts, numbered 1, 2, ... in the order they sign up
+        signed = start[extra] + rng.random(extra.size) * hours[extra] * HOUR
+        signed = signed[np.lexsort((signed, extra))]
         self.rows.add(
             rings[extra],
-            start[extra] + rng.random(extra.size) * hours[extra] * HOUR,
+            signed,
             Kind.SIGNED_UP,
             device=2 + rng.integers(0, devices[extra]),
-            account=1 + (np.arange(extra.size) - np.repeat(np.cumsum(accounts - 1) - (accounts - 1), accounts - 1)),
+            account=1 + (np.arange(extra.size) - np.repeat(first_extra, accounts - 1)),
             ip=proxies[0][extra] + rng.integers(0, proxies[1][extra]),
             flag=FRAUD_BURST,
         )
@@ -975,16 +1046,28 @@ class _Simulation:
         city = np.where(hopping[k], rng.integers(0, len(CITIES), k.size), self.home[who])
         foreign_card = (rng.random(k.size) < 0.55) & ~careful[k]
         card_country = np.where(foreign_card, rng.integers(0, len(COUNTRIES), k.size), _CITY_COUNTRY[city])
+        device = 2 + rng.integers(0, devices[k])
+        ip = proxies[0][k] + rng.integers(0, proxies[1][k])
+        total = np.round(rng.gamma(2.0, 50.0, k.size) + 5, 2)
+        drawn = rng.integers(0, accounts[k])
+        # an order comes from an account that has signed up by then (the first one always has)
+        ready = np.array(
+            [
+                1 + int(np.searchsorted(signed[first_extra[r] : first_extra[r] + accounts[r] - 1], at, side="right"))
+                for r, at in zip(k.tolist(), t.tolist(), strict=True)
+            ],
+            dtype=np.int64,
+        )
         self.add_orders(
             who,
             t,
-            device=2 + rng.integers(0, devices[k]),
+            device=device,
             city=city,
-            ip=proxies[0][k] + rng.integers(0, proxies[1][k]),
+            ip=ip,
             card=card,
             card_country=card_country,
-            total=np.round(rng.gamma(2.0, 50.0, k.size) + 5, 2),
-            account=rng.integers(0, accounts[k]),
+            total=total,
+            account=drawn % ready,
             flag=FRAUD_BURST,
         )
         # takeovers: the owner seen at home, then hours later a new device elsewhere with new cards

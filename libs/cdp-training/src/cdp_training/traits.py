@@ -94,6 +94,8 @@ COMPUTED_TRAITS: dict[str, dict[str, Any]] = {
         _op("card_countries_24h", "unique_count", "card_country", ORDER, "24h"),
         _op("geo_mismatch_24h", "mismatch_count", "card_country", ORDER, "24h", compare="$context.location.country"),
         _op("accounts_24h", "unique_count", "$user_id", ["Signed Up"], "24h"),
+        # other accounts (persons, to identity) seen on the person's device in a day, as identity counts them
+        _op("shared_device_accounts_24h", "max", "$shared.device_id", CLIENT_EVENTS, "24h", "any"),
         _op("max_order_total_24h", "max", "total", ORDER, "24h"),
     ]
 }
@@ -182,6 +184,7 @@ FRAUD_FEATURES: list[dict[str, Any]] = [
     computed("card_countries_24h"),
     computed("geo_mismatch_24h"),
     computed("accounts_24h"),
+    computed("shared_device_accounts_24h"),
     computed("max_order_total_24h"),
     days_since("account_age_days", "signed_up_at", 0.0),
     computed("orders_total"),
