@@ -472,3 +472,181 @@ async def test_replicas_that_split_the_partitions_agree_on_one_percentile_over_t
     finally:
         for replica in (a, b):
             await replica.stop()
+
+
+def split(i: int) -> StaticOwnership:
+    return StaticOwnership(partitions=PARTITIONS, ordinal=i, replicas=2)
+
+
+async def entries(nats_url: str, segment: str) -> list[str]:
+    return sorted(e.person_id for e in await transitions(nats_url) if e.segment_id == segment and e.entered)
+
+
+async def test_a_replica_adopting_a_segment_another_replica_already_built_holds_its_own_members(world, nats_server):
+    """Replicas a and b split the partitions; a creates a segment and its build is done (its persons'
+    entries published) before b follows the announcement: b's persons are members on b, each entry is
+    on the stream once, and b evaluates the segment in real time from then on."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await define(a, "high", "traits.level > 0")
+        await b.engine.reload(orjson.dumps({"segment": "high"}).decode())  # the announcement, after a's build
+        await b.engine.wait_live("high")
+        inside = {p for p, level in levels.items() if level > 0}
+        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+        assert held_by_b and held_by_b != inside
+        assert b.engine.members.get("high", set()) == held_by_b
+        page, _more, total = b.engine.list_members("high", after="", limit=100)
+        assert [p for p, _since in page] == sorted(held_by_b) and total == len(held_by_b)
+
+        async def published() -> bool:
+            return len(await entries(nats_server.url, "high")) >= len(inside)
+
+        await until(published, "every member's entry published")
+        await asyncio.sleep(0.3)
+        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
+        # From now on b evaluates it on every change of its persons.
+        leaving = sorted(held_by_b)[0]
+        subject = subjects.profiles_changed(partition_for(leaving, PARTITIONS))
+        await js.publish(
+            subject, profile_pb2.ProfileChangedBatch(changes=[change(leaving, T0 + 1, level=0)]).SerializeToString()
+        )
+
+        async def exited() -> bool:
+            return any(not e.entered for e in await transitions(nats_server.url))
+
+        await until(exited, "the exit of a person b holds")
+        assert leaving not in b.engine.members["high"]
+    finally:
+        for replica in (a, b):
+            await replica.stop()
+
+
+async def test_a_replica_starting_after_another_built_a_segment_holds_its_own_members(world, nats_server):
+    """b is down (its partitions snapshotted without the segment) while a creates and builds a segment;
+    when b starts again, its persons are members there and each entry is on the stream once."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    replicas = [a]
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await b.stop()  # snapshotted: its persons, no segment yet
+        await define(a, "high", "traits.level > 0")
+        await a.engine.snapshot()
+        b = await Replica("b", store, nats_server.url, clock).start(split(1))
+        replicas.append(b)
+        await b.engine.wait_live("high")
+        inside = {p for p, level in levels.items() if level > 0}
+        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+        assert held_by_b and held_by_b != inside
+        assert b.engine.members.get("high", set()) == held_by_b
+        assert all("high" in b.engine.membership(p) for p in held_by_b)
+
+        async def published() -> bool:
+            return len(await entries(nats_server.url, "high")) >= len(inside)
+
+        await until(published, "every member's entry published")
+        await asyncio.sleep(0.3)
+        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_partitions_handed_over_after_a_build_elsewhere_have_their_members(world, nats_server):
+    """a builds a segment while b, down, holds the other partitions' snapshot; then a serves every
+    partition: b's persons are members on a, a's own are not published again."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    replicas = []
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await b.stop()
+        await define(a, "high", "traits.level > 0")
+        await a.stop()
+        alone = await Replica("a", store, nats_server.url, clock).start(
+            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
+        )
+        replicas.append(alone)
+        inside = {p for p, level in levels.items() if level > 0}
+        assert alone.engine.members.get("high", set()) == inside
+
+        async def published() -> bool:
+            return len(await entries(nats_server.url, "high")) >= len(inside)
+
+        await until(published, "every member's entry published")
+        await asyncio.sleep(0.3)
+        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_a_partition_arriving_while_a_segment_is_built_goes_live_with_it(world, nats_server):
+    """A partition arrives after the build evaluated the population and before it goes live (its persons,
+    loaded from the snapshot, were not in the population): they go live with the others, at once."""
+    store, _js = world
+    clock = Clock(T0)
+    persons = {f"p{i:02d}": partition_for(f"p{i:02d}", PARTITIONS) for i in range(24)}
+    here = sorted(p for p, q in persons.items() if q == 0)
+    there = sorted(p for p, q in persons.items() if q == 1)
+    assert here and there
+
+    def levels(who: list[str]) -> profile_pb2.ProfileChangedBatch:
+        return profile_pb2.ProfileChangedBatch(changes=[change(p, T0, level=1) for p in who])
+
+    async def nothing_after(_after: int):
+        return
+        yield
+
+    async with Bus.connect(nats_server.url, name="segmentation-arrival") as bus:
+
+        def engine(owned: list[int]) -> SegmentationEngine:
+            return SegmentationEngine(
+                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
+            )
+
+        before = engine([1])
+        await before.start()
+        await before.handle([Delivery(levels(there), subjects.profiles_changed(1), 1)])
+        await before.stop()  # partition 1's snapshot
+        replica = engine([0])
+        await replica.start()
+        try:
+            await replica.handle([Delivery(levels(here), subjects.profiles_changed(0), 1)])
+            segment = await replica.create("high", parse("traits.level > 0"))
+            async with replica._lifecycle_lock:  # the build waits here to go live
+
+                async def evaluated() -> bool:
+                    return segment.total > 0 and segment.done == segment.total
+
+                await until(evaluated, "the population evaluated")
+                await replica.arrive(1, nothing_after)
+            await replica.wait_live("high")
+            assert replica.members["high"] == set(here) | set(there)
+            assert all("high" in replica.membership(p) for p in there)
+            assert await entries(nats_server.url, "high") == sorted(here + there)
+        finally:
+            await replica.stop()

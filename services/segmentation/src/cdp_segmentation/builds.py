@@ -9,6 +9,13 @@ Before a build or an estimate, the computed traits its event conditions need are
 service, backfilled there, and their values received here (`caught_up`: every owned partition applied
 up to the PROFILES stream's end as of the call). A build a crash interrupted starts again on the next
 start (`resume_builds`): its transitions keep their ids, so JetStream drops what was published before.
+A partition that arrives while a build runs (its persons were not in the population) goes live with it:
+its persons are evaluated one by one as the build goes live.
+
+A segment another replica built is adopted (`adopt`: the announcement came once its build was done):
+the persons of every served partition are brought to the live definition as the build would have
+brought them (`_adopt_now`, under the build's ids), and so is each partition arriving later whose
+snapshot does not include that version (engine.py, `arrive`).
 
 `Builds` is the part of `SegmentationEngine` that does this; the state it reads is set up in the
 engine's `__init__`.
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +85,15 @@ class Builds:
                     current = self.members.get(segment.id, set())
                     # (Persons of a partition that moved to another replica meanwhile are not held.)
                     new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in self.persons}
+                    # Persons of a partition that arrived meanwhile were not in the population: evaluated
+                    # now, one by one, so they go live with the others (neither left as the previous
+                    # definition had them nor sent out as exits).
+                    evaluated = set(persons)
+                    new |= {
+                        p
+                        for p, person in self.persons.items()
+                        if p not in evaluated and compiled.predicate(person.fields, person.members, now)
+                    }
                     entered, exited = sorted(new - current), sorted(current - new)
                     by_partition: dict[int, list[Transition]] = {}
                     for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
@@ -140,6 +156,81 @@ class Builds:
         finally:
             if touched in self._touched:
                 self._touched.remove(touched)
+
+    async def adopt(self, segment: Segment) -> None:
+        """A live segment another replica built (its announcement came after the build was done): the
+        persons of every partition served here are brought to its definition (`_adopt_now`); a partition
+        arriving later catches up at its arrival (engine.py, `arrive`)."""
+        async with self._quiet():
+            async with self.held.mutating():
+                self._reindex()
+                # Values its percentiles compare with, until the next round (due: stale) sets the shared ones.
+                missing = [spec for spec in segment.compiled.percentiles if spec.key not in self.percentiles]
+                if missing:
+                    self.percentiles.update(self.exact_percentiles(missing))
+                    self.percentiles_stale = True
+                active, partition_of = self.active, self._partition
+                held = sorted(p for p in self.persons if partition_of(p) in active)
+                by_partition = self._adopt_now([segment], held, now=self.clock())
+                await self._publish_durably(
+                    [m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)]
+                )
+        await self.snapshot()
+        log.info("segment adopted", extra={"segment": segment.id, "version": segment.version})
+
+    def _adopt_now(
+        self, segments: Iterable[Segment], persons: Sequence[str], *, now: float
+    ) -> dict[int, list[Transition]]:
+        """Bring `persons` (sorted) to live `segments` they were never evaluated for here: another replica
+        built them, or the snapshot they were loaded from is of an earlier version. What the build would
+        have done for them: each flip is a transition under the build's id (segment, person, `v<version>`,
+        exits then entries, each in person order), so a copy the builder published already is a JetStream
+        duplicate; then the segments referring to one that flipped are evaluated again as after a build
+        (`v<version>r<seq>`). The transitions, by partition."""
+        order = {segment_id: n for n, segment_id in enumerate(self.index.order)}
+        by_partition: dict[int, list[Transition]] = {}
+        for segment in sorted(segments, key=lambda s: order.get(s.id, len(order))):
+            segment_id, cause = segment.id, f"v{segment.version}"
+            reason = "created" if segment.version == 1 else "updated"
+            flips: dict[bool, list[str]] = {False: [], True: []}
+            for person_id in persons:
+                person = self.persons.get(person_id)
+                if person is None:
+                    continue
+                inside = segment.predicate(person.fields, person.members, now)
+                if inside is not (segment_id in person.members):
+                    flips[inside].append(person_id)
+                if segment.timed:
+                    self._schedule(person_id, person, now)
+            members = self.members.setdefault(segment_id, set())
+            for inside in (False, True):
+                for person_id in flips[inside]:
+                    person = self.persons[person_id]
+                    if inside:
+                        person.members[segment_id] = segment.updated_at
+                        members.add(person_id)
+                    else:
+                        person.members.pop(segment_id, None)
+                        members.discard(person_id)
+                    self.held.mark(person_id)
+                    by_partition.setdefault(self._partition(person_id), []).append(
+                        Transition(person_id, segment_id, inside, segment.updated_at, reason, segment.version, cause)
+                    )
+            readers = tuple(r for r in self.index.readers_of(segment) if r[0].id != segment_id)
+            if readers:
+                for person_id in sorted(flips[False] + flips[True]):
+                    person = self.persons[person_id]
+                    self._evaluate(
+                        person_id,
+                        person,
+                        readers,
+                        now=now,
+                        at=now,
+                        reason="updated",
+                        cause=f"v{segment.version}r{person.seq}",
+                        out=by_partition.setdefault(self._partition(person_id), []),
+                    )
+        return by_partition
 
     async def _reevaluate(self, persons: Iterable[str], segment: Segment) -> None:
         async with self.held.mutating():

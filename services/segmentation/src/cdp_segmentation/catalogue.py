@@ -4,7 +4,8 @@ A segment is `building` until its first whole-population build (builds.py) is do
 build that fails leaves it `failed` (a definition that went live before keeps serving: `serving`). An
 update keeps the live definition serving while the new one (`pending`) is built. Definitions are stored
 in `segmentation_segments` and announced on `segmentation.segments.changed`, so every replica follows
-a create, an update or a delete made on another (`reload`).
+a create, an update or a delete made on another (`reload`); a segment already live when this replica
+hears of it is adopted over the persons held here (builds.py), never taken as it is.
 
 Computed traits on the profile service belong to the definitions that read them: a definition may need
 at most `max_computed_traits` of them, and a trait is deleted on the profile service as soon as nothing
@@ -328,6 +329,9 @@ class Catalogue:
                 self.segments[segment_id] = loaded
                 if loaded.state == BUILDING:
                     self._start_build(loaded, reason="updated" if loaded.serving else "created")
+                elif loaded.serving:
+                    # Built on the other replica before this one heard of it: its persons only (builds.py).
+                    await self.adopt(loaded)
                 return
             current.name, current.description, current.updated_at = loaded.name, loaded.description, loaded.updated_at
             if loaded.building_version > current.building_version:

@@ -21,6 +21,8 @@ Durability follows cdp_kit.held: nothing is written per person per change. Field
 person's stream position are snapshotted every few seconds at a quiescent point, then the partition
 positions they include (`segmentation_snapshots`); a partition's start loads them and replays
 `profiles.changed` from there up to where the engine had got, publishing again what the replay finds.
+Snapshots also record, per partition, the definition versions its memberships are of; a partition
+arriving with another version of a live segment (or none) is brought to it before it is served.
 Every transition has a stable id (segment, person and what caused it: a stream position, a timer instant,
 a definition version or a percentile round), so a transition published before a crash is a JetStream
 duplicate after it, and a person's stream position keeps a change from being applied twice. Memberships
@@ -83,7 +85,9 @@ SNAPSHOTS = "segmentation_snapshots"
 # Before the partitioned engine, snapshots kept their positions in the collection the engine's
 # checkpoints now use; read once, on the first start after the upgrade (`_migrate_snapshot_positions`).
 CHECKPOINTS = subjects.checkpoints_collection("segmentation")
-BUILT = "$built"  # snapshot key: the definition version each segment's held memberships are of
+# Snapshot keys: the definition version each segment's held memberships are of, in each partition
+# ("$built.<p>", written for the partitions served) and as of this replica's last snapshot ("$built").
+BUILT = "$built"
 MAX_EVENTS_PER_MESSAGE = 1000
 PUBLISH_BACKOFF = (0.05, 0.2, 1.0, 2.0)
 SNAPSHOT_CHUNK = 100  # persons per write of a snapshot
@@ -149,6 +153,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.shared = shared_percentiles
         self._undecided = False  # summaries written here that no decided round has taken yet
         self.rounds = ROUNDS + namespace  # the round log (percentiles.py)
+        # partition -> the versions of the snapshot its persons were loaded from: a live segment of another
+        # version (or none) is adopted when it arrives (`_adopt_arrived`)
+        self._built_base: dict[int, dict[str, int]] = {}
         # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
         self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}
         # The round and the partitions the snapshot being written includes (its marks: percentiles.py).
@@ -164,10 +171,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             owns=lambda person: self._partition(person) in self.owned,
             codec=Codec(copy=_copy_person, encode=_encode_person, decode=self._decode_person),
             fetch=profile_source,
-            marks=lambda: {
-                BUILT: {"versions": {s.id: s.version for s in self.segments.values() if s.serving}},
-                **self.percentile_marks(),
-            },
+            marks=lambda: {**self._built_marks(), **self.percentile_marks()},
             clock=clock,
             # The batches' commits share the store's writer with the snapshot's chunks and wait behind
             # the one being written: 100 persons is ~3 ms of SQLite, 500 is ~25-45 ms (measured).
@@ -284,9 +288,15 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         if not partitions:
             return
         wanted = {subjects.profiles_changed(p) for p in partitions}
+        built: dict[str, dict[str, int]] = {}
         async for record in self.store.scan_all(self.held.checkpoints):
             if record.key in wanted:
                 self.applied[record.key] = self.snapshotted[record.key] = record.doc.get("stream_seq", 0)
+            elif record.key.startswith(BUILT):
+                built[record.key] = record.doc.get("versions", {})
+        for partition in partitions:
+            # A snapshot from before the marks per partition: the replica's own (one replica held everything).
+            self._built_base[partition] = built.get(f"{BUILT}.{partition}", built.get(BUILT, {}))
         loaded: list[str] = []
         decode = self._decode_person
         async for record in self.store.scan_all(self.held.collection, page_size=2000):
@@ -341,6 +351,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 await self._load({partition})
             subject = subjects.profiles_changed(partition)
             replayed = await self.replay(history(self.applied.get(subject, 0)), partitions=(partition,))
+            await self._adopt_arrived(partition)
             self.active.add(partition)
         if replayed:
             log.info(
@@ -348,6 +359,27 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 extra={"partition": partition, "changes": replayed},
             )
         return replayed
+
+    async def _adopt_arrived(self, partition: int) -> None:
+        """The live segments the snapshot `partition` was loaded from does not include at their version
+        (built here or on another replica while another held it, or while this one was down): its persons
+        brought to them as the build would have, under the build's ids (builds.py, `_adopt_now`).
+        Published before the partition is served, as the replay's transitions are; a segment adopted
+        meanwhile (an announcement while this publishes) is caught up with too."""
+        done = self._built_base.pop(partition, {})
+        while True:
+            stale = [s for s in self._serving() if done.get(s.id) != s.version]
+            if not stale:
+                return
+            in_partition = sorted(p for p in self.persons if self._partition(p) == partition)
+            moved = self._adopt_now(stale, in_partition, now=self.clock())
+            done.update({s.id: s.version for s in stale})
+            await self._publish_durably(self._messages(partition, moved.get(partition, [])))
+
+    def _built_marks(self) -> dict[str, dict[str, Any]]:
+        versions = {"versions": {s.id: s.version for s in self.segments.values() if s.serving}}
+        # A partition arriving keeps the mark its persons were loaded with until it is adopted and served.
+        return {BUILT: versions, **{f"{BUILT}.{partition}": versions for partition in sorted(self.active)}}
 
     def leave(self, partition: int) -> None:
         """Forget `partition` (another replica serves it now and this one snapshotted it first, or it is
@@ -360,6 +392,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._timers.pop(partition, None)
         self._last_apply.pop(partition, None)
         self._percentile_base.pop(partition, None)
+        self._built_base.pop(partition, None)
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:
             self._due.pop(person_id, None)
