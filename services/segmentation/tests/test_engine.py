@@ -600,3 +600,122 @@ async def test_a_field_compared_with_another_is_evaluated_on_a_change_of_either(
     await engine.handle([changed([change("p1", computed={"last": 30.0})], 3)])
     assert engine.membership("p1") == {}
     assert [m[2:] for m in moves(await published(nats_server.url))] == [("enter", "event"), ("exit", "event")]
+
+
+DAY = 86_400
+
+
+def timer_moves(events: list[Event]) -> list[tuple[str, str, str, float]]:
+    """The transitions time alone caused: (person, segment, direction, the instant it flipped)."""
+    return [(e.person, e.segment, "enter" if e.entered else "exit", e.at) for e in events if e.reason == "time"]
+
+
+async def test_a_segment_built_over_the_population_gives_its_persons_timers(setup, nats_server):
+    """The persons are there before the segment: a member whose membership ends with time alone exits on
+    time, and a non-member whom time alone brings in enters on time, without a change of theirs."""
+    engine, _store, _bus, clock, _ = setup
+    await engine.handle(
+        [
+            changed(
+                [
+                    change("recent", traits={"seen_at": T0 - 5 * DAY}),  # in until T0 + 2d
+                    change("lapsing", traits={"seen_at": T0 - 20 * DAY}),  # out until T0 + 10d
+                ],
+                1,
+            )
+        ]
+    )
+    await create(engine, "active", "traits.seen_at > now - 7d")
+    await create(engine, "lapsed", "traits.seen_at < now - 30d")
+    assert set(engine.membership("recent")) == {"active"} and engine.membership("lapsing") == {}
+    clock.now = T0 + 2 * DAY + 5
+    await engine.fire_timers()
+    clock.now = T0 + 10 * DAY + 5
+    await engine.fire_timers()
+    assert timer_moves(await published(nats_server.url)) == [
+        ("recent", "active", "exit", T0 + 2 * DAY),
+        ("lapsing", "lapsed", "enter", T0 + 10 * DAY),
+    ]
+    assert set(engine.membership("lapsing")) == {"lapsed"} and engine.membership("recent") == {}
+
+
+async def test_an_update_moves_the_timers_of_unchanged_members_to_the_new_definition(setup, nats_server):
+    """Window 14d -> 3d: a member seen a day ago stays a member at go-live (no transition) and exits when
+    the new window has passed, not when the old one would have."""
+    engine, _store, _bus, clock, _ = setup
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - DAY})], 1)])
+    await create(engine, "active", "traits.seen_at > now - 14d")
+    await engine.update("active", parse("traits.seen_at > now - 3d"))
+    await engine.wait_live("active")
+    assert set(engine.membership("p1")) == {"active"}
+    clock.now = T0 + 2 * DAY + 5
+    await engine.fire_timers()
+    assert timer_moves(await published(nats_server.url)) == [("p1", "active", "exit", T0 + 2 * DAY)]
+    assert engine.membership("p1") == {}
+
+
+async def test_a_definition_that_becomes_time_based_gives_its_unchanged_members_timers(setup, nats_server):
+    engine, _store, _bus, clock, _ = setup
+    await engine.handle([changed([change("p1", traits={"plan": "pro", "trial_ends_at": T0 + 60})], 1)])
+    await create(engine, "trial", 'traits.plan = "pro"')
+    await engine.update("trial", parse('traits.plan = "pro" and traits.trial_ends_at > now'))
+    await engine.wait_live("trial")
+    assert set(engine.membership("p1")) == {"trial"}
+    clock.now = T0 + 61
+    await engine.fire_timers()
+    assert timer_moves(await published(nats_server.url)) == [("p1", "trial", "exit", T0 + 60)]
+
+
+async def test_a_timer_of_an_earlier_version_flips_nothing(setup, nats_server):
+    """Window 3d -> 14d: the timer the first version set (at seen + 3d) finds the person still a member
+    of the new one; the exit comes when the new window has passed."""
+    engine, _store, _bus, clock, _ = setup
+    await engine.handle([changed([change("p1", traits={"seen_at": T0 - DAY})], 1)])
+    await create(engine, "active", "traits.seen_at > now - 3d")
+    await engine.update("active", parse("traits.seen_at > now - 14d"))
+    await engine.wait_live("active")
+    clock.now = T0 + 2 * DAY + 5
+    await engine.fire_timers()
+    assert set(engine.membership("p1")) == {"active"}
+    clock.now = T0 + 13 * DAY + 5
+    await engine.fire_timers()
+    events = await published(nats_server.url)
+    assert timer_moves(events) == [("p1", "active", "exit", T0 + 13 * DAY)]
+    assert [m for m in moves(events) if m[3] == "updated"] == []
+
+
+@pytest.mark.parametrize("evaluated_before", [False, True], ids=["never-evaluated", "evaluated-at-T0"])
+async def test_timers_of_a_built_segment_come_back_right_after_a_restart(setup, nats_server, evaluated_before):
+    """A segment built over persons last evaluated before it existed (or never: no segment was live when
+    they changed): after a crash, the timers restored from the snapshot flip each person at the instant its
+    condition flips, under the id the first process published it with. Neither lost (a restart scheduling
+    from its own clock) nor sent again at an instant the build had already passed (from the person's last
+    evaluation, before the build)."""
+    engine, store, bus, clock, profile = setup
+    if evaluated_before:
+        await create(engine, "pro", 'traits.plan = "pro"')  # a person first seen is evaluated against it
+    # Out from T0 + 1d (the first comparison stops holding) until T0 + 5d (the second starts to).
+    await engine.handle([changed([change("p1", traits={"a_at": T0, "b_at": T0 - 5 * DAY})], 1)])
+    clock.now = T0 + 2 * DAY
+    await create(engine, "either", "traits.a_at > now - 1d or traits.b_at < now - 10d")
+    assert engine.membership("p1") == {}
+    await engine.snapshot()
+    clock.now = T0 + 5 * DAY + 5
+    await engine.fire_timers()  # the entry goes out; the process dies before the next snapshot
+    for task in engine._tasks:
+        task.cancel()
+    await asyncio.gather(*engine._tasks, return_exceptions=True)
+    engine._tasks.clear()
+    clock.now = T0 + 6 * DAY
+
+    second = await make_engine(store, bus, clock, profile)
+    try:
+        await second.fire_timers()
+        events = await published(nats_server.url)
+        assert timer_moves(events) == [("p1", "either", "enter", T0 + 5 * DAY)]
+        assert set(second.membership("p1")) == {"either"}
+        clock.now = T0 + 30 * DAY
+        await second.fire_timers()
+        assert len(await published(nats_server.url)) == len(events)  # nothing more: it stays in
+    finally:
+        await second.stop()

@@ -75,7 +75,7 @@ class Builds:
             await self._prepare(compiled)
             await self._referenced_live(compiled)
             self._touched.append(touched)
-            persons, inside, percentiles = await self._population(compiled, progress=segment)
+            persons, inside, percentiles, evaluated_at = await self._population(compiled, progress=segment)
             async with self._lifecycle_lock:
                 if self.segments.get(segment.id) is not segment or segment.building_version != version:
                     return  # replaced or deleted meanwhile
@@ -118,6 +118,10 @@ class Builds:
                     segment.state, segment.serving, segment.live_at, segment.error = LIVE, True, now, ""
                     segment.last_diff = (len(entered), len(exited), entered[:SAMPLE], exited[:SAMPLE])
                     self._reindex()
+                    if segment.timed:
+                        # Every person's timer, members or not, changed or not: time alone may move any of
+                        # them, and a timer of the previous version may come too late for this one.
+                        self._schedule_evaluated(segment, self.persons, evaluated_at)
                     if percentiles:
                         # The values it was built with serve from now on; other segments comparing with them
                         # follow (persons in range evaluated again), and the next round catches up with
@@ -200,8 +204,6 @@ class Builds:
                 inside = segment.predicate(person.fields, person.members, now)
                 if inside is not (segment_id in person.members):
                     flips[inside].append(person_id)
-                if segment.timed:
-                    self._schedule(person_id, person, now)
             members = self.members.setdefault(segment_id, set())
             for inside in (False, True):
                 for person_id in flips[inside]:
@@ -216,6 +218,8 @@ class Builds:
                     by_partition.setdefault(self._partition(person_id), []).append(
                         Transition(person_id, segment_id, inside, segment.updated_at, reason, segment.version, cause)
                     )
+            if segment.timed:
+                self._schedule_evaluated(segment, persons, now)
             readers = tuple(r for r in self.index.readers_of(segment) if r[0].id != segment_id)
             if readers:
                 for person_id in sorted(flips[False] + flips[True]):
@@ -294,9 +298,10 @@ class Builds:
 
     async def _population(
         self, compiled: CompiledSegment, *, progress: Segment | None = None
-    ) -> tuple[list[str], np.ndarray, dict[str, float | None]]:
-        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment); and
-        the population percentiles it compared with, computed exactly over every held person first."""
+    ) -> tuple[list[str], np.ndarray, dict[str, float | None], float]:
+        """The vectorised evaluator over every held person, a chunk at a time (progress on the segment); the
+        population percentiles it compared with, computed exactly over every held person first; and the
+        instant it evaluated them as of."""
         started = time.perf_counter()
         persons = sorted(self.persons)
         total = len(persons)
@@ -316,7 +321,7 @@ class Builds:
                 progress.done = start + len(chunk)
             await asyncio.sleep(0)
         self._m_population.record((time.perf_counter() - started) * 1000)
-        return persons, result, percentiles or {}
+        return persons, result, percentiles or {}, now
 
     async def estimate(self, node) -> Estimate:
         """The definition's size now. The computed traits it needs are defined for the call and deleted
@@ -327,7 +332,7 @@ class Builds:
         try:
             await self._prepare(compiled)
             started = time.perf_counter()
-            persons, inside, _percentiles = await self._population(compiled)
+            persons, inside, _percentiles, _now = await self._population(compiled)
             elapsed = (time.perf_counter() - started) * 1000
         finally:
             self._estimating.remove(reading)

@@ -28,7 +28,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +127,41 @@ class Evaluation:
         if self._due.get(person_id) != due:
             self._due[person_id] = due
             heapq.heappush(self._timers.setdefault(self._partition(person_id), []), (due, person_id))
+
+    def _schedule_evaluated(self, segment: Segment, persons: Iterable[str], since: float) -> None:
+        """`segment` (time-dependent) was evaluated for `persons` as of `since` outside the per-person path
+        (a build going live, an adoption): each one's timer comes forward to the earliest instant after
+        `since` the segment's comparisons flip for them, the persons whose membership it left as it was
+        included. A timer set earlier (another segment's, or this segment's previous version's) is kept
+        when it comes first: when it fires every time segment is evaluated and the timer set again, so one
+        that finds nothing to flip is harmless.
+
+        `evaluated_at` is where a restart schedules from (engine.py, `_load`). It moves to `since` for a
+        person with a flip to come when scheduling from where it was would go wrong: never evaluated
+        (0: a restart would schedule from its own now and miss a flip before it), or a flip in between
+        that the evaluation took in (a restart would flip the person at that instant, under another id).
+        Only while no timer of theirs is overdue: a flip of another segment before `since` not yet
+        evaluated must stay after `evaluated_at`."""
+        next_change = segment.compiled.next_change
+        due_of = self._due
+        for person_id in persons:
+            person = self.persons.get(person_id)
+            if person is None:
+                continue
+            pending = due_of.get(person_id)
+            if pending is not None and pending <= since:
+                continue  # overdue: its round evaluates every time segment of the person, then reschedules
+            due = next_change(person.fields, person.members, since)
+            if due is None:
+                continue
+            if person.evaluated_at < since and (
+                not person.evaluated_at or next_change(person.fields, person.members, person.evaluated_at) != due
+            ):
+                person.evaluated_at = since
+                self.held.mark(person_id)
+            if pending is None or due < pending:
+                due_of[person_id] = due
+                heapq.heappush(self._timers.setdefault(self._partition(person_id), []), (due, person_id))
 
     async def _timer_loop(self) -> None:
         while True:
