@@ -650,3 +650,148 @@ async def test_a_partition_arriving_while_a_segment_is_built_goes_live_with_it(w
             assert await entries(nats_server.url, "high") == sorted(here + there)
         finally:
             await replica.stop()
+
+
+DAY = 86_400.0
+TRIAL = "traits.starts_at < now and traits.ends_at > now"
+
+
+def trials(count: int) -> dict[str, tuple[float, float]]:
+    """(starts_at, ends_at) per person: even ones are in a trial at T0 that ends at T0 + 1d + i; odd ones
+    start theirs at T0 + 1d + i. By T0 + 2d time alone has moved every one of them, once."""
+    return {
+        f"p{i:02d}": (T0 - DAY, T0 + DAY + i) if i % 2 == 0 else (T0 + DAY + i, T0 + 10 * DAY) for i in range(count)
+    }
+
+
+async def send_trials(js, persons: dict[str, tuple[float, float]]) -> dict[str, int]:
+    ends: dict[str, int] = {}
+    for person, (starts, ends_at) in persons.items():
+        subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0, starts_at=starts, ends_at=ends_at)])
+        ends[subject] = (await js.publish(subject, batch.SerializeToString())).seq
+    return ends
+
+
+def expected_by_time(persons: dict[str, tuple[float, float]]) -> list[tuple[str, bool, float]]:
+    return sorted(
+        (p, i % 2 == 1, ends if i % 2 == 0 else starts) for i, (p, (starts, ends)) in enumerate(persons.items())
+    )
+
+
+async def by_time(nats_url: str, count: int) -> list[tuple[str, bool, float]]:
+    """The transitions time caused, once `count` of them are on the stream (and nothing more came)."""
+
+    async def arrived() -> bool:
+        return len([e for e in await transitions(nats_url) if e.reason == "time"]) >= count
+
+    await until(arrived, "every timer fired")
+    await asyncio.sleep(0.3)
+    events = [e for e in await transitions(nats_url) if e.reason == "time"]
+    return sorted((e.person_id, e.entered, float(e.at.ToSeconds())) for e in events)
+
+
+async def test_a_replica_adopting_a_time_based_segment_fires_its_persons_timers(world, nats_server):
+    """a builds a time-based segment; b adopts it: every person b holds, member or not, flips when time
+    alone moves them (b's timer loop), once."""
+    store, js = world
+    clock = Clock(T0)
+    persons = trials(24)
+    ends = await send_trials(js, persons)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await define(a, "trial", TRIAL)
+        await b.engine.reload(orjson.dumps({"segment": "trial"}).decode())
+        await b.engine.wait_live("trial")
+        clock.now = T0 + 2 * DAY
+        assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
+    finally:
+        for replica in (a, b):
+            await replica.stop()
+
+
+async def test_partitions_handed_over_after_a_time_based_build_elsewhere_fire_their_timers(world, nats_server):
+    """b is down while a builds a time-based segment; then a serves every partition: b's persons, brought
+    to the segment when their partitions arrive, flip when time moves them, and so do a's, once each."""
+    store, js = world
+    clock = Clock(T0)
+    persons = trials(24)
+    ends = await send_trials(js, persons)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    replicas = []
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await b.stop()
+        await define(a, "trial", TRIAL)
+        await a.stop()
+        alone = await Replica("a", store, nats_server.url, clock).start(
+            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
+        )
+        replicas.append(alone)
+        clock.now = T0 + 2 * DAY
+        assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_persons_of_a_partition_arriving_mid_build_get_the_time_based_segments_timers(world, nats_server):
+    """A partition arrives after the build evaluated the population and before it goes live: its persons,
+    loaded when no segment read time, flip with the others when time moves them."""
+    store, _js = world
+    clock = Clock(T0)
+    persons = trials(24)
+    here = {p: t for p, t in persons.items() if partition_for(p, PARTITIONS) == 0}
+    there = {p: t for p, t in persons.items() if partition_for(p, PARTITIONS) == 1}
+    assert len(here) >= 2 and len(there) >= 2
+
+    def batch(who: dict[str, tuple[float, float]]) -> profile_pb2.ProfileChangedBatch:
+        return profile_pb2.ProfileChangedBatch(
+            changes=[change(p, T0, starts_at=s, ends_at=e) for p, (s, e) in who.items()]
+        )
+
+    async def nothing_after(_after: int):
+        return
+        yield
+
+    async with Bus.connect(nats_server.url, name="segmentation-arrival") as bus:
+
+        def engine(owned: list[int]) -> SegmentationEngine:
+            return SegmentationEngine(
+                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
+            )
+
+        before = engine([1])
+        await before.start()
+        await before.handle([Delivery(batch(there), subjects.profiles_changed(1), 1)])
+        await before.stop()  # partition 1's snapshot
+        replica = engine([0])
+        await replica.start()
+        try:
+            await replica.handle([Delivery(batch(here), subjects.profiles_changed(0), 1)])
+            segment = await replica.create("trial", parse(TRIAL))
+            async with replica._lifecycle_lock:  # the build waits here to go live
+
+                async def evaluated() -> bool:
+                    return segment.total > 0 and segment.done == segment.total
+
+                await until(evaluated, "the population evaluated")
+                await replica.arrive(1, nothing_after)
+            await replica.wait_live("trial")
+            clock.now = T0 + 2 * DAY
+            await replica.fire_timers()
+            arrived = {**here, **there}
+            assert await by_time(nats_server.url, len(arrived)) == sorted(
+                t for t in expected_by_time(persons) if t[0] in arrived
+            )
+        finally:
+            await replica.stop()
