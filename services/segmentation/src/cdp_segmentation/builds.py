@@ -3,7 +3,10 @@
 The vectorised evaluator runs over columns built from the held fields, chunk by chunk with progress on
 the segment; the difference from the current membership is published with the reason ("created",
 "updated") under the definition version's ids, and the segment goes live. Persons changed while the
-population was evaluated, and the segments referring to this one, are evaluated again as live ones.
+population was evaluated, and the segments referring to this one, are evaluated again as live ones. A
+time-based definition sets every held person's timer as it goes live, members or not, moved or not
+(evaluation.py, `_schedule_evaluated`): time alone moves persons the build left as they were, and a timer
+of the previous version may come too late for the new one.
 
 Before a build or an estimate, the computed traits its event conditions need are defined on the profile
 service, backfilled there, and their values received here (`caught_up`: every owned partition applied

@@ -11,7 +11,9 @@ Segments whose membership time alone can change (`traits.trial_ends_at < now`) g
 timer: the earliest instant one of their time comparisons flips, kept in a heap per partition. A
 partition's due timers fire at the start of its next batch (`_fire_due`, so they go out in the
 partition's order with the batch); the timer loop fires those of partitions without a batch for a
-while (`fire_timers`, at a quiescent point of the stream: stream.py).
+while (`fire_timers`, at a quiescent point of the stream: stream.py). A build or an adoption that
+evaluates a time-based segment for the whole population sets the timers of every person it evaluated
+(`_schedule_evaluated`); a partition's start sets them from each person's `evaluated_at` (engine.py).
 
 Every transition carries its cause, which makes its id stable: "s<partition>.<seq>.<change>" (a stream
 position), "t<due ms>" (a timer instant), "v<version>" (a definition version). A person's stream
