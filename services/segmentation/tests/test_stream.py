@@ -795,3 +795,47 @@ async def test_persons_of_a_partition_arriving_mid_build_get_the_time_based_segm
             )
         finally:
             await replica.stop()
+
+
+async def test_timers_of_an_adopted_time_based_segment_come_back_right_after_a_restart(world, nats_server):
+    """b adopts a segment a built, over a person b holds who was never evaluated (no segment was live when
+    they changed); the timer flips them, b dies before its next snapshot. Started again, b holds them as a
+    member and the flip is on the stream once, at its instant."""
+    store, _js = world
+    clock = Clock(T0)
+    person = next(p for p in (f"p{i:02d}" for i in range(100)) if partition_for(p, PARTITIONS) == 1)
+
+    async with Bus.connect(nats_server.url, name="segmentation-adoption") as bus:
+
+        def engine(owned: list[int]) -> SegmentationEngine:
+            return SegmentationEngine(
+                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
+            )
+
+        a, b = engine([0]), engine([1])
+        await a.start()
+        await b.start()
+        try:
+            # Out from T0 + 1d (the first comparison stops holding) until T0 + 5d (the second starts to).
+            batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0, a_at=T0, b_at=T0 - 5 * DAY)])
+            await b.handle([Delivery(batch, subjects.profiles_changed(1), 1)])
+            clock.now = T0 + 2 * DAY
+            await a.create("either", parse("traits.a_at > now - 1d or traits.b_at < now - 10d"))
+            await a.wait_live("either")
+            await b.reload(orjson.dumps({"segment": "either"}).decode())  # adopted (and snapshotted)
+            assert b.membership(person) == {}
+            clock.now = T0 + 5 * DAY + 5
+            await b.fire_timers()
+            for task in b._tasks:  # gone before the next snapshot
+                task.cancel()
+            await asyncio.gather(*b._tasks, return_exceptions=True)
+            b._tasks.clear()
+            clock.now = T0 + 6 * DAY
+            b = engine([1])
+            await b.start()
+            await b.fire_timers()
+            assert await by_time(nats_server.url, 1) == [(person, True, T0 + 5 * DAY)]
+            assert set(b.membership(person)) == {"either"}
+        finally:
+            await a.stop()
+            await b.stop()
