@@ -315,13 +315,18 @@ def pick_port(preferred: int) -> int:
     """The conventional port when free, else a free spare one (a second checkout, a busy laptop); free means
     nothing listens there and no other `cdpctl up` on this machine picked it. CDP_UP_PORTS=any skips the
     conventional ports: several platforms started at once (tests running in parallel) would otherwise all
-    want the same ones."""
-    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and port_is_free(preferred) and _reserve(preferred):
+    want the same ones. Each call gives another port: one this process picked before is taken (nothing
+    listens there yet, but another of its listeners is about to)."""
+
+    def takeable(port: int) -> bool:
+        return (_RESERVATIONS / str(port)) not in _mine and port_is_free(port) and _reserve(port)
+
+    if preferred and os.environ.get("CDP_UP_PORTS") != "any" and takeable(preferred):
         return preferred
     rng = random.SystemRandom()
     for _ in range(200):
         port = rng.choice(_SPARE_PORTS)
-        if port_is_free(port) and _reserve(port):
+        if takeable(port):
             return port
     raise RuntimeError(f"no free port found in {_SPARE_PORTS.start}-{_SPARE_PORTS.stop - 1}")
 
