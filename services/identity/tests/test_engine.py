@@ -7,6 +7,7 @@ import asyncio
 import base64
 
 import pytest
+from google.protobuf import json_format
 from opentelemetry import metrics, trace
 
 from cdp.events.v1 import events_pb2
@@ -124,9 +125,11 @@ class GatedStore:
 class RecordingPublisher:
     def __init__(self) -> None:
         self.subjects: list[str] = []
+        self.messages: list = []
 
     async def publish_batch(self, messages):
         self.subjects.extend(m.subject for m in messages)
+        self.messages.extend(messages)
         return [PubResult(seq=n) for n, _ in enumerate(messages, 1)]
 
 
@@ -303,6 +306,7 @@ async def test_accounts_on_one_phone_stay_apart_and_their_resolved_events_count_
             for m in effects.messages
             if m.subject.startswith("events.resolved.")
             for item in events_pb2.ResolvedEventBatch.FromString(m.payload).events
+            if item.event.source_id != "identity"  # the accounts' own events, not identity's (next test)
         ]
         assert [item.event.message_id for item in resolved] == [f"ring-{k}" for k in range(4)]
         assert len({item.person_id for item in resolved}) == 4
@@ -314,3 +318,105 @@ async def test_accounts_on_one_phone_stay_apart_and_their_resolved_events_count_
         ]
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "ring-phone-77" not in logged and "ring-user-" not in logged
+
+
+def ring_deliveries(accounts: int = 4) -> list[StreamDelivery]:
+    deliveries = []
+    for k in range(accounts):
+        event = identify(f"ring-{k}", f"ring-user-{k}", "")
+        event.context.device.id = "ring-phone-77"
+        event.timestamp.FromMilliseconds(1_700_000_000_000 + k * 60_000)
+        event.received_at.FromMilliseconds(1_700_000_000_500 + k * 60_000)
+        deliveries.append(StreamDelivery(event, "events.raw.0", k + 1))
+    return deliveries
+
+
+async def test_the_accounts_already_on_a_phone_get_an_identifier_shared_event_each_time_another_joins(caplog):
+    """The phone's first account ordered before anyone else used the phone; identity publishes on its
+    behalf an "Identifier Shared" event when each later account appears (counts only), so its profile
+    learns what the later accounts' own events say. Every earlier account is told once per account that
+    joins, with a message id that is the same when the batch is resolved again."""
+    caplog.set_level("DEBUG")
+
+    async def shared_events() -> tuple[list, list[str], list]:
+        async with open_store("memory://") as memory:
+            engine = IdentityEngine(
+                MergeRules.default(), memory, RecordingPublisher(), partitions=4, telemetry=quiet_telemetry()
+            )
+            await engine.start()
+            effects = await engine.apply(0, [engine.decode(d) for d in ring_deliveries()])
+            own, told, msg_ids = [], [], []
+            for m in effects.messages:
+                if not m.subject.startswith("events.resolved."):
+                    continue
+                for item in events_pb2.ResolvedEventBatch.FromString(m.payload).events:
+                    assert m.subject == f"events.resolved.{engine._partition_of(item.person_id)}"
+                    if item.event.source_id == "identity":
+                        told.append(item)
+                        msg_ids.append(m.msg_id)
+                    else:
+                        own.append(item)
+            return own, msg_ids, told
+
+    own, msg_ids, told = await shared_events()
+    account = {item.event.user_id: item.person_id for item in own}
+    first, second, third, fourth = (account[f"ring-user-{k}"] for k in range(4))
+    assert fourth not in {item.person_id for item in told}, "the last account to join is told of nobody"
+    got = sorted((item.person_id, item.event.timestamp.ToMilliseconds(), dict(item.shared_with)) for item in told)
+    t = 1_700_000_000_000
+    assert got == sorted(
+        [
+            (first, t + 60_000, {"device_id": 1}),
+            (first, t + 120_000, {"device_id": 2}),
+            (second, t + 120_000, {"device_id": 2}),
+            (first, t + 180_000, {"device_id": 3}),
+            (second, t + 180_000, {"device_id": 3}),
+            (third, t + 180_000, {"device_id": 3}),
+        ]
+    ), "every account before the one that joined, once per account that joins; the joining one never"
+    for item in told:
+        event = item.event
+        assert (event.type, event.event) == (events_pb2.EVENT_TYPE_TRACK, "Identifier Shared")
+        assert json_format.MessageToDict(event.properties) == {
+            "identifier_types": ["device_id"],
+            "persons": item.shared_with["device_id"],
+        }
+        assert event.message_id and event.received_at.ToMilliseconds() == event.timestamp.ToMilliseconds() + 500
+        # Nobody's identifiers: no user or anonymous id, no context, no identifier keys.
+        assert (event.user_id, event.anonymous_id, event.HasField("context"), list(item.identifiers)) == (
+            "",
+            "",
+            False,
+            [],
+        )
+    assert len(set(msg_ids)) == len(msg_ids) == 6
+    # Resolved again from the same state (a redelivery after a failed write): the same messages.
+    _own, again, told_again = await shared_events()
+    assert again == msg_ids and [t.SerializeToString() for t in told_again] == [t.SerializeToString() for t in told]
+    logged = "\n".join(record.getMessage() + str(record.__dict__) for record in caplog.records)
+    assert "ring-phone-77" not in logged and "ring-user-" not in logged
+
+
+async def test_identifier_shared_events_ride_the_outbox_with_the_graph_change():
+    """Through `handle` (the write, then the publish): the events for earlier persons are written with the
+    graph change, so a crash before publishing loses none - a redelivery resolves read-only and would
+    not find them again."""
+    async with open_store("memory://") as memory:
+        crashed = IdentityEngine(
+            MergeRules.default(), memory, UnreachablePublisher(), partitions=1, telemetry=quiet_telemetry()
+        )
+        await crashed.start()
+        with pytest.raises(Unavailable):
+            await crashed.handle(ring_deliveries(2))
+
+        publisher = RecordingPublisher()
+        restarted = IdentityEngine(MergeRules.default(), memory, publisher, partitions=1, telemetry=quiet_telemetry())
+        await restarted.start()  # publishes what the crashed one left in the outbox
+        told = [
+            item
+            for message in publisher.messages
+            if message.subject.startswith("events.resolved.")
+            for item in events_pb2.ResolvedEventBatch.FromString(message.payload).events
+            if item.event.event == "Identifier Shared"
+        ]
+        assert [dict(item.shared_with) for item in told] == [{"device_id": 1}]

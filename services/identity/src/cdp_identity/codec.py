@@ -83,6 +83,26 @@ def encode_resolved(
     return b"".join(parts)
 
 
+# The event identity publishes on a person's behalf when persons join them on an identifier (see
+# `identifier_shared`), and the source it comes from (its event id is "identity:<message id>").
+IDENTIFIER_SHARED = "Identifier Shared"
+SYSTEM_SOURCE = "identity"
+
+
+def identifier_shared(person_id: str, shared: Mapping[str, int], *, message_id: str, at: int, received: int) -> bytes:
+    """A `ResolvedEventBatch` of one system event for `person_id`: a track "Identifier Shared" at `at` (the
+    event that brought the new person), properties {"identifier_types": [...], "persons": the most others
+    on one of them}, `shared_with` = `shared` as on the person's own events. Counts only: no identifier,
+    no id of anyone else; no user or anonymous id, no context (it is not the person's own doing)."""
+    event = events_pb2.Event(
+        message_id=message_id, type=events_pb2.EVENT_TYPE_TRACK, event=IDENTIFIER_SHARED, source_id=SYSTEM_SOURCE
+    )
+    event.properties.update({"identifier_types": sorted(shared), "persons": max(shared.values())})
+    event.timestamp.CopyFrom(timestamp(at))
+    event.received_at.CopyFrom(timestamp(received))
+    return _length_delimited(1, encode_resolved(event.SerializeToString(), person_id, shared=shared))
+
+
 def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMessage]:
     """`ResolvedEventBatch` messages, one per person partition (split when large). The message id is a
     digest of the event ids inside, so re-publishing the same batch after a crash is deduplicated;

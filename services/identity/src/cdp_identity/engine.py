@@ -51,6 +51,7 @@ from cdp_identity.codec import (
     encode_resolved,
     event_time_ms,
     identifier_message,
+    identifier_shared,
     merge_record,
     resolved_messages,
     strings,
@@ -70,6 +71,7 @@ from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, spli
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
+from cdp_kit import timestamps
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.engine import Effects, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -134,6 +136,7 @@ class _Item:
     previous: str | None  # an alias's previous_id, placed once the graph is loaded
     raw: bytes = b""
     replay: bool = False  # applied before a crash: resolve read-only, publish again
+    received: int = 0  # when the collector received it (epoch ms; 0: unknown, `at` stands in)
 
 
 @dataclass(slots=True)
@@ -193,6 +196,11 @@ class IdentityEngine:
         )
         self._quarantines = meter.create_counter(
             "cdp.identity.quarantined", unit="{identifier}", description="identifiers quarantined"
+        )
+        self._shared = meter.create_counter(
+            "cdp.identity.shared.told",
+            unit="{event}",
+            description="Identifier Shared events published to persons another person joined on an identifier",
         )
         self._purged = meter.create_counter(
             "cdp.identity.purged", unit="{record}", description="records removed by privacy deletions, by kind"
@@ -292,6 +300,7 @@ class IdentityEngine:
             rejected=rejected,
             previous=previous,
             raw=delivery.data if delivery is not None else b"",
+            received=(timestamps.to_ms(event.received_at) or 0) if event.HasField("received_at") else 0,
         )
 
     async def _apply(
@@ -391,6 +400,8 @@ class IdentityEngine:
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     if resolution is not None and not replay:
                         outbox.extend(self._notifications(resolution, item.at))
+                        if resolution.told:
+                            outbox.extend(self._shared_notifications(item, resolution))
                     dropped = [(r.type, r.value, r.reason) for r in item.rejected]
                     if resolution is not None:
                         dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
@@ -877,6 +888,23 @@ class IdentityEngine:
             self._merges.add(1, {"rule": merge.cause.get("rule", "event")})
         for key in resolution.quarantined:
             out.extend(self._quarantine_notification(key, at))
+        return out
+
+    def _shared_notifications(self, item: _Item, resolution: Resolution) -> list[tuple[str, str, bytes]]:
+        """An "Identifier Shared" event (codec.identifier_shared) for each person the event's new person
+        joined on an identifier (`Resolution.told`), on that person's `events.resolved` partition. They ride
+        the outbox with the graph change they come from: a resolution replayed read-only after a crash
+        would not find them again. The message id is a digest of the event and the person, the same on
+        every re-publication (JetStream drops the copy; profile is idempotent on the event id)."""
+        out = []
+        for person, shared in resolution.told.items():
+            message_id = stable_id("sh_", item.event_id, person)
+            payload = identifier_shared(
+                person, shared, message_id=message_id, at=item.at, received=item.received or item.at
+            )
+            out.append((subjects.events_resolved(self._partition_of(person)), f"shared:{message_id}", payload))
+        self._shared.add(len(out))
+        log.debug("persons told of a shared identifier", extra={"told": len(out)})
         return out
 
     def _merge_notification(self, merge: Merge) -> list[tuple[str, str, bytes]]:

@@ -409,6 +409,72 @@ def test_sharing_evidence_is_written_at_most_once_a_minute_per_person():
     assert "device_id:d" in identifiers
 
 
+def test_the_persons_already_on_a_phone_are_told_each_time_another_account_joins_them():
+    """The ring's first account used the phone alone; it is told of the second, third and fourth account
+    (with its count then), as is every account before the one that just joined - never the joining one."""
+    w = World()
+    events = [w.event(f"user_id:ring-{k}", "device_id:ring-phone") for k in range(4)]
+    accounts = [e.person for e in events]
+    assert [e.told for e in events] == [
+        {},
+        {accounts[0]: {"device_id": 1}},
+        {accounts[0]: {"device_id": 2}, accounts[1]: {"device_id": 2}},
+        {accounts[0]: {"device_id": 3}, accounts[1]: {"device_id": 3}, accounts[2]: {"device_id": 3}},
+    ]
+    # The same persons again: nobody new, nobody told (once per person that joins, not per event).
+    assert w.event("user_id:ring-3", "device_id:ring-phone").told == {}
+    assert w.event("user_id:ring-0", "device_id:ring-phone", at=w.now + 2 * MINUTE).told == {}
+    # A day on, the first account is back and the others are gone from the count: no one is told, as
+    # the only ones who shared the phone in the last day are the account itself and...
+    back = w.event("user_id:ring-0", "device_id:ring-phone", at=w.now + DAY + MINUTE)
+    assert back.shared == {} and back.told == {}
+    # ... a fifth account the next day tells the one seen with the phone in the last day: its owner.
+    fifth = w.event("user_id:ring-4", "device_id:ring-phone", at=w.now + MINUTE)
+    assert fifth.told == {accounts[0]: {"device_id": 1}}
+
+
+def test_persons_merged_since_are_told_once_as_one_person():
+    w = World()
+    first = w.person("user_id:u1", "device_id:tablet")
+    w.event("user_id:u2", "device_id:tablet")
+    w.event("user_id:u3", "device_id:tablet")
+    w.graph.merge(w.graph.person_of("user_id:u2"), w.graph.person_of("user_id:u3"), at=w.now, cause={}, force=True)
+    merged = w.graph.person_of("user_id:u2")
+
+    told = w.event("user_id:u5", "device_id:tablet").told
+    assert told == {first: {"device_id": 2}, merged: {"device_id": 2}}, "u2 and u3 are one person, told once"
+
+
+def test_an_event_with_several_shared_identifiers_tells_each_earlier_person_once_with_every_type():
+    w = World()
+    first = w.person("user_id:u1", "device_id:d1", "anonymous_id:a1")
+    joined = w.event("user_id:u2", "device_id:d1", "anonymous_id:a1")
+    assert joined.person != first
+    assert joined.told == {first: {"device_id": 1, "anonymous_id": 1}}
+    # Only the identifiers whose persons grew count: a third account on the device alone.
+    third = w.event("user_id:u3", "device_id:d1")
+    assert third.told == {first: {"device_id": 2}, joined.person: {"device_id": 2}}
+
+
+def test_a_device_seen_with_more_persons_than_the_bound_tells_nobody():
+    """A shop's tablet: once those already on it would share it with more than SHARED_NOTIFY_MAX others,
+    a new visitor tells no one (no fan-out of hundreds of events per visitor)."""
+    from cdp_identity.domain.graph import SHARED_NOTIFY_MAX
+
+    w = World({"types": [{"name": "user_id", "limit": 1}, {"name": "device_id", "quarantine_after": 1000}]})
+    sizes = [len(w.event(f"user_id:v{k}", "device_id:shop-tablet").told) for k in range(SHARED_NOTIFY_MAX + 5)]
+    assert sizes == [*range(SHARED_NOTIFY_MAX + 1), *[0] * 4]
+    assert sum(sizes) == SHARED_NOTIFY_MAX * (SHARED_NOTIFY_MAX + 1) // 2
+
+
+def test_a_replayed_event_tells_nobody_again():
+    w = World()
+    for k in range(3):
+        w.event(f"user_id:u{k}", "device_id:d")
+    replay = w.graph.resolve(w.identifiers(("user_id:u2", "device_id:d")), event_id="e3", at=w.now, read_only=True)
+    assert replay.told == {}
+
+
 def test_quarantine_and_release_by_hand():
     w = World()
     owner = w.person("user_id:u1", "device_id:kiosk")

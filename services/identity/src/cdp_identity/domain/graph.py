@@ -15,7 +15,10 @@ Sharing across persons: an identifier of a type with `quarantine_after` remember
 appeared with (`IdentifierState.conflicts`, noted also once it is quarantined), and every resolution
 says, per identifier type of its event, how many persons other than the event's own were seen with those
 identifiers in the day before it (`Resolution.shared`; counts only). That is how a fraud model sees four
-accounts on one phone that the default rules (one user id per person) keep as four persons.
+accounts on one phone that the default rules (one user id per person) keep as four persons. The persons
+seen with an identifier before are told too when a new person joins them (`Resolution.told`: the phone's
+first account learns of the second, third and fourth) - at most once per person that joins, and only
+while the count is at most SHARED_NOTIFY_MAX, so a shop's tablet seen with hundreds tells nobody.
 
 A privacy deletion (`purge`) removes persons with everything merged into them and every identifier they
 own, and rewrites the surviving records that mention them (separations, drops, merge causes,
@@ -39,6 +42,10 @@ SHARED_WINDOW_MS = 24 * 3_600_000
 # Evidence of a person already noted on an identifier less than this long ago is not rewritten: a shared
 # device then costs at most one write a minute per person on it, not one per event.
 CONFLICT_REFRESH_MS = 60_000
+# The persons already seen with an identifier are told of a new one only while they then share it with at
+# most this many others: a shared tablet seen with hundreds of persons would otherwise publish hundreds of
+# events per new visitor (and a count that high says "public device", not "ring").
+SHARED_NOTIFY_MAX = 10
 
 
 def stable_id(prefix: str, *parts: str) -> str:
@@ -184,6 +191,10 @@ class Resolution:
     # identifier type -> how many other persons were seen with the event's identifiers of that type in
     # the SHARED_WINDOW_MS before it (absent when none; see `IdentityGraph.shared_with`)
     shared: dict[str, int] = field(default_factory=dict)
+    # Persons (roots) seen with the event's identifiers before a person new to them joined, other than
+    # the event's own -> their `shared` as an event of theirs with those identifiers would now read it
+    # (only the identifier types whose count rose). Empty for almost every event.
+    told: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class IdentityGraph:
@@ -401,6 +412,7 @@ class IdentityGraph:
         # Evidence for quarantine: each identifier met the identifiers of every other person in the event
         # (the winner included); persons the event merged are one person and no evidence.
         persons_met = sorted({root for _, root in met} | {winner})
+        sharing = self._sharing_before(met, met_quarantined, persons_met, at)
         for key, root in met:
             for other in persons_met:
                 if self.root_of(other) != self.root_of(root) and self._note_conflict(key, root, other, at):
@@ -410,7 +422,68 @@ class IdentityGraph:
                 if self.root_of(other) != self.root_of(root):
                     self._note_conflict(key, root, other, at)
         resolution.shared = self.shared_with(identifiers, winner, at)
+        if sharing:
+            resolution.told = self._told(identifiers, sharing, winner, at)
         return resolution
+
+    def _sharing_before(
+        self, met: list[tuple[str, str]], met_quarantined: list[tuple[str, str]], persons_met: list[str], at: int
+    ) -> dict[str, set[str]] | None:
+        """Before noting the event's evidence: for each identifier it is about to note a person on that
+        is new to it (not seen with it in the SHARED_WINDOW_MS before `at`), the persons seen with it in
+        that window - its owner and its recent evidence. None when there is none (almost every event:
+        one person, or the same persons as before)."""
+        found: dict[str, set[str]] | None = None
+        horizon = at - SHARED_WINDOW_MS
+        for key, root in (*met, *met_quarantined):
+            kind = self.rules.type(key.partition(":")[0])
+            if kind is None or kind.quarantine_after is None:
+                continue
+            state = self.identifiers[key]
+            own = self.root_of(root)
+            for other in persons_met:
+                if self.root_of(other) == own:
+                    continue
+                noted = state.conflicts.get(other)
+                if noted is None or noted < horizon:
+                    break
+            else:
+                continue
+            found = found if found is not None else {}
+            found[key] = self._seen_with(key, at)
+        return found
+
+    def _seen_with(self, key: str, at: int) -> set[str]:
+        """The persons (roots) seen with an identifier in the SHARED_WINDOW_MS before `at`, its owner too."""
+        state = self.identifiers[key]
+        horizon = at - SHARED_WINDOW_MS
+        seen = {self.canonical(p) for p, t in state.conflicts.items() if t >= horizon}
+        seen.add(self.canonical(state.person))
+        seen.discard(None)
+        return seen  # type: ignore[return-value]
+
+    def _told(
+        self, identifiers: list[Identifier], sharing: dict[str, set[str]], winner: str, at: int
+    ) -> dict[str, dict[str, int]]:
+        """The persons to tell that they now share identifiers with more persons (`Resolution.told`): those
+        seen with an identifier before the event, when the event brought it a person new to it, while
+        they then share it with at most SHARED_NOTIFY_MAX others. The event's own person is not told (its
+        event says it)."""
+        by_key = {ident.key: ident for ident in identifiers}
+        grown: dict[str, list[Identifier]] = {}
+        for key, before in sharing.items():
+            after = self._seen_with(key, at)
+            if len(after) <= len(before) or len(after) - 1 > SHARED_NOTIFY_MAX:
+                continue
+            for person in before:
+                if person != winner and person in after:
+                    grown.setdefault(person, []).append(by_key[key])
+        told = {}
+        for person, idents in grown.items():
+            shared = self.shared_with(idents, person, at)
+            if shared:
+                told[person] = shared
+        return told
 
     def shared_with(self, identifiers: Iterable[Identifier], person: str, at: int) -> dict[str, int]:
         """Per identifier type: how many persons other than `person` (a root) were seen with these
