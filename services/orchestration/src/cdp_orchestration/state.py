@@ -91,12 +91,18 @@ class Person:
     # deleted, never written again, and what reaches the engine for them afterwards is dropped.
     forgotten: bool = False
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
+    # The arbiter state's record, kept with the state it was made of: the record is rewritten on every profile
+    # change, the arbiter state (immutable, replaced when it changes) far less often.
+    arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> PersonView:
         return PersonView(self.person_id, dict(self.fields), frozenset(self.segments))
 
     def record(self) -> dict[str, Any]:
         assert self.state is not None
+        cached = self.arbiter_record
+        if cached is None or cached[0] is not self.state:
+            cached = self.arbiter_record = (self.state, person_record(self.state))
         # Merge bookkeeping only where there is some: most persons never merge, and this is written often.
         merges: dict[str, Any] = {}
         if self.merged_from:
@@ -106,7 +112,7 @@ class Person:
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
-            "arbiter": person_record(self.state),
+            "arbiter": cached[1],
             "live": sorted(self.live),
             "entered": dict(self.entered),
             "wake": list(self.wake) if self.wake else None,

@@ -60,7 +60,9 @@ def cancel_all(batch: Batch, person: Person) -> None:
 
 def keep_wake(batch: Batch, person: Person, *, clock_offset: float) -> None:
     """One durable timer per person at the arbiter's next wake."""
-    at = arbiter.next_wake(person.state) if person.state is not None else None
+    state = person.state
+    # Most persons hold nothing (no deferred action, no approval awaited): no wake, without building the min.
+    at = arbiter.next_wake(state) if state is not None and (state.deferred or state.awaiting) else None
     current = person.wake
     if (current[1] if current else None) == at:
         return
