@@ -13,7 +13,7 @@ import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
-from cdp_identity.codec import encode_resolved, event_time_ms
+from cdp_identity.codec import encode_resolved, event_time_ms, identifier_shared
 from cdp_identity.domain.graph import IdentityGraph
 from cdp_identity.domain.normalize import Normalizer
 from cdp_identity.domain.rules import MergeRules
@@ -278,7 +278,8 @@ def test_next_best_channel_features(fields):
 
 def _through_identity(events: list[dict]) -> list[events_pb2.ResolvedEvent]:
     """Segment events as production resolves them: the collector's parser, identity's extraction and
-    default rules, the resolved event's bytes as identity writes them."""
+    default rules, the resolved event's bytes as identity writes them - and identity's "Identifier Shared"
+    events for the persons an event's person joined on an identifier, as it publishes them."""
     rules = MergeRules.default()
     extractor, normalizer, graph = Extractor(rules), Normalizer(rules), IdentityGraph(rules)
     out = []
@@ -288,11 +289,15 @@ def _through_identity(events: list[dict]) -> list[events_pb2.ResolvedEvent]:
         )
         (event,) = [e for _, e in parsed.valid()]
         identifiers, _rejected = normalizer.normalize(extractor.extract(event))
-        resolution = graph.resolve(identifiers, event_id=f"e{n}", at=event_time_ms(event))
+        at = event_time_ms(event)
+        resolution = graph.resolve(identifiers, event_id=f"e{n}", at=at)
         encoded = encode_resolved(
             event.SerializeToString(), resolution.person, (), [i.key for i in identifiers], resolution.shared
         )
         out.append(events_pb2.ResolvedEvent.FromString(encoded))
+        for person, shared in resolution.told.items():
+            batch = identifier_shared(person, shared, message_id=f"sh-{n}-{person}", at=at, received=at)
+            out.extend(events_pb2.ResolvedEventBatch.FromString(batch).events)
     return out
 
 
@@ -311,7 +316,7 @@ def test_a_fraud_ring_seen_through_identitys_default_rules_gives_the_simulators_
     )
     defs = ComputedTraits.from_dicts(traits_for(FRAUD_FEATURES))
     shared_column = [f["name"] for f in FRAUD_FEATURES].index("shared_device_accounts_24h")
-    checked = 0
+    checked = told = 0
     for person in range(population.size):
         apart = population.fraud_events(person, population.cutoff)
         if apart is None or not population.traits["fraud_ring"][person]:
@@ -326,11 +331,17 @@ def test_a_fraud_ring_seen_through_identitys_default_rules_gives_the_simulators_
             r for r in resolved if r.event.event == "Order Completed" and event_time_ms(r.event) == round(at * 1000)
         ]
         landed = [to_profile_event(r, needs_context=True) for r in resolved if r.person_id == order.person_id]
-        assert {e.user_id for e in landed} == {order.event.user_id}, "the profile holds one account's events"
+        own = {e.user_id for e in landed if e.source != "identity"}
+        assert own == {order.event.user_id}, "the profile holds one account's events (and identity's)"
+        # identity's "Identifier Shared" for the account (the accounts that joined its device after it): the
+        # simulator's, at the same times with the same counts
+        assert [(e.at, dict(e.shared)) for e in landed if e.name == "Identifier Shared"] == [
+            (e.at, dict(e.shared)) for e in apart if e.name == "Identifier Shared"
+        ], person
+        told += sum(e.name == "Identifier Shared" and e.at <= at for e in landed)
         (production,) = fields_at("p", landed, defs, [at])
         got = matrix(spec, [production], at)[0]
         assert got.tolist() == pytest.approx(expected.tolist(), nan_ok=True), person
         checked += 1
-        if checked == 5:
-            break
-    assert checked == 5, "the test population has rings whose accounts share a device"
+    assert checked >= 5, "the test population has rings whose accounts share a device"
+    assert told, "and accounts told of others that joined them before their order"

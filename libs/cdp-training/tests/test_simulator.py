@@ -12,7 +12,7 @@ from cdp.events.v1 import events_pb2
 from cdp_collector.domain.segment import parse_request
 from cdp_profile.domain.computed import local_hour
 from cdp_profile.events import to_profile_event
-from cdp_training.simulator import CHANNELS, CITIES, Kind, RegimeShift, identity_sharing, simulate
+from cdp_training.simulator import CHANNELS, CITIES, Kind, RegimeShift, identity_sharing, identity_told, simulate
 
 REQUIRED = {"type", "messageId", "userId", "anonymousId", "context", "timestamp"}
 
@@ -226,9 +226,26 @@ def test_the_fraud_moment_of_a_ring_reads_its_own_accounts_events_only(populatio
     assert several, "some rings open several accounts"
     for person in several:
         events = population.fraud_events(person, population.cutoff)
-        assert len({e.user_id for e in events}) == 1
+        # its own account's events, and identity's "Identifier Shared" (nobody's user id) for accounts
+        # that joined its device after it
+        assert len({e.user_id for e in events if e.source != "identity"}) == 1
+        assert {e.user_id for e in events if e.source == "identity"} <= {""}
         assert any(e.at == population.fraud_at[person] and e.name == "Order Completed" for e in events)
     single = next(
         p for p in range(population.size) if not (population.traits["fraud_ring"] | population.traits["family"])[p]
     )
     assert population.fraud_events(single, population.cutoff) is None
+
+
+def test_identity_tells_the_accounts_already_on_a_device_of_each_account_that_joins_them():
+    """As identity's default rules publish "Identifier Shared" (`Resolution.told`): each account new to a
+    device in a day tells those seen with it in that day (its owner too) how many others they now share
+    it with; the joining account is never told, an account back on it tells nobody."""
+    minute, day = 60.0, 86_400.0
+    times = [0.0, minute, 2 * minute, 3 * minute, 4 * minute, day + 2.5 * minute]
+    accounts = [0, 1, 2, 1, 3, 1]
+    devices = [2, 2, 2, 2, 3, 2]
+    told = [(index, account, counts["device_id"]) for index, account, counts in identity_told(times, accounts, devices)]
+    # account 2 joins (event 2): accounts 0 and 1 learn of it; account 3 is alone on device 3; a day on,
+    # account 1 has been gone a day less 30 s - still noted - so its return tells nobody.
+    assert told == [(1, 0, 1), (2, 0, 2), (2, 1, 2)]

@@ -58,7 +58,9 @@ VERSION = "1.1.0"
 CLV_VERSION = "1.2.0"  # 1.1.0: repeat orders count as purchase occasions, at most one a day; 1.2.0: as VERSION
 # 1.2.0: the fraud models read the profile the order lands on under identity's default rules (one user id
 # per person: a ring's accounts are persons of their own) and the other accounts identity saw on its device.
-FRAUD_VERSION = "1.2.0"
+# 1.3.0: shared_device_accounts_24h also reads identity's "Identifier Shared" events (an account learns of
+# the accounts that joined its device after it).
+FRAUD_VERSION = "1.3.0"
 OWNER = "cdp"
 INPUT = "features"
 LIGHTGBM_OPSET = 15  # the newest onnxmltools converts LightGBM to

@@ -44,7 +44,8 @@ travellers and spree shoppers) or their last event.
 Identity's default rules allow one user id per person, so a ring's (or a family's) accounts are persons of
 their own in production: the order at the fraud moment lands on its account's profile, which holds only
 that account's events, each carrying how many other accounts identity saw on its device in the day before
-it (`fraud_events`, `identity_sharing`). The other models read the simulated person as a whole.
+it (`fraud_events`, `identity_sharing`), and identity's "Identifier Shared" events for each account that
+joined its device after it (`identity_told`). The other models read the simulated person as a whole.
 """
 
 from __future__ import annotations
@@ -407,13 +408,20 @@ class Population:
         scoring = max(int(np.searchsorted(times, self.fraud_at[person], side="right")) - 1, 0)
         account = int(accounts[scoring])
         accounts_list = accounts.tolist()
-        shared = identity_sharing(times.tolist(), accounts_list, self.table["device"][rows.start : rows.stop].tolist())
+        devices = self.table["device"][rows.start : rows.stop].tolist()
+        shared = identity_sharing(times.tolist(), accounts_list, devices)
         events = self._events(person, until)
-        return [
-            _profile(event, counts)
-            for event, owner, counts in zip(events, accounts_list, shared, strict=True)
-            if owner == account
-        ]
+        told: dict[int, list[dict[str, int]]] = {}
+        for index, to, counts in identity_told(times.tolist(), accounts_list, devices):
+            if to == account:
+                told.setdefault(index, []).append(counts)
+        out = []
+        for index, (event, owner, counts) in enumerate(zip(events, accounts_list, shared, strict=True)):
+            if owner == account:
+                out.append(_profile(event, counts))
+            for counts_told in told.get(index, ()):  # after the event that told it, at its time
+                out.append(_identifier_shared(event, counts_told))
+        return out
 
     def iter_segment_events(self, until: float | None = None) -> Iterator[dict[str, Any]]:
         """Everyone's events, person after person."""
@@ -617,6 +625,55 @@ def identity_sharing(times: list[float], accounts: list[int], devices: list[int]
             counts = _SHARED_COUNTS[count] = {"device_id": count, "anonymous_id": count}
         out.append(counts)
     return out
+
+
+# identity's bound on telling the persons already on a device of a new one (graph.SHARED_NOTIFY_MAX)
+SHARED_NOTIFY_MAX = 10
+IDENTIFIER_SHARED = "Identifier Shared"
+
+
+def identity_told(times: list[float], accounts: list[int], devices: list[int]) -> list[tuple[int, int, dict[str, int]]]:
+    """The "Identifier Shared" events identity's default rules publish for one simulated person's events (in
+    time order): (index of the event that tells, the account told, its counts). An account new to a device
+    in the day before an event (neither its owner nor noted on it in that day) tells each account seen
+    with the device in that day - its owner and those noted - how many others it now shares it with,
+    while that is at most SHARED_NOTIFY_MAX (cdp_identity.domain.graph: `Resolution.told`)."""
+    owners: dict[int, int] = {}
+    notes: dict[int, dict[int, float]] = {}
+    out: list[tuple[int, int, dict[str, int]]] = []
+    for index, (at, account, device) in enumerate(zip(times, accounts, devices, strict=True)):
+        owner = owners.setdefault(device, account)
+        if account == owner:
+            continue
+        noted = notes.setdefault(device, {})
+        horizon = at - SHARED_WINDOW
+        last = noted.get(account)
+        if last is None or last < horizon:
+            before = {other for other, seen in noted.items() if seen >= horizon} | {owner}
+            count = len(before)  # each of them now shares the device with `before` less itself, plus `account`
+            if count <= SHARED_NOTIFY_MAX:
+                counts = {"device_id": count, "anonymous_id": count}
+                out.extend((index, other, counts) for other in sorted(before))
+        if last is None or not 0 <= at - last < CONFLICT_REFRESH:
+            noted[account] = at
+    return out
+
+
+def _identifier_shared(cause: _Event, shared: dict[str, int]) -> ProfileEvent:
+    """Identity's event for an account another joined on a device (codec.identifier_shared): at the time of
+    the event that joined it, no identifiers, context or ids of anyone."""
+    return ProfileEvent(
+        event_id=f"identity:sh-{cause.message_id}-{shared['device_id']}",
+        type="track",
+        name=IDENTIFIER_SHARED,
+        at=cause.at,
+        source="identity",
+        properties={"identifier_types": sorted(shared), "persons": max(shared.values())},
+        traits=_NO_PROPERTIES,
+        consent={},
+        identifiers=(),
+        shared=shared,
+    )
 
 
 def _profile(event: _Event, shared: dict[str, int] = _NOT_SHARED) -> ProfileEvent:

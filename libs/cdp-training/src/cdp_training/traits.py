@@ -94,8 +94,17 @@ COMPUTED_TRAITS: dict[str, dict[str, Any]] = {
         _op("card_countries_24h", "unique_count", "card_country", ORDER, "24h"),
         _op("geo_mismatch_24h", "mismatch_count", "card_country", ORDER, "24h", compare="$context.location.country"),
         _op("accounts_24h", "unique_count", "$user_id", ["Signed Up"], "24h"),
-        # other accounts (persons, to identity) seen on the person's device in a day, as identity counts them
-        _op("shared_device_accounts_24h", "max", "$shared.device_id", CLIENT_EVENTS, "24h", "any"),
+        # other accounts (persons, to identity) seen on the person's device in a day, as identity counts them:
+        # on the person's own events, and on identity's "Identifier Shared" when another account joins them
+        # there later (the ring's first account, alone on the phone when it ordered, learns of the others)
+        _op(
+            "shared_device_accounts_24h",
+            "max",
+            "$shared.device_id",
+            [*CLIENT_EVENTS, "Identifier Shared"],
+            "24h",
+            "any",
+        ),
         _op("max_order_total_24h", "max", "total", ORDER, "24h"),
     ]
 }
