@@ -412,7 +412,12 @@ class IdentityGraph:
         # Evidence for quarantine: each identifier met the identifiers of every other person in the event
         # (the winner included); persons the event merged are one person and no evidence.
         persons_met = sorted({root for _, root in met} | {winner})
-        sharing = self._sharing_before(met, met_quarantined, persons_met, at)
+        # Almost every event: its identifiers are all its own person's, nobody is new to any of them.
+        sharing = (
+            self._sharing_before(met, met_quarantined, persons_met, at)
+            if len(persons_met) > 1 or met_quarantined
+            else None
+        )
         for key, root in met:
             for other in persons_met:
                 if self.root_of(other) != self.root_of(root) and self._note_conflict(key, root, other, at):
