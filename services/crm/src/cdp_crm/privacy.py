@@ -61,7 +61,7 @@ from cdp_crm.state import (
 )
 from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
-from cdp_kit.storage.expiry import sweep_every, sweep_expired
+from cdp_kit.storage.expiry import ExpirySweeper
 
 log = logging.getLogger("cdp.crm.privacy")
 
@@ -255,7 +255,7 @@ def erasure(mapping: ObjectMapping, record: str, doc: dict, policy: str = "anony
     return Change(mapping.name, key, fields, DONE_STAMP, UPSERT, doc.get("person_id", ""), "privacy")
 
 
-class TombstoneSweeper:
+class TombstoneSweeper(ExpirySweeper):
     """Deletes the tombstones older than `days` (see the module docstring): by then nothing that still
     reaches the connector can be for the person. Only `crm_tombstones`: the erasure records and
     `crm_privacy/<request>` are what was done, and what makes a redelivered request find it done."""
@@ -268,21 +268,9 @@ class TombstoneSweeper:
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
-        self.max_age = days * DAY
-        self.clock = clock
-        meter = meter or metrics.get_meter("cdp.crm")
-        self.m_swept = meter.create_counter(
+        swept = (meter or metrics.get_meter("cdp.crm")).create_counter(
             "cdp.crm.tombstones.swept",
             unit="{tombstone}",
             description="privacy tombstones deleted once older than CDP_CRM_TOMBSTONE_DAYS",
         )
-
-    async def sweep(self) -> int:
-        """One sweep now; how many tombstones it deleted."""
-        swept = await sweep_expired(self.store, TOMBSTONES, before=self.clock() - self.max_age)
-        self.m_swept.add(swept)
-        return swept
-
-    async def run(self, interval: float = SWEEP_INTERVAL) -> None:
-        await sweep_every(interval, self.sweep, TOMBSTONES)
+        super().__init__(store, TOMBSTONES, max_age=days * DAY, interval=SWEEP_INTERVAL, swept=swept, clock=clock)

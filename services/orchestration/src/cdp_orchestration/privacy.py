@@ -54,7 +54,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.engine import PartitionedEngine
 from cdp_kit.storage import Delete, Put, Store
-from cdp_kit.storage.expiry import sweep_every, sweep_expired
+from cdp_kit.storage.expiry import ExpirySweeper
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
@@ -281,7 +281,7 @@ class PrivacyHandler:
                 await self.store.bulk_write(ops)
 
 
-class TombstoneSweeper:
+class TombstoneSweeper(ExpirySweeper):
     """Deletes the tombstones older than `days` (see the module docstring): by then nothing that still
     reaches orchestration can be for the person. Only `orchestration_tombstones`: the `forgotten` markers
     hold counts under the request id and are what makes a redelivered request find its work done."""
@@ -294,21 +294,9 @@ class TombstoneSweeper:
         meter: metrics.Meter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
-        self.max_age = days * DAY
-        self.clock = clock
-        meter = meter or metrics.get_meter("cdp.orchestration")
-        self.m_swept = meter.create_counter(
+        swept = (meter or metrics.get_meter("cdp.orchestration")).create_counter(
             "cdp.orchestration.tombstones.swept",
             unit="{tombstone}",
             description="privacy tombstones deleted once older than CDP_ORCHESTRATION_TOMBSTONE_DAYS",
         )
-
-    async def sweep(self) -> int:
-        """One sweep now; how many tombstones it deleted."""
-        swept = await sweep_expired(self.store, TOMBSTONES, before=self.clock() - self.max_age)
-        self.m_swept.add(swept)
-        return swept
-
-    async def run(self, interval: float = SWEEP_INTERVAL) -> None:
-        await sweep_every(interval, self.sweep, TOMBSTONES)
+        super().__init__(store, TOMBSTONES, max_age=days * DAY, interval=SWEEP_INTERVAL, swept=swept, clock=clock)

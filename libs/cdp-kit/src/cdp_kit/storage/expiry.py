@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cdp_kit.storage.port import Delete, Record, Store, VersionConflict
 
@@ -52,6 +54,39 @@ async def sweep_every(interval: float, sweep: Callable[[], Awaitable[int]], what
         except Exception as exc:  # the next sweep tries again
             log.warning("sweep of %s failed: %s", what, type(exc).__name__)
         await asyncio.sleep(interval)
+
+
+class ExpirySweeper:
+    """Sweeps one collection of records stamped `at` once they are older than `max_age` seconds, now and
+    every `interval` seconds (`run`, a task the service cancels at stop), adding what it deleted to
+    `swept` (an OpenTelemetry counter) when given. `clock` is settable for tests."""
+
+    def __init__(
+        self,
+        store: Store,
+        collection: str,
+        *,
+        max_age: float,
+        interval: float,
+        swept: Any | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.collection = collection
+        self.max_age = max_age
+        self.interval = interval
+        self.swept = swept
+        self.clock = clock
+
+    async def sweep(self) -> int:
+        """One sweep now; how many records it deleted."""
+        deleted = await sweep_expired(self.store, self.collection, before=self.clock() - self.max_age)
+        if self.swept is not None:
+            self.swept.add(deleted)
+        return deleted
+
+    async def run(self) -> None:
+        await sweep_every(self.interval, self.sweep, self.collection)
 
 
 def _stamp(record: Record) -> float | None:
