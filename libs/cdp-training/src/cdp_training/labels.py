@@ -15,8 +15,9 @@ or, with `after`, a window that opens a while later, (T + after, T + after + win
 
 `events` lists what qualifies: each a `name` (an event name; absent: any name), an optional `type`
 (track, page, screen, identify, group, alias; absent: any) and an optional `where` (property -> value
-every match must carry). `no_activity` without `events` counts every event. `after` (a duration, 0 or
-more; absent: 0) skips what happens in (T, T + after]: "lapsed a month on" is not "already gone", and an
+every match must carry). `no_activity` without `events` counts every event the person made (events the
+platform published on their behalf, identity's "Identifier Shared", qualify only for a match that names
+them). `after` (a duration, 0 or more; absent: 0) skips what happens in (T, T + after]: "lapsed a month on" is not "already gone", and an
 event in the month of grace is no answer to it. A label is known only once its `horizon` (after + window)
 has passed: nothing reads a cut-off later than the last event the store holds minus the horizon. A `channel_answered` row's label
 is the class answered most in the window (ties: the one answered first); a person who answered none has
@@ -201,6 +202,11 @@ class LabelSpec:
         return ("orders", "value") if self.kind == ORDERS_AND_VALUE else ("label",)
 
     def qualifies(self, entry: TimelineEntry) -> bool:
+        # An event the platform published (identity's "Identifier Shared") is not the person's doing: it
+        # qualifies only for a match that names it, so a dormant account is not "active" because a new
+        # account joined its phone (profile's `last_seen` ignores it the same way).
+        if entry.platform:
+            return any(match.name == entry.name and match.matches(entry) for match in self.events)
         return not self.events or any(match.matches(entry) for match in self.events)
 
     def label(self, after: Iterable[TimelineEntry], cutoff: float) -> tuple[float, ...] | None:

@@ -120,7 +120,9 @@ def complete_from(stored: StoredProfile) -> float:
     """The time from which `stored`'s timeline holds every event its profile applied (-inf: it holds them
     all): the oldest retained entry of the latest-starting part that lost entries to retention (see the
     module docstring). Every dropped entry is at or before it."""
-    timeline = stored.timeline
+    # A part's event_count and first_seen count the person's own events only (the platform's, identity's
+    # "Identifier Shared", are kept but not counted), so they are compared with those entries only.
+    timeline = [entry for entry in stored.timeline if not entry.platform]
     parts = stored.doc.get("parts", [])
     if len(parts) == 1:
         kept = {parts[0].get("origin"): (len(timeline), timeline[0].at if timeline else None)}

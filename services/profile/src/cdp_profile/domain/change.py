@@ -17,7 +17,8 @@ class ProfileChange:
     split-off person had.
 
     Falsy when nothing changed, so a duplicate event produces nothing to publish. An applied event always
-    counts as a change (its id is listed): it moves `event_count` and `last_seen`.
+    counts as a change (its id is listed): it moves `event_count` and `last_seen` (a platform event, see
+    events.PLATFORM_SOURCES, only adds its timeline entry and feeds the traits naming it).
     """
 
     person_id: str

@@ -6,7 +6,8 @@
      "where": {"site": ["shop", "outlet"]}}
 
 An event matches when its type is `event_type` (or that is "any"), its name is one of `event_names` (or
-that is empty), and every `where` path holds what is asked there: a value (equal to it), a list (one of
+that is empty; an event the platform published, like identity's "Identifier Shared", only when it is one of
+them: it is not the person's activity, so a trait over any event does not count it), and every `where` path holds what is asked there: a value (equal to it), a list (one of
 them; null matches a missing value too), or an operator object, all of whose operators must hold:
 
     {"total": {"$gt": 50, "$lte": 100}}      {"$context.page.path": {"$starts_with": "/pricing"}}
@@ -47,7 +48,7 @@ Pseudo-paths read the event itself rather than its payload, in `property`, `comp
                          (device_id, phone, anonymous_id, ...) in the day before it; missing when none
 
     {"name": "shared_device_accounts_24h", "op": "max", "event_type": "any", "property": "$shared.device_id",
-     "window": "24h"}
+     "event_names": ["Login", "Order Completed", "Identifier Shared"], "window": "24h"}
 
     {"name": "last_order_at", "op": "max", "event_names": ["Order Completed"], "property": "$at"}
     {"name": "best_send_hour", "op": "most_frequent", "event_type": "any", "property": "$hour"}
@@ -488,8 +489,14 @@ class ComputedTrait:
             document["compare"] = self.compare
         return document
 
-    def matches_event(self, event_type: str, event_name: str) -> bool:
-        return (self.event_type in ("any", event_type)) and (not self.event_names or event_name in self.event_names)
+    def matches_event(self, event_type: str, event_name: str, platform: bool = False) -> bool:
+        """Whether an event of this type and name feeds the trait. An event the platform published
+        (`platform`, see events.PLATFORM_SOURCES) feeds only a trait that names it in `event_names`."""
+        if self.event_type not in ("any", event_type):
+            return False
+        if platform:
+            return event_name in self.event_names
+        return not self.event_names or event_name in self.event_names
 
     def extract(self, payload: Any) -> Any:
         """The contribution an event with this payload makes, or MISSING when it makes none.
@@ -838,8 +845,9 @@ class ComputedTraits:
     def to_dicts(self) -> list[dict[str, Any]]:
         return [trait.to_dict() for trait in self._by_name.values()]
 
-    def matching(self, event_type: str, event_name: str) -> tuple[ComputedTrait, ...]:
-        """The definitions an event of this type and name feeds (cached; the set of names is small)."""
+    def matching(self, event_type: str, event_name: str, platform: bool = False) -> tuple[ComputedTrait, ...]:
+        """The definitions an event of this type and name feeds (cached; the set of names is small). A
+        platform event (`platform`) feeds only those naming it: they are among the cached ones."""
         key = (event_type, event_name)
         found = self._cache.get(key)
         if found is None:
@@ -847,6 +855,8 @@ class ComputedTraits:
             if len(self._cache) >= _MATCH_CACHE_LIMIT:
                 self._cache.clear()  # event names are client data: never let the cache grow without bound
             self._cache[key] = found
+        if platform and found:
+            return tuple(t for t in found if event_name in t.event_names)  # rare: not worth a cache
         return found
 
     def get(self, name: str) -> ComputedTrait | None:

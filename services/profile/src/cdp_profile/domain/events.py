@@ -23,6 +23,18 @@ EVENT_TYPES = frozenset({"track", "identify", "page", "screen", "group", "alias"
 # `where` filters and timeline entries read this "payload", so a computed trait over identify events
 # can count plan changes the same way one over track events counts orders.
 TRAIT_PAYLOAD_TYPES = frozenset({"identify", "group"})
+# Sources of the events the platform itself publishes on a person's behalf: identity's "Identifier Shared"
+# (another person joined this one on an identifier). They carry neither a user id nor an anonymous id, which
+# no client event can lack (the collector refuses it), so a client source an operator happened to call
+# "identity" is never taken for the platform. Such an event is not the person's activity: it stays in the
+# timeline and feeds the computed traits that name it, but moves no `last_seen`, `first_seen` or
+# `event_count`, and a trait over any event (no `event_names`) does not read it.
+PLATFORM_SOURCES = frozenset({"identity"})
+
+
+def is_platform_event(source: str, user_id: str, anonymous_id: str) -> bool:
+    """Whether an event was published by the platform itself rather than sent about the person's doing."""
+    return source in PLATFORM_SOURCES and not user_id and not anonymous_id
 
 
 class _Empty(dict):
@@ -118,6 +130,11 @@ class ProfileEvent:
         """The data computed traits and the timeline read: traits for identify/group, properties otherwise."""
         return self.traits if self.type in TRAIT_PAYLOAD_TYPES else self.properties
 
+    @property
+    def platform(self) -> bool:
+        """Published by the platform (see PLATFORM_SOURCES), not the person's activity."""
+        return is_platform_event(self.source, self.user_id, self.anonymous_id)
+
 
 class TimelineEntry(NamedTuple):
     """One event on a person's timeline.
@@ -144,6 +161,11 @@ class TimelineEntry(NamedTuple):
 
     def cursor(self) -> tuple[float, str]:
         return (self.at, self.event_id)
+
+    @property
+    def platform(self) -> bool:
+        """The entry of an event the platform published (see PLATFORM_SOURCES), not the person's activity."""
+        return is_platform_event(self.source, self.user_id, self.anonymous_id)
 
     def to_doc(self) -> dict[str, Any]:
         doc = {

@@ -147,7 +147,7 @@ def _changed(before: Any, after: Any) -> bool:
 
 
 def _contribution(trait: ComputedTrait, entry: TimelineEntry) -> Any:
-    if not trait.matches_event(entry.type, entry.name):
+    if not trait.matches_event(entry.type, entry.name, entry.platform):
         return MISSING
     return _replayed(trait, entry)
 
@@ -208,11 +208,13 @@ class Profile:
         at = event.at
         source = event.source
         self._remember(part, event_id, at)
-        part.event_count += 1
-        if part.first_seen is None or at < part.first_seen:
-            part.first_seen = at
-        if part.last_seen is None or at > part.last_seen:
-            part.last_seen = at
+        platform = event.platform
+        if not platform:  # the platform's own events are not the person's activity (events.PLATFORM_SOURCES)
+            part.event_count += 1
+            if part.first_seen is None or at < part.first_seen:
+                part.first_seen = at
+            if part.last_seen is None or at > part.last_seen:
+                part.last_seen = at
         identifiers = event.identifiers
         if identifiers:
             part.identifiers.update(identifiers)
@@ -256,7 +258,7 @@ class Profile:
                         part, "consent", key, ConsentState(granted, source, at, event_id), change.consent, single
                     )
 
-        matching = defs.matching(kind, event.name)
+        matching = defs.matching(kind, event.name, platform)
         if matching:
             self._contribute(part, matching, payload, event, now, change.computed, single)
         return change
@@ -886,8 +888,9 @@ class Profile:
                         if state.window is not None:
                             state.remove_entry(event_id)
                     continue
-                part.event_count -= 1
-                for trait in defs.matching(entry.type, entry.name):
+                if not entry.platform:
+                    part.event_count -= 1
+                for trait in defs.matching(entry.type, entry.name, entry.platform):
                     state = part.computed.get(trait.name)
                     value = _replayed(trait, entry)
                     if state is not None and value is not MISSING and state.signature == trait.signature:
