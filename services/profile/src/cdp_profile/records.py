@@ -30,8 +30,9 @@ DELETIONS = "profile_deletions"
 
 
 def encode_profile(profile: Profile) -> dict[str, Any]:
-    doc = profile.to_doc()
-    return {"merged_from": doc["merged_from"], "profile": orjson.dumps(doc).decode()}
+    # to_json reuses the encodings of the computed states this change left alone (most of the document)
+    merged_from = [origin for origin in profile.parts if origin != profile.person_id]
+    return {"merged_from": merged_from, "profile": profile.to_json().decode()}
 
 
 def decode_profile(doc: dict[str, Any], timeline: Iterable[TimelineEntry], retention: Retention) -> Profile:

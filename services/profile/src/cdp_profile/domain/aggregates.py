@@ -37,6 +37,8 @@ from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any
 
+import orjson
+
 from cdp_profile.domain.computed import MISSING, ComputedTrait
 
 UNIQUE_LIMIT = 100
@@ -438,11 +440,19 @@ def _agg_from_doc(op: str, doc: list[Any]) -> Any:
 
 
 class ComputedState:
-    """One computed trait's summary for one part; windowed ones also keep their in-window entries."""
+    """One computed trait's summary for one part; windowed ones also keep their in-window entries.
 
-    __slots__ = ("agg", "entries", "op", "signature", "window")
+    The state keeps its own stored form (`encoded`), made on the first write after it changed: a profile
+    is written whole on every change, and most changes (a score, an event feeding a few of the traits)
+    leave most states as they were, whose encoding is then reused rather than made again. Every change
+    goes through the methods below, each of which forgets the encoding; nothing outside this class
+    changes `agg` or `entries` (they are read only).
+    """
+
+    __slots__ = ("_encoded", "agg", "entries", "op", "signature", "window")
 
     def __init__(self, op: str, window: float | None, signature: str, agg: Any = None, entries: Any = None) -> None:
+        self._encoded: orjson.Fragment | None = None
         self.op = op
         self.window = window
         self.signature = signature
@@ -460,6 +470,7 @@ class ComputedState:
         return self.agg.result(self.op)
 
     def add(self, at: float, event_id: str, value: Any, now: float) -> None:
+        self._encoded = None
         if self.window is None:
             self.agg.add(at, event_id, value)
             return
@@ -475,6 +486,7 @@ class ComputedState:
 
     def remove(self, event_id: str, at: float, value: Any) -> None:
         """Take one contribution back out (a merge found the same event on both sides)."""
+        self._encoded = None
         if self.window is not None:
             self.remove_entry(event_id)
             return
@@ -486,6 +498,7 @@ class ComputedState:
         """Take a windowed contribution out by event id (no-op when it already aged out)."""
         for index, entry in enumerate(self.entries or ()):
             if entry[1] == event_id:
+                self._encoded = None
                 del self.entries[index]
                 if not self.agg.remove(*entry):
                     self._rebuild()
@@ -507,6 +520,7 @@ class ComputedState:
             count += 1
         if not count:
             return False
+        self._encoded = None
         removed = entries[:count]
         del entries[:count]
         if not entries:
@@ -520,6 +534,7 @@ class ComputedState:
         return True
 
     def _rebuild(self) -> None:
+        self._encoded = None
         agg = self.agg = AGGREGATES[self.op]()
         for entry in self.entries:
             agg.add(*entry)
@@ -544,6 +559,13 @@ class ComputedState:
         if self.entries is not None:
             doc["entries"] = [list(entry) for entry in self.entries]
         return doc
+
+    def encoded(self) -> orjson.Fragment:
+        """`to_doc()` as JSON, for a writer that embeds it (orjson): made once per change of the state."""
+        encoded = self._encoded
+        if encoded is None:
+            encoded = self._encoded = orjson.Fragment(orjson.dumps(self.to_doc()))
+        return encoded
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> ComputedState:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from math import isfinite
 from typing import Any
 
+import orjson
+
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.profile_fields import CONSENT, SCORES, field_key
 from cdp_profile.domain.aggregates import ComputedState, combined_result
@@ -108,7 +110,9 @@ class Part:
     first_seen: float | None = None
     last_seen: float | None = None
 
-    def to_doc(self) -> dict[str, Any]:
+    def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
+        """JSON-serialisable; with `encoded`, the computed states are their cached encodings (orjson
+        fragments: only for `orjson.dumps`), re-made only for the states that changed since."""
         in_timeline = {entry.event_id for entry in self.timeline}
         extra = sorted((at, event_id) for event_id, at in self.seen.items() if event_id not in in_timeline)
         return {
@@ -117,7 +121,7 @@ class Part:
             "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
             "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
             "scores": {name: score.to_doc() for name, score in self.scores.items()},
-            "computed": {name: state.to_doc() for name, state in self.computed.items()},
+            "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
             "seen": [[event_id, at] for at, event_id in extra],  # timeline ids are not repeated here
             "identifiers": sorted(self.identifiers),
             "event_count": self.event_count,
@@ -610,15 +614,22 @@ class Profile:
 
     # --- persistence -----------------------------------------------------------------------------
 
-    def to_doc(self) -> dict[str, Any]:
-        """The profile without its timeline (stored apart, one record per entry), JSON-serialisable."""
+    def to_json(self) -> bytes:
+        """`to_doc()` as JSON (what the store keeps). A profile is written on every change, and most changes
+        leave most computed states as they were (a score changes none): each state's encoding is kept
+        with it and made again only after it changed, so a write costs what changed, not all 45 traits."""
+        return orjson.dumps(self.to_doc(encoded=True))
+
+    def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
+        """The profile without its timeline (stored apart, one record per entry), JSON-serialisable (with
+        `encoded`, only by orjson: see `to_json`)."""
         return {
             "v": DOC_VERSION,
             "person_id": self.person_id,
             # Derivable from parts; kept at the top so a store can find the timelines to load (by origin).
             "merged_from": [origin for origin in self.parts if origin != self.person_id],
             "merges": [m.to_doc() for m in self.merges],
-            "parts": [part.to_doc() for part in self.parts.values()],
+            "parts": [part.to_doc(encoded=encoded) for part in self.parts.values()],
         }
 
     @classmethod
