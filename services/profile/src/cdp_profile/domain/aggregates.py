@@ -564,7 +564,9 @@ class ComputedState:
         """`to_doc()` as JSON, for a writer that embeds it (orjson): made once per change of the state."""
         encoded = self._encoded
         if encoded is None:
-            encoded = self._encoded = orjson.Fragment(orjson.dumps(self.to_doc()))
+            # A copy: the bytes orjson returns keep its whole output buffer (4 KiB at least), and profiles
+            # hold thousands of these.
+            encoded = self._encoded = orjson.Fragment(bytes(memoryview(orjson.dumps(self.to_doc()))))
         return encoded
 
     @classmethod
