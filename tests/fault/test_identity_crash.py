@@ -2,8 +2,9 @@
 reference built by applying the same events in order to the domain model in memory.
 
 One partition keeps one global order, so the reference is exact: whatever the crash interrupted, the
-restarted service must end with the same partition of identifiers, no identifier on two persons, and a
-resolved event for every raw event.
+restarted service must end with the same partition of identifiers, no identifier on two persons, a
+resolved event for every raw event, and as many of identity's own "Identifier Shared" events (persons told
+that a device they used now has a new person on it) as the reference tells: none lost, none told twice.
 """
 
 from __future__ import annotations
@@ -58,15 +59,18 @@ def random_events(seed: int) -> list[events_pb2.Event]:
     return out
 
 
-def reference_partition(events: list[events_pb2.Event]) -> set[frozenset[str]]:
+def reference(events: list[events_pb2.Event]) -> tuple[set[frozenset[str]], int]:
+    """The partition of identifiers after every event, and how many persons identity tells on the way."""
     rules = MergeRules.default()
     graph, normalizer, extractor = IdentityGraph(rules), Normalizer(rules), Extractor(rules)
+    told = 0
     for ev in events:
         # Alias previous ids here are always anonymous ids (no user id looks like "a-…").
         pairs = [("anonymous_id", v) if k == "previous" else (k, v) for k, v in extractor.extract(ev)]
         identifiers, _ = normalizer.normalize(pairs)
-        graph.resolve(identifiers, event_id=f"crash:{ev.message_id}", at=ev.timestamp.ToMilliseconds())
-    return set(graph.partition().values())
+        resolution = graph.resolve(identifiers, event_id=f"crash:{ev.message_id}", at=ev.timestamp.ToMilliseconds())
+        told += len(resolution.told) if resolution is not None else 0
+    return set(graph.partition().values()), told
 
 
 async def stored_partition(store_url: str) -> set[frozenset[str]]:
@@ -150,8 +154,16 @@ async def test_killed_mid_stream_restarts_to_the_reference_graph(nats_server, tm
             await asyncio.sleep(0.1)
         service.stop()
         assert kills >= 3, "the service finished before it could be killed; make the stream longer"
-        assert set(await resolved_ids(js)) == {f"crash:{ev.message_id}" for ev in events}, "an event was lost"
-        assert await stored_partition(store_url) == reference_partition(events)
+        published = set(await resolved_ids(js))
+        partition, told = reference(events)
+        assert {i for i in published if i.startswith("crash:")} == {f"crash:{ev.message_id}" for ev in events}, (
+            "an event was lost"
+        )
+        own = {i for i in published if not i.startswith("crash:")}
+        assert all(i.startswith("identity:") for i in own)
+        assert told > 0  # the stream shares devices between persons: the count below is not vacuous
+        assert len(own) == told, "an Identifier Shared event was lost or told twice under another id"
+        assert await stored_partition(store_url) == partition
     finally:
         service.stop()
         await nc.close()
