@@ -73,6 +73,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         bus.publisher,
         partitions=settings.partitions,
         telemetry=runtime.telemetry,
+        shared_notify_max=settings.shared_notify_max,
     )
     await engine.start()
     matching = MatchingService(engine, store, match_config)

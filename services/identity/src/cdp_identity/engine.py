@@ -58,6 +58,7 @@ from cdp_identity.codec import (
     timestamp,
 )
 from cdp_identity.domain.graph import (
+    SHARED_NOTIFY_MAX,
     IdentityGraph,
     Merge,
     MergeRefused,
@@ -158,13 +159,15 @@ class IdentityEngine:
         *,
         partitions: int,
         telemetry: Telemetry,
+        shared_notify_max: int = SHARED_NOTIFY_MAX,
     ) -> None:
         self.rules = rules
+        self.shared_notify_max = shared_notify_max
         self.chain = WriteChain(store)
         self.store = store
         self.publisher = publisher
         self.partitions = partitions
-        self.graph = IdentityGraph(rules)
+        self.graph = IdentityGraph(rules, shared_notify_max=shared_notify_max)
         self.normalizer = Normalizer(rules)
         self.extractor = Extractor(rules)
         self.lock = asyncio.Lock()
@@ -846,7 +849,7 @@ class IdentityEngine:
         """Under the lock: let every queued write settle, then forget the graph (the store is the truth)."""
         await self.chain.settle()
         self.chain.reset()  # a failed chain ends here; new writes start a fresh one
-        self.graph = IdentityGraph(self.rules)
+        self.graph = IdentityGraph(self.rules, shared_notify_max=self.shared_notify_max)
         self.versions.clear()
         self._failed = False
         self._epoch += 1

@@ -33,6 +33,12 @@ class IdentitySettings(OwnershipSettings, ServiceSettings):
         "the partition resumes, in order)",
     )
     retention_days: float = env("CDP_EVENTS_RETENTION_DAYS", 7.0, help="days events.resolved keeps events")
+    shared_notify_max: int = env(
+        "CDP_IDENTITY_SHARED_NOTIFY_MAX",
+        10,
+        help="persons already seen with an identifier are sent an 'Identifier Shared' event when a new person "
+        "joins it, while they then share it with at most this many others (0: never)",
+    )
 
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
@@ -44,6 +50,10 @@ class IdentitySettings(OwnershipSettings, ServiceSettings):
                 problems.append(f"{name}={str(path)!r} is not a readable file")
         if self.batch_size < 1:
             problems.append(f"CDP_IDENTITY_BATCH_SIZE={self.batch_size} is invalid: must be positive")
+        if self.shared_notify_max < 0:
+            problems.append(
+                f"CDP_IDENTITY_SHARED_NOTIFY_MAX={self.shared_notify_max} is invalid: must be 0 (tell nobody) or more"
+            )
         if self.ownership == "static" and self.replicas > 1:
             # writer.py: the graph spans partitions and every replica caches it, so replicas splitting
             # the partitions would resolve events on each other's stale records.

@@ -467,6 +467,20 @@ def test_a_device_seen_with_more_persons_than_the_bound_tells_nobody():
     assert sum(sizes) == SHARED_NOTIFY_MAX * (SHARED_NOTIFY_MAX + 1) // 2
 
 
+def test_the_bound_on_telling_is_the_operators_to_set():
+    """CDP_IDENTITY_SHARED_NOTIFY_MAX: with 2, the third account on a phone still tells the two before it;
+    the fourth tells nobody; with 0 nobody is ever told."""
+    rules = {"types": [{"name": "user_id", "limit": 1}, {"name": "device_id", "quarantine_after": 1000}]}
+    w = World(rules)
+    w.graph = IdentityGraph(w.rules, shared_notify_max=2)
+    assert [len(w.event(f"user_id:v{k}", "device_id:phone").told) for k in range(5)] == [0, 1, 2, 0, 0]
+    w = World(rules)
+    w.graph = IdentityGraph(w.rules, shared_notify_max=0)
+    assert [len(w.event(f"user_id:v{k}", "device_id:phone").told) for k in range(4)] == [0, 0, 0, 0]
+    # the count on the events themselves is not bounded: only whom identity tells
+    assert w.event("user_id:v9", "device_id:phone").shared == {"device_id": 4}
+
+
 def test_a_replayed_event_tells_nobody_again():
     w = World()
     for k in range(3):

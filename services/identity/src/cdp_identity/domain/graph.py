@@ -198,8 +198,9 @@ class Resolution:
 
 
 class IdentityGraph:
-    def __init__(self, rules: MergeRules) -> None:
+    def __init__(self, rules: MergeRules, *, shared_notify_max: int = SHARED_NOTIFY_MAX) -> None:
         self.rules = rules
+        self.shared_notify_max = shared_notify_max  # CDP_IDENTITY_SHARED_NOTIFY_MAX; 0 tells nobody
         self.identifiers: dict[str, IdentifierState] = {}
         self.persons: dict[str, PersonState] = {}
         self.merge_index: dict[str, str] = {}  # merge id -> winner at the time of the merge
@@ -472,13 +473,13 @@ class IdentityGraph:
     ) -> dict[str, dict[str, int]]:
         """The persons to tell that they now share identifiers with more persons (`Resolution.told`): those
         seen with an identifier before the event, when the event brought it a person new to it, while
-        they then share it with at most SHARED_NOTIFY_MAX others. The event's own person is not told (its
+        they then share it with at most `shared_notify_max` others. The event's own person is not told (its
         event says it)."""
         by_key = {ident.key: ident for ident in identifiers}
         grown: dict[str, list[Identifier]] = {}
         for key, before in sharing.items():
             after = self._seen_with(key, at)
-            if len(after) <= len(before) or len(after) - 1 > SHARED_NOTIFY_MAX:
+            if len(after) <= len(before) or len(after) - 1 > self.shared_notify_max:
                 continue
             for person in before:
                 if person != winner and person in after:
