@@ -524,16 +524,30 @@ async def test_a_deletion_without_suppression_leaves_no_hash_of_the_persons_iden
 
 
 class HeldWrites:
-    """Holds the store's writes until released (a slow commit); `fail` fails the next one."""
+    """Holds the store's writes of `person`'s profile until released (a slow commit); `fail` fails the
+    next one. Other writes pass: the engine's own (an earlier batch's outbox cleanup, say) may land after
+    a batch is durable, and holding one of those instead would make `held` say a write of the person's is
+    waiting when none is. A context manager: leaving it releases, so a failing test never leaves a write
+    held for the teardown to wait on."""
 
-    def __init__(self, store) -> None:
+    def __init__(self, store, person: str = "p1") -> None:
         self.write = store.bulk_write
+        self.person = person
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.fail = False
         store.bulk_write = self.bulk_write
 
+    def __enter__(self) -> HeldWrites:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+
     async def bulk_write(self, ops) -> None:
+        if not any(getattr(op, "collection", None) == PROFILES and op.key == self.person for op in ops):
+            await self.write(ops)
+            return
         self.held.set()
         await self.release.wait()
         if self.fail:
@@ -552,30 +566,31 @@ async def test_get_profile_never_shows_a_change_before_it_is_written(engine):
     api = ProfileApi(engine)
     await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
     await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o9", "p2", T0, 10)]))
-    held = HeldWrites(engine.store)
-    await engine.events.bus.js.publish(
-        "events.resolved.0", events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString()
-    )
-    await asyncio.wait_for(held.held.wait(), 10)
-    assert engine.profiles["p1"].events(limit=10)[0][0].event_id == "t:o2"  # applied in memory, not written
+    with HeldWrites(engine.store) as held:
+        await engine.events.bus.js.publish(
+            "events.resolved.0",
+            events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString(),
+        )
+        await asyncio.wait_for(held.held.wait(), 10)
+        assert engine.profiles["p1"].events(limit=10)[0][0].event_id == "t:o2"  # applied in memory, not written
 
-    # Another person, nothing pending: answered at once.
-    assert (await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p2"), None)).event_count == 1
-    released = False
+        # Another person, nothing pending: answered at once.
+        assert (await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p2"), None)).event_count == 1
+        released = False
 
-    async def read():
-        answer = await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)
-        return released, answer
+        async def read():
+            answer = await api.GetProfile(profile_pb2.GetProfileRequest(person_id="p1"), None)
+            return released, answer
 
-    reading = asyncio.create_task(read())
-    try:
-        await asyncio.sleep(0.3)
-        assert not reading.done(), "the read answered while p1's change was not durable"
-    finally:
-        released = True
-        held.release.set()
-    seen_after_release, answer = await asyncio.wait_for(reading, 10)
-    assert seen_after_release and answer.event_count == 2
+        reading = asyncio.create_task(read())
+        try:
+            await asyncio.sleep(0.3)
+            assert not reading.done(), "the read answered while p1's change was not durable"
+        finally:
+            released = True
+            held.release.set()
+        seen_after_release, answer = await asyncio.wait_for(reading, 10)
+        assert seen_after_release and answer.event_count == 2
 
 
 async def test_a_read_waiting_for_a_write_that_fails_is_unavailable_and_then_answers_what_was_stored(engine):
@@ -585,29 +600,30 @@ async def test_a_read_waiting_for_a_write_that_fails_is_unavailable_and_then_ans
     api = ProfileApi(engine)
     request = profile_pb2.GetProfileRequest(person_id="p1")
     await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
-    held = HeldWrites(engine.store)
-    held.fail = True
-    await engine.events.bus.js.publish(
-        "events.resolved.0", events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString()
-    )
-    await asyncio.wait_for(held.held.wait(), 10)
-    reading = asyncio.create_task(api.GetProfile(request, None))
-    await asyncio.sleep(0.1)
-    held.release.set()
-    with pytest.raises(Unavailable) as failed:
-        await asyncio.wait_for(reading, 10)
-    assert failed.value.retry_after > 0
-    # The store is back: the batch comes again, lands, and the read shows it.
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            answer = await api.GetProfile(request, None)
-        except Unavailable:
-            answer = None
-        if answer is not None and answer.event_count == 2:
-            break
-        assert time.monotonic() < deadline, "the redelivered batch was not applied"
-        await asyncio.sleep(0.05)
+    with HeldWrites(engine.store) as held:
+        held.fail = True
+        await engine.events.bus.js.publish(
+            "events.resolved.0",
+            events_pb2.ResolvedEventBatch(events=[order("o2", "p1", T0 + 1, 20)]).SerializeToString(),
+        )
+        await asyncio.wait_for(held.held.wait(), 10)
+        reading = asyncio.create_task(api.GetProfile(request, None))
+        await asyncio.sleep(0.1)
+        held.release.set()
+        with pytest.raises(Unavailable) as failed:
+            await asyncio.wait_for(reading, 10)
+        assert failed.value.retry_after > 0
+        # The store is back: the batch comes again, lands, and the read shows it.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                answer = await api.GetProfile(request, None)
+            except Unavailable:
+                answer = None
+            if answer is not None and answer.event_count == 2:
+                break
+            assert time.monotonic() < deadline, "the redelivered batch was not applied"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_read_during_an_api_write_shows_the_new_trait_only_once_it_is_written(engine):
@@ -616,16 +632,16 @@ async def test_a_read_during_an_api_write_shows_the_new_trait_only_once_it_is_wr
     api = ProfileApi(engine)
     request = profile_pb2.GetProfileRequest(person_id="p1")
     await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
-    held = HeldWrites(engine.store)
-    writing = asyncio.create_task(
-        engine.update_traits("p1", {"plan": "pro"}, {}, source="api", at=None, request_id="w1")
-    )
-    try:
-        await asyncio.wait_for(held.held.wait(), 10)
-        reading = asyncio.create_task(api.GetProfile(request, None))
-        await asyncio.sleep(0.2)
-        assert not reading.done(), "the read answered while the API write was not durable"
-    finally:
-        held.release.set()
-    await asyncio.wait_for(writing, 10)
-    assert (await asyncio.wait_for(reading, 10)).traits["plan"].value.string_value == "pro"
+    with HeldWrites(engine.store) as held:
+        writing = asyncio.create_task(
+            engine.update_traits("p1", {"plan": "pro"}, {}, source="api", at=None, request_id="w1")
+        )
+        try:
+            await asyncio.wait_for(held.held.wait(), 10)
+            reading = asyncio.create_task(api.GetProfile(request, None))
+            await asyncio.sleep(0.2)
+            assert not reading.done(), "the read answered while the API write was not durable"
+        finally:
+            held.release.set()
+        await asyncio.wait_for(writing, 10)
+        assert (await asyncio.wait_for(reading, 10)).traits["plan"].value.string_value == "pro"
