@@ -245,7 +245,25 @@ async def _reported(world, action_id: str) -> bool:
     return stored is not None and stored.doc["reported"] is True
 
 
-class SlowProvider:
+class Receiver:
+    """A local webhook receiver on a free port: POST /hook goes to the subclass's `_receive`."""
+
+    def __init__(self) -> None:
+        self.app = web.Application()
+        self.app.router.add_post("/hook", self._receive)
+        self.runner = web.AppRunner(self.app)
+
+    async def start(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+
+class SlowProvider(Receiver):
     """A webhook receiver that takes `delay` seconds per request and records when each request for each
     action started and ended, and the most requests it ever had in flight at once. `throttle_first`
     answers the first request 429 with that Retry-After (seconds)."""
@@ -256,15 +274,7 @@ class SlowProvider:
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests: list[tuple[str, float, float, int]] = []  # action id, started, ended, status
-        self.app = web.Application()
-        self.app.router.add_post("/hook", self._receive)
-        self.runner = web.AppRunner(self.app)
-
-    async def start(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+        super().__init__()
 
     async def _receive(self, request: web.Request) -> web.Response:
         started = time.monotonic()
@@ -380,22 +390,14 @@ async def test_a_provider_asking_to_wait_holds_the_actions_not_yet_sent(nats_ser
     assert later and min(later) >= throttled_at + 2 - 0.1
 
 
-class Throttling:
+class Throttling(Receiver):
     """A webhook receiver that answers 429 with Retry-After to its first `throttles` requests, then 200."""
 
     def __init__(self, throttles: int, retry_after: int = 1) -> None:
         self.throttles = throttles
         self.retry_after = retry_after
         self.statuses: list[int] = []
-        self.app = web.Application()
-        self.app.router.add_post("/hook", self._receive)
-        self.runner = web.AppRunner(self.app)
-
-    async def start(self) -> str:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
+        super().__init__()
 
     async def _receive(self, request: web.Request) -> web.Response:
         if self.throttles:
