@@ -22,8 +22,8 @@ EVENT_TYPES = ("track", "page", "screen", "identify", "group", "any")
 COMPARISONS = ("=", "!=", "<", "<=", ">", ">=")
 ORDERINGS = ("<", "<=", ">", ">=")
 CONDITION_OPS = (*COMPARISONS, "in", "contains", "starts_with", "exists")
-# The operators whose other side may be another field: the comparisons, and `in` / `contains`.
-FIELD_OPS = (*COMPARISONS, "in", "contains")
+# The operators whose other side may be another field: the comparisons, `in`, `contains` and `starts_with`.
+FIELD_OPS = (*COMPARISONS, "in", "contains", "starts_with")
 # Arithmetic on the sides of a comparison, by precedence: * and / bind tighter than + and -, and each
 # associates to the left (`a - b - c` is `(a - b) - c`).
 ARITHMETIC = ("+", "-", "*", "/")
@@ -126,7 +126,7 @@ class Condition:
     path: tuple[str, ...]
     op: str
     # a scalar; a tuple for `in`; Now/Date for a time comparison; FieldRef for another field (comparisons,
-    # `in` and `contains`); Percentile for a population percentile; None for `exists`. Never Arithmetic: a
+    # `in`, `contains` and `starts_with`); Percentile for a population percentile; None for `exists`. Never Arithmetic: a
     # comparison with arithmetic on either side is a `Comparison`.
     value: Value = None
 

@@ -56,11 +56,12 @@ class FieldTest:
     """A field (and sub-path) against another one's value. For = != < <= > >= and `contains` it holds when
     the other has a scalar value (a string, true or false, a finite number) and the first with that value
     as a literal holds. For `in` the other holds a list, and it holds when the first has a scalar value equal
-    (as `in [...]` means it) to an element of that list."""
+    (as `in [...]` means it) to an element of that list. For `starts_with` both hold strings and the first
+    starts with the other's (no string on either side: false)."""
 
     field: str
     sub: tuple[str, ...]
-    op: str  # = != < <= > >= in contains
+    op: str  # = != < <= > >= in contains starts_with
     other: str
     other_sub: tuple[str, ...]
 

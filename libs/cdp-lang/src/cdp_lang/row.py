@@ -199,6 +199,13 @@ def _field_test(test: FieldTest) -> RowPredicate:
             return is_list(value) and any(element_equals(element, other) for element in value)
 
         return contains_field
+    if op == "starts_with":
+
+        def starts_with_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
+            value, prefix = get(record), get_other(record)
+            return isinstance(value, str) and isinstance(prefix, str) and value.startswith(prefix)
+
+        return starts_with_field
 
     def field_vs_field(record: Mapping[str, Any], members: Container[str], now: float) -> bool:
         other = scalar(get_other(record))

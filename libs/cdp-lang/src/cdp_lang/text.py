@@ -10,7 +10,7 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
                  | "in_segment" "(" STRING ")"
     condition   := PATH ("=" | "!=" | "<" | "<=" | ">" | ">=") value
                  | PATH "in" ("[" scalar ("," scalar)* "]" | PATH)
-                 | PATH "contains" (scalar | PATH) | PATH "starts_with" STRING | PATH "exists"
+                 | PATH "contains" (scalar | PATH) | PATH "starts_with" (STRING | PATH) | PATH "exists"
     value       := scalar | time | sum
                    (a PATH: another field; percentile: of the population, ordering operators only)
     arithmetic  := sum ("=" | "!=" | "<" | "<=" | ">" | ">=") sum     (numbers only; a field or a percentile
@@ -111,6 +111,7 @@ VALUE_EXPECTED = 'a value (a string, a number, true, false, now, date("..."), a 
 OPERAND_EXPECTED = "a number, a field, percentile(...) or '(' (arithmetic works on numbers)"
 ARITHMETIC_OPERATOR_EXPECTED = "a comparison operator (=, !=, <, <=, >, >=) after arithmetic"
 SCALAR_EXPECTED = "a value (a string, a number, true or false)"
+PREFIX_EXPECTED = "a string (the prefix) or a field"
 DURATION_EXPECTED = "a duration like 30d (a whole number, then s, m, h, d or w)"
 EVENT_TERM_EXPECTED = (
     'an event condition (event = "...", event in [...], type = "...", properties.<path> ... or context.<path> ...)'
@@ -516,7 +517,7 @@ class _Parser:
         return token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots
 
     def field_ref(self) -> FieldRef | None:
-        """Another field as the right side of `in` or `contains`, if one is next."""
+        """Another field as the right side of `in`, `contains` or `starts_with`, if one is next."""
         token = self.tokens.peek()
         if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
             return FieldRef(self.tokens.take().value)
@@ -547,7 +548,7 @@ class _Parser:
             return Condition(path, "contains", self.field_ref() or self.scalar())
         if self.is_word("starts_with"):
             self.tokens.take()
-            return Condition(path, "starts_with", self.string("a string (the prefix)"))
+            return Condition(path, "starts_with", self.field_ref() or self.string(PREFIX_EXPECTED))
         if self.is_word("exists"):
             self.tokens.take()
             return Condition(path, "exists")

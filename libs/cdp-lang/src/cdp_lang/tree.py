@@ -8,7 +8,7 @@
     {"field": "traits.signup_date", "op": ">", "value": {"date": "2026-01-01T00:00:00Z"}}
     {"field": "traits.last_order_total", "op": ">", "value": {"field": "traits.avg_order_total"}}   (another field)
     {"field": "scores.clv", "op": ">=", "value": {"percentile": "scores.clv", "percent": 90}}   (< <= > >= only)
-    {"field": "traits.tags", "op": "contains", "value": {"field": "traits.favourite_tag"}}    (in: the same)
+    {"field": "traits.tags", "op": "contains", "value": {"field": "traits.favourite_tag"}}    (in, starts_with: the same)
     {"field": "traits.ltv", "op": ">", "value": {"*": [2, {"field": "traits.avg_order"}]}}    (arithmetic)
     {"left": {"-": [{"field": "computed.orders_30d"}, {"/": [{"field": "computed.orders_90d"}, 3]}]},
      "op": "<", "right": 0}                              (arithmetic on the left: `left`, `op`, `right`)
@@ -196,7 +196,7 @@ def _operand(
     if "value" not in tree:
         raise InvalidArgument(f"{at}.value", f"is required for op {op!r}")
     value = tree["value"]
-    if times and op in ("in", "contains") and isinstance(value, Mapping):
+    if times and op in ("in", "contains", "starts_with") and isinstance(value, Mapping):
         _known_keys(value, ("field",), f"{at}.value")
         if "field" not in value:
             raise InvalidArgument(f"{at}.value", f'{value!r} is not a value: another field is {{"field": "traits.x"}}')

@@ -171,17 +171,29 @@ def _scalar_at(column: Column, row: int) -> str | float | bool | None:
     return None if np.isnan(found) else float(found)
 
 
-def _contains_field(left: Column, right: Column) -> np.ndarray:
-    """`left contains right` per row: right's scalar inside left's string (strings only) or among left's
-    list elements. String pairs run once per distinct pair, lists in Python (as for a literal)."""
+def _string_pairs(left: Column, right: Column, test: Callable[[str, str], bool]) -> np.ndarray:
+    """`test(left's string, right's string)` per row where both hold a string (else false), run once per
+    distinct pair of strings."""
     result = np.zeros(left.size, dtype=bool)
     both = np.flatnonzero((left.codes >= 0) & (right.codes >= 0))
     if len(both):
         width = len(right.vocabulary)
         pairs = left.codes[both].astype(np.int64) * width + right.codes[both]
         distinct, inverse = np.unique(pairs, return_inverse=True)
-        found = [right.vocabulary[pair % width] in left.vocabulary[pair // width] for pair in distinct.tolist()]
+        found = [test(left.vocabulary[pair // width], right.vocabulary[pair % width]) for pair in distinct.tolist()]
         result[both] = np.array(found, dtype=bool)[inverse.reshape(-1)]
+    return result
+
+
+def _starts_with_field(left: Column, right: Column) -> np.ndarray:
+    """`left starts_with right` per row: both strings, left's starting with right's."""
+    return _string_pairs(left, right, str.startswith)
+
+
+def _contains_field(left: Column, right: Column) -> np.ndarray:
+    """`left contains right` per row: right's scalar inside left's string (strings only) or among left's
+    list elements. String pairs run once per distinct pair, lists in Python (as for a literal)."""
+    result = _string_pairs(left, right, lambda text, part: part in text)
     rows, lists = left.lists
     for row, items in zip(rows.tolist(), lists, strict=True):
         other = _scalar_at(right, row)
@@ -201,8 +213,8 @@ def _in_field(left: Column, right: Column) -> np.ndarray:
 
 def _field_test(test: FieldTest) -> VectorPredicate:
     field, sub, op, other, other_sub = test.field, test.sub, test.op, test.other, test.other_sub
-    if op in ("in", "contains"):
-        membership = _in_field if op == "in" else _contains_field
+    if op in ("in", "contains", "starts_with"):
+        membership = {"in": _in_field, "contains": _contains_field, "starts_with": _starts_with_field}[op]
 
         def in_or_contains(columns: Columns, members: Mapping[str, np.ndarray], now: float) -> np.ndarray:
             return membership(columns.column(field, sub), columns.column(other, other_sub))

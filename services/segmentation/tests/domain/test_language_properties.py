@@ -1,7 +1,7 @@
 """Properties over random segments and people: the two evaluators agree row for row, `next_change` never misses
 a flip, and both written forms round-trip. The random segments include arithmetic on the sides of comparisons
-(with numbers that overflow, divide by zero and meet values that are no number) and `in` / `contains` against
-another field."""
+(with numbers that overflow, divide by zero and meet values that are no number) and `in` / `contains` /
+`starts_with` against another field."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def conditions(draw, paths):
         return draw(arithmetic_conditions(paths))
     if op == "exists":
         return Condition(path, op)
-    if op in ("in", "contains") and draw(st.integers(0, 2)) == 0:
+    if op in ("in", "contains", "starts_with") and draw(st.integers(0, 2)) == 0:
         return Condition(path, op, FieldRef(draw(st.sampled_from(paths))))
     if op == "in":
         return Condition(path, op, tuple(draw(st.lists(scalar_literals, min_size=1, max_size=4))))
@@ -296,6 +296,7 @@ def single_conditions(path, others=()):
     for other in others:
         yield Condition(path, "in", FieldRef(other))
         yield Condition(path, "contains", FieldRef(other))
+        yield Condition(path, "starts_with", FieldRef(other))
         second = FieldRef(other)
         for op in ("=", "!=", "<", "<=", ">", ">="):
             for sign in ARITHMETIC:
@@ -325,9 +326,10 @@ def test_every_operator_literal_and_value_agree():
     assert checked > 1000
 
 
-def test_in_and_contains_against_a_field_agree_for_every_pair_of_values():
+def test_in_contains_and_starts_with_against_a_field_agree_for_every_pair_of_values():
     """Every scalar of the pools against every list (and every value against every value) on both sides of
-    `in` and `contains`: equal under the language's typing (1 = 1.0, never true or "1") in both evaluators."""
+    `in`, `contains` and `starts_with`: equal under the language's typing (1 = 1.0, never true or "1"), a
+    prefix only of a string by a string, in both evaluators."""
     lists = [v for v in VALUES if isinstance(v, list)] + [[1, 1.0, True, "1"], [False, 0, ""], [JAN_1, 2**53 + 1]]
     pairs = [(a, b) for a in VALUES for b in lists] + [(b, a) for a in VALUES for b in lists]
     pairs += [(a, b) for a in VALUES for b in VALUES]
@@ -335,7 +337,7 @@ def test_in_and_contains_against_a_field_agree_for_every_pair_of_values():
     columns = Columns.from_records(records)
     sets = [set() for _ in records]
     for path in (("traits", "x"), ("traits", "n", "city")):
-        for op in ("in", "contains"):
+        for op in ("in", "contains", "starts_with"):
             for other in (("traits", "y"), ("traits", "x")):
                 assert_agree(compile_segment(Condition(path, op, FieldRef(other))), columns, records, sets, JAN_1)
                 assert_agree(compile_segment(Condition(other, op, FieldRef(path))), columns, records, sets, JAN_1)
@@ -545,11 +547,11 @@ def any_conditions(draw):
         return Condition(path, op)
     if op == "in":
         return Condition(path, op, tuple(draw(st.lists(literal, min_size=1, max_size=3))))
-    if op == "starts_with":
-        return Condition(path, op, draw(any_text))
-    if op in ("in", "contains") and draw(st.integers(0, 3)) == 0:
+    if op in ("in", "contains", "starts_with") and draw(st.integers(0, 3)) == 0:
         other = (draw(st.sampled_from(["traits", "computed", "consent", "scores"])), *draw(path_tails))
         return Condition(path, op, FieldRef(other))
+    if op == "starts_with":
+        return Condition(path, op, draw(any_text))
     if op in ("=", "!=", "<", "<=", ">", ">=") and draw(st.integers(0, 3)) == 0:
         paths = [path, *(tuple([root, *draw(path_tails)]) for root in ("traits", "computed", "consent", "scores"))]
         return draw(arithmetic_conditions(paths))
