@@ -93,6 +93,93 @@ class MergeRecord:
         return cls(doc["merge_id"], doc["winner"], doc["loser"], doc["at"])
 
 
+class TimelineBase:
+    """What retention dropped from one part's timeline, folded: the part's all-time computed traits' states
+    over the dropped events, and the cut, the position (at, event_id) of the newest dropped event.
+
+    Every event retention takes off the timeline (the oldest past the cap or the age limit, or one that
+    arrives already older than everything a full timeline keeps) is added to the states of the all-time
+    traits it feeds, so a trait rebuilt from the base plus the retained entries is what one rebuilt from
+    the whole history would be, for any point in time at or after the cut (`Profile.backfill` starts from
+    it; point-in-time training sets read it from the store). Windowed traits are not kept here: one whose
+    window starts after the cut needs nothing dropped.
+
+    `sigs` names the traits the base is complete for (name -> definition signature): those held when the
+    first event was dropped, if nothing had been lost before (a profile stored by an older release that
+    had already dropped events gets a base that covers no trait). A trait defined later, or redefined, is
+    not covered: its events dropped before it existed were never folded. A covered trait with no state
+    here had no contribution among the dropped events.
+
+    The base is the person's data (stored in the profile record, exported, erased with it). Each state
+    keeps its encoding like the live ones, so a write that folds nothing re-encodes nothing.
+    """
+
+    __slots__ = ("_sigs_encoded", "at", "computed", "event_id", "sigs")
+
+    def __init__(
+        self,
+        at: float,
+        event_id: str,
+        sigs: dict[str, str] | None = None,
+        computed: dict[str, ComputedState] | None = None,
+    ) -> None:
+        self.at = at
+        self.event_id = event_id
+        self.sigs: dict[str, str] = sigs if sigs is not None else {}
+        self.computed: dict[str, ComputedState] = computed if computed is not None else {}
+        self._sigs_encoded: orjson.Fragment | None = None
+
+    def covers(self, trait: ComputedTrait) -> bool:
+        """True when the base holds every dropped contribution to `trait` (an all-time trait, unchanged)."""
+        return trait.window is None and self.sigs.get(trait.name) == trait.signature
+
+    def fold(self, entry: TimelineEntry, defs: ComputedTraits, now: float) -> None:
+        if (entry.at, entry.event_id) > (self.at, self.event_id):
+            self.at, self.event_id = entry.at, entry.event_id
+        sigs = self.sigs
+        if not sigs:
+            return
+        for trait in defs.matching(entry.type, entry.name, entry.platform):
+            if trait.window is not None or sigs.get(trait.name) != trait.signature:
+                continue
+            value = _replayed(trait, entry)
+            if value is MISSING:
+                continue
+            state = self.computed.get(trait.name)
+            if state is None:
+                state = self.computed[trait.name] = ComputedState.for_trait(trait)
+            state.add(entry.at, entry.event_id, value, now)
+
+    def forget(self, name: str) -> None:
+        """The definition was removed or changed: its dropped contributions can no longer be told."""
+        if self.sigs.pop(name, None) is not None:
+            self._sigs_encoded = None
+        self.computed.pop(name, None)
+
+    def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
+        if encoded:
+            sigs = self._sigs_encoded
+            if sigs is None:
+                sigs = self._sigs_encoded = orjson.Fragment(orjson.dumps(self.sigs))
+        else:
+            sigs = dict(self.sigs)
+        return {
+            "at": self.at,
+            "event_id": self.event_id,
+            "sigs": sigs,
+            "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> TimelineBase:
+        return cls(
+            doc["at"],
+            doc["event_id"],
+            dict(doc.get("sigs", {})),
+            {name: ComputedState.from_doc(state) for name, state in doc.get("computed", {}).items()},
+        )
+
+
 @dataclass(slots=True)
 class Part:
     """Everything one origin person contributed. Histories are sorted by (at, event_id)."""
@@ -109,13 +196,14 @@ class Part:
     event_count: int = 0
     first_seen: float | None = None
     last_seen: float | None = None
+    base: TimelineBase | None = None  # what retention dropped from the timeline, folded (None: nothing)
 
     def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
         """JSON-serialisable; with `encoded`, the computed states are their cached encodings (orjson
         fragments: only for `orjson.dumps`), re-made only for the states that changed since."""
         in_timeline = {entry.event_id for entry in self.timeline}
         extra = sorted((at, event_id) for event_id, at in self.seen.items() if event_id not in in_timeline)
-        return {
+        doc = {
             "origin": self.origin,
             "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
             "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
@@ -128,9 +216,13 @@ class Part:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
         }
+        if self.base is not None:  # only once retention dropped something: other records stay as they were
+            doc["base"] = self.base.to_doc(encoded=encoded)
+        return doc
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> Part:
+        base = doc.get("base")
         return cls(
             origin=doc["origin"],
             traits={name: [TraitVersion.from_doc(v) for v in h] for name, h in doc.get("traits", {}).items()},
@@ -143,6 +235,7 @@ class Part:
             event_count=doc.get("event_count", 0),
             first_seen=doc.get("first_seen"),
             last_seen=doc.get("last_seen"),
+            base=TimelineBase.from_doc(base) if base is not None else None,
         )
 
 
@@ -244,7 +337,7 @@ class Profile:
             event.anonymous_id,
             event.shared,
         )
-        self._add_entry(part, entry, now, change)
+        self._add_entry(part, entry, now, change, defs)
 
         if kind == "identify":
             for name, value in event.traits.items():
@@ -358,7 +451,7 @@ class Profile:
         self.merges.append(MergeRecord(merge_id, self.person_id, loser.person_id, at))
         self._owners = None
         self._align(defs, now)
-        dropped = self._enforce_retention(now)
+        dropped = self._enforce_retention(now, defs)
         incoming_ids = {id(entry) for entry in incoming}
         dropped_ids = {id(entry) for entry in dropped}
         change.timeline_added = sorted(entry for entry in incoming if id(entry) not in dropped_ids)
@@ -404,10 +497,10 @@ class Profile:
         self._align(defs, now)
         restored._align(defs, now)
         mine = ProfileChange(self.person_id, split=list(moved))
-        mine.timeline_removed = restored._timeline() + self._enforce_retention(now)
+        mine.timeline_removed = restored._timeline() + self._enforce_retention(now, defs)
         _diff(before, self._view(None), mine)
         theirs = ProfileChange(loser_id, split_from=self.person_id)
-        restored._enforce_retention(now)
+        restored._enforce_retention(now, defs)
         theirs.timeline_added = list(restored._timeline())
         _diff(_empty_view(loser_id), restored._view(None), theirs)
         return restored, mine, theirs
@@ -432,7 +525,7 @@ class Profile:
             after = self._computed_value(name)
             if _changed(before, after):
                 change.computed[name] = after
-        change.timeline_removed = self._enforce_retention(now)
+        change.timeline_removed = self._enforce_retention(now, defs)
         return change
 
     def next_expiry(self) -> float | None:
@@ -468,6 +561,8 @@ class Profile:
         """Forget a computed trait whose definition was removed."""
         change = ProfileChange(self.person_id)
         for part in self.parts.values():
+            if part.base is not None:
+                part.base.forget(name)
             if part.computed.pop(name, None) is not None:
                 change.computed[name] = None
         return change
@@ -610,6 +705,17 @@ class Profile:
             },
             "scores": {name: score.to_dict() for name, score in sorted(view.scores.items())},
             "timeline": [entry.to_doc() for entry in self._timeline()],
+            # What retention dropped from the timeline, folded into the all-time traits (per part).
+            "timeline_base": [
+                {
+                    "origin": part.origin,
+                    "cut_at": part.base.at,
+                    "cut_event_id": part.base.event_id,
+                    "computed": {name: _copy(state.result()) for name, state in sorted(part.base.computed.items())},
+                }
+                for part in parts
+                if part.base is not None
+            ],
         }
 
     # --- persistence -----------------------------------------------------------------------------
@@ -796,47 +902,58 @@ class Profile:
             return self._root.timeline
         return list(heapq.merge(*(part.timeline for part in self.parts.values())))
 
-    def _add_entry(self, part: Part, entry: TimelineEntry, now: float, change: ProfileChange) -> None:
+    def _add_entry(
+        self, part: Part, entry: TimelineEntry, now: float, change: ProfileChange, defs: ComputedTraits
+    ) -> None:
         retention = self.retention
         max_age = retention.max_age_seconds
         if max_age is not None and entry.at + max_age <= now:
-            return  # already past retention: it would be dropped at once
+            self._fold(part, [entry], defs, now)  # already past retention: dropped at once
+            return
         timeline = part.timeline
         if len(self.parts) == 1:
             if len(timeline) >= retention.max_events and entry < timeline[0]:
-                return  # older than everything kept in a full timeline
+                self._fold(part, [entry], defs, now)  # older than everything kept in a full timeline
+                return
             if not timeline or entry > timeline[-1]:
                 timeline.append(entry)
             else:
                 _insort_entry(timeline, entry)
             change.timeline_added.append(entry)
+            removed = change.timeline_removed
+            start = len(removed)
             if len(timeline) > retention.max_events:
-                change.timeline_removed.append(timeline.pop(0))
+                removed.append(timeline.pop(0))
             if max_age is not None:
                 while timeline and timeline[0].at + max_age <= now:
-                    change.timeline_removed.append(timeline.pop(0))
+                    removed.append(timeline.pop(0))
+            if len(removed) > start:
+                self._fold(part, removed[start:], defs, now)
             return
         if sum(len(p.timeline) for p in self.parts.values()) >= retention.max_events:
             oldest = min((p.timeline[0] for p in self.parts.values() if p.timeline), default=None)
             if oldest is not None and entry < oldest:
+                self._fold(part, [entry], defs, now)
                 return
         _insort_entry(timeline, entry)
         change.timeline_added.append(entry)
-        change.timeline_removed.extend(self._enforce_retention(now))
+        change.timeline_removed.extend(self._enforce_retention(now, defs))
 
-    def _enforce_retention(self, now: float) -> list[TimelineEntry]:
-        """Drop entries past the age limit, then the oldest beyond the count limit, over all parts."""
+    def _enforce_retention(self, now: float, defs: ComputedTraits) -> list[TimelineEntry]:
+        """Drop entries past the age limit, then the oldest beyond the count limit, over all parts; each
+        part folds what it lost into its base."""
         dropped: list[TimelineEntry] = []
         max_age = self.retention.max_age_seconds
         parts = list(self.parts.values())
+        lost: dict[int, list[TimelineEntry]] = {}
         if max_age is not None:
-            for part in parts:
+            for index, part in enumerate(parts):
                 timeline = part.timeline
                 count = 0
                 while count < len(timeline) and timeline[count].at + max_age <= now:
                     count += 1
                 if count:
-                    dropped.extend(timeline[:count])
+                    lost[index] = timeline[:count]
                     del timeline[:count]
         excess = sum(len(p.timeline) for p in parts) - self.retention.max_events
         if excess > 0:
@@ -849,14 +966,38 @@ class Profile:
                 cut[index] += 1
             for index, count in cut.items():
                 if count:
-                    dropped.extend(parts[index].timeline[:count])
+                    lost.setdefault(index, []).extend(parts[index].timeline[:count])
                     del parts[index].timeline[:count]
+        for index, entries in lost.items():
+            self._fold(parts[index], entries, defs, now)
+            dropped.extend(entries)
+        if len(lost) > 1 or excess > 0:
             dropped.sort()
         return dropped
 
+    def _fold(self, part: Part, entries: list[TimelineEntry], defs: ComputedTraits, now: float) -> None:
+        """Fold entries retention takes off `part`'s timeline (already taken off) into its base."""
+        base = part.base
+        if base is None:
+            # The first loss. The base is complete for the all-time traits held now only if nothing was
+            # lost before it (a profile an older release stored may have dropped events without a base):
+            # every event the part counted is then either still retained or among these.
+            own = sum(1 for e in part.timeline if not e.platform) + sum(1 for e in entries if not e.platform)
+            sigs = {t.name: t.signature for t in defs if t.window is None} if own >= part.event_count else {}
+            first = entries[0]
+            base = part.base = TimelineBase(first.at, first.event_id, sigs)
+        for entry in entries:
+            base.fold(entry, defs, now)
+
     def _rebuilt(self, part: Part, trait: ComputedTrait, now: float) -> ComputedState | None:
-        """A part's state for `trait` recomputed from its retained timeline; None when nothing contributes."""
+        """A part's state for `trait` recomputed from its retained timeline, on top of what its base folded
+        when the base covers the trait; None when nothing contributes."""
         state = None
+        base = part.base
+        if base is not None and base.covers(trait):
+            folded = base.computed.get(trait.name)
+            if folded is not None:
+                state = folded.copy()
         for entry in part.timeline:
             value = _contribution(trait, entry)
             if value is not MISSING:
@@ -868,6 +1009,12 @@ class Profile:
     def _align(self, defs: ComputedTraits, now: float) -> None:
         """After parts moved: drop states of removed definitions, rebuild changed ones, prune windows."""
         for part in self.parts.values():
+            base = part.base
+            if base is not None:
+                for name, sig in list(base.sigs.items()):
+                    trait = defs.get(name)
+                    if trait is None or trait.signature != sig:
+                        base.forget(name)
             for name, state in list(part.computed.items()):
                 trait = defs.get(name)
                 if trait is None:
