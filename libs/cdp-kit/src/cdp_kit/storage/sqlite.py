@@ -28,6 +28,13 @@ its stream checkpoint commit together, they roll back together and the service r
 checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also survives power loss, at
 an fsync per commit.
 
+Checkpoints (copying the log into the database file) run on a thread of their own, not inside a commit
+as SQLite's auto-checkpoint does: see `cdp_kit.storage.sqlite_wal`. A commit pays for one only when the
+log has passed `wal_max_bytes` (64 MiB by default; a reader holding a snapshot open keeps checkpoints from
+copying): it then truncates the log itself, waiting for readers up to busy_timeout, so the -wal file stays
+under that bound plus one transaction unless a reader never ends its read transaction. Counted in
+`wal_checkpoints`. ``background_checkpoints=False`` leaves checkpoints to SQLite (for comparison).
+
 Erasure. A privacy deletion must leave no bytes of the person in the files, not just no live row. The
 writer runs with ``secure_delete=ON``: SQLite zeroes the content it deletes (rows, index entries, freed
 pages) in the page images it writes. That is not all: content SQLite *moved* while it was live (a
@@ -38,7 +45,8 @@ long, and such gaps are reused only as pages fill (the chart runs MongoDB in pro
 images written *before* the deletion stay in the WAL
 until it is reset, so `erase()` checkpoints with TRUNCATE: every page goes to the main file and the WAL
 is cut to nothing. A reader in the middle of a read transaction keeps TRUNCATE from finishing; the
-checkpoint waits for it (busy_timeout) and is retried a few times, and `erase()` says False if readers
+checkpoint waits for it (busy_timeout) and is retried a few times (after a background checkpoint in
+progress: one checkpoint runs at a time), and `erase()` says False if readers
 never let go. The store then owes the erase: every later write tries the truncation again, without
 waiting for readers, until it succeeds - the person's page images do not wait for the next deletion.
 
@@ -57,6 +65,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -84,6 +93,13 @@ from cdp_kit.storage.port import (
     make_page,
     plan_bulk,
     undeclared_field,
+)
+from cdp_kit.storage.sqlite_wal import (
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_LIMIT_BYTES,
+    DEFAULT_THRESHOLD_BYTES,
+    Checkpointer,
+    WalCheckpoints,
 )
 
 T = TypeVar("T")
@@ -152,11 +168,24 @@ class SqliteStore(Store):
         *,
         synchronous: Literal["normal", "full"] = "normal",
         busy_timeout: float = 5.0,
+        background_checkpoints: bool = True,
+        wal_checkpoint_bytes: int = DEFAULT_THRESHOLD_BYTES,
+        wal_max_bytes: int = DEFAULT_LIMIT_BYTES,
+        wal_checkpoint_interval: float = DEFAULT_INTERVAL_SECONDS,
     ) -> None:
         if str(path) in ("", ":memory:") or str(path).startswith("file:"):
             raise InvalidArgument("path", f"{str(path)!r}: give a file path (use memory:// for a store in memory)")
         if synchronous.lower() not in ("normal", "full"):
             raise InvalidArgument("synchronous", f"must be 'normal' or 'full', got {synchronous!r}")
+        if not 0 < wal_checkpoint_bytes < wal_max_bytes:
+            raise InvalidArgument(
+                "wal_checkpoint_bytes",
+                f"must be positive and below wal_max_bytes ({wal_max_bytes}), got {wal_checkpoint_bytes}",
+            )
+        if not wal_checkpoint_interval > 0:
+            raise InvalidArgument(
+                "wal_checkpoint_interval", f"must be a positive number of seconds, got {wal_checkpoint_interval}"
+            )
         self.path = Path(path)
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
@@ -165,6 +194,17 @@ class SqliteStore(Store):
         # so the event loop always sees a consistent mapping.
         self._indexes: dict[str, dict[str, bool]] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._checkpointer = (
+            Checkpointer(
+                self.path,
+                threshold=wal_checkpoint_bytes,
+                limit=wal_max_bytes,
+                interval=wal_checkpoint_interval,
+                busy_timeout=busy_timeout,
+            )
+            if background_checkpoints
+            else None
+        )
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-sqlite-writer")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdp-sqlite-reader")
         try:
@@ -172,6 +212,8 @@ class SqliteStore(Store):
             # start-up rather than on the first request.
             self._wconn = self._writer.submit(self._open_writer).result()
             self._rconn = self._reader.submit(self._open_reader).result()
+            if self._checkpointer is not None:
+                self._checkpointer.start()
         except BaseException as exc:
             self._writer.shutdown()
             self._reader.shutdown()
@@ -181,6 +223,11 @@ class SqliteStore(Store):
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
+
+    @property
+    def wal_checkpoints(self) -> WalCheckpoints:
+        """The checkpoints run so far (all zero with ``background_checkpoints=False``)."""
+        return self._checkpointer.counts if self._checkpointer is not None else WalCheckpoints()
 
     # --- connections (each runs on its own thread) ---
 
@@ -200,6 +247,9 @@ class SqliteStore(Store):
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             # Deleted content is overwritten with zeros, so erasure does not depend on pages being reused.
             conn.execute("PRAGMA secure_delete=ON")
+            if self._checkpointer is not None:
+                for setting in self._checkpointer.writer_settings():
+                    conn.execute(setting)
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > SCHEMA_VERSION:
                 raise FailedPrecondition(
@@ -368,9 +418,14 @@ class SqliteStore(Store):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._after_commit()
+        return bulk_result(steps)
+
+    def _after_commit(self) -> None:
         if self._erase_owed:
             self._finish_erase()
-        return bulk_result(steps)
+        if self._checkpointer is not None:
+            self._checkpointer.after_commit(self._wconn)
 
     def _read_versions(self, ops: list[WriteOp]) -> dict[tuple[str, str], int]:
         current = {}
@@ -462,6 +517,7 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
             raise
         self._indexes = self._load_indexes(conn)
+        self._after_commit()
 
     def _reload_indexes(self) -> None:
         self._indexes = self._load_indexes(self._wconn)
@@ -484,11 +540,19 @@ class SqliteStore(Store):
                 conn.execute("ROLLBACK")
             raise
         self._indexes = self._load_indexes(conn)
+        self._after_commit()
 
     async def _erase(self) -> bool:
         return await self._run(self._writer, self._erase_sync)
 
     def _erase_sync(self) -> bool:
+        with self._checkpoint_lock():
+            return self._erase_locked()
+
+    def _checkpoint_lock(self) -> AbstractContextManager[object]:
+        return self._checkpointer.lock if self._checkpointer is not None else nullcontext()
+
+    def _erase_locked(self) -> bool:
         if self.path.stat().st_size <= _ERASE_REBUILD_MAX_BYTES:
             try:
                 # Rebuilt from the live rows only: no freed or moved cell of anyone survives in a page gap.
@@ -514,7 +578,8 @@ class SqliteStore(Store):
         conn = self._wconn
         conn.execute("PRAGMA busy_timeout=0")
         try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            with self._checkpoint_lock():  # waits for a background round in progress, not for readers
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.OperationalError:
             busy = 1
         finally:
@@ -523,10 +588,16 @@ class SqliteStore(Store):
             self._erase_owed = False
             log.info("sqlite store %s: the write-ahead log an erase left behind is truncated now", self.path)
 
+    def _close_writer(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        self._wconn.close()
+
     async def _close(self) -> None:
         loop = asyncio.get_running_loop()
-        # Queued behind any in-flight work, so pending writes finish (and commit) first.
-        await loop.run_in_executor(self._writer, self._wconn.close)
+        # Queued behind any in-flight work, so pending writes finish (and commit) first; the checkpointer
+        # goes before the writer, so the last connections to close are the writer's and reader's as ever.
+        await loop.run_in_executor(self._writer, self._close_writer)
         await loop.run_in_executor(self._reader, self._rconn.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
