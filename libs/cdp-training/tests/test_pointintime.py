@@ -352,11 +352,12 @@ def _kept(person: str, events: list[ProfileEvent], max_events: int) -> Profile:
     return profile
 
 
-async def test_a_person_whose_timeline_retention_cut_short_gets_no_row_that_the_cut_would_falsify():
+async def test_a_person_whose_timeline_retention_cut_short_gets_the_row_his_whole_history_gives():
     """Hal ordered three times long ago, then visited every day: with five events kept per person his
-    orders are gone from the timeline, so a rebuild would say he never ordered. He gets no row of a model
-    reading all-time traits, counted as truncated; a model whose windows his kept history covers still
-    gets his row, exactly as from his whole history. Bob, under the cap, is untouched."""
+    orders are gone from the timeline, but the profile folded them into his timeline base. A model reading
+    all-time traits gets his row exactly as from his whole history, and so does one reading a week; only a
+    cut-off before the cut (his last dropped order) has no row, counted as truncated. Bob, under the cap,
+    is untouched."""
     orders = [track(f"h{i}", "Order Completed", T - (100 - 10 * i) * DAY, total=30.0) for i in range(3)]
     visits = [page(f"hv{i}", T - (10 - i) * DAY) for i in range(5)]  # T-10d .. T-6d: covers the last week
     hal, bob = _kept("hal", orders + visits, 5), _kept("bob", BOB, 5)
@@ -365,18 +366,47 @@ async def test_a_person_whose_timeline_retention_cut_short_gets_no_row_that_the_
     await write_profiles(store, [hal, bob])
     profiles = await read_profiles(store)
     until = T + 200 * DAY
+    uncapped = await _profiles({"hal": orders + visits})
 
     everything = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T, until=until)
-    assert everything.person_ids == ["bob"] and everything.skipped_truncated == 1
-    assert everything.skipped_unborn == 0 and everything.summary()["skipped_truncated"] == 1
+    whole = training_set(uncapped, spec=SPEC, label=CHURN, cutoff=T, until=until)
+    assert everything.person_ids == ["bob", "hal"] and everything.skipped_truncated == 0
+    np.testing.assert_array_equal(everything.X[1], whole.X[0])
+    assert everything.fields[1] == whole.fields[0]  # orders in total, first order, revenue: all there
     streamed = await training_set_from_store(store, spec=SPEC, label=CHURN, cutoff=T, until=until)
-    assert streamed.person_ids == ["bob"] and streamed.skipped_truncated == 1
+    assert streamed.person_ids == ["bob", "hal"] and streamed.data_hash == everything.data_hash
 
-    # sessions in the last 7 days: Hal's kept history starts 10 days before T, so his row is whole
+    # sessions in the last 7 days: whole at T and at T - 5d alike (the week starts after the cut)
+    for cutoff in (T, T - 5 * DAY):
+        week = training_set(profiles, spec=WEEK_SPEC, label=CHURN, cutoff=cutoff, until=until)
+        whole = training_set(uncapped, spec=WEEK_SPEC, label=CHURN, cutoff=cutoff, until=until)
+        assert week.person_ids == ["bob", "hal"] and week.skipped_truncated == 0
+        np.testing.assert_array_equal(week.X[1], whole.X[0])
+    # ... but a cut-off before the cut: the base holds an order after it, the timeline not the ones before
+    early = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T - 85 * DAY, until=until)
+    assert early.person_ids == ["bob"] and early.skipped_truncated == 1 and early.summary()["skipped_truncated"] == 1
+    between = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T - 75 * DAY, until=until)
+    whole = training_set(uncapped, spec=SPEC, label=CHURN, cutoff=T - 75 * DAY, until=until)
+    assert between.person_ids == ["bob", "hal"] and between.skipped_truncated == 0
+    np.testing.assert_array_equal(between.X[1], whole.X[0])
+
+
+async def test_a_person_an_older_release_cut_short_without_a_base_still_gets_no_row_that_would_be_wrong():
+    """A profile stored before timeline bases, whose timeline retention had cut: a rebuild cannot know
+    what was dropped, so a model reading all-time traits gets no row (counted), one whose window its kept
+    history covers does."""
+    orders = [track(f"h{i}", "Order Completed", T - (100 - 10 * i) * DAY, total=30.0) for i in range(3)]
+    visits = [page(f"hv{i}", T - (10 - i) * DAY) for i in range(5)]
+    hal = _kept("hal", orders + visits, 5)
+    store = MemoryStore()
+    await write_profiles(store, [hal])
+    profiles = await read_profiles(store)
+    for part in profiles[0].doc["parts"]:
+        del part["base"]
+    until = T + 200 * DAY
+    everything = training_set(profiles, spec=SPEC, label=CHURN, cutoff=T, until=until)
+    assert everything.person_ids == [] and everything.skipped_truncated == 1
     week = training_set(profiles, spec=WEEK_SPEC, label=CHURN, cutoff=T, until=until)
-    whole = training_set(await _profiles({"hal": orders + visits}), spec=WEEK_SPEC, label=CHURN, cutoff=T, until=until)
-    assert week.person_ids == ["bob", "hal"] and week.skipped_truncated == 0
-    np.testing.assert_array_equal(week.X[1], whole.X[0])
-    # ... but not at a cut-off whose week reaches past what was kept
+    assert week.person_ids == ["hal"] and week.skipped_truncated == 0
     early = training_set(profiles, spec=WEEK_SPEC, label=CHURN, cutoff=T - 5 * DAY, until=until)
-    assert early.person_ids == ["bob"] and early.skipped_truncated == 1
+    assert early.person_ids == [] and early.skipped_truncated == 1

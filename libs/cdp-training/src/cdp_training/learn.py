@@ -323,7 +323,7 @@ def train_run(
         "skipped": {
             "not_yet_seen": train.skipped_unborn,
             "unlabelled": train.skipped_unlabelled,
-            "truncated": train.skipped_truncated,  # timeline cut by retention: the row would be undercounted
+            "truncated": train.skipped_truncated,  # retention cut the timeline after T or past its base: undercounted
         },
         "evaluation_rows": evaluation.rows,
         "evaluation_positives": evaluation.summary().get("label_counts"),

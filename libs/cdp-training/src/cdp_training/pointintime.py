@@ -1,13 +1,14 @@
 """Point-in-time training sets from the profile store: features as known at a cut-off T, labels after it.
 
 For every person alive in the store (merged-away and deleted records are skipped) with at least one
-timeline entry at or before T:
+event at or before T (a timeline entry, or one folded into a timeline base cut by then):
 
 - traits, groups and consent are read as of T (`Profile.view(as_of=T)`: the version current at T in
   each history, by event time);
 - computed traits are recomputed from the timeline entries at or before T by the profile domain's own
-  `Profile.backfill` (the code that serves backfilled traits) at now = T, so windows end at T; the stored
-  computed state, which has seen everything since, is never read;
+  `Profile.backfill` (the code that serves backfilled traits) at now = T, so windows end at T, starting
+  from the timeline base (below); the stored computed state, which has seen everything since, is never
+  read;
 - scores are kept only when written at or before T (a profile keeps only the newest score, so a model
   reading another model's score loses it when it was rescored after T);
 - the row is assembled by the scoring domain's `FeatureAssembler` at T, as serving does;
@@ -19,20 +20,23 @@ So nothing after T reaches a row's features: the profile the row is read from is
 or before T only.
 
 **Truncated timelines.** The profile service keeps at most `CDP_PROFILE_TIMELINE_MAX_EVENTS` entries per
-person (1,000 by default; and none older than its age limit, when one is set), dropping the oldest; its
-served computed traits still count them (they are kept up to date as events arrive), but a rebuild from
-the timeline cannot. Each part of a profile records the events it applied (`event_count`) and the time
-of the first (`first_seen`): a part holding fewer entries than that, or starting later, lost everything
-up to its oldest retained entry (`complete_from`). A person whose loss reaches a row - the oldest
-retained entry is later than T minus the longest window of the spec's computed traits (an all-time trait,
-such as orders in total or the sign-up time, reaches back for ever), or later than T itself for the
-label - gets no row: the features would be undercounted, not unknown. They are counted
-(`skipped_truncated`, in `summary()` too). With an all-time trait that is every person past the cap
-whose history began before it; a model whose traits all have windows loses only those whose kept
-history is shorter than its longest window. T is event time: an event that happened before T but arrived after it counts (timeline
-entries keep no arrival time). What a row cannot see is what retention already dropped from the timeline
-(computed traits over long windows are then undercounted in old rows); and identity is read as it is now:
-a merge made after T still joins the two persons' pre-T histories.
+person (1,000 by default; and none older than its age limit, when one is set), dropping the oldest. What
+it drops it folds into the part's *timeline base* (stored with the profile): each computed trait's state
+over the dropped events as of the cut, the position of the newest dropped event (all-time traits their
+summary, windowed ones the dropped contributions still inside their window at the cut). `profile_at`
+starts each trait from the base and replays the retained entries up to T, which is exactly what the
+whole history gives for any T at or after the cut: the most active customers, those past the cap, get
+their rows like everyone else. A person gets no row only when a loss reaches the row uncovered
+(`whole_at`): T is before a part's cut (the base holds events after T), or a trait reaching back past the
+cut (an all-time trait always does; a windowed one when its window starts before the cut) is not in the
+base: defined or redefined after the first drop, or a profile an older release stored, which had dropped
+events before it had a base (its loss is then known only as its oldest retained entry, from `event_count`
+and `first_seen`). Those are counted (`skipped_truncated`, in `summary()` too). For rows without a label
+(`feature_rows`) nobody is refused: a base cut after T is left out and such rows are undercounted.
+
+T is event time: an event that happened before T but arrived after it counts (timeline entries keep no
+arrival time). Identity is read as it is now: a merge made after T still joins the two persons' pre-T
+histories.
 
 `data_hash` is the SHA-256 of the feature matrix and labels (float32/float64 bytes, row order by person
 id) with the cut-off and the label spec: the same store and cut-off give the same hash.
@@ -116,14 +120,22 @@ def observed_until(profiles: Iterable[StoredProfile]) -> float:
     return max((p.timeline[-1].at for p in profiles if p.timeline), default=float("-inf"))
 
 
-def complete_from(stored: StoredProfile) -> float:
-    """The time from which `stored`'s timeline holds every event its profile applied (-inf: it holds them
-    all): the oldest retained entry of the latest-starting part that lost entries to retention (see the
-    module docstring). Every dropped entry is at or before it."""
+def losses(stored: StoredProfile) -> list[tuple[float, Mapping[str, Any] | None]]:
+    """Per part that lost timeline entries to retention: (the time up to which it lost them, its base or
+    None). With a base (see the module docstring) every dropped entry is at or before the base's cut;
+    without one (a profile an older release stored), at or before the part's oldest retained entry."""
+    parts = stored.doc.get("parts", [])
+    out: list[tuple[float, Mapping[str, Any] | None]] = []
+    legacy = [part for part in parts if part.get("base") is None]
+    for part in parts:
+        base = part.get("base")
+        if base is not None:
+            out.append((float(base["at"]), base))
+    if not legacy:
+        return out
     # A part's event_count and first_seen count the person's own events only (the platform's, identity's
     # "Identifier Shared", are kept but not counted), so they are compared with those entries only.
     timeline = [entry for entry in stored.timeline if not entry.platform]
-    parts = stored.doc.get("parts", [])
     if len(parts) == 1:
         kept = {parts[0].get("origin"): (len(timeline), timeline[0].at if timeline else None)}
     else:
@@ -132,28 +144,49 @@ def complete_from(stored: StoredProfile) -> float:
         for entry in timeline:  # oldest first: the first seen per origin is its oldest
             firsts.setdefault(entry.origin, entry.at)
         kept = {origin: (counts[origin], firsts.get(origin)) for origin in counts}
-    out = float("-inf")
-    for part in parts:
+    for part in legacy:
         count, first = kept.get(part.get("origin"), (0, None))
         applied, first_seen = part.get("event_count", 0), part.get("first_seen")
         if count < applied or (first_seen is not None and first is not None and first_seen < first):
             # Nothing retained: its events are all gone, the last of them at last_seen.
-            out = max(out, first if first is not None else part.get("last_seen") or float("inf"))
+            out.append((first if first is not None else part.get("last_seen") or float("inf"), None))
     return out
 
 
-def _reach(defs: ComputedTraits) -> float:
-    """How far back before T a row's computed traits read (seconds; inf for an all-time trait)."""
-    return max((float("inf") if t.window is None else float(t.window) for t in _traits_of(defs)), default=0.0)
+def complete_from(stored: StoredProfile) -> float:
+    """The time after which `stored`'s timeline holds every event its profile applied (-inf: it holds them
+    all): the latest loss of its parts (`losses`). Every dropped entry is at or before it."""
+    return max((at for at, _ in losses(stored)), default=float("-inf"))
+
+
+def whole_at(stored: StoredProfile, defs: ComputedTraits, cutoff: float) -> bool:
+    """True when a row at `cutoff` reads nothing retention dropped that its base does not hold: every
+    part's loss is at or before the cut-off (a label reads the entries after it), and each trait whose
+    reach goes back past a loss (an all-time one always does; a windowed one when its window starts
+    before the loss) is covered by that part's base."""
+    for at, base in losses(stored):
+        if at > cutoff:
+            return False
+        sigs = base.get("sigs", {}) if base is not None else {}
+        for trait in _traits_of(defs):
+            if trait.window is not None and cutoff - trait.window >= at:
+                continue  # the window starts after everything dropped
+            if sigs.get(trait.name) != trait.signature:
+                return False
+    return True
 
 
 def _doc_at(doc: Mapping[str, Any], cutoff: float) -> dict[str, Any]:
     """The stored document without what was derived from later events: computed state goes (it is
-    recomputed from the timeline), scores written after T go."""
+    recomputed from the timeline), scores written after T go, and so does a timeline base whose cut is
+    after T (it holds events after T; the rebuild then undercounts, as it did before bases)."""
     parts = []
     for part in doc["parts"]:
         part = dict(part)
         part["computed"] = {}
+        base = part.get("base")
+        if base is not None and base["at"] > cutoff:
+            del part["base"]
         part["scores"] = {name: score for name, score in part.get("scores", {}).items() if score[3] <= cutoff}
         parts.append(part)
     return {**doc, "parts": parts}
@@ -257,7 +290,7 @@ class TrainingSet:
     observed_until: float
     skipped_unborn: int  # persons whose first event came after T
     skipped_unlabelled: int  # persons with no label (channel_answered: answered nothing)
-    skipped_truncated: int = 0  # persons whose timeline retention cut reaches the row (module docstring)
+    skipped_truncated: int = 0  # persons whose retention loss reaches the row uncovered by their timeline base
 
     @property
     def rows(self) -> int:
@@ -304,6 +337,13 @@ def _check_window(label: LabelSpec, cutoff: float, end: float) -> None:
         )
 
 
+def _born(stored: StoredProfile, cutoff: float) -> bool:
+    """The person had an event by `cutoff`: one retained, or one dropped into a timeline base cut by then."""
+    if stored.timeline and stored.timeline[0].at <= cutoff:
+        return True
+    return any(part["base"]["at"] <= cutoff for part in stored.doc.get("parts", []) if part.get("base") is not None)
+
+
 class _Rows:
     """Rows collected one stored profile at a time (a list or a streamed store read alike); with no label,
     every person seen by the cut-off gives a row (unsupervised models)."""
@@ -316,18 +356,17 @@ class _Rows:
         self.labels: list[tuple[float, ...]] = []
         self.unborn = self.unlabelled = self.truncated = 0
         self.last_event = float("-inf")
-        # A labelled row is refused when retention dropped entries after this time (module docstring).
-        self.complete_by = cutoff - _reach(self.defs) if label is not None else float("inf")
 
     def add(self, stored: StoredProfile) -> None:
         if stored.timeline:
             self.last_event = max(self.last_event, stored.timeline[-1].at)
-        if self.label is not None and complete_from(stored) > self.complete_by:
+        # A labelled row is refused when what retention dropped reaches it uncovered (module docstring).
+        if self.label is not None and not whole_at(stored, self.defs, self.cutoff):
             firsts = [p["first_seen"] for p in stored.doc.get("parts", []) if p.get("first_seen") is not None]
             if firsts and min(firsts) <= self.cutoff:  # seen by T: a row it would have had, but wrong
                 self.truncated += 1
                 return
-        if not stored.timeline or stored.timeline[0].at > self.cutoff:
+        if not _born(stored, self.cutoff):
             self.unborn += 1
             return
         if self.label is not None:

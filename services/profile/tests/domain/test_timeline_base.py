@@ -30,6 +30,11 @@ ALL_TIME = [
      "compare": "$context.location.country"},
 ]  # fmt: skip
 WINDOWED = {"name": "views_2d", "op": "count", "event_names": ["Product Viewed"], "window": "2d"}
+LONG_WINDOWS = [  # over 1,500 hourly events these reach back past the cut: the base holds their dropped entries
+    {"name": "orders_90d", "op": "count", "event_names": ["Order Completed"], "window": "90d"},
+    {"name": "skus_90d", "op": "unique", "event_names": ["Product Viewed"], "property": "sku", "window": "90d"},
+    {"name": "largest_40d", "op": "max", "event_names": ["Order Completed"], "property": "total", "window": "40d"},
+]
 PLACES = [(52.52, 13.40, "DE"), (48.86, 2.35, "FR"), (40.71, -74.0, "US")]
 
 
@@ -65,7 +70,7 @@ def _rebuilt(profile: Profile, defs, now: float) -> dict:
 
 
 def test_base_plus_the_retained_timeline_rebuilds_every_all_time_trait_of_a_person_past_the_cap(ev, defs_of):
-    defs = defs_of(*ALL_TIME, WINDOWED)
+    defs = defs_of(*ALL_TIME, WINDOWED, *LONG_WINDOWS)
     profile = Profile.new("busy", retention=Retention(max_events=1000))
     events = _events(ev, "busy", 1500)
     _apply(profile, events, defs)
@@ -75,6 +80,9 @@ def test_base_plus_the_retained_timeline_rebuilds_every_all_time_trait_of_a_pers
     assert live["orders"] == 300  # every event counted, not only the kept ones
 
     assert _rebuilt(profile, defs, now) == live
+    assert live["orders_90d"] == 300
+    for later in (now + 20 * DAY, now + 50 * DAY):  # as the windows move on past the dropped events
+        assert _rebuilt(profile, defs, later) == profile.view(now=later).computed
     base = profile.parts["busy"].base
     dropped = events[499]  # the 500 oldest left the timeline: the cut is the newest of them
     assert (base.at, base.event_id) == (dropped.at, dropped.event_id)

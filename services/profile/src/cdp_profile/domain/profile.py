@@ -94,15 +94,18 @@ class MergeRecord:
 
 
 class TimelineBase:
-    """What retention dropped from one part's timeline, folded: the part's all-time computed traits' states
-    over the dropped events, and the cut, the position (at, event_id) of the newest dropped event.
+    """What retention dropped from one part's timeline, folded: the part's computed traits' states over
+    the dropped events as of the cut, the position (at, event_id) of the newest dropped event.
 
     Every event retention takes off the timeline (the oldest past the cap or the age limit, or one that
-    arrives already older than everything a full timeline keeps) is added to the states of the all-time
-    traits it feeds, so a trait rebuilt from the base plus the retained entries is what one rebuilt from
-    the whole history would be, for any point in time at or after the cut (`Profile.backfill` starts from
-    it; point-in-time training sets read it from the store). Windowed traits are not kept here: one whose
-    window starts after the cut needs nothing dropped.
+    arrives already older than everything a full timeline keeps) is added to the states of the traits it
+    feeds, so a trait rebuilt from the base plus the retained entries is what one rebuilt from the whole
+    history would be, for any point in time at or after the cut (`Profile.backfill` starts from it;
+    point-in-time training sets read it from the store). An all-time trait's state is its summary; a
+    windowed one's keeps the dropped contributions still inside its window at the cut (pruned as the cut
+    moves on): a time T at or after the cut reads only dropped events after T - window, all of which are
+    after cut - window. A windowed state emptied that way stays: like a live one, it says the trait had
+    a contribution.
 
     `sigs` names the traits the base is complete for (name -> definition signature): those held when the
     first event was dropped, if nothing had been lost before (a profile stored by an older release that
@@ -130,17 +133,19 @@ class TimelineBase:
         self._sigs_encoded: orjson.Fragment | None = None
 
     def covers(self, trait: ComputedTrait) -> bool:
-        """True when the base holds every dropped contribution to `trait` (an all-time trait, unchanged)."""
-        return trait.window is None and self.sigs.get(trait.name) == trait.signature
+        """True when the base holds every dropped contribution to `trait` (under this very definition)."""
+        return self.sigs.get(trait.name) == trait.signature
 
-    def fold(self, entry: TimelineEntry, defs: ComputedTraits, now: float) -> None:
-        if (entry.at, entry.event_id) > (self.at, self.event_id):
+    def fold(self, entry: TimelineEntry, defs: ComputedTraits) -> None:
+        moved = (entry.at, entry.event_id) > (self.at, self.event_id)
+        if moved:
             self.at, self.event_id = entry.at, entry.event_id
         sigs = self.sigs
         if not sigs:
             return
+        cut = self.at
         for trait in defs.matching(entry.type, entry.name, entry.platform):
-            if trait.window is not None or sigs.get(trait.name) != trait.signature:
+            if sigs.get(trait.name) != trait.signature:
                 continue
             value = _replayed(trait, entry)
             if value is MISSING:
@@ -148,7 +153,11 @@ class TimelineBase:
             state = self.computed.get(trait.name)
             if state is None:
                 state = self.computed[trait.name] = ComputedState.for_trait(trait)
-            state.add(entry.at, entry.event_id, value, now)
+            state.add(entry.at, entry.event_id, value, cut)
+        if moved:
+            for state in self.computed.values():
+                if state.window is not None and state.needs_prune(cut):
+                    state.prune(cut)
 
     def forget(self, name: str) -> None:
         """The definition was removed or changed: its dropped contributions can no longer be told."""
@@ -712,6 +721,13 @@ class Profile:
                     "cut_at": part.base.at,
                     "cut_event_id": part.base.event_id,
                     "computed": {name: _copy(state.result()) for name, state in sorted(part.base.computed.items())},
+                    "contributions": {
+                        name: [
+                            {"at": at, "event_id": event_id, "value": value} for at, event_id, value in state.entries
+                        ]
+                        for name, state in sorted(part.base.computed.items())
+                        if state.entries
+                    },
                 }
                 for part in parts
                 if part.base is not None
@@ -908,12 +924,12 @@ class Profile:
         retention = self.retention
         max_age = retention.max_age_seconds
         if max_age is not None and entry.at + max_age <= now:
-            self._fold(part, [entry], defs, now)  # already past retention: dropped at once
+            self._fold(part, [entry], defs)  # already past retention: dropped at once
             return
         timeline = part.timeline
         if len(self.parts) == 1:
             if len(timeline) >= retention.max_events and entry < timeline[0]:
-                self._fold(part, [entry], defs, now)  # older than everything kept in a full timeline
+                self._fold(part, [entry], defs)  # older than everything kept in a full timeline
                 return
             if not timeline or entry > timeline[-1]:
                 timeline.append(entry)
@@ -928,12 +944,12 @@ class Profile:
                 while timeline and timeline[0].at + max_age <= now:
                     removed.append(timeline.pop(0))
             if len(removed) > start:
-                self._fold(part, removed[start:], defs, now)
+                self._fold(part, removed[start:], defs)
             return
         if sum(len(p.timeline) for p in self.parts.values()) >= retention.max_events:
             oldest = min((p.timeline[0] for p in self.parts.values() if p.timeline), default=None)
             if oldest is not None and entry < oldest:
-                self._fold(part, [entry], defs, now)
+                self._fold(part, [entry], defs)
                 return
         _insort_entry(timeline, entry)
         change.timeline_added.append(entry)
@@ -969,13 +985,13 @@ class Profile:
                     lost.setdefault(index, []).extend(parts[index].timeline[:count])
                     del parts[index].timeline[:count]
         for index, entries in lost.items():
-            self._fold(parts[index], entries, defs, now)
+            self._fold(parts[index], entries, defs)
             dropped.extend(entries)
         if len(lost) > 1 or excess > 0:
             dropped.sort()
         return dropped
 
-    def _fold(self, part: Part, entries: list[TimelineEntry], defs: ComputedTraits, now: float) -> None:
+    def _fold(self, part: Part, entries: list[TimelineEntry], defs: ComputedTraits) -> None:
         """Fold entries retention takes off `part`'s timeline (already taken off) into its base."""
         base = part.base
         if base is None:
@@ -983,11 +999,11 @@ class Profile:
             # lost before it (a profile an older release stored may have dropped events without a base):
             # every event the part counted is then either still retained or among these.
             own = sum(1 for e in part.timeline if not e.platform) + sum(1 for e in entries if not e.platform)
-            sigs = {t.name: t.signature for t in defs if t.window is None} if own >= part.event_count else {}
+            sigs = {t.name: t.signature for t in defs} if own >= part.event_count else {}
             first = entries[0]
             base = part.base = TimelineBase(first.at, first.event_id, sigs)
         for entry in entries:
-            base.fold(entry, defs, now)
+            base.fold(entry, defs)
 
     def _rebuilt(self, part: Part, trait: ComputedTrait, now: float) -> ComputedState | None:
         """A part's state for `trait` recomputed from its retained timeline, on top of what its base folded
@@ -998,6 +1014,8 @@ class Profile:
             folded = base.computed.get(trait.name)
             if folded is not None:
                 state = folded.copy()
+                if state.window is not None:
+                    state.prune(now)
         for entry in part.timeline:
             value = _contribution(trait, entry)
             if value is not MISSING:
