@@ -405,3 +405,144 @@ async def test_an_upgrade_keeps_the_snapshot_taken_before_the_engine(nats_server
         finally:
             await stream.stop()
             await engine.stop()
+
+
+# --- score updates that change nothing (published.py) ------------------------------------------------
+# W weighs orders +0.5 and sessions -0.25: orders +1 with sessions +2 leaves the score exactly where it was.
+# Each change has its own time: the same scores of another change are another message (not a duplicate).
+
+
+async def test_a_score_that_did_not_move_is_not_published_again(setup, nats_server):
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 1)]))
+    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 2)]))  # inputs moved, the score did not
+    assert [u.person_id for u in await published(nats_server.url)] == ["p1"]
+    await stream.feed(changed([change("p1", orders=4, at=T0 + 3)]))  # it moved: news
+    updates = await published(nats_server.url)
+    assert len(updates) == 2
+    assert updates[-1].scores["churn_risk"] == pytest.approx(expected(W, [4, 6]), abs=1e-6)
+
+
+async def test_a_new_version_publishes_equal_scores_under_its_own_version(setup, nats_server):
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await engine.deploy(logistic_model(version="2.0.0", weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 4)]))
+    await engine.promote("churn_risk", "2.0.0")
+    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 5)]))  # the same value, from the new version
+    updates = await published(nats_server.url)
+    assert [u.version for u in updates] == ["1.0.0", "2.0.0"]
+    assert updates[0].scores == updates[1].scores
+
+
+async def test_what_was_published_survives_a_restart_with_the_fields(setup, tmp_path, nats_server):
+    engine, stream, store, bus, clock, _defined = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 6)]))
+    await stream.stop()  # drained and snapshotted as a replica that stops
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
+    try:
+        await again_stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 7)]))
+        assert len(await published(nats_server.url)) == 1
+    finally:
+        await again_stream.stop()
+        await again.stop()
+
+
+async def test_scores_published_after_the_snapshot_are_not_taken_for_the_last_after_a_crash(
+    setup, tmp_path, nats_server
+):
+    engine, stream, store, bus, clock, _defined = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 8)]))  # A, in the snapshot
+    await stream.snapshot()
+    await stream.feed(changed([change("p1", orders=5, at=T0 + 9)]))  # B, published after it
+    stream.partitioned.abort()  # a crash: the snapshot still says A
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
+    try:
+        # Back to A's inputs: the profile holds B, so A is news, whatever the snapshot remembered.
+        await again_stream.feed(changed([change("p1", orders=2, at=T0 + 10)]))
+        updates = await published(nats_server.url)
+        assert len(updates) == 3
+        assert updates[-1].scores["churn_risk"] == pytest.approx(expected(W, [2, 4]), abs=1e-6)
+    finally:
+        await again_stream.stop()
+        await again.stop()
+
+
+async def test_a_profile_score_other_than_the_last_published_makes_the_next_update_news(setup, nats_server):
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 11)]))
+    # A merge brought another person's newer score: the profile no longer holds what was published.
+    merged = change("p1", at=T0 + 12)
+    merged.scores["churn_risk"] = 0.9
+    await stream.feed(changed([merged]))
+    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 13)]))
+    updates = await published(nats_server.url)
+    assert len(updates) == 2
+    assert updates[-1].scores["churn_risk"] == pytest.approx(expected(W, [3, 6]), abs=1e-6)
+
+
+async def test_the_profiles_own_copy_of_the_published_score_changes_nothing(setup, nats_server):
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 14)]))
+    [update] = await published(nats_server.url)
+    stored = change("p1", at=T0 + 15)
+    stored.scores["churn_risk"] = update.scores["churn_risk"]
+    await stream.feed(changed([stored]))
+    await stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 16)]))
+    assert len(await published(nats_server.url)) == 1
+
+
+async def test_score_all_publishes_everyone_and_what_was_remembered_before_it_counts_no_more(
+    setup, tmp_path, nats_server
+):
+    engine, stream, store, bus, clock, _defined = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4, at=T0 + 17)]))
+    await stream.snapshot()  # remembers the score published for p1
+    progress = [p async for p in engine.score_all("churn_risk", publish=True)]
+    assert progress[-1]["published"] == 1  # an explicit refresh publishes even an unchanged score
+    stream.partitioned.abort()  # a crash before the next snapshot
+    again, again_stream = await make_engine(store, bus, tmp_path, clock)
+    try:
+        assert again.published.entry("p1", "churn_risk") is None  # written before the ScoreAll
+        await again_stream.feed(changed([change("p1", orders=3, sessions=6, at=T0 + 18)]))
+        assert len(await published(nats_server.url)) == 3
+    finally:
+        await again_stream.stop()
+        await again.stop()
+
+
+async def test_scores_are_published_at_the_resolution_and_a_move_below_it_is_not_news(nats_server, tmp_path):
+    clock = Clock(T0)
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="t") as bus:
+        await bus.ensure_streams(profiles_stream(), scores_stream())
+        engine = ScoringEngine(
+            store, FolderModelStore(tmp_path / "models"), bus.publisher, partitions=1, telemetry=bus.telemetry,
+            clock=clock, resolution=2,
+        )  # fmt: skip
+        await engine.start()
+        stream = Stream(engine, bus)
+        await stream.start()
+        try:
+            await engine.deploy(logistic_model(weights=[0.001, 0.0]), role=None)
+            await stream.feed(changed([change("p1", orders=1, at=T0 + 19)]))  # 0.50025: published as 0.5
+            await stream.feed(changed([change("p1", orders=2, at=T0 + 20)]))  # 0.50050: 0.5 still
+            await stream.feed(changed([change("p1", orders=30, at=T0 + 21)]))  # 0.50750: 0.51
+            updates = await published(nats_server.url)
+            assert [u.scores["churn_risk"] for u in updates] == [0.5, 0.51]
+        finally:
+            await stream.stop()
+            await engine.stop()
+
+
+def test_a_resolution_that_is_not_decimal_places_is_refused_naming_it(nats_server, tmp_path):
+    from .conftest import settings
+
+    assert any("CDP_SCORING_RESOLUTION" in p for p in settings(nats_server, tmp_path, resolution="0.001").validate())
+    assert settings(nats_server, tmp_path, resolution="4").resolution_decimals == 4
+    assert settings(nats_server, tmp_path).resolution_decimals is None

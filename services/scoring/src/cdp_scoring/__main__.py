@@ -82,6 +82,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         announce=announce,
         round_linger=settings.round_linger_ms / 1000,
         drift=drift,
+        resolution=settings.resolution_decimals,
     )
     # The aged drift comparison scores rows again with the version's own session (drift.py).
     drift.rescorer = lambda version: getattr(engine.sessions.get((version.spec.name, version.version)), "run", None)

@@ -49,6 +49,9 @@ class Deployments:
             for path in version.spec.paths:
                 readers.setdefault(path, set()).add(version.spec.name)
         self._readers = readers
+        self._score_models = {
+            name: version.spec.name for version in self.registry.active() for name in version.spec.score_names
+        }
 
     # --- the registry -----------------------------------------------------------------------------
 

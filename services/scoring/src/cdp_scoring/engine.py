@@ -7,6 +7,8 @@ Where a rule lives:
 - rounds.py: scoring what changed, a round at a time across partitions;
 - requests.py: the synchronous paths (gRPC);
 - drift.py: the scored rows counted against each version's training reference;
+- published.py: what each person's scores were when last published (an update that changes nothing is
+  not published);
 - this module: the held fields (cdp_kit.held) and how a profile change updates them.
 
 The fields are state derived from the `PROFILES` stream, and that stream is their log: nothing is
@@ -40,6 +42,7 @@ from cdp_scoring.deployments import MODELS, Deployments
 from cdp_scoring.domain.registry import ModelEntry, Registry
 from cdp_scoring.drift import DriftMonitor
 from cdp_scoring.modelstore import ModelStore
+from cdp_scoring.published import EPOCH_KEY, PUBLISHED, LastPublished
 from cdp_scoring.requests import Requests
 from cdp_scoring.requests import ScoreResult as ScoreResult  # re-exported: the API reads it from here
 from cdp_scoring.rounds import Rounds, VersionStats
@@ -79,6 +82,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
         round_linger: float = 0.005,
         clock: Callable[[], float] = time.time,
         drift: DriftMonitor | None = None,
+        resolution: int | None = None,
     ) -> None:
         self.store = store
         self.model_store = models
@@ -114,6 +118,11 @@ class ScoringEngine(Deployments, Rounds, Requests):
             chunk=256,
         )
         self.fields = self.held.persons
+        # What each person's scores were when last published, kept in the fields (published.py);
+        # `resolution`: decimal places published scores are rounded to (None: as the model gives them).
+        self.published = LastPublished(self.fields, decimals=resolution)
+        # score name -> the model producing it (rebuilt when the registry changes)
+        self._score_models: dict[str, str] = {}
         # "m:<model>" -> the stored version of the model's registry entry
         self.versions: dict[str, int] = {}
         # field path -> models reading it (rebuilt when the registry changes)
@@ -128,6 +137,11 @@ class ScoringEngine(Deployments, Rounds, Requests):
         )
         self._m_published = meter.create_counter(
             "cdp.scoring.scores.published", unit="{score}", description="score updates published, by model"
+        )
+        self._m_unchanged = meter.create_counter(
+            "cdp.scoring.scores.unchanged",
+            unit="{score}",
+            description="score updates not published: version and values as last published, by model",
         )
         self._m_inference = meter.create_histogram(
             "cdp.scoring.inference.duration",
@@ -174,6 +188,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
             await self._load_session(version)
         self._reindex()
         await self._move_snapshot_positions()
+        await self._read_published_epoch()
         self._tasks.append(asyncio.create_task(self._scoring_loop(), name="scoring rounds"))
 
     async def _move_snapshot_positions(self) -> None:
@@ -192,6 +207,21 @@ class ScoringEngine(Deployments, Rounds, Requests):
             await self.store.bulk_write([*positions, Put(SNAPSHOTS, LAYOUT, {"version": 1}, expected_version=0)])
         except VersionConflict:
             pass
+
+    async def _read_published_epoch(self) -> None:
+        """The stored epoch of the last-published entries (published.py): one raised by a ScoreAll here
+        or on another replica makes every entry written before it unknown."""
+        record = await self.store.get(SNAPSHOTS, EPOCH_KEY)
+        epoch = record.doc.get("epoch", 0) if record is not None else 0
+        self.published.epoch = max(self.published.epoch, epoch)
+
+    async def raise_published_epoch(self) -> None:
+        """Before publishing outside the partitions' pipelines (ScoreAll): no entry written before now
+        counts, here or after a restart (the epoch is stored first)."""
+        record = await self.store.get(SNAPSHOTS, EPOCH_KEY)
+        epoch = max(self.published.epoch, record.doc.get("epoch", 0) if record is not None else 0) + 1
+        await self.store.put(SNAPSHOTS, EPOCH_KEY, {"epoch": epoch})
+        self.published.epoch = epoch
 
     def background(self, coro, name: str) -> None:
         """A task that lives no longer than the engine (it may finish early, unlike a runtime loop)."""
@@ -216,6 +246,7 @@ class ScoringEngine(Deployments, Rounds, Requests):
         record = await self.store.get(SNAPSHOTS, subject)
         position = record.doc.get("stream_seq", 0) if record is not None else 0
         self.held.snapshotted[subject] = position
+        await self._read_published_epoch()
         decode = FIELDS_CODEC.decode
         async for record in self.store.scan_all(FIELDS, page_size=page_size):
             if self._partition(record.key) == partition:
@@ -238,6 +269,8 @@ class ScoringEngine(Deployments, Rounds, Requests):
         for change in profile_pb2.ProfileChangedBatch.FromString(data).changes:
             if change.person_id:
                 self._apply_change(change)
+                # Its scores may have been published after the snapshot: unknown, published next time.
+                self.published.forget(change.person_id)
                 applied += 1
         return applied
 
@@ -290,8 +323,15 @@ class ScoringEngine(Deployments, Rounds, Requests):
         changed = apply_updates(fields, updates)
         if changed:
             self.held.mark(person)
+            if PUBLISHED in fields:
+                self.published.check_echo(person, fields, changed, self._score_models, self._score_names)
         readers = self._readers
         return {p for p in changed if p in readers}
+
+    def _score_names(self, model: str, version: str) -> tuple[str, ...] | None:
+        entry = self.registry.models.get(model)
+        found = entry.versions.get(version) if entry is not None else None
+        return tuple(found.spec.score_names) if found is not None else None
 
 
 # A person's fields as stored: one JSON string (the fields are many small values; one string is cheaper

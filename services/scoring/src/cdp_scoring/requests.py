@@ -157,6 +157,7 @@ class Requests:
         persons = sorted(self.fields)
         started = time.perf_counter()
         published = 0
+        raised = False
         total = len(persons)
         now = self.clock()
         for offset in range(0, total, chunk):
@@ -167,11 +168,23 @@ class Requests:
                 for version, scored_persons, scores in await self._run_entry(entry, members, now, rows):
                     scored.append((version, scored_persons, scores, [now] * len(scored_persons)))
             if publish and scored:
+                if not raised:
+                    # Published outside the partitions' pipelines: no last-published entry written before
+                    # this counts any more (published.py), even after a crash before the next snapshot.
+                    await self.raise_published_epoch()
+                    raised = True
                 messages = self._messages(scored)
                 results = await self.publisher.publish_batch(messages)
                 failed = [r for r in results if not r.ok]
+                last = self.published
                 if failed:
+                    for _v, scored_persons, _s, _t in scored:
+                        for person in scored_persons:
+                            last.forget(person)  # some of it may be stored: unknown
                     raise Unavailable(f"{len(failed)} score messages not stored by JetStream ({failed[0].error})")
+                for version, scored_persons, scores, _t in scored:
+                    for person, row in zip(scored_persons, last.rows(scores), strict=True):
+                        last.record(person, version.spec.name, [version.version, *row])
                 published += sum(len(scored_persons) for _v, scored_persons, _s, _t in scored)
             yield {
                 "done": min(total, offset + chunk),

@@ -213,22 +213,39 @@ class Rounds:
         return scores
 
     def _messages(self, scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]]) -> list[OutMessage]:
-        return [m for messages in self._messages_by_partition(scored).values() for m in messages]
+        """Every person's scores, news or not (ScoreAll: `score_all` records them once stored)."""
+        return [m for messages in self._messages_by_partition(scored, news_only=False).values() for m in messages]
 
     def _messages_by_partition(
         self,
         scored: Sequence[tuple[Version, list[str], np.ndarray, list[float]]],
         partition_of: Mapping[str, int] | None = None,
+        *,
+        news_only: bool = True,
     ) -> dict[int, list[OutMessage]]:
         """One columnar `ScoresUpdatedBatch` per model version and person partition (`partition_of`: the
         persons' partitions when known; hashing every person of every model's rows again costs). A
         message's id is a hash of its bytes: the same scores of the same change always get the same id,
-        so JetStream stores a message published twice (a crash between publishing and acknowledging) once."""
+        so JetStream stores a message published twice (a crash between publishing and acknowledging) once.
+
+        `news_only` (the stream path): a person whose version and values are those last published for
+        the model (published.py) is left out, and what goes out is recorded as last published - it is
+        committed with the batch, and a batch that is not is applied again on rebuilt fields."""
         out: dict[int, list[OutMessage]] = {}
         partition = self._partition
+        last = self.published
         for version, persons, scores, times in scored:
+            model = version.spec.name
+            values = last.rows(scores)
             rows: dict[int, list[int]] = {}
+            kept = 0
             for i, person in enumerate(persons):
+                if news_only:
+                    entry = [version.version, *values[i]]
+                    if last.entry(person, model) == entry:
+                        continue
+                    last.record(person, model, entry)
+                kept += 1
                 p = partition_of[person] if partition_of is not None else partition(person)
                 rows.setdefault(p, []).append(i)
             names = version.spec.score_names
@@ -236,11 +253,11 @@ class Rounds:
                 for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
                     chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
                     batch = scoring_pb2.ScoresUpdatedBatch(
-                        model=version.spec.name,
+                        model=model,
                         version=version.version,
                         scores=names,
                         person_ids=[persons[i] for i in chunk],
-                        values=scores[chunk].ravel().tolist(),
+                        values=[v for i in chunk for v in values[i]],
                         at_ms=[round(times[i] * 1000) for i in chunk],
                     )
                     payload = batch.SerializeToString()
@@ -251,5 +268,8 @@ class Rounds:
                             msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
                         )
                     )
-            self._m_published.add(len(persons), {"model": version.spec.name})
+            if kept:
+                self._m_published.add(kept, {"model": model})
+            if kept < len(persons):
+                self._m_unchanged.add(len(persons) - kept, {"model": model})
         return out

@@ -59,6 +59,13 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
         "costs each model one onnxruntime call whatever its size)",
     )
     threads: int = env("CDP_SCORING_THREADS", 1, help="onnxruntime intra-op threads per session")
+    resolution: str = env(
+        "CDP_SCORING_RESOLUTION",
+        "",
+        help="decimal places published scores are rounded to (4: probabilities to 0.0001, CLV to 0.0001 "
+        "currency units), so a move below it is not published; empty: scores as the model gives them "
+        "(an update whose values are bitwise the last published ones is never published)",
+    )
     scores_retention_days: float = env(
         "CDP_SCORING_SCORES_RETENTION_DAYS", 7.0, help="days scores.updated keeps score updates"
     )
@@ -118,6 +125,11 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
         "(a flood of labels costs one computation per period)",
     )
 
+    @property
+    def resolution_decimals(self) -> int | None:
+        """CDP_SCORING_RESOLUTION as decimal places (None: off); `validate` has checked it."""
+        return int(self.resolution) if self.resolution.strip() else None
+
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
         try:
@@ -153,6 +165,15 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
                     parse(value)
                 except InvalidArgument as exc:
                     problems.append(f"{variable}={value!r} is invalid: {exc.description}")
+        if self.resolution.strip():
+            try:
+                decimals = int(self.resolution)
+            except ValueError:
+                decimals = -1
+            if not 0 <= decimals <= 12:
+                problems.append(
+                    f"CDP_SCORING_RESOLUTION={self.resolution!r} is invalid: decimal places from 0 to 12, or empty"
+                )
         if self.threads < 1:
             problems.append(f"CDP_SCORING_THREADS={self.threads} is invalid: must be at least 1")
         return problems
