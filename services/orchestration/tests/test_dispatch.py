@@ -17,7 +17,7 @@ from cdp_orchestration import streams
 from cdp_orchestration.channels import Channel, Outcome
 from cdp_orchestration.channels.settings import WebhookSettings
 from cdp_orchestration.channels.webhook import WebhookChannel
-from cdp_orchestration.dispatch import MAX_DELIVER, SENDS, CollectorReporter, Opens, dispatcher
+from cdp_orchestration.dispatch import MAX_ATTEMPTS, PENDING, SENDS, CollectorReporter, Opens, dispatcher
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
@@ -35,6 +35,12 @@ class Counting(Channel):
             return Outcome.failed("provider_unavailable", retryable=True, retry_after=0.1)
         self.sent.append(action.action_id)
         return Outcome.accepted(provider_id=f"p-{action.action_id}")
+
+
+async def _outcome(store, action_id: str) -> dict | None:
+    """The action's send record once it holds an outcome (while its attempts go on it is "pending")."""
+    stored = await store.get(SENDS, action_id)
+    return stored.doc if stored is not None and stored.doc["status"] != PENDING else None
 
 
 async def test_an_action_delivered_twice_is_sent_once_and_a_retryable_failure_is_retried(nats_server, tmp_path):
@@ -60,7 +66,7 @@ async def test_an_action_delivered_twice_is_sent_once_and_a_retryable_failure_is
             )
             assert result.ok
         for _ in range(200):
-            if channel.sent and await store.get(SENDS, "a1") is not None:
+            if channel.sent and await _outcome(store, "a1") is not None:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
@@ -374,7 +380,7 @@ async def test_a_provider_asking_to_wait_holds_the_actions_not_yet_sent(nats_ser
             task = asyncio.create_task(dispatcher(bus, store, channel, concurrency=2).run())
             for _ in range(200):
                 records = [await store.get(SENDS, action_id) for action_id, _ in actions]
-                if all(r is not None for r in records):
+                if all(r is not None and r.doc["status"] != PENDING for r in records):
                     break
                 await asyncio.sleep(0.05)
             task.cancel()
@@ -422,9 +428,9 @@ async def _dispatch_until_recorded(nats_server, tmp_path, receiver: Throttling, 
             task = asyncio.create_task(dispatcher(bus, store, channel, **options).run())
             try:
                 for _ in range(400):
-                    record = await store.get(SENDS, "act-1")
+                    record = await _outcome(store, "act-1")
                     if record is not None:
-                        return record.doc
+                        return record
                     await asyncio.sleep(0.05)
                 raise AssertionError(f"no outcome recorded; the receiver answered {receiver.statuses}")
             finally:
@@ -438,10 +444,10 @@ async def _dispatch_until_recorded(nats_server, tmp_path, receiver: Throttling, 
 async def test_a_receiver_saying_later_more_often_than_an_action_has_deliveries_still_gets_it(nats_server, tmp_path):
     # Six 429s, more than the five deliveries an action may use on failures: a 429 is the receiver asking
     # for time, not a failed send, so each hand-back waits without using one of them.
-    receiver = Throttling(throttles=MAX_DELIVER + 1)
+    receiver = Throttling(throttles=MAX_ATTEMPTS + 1)
     record = await _dispatch_until_recorded(nats_server, tmp_path, receiver)
     assert record["status"] == "accepted"
-    assert receiver.statuses == [429] * (MAX_DELIVER + 1) + [200]
+    assert receiver.statuses == [429] * (MAX_ATTEMPTS + 1) + [200]
 
 
 async def test_a_receiver_saying_later_for_longer_than_the_bound_gets_the_action_failed(nats_server, tmp_path):

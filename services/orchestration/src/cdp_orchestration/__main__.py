@@ -87,7 +87,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         runtime.stack.push_async_callback(channel.close)
         runner = dispatcher(
             bus, store, channel, report=report, concurrency=settings.dispatch_concurrency,
-            defer_for=settings.defer_seconds,
+            defer_for=settings.defer_seconds, max_attempts=settings.max_attempts,
         )  # fmt: skip
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 

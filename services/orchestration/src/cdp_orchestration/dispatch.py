@@ -7,23 +7,33 @@ adapter (`cdp_orchestration.channels`). A fetched batch is worked concurrently, 
 the rest; one person's actions go one after another in the order they came (a reminder never overtakes
 its first message, an attribution finds its send recorded). A provider that answers with Retry-After
 pauses its destination (`Channel.destination`: the provider account, or a webhook's host): actions to it
-not started yet are given back with that delay instead of sent (on their last delivery they are sent
-anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
+not started yet are given back with that delay instead of sent (for at most
+CDP_ORCHESTRATION_DEFER_SECONDS, then they are sent anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
 before the message is acknowledged, so a redelivery (a crash after the send, an acknowledgement lost)
 finds the record and sends nothing. The window between the provider's answer and the record is the one
 place a crash can send twice; adapters pass the action id to providers that take an idempotency key
 (`channels` lists them).
 
-Outcomes: accepted and rejected (for good) are final; a retryable failure is retried with the provider's
-Retry-After or the consumer's backoff, and is final as "failed" on its last allowed attempt
-(`MAX_DELIVER`). A provider asking for time - a 429 (`Outcome.later`), or its destination paused by an
-earlier Retry-After - is not a failed attempt: the action is handed back for that long without using
-one, the hand-backs counted in `orchestration_deferrals/<action id>` (a count, no personal data; deleted
-with the outcome's record), and JetStream's own limit on deliveries (`DELIVERY_CAP`) is far above the
-attempts. What bounds a receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by
-default) after the action was published, a 429 is final ("failed", ``http_429``) and a paused
-destination is sent to anyway. A final
-outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
+Outcomes: accepted and rejected (for good) are final. A retryable failure (a 5xx, a timeout, a refused
+connection, an adapter that raised) is one attempt; the action gets `max_attempts`
+(CDP_ORCHESTRATION_MAX_ATTEMPTS, 5) of them, each after the dispatcher's own back-off (`BACKOFF`, by
+attempts made) or the provider's Retry-After. The dispatcher counts them itself, in the action's send
+record (`orchestration_sends`, status "pending", with the stream position of its message): an attempt
+after the first is recorded before it is made, so a crash between attempts or during one never resets
+the count (the first attempt is recorded only once it failed, so a send that goes through costs one
+write; a first delivery that left no trace counts as made). At the bound the failure is final ("failed",
+`dead_lettered`, with the attempts) and the message goes to the dead-letter stream with the reason
+(`dlq.ACTIONS.orchestration-dispatch-<channel>`, `cdpctl dlq`; metric
+`cdp.orchestration.dispatch.dead_lettered`), whatever JetStream's delivery count says: the consumer's
+`DELIVERY_CAP` is only a backstop. A replay of that dead letter (a new stream position) starts a new round
+of attempts; a redelivery of the dead-lettered message itself sends nothing. A provider asking for time -
+a 429 (`Outcome.later`), or its destination paused by an earlier Retry-After - is not an attempt: the
+action is handed back for that long (hand-backs counted in the record as `deferrals`). What bounds a
+receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by default) after the action
+was published, a 429 is final ("failed", ``http_429``, dead-lettered) and a paused destination is sent to
+anyway.
+
+A final outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
 Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
 (`/v1/batch`), the batch's together in one call once its sends are recorded, so it lands on the profile
 and in the next model's training data. It is sent under the identifier the engine put on the action (`wire.IDENTITY_KEYS`: the person's userId, else one of their
@@ -40,7 +50,10 @@ what a failed report left behind, and the collector drops a duplicate messageId.
 The action's message holds the person's rendered content and address, so it stays in ACTIONS no longer
 than the dispatch needs it: once the outcome is recorded (and reported, when it can be), the dispatcher
 deletes the message by its stream sequence, which JetStream erases (overwritten in the stream's files,
-not only marked deleted). A message still being retried stays until its last delivery. A send record
+not only marked deleted); a dead-lettered one once its copy is in the dead-letter stream. A message
+still being retried stays until its last delivery. An outcome the collector refuses is posted again on
+redelivery, `max_attempts` times, then the message is dead-lettered (``outcome_not_reported``; a replay
+posts it). A send record
 that says "withdrawn" (`privacy.py`: the person was deleted before their action went out) makes the
 dispatcher send nothing. Logs name the action id, channel and reason code, never an address or content.
 """
@@ -52,16 +65,18 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError, ServerError
+from opentelemetry import metrics
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
-from cdp_kit.storage import Delete, Put, Store
+from cdp_kit.storage import Put, Store
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
@@ -70,12 +85,14 @@ from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
-MAX_DELIVER = 5  # attempts an action may fail (retryable) before its failure is final
-# JetStream's limit on the dispatch consumer's deliveries: the attempts plus the hand-backs for a provider
-# asking for time (which use none of them), bounded by time rather than by this.
+MAX_ATTEMPTS = 5  # real attempts an action gets before it is dead-lettered (CDP_ORCHESTRATION_MAX_ATTEMPTS)
+# Seconds before the next attempt after the n-th failed one (the last repeats), when the provider named none.
+BACKOFF = (0.5, 2.0, 10.0, 30.0, 60.0)
+# JetStream's limit on the dispatch consumer's deliveries: only a backstop. The attempts are counted here,
+# and the hand-backs for a provider asking for time (which use none of them) are bounded by time.
 DELIVERY_CAP = 1_000
 DEFER_FOR = 86_400.0  # seconds after publication an action may keep waiting for a provider (the default)
-DEFERRALS = "orchestration_deferrals"  # action id -> {"count"}: hand-backs that used no attempt
+PENDING = "pending"  # a send record's status while the action has attempts or hand-backs behind it, no outcome
 DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY)
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 
@@ -105,10 +122,27 @@ class CollectorReporter:
         await self.session.close()
 
 
+@dataclass(frozen=True)
+class Tries:
+    """What an action has used so far: attempts made (or begun), hand-backs, the last failure's reason."""
+
+    attempts: int = 0
+    deferrals: int = 0
+    reason: str = ""
+
+    @classmethod
+    def of(cls, stored: dict[str, Any] | None, delivery: Delivery) -> Tries:
+        if stored is not None and stored["status"] == PENDING:
+            return cls(stored["attempts"], stored["deferrals"], stored["reason"])
+        # Nothing recorded yet. The first attempt is recorded only once it failed: a delivery before this
+        # one that left no trace may have died while the provider had it, so it counts as made.
+        return cls(attempts=1 if delivery.num_delivered > 1 else 0)
+
+
 class Dispatcher:
     """Works one fetched batch at a time, its actions concurrently (at most `concurrency` in flight),
     each person's in the order they came; then posts the batch's outcomes in one collector call and
-    erases what is done. `handle` returns (and the kit acknowledges) only after that."""
+    erases (or dead-letters) what is done. `handle` returns (and the kit settles) only after that."""
 
     def __init__(
         self,
@@ -119,17 +153,38 @@ class Dispatcher:
         js: JetStreamContext | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         defer_for: float = DEFER_FOR,
+        max_attempts: int = MAX_ATTEMPTS,
+        backoff: Sequence[float] = BACKOFF,
+        meter: metrics.Meter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
+        if not 1 <= max_attempts < DELIVERY_CAP // 2:
+            raise ValueError(f"max_attempts={max_attempts} is invalid: must be from 1 to {DELIVERY_CAP // 2 - 1}")
         self.channel = channel
         self.defer_for = defer_for
+        self.max_attempts = max_attempts
+        self.backoff = tuple(backoff)
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
+        # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
+        self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
         # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
         self._paused: dict[str, float] = {}
+        meter = meter or metrics.get_meter("cdp.orchestration")
+        self.m_retries = meter.create_counter(
+            "cdp.orchestration.dispatch.retries",
+            unit="{action}",
+            description="actions handed back to be tried again, by kind: attempt (a failed one), deferral "
+            "(the provider asked for time), report (the collector refused the outcome)",
+        )
+        self.m_dead_lettered = meter.create_counter(
+            "cdp.orchestration.dispatch.dead_lettered",
+            unit="{action}",
+            description="actions given up on and dead-lettered, by channel and reason",
+        )
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         by_person: dict[str, list[tuple[Delivery, Action]]] = {}
@@ -162,69 +217,127 @@ class Dispatcher:
                 done.append((delivery, action.action_id, record))
 
     async def _one(self, delivery: Delivery, action: Action) -> dict[str, Any] | None:
-        """Send one action (unless its record says it went already, or was withdrawn) and record it. The
-        record, or None when the delivery was given back to be retried."""
-        stored = await self.store.get(SENDS, action.action_id)
+        """Send one action (unless its record says it went already, was given up on, or was withdrawn) and
+        record it. The record, or None when the delivery was given back to be tried again."""
+        found = await self.store.get(SENDS, action.action_id)
         if ATTRIBUTION_HEADER in delivery.headers:
-            return await self._attribute(delivery, action, stored)
-        if stored is not None:
-            # Sent already (a redelivery, with perhaps its report still owed), or withdrawn.
-            return stored.doc
+            return await self._attribute(delivery, action, found)
+        stored = found.doc if found is not None else None
+        if stored is not None and stored["status"] != PENDING and not _replayed(stored, delivery):
+            # Sent already (a redelivery, with perhaps its report still owed), given up on, or withdrawn.
+            return stored
+        tries = Tries.of(stored, delivery)
+        if tries.attempts >= self.max_attempts:
+            # The last attempt was begun and its answer lost (the process died during it): that was all.
+            failure = Outcome.failed(tries.reason or "no_answer", retryable=True)
+            return await self._final(delivery, action, failure, tries, dead_lettered=True)
         destination = self.channel.destination(action)
         wait = self._paused.get(destination, 0.0) - time.monotonic()
         # The provider asked for quiet (Retry-After): do not add to its load. Past the time bound the send
         # is tried anyway, so the action ends with an outcome rather than unrecorded.
-        if wait > 0 and await self._defer(delivery, action, "provider_paused", wait):
+        if wait > 0 and await self._defer(delivery, action, tries, "provider_paused", wait):
             return None
-        outcome = await self.channel.send(action)
+        if stored is not None or delivery.num_delivered > 1:
+            # Tried before: this attempt is counted before it is made, so dying during it cannot undo it.
+            await self._pending(delivery, action, replace(tries, attempts=tries.attempts + 1))
+        outcome = await self._send(action)
         if not outcome.ok and outcome.retryable and outcome.retry_after:
             until = time.monotonic() + outcome.retry_after
             self._paused[destination] = max(self._paused.get(destination, 0.0), until)
-        if not outcome.ok and outcome.retryable:
-            if outcome.deferred:
-                handed_back = await self._defer(delivery, action, outcome.reason, outcome.retry_after)
-            else:
-                handed_back = await self._attempts_used(delivery, action) < MAX_DELIVER
-                if handed_back:
-                    delivery.retry(outcome.reason, outcome.retry_after)
-            if handed_back:
-                log.warning("action %s on %s not sent yet: %s", action.action_id, self.channel.name, outcome.reason)
+        if outcome.ok or not outcome.retryable:
+            return await self._final(delivery, action, outcome, replace(tries, attempts=tries.attempts + 1))
+        if outcome.deferred:
+            if await self._defer(delivery, action, tries, outcome.reason, outcome.retry_after):
                 return None
+            # Asked for time for longer than the bound: given up on, with the hand-backs it had.
+            return await self._final(delivery, action, outcome, tries, dead_lettered=True)
+        tries = Tries(tries.attempts + 1, tries.deferrals, outcome.reason)
+        if tries.attempts >= self.max_attempts:
+            return await self._final(delivery, action, outcome, tries, dead_lettered=True)
+        await self._pending(delivery, action, tries)
+        delay = outcome.retry_after if outcome.retry_after is not None else self._backoff(tries.attempts)
+        delivery.retry(outcome.reason, delay)
+        self.m_retries.add(1, {"channel": self.channel.name, "kind": "attempt"})
+        log.warning(
+            "action %s on %s not sent yet: %s (attempt %d of %d)",
+            action.action_id,
+            self.channel.name,
+            outcome.reason,
+            tries.attempts,
+            self.max_attempts,
+        )
+        return None
+
+    async def _send(self, action: Action) -> Outcome:
+        try:
+            return await self.channel.send(action)
+        except Exception as exc:
+            # Adapters answer with an outcome (`channels.base`); one that raises anyway has failed this
+            # attempt like a provider fault, and uses one - never an unbounded run of redeliveries.
+            log.warning("channel %s raised on action %s: %s", self.channel.name, action.action_id, type(exc).__name__)
+            return Outcome.failed(f"error_{type(exc).__name__}", retryable=True)
+
+    def _backoff(self, failures: int) -> float:
+        return self.backoff[min(max(failures, 1), len(self.backoff)) - 1]
+
+    async def _pending(self, delivery: Delivery, action: Action, tries: Tries) -> None:
+        """Record what the action has used so far (no outcome yet; no content, no address)."""
+        record = {
+            "channel": self.channel.name,
+            "person_id": action.person_id,
+            "status": PENDING,
+            "reason": tries.reason,
+            "at": time.time(),
+            "seq": delivery.stream_seq,
+            "attempts": tries.attempts,
+            "deferrals": tries.deferrals,
+        }
+        await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+
+    async def _final(
+        self, delivery: Delivery, action: Action, outcome: Outcome, tries: Tries, *, dead_lettered: bool = False
+    ) -> dict[str, Any]:
         record = self._record(action, outcome)
+        record.update(
+            attempts=tries.attempts,
+            deferrals=tries.deferrals,
+            seq=delivery.stream_seq,
+            delivered=delivery.num_delivered,
+            dead_lettered=dead_lettered,
+        )
         if not attributed(record["event"]):
             log.warning("outcome of action %s not reported: the person has no known identifier", action.action_id)
             record["reported"] = "unattributed"
-        ops: list[Put | Delete] = [Put(SENDS, action.action_id, record)]
-        if delivery.num_delivered > 1:  # it may have been handed back: its count goes with it
-            ops.append(Delete(DEFERRALS, action.action_id))
-        await self.store.bulk_write(ops)
+        await self.store.bulk_write([Put(SENDS, action.action_id, record)])
         if not outcome.ok:
-            log.warning("action %s on %s failed for good: %s", action.action_id, self.channel.name, outcome.reason)
+            log.warning(
+                "action %s on %s failed for good: %s (%d attempts)",
+                action.action_id,
+                self.channel.name,
+                outcome.reason,
+                tries.attempts,
+            )
         return record
 
-    async def _defer(self, delivery: Delivery, action: Action, reason: str, wait: float | None) -> bool:
-        """Hand the action back for `wait` seconds (None: the consumer's backoff) without using one of its
-        attempts - the provider asked for time. False once CDP_ORCHESTRATION_DEFER_SECONDS have passed
-        since it was published, or when JetStream's own delivery limit would come first."""
+    async def _defer(self, delivery: Delivery, action: Action, tries: Tries, reason: str, wait: float | None) -> bool:
+        """Hand the action back for `wait` seconds (None: the back-off) without using one of its attempts -
+        the provider asked for time. False once CDP_ORCHESTRATION_DEFER_SECONDS have passed since it was
+        published, or when JetStream's own delivery limit would come first."""
         age = time.time() - delivery.msg.metadata.timestamp.timestamp()
-        if age >= self.defer_for or delivery.num_delivered >= DELIVERY_CAP - MAX_DELIVER:
+        if age >= self.defer_for or delivery.num_delivered >= DELIVERY_CAP - self.max_attempts:
             return False
-        stored = await self.store.get(DEFERRALS, action.action_id)
-        count = stored.doc["count"] if stored is not None else 0
-        await self.store.bulk_write([Put(DEFERRALS, action.action_id, {"count": count + 1})])
-        delivery.retry(reason, wait)
+        tries = replace(tries, deferrals=tries.deferrals + 1)
+        await self._pending(delivery, action, tries)
+        delivery.retry(reason, wait if wait is not None else self._backoff(tries.deferrals))
+        self.m_retries.add(1, {"channel": self.channel.name, "kind": "deferral"})
+        log.warning("action %s on %s handed back: %s", action.action_id, self.channel.name, reason)
         return True
 
-    async def _attempts_used(self, delivery: Delivery, action: Action) -> int:
-        """Deliveries of this action that tried to send (or were lost to a crash), the hand-backs left out."""
-        if delivery.num_delivered == 1:
-            return 1
-        stored = await self.store.get(DEFERRALS, action.action_id)
-        return delivery.num_delivered - (stored.doc["count"] if stored is not None else 0)
-
     async def _report_and_erase(self, done: list[tuple[Delivery, str, dict[str, Any]]]) -> None:
-        """Post the batch's owed outcomes in one collector call, then erase the messages (those whose
-        outcome the collector refused are kept, for a retry that posts it again)."""
+        """Post the batch's owed outcomes in one collector call, then erase the messages, or dead-letter
+        those given up on. One whose outcome the collector refused is kept for a retry that posts it
+        again, up to `max_attempts` deliveries; then it is dead-lettered too."""
+        refused: set[int] = set()
         owed = [item for item in done if self.report is not None and item[2]["reported"] is False]
         if owed:
             events = {action_id: record for _, action_id, record in owed}  # one per action, if delivered twice
@@ -234,26 +347,59 @@ class Dispatcher:
                     [Put(SENDS, action_id, {**record, "reported": True}) for action_id, record in events.items()]
                 )
             else:
-                for delivery, _, _ in owed:
-                    delivery.retry("outcome_not_reported")
-                done = [item for item in done if item[2]["reported"] is not False]
-        await asyncio.gather(*(self._erase_bounded(delivery) for delivery, _, _ in done))
+                refused = {id(delivery) for delivery, _, _ in owed}
+        await asyncio.gather(*(self._settle(delivery, record, id(delivery) in refused) for delivery, _, record in done))
 
-    async def _erase_bounded(self, delivery: Delivery) -> None:
+    async def _settle(self, delivery: Delivery, record: dict[str, Any], refused: bool) -> None:
+        letter = None
+        if record.get("dead_lettered") and record.get("seq") == delivery.stream_seq:
+            detail = f"{record['attempts']} attempts, {record['deferrals']} hand-backs; the last: {record['reason']}"
+            letter = (record["reason"], detail)
+        if refused:
+            reports = _reports_tried(delivery, record)
+            if reports < self.max_attempts:
+                delivery.retry("outcome_not_reported", self._backoff(reports))
+                self.m_retries.add(1, {"channel": self.channel.name, "kind": "report"})
+                return
+            owed = f"the collector refused the outcome event {reports} times"
+            letter = (letter[0], f"{letter[1]}; {owed}") if letter else ("outcome_not_reported", owed)
         async with self._slots:
-            await self._erase(delivery)
+            if letter is None:
+                await self._erase(delivery)
+            else:
+                await self._dead_letter(delivery, *letter)
 
-    async def _attribute(self, delivery: Delivery, action: Action, stored: Any) -> dict[str, Any] | None:
+    async def _dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
+        """The message to the dead-letter stream with the reason (`cdpctl dlq`), then erased here. The kit
+        publishes it again when it settles the rejection: the same message id, so the stream keeps one."""
+        if self.runner is not None:
+            try:
+                await self.runner.publish_dead_letter(
+                    data=delivery.data,
+                    headers=delivery.headers,
+                    subject=delivery.subject,
+                    seq=delivery.stream_seq,
+                    deliveries=delivery.num_delivered,
+                    reason=reason,
+                    detail=detail,
+                )
+                await self._erase(delivery)
+            except Exception as exc:  # the kit tries again when it settles; the message stays till then
+                log.warning("action message %d not dead-lettered yet: %s", delivery.stream_seq, type(exc).__name__)
+        delivery.reject(reason, detail)
+        self.m_dead_lettered.add(1, {"channel": self.channel.name, "reason": reason})
+
+    async def _attribute(self, delivery: Delivery, action: Action, found: Any) -> dict[str, Any] | None:
         """An attribution message (`actions.py`): the person now has an identifier, so an outcome recorded
         without one goes in under it. Nothing is sent. The record to report, or None when there is none."""
-        if stored is None:
-            # The send itself is not recorded yet (its message waits behind this one): once it is.
-            if delivery.num_delivered < MAX_DELIVER:
+        if found is None or found.doc["status"] == PENDING:
+            # The send itself has no outcome yet (its message waits behind this one, or is being retried).
+            if delivery.num_delivered < self.max_attempts:
                 delivery.retry("send_not_recorded_yet")
             else:
                 await self._erase(delivery)
             return None
-        record = stored.doc
+        record = found.doc
         # In-app opens recorded before the person had an identifier go in too.
         await Opens(self.store, self.report).attribute(
             action.person_id, user_id=action.user_id, anonymous_id=action.anonymous_id
@@ -298,6 +444,22 @@ class Dispatcher:
         }
 
 
+def _replayed(stored: dict[str, Any], delivery: Delivery) -> bool:
+    """A dead letter of this action replayed (`cdpctl dlq --replay`: a new stream position): a new round of
+    attempts. The dead-lettered message itself, delivered again, is not one."""
+    return (
+        stored["status"] == "failed" and bool(stored.get("dead_lettered")) and stored.get("seq") != delivery.stream_seq
+    )
+
+
+def _reports_tried(delivery: Delivery, record: dict[str, Any]) -> int:
+    """Deliveries of this message that tried to post its outcome: those since the outcome was recorded
+    (none of them hands back for a provider), or all of an attribution's or a replay's."""
+    if record.get("seq") == delivery.stream_seq:
+        return delivery.num_delivered - record["delivered"] + 1
+    return delivery.num_delivered
+
+
 class Opens:
     """Message Opened for in-app messages a person marked read (`InboxChannel.mark_read` returns the newly
     read ones, so each is opened once). Each event is recorded in `orchestration_outcomes` before it is
@@ -321,7 +483,9 @@ class Opens:
         for action_id in action_ids:
             send = sends.get(action_id)
             # The journey coordinates its send reported (what the outcome itself says is set again below).
-            attributes = dict(send.doc["event"]["properties"]) if send is not None else {}
+            # (None while the send has no outcome yet, or was withdrawn.)
+            sent = send.doc.get("event") if send is not None else None
+            attributes = dict(sent["properties"]) if sent is not None else {}
             event = track_event(
                 Feedback(action_id, "opened", "inapp", at=opened_at),
                 person_id=person_id,
@@ -370,6 +534,8 @@ def dispatcher(
     ack_wait: float = 60.0,
     concurrency: int = DEFAULT_CONCURRENCY,
     defer_for: float = DEFER_FOR,
+    max_attempts: int = MAX_ATTEMPTS,
+    backoff: Sequence[float] = BACKOFF,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -378,11 +544,23 @@ def dispatcher(
         batch_size=32,
         ack_wait=ack_wait,
         max_deliver=DELIVERY_CAP,
-        backoff=(0.5, 2.0, 10.0, 30.0, 60.0),
+        backoff=BACKOFF,  # the kit's, for a batch the handler raised on (the store down)
         description=f"orchestration: send {channel.name} actions",
     )
-    handler = Dispatcher(channel, store, report, js=bus.js, concurrency=concurrency, defer_for=defer_for).handle
-    return bus.consumer(spec, handler)
+    handler = Dispatcher(
+        channel,
+        store,
+        report,
+        js=bus.js,
+        concurrency=concurrency,
+        defer_for=defer_for,
+        max_attempts=max_attempts,
+        backoff=backoff,
+        meter=bus.telemetry.meter,
+    )
+    runner = bus.consumer(spec, handler.handle)
+    handler.runner = runner
+    return runner
 
 
 async def erase_action(js: JetStreamContext, seq: int) -> None:

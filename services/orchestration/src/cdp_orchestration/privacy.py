@@ -58,7 +58,7 @@ from cdp_kit.storage.expiry import ExpirySweeper
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
-from cdp_orchestration.dispatch import DEFERRALS, erase_action, withdrawn_record
+from cdp_orchestration.dispatch import erase_action, withdrawn_record
 from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.instance import Status
 from cdp_orchestration.state import (
@@ -263,8 +263,8 @@ class PrivacyHandler:
                 continue
             if ATTRIBUTION_HEADER not in (msg.headers or {}):  # an attribution sends nothing: none to withdraw
                 record = withdrawn_record(action.channel, time.time())
-                # With it goes the count of its hand-backs, if a provider had asked for time.
-                await self.store.bulk_write([Put(SENDS, action.action_id, record), Delete(DEFERRALS, action.action_id)])
+                # It replaces what the record counted of the action's attempts and hand-backs.
+                await self.store.bulk_write([Put(SENDS, action.action_id, record)])
             await erase_action(js, msg.seq)
             withdrawn += 1
 

@@ -74,6 +74,13 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     retention_days: float = env(
         "CDP_ORCHESTRATION_RETENTION_DAYS", 7.0, help="days the ORCHESTRATION and ACTIONS streams keep messages"
     )
+    max_attempts: int = env(
+        "CDP_ORCHESTRATION_MAX_ATTEMPTS",
+        5,
+        help="attempts a dispatcher makes to send an action its provider keeps failing (a 5xx, a timeout, a "
+        "refused connection), with back-off, before the action is dead-lettered with the reason; a provider "
+        "asking for time (a 429) uses none. Also how often a refused outcome report is retried. From 1 to 100",
+    )
     defer_seconds: float = env(
         "CDP_ORCHESTRATION_DEFER_SECONDS",
         86_400.0,
@@ -139,6 +146,11 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
             )
         if self.hot_persons < 1:
             problems.append(f"CDP_ORCHESTRATION_HOT_PERSONS={self.hot_persons} is invalid: must be positive")
+        if not 1 <= self.max_attempts <= 100:
+            problems.append(
+                f"CDP_ORCHESTRATION_MAX_ATTEMPTS={self.max_attempts} is invalid: must be from 1 to 100 (the dispatch "
+                "consumer's own delivery limit is a backstop far above it)"
+            )
         if not 0 < self.defer_seconds < self.retention_days * 86_400:
             problems.append(
                 f"CDP_ORCHESTRATION_DEFER_SECONDS={self.defer_seconds:g} is invalid: must be positive and below "

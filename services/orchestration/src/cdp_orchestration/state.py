@@ -15,8 +15,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped; swept after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35), when nothing for them can still arrive |
 
 The dispatchers (`dispatch.py`, one per channel) write `orchestration_sends` (action id -> its send record and
-outcome) and `orchestration_deferrals` (action id -> how often a provider asking for time handed it back; a
-count, deleted with the send's record).
+outcome; while the action is still being tried, status "pending" with its attempts and hand-backs, no content).
 
 Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
 `Person` per recently seen person with their live instances; anything dropped from it is durable (the

@@ -21,11 +21,13 @@ Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2
 most CDP_WEBHOOK_BACKOFF_MAX) with full jitter, or after the Retry-After the receiver sent, up to
 CDP_WEBHOOK_MAX_ATTEMPTS attempts. A Retry-After longer than CDP_WEBHOOK_BACKOFF_MAX is not slept here:
 the action comes back retryable with `retry_after`, so the dispatcher re-schedules it rather than holding
-a worker. A 429 is the receiver saying "later", not a failed send (`Outcome.later`): the dispatcher hands
-such an action back without using one of its deliveries, however often the receiver asks, for at most
-CDP_ORCHESTRATION_DEFER_SECONDS since the action was published (then it fails as ``http_429``; see
-`dispatch`). 404 and 410 (Slack's ``channel_not_found``, ``channel_is_archived``) reject the address; any
-other 4xx fails for good.
+a worker. A 5xx, timeout or connection error that outlasts these attempts is one failed attempt of the
+dispatcher's (CDP_ORCHESTRATION_MAX_ATTEMPTS of them, then the action is dead-lettered; see `dispatch`).
+A 429 is the receiver saying "later", not a failed send (`Outcome.later`): the dispatcher hands such an
+action back without using one of its attempts, however often the receiver asks, for at most
+CDP_ORCHESTRATION_DEFER_SECONDS since the action was published (then it fails as ``http_429``). 404
+and 410 (Slack's ``channel_not_found``, ``channel_is_archived``) reject the address; any other 4xx fails
+for good.
 """
 
 from __future__ import annotations
