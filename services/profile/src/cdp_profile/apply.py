@@ -29,6 +29,7 @@ from cdp_kit.timestamps import to_seconds
 from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
 from cdp_profile.events import received_time, to_profile_event
 from cdp_profile.records import PROFILES
+from cdp_profile.records import SCORES as SCORE_RECORDS
 from cdp_profile.state import HotProfiles
 
 log = logging.getLogger("cdp.profile.apply")
@@ -195,6 +196,7 @@ def _merge(
     absorbed = hot.profiles.pop(loser_root, None)
     hot.tombstones[loser_root] = owner
     out.ops.append(hot.versioned_put(loser_root, {"merged_into": owner, "merge_id": merge_id}))
+    out.ops.append(Delete(SCORE_RECORDS, loser_root))  # its scores live on in the survivor's part; see records.py
     if absorbed is None:
         return
     survivor = hot.profiles.get(owner)

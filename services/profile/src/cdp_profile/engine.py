@@ -464,6 +464,12 @@ class ProfileEngine:
                 out.append(self.hot.versioned_put(person, encode_profile(profile)))
         return out
 
+    def score_writes(self, changes: Mapping[str, ProfileChange]) -> list[WriteOp]:
+        """The store writes of model score changes (`scores.updated`): each changed live person's scores
+        record, not its whole profile (see `records.py`). Built right before it is queued, like `writes`."""
+        profiles = self.hot.profiles
+        return [self.hot.scores_put(person) for person in changes if person in profiles]
+
     async def write(
         self,
         changes: dict[str, ProfileChange],

@@ -29,7 +29,7 @@ from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds
 from cdp_profile.domain import ProfileChange
-from cdp_profile.records import DELETIONS, TIMELINE, timeline_key, timeline_prefix
+from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
 
 if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
@@ -78,6 +78,7 @@ class Privacy:
             hot.tombstones.pop(origin, None)
             hot.deleted[origin] = now
             ops.append(hot.versioned_put(origin, {"deleted_at": now, "request_id": request_id}))
+            ops.append(Delete(SCORES, origin))
         result = {
             "request_id": request_id,
             "person_id": person,

@@ -4,6 +4,15 @@ Profiles and timeline entries are stored as one JSON string each: they hold user
 be anything ("$set", "a.b"), which a document store may refuse as field names, and one string is also
 far cheaper for the storage port to check than a walk over every nested value.
 
+A person's model scores written by `scores.updated` are a record of their own (`profile_scores`, keyed
+by the person, the root part's scores: `encode_scores`), not a rewrite of the profile: scores arrive
+once per event the person makes, and the profile record (tens of KiB with its computed traits) was
+encoded and written again for a few numbers. Every other write of the profile still holds its scores;
+the scores record only runs ahead of it, and loading lays it over the profile (`overlay_scores`: per
+name the newest (at, model, version) wins, as `Profile.set_scores` decides), so a scores record older
+than the profile changes nothing. It is deleted with the person's record when that becomes a tombstone
+(merged away) or a deletion marker, so it never outlives the profile it belongs to.
+
 A checkpoint (one per consumed partition subject, `{"stream_seq": ...}`) is written by the kit's
 partitioned engine with each batch; the batch's change messages wait in the engine's outbox until they
 are published. Releases before the engine kept them in the checkpoint (`changes`): start-up publishes
@@ -20,13 +29,14 @@ import orjson
 from cdp_kit.bus import OutMessage
 from cdp_kit.bus.subjects import checkpoints_collection
 from cdp_profile import SERVICE
-from cdp_profile.domain import Profile, Retention, TimelineEntry
+from cdp_profile.domain import Profile, Retention, Score, TimelineEntry
 
 PROFILES = "profiles"
 TIMELINE = "profile_timeline"
 CHECKPOINTS = checkpoints_collection(SERVICE)
 DEFINITIONS = "profile_computed_traits"
 DELETIONS = "profile_deletions"
+SCORES = "profile_scores"
 
 
 def encode_profile(profile: Profile) -> dict[str, Any]:
@@ -37,6 +47,21 @@ def encode_profile(profile: Profile) -> dict[str, Any]:
 
 def decode_profile(doc: dict[str, Any], timeline: Iterable[TimelineEntry], retention: Retention) -> Profile:
     return Profile.from_doc(orjson.loads(doc["profile"]), timeline, retention=retention)
+
+
+def encode_scores(profile: Profile) -> dict[str, Any]:
+    """The scores record of a live profile: its own part's scores (where `set_scores` writes them)."""
+    return {"scores": {name: score.to_doc() for name, score in profile.parts[profile.person_id].scores.items()}}
+
+
+def overlay_scores(profile: Profile, doc: dict[str, Any]) -> None:
+    """Lay a stored scores record over a profile just decoded: per name the newer score stays."""
+    held = profile.parts[profile.person_id].scores
+    for name, stored in doc.get("scores", {}).items():
+        score = Score.from_doc(stored)
+        current = held.get(name)
+        if current is None or score.key() > current.key():
+            held[name] = score
 
 
 def encode_entry(entry: TimelineEntry) -> dict[str, Any]:

@@ -8,7 +8,8 @@ this and reloads it from the store (`reset` + `warm`).
 
 `views` holds what readers derived from a profile (the API's `GetProfile` answer, built once per change
 rather than per read). Every change to a profile is written, and every write of a person's record goes
-through `versioned_put`, which drops that person's view; `reset` drops them all. So a view is never
+through `versioned_put` (or, for a model score, `scores_put`: the person's scores record, see
+`records.py`), which drops that person's view; `reset` drops them all. So a view is never
 older than the last write of its profile, and a deleted or merged-away person's view is gone with it.
 The same funnel tells the engine which persons have a write not yet durable (`on_write`, see
 `ProfileEngine.profile`).
@@ -22,7 +23,16 @@ from typing import Any
 from cdp_kit.storage import Put, Store
 from cdp_profile.domain import Profile, Retention, TimelineEntry
 from cdp_profile.expiry import ExpirySchedule
-from cdp_profile.records import PROFILES, TIMELINE, decode_entry, decode_profile, timeline_prefix
+from cdp_profile.records import (
+    PROFILES,
+    SCORES,
+    TIMELINE,
+    decode_entry,
+    decode_profile,
+    encode_scores,
+    overlay_scores,
+    timeline_prefix,
+)
 
 
 class HotProfiles:
@@ -51,9 +61,10 @@ class HotProfiles:
         async for record in self.store.scan_all(TIMELINE, page_size=2000):
             entry = decode_entry(record.doc)
             timelines.setdefault(entry.origin, []).append(entry)
+        scores = {record.key: record.doc async for record in self.store.scan_all(SCORES, page_size=2000)}
         async for record in self.store.scan_all(PROFILES, page_size=1000):
             if self._owns(record.key):
-                self._adopt(record.key, record.doc, record.version, timelines)
+                self._adopt(record.key, record.doc, record.version, timelines, scores.get(record.key))
 
     def reset(self) -> None:
         """Forget everything (after a failed write the store is the truth)."""
@@ -70,7 +81,14 @@ class HotProfiles:
             for person in [p for p in held if whose(p)]:
                 del held[person]
 
-    def _adopt(self, person: str, doc: dict, version: int, timelines: dict[str, list[TimelineEntry]]) -> None:
+    def _adopt(
+        self,
+        person: str,
+        doc: dict,
+        version: int,
+        timelines: dict[str, list[TimelineEntry]],
+        scores: dict | None = None,
+    ) -> None:
         self.versions[person] = version
         if "merged_into" in doc:
             self.tombstones[person] = doc["merged_into"]
@@ -80,6 +98,8 @@ class HotProfiles:
             origins = [person, *doc.get("merged_from", [])]
             entries = [e for origin in origins for e in timelines.get(origin, ())]
             profile = decode_profile(doc, entries, self.retention)
+            if scores is not None:
+                overlay_scores(profile, scores)
             self.profiles[person] = profile
             self.expiries.schedule(profile)
 
@@ -90,12 +110,15 @@ class HotProfiles:
             records = await self.store.get_many(PROFILES, sorted(wanted))
             follow: set[str] = set()
             timelines: dict[str, list[TimelineEntry]] = {}
+            alive = sorted(person for person, record in records.items() if "profile" in record.doc)
+            scores = await self.store.get_many(SCORES, alive) if alive else {}
             for person, record in records.items():
                 if "profile" in record.doc:
                     for origin in [person, *record.doc.get("merged_from", [])]:
                         async for entry in self.store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
                             timelines.setdefault(origin, []).append(decode_entry(entry.doc))
-                self._adopt(person, record.doc, record.version, timelines)
+                stored = scores.get(person)
+                self._adopt(person, record.doc, record.version, timelines, stored.doc if stored else None)
                 if person in self.tombstones:
                     follow.add(self.tombstones[person])
             for person in wanted - records.keys():
@@ -126,3 +149,12 @@ class HotProfiles:
         if self._on_write is not None:
             self._on_write(person)
         return Put(PROFILES, person, doc, expected_version=expected)
+
+    def scores_put(self, person: str) -> Put:
+        """The write of a live person's scores record (`records.py`): a model score changed, nothing else.
+        Ordered by the write chain like every write, so it needs no version of its own; the profile
+        record and its version stay as they are."""
+        self.views.pop(person, None)
+        if self._on_write is not None:
+            self._on_write(person)
+        return Put(SCORES, person, encode_scores(self.profiles[person]))

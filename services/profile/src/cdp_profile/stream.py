@@ -104,7 +104,8 @@ class ScoresLogic:
         engine.fresh(epoch)
         step = apply_scores(engine.hot, items, owns=engine.owns)
         messages = engine.messages(step.changes, cause="score", now=engine.clock())
-        return Effects(engine.writes(step.changes, ops=step.ops), messages)
+        # A score changes nothing but scores: its own small record, not the whole profile again.
+        return Effects([*step.ops, *engine.score_writes(step.changes)], messages)
 
     async def recover(self, partition: int) -> None:
         await self.engine.recover_stream(("scores", partition))
