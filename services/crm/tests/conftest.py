@@ -64,9 +64,11 @@ class World:
         retry_for: float = 5.0,
         env: dict[str, str] | None = None,
         describe: bool = False,
+        refresh: Any = None,
         **limits: Any,
     ) -> PartitionedEngine:
-        """`describe`: read the connections with each CRM's described schema, as the service does at start."""
+        """`describe`: read the connections with each CRM's described schema, as the service does at start.
+        `refresh`: the profile service's BatchGetProfiles as the connector reads it (people.Fetch)."""
         document = document or hubspot_document(self.emulator.base_url, **limits)
         connections = parse_connections(document)
         adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=2.0)
@@ -77,7 +79,7 @@ class World:
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02)
-        self.logic = CrmLogic(self.store, connections, deliverer)
+        self.logic = CrmLogic(self.store, connections, deliverer, refresh=refresh)
         spec = EngineSpec(
             service=SERVICE,
             stream=subjects.CRM,

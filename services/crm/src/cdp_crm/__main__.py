@@ -119,7 +119,16 @@ async def setup(runtime: ServiceRuntime) -> None:
     budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
-    logic = CrmLogic(store, connections, deliverer, meter=meter)
+    people = fetch = None
+    if settings.profile_store_url:
+        profiles = await runtime.stack.enter_async_context(open_store(settings.profile_store_url))
+        channel = client_channel(settings, settings.profile_address)
+        runtime.stack.push_async_callback(channel.close)
+        fetch = profile_fetch(channel, settings.profile_token, timeout=settings.request_timeout)
+        people = ProfileDirectory(profiles, fetch, store)
+    # With the profile service a backfill reads from, the person views keep only the mapped fields and a
+    # profile change of nothing mapped costs no read or write (engine.py).
+    logic = CrmLogic(store, connections, deliverer, meter=meter, refresh=fetch)
 
     budget_left: dict[str, dict] = {}
 
@@ -219,13 +228,6 @@ async def setup(runtime: ServiceRuntime) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     runtime.stack.push_async_callback(release)
-    people = None
-    if settings.profile_store_url:
-        profiles = await runtime.stack.enter_async_context(open_store(settings.profile_store_url))
-        channel = client_channel(settings, settings.profile_address)
-        runtime.stack.push_async_callback(channel.close)
-        fetch = profile_fetch(channel, settings.profile_token, timeout=settings.request_timeout)
-        people = ProfileDirectory(profiles, fetch, store)
     runs = Runs(logic, partitions=settings.partitions, people=people)
     runtime.stack.push_async_callback(runs.close)  # a stop leaves each backfill cancelled, to be resumed
     tasks.append(runtime.spawn(runs.watch(), "resume interrupted crm backfills"))

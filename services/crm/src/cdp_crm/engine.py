@@ -5,9 +5,14 @@ Per batch of one person partition (`CrmLogic.apply`):
 1. decode: a sourced profile change batch, segment event batch or `ActionMessage` (streams.py) becomes
    one `Input` per person, stamped with its stream position (later positions are newer); the inputs of a
    person a privacy erasure tombstoned (`crm_tombstones`, privacy.py) are dropped: what follows a
-   deletion (segmentation's exits, a profile change sourced late) must not write them to a CRM again;
+   deletion (segmentation's exits, a profile change sourced late) must not write them to a CRM again.
+   With a profile service to read persons from (`refresh`), a profile change that names no field any
+   mapping reads is dropped here, before any value is decoded or anything is read (`MappedPaths`): most
+   changes (an event moving computed traits, a score no mapping reads) concern no CRM;
 2. the persons' views (`crm_persons`: the flat fields the mappings read, their segments) are read and
-   updated in stream order; each input yields, per mapping listening to its trigger, the record the
+   updated in stream order - without a profile service a view keeps every field, so a mapping added
+   later is backfilled from the views; with one, only the mapped fields, and a view written under other
+   mappings (`reads`: their fingerprint) is read again from the profile service before it is used; each input yields, per mapping listening to its trigger, the record the
    person now projects to (`domain.projection`) - a profile change only for mappings that read a field it
    touched, a segment exit in mirror mode as the record cleared or the list membership removed, an
    action as a task or case keyed by its idempotency key;
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -57,6 +63,7 @@ from cdp_crm.domain.mapping import (
     Connection,
     ObjectMapping,
 )
+from cdp_crm.people import Fetch
 from cdp_crm.state import (
     DEAD_LETTERED,
     DEAD_LETTERS,
@@ -71,7 +78,7 @@ from cdp_crm.state import (
 )
 from cdp_kit.bus import Delivery, subjects
 from cdp_kit.engine import Effects, Reject
-from cdp_kit.profile_fields import change_fields
+from cdp_kit.profile_fields import change_fields, value_to_python
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 
 log = logging.getLogger("cdp.crm.engine")
@@ -93,11 +100,56 @@ class Input:
     data: Any
 
 
-def decode(stream: str, data: bytes, stamp: int) -> list[Input]:
+class MappedPaths:
+    """The profile fields the mappings read, by part of the change that carries them: a change's updates of
+    those fields only, looked up by name (a change carries dozens of computed traits; a mapping reads a
+    few fields), with no other value decoded."""
+
+    def __init__(self, reads: Iterable[str]) -> None:
+        self.parts: dict[str, list[tuple[str, str]]] = {"traits": [], "computed": [], "consent": [], "scores": []}
+        for path in sorted(reads):
+            root, _, name = path.partition(".")
+            if root in self.parts and name:
+                self.parts[root].append((name, path))
+
+    def updates(self, change: profile_pb2.ProfileChanged) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part, values in (("traits", change.traits), ("computed", change.computed)):
+            for name, path in self.parts[part]:
+                if name in values:
+                    value = values[name]
+                    kind = value.WhichOneof("kind")
+                    out[path] = (
+                        value.number_value if kind == "number_value"
+                        else value.string_value if kind == "string_value"
+                        else value_to_python(value)
+                    )  # fmt: skip
+        for part, values in (("consent", change.consent), ("scores", change.scores)):
+            for name, path in self.parts[part]:
+                if name in values:
+                    out[path] = values[name]
+        return out
+
+
+def reads_fingerprint(reads: Iterable[str]) -> str:
+    """Names the set of fields the mappings read: a view kept under another set is not complete."""
+    return hashlib.blake2b("\n".join(sorted(reads)).encode(), digest_size=8).hexdigest()
+
+
+def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = None) -> list[Input]:
+    """`mapped`: keep only the profile changes of fields the mappings read (and only those fields)."""
     try:
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
-            return [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+            if mapped is None:
+                return [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+            inputs = []
+            for c in batch.changes:
+                # A removed profile writes nothing here (privacy.deleted erases its records).
+                updates = None if c.removed else mapped.updates(c)
+                if updates:
+                    inputs.append(Input("profile", c.person_id, stamp, (updates, False)))
+            return inputs
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
             return [Input("segment", e.person_id, stamp, (e.segment_id, e.entered)) for e in batch.events]
@@ -117,12 +169,17 @@ class View:
     segments: set[str] = field(default_factory=set)
     stamp: int = 0
     dirty: bool = False
+    # The fingerprint of the mapped fields this view keeps (None: it keeps every field).
+    reads: str | None = None
 
     def source(self, person_id: str, action: Mapping[str, Any] | None = None) -> proj.Source:
         return proj.Source(person_id, self.fields, frozenset(self.segments), action)
 
     def to_doc(self) -> dict[str, Any]:
-        return {"fields": self.fields, "segments": sorted(self.segments), "stamp": self.stamp}
+        doc = {"fields": self.fields, "segments": sorted(self.segments), "stamp": self.stamp}
+        if self.reads is not None:
+            doc["reads"] = self.reads
+        return doc
 
 
 def action_source(action: orchestration_pb2.ActionMessage) -> dict[str, Any]:
@@ -215,6 +272,7 @@ class CrmLogic:
         *,
         clock=time.time,
         meter=None,
+        refresh: Fetch | None = None,
     ) -> None:
         self.store = store
         self.connections = {c.id: c for c in connections}
@@ -228,6 +286,12 @@ class CrmLogic:
         self.reads: frozenset[str] = frozenset(
             k for m in self.mappings.values() for k in proj.reads(m) if not k.startswith(SEGMENTS)
         )
+        # With the profile service to read a person from (`refresh`: its BatchGetProfiles), the views keep
+        # only what the mappings read, and a change of nothing mapped is dropped as it is decoded. Without
+        # it they keep every field: a mapping added later is backfilled from them (runs.py).
+        self.refresh = refresh
+        self.mapped = MappedPaths(self.reads) if refresh is not None else None
+        self.reads_id = reads_fingerprint(self.reads) if refresh is not None else None
         self.m_records = self.m_errors = None
         if meter is not None:
             self.m_records = meter.create_counter(
@@ -260,7 +324,7 @@ class CrmLogic:
 
     def decode(self, delivery: Delivery) -> list[Input]:
         stream, _ = streams.source_of(delivery.headers)
-        return decode(stream, delivery.data, delivery.stream_seq)
+        return decode(stream, delivery.data, delivery.stream_seq, self.mapped)
 
     async def recover(self, partition: int) -> None:
         pass  # nothing is held between batches: every batch reads what it needs from the store
@@ -306,10 +370,31 @@ class CrmLogic:
     async def _views(self, persons: set[str]) -> dict[str, View]:
         found = await self.store.get_many(PERSONS, persons)
         views = {}
+        stale = []
         for pid in persons:
             record = found.get(pid)
             doc = record.doc if record is not None else {}
-            views[pid] = View(dict(doc.get("fields", {})), set(doc.get("segments", [])), doc.get("stamp", 0))
+            view = views[pid] = View(
+                dict(doc.get("fields", {})), set(doc.get("segments", [])), doc.get("stamp", 0), reads=doc.get("reads")
+            )
+            if self.reads_id is not None and view.reads != self.reads_id:
+                if record is None:
+                    view.reads = self.reads_id  # new: it will hold what the changes bring
+                elif view.reads is None:
+                    # Kept every field until now: complete; from now on only the mapped ones are kept up
+                    # to date, so the others go (a later mapping of one reads it from the profile again).
+                    view.fields = {k: v for k, v in view.fields.items() if k in self.reads}
+                    view.reads, view.dirty = self.reads_id, True
+                else:
+                    stale.append(pid)  # kept under other mappings: a newly mapped field is missing
+        if stale:
+            fetched = await self.refresh(stale)
+            for pid in stale:
+                fields = fetched.get(pid)
+                view = views[pid]
+                if fields is not None:  # else gone from the profile service: its erasure follows
+                    view.fields = {k: v for k, v in fields.items() if k in self.reads}
+                view.reads, view.dirty = self.reads_id, True
         return views
 
     def _project(self, item: Input, view: View):
@@ -320,8 +405,8 @@ class CrmLogic:
                 return
             changed = set()
             for key, value in updates.items():
-                # Every field is kept, read by a mapping or not: a mapping added later is backfilled
-                # from the view (runs.py) without asking the profile service.
+                # Without a profile service every field is kept, read by a mapping or not: a mapping
+                # added later is backfilled from the view (runs.py). With one, `decode` kept only these.
                 if view.fields.get(key) != value:
                     view.dirty = True
                     if value is None:
