@@ -76,8 +76,8 @@ async def test_a_commit_past_sqlites_own_checkpoint_mark_leaves_the_copy_to_the_
                 await store.put("profiles", f"p{i}", {"bio": f"{i:04d}" * 2000})
             assert wal_size(path) > 4 * 1000 * KIB
             assert path.stat().st_size == before  # no commit copied anything
-        await eventually(lambda: path.stat().st_size > 3 * 1000 * KIB)
-        assert store.wal_checkpoints.background >= 1
+        await eventually(lambda: store.wal_checkpoints.background >= 1)
+        assert path.stat().st_size > 3 * 1000 * KIB
         assert store.wal_checkpoints.blocking == 0
         assert (await store.get("profiles", "p399")).doc["bio"] == "0399" * 2000  # type: ignore[union-attr]
 
@@ -87,8 +87,8 @@ async def test_the_log_is_copied_soon_after_writes_stop_and_the_next_write_start
     marker = "the-last-write-before-a-quiet-spell"
     async with SqliteStore(path, wal_checkpoint_bytes=64 * KIB, wal_checkpoint_interval=0.05) as store:
         await store.bulk_write([Put("profiles", f"p{i}", {"bio": "x" * 3000}) for i in range(100)])
-        await store.put("profiles", "p0", {"bio": marker})
         assert wal_size(path) > 64 * KIB
+        await store.put("profiles", "p0", {"bio": marker})
 
         # Nothing more is written, yet the database file itself gets the last write.
         await eventually(lambda: marker.encode() in path.read_bytes())
@@ -104,13 +104,20 @@ async def test_a_reader_holding_a_snapshot_cannot_grow_the_log_past_the_bound(tm
     async with SqliteStore(path, wal_checkpoint_bytes=64 * KIB, wal_max_bytes=limit) as store:
         await store.put("profiles", "p0", {"bio": "before the reader"})
         reader = pinning_reader(path)
-        asyncio.get_running_loop().call_later(0.5, reader.execute, "COMMIT")
+
+        async def let_go_once_past_the_bound() -> None:
+            await eventually(lambda: wal_size(path) > limit)
+            await asyncio.sleep(0.2)  # while the commit that found it so waits
+            reader.execute("COMMIT")
+
+        letting_go = asyncio.create_task(let_go_once_past_the_bound())
         largest = 0
         try:
-            for i in range(150):  # ~1.8 MB of log, all of it while or after the reader holds its snapshot
+            for i in range(150):  # ~2.4 MB of log
                 await store.put("profiles", f"p{i}", {"bio": f"{i:04d}" * 2000})
                 largest = max(largest, wal_size(path))
         finally:
+            await letting_go
             reader.close()
 
         assert largest <= limit + 64 * KIB  # the bound plus one transaction

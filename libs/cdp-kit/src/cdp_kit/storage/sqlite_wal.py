@@ -14,8 +14,11 @@ on its queue in an idle moment would still hold the next commit behind it for al
 
 When. A round runs when a commit leaves the log past `threshold` bytes (default 4 MiB, SQLite's own
 1000 pages), and otherwise `interval` seconds (default 1) after the last round if anything was committed
-since - so after writes stop the log is copied into the database file within about a second. A round
-that finds the whole log copied lets the next write start the log over from its beginning.
+since - so after writes stop the log is copied into the database file within about a second. The log
+starts over from its beginning at the first write after a round copied all of it, i.e. a round that
+ended before the next commit: a writer that never pauses (thousands of commits a second, back to back)
+may not leave such a gap for a long while, and the bound below then also catches that log: at worst
+one truncation in a commit per `limit` of log, instead of SQLite's copy in a commit per 1000 pages.
 
 Measuring the log costs one stat of the -wal file after each commit. SQLite does not shrink the file
 when the log starts over (it overwrites it); ``journal_size_limit=threshold`` makes the first commit of a
@@ -95,20 +98,25 @@ class Checkpointer:
     # --- the writer thread, after each commit ---
 
     def after_commit(self, conn: sqlite3.Connection) -> None:
+        """Never raises: the commit is done, and its caller must hear that it succeeded."""
+        self._committed = True
         try:
             size = os.stat(self.wal_path).st_size
-        except FileNotFoundError:  # another connection closed last and removed the log
+        except OSError:  # another connection closed last and removed the log
             return
-        self._committed = True
         if size <= self.threshold:
             return
         if size <= self.limit:
             self._wake.set()
             return
-        with self.lock:
-            # Waits for readers up to the connection's busy_timeout.
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         self.counts.blocking += 1
+        try:
+            with self.lock:
+                # Waits for readers up to the connection's busy_timeout.
+                busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            busy = 1
+            log.warning("sqlite store %s: truncating the write-ahead log failed (%s)", self.path, type(exc).__name__)
         if busy:
             self.counts.blocked += 1
             log.warning(
@@ -121,7 +129,11 @@ class Checkpointer:
     # --- the checkpointer thread ---
 
     def _loop(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        except sqlite3.Error as exc:  # the commits' bound still holds the log
+            log.warning("sqlite store %s: no background checkpoints (%s)", self.path, type(exc).__name__)
+            return
         try:
             while True:
                 woken = self._wake.wait(self.interval)
@@ -140,8 +152,8 @@ class Checkpointer:
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         try:
-            # busy=1 only when another connection (another process) is checkpointing: PASSIVE waits for
-            # no reader, it just copies less.
+            # busy=1 only when another connection (another process's store) is checkpointing the same
+            # file: PASSIVE waits for no reader, it just copies less. The next round tries again.
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             busy = 1
