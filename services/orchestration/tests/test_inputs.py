@@ -9,7 +9,7 @@ from google.protobuf import json_format
 
 from cdp.events.v1 import events_pb2
 from cdp_kit.engine import Reject
-from cdp_orchestration import streams
+from cdp_orchestration import inputs, streams
 from cdp_orchestration.inputs import decode
 
 
@@ -141,3 +141,53 @@ def test_an_event_whose_context_holds_a_number_json_cannot_carry_is_rejected_as_
         decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
     assert (rejected.value.reason, rejected.value.field) == ("invalid_payload", "EVENTS_RESOLVED")
     assert "SerializeToJsonError" in str(rejected.value)
+
+
+def test_an_events_properties_and_context_are_read_only_when_asked_for(monkeypatch):
+    # Most events reach persons nothing waits on: reading their properties and context was most of what
+    # decoding them cost, for nothing (the engine asks only when an instance, a journey's entry or the
+    # arbiter may read them).
+    read = []
+    monkeypatch.setattr(inputs, "struct_dict", lambda struct: read.append("properties") or {"sku": "s-1"})
+    monkeypatch.setattr(inputs, "context_dict", lambda context: read.append("context") or {"ip": "192.0.2.1"})
+    message = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_PAGE, event="Viewed", user_id="u1")
+    message.properties.update({"sku": "s-1"})
+    message.context.ip = "192.0.2.1"
+    message.timestamp.FromMicroseconds(10_500_000)
+    batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id="p1")])
+    [one] = decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
+    assert (one.data.event_id, one.data.name, one.data.type, one.data.at, one.data.user_id) == (
+        "m1",
+        "Viewed",
+        "page",
+        10.5,
+        "u1",
+    )
+    assert read == []
+    assert (one.data.properties, one.data.context) == ({"sku": "s-1"}, {"ip": "192.0.2.1"})
+    assert one.data.event() is one.data.event()  # read once, then kept
+    assert read == ["properties", "context"]
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf"), -float("nan")])
+@pytest.mark.parametrize("where", ["properties", "context"])
+def test_an_event_holding_a_number_that_is_not_finite_anywhere_is_rejected_though_nothing_read_it_yet(number, where):
+    message = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Viewed")
+    message.properties.update({"title": "Schuhe \U0001f45f", "nested": {"ok": 1.5}})
+    struct = message.properties if where == "properties" else message.context.traits
+    struct.update({"deep": {"list": [1.0, "x"]}})
+    struct.fields["deep"].struct_value.fields["list"].list_value.values.add().number_value = number
+    batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=message, person_id="p1")])
+    with pytest.raises(Reject) as rejected:
+        decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 10.0)
+    assert (rejected.value.reason, rejected.value.field) == ("invalid_payload", "EVENTS_RESOLVED")
+
+
+def test_the_check_for_numbers_that_are_not_finite_finds_every_one_and_no_text():
+    # The bytes a double that is not finite is stored as, whatever its sign and payload, and none that text
+    # (UTF-8) can hold: a message of text and finite numbers is read lazily, one that may hold such a
+    # number at once.
+    for bits in (0x7FF0000000000000, 0xFFF0000000000000, 0x7FF8000000000000, 0x7FFFFFFFFFFFFFFF, 0xFFF0000000000001):
+        assert inputs._MAYBE_NON_FINITE.search(b"\x11" + bits.to_bytes(8, "little"))
+    text = "".join(chr(c) for c in range(0x20, 0x3000)) + "\U0001f45f\U0010ffff"
+    assert inputs._MAYBE_NON_FINITE.search(text.encode()) is None

@@ -68,8 +68,7 @@ from cdp_orchestration.domain import arbiter, entry
 from cdp_orchestration.domain.instance import Enter, EventArrived, ExitRequest, Status, TimerFired
 from cdp_orchestration.domain.records import instance_record
 from cdp_orchestration.domain.rules import Rules
-from cdp_orchestration.domain.view import Event
-from cdp_orchestration.inputs import Input, decode
+from cdp_orchestration.inputs import Input, ResolvedInput, decode
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.merges import adopt, give_back, handover, request_handovers, request_restore
 from cdp_orchestration.privacy import forget
@@ -116,6 +115,7 @@ class OrchestrationLogic:
         # Shared by every partition's pipeline (group commit, see the module docstring).
         self.chain = WriteChain(store)
         meter = meter or metrics.get_meter("cdp.orchestration")
+        self.watched_events = rules.watched_events  # a property that builds the set each time it is read
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
         self.m_lateness = meter.create_histogram(
             "cdp.orchestration.timer.lateness",
@@ -177,9 +177,16 @@ class OrchestrationLogic:
         now = one.at
         kind = one.kind
         if kind == "event":
-            event: Event = one.data
-            self._learn_ids(batch, person, event)
-            if event.name in self.rules.watched_events:
+            resolved: ResolvedInput = one.data
+            self._learn_ids(batch, person, resolved)
+            # Most events reach a person no instance of whom waits on anything, under a name no journey enters
+            # on and the arbiter does not watch: their identifiers are all they give, and their properties and
+            # context are never read (`inputs.ResolvedInput`).
+            watched = resolved.name in self.watched_events
+            if not (watched or person.live or self.journeys.entering_on_event(resolved.name)):
+                return self._after(batch, person, now)
+            event = resolved.event()
+            if watched:
                 state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
                 if state is not person.state:
                     person.state, person.dirty = state, True
@@ -271,10 +278,16 @@ class OrchestrationLogic:
             await adopt(self.applier, hot, batch, person, one.data, now)
         elif kind == "restore":
             await give_back(self.applier, self.partitions, batch, person, one.data["restored"], now)
-        for instance in list(person.live.values()):
-            if instance.status is Status.ENDED and not instance.watching_goal(now):
-                del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
-                person.dirty = True
+        self._after(batch, person, now)
+
+    def _after(self, batch: Batch, person: Person, now: float) -> None:
+        """What every input ends with: instances whose goal window closed are let go, and the person's wake
+        timer follows their arbiter state."""
+        if person.live:
+            for instance in list(person.live.values()):
+                if instance.status is Status.ENDED and not instance.watching_goal(now):
+                    del person.live[instance.id]  # its goal window has closed: nothing can reach it any more
+                    person.dirty = True
         timers.keep_wake(batch, person, clock_offset=self.clock_offset)
 
     async def _dropped(self, batch: Batch, one: Input) -> None:
@@ -288,7 +301,7 @@ class OrchestrationLogic:
         log.debug("input for a forgotten person dropped", extra={"kind": one.kind})
 
     @staticmethod
-    def _learn_ids(batch: Batch, person: Person, event: Event) -> None:
+    def _learn_ids(batch: Batch, person: Person, event: ResolvedInput) -> None:
         """Keep the identifiers the person's events come with: outcome events go back in under them. The
         first one a person gets also sends in the outcomes of what was sent to them before
         (`actions.attribute_sends`)."""

@@ -7,11 +7,21 @@ migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore a
 `merges.py`). A profile change is (flat field updates, removed, cause, persons merged into it, the person
 it was split from by an unmerge or ""). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
+
+A resolved event is a `ResolvedInput`: its id, name, type, time and the identifiers identity linked are
+read at once; its properties and context (most of what decoding an event cost) only when something asks
+for them (`ResolvedInput.event()`). Most events reach persons no instance waits on and no journey enters
+on them: for those only the identifiers are kept (`engine.py`). A payload that can never be read is still
+rejected here, as when everything was read at once: the one thing reading properties or context can
+refuse is a number that is not finite, and a message whose bytes could hold one (`_MAYBE_NON_FINITE`) is
+read whole before it is accepted.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,7 +58,8 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
     try:
         if stream == subjects.EVENTS_RESOLVED:
             batch = events_pb2.ResolvedEventBatch.FromString(data)
-            return [Input("event", r.person_id, at, resolved_event(r)) for r in batch.events if r.person_id]
+            read_now = _MAYBE_NON_FINITE.search(data) is not None
+            return [Input("event", r.person_id, at, ResolvedInput(r, read_now)) for r in batch.events if r.person_id]
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
             return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
@@ -76,6 +87,52 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
     raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
 
 
+# A double that is not finite (NaN, infinity) has all eleven exponent bits set; stored little-endian, its
+# last two bytes are 0xF0-0xFF then 0x7F or 0xFF. Text (UTF-8) never holds that pair, so a message without
+# it holds no such number, and its properties and context can be read later without a refusal.
+_MAYBE_NON_FINITE = re.compile(rb"[\xf0-\xff][\x7f\xff]")
+
+
+class ResolvedInput:
+    """A resolved event as the engine gets it: id, name, type, time and identifiers at once; the `Event`
+    with properties and context (`event()`) when it is first asked for, then kept."""
+
+    __slots__ = ("_event", "_resolved", "anonymous_id", "at", "event_id", "name", "type", "user_id")
+
+    def __init__(self, resolved: events_pb2.ResolvedEvent, read_now: bool = False) -> None:
+        message = resolved.event
+        self.event_id = message.message_id
+        self.name = message.event or message.name
+        self.at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
+        self.type = _type_name(message.type)
+        self.user_id, self.anonymous_id = message.user_id, message.anonymous_id
+        if resolved.dropped:  # identity left some out: keep only those it linked (`resolved_event`)
+            dropped = {d.type for d in resolved.dropped}
+            if "user_id" in dropped:
+                self.user_id = ""
+            if "anonymous_id" in dropped:
+                self.anonymous_id = ""
+        self._resolved: events_pb2.ResolvedEvent | None = resolved
+        self._event: Event | None = None
+        if read_now:
+            self.event()
+
+    def event(self) -> Event:
+        if self._event is None:
+            assert self._resolved is not None
+            self._event = resolved_event(self._resolved)
+            self._resolved = None  # the message (and the batch it is part of) can go
+        return self._event
+
+    @property
+    def properties(self) -> Mapping[str, Any]:
+        return self.event().properties
+
+    @property
+    def context(self) -> Mapping[str, Any]:
+        return self.event().context
+
+
 def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
     """The event, keeping only the identifiers identity linked to the person: one it left out (quarantined,
     blocked, over a limit) would not lead an outcome event back to them."""
@@ -94,11 +151,7 @@ def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
 
 def event(message: events_pb2.Event) -> Event:
     """A resolved event as the domain sees it (its message id, name, type, time, properties, context)."""
-    type_name = _TYPE_NAMES.get(message.type)
-    if type_name is None:
-        type_name = _TYPE_NAMES[message.type] = (
-            events_pb2.EventType.Name(message.type).removeprefix("EVENT_TYPE_").lower()
-        )
+    type_name = _type_name(message.type)
     properties = struct_dict(message.properties) if message.HasField("properties") else {}
     context = context_dict(message.context) if message.HasField("context") else {}
     at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
@@ -116,6 +169,13 @@ def event(message: events_pb2.Event) -> Event:
 
 # EventType number -> the name the domain uses ("track"), filled as types are met.
 _TYPE_NAMES: dict[int, str] = {}
+
+
+def _type_name(number: int) -> str:
+    found = _TYPE_NAMES.get(number)
+    if found is None:
+        found = _TYPE_NAMES[number] = events_pb2.EventType.Name(number).removeprefix("EVENT_TYPE_").lower()
+    return found
 
 
 def context_dict(context: events_pb2.Context) -> dict[str, Any]:
