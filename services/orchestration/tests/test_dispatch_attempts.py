@@ -190,6 +190,22 @@ async def test_a_restart_between_attempts_continues_the_count(site):
         assert letter.headers[DLQ_REASON] == "http_500"
 
 
+async def test_a_dispatcher_dying_during_an_attempt_has_used_it(site):
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        receiver.fail_next(1_000, status=500)
+        await site.publish("act-crash", receiver.url())
+        async with site.dispatching(webhook(), max_attempts=4, backoff=(0.5,), ack_wait=2.0):
+            await eventually(lambda: receiver.attempts == 1, timeout=10)
+            receiver.stall_next(1, seconds=3.0)  # the second attempt hangs at the receiver...
+            await eventually(lambda: receiver.attempts == 2, timeout=10)
+        # ...and the process dies while it does: the receiver may have acted on it, so it counts.
+        async with site.dispatching(webhook(), max_attempts=4, backoff=QUICK, ack_wait=2.0):
+            [letter] = await eventually(lambda: site.dead_letters("act-crash"), timeout=20)
+            await asyncio.sleep(1.0)
+        assert receiver.attempts == 4
+        assert letter.headers[DLQ_REASON] == "http_500"
+
+
 async def test_a_collector_refusing_the_outcome_is_asked_max_attempts_times_then_the_message_is_dead_lettered(site):
     posts: list[int] = []
 
