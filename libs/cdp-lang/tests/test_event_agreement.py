@@ -6,6 +6,7 @@ This test reads the profile service's domain (test-only: the library itself impo
 
 from __future__ import annotations
 
+import json
 import math
 
 import hypothesis.strategies as st
@@ -13,7 +14,19 @@ from hypothesis import HealthCheck, assume, given, settings
 
 from cdp_lang import Event, InvalidArgument, ProfileView, compile_condition
 from cdp_lang.condition import _event_aggregates
-from cdp_lang.nodes import CONDITION_OPS, EventCondition, EventPredicate, Performed
+from cdp_lang.nodes import (
+    ARITHMETIC,
+    COMPARISONS,
+    CONDITION_OPS,
+    Arithmetic,
+    Comparison,
+    EventCondition,
+    EventPredicate,
+    FieldRef,
+    Performed,
+    comparison,
+    leaves,
+)
 from cdp_lang.text import to_text
 from cdp_profile.domain.computed import MISSING, ComputedTrait
 
@@ -23,12 +36,40 @@ NAMES = ["Order Completed", "Order Refunded"]
 TYPES = ["track", "page", "identify"]
 SCALARS = [0, 1, 2, 1.0, 2.5, -1, "", "a", "ab", "b", "1", True, False]
 VALUES = [*SCALARS, None, ["a", 1], [True], {"a": 1}, float("nan"), float("inf"), 2**70]
+# What an event's payload holds where conditions read it: numbers more often than not (arithmetic needs
+# them), some that overflow together.
+NUMBERS = [0, 1, 2, 1.0, 2.5, -1, 0.5, -0.0, 1e308, 2**53 + 1]
+payload_values = st.one_of(st.sampled_from(NUMBERS), st.sampled_from(NUMBERS), st.sampled_from(VALUES))
+# Numbers in arithmetic: zero (division by it), ones that overflow together, and small ones.
+OPERANDS = [0, 1, -1, 2, 0.5, 1e308, 1e-308, 2**53 + 1]
+
+event_fields = st.sampled_from([("properties", "total"), ("properties", "tag")]).map(FieldRef)
+expressions = st.recursive(
+    st.one_of(st.sampled_from(OPERANDS), event_fields, event_fields),
+    lambda inner: st.builds(Arithmetic, st.sampled_from(ARITHMETIC), inner, inner),
+    max_leaves=4,
+)
 
 
 @st.composite
-def where(draw) -> EventCondition:
+def arithmetic(draw) -> EventCondition | Comparison:
+    """A comparison with arithmetic over the event's fields (or the plain condition it comes down to)."""
+    left, op, right = draw(expressions), draw(st.sampled_from(COMPARISONS)), draw(expressions)
+    if (not isinstance(left, Arithmetic) and not isinstance(right, Arithmetic)) or not any(
+        isinstance(leaf, FieldRef) for leaf in (*leaves(left), *leaves(right))
+    ):
+        left = Arithmetic("*", draw(event_fields), left)
+    node = comparison(left, op, right)
+    assert isinstance(node, Comparison)
+    return node
+
+
+@st.composite
+def where(draw) -> EventCondition | Comparison:
     key = draw(st.sampled_from(["total", "tag"]))
-    op = draw(st.sampled_from(CONDITION_OPS))
+    op = draw(st.sampled_from([*CONDITION_OPS, "arithmetic", "arithmetic"]))
+    if op == "arithmetic":
+        return draw(arithmetic())
     if op == "exists":
         return EventCondition(("properties", key), op)
     if op == "in":
@@ -43,7 +84,7 @@ def where(draw) -> EventCondition:
 
 @st.composite
 def event(draw) -> Event:
-    payload = draw(st.dictionaries(st.sampled_from(["total", "tag"]), st.sampled_from(VALUES), max_size=2))
+    payload = draw(st.dictionaries(st.sampled_from(["total", "tag"]), payload_values, max_size=2))
     return Event(
         draw(st.sampled_from(TYPES)),
         draw(st.sampled_from(NAMES)),
@@ -97,3 +138,26 @@ def test_value_aggregates_take_the_values_the_profile_service_takes(op, values):
     else:
         expected = {"avg": math.fsum(taken) / len(taken), "min": min(taken), "max": max(taken)}[op]
         assert computed == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    conditions=st.lists(arithmetic(), min_size=1, max_size=2, unique=True),
+    payloads=st.lists(
+        st.dictionaries(st.sampled_from(["total", "tag"]), payload_values, max_size=2), min_size=1, max_size=8
+    ),
+)
+def test_event_arithmetic_matches_what_the_profile_service_matches(conditions, payloads):
+    """Arithmetic inside an event predicate, on its own: the language's matcher and the profile service's
+    `$expr` agree event for event (no number, a division by zero, an overflow), through the definition's
+    JSON as segmentation sends it (a protobuf Struct holds every number as a double)."""
+    node = Performed(EventPredicate((), "any", tuple(conditions)))
+    condition = compile_condition(to_text(node))
+    [definition] = condition.computed_traits
+    as_sent = json.loads(json.dumps(definition), parse_int=float)
+    traits = (ComputedTrait.from_dict(definition), ComputedTrait.from_dict(as_sent))
+    [aggregate] = _event_aggregates(condition.node).values()
+    for payload in payloads:
+        one = Event("track", "Order Completed", NOW, payload)
+        for trait in traits:
+            assert aggregate.matches(one) == (trait.extract(one.payload) is not MISSING), (to_text(node), payload)

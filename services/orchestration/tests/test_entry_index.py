@@ -181,3 +181,27 @@ async def test_an_event_meets_only_the_journeys_whose_filter_can_hold_for_its_pr
         assert sorted(await service.entered("cy")) == ["any", "not-shoes"]
         await service.event("dee", viewed)
         assert await service.entered("dee") == ["any"]
+
+
+async def test_a_filter_with_arithmetic_on_the_events_fields_is_indexed_and_entered():
+    """`properties.total = properties.subtotal + properties.shipping` is no required text: the journey meets
+    every event of its name, and enters where the arithmetic holds."""
+    name = "Order Completed"
+    async with open_store("memory://") as store:
+        service = Service(store)
+        await service.publish(
+            journey("sums", {"event": name, "where": "properties.total = properties.subtotal + properties.shipping"})
+        )
+        await service.publish(
+            journey(
+                "eur-sums",
+                {"event": name, "where": 'properties.total * 1 = properties.subtotal and properties.currency = "EUR"'},
+            )
+        )
+        await service.journeys.load()
+        assert [j.id for j in service.journeys.entering_on_event(name, {"currency": "EUR"})] == ["sums", "eur-sums"]
+        assert [j.id for j in service.journeys.entering_on_event(name, {})] == ["sums"]
+        await service.event("ada", name, total=12, subtotal=10, shipping=2, currency="EUR")
+        assert await service.entered("ada") == ["sums"]
+        await service.event("bob", name, total=12, subtotal=12, shipping=2, currency="EUR")
+        assert await service.entered("bob") == ["eur-sums"]

@@ -10,6 +10,10 @@ one computed trait:
     -> {"name": "seg_<16 hex>", "op": "count", "event_type": "track", "event_names": ["Order Completed"],
         "where": {"total": {"$gt": 50}}, "window": "30d"}   and   computed.seg_<16 hex> >= 3
 
+Arithmetic inside the event predicate goes into the definition's `where` under "$expr" (see
+`nodes.where_document`): `properties.total > properties.shipping * 2` ->
+`{"$expr": [{"$gt": [{"path": "total"}, {"$multiply": [{"path": "shipping"}, 2]}]}]}`.
+
 For count and sum a person the trait has no value for (no matching event yet) counts as 0.
 """
 
@@ -34,6 +38,7 @@ from cdp_lang.nodes import (
     Comparison,
     Condition,
     Date,
+    EventCondition,
     EventPredicate,
     FieldRef,
     InSegment,
@@ -105,6 +110,26 @@ def literal_test(field: str, sub: tuple[str, ...], op: str, value: Any) -> Test:
     if isinstance(value, int | float) and not isinstance(value, bool):
         value = float(value)
     return Test(field, sub, op, value)
+
+
+def event_expression(operand: object) -> Expression:
+    """A side of a comparison inside an event predicate, over a record of the event's two roots
+    ({"properties": ..., "context": ...}): `properties.total` reads `total` below "properties"."""
+    if isinstance(operand, Arithmetic):
+        return Calculation(operand.op, event_expression(operand.left), event_expression(operand.right))
+    if isinstance(operand, FieldRef):
+        return FieldNumber(operand.path[0], operand.path[1:])
+    assert isinstance(operand, int | float) and not isinstance(operand, bool)
+    return Const(float(operand))
+
+
+def event_test(condition: EventCondition | Comparison) -> Test | ExpressionTest:
+    """A condition of an event predicate as a test on a record of the event's two roots, so that
+    `properties.total > 50` means what `traits.total > 50` means on a profile, and `properties.total >
+    properties.shipping * 2` what the same arithmetic means there."""
+    if isinstance(condition, Comparison):
+        return ExpressionTest(event_expression(condition.left), condition.op, event_expression(condition.right))
+    return literal_test(condition.path[0], condition.path[1:], condition.op, condition.value)
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,7 +30,7 @@ from typing import Any
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import COMPUTED, CONSENT, ROOTS, SCORES, TRAITS, field_key
-from cdp_lang.compiler import CompiledSegment, compile_segment, computed_trait, literal_test
+from cdp_lang.compiler import CompiledSegment, compile_segment, computed_trait, event_test
 from cdp_lang.nodes import Aggregate, And, EventPredicate, Node, Not, Or, Performed, percent_text, percentiles_in
 from cdp_lang.row import row_predicate
 from cdp_lang.text import parse, to_text
@@ -146,8 +146,8 @@ def event_matcher(predicate: EventPredicate) -> EventMatcher:
     """The test of one event against an aggregate's event predicate (type, names, `where`)."""
     kind, names = predicate.type, frozenset(predicate.names)
     # Each `where` condition runs as the per-profile evaluator's test on a record of the event's two roots,
-    # so `properties.total > 50` means here what `traits.total > 50` means on a profile.
-    tests = tuple(row_predicate(literal_test(c.path[0], c.path[1:], c.op, c.value)) for c in predicate.where)
+    # so `properties.total > 50` means here what `traits.total > 50` means on a profile (arithmetic too).
+    tests = tuple(row_predicate(event_test(c)) for c in predicate.where)
 
     def matches(event: Event) -> bool:
         if kind != "any" and event.type != kind:

@@ -198,11 +198,15 @@ class EventCondition:
 
 @dataclass(frozen=True, slots=True)
 class EventPredicate:
-    """Which events an aggregate looks at: names (empty = any), a type, and `and`-ed property conditions."""
+    """Which events an aggregate looks at: names (empty = any), a type, and `and`-ed property conditions.
+
+    A `where` condition is an `EventCondition` (an event field against a value) or a `Comparison` of numbers
+    with arithmetic over the event's own fields (`properties.total > properties.shipping * 2`: its `FieldRef`s
+    are `properties.<path>` and `context.<path>`, never a profile field nor a percentile), in written order."""
 
     names: tuple[str, ...] = ()  # sorted, distinct
     type: str = "track"
-    where: tuple[EventCondition, ...] = ()
+    where: tuple[EventCondition | Comparison, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -262,7 +266,9 @@ Node = And | Or | Not | Condition | Comparison | Aggregate | Performed | InSegme
 # under 17 levels of `and`, is the most a ListSegmentsResponse still decodes. 12 leaves a margin of five
 # levels, is far more than any definition written by hand or by a builder, and keeps every recursive walk
 # over the tree (compile, to_text, to_json) shallow. Arithmetic counts too: each operator is a level below
-# its comparison (in the JSON tree it costs what an `and` does), so `a and b * c + d > 1` is 3 levels.
+# its comparison (in the JSON tree it costs what an `and` does), so `a and b * c + d > 1` is 3 levels, and
+# so is arithmetic in an event predicate, below its aggregate (`a and count("X" and properties.p * 2 > 1) > 0`
+# is 2).
 MAX_DEPTH = 12
 
 
@@ -319,6 +325,9 @@ def depth(node: Node) -> int:
         return 1 + max(depth(operand) for operand in node.operands)
     if isinstance(node, Comparison):
         return max(arithmetic_depth(node.left), arithmetic_depth(node.right))
+    if isinstance(node, Aggregate | Performed):
+        # arithmetic in the event predicate nests below the aggregate, as it does below a comparison
+        return max((depth(c) for c in node.event.where if isinstance(c, Comparison)), default=0)
     return 0
 
 
@@ -369,6 +378,9 @@ def check_event_type(value: Any) -> str:
     return value
 
 
+# The key of a `where` document that holds its comparisons with arithmetic ("$" keys are the profile
+# service's own: no event path is spelled so).
+EXPRESSIONS = "$expr"
 _WHERE_KEYS = {
     "=": "$eq",
     "!=": "$ne",
@@ -389,14 +401,36 @@ def where_key(path: tuple[str, ...]) -> str:
     return rest if path[0] == "properties" else f"$context.{rest}"
 
 
-def where_document(conditions: tuple[EventCondition, ...]) -> dict[str, Any]:
-    """The profile computed trait's `where`: path -> scalar (equal), list (one of) or operator object.
+_EXPRESSION_KEYS = {"+": "$add", "-": "$subtract", "*": "$multiply", "/": "$divide"}
+
+
+def expression_document(operand: Any) -> Any:
+    """A side of an event comparison as the profile service's `$expr` writes it: a number, {"path": <its
+    path>} or {"$add" | "$subtract" | "$multiply" | "$divide": [<operand>, <operand>]}."""
+    if isinstance(operand, Arithmetic):
+        return {_EXPRESSION_KEYS[operand.op]: [expression_document(operand.left), expression_document(operand.right)]}
+    if isinstance(operand, FieldRef):
+        return {"path": where_key(operand.path)}
+    return operand
+
+
+def where_document(conditions: tuple[EventCondition | Comparison, ...]) -> dict[str, Any]:
+    """The profile computed trait's `where`: path -> scalar (equal), list (one of) or operator object, and
+    the comparisons with arithmetic, in order, under "$expr": [{"$gt": [<operand>, <operand>]}, ...].
 
     Raises Invalid naming the condition when two conditions on one path need the same operator key.
     """
     by_key: dict[str, list[EventCondition]] = {}
+    expressions: list[dict[str, Any]] = []
     for condition in dict.fromkeys(conditions):  # an exact repeat says nothing new
-        by_key.setdefault(where_key(condition.path), []).append(condition)
+        if isinstance(condition, Comparison):
+            sides = [expression_document(condition.left), expression_document(condition.right)]
+            expressions.append({_WHERE_KEYS[condition.op]: sides})
+            continue
+        key = where_key(condition.path)
+        if key == EXPRESSIONS:
+            raise Invalid(f"{'.'.join(condition.path)} is a key the profile service reserves; rename the property")
+        by_key.setdefault(key, []).append(condition)
     document: dict[str, Any] = {}
     for key, group in by_key.items():
         if len(group) == 1 and group[0].op in ("=", "in"):
@@ -414,4 +448,6 @@ def where_document(conditions: tuple[EventCondition, ...]) -> dict[str, Any]:
                 )
             operators[operator] = value
         document[key] = operators
+    if expressions:
+        document[EXPRESSIONS] = expressions
     return document

@@ -29,6 +29,9 @@ Grammar (keywords are lowercase; `or` binds loosest, then `and`, then `not`):
     event_term  := "event" "=" STRING | "event" "in" "[" STRING, ... "]"
                  | "type" "=" ("track" | "page" | "screen" | "identify" | "group" | "any")   (default track)
                  | EVENT_PATH <any condition operator> scalar (no time values)
+                 | sum ("=" | "!=" | "<" | "<=" | ">" | ">=") sum   (arithmetic as above, its fields EVENT_PATHs:
+                                                                 no profile field, no percentile; another
+                                                                 EVENT_PATH is compared only in arithmetic)
 
 PATH is `traits.<name>`, `computed.<name>`, `consent.<key>` or `scores.<name>` (or a root the caller adds
 with `parse(..., roots=...)`, like a journey's `entry.<name>`), then optionally more `.<key>` steps into an
@@ -118,6 +121,15 @@ EVENT_TERM_EXPECTED = (
 )
 NESTING_EXPECTED = f"at most {MAX_DEPTH} levels of nesting (not, parentheses and arithmetic)"
 ONLY_AND = "only 'and' combines conditions inside an event predicate, because the profile service evaluates it"
+EVENT_OPERAND_EXPECTED = "a number, an event field (properties.<path> or context.<path>), or '('"
+EVENT_VALUE_EXPECTED = "a value (a string, a number, true or false) or arithmetic"
+EVENT_FIELDS_ONLY = (
+    "an event condition reads the event's own fields, because the profile service counts the events: "
+    "compare profile fields outside count(...) / performed(...)"
+)
+FIELD_ONLY_IN_ARITHMETIC = (
+    "an event field is compared with another only in arithmetic (properties.total > properties.shipping * 2)"
+)
 
 _FIRST_STEP = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _STEP = re.compile(r"[A-Za-z0-9_:]+")
@@ -303,6 +315,7 @@ class _Parser:
         self.field = field
         self.roots = roots
         self.nesting = 0  # `not`s and parentheses open around the current position
+        self.in_event = False  # inside an event predicate: arithmetic reads the event's fields
         # (line, column) of a "(" that starts a condition -> whether it opens arithmetic (see `opens_arithmetic`)
         self.groups: dict[tuple[int, int], bool] = {}
 
@@ -489,18 +502,25 @@ class _Parser:
             self.expect_punct(")", "an arithmetic operator (+, -, *, /) or ')'")
             self.nesting -= 1
             return inner, levels
+        expected = EVENT_OPERAND_EXPECTED if self.in_event else OPERAND_EXPECTED
         if token.kind == "number" or self.is_punct("-"):
-            return self.number(OPERAND_EXPECTED), 0
-        if self.is_word("percentile"):
+            return self.number(expected), 0
+        if self.is_word("percentile") and not self.in_event:
             return self.percentile(), 0
-        if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots:
+        if token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.operand_roots():
             return FieldRef(self.tokens.take().value), 0
         hint = ""
-        if token.kind == "string" or self.is_word("true") or self.is_word("false"):
+        if self.in_event and token.kind == "name" and (token.value[0] in self.roots or self.is_word("percentile")):
+            hint = EVENT_FIELDS_ONLY
+        elif token.kind == "string" or self.is_word("true") or self.is_word("false"):
             hint = "strings and true/false have no arithmetic"
         elif token.kind == "duration" or self.is_word("now") or self.is_word("date"):
             hint = "times have no arithmetic: compare with now - 30d or date(...)"
-        raise self.error(token, OPERAND_EXPECTED, hint)
+        raise self.error(token, expected, hint)
+
+    def operand_roots(self) -> tuple[str, ...]:
+        """The roots of the fields arithmetic reads here: the event's inside an event predicate."""
+        return EVENT_ROOTS if self.in_event else self.roots
 
     def arithmetic_depth(self, operator: _Token, levels: int) -> None:
         if self.nesting + levels > MAX_DEPTH:
@@ -512,9 +532,11 @@ class _Parser:
 
     def starts_operand(self) -> bool:
         token = self.tokens.peek()
-        if token.kind == "number" or self.is_punct("-") or self.is_punct("(") or self.is_word("percentile"):
+        if token.kind == "number" or self.is_punct("-") or self.is_punct("("):
             return True
-        return token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.roots
+        if self.is_word("percentile"):
+            return not self.in_event
+        return token.kind == "name" and len(token.value) >= 2 and token.value[0] in self.operand_roots()
 
     def field_ref(self) -> FieldRef | None:
         """Another field as the right side of `in`, `contains` or `starts_with`, if one is next."""
@@ -704,9 +726,16 @@ class _Parser:
         return Performed(event, within)
 
     def events(self) -> EventPredicate:
+        self.in_event = True
+        try:
+            return self.event_terms()
+        finally:
+            self.in_event = False
+
+    def event_terms(self) -> EventPredicate:
         names: tuple[str, ...] | None = None
         event_type: str | None = None
-        where: list[EventCondition] = []
+        where: list[EventCondition | Comparison] = []
         token = self.tokens.peek()
         if token.kind == "string":  # "Name" is short for event = "Name"
             self.tokens.take()
@@ -726,8 +755,10 @@ class _Parser:
                 if event_type is not None:
                     raise self.error(token, "at most one 'type' condition in an event predicate")
                 event_type = self.event_type()
-            elif token.kind == "name" and token.value[0] in EVENT_ROOTS and len(token.value) >= 2:
-                where.append(self.event_condition())
+            elif (token.kind == "name" and token.value[0] in EVENT_ROOTS and len(token.value) >= 2) or (
+                token.kind == "number" or self.is_punct("-") or (self.is_punct("(") and self.opens_arithmetic(token))
+            ):
+                where.append(self.event_condition() if token.kind == "name" else self.event_arithmetic(token))
                 try:
                     where_document(tuple(where))
                 except Invalid as error:
@@ -771,12 +802,50 @@ class _Parser:
         except Invalid as error:
             raise self.error(token, "an event type", str(error)) from None
 
-    def event_condition(self) -> EventCondition:
-        path = self.tokens.take().value
+    def event_arithmetic(self, start: _Token, first: FieldRef | None = None) -> EventCondition | Comparison:
+        """A comparison of numbers inside an event predicate whose left side is arithmetic (or not a plain
+        event field); `first`: the event field already read at its start."""
+        left = self.sum(first)
         operator = self.tokens.peek()
+        if operator.kind != "op" or operator.text not in COMPARISONS:
+            hint = "in, contains, starts_with and exists test a plain field" if operator.kind == "name" else ""
+            raise self.error(operator, ARITHMETIC_OPERATOR_EXPECTED, hint)
+        self.tokens.take()
+        right_token = self.tokens.peek()
+        return self.event_compared(start, operator, right_token, left, self.sum())
+
+    def event_compared(
+        self, start: _Token, operator: _Token, right_token: _Token, left: Any, right: Any
+    ) -> EventCondition | Comparison:
+        """`left op right` in an event predicate: an `EventCondition` when it is a plain event field against a
+        number, else a `Comparison` with arithmetic. Two event fields with no arithmetic are refused: the
+        profile service compares an event field with values, and with another field only in arithmetic."""
+        node = self.compared(start, operator, left, right)
+        if isinstance(node, Comparison):
+            return node
+        assert isinstance(node, Condition)
+        if isinstance(node.value, FieldRef):
+            raise self.error(right_token, EVENT_VALUE_EXPECTED, FIELD_ONLY_IN_ARITHMETIC)
+        return EventCondition(node.path, node.op, node.value)
+
+    def event_condition(self) -> EventCondition | Comparison:
+        start = self.tokens.take()
+        path = start.value
+        operator = self.tokens.peek()
+        if operator.kind == "punct" and operator.text in _ARITHMETIC:
+            return self.event_arithmetic(start, FieldRef(path))
         if operator.kind == "op" and operator.text in COMPARISONS:
             self.tokens.take()
-            return EventCondition(path, operator.text, self.scalar())
+            right_token = self.tokens.peek()
+            if self.starts_operand():  # a number, or arithmetic
+                return self.event_compared(start, operator, right_token, FieldRef(path), self.sum())
+            if right_token.kind == "name" and (right_token.value[0] in self.roots or self.is_word("percentile")):
+                raise self.error(right_token, EVENT_VALUE_EXPECTED, EVENT_FIELDS_ONLY)
+            value = self.scalar()
+            after = self.tokens.peek()
+            if after.kind == "punct" and after.text in _ARITHMETIC:
+                raise self.error(after, "'and' or ')'", "arithmetic works on numbers, not on this value")
+            return EventCondition(path, operator.text, value)
         if self.is_word("in"):
             self.tokens.take()
             return EventCondition(path, "in", self.scalars())
@@ -795,8 +864,6 @@ class _Parser:
 def _operator_hint(token: _Token) -> str:
     if token.text == "==":
         return "equality is a single '='"
-    if token.kind == "punct" and token.text in _ARITHMETIC:
-        return "arithmetic is on profile fields: an event's fields are compared with values"
     if token.kind == "name" and token.value[0] in ("ends_with", "like", "matches", "startswith", "is"):
         return f"{token.value[0]!r} is not an operator of the segment language"
     return ""
@@ -904,7 +971,9 @@ def events_text(event: EventPredicate, shorthand: bool) -> str:
         terms.append(f"event in {value_text(event.names)}")
     if event.type != "track":
         terms.append(f"type = {quote(event.type)}")
-    terms.extend(_condition_text(c.path, c.op, c.value) for c in event.where)
+    terms.extend(
+        to_text(c) if isinstance(c, Comparison) else _condition_text(c.path, c.op, c.value) for c in event.where
+    )
     return " and ".join(terms)
 
 

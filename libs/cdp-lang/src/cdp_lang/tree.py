@@ -23,6 +23,9 @@
     <event> = {"name": "Order Completed"} or {"names": ["A", "B"]} (neither: any name),
               "type": "track" (default; page, screen, identify, group, any),
               "where": [{"path": "properties.total", "op": ">", "value": 50}, {"path": "context.ip", "op": "exists"}]
+    an event's arithmetic is the same, its fields {"path": ...} (properties.<path>, context.<path>):
+              {"path": "properties.total", "op": ">", "value": {"*": [{"path": "properties.shipping"}, 2]}}
+              {"left": {"+": [{"path": "properties.a"}, {"path": "properties.b"}]}, "op": ">", "right": 100}
 
 "within" is optional (no key: the person's whole history); an aggregate's "event" is optional ({} = every
 track event). Errors are InvalidArgument on the JSON path of the offending value, below the caller's root
@@ -145,8 +148,8 @@ def _node(tree: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]
     if kind == "left":
         return _comparison(tree, at, roots, level, max_depth)
     if kind == "aggregate":
-        return _aggregate(tree, at)
-    event = _event(tree["performed"], f"{at}.performed")
+        return _aggregate(tree, at, level, max_depth)
+    event = _event(tree["performed"], f"{at}.performed", level, max_depth)
     return Performed(event, _within(tree, at))
 
 
@@ -238,13 +241,24 @@ def _reference(
 
 def _number_operand(value: Any, at: str, level: int, max_depth: int, roots: tuple[str, ...]) -> Any:
     """A side of a comparison of numbers: a number, {"field": ...}, {"percentile": ...} or arithmetic; the
-    percentile's operator is checked by the caller."""
+    percentile's operator is checked by the caller. Inside an event predicate (`roots` are the event's) a
+    field is {"path": ...} and there is no percentile."""
+    event = roots == EVENT_ROOTS
     if isinstance(value, Mapping):
         if any(key in value for key in ARITHMETIC):
             return _arithmetic(value, at, level + 1, max_depth, roots)
-        if "field" in value or "percentile" in value:
+        if event and "path" in value:
+            _known_keys(value, ("path",), at)
+            return FieldRef(_path(value["path"], f"{at}.path", roots))
+        if not event and ("field" in value or "percentile" in value):
             return _reference(value, at, "<", at, roots)
     if isinstance(value, bool) or not isinstance(value, int | float):
+        if event:
+            raise InvalidArgument(
+                at,
+                f'{value!r} is not a number, an event field {{"path": "properties.<path>"}} or arithmetic like '
+                '{"*": [2, {"path": "properties.x"}]} (arithmetic works on numbers)',
+            )
         raise InvalidArgument(
             at,
             f'{value!r} is not a number, {{"field": ...}}, {{"percentile": ..., "percent": ...}} or arithmetic '
@@ -254,7 +268,8 @@ def _number_operand(value: Any, at: str, level: int, max_depth: int, roots: tupl
 
 
 def _arithmetic(value: Mapping[str, Any], at: str, level: int, max_depth: int, roots: tuple[str, ...]) -> Arithmetic:
-    """{"*": [<operand>, <operand>]} at `level` levels of and, or, not and arithmetic."""
+    """{"*": [<operand>, <operand>]} at `level` levels of and, or, not and arithmetic (`roots`: whose fields
+    its operands read, the profile's or, inside an event predicate, the event's)."""
     if level > max_depth:
         raise InvalidArgument(
             at,
@@ -347,7 +362,41 @@ def _within(tree: Mapping[str, Any], at: str) -> float | None:
         raise InvalidArgument(f"{at}.within", str(error)) from None
 
 
-def _event(tree: Any, at: str) -> EventPredicate:
+def _event_comparison(item: Mapping[str, Any], at: str, level: int, max_depth: int) -> EventCondition | Comparison:
+    """A `where` item with arithmetic: {"path": ..., "op": ..., "value": <arithmetic>} or {"left": ..., "op":
+    ..., "right": ...}. A plain event field against a number is the `EventCondition` it always was; two
+    plain event fields are refused (the profile service compares a field with another only in arithmetic)."""
+    op = item.get("op")
+    if op not in COMPARISONS:
+        raise InvalidArgument(f"{at}.op", f"{op!r} is not a comparison; use one of {', '.join(COMPARISONS)}")
+    if "left" in item:
+        _known_keys(item, ("left", "op", "right"), at)
+        for key in ("left", "right"):
+            if key not in item:
+                raise InvalidArgument(f"{at}.{key}", "is required: a number, an event field or arithmetic")
+        left = _number_operand(item["left"], f"{at}.left", level, max_depth, EVENT_ROOTS)
+        right = _number_operand(item["right"], f"{at}.right", level, max_depth, EVENT_ROOTS)
+    else:
+        left = FieldRef(_path(item.get("path"), f"{at}.path", EVENT_ROOTS))
+        right = _arithmetic(item["value"], f"{at}.value", level + 1, max_depth, EVENT_ROOTS)
+    try:
+        node = comparison(left, op, right)
+    except Invalid as error:
+        raise InvalidArgument(at, str(error)) from None
+    if isinstance(node, Comparison):
+        return node
+    if isinstance(node.value, FieldRef):
+        raise InvalidArgument(at, _FIELD_ONLY_IN_ARITHMETIC)
+    return EventCondition(node.path, node.op, node.value)
+
+
+_FIELD_ONLY_IN_ARITHMETIC = (
+    "an event field is compared with another only in arithmetic, like "
+    '{"path": "properties.total", "op": ">", "value": {"*": [{"path": "properties.shipping"}, 2]}}'
+)
+
+
+def _event(tree: Any, at: str, level: int = 0, max_depth: int = MAX_DEPTH) -> EventPredicate:
     tree = _object(tree, at, 'an event predicate: use an object like {"name": "Order Completed"}')
     _known_keys(tree, _EVENT_KEYS, at)
     if "name" in tree and "names" in tree:
@@ -369,24 +418,39 @@ def _event(tree: Any, at: str) -> EventPredicate:
     raw_where = tree.get("where", [])
     if not isinstance(raw_where, list):
         raise InvalidArgument(f"{at}.where", f"{raw_where!r} must be a list of conditions on event fields")
-    where: list[EventCondition] = []
+    where: list[EventCondition | Comparison] = []
     for i, item in enumerate(raw_where):
         item_at = f"{at}.where[{i}]"
         item = _object(item, item_at, 'a condition like {"path": "properties.total", "op": ">", "value": 50}')
+        if "left" in item:
+            where.append(_event_comparison(item, item_at, level, max_depth))
+            _check_where(where, item_at)
+            continue
         _known_keys(item, ("path", "op", "value"), item_at)
         path = _path(item.get("path"), f"{item_at}.path", EVENT_ROOTS)
         op = item.get("op")
         if op not in CONDITION_OPS:
             raise InvalidArgument(f"{item_at}.op", f"{op!r} is not an operator; use one of {', '.join(CONDITION_OPS)}")
-        where.append(EventCondition(path, op, _operand(item, item_at, op, times=False)))
-        try:
-            where_document(tuple(where))
-        except Invalid as error:
-            raise InvalidArgument(item_at, str(error)) from None
+        value = item.get("value")
+        if op in COMPARISONS and isinstance(value, Mapping) and any(key in value for key in ARITHMETIC):
+            where.append(_event_comparison(item, item_at, level, max_depth))
+        elif op in COMPARISONS and isinstance(value, Mapping) and "path" in value:
+            raise InvalidArgument(f"{item_at}.value", _FIELD_ONLY_IN_ARITHMETIC)
+        else:
+            where.append(EventCondition(path, op, _operand(item, item_at, op, times=False)))
+        _check_where(where, item_at)
     return EventPredicate(tuple(sorted(set(names))), event_type, tuple(where))
 
 
-def _aggregate(tree: Mapping[str, Any], at: str) -> Aggregate:
+def _check_where(where: list[EventCondition | Comparison], at: str) -> None:
+    """The profile service's `where` can hold these conditions together (see `nodes.where_document`)."""
+    try:
+        where_document(tuple(where))
+    except Invalid as error:
+        raise InvalidArgument(at, str(error)) from None
+
+
+def _aggregate(tree: Mapping[str, Any], at: str, level: int = 0, max_depth: int = MAX_DEPTH) -> Aggregate:
     op = tree["aggregate"]
     if op not in AGGREGATES:
         raise InvalidArgument(f"{at}.aggregate", f"{op!r} is not an aggregate; use one of {', '.join(AGGREGATES)}")
@@ -397,7 +461,7 @@ def _aggregate(tree: Mapping[str, Any], at: str) -> Aggregate:
         property_path = _path(tree["property"], f"{at}.property", ("properties",))
     elif "property" in tree:
         raise InvalidArgument(f"{at}.property", "count reads no property; remove it")
-    event = _event(tree.get("event", {}), f"{at}.event")
+    event = _event(tree.get("event", {}), f"{at}.event", level, max_depth)
     comparison = tree.get("op")
     if comparison not in COMPARISONS:
         raise InvalidArgument(f"{at}.op", f"{comparison!r} is not a comparison; use one of {', '.join(COMPARISONS)}")
@@ -410,7 +474,8 @@ def _aggregate(tree: Mapping[str, Any], at: str) -> Aggregate:
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
-def _value_json(value: Any) -> Any:
+def _value_json(value: Any, field_key: str = "field") -> Any:
+    """A value's JSON; `field_key` names a field operand ("path" inside an event predicate)."""
     if isinstance(value, Now):
         if value.offset == 0:
             return {"now": 0}
@@ -418,12 +483,12 @@ def _value_json(value: Any) -> Any:
     if isinstance(value, Date):
         return {"date": value.text}
     if isinstance(value, FieldRef):
-        return {"field": ".".join(value.path)}
+        return {field_key: ".".join(value.path)}
     if isinstance(value, Percentile):
         percent = int(value.percent) if value.percent == int(value.percent) else value.percent
         return {"percentile": ".".join(value.path), "percent": percent}
     if isinstance(value, Arithmetic):
-        return {value.op: [_value_json(value.left), _value_json(value.right)]}
+        return {value.op: [_value_json(value.left, field_key), _value_json(value.right, field_key)]}
     if isinstance(value, tuple):
         return list(value)
     return value
@@ -437,14 +502,26 @@ def _event_json(event: EventPredicate) -> dict[str, Any]:
         document["names"] = list(event.names)
     document["type"] = event.type
     if event.where:
-        document["where"] = [_condition_json("path", c.path, c.op, c.value) for c in event.where]
+        document["where"] = [_where_json(c) for c in event.where]
     return document
 
 
-def _condition_json(key: str, path: tuple[str, ...], op: str, value: Any) -> dict[str, Any]:
+def _where_json(condition: EventCondition | Comparison) -> dict[str, Any]:
+    if isinstance(condition, EventCondition):
+        return _condition_json("path", condition.path, condition.op, condition.value)
+    if isinstance(condition.left, FieldRef):
+        return _condition_json("path", condition.left.path, condition.op, condition.right, "path")
+    return {
+        "left": _value_json(condition.left, "path"),
+        "op": condition.op,
+        "right": _value_json(condition.right, "path"),
+    }
+
+
+def _condition_json(key: str, path: tuple[str, ...], op: str, value: Any, field_key: str = "field") -> dict[str, Any]:
     document = {key: ".".join(path), "op": op}
     if op != "exists":
-        document["value"] = _value_json(value)
+        document["value"] = _value_json(value, field_key)
     return document
 
 

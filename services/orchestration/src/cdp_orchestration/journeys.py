@@ -211,7 +211,7 @@ def _required_text(journey: Journey) -> tuple[str, str] | None:
     entry = journey.entry
     if not isinstance(entry, EventEntry):
         return None
-    for condition in entry.event.predicate.where:
+    for condition in entry.event.field_conditions:
         if (
             condition.op == "="
             and len(condition.path) == 2

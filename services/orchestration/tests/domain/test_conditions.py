@@ -127,8 +127,31 @@ def test_bad_arithmetic_in_a_profile_condition_names_the_field(source: object, f
     assert caught.value.field == field and message in caught.value.message, caught.value.message
 
 
-def test_an_event_filter_refuses_arithmetic_naming_its_where() -> None:
+def test_an_event_filter_takes_arithmetic_on_the_events_own_fields() -> None:
+    text = event_filter("Order Completed", "properties.total > properties.shipping * 2", "f")
+    tree = event_filter(
+        "Order Completed",
+        [
+            {
+                "path": "properties.total",
+                "op": ">",
+                "value": {"*": [{"path": "properties.shipping"}, 2]},
+            }
+        ],
+        "f",
+    )
+    for f in (text, tree):
+        assert f.matches(event(total=21, shipping=10))
+        assert not f.matches(event(total=20, shipping=10))
+        assert not f.matches(event(total=21))  # no number: false
+        assert not f.matches(event(total=21, shipping="10"))
+    ratio = event_filter(None, "properties.total / properties.items != 10", "f")
+    assert ratio.matches(event(total=30, items=2)) and not ratio.matches(event(total=30, items=0))
+
+
+def test_an_event_filter_refuses_a_profile_field_in_its_arithmetic_naming_its_where() -> None:
     with pytest.raises(InvalidArgument) as caught:
-        event_filter("X", "properties.total * 2 > 100", "f")
+        event_filter("X", "properties.total * traits.x > 100", "f")
     assert caught.value.field == "f.where"
-    assert "line 1, column 18" in caught.value.message and "arithmetic is on profile fields" in caught.value.message
+    assert "line 1, column 20" in caught.value.message, caught.value.message
+    assert "an event condition reads the event's own fields" in caught.value.message

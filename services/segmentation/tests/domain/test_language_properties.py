@@ -1,7 +1,7 @@
 """Properties over random segments and people: the two evaluators agree row for row, `next_change` never misses
 a flip, and both written forms round-trip. The random segments include arithmetic on the sides of comparisons
-(with numbers that overflow, divide by zero and meet values that are no number) and `in` / `contains` /
-`starts_with` against another field."""
+(with numbers that overflow, divide by zero and meet values that are no number), also inside event
+predicates, and `in` / `contains` / `starts_with` against another field."""
 
 from __future__ import annotations
 
@@ -581,6 +581,11 @@ def any_events(draw):
         value = condition.value if not profile_only else 1
         op = condition.op if not profile_only else "="
         where.append(EventCondition((root, *tail), op, value))
+    if draw(st.integers(0, 2)) == 0:  # arithmetic over the event's own fields
+        paths = [(draw(st.sampled_from(["properties", "context"])), *draw(path_tails)) for _ in range(2)]
+        found = draw(arithmetic_conditions(paths, percentiles=False))
+        if isinstance(found, Comparison):
+            where.insert(draw(st.integers(0, len(where))), found)
     return EventPredicate(names, draw(st.sampled_from(EVENT_TYPES)), tuple(where))
 
 

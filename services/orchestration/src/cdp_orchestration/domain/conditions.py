@@ -15,7 +15,8 @@ This is the one module of orchestration that imports the language, through its o
   (`computed_traits` lists their definitions so the service can register them). `next_change` is when time
   alone may change the answer (a `now` comparison flips, a counted event leaves its window).
 - `EventFilter`: which events a rule means: names (or any), a type and `and`-ed conditions on
-  `properties.<path>` / `context.<path>`. It is the language's event predicate (the events of
+  `properties.<path>` / `context.<path>`, arithmetic over them included (`properties.total >
+  properties.shipping * 2`). It is the language's event predicate (the events of
   `performed(...)`), written as text (`properties.total > 50`) or as the JSON `where` list, and one event
   is tested by the language's own matcher, so a filter means what the same words mean in a segment.
 
@@ -40,7 +41,7 @@ from cdp_lang import (
     parse,
 )
 from cdp_lang import Event as LangEvent
-from cdp_lang.nodes import EventPredicate, Performed
+from cdp_lang.nodes import EventCondition, EventPredicate, Performed
 from cdp_orchestration.domain.view import ENTRY, Event, PersonView
 
 # Names the language gives the computed traits behind event conditions; generated, never catalogued.
@@ -128,6 +129,12 @@ class EventFilter:
     @property
     def names(self) -> frozenset[str]:
         return frozenset(self.predicate.names)
+
+    @property
+    def field_conditions(self) -> tuple[EventCondition, ...]:
+        """Its `where` conditions of one event field against a value (`properties.category = "shoes"`), not
+        the comparisons with arithmetic (`properties.total > properties.shipping * 2`)."""
+        return tuple(c for c in self.predicate.where if isinstance(c, EventCondition))
 
     def matches(self, event: Event) -> bool:
         return self.compiled.reads.matches(_lang_event(event))

@@ -26,6 +26,18 @@ A missing or null value makes every operator false but {"$exists": false}, and s
 no finite double (NaN, infinity, an integer beyond 1.8e308). Operands are strings, finite numbers or
 booleans; null is none (use $exists). These are the segmentation service's rules too: it compiles event
 conditions of segments into computed traits with these filters.
+
+The key "$expr" holds comparisons of numbers computed from the event's paths, every one of which must hold
+(the segment language's arithmetic inside an event condition, `properties.total > properties.shipping * 2`):
+
+    {"$expr": [{"$gt": [{"path": "total"}, {"$multiply": [{"path": "shipping"}, 2]}]}]}
+
+Each is one of $eq $ne $gt $gte $lt $lte with two operands; an operand is a finite number, {"path": <a
+path, pseudo-paths included>} or one of $add $subtract $multiply $divide with two operands (at most
+MAX_EXPRESSION_DEPTH deep). It is arithmetic on doubles, as the language's (`cdp_lang.values.calculate`): a
+path without a number (missing, null, a string, a boolean, a list, NaN, infinity), a division by zero and
+a result that is no finite double are no value, and a comparison with no value on either side is false
+($ne too).
 Each `where` entry is compiled once into a predicate (`Operators`, `_one_of`), so an event pays for a
 few comparisons, not for reading the definition.
 
@@ -436,11 +448,12 @@ class ComputedTrait:
                 "like '$context.location'",
             )
         set_(self, "where", _normalise_where(self.where))
-        set_(self, "filters", tuple((tuple(path.split(".")), _predicate(allowed)) for path, allowed in self.where))
+        set_(self, "filters", tuple((_filter_path(path), _predicate(allowed)) for path, allowed in self.where))
         set_(self, "window", parse_window(self.window))
         set_(self, "numeric", self.op in NUMERIC_OPS)
         set_(self, "shaped", self.op in ("max_speed", "mismatch_count"))
         paths = [self.path, self.compare_path, *(path for path, _ in self.filters)]
+        paths.extend(path for _, allowed in self.where if isinstance(allowed, Expressions) for path in allowed.paths)
         set_(self, "reads_event", any(path and path[0].startswith("$") for path in paths))
         reads = {_context_read(path) for path in paths if path}
         set_(self, "context_paths", tuple(sorted(read for read in reads if read is not None)))
@@ -538,9 +551,27 @@ def _is_location(path: tuple[str, ...]) -> bool:
 
 WHERE_OPERATORS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$contains", "$starts_with", "$exists")
 _INF = math.inf
+EXPRESSIONS = "$expr"  # the `where` key of comparisons with arithmetic (see the module docstring)
+_EXPRESSION_COMPARISONS: dict[str, Callable[[float, float], bool]] = {
+    "$eq": operator.eq,
+    "$ne": operator.ne,
+    "$gt": operator.gt,
+    "$gte": operator.ge,
+    "$lt": operator.lt,
+    "$lte": operator.le,
+}
+ARITHMETIC_OPERATORS = ("$add", "$subtract", "$multiply", "$divide")
+# Arithmetic a definition nests at most this deep: far more than the segment language writes (12), and
+# little enough that reading one never recurses far.
+MAX_EXPRESSION_DEPTH = 32
 
 
-def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators], ...]:
+def _filter_path(path: str) -> tuple[str, ...]:
+    """The path a `where` entry's predicate is given the value of: "$expr" reads the whole event."""
+    return () if path == EXPRESSIONS else tuple(path.split("."))
+
+
+def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators | Expressions], ...]:
     if isinstance(where, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in where):
         where = {path: list(allowed) if isinstance(allowed, tuple) else allowed for path, allowed in where}
     if not isinstance(where, Mapping):
@@ -548,8 +579,11 @@ def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators
             "where",
             f"{_shown(where)} must be an object of property path -> required value(s) or an object of operators",
         )
-    items: list[tuple[str, tuple[Any, ...] | Operators]] = []
+    items: list[tuple[str, tuple[Any, ...] | Operators | Expressions]] = []
     for path, allowed in where.items():
+        if path == EXPRESSIONS:
+            items.append((path, allowed if isinstance(allowed, Expressions) else Expressions(allowed)))
+            continue
         _parse_path(path, f"where.{path}")
         if isinstance(allowed, Operators):
             items.append((path, allowed))
@@ -568,14 +602,14 @@ def _normalise_where(where: Any) -> tuple[tuple[str, tuple[Any, ...] | Operators
     return tuple(sorted(items, key=lambda item: item[0]))
 
 
-def _where_document(allowed: tuple[Any, ...] | Operators) -> Any:
-    if isinstance(allowed, Operators):
+def _where_document(allowed: tuple[Any, ...] | Operators | Expressions) -> Any:
+    if isinstance(allowed, Operators | Expressions):
         return allowed.to_dict()
     return allowed[0] if len(allowed) == 1 else list(allowed)
 
 
-def _predicate(allowed: tuple[Any, ...] | Operators) -> Callable[[Any], bool]:
-    return allowed.holds if isinstance(allowed, Operators) else _one_of(allowed)
+def _predicate(allowed: tuple[Any, ...] | Operators | Expressions) -> Callable[[Any], bool]:
+    return allowed.holds if isinstance(allowed, Operators | Expressions) else _one_of(allowed)
 
 
 def _one_of(allowed: tuple[Any, ...]) -> Callable[[Any], bool]:
@@ -639,6 +673,130 @@ class Operators:
 
     def __repr__(self) -> str:
         return f"Operators({self._key})"
+
+
+class Expressions:
+    """A `where`'s "$expr": comparisons of numbers computed from the event's paths, every one of which must
+    hold (see the module docstring).
+
+    Validated and compiled once into `holds` (the event's payload, or its `EventScope` -> bool); `paths` are
+    the paths it reads. Kept as written: the comparisons' order and the numbers as given (1 and 1.0 stay
+    different operands in its identity, as in `Operators`)."""
+
+    __slots__ = ("_key", "document", "holds", "paths")
+
+    def __init__(self, document: Any, field_name: str = f"where.{EXPRESSIONS}") -> None:
+        if not isinstance(document, list | tuple) or not document:
+            raise InvalidArgument(
+                field_name,
+                f'{_shown(document)} must be a non-empty list of comparisons like {{"$gt": [{{"path": "total"}}, 50]}}',
+            )
+        paths: list[tuple[str, ...]] = []
+        checks = []
+        for index, item in enumerate(document):
+            at = f"{field_name}[{index}]"
+            if not isinstance(item, Mapping) or len(item) != 1:
+                raise InvalidArgument(
+                    at, f'{_shown(item)} must be one comparison like {{"$gt": [{{"path": "total"}}, 50]}}'
+                )
+            [(name, operands)] = item.items()
+            if name not in _EXPRESSION_COMPARISONS:
+                raise InvalidArgument(
+                    f"{at}.{name}", f"{_shown(name)} is not a comparison; use {', '.join(_EXPRESSION_COMPARISONS)}"
+                )
+            left, right = _two_operands(operands, f"{at}.{name}", paths, 0)
+            checks.append(_compared(_EXPRESSION_COMPARISONS[name], left, right))
+        self.document = [dict(item) for item in document]
+        self.paths = tuple(paths)
+        self.holds = _all_of(tuple(checks))
+        self._key = json.dumps(self.document, sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return self.document
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Expressions) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __repr__(self) -> str:
+        return f"Expressions({self._key})"
+
+
+_Number = Callable[[Any], float | None]
+
+
+def _two_operands(operands: Any, at: str, paths: list[tuple[str, ...]], depth: int) -> tuple[_Number, _Number]:
+    if not isinstance(operands, list | tuple) or len(operands) != 2:
+        raise InvalidArgument(at, f'{_shown(operands)} must be a list of two operands, like [{{"path": "total"}}, 2]')
+    return _number_of(operands[0], f"{at}[0]", paths, depth), _number_of(operands[1], f"{at}[1]", paths, depth)
+
+
+def _number_of(operand: Any, at: str, paths: list[tuple[str, ...]], depth: int) -> _Number:
+    """An operand of "$expr" compiled to a function of the event: a finite double, or None for no value."""
+    if isinstance(operand, Mapping) and len(operand) == 1:
+        [(name, value)] = operand.items()
+        if name == "path":
+            path = _parse_path(value, f"{at}.path")
+            paths.append(path)
+            return lambda payload: _number(dig(payload, path))
+        if name in ARITHMETIC_OPERATORS:
+            if depth >= MAX_EXPRESSION_DEPTH:
+                raise InvalidArgument(
+                    at, f"arithmetic nests at most {MAX_EXPRESSION_DEPTH} levels deep: compute the value elsewhere"
+                )
+            left, right = _two_operands(value, f"{at}.{name}", paths, depth + 1)
+            return _calculation(name, left, right)
+        if isinstance(name, str) and name.startswith("$"):
+            raise InvalidArgument(
+                at, f"{_shown(name)} is not an arithmetic operator; use {', '.join(ARITHMETIC_OPERATORS)}"
+            )
+    if type(operand) in (int, float) and _number(operand) is not None:
+        constant = float(operand)
+        return lambda payload: constant
+    raise InvalidArgument(
+        at,
+        f'{_shown(operand)} must be a finite number, {{"path": ...}} or arithmetic like '
+        f'{{"$multiply": [{{"path": "shipping"}}, 2]}}',
+    )
+
+
+def _calculation(name: str, left: _Number, right: _Number) -> _Number:
+    """`left <name> right` on doubles: None when either is None, for a division by zero and for a result
+    that is no finite double (the segment language's `calculate`)."""
+
+    def calculated(payload: Any) -> float | None:
+        a = left(payload)
+        if a is None:
+            return None
+        b = right(payload)
+        if b is None:
+            return None
+        if name == "$add":
+            result = a + b
+        elif name == "$subtract":
+            result = a - b
+        elif name == "$multiply":
+            result = a * b
+        elif b == 0.0:
+            return None
+        else:
+            result = a / b
+        return result if result - result == 0.0 else None  # x - x is NaN for infinities and NaN
+
+    return calculated
+
+
+def _compared(compare: Callable[[float, float], bool], left: _Number, right: _Number) -> Callable[[Any], bool]:
+    def holds(payload: Any) -> bool:
+        a = left(payload)
+        if a is None:
+            return False
+        b = right(payload)
+        return b is not None and compare(a, b)
+
+    return holds
 
 
 def _is_operand(value: Any) -> bool:
