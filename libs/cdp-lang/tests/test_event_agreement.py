@@ -6,12 +6,12 @@ This test reads the profile service's domain (test-only: the library itself impo
 
 from __future__ import annotations
 
-import json
 import math
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, assume, given, settings
 
+from cdp_kit.profile_client import definition_message
 from cdp_lang import Event, InvalidArgument, ProfileView, compile_condition
 from cdp_lang.condition import _event_aggregates
 from cdp_lang.nodes import (
@@ -28,6 +28,7 @@ from cdp_lang.nodes import (
     leaves,
 )
 from cdp_lang.text import to_text
+from cdp_profile.api import definition_from_message
 from cdp_profile.domain.computed import MISSING, ComputedTrait
 
 NOW = 1_790_000_000.0
@@ -149,13 +150,13 @@ def test_value_aggregates_take_the_values_the_profile_service_takes(op, values):
 )
 def test_event_arithmetic_matches_what_the_profile_service_matches(conditions, payloads):
     """Arithmetic inside an event predicate, on its own: the language's matcher and the profile service's
-    `$expr` agree event for event (no number, a division by zero, an overflow), through the definition's
-    JSON as segmentation sends it (a protobuf Struct holds every number as a double)."""
+    `$expr` agree event for event (no number, a division by zero, an overflow), also for the definition as
+    segmentation registers it over gRPC (a protobuf Struct holds every number as a double)."""
     node = Performed(EventPredicate((), "any", tuple(conditions)))
     condition = compile_condition(to_text(node))
     [definition] = condition.computed_traits
-    as_sent = json.loads(json.dumps(definition), parse_int=float)
-    traits = (ComputedTrait.from_dict(definition), ComputedTrait.from_dict(as_sent))
+    sent = definition_from_message(definition_message(definition))  # as segmentation registers it
+    traits = (ComputedTrait.from_dict(definition), sent)
     [aggregate] = _event_aggregates(condition.node).values()
     for payload in payloads:
         one = Event("track", "Order Completed", NOW, payload)
