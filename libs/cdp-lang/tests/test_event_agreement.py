@@ -162,3 +162,14 @@ def test_event_arithmetic_matches_what_the_profile_service_matches(conditions, p
         one = Event("track", "Order Completed", NOW, payload)
         for trait in traits:
             assert aggregate.matches(one) == (trait.extract(one.payload) is not MISSING), (to_text(node), payload)
+
+
+def test_a_sum_too_large_for_a_double_has_no_value_as_in_the_profile_service():
+    """Two totals of 1e308 add up past the largest double: the profile service's trait is then no finite
+    number, so `> 0` is false for it (a sum's missing value would be 0); here the same, not an error."""
+    events = [Event("track", "Order Completed", NOW, {"total": 1e308}) for _ in range(2)]
+    events.append(Event("track", "Order Completed", NOW, {"total": -1e308}))
+    for op in ("sum", "avg"):
+        condition = compile_condition(f'{op}(properties.total, "Order Completed") > 0')
+        assert not condition.evaluate(ProfileView(events=events[:2]), NOW)
+        assert condition.evaluate(ProfileView(events=events[:1]), NOW)

@@ -162,6 +162,15 @@ def event_matcher(predicate: EventPredicate) -> EventMatcher:
     return matches
 
 
+def _total(values: list[float]) -> float:
+    """The sum of finite doubles; past the largest double an infinity (no value to the evaluators, as the
+    profile service's running total is then), where `math.fsum` would raise."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return sum(values)
+
+
 @dataclass(frozen=True, slots=True)
 class _EventAggregate:
     """One event condition computed from a view's events: the value of its `computed.seg_<hash>` field."""
@@ -190,11 +199,11 @@ class _EventAggregate:
         if self.op == "count":
             return float(count)
         if self.op == "sum":
-            return math.fsum(found)
+            return _total(found)
         if not found:
             return None
         if self.op == "avg":
-            return math.fsum(found) / len(found)
+            return _total(found) / len(found)
         return min(found) if self.op == "min" else max(found)
 
     def leaves_window(self, events: Sequence[Event], now: float) -> float | None:
