@@ -38,8 +38,9 @@ MAX_EXPRESSION_DEPTH deep). It is arithmetic on doubles, as the language's (`cdp
 path without a number (missing, null, a string, a boolean, a list, NaN, infinity), a division by zero and
 a result that is no finite double are no value, and a comparison with no value on either side is false
 ($ne too).
-Each `where` entry is compiled once into a predicate (`Operators`, `_one_of`), so an event pays for a
-few comparisons, not for reading the definition.
+
+Each `where` entry is compiled once into a predicate (`Operators`, `Expressions`, `_one_of`), so an event
+pays for a few comparisons, not for reading the definition.
 
 `property` is a dot path into the event's payload (properties; traits for identify and group events).
 Events without a value there do not contribute, and neither do null values; sum, avg, min and max also
