@@ -14,13 +14,17 @@ the aggregate cannot subtract, as min/max/first/last). An entry is inside the wi
 Results: count -> int; sum -> float; avg -> float or None; min/max -> number or None; first/last -> the
 value of the earliest/latest contribution by (event time, event id); most_frequent -> the value with the
 highest count, ties going to the smallest value in `sort_key` order (null < booleans < numbers < strings <
-lists/objects), a rule that does not depend on arrival order; unique -> the distinct values sorted by
-`sort_key`, the first UNIQUE_LIMIT of them; unique_count -> the number of distinct values; max_speed ->
-float km/h or None; mismatch_count -> int.
+lists/objects), a rule that does not depend on arrival order; unique -> the UNIQUE_LIMIT distinct values
+seen most recently (each ranked by its latest contribution's (event time, event id), a total order, so
+neither arrival order nor replays change which), in `sort_key` order; unique_count -> the number of
+distinct values; max_speed -> float km/h or None; mismatch_count -> int.
 
 Distinct-value aggregates hold one counter per distinct value, at most MAX_DISTINCT_VALUES; beyond that
 new values are not tracked (a bot's random ids must not grow a profile without bound), and merges of such
-profiles are no longer exact.
+profiles are no longer exact. `unique` also keeps each value's latest (event time, event id). A state
+stored before it did ([value, count] rows) loads with no time for its values: they rank after every
+value seen since, among themselves by `sort_key` (so such a state shows what it showed before), until a
+new contribution of the value gives it a time or a backfill rebuilds the trait.
 
 max_speed keeps its located points (the speed between two points depends on which points lie between
 them, so no smaller summary merges exactly), at most MAX_SPEED_POINTS: beyond that the oldest point
@@ -212,19 +216,18 @@ class LastAgg(FirstAgg):
 
 
 class ValuesAgg:
-    """most_frequent, unique, unique_count: a counter per distinct value, results cached between changes.
+    """most_frequent, unique_count: a counter per distinct value, the most frequent cached between changes.
 
     Two flat dicts (key -> value, key -> count) rather than a [value, count] pair per value: scalar-only
     dicts are not tracked by the garbage collector, and profiles hold many of these.
     """
 
-    __slots__ = ("_best", "_unique", "counts", "values")
+    __slots__ = ("_best", "counts", "values")
 
     def __init__(self, values: dict[Any, Any] | None = None, counts: dict[Any, int] | None = None) -> None:
         self.values: dict[Any, Any] = values if values is not None else {}  # key -> first value seen
         self.counts: dict[Any, int] = counts if counts is not None else {}
         self._best: Any = None  # key of the most frequent value; None = not known, compute on demand
-        self._unique: list[Any] | None = None
 
     def add(self, at: float, event_id: str, value: Any) -> None:
         key = value_key(value)
@@ -234,7 +237,6 @@ class ValuesAgg:
             if len(counts) >= MAX_DISTINCT_VALUES:
                 return
             self.values[key] = value
-            self._unique = None
             count = 0
         count = counts[key] = count + 1
         best = self._best
@@ -251,7 +253,6 @@ class ValuesAgg:
                 self.counts[key] = count - 1
             else:
                 del self.counts[key], self.values[key]
-                self._unique = None
             if key == self._best:
                 self._best = None
         return True
@@ -265,15 +266,10 @@ class ValuesAgg:
                 counts[key] = count
                 values[key] = other.values[key]
         self._best = None
-        self._unique = None
 
     def result(self, op: str) -> Any:
         if op == "unique_count":
             return len(self.counts)
-        if op == "unique":
-            if self._unique is None:
-                self._unique = sorted(self.values.values(), key=sort_key)[:UNIQUE_LIMIT]
-            return self._unique
         if not self.counts:
             return None
         if self._best is None:
@@ -286,6 +282,171 @@ class ValuesAgg:
 
     def to_doc(self) -> list[Any]:
         return [[value, self.counts[key]] for key, value in self.values.items()]
+
+
+class UniqueAgg:
+    """unique: a counter and the latest (event time, event id) per distinct value; the result is the
+    UNIQUE_LIMIT values whose latest contributions are the most recent, in `sort_key` order (cached).
+
+    The result is in value order, not recency order, so that a value seen again while it is already
+    among them changes nothing (no change to publish), and a person with at most UNIQUE_LIMIT values
+    reads exactly as before values had times. Flat scalar dicts, like ValuesAgg. A value loaded from a
+    state stored without times (`at` None) ranks after every timed one, by `sort_key` among themselves.
+    The latest of a value only moves forward on `add` and `combine` (a max, so order does not matter);
+    `remove` of a value's latest contribution while others remain cannot know the one before, so it asks
+    for a rebuild from the window's entries.
+    """
+
+    __slots__ = ("_top", "_unique", "at", "counts", "ids", "values")
+
+    def __init__(
+        self,
+        values: dict[Any, Any] | None = None,
+        counts: dict[Any, int] | None = None,
+        at: dict[Any, float | None] | None = None,
+        ids: dict[Any, str] | None = None,
+    ) -> None:
+        self.values: dict[Any, Any] = values if values is not None else {}  # key -> the value
+        self.counts: dict[Any, int] = counts if counts is not None else {}
+        self.at: dict[Any, float | None] = at if at is not None else {}  # key -> its latest event time
+        self.ids: dict[Any, str] = ids if ids is not None else {}  # key -> its latest event id
+        self._top: dict[Any, None] | None = None  # the result's keys; None = compute on demand
+        self._unique: list[Any] | None = None  # the result; None = sort `_top` on demand
+
+    def _later(self, key: Any, at: float, event_id: str) -> bool:
+        """Whether (at, event_id) is later than `key`'s latest (every time is later than none)."""
+        latest = self.at.get(key)
+        return latest is None or (at, event_id) > (latest, self.ids[key])
+
+    def add(self, at: float, event_id: str, value: Any) -> None:
+        key = value_key(value)
+        counts = self.counts
+        count = counts.get(key)
+        if count is None:
+            if len(counts) >= MAX_DISTINCT_VALUES:
+                return
+            self.values[key] = value
+            counts[key] = 1
+        else:
+            counts[key] = count + 1
+            if not self._later(key, at, event_id):
+                return  # an older contribution (a late event, a replay): the ranking stays
+        self.at[key] = at
+        self.ids[key] = event_id
+        top = self._top
+        if top is None:
+            self._unique = None
+            return
+        # `_top` is kept in order of recency, oldest first, while contributions come in time order (the
+        # common case): a value seen again moves to the end, the oldest is the first. One that comes
+        # out of order has the ranking made again on the next read.
+        if top:
+            last = next(reversed(top))
+            if last != key and not self._later(last, at, event_id):
+                if key in top or len(top) < UNIQUE_LIMIT or not self._older_than_all(at, event_id):
+                    self._top = self._unique = None
+                return
+        if key in top:
+            del top[key]
+            top[key] = None  # still among them: the result stays
+            return
+        unique = self._unique
+        if len(top) < UNIQUE_LIMIT:
+            top[key] = None  # fewer than the limit: every value is in
+            if unique is not None:
+                self._unique = unique = list(unique)  # a new list: a caller may hold the one before
+                insort(unique, value, key=sort_key)
+            return
+        oldest = next(iter(top))
+        del top[oldest]
+        top[key] = None
+        if unique is not None:
+            self._unique = unique = list(unique)
+            gone = self.values[oldest]
+            del unique[bisect_left(unique, sort_key(gone), key=sort_key)]
+            insort(unique, value, key=sort_key)
+
+    def _older_than_all(self, at: float, event_id: str) -> bool:
+        """Whether (at, event_id) is older than every value in a full `_top` (then nothing changes)."""
+        return not any(self._later(other, at, event_id) for other in self._top or ())
+
+    def remove(self, at: float, event_id: str, value: Any) -> bool:
+        key = value_key(value)
+        count = self.counts.get(key)
+        if count is None:
+            return True
+        if count > 1:
+            self.counts[key] = count - 1
+            # Its latest contribution leaving: the one before is not known here (windows rebuild).
+            return not (self.at[key] == at and self.ids[key] == event_id)
+        del self.counts[key], self.values[key], self.at[key], self.ids[key]
+        if self._top is not None and key in self._top:
+            self._top = self._unique = None  # another value may take its place
+        return True
+
+    def combine(self, other: UniqueAgg) -> None:
+        counts, values = self.counts, self.values
+        for key, count in other.counts.items():
+            if key in counts:
+                counts[key] += count
+                theirs = other.at[key]
+                if theirs is not None and self._later(key, theirs, other.ids[key]):
+                    self.at[key], self.ids[key] = theirs, other.ids[key]
+            elif len(counts) < MAX_DISTINCT_VALUES:
+                counts[key] = count
+                values[key] = other.values[key]
+                self.at[key], self.ids[key] = other.at[key], other.ids[key]
+        self._top = self._unique = None
+
+    def result(self, op: str) -> Any:
+        unique = self._unique
+        if unique is None:
+            top = self._top
+            if top is None:
+                top = self._top = dict.fromkeys(self._ranked())
+            values = self.values
+            unique = self._unique = sorted((values[key] for key in top), key=sort_key)
+        return unique
+
+    def _ranked(self) -> list[Any]:
+        """The keys of the UNIQUE_LIMIT most recent values, oldest first: untimed ones before every timed
+        one, the one last by value first among them (it is the first to leave)."""
+        at, ids = self.at, self.ids
+        timed = [key for key, latest in at.items() if latest is not None]
+        keys = heapq.nlargest(UNIQUE_LIMIT, timed, key=lambda k: (at[k], ids[k]))
+        if len(keys) < UNIQUE_LIMIT:
+            values = self.values
+            untimed = sorted((k for k, latest in at.items() if latest is None), key=lambda k: sort_key(values[k]))
+            keys += untimed[: UNIQUE_LIMIT - len(keys)]
+        keys.reverse()
+        return keys
+
+    def copy(self) -> UniqueAgg:
+        agg = UniqueAgg(dict(self.values), dict(self.counts), dict(self.at), dict(self.ids))
+        if self._top is not None:
+            agg._top = dict(self._top)
+            agg._unique = self._unique  # replaced on a change, never changed in place
+        return agg
+
+    def to_doc(self) -> list[Any]:
+        at, ids, counts = self.at, self.ids, self.counts
+        return [
+            [value, counts[key]] if at[key] is None else [value, counts[key], at[key], ids[key]]
+            for key, value in self.values.items()
+        ]
+
+    @classmethod
+    def from_doc(cls, doc: list[Any]) -> UniqueAgg:
+        agg = cls()
+        for row in doc:
+            key = value_key(row[0])
+            agg.values[key] = row[0]
+            agg.counts[key] = row[1]
+            if len(row) >= 4:  # a state stored before values had times has [value, count] rows
+                agg.at[key], agg.ids[key] = row[2], row[3]
+            else:
+                agg.at[key], agg.ids[key] = None, ""
+        return agg
 
 
 class TrueCountAgg:
@@ -419,7 +580,7 @@ AGGREGATES: dict[str, type] = {
     "first": FirstAgg,
     "last": LastAgg,
     "most_frequent": ValuesAgg,
-    "unique": ValuesAgg,
+    "unique": UniqueAgg,
     "unique_count": ValuesAgg,
     "max_speed": MaxSpeedAgg,
     "mismatch_count": TrueCountAgg,
@@ -433,6 +594,8 @@ def _agg_from_doc(op: str, doc: list[Any]) -> Any:
         return ValuesAgg(
             dict(zip(keys, (v for v, _ in doc), strict=True)), dict(zip(keys, (c for _, c in doc), strict=True))
         )
+    if kind is UniqueAgg:
+        return UniqueAgg.from_doc(doc)
     if kind is MaxSpeedAgg:
         retired, points = doc
         return MaxSpeedAgg(retired, [tuple(point) for point in points])
