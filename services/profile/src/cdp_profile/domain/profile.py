@@ -102,10 +102,10 @@ class TimelineBase:
     feeds, so a trait rebuilt from the base plus the retained entries is what one rebuilt from the whole
     history would be, for any point in time at or after the cut (`Profile.backfill` starts from it;
     point-in-time training sets read it from the store). An all-time trait's state is its summary; a
-    windowed one's keeps the dropped contributions still inside its window at the cut (pruned as the cut
-    moves on): a time T at or after the cut reads only dropped events after T - window, all of which are
-    after cut - window. A windowed state emptied that way stays: like a live one, it says the trait had
-    a contribution.
+    windowed one's keeps the dropped contributions inside its window at the cut (pruned when it is fed,
+    so older ones may linger until then: harmless, as a rebuild prunes at its own time): a time T at or
+    after the cut reads only dropped events after T - window, all of which are after cut - window. A
+    windowed state emptied that way stays: like a live one, it says the trait had a contribution.
 
     `sigs` names the traits the base is complete for (name -> definition signature): those held when the
     first event was dropped, if nothing had been lost before (a profile stored by an older release that
@@ -137,8 +137,7 @@ class TimelineBase:
         return self.sigs.get(trait.name) == trait.signature
 
     def fold(self, entry: TimelineEntry, defs: ComputedTraits) -> None:
-        moved = (entry.at, entry.event_id) > (self.at, self.event_id)
-        if moved:
+        if (entry.at, entry.event_id) > (self.at, self.event_id):
             self.at, self.event_id = entry.at, entry.event_id
         sigs = self.sigs
         if not sigs:
@@ -153,11 +152,12 @@ class TimelineBase:
             state = self.computed.get(trait.name)
             if state is None:
                 state = self.computed[trait.name] = ComputedState.for_trait(trait)
+            elif state.entries:
+                # Pruned only when fed: the entries before cut - window are never read again but harm
+                # nothing, and pruning every windowed state as the cut moves would re-encode them all on
+                # every write of a person past the cap.
+                state.prune(cut)
             state.add(entry.at, entry.event_id, value, cut)
-        if moved:
-            for state in self.computed.values():
-                if state.window is not None and state.needs_prune(cut):
-                    state.prune(cut)
 
     def forget(self, name: str) -> None:
         """The definition was removed or changed: its dropped contributions can no longer be told."""
