@@ -4,6 +4,7 @@ between replicas under traffic, a crash between snapshots, and timers of a parti
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import random
@@ -389,6 +390,90 @@ async def test_a_percentile_round_before_a_crash_reaches_the_stream_once(world, 
             (e.person_id, e.entered, e.reason) for e in before
         ]
         assert sorted(second.engine.members["top"]) == ["p5", "p6"]
+    finally:
+        await second.stop()
+
+
+@pytest.mark.parametrize(
+    ("build", "dies"),
+    [
+        ("create", "after the move's publish"),
+        ("create", "after the build's publish"),
+        ("create", "before the snapshot"),
+        ("update", "after the move's publish"),
+        ("update", "before the snapshot"),
+    ],
+)
+async def test_a_build_that_moves_a_percentile_publishes_each_transition_once_across_a_crash(
+    world, nats_server, build, dies
+):
+    """A build takes traits.level's 90th percentile exactly (p5 and p6 rose since the last round: 17.1 ->
+    27.1), which moves the value `top` compares with: p18 and p19 exit. The build creates `high`, or
+    updates `top` itself. The process dies at some point of the build, before a snapshot holds any of
+    it; the restart replays the logged move where it ran and resumes the build. Every transition reaches
+    the stream once."""
+    store, js = world
+    clock = Clock(T0)
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
+    await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
+    await define(first, "top", TOP)
+    await first.engine.snapshot()
+    await applied([first], await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
+    clock.advance(1)
+    dead = asyncio.Event()
+
+    async def die() -> None:
+        dead.set()
+        await asyncio.Event().wait()  # never returns: the crash below ends the process here
+
+    engine = first.engine
+    publish = engine._publish
+
+    async def publish_then_maybe_die(messages) -> None:
+        await publish(messages)
+        events = [e for m in messages for e in segmentation_pb2.SegmentEventBatch.FromString(m.payload).events]
+        if dies == "after the move's publish" and any(e.reason == "percentile" for e in events):
+            await die()
+        if dies == "after the build's publish" and any(e.segment_id == "high" for e in events):
+            await die()
+
+    async def snapshot_or_die() -> int:
+        await die()
+        return 0
+
+    engine._publish = publish_then_maybe_die
+    if dies == "before the snapshot":
+        engine.snapshot = snapshot_or_die
+    segment = "high" if build == "create" else "top"
+    if build == "create":
+        await engine.create("high", parse("traits.level > percentile(traits.level, 90)"))
+    else:
+        await engine.update("top", parse(f"{TOP} and traits.level < 1000"))
+    await asyncio.wait_for(dead.wait(), 20)
+    building = list(engine._builds.values())
+    await first.crash()
+    for task in building:
+        task.cancel()
+    await asyncio.gather(*building, return_exceptions=True)
+    clock.advance(30)  # the restart comes later: a build's move at another instant
+
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
+    try:
+        second.engine.resume_builds()
+        await second.engine.wait_live(segment)
+        assert second.engine.segments[segment].version == (1 if build == "create" else 2)
+        clock.advance(INTERVAL)
+        await second.engine.recompute_percentiles()  # the first round after the restart: nothing moved
+        await asyncio.sleep(0.3)
+        events = await transitions(nats_server.url)
+        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in events)
+        assert counts == {
+            **{("top", p, True): 1 for p in ("p18", "p19", "p5", "p6")},
+            **{("top", p, False): 1 for p in ("p18", "p19")},
+            **({("high", p, True): 1 for p in ("p5", "p6")} if build == "create" else {}),
+        }
+        assert sorted(second.engine.members["top"]) == ["p5", "p6"]
+        assert sorted(second.engine.members.get("high", ["p5", "p6"])) == ["p5", "p6"]
     finally:
         await second.stop()
 

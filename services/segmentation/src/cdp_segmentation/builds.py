@@ -12,6 +12,9 @@ Before a build or an estimate, the computed traits its event conditions need are
 service, backfilled there, and their values received here (`caught_up`: every owned partition applied
 up to the PROFILES stream's end as of the call). A build a crash interrupted starts again on the next
 start (`resume_builds`): its transitions keep their ids, so JetStream drops what was published before.
+A build that goes live with population percentiles other than the live ones moves them first, as a
+logged round does (percentiles.py, `move_for_build`): a replay runs that move again under its id, and
+the resumed build finds the values live.
 A partition that arrives while a build runs (its persons were not in the population) goes live with it:
 its persons are evaluated one by one as the build goes live.
 
@@ -85,6 +88,15 @@ class Builds:
                 # Published after every batch applied so far, before any applied next (stream.py).
                 async with self._quiet():
                     now = self.clock()
+                    if percentiles:
+                        # The values it was built with serve from now on. Moved first, with the segments
+                        # live until now (this one as it served before, if it did), as a round moves them:
+                        # logged, so a replay after a crash runs the move again where it ran, under its id,
+                        # with the segments that are live again then. Those comparing with a moved value
+                        # follow (persons in range evaluated again); the next round catches up with changes
+                        # applied while the population was evaluated.
+                        await self.move_for_build(percentiles, now)
+                        self.percentiles_stale = True
                     current = self.members.get(segment.id, set())
                     # (Persons of a partition that moved to another replica meanwhile are not held.)
                     new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in self.persons}
@@ -125,14 +137,6 @@ class Builds:
                         # Every person's timer, members or not, changed or not: time alone may move any of
                         # them, and a timer of the previous version may come too late for this one.
                         self._schedule_evaluated(segment, self.persons, evaluated_at)
-                    if percentiles:
-                        # The values it was built with serve from now on; other segments comparing with them
-                        # follow (persons in range evaluated again), and the next round catches up with
-                        # changes applied while the population was evaluated.
-                        async with self.held.mutating():
-                            moved = self._move_percentiles(percentiles, now)
-                            await self._publish([m for p, ts in sorted(moved.items()) for m in self._messages(p, ts)])
-                        self.percentiles_stale = True
                     # Persons changed while the population was evaluated, and those whose membership moved
                     # segments referring to this one: evaluated again, as live.
                     self._touched.remove(touched)

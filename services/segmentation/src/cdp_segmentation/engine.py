@@ -148,7 +148,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.percentiles: dict[str, float | None] = PercentileValues()
         self.percentiles_stale = False  # something moved one since the last round
         self.percentile_interval = percentile_interval
-        self.percentile_round = 0  # the last round run (epoch ms of its boundary): its id
+        # The last move of the values: a round (its boundary, epoch ms: its id) or a build's (the last
+        # move's + 1); snapshot marks and the round log are ordered by it. Its transitions' id and time.
+        self.percentile_round = 0
+        self.percentile_cause, self.percentile_at = "q0", 0.0
         # Replicas that split the partitions: one value per round over everyone (summaries.py).
         self.shared = shared_percentiles
         self._undecided = False  # summaries written here that no decided round has taken yet

@@ -5,7 +5,7 @@ percentile is taken over those with a number in the field (cdp_lang.percentiles 
 in `percentiles` (key -> value), the mapping every compiled definition's per-profile predicate reads.
 
 - Builds and `Estimate` compute it exactly over the population they evaluate (builds.py); a build going
-  live sets the values it was built with (`_move_percentiles`), so its members and the value agree.
+  live sets the values it was built with (`move_for_build`), so its members and the value agree.
 - In real time the exact value is not recomputed per change (a pass over the population): a change of a
   field some percentile is taken of, a person first seen and a person removed mark the percentiles stale,
   and stale ones are recomputed by a **round** (`recompute_percentiles`) at a quiescent point of the
@@ -24,9 +24,9 @@ as a message of its own whose JetStream message id comes from that id alone, so 
 SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it:
 
 - **A restart.** A round that moved a value is logged before anything changes (the round log,
-  `segmentation_percentile_rounds`: per served partition, its position at the round and the new
-  values); a snapshot records per partition the values and the round its memberships include
-  ("$percentiles.<p>"). A
+  `segmentation_percentile_rounds`: per served partition, its position at the round, the new values, the
+  transitions' id and time); a snapshot records per partition the values and the last move its
+  memberships include ("$percentiles.<p>"). A
   partition's replay starts from those values and runs each round logged after them again where it ran
   (before the first change after its position), under its id; each change is evaluated with the values
   it was evaluated with the first time (`PercentileValues` gives the replaying task its own values; the
@@ -43,9 +43,14 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
   published then, under that round's id. The guarantee is: each transition is stored at most once per
   (segment, person, direction, round); a consumer may see the same direction twice in a row from two
   replicas that saw the population differently at a boundary, never a transition lost.
-- A build's own move of the values (above) is published under "qb<its instant ms>" and followed at once
-  by a snapshot; a crash between the two may publish those again after the build resumes, and the
-  changes applied in between are replayed with the values before it.
+- **A build's move.** A build going live with values other than the live ones moves them like a round,
+  at its quiescent point and before its definition goes live (`move_for_build`): logged first, in its
+  place among the moves (the last one's + 1, so it sorts before the next boundary, whose round still
+  runs), its transitions under "qb<that place>" at the build's instant. A crash anywhere after the log
+  record (before, during or after its publish or the build's, before the snapshot that follows) is
+  replayed like a round's: the move runs again where it ran, under its id, with the segments live again
+  then (the one being built is not yet, as when it first ran), and the build resumed after the restart
+  finds its values already live and moves nothing. Each of its transitions is published once.
 
 One population across replicas. Hot standby (the prod values) holds every partition: each replica's
 values are exact. Replicas that split the partitions (`shared`, given unless one replica holds every
@@ -73,7 +78,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cdp_kit.bus import subjects
 from cdp_kit.storage import Delete, Put
@@ -109,13 +114,23 @@ class PercentileValues(dict):
         return dict.get(self, key, default)
 
 
+class Logged(NamedTuple):
+    """A move of the values in the round log, for one partition: a round's or a build's."""
+
+    round: int  # its place among the moves: a round's boundary, or just after the move before a build's
+    position: int  # the partition's stream position when it ran: it runs before the change after it
+    values: dict[str, float | None]
+    cause: str  # its transitions' id: "q<boundary>", or "qb<round>" for a build's
+    at: float  # its transitions' time: the boundary, or the build's instant
+
+
 @dataclass(slots=True)
 class Replayed:
-    """A partition's replay: the values in force at the position reached, and the logged rounds still ahead
-    of it, (round, position, values) in round order."""
+    """A partition's replay: the values in force at the position reached, and the logged moves still ahead
+    of it, in round order."""
 
     values: dict[str, float | None]
-    rounds: list[tuple[int, int, dict[str, float | None]]] = field(default_factory=list)
+    rounds: list[Logged] = field(default_factory=list)
 
 
 class Percentiles:
@@ -134,31 +149,43 @@ class Percentiles:
         # Called at a snapshot's cut: it includes every round up to this one, in the served partitions
         # (one arriving keeps the mark its persons were loaded with until its replay is done).
         self._cut = (self.percentile_round, frozenset(self.active))
-        mark = {"values": dict(self.percentiles), "round": self.percentile_round}
+        mark = {
+            "values": dict(self.percentiles),
+            "round": self.percentile_round,
+            "cause": self.percentile_cause,
+            "at": self.percentile_at,
+        }
         return {f"{PERCENTILES}.{partition}": mark for partition in sorted(self.active)}
 
     async def load_percentiles(self) -> None:
         """The values of the latest round a snapshot or the round log holds (what the replays bring the
         held state to); stale, so the next round recomputes them."""
-        latest: tuple[int, dict[str, Any]] = (-1, {})
+        latest: tuple[int, Mapping[str, Any]] = (-1, {})
         async for record in self.store.scan_all(self.held.checkpoints):
             if record.key.startswith(PERCENTILES):
-                latest = max(latest, _base(record.doc), key=lambda found: found[0])
+                latest = max(latest, (_base(record.doc)[0], record.doc), key=lambda found: found[0])
         async for record in self.store.scan_all(self.rounds):
-            latest = max(latest, (record.doc["round"], record.doc["values"]), key=lambda found: found[0])
-        self.percentile_round = max(0, latest[0])
-        self.percentiles.update(latest[1])
+            latest = max(latest, (record.doc["round"], record.doc), key=lambda found: found[0])
+        round_id, doc = latest
+        if round_id > 0:
+            self.percentile_round, self.percentile_cause, self.percentile_at = round_id, _cause(doc), _at(doc)
+        self.percentiles.update(doc.get("values", {}))
         self.percentiles_stale = True
 
-    async def _log_round(self, round_id: int, values: Mapping[str, float | None], partitions: Iterable[int]) -> None:
-        """Durably, before anything is published: round `round_id` set `values` at each partition's current
-        position. A replay of the partition evaluates with them from that position on."""
+    async def _log_round(
+        self, round_id: int, values: Mapping[str, float | None], partitions: Iterable[int], cause: str, at: float
+    ) -> None:
+        """Durably, before anything is published: the move `round_id` (a round, or a build's) set `values`
+        at each partition's current position. A replay of the partition evaluates with them from that
+        position on, and runs the move there again as it ran (transitions under `cause`, at `at`)."""
         ops = [
             Put(
                 self.rounds,
                 f"{round_id:015d}.{partition}",
                 {
                     "round": round_id,
+                    "cause": cause,
+                    "at": at,
                     "partition": partition,
                     "position": self.applied.get(subjects.profiles_changed(partition), 0),
                     "values": dict(values),
@@ -202,12 +229,12 @@ class Percentiles:
         and the rounds logged after that snapshot for it."""
         base, values = self._percentile_base.get(partition, (self.percentile_round, {}))
         rounds = [
-            (record.doc["round"], record.doc["position"], record.doc["values"])
+            Logged(doc["round"], doc["position"], doc["values"], _cause(doc), _at(doc))
             async for record in self.store.scan_all(self.rounds)
-            if record.doc["partition"] == partition and record.doc["round"] > base
+            if (doc := record.doc)["partition"] == partition and doc["round"] > base
         ]
         # A key the snapshot did not know (a segment built since) is read as it is now.
-        return Replayed({**self.percentiles, **values}, sorted(rounds, key=lambda r: r[0]))
+        return Replayed({**self.percentiles, **values}, sorted(rounds, key=lambda logged: logged.round))
 
     @staticmethod
     def replaying(replayed: Replayed) -> _Replaying:
@@ -215,15 +242,13 @@ class Percentiles:
         return _Replaying(replayed.values)
 
     def replay_rounds(self, partition: int, replayed: Replayed, before: int | None, out: list[Transition]) -> None:
-        """Apply to `partition` the logged rounds that ran before stream position `before` (all: None), as
-        they ran: the persons in range evaluated again under the round's id."""
+        """Apply to `partition` the logged moves (rounds and builds') that ran before stream position
+        `before` (all: None), as they ran: the persons in range evaluated again under the move's id."""
         in_partition = self._in_partition(partition)
-        while replayed.rounds and (before is None or replayed.rounds[0][1] < before):
-            round_id, _position, values = replayed.rounds.pop(0)
-            new = {**replayed.values, **values}
-            moved = self._reevaluate_in_range(
-                replayed.values, new, in_partition, at=round_id / 1000, cause=f"q{round_id}"
-            )
+        while replayed.rounds and (before is None or replayed.rounds[0].position < before):
+            logged = replayed.rounds.pop(0)
+            new = {**replayed.values, **logged.values}
+            moved = self._reevaluate_in_range(replayed.values, new, in_partition, at=logged.at, cause=logged.cause)
             out.extend(moved.get(partition, ()))
             replayed.values = new
 
@@ -234,14 +259,13 @@ class Percentiles:
         self.replay_rounds(partition, replayed, None, out)
         while True:
             live, round_id = dict(self.percentiles), self.percentile_round
+            cause, at = self.percentile_cause, self.percentile_at
             if all(replayed.values.get(key) == value for key, value in live.items()):
                 return
-            await self._log_round(round_id, live, [partition])
+            await self._log_round(round_id, live, [partition], cause, at)
             if dict(self.percentiles) != live:
                 continue  # a round ran while the log was written
-            moved = self._reevaluate_in_range(
-                replayed.values, live, self._in_partition(partition), at=round_id / 1000, cause=f"q{round_id}"
-            )
+            moved = self._reevaluate_in_range(replayed.values, live, self._in_partition(partition), at=at, cause=cause)
             out.extend(moved.get(partition, ()))
             replayed.values = live
 
@@ -288,14 +312,31 @@ class Percentiles:
 
     async def _run_round(self, round_id: int, values: Mapping[str, float | None]) -> int:
         """Round `round_id` sets `values` (at a quiescent point, inside `mutating`)."""
+        cause, at = f"q{round_id}", round_id / 1000
         if any(dict.get(self.percentiles, key) != value for key, value in values.items()):
             # Before anything changes here: a crash after it replays the round (same id, same place).
-            await self._log_round(round_id, values, sorted(self.active))
+            await self._log_round(round_id, values, sorted(self.active), cause, at)
         self.percentiles_stale = False
-        self.percentile_round = round_id
-        by_partition = self._move_percentiles(values, round_id / 1000, cause=f"q{round_id}")
+        self.percentile_round, self.percentile_cause, self.percentile_at = round_id, cause, at
+        by_partition = self._move_percentiles(values, at, cause=cause)
         await self._publish_durably([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
         return self._moved_persons
+
+    async def move_for_build(self, values: Mapping[str, float | None], now: float) -> None:
+        """A build going live at `now` serves with the values it was built with: at a quiescent point, before
+        its definition goes live, a move like a round's, logged first. Its place among the moves is just
+        after the last one (`percentile_round` + 1: before the next boundary, whose round still runs), and
+        its transitions' id is "qb<that>", at `now`. A replay runs it again where it ran, under that id;
+        the build resumed after a crash then finds the values it would set already live and moves nothing."""
+        async with self.held.mutating():
+            if all(dict.get(self.percentiles, key) == value for key, value in values.items()):
+                return
+            move = self.percentile_round + 1
+            cause = f"qb{move}"
+            await self._log_round(move, values, sorted(self.active), cause, now)
+            self.percentile_round, self.percentile_cause, self.percentile_at = move, cause, now
+            by_partition = self._move_percentiles(values, now, cause=cause)
+            await self._publish_durably([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
 
     async def _shared_round(self) -> int:
         """A round with the values every replica uses (summaries.py): this replica's summaries written if
@@ -352,7 +393,7 @@ class Percentiles:
         }
 
     def _move_percentiles(
-        self, values: Mapping[str, float | None], now: float, *, cause: str | None = None
+        self, values: Mapping[str, float | None], now: float, *, cause: str
     ) -> dict[int, list[Transition]]:
         """Set the live percentiles to `values` and evaluate again, in the served partitions, the persons a
         moved value can change. The transitions, by partition."""
@@ -366,7 +407,7 @@ class Percentiles:
             {**old, **values},
             lambda person_id: partition_of(person_id) in active,  # one arriving catches up at its arrival
             at=now,
-            cause=cause or f"qb{round(now * 1000)}",  # a build's: never a round's id
+            cause=cause,
         )
 
     def _reevaluate_in_range(
@@ -440,6 +481,17 @@ class _Replaying:
 
     def __exit__(self, *exc: object) -> None:
         _REPLAYED.reset(self.token)
+
+
+def _cause(record: Mapping[str, Any]) -> str:
+    """The id of the move a snapshot's mark or a round log record holds (a round's unless it says so)."""
+    return record.get("cause") or f"q{int(record.get('round', 0))}"
+
+
+def _at(record: Mapping[str, Any]) -> float:
+    """The time of that move's transitions (a round's boundary unless it says so)."""
+    at = record.get("at")
+    return float(at) if at is not None else int(record.get("round", 0)) / 1000
 
 
 def _base(mark: Mapping[str, Any] | None) -> tuple[int, dict[str, float | None]]:
