@@ -35,13 +35,32 @@ def change_messages(
             python_to_value(value, message.traits[name])
         for group, value in change.groups.items():
             python_to_value(value, message.groups[group])
-        for name, value in change.computed.items():
-            python_to_value(value, message.computed[name])
+        if change.computed:
+            computed = message.computed
+            for name, value in change.computed.items():
+                kind = type(value)
+                # Most computed values are numbers: set them without python_to_value's dispatch (about a
+                # fifth of the cost per value). A bool's type is bool, so it still takes the general path.
+                if kind is float or kind is int:
+                    computed[name].number_value = value
+                else:
+                    python_to_value(value, computed[name])
         # None: the decision or score left with the other side of a split; it is absent from now on.
-        message.consent.update({k: v for k, v in change.consent.items() if v is not None})
-        message.scores.update({k: v for k, v in change.scores.items() if v is not None})
-        message.event_ids.extend(change.event_ids)
-        message.merged.extend(change.merged)
+        # Most changes carry no consent (and an event's no scores): nothing to visit then.
+        if change.consent:
+            consent = message.consent
+            for key, granted in change.consent.items():
+                if granted is not None:
+                    consent[key] = granted
+        if change.scores:
+            scores = message.scores
+            for name, score in change.scores.items():
+                if score is not None:
+                    scores[name] = score
+        if change.event_ids:
+            message.event_ids.extend(change.event_ids)
+        if change.merged:
+            message.merged.extend(change.merged)
         if change.split_from:
             message.split_from = change.split_from
         if change.merged_into or change.removed:
