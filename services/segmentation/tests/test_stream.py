@@ -615,6 +615,68 @@ async def test_a_replica_adopting_a_segment_another_replica_already_built_holds_
             await replica.stop()
 
 
+async def test_the_stream_goes_on_between_the_partitions_a_replica_adopts_a_segment_in(world, nats_server):
+    """b adopts `high` (built by a) one partition at a time, each at a quiescent point of its own, and the
+    pipelines run between two: a change of a person of a partition it has not reached yet is applied and
+    its transition published while the adoption is under way. Once done, b's members are its persons
+    that match, and each entry is on the stream once."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await define(b, "scored", "traits.score > 0")  # b's alone: what flows during the adoption
+        await define(a, "high", "traits.level > 0")
+        # Held at the quiescent point of its second partition: one is done, the other waits.
+        quiet, sections = b.engine._quiet, 0
+        between, go = asyncio.Event(), asyncio.Event()
+
+        @contextlib.asynccontextmanager
+        async def held_at_the_second():
+            nonlocal sections
+            sections += 1
+            if sections == 3:  # the first is the segment going live here, the second the first partition
+                between.set()
+                await go.wait()
+            async with quiet():
+                yield
+
+        b.engine._quiet = held_at_the_second
+        adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
+        await asyncio.wait_for(between.wait(), 10)
+        waiting = max(b.stream.owned())
+        person = sorted(p for p in levels if partition_for(p, PARTITIONS) == waiting)[0]
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + 1, score=1.0)])
+        await js.publish(subjects.profiles_changed(waiting), batch.SerializeToString())
+
+        async def scored() -> bool:
+            return await entries(nats_server.url, "scored") == [person]
+
+        await until(scored, "the entry of a person of a partition not adopted yet")
+        assert not adopting.done()
+        go.set()
+        await adopting
+        inside = {p for p, level in levels.items() if level > 0}
+        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+        assert b.engine.members["high"] == held_by_b
+
+        async def published() -> bool:
+            return len(await entries(nats_server.url, "high")) >= len(inside)
+
+        await until(published, "every member's entry published")
+        await asyncio.sleep(0.3)
+        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
+    finally:
+        for replica in (a, b):
+            await replica.stop()
+
+
 async def test_a_replica_starting_after_another_built_a_segment_holds_its_own_members(world, nats_server):
     """b is down (its partitions snapshotted without the segment) while a creates and builds a segment;
     when b starts again, its persons are members there and each entry is on the stream once."""

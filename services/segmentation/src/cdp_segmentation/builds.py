@@ -20,8 +20,8 @@ its persons are evaluated one by one as the build goes live.
 
 A segment another replica built is adopted (`adopt`: the announcement came once its build was done):
 the persons of every served partition are brought to the live definition as the build would have
-brought them (`_adopt_now`, under the build's ids), and so is each partition arriving later whose
-snapshot does not include that version (engine.py, `arrive`).
+brought them (`_adopt_now`, under the build's ids), a partition at a time while the others flow, and so
+is each partition arriving later whose snapshot does not include that version (engine.py, `arrive`).
 
 `Builds` is the part of `SegmentationEngine` that does this; the state it reads is set up in the
 engine's `__init__`.
@@ -170,22 +170,38 @@ class Builds:
 
     async def adopt(self, segment: Segment) -> None:
         """A live segment another replica built (its announcement came after the build was done): the
-        persons of every partition served here are brought to its definition (`_adopt_now`); a partition
-        arriving later catches up at its arrival (engine.py, `arrive`)."""
-        async with self._quiet():
-            async with self.held.mutating():
+        persons of every partition served here are brought to its definition (`_adopt_now`), one partition
+        at a time, each at a quiescent point of its own: the pipelines go on between two (a pause the
+        length of one partition's evaluation, not of all of them). A partition arriving later catches up
+        at its arrival (engine.py, `arrive`).
+
+        Meanwhile the segment is live: a change of a person of a partition not reached yet is evaluated
+        against it like any other (what it flips is published then, and that partition's turn finds it
+        done). No snapshot is taken until every partition is done, since its marks would say of each served
+        partition that its memberships are of this version: a crash in between starts from the snapshot
+        before, where the segment is not built here, and builds it again (`start`)."""
+        async with self._snapshots_held():
+            async with self._quiet(), self.held.mutating():
                 self._reindex()
                 # Values its percentiles compare with, until the next round (due: stale) sets the shared ones.
                 missing = [spec for spec in segment.compiled.percentiles if spec.key not in self.percentiles]
                 if missing:
                     self.percentiles.update(self.exact_percentiles(missing))
                     self.percentiles_stale = True
-                active, partition_of = self.active, self._partition
-                held = sorted(p for p in self.persons if partition_of(p) in active)
-                by_partition = self._adopt_now([segment], held, now=self.clock())
-                await self._publish_durably(
-                    [m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)]
-                )
+                by_partition: dict[int, list[str]] = {p: [] for p in self.active}
+                partition_of = self._partition
+                for person_id in self.persons:
+                    held = by_partition.get(partition_of(person_id))
+                    if held is not None:
+                        held.append(person_id)
+            # A person first seen from here on is evaluated against every live segment, this one too; one
+            # gone is passed over; a partition arriving is brought to the segment as it arrives.
+            for partition, persons in sorted(by_partition.items()):
+                async with self._quiet(), self.held.mutating():
+                    if partition not in self.active:
+                        continue
+                    moved = self._adopt_now([segment], sorted(persons), now=self.clock())
+                    await self._publish_durably(self._messages(partition, moved.get(partition, [])))
         await self.snapshot()
         log.info("segment adopted", extra={"segment": segment.id, "version": segment.version})
 

@@ -499,6 +499,17 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             async with self.stream.quiescent():
                 yield
 
+    @contextlib.asynccontextmanager
+    async def _snapshots_held(self) -> AsyncIterator[None]:
+        """No snapshot starts within (one under way finishes first): around work that brings the served
+        partitions to a state one quiescent point at a time, which a snapshot's marks must not record
+        half-way (an adoption)."""
+        if self.stream is None:
+            yield
+        else:
+            async with self.stream.snapshots_held():
+                yield
+
     # --- publishing -------------------------------------------------------------------------------
 
     def _messages(self, partition: int, transitions: Sequence[Transition]) -> list[OutMessage]:

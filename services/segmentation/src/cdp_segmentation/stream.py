@@ -177,6 +177,13 @@ class SegmentationStream(PartitionedEngine):
                 self.engine.log_snapshot_failure(exc)
                 return 0
 
+    @contextlib.asynccontextmanager
+    async def snapshots_held(self):
+        """No snapshot starts within; one under way finishes first (the engine's adoption, a partition at
+        a time: a snapshot half-way would mark every served partition as done)."""
+        async with self._snapshotting:
+            yield
+
     def history(self, partition: int):
         """A function of the position the held state includes: the partition's messages after it, up to
         the engine's checkpoint or the last one its consumer was given, whichever is later."""
