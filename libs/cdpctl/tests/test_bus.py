@@ -88,3 +88,49 @@ async def test_lag_shows_what_a_stopped_consumer_has_not_read(bus_cli):
         (lag,) = json.loads(result.output)
         assert (lag["stream"], lag["consumer"], lag["pending"]) == ("EVENTS_RAW", "profile-p0", 3)
         assert "profile-p0" in (await bus_cli.run("lag")).output
+
+
+async def test_a_replay_touches_only_the_dead_letters_there_when_it_started(bus_cli, monkeypatch):
+    # A message that is still poison fails again the moment it is replayed and lands in the DLQ anew. The
+    # replay must leave that new dead letter for the operator: before, it read it as the next one to
+    # replay, which failed again, and so on until --limit (a live platform showed 183 rounds of one bad
+    # event in a second). The consumer's instant rejection is simulated inside the replay's own publish
+    # so the test does not depend on who wins the race.
+    from nats.js.client import JetStreamContext
+
+    from cdp_kit.bus import subjects
+    from cdp_kit.bus.consumer import DLQ_CONSUMER, DLQ_REASON, DLQ_SEQ, DLQ_STREAM, DLQ_SUBJECT
+
+    def dead_letter_headers(subject: str, seq: int) -> dict[str, str]:
+        return {
+            DLQ_REASON: "invalid_event",
+            DLQ_SUBJECT: subject,
+            DLQ_STREAM: "EVENTS_RAW",
+            DLQ_CONSUMER: "identity-p0",
+            DLQ_SEQ: str(seq),
+        }
+
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+        first = await bus.js.publish("events.raw.0", b"still-bad", headers={"Nats-Msg-Id": "web:1"})
+        dlq_subject = subjects.dead_letter("EVENTS_RAW", "identity-p0")
+        await bus.js.publish(dlq_subject, b"still-bad", headers=dead_letter_headers("events.raw.0", first.seq))
+
+        publish = JetStreamContext.publish
+
+        async def rejected_again_at_once(self, subject, payload=b"", *args, **kwargs):
+            ack = await publish(self, subject, payload, *args, **kwargs)
+            if subject.startswith("events.raw."):
+                await publish(self, dlq_subject, payload, headers=dead_letter_headers(subject, ack.seq))
+            return ack
+
+        monkeypatch.setattr(JetStreamContext, "publish", rejected_again_at_once)
+        result = await bus_cli.run("dlq", "--replay", "--limit", "20", "--json")
+        monkeypatch.undo()
+
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["replayed"] == 1, result.output
+        # The one replayed went back once; its new failure waits in the DLQ, not replayed.
+        assert (await bus.js.stream_info("EVENTS_RAW")).state.messages == 2
+        (letter,) = json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"]
+        assert letter["original_seq"] == first.seq + 1

@@ -5,7 +5,10 @@
 then deletes it from the DLQ, so a crash in between replays it twice rather than losing it. The replay
 carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
 could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
-replay of the same dead letter, and a new one if the replayed message fails again (it has a new position). Every consumer of that stream sees the message again; consumers are idempotent.
+replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
+Every consumer of that stream sees the message again; consumers are idempotent. A listing or a replay
+reads the DLQ only up to its last message when the command started: a replayed message that fails again
+is a new dead letter, left for the operator, never replayed again by the same command.
 
 `cdpctl lag` shows every durable consumer of every stream: messages not yet delivered, delivered but not
 acknowledged, and redelivered.
@@ -88,10 +91,15 @@ async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> t
         except NotFoundError:
             return found, replayed  # nothing was ever dead-lettered here
         seq = max(1, info.state.first_seq)
-        while len(found) < limit:
+        # Only what the DLQ held when we looked: a replayed message that fails again is dead-lettered
+        # behind this point, and reading on would replay it again, round after round, up to `limit`.
+        last = info.state.last_seq
+        while len(found) < limit and seq <= last:
             try:
                 msg = await js.get_msg(DLQ, seq, subject=subject, next=True)
             except NotFoundError:
+                break
+            if msg.seq > last:
                 break
             letter = _dead_letter(msg)
             found.append(letter)
