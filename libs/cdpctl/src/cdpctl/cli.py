@@ -188,8 +188,11 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
 @main.command()
 @click.argument("kind", type=click.Choice(EVENT_TYPES), default="track")
 @click.option("--user-id", help="userId ('{i}' is replaced by the event's index)")
-@click.option("--anonymous-id", help="anonymousId ('{i}' is replaced by the event's index)")
-@click.option("--event", help="track: the event name")
+@click.option(
+    "--anonymous-id",
+    help="anonymousId ('{i}' is replaced by the event's index); with neither id, a fresh anonymousId each event",
+)
+@click.option("--event", help="track: the event name (default: 'cdpctl Test Event')")
 @click.option("--name", help="page/screen: the name")
 @click.option("--previous-id", help="alias: the previous id")
 @click.option("--group-id", help="group: the group id")

@@ -128,7 +128,9 @@ def quarantine(ws: Workspace, identifier_type: str, value: str, release: bool, a
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
 def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity_address, address) -> None:
-    """Everything held about a person as JSON (PERSON_ID, or TYPE VALUE): to stdout, or to --output."""
+    """The profile service's record of a person (PERSON_ID, or TYPE VALUE) as JSON: traits, consent,
+    timeline, scores, identifiers, merges; to stdout, or to --output. What other services keep (graph,
+    decisions, inbox, CRM records) has its own command: docs/privacy.md."""
 
     async def call() -> dict:
         person_id = await _person_id(ws, identity_address, person)
