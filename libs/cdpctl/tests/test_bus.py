@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream
+from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream, profiles_stream
 
 
 async def until(predicate, timeout=10.0):
@@ -19,7 +19,8 @@ async def until(predicate, timeout=10.0):
 
 async def test_dead_letters_are_shown_with_their_reason_and_replayed_once(bus_cli):
     async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
-        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+        # PROFILES too: its (empty) listing shows the filter keeps other streams' dead letters out.
+        await bus.ensure_streams(events_raw_stream(), profiles_stream(), dead_letter_stream())
         rejected_once: set[bytes] = set()
         handled: list[bytes] = []
 
@@ -134,3 +135,21 @@ async def test_a_replay_touches_only_the_dead_letters_there_when_it_started(bus_
         assert (await bus.js.stream_info("EVENTS_RAW")).state.messages == 2
         (letter,) = json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"]
         assert letter["original_seq"] == first.seq + 1
+
+
+async def test_dlq_of_a_stream_or_consumer_that_does_not_exist_says_so(bus_cli):
+    # `cdpctl dlq events_raw` (the wrong case) printed an empty table: read as "no dead letters".
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+
+    result = await bus_cli.run("dlq", "events_raw")
+    assert result.exit_code == 2, result.output
+    assert "STREAM" in result.output and "events_raw" in result.output and "EVENTS_RAW" in result.output
+
+    result = await bus_cli.run("dlq", "EVENTS_RAW", "identity-p9", "--json")
+    assert result.exit_code == 2, result.output
+    assert "CONSUMER" in result.output and "identity-p9" in result.output
+
+    # A stream that exists with nothing dead-lettered is an empty answer, not an error.
+    result = await bus_cli.run("dlq", "EVENTS_RAW", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["dead_letters"] == [], result.output

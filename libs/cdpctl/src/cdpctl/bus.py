@@ -8,7 +8,9 @@ could still be inside the stream's duplicate window and be dropped as a duplicat
 replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
 Every consumer of that stream sees the message again; consumers are idempotent. A listing or a replay
 reads the DLQ only up to its last message when the command started: a replayed message that fails again
-is a new dead letter, left for the operator, never replayed again by the same command.
+is a new dead letter, left for the operator, never replayed again by the same command. A STREAM or
+CONSUMER that names nothing (a misspelling, the wrong case) is refused naming it, rather than shown as
+having no dead letters.
 
 `cdpctl lag` shows every durable consumer of every stream: messages not yet delivered, delivered but not
 acknowledged, and redelivered.
@@ -118,6 +120,26 @@ async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> t
         await nc.close()
 
 
+async def missing_name(url: str, stream: str, consumer: str | None) -> click.BadParameter | None:
+    """Why a STREAM (or its CONSUMER) with no dead letters names nothing, or None when both exist."""
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(stream)
+        except NotFoundError:
+            names = ", ".join(sorted(s.config.name for s in await js.streams_info()))
+            return click.BadParameter(f"no stream named {stream!r} (streams: {names})", param_hint="STREAM")
+        if consumer:
+            try:
+                await js.consumer_info(stream, consumer)
+            except NotFoundError:
+                return click.BadParameter(f"{stream} has no consumer named {consumer!r}", param_hint="CONSUMER")
+        return None
+    finally:
+        await nc.close()
+
+
 @click.command()
 @click.argument("stream", required=False)
 @click.argument("consumer", required=False)
@@ -130,6 +152,12 @@ def dlq(ws: Workspace, stream: str | None, consumer: str | None, replay: bool, l
     """Dead letters (of one STREAM, or one of its CONSUMERs) with their reason; --replay sends them back."""
     subject = dlq_subject(stream, consumer)
     letters, replayed = asyncio.run(dead_letters(nats_url(ws, url), subject, limit=limit, replay=replay))
+    if not letters and stream:
+        # A misspelt name (the wrong case) finds no dead letters either: say so rather than show none. The
+        # dead letters of a stream or consumer since removed are still listed (the check runs on none).
+        problem = asyncio.run(missing_name(nats_url(ws, url), stream, consumer))
+        if problem is not None:
+            raise problem
     if as_json:
         out.print_json(json.dumps({"dead_letters": [asdict(d) for d in letters], "replayed": replayed}))
         return
