@@ -50,14 +50,16 @@ def decode_profile(doc: dict[str, Any], timeline: Iterable[TimelineEntry], reten
 
 
 def encode_scores(profile: Profile) -> dict[str, Any]:
-    """The scores record of a live profile: its own part's scores (where `set_scores` writes them)."""
-    return {"scores": {name: score.to_doc() for name, score in profile.parts[profile.person_id].scores.items()}}
+    """The scores record of a live profile: its own part's scores (where `set_scores` writes them), one
+    JSON string like the profile (the port checks a string, not a walk over every score)."""
+    scores = profile.parts[profile.person_id].scores
+    return {"scores": orjson.dumps({name: score.to_doc() for name, score in scores.items()}).decode()}
 
 
 def overlay_scores(profile: Profile, doc: dict[str, Any]) -> None:
     """Lay a stored scores record over a profile just decoded: per name the newer score stays."""
     held = profile.parts[profile.person_id].scores
-    for name, stored in doc.get("scores", {}).items():
+    for name, stored in orjson.loads(doc["scores"]).items():
         score = Score.from_doc(stored)
         current = held.get(name)
         if current is None or score.key() > current.key():
