@@ -478,6 +478,64 @@ async def test_a_build_that_moves_a_percentile_publishes_each_transition_once_ac
         await second.stop()
 
 
+async def crash_while_building(replica: Replica) -> None:
+    """The process dies with the builds under way (their tasks end with it)."""
+    building = list(replica.engine._builds.values())
+    await replica.crash()
+    for task in building:
+        task.cancel()
+    await asyncio.gather(*building, return_exceptions=True)
+
+
+@pytest.mark.parametrize("build", ["create", "update"])
+async def test_changes_applied_between_a_build_going_live_and_its_snapshot_are_published_once_across_a_crash(
+    world, nats_server, build
+):
+    """`high` goes live (created as `traits.level > 3`, or updated to it from `> 5`): p4 and p5 enter
+    under the build's id. Before its snapshot, p2 rises to 4 (it enters through that change) and p7
+    drops to 0 (it exits through it); then the process dies. The restart replays those changes with
+    `high` live from where it went live, as it was when they were first applied: p2 is not found
+    entering again under the build's id. Each (segment, person, direction) is on the stream once."""
+    store, js = world
+    clock = Clock(T0)
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(10)}, T0))
+    if build == "update":
+        await define(first, "high", "traits.level > 5")
+    await first.engine.snapshot()
+    dead = asyncio.Event()
+
+    async def changes_then_die() -> int:
+        await applied([first], await send_levels(js, {"p2": 4.0, "p7": 0.0}, T0 + 1))
+        dead.set()
+        await asyncio.Event().wait()  # never returns: the crash below ends the process here
+        return 0
+
+    first.engine.snapshot = changes_then_die
+    if build == "create":
+        await first.engine.create("high", parse("traits.level > 3"))
+    else:
+        await first.engine.update("high", parse("traits.level > 3"))
+    await asyncio.wait_for(dead.wait(), 20)
+    await crash_while_building(first)
+    clock.advance(30)
+
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
+    try:
+        second.engine.resume_builds()
+        await second.engine.wait_live("high")
+        assert second.engine.segments["high"].version == (1 if build == "create" else 2)
+        await asyncio.sleep(0.3)
+        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+        assert counts == {
+            **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
+            ("high", "p7", False): 1,
+        }
+        assert sorted(second.engine.members["high"]) == ["p2", "p4", "p5", "p6", "p8", "p9"]
+    finally:
+        await second.stop()
+
+
 async def test_hot_standby_replicas_store_each_percentile_transition_once(world, nats_server):
     """Two replicas run the same boundary's round at their own instants (1.3 s apart): the same id."""
     store, js = world
@@ -986,3 +1044,56 @@ async def test_timers_of_an_adopted_time_based_segment_come_back_right_after_a_r
         finally:
             await a.stop()
             await b.stop()
+
+
+async def test_changes_applied_between_an_adoption_and_its_snapshot_are_published_once_across_a_crash(
+    world, nats_server
+):
+    """b adopts `high` (built by a). Before its snapshot, a member of b's leaves and a person of b's enters
+    through changes of theirs; then b dies. Its restart replays those changes with `high` live from where
+    the adoption made it live, and brings each partition to it where the adoption did: nothing b's
+    adoption published is published again in another message, and nothing is found twice."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    replicas = [a]
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await b.engine.snapshot()
+        await define(a, "high", "traits.level > 0")
+        held_by_b = sorted(p for p in levels if partition_for(p, PARTITIONS) in b.stream.owned())
+        leaving = next(p for p in held_by_b if levels[p] > 0)
+        entering = next(p for p in held_by_b if levels[p] == 0)
+        dead = asyncio.Event()
+
+        async def changes_then_die() -> int:
+            await applied([b], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
+            dead.set()
+            await asyncio.Event().wait()  # never returns: the crash below ends the process here
+            return 0
+
+        b.engine.snapshot = changes_then_die
+        adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
+        await asyncio.wait_for(dead.wait(), 20)
+        await crash_while_building(b)
+        adopting.cancel()
+        await asyncio.gather(adopting, return_exceptions=True)
+
+        restarted = await Replica("b2", store, nats_server.url, clock).start(split(1))
+        replicas.append(restarted)
+        restarted.engine.resume_builds()
+        await restarted.engine.wait_live("high")
+        await asyncio.sleep(0.3)
+        inside = {p for p, level in levels.items() if level > 0}
+        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+        assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
+        assert restarted.engine.members["high"] == {p for p in held_by_b if p in inside | {entering}} - {leaving}
+    finally:
+        for replica in replicas:
+            await replica.stop()

@@ -32,15 +32,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from cdp_kit.errors import FailedPrecondition, Unavailable
-from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, SEGMENTS, Segment
-from cdp_segmentation.domain import Columns, CompiledSegment
+from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, SEGMENTS, Segment, segment_from_doc
+from cdp_segmentation.domain import Columns, CompiledSegment, to_json
 from cdp_segmentation.evaluation import Transition
+from cdp_segmentation.index import FieldIndex
+
+if TYPE_CHECKING:
+    from cdp_segmentation.percentiles import Logged, Replayed
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -86,7 +92,7 @@ class Builds:
                 if self.segments.get(segment.id) is not segment or segment.building_version != version:
                     return  # replaced or deleted meanwhile
                 # Published after every batch applied so far, before any applied next (stream.py).
-                async with self._quiet():
+                async with self._quiet(), self.held.mutating():
                     now = self.clock()
                     if percentiles:
                         # The values it was built with serve from now on. Moved first, with the segments
@@ -97,32 +103,44 @@ class Builds:
                         # applied while the population was evaluated.
                         await self.move_for_build(percentiles, now)
                         self.percentiles_stale = True
-                    current = self.members.get(segment.id, set())
-                    # (Persons of a partition that moved to another replica meanwhile are not held.)
-                    new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in self.persons}
-                    # Persons of a partition that arrived meanwhile were not in the population: evaluated
-                    # now, one by one, so they go live with the others (neither left as the previous
-                    # definition had them nor sent out as exits).
+                    # The definition's answer for each person held, as of the instant the population was
+                    # evaluated: the vectorised one, except for the persons evaluated since (a change, a timer,
+                    # a round: their inputs may have moved) and those of a partition that arrived meanwhile
+                    # (not in the population), evaluated one by one. That is what bringing each partition's
+                    # persons to it one by one finds (`_adopt_now`), which is how a replay makes it live.
+                    held = self.persons
+                    new = {persons[i] for i in np.flatnonzero(inside) if persons[i] in held}
                     evaluated = set(persons)
-                    new |= {
-                        p
-                        for p, person in self.persons.items()
-                        if p not in evaluated and compiled.predicate(person.fields, person.members, now)
+                    again = touched | {
+                        p for p, person in held.items() if p not in evaluated or person.evaluated_at >= evaluated_at
                     }
+                    for person_id in again:
+                        person = held.get(person_id)
+                        if person is not None and compiled.predicate(person.fields, person.members, evaluated_at):
+                            new.add(person_id)
+                        else:
+                            new.discard(person_id)
+                    current = self.members.get(segment.id, set())
                     entered, exited = sorted(new - current), sorted(current - new)
+                    # Logged first, with each partition's position: a crash before the snapshot that follows
+                    # replays the changes after it with the segment live, and this there, under its ids.
+                    before = segment if segment.serving else None
+                    await self.log_live(
+                        _live(segment.id, version, now=evaluated_at, readers_now=now, reason=reason, before=before),
+                        sorted(self.active),
+                    )
                     by_partition: dict[int, list[Transition]] = {}
                     for person_id, flag in [(p, False) for p in exited] + [(p, True) for p in entered]:
                         by_partition.setdefault(self._partition(person_id), []).append(
                             Transition(person_id, segment.id, flag, segment.updated_at, reason, version, f"v{version}")
                         )
-                    await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
                     for person_id in exited:
-                        person = self.persons.get(person_id)
+                        person = held.get(person_id)
                         if person is not None:
                             person.members.pop(segment.id, None)
                             self.held.mark(person_id)
                     for person_id in entered:
-                        person = self.persons.get(person_id)
+                        person = held.get(person_id)
                         if person is not None:
                             person.members[segment.id] = segment.updated_at
                             self.held.mark(person_id)
@@ -136,11 +154,13 @@ class Builds:
                     if segment.timed:
                         # Every person's timer, members or not, changed or not: time alone may move any of
                         # them, and a timer of the previous version may come too late for this one.
-                        self._schedule_evaluated(segment, self.persons, evaluated_at)
-                    # Persons changed while the population was evaluated, and those whose membership moved
-                    # segments referring to this one: evaluated again, as live.
+                        self._schedule_evaluated(segment, held, evaluated_at)
+                    # The segments referring to this one, for the persons it moved (as `_adopt_now` does).
+                    self._readers_after(segment, sorted(entered + exited), now, by_partition)
                     self._touched.remove(touched)
-                    await self._reevaluate(touched | set(entered) | set(exited), segment)
+                    await self._publish_durably(
+                        [m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)]
+                    )
                 await self.snapshot()
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
                 if replaced is not compiled:
@@ -183,6 +203,8 @@ class Builds:
         async with self._snapshots_held():
             async with self._quiet(), self.held.mutating():
                 self._reindex()
+                # Live from here in every served partition (logged: a replay makes it live there).
+                await self.log_live(_live(segment.id, segment.version, adopt=False), sorted(self.active))
                 # Values its percentiles compare with, until the next round (due: stale) sets the shared ones.
                 missing = [spec for spec in segment.compiled.percentiles if spec.key not in self.percentiles]
                 if missing:
@@ -200,25 +222,34 @@ class Builds:
                 async with self._quiet(), self.held.mutating():
                     if partition not in self.active:
                         continue
-                    moved = self._adopt_now([segment], sorted(persons), now=self.clock())
+                    now = self.clock()
+                    # Logged too: a replay brings the partition's persons to it there, as now.
+                    await self.log_live(_live(segment.id, segment.version, golive=False, now=now), [partition])
+                    moved = self._adopt_now([segment], sorted(persons), now=now)
                     await self._publish_durably(self._messages(partition, moved.get(partition, [])))
         await self.snapshot()
         log.info("segment adopted", extra={"segment": segment.id, "version": segment.version})
 
     def _adopt_now(
-        self, segments: Iterable[Segment], persons: Sequence[str], *, now: float
+        self,
+        segments: Iterable[Segment],
+        persons: Sequence[str],
+        *,
+        now: float,
+        readers_now: float | None = None,
+        reason: str | None = None,
     ) -> dict[int, list[Transition]]:
         """Bring `persons` (sorted) to live `segments` they were never evaluated for here: another replica
         built them, or the snapshot they were loaded from is of an earlier version. What the build would
         have done for them: each flip is a transition under the build's id (segment, person, `v<version>`,
         exits then entries, each in person order), so a copy the builder published already is a JetStream
         duplicate; then the segments referring to one that flipped are evaluated again as after a build
-        (`v<version>r<seq>`). The transitions, by partition."""
+        (`v<version>r<seq>`, as of `readers_now`: `now` unless given). The transitions, by partition."""
         order = {segment_id: n for n, segment_id in enumerate(self.index.order)}
         by_partition: dict[int, list[Transition]] = {}
         for segment in sorted(segments, key=lambda s: order.get(s.id, len(order))):
             segment_id, cause = segment.id, f"v{segment.version}"
-            reason = "created" if segment.version == 1 else "updated"
+            why = reason or ("created" if segment.version == 1 else "updated")
             flips: dict[bool, list[str]] = {False: [], True: []}
             for person_id in persons:
                 person = self.persons.get(person_id)
@@ -239,48 +270,108 @@ class Builds:
                         members.discard(person_id)
                     self.held.mark(person_id)
                     by_partition.setdefault(self._partition(person_id), []).append(
-                        Transition(person_id, segment_id, inside, segment.updated_at, reason, segment.version, cause)
+                        Transition(person_id, segment_id, inside, segment.updated_at, why, segment.version, cause)
                     )
             if segment.timed:
                 self._schedule_evaluated(segment, persons, now)
-            readers = tuple(r for r in self.index.readers_of(segment) if r[0].id != segment_id)
-            if readers:
-                for person_id in sorted(flips[False] + flips[True]):
-                    person = self.persons[person_id]
-                    self._evaluate(
-                        person_id,
-                        person,
-                        readers,
-                        now=now,
-                        at=now,
-                        reason="updated",
-                        cause=f"v{segment.version}r{person.seq}",
-                        out=by_partition.setdefault(self._partition(person_id), []),
-                    )
+            self._readers_after(
+                segment, sorted(flips[False] + flips[True]), now if readers_now is None else readers_now, by_partition
+            )
         return by_partition
 
-    async def _reevaluate(self, persons: Iterable[str], segment: Segment) -> None:
-        async with self.held.mutating():
-            await self._reevaluate_now(persons, segment)
+    def _readers_after(
+        self, segment: Segment, moved: Sequence[str], now: float, by_partition: dict[int, list[Transition]]
+    ) -> None:
+        """The live segments referring to `segment`, evaluated again at `now` for the persons it `moved`
+        (sorted) as it went live or they were brought to it: under `v<version>r<seq>`."""
+        readers = tuple(r for r in self.index.readers_of(segment) if r[0].id != segment.id)
+        if not readers:
+            return
+        for person_id in moved:
+            person = self.persons[person_id]
+            self._evaluate(
+                person_id,
+                person,
+                readers,
+                now=now,
+                at=now,
+                reason="updated",
+                cause=f"v{segment.version}r{person.seq}",
+                out=by_partition.setdefault(self._partition(person_id), []),
+            )
 
-    async def _reevaluate_now(self, persons: Iterable[str], segment: Segment) -> None:
-        segments = self.index.readers_of(segment)
-        now = self.clock()
-        by_partition: dict[int, list[Transition]] = {}
-        for person_id in persons:
-            person = self.persons.get(person_id)
-            if person is not None:
-                self._evaluate(
-                    person_id,
-                    person,
-                    segments,
-                    now=now,
-                    at=now,
-                    reason="updated",
-                    cause=f"v{segment.version}r{person.seq}",
-                    out=by_partition.setdefault(self._partition(person_id), []),
+    # --- go-lives in the round log: a crash before the snapshot after them ---------------------------
+
+    async def logged_live(self) -> set[tuple[str, int]]:
+        """(segment, version) of every go-live the round log holds (no snapshot included it everywhere yet)."""
+        found: set[tuple[str, int]] = set()
+        async for record in self.store.scan_all(self.rounds):
+            live = record.doc.get("live")
+            if live is not None and live.get("golive"):
+                found.add((live["segment"], live["version"]))
+        return found
+
+    async def live_again(self, segment: Segment) -> None:
+        """At start: the build of `segment` went live before a crash, and it is live again as it was (the
+        stored state says building: a crash came before the build's end stored it). The replays make it
+        live where it went live, and the persons of a partition no replay brings to it are brought to it
+        as it arrives (`_adopt_arrived`): nothing is built again."""
+        version, compiled = segment.building_version, segment.definition
+        segment.serve(compiled, version)
+        segment.pending = None
+        segment.state, segment.serving, segment.error = LIVE, True, ""
+        await self.store.put(SEGMENTS, segment.id, segment.doc())
+        log.info("segment live again after a restart", extra={"segment": segment.id, "version": version})
+
+    def hidden_until_live(self, logged: Sequence[Logged]) -> dict[str, Segment | None]:
+        """The segments a replay must not evaluate as live until it reaches their logged go-live: those live
+        at the logged version now, each as it was before (its previous definition, or None)."""
+        hidden: dict[str, Segment | None] = {}
+        for entry in logged:
+            live = entry.live
+            if live is None or not live.get("golive") or live["segment"] in hidden:
+                continue
+            segment = self.segments.get(live["segment"])
+            if segment is None or not segment.serving or segment.version != live["version"]:
+                continue  # deleted or replaced since
+            before = live.get("before")
+            hidden[segment.id] = (
+                None
+                if not before
+                else segment_from_doc(
+                    segment.id,
+                    {"version": before["version"], "tree": before["tree"], "state": LIVE, "serving": True},
+                    self.percentiles,
                 )
-        await self._publish([m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)])
+            )
+        return hidden
+
+    def replay_index(self, hidden: Mapping[str, Segment | None]) -> FieldIndex | None:
+        """The index of the live segments with `hidden` as they were before going live (None: the live one)."""
+        if not hidden:
+            return None
+        serving = [hidden.get(s.id) if s.id in hidden else s for s in self._serving()]
+        return FieldIndex([s for s in serving if s is not None])
+
+    def replay_live(self, partition: int, replayed: Replayed, live: Mapping[str, Any], out: list[Transition]) -> None:
+        """A replay of `partition` reached a logged go-live: the segment is live from here on, and, when it
+        was brought to them there (a build, an adoption's turn), the partition's persons are, under the
+        build's ids, as of the same instants."""
+        segment = self.segments.get(live["segment"])
+        if segment is None or not segment.serving or segment.version != live["version"]:
+            return  # deleted or replaced since: what replaced it is made live on its own
+        if live.get("golive") and segment.id in replayed.hidden:
+            del replayed.hidden[segment.id]
+            replayed.index = self.replay_index(replayed.hidden)
+        if not live.get("adopt"):
+            return
+        persons = sorted(p for p in self.persons if self._partition(p) == partition)
+        with self.replaying(replayed):
+            moved = self._adopt_now(
+                [segment], persons, now=live["now"], readers_now=live.get("readers_now"), reason=live.get("reason")
+            )
+        out.extend(moved.get(partition, ()))
+        self._built_base.setdefault(partition, {})[segment.id] = segment.version
 
     async def _referenced_live(self, compiled: CompiledSegment) -> None:
         """A definition referring to segments still being built waits for them (their members are its input)."""
@@ -370,3 +461,31 @@ class Builds:
             compiled=compiled,
             evaluate_ms=elapsed,
         )
+
+
+def _live(
+    segment_id: str,
+    version: int,
+    *,
+    golive: bool = True,
+    adopt: bool = True,
+    now: float = 0.0,
+    readers_now: float | None = None,
+    reason: str | None = None,
+    before: Segment | None = None,
+) -> dict[str, Any]:
+    """A round log entry's go-live (percentiles.py, `log_live`): the segment goes live there (`golive`), and
+    the partition's persons are brought to it as of `now` (`adopt`), the segments referring to it as of
+    `readers_now`; `before`: the definition live until then."""
+    return {
+        "segment": segment_id,
+        "version": version,
+        "golive": golive,
+        "adopt": adopt,
+        "now": now,
+        "readers_now": now if readers_now is None else readers_now,
+        "reason": reason,
+        "before": None
+        if before is None
+        else {"version": before.version, "tree": orjson.dumps(to_json(before.compiled.node)).decode()},
+    }

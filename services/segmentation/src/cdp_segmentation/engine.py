@@ -70,7 +70,7 @@ from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
-from cdp_segmentation.percentiles import ROUNDS, Percentiles, PercentileValues, Replayed
+from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
 
 if TYPE_CHECKING:
     from cdp_segmentation.stream import Changes, SegmentationStream
@@ -185,7 +185,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         # partition subject -> the last stream position the held state includes
         self.applied = self.held.applied
         self.snapshotted = self.held.snapshotted
-        self.index = FieldIndex()
+        self._index = FieldIndex()
         self._timers: dict[int, list[tuple[float, str]]] = {}  # partition -> (due, person): a heap
         self._due: dict[str, float] = {}  # person -> its pending timer
         self._last_apply: dict[int, float] = {}  # partition -> when it last applied a batch (monotonic)
@@ -233,6 +233,16 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             description="persons with a timer pending",
         )
 
+    @property
+    def index(self) -> FieldIndex:
+        """The live segments' index; in a replay before a segment's logged go-live, the one without it."""
+        replayed = REPLAYED_INDEX.get()
+        return self._index if replayed is None else replayed
+
+    @index.setter
+    def index(self, index: FieldIndex) -> None:
+        self._index = index
+
     def _observe_members(self, _options):
         return [Observation(len(m), {"segment": s}) for s, m in self.members.items()]
 
@@ -258,9 +268,23 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         await self._migrate_snapshot_positions()
         built_record = await self.store.get(self.held.checkpoints, BUILT)
         built: dict[str, int] = (built_record.doc if built_record is not None else {}).get("versions", {})
+        went_live = await self.logged_live()
         for segment in self.segments.values():
+            if segment.state == BUILDING and (
+                (segment.id, segment.building_version) in went_live
+                or (built.get(segment.id) == segment.building_version and (segment.pending or not segment.serving))
+            ):
+                # Its build went live before a crash (logged, or a snapshot holds it): live, as it was then;
+                # the replays make it live where it went live (builds.py, `replay_live`).
+                await self.live_again(segment)
             # Changed by another replica while this one was down: its memberships here are of another version.
-            if segment.serving and built.get(segment.id) != segment.version and segment.state == LIVE:
+            # (Unless this replica's adoption of it is logged: the replays bring the partitions to it.)
+            elif (
+                segment.serving
+                and built.get(segment.id) != segment.version
+                and segment.state == LIVE
+                and (segment.id, segment.version) not in went_live
+            ):
                 segment.pending = (segment.version, segment.compiled)
                 segment.state = BUILDING
         await self.load_percentiles()
@@ -531,6 +555,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
                 key = f"{t.cause}:{t.person}"
             elif kind == "q":
                 key = f"{t.cause}:{t.person}:{t.segment}"
+            elif kind == "v":
+                # A definition's: per segment, so a replay making several live finds each one's messages.
+                key = f"{t.cause}:{t.segment}"
             else:
                 key = t.cause
             groups.setdefault(key, []).append(t)

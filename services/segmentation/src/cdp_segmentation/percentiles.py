@@ -73,6 +73,7 @@ shared ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -88,6 +89,7 @@ from cdp_segmentation.summaries import Decided, Summary, merged_percentile, summ
 
 if TYPE_CHECKING:
     from cdp_segmentation.catalogue import Segment
+    from cdp_segmentation.index import FieldIndex
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -99,6 +101,9 @@ ROUNDS = "segmentation_percentile_rounds"  # the round log: "<round ms>.<partiti
 
 # The values a replay evaluates with, in the replaying task only (every other task reads the live ones).
 _REPLAYED: ContextVar[Mapping[str, float | None] | None] = ContextVar("segmentation_replayed_percentiles", default=None)
+# The live segments a replay evaluates with where they differ from the live ones (a segment whose logged
+# go-live is still ahead of the replayed position: builds.py), in the replaying task only.
+REPLAYED_INDEX: ContextVar[FieldIndex | None] = ContextVar("segmentation_replayed_index", default=None)
 
 
 class PercentileValues(dict):
@@ -122,15 +127,20 @@ class Logged(NamedTuple):
     values: dict[str, float | None]
     cause: str  # its transitions' id: "q<boundary>", or "qb<round>" for a build's
     at: float  # its transitions' time: the boundary, or the build's instant
+    # Not a move: a segment going live, or the partition's persons brought to it, there (builds.py, `log_live`)
+    live: Mapping[str, Any] | None = None
 
 
 @dataclass(slots=True)
 class Replayed:
     """A partition's replay: the values in force at the position reached, and the logged moves still ahead
-    of it, in round order."""
+    of it, in round order; the segments whose logged go-live is still ahead, as they were before it
+    (segment id -> the definition then, or None: not live), and the index they make (None: the live one)."""
 
     values: dict[str, float | None]
     rounds: list[Logged] = field(default_factory=list)
+    hidden: dict[str, Segment | None] = field(default_factory=dict)
+    index: FieldIndex | None = None
 
 
 class Percentiles:
@@ -179,22 +189,50 @@ class Percentiles:
         at each partition's current position. A replay of the partition evaluates with them from that
         position on, and runs the move there again as it ran (transitions under `cause`, at `at`)."""
         ops = [
-            Put(
-                self.rounds,
-                f"{round_id:015d}.{partition}",
-                {
-                    "round": round_id,
-                    "cause": cause,
-                    "at": at,
-                    "partition": partition,
-                    "position": self.applied.get(subjects.profiles_changed(partition), 0),
-                    "values": dict(values),
-                },
-            )
+            self._logged(f"{round_id:015d}.{partition}", round_id, partition, values, cause, at)
             for partition in partitions
         ]
         if ops:
             await self.store.bulk_write(ops)
+
+    async def log_live(self, live: Mapping[str, Any], partitions: Iterable[int]) -> None:
+        """Durably, before anything is published: a segment went live, or the persons of `partitions` were
+        brought to it (`live`, builds.py), at each partition's current position. Its place among the moves
+        is just after the last one (`percentile_round` + 1, before the next boundary's round), so a snapshot
+        after it includes it, and a replay from one before it makes it live there, as the move before it
+        and the round after it were run."""
+        place = self.percentile_round + 1
+        values, cause, at = dict(self.percentiles), self.percentile_cause, self.percentile_at
+        # (A key of its own: a catch-up logs a move under the last place's key.)
+        ops = [
+            self._logged(f"{place:015d}.{partition}.live", place, partition, values, cause, at, live)
+            for partition in partitions
+        ]
+        if ops:
+            await self.store.bulk_write(ops)
+            self.percentile_round = place
+
+    def _logged(
+        self,
+        key: str,
+        round_id: int,
+        partition: int,
+        values: Mapping[str, float | None],
+        cause: str,
+        at: float,
+        live: Mapping[str, Any] | None = None,
+    ) -> Put:
+        doc = {
+            "round": round_id,
+            "cause": cause,
+            "at": at,
+            "partition": partition,
+            "position": self.applied.get(subjects.profiles_changed(partition), 0),
+            "values": dict(values),
+        }
+        if live is not None:
+            doc["live"] = dict(live)
+        return Put(self.rounds, key, doc)
 
     async def prune_rounds(self) -> None:
         """After a snapshot: the log records of the partitions it marked, of the rounds it includes, are
@@ -229,17 +267,24 @@ class Percentiles:
         and the rounds logged after that snapshot for it."""
         base, values = self._percentile_base.get(partition, (self.percentile_round, {}))
         rounds = [
-            Logged(doc["round"], doc["position"], doc["values"], _cause(doc), _at(doc))
+            Logged(doc["round"], doc["position"], doc["values"], _cause(doc), _at(doc), doc.get("live"))
             async for record in self.store.scan_all(self.rounds)
             if (doc := record.doc)["partition"] == partition and doc["round"] > base
         ]
+        # In place order; a catch-up's move logged in a go-live's place comes after it.
+        rounds.sort(key=lambda logged: (logged.round, logged.position, logged.live is None))
         # A key the snapshot did not know (a segment built since) is read as it is now.
-        return Replayed({**self.percentiles, **values}, sorted(rounds, key=lambda logged: logged.round))
+        replayed = Replayed({**self.percentiles, **values}, rounds, self.hidden_until_live(rounds))
+        replayed.index = self.replay_index(replayed.hidden)
+        return replayed
 
     @staticmethod
-    def replaying(replayed: Replayed) -> _Replaying:
-        """Around a replayed change: this task's definitions read the values in force at its position."""
-        return _Replaying(replayed.values)
+    @contextlib.contextmanager
+    def replaying(replayed: Replayed):
+        """Around a replayed change: this task's definitions read the values in force at its position, and
+        the segments live there."""
+        with _Replaying(replayed.values), _ReplayIndex(replayed.index):
+            yield
 
     def replay_rounds(self, partition: int, replayed: Replayed, before: int | None, out: list[Transition]) -> None:
         """Apply to `partition` the logged moves (rounds and builds') that ran before stream position
@@ -247,8 +292,12 @@ class Percentiles:
         in_partition = self._in_partition(partition)
         while replayed.rounds and (before is None or replayed.rounds[0].position < before):
             logged = replayed.rounds.pop(0)
+            if logged.live is not None:
+                self.replay_live(partition, replayed, logged.live, out)
+                continue
             new = {**replayed.values, **logged.values}
-            moved = self._reevaluate_in_range(replayed.values, new, in_partition, at=logged.at, cause=logged.cause)
+            with _ReplayIndex(replayed.index):
+                moved = self._reevaluate_in_range(replayed.values, new, in_partition, at=logged.at, cause=logged.cause)
             out.extend(moved.get(partition, ()))
             replayed.values = new
 
@@ -481,6 +530,21 @@ class _Replaying:
 
     def __exit__(self, *exc: object) -> None:
         _REPLAYED.reset(self.token)
+
+
+class _ReplayIndex:
+    """Within it, this task evaluates the live segments of `index` (None: the live ones)."""
+
+    __slots__ = ("index", "token")
+
+    def __init__(self, index: FieldIndex | None) -> None:
+        self.index = index
+
+    def __enter__(self) -> None:
+        self.token = REPLAYED_INDEX.set(self.index)
+
+    def __exit__(self, *exc: object) -> None:
+        REPLAYED_INDEX.reset(self.token)
 
 
 def _cause(record: Mapping[str, Any]) -> str:
