@@ -369,3 +369,26 @@ async def test_approvals_decisions_stats_and_inbox(orchestration):
 async def test_without_a_running_platform_it_says_how_to_point_at_one(tmp_path):
     result = await cdpctl(tmp_path / "nowhere", "journey", "list")
     assert result.exit_code == 2 and "--address" in result.output
+
+
+async def test_the_instances_table_shows_whole_ids(orchestration):
+    # The ids an operator copies into `journey exit INSTANCE_ID` or `decisions PERSON_ID` were cut to
+    # "i69529039e53c523f…" in a 160-column table, as the README's walkthrough shows them.
+    fake, home = orchestration
+    instance, person = "i69529039e53c523fd06b4780d3f432c0", "p_7f3bf83c9ef5970e60142b03"
+    fake.instances = [
+        pb.Instance(
+            id=instance,
+            journey_id="abandoned-cart",
+            journey_version=1,
+            person_id=person,
+            state=pb.INSTANCE_STATE_ENDED,
+            node_id="wait",
+            end_reason="exit_rule:purchased",
+            converted=True,
+        )
+    ]
+    result = await cdpctl(home, "journey", "instances", "--journey", "abandoned-cart")
+    assert result.exit_code == 0, result.output
+    assert instance in result.output and person in result.output, result.output
+    assert "exit_rule:purchased" in result.output.replace("\n", "").replace("│", "").replace(" ", ""), result.output

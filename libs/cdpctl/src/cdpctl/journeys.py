@@ -406,7 +406,13 @@ def instances(
         "ended",
         "reason",
     ):
-        table.add_column(column)
+        if column in ("instance", "person"):
+            # Ids are what an operator copies (into `journey exit`, `decisions`): never cut; the other
+            # columns wrap (fold) instead, so nothing is lost to an ellipsis.
+            longest = max((len(i.get("id" if column == "instance" else "personId", "")) for i in documents), default=0)
+            table.add_column(column, no_wrap=True, min_width=max(longest, len(column)))
+        else:
+            table.add_column(column, overflow="fold")
     for i in documents:
         table.add_row(
             i["id"],
