@@ -1097,3 +1097,45 @@ async def test_changes_applied_between_an_adoption_and_its_snapshot_are_publishe
     finally:
         for replica in replicas:
             await replica.stop()
+
+
+async def test_changes_applied_after_a_partition_arriving_is_brought_to_a_segment_are_published_once_across_a_crash(
+    world, nats_server
+):
+    """b builds `high` while a is down; a's partitions arrive on its restart with a snapshot from before
+    the build, so their persons are brought to `high` as they arrive. A member of a's leaves and a person
+    of a's enters through changes of theirs, then a dies before any snapshot. The next start replays those
+    changes after bringing the persons to `high` where the arrival did: each transition once."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start(split(0))
+    b = await Replica("b", store, nats_server.url, clock).start(split(1))
+    replicas = [b]
+    try:
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await a.engine.snapshot()
+        await a.crash()
+        await define(b, "high", "traits.level > 0")
+        held_by_a = sorted(p for p in levels if partition_for(p, PARTITIONS) not in b.stream.owned())
+        leaving = next(p for p in held_by_a if levels[p] > 0)
+        entering = next(p for p in held_by_a if levels[p] == 0)
+
+        again = await Replica("a2", store, nats_server.url, clock).start(split(0))
+        await applied([again], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
+        await again.crash()
+
+        last = await Replica("a3", store, nats_server.url, clock).start(split(0))
+        replicas.append(last)
+        await asyncio.sleep(0.3)
+        inside = {p for p, level in levels.items() if level > 0}
+        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+        assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
+        assert last.engine.members["high"] == {p for p in held_by_a if p in inside | {entering}} - {leaving}
+    finally:
+        for replica in replicas:
+            await replica.stop()

@@ -2,21 +2,38 @@
 
 The vectorised evaluator runs over columns built from the held fields, chunk by chunk with progress on
 the segment; the difference from the current membership is published with the reason ("created",
-"updated") under the definition version's ids, and the segment goes live. Persons changed while the
-population was evaluated, and the segments referring to this one, are evaluated again as live ones. A
+"updated") under the definition version's ids, and the segment goes live. Persons evaluated since the
+population was (a change, a timer, a round) and those of a partition that arrived meanwhile are
+evaluated one by one, so the answer for every person is the definition's as of the population's instant,
+which is what bringing a partition's persons to it one by one finds (`_adopt_now`); the segments
+referring to this one are evaluated again for the persons it moved. A
 time-based definition sets every held person's timer as it goes live, members or not, moved or not
 (evaluation.py, `_schedule_evaluated`): time alone moves persons the build left as they were, and a timer
 of the previous version may come too late for the new one.
 
 Before a build or an estimate, the computed traits its event conditions need are defined on the profile
 service, backfilled there, and their values received here (`caught_up`: every owned partition applied
-up to the PROFILES stream's end as of the call). A build a crash interrupted starts again on the next
+up to the PROFILES stream's end as of the call). A build a crash interrupted before it went live starts again on the next
 start (`resume_builds`): its transitions keep their ids, so JetStream drops what was published before.
 A build that goes live with population percentiles other than the live ones moves them first, as a
 logged round does (percentiles.py, `move_for_build`): a replay runs that move again under its id, and
 the resumed build finds the values live.
 A partition that arrives while a build runs (its persons were not in the population) goes live with it:
 its persons are evaluated one by one as the build goes live.
+
+Going live is durable before anything of it is published: an entry of the round log (`log_live`,
+percentiles.py) with each served partition's position, the segment and version, the instants it was
+evaluated as of and the definition live before. So is an adoption: its going live here, and each
+partition's turn; and a partition arriving brought to a segment. A crash before the snapshot that
+includes it (changes applied in between) starts from a snapshot before it: the start finds the segment
+live (`live_again`: no rebuild), and each partition's replay evaluates the changes before that position
+with the segment as it was then (`hidden_until_live`: its previous definition, or none), brings the
+partition's persons to it there as it did (`replay_live`: `_adopt_now` under the build's ids, as of
+the same instants), and evaluates the changes after it with it live. Each transition is found again
+under its id: a person who entered through a change after the go-live is not found entering again
+under the build's. Limit: with replicas that split the partitions, an entry placed before the mark of
+a snapshot another replica wrote of the partition (its moves ran further) is not replayed; that
+partition is brought to the segment after its replay instead, as before.
 
 A segment another replica built is adopted (`adopt`: the announcement came once its build was done):
 the persons of every served partition are brought to the live definition as the build would have
@@ -126,7 +143,9 @@ class Builds:
                     # replays the changes after it with the segment live, and this there, under its ids.
                     before = segment if segment.serving else None
                     await self.log_live(
-                        _live(segment.id, version, now=evaluated_at, readers_now=now, reason=reason, before=before),
+                        live_entry(
+                            segment.id, version, now=evaluated_at, readers_now=now, reason=reason, before=before
+                        ),
                         sorted(self.active),
                     )
                     by_partition: dict[int, list[Transition]] = {}
@@ -198,13 +217,15 @@ class Builds:
         Meanwhile the segment is live: a change of a person of a partition not reached yet is evaluated
         against it like any other (what it flips is published then, and that partition's turn finds it
         done). No snapshot is taken until every partition is done, since its marks would say of each served
-        partition that its memberships are of this version: a crash in between starts from the snapshot
-        before, where the segment is not built here, and builds it again (`start`)."""
+        partition that its memberships are of this version. Its going live here and each partition's turn
+        are logged first (`log_live`): a crash before that snapshot starts with the segment live, replays
+        each partition's changes with it live from where it went live, and brings the partition's persons
+        to it where its turn did (a partition not reached yet: after its replay, as it arrives)."""
         async with self._snapshots_held():
             async with self._quiet(), self.held.mutating():
                 self._reindex()
                 # Live from here in every served partition (logged: a replay makes it live there).
-                await self.log_live(_live(segment.id, segment.version, adopt=False), sorted(self.active))
+                await self.log_live(live_entry(segment.id, segment.version, adopt=False), sorted(self.active))
                 # Values its percentiles compare with, until the next round (due: stale) sets the shared ones.
                 missing = [spec for spec in segment.compiled.percentiles if spec.key not in self.percentiles]
                 if missing:
@@ -224,7 +245,7 @@ class Builds:
                         continue
                     now = self.clock()
                     # Logged too: a replay brings the partition's persons to it there, as now.
-                    await self.log_live(_live(segment.id, segment.version, golive=False, now=now), [partition])
+                    await self.log_live(live_entry(segment.id, segment.version, golive=False, now=now), [partition])
                     moved = self._adopt_now([segment], sorted(persons), now=now)
                     await self._publish_durably(self._messages(partition, moved.get(partition, [])))
         await self.snapshot()
@@ -288,7 +309,9 @@ class Builds:
         if not readers:
             return
         for person_id in moved:
-            person = self.persons[person_id]
+            person = self.persons.get(person_id)
+            if person is None:
+                continue
             self._evaluate(
                 person_id,
                 person,
@@ -463,7 +486,7 @@ class Builds:
         )
 
 
-def _live(
+def live_entry(
     segment_id: str,
     version: int,
     *,

@@ -22,7 +22,10 @@ person's stream position are snapshotted every few seconds at a quiescent point,
 positions they include (`segmentation_snapshots`); a partition's start loads them and replays
 `profiles.changed` from there up to where the engine had got, publishing again what the replay finds.
 Snapshots also record, per partition, the definition versions its memberships are of; a partition
-arriving with another version of a live segment (or none) is brought to it before it is served.
+arriving with another version of a live segment (or none) is brought to it before it is served. A
+segment going live, or persons brought to it, between a snapshot and a crash is replayed where it
+happened (a round log entry, builds.py): the changes before it are evaluated without it, those after
+it with it (`index`, in the replaying task).
 Every transition has a stable id (segment, person and what caused it: a stream position, a timer instant,
 a definition version or a percentile round), so a transition published before a crash is a JetStream
 duplicate after it, and a person's stream position keeps a change from being applied twice. Memberships
@@ -60,7 +63,7 @@ from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import set_ns
 
 # Re-exported (`X as X`): callers and tests know these by the engine's name.
-from cdp_segmentation.builds import Builds
+from cdp_segmentation.builds import Builds, live_entry
 from cdp_segmentation.builds import Estimate as Estimate
 from cdp_segmentation.catalogue import ANNOUNCE as ANNOUNCE
 from cdp_segmentation.catalogue import BUILDING as BUILDING
@@ -399,7 +402,12 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             if not stale:
                 return
             in_partition = sorted(p for p in self.persons if self._partition(p) == partition)
-            moved = self._adopt_now(stale, in_partition, now=self.clock())
+            now, order = self.clock(), {segment_id: n for n, segment_id in enumerate(self.index.order)}
+            # Logged first, in the order they are brought: a crash before the next snapshot replays the
+            # partition's changes after this with them, and this here, under the same ids.
+            for segment in sorted(stale, key=lambda s: order.get(s.id, len(order))):
+                await self.log_live(live_entry(segment.id, segment.version, golive=False, now=now), [partition])
+            moved = self._adopt_now(stale, in_partition, now=now)
             done.update({s.id: s.version for s in stale})
             await self._publish_durably(self._messages(partition, moved.get(partition, [])))
 
