@@ -488,14 +488,16 @@ async def crash_while_building(replica: Replica) -> None:
 
 
 @pytest.mark.parametrize("build", ["create", "update"])
+@pytest.mark.parametrize("dies", ["before the snapshot", "after the snapshot"])
 async def test_changes_applied_between_a_build_going_live_and_its_snapshot_are_published_once_across_a_crash(
-    world, nats_server, build
+    world, nats_server, build, dies
 ):
     """`high` goes live (created as `traits.level > 3`, or updated to it from `> 5`): p4 and p5 enter
-    under the build's id. Before its snapshot, p2 rises to 4 (it enters through that change) and p7
-    drops to 0 (it exits through it); then the process dies. The restart replays those changes with
-    `high` live from where it went live, as it was when they were first applied: p2 is not found
-    entering again under the build's id. Each (segment, person, direction) is on the stream once."""
+    under the build's id. Before its snapshot (or after it, before the build stores the segment live),
+    p2 rises to 4 (it enters through that change) and p7 drops to 0 (it exits through it); then the
+    process dies. The restart replays those changes with `high` live from where it went live, as it was
+    when they were first applied: p2 is not found entering again under the build's id. Each (segment,
+    person, direction) is on the stream once."""
     store, js = world
     clock = Clock(T0)
     first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
@@ -504,8 +506,11 @@ async def test_changes_applied_between_a_build_going_live_and_its_snapshot_are_p
         await define(first, "high", "traits.level > 5")
     await first.engine.snapshot()
     dead = asyncio.Event()
+    snapshot = first.engine.snapshot
 
     async def changes_then_die() -> int:
+        if dies == "after the snapshot":
+            await snapshot()
         await applied([first], await send_levels(js, {"p2": 4.0, "p7": 0.0}, T0 + 1))
         dead.set()
         await asyncio.Event().wait()  # never returns: the crash below ends the process here
