@@ -349,7 +349,8 @@ def models(ctx: click.Context, as_json: bool, address) -> None:
             if isinstance(v, int | float) and not isinstance(v, bool)
         )
         scores = ", ".join(o["score"] for o in spec.get("outputs", []))
-        table.add_row(model["name"], model.get("liveVersion", ""), roles, scores, quality[:80])
+        # Whole: the table wraps the figures between them; a cut at a fixed width lost the last ones mid-name.
+        table.add_row(model["name"], model.get("liveVersion", ""), roles, scores, quality)
     out.print(table)
 
 
