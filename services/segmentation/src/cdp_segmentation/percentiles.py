@@ -36,9 +36,9 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
   here while it was elsewhere) is moved to the live values under the live round's id, and that is logged
   for it too. A snapshot deletes the log records it includes.
 - **A segment going live** (a build, an adoption, a partition brought to one: builds.py) is an entry of
-  the same log, in its place among the moves (the last one's + 1, `log_live`), without values of its
-  own: a replay from a snapshot before it makes the segment live at that position, after the moves
-  before it and before those after it.
+  the same log, in its place among the moves (the last one's + 1, `log_live`), moving no value: a
+  replay from a snapshot before it makes the segment live at that position, after the moves before it
+  and before those after it.
 - **Hot standby replicas** run the same boundary's round at nearly the same instant and each publishes
   its transitions under the same ids: JetStream keeps one. Each computes the values over its own copy of
   the population at its own quiescent point, so the two agree exactly when they had applied the same
@@ -215,6 +215,7 @@ class Percentiles:
         if ops:
             await self.store.bulk_write(ops)
             self.percentile_round = place
+            self.held.marks_dirty = True  # the next snapshot's marks include it (and delete its records)
 
     def _logged(
         self,
