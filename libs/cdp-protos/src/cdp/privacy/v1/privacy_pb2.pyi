@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -24,3 +25,19 @@ class PrivacyDeleted(_message.Message):
     at: _timestamp_pb2.Timestamp
     merged_person_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, request_id: _Optional[str] = ..., person_id: _Optional[str] = ..., identifier_hashes: _Optional[_Iterable[str]] = ..., suppress: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportPersonRequest(_message.Message):
+    __slots__ = ("person_id", "merged_person_ids")
+    PERSON_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
+    person_id: str
+    merged_person_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, person_id: _Optional[str] = ..., merged_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ExportPersonResponse(_message.Message):
+    __slots__ = ("service", "document")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    document: _struct_pb2.Struct
+    def __init__(self, service: _Optional[str] = ..., document: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...

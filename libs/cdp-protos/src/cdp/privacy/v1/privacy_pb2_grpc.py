@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from cdp.privacy.v1 import privacy_pb2 as cdp_dot_privacy_dot_v1_dot_privacy__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,84 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class PrivacyServiceStub:
+    """What one service holds about a person, for the person's request to see their data (a data subject
+    access request): `cdpctl export` asks every service that keeps personal data and puts the answers
+    together. Scope `privacy:export` (an admin token has it; a service's read scope does not).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ExportPerson = channel.unary_unary(
+                '/cdp.privacy.v1.PrivacyService/ExportPerson',
+                request_serializer=cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonRequest.SerializeToString,
+                response_deserializer=cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonResponse.FromString,
+                _registered_method=True)
+
+
+class PrivacyServiceServicer:
+    """What one service holds about a person, for the person's request to see their data (a data subject
+    access request): `cdpctl export` asks every service that keeps personal data and puts the answers
+    together. Scope `privacy:export` (an admin token has it; a service's read scope does not).
+    """
+
+    def ExportPerson(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PrivacyServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ExportPerson': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportPerson,
+                    request_deserializer=cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonRequest.FromString,
+                    response_serializer=cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cdp.privacy.v1.PrivacyService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cdp.privacy.v1.PrivacyService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PrivacyService:
+    """What one service holds about a person, for the person's request to see their data (a data subject
+    access request): `cdpctl export` asks every service that keeps personal data and puts the answers
+    together. Scope `privacy:export` (an admin token has it; a service's read scope does not).
+    """
+
+    @staticmethod
+    def ExportPerson(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.privacy.v1.PrivacyService/ExportPerson',
+            cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonRequest.SerializeToString,
+            cdp_dot_privacy_dot_v1_dot_privacy__pb2.ExportPersonResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
