@@ -18,6 +18,7 @@ import logging
 import os
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, privacy_stream, subjects
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
@@ -25,7 +26,7 @@ from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
-from cdp_orchestration.api import SCOPES, OrchestrationApi
+from cdp_orchestration.api import PRIVACY_SCOPES, SCOPES, OrchestrationApi, PrivacyApi
 from cdp_orchestration.catalogue import Catalogues, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
@@ -166,6 +167,12 @@ async def setup(runtime: ServiceRuntime) -> None:
         api,
         orchestration_pb2.DESCRIPTOR.services_by_name["OrchestrationService"],
         scopes=SCOPES,
+    )
+    runtime.grpc.add_service(
+        privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
+        PrivacyApi(store),
+        privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"],
+        scopes=PRIVACY_SCOPES,
     )
 
 

@@ -1,0 +1,136 @@
+"""PrivacyService/ExportPerson on orchestration, over gRPC with bearer tokens: the person's instances,
+decisions, approvals, inbox, sends and held profile view, with those of the persons merged into them;
+nobody else's; an empty document for a person orchestration never saw; refused without privacy:export."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import grpc
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp.orchestration.v1 import orchestration_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
+from cdp_kit.auth import write_tokens_file
+from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, segments_stream
+from cdp_kit.service import serving
+from cdp_orchestration.__main__ import setup
+from cdp_orchestration.settings import OrchestrationSettings
+
+from .test_api import SLOW, WELCOME, definition, profile
+
+ADMIN = [("authorization", "Bearer admin-token")]
+READER = [("authorization", "Bearer reader-token")]
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+@pytest.fixture
+async def service(nats_server, tmp_path):
+    tokens = tmp_path / "tokens.json"
+    write_tokens_file(
+        tokens, [("admin", "admin-token", ["*"]), ("reader", "reader-token", ["orchestration:read", "profile:read"])]
+    )
+    async with Bus.connect(nats_server.url, name="upstream") as bus:
+        await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
+    settings = OrchestrationSettings(
+        nats_url=nats_server.url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="tokens",
+        auth_tokens_file=tokens,
+        partitions=2,
+        shutdown_grace=1.0,
+        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
+        answer_timeout=15.0,
+    )
+    async with serving(settings, setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield (
+                orchestration_pb2_grpc.OrchestrationServiceStub(channel),
+                privacy_pb2_grpc.PrivacyServiceStub(channel),
+                runtime,
+            )
+
+
+async def _export(privacy, person: str, merged: list[str] | None = None) -> dict:
+    request = privacy_pb2.ExportPersonRequest(person_id=person, merged_person_ids=merged or [])
+    response = await privacy.ExportPerson(request, metadata=ADMIN)
+    assert response.service == "orchestration"
+    return json_format.MessageToDict(response.document)
+
+
+async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothing_of_anyone_else(service):
+    stub, privacy, runtime = service
+    for journey in (WELCOME, SLOW):
+        await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
+        await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
+    for person in ("ada", "bob"):
+        await profile(runtime, person, first_name=f"{person.title()}-name")
+        properties = struct_pb2.Struct()
+        properties.update({"amount": 250})
+        enroll = pb.EnrollRequest(
+            journey_id="welcome-bonus", person_id=person, idempotency_key=f"k-{person}", properties=properties
+        )
+        assert (await stub.Enroll(enroll, metadata=ADMIN)).entered
+    # ada-old is a person identity merged into ada: what orchestration keeps under that id is ada's too.
+    old = await stub.Enroll(
+        pb.EnrollRequest(journey_id="slow", person_id="ada-old", idempotency_key="k"), metadata=ADMIN
+    )
+    approvals = (await stub.ListApprovals(pb.ListApprovalsRequest(), metadata=ADMIN)).approvals
+    [ada_bonus] = [a for a in approvals if a.person_id == "ada"]
+    await stub.ApproveAction(pb.DecideApprovalRequest(action_id=ada_bonus.action_id, decided_by="lead"), metadata=ADMIN)
+    for _ in range(300):
+        document = await _export(privacy, "ada", ["ada-old"])
+        if document.get("inbox") and document.get("sends"):
+            break
+        await asyncio.sleep(0.05)
+
+    assert [p["person_id"] for p in document["persons"]] == ["ada", "ada-old"]
+    person = document["persons"][0]
+    assert person["fields"]["traits.first_name"] == "Ada-name"
+    assert person["fields"]["consent.purpose:Marketing"] is True
+    assert [sent["channel"] for sent in person["frequency"]] == ["inapp"]
+    instances = {i["journey_id"]: i for i in document["instances"]}
+    assert set(instances) == {"welcome-bonus", "slow"}
+    assert instances["slow"]["person_id"] == "ada-old" and instances["slow"]["id"] == old.instance_id
+    assert instances["slow"]["state"] == "running" and instances["slow"]["step"] == "later"
+    assert RFC3339.match(instances["welcome-bonus"]["entered_at"])
+    assert {d["kind"] for d in document["decisions"]} >= {"awaiting_approval"}
+    [approval] = document["approvals"]
+    assert approval["state"] == "approved" and RFC3339.match(approval["decided_at"])
+    [message] = document["inbox"]
+    assert message["title"] == "A bonus for you" and message["body"] == "250 credits, Ada-name"
+    assert RFC3339.match(message["created_at"]) and message["read_at"] is None
+    [send] = document["sends"]
+    assert send["channel"] == "inapp" and send["status"] and RFC3339.match(send["at"])
+
+    text = str(document)
+    assert "bob" not in text.lower()  # nothing of Bob: not his name, his instance, decision or approval
+
+    bob = await _export(privacy, "bob")
+    assert "ada" not in str(bob).lower()
+    assert [i["person_id"] for i in bob["instances"]] == ["bob"] and "inbox" not in bob
+    # Without the merged id, ada-old's instance is not ada's answer.
+    assert {i["journey_id"] for i in (await _export(privacy, "ada"))["instances"]} == {"welcome-bonus"}
+
+
+async def test_an_unknown_person_gets_an_empty_document(service):
+    _, privacy, _ = service
+    assert await _export(privacy, "nobody-known", ["nobody-either"]) == {}
+
+
+async def test_a_read_scope_cannot_export_a_person(service):
+    _, privacy, _ = service
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="ada"), metadata=READER)
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_person_id_is_required(service):
+    _, privacy, _ = service
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(), metadata=ADMIN)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
