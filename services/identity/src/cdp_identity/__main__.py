@@ -11,6 +11,7 @@ from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.api import SCOPES, IdentityApi
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.engine import OUTBOX, IdentityEngine
+from cdp_identity.export import export_person
 from cdp_identity.matching_service import MatchingService, load_match_config
 from cdp_identity.privacy import PrivacyHandler
 from cdp_identity.settings import IdentitySettings
@@ -28,6 +29,7 @@ from cdp_kit.bus import (
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
 
@@ -159,6 +161,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         IdentityApi(engine, matching),
         identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
         scopes=SCOPES,
+    )
+    runtime.grpc.add_service(
+        *export_service("identity", lambda person, merged, _context: export_person(engine, person, merged))
     )
 
 

@@ -31,6 +31,7 @@ from cdp_kit.bus import (
     subjects,
 )
 from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_profile import SERVICE
@@ -137,17 +138,19 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.parts.update(
         bus=bus, store=store, engine=engine, streams=streams, ownership=ownership, runners=runners, router=router
     )
+    api = ProfileApi(
+        engine,
+        identity_pb2_grpc.IdentityServiceStub(identity_channel),
+        identity_token=settings.identity_token,
+        router=router,
+    )
     runtime.grpc.add_service(
         profile_pb2_grpc.add_ProfileServiceServicer_to_server,
-        ProfileApi(
-            engine,
-            identity_pb2_grpc.IdentityServiceStub(identity_channel),
-            identity_token=settings.identity_token,
-            router=router,
-        ),
+        api,
         profile_pb2.DESCRIPTOR.services_by_name["ProfileService"],
         scopes=SCOPES,
     )
+    runtime.grpc.add_service(*export_service("profile", api.export_person))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import grpc
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_kit.person_export import EXPORT_SCOPE
 from cdp_kit.timestamps import from_seconds, set_seconds, to_seconds
 from cdp_profile.backfill import Backfill
 from cdp_profile.domain import ComputedTrait, Profile
@@ -30,7 +31,8 @@ SCOPES = {
     "LookupProfile": "profile:read",
     "ListEvents": "profile:read",
     "ListComputedTraits": "profile:read",
-    "Export": "profile:read",
+    # The whole record of a person: the scope of a data subject's access request, not a reader's.
+    "Export": EXPORT_SCOPE,
     "UpdateTraits": "profile:write",
     "DefineComputedTrait": "profile:admin",
     "DeleteComputedTrait": "profile:admin",
@@ -361,6 +363,41 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             return await self._forward(owner, "Export", request, context)
         person_id, document = await self.engine.export(request.person_id)
         return profile_pb2.ExportResponse(person_id=person_id, document=dict_to_struct(document))
+
+    async def export_person(self, person_id: str, merged_person_ids, context) -> dict:
+        """PrivacyService/ExportPerson: what `Export` returns (the profile follows merges, so a person
+        merged into this one is in it), and the profile of any merged person still held apart (identity
+        merged them after profile last heard); a person profile does not hold (unknown, or deleted): {}."""
+        documents: list[dict] = []
+        for asked in (person_id, *merged_person_ids):
+            document = await self._export_document(asked, context)
+            if document and all(d["person_id"] != document["person_id"] for d in documents):
+                documents.append(document)
+        if not documents:
+            return {}
+        first, *others = documents
+        return {**first, "held_apart": others} if others else first
+
+    async def _export_document(self, person_id: str, context) -> dict | None:
+        if (owner := self._owner(person_id)) is not None:
+            assert self.router is not None
+            stub = self.router.stub(owner, context)
+            try:
+                reply = await stub.Export(
+                    profile_pb2.ExportRequest(person_id=person_id), metadata=self.router.metadata(context), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                await context.abort(
+                    exc.code(), exc.details() or "", trailing_metadata=tuple(exc.trailing_metadata() or ())
+                )
+            return struct_to_dict(reply.document)
+        try:
+            _person, document = await self.engine.export(person_id)
+        except NotFound:
+            return None
+        return document
 
     async def Delete(self, request: profile_pb2.DeleteRequest, context) -> profile_pb2.DeleteResponse:
         if not request.person_id:
