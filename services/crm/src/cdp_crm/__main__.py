@@ -24,8 +24,9 @@ from aiohttp import web
 from opentelemetry.metrics import Observation
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp_crm import streams
-from cdp_crm.api import SCOPES, CrmApi
+from cdp_crm.api import PRIVACY_SCOPES, SCOPES, CrmApi, PrivacyApi
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.connectors import credentials, open_adapters
 from cdp_crm.delivery import Deliverer
@@ -243,6 +244,12 @@ async def setup(runtime: ServiceRuntime) -> None:
         api,
         crm_pb2.DESCRIPTOR.services_by_name["CrmService"],
         scopes=SCOPES,
+    )
+    runtime.grpc.add_service(
+        privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
+        PrivacyApi(store=store, connections=connections),
+        privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"],
+        scopes=PRIVACY_SCOPES,
     )
 
 
