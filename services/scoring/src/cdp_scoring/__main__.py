@@ -23,6 +23,7 @@ from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.ownership import Ownership, ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
@@ -31,6 +32,7 @@ from cdp_scoring.api import SCOPES, ScoringApi, alert_message
 from cdp_scoring.domain.registry import LIVE
 from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_references, watch
 from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
+from cdp_scoring.export import export_person
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
 from cdp_scoring.quality import RealisedQuality
 from cdp_scoring.schedule import Cron, every, parse_schedule
@@ -137,6 +139,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         ScoringApi(engine, check_drift=check_drift, training=training, quality=quality),
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
         scopes=SCOPES,
+    )
+    runtime.grpc.add_service(
+        *export_service("scoring", lambda person, merged, _context: export_person(engine, person, merged))
     )
 
 

@@ -11,11 +11,13 @@ from nats.js.errors import NotFoundError
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, owned_partitions, profiles_stream, segments_stream, subjects
 from cdp_kit.ownership import StaticOwnership, ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
+from cdp_segmentation.export import export_person
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
 from cdp_segmentation.summaries import SharedPercentiles
@@ -132,6 +134,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         SegmentationApi(engine),
         segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"],
         scopes=SCOPES,
+    )
+    runtime.grpc.add_service(
+        *export_service("segmentation", lambda person, merged, _context: export_person(engine, person, merged))
     )
 
 
