@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -80,10 +81,23 @@ def _definition(file: str) -> pb.JourneyDefinition:
     return pb.JourneyDefinition(json=text)
 
 
+class _JourneyYamlLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2's booleans (only true/false), as orchestration reads journey YAML
+    (`cdp_orchestration.domain.document.load_yaml`): on/off/yes/no/y/n stay words."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_JourneyYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JourneyYamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def _journey_id_of(definition: pb.JourneyDefinition, file: str) -> str:
     text = definition.yaml or definition.json
     try:
-        document = yaml.safe_load(text)  # YAML is a superset of JSON: one reader for both forms
+        document = yaml.load(text, Loader=_JourneyYamlLoader)  # YAML is a superset of JSON: one reader for both
     except yaml.YAMLError as exc:
         raise click.BadParameter(f"{file} is not JSON or YAML: {exc}", param_hint="FILE") from None
     journey_id = document.get("id") if isinstance(document, dict) else None

@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.timestamps import set_seconds
-from cdp_orchestration.domain.document import JourneyInvalid, Problem
+from cdp_orchestration.domain.document import JourneyInvalid, Problem, load_yaml
 from cdp_orchestration.domain.lifecycle import State
 
 JOURNEY_STATE = {
@@ -104,7 +104,7 @@ def read_definition(definition: pb.JourneyDefinition, field: str = "definition")
     if len(text) > MAX_DEFINITION:
         raise InvalidArgument(f"{field}.{form}", f"is larger than {MAX_DEFINITION} characters")
     try:
-        return yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
+        return load_yaml(text) if form == "yaml" else orjson.loads(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as error:
         raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
 

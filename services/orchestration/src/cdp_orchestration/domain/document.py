@@ -54,6 +54,7 @@ is refused, naming the node and field that wrote it, only where a catalogue list
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -151,10 +152,29 @@ class JourneyInvalid(InvalidArgument):
         self.problems = tuple(problems)
 
 
+class _JourneyYamlLoader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans. YAML 1.1 also
+    reads on/off/yes/no/y/n as booleans, which turns the documented `entry: {segment: x, on: entered}` into
+    the key True and refuses it; journeys mean those words as words."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_JourneyYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_JourneyYamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """A journey document's YAML text as plain data (see `_JourneyYamlLoader`); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_JourneyYamlLoader)
+
+
 def load_journey(text: str | bytes, catalogue: Catalogue | None = None, *, form: str = "json") -> Journey:
     """A journey from JSON or YAML text (`form`), validated as `parse_journey` does."""
     try:
-        document = yaml.safe_load(text) if form == "yaml" else orjson.loads(text)
+        document = load_yaml(text) if form == "yaml" else orjson.loads(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as error:
         raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
     return parse_journey(document, catalogue)
