@@ -1,6 +1,12 @@
 """Operator commands on one person: see its identity graph, undo a wrong merge, quarantine an identifier,
 export everything held about a person, and the privacy deletion.
 
+`export` answers a person's access request: identity names the person and the persons merged into it,
+then every service that keeps personal data (EXPORTING) is asked at once for its part
+(`PrivacyService/ExportPerson`, scope `privacy:export`). A service that does not answer (not running,
+down, or without ExportPerson) leaves a hole that is never silent: it is named in the document's
+`missing` and the command exits 1, after writing what the others gave.
+
 A person is named by its person id, or by an identifier (`user_id u1`) that identity resolves to the
 person holding it now. Deletion is irreversible, so it asks first unless `--yes` is given.
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -23,6 +31,7 @@ import grpc
 from google.protobuf import json_format
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdpctl import tls
 from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
@@ -121,35 +130,90 @@ def quarantine(ws: Workspace, identifier_type: str, value: str, release: bool, a
     out.print(f"{identifier_type} {action}" if changed else f"{identifier_type} was already {action}; nothing changed")
 
 
+# Every service that keeps personal data answers PrivacyService/ExportPerson with its part.
+EXPORTING = ("identity", "profile", "segmentation", "scoring", "orchestration", "crm")
+
+
+async def _graph_persons(ws: Workspace, address: str | None, person_id: str) -> tuple[str, list[str]]:
+    """The person as identity knows it now, and the persons merged into it (what other services may still
+    keep under their ids). A person identity does not know (deleted, or never seen) is asked as given."""
+    async with tls.aio_channel(service_address(ws, "identity", address)) as channel:
+        try:
+            graph = await identity_pb2_grpc.IdentityServiceStub(channel).GetGraph(
+                identity_pb2.GetGraphRequest(person_id=person_id), metadata=bearer(ws), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return person_id, []
+            raise rpc_error(exc) from None
+    merged = [m.loser for m in graph.merges if m.loser != graph.person_id]
+    return graph.person_id, list(dict.fromkeys(merged))
+
+
+async def _export_part(ws: Workspace, service: str, request: privacy_pb2.ExportPersonRequest) -> dict | str:
+    """One service's document, or why there is none."""
+    address = ((ws.read_run() or {}).get("services", {}).get(service) or {}).get("grpc")
+    if not address:
+        return "not running"
+    async with tls.aio_channel(address) as channel:
+        try:
+            reply = await privacy_pb2_grpc.PrivacyServiceStub(channel).ExportPerson(
+                request, metadata=bearer(ws), timeout=60
+            )
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+    return json_format.MessageToDict(reply.document)
+
+
+async def export_document(ws: Workspace, person_id: str, identity_address: str | None) -> tuple[dict, dict[str, str]]:
+    """Everything the platform holds about a person, every service asked at once, and the services that
+    did not answer (name -> why)."""
+    person_id, merged = await _graph_persons(ws, identity_address, person_id)
+    request = privacy_pb2.ExportPersonRequest(person_id=person_id, merged_person_ids=merged)
+    parts = await asyncio.gather(*(_export_part(ws, name, request) for name in EXPORTING))
+    answered = {name: part for name, part in zip(EXPORTING, parts, strict=True) if isinstance(part, dict)}
+    missing = {name: part for name, part in zip(EXPORTING, parts, strict=True) if isinstance(part, str)}
+    document = {
+        "person_id": person_id,
+        "merged_person_ids": merged,
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "services": answered,
+        "missing": sorted(missing),
+    }
+    return document, missing
+
+
 @click.command()
 @click.argument("person", nargs=-1, required=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="write to this file")
-@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
-@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.option("--identity-address", help="identity gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity_address, address) -> None:
-    """The profile service's record of a person (PERSON_ID, or TYPE VALUE) as JSON: traits, consent,
-    timeline, scores, identifiers, merges; to stdout, or to --output. What other services keep (graph,
-    decisions, inbox, CRM records) has its own command: docs/privacy.md."""
+def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity_address) -> None:
+    """Everything held about a person (PERSON_ID, or TYPE VALUE), for their access request: one JSON
+    document with every service's part (identity's graph, profile's record, segment memberships, scoring's
+    fields, journeys, decisions, inbox and sends, CRM records), to stdout or to --output (owner-only).
+    Needs the admin token (scope privacy:export). A service that does not answer is named in "missing"
+    and the command exits 1 after writing the rest: docs/privacy.md."""
 
-    async def call() -> dict:
+    async def call() -> tuple[dict, dict[str, str]]:
         person_id = await _person_id(ws, identity_address, person)
-        async with tls.aio_channel(service_address(ws, "profile", address)) as channel:
-            try:
-                reply = await profile_pb2_grpc.ProfileServiceStub(channel).Export(
-                    profile_pb2.ExportRequest(person_id=person_id), metadata=bearer(ws), timeout=60
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc) from None
-        return {"person_id": reply.person_id, **json_format.MessageToDict(reply.document)}
+        return await export_document(ws, person_id, identity_address)
 
-    document = json.dumps(asyncio.run(call()), indent=2, ensure_ascii=False)
+    document, missing = asyncio.run(call())
+    text = json.dumps(document, indent=2, ensure_ascii=False)
     if output is None:
-        click.echo(document)
-        return
-    output.write_text(document + "\n")
-    output.chmod(0o600)  # personal data: readable by its owner only
-    console.print(f"exported to {output}")
+        click.echo(text)
+    else:
+        # Personal data: created readable by its owner only (and made so if the file was there).
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(text + "\n")
+        console.print(f"exported to {output}")
+    if missing:
+        where = f"written to {output}" if output is not None else "printed above"
+        reasons = "; ".join(f"{name} ({why})" for name, why in sorted(missing.items()))
+        raise click.ClickException(f"incomplete export ({where}): no answer from {reasons}")
 
 
 @click.command()

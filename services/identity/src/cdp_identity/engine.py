@@ -468,6 +468,9 @@ class IdentityEngine:
     async def lookup_identifier(self, kind: str, value: str) -> str:
         identifiers, rejected = self.normalizer.normalize([(kind, value)])
         if not identifiers:
+            if rejected and rejected[0].reason == "unknown_type":
+                known = ", ".join(t.name for t in self.normalizer.rules.types)
+                raise InvalidArgument("identifier.type", f"{kind!r} is not a known identifier type; known: {known}")
             reason = rejected[0].reason.replace("_", " ") if rejected else "empty"
             raise InvalidArgument("identifier", f"{kind!r} value is {reason}")
         key = identifiers[0].key

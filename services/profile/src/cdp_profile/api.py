@@ -9,6 +9,8 @@ import math
 import uuid
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -94,6 +96,24 @@ def profile_message(profile: Profile, *, now: float, as_of: float | None, histor
     if as_of is not None:
         set_seconds(out.as_of, as_of)
     return out
+
+
+def _identity_violation(exc: grpc.aio.AioRpcError) -> tuple[str, str]:
+    """Identity's refusal of a look-up, on this request's field: its `identifier.type` (an unknown type,
+    with the known ones) is our `identifier_type`; anything else about the identifier, `identifier_value`."""
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            for violation in bad.field_violations:
+                if violation.field == "identifier.type":
+                    return "identifier_type", violation.description
+                return "identifier_value", violation.description
+    return "identifier_value", exc.details() or "rejected by identity"
 
 
 # Views of this many persons at most are kept (`current_message`); past it the oldest one goes.
@@ -269,7 +289,8 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"no person holds this {request.identifier_type}") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument("identifier_value", exc.details() or "rejected by identity") from None
+                field, message = _identity_violation(exc)
+                raise InvalidArgument(field, message) from None
             raise Unavailable(f"identity lookup failed: {exc.code().name} {exc.details()}", retry_after=1.0) from None
         if (owner := self._owner(found.person_id)) is not None:
             forwarded = profile_pb2.GetProfileRequest(
