@@ -65,6 +65,8 @@ def _runs_table(runs: list[dict], title: str = "runs") -> Table:
     for run in runs:
         total, processed = int(run.get("total", 0)), int(run.get("processed", 0))
         progress = f"{processed}/{total}" if total else str(processed)
+        if int(run.get("absent", 0)):  # people gone since the count: processed + absent = total
+            progress += f" ({run['absent']} absent)"
         written = int(run.get("created", 0)) + int(run.get("updated", 0))
         table.add_row(
             run.get("runId", ""),

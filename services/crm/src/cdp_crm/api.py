@@ -113,6 +113,7 @@ def run_message(run_id: str, doc: Mapping[str, Any]) -> crm_pb2.SyncRun:
         processed=doc.get("processed", 0), created=doc.get("created", 0), updated=doc.get("updated", 0),
         unchanged=doc.get("unchanged", 0), skipped=doc.get("skipped", 0), dead_lettered=doc.get("dead_lettered", 0),
         pending_retry=doc.get("pending_retry", 0), api_units=doc.get("api_units", 0), error=doc.get("error", ""),
+        absent=doc.get("absent", 0),
     )  # fmt: skip
     if doc.get("started_at"):
         run.started_at.CopyFrom(from_seconds(doc["started_at"]))

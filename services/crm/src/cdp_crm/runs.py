@@ -24,7 +24,9 @@ new one starts from the beginning.
 Each page of people is read and projected (a pure function of the page, record keys hashed once) while
 the page before it is being delivered; each partition's share of it is then planned, delivered and its
 outcome written while that partition is settled (`CrmLogic.settled`), so it never interleaves with a
-batch of the local engine; progress (total, processed, counters, API units) is stored after every page.
+batch of the local engine; progress (total, processed, counters, API units) is stored after every page. A finished backfill's
+figures add up: `processed + absent = total`, `absent` being the people counted at the start who were gone
+when their page was read.
 """
 
 from __future__ import annotations
@@ -302,7 +304,12 @@ class Runs:
             with contextlib.suppress(Exception):
                 await count_written(wait=True)
             await asyncio.gather(*self.releases)
-        doc = run["doc"]
+        doc = dict(run["doc"])
+        # Every page is read: whoever `total` counted and no page held was gone by then (merged away, which
+        # the profile store's count includes, or deleted since the count) - absent, not lost. Someone who
+        # appeared since the count was processed: the total grows to hold them.
+        doc["absent"] = max(doc["total"] - doc["processed"], 0)
+        doc["total"] = doc["processed"] + doc["absent"]
         doc["state"] = "succeeded_with_errors" if doc["dead_lettered"] or doc["pending_retry"] else "succeeded"
         doc["finished_at"] = self.clock()
         await self.store.put(RUNS, run_id, doc)

@@ -210,7 +210,7 @@ class ValidateConnectionsResponse(_message.Message):
     def __init__(self, problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ...) -> None: ...
 
 class SyncRun(_message.Message):
-    __slots__ = ("run_id", "kind", "state", "connection_id", "mapping_id", "started_at", "finished_at", "total", "processed", "created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units", "error")
+    __slots__ = ("run_id", "kind", "state", "connection_id", "mapping_id", "started_at", "finished_at", "total", "processed", "created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units", "error", "absent")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class SyncRun(_message.Message):
     PENDING_RETRY_FIELD_NUMBER: _ClassVar[int]
     API_UNITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ABSENT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     kind: RunKind
     state: RunState
@@ -245,7 +246,8 @@ class SyncRun(_message.Message):
     pending_retry: int
     api_units: int
     error: str
-    def __init__(self, run_id: _Optional[str] = ..., kind: _Optional[_Union[RunKind, str]] = ..., state: _Optional[_Union[RunState, str]] = ..., connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., processed: _Optional[int] = ..., created: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., skipped: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_retry: _Optional[int] = ..., api_units: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    absent: int
+    def __init__(self, run_id: _Optional[str] = ..., kind: _Optional[_Union[RunKind, str]] = ..., state: _Optional[_Union[RunState, str]] = ..., connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., processed: _Optional[int] = ..., created: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., skipped: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_retry: _Optional[int] = ..., api_units: _Optional[int] = ..., error: _Optional[str] = ..., absent: _Optional[int] = ...) -> None: ...
 
 class StartBackfillRequest(_message.Message):
     __slots__ = ("connection_id", "mapping_id", "bulk")
