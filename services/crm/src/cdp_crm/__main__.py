@@ -24,14 +24,14 @@ from aiohttp import web
 from opentelemetry.metrics import Observation
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
-from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp_crm import streams
-from cdp_crm.api import PRIVACY_SCOPES, SCOPES, CrmApi, PrivacyApi
+from cdp_crm.api import SCOPES, CrmApi
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.connectors import credentials, open_adapters
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
+from cdp_crm.export import exporter
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
 from cdp_crm.people import ProfileDirectory, profile_fetch
 from cdp_crm.privacy import Privacy, TombstoneSweeper, consumer_spec
@@ -49,6 +49,7 @@ from cdp_kit.bus import (
 )
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import Store, open_store
 
@@ -245,12 +246,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         crm_pb2.DESCRIPTOR.services_by_name["CrmService"],
         scopes=SCOPES,
     )
-    runtime.grpc.add_service(
-        privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
-        PrivacyApi(store=store, connections=connections),
-        privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"],
-        scopes=PRIVACY_SCOPES,
-    )
+    # PrivacyService/ExportPerson (scope privacy:export): what the store holds about a person (export.py).
+    runtime.grpc.add_service(*export_service(SERVICE, exporter(store, connections)))
 
 
 def main() -> None:

@@ -14,11 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
-from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, ObjectMapping, load_connections
-from cdp_crm.export import SERVICE, export_person
 from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
 from cdp_kit.errors import InvalidArgument, NotFound
@@ -37,10 +35,6 @@ SCOPES = {
     "ReplayDeadLetters": "crm:admin",
     "GetBudget": "crm:read",
 }
-
-# PrivacyService: a person's whole data goes out only to a caller allowed to export it (an admin token);
-# crm:read is not enough.
-PRIVACY_SCOPES = {"ExportPerson": "privacy:export"}
 
 KINDS = {
     "salesforce": crm_pb2.CRM_KIND_SALESFORCE,
@@ -337,19 +331,3 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
                 message.blocked_until.CopyFrom(from_seconds(s["blocked_until"]))
             budgets.append(message)
         return crm_pb2.GetBudgetResponse(budgets=budgets)
-
-
-class PrivacyApi:
-    """PrivacyService/ExportPerson: what the connector keeps about the person, per connection (`export.py`)."""
-
-    def __init__(self, *, store: Store, connections: tuple[Connection, ...]) -> None:
-        self.store = store
-        self.connections = connections
-
-    async def ExportPerson(self, request, context) -> privacy_pb2.ExportPersonResponse:
-        if not request.person_id:
-            raise InvalidArgument("person_id", "is required")
-        document = await export_person(self.store, self.connections, request.person_id, request.merged_person_ids)
-        response = privacy_pb2.ExportPersonResponse(service=SERVICE)
-        response.document.update(document)
-        return response

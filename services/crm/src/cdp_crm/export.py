@@ -19,27 +19,25 @@ Sections:
   stage and when read; the connector keeps a digest of the other fields, no values).
 
 Times are RFC 3339 strings (UTC). Reads are from the store only; nothing is changed. An unknown person
-gives an empty document.
+gives an empty document. The servicer, its scope (`privacy:export`) and the request's checks are the
+kit's (`cdp_kit.person_export`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.state import CURSORS, DEAD_LETTERS, PENDING, PERSONS, RECORDS
+from cdp_kit import person_export
+from cdp_kit.person_export import Exporter
 from cdp_kit.storage import Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 
-SERVICE = "crm"
-
 
 def rfc3339(seconds: float | None) -> str | None:
-    if not seconds:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    return person_export.rfc3339(seconds) if seconds else None  # 0: never (a record not synced yet)
 
 
 def _record(key: str, doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -121,3 +119,12 @@ async def export_person(
             for connection, rows in sorted(by_connection.items())
         ]
     return document
+
+
+def exporter(store: Store, connections: Sequence[Connection]) -> Exporter:
+    """`export_person` as the kit's servicer calls it."""
+
+    async def export(person_id: str, merged_person_ids: Sequence[str], context: Any) -> dict[str, Any]:
+        return await export_person(store, connections, person_id, merged_person_ids)
+
+    return export

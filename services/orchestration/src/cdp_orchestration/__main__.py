@@ -18,20 +18,21 @@ import logging
 import os
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
-from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, privacy_stream, subjects
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
+from cdp_kit.person_export import export_service
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
-from cdp_orchestration.api import PRIVACY_SCOPES, SCOPES, OrchestrationApi, PrivacyApi
+from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.catalogue import Catalogues, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
+from cdp_orchestration.export import exporter
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
 from cdp_orchestration.settings import OrchestrationSettings
@@ -168,12 +169,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         orchestration_pb2.DESCRIPTOR.services_by_name["OrchestrationService"],
         scopes=SCOPES,
     )
-    runtime.grpc.add_service(
-        privacy_pb2_grpc.add_PrivacyServiceServicer_to_server,
-        PrivacyApi(store),
-        privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"],
-        scopes=PRIVACY_SCOPES,
-    )
+    # PrivacyService/ExportPerson (scope privacy:export): what the store holds about a person (export.py).
+    runtime.grpc.add_service(*export_service(SERVICE, exporter(store)))
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import Bus, partition_for
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.storage import Store
@@ -33,7 +32,6 @@ from cdp_orchestration.domain import experiments, lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey, ScheduleEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
-from cdp_orchestration.export import SERVICE, export_person
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import (
@@ -80,23 +78,6 @@ SCOPES = {
     "MarkInboxRead": "orchestration:inbox",
     "SubscribeInbox": "orchestration:inbox",
 }
-
-# PrivacyService: a person's whole data goes out only to a caller allowed to export it (an admin token);
-# orchestration:read is not enough.
-PRIVACY_SCOPES = {"ExportPerson": "privacy:export"}
-
-
-class PrivacyApi:
-    """PrivacyService/ExportPerson: what orchestration keeps about the person (`export.py`)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def ExportPerson(self, request, context) -> privacy_pb2.ExportPersonResponse:
-        person_id = required(request.person_id, "person_id")
-        response = privacy_pb2.ExportPersonResponse(service=SERVICE)
-        response.document.update(await export_person(self.store, person_id, list(request.merged_person_ids)))
-        return response
 
 
 class OrchestrationApi:

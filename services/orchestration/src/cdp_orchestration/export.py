@@ -20,33 +20,26 @@ Sections (each a list, empty when nothing is kept):
   no content is kept for a send, only for an in-app message;
 - `outcome_events`: outcome events (in-app opens) not yet taken by the collector.
 
-Times are RFC 3339 strings (UTC). Reads are from the store only; nothing is changed.
+Times are RFC 3339 strings (UTC). Reads are from the store only; nothing is changed. The servicer, its
+scope (`privacy:export`) and the request's checks are the kit's (`cdp_kit.person_export`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
+from cdp_kit.person_export import Exporter, rfc3339
 from cdp_kit.storage import Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
 from cdp_orchestration.state import APPROVALS, DECISIONS, INSTANCES, OUTCOMES, PERSONS, SENDS
-
-SERVICE = "orchestration"
 
 # Record fields holding epoch seconds; the export gives them as RFC 3339.
 _SECONDS = frozenset(
     {"at", "entered_at", "trigger_at", "goal_until", "converted_at", "ended_at", "until", "requested_at"}
     | {"expires_at", "decided_at", "proposed_at"}
 )
-
-
-def rfc3339(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _from_ms(ms: int | None) -> str | None:
@@ -162,3 +155,12 @@ async def export_person(store: Store, person_id: str, merged_person_ids: Sequenc
         for record in await store.find(OUTCOMES, "person_id", person, limit=MAX_FIND_LIMIT):
             document["outcome_events"].append({"message_id": record.key, **_times(record.doc, drop=("reported",))})
     return {name: rows for name, rows in document.items() if rows}
+
+
+def exporter(store: Store) -> Exporter:
+    """`export_person` as the kit's servicer calls it."""
+
+    async def export(person_id: str, merged_person_ids: Sequence[str], context: Any) -> dict[str, Any]:
+        return await export_person(store, person_id, merged_person_ids)
+
+    return export
