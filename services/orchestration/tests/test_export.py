@@ -20,7 +20,7 @@ from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup
 from cdp_orchestration.settings import OrchestrationSettings
 
-from .test_api import SLOW, WELCOME, definition, profile
+from .test_api import SLOW, WELCOME, bad_fields, definition, profile
 
 ADMIN = [("authorization", "Bearer admin-token")]
 READER = [("authorization", "Bearer reader-token")]
@@ -67,7 +67,8 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
     for journey in (WELCOME, SLOW):
         await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
         await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
-    for person in ("ada", "bob"):
+    # "ada:x" is someone else whose id starts with ada's and the store's key separator.
+    for person in ("ada", "bob", "ada:x"):
         await profile(runtime, person, first_name=f"{person.title()}-name")
         properties = struct_pb2.Struct()
         properties.update({"amount": 250})
@@ -108,7 +109,9 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
     assert send["channel"] == "inapp" and send["status"] and RFC3339.match(send["at"])
 
     text = str(document)
-    assert "bob" not in text.lower()  # nothing of Bob: not his name, his instance, decision or approval
+    assert (
+        "bob" not in text.lower() and "ada:x" not in text
+    )  # nothing of Bob: not his name, his instance, decision or approval
 
     bob = await _export(privacy, "bob")
     assert "ada" not in str(bob).lower()
@@ -134,3 +137,15 @@ async def test_a_person_id_is_required(service):
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(), metadata=ADMIN)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_id_the_store_cannot_hold_is_refused_naming_the_field(service):
+    _, privacy, _ = service
+    for request, field in (
+        (privacy_pb2.ExportPersonRequest(person_id="a\x00b"), "person_id"),
+        (privacy_pb2.ExportPersonRequest(person_id="ada", merged_person_ids=["x" * 5000]), "merged_person_ids[0]"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await privacy.ExportPerson(request, metadata=ADMIN)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_fields(error.value) == [field]

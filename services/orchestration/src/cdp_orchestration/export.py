@@ -31,7 +31,7 @@ from typing import Any
 
 from cdp_kit.person_export import Exporter, rfc3339
 from cdp_kit.storage import Store
-from cdp_kit.storage.port import MAX_FIND_LIMIT
+from cdp_kit.storage.port import MAX_FIND_LIMIT, check_key
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
 from cdp_orchestration.state import APPROVALS, DECISIONS, INSTANCES, OUTCOMES, PERSONS, SENDS
 
@@ -144,12 +144,16 @@ async def export_person(store: Store, person_id: str, merged_person_ids: Sequenc
             document["persons"].append(_person(person, records[person].doc))
         for record in await store.find(INSTANCES, "person_id", person, limit=MAX_FIND_LIMIT):
             document["instances"].append(_instance(record.doc))
+        # Keys start with the person id; the record's own person_id is checked too, so an id that is a
+        # prefix of another's (with its separator) never reads the other's records.
         async for record in store.scan_all(DECISIONS, prefix=f"{person}:"):
-            document["decisions"].append(_times(record.doc))
+            if record.doc.get("person_id") == person:
+                document["decisions"].append(_times(record.doc))
         for record in await store.find(APPROVALS, "person_id", person, limit=MAX_FIND_LIMIT):
             document["approvals"].append(_times(record.doc))
         async for record in store.scan_all(INBOX, prefix=f"{person}/"):
-            document["inbox"].append(_inbox(record.doc))
+            if record.doc.get("person_id") == person:
+                document["inbox"].append(_inbox(record.doc))
         for record in await store.find(SENDS, "person_id", person, limit=MAX_FIND_LIMIT):
             document["sends"].append({"action_id": record.key, **_times(record.doc, drop=("reported", "seq"))})
         for record in await store.find(OUTCOMES, "person_id", person, limit=MAX_FIND_LIMIT):
@@ -161,6 +165,10 @@ def exporter(store: Store) -> Exporter:
     """`export_person` as the kit's servicer calls it."""
 
     async def export(person_id: str, merged_person_ids: Sequence[str], context: Any) -> dict[str, Any]:
+        # Ids the store cannot hold as keys (NUL, too long) are refused naming the request's field.
+        check_key(PERSONS, person_id, field="person_id")
+        for index, merged in enumerate(merged_person_ids):
+            check_key(PERSONS, merged, field=f"merged_person_ids[{index}]")
         return await export_person(store, person_id, merged_person_ids)
 
     return export
