@@ -208,8 +208,10 @@ Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 
 def _raise_if_cancelling(task: asyncio.Task | None) -> None:
-    """nats-py swallows a CancelledError that lands inside its flush path (`_flush_pending`), so a
-    cancelled loop could run on forever. The task still remembers it was asked to stop: honour that."""
+    """nats-py swallows a CancelledError that lands inside its flush path (`_flush_pending`), and every
+    nats-py request returns its reply instead when the cancellation lands in the loop turn the reply does
+    (Python 3.11's `asyncio.wait_for`), so a cancelled loop could run on forever. The task still remembers
+    it was asked to stop: honour that."""
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
@@ -310,6 +312,9 @@ class ConsumerRunner:
         self._ready.set()
         lag_task = asyncio.create_task(self._poll_lag(), name=f"lag {self.spec.durable}")
         try:
+            # A stop that came while binding and was swallowed there (above) is still owed: the fetch loops
+            # are tasks of their own, never cancelled, and would run on for ever (a stop during start hung).
+            _raise_if_cancelling(me)
             await asyncio.gather(*(self._loop(subscription) for _ in range(self.spec.concurrency)))
         finally:
             lag_task.cancel()
