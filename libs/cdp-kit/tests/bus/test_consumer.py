@@ -352,3 +352,28 @@ async def test_a_message_on_a_quiet_stream_is_handed_over_without_a_second_reque
     assert [int(m.data) for m in msgs] == [1, 2, 3, 4, 5]
     for m in msgs:
         await m.ack()
+
+
+async def test_a_cancellation_that_lands_with_a_binding_reply_still_stops_the_consumer(bus, monkeypatch):
+    """nats-py waits for every JetStream reply with `asyncio.wait_for`, which on Python 3.11 returns the
+    reply when it lands in the cancellation's loop turn: the stop is swallowed while binding. The runner
+    must still end, not go on to fetch loops no one cancels (a service stopped during start hung)."""
+    runner = bus.consumer(spec(), lambda deliveries: asyncio.sleep(0))
+    loop = asyncio.get_running_loop()
+    reply = loop.create_future()
+    waiting = asyncio.Event()
+    provision = runner.provision
+
+    async def provision_with_a_late_reply():
+        await provision()
+        waiting.set()
+        await asyncio.wait_for(reply, 10)  # the shape of nats-py's request
+
+    monkeypatch.setattr(runner, "provision", provision_with_a_late_reply)
+    task = asyncio.create_task(runner.run())
+    await asyncio.wait_for(waiting.wait(), 5)
+    reply.set_result(None)  # the reply and the stop in one loop turn
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done, "the consumer ran on after its cancellation"
+    assert task.cancelled()
