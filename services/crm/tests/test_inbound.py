@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -13,9 +14,11 @@ from aiohttp import web
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller, HubSpotWebhooks
+from cdp_crm.inbound.core import Poller
 from cdp_crm.state import CURSORS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_kit.storage import open_store
+from cdp_testing.crm import hubspot_document
 from cdp_testing.waiting import eventually
 
 TOKEN = "pat-local-hubspot"
@@ -168,3 +171,27 @@ async def test_a_signed_webhook_reads_the_change_at_once_and_a_forged_one_is_ref
             if runner is not None:
                 await runner.cleanup()
             await emulator.close()
+
+
+async def test_a_stop_that_comes_with_a_webhooks_wake_up_stops_the_reader():
+    """A webhook waking the reader in the loop turn the connector stops in: the stop is not lost (Python
+    3.11's wait_for would return the wake-up and swallow it: the reader read on, the stop waited for ever)."""
+    (connection,) = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        poller = Poller(store, connection, SimpleNamespace(objects=("contacts",)), None, objects=("contacts",))
+        reads = []
+
+        async def poll(objects=None):
+            reads.append(objects)
+            return 0
+
+        poller.poll = poll
+        reader = asyncio.create_task(poller.run(3600.0, owned=lambda: False))
+        await eventually(lambda: bool(poller.woken._waiters), timeout=5)  # waiting for a webhook
+        poller.wake()
+        await asyncio.sleep(0)  # the wake-up is in
+        reader.cancel()
+        done, _ = await asyncio.wait({reader}, timeout=5)
+        assert done, "the reader ran on after its cancellation"
+        assert reader.cancelled()

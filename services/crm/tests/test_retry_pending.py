@@ -165,3 +165,22 @@ async def test_a_failure_between_answered_requests_backs_off_briefly_not_longer_
         delivered = await deliverer.deliver(contacts, changes)
     assert len(delivered.synced) == 800 and not delivered.pending
     assert backoffs == [delivery.BACKOFF[0]] * len(backoffs) and len(backoffs) >= 4
+
+
+async def test_a_stop_that_comes_with_a_wake_up_stops_the_retrier():
+    """A batch queuing changes (the retrier woken) in the loop turn the connector stops in: the stop is not
+    lost (Python 3.11's wait_for would return the wake-up and swallow it: the stop then waited for ever)."""
+    (connection,) = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        deliverer = Deliverer({}, {connection.id: SharedBudget(store, connection)}, retry_for=5.0)
+        logic = CrmLogic(store, [connection], deliverer)
+        engine = SimpleNamespace(owned=set, pipelines={})
+        retrier = asyncio.create_task(logic.retry_forever(engine, 30.0))
+        await eventually(lambda: bool(logic.queued._waiters), timeout=5)  # waiting to be woken
+        logic.queued.set()
+        await asyncio.sleep(0)  # the wake-up is in
+        retrier.cancel()
+        done, _ = await asyncio.wait({retrier}, timeout=5)
+        assert done, "the retrier ran on after its cancellation"
+        assert retrier.cancelled()

@@ -582,8 +582,11 @@ class CrmLogic:
                 await asyncio.sleep(min(every, BACKLOG_POLL))  # its batch is still being committed
             else:
                 self.queued.clear()
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a wake-up that lands in the
+                # loop turn of a cancellation and swallows the cancellation (a stop then waited for ever).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.queued.wait(), every)
+                    async with asyncio.timeout(every):
+                        await self.queued.wait()
 
     async def retry_pending(self, partition: int, *, idle: asyncio.Event | None = None, limit: int = 1000) -> int:
         """Send this partition's queued changes again; returns how many were taken (written or refused)."""

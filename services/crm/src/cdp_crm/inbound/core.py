@@ -284,7 +284,9 @@ class Poller:
         turn = time.monotonic() + every  # the next polling turn, kept however often webhooks wake it
         while True:
             try:
-                await asyncio.wait_for(self.woken.wait(), max(0.0, turn - time.monotonic()))
+                # Not wait_for: on Python 3.11 it swallows a stop that lands with a webhook's wake-up.
+                async with asyncio.timeout(max(0.0, turn - time.monotonic())):
+                    await self.woken.wait()
                 woken = True
             except TimeoutError:
                 woken = False
