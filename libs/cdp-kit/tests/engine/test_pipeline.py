@@ -245,3 +245,35 @@ async def test_a_batch_that_waited_for_a_slot_takes_what_arrived_meanwhile(bus):
     assert sizes == [1, 7]
     assert await applied(store) == {k: [i] for k, i in zip(keys, ids, strict=True)}
     assert not store.violations
+
+
+async def test_a_partitions_lag_poll_stops_when_its_cancellation_lands_with_a_reply(bus, monkeypatch):
+    """nats-py waits for JetStream's replies with `asyncio.wait_for`, which on Python 3.11 returns the reply
+    when it lands in the cancellation's loop turn: the lag poll of a stopped partition must still end, not
+    poll on for the life of the process."""
+    from cdp_kit.engine import pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "LAG_POLL_SECONDS", 0.05)
+    eng, _ = engine(bus, CheckedStore({}), 1)
+    task = await run(eng)
+    reply = asyncio.get_running_loop().create_future()
+    asked = asyncio.Event()
+    consumer_info = bus.js.consumer_info
+
+    async def consumer_info_with_a_late_reply(*args, **kwargs):
+        info = await consumer_info(*args, **kwargs)
+        if asyncio.current_task().get_name().startswith("lag ") and not reply.done():
+            asked.set()
+            await asyncio.wait_for(reply, 10)  # the shape of nats-py's request
+        return info
+
+    monkeypatch.setattr(bus.js, "consumer_info", consumer_info_with_a_late_reply)
+    try:
+        await asyncio.wait_for(asked.wait(), 5)
+        [lag] = [t for t in asyncio.all_tasks() if t.get_name().startswith("lag ")]
+        reply.set_result(None)  # the reply and the stop in one loop turn
+        lag.cancel()
+        done, _ = await asyncio.wait({lag}, timeout=2)
+        assert done, "the lag poll ran on after its cancellation"
+    finally:
+        await stop(task)

@@ -242,7 +242,9 @@ class PartitionPipeline:
             return []
 
     async def _poll_lag(self) -> None:
+        me = asyncio.current_task()
         while True:
+            _raise_if_cancelling(me)  # a cancellation a request's reply swallowed (bus/consumer.py)
             try:
                 info = await self.engine.bus.js.consumer_info(self.consumer.stream, self.consumer.durable)
                 self.pending = self.runner.pending = info.num_pending or 0
