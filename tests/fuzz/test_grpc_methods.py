@@ -72,18 +72,30 @@ TIMEOUT = 15.0  # a hang, on a machine shared with the rest of the suite
 LONG_RUNNING = {"TrainModel": 180.0, "GetModelQuality": 180.0, "ScoreAll": 120.0, "MatchRecordsBulk": 60.0}
 
 
+# gRPC services that several platform services serve (not cdp.<name>.v1's own): every one of them is fuzzed.
+SHARED = {"cdp.privacy.v1.PrivacyService": ("identity", "profile", "scoring", "segmentation", "orchestration", "crm")}
+
+
 def every_service() -> list[tuple[str, ServiceDescriptor]]:
-    """(platform service name, descriptor) for every service in the generated stubs: cdp.<name>.v1."""
+    """(platform service name, descriptor) for every service in the generated stubs: cdp.<name>.v1, or each
+    platform service that serves it (SHARED)."""
     found = []
     for root in map(Path, cdp.__path__):  # a namespace package: pkgutil does not walk into it
         for stub in sorted(root.glob("*/v*/*_pb2.py")):
             module = importlib.import_module(".".join(("cdp", *stub.relative_to(root).with_suffix("").parts)))
             for service in module.DESCRIPTOR.services_by_name.values():
-                found.append((service.full_name.split(".")[1], service))
-    return sorted(found, key=lambda item: item[1].full_name)
+                for host in SHARED.get(service.full_name, (service.full_name.split(".")[1],)):
+                    found.append((host, service))
+    return sorted(found, key=lambda item: (item[1].full_name, item[0]))
 
 
 METHODS = [(name, method) for name, service in every_service() for method in service.methods]
+
+
+def method_id(name: str, method) -> str:
+    """The test id of a method: Service.Method, and the platform service for a shared one."""
+    shared = method.containing_service.full_name in SHARED
+    return f"{method.containing_service.name}.{method.name}" + (f"@{name}" if shared else "")
 
 
 def test_every_service_is_found():
@@ -266,9 +278,7 @@ def channels(platform):
 
 
 @pytest.mark.timeout(time_limit(600))
-@pytest.mark.parametrize(
-    ("name", "method"), METHODS, ids=[f"{method.containing_service.name}.{method.name}" for _, method in METHODS]
-)
+@pytest.mark.parametrize(("name", "method"), METHODS, ids=[method_id(name, method) for name, method in METHODS])
 def test_no_method_fails_on_hostile_requests(platform, channels, name, method):
     strategy = messages(method.input_type, pool=("u-1", "fz_a", "fz-cart", "churn_risk"), overrides=OVERRIDES)
 
@@ -292,9 +302,7 @@ UNARY = [(name, method) for name, method in METHODS if not method.client_streami
 
 
 @pytest.mark.timeout(time_limit(300))
-@pytest.mark.parametrize(
-    ("name", "method"), UNARY, ids=[f"{method.containing_service.name}.{method.name}" for _, method in UNARY]
-)
+@pytest.mark.parametrize(("name", "method"), UNARY, ids=[method_id(name, method) for name, method in UNARY])
 def test_random_bytes_as_a_body_are_invalid_argument_naming_the_request(platform, channels, name, method):
     @budget(3)
     @given(body=st.one_of(st.binary(min_size=1, max_size=256), st.just(b"\xff\xff\xff\xff\x0f\x01")))
