@@ -1,5 +1,5 @@
 """bench/store_commit — commit latency of the SQLite store: p99 of many small write batches from a few
-concurrent writers, with checkpoints in the background (the store's default) against SQLite's own
+concurrent writers, with checkpoints in the background (``background_checkpoints=True``; not the default, see `cdp_kit.storage.sqlite`) against SQLite's own
 auto-checkpoint inside the commit (``background_checkpoints=False``), in the same run; the baseline is
 raw sqlite3 committing the same rows (WAL, synchronous=NORMAL, SQLite's defaults otherwise).
 

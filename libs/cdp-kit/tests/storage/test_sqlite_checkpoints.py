@@ -68,7 +68,7 @@ async def test_a_commit_past_sqlites_own_checkpoint_mark_leaves_the_copy_to_the_
     pages, and every partition waits behind that commit. Here the commits return without touching the
     database file; the checkpointer copies the log once it may run."""
     path = tmp_path / "profile.db"
-    async with SqliteStore(path) as store:
+    async with SqliteStore(path, background_checkpoints=True) as store:
         assert store._checkpointer is not None
         before = path.stat().st_size
         with store._checkpointer.lock:  # the background round cannot run meanwhile
@@ -85,7 +85,9 @@ async def test_a_commit_past_sqlites_own_checkpoint_mark_leaves_the_copy_to_the_
 async def test_the_log_is_copied_soon_after_writes_stop_and_the_next_write_starts_it_small(tmp_path: Path) -> None:
     path = tmp_path / "profile.db"
     marker = "the-last-write-before-a-quiet-spell"
-    async with SqliteStore(path, wal_checkpoint_bytes=64 * KIB, wal_checkpoint_interval=0.05) as store:
+    async with SqliteStore(
+        path, background_checkpoints=True, wal_checkpoint_bytes=64 * KIB, wal_checkpoint_interval=0.05
+    ) as store:
         await store.bulk_write([Put("profiles", f"p{i}", {"bio": "x" * 3000}) for i in range(100)])
         assert wal_size(path) > 64 * KIB
         await store.put("profiles", "p0", {"bio": marker})
@@ -101,7 +103,9 @@ async def test_the_log_is_copied_soon_after_writes_stop_and_the_next_write_start
 async def test_a_reader_holding_a_snapshot_cannot_grow_the_log_past_the_bound(tmp_path: Path) -> None:
     path = tmp_path / "profile.db"
     limit = 512 * KIB
-    async with SqliteStore(path, wal_checkpoint_bytes=64 * KIB, wal_max_bytes=limit) as store:
+    async with SqliteStore(
+        path, background_checkpoints=True, wal_checkpoint_bytes=64 * KIB, wal_max_bytes=limit
+    ) as store:
         await store.put("profiles", "p0", {"bio": "before the reader"})
         reader = pinning_reader(path)
 
@@ -129,7 +133,9 @@ async def test_a_reader_holding_a_snapshot_cannot_grow_the_log_past_the_bound(tm
 
 async def test_a_reader_that_never_lets_go_slows_commits_but_fails_none(tmp_path: Path) -> None:
     path = tmp_path / "profile.db"
-    async with SqliteStore(path, busy_timeout=0.05, wal_checkpoint_bytes=32 * KIB, wal_max_bytes=128 * KIB) as store:
+    async with SqliteStore(
+        path, background_checkpoints=True, busy_timeout=0.05, wal_checkpoint_bytes=32 * KIB, wal_max_bytes=128 * KIB
+    ) as store:
         await store.put("profiles", "p0", {"bio": "before the reader"})
         reader = pinning_reader(path)
         try:
@@ -149,7 +155,7 @@ async def test_a_reader_that_never_lets_go_slows_commits_but_fails_none(tmp_path
 async def test_erase_during_a_background_checkpoint_leaves_no_readable_copy(tmp_path: Path) -> None:
     path = tmp_path / "identity.db"
     marker = b"mary.somerville@example.com"
-    async with SqliteStore(path, wal_checkpoint_interval=0.05) as store:
+    async with SqliteStore(path, background_checkpoints=True, wal_checkpoint_interval=0.05) as store:
         await store.bulk_write(
             [Put("people", "email", {"email": marker.decode()})]
             + [Put("people", f"p{i}", {"pad": "x" * 500}) for i in range(100)]
@@ -166,7 +172,7 @@ async def test_erase_during_a_background_checkpoint_leaves_no_readable_copy(tmp_
 async def test_close_during_a_background_checkpoint_is_clean(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "profile.db"
     caplog.set_level(logging.WARNING, logger="cdp.storage")
-    store = SqliteStore(path, wal_checkpoint_interval=0.05)
+    store = SqliteStore(path, background_checkpoints=True, wal_checkpoint_interval=0.05)
     await store.bulk_write([Put("profiles", f"p{i}", {"bio": "z" * 2000}) for i in range(200)])
     started = slowed_rounds(store, 0.3)
     await asyncio.to_thread(started.wait, 5)
