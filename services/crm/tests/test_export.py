@@ -13,8 +13,6 @@ import time
 import grpc
 import pytest
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2
@@ -28,6 +26,7 @@ from cdp_kit.service import serving
 from cdp_kit.storage import Put
 from cdp_kit.timestamps import from_seconds
 from cdp_testing.crm import hubspot_document
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 from cdp_testing.waiting import eventually
 
 from .conftest import TOKEN
@@ -70,16 +69,6 @@ async def _profile(runtime, person: str, **traits: str) -> None:
     subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
     [result] = await runtime.parts["bus"].publisher.publish_batch([OutMessage(subject, batch, f"pc-{person}")])
     assert result.ok
-
-
-def bad_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    fields = []
-    for detail in rpc_status.from_call(error).details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 async def _export(privacy, person: str, merged: list[str] | None = None) -> dict:
@@ -160,25 +149,14 @@ async def test_an_unknown_person_gets_an_empty_document(service):
 
 async def test_a_read_scope_cannot_export_a_person(service):
     privacy, _, _ = service
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="ada"), metadata=READER)
-    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await assert_read_scope_refused(privacy, READER)
 
 
 async def test_a_person_id_is_required(service):
     privacy, _, _ = service
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await assert_person_required(privacy, ADMIN)
 
 
 async def test_an_id_the_store_cannot_hold_is_refused_naming_the_field(service):
     privacy, _, _ = service
-    for request, field in (
-        (privacy_pb2.ExportPersonRequest(person_id="a\x00b"), "person_id"),
-        (privacy_pb2.ExportPersonRequest(person_id="ada", merged_person_ids=["x" * 5000]), "merged_person_ids[0]"),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await privacy.ExportPerson(request, metadata=ADMIN)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_fields(error.value) == [field]
+    await assert_unstorable_ids_named(privacy, ADMIN)

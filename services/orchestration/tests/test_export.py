@@ -19,8 +19,9 @@ from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, segments_s
 from cdp_kit.service import serving
 from cdp_orchestration.__main__ import setup
 from cdp_orchestration.settings import OrchestrationSettings
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 
-from .test_api import SLOW, WELCOME, bad_fields, definition, profile
+from .test_api import SLOW, WELCOME, definition, profile
 
 ADMIN = [("authorization", "Bearer admin-token")]
 READER = [("authorization", "Bearer reader-token")]
@@ -127,25 +128,14 @@ async def test_an_unknown_person_gets_an_empty_document(service):
 
 async def test_a_read_scope_cannot_export_a_person(service):
     _, privacy, _ = service
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="ada"), metadata=READER)
-    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await assert_read_scope_refused(privacy, READER)
 
 
 async def test_a_person_id_is_required(service):
     _, privacy, _ = service
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(), metadata=ADMIN)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    await assert_person_required(privacy, ADMIN)
 
 
 async def test_an_id_the_store_cannot_hold_is_refused_naming_the_field(service):
     _, privacy, _ = service
-    for request, field in (
-        (privacy_pb2.ExportPersonRequest(person_id="a\x00b"), "person_id"),
-        (privacy_pb2.ExportPersonRequest(person_id="ada", merged_person_ids=["x" * 5000]), "merged_person_ids[0]"),
-    ):
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await privacy.ExportPerson(request, metadata=ADMIN)
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert bad_fields(error.value) == [field]
+    await assert_unstorable_ids_named(privacy, ADMIN)
