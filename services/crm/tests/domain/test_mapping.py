@@ -95,6 +95,36 @@ connections:
     assert caught.value.field == "connections"
 
 
+def test_yaml_words_stay_words_and_true_false_map_keys_match_booleans():
+    # YAML 1.1 would read yes/no/on/off as booleans: the `map` below would turn into {True: ..., False: ...}
+    # and a plan called "yes" would never match. Only true/false are booleans, and a boolean trait finds its
+    # `true:` / `false:` entry as it does written in JSON ("true").
+    yaml_text = """
+connections:
+  - id: hubspot
+    kind: hubspot
+    credentials: {token: HUBSPOT_TOKEN}
+    mappings:
+      - id: contacts
+        object: contacts
+        match: {cdp_id: person.id}
+        fields:
+          lifecyclestage: {source: traits.newsletter, map: {yes: subscriber, no: lead, on: customer}}
+          cdp_consent_email: {source: traits.opted_in, map: {true: Y, false: N}}
+          firstname: {value: off}
+"""
+    (connection,) = load_connections(yaml_text, SCHEMAS, form="yaml")
+    contacts = connection.mapping("contacts")
+
+    def fields(newsletter, opted_in):
+        person = Source("p-1", {"traits.newsletter": newsletter, "traits.opted_in": opted_in})
+        return project(contacts, person).fields
+
+    assert fields("yes", True) == {"lifecyclestage": "subscriber", "cdp_consent_email": "Y", "firstname": "off"}
+    assert fields("no", False) == {"lifecyclestage": "lead", "cdp_consent_email": "N", "firstname": "off"}
+    assert fields("on", False)["lifecyclestage"] == "customer"
+
+
 def test_every_problem_is_reported_at_once_each_naming_mapping_and_field():
     document = _document(
         mode="sometimes",

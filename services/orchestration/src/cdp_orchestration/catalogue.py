@@ -27,10 +27,10 @@ from typing import Any
 
 import grpc
 import orjson
-import yaml
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.profile_fields import COMPUTED, ROOTS
+from cdp_kit.yamltext import YAMLError, load_yaml
 from cdp_orchestration.domain.document import Catalogue
 
 log = logging.getLogger("cdp.orchestration.catalogue")
@@ -45,8 +45,8 @@ class CatalogueError(ValueError):
 def read_catalogue(path: str) -> Catalogue:
     text = Path(path).read_text()
     try:
-        document = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else orjson.loads(text)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+        document = load_yaml(text) if path.endswith((".yaml", ".yml")) else orjson.loads(text)
+    except (orjson.JSONDecodeError, YAMLError) as error:
         raise CatalogueError(f"{path}: not valid JSON or YAML: {error}") from None
     return parse_catalogue(document, path)
 

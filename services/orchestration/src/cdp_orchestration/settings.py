@@ -9,6 +9,7 @@ from cdp_kit.bus import dead_letter_stream
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
+from cdp_kit.yamltext import load_yaml
 from cdp_orchestration.catalogue import CatalogueError, read_catalogue
 from cdp_orchestration.domain.document import Catalogue
 from cdp_orchestration.domain.rules import Rules, parse_rules
@@ -105,9 +106,7 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     def rules(self) -> Rules:
         if self.rules_file is None:
             return Rules()
-        import yaml
-
-        return parse_rules(yaml.safe_load(self.rules_file.read_text()), "CDP_ORCHESTRATION_RULES_FILE")
+        return parse_rules(load_yaml(self.rules_file.read_text()), "CDP_ORCHESTRATION_RULES_FILE")
 
     def catalogue(self) -> Catalogue | None:
         return read_catalogue(str(self.catalogue_file)) if self.catalogue_file is not None else None

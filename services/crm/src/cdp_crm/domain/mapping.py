@@ -47,7 +47,9 @@ Sources are the profile's flat field keys (`traits.*`, `computed.*`, `scores.*`,
 `id`, `category`, `journey_id`, `signals` - the person's top signals as "name: value" lines - and its
 rendered content: `subject`, `body`, ...); `{value: ...}` is a constant. Transforms (`transform`: one name or a list, applied in order): string, number, integer,
 boolean, trim, lower, upper, round:N, truncate:N, join[:sep], date, datetime; `map: {from: to}` then
-translates values and `default` stands in for a missing source.
+translates values (a `map` key is matched as text: `true`/`false` for a boolean, `3` for 3 or 3.0) and
+`default` stands in for a missing source. YAML documents are read as `cdp_kit.yamltext` reads YAML: only
+true/false are booleans, so `map: {yes: subscriber, no: lead}` maps the words yes and no.
 
 `parse_connections(document, schemas)` returns the connections or raises `MappingInvalid` holding EVERY
 problem, each naming the mapping ("<connection>/<mapping>", or the connection alone) and the field within
@@ -70,6 +72,7 @@ import orjson
 from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
+from cdp_kit.yamltext import load_yaml
 
 KINDS = ("salesforce", "hubspot", "dynamics", "zoho")
 MODES = ("upsert", "update_only", "mirror")
@@ -279,12 +282,7 @@ def load_connections(
 ) -> tuple[Connection, ...]:
     """Connections from JSON or YAML text (`form`), validated as `parse_connections` does."""
     try:
-        if form == "yaml":
-            import yaml
-
-            document = yaml.safe_load(text)
-        else:
-            document = orjson.loads(text)
+        document = load_yaml(text) if form == "yaml" else orjson.loads(text)
     except Exception as error:  # orjson.JSONDecodeError or yaml.YAMLError, reported rather than raised
         raise MappingInvalid([Problem("", "connections", f"is not valid {form.upper()}: {error}")]) from None
     return parse_connections(document, schemas)
@@ -297,6 +295,16 @@ def parse_connections(document: Any, schemas: Mapping[str, CrmSchema] | None = N
     if reader.problems:
         raise MappingInvalid(reader.problems)
     return connections
+
+
+def map_key(value: Any) -> str:
+    """The text a value is looked up by in a field's `map`: JSON's spelling of booleans (a YAML `true:` key
+    and a boolean profile value meet at "true"), whole floats as integers (a score of 3.0 finds `3:`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def required_fields(fields: Sequence[FieldMapping], schema: ObjectSchema | None) -> frozenset[str]:
@@ -731,7 +739,7 @@ class _Reader:
             source if has_source else None,
             spec.get("value"),
             transforms,
-            {str(k): v for k, v in translate.items()} if translate else None,
+            {map_key(k): v for k, v in translate.items()} if translate else None,
             spec.get("default"),
         )
 

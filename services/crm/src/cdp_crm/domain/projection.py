@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cdp_crm.domain.coalesce import Link, task_key
-from cdp_crm.domain.mapping import ACTION, PERSON_ID, SEGMENTS, FieldMapping, ObjectMapping, Transform
+from cdp_crm.domain.mapping import ACTION, PERSON_ID, SEGMENTS, FieldMapping, ObjectMapping, Transform, map_key
 
 # --- projection -----------------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ def _value(fm: FieldMapping, source: Source) -> Any:
         if value is None:
             return _MISSING if fm.default is None else fm.default
     if fm.translate is not None:
-        key = _map_key(value)
+        key = map_key(value)
         if key in fm.translate:
             value = fm.translate[key]
     return value
@@ -160,21 +160,13 @@ def _read(name: str, source: Source) -> Any:
     return source.profile.get(name, _MISSING)
 
 
-def _map_key(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def _apply(transform: Transform, value: Any) -> Any:
     """One transform; None when the value cannot be transformed (treated as missing, never as an error
     that would stop the whole record)."""
     name = transform.name
     try:
         if name == "string":
-            return _map_key(value) if isinstance(value, bool | float) else str(value)
+            return map_key(value) if isinstance(value, bool | float) else str(value)
         if name == "number":
             return float(value)
         if name == "integer":
@@ -195,7 +187,7 @@ def _apply(transform: Transform, value: Any) -> Any:
             return str(value)[: int(transform.arg or 0)]
         if name == "join":
             items = value if isinstance(value, list | tuple | set | frozenset) else [value]
-            return (transform.arg or ";").join(_map_key(v) for v in items)
+            return (transform.arg or ";").join(map_key(v) for v in items)
         if name in ("date", "datetime"):
             moment = _moment(value)
             if moment is None:

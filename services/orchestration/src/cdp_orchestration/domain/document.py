@@ -54,18 +54,17 @@ is refused, naming the node and field that wrote it, only where a catalogue list
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import orjson
-import yaml
 from croniter import croniter
 
 from cdp_kit.durations import parse_duration
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
+from cdp_kit.yamltext import YAMLError, load_yaml
 from cdp_orchestration.domain import clock
 from cdp_orchestration.domain.conditions import EventFilter, ProfileCondition, event_filter, profile_condition
 from cdp_orchestration.domain.journey import (
@@ -152,30 +151,11 @@ class JourneyInvalid(InvalidArgument):
         self.problems = tuple(problems)
 
 
-class _JourneyYamlLoader(yaml.SafeLoader):
-    """YAML's safe loader with YAML 1.2's booleans: only true/false (any case) are booleans. YAML 1.1 also
-    reads on/off/yes/no/y/n as booleans, which turns the documented `entry: {segment: x, on: entered}` into
-    the key True and refuses it; journeys mean those words as words."""
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_JourneyYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_JourneyYamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def load_yaml(text: str | bytes) -> Any:
-    """A journey document's YAML text as plain data (see `_JourneyYamlLoader`); raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_JourneyYamlLoader)
-
-
 def load_journey(text: str | bytes, catalogue: Catalogue | None = None, *, form: str = "json") -> Journey:
     """A journey from JSON or YAML text (`form`), validated as `parse_journey` does."""
     try:
         document = load_yaml(text) if form == "yaml" else orjson.loads(text)
-    except (orjson.JSONDecodeError, yaml.YAMLError) as error:
+    except (orjson.JSONDecodeError, YAMLError) as error:
         raise JourneyInvalid([Problem("", "journey", f"is not valid {form.upper()}: {error}")]) from None
     return parse_journey(document, catalogue)
 
