@@ -124,47 +124,63 @@ def _definitions() -> ComputedTraits:
 DEFS = _definitions()
 
 
+# The strategies `events` draws from, built once: a strategy built inside a composite is built (and
+# validated) again on every draw, which cost most of this module's time; the values drawn are the same.
+KINDS = st.sampled_from(["track", "track", "track", "identify", "page", "group", "alias"])
+# Whole days anywhere (ties on time are common), or quarter days in the last 16 days, where the
+# windows are: contributions enter, age out and tie there.
+TIMES = st.one_of(st.integers(0, 40).map(lambda d: d * DAY), st.integers(96, 160).map(lambda q: q * DAY / 4))
+CONSENTS = st.dictionaries(st.sampled_from(["purpose:Marketing", "channel:email"]), st.booleans(), max_size=2)
+SOURCES = st.sampled_from(["web", "ios", "salesforce"])
+NAMES = {"track": st.sampled_from(TRACK_NAMES), "page": st.sampled_from(PAGE_NAMES)}
+PROPERTIES = st.fixed_dictionaries({}, optional={"category": st.sampled_from(CATEGORIES), "cheap": st.booleans()})
+HAS_TOTAL = st.integers(0, 4)
+BOOLEANS = st.booleans()
+CARD_COUNTRY = st.sampled_from(CARD_COUNTRIES)
+IDENTIFY_TRAITS = st.fixed_dictionaries(
+    {},
+    optional={
+        "plan": st.sampled_from(PLANS),
+        "email": st.sampled_from(["a@x.io", "b@x.io"]),
+        "address": st.fixed_dictionaries({"city": st.sampled_from(["Oslo", "Lima"])}),
+        "category": st.sampled_from(CATEGORIES),
+    },
+)
+GROUP_IDS = st.sampled_from(["g1", "g2"])
+GROUP_TRAITS = st.fixed_dictionaries({}, optional={"plan": st.sampled_from(PLANS)})
+EVENT_CONTEXTS = st.one_of(CONTEXTS, CONTEXTS, CONTEXTS, st.just({}))
+USER_IDS = st.sampled_from(["", "u1", "u2"])
+ANONYMOUS_IDS = st.sampled_from(["", "a1"])
+_COUNTS: dict[int, st.SearchStrategy[int]] = {}
+_IDENTIFIERS: dict[tuple[str, ...], st.SearchStrategy[list[str]]] = {}
+
+
 @st.composite
 def events(draw: Any, prefix: str, pool: list[str], size: int = 10) -> list[ProfileEvent]:
+    count = _COUNTS.setdefault(size, st.integers(0, size))
+    identifiers_of = _IDENTIFIERS.setdefault(
+        tuple(pool), st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True)
+    )
     out = []
-    for i in range(draw(st.integers(0, size))):
-        kind = draw(st.sampled_from(["track", "track", "track", "identify", "page", "group", "alias"]))
-        # Whole days anywhere (ties on time are common), or quarter days in the last 16 days, where the
-        # windows are: contributions enter, age out and tie there.
-        at = draw(st.one_of(st.integers(0, 40).map(lambda d: d * DAY), st.integers(96, 160).map(lambda q: q * DAY / 4)))
-        identifiers = tuple(draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True)))
-        consent = draw(
-            st.dictionaries(st.sampled_from(["purpose:Marketing", "channel:email"]), st.booleans(), max_size=2)
-        )
-        source = draw(st.sampled_from(["web", "ios", "salesforce"]))
+    for i in range(draw(count)):
+        kind = draw(KINDS)
+        at = draw(TIMES)
+        identifiers = tuple(draw(identifiers_of))
+        consent = draw(CONSENTS)
+        source = draw(SOURCES)
         name, properties, traits, group_id = "", {}, {}, ""
         if kind in ("track", "page"):
-            name = draw(st.sampled_from(TRACK_NAMES if kind == "track" else PAGE_NAMES))
-            properties = draw(
-                st.fixed_dictionaries(
-                    {},
-                    optional={"category": st.sampled_from(CATEGORIES), "cheap": st.booleans()},
-                )
-            )
-            if draw(st.integers(0, 4)):
+            name = draw(NAMES[kind])
+            properties = draw(PROPERTIES)
+            if draw(HAS_TOTAL):
                 properties["total"] = draw(TOTALS)
-            if draw(st.booleans()):
-                properties["card_country"] = draw(st.sampled_from(CARD_COUNTRIES))
+            if draw(BOOLEANS):
+                properties["card_country"] = draw(CARD_COUNTRY)
         elif kind == "identify":
-            traits = draw(
-                st.fixed_dictionaries(
-                    {},
-                    optional={
-                        "plan": st.sampled_from(PLANS),
-                        "email": st.sampled_from(["a@x.io", "b@x.io"]),
-                        "address": st.fixed_dictionaries({"city": st.sampled_from(["Oslo", "Lima"])}),
-                        "category": st.sampled_from(CATEGORIES),
-                    },
-                )
-            )
+            traits = draw(IDENTIFY_TRAITS)
         elif kind == "group":
-            group_id = draw(st.sampled_from(["g1", "g2"]))
-            traits = draw(st.fixed_dictionaries({}, optional={"plan": st.sampled_from(PLANS)}))
+            group_id = draw(GROUP_IDS)
+            traits = draw(GROUP_TRAITS)
         out.append(
             ProfileEvent(
                 event_id=f"{prefix}{i:03d}",
@@ -177,9 +193,9 @@ def events(draw: Any, prefix: str, pool: list[str], size: int = 10) -> list[Prof
                 consent=consent,
                 identifiers=identifiers,
                 group_id=group_id,
-                context=draw(st.one_of(CONTEXTS, CONTEXTS, CONTEXTS, st.just({}))),
-                user_id=draw(st.sampled_from(["", "u1", "u2"])),
-                anonymous_id=draw(st.sampled_from(["", "a1"])),
+                context=draw(EVENT_CONTEXTS),
+                user_id=draw(USER_IDS),
+                anonymous_id=draw(ANONYMOUS_IDS),
             )
         )
     return out
