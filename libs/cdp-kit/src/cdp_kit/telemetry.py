@@ -22,7 +22,10 @@ with the unit in `unit=` ("ms", "By", "{event}") and never in the name, and no `
 exporter derives those, so `cdp.collector.events` (a counter, unit "{event}") is scraped as
 `cdp_collector_events_total` and `cdp.bus.handle.duration` (a histogram, unit "ms") as
 `cdp_bus_handle_duration_milliseconds_bucket`/`_sum`/`_count`. Variants go in attributes (`outcome`,
-`cause`), not in names. cdp-kit's `tests/test_metric_names.py` checks every instrument created in the
+`cause`), not in names. Every attribute value multiplies a metric's series, and a histogram series is
+~19 lines: keep an attribute whose values grow with the deployment (partitions, traits, persons) off
+histograms (the kit's engine times batches per service, and only its lag gauge is per partition). The
+page carries no scope labels: each process has one meter, `cdp.<service>`. cdp-kit's `tests/test_metric_names.py` checks every instrument created in the
 repository's sources.
 
 OpenTelemetry keeps one global provider per process. The first service set up in a process installs its
@@ -104,7 +107,9 @@ def setup_telemetry(
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        readers.append(PrometheusMetricReader())
+        # No scope labels (`otel_scope_name`, ...) on every line: a service has one meter, `cdp.<service>`,
+        # which the scrape target names already; they were ~40 % of a busy service's page.
+        readers.append(PrometheusMetricReader(scope_info_enabled=False))
         metrics_server, _thread = start_http_server(metrics_port, addr=metrics_host)
         log.info("metrics at http://%s:%d/metrics", metrics_host, metrics_port)
     meter_provider: MeterProvider | None = None

@@ -62,13 +62,15 @@ Held state (scoring, segmentation): a logic with `async snapshot(positions)` and
 `EngineSpec.snapshot_every` is called at a quiescent point (`PartitionedEngine.quiescent`: no batch
 being applied, every applied batch durable and acknowledged) with each partition's checkpoint.
 
-Metrics (attributes `service`, `partition`): a batch's time stage by stage, in ms -
+Metrics (attribute `service`; not per partition, which would multiply the /metrics page by the
+partitions for little an operator reads): a batch's time stage by stage, in ms -
 `cdp.engine.bus.wait.duration` (its oldest message stored by JetStream -> fetched),
 `cdp.engine.slot.wait.duration` (fetched -> a pipeline slot free), `cdp.engine.decode.duration`,
 `cdp.engine.batch.apply.duration`, `cdp.engine.commit.duration` (submitted -> durable),
-`cdp.engine.publish.duration`, `cdp.engine.ack.duration` - and `cdp.engine.recoveries`,
-`cdp.engine.lag` (messages not yet delivered). A span per applied batch; when it is sampled, it is
-linked to its messages' traces (the links are not read at all for a batch whose span is not).
+`cdp.engine.publish.duration`, `cdp.engine.ack.duration` - and, with `partition` too,
+`cdp.engine.recoveries` and `cdp.engine.lag` (messages not yet delivered). A span per applied batch;
+when it is sampled, it is linked to its messages' traces (the links are not read at all for a batch
+whose span is not).
 """
 
 from cdp_kit.engine.chain import EarlierWriteFailed, WriteChain

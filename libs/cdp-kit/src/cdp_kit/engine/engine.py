@@ -155,7 +155,7 @@ class PartitionedEngine:
         from opentelemetry.metrics import Observation
 
         for pipeline in list(self.pipelines.values()):
-            yield Observation(pipeline.pending, pipeline.attrs)
+            yield Observation(pipeline.pending, pipeline.partition_attrs)
 
     # --- partitions ---------------------------------------------------------------------------------
 

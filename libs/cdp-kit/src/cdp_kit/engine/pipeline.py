@@ -74,7 +74,11 @@ class PartitionPipeline:
         self.consumer = self.spec.consumer(partition)
         self.runner = ConsumerRunner(engine.bus.js, self.consumer, self._careful, engine.bus.telemetry)
         self.chain = engine.chain or WriteChain(engine.store)
-        self.attrs = {"service": self.spec.service, "partition": partition}
+        # The stage histograms are per service, not per partition: a histogram series is ~19 exposition
+        # lines, and per partition they made a replica's /metrics page hundreds of KB (its scrape a share
+        # of the process' CPU). The lag gauge and a recovery, one line each, name the partition.
+        self.attrs = {"service": self.spec.service}
+        self.partition_attrs = {"service": self.spec.service, "partition": partition}
         # The position whose effects are durable (the stored checkpoint), and the last one applied to
         # hot state (ahead of it while commits are in flight). Messages at or below `position` are
         # skipped: they were applied already.
@@ -178,7 +182,7 @@ class PartitionPipeline:
             self.spec.service,
             describe_error(self._failure) if self._failure else "unknown",
         )
-        self.engine.m_recoveries.add(1, self.attrs)
+        self.engine.m_recoveries.add(1, self.partition_attrs)
         await self.chain.settle()
         await self.logic.recover(self.partition)
         if self.engine.chain is None:
