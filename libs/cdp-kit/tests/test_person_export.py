@@ -1,5 +1,6 @@
 """The part of PrivacyService/ExportPerson every service shares: the request's checks (a person is
-required, merged ids are deduplicated and never the person again) and the answer as plain JSON
+required, an id no store can hold as a key is refused naming its field, merged ids are deduplicated
+and never the person again) and the answer as plain JSON
 (tuples and sets as lists, numpy numbers as floats, a non-finite number by its name, times RFC 3339)."""
 
 from __future__ import annotations
@@ -52,3 +53,22 @@ async def test_the_servicer_checks_the_request_and_passes_the_persons_once():
     with pytest.raises(InvalidArgument) as caught:
         await servicer.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="p1", merged_person_ids=[""]), None)
     assert caught.value.field == "merged_person_ids[0]"
+
+
+async def test_an_id_no_store_can_hold_is_refused_by_the_servicer_before_the_service_is_asked():
+    asked = []
+
+    async def export(person_id, merged, context):
+        asked.append(person_id)
+        return {}
+
+    servicer = PersonExport("test", export)
+    for request, field in (
+        (privacy_pb2.ExportPersonRequest(person_id="a\x00b"), "person_id"),
+        (privacy_pb2.ExportPersonRequest(person_id="p" * 1025), "person_id"),
+        (privacy_pb2.ExportPersonRequest(person_id="p1", merged_person_ids=["p0", "x" * 5000]), "merged_person_ids[1]"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            await servicer.ExportPerson(request, None)
+        assert caught.value.field == field
+    assert asked == []

@@ -14,6 +14,7 @@ from cdp_identity.__main__ import setup
 from cdp_identity.settings import IdentitySettings
 from cdp_kit.auth import write_tokens_file
 from cdp_kit.service import serving
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 
 ADMIN = [("authorization", "Bearer admin-token")]
 READER = [("authorization", "Bearer reader-token")]
@@ -113,15 +114,14 @@ async def test_an_unknown_person_gets_an_empty_document(identity):
 
 async def test_a_read_token_cannot_export(identity):
     _stub, privacy = identity
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="p1"), metadata=READER)
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "privacy:export" in caught.value.details()
+    await assert_read_scope_refused(privacy, READER)
 
 
 async def test_person_id_is_required(identity):
     _stub, privacy = identity
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(), metadata=ADMIN)
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "person_id" in caught.value.details()
+    await assert_person_required(privacy, ADMIN)
+
+
+async def test_an_id_no_store_can_hold_is_refused_naming_the_field(identity):
+    _stub, privacy = identity
+    await assert_unstorable_ids_named(privacy, ADMIN)

@@ -20,6 +20,7 @@ from cdp_kit.bus import Bus, OutMessage, events_resolved_stream, identity_stream
 from cdp_kit.service import serving
 from cdp_profile.__main__ import setup
 from cdp_profile.settings import ProfileSettings
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 
 PARTITIONS = 2
 ADMIN = [("authorization", "Bearer admin-token")]
@@ -94,12 +95,20 @@ async def test_an_unknown_person_gets_an_empty_document(profile):
 
 async def test_a_read_token_can_neither_export_nor_use_the_old_export(profile):
     stub, privacy = profile
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="p_ada"), metadata=READER)
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    await assert_read_scope_refused(privacy, READER)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Export(profile_pb2.ExportRequest(person_id="p_ada"), metadata=READER)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "privacy:export" in caught.value.details()
     # Reading the profile is still a reader's.
     assert (await stub.GetProfile(profile_pb2.GetProfileRequest(person_id="p_ada"), metadata=READER)).person_id
+
+
+async def test_a_person_id_is_required(profile):
+    _stub, privacy = profile
+    await assert_person_required(privacy, ADMIN)
+
+
+async def test_an_id_no_store_can_hold_is_refused_naming_the_field(profile):
+    _stub, privacy = profile
+    await assert_unstorable_ids_named(privacy, ADMIN)

@@ -17,6 +17,7 @@ from cdp_kit.auth import write_tokens_file
 from cdp_kit.bus import Bus, partition_for, profiles_stream, subjects
 from cdp_kit.service import serving
 from cdp_scoring.__main__ import setup
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 
 from .conftest import settings
 
@@ -87,7 +88,14 @@ async def test_an_unknown_person_gets_an_empty_document(scoring):
 
 async def test_a_read_token_cannot_export(scoring):
     privacy, _engine = scoring
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await privacy.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="p_ada"), metadata=READER)
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "privacy:export" in caught.value.details()
+    await assert_read_scope_refused(privacy, READER)
+
+
+async def test_a_person_id_is_required(scoring):
+    privacy, _engine = scoring
+    await assert_person_required(privacy, ADMIN)
+
+
+async def test_an_id_no_store_can_hold_is_refused_naming_the_field(scoring):
+    privacy, _engine = scoring
+    await assert_unstorable_ids_named(privacy, ADMIN)

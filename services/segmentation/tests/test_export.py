@@ -19,6 +19,7 @@ from cdp_kit.bus import Bus, profiles_stream, subjects
 from cdp_kit.service import serving
 from cdp_segmentation.__main__ import setup
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
 
 ADMIN = [("authorization", "Bearer admin-token")]
 READER = [("authorization", "Bearer reader-token")]
@@ -92,7 +93,12 @@ async def test_an_unknown_person_gets_an_empty_document(segmentation):
 
 
 async def test_a_read_token_cannot_export(segmentation):
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await segmentation.ExportPerson(privacy_pb2.ExportPersonRequest(person_id="p_ada"), metadata=READER)
-    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "privacy:export" in caught.value.details()
+    await assert_read_scope_refused(segmentation, READER)
+
+
+async def test_a_person_id_is_required(segmentation):
+    await assert_person_required(segmentation, ADMIN)
+
+
+async def test_an_id_no_store_can_hold_is_refused_naming_the_field(segmentation):
+    await assert_unstorable_ids_named(segmentation, ADMIN)

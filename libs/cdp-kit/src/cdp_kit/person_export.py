@@ -1,8 +1,10 @@
 """`cdp.privacy.v1.PrivacyService/ExportPerson`: what one service holds about a person, for the person's
 request to see their data (GDPR art. 15). `cdpctl export` asks every service and puts the answers together.
 
-The part every service shares lives here: the scope, the servicer and the conversion of a service's
-answer to JSON. A service supplies one coroutine, `export(person_id, merged_person_ids, context) -> dict`
+The part every service shares lives here: the scope, the servicer with the request's checks and the
+conversion of a service's answer to JSON. The checks are the same on every service: a person is
+required, and an id no store can hold as a key (a NUL, over 1024 characters) is refused with
+INVALID_ARGUMENT naming its field (`person_id`, `merged_person_ids[i]`) before the service is asked. A service supplies one coroutine, `export(person_id, merged_person_ids, context) -> dict`
 (the gRPC context, for a service that forwards to the replica owning the person), that gathers what it keeps under those ids and nothing of anyone else's; a person it does not know gives an
 empty dict (an empty document, never an error: "we hold nothing" is an answer).
 
@@ -24,10 +26,12 @@ from google.protobuf import struct_pb2
 
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage.port import check_key
 
 EXPORT_SCOPE = "privacy:export"
 SCOPES = {"ExportPerson": EXPORT_SCOPE}
 DESCRIPTOR = privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"]
+PERSONS = "persons"  # the collection named when an id cannot be a key: every service keys persons by id
 
 Exporter = Callable[[str, Sequence[str], Any], Awaitable[Mapping[str, Any]]]
 
@@ -71,9 +75,13 @@ class PersonExport(privacy_pb2_grpc.PrivacyServiceServicer):
     async def ExportPerson(self, request: privacy_pb2.ExportPersonRequest, context) -> privacy_pb2.ExportPersonResponse:
         if not request.person_id:
             raise InvalidArgument("person_id", "is required (the person as identity knows it now)")
+        # An id no store can hold as a key (a NUL, over 1024 characters) is refused here, by every service
+        # alike: some would otherwise fail on it in their store, others answer "nothing held".
+        check_key(PERSONS, request.person_id, field="person_id")
         for index, merged in enumerate(request.merged_person_ids):
             if not merged:
                 raise InvalidArgument(f"merged_person_ids[{index}]", "is empty")
+            check_key(PERSONS, merged, field=f"merged_person_ids[{index}]")
         merged = [p for p in dict.fromkeys(request.merged_person_ids) if p != request.person_id]
         document = await self.export(request.person_id, merged, context)
         return privacy_pb2.ExportPersonResponse(service=self.service, document=document_struct(document))

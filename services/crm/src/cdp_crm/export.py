@@ -33,7 +33,7 @@ from cdp_crm.state import CURSORS, DEAD_LETTERS, PENDING, PERSONS, RECORDS
 from cdp_kit import person_export
 from cdp_kit.person_export import Exporter
 from cdp_kit.storage import Store
-from cdp_kit.storage.port import MAX_FIND_LIMIT, check_key
+from cdp_kit.storage.port import MAX_FIND_LIMIT
 
 
 def rfc3339(seconds: float | None) -> str | None:
@@ -125,10 +125,7 @@ def exporter(store: Store, connections: Sequence[Connection]) -> Exporter:
     """`export_person` as the kit's servicer calls it."""
 
     async def export(person_id: str, merged_person_ids: Sequence[str], context: Any) -> dict[str, Any]:
-        # Ids the store cannot hold as keys (NUL, too long) are refused naming the request's field.
-        check_key(PERSONS, person_id, field="person_id")
-        for index, merged in enumerate(merged_person_ids):
-            check_key(PERSONS, merged, field=f"merged_person_ids[{index}]")
+        # The kit's servicer has refused ids the store cannot hold as keys, naming the request's field.
         return await export_person(store, connections, person_id, merged_person_ids)
 
     return export

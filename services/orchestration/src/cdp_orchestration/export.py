@@ -31,7 +31,7 @@ from typing import Any
 
 from cdp_kit.person_export import Exporter, rfc3339
 from cdp_kit.storage import Store
-from cdp_kit.storage.port import MAX_FIND_LIMIT, check_key
+from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
 from cdp_orchestration.state import APPROVALS, DECISIONS, INSTANCES, OUTCOMES, PERSONS, SENDS
 
@@ -165,10 +165,7 @@ def exporter(store: Store) -> Exporter:
     """`export_person` as the kit's servicer calls it."""
 
     async def export(person_id: str, merged_person_ids: Sequence[str], context: Any) -> dict[str, Any]:
-        # Ids the store cannot hold as keys (NUL, too long) are refused naming the request's field.
-        check_key(PERSONS, person_id, field="person_id")
-        for index, merged in enumerate(merged_person_ids):
-            check_key(PERSONS, merged, field=f"merged_person_ids[{index}]")
+        # The kit's servicer has refused ids the store cannot hold as keys, naming the request's field.
         return await export_person(store, person_id, merged_person_ids)
 
     return export
