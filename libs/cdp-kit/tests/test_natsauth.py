@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 from pathlib import Path
 
 import nats
@@ -15,8 +16,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from nats.js.api import AckPolicy, ConsumerConfig
 
-from cdp_kit.bus import Bus, ConsumerSpec, events_resolved_stream, profiles_stream, subjects
+from cdp_kit.bus import (
+    Bus,
+    ConsumerSpec,
+    events_resolved_stream,
+    privacy_stream,
+    profiles_stream,
+    segments_stream,
+    subjects,
+)
 from cdp_kit.errors import Unauthenticated
 from cdp_kit.natsauth import (
     MODEL_BUCKET,
@@ -335,3 +345,79 @@ def test_every_stream_and_announcement_of_the_vocabulary_has_a_role():
     assert announcements - published == set(), "core subjects nobody may publish"
     followed = {s for role in ROLES.values() for s in role.subscribes}
     assert {a for a in announcements if a != subjects.MODELS_DRIFT} - followed == set()
+
+
+# What the server answers a JetStream API request it refused: nothing (the publish is dropped), so the
+# request times out; a request it took answers JSON, with "error" when the API itself said no.
+async def api_call(nc, subject: str, body: dict | None = None) -> dict | None:
+    try:
+        reply = await nc.request(subject, json.dumps(body or {}).encode(), timeout=1)
+    except nats.errors.TimeoutError:
+        return None
+    return json.loads(reply.data)
+
+
+def test_only_a_streams_owner_may_reconfigure_it():
+    """`configures` means STREAM.UPDATE: retention, limits, subjects. A service that merely reads a stream
+    (or sources it) creates it when missing and never changes it, or any of them could shrink the
+    owner's stream to nothing."""
+    owners = {
+        subjects.EVENTS_RAW: "collector",
+        subjects.EVENTS_RESOLVED: "identity",
+        subjects.IDENTITY: "identity",
+        subjects.PROFILES: "profile",
+        subjects.PRIVACY: "profile",
+        subjects.SCORES: "scoring",
+        subjects.SEGMENTS: "segmentation",
+    }
+    for stream, owner in owners.items():
+        configuring = sorted(name for name, role in ROLES.items() if stream in role.configures)
+        assert configuring == [owner], f"{stream} may be reconfigured by {configuring}, not only {owner}"
+
+
+async def test_a_reader_cannot_reconfigure_a_stream_it_does_not_own(users):
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.ensure_streams(profiles_stream(), privacy_stream())
+    for reader, stream in (("crm", subjects.PROFILES), ("crm", subjects.PRIVACY), ("identity", subjects.PRIVACY)):
+        async with Bus.connect(users.server.url, name=reader, security=users.security(reader)) as bus:
+            config = (await bus.js.stream_info(stream)).config.as_dict()
+            shrunk = {**config, "max_msgs": 1}
+            assert await api_call(bus.nc, f"$JS.API.STREAM.UPDATE.{stream}", shrunk) is None, (reader, stream)
+    # Starting as they do still works: they create what is missing and leave the rest alone.
+    async with Bus.connect(users.server.url, name="crm", security=users.security("crm")) as crm:
+        await crm.ensure_read_streams(profiles_stream(), segments_stream(), privacy_stream())
+    nc = await users.operator()
+    try:
+        assert (await nc.jetstream().stream_info(subjects.PROFILES)).config.max_msgs == -1
+    finally:
+        await nc.close()
+
+
+async def test_the_edge_cannot_touch_another_services_consumer_of_privacy(users):
+    """The collector is the service exposed to the internet. It reads privacy.deleted (suppressions), but
+    holding consumer rights on PRIVACY would let it rewrite, drain or delete identity's consumer of
+    deletions, by name: the server cannot tell a consumer's owner from its name."""
+    async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
+        await identity.ensure_streams(privacy_stream())
+        config = ConsumerConfig(durable_name="identity-privacy-0", ack_policy=AckPolicy.EXPLICIT, description="ours")
+        await identity.js.add_consumer(subjects.PRIVACY, config)
+    async with Bus.connect(users.server.url, name="collector", security=users.security("collector")) as collector:
+        nc = collector.nc
+        tampered = {"stream_name": subjects.PRIVACY, "config": {**config.as_dict(), "description": "tampered"}}
+        unnamed = {"stream_name": subjects.PRIVACY, "config": {**tampered["config"], "name": "identity-privacy-0"}}
+        del unnamed["config"]["durable_name"]
+        attempts = {
+            "create, the name in the body": ("$JS.API.CONSUMER.CREATE.PRIVACY", unnamed),
+            "create by name": ("$JS.API.CONSUMER.CREATE.PRIVACY.identity-privacy-0", tampered),
+            "durable create": ("$JS.API.CONSUMER.DURABLE.CREATE.PRIVACY.identity-privacy-0", tampered),
+            "fetch": ("$JS.API.CONSUMER.MSG.NEXT.PRIVACY.identity-privacy-0", {"batch": 1, "expires": 200_000_000}),
+            "delete": ("$JS.API.CONSUMER.DELETE.PRIVACY.identity-privacy-0", None),
+        }
+        for what, (subject, body) in attempts.items():
+            assert await api_call(nc, subject, body) is None, what
+    nc = await users.operator()
+    try:
+        info = await nc.jetstream().consumer_info(subjects.PRIVACY, "identity-privacy-0")
+        assert info.config.description == "ours"
+    finally:
+        await nc.close()

@@ -10,11 +10,18 @@ import logging
 
 import aiohttp
 import grpc
+import nats
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
 from cdp.privacy.v1 import privacy_pb2
+from cdp_collector.__main__ import setup
 from cdp_kit.bus import ensure_stream, privacy_stream
+from cdp_kit.natsauth import OPERATOR, authorization_config, new_password, write_credentials
+from cdp_kit.natsserver import NatsServer
+from cdp_kit.service import serving
+
+from .conftest import RunningCollector, collector_settings
 
 SUPPRESSED = collector_pb2.EVENT_STATUS_SUPPRESSED
 ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
@@ -152,3 +159,35 @@ async def test_an_unreadable_privacy_message_does_not_stop_start_up(start_collec
     async with start_collector() as collector:
         status, reply = await post_batch(collector, http_batch()[:1])
         assert status == 200 and reply["suppressed"] == 1
+
+
+async def test_the_collector_suppresses_under_its_own_nats_user(tmp_path, monkeypatch):
+    """As `make up` and the chart run it: the collector's NATS user may read PRIVACY message by message
+    and hear privacy.deleted, and nothing more of PRIVACY (no consumer of its own or anyone's). It still
+    loads what was there before it started and follows what comes after, and the server refused nothing."""
+    passwords = {name: new_password() for name in ("collector", "profile")}
+    for name, password in passwords.items():
+        write_credentials(tmp_path / f"{name}.json", name, password)
+    operator = new_password()
+    server = NatsServer(store_dir=tmp_path / "nats")
+    server.config = authorization_config(passwords, operator_password=operator)
+    server.start()
+    try:
+        nc = await nats.connect(server.url, user=OPERATOR, password=operator)
+        try:
+            await publish_deletion(nc, "user_id:u-9")
+            monkeypatch.setenv("CDP_NATS_CREDENTIALS_FILE", str(tmp_path / "collector.json"))
+            settings = collector_settings(server.url, tmp_path)
+            async with serving(settings, setup) as runtime:
+                collector = RunningCollector(runtime, server.url)
+                assert len(runtime.parts["suppression"]) == 1
+                await publish_deletion(nc, "email:x@y.io", request_id="req-2")
+                await until_suppressing(collector, 2)
+                status, reply = await post_batch(collector, http_batch())
+                assert status == 200 and (reply["accepted"], reply["suppressed"]) == (1, 3)
+        finally:
+            await nc.close()
+        refused = [line for line in server.log_path.read_text().splitlines() if "Violation" in line]
+        assert refused == []
+    finally:
+        server.close()

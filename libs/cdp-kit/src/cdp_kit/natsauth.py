@@ -1,7 +1,7 @@
 """Who may do what on NATS: one user per service, with the subjects it may publish and subscribe to.
 
-One table (`ROLES`) says, per service, which streams it configures, which it only creates when missing
-(start order does not matter), which it consumes, which it reads single messages from, what it
+One table (`ROLES`) says, per service, which streams it configures (only the stream's owner: an update
+can shrink a stream to nothing), which it only creates when missing (start order does not matter), which it consumes, which it reads single messages from, what it
 publishes and which core-NATS announcements it follows. Everything NATS is told comes from it:
 
 - `permissions(role)`: the nats-server `permissions` block of that service's user. A service may publish
@@ -94,15 +94,19 @@ ROLES: dict[str, BusRole] = {
     for role in (
         BusRole(
             "collector",
-            configures=(subjects.EVENTS_RAW, subjects.PRIVACY, subjects.DLQ),
-            consumes=(subjects.PRIVACY,),  # the suppression list: an ordered consumer over privacy.deleted
+            configures=(subjects.EVENTS_RAW, subjects.DLQ),
+            creates=(subjects.PRIVACY,),
+            # The suppression list: privacy.deleted read message by message, woken by the core subject.
+            # No consumer rights on PRIVACY: the edge could otherwise rewrite or drain identity's consumer
+            # of deletions (a consumer is known by its name alone).
             reads=(subjects.PRIVACY,),
             publishes=(_each(subjects.EVENTS_RAW_PREFIX),),
+            subscribes=(subjects.PRIVACY_DELETED,),
         ),
         BusRole(
             "identity",
-            configures=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.PRIVACY, subjects.DLQ),
-            creates=(subjects.EVENTS_RAW,),
+            configures=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.DLQ),
+            creates=(subjects.EVENTS_RAW, subjects.PRIVACY),
             consumes=(subjects.EVENTS_RAW, subjects.PRIVACY),
             publishes=(
                 *subjects.STREAM_SUBJECTS[subjects.EVENTS_RESOLVED],
@@ -158,9 +162,10 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "crm",
-            # The connector makes sure the streams it sources exist, with their owners' configuration.
-            configures=(subjects.PROFILES, subjects.SEGMENTS, subjects.PRIVACY, subjects.DLQ),
-            creates=(subjects.ACTIONS, subjects.CRM),
+            configures=(subjects.DLQ,),
+            # The connector makes sure the streams it sources exist, with their owners' configuration,
+            # and never changes them.
+            creates=(subjects.PROFILES, subjects.SEGMENTS, subjects.PRIVACY, subjects.ACTIONS, subjects.CRM),
             consumes=(subjects.CRM, subjects.PRIVACY),
         ),
     )

@@ -36,12 +36,13 @@ async def setup(runtime: ServiceRuntime) -> None:
     await bus.ensure_streams(
         events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window),
         dead_letter_stream(),
-        privacy_stream(),
     )
+    # PRIVACY is the profile service's: created when missing, never reconfigured (the collector may not).
+    await bus.ensure_read_streams(privacy_stream())
     # Every suppression made so far is known before the first request is answered (setup ends before
     # the service reports SERVING and before the HTTP API reports ready).
     suppression = SuppressionList()
-    follower = SuppressionFollower(bus.js, suppression)
+    follower = SuppressionFollower(bus.nc, bus.js, suppression)
     runtime.stack.push_async_callback(follower.stop)
     await follower.load(settings.suppression_load_timeout)
     ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)

@@ -1,11 +1,19 @@
 """`privacy.deleted` (stream PRIVACY) → the in-memory SuppressionList.
 
-The list is rebuilt from the stream on every start, so there is no durable consumer and nothing to store:
-an ordered push consumer delivers every message from the first one on, then keeps following. `load()`
-returns only once every message that was in the stream when it was called has been applied, and the
-collector reports ready after that — so its first answer already honours every suppression made before
-it started. The stream keeps no message forever by age (`privacy_stream()`), and a suppression lasts as
-long as its message does.
+The list is rebuilt from the stream on every start, so nothing is stored. The collector reads the stream
+message by message, by sequence (JetStream's get-message API), not through a consumer: it is the service
+exposed to the internet, and its NATS user holds no consumer rights on PRIVACY. Those rights cannot be
+limited to one's own consumers (a consumer is known by its name alone, and the create request may carry
+any name), so with them the edge could rewrite, drain or delete identity's consumer of deletions
+(`cdp_kit.natsauth`).
+
+`load()` returns only once every message that was in the stream when it was called has been applied,
+and the collector reports ready after that, so its first answer already honours every suppression made
+before it started. Then it follows: a core-NATS subscription to privacy.deleted wakes it when a deletion
+is published (the message is only the signal: what is applied is read from the stream, in sequence
+order, each message once), and it looks every `follow_every` seconds anyway, for what was published
+while its connection was down. The stream keeps no message forever by age (`privacy_stream()`), and a
+suppression lasts as long as its message does.
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ import logging
 import time
 
 from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -28,16 +37,26 @@ from cdp_kit.errors import Unavailable
 
 log = logging.getLogger("cdp.collector.privacy")
 
+# Messages asked for at once while catching up: a long stream is read in windows of parallel requests.
+READ_WINDOW = 256
+# How often the follower looks without being woken (a deletion published while NATS was unreachable).
+FOLLOW_EVERY = 5.0
+
 
 class SuppressionFollower:
-    def __init__(self, js: JetStreamContext, suppression: SuppressionList) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, suppression: SuppressionList, *, follow_every: float = FOLLOW_EVERY
+    ) -> None:
+        self.nc = nc
         self.js = js
         self.suppression = suppression
-        self._subscription: JetStreamContext.PushSubscription | None = None
-        self._target = 0  # the last privacy.deleted sequence when loading started
-        self._applied = 0  # the last sequence applied
+        self.follow_every = follow_every
+        self._wake = asyncio.Event()
+        self._signal: Subscription | None = None
+        self._follower: asyncio.Task | None = None
+        self._applied = 0  # the last sequence read (applied, or not a privacy.deleted)
         self._messages = 0
-        self._loaded = asyncio.Event()
+        self._loaded = False
 
     async def load(self, timeout: float) -> None:
         """Apply every privacy.deleted message in the stream, then keep following new ones.
@@ -45,67 +64,97 @@ class SuppressionFollower:
         Raises Unavailable after `timeout` seconds: a collector that cannot know who is suppressed must
         not start taking events (the orchestrator restarts it)."""
         started = time.monotonic()
+        # Subscribed before the stream is read, so a deletion published meanwhile wakes the follower.
+        self._signal = await self.nc.subscribe(PRIVACY_DELETED, cb=self._on_signal)
+        target = 0
         try:
-            self._target = (await self.js.get_last_msg(PRIVACY, PRIVACY_DELETED)).seq or 0
-        except NotFoundError:
-            self._target = 0
-        if self._target == 0:
-            self._loaded.set()
-        self._subscription = await self.js.subscribe(
-            PRIVACY_DELETED,
-            stream=PRIVACY,
-            cb=self._on_message,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL,
-        )
-        try:
-            await asyncio.wait_for(self._loaded.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                target = await self._last_sequence()
+                await self._read_up_to(target)
         except TimeoutError:
             await self.stop()
             raise Unavailable(
-                f"read privacy.deleted up to sequence {self._applied} of {self._target} in stream {PRIVACY} "
+                f"read privacy.deleted up to sequence {self._applied} of {target} in stream {PRIVACY} "
                 f"within {timeout:g}s; raise CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT or check NATS"
             ) from None
+        self._loaded = True
         log.info(
             "suppression list loaded: %d identifiers from %d privacy.deleted messages in %.2fs",
             len(self.suppression),
             self._messages,
             time.monotonic() - started,
         )
+        self._follower = asyncio.create_task(self._follow(), name="privacy.deleted follower")
 
     async def stop(self) -> None:
-        if self._subscription is not None:
-            subscription, self._subscription = self._subscription, None
-            # The connection may already be gone at shutdown; the ephemeral consumer then expires by itself.
+        if self._follower is not None:
+            follower, self._follower = self._follower, None
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        if self._signal is not None:
+            signal, self._signal = self._signal, None
+            # The connection may already be gone at shutdown.
             with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+                await signal.unsubscribe()
 
-    async def _on_message(self, msg: Msg) -> None:
-        metadata = msg.metadata
-        seq = metadata.sequence.stream
+    async def _on_signal(self, _msg: Msg) -> None:
+        self._wake.set()
+
+    async def _follow(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.follow_every):
+                    await self._wake.wait()
+            self._wake.clear()  # before reading: a deletion published while we read wakes us again
+            try:
+                await self._read_up_to(await self._last_sequence())
+            except Exception as exc:  # NATS away, a timeout: the next signal or look tries again
+                log.warning("could not read privacy.deleted; trying again: %s", type(exc).__name__)
+
+    async def _last_sequence(self) -> int:
+        try:
+            return (await self.js.stream_info(PRIVACY)).state.last_seq or 0
+        except NotFoundError:
+            return 0
+
+    async def _read_up_to(self, last: int) -> None:
+        while self._applied < last:
+            window = range(self._applied + 1, min(last, self._applied + READ_WINDOW) + 1)
+            messages = await asyncio.gather(*(self._get(seq) for seq in window))
+            for seq, message in zip(window, messages, strict=True):
+                if message is not None:
+                    self._apply(seq, message)
+                self._applied = seq
+
+    async def _get(self, seq: int) -> bytes | None:
+        """The payload of message `seq` if it is a privacy.deleted; None for a sequence no longer held."""
+        try:
+            message = await self.js.get_msg(PRIVACY, seq=seq)
+        except NotFoundError:
+            return None
+        return message.data if message.subject == PRIVACY_DELETED else None
+
+    def _apply(self, seq: int, data: bytes) -> None:
         self._messages += 1
         try:
-            deleted = privacy_pb2.PrivacyDeleted.FromString(msg.data)
+            deleted = privacy_pb2.PrivacyDeleted.FromString(data)
         except DecodeError as exc:
             log.error("privacy.deleted message %d is not a PrivacyDeleted and was skipped: %s", seq, exc)
-        else:
-            if deleted.suppress:
-                added, malformed = self.suppression.add(deleted.identifier_hashes)
-                if malformed:
-                    log.error(
-                        "privacy.deleted message %d (request %s): %d identifier hashes are not hex SHA-256 and "
-                        "were skipped",
-                        seq,
-                        deleted.request_id,
-                        malformed,
-                    )
-                if self._loaded.is_set():
-                    log.info(
-                        "suppressing %d more identifiers (privacy request %s); %d in all",
-                        added,
-                        deleted.request_id,
-                        len(self.suppression),
-                    )
-        self._applied = seq
-        if seq >= self._target or metadata.num_pending == 0:
-            self._loaded.set()
+            return
+        if not deleted.suppress:
+            return
+        added, malformed = self.suppression.add(deleted.identifier_hashes)
+        if malformed:
+            log.error(
+                "privacy.deleted message %d (request %s): %d identifier hashes are not hex SHA-256 and were skipped",
+                seq,
+                deleted.request_id,
+                malformed,
+            )
+        if self._loaded:
+            log.info(
+                "suppressing %d more identifiers (privacy request %s); %d in all",
+                added,
+                deleted.request_id,
+                len(self.suppression),
+            )

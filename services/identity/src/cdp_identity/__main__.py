@@ -61,12 +61,12 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
-    # EVENTS_RAW is the collector's (its retention and de-duplication window): read, never reconfigured.
-    await bus.ensure_read_streams(events_raw_stream())
+    # EVENTS_RAW is the collector's (its retention and de-duplication window) and PRIVACY the profile
+    # service's: read, never reconfigured (identity's NATS user may not).
+    await bus.ensure_read_streams(events_raw_stream(), privacy_stream())
     await bus.ensure_streams(
         events_resolved_stream(max_age=settings.retention_days * 86_400),
         identity_stream(),
-        privacy_stream(),
         dead_letter_stream(),
     )
     engine = IdentityEngine(
