@@ -68,6 +68,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.stopping import raise_if_cancelling
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
 
 log = logging.getLogger("cdp.bus")
@@ -207,13 +208,10 @@ class Delivery:
 Handler = Callable[[Sequence[Delivery]], Awaitable[None]]
 
 
-def _raise_if_cancelling(task: asyncio.Task | None) -> None:
-    """nats-py swallows a CancelledError that lands inside its flush path (`_flush_pending`), and every
-    nats-py request returns its reply instead when the cancellation lands in the loop turn the reply does
-    (Python 3.11's `asyncio.wait_for`), so a cancelled loop could run on forever. The task still remembers
-    it was asked to stop: honour that."""
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+# nats-py swallows a CancelledError that lands inside its flush path (`_flush_pending`), and every nats-py
+# request returns its reply instead when the cancellation lands in the loop turn the reply does (Python
+# 3.11's `asyncio.wait_for`), so a cancelled loop could run on forever: the loops check (cdp_kit.stopping).
+_raise_if_cancelling = raise_if_cancelling
 
 
 class ConsumerRunner:

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, OutboundBufferLimitError
 
 from cdp_kit.errors import ResourceExhausted, Unavailable
+from cdp_kit.stopping import wait_for
 from cdp_kit.telemetry import Telemetry, inject_context
 
 log = logging.getLogger("cdp.bus")
@@ -95,7 +96,7 @@ class _Budget:
                 self.used += n
 
         try:
-            await asyncio.wait_for(wait(), timeout)
+            await wait_for(wait(), timeout)  # not asyncio's: it loses a stop landing with the budget
         except TimeoutError:
             raise ResourceExhausted(
                 f"publish queue full ({self.used}/{self.capacity} messages awaiting JetStream)", retry_after=1.0
@@ -251,7 +252,8 @@ class Publisher:
                 if self._waiting.pop(tokens[index], None) is not None:
                     self._settle(pending, index, PubResult(error=reason))
             try:
-                await asyncio.wait_for(asyncio.shield(pending.done), self.ack_timeout)
+                # Not asyncio's wait_for: it loses a stop landing with the last acknowledgement.
+                await wait_for(asyncio.shield(pending.done), self.ack_timeout)
             except TimeoutError:
                 pass
         except (ConnectionClosedError, OutboundBufferLimitError) as exc:
