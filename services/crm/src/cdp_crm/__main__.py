@@ -51,6 +51,7 @@ from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
+from cdp_kit.stopping import cancel_and_wait
 from cdp_kit.storage import Store, open_store
 
 log = logging.getLogger("cdp.crm")
@@ -224,14 +225,17 @@ async def setup(runtime: ServiceRuntime) -> None:
                         extra={"connection": connection.id, "reason": refused.reason, "crm_code": refused.code},
                     )
 
+    runs = Runs(logic, partitions=settings.partitions, people=people)
+
     async def release() -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Before the store and the bus close: the backfills first (each left `cancelled`, to be resumed),
+        then the loops. Within one grace in all: a task that does not end is named in the log and left,
+        rather than holding the stop (and the process) for ever."""
+        deadline = time.monotonic() + settings.shutdown_grace
+        await runs.close(grace=settings.shutdown_grace)
+        await cancel_and_wait(tasks, deadline - time.monotonic(), log)
 
     runtime.stack.push_async_callback(release)
-    runs = Runs(logic, partitions=settings.partitions, people=people)
-    runtime.stack.push_async_callback(runs.close)  # a stop leaves each backfill cancelled, to be resumed
     tasks.append(runtime.spawn(runs.watch(), "resume interrupted crm backfills"))
 
     async def describe_document(parsed):

@@ -51,6 +51,7 @@ from cdp_crm.people import ConnectorView, People
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_kit.bus import partition_for
 from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.stopping import cancel_and_wait
 from cdp_kit.storage import Delete, VersionConflict
 
 log = logging.getLogger("cdp.crm.runs")
@@ -183,12 +184,11 @@ class Runs:
                 resumed.append(record.key)
         return resumed
 
-    async def close(self) -> None:
-        """Cancel the backfills running here (each is left `cancelled`, with its resume point)."""
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self, grace: float = 10.0) -> None:
+        """Cancel the backfills running here (each is left `cancelled`, with its resume point), waiting up
+        to `grace` seconds for them: one that does not end by then (its last writes or its release of a
+        partition hanging) is named in the log and left `running`; `STALE_AFTER` later it is resumed."""
+        await cancel_and_wait(list(self.tasks.values()), grace, log)
 
     async def watch(self, every: float = 30.0) -> None:
         """`resume_interrupted` now and every `every` seconds, until cancelled."""
@@ -226,7 +226,7 @@ class Runs:
 
     def _spawn(self, run_id: str, doc: dict[str, Any], mappings: list[ObjectMapping]) -> None:
         work = self._backfill(run_id, doc, mappings, doc.get("bulk", False))
-        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, work))
+        self.tasks[run_id] = asyncio.create_task(self._guard(run_id, work), name=f"crm backfill {run_id}")
 
     async def _guard(self, run_id: str, work) -> None:
         try:
