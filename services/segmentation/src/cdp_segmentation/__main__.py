@@ -11,7 +11,7 @@ from nats.js.errors import NotFoundError
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, owned_partitions, profiles_stream, segments_stream, subjects
 from cdp_kit.ownership import StaticOwnership, ownership_from_settings
-from cdp_kit.person_export import export_service
+from cdp_kit.person_export import export_service, replica_owners
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
@@ -135,8 +135,21 @@ async def setup(runtime: ServiceRuntime) -> None:
         segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"],
         scopes=SCOPES,
     )
+    # An export of a person of a partition another replica holds asks that replica (export.py).
+    owners = replica_owners(
+        settings,
+        ownership,
+        held=lambda: engine.active,
+        channel=lambda address: client_channel(settings, address),
+        peers=settings.peers,
+        peers_variable="CDP_SEGMENTATION_PEERS",
+        replicas=1 if settings.standby else None,
+    )
+    runtime.stack.push_async_callback(owners.close)
     runtime.grpc.add_service(
-        *export_service("segmentation", lambda person, merged, _context: export_person(engine, person, merged))
+        *export_service(
+            "segmentation", lambda person, merged, context: export_person(engine, person, merged, owners, context)
+        )
     )
 
 

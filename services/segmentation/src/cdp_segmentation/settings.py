@@ -52,6 +52,13 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         "publish each transition under the same id, which JetStream keeps once; CDP_POD_ORDINAL names its own "
         "consumers",
     )
+    peers: str = env(
+        "CDP_SEGMENTATION_PEERS",
+        "",
+        help="static ownership with several replicas: the replicas' gRPC addresses in ordinal order, "
+        "comma-separated; empty: derived from CDP_POD_NAME (<set>-<i>.<set>-headless:<CDP_GRPC_PORT>). An "
+        "export of a person of another replica's partition asks that replica",
+    )
     max_computed_traits: int = env(
         "CDP_SEGMENTATION_MAX_COMPUTED_TRAITS",
         20,
@@ -73,6 +80,12 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         problems = ServiceSettings.validate(self)
         if not self.standby:
             problems += OwnershipSettings.validate(self)
+            peers = [a for a in self.peers.split(",") if a.strip()]
+            if peers and self.ownership == "static" and len(peers) != self.replicas:
+                problems.append(
+                    f"CDP_SEGMENTATION_PEERS lists {len(peers)} addresses for CDP_REPLICAS={self.replicas}: "
+                    "give every replica's, in ordinal order"
+                )
         if self.batch_size < 1:
             problems.append(f"CDP_SEGMENTATION_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if not 0 < self.snapshot_interval <= 300:
