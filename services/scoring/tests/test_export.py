@@ -1,6 +1,8 @@
 """PrivacyService/ExportPerson on scoring (the process as `__main__` sets it up, tokens on): the profile
 fields held for the person and what its scores were when last published, a merged person's too; nobody
-else's; an empty document for an unknown person; refused to a token without privacy:export."""
+else's; an empty document for an unknown person; refused to a token without privacy:export. With two
+replicas splitting the partitions, either answers for everyone (a person held by the other is asked of
+it), and one that cannot reach the other says so naming the partition instead of answering "nothing"."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.auth import write_tokens_file
 from cdp_kit.bus import Bus, partition_for, profiles_stream, subjects
+from cdp_kit.natsserver import free_port
 from cdp_kit.service import serving
 from cdp_scoring.__main__ import setup
 from cdp_testing.person_export import assert_person_required, assert_read_scope_refused, assert_unstorable_ids_named
@@ -99,3 +102,85 @@ async def test_a_person_id_is_required(scoring):
 async def test_an_id_no_store_can_hold_is_refused_naming_the_field(scoring):
     privacy, _engine = scoring
     await assert_unstorable_ids_named(privacy, ADMIN)
+
+
+# --- two replicas splitting the partitions (static: p % 2 == ordinal, a store each) -----------------------
+
+PARTITIONS = 2
+# A person and the person merged into them, in different partitions: each held by one replica only.
+ADA = next(f"p_ada_{n}" for n in range(100) if partition_for(f"p_ada_{n}", PARTITIONS) == 0)
+ADA_OLD = next(f"p_old_{n}" for n in range(100) if partition_for(f"p_old_{n}", PARTITIONS) == 1)
+NOBODY = next(f"p_nobody_{n}" for n in range(100) if partition_for(f"p_nobody_{n}", PARTITIONS) == 1)
+
+
+@pytest.fixture
+def replicas(nats_server, tmp_path):
+    """The settings of replica `ordinal` of two, whose peers are `ports`, each with its own store."""
+    tokens = tmp_path / "tokens.json"
+    write_tokens_file(tokens, [("admin", "admin-token", ["*"]), ("reader", "reader-token", ["scoring:read"])])
+
+    def replica(ports: list[int], ordinal: int):
+        return settings(
+            nats_server, tmp_path, auth_mode="tokens", auth_tokens_file=tokens, grpc_port=ports[ordinal],
+            partitions=PARTITIONS, replicas=2, pod_ordinal=ordinal,
+            peers=",".join(f"127.0.0.1:{port}" for port in ports),
+            store_url=f"sqlite:///{tmp_path / f'scoring-{ordinal}.db'}",
+        )  # fmt: skip
+
+    return replica
+
+
+async def _hold(bus, engines, persons: dict[str, str]) -> None:
+    """Publish a change per person (its city) and wait until the replica owning it holds it."""
+    for person, city in persons.items():
+        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, city)])
+        await bus.js.publish(subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString())
+    deadline = time.monotonic() + 15
+    while not all(
+        p in engine.fields for p in persons for engine in engines if partition_for(p, PARTITIONS) in engine.ready
+    ):
+        assert time.monotonic() < deadline, "the changes were not applied"
+        await asyncio.sleep(0.02)
+
+
+async def test_either_replica_exports_a_person_whichever_replica_holds_them(nats_server, replicas):
+    ports = [free_port(), free_port()]
+    async with Bus.connect(nats_server.url, name="export-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        async with serving(replicas(ports, 0), setup) as r0, serving(replicas(ports, 1), setup) as r1:
+            engines = [r0.parts["engine"], r1.parts["engine"]]
+            await _hold(bus, engines, {ADA: "Paris", ADA_OLD: "Lyon"})
+            assert ADA in engines[0].fields and ADA_OLD not in engines[0].fields
+            assert ADA_OLD in engines[1].fields and ADA not in engines[1].fields
+            for port in ports:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    privacy = privacy_pb2_grpc.PrivacyServiceStub(channel)
+                    document = await _export(privacy, ADA, [ADA_OLD])
+                    assert [p["person_id"] for p in document["persons"]] == [ADA, ADA_OLD]
+                    assert [p["fields"] for p in document["persons"]] == [
+                        {"traits.city": "Paris"},
+                        {"traits.city": "Lyon"},
+                    ]
+                    # Held by neither: "nothing held" is still the answer, from the replica owning the partition.
+                    assert await _export(privacy, NOBODY) == {}
+                    # The owner checks the caller's token too; a reader is refused whichever replica it reaches.
+                    await assert_read_scope_refused(privacy, READER)
+
+
+async def test_a_replica_that_cannot_reach_the_owner_names_the_partition_instead_of_answering_nothing(
+    nats_server, replicas
+):
+    ports = [free_port(), free_port()]  # nobody listens on the second: replica 1 is down
+    async with Bus.connect(nats_server.url, name="export-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        async with serving(replicas(ports, 0), setup) as r0:
+            await _hold(bus, [r0.parts["engine"]], {ADA: "Paris"})
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[0]}") as channel:
+                privacy = privacy_pb2_grpc.PrivacyServiceStub(channel)
+                for person, merged in ((ADA_OLD, []), (ADA, [ADA_OLD])):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await _export(privacy, person, merged)
+                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "partition 1" in caught.value.details() and ADA_OLD not in caught.value.details()
+                # Its own partition's persons it answers for.
+                assert [p["person_id"] for p in (await _export(privacy, ADA))["persons"]] == [ADA]

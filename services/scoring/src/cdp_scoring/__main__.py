@@ -23,7 +23,7 @@ from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.ownership import Ownership, ownership_from_settings
-from cdp_kit.person_export import export_service
+from cdp_kit.person_export import export_service, replica_owners
 from cdp_kit.profile_client import ProfileClient
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
@@ -140,8 +140,20 @@ async def setup(runtime: ServiceRuntime) -> None:
         scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"],
         scopes=SCOPES,
     )
+    # An export of a person of a partition another replica holds asks that replica (export.py).
+    owners = replica_owners(
+        settings,
+        ownership,
+        held=lambda: engine.ready,
+        channel=lambda address: client_channel(settings, address),
+        peers=settings.peers,
+        peers_variable="CDP_SCORING_PEERS",
+    )
+    runtime.stack.push_async_callback(owners.close)
     runtime.grpc.add_service(
-        *export_service("scoring", lambda person, merged, _context: export_person(engine, person, merged))
+        *export_service(
+            "scoring", lambda person, merged, context: export_person(engine, person, merged, owners, context)
+        )
     )
 
 

@@ -5,9 +5,12 @@ profile fields the models read (`fields`, as held: flat names such as `traits.pl
 `last_change_at`, the time of the last profile change applied), and what its scores were when last
 published, per model (`published`: the version and each score by name; see published.py), if any.
 Scoring keeps nothing else under a person: scores themselves live on the profile, and the training runs
-read the store's rows without keeping a copy per person. The persons answered for are those of the
-partitions this replica holds (all of them with one replica). A person scoring never held: an empty
-document.
+read the store's rows without keeping a copy per person. A person scoring never held: an empty document.
+
+Each replica holds the persons of its partitions only (`engine.ready`: restored, up to the checkpoint).
+A person of another partition is asked of the replica holding it (`cdp_kit.person_export.Owners`), and
+its entry put in the answer in the order asked; a replica that cannot reach that one answers UNAVAILABLE
+naming the partition, so no person held elsewhere is ever answered with "nothing held".
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cdp_kit.person_export import rfc3339
+from cdp_kit.person_export import Owners, rfc3339
 from cdp_scoring.engine import CHANGED_AT, ScoringEngine
 from cdp_scoring.published import EPOCH, PUBLISHED
 
@@ -35,21 +38,36 @@ def _published(engine: ScoringEngine, person_id: str, fields: dict[str, Any]) ->
     return out
 
 
-async def export_person(engine: ScoringEngine, person_id: str, merged_person_ids: Sequence[str]) -> dict[str, Any]:
+def _held(engine: ScoringEngine, person_id: str) -> dict[str, Any] | None:
+    fields = engine.fields.get(person_id)
+    if fields is None:
+        return None
+    changed_at = fields.get(CHANGED_AT)
+    return {
+        "person_id": person_id,
+        "fields": {k: v for k, v in sorted(fields.items()) if not k.startswith("$")},
+        "last_change_at": rfc3339(changed_at) if isinstance(changed_at, int | float) else None,
+        "published": _published(engine, person_id, fields),
+    }
+
+
+async def export_person(
+    engine: ScoringEngine,
+    person_id: str,
+    merged_person_ids: Sequence[str],
+    owners: Owners | None = None,
+    context: Any = None,
+) -> dict[str, Any]:
+    """The document (`owners` None: what this engine holds, as with one replica holding everything)."""
     persons = []
     for asked in (person_id, *merged_person_ids):
-        fields = engine.fields.get(asked)
-        if fields is None:
+        if owners is not None and not owners.holds(asked):
+            persons += (await owners.ask(asked, context)).get("persons", [])
             continue
-        changed_at = fields.get(CHANGED_AT)
-        persons.append(
-            {
-                "person_id": asked,
-                "fields": {k: v for k, v in sorted(fields.items()) if not k.startswith("$")},
-                "last_change_at": rfc3339(changed_at) if isinstance(changed_at, int | float) else None,
-                "published": _published(engine, asked, fields),
-            }
-        )
+        # Checked and read with no await between: the partition cannot leave in the middle.
+        held = _held(engine, asked)
+        if held is not None:
+            persons.append(held)
     return {"persons": persons} if persons else {}
 
 

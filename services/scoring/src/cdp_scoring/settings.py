@@ -42,6 +42,13 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
         help="bearer token for the profile service (profile:read, and profile:admin to define computed traits)",
         secret=True,
     )
+    peers: str = env(
+        "CDP_SCORING_PEERS",
+        "",
+        help="static ownership with several replicas: the replicas' gRPC addresses in ordinal order, "
+        "comma-separated; empty: derived from CDP_POD_NAME (<set>-<i>.<set>-headless:<CDP_GRPC_PORT>). An "
+        "export of a person of another replica's partition asks that replica",
+    )
     batch_size: int = env("CDP_SCORING_BATCH_SIZE", 64, help="profiles.changed messages fetched per batch")
     ack_wait: float = env(
         "CDP_SCORING_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
@@ -136,6 +143,12 @@ class ScoringSettings(OwnershipSettings, ServiceSettings):
             parse_model_store(self.model_store)
         except InvalidArgument as exc:
             problems.append(f"CDP_SCORING_MODEL_STORE={self.model_store!r} is invalid: {exc.description}")
+        peers = [a for a in self.peers.split(",") if a.strip()]
+        if peers and self.ownership == "static" and len(peers) != self.replicas:
+            problems.append(
+                f"CDP_SCORING_PEERS lists {len(peers)} addresses for CDP_REPLICAS={self.replicas}: "
+                "give every replica's, in ordinal order"
+            )
         if self.batch_size < 1:
             problems.append(f"CDP_SCORING_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if not 0 < self.snapshot_interval <= 3600:
