@@ -19,12 +19,22 @@ seen most recently (each ranked by its latest contribution's (event time, event 
 neither arrival order nor replays change which), in `sort_key` order; unique_count -> the number of
 distinct values; max_speed -> float km/h or None; mismatch_count -> int.
 
-Distinct-value aggregates hold one counter per distinct value, at most MAX_DISTINCT_VALUES; beyond that
-new values are not tracked (a bot's random ids must not grow a profile without bound), and merges of such
-profiles are no longer exact. `unique` also keeps each value's latest (event time, event id). A state
-stored before it did ([value, count] rows) loads with no time for its values: they rank after every
-value seen since, among themselves by `sort_key` (so such a state shows what it showed before), until a
-new contribution of the value gives it a time or a backfill rebuilds the trait.
+Distinct-value aggregates hold one counter per distinct value, at most MAX_DISTINCT_VALUES (a bot's random
+ids must not grow a profile without bound). Past it:
+- `unique` forgets the values seen least recently, a tenth of the bound at a time (one selection per
+  thousand new values, not one per value), so it still holds the UNIQUE_LIMIT values seen last. A value
+  forgotten and seen again starts counting afresh; a window whose count of it then runs out before its
+  latest contribution has left asks for a rebuild from its entries (`remove` says False).
+- most_frequent and unique_count stop taking new values: unique_count is then a lower bound (the bound
+  itself for all-time traits, documented as "at least"). In a window, once values have been refused and a
+  tenth of the bound has left, the aggregate asks for a rebuild from the entries, which counts the values
+  refused meanwhile: never an answer frozen at the values seen first.
+Merges of such profiles are no longer exact. `unique` also keeps each value's latest (event time, event
+id). A state stored before it did ([value, count] rows) loads with no time for its values: they rank
+after every value seen since, among themselves by `sort_key` (so such a state shows what it showed
+before), until a new contribution of the value gives it a time or a backfill rebuilds the trait. None of
+this changes the stored form: a state says nothing of what it refused or forgot (a loaded state at the
+bound is taken to have refused some).
 
 max_speed keeps its located points (the speed between two points depends on which points lie between
 them, so no smaller summary merges exactly), at most MAX_SPEED_POINTS: beyond that the oldest point
@@ -47,6 +57,9 @@ from cdp_profile.domain.computed import MISSING, ComputedTrait
 
 UNIQUE_LIMIT = 100
 MAX_DISTINCT_VALUES = 10_000
+# Past the bound `unique` forgets down to this many, and a windowed most_frequent / unique_count that refused
+# values rebuilds once it is back under it: a tenth of the bound per selection or rebuild.
+REFILL_BELOW = MAX_DISTINCT_VALUES * 9 // 10
 MAX_SPEED_POINTS = 1000
 EARTH_RADIUS_KM = 6371.0
 MIN_SPEED_SECONDS = 60.0
@@ -219,15 +232,17 @@ class ValuesAgg:
     """most_frequent, unique_count: a counter per distinct value, the most frequent cached between changes.
 
     Two flat dicts (key -> value, key -> count) rather than a [value, count] pair per value: scalar-only
-    dicts are not tracked by the garbage collector, and profiles hold many of these.
+    dicts are not tracked by the garbage collector, and profiles hold many of these. At the bound new
+    values are refused (`refused`, not stored: a state loaded at the bound is taken to have refused some).
     """
 
-    __slots__ = ("_best", "counts", "values")
+    __slots__ = ("_best", "counts", "refused", "values")
 
     def __init__(self, values: dict[Any, Any] | None = None, counts: dict[Any, int] | None = None) -> None:
         self.values: dict[Any, Any] = values if values is not None else {}  # key -> first value seen
         self.counts: dict[Any, int] = counts if counts is not None else {}
         self._best: Any = None  # key of the most frequent value; None = not known, compute on demand
+        self.refused = len(self.counts) >= MAX_DISTINCT_VALUES  # some value went uncounted (maybe)
 
     def add(self, at: float, event_id: str, value: Any) -> None:
         key = value_key(value)
@@ -235,6 +250,7 @@ class ValuesAgg:
         count = counts.get(key)
         if count is None:
             if len(counts) >= MAX_DISTINCT_VALUES:
+                self.refused = True
                 return
             self.values[key] = value
             count = 0
@@ -255,6 +271,10 @@ class ValuesAgg:
                 del self.counts[key], self.values[key]
             if key == self._best:
                 self._best = None
+            # Values were refused at the bound and a tenth of it has left since: a window rebuilds from its
+            # entries, counting the refused ones that are still inside it.
+            if self.refused and len(self.counts) < REFILL_BELOW:
+                return False
         return True
 
     def combine(self, other: ValuesAgg) -> None:
@@ -265,6 +285,9 @@ class ValuesAgg:
             elif len(counts) < MAX_DISTINCT_VALUES:
                 counts[key] = count
                 values[key] = other.values[key]
+            else:
+                self.refused = True
+        self.refused = self.refused or other.refused
         self._best = None
 
     def result(self, op: str) -> Any:
@@ -278,7 +301,9 @@ class ValuesAgg:
         return self.values[self._best]
 
     def copy(self) -> ValuesAgg:
-        return ValuesAgg(dict(self.values), dict(self.counts))
+        agg = ValuesAgg(dict(self.values), dict(self.counts))
+        agg.refused = self.refused
+        return agg
 
     def to_doc(self) -> list[Any]:
         return [[value, self.counts[key]] for key, value in self.values.items()]
@@ -324,7 +349,7 @@ class UniqueAgg:
         count = counts.get(key)
         if count is None:
             if len(counts) >= MAX_DISTINCT_VALUES:
-                return
+                self._forget(REFILL_BELOW)
             self.values[key] = value
             counts[key] = 1
         else:
@@ -366,6 +391,26 @@ class UniqueAgg:
             del unique[bisect_left(unique, sort_key(gone), key=sort_key)]
             insort(unique, value, key=sort_key)
 
+    def _forget(self, keep: int) -> None:
+        """Forget the values seen least recently until `keep` are left: untimed ones first (the last by
+        value first, as they leave `_ranked`), then by their latest (event time, event id). The values
+        seen last stay, so the result is what it was."""
+        excess = len(self.counts) - keep
+        if excess <= 0:
+            return
+        at, ids, values = self.at, self.ids, self.values
+        untimed = [key for key, latest in at.items() if latest is None]
+        if len(untimed) >= excess:
+            gone = sorted(untimed, key=lambda k: sort_key(values[k]), reverse=True)[:excess]
+        else:
+            timed = (key for key, latest in at.items() if latest is not None)
+            gone = untimed + heapq.nsmallest(excess - len(untimed), timed, key=lambda k: (at[k], ids[k]))
+        top = self._top
+        for key in gone:
+            del self.counts[key], values[key], at[key], ids[key]
+            if top is not None and key in top:
+                self._top = self._unique = None
+
     def _older_than_all(self, at: float, event_id: str) -> bool:
         """Whether (at, event_id) is older than every value in a full `_top` (then nothing changes)."""
         return not any(self._later(other, at, event_id) for other in self._top or ())
@@ -375,10 +420,15 @@ class UniqueAgg:
         count = self.counts.get(key)
         if count is None:
             return True
+        latest = self.at[key] == at and self.ids[key] == event_id
         if count > 1:
             self.counts[key] = count - 1
             # Its latest contribution leaving: the one before is not known here (windows rebuild).
-            return not (self.at[key] == at and self.ids[key] == event_id)
+            return not latest
+        if not latest and self.at[key] is not None:
+            # Its one counted contribution is a later one: the value was forgotten at the bound and seen
+            # again, so this one went uncounted and others may be left (windows rebuild).
+            return False
         del self.counts[key], self.values[key], self.at[key], self.ids[key]
         if self._top is not None and key in self._top:
             self._top = self._unique = None  # another value may take its place
@@ -392,10 +442,11 @@ class UniqueAgg:
                 theirs = other.at[key]
                 if theirs is not None and self._later(key, theirs, other.ids[key]):
                     self.at[key], self.ids[key] = theirs, other.ids[key]
-            elif len(counts) < MAX_DISTINCT_VALUES:
+            else:
                 counts[key] = count
                 values[key] = other.values[key]
                 self.at[key], self.ids[key] = other.at[key], other.ids[key]
+        self._forget(MAX_DISTINCT_VALUES)  # the values seen last of both stay
         self._top = self._unique = None
 
     def result(self, op: str) -> Any:
