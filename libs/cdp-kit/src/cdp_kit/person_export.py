@@ -117,8 +117,9 @@ _PASSED_ON = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUT
 
 def peer_addresses(*, peers: str, pod_name: str, replicas: int, grpc_port: int) -> list[str]:
     """The replicas' gRPC addresses in ordinal order (static ownership): `peers` (comma-separated) if
-    given, else derived from a StatefulSet pod name (`cdp-scoring-1` -> `cdp-scoring-<i>.cdp-scoring-headless:
-    <port>`), else none known ([]: persons of other replicas cannot be exported from this one)."""
+    given, else derived from a StatefulSet pod name (`cdp-scoring-1` ->
+    `cdp-scoring-<i>.cdp-scoring-headless:<port>`), else none known ([]: persons of other replicas
+    cannot be exported from this one)."""
     if peers:
         return [a.strip() for a in peers.split(",") if a.strip()]
     base, _, ordinal = pod_name.rpartition("-")
@@ -140,8 +141,9 @@ class Owners:
 
     `held()` is the partitions whose persons this replica holds and are up to date (loaded, replayed),
     not merely those it owns: a partition still loading here is not answered from here. The owner of
-    any other partition is found through the ownership: static, replica p % replicas at `peers[p %
-    replicas]` (`peer_addresses`); leases, the holder the ownership last saw (`Ownership.holder`), at `address_of(holder)`.
+    any other partition is found through the ownership: static, replica p % replicas at
+    `peers[p % replicas]` (`peer_addresses`); leases, the holder the ownership last saw
+    (`Ownership.holder`), at `address_of(holder)`.
     """
 
     def __init__(
@@ -193,7 +195,7 @@ class Owners:
             if exc.code() in _PASSED_ON:
                 await context.abort(exc.code(), exc.details() or "")
             raise Unavailable(
-                f"partition {partition} is held by the replica at {address}, which did not answer "
+                f"partition {partition} is held by the replica at {address}, which could not answer for it "
                 f"({exc.code().name}: {exc.details()}); retry",
                 retry_after=1.0,
             ) from None
