@@ -102,3 +102,53 @@ async def test_a_prompt_client_on_a_kept_alive_connection_is_served(impatient):
             async with session.post(f"http://127.0.0.1:{impatient}/v1/batch", json=body) as response:
                 assert response.status == 200
             await asyncio.sleep(TIMEOUT / 2)
+
+
+@pytest.fixture
+async def patient(nats_server, tmp_path):
+    """Body timeout far beyond the test's patience: an answer that comes did not come from a timeout."""
+    settings = collector_settings(nats_server.url, tmp_path, http_body_timeout=120.0)
+    async with serving(settings, setup) as runtime:
+        yield runtime.ports["http"]
+
+
+async def one_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(status line, body) of the next answer on the connection, whether or not it is closed after."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, _, fields = head.partition(b"\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in fields.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    return status, await reader.readexactly(length)
+
+
+def head_announcing(length: int) -> bytes:
+    auth = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    return (
+        "POST /v1/batch HTTP/1.1\r\nHost: collector\r\nContent-Type: application/json\r\n"
+        f"Authorization: Basic {auth}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+async def test_a_body_that_cannot_fit_the_limit_is_refused_once_the_limit_is_read(patient):
+    """A body can be no longer than the 500 KB it may decompress to (gzip never makes JSON longer but by a
+    few bytes), so the collector stops reading one as soon as it has read past that, and answers 413 naming
+    the limit: each request on the internet-facing port costs it that much memory at most, not many times
+    more. A client that goes on sending still reads the answer (the large-bodies fuzz test sends 12 MB)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", patient)
+    writer.write(head_announcing(4 * 1024 * 1024) + b'{"batch": [' + b" " * (600 * 1024))  # 4 MB announced
+    await writer.drain()
+    status, rest = await asyncio.wait_for(one_answer(reader), GIVE_UP)  # the rest is never sent
+    writer.close()
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert b'"code":"request_too_large"' in rest and b"512000 bytes (500 KB)" in rest
+
+
+async def test_an_announced_length_over_the_limit_is_refused_before_the_body_is_read(patient):
+    reader, writer = await asyncio.open_connection("127.0.0.1", patient)
+    writer.write(head_announcing(2 * 1024 * 1024))  # nothing of the body sent
+    await writer.drain()
+    status, rest = await asyncio.wait_for(one_answer(reader), GIVE_UP)
+    writer.close()
+    assert status == b"HTTP/1.1 413 Request Entity Too Large"
+    assert b'"code":"request_too_large"' in rest and b"512000 bytes (500 KB)" in rest

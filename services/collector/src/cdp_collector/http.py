@@ -8,7 +8,7 @@ Answers (always JSON):
   400 {"success": false, "code": "invalid_events", "message": ..., "error": {...}, "accepted": k, "rejected": [...]}
       some events invalid: each is named with its field and reason; the valid ones *were* stored
   400 invalid JSON / gzip, 401 unknown write key, 408 a client too slow to send its request,
-  413 over a Segment limit (the limit is named)
+  413 over a Segment limit (the limit is named); a body longer than the limit can be is not read to its end
   429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
       that a retry would not report as a duplicate
 
@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from cdp_collector.domain import Limits, RequestRejected, SuppressionList, check_request_bytes, parse_request
+from cdp_collector.domain.limits import describe_bytes
 from cdp_collector.ingest import Ingestor
 from cdp_collector.sources import Source, SourceRegistry
 from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
@@ -81,6 +82,19 @@ class SlowBody(Exception):
     """The client did not send its whole body within the body timeout."""
 
 
+class BodyTooLong(Exception):
+    """The body is (or is announced as) longer than any body within the limit can be: not read further."""
+
+
+def read_ceiling(limits: Limits) -> int:
+    """The most of a body the collector reads. A body within the limit is at most `max_batch_bytes` long
+    as sent: gzip and deflate never make JSON longer (incompressible data grows by 5 bytes per 64 KB
+    stored block, plus gzip's header and trailer), so 1% and 4 KB cover every real encoder. A longer body
+    is refused when this much of it has arrived, or at once when its Content-Length says so: each request
+    costs the internet-facing port about the limit in memory, not many times it."""
+    return limits.max_batch_bytes + limits.max_batch_bytes // 100 + 4096
+
+
 class HttpApi:
     def __init__(
         self,
@@ -100,8 +114,8 @@ class HttpApi:
 
     def app(self) -> web.Application:
         # The body limit is enforced by us on the *decompressed* size, with a clear error; aiohttp's own
-        # limit only guards the compressed read (gzip rarely expands less than 2x on JSON; 20x is slack).
-        app = web.Application(client_max_size=self.limits.max_batch_bytes * 20, middlewares=[self._errors])
+        # limit stops the read of a body that cannot be within it (`read_ceiling`).
+        app = web.Application(client_max_size=read_ceiling(self.limits), middlewares=[self._errors])
         for kind in KINDS:
             app.router.add_post(f"/v1/{kind}", self._handler(kind))
         app.router.add_get("/healthz", self._healthz)
@@ -136,12 +150,16 @@ class HttpApi:
         )
 
     async def _body(self, request: web.Request) -> bytes:
+        if (request.content_length or 0) > read_ceiling(self.limits):
+            raise BodyTooLong
         # A client trickling its body would otherwise hold a connection and a buffer for as long as it likes.
         try:
             async with asyncio.timeout(self.body_timeout):
                 raw = await request.read()
         except TimeoutError:
             raise SlowBody from None
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLong from None
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("", "identity"):
             body = raw
@@ -186,6 +204,18 @@ class HttpApi:
         )
         return await _close_after(response, request)
 
+    def _too_long(self) -> web.Response:
+        # Answered before the rest of the body is read. aiohttp then reads and drops that rest for a few
+        # seconds (its lingering), holding none of it, so a client still sending can finish and read this
+        # answer: closed at once, it would see a reset connection, which SDKs retry.
+        limit = describe_bytes(self.limits.max_batch_bytes)
+        return error_response(
+            413,
+            "request_too_large",
+            f"request body is longer than the limit of {limit} (after decompression) can be; nothing was "
+            "stored: send fewer events per request",
+        )
+
     def _handler(self, kind: str):
         async def handle(request: web.Request) -> web.Response:
             return await self._collect(kind, request)
@@ -213,6 +243,8 @@ class HttpApi:
             return error_response(exc.status or 400, str(exc.code), exc.message, field=exc.field)
         except SlowBody:
             return await self._request_timeout(request)
+        except BodyTooLong:
+            return self._too_long()
         valid = [e for e in parsed.events if e is not None]
         suppressed = 0
         if self.suppression:  # nobody suppressed (the common case): no event is even looked at
