@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 from google.protobuf.json_format import MessageToDict
 
 from cdp.events.v1 import events_pb2
-from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, parse_request
+from cdp_collector.domain import GENERATED_MESSAGE_ID_KEY, RequestRejected, parse_request
 from cdp_kit.timestamps import NANOS
 
 RECEIVED = datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)
@@ -173,3 +174,40 @@ def test_rudderstack_group_and_alias_with_numeric_ids(rudder_sdk):
     alias = parse_request("batch", session.requests[1]["body"], received_at=RECEIVED, source_id="s").events[0]
     assert (group.user_id, group.group_id) == ("77", "5")
     assert (alias.user_id, alias.previous_id) == ("77", "76")
+
+
+def test_half_an_emoji_costs_that_character_not_the_event():
+    """A string cut in the middle of an emoji holds an unpaired surrogate. The SDKs write it as the escape
+    JSON allows (`"\\ud83d"`: Python's json.dumps, JavaScript's JSON.stringify), and the whole request was
+    refused as invalid JSON, every other event of the batch with it. It is U+FFFD now, as Segment's own
+    API stores it: in values and keys, a lone low half too."""
+    parsed = parse_request(
+        "batch",
+        b'{"batch": [{"type": "track", "userId": "u-1", "event": "Viewed", "messageId": "m-1",'
+        b' "properties": {"title": "Caf\\u00e9 \\ud83d", "\\udc00key": "\\ud83d\\ude00"}},'
+        b' {"type": "track", "userId": "u-2", "event": "Viewed", "messageId": "m-2"}]}',
+        received_at=RECEIVED,
+        source_id="src-web",
+    )
+    assert parsed.all_errors == [(), ()]
+    first, second = parsed.events
+    assert dict(first.properties) == {"title": "Café \ufffd", "\ufffdkey": "\U0001f600"}  # a whole pair stays
+    assert second.user_id == "u-2"
+    first.SerializeToString()  # storable
+
+
+def test_the_segment_sdk_sends_half_an_emoji_and_it_is_stored(segment_sdk):
+    client, session = segment_sdk()
+    client.track(user_id="u-1", event="Searched", properties={"query": "pizza \ud83c"})
+    (request,) = session.requests
+    assert b"pizza \\ud83c" in request["body"]
+    parsed = parse_request("batch", request["body"], received_at=RECEIVED, source_id="src-web")
+    assert parsed.all_errors == [()]
+    assert parsed.events[0].properties["query"] == "pizza \ufffd"
+
+
+def test_invalid_json_after_half_an_emoji_is_still_refused():
+    for body in (b'{"a": "\\ud83d", "b": NaN}', b'{"a": "\\ud83d", "b": 1e999}', b'{"a": "\\ud83d", "b": }'):
+        with pytest.raises(RequestRejected) as refused:
+            parse_request("track", body, received_at=RECEIVED, source_id="src-web")
+        assert refused.value.code == "invalid_json", body

@@ -34,6 +34,12 @@ What the SDKs put on the wire, and how it is handled:
 - Segment's `writeKey` inside the body (an alternative to Basic auth): returned as
   `ParsedRequest.write_key` for the HTTP layer to authenticate with, and never stored in an event.
 
+An unpaired surrogate escape (`"\\ud83d"`, half of an emoji: what Python's json.dumps and JavaScript's
+JSON.stringify write for a string cut in the middle of one) is valid JSON but not a character; orjson
+refuses the whole body for it. Such a body is decoded again by the standard library and each unpaired
+surrogate, in values and keys, becomes U+FFFD, as Segment's own API stores it: one broken character does
+not cost a batch.
+
 Other decisions: a client-sent `receivedAt` is ignored (the server's clock sets it); when both `timestamp`
 and `originalTimestamp` are sent, `originalTimestamp` is the client time the skew correction starts from
 and the sent `timestamp` is kept, as sent, in `extra["timestamp"]`; unknown top-level keys go to
@@ -46,6 +52,8 @@ over the size limit is reported as only that: it is not examined further.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -248,6 +256,8 @@ def _decode(body: bytes) -> object:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if exc.msg.endswith("surrogate in string"):  # an escape; raw bytes not UTF-8 say so instead
+            return _decode_with_unpaired_surrogates(body)
         if "depth" in exc.msg:
             raise RequestRejected(
                 Code.NESTING_TOO_DEEP,
@@ -267,6 +277,63 @@ def _decode(body: bytes) -> object:
             document = json.loads(body)
         except RecursionError:
             pass  # deep enough that the nesting limit refuses it anyway
+    return document
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is infinity when parsed as double")
+    return value
+
+
+def _decode_with_unpaired_surrogates(body: bytes) -> object:
+    """The document of a body orjson refused for an unpaired surrogate, each one replaced by U+FFFD.
+    The standard library decodes it as orjson would otherwise (no NaN, no infinity), keeping the
+    surrogates; the standard library pairs the halves that belong together first, so only lone ones go."""
+    try:
+        document = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise RequestRejected(
+            Code.NESTING_TOO_DEEP, "", "the request body nests objects and arrays too deep: flatten the data"
+        ) from None
+    except ValueError as exc:  # json.JSONDecodeError, a refused constant or number, bytes not UTF-8
+        raise RequestRejected(Code.INVALID_JSON, "", f"the request body is not valid JSON: {exc}") from None
+    return _replace_surrogates(document)
+
+
+def _replace_surrogates(document: object) -> object:
+    """`document` with every surrogate in its strings and keys replaced, in place; iterative, so a deep
+    document costs a longer list, not Python recursion."""
+
+    def clean(text: str) -> str:
+        return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+    if type(document) is str:
+        return clean(document)
+    pending = [document] if type(document) in (dict, list) else []
+    while pending:
+        container = pending.pop()
+        if type(container) is dict:
+            if not all(key.isascii() for key in container):
+                items = list(container.items())
+                container.clear()
+                container.update((clean(key), value) for key, value in items)
+            slots = container.items()
+        else:
+            slots = enumerate(container)
+        for slot, value in list(slots):
+            if type(value) is str:
+                container[slot] = clean(value)
+            elif type(value) in (dict, list):
+                pending.append(value)
     return document
 
 
