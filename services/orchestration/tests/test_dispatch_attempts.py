@@ -8,7 +8,7 @@ local receiver (or collector) over HTTP and a real nats-server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -18,6 +18,7 @@ from aiohttp import web
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, OutMessage, dead_letter_stream, partition_for, subjects
 from cdp_kit.bus.consumer import DLQ_DETAIL, DLQ_REASON
+from cdp_kit.errors import Unavailable
 from cdp_kit.settings import SettingsError, load_settings
 from cdp_kit.storage import Store, open_store
 from cdp_orchestration import streams
@@ -234,6 +235,109 @@ async def test_a_collector_refusing_the_outcome_is_asked_max_attempts_times_then
     assert letter.headers[DLQ_REASON] == "outcome_not_reported"
     record = await site.record("act-unreported")
     assert (record["status"], record["reported"]) == ("accepted", False)  # a replay posts it
+
+
+def fault_on(
+    store: Store,
+    action_id: str,
+    error: Callable[[], Exception],
+    *,
+    times: int = 1_000_000,
+    reads: bool = True,
+    writes: Callable[[dict], bool] = lambda doc: True,
+) -> list[str]:
+    """The store fails on this action's send record (`*`: every one) `times` times: on reads, and on the
+    writes whose document `writes` picks (a value the store refuses); the calls that failed."""
+    failed: list[str] = []
+    get, bulk_write = store.get, store.bulk_write
+
+    def fails(collection: str, key: str) -> bool:
+        if collection == SENDS and action_id in (key, "*") and len(failed) < times:
+            failed.append(key)
+            return True
+        return False
+
+    async def faulty_get(collection, key):
+        if reads and fails(collection, key):
+            raise error()
+        return await get(collection, key)
+
+    async def faulty_bulk_write(ops):
+        ops = list(ops)
+        if any(fails(op.collection, op.key) for op in ops if writes(op.doc)):
+            raise error()
+        return await bulk_write(ops)
+
+    store.get, store.bulk_write = faulty_get, faulty_bulk_write  # type: ignore[method-assign]
+    return failed
+
+
+async def test_a_store_fault_on_one_actions_record_costs_its_attempts_not_the_batch(site):
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        # One batch: the faulty action, the same person's next one, another person's.
+        await site.publish("act-bad", receiver.url(), person_id="person-1")
+        await site.publish("act-next", receiver.url(), person_id="person-1")
+        await site.publish("act-other", receiver.url(), person_id="person-2")
+        failed = fault_on(site.store, "act-bad", lambda: RuntimeError("a record the store cannot read"))
+        async with site.dispatching(webhook(), max_attempts=3, backoff=QUICK):
+            for action_id in ("act-next", "act-other"):
+                await eventually(lambda action_id=action_id: _final(site, action_id, "accepted"), timeout=10)
+            [letter] = await eventually(lambda: site.dead_letters("act-bad"), timeout=10)
+            await asyncio.sleep(1.0)  # anything more would come now
+    assert letter.headers[DLQ_REASON] == "store_fault"
+    assert "3 attempts" in letter.headers[DLQ_DETAIL] and "RuntimeError" in letter.headers[DLQ_DETAIL]
+    assert failed == ["act-bad"] * 3  # one read per attempt, and no more once dead-lettered
+    assert sorted(d.headers["Idempotency-Key"] for d in receiver.deliveries) == ["act-next", "act-other"]
+    assert site.dead_lettered_metric() == {("webhook", "store_fault"): 1}
+
+
+async def test_an_action_sent_whose_outcome_the_store_cannot_record_is_not_sent_again(site):
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        await site.publish("act-sent", receiver.url())
+        outcome = lambda doc: doc["status"] != "pending"  # noqa: E731
+        fault_on(site.store, "act-sent", lambda: RuntimeError("a value the store refuses"), reads=False, writes=outcome)
+        async with site.dispatching(webhook(), max_attempts=3, backoff=QUICK):
+            [letter] = await eventually(lambda: site.dead_letters("act-sent"), timeout=10)
+            await asyncio.sleep(0.5)
+    assert receiver.attempts == 1  # sent once, not once per attempt
+    assert letter.headers[DLQ_REASON] == "store_fault"
+    assert "sent (accepted) but not recorded" in letter.headers[DLQ_DETAIL]
+
+
+async def test_a_store_failing_to_mark_one_outcome_reported_holds_nothing(site):
+    posts: list[list[str]] = []
+
+    async def report(events: list[dict]) -> bool:
+        posts.append(sorted(event["properties"]["action_id"] for event in events))
+        return True
+
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        await site.publish("act-unmarked", receiver.url(), person_id="person-1")
+        await site.publish("act-marked", receiver.url(), person_id="person-2")
+        reported = lambda doc: doc.get("reported") is True  # noqa: E731
+        fault_on(
+            site.store, "act-unmarked", lambda: RuntimeError("a value the store refuses"), reads=False, writes=reported
+        )
+        async with site.dispatching(webhook(), backoff=QUICK, report=report):
+            await eventually(lambda: _with(site, "act-marked", reported=True), timeout=10)
+            await asyncio.sleep(1.0)  # a batch handed back would be posted again by now
+    assert posts == [["act-marked", "act-unmarked"]]  # posted once, together
+    assert receiver.attempts == 2
+    assert (await site.record("act-unmarked"))["reported"] is False
+    assert await site.dead_letters("act-unmarked") == []
+
+
+async def test_a_store_down_for_a_whole_batch_costs_no_attempts(site):
+    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+        await site.publish("act-outage", receiver.url())
+        failed = fault_on(site.store, "*", lambda: Unavailable("sqlite store: disk full"), times=2)
+        # Two attempts: charged one per fault, the action would be dead-lettered by the outage.
+        async with site.dispatching(webhook(), max_attempts=2, backoff=QUICK):
+            await eventually(lambda: len(failed) == 2, timeout=10)  # (the test's own reads come after)
+            record = await eventually(lambda: _final(site, "act-outage", "accepted"), timeout=15)
+        # Handed back whole twice, then sent once (a delivery that left no trace counts as an attempt made).
+        assert len(failed) == 2 and len(receiver.deliveries) == 1 and record["attempts"] == 2
+    assert await site.dead_letters("act-outage") == []
 
 
 async def _final(site: Site, action_id: str, status: str) -> dict | None:

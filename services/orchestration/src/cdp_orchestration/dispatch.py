@@ -33,6 +33,13 @@ receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by de
 was published, a 429 is final ("failed", ``http_429``, dead-lettered) and a paused destination is sent to
 anyway.
 
+A store failing on one action's record (reading it, counting an attempt, recording the outcome) costs
+that action one attempt, counted by the dispatcher in memory since the record is what fails, and at
+`max_attempts` it is dead-lettered (``store_fault``); the rest of its batch goes on. A send the provider
+took whose outcome the store did not record is remembered, so its redeliveries record it and send nothing
+(a dead letter says "sent ... but not recorded"). Only a store down for the whole batch (every action
+`Unavailable`, none through) hands the batch back to the kit, at no attempt's cost.
+
 A final outcome becomes an outcome event (`channels.outcomes`: "Message Sent", "Message Bounced", "Message
 Failed", with the action id and a deterministic messageId) posted to the collector's Segment API
 (`/v1/batch`), the batch's together in one call once its sends are recorded, so it lands on the profile
@@ -76,6 +83,7 @@ from opentelemetry import metrics
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
+from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
 from cdp_orchestration.channels import Action, Channel, Outcome
@@ -94,6 +102,8 @@ DELIVERY_CAP = 1_000
 DEFER_FOR = 86_400.0  # seconds after publication an action may keep waiting for a provider (the default)
 PENDING = "pending"  # a send record's status while the action has attempts or hand-backs behind it, no outcome
 DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY)
+# Actions with store faults (and sends whose outcome the store did not record) one dispatcher remembers.
+MAX_REMEMBERED = 10_000
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
@@ -173,6 +183,10 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
         self._paused: dict[str, float] = {}
+        # Action id -> store faults on its record so far (`_store_fault`); forgotten once it goes through.
+        self._store_faults: dict[str, int] = {}
+        # Action id -> the final outcome of a send whose record is not written yet, and the attempts it took.
+        self._unrecorded: dict[str, tuple[Outcome, Tries]] = {}
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.m_retries = meter.create_counter(
             "cdp.orchestration.dispatch.retries",
@@ -196,29 +210,84 @@ class Dispatcher:
                 continue
             by_person.setdefault(action.person_id, []).append((delivery, action))
         done: list[tuple[Delivery, str, dict[str, Any]]] = []  # recorded, to report (when owed) and erase
+        faults: list[tuple[Delivery, Action, Exception]] = []  # the store failed on the action's record
         results = await asyncio.gather(
-            *(self._person(actions, done) for actions in by_person.values()), return_exceptions=True
+            *(self._person(actions, done, faults) for actions in by_person.values()), return_exceptions=True
         )
         await self._report_and_erase(done)
         for result in results:
             if isinstance(result, BaseException):
-                # A store fault mid-batch: the kit redelivers the batch; what was recorded is found then.
                 raise result
+        worked = sum(results)  # actions whose store work went through
+        if faults and not worked and all(isinstance(exc, Unavailable) for _, _, exc in faults):
+            # The store is down, not one record: the kit hands the whole batch back (its back-off) and no
+            # action pays for the outage; what was recorded is found on redelivery.
+            raise faults[0][2]
+        for delivery, action, exc in faults:
+            await self._store_fault(delivery, action, exc)
 
     async def _person(
-        self, actions: list[tuple[Delivery, Action]], done: list[tuple[Delivery, str, dict[str, Any]]]
-    ) -> None:
+        self,
+        actions: list[tuple[Delivery, Action]],
+        done: list[tuple[Delivery, str, dict[str, Any]]],
+        faults: list[tuple[Delivery, Action, Exception]],
+    ) -> int:
         """One person's actions, one after another: a later message waits for the earlier one's send and
-        record (a reminder never overtakes its first message; an attribution finds its send recorded)."""
+        record (a reminder never overtakes its first message; an attribution finds its send recorded).
+        One the store fails on is set aside (`_store_fault`) and the next goes on, as after a failed
+        attempt. How many went through the store."""
+        worked = 0
         for delivery, action in actions:
             async with self._slots:
-                record = await self._one(delivery, action)
+                try:
+                    record = await self._one(delivery, action)
+                except Exception as exc:
+                    faults.append((delivery, action, exc))
+                    continue
+            worked += 1
+            self._store_faults.pop(action.action_id, None)
             if record is not None:
                 done.append((delivery, action.action_id, record))
+        return worked
+
+    async def _store_fault(self, delivery: Delivery, action: Action, exc: Exception) -> None:
+        """The store failed on this action's record while it was being worked (read, attempt or outcome not
+        recorded): that costs it one attempt, counted here - the record is what failed - and at
+        `max_attempts` it is dead-lettered (`store_fault`) rather than redelivered up to DELIVERY_CAP times
+        with its batch. The count is this process's: a restart starts it again (the cap still bounds it)."""
+        if len(self._store_faults) >= MAX_REMEMBERED:  # actions gone some other way: start the counts again
+            self._store_faults.clear()
+            self._unrecorded.clear()
+        faults = self._store_faults[action.action_id] = self._store_faults.get(action.action_id, 0) + 1
+        log.warning(
+            "the store failed on action %s on %s: %s (attempt %d of %d)",
+            action.action_id,
+            self.channel.name,
+            type(exc).__name__,
+            faults,
+            self.max_attempts,
+        )
+        if faults < self.max_attempts:
+            delivery.retry("store_fault", self._backoff(faults))
+            self.m_retries.add(1, {"channel": self.channel.name, "kind": "attempt"})
+            return
+        del self._store_faults[action.action_id]
+        detail = f"{faults} attempts; the store failed on the action's record each time, the last: {type(exc).__name__}"
+        sent = self._unrecorded.pop(action.action_id, None)
+        if sent is not None:  # a replay of the dead letter sends it again: say so
+            detail += f"; sent ({sent[0].status}) but not recorded"
+        async with self._slots:
+            await self._dead_letter(delivery, "store_fault", detail)
 
     async def _one(self, delivery: Delivery, action: Action) -> dict[str, Any] | None:
         """Send one action (unless its record says it went already, was given up on, or was withdrawn) and
         record it. The record, or None when the delivery was given back to be tried again."""
+        sent = self._unrecorded.get(action.action_id)
+        if sent is not None and ATTRIBUTION_HEADER not in delivery.headers:
+            # An earlier delivery sent it and the store failed to record the outcome: record it, send nothing.
+            record = await self._final(delivery, action, *sent)
+            self._unrecorded.pop(action.action_id, None)
+            return record
         found = await self.store.get(SENDS, action.action_id)
         if ATTRIBUTION_HEADER in delivery.headers:
             return await self._attribute(delivery, action, found)
@@ -245,7 +314,11 @@ class Dispatcher:
             until = time.monotonic() + outcome.retry_after
             self._paused[destination] = max(self._paused.get(destination, 0.0), until)
         if outcome.ok or not outcome.retryable:
-            return await self._final(delivery, action, outcome, replace(tries, attempts=tries.attempts + 1))
+            # Kept until its record is written: a store failing on that record must not make it go out again.
+            sent = self._unrecorded[action.action_id] = (outcome, replace(tries, attempts=tries.attempts + 1))
+            record = await self._final(delivery, action, *sent)
+            self._unrecorded.pop(action.action_id, None)
+            return record
         if outcome.deferred:
             if await self._defer(delivery, action, tries, outcome.reason, outcome.retry_after):
                 return None
@@ -343,12 +416,28 @@ class Dispatcher:
             events = {action_id: record for _, action_id, record in owed}  # one per action, if delivered twice
             assert self.report is not None
             if await self.report([record["event"] for record in events.values()]):
-                await self.store.bulk_write(
+                await self._mark_reported(
                     [Put(SENDS, action_id, {**record, "reported": True}) for action_id, record in events.items()]
                 )
             else:
                 refused = {id(delivery) for delivery, _, _ in owed}
         await asyncio.gather(*(self._settle(delivery, record, id(delivery) in refused) for delivery, _, record in done))
+
+    async def _mark_reported(self, marks: list[Put]) -> None:
+        """Record that the outcomes are posted. One record the store fails on must not hand the whole batch
+        back (to be posted and fail again, up to DELIVERY_CAP times): each is then marked on its own, and
+        one still failing stays unmarked - its event is with the collector, which drops a duplicate
+        messageId should it be posted again."""
+        try:
+            await self.store.bulk_write(marks)
+            return
+        except Exception:
+            pass
+        for mark in marks:
+            try:
+                await self.store.bulk_write([mark])
+            except Exception as exc:
+                log.warning("outcome of action %s posted, not marked reported: %s", mark.key, type(exc).__name__)
 
     async def _settle(self, delivery: Delivery, record: dict[str, Any], refused: bool) -> None:
         letter = None
