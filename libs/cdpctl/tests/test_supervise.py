@@ -1,9 +1,25 @@
 """The restart policy of `cdpctl up`: backoff that doubles, is capped, resets after a stable run, and
-gives up only after repeated fast crashes."""
+gives up only after repeated fast crashes; a child's listening ports are kept for it while it is down."""
 
 from __future__ import annotations
 
-from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
+import os
+import socket
+import struct
+import sys
+import time
+
+import pytest
+
+from cdpctl.supervise import (
+    Backoff,
+    Exited,
+    GaveUp,
+    PortsTaken,
+    RestartPolicy,
+    Supervisor,
+    describe_exit,
+)
 
 
 def test_delays_double_up_to_the_cap_then_give_up_after_repeated_fast_crashes():
@@ -22,3 +38,104 @@ def test_a_service_that_stayed_up_a_while_starts_again_at_the_first_delay():
 def test_exits_read_as_an_operator_expects():
     assert describe_exit(3) == "exit code 3"
     assert describe_exit(-9) == "killed by SIGKILL"
+
+
+# ------------------------------------------------------------------------- a port taken while it is down
+
+# A child that listens as a gRPC server does (SO_REUSEADDR, no SO_REUSEPORT) and exits 1 when it cannot.
+LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError as exc:
+    print("cannot bind:", exc, flush=True)
+    raise SystemExit(1)
+s.listen()
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_on(port: int, server: socket.socket) -> socket.socket:
+    """An outgoing connection whose local port is `port`, as the kernel gives an ephemeral port: no
+    SO_REUSEADDR. Closed with a reset (SO_LINGER 0), so no TIME_WAIT outlives it."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.bind(("127.0.0.1", port))
+    client.connect(server.getsockname())
+    return client
+
+
+def _tick_until(supervisor: Supervisor, done, seconds: float = 20.0) -> list:
+    events: list = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        events += supervisor.tick()
+        if done(events):
+            return events
+        time.sleep(0.05)
+    return events
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s
+
+
+def test_a_port_an_outgoing_connection_took_while_the_child_was_down_delays_its_restart_without_a_crash(
+    tmp_path, server
+):
+    # `make up`'s gRPC ports (50051 …) are inside Linux's ephemeral range: while a service is down, a
+    # client's outgoing connection may be given its port. Starting the service then fails to bind, crash
+    # after crash, until the supervisor gives up and stops the whole platform, for a port that frees
+    # itself when that connection ends.
+    port = _free_port()
+    supervisor = Supervisor(RestartPolicy(first_delay=0.05, max_delay=0.1, give_up_after=2))
+    supervisor.start(
+        "svc", [sys.executable, "-c", LISTENER, str(port)], dict(os.environ), tmp_path / "svc.log", (port,)
+    )
+    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    supervisor.process("svc").kill()
+    supervisor.process("svc").wait()
+    client = _client_on(port, server)  # before the supervisor noticed the exit
+    events = _tick_until(supervisor, lambda ev: any(isinstance(e, GaveUp) for e in ev), 2.0)
+    assert not any(isinstance(e, GaveUp) for e in events), (tmp_path / "svc.log").read_text()
+    assert [e.crashes for e in events if isinstance(e, Exited)] == [1]  # the kill, nothing since
+    assert [e for e in events if isinstance(e, PortsTaken)] == [PortsTaken("svc", (port,))]  # said once
+    client.close()
+    events = _tick_until(supervisor, lambda _: _listening(port))
+    assert _listening(port), (tmp_path / "svc.log").read_text()
+    assert not any(isinstance(e, (Exited, GaveUp)) for e in events)
+    supervisor.stop(["svc"], 5)
+
+
+def test_while_a_child_is_down_no_outgoing_connection_can_be_given_its_port(tmp_path, server):
+    port = _free_port()
+    supervisor = Supervisor(RestartPolicy(first_delay=2.0))
+    supervisor.start(
+        "svc", [sys.executable, "-c", LISTENER, str(port)], dict(os.environ), tmp_path / "svc.log", (port,)
+    )
+    assert _tick_until(supervisor, lambda _: _listening(port), 10) == []
+    supervisor.process("svc").kill()
+    supervisor.process("svc").wait()
+    assert [type(e) for e in supervisor.tick()] == [Exited]
+    with pytest.raises(OSError):  # held by the supervisor until the restart
+        _client_on(port, server)
+    assert _tick_until(supervisor, lambda _: _listening(port))
+    supervisor.stop(["svc"], 5)

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -39,7 +38,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
-from cdp_kit.children import die_with_parent
 from cdp_kit.natsserver import NatsServer, wait_for_port
 from cdpctl import tls
 from cdpctl.common import console, out
@@ -55,7 +53,7 @@ from cdpctl.platform import (
     service_environment,
     write_service_files,
 )
-from cdpctl.supervise import Backoff, RestartPolicy, describe_exit
+from cdpctl.supervise import Exited, GaveUp, PortsTaken, Restarted, RestartPolicy, Supervisor
 
 
 async def check_health(address: str, timeout: float = 1.0) -> str:
@@ -77,20 +75,6 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "ab") as log:
-        # Own session (a terminal's Ctrl-C reaches cdpctl alone, which stops them in order), and SIGTERM
-        # from the kernel if cdpctl dies without stopping them (SIGKILL): no orphan keeps a port.
-        return subprocess.Popen(
-            argv,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),  # noqa: PLW1509 (a prctl and a getppid only: cdp_kit.children)
-        )
-
-
 def companions_up(companion: dict) -> bool:
     """A companion is up while every one of its listeners accepts connections."""
     return all(wait_for_port("127.0.0.1", port, 0.2) for port in companion["ports"].values())
@@ -98,7 +82,7 @@ def companions_up(companion: dict) -> bool:
 
 async def _ready(
     names: list[str],
-    processes: dict[str, subprocess.Popen],
+    children: Supervisor,
     logs: dict[str, Path],
     is_ready,
     startup_timeout: float,
@@ -109,7 +93,7 @@ async def _ready(
     pending = set(names)
     while pending:
         for name in sorted(pending):
-            proc = processes[name]
+            proc = children.process(name)
             if proc.poll() is not None:
                 console.print(f"[red]{name} exited with code {proc.returncode} while starting. Last log lines:[/]")
                 console.print(_tail(logs[name]), markup=False, highlight=False)
@@ -152,9 +136,7 @@ async def _up(
     )
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
     nats.start()
-    processes: dict[str, subprocess.Popen] = {}
-    commands: dict[str, list[str]] = {}
-    envs: dict[str, dict[str, str]] = {}
+    children = Supervisor(policy)
     logs: dict[str, Path] = {}
     state: dict = {
         "pid": os.getpid(),
@@ -180,12 +162,16 @@ async def _up(
         for companion in COMPANIONS if companions else ():
             ports = {listener: pick_port(port) for listener, port in companion.ports.items()}
             named_ports.update({f"{companion.name}.{listener}": port for listener, port in ports.items()})
-            commands[companion.name] = companion_command(ws, companion, ports)
-            envs[companion.name] = {**os.environ, "PYTHONUNBUFFERED": "1"}
             logs[companion.name] = ws.logs_dir / f"{companion.name}.log"
-            processes[companion.name] = _spawn(commands[companion.name], envs[companion.name], logs[companion.name])
+            process = children.start(
+                companion.name,
+                companion_command(ws, companion, ports),
+                {**os.environ, "PYTHONUNBUFFERED": "1"},
+                logs[companion.name],
+                tuple(ports.values()),
+            )
             state["companions"][companion.name] = {
-                "pid": processes[companion.name].pid,
+                "pid": process.pid,
                 "role": companion.role,
                 "ports": ports,
                 "urls": companion_urls(companion, ports),
@@ -195,14 +181,14 @@ async def _up(
         async def companion_ready(name: str) -> bool:
             return await asyncio.to_thread(companions_up, state["companions"][name])
 
-        failed = await _ready(list(state["companions"]), processes, logs, companion_ready, startup_timeout, stopping)
+        failed = await _ready(list(state["companions"]), children, logs, companion_ready, startup_timeout, stopping)
         if failed is not None:
             return failed
         for svc in SERVICES:
             grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
             health_port = pick_port(0) if use_tls else None
-            envs[svc.name] = service_environment(
+            env = service_environment(
                 ws,
                 svc,
                 nats_url=nats.url,
@@ -213,16 +199,16 @@ async def _up(
                 named_ports=named_ports,
             )
             if health_port is not None:
-                envs[svc.name].update(tls.service_environment(ws.root, svc.name, health_port))
+                env.update(tls.service_environment(ws.root, svc.name, health_port))
             named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
             if http_port is not None:
                 named_ports[f"{svc.name}.http"] = http_port
             write_service_files(ws, svc, named_ports)  # the CRM connections, ports filled in
-            commands[svc.name] = [sys.executable, "-m", svc.module]
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
-            processes[svc.name] = _spawn(commands[svc.name], envs[svc.name], logs[svc.name])
+            listens = (grpc_port, metrics_port, *(p for p in (http_port, health_port) if p is not None))
+            process = children.start(svc.name, [sys.executable, "-m", svc.module], env, logs[svc.name], listens)
             state["services"][svc.name] = {
-                "pid": processes[svc.name].pid,
+                "pid": process.pid,
                 "grpc": f"127.0.0.1:{grpc_port}",
                 "http": f"http://127.0.0.1:{http_port}" if http_port else None,
                 "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
@@ -235,7 +221,7 @@ async def _up(
         async def service_ready(name: str) -> bool:
             return await check_health(state["services"][name]["grpc"], timeout=0.5) == "SERVING"
 
-        failed = await _ready(list(state["services"]), processes, logs, service_ready, startup_timeout, stopping)
+        failed = await _ready(list(state["services"]), children, logs, service_ready, startup_timeout, stopping)
         if failed is not None:
             return failed
         ws.write_run(state)
@@ -256,9 +242,6 @@ async def _up(
         out.print("[green]cdp is up.[/] Ctrl-C stops everything.")
 
         # Supervision: a process that exits is started again with backoff (see cdpctl.supervise).
-        started = {name: time.monotonic() for name in processes}
-        backoff = {name: Backoff(policy) for name in processes}
-        restart_at: dict[str, float] = {}
         recovering: set[str] = set()
 
         def entry(name: str) -> dict:
@@ -278,40 +261,38 @@ async def _up(
                 state["nats_pid"] = nats._proc.pid if nats._proc is not None else None
                 ws.write_run(state)
                 console.print(f"[green]nats-server is UP again (pid {state['nats_pid']})[/]")
-            now = time.monotonic()
-            for name, proc in list(processes.items()):
-                if name in restart_at:
-                    if now >= restart_at[name]:
-                        del restart_at[name]
-                        processes[name] = _spawn(commands[name], envs[name], logs[name])
-                        started[name] = time.monotonic()
-                        entry(name)["pid"] = processes[name].pid
-                        ws.write_run(state)
-                        recovering.add(name)
-                        console.print(f"[yellow]{name} restarted (pid {processes[name].pid})[/]")
-                    continue
-                if proc.poll() is None:
-                    continue
-                how = describe_exit(proc.returncode)
-                delay = backoff[name].after_exit(now - started[name])
-                recovering.discard(name)
-                if delay is None:
+            for event in children.tick():
+                if isinstance(event, Restarted):
+                    entry(event.name)["pid"] = event.pid
+                    ws.write_run(state)
+                    recovering.add(event.name)
+                    console.print(f"[yellow]{event.name} restarted (pid {event.pid})[/]")
+                elif isinstance(event, Exited):
+                    recovering.discard(event.name)
                     console.print(
-                        f"[red]{name} exited ({how}): {backoff[name].fast_crashes} crashes in a row, each within "
-                        f"{policy.stable_after:.0f} s of starting; giving up and stopping the platform. "
-                        f"Last log lines ({logs[name]}):[/]"
+                        f"[yellow]{event.name} exited ({event.how}); restarting it in {event.delay:.0f} s "
+                        f"(crash {event.crashes} of {policy.give_up_after} allowed in a row). "
+                        f"Last log lines ({logs[event.name]}):[/]"
                     )
-                    console.print(_tail(logs[name]), markup=False, highlight=False)
+                    console.print(_tail(logs[event.name], 5), markup=False, highlight=False)
+                elif isinstance(event, PortsTaken):
+                    ports = ", ".join(str(port) for port in event.ports)
+                    console.print(
+                        f"[yellow]{event.name} waits to start: another socket has its port {ports} (an outgoing "
+                        f"connection given it while {event.name} was down, or another program listening: "
+                        f"`ss -tanp | grep :PORT` shows which); it starts once the port is free.[/]"
+                    )
+                elif isinstance(event, GaveUp):
+                    console.print(
+                        f"[red]{event.name} exited ({event.how}): {event.crashes} crashes in a row, each within "
+                        f"{policy.stable_after:.0f} s of starting; giving up and stopping the platform. "
+                        f"Last log lines ({logs[event.name]}):[/]"
+                    )
+                    console.print(_tail(logs[event.name]), markup=False, highlight=False)
                     code = 1
                     stopping.set()
-                    break
-                restart_at[name] = now + delay
-                console.print(
-                    f"[yellow]{name} exited ({how}); restarting it in {delay:.0f} s "
-                    f"(crash {backoff[name].fast_crashes} of {policy.give_up_after} allowed in a row). "
-                    f"Last log lines ({logs[name]}):[/]"
-                )
-                console.print(_tail(logs[name], 5), markup=False, highlight=False)
+            if stopping.is_set():
+                break
             for name in list(recovering):
                 ready = service_ready if name in state["services"] else companion_ready
                 if await ready(name):
@@ -326,19 +307,10 @@ async def _up(
     finally:
         console.print("stopping …")
         # Services first (they may still be sending through a companion), then the companions.
-        order = [n for n in processes if n not in state["companions"]] + list(state["companions"])
-        for name in order:
-            if processes[name].poll() is None:
-                processes[name].terminate()
-        grace = time.monotonic() + 20
-        for name in order:
-            proc = processes[name]
-            try:
-                proc.wait(max(0.1, grace - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                console.print(f"[yellow]{name} did not stop in time; killing it[/]")
-                proc.kill()
-                proc.wait()
+        order = [n for n in children.names if n not in state["companions"]] + list(state["companions"])
+        children.stop(
+            order, 20, on_kill=lambda name: console.print(f"[yellow]{name} did not stop in time; killing it[/]")
+        )
         nats.stop()
         try:
             ws.run_file.unlink()

@@ -4,12 +4,33 @@ A service that exits is started again after 1 s, then 2 s, 4 s … (capped) if i
 has stayed up for `stable_after` seconds the next crash starts again at 1 s. After `give_up_after`
 crashes in a row, each sooner than `stable_after`, restarting is pointless (a bad configuration, a
 corrupt store): the supervisor gives up and the platform stops, with the service's last log lines.
+
+`Supervisor` runs the children (services and companions) by that policy; `cdpctl up` turns what it
+reports (`Exited`, `Restarted`, `PortsTaken`, `GaveUp`) into console lines and run.json.
+
+A child's listening ports are kept for it while it is down. `make up`'s gRPC ports (50051 …) lie inside
+Linux's ephemeral range (32768-60999), so while a service is down any outgoing connection on the machine
+may be given its port as the local end, and the service started again cannot bind it: crash after crash
+until the supervisor gives up and stops the platform, for a port that frees itself when that connection
+ends (on loopback the kernel even reuses such a port for the next connection to the same place). So from
+the moment the supervisor sees a child exit until it starts it again it holds each of its ports with a
+bound socket that does not listen (a bound port is never handed out as an ephemeral one; a caller gets
+"connection refused" as from nothing), and closes them just before the start. A port taken before the
+supervisor noticed the exit delays the start, without counting a crash, until it is free (`PortsTaken`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from dataclasses import dataclass
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cdp_kit.children import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -44,3 +65,177 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
+
+
+def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start a child with its output appended to `log_path`."""
+    with open(log_path, "ab") as log:
+        # Own session (a terminal's Ctrl-C reaches cdpctl alone, which stops them in order), and SIGTERM
+        # from the kernel if cdpctl dies without stopping them (SIGKILL): no orphan keeps a port.
+        return subprocess.Popen(
+            argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),  # noqa: PLW1509 (a prctl and a getppid only: cdp_kit.children)
+        )
+
+
+# What `Supervisor.tick` reports.
+@dataclass(frozen=True)
+class Exited:
+    name: str
+    how: str  # describe_exit
+    delay: float  # seconds until it is started again
+    crashes: int  # in a row, this one included
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    name: str
+    how: str
+    crashes: int
+
+
+@dataclass(frozen=True)
+class Restarted:
+    name: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class PortsTaken:
+    """`name` is due to start again but another socket has `ports`: it starts once they are free."""
+
+    name: str
+    ports: tuple[int, ...]
+
+
+# How often a start waiting for its ports looks again.
+PORT_RECHECK_SECONDS = 0.5
+
+
+def hold_port(port: int, host: str = "127.0.0.1") -> socket.socket | None:
+    """A bound, non-listening socket on `port` (SO_REUSEADDR, as servers bind: the sockets a dead
+    listener left in TIME_WAIT do not stop it), or None when another socket has the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+@dataclass
+class _Child:
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    ports: tuple[int, ...]
+    backoff: Backoff
+    process: subprocess.Popen
+    started: float
+    restart_at: float | None = None
+    held: list[socket.socket] = field(default_factory=list)  # its ports, while it is down
+    waiting_for_ports: bool = False
+
+    def hold_ports(self) -> tuple[int, ...]:
+        """Hold every port of the child not held yet; the ports another socket has."""
+        held = {sock.getsockname()[1] for sock in self.held}
+        taken = []
+        for port in self.ports:
+            if port in held:
+                continue
+            sock = hold_port(port)
+            if sock is None:
+                taken.append(port)
+            else:
+                self.held.append(sock)
+        return tuple(taken)
+
+    def release_ports(self) -> None:
+        for sock in self.held:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self.held.clear()
+
+
+@dataclass
+class Supervisor:
+    """The children `cdpctl up` keeps running, each restarted by `policy` when it exits."""
+
+    policy: RestartPolicy = RestartPolicy()
+    clock: Callable[[], float] = time.monotonic
+    _children: dict[str, _Child] = field(default_factory=dict)
+
+    def start(
+        self, name: str, command: list[str], env: dict[str, str], log: Path, ports: tuple[int, ...] = ()
+    ) -> subprocess.Popen:
+        """Start `name`; `ports` are the ports it listens on."""
+        process = spawn(command, env, log)
+        self._children[name] = _Child(command, env, log, tuple(ports), Backoff(self.policy), process, self.clock())
+        return process
+
+    def process(self, name: str) -> subprocess.Popen:
+        return self._children[name].process
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._children)
+
+    def tick(self) -> list[Exited | GaveUp | Restarted | PortsTaken]:
+        """Notice exits and start again those whose delay has passed; what happened, in order. After a
+        `GaveUp` the caller stops the platform."""
+        events: list[Exited | GaveUp | Restarted | PortsTaken] = []
+        now = self.clock()
+        for name, child in self._children.items():
+            if child.restart_at is not None:
+                taken = child.hold_ports()  # any freed since the exit
+                if now < child.restart_at:
+                    continue
+                if taken:
+                    # Not the child's fault: no crash counted, no start that could only fail to bind.
+                    if not child.waiting_for_ports:
+                        events.append(PortsTaken(name, taken))
+                    child.waiting_for_ports = True
+                    child.restart_at = now + PORT_RECHECK_SECONDS
+                    continue
+                child.restart_at = None
+                child.waiting_for_ports = False
+                child.release_ports()
+                child.process = spawn(child.command, child.env, child.log)
+                child.started = self.clock()
+                events.append(Restarted(name, child.process.pid))
+                continue
+            if child.process.poll() is None:
+                continue
+            how = describe_exit(child.process.returncode)
+            delay = child.backoff.after_exit(now - child.started)
+            if delay is None:
+                events.append(GaveUp(name, how, child.backoff.fast_crashes))
+                return events
+            child.hold_ports()
+            child.restart_at = now + delay
+            events.append(Exited(name, how, delay, child.backoff.fast_crashes))
+        return events
+
+    def stop(self, order: list[str], grace: float, on_kill: Callable[[str], None] | None = None) -> None:
+        """SIGTERM every child in `order`, then wait up to `grace` seconds in all; one still running is
+        SIGKILLed (`on_kill` names it first)."""
+        for name in order:
+            self._children[name].release_ports()
+            if self._children[name].process.poll() is None:
+                self._children[name].process.terminate()
+        deadline = self.clock() + grace
+        for name in order:
+            child = self._children[name]
+            try:
+                child.process.wait(max(0.1, deadline - self.clock()))
+            except subprocess.TimeoutExpired:
+                if on_kill is not None:
+                    on_kill(name)
+                child.process.kill()
+                child.process.wait()
