@@ -21,6 +21,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from cdp_kit.bus import (
     Bus,
     ConsumerSpec,
+    dead_letter_stream,
+    events_raw_stream,
     events_resolved_stream,
     privacy_stream,
     profiles_stream,
@@ -391,6 +393,19 @@ async def test_a_reader_cannot_reconfigure_a_stream_it_does_not_own(users):
         assert (await nc.jetstream().stream_info(subjects.PROFILES)).config.max_msgs == -1
     finally:
         await nc.close()
+
+
+async def test_the_edge_configures_its_own_stream_and_no_other(users):
+    """The collector consumes nothing, so it has no dead letters to keep either: an update of DLQ (its
+    limits, or its subjects made to capture another's) is not its to make."""
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.ensure_streams(dead_letter_stream(), privacy_stream())
+        configs = {s: (await profile.js.stream_info(s)).config.as_dict() for s in (subjects.DLQ, subjects.PRIVACY)}
+    async with Bus.connect(users.server.url, name="collector", security=users.security("collector")) as collector:
+        await collector.ensure_streams(events_raw_stream())
+        for stream, config in configs.items():
+            assert await api_call(collector.nc, f"$JS.API.STREAM.UPDATE.{stream}", {**config, "max_msgs": 1}) is None
+    assert ROLES["collector"].configures == (subjects.EVENTS_RAW,)
 
 
 async def test_the_edge_cannot_touch_another_services_consumer_of_privacy(users):

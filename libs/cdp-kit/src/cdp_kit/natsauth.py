@@ -94,7 +94,7 @@ ROLES: dict[str, BusRole] = {
     for role in (
         BusRole(
             "collector",
-            configures=(subjects.EVENTS_RAW, subjects.DLQ),
+            configures=(subjects.EVENTS_RAW,),  # it consumes nothing: no dead letters of its own
             creates=(subjects.PRIVACY,),
             # The suppression list: privacy.deleted read message by message, woken by the core subject.
             # No consumer rights on PRIVACY: the edge could otherwise rewrite or drain identity's consumer

@@ -11,7 +11,7 @@ from cdp_collector.ingest import Ingestor
 from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
 from cdp_collector.sources import SourceRegistry
-from cdp_kit.bus import Bus, dead_letter_stream, events_raw_stream, privacy_stream
+from cdp_kit.bus import Bus, events_raw_stream, privacy_stream
 from cdp_kit.interceptors import PUBLIC
 from cdp_kit.service import ServiceRuntime, run_main
 
@@ -34,8 +34,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         )
     )
     await bus.ensure_streams(
-        events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window),
-        dead_letter_stream(),
+        events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window)
     )
     # PRIVACY is the profile service's: created when missing, never reconfigured (the collector may not).
     await bus.ensure_read_streams(privacy_stream())
