@@ -44,9 +44,14 @@ status: env ## health of a running platform
 # Tests run on every core (pytest-xdist); a module's tests stay on one worker so a module-scoped fixture (a
 # nats-server, a running platform) starts once, and the longest modules go first so both cores finish
 # together (cdp_testing.scheduling; its durations.json). TEST_WORKERS=0 runs them in this process, one after another.
+# Bytecode is written and read: the tests start hundreds of Python processes (xdist workers, every
+# service of each platform and fault test, each cdpctl command), and with PYTHONDONTWRITEBYTECODE set, as
+# some shells and images have it, each one compiled every module it imports from source again - half the
+# CPU of a platform's start, three quarters of collecting the tests. The .pyc files go to __pycache__
+# folders that git and .dockerignore leave out.
 TEST_WORKERS ?= auto
 test: env ## run all tests (real nats-server), on every core
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope
+	env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 soak: env ## the whole-platform kill test, long: CDP_SOAK_SECONDS (600) of load, a kill every CDP_SOAK_KILL_EVERY (10) s
 	CDP_SOAK_SECONDS=$${CDP_SOAK_SECONDS:-600} $(VENV)/bin/pytest -q -p no:cacheprovider tests/fault/test_platform_kill.py
