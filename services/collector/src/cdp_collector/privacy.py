@@ -12,7 +12,7 @@ and the collector reports ready after that, so its first answer already honours 
 before it started. Then it follows: a core-NATS subscription to privacy.deleted wakes it when a deletion
 is published (the message is only the signal: what is applied is read from the stream, in sequence
 order, each message once), and it looks every `follow_every` seconds anyway, for what was published
-while its connection was down. The stream keeps no message forever by age (`privacy_stream()`), and a
+while its connection was down. The stream drops no message by age (`privacy_stream()`), and a
 suppression lasts as long as its message does.
 """
 
@@ -69,8 +69,8 @@ class SuppressionFollower:
         target = 0
         try:
             async with asyncio.timeout(timeout):
-                target = await self._last_sequence()
-                await self._read_up_to(target)
+                first, target = await self._sequences()
+                await self._read(first, target)
         except TimeoutError:
             await self.stop()
             raise Unavailable(
@@ -107,17 +107,21 @@ class SuppressionFollower:
                     await self._wake.wait()
             self._wake.clear()  # before reading: a deletion published while we read wakes us again
             try:
-                await self._read_up_to(await self._last_sequence())
+                await self._read(*await self._sequences())
             except Exception as exc:  # NATS away, a timeout: the next signal or look tries again
                 log.warning("could not read privacy.deleted; trying again: %s", type(exc).__name__)
 
-    async def _last_sequence(self) -> int:
+    async def _sequences(self) -> tuple[int, int]:
+        """The first and last sequence the stream holds now; (0, 0) when there is no stream."""
         try:
-            return (await self.js.stream_info(PRIVACY)).state.last_seq or 0
+            state = (await self.js.stream_info(PRIVACY)).state
         except NotFoundError:
-            return 0
+            return 0, 0
+        return state.first_seq or 0, state.last_seq or 0
 
-    async def _read_up_to(self, last: int) -> None:
+    async def _read(self, first: int, last: int) -> None:
+        """Every message after the last one read, up to `last`; what an operator purged is not asked for."""
+        self._applied = max(self._applied, first - 1)
         while self._applied < last:
             window = range(self._applied + 1, min(last, self._applied + READ_WINDOW) + 1)
             messages = await asyncio.gather(*(self._get(seq) for seq in window))
