@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -180,3 +181,60 @@ async def test_erase_waits_for_a_reader_holding_an_old_snapshot(tmp_path: Path) 
         assert await store.erase() is True
         reader.close()
         assert files_holding(tmp_path, marker) == []
+
+
+# --------------------------------------------------------------------- what the operator is told, and when
+
+
+async def test_a_full_disk_is_unavailable_logged_once_with_the_file_and_the_cause_and_again_when_it_writes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        await store.put("profiles", "p0", {"n": 0})
+        pages = store._writer.submit(lambda: store._wconn.execute("PRAGMA page_count").fetchone()[0]).result()
+        store._writer.submit(
+            lambda: store._wconn.execute(f"PRAGMA max_page_count={pages}")
+        ).result()  # the disk is full
+        caplog.set_level(logging.INFO, logger="cdp.storage")
+        for i in range(3):
+            with pytest.raises(Unavailable) as caught:
+                await store.bulk_write([Put("profiles", f"p{i + 1}", {"blob": "x" * 20_000})])
+        assert "free disk space" in str(caught.value)
+
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1  # said when it starts, not on every call
+        assert str(path) in warnings[0].getMessage() and "SQLITE_FULL" in warnings[0].getMessage()
+
+        store._writer.submit(lambda: store._wconn.execute("PRAGMA max_page_count=1073741823")).result()  # space again
+        await store.bulk_write([Put("profiles", "p1", {"blob": "x" * 20_000})])
+        assert await store.count("profiles") == 2
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
+            f"sqlite store {path} writes again after 0 s"
+        ]
+
+
+async def test_a_read_only_store_is_unavailable_naming_the_cause(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        store._writer.submit(lambda: store._wconn.execute("PRAGMA query_only=ON")).result()  # as a read-only volume
+        with caplog.at_level(logging.WARNING, logger="cdp.storage"), pytest.raises(Unavailable) as caught:
+            await store.put("profiles", "p1", {"n": 1})
+    assert "read-only" in str(caught.value)
+    assert "SQLITE_READONLY" in caplog.records[0].getMessage()
+
+
+@pytest.mark.parametrize("damage", ["header", "truncated"])
+async def test_a_file_that_is_not_a_sqlite_database_stops_start_up_naming_the_file_and_what_to_do(
+    tmp_path: Path, damage: str
+) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        await store.put("profiles", "p1", {"n": 1})
+    data = path.read_bytes()
+    path.write_bytes(b"not a database, really" * 8 + data[176:] if damage == "header" else data[:100])
+
+    with pytest.raises(FailedPrecondition) as caught:
+        SqliteStore(path)
+    assert str(path) in str(caught.value)
+    assert "restore it from a backup" in str(caught.value) and "aside" in str(caught.value)
