@@ -16,7 +16,7 @@ import pytest
 
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream
 from cdp_kit.errors import ResourceExhausted
 from cdp_kit.storage import Put, open_store
 from cdp_profile.api import definition_from_message, status_message
@@ -81,7 +81,7 @@ def order(message_id: str, person: str, at: float, revenue: float) -> events_pb2
 async def engine(nats_server):
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
+        await bus.ensure_streams(events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,
@@ -195,7 +195,7 @@ async def test_a_definition_with_operators_reads_back_from_the_store_and_the_api
                   "where": {"revenue": {"$lte": 100, "$gt": 50}, "$anonymous_id": None}, "window": "30d"}  # fmt: skip
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
+        await bus.ensure_streams(events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream())
 
         async def started() -> ProfileEngine:
             engine = ProfileEngine(
@@ -276,7 +276,7 @@ async def test_context_pseudo_paths_feed_traits_and_a_backfill_after_a_restart_e
     alone, the first two would be 04 and 11)."""
     clock = Clock(T0)
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
+        await bus.ensure_streams(events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream())
 
         async def started() -> ProfileEngine:
             engine = ProfileEngine(
@@ -393,7 +393,7 @@ async def test_a_deletion_while_a_batch_is_being_published_leaves_no_change_mess
 
 async def test_the_computed_traits_a_deployment_holds_are_capped_and_a_deleted_one_frees_its_place(nats_server):
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="engine-test") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
+        await bus.ensure_streams(events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,

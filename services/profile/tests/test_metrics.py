@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, subjects
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream, subjects
 from cdp_kit.storage import open_store
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
@@ -35,7 +35,7 @@ async def test_applied_events_changes_and_commits_are_counted_under_dotted_names
         open_store("memory://") as store,
         Bus.connect(nats_server.url, name="metrics-test", telemetry=telemetry) as bus,
     ):
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream())
+        await bus.ensure_streams(events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream())
         engine = ProfileEngine(
             store,
             bus.publisher,

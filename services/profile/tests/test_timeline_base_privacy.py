@@ -8,7 +8,7 @@ import json
 import time
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, privacy_stream, profiles_stream
+from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, privacy_stream, profiles_stream, scores_stream
 from cdp_kit.storage import open_store
 from cdp_profile.domain import ComputedTrait, Retention
 from cdp_profile.engine import ProfileEngine
@@ -36,7 +36,9 @@ async def _dump(store) -> str:
 
 async def test_a_deleted_person_past_the_cap_leaves_nothing_of_the_dropped_events(nats_server):
     async with open_store("memory://") as store, Bus.connect(nats_server.url, name="base-privacy") as bus:
-        await bus.ensure_streams(events_resolved_stream(), profiles_stream(), dead_letter_stream(), privacy_stream())
+        await bus.ensure_streams(
+            events_resolved_stream(), scores_stream(), profiles_stream(), dead_letter_stream(), privacy_stream()
+        )
         engine = ProfileEngine(
             store,
             bus.publisher,

@@ -132,7 +132,7 @@ class Privacy:
                 await quiet.enter_async_context(stream.quiescent())
             # Quiescent: every batch applied is durable and published, so no record left is unpublished.
             ops = []
-            for outbox in sorted({stream.outbox for stream in engine.streams}):
+            for outbox in sorted({outbox for stream in engine.streams for outbox in stream.outboxes}):
                 ops.extend([Delete(outbox, record.key) async for record in engine.store.scan_all(outbox)])
             if ops:
                 await engine.commit({}, ops=ops)

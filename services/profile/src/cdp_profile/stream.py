@@ -1,15 +1,23 @@
 """Profile's partitioned streams on the kit's `PartitionedEngine`: what profile gives it (`Logic`).
 
-Three inputs are partitioned by person, each its own engine over the same hot profiles and the same
+Three inputs are partitioned by person, on two engines over the same hot profiles and the same
 `WriteChain` (`ProfileEngine.chain`: a merge or an API write may touch a person of any partition, so
-every write of the service lands in the order it was made):
+every write of the service lands in the order it was made). Events and scores are one engine (the kit's
+`also`): a partition's one pipeline takes what has arrived on both in each round and commits, publishes
+and acknowledges them together, so a score arriving with events costs no batch of its own (each round's
+fetch, commit, publish and acknowledgement were most of what a small batch cost). Each keeps its own
+durable, checkpoint and outbox, below; there is no order between the two streams (there was none between
+two engines: scoring publishes a person's scores after the events they come from anyway). Merges, rare,
+have an engine of their own.
 
 - `events.resolved.<p>` (`EventsLogic`): durable `profile-p<p>`, checkpoint `events.resolved.<p>` in
   `profile_checkpoints` (the names profile used before the engine: an upgrade resumes where it was);
 - `scores.updated.<p>` (`ScoresLogic`): durable `profile-scores-p<p>`, checkpoints and outbox of their own
-  (`profile-scores_checkpoints`, `profile-scores_engine_outbox`: the engine names them after its service,
-  and the two inputs' positions must not share keys). Before the engine this input had no checkpoint;
-  applying a score again changes nothing (the newest per name wins), so starting without one is safe.
+  (`profile-scores_checkpoints`, `profile-scores_engine_outbox`: the kit names an input's after its spec's
+  service, and the two inputs' positions must not share keys), the names it had as an engine of its own,
+  so an upgrade resumes where it was and publishes what its outbox held. Before the engine this input had
+  no checkpoint; applying a score again changes nothing (the newest per name wins), so starting without
+  one is safe.
 - `identity.merged.<p>` / `identity.unmerged.<p>` (`MergesLogic`): durable `profile-merges-p<p>` (filter
   `identity.*.<p>`: both kinds of one partition in the order identity published them), checkpoints and
   outbox of their own (`profile-merges_checkpoints`, `profile-merges_engine_outbox`). Identity publishes
@@ -154,11 +162,11 @@ class MergesLogic:
 def partitioned_engines(
     engine: ProfileEngine, bus: Bus, *, partitions: int, batch_size: int, ack_wait: float
 ) -> list[PartitionedEngine]:
-    """The engines of profile's three partitioned inputs, registered with `engine` (a deletion waits for
-    them to be quiescent before it erases their outboxes)."""
+    """The engines of profile's three partitioned inputs (events and scores on one, merges on the other),
+    registered with `engine` (a deletion waits for them to be quiescent before it erases their outboxes)."""
 
-    def on(logic, service: str, stream: str, prefix: str, description: str) -> PartitionedEngine:
-        spec = EngineSpec(
+    def spec(service: str, stream: str, prefix: str, description: str) -> EngineSpec:
+        return EngineSpec(
             service=service,
             stream=stream,
             subject_prefix=prefix,
@@ -167,30 +175,31 @@ def partitioned_engines(
             ack_wait=ack_wait,
             description=description,
         )
-        return PartitionedEngine(logic, spec, bus=bus, store=engine.store, chain=engine.chain)
 
+    events = spec(
+        SERVICE,
+        subjects.EVENTS_RESOLVED,
+        subjects.EVENTS_RESOLVED_PREFIX,
+        "profile: apply events of a person partition",
+    )
+    scores = spec(
+        SCORES_SERVICE,
+        subjects.SCORES,
+        subjects.SCORES_UPDATED_PREFIX,
+        "profile: store the model scores of a person partition",
+    )
+    merges = spec(
+        MERGES_SERVICE,
+        subjects.IDENTITY,
+        subjects.IDENTITY_MERGES_PREFIX,
+        "profile: combine and split the profiles of a person partition as identity merges and unmerges",
+    )
+    store, chain = engine.store, engine.chain
     streams = [
-        on(
-            EventsLogic(engine),
-            SERVICE,
-            subjects.EVENTS_RESOLVED,
-            subjects.EVENTS_RESOLVED_PREFIX,
-            "profile: apply events of a person partition",
+        PartitionedEngine(
+            EventsLogic(engine), events, bus=bus, store=store, chain=chain, also=[(ScoresLogic(engine), scores)]
         ),
-        on(
-            ScoresLogic(engine),
-            SCORES_SERVICE,
-            subjects.SCORES,
-            subjects.SCORES_UPDATED_PREFIX,
-            "profile: store the model scores of a person partition",
-        ),
-        on(
-            MergesLogic(engine),
-            MERGES_SERVICE,
-            subjects.IDENTITY,
-            subjects.IDENTITY_MERGES_PREFIX,
-            "profile: combine and split the profiles of a person partition as identity merges and unmerges",
-        ),
+        PartitionedEngine(MergesLogic(engine), merges, bus=bus, store=store, chain=chain),
     ]
     engine.streams.extend(streams)
     return streams

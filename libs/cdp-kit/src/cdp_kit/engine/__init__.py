@@ -58,6 +58,15 @@ State shared across partitions (identity's graph): give every partition one `Wri
 service's own out-of-stream changes through it too), so every write lands in the order the changes
 were made; `recover` then also settles and `reset()`s that chain after dropping its state.
 
+Several inputs partitioned the same way (profile: events and scores): `PartitionedEngine(logic, spec,
+..., also=[(other_logic, other_spec)])` reads them all in each partition's one pipeline. A round takes
+what has arrived on every input, applies each input's items with its logic, submits each input's
+writes (its state, outbox record and checkpoint, under its own `service`'s names) right after its
+`apply`, one behind the other on the chain, which lands them in one write (unless the later `apply`
+waited for something, e.g. the store, and the first write had started); then it publishes every
+message and acknowledges every input's deliveries at once. Per input, every invariant above holds; one
+round's fetch, commit, publish and acknowledgement serve them all instead of one batch per input.
+
 Held state (scoring, segmentation): a logic with `async snapshot(positions)` and
 `EngineSpec.snapshot_every` is called at a quiescent point (`PartitionedEngine.quiescent`: no batch
 being applied, every applied batch durable and acknowledged) with each partition's checkpoint.

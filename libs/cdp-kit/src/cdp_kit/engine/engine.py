@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cdp_kit.bus import Bus, ConsumerSpec, subjects
@@ -73,10 +74,25 @@ class PartitionedEngine:
     """Runs `logic` over the partitions this replica owns (the contract: `cdp_kit.engine`).
 
     `chain`: one `WriteChain` for every partition (and whatever else the service writes through it),
-    for a service whose hot state spans partitions; by default each partition has its own."""
+    for a service whose hot state spans partitions; by default each partition has its own.
+
+    `also`: more inputs partitioned the same way, each a logic and the spec of its stream (its
+    `service` names its durables, checkpoints and outbox, as for an engine of its own, so an input
+    moved into another engine resumes where it was). A partition's one pipeline reads all of them: a
+    round takes what has arrived on each, applies each input's items with its logic (in the order of
+    the inputs), and commits, publishes and acknowledges them together - one round's fixed costs
+    instead of one per input. There is no order between inputs (there was none between engines);
+    within each, everything above holds."""
 
     def __init__(
-        self, logic: Logic, spec: EngineSpec, *, bus: Bus, store: Store, chain: WriteChain | None = None
+        self,
+        logic: Logic,
+        spec: EngineSpec,
+        *,
+        bus: Bus,
+        store: Store,
+        chain: WriteChain | None = None,
+        also: Sequence[tuple[Logic, EngineSpec]] = (),
     ) -> None:
         self.logic = logic
         self.spec = spec
@@ -85,6 +101,16 @@ class PartitionedEngine:
         self.chain = chain
         self.checkpoints = subjects.checkpoints_collection(spec.service)
         self.outbox = spec.outbox or outbox.outbox_collection(spec.service)
+        # Every input: (logic, spec, checkpoints collection, outbox collection); the engine's own first.
+        self.feeds = [(logic, spec, self.checkpoints, self.outbox)]
+        for other_logic, other in also:
+            if other.partitions != spec.partitions:
+                raise ValueError(f"input {other.service} has {other.partitions} partitions, not {spec.partitions}")
+            collection = other.outbox or outbox.outbox_collection(other.service)
+            self.feeds.append((other_logic, other, subjects.checkpoints_collection(other.service), collection))
+        # Outbox records are keyed by partition and their input's stream position: one outbox per input.
+        if len({feed[3] for feed in self.feeds}) < len(self.feeds):
+            raise ValueError("each input of an engine needs an outbox of its own")
         self.pipelines: dict[int, PartitionPipeline] = {}
         self.gate = asyncio.Event()  # cleared while anyone holds (or waits for) a quiescent point
         self.gate.set()
@@ -155,7 +181,13 @@ class PartitionedEngine:
         from opentelemetry.metrics import Observation
 
         for pipeline in list(self.pipelines.values()):
-            yield Observation(pipeline.pending, pipeline.partition_attrs)
+            for feed in pipeline.feeds:
+                yield Observation(feed.pending, feed.partition_attrs)
+
+    @property
+    def outboxes(self) -> list[str]:
+        """The outbox collection of each input."""
+        return [feed[3] for feed in self.feeds]
 
     # --- partitions ---------------------------------------------------------------------------------
 

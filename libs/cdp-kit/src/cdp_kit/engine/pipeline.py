@@ -56,12 +56,47 @@ MAX_TRACE_LINKS = 32
 
 @dataclass(slots=True)
 class _Batch:
-    deliveries: list[Delivery]
-    last_seq: int
+    deliveries: list[list[Delivery]]  # per input, in the engine's order of inputs
+    last_seqs: list[int | None]  # per input: its last position in the batch (None: nothing of it)
     messages: list[OutMessage]
-    outbox_key: str | None
+    outbox_keys: list[tuple[_Feed, str]]  # the outbox records this batch wrote
     commit: asyncio.Future | None
     submitted: float
+
+
+class _Feed:
+    """One input of a partition's pipeline: the engine's own (`spec`), or one of its `also` inputs. Each
+    has its durable consumer, its checkpoint and its outbox; a round of the pipeline takes what has
+    arrived on every input."""
+
+    def __init__(self, pipeline: PartitionPipeline, logic, spec, checkpoints: str, outbox_name: str) -> None:
+        partition = pipeline.partition
+        self.logic = logic
+        self.spec = spec
+        self.subject = subjects.partitioned(spec.subject_prefix, partition)
+        self.consumer = spec.consumer(partition)
+        self.runner = ConsumerRunner(
+            pipeline.engine.bus.js,
+            self.consumer,
+            lambda deliveries: pipeline._careful(self, deliveries),
+            pipeline.engine.bus.telemetry,
+        )
+        self.checkpoints = checkpoints
+        self.outbox = outbox_name
+        self.attrs = {"service": spec.service}
+        self.partition_attrs = {"service": spec.service, "partition": partition}
+        # The position whose effects are durable (the stored checkpoint), and the last one applied to
+        # hot state (ahead of it while commits are in flight). Messages at or below `position` are
+        # skipped: they were applied already.
+        self.checkpoint = 0
+        self.position = 0
+        self.pending = 0  # messages in the stream not yet delivered (lag), polled
+        self.published: list[str] = []  # its outbox records published: deleted in the next commit
+        self.pull: StandingPull | None = None
+        # Several inputs: what this input's fetcher took from its pull, not yet taken by a round.
+        self.arrived: list = []
+        self.room = asyncio.Event()
+        self.fetcher: asyncio.Task | None = None
 
 
 class PartitionPipeline:
@@ -70,21 +105,13 @@ class PartitionPipeline:
         self.logic = engine.logic
         self.spec = engine.spec
         self.partition = partition
-        self.subject = subjects.partitioned(self.spec.subject_prefix, partition)
-        self.consumer = self.spec.consumer(partition)
-        self.runner = ConsumerRunner(engine.bus.js, self.consumer, self._careful, engine.bus.telemetry)
         self.chain = engine.chain or WriteChain(engine.store)
+        self.feeds = [_Feed(self, *feed) for feed in engine.feeds]
         # The stage histograms are per service, not per partition: a histogram series is ~19 exposition
         # lines, and per partition they made a replica's /metrics page hundreds of KB (its scrape a share
         # of the process' CPU). The lag gauge and a recovery, one line each, name the partition.
-        self.attrs = {"service": self.spec.service}
-        self.partition_attrs = {"service": self.spec.service, "partition": partition}
-        # The position whose effects are durable (the stored checkpoint), and the last one applied to
-        # hot state (ahead of it while commits are in flight). Messages at or below `position` are
-        # skipped: they were applied already.
-        self.checkpoint = 0
-        self.position = 0
-        self.pending = 0  # messages in the stream not yet delivered (lag), polled
+        self.attrs = self.feeds[0].attrs
+        self.partition_attrs = self.feeds[0].partition_attrs
         self.ready = asyncio.Event()
         self.idle = asyncio.Event()  # nothing applied and not yet acknowledged
         self.idle.set()
@@ -92,11 +119,37 @@ class PartitionPipeline:
         self._stopping = asyncio.Event()
         self._failure: BaseException | None = None
         self._last_commit: asyncio.Future | None = None
-        self._published: list[str] = []  # outbox records published: deleted in the next commit
-        self._unpublished: list[tuple[str | None, list[OutMessage]]] = []  # careful path: committed, not published
+        # Careful path: committed, not published (the outbox records and the messages).
+        self._unpublished: list[tuple[list[tuple[_Feed, str]], list[OutMessage]]] = []
         self._slots = asyncio.Semaphore(self.spec.in_flight)
-        self._pull: StandingPull | None = None
+        self._arrival = asyncio.Event()  # several inputs: a fetcher added something
         self.task: asyncio.Task | None = None
+
+    # The engine's own input, as the tests and the services read it.
+
+    @property
+    def subject(self) -> str:
+        return self.feeds[0].subject
+
+    @property
+    def consumer(self):
+        return self.feeds[0].consumer
+
+    @property
+    def runner(self) -> ConsumerRunner:
+        return self.feeds[0].runner
+
+    @property
+    def checkpoint(self) -> int:
+        return self.feeds[0].checkpoint
+
+    @property
+    def position(self) -> int:
+        return self.feeds[0].position
+
+    @property
+    def pending(self) -> int:
+        return self.feeds[0].pending
 
     # --- life cycle ---------------------------------------------------------------------------------
 
@@ -140,10 +193,12 @@ class PartitionPipeline:
         while not self._stopping.is_set():
             _raise_if_cancelling(me)
             if careful:
-                msgs = await self._fetch()
-                if msgs:
+                rounds = await self._fetch()
+                if any(rounds):
                     # ConsumerRunner's isolation: whole batch first, then halves down to one message.
-                    await self.runner._handle(msgs)
+                    for feed, msgs in zip(self.feeds, rounds, strict=True):
+                        if msgs:
+                            await feed.runner._handle(msgs)
                     careful = False
                 continue
             await self._pipelined()
@@ -154,24 +209,24 @@ class PartitionPipeline:
         await self._flush_published(wait=True)
 
     async def _restore(self) -> None:
-        """Read the checkpoint back, and publish what the outbox still holds (a previous owner's or a
+        """Read the checkpoints back, and publish what the outboxes still hold (a previous owner's or a
         failed commit's messages) before anything newer."""
-        record = await self.engine.store.get(self.engine.checkpoints, self.subject)
-        self.checkpoint = self.position = record.doc.get("stream_seq", 0) if record is not None else 0
-        self._published = []
-        records = [
-            r
-            async for r in self.engine.store.scan_all(
-                self.engine.outbox, prefix=outbox.partition_prefix(self.partition)
-            )
-        ]
-        for record in records:
-            while not await self._publish(outbox.messages_of(record)):
-                if self._stopping.is_set():
-                    return
-                await asyncio.sleep(self.spec.publish_backoff[-1])
-        if records:
-            await self.chain.submit([outbox.delete_record(self.engine.outbox, r.key) for r in records])
+        store = self.engine.store
+        for feed in self.feeds:
+            record = await store.get(feed.checkpoints, feed.subject)
+            feed.checkpoint = feed.position = record.doc.get("stream_seq", 0) if record is not None else 0
+            feed.published = []
+        deletes = []
+        for feed in self.feeds:
+            records = [r async for r in store.scan_all(feed.outbox, prefix=outbox.partition_prefix(self.partition))]
+            for record in records:
+                while not await self._publish(outbox.messages_of(record)):
+                    if self._stopping.is_set():
+                        return
+                    await asyncio.sleep(self.spec.publish_backoff[-1])
+            deletes.extend(outbox.delete_record(feed.outbox, r.key) for r in records)
+        if deletes:
+            await self.chain.submit(deletes)
 
     async def _recover(self) -> None:
         """After a failed batch: wait for every write submitted so far, let the logic drop its hot
@@ -184,7 +239,8 @@ class PartitionPipeline:
         )
         self.engine.m_recoveries.add(1, self.partition_attrs)
         await self.chain.settle()
-        await self.logic.recover(self.partition)
+        for logic in {id(feed.logic): feed.logic for feed in self.feeds}.values():
+            await logic.recover(self.partition)
         if self.engine.chain is None:
             self.chain.reset()  # its own chain; a shared one is reset by the logic's `recover`
         self._last_commit = None
@@ -193,55 +249,112 @@ class PartitionPipeline:
         await self._restore()
 
     async def _subscribe(self) -> None:
-        """(Re)bind the partition's consumer; an ordered consumer with unacknowledged messages is
+        """(Re)bind the partition's consumers; an ordered consumer with unacknowledged messages is
         restarted at its acknowledgement floor, so they come again in order."""
         await self._unsubscribe()
+        for feed in self.feeds:
+            if not await self._bind(feed):
+                return
+        if len(self.feeds) > 1:
+            for feed in self.feeds:
+                feed.fetcher = asyncio.create_task(self._fetcher(feed), name=f"fetch {feed.consumer.durable}")
+
+    async def _bind(self, feed: _Feed) -> bool:
         delay = 0.1
         while True:
             if self._stopping.is_set():
                 # Stopping while the consumer cannot be bound (nats-server gone: `cdpctl up` killed ends
                 # every child at once): stay unbound, `_fetch` hands over nothing, and the loops see the stop.
-                return
+                return False
             try:
-                await self.runner.provision()
+                await feed.runner.provision()
                 subscription = await self.engine.bus.js.pull_subscribe_bind(
-                    durable=self.consumer.durable, stream=self.consumer.stream
+                    durable=feed.consumer.durable, stream=feed.consumer.stream
                 )
-                self._pull = StandingPull(self.runner.nc, subscription, self.consumer.batch_size)
-                return
+                feed.pull = StandingPull(feed.runner.nc, subscription, feed.consumer.batch_size)
+                return True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("engine consumer %s not ready: %s", self.consumer.durable, describe_error(exc))
+                log.warning("engine consumer %s not ready: %s", feed.consumer.durable, describe_error(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def _unsubscribe(self) -> None:
-        """Stop the standing pull: once this returns nothing more is delivered to it, and what was
+        """Stop the standing pulls: once this returns nothing more is delivered to them, and what was
         delivered and not handled is redelivered first to the next owner (`StandingPull`)."""
-        if self._pull is not None:
-            pull, self._pull = self._pull, None
-            await pull.close()
+        for feed in self.feeds:
+            if feed.fetcher is not None:
+                fetcher, feed.fetcher = feed.fetcher, None
+                fetcher.cancel()
+                await asyncio.gather(fetcher, return_exceptions=True)
+            # Taken from the pull, not handled: unacknowledged, so they come again from the floor.
+            feed.arrived = []
+            if feed.pull is not None:
+                pull, feed.pull = feed.pull, None
+                await pull.close()
 
-    async def _fetch(self, timeout: float | None = None) -> list:
-        """The next batch (waiting up to `timeout`, the consumer's fetch timeout by default; 0: only what
-        has arrived)."""
-        if self._pull is None:  # unbound: only while stopping (`_subscribe`)
+    async def _fetch(self, timeout: float | None = None) -> list[list]:
+        """The next round, per input (waiting up to `timeout`, the consumer's fetch timeout by default;
+        0: only what has arrived). One input is fetched here; several by a fetcher each (`_fetcher`),
+        a round taking what every one of them has."""
+        if len(self.feeds) == 1:
+            return [await self._fetch_one(self.feeds[0], timeout)]
+        if timeout is None:
+            timeout = self.spec.fetch_timeout
+        if timeout > 0 and not any(feed.arrived for feed in self.feeds):
+            self._arrival.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._arrival.wait()
+            except TimeoutError:
+                pass
+        rounds = []
+        for feed in self.feeds:
+            rounds.append(feed.arrived)
+            feed.arrived = []
+            feed.room.set()
+        return rounds
+
+    async def _fetcher(self, feed: _Feed) -> None:
+        """Several inputs: take what arrives on `feed`'s pull, up to a batch ahead of the rounds."""
+        me = asyncio.current_task()
+        while True:
+            _raise_if_cancelling(me)
+            if len(feed.arrived) >= feed.consumer.batch_size:
+                feed.room.clear()
+                await feed.room.wait()
+                continue
+            if feed.pull is None:
+                await asyncio.sleep(feed.consumer.fetch_timeout)
+                continue
+            msgs = await self._fetch_one(feed, None)
+            if msgs:
+                feed.arrived.extend(msgs)
+                self._arrival.set()
+
+    async def _fetch_one(self, feed: _Feed, timeout: float | None) -> list:
+        if feed.pull is None:  # unbound: only while stopping (`_subscribe`)
             return []
         try:
-            return await self._pull.fetch(self.consumer.fetch_timeout if timeout is None else timeout)
+            return await feed.pull.fetch(feed.consumer.fetch_timeout if timeout is None else timeout)
         except nats.errors.TimeoutError:
             return []
         except PullLost:
             # Restarted at the acknowledgement floor: what was lost in flight comes again, before anything
             # newer (batches in flight come again too, and are skipped by position once they are durable).
-            log.warning("engine consumer %s: connection re-established; resubscribing", self.consumer.durable)
-            await self._subscribe()
+            # What was taken and not yet handled comes again too: dropped, so positions stay in order.
+            log.warning("engine consumer %s: connection re-established; resubscribing", feed.consumer.durable)
+            feed.arrived = []
+            if feed.pull is not None:
+                pull, feed.pull = feed.pull, None
+                await pull.close()
+            await self._bind(feed)
             return []
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("fetch from %s failed: %s", self.consumer.durable, describe_error(exc))
+            log.warning("fetch from %s failed: %s", feed.consumer.durable, describe_error(exc))
             await asyncio.sleep(0.2)
             return []
 
@@ -249,13 +362,14 @@ class PartitionPipeline:
         me = asyncio.current_task()
         while True:
             _raise_if_cancelling(me)  # a cancellation a request's reply swallowed (bus/consumer.py)
-            try:
-                info = await self.engine.bus.js.consumer_info(self.consumer.stream, self.consumer.durable)
-                self.pending = self.runner.pending = info.num_pending or 0
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                pass
+            for feed in self.feeds:
+                try:
+                    info = await self.engine.bus.js.consumer_info(feed.consumer.stream, feed.consumer.durable)
+                    feed.pending = feed.runner.pending = info.num_pending or 0
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    pass
             await asyncio.sleep(LAG_POLL_SECONDS)
 
     # --- the pipelined path -------------------------------------------------------------------------
@@ -270,17 +384,20 @@ class PartitionPipeline:
         try:
             while not self._stopping.is_set() and self._failure is None:
                 _raise_if_cancelling(me)
-                msgs = await self._fetch()
-                if not msgs:
+                rounds = await self._fetch()
+                if not any(rounds):
                     await self._flush_published()
                     continue
                 fetched = time.perf_counter()
-                self._record_bus_wait(msgs[0])
+                self._record_bus_wait(next(msgs[0] for msgs in rounds if msgs))
                 if self._slots.locked():
                     # Every slot is held by a commit: what arrives while this batch waits joins it.
                     await self._slots.acquire()
-                    if len(msgs) < self.consumer.batch_size:
-                        msgs.extend(await self._fetch(0.0))
+                    if len(self.feeds) > 1:
+                        for msgs, more in zip(rounds, await self._fetch(0.0), strict=True):
+                            msgs.extend(more)
+                    elif len(rounds[0]) < self.consumer.batch_size:
+                        rounds[0].extend(await self._fetch_one(self.feeds[0], 0.0))
                 else:
                     await self._slots.acquire()
                 # A snapshot waits for a quiescent point. Nothing awaits between the gate and
@@ -293,7 +410,7 @@ class PartitionPipeline:
                 self._begin()
                 self.engine.m_slot_wait.record((time.perf_counter() - fetched) * 1000, self.attrs)
                 try:
-                    batch = await self._apply([Delivery(m) for m in msgs])
+                    batch = await self._apply([[Delivery(m) for m in msgs] for msgs in rounds])
                 except Exception as exc:
                     self._failure = exc
                     self._end()
@@ -324,74 +441,88 @@ class PartitionPipeline:
         if self._in_flight == 0:
             self.idle.set()
 
-    def _decode(self, deliveries: list[Delivery]) -> list:
+    def _decode(self, feed: _Feed, deliveries: list[Delivery]) -> list:
         # Reading a message's position parses its reply subject: read each one only when the batch
         # starts at or below the position (a redelivery after a crash or a failed commit).
-        check = deliveries[0].stream_seq <= self.position
+        check = deliveries[0].stream_seq <= feed.position
         items = []
         for delivery in deliveries:
-            if check and delivery.stream_seq <= self.position:
+            if check and delivery.stream_seq <= feed.position:
                 continue  # applied before: acknowledged with the batch
             try:
-                items.append(self.logic.decode(delivery))
+                items.append(feed.logic.decode(delivery))
             except Reject as bad:
                 delivery.reject(bad.reason, str(bad))
         return items
 
-    async def _apply(self, deliveries: list[Delivery]) -> _Batch:
-        """Decode, apply, and submit the batch's commit (state + outbox + checkpoint, one bulk write)."""
-        last = deliveries[-1].stream_seq
-        started = time.perf_counter()
-        items = self._decode(deliveries)
-        ops: list[WriteOp] = []
+    async def _apply(self, rounds: list[list[Delivery]]) -> _Batch:
+        """Decode, apply, and submit the batch's commit (state + outbox + checkpoint, one bulk write per
+        input, queued one behind the other: the chain lands them in one write when it can)."""
         messages: list[OutMessage] = []
-        if items:
-            engine = self.engine
-            decoded = time.perf_counter()
-            engine.m_decode.record((decoded - started) * 1000, self.attrs)
-            started = decoded
-            with engine.tracer.start_as_current_span(
-                f"{self.consumer.stream} apply",
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.destination.name": self.subject,
-                    "messaging.batch.message_count": len(deliveries),
-                    "cdp.partition": self.partition,
-                },
-            ) as span:
-                if span.is_recording():
-                    # Reading a message's trace context parses its headers: only for a span that is kept
-                    # (the kit's sampler decides on the batch's own trace id, not on its links).
-                    for d in deliveries[:MAX_TRACE_LINKS]:
-                        context = trace.get_current_span(d.trace_context()).get_span_context()
-                        if context.is_valid:
-                            span.add_link(context)
-                try:
-                    effects = await self.logic.apply(self.partition, items)
-                except Exception as exc:
-                    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                    raise
-            self.engine.m_apply.record((time.perf_counter() - started) * 1000, self.attrs)
-            ops.extend(effects.writes)
-            messages = effects.messages
-        # From here to the submit nothing awaits: commits are queued in the order batches were applied
-        # (a chain shared by several partitions depends on it).
-        key = None
-        if messages:
-            put = outbox.put_record(self.engine.outbox, self.partition, last, messages)
-            ops.append(put)
-            key = put.key
-        if self._published:
-            ops.extend(outbox.delete_record(self.engine.outbox, k) for k in self._published)
-            self._published = []
-        if last > self.position:
-            ops.append(Put(self.engine.checkpoints, self.subject, {"stream_seq": last, "at": time.time()}))
-            self.position = last
+        keys: list[tuple[_Feed, str]] = []
+        last_seqs: list[int | None] = []
         commit = None
-        if ops:
-            commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
-        return _Batch(deliveries, last, messages, key, commit, time.perf_counter())
+        for feed, deliveries in zip(self.feeds, rounds, strict=True):
+            if not deliveries:
+                last_seqs.append(None)
+                continue
+            last = deliveries[-1].stream_seq
+            last_seqs.append(last)
+            effects = await self._apply_feed(feed, deliveries)
+            # From here to the submit nothing awaits: commits are queued in the order batches were
+            # applied (a chain shared by several partitions depends on it). So each input's writes are
+            # submitted right after its `apply`, before the next input's may await.
+            ops: list[WriteOp] = []
+            if effects is not None:
+                ops.extend(effects.writes)
+                if effects.messages:
+                    put = outbox.put_record(feed.outbox, self.partition, last, effects.messages)
+                    ops.append(put)
+                    keys.append((feed, put.key))
+                    messages.extend(effects.messages)
+            if feed.published:
+                ops.extend(outbox.delete_record(feed.outbox, k) for k in feed.published)
+                feed.published = []
+            if last > feed.position:
+                ops.append(Put(feed.checkpoints, feed.subject, {"stream_seq": last, "at": time.time()}))
+                feed.position = last
+            if ops:
+                commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
+        return _Batch(rounds, last_seqs, messages, keys, commit, time.perf_counter())
+
+    async def _apply_feed(self, feed: _Feed, deliveries: list[Delivery]):
+        started = time.perf_counter()
+        items = self._decode(feed, deliveries)
+        if not items:
+            return None
+        engine = self.engine
+        decoded = time.perf_counter()
+        engine.m_decode.record((decoded - started) * 1000, feed.attrs)
+        started = decoded
+        with engine.tracer.start_as_current_span(
+            f"{feed.consumer.stream} apply",
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": feed.subject,
+                "messaging.batch.message_count": len(deliveries),
+                "cdp.partition": self.partition,
+            },
+        ) as span:
+            if span.is_recording():
+                # Reading a message's trace context parses its headers: only for a span that is kept
+                # (the kit's sampler decides on the batch's own trace id, not on its links).
+                for d in deliveries[:MAX_TRACE_LINKS]:
+                    context = trace.get_current_span(d.trace_context()).get_span_context()
+                    if context.is_valid:
+                        span.add_link(context)
+            try:
+                effects = await feed.logic.apply(self.partition, items)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                raise
+        engine.m_apply.record((time.perf_counter() - started) * 1000, feed.attrs)
+        return effects
 
     async def _settle_loop(self) -> None:
         me = asyncio.current_task()
@@ -410,13 +541,15 @@ class PartitionPipeline:
     async def _settle(self, batch: _Batch) -> None:
         if batch.commit is not None:
             try:
-                await batch.commit
+                await batch.commit  # the batch's last write: the chain lands the earlier ones first
             except Exception as exc:
                 if self._failure is None:
                     self._failure = exc
                 return  # not acknowledged: redelivered after recovery
             self.engine.m_commit.record((time.perf_counter() - batch.submitted) * 1000, self.attrs)
-            self.checkpoint = max(self.checkpoint, batch.last_seq)
+            for feed, last in zip(self.feeds, batch.last_seqs, strict=True):
+                if last is not None:
+                    feed.checkpoint = max(feed.checkpoint, last)
         elif self._failure is not None:
             return
         acknowledging = time.perf_counter()
@@ -425,18 +558,20 @@ class PartitionPipeline:
         # newer) and deleted only once JetStream stored them. Acknowledging first puts the
         # acknowledgements and the publish in one socket write (nats-py sends what is buffered when its
         # flusher next runs) instead of two, a round trip apart.
-        await self.runner._settle(batch.deliveries, None, final=True)
+        for feed, deliveries in zip(self.feeds, batch.deliveries, strict=True):
+            if deliveries:
+                await feed.runner._settle(deliveries, None, final=True)
         self.engine.m_ack.record((time.perf_counter() - acknowledging) * 1000, self.attrs)
         if batch.messages:
             attempt = 0
             while not await self._publish(batch.messages):
                 if self._stopping.is_set() and attempt:
-                    batch.outbox_key = None  # left in the outbox for whoever owns the partition next
+                    batch.outbox_keys = []  # left in the outbox for whoever owns the partition next
                     break
                 await asyncio.sleep(self.spec.publish_backoff[min(attempt, len(self.spec.publish_backoff) - 1)])
                 attempt += 1
-            if batch.outbox_key is not None:
-                self._published.append(batch.outbox_key)
+            for feed, key in batch.outbox_keys:
+                feed.published.append(key)
 
     async def _publish(self, messages: list[OutMessage]) -> bool:
         """One attempt to get every message stored by JetStream (ones already stored are duplicates)."""
@@ -459,10 +594,12 @@ class PartitionPipeline:
 
     async def _flush_published(self, *, wait: bool = False) -> None:
         """Delete published outbox records when no batch comes to carry the deletes."""
-        if not self._published or self._failure is not None:
+        if self._failure is not None or not any(feed.published for feed in self.feeds):
             return
-        ops = [outbox.delete_record(self.engine.outbox, k) for k in self._published]
-        self._published = []
+        ops = []
+        for feed in self.feeds:
+            ops.extend(outbox.delete_record(feed.outbox, k) for k in feed.published)
+            feed.published = []
         commit = self._last_commit = self.chain.submit(ops, after=self._last_commit)
         if wait:
             try:
@@ -474,16 +611,16 @@ class PartitionPipeline:
 
     # --- the careful path (after a failure) ---------------------------------------------------------
 
-    async def _careful(self, deliveries) -> None:
-        """ConsumerRunner handler: one part of a batch, applied, committed and published before the
-        runner acknowledges it. Raises (after recovering) when any step fails; the runner then retries
-        the part, splits it, or dead-letters a message that fails alone."""
+    async def _careful(self, feed: _Feed, deliveries) -> None:
+        """ConsumerRunner handler of `feed`: one part of a batch, applied, committed and published before
+        the runner acknowledges it. Raises (after recovering) when any step fails; the runner then
+        retries the part, splits it, or dead-letters a message that fails alone."""
         deliveries = list(deliveries)
         await self._publish_unpublished()
         await self.engine.gate.wait()
         self._begin()
         try:
-            batch = await self._apply(deliveries)
+            batch = await self._apply([deliveries if f is feed else [] for f in self.feeds])
             if batch.commit is not None:
                 await batch.commit
         except Exception as exc:
@@ -492,21 +629,22 @@ class PartitionPipeline:
             raise
         finally:
             self._end()
-        self.checkpoint = max(self.checkpoint, batch.last_seq)
+        if deliveries:
+            feed.checkpoint = max(feed.checkpoint, deliveries[-1].stream_seq)
         if batch.messages:
-            self._unpublished.append((batch.outbox_key, batch.messages))
+            self._unpublished.append((batch.outbox_keys, batch.messages))
             await self._publish_unpublished()
 
     async def _publish_unpublished(self) -> None:
         """Messages of parts committed carefully but not yet stored by JetStream, oldest first."""
         while self._unpublished:
-            key, messages = self._unpublished[0]
+            keys, messages = self._unpublished[0]
             if not await self._publish(messages):
                 # Durable in the outbox; the runner retries the part, finds it applied, and comes here.
                 raise Unavailable("the batch's messages were not stored by JetStream; retrying")
             self._unpublished.pop(0)
-            if key is not None:
-                self._published.append(key)
+            for feed, key in keys:
+                feed.published.append(key)
 
 
 def _retrieve(future: asyncio.Future) -> None:
