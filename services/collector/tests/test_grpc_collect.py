@@ -173,3 +173,20 @@ async def test_the_callers_trace_continues_into_the_stored_message(collector):
     stored = await nc.jetstream().get_msg("EVENTS_RAW", 1)
     await nc.close()
     assert stored.headers["traceparent"].split("-")[1] == trace_id
+
+
+async def test_a_request_longer_than_the_limit_can_be_is_refused_before_it_is_read(collector):
+    """Collect takes a write key, which is public (it ships in web pages): the gRPC port is the internet's.
+    It accepts messages as long as a request within the 500 KB limit can be, not the 16 MB of the other
+    services' ports, so one call cannot make it hold 30 times the limit: the transport refuses the rest
+    from the length the client announces."""
+    padded = track("m1")
+    padded.properties["pad"] = "y" * 30_300
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(collector, [padded] * 70)  # about 2 MB
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Within that length, over the limit: still the collector's own answer, naming it.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await collect(collector, [padded] * 17)  # about 515 KB
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "512000 bytes (500 KB)" in info.value.details()
+    await collector.stored(expected=0)

@@ -71,6 +71,9 @@ class GrpcServer:
         self.port: int | None = None
         self._unready: set[str] = set()  # service names held NOT_SERVING (set_ready)
         self._serving = False
+        # The longest request message taken; a service whose requests are smaller lowers it before start
+        # (the collector: its port faces the internet), and longer ones are refused from their length.
+        self.max_receive_bytes = DEFAULT_MAX_MESSAGE_BYTES
 
     def add_service(
         self,
@@ -105,7 +108,7 @@ class GrpcServer:
         server = grpc.aio.server(
             interceptors=self._interceptors(),
             options=[
-                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.max_receive_bytes),
                 ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),

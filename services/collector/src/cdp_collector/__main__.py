@@ -6,7 +6,7 @@ from __future__ import annotations
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp_collector.api import CollectorApi
 from cdp_collector.domain import Limits, SuppressionList
-from cdp_collector.http import HttpApi, start_http
+from cdp_collector.http import HttpApi, read_ceiling, start_http
 from cdp_collector.ingest import Ingestor
 from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
@@ -46,7 +46,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     await follower.load(settings.suppression_load_timeout)
     ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)
     runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources, suppression=suppression)
-    # Collect authenticates with the source's write key (like the HTTP API), not a bearer token.
+    # Collect authenticates with the source's write key (like the HTTP API), not a bearer token. Its
+    # write key is public, so the port is the internet's: no longer a message than a request within the
+    # limit can be (the HTTP API reads no more either).
+    runtime.grpc.max_receive_bytes = read_ceiling(limits)
     runtime.grpc.add_service(
         collector_pb2_grpc.add_CollectorServiceServicer_to_server,
         CollectorApi(sources, ingestor, limits, suppression),
