@@ -129,16 +129,24 @@ arithmetic_numbers = st.one_of(
 PERCENTS = [0.0, 10.0, 50.0, 90.0, 99.5, 100.0]
 
 
+# Built once per set of paths: a recursive strategy built again on every draw of a composite (and
+# validated again) cost much of this module's time; the values drawn are the same.
+_EXPRESSIONS: dict[tuple, st.SearchStrategy] = {}
+
+
 def expressions(paths, percentiles=True, max_leaves=4):
     """Sides of a comparison: numbers, fields and percentiles joined by + - * /."""
-    leaf = [arithmetic_numbers, st.sampled_from(paths).map(FieldRef), st.sampled_from(paths).map(FieldRef)]
-    if percentiles:
-        leaf.append(st.builds(Percentile, st.sampled_from(paths), st.sampled_from(PERCENTS)))
-    return st.recursive(
-        st.one_of(*leaf),
-        lambda inner: st.builds(Arithmetic, st.sampled_from(ARITHMETIC), inner, inner),
-        max_leaves=max_leaves,
-    )
+    key = (tuple(paths), percentiles, max_leaves)
+    if key not in _EXPRESSIONS:
+        leaf = [arithmetic_numbers, st.sampled_from(paths).map(FieldRef), st.sampled_from(paths).map(FieldRef)]
+        if percentiles:
+            leaf.append(st.builds(Percentile, st.sampled_from(paths), st.sampled_from(PERCENTS)))
+        _EXPRESSIONS[key] = st.recursive(
+            st.one_of(*leaf),
+            lambda inner: st.builds(Arithmetic, st.sampled_from(ARITHMETIC), inner, inner),
+            max_leaves=max_leaves,
+        )
+    return _EXPRESSIONS[key]
 
 
 @st.composite
