@@ -9,6 +9,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+from pathlib import Path
 
 import grpc
 import pytest
@@ -26,13 +28,25 @@ from cdpctl.cli import main
 from cdpctl.platform import Workspace
 
 
+@pytest.fixture(scope="module")
+def population(tmp_path_factory) -> Path:
+    """A profile store holding 400 simulated customers, written once: each test gets a copy of its own."""
+    path = tmp_path_factory.mktemp("population") / "profile.db"
+
+    async def write() -> None:
+        async with open_store(f"sqlite:///{path}") as store:
+            await write_population(store, simulate(400, 29), list(COMPUTED_TRAITS.values()))
+
+    asyncio.run(write())
+    return path
+
+
 @pytest.fixture
-async def platform(nats_server, tmp_path):
+async def platform(nats_server, tmp_path, population):
     ws = Workspace(tmp_path / "home")
     ws.prepare(())
+    shutil.copy(population, ws.data_dir / "profile.db")
     profile_store = f"sqlite:///{ws.data_dir / 'profile.db'}"
-    async with open_store(profile_store) as store:
-        await write_population(store, simulate(400, 29), list(COMPUTED_TRAITS.values()))
     settings = ScoringSettings(
         nats_url=nats_server.url,
         grpc_host="127.0.0.1",
