@@ -39,7 +39,8 @@ pipeline-latency     event -> action p99 at 1,000 events/s (ms); baseline: the s
                      actions.webhook) and a bare HTTP POST to a receiver. Goal: p99 <= 250 ms. The JSON
                      holds p50/p99 to profile, segment and action at every rate run (1,000 and 5,000
                      events/s among them), and where the time goes: each service's engine stages per
-                     batch, its freshness histograms and the cores it used, from its /metrics.
+                     batch, its freshness histograms, the cores it used and the size of its /metrics
+                     page (`metrics_page_kb`), from its /metrics.
 
     make bench-pipeline                                   # the full size (several minutes; a quiet machine)
     .venv/bin/python bench/bench_pipeline.py --quick      # 2-3 minutes: steps 1,000 and 5,000 of 8 s each
@@ -525,10 +526,13 @@ def where_time_goes(step: dict) -> str:
         parts.append(f"{name} {seen['cores']} cores ({top})")
     cpu = step["cpu_ms_per_event"]
     per = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(cpu.items(), key=lambda kv: -kv[1]) if name != "total")
+    # Every scrape (the step's two, the lag counter's each second, a Prometheus) costs the service its page.
+    pages = ", ".join(f"{name} {seen.get('metrics_page_kb', 0):.0f}" for name, seen in step["services"].items())
     return (
         "; ".join(parts)
         + f"; load generator {step['load_generator_cores']} cores"
         + f"\n        CPU per event: {cpu.get('total', 0):.2f} ms ({per})"
+        + f"\n        /metrics page KB: {pages}"
     )
 
 

@@ -55,13 +55,15 @@ def fetch(url: str) -> str:
 
 def scrape(url: str) -> dict:
     """One service's histograms (by name and `service` label, summed over the rest: partitions, models)
-    and its CPU seconds: {"hist": {(name, service): (buckets {le: cumulative}, sum, count)}, "cpu": s}."""
+    and its CPU seconds: {"hist": {(name, service): (buckets {le: cumulative}, sum, count)}, "cpu": s,
+    "page_bytes": the size of its /metrics page (what every scrape costs the service to build)}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     wanted = {*ENGINE_STAGES.values(), *SERVICE_HISTOGRAMS}
     hist: dict[tuple[str, str], list] = {}
     cpu = 0.0
-    for family in text_string_to_metric_families(fetch(url)):
+    page = fetch(url)
+    for family in text_string_to_metric_families(page):
         if family.name == "process_cpu_seconds":
             cpu = sum(s.value for s in family.samples)
             continue
@@ -77,11 +79,12 @@ def scrape(url: str) -> dict:
                 entry[1] += sample.value
             elif sample.name.endswith("_count"):
                 entry[2] += sample.value
-    return {"hist": hist, "cpu": cpu, "at": time.monotonic()}
+    return {"hist": hist, "cpu": cpu, "at": time.monotonic(), "page_bytes": len(page.encode())}
 
 
 def window(before: dict, after: dict) -> dict:
-    """What one service did between two scrapes: {"cores": CPU used / wall, "stages": {label: {...}}}.
+    """What one service did between two scrapes: {"cores": CPU used / wall, "stages": {label: {...}},
+    "metrics_page_kb": its /metrics page at the end}.
     Engine stages are keyed `<service label>.<stage>` (profile runs two engines: `profile` for events and
     `profile-scores` for scores), other histograms by their short name."""
     stages = {}
@@ -101,7 +104,11 @@ def window(before: dict, after: dict) -> dict:
             "batches": int(count),
         }
     wall = after["at"] - before["at"]
-    return {"cores": round((after["cpu"] - before["cpu"]) / wall, 2) if wall > 0 else None, "stages": stages}
+    return {
+        "cores": round((after["cpu"] - before["cpu"]) / wall, 2) if wall > 0 else None,
+        "stages": stages,
+        "metrics_page_kb": round(after.get("page_bytes", 0) / 1000, 1),
+    }
 
 
 def schedstat(pid: int | None) -> tuple[float, float, int] | None:

@@ -77,7 +77,8 @@ partitions for little an operator reads): a batch's time stage by stage, in ms -
 `cdp.engine.slot.wait.duration` (fetched -> a pipeline slot free), `cdp.engine.decode.duration`,
 `cdp.engine.batch.apply.duration`, `cdp.engine.commit.duration` (submitted -> durable),
 `cdp.engine.publish.duration`, `cdp.engine.ack.duration` - and, with `partition` too,
-`cdp.engine.recoveries` and `cdp.engine.lag` (messages not yet delivered). A span per applied batch;
+`cdp.engine.recoveries` and `cdp.engine.lag` (messages not yet delivered). With several inputs, decode,
+apply and lag are per input (its spec's `service`), the round's other stages under the engine's. A span per applied batch;
 when it is sampled, it is linked to its messages' traces (the links are not read at all for a batch
 whose span is not).
 """
