@@ -401,3 +401,20 @@ def test_a_stop_that_hangs_ends_the_process_after_its_bound(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("which", ["grpc_port", "health_port"])
+async def test_a_port_another_socket_has_stops_start_up_naming_the_port_and_its_variable(which):
+    from cdp_kit.natsserver import free_port
+
+    with socket.socket() as taken:  # another program listening there (or a connection given the port)
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        overrides = {which: port} if which == "grpc_port" else {"grpc_port": free_port(), which: port}
+        with pytest.raises(RuntimeError) as caught:
+            async with serving(settings(**overrides), setup_with(Behaviour())):
+                pass
+    variable = "CDP_GRPC_PORT" if which == "grpc_port" else "CDP_HEALTH_PORT"
+    assert f"127.0.0.1:{port}" in str(caught.value) and variable in str(caught.value)
+    assert "in use" in str(caught.value)

@@ -131,11 +131,9 @@ class GrpcServer:
                 root_certificates=client_ca,
                 require_client_auth=client_ca is not None,
             )
-            self.port = server.add_secure_port(address, credentials)
+            self.port = _bind(lambda: server.add_secure_port(address, credentials), address, "CDP_GRPC_PORT")
         else:
-            self.port = server.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"cannot bind gRPC on {address} (CDP_GRPC_HOST/CDP_GRPC_PORT)")
+            self.port = _bind(lambda: server.add_insecure_port(address), address, "CDP_GRPC_PORT")
         await server.start()
         self._server = server
         if self.settings.health_port:
@@ -143,8 +141,12 @@ class GrpcServer:
             # serves health and nothing else.
             health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
-            if not health_server.add_insecure_port(f"{self.settings.grpc_host}:{self.settings.health_port}"):
-                raise RuntimeError(f"cannot bind the health port {self.settings.health_port} (CDP_HEALTH_PORT)")
+            health_address = f"{self.settings.grpc_host}:{self.settings.health_port}"
+            try:
+                _bind(lambda: health_server.add_insecure_port(health_address), health_address, "CDP_HEALTH_PORT")
+            except RuntimeError:
+                await self.stop(0)
+                raise
             await health_server.start()
             self._health_server = health_server
         return self.port
@@ -178,6 +180,21 @@ class GrpcServer:
         if self._health_server is not None:
             await self._health_server.stop(0)
             self._health_server = None
+
+
+def _bind(add_port: Callable[[], int], address: str, variable: str) -> int:
+    """The port `add_port` bound, or a RuntimeError naming the address and the variable that set it
+    (grpc raises 'Failed to bind' naming neither the cause nor the setting, or returns 0)."""
+    try:
+        port = add_port()
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise RuntimeError(
+            f"cannot bind {address} (CDP_GRPC_HOST/{variable}): the port is in use (another program listening "
+            f"there, or an outgoing connection given it as its local port) or the host is not this machine's"
+        )
+    return port
 
 
 def _peer_of(settings: ServiceSettings, address: str) -> str | None:
