@@ -43,6 +43,8 @@ from cdp_kit.ownership import Ownership, StaticOwnership
 from cdp_kit.storage.port import check_key
 
 EXPORT_SCOPE = "privacy:export"
+# Erasing a person (profile's `Delete`, which every service then follows): never a service's own scope.
+DELETE_SCOPE = "privacy:delete"
 SCOPES = {"ExportPerson": EXPORT_SCOPE}
 DESCRIPTOR = privacy_pb2.DESCRIPTOR.services_by_name["PrivacyService"]
 PERSONS = "persons"  # the collection named when an id cannot be a key: every service keys persons by id
@@ -274,6 +276,7 @@ def replica_owners(
 
 
 __all__ = [
+    "DELETE_SCOPE",
     "DESCRIPTOR",
     "EXPORT_SCOPE",
     "FORWARDED",

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
-from cdp_kit.person_export import EXPORT_SCOPE
+from cdp_kit.person_export import DELETE_SCOPE, EXPORT_SCOPE
 from cdp_kit.timestamps import from_seconds, set_seconds, to_seconds
 from cdp_profile.backfill import Backfill
 from cdp_profile.domain import ComputedTrait, Profile
@@ -38,7 +38,9 @@ SCOPES = {
     "UpdateTraits": "profile:write",
     "DefineComputedTrait": "profile:admin",
     "DeleteComputedTrait": "profile:admin",
-    "Delete": "profile:admin",
+    # Erasure is not an admin's of profile: scoring, segmentation and orchestration hold profile:admin
+    # (they define computed traits), and must not be able to erase and suppress people.
+    "Delete": DELETE_SCOPE,
 }
 
 MAX_BATCH = 500
