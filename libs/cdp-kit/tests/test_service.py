@@ -418,3 +418,32 @@ async def test_a_port_another_socket_has_stops_start_up_naming_the_port_and_its_
     variable = "CDP_GRPC_PORT" if which == "grpc_port" else "CDP_HEALTH_PORT"
     assert f"127.0.0.1:{port}" in str(caught.value) and variable in str(caught.value)
     assert "in use" in str(caught.value)
+
+
+async def test_while_a_store_cannot_write_the_health_of_cdp_storage_says_so_and_liveness_stays_serving(monkeypatch):
+    from cdp_kit import service
+    from cdp_kit.storage import health as stores
+
+    monkeypatch.setattr(service, "STORE_HEALTH_SECONDS", 0.05)
+
+    async def status(channel, name):
+        request = health_pb2.HealthCheckRequest(service=name)
+        return (await health_pb2_grpc.HealthStub(channel).Check(request)).status
+
+    async def until(channel, name, wanted):
+        for _ in range(100):
+            if await status(channel, name) == wanted:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async with serving(settings(), setup_with(Behaviour())) as rt:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc.port}") as channel:
+            assert await until(channel, stores.HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+            stores.cannot_write("/data/kit-test.db")  # as the SQLite store does on a full disk
+            try:
+                assert await until(channel, stores.HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+                assert await status(channel, "") == health_pb2.HealthCheckResponse.SERVING  # no restart for it
+            finally:
+                stores.writes_again("/data/kit-test.db")
+            assert await until(channel, stores.HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)

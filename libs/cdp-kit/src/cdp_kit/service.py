@@ -11,7 +11,8 @@
 The grpc.aio server carries the standard health service (SERVING once setup finished; NOT_SERVING the
 moment shutdown starts, so Kubernetes stops routing before the drain; a service may hold one of its
 gRPC services' names NOT_SERVING while it cannot answer, e.g. a standby: `GrpcServer.set_ready`, which
-a readiness probe naming that service follows while liveness, on "", stays SERVING), reflection, and the cdp
+a readiness probe naming that service follows while liveness, on "", stays SERVING; and `cdp.storage`
+reads NOT_SERVING while a store of the process cannot write, see `cdp_kit.storage.health`), reflection, and the cdp
 interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
 seconds, then closes every resource in reverse order of acquisition.
 
@@ -302,8 +303,10 @@ async def serving(
         stack.push_async_callback(runtime._cancel_tasks)
         await setup(runtime)
         port = await runtime.grpc.start()
+        watcher: asyncio.Task | None = None
         try:
             await runtime.grpc.set_serving()
+            watcher = asyncio.create_task(_watch_stores(runtime.grpc), name="store-health")
             log.info(
                 "%s serving",
                 settings.service_name,
@@ -312,9 +315,29 @@ async def serving(
             yield runtime
         finally:
             runtime.stopping.set()
+            if watcher is not None:
+                watcher.cancel()
             log.info("%s stopping: draining for up to %.0fs", settings.service_name, settings.shutdown_grace)
             await runtime.grpc.stop(settings.shutdown_grace)
     telemetry.shutdown()
+
+
+# How often the health of `cdp.storage` is brought up to date with the stores' state.
+STORE_HEALTH_SECONDS = 1.0
+
+
+async def _watch_stores(server: GrpcServer) -> None:
+    """`cdp.storage` reads NOT_SERVING while a store of this process cannot write (a full disk …)."""
+    from cdp_kit.storage import health as stores
+
+    shown: bool | None = None
+    while True:
+        failing = bool(stores.failing())
+        if failing != shown:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING if failing else health_pb2.HealthCheckResponse.SERVING
+            await server.health.set(stores.HEALTH_NAME, status)
+            shown = failing
+        await asyncio.sleep(STORE_HEALTH_SECONDS)
 
 
 def stop_bound(settings: ServiceSettings) -> float:

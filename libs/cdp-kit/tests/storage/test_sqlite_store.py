@@ -12,6 +12,7 @@ import pytest
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
 from cdp_kit.storage import Delete, DuplicateValue, Put, Record, SqliteStore
+from cdp_kit.storage import health as store_health
 
 
 async def test_documents_versions_and_indexes_survive_close_and_reopen(tmp_path: Path) -> None:
@@ -204,6 +205,7 @@ async def test_a_full_disk_is_unavailable_logged_once_with_the_file_and_the_caus
 
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1  # said when it starts, not on every call
+        assert store_health.failing() == [str(path)]  # what the service's health `cdp.storage` reads
         assert str(path) in warnings[0].getMessage() and "SQLITE_FULL" in warnings[0].getMessage()
 
         store._writer.submit(lambda: store._wconn.execute("PRAGMA max_page_count=1073741823")).result()  # space again
@@ -212,6 +214,7 @@ async def test_a_full_disk_is_unavailable_logged_once_with_the_file_and_the_caus
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO] == [
             f"sqlite store {path} writes again after 0 s"
         ]
+        assert store_health.failing() == []
 
 
 async def test_a_read_only_store_is_unavailable_naming_the_cause(tmp_path: Path, caplog) -> None:

@@ -17,8 +17,10 @@ health checks present cdpctl's certificate (run.json's "tls"), and each service'
 port is its "health" in run.json.
 
 `status` checks each service's gRPC health and each companion's ports. The platform is healthy when
-nats-server and every service are; a companion that is down is shown DOWN but does not make it
-unhealthy (it stands in for something outside the platform).
+nats-server and every service are, and every service's stores can write (the health of `cdp.storage`:
+a service whose store cannot write - a full disk - is shown "SERVING, store cannot write"); a companion
+that is down is shown DOWN but does not make it unhealthy (it stands in for something outside the
+platform).
 """
 
 from __future__ import annotations
@@ -55,11 +57,16 @@ from cdpctl.platform import (
 )
 from cdpctl.supervise import Exited, GaveUp, PortsTaken, Restarted, RestartPolicy, Supervisor
 
+# The health service name a service reads NOT_SERVING under while one of its stores cannot write (a full
+# disk, a read-only volume: cdp_kit.storage.health, not imported here to keep `status` quick).
+STORE_HEALTH = "cdp.storage"
 
-async def check_health(address: str, timeout: float = 1.0) -> str:
+
+async def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
     try:
         async with tls.aio_channel(address) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.aio.AioRpcError as exc:
         return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
@@ -384,13 +391,20 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dic
     state = ws.running()
     if state is None:
         return None, {}, False, {}
-    health = {name: await check_health(svc["grpc"]) for name, svc in state["services"].items()}
+    health = {}
+    for name, svc in state["services"].items():
+        health[name] = await check_health(svc["grpc"])
+        if health[name] == "SERVING" and await check_health(svc["grpc"], service=STORE_HEALTH) == "NOT_SERVING":
+            health[name] = STORE_CANNOT_WRITE
     companions = {
         name: await asyncio.to_thread(companions_up, companion)
         for name, companion in state.get("companions", {}).items()
     }
     where = urlsplit(state["nats"])
     return state, health, wait_for_port(where.hostname or "127.0.0.1", where.port or 4222, 0.5), companions
+
+
+STORE_CANNOT_WRITE = "SERVING, store cannot write"
 
 
 def _without_credentials(url: str) -> str:
@@ -413,7 +427,15 @@ def status(ws: Workspace, as_json: bool) -> None:
     # Companions stand in for what is outside the platform: one that is down does not make it unhealthy.
     healthy = nats_ok and all(h == "SERVING" for h in health.values())
     if as_json:
-        services = {name: {**svc, "health": health[name]} for name, svc in state["services"].items()}
+        services = {
+            name: {
+                **svc,
+                "health": "SERVING" if health[name] == STORE_CANNOT_WRITE else health[name],
+                # Whether its stores write: known only of a service that answers.
+                "store": {STORE_CANNOT_WRITE: "cannot write", "SERVING": "ok"}.get(health[name]),
+            }
+            for name, svc in state["services"].items()
+        }
         out.print_json(
             json.dumps(
                 {

@@ -58,7 +58,8 @@ waiting for readers, until it succeeds - the person's page images do not wait fo
 Failures an operator must fix. A store that cannot write (disk full, an I/O error, a read-only
 volume) answers every call with Unavailable (the consumers then wait and retry, dead-lettering nothing)
 and logs it once, naming the file and SQLite's error (``SQLITE_FULL`` …), again every minute while it
-lasts and once more when it writes again: the callers' own logs name only the exception's type. A file
+lasts and once more when it writes again: the callers' own logs name only the exception's type. The
+service's gRPC health `cdp.storage` reads NOT_SERVING meanwhile (`cdp_kit.storage.health`). A file
 that is not a SQLite database, or a damaged one, stops start-up naming the file and what to do.
 
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
@@ -83,6 +84,7 @@ from typing import Any, Literal, TypeVar
 import orjson
 
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
+from cdp_kit.storage import health
 from cdp_kit.storage.port import (
     BulkResult,
     DuplicateValue,
@@ -332,6 +334,7 @@ class SqliteStore(Store):
                 time.monotonic() - self._failing_since,
             )
             self._failing_since = None
+            health.writes_again(str(self.path))
         return result
 
     def _note_failure(self, exc: sqlite3.Error) -> None:
@@ -342,6 +345,7 @@ class SqliteStore(Store):
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
+            health.cannot_write(str(self.path))
         elif now - self._failure_logged < _FAILURE_LOG_SECONDS:
             return
         self._failure_logged = now
