@@ -719,3 +719,58 @@ async def test_timers_of_a_built_segment_come_back_right_after_a_restart(setup, 
         assert len(await published(nats_server.url)) == len(events)  # nothing more: it stays in
     finally:
         await second.stop()
+
+
+async def _nothing() -> int:
+    return 0
+
+
+async def test_a_segment_live_again_after_a_crash_releases_the_traits_of_its_previous_definition(setup, nats_server):
+    """`c` counts logins; it is updated to count orders, goes live, and the process dies before the build
+    stores it live and releases the login count. The restart takes `c` as live (no rebuild) and, once its
+    builds resume, deletes the login count on the profile service and forgets the values held for it, as
+    the update's build would have; the order count, which `c` reads now, stays. Each transition once."""
+    engine, store, bus, clock, profile = setup
+    await create(engine, "c", 'count("Login", within 14d) >= 1')
+    login = next(d["name"] for d in profile.defined if d["event_names"] == ["Login"])
+    await engine.handle([changed([change("p1", computed={login: 2}), change("p2", computed={login: 1})], 1)])
+    await engine.snapshot()
+    dead = asyncio.Event()
+
+    async def dies() -> int:
+        engine.snapshot = _nothing  # (the fixture stops it: a dead process writes nothing)
+        dead.set()
+        await asyncio.Event().wait()  # never returns: the crash below ends the process here
+        return 0
+
+    engine.snapshot = dies
+    await engine.update("c", parse('count("Order Completed", within 30d) >= 1'))
+    await asyncio.wait_for(dead.wait(), 20)
+    orders = next(d["name"] for d in profile.defined if d["event_names"] == ["Order Completed"])
+    building = list(engine._builds.values())
+    for task in [*building, *engine._tasks]:
+        task.cancel()
+    await asyncio.gather(*building, *engine._tasks, return_exceptions=True)
+    engine._tasks.clear()
+    assert profile.undefined == []
+
+    second = await make_engine(store, bus, clock, profile)
+    try:
+        assert second.segments["c"].version == 2 and second.segments["c"].state == LIVE
+        second.resume_builds()
+        for _ in range(100):
+            if profile.undefined:
+                break
+            await asyncio.sleep(0.02)
+        assert profile.undefined == [login]
+        assert all(f"computed.{login}" not in second.persons[p].fields for p in ("p1", "p2"))
+        assert orders not in profile.undefined
+        events = await published(nats_server.url)
+        assert sorted((e.person, e.entered) for e in events) == [
+            ("p1", False),
+            ("p1", True),
+            ("p2", False),
+            ("p2", True),
+        ]
+    finally:
+        await second.stop()

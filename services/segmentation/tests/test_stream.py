@@ -1144,3 +1144,206 @@ async def test_changes_applied_after_a_partition_arriving_is_brought_to_a_segmen
     finally:
         for replica in replicas:
             await replica.stop()
+
+
+async def test_two_updates_before_one_snapshot_publish_each_difference_once_across_a_crash(world, nats_server):
+    """`high` (`> 5`) is updated to `> 3` (p4 and p5 enter) and the snapshot after it fails; p2 rises to 4
+    (it enters) and p7 drops to 0 (it exits); then `high` is updated to `> 4` (p2 and p4 exit) and the
+    process dies before the snapshot. The restart replays from the snapshot before both updates: the first
+    update goes live where it did, with the definition it went live with, then the second. Each update's
+    difference is on the stream once, and the members are the second definition's."""
+    store, js = world
+    clock = Clock(T0)
+    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(10)}, T0))
+    await define(first, "high", "traits.level > 5")
+    await first.engine.snapshot()
+    dead = asyncio.Event()
+
+    async def fails() -> int:
+        return 0  # as a failed snapshot write: logged, nothing recorded, the log entries stay
+
+    async def dies() -> int:
+        dead.set()
+        await asyncio.Event().wait()  # never returns: the crash below ends the process here
+        return 0
+
+    first.engine.snapshot = fails
+    await first.engine.update("high", parse("traits.level > 3"))
+    await first.engine.wait_live("high")
+    await applied([first], await send_levels(js, {"p2": 4.0, "p7": 0.0}, T0 + 1))
+    first.engine.snapshot = dies
+    await first.engine.update("high", parse("traits.level > 4"))
+    await asyncio.wait_for(dead.wait(), 20)
+    await crash_while_building(first)
+    clock.advance(30)
+
+    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
+    try:
+        second.engine.resume_builds()
+        await second.engine.wait_live("high")
+        assert second.engine.segments["high"].version == 3
+        await asyncio.sleep(0.3)
+        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+        assert counts == {
+            **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
+            **{("high", p, False): 1 for p in ("p2", "p4", "p7")},
+        }
+        assert sorted(second.engine.members["high"]) == ["p5", "p6", "p8", "p9"]
+    finally:
+        await second.stop()
+
+
+async def test_a_partition_handed_over_replays_the_go_live_its_new_replica_logged_across_a_crash(world, nats_server):
+    """a and b split the partitions under leases. b builds `x` and a adopts it: a has logged more go-lives
+    than b (its adoption's turns). a leaves, b takes its partitions from a's snapshot, builds `high`, and
+    before b's snapshot a member of a's former partitions changes (staying a member), another leaves and
+    a third enters; b dies. Its restart replays a's former partitions from a's snapshot: b's go-live of
+    `high` is among what follows it, however far a's log went, so each transition is on the stream once."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start()
+    b = await Replica("b", store, nats_server.url, clock).start()
+    replicas = [b]
+    try:
+
+        async def split_in_two() -> bool:
+            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+
+        await until(split_in_two, "the partitions split between a and b")
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        await define(b, "x", "traits.level > 1")
+        await a.engine.reload(orjson.dumps({"segment": "x"}).decode())  # a adopts it: three log entries
+        await a.engine.wait_live("x")
+        from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
+        await a.stop()
+
+        async def b_serves_all() -> bool:
+            return b.stream.owned() == set(range(PARTITIONS))
+
+        await until(b_serves_all, "b serves every partition")
+        staying = next(p for p in from_a if levels[p] == 2)
+        leaving = next(p for p in from_a if levels[p] == 1)
+        entering = next(p for p in from_a if levels[p] == 0)
+        dead = asyncio.Event()
+
+        async def changes_then_die() -> int:
+            await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
+            dead.set()
+            await asyncio.Event().wait()  # never returns: the crash below ends the process here
+            return 0
+
+        b.engine.snapshot = changes_then_die
+        await b.engine.create("high", parse("traits.level > 0"))
+        await asyncio.wait_for(dead.wait(), 20)
+        await crash_while_building(b)
+        replicas.remove(b)
+
+        again = await Replica("b2", store, nats_server.url, clock).start(
+            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
+        )
+        replicas.append(again)
+        again.engine.resume_builds()
+        await again.engine.wait_live("high")
+        await asyncio.sleep(0.3)
+        inside = {p for p, level in levels.items() if level > 0}
+        counts = collections.Counter(
+            (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
+        )
+        assert counts == {**{(p, True): 1 for p in inside | {entering}}, (leaving, False): 1}
+        assert again.engine.members["high"] == inside - {leaving} | {entering}
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+@pytest.mark.parametrize("crash", [False, True])
+async def test_a_partition_a_lease_moves_in_while_a_build_goes_live_goes_live_with_it(world, nats_server, crash):
+    """a and b split the partitions under leases; b builds `high`, and as it goes live (its go-live logged,
+    nothing published yet) a leaves and its partitions arrive at b. Their persons go live with the build:
+    members on b, each entry on the stream once. With a crash: after the arrivals a member of a's former
+    partitions changes (staying a member), another leaves and a third enters, and b dies before its
+    snapshot; its restart publishes nothing twice."""
+    store, js = world
+    clock = Clock(T0)
+    levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
+    ends = await send_levels(js, levels, T0)
+    a = await Replica("a", store, nats_server.url, clock).start()
+    b = await Replica("b", store, nats_server.url, clock).start()
+    replicas = [b]
+    try:
+
+        async def split_in_two() -> bool:
+            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+
+        await until(split_in_two, "the partitions split between a and b")
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
+        engine, log_live, arrive = b.engine, b.engine.log_live, b.engine.arrive
+        arriving, handing = asyncio.Event(), []
+
+        async def arrive_noted(partition, history):
+            arriving.set()
+            return await arrive(partition, history)
+
+        async def log_live_then_hand_over(live, partitions) -> None:
+            await log_live(live, partitions)
+            if live["segment"] == "high" and live["golive"] and not handing:
+                handing.append(asyncio.create_task(a.stop()))
+                await asyncio.wait_for(arriving.wait(), 20)
+                await asyncio.sleep(0.3)  # as far as the arrival goes while the build goes live
+
+        engine.arrive, engine.log_live = arrive_noted, log_live_then_hand_over
+        staying = next(p for p in from_a if levels[p] == 2)
+        leaving = next(p for p in from_a if levels[p] == 1)
+        entering = next(p for p in from_a if levels[p] == 0)
+        dead = asyncio.Event()
+        snapshot = engine.snapshot
+
+        async def served_then_maybe_die() -> int:
+            engine.snapshot = snapshot  # the build's only
+
+            async def b_serves_all() -> bool:
+                return b.stream.owned() == set(range(PARTITIONS))
+
+            await until(b_serves_all, "b serves every partition")
+            if not crash:
+                return await snapshot()
+            await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
+            dead.set()
+            await asyncio.Event().wait()  # never returns: the crash below ends the process here
+            return 0
+
+        engine.snapshot = served_then_maybe_die
+        await engine.create("high", parse("traits.level > 0"))
+        inside = {p for p, level in levels.items() if level > 0}
+        if crash:
+            await asyncio.wait_for(dead.wait(), 20)
+            await crash_while_building(b)
+            replicas.remove(b)
+            b = await Replica("b2", store, nats_server.url, clock).start(
+                StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
+            )
+            replicas.append(b)
+            b.engine.resume_builds()
+            inside = inside - {leaving} | {entering}
+        await b.engine.wait_live("high")
+        await asyncio.gather(*handing)
+        await asyncio.sleep(0.3)
+        counts = collections.Counter(
+            (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
+        )
+        entered = {p for p, level in levels.items() if level > 0} | ({entering} if crash else set())
+        assert counts == {**{(p, True): 1 for p in entered}, **({(leaving, False): 1} if crash else {})}
+        assert b.engine.members["high"] == inside
+    finally:
+        for replica in replicas:
+            await replica.stop()

@@ -19,7 +19,10 @@ A build that goes live with population percentiles other than the live ones move
 logged round does (percentiles.py, `move_for_build`): a replay runs that move again under its id, and
 the resumed build finds the values live.
 A partition that arrives while a build runs (its persons were not in the population) goes live with it:
-its persons are evaluated one by one as the build goes live.
+its persons are evaluated one by one as the build goes live. An arrival and a go-live never overlap
+(`_arrivals`): an arrival half-way (persons loaded, not yet served nor in the go-live's entry) would be
+left out of both. A go-live waits for an arrival under way; one starting meanwhile waits, then brings its
+persons to the live segment (`_adopt_arrived`).
 
 Going live is durable before anything of it is published: an entry of the round log (`log_live`,
 percentiles.py) with each served partition's position, the segment and version, the instants it was
@@ -31,9 +34,12 @@ with the segment as it was then (`hidden_until_live`: its previous definition, o
 partition's persons to it there as it did (`replay_live`: `_adopt_now` under the build's ids, as of
 the same instants), and evaluates the changes after it with it live. Each transition is found again
 under its id: a person who entered through a change after the go-live is not found entering again
-under the build's. Limit: with replicas that split the partitions, an entry placed before the mark of
-a snapshot another replica wrote of the partition (its moves ran further) is not replayed; that
-partition is brought to the segment after its replay instead, as before.
+under the build's. An entry holds the definition it made live: when a segment went live twice after the
+snapshot (two updates, the snapshot between them failed), the replay serves the first entry's
+definition until the second (`replay_live`), so each update's difference is found again under its ids.
+Which entries a replay runs does not depend on which replica logged them (percentiles.py, generations).
+A build that went live before a crash releases the computed traits of the definition it replaced when
+the builds resume (`resume_builds`), as its end would have.
 
 A segment another replica built is adopted (`adopt`: the announcement came once its build was done):
 the persons of every served partition are brought to the live definition as the build would have
@@ -84,10 +90,21 @@ class Builds:
     """Whole-population evaluation of a definition: builds that make segments live, and estimates."""
 
     def resume_builds(self) -> None:
-        """Builds a crash interrupted start again (their transitions keep their ids: duplicates, not news)."""
+        """Builds a crash interrupted start again (their transitions keep their ids: duplicates, not news),
+        and the end of those that went live before it is done: the computed traits the definitions they
+        replaced read are released (`live_again`)."""
         for segment in self.segments.values():
             if segment.state == BUILDING:
                 self._start_build(segment, reason="created" if not segment.serving else "updated")
+        replaced, self._replaced_at_start = self._replaced_at_start, []
+        if replaced:
+            self._tasks.append(asyncio.create_task(self._release_replaced(replaced), name="release computed traits"))
+
+    async def _release_replaced(self, replaced: Sequence[CompiledSegment]) -> None:
+        # Once the owned partitions are replayed (the changes before a go-live read the traits of the
+        # definition it replaced), in the background: the profile service may be slow to answer.
+        async with self._lifecycle_lock:
+            await self._release_traits(*replaced)
 
     def _start_build(self, segment: Segment, *, reason: str) -> None:
         task = asyncio.create_task(self._build(segment, reason), name=f"build segment {segment.id}")
@@ -108,8 +125,10 @@ class Builds:
             async with self._lifecycle_lock:
                 if self.segments.get(segment.id) is not segment or segment.building_version != version:
                     return  # replaced or deleted meanwhile
-                # Published after every batch applied so far, before any applied next (stream.py).
-                async with self._quiet(), self.held.mutating():
+                # Published after every batch applied so far, before any applied next (stream.py). A
+                # partition arriving finishes first (its persons go live with the others, as the held ones
+                # not in the population), or waits until this is live (it is then brought to it).
+                async with self._quiet(), self._arrivals, self.held.mutating():
                     now = self.clock()
                     if percentiles:
                         # The values it was built with serve from now on. Moved first, with the segments
@@ -144,7 +163,14 @@ class Builds:
                     before = segment if segment.serving else None
                     await self.log_live(
                         live_entry(
-                            segment.id, version, now=evaluated_at, readers_now=now, reason=reason, before=before
+                            segment.id,
+                            version,
+                            compiled,
+                            segment.updated_at,
+                            now=evaluated_at,
+                            readers_now=now,
+                            reason=reason,
+                            before=before,
                         ),
                         sorted(self.active),
                     )
@@ -225,7 +251,7 @@ class Builds:
             async with self._quiet(), self.held.mutating():
                 self._reindex()
                 # Live from here in every served partition (logged: a replay makes it live there).
-                await self.log_live(live_entry(segment.id, segment.version, adopt=False), sorted(self.active))
+                await self.log_live(live_entry(*as_live(segment), adopt=False), sorted(self.active))
                 # Values its percentiles compare with, until the next round (due: stale) sets the shared ones.
                 missing = [spec for spec in segment.compiled.percentiles if spec.key not in self.percentiles]
                 if missing:
@@ -245,7 +271,7 @@ class Builds:
                         continue
                     now = self.clock()
                     # Logged too: a replay brings the partition's persons to it there, as now.
-                    await self.log_live(live_entry(segment.id, segment.version, golive=False, now=now), [partition])
+                    await self.log_live(live_entry(*as_live(segment), golive=False, now=now), [partition])
                     moved = self._adopt_now([segment], sorted(persons), now=now)
                     await self._publish_durably(self._messages(partition, moved.get(partition, [])))
         await self.snapshot()
@@ -340,34 +366,43 @@ class Builds:
         live where it went live, and the persons of a partition no replay brings to it are brought to it
         as it arrives (`_adopt_arrived`): nothing is built again."""
         version, compiled = segment.building_version, segment.definition
+        replaced = segment.compiled
         segment.serve(compiled, version)
         segment.pending = None
         segment.state, segment.serving, segment.error = LIVE, True, ""
         await self.store.put(SEGMENTS, segment.id, segment.doc())
+        if replaced is not compiled:
+            # The build released them once stored live; the crash came first. Released as the builds resume.
+            self._replaced_at_start.append(replaced)
         log.info("segment live again after a restart", extra={"segment": segment.id, "version": version})
 
     def hidden_until_live(self, logged: Sequence[Logged]) -> dict[str, Segment | None]:
-        """The segments a replay must not evaluate as live until it reaches their logged go-live: those live
-        at the logged version now, each as it was before (its previous definition, or None)."""
-        hidden: dict[str, Segment | None] = {}
-        for entry in logged:
+        """The segments a replay must not evaluate as live until it reaches their logged go-lives: those
+        live at a logged version now, each as it was before the first of them (its definition then, or
+        None). A segment updated twice before one snapshot has two: the replay serves the first's
+        definition between them (`replay_live`)."""
+        first: dict[str, Mapping[str, Any]] = {}
+        current: set[str] = set()
+        for entry in logged:  # in place order
             live = entry.live
-            if live is None or not live.get("golive") or live["segment"] in hidden:
+            if live is None or not live.get("golive"):
                 continue
             segment = self.segments.get(live["segment"])
-            if segment is None or not segment.serving or segment.version != live["version"]:
-                continue  # deleted or replaced since
-            before = live.get("before")
-            hidden[segment.id] = (
-                None
-                if not before
-                else segment_from_doc(
-                    segment.id,
-                    {"version": before["version"], "tree": before["tree"], "state": LIVE, "serving": True},
-                    self.percentiles,
-                )
-            )
-        return hidden
+            if segment is None or not segment.serving:
+                continue  # deleted since
+            first.setdefault(segment.id, live)
+            if segment.version == live["version"]:
+                current.add(segment.id)
+        # A segment none of whose logged go-lives is of its live version was replaced since by one that
+        # went live without an entry here: what replaced it is made live on its own.
+        return {segment_id: self._as_logged(segment_id, first[segment_id].get("before")) for segment_id in current}
+
+    def _as_logged(self, segment_id: str, logged: Mapping[str, Any] | None) -> Segment | None:
+        """A definition of `segment_id` a log entry holds ({version, tree, updated_at}), as a live segment."""
+        if not logged:
+            return None
+        doc = {"version": logged["version"], "tree": logged["tree"], "state": LIVE, "serving": True}
+        return segment_from_doc(segment_id, {**doc, "updated_at": logged.get("updated_at", 0.0)}, self.percentiles)
 
     def replay_index(self, hidden: Mapping[str, Segment | None]) -> FieldIndex | None:
         """The index of the live segments with `hidden` as they were before going live (None: the live one)."""
@@ -379,22 +414,34 @@ class Builds:
     def replay_live(self, partition: int, replayed: Replayed, live: Mapping[str, Any], out: list[Transition]) -> None:
         """A replay of `partition` reached a logged go-live: the segment is live from here on, and, when it
         was brought to them there (a build, an adoption's turn), the partition's persons are, under the
-        build's ids, as of the same instants."""
+        build's ids, as of the same instants. An entry of a version replaced since whose replacement is
+        logged further on (two updates before one snapshot) does the same with the definition it logged:
+        the replay serves it until the next one."""
         segment = self.segments.get(live["segment"])
-        if segment is None or not segment.serving or segment.version != live["version"]:
-            return  # deleted or replaced since: what replaced it is made live on its own
-        if live.get("golive") and segment.id in replayed.hidden:
-            del replayed.hidden[segment.id]
-            replayed.index = self.replay_index(replayed.hidden)
+        if segment is None or not segment.serving:
+            return  # deleted since
+        if segment.version == live["version"]:
+            going = segment
+            if live.get("golive") and segment.id in replayed.hidden:
+                del replayed.hidden[segment.id]
+                replayed.index = self.replay_index(replayed.hidden)
+        elif segment.id in replayed.hidden and live.get("tree"):
+            going = self._as_logged(segment.id, live)
+            if live.get("golive"):
+                replayed.hidden[segment.id] = going
+                replayed.index = self.replay_index(replayed.hidden)
+        else:
+            return  # replaced since by a version logged nowhere ahead: made live on its own
         if not live.get("adopt"):
             return
         persons = sorted(p for p in self.persons if self._partition(p) == partition)
         with self.replaying(replayed):
             moved = self._adopt_now(
-                [segment], persons, now=live["now"], readers_now=live.get("readers_now"), reason=live.get("reason")
+                [going], persons, now=live["now"], readers_now=live.get("readers_now"), reason=live.get("reason")
             )
         out.extend(moved.get(partition, ()))
-        self._built_base.setdefault(partition, {})[segment.id] = segment.version
+        if going is segment:
+            self._built_base.setdefault(partition, {})[segment.id] = segment.version
 
     async def _referenced_live(self, compiled: CompiledSegment) -> None:
         """A definition referring to segments still being built waits for them (their members are its input)."""
@@ -489,6 +536,8 @@ class Builds:
 def live_entry(
     segment_id: str,
     version: int,
+    definition: CompiledSegment,
+    updated_at: float,
     *,
     golive: bool = True,
     adopt: bool = True,
@@ -497,12 +546,15 @@ def live_entry(
     reason: str | None = None,
     before: Segment | None = None,
 ) -> dict[str, Any]:
-    """A round log entry's go-live (percentiles.py, `log_live`): the segment goes live there (`golive`), and
-    the partition's persons are brought to it as of `now` (`adopt`), the segments referring to it as of
-    `readers_now`; `before`: the definition live until then."""
+    """A round log entry's go-live (percentiles.py, `log_live`): `definition` (version `version`, changed
+    at `updated_at`) goes live there (`golive`), and the partition's persons are brought to it as of `now`
+    (`adopt`), the segments referring to it as of `readers_now`; `before`: the definition live until then.
+    The definition is kept so that a replay can serve it even once a later version replaced it."""
     return {
         "segment": segment_id,
         "version": version,
+        "tree": orjson.dumps(to_json(definition.node)).decode(),
+        "updated_at": updated_at,
         "golive": golive,
         "adopt": adopt,
         "now": now,
@@ -510,5 +562,14 @@ def live_entry(
         "reason": reason,
         "before": None
         if before is None
-        else {"version": before.version, "tree": orjson.dumps(to_json(before.compiled.node)).decode()},
+        else {
+            "version": before.version,
+            "tree": orjson.dumps(to_json(before.compiled.node)).decode(),
+            "updated_at": before.updated_at,
+        },
     }
+
+
+def as_live(segment: Segment) -> tuple[str, int, CompiledSegment, float]:
+    """`live_entry`'s first arguments for a segment's live definition."""
+    return segment.id, segment.version, segment.compiled, segment.updated_at

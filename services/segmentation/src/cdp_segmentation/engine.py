@@ -63,7 +63,7 @@ from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import set_ns
 
 # Re-exported (`X as X`): callers and tests know these by the engine's name.
-from cdp_segmentation.builds import Builds, live_entry
+from cdp_segmentation.builds import Builds, as_live, live_entry
 from cdp_segmentation.builds import Estimate as Estimate
 from cdp_segmentation.catalogue import ANNOUNCE as ANNOUNCE
 from cdp_segmentation.catalogue import BUILDING as BUILDING
@@ -71,6 +71,7 @@ from cdp_segmentation.catalogue import FAILED as FAILED
 from cdp_segmentation.catalogue import LIVE, Catalogue, Segment, TraitDefiner, segment_from_doc
 from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
+from cdp_segmentation.domain import CompiledSegment
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.index import FieldIndex
 from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
@@ -164,8 +165,11 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._built_base: dict[int, dict[str, int]] = {}
         # partition -> (round, values) of the snapshot its persons were loaded from: where its replay starts
         self._percentile_base: dict[int, tuple[int, dict[str, float | None]]] = {}
-        # The round and the partitions the snapshot being written includes (its marks: percentiles.py).
-        self._cut: tuple[int, frozenset[int]] | None = None
+        # partition -> the generation of the round log its held state includes: its snapshot's, or of the
+        # records its replay ran (percentiles.py: what a replay runs is what was logged after its snapshot)
+        self._generation: dict[int, int] = {}
+        # The round and the partitions' generations the snapshot being written includes (its marks).
+        self._cut: tuple[int, dict[int, int]] | None = None
         self._moved_persons = 0
         self._partition = Partitioner(partitions)
         self._namespace = namespace
@@ -196,7 +200,13 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._touched: list[set[str]] = []
         self._sorted_members: dict[str, tuple[float, list[str]]] = {}
         self._builds: dict[str, asyncio.Task] = {}
+        # Definitions a build that went live before a crash replaced (builds.py, `live_again`): their
+        # computed traits are released when the builds resume.
+        self._replaced_at_start: list[CompiledSegment] = []
         self._lifecycle_lock = asyncio.Lock()
+        # Held by a partition's arrival (load, replay, brought to the live segments) and by a build going
+        # live: a partition arrives wholly before or wholly after, never half-way through either.
+        self._arrivals = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         meter = telemetry.meter
         self._m_transitions = meter.create_counter(
@@ -375,8 +385,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
 
     async def arrive(self, partition: int, history: History) -> int:
         """Serve `partition`: its last snapshot (unless loaded at start), then the stream after it
-        (`history(position)`), applied and published as `replay` does. Returns the changes replayed."""
-        async with self.held.mutating():
+        (`history(position)`), applied and published as `replay` does. Returns the changes replayed.
+        A build going live meanwhile waits for it, and then makes its persons live with the others."""
+        async with self._arrivals, self.held.mutating():
             if partition not in self.owned:
                 await self._load({partition})
             subject = subjects.profiles_changed(partition)
@@ -406,7 +417,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
             # Logged first, in the order they are brought: a crash before the next snapshot replays the
             # partition's changes after this with them, and this here, under the same ids.
             for segment in sorted(stale, key=lambda s: order.get(s.id, len(order))):
-                await self.log_live(live_entry(segment.id, segment.version, golive=False, now=now), [partition])
+                await self.log_live(live_entry(*as_live(segment), golive=False, now=now), [partition])
             moved = self._adopt_now(stale, in_partition, now=now)
             done.update({s.id: s.version for s in stale})
             await self._publish_durably(self._messages(partition, moved.get(partition, [])))
@@ -427,6 +438,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._timers.pop(partition, None)
         self._last_apply.pop(partition, None)
         self._percentile_base.pop(partition, None)
+        self._generation.pop(partition, None)
         self._built_base.pop(partition, None)
         leaving = {p for p in self.persons if self._partition(p) == partition}
         for person_id in leaving:

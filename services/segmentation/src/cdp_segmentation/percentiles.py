@@ -39,6 +39,15 @@ SEGMENTS stream's duplicate window (10 minutes) is dropped, whoever publishes it
   the same log, in its place among the moves (the last one's + 1, `log_live`), moving no value: a
   replay from a snapshot before it makes the segment live at that position, after the moves before it
   and before those after it.
+- **Generations: which records a replay runs.** Places are each replica's own count (a round's
+  boundary, then + 1 per build move or go-live), so they cannot say whether a record is older than a
+  snapshot another replica wrote. Each partition has a generation instead: a snapshot's cut moves it on
+  and its mark records it ("generation"), and a record is of the generation of the snapshot that will
+  include it (the current one + 1). A replay runs the records of a later generation than its
+  snapshot's, in generation then place order, and the replica then logs after every record it ran (a
+  partition handed over after a crash: the dead replica's records, then its own), so a replica whose
+  count is behind the snapshot's never hides its records from the next replay. A snapshot deletes the
+  records of its generation and before (records from before generations: by round, as then).
 - **Hot standby replicas** run the same boundary's round at nearly the same instant and each publishes
   its transitions under the same ids: JetStream keeps one. Each computes the values over its own copy of
   the population at its own quiescent point, so the two agree exactly when they had applied the same
@@ -161,15 +170,18 @@ class Percentiles:
 
     def percentile_marks(self) -> dict[str, dict[str, Any]]:
         # Called at a snapshot's cut: it includes every round up to this one, in the served partitions
-        # (one arriving keeps the mark its persons were loaded with until its replay is done).
-        self._cut = (self.percentile_round, frozenset(self.active))
+        # (one arriving keeps the mark its persons were loaded with until its replay is done), and every
+        # log record of theirs up to this generation; what is logged from here on is of the next one.
+        generations = {p: self._generation.get(p, 0) + 1 for p in sorted(self.active)}
+        self._generation.update(generations)
+        self._cut = (self.percentile_round, generations)
         mark = {
             "values": dict(self.percentiles),
             "round": self.percentile_round,
             "cause": self.percentile_cause,
             "at": self.percentile_at,
         }
-        return {f"{PERCENTILES}.{partition}": mark for partition in sorted(self.active)}
+        return {f"{PERCENTILES}.{p}": {**mark, "generation": g} for p, g in generations.items()}
 
     async def load_percentiles(self) -> None:
         """The values of the latest round a snapshot or the round log holds (what the replays bring the
@@ -227,6 +239,7 @@ class Percentiles:
         at: float,
         live: Mapping[str, Any] | None = None,
     ) -> Put:
+        generation = self._generation.get(partition, 0) + 1  # the snapshot that will include it
         doc = {
             "round": round_id,
             "cause": cause,
@@ -234,10 +247,12 @@ class Percentiles:
             "partition": partition,
             "position": self.applied.get(subjects.profiles_changed(partition), 0),
             "values": dict(values),
+            "generation": generation,
         }
         if live is not None:
             doc["live"] = dict(live)
-        return Put(self.rounds, key, doc)
+        # Another replica may have logged the same place for the partition in an earlier generation.
+        return Put(self.rounds, f"{generation:09d}.{key}", doc)
 
     async def prune_rounds(self) -> None:
         """After a snapshot: the log records of the partitions it marked, of the rounds it includes, are
@@ -245,12 +260,13 @@ class Percentiles:
         cut, self._cut = self._cut, None
         if cut is None:
             return
-        round_id, partitions = cut
+        round_id, generations = cut
         try:
             done = [
                 Delete(self.rounds, record.key)
                 async for record in self.store.scan_all(self.rounds)
-                if record.doc["round"] <= round_id and record.doc["partition"] in partitions
+                if (partition := record.doc["partition"]) in generations
+                and _included(record.doc, round_id, generations[partition])
             ]
             if done:
                 await self.store.bulk_write(done)
@@ -261,23 +277,34 @@ class Percentiles:
 
     async def remember_base(self, partitions: Iterable[int]) -> None:
         """The persons of `partitions` were just loaded from the last snapshot: their replay starts from
-        the values that snapshot's memberships were evaluated with."""
+        the values that snapshot's memberships were evaluated with, and runs what was logged after it."""
         legacy = await self.store.get(self.held.checkpoints, PERCENTILES)
         for partition in partitions:
             record = await self.store.get(self.held.checkpoints, f"{PERCENTILES}.{partition}") or legacy
-            self._percentile_base[partition] = _base(record.doc if record is not None else None)
+            mark = record.doc if record is not None else None
+            self._percentile_base[partition] = _base(mark)
+            self._generation[partition] = int((mark or {}).get("generation", 0))
 
     async def replay_plan(self, partition: int) -> Replayed:
         """Where a replay of `partition` starts: the values of the snapshot its persons were loaded from,
-        and the rounds logged after that snapshot for it."""
+        and what was logged for it after that snapshot, by whichever replica: the records of a later
+        generation than the snapshot's (each replica's places are its own count, so one taking over a
+        partition may log places below those of the snapshot it took it from). What this replica logs
+        from here on is of a generation after every record the replay ran."""
         base, values = self._percentile_base.get(partition, (self.percentile_round, {}))
-        rounds = [
-            Logged(doc["round"], doc["position"], doc["values"], _cause(doc), _at(doc), doc.get("live"))
+        generation = self._generation.get(partition, 0)
+        docs = [
+            doc
             async for record in self.store.scan_all(self.rounds)
-            if (doc := record.doc)["partition"] == partition and doc["round"] > base
+            if (doc := record.doc)["partition"] == partition and not _included(doc, base, generation)
         ]
-        # In place order; a catch-up's move logged in a go-live's place comes after it.
-        rounds.sort(key=lambda logged: (logged.round, logged.position, logged.live is None))
+        # In the order they were logged: a generation is one replica's, in place order (a catch-up's move
+        # logged in a go-live's place comes after it); the next replica's come after every one it replayed.
+        docs.sort(key=lambda doc: (doc.get("generation", 0), doc["round"], doc["position"], "live" not in doc))
+        rounds = [
+            Logged(doc["round"], doc["position"], doc["values"], _cause(doc), _at(doc), doc.get("live")) for doc in docs
+        ]
+        self._generation[partition] = max([generation, *(doc.get("generation", 0) for doc in docs)])
         # A key the snapshot did not know (a segment built since) is read as it is now.
         replayed = Replayed({**self.percentiles, **values}, rounds, self.hidden_until_live(rounds))
         replayed.index = self.replay_index(replayed.hidden)
@@ -561,6 +588,14 @@ def _at(record: Mapping[str, Any]) -> float:
     """The time of that move's transitions (a round's boundary unless it says so)."""
     at = record.get("at")
     return float(at) if at is not None else int(record.get("round", 0)) / 1000
+
+
+def _included(record: Mapping[str, Any], round_id: int, generation: int) -> bool:
+    """Whether a snapshot whose mark is (`round_id`, `generation`) includes a round log record of its
+    partition: one of its generation or before (a record from before generations: of its round or before)."""
+    if "generation" in record:
+        return record["generation"] <= generation
+    return record["round"] <= round_id
 
 
 def _base(mark: Mapping[str, Any] | None) -> tuple[int, dict[str, float | None]]:
