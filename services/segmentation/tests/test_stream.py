@@ -123,17 +123,80 @@ class Replica:
         await self.bus.nc.close()
 
 
+class World:
+    """One test's world: the store the replicas share, JetStream to send changes and read transitions, and
+    the clock every replica reads. Replicas started through it are stopped at the end of the test (those a
+    test stopped or crashed already, again: nothing to do)."""
+
+    def __init__(self, store, js, url: str) -> None:
+        self.store, self.js, self.url = store, js, url
+        self.clock = Clock(T0)
+        self.started: list[Replica] = []
+
+    async def replica(self, name: str, ownership: str | StaticOwnership = "nats", **options) -> Replica:
+        replica = Replica(name, self.store, self.url, self.clock)
+        self.started.append(replica)
+        return await replica.start(ownership, **options)
+
+    async def pair(self, ends: dict[str, int], *, leases: bool = False) -> tuple[Replica, Replica]:
+        """Replicas a and b splitting the partitions (statically, or under leases), each once it has
+        applied its own partitions' changes up to `ends`."""
+        a = await self.replica("a", "nats" if leases else split(0))
+        b = await self.replica("b", "nats" if leases else split(1))
+        if leases:
+
+            async def split_in_two() -> bool:
+                return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+
+            await until(split_in_two, "the partitions split between a and b")
+        for replica in (a, b):
+            await applied(
+                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
+            )
+        return a, b
+
+    def engine(self, bus: Bus, owned: list[int], partitions: int = PARTITIONS) -> SegmentationEngine:
+        """An engine without a stream (changes handed to it, partitions arriving when told) on `bus`."""
+        return SegmentationEngine(
+            self.store, bus.publisher, partitions=partitions, owned=owned, telemetry=bus.telemetry, clock=self.clock
+        )
+
+
 @pytest.fixture
 async def world(nats_server):
     async with open_store("memory://") as store:
         nc = await nats.connect(nats_server.url)
-        js = nc.jetstream()
         async with Bus.connect(nats_server.url, name="segmentation-setup") as bus:
             await bus.ensure_streams(profiles_stream(), segments_stream())
+        world = World(store, nc.jetstream(), nats_server.url)
         try:
-            yield store, js
+            yield world
         finally:
+            for replica in reversed(world.started):
+                await replica.stop()
             await nc.close()
+
+
+class Dies:
+    """A point where the process dies: `reached` once it gets there, and it never returns (the test then
+    crashes the replica, and the tasks waiting here end with it)."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+
+    async def __call__(self) -> int:
+        self.reached.set()
+        await asyncio.Event().wait()
+        return 0
+
+    async def wait(self) -> None:
+        await asyncio.wait_for(self.reached.wait(), 20)
+
+
+async def nothing_after(_after: int):
+    """A partition's history with nothing after its snapshot."""
+    return
+    yield
 
 
 async def define(replica: Replica, segment_id: str, text: str) -> None:
@@ -145,63 +208,53 @@ async def test_a_partition_moving_between_replicas_under_traffic_publishes_every
     """Replica a owns every partition and applies changes; b joins while the changes keep coming and
     takes half the partitions over. Each change flips its person in or out of the segment, so the
     transitions must be exactly one per change, per person in the order of the changes."""
-    store, js = world
-    clock = Clock(T0)
-    a = await Replica("a", store, nats_server.url, clock).start()
-    replicas = [a]
-    try:
-        await define(a, "high", "traits.level > 0")
-        await a.engine.snapshot()  # the built version: b starts with the segment live
-        persons = [f"p{i:02d}" for i in range(24)]
-        sent: dict[str, list[bool]] = {p: [] for p in persons}
-        stop = asyncio.Event()
+    js = world.js
+    a = await world.replica("a")
+    await define(a, "high", "traits.level > 0")
+    await a.engine.snapshot()  # the built version: b starts with the segment live
+    persons = [f"p{i:02d}" for i in range(24)]
+    sent: dict[str, list[bool]] = {p: [] for p in persons}
+    stop = asyncio.Event()
 
-        async def traffic() -> None:
-            for n in itertools.count():
-                if stop.is_set():
-                    return
-                person = persons[n % len(persons)]
-                inside = len(sent[person]) % 2 == 0  # first change enters, then out, in, ...
-                batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + n, level=1 if inside else 0)])
-                await js.publish(
-                    subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
-                )
-                sent[person].append(inside)
-                await asyncio.sleep(0.005)
+    async def traffic() -> None:
+        for n in itertools.count():
+            if stop.is_set():
+                return
+            person = persons[n % len(persons)]
+            inside = len(sent[person]) % 2 == 0  # first change enters, then out, in, ...
+            batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + n, level=1 if inside else 0)])
+            await js.publish(subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString())
+            sent[person].append(inside)
+            await asyncio.sleep(0.005)
 
-        load = asyncio.create_task(traffic())
-        await asyncio.sleep(0.5)
-        b = await Replica("b", store, nats_server.url, clock).start()
-        replicas.append(b)
+    load = asyncio.create_task(traffic())
+    await asyncio.sleep(0.5)
+    b = await world.replica("b")
 
-        async def shared() -> bool:
-            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+    async def shared() -> bool:
+        return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
 
-        await until(shared, "the partitions are shared between a and b")
-        await asyncio.sleep(0.5)  # traffic to b's new partitions
-        stop.set()
-        await load
-        expected = sum(len(flips) for flips in sent.values())
+    await until(shared, "the partitions are shared between a and b")
+    await asyncio.sleep(0.5)  # traffic to b's new partitions
+    stop.set()
+    await load
+    expected = sum(len(flips) for flips in sent.values())
 
-        async def all_published() -> bool:
-            return len(await transitions(nats_server.url)) >= expected
+    async def all_published() -> bool:
+        return len(await transitions(nats_server.url)) >= expected
 
-        await until(all_published, "every change's transition published")
-        await asyncio.sleep(0.3)  # nothing more comes
-        events = await transitions(nats_server.url)
-        assert len({e.id for e in events}) == len(events) == expected
-        for person in persons:
-            assert [e.entered for e in events if e.person_id == person] == sent[person], person
-        assert b.engine.applied, "b applied changes of the partitions it took over"
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    await until(all_published, "every change's transition published")
+    await asyncio.sleep(0.3)  # nothing more comes
+    events = await transitions(nats_server.url)
+    assert len({e.id for e in events}) == len(events) == expected
+    for person in persons:
+        assert [e.entered for e in events if e.person_id == person] == sent[person], person
+    assert b.engine.applied, "b applied changes of the partitions it took over"
 
 
 async def test_a_crash_between_snapshots_loses_nothing_and_publishes_nothing_twice(world, nats_server):
-    store, js = world
-    clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    js = world.js
+    first = await world.replica("one", ownership="static")
     await define(first, "high", "traits.level > 0")
     await first.engine.snapshot()
     person = "p1"
@@ -221,42 +274,35 @@ async def test_a_crash_between_snapshots_loses_nothing_and_publishes_nothing_twi
     await until(await published(1), "entered")
     await first.crash()  # the entry is durable on the bus; the held state was not snapshotted
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
-    try:
-        assert set(second.engine.membership(person)) == {"high"}  # the snapshot, then the stream after it
-        await send(2, 0)
-        await until(await published(2), "exited")
-        await asyncio.sleep(0.3)
-        events = await transitions(nats_server.url)
-        assert [(e.entered, e.person_id) for e in events] == [(True, person), (False, person)]
-    finally:
-        await second.stop()
+    second = await world.replica("two", ownership="static")
+    assert set(second.engine.membership(person)) == {"high"}  # the snapshot, then the stream after it
+    await send(2, 0)
+    await until(await published(2), "exited")
+    await asyncio.sleep(0.3)
+    events = await transitions(nats_server.url)
+    assert [(e.entered, e.person_id) for e in events] == [(True, person), (False, person)]
 
 
 async def test_a_timer_of_a_partition_without_traffic_fires_once(world, nats_server):
-    store, js = world
-    clock = Clock(T0)
-    replica = await Replica("one", store, nats_server.url, clock).start(ownership="static")
-    try:
-        await define(replica, "trial", "traits.trial_ends_at > now")
-        batch = profile_pb2.ProfileChangedBatch(changes=[change("p1", T0, trial_ends_at=T0 + 60)])
-        await js.publish(subjects.profiles_changed(partition_for("p1", PARTITIONS)), batch.SerializeToString())
+    js, clock = world.js, world.clock
+    replica = await world.replica("one", ownership="static")
+    await define(replica, "trial", "traits.trial_ends_at > now")
+    batch = profile_pb2.ProfileChangedBatch(changes=[change("p1", T0, trial_ends_at=T0 + 60)])
+    await js.publish(subjects.profiles_changed(partition_for("p1", PARTITIONS)), batch.SerializeToString())
 
-        async def count(n: int):
-            async def check() -> bool:
-                return len(await transitions(nats_server.url)) >= n
+    async def count(n: int):
+        async def check() -> bool:
+            return len(await transitions(nats_server.url)) >= n
 
-            return check
+        return check
 
-        await until(await count(1), "entered")
-        clock.now = T0 + 61
-        await until(await count(2), "the timer's exit")
-        await asyncio.sleep(0.3)
-        events = await transitions(nats_server.url)
-        assert [(e.entered, e.reason) for e in events] == [(True, "event"), (False, "time")]
-        assert events[1].at.ToSeconds() == T0 + 60
-    finally:
-        await replica.stop()
+    await until(await count(1), "entered")
+    clock.now = T0 + 61
+    await until(await count(2), "the timer's exit")
+    await asyncio.sleep(0.3)
+    events = await transitions(nats_server.url)
+    assert [(e.entered, e.reason) for e in events] == [(True, "event"), (False, "time")]
+    assert events[1].at.ToSeconds() == T0 + 60
 
 
 async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_the_consumer_loop_left(
@@ -265,16 +311,9 @@ async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_th
     """Before the partitioned engine, snapshots kept their positions (and the built versions) in
     segmentation_checkpoints, which the engine's checkpoints now use. The first start moves them to
     segmentation_snapshots: the memberships are not rebuilt and the replay starts where they stopped."""
-    store, _js = world
-    clock = Clock(T0)
+    store = world.store
     async with Bus.connect(nats_server.url, name="segmentation-upgrade") as bus:
-
-        def engine() -> SegmentationEngine:
-            return SegmentationEngine(
-                store, bus.publisher, partitions=1, owned=[0], telemetry=bus.telemetry, clock=clock
-            )
-
-        before = engine()
+        before = world.engine(bus, [0], partitions=1)
         await before.start()
         await before.create("high", parse("traits.level > 0"))
         await before.wait_live("high")
@@ -286,7 +325,7 @@ async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_th
             await store.put(CHECKPOINTS, record.key, record.doc)
             await store.delete(SNAPSHOTS, record.key)
 
-        after = engine()
+        after = world.engine(bus, [0], partitions=1)
         await after.start()
         try:
             assert after.applied == {subjects.profiles_changed(0): 7}
@@ -299,8 +338,7 @@ async def test_the_first_start_after_the_upgrade_takes_the_snapshot_positions_th
 
 
 async def test_hot_standby_replicas_each_serve_every_partition_and_each_transition_is_stored_once(world, nats_server):
-    store, js = world
-    clock = Clock(T0)
+    store, js, clock = world.store, world.js, world.clock
     replicas = [
         await Replica(name, store, nats_server.url, clock).start(ownership="static", standby=name)
         for name in ("r0", "r1")
@@ -366,9 +404,8 @@ async def test_a_percentile_round_before_a_crash_reaches_the_stream_once(world, 
     """The round published p18's and p19's exits; the process died before a snapshot held them. The
     restart replays the round where it ran, under its id: nothing twice, and p7's later change is
     evaluated with the round's value, as it was the first time."""
-    store, js = world
-    clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
+    js, clock = world.js, world.clock
+    first = await world.replica("one", ownership="static", percentile_interval=INTERVAL)
     await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
     await define(first, "top", TOP)
     await first.engine.snapshot()
@@ -381,17 +418,12 @@ async def test_a_percentile_round_before_a_crash_reaches_the_stream_once(world, 
     await first.crash()
     clock.advance(3 * INTERVAL)  # down across boundaries
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
-    try:
-        await second.engine.recompute_percentiles()  # the first round after the restart
-        await asyncio.sleep(0.3)
-        events = await transitions(nats_server.url)
-        assert [(e.person_id, e.entered, e.reason) for e in events] == [
-            (e.person_id, e.entered, e.reason) for e in before
-        ]
-        assert sorted(second.engine.members["top"]) == ["p5", "p6"]
-    finally:
-        await second.stop()
+    second = await world.replica("two", ownership="static", percentile_interval=INTERVAL)
+    await second.engine.recompute_percentiles()  # the first round after the restart
+    await asyncio.sleep(0.3)
+    events = await transitions(nats_server.url)
+    assert [(e.person_id, e.entered, e.reason) for e in events] == [(e.person_id, e.entered, e.reason) for e in before]
+    assert sorted(second.engine.members["top"]) == ["p5", "p6"]
 
 
 @pytest.mark.parametrize(
@@ -412,19 +444,14 @@ async def test_a_build_that_moves_a_percentile_publishes_each_transition_once_ac
     updates `top` itself. The process dies at some point of the build, before a snapshot holds any of
     it; the restart replays the logged move where it ran and resumes the build. Every transition reaches
     the stream once."""
-    store, js = world
-    clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
+    js, clock = world.js, world.clock
+    first = await world.replica("one", ownership="static", percentile_interval=INTERVAL)
     await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(20)}, T0))
     await define(first, "top", TOP)
     await first.engine.snapshot()
     await applied([first], await send_levels(js, {"p5": 100.0, "p6": 101.0}, T0 + 1))
     clock.advance(1)
-    dead = asyncio.Event()
-
-    async def die() -> None:
-        dead.set()
-        await asyncio.Event().wait()  # never returns: the crash below ends the process here
+    die = Dies()  # never returns: the crash below ends the process there
 
     engine = first.engine
     publish = engine._publish
@@ -437,19 +464,15 @@ async def test_a_build_that_moves_a_percentile_publishes_each_transition_once_ac
         if dies == "after the build's publish" and any(e.segment_id == "high" for e in events):
             await die()
 
-    async def snapshot_or_die() -> int:
-        await die()
-        return 0
-
     engine._publish = publish_then_maybe_die
     if dies == "before the snapshot":
-        engine.snapshot = snapshot_or_die
+        engine.snapshot = die
     segment = "high" if build == "create" else "top"
     if build == "create":
         await engine.create("high", parse("traits.level > percentile(traits.level, 90)"))
     else:
         await engine.update("top", parse(f"{TOP} and traits.level < 1000"))
-    await asyncio.wait_for(dead.wait(), 20)
+    await die.wait()
     building = list(engine._builds.values())
     await first.crash()
     for task in building:
@@ -457,25 +480,22 @@ async def test_a_build_that_moves_a_percentile_publishes_each_transition_once_ac
     await asyncio.gather(*building, return_exceptions=True)
     clock.advance(30)  # the restart comes later: a build's move at another instant
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static", percentile_interval=INTERVAL)
-    try:
-        second.engine.resume_builds()
-        await second.engine.wait_live(segment)
-        assert second.engine.segments[segment].version == (1 if build == "create" else 2)
-        clock.advance(INTERVAL)
-        await second.engine.recompute_percentiles()  # the first round after the restart: nothing moved
-        await asyncio.sleep(0.3)
-        events = await transitions(nats_server.url)
-        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in events)
-        assert counts == {
-            **{("top", p, True): 1 for p in ("p18", "p19", "p5", "p6")},
-            **{("top", p, False): 1 for p in ("p18", "p19")},
-            **({("high", p, True): 1 for p in ("p5", "p6")} if build == "create" else {}),
-        }
-        assert sorted(second.engine.members["top"]) == ["p5", "p6"]
-        assert sorted(second.engine.members.get("high", ["p5", "p6"])) == ["p5", "p6"]
-    finally:
-        await second.stop()
+    second = await world.replica("two", ownership="static", percentile_interval=INTERVAL)
+    second.engine.resume_builds()
+    await second.engine.wait_live(segment)
+    assert second.engine.segments[segment].version == (1 if build == "create" else 2)
+    clock.advance(INTERVAL)
+    await second.engine.recompute_percentiles()  # the first round after the restart: nothing moved
+    await asyncio.sleep(0.3)
+    events = await transitions(nats_server.url)
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in events)
+    assert counts == {
+        **{("top", p, True): 1 for p in ("p18", "p19", "p5", "p6")},
+        **{("top", p, False): 1 for p in ("p18", "p19")},
+        **({("high", p, True): 1 for p in ("p5", "p6")} if build == "create" else {}),
+    }
+    assert sorted(second.engine.members["top"]) == ["p5", "p6"]
+    assert sorted(second.engine.members.get("high", ["p5", "p6"])) == ["p5", "p6"]
 
 
 async def crash_while_building(replica: Replica) -> None:
@@ -498,53 +518,46 @@ async def test_changes_applied_between_a_build_going_live_and_its_snapshot_are_p
     process dies. The restart replays those changes with `high` live from where it went live, as it was
     when they were first applied: p2 is not found entering again under the build's id. Each (segment,
     person, direction) is on the stream once."""
-    store, js = world
-    clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    js, clock = world.js, world.clock
+    first = await world.replica("one", ownership="static")
     await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(10)}, T0))
     if build == "update":
         await define(first, "high", "traits.level > 5")
     await first.engine.snapshot()
-    dead = asyncio.Event()
+    die = Dies()
     snapshot = first.engine.snapshot
 
     async def changes_then_die() -> int:
         if dies == "after the snapshot":
             await snapshot()
         await applied([first], await send_levels(js, {"p2": 4.0, "p7": 0.0}, T0 + 1))
-        dead.set()
-        await asyncio.Event().wait()  # never returns: the crash below ends the process here
-        return 0
+        return await die()  # never returns: the crash below ends the process here
 
     first.engine.snapshot = changes_then_die
     if build == "create":
         await first.engine.create("high", parse("traits.level > 3"))
     else:
         await first.engine.update("high", parse("traits.level > 3"))
-    await asyncio.wait_for(dead.wait(), 20)
+    await die.wait()
     await crash_while_building(first)
     clock.advance(30)
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
-    try:
-        second.engine.resume_builds()
-        await second.engine.wait_live("high")
-        assert second.engine.segments["high"].version == (1 if build == "create" else 2)
-        await asyncio.sleep(0.3)
-        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
-        assert counts == {
-            **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
-            ("high", "p7", False): 1,
-        }
-        assert sorted(second.engine.members["high"]) == ["p2", "p4", "p5", "p6", "p8", "p9"]
-    finally:
-        await second.stop()
+    second = await world.replica("two", ownership="static")
+    second.engine.resume_builds()
+    await second.engine.wait_live("high")
+    assert second.engine.segments["high"].version == (1 if build == "create" else 2)
+    await asyncio.sleep(0.3)
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+    assert counts == {
+        **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
+        ("high", "p7", False): 1,
+    }
+    assert sorted(second.engine.members["high"]) == ["p2", "p4", "p5", "p6", "p8", "p9"]
 
 
 async def test_hot_standby_replicas_store_each_percentile_transition_once(world, nats_server):
     """Two replicas run the same boundary's round at their own instants (1.3 s apart): the same id."""
-    store, js = world
-    clock = Clock(T0)
+    store, js, clock = world.store, world.js, world.clock
     replicas = [
         await Replica(name, store, nats_server.url, replica_clock).start(
             ownership="static", standby=name, percentile_interval=INTERVAL
@@ -573,8 +586,7 @@ async def test_replicas_that_split_the_partitions_agree_on_one_percentile_over_t
     """Two replicas, two partitions each, 6,000 persons (more than a summary keeps per partition): both
     compare with the same value, within the stated bound of the exact one over everyone, and their members
     together are exactly the persons at or above it."""
-    store, js = world
-    clock = Clock(T0)
+    store, js, clock = world.store, world.js, world.clock
     rng = random.Random(17)
     levels = {f"p{i:05d}": round(rng.lognormvariate(3.0, 1.0), 3) for i in range(6000)}
     by_partition: dict[int, list[profile_pb2.ProfileChanged]] = {}
@@ -634,48 +646,38 @@ async def test_a_replica_adopting_a_segment_another_replica_already_built_holds_
     """Replicas a and b split the partitions; a creates a segment and its build is done (its persons'
     entries published) before b follows the announcement: b's persons are members on b, each entry is
     on the stream once, and b evaluates the segment in real time from then on."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await define(a, "high", "traits.level > 0")
-        await b.engine.reload(orjson.dumps({"segment": "high"}).decode())  # the announcement, after a's build
-        await b.engine.wait_live("high")
-        inside = {p for p, level in levels.items() if level > 0}
-        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
-        assert held_by_b and held_by_b != inside
-        assert b.engine.members.get("high", set()) == held_by_b
-        page, _more, total = b.engine.list_members("high", after="", limit=100)
-        assert [p for p, _since in page] == sorted(held_by_b) and total == len(held_by_b)
+    a, b = await world.pair(ends)
+    await define(a, "high", "traits.level > 0")
+    await b.engine.reload(orjson.dumps({"segment": "high"}).decode())  # the announcement, after a's build
+    await b.engine.wait_live("high")
+    inside = {p for p, level in levels.items() if level > 0}
+    held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+    assert held_by_b and held_by_b != inside
+    assert b.engine.members.get("high", set()) == held_by_b
+    page, _more, total = b.engine.list_members("high", after="", limit=100)
+    assert [p for p, _since in page] == sorted(held_by_b) and total == len(held_by_b)
 
-        async def published() -> bool:
-            return len(await entries(nats_server.url, "high")) >= len(inside)
+    async def published() -> bool:
+        return len(await entries(nats_server.url, "high")) >= len(inside)
 
-        await until(published, "every member's entry published")
-        await asyncio.sleep(0.3)
-        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
-        # From now on b evaluates it on every change of its persons.
-        leaving = sorted(held_by_b)[0]
-        subject = subjects.profiles_changed(partition_for(leaving, PARTITIONS))
-        await js.publish(
-            subject, profile_pb2.ProfileChangedBatch(changes=[change(leaving, T0 + 1, level=0)]).SerializeToString()
-        )
+    await until(published, "every member's entry published")
+    await asyncio.sleep(0.3)
+    assert await entries(nats_server.url, "high") == sorted(inside)  # once each
+    # From now on b evaluates it on every change of its persons.
+    leaving = sorted(held_by_b)[0]
+    subject = subjects.profiles_changed(partition_for(leaving, PARTITIONS))
+    await js.publish(
+        subject, profile_pb2.ProfileChangedBatch(changes=[change(leaving, T0 + 1, level=0)]).SerializeToString()
+    )
 
-        async def exited() -> bool:
-            return any(not e.entered for e in await transitions(nats_server.url))
+    async def exited() -> bool:
+        return any(not e.entered for e in await transitions(nats_server.url))
 
-        await until(exited, "the exit of a person b holds")
-        assert leaving not in b.engine.members["high"]
-    finally:
-        for replica in (a, b):
-            await replica.stop()
+    await until(exited, "the exit of a person b holds")
+    assert leaving not in b.engine.members["high"]
 
 
 async def test_the_stream_goes_on_between_the_partitions_a_replica_adopts_a_segment_in(world, nats_server):
@@ -683,142 +685,104 @@ async def test_the_stream_goes_on_between_the_partitions_a_replica_adopts_a_segm
     pipelines run between two: a change of a person of a partition it has not reached yet is applied and
     its transition published while the adoption is under way. Once done, b's members are its persons
     that match, and each entry is on the stream once."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await define(b, "scored", "traits.score > 0")  # b's alone: what flows during the adoption
-        await define(a, "high", "traits.level > 0")
-        # Held at the quiescent point of its second partition: one is done, the other waits.
-        quiet, sections = b.engine._quiet, 0
-        between, go = asyncio.Event(), asyncio.Event()
+    a, b = await world.pair(ends)
+    await define(b, "scored", "traits.score > 0")  # b's alone: what flows during the adoption
+    await define(a, "high", "traits.level > 0")
+    # Held at the quiescent point of its second partition: one is done, the other waits.
+    quiet, sections = b.engine._quiet, 0
+    between, go = asyncio.Event(), asyncio.Event()
 
-        @contextlib.asynccontextmanager
-        async def held_at_the_second():
-            nonlocal sections
-            sections += 1
-            if sections == 3:  # the first is the segment going live here, the second the first partition
-                between.set()
-                await go.wait()
-            async with quiet():
-                yield
+    @contextlib.asynccontextmanager
+    async def held_at_the_second():
+        nonlocal sections
+        sections += 1
+        if sections == 3:  # the first is the segment going live here, the second the first partition
+            between.set()
+            await go.wait()
+        async with quiet():
+            yield
 
-        b.engine._quiet = held_at_the_second
-        adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
-        await asyncio.wait_for(between.wait(), 10)
-        waiting = max(b.stream.owned())
-        person = sorted(p for p in levels if partition_for(p, PARTITIONS) == waiting)[0]
-        batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + 1, score=1.0)])
-        await js.publish(subjects.profiles_changed(waiting), batch.SerializeToString())
+    b.engine._quiet = held_at_the_second
+    adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
+    await asyncio.wait_for(between.wait(), 10)
+    waiting = max(b.stream.owned())
+    person = sorted(p for p in levels if partition_for(p, PARTITIONS) == waiting)[0]
+    batch = profile_pb2.ProfileChangedBatch(changes=[change(person, T0 + 1, score=1.0)])
+    await js.publish(subjects.profiles_changed(waiting), batch.SerializeToString())
 
-        async def scored() -> bool:
-            return await entries(nats_server.url, "scored") == [person]
+    async def scored() -> bool:
+        return await entries(nats_server.url, "scored") == [person]
 
-        await until(scored, "the entry of a person of a partition not adopted yet")
-        assert not adopting.done()
-        go.set()
-        await adopting
-        inside = {p for p, level in levels.items() if level > 0}
-        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
-        assert b.engine.members["high"] == held_by_b
+    await until(scored, "the entry of a person of a partition not adopted yet")
+    assert not adopting.done()
+    go.set()
+    await adopting
+    inside = {p for p, level in levels.items() if level > 0}
+    held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+    assert b.engine.members["high"] == held_by_b
 
-        async def published() -> bool:
-            return len(await entries(nats_server.url, "high")) >= len(inside)
+    async def published() -> bool:
+        return len(await entries(nats_server.url, "high")) >= len(inside)
 
-        await until(published, "every member's entry published")
-        await asyncio.sleep(0.3)
-        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
-    finally:
-        for replica in (a, b):
-            await replica.stop()
+    await until(published, "every member's entry published")
+    await asyncio.sleep(0.3)
+    assert await entries(nats_server.url, "high") == sorted(inside)  # once each
 
 
 async def test_a_replica_starting_after_another_built_a_segment_holds_its_own_members(world, nats_server):
     """b is down (its partitions snapshotted without the segment) while a creates and builds a segment;
     when b starts again, its persons are members there and each entry is on the stream once."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    replicas = [a]
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await b.stop()  # snapshotted: its persons, no segment yet
-        await define(a, "high", "traits.level > 0")
-        await a.engine.snapshot()
-        b = await Replica("b", store, nats_server.url, clock).start(split(1))
-        replicas.append(b)
-        await b.engine.wait_live("high")
-        inside = {p for p, level in levels.items() if level > 0}
-        held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
-        assert held_by_b and held_by_b != inside
-        assert b.engine.members.get("high", set()) == held_by_b
-        assert all("high" in b.engine.membership(p) for p in held_by_b)
+    a, b = await world.pair(ends)
+    await b.stop()  # snapshotted: its persons, no segment yet
+    await define(a, "high", "traits.level > 0")
+    await a.engine.snapshot()
+    b = await world.replica("b", split(1))
+    await b.engine.wait_live("high")
+    inside = {p for p, level in levels.items() if level > 0}
+    held_by_b = {p for p in inside if partition_for(p, PARTITIONS) in b.stream.owned()}
+    assert held_by_b and held_by_b != inside
+    assert b.engine.members.get("high", set()) == held_by_b
+    assert all("high" in b.engine.membership(p) for p in held_by_b)
 
-        async def published() -> bool:
-            return len(await entries(nats_server.url, "high")) >= len(inside)
+    async def published() -> bool:
+        return len(await entries(nats_server.url, "high")) >= len(inside)
 
-        await until(published, "every member's entry published")
-        await asyncio.sleep(0.3)
-        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    await until(published, "every member's entry published")
+    await asyncio.sleep(0.3)
+    assert await entries(nats_server.url, "high") == sorted(inside)  # once each
 
 
 async def test_partitions_handed_over_after_a_build_elsewhere_have_their_members(world, nats_server):
     """a builds a segment while b, down, holds the other partitions' snapshot; then a serves every
     partition: b's persons are members on a, a's own are not published again."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    replicas = []
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await b.stop()
-        await define(a, "high", "traits.level > 0")
-        await a.stop()
-        alone = await Replica("a", store, nats_server.url, clock).start(
-            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
-        )
-        replicas.append(alone)
-        inside = {p for p, level in levels.items() if level > 0}
-        assert alone.engine.members.get("high", set()) == inside
+    a, b = await world.pair(ends)
+    await b.stop()
+    await define(a, "high", "traits.level > 0")
+    await a.stop()
+    alone = await world.replica("a", StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1))
+    inside = {p for p, level in levels.items() if level > 0}
+    assert alone.engine.members.get("high", set()) == inside
 
-        async def published() -> bool:
-            return len(await entries(nats_server.url, "high")) >= len(inside)
+    async def published() -> bool:
+        return len(await entries(nats_server.url, "high")) >= len(inside)
 
-        await until(published, "every member's entry published")
-        await asyncio.sleep(0.3)
-        assert await entries(nats_server.url, "high") == sorted(inside)  # once each
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    await until(published, "every member's entry published")
+    await asyncio.sleep(0.3)
+    assert await entries(nats_server.url, "high") == sorted(inside)  # once each
 
 
 async def test_a_partition_arriving_while_a_segment_is_built_goes_live_with_it(world, nats_server):
     """A partition arrives after the build evaluated the population and before it goes live (its persons,
     loaded from the snapshot, were not in the population): they go live with the others, at once."""
-    store, _js = world
-    clock = Clock(T0)
     persons = {f"p{i:02d}": partition_for(f"p{i:02d}", PARTITIONS) for i in range(24)}
     here = sorted(p for p, q in persons.items() if q == 0)
     there = sorted(p for p, q in persons.items() if q == 1)
@@ -827,22 +791,12 @@ async def test_a_partition_arriving_while_a_segment_is_built_goes_live_with_it(w
     def levels(who: list[str]) -> profile_pb2.ProfileChangedBatch:
         return profile_pb2.ProfileChangedBatch(changes=[change(p, T0, level=1) for p in who])
 
-    async def nothing_after(_after: int):
-        return
-        yield
-
     async with Bus.connect(nats_server.url, name="segmentation-arrival") as bus:
-
-        def engine(owned: list[int]) -> SegmentationEngine:
-            return SegmentationEngine(
-                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
-            )
-
-        before = engine([1])
+        before = world.engine(bus, [1])
         await before.start()
         await before.handle([Delivery(levels(there), subjects.profiles_changed(1), 1)])
         await before.stop()  # partition 1's snapshot
-        replica = engine([0])
+        replica = world.engine(bus, [0])
         await replica.start()
         try:
             await replica.handle([Delivery(levels(here), subjects.profiles_changed(0), 1)])
@@ -904,61 +858,36 @@ async def by_time(nats_url: str, count: int) -> list[tuple[str, bool, float]]:
 async def test_a_replica_adopting_a_time_based_segment_fires_its_persons_timers(world, nats_server):
     """a builds a time-based segment; b adopts it: every person b holds, member or not, flips when time
     alone moves them (b's timer loop), once."""
-    store, js = world
-    clock = Clock(T0)
+    js, clock = world.js, world.clock
     persons = trials(24)
     ends = await send_trials(js, persons)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await define(a, "trial", TRIAL)
-        await b.engine.reload(orjson.dumps({"segment": "trial"}).decode())
-        await b.engine.wait_live("trial")
-        clock.now = T0 + 2 * DAY
-        assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
-    finally:
-        for replica in (a, b):
-            await replica.stop()
+    a, b = await world.pair(ends)
+    await define(a, "trial", TRIAL)
+    await b.engine.reload(orjson.dumps({"segment": "trial"}).decode())
+    await b.engine.wait_live("trial")
+    clock.now = T0 + 2 * DAY
+    assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
 
 
 async def test_partitions_handed_over_after_a_time_based_build_elsewhere_fire_their_timers(world, nats_server):
     """b is down while a builds a time-based segment; then a serves every partition: b's persons, brought
     to the segment when their partitions arrive, flip when time moves them, and so do a's, once each."""
-    store, js = world
-    clock = Clock(T0)
+    js, clock = world.js, world.clock
     persons = trials(24)
     ends = await send_trials(js, persons)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    replicas = []
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await b.stop()
-        await define(a, "trial", TRIAL)
-        await a.stop()
-        alone = await Replica("a", store, nats_server.url, clock).start(
-            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
-        )
-        replicas.append(alone)
-        clock.now = T0 + 2 * DAY
-        assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    a, b = await world.pair(ends)
+    await b.stop()
+    await define(a, "trial", TRIAL)
+    await a.stop()
+    await world.replica("a", StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1))
+    clock.now = T0 + 2 * DAY
+    assert await by_time(nats_server.url, len(persons)) == expected_by_time(persons)
 
 
 async def test_persons_of_a_partition_arriving_mid_build_get_the_time_based_segments_timers(world, nats_server):
     """A partition arrives after the build evaluated the population and before it goes live: its persons,
     loaded when no segment read time, flip with the others when time moves them."""
-    store, _js = world
-    clock = Clock(T0)
+    clock = world.clock
     persons = trials(24)
     here = {p: t for p, t in persons.items() if partition_for(p, PARTITIONS) == 0}
     there = {p: t for p, t in persons.items() if partition_for(p, PARTITIONS) == 1}
@@ -969,22 +898,12 @@ async def test_persons_of_a_partition_arriving_mid_build_get_the_time_based_segm
             changes=[change(p, T0, starts_at=s, ends_at=e) for p, (s, e) in who.items()]
         )
 
-    async def nothing_after(_after: int):
-        return
-        yield
-
     async with Bus.connect(nats_server.url, name="segmentation-arrival") as bus:
-
-        def engine(owned: list[int]) -> SegmentationEngine:
-            return SegmentationEngine(
-                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
-            )
-
-        before = engine([1])
+        before = world.engine(bus, [1])
         await before.start()
         await before.handle([Delivery(batch(there), subjects.profiles_changed(1), 1)])
         await before.stop()  # partition 1's snapshot
-        replica = engine([0])
+        replica = world.engine(bus, [0])
         await replica.start()
         try:
             await replica.handle([Delivery(batch(here), subjects.profiles_changed(0), 1)])
@@ -1011,18 +930,11 @@ async def test_timers_of_an_adopted_time_based_segment_come_back_right_after_a_r
     """b adopts a segment a built, over a person b holds who was never evaluated (no segment was live when
     they changed); the timer flips them, b dies before its next snapshot. Started again, b holds them as a
     member and the flip is on the stream once, at its instant."""
-    store, _js = world
-    clock = Clock(T0)
+    clock = world.clock
     person = next(p for p in (f"p{i:02d}" for i in range(100)) if partition_for(p, PARTITIONS) == 1)
 
     async with Bus.connect(nats_server.url, name="segmentation-adoption") as bus:
-
-        def engine(owned: list[int]) -> SegmentationEngine:
-            return SegmentationEngine(
-                store, bus.publisher, partitions=PARTITIONS, owned=owned, telemetry=bus.telemetry, clock=clock
-            )
-
-        a, b = engine([0]), engine([1])
+        a, b = world.engine(bus, [0]), world.engine(bus, [1])
         await a.start()
         await b.start()
         try:
@@ -1041,7 +953,7 @@ async def test_timers_of_an_adopted_time_based_segment_come_back_right_after_a_r
             await asyncio.gather(*b._tasks, return_exceptions=True)
             b._tasks.clear()
             clock.now = T0 + 6 * DAY
-            b = engine([1])
+            b = world.engine(bus, [1])
             await b.start()
             await b.fire_timers()
             assert await by_time(nats_server.url, 1) == [(person, True, T0 + 5 * DAY)]
@@ -1058,50 +970,36 @@ async def test_changes_applied_between_an_adoption_and_its_snapshot_are_publishe
     through changes of theirs; then b dies. Its restart replays those changes with `high` live from where
     the adoption made it live, and brings each partition to it where the adoption did: nothing b's
     adoption published is published again in another message, and nothing is found twice."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    replicas = [a]
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await b.engine.snapshot()
-        await define(a, "high", "traits.level > 0")
-        held_by_b = sorted(p for p in levels if partition_for(p, PARTITIONS) in b.stream.owned())
-        leaving = next(p for p in held_by_b if levels[p] > 0)
-        entering = next(p for p in held_by_b if levels[p] == 0)
-        dead = asyncio.Event()
+    a, b = await world.pair(ends)
+    await b.engine.snapshot()
+    await define(a, "high", "traits.level > 0")
+    held_by_b = sorted(p for p in levels if partition_for(p, PARTITIONS) in b.stream.owned())
+    leaving = next(p for p in held_by_b if levels[p] > 0)
+    entering = next(p for p in held_by_b if levels[p] == 0)
+    die = Dies()
 
-        async def changes_then_die() -> int:
-            await applied([b], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
-            dead.set()
-            await asyncio.Event().wait()  # never returns: the crash below ends the process here
-            return 0
+    async def changes_then_die() -> int:
+        await applied([b], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
+        return await die()  # never returns: the crash below ends the process here
 
-        b.engine.snapshot = changes_then_die
-        adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
-        await asyncio.wait_for(dead.wait(), 20)
-        await crash_while_building(b)
-        adopting.cancel()
-        await asyncio.gather(adopting, return_exceptions=True)
+    b.engine.snapshot = changes_then_die
+    adopting = asyncio.create_task(b.engine.reload(orjson.dumps({"segment": "high"}).decode()))
+    await die.wait()
+    await crash_while_building(b)
+    adopting.cancel()
+    await asyncio.gather(adopting, return_exceptions=True)
 
-        restarted = await Replica("b2", store, nats_server.url, clock).start(split(1))
-        replicas.append(restarted)
-        restarted.engine.resume_builds()
-        await restarted.engine.wait_live("high")
-        await asyncio.sleep(0.3)
-        inside = {p for p, level in levels.items() if level > 0}
-        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
-        assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
-        assert restarted.engine.members["high"] == {p for p in held_by_b if p in inside | {entering}} - {leaving}
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    restarted = await world.replica("b2", split(1))
+    restarted.engine.resume_builds()
+    await restarted.engine.wait_live("high")
+    await asyncio.sleep(0.3)
+    inside = {p for p, level in levels.items() if level > 0}
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+    assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
+    assert restarted.engine.members["high"] == {p for p in held_by_b if p in inside | {entering}} - {leaving}
 
 
 async def test_changes_applied_after_a_partition_arriving_is_brought_to_a_segment_are_published_once_across_a_crash(
@@ -1111,39 +1009,27 @@ async def test_changes_applied_after_a_partition_arriving_is_brought_to_a_segmen
     the build, so their persons are brought to `high` as they arrive. A member of a's leaves and a person
     of a's enters through changes of theirs, then a dies before any snapshot. The next start replays those
     changes after bringing the persons to `high` where the arrival did: each transition once."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start(split(0))
-    b = await Replica("b", store, nats_server.url, clock).start(split(1))
-    replicas = [b]
-    try:
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await a.engine.snapshot()
-        await a.crash()
-        await define(b, "high", "traits.level > 0")
-        held_by_a = sorted(p for p in levels if partition_for(p, PARTITIONS) not in b.stream.owned())
-        leaving = next(p for p in held_by_a if levels[p] > 0)
-        entering = next(p for p in held_by_a if levels[p] == 0)
+    a, b = await world.pair(ends)
+    await a.engine.snapshot()
+    await a.crash()
+    await define(b, "high", "traits.level > 0")
+    held_by_a = sorted(p for p in levels if partition_for(p, PARTITIONS) not in b.stream.owned())
+    leaving = next(p for p in held_by_a if levels[p] > 0)
+    entering = next(p for p in held_by_a if levels[p] == 0)
 
-        again = await Replica("a2", store, nats_server.url, clock).start(split(0))
-        await applied([again], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
-        await again.crash()
+    again = await world.replica("a2", split(0))
+    await applied([again], await send_levels(js, {leaving: 0.0, entering: 1.0}, T0 + 1))
+    await again.crash()
 
-        last = await Replica("a3", store, nats_server.url, clock).start(split(0))
-        replicas.append(last)
-        await asyncio.sleep(0.3)
-        inside = {p for p, level in levels.items() if level > 0}
-        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
-        assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
-        assert last.engine.members["high"] == {p for p in held_by_a if p in inside | {entering}} - {leaving}
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    last = await world.replica("a3", split(0))
+    await asyncio.sleep(0.3)
+    inside = {p for p, level in levels.items() if level > 0}
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+    assert counts == {**{("high", p, True): 1 for p in inside | {entering}}, ("high", leaving, False): 1}
+    assert last.engine.members["high"] == {p for p in held_by_a if p in inside | {entering}} - {leaving}
 
 
 async def test_two_updates_before_one_snapshot_publish_each_difference_once_across_a_crash(world, nats_server):
@@ -1152,46 +1038,37 @@ async def test_two_updates_before_one_snapshot_publish_each_difference_once_acro
     process dies before the snapshot. The restart replays from the snapshot before both updates: the first
     update goes live where it did, with the definition it went live with, then the second. Each update's
     difference is on the stream once, and the members are the second definition's."""
-    store, js = world
-    clock = Clock(T0)
-    first = await Replica("one", store, nats_server.url, clock).start(ownership="static")
+    js, clock = world.js, world.clock
+    first = await world.replica("one", ownership="static")
     await applied([first], await send_levels(js, {f"p{i}": float(i) for i in range(10)}, T0))
     await define(first, "high", "traits.level > 5")
     await first.engine.snapshot()
-    dead = asyncio.Event()
+    die = Dies()
 
     async def fails() -> int:
         return 0  # as a failed snapshot write: logged, nothing recorded, the log entries stay
-
-    async def dies() -> int:
-        dead.set()
-        await asyncio.Event().wait()  # never returns: the crash below ends the process here
-        return 0
 
     first.engine.snapshot = fails
     await first.engine.update("high", parse("traits.level > 3"))
     await first.engine.wait_live("high")
     await applied([first], await send_levels(js, {"p2": 4.0, "p7": 0.0}, T0 + 1))
-    first.engine.snapshot = dies
+    first.engine.snapshot = die
     await first.engine.update("high", parse("traits.level > 4"))
-    await asyncio.wait_for(dead.wait(), 20)
+    await die.wait()
     await crash_while_building(first)
     clock.advance(30)
 
-    second = await Replica("two", store, nats_server.url, clock).start(ownership="static")
-    try:
-        second.engine.resume_builds()
-        await second.engine.wait_live("high")
-        assert second.engine.segments["high"].version == 3
-        await asyncio.sleep(0.3)
-        counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
-        assert counts == {
-            **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
-            **{("high", p, False): 1 for p in ("p2", "p4", "p7")},
-        }
-        assert sorted(second.engine.members["high"]) == ["p5", "p6", "p8", "p9"]
-    finally:
-        await second.stop()
+    second = await world.replica("two", ownership="static")
+    second.engine.resume_builds()
+    await second.engine.wait_live("high")
+    assert second.engine.segments["high"].version == 3
+    await asyncio.sleep(0.3)
+    counts = collections.Counter((e.segment_id, e.person_id, e.entered) for e in await transitions(nats_server.url))
+    assert counts == {
+        **{("high", p, True): 1 for p in ("p2", "p4", "p5", "p6", "p7", "p8", "p9")},
+        **{("high", p, False): 1 for p in ("p2", "p4", "p7")},
+    }
+    assert sorted(second.engine.members["high"]) == ["p5", "p6", "p8", "p9"]
 
 
 async def test_a_partition_handed_over_replays_the_go_live_its_new_replica_logged_across_a_crash(world, nats_server):
@@ -1200,66 +1077,44 @@ async def test_a_partition_handed_over_replays_the_go_live_its_new_replica_logge
     before b's snapshot a member of a's former partitions changes (staying a member), another leaves and
     a third enters; b dies. Its restart replays a's former partitions from a's snapshot: b's go-live of
     `high` is among what follows it, however far a's log went, so each transition is on the stream once."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start()
-    b = await Replica("b", store, nats_server.url, clock).start()
-    replicas = [b]
-    try:
+    a, b = await world.pair(ends, leases=True)
+    await define(b, "x", "traits.level > 1")
+    await a.engine.reload(orjson.dumps({"segment": "x"}).decode())  # a adopts it: three log entries
+    await a.engine.wait_live("x")
+    from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
+    await a.stop()
 
-        async def split_in_two() -> bool:
-            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+    async def b_serves_all() -> bool:
+        return b.stream.owned() == set(range(PARTITIONS))
 
-        await until(split_in_two, "the partitions split between a and b")
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        await define(b, "x", "traits.level > 1")
-        await a.engine.reload(orjson.dumps({"segment": "x"}).decode())  # a adopts it: three log entries
-        await a.engine.wait_live("x")
-        from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
-        await a.stop()
+    await until(b_serves_all, "b serves every partition")
+    staying = next(p for p in from_a if levels[p] == 2)
+    leaving = next(p for p in from_a if levels[p] == 1)
+    entering = next(p for p in from_a if levels[p] == 0)
+    die = Dies()
 
-        async def b_serves_all() -> bool:
-            return b.stream.owned() == set(range(PARTITIONS))
+    async def changes_then_die() -> int:
+        await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
+        return await die()  # never returns: the crash below ends the process here
 
-        await until(b_serves_all, "b serves every partition")
-        staying = next(p for p in from_a if levels[p] == 2)
-        leaving = next(p for p in from_a if levels[p] == 1)
-        entering = next(p for p in from_a if levels[p] == 0)
-        dead = asyncio.Event()
+    b.engine.snapshot = changes_then_die
+    await b.engine.create("high", parse("traits.level > 0"))
+    await die.wait()
+    await crash_while_building(b)
 
-        async def changes_then_die() -> int:
-            await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
-            dead.set()
-            await asyncio.Event().wait()  # never returns: the crash below ends the process here
-            return 0
-
-        b.engine.snapshot = changes_then_die
-        await b.engine.create("high", parse("traits.level > 0"))
-        await asyncio.wait_for(dead.wait(), 20)
-        await crash_while_building(b)
-        replicas.remove(b)
-
-        again = await Replica("b2", store, nats_server.url, clock).start(
-            StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
-        )
-        replicas.append(again)
-        again.engine.resume_builds()
-        await again.engine.wait_live("high")
-        await asyncio.sleep(0.3)
-        inside = {p for p, level in levels.items() if level > 0}
-        counts = collections.Counter(
-            (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
-        )
-        assert counts == {**{(p, True): 1 for p in inside | {entering}}, (leaving, False): 1}
-        assert again.engine.members["high"] == inside - {leaving} | {entering}
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    again = await world.replica("b2", StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1))
+    again.engine.resume_builds()
+    await again.engine.wait_live("high")
+    await asyncio.sleep(0.3)
+    inside = {p for p, level in levels.items() if level > 0}
+    counts = collections.Counter(
+        (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
+    )
+    assert counts == {**{(p, True): 1 for p in inside | {entering}}, (leaving, False): 1}
+    assert again.engine.members["high"] == inside - {leaving} | {entering}
 
 
 @pytest.mark.parametrize("crash", [False, True])
@@ -1269,81 +1124,59 @@ async def test_a_partition_a_lease_moves_in_while_a_build_goes_live_goes_live_wi
     members on b, each entry on the stream once. With a crash: after the arrivals a member of a's former
     partitions changes (staying a member), another leaves and a third enters, and b dies before its
     snapshot; its restart publishes nothing twice."""
-    store, js = world
-    clock = Clock(T0)
+    js = world.js
     levels = {f"p{i:02d}": float(i % 3) for i in range(24)}
     ends = await send_levels(js, levels, T0)
-    a = await Replica("a", store, nats_server.url, clock).start()
-    b = await Replica("b", store, nats_server.url, clock).start()
-    replicas = [b]
-    try:
+    a, b = await world.pair(ends, leases=True)
+    from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
+    engine, log_live, arrive = b.engine, b.engine.log_live, b.engine.arrive
+    arriving, handing = asyncio.Event(), []
 
-        async def split_in_two() -> bool:
-            return len(a.stream.owned()) == len(b.stream.owned()) == PARTITIONS // 2
+    async def arrive_noted(partition, history):
+        arriving.set()
+        return await arrive(partition, history)
 
-        await until(split_in_two, "the partitions split between a and b")
-        for replica in (a, b):
-            await applied(
-                [replica], {s: q for s, q in ends.items() if subjects.partition_of(s) in replica.stream.owned()}
-            )
-        from_a = sorted(p for p in levels if partition_for(p, PARTITIONS) in a.stream.owned())
-        engine, log_live, arrive = b.engine, b.engine.log_live, b.engine.arrive
-        arriving, handing = asyncio.Event(), []
+    async def log_live_then_hand_over(live, partitions) -> None:
+        await log_live(live, partitions)
+        if live["segment"] == "high" and live["golive"] and not handing:
+            handing.append(asyncio.create_task(a.stop()))
+            await asyncio.wait_for(arriving.wait(), 20)
+            await asyncio.sleep(0.3)  # as far as the arrival goes while the build goes live
 
-        async def arrive_noted(partition, history):
-            arriving.set()
-            return await arrive(partition, history)
+    engine.arrive, engine.log_live = arrive_noted, log_live_then_hand_over
+    staying = next(p for p in from_a if levels[p] == 2)
+    leaving = next(p for p in from_a if levels[p] == 1)
+    entering = next(p for p in from_a if levels[p] == 0)
+    die = Dies()
+    snapshot = engine.snapshot
 
-        async def log_live_then_hand_over(live, partitions) -> None:
-            await log_live(live, partitions)
-            if live["segment"] == "high" and live["golive"] and not handing:
-                handing.append(asyncio.create_task(a.stop()))
-                await asyncio.wait_for(arriving.wait(), 20)
-                await asyncio.sleep(0.3)  # as far as the arrival goes while the build goes live
+    async def served_then_maybe_die() -> int:
+        engine.snapshot = snapshot  # the build's only
 
-        engine.arrive, engine.log_live = arrive_noted, log_live_then_hand_over
-        staying = next(p for p in from_a if levels[p] == 2)
-        leaving = next(p for p in from_a if levels[p] == 1)
-        entering = next(p for p in from_a if levels[p] == 0)
-        dead = asyncio.Event()
-        snapshot = engine.snapshot
+        async def b_serves_all() -> bool:
+            return b.stream.owned() == set(range(PARTITIONS))
 
-        async def served_then_maybe_die() -> int:
-            engine.snapshot = snapshot  # the build's only
+        await until(b_serves_all, "b serves every partition")
+        if not crash:
+            return await snapshot()
+        await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
+        return await die()  # never returns: the crash below ends the process here
 
-            async def b_serves_all() -> bool:
-                return b.stream.owned() == set(range(PARTITIONS))
-
-            await until(b_serves_all, "b serves every partition")
-            if not crash:
-                return await snapshot()
-            await applied([b], await send_levels(js, {staying: 1.0, leaving: 0.0, entering: 1.0}, T0 + 1))
-            dead.set()
-            await asyncio.Event().wait()  # never returns: the crash below ends the process here
-            return 0
-
-        engine.snapshot = served_then_maybe_die
-        await engine.create("high", parse("traits.level > 0"))
-        inside = {p for p, level in levels.items() if level > 0}
-        if crash:
-            await asyncio.wait_for(dead.wait(), 20)
-            await crash_while_building(b)
-            replicas.remove(b)
-            b = await Replica("b2", store, nats_server.url, clock).start(
-                StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1)
-            )
-            replicas.append(b)
-            b.engine.resume_builds()
-            inside = inside - {leaving} | {entering}
-        await b.engine.wait_live("high")
-        await asyncio.gather(*handing)
-        await asyncio.sleep(0.3)
-        counts = collections.Counter(
-            (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
-        )
-        entered = {p for p, level in levels.items() if level > 0} | ({entering} if crash else set())
-        assert counts == {**{(p, True): 1 for p in entered}, **({(leaving, False): 1} if crash else {})}
-        assert b.engine.members["high"] == inside
-    finally:
-        for replica in replicas:
-            await replica.stop()
+    engine.snapshot = served_then_maybe_die
+    await engine.create("high", parse("traits.level > 0"))
+    inside = {p for p, level in levels.items() if level > 0}
+    if crash:
+        await die.wait()
+        await crash_while_building(b)
+        b = await world.replica("b2", StaticOwnership(partitions=PARTITIONS, ordinal=0, replicas=1))
+        b.engine.resume_builds()
+        inside = inside - {leaving} | {entering}
+    await b.engine.wait_live("high")
+    await asyncio.gather(*handing)
+    await asyncio.sleep(0.3)
+    counts = collections.Counter(
+        (e.person_id, e.entered) for e in await transitions(nats_server.url) if e.segment_id == "high"
+    )
+    entered = {p for p, level in levels.items() if level > 0} | ({entering} if crash else set())
+    assert counts == {**{(p, True): 1 for p in entered}, **({(leaving, False): 1} if crash else {})}
+    assert b.engine.members["high"] == inside
