@@ -3,10 +3,12 @@
 import asyncio
 
 import pytest
+from nats.js import api
 
 from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream
 from cdp_kit.bus import consumer as consumer_module
 from cdp_kit.errors import InvalidArgument
+from cdp_testing.metrics import MetricsCapture
 
 
 @pytest.fixture
@@ -377,3 +379,72 @@ async def test_a_cancellation_that_lands_with_a_binding_reply_still_stops_the_co
     done, _ = await asyncio.wait({task}, timeout=5)
     assert done, "the consumer ran on after its cancellation"
     assert task.cancelled()
+
+
+# --- a consumer the server lost -------------------------------------------------------------------
+
+
+async def test_a_consumer_deleted_under_a_running_runner_is_created_again_and_misses_nothing(nats_server, caplog):
+    """An operator's mistake (or a stream restored without its consumers) deletes the durable while the
+    service runs: the runner must not retry a fetch from a missing consumer for ever. It creates it again
+    from the stream's start - its acknowledgements went with it - so what came meanwhile is handled and
+    what was handled before comes again (a handler skips it: the contract)."""
+    captured = MetricsCapture("test")
+    async with Bus.connect(nats_server.url, name="test", connect_timeout=5, telemetry=captured.telemetry) as bus:
+        await bus.ensure_streams(events_raw_stream(), dead_letter_stream())
+        seen: list[int] = []
+
+        async def handle(batch):
+            seen.extend(int(d.data) for d in batch)
+
+        runner = bus.consumer(spec(), handle)
+        task = await run(runner)
+        await publish(bus, 3)
+        await until(lambda: len(seen) == 3)
+        await bus.js.delete_consumer("EVENTS_RAW", "t")
+        await bus.publisher.publish_batch([OutMessage("events.raw.0", str(i).encode(), f"id-{i}") for i in range(3, 6)])
+        await until(lambda: {3, 4, 5} <= set(seen))
+        await until(lambda: len(seen) == 9)  # 0-2 again, from the recreated consumer's start
+        await stop(task)
+        assert seen == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+        info = await bus.js.consumer_info("EVENTS_RAW", "t")
+        assert info.config.deliver_policy == api.DeliverPolicy.ALL
+        assert info.config.max_deliver == runner.spec.max_deliver and info.config.filter_subject == "events.raw.>"
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+    assert runner.recreated == 1
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "created it again" in r.getMessage()]
+    assert len(warnings) == 1 and "consumer t " in warnings[0].getMessage()
+    _, points = captured.collected()["cdp.bus.consumer.recreated"]
+    assert [(dict(p.attributes), p.value) for p in points] == [({"stream": "EVENTS_RAW", "consumer": "t"}, 1)]
+
+
+async def test_a_consumer_that_delivered_only_new_messages_is_created_again_the_same_way(bus):
+    """A consumer created on purpose at the stream's end (scoring's label watch) is not made to read the
+    stream's history when it comes back."""
+    await publish(bus, 3)  # history it never wanted
+    config = spec().config()
+    config.deliver_policy = api.DeliverPolicy.NEW
+    await bus.js.add_consumer("EVENTS_RAW", config)
+    seen: list[int] = []
+
+    async def handle(batch):
+        seen.extend(int(d.data) for d in batch)
+
+    runner = bus.consumer(spec(), handle)
+    task = await run(runner)
+    await bus.publisher.publish_batch([OutMessage("events.raw.0", b"3", "id-3")])
+    await until(lambda: seen == [3])
+    await bus.js.delete_consumer("EVENTS_RAW", "t")
+    await until(lambda: runner.recreated == 1)
+    await bus.publisher.publish_batch([OutMessage("events.raw.0", b"4", "id-4")])
+    await until(lambda: seen == [3, 4])
+    await asyncio.sleep(0.3)  # anything of the history would have come by now
+    await stop(task)
+    assert seen == [3, 4]
+    assert (await bus.js.consumer_info("EVENTS_RAW", "t")).config.deliver_policy == api.DeliverPolicy.NEW
+
+
+async def test_a_missing_stream_is_not_answered_with_a_consumer(bus):
+    runner = bus.consumer(spec(stream="NO_SUCH_STREAM"), None)
+    assert not await runner.recover_missing()
+    assert runner.recreated == 0

@@ -42,6 +42,17 @@ empty the stream into the dead-letter stream. The rule:
   outage that long, must not hold the partition forever); an outage therefore costs at most one message
   per `max_deliver` rounds rather than every batch it touches.
 
+A consumer the server has lost (deleted by an operator or with stale credentials, a stream restored
+from a backup without it: JetStream error 10014, "consumer not found") is created again, with the same
+config, by the runner that finds it gone - when a fetch fails, and by the lag poll every few seconds (a
+fetch to a missing consumer may just time out). It starts where a new consumer starts (the spec's
+`DeliverPolicy.ALL`, or `NEW` when the consumer the runner found delivered only new messages): its
+acknowledgement state went with it, so everything the stream holds is delivered again and handlers skip
+what they have applied (the contract above: the privacy handlers find a request done by its id, or
+nothing of the person left to purge). That costs a re-read; a missed privacy deletion would cost a
+person's data. The partition engines pass their checkpoint instead (`recover_missing(start_seq=...)`):
+nothing after it was applied. A warning names the consumer and `cdp.bus.consumer.recreated` counts it.
+
 Logs name the consumer, positions and the exception type (and an `InvalidArgument`'s field), never the
 exception's text: service exceptions quote identifiers. The dead-letter header keeps a capped detail
 (the dead-letter stream holds the payload anyway).
@@ -82,6 +93,8 @@ DLQ_CONSUMER = "Cdp-Dlq-Consumer"
 DLQ_DELIVERIES = "Cdp-Dlq-Deliveries"
 DLQ_TIME = "Cdp-Dlq-Time"
 DLQ_DETAIL_MAX = 512
+# JetStream's API error code for "consumer not found" (the stream exists; code 10059 is a missing stream).
+CONSUMER_NOT_FOUND = 10014
 
 
 def describe_error(exc: BaseException) -> str:
@@ -224,6 +237,11 @@ class ConsumerRunner:
         self.pending = 0  # messages not yet delivered to us, from the last consumer info poll
         self.handled = 0
         self.dead_lettered = 0
+        self.recreated = 0  # times the consumer was found gone and created again
+        # Where the consumer starts when it has to be created again: NEW if the one we found delivered only
+        # new messages (a consumer created so on purpose), the spec's ALL otherwise.
+        self._deliver_new = False
+        self._recreating = asyncio.Lock()
         self._ready = asyncio.Event()
         attrs = {"stream": spec.stream, "consumer": spec.durable}
         self._attrs = attrs
@@ -236,6 +254,11 @@ class ConsumerRunner:
             unit="ms",
             description="handler time per batch",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
+        )
+        self._m_recreated = meter.create_counter(
+            "cdp.bus.consumer.recreated",
+            unit="{consumer}",
+            description="durable consumers found gone on the server (deleted, a stream restored) and created again",
         )
         meter.create_observable_gauge(
             "cdp.bus.consumer.lag",
@@ -257,6 +280,7 @@ class ConsumerRunner:
         config = self.spec.config()
         try:
             info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
+            self._deliver_new = info.config.deliver_policy == api.DeliverPolicy.NEW
             if self.spec.ordered and (info.num_ack_pending or 0) > 0:
                 await self._restart_at_floor(info, config)
                 return
@@ -286,6 +310,55 @@ class ConsumerRunner:
             self.spec.durable,
             extra={"floor": floor, "unacknowledged": info.num_ack_pending},
         )
+
+    async def recover_missing(self, error: BaseException | None = None, *, start_seq: int | None = None) -> bool:
+        """Create the consumer again if the server says it does not exist (error 10014; the module
+        docstring says why and where it starts); True when it did. `error`: what a fetch failed with -
+        only an answer from JetStream (a status, no responders) is worth asking about; a connection
+        that is down is not. `start_seq`: start there instead (a partition engine's checkpoint + 1)."""
+        if error is not None and not isinstance(error, (nats.js.errors.APIError, nats.errors.NoRespondersError)):
+            return False
+        async with self._recreating:  # concurrent fetch loops, and the lag poll: one of them creates it
+            try:
+                await self.js.consumer_info(self.spec.stream, self.spec.durable)
+                return False
+            except NotFoundError as exc:
+                if exc.err_code != CONSUMER_NOT_FOUND:
+                    return False  # the stream is gone: no consumer to create until it is back
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return False  # the bus: the fetch (or the poll) is retried and asks again
+            config = self.spec.config()
+            if start_seq is not None:
+                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                config.opt_start_seq = max(start_seq, 1)
+            elif self._deliver_new:
+                config.deliver_policy = api.DeliverPolicy.NEW
+            try:
+                # Another replica sharing the durable may have created it since: the same config is no
+                # conflict.
+                await self.js.add_consumer(self.spec.stream, config)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "consumer %s is gone and could not be created again: %s", self.spec.durable, describe_error(exc)
+                )
+                return False
+        self.recreated += 1
+        self._m_recreated.add(1, self._attrs)
+        log.warning(
+            "consumer %s did not exist on the server (deleted, or its stream restored): created it again",
+            self.spec.durable,
+            extra={
+                "stream": self.spec.stream,
+                "consumer": self.spec.durable,
+                "deliver_policy": config.deliver_policy.value if config.deliver_policy else None,
+                "start_seq": config.opt_start_seq,
+            },
+        )
+        return True
 
     async def run(self) -> None:
         """Consume until cancelled. Survives NATS outages: fetches fail, we wait and try again."""
@@ -331,6 +404,9 @@ class ConsumerRunner:
                 self.pending = info.num_pending or 0
             except asyncio.CancelledError:
                 raise
+            except NotFoundError as exc:
+                if exc.err_code == CONSUMER_NOT_FOUND:
+                    await self.recover_missing()  # a fetch to a missing consumer may just time out
             except Exception:
                 pass
             await asyncio.sleep(5.0)
@@ -348,6 +424,9 @@ class ConsumerRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if await self.recover_missing(exc):
+                    failures = 0
+                    continue
                 failures += 1
                 if failures in (1, 10) or failures % 100 == 0:
                     log.warning("fetch from %s failed (%s); retrying", self.spec.durable, exc)

@@ -354,6 +354,10 @@ class PartitionPipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # A consumer the server lost (deleted, its stream restored) is created again at the checkpoint:
+            # nothing after it is missed, what is applied already is skipped by position (bus/consumer.py).
+            if await feed.runner.recover_missing(exc, start_seq=feed.checkpoint + 1):
+                return []
             log.warning("fetch from %s failed: %s", feed.consumer.durable, describe_error(exc))
             await asyncio.sleep(0.2)
             return []
