@@ -99,6 +99,7 @@ def orchestration_process(tmp_path, nats_url: str, smtp: LocalSmtpServer, hook: 
             "CDP_SMTP_FROM": "cdp <journeys@cdp.local>",
             "CDP_WEBHOOK_SECRET": SECRET,
             "CDP_WEBHOOK_URL": hook.url(),
+            "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",  # the local receiver: loopback must be listed
         },
     )
 

@@ -303,7 +303,12 @@ class SlowProvider(Receiver):
 
 
 def webhook_channel(**more: str) -> WebhookChannel:
-    environ = {"CDP_WEBHOOK_SECRET": "a-webhook-secret-of-some-length", "CDP_WEBHOOK_TIMEOUT": "5", **more}
+    environ = {
+        "CDP_WEBHOOK_SECRET": "a-webhook-secret-of-some-length",
+        "CDP_WEBHOOK_TIMEOUT": "5",
+        "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",  # the local receivers; a private host must be listed
+        **more,
+    }
     return WebhookChannel(load_settings(WebhookSettings, environ))
 
 

@@ -38,8 +38,14 @@ QUICK = (0.1,)  # the dispatcher's back-off between attempts, shortened for the 
 
 
 def webhook() -> WebhookChannel:
-    # One request per dispatcher attempt: the channel's own in-process retries are off.
-    environ = {"CDP_WEBHOOK_SECRET": SECRET, "CDP_WEBHOOK_TIMEOUT": "5", "CDP_WEBHOOK_MAX_ATTEMPTS": "1"}
+    # One request per dispatcher attempt: the channel's own in-process retries are off. The local
+    # receiver is on 127.0.0.1, which webhooks reach only when it is listed.
+    environ = {
+        "CDP_WEBHOOK_SECRET": SECRET,
+        "CDP_WEBHOOK_TIMEOUT": "5",
+        "CDP_WEBHOOK_MAX_ATTEMPTS": "1",
+        "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+    }
     return WebhookChannel(load_settings(WebhookSettings, environ))
 
 

@@ -88,6 +88,8 @@ ORCHESTRATION = ServiceProcess(
             "CDP_FCM_API_URL": "http://127.0.0.1:{channels.fcm}",
             "CDP_WEBHOOK_SECRET": "{secret:webhook}",
             "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
+            # The companions all listen on loopback, which webhooks reach only when it is listed.
+            "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
         },
     },
 )

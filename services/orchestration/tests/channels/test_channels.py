@@ -65,6 +65,7 @@ async def test_logs_name_ids_and_reasons_never_addresses_or_content(caplog):
             "CDP_TWILIO_API_URL": twilio.base_url,
             "CDP_WEBHOOK_SECRET": "w" * 32,
             "CDP_WEBHOOK_BACKOFF_BASE": "0.01",
+            "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         }
         channels = open_channels(environ)
         content = Content(subject="VIP Ada", body="Your cart misses you")

@@ -17,7 +17,14 @@ SECRET = "a-webhook-secret-of-some-length"
 
 
 def settings(**more: str) -> WebhookSettings:
-    environ = {"CDP_WEBHOOK_SECRET": SECRET, "CDP_WEBHOOK_BACKOFF_BASE": "0.2", "CDP_WEBHOOK_TIMEOUT": "2", **more}
+    # The local receivers listen on 127.0.0.1, which an operator has to list to be called at all.
+    environ = {
+        "CDP_WEBHOOK_SECRET": SECRET,
+        "CDP_WEBHOOK_BACKOFF_BASE": "0.2",
+        "CDP_WEBHOOK_TIMEOUT": "2",
+        "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
+        **more,
+    }
     return load_settings(WebhookSettings, environ)
 
 
@@ -168,6 +175,30 @@ async def test_slack_compatible_payload_on_the_default_url():
         (delivery,) = receiver.deliveries
         assert delivery.path == "/services/T0/B0/x"
         assert delivery.json == {"text": "*VIP at risk*\nCall them today."}
+
+
+async def test_slack_text_from_traits_cannot_mention_everyone_or_disguise_a_link():
+    # What a person could put in their own name and a journey then renders into the alert.
+    name = "<!channel> Ada & <https://evil.example|https://shop.example>"
+    content = Content(
+        subject=f"VIP {name}",
+        body=f"{name} <@U024BE7LH> wrote: 1 < 2 > 0 &amp;",
+        url="https://evil.example/x|https://shop.example/cart?a=1&b=<2>",
+    )
+    async with LocalWebhookReceiver(slack=True) as receiver:
+        async with WebhookChannel(settings(CDP_WEBHOOK_PAYLOAD="slack", CDP_WEBHOOK_URL=receiver.url())) as channel:
+            outcome = await channel.send(
+                Action(action_id="act-1", person_id="person-1", channel="webhook", content=content)
+            )
+        assert outcome.status == "accepted"
+        (delivery,) = receiver.deliveries
+    shown = "&lt;!channel&gt; Ada &amp; &lt;https://evil.example|https://shop.example&gt;"
+    assert delivery.json["text"] == (
+        f"*VIP {shown}*\n"
+        f"{shown} &lt;@U024BE7LH&gt; wrote: 1 &lt; 2 &gt; 0 &amp;amp;\n"
+        # The channel's own link: one target, no "|" that would give it a text of the trait's choosing.
+        "<https://evil.example/x%7Chttps://shop.example/cart?a=1&amp;b=&lt;2&gt;>"
+    )
 
 
 def test_signatures_expire_and_bind_the_body():

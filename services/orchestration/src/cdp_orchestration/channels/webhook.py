@@ -11,11 +11,22 @@ Every request carries
 
 The body is the action as JSON (``{"action_id", "person_id", "subject", "title", "body", "url",
 "data", "attributes"}``) or, with CDP_WEBHOOK_PAYLOAD=slack, a Slack incoming-webhook message (``{"text": …}``,
-mrkdwn, the subject in bold on the first line) that Slack, Mattermost, Rocket.Chat and Teams' Slack
-connector all accept.
+mrkdwn, the subject in bold on the first line, the url as a link on the last) that Slack, Mattermost,
+Rocket.Chat and Teams' Slack connector all accept. The rendered parts are text there, not markup: Slack's
+three control characters (``&``, ``<``, ``>``) are escaped as Slack documents (``&amp;``, ``&lt;``,
+``&gt;``), so a trait cannot write ``<!channel>`` or a link whose text hides where it leads.
 
-A URL can come from a profile trait, so CDP_WEBHOOK_ALLOWED_HOSTS limits the hosts a webhook may reach
-(an action naming another host is rejected with ``host_not_allowed`` and nothing is sent).
+A URL can come from a profile trait, so where a webhook may go is checked before anything is sent, and
+a refusal is final (rejected, never retried):
+
+- CDP_WEBHOOK_ALLOWED_HOSTS, when set, is the list of hosts a URL may name; any other is rejected with
+  ``host_not_allowed``;
+- a host that is, or resolves to, a loopback, private, link-local, multicast, unspecified or reserved
+  address (the metadata service at 169.254.169.254 among them) is rejected with
+  ``destination_not_allowed`` unless the host is listed (`destinations`); the connection goes to the
+  address that was checked;
+- redirects are not followed: a 3xx is the receiver's answer, a failure for good (``http_302``);
+- at most RESPONSE_LIMIT bytes of an answer are read: the status is the answer, the body is not kept.
 
 Retries: a 5xx, 429, timeout or connection error is tried again after ``base * 2**(n-1)`` seconds (at
 most CDP_WEBHOOK_BACKOFF_MAX) with full jitter, or after the Retry-After the receiver sent, up to
@@ -40,12 +51,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after
+from cdp_orchestration.channels.destinations import DestinationRefused, GuardedResolver, literal, normal_host, refusal
 from cdp_orchestration.channels.settings import WebhookSettings
 
 log = logging.getLogger("cdp.orchestration.channels.webhook")
@@ -53,6 +66,21 @@ log = logging.getLogger("cdp.orchestration.channels.webhook")
 SIGNATURE_HEADER = "X-CDP-Signature"
 TIMESTAMP_HEADER = "X-CDP-Timestamp"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: bytes of a receiver's answer read at most; the status is what counts, and a receiver (or whatever a
+#: URL names) cannot make the service hold an unbounded body
+RESPONSE_LIMIT = 64 * 1024
+
+
+def slack_escape(text: str) -> str:
+    """`text` as Slack shows it literally: its control characters &, < and > as HTML entities, and no
+    others (Slack decodes only these three)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slack_link(url: str) -> str:
+    # Inside <...>, "|" starts the link's text: a URL carrying one could show a harmless address and lead
+    # elsewhere. "|" is not a character a URL may hold as it is (RFC 3986), so it is percent-encoded.
+    return "<" + slack_escape(url).replace("|", "%7C") + ">"
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -79,24 +107,33 @@ class WebhookChannel(Channel):
         settings: WebhookSettings,
         *,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-        session: aiohttp.ClientSession | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
+        """`resolver` answers for host names (tests stand in for DNS with it); whatever it answers passes
+        the destination check. The channel owns its session, so every connection passes that check."""
         self._settings = settings
         self._sleep = sleep
-        self._session = session
-        self._owns_session = session is None
+        self._allowed = {normal_host(host) for host in settings.allowed_hosts}
+        self._names = resolver
+        self._resolver: GuardedResolver | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.timeout))
+            self._resolver = GuardedResolver(self._settings.allowed_hosts, self._names)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=self._resolver),
+                timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
+            )
         return self._session
 
     def body(self, action: Action) -> bytes:
         content = action.content
         if self._settings.payload == "slack":
-            text = f"*{content.heading}*\n{content.body}" if content.heading else content.body
+            body = slack_escape(content.body)
+            text = f"*{slack_escape(content.heading)}*\n{body}" if content.heading else body
             if content.url:
-                text += f"\n<{content.url}>"
+                text += "\n" + _slack_link(content.url)
             return orjson.dumps({"text": text})
         return orjson.dumps(
             {
@@ -123,23 +160,33 @@ class WebhookChannel(Channel):
 
     def destination(self, action: Action) -> str:
         # One receiver's 429 says nothing about another's: each host is paused on its own.
-        return (urlsplit(action.address or self._settings.default_url or "").hostname or "").lower()
+        url = _parse(action.address or self._settings.default_url or "")
+        return normal_host(url.raw_host) if url is not None else ""
 
     async def send(self, action: Action) -> Outcome:
-        url = action.address or self._settings.default_url
-        parts = urlsplit(url or "")
-        allowed = self._settings.allowed_hosts
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            outcome = Outcome.rejected("invalid_address") if url else Outcome.failed("no_url", retryable=False)
-        elif allowed and (parts.hostname or "").lower() not in {host.lower() for host in allowed}:
+        text = action.address or self._settings.default_url
+        # Parsed once, by the parser aiohttp connects with, so the host checked is the host connected to.
+        url = _parse(text or "")
+        host = normal_host(url.raw_host) if url is not None else ""
+        address = literal(host)
+        refused = None
+        if url is None or url.scheme not in ("http", "https") or not host:
+            outcome = Outcome.rejected("invalid_address") if text else Outcome.failed("no_url", retryable=False)
+        elif self._allowed and host not in self._allowed:
             outcome = Outcome.rejected("host_not_allowed")
+        elif address is not None and host not in self._allowed and (refused := refusal(address)):
+            # aiohttp connects to an IP literal without resolving it: the resolver's check is made here.
+            outcome = Outcome.rejected("destination_not_allowed")
         else:
-            outcome = await self._deliver(action, url)  # type: ignore[arg-type]
+            outcome = await self._deliver(action, url)
         level = logging.INFO if outcome.ok else logging.WARNING
-        log.log(level, "webhook %s", outcome.status, extra=log_fields(action, reason=outcome.reason))
+        extra = log_fields(action, reason=outcome.reason)
+        if refused is not None:
+            extra["refused"] = refused
+        log.log(level, "webhook %s", outcome.status, extra=extra)
         return outcome
 
-    async def _deliver(self, action: Action, url: str) -> Outcome:
+    async def _deliver(self, action: Action, url: URL) -> Outcome:
         s = self._settings
         body = self.body(action)
         outcome = Outcome.failed("not_attempted", retryable=True)
@@ -156,14 +203,25 @@ class WebhookChannel(Channel):
             await self._sleep(wait)
         return outcome
 
-    async def _attempt(self, url: str, body: bytes, action: Action) -> Outcome:
+    async def _attempt(self, url: URL, body: bytes, action: Action) -> Outcome:
         try:
-            async with self._client().post(url, data=body, headers=self.headers(action, body)) as response:
+            # A redirect is not followed: the checks above hold for the URL the action names, and a
+            # receiver could otherwise point the signed request anywhere (the metadata service, say).
+            async with self._client().post(
+                url, data=body, headers=self.headers(action, body), allow_redirects=False
+            ) as response:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await response.read()
+                await _read_at_most(response, RESPONSE_LIMIT)
         except TimeoutError:
             return Outcome.failed("timeout", retryable=True)
+        except aiohttp.InvalidUrlClientError:  # a host aiohttp will not connect to as written ("127.1")
+            return Outcome.rejected("invalid_address")
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, DestinationRefused):
+                log.warning("webhook destination refused", extra=log_fields(action, refused=error.os_error.kind))
+                return Outcome.rejected("destination_not_allowed")
+            return Outcome.failed("connect", retryable=True)
         except aiohttp.ClientError:
             return Outcome.failed("connect", retryable=True)
         if 200 <= status < 300:
@@ -178,6 +236,27 @@ class WebhookChannel(Channel):
         return Outcome.failed(reason, retryable=False)
 
     async def close(self) -> None:
-        if self._owns_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()  # the connector closes only a resolver it made itself
+        self._session = self._resolver = None
+
+
+def _parse(text: str) -> URL | None:
+    try:
+        return URL(text)
+    except ValueError:
+        return None
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> None:
+    """Read the answer's body up to `limit` bytes, so a kept-alive connection can be reused; past that the
+    connection is dropped rather than read on."""
+    read = 0
+    while read < limit:
+        chunk = await response.content.read(limit - read)
+        if not chunk:
+            return
+        read += len(chunk)
+    response.close()
