@@ -16,6 +16,8 @@ from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp.events.v1 import events_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.__main__ import setup
+from cdp_collector.domain import SuppressionList
+from cdp_collector.privacy import SuppressionFollower
 from cdp_kit.bus import ensure_stream, privacy_stream
 from cdp_kit.natsauth import OPERATOR, authorization_config, new_password, write_credentials
 from cdp_kit.natsserver import NatsServer
@@ -191,3 +193,32 @@ async def test_the_collector_suppresses_under_its_own_nats_user(tmp_path, monkey
         assert refused == []
     finally:
         server.close()
+
+
+async def test_a_stop_landing_with_a_reply_while_loading_stops_the_load(nats_client):
+    """nats-py waits for every JetStream reply with Python 3.11's `asyncio.wait_for`, which returns the
+    reply when the stop lands in the loop turn it does: the stop is swallowed. A collector stopped while
+    it loads the suppression list must still stop - not finish loading, start its follower and serve."""
+    await publish_deletion(nats_client, "user_id:u-9")
+    follower = SuppressionFollower(nats_client, nats_client.jetstream(), SuppressionList())
+    reply = asyncio.get_running_loop().create_future()
+    waiting = asyncio.Event()
+    stream_info = follower.js.stream_info
+
+    async def stream_info_with_a_late_reply(name):
+        info = await stream_info(name)
+        waiting.set()
+        await asyncio.wait_for(reply, 10)  # the shape of nats-py's request
+        return info
+
+    follower.js.stream_info = stream_info_with_a_late_reply
+    task = asyncio.create_task(follower.load(timeout=10))
+    await asyncio.wait_for(waiting.wait(), 5)
+    reply.set_result(None)  # the reply and the stop in one loop turn
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    try:
+        assert done and task.cancelled(), "the suppression list went on loading after its stop"
+        assert follower._follower is None, "a follower was started for a collector that was stopped"
+    finally:
+        await follower.stop()

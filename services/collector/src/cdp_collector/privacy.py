@@ -14,6 +14,11 @@ is published (the message is only the signal: what is applied is read from the s
 order, each message once), and it looks every `follow_every` seconds anyway, for what was published
 while its connection was down. The stream drops no message by age (`privacy_stream()`), and a
 suppression lasts as long as its message does.
+
+A stop is never lost: nats-py waits for each JetStream reply with Python 3.11's `asyncio.wait_for`, which
+returns the reply when the stop lands in the loop turn it does, and a collector stopped during start-up
+would finish loading, start its follower and serve. After each request the task checks whether it was
+asked to stop (`cdp_kit.stopping.raise_if_cancelling`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.domain import SuppressionList
 from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
+from cdp_kit.stopping import raise_if_cancelling
 
 log = logging.getLogger("cdp.collector.privacy")
 
@@ -71,6 +77,9 @@ class SuppressionFollower:
             async with asyncio.timeout(timeout):
                 first, target = await self._sequences()
                 await self._read(first, target)
+        except asyncio.CancelledError:
+            await self.stop()  # stopped during start-up: no subscription left behind
+            raise
         except TimeoutError:
             await self.stop()
             raise Unavailable(
@@ -116,6 +125,9 @@ class SuppressionFollower:
         try:
             state = (await self.js.stream_info(PRIVACY)).state
         except NotFoundError:
+            state = None
+        raise_if_cancelling(asyncio.current_task())  # a stop the reply swallowed (module docstring)
+        if state is None:
             return 0, 0
         return state.first_seq or 0, state.last_seq or 0
 
