@@ -111,3 +111,34 @@ def test_numbers_render_as_people_write_them_and_an_author_can_still_format_them
     rendered = template.render(person, {"price": 399.0, "count": 2.0})
     assert rendered["body"] == "3 orders, 399 EUR, risk 0.3, -12.5, 438.9"
     assert rendered["formatted"] == "399.00 2 399"
+
+
+def test_values_in_an_html_part_are_escaped_and_the_authors_markup_is_kept() -> None:
+    # A person who signs up as this can reach every email a journey sends them.
+    hostile = '<a href="https://evil.example">Reset your password</a><script>steal()</script>'
+    person = PersonView("p", {"traits.first_name": hostile, "computed.orders_90d": 3.0})
+    template = compile_template(
+        {
+            "subject": "Hi {{ traits.first_name }}",
+            "body": "Hi {{ traits.first_name }}, your cart: {{ entry.cart_url }}",
+            "html": "<p>Hi <b>{{ traits.first_name }}</b>, {{ computed.orders_90d }} orders. "
+            '<a href="{{ entry.cart_url }}">Your cart</a></p>',
+        },
+        "t",
+    )
+    rendered = template.render(person, {"cart_url": "https://shop.example/c?a=1&b=2"})
+    assert rendered["html"] == (
+        "<p>Hi <b>&lt;a href=&#34;https://evil.example&#34;&gt;Reset your password&lt;/a&gt;"
+        "&lt;script&gt;steal()&lt;/script&gt;</b>, 3 orders. "
+        '<a href="https://shop.example/c?a=1&amp;b=2">Your cart</a></p>'
+    )
+    # Text parts (the email's plain part, SMS, push, webhook) carry the value as it is: they are not HTML.
+    assert rendered["subject"] == f"Hi {hostile}"
+    assert rendered["body"] == f"Hi {hostile}, your cart: https://shop.example/c?a=1&b=2"
+
+
+def test_a_missing_field_in_an_html_part_is_still_named() -> None:
+    template = compile_template({"html": "<p>{{ traits.nickname }}</p>"}, "t")
+    with pytest.raises(MissingField) as caught:
+        template.render(PERSON)
+    assert (caught.value.field, caught.value.part) == ("traits.nickname", "html")

@@ -9,6 +9,12 @@ Enroll call's) as `{{ entry.cart_url }}`. Invariants:
   never a blank in a sent message. Guard optional fields in the template itself:
   `{% if traits.first_name is defined %}...{% endif %}` or `{{ traits.first_name | default("there") }}`.
 - Templates run in `SandboxedEnvironment`: no attribute access to Python internals, no I/O.
+- A value in an HTML part (`HTML_PARTS`: an email's ``html``) is HTML-escaped, so a trait such as
+  ``<a href=…>`` or ``<script>`` arrives as text, not markup; the markup the journey's author wrote in the
+  template text is kept as written. Every other part is text (the email's plain part, SMS, push, webhook
+  bodies) and carries values as they are; a channel whose format has control characters of its own
+  escapes them itself (Slack's in `channels.webhook`). An author can mark a value as markup with
+  ``| safe``, which hands that field's content to the HTML as it is: never for a field a person can write.
 - `compile_template` checks syntax and lists the fields a template reads (`Template.fields`), so a journey is
   validated against the catalogue of known fields before it is published, not when a message fails.
 - Errors name the part and field, never a value from the profile.
@@ -88,7 +94,11 @@ def _as_written(value: Any) -> Any:
     return format(value, ".15g")
 
 
+#: parts rendered as HTML: their values are escaped
+HTML_PARTS = frozenset({"html"})
+
 _ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True, finalize=_as_written)
+_HTML_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=True, keep_trailing_newline=True, finalize=_as_written)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,7 +147,7 @@ def compile_template(source: Any, field: str) -> Template:
                     at, f"reads {name!r}, which is not a profile root: use {', '.join(r + '.<name>' for r in _NAMES)}"
                 )
         fields.update(_field_reads(tree))
-        parts[part] = _ENV.from_string(text)
+        parts[part] = (_HTML_ENV if part in HTML_PARTS else _ENV).from_string(text)
     entry = frozenset(f for f in fields if f.startswith(f"{ENTRY}."))
     return Template(dict(source), frozenset(fields) - entry, entry, parts)
 
