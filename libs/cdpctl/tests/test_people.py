@@ -156,3 +156,47 @@ async def test_delete_wait_reports_when_every_service_acknowledged_it(people_cli
     assert "not acknowledged within 1s by: stale-privacy" in result.output, result.output
     shown = json.loads(result.output[: result.output.rindex("}") + 1])  # the answer, then the error
     assert shown["acknowledged"] == {"identity-privacy-0": True, "stale-privacy": False}
+
+
+async def test_delete_wait_names_a_privacy_consumer_the_platform_has_and_the_server_lost(people_cli):
+    """An attacker trial deleted `crm-privacy`, and `delete --wait` reported the deletion done on identity's
+    acknowledgement alone while the CRM never saw it. A consumer the platform's services have is waited
+    for whether the server lists it or not, and named as missing when it never comes."""
+    # The run file says the platform runs the CRM connector too; nothing here creates its consumer.
+    run = people_cli.home / "run.json"
+    state = json.loads(run.read_text())
+    state["services"]["crm"] = {"grpc": "127.0.0.1:1"}
+    run.write_text(json.dumps(state))
+    await people_cli.send({"type": "identify", "userId": "grace", "traits": {"plan": "pro"}, "messageId": "g1"})
+    assert (await until_ok(people_cli, "profile", "user_id", "grace")).exit_code == 0
+
+    result = await people_cli.run("delete", "user_id", "grace", "--yes", "--wait", "--timeout", "2")
+    assert result.exit_code == 1, result.output
+    assert "not acknowledged within 2s by: crm-privacy (no such consumer)" in result.output, result.output
+    shown = json.loads(result.output[: result.output.rindex("}") + 1])  # the answer, then the error
+    assert shown["acknowledged"] == {"crm-privacy": False, "identity-privacy-0": True}
+    assert shown["missing"] == ["crm-privacy"]
+
+
+def test_the_privacy_consumers_waited_for_are_the_ones_the_services_create():
+    """`subjects.privacy_durables` is what `--wait` waits for: every service that follows privacy.deleted
+    with a durable consumer is in it, under the name the service gives its consumer."""
+    import re
+    from pathlib import Path
+
+    from cdp_crm.privacy import consumer_spec as crm_spec
+    from cdp_kit.bus import subjects
+    from cdp_orchestration.privacy import consumer_spec as orchestration_spec
+
+    services = Path(__file__).resolve().parents[3] / "services"
+    following = {
+        path.relative_to(services).parts[0]
+        for path in services.glob("*/src/**/*.py")
+        if re.search(r"filter_subjects=\(subjects\.PRIVACY_DELETED,\)", path.read_text())
+    }
+    assert following == set(subjects.PRIVACY_FOLLOWERS)
+    assert subjects.privacy_durables(["collector", "crm", "identity", "orchestration", "profile"]) == [
+        crm_spec().durable,
+        "identity-privacy-0",  # identity's replica 0 (the other test sees it on the server)
+        orchestration_spec().durable,
+    ]

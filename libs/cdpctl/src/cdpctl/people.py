@@ -14,8 +14,14 @@ person holding it now. Deletion is irreversible, so it asks first unless `--yes`
 durable and the `privacy.deleted` notice is in the PRIVACY stream; every other service that keeps the
 person follows that stream with a durable consumer and acknowledges a notice only once its purge is
 durable and its store erased. So the deletion is done when every durable consumer of PRIVACY has
-acknowledged everything the stream held when profile answered (the notice included). A consumer that
-never gets there (a service down, a replica scaled away whose consumer was left behind) is named.
+acknowledged everything the stream held when profile answered (the notice included). Which consumers
+those are is not only what the server lists: a consumer deleted by mistake (or lost with a stream
+restore) acknowledges nothing and lists nothing, and the deletion would look done while that service
+never saw it. So `--wait` also waits for every consumer the platform's services have
+(`subjects.privacy_durables`: the services in the run file `cdpctl up` wrote, every platform service
+without one); a running service creates a lost consumer again, which then acknowledges. A consumer that
+never gets there (a service down, its consumer gone, a replica scaled away whose consumer was left
+behind) is named, a missing one as missing.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +42,7 @@ from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdpctl import tls
 from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
-from cdpctl.platform import Workspace
+from cdpctl.platform import SERVICES, Workspace
 
 
 async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str, ...]) -> str:
@@ -261,9 +268,11 @@ def delete(
     if not wait:
         out.print_json(json.dumps(result))
         return
-    result["acknowledged"] = acknowledged = asyncio.run(privacy_acknowledged(nats_url(ws, nats_address), timeout))
+    url = nats_url(ws, nats_address)
+    acknowledged, missing = asyncio.run(privacy_acknowledged(url, timeout, expected_privacy_consumers(ws, url)))
+    result["acknowledged"], result["missing"] = acknowledged, missing
     out.print_json(json.dumps(result))
-    pending = sorted(name for name, done in acknowledged.items() if not done)
+    pending = [f"{name} (no such consumer)" if name in missing else name for name, ok in acknowledged.items() if not ok]
     if not acknowledged:
         from cdp_kit.bus import subjects
 
@@ -272,9 +281,23 @@ def delete(
         raise click.ClickException(f"not acknowledged within {timeout:g}s by: {', '.join(pending)}")
 
 
-async def privacy_acknowledged(url: str, timeout: float) -> dict[str, bool]:
-    """Durable consumer of PRIVACY -> whether it has acknowledged everything the stream holds now, waiting
-    up to `timeout` seconds for all of them (see the module docstring)."""
+def expected_privacy_consumers(ws: Workspace, url: str) -> list[str]:
+    """The durable consumers of PRIVACY the platform has: of the services `cdpctl up` runs when `url` is
+    its NATS, else of every platform service."""
+    from cdp_kit.bus import subjects
+
+    state = ws.read_run() or {}
+    running = state.get("services") if state.get("nats") == url else None
+    return subjects.privacy_durables(running or [svc.name for svc in SERVICES])
+
+
+async def privacy_acknowledged(
+    url: str, timeout: float, expected: Iterable[str] = ()
+) -> tuple[dict[str, bool], list[str]]:
+    """Durable consumer of PRIVACY (those on the server and the `expected` ones) -> whether it has
+    acknowledged everything the stream holds now, waiting up to `timeout` seconds for all of them (see the
+    module docstring); and the expected ones the server does not have."""
+    expected = list(expected)
     # The bus only for --wait: every other command here talks gRPC (and cdpctl's start-up stays short).
     import nats
 
@@ -288,9 +311,11 @@ async def privacy_acknowledged(url: str, timeout: float) -> dict[str, bool]:
         deadline = loop.time() + timeout
         while True:
             consumers = [c for c in await js.consumers_info(subjects.PRIVACY) if c.config.durable_name]
-            done = {c.config.durable_name: c.ack_floor.stream_seq >= last for c in consumers}
+            done = dict.fromkeys(expected, False)  # gone from the server: nothing acknowledged
+            done.update({c.config.durable_name: c.ack_floor.stream_seq >= last for c in consumers})
             if (done and all(done.values())) or loop.time() > deadline:
-                return dict(sorted(done.items()))
+                present = {c.config.durable_name for c in consumers}
+                return dict(sorted(done.items())), sorted(set(expected) - present)
             await asyncio.sleep(0.2)
     finally:
         await nc.close()

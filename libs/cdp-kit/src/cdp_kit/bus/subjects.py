@@ -18,7 +18,7 @@ consumer at a time, so one person's messages are applied in order.
 | `PROFILES`        | `profiles.changed.<p(person)>`        | profile             | scoring (`scoring-p<p>`), segmentation (`segmentation-p<p>`) |
 | `SCORES`          | `scores.updated.<p(person)>`          | scoring             | profile (`profile-scores-p<p>`)     |
 | `SEGMENTS`        | `segments.entered.<p>`, `segments.exited.<p>` | segmentation | orchestration, crm-connector     |
-| `PRIVACY`         | `privacy.deleted`                     | profile (DeleteProfile) | identity (`identity-privacy-<ordinal>`), collector (reads it whole at start) |
+| `PRIVACY`         | `privacy.deleted`                     | profile (DeleteProfile) | identity (`identity-privacy-<ordinal>`), orchestration (`orchestration-privacy`), collector (reads it whole at start) |
 | `ORCHESTRATION`   | `orchestration.in.<p(person)>`        | orchestration's API (commands); sourced server-side from `events.resolved`, `segments.*`, `profiles.changed`, `orchestration.fired` | orchestration (`orchestration-p<p>`) |
 | `ORCHESTRATION_TIMERS` | `orchestration.timers.<p>.<timer id>` (message schedules), `orchestration.fired.<p>` (what they fire) | orchestration | `ORCHESTRATION` (sourced) |
 | `ACTIONS`         | `actions.<channel>.<p(person)>`       | orchestration (arbiter) | channel dispatchers, crm-connector (`actions.crm`) |
@@ -35,6 +35,8 @@ definition changed: reload it); they are not kept, since each replica also reloa
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 # Streams.
 EVENTS_RAW = "EVENTS_RAW"
@@ -208,6 +210,28 @@ def shared_durable(service: str, input: str) -> str:
 def replica_durable(service: str, input: str, ordinal: int) -> str:
     """`identity`, `privacy`, 0 → `identity-privacy-0`: one consumer per replica of a broadcast input."""
     return f"{service}-{input}-{ordinal}"
+
+
+# The services that follow `privacy.deleted` with a durable consumer and acknowledge a deletion only once
+# their purge is durable: each replica with its own (`replica_durable`: every replica holds the person in
+# memory) or the replicas sharing one (`shared_durable`: each request handled once). A deletion is done
+# when every one of them has acknowledged it (`cdpctl delete --wait`). The collector follows the stream
+# without a consumer; profile publishes it.
+PRIVACY_FOLLOWERS: dict[str, str] = {"identity": "replica", "orchestration": "shared", "crm": "shared"}
+
+
+def privacy_durables(services: Iterable[str]) -> list[str]:
+    """The durable consumers of `privacy.deleted` a platform running `services` has: `identity`, `crm` →
+    `crm-privacy`, `identity-privacy-0` (a per-replica consumer by its first replica's; more replicas add
+    theirs)."""
+    names = []
+    for service in services:
+        kind = PRIVACY_FOLLOWERS.get(service)
+        if kind == "shared":
+            names.append(shared_durable(service, "privacy"))
+        elif kind == "replica":
+            names.append(replica_durable(service, "privacy", 0))
+    return sorted(names)
 
 
 def checkpoints_collection(service: str) -> str:
