@@ -448,3 +448,17 @@ async def test_a_missing_stream_is_not_answered_with_a_consumer(bus):
     runner = bus.consumer(spec(stream="NO_SUCH_STREAM"), None)
     assert not await runner.recover_missing()
     assert runner.recreated == 0
+
+
+async def test_the_lag_poll_creates_a_lost_consumer_again_when_no_fetch_says_so(bus):
+    """A pull to a consumer that no longer exists may get no answer at all (servers differ): the lag poll,
+    which asks for the consumer's state every few seconds anyway, finds it gone too."""
+    runner = bus.consumer(spec(), None)
+    await runner.provision()
+    await bus.js.delete_consumer("EVENTS_RAW", "t")
+    poll = asyncio.create_task(runner._poll_lag())
+    try:
+        await until(lambda: runner.recreated == 1)
+    finally:
+        await stop(poll)
+    assert (await bus.js.consumer_info("EVENTS_RAW", "t")).config.deliver_policy == api.DeliverPolicy.ALL
