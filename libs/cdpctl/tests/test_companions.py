@@ -24,6 +24,7 @@ from cdpctl.platform import (
     SERVICES,
     Workspace,
     companion_command,
+    companion_environment,
     pick_port,
     service_environment,
 )
@@ -36,7 +37,12 @@ def channels(tmp_path):
     ws.prepare((ORCHESTRATION,))  # its own token: it calls profile
     ports = {listener: pick_port(0) for listener in CHANNELS.ports}
     log = open(tmp_path / "channels.log", "wb")
-    proc = subprocess.Popen(companion_command(ws, CHANNELS, ports), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        companion_command(ws, CHANNELS, ports),
+        env=companion_environment(ws, CHANNELS, ports),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         for port in ports.values():
             assert wait_for_port("127.0.0.1", port, 30), (tmp_path / "channels.log").read_text()
@@ -90,7 +96,7 @@ def test_orchestration_accepts_the_environment_that_points_it_at_the_local_serve
     assert (env["CDP_OUTCOMES_URL"], env["CDP_OUTCOMES_WRITE_KEY"]) == ("http://127.0.0.1:8080", ws.write_key())
     # Both sides of a signature share one secret, made once per workspace and readable by its owner only.
     assert env["CDP_WEBHOOK_SECRET"] == ws.dev_secret("webhook")
-    assert f"--webhook-secret={env['CDP_WEBHOOK_SECRET']}" in companion_command(ws, CHANNELS, ports)
+    assert companion_environment(ws, CHANNELS, ports)["CDP_WEBHOOK_SECRET"] == env["CDP_WEBHOOK_SECRET"]
     assert (ws.secrets_dir / "dev-webhook.secret").stat().st_mode & 0o077 == 0
 
 
@@ -155,3 +161,47 @@ def test_without_companions_orchestration_gets_no_provider_half_configured(tmp_p
     assert not [name for name in env if name.startswith(("CDP_SMTP_", "CDP_TWILIO_", "CDP_FCM_", "CDP_WEBHOOK_"))]
     load_settings(OrchestrationSettings, env)
     assert configured(env) == {}
+
+
+def test_no_companion_has_a_secret_on_its_command_line(tmp_path):
+    """A command line is readable by every local user (`ps`): the dev secrets go through the environment."""
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    secrets = {ws.dev_secret("twilio"), ws.dev_secret("webhook")}
+    for companion in COMPANIONS:
+        ports = {listener: 20_000 + i for i, listener in enumerate(companion.ports)}
+        command = companion_command(ws, companion, ports)
+        assert not [s for s in secrets if s in " ".join(command)], companion.name
+        options = [arg.partition("=")[0] for arg in command if arg.startswith("--")]
+        assert not [o for o in options if "secret" in o or "token" in o], options
+    env = companion_environment(ws, CHANNELS, {listener: 0 for listener in CHANNELS.ports})
+    assert env["CDP_TWILIO_AUTH_TOKEN"] == ws.dev_secret("twilio")
+    assert env["CDP_WEBHOOK_SECRET"] == ws.dev_secret("webhook")
+
+
+def test_the_local_twilio_started_as_up_starts_it_accepts_orchestrations_auth_token(channels):
+    """Both sides still share the workspace's Twilio token: orchestration's (environment) is the one the
+    local Twilio checks (its environment too)."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    ws, ports = channels
+    env = orchestration_environment(ws, ports)
+    sid, token = env["CDP_TWILIO_ACCOUNT_SID"], env["CDP_TWILIO_AUTH_TOKEN"]
+
+    def post(password: str) -> int:
+        request = urllib.request.Request(
+            f"{env['CDP_TWILIO_API_URL']}/2010-04-01/Accounts/{sid}/Messages.json",
+            data=urllib.parse.urlencode({"To": "+15005550006", "From": env["CDP_TWILIO_FROM"], "Body": "hi"}).encode(),
+            headers={"Authorization": "Basic " + base64.b64encode(f"{sid}:{password}".encode()).decode()},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post("not-the-token") == 401
+    assert post(token) == 201

@@ -6,10 +6,19 @@ Each later service adds one `ServiceProcess` entry here (and one component in th
 Companions (`COMPANIONS`) are local stand-ins for what a deployment reaches outside itself: the channel
 providers orchestration sends through (SMTP, Twilio, FCM, Web Push, webhooks: `cdp_testing.channels`) and
 the four CRMs (`cdp_crm_emulators`). They are test and development code, never in the image or the chart.
-They serve no gRPC health: `cdpctl status` shows them UP while their ports accept connections, and a
-companion that is down does not make the platform unhealthy (it is not part of it). They start before
-the services, so a service whose environment names a companion finds it listening (orchestration checks
-the FCM key file at start).
+They serve no gRPC health: `cdpctl status` shows them UP while each listener answers a request of its
+protocol (an HTTP request, SMTP's greeting) within a short time - a port that accepts connections is not
+enough, a stopped (SIGSTOP) or wedged process still accepts them - and a companion that is down does not
+make the platform unhealthy (it is not part of it). They start before the services, so a service whose
+environment names a companion finds it listening (orchestration checks the FCM key file at start). Their
+secrets (the local Twilio's auth token, the webhook signing key) reach them through their environment,
+never their command line, which every local user can read (`ps`).
+
+The workspace is its owner's alone: it holds the NATS operator's password (run.json), every token, the
+stores and the logs. Folders are 0700 and files 0600 from creation (`private_umask`: cdpctl creates under
+umask 077 and its children inherit it, so the services' stores and logs, nats-server's JetStream store and
+the companions' files are made so too); `Workspace.make_private` tightens a workspace an older cdpctl
+left readable.
 """
 
 from __future__ import annotations
@@ -23,8 +32,10 @@ import random
 import re
 import secrets
 import socket
+import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,8 +180,9 @@ class Companion:
     """A development stand-in `cdpctl up` runs beside the services (`python -m <module> <args>`).
 
     `ports` maps each listener to its conventional port; a taken one is replaced by a free one, as for
-    services. In `args`, "{<listener>}" is that listener's port, "{home}" the workspace folder and
-    "{secret:<name>}" a dev secret of the workspace (the same value the services' environment gets).
+    services. In `args` and `env`, "{<listener>}" is that listener's port, "{home}" the workspace folder
+    and "{secret:<name>}" a dev secret of the workspace (the same value the services' environment gets).
+    A secret goes in `env`, never in `args`: a command line is readable by every local user.
     """
 
     name: str
@@ -181,6 +193,10 @@ class Companion:
     role: str = ""
     # How to reach each listener: "{<listener>}" is its port; default http://127.0.0.1:{port}.
     urls: dict[str, str] = field(default_factory=dict)
+    # Variables added to its environment (placeholders as in `args`): its secrets.
+    env: dict[str, str] = field(default_factory=dict)
+    # The protocol each listener answers, for the health probe (`cdpctl status`): "http" unless named.
+    protocols: dict[str, str] = field(default_factory=dict)
 
 
 CHANNELS = Companion(
@@ -190,13 +206,14 @@ CHANNELS = Companion(
         "--smtp-port={smtp}",
         "--maildir={home}/mail",
         "--twilio-port={twilio}",
-        "--twilio-auth-token={secret:twilio}",
         "--fcm-port={fcm}",
         "--fcm-key-file={home}/channels/fcm-key.json",
         "--webpush-port={webpush}",
         "--webhook-port={webhook}",
-        "--webhook-secret={secret:webhook}",
     ),
+    # The variables its options default to (the same names orchestration reads).
+    env={"CDP_TWILIO_AUTH_TOKEN": "{secret:twilio}", "CDP_WEBHOOK_SECRET": "{secret:webhook}"},
+    protocols={"smtp": "smtp"},
     ports={"smtp": 1025, "twilio": 8025, "fcm": 8026, "webpush": 8027, "webhook": 8028},
     role="local SMTP (mail in .cdp/mail), Twilio, FCM, Web Push and webhook servers",
     urls={"smtp": "smtp://127.0.0.1:{smtp}", "webhook": "http://127.0.0.1:{webhook}/hooks/cdp"},
@@ -333,9 +350,32 @@ def pick_port(preferred: int) -> int:
     raise RuntimeError(f"no free port found in {_SPARE_PORTS.start}-{_SPARE_PORTS.stop - 1}")
 
 
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and folders made inside (by this process, and by the children it starts) are the owner's only."""
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` in `path`, readable by its owner only from the moment it exists (replaced in one rename)."""
+    staging = path.with_name(path.name + ".new")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a staging file left by a crash may have been made looser
+        with os.fdopen(fd, "w", closefd=False) as f:
+            f.write(text)
+    finally:
+        os.close(fd)
+    staging.replace(path)
+
+
 @dataclass
 class Workspace:
-    """Everything `cdpctl up` keeps under one project-local folder (default `.cdp/`)."""
+    """Everything `cdpctl up` keeps under one project-local folder (default `.cdp/`), its owner's only."""
 
     root: Path
 
@@ -459,17 +499,46 @@ class Workspace:
         Twilio's auth token), made once per workspace and readable by its owner only."""
         path = self.secrets_dir / f"dev-{name}.secret"
         if not path.exists():
-            self.secrets_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(24) + "\n")
-            path.chmod(0o600)
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(path, secrets.token_urlsafe(24) + "\n")
         return path.read_text().strip()
 
+    def make_private(self) -> int:
+        """Take group and other access away from everything in the workspace (folders 0700, files keep
+        their owner's bits only), as an older cdpctl, or a looser umask, left it; how many were changed.
+        Symbolic links are left alone (their mode means nothing; what they point at is not ours)."""
+        if not self.root.is_dir():
+            return 0
+        changed = 0
+        paths = [self.root]
+        for folder, dirs, files in os.walk(self.root):  # not into linked folders
+            paths += [Path(folder) / name for name in (*dirs, *files)]
+        for path in paths:
+            try:
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode):
+                    continue
+                wanted = 0o700 if stat.S_ISDIR(mode) else stat.S_IMODE(mode) & 0o700
+                if stat.S_IMODE(mode) != wanted:
+                    path.chmod(wanted)
+                    changed += 1
+            except FileNotFoundError:
+                continue  # removed meanwhile (a service replacing one of its files)
+        return changed
+
     def prepare(self, services: tuple[ServiceProcess, ...] = SERVICES) -> None:
+        """The workspace's folders, tokens, NATS users and sources, made owner-only (whatever the caller's
+        umask: see the module docstring)."""
+        with private_umask():
+            self._prepare(services)
+
+    def _prepare(self, services: tuple[ServiceProcess, ...]) -> None:
         from cdp_kit.auth import new_token, write_tokens_file
         from cdp_kit.natsauth import OPERATOR, new_password, write_credentials
 
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir, *self.companion_dirs):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
         own = [svc for svc in services if svc.extra_scopes]
         files = [self.tokens_file, self.admin_token_file, self.services_token_file]
@@ -515,7 +584,8 @@ class Workspace:
         return next(s for s in sources if source is None or s["id"] == source)["write_key"]
 
     def write_run(self, state: dict) -> None:
-        self.run_file.write_text(json.dumps(state, indent=2))
+        """run.json, owner-only: its "nats" URL carries the operator's password (every permission)."""
+        write_private(self.run_file, json.dumps(state, indent=2))
 
     def read_run(self) -> dict | None:
         try:
@@ -637,15 +707,24 @@ def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[st
         except KeyError:
             text = empty
         path = Path(fill(target, ws, named_ports))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(path, text)  # the CRM connections name their credentials
         written.append(path)
     return written
 
 
 def companion_command(ws: Workspace, companion: Companion, ports: dict[str, int]) -> list[str]:
-    """`python -m <module> <args>` with its ports (by listener), the workspace and its dev secrets filled in."""
+    """`python -m <module> <args>` with its ports (by listener) and the workspace filled in (no secret:
+    those are in `companion_environment`)."""
     return [sys.executable, "-m", companion.module, *(fill(arg, ws, ports) for arg in companion.args)]
+
+
+def companion_environment(ws: Workspace, companion: Companion, ports: dict[str, int]) -> dict[str, str]:
+    """The companion's environment: cdpctl's, unbuffered output, and its `env` (its secrets) filled in.
+    A process's environment is readable by its owner only (/proc/PID/environ), unlike its command line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.update({key: fill(value, ws, ports) for key, value in companion.env.items()})
+    return env
 
 
 def companion_urls(companion: Companion, ports: dict[str, int]) -> dict[str, str]:

@@ -49,9 +49,11 @@ from cdpctl.platform import (
     SERVICES,
     Workspace,
     companion_command,
+    companion_environment,
     companion_urls,
     next_nats_user,
     pick_port,
+    private_umask,
     service_environment,
     write_service_files,
 )
@@ -126,6 +128,21 @@ async def _up(
     if previous:
         console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
         return 1
+    # Everything made from here on - by cdpctl, nats-server (its JetStream store), the services (their
+    # stores) and the companions, who inherit the umask - is the owner's only (cdpctl.platform).
+    with private_umask():
+        return await _up_private(ws, startup_timeout, policy, companions=companions, use_tls=use_tls)
+
+
+async def _up_private(
+    ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, companions: bool, use_tls: bool
+) -> int:
+    loosened = ws.make_private()
+    if loosened:
+        console.print(
+            f"[yellow]{ws.root} was readable by other users ({loosened} files and folders, left so by an older "
+            "cdpctl): now its owner's only.[/]"
+        )
     ws.prepare()
     ws.write_nats_auth()
     client = None
@@ -173,7 +190,7 @@ async def _up(
             process = children.start(
                 companion.name,
                 companion_command(ws, companion, ports),
-                {**os.environ, "PYTHONUNBUFFERED": "1"},
+                companion_environment(ws, companion, ports),  # its secrets: never on its command line
                 logs[companion.name],
                 tuple(ports.values()),
             )

@@ -22,6 +22,7 @@ supervisor noticed the exit delays the start, without counting a crash, until it
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -68,8 +69,10 @@ def describe_exit(returncode: int) -> str:
 
 
 def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """Start a child with its output appended to `log_path`."""
-    with open(log_path, "ab") as log:
+    """Start a child with its output appended to `log_path`. The log and whatever the child creates (its
+    stores, its own files) are its owner's only: a service's log and store hold what users sent."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "ab") as log:
         # Own session (a terminal's Ctrl-C reaches cdpctl alone, which stops them in order), and SIGTERM
         # from the kernel if cdpctl dies without stopping them (SIGKILL): no orphan keeps a port.
         return subprocess.Popen(
@@ -78,6 +81,7 @@ def spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            umask=0o077,
             preexec_fn=die_with_parent(),  # noqa: PLW1509 (a prctl and a getppid only: cdp_kit.children)
         )
 
