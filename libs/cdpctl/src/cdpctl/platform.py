@@ -101,6 +101,9 @@ ORCHESTRATION = ServiceProcess(
             "CDP_WEBHOOK_URL": "http://127.0.0.1:{channels.webhook}/hooks/cdp",
             # The companions all listen on loopback, which webhooks reach only when it is listed.
             "CDP_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            # Web Push is off here, but one turned on (a VAPID key) reaches the local push service only
+            # when loopback is listed, as webhooks do.
+            "CDP_WEBPUSH_ALLOWED_HOSTS": "127.0.0.1,localhost",
         },
     },
 )
