@@ -1,19 +1,32 @@
 """`cdpctl status` tells the operator a service is up but cannot write its store (a full disk): the
-service's health `cdp.storage` (cdp_kit.storage.health) reads NOT_SERVING while its process stays SERVING."""
+service's health `cdp.storage` (cdp_kit.storage.health) reads NOT_SERVING while its process stays SERVING;
+and a dev companion that accepts connections but does not answer (stopped) is not shown UP."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import time
 
 import grpc
 from click.testing import CliRunner
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from cdp_kit.natsserver import wait_for_port
 from cdp_kit.storage.health import HEALTH_NAME
 from cdpctl.cli import main
-from cdpctl.platform import Workspace
+from cdpctl.platform import (
+    CHANNELS,
+    COMPANIONS,
+    Workspace,
+    companion_command,
+    companion_environment,
+    companion_urls,
+    pick_port,
+)
 from cdpctl.run import STORE_HEALTH
 
 
@@ -45,3 +58,56 @@ async def test_a_service_whose_store_cannot_write_is_shown_so_and_the_platform_i
         assert result.exit_code == 0 and document["services"]["profile"]["store"] == "ok"
     finally:
         await server.stop(0)
+
+
+def test_a_stopped_companion_whose_ports_still_accept_connections_is_shown_not_answering(nats_server, tmp_path):
+    """A SIGSTOPped companion's ports still accept connections (the kernel does it): `status` asks each listener
+    a real request (HTTP, SMTP's greeting) with a short timeout, and shows it NOT ANSWERING until it answers."""
+    ws = Workspace(tmp_path / "home")
+    ws.prepare(())
+    chosen = [CHANNELS, next(c for c in COMPANIONS if c.name == "crm-hubspot")]
+    procs, companions = [], {}
+    for companion in chosen:
+        ports = {listener: pick_port(0) for listener in companion.ports}
+        log = open(tmp_path / f"{companion.name}.log", "wb")
+        procs.append(
+            subprocess.Popen(
+                companion_command(ws, companion, ports),
+                env=companion_environment(ws, companion, ports),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        log.close()
+        companions[companion.name] = {"ports": ports, "urls": companion_urls(companion, ports), "role": ""}
+    ws.write_run({"pid": os.getpid(), "nats": nats_server.url, "services": {}, "companions": companions})
+    runner = CliRunner()
+
+    def shown() -> dict:
+        result = runner.invoke(main, ["--home", str(ws.root), "status", "--json"])
+        assert result.exit_code == 0, result.output  # companions never decide the platform's health
+        return {name: (c["up"], c["health"]) for name, c in json.loads(result.output)["companions"].items()}
+
+    try:
+        for companion in chosen:
+            for port in companions[companion.name]["ports"].values():
+                assert wait_for_port("127.0.0.1", port, 30), (tmp_path / f"{companion.name}.log").read_text()
+        deadline = time.monotonic() + 30
+        while shown() != {"channels": (True, "UP"), "crm-hubspot": (True, "UP")}:
+            assert time.monotonic() < deadline, shown()
+            time.sleep(0.2)
+
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+        assert shown() == {"channels": (False, "NOT ANSWERING"), "crm-hubspot": (False, "NOT ANSWERING")}
+        result = runner.invoke(main, ["--home", str(ws.root), "status"])
+        assert result.output.count("NOT ANSWERING") == 2, result.output
+
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert shown() == {"channels": (True, "UP"), "crm-hubspot": (True, "UP")}
+    finally:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            proc.wait(10)

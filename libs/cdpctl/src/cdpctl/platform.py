@@ -198,8 +198,10 @@ class Companion:
     urls: dict[str, str] = field(default_factory=dict)
     # Variables added to its environment (placeholders as in `args`): its secrets.
     env: dict[str, str] = field(default_factory=dict)
-    # The protocol each listener answers, for the health probe (`cdpctl status`): "http" unless named.
+    # The protocol each listener answers, for the health probe (`cdpctl status`): "http" unless named
+    # ("smtp": its greeting). An HTTP listener is asked `GET <health_path>`; any HTTP answer will do.
     protocols: dict[str, str] = field(default_factory=dict)
+    health_path: str = "/"
 
 
 CHANNELS = Companion(
@@ -230,6 +232,8 @@ def _crm(name: str, port: int, title: str) -> Companion:
         args=(name, "--port={api}", f"--snapshot={{home}}/crm/{name}.json"),
         ports={"api": port},
         role=f"{title} emulator (records kept in .cdp/crm/{name}.json)",
+        # An inspection route: not an API call, so never counted against the CRM's limits nor faulted.
+        health_path="/_emulator/budget",
     )
 
 

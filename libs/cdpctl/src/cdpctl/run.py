@@ -16,7 +16,9 @@ clients with a certificate from the workspace's CA and dials its peers with its 
 health checks present cdpctl's certificate (run.json's "tls"), and each service's plaintext health-only
 port is its "health" in run.json.
 
-`status` checks each service's gRPC health and each companion's ports. The platform is healthy when
+`status` checks each service's gRPC health and asks each companion's listeners a request of their protocol
+(`probe`: an HTTP GET, SMTP's greeting) with a short timeout: a companion whose ports accept connections
+but do not answer (stopped with SIGSTOP, wedged) is NOT ANSWERING, not UP. The platform is healthy when
 nats-server and every service are, and every service's stores can write (the health of `cdp.storage`:
 a service whose store cannot write - a full disk - is shown "SERVING, store cannot write"); a companion
 that is down is shown DOWN but does not make it unhealthy (it stands in for something outside the
@@ -29,6 +31,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -47,6 +50,7 @@ from cdpctl.platform import (
     COMPANIONS,
     NATS_SERVER_CONFIG,
     SERVICES,
+    Companion,
     Workspace,
     companion_command,
     companion_environment,
@@ -84,9 +88,61 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def companions_up(companion: dict) -> bool:
-    """A companion is up while every one of its listeners accepts connections."""
-    return all(wait_for_port("127.0.0.1", port, 0.2) for port in companion["ports"].values())
+# A companion's health: UP when every listener answers, DOWN when one does not accept connections, NOT
+# ANSWERING when one accepts them but says nothing in time (the kernel accepts for a stopped process).
+UP, DOWN, NOT_ANSWERING = "UP", "DOWN", "NOT ANSWERING"
+PROBE_TIMEOUT = 1.5  # seconds for the connection and the first bytes of the answer, per listener
+
+
+def _first_bytes(sock: socket.socket, count: int, deadline: float) -> bytes:
+    data = b""
+    while len(data) < count:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break  # closed before answering
+        data += chunk
+    return data
+
+
+def probe(port: int, protocol: str = "http", path: str = "/", timeout: float = PROBE_TIMEOUT) -> str:
+    """UP when the listener on `port` answers a request of its protocol within `timeout`: an HTTP listener
+    any status line to `GET <path>` (a 404 is an answer), an SMTP listener its greeting."""
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError:
+        return DOWN
+    with sock:
+        try:
+            if protocol == "smtp":
+                answered = _first_bytes(sock, 4, deadline)[:1] in (b"2", b"4", b"5")  # 220, or 421 busy
+                if answered:
+                    sock.sendall(b"QUIT\r\n")
+            else:
+                request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                sock.sendall(request.encode())
+                answered = _first_bytes(sock, 5, deadline) == b"HTTP/"
+        except OSError:  # a timeout, or reset
+            return NOT_ANSWERING
+    return UP if answered else NOT_ANSWERING
+
+
+_COMPANIONS = {companion.name: companion for companion in COMPANIONS}
+
+
+async def companion_health(name: str, companion: dict) -> str:
+    """The health of a companion run.json lists (its ports), probed as its definition says (`Companion`)."""
+    definition = _COMPANIONS.get(name) or Companion(name, "", (), {})
+    found = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                probe, port, definition.protocols.get(listener, "http"), definition.health_path, PROBE_TIMEOUT
+            )
+            for listener, port in companion["ports"].items()
+        )
+    )
+    return DOWN if DOWN in found else NOT_ANSWERING if NOT_ANSWERING in found else UP
 
 
 async def _ready(
@@ -203,7 +259,7 @@ async def _up_private(
             }
 
         async def companion_ready(name: str) -> bool:
-            return await asyncio.to_thread(companions_up, state["companions"][name])
+            return await companion_health(name, state["companions"][name]) == UP
 
         failed = await _ready(list(state["companions"]), children, logs, companion_ready, startup_timeout, stopping)
         if failed is not None:
@@ -255,7 +311,7 @@ async def _up_private(
                 state,
                 {name: "SERVING" for name in state["services"]},
                 nats_ok=True,
-                companions={name: True for name in state["companions"]},
+                companions={name: UP for name in state["companions"]},
             )
         )
         out.print(f"write key (HTTP Basic user / gRPC write_key): [bold]{state['write_key']}[/]")
@@ -377,7 +433,7 @@ def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions:
 
 
 def _status_table(
-    state: dict, health: dict[str, str], *, nats_ok: bool, companions: dict[str, bool] | None = None
+    state: dict, health: dict[str, str], *, nats_ok: bool, companions: dict[str, str] | None = None
 ) -> Table:
     table = Table(title="cdp")
     for column in ("service", "health", "gRPC", "HTTP", "metrics"):
@@ -393,18 +449,18 @@ def _status_table(
         status = health.get(name, "?")
         colour = "green" if status == "SERVING" else "red"
         table.add_row(name, f"[{colour}]{status}[/]", svc["grpc"], svc.get("http") or "", svc.get("metrics") or "")
-    # Development companions: no gRPC, UP while their ports accept connections (see the module docstring).
+    # Development companions: no gRPC, UP while their listeners answer (see the module docstring).
     for name, companion in state.get("companions", {}).items():
-        up_now = (companions or {}).get(name, False)
+        now = (companions or {}).get(name, DOWN)
         urls = companion["urls"]
         where = (
             next(iter(urls.values())) if len(urls) == 1 else " ".join(f"{k}:{p}" for k, p in companion["ports"].items())
         )
-        table.add_row(f"{name} [dim](dev)[/]", "[green]UP[/]" if up_now else "[yellow]DOWN[/]", "", where, "")
+        table.add_row(f"{name} [dim](dev)[/]", f"[{'green' if now == UP else 'yellow'}]{now}[/]", "", where, "")
     return table
 
 
-async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dict[str, bool]]:
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dict[str, str]]:
     state = ws.running()
     if state is None:
         return None, {}, False, {}
@@ -413,10 +469,9 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dic
         health[name] = await check_health(svc["grpc"])
         if health[name] == "SERVING" and await check_health(svc["grpc"], service=STORE_HEALTH) == "NOT_SERVING":
             health[name] = STORE_CANNOT_WRITE
-    companions = {
-        name: await asyncio.to_thread(companions_up, companion)
-        for name, companion in state.get("companions", {}).items()
-    }
+    listed = state.get("companions", {})
+    found = await asyncio.gather(*(companion_health(name, companion) for name, companion in listed.items()))
+    companions = dict(zip(listed, found, strict=True))
     where = urlsplit(state["nats"])
     return state, health, wait_for_port(where.hostname or "127.0.0.1", where.port or 4222, 0.5), companions
 
@@ -462,7 +517,7 @@ def status(ws: Workspace, as_json: bool) -> None:
                     "nats": {"url": _without_credentials(state["nats"]), "up": nats_ok},
                     "services": services,
                     "companions": {
-                        name: {**companion, "up": companions[name]}
+                        name: {**companion, "up": companions[name] == UP, "health": companions[name]}
                         for name, companion in state.get("companions", {}).items()
                     },
                     "write_key": state.get("write_key"),
