@@ -45,13 +45,18 @@ empty the stream into the dead-letter stream. The rule:
 A consumer the server has lost (deleted by an operator or with stale credentials, a stream restored
 from a backup without it: JetStream error 10014, "consumer not found") is created again, with the same
 config, by the runner that finds it gone - when a fetch fails, and by the lag poll every few seconds (a
-fetch to a missing consumer may just time out). It starts where a new consumer starts (the spec's
-`DeliverPolicy.ALL`, or `NEW` when the consumer the runner found delivered only new messages): its
-acknowledgement state went with it, so everything the stream holds is delivered again and handlers skip
-what they have applied (the contract above: the privacy handlers find a request done by its id, or
-nothing of the person left to purge). That costs a re-read; a missed privacy deletion would cost a
-person's data. The partition engines pass their checkpoint instead (`recover_missing(start_seq=...)`):
-nothing after it was applied. A warning names the consumer and `cdp.bus.consumer.recreated` counts it.
+fetch to a missing consumer may just time out). Its acknowledgements went with it, so where it starts
+decides what is missed: every message not acknowledged must come (a privacy deletion never seen is a
+person's data kept), and what was acknowledged may come again (the contract above; the privacy handlers
+find a request done by its id, or nothing of the person left to purge). So it starts after the highest
+acknowledgement floor the runner saw (at start and in the lag poll): everything up to it was handled.
+From the stream's beginning instead it would replay what must not be (profile's drained consumer of
+legacy merges would re-merge persons unmerged since), and a consumer created to deliver only new
+messages (`DeliverPolicy.NEW`, scoring's label watch) has its floor where it started. Without a floor,
+or when the stream was restored from an older backup (numbered again from below that floor), it starts
+at the stream's beginning (the spec's `DeliverPolicy.ALL`). The partition engines pass their checkpoint
+(`recover_missing(start_seq=...)`): nothing up to it needs applying. A warning names the consumer and
+`cdp.bus.consumer.recreated` counts it.
 
 Logs name the consumer, positions and the exception type (and an `InvalidArgument`'s field), never the
 exception's text: service exceptions quote identifiers. The dead-letter header keeps a capped detail
@@ -238,9 +243,9 @@ class ConsumerRunner:
         self.handled = 0
         self.dead_lettered = 0
         self.recreated = 0  # times the consumer was found gone and created again
-        # Where the consumer starts when it has to be created again: NEW if the one we found delivered only
-        # new messages (a consumer created so on purpose), the spec's ALL otherwise.
-        self._deliver_new = False
+        # Where the consumer starts if it has to be created again (module docstring): after the highest
+        # acknowledgement floor seen.
+        self._floor = 0
         self._recreating = asyncio.Lock()
         self._ready = asyncio.Event()
         attrs = {"stream": spec.stream, "consumer": spec.durable}
@@ -280,7 +285,7 @@ class ConsumerRunner:
         config = self.spec.config()
         try:
             info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
-            self._deliver_new = info.config.deliver_policy == api.DeliverPolicy.NEW
+            self._saw(info)
             if self.spec.ordered and (info.num_ack_pending or 0) > 0:
                 await self._restart_at_floor(info, config)
                 return
@@ -311,11 +316,16 @@ class ConsumerRunner:
             extra={"floor": floor, "unacknowledged": info.num_ack_pending},
         )
 
+    def _saw(self, info: api.ConsumerInfo) -> None:
+        if info.ack_floor is not None:
+            self._floor = max(self._floor, info.ack_floor.stream_seq or 0)
+
     async def recover_missing(self, error: BaseException | None = None, *, start_seq: int | None = None) -> bool:
         """Create the consumer again if the server says it does not exist (error 10014; the module
         docstring says why and where it starts); True when it did. `error`: what a fetch failed with -
         only an answer from JetStream (a status, no responders) is worth asking about; a connection
-        that is down is not. `start_seq`: start there instead (a partition engine's checkpoint + 1)."""
+        that is down is not. `start_seq`: start there (a partition engine's checkpoint + 1) rather than
+        after the acknowledgement floor seen."""
         if error is not None and not isinstance(error, (nats.js.errors.APIError, nats.errors.NoRespondersError)):
             return False
         async with self._recreating:  # concurrent fetch loops, and the lag poll: one of them creates it
@@ -330,12 +340,16 @@ class ConsumerRunner:
             except Exception:
                 return False  # the bus: the fetch (or the poll) is retried and asks again
             config = self.spec.config()
-            if start_seq is not None:
-                config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
-                config.opt_start_seq = max(start_seq, 1)
-            elif self._deliver_new:
-                config.deliver_policy = api.DeliverPolicy.NEW
+            if start_seq is None and self._floor:
+                start_seq = self._floor + 1
             try:
+                if start_seq is not None:
+                    last = (await self.js.stream_info(self.spec.stream)).state.last_seq or 0
+                    if start_seq > last + 1:
+                        start_seq = None  # restored from an older backup: its positions are not ours
+                if start_seq is not None:
+                    config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+                    config.opt_start_seq = max(start_seq, 1)
                 # Another replica sharing the durable may have created it since: the same config is no
                 # conflict.
                 await self.js.add_consumer(self.spec.stream, config)
@@ -402,6 +416,7 @@ class ConsumerRunner:
             try:
                 info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
                 self.pending = info.num_pending or 0
+                self._saw(info)
             except asyncio.CancelledError:
                 raise
             except NotFoundError as exc:
