@@ -153,3 +153,40 @@ async def test_dlq_of_a_stream_or_consumer_that_does_not_exist_says_so(bus_cli):
     # A stream that exists with nothing dead-lettered is an empty answer, not an error.
     result = await bus_cli.run("dlq", "EVENTS_RAW", "--json")
     assert result.exit_code == 0 and json.loads(result.output)["dead_letters"] == [], result.output
+
+
+def detail_column(table: str) -> str:
+    """The text of the dead-letter table's detail column (its 8th), its wrapped lines joined."""
+    cells = [line.split("│")[8].strip() for line in table.splitlines() if line.count("│") == 10]
+    return " ".join(cell for cell in cells if cell and cell != "detail")
+
+
+async def test_the_dlq_table_shows_the_cause_at_the_end_of_a_long_detail(bus_cli):
+    """The kit keeps up to 512 characters of why a message failed; the error that says why comes last."""
+    doing = "applying a batch of 500 events to partition 3 of the identity store at /var/lib/cdp/identity.db"
+    short = f"sqlite3.OperationalError while {doing}: database or disk is full"
+    long = f"{doing} (checkpoint of the write-ahead log after {'x' * 300} retries): database is locked"
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(dead_letter_stream())
+        for seq, detail in enumerate((short, long), start=1):
+            headers = {
+                "Cdp-Dlq-Reason": "store_error",
+                "Cdp-Dlq-Detail": detail,
+                "Cdp-Dlq-Subject": f"events.raw.{seq}",
+                "Cdp-Dlq-Stream": "EVENTS_RAW",
+                "Cdp-Dlq-Stream-Seq": str(seq),
+                "Cdp-Dlq-Consumer": "identity-p3",
+                "Cdp-Dlq-Deliveries": "5",
+                "Cdp-Dlq-Time": "2026-12-05T06:00:00Z",
+            }
+            await bus.js.publish("dlq.EVENTS_RAW.identity-p3", b"{}", headers=headers)
+
+    result = await bus_cli.run("dlq")
+    assert result.exit_code == 0, result.output
+    shown = detail_column(result.output)
+    assert "database or disk is full" in shown, result.output
+    assert "database is locked" in shown, result.output
+    assert "sqlite3.OperationalError while applying" in shown  # the start too, when it fits
+
+    result = await bus_cli.run("dlq", "--wide")
+    assert "x" * 300 in detail_column(result.output).replace(" ", ""), result.output  # --wide: whole

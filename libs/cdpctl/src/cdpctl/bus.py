@@ -10,7 +10,9 @@ Every consumer of that stream sees the message again; consumers are idempotent. 
 reads the DLQ only up to its last message when the command started: a replayed message that fails again
 is a new dead letter, left for the operator, never replayed again by the same command. A STREAM or
 CONSUMER that names nothing (a misspelling, the wrong case) is refused naming it, rather than shown as
-having no dead letters.
+having no dead letters. The table shows a long detail's start and its end, where the cause is (an
+exception's message follows what was being done: "... : database or disk is full"), wrapped in its column;
+`--wide` shows every detail whole, as `--json` does.
 
 `cdpctl lag` shows every durable consumer of every stream: messages not yet delivered, delivered but not
 acknowledged, and redelivered.
@@ -42,6 +44,8 @@ from cdpctl.common import console, nats_url, out
 from cdpctl.platform import Workspace
 
 DLQ = subjects.DLQ
+# Characters of a dead letter's detail the table shows (the kit keeps up to 512); `--wide` shows all.
+DETAIL_SHOWN = 200
 _DLQ_HEADERS = (DLQ_REASON, DLQ_DETAIL, DLQ_SUBJECT, DLQ_STREAM, DLQ_SEQ, DLQ_CONSUMER, DLQ_DELIVERIES, DLQ_TIME)
 
 
@@ -73,6 +77,15 @@ def _dead_letter(msg) -> DeadLetter:
         at=headers.get(DLQ_TIME, ""),
         size=len(msg.data or b""),
     )
+
+
+def shown_detail(detail: str, limit: int = DETAIL_SHOWN) -> str:
+    """`detail` whole when it fits `limit`, else its first quarter and its end with the middle elided: the
+    end says why (the error), the start what was being done."""
+    if len(detail) <= limit:
+        return detail
+    head = limit // 4
+    return f"{detail[:head]} … {detail[-(limit - head - 3) :]}"
 
 
 def dlq_subject(stream: str | None, consumer: str | None) -> str:
@@ -146,9 +159,19 @@ async def missing_name(url: str, stream: str, consumer: str | None) -> click.Bad
 @click.option("--replay", is_flag=True, help="republish each to its original subject, then remove it from the DLQ")
 @click.option("--limit", default=1000, show_default=True, help="at most this many")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--wide", is_flag=True, help=f"every detail whole (the table shows {DETAIL_SHOWN} characters of one)")
 @click.option("--nats", "url", help="NATS URL (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def dlq(ws: Workspace, stream: str | None, consumer: str | None, replay: bool, limit: int, as_json: bool, url) -> None:
+def dlq(
+    ws: Workspace,
+    stream: str | None,
+    consumer: str | None,
+    replay: bool,
+    limit: int,
+    as_json: bool,
+    wide: bool,
+    url,
+) -> None:
     """Dead letters (of one STREAM, or one of its CONSUMERs) with their reason; --replay sends them back."""
     subject = dlq_subject(stream, consumer)
     letters, replayed = asyncio.run(dead_letters(nats_url(ws, url), subject, limit=limit, replay=replay))
@@ -162,10 +185,15 @@ def dlq(ws: Workspace, stream: str | None, consumer: str | None, replay: bool, l
         out.print_json(json.dumps({"dead_letters": [asdict(d) for d in letters], "replayed": replayed}))
         return
     table = Table(title=f"dead letters ({subject})")
-    for column in ("seq", "stream", "consumer", "subject", "original seq", "deliveries", "reason", "detail", "at"):
+    for column in ("seq", "stream", "consumer", "subject", "original seq", "deliveries", "reason"):
         table.add_column(column)
+    # The detail wraps in its column (the widest share of the table) rather than being cut; "fold" breaks a
+    # word longer than the column (a path, an id) instead of dropping its end.
+    table.add_column("detail", overflow="fold", min_width=40, ratio=1)
+    table.add_column("at")
     for d in letters:
-        row = (d.seq, d.stream, d.consumer, d.subject, d.original_seq, d.deliveries, d.reason, d.detail[:60], d.at)
+        detail = d.detail if wide else shown_detail(d.detail)
+        row = (d.seq, d.stream, d.consumer, d.subject, d.original_seq, d.deliveries, d.reason, detail, d.at)
         table.add_row(*(str(v) for v in row))
     out.print(table)
     if replay:
