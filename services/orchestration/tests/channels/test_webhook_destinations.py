@@ -1,25 +1,33 @@
-"""Where a webhook may go, as an attacker who can write a profile trait (the URL) would try it.
+"""Where a webhook or a Web Push may go, as an attacker who can write a profile trait (a webhook URL, a
+push subscription's endpoint) would try it.
 
 Local receivers stand in for the places an attacker aims at: the receiver on 127.0.0.1 is "the node's
 own port" or "the metadata service" unless the operator listed it. A fake resolver stands in for DNS, so
-a name can answer with the receiver's loopback address as a rebinding name would.
+a name can answer with the receiver's loopback address as a rebinding name would. Both channels share
+the guard (`destinations`); the Web Push tests at the end show it holds there too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import logging
+import os
 import socket
 
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cdp_kit.settings import load_settings
 from cdp_orchestration.channels.base import Action, Content
 from cdp_orchestration.channels.destinations import refusal
-from cdp_orchestration.channels.settings import WebhookSettings
+from cdp_orchestration.channels.settings import WebhookSettings, WebPushSettings
 from cdp_orchestration.channels.webhook import WebhookChannel
+from cdp_orchestration.channels.webpush import WebPushChannel, b64url
 from cdp_testing.channels._http import HttpFake
 from cdp_testing.channels.webhook import LocalWebhookReceiver
 
@@ -205,3 +213,100 @@ async def test_the_allowed_list_still_limits_public_hosts():
 )
 def test_which_addresses_are_refused(address: str, kind: str | None):
     assert refusal(ipaddress.ip_address(address)) == kind
+
+
+# Web Push: the endpoint is whatever the person's browser (or whoever writes their profile) says.
+
+
+@pytest.fixture
+def pusher(tmp_path):
+    key = tmp_path / "vapid.pem"
+    key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+    def make(allowed: str = "", *, resolver: AbstractResolver | None = None, **more: str) -> WebPushChannel:
+        environ = {
+            "CDP_VAPID_PRIVATE_KEY_FILE": str(key),
+            "CDP_VAPID_SUBJECT": "mailto:ops@shop.example",
+            "CDP_WEBPUSH_ALLOWED_HOSTS": allowed,
+            "CDP_WEBPUSH_TIMEOUT": "2",
+            **more,
+        }
+        return WebPushChannel(load_settings(WebPushSettings, environ), resolver=resolver)
+
+    return make
+
+
+def push_to(endpoint: str) -> Action:
+    """A push to a subscription with valid keys whose endpoint is `endpoint`."""
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
+    subscription = {"endpoint": endpoint, "keys": {"p256dh": b64url(public), "auth": b64url(os.urandom(16))}}
+    return Action("act-1", "person-1", "webpush", Content(title="Back in stock", body="Now."), json.dumps(subscription))
+
+
+async def test_a_push_endpoint_named_localhost_is_refused_and_nothing_is_sent(pusher, caplog):
+    caplog.set_level(logging.INFO, logger="cdp.orchestration")
+    async with Metadata() as metadata:
+        endpoint = f"http://localhost:{metadata.port}/latest/meta-data"
+        async with pusher() as webpush:
+            outcome = await webpush.send(push_to(endpoint))
+        assert (outcome.status, outcome.reason, outcome.retryable) == ("rejected", "destination_not_allowed", False)
+        assert metadata.reached == 0
+    # The log names the class of address, never the endpoint.
+    assert [r.refused for r in caplog.records if hasattr(r, "refused")] == ["loopback"]
+    assert all("localhost" not in r.getMessage() and "meta-data" not in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::ffff:127.0.0.1]", "169.254.169.254", "10.0.0.7", "[::1]"])
+async def test_a_push_endpoint_at_an_address_that_is_not_public_is_refused_without_connecting(pusher, host):
+    async with Metadata() as metadata:
+        async with pusher() as webpush:
+            outcome = await webpush.send(push_to(f"http://{host}:{metadata.port}/latest/meta-data"))
+        assert (outcome.status, outcome.reason) == ("rejected", "destination_not_allowed")
+        assert metadata.reached == 0
+
+
+async def test_a_push_endpoint_on_a_listed_host_may_be_private(pusher):
+    async with Metadata() as relay:
+        async with pusher("localhost") as webpush:
+            by_name = await webpush.send(push_to(f"http://localhost:{relay.port}/push/1"))
+        async with pusher("127.0.0.1") as webpush:
+            by_address = await webpush.send(push_to(f"{relay.base_url}/push/1"))
+        assert (by_name.status, by_address.status) == ("accepted", "accepted")
+        assert relay.reached == 2
+
+
+async def test_a_push_endpoint_is_connected_to_at_the_address_that_was_checked(pusher):
+    async with Metadata() as metadata:
+        dns = Answers("127.0.0.1")
+        endpoint = f"http://push.shop.example:{metadata.port}/push/1"
+        async with pusher(resolver=dns) as webpush:
+            refused = await webpush.send(push_to(endpoint))
+        assert (refused.status, refused.reason) == ("rejected", "destination_not_allowed")
+        assert (metadata.reached, dns.asked) == (0, 1)
+        async with pusher("push.shop.example", resolver=dns) as webpush:
+            listed = await webpush.send(push_to(endpoint))
+        assert listed.status == "accepted" and metadata.reached == 1
+
+
+async def test_a_push_services_redirect_is_its_answer_never_followed(pusher):
+    async with Metadata() as metadata:
+        async with Redirector(f"{metadata.base_url}/latest/meta-data/", status=307) as redirector:
+            async with pusher("127.0.0.1") as webpush:
+                outcome = await webpush.send(push_to(f"{redirector.base_url}/push/1"))
+        assert (outcome.status, outcome.reason, outcome.retryable) == ("failed", "http_307", False)
+        assert metadata.reached == 0
+
+
+async def test_an_endless_push_answer_is_read_only_so_far_and_the_status_still_counts(pusher):
+    async with Endless() as push_service:
+        async with pusher("127.0.0.1", CDP_WEBPUSH_TIMEOUT="1") as webpush:
+            outcome = await webpush.send(push_to(f"{push_service.base_url}/push/1"))
+    assert outcome.status == "accepted"

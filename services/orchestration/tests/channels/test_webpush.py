@@ -32,6 +32,8 @@ def vapid(tmp_path):
                 "CDP_VAPID_PRIVATE_KEY_FILE": str(path),
                 "CDP_VAPID_SUBJECT": "mailto:ops@shop.example",
                 "CDP_WEBPUSH_TTL": "600",
+                # The local push service listens on 127.0.0.1, which an operator has to list to be called.
+                "CDP_WEBPUSH_ALLOWED_HOSTS": "127.0.0.1",
             },
         )
 

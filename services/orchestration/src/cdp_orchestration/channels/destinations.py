@@ -1,14 +1,17 @@
-"""Which addresses an outgoing webhook may connect to: public ones, and the hosts an operator listed.
+"""Which addresses an outgoing webhook or Web Push may connect to: public ones, and the hosts an operator listed.
 
-A webhook URL can come from a profile trait, so whoever can write a trait can name a host. Without a guard
-that host could be the cloud metadata service (169.254.169.254), the node's own ports or anything on the
-private network, and the platform would call it with its signature on the request. Invariants:
+A webhook URL can come from a profile trait, and a Web Push endpoint is whatever the push subscription on the
+profile says (written by a browser, or by anyone who can write to the profile), so whoever can write a
+profile can name a host. Without a guard that host could be the cloud metadata service (169.254.169.254),
+the node's own ports or anything on the private network, and the platform would call it with its signature
+on the request. Both channels use this module; each has its own list of hosts (CDP_WEBHOOK_ALLOWED_HOSTS,
+CDP_WEBPUSH_ALLOWED_HOSTS). Invariants:
 
 - An address that is not public - loopback, private (RFC 1918, ULA), shared (100.64/10), link-local
   (169.254/16, fe80::/10), multicast, unspecified, reserved, documentation - is refused, for IPv4 and IPv6
   alike; an IPv6 address that carries an IPv4 one (IPv4-mapped ``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``,
   6to4 ``2002::/16``) is judged by the IPv4 address inside it.
-- A host named in CDP_WEBHOOK_ALLOWED_HOSTS is exempt: an operator who lists ``localhost`` or a private
+- A host named in the channel's list is exempt: an operator who lists ``localhost`` or a private
   receiver means it. The exemption is by the name in the URL, never by what a name resolves to.
 - What is checked is what is connected to. `GuardedResolver` is the resolver of the channel's aiohttp
   connector: it resolves a name once, checks every address of the answer and hands the connector only an
@@ -16,6 +19,9 @@ private network, and the platform would call it with its signature on the reques
   the connection (DNS rebinding) has no second resolution to exploit. aiohttp does not resolve an IP
   literal, so the channel checks those itself (`refusal` on the URL's host) before the request.
 - A name whose answer holds any refused address is refused as a whole, rather than connecting to the rest.
+- The URL is parsed once, by the parser aiohttp connects with (`parse_url`), so the host checked is the
+  host connected to; redirects are not followed and at most a bounded part of an answer is read
+  (`read_at_most`), which the channels do per request.
 """
 
 from __future__ import annotations
@@ -24,21 +30,27 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 
-class DestinationRefused(OSError):
-    """A webhook host resolves to (or is) an address the channel does not call. `kind` says which class of
-    address (``loopback``, ``private``, ...); the message names neither the host nor the address, since
-    the URL can be customer data."""
+#: the variable that lists a webhook's exempt hosts, named in a refusal unless a channel names its own
+WEBHOOK_HOSTS = "CDP_WEBHOOK_ALLOWED_HOSTS"
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"webhook destination refused: a {kind} address (list its host in CDP_WEBHOOK_ALLOWED_HOSTS)")
+
+class DestinationRefused(OSError):
+    """A host resolves to (or is) an address the channel does not call. `kind` says which class of address
+    (``loopback``, ``private``, ...); the message names neither the host nor the address, since the URL
+    can be customer data, only the variable (`variable`) that would list the host."""
+
+    def __init__(self, kind: str, variable: str = WEBHOOK_HOSTS) -> None:
+        super().__init__(f"destination refused: a {kind} address (list its host in {variable})")
         self.kind = kind
 
 
@@ -79,8 +91,11 @@ class GuardedResolver(AbstractResolver):
     holds a refused address raises `DestinationRefused`, which aiohttp hands back as the `os_error` of a
     ClientConnectorError."""
 
-    def __init__(self, allowed: Iterable[str] = (), resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self, allowed: Iterable[str] = (), resolver: AbstractResolver | None = None, *, variable: str = WEBHOOK_HOSTS
+    ) -> None:
         self._allowed = frozenset(normal_host(host) for host in allowed)
+        self._variable = variable
         self._owns_resolver = resolver is None
         self._resolver = resolver if resolver is not None else DefaultResolver()
 
@@ -98,9 +113,30 @@ class GuardedResolver(AbstractResolver):
             address = literal(result["host"])
             kind = "unparseable" if address is None else refusal(address)
             if kind is not None:
-                raise DestinationRefused(kind)
+                raise DestinationRefused(kind, self._variable)
         return answer
 
     async def close(self) -> None:
         if self._owns_resolver:
             await self._resolver.close()
+
+
+def parse_url(text: str) -> URL | None:
+    """`text` as aiohttp will read it when it connects (yarl), or None when it is no URL at all."""
+    try:
+        return URL(text)
+    except ValueError:
+        return None
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> None:
+    """Read an answer's body up to `limit` bytes, so a kept-alive connection can be reused; past that the
+    connection is dropped rather than read on (the status is the answer: whatever a URL names cannot make
+    the service hold an unbounded body)."""
+    read = 0
+    while read < limit:
+        chunk = await response.content.read(limit - read)
+        if not chunk:
+            return
+        read += len(chunk)
+    response.close()

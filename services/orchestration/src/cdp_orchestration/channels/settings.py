@@ -139,6 +139,14 @@ class WebPushSettings:
     )
     ttl: int = env("CDP_WEBPUSH_TTL", 86400, help="seconds a push service keeps an undelivered message")
     timeout: float = env("CDP_WEBPUSH_TIMEOUT", 10.0, help="seconds per request")
+    allowed_hosts: list[str] = env(
+        "CDP_WEBPUSH_ALLOWED_HOSTS",
+        [],
+        help="comma-separated hosts a push endpoint may name although they are, or resolve to, loopback, "
+        "private or other non-public addresses (a relay on the cluster network, localhost in development); "
+        "endpoints come from profiles, and any other must be public. Public hosts are not limited: the "
+        "browser picks its push service",
+    )
 
     def validate(self) -> list[str]:
         problems = [p for p in (_readable("CDP_VAPID_PRIVATE_KEY_FILE", self.vapid_private_key_file),) if p]

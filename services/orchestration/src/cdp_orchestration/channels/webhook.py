@@ -58,7 +58,15 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after
-from cdp_orchestration.channels.destinations import DestinationRefused, GuardedResolver, literal, normal_host, refusal
+from cdp_orchestration.channels.destinations import (
+    DestinationRefused,
+    GuardedResolver,
+    literal,
+    normal_host,
+    parse_url,
+    read_at_most,
+    refusal,
+)
 from cdp_orchestration.channels.settings import WebhookSettings
 
 log = logging.getLogger("cdp.orchestration.channels.webhook")
@@ -160,13 +168,13 @@ class WebhookChannel(Channel):
 
     def destination(self, action: Action) -> str:
         # One receiver's 429 says nothing about another's: each host is paused on its own.
-        url = _parse(action.address or self._settings.default_url or "")
+        url = parse_url(action.address or self._settings.default_url or "")
         return normal_host(url.raw_host) if url is not None else ""
 
     async def send(self, action: Action) -> Outcome:
         text = action.address or self._settings.default_url
         # Parsed once, by the parser aiohttp connects with, so the host checked is the host connected to.
-        url = _parse(text or "")
+        url = parse_url(text or "")
         host = normal_host(url.raw_host) if url is not None else ""
         address = literal(host)
         refused = None
@@ -212,7 +220,7 @@ class WebhookChannel(Channel):
             ) as response:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await _read_at_most(response, RESPONSE_LIMIT)
+                await read_at_most(response, RESPONSE_LIMIT)
         except TimeoutError:
             return Outcome.failed("timeout", retryable=True)
         except aiohttp.InvalidUrlClientError:  # a host aiohttp will not connect to as written ("127.1")
@@ -241,22 +249,3 @@ class WebhookChannel(Channel):
         if self._resolver is not None:
             await self._resolver.close()  # the connector closes only a resolver it made itself
         self._session = self._resolver = None
-
-
-def _parse(text: str) -> URL | None:
-    try:
-        return URL(text)
-    except ValueError:
-        return None
-
-
-async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> None:
-    """Read the answer's body up to `limit` bytes, so a kept-alive connection can be reused; past that the
-    connection is dropped rather than read on."""
-    read = 0
-    while read < limit:
-        chunk = await response.content.read(limit - read)
-        if not chunk:
-            return
-        read += len(chunk)
-    response.close()

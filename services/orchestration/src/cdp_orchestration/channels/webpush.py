@@ -12,6 +12,18 @@ CDP_VAPID_SUBJECT}`` signed by the key the web app subscribed with.
 Answers: 201 (or any 2xx) accepted; 404 and 410 rejected (the subscription is gone: forget it); 413
 failed, not retryable; 429 and 5xx failed, retryable, honouring Retry-After; other 4xx (a VAPID or
 encryption problem) failed, not retryable.
+
+The endpoint is not the operator's: a subscription is written by the person's browser or app, and anyone
+who can write to a profile can write one. So it is guarded as a webhook URL is (`destinations`), and a
+refusal is final (rejected, never retried):
+
+- an endpoint whose host is, or resolves to, a loopback, private, link-local, multicast, unspecified or
+  reserved address (the metadata service at 169.254.169.254 among them) is rejected with
+  ``destination_not_allowed`` unless the host is listed in CDP_WEBPUSH_ALLOWED_HOSTS; the connection goes
+  to the address that was checked. The list only exempts: public push services need no listing (the
+  browser picks its push service, so there is no fixed set of them to name);
+- redirects are not followed: a 3xx is the push service's answer, a failure for good (``http_307``);
+- at most RESPONSE_LIMIT bytes of an answer are read.
 """
 
 from __future__ import annotations
@@ -29,17 +41,32 @@ from urllib.parse import urlsplit
 import aiohttp
 import http_ece
 import orjson
+from aiohttp.abc import AbstractResolver
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from yarl import URL
 
 from cdp_kit.settings import SettingsError
 from cdp_orchestration.channels.base import Action, Channel, Outcome, log_fields, parse_retry_after
+from cdp_orchestration.channels.destinations import (
+    DestinationRefused,
+    GuardedResolver,
+    literal,
+    normal_host,
+    parse_url,
+    read_at_most,
+    refusal,
+)
 from cdp_orchestration.channels.settings import WebPushSettings
 
 log = logging.getLogger("cdp.orchestration.channels.webpush")
 
 MAX_RECORD = 4096
+#: bytes of a push service's answer read at most: the status and headers are the answer
+RESPONSE_LIMIT = 64 * 1024
+#: the variable that lists the hosts exempt from the destination check
+ALLOWED_HOSTS = "CDP_WEBPUSH_ALLOWED_HOSTS"
 
 
 def b64url(data: bytes) -> str:
@@ -68,8 +95,9 @@ def parse_subscription(address: str) -> tuple[str, bytes, bytes]:
         ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), public)
     except (ValueError, TypeError, KeyError, binascii.Error) as exc:
         raise InvalidSubscription(type(exc).__name__) from None
-    parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
-    if parts is None or parts.scheme not in ("https", "http") or not parts.netloc or len(auth) != 16:
+    # Read by the parser aiohttp connects with, so the host checked is the host connected to.
+    url = parse_url(endpoint) if isinstance(endpoint, str) else None
+    if url is None or url.scheme not in ("https", "http") or not normal_host(url.raw_host) or len(auth) != 16:
         raise InvalidSubscription("endpoint or auth")
     return endpoint, public, auth
 
@@ -77,8 +105,14 @@ def parse_subscription(address: str) -> tuple[str, bytes, bytes]:
 class WebPushChannel(Channel):
     name = "webpush"
 
-    def __init__(self, settings: WebPushSettings, *, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, settings: WebPushSettings, *, resolver: AbstractResolver | None = None) -> None:
+        """`resolver` answers for host names (tests stand in for DNS with it); whatever it answers passes
+        the destination check. The channel owns its session, so every connection passes that check."""
         self._settings = settings
+        self._allowed = {normal_host(host) for host in settings.allowed_hosts}
+        self._names = resolver
+        self._resolver: GuardedResolver | None = None
+        self._session: aiohttp.ClientSession | None = None
         try:
             key = serialization.load_pem_private_key(settings.vapid_private_key_file.read_bytes(), password=None)
         except (OSError, ValueError, TypeError):
@@ -91,12 +125,14 @@ class WebPushChannel(Channel):
         self.application_server_key = key.public_key().public_bytes(
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
-        self._session = session
-        self._owns_session = session is None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.timeout))
+            self._resolver = GuardedResolver(self._settings.allowed_hosts, self._names, variable=ALLOWED_HOSTS)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=self._resolver),
+                timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
+            )
         return self._session
 
     def vapid_header(self, endpoint: str, now: float | None = None) -> str:
@@ -129,31 +165,45 @@ class WebPushChannel(Channel):
             endpoint, _, _ = parse_subscription(action.address)
         except InvalidSubscription:
             return ""
-        return (urlsplit(endpoint).hostname or "").lower()
+        url = parse_url(endpoint)
+        return normal_host(url.raw_host) if url is not None else ""
 
     async def send(self, action: Action) -> Outcome:
+        refused = None
         try:
             endpoint, public, auth = parse_subscription(action.address)
         except InvalidSubscription:
             outcome = Outcome.rejected("invalid_address")
         else:
-            body = http_ece.encrypt(
-                self.payload(action),
-                salt=os.urandom(16),
-                private_key=ec.generate_private_key(ec.SECP256R1()),
-                dh=public,
-                auth_secret=auth,
-                version="aes128gcm",
-            )
-            if len(body) > MAX_RECORD:
-                outcome = Outcome.failed("payload_too_large", retryable=False)
+            url = URL(endpoint)  # parse_subscription parsed it
+            host = normal_host(url.raw_host)
+            address = literal(host)
+            if address is not None and host not in self._allowed and (refused := refusal(address)):
+                # aiohttp connects to an IP literal without resolving it: the resolver's check is made here.
+                outcome = Outcome.rejected("destination_not_allowed")
             else:
-                outcome = await self._post(endpoint, body, action)
+                outcome = await self._encrypt_and_post(url, endpoint, public, auth, action)
         level = logging.INFO if outcome.ok else logging.WARNING
-        log.log(level, "webpush %s", outcome.status, extra=log_fields(action, reason=outcome.reason))
+        extra = log_fields(action, reason=outcome.reason)
+        if refused is not None:
+            extra["refused"] = refused
+        log.log(level, "webpush %s", outcome.status, extra=extra)
         return outcome
 
-    async def _post(self, endpoint: str, body: bytes, action: Action) -> Outcome:
+    async def _encrypt_and_post(self, url: URL, endpoint: str, public: bytes, auth: bytes, action: Action) -> Outcome:
+        body = http_ece.encrypt(
+            self.payload(action),
+            salt=os.urandom(16),
+            private_key=ec.generate_private_key(ec.SECP256R1()),
+            dh=public,
+            auth_secret=auth,
+            version="aes128gcm",
+        )
+        if len(body) > MAX_RECORD:
+            return Outcome.failed("payload_too_large", retryable=False)
+        return await self._post(url, endpoint, body, action)
+
+    async def _post(self, url: URL, endpoint: str, body: bytes, action: Action) -> Outcome:
         headers: dict[str, Any] = {
             "TTL": str(self._settings.ttl),
             "Urgency": "normal",
@@ -163,13 +213,22 @@ class WebPushChannel(Channel):
             "Authorization": self.vapid_header(endpoint),
         }
         try:
-            async with self._client().post(endpoint, data=body, headers=headers) as response:
+            # A redirect is not followed: the check above holds for the endpoint the subscription names,
+            # and whatever answers there could otherwise point the request anywhere (the metadata service).
+            async with self._client().post(url, data=body, headers=headers, allow_redirects=False) as response:
                 status = response.status
                 location = response.headers.get("Location")
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                await response.read()
+                await read_at_most(response, RESPONSE_LIMIT)
         except TimeoutError:
             return Outcome.failed("timeout", retryable=True)
+        except aiohttp.InvalidUrlClientError:  # a host aiohttp will not connect to as written ("127.1")
+            return Outcome.rejected("invalid_address")
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, DestinationRefused):
+                log.warning("webpush destination refused", extra=log_fields(action, refused=error.os_error.kind))
+                return Outcome.rejected("destination_not_allowed")
+            return Outcome.failed("connect", retryable=True)
         except aiohttp.ClientError:
             return Outcome.failed("connect", retryable=True)
         if 200 <= status < 300:
@@ -182,6 +241,8 @@ class WebPushChannel(Channel):
         return Outcome.failed(reason, retryable=False)
 
     async def close(self) -> None:
-        if self._owns_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
-        self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()  # the connector closes only a resolver it made itself
+        self._session = self._resolver = None
