@@ -88,14 +88,17 @@ def test_a_stopped_companion_whose_ports_still_accept_connections_is_shown_not_a
         assert result.exit_code == 0, result.output  # companions never decide the platform's health
         return {name: (c["up"], c["health"]) for name, c in json.loads(result.output)["companions"].items()}
 
+    def answering() -> None:
+        deadline = time.monotonic() + 30  # a loaded machine: the first answer may take a while
+        while shown() != {"channels": (True, "UP"), "crm-hubspot": (True, "UP")}:
+            assert time.monotonic() < deadline, shown()
+            time.sleep(0.2)
+
     try:
         for companion in chosen:
             for port in companions[companion.name]["ports"].values():
                 assert wait_for_port("127.0.0.1", port, 30), (tmp_path / f"{companion.name}.log").read_text()
-        deadline = time.monotonic() + 30
-        while shown() != {"channels": (True, "UP"), "crm-hubspot": (True, "UP")}:
-            assert time.monotonic() < deadline, shown()
-            time.sleep(0.2)
+        answering()
 
         for proc in procs:
             os.kill(proc.pid, signal.SIGSTOP)
@@ -105,7 +108,7 @@ def test_a_stopped_companion_whose_ports_still_accept_connections_is_shown_not_a
 
         for proc in procs:
             os.kill(proc.pid, signal.SIGCONT)
-        assert shown() == {"channels": (True, "UP"), "crm-hubspot": (True, "UP")}
+        answering()  # answering again
     finally:
         for proc in procs:
             os.kill(proc.pid, signal.SIGCONT)
