@@ -69,6 +69,7 @@ def test_a_null_value_counts_as_missing_and_templates_may_guard_optional_fields(
     [
         ({"body": "{{ traits.first_name "}, "t.body"),
         ({"body": "{{ email }}"}, "t.body"),
+        ({"html": '<a href="{{ traits.website | ur }}">x</a>'}, "t.html"),  # no such filter: a typo of url
         ({"body": 3}, "t.body"),
         ({}, "t"),
         ("Hi", "t"),
@@ -142,3 +143,57 @@ def test_a_missing_field_in_an_html_part_is_still_named() -> None:
     with pytest.raises(MissingField) as caught:
         template.render(PERSON)
     assert (caught.value.field, caught.value.part) == ("traits.nickname", "html")
+
+
+HOSTILE_LINKS = [
+    "javascript:alert(document.cookie)",
+    "JavaScript:alert(1)",
+    " javascript:alert(1)",
+    "java\tscript:alert(1)",
+    "java\nscript:alert(1)",
+    "\x01javascript:alert(1)",
+    "data:text/html;base64,PHNjcmlwdD5zdGVhbCgpPC9zY3JpcHQ+",
+    "vbscript:msgbox(1)",
+    "//evil.example/login",
+    "/account",
+    "https:evil.example",
+    "https:\\\\evil.example",
+    "mailto:ceo@shop.example",
+    "",
+    "https://[::1",
+]
+
+
+@pytest.mark.parametrize("link", HOSTILE_LINKS)
+def test_a_link_a_person_wrote_reaches_an_href_only_as_a_web_url(link: str) -> None:
+    # Escaping alone keeps `javascript:` intact: `| url` is what makes a person's link safe to click.
+    person = PersonView("p", {"traits.website": link})
+    template = compile_template(
+        {"html": '<a href="{{ traits.website | url }}">Your site</a>', "url": "{{ traits.website | url }}"}, "t"
+    )
+    assert template.render(person) == {"html": '<a href="#">Your site</a>', "url": "#"}
+
+
+def test_a_web_url_passes_the_url_filter_as_written_and_escaped_in_html() -> None:
+    person = PersonView("p", {"traits.website": "HTTPS://Shop.example/c?a=1&b=<2>", "computed.orders_90d": 3.0})
+    template = compile_template(
+        {
+            "html": '<a href="{{ traits.website | url }}">Site</a><a href="{{ entry.cart | url }}">Cart</a>',
+            "url": "{{ traits.website | url }}",
+            "body": "{{ computed.orders_90d | url }}",
+        },
+        "t",
+    )
+    rendered = template.render(person, {"cart": "http://shop.example/cart"})
+    assert rendered["html"] == (
+        '<a href="HTTPS://Shop.example/c?a=1&amp;b=&lt;2&gt;">Site</a><a href="http://shop.example/cart">Cart</a>'
+    )
+    assert rendered["url"] == "HTTPS://Shop.example/c?a=1&b=<2>"
+    assert rendered["body"] == "#"  # a number is no link
+
+
+def test_a_missing_field_through_the_url_filter_is_named_not_a_hash() -> None:
+    template = compile_template({"html": '<a href="{{ traits.website | url }}">x</a>'}, "t")
+    with pytest.raises(MissingField) as caught:
+        template.render(PERSON)
+    assert (caught.value.field, caught.value.part) == ("traits.website", "html")

@@ -15,6 +15,9 @@ Enroll call's) as `{{ entry.cart_url }}`. Invariants:
   bodies) and carries values as they are; a channel whose format has control characters of its own
   escapes them itself (Slack's in `channels.webhook`). An author can mark a value as markup with
   ``| safe``, which hands that field's content to the HTML as it is: never for a field a person can write.
+- Escaping keeps a value inside its attribute, not out of a link's reach: ``href="{{ traits.website }}"``
+  with ``javascript:…`` is still a script the reader runs with one click. A link target a person can write
+  goes through ``| url`` (`_web_url`): an absolute http(s) URL is kept, anything else prints ``#``.
 - `compile_template` checks syntax and lists the fields a template reads (`Template.fields`), so a journey is
   validated against the catalogue of known fields before it is published, not when a message fails.
 - Errors name the part and field, never a value from the profile.
@@ -26,9 +29,11 @@ Enroll call's) as `{{ entry.cart_url }}`. Invariants:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jinja2
 from jinja2 import nodes
@@ -94,11 +99,44 @@ def _as_written(value: Any) -> Any:
     return format(value, ".15g")
 
 
+#: what `| url` prints for a value that is not a web link
+NOT_A_LINK = "#"
+#: link schemes `| url` keeps
+WEB_SCHEMES = frozenset({"http", "https"})
+# Browsers drop tabs and newlines anywhere in a URL and control characters and spaces around it, so
+# "java\tscript:" runs as "javascript:". A value carrying any of them is no link at all here.
+_BLURRED = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _web_url(value: Any) -> str:
+    """`| url`: `value` when it is an absolute http or https URL (a host after ``//``), else NOT_A_LINK.
+    Everything else - ``javascript:``, ``data:``, ``vbscript:``, relative and scheme-relative (``//host``)
+    links, text with whitespace or control characters in it - would be run, or land somewhere the author
+    did not pick. A missing field is still named (MissingField), never a ``#``. In an HTML part the URL is
+    then HTML-escaped like any value (``&`` as ``&amp;``)."""
+    text = value if isinstance(value, str) else str(value)  # str() of a missing field raises MissingField
+    if not text or _BLURRED.search(text):
+        return NOT_A_LINK
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # an unbalanced IPv6 bracket, say
+        return NOT_A_LINK
+    if (
+        parts.scheme.lower() not in WEB_SCHEMES
+        or not parts.netloc
+        or not text.lower().startswith(parts.scheme.lower() + "://")
+    ):
+        return NOT_A_LINK
+    return text
+
+
 #: parts rendered as HTML: their values are escaped
 HTML_PARTS = frozenset({"html"})
 
 _ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True, finalize=_as_written)
 _HTML_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=True, keep_trailing_newline=True, finalize=_as_written)
+for _env in (_ENV, _HTML_ENV):
+    _env.filters["url"] = _web_url
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,15 +177,17 @@ def compile_template(source: Any, field: str) -> Template:
             raise InvalidArgument(at, "must be template text")
         try:
             tree = _ENV.parse(text)
+            names = _free_names(tree)  # compiles the tree: a filter that does not exist is found here
+            compiled = (_HTML_ENV if part in HTML_PARTS else _ENV).from_string(text)
         except jinja2.TemplateSyntaxError as error:
             raise InvalidArgument(at, f"line {error.lineno}: {error.message}") from None
-        for name in _free_names(tree):
+        for name in names:
             if name not in _NAMES:
                 raise InvalidArgument(
                     at, f"reads {name!r}, which is not a profile root: use {', '.join(r + '.<name>' for r in _NAMES)}"
                 )
         fields.update(_field_reads(tree))
-        parts[part] = (_HTML_ENV if part in HTML_PARTS else _ENV).from_string(text)
+        parts[part] = compiled
     entry = frozenset(f for f in fields if f.startswith(f"{ENTRY}."))
     return Template(dict(source), frozenset(fields) - entry, entry, parts)
 
