@@ -65,13 +65,19 @@ class World:
         env: dict[str, str] | None = None,
         describe: bool = False,
         refresh: Any = None,
+        ack_wait: float = 30.0,
+        request_timeout: float = 2.0,
+        partitions: int = PARTITIONS,
         **limits: Any,
     ) -> PartitionedEngine:
         """`describe`: read the connections with each CRM's described schema, as the service does at start.
         `refresh`: the profile service's BatchGetProfiles as the connector reads it (people.Fetch)."""
+        self.partitions = partitions
         document = document or hubspot_document(self.emulator.base_url, **limits)
         connections = parse_connections(document)
-        adapters = open_adapters(connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=2.0)
+        adapters = open_adapters(
+            connections, self.session, {"HUBSPOT_TOKEN": TOKEN, **(env or {})}, timeout=request_timeout
+        )
         if describe:
             schemas = {c.id: await adapters[c.id].describe(sorted({m.object for m in c.mappings})) for c in connections}
             connections = parse_connections(document, {cid: schema for cid, schema in schemas.items() if schema})
@@ -84,10 +90,10 @@ class World:
             service=SERVICE,
             stream=subjects.CRM,
             subject_prefix=subjects.CRM_IN_PREFIX,
-            partitions=PARTITIONS,
+            partitions=partitions,
             in_flight=1,
             fetch_timeout=0.2,
-            ack_wait=30.0,
+            ack_wait=ack_wait,
         )
         self.engine = PartitionedEngine(self.logic, spec, bus=self.bus, store=self.store)
         self.logic.engine = self.engine
@@ -114,7 +120,7 @@ class World:
         self.engine = None
 
     def partition(self, person: str) -> int:
-        return partition_for(person, PARTITIONS)
+        return partition_for(person, self.partitions)
 
     async def _publish(self, subject: str, payload: bytes, msg_id: str | None = None) -> None:
         self.sequence += 1

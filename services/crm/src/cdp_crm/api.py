@@ -18,7 +18,7 @@ from cdp_crm.budgets import SharedBudget
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, ObjectMapping, load_connections
 from cdp_crm.runs import Runs
-from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
+from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_kit.errors import InvalidArgument, NotFound
 from cdp_kit.storage import Store
 from cdp_kit.timestamps import from_seconds
@@ -71,6 +71,8 @@ RECORD_STATES = {
     "deleted": crm_pb2.RECORD_STATE_DELETED,
 }
 PAGE_MAX = 1000
+# The most queued changes a stream run's pending figure counts (the store's largest page; past it, this many).
+QUEUED_COUNT_MAX = 10_000
 
 
 def _ts(seconds: float | None):
@@ -224,6 +226,10 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
                     total[name] = total.get(name, 0) + value
             started = doc.get("started_at", 0.0)
             total["started_at"] = min(total["started_at"] or started, started)
+        # Pending is what is queued for the CRM now (crm_pending), not the partitions' counters: those add
+        # one every time a change is queued again, and never go down when a queued change is written, so
+        # they showed changes pending when none were, and could not show a change gone missing either.
+        total["pending_retry"] = len(await self.store.find(PENDING, "connection", connection, limit=QUEUED_COUNT_MAX))
         return run_message(f"stream-{connection}", total)
 
     async def ListRuns(self, request, context):

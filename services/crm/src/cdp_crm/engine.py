@@ -257,6 +257,8 @@ def change_doc(change: Change, partition: int, attempts: int = 1) -> dict[str, A
         if link is None
         else {"object": link.object, "key": [list(k) for k in link.key], "field": link.field},
         "partition": partition,
+        # Indexed: the stream run's pending figure counts what is queued for a connection now (api.py).
+        "connection": change.mapping.partition("/")[0],
         "attempts": attempts,
     }
 

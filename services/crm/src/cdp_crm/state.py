@@ -11,7 +11,8 @@
   match key and values dropped), the person (indexed: privacy and GetRecordStatus).
 - `crm_pending` / <record key>: a change the CRM did not take yet (throttled, down, answer lost past the
   batch's retry time): durably queued with the batch, so the stream message can be acknowledged; its
-  partition's owner sends it again (`engine.CrmLogic.retry_pending`).
+  partition's owner sends it again (`engine.CrmLogic.retry_pending`). Indexed by partition and by
+  connection: the stream run's `pending` is how many a connection has queued now.
 - `crm_dead_letters` / <record key>: `isolation.DeadLetter.to_state()`, the latest refusal of a record.
 - `crm_runs` / <run id>: backfills, replays and each connection's continuous (stream) run, with counters.
 - `crm_budgets` / <account>: `budget.Budget.to_state()`, read and written under compare-and-set by every
@@ -56,5 +57,6 @@ async def prepare_store(store: Store) -> None:
     await store.ensure_index(RECORDS, "person_id")
     await store.ensure_index(RECORDS, "crm_id")
     await store.ensure_index(PENDING, "partition")
+    await store.ensure_index(PENDING, "connection")
     await store.ensure_index(DEAD_LETTERS, "connection")
     await store.ensure_index(RUNS, "connection")
