@@ -7,7 +7,7 @@ from nats.js import api
 
 from cdp_kit.bus import Bus, ConsumerSpec, OutMessage, dead_letter_stream, events_raw_stream
 from cdp_kit.bus import consumer as consumer_module
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_testing.metrics import MetricsCapture
 
 
@@ -509,3 +509,39 @@ async def test_the_lag_poll_creates_a_lost_consumer_again_when_no_fetch_says_so(
     finally:
         await stop(poll)
     assert (await bus.js.consumer_info("EVENTS_RAW", "t")).config.deliver_policy == api.DeliverPolicy.ALL
+
+
+class StoreOutage:
+    """A handler whose store says `Unavailable` (disk full, the server down) for its first calls that
+    carry message `at`: the outage starts just as that message comes."""
+
+    def __init__(self, failing_calls, at):
+        self.failing_calls = failing_calls
+        self.at = at
+        self.failed = 0
+        self.applied: list[int] = []
+
+    async def __call__(self, batch):
+        values = [int(d.data) for d in batch]
+        if self.at in values and self.failed < self.failing_calls:
+            self.failed += 1
+            raise Unavailable("sqlite store /data/cdp.db: database or disk is full")
+        self.applied.extend(values)
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+@pytest.mark.parametrize("messages", [1, 5], ids=["alone", "last-of-a-batch"])
+async def test_a_store_that_says_unavailable_longer_than_the_retries_dead_letters_nothing(bus, ordered, messages):
+    """An outage is not a poison message: a batch of one, or a batch's last message (no neighbour after
+    it to prove the store healthy), waits out a store that answers Unavailable for more attempts than
+    max_deliver, and is handled once it heals - not dead-lettered (a full disk for a minute put accepted
+    events in the DLQ)."""
+    await publish(bus, messages)
+    handler = StoreOutage(failing_calls=10, at=messages - 1)  # outlasts any part's 3 attempts
+    task = await run(bus.consumer(spec(batch_size=messages, max_deliver=3, ordered=ordered), handler))
+    await until(lambda: sorted(handler.applied) == list(range(messages)))
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert handler.failed == 10
+    assert await dead_letter_count(bus) == 0
+    assert await everything_settled(bus)

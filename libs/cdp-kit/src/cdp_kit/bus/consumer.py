@@ -35,6 +35,12 @@ empty the stream into the dead-letter stream. The rule:
   and it is dead-lettered with its reason (the exception type and message) - the handled part is the
   proof, so a healthy store never loses more than the bad message. The last message of a batch has no
   next part: like a batch of one, it is dead-lettered after its retries.
+- A handler that raises `cdp_kit.errors.Unavailable` (or an error caused by one) says its store or
+  another dependency cannot take the work now: that is never the message's fault, whatever the count.
+  The part is retried in place with the longest backoff until the dependency answers (the messages
+  kept from redelivery meanwhile, ordered consumer or not), and such rounds do not count against a
+  suspect; nothing is dead-lettered for it. A full disk or a store down for an hour holds the
+  partition (its lag shows it) and loses nothing.
 - If the message after the suspect fails too, two neighbours fail on their own: that is the store (or
   whatever the handler needs), not a message. Nothing is dead-lettered; the runner waits the longest
   backoff and starts again with everything of the batch not yet handled, as one batch. Only after
@@ -83,7 +89,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from cdp_kit.bus import subjects
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.stopping import raise_if_cancelling
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
 
@@ -108,6 +114,19 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, InvalidArgument):
         return f"{type(exc).__name__} (field {exc.field})"
     return type(exc).__name__
+
+
+def is_outage(error: BaseException) -> bool:
+    """The handler's dependency said it cannot take the work now (`Unavailable`: the store's disk is
+    full, its server is down), directly or as the cause: an outage, never the message's fault."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, Unavailable):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False
 
 
 def _more_waiting(msg: Msg) -> bool:
@@ -492,8 +511,9 @@ class ConsumerRunner:
             await self._settle(deliveries, None, final=self.spec.ordered)
         elif len(msgs) > 1:
             await self._isolate(msgs)
-        elif self.spec.ordered:
-            # The same message again after a pause, before anything newer.
+        elif self.spec.ordered or is_outage(error):
+            # The same message again after a pause, before anything newer. An outage too, ordered or
+            # not: a redelivery would spend the message's deliveries (JetStream's max_deliver) on it.
             deliveries, error = await self._retry_in_place(msgs, msgs, tried=1)
             await self._settle(deliveries, error, final=True)
         else:
@@ -510,7 +530,7 @@ class ConsumerRunner:
                 await self._hold(unsettled, self.spec.delay_after(attempt))
             deliveries, error = await self._attempt(part)
             attempt += 1
-            if error is None or attempt >= self.spec.max_deliver:
+            if error is None or (attempt >= self.spec.max_deliver and not is_outage(error)):
                 return deliveries, error
 
     async def _isolate(self, msgs: list[Msg]) -> None:
@@ -546,7 +566,7 @@ class ConsumerRunner:
             else:
                 # Two neighbours failing on their own: the handler's dependencies are down. Wait, then
                 # everything not yet handled again, as one batch.
-                rounds += 1
+                rounds += 0 if is_outage(error) else 1
                 if rounds >= self.spec.max_deliver:
                     await done([suspect[0]], suspect[1])
                     rounds = 0
