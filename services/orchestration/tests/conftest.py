@@ -130,9 +130,19 @@ class World:
             await eventually(applied)
 
     async def event(
-        self, person: str, name: str, event_id: str, *, user_id: str = "", anonymous_id: str = "", **properties: Any
+        self,
+        person: str,
+        name: str,
+        event_id: str,
+        *,
+        user_id: str = "",
+        anonymous_id: str = "",
+        profiled: bool = True,
+        **properties: Any,
     ) -> None:
-        await self.events(person, [(name, event_id, properties)], user_id=user_id, anonymous_id=anonymous_id)
+        await self.events(
+            person, [(name, event_id, properties)], user_id=user_id, anonymous_id=anonymous_id, profiled=profiled
+        )
 
     async def events(
         self,
@@ -141,8 +151,10 @@ class World:
         *,
         user_id: str = "",
         anonymous_id: str = "",
+        profiled: bool = True,
     ) -> None:
-        """Several events of one person in one `events.resolved` message, as identity publishes a batch."""
+        """Several events of one person in one `events.resolved` message, as identity publishes a batch, and
+        (`profiled`) the profile's change listing them, as the profile publishes once it applied them."""
         resolved = [
             events_pb2.ResolvedEvent(
                 event=self._event(name, event_id, properties, user_id, anonymous_id), person_id=person
@@ -151,6 +163,20 @@ class World:
         ]
         batch = events_pb2.ResolvedEventBatch(events=resolved)
         await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
+        if profiled:
+            await self.profile_applied(person, [event_id for _name, event_id, _properties in events])
+
+    async def profile_applied(
+        self, person: str, event_ids: list[str], *, consent: dict[str, bool] | None = None, **traits: Any
+    ) -> None:
+        """The profile's change for events it applied (cause "event"), with the consent and traits they set."""
+        change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(self.now()))
+        change.event_ids.extend(event_ids)
+        change.consent.update(consent or {})
+        for name, value in traits.items():
+            change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        await self._publish(subjects.profiles_changed(self.partition(person)), batch.SerializeToString())
 
     def _event(
         self, name: str, event_id: str, properties: dict[str, Any], user_id: str, anonymous_id: str

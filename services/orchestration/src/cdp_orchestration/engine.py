@@ -43,6 +43,16 @@ Invariants:
   chain is reset once the failure has settled (`recover`).
 - Logs name ids and kinds, never profile values.
 
+Ordering of events and profile changes: events reach this engine from `events.resolved` and, in parallel,
+through the profile, whose change for an event (listing its id) usually arrives here a moment after the
+event itself, and not at all while the profile is stopped. A decision is made on fields at least as new as
+the person's events: `Person.saw_event` notes the latest event whose change has not arrived
+(`PersonView.behind`: since when), `Person.profile_applied` clears it when a change lists that event (the
+profile applies one person's events in order, so it covers the earlier ones), and the arbiter holds an
+action proposed meanwhile (`Held.profile`, no decision yet): the change releases it at once, or the
+person's wake decides it at `Rules.profile_wait` on the fields held, its reason naming
+`profile_unavailable`. Noting an event costs no store read nor write of its own.
+
 Metrics: `cdp.orchestration.decisions` (by kind), `cdp.orchestration.actions` (published, by channel),
 `cdp.orchestration.entries` (instances started, by journey), `cdp.orchestration.timer.lateness` (ms from
 a timer's due time to the server storing its fire: what message schedules cost under load); the engine's
@@ -178,6 +188,8 @@ class OrchestrationLogic:
         kind = one.kind
         if kind == "event":
             resolved: ResolvedInput = one.data
+            # Until the profile's change for this event arrives, the fields lag behind it (see "Ordering" above).
+            person.saw_event(resolved.event_id, now)
             self._learn_ids(batch, person, resolved)
             # Most events reach a person no instance of whom waits on anything, under a name no journey enters
             # on and the arbiter does not watch: their identifiers are all they give, and their properties and
@@ -210,11 +222,12 @@ class OrchestrationLogic:
             for scheduled in self.journeys.scheduled_on(segment):
                 timers.arm(self.applier, batch, person, scheduled, now)
         elif kind == "profile":
-            updates, removed, cause, merged, split_from = one.data
+            updates, removed, cause, merged, split_from, event_ids = one.data
             # Merges, splits and removals change the person whatever their fields; a plain change only when a
             # value moved (`_update_fields`).
             if _update_fields(person.fields, updates) or removed or merged or split_from:
                 person.dirty = True
+            caught_up = person.profile_applied(event_ids) if event_ids else False
             if merged:
                 request_handovers(self.partitions, batch, person.person_id, merged, now)
             if split_from:
@@ -237,6 +250,11 @@ class OrchestrationLogic:
                     del person.slots[journey_id]
             else:
                 await self.applier.profile_changed(hot, batch, person, now)
+                state = person.state
+                if caught_up and state is not None and any(held.profile for held in state.deferred):
+                    # Actions waiting for these fields are decided now (see "Ordering" above).
+                    ruling = arbiter.release(state, person.view(), self.rules, now)
+                    await self.applier.rule(hot, batch, person, ruling, now)
         elif kind == "timer":
             instance = person.live.get(one.data["i"])
             if instance is not None:

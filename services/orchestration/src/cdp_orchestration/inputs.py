@@ -5,7 +5,7 @@ segment changes and profile changes (batches: one Input each), fired timers (ins
 per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
 migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore and adopt: an unmerge,
 `merges.py`). A profile change is (flat field updates, removed, cause, persons merged into it, the person
-it was split from by an unmerge or ""). `at` is the
+it was split from by an unmerge or "", the ids of the events it applied). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 
 A resolved event is a `ResolvedInput`: its id, name, type, time and the identifiers identity linked are
@@ -66,7 +66,12 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
             return [
-                Input("profile", c.person_id, at, (change_fields(c), c.removed, c.cause, list(c.merged), c.split_from))
+                Input(
+                    "profile",
+                    c.person_id,
+                    at,
+                    (change_fields(c), c.removed, c.cause, list(c.merged), c.split_from, list(c.event_ids)),
+                )
                 for c in batch.changes
             ]
         if stream == subjects.ORCHESTRATION_TIMERS:

@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: the latest event the profile has not confirmed yet, when the record was written while it lagged), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -85,6 +85,14 @@ class Person:
     # it back and their decision history reads as this person's.
     merged_from: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged_into: str = ""  # the survivor this person was merged into ("" while they are a person of their own)
+    # The fields lag behind the person's events (`saw_event` / `profile_applied`): (the latest event id no
+    # profile change has listed yet, when the earliest such event was applied here), else None.
+    pending: tuple[str, float] | None = None
+    pending_written: bool = False  # the person record last written holds `pending`
+    profiled: str = ""  # the last event id a profile change listed
+    # Event ids profile changes listed before the events themselves reached the engine (sources interleave),
+    # so they do not start a wait when they come. Held in memory only, a few per person at most.
+    early: dict[str, None] | None = field(default=None, repr=False, compare=False)
     dirty: bool = False
     # A privacy deletion forgot the person (`privacy.forget`; a tombstone in the store): their record is
     # deleted, never written again, and what reaches the engine for them afterwards is dropped.
@@ -95,19 +103,63 @@ class Person:
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> PersonView:
-        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments))
+        pending = self.pending
+        return PersonView(
+            self.person_id, dict(self.fields), frozenset(self.segments), behind=pending[1] if pending else None
+        )
+
+    def saw_event(self, event_id: str, at: float) -> None:
+        """A resolved event of the person reached the engine at `at`: until a profile change lists it, the
+        fields lag behind it. Per event, so in memory: the record carries `pending` when it is written anyway
+        (an entry, new identifiers, an action held), not for this alone unless it holds `pending` already."""
+        if not event_id or event_id == self.profiled:
+            return  # the profile's change came first (or this is a copy of an event the profile applied)
+        early = self.early
+        if early and event_id in early:
+            del early[event_id]
+            return
+        pending = self.pending
+        self.pending = (event_id, pending[1] if pending is not None else at)
+        if self.pending_written:
+            self.dirty = True  # the record says which event to wait for: keep it the latest (rare: a stall)
+
+    def profile_applied(self, event_ids: list[str]) -> bool:
+        """A profile change listed `event_ids`; whether the fields caught up with the person's events by it.
+        The profile applies a person's events in the order they were resolved, so the change listing the
+        latest one seen here covers the earlier ones too."""
+        if not event_ids:
+            return False
+        self.profiled = event_ids[-1]
+        pending = self.pending
+        if pending is not None and pending[0] in event_ids:
+            self.pending = None
+            if self.pending_written:
+                self.dirty = True
+            return True
+        early = self.early
+        if early is None:
+            early = self.early = {}
+        for event_id in event_ids:
+            early[event_id] = None
+        while len(early) > _EARLY:
+            del early[next(iter(early))]
+        return False
 
     def record(self) -> dict[str, Any]:
         assert self.state is not None
         cached = self.arbiter_record
         if cached is None or cached[0] is not self.state:
             cached = self.arbiter_record = (self.state, person_record(self.state))
-        # Merge bookkeeping only where there is some: most persons never merge, and this is written often.
-        merges: dict[str, Any] = {}
+        # Merge bookkeeping and the profile's lag only where there is some: most persons never merge, their
+        # fields rarely lag when this is written, and it is written often.
+        optional: dict[str, Any] = {}
         if self.merged_from:
-            merges["merged_from"] = dict(self.merged_from)
+            optional["merged_from"] = dict(self.merged_from)
         if self.merged_into:
-            merges["merged_into"] = self.merged_into
+            optional["merged_into"] = self.merged_into
+        self.pending_written = self.pending is not None
+        if self.pending is not None:
+            optional["pending"] = list(self.pending)
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
@@ -117,8 +169,11 @@ class Person:
             "wake": list(self.wake) if self.wake else None,
             "slots": {journey: list(slot) for journey, slot in self.slots.items()},
             "ids": dict(self.ids),
-            **merges,
+            **optional,
         }
+
+
+_EARLY = 16  # early event ids kept per person (`Person.early`)
 
 
 class Partition:
@@ -180,6 +235,9 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.ids = dict(doc.get("ids") or {})
             person.merged_from = dict(doc.get("merged_from") or {})
             person.merged_into = doc.get("merged_into") or ""
+            if doc.get("pending"):
+                person.pending = (doc["pending"][0], doc["pending"][1])
+                person.pending_written = True
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)

@@ -33,6 +33,14 @@ Invariants:
   never come).
 - A cap is never exceeded: sends are counted per calendar day / week in the person's zone (exempt
   categories are neither capped nor counted).
+- A decision is made on fields at least as new as the person's events (`PersonView.behind` is None), since
+  every check reads them (consent, suppressions, the zone, rank scores). An action proposed (or coming due)
+  while they lag is held (`Held.profile`) until the profile's change catches up (the service then calls
+  `release`), for at most `rules.profile_wait` after the earliest event the fields lag behind (or its own
+  validity, if that ends first). The wait is not a decision: it is usually milliseconds (the profile's
+  change travels beside the event), and the action's one decision comes when it ends. Past the wait it is
+  decided on the fields known, and its reason says so: `profile_unavailable` (a missing consent is then
+  named `profile_unavailable`, not the purpose). A stalled profile delays a decision; it never denies one.
 - Decisions name rules, caps, purposes and journeys, never profile values.
 - A merge (`merge_states`) keeps every send of both persons (caps count them all) and every held action.
 - Pure: time is passed in; the state is a frozen value. `next_wake(state)` is when the service must call
@@ -116,11 +124,18 @@ class Decision:
         return self.kind in FINAL
 
 
+# What a decision made on fields that lag behind the person's events names, after `Rules.profile_wait`.
+PROFILE_UNAVAILABLE = "profile_unavailable"
+
+
 @dataclass(frozen=True, slots=True)
 class Held:
     action: ProposedAction
     until: float  # deferred: due at; awaiting approval: expires at
     approved: bool = False
+    # Deferred until the profile catches up with the person's events (due at once when it has; `until` is
+    # the longest it waits).
+    profile: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +295,9 @@ class _Session:
         self.rules = rules
         self.now = now
         self.zone = clock.zone(view.timezone, rules.timezone)
+        # The fields lag behind the person's events: an action waits for them (`_decide`), and one decided
+        # anyway (its wait is over) says so in its reason.
+        self.stale = view.behind is not None
         self.decisions: list[Decision] = []
         self.winners: list[ProposedAction] = []  # sent in this round, in order
         self.periods: dict[str, tuple[float, float]] = {}  # "day" / "week" -> the current one (cached)
@@ -295,8 +313,9 @@ class _Session:
             else:
                 awaiting.append(held)
         due = list(fresh)
+        caught_up = self.view.behind is None
         for held in self.state.deferred:
-            (due if held.until <= now else deferred).append(held)
+            (due if held.until <= now or (held.profile and caught_up) else deferred).append(held)
         self.state = replace(self.state, deferred=tuple(deferred), awaiting=tuple(awaiting))
         self._prune()
         for held in sorted(due, key=self._rank):
@@ -315,6 +334,16 @@ class _Session:
             return self._say(
                 action, Kind.EXPIRED, f"expired: past the action's validity ({self._at(action.expires_at)})"
             )
+        if self.stale:
+            # Every check below reads the person's fields, which do not reflect all their events yet (a new
+            # person's consent may be on its way): wait for the profile, not longer than `profile_wait`.
+            until = self.view.behind + rules.profile_wait  # type: ignore[operator]
+            if action.expires_at is not None and action.expires_at < until:
+                until = action.expires_at
+            if until > now:
+                held = replace(held, until=until, profile=True)
+                self.state = replace(self.state, deferred=(*self.state.deferred, held))
+                return None
         # Consent: the purpose must be granted (unless the category is exempt); the channel not refused.
         if not exempt and self.view.consent("purpose", action.purpose) is not True:
             return self._say(action, Kind.NO_CONSENT, f"no consent for purpose {action.purpose}", by=action.purpose)
@@ -410,7 +439,7 @@ class _Session:
             limit, what = action.expires_at, f"the action's validity ({self._at(action.expires_at)})"
         if until > limit:
             return self._say(action, Kind.EXPIRED, f"expired: {cause} past {what}", by=cause_by)
-        self.state = replace(self.state, deferred=(*self.state.deferred, replace(held, until=until)))
+        self.state = replace(self.state, deferred=(*self.state.deferred, replace(held, until=until, profile=False)))
         self._say(action, kind, reason, until=until, by=by)
 
     def _at(self, at: float) -> str:
@@ -419,6 +448,11 @@ class _Session:
     def _say(
         self, action: ProposedAction, kind: Kind, reason: str, *, until: float | None = None, by: str | None = None
     ) -> None:
+        if self.stale and kind is not Kind.EXPIRED:
+            wait = f"{self.rules.profile_wait:g} s"
+            reason = f"{reason} ({PROFILE_UNAVAILABLE}: the profile had not applied the person's events after {wait})"
+            if kind is Kind.NO_CONSENT:
+                by = PROFILE_UNAVAILABLE
         self.decisions.append(_decision(action, kind, reason, self.now, until, by))
 
     def _suppresses(self, rule) -> bool:
@@ -465,7 +499,8 @@ class _Session:
         return [
             h
             for h in self.state.deferred
-            if start <= h.until < end and self._counted(h.action) and _counts(cap, h.action.channel)
+            # An action waiting for the profile has had no decision yet: it holds no room.
+            if start <= h.until < end and not h.profile and self._counted(h.action) and _counts(cap, h.action.channel)
         ]
 
     def _prune(self) -> None:

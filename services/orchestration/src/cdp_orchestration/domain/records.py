@@ -74,11 +74,14 @@ def _action_record(action: ProposedAction) -> dict[str, Any]:
 
 
 def _held_record(held: Held) -> dict[str, Any]:
-    return {"action": _action_record(held.action), "until": held.until, "approved": held.approved}
+    record = {"action": _action_record(held.action), "until": held.until, "approved": held.approved}
+    if held.profile:  # rare: only while the profile catches up
+        record["profile"] = True
+    return record
 
 
 def _held(record: Mapping[str, Any]) -> Held:
-    return Held(ProposedAction(**record["action"]), record["until"], record["approved"])
+    return Held(ProposedAction(**record["action"]), record["until"], record["approved"], record.get("profile", False))
 
 
 def person_record(state: PersonState) -> dict[str, Any]:

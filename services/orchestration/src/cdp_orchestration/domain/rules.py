@@ -12,7 +12,10 @@
                       {"id": "no-promo-at-risk", "categories": ["promotion"],
                        "condition": "scores.churn_risk > 0.8 and traits.open_tickets > 0"}],
      "approval": {"above": 100, "expires_after": "2d"},  # value above 100 waits for a person to approve
-     "max_hold": "7d"}                                   # a deferral never reaches past proposal + max_hold
+     "max_hold": "7d",                                   # a deferral never reaches past proposal + max_hold
+     "profile_wait": "10m"}                              # the longest an action waits for the profile to
+                                                         # apply the person's events (then decided on what
+                                                         # orchestration knows, "profile_unavailable")
 
 Days and weeks are calendar ones in the person's zone (weeks from Monday). A suppression with both
 `after_event` and `condition` applies when both hold; `categories` and `channels` narrow what it applies to
@@ -80,6 +83,9 @@ class Rules:
     suppressions: tuple[Suppression, ...] = ()
     approval: Approval = field(default_factory=Approval)
     max_hold: float = 7 * 86400.0
+    # The longest an action waits for the profile to apply the person's events before it is decided on the
+    # fields orchestration has (`arbiter`: "profile_unavailable").
+    profile_wait: float = 600.0
 
     @property
     def watched_events(self) -> frozenset[str]:
@@ -87,7 +93,16 @@ class Rules:
         return frozenset(s.after_event for s in self.suppressions if s.after_event is not None)
 
 
-_KEYS = ("timezone", "exempt_categories", "caps", "quiet_hours", "suppressions", "approval", "max_hold")
+_KEYS = (
+    "timezone",
+    "exempt_categories",
+    "caps",
+    "quiet_hours",
+    "suppressions",
+    "approval",
+    "max_hold",
+    "profile_wait",
+)
 
 
 def parse_rules(document: Any, field_name: str = "rules") -> Rules:
@@ -111,7 +126,8 @@ def parse_rules(document: Any, field_name: str = "rules") -> Rules:
         raise InvalidArgument(f"{field_name}.suppressions", "suppression ids must be unique")
     approval = _approval(document.get("approval", {}), f"{field_name}.approval")
     max_hold = parse_duration(document.get("max_hold", "7d"), f"{field_name}.max_hold")
-    return Rules(timezone, exempt, caps, quiet, suppressions, approval, max_hold)
+    profile_wait = parse_duration(document.get("profile_wait", "10m"), f"{field_name}.profile_wait")
+    return Rules(timezone, exempt, caps, quiet, suppressions, approval, max_hold, profile_wait)
 
 
 def _known(tree: Mapping[str, Any], allowed: tuple[str, ...], at: str) -> None:

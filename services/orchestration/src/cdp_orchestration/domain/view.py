@@ -34,6 +34,11 @@ class PersonView:
     # The person's recent events, when the service keeps them: event conditions (`performed(...)`) are then
     # answered from these; None reads them from the profile's computed traits instead.
     events: tuple[Event, ...] | None = None
+    # Since when the fields lag behind the person's events: the time orchestration applied the earliest
+    # event of theirs whose profile change has not reached it yet (the profile has not applied it, or its
+    # change is still on its way). None: the fields are at least as new as every event seen. The arbiter
+    # waits for the profile before deciding on fields that lag (`arbiter`, `Rules.profile_wait`).
+    behind: float | None = None
 
     @property
     def timezone(self) -> str | None:
