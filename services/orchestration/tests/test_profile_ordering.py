@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
+from cdp_kit.storage import open_store
+from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.rules import parse_rules
-from cdp_orchestration.state import PERSONS
+from cdp_orchestration.state import PERSONS, Partition, Person, load_persons
 
 CART = {
     "id": "abandoned-cart",
@@ -141,3 +143,49 @@ async def test_a_known_person_s_send_waits_for_the_profile_across_a_restart(worl
     [decision] = await world.eventually(lambda: _decided(world, "lea", "no_consent"))
     assert decision["rule"] == "Marketing"  # the person's own answer, read once the profile applied it
     assert await world.actions() == []
+
+
+def test_the_person_lags_from_their_earliest_unconfirmed_event_until_a_change_lists_the_latest():
+    person = Person("p1")
+    person.saw_event("e1", 10.0)
+    person.saw_event("e2", 11.0)
+    assert person.view().behind == 10.0
+    assert person.profile_applied(["e1"]) is False  # the profile applied the first only
+    assert person.view().behind == 10.0
+    assert person.profile_applied(["e2"]) is True
+    assert person.view().behind is None
+    person.saw_event("e2", 12.0)  # a copy of an event the profile applied already
+    assert person.view().behind is None
+
+
+def test_changes_that_overtook_their_events_leave_nothing_to_wait_for():
+    person = Person("p1")
+    assert person.profile_applied(["e1", "e2"]) is False
+    person.saw_event("e1", 10.0)
+    person.saw_event("e2", 10.1)
+    assert person.view().behind is None
+    person.saw_event("e3", 11.0)
+    assert person.view().behind == 11.0
+
+
+def test_the_lag_is_written_with_the_record_and_read_back():
+    person = Person("p1", state=PersonState("p1"))
+    person.saw_event("e1", 10.0)
+    record = person.record()
+    assert record["pending"] == 10.0
+    assert person.profile_applied(["e1"]) and person.dirty  # the record says it lags: written again
+    assert "pending" not in person.record()
+
+
+async def test_a_lag_read_back_ends_with_the_next_change_of_the_person_s_events():
+    record = Person("p1", state=PersonState("p1"))
+    record.saw_event("e1", 10.0)
+    record.saw_event("e2", 11.0)  # the record keeps no id: the latest may move on without a write
+    hot = Partition()
+    async with open_store("memory://") as store:
+        await store.put(PERSONS, "p1", record.record())
+        await load_persons(store, hot, {"p1"})
+    person = hot.persons["p1"]
+    assert person.view().behind == 10.0
+    assert person.profile_applied(["e2"]) is True
+    assert person.view().behind is None

@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: the latest event the profile has not confirmed yet, when the record was written while it lagged), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -86,7 +86,8 @@ class Person:
     merged_from: dict[str, dict[str, Any]] = field(default_factory=dict)
     merged_into: str = ""  # the survivor this person was merged into ("" while they are a person of their own)
     # The fields lag behind the person's events (`saw_event` / `profile_applied`): (the latest event id no
-    # profile change has listed yet, when the earliest such event was applied here), else None.
+    # profile change has listed yet, or "" when read back from the record; when the earliest such event was
+    # applied here), else None.
     pending: tuple[str, float] | None = None
     pending_written: bool = False  # the person record last written holds `pending`
     profiled: str = ""  # the last event id a profile change listed
@@ -110,8 +111,8 @@ class Person:
 
     def saw_event(self, event_id: str, at: float) -> None:
         """A resolved event of the person reached the engine at `at`: until a profile change lists it, the
-        fields lag behind it. Per event, so in memory: the record carries `pending` when it is written anyway
-        (an entry, new identifiers, an action held), not for this alone unless it holds `pending` already."""
+        fields lag behind it. Per event, so in memory: the record carries since when they lag when it is
+        written anyway (an entry, new identifiers, an action held), never for this alone."""
         if not event_id or event_id == self.profiled:
             return  # the profile's change came first (or this is a copy of an event the profile applied)
         early = self.early
@@ -120,8 +121,6 @@ class Person:
             return
         pending = self.pending
         self.pending = (event_id, pending[1] if pending is not None else at)
-        if self.pending_written:
-            self.dirty = True  # the record says which event to wait for: keep it the latest (rare: a stall)
 
     def profile_applied(self, event_ids: list[str]) -> bool:
         """A profile change listed `event_ids`; whether the fields caught up with the person's events by it.
@@ -131,11 +130,16 @@ class Person:
             return False
         self.profiled = event_ids[-1]
         pending = self.pending
-        if pending is not None and pending[0] in event_ids:
+        if pending is not None:
+            # "": read back from the record, which keeps no event id: the next change of the person's events
+            # ends it (a record rewritten for every event to keep the latest id would cost a write per event).
+            if pending[0] and pending[0] not in event_ids:
+                return False  # it applied earlier events of theirs only: the later one is still on its way
             self.pending = None
             if self.pending_written:
                 self.dirty = True
             return True
+        # Every event seen here is covered already: these reached the profile first (or are its own writes).
         early = self.early
         if early is None:
             early = self.early = {}
@@ -159,7 +163,7 @@ class Person:
             optional["merged_into"] = self.merged_into
         self.pending_written = self.pending is not None
         if self.pending is not None:
-            optional["pending"] = list(self.pending)
+            optional["pending"] = self.pending[1]
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
@@ -235,8 +239,8 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.ids = dict(doc.get("ids") or {})
             person.merged_from = dict(doc.get("merged_from") or {})
             person.merged_into = doc.get("merged_into") or ""
-            if doc.get("pending"):
-                person.pending = (doc["pending"][0], doc["pending"][1])
+            if doc.get("pending") is not None:
+                person.pending = ("", doc["pending"])
                 person.pending_written = True
             for instance_id in doc["live"]:
                 if instance_id in instances:

@@ -48,7 +48,9 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
    own `journey_version`, with the instance's `entry` properties; a `MissingField` is a failed action
    naming the field, never a blank) and publish
    `actions.<channel>` with the action id as the message id. After every ruling, keep one durable timer
-   at `next_wake(state)`; when it fires, call `release`. Events named in `rules.watched_events` go to
+   at `next_wake(state)`; when it fires, call `release`. Pass `PersonView.behind` while the person's fields
+   lag behind their events (the profile's change for one has not arrived): the arbiter holds actions until
+   they catch up; call `release` when they have. Events named in `rules.watched_events` go to
    `observe` before anything is decided for that event.
 5. Ids are stable: replaying the same stimuli over the same state gives the same ids and decisions, so the
    service may redo any step after a crash as long as it deduplicates by id (timers, actions, decisions).
