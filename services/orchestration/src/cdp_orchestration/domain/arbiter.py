@@ -21,7 +21,8 @@ Invariants:
 - Nothing is sent twice: a proposal whose action id is held, or was sent in the last eight days, is a
   redelivery and gets no new decision (the service's effectively-once processing covers the rest).
 - Checks run in this order, and all of them again when a held action comes due (consent withdrawn or a
-  ticket opened meanwhile stops the send): validity, consent, suppression, approval, quiet hours, caps.
+  ticket opened meanwhile stops the send): validity, the profile's lag (below), consent, suppression, approval,
+  quiet hours, caps.
 - Priority decides over a slot: actions are ranked by journey priority, then the action's `rank_by` score,
   then proposal time and id (a total order, so a replay gives the same outcome). A cap's room in a period
   is taken by the sends in that period and held for the deferred actions due in it. An action that finds
