@@ -238,6 +238,16 @@ def profile_change(person: str, at: float) -> profile_pb2.ProfileChanged:
     return change
 
 
+def applied(person: str, message_id: str, at: float) -> tuple[str, bytes]:
+    """The profile's change for an event it applied (listing its id), as profile publishes it: orchestration
+    decides an action on fields at least as new as the event that triggered it, so the probe's send waits
+    for this."""
+    change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(at))
+    change.event_ids.append(message_id)
+    batch = profile_pb2.ProfileChangedBatch(changes=[change])
+    return subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
+
+
 def event(person: str, name: str, message_id: str, at: float, properties: dict) -> events_pb2.ResolvedEvent:
     message = events_pb2.Event(
         message_id=message_id, type=events_pb2.EVENT_TYPE_TRACK, event=name, timestamp=from_seconds(at)
@@ -303,7 +313,8 @@ async def bench_dispatch(nats_url: str, metrics_url: str, pid: int, rate: int, s
         seq = seed * 1_000_000 + tick  # apart from the other runs' probes, which the ACTIONS stream also holds
         probe = event(person, PROBE, f"probe-{seq}", stamp, {"seq": seq})
         by_partition.setdefault(partition_for(person, PARTITIONS), events_pb2.ResolvedEventBatch()).events.append(probe)
-        plan.append(([(subjects.events_resolved(p), b.SerializeToString()) for p, b in by_partition.items()], seq))
+        messages = [(subjects.events_resolved(p), b.SerializeToString()) for p, b in by_partition.items()]
+        plan.append(([*messages, applied(person, f"probe-{seq}", stamp)], seq))
 
     sent_at: dict[int, tuple[float, bool]] = {}
     results: list[tuple[float, float, float]] = []  # (sent, decided, stored) wall seconds
@@ -494,6 +505,7 @@ async def probe_once(nats_url: str, person: str, seq: int) -> float:
     subscription = await js.subscribe(f"{subjects.ACTIONS_PREFIX}.>", cb=on_action, ordered_consumer=True)
     batch = events_pb2.ResolvedEventBatch(events=[event(person, PROBE, f"probe-{seq}", time.time(), {"seq": seq})])
     await js.publish(subjects.events_resolved(partition_for(person, PARTITIONS)), batch.SerializeToString())
+    await js.publish(*applied(person, f"probe-{seq}", time.time()))
     try:
         return await asyncio.wait_for(arrived, 120)
     finally:

@@ -134,6 +134,13 @@ class Upstream:
         batch = events_pb2.ResolvedEventBatch(events=[events_pb2.ResolvedEvent(event=event, person_id=person)])
         subject = subjects.events_resolved(partition_for(person, PARTITIONS))
         await self._publish(subject, batch.SerializeToString(), f"cart-{person}")
+        # The profile's change for the event, as profile publishes it once applied: orchestration decides the
+        # email on fields at least as new as the event, so it waits for this.
+        change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(time.time()))
+        change.event_ids.append(f"cart-{person}")
+        changed = profile_pb2.ProfileChangedBatch(changes=[change])
+        subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
+        await self._publish(subject, changed.SerializeToString(), f"profile-cart-{person}")
 
 
 async def timers_fired(bus: Bus) -> collections.Counter:
