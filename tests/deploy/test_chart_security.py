@@ -12,7 +12,7 @@ import pytest
 from chart_support import CHART, RELEASE, Rendered
 from test_chart import env_of
 
-from cdp_kit.natsauth import permissions_document
+from cdp_kit.natsauth import expand, permissions_document
 
 POLICY_SCENARIOS = ("prod", "everything", "secure", "prod+newcomer")
 
@@ -152,7 +152,15 @@ def test_each_component_connects_as_its_own_nats_user(rendered, scenario):
         assert credentials["user"] == name and len(credentials["password"]) >= 32
         # nats-server knows the same password, and the permissions of the component's role.
         assert users[name]["password"] == credentials["password"]
-        assert users[name]["permissions"] == roles.get(name, {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}})
+        # Consumer names per partition and per replica spelled out for this release's values.
+        c = components(r)[name]
+        replicas = int(c["replicas"])
+        if c["autoscaling"]["enabled"]:
+            replicas = max(replicas, int(c["autoscaling"]["maxReplicas"]))
+        wanted = {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
+        if name in roles:
+            wanted = expand(roles[name], partitions=int(r.values["global"]["partitions"]), replicas=replicas)
+        assert users[name]["permissions"] == wanted
         if scenario == "secure":
             assert env["CDP_NATS_TLS_CA_FILE"]["value"] == "/etc/cdp/nats-tls/ca.crt"
             assert env["CDP_NATS_TLS_CERT_FILE"]["value"] == "/etc/cdp/nats-tls/tls.crt"

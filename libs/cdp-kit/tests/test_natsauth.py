@@ -436,3 +436,84 @@ async def test_the_edge_cannot_touch_another_services_consumer_of_privacy(users)
         assert info.config.description == "ours"
     finally:
         await nc.close()
+
+
+# Services sharing a stream, each with a consumer of its own there: (stream, the consumer's service, its
+# name, the other service reading the same stream, that one's own consumer).
+SHARED_STREAMS = (
+    (subjects.PRIVACY, "identity", "identity-privacy-0", "orchestration", "orchestration-privacy"),
+    (subjects.PRIVACY, "orchestration", "orchestration-privacy", "crm", "crm-privacy"),
+    (subjects.EVENTS_RESOLVED, "profile", "profile-p0", "scoring", "scoring-quality-labels"),
+    (subjects.PROFILES, "scoring", "scoring-p0", "segmentation", "segmentation-p0"),
+)
+
+
+async def test_a_service_cannot_touch_another_services_consumer_of_a_shared_stream(users):
+    """PRIVACY, EVENTS_RESOLVED and PROFILES each feed several services: each may create, fetch from,
+    acknowledge on and delete its own consumers, by name, and none of another's - not even by a nameless
+    create carrying the name in its body, which the server would take as an update of that consumer."""
+    async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
+        await identity.ensure_streams(events_resolved_stream())
+        await identity.js.publish(subjects.events_resolved(0), b"resolved", timeout=5)
+    async with Bus.connect(users.server.url, name="profile", security=users.security("profile")) as profile:
+        await profile.ensure_streams(profiles_stream(), privacy_stream())
+        await profile.js.publish(subjects.profiles_changed(0), b"changed", timeout=5)
+        await profile.js.publish(subjects.PRIVACY_DELETED, b"deleted", timeout=5)
+    for stream, owner, name, other, own in SHARED_STREAMS:
+        config = ConsumerConfig(durable_name=name, ack_policy=AckPolicy.EXPLICIT, description="ours")
+        async with Bus.connect(users.server.url, name=owner, security=users.security(owner)) as bus:
+            await bus.js.add_consumer(stream, config)
+            # One message delivered and not yet acknowledged: its reply subject is the acknowledgement.
+            (delivered,) = await (await bus.js.pull_subscribe_bind(durable=name, stream=stream)).fetch(1, timeout=5)
+            async with Bus.connect(users.server.url, name=other, security=users.security(other)) as theirs:
+                nc = theirs.nc
+                tampered = {"stream_name": stream, "config": {**config.as_dict(), "description": "tampered"}}
+                unnamed = {"stream_name": stream, "config": {**tampered["config"], "name": name}}
+                del unnamed["config"]["durable_name"]
+                attempts = {
+                    "create, the name in the body": (f"$JS.API.CONSUMER.CREATE.{stream}", unnamed),
+                    "create by name": (f"$JS.API.CONSUMER.CREATE.{stream}.{name}", tampered),
+                    "durable create": (f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}", tampered),
+                    "fetch": (f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}", {"batch": 1, "expires": 200_000_000}),
+                    "info": (f"$JS.API.CONSUMER.INFO.{stream}.{name}", None),
+                    "delete": (f"$JS.API.CONSUMER.DELETE.{stream}.{name}", None),
+                }
+                for what, (subject, body) in attempts.items():
+                    assert await api_call(nc, subject, body) is None, (other, what, name)
+                before = len(violations(users.server))
+                await nc.publish(delivered.reply, b"+ACK")  # acknowledge what the owner was given
+                await nc.flush()
+                await until(lambda before=before: len(violations(users.server)) > before)
+                # Its own consumer of the same stream it keeps as before: created, read, deleted.
+                await theirs.js.add_consumer(stream, ConsumerConfig(durable_name=own, ack_policy=AckPolicy.EXPLICIT))
+                assert (await theirs.js.consumer_info(stream, own)).name == own
+                assert await theirs.js.delete_consumer(stream, own)
+        nc = await users.operator()
+        try:
+            info = await nc.jetstream().consumer_info(stream, name)
+            assert info.config.description == "ours", name
+            assert info.num_ack_pending == 1, f"{other} acknowledged {name}'s message"
+        finally:
+            await nc.close()
+
+
+async def test_only_the_owner_of_the_dead_letters_may_reconfigure_them_and_every_consumer_writes_its_own(users):
+    """Every service that consumes writes what it gives up on into DLQ (`dlq.<stream>.<its consumer>`);
+    only identity, its owner, may update the stream (shrink it, or widen its subjects over another's)."""
+    async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
+        await identity.ensure_streams(dead_letter_stream())
+        config = (await identity.js.stream_info(subjects.DLQ)).config.as_dict()
+        assert "error" not in await api_call(identity.nc, f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", config)
+    for service in ("profile", "scoring", "segmentation", "orchestration", "crm"):
+        async with Bus.connect(users.server.url, name=service, security=users.security(service)) as bus:
+            await bus.ensure_read_streams(dead_letter_stream())  # as it starts: created if missing, no more
+            shrunk = {**config, "max_msgs": 1}
+            assert await api_call(bus.nc, f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", shrunk) is None, service
+            purge = await api_call(bus.nc, f"$JS.API.STREAM.PURGE.{subjects.DLQ}")
+            assert purge is None, service
+            first = ROLES[service].consumers[0]  # a per-partition or per-replica name: its first one
+            stream, name = first.stream, first.name.replace("{partition}", "0").replace("{ordinal}", "0")
+            ack = await bus.js.publish(subjects.dead_letter(stream, name), b"gave up", timeout=5)
+            assert ack.stream == subjects.DLQ
+            with pytest.raises(nats.errors.TimeoutError):  # not another service's consumer's
+                await bus.js.publish(subjects.dead_letter(subjects.EVENTS_RAW, "identity-p0"), b"forged", timeout=1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import ssl
 from collections.abc import Iterable, Mapping
@@ -61,6 +62,36 @@ MODEL_BUCKET = "cdp-models"
 OPERATOR = "cdpctl"
 
 
+# Placeholders in a consumer's name: one name per partition (`identity-p{partition}`) or per replica
+# (`identity-privacy-{ordinal}`). `expand` spells them out for a platform's partition and replica counts
+# (`cdpctl up` here, the chart's templates/_nats.tpl from its values: the same rule in both places).
+PARTITION = "{partition}"
+ORDINAL = "{ordinal}"
+# A consumer name granted whatever it is: only for a stream no other role consumes (a test holds this),
+# where the names are the service's own business (orchestration's dispatchers, one per channel it runs).
+ANY = "*"
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One durable consumer a role keeps: `stream` and its name (which may hold `PARTITION` or `ORDINAL`)."""
+
+    stream: str
+    name: str
+
+
+def _per_partition(stream: str, service: str, input: str | None = None) -> Consumer:
+    return Consumer(stream, subjects.partition_durable(service, PARTITION, input=input))  # type: ignore[arg-type]
+
+
+def _per_replica(stream: str, service: str, input: str) -> Consumer:
+    return Consumer(stream, subjects.replica_durable(service, input, ORDINAL))  # type: ignore[arg-type]
+
+
+def _shared(stream: str, service: str, input: str) -> Consumer:
+    return Consumer(stream, subjects.shared_durable(service, input))
+
+
 @dataclass(frozen=True)
 class BusRole:
     """What one service does on NATS. Stream names and subjects come from `cdp_kit.bus.subjects`."""
@@ -70,8 +101,8 @@ class BusRole:
     configures: tuple[str, ...] = ()
     # Streams it creates when missing but never changes (`Bus.ensure_read_streams`, `ensure_created`).
     creates: tuple[str, ...] = ()
-    # Streams it consumes (durable or ephemeral consumers): consumer management, fetch, ack, dead letters.
-    consumes: tuple[str, ...] = ()
+    # The durable consumers it keeps, by name: consumer management, fetch, ack, dead letters of each.
+    consumers: tuple[Consumer, ...] = ()
     # Streams it reads single messages from (get by sequence, last by subject).
     reads: tuple[str, ...] = ()
     # Streams it removes single messages from (an erased action).
@@ -82,6 +113,11 @@ class BusRole:
     subscribes: tuple[str, ...] = ()
     # Object stores it keeps files in.
     object_stores: tuple[str, ...] = ()
+
+    @property
+    def consumes(self) -> tuple[str, ...]:
+        """The streams it consumes."""
+        return tuple(_unique(c.stream for c in self.consumers))
 
 
 def _each(prefix: str) -> str:
@@ -105,9 +141,14 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "identity",
+            # The dead letters' stream is identity's to configure (every deployment runs it); the other
+            # consumers write into it and create it when missing, and none may shrink or redirect it.
             configures=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.DLQ),
             creates=(subjects.EVENTS_RAW, subjects.PRIVACY),
-            consumes=(subjects.EVENTS_RAW, subjects.PRIVACY),
+            consumers=(
+                _per_partition(subjects.EVENTS_RAW, "identity"),
+                _per_replica(subjects.PRIVACY, "identity", "privacy"),
+            ),
             publishes=(
                 *subjects.STREAM_SUBJECTS[subjects.EVENTS_RESOLVED],
                 *subjects.STREAM_SUBJECTS[subjects.IDENTITY],
@@ -115,18 +156,26 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "profile",
-            configures=(subjects.PROFILES, subjects.PRIVACY, subjects.DLQ),
-            creates=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.SCORES),
-            consumes=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.SCORES),
+            configures=(subjects.PROFILES, subjects.PRIVACY),
+            creates=(subjects.EVENTS_RESOLVED, subjects.IDENTITY, subjects.SCORES, subjects.DLQ),
+            consumers=(
+                _per_partition(subjects.EVENTS_RESOLVED, "profile"),
+                _per_partition(subjects.IDENTITY, "profile", "merges"),
+                _per_replica(subjects.IDENTITY, "profile", "identity"),  # drained, never created anew
+                _per_partition(subjects.SCORES, "profile", "scores"),
+            ),
             publishes=(_each(subjects.PROFILES_CHANGED_PREFIX), subjects.PRIVACY_DELETED),
         ),
         BusRole(
             "scoring",
-            configures=(subjects.SCORES, subjects.DLQ),
-            # Label events on events.resolved make realised quality stale (the durable consumer
-            # scoring-quality-labels, so that one arriving while scoring is down is not missed).
-            creates=(subjects.PROFILES, subjects.EVENTS_RESOLVED),
-            consumes=(subjects.PROFILES, subjects.EVENTS_RESOLVED),
+            configures=(subjects.SCORES,),
+            creates=(subjects.PROFILES, subjects.EVENTS_RESOLVED, subjects.DLQ),
+            consumers=(
+                _per_partition(subjects.PROFILES, "scoring"),
+                # Label events on events.resolved make realised quality stale (one durable the replicas
+                # share, so that one arriving while scoring is down is not missed).
+                _shared(subjects.EVENTS_RESOLVED, "scoring", "quality-labels"),
+            ),
             reads=(subjects.PROFILES,),
             publishes=(_each(subjects.SCORES_UPDATED_PREFIX), subjects.SCORING_MODELS_CHANGED, subjects.MODELS_DRIFT),
             subscribes=(subjects.SCORING_MODELS_CHANGED,),
@@ -134,9 +183,9 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "segmentation",
-            configures=(subjects.SEGMENTS, subjects.DLQ),
-            creates=(subjects.PROFILES,),
-            consumes=(subjects.PROFILES,),
+            configures=(subjects.SEGMENTS,),
+            creates=(subjects.PROFILES, subjects.DLQ),
+            consumers=(_per_partition(subjects.PROFILES, "segmentation"),),
             reads=(subjects.PROFILES,),
             publishes=(
                 _each(subjects.SEGMENTS_ENTERED_PREFIX),
@@ -147,9 +196,20 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "orchestration",
-            configures=(subjects.DLQ,),
-            creates=(subjects.PRIVACY, subjects.ORCHESTRATION, subjects.ORCHESTRATION_TIMERS, subjects.ACTIONS),
-            consumes=(subjects.ORCHESTRATION, subjects.PRIVACY, subjects.ACTIONS),
+            creates=(
+                subjects.PRIVACY,
+                subjects.ORCHESTRATION,
+                subjects.ORCHESTRATION_TIMERS,
+                subjects.ACTIONS,
+                subjects.DLQ,
+            ),
+            consumers=(
+                _per_partition(subjects.ORCHESTRATION, "orchestration"),
+                _shared(subjects.PRIVACY, "orchestration", "privacy"),
+                # `orchestration-dispatch-<channel>`, one per channel it runs: nobody else consumes ACTIONS
+                # (the CRM connector sources actions.crm server-side).
+                Consumer(subjects.ACTIONS, ANY),
+            ),
             reads=(subjects.ACTIONS,),
             erases=(subjects.ACTIONS,),
             publishes=(
@@ -162,11 +222,17 @@ ROLES: dict[str, BusRole] = {
         ),
         BusRole(
             "crm",
-            configures=(subjects.DLQ,),
             # The connector makes sure the streams it sources exist, with their owners' configuration,
             # and never changes them.
-            creates=(subjects.PROFILES, subjects.SEGMENTS, subjects.PRIVACY, subjects.ACTIONS, subjects.CRM),
-            consumes=(subjects.CRM, subjects.PRIVACY),
+            creates=(
+                subjects.PROFILES,
+                subjects.SEGMENTS,
+                subjects.PRIVACY,
+                subjects.ACTIONS,
+                subjects.CRM,
+                subjects.DLQ,
+            ),
+            consumers=(_per_partition(subjects.CRM, "crm"), _shared(subjects.PRIVACY, "crm", "privacy")),
         ),
     )
 }
@@ -198,19 +264,24 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
         publish.append(f"{api}.STREAM.CREATE.{stream}")
     for stream in role.configures:
         publish.append(f"{api}.STREAM.UPDATE.{stream}")
-    for stream in role.consumes:
+    # Its own consumers only, each by name, on every API subject that carries the name. Never the
+    # nameless create (`CONSUMER.CREATE.<stream>`, the name in its body, out of the server's sight): the
+    # kit creates durables as `DURABLE.CREATE.<stream>.<name>` (nats.py's add_consumer with a
+    # durable_name), and the server refuses a body whose name differs from the subject's.
+    for consumer in role.consumers:
+        stream, name = consumer.stream, consumer.name
         publish += [
-            f"{api}.CONSUMER.CREATE.{stream}",  # an ephemeral consumer
-            f"{api}.CONSUMER.CREATE.{stream}.>",  # a named one, with or without its filter
-            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*",
-            f"{api}.CONSUMER.INFO.{stream}.*",
-            f"{api}.CONSUMER.DELETE.{stream}.*",
-            f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
-            f"$JS.ACK.{stream}.>",
-            f"$JS.FC.{stream}.>",  # flow control of push consumers
-            subjects.dead_letter_filter(stream),  # what its consumers give up on
+            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+            f"{api}.CONSUMER.CREATE.{stream}.{name}",
+            f"{api}.CONSUMER.CREATE.{stream}.{name}.>",  # with its filter subject
+            f"{api}.CONSUMER.INFO.{stream}.{name}",
+            f"{api}.CONSUMER.DELETE.{stream}.{name}",
+            f"{api}.CONSUMER.MSG.NEXT.{stream}.{name}",
+            f"$JS.ACK.{stream}.{name}.>",
+            f"$JS.FC.{stream}.{name}.>",
+            subjects.dead_letter(stream, name),  # what it gives up on (DLQ: stored, never reconfigured)
         ]
-        subscribe.append(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*")
+        subscribe.append(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{name}")
     for stream in role.reads:
         publish += [f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
     for stream in role.erases:
@@ -249,9 +320,39 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": _unique(subscribe)}}
 
 
+def expand(perms: Mapping[str, Mapping[str, list[str]]], *, partitions: int, replicas: int) -> dict:
+    """`perms` with each subject naming `PARTITION` spelled out for partitions 0..partitions-1 and each
+    naming `ORDINAL` for ordinals 0..replicas-1, in place and in that order (NATS wildcards match whole
+    tokens only, so `identity-p*` cannot be said). The chart does the same (templates/_nats.tpl)."""
+    if partitions < 1 or replicas < 1:
+        raise ValueError("partitions and replicas must be at least 1")
+    out: dict[str, dict[str, list[str]]] = {}
+    for direction, rules in perms.items():
+        allow: list[str] = []
+        for subject in rules["allow"]:
+            if PARTITION in subject:
+                allow += [subject.replace(PARTITION, str(p)) for p in range(partitions)]
+            elif ORDINAL in subject:
+                allow += [subject.replace(ORDINAL, str(o)) for o in range(replicas)]
+            else:
+                allow.append(subject)
+        out[direction] = {"allow": allow}
+    return out
+
+
+def default_partitions(environ: Mapping[str, str] | None = None) -> int:
+    """The partition count the services of `cdpctl up` run with: CDP_PARTITIONS (they inherit cdpctl's
+    environment), or the kit's default."""
+    from cdp_kit.settings import ServiceSettings
+
+    value = (os.environ if environ is None else environ).get("CDP_PARTITIONS")
+    return int(value) if value else ServiceSettings.__dataclass_fields__["partitions"].default
+
+
 def permissions_document() -> dict[str, dict[str, dict[str, list[str]]]]:
-    """Every role's permissions, as the Helm chart reads them (deploy/helm/cdp/files/nats-permissions.json,
-    written by `python -m cdp_kit.natsauth`; tests/deploy checks it is current)."""
+    """Every role's permissions with their `PARTITION` / `ORDINAL` placeholders, as the Helm chart reads
+    them (deploy/helm/cdp/files/nats-permissions.json, written by `python -m cdp_kit.natsauth`; tests/deploy
+    checks it is current); the chart expands them for its partitions and each component's replicas."""
     return {name: permissions(role) for name, role in sorted(ROLES.items())}
 
 
@@ -337,16 +438,23 @@ def _block(perms: Mapping[str, Mapping[str, list[str]]]) -> str:
     return "{ " + ", ".join(parts) + " }"
 
 
-def authorization_config(passwords: Mapping[str, str], *, operator_password: str | None = None) -> str:
+def authorization_config(
+    passwords: Mapping[str, str],
+    *,
+    operator_password: str | None = None,
+    partitions: int | None = None,
+    replicas: int = 1,
+) -> str:
     """The nats-server `authorization` block: one user per entry of `passwords` (user -> password), with
-    the permissions of its service's role (`role_of(user)`); with `operator_password`, an unrestricted
-    `cdpctl` user."""
+    the permissions of its service's role (`role_of(user)`) for `partitions` (default: `default_partitions`)
+    and `replicas` per service; with `operator_password`, an unrestricted `cdpctl` user."""
+    partitions = default_partitions() if partitions is None else partitions
     lines = ["authorization {", "  users = ["]
     for user, password in passwords.items():
         role = role_of(user)
         if role not in ROLES:
             raise KeyError(f"no NATS role for service {role!r}; add it to cdp_kit.natsauth.ROLES")
-        perms = _block(permissions(ROLES[role]))
+        perms = _block(expand(permissions(ROLES[role]), partitions=partitions, replicas=replicas))
         lines.append(f"    {{ user: {_quoted(user)}, password: {_quoted(password)}, permissions: {perms} }}")
     if operator_password is not None:
         lines.append(f"    {{ user: {_quoted(OPERATOR)}, password: {_quoted(operator_password)} }}")
@@ -445,16 +553,22 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "ANY",
     "MODEL_BUCKET",
     "OPERATOR",
+    "ORDINAL",
     "OWNERSHIP_BUCKET",
+    "PARTITION",
     "ROLES",
     "BusRole",
+    "Consumer",
     "CredentialsFile",
     "NatsClientSettings",
     "ServerTls",
     "SettingsError",
     "authorization_config",
+    "default_partitions",
+    "expand",
     "inbox_prefix",
     "new_password",
     "permissions",

@@ -112,7 +112,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Profile's, segmentation's and the privacy streams are their owners' to configure (retention above all):
     # created with defaults when missing, never changed here.
     await bus.ensure_read_streams(profiles_stream(), segments_stream(), privacy_stream())
-    await bus.ensure_streams(dead_letter_stream())
+    await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
     await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 

@@ -58,7 +58,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     # The streams orchestration sources are their publishers' to create and configure (ensuring them here
     # with default settings would reset, say, identity's retention); a source waits for its stream.
-    await bus.ensure_streams(dead_letter_stream())
+    await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
     await bus.ensure_read_streams(privacy_stream())
     await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
     journeys = Journeys(store)

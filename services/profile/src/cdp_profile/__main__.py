@@ -52,11 +52,11 @@ async def setup(runtime: ServiceRuntime) -> None:
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
     # Identity and scoring own and configure what profile reads: created if missing, never reconfigured.
-    await bus.ensure_read_streams(events_resolved_stream(), identity_stream(), scores_stream())
+    # The dead letters' stream is identity's: written into, created if missing, never reconfigured.
+    await bus.ensure_read_streams(events_resolved_stream(), identity_stream(), scores_stream(), dead_letter_stream())
     await bus.ensure_streams(
         profiles_stream(max_age=settings.changes_retention_days * 86_400),
         privacy_stream(),
-        dead_letter_stream(),
     )
     static = settings.ownership == "static"
     max_age = settings.timeline_max_age_days * 86_400 or None

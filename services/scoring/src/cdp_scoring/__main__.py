@@ -55,7 +55,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
     await bus.ensure_read_streams(profiles_stream())  # profile's: never reconfigured here
-    await bus.ensure_streams(scores_stream(max_age=settings.scores_retention_days * 86_400), dead_letter_stream())
+    await bus.ensure_streams(scores_stream(max_age=settings.scores_retention_days * 86_400))
+    await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
     kind, where = parse_model_store(settings.model_store)
     model_store = ObjectModelStore(bus.js, where) if kind == "nats" else FolderModelStore(Path(where))
     profile: ProfileClient | None = None

@@ -34,7 +34,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
     await bus.ensure_read_streams(profiles_stream())  # profile's: never reconfigured here
-    await bus.ensure_streams(segments_stream(max_age=settings.segments_retention_days * 86_400), dead_letter_stream())
+    await bus.ensure_streams(segments_stream(max_age=settings.segments_retention_days * 86_400))
+    await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
     profile: ProfileClient | None = None
     if settings.profile_address:
         channel = client_channel(settings, settings.profile_address)
