@@ -517,3 +517,14 @@ async def test_only_the_owner_of_the_dead_letters_may_reconfigure_them_and_every
             assert ack.stream == subjects.DLQ
             with pytest.raises(nats.errors.TimeoutError):  # not another service's consumer's
                 await bus.js.publish(subjects.dead_letter(subjects.EVENTS_RAW, "identity-p0"), b"forged", timeout=1)
+
+
+def test_a_consumer_granted_by_any_name_is_on_a_stream_nobody_else_consumes():
+    """`ANY` is the one grant not by name: safe only where no other role has a consumer to tamper with."""
+    from cdp_kit.natsauth import ANY
+
+    for name, role in ROLES.items():
+        for consumer in role.consumers:
+            if consumer.name == ANY:
+                others = sorted(n for n, r in ROLES.items() if n != name and consumer.stream in r.consumes)
+                assert others == [], f"{name} may touch any consumer of {consumer.stream}, which {others} consume"

@@ -1,15 +1,17 @@
 """Who may do what on NATS: one user per service, with the subjects it may publish and subscribe to.
 
 One table (`ROLES`) says, per service, which streams it configures (only the stream's owner: an update
-can shrink a stream to nothing), which it only creates when missing (start order does not matter), which it consumes, which it reads single messages from, what it
-publishes and which core-NATS announcements it follows. Everything NATS is told comes from it:
+can shrink a stream to nothing), which it only creates when missing (start order does not matter), the
+durable consumers it keeps (by name), which streams it reads single messages from, what it publishes and
+which core-NATS announcements it follows. Everything NATS is told comes from it:
 
 - `permissions(role)`: the nats-server `permissions` block of that service's user. A service may publish
   only the subjects it owns (`cdp_kit.bus.subjects` says who owns what): the profile service publishing
   `events.resolved.0` is refused by the server ("Publish Violation"), whatever its code does.
   JetStream is reached through its API subjects, so each user gets only the `$JS.API` calls its streams
-  need (create/update for streams it configures, create for those it reads, consumer management, fetch,
-  acknowledgements `$JS.ACK.<stream>.>`, dead letters of what it consumes), the ownership key-value
+  need (create/update for streams it configures, create for those it reads; management, fetch,
+  acknowledgements and dead letters of its own consumers only, by name: services sharing a stream cannot
+  rewrite, drain or delete each other's consumers), the ownership key-value
   bucket under its own group, and replies on its own inbox prefix (`_INBOX.<service>.`) only, so no
   service reads another's API answers.
 - `authorization_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and
