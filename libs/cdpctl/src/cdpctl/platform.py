@@ -60,7 +60,7 @@ class ServiceProcess:
     companion_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # Services it calls over gRPC: each becomes CDP_<NAME>_ADDRESS and CDP_<NAME>_TOKEN_FILE, as in the chart.
     calls: tuple[str, ...] = ()
-    # Scopes beyond the shared read-only service token: the service then gets a token of its own.
+    # Scopes beyond reading the peers it calls (`service_scopes`: its token's).
     extra_scopes: tuple[str, ...] = ()
     # Files written before it starts: path (placeholders as in `env`) -> a template under cdpctl/dev/,
     # filled the same way. A template naming a companion that is not running is written as `empty`.
@@ -246,8 +246,11 @@ COMPANIONS: tuple[Companion, ...] = (
 )
 
 
-# What services may do to each other: read-only look-ups.
-SERVICE_SCOPES = ("identity:read", "profile:read", "scoring:read", "segmentation:read")
+def service_scopes(svc: ServiceProcess) -> list[str]:
+    """What a service's token may do: read each peer it calls (`calls`, as the chart's) and its extra
+    scopes. No more: the token of a service that does not call scoring cannot read scoring."""
+    return [*(f"{peer}:read" for peer in svc.calls), *svc.extra_scopes]
+
 
 _PLACEHOLDER = re.compile(r"\{([a-z0-9_:.-]+)\}")
 
@@ -436,13 +439,8 @@ class Workspace:
     def admin_token_file(self) -> Path:
         return self.secrets_dir / "admin.token"
 
-    @property
-    def services_token_file(self) -> Path:
-        """The token services present to each other (read scopes only)."""
-        return self.secrets_dir / "services.token"
-
     def service_token_file(self, name: str) -> Path:
-        """The token a service with scopes of its own presents to the services it calls."""
+        """The token a service presents to the services it calls (`service_scopes`: its own)."""
         return self.secrets_dir / f"{name}.token"
 
     @property
@@ -547,18 +545,19 @@ class Workspace:
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir, *self.companion_dirs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
-        own = [svc for svc in services if svc.extra_scopes]
-        files = [self.tokens_file, self.admin_token_file, self.services_token_file]
-        files += [self.service_token_file(svc.name) for svc in own]
+        callers = [svc for svc in services if svc.calls]
+        files = [self.tokens_file, self.admin_token_file, *(self.service_token_file(svc.name) for svc in callers)]
         if not all(f.exists() for f in files):
-            token, internal = new_token(), new_token()
-            entries = [("cdpctl-admin", token, ["*"]), ("cdp-services", internal, list(SERVICE_SCOPES))]
-            written = [(self.admin_token_file, token), (self.services_token_file, internal)]
-            for svc in own:
+            # (A workspace from before per-service tokens lacks some: all are made again, with their scopes.)
+            token = new_token()
+            entries = [("cdpctl-admin", token, ["*"])]
+            written = [(self.admin_token_file, token)]
+            for svc in callers:
                 mine = new_token()
-                entries.append((f"cdp-{svc.name}", mine, [*SERVICE_SCOPES, *svc.extra_scopes]))
+                entries.append((f"cdp-{svc.name}", mine, service_scopes(svc)))
                 written.append((self.service_token_file(svc.name), mine))
             write_tokens_file(self.tokens_file, entries)
+            (self.secrets_dir / "services.token").unlink(missing_ok=True)  # the shared one, no longer valid
             for path, value in written:
                 path.write_text(value + "\n")
                 path.chmod(0o600)
@@ -675,7 +674,7 @@ def service_environment(
     named_ports = dict(named_ports or {})
     if http_port is not None:
         named_ports[f"{svc.name}.http"] = http_port  # its own listener, for its own variables ("{crm.http}")
-    token_file = ws.service_token_file(svc.name) if svc.extra_scopes else ws.services_token_file
+    token_file = ws.service_token_file(svc.name)
     for peer in svc.calls:
         name = peer.upper().replace("-", "_")
         env[f"CDP_{name}_ADDRESS"] = (peers or {})[peer]
