@@ -243,7 +243,7 @@ def applied(person: str, message_id: str, at: float) -> tuple[str, bytes]:
     decides an action on fields at least as new as the event that triggered it, so the probe's send waits
     for this."""
     change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(at))
-    change.event_ids.append(message_id)
+    change.event_ids.append(f":{message_id}")  # as profile lists an event: "<source id>:<message id>", no source here
     batch = profile_pb2.ProfileChangedBatch(changes=[change])
     return subjects.profiles_changed(partition_for(person, PARTITIONS)), batch.SerializeToString()
 

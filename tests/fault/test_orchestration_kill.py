@@ -137,7 +137,7 @@ class Upstream:
         # The profile's change for the event, as profile publishes it once applied: orchestration decides the
         # email on fields at least as new as the event, so it waits for this.
         change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(time.time()))
-        change.event_ids.append(f"cart-{person}")
+        change.event_ids.append(f"{event.source_id}:{event.message_id}")  # as profile lists an event
         changed = profile_pb2.ProfileChangedBatch(changes=[change])
         subject = subjects.profiles_changed(partition_for(person, PARTITIONS))
         await self._publish(subject, changed.SerializeToString(), f"profile-cart-{person}")

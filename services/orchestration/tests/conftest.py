@@ -36,6 +36,7 @@ from cdp_orchestration.state import DECISIONS, INSTANCES, PERSONS
 from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
+SOURCE = "src-test"  # the collector source the test's events come from
 
 
 class World:
@@ -169,9 +170,10 @@ class World:
     async def profile_applied(
         self, person: str, event_ids: list[str], *, consent: dict[str, bool] | None = None, **traits: Any
     ) -> None:
-        """The profile's change for events it applied (cause "event"), with the consent and traits they set."""
+        """The profile's change for events it applied (cause "event"), with the consent and traits they set.
+        `event_ids`: the events' message ids; the change lists them as profile does, `<source id>:<message id>`."""
         change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(self.now()))
-        change.event_ids.extend(event_ids)
+        change.event_ids.extend(f"{SOURCE}:{event_id}" for event_id in event_ids)
         change.consent.update(consent or {})
         for name, value in traits.items():
             change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
@@ -183,6 +185,7 @@ class World:
     ) -> events_pb2.Event:
         event = events_pb2.Event(
             message_id=event_id,
+            source_id=SOURCE,
             type=events_pb2.EVENT_TYPE_TRACK,
             event=name,
             timestamp=from_seconds(self.now()),

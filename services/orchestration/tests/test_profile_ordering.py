@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
+from cdp.events.v1 import events_pb2
 from cdp_kit.storage import open_store
 from cdp_orchestration.domain.arbiter import PersonState
 from cdp_orchestration.domain.rules import parse_rules
+from cdp_orchestration.inputs import ResolvedInput
 from cdp_orchestration.state import PERSONS, Partition, Person, load_persons
+from cdp_profile.events import event_id_of
 
 CART = {
     "id": "abandoned-cart",
@@ -189,3 +192,11 @@ async def test_a_lag_read_back_ends_with_the_next_change_of_the_person_s_events(
     assert person.view().behind == 10.0
     assert person.profile_applied(["e2"]) is True
     assert person.view().behind is None
+
+
+def test_an_event_is_waited_for_under_the_id_the_profile_lists_it_by():
+    # The profile applies an event under the collector's dedup id and lists that in its change; a waiting
+    # action is released only when the ids agree.
+    message = events_pb2.Event(source_id="src-web", message_id="m-1", event="Cart Abandoned")
+    resolved = ResolvedInput(events_pb2.ResolvedEvent(event=message, person_id="p1"))
+    assert resolved.profile_id == event_id_of(message) == "src-web:m-1"

@@ -189,7 +189,7 @@ class OrchestrationLogic:
         if kind == "event":
             resolved: ResolvedInput = one.data
             # Until the profile's change for this event arrives, the fields lag behind it (see "Ordering" above).
-            person.saw_event(resolved.event_id, now)
+            person.saw_event(resolved.profile_id, now)
             self._learn_ids(batch, person, resolved)
             # Most events reach a person no instance of whom waits on anything, under a name no journey enters
             # on and the arbiter does not watch: their identifiers are all they give, and their properties and

@@ -102,11 +102,12 @@ class ResolvedInput:
     """A resolved event as the engine gets it: id, name, type, time and identifiers at once; the `Event`
     with properties and context (`event()`) when it is first asked for, then kept."""
 
-    __slots__ = ("_event", "_resolved", "anonymous_id", "at", "event_id", "name", "type", "user_id")
+    __slots__ = ("_event", "_resolved", "anonymous_id", "at", "event_id", "name", "source_id", "type", "user_id")
 
     def __init__(self, resolved: events_pb2.ResolvedEvent, read_now: bool = False) -> None:
         message = resolved.event
         self.event_id = message.message_id
+        self.source_id = message.source_id
         self.name = message.event or message.name
         self.at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
         self.type = _type_name(message.type)
@@ -128,6 +129,12 @@ class ResolvedInput:
             self._event = resolved_event(self._resolved)
             self._resolved = None  # the message (and the batch it is part of) can go
         return self._event
+
+    @property
+    def profile_id(self) -> str:
+        """The id the profile applies the event under and lists in its change (`cdp_profile.events.event_id_of`:
+        the collector's dedup id)."""
+        return f"{self.source_id}:{self.event_id}"
 
     @property
     def properties(self) -> Mapping[str, Any]:
