@@ -154,9 +154,10 @@ def test_each_component_connects_as_its_own_nats_user(rendered, scenario):
         assert users[name]["password"] == credentials["password"]
         # Consumer names per partition and per replica spelled out for this release's values.
         c = components(r)[name]
+        scaling = {**r.values["componentDefaults"]["autoscaling"], **(c.get("autoscaling") or {})}
         replicas = int(c["replicas"])
-        if c["autoscaling"]["enabled"]:
-            replicas = max(replicas, int(c["autoscaling"]["maxReplicas"]))
+        if scaling["enabled"]:
+            replicas = max(replicas, int(scaling["maxReplicas"]))
         wanted = {"publish": {"deny": [">"]}, "subscribe": {"deny": [">"]}}
         if name in roles:
             wanted = expand(roles[name], partitions=int(r.values["global"]["partitions"]), replicas=replicas)

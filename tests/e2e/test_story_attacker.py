@@ -11,6 +11,10 @@ collector is the service exposed to the internet, so its NATS user is the one an
 to hold. It cannot read the event streams, publish another service's subjects, reconfigure a stream it
 does not own, or rewrite, drain or delete identity's consumer of privacy deletions; and after all that
 was tried, a deletion still suppresses the person at the edge.
+
+From a compromised consuming service (scoring, which shares EVENTS_RESOLVED with profile and PROFILES with
+segmentation): it cannot drain, acknowledge for, rewrite or delete their consumers, nor reconfigure or
+purge the dead letters' stream.
 """
 
 from __future__ import annotations
@@ -107,6 +111,89 @@ def test_a_compromised_collector_cannot_reach_past_its_own_role(story):
         timeout=30,
     )
     eventually(lambda: post_batch(story, [{"type": "track", "userId": user, "event": "E"}])["suppressed"] == 1, 30)
+
+
+def test_a_compromised_consuming_service_cannot_reach_anothers_consumers(story):
+    """Scoring reads EVENTS_RESOLVED beside profile and PROFILES beside segmentation: with scoring's NATS
+    credentials, their consumers can be neither drained, rewritten nor deleted, and the dead letters'
+    stream (identity's) neither reconfigured nor purged."""
+    home = Path(story.platform.home)
+    credentials = json.loads((home / "secrets" / "nats" / "scoring.json").read_text())
+    address = story.platform.run["nats"].rsplit("@", 1)[-1]
+    before = asyncio.run(consumer_description(story, "PROFILES", "segmentation-p0"))
+    dlq = asyncio.run(stream_configs(story, "DLQ"))["DLQ"]
+    refused = asyncio.run(_attack_consumers(f"nats://{address}", credentials, dlq))
+    assert refused == {
+        "drain profile's consumer of events.resolved": True,
+        "acknowledge for profile's consumer": True,
+        "rewrite segmentation's consumer, the name in the body": True,
+        "rewrite segmentation's consumer by name": True,
+        "delete segmentation's consumer": True,
+        "update DLQ": True,
+        "purge DLQ": True,
+    }
+    assert asyncio.run(consumer_description(story, "PROFILES", "segmentation-p0")) == before
+
+
+async def consumer_description(story: Story, stream: str, name: str) -> str:
+    nc = await operator(story)
+    try:
+        return (await nc.jetstream().consumer_info(stream, name)).config.description or ""
+    finally:
+        await nc.close()
+
+
+async def _attack_consumers(url: str, credentials: dict[str, str], dlq: dict) -> dict[str, bool]:
+    """What scoring's user tried, each True when the server refused it (or the API said no)."""
+    violations: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        violations.append(str(exc))
+
+    nc = await nats.connect(
+        url,
+        user=credentials["user"],
+        password=credentials["password"],
+        inbox_prefix="_INBOX.scoring",
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+
+    async def api_refused(subject: str, body: dict | None = None) -> bool:
+        try:
+            answer = await nc.request(subject, json.dumps(body or {}).encode(), timeout=1)
+        except nats.errors.TimeoutError:
+            return True
+        return bool(answer.data) and "error" in json.loads(answer.data)
+
+    async def publish_refused(subject: str) -> bool:
+        before = len(violations)
+        await nc.publish(subject, b"forged")
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        return len(violations) > before
+
+    tampered = {"name": "segmentation-p0", "ack_policy": "explicit", "description": "tampered"}
+    durable = {"durable_name": "segmentation-p0", "ack_policy": "explicit", "description": "tampered"}
+    try:
+        return {
+            "drain profile's consumer of events.resolved": await api_refused(
+                "$JS.API.CONSUMER.MSG.NEXT.EVENTS_RESOLVED.profile-p0", {"batch": 10, "expires": 200_000_000}
+            ),
+            "acknowledge for profile's consumer": await publish_refused("$JS.ACK.EVENTS_RESOLVED.profile-p0.1.1.1.0.0"),
+            "rewrite segmentation's consumer, the name in the body": await api_refused(
+                "$JS.API.CONSUMER.CREATE.PROFILES", {"stream_name": "PROFILES", "config": tampered}
+            ),
+            "rewrite segmentation's consumer by name": await api_refused(
+                "$JS.API.CONSUMER.DURABLE.CREATE.PROFILES.segmentation-p0",
+                {"stream_name": "PROFILES", "config": durable},
+            ),
+            "delete segmentation's consumer": await api_refused("$JS.API.CONSUMER.DELETE.PROFILES.segmentation-p0"),
+            "update DLQ": await api_refused("$JS.API.STREAM.UPDATE.DLQ", dlq),
+            "purge DLQ": await api_refused("$JS.API.STREAM.PURGE.DLQ"),
+        }
+    finally:
+        await nc.close()
 
 
 def post_batch(story: Story, batch: list[dict]) -> dict:
