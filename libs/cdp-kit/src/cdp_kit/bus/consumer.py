@@ -746,9 +746,10 @@ class StandingPull:
     - Every message taken from the inbox is returned to the caller, in stream order; one that comes
       with or after a status is never dropped (a dropped message would be acknowledged by no one while
       newer ones are handled).
-    - A request that is no longer served (expired: status 408; the consumer deleted or changed: other
-      statuses; no heartbeat for twice its interval) is forgotten and replaced, so a fetch never waits
-      on a request the server has dropped. After a reconnect `fetch` raises `PullLost`: messages on
+    - A request that is no longer served (expired: its local deadline, half a second before the server's
+      408; the consumer deleted or changed: other statuses; no heartbeat for twice its interval) is
+      forgotten and replaced, so a fetch never waits on a request the server has dropped. A status never
+      costs a message taken with it: `fetch` raises one only when nothing else came. After a reconnect `fetch` raises `PullLost`: messages on
       their way when the connection broke are lost and stay unacknowledged, and an owner that went on
       with newer ones would find them applied (skipped) when they came back after `ack_wait`.
     - `close()` unsubscribes the inbox and waits for the server to confirm (a PING round trip), so
@@ -815,7 +816,7 @@ class StandingPull:
 
     def _take(self, msg: Msg, msgs: list[Msg]) -> BaseException | None:
         """Count one message from the inbox: appended to `msgs`, or a status acted on (an error to raise
-        if nothing else comes with it)."""
+        if nothing else comes with it). Never raises: the messages taken before a status are the caller's."""
         self._heard = time.monotonic()
         headers = msg.headers
         status = headers.get("Status") if headers else None
@@ -829,14 +830,20 @@ class StandingPull:
             return None
         if status == "100":
             return None  # idle heartbeat (or flow control, unused by pull consumers)
-        if status == "408" and self._requests:
-            self._outstanding -= self._requests.popleft()[0]  # the oldest request expired
-            return None
-        if status == "404":
+        if status in ("404", "408"):
+            # 408: a request expired. `_age` forgot it already: it forgets each request half a second before
+            # the server expires it, and runs before the inbox is read - also when the owner was busy past
+            # the expiry and the notice waited in the inbox. Forgetting the oldest again here dropped a
+            # request still standing from the count (the server then held more than counted), and a notice
+            # finding none left was taken for an error that lost the messages read with it.
             return None
         # 409 (consumer deleted, leadership change, a limit), 503 (no such consumer): nothing is owed.
         self._forget()
-        return nats.js.errors.APIError.from_msg(msg)
+        try:
+            nats.js.errors.APIError.from_msg(msg)  # raises the status' error (nats-py declares NoReturn)
+        except nats.js.errors.APIError as error:
+            return error
+        return nats.js.errors.APIError(code=int(status) if status.isdigit() else None)
 
     def _next_nowait(self) -> Msg | None:
         queue = self.inbox._pending_queue
