@@ -166,3 +166,38 @@ async def test_the_engine_stops_while_its_consumer_cannot_be_bound_after_a_recon
     task.cancel()  # the service stopping: release every partition, draining
     done, _ = await asyncio.wait([task], timeout=30)
     assert done, "the engine kept trying to bind its consumer after it was told to stop"
+
+
+async def test_a_woken_fetch_returns_at_once_and_later_fetches_do_not_wait(bus):
+    """A partition that stops wakes its pull: a fetch waiting on a quiet stream returns what it has
+    (nothing) now, not after its timeout - every service stop and partition handover used to sit it out."""
+    spec = ConsumerSpec(stream=IN_STREAM, durable="wake-p0", filter_subjects=(f"{IN_PREFIX}.0",), ordered=True)
+    runner = ConsumerRunner(bus.js, spec, handler=None, telemetry=bus.telemetry)
+    await runner.provision()
+    subscription = await bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    pull = StandingPull(bus.nc, subscription, 16)
+    waiting = asyncio.create_task(pull.fetch(3600.0))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    pull.wake()
+    assert await asyncio.wait_for(waiting, 5) == []
+    assert await asyncio.wait_for(pull.fetch(3600.0), 5) == []
+    await pull.close()
+
+
+async def test_an_engine_stops_without_waiting_out_a_long_fetch_timeout(bus):
+    """A stop drains what was applied and returns; with an hour's fetch timeout on a quiet stream it
+    still returns (the pull is woken), with everything applied and acknowledged."""
+    positions: dict = {}
+    store = CheckedStore(positions)
+    eng, _ = engine(bus, store, 2, fetch_timeout=3600.0)
+    await eng.start()
+    await eng.wait_ready()
+    ids = await publish_inputs(bus, ["k1", "k2"], 2, positions)
+
+    async def both() -> bool:
+        return sum(len(v) for v in (await applied(store)).values()) == len(ids)
+
+    await until(both)
+    await asyncio.wait_for(eng.close(), 10)
+    assert sorted(i for v in (await applied(store)).values() for i in v) == sorted(ids)

@@ -773,6 +773,9 @@ class StandingPull:
         self._outstanding = 0
         self._heard = time.monotonic()  # last message or status from the server on this inbox
         self._reconnects = nc.stats.get("reconnects", 0)
+        # `wake()`: the owner is stopping; a fetch returns what it has at once instead of waiting.
+        self._woken = False
+        self._waiting: asyncio.Timeout | None = None  # the timeout of a fetch waiting for the inbox
         self._request_body = orjson.dumps(
             {
                 "batch": batch_size,
@@ -854,6 +857,13 @@ class StandingPull:
         queue.task_done()
         return msg
 
+    def wake(self) -> None:
+        """The owner is stopping: a fetch waiting for messages returns what it has now (nothing), and
+        later ones do not wait. A stop need not sit out the fetch timeout."""
+        self._woken = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
+
     async def fetch(self, timeout: float) -> list[Msg]:
         """What has arrived, up to a batch, or else the next message the moment it comes; [] after
         `timeout` with nothing. Raises the server's error (a status) when it comes with no message."""
@@ -869,7 +879,7 @@ class StandingPull:
             if msg is None:
                 now = time.monotonic()
                 remaining = deadline - now
-                if remaining <= 0:
+                if remaining <= 0 or self._woken:
                     break
                 # Awake by the oldest request's deadline, so its successor is asked before the server
                 # expires it: a quiet stream never goes without a request waiting.
@@ -877,11 +887,15 @@ class StandingPull:
                 if self._requests:
                     wait = max(0.0, min(wait, self._requests[0][1] - now))
                 try:
-                    async with asyncio.timeout(wait):
+                    async with asyncio.timeout(wait) as self._waiting:
                         msg = await queue.get()
                 except TimeoutError:
+                    if self._woken:
+                        break
                     await self._top_up()  # replaces a request that expired or the server has dropped
                     continue
+                finally:
+                    self._waiting = None
                 self.inbox._pending_size -= len(msg.data)
                 queue.task_done()
             error = self._take(msg, msgs) or error

@@ -181,6 +181,11 @@ class PartitionPipeline:
         """Stop fetching, let every applied batch commit, publish and be acknowledged, then return
         (the partition can go to another replica)."""
         self._stopping.set()
+        # A fetch waiting for messages returns now, not after the fetch timeout.
+        self._arrival.set()
+        for feed in self.feeds:
+            if feed.pull is not None:
+                feed.pull.wake()
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
 
@@ -321,6 +326,8 @@ class PartitionPipeline:
         me = asyncio.current_task()
         while True:
             _raise_if_cancelling(me)
+            if self._stopping.is_set():
+                return  # a woken pull no longer waits: fetching on would spin
             if len(feed.arrived) >= feed.consumer.batch_size:
                 feed.room.clear()
                 await feed.room.wait()
