@@ -222,3 +222,32 @@ def test_a_correction_out_of_range_names_timestamp():
 def test_received_at_must_be_timezone_aware():
     with pytest.raises(ValueError, match="timezone-aware"):
         parse_request("track", b"{}", received_at=datetime(2024, 1, 1), source_id="src")
+
+
+# --- an event is never later than its arrival ------------------------------------------------------------
+
+
+def test_a_client_time_later_than_the_arrival_is_capped_at_received_at():
+    received = ns_of(RECEIVED)
+    # No sent_at: a time from the future is not a historical import; the event cannot have happened later
+    # than the moment it reached the collector.
+    assert corrected_ns(received_at=received, sent_at=None, client_time=MAX_NS) == received
+    assert corrected_ns(received_at=received, sent_at=None, client_time=received + NANOS) == received
+    # With sent_at: an event "after" its own send (client_time > sent_at) corrects to after the arrival.
+    assert corrected_ns(received_at=received, sent_at=EPOCH_2024, client_time=EPOCH_2024 + HOUR) == received
+
+
+def test_a_far_future_timestamp_is_kept_as_sent_but_the_event_time_is_its_arrival():
+    parsed = parse_events({"userId": "u", "event": "E", "timestamp": "9999-12-31T23:59:59Z"}, kind="track")
+    assert not any(parsed.all_errors)  # nothing valid is refused
+    event = parsed.events[0]
+    assert event.original_timestamp.ToDatetime(UTC) == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    assert event.timestamp.ToDatetime(UTC) == RECEIVED
+    assert event.received_at.ToDatetime(UTC) == RECEIVED
+
+
+def test_a_timestamp_in_year_1_is_a_past_time_and_kept():
+    parsed = parse_events({"userId": "u", "event": "E", "timestamp": "0001-01-01T00:00:00Z"}, kind="track")
+    event = parsed.events[0]
+    assert event.timestamp.ToDatetime(UTC) == datetime(1, 1, 1, tzinfo=UTC)
+    assert event.original_timestamp.ToDatetime(UTC) == datetime(1, 1, 1, tzinfo=UTC)

@@ -98,6 +98,18 @@ def test_without_any_sent_at_the_client_time_is_kept():
     assert not event.HasField("sent_at")
 
 
+def test_a_future_client_time_is_kept_as_original_and_the_event_time_is_the_arrival():
+    far = datetime(9999, 12, 31, tzinfo=UTC)
+    only_timestamp = track(timestamp=stamp(far))
+    assert prepare(only_timestamp) == []
+    assert only_timestamp.original_timestamp.ToDatetime(UTC) == far
+    assert only_timestamp.timestamp.ToDatetime(UTC) == RECEIVED
+    # sent_at earlier than the event itself: the corrected time would land after the arrival
+    after_send = track(original_timestamp=stamp(RECEIVED + timedelta(minutes=5)), sent_at=stamp(RECEIVED))
+    assert prepare(after_send) == []
+    assert after_send.timestamp.ToDatetime(UTC) == RECEIVED
+
+
 def test_invalid_protobuf_timestamps_are_refused():
     event = track(original_timestamp=Timestamp(seconds=1, nanos=-5))
     errors = prepare(event, index=0)

@@ -14,6 +14,13 @@ event and the send is measured on that same clock, so it is trustworthy:
   Without sent_at the skew cannot be measured, and a deliberate historical timestamp must not be moved
   to "now";
 - no client time → `timestamp` = `received_at`; `original_timestamp` stays unset (nothing was sent).
+
+Never later than the arrival. Whatever the case, `timestamp` is at most `received_at`: an event cannot have
+happened after it reached us, and anyone holding a public write key could otherwise send one dated 9999
+that stays a person's last-seen, inside every `within` window and at the newest end of the timeline for
+ever. Such a time is not refused (Segment does not refuse it either): the client's value is kept in
+`original_timestamp`, and only the time the platform uses is capped. Every service reads `timestamp`,
+so deciding it here, once, keeps them consistent. Past times, however old, are kept: imports are legitimate.
 """
 
 from __future__ import annotations
@@ -83,13 +90,15 @@ def _in_range(ns: int, sent: object) -> int:
 
 
 def corrected_ns(*, received_at: int, sent_at: int | None, client_time: int | None) -> int:
-    """The event time the platform uses. See the module docstring for the three cases."""
+    """The event time the platform uses, never later than `received_at`. See the module docstring."""
     if client_time is None:
         return received_at
     if sent_at is None:
-        return client_time
+        return min(client_time, received_at)
     corrected = received_at - (sent_at - client_time)
-    if not MIN_NS <= corrected <= MAX_NS:
+    if corrected > received_at:  # the client says the event came after its own send: it arrived when it did
+        return received_at
+    if corrected < MIN_NS:
         raise TimestampError(
             f"correcting for clock skew (received_at - (sent_at - timestamp)) lands outside the years 0001..9999: "
             f"sent_at is {format_ns(sent_at)} and the event time {format_ns(client_time)}; check the client clock"
