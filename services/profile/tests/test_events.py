@@ -112,3 +112,39 @@ def test_compare_goes_through_grpc_both_ways():
     plain = definition_from_message(profile_pb2.ComputedTraitDefinition(name="orders", op="count"))
     assert plain.compare is None
     assert status_message(Backfill(trait=plain, defined_at=1.0)).definition.compare == ""
+
+
+def test_an_event_dated_after_its_arrival_happened_when_it_arrived():
+    # Events stored before the collector capped `timestamp` at `received_at` (or replayed by a backfill)
+    # may still carry a time from the future; the profile takes the earlier of the two.
+    received, future, past = 1_714_564_800, 253_402_300_799, 1_546_300_800  # 2024-05-01, 9999-12-31, 2019-01-01
+    event = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed")
+    event.received_at.seconds = received
+    event.timestamp.seconds = future
+    assert to_profile_event(events_pb2.ResolvedEvent(event=event, person_id="p1")).at == received
+    event.timestamp.seconds = past  # a historical import keeps its date
+    assert to_profile_event(events_pb2.ResolvedEvent(event=event, person_id="p1")).at == past
+    event.ClearField("received_at")  # nothing to compare with (not written by the collector): as given
+    assert to_profile_event(events_pb2.ResolvedEvent(event=event, person_id="p1")).at == past
+
+
+def test_an_event_from_the_future_does_not_pin_last_seen_windows_or_the_timeline():
+    from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile
+
+    day, received = 86_400, 1_714_564_800
+    defs = ComputedTraits([ComputedTrait("orders_30d", "count", event_names=("Order Completed",), window="30d")])
+
+    def arriving(message_id: str, at: int, timestamp: int) -> events_pb2.ResolvedEvent:
+        event = events_pb2.Event(message_id=message_id, type=events_pb2.EVENT_TYPE_TRACK, event="Order Completed")
+        event.received_at.seconds, event.timestamp.seconds = at, timestamp
+        return events_pb2.ResolvedEvent(event=event, person_id="p1")
+
+    profile = Profile.new("p1")
+    profile.apply(to_profile_event(arriving("forged", received, 253_402_300_799)), defs, now=received)
+    profile.apply(to_profile_event(arriving("real", received + 60, received + 60)), defs, now=received + 60)
+    assert profile.view(now=received + 60).last_seen == received + 60
+    assert [entry.event_id for entry in profile.events(limit=2)[0]] == [
+        ":real",
+        ":forged",
+    ]  # newest first (source:message ids)
+    assert profile.expire(defs, now=received + 31 * day).computed == {"orders_30d": 0}  # both aged out

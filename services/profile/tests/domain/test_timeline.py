@@ -140,3 +140,17 @@ def test_applied_ids_are_remembered_for_the_newest_events_and_always_for_the_tim
         assert not profile.apply(ev(f"e{i:05d}", at=float(i)), NO_DEFS, now=NOW)
     # Far older than the remembered ids: applied again (the engine's checkpoints prevent such redeliveries).
     assert profile.apply(ev("e00000", at=0.0), NO_DEFS, now=NOW).event_ids == ["e00000"]
+
+
+def test_an_import_dated_year_1_is_the_first_seen_outside_every_window_and_first_to_age_out(ev):
+    year_1 = -62_135_596_800.0  # 0001-01-01, the earliest time the collector accepts
+    defs = ComputedTraits([ComputedTrait("orders_30d", "count", event_names=("Order Completed",), window="30d")])
+    kept = Profile.new("p")  # no age limit: kept, and the first to go by count
+    change = kept.apply(ev("ancient", at=year_1), defs, now=NOW)
+    assert ids(change.timeline_added) == ["ancient"] and change.computed == {"orders_30d": 0}
+    kept.apply(ev("recent", at=NOW - DAY), defs, now=NOW)
+    view = kept.view(now=NOW)
+    assert (view.first_seen, view.last_seen, view.computed["orders_30d"]) == (year_1, NOW - DAY, 1)
+    aged = Profile.new("p", retention=Retention(max_age_seconds=365 * DAY))  # an age limit: never enters
+    assert not aged.apply(ev("ancient", at=year_1), defs, now=NOW).timeline_added
+    assert aged.view(now=NOW).first_seen == year_1
