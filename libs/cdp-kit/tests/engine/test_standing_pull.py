@@ -201,3 +201,23 @@ async def test_an_engine_stops_without_waiting_out_a_long_fetch_timeout(bus):
     await until(both)
     await asyncio.wait_for(eng.close(), 10)
     assert sorted(i for v in (await applied(store)).values() for i in v) == sorted(ids)
+
+
+async def test_a_wake_that_lands_while_the_fetch_timeout_fires_is_taken(bus):
+    """A stop can come in the turn a fetch's own timeout fires (asyncio then refuses to move the
+    timeout): the wake is still taken - no error, and the fetch after it does not wait."""
+    spec = ConsumerSpec(stream=IN_STREAM, durable="wake-p1", filter_subjects=(f"{IN_PREFIX}.1",), ordered=True)
+    runner = ConsumerRunner(bus.js, spec, handler=None, telemetry=bus.telemetry)
+    await runner.provision()
+    subscription = await bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    pull = StandingPull(bus.nc, subscription, 16)
+    try:
+        async with asyncio.timeout(0) as firing:
+            await asyncio.sleep(1)
+    except TimeoutError:
+        pass
+    pull._waiting = firing  # the state a fetch is in while its timeout fires
+    pull.wake()
+    pull._waiting = None
+    assert await asyncio.wait_for(pull.fetch(3600.0), 5) == []
+    await pull.close()

@@ -545,7 +545,9 @@ class Workspace:
         for folder in (self.nats_dir, self.data_dir, self.logs_dir, self.secrets_dir, *self.companion_dirs):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.secrets_dir.chmod(0o700)
-        callers = [svc for svc in services if svc.calls]
+        # Every platform service that calls another gets its token, whichever are started now: a service
+        # started later in the same workspace (a test, `cdpctl up --only`) finds it.
+        callers = list({svc.name: svc for svc in (*SERVICES, *services) if svc.calls}.values())
         files = [self.tokens_file, self.admin_token_file, *(self.service_token_file(svc.name) for svc in callers)]
         if not all(f.exists() for f in files):
             # (A workspace from before per-service tokens lacks some: all are made again, with their scopes.)

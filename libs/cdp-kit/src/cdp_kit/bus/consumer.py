@@ -861,7 +861,8 @@ class StandingPull:
         """The owner is stopping: a fetch waiting for messages returns what it has now (nothing), and
         later ones do not wait. A stop need not sit out the fetch timeout."""
         self._woken = True
-        if self._waiting is not None:
+        # Not one that is firing already (asyncio refuses to move it): that fetch sees `_woken` next.
+        if self._waiting is not None and not self._waiting.expired():
             self._waiting.reschedule(asyncio.get_running_loop().time())
 
     async def fetch(self, timeout: float) -> list[Msg]:
