@@ -143,57 +143,84 @@ async def consumer_description(story: Story, stream: str, name: str) -> str:
         await nc.close()
 
 
-async def _attack_consumers(url: str, credentials: dict[str, str], dlq: dict) -> dict[str, bool]:
-    """What scoring's user tried, each True when the server refused it (or the API said no)."""
-    violations: list[str] = []
+class Intruder:
+    """A connection under a pod's stolen NATS user: each attempt says whether the server refused it
+    (a permissions violation reported, or an API error / no answer)."""
 
-    async def on_error(exc: Exception) -> None:
-        violations.append(str(exc))
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self.nc = None
 
-    nc = await nats.connect(
-        url,
-        user=credentials["user"],
-        password=credentials["password"],
-        inbox_prefix="_INBOX.scoring",
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
+    @classmethod
+    async def connect(cls, url: str, credentials: dict[str, str], inbox_prefix: str) -> Intruder:
+        intruder = cls()
 
-    async def api_refused(subject: str, body: dict | None = None) -> bool:
+        async def on_error(exc: Exception) -> None:
+            intruder.violations.append(str(exc))
+
+        intruder.nc = await nats.connect(
+            url,
+            user=credentials["user"],
+            password=credentials["password"],
+            inbox_prefix=inbox_prefix,
+            error_cb=on_error,
+            allow_reconnect=False,
+        )
+        return intruder
+
+    async def _refused_by_server(self, act) -> bool:
+        before = len(self.violations)
+        await act
+        await self.nc.flush()
+        await asyncio.sleep(0.3)
+        return len(self.violations) > before
+
+    async def subscribe_refused(self, subject: str) -> bool:
+        return await self._refused_by_server(self.nc.subscribe(subject))
+
+    async def publish_refused(self, subject: str) -> bool:
+        return await self._refused_by_server(self.nc.publish(subject, b"forged"))
+
+    async def api_refused(self, subject: str, body: dict | None = None) -> bool:
         try:
-            answer = await nc.request(subject, json.dumps(body or {}).encode(), timeout=1)
+            answer = await self.nc.request(subject, json.dumps(body or {}).encode(), timeout=1)
         except nats.errors.TimeoutError:
-            return True
+            return True  # the server dropped the request: not this user's to make
+        # A JSON error is the API saying no; a fetch that was let through answers with a status, no body.
         return bool(answer.data) and "error" in json.loads(answer.data)
 
-    async def publish_refused(subject: str) -> bool:
-        before = len(violations)
-        await nc.publish(subject, b"forged")
-        await nc.flush()
-        await asyncio.sleep(0.3)
-        return len(violations) > before
+    async def close(self) -> None:
+        await self.nc.close()
 
+
+async def _attack_consumers(url: str, credentials: dict[str, str], dlq: dict) -> dict[str, bool]:
+    """What scoring's user tried, each True when the server refused it (or the API said no)."""
+    intruder = await Intruder.connect(url, credentials, "_INBOX.scoring")
     tampered = {"name": "segmentation-p0", "ack_policy": "explicit", "description": "tampered"}
     durable = {"durable_name": "segmentation-p0", "ack_policy": "explicit", "description": "tampered"}
     try:
         return {
-            "drain profile's consumer of events.resolved": await api_refused(
+            "drain profile's consumer of events.resolved": await intruder.api_refused(
                 "$JS.API.CONSUMER.MSG.NEXT.EVENTS_RESOLVED.profile-p0", {"batch": 10, "expires": 200_000_000}
             ),
-            "acknowledge for profile's consumer": await publish_refused("$JS.ACK.EVENTS_RESOLVED.profile-p0.1.1.1.0.0"),
-            "rewrite segmentation's consumer, the name in the body": await api_refused(
+            "acknowledge for profile's consumer": await intruder.publish_refused(
+                "$JS.ACK.EVENTS_RESOLVED.profile-p0.1.1.1.0.0"
+            ),
+            "rewrite segmentation's consumer, the name in the body": await intruder.api_refused(
                 "$JS.API.CONSUMER.CREATE.PROFILES", {"stream_name": "PROFILES", "config": tampered}
             ),
-            "rewrite segmentation's consumer by name": await api_refused(
+            "rewrite segmentation's consumer by name": await intruder.api_refused(
                 "$JS.API.CONSUMER.DURABLE.CREATE.PROFILES.segmentation-p0",
                 {"stream_name": "PROFILES", "config": durable},
             ),
-            "delete segmentation's consumer": await api_refused("$JS.API.CONSUMER.DELETE.PROFILES.segmentation-p0"),
-            "update DLQ": await api_refused("$JS.API.STREAM.UPDATE.DLQ", dlq),
-            "purge DLQ": await api_refused("$JS.API.STREAM.PURGE.DLQ"),
+            "delete segmentation's consumer": await intruder.api_refused(
+                "$JS.API.CONSUMER.DELETE.PROFILES.segmentation-p0"
+            ),
+            "update DLQ": await intruder.api_refused("$JS.API.STREAM.UPDATE.DLQ", dlq),
+            "purge DLQ": await intruder.api_refused("$JS.API.STREAM.PURGE.DLQ"),
         }
     finally:
-        await nc.close()
+        await intruder.close()
 
 
 def post_batch(story: Story, batch: list[dict]) -> dict:
@@ -243,65 +270,30 @@ async def identity_privacy_consumer(story: Story) -> str:
 
 async def _attack(url: str, credentials: dict[str, str], shrunk: dict[str, dict]) -> dict[str, bool]:
     """What the collector's user tried, each True when the server refused it (or the API said no)."""
-    violations: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        violations.append(str(exc))
-
-    nc = await nats.connect(
-        url,
-        user=credentials["user"],
-        password=credentials["password"],
-        inbox_prefix="_INBOX.collector",
-        error_cb=on_error,
-        allow_reconnect=False,
-    )
-
-    async def subscribe_refused(subject: str) -> bool:
-        before = len(violations)
-        await nc.subscribe(subject)
-        await nc.flush()
-        await asyncio.sleep(0.3)
-        return len(violations) > before
-
-    async def publish_refused(subject: str) -> bool:
-        before = len(violations)
-        await nc.publish(subject, b"forged")
-        await nc.flush()
-        await asyncio.sleep(0.3)
-        return len(violations) > before
-
-    async def api_refused(subject: str, body: dict | None = None) -> bool:
-        try:
-            answer = await nc.request(subject, json.dumps(body or {}).encode(), timeout=1)
-        except nats.errors.TimeoutError:
-            return True  # the server dropped the request: not the collector's to make
-        # A JSON error is the API saying no; a fetch that was let through answers with a status, no body.
-        return bool(answer.data) and "error" in json.loads(answer.data)
-
+    intruder = await Intruder.connect(url, credentials, "_INBOX.collector")
     tampered = {"name": "identity-privacy-0", "ack_policy": "explicit", "description": "tampered"}
     try:
         return {
-            "subscribe events.>": await subscribe_refused("events.>"),
-            "subscribe another service's replies": await subscribe_refused("_INBOX.profile.>"),
-            "publish events.resolved": await publish_refused("events.resolved.0"),
-            "publish privacy.deleted": await publish_refused("privacy.deleted"),
-            "update PRIVACY": await api_refused("$JS.API.STREAM.UPDATE.PRIVACY", shrunk["PRIVACY"]),
-            "update DLQ": await api_refused("$JS.API.STREAM.UPDATE.DLQ", shrunk["DLQ"]),
-            "update EVENTS_RESOLVED": await api_refused(
+            "subscribe events.>": await intruder.subscribe_refused("events.>"),
+            "subscribe another service's replies": await intruder.subscribe_refused("_INBOX.profile.>"),
+            "publish events.resolved": await intruder.publish_refused("events.resolved.0"),
+            "publish privacy.deleted": await intruder.publish_refused("privacy.deleted"),
+            "update PRIVACY": await intruder.api_refused("$JS.API.STREAM.UPDATE.PRIVACY", shrunk["PRIVACY"]),
+            "update DLQ": await intruder.api_refused("$JS.API.STREAM.UPDATE.DLQ", shrunk["DLQ"]),
+            "update EVENTS_RESOLVED": await intruder.api_refused(
                 "$JS.API.STREAM.UPDATE.EVENTS_RESOLVED", shrunk["EVENTS_RESOLVED"]
             ),
-            "rewrite identity's privacy consumer": await api_refused(
+            "rewrite identity's privacy consumer": await intruder.api_refused(
                 "$JS.API.CONSUMER.CREATE.PRIVACY",
                 {"stream_name": "PRIVACY", "config": tampered},
             ),
-            "drain identity's privacy consumer": await api_refused(
+            "drain identity's privacy consumer": await intruder.api_refused(
                 "$JS.API.CONSUMER.MSG.NEXT.PRIVACY.identity-privacy-0", {"batch": 10, "expires": 200_000_000}
             ),
-            "delete identity's privacy consumer": await api_refused(
+            "delete identity's privacy consumer": await intruder.api_refused(
                 "$JS.API.CONSUMER.DELETE.PRIVACY.identity-privacy-0"
             ),
-            "delete a stream": await api_refused("$JS.API.STREAM.DELETE.PROFILES"),
+            "delete a stream": await intruder.api_refused("$JS.API.STREAM.DELETE.PROFILES"),
         }
     finally:
-        await nc.close()
+        await intruder.close()
