@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp_crm.domain.budget import DAY, Budget
+from cdp_crm.domain.budget import DAY, MAX_RETRY_AFTER, Budget
 
 T0 = 1_780_000_000.0  # a fixed moment, mid-day UTC
 
@@ -73,6 +73,43 @@ def test_retry_after_blocks_every_grant_until_then_in_seconds_or_as_an_http_date
     budget.throttled(T0 + 31, retry_after=when)
     refused = budget.reserve(1, T0 + 60)
     assert refused.reason == "retry_after" and refused.wait_until == T0 + 120
+
+
+@pytest.mark.parametrize("value", ["999999999", "1e308", "Fri, 31 Dec 9999 23:59:59 GMT", float("inf")])
+def test_a_retry_after_of_years_blocks_the_account_an_hour_not_for_ever(value):
+    # A CRM (or a proxy in front of it) answering `Retry-After: 999999999` stopped every sync of the
+    # account for 31 years - kept in the store, so a restart did not help.
+    budget = Budget.for_kind("hubspot", account="62515")
+    budget.observe({"Retry-After": value}, T0) if isinstance(value, str) else budget.throttled(T0, retry_after=value)
+    assert not budget.reserve(1, T0 + MAX_RETRY_AFTER - 1).granted
+    assert budget.reserve(1, T0 + MAX_RETRY_AFTER).granted
+
+
+def test_a_budget_stored_blocked_for_years_is_read_back_blocked_an_hour_at_most():
+    budget = Budget.for_kind("dynamics", account="org")
+    budget.reserve(1, T0)
+    state = budget.to_state()
+    state["blocked_until"] = T0 + 999_999_999.0  # written before Retry-After was capped
+    restored = Budget.from_state(state)
+    assert restored.reserve(1, T0 + MAX_RETRY_AFTER).granted
+    # A daily-limit block (until the next UTC day) is kept as it is.
+    budget.throttled(T0, daily=True)
+    assert Budget.from_state(budget.to_state()).reserve(1, T0 + 3 * 3600).wait_until == (int(T0 // DAY) + 1) * DAY
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-HubSpot-RateLimit-Remaining": "inf", "X-HubSpot-RateLimit-Max": "-inf"},
+        {"X-HubSpot-RateLimit-Daily-Remaining": "1e400", "X-HubSpot-RateLimit-Daily": "nan"},
+    ],
+)
+def test_limit_headers_that_are_not_numbers_are_ignored_not_raised(headers):
+    # int(float("inf")) raises OverflowError, which no caller expects: one odd header from the CRM
+    # failed the request that carried it.
+    budget = Budget.for_kind("hubspot", account="62515")
+    budget.observe(headers, T0)
+    assert budget.reserve(1, T0).granted and budget.burst == 190 and budget.daily == 250_000
 
 
 def test_a_429_without_a_hint_while_the_window_has_room_pauses_a_moment_not_a_whole_window():

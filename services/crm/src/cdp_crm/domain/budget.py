@@ -26,8 +26,10 @@ Invariants:
   arrive after midnight).
 - The CRM's own headers (`observe`) correct this view downwards, never upwards: units used elsewhere
   (another app on the account) only shrink what is left.
-- `Retry-After` (seconds or an HTTP date) blocks every grant until then; a daily-limit answer blocks
-  until the next UTC day.
+- `Retry-After` (seconds or an HTTP date) blocks every grant until then, an hour at most
+  (`MAX_RETRY_AFTER`: a CRM or a proxy answering `Retry-After: 999999999` would otherwise stop the
+  account for years, kept in the store across restarts; if it still throttles after the hour, its next
+  answer blocks again); a daily-limit answer blocks until the next UTC day.
 - The state is plain data (`to_state` / `from_state`): a restart resumes the same day's count and the
   window's grants, so it does not reset the day. Replicas share one budget by storing that state and
   reserving under compare-and-set (the service's job); a clock that goes backwards never frees units.
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DAY = 86400.0
+MAX_RETRY_AFTER = 3600.0  # seconds: the longest a Retry-After blocks the account
 STATE_FORMAT = 2  # 1: grants as [at, units], every one answered (read and upgraded)
 
 
@@ -306,6 +309,12 @@ class Budget:
             raise ValueError(f"budget state format {state.get('format')!r} is not {STATE_FORMAT}")
         # Format 1 (before grants were held until answered) kept [at, units]: read as answered then.
         grants = [Grant(float(g[0]), int(g[1]), str(g[2]) if len(g) > 2 else "") for g in state["grants"]]
+        # A block stored before Retry-After was capped (years) lasts a capped Retry-After from the last
+        # change; a daily-limit block (the next UTC day's start) is kept.
+        last_seen, day = float(state["last_seen"]), int(state["day"])
+        blocked = float(state["blocked_until"])
+        if blocked > last_seen + MAX_RETRY_AFTER and blocked != (day + 1) * DAY:
+            blocked = last_seen + MAX_RETRY_AFTER
         return cls(
             state["account"],
             state["kind"],
@@ -314,30 +323,34 @@ class Budget:
             state["daily"],
             state["margin"],
             grants,
-            int(state["day"]),
+            day,
             int(state["daily_used"]),
-            float(state["blocked_until"]),
-            float(state["last_seen"]),
+            blocked,
+            last_seen,
             float(state.get("hold", 120.0)),
             int(state.get("issued", 0)),
         )
 
 
 def parse_retry_after(value: str | float | None, now: float) -> float | None:
-    """The time a Retry-After value (seconds, or an HTTP date) points at; None if absent or unreadable."""
+    """The time a Retry-After value (seconds, or an HTTP date) points at, `MAX_RETRY_AFTER` from now at the
+    latest; None if absent or unreadable."""
     if value is None:
         return None
     if isinstance(value, int | float):
-        return now + max(0.0, float(value))
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
+        seconds = float(value)
+    else:
+        text = value.strip()
         try:
-            return email.utils.parsedate_to_datetime(text).timestamp()
-        except (TypeError, ValueError):
-            return None
-    return now + max(0.0, seconds) if math.isfinite(seconds) else None
+            seconds = float(text)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(text).timestamp() - now
+            except (TypeError, ValueError, OverflowError):
+                return None
+    if math.isnan(seconds):
+        return None
+    return now + min(max(0.0, seconds), MAX_RETRY_AFTER)
 
 
 def _int(value: str | None) -> int | None:
@@ -345,5 +358,5 @@ def _int(value: str | None) -> int | None:
         return None
     try:
         return int(float(value.strip()))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or inf / 1e400
         return None
