@@ -20,11 +20,12 @@ from cdp_profile.events import python_to_value
 def change_messages(
     changes: Mapping[str, ProfileChange], *, cause: str, now: float, partition_of: Callable[[str], int]
 ) -> list[OutMessage]:
-    """The non-empty changes as messages, one per partition of the persons they are about."""
+    """The changes worth publishing (`ProfileChange.publishable`: something changed, or a duplicate event is
+    listed again) as messages, one per partition of the persons they are about."""
     grouped: dict[int, profile_pb2.ProfileChangedBatch] = {}
     stamp = from_seconds(now)
     for person, change in changes.items():
-        if not change:
+        if not change.publishable:
             continue
         partition = partition_of(person)
         batch = grouped.get(partition)
@@ -59,6 +60,11 @@ def change_messages(
                     scores[name] = score
         if change.event_ids:
             message.event_ids.extend(change.event_ids)
+        if change.relisted:
+            # A duplicate's id, listed again with nothing changed (`ProfileChange.relisted`): a reader
+            # waiting for the profile to cover the person's latest event finds it here. After the applied
+            # ids: the profile applied the duplicate after them.
+            message.event_ids.extend(change.relisted)
         if change.merged:
             message.merged.extend(change.merged)
         if change.split_from:

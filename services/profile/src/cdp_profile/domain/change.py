@@ -16,9 +16,17 @@ class ProfileChange:
     trait removed, a computed trait dropped, or — after a split — a consent key or score that only the
     split-off person had.
 
-    Falsy when nothing changed, so a duplicate event produces nothing to publish. An applied event always
-    counts as a change (its id is listed): it moves `event_count` and `last_seen` (a platform event, see
-    events.PLATFORM_SOURCES, only adds its timeline entry and feeds the traits naming it).
+    Falsy when nothing changed: a duplicate event changes nothing, is written nowhere and counted nowhere.
+    An applied event always counts as a change (its id is listed): it moves `event_count` and `last_seen`
+    (a platform event, see events.PLATFORM_SOURCES, only adds its timeline entry and feeds the traits
+    naming it).
+
+    `relisted`: ids of events applied before that came again (a copy under the same id: a client's retry
+    past the collector's dedup window, identity resolving an event again). Nothing changed for them, but
+    they are still published (`publishable`), listed among the change's event ids, because a reader
+    waiting until the profile has applied the person's latest event (orchestration's arbiter) would
+    otherwise wait for a listing that never comes. A relisting is not an applied event: it is not part of
+    `event_ids`, does not make the change truthy, and a reader folding fields finds none in it.
     """
 
     person_id: str
@@ -30,6 +38,7 @@ class ProfileChange:
     timeline_added: list[TimelineEntry] = field(default_factory=list)
     timeline_removed: list[TimelineEntry] = field(default_factory=list)
     event_ids: list[str] = field(default_factory=list)
+    relisted: list[str] = field(default_factory=list)  # duplicates of events applied before (see above)
     merged: list[str] = field(default_factory=list)  # origin person ids absorbed
     split: list[str] = field(default_factory=list)  # origin person ids moved out
     # Set by the engine on the changes it publishes for a whole profile: absorbed into / restored from
@@ -55,6 +64,11 @@ class ProfileChange:
             or self.removed
         )
 
+    @property
+    def publishable(self) -> bool:
+        """Whether `profiles.changed` should carry it: something changed, or a duplicate is listed again."""
+        return bool(self) or bool(self.relisted)
+
     def combine(self, later: ProfileChange) -> ProfileChange:
         """Fold a later change of the same person into this one (in place; returns self).
 
@@ -71,6 +85,7 @@ class ProfileChange:
         _fold_timeline(self.timeline_added, self.timeline_removed, later.timeline_added)
         _fold_timeline(self.timeline_removed, self.timeline_added, later.timeline_removed)
         self.event_ids.extend(later.event_ids)
+        self.relisted.extend(later.relisted)
         self.merged.extend(later.merged)
         self.split.extend(later.split)
         self.merged_into = later.merged_into or self.merged_into
@@ -89,6 +104,7 @@ class ProfileChange:
             "timeline_added": [entry.to_doc() for entry in self.timeline_added],
             "timeline_removed": [entry.to_doc() for entry in self.timeline_removed],
             "event_ids": list(self.event_ids),
+            "relisted": list(self.relisted),
             "merged": list(self.merged),
             "split": list(self.split),
             "merged_into": self.merged_into,

@@ -294,16 +294,19 @@ class Profile:
     # --- events ----------------------------------------------------------------------------------
 
     def apply(self, event: ProfileEvent, defs: ComputedTraits, *, now: float) -> ProfileChange:
-        """Apply one resolved event; a second application of the same event id changes nothing."""
+        """Apply one resolved event; a second application of the same event id changes nothing, and its
+        change only lists the id again (`ProfileChange.relisted`: falsy, but published)."""
         event_id = event.event_id
         change = ProfileChange(self.person_id)
         single = len(self.parts) == 1
         if single:
             if event_id in self._root.seen:
+                change.relisted.append(event_id)
                 return change
             part = self._root
         else:
             if self._seen(event_id):
+                change.relisted.append(event_id)
                 return change
             part = self._attribute(event.identifiers)
         kind = event.type
