@@ -164,7 +164,9 @@ class ConsumerSpec:
     # so nothing newer is handled before it; and a consumer that starts with messages delivered but not
     # acknowledged (its last owner died) is recreated at its acknowledgement floor, so those come again
     # first rather than after newer ones once their ack_wait runs out. Handlers still skip positions
-    # they have already applied: everything after the floor is delivered again.
+    # they have already applied: everything after the floor is delivered again. Acknowledged once a
+    # batch (AckPolicy.ALL: the last message's acknowledgement covers the ones before it); a consumer
+    # found with another policy (made by an earlier version) is created again at its floor.
     ordered: bool = False
 
     def __post_init__(self) -> None:
@@ -182,7 +184,9 @@ class ConsumerSpec:
         return api.ConsumerConfig(
             durable_name=self.durable,
             description=self.description or None,
-            ack_policy=api.AckPolicy.EXPLICIT,
+            # An ordered consumer settles its messages in stream order, so acknowledging a batch's last
+            # message says the same as acknowledging each one: one acknowledgement a batch (`_settle`).
+            ack_policy=api.AckPolicy.ALL if self.ordered else api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
@@ -262,6 +266,8 @@ class ConsumerRunner:
         self.handled = 0
         self.dead_lettered = 0
         self.recreated = 0  # times the consumer was found gone and created again
+        # Acknowledging a message acknowledges every one before it (an ordered consumer's: `_settle`).
+        self._ack_all = spec.config().ack_policy == api.AckPolicy.ALL
         # Where the consumer starts if it has to be created again (module docstring): after the highest
         # acknowledgement floor seen.
         self._floor = 0
@@ -305,10 +311,12 @@ class ConsumerRunner:
         try:
             info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
             self._saw(info)
-            if self.spec.ordered and (info.num_ack_pending or 0) > 0:
+            current = info.config
+            if (self.spec.ordered and (info.num_ack_pending or 0) > 0) or current.ack_policy != config.ack_policy:
+                # JetStream cannot change a consumer's acknowledgement policy (a consumer made before
+                # ordered ones acknowledged per batch): it is created again at its floor, as after a crash.
                 await self._restart_at_floor(info, config)
                 return
-            current = info.config
             if (
                 current.max_deliver != config.max_deliver
                 or round(current.ack_wait or 0, 3) != round(config.ack_wait or 0, 3)
@@ -640,8 +648,18 @@ class ConsumerRunner:
         """Acknowledge, redeliver later, or dead-letter each message. `final`: no redelivery (an ordered
         consumer already retried the batch in place)."""
         counts = {"ack": 0, "retry": 0, "dead_letter": 0}
+        # An ordered consumer's (AckPolicy.ALL): acknowledging a message acknowledges every one before it,
+        # and every settle is final (acknowledged or dead-lettered, never redelivered). So one
+        # acknowledgement, of the last message, stands for the batch; a dead-lettered message's
+        # termination acknowledges the ones before it too.
+        ack_last = self._ack_all and final
         for d in deliveries:
             try:
+                if ack_last and error is None and d.outcome == "ack":
+                    counts["ack"] += 1
+                    if d is deliveries[-1]:
+                        await d.msg.ack()
+                    continue
                 last_try = final or d.num_delivered >= self.spec.max_deliver
                 if error is not None:
                     if last_try:
