@@ -58,6 +58,7 @@ COMMANDS = {
     "inbox": "cdpctl.journeys:inbox",
     "crm": "cdpctl.crm:crm",
     "identity": "cdpctl.identity:identity",
+    "definitions": "cdpctl.definitions:definitions",
 }
 MODELS_COMMANDS = {
     "train": "cdpctl.training:train",

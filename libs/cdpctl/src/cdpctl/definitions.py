@@ -1,0 +1,170 @@
+"""A second copy of what people define: `cdpctl definitions export` and `cdpctl definitions import`.
+
+    cdpctl definitions export [--out FILE]              one document (JSON; YAML for a .yaml/.yml FILE)
+    cdpctl definitions import FILE [--dry-run] [--replace] [--json]
+
+A store file lost (docs/architecture.md, "a store file damaged or deleted") takes with it what people
+defined there, which nothing on the bus rebuilds: computed traits, segments, journeys and every published
+version, which model version is live. `export` reads them from the running services' gRPC APIs (the
+document: definitions_document.py; what is read and what is left out: definitions_read.py); `import`
+puts them back into a platform through the same APIs (definitions_apply.py), definition by definition:
+created, unchanged, conflicting (same name, other content; never overwritten without --replace),
+replaced, manual (no RPC can do it: the report says what to do) or failed (the service's refusal, with
+the field it named). Importing twice changes nothing; --dry-run writes nothing and says what it would
+do. A line per kind reports progress on stderr as it goes. Exit code 1 when any definition is
+conflicting, manual or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cdpctl import tls
+from cdpctl.common import bearer, console, emit, out, rpc_error, service_address
+from cdpctl.definitions_document import KINDS, DocumentError, document, dumps, loads
+from cdpctl.platform import Workspace, write_private
+
+T = TypeVar("T")
+
+
+@click.group()
+def definitions() -> None:
+    """Export what people defined (segments, journeys, computed traits, models' roles, CRM connections)
+    to one document, and import it into a platform."""
+
+
+async def _with_services(ws: Workspace, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(Services)` with a channel to every service the document has a kind for."""
+    from cdp.crm.v1 import crm_pb2_grpc
+    from cdp.identity.v1 import identity_pb2_grpc
+    from cdp.orchestration.v1 import orchestration_pb2_grpc
+    from cdp.profile.v1 import profile_pb2_grpc
+    from cdp.scoring.v1 import scoring_pb2_grpc
+    from cdp.segmentation.v1 import segmentation_pb2_grpc
+    from cdpctl.definitions_read import Services
+
+    stub_classes = {
+        "profile": profile_pb2_grpc.ProfileServiceStub,
+        "segmentation": segmentation_pb2_grpc.SegmentationServiceStub,
+        "scoring": scoring_pb2_grpc.ScoringServiceStub,
+        "orchestration": orchestration_pb2_grpc.OrchestrationServiceStub,
+        "identity": identity_pb2_grpc.IdentityServiceStub,
+        "crm": crm_pb2_grpc.CrmServiceStub,
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = {}
+        for service, stub_class in stub_classes.items():
+            channel = await stack.enter_async_context(tls.aio_channel(service_address(ws, service, None)))
+            stubs[service] = stub_class(channel)
+        return await work(Services(stubs, bearer(ws)))
+
+
+async def _read_all(services, progress: Callable[[str], None], what: str) -> dict[str, Any]:
+    """Every section, kind by kind (a line each as it goes); a service's refusal names the kind."""
+    import grpc
+
+    from cdpctl.definitions_read import LABELS, READERS, SERVICES
+
+    sections: dict[str, Any] = {}
+    for kind, reader in READERS.items():
+        try:
+            sections[kind] = await reader(services)
+        except grpc.aio.AioRpcError as exc:
+            failed = rpc_error(exc)
+            raise click.ClickException(f"{LABELS[kind]}: {SERVICES[kind]} refused {what}: {failed.message}") from None
+        count = sections[kind] if isinstance(sections[kind], list) else [v for v in sections[kind].values() if v]
+        progress(f"{LABELS[kind]}: {len(count)} {what}")
+    return sections
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    return (lambda line: None) if quiet else (lambda line: console.print(line, highlight=False))
+
+
+@definitions.command("export")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), help="write it here, owner-only (default: stdout)")
+@click.pass_obj
+def export(ws: Workspace, out_file: Path | None) -> None:
+    """Write every definition of the running platform as one document (JSON; YAML when FILE ends in
+    .yaml or .yml). No customer data, no secret; deterministic: the same definitions give the same bytes."""
+
+    async def work(services) -> dict[str, Any]:
+        sections = await _read_all(services, _progress(False), "exported")
+        return document(sections, services.not_included)
+
+    doc = asyncio.run(_with_services(ws, work))
+    for gap in doc["not_included"]:
+        where = f" {gap['name']}" if gap.get("name") else ""
+        console.print(
+            f"[yellow]not included[/] {gap['kind']}{where}: {gap['what']} ({gap['missing']})", highlight=False
+        )
+    text = dumps(doc, out_file)
+    if out_file is None:
+        sys.stdout.write(text)
+        return
+    write_private(out_file, text)
+    console.print(f"wrote {out_file}", highlight=False)
+
+
+@definitions.command("import")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="change nothing: say what would be created, replaced or left")
+@click.option("--replace", is_flag=True, help="change definitions that exist here with other content (conflicting)")
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON on stdout")
+@click.pass_obj
+def import_(ws: Workspace, file: Path, dry_run: bool, replace: bool, as_json: bool) -> None:
+    """Create the document's definitions that this platform lacks; report each definition as created,
+    unchanged, conflicting (not overwritten without --replace), replaced, manual or failed."""
+    from cdpctl.definitions_apply import TROUBLE, Apply
+    from cdpctl.definitions_read import LABELS
+
+    try:
+        doc = loads(file.read_text(), str(file))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="FILE") from None
+    except DocumentError as exc:
+        raise click.ClickException(str(exc)) from None
+    progress = _progress(as_json)
+
+    async def work(services) -> list:
+        present = await _read_all(services, lambda line: None, "read")
+        apply = Apply(services, dry_run=dry_run, replace=replace)
+        outcomes = []
+        for kind in KINDS:
+            wanted = doc.get(kind, {} if kind == "identity" else [])
+            done = await getattr(apply, kind)(wanted, present[kind])
+            outcomes += done
+            counts: dict[str, int] = {}
+            for outcome in done:
+                counts[outcome.status] = counts.get(outcome.status, 0) + 1
+            summary = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none in the document"
+            progress(f"{LABELS[kind]}: {summary}{' (dry run)' if dry_run else ''}")
+        return outcomes
+
+    outcomes = asyncio.run(_with_services(ws, work))
+    if as_json:
+        emit({"dry_run": dry_run, "definitions": [o.as_dict() for o in outcomes]})
+    else:
+        _report(outcomes, dry_run)
+    if any(o.status in TROUBLE for o in outcomes):
+        raise SystemExit(1)
+
+
+def _report(outcomes: list, dry_run: bool) -> None:
+    from rich.table import Table
+
+    colours = {"created": "green", "replaced": "yellow", "conflicting": "red", "failed": "red", "manual": "yellow"}
+    table = Table(title="definitions import" + (" (dry run: nothing changed)" if dry_run else ""))
+    for column in ("kind", "definition", "status", "detail"):
+        table.add_column(column)
+    for o in outcomes:
+        colour = colours.get(o.status)
+        table.add_row(o.kind, o.name, f"[{colour}]{o.status}[/]" if colour else o.status, o.detail)
+    out.print(table)

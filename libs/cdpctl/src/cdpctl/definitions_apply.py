@@ -1,0 +1,380 @@
+"""Applying a definitions document to a platform, definition by definition, through the services' gRPC
+APIs: each is `created` (absent there), `unchanged` (there with the same content), `conflicting` (there,
+same name, other content: left as it is and the differing fields named), `replaced` (conflicting, and
+--replace changed it), `manual` (the services have no RPC that can make it so: what to do instead) or
+`failed` (a service refused it: its code and the field it named). Importing a document twice changes
+nothing the second time. With dry_run nothing is written and each outcome says what would happen.
+
+Order: computed traits, then segments (each after the segments it refers to), models, journeys (their
+conditions may read segments and computed traits), identity, CRM connections. A new journey is
+published version after version and paused after its first, so no one enters a version that is not
+its last; it is resumed at the end when it was active. Segments are created without waiting and their
+whole-population builds are waited for together at the end of their kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from cdpctl.definitions_document import KEYS, differences
+from cdpctl.definitions_read import Services
+
+CREATED, UNCHANGED, CONFLICTING, REPLACED, MANUAL, FAILED = (
+    "created",
+    "unchanged",
+    "conflicting",
+    "replaced",
+    "manual",
+    "failed",
+)
+TROUBLE = (CONFLICTING, MANUAL, FAILED)
+
+
+@dataclass
+class Outcome:
+    kind: str
+    name: str
+    status: str
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "status": self.status, "detail": self.detail}
+
+
+@dataclass
+class Apply:
+    services: Services
+    dry_run: bool
+    replace: bool
+
+    async def call(self, service: str, rpc: str, request) -> Any:
+        return await self.services.call(service, rpc, request)
+
+    async def each(
+        self,
+        kind: str,
+        wanted: list[dict[str, Any]],
+        present: list[dict[str, Any]],
+        create: Callable[[dict[str, Any]], Awaitable[str]],
+        replace: Callable[[dict[str, Any], dict[str, Any], list[str]], Awaitable[Outcome]] | None,
+    ) -> list[Outcome]:
+        """Compare each wanted definition with the platform's; create the absent, replace on request."""
+        key = KEYS[kind]
+        there = {entry[key]: entry for entry in present}
+        outcomes = []
+        for entry in wanted:
+            name = entry[key]
+            current = there.get(name)
+            try:
+                if current is None:
+                    detail = "" if self.dry_run else await create(entry)
+                    outcomes.append(
+                        Outcome(kind, name, CREATED, detail or ("would be created" if self.dry_run else ""))
+                    )
+                    continue
+                fields = differences(entry, current)
+                if not fields:
+                    outcomes.append(Outcome(kind, name, UNCHANGED))
+                elif self.replace and replace is not None:
+                    outcomes.append(await replace(entry, current, fields))
+                else:
+                    hint = "; --replace changes it" if replace is not None else ""
+                    outcomes.append(Outcome(kind, name, CONFLICTING, f"differs in {', '.join(fields)}{hint}"))
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(Outcome(kind, name, FAILED, _refusal(exc)))
+        return outcomes
+
+    # --- computed traits -----------------------------------------------------------------------------
+
+    async def computed_traits(self, wanted, present) -> list[Outcome]:
+        from cdp.profile.v1 import profile_pb2
+
+        async def define(entry) -> str:
+            definition = json_format.ParseDict(entry, profile_pb2.ComputedTraitDefinition())
+            await self.call(
+                "profile", "DefineComputedTrait", profile_pb2.DefineComputedTraitRequest(definition=definition)
+            )
+            return "backfilling from the retained timelines"
+
+        async def replace(entry, current, fields) -> Outcome:
+            detail = f"{', '.join(fields)} changed"
+            if not self.dry_run:
+                await define(entry)
+            return Outcome(
+                "computed_traits", entry["name"], REPLACED, detail if not self.dry_run else "would " + detail
+            )
+
+        return await self.each("computed_traits", wanted, present, define, replace)
+
+    # --- segments --------------------------------------------------------------------------------------
+
+    async def segments(self, wanted, present) -> list[Outcome]:
+        from cdp.segmentation.v1 import segmentation_pb2 as pb
+
+        building: list[str] = []
+
+        async def create(entry) -> str:
+            await self.call(
+                "segmentation",
+                "CreateSegment",
+                pb.CreateSegmentRequest(
+                    id=entry["id"],
+                    name=entry.get("name", ""),
+                    description=entry.get("description", ""),
+                    definition=pb.Definition(text=entry["definition"]),
+                ),
+            )
+            building.append(entry["id"])
+            return ""
+
+        async def replace(entry, current, fields) -> Outcome:
+            if not self.dry_run:
+                request = pb.UpdateSegmentRequest(
+                    id=entry["id"], name=entry.get("name", ""), description=entry.get("description", "")
+                )
+                if "definition" in fields:
+                    request.definition.text = entry["definition"]
+                reply = await self.call("segmentation", "UpdateSegment", request)
+                building.append(entry["id"])
+                moved = f"{reply.entered} entered, {reply.exited} exited"
+                return Outcome("segments", entry["id"], REPLACED, f"{', '.join(fields)} changed; {moved}")
+            return Outcome("segments", entry["id"], REPLACED, f"would change {', '.join(fields)}")
+
+        outcomes = await self.each("segments", wanted, present, create, replace)
+        failed = await self._wait_built(building)
+        return [
+            Outcome(o.kind, o.name, FAILED, f"its build failed: {failed[o.name]}") if o.name in failed else o
+            for o in outcomes
+        ]
+
+    async def _wait_built(self, ids: list[str]) -> dict[str, str]:
+        """Wait for the whole-population builds; the segments whose build failed, with the error."""
+        from cdp.segmentation.v1 import segmentation_pb2 as pb
+
+        failed, waiting = {}, list(ids)
+        while waiting:
+            still = []
+            for segment_id in waiting:
+                segment = await self.call("segmentation", "GetSegment", pb.GetSegmentRequest(id=segment_id))
+                if segment.state == pb.SEGMENT_STATE_BUILDING:
+                    still.append(segment_id)
+                elif segment.state == pb.SEGMENT_STATE_FAILED:
+                    failed[segment_id] = segment.error
+            waiting = still
+            if waiting:
+                await asyncio.sleep(0.25)
+        return failed
+
+    # --- models ----------------------------------------------------------------------------------------
+
+    async def models(self, wanted, present) -> list[Outcome]:
+        there = {m["name"]: m for m in present}
+        outcomes = []
+        for model in wanted:
+            try:
+                outcomes.append(await self._model(model, there.get(model["name"])))
+            except grpc.aio.AioRpcError as exc:
+                outcomes.append(Outcome("models", model["name"], FAILED, _refusal(exc)))
+        return outcomes
+
+    async def _model(self, model: dict[str, Any], current: dict[str, Any] | None) -> Outcome:
+        from cdp.scoring.v1 import scoring_pb2
+
+        name = model["name"]
+        if current is None:
+            versions = ", ".join(f"{v['version']} (sha256 {v['sha256'][:12]}…)" for v in model["versions"])
+            return Outcome(
+                "models", name, MANUAL, f"not deployed here: deploy its ONNX files ({versions}), then import again"
+            )
+        if not differences(model, current):
+            return Outcome("models", name, UNCHANGED)
+        held = {v["version"]: v for v in current["versions"]}
+        notes, conflicts = [], []
+        for version in model["versions"]:
+            mine = held.get(version["version"])
+            if mine is None:
+                notes.append(
+                    f"version {version['version']} is not deployed here: deploy its file (sha256 {version['sha256'][:12]}…)"
+                )
+            elif mine["sha256"] != version["sha256"]:
+                conflicts.append(f"versions[{version['version']}].sha256")
+        live = model.get("live_version", "")
+        promote = (
+            bool(live)
+            and live != current.get("live_version")
+            and held.get(live, {}).get("sha256")
+            == next((v["sha256"] for v in model["versions"] if v["version"] == live), None)
+        )
+        if promote and not self.replace:
+            conflicts.append(f"live_version (here {current.get('live_version') or 'none'}; --replace promotes {live})")
+        for version in model["versions"]:
+            mine = held.get(version["version"])
+            same_file = mine is not None and mine["sha256"] == version["sha256"]
+            if same_file and version["role"] not in ("live", "inactive") and mine["role"] != version["role"]:
+                notes.append(
+                    f"version {version['version']} is {mine['role']} here, {version['role']} in the document: "
+                    "scoring has no RPC to give a deployed version that role"
+                )
+        if conflicts:
+            return Outcome("models", name, CONFLICTING, "differs in " + "; ".join(conflicts + notes))
+        if promote:
+            if not self.dry_run:
+                await self.call("scoring", "Promote", scoring_pb2.PromoteRequest(name=name, version=live))
+            detail = f"{'would promote' if self.dry_run else 'promoted'} {live} to live"
+            return Outcome("models", name, REPLACED, "; ".join([detail, *notes]))
+        return Outcome("models", name, MANUAL if notes else UNCHANGED, "; ".join(notes))
+
+    # --- journeys ------------------------------------------------------------------------------------
+
+    async def journeys(self, wanted, present) -> list[Outcome]:
+        return await self.each("journeys", wanted, present, self._create_journey, self._replace_journey)
+
+    async def _journey(self, rpc: str, journey_id: str, definition: dict[str, Any] | None = None) -> str:
+        """One lifecycle call; the journey's state after it."""
+        from cdp.orchestration.v1 import orchestration_pb2 as pb
+
+        text = pb.JourneyDefinition(json=json.dumps(definition)) if definition is not None else None
+        request = {
+            "CreateJourney": lambda: pb.CreateJourneyRequest(definition=text),
+            "UpdateJourney": lambda: pb.UpdateJourneyRequest(journey_id=journey_id, definition=text),
+            "PublishJourney": lambda: pb.PublishJourneyRequest(journey_id=journey_id),
+        }.get(rpc, lambda: pb.JourneyRef(journey_id=journey_id))()
+        reply = await self.call("orchestration", rpc, request)
+        return pb.JourneyState.Name(reply.state).removeprefix("JOURNEY_STATE_").lower()
+
+    async def _publish(self, journey_id: str, state: str, versions: list[dict[str, Any]], *, first: bool) -> str:
+        """Publish `versions` in order (the first through CreateJourney when `first`); a journey taking
+        entries is paused while more than its last version is published."""
+        for index, version in enumerate(versions):
+            state = await self._journey(
+                "CreateJourney" if first and index == 0 else "UpdateJourney", journey_id, version
+            )
+            state = await self._journey("PublishJourney", journey_id)
+            if state == "active" and index < len(versions) - 1:
+                state = await self._journey("PauseJourney", journey_id)
+        return state
+
+    async def _settle(self, journey_id: str, state: str, wanted: str) -> None:
+        if state == wanted:
+            return
+        if wanted == "active" and state == "paused":
+            await self._journey("ResumeJourney", journey_id)
+        elif wanted == "paused" and state == "active":
+            await self._journey("PauseJourney", journey_id)
+        elif wanted == "archived":
+            await self._journey("ArchiveJourney", journey_id)
+
+    async def _create_journey(self, entry: dict[str, Any]) -> str:
+        journey_id, versions, draft = entry["id"], entry["versions"], entry.get("draft")
+        # Paused from its first version on, unless active is where it ends with one version: nobody
+        # enters a version that is not the journey's last.
+        state = "draft"
+        if versions:
+            state = await self._publish(journey_id, "draft", versions[:1], first=True)
+            if state == "active" and (len(versions) > 1 or entry["state"] != "active"):
+                state = await self._journey("PauseJourney", journey_id)
+            state = await self._publish(journey_id, state, versions[1:], first=False)
+        if draft is not None:
+            state = await self._journey("UpdateJourney" if versions else "CreateJourney", journey_id, draft)
+        await self._settle(journey_id, state, entry["state"])
+        return f"{len(versions)} published version{'' if len(versions) == 1 else 's'}" + (", a draft" if draft else "")
+
+    async def _replace_journey(self, entry: dict[str, Any], current: dict[str, Any], fields: list[str]) -> Outcome:
+        journey_id, wanted, held = entry["id"], entry["versions"], current["versions"]
+        changed = [n for n, (a, b) in enumerate(zip(wanted, held, strict=False), start=1) if differences(a, b)]
+        if changed or len(held) > len(wanted):
+            which = f"version {changed[0]}" if changed else f"versions after {len(wanted)}"
+            return Outcome(
+                "journeys", journey_id, CONFLICTING,
+                f"{which} differs here: published versions never change (archive it, or import it under another id)",
+            )  # fmt: skip
+        if current["state"] == "archived":
+            return Outcome(
+                "journeys", journey_id, CONFLICTING, "archived here, which is final; differs in " + ", ".join(fields)
+            )
+        new = wanted[len(held) :]
+        draft = entry.get("draft")
+        steps = [f"publish v{v['version']}" for v in new]
+        if draft is not None and differences(draft, current.get("draft")):
+            steps.append(f"save draft v{draft['version']}")
+        if entry["state"] != current["state"]:
+            steps.append(f"make it {entry['state']}")
+        if self.dry_run:
+            return Outcome("journeys", journey_id, REPLACED, "would " + ", ".join(steps))
+        state = current["state"]
+        if new and state == "active" and len(new) > 1:
+            state = await self._journey("PauseJourney", journey_id)
+        state = await self._publish(journey_id, state, new, first=False)
+        if draft is not None and differences(draft, current.get("draft")):
+            state = await self._journey("UpdateJourney", journey_id, draft)
+        await self._settle(journey_id, state, entry["state"])
+        return Outcome("journeys", journey_id, REPLACED, ", ".join(steps))
+
+    # --- identity and CRM: read from files at start, nothing to write them with ------------------------
+
+    async def identity(self, wanted: dict[str, Any], present: dict[str, Any]) -> list[Outcome]:
+        model = wanted.get("matching_model")
+        if model is None:
+            return []
+        if not differences(model, present.get("matching_model")):
+            return [Outcome("identity", "matching_model", UNCHANGED)]
+        return [
+            Outcome(
+                "identity",
+                "matching_model",
+                MANUAL,
+                "identity reads it from CDP_IDENTITY_MATCHING_FILE at start (no RPC sets it): save the document's "
+                "identity.matching_model.model to a file, point CDP_IDENTITY_MATCHING_FILE at it and restart identity",
+            )
+        ]
+
+    async def crm(self, wanted, present) -> list[Outcome]:
+        async def absent(entry) -> str:
+            raise _Manual(
+                "the connector reads its connections from CDP_CRM_CONNECTIONS_FILE at start (no RPC adds one): "
+                "add it there, with its credentials' variables set, and restart crm"
+            )
+
+        outcomes = []
+        for outcome in await self._each_manual("crm", wanted, present, absent):
+            if outcome.status == CONFLICTING:
+                outcome.detail += "; change it in CDP_CRM_CONNECTIONS_FILE (no RPC changes a connection)"
+            outcomes.append(outcome)
+        return outcomes
+
+    async def _each_manual(self, kind, wanted, present, absent) -> list[Outcome]:
+        there = {entry[KEYS[kind]]: entry for entry in present}
+        outcomes = []
+        for entry in wanted:
+            name = entry[KEYS[kind]]
+            if name not in there:
+                try:
+                    await absent(entry)
+                except _Manual as manual:
+                    outcomes.append(Outcome(kind, name, MANUAL, str(manual)))
+                continue
+            fields = differences(entry, there[name])
+            outcomes.append(
+                Outcome(kind, name, CONFLICTING, f"differs in {', '.join(fields)}")
+                if fields
+                else Outcome(kind, name, UNCHANGED)
+            )
+        return outcomes
+
+
+class _Manual(Exception):
+    pass
+
+
+def _refusal(exc: grpc.aio.AioRpcError) -> str:
+    from cdpctl.common import field_violations
+
+    fields = [f"{field}: {why}" for field, why in field_violations(exc) if f"{field}: {why}" != exc.details()]
+    return "; ".join([f"{exc.code().name}: {exc.details()}", *fields])

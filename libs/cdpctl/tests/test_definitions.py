@@ -1,0 +1,142 @@
+"""The definitions document and the import's decisions that need no service: a document cdpctl cannot
+use is refused naming the definition and field; segments come after what they refer to; YAML reads
+back as written; a model's live version is never switched without --replace, and what no RPC can do
+is reported as manual with what to do. (Against two real platforms: test_definitions_platform.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cdpctl.cli import main
+from cdpctl.definitions_apply import CONFLICTING, MANUAL, REPLACED, UNCHANGED, Apply
+from cdpctl.definitions_document import (
+    DocumentError,
+    check,
+    differences,
+    document,
+    dumps,
+    loads,
+    ordered_segments,
+    plain,
+)
+from cdpctl.definitions_read import Services
+
+JOURNEY = {"id": "welcome", "version": 1, "name": "Welcome", "entry": {"segment": "no", "on": "entered"}}
+
+
+def a_document(**sections) -> dict:
+    empty = {"computed_traits": [], "segments": [], "models": [], "journeys": [], "identity": {}, "crm": []}
+    return document({**empty, **sections}, [])
+
+
+def refusal(doc: dict) -> str:
+    with pytest.raises(DocumentError) as refused:
+        check(doc, "defs.json")
+    return str(refused.value)
+
+
+def test_a_document_cdpctl_cannot_use_is_refused_naming_the_definition_and_field():
+    assert "field `format`" in refusal({"format": "something else", "version": 1})
+    assert "field `version` is 2" in refusal({**a_document(), "version": 2})
+
+    journey = {"id": "welcome", "state": "active", "versions": [JOURNEY, {**JOURNEY, "version": 3}], "draft": None}
+    message = refusal(a_document(journeys=[journey]))
+    assert "journeys[0] (welcome)" in message and "versions[1]" in message
+
+    segment = {"id": "vip"}
+    assert "segments[0] (vip): field `definition` is missing" in refusal(a_document(segments=[segment]))
+
+    twice = [{"id": "vip", "definition": "traits.plan = 'vip'"}] * 2
+    assert "appears twice" in refusal(a_document(segments=twice))
+
+    # A secret pasted in where the variable's name belongs is refused, never sent anywhere.
+    connection = {"id": "hubspot", "kind": "hubspot", "credentials": {"token": "pat-na1-secret"}, "mappings": []}
+    message = refusal(a_document(crm=[connection]))
+    assert "crm[0] (hubspot): field `credentials.token`" in message and "pat-na1-secret" not in message
+
+    model = {"name": "churn", "versions": [{"version": "1", "sha256": "ab", "role": "boss"}]}
+    assert "models[0] (churn): field `versions[0].role`" in refusal(a_document(models=[model]))
+
+
+def test_the_import_command_names_the_field_of_a_broken_document(tmp_path):
+    broken = a_document(segments=[{"id": "vip", "definition": 42}])
+    file = tmp_path / "defs.json"
+    file.write_text(json.dumps(broken))
+    result = CliRunner().invoke(main, ["--home", str(tmp_path / "home"), "definitions", "import", str(file)])
+    assert result.exit_code == 1
+    assert "segments[0] (vip): field `definition` must be the segment's text" in result.output
+
+
+def test_segments_come_after_the_segments_they_refer_to_then_by_id():
+    segments = [{"id": i, "definition": "x"} for i in ("a-vip", "b-base", "c-other", "d-buyers")]
+    depends_on = {"a-vip": ["d-buyers"], "d-buyers": ["b-base"]}
+    ordered = [s["id"] for s in ordered_segments(segments, depends_on)]
+    assert ordered == ["b-base", "d-buyers", "a-vip", "c-other"]
+
+
+def test_yaml_reads_back_as_the_json_document_words_and_numbers_as_written():
+    journey = {"id": "welcome", "state": "active", "versions": [plain({**JOURNEY, "version": 1.0})], "draft": None}
+    doc = a_document(journeys=[journey])
+    assert doc["journeys"][0]["versions"][0]["version"] == 1  # Struct's 1.0 is the journey's version 1
+    for name in ("defs.yaml", "defs.json"):
+        assert loads(dumps(doc, Path(name)), name) == doc  # `on`, `no` stay words (YAML 1.2)
+
+
+def test_differences_name_the_fields_that_differ():
+    a = {"id": "vip", "definition": "x", "nodes": [{"id": "n", "duration": "1h"}]}
+    b = copy.deepcopy(a)
+    b["nodes"][0]["duration"] = "2h"
+    b["name"] = "VIP"
+    assert differences(a, b) == ["name", "nodes[0].duration"]
+    assert differences(a, copy.deepcopy(a)) == []
+
+
+MODEL = {
+    "name": "churn_risk",
+    "live_version": "1.2.0",
+    "versions": [
+        {"version": "1.1.0", "sha256": "aa", "role": "inactive"},
+        {"version": "1.2.0", "sha256": "bb", "role": "live"},
+    ],
+}
+
+
+def plan(model: dict, present: dict | None, *, replace: bool) -> tuple[str, str]:
+    apply = Apply(Services({}, ()), dry_run=True, replace=replace)
+    [outcome] = asyncio.run(apply.models([model], [present] if present else []))
+    return outcome.status, outcome.detail
+
+
+def test_a_models_live_version_changes_only_with_replace_and_what_no_rpc_can_do_is_manual():
+    here = copy.deepcopy(MODEL)
+    assert plan(MODEL, here, replace=False) == (UNCHANGED, "")
+
+    here["live_version"] = "1.1.0"
+    here["versions"][0]["role"], here["versions"][1]["role"] = "live", "inactive"
+    status, detail = plan(MODEL, here, replace=False)
+    assert status == CONFLICTING and "live_version" in detail and "--replace promotes 1.2.0" in detail
+    assert plan(MODEL, here, replace=True) == (REPLACED, "would promote 1.2.0 to live")
+
+    # A version whose file this platform lacks cannot be deployed through any API: manual, named.
+    status, detail = plan(MODEL, {**MODEL, "versions": MODEL["versions"][:1]}, replace=True)
+    assert status == MANUAL and "version 1.2.0 is not deployed here" in detail
+
+    # The same file under the same version with other contents is a conflict, never replaced.
+    other = copy.deepcopy(MODEL)
+    other["versions"][1]["sha256"] = "cc"
+    status, detail = plan(MODEL, other, replace=True)
+    assert status == CONFLICTING and "versions[1.2.0].sha256" in detail
+
+    shadowed = copy.deepcopy(MODEL)
+    shadowed["versions"][0]["role"] = "shadow"
+    status, detail = plan(shadowed, MODEL, replace=True)
+    assert status == MANUAL and "no RPC to give a deployed version that role" in detail
+
+    status, detail = plan(MODEL, None, replace=True)
+    assert status == MANUAL and "deploy its ONNX files" in detail
