@@ -92,18 +92,25 @@ async def collect(port, write_key="ok", token=None, metadata=()):
         return await stub.Collect(collector_pb2.CollectRequest(write_key=write_key), metadata=md)
 
 
-async def test_health_serving_and_reflection_without_a_token(tokens):
-    path, _ = tokens
+async def test_health_serving_without_a_token_and_reflection_with_one(tokens):
+    path, t = tokens
     async with serving(settings(auth_mode="tokens", auth_tokens_file=path), setup_with(Behaviour())) as rt:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ("", "cdp.collector.v1.CollectorService"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-            responses = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-            names = [s.name async for r in responses for s in r.list_services_response.service]
+            # Reflection maps every method: any valid token (here one without a collector scope) reads it.
+            names = await reflected_services(channel, token=t["reader"])
             assert "cdp.collector.v1.CollectorService" in names and "grpc.health.v1.Health" in names
+
+
+async def reflected_services(channel, token=None) -> list[str]:
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = reflect.ServerReflectionInfo(iter([request]), metadata=metadata)
+    return [s.name async for r in responses for s in r.list_services_response.service]
 
 
 async def test_bearer_tokens_and_scopes(tokens):

@@ -22,7 +22,10 @@ callers nobody authenticated. So a wrapped method's handler is registered withou
 requests the wrapper decodes each message as the handler iterates; `context.read()` in such a handler would
 see raw bytes, so cdp handlers iterate their requests instead.
 
-Health and reflection are left alone: probes carry no token, and their spans and metrics would be noise.
+Health is left alone: probes carry no token, and its spans and metrics would be noise. Reflection answers
+only a caller with a valid token, whatever its scopes (grpcurl sends one with -H): it lists every method
+and message of the service, a map for an attacker and of no use to a caller that cannot authenticate
+anyway. It gets no span or metric either. With CDP_AUTH_MODE=none (development) it answers everyone.
 
 A method's wrapped handler is built once and cached: grpc.aio asks the interceptor for a handler on every
 call, and re-wrapping per call would cost more than the wrapping. What a call still costs is mostly the
@@ -57,9 +60,10 @@ log = logging.getLogger("cdp.grpc")
 
 PUBLIC = "public"  # scope marker: the method authenticates its caller itself (e.g. a source write key)
 
-# Services that must answer without a token: Kubernetes probes and tooling carry none.
-OPEN_SERVICES = (
-    "grpc.health.v1.Health",
+# Services that must answer without a token: Kubernetes probes carry none.
+OPEN_SERVICES = ("grpc.health.v1.Health",)
+# Services any authenticated caller may use, whatever its scopes (grpcurl and the like send a token too).
+REFLECTION_SERVICES = (
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
 )
@@ -191,7 +195,7 @@ class _Method:
 
 class CdpInterceptor(grpc.aio.ServerInterceptor):
     """Authentication, a span, metrics, access logs and error mapping for every call but health and
-    reflection. Without an `authenticator` every caller is ANONYMOUS; with one, `method_scopes` maps full
+    reflection (which needs a valid token, any scope, and nothing else). Without an `authenticator` every caller is ANONYMOUS; with one, `method_scopes` maps full
     method names (`/pkg.Service/Method`) to the scope required, or PUBLIC; a method missing from it needs
     `*` (fail closed)."""
 
@@ -223,11 +227,31 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(handler_call_details)
             if handler is None:
                 return None  # unknown method; not cached, so made-up names cannot grow the cache
-            if method.lstrip("/").partition("/")[0] not in OPEN_SERVICES:
+            service = method.lstrip("/").partition("/")[0]
+            if service in REFLECTION_SERVICES:
+                if self._authenticator is not None:
+                    handler = self._authenticated_only(handler)
+            elif service not in OPEN_SERVICES:
                 wrapped = _Method(method, self._scope_for(method), handler.request_deserializer)
                 handler = self._wrap(wrapped, handler)
             self._handlers[method] = handler
         return handler
+
+    def _authenticated_only(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """A streaming handler (reflection's) that first checks the caller's token, any scope."""
+        authenticator, behaviour = self._authenticator, handler.stream_stream
+        assert authenticator is not None and behaviour is not None
+
+        async def guarded(requests, context):
+            metadata = {key: value for key, value in context.invocation_metadata() or () if key == "authorization"}
+            try:
+                authenticator.authenticate(metadata.get("authorization"))
+            except CdpError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            async for response in behaviour(requests, context):
+                yield response
+
+        return handler._replace(stream_stream=guarded)
 
     def _scope_for(self, method: str) -> str | None:
         if self._authenticator is None:

@@ -12,8 +12,8 @@ The grpc.aio server carries the standard health service (SERVING once setup fini
 moment shutdown starts, so Kubernetes stops routing before the drain; a service may hold one of its
 gRPC services' names NOT_SERVING while it cannot answer, e.g. a standby: `GrpcServer.set_ready`, which
 a readiness probe naming that service follows while liveness, on "", stays SERVING; and `cdp.storage`
-reads NOT_SERVING while a store of the process cannot write, see `cdp_kit.storage.health`), reflection, and the cdp
-interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
+reads NOT_SERVING while a store of the process cannot write, see `cdp_kit.storage.health`), reflection
+(for callers with a valid token), and the cdp interceptor (auth, tracing, metrics, error mapping). SIGTERM/SIGINT become an asyncio.Event; shutdown drains in-flight calls for CDP_SHUTDOWN_GRACE
 seconds, then closes every resource in reverse order of acquisition.
 
 The event loop: `CDP_EVENT_LOOP` = `uvloop` (the default when uvloop is importable), `asyncio` (the
