@@ -4,6 +4,10 @@ A request that times out or whose connection drops may have been committed by th
 ANSWER_LOST, retried as is (every write is an upsert by key). 429 and the CRMs' own limit answers are
 THROTTLED with their Retry-After; 5xx UNAVAILABLE; 401 AUTH. Log lines carry the method, the path
 template's object and the status - never bodies, which hold personal data.
+
+No redirect is followed (a CRM's API does not redirect; one that does - a proxy, a hijacked name - would
+get the token, or a token request's client secret, sent on): a 3xx is UNAVAILABLE `REDIRECT`. No answer is
+read past `MAX_ANSWER_BYTES`: a body without end is UNAVAILABLE `TOO_LARGE`, its connection closed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,36 @@ if TYPE_CHECKING:
 Reserve = Callable[[], Awaitable[None]]
 
 log = logging.getLogger("cdp.crm.adapters")
+# The largest answer read: far above any page or batch answer, and a Bulk API results CSV of a
+# 150,000-row page stays below it.
+MAX_ANSWER_BYTES = 64 << 20
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class AnswerTooLarge(Exception):
+    """An answer's body went past `MAX_ANSWER_BYTES`."""
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The answer's body, `limit` bytes at most: past it the connection is closed and AnswerTooLarge raised."""
+    if response.content_length is not None and response.content_length > limit:
+        response.close()
+        raise AnswerTooLarge(response.content_length)
+    parts, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            raise AnswerTooLarge(size)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def read_json(response: aiohttp.ClientResponse) -> Any:
+    """The answer's body as JSON (a token endpoint's), `MAX_ANSWER_BYTES` at most; ValueError when it is
+    not JSON, AnswerTooLarge past the limit; None for an empty body."""
+    raw = await read_body(response)
+    return orjson.loads(raw) if raw else None
 
 
 @dataclass
@@ -54,9 +88,20 @@ async def exchange(
         sent_headers.setdefault("Content-Type", "application/json")
     try:
         async with session.request(
-            method, url, data=body, headers=sent_headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            method,
+            url,
+            data=body,
+            headers=sent_headers,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
         ) as response:
-            raw = await response.read()
+            if response.status in REDIRECTS:  # not 304: Zoho's If-Modified-Since answer
+                log.warning("crm request redirected", extra={"method": method, "what": what, "status": response.status})
+                error = CrmError(
+                    UNAVAILABLE, "REDIRECT", "the CRM answered a redirect; none is followed", response.status
+                )
+                return Answer(response.status, {}, None, error)
+            raw = await read_body(response)
             answer_headers = {k: v for k, v in response.headers.items()}
             parsed: Any = None
             if raw:
@@ -66,6 +111,8 @@ async def exchange(
                     parsed = raw.decode(errors="replace")
             log.debug("crm request", extra={"method": method, "what": what, "status": response.status})
             return Answer(response.status, answer_headers, parsed, raw=raw)
+    except AnswerTooLarge:
+        error = CrmError(UNAVAILABLE, "TOO_LARGE", f"the answer went past {MAX_ANSWER_BYTES} bytes; not read")
     except TimeoutError:
         error = CrmError(ANSWER_LOST, "TIMEOUT", "no answer within the timeout; the write may have committed")
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from cdp_crm.adapters.http import Answer, Reserve, exchange, metered_read, transport_error
+from cdp_crm.adapters.http import Answer, AnswerTooLarge, Reserve, exchange, metered_read, read_json, transport_error
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
@@ -105,11 +105,14 @@ class ZohoAdapter:
             }
             try:
                 async with self._session.post(
-                    self._accounts + "/oauth/v2/token", data=form, timeout=aiohttp.ClientTimeout(total=self._timeout)
+                    self._accounts + "/oauth/v2/token",
+                    data=form,
+                    timeout=aiohttp.ClientTimeout(total=self._timeout),
+                    allow_redirects=False,
                 ) as response:
-                    body = await response.json(content_type=None)
+                    body = await read_json(response)
                     status = response.status
-            except (TimeoutError, aiohttp.ClientError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, ValueError, AnswerTooLarge):
                 return CrmError(AUTH, "TOKEN_UNAVAILABLE", "the token endpoint did not answer")
             if not isinstance(body, dict) or "access_token" not in body:
                 code = str(body.get("error", status)) if isinstance(body, dict) else str(status)
