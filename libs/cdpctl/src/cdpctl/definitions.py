@@ -135,7 +135,7 @@ def import_(ws: Workspace, file: Path, dry_run: bool, replace: bool, as_json: bo
 
     async def work(services) -> list:
         present = await _read_all(services, lambda line: None, "read")
-        apply = Apply(services, dry_run=dry_run, replace=replace)
+        apply = Apply(services, dry_run=dry_run, replace=replace, progress=progress)
         outcomes = []
         for kind in KINDS:
             wanted = doc.get(kind, {} if kind == "identity" else [])

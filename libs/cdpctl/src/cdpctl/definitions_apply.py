@@ -53,6 +53,7 @@ class Apply:
     services: Services
     dry_run: bool
     replace: bool
+    progress: Callable[[str], None] = lambda line: None
 
     async def call(self, service: str, rpc: str, request) -> Any:
         return await self.services.call(service, rpc, request)
@@ -89,6 +90,8 @@ class Apply:
                     outcomes.append(Outcome(kind, name, CONFLICTING, f"differs in {', '.join(fields)}{hint}"))
             except grpc.aio.AioRpcError as exc:
                 outcomes.append(Outcome(kind, name, FAILED, _refusal(exc)))
+            except _Refused as refused:
+                outcomes.append(Outcome(kind, name, FAILED, str(refused)))
         return outcomes
 
     # --- computed traits -----------------------------------------------------------------------------
@@ -159,6 +162,10 @@ class Apply:
         from cdp.segmentation.v1 import segmentation_pb2 as pb
 
         failed, waiting = {}, list(ids)
+        if waiting:
+            self.progress(
+                f"segments: waiting for {len(waiting)} whole-population build{'s' if len(waiting) > 1 else ''} …"
+            )
         while waiting:
             still = []
             for segment_id in waiting:
@@ -246,7 +253,14 @@ class Apply:
             "UpdateJourney": lambda: pb.UpdateJourneyRequest(journey_id=journey_id, definition=text),
             "PublishJourney": lambda: pb.PublishJourneyRequest(journey_id=journey_id),
         }.get(rpc, lambda: pb.JourneyRef(journey_id=journey_id))()
-        reply = await self.call("orchestration", rpc, request)
+        try:
+            reply = await self.call("orchestration", rpc, request)
+        except grpc.aio.AioRpcError as exc:
+            step = f"{rpc} of v{definition.get('version')}" if definition is not None else rpc
+            raise _Refused(
+                f"{step} refused: {_refusal(exc)}; what was stored before stays (cdpctl journey get {journey_id}): "
+                "fix it and import again with --replace"
+            ) from None
         return pb.JourneyState.Name(reply.state).removeprefix("JOURNEY_STATE_").lower()
 
     async def _publish(self, journey_id: str, state: str, versions: list[dict[str, Any]], *, first: bool) -> str:
@@ -271,8 +285,22 @@ class Apply:
         elif wanted == "archived":
             await self._journey("ArchiveJourney", journey_id)
 
+    async def _validate(self, journey_id: str, definitions: list[dict[str, Any]]) -> None:
+        """Check every version before storing any: a refused one leaves nothing half-made."""
+        from cdp.orchestration.v1 import orchestration_pb2 as pb
+
+        for definition in definitions:
+            request = pb.ValidateJourneyRequest(definition=pb.JourneyDefinition(json=json.dumps(definition)))
+            reply = await self.call("orchestration", "ValidateJourney", request)
+            if reply.problems:
+                problem = reply.problems[0]
+                where = ".".join(p for p in ("nodes" if problem.node else "", problem.node, problem.field) if p)
+                more = f" (and {len(reply.problems) - 1} more)" if len(reply.problems) > 1 else ""
+                raise _Refused(f"v{definition.get('version')}: {where}: {problem.message}{more}; nothing was stored")
+
     async def _create_journey(self, entry: dict[str, Any]) -> str:
         journey_id, versions, draft = entry["id"], entry["versions"], entry.get("draft")
+        await self._validate(journey_id, [*versions, *([draft] if draft is not None else [])])
         # Paused from its first version on, unless active is where it ends with one version: nobody
         # enters a version that is not the journey's last.
         state = "draft"
@@ -306,6 +334,7 @@ class Apply:
             steps.append(f"save draft v{draft['version']}")
         if entry["state"] != current["state"]:
             steps.append(f"make it {entry['state']}")
+        await self._validate(journey_id, [*new, *([draft] if draft is not None else [])])
         if self.dry_run:
             return Outcome("journeys", journey_id, REPLACED, "would " + ", ".join(steps))
         state = current["state"]
@@ -315,7 +344,10 @@ class Apply:
         if draft is not None and differences(draft, current.get("draft")):
             state = await self._journey("UpdateJourney", journey_id, draft)
         await self._settle(journey_id, state, entry["state"])
-        return Outcome("journeys", journey_id, REPLACED, ", ".join(steps))
+        done = (
+            ", ".join(steps).replace("publish ", "published ").replace("save ", "saved ").replace("make it", "made it")
+        )
+        return Outcome("journeys", journey_id, REPLACED, done)
 
     # --- identity and CRM: read from files at start, nothing to write them with ------------------------
 
@@ -371,6 +403,10 @@ class Apply:
 
 class _Manual(Exception):
     pass
+
+
+class _Refused(Exception):
+    """A definition the service's own check refused before anything was stored; the message names it."""
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> str:

@@ -1,0 +1,215 @@
+"""`cdpctl definitions export/import` between two real platforms, each as `make up` runs it.
+
+On the first, people defined a computed trait, two segments (one reading the other), journeys in every
+state (one with two published versions, one paused, one archived, one draft never published). It is
+exported; the second, fresh platform takes the document: a dry run changes nothing, the import creates
+every definition, and the second platform's own export is then the same document. Importing again
+changes nothing. A definition changed on the second platform is conflicting and left alone until
+--replace. What no RPC can restore (CRM connections come from a file) is reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_testing.platform_run import CDPCTL, RunningPlatform
+
+pytestmark = pytest.mark.timeout(600)
+
+SPEND = {
+    "name": "big_orders_90d",
+    "op": "count",
+    "event_names": ["Order Completed"],
+    "where": {"total": {"$gt": 20}},
+    "window": "90d",
+}
+
+WELCOME_V1 = {
+    "id": "welcome",
+    "version": 1,
+    "name": "Welcome",
+    "priority": 5,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Signed Up"},
+    "reentry": "never",
+    "nodes": [{"id": "later", "type": "delay", "duration": "1h"}],
+}
+WELCOME_V2 = {**WELCOME_V1, "version": 2, "nodes": [{"id": "later", "type": "delay", "duration": "2h"}]}
+VIP = {
+    **WELCOME_V1,
+    "id": "vip-care",
+    "name": "VIP care",
+    "entry": {"segment": "vip-buyers", "on": "entered"},
+    "nodes": [{"id": "later", "type": "delay", "duration": "1d"}],
+}
+OLD = {**WELCOME_V1, "id": "old-promo", "name": "Old promo", "entry": {"api": True}}
+IDEA = {**WELCOME_V1, "id": "idea", "name": "An idea", "entry": {"api": True}}
+
+
+def cdpctl(platform: RunningPlatform, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([CDPCTL, *args], env=platform.env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def journey(platform: RunningPlatform, tmp_path: Path, verb: str, definition: dict, *more: str) -> None:
+    file = tmp_path / f"{definition['id']}-v{definition['version']}.json"
+    file.write_text(json.dumps(definition))
+    cdpctl(platform, "journey", verb, str(file), *more)
+
+
+def define_everything(platform: RunningPlatform, tmp_path: Path) -> None:
+    with grpc.insecure_channel(platform.grpc_address("profile")) as channel:
+        definition = profile_pb2.ComputedTraitDefinition()
+        from google.protobuf import json_format
+
+        json_format.ParseDict(SPEND, definition)
+        profile_pb2_grpc.ProfileServiceStub(channel).DefineComputedTrait(
+            profile_pb2.DefineComputedTraitRequest(definition=definition), metadata=platform.admin_metadata, timeout=30
+        )
+    cdpctl(platform, "segment", "create", "buyers", "computed.big_orders_90d >= 1", "--name", "Buyers")
+    cdpctl(platform, "segment", "create", "vip-buyers", 'in_segment("buyers") and traits.plan = "vip"')
+    journey(platform, tmp_path, "create", WELCOME_V1, "--publish")
+    journey(platform, tmp_path, "update", WELCOME_V2)
+    cdpctl(platform, "journey", "publish", "welcome")
+    journey(platform, tmp_path, "create", VIP, "--publish")
+    cdpctl(platform, "journey", "pause", "vip-care")
+    journey(platform, tmp_path, "create", OLD, "--publish")
+    cdpctl(platform, "journey", "archive", "old-promo")
+    journey(platform, tmp_path, "create", IDEA)
+
+
+def without_crm_urls(document: dict) -> dict:
+    """Both platforms run on one machine, so their local CRMs listen on different ports: the one field of
+    the document that differs because of where a platform runs, not what people defined."""
+    return {**document, "crm": [{**c, "url": "(local)"} for c in document["crm"]]}
+
+
+def start_both(tmp_path_factory) -> tuple[RunningPlatform, RunningPlatform]:
+    platforms = [RunningPlatform(tmp_path_factory.mktemp(name)) for name in ("old", "fresh")]
+    failures: list[BaseException] = []
+
+    def start(platform: RunningPlatform) -> None:
+        try:
+            platform.start()
+        except BaseException as exc:  # reported below, after both tried
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in platforms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for platform in platforms:
+            platform.stop()
+        raise failures[0]
+    return platforms[0], platforms[1]
+
+
+@pytest.fixture(scope="module")
+def platforms(tmp_path_factory):
+    old, fresh = start_both(tmp_path_factory)
+    try:
+        yield old, fresh
+    finally:
+        old.stop()
+        fresh.stop()
+
+
+def outcomes(done: subprocess.CompletedProcess) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["name"]): o for o in json.loads(done.stdout)["definitions"]}
+
+
+def test_definitions_exported_from_one_platform_are_the_same_on_a_fresh_one_after_import(platforms, tmp_path):
+    old, fresh = platforms
+    define_everything(old, tmp_path)
+    exported = tmp_path / "definitions.yaml"
+    done = cdpctl(old, "definitions", "export", "--out", str(exported))
+    for line in ("computed traits: 1 exported", "segments: 2 exported", "journeys: 4 exported"):
+        assert line in done.stderr
+    assert exported.stat().st_mode & 0o777 == 0o600
+    document = json.loads(cdpctl(old, "definitions", "export").stdout)
+    # Two exports of the same definitions are the same bytes; YAML and JSON say the same.
+    assert cdpctl(old, "definitions", "export").stdout == json.dumps(document, indent=2) + "\n"
+    from cdp_kit.yamltext import load_yaml
+
+    assert load_yaml(exported.read_text()) == document
+
+    assert [t["name"] for t in document["computed_traits"]] == ["big_orders_90d"]
+    assert [s["id"] for s in document["segments"]] == ["buyers", "vip-buyers"]  # what it reads first
+    journeys = {j["id"]: j for j in document["journeys"]}
+    assert {i: (j["state"], len(j["versions"]), j["draft"] is not None) for i, j in journeys.items()} == {
+        "idea": ("draft", 0, True),
+        "old-promo": ("archived", 1, False),
+        "vip-care": ("paused", 1, False),
+        "welcome": ("active", 2, False),
+    }
+    assert journeys["welcome"]["versions"][1]["nodes"][0]["duration"] == "2h"
+    # No secret: a CRM credential is the variable holding it.
+    for connection in document["crm"]:
+        assert all(set(source) == {"env"} for source in connection["credentials"].values())
+    token = Path(old.run["admin_token_file"]).read_text().strip()
+    assert token not in exported.read_text()
+
+    before = json.loads(cdpctl(fresh, "definitions", "export").stdout)
+    dry = cdpctl(fresh, "definitions", "import", str(exported), "--dry-run", "--json", check=False)
+    assert {k: o["status"] for k, o in outcomes(dry).items() if k[0] in ("segments", "journeys")} == {
+        ("segments", "buyers"): "created",
+        ("segments", "vip-buyers"): "created",
+        ("journeys", "idea"): "created",
+        ("journeys", "old-promo"): "created",
+        ("journeys", "vip-care"): "created",
+        ("journeys", "welcome"): "created",
+    }
+    assert json.loads(cdpctl(fresh, "definitions", "export").stdout) == before  # a dry run changed nothing
+
+    first = cdpctl(fresh, "definitions", "import", str(exported), "--json", check=False)
+    statuses = {k: o["status"] for k, o in outcomes(first).items()}
+    assert statuses[("computed_traits", "big_orders_90d")] == "created"
+    assert statuses[("journeys", "welcome")] == "created"
+    assert all(statuses[("models", m["name"])] == "unchanged" for m in document["models"])  # the shipped ones
+    # The connector reads its connections from a file: the local CRMs' other ports are named, not changed.
+    for connection in document["crm"]:
+        crm = outcomes(first)[("crm", connection["id"])]
+        assert crm["status"] == "conflicting" and "url" in crm["detail"], crm
+    assert first.returncode == 1  # something needs a person: the report says what
+
+    again = json.loads(cdpctl(fresh, "definitions", "export").stdout)
+    assert without_crm_urls(again) == without_crm_urls(document)
+
+    second = cdpctl(fresh, "definitions", "import", str(exported), "--json", check=False)
+    assert {k: o["status"] for k, o in outcomes(second).items() if k[0] != "crm"} == {
+        k: "unchanged" for k in outcomes(second) if k[0] != "crm"
+    }
+    assert json.loads(cdpctl(fresh, "definitions", "export").stdout) == again  # importing twice changed nothing
+
+    # Changed on the fresh platform: conflicting, and left as it is until --replace.
+    cdpctl(fresh, "journey", "resume", "vip-care")
+    changed = tmp_path / "changed.json"
+    edited = json.loads(json.dumps(document))
+    edited["segments"][0]["definition"] = "computed.big_orders_90d >= 2"
+    changed.write_text(json.dumps(edited))
+    third = outcomes(cdpctl(fresh, "definitions", "import", str(changed), "--json", check=False))
+    assert third[("segments", "buyers")]["status"] == "conflicting"
+    assert "definition" in third[("segments", "buyers")]["detail"]
+    assert third[("journeys", "vip-care")]["status"] == "conflicting"
+    assert "state" in third[("journeys", "vip-care")]["detail"]
+    assert json.loads(cdpctl(fresh, "definitions", "export").stdout)["segments"][0]["definition"] == (
+        "computed.big_orders_90d >= 1"
+    )
+    replaced = outcomes(cdpctl(fresh, "definitions", "import", str(changed), "--replace", "--json", check=False))
+    assert replaced[("segments", "buyers")]["status"] == "replaced"
+    assert replaced[("journeys", "vip-care")]["status"] == "replaced"
+    now = json.loads(cdpctl(fresh, "definitions", "export").stdout)
+    assert now["segments"][0]["definition"] == "computed.big_orders_90d >= 2"
+    assert {j["id"]: j["state"] for j in now["journeys"]}["vip-care"] == "paused"
