@@ -11,9 +11,9 @@ which core-NATS announcements it follows. Everything NATS is told comes from it:
   JetStream is reached through its API subjects, so each user gets only the `$JS.API` calls its streams
   need (create/update for streams it configures, create for those it reads; management, fetch,
   acknowledgements and dead letters of its own consumers only, by name: services sharing a stream cannot
-  rewrite, drain or delete each other's consumers), the ownership key-value
-  bucket under its own group, and replies on its own inbox prefix (`_INBOX.<service>.`) only, so no
-  service reads another's API answers.
+  rewrite, drain or delete each other's consumers), its own group of keys in the ownership key-value
+  bucket (listed and read only through subjects that name them), and replies on its own inbox prefix
+  (`_INBOX.<service>.`) only, so no service reads another's API answers.
 - `authorization_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and
   these permissions, plus an operator user without limits for cdpctl and tests). The Helm chart renders
   the same block from `permissions_document()`, kept in deploy/helm/cdp/files/nats-permissions.json
@@ -69,9 +69,19 @@ OPERATOR = "cdpctl"
 # (`cdpctl up` here, the chart's templates/_nats.tpl from its values: the same rule in both places).
 PARTITION = "{partition}"
 ORDINAL = "{ordinal}"
-# A consumer name granted whatever it is: only for a stream no other role consumes (a test holds this),
-# where the names are the service's own business (orchestration's dispatchers, one per channel it runs).
+# A consumer name granted whatever it is: only for a stream no other role consumes (a test holds this).
+# No role uses it today: every consumer, orchestration's dispatchers included, is granted by name.
 ANY = "*"
+
+
+# The channels orchestration dispatches actions on (`actions.<channel>.<p>`), each with one durable
+# consumer of ACTIONS named by `dispatch_durable` (a test holds both to cdp_orchestration's own).
+ACTION_CHANNELS = ("email", "sms", "push", "webpush", "webhook", "inapp", "crm")
+
+
+def dispatch_durable(channel: str) -> str:
+    """The durable consumer of ACTIONS that sends `channel`'s actions."""
+    return f"orchestration-dispatch-{channel}"
 
 
 @dataclass(frozen=True)
@@ -208,9 +218,9 @@ ROLES: dict[str, BusRole] = {
             consumers=(
                 _per_partition(subjects.ORCHESTRATION, "orchestration"),
                 _shared(subjects.PRIVACY, "orchestration", "privacy"),
-                # `orchestration-dispatch-<channel>`, one per channel it runs: nobody else consumes ACTIONS
-                # (the CRM connector sources actions.crm server-side).
-                Consumer(subjects.ACTIONS, ANY),
+                # `orchestration-dispatch-<channel>`, one per channel it can run (the CRM connector
+                # sources actions.crm server-side): by name, like every other consumer.
+                *(Consumer(subjects.ACTIONS, dispatch_durable(channel)) for channel in ACTION_CHANNELS),
             ),
             reads=(subjects.ACTIONS,),
             erases=(subjects.ACTIONS,),
@@ -288,19 +298,17 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
         publish += [f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
     for stream in role.erases:
         publish.append(f"{api}.STREAM.MSG.DELETE.{stream}")
-    # Partition ownership (CDP_OWNERSHIP=nats): the bucket, and only this service's group of keys in it.
-    kv_stream = f"KV_{OWNERSHIP_BUCKET}"
+    # Partition ownership (CDP_OWNERSHIP=nats): the shared bucket, and only this service's group of keys
+    # in it, on subjects that name the key: writes, a direct get of one key, and a scan consumer whose
+    # filter is in its create subject (cdp_kit.ownership.group_kv). Never the nameless create (a watch:
+    # any filter, in the body), the get by body (any key) or another's consumer by name.
+    kv_stream, own_keys = f"KV_{OWNERSHIP_BUCKET}", f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>"
     publish += [
         f"{api}.STREAM.INFO.{kv_stream}",
         f"{api}.STREAM.CREATE.{kv_stream}",
-        f"{api}.CONSUMER.CREATE.{kv_stream}",
-        f"{api}.CONSUMER.CREATE.{kv_stream}.>",
-        f"{api}.CONSUMER.INFO.{kv_stream}.*",
-        f"{api}.CONSUMER.DELETE.{kv_stream}.*",
-        f"{api}.STREAM.MSG.GET.{kv_stream}",
-        f"{api}.DIRECT.GET.{kv_stream}.$KV.{OWNERSHIP_BUCKET}.{role.name}.>",
-        f"$JS.FC.{kv_stream}.>",
-        f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>",
+        f"{api}.CONSUMER.CREATE.{kv_stream}.*.{own_keys}",
+        f"{api}.DIRECT.GET.{kv_stream}.{own_keys}",
+        own_keys,
     ]
     for bucket in role.object_stores:
         obj_stream = f"OBJ_{bucket}"
@@ -555,6 +563,7 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "ACTION_CHANNELS",
     "ANY",
     "MODEL_BUCKET",
     "OPERATOR",
@@ -570,6 +579,7 @@ __all__ = [
     "SettingsError",
     "authorization_config",
     "default_partitions",
+    "dispatch_durable",
     "expand",
     "inbox_prefix",
     "new_password",

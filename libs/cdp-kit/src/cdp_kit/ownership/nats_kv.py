@@ -8,21 +8,27 @@ the decided percentile values, `cdp_segmentation.summaries`); the lease keys nev
 when the key is absent, `update(..., last=revision)` only when nobody wrote since that revision.
 Expiry is the protocol's (a revision unchanged for the TTL), not the bucket's, so the bucket keeps no
 per-key TTL and a member's clock never has to agree with the server's.
+
+The bucket is shared, its keys are not: each service's NATS user may reach only `<its service>.…` keys
+(`cdp_kit.natsauth`), and the store lists and reads them through subjects that name the group
+(`group_kv.GroupKv`), never through a watch, whose consumer names its filter where permissions cannot
+see it. Buckets and keys are those of earlier versions, so a running platform needs no migration.
 """
 
 from __future__ import annotations
 
 import re
 
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 
+from cdp_kit.ownership.group_kv import GroupKv
 from cdp_kit.ownership.leased import Lease, LeasedOwnership, Revision
 
 _KEY_PART = re.compile(r"^[-_=a-zA-Z0-9]+$")
 
 
 class NatsKvLeaseStore:
-    def __init__(self, kv, group: str) -> None:
+    def __init__(self, kv: GroupKv, group: str) -> None:
         for name, value in (("group", group),):
             if not _KEY_PART.match(value):
                 raise ValueError(f"{name} {value!r} may hold only letters, digits, '-', '_' and '='")
@@ -31,30 +37,15 @@ class NatsKvLeaseStore:
 
     @classmethod
     async def open(cls, js, group: str, *, bucket: str = "CDP_OWNERSHIP") -> NatsKvLeaseStore:
-        try:
-            kv = await js.key_value(bucket)
-        except BucketNotFoundError:
-            # Two members racing to create the bucket both succeed: the config is the same.
-            kv = await js.create_key_value(bucket=bucket, history=1, description="cdp partition ownership")
-        return cls(kv, group)
+        return cls(await GroupKv.open(js, bucket, group, description="cdp partition ownership"), group)
 
     async def _snapshot(self, section: str) -> dict[str, object]:
         prefix = f"{self.group}.{section}."
-        watcher = await self.kv.watch(prefix + ">")
-        entries: dict[str, object] = {}
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break  # the watcher's marker: every current value has been delivered
-                if entry.operation in ("DEL", "PURGE"):
-                    entries.pop(entry.key[len(prefix) :], None)
-                else:
-                    entries[entry.key[len(prefix) :]] = entry
-                if entry.delta == 0:
-                    break
-        finally:
-            await watcher.stop()
-        return entries
+        return {
+            key[len(prefix) :]: entry
+            for key, entry in (await self.kv.scan(prefix + ">")).items()
+            if entry.operation not in ("DEL", "PURGE")
+        }
 
     async def members(self) -> dict[str, Revision]:
         return {identity: entry.revision for identity, entry in (await self._snapshot("members")).items()}
