@@ -140,3 +140,21 @@ def test_a_models_live_version_changes_only_with_replace_and_what_no_rpc_can_do_
 
     status, detail = plan(MODEL, None, replace=True)
     assert status == MANUAL and "deploy its ONNX files" in detail
+
+
+def test_export_without_a_running_platform_names_the_services_it_needs(bus_cli):
+    result = CliRunner().invoke(main, ["--home", str(bus_cli.home), "definitions", "export"])
+    assert result.exit_code == 1
+    assert "no running platform with profile, segmentation, scoring, orchestration, identity, crm" in result.output
+
+
+def test_a_computed_trait_a_model_here_reads_is_never_redefined_and_a_broken_one_names_its_field():
+    services = Services({}, (), model_traits={"orders_90d"})
+    trait = {"name": "orders_90d", "op": "count", "event_names": ["Order Completed"], "window": "90d"}
+    apply = Apply(services, dry_run=False, replace=True)
+    [outcome] = asyncio.run(apply.computed_traits([trait], []))
+    assert outcome.status == CONFLICTING and "scoring defines it at every start" in outcome.detail
+
+    broken = {"name": "big_orders", "op": "count", "windw": "90d"}
+    [outcome] = asyncio.run(apply.computed_traits([broken], []))
+    assert outcome.status == "failed" and "windw" in outcome.detail

@@ -58,6 +58,14 @@ async def _with_services(ws: Workspace, work: Callable[[Any], Awaitable[T]]) -> 
         "identity": identity_pb2_grpc.IdentityServiceStub,
         "crm": crm_pb2_grpc.CrmServiceStub,
     }
+    services = (ws.read_run() or {}).get("services", {})
+    missing = [name for name in stub_classes if not (services.get(name) or {}).get("grpc")]
+    if missing:
+        raise click.ClickException(
+            f"no running platform with {', '.join(missing)} found ({ws.run_file}): definitions are read from and "
+            "written to profile, segmentation, scoring, orchestration, identity and crm; start it with `make up`, "
+            "or name its folder with --home"
+        )
     async with contextlib.AsyncExitStack() as stack:
         stubs = {}
         for service, stub_class in stub_classes.items():
@@ -78,7 +86,9 @@ async def _read_all(services, progress: Callable[[str], None], what: str) -> dic
             sections[kind] = await reader(services)
         except grpc.aio.AioRpcError as exc:
             failed = rpc_error(exc)
-            raise click.ClickException(f"{LABELS[kind]}: {SERVICES[kind]} refused {what}: {failed.message}") from None
+            raise click.ClickException(
+                f"{LABELS[kind]}: could not read them from {SERVICES[kind]}: {failed.message}"
+            ) from None
         count = sections[kind] if isinstance(sections[kind], list) else [v for v in sections[kind].values() if v]
         progress(f"{LABELS[kind]}: {len(count)} {what}")
     return sections

@@ -100,21 +100,31 @@ class Apply:
         from cdp.profile.v1 import profile_pb2
 
         async def define(entry) -> str:
-            definition = json_format.ParseDict(entry, profile_pb2.ComputedTraitDefinition())
+            try:
+                definition = json_format.ParseDict(entry, profile_pb2.ComputedTraitDefinition())
+            except json_format.ParseError as exc:
+                raise _Refused(f"not a computed-trait definition: {exc}") from None
             await self.call(
                 "profile", "DefineComputedTrait", profile_pb2.DefineComputedTraitRequest(definition=definition)
             )
             return "backfilling from the retained timelines"
 
         async def replace(entry, current, fields) -> Outcome:
-            detail = f"{', '.join(fields)} changed"
-            if not self.dry_run:
-                await define(entry)
-            return Outcome(
-                "computed_traits", entry["name"], REPLACED, detail if not self.dry_run else "would " + detail
-            )
+            if self.dry_run:
+                return Outcome("computed_traits", entry["name"], REPLACED, f"would change {', '.join(fields)}")
+            await define(entry)
+            return Outcome("computed_traits", entry["name"], REPLACED, f"{', '.join(fields)} changed; backfilling")
 
-        return await self.each("computed_traits", wanted, present, define, replace)
+        # A model deployed here reads a trait of that name: scoring defines it again at every start, so a
+        # definition from the document would not last (and would change what the model reads meanwhile).
+        owned = [e["name"] for e in wanted if e["name"] in self.services.model_traits]
+        why = (
+            "a model deployed here reads computed.{} and scoring defines it at every start: rename it in the "
+            "document (and what reads it), or leave the name to the model"
+        )
+        outcomes = [Outcome("computed_traits", name, CONFLICTING, why.format(name)) for name in owned]
+        rest = [e for e in wanted if e["name"] not in self.services.model_traits]
+        return outcomes + await self.each("computed_traits", rest, present, define, replace)
 
     # --- segments --------------------------------------------------------------------------------------
 
