@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -196,6 +197,9 @@ async def world_factory(nats_server, tmp_path):
 
 
 WRITE_KEY = "crm-key"
+# The collector's (and Segment's) limits: an event of more than 32 KB is refused, a request of more than 500 KB.
+MAX_EVENT_BYTES = 32 * 1024
+MAX_BATCH_BYTES = 500 * 1024
 
 
 class CollectorStandIn:
@@ -211,7 +215,7 @@ class CollectorStandIn:
         self.held = asyncio.Event()
         self.released = asyncio.Event()
         self.url = ""
-        app = web.Application()
+        app = web.Application(client_max_size=4 * MAX_BATCH_BYTES)  # over the limit: its own 413, as the collector's
         app.router.add_post("/v1/batch", self.batch)
         self.runner = web.AppRunner(app)
 
@@ -225,12 +229,21 @@ class CollectorStandIn:
             self.held.set()
             await self.released.wait()  # the poller is killed while waiting; nothing of this post is stored
             return web.json_response({"success": False, "code": "unavailable"}, status=503)
+        body = await request.read()
+        if len(body) > MAX_BATCH_BYTES:
+            return web.json_response({"success": False, "code": "request_too_large"}, status=413)
         self.posts += 1
-        for event in (await request.json())["batch"]:
+        batch, rejected = orjson.loads(body)["batch"], []
+        for event in batch:
+            if len(orjson.dumps(event)) > MAX_EVENT_BYTES:
+                rejected.append({"messageId": event["messageId"], "code": "event_too_large"})
+                continue
             if event["messageId"] in self.stored:
                 self.duplicates += 1
             else:
                 self.stored[event["messageId"]] = event
+        if rejected:  # the others are stored, as the collector does
+            return web.json_response({"success": False, "code": "invalid_events", "rejected": rejected}, status=400)
         return web.json_response({"success": True})
 
     def events(self, name: str | None = None, kind: str = "track") -> list[dict]:

@@ -48,6 +48,7 @@ import orjson
 from cdp_crm.adapters.http import Answer
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
+from cdp_crm.inbound.sizes import fit
 from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS
 from cdp_kit.storage import Store
 
@@ -89,8 +90,11 @@ class Collector:
                 headers={"Authorization": self._auth},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
             ) as response:
-                body = await response.json(content_type=None)
                 status = response.status
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:  # not JSON: a proxy's or the web server's own error page
+                    body = None
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise CollectorRefused(type(exc).__name__) from None
         if status == 200:
@@ -487,7 +491,13 @@ class Poller:
             identify = self._identify(change, context, anonymous, timestamp, written or {})
             if identify is not None:
                 events.append(identify)
-        return events
+        fitting = [f for e in events if (f := fit(e)) is not None]
+        if len(fitting) < len(events):
+            log.warning(
+                "crm change too large for an event",
+                extra={"connection": conn, "object": change.obj, "crm_id": change.record_id},
+            )
+        return fitting
 
     def _identify(
         self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None, written: dict[str, Any]
