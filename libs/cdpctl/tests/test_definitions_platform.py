@@ -19,6 +19,8 @@ import grpc
 import pytest
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_testing.onnx_models import logistic_model
 from cdp_testing.platform_run import CDPCTL, RunningPlatform
 
 pytestmark = pytest.mark.timeout(600)
@@ -88,6 +90,25 @@ def define_everything(platform: RunningPlatform, tmp_path: Path) -> None:
     journey(platform, tmp_path, "create", IDEA)
 
 
+def deploy_toy_model(platform: RunningPlatform) -> None:
+    """The same two files on both platforms (a model's files are not in the document: no RPC gives them),
+    version 2.0.0 live."""
+    features = [{"name": "x", "path": "traits.toy_x", "default": 0}]
+    with grpc.insecure_channel(platform.grpc_address("scoring")) as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        for version in ("1.0.0", "2.0.0"):
+            onnx = logistic_model("toy", version, features=features, score="toy_score")
+            request = scoring_pb2.DeployModelRequest(onnx=onnx, role=scoring_pb2.ROLE_LIVE)
+            stub.DeployModel(request, metadata=platform.admin_metadata, timeout=60)
+
+
+def roll_back_toy_model(platform: RunningPlatform) -> None:
+    with grpc.insecure_channel(platform.grpc_address("scoring")) as channel:
+        scoring_pb2_grpc.ScoringServiceStub(channel).Rollback(
+            scoring_pb2.RollbackRequest(name="toy"), metadata=platform.admin_metadata, timeout=60
+        )
+
+
 def without_crm_urls(document: dict) -> dict:
     """Both platforms run on one machine, so their local CRMs listen on different ports: the one field of
     the document that differs because of where a platform runs, not what people defined."""
@@ -133,6 +154,8 @@ def outcomes(done: subprocess.CompletedProcess) -> dict[tuple[str, str], dict]:
 def test_definitions_exported_from_one_platform_are_the_same_on_a_fresh_one_after_import(platforms, tmp_path):
     old, fresh = platforms
     define_everything(old, tmp_path)
+    deploy_toy_model(old)
+    deploy_toy_model(fresh)
     exported = tmp_path / "definitions.yaml"
     done = cdpctl(old, "definitions", "export", "--out", str(exported))
     for line in ("computed traits: 1 exported", "segments: 2 exported", "journeys: 4 exported"):
@@ -195,21 +218,38 @@ def test_definitions_exported_from_one_platform_are_the_same_on_a_fresh_one_afte
 
     # Changed on the fresh platform: conflicting, and left as it is until --replace.
     cdpctl(fresh, "journey", "resume", "vip-care")
+    roll_back_toy_model(fresh)
     changed = tmp_path / "changed.json"
     edited = json.loads(json.dumps(document))
     edited["segments"][0]["definition"] = "computed.big_orders_90d >= 2"
+    # A journey the service refuses is named with its version, node and field, and nothing of it is stored.
+    broken = json.loads(json.dumps(journeys["welcome"]))
+    for version in broken["versions"]:
+        version["id"] = "broken"
+    broken["id"], broken["versions"][1]["nodes"][0]["duration"] = "broken", "soon"
+    edited["journeys"].append(broken)
     changed.write_text(json.dumps(edited))
     third = outcomes(cdpctl(fresh, "definitions", "import", str(changed), "--json", check=False))
     assert third[("segments", "buyers")]["status"] == "conflicting"
     assert "definition" in third[("segments", "buyers")]["detail"]
     assert third[("journeys", "vip-care")]["status"] == "conflicting"
     assert "state" in third[("journeys", "vip-care")]["detail"]
-    assert json.loads(cdpctl(fresh, "definitions", "export").stdout)["segments"][0]["definition"] == (
-        "computed.big_orders_90d >= 1"
-    )
+    assert third[("models", "toy")]["status"] == "conflicting"
+    assert "--replace promotes 2.0.0" in third[("models", "toy")]["detail"]
+    assert third[("journeys", "broken")]["status"] == "failed"
+    assert third[("journeys", "broken")]["detail"].startswith("v2: nodes.later.duration: ")
+    kept = json.loads(cdpctl(fresh, "definitions", "export").stdout)
+    assert kept["segments"][0]["definition"] == "computed.big_orders_90d >= 1"
+    assert "broken" not in {j["id"] for j in kept["journeys"]}
+    assert {m["name"]: m["live_version"] for m in kept["models"]}["toy"] == "1.0.0"
+
     replaced = outcomes(cdpctl(fresh, "definitions", "import", str(changed), "--replace", "--json", check=False))
     assert replaced[("segments", "buyers")]["status"] == "replaced"
     assert replaced[("journeys", "vip-care")]["status"] == "replaced"
+    assert replaced[("models", "toy")] == {
+        "kind": "models", "name": "toy", "status": "replaced", "detail": "promoted 2.0.0 to live"
+    }  # fmt: skip
     now = json.loads(cdpctl(fresh, "definitions", "export").stdout)
     assert now["segments"][0]["definition"] == "computed.big_orders_90d >= 2"
     assert {j["id"]: j["state"] for j in now["journeys"]}["vip-care"] == "paused"
+    assert {m["name"]: m["live_version"] for m in now["models"]}["toy"] == "2.0.0"

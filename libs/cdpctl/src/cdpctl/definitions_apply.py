@@ -65,8 +65,10 @@ class Apply:
         present: list[dict[str, Any]],
         create: Callable[[dict[str, Any]], Awaitable[str]],
         replace: Callable[[dict[str, Any], dict[str, Any], list[str]], Awaitable[Outcome]] | None,
+        check: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
     ) -> list[Outcome]:
-        """Compare each wanted definition with the platform's; create the absent, replace on request."""
+        """Compare each wanted definition with the platform's; create the absent, replace on request. A dry
+        run still has the service check what it would create, when it can without storing (`check`)."""
         key = KEYS[kind]
         there = {entry[key]: entry for entry in present}
         outcomes = []
@@ -75,6 +77,8 @@ class Apply:
             current = there.get(name)
             try:
                 if current is None:
+                    if self.dry_run and check is not None:
+                        await check(entry)
                     detail = "" if self.dry_run else await create(entry)
                     outcomes.append(
                         Outcome(kind, name, CREATED, detail or ("would be created" if self.dry_run else ""))
@@ -251,7 +255,10 @@ class Apply:
     # --- journeys ------------------------------------------------------------------------------------
 
     async def journeys(self, wanted, present) -> list[Outcome]:
-        return await self.each("journeys", wanted, present, self._create_journey, self._replace_journey)
+        async def check(entry) -> None:
+            await self._validate(entry["id"], [*entry["versions"], *([entry["draft"]] if entry.get("draft") else [])])
+
+        return await self.each("journeys", wanted, present, self._create_journey, self._replace_journey, check)
 
     async def _journey(self, rpc: str, journey_id: str, definition: dict[str, Any] | None = None) -> str:
         """One lifecycle call; the journey's state after it."""
