@@ -4,10 +4,9 @@ definitions document (definitions_document.py). `cdpctl definitions export` writ
 
 Left out on purpose: computed traits a segment or a journey reads (`seg_<hash>`: their segment or journey
 defines them again) and those a deployed model reads (scoring defines them again at every start);
-identity's
-quarantines (an identifier value is customer data, and `ListQuarantined` does not tell a hand-set one
-from one the rules set). What an API cannot give is listed in the document's `not_included`, with the
-service and the RPC that is missing.
+identity's quarantines (an identifier value is customer data, and `ListQuarantined` does not tell a
+hand-set one from one the rules set). What an API cannot give is listed in the document's
+`not_included`, with the service and the RPC that is missing.
 """
 
 from __future__ import annotations
