@@ -9,10 +9,11 @@ after it was read again."""
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
-from cdp_crm.inbound import HubSpotPoller
+from cdp_crm.inbound import CrmReadFailed, HubSpotPoller
 from cdp_crm.inbound.sizes import EVENT_BYTES
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
@@ -63,3 +64,31 @@ async def test_a_record_too_large_for_an_event_is_cut_to_fit_and_blocks_nothing_
         assert identify["traits"] == {"email": "ada@example.com", "last_name": "Lovelace"}
         for event in collector.stored.values():
             assert len(orjson.dumps(event)) <= EVENT_BYTES
+
+
+async def test_an_object_the_crm_refuses_to_read_does_not_stop_the_others(store, session, collector):
+    # A private app without the tickets scope (HubSpot answers 403 MISSING_SCOPES to every tickets search):
+    # before, the poll stopped at tickets, the first object, and no contact, task or deal was read again.
+    async with HubSpotEmulator() as hubspot:
+        poller = _poller(store, session, hubspot, collector)
+        await poller.poll()
+        search = poller.reader._search
+
+        async def refused(obj, since, after):
+            if obj == "tickets":
+                raise CrmReadFailed("hubspot search tickets answered 403")
+            return await search(obj, since, after)
+
+        poller.reader._search = refused
+        hubspot.clock.advance(5)
+        hubspot.user_create("tickets", {"subject": "unreadable", "hs_pipeline_stage": "1"})
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com", "lastname": "Lovelace"})
+        hubspot.clock.advance(1)
+        with pytest.raises(CrmReadFailed):  # still said: the run loop logs it, and reads tickets again next turn
+            await poller.poll()
+        assert [e["properties"]["crm_id"] for e in collector.events("CRM Contact Created")] == [ada["id"]]
+        assert collector.events("CRM Ticket Opened") == []
+
+        poller.reader._search = search  # the scope granted: the ticket comes in from its cursor
+        await poller.poll()
+        assert [e["properties"]["subject"] for e in collector.events("CRM Ticket Opened")] == ["unreadable"]

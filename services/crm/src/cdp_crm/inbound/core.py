@@ -315,9 +315,23 @@ class Poller:
         """Post every change since the cursors (of `objects` only, when given); returns how many events
         were posted."""
         posted = 0
+        failed: Exception | None = None
         for obj in self.objects:
             if objects is None or obj in objects:
-                posted += await self._poll_object(obj)
+                try:
+                    posted += await self._poll_object(obj)
+                except CollectorRefused:
+                    raise  # the collector is every object's: the others would fail the same way
+                except Exception as exc:
+                    # One object the CRM will not let us read (a missing scope, an answer we cannot use)
+                    # must not stop the others: they are read, and this one again from its cursor next turn.
+                    extra = {"connection": self.connection.id, "object": obj, "error": type(exc).__name__}
+                    if isinstance(exc, CrmReadFailed):
+                        extra["reason"] = str(exc)
+                    log.warning("reading crm changes of an object failed", extra=extra)
+                    failed = failed or exc
+        if failed is not None:
+            raise failed
         return posted
 
     def _key(self, obj: str, record_id: str | None = None) -> str:
