@@ -184,6 +184,20 @@ class FakeOrchestration(orchestration_pb2_grpc.OrchestrationServiceServicer):
 
     async def ListDecisions(self, request, context):
         self.requests.append(request)
+        if request.person_id == "p-held":
+            # What orchestration lists first for an action waiting for the profile (no decision yet).
+            held = pb.Decision(
+                action_id="act-3",
+                journey_id="abandoned-cart",
+                person_id=request.person_id,
+                channel="email",
+                kind=pb.DECISION_KIND_DEFERRED,
+                reason="held: waiting for the profile to apply the person's latest event (no decision yet)",
+                rule="profile_wait",
+            )
+            held.until.FromSeconds(1_790_000_600)
+            held.decided_at.FromSeconds(1_790_000_000)
+            return pb.ListDecisionsResponse(decisions=[held])
         decided = pb.Decision(
             action_id="act-2",
             journey_id="renewal",
@@ -392,3 +406,13 @@ async def test_the_instances_table_shows_whole_ids(orchestration):
     assert result.exit_code == 0, result.output
     assert instance in result.output and person in result.output, result.output
     assert "exit_rule:purchased" in result.output.replace("\n", "").replace("│", "").replace(" ", ""), result.output
+
+
+async def test_decisions_show_an_action_held_for_the_profile_as_held_with_its_latest_time(orchestration):
+    _fake, home = orchestration
+    result = await cdpctl(home, "decisions", "p-held")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "held" in output and "waiting for the profile" in output and "profile_wait" in output
+    assert "act-3" in output and "deferred" not in output
+    assert "decided by" in output and "at the latest" in output

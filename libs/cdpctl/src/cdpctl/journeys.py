@@ -565,6 +565,10 @@ reject = _decide("reject", "RejectAction", "Drop a held action for good (recorde
 # ------------------------------------------------------------------------------- decisions and inbox
 
 
+# The rule orchestration names for an action held until the profile applies the person's latest event.
+HELD_FOR_PROFILE = "profile_wait"
+
+
 @click.command()
 @click.argument("person", nargs=-1, required=True)
 @click.option("--journey", "journey_id", default="", help="only this journey's actions")
@@ -583,7 +587,8 @@ def decisions(
     as_json: bool,
     address,
 ) -> None:
-    """Why did (or didn't) a person (PERSON_ID, or TYPE VALUE) get a message: every arbiter decision, newest first."""
+    """Why did (or didn't) a person (PERSON_ID, or TYPE VALUE) get a message: every arbiter decision, newest
+    first, after the actions held now for the profile (`held`: no decision yet)."""
     person_id = asyncio.run(_person_id(ws, identity_address, person))
 
     async def work(stub, md):
@@ -616,7 +621,13 @@ def decisions(
         kind = _enum(d.get("kind", ""), "DECISION_KIND_")
         colour = {"sent": "green", "deferred": "yellow", "awaiting_approval": "yellow"}.get(kind, "red")
         reason = d.get("reason", "")
-        if d.get("until") and "until" not in reason:
+        if d.get("rule") == HELD_FOR_PROFILE:
+            # Not a decision yet: the arbiter waits for the profile to apply the person's latest event, and
+            # decides when it has, or at `until` on the fields it knows (reason profile_unavailable).
+            kind = "held"
+            if d.get("until"):
+                reason += f"; decided by {_short(d['until'])} at the latest"
+        elif d.get("until") and "until" not in reason:
             reason += f" (until {_short(d['until'])})"
         table.add_row(
             _short(d.get("decidedAt")),
