@@ -195,3 +195,28 @@ async def test_a_stop_that_comes_with_a_webhooks_wake_up_stops_the_reader():
         done, _ = await asyncio.wait({reader}, timeout=5)
         assert done, "the reader ran on after its cancellation"
         assert reader.cancelled()
+
+
+@pytest.mark.parametrize("timestamp", ["9" * 5000, "١٢٣٤٥", "-1", "1e12", ""])
+async def test_a_webhook_with_a_timestamp_that_is_no_time_is_refused_as_stale_not_an_error(timestamp):
+    """A 5,000-digit timestamp passed isdigit() and made int() raise (Python's digit limit): the handler
+    answered 500 with a traceback in the log, for anyone who can reach the port."""
+    (connection,) = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        poller = Poller(store, connection, SimpleNamespace(objects=("contacts",)), None, objects=("contacts",))
+        hooks = HubSpotWebhooks({"hubspot": (poller, "app-secret")})
+        runner = web.AppRunner(hooks.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hubspot"
+        try:
+            async with aiohttp.ClientSession() as session:
+                headers = {"X-HubSpot-Signature-v3": "AAAA", "X-HubSpot-Request-Timestamp": timestamp}
+                async with session.post(url, data=b"[]", headers=headers) as response:
+                    assert response.status == 401
+                    assert "X-HubSpot-Request-Timestamp" in (await response.json())["message"]
+            assert not poller.woken.is_set()
+        finally:
+            await runner.cleanup()
