@@ -17,6 +17,7 @@ cdpctl up / status                                                              
 cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
 cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
 cdpctl identity model show / export FILE      the matching model: m, u, weights, λ, EM   (identity.py)
+cdpctl definitions export [--out FILE] / import FILE [--dry-run] [--replace]      (definitions.py)
 
 Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
 """
