@@ -420,3 +420,22 @@ async def test_identifier_shared_events_ride_the_outbox_with_the_graph_change():
             if item.event.event == "Identifier Shared"
         ]
         assert [dict(item.shared_with) for item in told] == [{"device_id": 1}]
+
+
+async def test_an_event_dated_in_the_future_is_placed_at_its_arrival(engine):
+    # Stored before the collector capped the event time (a replay, a backfill): identity's lineage - when
+    # a person was created, when an identifier joined it - must not lie in the year 9999. Past times stay.
+    received_ms = 1_795_000_000_000
+    future = identify("late", "u-future", "a-future")
+    future.timestamp.FromMilliseconds(253_402_300_799_000)  # 9999-12-31
+    future.received_at.FromMilliseconds(received_ms)
+    past = identify("early", "u-past", "a-past")
+    past.timestamp.FromMilliseconds(received_ms - 86_400_000)
+    past.received_at.FromMilliseconds(received_ms)
+    await engine.handle([StreamDelivery(future, "events.raw.3", 1), StreamDelivery(past, "events.raw.3", 2)])
+
+    future_person = engine.graph.persons[engine.graph.person_of("user_id:u-future")]
+    assert future_person.created_at == received_ms
+    assert engine.graph.identifiers["anonymous_id:a-future"].first_seen == received_ms
+    past_person = engine.graph.persons[engine.graph.person_of("user_id:u-past")]
+    assert past_person.created_at == received_ms - 86_400_000

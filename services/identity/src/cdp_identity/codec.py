@@ -129,9 +129,17 @@ def resolved_messages(grouped: dict[int, list[tuple[str, bytes]]]) -> list[OutMe
 
 
 def event_time_ms(event: events_pb2.Event) -> int:
-    """When the event happened (its own timestamp, else when the collector received it), epoch ms."""
-    stamp = event.timestamp if event.HasField("timestamp") else event.received_at
-    return timestamps.to_ms(stamp) or int(time.time() * 1000)
+    """When the event happened (its own timestamp, else when the collector received it), epoch ms; never
+    later than its arrival.
+
+    The collector caps `timestamp` at `received_at`; an event stored before it did (read again by a
+    replay or a backfill) may carry a time from the future, which would date a person's creation, an
+    identifier's joining and the merges it causes there. Earlier times are kept."""
+    received = timestamps.to_ms(event.received_at) if event.HasField("received_at") else 0
+    at = timestamps.to_ms(event.timestamp) if event.HasField("timestamp") else received
+    if received and at > received:
+        at = received
+    return at or int(time.time() * 1000)
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:
