@@ -463,3 +463,31 @@ def test_hubspot_webhooks_need_the_apps_secret_and_developer_key():
     document["connections"][0]["credentials"] |= {"client_secret": "HS_SECRET", "developer_key": "HS_DEV_KEY"}
     (connection,) = parse_connections(document)
     assert connection.webhooks.target_url == "http://127.0.0.1:8035/webhooks/hubspot/hs"
+
+
+def _dated(transform):
+    document = _document(
+        fields={"email": "traits.email", "firstname": {"source": "traits.signup", "transform": transform}}
+    )
+    (connection,) = parse_connections(document)
+    return connection.mapping("contacts")
+
+
+@pytest.mark.parametrize("value", [-1e18, 1e300, float("inf"), float("nan"), 1e18, "99999-01-01", "garbage"])
+@pytest.mark.parametrize("transform", ["date", "datetime"])
+def test_a_time_no_calendar_holds_is_missing_never_an_error_that_stops_the_batch(value, transform):
+    # Traits come from any SDK client: `-1e18` made datetime.fromtimestamp raise OSError, which the
+    # projection did not expect, so one person's trait raised out of the connector's whole batch.
+    projection = project(
+        _dated(transform), Source("person-1", {"traits.email": "a@example.com", "traits.signup": value})
+    )
+    assert isinstance(projection, Projection) and "firstname" not in projection.fields
+
+
+def test_a_time_with_an_offset_is_written_in_utc():
+    # "10:00+02:00" was written as "10:00Z": two hours off, and a day off near midnight.
+    source = Source("person-1", {"traits.email": "a@example.com", "traits.signup": "2026-05-01T01:30:00+02:00"})
+    assert project(_dated("datetime"), source).fields["firstname"] == "2026-04-30T23:30:00Z"
+    assert project(_dated("date"), source).fields["firstname"] == "2026-04-30"
+    early = Source("person-1", {"traits.email": "a@example.com", "traits.signup": "0099-01-01T00:00:00Z"})
+    assert project(_dated("datetime"), early).fields["firstname"] == "0099-01-01T00:00:00Z"

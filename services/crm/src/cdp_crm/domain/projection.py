@@ -192,8 +192,9 @@ def _apply(transform: Transform, value: Any) -> Any:
             moment = _moment(value)
             if moment is None:
                 return None
-            return moment.date().isoformat() if name == "date" else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-    except (TypeError, ValueError, OverflowError):
+            moment = moment.astimezone(dt.UTC)  # "10:00+02:00" is 08:00Z, not 10:00Z
+            return moment.date().isoformat() if name == "date" else moment.isoformat(timespec="seconds")[:19] + "Z"
+    except (TypeError, ValueError, OverflowError, OSError):  # OSError: fromtimestamp(-1e18)
         return None
     raise AssertionError(f"unknown transform {name}")  # validation admits only the names above
 
