@@ -58,13 +58,13 @@ def change_messages(
             for name, score in change.scores.items():
                 if score is not None:
                     scores[name] = score
-        if change.event_ids:
-            message.event_ids.extend(change.event_ids)
         if change.relisted:
-            # A duplicate's id, listed again with nothing changed (`ProfileChange.relisted`): a reader
-            # waiting for the profile to cover the person's latest event finds it here. After the applied
-            # ids: the profile applied the duplicate after them.
-            message.event_ids.extend(change.relisted)
+            # A duplicate's id, listed again with nothing changed (`ProfileChange.relisted`), among the applied
+            # ones in the order the profile met them: a reader waiting for the profile to cover the person's
+            # latest event finds it here.
+            message.event_ids.extend(change.listed())
+        elif change.event_ids:
+            message.event_ids.extend(change.event_ids)
         if change.merged:
             message.merged.extend(change.merged)
         if change.split_from:

@@ -39,6 +39,9 @@ class ProfileChange:
     timeline_removed: list[TimelineEntry] = field(default_factory=list)
     event_ids: list[str] = field(default_factory=list)
     relisted: list[str] = field(default_factory=list)  # duplicates of events applied before (see above)
+    # Per relisted id, how many of `event_ids` were applied before it: the ids are published in the order
+    # they were applied (a reader keeps the ids listed after the latest event it saw as still to come).
+    relisted_after: list[int] = field(default_factory=list)
     merged: list[str] = field(default_factory=list)  # origin person ids absorbed
     split: list[str] = field(default_factory=list)  # origin person ids moved out
     # Set by the engine on the changes it publishes for a whole profile: absorbed into / restored from
@@ -64,6 +67,18 @@ class ProfileChange:
             or self.removed
         )
 
+    def listed(self) -> list[str]:
+        """Every event id the change lists, applied or relisted, in the order the profile met them."""
+        if not self.relisted:
+            return self.event_ids
+        out, applied = [], 0
+        for event_id, after in zip(self.relisted, self.relisted_after, strict=True):
+            out.extend(self.event_ids[applied:after])
+            applied = max(applied, after)
+            out.append(event_id)
+        out.extend(self.event_ids[applied:])
+        return out
+
     @property
     def publishable(self) -> bool:
         """Whether `profiles.changed` should carry it: something changed, or a duplicate is listed again."""
@@ -84,8 +99,11 @@ class ProfileChange:
         self.scores.update(later.scores)
         _fold_timeline(self.timeline_added, self.timeline_removed, later.timeline_added)
         _fold_timeline(self.timeline_removed, self.timeline_added, later.timeline_removed)
+        if later.relisted:
+            applied = len(self.event_ids)
+            self.relisted.extend(later.relisted)
+            self.relisted_after.extend(applied + after for after in later.relisted_after)
         self.event_ids.extend(later.event_ids)
-        self.relisted.extend(later.relisted)
         self.merged.extend(later.merged)
         self.split.extend(later.split)
         self.merged_into = later.merged_into or self.merged_into
@@ -105,6 +123,7 @@ class ProfileChange:
             "timeline_removed": [entry.to_doc() for entry in self.timeline_removed],
             "event_ids": list(self.event_ids),
             "relisted": list(self.relisted),
+            "relisted_after": list(self.relisted_after),
             "merged": list(self.merged),
             "split": list(self.split),
             "merged_into": self.merged_into,

@@ -302,11 +302,13 @@ class Profile:
         if single:
             if event_id in self._root.seen:
                 change.relisted.append(event_id)
+                change.relisted_after.append(0)
                 return change
             part = self._root
         else:
             if self._seen(event_id):
                 change.relisted.append(event_id)
+                change.relisted_after.append(0)
                 return change
             part = self._attribute(event.identifiers)
         kind = event.type
