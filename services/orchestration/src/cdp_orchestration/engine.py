@@ -54,6 +54,8 @@ person's wake decides it at `Rules.profile_wait` on the fields held, its reason 
 `profile_unavailable`. Noting an event costs no store read nor write of its own.
 
 Metrics: `cdp.orchestration.decisions` (by kind), `cdp.orchestration.actions` (published, by channel),
+`cdp.orchestration.held` (gauge: actions held for the profile now), `cdp.orchestration.held.expired`
+(actions decided on lagging fields because their `profile_wait` ran out, by kind),
 `cdp.orchestration.entries` (instances started, by journey), `cdp.orchestration.timer.lateness` (ms from
 a timer's due time to the server storing its fire: what message schedules cost under load); the engine's
 own per-stage metrics come from the kit.
@@ -127,12 +129,22 @@ class OrchestrationLogic:
         meter = meter or metrics.get_meter("cdp.orchestration")
         self.watched_events = rules.watched_events  # a property that builds the set each time it is read
         self.applier = Applier(store, journeys, rules, clock_offset=clock_offset, meter=meter)
+        meter.create_observable_gauge(
+            "cdp.orchestration.held",
+            callbacks=[self._observe_held],
+            unit="{action}",
+            description="actions held until the profile applies the person's latest event (no decision yet), "
+            "of the persons this replica has read since it started",
+        )
         self.m_lateness = meter.create_histogram(
             "cdp.orchestration.timer.lateness",
             unit="ms",
             description="time from a durable timer's due time to the server storing its fire",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_MS,
         )
+
+    def _observe_held(self, _options: Any) -> list[metrics.Observation]:
+        return [metrics.Observation(sum(sum(hot.holding.values()) for hot in list(self.hot.values())))]
 
     # --- decode ------------------------------------------------------------------------------------------
 
@@ -189,14 +201,15 @@ class OrchestrationLogic:
         if kind == "event":
             resolved: ResolvedInput = one.data
             # Until the profile's change for this event arrives, the fields lag behind it (see "Ordering" above).
-            person.saw_event(resolved.profile_id, now)
+            if person.saw_event(resolved.profile_id, now):
+                await self._release_held(hot, batch, person, now)
             self._learn_ids(batch, person, resolved)
             # Most events reach a person no instance of whom waits on anything, under a name no journey enters
             # on and the arbiter does not watch: their identifiers are all they give, and their properties and
             # context are never read (`inputs.ResolvedInput`).
             watched = resolved.name in self.watched_events
             if not (watched or person.live or self.journeys.entering_on_event(resolved.name)):
-                return self._after(batch, person, now)
+                return self._after(hot, batch, person, now)
             event = resolved.event()
             if watched:
                 state = arbiter.observe(person.state, event, self.rules)  # type: ignore[arg-type]
@@ -227,7 +240,7 @@ class OrchestrationLogic:
             # value moved (`_update_fields`).
             if _update_fields(person.fields, updates) or removed or merged or split_from:
                 person.dirty = True
-            caught_up = person.profile_applied(event_ids) if event_ids else False
+            caught_up = person.profile_applied(event_ids, now) if event_ids else False
             if merged:
                 request_handovers(self.partitions, batch, person.person_id, merged, now)
             if split_from:
@@ -250,11 +263,8 @@ class OrchestrationLogic:
                     del person.slots[journey_id]
             else:
                 await self.applier.profile_changed(hot, batch, person, now)
-                state = person.state
-                if caught_up and state is not None and any(held.profile for held in state.deferred):
-                    # Actions waiting for these fields are decided now (see "Ordering" above).
-                    ruling = arbiter.release(state, person.view(), self.rules, now)
-                    await self.applier.rule(hot, batch, person, ruling, now)
+                if caught_up:
+                    await self._release_held(hot, batch, person, now)
         elif kind == "timer":
             instance = person.live.get(one.data["i"])
             if instance is not None:
@@ -296,11 +306,25 @@ class OrchestrationLogic:
             await adopt(self.applier, hot, batch, person, one.data, now)
         elif kind == "restore":
             await give_back(self.applier, self.partitions, batch, person, one.data["restored"], now)
-        self._after(batch, person, now)
+        self._after(hot, batch, person, now)
 
-    def _after(self, batch: Batch, person: Person, now: float) -> None:
-        """What every input ends with: instances whose goal window closed are let go, and the person's wake
-        timer follows their arbiter state."""
+    async def _release_held(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
+        """The fields caught up with the person's events: actions waiting for them are decided now (see
+        "Ordering" above)."""
+        state = person.state
+        if state is not None and any(held.profile for held in state.deferred):
+            await self.applier.rule(hot, batch, person, arbiter.release(state, person.view(), self.rules, now), now)
+
+    def _after(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
+        """What every input ends with: instances whose goal window closed are let go, the person's wake
+        timer follows their arbiter state, and the actions they have held for the profile are counted
+        (`cdp.orchestration.held`)."""
+        state = person.state
+        held = sum(1 for h in state.deferred if h.profile) if state is not None and state.deferred else 0
+        if held:
+            hot.holding[person.person_id] = held
+        elif hot.holding:
+            hot.holding.pop(person.person_id, None)
         if person.live:
             for instance in list(person.live.values()):
                 if instance.status is Status.ENDED and not instance.watching_goal(now):

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 from cdp_kit.bus import partition_for
 from cdp_kit.storage import Store
 from cdp_orchestration import actions, streams, timers
+from cdp_orchestration.domain import arbiter
 from cdp_orchestration.domain.arbiter import Held, PersonState, merge_states
 from cdp_orchestration.domain.instance import ExitRequest, Status
 from cdp_orchestration.domain.records import instance_from_record, instance_record, person_from_record, person_record
@@ -102,6 +103,11 @@ def handover(partitions: int, batch: Batch, person: Person, survivor: str, now: 
         "entered": dict(person.entered),
         "ids": dict(person.ids),
     }
+    if person.pending is not None:
+        # An event of theirs the profile has not listed yet: it applies it to the survivor (its merge is
+        # applied), so the survivor's fields lag behind it until the survivor's change lists it.
+        body["pending"] = list(person.pending)
+        person.caught_up()
     batch.messages.append(
         streams.command(
             partition_for(survivor, partitions), "adopt", body, f"adopt:{person.person_id}:{survivor}:{now!r}"
@@ -129,6 +135,11 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
         person.ids.setdefault(key, value)
     for journey_id, at in body["entered"].items():
         person.entered[journey_id] = max(at, person.entered.get(journey_id, at))
+    if body.get("pending"):
+        event_id, since = body["pending"]
+        mine = person.pending
+        # One id is kept (`Person.pending`): the receiver's own latest, else theirs; the earlier start wins.
+        person.pending = (mine[0], min(mine[1], since)) if mine is not None else (event_id, since)
     if body["arbiter"] is not None:
         person.state = merge_states(person.state or PersonState(receiver), person_from_record(body["arbiter"]))
         for held in person.state.awaiting:
@@ -163,6 +174,12 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
                 clock_offset=applier.clock_offset,
                 msg_id=f"moved:{receiver}:{timer.id}:{now!r}",
             )
+    state = person.state
+    if person.pending is None and state is not None and any(held.profile for held in state.deferred):
+        # Actions held for the profile where they were: the receiver's fields are the profile's after the
+        # merge (its change came before the hand-over was asked for), so they are decided now rather than
+        # at the end of `profile_wait`.
+        await applier.rule(hot, batch, person, arbiter.release(state, person.view(), applier.rules, now), now)
 
 
 def _remember(person: Person, body: dict) -> None:

@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -92,8 +92,10 @@ class Person:
     pending_written: bool = False  # the person record last written holds `pending`
     profiled: str = ""  # the last event id a profile change listed
     # Event ids profile changes listed before the events themselves reached the engine (sources interleave),
-    # so they do not start a wait when they come. Held in memory only, a few per person at most.
-    early: dict[str, None] | None = field(default=None, repr=False, compare=False)
+    # so they do not start a wait when they come: id -> the stream time of the change. A few per person at
+    # most, kept on the record (`early`) when it is written, so a restart or the hot cache letting the person
+    # go between the change and its event does not make the event wait `profile_wait`.
+    early: dict[str, float] | None = field(default=None, repr=False, compare=False)
     dirty: bool = False
     # A privacy deletion forgot the person (`privacy.forget`; a tombstone in the store): their record is
     # deleted, never written again, and what reaches the engine for them afterwards is dropped.
@@ -109,45 +111,75 @@ class Person:
             self.person_id, dict(self.fields), frozenset(self.segments), behind=pending[1] if pending else None
         )
 
-    def saw_event(self, event_id: str, at: float) -> None:
+    def saw_event(self, event_id: str, at: float) -> bool:
         """A resolved event of the person reached the engine at `at`: until a profile change lists it, the
         fields lag behind it. Per event, so in memory: the record carries since when they lag when it is
-        written anyway (an entry, new identifiers, an action held), never for this alone."""
+        written anyway (an entry, new identifiers, an action held), never for this alone. True when it ended
+        a lag (its change came first, and covers the events seen before it)."""
         if not event_id or event_id == self.profiled:
-            return  # the profile's change came first (or this is a copy of an event the profile applied)
+            return False  # the profile's change came first (or this is a copy of an event the profile applied)
         early = self.early
         if early and event_id in early:
             del early[event_id]
-            return
+            if self.pending is not None:
+                # Its change came before it, and the profile applies a person's events in the order they
+                # reach this engine: the events seen here before it are applied too, whether or not a change
+                # listing them arrived (one listed by a change whose ids overflowed `_EARLY`, a copy).
+                self.caught_up()
+                return True
+            return False
         pending = self.pending
         self.pending = (event_id, pending[1] if pending is not None else at)
+        return False
 
-    def profile_applied(self, event_ids: list[str]) -> bool:
-        """A profile change listed `event_ids`; whether the fields caught up with the person's events by it.
-        The profile applies a person's events in the order they were resolved, so the change listing the
-        latest one seen here covers the earlier ones too."""
+    def profile_applied(self, event_ids: list[str], at: float = 0.0) -> bool:
+        """A profile change listed `event_ids` (at stream time `at`); whether the fields caught up with the
+        person's events by it. The profile applies a person's events in the order they were resolved, so
+        the change listing the latest one seen here covers the earlier ones too."""
         if not event_ids:
             return False
         self.profiled = event_ids[-1]
         pending = self.pending
+        ahead = event_ids
         if pending is not None:
             # "": read back from the record, which keeps no event id: the next change of the person's events
             # ends it (a record rewritten for every event to keep the latest id would cost a write per event).
-            if pending[0] and pending[0] not in event_ids:
-                return False  # it applied earlier events of theirs only: the later one is still on its way
-            self.pending = None
-            if self.pending_written:
-                self.dirty = True
+            if pending[0]:
+                if pending[0] not in event_ids:
+                    return False  # it applied earlier events of theirs only: the later one is still on its way
+                # The ids it lists after the latest event seen here are events still on their way here: kept
+                # as early ones, so none of them starts a wait the change has already ended.
+                latest = len(event_ids) - 1 - event_ids[::-1].index(pending[0])  # a copy may be listed twice
+                ahead = event_ids[latest + 1 :]
+            self.caught_up()
+            if ahead:
+                self._early(ahead, at)
             return True
         # Every event seen here is covered already: these reached the profile first (or are its own writes).
+        self._early(ahead, at)
+        return False
+
+    def _early(self, event_ids: list[str], at: float) -> None:
         early = self.early
         if early is None:
             early = self.early = {}
         for event_id in event_ids:
-            early[event_id] = None
+            early[event_id] = at
         while len(early) > _EARLY:
             del early[next(iter(early))]
-        return False
+        stale = at - _EARLY_SECONDS
+        for event_id in [e for e, listed in early.items() if listed < stale]:
+            del early[event_id]  # ids whose event never came here (an API write's), kept no longer
+        # Written with the record when it is written (most changes move a field, and an overtaking one then
+        # writes it anyway): the event may come after a restart, or after the cache let the person go. A
+        # change moving no field writes nothing for this (`test_engine_writes`): should orchestration restart
+        # between it and its event, that event waits for the next change of the person, at most profile_wait.
+
+    def caught_up(self) -> None:
+        """The fields cover every event of the person seen here."""
+        self.pending = None
+        if self.pending_written:
+            self.dirty = True
 
     def record(self) -> dict[str, Any]:
         assert self.state is not None
@@ -164,6 +196,8 @@ class Person:
         self.pending_written = self.pending is not None
         if self.pending is not None:
             optional["pending"] = self.pending[1]
+        if self.early:
+            optional["early"] = [[event_id, at] for event_id, at in self.early.items()]
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
@@ -178,6 +212,9 @@ class Person:
 
 
 _EARLY = 16  # early event ids kept per person (`Person.early`)
+# Seconds of stream time an early id is kept: its event reaches the engine within the sourcing lag of the
+# two streams (both are sourced by the server, also while orchestration is stopped), far below this.
+_EARLY_SECONDS = 600.0
 
 
 class Partition:
@@ -187,6 +224,9 @@ class Partition:
         self.persons: collections.OrderedDict[str, Person] = collections.OrderedDict()
         self.stats: dict[str, dict[str, Any]] = {}
         self.stats_loaded = False
+        # Person -> actions they have held for the profile (`engine._after`): what `cdp.orchestration.held`
+        # reports. Persons the cache let go stay counted (their actions are still held, in the store).
+        self.holding: dict[str, int] = {}
 
 
 @dataclass(slots=True)
@@ -242,6 +282,8 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             if doc.get("pending") is not None:
                 person.pending = ("", doc["pending"])
                 person.pending_written = True
+            if doc.get("early"):
+                person.early = {event_id: at for event_id, at in doc["early"]}
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)

@@ -1,0 +1,180 @@
+"""An action waits for the profile only while the profile has not covered the person's latest event: in
+each story here the profile is up and has done its part, so the action is decided within seconds, not at
+the end of `profile_wait` (ten minutes), as it was before, on a real nats-server.
+
+- the profile's change overtook its event, and orchestration restarted between the two;
+- a change overtook its event, and the ids listed by earlier changes were lost (more than a person keeps);
+- an action held for the profile was handed to a merge's survivor, and the profile listed the event under
+  the survivor;
+- a copy of an event the profile applied already (same id): the profile lists it again
+  (services/profile/tests/test_duplicate_listing.py), and that listing ends the wait here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import subjects
+from cdp_kit.timestamps import from_seconds
+from cdp_orchestration.domain.arbiter import PersonState
+from cdp_orchestration.state import PERSONS, Person
+
+CONSENT = {"purpose:Marketing": True}
+CART = {
+    "id": "cart",
+    "version": 1,
+    "name": "Cart",
+    "priority": 50,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "always",
+    "nodes": [
+        {
+            "id": "remind",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "{{ traits.first_name }}, your cart", "body": "{{ entry.cart_url }}"},
+        }
+    ],
+}
+
+
+async def _sent_to(world, person):
+    return [a for a in await world.actions() if a.person_id == person] or None
+
+
+async def _held_for_profile(world, person):
+    stored = await world.store.get(PERSONS, person)
+    held = stored.doc["arbiter"]["deferred"] if stored is not None else []
+    return [h for h in held if h.get("profile")] or None
+
+
+async def test_a_change_that_overtook_its_event_before_a_restart_starts_no_wait(world_factory):
+    world = await world_factory()  # the default wait: ten minutes
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile_applied("bea", ["e-cart-bea"], consent=CONSENT, first_name="Bea", email="bea@example.com")
+    await world.eventually(lambda: world.store.get(PERSONS, "bea"))
+    await world.stop()  # the change is applied and acknowledged; its event has not reached orchestration
+    await world.start()
+    await world.event("bea", "Cart Abandoned", "e-cart-bea", profiled=False, cart_url="u")
+
+    [action] = await world.eventually(lambda: _sent_to(world, "bea"))
+    assert action.content["subject"] == "Bea, your cart"
+    assert [d["kind"] for d in await world.decisions("bea")] == ["sent"]
+
+
+async def test_an_overtaking_change_read_back_with_the_record_ends_a_lag(world_factory):
+    # The hot cache keeps one person: the change's ids must come back with the record, not from memory.
+    world = await world_factory(hot_persons=1)
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile_applied("cid", ["e-cart-cid"], consent=CONSENT, first_name="Cid", email="cid@example.com")
+    await world.eventually(lambda: world.store.get(PERSONS, "cid"))
+    for other in ("x1", "x2", "x3"):  # the cache lets Cid go
+        await world.profile(other, first_name="X")
+    await world.event("cid", "Cart Abandoned", "e-cart-cid", profiled=False, cart_url="u")
+    await world.eventually(lambda: _sent_to(world, "cid"))
+
+
+async def test_a_held_action_handed_to_the_survivor_of_a_merge_leaves_when_the_profile_lists_its_event(
+    world_factory,
+):
+    world = await world_factory()
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile("ada", consent=CONSENT, first_name="Ada", email="ada@example.com")
+    # A visitor abandons a cart; the profile has not applied it when identity merges the visitor into Ada.
+    await world.event("visitor", "Cart Abandoned", "e-cart-v", profiled=False, cart_url="u")
+    await world.eventually(lambda: _held_for_profile(world, "visitor"))
+    await merge(world, "ada", "visitor")
+    await world.eventually(lambda: _held_for_profile(world, "ada"))
+    # The profile applies the event to the survivor (the merge came first) and lists it there.
+    await world.profile_applied("ada", ["e-cart-v"])
+
+    [action] = await world.eventually(lambda: _sent_to(world, "ada"))
+    assert action.content["subject"] == "Ada, your cart"
+
+
+async def test_a_copy_of_an_applied_event_holds_the_action_until_the_profile_lists_the_copy(world_factory):
+    world = await world_factory()
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile("dot", consent=CONSENT, first_name="Dot", email="dot@example.com")
+    await world.event("dot", "Signed Up", "e-signup-dot")
+    await world.event("dot", "Page Viewed", "e-view-dot")
+    # The cart is abandoned, then the sign-up comes again under its id (a client's retry): the copy is the
+    # person's latest event.
+    await world.events(
+        "dot", [("Cart Abandoned", "e-cart-dot", {"cart_url": "u"}), ("Signed Up", "e-signup-dot", {})], profiled=False
+    )
+    await world.eventually(lambda: _held_for_profile(world, "dot"))
+    # The profile applied the cart event; the copy changed nothing. Listing only the cart event (what the
+    # profile published before) leaves the action waiting for the copy's listing.
+    await world.profile_applied("dot", ["e-cart-dot"])
+    await asyncio.sleep(1.0)
+    assert await _sent_to(world, "dot") is None and await _held_for_profile(world, "dot")
+    await world.profile_applied("dot", ["e-signup-dot"])  # the copy listed again (`ProfileChange.relisted`)
+    [action] = await world.eventually(lambda: _sent_to(world, "dot"))
+    assert action.content["subject"] == "Dot, your cart"
+
+
+def test_a_change_listing_events_not_seen_yet_ends_the_wait_for_them_too():
+    # The profile applied three events in one batch; its change came after the first reached orchestration
+    # and before the other two: they are covered, and start no wait when they come.
+    person = Person("p1")
+    person.saw_event("e1", 10.0)
+    assert person.profile_applied(["e1", "e2", "e3"]) is True
+    person.saw_event("e2", 10.2)
+    person.saw_event("e3", 10.3)
+    assert person.view().behind is None
+    person.saw_event("e4", 10.4)  # a new one is waited for
+    assert person.view().behind == 10.4
+
+
+def test_a_copy_listed_twice_is_placed_by_its_latest_listing():
+    person = Person("p1")
+    person.saw_event("e1", 10.0)
+    person.saw_event("e2", 10.1)
+    person.saw_event("e1", 10.2)  # a copy of e1 after e2
+    assert person.profile_applied(["e1", "e2", "e1", "e3"]) is True
+    person.saw_event("e3", 10.4)
+    assert person.view().behind is None
+
+
+def test_an_event_whose_change_came_first_covers_the_events_seen_before_it():
+    # A change listing more ids than a person keeps overtook its events: the first ones it listed are
+    # forgotten and start a lag when they come; the next one, still known, ends it (the profile applies
+    # a person's events in order: those seen before it are applied too).
+    person = Person("p1")
+    ids = [f"e{i:02d}" for i in range(20)]
+    assert person.profile_applied(ids) is False
+    for event_id in ids[:4]:
+        assert person.saw_event(event_id, 11.0) is False
+    assert person.view().behind == 11.0
+    assert person.saw_event(ids[4], 11.0) is True
+    assert person.view().behind is None
+    for event_id in ids[5:]:
+        person.saw_event(event_id, 11.0)
+    assert person.view().behind is None
+
+
+def test_early_ids_are_written_with_the_record_and_age_out():
+    person = Person("p1", state=PersonState("p1"))
+    person.profile_applied(["api:r1"], 100.0)
+    assert person.record()["early"] == [["api:r1", 100.0]]
+    person.profile_applied(["e5"], 100.0 + 601)  # the API write's id never comes as an event: it goes
+    assert person.record()["early"] == [["e5", 701.0]]
+
+
+async def merge(world, survivor: str, absorbed: str) -> None:
+    at = from_seconds(world.now())
+    for person, change in (
+        (survivor, profile_pb2.ProfileChanged(person_id=survivor, cause="merge", merged=[absorbed], at=at)),
+        (absorbed, profile_pb2.ProfileChanged(person_id=absorbed, cause="merge", removed=True, at=at)),
+    ):
+        batch = profile_pb2.ProfileChangedBatch(changes=[change])
+        await world._publish(subjects.profiles_changed(world.partition(person)), batch.SerializeToString())
