@@ -40,7 +40,10 @@ SOURCE = "src-test"  # the collector source the test's events come from
 
 
 class World:
-    def __init__(self, bus: Bus, store: Store, rules: Rules, clock_offset: float, hot_persons: int) -> None:
+    def __init__(
+        self, bus: Bus, store: Store, rules: Rules, clock_offset: float, hot_persons: int, meter: Any = None
+    ) -> None:
+        self.meter = meter  # an OpenTelemetry meter the engine records into (None: the global one)
         self.bus = bus
         self.store = store
         self.rules = rules
@@ -64,6 +67,7 @@ class World:
             partitions=PARTITIONS,
             clock_offset=self.clock_offset,
             hot_persons=self.hot_persons,
+            meter=self.meter,
         )
         spec = EngineSpec(
             service=SERVICE,
@@ -240,13 +244,15 @@ class World:
 async def world_factory(nats_server, tmp_path):
     opened: list[tuple[World, Any]] = []
 
-    async def make(rules: Rules | None = None, clock_offset: float = 0.0, hot_persons: int = 1000) -> World:
+    async def make(
+        rules: Rules | None = None, clock_offset: float = 0.0, hot_persons: int = 1000, meter: Any = None
+    ) -> World:
         bus_cm = Bus.connect(nats_server.url, name="orchestration-test")
         bus = await bus_cm.__aenter__()
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), dead_letter_stream())
         await streams.ensure_streams(bus.js)
         store = open_store(f"sqlite:///{tmp_path}/orchestration-{len(opened)}.db")
-        world = World(bus, store, rules or Rules(), clock_offset, hot_persons)
+        world = World(bus, store, rules or Rules(), clock_offset, hot_persons, meter)
         opened.append((world, bus_cm))
         return world
 

@@ -38,7 +38,7 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import OutMessage, subjects
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
-from cdp_orchestration.domain.arbiter import Decision, Kind, ProposedAction, Ruling
+from cdp_orchestration.domain.arbiter import PROFILE_UNAVAILABLE, Decision, Kind, ProposedAction, Ruling
 from cdp_orchestration.domain.instance import ActionOutcome
 from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.signals import top_signals
@@ -141,6 +141,8 @@ async def record_ruling(
         }
         batch.put(DECISIONS, decision_key(person.person_id, decision, index), doc)
         applier.m_decisions.add(1, {"kind": kind})
+        if PROFILE_UNAVAILABLE in decision.reason:
+            applier.m_held_expired.add(1, {"kind": kind})
         await _approval(applier, batch, person, decision, answer)
         instance = person.live.get(decision.instance_id)
         # An instance that ended in this batch (its pending action withdrawn) is no longer live.

@@ -40,6 +40,7 @@ from cdp_orchestration.messages import (
     STATE_OF_PB,
     approval_message,
     decision_message,
+    held_message,
     identifier,
     inbox_message,
     instance_message,
@@ -421,7 +422,9 @@ class OrchestrationApi:
 
     async def ListDecisions(self, request, context) -> pb.ListDecisionsResponse:
         """The person's decisions, newest first, with those of every person merged into them; an id merged
-        into another reads the survivor's (each decision names the person it was decided for)."""
+        into another reads the survivor's (each decision names the person it was decided for). The first
+        page starts with the actions held now until the profile applies the person's latest event (no
+        decision yet: `messages.held_message`)."""
         person_id = required(request.person_id, "person_id")
         size = page_size(request.page_size)
         after = None
@@ -432,6 +435,8 @@ class OrchestrationApi:
                 raise InvalidArgument("page_token", "is not a token this service gave") from None
         persons = await decision_persons(self.store, person_id)
         response = pb.ListDecisionsResponse()
+        if after is None:
+            response.decisions.extend(await self._held(persons[0], request.journey_id, request.action_id))
         # Keys are `<person>:<inverted time>:...`: each person's scan reads the newest first, and merging the
         # scans by what follows the person id reads them all in one order. The token is the last one read.
         pending: dict[str, collections.deque] = {}
@@ -461,6 +466,18 @@ class OrchestrationApi:
         if last is not None and (cursors or any(pending.values())):
             response.next_page_token = encode_cursor(last)
         return response
+
+    async def _held(self, person_id: str, journey_id: str, action_id: str) -> list[pb.Decision]:
+        """The person's actions held for the profile (a merge hands those of the merged to the survivor)."""
+        record = await self.store.get(PERSONS, person_id)
+        held = record.doc["arbiter"]["deferred"] if record is not None and record.doc.get("arbiter") else []
+        return [
+            held_message(person_id, h)
+            for h in held
+            if h.get("profile")
+            and (not journey_id or h["action"]["journey_id"] == journey_id)
+            and (not action_id or h["action"]["action_id"] == action_id)
+        ]
 
     # --- inbox -------------------------------------------------------------------------------------------
 

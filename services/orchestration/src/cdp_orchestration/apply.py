@@ -83,6 +83,12 @@ class Applier:
         self.m_entries = meter.create_counter(
             "cdp.orchestration.entries", unit="{instance}", description="journey instances started"
         )
+        self.m_held_expired = meter.create_counter(
+            "cdp.orchestration.held.expired",
+            unit="{decision}",
+            description="actions decided on fields lagging behind the person's events because their "
+            "profile_wait ran out (reason profile_unavailable), by kind",
+        )
 
     # --- instances -----------------------------------------------------------------------------------------
 

@@ -211,6 +211,31 @@ def decision_message(doc: dict[str, Any]) -> pb.Decision:
     return message
 
 
+# The rule a held action's entry in ListDecisions names: it waits for the profile (`Rules.profile_wait`).
+PROFILE_WAIT = "profile_wait"
+
+
+def held_message(person_id: str, held: dict[str, Any]) -> pb.Decision:
+    """An action the arbiter holds until the profile applies the person's latest event, as ListDecisions
+    lists it: no decision yet, so DEFERRED with the rule `profile_wait`, proposed at `decided_at`, decided
+    at `until` at the latest (on the fields known then)."""
+    action = held["action"]
+    message = pb.Decision(
+        action_id=action["action_id"],
+        journey_id=action["journey_id"],
+        instance_id=action["instance_id"],
+        person_id=person_id,
+        channel=action["channel"],
+        category=action["category"],
+        kind=pb.DECISION_KIND_DEFERRED,
+        reason="held: waiting for the profile to apply the person's latest event (no decision yet)",
+        rule=PROFILE_WAIT,
+    )
+    set_time(message.until, held["until"])
+    set_time(message.decided_at, action["proposed_at"])
+    return message
+
+
 def inbox_message(message) -> pb.InboxMessage:
     out = pb.InboxMessage(
         message_id=message.message_id,
