@@ -8,7 +8,8 @@ migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore a
 it was split from by an unmerge or "", the ids of the events it applied). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 
-A resolved event is a `ResolvedInput`: its id, name, type, time and the identifiers identity linked are
+A resolved event is a `ResolvedInput`: its id, name, type, time (`event_time`: never later than when the
+collector received it) and the identifiers identity linked are
 read at once; its properties and context (most of what decoding an event cost) only when something asks
 for them (`ResolvedInput.event()`). Most events reach persons no instance waits on and no journey enters
 on them: for those only the identifiers are kept (`engine.py`). A payload that can never be read is still
@@ -34,6 +35,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import change_fields
+from cdp_kit.timestamps import to_ns
 from cdp_orchestration.domain.view import Event
 
 
@@ -109,7 +111,7 @@ class ResolvedInput:
         self.event_id = message.message_id
         self.source_id = message.source_id
         self.name = message.event or message.name
-        self.at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
+        self.at = event_time(message)
         self.type = _type_name(message.type)
         self.user_id, self.anonymous_id = message.user_id, message.anonymous_id
         if resolved.dropped:  # identity left some out: keep only those it linked (`resolved_event`)
@@ -166,17 +168,31 @@ def event(message: events_pb2.Event) -> Event:
     type_name = _type_name(message.type)
     properties = struct_dict(message.properties) if message.HasField("properties") else {}
     context = context_dict(message.context) if message.HasField("context") else {}
-    at = message.timestamp.ToMicroseconds() / 1e6 if message.HasField("timestamp") else 0.0
     return Event(
         message.message_id,
         message.event or message.name,
-        at,
+        event_time(message),
         type_name,
         properties,
         context,
         user_id=message.user_id,
         anonymous_id=message.anonymous_id,
     )
+
+
+def event_time(message: events_pb2.Event) -> float:
+    """When the event happened, as every service reads it: its `timestamp`, else when the collector received
+    it, and never later than that. The collector caps `timestamp` at `received_at`; an event stored before
+    it did (replayed, or read again from the stream's retention) may carry a time from the future, which
+    would otherwise be a watched event's `last_seen` for ever (a suppression that never lapses), a goal's
+    `converted_at`, the time an instance was triggered. The same rule as the profile's `event_time`
+    (`cdp_profile.events`); earlier times are kept. Seconds to the microsecond, as before the cap."""
+    received = message.received_at if message.HasField("received_at") else None
+    if not message.HasField("timestamp"):
+        return received.ToMicroseconds() / 1e6 if received is not None else 0.0
+    if received is not None and to_ns(message.timestamp) > to_ns(received):
+        return received.ToMicroseconds() / 1e6
+    return message.timestamp.ToMicroseconds() / 1e6
 
 
 # EventType number -> the name the domain uses ("track"), filled as types are met.
