@@ -16,7 +16,9 @@ A partitioned engine plugs in like this::
 Kinds (`CDP_OWNERSHIP`):
 - `static`: `StaticOwnership`, p % CDP_REPLICAS == CDP_POD_ORDINAL, fixed for the process' life
   (single-process runs, tests, and the behaviour before leases).
-- `nats`: `LeasedOwnership` over a NATS JetStream KV bucket (`nats_kv`): `make up` and tests.
+- `nats`: `LeasedOwnership` over a NATS JetStream KV bucket (`nats_kv`): `make up` and tests. The bucket
+  is shared; each service lists and reads only its own keys (`group_kv`, on subjects its NATS user is
+  granted).
 - `kubernetes`: `LeasedOwnership` over coordination.k8s.io/v1 Lease objects (`kubernetes_leases`),
   in a cluster; the chart grants the service account the Lease verbs.
 
