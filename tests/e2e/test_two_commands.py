@@ -111,7 +111,7 @@ def merge_two_people(run: dict) -> tuple[str, str]:
     return merged.merge.merge_id, merged.merge.loser
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     env, status, proc, log, held_ports = platform
     assert status["healthy"] and status["services"]["collector"]["health"] == "SERVING"
@@ -212,6 +212,41 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     with urllib.request.urlopen(run["services"]["collector"]["metrics"], timeout=5) as response:
         metrics = response.read().decode()
     assert "cdp_collector_events" in metrics and 'transport="http"' in metrics
+
+    # The README's curl lines, as written: each answer as the README shows it, then the one person they made.
+    readme = (ROOT / "README.md").read_text()
+    (block,) = re.findall(r"## Sending events with curl\n.*?```sh\n(.*?)```", readme, flags=re.S)
+    result = subprocess.run(["bash", "-e", "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.splitlines()
+    assert len(answers) == 6, result.stdout
+    shown = [line[2:] for line in block.splitlines() if line.startswith("# {")]
+    for line in shown:
+        if "..." in line:  # abbreviated: every part it shows is in the answer it stands for
+            assert all(part.strip(",") in result.stdout for part in line.split("...") if part.strip(",")), line
+        else:
+            assert line in answers, f"{line}\n{result.stdout}"
+    replies = [json.loads(answer) for answer in answers]
+    assert [reply["accepted"] for reply in replies] == [1, 1, 1, 1, 0, 1]
+    assert replies[4]["duplicates"] == 1
+    assert [(r["index"], r["field"]) for r in replies[5]["rejected"]] == [(1, "batch[1].userId")]
+    for _attempt in range(50):
+        found = subprocess.run(
+            [CDPCTL, "profile", "email", "lin@example.com", "--wait", "5"], env=env, capture_output=True, text=True
+        )
+        assert found.returncode == 0, found.stderr
+        lin = json.loads(found.stdout)
+        if lin["eventCount"] == "5":
+            break
+        time.sleep(0.2)
+    assert lin["eventCount"] == "5", lin
+    assert lin["identifiers"] == [
+        "anonymous_id:crm-4711",
+        "anonymous_id:visitor-9",
+        "email:lin@example.com",
+        "user_id:lin",
+    ], lin
+    assert lin["traits"]["plan"]["value"] == "team", lin
 
     # A service that dies is restarted, the others stay up.
     victim = run["services"]["collector"]["pid"]
