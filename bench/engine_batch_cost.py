@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from nats.js.errors import NotFoundError
 from pipeline_parts import schedstat
 
 from cdp_kit.bus import Bus, OutMessage, subjects
@@ -115,7 +116,12 @@ async def measure(args: argparse.Namespace) -> dict:
                         await asyncio.sleep(args.pause)
                     for stream, name, _ in inputs:
                         while True:
-                            info = await bus.js.consumer_info(stream, subjects.partition_durable(name, 0))
+                            try:
+                                info = await bus.js.consumer_info(stream, subjects.partition_durable(name, 0))
+                            except NotFoundError:
+                                # Being restarted at its floor (a reconnect on a busy machine): ask again.
+                                await asyncio.sleep(0.05)
+                                continue
                             if not info.num_pending and not info.num_ack_pending:
                                 break
                             await asyncio.sleep(0.05)
