@@ -17,6 +17,7 @@ from cdp_crm.inbound import Collector, CollectorRefused, HubSpotPoller, HubSpotW
 from cdp_crm.inbound.core import Poller
 from cdp_crm.state import CURSORS, prepare_store
 from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.hubspot.webhooks import webhook_signature_v3
 from cdp_kit.storage import open_store
 from cdp_testing.crm import hubspot_document
 from cdp_testing.waiting import eventually
@@ -218,5 +219,43 @@ async def test_a_webhook_with_a_timestamp_that_is_no_time_is_refused_as_stale_no
                     assert response.status == 401
                     assert "X-HubSpot-Request-Timestamp" in (await response.json())["message"]
             assert not poller.woken.is_set()
+        finally:
+            await runner.cleanup()
+
+
+async def test_a_signed_webhook_taken_once_is_not_taken_again_when_replayed_within_its_five_minutes():
+    """A captured signed request, replayed while its timestamp is still fresh, woke the poller every time:
+    a reader of the CRM on the account's budget per replay. It is taken once; its replays wake nothing,
+    and a new notification (its own timestamp and signature) is taken as before."""
+    (connection,) = parse_connections(hubspot_document("http://127.0.0.1:9"))
+    async with open_store("memory://") as store:
+        await prepare_store(store)
+        poller = Poller(store, connection, SimpleNamespace(objects=("contacts",)), None, objects=("contacts",))
+        hooks = HubSpotWebhooks({"hubspot": (poller, "app-secret")})
+        runner = web.AppRunner(hooks.app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/webhooks/hubspot/hubspot"
+        body = b'[{"subscriptionType": "contact.propertyChange", "objectId": 1}]'
+
+        def signed(timestamp: str) -> dict[str, str]:
+            signature = webhook_signature_v3("app-secret", "POST", url, body, timestamp)
+            return {"X-HubSpot-Signature-v3": signature, "X-HubSpot-Request-Timestamp": timestamp}
+
+        try:
+            async with aiohttp.ClientSession() as session:
+                captured = signed(str(int(time.time() * 1000)))
+                async with session.post(url, data=body, headers=captured) as response:
+                    assert response.status == 204
+                assert poller.woken.is_set()
+                poller.woken.clear()
+                for _ in range(3):
+                    async with session.post(url, data=body, headers=captured) as response:
+                        assert response.status == 204
+                assert not poller.woken.is_set()
+                async with session.post(url, data=body, headers=signed(str(int(time.time() * 1000) + 1))) as response:
+                    assert response.status == 204
+                assert poller.woken.is_set()
         finally:
             await runner.cleanup()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import heapq
 import hmac
 import logging
 import time
@@ -248,7 +249,9 @@ def _person(record_id: str, props: dict[str, Any]) -> Person:
 class HubSpotWebhooks:
     """`POST /webhooks/hubspot/<connection>`: HubSpot's change notifications, checked against the app's
     secret (signature v3: base64 HMAC-SHA256 over method, URL, body and timestamp; older than five
-    minutes is refused, so a captured request cannot be replayed), wake that connection's poller. The
+    minutes is refused, and one already taken is answered without waking anything, so a captured request
+    cannot be replayed - neither later nor thousands of times within the five minutes, each making the
+    poller read the CRM on the account's budget), wake that connection's poller. The
     notification's content is not trusted beyond "something changed": the poller reads the records.
 
     `public_url`: the base URL HubSpot calls (behind a proxy the request's own URL differs from the one
@@ -268,6 +271,9 @@ class HubSpotWebhooks:
         self.clock = clock
         self.app = web.Application()
         self.app.router.add_post("/webhooks/hubspot/{connection}", self.handle)
+        # Signatures taken, until their timestamp is too old to be taken anyway (a heap by that time).
+        self._taken: set[str] = set()
+        self._expiries: list[tuple[int, str]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         entry = self.pollers.get(request.match_info["connection"])
@@ -289,6 +295,14 @@ class HubSpotWebhooks:
         if not hmac.compare_digest(expected, signature):
             log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "signature"})
             return web.json_response({"message": "the X-HubSpot-Signature-v3 does not match"}, status=401)
+        now_ms = self.clock() * 1000
+        while self._expiries and self._expiries[0][0] < now_ms:
+            self._taken.discard(heapq.heappop(self._expiries)[1])
+        if signature in self._taken:
+            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "replayed"})
+            return web.Response(status=204)  # taken already: nothing to do again
+        self._taken.add(signature)
+        heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
         poller.wake(_objects_named(body))
         return web.Response(status=204)
 
