@@ -22,7 +22,8 @@ def test_each_service_gets_a_certificate_from_one_ca_readable_by_its_owner_only(
     folder = tls.tls_dir(tmp_path)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert sorted(p.name for p in folder.iterdir()) == [
-        "ca.crt", "cdpctl.crt", "cdpctl.key", "identity.crt", "identity.key", "profile.crt", "profile.key",
+        "ca.crt", "cdpctl.crt", "cdpctl.key", "identity.crt", "identity.key", "nats.crt", "nats.key",
+        "profile.crt", "profile.key",
     ]  # fmt: skip
     assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o600}
     ca = _cert(tls.files(tmp_path, "profile")["ca_file"])

@@ -8,6 +8,10 @@ SIGKILLs a service (`kill`) then waits for the restart (`wait_restarted`) exerci
 `kill_nats` / `wait_nats_restarted` do the same for nats-server, which the supervisor starts again on the
 same port and store.
 
+`connect_nats` connects to that nats-server as cdpctl does (the operator's user from run.json's URL, and
+under `cdpctl up --tls` cdpctl's certificate from run.json's "tls": the server refuses a client without
+one). A test reaching the bus through run.json uses it (or `nats_tls`) rather than `nats.connect(url)`.
+
 `stop()` ends it as Ctrl-C does (SIGINT to `cdpctl up`, which terminates its children), and falls back to
 SIGKILL of the whole process group, so a failed test never leaves services behind.
 """
@@ -21,6 +25,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import ssl
+
+    import nats.aio.client
 
 CDPCTL = str(Path(sys.executable).parent / "cdpctl")
 
@@ -129,6 +139,27 @@ class RunningPlatform:
     @property
     def nats_url(self) -> str:
         return self.run["nats"]
+
+    @property
+    def nats_tls(self) -> ssl.SSLContext | None:
+        """What a NATS connection through run.json presents: cdpctl's certificate and the CA under
+        `cdpctl up --tls` (nats-server requires a client certificate then), else None (plain TCP)."""
+        client = self.run.get("tls")
+        if not client:
+            return None
+        from cdp_kit.natsauth import NatsClientSettings
+
+        return NatsClientSettings(
+            tls_ca_file=Path(client["ca_file"]),
+            tls_cert_file=Path(client["cert_file"]),
+            tls_key_file=Path(client["key_file"]),
+        ).tls_context()
+
+    async def connect_nats(self, **options: Any) -> nats.aio.client.Client:
+        """A connection to the platform's nats-server as cdpctl's (operator) user, over TLS when it runs so."""
+        import nats
+
+        return await nats.connect(self.nats_url, tls=self.nats_tls, **options)
 
     @property
     def write_key(self) -> str:

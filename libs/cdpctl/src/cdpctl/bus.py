@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from dataclasses import asdict, dataclass
 
 import click
@@ -40,7 +41,7 @@ from cdp_kit.bus.consumer import (
     DLQ_SUBJECT,
     DLQ_TIME,
 )
-from cdpctl.common import console, nats_url, out
+from cdpctl.common import console, nats_tls, nats_url, out
 from cdpctl.platform import Workspace
 
 DLQ = subjects.DLQ
@@ -94,9 +95,17 @@ def dlq_subject(stream: str | None, consumer: str | None) -> str:
     return subjects.dead_letter_filter(stream, consumer)
 
 
-async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> tuple[list[DeadLetter], int]:
+async def _connect(url: str, tls: ssl.SSLContext | None) -> nats.NATS:
+    """One connection for one command: no reconnects (a server that goes away fails the command), TLS
+    when the server wants it (`cdpctl.common.nats_tls`)."""
+    return await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, tls=tls)
+
+
+async def dead_letters(
+    url: str, subject: str, *, limit: int, replay: bool, tls: ssl.SSLContext | None = None
+) -> tuple[list[DeadLetter], int]:
     """The first `limit` dead letters on `subject`, oldest first; replayed (and removed) when asked."""
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await _connect(url, tls)
     try:
         js = nc.jetstream()
         found: list[DeadLetter] = []
@@ -133,9 +142,11 @@ async def dead_letters(url: str, subject: str, *, limit: int, replay: bool) -> t
         await nc.close()
 
 
-async def missing_name(url: str, stream: str, consumer: str | None) -> click.BadParameter | None:
+async def missing_name(
+    url: str, stream: str, consumer: str | None, tls: ssl.SSLContext | None = None
+) -> click.BadParameter | None:
     """Why a STREAM (or its CONSUMER) with no dead letters names nothing, or None when both exist."""
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await _connect(url, tls)
     try:
         js = nc.jetstream()
         try:
@@ -174,11 +185,13 @@ def dlq(
 ) -> None:
     """Dead letters (of one STREAM, or one of its CONSUMERs) with their reason; --replay sends them back."""
     subject = dlq_subject(stream, consumer)
-    letters, replayed = asyncio.run(dead_letters(nats_url(ws, url), subject, limit=limit, replay=replay))
+    url = nats_url(ws, url)
+    secured = nats_tls(ws, url)
+    letters, replayed = asyncio.run(dead_letters(url, subject, limit=limit, replay=replay, tls=secured))
     if not letters and stream:
         # A misspelt name (the wrong case) finds no dead letters either: say so rather than show none. The
         # dead letters of a stream or consumer since removed are still listed (the check runs on none).
-        problem = asyncio.run(missing_name(nats_url(ws, url), stream, consumer))
+        problem = asyncio.run(missing_name(url, stream, consumer, secured))
         if problem is not None:
             raise problem
     if as_json:
@@ -200,8 +213,8 @@ def dlq(
         out.print(f"replayed {replayed} of {len(letters)}")
 
 
-async def consumer_lag(url: str) -> list[dict]:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict]:
+    nc = await _connect(url, tls)
     try:
         js = nc.jetstream()
         rows = []
@@ -230,7 +243,8 @@ async def consumer_lag(url: str) -> list[dict]:
 @click.pass_obj
 def lag(ws: Workspace, as_json: bool, url) -> None:
     """Every durable consumer of every stream: pending, acknowledgement pending, redelivered."""
-    rows = asyncio.run(consumer_lag(nats_url(ws, url)))
+    url = nats_url(ws, url)
+    rows = asyncio.run(consumer_lag(url, nats_tls(ws, url)))
     if as_json:
         out.print_json(json.dumps(rows))
         return

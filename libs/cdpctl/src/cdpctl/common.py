@@ -17,6 +17,8 @@ from cdpctl import tls
 from cdpctl.platform import Workspace
 
 if TYPE_CHECKING:  # grpc and protobuf are imported where a call is made: `cdpctl send` never needs them
+    import ssl
+
     import grpc
 
 # Wide enough for tables when output is a pipe or a CI log rather than a terminal.
@@ -39,6 +41,23 @@ def nats_url(ws: Workspace, url: str | None) -> str:
     if not url:
         raise click.UsageError("no running platform found: start one with `make up`, or pass --nats")
     return url
+
+
+def _address(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url.split(",")[0].strip())
+    return where.hostname or "127.0.0.1", where.port or 4222
+
+
+def nats_tls(ws: Workspace, url: str) -> ssl.SSLContext | None:
+    """The TLS a NATS connection to `url` presents: cdpctl's certificate (run.json's "tls") when `url` is
+    the server the platform `cdpctl up --tls` runs here (`--nats` naming it with another user included);
+    none otherwise (plain TCP)."""
+    state = ws.read_run() or {}
+    if state.get("tls") and state.get("nats") and _address(state["nats"]) == _address(url):
+        return tls.nats_context(state["tls"])
+    return None
 
 
 def bearer(ws: Workspace) -> tuple[tuple[str, str], ...]:

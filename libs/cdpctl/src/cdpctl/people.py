@@ -32,6 +32,7 @@ import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import grpc
@@ -41,8 +42,11 @@ from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdpctl import tls
-from cdpctl.common import bearer, console, nats_url, out, rpc_error, service_address
+from cdpctl.common import bearer, console, nats_tls, nats_url, out, rpc_error, service_address
 from cdpctl.platform import SERVICES, Workspace
+
+if TYPE_CHECKING:
+    import ssl
 
 
 async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str, ...]) -> str:
@@ -269,7 +273,8 @@ def delete(
         out.print_json(json.dumps(result))
         return
     url = nats_url(ws, nats_address)
-    acknowledged, missing = asyncio.run(privacy_acknowledged(url, timeout, expected_privacy_consumers(ws, url)))
+    expected = expected_privacy_consumers(ws, url)
+    acknowledged, missing = asyncio.run(privacy_acknowledged(url, timeout, expected, tls=nats_tls(ws, url)))
     result["acknowledged"], result["missing"] = acknowledged, missing
     out.print_json(json.dumps(result))
     pending = [f"{name} (no such consumer)" if name in missing else name for name, ok in acknowledged.items() if not ok]
@@ -292,7 +297,7 @@ def expected_privacy_consumers(ws: Workspace, url: str) -> list[str]:
 
 
 async def privacy_acknowledged(
-    url: str, timeout: float, expected: Iterable[str] = ()
+    url: str, timeout: float, expected: Iterable[str] = (), *, tls: ssl.SSLContext | None = None
 ) -> tuple[dict[str, bool], list[str]]:
     """Durable consumer of PRIVACY (those on the server and the `expected` ones) -> whether it has
     acknowledged everything the stream holds now, waiting up to `timeout` seconds for all of them (see the
@@ -303,7 +308,7 @@ async def privacy_acknowledged(
 
     from cdp_kit.bus import subjects
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, tls=tls)  # cdpctl's certificate under `cdpctl up --tls`
     try:
         js = nc.jetstream()
         last = (await js.stream_info(subjects.PRIVACY)).state.last_seq

@@ -703,6 +703,16 @@ def next_nats_user(user: str) -> str:
 NATS_SERVER_CONFIG = 'include "auth.conf"\n'
 
 
+def nats_server_config(ws: Workspace, *, use_tls: bool = False) -> str:
+    """What `cdpctl up` appends to nats-server's configuration: the users, and with `--tls` its
+    certificate and the client certificates it requires (`cdpctl.tls.nats_server_config`)."""
+    if not use_tls:
+        return NATS_SERVER_CONFIG
+    from cdpctl import tls
+
+    return NATS_SERVER_CONFIG + tls.nats_server_config(ws.root)
+
+
 def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[str, int]) -> list[Path]:
     """Write the service's files (`ServiceProcess.files`) from their templates, ports filled in. A
     template naming a listener nobody runs (`cdpctl up --no-companions`) is replaced by its empty form,

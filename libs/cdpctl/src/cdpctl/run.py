@@ -14,7 +14,9 @@ URL. `nats-rotate SERVICE` gives a service new credentials while everything runs
 `up --tls` (CDP_UP_TLS=1) adds mutual TLS between the services (`cdpctl.tls`): each serves gRPC only to
 clients with a certificate from the workspace's CA and dials its peers with its own; cdpctl's calls and
 health checks present cdpctl's certificate (run.json's "tls"), and each service's plaintext health-only
-port is its "health" in run.json.
+port is its "health" in run.json. NATS too: nats-server serves TLS with its own certificate and requires a
+client certificate from the same CA; each service connects with its own (CDP_NATS_TLS_*), cdpctl's bus
+commands (`dlq`, `lag`, `delete --wait`) with cdpctl's.
 
 `status` checks each service's gRPC health and asks each companion's listeners a request of their protocol
 (`probe`: an HTTP GET, SMTP's greeting) with a short timeout: a companion whose ports accept connections
@@ -48,13 +50,13 @@ from cdpctl import tls
 from cdpctl.common import console, out
 from cdpctl.platform import (
     COMPANIONS,
-    NATS_SERVER_CONFIG,
     SERVICES,
     Companion,
     Workspace,
     companion_command,
     companion_environment,
     companion_urls,
+    nats_server_config,
     next_nats_user,
     pick_port,
     private_umask,
@@ -211,7 +213,7 @@ async def _up_private(
         store_dir=ws.nats_dir,
         port=pick_port(4222),
         monitor_port=pick_port(8222),
-        config=NATS_SERVER_CONFIG,
+        config=nats_server_config(ws, use_tls=use_tls),
         die_with_parent=True,
     )
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
@@ -280,6 +282,7 @@ async def _up_private(
             )
             if health_port is not None:
                 env.update(tls.service_environment(ws.root, svc.name, health_port))
+                env.update(tls.nats_client_environment(ws.root, svc.name))
             named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
             if http_port is not None:
                 named_ports[f"{svc.name}.http"] = http_port

@@ -15,6 +15,14 @@ records it as each service's "health"); cdpctl itself checks health and calls se
 with its own certificate, found through run.json's "tls". The collector's tracking HTTP API and the CRM
 connector's webhooks stay plain HTTP (their callers are outside the platform).
 
+NATS is under the same CA (`nats_server_config`, `nats_client_environment`): nats-server serves its
+client port with the "nats" certificate (server use only: it cannot call a service) and requires every
+client to present a certificate from the CA, as the chart's `natsAuth.tls` with `clientCertificate`
+does. Each service connects with its own certificate (CDP_NATS_TLS_CA_FILE / _CERT_FILE / _KEY_FILE,
+read by the kit's bus), cdpctl and tests with cdpctl's (`nats_context`, from run.json's "tls"); a
+client without one, or speaking plain TCP, is refused. Its user and password are still asked for: TLS
+says who may connect, the NATS user what it may do. The monitoring port stays plain HTTP on loopback.
+
 The private keys never leave the files: nothing here logs or prints them.
 """
 
@@ -28,11 +36,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: every cdpctl command loads this module, few make certificates
+    import ssl
+
     import grpc
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
 
 CLIENT = "cdpctl"  # the certificate cdpctl (and tests, through run.json) present
+NATS = "nats"  # nats-server's certificate: serves its client port, never a client itself
 CA_DAYS = 365
 LEAF_DAYS = 90
 RENEW_BEFORE = datetime.timedelta(days=7)
@@ -99,7 +110,7 @@ def ensure_certificates(root: Path, names: list[str] | tuple[str, ...]) -> None:
 
     folder = tls_dir(root)
     now = datetime.datetime.now(datetime.UTC)
-    everyone = [*names, CLIENT]
+    everyone = [*names, CLIENT, NATS]
     wanted = [Path(files(root, n)[k]) for n in everyone for k in ("cert_file", "key_file")] + [folder / "ca.crt"]
     if all(p.exists() for p in wanted) and all(_still_good(p, now) for p in wanted if p.suffix == ".crt"):
         return
@@ -151,8 +162,13 @@ def ensure_certificates(root: Path, names: list[str] | tuple[str, ...]) -> None:
                 critical=False,
             )
             # Every service is both: it serves its port and dials its peers with the same certificate.
+            # nats-server only serves: its certificate does not get it into a service's gRPC port.
             .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH]
+                    if name == NATS
+                    else [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
                 critical=False,
             )
             .sign(ca_key, hashes.SHA256())
@@ -174,6 +190,41 @@ def service_environment(root: Path, name: str, health_port: int) -> dict[str, st
         "CDP_TLS_CLIENT_CA_FILE": where["ca_file"],
         "CDP_HEALTH_PORT": str(health_port),
     }
+
+
+def nats_client_environment(root: Path, name: str) -> dict[str, str]:
+    """What makes one service connect to nats-server over mutual TLS (the kit's `NatsClientSettings`): the
+    CA that signed the server's certificate, and its own certificate and key."""
+    where = files(root, name)
+    return {
+        "CDP_NATS_TLS_CA_FILE": where["ca_file"],
+        "CDP_NATS_TLS_CERT_FILE": where["cert_file"],
+        "CDP_NATS_TLS_KEY_FILE": where["key_file"],
+    }
+
+
+def nats_server_config(root: Path) -> str:
+    """nats-server's `tls {}` block: its certificate on the client port, and a client certificate from
+    the CA required of everyone (the chart's natsAuth.tls with clientCertificate)."""
+    from cdp_kit.natsauth import ServerTls
+
+    where = files(root, NATS)
+    return ServerTls(
+        cert_file=Path(where["cert_file"]), key_file=Path(where["key_file"]), client_ca=Path(where["ca_file"])
+    ).config()
+
+
+def nats_context(client: dict[str, str] | None) -> ssl.SSLContext | None:
+    """The TLS context a NATS connection presents from run.json's "tls" (None: plain TCP)."""
+    if not client:
+        return None
+    from cdp_kit.natsauth import NatsClientSettings
+
+    return NatsClientSettings(
+        tls_ca_file=Path(client["ca_file"]),
+        tls_cert_file=Path(client["cert_file"]),
+        tls_key_file=Path(client["key_file"]),
+    ).tls_context()
 
 
 def credentials(client: dict[str, str]) -> grpc.ChannelCredentials:
