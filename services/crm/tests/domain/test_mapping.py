@@ -491,3 +491,14 @@ def test_a_time_with_an_offset_is_written_in_utc():
     assert project(_dated("date"), source).fields["firstname"] == "2026-04-30"
     early = Source("person-1", {"traits.email": "a@example.com", "traits.signup": "0099-01-01T00:00:00Z"})
     assert project(_dated("datetime"), early).fields["firstname"] == "0099-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize("value", ["NaN", "nan", "inf", "-Infinity", "1e400", float("nan"), float("inf")])
+@pytest.mark.parametrize("transform", ["number", "round:2"])
+def test_a_number_that_is_no_number_is_missing_not_a_null_that_clears_the_crm_field(value, transform):
+    # float("NaN") went out as null (orjson writes NaN and inf as null), clearing the CRM's value in upsert
+    # mode, and NaN never equals itself, so every later profile change of the person wrote it again.
+    projection = project(
+        _dated(transform), Source("person-1", {"traits.email": "a@example.com", "traits.signup": value})
+    )
+    assert isinstance(projection, Projection) and "firstname" not in projection.fields

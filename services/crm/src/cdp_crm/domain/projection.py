@@ -11,6 +11,7 @@ them is skipped without projecting (`touches`).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +169,7 @@ def _apply(transform: Transform, value: Any) -> Any:
         if name == "string":
             return map_key(value) if isinstance(value, bool | float) else str(value)
         if name == "number":
-            return float(value)
+            return _finite(float(value))
         if name == "integer":
             return int(float(value))
         if name == "boolean":
@@ -182,7 +183,7 @@ def _apply(transform: Transform, value: Any) -> Any:
         if name == "upper":
             return str(value).upper()
         if name == "round":
-            return round(float(value), int(transform.arg or 0))
+            return round(_finite(float(value)), int(transform.arg or 0))
         if name == "truncate":
             return str(value)[: int(transform.arg or 0)]
         if name == "join":
@@ -197,6 +198,15 @@ def _apply(transform: Transform, value: Any) -> Any:
     except (TypeError, ValueError, OverflowError, OSError):  # OSError: fromtimestamp(-1e18)
         return None
     raise AssertionError(f"unknown transform {name}")  # validation admits only the names above
+
+
+def _finite(number: float) -> float:
+    """`number`, or ValueError for NaN and the infinities: JSON has neither (they go out as null, which
+    clears the CRM's value), and NaN never equals the value written before, so it would be written again
+    at every change."""
+    if not math.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
 
 
 def _moment(value: Any) -> dt.datetime | None:
