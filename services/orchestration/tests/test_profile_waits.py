@@ -80,6 +80,36 @@ async def test_an_overtaking_change_read_back_with_the_record_ends_a_lag(world_f
     await world.eventually(lambda: _sent_to(world, "cid"))
 
 
+async def test_events_a_change_listed_before_they_arrived_start_no_wait(world_factory):
+    # The risk story's first account: identity's "Identifier Shared" events reach it one after another, the
+    # profile applies them in one batch, and its change (listing all) arrives after the first and before
+    # the rest. Before, the second one started a wait no change would end: the hold waited ten minutes.
+    world = await world_factory()
+    await world.publish_journey(CART)
+    await world.start()
+    # (Her first event names her anonymous id: the record is written, so the test sees it applied.)
+    await world.event("eve", "Identifier Shared", "e-shared-1", anonymous_id="anon-eve", profiled=False)
+    await world.eventually(lambda: world.store.get(PERSONS, "eve"))
+    await world.profile_applied(
+        "eve", ["e-shared-1", "e-shared-2", "e-cart-eve"], consent=CONSENT, first_name="Eve", email="eve@example.com"
+    )
+    await world.eventually(
+        lambda: _field(world, "eve", "traits.first_name")
+    )  # the change is applied before the events below arrive
+    await world.events(
+        "eve",
+        [("Identifier Shared", "e-shared-2", {}), ("Cart Abandoned", "e-cart-eve", {"cart_url": "u"})],
+        profiled=False,
+    )
+    [action] = await world.eventually(lambda: _sent_to(world, "eve"))
+    assert action.content["subject"] == "Eve, your cart"
+
+
+async def _field(world, person, name):
+    stored = await world.store.get(PERSONS, person)
+    return stored is not None and stored.doc["fields"].get(name)
+
+
 async def test_a_held_action_handed_to_the_survivor_of_a_merge_leaves_when_the_profile_lists_its_event(
     world_factory,
 ):
