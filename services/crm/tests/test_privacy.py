@@ -10,9 +10,11 @@ import pytest
 from cdp.crm.v1 import crm_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.api import CrmApi
+from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import MappingInvalid, parse_connections
+from cdp_crm.inbound import HubSpotPoller
 from cdp_crm.privacy import Privacy, consumer_spec
-from cdp_crm.state import ANONYMISED, DELETED, PERSONS, PRIVACY, RECORDS
+from cdp_crm.state import ANONYMISED, CURSORS, DELETED, PERSONS, PRIVACY, RECORDS
 from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
@@ -394,3 +396,49 @@ async def test_what_reaches_the_connector_after_an_erasure_never_writes_the_pers
         records = await world.store.find(RECORDS, "person_id", "person-1")
         expected = DELETED if policy == "delete" else ANONYMISED
         assert [r.doc["state"] for r in records] == [expected]
+
+
+async def test_what_the_inbound_side_kept_of_the_persons_records_goes_with_the_erasure(world_factory, collector):
+    """The inbound side keeps, per CRM record it read, what it saw last (`crm_cursors/<connection>:<object>:
+    <crm id>`: a status and a digest of the fields it reports - email, names, phone) and what it saw the
+    time before. Those of the erased person's records went on holding digests of their values after the
+    erasure; they go with it, and the anonymised record read afterwards is no news."""
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.bus.ensure_streams(privacy_stream())
+        await world.start()
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        await world.eventually(lambda: len(emulator.records("contacts")) == 1)
+        (contact,) = emulator.records("contacts")
+        (connection,) = parse_connections(world.document())
+        poller = HubSpotPoller(
+            world.store, connection, world.session, "pat-local-hubspot", SharedBudget(world.store, connection),
+            collector.client(world.session), objects=("contacts",),
+        )  # fmt: skip
+        await poller.poll()
+        emulator.clock.advance(5)
+        emulator.user_update("contacts", contact["id"], {"phone": "+44 7700 900123"})  # a CRM user's edit
+        await poller.poll()
+        memo = f"{connection.id}:contacts:{contact['id']}"
+        assert (await world.store.get(CURSORS, memo)).doc["before"] is not None
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        runner = world.bus.consumer(consumer_spec(), privacy.handle)
+        task = asyncio.create_task(runner.run())
+        try:
+            request = privacy_pb2.PrivacyDeleted(request_id="req-memo", person_id="person-1")
+            await world.bus.publisher.publish_batch(
+                [OutMessage(subjects.PRIVACY_DELETED, request.SerializeToString(), "req-memo")]
+            )
+            await world.eventually(lambda: world.store.get(PRIVACY, "req-memo"))
+        finally:
+            task.cancel()
+        assert await world.store.get(CURSORS, memo) is None
+        posted = len(collector.stored)
+        emulator.clock.advance(5)
+        await poller.poll()  # the anonymisation, read back: not news, and nothing of before it
+        assert len(collector.stored) == posted
+        assert (await world.store.get(CURSORS, memo)).doc["before"] is None

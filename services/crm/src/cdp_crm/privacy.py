@@ -49,6 +49,7 @@ from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.mapping import ObjectMapping
 from cdp_crm.state import (
     ANONYMISED,
+    CURSORS,
     DEAD_LETTERED,
     DEAD_LETTERS,
     DELETED,
@@ -189,6 +190,14 @@ class Privacy:
         # must not send them while the erasure waits for a CRM.
         ops += [Delete(PENDING, r.key) for r in records] + [Delete(DEAD_LETTERS, r.key) for r in records]
         ops += [Delete(PERSONS, pid) for pid in persons]
+        # What the inbound side kept of each record (`crm_cursors/<connection>:<object>:<crm id>`: a digest
+        # of the fields it reports, now and the time before): the record read again after the erasure is
+        # no news (the poller skips erased records), so nothing of the values before it need stay.
+        ops += [
+            Delete(CURSORS, f"{r.doc['connection']}:{r.doc['object']}:{r.doc['crm_id']}")
+            for r in records
+            if r.doc.get("crm_id")
+        ]
         if not complete:
             await self.store.bulk_write(ops)  # what is done stays done: the retry calls only what is left
             await self.store.erase()  # no bytes left of the values already erased
