@@ -7,6 +7,7 @@ The certificates and the configuration are checked here directly; the rest on a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -196,3 +197,25 @@ async def test_nats_refuses_clients_without_a_certificate_from_the_ca(platform, 
     # And a service's own settings (CDP_NATS_TLS_* as `cdpctl up` sets them) are what its bus presents.
     service = NatsClientSettings.from_environment(tls.nats_client_environment(platform.home, "profile"))
     assert await _refusal(url, tls=service.tls_context()) == "connected"
+
+
+@pytest.mark.timeout(240)
+def test_rotation_and_a_restarted_nats_server_keep_tls(platform):
+    # A service given new credentials reconnects with them, still with its certificate.
+    cdpctl(platform, "nats-rotate", "segmentation", "--timeout", "90")
+    by_user = {c.get("authorized_user", ""): c for c in connections(platform)}
+    assert "segmentation" not in by_user and by_user["segmentation.2"].get("tls_version"), sorted(by_user)
+
+    # nats-server that dies comes back with the same TLS configuration; the services reconnect over it.
+    platform.wait_nats_restarted(platform.kill_nats())
+    deadline = time.monotonic() + 90
+    while True:
+        with contextlib.suppress(OSError):
+            by_user = {c.get("authorized_user", ""): c for c in connections(platform)}
+            expected = {"segmentation.2" if name == "segmentation" else name for name in SERVICE_NAMES}
+            if expected <= set(by_user) and all(by_user[name].get("tls_version") for name in expected):
+                break
+        assert time.monotonic() < deadline, f"not all services reconnected over TLS: {sorted(by_user)}"
+        time.sleep(1)
+    info, answer = _plain_client_answer(platform.nats_url)
+    assert info["tls_required"] is True and b"PONG" not in answer
