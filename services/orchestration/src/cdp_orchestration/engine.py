@@ -144,7 +144,8 @@ class OrchestrationLogic:
         )
 
     def _observe_held(self, _options: Any) -> list[metrics.Observation]:
-        return [metrics.Observation(sum(sum(hot.holding.values()) for hot in list(self.hot.values())))]
+        # Read by the metric reader's thread: each dict is copied at once (a C-level copy, under the GIL).
+        return [metrics.Observation(sum(sum(list(hot.holding.values())) for hot in list(self.hot.values())))]
 
     # --- decode ------------------------------------------------------------------------------------------
 
