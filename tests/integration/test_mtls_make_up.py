@@ -52,7 +52,7 @@ def test_the_certificates_are_the_owners_alone(platform):
     assert folder == platform.home / "secrets" / "tls"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     names = {path.name for path in folder.iterdir()}
-    assert {f"{name}.{kind}" for name in (*SERVICES, "cdpctl") for kind in ("crt", "key")} | {"ca.crt"} == names
+    assert {f"{name}.{kind}" for name in (*SERVICES, "cdpctl", "nats") for kind in ("crt", "key")} | {"ca.crt"} == names
     assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in folder.iterdir()} == {"0o600"}
     assert not any(name.startswith("ca.key") for name in names)  # nothing can sign another certificate
 
