@@ -14,7 +14,10 @@ from cdp_crm.adapters.dynamics import DynamicsAdapter
 from cdp_crm.adapters.http import MAX_ANSWER_BYTES, exchange
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.adapters.zoho import ZohoAdapter
+from cdp_crm.connectors import open_adapters
+from cdp_crm.domain.coalesce import DELETE, UPSERT, Change
 from cdp_crm.domain.isolation import AUTH, UNAVAILABLE
+from cdp_crm.domain.mapping import parse_connections
 
 CHUNK = b"x" * (1 << 20)
 
@@ -123,3 +126,47 @@ async def test_a_token_endpoint_answering_without_end_fails_auth_within_the_limi
         error = await adapter._authenticate()
     assert error is not None and error.reason == AUTH
     assert hostile.sent < 2 * MAX_ANSWER_BYTES
+
+
+@pytest.mark.parametrize("body", [b"<html>down for maintenance</html>", b"[]", b"[1, 2]", b'"ok"'])
+@pytest.mark.parametrize("kind", ["hubspot", "zoho"])
+@pytest.mark.parametrize("op", [UPSERT, DELETE])
+async def test_a_success_that_is_not_the_apis_json_is_retried_not_raised(kind, op, body):
+    """A 200 carrying a proxy's page or a list: `send` raised AttributeError / TypeError out of the
+    connector's batch (its contract is to never raise for what the CRM does); now it is UNAVAILABLE
+    `UNEXPECTED_ANSWER`, retried like a 5xx, and nothing is taken as written."""
+
+    async def anything(request: web.Request) -> web.Response:
+        if request.path.endswith("/token"):
+            return web.json_response({"access_token": "t", "api_domain": url})
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    key, field = ("cdp_id", "email") if kind == "hubspot" else ("CDP_Id", "Email")
+    credentials = (
+        {"token": "T"} if kind == "hubspot" else {"client_id": "T", "client_secret": "T", "refresh_token": "T"}
+    )
+    document = {"connections": [{"id": "c", "kind": kind, "url": url, "credentials": credentials, "mappings": [
+        {"id": "contacts", "object": "contacts" if kind == "hubspot" else "Contacts", "match": {key: "person.id"},
+         "fields": {field: "traits.email"}}]}]}  # fmt: skip
+    (connection,) = parse_connections(document)
+    try:
+        async with aiohttp.ClientSession() as session:
+            adapter = open_adapters([connection], session, {"T": "x"}, timeout=5)["c"]
+            if kind == "zoho":
+                adapter._accounts = url
+            mapping = connection.mappings[0]
+            change = Change(mapping.name, ((key, "p1"),), {field: "a@example.com"}, op=op, person_id="p1")
+            outcome = await adapter.send(mapping, [change])
+    finally:
+        await runner.cleanup()
+    assert (
+        outcome.error is not None and outcome.error.reason == UNAVAILABLE and outcome.error.code == "UNEXPECTED_ANSWER"
+    )
+    assert not any(result.ok for result in outcome.results.values())

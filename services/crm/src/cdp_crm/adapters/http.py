@@ -136,6 +136,14 @@ def transport_error(answer: Answer, code: str = "", message: str = "") -> CrmErr
     return None
 
 
+def unexpected(answer: Answer) -> CrmError | None:
+    """A success whose body is not the JSON object the API answers with (a proxy's or a maintenance
+    page's 200, a list): UNAVAILABLE, retried like a 5xx, rather than read as results. None otherwise."""
+    if 200 <= answer.status < 300 and answer.body is not None and not isinstance(answer.body, dict):
+        return CrmError(UNAVAILABLE, "UNEXPECTED_ANSWER", "the answer is not the API's JSON object", answer.status)
+    return None
+
+
 async def metered_read(
     budget: SharedBudget,
     clock: Callable[[], float],

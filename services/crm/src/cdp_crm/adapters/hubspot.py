@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error
+from cdp_crm.adapters.http import Answer, exchange, transport_error, unexpected
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     DUPLICATE,
@@ -310,7 +310,7 @@ def _text(value: Any) -> str:
 def _failure(answer: Answer) -> CrmError | None:
     if answer.status == 429:
         return _whole_error(answer)  # its body names the policy (burst or daily)
-    return transport_error(answer) or _whole_error(answer)
+    return transport_error(answer) or _whole_error(answer) or unexpected(answer)
 
 
 def _whole_error(answer: Answer) -> CrmError | None:

@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from cdp_crm.adapters.http import Answer, AnswerTooLarge, Reserve, exchange, metered_read, read_json, transport_error
+from cdp_crm.adapters.http import (
+    Answer,
+    AnswerTooLarge,
+    Reserve,
+    exchange,
+    metered_read,
+    read_json,
+    transport_error,
+    unexpected,
+)
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
@@ -343,7 +352,7 @@ def _failure(answer: Answer) -> CrmError | None:
     if answer.error is not None:
         return answer.error
     if answer.status < 300:
-        return None
+        return unexpected(answer)
     body = answer.body if isinstance(answer.body, dict) else {}
     code, message = str(body.get("code", answer.status)), str(body.get("message", ""))
     if answer.status == 429:
