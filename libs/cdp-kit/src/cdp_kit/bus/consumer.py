@@ -138,6 +138,18 @@ def _more_waiting(msg: Msg) -> bool:
         return True
 
 
+def _next_nowait(inbox) -> Msg | None:
+    """The next message waiting in a subscription's inbox, or None: what nats-py's `next_msg` does with a
+    message already there (its bookkeeping included), without its task per call."""
+    queue = inbox._pending_queue
+    if queue.empty():
+        return None
+    msg = queue.get_nowait()
+    inbox._pending_size -= len(msg.data)
+    queue.task_done()
+    return msg
+
+
 def _halves(msgs: list[Msg]) -> list[list[Msg]]:
     middle = len(msgs) // 2
     return [msgs[:middle], msgs[middle:]]
@@ -501,10 +513,13 @@ class ConsumerRunner:
             subscription._nms, orjson.dumps({"batch": wanted, "no_wait": True}), reply=subscription._deliver
         )
         while wanted > 0:
-            try:
-                msg = await inbox.next_msg(timeout=self.spec.fetch_timeout)
-            except (TimeoutError, nats.errors.TimeoutError):
-                break  # anything that still comes waits in the inbox for the next fetch
+            # What has arrived is taken as it is: nats-py's `next_msg` makes a task (and a uuid) per call.
+            msg = _next_nowait(inbox)
+            if msg is None:
+                try:
+                    msg = await inbox.next_msg(timeout=self.spec.fetch_timeout)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    break  # anything that still comes waits in the inbox for the next fetch
             status = (msg.headers or {}).get("Status")
             if status is None:
                 msgs.append(msg)
@@ -867,13 +882,7 @@ class StandingPull:
         return nats.js.errors.APIError(code=int(status) if status.isdigit() else None)
 
     def _next_nowait(self) -> Msg | None:
-        queue = self.inbox._pending_queue
-        if queue.empty():
-            return None
-        msg = queue.get_nowait()
-        self.inbox._pending_size -= len(msg.data)
-        queue.task_done()
-        return msg
+        return _next_nowait(self.inbox)
 
     def wake(self) -> None:
         """The owner is stopping: a fetch waiting for messages returns what it has now (nothing), and
