@@ -170,3 +170,44 @@ async def test_a_success_that_is_not_the_apis_json_is_retried_not_raised(kind, o
         outcome.error is not None and outcome.error.reason == UNAVAILABLE and outcome.error.code == "UNEXPECTED_ANSWER"
     )
     assert not any(result.ok for result in outcome.results.values())
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"results": 5, "records": 5, "data": 5}', b"<html>ok</html>"])
+@pytest.mark.parametrize("kind", ["hubspot", "salesforce", "zoho"])
+async def test_a_privacy_delete_whose_lookup_answer_lists_nothing_readable_deletes_nothing_and_says_so(kind, body):
+    """A privacy delete first looks the person's records up by their key. A 200 without the list the API
+    always answers with (a proxy's page; `{}`) read as "no such record": the record counted as deleted
+    already, the erasure was recorded done, and the CRM kept the person. It is UNAVAILABLE now, and asked
+    again."""
+
+    async def anything(request: web.Request) -> web.Response:
+        if request.path.endswith("/token"):
+            return web.json_response({"access_token": "t", "instance_url": url, "api_domain": url})
+        return web.Response(status=200, body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    key, field, obj, credentials = {
+        "hubspot": ("cdp_id", "email", "contacts", {"token": "T"}),
+        "salesforce": ("CDP_Id__c", "Email", "Contact", {"client_id": "T", "client_secret": "T"}),
+        "zoho": ("CDP_Id", "Email", "Contacts", {"client_id": "T", "client_secret": "T", "refresh_token": "T"}),
+    }[kind]
+    document = {"connections": [{"id": "c", "kind": kind, "url": url, "credentials": credentials, "mappings": [
+        {"id": "contacts", "object": obj, "match": {key: "person.id"}, "fields": {field: "traits.email"}}]}]}  # fmt: skip
+    (connection,) = parse_connections(document)
+    try:
+        async with aiohttp.ClientSession() as session:
+            adapter = open_adapters([connection], session, {"T": "x"}, timeout=5)["c"]
+            adapter._accounts = adapter._login = url  # the token endpoints (Zoho, Salesforce) here too
+            mapping = connection.mappings[0]
+            change = Change(mapping.name, ((key, "p1"),), {}, op=DELETE, person_id="p1")
+            outcome = await adapter.send(mapping, [change])
+    finally:
+        await runner.cleanup()
+    assert not any(result.ok for result in outcome.results.values())
+    assert outcome.error is not None and outcome.error.reason == UNAVAILABLE

@@ -144,6 +144,16 @@ def unexpected(answer: Answer) -> CrmError | None:
     return None
 
 
+def listed(answer: Answer, key: str) -> CrmError | None:
+    """None when the answer's body is an object holding a list of objects under `key` (the records a
+    lookup found, none or some); else UNAVAILABLE `UNEXPECTED_ANSWER`. A lookup answered otherwise found
+    nothing readable, which is not "no such record": a privacy delete would count it deleted already."""
+    items = answer.body.get(key) if isinstance(answer.body, dict) else None
+    if isinstance(items, list) and all(isinstance(item, dict) for item in items):
+        return None
+    return CrmError(UNAVAILABLE, "UNEXPECTED_ANSWER", f"the answer holds no list of {key}", answer.status)
+
+
 async def metered_read(
     budget: SharedBudget,
     clock: Callable[[], float],

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from cdp_crm.adapters.http import Answer, exchange, transport_error, unexpected
+from cdp_crm.adapters.http import Answer, exchange, listed, transport_error, unexpected
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     DUPLICATE,
@@ -231,7 +231,7 @@ class HubSpotAdapter:
             "properties": [id_property],
         }
         answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/read", body, mapping.object)
-        if (error := _failure(answer)) is not None:
+        if (error := _failure(answer) or listed(answer, "results")) is not None:
             return BatchOutcome.failed(error, answer.headers)
         hs_ids = {
             str((r.get("properties") or {}).get(id_property, "")).lower(): str(r["id"])

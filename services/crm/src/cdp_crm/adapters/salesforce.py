@@ -27,6 +27,7 @@ import io
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -34,7 +35,16 @@ import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from cdp_crm.adapters.http import Answer, AnswerTooLarge, Reserve, exchange, metered_read, read_json, transport_error
+from cdp_crm.adapters.http import (
+    Answer,
+    AnswerTooLarge,
+    Reserve,
+    exchange,
+    listed,
+    metered_read,
+    read_json,
+    transport_error,
+)
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     ANSWER_LOST,
@@ -320,10 +330,13 @@ class SalesforceAdapter:
         """Every record a SOQL query returns (following nextRecordsUrl), and the last answer."""
         answer = await self._call("GET", "/query?" + urllib.parse.urlencode({"q": soql}), what=what)
         records: list[dict[str, Any]] = []
-        while _failure(answer) is None and isinstance(answer.body, dict):
-            records.extend(answer.body.get("records", []))
+        while _failure(answer) is None:
+            if (unreadable := listed(answer, "records")) is not None:
+                # Not "no records": a delete would take the person's records for deleted already.
+                return records, replace(answer, error=unreadable)
+            records.extend(answer.body["records"])
             following = answer.body.get("nextRecordsUrl")
-            if answer.body.get("done", True) or not following:
+            if answer.body.get("done", True) or not isinstance(following, str) or not following:
                 break
             answer = await self._call("GET", following.split(f"/v{API_VERSION}", 1)[-1], what=what)
         return records, answer

@@ -29,6 +29,7 @@ import asyncio
 import time
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -38,6 +39,7 @@ from cdp_crm.adapters.http import (
     AnswerTooLarge,
     Reserve,
     exchange,
+    listed,
     metered_read,
     read_json,
     transport_error,
@@ -252,9 +254,12 @@ class ZohoAdapter:
             answer = await self._call(
                 "GET", f"/{mapping.object}/search?criteria={criteria}&page={page}", what=f"search {mapping.object}"
             )
-            if answer.status == 204 or _failure(answer) is not None or not isinstance(answer.body, dict):
-                return found, answer
-            for row in answer.body.get("data", []):
+            if answer.status == 204 or _failure(answer) is not None:
+                return found, answer  # 204: no record matches
+            if (unreadable := listed(answer, "data")) is not None:
+                # Not "no records": a delete would take the person's records for deleted already.
+                return found, replace(answer, error=unreadable)
+            for row in answer.body["data"]:
                 found[str(row.get(key_field, "")).lower()] = str(row["id"])
             if not (answer.body.get("info") or {}).get("more_records"):
                 return found, answer
