@@ -52,6 +52,7 @@ class World:
         self.journeys = Journeys(store)
         self.engine: PartitionedEngine | None = None
         self.sequence = 0
+        self.changed_at: dict[str, float] = {}  # person -> the time of the last profile change published
 
     eventually = staticmethod(eventually)
 
@@ -117,7 +118,10 @@ class World:
         **traits: Any,
     ) -> None:
         change = profile_pb2.ProfileChanged(
-            person_id=person, cause="delete" if removed else "api", at=from_seconds(self.now()), removed=removed
+            person_id=person,
+            cause="delete" if removed else "api",
+            at=from_seconds(self._change_time(person)),
+            removed=removed,
         )
         for name, value in traits.items():
             change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
@@ -176,13 +180,17 @@ class World:
     ) -> None:
         """The profile's change for events it applied (cause "event"), with the consent and traits they set.
         `event_ids`: the events' message ids; the change lists them as profile does, `<source id>:<message id>`."""
-        change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(self.now()))
+        change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(self._change_time(person)))
         change.event_ids.extend(f"{SOURCE}:{event_id}" for event_id in event_ids)
         change.consent.update(consent or {})
         for name, value in traits.items():
             change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
         batch = profile_pb2.ProfileChangedBatch(changes=[change])
         await self._publish(subjects.profiles_changed(self.partition(person)), batch.SerializeToString())
+
+    def _change_time(self, person: str) -> float:
+        at = self.changed_at[person] = self.now()
+        return at
 
     def _event(
         self, name: str, event_id: str, properties: dict[str, Any], user_id: str, anonymous_id: str
@@ -201,10 +209,16 @@ class World:
 
     async def segment(self, person: str, segment: str, *, entered: bool = True, wait: bool = True) -> None:
         self.sequence += 1
+        # As segmentation names it: decided on the person's last profile change (its time), else by a timer.
+        changed_at = self.changed_at.get(person)
         change = segmentation_pb2.SegmentEvent(
-            id=f"seg-{self.sequence}", person_id=person, segment_id=segment, entered=entered, reason="event"
+            id=f"seg-{self.sequence}",
+            person_id=person,
+            segment_id=segment,
+            entered=entered,
+            reason="event" if changed_at is not None else "time",
         )
-        change.at.CopyFrom(from_seconds(self.now()))
+        change.at.CopyFrom(from_seconds(changed_at if changed_at is not None else self.now()))
         batch = segmentation_pb2.SegmentEventBatch(events=[change])
         partition = self.partition(person)
         subject = subjects.segments_entered(partition) if entered else subjects.segments_exited(partition)

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 
 from cdp.profile.v1 import profile_pb2
+from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.timestamps import from_seconds
 from cdp_orchestration.domain.arbiter import PersonState
+from cdp_orchestration.domain.rules import parse_rules
 from cdp_orchestration.state import PERSONS, Person
 
 CONSENT = {"purpose:Marketing": True}
@@ -198,6 +200,85 @@ def test_early_ids_are_written_with_the_record_and_age_out():
     assert person.record()["early"] == [["api:r1", 100.0]]
     person.profile_applied(["e5"], 100.0 + 601)  # the API write's id never comes as an event: it goes
     assert person.record()["early"] == [["e5", 701.0]]
+
+
+HOLD = {
+    "id": "hold",
+    "version": 1,
+    "name": "Hold",
+    "priority": 100,
+    "category": "transactional",
+    "timezone": "UTC",
+    "entry": {"segment": "fraud_review", "on": "entered"},
+    "reentry": "never",
+    "nodes": [
+        {
+            "id": "hold",
+            "type": "action",
+            "channel": "webhook",
+            "purpose": "Fraud prevention",
+            "template": {"subject": "HOLD", "body": "fraud_risk {{ scores.fraud_risk }}"},
+        }
+    ],
+}
+
+
+async def test_a_segment_entered_on_a_score_this_copy_lacks_waits_for_the_score(world_factory):
+    # The risk story's failure: segmentation entered the person on the profile's score change, and its
+    # segment event reached orchestration before that change (sources interleave). The hold's template
+    # reads the score: it was rendered on fields without it, "failed", and the hold never went out.
+    world = await world_factory(rules=parse_rules({"exempt_categories": ["transactional"]}))
+    await world.publish_journey(HOLD)
+    await world.start()
+    await world.profile("ring", first_name="R")
+    scored_at = world.now()
+    await segment_event(world, "ring", "fraud_review", at=scored_at, reason="score")
+    await world.eventually(lambda: _held_for_profile(world, "ring"))
+    assert await _sent_to(world, "ring") is None
+    await score_change(world, "ring", {"fraud_risk": 0.58}, at=scored_at)
+
+    [action] = await world.eventually(lambda: _sent_to(world, "ring"))
+    assert action.content["body"] == "fraud_risk 0.58"
+    assert [d["kind"] for d in await world.decisions("ring")] == ["sent"]
+
+
+async def test_a_segment_change_decided_on_a_change_applied_here_already_holds_nothing(world_factory):
+    world = await world_factory(rules=parse_rules({"exempt_categories": ["transactional"]}))
+    await world.publish_journey(HOLD)
+    await world.start()
+    scored_at = world.now()
+    await score_change(world, "sam", {"fraud_risk": 0.61}, at=scored_at)
+    await world.eventually(lambda: world.store.get(PERSONS, "sam"))
+    await segment_event(world, "sam", "fraud_review", at=scored_at, reason="score")
+    [action] = await world.eventually(lambda: _sent_to(world, "sam"))
+    assert action.content["body"] == "fraud_risk 0.61"
+
+
+def test_a_segment_change_ahead_of_the_profile_lags_until_that_change_arrives():
+    person = Person("p1")
+    person.change_seen(100.0)
+    person.segment_ahead(100.0000004, 5.0)  # the same change, rounded to the microsecond by segmentation
+    assert person.view().behind is None
+    person.segment_ahead(101.0, 6.0)
+    assert person.view().behind == 6.0
+    assert person.change_seen(100.5) is False and person.view().behind == 6.0  # an earlier change
+    assert person.change_seen(101.0) is True and person.view().behind is None
+
+
+async def segment_event(world, person: str, segment: str, *, at: float, reason: str) -> None:
+    event = segmentation_pb2.SegmentEvent(
+        id=f"seg-{person}-{at!r}", person_id=person, segment_id=segment, entered=True, reason=reason
+    )
+    event.at.CopyFrom(from_seconds(at))
+    batch = segmentation_pb2.SegmentEventBatch(events=[event])
+    await world._publish(subjects.segments_entered(world.partition(person)), batch.SerializeToString())
+
+
+async def score_change(world, person: str, scores: dict[str, float], *, at: float) -> None:
+    change = profile_pb2.ProfileChanged(person_id=person, cause="score", at=from_seconds(at))
+    change.scores.update(scores)
+    batch = profile_pb2.ProfileChangedBatch(changes=[change])
+    await world._publish(subjects.profiles_changed(world.partition(person)), batch.SerializeToString())
 
 
 async def merge(world, survivor: str, absorbed: str) -> None:

@@ -223,7 +223,9 @@ class OrchestrationLogic:
             for journey in entry.entered_by_event(candidates, event, person.view, now):
                 await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
         elif kind == "segment":
-            segment_event_id, segment, entered = one.data
+            segment_event_id, segment, entered, change_at = one.data
+            if change_at:
+                person.segment_ahead(change_at, now)
             if entered:
                 person.segments.add(segment)
             else:
@@ -236,12 +238,14 @@ class OrchestrationLogic:
             for scheduled in self.journeys.scheduled_on(segment):
                 timers.arm(self.applier, batch, person, scheduled, now)
         elif kind == "profile":
-            updates, removed, cause, merged, split_from, event_ids = one.data
+            updates, removed, cause, merged, split_from, event_ids, change_at = one.data
             # Merges, splits and removals change the person whatever their fields; a plain change only when a
             # value moved (`_update_fields`).
             if _update_fields(person.fields, updates) or removed or merged or split_from:
                 person.dirty = True
             caught_up = person.profile_applied(event_ids, now) if event_ids else False
+            if person.change_seen(change_at):
+                caught_up = person.pending is None
             if merged:
                 request_handovers(self.partitions, batch, person.person_id, merged, now)
             if split_from:

@@ -1,7 +1,8 @@
 """What reaches `orchestration.in.<p>`, decoded: one `Input` per thing that happened to one person.
 
 `decode(stream, what, data, at)` reads a message by where it came from (`streams.kind_of`): resolved events,
-segment changes and profile changes (batches: one Input each), fired timers (instance timers and
+segment changes (with the time of the profile change they were decided on) and profile changes (with
+their time) (batches: one Input each), fired timers (instance timers and
 per-person wake timers, scheduled-entry slots), and the API's commands (enroll, exit, approve, reject,
 migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore and adopt: an unmerge,
 `merges.py`). A profile change is (flat field updates, removed, cause, persons merged into it, the person
@@ -35,7 +36,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import change_fields
-from cdp_kit.timestamps import to_ns
+from cdp_kit.timestamps import to_ns, to_seconds
 from cdp_orchestration.domain.view import Event
 
 
@@ -64,7 +65,10 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             return [Input("event", r.person_id, at, ResolvedInput(r, read_now)) for r in batch.events if r.person_id]
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
-            return [Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered)) for e in batch.events]
+            return [
+                Input("segment", e.person_id, at, (e.id, e.segment_id, e.entered, _change_time(e)))
+                for e in batch.events
+            ]
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
             return [
@@ -72,7 +76,15 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
                     "profile",
                     c.person_id,
                     at,
-                    (change_fields(c), c.removed, c.cause, list(c.merged), c.split_from, list(c.event_ids)),
+                    (
+                        change_fields(c),
+                        c.removed,
+                        c.cause,
+                        list(c.merged),
+                        c.split_from,
+                        list(c.event_ids),
+                        to_seconds(c.at),
+                    ),
                 )
                 for c in batch.changes
             ]
@@ -92,6 +104,17 @@ def decode(stream: str, what: str, data: bytes, at: float) -> list[Input]:
             "invalid_payload", stream or "headers", f"not a {stream or 'known'} message: {type(exc).__name__}"
         ) from None
     raise Reject("unknown_input", "headers", "neither sourced from a known stream nor an API command")
+
+
+# The causes of a segment change that are a profile change (segmentation's `reason`): its `at` is then that
+# change's time, which orchestration gets too (`ProfileChanged.at`), from another source.
+_PROFILE_CAUSES = frozenset({"event", "api", "merge", "unmerge", "expiry", "backfill", "score"})
+
+
+def _change_time(event: segmentation_pb2.SegmentEvent) -> float:
+    """The time of the profile change a segment change was decided on (0: it was not one: a timer, another
+    segment, a definition changed)."""
+    return to_seconds(event.at) if event.reason in _PROFILE_CAUSES and event.HasField("at") else 0.0
 
 
 # A double that is not finite (NaN, infinity) has all eleven exponent bits set; stored little-endian, its

@@ -90,6 +90,11 @@ class Person:
     # applied here), else None.
     pending: tuple[str, float] | None = None
     pending_written: bool = False  # the person record last written holds `pending`
+    # The latest profile change applied here (its `ProfileChanged.at`, the profile's clock), and - while a
+    # segment change decided on a later one came first (sources interleave) - (that change's time, since
+    # when the fields lag behind it): `segment_ahead` / `change_seen`.
+    changed_at: float = 0.0
+    awaited: tuple[float, float] | None = None
     profiled: str = ""  # the last event id a profile change listed
     # Event ids profile changes listed before the events themselves reached the engine (sources interleave),
     # so they do not start a wait when they come: id -> the stream time of the change. A few per person at
@@ -106,10 +111,31 @@ class Person:
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def view(self) -> PersonView:
-        pending = self.pending
-        return PersonView(
-            self.person_id, dict(self.fields), frozenset(self.segments), behind=pending[1] if pending else None
-        )
+        pending, awaited = self.pending, self.awaited
+        behind = pending[1] if pending else None
+        if awaited is not None and (behind is None or awaited[1] < behind):
+            behind = awaited[1]
+        return PersonView(self.person_id, dict(self.fields), frozenset(self.segments), behind=behind)
+
+    def segment_ahead(self, change_at: float, at: float) -> None:
+        """A segment change decided on the profile change of `change_at` reached the engine at `at`: until
+        that change arrives here too, the fields lag behind what segmentation saw (a segment entered on a
+        score this copy of the fields does not have yet)."""
+        if change_at <= self.changed_at + _SAME_CHANGE:
+            return
+        awaited = self.awaited
+        self.awaited = (max(change_at, awaited[0]), awaited[1]) if awaited is not None else (change_at, at)
+
+    def change_seen(self, change_at: float) -> bool:
+        """A profile change of `change_at` was applied; whether it ended a lag `segment_ahead` started."""
+        if change_at > self.changed_at:
+            self.changed_at = change_at
+        awaited = self.awaited
+        if awaited is None or change_at + _SAME_CHANGE < awaited[0]:
+            return False
+        self.awaited = None
+        self.dirty = True
+        return self.pending is None
 
     def saw_event(self, event_id: str, at: float) -> bool:
         """A resolved event of the person reached the engine at `at`: until a profile change lists it, the
@@ -198,6 +224,10 @@ class Person:
             optional["pending"] = self.pending[1]
         if self.early:
             optional["early"] = [[event_id, at] for event_id, at in self.early.items()]
+        if self.changed_at:
+            optional["changed_at"] = self.changed_at
+        if self.awaited is not None:
+            optional["awaited"] = list(self.awaited)
         return {
             "fields": dict(self.fields),
             "segments": sorted(self.segments),
@@ -212,6 +242,9 @@ class Person:
 
 
 _EARLY = 16  # early event ids kept per person (`Person.early`)
+# Segmentation rounds a profile change's time to the microsecond when it names it: times this close are the
+# same change.
+_SAME_CHANGE = 0.001
 # Seconds of stream time an early id is kept: its event reaches the engine within the sourcing lag of the
 # two streams (both are sourced by the server, also while orchestration is stopped), far below this.
 _EARLY_SECONDS = 600.0
@@ -284,6 +317,9 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
                 person.pending_written = True
             if doc.get("early"):
                 person.early = {event_id: at for event_id, at in doc["early"]}
+            person.changed_at = doc.get("changed_at") or 0.0
+            if doc.get("awaited"):
+                person.awaited = (doc["awaited"][0], doc["awaited"][1])
             for instance_id in doc["live"]:
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)
