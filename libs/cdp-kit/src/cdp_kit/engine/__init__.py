@@ -23,8 +23,10 @@ and the kit does the rest, per owned partition p (`pipeline`):
    the next batch while it is written (up to `EngineSpec.in_flight` batches between apply and
    acknowledgement);
 5. in the same order: wait for the commit, publish the messages (each with its stable
-   `Nats-Msg-Id`, retried until JetStream stores it), acknowledge the batch. The published outbox
-   record is deleted by a later commit.
+   `Nats-Msg-Id`, retried until JetStream stores it), acknowledge the batch: one acknowledgement,
+   of its last message (the partition consumers are `AckPolicy.ALL`, so it covers every message
+   before it; batches are settled in stream order). The published outbox record is deleted by a
+   later commit.
 
 Invariants:
 - writes land in the order the batches were applied (`WriteChain`); a write never lands after an
