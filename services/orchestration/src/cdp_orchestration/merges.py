@@ -175,7 +175,7 @@ async def adopt(applier: Applier, hot: Partition, batch: Batch, person: Person, 
                 msg_id=f"moved:{receiver}:{timer.id}:{now!r}",
             )
     state = person.state
-    if person.pending is None and state is not None and any(held.profile for held in state.deferred):
+    if state is not None and any(held.profile for held in state.deferred) and person.view().behind is None:
         # Actions held for the profile where they were: the receiver's fields are the profile's after the
         # merge (its change came before the hand-over was asked for), so they are decided now rather than
         # at the end of `profile_wait`.
