@@ -10,6 +10,7 @@ from nats.js.errors import NotFoundError
 
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, owned_partitions, profiles_stream, segments_stream, subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.ownership import StaticOwnership, ownership_from_settings
 from cdp_kit.person_export import export_service, replica_owners
 from cdp_kit.profile_client import ProfileClient
@@ -125,7 +126,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         try:
             await engine.reload(msg.data.decode())
         except Exception as exc:  # its next restart loads the segment from the store
-            log.error("could not follow a segment change another replica made: %r", exc)
+            # Type and field only: a stored definition that does not compile is quoted in the error's text.
+            log.error("could not follow a segment change another replica made", extra={"error": describe_error(exc)})
 
     subscription = await bus.nc.subscribe(ANNOUNCE, cb=on_announced)
     runtime.stack.push_async_callback(subscription.unsubscribe)

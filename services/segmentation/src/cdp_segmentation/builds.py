@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, SEGMENTS, Segment, segment_from_doc
 from cdp_segmentation.domain import Columns, CompiledSegment, to_json
@@ -217,13 +218,19 @@ class Builds:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("segment %s could not be built: %r", segment.id, exc)
+            # The error's text is the caller's answer (`error`): it may quote the definition's values.
+            log.error(
+                "segment could not be built",
+                extra={"segment": segment.id, "version": segment.building_version, "error": describe_error(exc)},
+            )
             # FAILED; a definition that went live before keeps serving (`serving`).
             segment.state, segment.error, segment.pending = FAILED, str(getattr(exc, "message", exc)), None
             try:
                 await self.store.put(SEGMENTS, segment.id, segment.doc())
             except Exception as store_exc:
-                log.warning("could not store segment %s state: %r", segment.id, store_exc)
+                log.warning(
+                    "could not store segment state", extra={"segment": segment.id, "error": describe_error(store_exc)}
+                )
             # The traits the failed definition had defined (some of them, when the profile service refused
             # one): nothing reads them now.
             if self.segments.get(segment.id) is segment:

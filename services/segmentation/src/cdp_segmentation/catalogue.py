@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 
 from cdp_kit.bus import subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.profile_fields import COMPUTED, field_key
 from cdp_segmentation.domain import (
@@ -42,7 +43,6 @@ from cdp_segmentation.domain import (
     compile_segment,
     from_json,
     to_json,
-    to_text,
 )
 from cdp_segmentation.evaluation import Transition
 
@@ -192,7 +192,8 @@ class Catalogue:
             await self.store.put(SEGMENTS, segment_id, segment.doc())
             self.segments[segment_id] = segment
         await self._announce({"segment": segment_id})
-        log.info("segment created", extra={"segment": segment_id, "definition": to_text(compiled.node)})
+        # Names and ids only: a definition's literals are customer data (`traits.email = "..."`).
+        log.info("segment created", extra={"segment": segment_id, "version": 1, "fields": sorted(compiled.fields)})
         self._start_build(segment, reason="created")
         return segment
 
@@ -219,6 +220,14 @@ class Catalogue:
             if node is not None and replaced is not None:
                 await self._release_traits(replaced)  # a build this update cancelled
         await self._announce({"segment": segment_id})
+        log.info(
+            "segment updated",
+            extra={
+                "segment": segment_id,
+                "version": segment.building_version,
+                "fields": sorted(segment.definition.fields),
+            },
+        )
         if node is not None:
             self._start_build(segment, reason="updated" if segment.serving else "created")
         return segment
@@ -293,7 +302,10 @@ class Catalogue:
         try:
             await self.undefine_traits(sorted(names))
         except Exception as exc:
-            log.warning("could not delete computed traits %s on the profile service: %r", sorted(names), exc)
+            log.warning(
+                "could not delete computed traits on the profile service",
+                extra={"traits": sorted(names), "error": describe_error(exc)},
+            )
             return
         # The profile service publishes nothing when it deletes a trait: without this, a trait defined
         # again later would be read with the values it had before (a person it now counts 0 for keeps them).
@@ -309,7 +321,9 @@ class Catalogue:
             try:
                 await self.announce(orjson.dumps(what).decode())
             except Exception as exc:  # the others pick it up from the store when they restart
-                log.warning("could not announce a segment change to the other replicas: %r", exc)
+                log.warning(
+                    "could not announce a segment change to the other replicas", extra={"error": describe_error(exc)}
+                )
 
     async def reload(self, announcement: str) -> None:
         """Another replica created, changed or deleted a segment: do the same here. Transitions carry the
