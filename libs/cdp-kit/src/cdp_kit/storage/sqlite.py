@@ -60,7 +60,11 @@ volume) answers every call with Unavailable (the consumers then wait and retry, 
 and logs it once, naming the file and SQLite's error (``SQLITE_FULL`` …), again every minute while it
 lasts and once more when it writes again: the callers' own logs name only the exception's type. The
 service's gRPC health `cdp.storage` reads NOT_SERVING meanwhile (`cdp_kit.storage.health`). A file
-that is not a SQLite database, or a damaged one, stops start-up naming the file and what to do.
+that is not a SQLite database, or a damaged one, stops start-up naming the file and what to do; damage
+inside a page that only a later statement reaches answers that call, and every call that reaches it, the
+same way (`DamagedStore`: FAILED_PRECONDITION to a caller, an outage to a stream consumer, which holds its
+messages), logged at ERROR and shown by `cdp.storage` until the store is closed
+(`cdp_kit.storage.sqlite_faults`).
 
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
 transaction before anything is written; a unique-index violation rolls everything back and is then
@@ -83,8 +87,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from cdp_kit.errors import FailedPrecondition, InvalidArgument, Unavailable
-from cdp_kit.storage import health
+from cdp_kit.errors import FailedPrecondition, InvalidArgument
 from cdp_kit.storage.port import (
     BulkResult,
     DuplicateValue,
@@ -107,6 +110,7 @@ from cdp_kit.storage.port import (
     plan_bulk,
     undeclared_field,
 )
+from cdp_kit.storage.sqlite_faults import Faults, mapped
 from cdp_kit.storage.sqlite_wal import (
     DEFAULT_INTERVAL_SECONDS,
     DEFAULT_LIMIT_BYTES,
@@ -124,17 +128,6 @@ _CHUNK = 500
 _ERASE_ATTEMPTS = 5
 # An erase rebuilds a store file up to this size (VACUUM): see "Erasure" above.
 _ERASE_REBUILD_MAX_BYTES = 256 * 1024 * 1024
-_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_IOERR, _SQLITE_FULL = 5, 6, 10, 13
-_SQLITE_READONLY, _SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 8, 11, 14, 26
-# What a store that cannot write says to the operator, by SQLite's primary result code.
-_CANNOT_WRITE = {
-    _SQLITE_FULL: "free disk space",
-    _SQLITE_IOERR: "check the volume (I/O error)",
-    _SQLITE_READONLY: "the file or its folder is read-only: fix its permissions or mount",
-    _SQLITE_CANTOPEN: "the file cannot be opened: check it and its folder exist and are writable",
-}
-# While a store cannot write, how often it says so again.
-_FAILURE_LOG_SECONDS = 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
@@ -213,10 +206,7 @@ class SqliteStore(Store):
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
         self._erase_owed = False  # an erase readers kept from finishing (writer thread only)
-        # Since when calls fail for a reason the operator must fix (_CANNOT_WRITE), and when that was last
-        # logged (event loop only).
-        self._failing_since: float | None = None
-        self._failure_logged = 0.0
+        self._faults = Faults(self.path)  # failures the operator must fix (event loop only)
         # collection -> field -> unique. Replaced wholesale (never mutated) and only on the writer thread,
         # so the event loop always sees a consistent mapping.
         self._indexes: dict[str, dict[str, bool]] = {}
@@ -245,18 +235,10 @@ class SqliteStore(Store):
             self._writer.shutdown()
             self._reader.shutdown()
             if isinstance(exc, sqlite3.Error):
-                code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-                if code in (_SQLITE_NOTADB, _SQLITE_CORRUPT):
-                    raise FailedPrecondition(
-                        f"sqlite store {self.path} is not a usable SQLite database "
-                        f"({getattr(exc, 'sqlite_errorname', type(exc).__name__)}): restore it from a backup, or "
-                        f"move it and its -wal and -shm files aside to start with an empty store (the service's "
-                        f"README says what it rebuilds from the streams and what is lost)"
-                    ) from exc
-                mapped = self._unavailable(exc)
-                if mapped is exc:
+                error = mapped(self.path, exc, self._busy_timeout)
+                if error is exc:
                     raise
-                raise mapped from exc
+                raise error from exc
             raise
 
     def __repr__(self) -> str:
@@ -321,52 +303,15 @@ class SqliteStore(Store):
     async def _run(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         try:
             result = await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-        except sqlite3.OperationalError as exc:
-            mapped = self._unavailable(exc)
-            if mapped is not exc:
-                self._note_failure(exc)
-                raise mapped from exc
+        except sqlite3.Error as exc:  # a damaged page is a DatabaseError; a full disk an OperationalError
+            error = mapped(self.path, exc, self._busy_timeout)
+            if error is not exc:
+                self._faults.failed(exc)
+                raise error from exc
             raise
-        if self._failing_since is not None and executor is self._writer:
-            log.info(
-                "sqlite store %s writes again after %.0f s",
-                self.path,
-                time.monotonic() - self._failing_since,
-            )
-            self._failing_since = None
-            health.writes_again(str(self.path))
+        if executor is self._writer:
+            self._faults.wrote()
         return result
-
-    def _note_failure(self, exc: sqlite3.Error) -> None:
-        """Log a failure the operator must fix: when it starts, then every _FAILURE_LOG_SECONDS."""
-        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-        if code not in _CANNOT_WRITE:
-            return  # busy or locked: another writer, not the operator's to fix
-        now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-            health.cannot_write(str(self.path))
-        elif now - self._failure_logged < _FAILURE_LOG_SECONDS:
-            return
-        self._failure_logged = now
-        log.warning(
-            "sqlite store %s cannot write (%s) for %.0f s: %s; calls answer UNAVAILABLE until it can",
-            self.path,
-            getattr(exc, "sqlite_errorname", type(exc).__name__),
-            now - self._failing_since,
-            _CANNOT_WRITE[code],
-        )
-
-    def _unavailable(self, exc: sqlite3.Error) -> Exception:
-        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
-        if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
-            return Unavailable(
-                f"sqlite store {self.path}: locked by another writer for over {self._busy_timeout}s; retry",
-                retry_after=0.5,
-            )
-        if code in _CANNOT_WRITE:
-            return Unavailable(f"sqlite store {self.path}: {exc}; {_CANNOT_WRITE[code]}", retry_after=5.0)
-        return exc
 
     @staticmethod
     def _record(row: tuple[str, int, str]) -> Record:
@@ -672,3 +617,4 @@ class SqliteStore(Store):
         await loop.run_in_executor(self._reader, self._rconn.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._faults.closed()
