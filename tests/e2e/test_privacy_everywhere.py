@@ -4,8 +4,12 @@ The whole platform runs as `make up` runs it (`cdpctl up` in a temporary workspa
 embedded SQLite store under the workspace's `data/`, nats-server's store under `nats/`, the local channel
 servers and CRM emulators beside them). One person, with identifiers and a trait no one else has, goes
 through every service: a profile, scores, a segment, a journey that emails them, leaves an in-app
-message and opens a CRM task, and a contact in the local HubSpot and Salesforce. A second person goes the
-same way and must be untouched (and shows that the scan below does find what is there).
+message and opens a CRM task, and a contact in the local HubSpot and Salesforce. A HubSpot user then
+corrects their last name on that contact: the correction comes back through the connector's inbound side
+(an `identify` from HubSpot, under the anonymous id `hubspot:<account>:<contact id>`) into identity and the
+profile, and the connector writes it on to Salesforce - so a value that entered the platform from a CRM
+is scanned for like the others. A second person goes the same way and must be untouched (and shows that
+the scan below does find what is there).
 
 Then the operator deletes the first person as the README documents (`cdpctl delete user_id ... --yes`),
 with `--wait`: it answers once the deletion is reported complete, every durable consumer of
@@ -63,6 +67,8 @@ PHONE = "+44 7700 900871"
 FIRST_NAME = "Zoëquartz"  # not ASCII: a JSON writer may escape it
 LAST_NAME = "Erasabelle-4471"
 NOTE = "priv-note-b1e5d0"  # an event property
+CRM_LAST_NAME = "Erasabelle-CRM-93c1"  # what a HubSpot user corrects the last name to
+HUBSPOT_TOKEN = "pat-local-hubspot"  # the local HubSpot's private-app token
 
 # The person kept.
 KEEP_USER = "u-priv-keep-51aa"
@@ -129,6 +135,7 @@ def markers() -> dict[bytes, str]:
         "first name": FIRST_NAME,
         "last name": LAST_NAME,
         "event property": NOTE,
+        "last name from the CRM": CRM_LAST_NAME,
     }
     found: dict[bytes, str] = {}
     for name, value in values.items():
@@ -342,6 +349,22 @@ def _story(ws: Workspace) -> dict[str, Any]:
                "/_emulator/records/contacts")), 30)  # fmt: skip
     eventually(lambda: any(KEEP_EMAIL in json.dumps(c) for c in ws.emulator("crm-hubspot",
                "/_emulator/records/contacts")), 30)  # fmt: skip
+    # A HubSpot user corrects the last name on the person's contact: it comes back into the profile (with
+    # the connector's own source) and the connector writes it on to Salesforce.
+    (contact,) = [
+        r.crm_id for r in ws.crm_records(person_id) if (r.connection_id, r.mapping_id) == ("hubspot", "contacts")
+    ]
+    hubspot = ws.platform.companion("crm-hubspot")["urls"]["api"]
+    patch = urllib.request.Request(
+        f"{hubspot}/crm/v3/objects/contacts/{contact}",
+        json.dumps({"properties": {"lastname": CRM_LAST_NAME}}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {HUBSPOT_TOKEN}"},
+        method="PATCH",
+    )
+    urllib.request.urlopen(patch, timeout=10).close()
+    eventually(lambda: ws.profile(USER).traits["last_name"].value.string_value == CRM_LAST_NAME, 60)
+    eventually(lambda: any(CRM_LAST_NAME in json.dumps(c) for c in ws.emulator("crm-salesforce",
+               "/_emulator/records/Contact")), 60)  # fmt: skip
     before = holding(ws.store_files(), markers())
 
     # The deletion, as the README documents it; --wait: until every service that keeps people acknowledged it.
@@ -353,7 +376,10 @@ def _story(ws: Workspace) -> dict[str, Any]:
         timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return {"person_id": person_id, "keep_id": keep, "before": before, "result": json.loads(done.stdout), "ws": ws}
+    return {
+        "person_id": person_id, "keep_id": keep, "before": before, "result": json.loads(done.stdout), "ws": ws,
+        "crm_anonymous_id": f"hubspot:62515:{contact}",
+    }  # fmt: skip
 
 
 def test_the_deletion_is_reported_done_by_every_service_that_keeps_the_person(deleted):
@@ -401,7 +427,10 @@ def test_no_other_file_the_services_write_holds_the_person(deleted):
 def test_services_answer_that_the_person_is_gone(deleted):
     ws: Workspace = deleted["ws"]
     person_id = deleted["person_id"]
-    for kind, value in (("user_id", USER), ("email", EMAIL.lower()), ("anonymous_id", ANON)):
+    for kind, value in (
+        ("user_id", USER), ("email", EMAIL.lower()), ("anonymous_id", ANON),
+        ("anonymous_id", deleted["crm_anonymous_id"]),  # the contact's events from HubSpot came under it
+    ):  # fmt: skip
         with pytest.raises(grpc.RpcError) as lookup:
             ws.identity.Lookup(
                 identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=kind, value=value)),

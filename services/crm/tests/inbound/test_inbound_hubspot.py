@@ -245,3 +245,52 @@ async def test_a_contact_the_connector_created_and_wrote_again_before_the_first_
         assert await poller.poll() >= 1  # a sales rep's edit still is news
         assert "CRM Contact Updated" in collector.names()
         await world.stop()
+
+
+async def test_a_ticket_about_an_erased_contact_never_brings_the_deleted_person_back(world_factory, collector):
+    """A record linked to a contact the connector erased - a support ticket an agent keeps working on, the
+    task a journey opened (anonymised by the erasure: that is a change too) - was posted as news with the
+    contact's anonymous id and the deleted person's CDP id (the anonymised contact keeps it): identity made
+    a new person of it, holding the deleted person's id (seen under make up: 'CRM Task Updated' right
+    after `cdpctl delete --wait`). Such a change is no news once the contact is erased."""
+    from cdp.privacy.v1 import privacy_pb2
+    from cdp_crm.privacy import Privacy, consumer_spec
+    from cdp_crm.state import PRIVACY
+    from cdp_kit.bus import OutMessage, privacy_stream, subjects
+
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.bus.ensure_streams(privacy_stream())
+        await world.start()
+        (connection,) = world.connections
+        poller = HubSpotPoller(
+            world.store, connection, world.session, TOKEN, SharedBudget(world.store, connection),
+            collector.client(world.session), objects=("contacts", "tickets"),
+        )  # fmt: skip
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        contact = await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1"))
+        await poller.poll()
+        hubspot.clock.advance(5)
+        ticket = hubspot.user_create("tickets", {"subject": "Refund please", "hs_pipeline_stage": "1"})
+        hubspot._link("tickets", ticket["id"], "contacts", contact["id"], [])
+        await poller.poll()
+        assert collector.names() == ["CRM Ticket Opened"]  # before the erasure: news about Ada
+
+        privacy = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        task = asyncio.create_task(world.bus.consumer(consumer_spec(), privacy.handle).run())
+        try:
+            request = privacy_pb2.PrivacyDeleted(request_id="req-t", person_id="person-1")
+            await world.bus.publisher.publish_batch(
+                [OutMessage(subjects.PRIVACY_DELETED, request.SerializeToString(), "req-t")]
+            )
+            await world.eventually(lambda: world.store.get(PRIVACY, "req-t"))
+        finally:
+            task.cancel()
+        hubspot.clock.advance(5)
+        hubspot.user_update("tickets", ticket["id"], {"hs_pipeline_stage": "4"})  # the agent closes it
+        await poller.poll()
+        assert collector.names() == ["CRM Ticket Opened"]
+        await world.stop()

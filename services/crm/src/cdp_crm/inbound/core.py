@@ -49,7 +49,7 @@ from cdp_crm.adapters.http import Answer
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
 from cdp_crm.inbound.sizes import fit
-from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS
+from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS, TOMBSTONES
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
@@ -415,18 +415,26 @@ class Poller:
 
     async def _written(self, change: Change) -> tuple[dict[str, Any], bool]:
         """What the connector last wrote to this contact (its `crm_records` document's fields), if it did,
-        and whether the connector erased it for a deleted person. An erased record is never news: its
-        anonymisation is the connector's own write, and a later edit there would bring a deleted person
-        back into the CDP (an identify keyed by the contact)."""
-        if change.kind not in ("contact", "lead") or change.deleted:
-            return {}, False
+        and whether the change is about a person the connector erased: the record itself erased (its
+        anonymisation or deletion is the connector's own write), or - a ticket, task, case or deal - the
+        contact it is linked to erased, or the CDP id it carries a deleted person's (tombstone). Such a
+        change is never news: its events would bring the deleted person back into the CDP (keyed by the
+        contact's anonymous id, carrying their CDP id)."""
         written: dict[str, Any] = {}
         erased = False
         for record in await self.store.find(RECORDS, "crm_id", change.record_id, limit=20):
             doc = record.doc
             if doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower():
-                written.update(doc.get("fields") or {})
+                if change.kind in ("contact", "lead") and not change.deleted:
+                    written.update(doc.get("fields") or {})
                 erased = erased or doc.get("state") in ERASED
+        person = change.person
+        if not erased and person is not None and change.kind not in ("contact", "lead"):
+            for record in await self.store.find(RECORDS, "crm_id", person.id, limit=20):
+                if record.doc.get("connection") == self.connection.id and record.doc.get("state") in ERASED:
+                    erased = True
+        if not erased and person is not None and person.cdp_id:
+            erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
         return written, erased
 
     def _reported(self, change: Change) -> dict[str, Any]:
