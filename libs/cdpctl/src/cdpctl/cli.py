@@ -19,7 +19,9 @@ cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON   
 cdpctl identity model show / export FILE      the matching model: m, u, weights, λ, EM   (identity.py)
 cdpctl definitions export [--out FILE] / import FILE [--dry-run] [--replace]      (definitions.py)
 
-Without --home or CDP_HOME, commands find the running platform from any folder (Workspace.discover).
+Without --home or CDP_HOME, commands act on the current folder's (or its repository's) `.cdp` when it has
+one, and otherwise find the running platform from any folder (Workspace.discover), naming its home on
+stderr; `up` always starts the current folder's.
 """
 
 from __future__ import annotations
@@ -98,14 +100,29 @@ class LazyGroup(click.Group):
     "--home",
     type=click.Path(path_type=Path),
     envvar="CDP_HOME",
-    help="folder for NATS data, service stores, logs and dev secrets [default: the running platform's, else ./.cdp]",
+    help="folder for NATS data, service stores, logs and dev secrets [default: this folder's or its "
+    "repository's .cdp, else the running platform's, else ./.cdp; `up`: ./.cdp]",
 )
 @click.pass_context
 def main(ctx: click.Context, home: Path | None) -> None:
     """Operate a cdp platform."""
-    ctx.obj = Workspace(home.resolve()) if home else Workspace.discover()
+    if home:
+        ctx.obj = Workspace(home.resolve())
+    elif ctx.invoked_subcommand == "up":
+        # This folder's platform: another checkout's running one (found by discovery) is not this one.
+        ctx.obj = Workspace.default()
+    else:
+        ctx.obj = Workspace.discover()
+        if ctx.invoked_subcommand != "status" and "--help" not in sys.argv[1:]:  # status: in its header
+            _name_home(ctx.obj)
     # Calls to the services present cdpctl's certificate when that platform runs with mutual TLS.
     tls.use_workspace(ctx.obj.root)
+
+
+def _name_home(ws: Workspace) -> None:
+    """Which platform a command acts on, when no --home or CDP_HOME chose it (on stderr: output stays clean)."""
+    how = f" (found through {ws.found}: this folder has no .cdp of its own)" if ws.found else ""
+    console.print(f"cdp home: {ws.root}{how}", style="dim", markup=False, highlight=False, soft_wrap=True)
 
 
 # -------------------------------------------------------------------------------------------- send

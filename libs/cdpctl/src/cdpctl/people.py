@@ -253,7 +253,11 @@ def delete(
     """Privacy deletion of a person (PERSON_ID, or TYPE VALUE) everywhere; irreversible."""
     person_id = asyncio.run(_person_id(ws, identity_address, person))
     if not yes:
-        click.confirm(f"Delete person {person_id} and everything held about them? This cannot be undone", abort=True)
+        click.confirm(
+            f"Delete person {person_id} and everything held about them on the platform of {ws.root}? "
+            "This cannot be undone",
+            abort=True,
+        )
     mode = profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE if suppress else profile_pb2.DELETE_MODE_DELETE
 
     async def call() -> dict:
@@ -269,6 +273,7 @@ def delete(
         return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
     result = asyncio.run(call())
+    result["home"] = str(ws.root)  # which platform it was deleted on
     if not wait:
         out.print_json(json.dumps(result))
         return

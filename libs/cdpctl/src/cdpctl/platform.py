@@ -388,6 +388,8 @@ class Workspace:
     """Everything `cdpctl up` keeps under one project-local folder (default `.cdp/`), its owner's only."""
 
     root: Path
+    # How discovery chose it when it is not the current folder's own (`discover`); "" otherwise.
+    found: str = field(default="", compare=False)
 
     @classmethod
     def default(cls) -> Workspace:
@@ -397,23 +399,47 @@ class Workspace:
     def discover(cls) -> Workspace:
         """The workspace of the running platform, wherever the command runs from.
 
-        Without CDP_HOME/--home: `./.cdp` if a platform runs there, else the `.cdp` of the checkout this
-        cdpctl is installed in (`<checkout>/.venv/bin/cdpctl`), else the one the last `cdpctl up` on this
-        account recorded in `~/.cdp/current.json`; with none running, `./.cdp` (where `cdpctl up` starts).
+        Without CDP_HOME/--home: the folder's own `.cdp` when it or its repository has one (`own`: the
+        nearest from the current folder up to the repository's root), running or not - another checkout's
+        platform never stands in for this checkout's; elsewhere the `.cdp` of the checkout this cdpctl is
+        installed in (`<checkout>/.venv/bin/cdpctl`) if a platform runs there, else the one the last
+        `cdpctl up` on this account recorded in `~/.cdp/current.json`; with none running, `./.cdp` (where
+        `cdpctl up` starts). `found` says how a workspace other than the folder's own was chosen.
         """
-        here = cls(Path(".cdp").resolve())
-        candidates = [here]
+        own = cls.own()
+        if own is not None:
+            return own
         checkout = Path(sys.prefix).parent
         if (checkout / "pyproject.toml").is_file():
-            candidates.append(cls(checkout / ".cdp"))
+            installed = cls(checkout / ".cdp", found="the checkout this cdpctl is installed in")
+            if installed.running() is not None:
+                return installed
         try:
-            candidates.append(cls(Path(json.loads(current_file().read_text())["home"])))
+            recorded = cls(Path(json.loads(current_file().read_text())["home"]), found="the last `cdpctl up` here")
         except (OSError, ValueError, KeyError, TypeError):
-            pass
-        for ws in candidates:
-            if ws.running() is not None:
-                return ws
-        return here
+            recorded = None
+        if recorded is not None and recorded.running() is not None:
+            return recorded
+        return cls(Path(".cdp").resolve())
+
+    @classmethod
+    def own(cls) -> Workspace | None:
+        """The `.cdp` of the current folder, or else the nearest of its parents' up to its repository's root
+        (the folder holding `.git`); none outside a repository without `./.cdp`. `~/.cdp`, which holds
+        current.json only, is no workspace."""
+        here = Path.cwd().resolve()
+        folders = [here]
+        for parent in here.parents:
+            if (folders[-1] / ".git").exists():
+                break
+            folders.append(parent)
+        else:
+            folders = [here]  # no repository: the current folder alone
+        for folder in folders:
+            candidate = folder / ".cdp"
+            if candidate.is_dir() and candidate != current_file().parent:
+                return cls(candidate)
+        return None
 
     @property
     def nats_dir(self) -> Path:

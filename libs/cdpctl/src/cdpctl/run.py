@@ -184,7 +184,10 @@ async def _up(
 ) -> int:
     previous = ws.running()
     if previous:
-        console.print(f"[red]cdp is already running here (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]")
+        console.print(
+            f"[red]cdp is already running in {ws.root} (cdpctl pid {previous['pid']}); `cdpctl status` shows it.[/]",
+            soft_wrap=True,
+        )
         return 1
     # Everything made from here on - by cdpctl, nats-server (its JetStream store), the services (their
     # stores) and the companions, who inherit the umask - is the owner's only (cdpctl.platform).
@@ -495,9 +498,9 @@ def status(ws: Workspace, as_json: bool) -> None:
     state, health, nats_ok, companions = asyncio.run(_status(ws))
     if state is None:
         if as_json:
-            out.print_json(json.dumps({"running": False}))
+            out.print_json(json.dumps({"running": False, "home": str(ws.root)}))
         else:
-            console.print("cdp is not running here (start it with `make up`).")
+            console.print(f"cdp is not running in {ws.root} (start it with `make up`).", soft_wrap=True)
         raise SystemExit(1)
     # Companions stand in for what is outside the platform: one that is down does not make it unhealthy.
     healthy = nats_ok and all(h == "SERVING" for h in health.values())
@@ -529,6 +532,7 @@ def status(ws: Workspace, as_json: bool) -> None:
             )
         )
     else:
+        out.print(f"cdp home: {ws.root}", soft_wrap=True, highlight=False, markup=False)
         out.print(_status_table(state, health, nats_ok=nats_ok, companions=companions))
     raise SystemExit(0 if healthy else 1)
 
@@ -570,7 +574,7 @@ def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
 
     state = ws.running()
     if state is None:
-        raise click.ClickException("cdp is not running here (start it with `make up`)")
+        raise click.ClickException(f"cdp is not running in {ws.root} (start it with `make up`)")
     path = ws.nats_credentials_file(service)
     old, _password = read_credentials(path)
     new, password = next_nats_user(old), new_password()
