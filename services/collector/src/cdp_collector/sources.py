@@ -36,16 +36,25 @@ def _parse_sources(document: dict) -> dict[str, Source]:
     return by_key
 
 
+# How a client that is refused for its key finds the right one and sends it. Never the key it sent: a wrong
+# key is often a real one of another source or platform, and answers end up in logs.
+_WHERE_KEYS_ARE = (
+    "the sources and their write keys are in the collector's CDP_COLLECTOR_SOURCES_FILE (under `make up`: "
+    "the dev source's key is write_key in .cdp/run.json). Send the key as the HTTP Basic user name with an "
+    'empty password (or as "writeKey" in the body), or as write_key in a gRPC CollectRequest'
+)
+
+
 class SourceRegistry:
     def __init__(self, path: Path) -> None:
         self._sources = WatchedJsonFile(path, _parse_sources, variable="CDP_COLLECTOR_SOURCES_FILE")
 
     def authenticate(self, write_key: str | None) -> Source:
         if not write_key:
-            raise Unauthenticated("missing write key: send it as the HTTP Basic user name (empty password)")
+            raise Unauthenticated(f"missing write key: {_WHERE_KEYS_ARE}")
         source = self._sources.value.get(write_key)
         if source is None:
-            raise Unauthenticated("unknown write key")
+            raise Unauthenticated(f"unknown write key: no source has the key sent; {_WHERE_KEYS_ARE}")
         if not source.enabled:
             raise Unauthenticated(f"source {source.id!r} is disabled")
         return source
