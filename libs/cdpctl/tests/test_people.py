@@ -200,3 +200,19 @@ def test_the_privacy_consumers_waited_for_are_the_ones_the_services_create():
         "identity-privacy-0",  # identity's replica 0 (the other test sees it on the server)
         orchestration_spec().durable,
     ]
+
+
+async def test_profile_shows_a_withdrawn_consent_as_granted_false(people_cli):
+    """A consent withdrawn (Marketing: false) used to show as a consent without `granted` (protobuf's JSON
+    leaves out a false), which reads like a record of nothing; the profile shows every value, false and 0
+    included."""
+    context = {"consent": {"categoryPreferences": {"Marketing": True, "Analytics": False}}}
+    await people_cli.send(
+        {"type": "identify", "userId": "withdrawn", "messageId": "m-consent-1", "traits": {}, "context": context}
+    )
+    result = await until_ok(people_cli, "profile", "user_id", "withdrawn")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["consent"]["purpose:Marketing"]["granted"] is True, shown["consent"]
+    assert shown["consent"]["purpose:Analytics"]["granted"] is False, shown["consent"]
+    assert all("granted" in version for version in shown["consent"]["purpose:Analytics"]["history"])

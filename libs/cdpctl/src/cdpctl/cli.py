@@ -293,7 +293,8 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
         for _attempt in range(10_000):
             try:
                 profile = await stub.LookupProfile(request, metadata=metadata, timeout=5)
-                return json_format.MessageToDict(profile)
+                # Every value, false and 0 included: a withdrawn consent is granted false, a score of 0 a value.
+                return json_format.MessageToDict(profile, always_print_fields_with_no_presence=True)
             except grpc.aio.AioRpcError as exc:
                 # Events reach the profile a moment after the collector accepted them: --wait waits for it.
                 if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:
