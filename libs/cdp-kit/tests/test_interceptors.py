@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cdp_kit.auth import TokenAuthenticator, new_token, write_tokens_file
-from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.errors import AlreadyExists, InvalidArgument, NotFound
 from cdp_kit.interceptors import PUBLIC, CdpInterceptor, current_caller
 from cdp_kit.telemetry import Telemetry
 
@@ -61,6 +61,10 @@ class Recorder:
         if request == b"long":
             unknown = ", ".join(f'in_segment("s{i}") is not a segment ✗' for i in range(2_000))
             raise InvalidArgument("definition.text", unknown)
+        if request == b"not-found":
+            raise NotFound("no person with email ada@example.com")
+        if request == b"exists":
+            raise AlreadyExists("segment vip exists")
         if request == b"set-code":
             context.set_code(grpc.StatusCode.ALREADY_EXISTS)
             context.set_details("exists already")
@@ -233,6 +237,40 @@ async def test_a_domain_error_becomes_its_status_with_details(observed, caplog):
     (line,) = [r for r in caplog.records if r.name == "cdp.grpc"]
     assert (line.levelname, line.getMessage(), line.status) == ("INFO", "grpc call rejected", "INVALID_ARGUMENT")
     assert (line.method, line.reason, line.field) == ("/test.Svc/Fail", "invalid_argument", "traits.email")
+
+
+async def test_an_answer_a_poll_expects_is_logged_at_debug_not_once_per_call_at_info(observed, caplog):
+    """`cdpctl profile --wait` asks every 200 ms until the person exists: each NOT_FOUND is the answer
+    "not yet", not a rejection, and an INFO line per poll buried the service's log. NOT_FOUND and
+    ALREADY_EXISTS go to DEBUG (still counted, still in the span); bad input stays INFO."""
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    async with serving(CdpInterceptor(observed.telemetry), Recorder()) as channel:
+        for request in [b"not-found"] * 20 + [b"exists"]:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await channel.unary_unary("/test.Svc/Fail")(request)
+        assert [r for r in caplog.records if r.name == "cdp.grpc"] == []
+
+        caplog.set_level(logging.DEBUG, logger="cdp.grpc")
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await channel.unary_unary("/test.Svc/Fail")(b"not-found")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.unary_unary("/test.Svc/Fail")(b"bad-field")
+
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # the caller's answer is unchanged
+    assert observed.durations() == {
+        ("/test.Svc/Fail", "NOT_FOUND"): 21,
+        ("/test.Svc/Fail", "ALREADY_EXISTS"): 1,
+        ("/test.Svc/Fail", "INVALID_ARGUMENT"): 1,
+    }
+    not_found, invalid = [r for r in caplog.records if r.name == "cdp.grpc"]
+    assert (not_found.levelname, not_found.getMessage(), not_found.status) == (
+        "DEBUG",
+        "grpc call rejected",
+        "NOT_FOUND",
+    )
+    assert (not_found.method, not_found.reason) == ("/test.Svc/Fail", "not_found")
+    assert "ada@example.com" not in str(not_found.__dict__)
+    assert (invalid.levelname, invalid.status) == ("INFO", "INVALID_ARGUMENT")
 
 
 async def test_a_long_error_is_shortened_to_fit_the_trailers_and_still_names_its_field(observed):

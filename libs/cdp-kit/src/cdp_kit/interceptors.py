@@ -7,7 +7,8 @@ each re-read the metadata and the status. What a call goes through, outermost fi
 
     span    one SERVER span, continuing the caller's W3C trace context from metadata; current while the
             handler runs, so its logs and outgoing messages carry the trace
-    timer   `rpc.server.duration` (ms) per method and status, and an access log line for failures
+    timer   `rpc.server.duration` (ms) per method and status, and an access log line for failures (at
+            DEBUG for NOT_FOUND and ALREADY_EXISTS, answers a poll expects; INFO or ERROR otherwise)
     errors  CdpError -> its gRPC status with google.rpc details; anything else -> INTERNAL naming only the
             trace id. Sits outside auth, so an authentication failure is mapped like any domain error
     auth    bearer token and the method's scope (PUBLIC methods skip it); `current_caller()` for the handler
@@ -79,6 +80,10 @@ _rejection: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.
 _NO_PARENT = Context()
 _OK = grpc.StatusCode.OK
 _UNKNOWN = grpc.StatusCode.UNKNOWN
+# Failures that are the answer a caller may well expect ("no such person yet" to a poll, "exists already"
+# to an idempotent create): logged at DEBUG. At INFO, `cdpctl profile --wait` asking five times a second
+# wrote a line per ask. Bad input, refused callers and the rest stay at INFO; all are counted alike.
+_ANSWERS = frozenset({"NOT_FOUND", "ALREADY_EXISTS"})
 _SERVER = SpanKind.SERVER
 
 
@@ -394,15 +399,17 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
                     "grpc call failed", extra={"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
                 )
             else:
-                # The status details are the caller's: they quote the value that failed. The log and the
-                # span (exported like a log) get the reason code and the field only.
-                reason, field = _rejection.get() or (None, None)
-                extra = {"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
-                if reason is not None:
-                    extra["reason"] = reason
-                if field is not None:
-                    extra["field"] = field
-                log.info("grpc call rejected", extra=extra)
+                level = logging.DEBUG if status in _ANSWERS else logging.INFO
+                if log.isEnabledFor(level):
+                    # The status details are the caller's: they quote the value that failed. The log and
+                    # the span (exported like a log) get the reason code and the field only.
+                    reason, field = _rejection.get() or (None, None)
+                    extra = {"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
+                    if reason is not None:
+                        extra["reason"] = reason
+                    if field is not None:
+                        extra["field"] = field
+                    log.log(level, "grpc call rejected", extra=extra)
             span.set_attribute("rpc.grpc.status_code", code.value[0] if isinstance(code, grpc.StatusCode) else code)
             span.set_status(Status(StatusCode.ERROR, status))
         finally:
