@@ -106,7 +106,10 @@ class Faults:
             elif now - self._damage_logged < FAILURE_LOG_SECONDS:
                 return
             self._damage_logged = now
-            log.error("%s; calls answer FAILED_PRECONDITION until then", damaged(self.path, exc).message)
+            log.error(
+                "%s. Calls that reach the damage answer FAILED_PRECONDITION until the file is replaced",
+                damaged(self.path, exc).message,
+            )
             return
         if code not in CANNOT_WRITE:
             return  # busy or locked: another writer, not the operator's to fix
