@@ -185,7 +185,8 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
     import aiohttp
     from rich.progress import Progress
 
-    totals = {"accepted": 0, "duplicates": 0, "rejected": 0, "errors": []}
+    # suppressed: events of a person who asked to be deleted and suppressed, answered 200 and not stored.
+    totals = {"accepted": 0, "duplicates": 0, "rejected": 0, "suppressed": 0, "errors": []}
     headers = {"Authorization": aiohttp.encode_basic_auth(write_key, "")}
     async with aiohttp.ClientSession() as session:
         with Progress(console=console, disable=not show_progress, transient=True) as progress:
@@ -200,6 +201,7 @@ async def _send_http(url: str, write_key: str, events: list[dict], batch_size: i
                 totals["accepted"] += reply.get("accepted", 0)
                 totals["duplicates"] += reply.get("duplicates", 0)
                 totals["rejected"] += len(reply.get("rejected", []))
+                totals["suppressed"] += reply.get("suppressed", 0)
                 progress.advance(task, len(chunk))
     return totals
 
@@ -273,7 +275,10 @@ def send(
     if as_json:
         out.print_json(json.dumps(totals))
     else:
-        out.print(f"accepted {totals['accepted']}, duplicates {totals['duplicates']}, rejected {totals['rejected']}")
+        out.print(
+            f"accepted {totals['accepted']}, duplicates {totals['duplicates']}, rejected {totals['rejected']}, "
+            f"suppressed {totals['suppressed']}"
+        )
         for error in totals["errors"][:5]:
             out.print(f"[red]{json.dumps(error)}[/]")
     raise SystemExit(0 if not totals["errors"] else 1)
