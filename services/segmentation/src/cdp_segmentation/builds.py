@@ -517,7 +517,7 @@ class Builds:
     async def estimate(self, node) -> Estimate:
         """The definition's size now. The computed traits it needs are defined for the call and deleted
         after it (those no segment reads): an estimate leaves nothing behind on the profile service."""
-        compiled = self.compile(node)
+        compiled = self.compile(node, known=await self.known())
         reading = frozenset(t["name"] for t in compiled.computed_traits)
         self._estimating.append(reading)
         try:

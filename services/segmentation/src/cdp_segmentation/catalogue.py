@@ -45,6 +45,7 @@ from cdp_segmentation.domain import (
     to_json,
 )
 from cdp_segmentation.evaluation import Transition
+from cdp_segmentation.fields import KnownFields, check_fields
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -157,10 +158,17 @@ def check_segment_id(segment_id: str, field: str = "id") -> str:
 class Catalogue:
     """Create, update, delete and follow segments; the computed traits they own."""
 
-    def compile(self, node, *, segment_id: str | None = None) -> CompiledSegment:
-        """Compile a definition and check it against the other segments (known references, no cycles) and
-        the number of computed traits one definition may have defined on the profile service."""
+    async def known(self) -> KnownFields:
+        """The scores and computed traits that exist now, as far as their services answer (fields.py)."""
+        return await self.known_fields() if self.known_fields is not None else KnownFields()
+
+    def compile(self, node, *, segment_id: str | None = None, known: KnownFields | None = None) -> CompiledSegment:
+        """Compile a definition and check it against the fields that exist (`known`: a new definition's), the
+        other segments (known references, no cycles) and the number of computed traits one definition may
+        have defined on the profile service."""
         compiled = compile_segment(node, self.percentiles)
+        if known is not None:
+            check_fields(compiled, known)
         if len(compiled.computed_traits) > self.max_computed_traits:
             raise InvalidArgument(
                 "definition",
@@ -174,10 +182,11 @@ class Catalogue:
         return compiled
 
     async def create(self, segment_id: str, node, *, name: str = "", description: str = "") -> Segment:
+        known = await self.known()  # asked before the lock: other lifecycle calls never wait on it
         async with self._lifecycle_lock:
             if segment_id in self.segments:
                 raise AlreadyExists(f"segment {segment_id!r} exists (UpdateSegment changes it)")
-            compiled = self.compile(node, segment_id=segment_id)
+            compiled = self.compile(node, segment_id=segment_id, known=known)
             now = self.clock()
             segment = Segment(
                 id=segment_id,
@@ -200,14 +209,16 @@ class Catalogue:
     async def update(
         self, segment_id: str, node=None, *, name: str | None = None, description: str | None = None
     ) -> Segment:
+        known = await self.known() if node is not None else None
         async with self._lifecycle_lock:
             segment = self.get(segment_id)
+            if node is not None:  # checked before anything changes: a refused update changes nothing
+                compiled = self.compile(node, segment_id=segment_id, known=known)
             if name:
                 segment.name = name
             if description:
                 segment.description = description
             if node is not None:
-                compiled = self.compile(node, segment_id=segment_id)
                 task = self._builds.pop(segment_id, None)
                 if task is not None:
                     task.cancel()

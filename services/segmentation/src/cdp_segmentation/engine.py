@@ -73,6 +73,7 @@ from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.domain import CompiledSegment
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
+from cdp_segmentation.fields import FieldSource
 from cdp_segmentation.index import FieldIndex
 from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
 
@@ -123,6 +124,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         max_computed_traits: int = 20,
         percentile_interval: float = 5.0,
         shared_percentiles: SharedPercentiles | None = None,
+        known_fields: FieldSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -141,6 +143,8 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.timer_resolution = timer_resolution
         self.clock = clock
         self.max_computed_traits = max_computed_traits
+        # The scores and computed traits that exist, asked before a definition is accepted (fields.py).
+        self.known_fields = known_fields
         # Computed traits read by each Estimate under way (a list per call): not deleted meanwhile.
         self._estimating: list[frozenset[str]] = []
         # Stored segments that could not be loaded: id -> why. DeleteSegment still removes them.

@@ -29,6 +29,16 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         help="bearer token for the profile service (profile:read, and profile:admin to define computed traits)",
         secret=True,
     )
+    scoring_address: str = env(
+        "CDP_SCORING_ADDRESS",
+        "",
+        help="scoring gRPC address (host:port): a new definition's scores.<name> must be a score a deployed "
+        "model writes (ListModels), or it is refused with INVALID_ARGUMENT; empty, unreachable, or listing no "
+        "model yet: scores are not checked",
+    )
+    scoring_token: str = env(
+        "CDP_SCORING_TOKEN", "", help="bearer token for the scoring service (scoring:read)", secret=True
+    )
     batch_size: int = env("CDP_SEGMENTATION_BATCH_SIZE", 64, help="profiles.changed messages fetched per batch")
     ack_wait: float = env(
         "CDP_SEGMENTATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"

@@ -1,0 +1,165 @@
+"""The fields a new definition may read: a misspelt score or computed trait is refused, not served empty.
+
+A field nothing writes reads as missing for every person, so `scores.churn_rsik > 0.5` would go live with
+no members and stay so, silently. `CreateSegment`, `UpdateSegment` and `Estimate` therefore check the
+definition's fields under two roots against what the platform says exists, and refuse an unknown one with
+INVALID_ARGUMENT naming it and the known names close to it:
+
+- `scores.<name>`: a score some model deployed on the scoring service writes (an output of any version
+  it lists, whatever its role: a segment may be written for a model waiting in shadow);
+- `computed.<name>`: a computed trait the profile service defines, or one the definition's own event
+  conditions define (`count(...)`, `sum(...)`).
+
+`traits.*` and `consent.*` are open-ended (a trait is whatever a source sends) and never refused.
+
+A root is checked only when its source answers: the scoring service when `CDP_SCORING_ADDRESS` is set,
+the profile service when `CDP_PROFILE_ADDRESS` is. One that cannot be asked (unset, down, slow) leaves its
+root unchecked, with a warning log: an outage must not stop segments being edited. A scoring service
+that lists no model at all leaves scores unchecked too: on its first start it deploys the shipped models
+in the background, so a platform just started (`make up`) may not list them yet, and a segment on
+`scores.churn_risk` created then is legitimate. Stored segments, and those another replica created, are
+never checked again: a model retired later does not make them unloadable.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.profile_fields import COMPUTED, SCORES, split_key
+from cdp_segmentation.domain import CompiledSegment
+
+log = logging.getLogger("cdp.segmentation.fields")
+
+# How many known names an error lists when none is close to the unknown one.
+LISTED = 12
+
+_WHAT = {
+    SCORES: (
+        "no model deployed on the scoring service writes it",
+        "deploy the model that writes it first, or correct the name",
+    ),
+    COMPUTED: (
+        "the profile service defines no such computed trait",
+        "define it first (cdpctl, or a model that reads it), use an event condition such as "
+        'count(event = "...", within 30d), or correct the name',
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFields:
+    """The names known under some roots ("scores" -> the deployed models' scores); a root absent here is
+    not checked."""
+
+    names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+FieldSource = Callable[[], Awaitable[KnownFields]]
+
+
+def check_fields(compiled: CompiledSegment, known: KnownFields, at: str = "definition") -> None:
+    """Refuse a definition reading a score or computed trait that `known` says does not exist."""
+    own = {name for trait in compiled.computed_traits if isinstance(name := trait.get("name"), str)}
+    problems = []
+    for key in sorted(compiled.fields):
+        root, name = split_key(key)
+        names = known.names.get(root)
+        if names is None or name in names or (root == COMPUTED and name in own):
+            continue
+        problems.append(_problem(root, name, names))
+    if problems:
+        raise InvalidArgument(at, "; ".join(problems), reason="unknown_field")
+
+
+def _problem(root: str, name: str, names: frozenset[str]) -> str:
+    why, fix = _WHAT[root]
+    # Misspelt (churn_rsik), or cut short / run on (clv for clv_value_365d).
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
+    close += [n for n in sorted(names) if n not in close and (n.startswith(name) or name.startswith(n))]
+    close = close[:3]
+    if close:
+        known = f"did you mean {' or '.join(f'{root}.{n}' for n in close)}?"
+    elif names:
+        listed = sorted(names)[:LISTED]
+        more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+        known = f"known: {', '.join(f'{root}.{n}' for n in listed)}{more}"
+    else:
+        known = f"none is defined under {root}"
+    return f"reads {root}.{name}, but {why}; {known} ({fix})"
+
+
+def field_sources(
+    *,
+    scores: Callable[[], Awaitable[frozenset[str]]] | None = None,
+    computed: Callable[[], Awaitable[frozenset[str]]] | None = None,
+) -> FieldSource:
+    """One `FieldSource` from each root's own (each may be absent); a source that raises leaves its root
+    unchecked, and one listing no score leaves scores unchecked (see the module docstring)."""
+
+    async def known() -> KnownFields:
+        names: dict[str, frozenset[str]] = {}
+        for root, source in ((SCORES, scores), (COMPUTED, computed)):
+            if source is None:
+                continue
+            try:
+                found = await source()
+            except Exception as exc:
+                log.warning("field names not read: not checked", extra={"root": root, "error": _describe(exc)})
+                continue
+            if root == SCORES and not found:
+                continue
+            names[root] = found
+        return KnownFields(names)
+
+    return known
+
+
+def deployed_scores(
+    channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
+) -> Callable[[], Awaitable[frozenset[str]]]:
+    """The scores the models deployed on the scoring service write: every output of every version it
+    lists (ListModels, scoring:read)."""
+    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def scores() -> frozenset[str]:
+        listed = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
+        return frozenset(o.score for m in listed.models for v in m.versions for o in v.spec.outputs if o.score)
+
+    return scores
+
+
+def computed_traits(
+    channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
+) -> Callable[[], Awaitable[frozenset[str]]]:
+    """The computed traits the profile service defines (ListComputedTraits, profile:read), whoever
+    defined them: a segment, a model, an operator."""
+    stub = profile_pb2_grpc.ProfileServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def computed() -> frozenset[str]:
+        listed = await stub.ListComputedTraits(
+            profile_pb2.ListComputedTraitsRequest(), metadata=metadata, timeout=timeout
+        )
+        return frozenset(t.definition.name for t in listed.traits)
+
+    return computed
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as a log shows it: its type, and a gRPC status's code (never its text)."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return f"{type(exc).__name__} {code().name}"
+        except Exception:
+            pass
+    return type(exc).__name__

@@ -1,0 +1,225 @@
+"""A definition reading a score no deployed model writes, or a computed trait the profile service does not
+define, is refused with INVALID_ARGUMENT naming the field and the known names close to it; it never goes
+live with no members. Traits are open-ended and never refused. A source that cannot be asked, and a
+scoring service listing no model yet (its first start deploys the shipped models in the background),
+leave their root unchecked.
+
+The service runs on a gRPC port over a real nats-server; the scoring and profile services it asks are
+small gRPC servers answering ListModels and ListComputedTraits as theirs do."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.service import ServiceRuntime, serving
+from cdp_kit.storage import open_store
+from cdp_segmentation.api import SCOPES, SegmentationApi
+from cdp_segmentation.domain import compile_segment, parse
+from cdp_segmentation.engine import SEGMENTS, SegmentationEngine
+from cdp_segmentation.fields import KnownFields, check_fields, computed_traits, deployed_scores, field_sources
+from cdp_segmentation.settings import SegmentationSettings
+
+pb = segmentation_pb2
+LIVE = pb.SEGMENT_STATE_LIVE
+SCORES = ["churn_risk", "cluster", "clv_value_365d"]
+
+
+class Scoring(scoring_pb2_grpc.ScoringServiceServicer):
+    """ListModels as the scoring service answers it: each model's versions with their outputs."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, list[str]] = {}
+        self.down = False
+        self.tokens: list[str] = []
+
+    async def ListModels(self, request, context):
+        self.tokens.append(dict(context.invocation_metadata()).get("authorization", ""))
+        if self.down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scoring is starting")
+        models = []
+        for name, scores in self.models.items():
+            spec = scoring_pb2.ModelSpec(name=name, version="1", outputs=[scoring_pb2.Output(score=s) for s in scores])
+            shadow = scoring_pb2.ModelVersion(spec=spec, role=scoring_pb2.ROLE_SHADOW)
+            models.append(scoring_pb2.Model(name=name, versions=[shadow]))
+        return scoring_pb2.ListModelsResponse(models=models)
+
+
+class Profile(profile_pb2_grpc.ProfileServiceServicer):
+    """ListComputedTraits as the profile service answers it; the engine's define/ready/undefine calls."""
+
+    def __init__(self) -> None:
+        self.traits: set[str] = set()
+
+    async def ListComputedTraits(self, request, context):
+        return profile_pb2.ListComputedTraitsResponse(
+            traits=[
+                profile_pb2.ComputedTraitStatus(definition=profile_pb2.ComputedTraitDefinition(name=n), state="ready")
+                for n in sorted(self.traits)
+            ]
+        )
+
+    async def define(self, definitions) -> None:
+        self.traits.update(d["name"] for d in definitions)
+
+    async def ready(self, names) -> None:
+        assert set(names) <= self.traits
+
+    async def undefine(self, names) -> None:
+        self.traits.difference_update(names)
+
+
+class Platform:
+    def __init__(self, stub, engine: SegmentationEngine, scoring: Scoring, profile: Profile) -> None:
+        self.stub, self.engine, self.scoring, self.profile = stub, engine, scoring, profile
+
+    async def create(self, segment_id: str, text: str) -> pb.Segment:
+        request = pb.CreateSegmentRequest(id=segment_id, definition=pb.Definition(text=text), wait=True)
+        return await self.stub.CreateSegment(request)
+
+    async def refused(self, call) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return caught.value.details()
+
+
+@contextlib.asynccontextmanager
+async def platform(nats_url: str, *, scoring_address: str | None = "") -> AsyncIterator[Platform]:
+    scoring, profile = Scoring(), Profile()
+    peers = grpc.aio.server()
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(scoring, peers)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(profile, peers)
+    port = peers.add_insecure_port("127.0.0.1:0")
+    await peers.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    dead = grpc.aio.insecure_channel("127.0.0.1:1")  # nothing listens there
+
+    async def setup(runtime: ServiceRuntime) -> None:
+        store = await runtime.stack.enter_async_context(open_store("memory://"))
+        bus = await runtime.stack.enter_async_context(Bus.connect(nats_url, name="segmentation-fields-test"))
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        scores_channel = dead if scoring_address is None else channel
+        engine = SegmentationEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=runtime.telemetry,
+            define_traits=profile.define,
+            traits_ready=profile.ready,
+            undefine_traits=profile.undefine,
+            known_fields=field_sources(
+                scores=deployed_scores(scores_channel, "scoring-token", timeout=2.0),
+                computed=computed_traits(channel, "profile-token", timeout=2.0),
+            ),
+            snapshot_interval=3600,
+            timer_resolution=3600,
+        )
+        await engine.start()
+        runtime.stack.push_async_callback(engine.stop)
+        runtime.parts.update(engine=engine, store=store)
+        runtime.grpc.add_service(
+            segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,
+            SegmentationApi(engine),
+            pb.DESCRIPTOR.services_by_name["SegmentationService"],
+            scopes=SCOPES,
+        )
+
+    settings = SegmentationSettings(
+        nats_url=nats_url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        auth_mode="none",
+        partitions=1,
+        shutdown_grace=1.0,
+        store_url="memory://",
+    )
+    try:
+        async with serving(settings, setup) as runtime:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as client:
+                yield Platform(
+                    segmentation_pb2_grpc.SegmentationServiceStub(client), runtime.parts["engine"], scoring, profile
+                )
+    finally:
+        await channel.close()
+        await dead.close()
+        await peers.stop(None)
+
+
+@pytest.fixture
+async def running(nats_server):
+    async with platform(nats_server.url) as started:
+        started.scoring.models = {"churn": ["churn_risk"], "clusters": ["cluster"], "clv": ["clv_value_365d"]}
+        started.profile.traits = {"orders_30d", "tickets_90d"}
+        yield started
+
+
+async def test_a_misspelt_score_is_refused_naming_it_and_the_score_meant(running):
+    details = await running.refused(running.create("oops3", "scores.churn_rsik > 0.5"))
+    assert "scores.churn_rsik" in details and "did you mean scores.churn_risk?" in details
+    assert details.startswith("definition: ")
+    assert running.engine.segments == {}  # nothing stored, nothing built
+    assert [r async for r in running.engine.store.scan_all(SEGMENTS)] == []
+    assert running.scoring.tokens[-1] == "Bearer scoring-token"
+    # The score it meant is served, from a model in any role (here: shadow).
+    assert (await running.create("at_risk", "scores.churn_risk > 0.5")).state == LIVE
+
+
+async def test_a_computed_trait_nobody_defines_is_refused_and_an_event_condition_is_not(running):
+    details = await running.refused(running.create("oops4", "computed.no_such_trait > 1"))
+    assert "computed.no_such_trait" in details and "profile service defines no such computed trait" in details
+    assert "known: computed.orders_30d, computed.tickets_90d" in details
+    close = await running.refused(running.create("oops5", "computed.order_30d > 1"))
+    assert "did you mean computed.orders_30d?" in close
+    # A definition's own event conditions are computed traits it defines: read, never refused.
+    own = 'count(event = "Order Completed", within 30d) >= 1 and computed.orders_30d > 0'
+    assert (await running.create("buyers", own)).state == LIVE
+
+
+async def test_every_unknown_field_is_named_at_once_and_traits_are_free_form(running):
+    details = await running.refused(
+        running.create("two", 'scores.clusterr = 3 and computed.tickets_9d > 1 and traits.nickname = "x"')
+    )
+    assert "scores.clusterr" in details and "computed.tickets_9d" in details and "traits." not in details
+    assert (await running.create("anyone", 'traits.brand_new_trait = "x"')).state == LIVE
+
+
+async def test_an_update_and_an_estimate_are_checked_and_the_live_definition_keeps_serving(running):
+    assert (await running.create("vip", "scores.clv_value_365d > 100")).state == LIVE
+    details = await running.refused(
+        running.stub.UpdateSegment(pb.UpdateSegmentRequest(id="vip", definition=pb.Definition(text="scores.clv > 1")))
+    )
+    assert "did you mean scores.clv_value_365d?" in details
+    segment = await running.stub.GetSegment(pb.GetSegmentRequest(id="vip"))
+    assert (segment.text, segment.version, segment.state) == ("scores.clv_value_365d > 100", 1, LIVE)
+    estimate = running.stub.Estimate(pb.EstimateRequest(definition=pb.Definition(text="scores.churn_rsik > 0.5")))
+    assert "scores.churn_rsik" in await running.refused(estimate)
+
+
+async def test_a_scoring_service_not_answering_or_listing_no_model_yet_leaves_scores_unchecked(nats_server):
+    async with platform(nats_server.url, scoring_address=None) as unreachable:
+        assert (await unreachable.create("early", "scores.churn_risk > 0.5")).state == LIVE
+        # Computed traits are still checked: the profile service answers.
+        assert "computed.nope" in await unreachable.refused(unreachable.create("nope", "computed.nope > 1"))
+    async with platform(nats_server.url) as starting:
+        starting.scoring.down = True
+        assert (await starting.create("early", "scores.churn_risk > 0.5")).state == LIVE
+        starting.scoring.down = False  # first start: answering, the shipped models not deployed yet
+        assert (await starting.create("early2", "scores.fraud_risk > 0.5")).state == LIVE
+        starting.scoring.models = {"fraud": ["fraud_risk"]}
+        assert "scores.fraud_rsik" in await starting.refused(starting.create("late", "scores.fraud_rsik > 0.5"))
+
+
+def test_a_root_not_known_is_not_checked():
+    compiled = compile_segment(parse("scores.anything > 1 and computed.whatever > 2"))
+    check_fields(compiled, KnownFields({}))
+    with pytest.raises(Exception, match=r"scores\.anything"):
+        check_fields(compiled, KnownFields({"scores": frozenset({"churn_risk"})}))
