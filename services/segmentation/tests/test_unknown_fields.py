@@ -24,7 +24,7 @@ from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.domain import compile_segment, parse
 from cdp_segmentation.engine import SEGMENTS, SegmentationEngine
-from cdp_segmentation.fields import KnownFields, check_fields, computed_traits, deployed_scores, field_sources
+from cdp_segmentation.fields import KnownFields, check_fields, computed_traits, deployed_models, field_sources
 from cdp_segmentation.settings import SegmentationSettings
 
 pb = segmentation_pb2
@@ -37,6 +37,7 @@ class Scoring(scoring_pb2_grpc.ScoringServiceServicer):
 
     def __init__(self) -> None:
         self.models: dict[str, list[str]] = {}
+        self.reads: dict[str, list[str]] = {}  # model -> the computed traits it reads
         self.down = False
         self.tokens: list[str] = []
 
@@ -47,6 +48,8 @@ class Scoring(scoring_pb2_grpc.ScoringServiceServicer):
         models = []
         for name, scores in self.models.items():
             spec = scoring_pb2.ModelSpec(name=name, version="1", outputs=[scoring_pb2.Output(score=s) for s in scores])
+            for trait in self.reads.get(name, []):
+                spec.computed_traits.add().update({"name": trait, "op": "count", "window": "30d"})
             shadow = scoring_pb2.ModelVersion(spec=spec, role=scoring_pb2.ROLE_SHADOW)
             models.append(scoring_pb2.Model(name=name, versions=[shadow]))
         return scoring_pb2.ListModelsResponse(models=models)
@@ -117,7 +120,7 @@ async def platform(nats_url: str, *, scoring_address: str | None = "") -> AsyncI
             traits_ready=profile.ready,
             undefine_traits=profile.undefine,
             known_fields=field_sources(
-                scores=deployed_scores(scores_channel, "scoring-token", timeout=2.0),
+                models=deployed_models(scores_channel, "scoring-token", timeout=2.0),
                 computed=computed_traits(channel, "profile-token", timeout=2.0),
             ),
             snapshot_interval=3600,
@@ -179,6 +182,10 @@ async def test_a_computed_trait_nobody_defines_is_refused_and_an_event_condition
     assert "known: computed.orders_30d, computed.tickets_90d" in details
     close = await running.refused(running.create("oops5", "computed.order_30d > 1"))
     assert "did you mean computed.orders_30d?" in close
+    # A computed trait a deployed model reads counts as defined: scoring defines it on profile, perhaps
+    # a moment after the model is listed (first start).
+    running.scoring.reads = {"churn": ["sessions_7d"]}
+    assert (await running.create("active", "computed.sessions_7d > 1")).state == LIVE
     # A definition's own event conditions are computed traits it defines: read, never refused.
     own = 'count(event = "Order Completed", within 30d) >= 1 and computed.orders_30d > 0'
     assert (await running.create("buyers", own)).state == LIVE
@@ -194,12 +201,11 @@ async def test_every_unknown_field_is_named_at_once_and_traits_are_free_form(run
 
 async def test_an_update_and_an_estimate_are_checked_and_the_live_definition_keeps_serving(running):
     assert (await running.create("vip", "scores.clv_value_365d > 100")).state == LIVE
-    details = await running.refused(
-        running.stub.UpdateSegment(pb.UpdateSegmentRequest(id="vip", definition=pb.Definition(text="scores.clv > 1")))
-    )
+    update = pb.UpdateSegmentRequest(id="vip", name="renamed", definition=pb.Definition(text="scores.clv > 1"))
+    details = await running.refused(running.stub.UpdateSegment(update))
     assert "did you mean scores.clv_value_365d?" in details
     segment = await running.stub.GetSegment(pb.GetSegmentRequest(id="vip"))
-    assert (segment.text, segment.version, segment.state) == ("scores.clv_value_365d > 100", 1, LIVE)
+    assert (segment.text, segment.version, segment.state, segment.name) == ("scores.clv_value_365d > 100", 1, LIVE, "")
     estimate = running.stub.Estimate(pb.EstimateRequest(definition=pb.Definition(text="scores.churn_rsik > 0.5")))
     assert "scores.churn_rsik" in await running.refused(estimate)
 

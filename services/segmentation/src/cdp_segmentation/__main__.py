@@ -19,7 +19,7 @@ from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.export import export_person
-from cdp_segmentation.fields import computed_traits, deployed_scores, field_sources
+from cdp_segmentation.fields import computed_traits, deployed_models, field_sources
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
 from cdp_segmentation.summaries import SharedPercentiles
@@ -41,7 +41,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     profile: ProfileClient | None = None
     # What a new definition may read (fields.py): the computed traits profile defines, the scores of the
     # models scoring has deployed; a service not configured leaves its root unchecked.
-    scores = computed = None
+    models = computed = None
     if settings.profile_address:
         channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(channel.close)
@@ -50,7 +50,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     if settings.scoring_address:
         scoring_channel = client_channel(settings, settings.scoring_address)
         runtime.stack.push_async_callback(scoring_channel.close)
-        scores = deployed_scores(scoring_channel, settings.scoring_token)
+        models = deployed_models(scoring_channel, settings.scoring_token)
     shared: SharedPercentiles | None = None
     if settings.standby:
         # Every partition, with positions, snapshots and outbox of its own: "segmentation-r<ordinal>-p<p>".
@@ -101,7 +101,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         max_computed_traits=settings.max_computed_traits,
         percentile_interval=settings.percentile_interval,
         shared_percentiles=shared,
-        known_fields=field_sources(scores=scores, computed=computed),
+        known_fields=field_sources(models=models, computed=computed),
     )
     stream = SegmentationStream(
         engine,

@@ -7,7 +7,8 @@ INVALID_ARGUMENT naming it and the known names close to it:
 
 - `scores.<name>`: a score some model deployed on the scoring service writes (an output of any version
   it lists, whatever its role: a segment may be written for a model waiting in shadow);
-- `computed.<name>`: a computed trait the profile service defines, or one the definition's own event
+- `computed.<name>`: a computed trait the profile service defines, one a deployed model reads (scoring
+  defines those there, perhaps a moment after the model is listed), or one the definition's own event
   conditions define (`count(...)`, `sum(...)`).
 
 `traits.*` and `consent.*` are open-ended (a trait is whatever a source sends) and never refused.
@@ -27,6 +28,7 @@ import difflib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -98,43 +100,57 @@ def _problem(root: str, name: str, names: frozenset[str]) -> str:
 
 def field_sources(
     *,
-    scores: Callable[[], Awaitable[frozenset[str]]] | None = None,
+    models: Callable[[], Awaitable[Mapping[str, frozenset[str]]]] | None = None,
     computed: Callable[[], Awaitable[frozenset[str]]] | None = None,
 ) -> FieldSource:
-    """One `FieldSource` from each root's own (each may be absent); a source that raises leaves its root
-    unchecked, and one listing no score leaves scores unchecked (see the module docstring)."""
+    """One `FieldSource` from the scoring service's models (`deployed_models`) and the profile service's
+    computed traits (each may be absent). A source that raises leaves its root unchecked, and scoring
+    listing no model leaves scores unchecked (see the module docstring). The computed traits a deployed
+    model reads count as defined: scoring defines them on the profile service, perhaps a moment later."""
 
     async def known() -> KnownFields:
         names: dict[str, frozenset[str]] = {}
-        for root, source in ((SCORES, scores), (COMPUTED, computed)):
-            if source is None:
-                continue
-            try:
-                found = await source()
-            except Exception as exc:
-                log.warning("field names not read: not checked", extra={"root": root, "error": _describe(exc)})
-                continue
-            if root == SCORES and not found:
-                continue
-            names[root] = found
+        deployed: Mapping[str, frozenset[str]] = {}
+        if models is not None:
+            deployed = await _asked(SCORES, models, {})
+            if deployed.get(SCORES):
+                names[SCORES] = deployed[SCORES]
+        if computed is not None:
+            defined = await _asked(COMPUTED, computed, None)
+            if defined is not None:
+                names[COMPUTED] = defined | deployed.get(COMPUTED, frozenset())
         return KnownFields(names)
 
     return known
 
 
-def deployed_scores(
+async def _asked(root: str, source: Callable[[], Awaitable[Any]], otherwise: Any) -> Any:
+    try:
+        return await source()
+    except Exception as exc:
+        log.warning("field names not read: not checked", extra={"root": root, "error": _describe(exc)})
+        return otherwise
+
+
+def deployed_models(
     channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
-) -> Callable[[], Awaitable[frozenset[str]]]:
-    """The scores the models deployed on the scoring service write: every output of every version it
-    lists (ListModels, scoring:read)."""
+) -> Callable[[], Awaitable[Mapping[str, frozenset[str]]]]:
+    """What the models deployed on the scoring service write and read (ListModels, scoring:read): every
+    version's outputs under "scores", the computed traits they read under "computed"."""
     stub = scoring_pb2_grpc.ScoringServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def scores() -> frozenset[str]:
-        listed = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
-        return frozenset(o.score for m in listed.models for v in m.versions for o in v.spec.outputs if o.score)
+    async def listed() -> Mapping[str, frozenset[str]]:
+        answer = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
+        specs = [v.spec for m in answer.models for v in m.versions]
+        return {
+            SCORES: frozenset(o.score for spec in specs for o in spec.outputs if o.score),
+            COMPUTED: frozenset(
+                t["name"] for spec in specs for t in spec.computed_traits if "name" in t and isinstance(t["name"], str)
+            ),
+        }
 
-    return scores
+    return listed
 
 
 def computed_traits(
