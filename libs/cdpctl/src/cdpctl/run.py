@@ -20,7 +20,9 @@ commands (`dlq`, `lag`, `delete --wait`) with cdpctl's.
 
 `status` checks each service's gRPC health and asks each companion's listeners a request of their protocol
 (`probe`: an HTTP GET, SMTP's greeting) with a short timeout: a companion whose ports accept connections
-but do not answer (stopped with SIGSTOP, wedged) is NOT ANSWERING, not UP. The platform is healthy when
+but do not answer (stopped with SIGSTOP, wedged) is NOT ANSWERING, not UP. nats-server likewise: its client
+port must send its INFO line and its monitor answer /healthz (`nats_health`), or it is NOT ANSWERING (or
+UNHEALTHY, its /healthz an error), and the platform is not healthy. The platform is healthy when
 nats-server and every service are, and every service's stores can write (the health of `cdp.storage`:
 a service whose store cannot write - a full disk - is shown "SERVING, store cannot write"); a companion
 that is down is shown DOWN but does not make it unhealthy (it stands in for something outside the
@@ -36,6 +38,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -45,7 +48,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
-from cdp_kit.natsserver import NatsServer, wait_for_port
+from cdp_kit.natsserver import NatsServer
 from cdpctl import tls
 from cdpctl.common import console, out
 from cdpctl.platform import (
@@ -93,6 +96,7 @@ def _tail(path: Path, lines: int = 20) -> str:
 # A companion's health: UP when every listener answers, DOWN when one does not accept connections, NOT
 # ANSWERING when one accepts them but says nothing in time (the kernel accepts for a stopped process).
 UP, DOWN, NOT_ANSWERING = "UP", "DOWN", "NOT ANSWERING"
+UNHEALTHY = "UNHEALTHY"  # nats-server answers its monitor's /healthz with an error (JetStream not ready)
 PROBE_TIMEOUT = 1.5  # seconds for the connection and the first bytes of the answer, per listener
 
 
@@ -109,7 +113,8 @@ def _first_bytes(sock: socket.socket, count: int, deadline: float) -> bytes:
 
 def probe(port: int, protocol: str = "http", path: str = "/", timeout: float = PROBE_TIMEOUT) -> str:
     """UP when the listener on `port` answers a request of its protocol within `timeout`: an HTTP listener
-    any status line to `GET <path>` (a 404 is an answer), an SMTP listener its greeting."""
+    any status line to `GET <path>` (a 404 is an answer), an SMTP listener its greeting, a NATS client port
+    its INFO line."""
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -117,7 +122,9 @@ def probe(port: int, protocol: str = "http", path: str = "/", timeout: float = P
         return DOWN
     with sock:
         try:
-            if protocol == "smtp":
+            if protocol == "nats":  # the server speaks first: its INFO line
+                answered = _first_bytes(sock, 5, deadline) == b"INFO "
+            elif protocol == "smtp":
                 answered = _first_bytes(sock, 4, deadline)[:1] in (b"2", b"4", b"5")  # 220, or 421 busy
                 if answered:
                     sock.sendall(b"QUIT\r\n")
@@ -128,6 +135,33 @@ def probe(port: int, protocol: str = "http", path: str = "/", timeout: float = P
         except OSError:  # a timeout, or reset
             return NOT_ANSWERING
     return UP if answered else NOT_ANSWERING
+
+
+def _healthz(monitor: str, timeout: float = PROBE_TIMEOUT) -> str:
+    """nats-server's own word (its monitor's /healthz, JetStream included): UP on 200, UNHEALTHY on another
+    status, NOT ANSWERING without an answer in `timeout`, DOWN when nothing listens."""
+    try:
+        with urllib.request.urlopen(f"{monitor}/healthz", timeout=timeout) as reply:
+            return UP if reply.status == 200 else UNHEALTHY
+    except urllib.error.HTTPError:
+        return UNHEALTHY
+    except TimeoutError:
+        return NOT_ANSWERING
+    except urllib.error.URLError as exc:
+        return NOT_ANSWERING if isinstance(exc.reason, TimeoutError) else DOWN
+    except OSError:  # reset while answering
+        return NOT_ANSWERING
+
+
+async def nats_health(state: dict) -> str:
+    """nats-server's health, probed as the companions are (both at once, `PROBE_TIMEOUT` each): its client
+    port must send its INFO line, and its monitor (when run.json lists one) answer /healthz with 200."""
+    where = urlsplit(state["nats"])
+    checks = [asyncio.to_thread(probe, where.port or 4222, "nats")]
+    if state.get("nats_monitor"):
+        checks.append(asyncio.to_thread(_healthz, state["nats_monitor"]))
+    found = await asyncio.gather(*checks)
+    return next((h for h in (DOWN, NOT_ANSWERING, UNHEALTHY) if h in found), UP)
 
 
 _COMPANIONS = {companion.name: companion for companion in COMPANIONS}
@@ -316,7 +350,7 @@ async def _up_private(
             _status_table(
                 state,
                 {name: "SERVING" for name in state["services"]},
-                nats_ok=True,
+                nats=UP,
                 companions={name: UP for name in state["companions"]},
             )
         )
@@ -438,15 +472,13 @@ def up(ws: Workspace, startup_timeout: float, restart_limit: int, no_companions:
 # ------------------------------------------------------------------------------------------ status
 
 
-def _status_table(
-    state: dict, health: dict[str, str], *, nats_ok: bool, companions: dict[str, str] | None = None
-) -> Table:
+def _status_table(state: dict, health: dict[str, str], *, nats: str, companions: dict[str, str] | None = None) -> Table:
     table = Table(title="cdp")
     for column in ("service", "health", "gRPC", "HTTP", "metrics"):
         table.add_column(column)
     table.add_row(
         "nats-server",
-        "[green]UP[/]" if nats_ok else "[red]DOWN[/]",
+        f"[{'green' if nats == UP else 'red'}]{nats}[/]",
         _without_credentials(state["nats"]),
         state.get("nats_monitor", ""),
         "",
@@ -466,10 +498,11 @@ def _status_table(
     return table
 
 
-async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dict[str, str]]:
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str]]:
     state = ws.running()
     if state is None:
-        return None, {}, False, {}
+        return None, {}, DOWN, {}
+    nats = asyncio.ensure_future(nats_health(state))  # probed while the services are asked
     health = {}
     for name, svc in state["services"].items():
         health[name] = await check_health(svc["grpc"])
@@ -478,8 +511,7 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], bool, dic
     listed = state.get("companions", {})
     found = await asyncio.gather(*(companion_health(name, companion) for name, companion in listed.items()))
     companions = dict(zip(listed, found, strict=True))
-    where = urlsplit(state["nats"])
-    return state, health, wait_for_port(where.hostname or "127.0.0.1", where.port or 4222, 0.5), companions
+    return state, health, await nats, companions
 
 
 STORE_CANNOT_WRITE = "SERVING, store cannot write"
@@ -495,7 +527,7 @@ def _without_credentials(url: str) -> str:
 @click.pass_obj
 def status(ws: Workspace, as_json: bool) -> None:
     """Health of every service of the platform `cdpctl up` runs here (and whether its dev companions are up)."""
-    state, health, nats_ok, companions = asyncio.run(_status(ws))
+    state, health, nats, companions = asyncio.run(_status(ws))
     if state is None:
         if as_json:
             out.print_json(json.dumps({"running": False, "home": str(ws.root)}))
@@ -503,7 +535,7 @@ def status(ws: Workspace, as_json: bool) -> None:
             console.print(f"cdp is not running in {ws.root} (start it with `make up`).", soft_wrap=True)
         raise SystemExit(1)
     # Companions stand in for what is outside the platform: one that is down does not make it unhealthy.
-    healthy = nats_ok and all(h == "SERVING" for h in health.values())
+    healthy = nats == UP and all(h == "SERVING" for h in health.values())
     if as_json:
         services = {
             name: {
@@ -520,7 +552,7 @@ def status(ws: Workspace, as_json: bool) -> None:
                     "running": True,
                     "healthy": healthy,
                     "home": str(ws.root),
-                    "nats": {"url": _without_credentials(state["nats"]), "up": nats_ok},
+                    "nats": {"url": _without_credentials(state["nats"]), "up": nats == UP, "health": nats},
                     "services": services,
                     "companions": {
                         name: {**companion, "up": companions[name] == UP, "health": companions[name]}
@@ -533,7 +565,7 @@ def status(ws: Workspace, as_json: bool) -> None:
         )
     else:
         out.print(f"cdp home: {ws.root}", soft_wrap=True, highlight=False, markup=False)
-        out.print(_status_table(state, health, nats_ok=nats_ok, companions=companions))
+        out.print(_status_table(state, health, nats=nats, companions=companions))
     raise SystemExit(0 if healthy else 1)
 
 
