@@ -19,7 +19,9 @@ from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, ObjectMapping, load_connections
 from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
+from cdp_kit.auth import TokenAuthenticator
 from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.interceptors import current_caller
 from cdp_kit.storage import Store
 from cdp_kit.timestamps import from_seconds
 
@@ -187,6 +189,10 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
         if form is None:
             raise InvalidArgument("document", "give the document as json or yaml")
         text = getattr(request.document, form)
+        if request.describe:
+            # Describing spends the account's API budget (a request per object the document names): the
+            # admin's to spend, as a backfill is, not any reader's.
+            TokenAuthenticator.authorize(current_caller(), "crm:admin", "ValidateConnections with describe")
         problems: list[crm_pb2.Problem] = []
         try:
             connections = load_connections(text, form=form)

@@ -502,3 +502,18 @@ def test_a_number_that_is_no_number_is_missing_not_a_null_that_clears_the_crm_fi
         _dated(transform), Source("person-1", {"traits.email": "a@example.com", "traits.signup": value})
     )
     assert isinstance(projection, Projection) and "firstname" not in projection.fields
+
+
+@pytest.mark.parametrize("obj", ["../../x", "contacts/../../crm/v3/objects/contacts", "a?b=c", "Contact describe", ""])
+def test_an_object_name_that_is_a_path_is_refused_naming_the_field(obj):
+    # Object names go into request paths (/crm/v3/objects/<object>/..., /sobjects/<object>/describe): one
+    # holding "/", "..", "?" sent the connector's token to another path of the CRM's API.
+    document = _document(object=obj)
+    problems = _problems(document, {})
+    assert "hubspot/contacts.object" in problems
+
+
+@pytest.mark.parametrize("obj", ["contacts", "Contact", "CDP_Score__c", "2-3508482", "p_custom_object", "Contacts"])
+def test_the_crms_own_object_names_are_accepted(obj):
+    (connection,) = parse_connections(_document(object=obj))
+    assert connection.mapping("contacts").object == obj

@@ -74,6 +74,8 @@ from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
 from cdp_kit.yamltext import load_yaml
 
+OBJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a CRM object as request paths name it
+
 KINDS = ("salesforce", "hubspot", "dynamics", "zoho")
 MODES = ("upsert", "update_only", "mirror")
 # Triggers are named after what they follow on the bus (the wire vocabulary's names).
@@ -528,8 +530,13 @@ class _Reader:
             if key not in known:
                 self.problem(where, key, f"is not a mapping field (expected one of {', '.join(sorted(known))})")
         obj = raw.get("object")
-        if not isinstance(obj, str) or not obj:
-            self.problem(where, "object", "must name the CRM object (contacts, Contact, contact, Contacts...)")
+        if not isinstance(obj, str) or not OBJECT_NAME.fullmatch(obj):
+            # The name goes into request paths: letters, digits, "_" and "-" only (HubSpot's "2-3508482").
+            self.problem(
+                where,
+                "object",
+                "must name the CRM object (contacts, Contact, contact, Contacts, Custom__c, 2-3508482...)",
+            )
             return None
         object_schema = None
         if schema is not None:
