@@ -216,3 +216,43 @@ async def test_profile_shows_a_withdrawn_consent_as_granted_false(people_cli):
     assert shown["consent"]["purpose:Marketing"]["granted"] is True, shown["consent"]
     assert shown["consent"]["purpose:Analytics"]["granted"] is False, shown["consent"]
     assert all("granted" in version for version in shown["consent"]["purpose:Analytics"]["history"])
+
+
+async def test_computed_traits_are_defined_listed_and_deleted_with_cdpctl(people_cli):
+    """`cdpctl traits define` waits until the trait is ready (its backfill over the people already known
+    done), the profile then carries it, `cdpctl traits` lists it, `traits delete` removes it."""
+    order = {"type": "track", "userId": "buyer", "event": "Order Completed", "properties": {"total": 80}}
+    await people_cli.send({**order, "messageId": "m-order-1"}, {**order, "messageId": "m-order-2"})
+    assert (await until_ok(people_cli, "profile", "user_id", "buyer")).exit_code == 0
+
+    defined = await people_cli.run(
+        "traits",
+        "define",
+        "big_orders",
+        "--op",
+        "count",
+        "--event",
+        "Order Completed",
+        "--where",
+        '{"total": {"$gt": 50}}',
+    )
+    assert defined.exit_code == 0 and "big_orders ready" in defined.output, defined.output
+    deadline = time.monotonic() + 15  # the backfill counted the events already stored
+    while json.loads((await people_cli.run("profile", "user_id", "buyer")).output)["computed"].get("big_orders") != 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.2)
+
+    listed = json.loads((await people_cli.run("traits", "--json")).output)
+    (trait,) = [t for t in listed if t["definition"]["name"] == "big_orders"]
+    assert trait["state"] == "ready" and trait["definition"]["eventNames"] == ["Order Completed"], trait
+    shown = await people_cli.run("traits")
+    assert "big_orders" in shown.output and "count" in shown.output, shown.output
+
+    refused = await people_cli.run("traits", "define", "nonsense", "--op", "count", "--window", "forever")
+    assert refused.exit_code == 1 and "window" in refused.output, refused.output
+
+    deleted = await people_cli.run("traits", "delete", "big_orders")
+    assert deleted.exit_code == 0 and "big_orders deleted" in deleted.output, deleted.output
+    assert not [t for t in json.loads((await people_cli.run("traits", "--json")).output)]
+    again = await people_cli.run("traits", "delete", "big_orders")
+    assert again.exit_code == 1 and "NOT_FOUND" in again.output, again.output

@@ -11,6 +11,7 @@ cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform'
 cdpctl models drift | quality churn_risk             # drift of features and scores; realised quality
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segments                     # every segment: state, size, definition
+cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]   # computed traits
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
 cdpctl up / status                                                                          (run.py)
@@ -38,7 +39,7 @@ from pathlib import Path
 import click
 
 from cdpctl import tls
-from cdpctl.common import console, out, rpc_error, service_address
+from cdpctl.common import call_service, console, out, rpc_error, service_address
 from cdpctl.platform import Workspace
 
 # Each command imports what it uses, when it runs: a command pays for its own imports only (`send` needs
@@ -324,6 +325,125 @@ def profile(ws: Workspace, identifier_type: str, value: str, wait: float, addres
     address = service_address(ws, "profile", address)
     document = asyncio.run(_lookup_profile(address, ws.admin_token(), identifier_type, value, wait))
     out.print_json(json.dumps(document))
+
+
+# ------------------------------------------------------------------------------------ computed traits
+
+TRAIT_OPS = (
+    "count", "sum", "avg", "min", "max", "first", "last", "most_frequent", "unique", "unique_count",
+    "max_speed", "mismatch_count",
+)  # fmt: skip
+
+
+def _profile_call(ws: Workspace, address: str | None, as_json: bool, work):
+    from cdp.profile.v1 import profile_pb2_grpc
+
+    return call_service(ws, "profile", profile_pb2_grpc.ProfileServiceStub, address, as_json, work)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_context
+def traits(ctx: click.Context, as_json: bool, address) -> None:
+    """Computed traits (profile's `computed.*`): every one defined, its definition and state; `define` and
+    `delete` change them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from google.protobuf import json_format
+    from rich.table import Table
+
+    from cdp.profile.v1 import profile_pb2
+
+    ws: Workspace = ctx.obj
+
+    async def listed(stub, metadata) -> list[dict]:
+        reply = await stub.ListComputedTraits(profile_pb2.ListComputedTraitsRequest(), metadata=metadata, timeout=10)
+        return [json_format.MessageToDict(t, always_print_fields_with_no_presence=True) for t in reply.traits]
+
+    documents = _profile_call(ws, address, as_json, listed)
+    if as_json:
+        out.print_json(json.dumps(documents))
+        return
+    table = Table(title="computed traits")
+    for column in ("trait", "op", "events", "property", "where", "window", "state"):
+        table.add_column(column)
+    for document in documents:
+        d = document["definition"]
+        state = document["state"]
+        if state != "ready":
+            state += f" {document['profilesDone']}/{document['profilesTotal']}"
+        where = json.dumps(d["where"]) if d.get("where") else ""
+        events = ", ".join(d["eventNames"]) or "any"
+        table.add_row(
+            d["name"],
+            d["op"],
+            f"{d['eventType'] or 'track'}: {events}",
+            d["property"],
+            where,
+            d["window"] or "lifetime",
+            state,
+        )
+    out.print(table)
+
+
+@traits.command("define")
+@click.argument("name")
+@click.option("--op", required=True, type=click.Choice(TRAIT_OPS), help="what it computes over the matching events")
+@click.option("--event", "events", multiple=True, help="an event name to match (repeatable; none: any)")
+@click.option("--event-type", default="", help="track (default), page, screen, identify or any")
+@click.option("--property", "prop", default="", help="dot path into the event's properties (not for count)")
+@click.option(
+    "--where", default=None, help='conditions on properties as a JSON object, e.g. \'{"total": {"$gt": 50}}\''
+)
+@click.option("--window", default="", help="sliding window: 30d, 12h, 15m, 90s (none: lifetime)")
+@click.option("--compare", default="", help="mismatch_count: the path PROPERTY is compared with")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def traits_define(ws: Workspace, name: str, op: str, events, event_type, prop, where, window, compare, address) -> None:
+    """Define (or redefine) computed trait NAME and wait until it is ready: every person already known is
+    computed from their retained events."""
+    from google.protobuf import json_format
+
+    from cdp.profile.v1 import profile_pb2
+
+    definition = profile_pb2.ComputedTraitDefinition(
+        name=name, op=op, event_type=event_type, event_names=list(events), property=prop, window=window, compare=compare
+    )
+    if where:
+        json_format.ParseDict(_json_option(where, "--where"), definition.where)
+
+    async def define(stub, metadata) -> profile_pb2.ComputedTraitStatus:
+        status = await stub.DefineComputedTrait(
+            profile_pb2.DefineComputedTraitRequest(definition=definition), metadata=metadata, timeout=30
+        )
+        while status.state != "ready":
+            await asyncio.sleep(0.2)
+            listed = await stub.ListComputedTraits(
+                profile_pb2.ListComputedTraitsRequest(), metadata=metadata, timeout=10
+            )
+            status = next((t for t in listed.traits if t.definition.name == name), status)
+        return status
+
+    status = _profile_call(ws, address, False, define)
+    out.print(
+        f"computed trait {name} ready: {status.profiles_total} profiles computed; profiles show it as computed.{name}"
+    )
+
+
+@traits.command("delete")
+@click.argument("name")
+@click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def traits_delete(ws: Workspace, name: str, address) -> None:
+    """Delete computed trait NAME: it leaves every profile (segments reading it no longer match on it)."""
+    from cdp.profile.v1 import profile_pb2
+
+    async def delete(stub, metadata) -> None:
+        await stub.DeleteComputedTrait(profile_pb2.DeleteComputedTraitRequest(name=name), metadata=metadata, timeout=30)
+
+    _profile_call(ws, address, False, delete)
+    out.print(f"computed trait {name} deleted")
 
 
 async def _models(address: str, token: str) -> list[dict]:
