@@ -256,3 +256,48 @@ async def test_computed_traits_are_defined_listed_and_deleted_with_cdpctl(people
     assert not [t for t in json.loads((await people_cli.run("traits", "--json")).output)]
     again = await people_cli.run("traits", "delete", "big_orders")
     assert again.exit_code == 1 and "NOT_FOUND" in again.output, again.output
+
+
+async def test_segment_estimate_and_delete_with_cdpctl(people_cli, tmp_path):
+    """`segment estimate TEXT` says how many people a definition holds now (nothing is created);
+    `segment delete NAME` removes a segment, its members exiting; both name a refused field."""
+    from cdp_kit.service import serving
+    from cdp_segmentation.__main__ import setup
+    from cdp_segmentation.settings import SegmentationSettings
+
+    state = json.loads((people_cli.home / "run.json").read_text())
+    settings = SegmentationSettings(
+        nats_url=people_cli.nats_url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2,
+        shutdown_grace=1.0, store_url=f"sqlite:///{tmp_path / 'segmentation.db'}",
+        profile_address=state["services"]["profile"]["grpc"],
+    )  # fmt: skip
+    async with serving(settings, setup) as runtime:
+        state["services"]["segmentation"] = {"grpc": f"127.0.0.1:{runtime.grpc.port}"}
+        (people_cli.home / "run.json").write_text(json.dumps(state))
+        for user, plan in (("seg-pro", "pro"), ("seg-free", "free")):
+            await people_cli.send(
+                {"type": "identify", "userId": user, "messageId": f"m-{user}", "traits": {"plan": plan}}
+            )
+
+        deadline = time.monotonic() + 20  # segmentation learns of the profiles on profiles.changed
+        while True:
+            estimate = await people_cli.run("segment", "estimate", 'traits.plan = "pro"', "--json")
+            assert estimate.exit_code == 0, estimate.output
+            document = json.loads(estimate.output)
+            if int(document.get("population", 0)) == 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert int(document["size"]) == 1 and int(document["population"]) == 2, document
+        shown = await people_cli.run("segment", "estimate", 'traits.plan = "pro"')
+        assert "1 of 2 people" in shown.output, shown.output
+        refused = await people_cli.run("segment", "estimate", "traits.plan = = 1")
+        assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output, refused.output
+
+        created = await people_cli.run("segment", "create", "pros", 'traits.plan = "pro"')
+        assert created.exit_code == 0 and "1 member" in created.output, created.output
+        deleted = await people_cli.run("segment", "delete", "pros")
+        assert deleted.exit_code == 0 and "segment pros deleted: 1 member exited" in deleted.output, deleted.output
+        listed = json.loads((await people_cli.run("segments", "--json")).output)
+        assert "pros" not in {segment["id"] for segment in listed}, listed
+        again = await people_cli.run("segment", "delete", "pros")
+        assert again.exit_code == 1 and "NOT_FOUND" in again.output, again.output

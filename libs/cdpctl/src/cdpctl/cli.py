@@ -10,6 +10,7 @@ cdpctl models                       # the deployed models, their versions and qu
 cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform's customers (training.py)
 cdpctl models drift | quality churn_risk             # drift of features and scores; realised quality
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
+cdpctl segment estimate 'traits.plan = "pro"' / delete vip    # people it holds now; remove one
 cdpctl segments                     # every segment: state, size, definition
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]   # computed traits
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
@@ -559,6 +560,57 @@ def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, a
         raise click.ClickException(f"segment {segment_id} is {state}: {created.get('error', '')}")
     size = int(created.get("size", 0))
     out.print(f"segment {segment_id} live: {size} member{'' if size == 1 else 's'} ({created.get('text', '')})")
+
+
+def _segmentation_call(ws: Workspace, address: str | None, as_json: bool, work):
+    from cdp.segmentation.v1 import segmentation_pb2_grpc
+
+    return call_service(ws, "segmentation", segmentation_pb2_grpc.SegmentationServiceStub, address, as_json, work)
+
+
+@segment.command("estimate")
+@click.argument("definition")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (a sample of person ids included)")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_estimate(ws: Workspace, definition: str, as_json: bool, address) -> None:
+    """How many people a definition (segment language, or a JSON tree) holds now; nothing is created."""
+    from google.protobuf import json_format
+
+    from cdp.segmentation.v1 import segmentation_pb2
+
+    request = segmentation_pb2.EstimateRequest()
+    if definition.lstrip().startswith("{"):
+        json_format.ParseDict(_json_option(definition, "DEFINITION"), request.definition.tree)
+    else:
+        request.definition.text = definition
+
+    async def estimate(stub, metadata) -> dict:
+        reply = await stub.Estimate(request, metadata=metadata, timeout=60)
+        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+
+    document = _segmentation_call(ws, address, as_json, estimate)
+    if as_json:
+        out.print_json(json.dumps(document))
+        return
+    size, population = int(document["size"]), int(document["population"])
+    out.print(f"{size} of {population} people ({document['text']})", markup=False, highlight=False)
+
+
+@segment.command("delete")
+@click.argument("segment_id")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_delete(ws: Workspace, segment_id: str, address) -> None:
+    """Delete a segment: every member exits it (reason "deleted"), and it is no longer listed."""
+    from cdp.segmentation.v1 import segmentation_pb2
+
+    async def delete(stub, metadata) -> int:
+        request = segmentation_pb2.DeleteSegmentRequest(id=segment_id)
+        return (await stub.DeleteSegment(request, metadata=metadata, timeout=30)).exited
+
+    exited = _segmentation_call(ws, address, False, delete)
+    out.print(f"segment {segment_id} deleted: {exited} member{'' if exited == 1 else 's'} exited")
 
 
 @segment.command("members")
