@@ -46,7 +46,7 @@ class Applied:
     elsewhere: list[tuple[IdentityNotice, str]] = field(default_factory=list)
 
     def fold(self, person: str, change: ProfileChange) -> None:
-        if not change:
+        if not change.publishable:  # a copy of an applied event still lists its id (orchestration waits on it)
             return
         known = self.changes.get(person)
         if known is None:

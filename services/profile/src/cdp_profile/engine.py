@@ -453,7 +453,8 @@ class ProfileEngine:
         profiles = self.hot.profiles
         persons = set(dirty)
         for person, change in changes.items():
-            persons.add(person)
+            if change:  # a change that only lists copies of applied events rewrites nothing
+                persons.add(person)
             for entry in change.timeline_added:
                 out.append(Put(TIMELINE, timeline_key(entry), encode_entry(entry)))
             for entry in change.timeline_removed:
