@@ -167,8 +167,12 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
             assert json.loads(result.stdout)["loser"] == loser
         if " quarantine " in command:
             assert "user_id quarantined" in result.stdout, result.stdout
-        if " export " in command:
+        if " export " in command and " definitions " not in command:
             assert json.loads(result.stdout)["person_id"], result.stdout
+        if " definitions export" in command:
+            document = json.loads(result.stdout)
+            assert document["format"] == "cdp-definitions", result.stdout
+            assert "big_spenders" in {segment["id"] for segment in document["segments"]}, result.stdout
         if " delete " in command:
             assert json.loads(result.stdout)["requestId"], result.stdout
             gone = subprocess.run([CDPCTL, "profile", "user_id", "u1"], env=env, capture_output=True, text=True)
