@@ -123,7 +123,7 @@ def main(ctx: click.Context, home: Path | None) -> None:
 
 def _name_home(ws: Workspace) -> None:
     """Which platform a command acts on, when no --home or CDP_HOME chose it (on stderr: output stays clean)."""
-    how = f" (found through {ws.found}: this folder has no .cdp of its own)" if ws.found else ""
+    how = f" ({ws.found}; this folder has no .cdp of its own)" if ws.found else ""
     console.print(f"cdp home: {ws.root}{how}", style="dim", markup=False, highlight=False, soft_wrap=True)
 
 

@@ -411,11 +411,14 @@ class Workspace:
             return own
         checkout = Path(sys.prefix).parent
         if (checkout / "pyproject.toml").is_file():
-            installed = cls(checkout / ".cdp", found="the checkout this cdpctl is installed in")
+            installed = cls(checkout / ".cdp", found="the running platform of the checkout this cdpctl is installed in")
             if installed.running() is not None:
                 return installed
         try:
-            recorded = cls(Path(json.loads(current_file().read_text())["home"]), found="the last `cdpctl up` here")
+            recorded = cls(
+                Path(json.loads(current_file().read_text())["home"]),
+                found="the running platform ~/.cdp/current.json names",
+            )
         except (OSError, ValueError, KeyError, TypeError):
             recorded = None
         if recorded is not None and recorded.running() is not None:
