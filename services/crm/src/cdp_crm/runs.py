@@ -3,7 +3,9 @@
 A backfill projects every person (people.py: every live profile of the profile service when it is
 configured, else everyone the connector has seen change) through the mappings in scope with the
 `backfill` trigger and writes what differs from what each record should hold - the same path as the
-stream (engine.py), so a backfill after a complete sync makes no call. A backfill already running for
+stream (engine.py), so a backfill after a complete sync makes no call. A person holding none of the
+values a record mapping reads is skipped for it (counted as `skipped`): the stream never writes them
+(`projection.holds_mapped`), and a record holding only its match key is of no use to the CRM. A backfill already running for
 the same scope is returned instead of starting a second one. With `bulk`, record mappings go through the
 CRM's bulk path where it has one (Salesforce Bulk API 2.0: one ingest job per page of up to `BULK_PAGE`
 people and partition, its state and rows processed in the run document as it runs; refused and
@@ -332,10 +334,16 @@ class Runs:
                 for mapping in mappings:
                     if mapping.kind == "list":
                         op = UPSERT if proj.in_scope(mapping, source) else REMOVE
-                    elif proj.in_scope(mapping, source):
-                        op = UPSERT
-                    else:
+                    elif not proj.in_scope(mapping, source):
                         continue
+                    elif not proj.holds_mapped(mapping, source):
+                        # What the stream would never write (no mapped value): counted as skipped.
+                        unit.projected.append(
+                            (mapping, proj.Skipped(mapping.name, "fields", proj.NO_MAPPED_VALUE), UPSERT, item, None)
+                        )
+                        continue
+                    else:
+                        op = UPSERT
                     projection = proj.project(mapping, source)
                     key = record_key(mapping.name, projection.key) if isinstance(projection, proj.Projection) else None
                     unit.projected.append((mapping, projection, op, item, key))

@@ -52,10 +52,11 @@ class Skipped:
 
     mapping: str
     field: str
-    reason: str = "match_key_missing"
+    reason: str = "match_key_missing"  # or NO_MAPPED_VALUE: the person holds none of the mapped fields
 
 
 _MISSING = object()
+NO_MAPPED_VALUE = "no_mapped_value"
 
 
 def reads(mapping: ObjectMapping) -> frozenset[str]:
@@ -72,6 +73,20 @@ def touches(mapping: ObjectMapping, changed_keys: set[str] | frozenset[str]) -> 
     if SEGMENTS in wanted and any(k.startswith(SEGMENTS + ".") for k in changed_keys):
         return True
     return not wanted.isdisjoint(changed_keys)
+
+
+def held(source: Source) -> frozenset[str]:
+    """The keys `touches` takes that this person holds a value for: its profile fields with a value and
+    `segments.<id>` for each segment it is in."""
+    fields = (k for k, v in source.profile.items() if v is not None)
+    return frozenset((*fields, *(f"{SEGMENTS}.{s}" for s in source.segments)))
+
+
+def holds_mapped(mapping: ObjectMapping, source: Source) -> bool:
+    """True when the person holds a value the mapping reads. The stream writes a person only when such a
+    value changes (`touches`), so one holding none is never written by it: a backfill skips them too
+    rather than make a record holding only its match key."""
+    return touches(mapping, held(source))
 
 
 def in_scope(mapping: ObjectMapping, source: Source) -> bool:
