@@ -88,14 +88,15 @@ def test_every_network_policy_matches_the_calls_graph(rendered, scenario):
             assert rule.get("from") or c["networkPolicy"].get("allowExternal"), f"{name}: a rule without peers"
 
 
-def test_identity_admits_profile_alone_and_scoring_is_called_by_nobody(rendered):
+def test_identity_admits_profile_alone_and_scoring_segmentation_alone(rendered):
     r = rendered["secure"]
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-identity"), "grpc")
     assert split_peers(rule)[0] == {"profile"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-profile"), "grpc")
     assert split_peers(rule)[0] == {"scoring", "segmentation", "orchestration", "crm"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-scoring"), "grpc")
-    assert split_peers(rule) == (set(), r.values["networkPolicy"]["grpcFrom"]), "operators only"
+    # Segmentation asks scoring which scores its models write (a segment naming another is refused).
+    assert split_peers(rule) == ({"segmentation"}, r.values["networkPolicy"]["grpcFrom"])
 
 
 def test_nats_admits_only_this_releases_cdp_pods(rendered):

@@ -164,13 +164,14 @@ SERVICES: tuple[ServiceProcess, ...] = (
             "CDP_SCORING_TRAINING_STORE": "sqlite:///{home}/data/profile.db",
         },
     ),
-    # Segmentation defines the computed traits its event conditions compile to on profile (profile:admin).
+    # Segmentation defines the computed traits its event conditions compile to on profile (profile:admin),
+    # and asks scoring which scores its models write (a segment naming another score is refused).
     ServiceProcess(
         "segmentation",
         "cdp_segmentation",
         grpc_port=50055,
         metrics_port=9468,
-        calls=("profile",),
+        calls=("profile", "scoring"),
         extra_scopes=("profile:admin",),
     ),
     ORCHESTRATION,
