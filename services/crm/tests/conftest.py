@@ -215,6 +215,8 @@ class CollectorStandIn:
         self.held = asyncio.Event()
         self.released = asyncio.Event()
         self.url = ""
+        self.delay = 0.0  # seconds each post takes (a collector under load)
+        self.invalid: Callable[[dict], tuple[str, str] | None] | None = None  # event -> (code, field) refused
         app = web.Application(client_max_size=4 * MAX_BATCH_BYTES)  # over the limit: its own 413, as the collector's
         app.router.add_post("/v1/batch", self.batch)
         self.runner = web.AppRunner(app)
@@ -230,6 +232,8 @@ class CollectorStandIn:
             await self.released.wait()  # the poller is killed while waiting; nothing of this post is stored
             return web.json_response({"success": False, "code": "unavailable"}, status=503)
         body = await request.read()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if len(body) > MAX_BATCH_BYTES:
             return web.json_response({"success": False, "code": "request_too_large"}, status=413)
         self.posts += 1
@@ -237,6 +241,11 @@ class CollectorStandIn:
         for event in batch:
             if len(orjson.dumps(event)) > MAX_EVENT_BYTES:
                 rejected.append({"messageId": event["messageId"], "code": "event_too_large"})
+                continue
+            refusal = self.invalid(event) if self.invalid is not None else None
+            if refusal is not None:
+                code, field = refusal
+                rejected.append({"messageId": event["messageId"], "code": code, "field": field, "message": "invalid"})
                 continue
             if event["messageId"] in self.stored:
                 self.duplicates += 1

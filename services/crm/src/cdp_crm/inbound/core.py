@@ -48,6 +48,7 @@ import orjson
 from cdp_crm.adapters.http import Answer
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
+from cdp_crm.inbound.refused import keep_refused
 from cdp_crm.inbound.sizes import fit
 from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS, TOMBSTONES
 from cdp_kit.storage import Store
@@ -80,9 +81,11 @@ class Collector:
         self._auth = "Basic " + base64.b64encode(f"{write_key}:".encode()).decode()
         self._timeout = timeout
 
-    async def post(self, events: list[dict[str, Any]]) -> None:
+    async def post(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Post `events`; returns those the collector refused as invalid (`messageId`, `code`, `field`):
+        the others are stored. Raises `CollectorRefused` when none was stored."""
         if not events:
-            return
+            return []
         try:
             async with self._session.post(
                 self._url,
@@ -98,11 +101,13 @@ class Collector:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise CollectorRefused(type(exc).__name__) from None
         if status == 200:
-            return
+            return []
         if status == 400 and isinstance(body, dict) and body.get("code") == "invalid_events":
-            # The valid events were stored; an invalid one would be refused again: say so and go on.
-            log.error("collector refused crm events", extra={"rejected": len(body.get("rejected", []))})
-            return
+            # The valid events were stored; an invalid one would be refused again: the poller dead-letters it.
+            rejected = [r for r in body.get("rejected") or [] if isinstance(r, dict)]
+            fields = sorted({str(r.get("field") or "") for r in rejected})
+            log.error("collector refused crm events", extra={"rejected": len(rejected), "fields": fields})
+            return rejected
         raise CollectorRefused(f"collector answered {status}")
 
 
@@ -274,6 +279,7 @@ class Poller:
         self.placeholders = placeholders(connection)
         self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
         self._named: set[str] | None = set()  # the objects the webhooks since the last read named (None: all)
+        self._ahead = False  # a webhook's read going ahead of a longer read is under way
 
     def wake(self, objects: set[str] | None = None) -> None:
         """Read now - only `objects` if every wake since the last read named its objects."""
@@ -314,25 +320,52 @@ class Poller:
     async def poll(self, objects: set[str] | None = None) -> int:
         """Post every change since the cursors (of `objects` only, when given); returns how many events
         were posted."""
+        return await self._read([obj for obj in self.objects if objects is None or obj in objects])
+
+    async def _read(self, objects: list[str]) -> int:
         posted = 0
         failed: Exception | None = None
-        for obj in self.objects:
-            if objects is None or obj in objects:
-                try:
-                    posted += await self._poll_object(obj)
-                except CollectorRefused:
-                    raise  # the collector is every object's: the others would fail the same way
-                except Exception as exc:
-                    # One object the CRM will not let us read (a missing scope, an answer we cannot use)
-                    # must not stop the others: they are read, and this one again from its cursor next turn.
-                    extra = {"connection": self.connection.id, "object": obj, "error": type(exc).__name__}
-                    if isinstance(exc, CrmReadFailed):
-                        extra["reason"] = str(exc)
-                    log.warning("reading crm changes of an object failed", extra=extra)
-                    failed = failed or exc
+        for obj in objects:
+            try:
+                posted += await self._poll_object(obj)
+            except CollectorRefused:
+                raise  # the collector is every object's: the others would fail the same way
+            except Exception as exc:
+                # One object the CRM will not let us read (a missing scope, an answer we cannot use)
+                # must not stop the others: they are read, and this one again from its cursor next turn.
+                extra = {"connection": self.connection.id, "object": obj, "error": type(exc).__name__}
+                if isinstance(exc, CrmReadFailed):
+                    extra["reason"] = str(exc)
+                log.warning("reading crm changes of an object failed", extra=extra)
+                failed = failed or exc
         if failed is not None:
             raise failed
         return posted
+
+    async def _read_ahead(self, current: str) -> None:
+        """Between two pages of `current`: the objects webhooks named since (all, for a wake naming none)
+        are read now, each to its end, rather than after the rest of `current` - a page-through of
+        thousands of contacts held a ticket back for half a minute. `current` itself is left to this read
+        (what changed in it comes at its end) and stays named when it was: the loop reads it again after.
+        Every request still takes from the account's budget; a read ahead does not nest."""
+        if self._ahead or not self.woken.is_set():
+            return
+        wanted = set(self.objects) if self._named is None else self._named
+        ahead = [obj for obj in self.objects if obj in wanted and obj != current]
+        if not ahead:
+            return
+        self._named = {current} if current in wanted else set()
+        if not self._named:
+            self.woken.clear()
+        self._ahead = True
+        try:
+            await self._read(ahead)
+        except CollectorRefused:
+            raise
+        except Exception:  # named in the log by `_read`; read again from its cursor at the next turn
+            pass
+        finally:
+            self._ahead = False
 
     def _key(self, obj: str, record_id: str | None = None) -> str:
         return f"{self.connection.id}:{obj}" + (f":{record_id}" if record_id is not None else "")
@@ -387,6 +420,7 @@ class Poller:
         async for changes, cursor in self.reader.pages(obj, start):
             memos = {}
             events: list[dict[str, Any]] = []
+            sent: dict[str, tuple[str, dict[str, Any]]] = {}  # message id -> (record id, event)
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
@@ -394,9 +428,13 @@ class Poller:
                 memo = self._memo(change, written)
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
                 if not erased:
-                    events.extend(self.events(change, before, memo, written))
+                    made = self.events(change, before, memo, written)
+                    sent.update((e["messageId"], (change.record_id, e)) for e in made)
+                    events.extend(made)
             for batch in _batches(events):
-                await self.collector.post(batch)
+                rejected = await self.collector.post(batch)
+                if rejected:
+                    await keep_refused(self.store, self.connection.id, obj, rejected, sent, self.clock())
             for record_id, memo in memos.items():
                 await self.store.put(CURSORS, self._key(obj, record_id), memo)
             await self.store.put(CURSORS, self._key(obj), cursor)
@@ -406,6 +444,7 @@ class Poller:
             log.info(
                 "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
             )
+            await self._read_ahead(obj)
         if importing:
             if await self.store.get(CURSORS, self._key(obj)) is None:
                 # Nothing there yet: the import of this object is done all the same (a keyset from the start).

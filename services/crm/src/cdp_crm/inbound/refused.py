@@ -1,0 +1,63 @@
+"""Events the collector refused (`invalid_events`): kept in the connection's dead letters, never only logged.
+
+The collector stores the valid events of a batch and answers which it refused, each with the field and a
+code. A refused event would be refused again if posted again, so the poller goes on; each is recorded in
+`crm_dead_letters` (one per CRM record: a newer refusal replaces the older) with the reason
+`collector_refused`, the collector's code and the field it names, so `cdpctl crm dead-letters` lists it
+beside the records a CRM refused. Its mapping is `<connection>/inbound:<object>`: a replay passes over it
+(no outbound mapping has that name) - the fix is in the CRM's record or the connection's mapping, and the
+record's next change is read again. The letter holds ids and codes, never the event's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cdp_crm.domain.coalesce import UPSERT, Change
+from cdp_crm.domain.isolation import DeadLetter
+from cdp_crm.state import DEAD_LETTERS
+from cdp_kit.storage import Put, Store
+
+COLLECTOR_REFUSED = "collector_refused"
+INBOUND = "inbound"
+
+
+def inbound_letter(
+    connection: str, obj: str, record_id: str, rejected: Mapping[str, Any], person_id: str, now: float
+) -> DeadLetter:
+    """The dead letter of one refused event: which record, why (the collector's code and field)."""
+    field = str(rejected.get("field") or "")
+    code = str(rejected.get("code") or "invalid")
+    message = (
+        f"the collector refused the event of {obj} record {record_id} ({code}"
+        + (f" in {field}" if field else "")
+        + "): it is not stored; fix the record in the CRM or the connection's mapping - its next change is read again"
+    )
+    change = Change(f"{connection}/{INBOUND}:{obj}", (("id", record_id),), {}, 0, UPSERT, person_id, INBOUND)
+    return DeadLetter(
+        connection, f"{connection}/{INBOUND}:{obj}", f"{INBOUND}:{connection}:{obj}:{record_id}", COLLECTOR_REFUSED,
+        code, message, 400, now, change,
+    )  # fmt: skip
+
+
+async def keep_refused(
+    store: Store,
+    connection: str,
+    obj: str,
+    rejected: list[Mapping[str, Any]],
+    sent: Mapping[str, tuple[str, Mapping[str, Any]]],
+    now: float,
+) -> int:
+    """Record each refused event (`sent`: message id -> (record id, event)); returns how many were."""
+    puts = []
+    for entry in rejected:
+        found = sent.get(str(entry.get("messageId", "")))
+        if found is None:
+            continue
+        record_id, event = found
+        letter = inbound_letter(connection, obj, record_id, entry, str(event.get("userId") or ""), now)
+        puts.append(Put(DEAD_LETTERS, letter.record, {**letter.to_state(), "person_id": letter.change.person_id}))
+    if puts:
+        await store.bulk_write(puts)
+    return len(puts)
