@@ -49,6 +49,7 @@ from cdp_crm.domain.coalesce import REMOVE, UPSERT, record_key
 from cdp_crm.domain.isolation import DeadLetter
 from cdp_crm.domain.mapping import BACKFILL, ObjectMapping
 from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, resolve_writes
+from cdp_crm.inbound.refused import INBOUND
 from cdp_crm.people import ConnectorView, People
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_kit.bus import partition_for
@@ -441,7 +442,8 @@ class Runs:
             letters = [r.doc async for r in self.store.scan_all(DEAD_LETTERS)]
         letters = [
             d for d in letters
-            if (not connection or d["connection"] == connection)
+            if d["change"]["trigger"] != INBOUND  # an event the collector refused: fixed at its source
+            and (not connection or d["connection"] == connection)
             and (not mapping or d["mapping"] == f"{connection or d['connection']}/{mapping}")
             and (not reason or d["reason"] == reason)
         ]  # fmt: skip

@@ -6,6 +6,8 @@ poller goes on past the page."""
 from __future__ import annotations
 
 from cdp_crm.api import dead_letter_message
+from cdp_crm.inbound.refused import keep_refused
+from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
@@ -47,3 +49,18 @@ async def test_an_event_the_collector_refuses_is_kept_in_the_connections_dead_le
         stored = [e for e in collector.stored.values() if good["id"] in str(e)]
         assert stored, "the valid event of the same post was stored"
         assert await poller.poll() == 0  # the poller went on past the page: nothing read again
+
+
+async def test_a_replay_passes_over_an_event_the_collector_refused(world_factory):
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        sent = {"msg-1": "1001"}
+        refused = [{"messageId": "msg-1", "code": "invalid_trait", "field": "traits.first_name"}]
+        assert await keep_refused(world.store, "hs", "contacts", refused, sent, 1.0) == 1
+        runs = Runs(world.logic, partitions=world.partitions)
+        _, _, replayed = await runs.replay([], "hs")
+        assert replayed == 0  # nothing to send to HubSpot: the fix is in the record or the mapping
+        assert [r.key async for r in world.store.scan_all(DEAD_LETTERS)] == ["inbound:hs:contacts:1001"]
+        assert hubspot.records("contacts") == []
+        await world.stop()

@@ -420,7 +420,7 @@ class Poller:
         async for changes, cursor in self.reader.pages(obj, start):
             memos = {}
             events: list[dict[str, Any]] = []
-            sent: dict[str, tuple[str, dict[str, Any]]] = {}  # message id -> (record id, event)
+            sent: dict[str, str] = {}  # message id -> CRM record id
             for change in changes:
                 stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
                 before = _before(stored.doc if stored is not None else None, change.stamp)
@@ -429,7 +429,7 @@ class Poller:
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
                 if not erased:
                     made = self.events(change, before, memo, written)
-                    sent.update((e["messageId"], (change.record_id, e)) for e in made)
+                    sent.update((e["messageId"], change.record_id) for e in made)
                     events.extend(made)
             for batch in _batches(events):
                 rejected = await self.collector.post(batch)

@@ -6,7 +6,9 @@ code. A refused event would be refused again if posted again, so the poller goes
 `collector_refused`, the collector's code and the field it names, so `cdpctl crm dead-letters` lists it
 beside the records a CRM refused. Its mapping is `<connection>/inbound:<object>`: a replay passes over it
 (no outbound mapping has that name) - the fix is in the CRM's record or the connection's mapping, and the
-record's next change is read again. The letter holds ids and codes, never the event's values.
+record's next change is read again. The letter holds the CRM's record id and codes, never the event's
+values nor the person's CDP id (a privacy deletion finds a person's letters by their records; these have
+none).
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ COLLECTOR_REFUSED = "collector_refused"
 INBOUND = "inbound"
 
 
-def inbound_letter(
-    connection: str, obj: str, record_id: str, rejected: Mapping[str, Any], person_id: str, now: float
-) -> DeadLetter:
+def inbound_letter(connection: str, obj: str, record_id: str, rejected: Mapping[str, Any], now: float) -> DeadLetter:
     """The dead letter of one refused event: which record, why (the collector's code and field)."""
     field = str(rejected.get("field") or "")
     code = str(rejected.get("code") or "invalid")
@@ -34,7 +34,7 @@ def inbound_letter(
         + (f" in {field}" if field else "")
         + "): it is not stored; fix the record in the CRM or the connection's mapping - its next change is read again"
     )
-    change = Change(f"{connection}/{INBOUND}:{obj}", (("id", record_id),), {}, 0, UPSERT, person_id, INBOUND)
+    change = Change(f"{connection}/{INBOUND}:{obj}", (("id", record_id),), {}, 0, UPSERT, "", INBOUND)
     return DeadLetter(
         connection, f"{connection}/{INBOUND}:{obj}", f"{INBOUND}:{connection}:{obj}:{record_id}", COLLECTOR_REFUSED,
         code, message, 400, now, change,
@@ -46,18 +46,17 @@ async def keep_refused(
     connection: str,
     obj: str,
     rejected: list[Mapping[str, Any]],
-    sent: Mapping[str, tuple[str, Mapping[str, Any]]],
+    sent: Mapping[str, str],
     now: float,
 ) -> int:
-    """Record each refused event (`sent`: message id -> (record id, event)); returns how many were."""
+    """Record each refused event (`sent`: message id -> CRM record id); returns how many were."""
     puts = []
     for entry in rejected:
-        found = sent.get(str(entry.get("messageId", "")))
-        if found is None:
+        record_id = sent.get(str(entry.get("messageId", "")))
+        if record_id is None:
             continue
-        record_id, event = found
-        letter = inbound_letter(connection, obj, record_id, entry, str(event.get("userId") or ""), now)
-        puts.append(Put(DEAD_LETTERS, letter.record, {**letter.to_state(), "person_id": letter.change.person_id}))
+        letter = inbound_letter(connection, obj, record_id, entry, now)
+        puts.append(Put(DEAD_LETTERS, letter.record, letter.to_state()))
     if puts:
         await store.bulk_write(puts)
     return len(puts)
