@@ -206,7 +206,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             owned = lambda home=home: home in engine.owned()  # noqa: E731 - the replica owning it reads it
             tasks.append(runtime.spawn(poller.run(settings.poll_seconds, owned), f"read {connection.id}"))
         if settings.webhook_port:
-            webhooks = web.AppRunner(HubSpotWebhooks(hooks, public_url=settings.webhook_public_url).app)
+            webhooks = web.AppRunner(HubSpotWebhooks(hooks, public_url=settings.webhook_public_url, meter=meter).app)
             await webhooks.setup()
             runtime.stack.push_async_callback(webhooks.cleanup)
             await web.TCPSite(webhooks, settings.grpc_host, settings.webhook_port).start()

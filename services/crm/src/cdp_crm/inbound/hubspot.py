@@ -31,6 +31,7 @@ from cdp_crm.adapters.http import exchange, transport_error
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
 from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, backwards
+from cdp_crm.inbound.refusals import RefusalLog
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
@@ -265,15 +266,21 @@ class HubSpotWebhooks:
         *,
         public_url: str = "",
         clock: Callable[[], float] = time.time,
+        meter: Any = None,
     ) -> None:
         self.pollers = pollers  # connection id -> (poller, the app's client secret)
         self.public_url = public_url.rstrip("/")
         self.clock = clock
+        self.refusals = RefusalLog(log, meter=meter)  # a flood of forged requests: one line a minute
         self.app = web.Application()
         self.app.router.add_post("/webhooks/hubspot/{connection}", self.handle)
+        self.app.on_cleanup.append(self._cleanup)
         # Signatures taken, until their timestamp is too old to be taken anyway (a heap by that time).
         self._taken: set[str] = set()
         self._expiries: list[tuple[int, str]] = []
+
+    async def _cleanup(self, app: web.Application) -> None:
+        self.refusals.close()
 
     async def handle(self, request: web.Request) -> web.Response:
         entry = self.pollers.get(request.match_info["connection"])
@@ -286,20 +293,20 @@ class HubSpotWebhooks:
         # before the body is read, so a request without a recent time costs nothing more.
         fresh = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 15
         if not fresh or abs(self.clock() * 1000 - int(timestamp)) > self.MAX_AGE_MS:
-            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "stale"})
+            self.refusals(poller.connection.id, "stale")
             return web.json_response({"message": "missing or stale X-HubSpot-Request-Timestamp"}, status=401)
         body = await request.read()
         url = self.public_url + request.path_qs if self.public_url else str(request.url)
         message = request.method.encode() + url.encode() + body + timestamp.encode()
         expected = base64.b64encode(hmac.new(secret.encode(), message, hashlib.sha256).digest()).decode()
         if not hmac.compare_digest(expected, signature):
-            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "signature"})
+            self.refusals(poller.connection.id, "signature")
             return web.json_response({"message": "the X-HubSpot-Signature-v3 does not match"}, status=401)
         now_ms = self.clock() * 1000
         while self._expiries and self._expiries[0][0] < now_ms:
             self._taken.discard(heapq.heappop(self._expiries)[1])
         if signature in self._taken:
-            log.warning("crm webhook refused", extra={"connection": poller.connection.id, "reason": "replayed"})
+            self.refusals(poller.connection.id, "replayed")
             return web.Response(status=204)  # taken already: nothing to do again
         self._taken.add(signature)
         heapq.heappush(self._expiries, (int(timestamp) + self.MAX_AGE_MS, signature))
