@@ -5,7 +5,7 @@ configured, else everyone the connector has seen change) through the mappings in
 `backfill` trigger and writes what differs from what each record should hold - the same path as the
 stream (engine.py), so a backfill after a complete sync makes no call. A person holding none of the
 values a record mapping reads is skipped for it (counted as `skipped`): the stream never writes them
-(`projection.holds_mapped`), and a record holding only its match key is of no use to the CRM. A backfill already running for
+(`projection.held`), and a record holding only its match key is of no use to the CRM. A backfill already running for
 the same scope is returned instead of starting a second one. With `bulk`, record mappings go through the
 CRM's bulk path where it has one (Salesforce Bulk API 2.0: one ingest job per page of up to `BULK_PAGE`
 people and partition, its state and rows processed in the run document as it runs; refused and
@@ -332,12 +332,13 @@ class Runs:
                 unit.persons.append(person.person_id)
                 source = proj.Source(person.person_id, person.fields, frozenset(person.segments))
                 item = Input("backfill", person.person_id, person.stamp, None)
+                held: frozenset[str] | None = None  # the keys the person holds a value for, once needed
                 for mapping in mappings:
                     if mapping.kind == "list":
                         op = UPSERT if proj.in_scope(mapping, source) else REMOVE
                     elif not proj.in_scope(mapping, source):
                         continue
-                    elif not proj.holds_mapped(mapping, source):
+                    elif not proj.touches(mapping, held := held or proj.held(source)):
                         # What the stream would never write (no mapped value): counted as skipped.
                         unit.projected.append(
                             (mapping, proj.Skipped(mapping.name, "fields", proj.NO_MAPPED_VALUE), UPSERT, item, None)

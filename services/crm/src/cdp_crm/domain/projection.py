@@ -77,16 +77,11 @@ def touches(mapping: ObjectMapping, changed_keys: set[str] | frozenset[str]) -> 
 
 def held(source: Source) -> frozenset[str]:
     """The keys `touches` takes that this person holds a value for: its profile fields with a value and
-    `segments.<id>` for each segment it is in."""
+    `segments.<id>` for each segment it is in. The stream writes a person only when a value a mapping
+    reads changes (`touches`), so one for whom `touches(mapping, held(source))` is false was never written
+    by it: a backfill skips them too rather than make a record holding only its match key."""
     fields = (k for k, v in source.profile.items() if v is not None)
     return frozenset((*fields, *(f"{SEGMENTS}.{s}" for s in source.segments)))
-
-
-def holds_mapped(mapping: ObjectMapping, source: Source) -> bool:
-    """True when the person holds a value the mapping reads. The stream writes a person only when such a
-    value changes (`touches`), so one holding none is never written by it: a backfill skips them too
-    rather than make a record holding only its match key."""
-    return touches(mapping, held(source))
 
 
 def in_scope(mapping: ObjectMapping, source: Source) -> bool:
