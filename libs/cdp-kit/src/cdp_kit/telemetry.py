@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, MutableMapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 from opentelemetry import metrics, propagate, trace
@@ -157,3 +158,32 @@ def inject_context(carrier: MutableMapping[str, str], context: Context | None = 
 
 def extract_context(carrier: Mapping[str, str] | None) -> Context:
     return propagate.extract(carrier or {})
+
+
+# (meter, instrument name) -> the meter and the objects reporting to that observable gauge, each with its function.
+_SHARED_GAUGES: dict[tuple[int, str], tuple[metrics.Meter, weakref.WeakKeyDictionary]] = {}
+
+
+def observe_on(
+    meter: metrics.Meter,
+    name: str,
+    owner: object,
+    observe: Callable[[object], Iterable[metrics.Observation]],
+    create: Callable[[Callable], object],
+) -> None:
+    """Report `observe(owner)` on the observable gauge `name` of `meter`, which `create` makes once (given
+    the callback) for every owner there will be. The OpenTelemetry SDK keeps the first observable instrument
+    of a name and drops the callbacks of any later one, so a gauge created per object (a consumer runner, an
+    engine) showed only the first object's values: one process's second to last consumers had no lag on
+    /metrics. Owners are held weakly; `observe` is a plain function of the owner (not a bound method)."""
+    entry = _SHARED_GAUGES.get((id(meter), name))
+    if entry is None or entry[0] is not meter:
+        owners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+        def callback(_options):
+            for obj, fn in list(owners.items()):
+                yield from fn(obj)
+
+        create(callback)
+        entry = _SHARED_GAUGES[(id(meter), name)] = (meter, owners)
+    entry[1][owner] = observe

@@ -91,7 +91,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from cdp_kit.bus import subjects
 from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.stopping import raise_if_cancelling
-from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry, extract_context, observe_on
 
 log = logging.getLogger("cdp.bus")
 
@@ -302,14 +302,20 @@ class ConsumerRunner:
             unit="{consumer}",
             description="durable consumers found gone on the server (deleted, a stream restored) and created again",
         )
-        meter.create_observable_gauge(
+        observe_on(
+            meter,
             "cdp.bus.consumer.lag",
-            callbacks=[self._observe_lag],
-            unit="{message}",
-            description="messages in the stream this consumer has not received yet",
+            self,
+            ConsumerRunner._observe_lag,
+            lambda callback: meter.create_observable_gauge(
+                "cdp.bus.consumer.lag",
+                callbacks=[callback],
+                unit="{message}",
+                description="messages in the stream this consumer has not received yet",
+            ),
         )
 
-    def _observe_lag(self, _options):
+    def _observe_lag(self):
         from opentelemetry.metrics import Observation
 
         yield Observation(self.pending, self._attrs)
@@ -466,7 +472,7 @@ class ConsumerRunner:
             await asyncio.sleep(5.0)
 
     async def _loop(self, subscription) -> None:
-        failures = 0
+        failures = closed_rounds = 0
         me = asyncio.current_task()
         while True:
             _raise_if_cancelling(me)
@@ -478,6 +484,15 @@ class ConsumerRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.nc.is_closed:
+                    # An orderly stop closes the connection a moment before it cancels this loop: wait for
+                    # that quietly. Still here seconds later, the connection was closed for good (nats-py
+                    # never reopens one, e.g. after its credentials were refused): that is worth an error.
+                    closed_rounds += 1
+                    if closed_rounds == 50:
+                        log.error("connection of %s is closed: this consumer receives nothing", self.spec.durable)
+                    await asyncio.sleep(0.1)
+                    continue
                 if await self.recover_missing(exc):
                     failures = 0
                     continue

@@ -15,7 +15,7 @@ from cdp_kit.engine.logic import Logic
 from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.ownership import Ownership, StaticOwnership
 from cdp_kit.storage import Store
-from cdp_kit.telemetry import LATENCY_BUCKETS_MS
+from cdp_kit.telemetry import LATENCY_BUCKETS_MS, observe_on
 
 log = logging.getLogger("cdp.engine")
 
@@ -170,14 +170,20 @@ class PartitionedEngine:
         self.m_recoveries = meter.create_counter(
             "cdp.engine.recoveries", unit="{recovery}", description="pipelines restarted after a failed batch"
         )
-        meter.create_observable_gauge(
+        observe_on(
+            meter,
             "cdp.engine.lag",
-            callbacks=[self._observe_lag],
-            unit="{message}",
-            description="messages of an owned partition not yet delivered to its pipeline",
+            self,
+            PartitionedEngine._observe_lag,
+            lambda callback: meter.create_observable_gauge(
+                "cdp.engine.lag",
+                callbacks=[callback],
+                unit="{message}",
+                description="messages of an owned partition not yet delivered to its pipeline",
+            ),
         )
 
-    def _observe_lag(self, _options):
+    def _observe_lag(self):
         from opentelemetry.metrics import Observation
 
         for pipeline in list(self.pipelines.values()):
