@@ -8,7 +8,9 @@ Enroll call's) as `{{ entry.cart_url }}`. Invariants:
 - A field the person does not have (absent or null) is an error naming it (`MissingField("traits.first_name")`),
   never a blank in a sent message. Guard optional fields in the template itself:
   `{% if traits.first_name is defined %}...{% endif %}` or `{{ traits.first_name | default("there") }}`.
-- Templates run in `SandboxedEnvironment`: no attribute access to Python internals, no I/O.
+- Templates run in Jinja's immutable sandbox: no attribute access to Python internals, no I/O, no changing a
+  list or dict in place; and within the limits of `template_limits` (the size of a value, the steps and
+  printed length of a render), refused when validated where the text alone shows it.
 - A value in an HTML part (`HTML_PARTS`: an email's ``html``) is HTML-escaped, so a trait such as
   ``<a href=…>`` or ``<script>`` arrives as text, not markup; the markup the journey's author wrote in the
   template text is kept as written. Every other part is text (the email's plain part, SMS, push, webhook
@@ -37,10 +39,11 @@ from urllib.parse import urlsplit
 
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import SandboxedEnvironment
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
+from cdp_orchestration.domain import template_limits as limits
+from cdp_orchestration.domain.template_limits import BoundedEnvironment, TemplateTooCostly
 from cdp_orchestration.domain.view import ENTRY, PersonView
 
 _NAMES = (*ROOTS, ENTRY)
@@ -133,8 +136,12 @@ def _web_url(value: Any) -> str:
 #: parts rendered as HTML: their values are escaped
 HTML_PARTS = frozenset({"html"})
 
-_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=False, keep_trailing_newline=True, finalize=_as_written)
-_HTML_ENV = SandboxedEnvironment(undefined=_Missing, autoescape=True, keep_trailing_newline=True, finalize=_as_written)
+_ENV = BoundedEnvironment(
+    undefined=_Missing, autoescape=False, keep_trailing_newline=True, finalize=limits.counting_finalize(_as_written)
+)
+_HTML_ENV = BoundedEnvironment(
+    undefined=_Missing, autoescape=True, keep_trailing_newline=True, finalize=limits.counting_finalize(_as_written)
+)
 for _env in (_ENV, _HTML_ENV):
     _env.filters["url"] = _web_url
 
@@ -156,7 +163,10 @@ class Template:
         rendered: dict[str, str] = {}
         for part, template in self._parts.items():
             try:
-                rendered[part] = template.render(context)
+                with limits.budget():
+                    rendered[part] = template.render(context)
+            except TemplateTooCostly as refused:
+                raise TemplateTooCostly(f"template part {part!r}: {refused}") from None
             except MissingField as missing:
                 raise MissingField(missing.field, part) from None
             except jinja2.UndefinedError:
@@ -175,12 +185,19 @@ def compile_template(source: Any, field: str) -> Template:
         at = f"{field}.{part}"
         if not isinstance(text, str):
             raise InvalidArgument(at, "must be template text")
+        env = _HTML_ENV if part in HTML_PARTS else _ENV
         try:
-            tree = _ENV.parse(text)
-            names = _free_names(tree)  # compiles the tree: a filter that does not exist is found here
-            compiled = (_HTML_ENV if part in HTML_PARTS else _ENV).from_string(text)
+            with limits.folding() as refused:  # compiling folds constants: a filter over a limit is met here
+                tree = env.parse(text)
+                names = _free_names(tree)  # compiles the tree: a filter that does not exist is found here
+                compiled = env.template_class.from_code(
+                    env, env.compile(limits.instrument(env.parse(text))), env.make_globals(None), None
+                )
         except jinja2.TemplateSyntaxError as error:
             raise InvalidArgument(at, f"line {error.lineno}: {error.message}") from None
+        too_costly = refused[0] if refused else limits.check_static(tree, env)
+        if too_costly:
+            raise InvalidArgument(at, f"{too_costly}; see the template limits in docs/journeys/README.md")
         for name in names:
             if name not in _NAMES:
                 raise InvalidArgument(
