@@ -53,3 +53,18 @@ def test_validity_is_protobufs_range():
     assert not ts.valid_ns(Timestamp(seconds=0, nanos=1_000_000_000))
     assert not ts.valid_ns(Timestamp(seconds=253_402_300_800))
     assert not ts.valid_ns(Timestamp(seconds=-62_135_596_801))
+
+
+def test_an_event_is_never_dated_after_its_arrival_and_earlier_times_are_kept():
+    from cdp.events.v1 import events_pb2
+
+    from cdp_kit.timestamps import event_stamp, from_seconds
+
+    arrived = from_seconds(1_700_000_000)
+    future = events_pb2.Event(timestamp=from_seconds(253_402_300_000), received_at=arrived)
+    assert event_stamp(future) == arrived  # a 9999 date stored before the collector capped it
+    past = events_pb2.Event(timestamp=from_seconds(1_600_000_000), received_at=arrived)
+    assert event_stamp(past) == past.timestamp  # an import's past date stays
+    assert event_stamp(events_pb2.Event(received_at=arrived)) == arrived  # no timestamp: its arrival
+    assert event_stamp(events_pb2.Event(timestamp=past.timestamp)) == past.timestamp  # nothing to cap against
+    assert event_stamp(events_pb2.Event()) is None

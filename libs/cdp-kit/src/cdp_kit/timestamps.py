@@ -99,3 +99,19 @@ def ms_to_datetime(ms: int) -> datetime:
 
 def datetime_to_ms(moment: datetime) -> int:
     return datetime_to_ns(moment) // _NS_PER_MS
+
+
+def event_stamp(event) -> Timestamp | None:
+    """When an event happened, as every service reads it: its `timestamp`, else when the collector received
+    it (`received_at`), and never later than that; None when it carries neither.
+
+    The collector caps `timestamp` at `received_at` on the way in. An event stored before it did (read again
+    by a replay, a backfill or from a stream's retention) may carry a time from the future, which would stay a
+    person's last-seen, a watched event's time or the date of a merge for ever. Earlier times (imports) are
+    kept. `event` is any message with those two Timestamp fields (`cdp.events.v1.Event`)."""
+    received = event.received_at if event.HasField("received_at") else None
+    if not event.HasField("timestamp"):
+        return received
+    if received is not None and to_ns(event.timestamp) > to_ns(received):
+        return received
+    return event.timestamp

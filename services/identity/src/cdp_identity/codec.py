@@ -135,11 +135,8 @@ def event_time_ms(event: events_pb2.Event) -> int:
     The collector caps `timestamp` at `received_at`; an event stored before it did (read again by a
     replay or a backfill) may carry a time from the future, which would date a person's creation, an
     identifier's joining and the merges it causes there. Earlier times are kept."""
-    received = timestamps.to_ms(event.received_at) if event.HasField("received_at") else 0
-    at = timestamps.to_ms(event.timestamp) if event.HasField("timestamp") else received
-    if received and at > received:
-        at = received
-    return at or int(time.time() * 1000)
+    stamp = timestamps.event_stamp(event)
+    return (timestamps.to_ms(stamp) if stamp is not None else 0) or int(time.time() * 1000)
 
 
 def timestamp(ms: int) -> timestamp_pb2.Timestamp:

@@ -36,7 +36,7 @@ from cdp.segmentation.v1 import segmentation_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.engine import Reject
 from cdp_kit.profile_fields import change_fields
-from cdp_kit.timestamps import to_ns, to_seconds
+from cdp_kit.timestamps import event_stamp, to_seconds
 from cdp_orchestration.domain.view import Event
 
 
@@ -204,18 +204,11 @@ def event(message: events_pb2.Event) -> Event:
 
 
 def event_time(message: events_pb2.Event) -> float:
-    """When the event happened, as every service reads it: its `timestamp`, else when the collector received
-    it, and never later than that. The collector caps `timestamp` at `received_at`; an event stored before
-    it did (replayed, or read again from the stream's retention) may carry a time from the future, which
-    would otherwise be a watched event's `last_seen` for ever (a suppression that never lapses), a goal's
-    `converted_at`, the time an instance was triggered. The same rule as the profile's `event_time`
-    (`cdp_profile.events`); earlier times are kept. Seconds to the microsecond, as before the cap."""
-    received = message.received_at if message.HasField("received_at") else None
-    if not message.HasField("timestamp"):
-        return received.ToMicroseconds() / 1e6 if received is not None else 0.0
-    if received is not None and to_ns(message.timestamp) > to_ns(received):
-        return received.ToMicroseconds() / 1e6
-    return message.timestamp.ToMicroseconds() / 1e6
+    """When the event happened (`cdp_kit.timestamps.event_stamp`: never later than its arrival), in seconds to
+    the microsecond. Capped, an event stored with a future date is no watched event's `last_seen` for ever
+    (a suppression that never lapses), no goal's `converted_at` and no instance's trigger time."""
+    stamp = event_stamp(message)
+    return stamp.ToMicroseconds() / 1e6 if stamp is not None else 0.0
 
 
 # EventType number -> the name the domain uses ("track"), filled as types are met.

@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.timestamps import to_seconds
+from cdp_kit.timestamps import event_stamp, to_seconds
 from cdp_profile.domain import ProfileEvent
 from cdp_profile.domain.events import EMPTY
 
@@ -77,16 +77,11 @@ def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
 
 
 def event_time(event: events_pb2.Event) -> float:
-    """Segment's `timestamp` (the event time), else when the collector received it; never later than that.
-
-    The collector caps `timestamp` at `received_at`; events stored before it did (and read again by a
-    backfill or a replay) may carry a time from the future, which would otherwise stay the person's
-    last-seen, inside every window and at the head of the timeline for ever. Earlier times are kept."""
-    received = to_seconds(event.received_at) if event.HasField("received_at") else None
-    if event.HasField("timestamp"):
-        at = to_seconds(event.timestamp)
-        return at if received is None or at <= received else received
-    return received if received is not None else 0.0
+    """When the event happened (`cdp_kit.timestamps.event_stamp`: Segment's `timestamp`, never later than its
+    arrival), in seconds: a future-dated event stored before the collector capped it is no person's last-seen,
+    inside every window and at the head of the timeline for ever."""
+    stamp = event_stamp(event)
+    return to_seconds(stamp) if stamp is not None else 0.0
 
 
 def received_time(event: events_pb2.Event) -> float:
