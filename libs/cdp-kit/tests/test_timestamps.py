@@ -57,7 +57,6 @@ def test_validity_is_protobufs_range():
 
 def test_an_event_is_never_dated_after_its_arrival_and_earlier_times_are_kept():
     from cdp.events.v1 import events_pb2
-
     from cdp_kit.timestamps import event_stamp, from_seconds
 
     arrived = from_seconds(1_700_000_000)
