@@ -70,6 +70,7 @@ from cdp_orchestration.domain.conditions import EventFilter, ProfileCondition, e
 from cdp_orchestration.domain.journey import (
     CHANNELS,
     CRM,
+    CRM_KINDS,
     NODE_TYPES,
     ON_CAP,
     Action,
@@ -563,6 +564,8 @@ class _Reader:
             self.problem(node_id, f"{at}.category", "must be a non-empty string, like 'offer' or 'reminder'")
             ok = False
         template = self.attempt(node_id, lambda: compile_template(item.get("template"), f"{at}.template"))
+        if template is not None and not self.channel_parts(node_id, template.source, f"{at}.template", channel):
+            template = None
         if template is not None:
             for name in self.catalogue.unknown_fields(template.fields):
                 self.problem(node_id, f"{at}.template", f"reads {name}, which is not a known profile field")
@@ -612,6 +615,31 @@ class _Reader:
             expires_after=expires_after,
             signals=signals,
         )
+
+    def channel_parts(self, node_id: str, parts: Mapping[str, str], at: str, channel: Any) -> bool:
+        """Whether the template has the parts `channel` cannot send without (a problem naming each missing
+        one): an SMS's `body`; a CRM task's or case's `subject` (or `title`) and a `kind` of task or case."""
+
+        def has(part: str) -> bool:
+            return bool(parts.get(part, "").strip())
+
+        ok = True
+        if channel == "sms" and not has("body"):
+            self.problem(node_id, f"{at}.body", "an sms action sends its template's body: add a body part")
+            ok = False
+        if channel == CRM:
+            if not (has("subject") or has("title")):
+                self.problem(
+                    node_id, f"{at}.subject", "a crm task or case needs a subject: add a subject (or title) part"
+                )
+                ok = False
+            kind = parts.get("kind", "task")
+            if kind not in CRM_KINDS:
+                self.problem(
+                    node_id, f"{at}.kind", f"a crm action's kind is one of {', '.join(CRM_KINDS)}, written as is"
+                )
+                ok = False
+        return ok
 
     def signals(self, node_id: str, item: Mapping[str, Any], at: str, channel: Any) -> tuple[str, ...] | None:
         """The profile fields a CRM task or case carries (`signals`); None when they are not valid."""

@@ -20,6 +20,7 @@ from cdp_orchestration.domain.templates import Template
 # The channel names of actions.<channel> (the channel adapters answer to the same names).
 CHANNELS = ("email", "sms", "push", "webpush", "webhook", "inapp", "crm")
 CRM = "crm"  # the channel whose actions become CRM tasks and cases (and carry signals)
+CRM_KINDS = ("task", "case")  # what a crm action's template `kind` may be (task when it has none)
 REENTRY = ("never", "cooldown", "always")
 NODE_TYPES = ("delay", "wait", "branch", "split", "action", "exit")
 # What an action does when a frequency cap turns it away: wait for the cap's next period, or end ("capped").
