@@ -86,6 +86,19 @@ def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
     return found
 
 
+def json_option(value: str | None, name: str) -> dict:
+    """A JSON-object option or argument (`name` is how the error names it); none given: {}."""
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=name) from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=name)
+    return parsed
+
+
 class RpcFailed(click.ClickException):
     """A refused call as the terminal shows it: `CODE: message`, then each field the service named that
     the message does not already say. `as_json` prints the same to stdout as one JSON object instead."""
