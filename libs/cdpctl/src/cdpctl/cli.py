@@ -331,7 +331,8 @@ async def _models(address: str, token: str) -> list[dict]:
             )
         except grpc.aio.AioRpcError as exc:
             raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
-    return [json_format.MessageToDict(m) for m in listed.models]
+    # Every value, 0 included: a version just deployed has scored 0 rows, a canary may stand at 0 %.
+    return [json_format.MessageToDict(m, always_print_fields_with_no_presence=True) for m in listed.models]
 
 
 @main.group(cls=LazyGroup, lazy=MODELS_COMMANDS, invoke_without_command=True)

@@ -88,7 +88,8 @@ def graph(ws: Workspace, person: tuple[str, ...], address) -> None:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-        return json_format.MessageToDict(reply)
+        # Every field, false and empty included: an identifier not quarantined says so.
+        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
     out.print_json(json.dumps(asyncio.run(call())))
 
@@ -109,7 +110,7 @@ def unmerge(ws: Workspace, merge_id: str, reason: str, address) -> None:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-        return json_format.MessageToDict(reply)
+        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
     out.print_json(json.dumps(asyncio.run(call())))
 
