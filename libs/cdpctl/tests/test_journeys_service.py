@@ -37,11 +37,15 @@ async def test_a_journey_from_yaml_file_to_archived_against_the_service(orchestr
     assert result.exit_code == 0, result.output
     assert "journey slow-welcome (Slow welcome): active, live v1" in result.output
 
-    result = await cli.run("journey", "enroll", "slow-welcome", "p-1", "--json")
+    # an identifier is not a person id: refused naming the field and how to find the person's id
+    result = await cli.run("journey", "enroll", "slow-welcome", "user_id:ada")
+    assert result.exit_code == 1 and "person_id" in result.output, result.output
+    assert "cdpctl profile TYPE VALUE" in result.output
+    result = await cli.run("journey", "enroll", "slow-welcome", "p_1", "--json")
     assert result.exit_code == 0, result.output
     instance = json.loads(result.output)["instanceId"]
     listed = json.loads((await cli.run("journey", "instances", "--journey", "slow-welcome", "--json")).output)
-    assert [(i["id"], i["personId"]) for i in listed] == [(instance, "p-1")]
+    assert [(i["id"], i["personId"]) for i in listed] == [(instance, "p_1")]
     result = await cli.run("journey", "exit", instance, "--reason", "test")
     assert result.exit_code == 0 and "api:test" in result.output, result.output
 

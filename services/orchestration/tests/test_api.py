@@ -149,11 +149,11 @@ async def test_a_journey_from_draft_to_archived(service):
 
     paused = await stub.PauseJourney(pb.JourneyRef(journey_id="slow"))
     assert paused.state == pb.JOURNEY_STATE_PAUSED
-    refused = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k0"))
+    refused = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_ann", idempotency_key="k0"))
     assert not refused.entered and refused.reason == "paused"
     await stub.ResumeJourney(pb.JourneyRef(journey_id="slow"))
-    first = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k1"))
-    second = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="ann", idempotency_key="k2"))
+    first = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_ann", idempotency_key="k1"))
+    second = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_ann", idempotency_key="k2"))
     assert first.entered and second.entered and first.instance_id != second.instance_id
 
     exited = await stub.ExitInstance(pb.ExitInstanceRequest(instance_id=first.instance_id, reason="support asked"))
@@ -171,7 +171,7 @@ async def test_a_journey_from_draft_to_archived(service):
             break
         await asyncio.sleep(0.05)
     assert instance.end_reason == "archived"
-    mine = await stub.ListInstances(pb.ListInstancesRequest(person_id="ann"))
+    mine = await stub.ListInstances(pb.ListInstancesRequest(person_id="p_ann"))
     assert {i.end_reason for i in mine.instances} == {"api:support asked", "archived"}
     stats = await stub.GetJourneyStats(pb.GetJourneyStatsRequest(journey_id="slow"))
     assert stats.entered == 2 and stats.active == 0 and dict(stats.ended) == {"api:support asked": 1, "archived": 1}
@@ -182,19 +182,19 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     stub, runtime = service
     await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(WELCOME)))
     await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="welcome-bonus"))
-    await profile(runtime, "bea", first_name="Bea")
+    await profile(runtime, "p_bea", first_name="Bea")
     properties = struct_pb2.Struct()
     properties.update({"amount": 250})
     request = pb.EnrollRequest(
-        journey_id="welcome-bonus", person_id="bea", idempotency_key="signup-1", properties=properties
+        journey_id="welcome-bonus", person_id="p_bea", idempotency_key="signup-1", properties=properties
     )
     enrolled = await stub.Enroll(request)
     assert enrolled.entered
     assert (await stub.Enroll(request)).instance_id == enrolled.instance_id  # the same key enrolls once
 
-    live = stub.SubscribeInbox(pb.SubscribeInboxRequest(person_id="bea"))
+    live = stub.SubscribeInbox(pb.SubscribeInboxRequest(person_id="p_bea"))
     [waiting] = (await stub.ListApprovals(pb.ListApprovalsRequest())).approvals
-    assert waiting.person_id == "bea" and waiting.value == 250 and waiting.state == pb.APPROVAL_STATE_PENDING
+    assert waiting.person_id == "p_bea" and waiting.value == 250 and waiting.state == pb.APPROVAL_STATE_PENDING
     approved = await stub.ApproveAction(
         pb.DecideApprovalRequest(action_id=waiting.action_id, decided_by="lead", note="ok")
     )
@@ -204,7 +204,7 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     for _ in range(300):
-        inbox = await stub.ListInbox(pb.ListInboxRequest(person_id="bea"))
+        inbox = await stub.ListInbox(pb.ListInboxRequest(person_id="p_bea"))
         if inbox.messages:
             break
         await asyncio.sleep(0.05)
@@ -214,7 +214,7 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     assert pushed.action_id == waiting.action_id
     live.cancel()
     assert message.body == "250 credits, Bea"
-    decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="bea"))).decisions
+    decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="p_bea"))).decisions
     assert [d.kind for d in decisions] == [pb.DECISION_KIND_SENT, pb.DECISION_KIND_AWAITING_APPROVAL]
     instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=enrolled.instance_id))
     assert instance.state == pb.INSTANCE_STATE_ENDED and instance.end_reason == "completed"
@@ -247,11 +247,11 @@ async def test_bad_requests_name_their_field(service):
          "definition.tree.priority"),
         (stub.ValidateJourney(pb.ValidateJourneyRequest(definition=_tree({"nodes": [{"wait": math.inf}]}))),
          "definition.tree.nodes[0].wait"),
-        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="x", properties=_struct({"total": -math.inf}))),
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="p_x", properties=_struct({"total": -math.inf}))),
          "properties.total"),
         # The store keeps ids as keys: a NUL is refused at the door, naming the field, never dead-lettered later.
         (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="p_\x00")), "person_id"),
-        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="x", idempotency_key="k\x00")),
+        (stub.Enroll(pb.EnrollRequest(journey_id="welcome-bonus", person_id="p_x", idempotency_key="k\x00")),
          "idempotency_key"),
     ]  # fmt: skip
     for call, field in cases:
@@ -260,7 +260,7 @@ async def test_bad_requests_name_their_field(service):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert bad_fields(error.value) == [field]
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.Enroll(pb.EnrollRequest(journey_id="nope", person_id="x"))
+        await stub.Enroll(pb.EnrollRequest(journey_id="nope", person_id="p_x"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -268,7 +268,7 @@ async def test_publishing_with_map_by_node_id_moves_running_instances_to_the_new
     stub, _ = service
     await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
     await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow"))
-    moved = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="cy", idempotency_key="m1"))
+    moved = await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_cy", idempotency_key="m1"))
     second = {**SLOW, "version": 2, "nodes": [{"id": "later", "type": "delay", "duration": "2h"}]}
     await stub.UpdateJourney(pb.UpdateJourneyRequest(journey_id="slow", definition=definition(second)))
     live = await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow", migration=pb.MIGRATION_MAP_BY_NODE_ID))
@@ -351,3 +351,30 @@ async def test_the_service_collects_young_objects_rarely_and_keeps_what_start_up
         gc.set_threshold(*default)
     assert threshold[0] >= 10_000
     assert frozen_after > frozen
+
+
+async def test_enroll_takes_a_person_id_and_refuses_anything_else_naming_the_fix(service):
+    stub, runtime = service
+    await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
+    await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow"))
+    # an identifier (type:value) or a made-up name is no person: its instance could never reach anyone
+    for wrong in ("user_id:ada", "nobody-at-all", "P_1", "p_"):
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id=wrong))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, wrong
+        assert bad_fields(error.value) == ["person_id"]
+        assert "cdpctl profile TYPE VALUE" in error.value.details()
+    assert (await stub.ListInstances(pb.ListInstancesRequest(person_id="user_id:ada"))).instances == []
+
+    # with the profile service known, a person id it has never heard of is NOT_FOUND
+    known = {"p_4f1c"}
+
+    async def exists(person_id: str) -> bool:
+        return person_id in known
+
+    runtime.parts["api"].person_exists = exists
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_0000"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "p_0000" in error.value.details()
+    assert (await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_4f1c"))).entered

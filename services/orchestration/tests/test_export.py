@@ -68,9 +68,9 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
     for journey in (WELCOME, SLOW):
         await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
         await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
-    # "ada:x" is someone else whose id starts with ada's and the store's key separator.
-    for person in ("ada", "bob", "ada:x"):
-        await profile(runtime, person, first_name=f"{person.title()}-name")
+    # "p_ada:x" is someone else whose id starts with p_ada's and the store's key separator.
+    for person in ("p_ada", "p_bob", "p_ada:x"):
+        await profile(runtime, person, first_name=f"{person.removeprefix('p_').title()}-name")
         properties = struct_pb2.Struct()
         properties.update({"amount": 250})
         enroll = pb.EnrollRequest(
@@ -79,25 +79,25 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
         assert (await stub.Enroll(enroll, metadata=ADMIN)).entered
     # ada-old is a person identity merged into ada: what orchestration keeps under that id is ada's too.
     old = await stub.Enroll(
-        pb.EnrollRequest(journey_id="slow", person_id="ada-old", idempotency_key="k"), metadata=ADMIN
+        pb.EnrollRequest(journey_id="slow", person_id="p_ada-old", idempotency_key="k"), metadata=ADMIN
     )
     approvals = (await stub.ListApprovals(pb.ListApprovalsRequest(), metadata=ADMIN)).approvals
-    [ada_bonus] = [a for a in approvals if a.person_id == "ada"]
+    [ada_bonus] = [a for a in approvals if a.person_id == "p_ada"]
     await stub.ApproveAction(pb.DecideApprovalRequest(action_id=ada_bonus.action_id, decided_by="lead"), metadata=ADMIN)
     for _ in range(300):
-        document = await _export(privacy, "ada", ["ada-old"])
+        document = await _export(privacy, "p_ada", ["p_ada-old"])
         if document.get("inbox") and document.get("sends"):
             break
         await asyncio.sleep(0.05)
 
-    assert [p["person_id"] for p in document["persons"]] == ["ada", "ada-old"]
+    assert [p["person_id"] for p in document["persons"]] == ["p_ada", "p_ada-old"]
     person = document["persons"][0]
     assert person["fields"]["traits.first_name"] == "Ada-name"
     assert person["fields"]["consent.purpose:Marketing"] is True
     assert [sent["channel"] for sent in person["frequency"]] == ["inapp"]
     instances = {i["journey_id"]: i for i in document["instances"]}
     assert set(instances) == {"welcome-bonus", "slow"}
-    assert instances["slow"]["person_id"] == "ada-old" and instances["slow"]["id"] == old.instance_id
+    assert instances["slow"]["person_id"] == "p_ada-old" and instances["slow"]["id"] == old.instance_id
     assert instances["slow"]["state"] == "running" and instances["slow"]["step"] == "later"
     assert RFC3339.match(instances["welcome-bonus"]["entered_at"])
     assert {d["kind"] for d in document["decisions"]} >= {"awaiting_approval"}
@@ -111,14 +111,14 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
 
     text = str(document)
     assert (
-        "bob" not in text.lower() and "ada:x" not in text
+        "bob" not in text.lower() and "p_ada:x" not in text
     )  # nothing of Bob: not his name, his instance, decision or approval
 
-    bob = await _export(privacy, "bob")
+    bob = await _export(privacy, "p_bob")
     assert "ada" not in str(bob).lower()
-    assert [i["person_id"] for i in bob["instances"]] == ["bob"] and "inbox" not in bob
+    assert [i["person_id"] for i in bob["instances"]] == ["p_bob"] and "inbox" not in bob
     # Without the merged id, ada-old's instance is not ada's answer.
-    assert {i["journey_id"] for i in (await _export(privacy, "ada"))["instances"]} == {"welcome-bonus"}
+    assert {i["journey_id"] for i in (await _export(privacy, "p_ada"))["instances"]} == {"welcome-bonus"}
 
 
 async def test_an_unknown_person_gets_an_empty_document(service):

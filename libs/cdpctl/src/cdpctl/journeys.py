@@ -337,7 +337,8 @@ def list_journeys(ws: Workspace, states: tuple[str, ...], limit: int, as_json: b
 def enroll(
     ws: Workspace, journey_id: str, person_id: str, properties: str | None, idempotency_key: str, as_json: bool, address
 ) -> None:
-    """Enter a person into a journey whose entry is `api` (re-entry rules and caps apply)."""
+    """Enter a person into a journey whose entry is `api` (re-entry rules and caps apply). PERSON_ID is a
+    person id (`p_...`); `cdpctl profile TYPE VALUE` finds it from an identifier such as `user_id ada`."""
     request = pb.EnrollRequest(journey_id=journey_id, person_id=person_id, idempotency_key=idempotency_key)
     if properties:
         try:

@@ -141,6 +141,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.stack.push_async_callback(release)
     define_traits = None
     computed = None
+    person_exists = None
     if settings.profile_address:
         profile_channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(profile_channel.close)
@@ -149,6 +150,11 @@ async def setup(runtime: ServiceRuntime) -> None:
 
         async def define_traits(definitions) -> None:
             await profile.define(definitions, field="definition.computed_traits.{name}")
+
+        async def person_exists(person_id: str) -> bool:
+            # one GetProfile: an Enroll for an id the profile has never seen is refused NOT_FOUND (an outage
+            # of the profile service answers UNAVAILABLE, to retry)
+            return await profile.fields(person_id) is not None
 
     api = OrchestrationApi(
         journeys=journeys,
@@ -161,6 +167,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         define_traits=define_traits,
         opens=Opens(store, report),
         catalogues=Catalogues(settings.catalogue(), computed),
+        person_exists=person_exists,
     )
     runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
     runtime.grpc.add_service(

@@ -46,6 +46,7 @@ from cdp_orchestration.messages import (
     instance_message,
     offset,
     page_size,
+    person_id,
     read_definition,
     required,
     set_time,
@@ -95,6 +96,7 @@ class OrchestrationApi:
         define_traits: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
         opens: Opens | None = None,
         catalogues: Catalogues | None = None,
+        person_exists: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.journeys = journeys
         self.store = store
@@ -106,6 +108,8 @@ class OrchestrationApi:
         self.define_traits = define_traits
         self.opens = opens if opens is not None else Opens(store)
         self.catalogues = catalogues or Catalogues()
+        # whether the profile service knows a person id (None: no profile service to ask)
+        self.person_exists = person_exists
 
     # --- journeys ------------------------------------------------------------------------------------------
 
@@ -276,14 +280,16 @@ class OrchestrationApi:
 
     async def Enroll(self, request, context) -> pb.EnrollResponse:
         journey_id = required(request.journey_id, "journey_id")
-        person_id = required(request.person_id, "person_id")
+        person = person_id(request.person_id, "person_id")
         properties = struct_dict(request.properties, "properties") if request.HasField("properties") else {}
         key = identifier(request.idempotency_key, "idempotency_key") if request.idempotency_key else uuid.uuid4().hex
         record = await self._record(journey_id)
         if record.live is None:
             raise FailedPrecondition(f"journey {journey_id} has never been published; PublishJourney first")
-        body = {"person_id": person_id, "journey_id": journey_id, "idempotency_key": key, "properties": properties}
-        await self._command(person_id, "enroll", body, f"enroll:{journey_id}:{key}")
+        if self.person_exists is not None and not await self.person_exists(person):
+            raise NotFound(f"person {person} has no profile: look the id up with `cdpctl profile TYPE VALUE`")
+        body = {"person_id": person, "journey_id": journey_id, "idempotency_key": key, "properties": properties}
+        await self._command(person, "enroll", body, f"enroll:{journey_id}:{key}")
         doc = await self._answer(lambda: self._doc(ENROLLMENTS, f"{journey_id}:{key}"), "Enroll")
         return pb.EnrollResponse(entered=doc["entered"], instance_id=doc["instance_id"], reason=doc["reason"])
 

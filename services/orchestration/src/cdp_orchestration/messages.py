@@ -134,6 +134,23 @@ def required(value: str, field: str) -> str:
     return identifier(value, field)
 
 
+#: what every person id starts with: identity names people `p_<hex>`
+PERSON_PREFIX = "p_"
+
+
+def person_id(value: str, field: str) -> str:
+    """A person id as identity makes them (`p_...`): an identifier such as `user_id:ada`, or any other
+    name, would start journey instances that can never reach anyone."""
+    value = required(value, field)
+    if not value.startswith(PERSON_PREFIX) or len(value) == len(PERSON_PREFIX):
+        raise InvalidArgument(
+            field,
+            "must be a person id (p_...), not an identifier or a name: look it up with `cdpctl profile TYPE VALUE` "
+            "(like `cdpctl profile user_id ada`)",
+        )
+    return value
+
+
 def identifier(value: str, field: str) -> str:
     """An id or key as the store keeps it: no NUL characters (the store refuses them as keys), bounded."""
     if "\x00" in value:
