@@ -13,6 +13,7 @@ from aiohttp import web
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import parse_connections
 from cdp_crm.inbound import HubSpotPoller, HubSpotWebhooks
+from cdp_crm.state import RECORDS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 
 TOKEN = "pat-local-hubspot"
@@ -294,3 +295,28 @@ async def test_a_ticket_about_an_erased_contact_never_brings_the_deleted_person_
         await poller.poll()
         assert collector.names() == ["CRM Ticket Opened"]
         await world.stop()
+
+
+async def test_a_contact_read_before_the_connectors_record_of_it_is_not_reported_edited_later(
+    store, session, collector
+):
+    # Found by the soak: the poller read a contact the connector had just created (197 ms after) before the
+    # connector's record of that write was committed, so its memo held the raw values; the next read
+    # counted those fields as the connector's, the memos differed, and the connector's own later score
+    # write came in as a "CRM Contact Updated" from a CRM user.
+    async with HubSpotEmulator() as hubspot:
+        ada = hubspot.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada", "cdp_id": "person-1"})
+        poller = _poller(store, session, hubspot, collector, ("contacts",))
+        assert await poller.poll() == 0
+        await store.put(RECORDS, "record-1", {
+            "connection": "hs", "mapping": "contacts", "object": "contacts", "person_id": "person-1",
+            "fields": {"email": "ada@example.com", "firstname": "Ada"}, "state": "synced", "crm_id": ada["id"],
+        })  # fmt: skip
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", ada["id"], {"cdp_churn_risk": "0.42"})  # the connector's score write
+        assert await poller.poll() == 0, collector.names()
+        hubspot.clock.advance(5)
+        hubspot.user_update("contacts", ada["id"], {"firstname": "Adele"})  # a CRM user's edit is still news
+        await poller.poll()
+        assert collector.names() == ["CRM Contact Updated"]
+        assert collector.events("CRM Contact Updated")[0]["properties"]["firstname"] == "Adele"

@@ -441,9 +441,10 @@ class Poller:
             posted += len(events)
             if importing:
                 await self._imported(None, len(changes), len(events))
-            log.info(
-                "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
-            )
+            if events:  # a quiet poll every few seconds per connection is not worth a line
+                log.info(
+                    "crm changes posted", extra={"connection": self.connection.id, "object": obj, "events": len(events)}
+                )
             await self._read_ahead(obj)
         if importing:
             if await self.store.get(CURSORS, self._key(obj)) is None:
@@ -512,9 +513,11 @@ class Poller:
     ) -> list[dict[str, Any]]:
         if change.own or _connector_created_person(change):
             return []  # the CDP's own action coming back is not news (its later outcome is)
-        if before is None and written and self._only_written(change, written):
-            # First seen, and all it holds is what the connector wrote: its own record (created and then
-            # written again before this read, so no longer "created") coming back, not news.
+        if written and self._only_written(change, written):
+            # All it holds is what the connector wrote: its own record coming back, not news. First seen
+            # (created and written again before this read, so no longer "created"), or seen before the
+            # connector's record of its write was committed (the memo then held the raw values, so it
+            # differs from this one, which counts them as the connector's).
             return []
         if before is not None and before == memo and not change.deleted:
             return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
