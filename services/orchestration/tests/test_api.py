@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import math
 
 import grpc
@@ -378,3 +379,35 @@ async def test_enroll_takes_a_person_id_and_refuses_anything_else_naming_the_fix
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert "p_0000" in error.value.details()
     assert (await stub.Enroll(pb.EnrollRequest(journey_id="slow", person_id="p_4f1c"))).entered
+
+
+async def test_a_journey_another_replica_changed_that_does_not_read_is_logged_without_its_values(service, caplog):
+    _stub, runtime = service
+    # a draft whose problem message would quote the value written in it (customer data, say an address)
+    draft = {
+        "id": "leaky",
+        "entry": {"api": True},
+        "nodes": [
+            {
+                "id": "s",
+                "type": "split",
+                "variants": [
+                    {"name": "a", "weight": "ada@example.com", "next": "e"},
+                    {"name": "b", "weight": 1, "next": "e"},
+                ],
+            },
+            {"id": "e", "type": "exit"},
+        ],
+    }
+    await runtime.parts["store"].put(
+        "orchestration_journeys", "leaky", {"state": "draft", "versions": {}, "draft": draft}
+    )
+    caplog.set_level(logging.ERROR, logger="cdp.orchestration")
+    await runtime.parts["bus"].nc.publish(subjects.ORCHESTRATION_JOURNEYS_CHANGED, b"leaky")
+    for _ in range(300):
+        if any("leaky" in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.02)
+    [record] = [r for r in caplog.records if "leaky" in r.getMessage()]
+    assert "JourneyInvalid" in record.getMessage() and "nodes.s.variants[0].weight" in record.getMessage()
+    assert "ada@example.com" not in record.getMessage()

@@ -19,6 +19,7 @@ import os
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, privacy_stream, subjects
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
@@ -68,7 +69,10 @@ async def setup(runtime: ServiceRuntime) -> None:
         try:
             await journeys.reload(msg.data.decode())
         except Exception as exc:  # keep running the versions loaded; say why the change is not
-            log.error("could not read journey %s after another replica changed it: %r", msg.data.decode(), exc)
+            # the type and field only: a problem's text quotes the journey's conditions and values
+            log.error(
+                "could not read journey %s after another replica changed it: %s", msg.data.decode(), describe_error(exc)
+            )
 
     subscription = await bus.nc.subscribe(subjects.ORCHESTRATION_JOURNEYS_CHANGED, cb=on_journey_changed)
     runtime.stack.push_async_callback(subscription.unsubscribe)
