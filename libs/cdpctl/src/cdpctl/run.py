@@ -503,11 +503,20 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
     if state is None:
         return None, {}, DOWN, {}
     nats = asyncio.ensure_future(nats_health(state))  # probed while the services are asked
-    health = {}
-    for name, svc in state["services"].items():
-        health[name] = await check_health(svc["grpc"])
-        if health[name] == "SERVING" and await check_health(svc["grpc"], service=STORE_HEALTH) == "NOT_SERVING":
-            health[name] = STORE_CANNOT_WRITE
+    # Every service asked at once (at most STATUS_CONCURRENCY at a time): a wedged platform answers in about
+    # one timeout, not one per service. The table keeps run.json's order.
+    bound = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def service_health(address: str) -> str:
+        async with bound:
+            found = await check_health(address)
+            if found == "SERVING" and await check_health(address, service=STORE_HEALTH) == "NOT_SERVING":
+                return STORE_CANNOT_WRITE
+            return found
+
+    services = state["services"]
+    found = await asyncio.gather(*(service_health(svc["grpc"]) for svc in services.values()))
+    health = dict(zip(services, found, strict=True))
     listed = state.get("companions", {})
     found = await asyncio.gather(*(companion_health(name, companion) for name, companion in listed.items()))
     companions = dict(zip(listed, found, strict=True))
@@ -515,6 +524,7 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
 
 
 STORE_CANNOT_WRITE = "SERVING, store cannot write"
+STATUS_CONCURRENCY = 16  # services `status` asks at the same time (the platform runs seven)
 
 
 def _without_credentials(url: str) -> str:
