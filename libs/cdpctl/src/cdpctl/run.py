@@ -66,7 +66,17 @@ from cdpctl.platform import (
     service_environment,
     write_service_files,
 )
-from cdpctl.supervise import Exited, GaveUp, PortsTaken, Restarted, RestartPolicy, Supervisor
+from cdpctl.supervise import (
+    Exited,
+    GaveUp,
+    PortsTaken,
+    Restarted,
+    RestartPolicy,
+    Supervisor,
+    restart_finished,
+    restart_label,
+    restart_started,
+)
 
 # The health service name a service reads NOT_SERVING under while one of its stores cannot write (a full
 # disk, a read-only volume: cdp_kit.storage.health, not imported here to keep `status` quick).
@@ -389,6 +399,8 @@ async def _up_private(
                     console.print(f"[yellow]{event.name} restarted (pid {event.pid})[/]")
                 elif isinstance(event, Exited):
                     recovering.discard(event.name)
+                    restart_started(entry(event.name), event, policy)  # `status` shows it restarting
+                    ws.write_run(state)
                     console.print(
                         f"[yellow]{event.name} exited ({event.how}); restarting it in {event.delay:.0f} s "
                         f"(crash {event.crashes} of {policy.give_up_after} allowed in a row). "
@@ -417,6 +429,8 @@ async def _up_private(
                 ready = service_ready if name in state["services"] else companion_ready
                 if await ready(name):
                     recovering.discard(name)
+                    restart_finished(entry(name))
+                    ws.write_run(state)
                     what = "SERVING" if name in state["services"] else "UP"
                     console.print(f"[green]{name} is {what} again[/]")
             try:
@@ -486,10 +500,14 @@ def _status_table(state: dict, health: dict[str, str], *, nats: str, companions:
     for name, svc in state["services"].items():
         status = health.get(name, "?")
         colour = "green" if status == "SERVING" else "red"
+        if status != "SERVING" and restart_label(svc):  # the supervisor is on it (exit code stays 1)
+            status, colour = restart_label(svc), "yellow"
         table.add_row(name, f"[{colour}]{status}[/]", svc["grpc"], svc.get("http") or "", svc.get("metrics") or "")
     # Development companions: no gRPC, UP while their listeners answer (see the module docstring).
     for name, companion in state.get("companions", {}).items():
         now = (companions or {}).get(name, DOWN)
+        if now != UP and restart_label(companion):
+            now = restart_label(companion)
         urls = companion["urls"]
         where = (
             next(iter(urls.values())) if len(urls) == 1 else " ".join(f"{k}:{p}" for k, p in companion["ports"].items())

@@ -116,6 +116,29 @@ class PortsTaken:
     ports: tuple[int, ...]
 
 
+# run.json: a child's entry while the supervisor restarts it, from its crash until it answers again
+# (`cdpctl status` shows it as `restarting (crash n of N)` rather than DOWN).
+RESTARTING = "restarting"
+
+
+def restart_started(entry: dict, event: Exited, policy: RestartPolicy) -> None:
+    """Record on a child's run.json entry that it crashed and is being restarted: which crash in a row."""
+    entry[RESTARTING] = {"crash": event.crashes, "of": policy.give_up_after}
+
+
+def restart_finished(entry: dict) -> None:
+    """The child answers again: no restart in progress."""
+    entry.pop(RESTARTING, None)
+
+
+def restart_label(entry: dict) -> str | None:
+    """`restarting (crash n of N)` while a restart is recorded on the entry, else None."""
+    note = entry.get(RESTARTING)
+    if not isinstance(note, dict):
+        return None
+    return f"restarting (crash {note.get('crash', '?')} of {note.get('of', '?')})"
+
+
 # How often a start waiting for its ports looks again.
 PORT_RECHECK_SECONDS = 0.5
 
