@@ -1,5 +1,6 @@
-"""Every field shows, false and 0 included: `cdpctl models` (a version that scored 0 rows, a canary at 0 %)
-and `cdpctl graph` (an identifier not quarantined) once hid them, as `cdpctl profile` did a score of 0."""
+"""Every field shows, false and 0 included: `cdpctl models` (a version that scored 0 rows, a canary at 0 %),
+`cdpctl graph` (an identifier not quarantined) and `segments`/`segment members` (a segment of 0 members)
+once hid them, as `cdpctl profile` did a score of 0."""
 
 from __future__ import annotations
 
@@ -98,3 +99,26 @@ async def test_graph_shows_that_an_identifier_is_not_quarantined(people_cli):
     assert (await people_cli.run("quarantine", "user_id", "bo")).exit_code == 0
     [identifier] = json.loads((await people_cli.run("graph", "user_id", "bo")).output)["identifiers"]
     assert identifier["quarantined"] is True
+
+
+async def test_an_empty_segment_shows_its_size_and_members_as_zero(people_cli, tmp_path):
+    from cdp_kit.service import serving
+    from cdp_segmentation.__main__ import setup
+    from cdp_segmentation.settings import SegmentationSettings
+
+    state = json.loads((people_cli.home / "run.json").read_text())
+    settings = SegmentationSettings(
+        nats_url=people_cli.nats_url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2,
+        shutdown_grace=1.0, store_url=f"sqlite:///{tmp_path / 'segmentation.db'}",
+        profile_address=state["services"]["profile"]["grpc"],
+    )  # fmt: skip
+    async with serving(settings, setup) as runtime:
+        state["services"]["segmentation"] = {"grpc": f"127.0.0.1:{runtime.grpc.port}"}
+        (people_cli.home / "run.json").write_text(json.dumps(state))
+        created = await people_cli.run("segment", "create", "nobody", 'traits.plan = "enterprise"')
+        assert created.exit_code == 0 and "0 members" in created.output, created.output
+
+        [listed] = json.loads((await people_cli.run("segments", "--json")).output)
+        assert listed["id"] == "nobody" and listed["size"] == "0", listed
+        members = json.loads((await people_cli.run("segment", "members", "nobody")).output)
+        assert members["members"] == [] and members["total"] == "0", members

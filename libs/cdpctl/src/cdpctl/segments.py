@@ -164,7 +164,7 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
                     )
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc) from None
-    return json_format.MessageToDict(segment)
+    return json_format.MessageToDict(segment, always_print_fields_with_no_presence=True)
 
 
 @click.group()
@@ -273,7 +273,7 @@ def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-        return json_format.MessageToDict(reply)
+        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
     out.print_json(json.dumps(asyncio.run(members())))
 
@@ -300,7 +300,7 @@ def segments(ws: Workspace, as_json: bool, address) -> None:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise rpc_error(exc) from None
-        return [json_format.MessageToDict(s) for s in reply.segments]
+        return [json_format.MessageToDict(s, always_print_fields_with_no_presence=True) for s in reply.segments]
 
     documents = asyncio.run(listed())
     if as_json:
