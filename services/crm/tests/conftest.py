@@ -131,7 +131,8 @@ class World:
         assert result.ok, result.error
 
     async def profiles(self, changes: dict[str, dict[str, Any]]) -> None:
-        """One ProfileChangedBatch per partition: person -> flat field updates (traits.x, scores.y)."""
+        """One ProfileChangedBatch per partition: person -> flat field updates (traits.x, scores.y; None: a
+        trait removed)."""
         by_partition: dict[int, profile_pb2.ProfileChangedBatch] = {}
         for person, fields in changes.items():
             change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(time.time()))
@@ -139,6 +140,8 @@ class World:
                 root, _, name = key.partition(".")
                 if root == "scores":
                     change.scores[name] = value
+                elif value is None:  # the trait was removed
+                    change.traits[name].null_value = 0
                 else:
                     change.traits[name].string_value = str(value)
             by_partition.setdefault(self.partition(person), profile_pb2.ProfileChangedBatch()).changes.append(change)

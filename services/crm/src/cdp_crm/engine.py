@@ -663,13 +663,20 @@ class Planned:
         fields_before, member_before = self.intended[key]
         if mapping.kind == "list":
             member = op != REMOVE
-            if member_before is member:
+            # A membership never written (None) is not one: removing it would be a call for nothing (a
+            # backfill plans a REMOVE for everyone out of the segment).
+            if member_before is member or (member_before is None and not member):
                 self.unchanged[mapping.name] += 1
                 return
             self.intended[key] = ({}, member)
             fields: dict[str, Any] = {}
         else:
             last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
+            if last is None and mapping.kind == "record" and all(v is None for v in projection.fields.values()):
+                # A record never written and holding no value (a mapped field cleared, a value no transform
+                # takes): only its match key, of no use to the CRM. A backfill skips these persons too.
+                self.skipped[mapping.name] += 1
+                return
             fields = proj.changed_fields(last, projection)
             if not fields and self.previous[key]:
                 self.unchanged[mapping.name] += 1
