@@ -14,7 +14,9 @@ Sections:
   the mapping, the CRM object, the CRM's id for it (`remote_id`), its state, the field values it last
   intended the CRM to hold (`fields`; an erased record holds none), list membership, when last synced and
   updated; with it, when kept, the change still queued for the CRM (`pending`: its fields and attempts),
-  the dead letter naming the record (`dead_letter`: ids, reason and CRM code only, no values), and what
+  the dead letter naming the record (`dead_letter`: ids, reason and CRM code only, no values), the dead
+  letter of an event read from the record that the collector refused (`inbound_dead_letter`: its key,
+  reason `collector_refused`, the collector's code; no values), and what
   the inbound side saw last of the record when it read the CRM's changes (`inbound`: the watched status or
   stage and when read; the connector keeps a digest of the other fields, no values).
 
@@ -29,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cdp_crm.domain.mapping import Connection
+from cdp_crm.inbound.refused import letter_keys
 from cdp_crm.state import CURSORS, DEAD_LETTERS, PENDING, PERSONS, RECORDS
 from cdp_kit import person_export
 from cdp_kit.person_export import Exporter
@@ -98,6 +101,8 @@ async def export_person(
     keys = [r.key for r in records]
     pending = await store.get_many(PENDING, keys) if keys else {}
     letters = await store.get_many(DEAD_LETTERS, keys) if keys else {}
+    refused_keys = letter_keys((r.key, r.doc) for r in records)
+    refused = await store.get_many(DEAD_LETTERS, list(refused_keys.values())) if refused_keys else {}
     memo_keys = {
         r.key: f"{r.doc['connection']}:{r.doc['object']}:{r.doc['crm_id']}" for r in records if r.doc.get("crm_id")
     }
@@ -109,6 +114,9 @@ async def export_person(
             row["pending"] = _pending(pending[stored.key].doc)
         if stored.key in letters:
             row["dead_letter"] = _dead_letter(letters[stored.key].doc)
+        letter = refused.get(refused_keys.get(stored.key, ""))
+        if letter is not None:
+            row["inbound_dead_letter"] = {"record": letter.key, **_dead_letter(letter.doc)}
         memo = memos.get(memo_keys.get(stored.key, ""))
         if memo is not None:
             row["inbound"] = _inbound(memo.doc)

@@ -14,7 +14,7 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
 erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
 `GetRecordStatus` (`cdpctl crm record`) shows what was done; the person's view, queued changes and dead
-letters are deleted, `crm_privacy/<request id>` records the policy and counts per connection (never
+letters (those of events the collector refused from their records too) are deleted, `crm_privacy/<request id>` records the policy and counts per connection (never
 an identifier value), and the store is erased (`Store.erase`: no bytes of the deleted values left in its
 files, the write-ahead log included). A tombstone per person (`crm_tombstones`, written with the first
 attempt) makes the engine drop whatever reaches it for them afterwards: segmentation's exits follow the
@@ -47,6 +47,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.mapping import ObjectMapping
+from cdp_crm.inbound.refused import letter_keys
 from cdp_crm.state import (
     ANONYMISED,
     CURSORS,
@@ -189,6 +190,8 @@ class Privacy:
         # The view, queued changes and dead letters carry the person's values: a backfill, a retry or a replay
         # must not send them while the erasure waits for a CRM.
         ops += [Delete(PENDING, r.key) for r in records] + [Delete(DEAD_LETTERS, r.key) for r in records]
+        # The letters of events the collector refused, read from these records: they name the CRM record.
+        ops += [Delete(DEAD_LETTERS, k) for k in letter_keys((r.key, r.doc) for r in records).values()]
         ops += [Delete(PERSONS, pid) for pid in persons]
         # What the inbound side kept of each record (`crm_cursors/<connection>:<object>:<crm id>`: a digest
         # of the fields it reports, now and the time before): the record read again after the erasure is

@@ -7,13 +7,13 @@ code. A refused event would be refused again if posted again, so the poller goes
 beside the records a CRM refused. Its mapping is `<connection>/inbound:<object>`: a replay passes over it
 (no outbound mapping has that name) - the fix is in the CRM's record or the connection's mapping, and the
 record's next change is read again. The letter holds the CRM's record id and codes, never the event's
-values nor the person's CDP id (a privacy deletion finds a person's letters by their records; these have
-none).
+values nor the person's CDP id: it is keyed by the CRM record (`letter_key`), so a privacy deletion erases,
+and an export lists, the letters of the records the connector wrote for the person (`letter_keys`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cdp_crm.domain.coalesce import UPSERT, Change
@@ -23,6 +23,21 @@ from cdp_kit.storage import Put, Store
 
 COLLECTOR_REFUSED = "collector_refused"
 INBOUND = "inbound"
+
+
+def letter_key(connection: str, obj: str, record_id: str) -> str:
+    """The dead letter's key of an event read from CRM record `record_id` of `obj`."""
+    return f"{INBOUND}:{connection}:{obj}:{record_id}"
+
+
+def letter_keys(records: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, str]:
+    """Record key -> the key of its refused-event letter, for each of these `crm_records` documents the
+    CRM has an id for (the inbound side names records by it)."""
+    return {
+        key: letter_key(doc["connection"], doc["object"], doc["crm_id"])
+        for key, doc in records
+        if doc.get("crm_id") and doc.get("connection") and doc.get("object")
+    }
 
 
 def inbound_letter(connection: str, obj: str, record_id: str, rejected: Mapping[str, Any], now: float) -> DeadLetter:
@@ -36,7 +51,7 @@ def inbound_letter(connection: str, obj: str, record_id: str, rejected: Mapping[
     )
     change = Change(f"{connection}/{INBOUND}:{obj}", (("id", record_id),), {}, 0, UPSERT, "", INBOUND)
     return DeadLetter(
-        connection, f"{connection}/{INBOUND}:{obj}", f"{INBOUND}:{connection}:{obj}:{record_id}", COLLECTOR_REFUSED,
+        connection, f"{connection}/{INBOUND}:{obj}", letter_key(connection, obj, record_id), COLLECTOR_REFUSED,
         code, message, 400, now, change,
     )  # fmt: skip
 
