@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 from jinja2 import nodes
+from jinja2.sandbox import SecurityError
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import ROOTS
@@ -167,6 +168,8 @@ class Template:
                     rendered[part] = template.render(context)
             except TemplateTooCostly as refused:
                 raise TemplateTooCostly(f"template part {part!r}: {refused}") from None
+            except SecurityError as refused:  # changing a list in place, reading an internal: names no value
+                raise TemplateTooCostly(f"template part {part!r}: the sandbox refuses it: {refused}") from None
             except MissingField as missing:
                 raise MissingField(missing.field, part) from None
             except jinja2.UndefinedError:
