@@ -20,7 +20,7 @@
 - `crm_cursors` / <connection>:<object>: how far the inbound side has read a CRM's changes (a stamp and
   the ids read at it, or a Dataverse delta link); <connection>:<object>:<record id>: what the inbound
   side saw last of one record - its status or stage and a digest of the fields it reports, no values
-  (inbound/core.py).
+  (inbound/core.py writes it, inbound/news.py makes it).
 - `crm_privacy` / <request id>: what a privacy deletion did in each CRM (policy, counts, when), never values.
 - `crm_tombstones` / <person id>: a person a privacy deletion erased (when, which request): what reaches
   the connector for them afterwards (segmentation's exits, a profile change sourced late) is dropped, so

@@ -16,9 +16,10 @@ import aiohttp
 from cdp_crm.adapters import Adapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import Collector, CollectorRefused, CrmReadFailed, Poller, Reader, event_id
+from cdp_crm.inbound.core import Collector, CollectorRefused, CrmReadFailed, Poller, Reader
 from cdp_crm.inbound.dynamics import DynamicsReader
 from cdp_crm.inbound.hubspot import HubSpotPoller, HubSpotReader, HubSpotWebhooks
+from cdp_crm.inbound.news import event_id
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.inbound.zoho import ZohoReader
 from cdp_kit.storage import Store

@@ -1,4 +1,4 @@
-"""What every CRM's inbound side shares: the collector, event ids, the change -> event rule, the polling loop.
+"""What every CRM's inbound side shares: the collector, the changes readers yield, the polling loop.
 
 A CRM's `Reader` turns its change mechanism (modified-since polling, change tracking) into pages of
 `Change`s, each page with the cursor that follows it; the `Poller` posts a page's events to the collector
@@ -7,25 +7,13 @@ so a crash re-reads the page instead of skipping it. An event's `messageId` deri
 object, record id and modification stamp only, so a page read again is posted with the same ids and the
 collector stores each change once. Together: a restart neither loses nor repeats a change.
 
-Identity: every event carries the CRM ids and, when the record is linked to a contact (or is one), the
-contact's email in `context.traits` (an identifier identity resolves) under the anonymous id
-`<kind>:<account>:<contact id>`; the CDP person id the connector wrote rides along as
-`properties.cdp_person_id`, never as a userId (identity would take it for a second user).
-
-Traits and consent written in the CRM: a contact's change also becomes an `identify` whose traits and
-`context.consent` are the contact's fields that a record mapping of the connection fills from `traits.*` or
-`consent.*` (the mapping read backwards; fields whose transform is not value-preserving are left out).
-Posted with the CRM source's write key, the profile records them with that source and the event id as
-provenance; `context.source` names the CRM and the connection. The event's time is the CRM's modification
-stamp, so an older CRM value never overrides a newer one.
-
-What a record was when last read (`crm_cursors/<connection>:<object>:<id>`: the watched field - a deal's
-stage, a case's or task's status - and a digest of the reported fields) tells a stage change from any other
-edit and keeps an edit of fields nobody reads (a score the connector wrote) from becoming an event; a
-contact's field holding what the connector last wrote there (`crm_records`) counts as unchanged, so the
-CDP's own writes do not come back as news, nor do the contacts the connector created (holding the CDP id). It is
-written after the post and before the cursor, with the stamp it was read at and what that read compared
-with: a page read again compares with the same thing and posts the same events under the same ids.
+What a change becomes and whether it is news (identity, traits and consent read back, the memo of what a
+record was when last read, the connector's own writes) is news.py, the poller's other half (`News`). The
+memo is written after the post and before the cursor, with the stamp it was read at and what that read
+compared with: a page read again compares with the same thing and posts the same events under the same
+ids. Traits and consent posted with the CRM source's write key are recorded by the profile with that
+source and the event id as provenance; `context.source` names the CRM and the connection. The event's
+time is the CRM's modification stamp, so an older CRM value never overrides a newer one.
 
 Log lines name the connection, object and counts; never record values or emails.
 """
@@ -35,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -48,9 +35,9 @@ import orjson
 from cdp_crm.adapters.http import Answer
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import PERSON_ID, Connection
+from cdp_crm.inbound.news import News, _before, backwards, instant, placeholders
 from cdp_crm.inbound.refused import keep_refused
-from cdp_crm.inbound.sizes import fit
-from cdp_crm.state import CURSORS, ERASED, RECORDS, RUNS, TOMBSTONES
+from cdp_crm.state import CURSORS, RUNS
 from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.inbound")
@@ -59,9 +46,6 @@ EPOCH = "1970-01-01T00:00:00.000Z"
 START_MARGIN = 300.0  # seconds before the first start `inbound.start: now` reads from (clocks apart)
 POST_CHUNK = 100  # changes per cursor step, where the cursor allows steps within a CRM's page
 BATCH_BYTES = 400_000  # a collector request stays under the Segment API's 500 KB
-# Transforms that keep a value as it is (up to case and spaces): a field mapped through one of them can be
-# read back as the trait; a rounded score or a joined list cannot.
-REVERSIBLE = frozenset({"string", "trim", "lower", "upper", "boolean"})
 
 
 class CollectorRefused(Exception):
@@ -109,22 +93,6 @@ class Collector:
             log.error("collector refused crm events", extra={"rejected": len(rejected), "fields": fields})
             return rejected
         raise CollectorRefused(f"collector answered {status}")
-
-
-def event_id(connection: str, obj: str, record_id: str, stamp: str, part: str = "") -> str:
-    """Stable for one change of one record: the same on every replica and after any restart. `part` tells
-    the two events of one contact change apart (the track and the identify)."""
-    fields = ("crm", connection, obj, record_id, stamp, *((part,) if part else ()))
-    return "crm-" + hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
-
-
-def instant(stamp: str) -> dt.datetime:
-    """A CRM's modification stamp as an aware datetime (ISO 8601 with Z, +00:00 or Salesforce's +0000)."""
-    text = stamp.strip().replace("Z", "+00:00")
-    if len(text) > 5 and text[-5] in "+-" and text[-4:].isdigit():
-        text = text[:-2] + ":" + text[-2:]
-    parsed = dt.datetime.fromisoformat(text)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 # --- changes --------------------------------------------------------------------------------------
@@ -256,7 +224,7 @@ def person_id_field(connection: Connection, obj: str) -> str | None:
 # --- the loop -------------------------------------------------------------------------------------
 
 
-class Poller:
+class Poller(News):
     """One connection's changes, since each object's cursor, to the collector."""
 
     def __init__(
@@ -453,237 +421,6 @@ class Poller:
             await self._imported(obj, 0, 0)
         return posted
 
-    async def _written(self, change: Change) -> tuple[dict[str, Any], bool]:
-        """What the connector last wrote to this contact (its `crm_records` document's fields), if it did,
-        and whether the change is about a person the connector erased: the record itself erased (its
-        anonymisation or deletion is the connector's own write), or - a ticket, task, case or deal - the
-        contact it is linked to erased, or the CDP id it carries a deleted person's (tombstone). Such a
-        change is never news: its events would bring the deleted person back into the CDP (keyed by the
-        contact's anonymous id, carrying their CDP id)."""
-        written: dict[str, Any] = {}
-        erased = False
-        for record in await self.store.find(RECORDS, "crm_id", change.record_id, limit=20):
-            doc = record.doc
-            if doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower():
-                if change.kind in ("contact", "lead") and not change.deleted:
-                    written.update(doc.get("fields") or {})
-                erased = erased or doc.get("state") in ERASED
-        person = change.person
-        if not erased and person is not None and change.kind not in ("contact", "lead"):
-            for record in await self.store.find(RECORDS, "crm_id", person.id, limit=20):
-                if record.doc.get("connection") == self.connection.id and record.doc.get("state") in ERASED:
-                    erased = True
-        if not erased and person is not None and person.cdp_id:
-            erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
-        return written, erased
-
-    def _reported(self, change: Change) -> dict[str, Any]:
-        """The fields the events report of a record: its reported properties and those read back as traits."""
-        return {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
-
-    def _only_written(self, change: Change, written: dict[str, Any]) -> bool:
-        """Every field the events would report holds what the connector itself wrote there, the CDP person
-        id it matches on, or nothing."""
-        fields = self._reported(change)
-        cdp_id = change.person.cdp_id if change.person is not None else None
-        return all(
-            value in (None, "") or (name in written and _same(value, written[name])) or (cdp_id and value == cdp_id)
-            for name, value in fields.items()
-        )
-
-    def _memo(self, change: Change, written: dict[str, Any]) -> dict[str, Any]:
-        """What the events report of a record: the watched field, and a digest of the reported fields and
-        of the fields read back as traits or consent. A field holding what the connector itself wrote
-        there counts as the connector's, whatever its value: the CDP's own write coming back is no news."""
-        fields = self._reported(change)
-        for name, value in fields.items():
-            if name in written and _same(value, written[name]):
-                fields[name] = "<written by the connector>"
-        reported = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str)
-        return {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
-
-    # --- a change as events ---------------------------------------------------------------------
-
-    def events(
-        self,
-        change: Change,
-        before: dict[str, Any] | None,
-        memo: dict[str, Any],
-        written: dict[str, Any] | None = None,
-    ) -> list[dict[str, Any]]:
-        if change.own or _connector_created_person(change):
-            return []  # the CDP's own action coming back is not news (its later outcome is)
-        if written and self._only_written(change, written):
-            # All it holds is what the connector wrote: its own record coming back, not news. First seen
-            # (created and written again before this read, so no longer "created"), or seen before the
-            # connector's record of its write was committed (the memo then held the raw values, so it
-            # differs from this one, which counts them as the connector's).
-            return []
-        if before is not None and before == memo and not change.deleted:
-            return []  # nothing the events report changed (an edit of fields nobody reads, a repeat)
-        name = event_name(change, before)
-        kind, conn = self.connection.kind, self.connection.id
-        properties = {k: v for k, v in change.properties.items() if v not in (None, "")}
-        properties.update(crm=kind, connection=conn, object=change.obj, crm_id=change.record_id)
-        previous = before.get("watched") if before is not None else None
-        if previous is not None and change.watched is not None and previous != change.watched:
-            properties["previous_" + ("stage" if change.kind == "deal" else "status")] = before["watched"]
-        context: dict[str, Any] = {"source": {"crm": kind, "connection": conn}}
-        person = change.person
-        if person is not None:
-            properties["crm_contact_id"] = person.id
-            if person.email:
-                # Identity links the event to the person through the email (an identifier it resolves);
-                # the CDP person id is a reference, never a userId (identity would take it for a new user).
-                context["traits"] = {"email": person.email}
-            if person.cdp_id:
-                properties["cdp_person_id"] = person.cdp_id
-        anonymous = f"{kind}:{self.connection.account}:{person.id if person else change.record_id}"
-        timestamp = _iso(change.at or change.stamp) if not change.deleted else None
-        track: dict[str, Any] = {
-            "type": "track",
-            "event": name,
-            "messageId": event_id(conn, change.obj, change.record_id, change.stamp),
-            "properties": properties,
-            "context": context,
-            "anonymousId": anonymous,
-        }
-        if timestamp:
-            track["timestamp"] = timestamp
-        events = [track]
-        if change.kind in ("contact", "lead") and not change.deleted:
-            identify = self._identify(change, context, anonymous, timestamp, written or {})
-            if identify is not None:
-                events.append(identify)
-        fitting = [f for e in events if (f := fit(e)) is not None]
-        if len(fitting) < len(events):
-            log.warning(
-                "crm change too large for an event",
-                extra={"connection": conn, "object": change.obj, "crm_id": change.record_id},
-            )
-        return fitting
-
-    def _identify(
-        self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None, written: dict[str, Any]
-    ) -> dict[str, Any] | None:
-        """The contact's traits and consent as a CRM user wrote them: a field holding what the connector
-        wrote there, or the placeholder a mapping's `default` puts in, is the CDP's own value, not news.
-        None when nothing is left (the track event links the contact by its email anyway)."""
-        traits: dict[str, Any] = {}
-        purposes: dict[str, bool] = {}
-        channels: dict[str, bool] = {}
-        placeholders = self.placeholders.get(change.obj.lower(), {})
-        for crm_field, target in self.traits.get(change.obj.lower(), {}).items():
-            if crm_field not in change.record:
-                continue
-            value = change.record[crm_field]
-            if crm_field in written and _same(value, written[crm_field]):
-                continue
-            if crm_field in placeholders and _same(value, placeholders[crm_field]):
-                continue
-            if target.startswith("traits."):
-                if value not in (None, ""):
-                    traits[target.removeprefix("traits.")] = value
-            elif (granted := _bool(value)) is not None:
-                key = target.removeprefix("consent.")
-                if key.startswith("purpose:"):
-                    purposes[key.removeprefix("purpose:")] = granted
-                elif key.startswith("channel:"):
-                    channels[key.removeprefix("channel:")] = granted
-        if not (traits or purposes or channels):
-            return None
-        if change.person is not None and change.person.email:
-            traits.setdefault("email", change.person.email)  # what identity links the contact to the person by
-        ctx = {"source": context["source"]}
-        if purposes or channels:
-            ctx["consent"] = {
-                **({"categoryPreferences": purposes} if purposes else {}),
-                **({"channelPreferences": channels} if channels else {}),
-            }
-        identify: dict[str, Any] = {
-            "type": "identify",
-            "messageId": event_id(self.connection.id, change.obj, change.record_id, change.stamp, "identify"),
-            "anonymousId": anonymous,
-            "traits": traits,
-            "context": ctx,
-        }
-        if timestamp:
-            identify["timestamp"] = timestamp
-        return identify
-
-
-def backwards(connection: Connection) -> dict[str, dict[str, str]]:
-    """Per CRM object (lower case): CRM field -> `traits.<name>` or `consent.<key>`, from the connection's
-    record mappings whose transforms keep the value as it is."""
-    out: dict[str, dict[str, str]] = {}
-    for mapping in connection.mappings:
-        if mapping.kind != "record":
-            continue
-        for fm in (*mapping.match, *mapping.fields):
-            source = fm.source or ""
-            if not source.startswith(("traits.", "consent.")) or fm.translate:
-                continue
-            if any(t.name not in REVERSIBLE for t in fm.transforms):
-                continue
-            out.setdefault(mapping.object.lower(), {})[fm.crm_field] = source
-    return out
-
-
-def placeholders(connection: Connection) -> dict[str, dict[str, Any]]:
-    """Per CRM object (lower case): CRM field -> the `default` its record mapping writes when the CDP has
-    no value (Salesforce's required LastName: "(unknown)")."""
-    out: dict[str, dict[str, Any]] = {}
-    for mapping in connection.mappings:
-        if mapping.kind != "record":
-            continue
-        for fm in mapping.fields:
-            if fm.default is not None:
-                out.setdefault(mapping.object.lower(), {})[fm.crm_field] = fm.default
-    return out
-
-
-def event_name(change: Change, before: dict[str, Any] | None) -> str:
-    """The event a change becomes (the table in the service README)."""
-    kind = change.kind
-    noun = {
-        "contact": "Contact",
-        "lead": "Lead",
-        "case": "Case",
-        "ticket": "Ticket",
-        "task": "Task",
-        "deal": "Deal",
-        "campaign_member": "Campaign Member",
-    }[kind]
-    if change.deleted:
-        return f"CRM {noun} Deleted"
-    moved = before is None or before.get("watched") != change.watched
-    if kind in ("contact", "lead"):
-        return f"CRM {noun} Created" if change.created else f"CRM {noun} Updated"
-    if kind in ("case", "ticket"):
-        if change.created:
-            return f"CRM {noun} Opened"
-        return f"CRM {noun} Closed" if change.closed and moved else f"CRM {noun} Updated"
-    if kind == "task":
-        if change.closed and (moved or change.created):
-            return "CRM Task Completed"
-        return "CRM Task Created" if change.created else "CRM Task Updated"
-    if kind == "deal":
-        if change.created and not change.closed:
-            return "CRM Deal Created"
-        if change.closed and (moved or change.created):
-            return "CRM Deal Won" if change.won else "CRM Deal Lost"
-        return "CRM Deal Stage Changed" if moved and before is not None else "CRM Deal Updated"
-    # campaign members: added to the campaign, then their engagement (the member status) changing
-    if change.created:
-        return "CRM Campaign Member Added"
-    return "CRM Campaign Engagement" if moved else "CRM Campaign Member Updated"
-
-
-def _connector_created_person(change: Change) -> bool:
-    """A contact or lead created already holding the CDP person id: the connector's upsert made it."""
-    person = change.person
-    return change.kind in ("contact", "lead") and change.created and person is not None and bool(person.cdp_id)
-
 
 def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """A page's events in as few collector requests as the request size allows (one, normally)."""
@@ -697,42 +434,3 @@ def _batches(events: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         batches[-1].append(event)
         size += length
     return [b for b in batches if b]
-
-
-def _before(stored: dict[str, Any] | None, stamp: str) -> dict[str, Any] | None:
-    """What the record was before this change: the stored memo, or - when this very change was read
-    before (a page read again) - what that read compared with, so the same events come out again."""
-    if stored is None:
-        return None
-    if stored.get("stamp") == stamp:
-        return stored.get("before")
-    return {"watched": stored.get("watched"), "digest": stored.get("digest")}
-
-
-def _iso(stamp: str) -> str | None:
-    try:
-        return instant(stamp).isoformat().replace("+00:00", "Z")
-    except ValueError:
-        return None  # a version number (Dataverse): the collector stamps the time it received it
-
-
-def _same(crm: Any, written: Any) -> bool:
-    """A CRM's value and the one the connector wrote, as the CRM may give it back (HubSpot: text)."""
-    if crm == written:
-        return True
-    if isinstance(written, bool) or isinstance(crm, bool):
-        return _bool(crm) is not None and _bool(crm) == _bool(written)
-    if isinstance(written, int | float) and not isinstance(written, bool):
-        try:
-            return float(crm) == float(written)
-        except (TypeError, ValueError):
-            return False
-    return crm is not None and written is not None and str(crm) == str(written)
-
-
-def _bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return None

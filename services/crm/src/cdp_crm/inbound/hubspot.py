@@ -30,7 +30,8 @@ from aiohttp import web
 from cdp_crm.adapters.http import exchange, transport_error
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.mapping import Connection
-from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller, backwards
+from cdp_crm.inbound.core import EPOCH, Change, Collector, CrmReadFailed, Keyset, Person, Poller
+from cdp_crm.inbound.news import backwards
 from cdp_crm.inbound.refusals import RefusalLog
 from cdp_kit.storage import Store
 
