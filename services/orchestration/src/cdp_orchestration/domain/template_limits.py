@@ -27,7 +27,7 @@ import string
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import nodes
+from jinja2 import nodes, pass_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
@@ -276,6 +276,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.filters = {name: _bounded_filter(name, func) for name, func in self.filters.items()}
         self.globals.pop("lipsum", None)
         self.globals["range"] = _range
+        # the hooks `_Hooks` puts in the compiled tree: filters (called directly, not through `call`) under
+        # names a template cannot write (a filter name is an identifier, and these have a hyphen)
+        self.filters.update({READ: _spend, SIZED: _sized, TEXT: _text})
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         return _binop(operator, left, right)
@@ -288,8 +291,6 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         return wrapped
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if __obj is _text or __obj is _spend:
-            return __obj(*args)
         budget = _BUDGET.get()
         args = _check_call(__obj, args, kwargs)
         if budget is None:
@@ -303,17 +304,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         finally:
             budget.depth -= 1
 
-    # the hooks the compiled template calls (see `_Hooks`)
+    # the loop hook the compiled template calls (see `_Hooks`)
     @staticmethod
     def cdp_loop(iterable: Any) -> Iterator[Any]:
         return _loop(iterable)
-
-    @staticmethod
-    def cdp_sized(value: Any) -> Any:
-        return _bounded(value, "the operator '~'")
-
-    cdp_read = staticmethod(_spend)
-    cdp_text = None  # set below: the function itself, so `call` knows it
 
 
 def _loop(iterable: Any) -> Iterator[Any]:
@@ -331,12 +325,17 @@ def _range(*args: Any) -> range:
     return numbers
 
 
-def _text(data: str) -> Markup:
+@pass_context  # taking the context keeps Jinja from folding it into constant text when it compiles
+def _text(_context: Any, data: str) -> Markup:
     """Literal template text, now printed through `finalize` (which counts it) and kept as written."""
     return Markup(data)
 
 
-BoundedEnvironment.cdp_text = staticmethod(_text)  # type: ignore[assignment]
+def _sized(value: Any) -> Any:
+    return _bounded(value, "the operator '~'")
+
+
+READ, SIZED, TEXT = "cdp-read", "cdp-sized", "cdp-text"
 
 
 def counting_finalize(inner: Any) -> Any:
@@ -353,12 +352,31 @@ def counting_finalize(inner: Any) -> Any:
 
 
 class _Hooks(NodeTransformer):
-    """Route every loop's items, every piece of literal text and every value read (a name, an attribute, an
-    item) through the hooks that count them: what a render reads bounds the work of whatever it does with it
-    (comparing, searching, measuring), which no hook sees."""
+    """Route every loop's items, every piece of literal text that can print more than once (in a loop, a macro,
+    a call block) and every value read (a name, an attribute, an item) through the hooks that count them:
+    what a render reads bounds the work of whatever it does with it (comparing, searching, measuring), which
+    no hook sees."""
+
+    def __init__(self) -> None:
+        self.repeated = 0  # inside a loop, macro or call block: text there prints as often as they run
+
+    def _repeated(self, node: nodes.Node) -> None:
+        self.repeated += 1
+        try:
+            self.generic_visit(node)
+        finally:
+            self.repeated -= 1
+
+    def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
+        self._repeated(node)
+        return node
+
+    def visit_CallBlock(self, node: nodes.CallBlock) -> nodes.Node:
+        self._repeated(node)
+        return node
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
-        self.generic_visit(node)
+        self._repeated(node)
         node.iter = nodes.Call(nodes.EnvironmentAttribute("cdp_loop"), [node.iter], [], None, None, lineno=node.lineno)
         return node
 
@@ -366,20 +384,20 @@ class _Hooks(NodeTransformer):
         self.generic_visit(node)
         if getattr(node, "ctx", "load") != "load":
             return node
-        return nodes.Call(nodes.EnvironmentAttribute("cdp_read"), [node], [], None, None, lineno=node.lineno)
+        return nodes.Filter(node, READ, [], [], None, None, lineno=node.lineno)
 
     visit_Name = visit_Getattr = visit_Getitem = _read
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
-        return nodes.Call(nodes.EnvironmentAttribute("cdp_sized"), [node], [], None, None, lineno=node.lineno)
+        return nodes.Filter(node, SIZED, [], [], None, None, lineno=node.lineno)
 
     def visit_Output(self, node: nodes.Output) -> nodes.Node:
         self.generic_visit(node)
+        if not self.repeated:  # printed once a render: no more than the template's own text
+            return node
         node.nodes = [
-            nodes.Call(
-                nodes.EnvironmentAttribute("cdp_text"), [nodes.Const(child.data)], [], None, None, lineno=child.lineno
-            )
+            nodes.Filter(nodes.Const(child.data), TEXT, [], [], None, None, lineno=child.lineno)
             if isinstance(child, nodes.TemplateData)
             else child
             for child in node.nodes
