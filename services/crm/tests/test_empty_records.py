@@ -89,3 +89,26 @@ async def test_a_backfill_removes_from_a_list_only_persons_the_connector_added(w
         second, _ = await runs.start_backfill("hs")
         await world.eventually(lambda: _state(world, second, "succeeded"))
         assert emulator.members(list_id) == [emulator.find("contacts", "cdp_id", "person-0")["id"]]
+
+
+async def test_a_person_entering_a_segment_a_record_mapping_is_limited_to_is_written_as_a_backfill_would(world_factory):
+    """The segment is what such a record says: the stream writes it on entry however few values the person
+    holds, as a backfill does, so a backfill after the stream makes no call."""
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        document = world.document()
+        document["connections"][0]["mappings"] = [
+            {"id": "vip", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "vip",
+             "fields": {"firstname": "traits.first_name"}}
+        ]  # fmt: skip
+        await world.start(document)
+        await world.segment("person-vip", "vip")
+        await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-vip"))
+        await world.eventually(lambda: world.store.get(PERSONS, "person-vip"))
+        before = len(emulator.requests)
+        runs = Runs(world.logic, partitions=world.partitions)
+        run_id, _ = await runs.start_backfill("hs")
+        await world.eventually(lambda: _state(world, run_id, "succeeded"))
+        run = (await world.store.get(RUNS, run_id)).doc
+        assert (run["unchanged"], run["skipped"], run["created"]) == (1, 0, 0)
+        assert len(emulator.requests) == before

@@ -17,7 +17,9 @@ Per batch of one person partition (`CrmLogic.apply`):
    touched, a segment exit in mirror mode as the record cleared or the list membership removed, an
    action as a task or case keyed by its idempotency key;
 3. a projection is compared with what the connector last intended that record to hold (`crm_records`):
-   only changed fields are written, nothing changed means no call; the changes coalesce per record
+   only changed fields are written, nothing changed means no call; a record never written is not created
+   for a person holding no value its mapping reads (`projection.held`, as a backfill skips them: it would
+   hold only its match key), nor a list membership never added removed; the changes coalesce per record
    (`domain.coalesce`), with any change of those records still queued from earlier (`crm_pending`);
 4. each mapping's changes are delivered (delivery.py) within the account's budget: written, refused
    (dead letters, reason-coded, replayable) or still failing after `retry_for` seconds (pending);
@@ -426,7 +428,7 @@ class CrmLogic:
                     continue
                 source = view.source(item.person_id)
                 if proj.in_scope(mapping, source):
-                    yield mapping, proj.project(mapping, source), UPSERT, PROFILES_CHANGED
+                    yield mapping, proj.marked(mapping, source, proj.project(mapping, source)), UPSERT, PROFILES_CHANGED
         elif item.kind == "segment":
             segment, entered = item.data
             (view.segments.add if entered else view.segments.discard)(segment)
@@ -438,17 +440,17 @@ class CrmLogic:
                     continue
                 if mapping.segment == segment and trigger in mapping.triggers:
                     if entered:
-                        yield mapping, proj.project(mapping, source), UPSERT, trigger
+                        yield mapping, proj.marked(mapping, source, proj.project(mapping, source)), UPSERT, trigger
                     elif mapping.mode == "mirror":
                         op = REMOVE if mapping.kind == "list" else UPSERT
-                        yield mapping, proj.cleared(mapping, source), op, trigger
+                        yield mapping, proj.marked(mapping, source, proj.cleared(mapping, source)), op, trigger
                 elif (
                     mapping.kind == "record"
                     and PROFILES_CHANGED in mapping.triggers
                     and proj.touches(mapping, {f"{SEGMENTS}.{segment}"})
                     and proj.in_scope(mapping, source)
                 ):
-                    yield mapping, proj.project(mapping, source), UPSERT, trigger
+                    yield mapping, proj.marked(mapping, source, proj.project(mapping, source)), UPSERT, trigger
         elif item.kind == "action":
             action: orchestration_pb2.ActionMessage = item.data
             source = view.source(item.person_id, action_source(action))
@@ -672,9 +674,9 @@ class Planned:
             fields: dict[str, Any] = {}
         else:
             last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
-            if last is None and mapping.kind == "record" and all(v is None for v in projection.fields.values()):
-                # A record never written and holding no value (a mapped field cleared, a value no transform
-                # takes): only its match key, of no use to the CRM. A backfill skips these persons too.
+            if last is None and not projection.holds:
+                # A record never written for a person holding no value the mapping reads (a mapped field
+                # cleared): it would hold only its match key, of no use to the CRM. A backfill skips them too.
                 self.skipped[mapping.name] += 1
                 return
             fields = proj.changed_fields(last, projection)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdp_crm.domain.coalesce import Link, task_key
@@ -40,6 +40,9 @@ class Projection:
     key: tuple[tuple[str, str], ...]
     fields: Mapping[str, Any]
     link: Link | None = None  # for a task or case: the person's record it is about
+    # False: the person holds no value the mapping reads (`held`); written only over a record written before
+    # (a mirror clearing it), never as a new record holding only its match key.
+    holds: bool = True
 
     @property
     def key_values(self) -> dict[str, str]:
@@ -82,6 +85,14 @@ def held(source: Source) -> frozenset[str]:
     by it: a backfill skips them too rather than make a record holding only its match key."""
     fields = (k for k, v in source.profile.items() if v is not None)
     return frozenset((*fields, *(f"{SEGMENTS}.{s}" for s in source.segments)))
+
+
+def marked(mapping: ObjectMapping, source: Source, projection: Projection | Skipped) -> Projection | Skipped:
+    """`projection` with `holds` false when `source` holds none of the values `mapping` reads - the persons
+    a backfill skips (`held`): the stream writes them only over a record it wrote before."""
+    if isinstance(projection, Projection) and not touches(mapping, held(source)):
+        return replace(projection, holds=False)
+    return projection
 
 
 def in_scope(mapping: ObjectMapping, source: Source) -> bool:
