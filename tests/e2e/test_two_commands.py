@@ -125,12 +125,13 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
     assert any(" send " in c for c in commands) and any(" status" in c for c in commands)
     run = json.loads((home / "run.json").read_text())
     for command in commands:
+        command = command.split("#")[0]  # the checks below read what runs, not the comment
         if "MERGE_ID" in command:
             merge_id, loser = merge_two_people(run)
             command = command.replace("MERGE_ID", merge_id)
         for _attempt in range(40):
             result = subprocess.run(
-                command.split("#")[0], shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+                command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
             )
             # The shipped models go live in the background once profile can take their computed traits.
             if " models" not in command or "churn_risk" in result.stdout:
@@ -152,6 +153,10 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
         if " segment create " in command:
             # u1's order of 42 (sent above) is retained on the timeline: the new condition is backfilled.
             assert "segment big_spenders live: 1 member" in result.stdout, result.stdout
+        if " segment estimate " in command:
+            assert "1 of " in result.stdout, result.stdout  # u1's order of 42
+        if " traits" in command:
+            assert "sum" in result.stdout, result.stdout  # the computed trait big_spenders compiles to
         if " segments" in command:
             assert "big_spenders" in result.stdout and "live" in result.stdout, result.stdout
         if " profile " in command:

@@ -3,7 +3,7 @@
 Orchestration posts every outcome of an action it sent as a Segment track event through the collector
 (`cdp_orchestration.channels.outcomes.EVENT_NAMES`: Message Sent, Delivered, Bounced, Failed, Opened,
 Clicked, Converted; `properties.channel` is the channel it went by, `journey_id`, `node_id` and `action_id`
-say which send), and the CRM connector posts what happens to CRM records (`cdp_crm.inbound.core.event_name`:
+say which send), and the CRM connector posts what happens to CRM records (`cdp_crm.inbound.news.event_name`:
 CRM Task Completed, CRM Case Closed, CRM Deal Won ...). Identity puts them on the person's profile like any
 event, so labels read them (`labels.py`):
 
