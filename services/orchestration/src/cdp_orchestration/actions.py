@@ -42,7 +42,7 @@ from cdp_orchestration.domain.arbiter import PROFILE_UNAVAILABLE, Decision, Kind
 from cdp_orchestration.domain.instance import ActionOutcome
 from cdp_orchestration.domain.journey import Action
 from cdp_orchestration.domain.signals import top_signals
-from cdp_orchestration.domain.templates import MissingField, TemplateTooCostly
+from cdp_orchestration.domain.templates import MissingField, TemplateFailed, TemplateTooCostly
 from cdp_orchestration.state import APPROVALS, DECISIONS, Batch, Partition, Person, decision_key
 
 if TYPE_CHECKING:
@@ -225,7 +225,7 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
             "action %s not sent: its template reads %s, which the person lacks", decision.action_id, missing.field
         )
         return f"failed: template part {missing.part!r} reads {missing.field}, which this person does not have"
-    except TemplateTooCostly as refused:  # the message names the part and the limit, never a value
+    except (TemplateTooCostly, TemplateFailed) as refused:  # the message names the part, never a value
         log.warning("action %s not sent: %s", decision.action_id, refused)
         return f"failed: {refused}"
     message = pb.ActionMessage(

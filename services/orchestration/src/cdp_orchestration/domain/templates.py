@@ -50,6 +50,11 @@ from cdp_orchestration.domain.view import ENTRY, PersonView
 _NAMES = (*ROOTS, ENTRY)
 
 
+class TemplateFailed(Exception):
+    """A part could not be rendered for this person (a division by zero, text minus a number); the message
+    names the part and the error's type, never a value."""
+
+
 class MissingField(Exception):
     """A template read a field the person does not have. `field` is the flat key ("traits.first_name")."""
 
@@ -175,6 +180,8 @@ class Template:
             except jinja2.UndefinedError:
                 # A missing value reached some path the names above do not cover: still never a blank.
                 raise MissingField("a field the template reads", part) from None
+            except Exception as failed:  # 1 / 0, 'a' - 1, int('x'): named by type only, its text may quote a value
+                raise TemplateFailed(f"template part {part!r} failed: {type(failed).__name__}") from None
         return rendered
 
 
