@@ -216,6 +216,12 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
     journey = await applier.version(decision.journey_id, version) if version is not None else None
     node = journey.nodes.get(decision.node_id) if journey is not None else None
     if not isinstance(node, Action):
+        invalid = applier.journeys.invalid.get((decision.journey_id, version)) if version is not None else None
+        if invalid is not None:
+            return (
+                f"failed: journey {decision.journey_id} version {version} no longer validates ({invalid}); "
+                "publish a fixed version"
+            )
         return "failed: the action's journey version is not loaded"
     view = person.view()
     try:

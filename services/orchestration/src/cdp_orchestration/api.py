@@ -32,7 +32,7 @@ from cdp_orchestration.domain import experiments, lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey, ScheduleEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
-from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.journeys import DRAFT, Journeys
 from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import (
     APPROVAL_OF_PB,
@@ -139,6 +139,12 @@ class OrchestrationApi:
     async def PublishJourney(self, request, context) -> pb.Journey:
         journey_id = required(request.journey_id, "journey_id")
         record = await self._record(journey_id)
+        invalid = self.journeys.invalid.get((journey_id, DRAFT))
+        if invalid is not None:
+            raise FailedPrecondition(
+                f"journey {journey_id}'s draft, as stored, no longer validates ({invalid}): save a fixed draft "
+                "(cdpctl journey update) and publish that"
+            )
         previous = record.live
         published = lifecycle.publish(record)
         # Conditions on past events read computed traits the profile service keeps: define them before the

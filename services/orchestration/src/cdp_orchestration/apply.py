@@ -98,6 +98,8 @@ class Applier:
         """One stimulus to one of the person's instances, and what it asks for carried out."""
         journey = await self.version(instance.journey_id, instance.version)
         if journey is None:
+            if (instance.journey_id, instance.version) in self.journeys.invalid:
+                return  # out of service, logged once when it was read: the instance holds where it is
             log.error(
                 "instance %s runs journey %s v%d, which is not loaded",
                 instance.id,
@@ -263,7 +265,7 @@ class Applier:
         """A published version; read from the store when this replica has not seen it yet (it was published
         through another replica and the announcement is still on its way)."""
         journey = self.journeys.version(journey_id, version)
-        if journey is None:
+        if journey is None and (journey_id, version) not in self.journeys.invalid:
             await self.journeys.reload(journey_id)
             journey = self.journeys.version(journey_id, version)
         return journey

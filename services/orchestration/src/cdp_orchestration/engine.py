@@ -136,6 +136,13 @@ class OrchestrationLogic:
             description="actions held until the profile applies the person's latest event (no decision yet), "
             "of the persons this replica has read since it started",
         )
+        meter.create_observable_gauge(
+            "cdp.orchestration.journeys.invalid",
+            callbacks=[self._observe_invalid],
+            unit="{version}",
+            description="stored journey versions and drafts that no longer validate (out of service until a "
+            "fixed version is published; the log names each, with its field)",
+        )
         self.m_lateness = meter.create_histogram(
             "cdp.orchestration.timer.lateness",
             unit="ms",
@@ -146,6 +153,9 @@ class OrchestrationLogic:
     def _observe_held(self, _options: Any) -> list[metrics.Observation]:
         # Read by the metric reader's thread: each dict is copied at once (a C-level copy, under the GIL).
         return [metrics.Observation(sum(sum(list(hot.holding.values())) for hot in list(self.hot.values())))]
+
+    def _observe_invalid(self, _options: Any) -> list[metrics.Observation]:
+        return [metrics.Observation(len(self.journeys.invalid))]
 
     # --- decode ------------------------------------------------------------------------------------------
 

@@ -23,15 +23,25 @@ which is the only way the filter can hold (the language's `=` on text is equalit
 journeys of the name are always given. So an event is tested against the journeys it can enter, not
 every journey entering on its name (with many journeys filtering one event on a category or a product,
 those tests were most of the engine's time per event).
+
+A stored version (or draft) the validation now refuses - stored by an earlier release, before a template
+limit, say - does not stop the service loading: it is kept as stored (`invalid` holds why, as
+`describe_error` gives it: type and field, never a problem's text, which quotes the journey), shown by
+GetJourney and ListJourneys, and logged once. It is out of service: it takes no entries (it is not live, and
+the journey's older versions do not take its place), `version()` does not give it, so its running instances
+hold where they are and an action of theirs already decided fails naming why; publishing a fixed version
+puts the journey back in service.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cdp_kit.bus.consumer import describe_error
 from cdp_kit.errors import NotFound
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.domain.document import parse_journey
@@ -39,6 +49,9 @@ from cdp_orchestration.domain.journey import EventEntry, Journey, ScheduleEntry,
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 
 JOURNEYS = "orchestration_journeys"
+DRAFT = 0  # the version `invalid` keys a draft under
+
+log = logging.getLogger("cdp.orchestration")
 
 
 def record_doc(record: JourneyRecord, previous: Mapping[str, Any] | None, now: float) -> dict[str, Any]:
@@ -64,6 +77,9 @@ class Journeys:
         self.records: dict[str, JourneyRecord] = {}
         self.docs: dict[str, dict[str, Any]] = {}
         self._versions: dict[tuple[str, int], Journey] = {}
+        self._unloadable: dict[tuple[str, int], Journey] = {}  # as stored, out of service
+        #: (journey id, version or DRAFT) -> why the stored document no longer validates
+        self.invalid: dict[tuple[str, int], str] = {}
         self._live: tuple[Journey, ...] = ()
         self._by_event: dict[str, tuple[Journey, ...]] = {}  # event name -> journeys entering on it
         self._any_event: tuple[Journey, ...] = ()  # journeys entering on an event of any name
@@ -88,10 +104,21 @@ class Journeys:
         versions = {}
         for text, document in doc.get("versions", {}).items():
             key = (journey_id, int(text))
-            if key not in self._versions:
-                self._versions[key] = parse_journey(document)
-            versions[int(text)] = self._versions[key]
-        draft = parse_journey(doc["draft"]) if doc.get("draft") else None
+            if key not in self._versions and key not in self._unloadable:
+                parsed = self._parse(key, document)
+                if parsed is not None:
+                    self._versions[key] = parsed
+                else:
+                    self._unloadable[key] = _as_stored(key, document)
+            versions[int(text)] = self._versions.get(key) or self._unloadable[key]
+        draft = None
+        if doc.get("draft"):
+            draft = self._parse((journey_id, DRAFT), doc["draft"])
+            if draft is None:
+                written = doc["draft"].get("version") if isinstance(doc["draft"], Mapping) else None
+                draft = _as_stored((journey_id, written if isinstance(written, int) else 0), doc["draft"])
+        else:
+            self.invalid.pop((journey_id, DRAFT), None)
         record = JourneyRecord(journey_id, State(doc["state"]), versions, draft)
         self.records[journey_id] = record
         self.docs[journey_id] = doc
@@ -99,8 +126,34 @@ class Journeys:
             self._index()
         return record
 
+    def _parse(self, key: tuple[str, int], document: Any) -> Journey | None:
+        """The journey `document` describes; None (and why in `invalid`, logged once) when it no longer
+        validates."""
+        try:
+            journey = parse_journey(document)
+        except Exception as exc:
+            reason = describe_error(exc)
+            if self.invalid.get(key) != reason:
+                what = "its draft" if key[1] == DRAFT else f"version {key[1]}"
+                log.error(
+                    "journey %s: %s, as stored, no longer validates (%s); it is out of service until a fixed "
+                    "version is published (cdpctl journey validate names every problem)",
+                    key[0],
+                    what,
+                    reason,
+                )
+            self.invalid[key] = reason
+            return None
+        self.invalid.pop(key, None)
+        return journey
+
+    def usable(self, journey: Journey | None) -> bool:
+        return journey is not None and (journey.id, journey.version) not in self._unloadable
+
     def _index(self) -> None:
-        live = tuple(r.live for r in self.records.values() if r.accepts_entries and r.live is not None)
+        live = tuple(
+            r.live for r in self.records.values() if r.accepts_entries and r.live is not None and self.usable(r.live)
+        )
         names = {name for j in live if isinstance(j.entry, EventEntry) for name in j.entry.event.names}
         by_event: dict[str, list[Journey]] = {name: [] for name in names}
         any_event: list[Journey] = []
@@ -119,7 +172,7 @@ class Journeys:
                 by_segment.setdefault(entry.segment, []).append(journey)
         for record in self.records.values():
             # Scheduled journeys are armed while published, paused or not (the slot checks at firing).
-            if record.live is not None and isinstance(record.live.entry, ScheduleEntry):
+            if self.usable(record.live) and isinstance(record.live.entry, ScheduleEntry):  # type: ignore[union-attr]
                 scheduled.setdefault(record.live.entry.segment, []).append(record.live)
         self._live = live
         self._by_event = {name: tuple(js) for name, js in by_event.items()}
@@ -175,6 +228,29 @@ class Journeys:
         await self.store.bulk_write([Put(JOURNEYS, record.id, doc, expected_version=stored.version if stored else 0)])
         self._take(record.id, doc)
         return doc
+
+
+def _as_stored(key: tuple[str, int], document: Any) -> Journey:
+    """A version that no longer validates, as stored: enough to show it and to store it again unchanged."""
+    document = document if isinstance(document, Mapping) else {}
+    name, priority = document.get("name"), document.get("priority")
+    return Journey(
+        id=key[0],
+        version=key[1],
+        name=name if isinstance(name, str) else "",
+        priority=priority if isinstance(priority, int) else 0,
+        category="",
+        timezone="UTC",
+        entry=None,  # type: ignore[arg-type]  # never indexed: `usable` keeps it out
+        reentry="",
+        cooldown=None,
+        max_concurrent=0,
+        exits=(),
+        goal=None,
+        start="",
+        nodes={},
+        document=document,
+    )
 
 
 @dataclass(frozen=True, slots=True)
