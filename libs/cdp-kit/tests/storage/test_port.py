@@ -5,11 +5,19 @@ from __future__ import annotations
 from enum import IntEnum
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.storage.port import check_document, decode_cursor, encode_cursor, prefix_end, scan_range
+from cdp_kit.storage.port import (
+    _BadValue,
+    _check_dict,
+    check_document,
+    decode_cursor,
+    encode_cursor,
+    prefix_end,
+    scan_range,
+)
 
 keys = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
 
@@ -65,6 +73,15 @@ class _Level(IntEnum):
         ({"a": {"b": {"c": 2**64}}}, "doc.a.b.c", "64-bit"),
         ({"a": {"bad \udc00": 1}}, "doc.a['bad \\udc00']", "Unicode"),
         ({"a": {"k": b"raw"}}, "doc.a.k", "bytes"),
+        # A dict or list whose values are all strings, or all ints, is checked at once: one bad value
+        # among them is still found and named.
+        ({"traits": {"a": "x", "b": "y \udfff", "c": "z"}}, "doc.traits.b", "Unicode"),
+        ({"counts": {"a": 1, "b": 2**63, "c": 3}}, "doc.counts.b", "64-bit"),
+        ({"counts": [1, -(2**63) - 1, 3]}, "doc.counts[1]", "64-bit"),
+        # The names of a dict are checked at once too: a bad one among plain ones.
+        ({"a": {"ok": 1, "$set": {"x": 1}}}, "doc.a['$set']", "'$'"),
+        ({"a": {"ok": 1, "k\x00": 1}}, "doc.a['k\\x00']", "NUL"),
+        ({"a": {"ok": 1, 2: "two"}}, "doc.a[2]", "keys are strings"),
     ],
 )
 def test_a_document_is_refused_naming_the_first_unportable_value(doc: dict, field: str, problem: str) -> None:
@@ -84,3 +101,61 @@ def test_portable_values_of_every_plain_kind_and_their_subclasses_are_accepted()
     }
 
     assert check_document("profiles", "p1", doc) is doc
+
+
+def _nested(levels: int, leaf: object) -> dict:
+    doc: dict = {"leaf": leaf}
+    for _ in range(levels - 1):
+        doc = {"next": doc}
+    return doc
+
+
+def test_documents_nest_up_to_64_levels_of_dicts_and_lists() -> None:
+    assert check_document("profiles", "p1", _nested(64, "deepest"))
+    assert check_document("profiles", "p1", _nested(63, ["a list in the 63rd dict"]))
+    for too_deep in (_nested(65, "x"), _nested(64, ["a list in the 64th dict"]), _nested(63, [{"x": 1}])):
+        with pytest.raises(InvalidArgument, match="deeper than 64"):
+            check_document("profiles", "p1", too_deep)
+
+
+def test_a_dollar_or_a_non_ascii_letter_inside_a_name_is_portable() -> None:
+    doc = {"price$usd": 1, "a$": {"b$": ["c"]}, "naïve": {"ß": "x"}}
+
+    assert check_document("profiles", "p1", doc) is doc
+
+
+# Mostly portable, now and then not: a document with one bad part among plain ones is the case to catch.
+_plain_names = ["a", "b", "c", "d", "e", "f", "ok_1", "x$", "ü", "ß"]
+_names = st.sampled_from(_plain_names * 4 + ["$set", "k\x00", "bad \ud800", 2])
+_plain_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False)
+)
+_bad_leaves = st.one_of(
+    st.sampled_from([float("nan"), float("inf"), 2**63, -(2**63) - 1, 2**64, b"raw", (1, 2), "lone \udc00"]),
+    st.text(max_size=3),
+    st.just(_Level.HIGH),
+)
+_leaves = st.one_of(_plain_leaves, _plain_leaves, _plain_leaves, st.text(max_size=3), _bad_leaves)
+_documents = st.dictionaries(
+    _names,
+    st.recursive(
+        _leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_names, inner, max_size=4), max_leaves=8
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=500)
+@given(_documents)
+def test_the_quick_check_refuses_exactly_what_the_full_walk_refuses_and_names_the_same_field(doc: dict) -> None:
+    # check_document first asks a quick check that only says "certainly storable"; the full walk
+    # (`_check_dict`) decides everything else. The two must agree on every document.
+    try:
+        _check_dict(doc, 1)
+    except _BadValue as bad:
+        expected = "doc" + "".join(reversed(bad.path))
+        with pytest.raises(InvalidArgument) as caught:
+            check_document("profiles", "p1", doc)
+        assert caught.value.field == expected
+    else:
+        assert check_document("profiles", "p1", doc) is doc

@@ -218,7 +218,8 @@ def check_document(collection: str, key: str, doc: object, *, field: str = "doc"
     if not isinstance(doc, dict):
         raise InvalidArgument(field, f"documents are dicts, got {type(doc).__name__} (collection {collection!r})")
     try:
-        _check_dict(doc, 1)
+        if not _plain_dict(doc, 1):
+            _check_dict(doc, 1)
     except _BadValue as bad:
         path = field + "".join(reversed(bad.path))
         raise InvalidArgument(path, f"{bad.problem} (collection {collection!r})") from None
@@ -230,6 +231,78 @@ def _check_unicode(text: str, error: Any) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise error() from None
+
+
+# The fast path. Every document written is walked before it is stored, so the common document - string
+# keys that are ASCII without '$' or NUL; values that are str, finite float, 64-bit int, bool, None, or
+# dicts and lists of those - is recognised with as little Python per value as possible: the keys of a
+# dict are checked together, as one joined string, and a dict or list whose values are all strings (or
+# all ints) is checked in C. It only says True or False: True when the document is certainly storable,
+# False on anything else (including a '$' inside a name, a subclass, a non-ASCII name), and then the
+# exact walk below (`_check_dict`) decides and names what is wrong, as it always did.
+
+
+def _plain_dict(value: dict, depth: int) -> bool:
+    if depth > MAX_DEPTH:
+        return False
+    try:
+        names = "".join(value)
+    except TypeError:  # a key that is not a string
+        return False
+    if not names.isascii() or "$" in names or "\x00" in names:
+        return False
+    return _plain_values(value.values(), depth, depth + 1)
+
+
+def _plain_list(value: list, depth: int) -> bool:
+    if depth + 1 > MAX_DEPTH:
+        return False
+    return _plain_values(value, depth + 1, depth + 2)
+
+
+def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
+    """`list_depth`/`dict_depth`: the depth `_check_list`/`_check_dict` would be given for a list/dict
+    among these values."""
+    kinds = set(map(type, values))
+    if kinds == _STR:
+        text = "".join(values)
+        return text.isascii() or _valid_text(text)
+    if kinds == _INT:
+        return min(values) >= INT64_MIN and max(values) <= INT64_MAX
+    for item in values:
+        kind = type(item)
+        if kind is str:
+            if not item.isascii() and not _valid_text(item):
+                return False
+        elif kind is float:
+            if not isfinite(item):
+                return False
+        elif kind is int:
+            if not INT64_MIN <= item <= INT64_MAX:
+                return False
+        elif item is None or kind is bool:
+            pass
+        elif kind is dict:
+            if not _plain_dict(item, dict_depth):
+                return False
+        elif kind is list:
+            if not _plain_list(item, list_depth):
+                return False
+        else:
+            return False
+    return True
+
+
+_STR = {str}
+_INT = {int}
+
+
+def _valid_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_dict(value: dict, depth: int) -> None:

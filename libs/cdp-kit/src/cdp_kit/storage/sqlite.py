@@ -126,6 +126,9 @@ SCHEMA_VERSION = 1
 # Well under SQLite's default 32766 bound-parameter limit, and small enough that IN lists stay cheap.
 _CHUNK = 500
 _ERASE_ATTEMPTS = 5
+# Compiled statements each connection keeps (sqlite3's default is 128): up to ten key lookups per
+# collection, plus the few fixed statements.
+_STATEMENT_CACHE = 512
 # An erase rebuilds a store file up to this size (VACUUM): see "Erasure" above.
 _ERASE_REBUILD_MAX_BYTES = 256 * 1024 * 1024
 
@@ -171,8 +174,20 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def _placeholders(count: int) -> str:
-    return ", ".join("?" * count)
+# A lookup of keys names its collection as a literal (names are validated to [A-Za-z0-9_.-], so safe to
+# quote inline) and binds its IN list as the next power of two of placeholders, the rest NULL (which
+# matches nothing). A bound collection made SQLite compile the statement again on every run: with a
+# partial index declared, the plan of `collection = ? AND key IN (...)` depends on the bound value, so
+# binding one expires the statement (sqlite3_stmt_status REPREPARE counted one per run). With the literal
+# the compiled statement is reused, and the padding keeps a collection's lookups to ten statement texts,
+# which stay in the connection's statement cache (_STATEMENT_CACHE).
+_IN_LISTS = {1 << bits: ", ".join("?" * (1 << bits)) for bits in range((_CHUNK - 1).bit_length() + 1)}
+
+
+def _in_list(keys: Sequence[str]) -> tuple[str, tuple[str | None, ...]]:
+    """The placeholders of an IN list of `keys` and the keys padded with NULLs to their count."""
+    size = 1 << (len(keys) - 1).bit_length()
+    return _IN_LISTS[size], (*keys, *(None,) * (size - len(keys)))
 
 
 class SqliteStore(Store):
@@ -254,7 +269,9 @@ class SqliteStore(Store):
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: no implicit transactions; the writer says BEGIN IMMEDIATE itself and the
         # reader's statements each see the latest commit.
-        return sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout)
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=self._busy_timeout, cached_statements=_STATEMENT_CACHE
+        )
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
@@ -339,10 +356,11 @@ class SqliteStore(Store):
         try:
             found = {}
             for chunk in _chunks(keys):
+                placeholders, params = _in_list(chunk)
                 rows = conn.execute(
-                    f"SELECT key, version, doc FROM documents WHERE collection = ? "
-                    f"AND key IN ({_placeholders(len(chunk))})",
-                    (collection, *chunk),
+                    f"SELECT key, version, doc FROM documents WHERE collection = '{collection}' "
+                    f"AND key IN ({placeholders})",
+                    params,
                 )
                 for row in rows:
                     found[row[0]] = self._record(row)
@@ -447,9 +465,10 @@ class SqliteStore(Store):
         current = {}
         for collection, keys in keys_by_collection(ops).items():
             for chunk in _chunks(keys):
+                placeholders, params = _in_list(chunk)
                 rows = self._wconn.execute(
-                    f"SELECT key, version FROM documents WHERE collection = ? AND key IN ({_placeholders(len(chunk))})",
-                    (collection, *chunk),
+                    f"SELECT key, version FROM documents WHERE collection = '{collection}' AND key IN ({placeholders})",
+                    params,
                 )
                 current.update(((collection, key), version) for key, version in rows)
         return current
