@@ -406,7 +406,8 @@ class SqliteStore(Store):
         return await self._run(self._reader, self._scan_sync, collection, keys, limit)
 
     def _scan_sync(self, collection: str, keys: KeyRange, limit: int) -> Page:
-        clauses, params = ["collection = ?"], [collection]
+        clauses: list[str] = [f"collection = '{collection}'"]  # a literal: see _in_list
+        params: list[str] = []
         for clause, bound in (("key > ?", keys.after), ("key >= ?", keys.start), ("key < ?", keys.end)):
             if bound is not None:
                 clauses.append(clause)
@@ -421,7 +422,7 @@ class SqliteStore(Store):
         return await self._run(self._reader, self._count_sync, collection)
 
     def _count_sync(self, collection: str) -> int:
-        return self._rconn.execute("SELECT count(*) FROM documents WHERE collection = ?", (collection,)).fetchone()[0]
+        return self._rconn.execute(f"SELECT count(*) FROM documents WHERE collection = '{collection}'").fetchone()[0]
 
     # --- writes (writer thread) ---
 
