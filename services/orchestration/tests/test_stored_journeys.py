@@ -7,7 +7,14 @@ import asyncio
 import logging
 import time
 
-from cdp_orchestration.journeys import JOURNEYS
+import orjson
+import pytest
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.errors import FailedPrecondition
+from cdp_kit.storage import open_store
+from cdp_orchestration.api import OrchestrationApi
+from cdp_orchestration.journeys import JOURNEYS, Journeys
 
 CART = {
     "id": "abandoned-cart",
@@ -91,3 +98,52 @@ async def test_a_stored_journey_the_validation_now_refuses_is_kept_out_and_the_o
     assert action.journey_id == "abandoned-cart"
     await asyncio.sleep(0.5)
     assert [i["journey_id"] for i in await world.instances("ada")] == ["abandoned-cart"]
+
+
+async def test_a_running_instance_of_a_refused_version_carries_on_and_its_action_fails_naming_the_field(
+    world_factory,
+):
+    world = await world_factory()
+    waiting = {**CART, "nodes": [{"id": "wait", "type": "delay", "duration": "2s", "next": "remind"}, CART["nodes"][0]]}
+    await world.publish_journey(waiting)
+    await world.start()
+    await world.profile("ada", consent={"purpose:Marketing": True}, first_name="Ada", email="ada@x.io")
+    await world.event("ada", "Cart Abandoned", "e-ada", cart_url="u")
+    await world.eventually(lambda: world.instances("ada"))
+    await world.stop()
+
+    # the upgrade: the same stored version now holds a template the validation refuses
+    stored = await world.store.get(JOURNEYS, "abandoned-cart")
+    refused = {**waiting["nodes"][1], "template": {"subject": "Hi", "body": "{{ lipsum(1) }}"}}
+    doc = {**stored.doc, "versions": {"1": {**waiting, "nodes": [waiting["nodes"][0], refused]}}}
+    await world.store.put(JOURNEYS, "abandoned-cart", doc)
+    world.journeys = Journeys(world.store)
+    await world.start()
+    assert world.journeys.live() == []  # no new entries
+
+    [decision] = await world.eventually(lambda: world.decisions("ada"), timeout=10)
+    assert decision["kind"] == "failed"
+    assert "nodes.remind.template.body" in decision["reason"] and "lipsum" not in decision["reason"]
+    await asyncio.sleep(0.5)
+    assert await world.actions() == []
+
+
+async def test_a_refused_journey_is_listed_and_its_stored_draft_is_not_published_until_fixed(tmp_path):
+    async with open_store(f"sqlite:///{tmp_path}/o.db") as store:
+        doc = {**_stored(_with_body("old", "Cart Abandoned", "{{ lipsum(1) }}"))}
+        doc["draft"] = {**_with_body("old", "Cart Abandoned", "{{ lipsum(2) }}"), "version": 2}
+        await store.put(JOURNEYS, "old", doc)
+        api = OrchestrationApi(journeys=Journeys(store), store=store, bus=None, partitions=2)
+        [listed] = (await api.ListJourneys(pb.ListJourneysRequest(), None)).journeys
+        assert listed.id == "old" and listed.state == pb.JOURNEY_STATE_ACTIVE and listed.version == 1
+        with pytest.raises(FailedPrecondition, match=r"no longer validates \(JourneyInvalid \(field nodes"):
+            await api.PublishJourney(pb.PublishJourneyRequest(journey_id="old"), None)
+        fixed = {**_with_body("old", "Cart Abandoned", "{{ traits.first_name }}"), "version": 2}
+        await api.UpdateJourney(pb.UpdateJourneyRequest(journey_id="old", definition=_definition(fixed)), None)
+        published = await api.PublishJourney(pb.PublishJourneyRequest(journey_id="old"), None)
+        assert published.version == 2
+        assert [j.id for j in api.journeys.live()] == ["old"]  # back in service
+
+
+def _definition(document: dict) -> pb.JourneyDefinition:
+    return pb.JourneyDefinition(json=orjson.dumps(document).decode())

@@ -28,9 +28,11 @@ A stored version (or draft) the validation now refuses - stored by an earlier re
 limit, say - does not stop the service loading: it is kept as stored (`invalid` holds why, as
 `describe_error` gives it: type and field, never a problem's text, which quotes the journey), shown by
 GetJourney and ListJourneys, and logged once. It is out of service: it takes no entries (it is not live, and
-the journey's older versions do not take its place), `version()` does not give it, so its running instances
-hold where they are and an action of theirs already decided fails naming why; publishing a fixed version
-puts the journey back in service.
+the journey's older versions do not take its place). When only templates are refused (what the template
+limits added), its running instances carry on and each action whose template is refused fails, naming the
+template's field; otherwise `version()` does not give it, so its instances hold where they are (a stimulus
+reaching one is not applied) and an action of theirs already decided fails naming why. Publishing a fixed
+version puts the journey back in service.
 """
 
 from __future__ import annotations
@@ -127,8 +129,9 @@ class Journeys:
         return record
 
     def _parse(self, key: tuple[str, int], document: Any) -> Journey | None:
-        """The journey `document` describes; None (and why in `invalid`, logged once) when it no longer
-        validates."""
+        """The journey `document` describes. When it no longer validates, why is in `invalid` (logged once) and
+        the journey is as stored, its refused templates failing every render (`parse_journey(as_stored=True)`),
+        or None when something other than a template is refused."""
         try:
             journey = parse_journey(document)
         except Exception as exc:
@@ -143,12 +146,16 @@ class Journeys:
                     reason,
                 )
             self.invalid[key] = reason
-            return None
+            try:  # a template the validation now refuses: the rest of the journey still runs
+                return parse_journey(document, as_stored=True)
+            except Exception:
+                return None
         self.invalid.pop(key, None)
         return journey
 
     def usable(self, journey: Journey | None) -> bool:
-        return journey is not None and (journey.id, journey.version) not in self._unloadable
+        """Whether a published version may take entries (it validates as the service reads journeys now)."""
+        return journey is not None and (journey.id, journey.version) not in self.invalid
 
     def _index(self) -> None:
         live = tuple(

@@ -90,7 +90,7 @@ from cdp_orchestration.domain.journey import (
     Variant,
     Wait,
 )
-from cdp_orchestration.domain.templates import compile_template
+from cdp_orchestration.domain.templates import RefusedTemplate, Template, compile_template
 
 MAX_NODES = 500
 MAX_SIGNALS = 20  # fields a CRM task or case carries as context: enough for a person to read at a glance
@@ -161,9 +161,13 @@ def load_journey(text: str | bytes, catalogue: Catalogue | None = None, *, form:
     return parse_journey(document, catalogue)
 
 
-def parse_journey(document: Any, catalogue: Catalogue | None = None) -> Journey:
-    """The journey `document` describes; JourneyInvalid listing every problem if it is not a valid one."""
+def parse_journey(document: Any, catalogue: Catalogue | None = None, *, as_stored: bool = False) -> Journey:
+    """The journey `document` describes; JourneyInvalid listing every problem if it is not a valid one.
+
+    `as_stored` reads a version an earlier release stored: a template the validation now refuses is kept as a
+    `RefusedTemplate` (its every render fails) rather than a problem, so its running instances carry on."""
     reader = _Reader(catalogue or Catalogue())
+    reader.as_stored = as_stored
     journey = reader.journey(document)
     if reader.problems or journey is None:
         raise JourneyInvalid(reader.problems)
@@ -177,6 +181,17 @@ class _Reader:
         self.category = "marketing"  # the journey's; an action without its own category takes it
         # Whether the entry brings entry fields (`entry.<name>`): an event's properties, an Enroll call's.
         self.entry_fields = True
+        self.as_stored = False  # see parse_journey
+
+    def template(self, node_id: str, source: Any, at: str) -> Template | None:
+        try:
+            return compile_template(source, at)
+        except InvalidArgument as error:
+            texts = isinstance(source, Mapping) and all(isinstance(text, str) for text in source.values())
+            if self.as_stored and texts and source:
+                return RefusedTemplate(source, error.field)
+            self.problem(node_id, error.field, error.description)
+            return None
 
     # Each helper records problems instead of raising, so one pass reports all of them.
     def problem(self, node: str | None, at: str, message: str) -> None:
@@ -563,7 +578,7 @@ class _Reader:
         if not isinstance(category, str) or not category:
             self.problem(node_id, f"{at}.category", "must be a non-empty string, like 'offer' or 'reminder'")
             ok = False
-        template = self.attempt(node_id, lambda: compile_template(item.get("template"), f"{at}.template"))
+        template = self.template(node_id, item.get("template"), f"{at}.template")
         if template is not None and not self.channel_parts(node_id, template.source, f"{at}.template", channel):
             template = None
         if template is not None:

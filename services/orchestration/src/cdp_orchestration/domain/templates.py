@@ -185,6 +185,19 @@ class Template:
         return rendered
 
 
+class RefusedTemplate(Template):
+    """A template stored by an earlier release that the validation now refuses (`lipsum`, a constant over a
+    limit): kept so its journey's running instances carry on, every render failing, naming its field."""
+
+    def __init__(self, source: Mapping[str, str], field: str) -> None:
+        super().__init__(source, frozenset(), frozenset(), {})
+        object.__setattr__(self, "field", field)
+
+    def render(self, view: PersonView, entry: Mapping[str, Any] | None = None) -> dict[str, str]:
+        field = self.field  # type: ignore[attr-defined]
+        raise TemplateFailed(f"template {field} no longer validates: publish a fixed version of the journey")
+
+
 def compile_template(source: Any, field: str) -> Template:
     """A template from its parts; InvalidArgument on `<field>.<part>` for a syntax error or a bad reference."""
     if not isinstance(source, Mapping) or not source:
