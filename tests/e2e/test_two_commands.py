@@ -130,9 +130,7 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
             merge_id, loser = merge_two_people(run)
             command = command.replace("MERGE_ID", merge_id)
         for _attempt in range(40):
-            result = subprocess.run(
-                command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-            )
+            result = subprocess.run(command, shell=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
             # The shipped models go live in the background once profile can take their computed traits.
             if " models" not in command or "churn_risk" in result.stdout:
                 break
