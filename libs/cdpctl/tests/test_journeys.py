@@ -416,3 +416,14 @@ async def test_decisions_show_an_action_held_for_the_profile_as_held_with_its_la
     assert "held" in output and "waiting for the profile" in output and "profile_wait" in output
     assert "act-3" in output and "deferred" not in output
     assert "decided by" in output and "at the latest" in output
+
+
+def test_journey_list_says_which_versions_no_longer_validate_and_how_to_fix_it():
+    from cdpctl.journeys import _journey_line
+
+    fine = {"id": "cart", "name": "Cart", "state": "JOURNEY_STATE_ACTIVE", "version": "2"}
+    assert _journey_line(fine) == "journey cart (Cart): active, live v2"
+    refused = {**fine, "invalid": "v2: JourneyInvalid (field nodes.remind.template.body)"}
+    line = _journey_line(refused)
+    assert "NO LONGER VALIDATES: v2: JourneyInvalid (field nodes.remind.template.body)" in line
+    assert "publish a fixed version" in line

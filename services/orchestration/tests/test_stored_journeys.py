@@ -136,6 +136,9 @@ async def test_a_refused_journey_is_listed_and_its_stored_draft_is_not_published
         api = OrchestrationApi(journeys=Journeys(store), store=store, bus=None, partitions=2)
         [listed] = (await api.ListJourneys(pb.ListJourneysRequest(), None)).journeys
         assert listed.id == "old" and listed.state == pb.JOURNEY_STATE_ACTIVE and listed.version == 1
+        # What an operator reads in `cdpctl journey list`: which versions no longer validate, and where.
+        assert listed.invalid.startswith("draft: JourneyInvalid (field nodes."), listed.invalid
+        assert "; v1: JourneyInvalid (field nodes." in listed.invalid and "lipsum" not in listed.invalid
         with pytest.raises(FailedPrecondition, match=r"no longer validates \(JourneyInvalid \(field nodes"):
             await api.PublishJourney(pb.PublishJourneyRequest(journey_id="old"), None)
         fixed = {**_with_body("old", "Cart Abandoned", "{{ traits.first_name }}"), "version": 2}
@@ -143,6 +146,8 @@ async def test_a_refused_journey_is_listed_and_its_stored_draft_is_not_published
         published = await api.PublishJourney(pb.PublishJourneyRequest(journey_id="old"), None)
         assert published.version == 2
         assert [j.id for j in api.journeys.live()] == ["old"]  # back in service
+        [listed] = (await api.ListJourneys(pb.ListJourneysRequest(), None)).journeys
+        assert "draft" not in listed.invalid  # the fixed version validates (v1, kept for its instances, is named)
 
 
 def _definition(document: dict) -> pb.JourneyDefinition:

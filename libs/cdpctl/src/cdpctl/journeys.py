@@ -116,7 +116,10 @@ def _journey_line(journey: dict) -> str:
     versions = f"live v{live}" if live != "0" else "never published"
     if draft and draft != live:
         versions += f", draft v{draft}"
-    return f"journey {journey.get('id')} ({journey.get('name', '')}): {state}, {versions}"
+    line = f"journey {journey.get('id')} ({journey.get('name', '')}): {state}, {versions}"
+    if journey.get("invalid"):
+        line += f" - NO LONGER VALIDATES: {journey['invalid']} (takes no entries; publish a fixed version)"
+    return line
 
 
 # ------------------------------------------------------------------------------------------- journey

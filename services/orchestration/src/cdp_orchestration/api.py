@@ -240,6 +240,11 @@ class OrchestrationApi:
         )
         if shown is not None:
             message.definition.update(dict(shown.document))
+        message.invalid = "; ".join(
+            f"{'draft' if number == DRAFT else f'v{number}'}: {reason}"
+            for (owner, number), reason in sorted(self.journeys.invalid.items())
+            if owner == journey_id
+        )
         set_time(message.created_at, doc.get("created_at"))
         set_time(message.updated_at, doc.get("updated_at"))
         set_time(message.published_at, doc.get("published_at"))
