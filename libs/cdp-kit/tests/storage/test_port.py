@@ -10,9 +10,12 @@ from hypothesis import strategies as st
 
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.storage.port import (
+    Delete,
+    Put,
     _BadValue,
     _check_dict,
     check_document,
+    check_op,
     decode_cursor,
     encode_cursor,
     prefix_end,
@@ -159,3 +162,39 @@ def test_the_quick_check_refuses_exactly_what_the_full_walk_refuses_and_names_th
         assert caught.value.field == expected
     else:
         assert check_document("profiles", "p1", doc) is doc
+
+
+@pytest.mark.parametrize(
+    ("op", "field"),
+    [
+        (Put("profiles", "a\x00b", {}), "ops[2].key"),
+        (Put("profiles", "", {}), "ops[2].key"),
+        (Put("profiles", "x" * 1025, {}), "ops[2].key"),
+        (Put("profiles", 42, {}), "ops[2].key"),  # type: ignore[arg-type]
+        (Put("profiles", "bad \ud800", {}), "ops[2].key"),
+        (Put("profiles", "k", {}, expected_version=True), "ops[2].expected_version"),
+        (Delete("profiles", "k", expected_version=-1), "ops[2].expected_version"),
+        (Delete("profiles", "k", expected_version=1.0), "ops[2].expected_version"),  # type: ignore[arg-type]
+        (Put("profiles", "k", ["not", "a", "dict"]), "ops[2].doc"),  # type: ignore[arg-type]
+        (Put("profiles", "k", {"a": {"$b": 1}}), "ops[2].doc.a['$b']"),
+        (Put("system.profiles", "k", {}), "collection"),
+        (("profiles", "k"), "ops[2]"),
+    ],
+)
+def test_an_op_of_a_collection_written_before_is_still_checked_in_full(op: object, field: str) -> None:
+    check_op(Put("profiles", "k", {"a": 1}), 0)  # the collection is known from here on
+
+    with pytest.raises(InvalidArgument) as caught:
+        check_op(op, 2)
+
+    assert caught.value.field == field
+
+
+def test_ops_with_any_valid_key_and_version_are_accepted() -> None:
+    for op in (
+        Put("profiles", "email:ada@example.com", {"a": 1}, expected_version=0),
+        Put("profiles", "ключ", {"naïve": "ü"}, expected_version=3),
+        Delete("profiles", "k" * 1024, expected_version=0),
+        Delete("profiles", "k"),
+    ):
+        assert check_op(op, 0) is op

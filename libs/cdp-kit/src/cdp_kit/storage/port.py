@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import isfinite
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias
+from typing import Any, Literal, NamedTuple, Self, TypeAlias
 
 import orjson
 
@@ -152,7 +152,16 @@ def check_collection(collection: object) -> str:
         )
     if collection.startswith("system."):
         raise InvalidArgument("collection", f"{collection!r}: names starting with 'system.' are reserved")
+    if len(_CHECKED_COLLECTIONS) < _CHECKED_COLLECTIONS_MAX and type(collection) is str:
+        _CHECKED_COLLECTIONS.add(collection)
     return collection
+
+
+# Names that passed check_collection: a service writes the same few collections all the time, so
+# check_op looks them up instead of matching the pattern again for every op. Bounded, in case a caller
+# makes up names (past the bound, names are simply checked every time).
+_CHECKED_COLLECTIONS: set[str] = set()
+_CHECKED_COLLECTIONS_MAX = 10_000
 
 
 def check_key(collection: str, key: object, *, field: str = "key") -> str:
@@ -431,6 +440,29 @@ def encode_document(op: Put, op_index: int | None = None) -> bytes:
 
 
 def check_op(op: object, index: int | None = None) -> WriteOp:
+    """`op` if it is a Put or Delete of a valid collection, key, expected_version and document; else
+    InvalidArgument naming the field (``ops[<index>].<field>`` in a bulk write)."""
+    # Every op written comes through here. The common op - a collection already checked, an ASCII key,
+    # a plain document (see _plain_dict) - is recognised without building any field name; everything
+    # else is checked, and named, by _check_op.
+    kind = type(op)
+    if kind is Put or kind is Delete:
+        collection, key, expected = op.collection, op.key, op.expected_version  # type: ignore[union-attr]
+        if (
+            type(collection) is str
+            and collection in _CHECKED_COLLECTIONS
+            and type(key) is str
+            and 0 < len(key) <= MAX_KEY_CHARS
+            and key.isascii()
+            and "\x00" not in key
+            and (expected is None or (type(expected) is int and expected >= 0))
+            and (kind is Delete or (type(op.doc) is dict and _plain_dict(op.doc, 1)))  # type: ignore[union-attr]
+        ):
+            return op  # type: ignore[return-value]
+    return _check_op(op, index)
+
+
+def _check_op(op: object, index: int | None) -> WriteOp:
     where = f"ops[{index}]." if index is not None else ""
     if not isinstance(op, (Put, Delete)):
         raise InvalidArgument(where.rstrip(".") or "op", f"expected Put or Delete, got {type(op).__name__}")
@@ -546,9 +578,9 @@ def make_page(records: list[Record], limit: int) -> Page:
 # --- bulk planning ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """What one op does to its key: the version before (0 = absent) and after (0 = deleted)."""
+class Step(NamedTuple):
+    """What one op does to its key: the version before (0 = absent) and after (0 = deleted). A tuple:
+    one is made per op written, and a frozen dataclass costs several times as much to make."""
 
     op: WriteOp
     index: int
