@@ -13,7 +13,8 @@ cdpctl segment create vip 'scores.clv > 500' / estimate / members / delete, segm
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]        (segments.py)
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
 cdpctl dlq [STREAM [CONSUMER]] [--replay] / lag                                           (bus.py)
-cdpctl up / status                                                                          (run.py)
+cdpctl up, nats-rotate SERVICE                                                              (run.py)
+cdpctl status                                                                            (status.py)
 cdpctl journey …, approvals, decisions PERSON, inbox PERSON                            (journeys.py)
 cdpctl crm status / runs / backfill CONNECTION / dead-letters / record PERSON                 (crm.py)
 cdpctl identity model show / export FILE      the matching model: m, u, weights, λ, EM   (identity.py)
@@ -46,7 +47,7 @@ from cdpctl.platform import Workspace
 # named here and imported on first use (`LazyGroup`); `--help` imports them all for their summaries.
 COMMANDS = {
     "up": "cdpctl.run:up",
-    "status": "cdpctl.run:status",
+    "status": "cdpctl.status:status",
     "nats-rotate": "cdpctl.run:nats_rotate",
     "graph": "cdpctl.people:graph",
     "export": "cdpctl.people:export",
@@ -72,12 +73,17 @@ MODELS_COMMANDS = {
     "quality": "cdpctl.training:quality",
 }
 # Kept importable from here, as before the commands were imported lazily (cdpctl.cli.check_health).
-_FROM_RUN = ("check_health", "nats_rotate", "status", "up")
+_FROM_MODULE = {
+    "check_health": "cdpctl.status",
+    "status": "cdpctl.status",
+    "nats_rotate": "cdpctl.run",
+    "up": "cdpctl.run",
+}
 
 
 def __getattr__(name: str):
-    if name in _FROM_RUN:
-        return getattr(importlib.import_module("cdpctl.run"), name)
+    if name in _FROM_MODULE:
+        return getattr(importlib.import_module(_FROM_MODULE[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
