@@ -40,21 +40,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from cdp.orchestration.v1 import orchestration_pb2
-from cdp.profile.v1 import profile_pb2
-from cdp.segmentation.v1 import segmentation_pb2
 from cdp_crm import streams
 from cdp_crm.delivery import Delivered, Deliverer
 from cdp_crm.domain import projection as proj
-from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change, Coalescer, Link, record_key
+from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change, record_key
 from cdp_crm.domain.isolation import NOT_FOUND
 from cdp_crm.domain.mapping import (
     ACTIONS,
@@ -65,6 +61,7 @@ from cdp_crm.domain.mapping import (
     Connection,
     ObjectMapping,
 )
+from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
 from cdp_crm.people import Fetch
 from cdp_crm.state import (
     DEAD_LETTERED,
@@ -78,10 +75,21 @@ from cdp_crm.state import (
     SYNCED,
     TOMBSTONES,
 )
-from cdp_kit.bus import Delivery, subjects
-from cdp_kit.engine import Effects, Reject
-from cdp_kit.profile_fields import change_fields, value_to_python
-from cdp_kit.storage import Delete, Put, Store, WriteOp
+from cdp_crm.writes import (
+    COUNTERS,
+    Outcomes,
+    Planned,
+    RunIncrement,
+    change_doc,
+    change_from_doc,
+    new_stream_run,
+    record_doc,
+    resolve_writes,
+    stream_run_key,
+)
+from cdp_kit.bus import Delivery
+from cdp_kit.engine import Effects
+from cdp_kit.storage import Store
 
 log = logging.getLogger("cdp.crm.engine")
 
@@ -91,178 +99,6 @@ WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
 LIST_WAITS = 20
 # Seconds between looks at a partition this process queued changes for, until its pipeline is idle to retry.
 BACKLOG_POLL = 0.2
-COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
-
-
-@dataclass(frozen=True, slots=True)
-class Input:
-    kind: str  # profile | segment | action
-    person_id: str
-    stamp: int  # the stream position: later is newer
-    data: Any
-
-
-class MappedPaths:
-    """The profile fields the mappings read, by part of the change that carries them: a change's updates of
-    those fields only, looked up by name (a change carries dozens of computed traits; a mapping reads a
-    few fields), with no other value decoded."""
-
-    def __init__(self, reads: Iterable[str]) -> None:
-        self.parts: dict[str, list[tuple[str, str]]] = {"traits": [], "computed": [], "consent": [], "scores": []}
-        for path in sorted(reads):
-            root, _, name = path.partition(".")
-            if root in self.parts and name:
-                self.parts[root].append((name, path))
-
-    def updates(self, change: profile_pb2.ProfileChanged) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for part, values in (("traits", change.traits), ("computed", change.computed)):
-            for name, path in self.parts[part]:
-                if name in values:
-                    value = values[name]
-                    kind = value.WhichOneof("kind")
-                    out[path] = (
-                        value.number_value if kind == "number_value"
-                        else value.string_value if kind == "string_value"
-                        else value_to_python(value)
-                    )  # fmt: skip
-        for part, values in (("consent", change.consent), ("scores", change.scores)):
-            for name, path in self.parts[part]:
-                if name in values:
-                    out[path] = values[name]
-        return out
-
-
-def reads_fingerprint(reads: Iterable[str]) -> str:
-    """Names the set of fields the mappings read: a view kept under another set is not complete."""
-    return hashlib.blake2b("\n".join(sorted(reads)).encode(), digest_size=8).hexdigest()
-
-
-def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = None) -> list[Input]:
-    """`mapped`: keep only the profile changes of fields the mappings read (and only those fields)."""
-    try:
-        if stream == subjects.PROFILES:
-            batch = profile_pb2.ProfileChangedBatch.FromString(data)
-            if mapped is None:
-                return [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
-            inputs = []
-            for c in batch.changes:
-                # A removed profile writes nothing here (privacy.deleted erases its records).
-                updates = None if c.removed else mapped.updates(c)
-                if updates:
-                    inputs.append(Input("profile", c.person_id, stamp, (updates, False)))
-            return inputs
-        if stream == subjects.SEGMENTS:
-            batch = segmentation_pb2.SegmentEventBatch.FromString(data)
-            return [Input("segment", e.person_id, stamp, (e.segment_id, e.entered)) for e in batch.events]
-        if stream == subjects.ACTIONS:
-            action = orchestration_pb2.ActionMessage.FromString(data)
-            return [Input("action", action.person_id, stamp, action)]
-    except Exception as exc:  # a payload that is not what its stream carries can never be applied
-        raise Reject("invalid_payload", stream, f"not a {stream} message: {type(exc).__name__}") from None
-    raise Reject("unknown_input", "headers", "not sourced from PROFILES, SEGMENTS or ACTIONS")
-
-
-@dataclass
-class View:
-    """A person as the connector follows it."""
-
-    fields: dict[str, Any] = field(default_factory=dict)
-    segments: set[str] = field(default_factory=set)
-    stamp: int = 0
-    dirty: bool = False
-    # The fingerprint of the mapped fields this view keeps (None: it keeps every field).
-    reads: str | None = None
-
-    def source(self, person_id: str, action: Mapping[str, Any] | None = None) -> proj.Source:
-        return proj.Source(person_id, self.fields, frozenset(self.segments), action)
-
-    def to_doc(self) -> dict[str, Any]:
-        doc = {"fields": self.fields, "segments": sorted(self.segments), "stamp": self.stamp}
-        if self.reads is not None:
-            doc["reads"] = self.reads
-        return doc
-
-
-def action_source(action: orchestration_pb2.ActionMessage) -> dict[str, Any]:
-    """What an action mapping reads as `action.<field>` (the domain's contract). `signals` is the action's
-    top signals as "name: value" lines, unless its template has a part of that name: the author's wins."""
-    return {
-        "signals": "\n".join(f"{s.name}: {s.value}" for s in action.signals),
-        **dict(action.content),
-        "id": action.action_id,
-        "category": action.category,
-        "journey_id": action.journey_id,
-    }
-
-
-class Outcomes:
-    """The record states, dead letters and pending changes a delivery produced, as store writes."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-        self.writes: dict[tuple[str, str], WriteOp] = {}
-        self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
-
-    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
-        self.writes[(collection, key)] = Put(collection, key, doc)
-
-    def delete(self, collection: str, key: str) -> None:
-        self.writes[(collection, key)] = Delete(collection, key)
-
-    def count(self, connection: str, name: str, n: int = 1) -> None:
-        self.counters[connection][name] += n
-
-
-def record_doc(
-    mapping: ObjectMapping, change: Change, intended: Mapping[str, Any], member: bool | None, state: str, now: float,
-    previous: Mapping[str, Any] | None = None, **extra: Any,
-) -> dict[str, Any]:  # fmt: skip
-    previous = previous or {}
-    return {
-        "connection": mapping.connection,
-        "mapping": mapping.id,
-        "object": mapping.object,
-        "person_id": change.person_id,
-        "key": [list(k) for k in change.key],
-        "fields": dict(intended),
-        "member": member,
-        "state": state,
-        "crm_id": extra.pop("crm_id", None) or previous.get("crm_id"),
-        "synced_at": extra.pop("synced_at", previous.get("synced_at", 0.0)),
-        "synced_stamp": extra.pop("synced_stamp", previous.get("synced_stamp", 0)),
-        "updated_at": now,
-        **extra,
-    }
-
-
-def change_from_doc(doc: Mapping[str, Any]) -> Change:
-    link = doc.get("link")
-    return Change(
-        doc["mapping"], tuple((k, v) for k, v in doc["key"]), dict(doc["fields"]), doc["stamp"], doc["op"],
-        doc["person_id"], doc["trigger"],
-        None if link is None else Link(link["object"], tuple((k, v) for k, v in link["key"]), link["field"]),
-    )  # fmt: skip
-
-
-def change_doc(change: Change, partition: int, attempts: int = 1) -> dict[str, Any]:
-    link = change.link
-    return {
-        "mapping": change.mapping,
-        "key": [list(k) for k in change.key],
-        "fields": change.fields,
-        "stamp": change.stamp,
-        "op": change.op,
-        "person_id": change.person_id,
-        "trigger": change.trigger,
-        "link": None
-        if link is None
-        else {"object": link.object, "key": [list(k) for k in link.key], "field": link.field},
-        "partition": partition,
-        # Indexed: the stream run's pending figure counts what is queued for a connection now (api.py).
-        "connection": change.mapping.partition("/")[0],
-        "attempts": attempts,
-    }
 
 
 class CrmLogic:
@@ -626,102 +462,23 @@ class CrmLogic:
             return taken
 
 
-class Planned:
-    """The changes a batch plans, coalesced per record, with what each record should hold afterwards."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.coalescer = Coalescer()
-        self.previous: dict[str, dict[str, Any]] = {}  # record key -> stored crm_records doc
-        self.intended: dict[str, tuple[dict[str, Any], bool | None]] = {}  # record key -> (fields, member)
-        self.records: dict[str, None] = {}
-        self.skipped: dict[str, int] = defaultdict(int)
-        self.unchanged: dict[str, int] = defaultdict(int)
-
-    async def prefetch(self, keys: Iterable[str]) -> None:
-        """Read the stored states of these records in one query (a backfill page plans thousands)."""
-        missing = [k for k in dict.fromkeys(keys) if k not in self.intended]
-        found = await self.store.get_many(RECORDS, missing) if missing else {}
-        for key in missing:
-            record = found.get(key)
-            doc = record.doc if record is not None else {}
-            self.previous[key] = doc
-            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
-
-    async def add(
-        self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input, key: str | None = None
-    ) -> None:
-        """`key`: the projection's record key when the caller computed it already (a backfill page does)."""
-        if isinstance(projection, proj.Skipped):
-            self.skipped[mapping.name] += 1
-            return
-        if key is None:
-            key = record_key(mapping.name, projection.key)
-        if key not in self.intended:
-            stored = await self.store.get(RECORDS, key)
-            self.previous[key] = stored.doc if stored is not None else {}
-            doc = self.previous[key]
-            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
-        fields_before, member_before = self.intended[key]
-        if mapping.kind == "list":
-            member = op != REMOVE
-            # A membership never written (None) is not one: removing it would be a call for nothing (a
-            # backfill plans a REMOVE for everyone out of the segment).
-            if member_before is member or (member_before is None and not member):
-                self.unchanged[mapping.name] += 1
-                return
-            self.intended[key] = ({}, member)
-            fields: dict[str, Any] = {}
-        else:
-            last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
-            if last is None and not projection.holds:
-                # A record never written for a person holding no value the mapping reads (a mapped field
-                # cleared): it would hold only its match key, of no use to the CRM. A backfill skips them too.
-                self.skipped[mapping.name] += 1
-                return
-            fields = proj.changed_fields(last, projection)
-            if not fields and self.previous[key]:
-                self.unchanged[mapping.name] += 1
-                return
-            self.intended[key] = ({**fields_before, **projection.fields}, True)
-        self.records[key] = None
-        self.coalescer.add(
-            Change(mapping.name, projection.key, fields, item.stamp, op, item.person_id, trigger, projection.link), key
-        )
-
-
-@dataclass(frozen=True)
-class RunIncrement:
-    """Counters to add to a stream run document: resolved into a Put by `resolve_writes`."""
-
-    key: str
-    connection: str
-    counters: Mapping[str, int]
-    now: float
-
-
-def stream_run_key(connection: str, partition: int) -> str:
-    return f"stream-{connection}-p{partition}"
-
-
-async def resolve_writes(store: Store, writes: Iterable[Any]) -> list[WriteOp]:
-    ops: list[WriteOp] = []
-    for op in writes:
-        if isinstance(op, RunIncrement):
-            record = await store.get(RUNS, op.key)
-            doc = record.doc if record is not None else new_stream_run(op.connection, op.now)
-            for name, n in op.counters.items():
-                doc[name] = doc.get(name, 0) + n
-            doc["processed"] = doc.get("processed", 0) + sum(
-                op.counters[k] for k in ("created", "updated", "unchanged", "skipped", "dead_lettered")
-            )
-            doc["updated_at"] = op.now
-            ops.append(Put(RUNS, op.key, doc))
-        else:
-            ops.append(op)
-    return ops
-
-
-def new_stream_run(connection: str, now: float) -> dict[str, Any]:
-    return {"kind": "stream", "state": "running", "connection": connection, "mapping": "", "started_at": now,
-            **dict.fromkeys(COUNTERS, 0), "processed": 0, "total": 0}  # fmt: skip
+__all__ = [
+    "COUNTERS",
+    "SERVICE",
+    "CrmLogic",
+    "Input",
+    "MappedPaths",
+    "Outcomes",
+    "Planned",
+    "RunIncrement",
+    "View",
+    "action_source",
+    "change_doc",
+    "change_from_doc",
+    "decode",
+    "new_stream_run",
+    "reads_fingerprint",
+    "record_doc",
+    "resolve_writes",
+    "stream_run_key",
+]

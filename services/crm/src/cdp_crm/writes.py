@@ -1,0 +1,189 @@
+"""What a batch writes: the changes it plans per record (`Planned`), the record states, dead letters and
+pending changes a delivery produced (`Outcomes`, `record_doc`, `change_doc`) and the stream run counters
+(`RunIncrement`, resolved by `resolve_writes`). Re-exported by `cdp_crm.engine`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cdp_crm.domain import projection as proj
+from cdp_crm.domain.coalesce import REMOVE, Change, Coalescer, Link, record_key
+from cdp_crm.domain.mapping import ObjectMapping
+from cdp_crm.inputs import Input
+from cdp_crm.state import RECORDS, RUNS
+from cdp_kit.storage import Delete, Put, Store, WriteOp
+
+COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
+
+
+class Outcomes:
+    """The record states, dead letters and pending changes a delivery produced, as store writes."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.writes: dict[tuple[str, str], WriteOp] = {}
+        self.counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0))
+
+    def put(self, collection: str, key: str, doc: dict[str, Any]) -> None:
+        self.writes[(collection, key)] = Put(collection, key, doc)
+
+    def delete(self, collection: str, key: str) -> None:
+        self.writes[(collection, key)] = Delete(collection, key)
+
+    def count(self, connection: str, name: str, n: int = 1) -> None:
+        self.counters[connection][name] += n
+
+
+def record_doc(
+    mapping: ObjectMapping, change: Change, intended: Mapping[str, Any], member: bool | None, state: str, now: float,
+    previous: Mapping[str, Any] | None = None, **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    previous = previous or {}
+    return {
+        "connection": mapping.connection,
+        "mapping": mapping.id,
+        "object": mapping.object,
+        "person_id": change.person_id,
+        "key": [list(k) for k in change.key],
+        "fields": dict(intended),
+        "member": member,
+        "state": state,
+        "crm_id": extra.pop("crm_id", None) or previous.get("crm_id"),
+        "synced_at": extra.pop("synced_at", previous.get("synced_at", 0.0)),
+        "synced_stamp": extra.pop("synced_stamp", previous.get("synced_stamp", 0)),
+        "updated_at": now,
+        **extra,
+    }
+
+
+def change_from_doc(doc: Mapping[str, Any]) -> Change:
+    link = doc.get("link")
+    return Change(
+        doc["mapping"], tuple((k, v) for k, v in doc["key"]), dict(doc["fields"]), doc["stamp"], doc["op"],
+        doc["person_id"], doc["trigger"],
+        None if link is None else Link(link["object"], tuple((k, v) for k, v in link["key"]), link["field"]),
+    )  # fmt: skip
+
+
+def change_doc(change: Change, partition: int, attempts: int = 1) -> dict[str, Any]:
+    link = change.link
+    return {
+        "mapping": change.mapping,
+        "key": [list(k) for k in change.key],
+        "fields": change.fields,
+        "stamp": change.stamp,
+        "op": change.op,
+        "person_id": change.person_id,
+        "trigger": change.trigger,
+        "link": None
+        if link is None
+        else {"object": link.object, "key": [list(k) for k in link.key], "field": link.field},
+        "partition": partition,
+        # Indexed: the stream run's pending figure counts what is queued for a connection now (api.py).
+        "connection": change.mapping.partition("/")[0],
+        "attempts": attempts,
+    }
+
+
+class Planned:
+    """The changes a batch plans, coalesced per record, with what each record should hold afterwards."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.coalescer = Coalescer()
+        self.previous: dict[str, dict[str, Any]] = {}  # record key -> stored crm_records doc
+        self.intended: dict[str, tuple[dict[str, Any], bool | None]] = {}  # record key -> (fields, member)
+        self.records: dict[str, None] = {}
+        self.skipped: dict[str, int] = defaultdict(int)
+        self.unchanged: dict[str, int] = defaultdict(int)
+
+    async def prefetch(self, keys: Iterable[str]) -> None:
+        """Read the stored states of these records in one query (a backfill page plans thousands)."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.intended]
+        found = await self.store.get_many(RECORDS, missing) if missing else {}
+        for key in missing:
+            record = found.get(key)
+            doc = record.doc if record is not None else {}
+            self.previous[key] = doc
+            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
+
+    async def add(
+        self, mapping: ObjectMapping, projection, op: str, trigger: str, item: Input, key: str | None = None
+    ) -> None:
+        """`key`: the projection's record key when the caller computed it already (a backfill page does)."""
+        if isinstance(projection, proj.Skipped):
+            self.skipped[mapping.name] += 1
+            return
+        if key is None:
+            key = record_key(mapping.name, projection.key)
+        if key not in self.intended:
+            stored = await self.store.get(RECORDS, key)
+            self.previous[key] = stored.doc if stored is not None else {}
+            doc = self.previous[key]
+            self.intended[key] = (dict(doc.get("fields", {})), doc.get("member") if doc else None)
+        fields_before, member_before = self.intended[key]
+        if mapping.kind == "list":
+            member = op != REMOVE
+            # A membership never written (None) is not one: removing it would be a call for nothing (a
+            # backfill plans a REMOVE for everyone out of the segment).
+            if member_before is member or (member_before is None and not member):
+                self.unchanged[mapping.name] += 1
+                return
+            self.intended[key] = ({}, member)
+            fields: dict[str, Any] = {}
+        else:
+            last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
+            if last is None and not projection.holds:
+                # A record never written for a person holding no value the mapping reads (a mapped field
+                # cleared): it would hold only its match key, of no use to the CRM. A backfill skips them too.
+                self.skipped[mapping.name] += 1
+                return
+            fields = proj.changed_fields(last, projection)
+            if not fields and self.previous[key]:
+                self.unchanged[mapping.name] += 1
+                return
+            self.intended[key] = ({**fields_before, **projection.fields}, True)
+        self.records[key] = None
+        self.coalescer.add(
+            Change(mapping.name, projection.key, fields, item.stamp, op, item.person_id, trigger, projection.link), key
+        )
+
+
+@dataclass(frozen=True)
+class RunIncrement:
+    """Counters to add to a stream run document: resolved into a Put by `resolve_writes`."""
+
+    key: str
+    connection: str
+    counters: Mapping[str, int]
+    now: float
+
+
+def stream_run_key(connection: str, partition: int) -> str:
+    return f"stream-{connection}-p{partition}"
+
+
+async def resolve_writes(store: Store, writes: Iterable[Any]) -> list[WriteOp]:
+    ops: list[WriteOp] = []
+    for op in writes:
+        if isinstance(op, RunIncrement):
+            record = await store.get(RUNS, op.key)
+            doc = record.doc if record is not None else new_stream_run(op.connection, op.now)
+            for name, n in op.counters.items():
+                doc[name] = doc.get(name, 0) + n
+            doc["processed"] = doc.get("processed", 0) + sum(
+                op.counters[k] for k in ("created", "updated", "unchanged", "skipped", "dead_lettered")
+            )
+            doc["updated_at"] = op.now
+            ops.append(Put(RUNS, op.key, doc))
+        else:
+            ops.append(op)
+    return ops
+
+
+def new_stream_run(connection: str, now: float) -> dict[str, Any]:
+    return {"kind": "stream", "state": "running", "connection": connection, "mapping": "", "started_at": now,
+            **dict.fromkeys(COUNTERS, 0), "processed": 0, "total": 0}  # fmt: skip
