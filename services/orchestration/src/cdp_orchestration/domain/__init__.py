@@ -8,8 +8,11 @@ Modules:
 - `journey`: the model of one journey version. `document`: the journey document (JSON/YAML) -> `Journey`,
   validated as a whole (`JourneyInvalid` lists every problem as the API's Problem: node id, field within
   it, message). Event names, fields, segments and purposes are checked only against a `Catalogue` that
-  lists them: without one a misspelt event name passes validation and never matches. `lifecycle`: draft -> active <-> paused -> archived, immutable published versions,
-  `migration_plan` between versions.
+  lists them: without one a misspelt event name passes validation and never matches. It reads the
+  document with `document_fields` (problems, the catalogue, checks every part shares), `document_steps`
+  (the steps) and `document_graph` (targets, reachability, loops that never wait).
+  `lifecycle`: draft -> active <-> paused -> archived, immutable published versions, `migration_plan`
+  between versions.
 - `instance`: one person in one journey version: `step(instance, journey, stimulus, view, now)`.
   `entry`: who enters and when (`enters_on_*`, `next_scheduled_entry`, `admit`).
 - `arbiter` (+ `rules`): one arbiter per person across every journey: `decide`, `release`, `approve`,
