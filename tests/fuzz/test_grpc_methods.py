@@ -443,12 +443,33 @@ def enroll(platform, channels, request: orchestration_pb2.EnrollRequest) -> grpc
     return None
 
 
-def test_enroll_properties_with_a_whole_number_past_64_bits_are_refused_naming_the_field(
-    platform, channels, enrollable
-):
-    request = orchestration_pb2.EnrollRequest(
-        journey_id=enrollable, person_id="p_fz0000000000001", idempotency_key="big"
+@pytest.fixture(scope="module")
+def someone(platform, channels) -> str:
+    """The person id of someone the platform knows (Enroll answers NOT_FOUND for a person without a profile)."""
+    from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
+    from cdp.events.v1 import events_pb2
+    from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+
+    event = events_pb2.Event(message_id="fz-enroll-someone", type=events_pb2.EVENT_TYPE_IDENTIFY, user_id="fz-enroll")
+    collector_pb2_grpc.CollectorServiceStub(channels["collector"]).Collect(
+        collector_pb2.CollectRequest(write_key=platform.write_key, events=[event]), timeout=TIMEOUT
     )
+    profiles = profile_pb2_grpc.ProfileServiceStub(channels["profile"])
+    lookup = profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value="fz-enroll")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return profiles.LookupProfile(lookup, metadata=platform.admin_metadata, timeout=TIMEOUT).person_id
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_enroll_properties_with_a_whole_number_past_64_bits_are_refused_naming_the_field(
+    platform, channels, enrollable, someone
+):
+    request = orchestration_pb2.EnrollRequest(journey_id=enrollable, person_id=someone, idempotency_key="big")
     request.properties.update({"total": 1e20})  # whole, so made an int, which the command's JSON cannot hold
     error = enroll(platform, channels, request)
     assert error is None or (error.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(error)), (
