@@ -367,6 +367,18 @@ class NatsClientSettings:
         return options
 
 
+def client_tls_context(files: Mapping[str, str] | None) -> ssl.SSLContext | None:
+    """The TLS context a client presents from a {"ca_file", "cert_file", "key_file"} record (run.json's
+    "tls" under `cdpctl up --tls`); None, plain TCP, without one."""
+    if not files:
+        return None
+    return NatsClientSettings(
+        tls_ca_file=Path(files["ca_file"]),
+        tls_cert_file=Path(files["cert_file"]),
+        tls_key_file=Path(files["key_file"]),
+    ).tls_context()
+
+
 if __name__ == "__main__":
     print(json.dumps(permissions_document(), indent=2))
 
@@ -387,6 +399,7 @@ __all__ = [
     "ServerTls",
     "SettingsError",
     "authorization_config",
+    "client_tls_context",
     "default_partitions",
     "dispatch_durable",
     "expand",

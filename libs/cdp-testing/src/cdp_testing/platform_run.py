@@ -144,16 +144,9 @@ class RunningPlatform:
     def nats_tls(self) -> ssl.SSLContext | None:
         """What a NATS connection through run.json presents: cdpctl's certificate and the CA under
         `cdpctl up --tls` (nats-server requires a client certificate then), else None (plain TCP)."""
-        client = self.run.get("tls")
-        if not client:
-            return None
-        from cdp_kit.natsauth import NatsClientSettings
+        from cdp_kit.natsauth import client_tls_context
 
-        return NatsClientSettings(
-            tls_ca_file=Path(client["ca_file"]),
-            tls_cert_file=Path(client["cert_file"]),
-            tls_key_file=Path(client["key_file"]),
-        ).tls_context()
+        return client_tls_context(self.run.get("tls"))
 
     async def connect_nats(self, **options: Any) -> nats.aio.client.Client:
         """A connection to the platform's nats-server as cdpctl's (operator) user, over TLS when it runs so."""

@@ -216,15 +216,9 @@ def nats_server_config(root: Path) -> str:
 
 def nats_context(client: dict[str, str] | None) -> ssl.SSLContext | None:
     """The TLS context a NATS connection presents from run.json's "tls" (None: plain TCP)."""
-    if not client:
-        return None
-    from cdp_kit.natsauth import NatsClientSettings
+    from cdp_kit.natsauth import client_tls_context
 
-    return NatsClientSettings(
-        tls_ca_file=Path(client["ca_file"]),
-        tls_cert_file=Path(client["cert_file"]),
-        tls_key_file=Path(client["key_file"]),
-    ).tls_context()
+    return client_tls_context(client)
 
 
 def credentials(client: dict[str, str]) -> grpc.ChannelCredentials:
