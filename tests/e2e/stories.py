@@ -227,6 +227,10 @@ class Story:
             ).decisions
         )
 
+    def decided(self, person_id: str, journey_id: str = "") -> list[orchestration_pb2.Decision]:
+        """The person's decisions without the actions held for the profile (listed first while they wait)."""
+        return [d for d in self.decisions(person_id, journey_id) if d.rule != "profile_wait"]
+
     def instances(self, person_id: str) -> list[orchestration_pb2.Instance]:
         return list(
             self.journeys.ListInstances(

@@ -128,7 +128,7 @@ def test_a_cart_abandoned_at_two_in_the_morning_waits_for_the_morning_and_a_purc
     )  # fmt: skip
 
     # The reminder comes due two seconds later: deferred to 08:00 her time, held, not dropped.
-    (deferred,) = eventually(lambda: story.decisions(cleo, "abandoned-cart"), timeout=30)
+    (deferred,) = eventually(lambda: story.decided(cleo, "abandoned-cart"), timeout=30)
     assert kind(deferred) == "deferred" and "quiet hours" in deferred.reason
     local_now = datetime.now(ZoneInfo(zone))
     eight = local_now.replace(hour=8, minute=0, second=0, microsecond=0)
@@ -142,7 +142,7 @@ def test_a_cart_abandoned_at_two_in_the_morning_waits_for_the_morning_and_a_purc
                 "properties": {"subject": "Payment failed"}})  # fmt: skip
     eventually(lambda: any(e.name == "Support Ticket Opened" for e in story.timeline(cleo)), timeout=10)
     story.send({"type": "track", "userId": "cleo", "event": "Renewal Due", "properties": {"plan": "pro"}})
-    (offer,) = eventually(lambda: story.decisions(cleo, "renewal-offer"), timeout=30)
+    (offer,) = eventually(lambda: story.decided(cleo, "renewal-offer"), timeout=30)
     assert (kind(offer), offer.rule) == ("suppressed", "no-offer-after-ticket")
 
     # Back on her laptop, she buys: the cart journey ends at once, the held reminder is withdrawn.

@@ -10,6 +10,7 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_orchestration.api import OrchestrationApi
 from cdp_orchestration.domain.rules import parse_rules
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.state import PERSONS
 from cdp_testing.metrics import MetricsCapture
 
 CART = {
@@ -91,3 +92,44 @@ async def test_an_action_released_by_the_profile_is_not_counted_as_held_too_long
     await world.eventually(world.actions)
     assert _value(captured, "cdp.orchestration.held") == 0
     assert _value(captured, "cdp.orchestration.held.expired") is None
+
+
+class _DecidedMidway:
+    """The store as ListDecisions reads it, with the held action decided while the call is between its reads:
+    the first scan of the decisions waits until the profile has released the action and it is decided."""
+
+    def __init__(self, store, release):
+        self._store, self._release, self._done = store, release, False
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def scan(self, *args, **kwargs):
+        if not self._done:
+            self._done = True
+            await self._release()
+        return await self._store.scan(*args, **kwargs)
+
+
+async def test_an_action_decided_while_the_list_is_read_is_listed_once_as_decided(world_factory):
+    world = await world_factory()
+    await world.publish_journey(CART)
+    await world.start()
+    await world.profile("lou", consent={"purpose:Marketing": True}, email="lou@example.com")
+    await world.event("lou", "Cart Abandoned", "e-cart-lou", profiled=False, cart_url="u")
+
+    async def release():
+        await world.profile_applied("lou", ["e-cart-lou"])
+        await world.eventually(lambda: world.decisions("lou"))
+
+    api = OrchestrationApi(
+        journeys=Journeys(world.store), store=_DecidedMidway(world.store, release), bus=None, partitions=2
+    )
+    await world.eventually(lambda: _held_now(world, "lou"))
+    listed = (await api.ListDecisions(pb.ListDecisionsRequest(person_id="lou"), None)).decisions
+    assert [(d.kind, d.rule) for d in listed] == [(pb.DECISION_KIND_SENT, "")]
+
+
+async def _held_now(world, person: str) -> bool:
+    record = await world.store.get(PERSONS, person)
+    return bool(record and (record.doc.get("arbiter") or {}).get("deferred"))

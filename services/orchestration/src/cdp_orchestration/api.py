@@ -452,8 +452,6 @@ class OrchestrationApi:
                 raise InvalidArgument("page_token", "is not a token this service gave") from None
         persons = await decision_persons(self.store, person_id)
         response = pb.ListDecisionsResponse()
-        if after is None:
-            response.decisions.extend(await self._held(persons[0], request.journey_id, request.action_id))
         # Keys are `<person>:<inverted time>:...`: each person's scan reads the newest first, and merging the
         # scans by what follows the person id reads them all in one order. The token is the last one read.
         pending: dict[str, collections.deque] = {}
@@ -482,6 +480,16 @@ class OrchestrationApi:
             response.decisions.append(decision_message(doc))
         if last is not None and (cursors or any(pending.values())):
             response.next_page_token = encode_cursor(last)
+        if after is None:
+            # Read after the decisions: an action decided between the two reads is then not held any more.
+            # One whose decision is read but whose hold is not yet cleared is listed once, as decided.
+            decided = {d.action_id for d in response.decisions if d.kind != pb.DECISION_KIND_DEFERRED}
+            held = await self._held(persons[0], request.journey_id, request.action_id)
+            fresh = [h for h in held if h.action_id not in decided]
+            if fresh:
+                listed = list(response.decisions)
+                del response.decisions[:]
+                response.decisions.extend(fresh + listed)
         return response
 
     async def _held(self, person_id: str, journey_id: str, action_id: str) -> list[pb.Decision]:
