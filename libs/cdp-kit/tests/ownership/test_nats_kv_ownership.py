@@ -48,18 +48,25 @@ async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_
     kv = await nats_client.jetstream().create_key_value(bucket="CDP_OWNERSHIP", history=1)
     watcher = await kv.watch("identity.partitions.>")
     writes: list[tuple[int, str]] = []
+    seen: dict[int, int] = {}  # partition -> the latest revision the watcher delivered
 
     async def record():
         async for entry in watcher:
             if entry is not None:
-                writes.append((int(entry.key.rsplit(".", 1)[1]), (entry.value or b"").decode()))
+                partition = int(entry.key.rsplit(".", 1)[1])
+                writes.append((partition, (entry.value or b"").decode()))
+                seen[partition] = entry.revision
 
     recorder = asyncio.create_task(record())
     # Moves here go by release, not expiry: a TTL long enough that one slow round on a busy machine
     # does not fence a member (which, correctly, drops its leases and re-takes them: a second move).
     make.ttl = 4 * TTL
     await scale_one_three_two(make)
-    await asyncio.sleep(0.2)
+    # Every lease's last write delivered to the watcher (a busy machine delivers it late), then stop it.
+    latest = {p: (await kv.get(f"identity.partitions.{p}")).revision for p in range(PARTITIONS)}
+    async with asyncio.timeout(30):
+        while any(seen.get(p, 0) < revision for p, revision in latest.items()):
+            await asyncio.sleep(0.05)
     recorder.cancel()
     await watcher.stop()
 
