@@ -24,6 +24,7 @@ from ownership_scenarios import (
 from cdp_kit.ownership import OwnershipSettings, StaticOwnership, ownership_from_settings
 from cdp_kit.ownership.nats_kv import nats_kv_ownership
 from cdp_kit.settings import SettingsError, load_settings
+from cdp_testing.waiting import eventually
 
 
 @pytest.fixture
@@ -64,9 +65,7 @@ async def test_scaling_one_three_two_moves_each_partition_once_and_never_to_two_
     await scale_one_three_two(make)
     # Every lease's last write delivered to the watcher (a busy machine delivers it late), then stop it.
     latest = {p: (await kv.get(f"identity.partitions.{p}")).revision for p in range(PARTITIONS)}
-    async with asyncio.timeout(30):
-        while any(seen.get(p, 0) < revision for p, revision in latest.items()):
-            await asyncio.sleep(0.05)
+    await eventually(lambda: all(seen.get(p, 0) >= revision for p, revision in latest.items()), timeout=30)
     recorder.cancel()
     await watcher.stop()
 
