@@ -24,7 +24,9 @@ accepted minus events profile handled, read from both services' counters every s
 the step's second half (<= 2 s of load), and after the load stopped profile caught up within the drain
 limit with nothing missing (0 loss). What a step cost: `cpu_ms_per_event`, the CPU time (Linux
 schedstat) of each service process and of nats-server from the load's start until every consumer but the
-CRM connector's had handled it, per event accepted (2 cores give 0.4 ms an event at 5,000/s).
+CRM connector's had handled it, per event accepted (2 cores give 0.4 ms an event at 5,000/s); and
+`stored_messages_per_event`, the messages JetStream stored per event accepted, per stream, over the same
+window (each one is written, delivered and acknowledged: much of the cost goes per message).
 
 Results (benchlib JSON):
 
@@ -414,6 +416,7 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
             await asyncio.sleep(1.0)
 
     watcher = asyncio.create_task(watch_lag())
+    positions0 = await stream_positions(pipe.observer.nc.jetstream())
     platform_cpu0 = await asyncio.to_thread(pipe.cpu)
     cpu0 = time.process_time()
     sent = await pipe.sender.offer(bodies, rate / load.batch)
@@ -447,6 +450,13 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
     # counted whole. The next step would wait for the same point before it starts.
     settled_after, _ = await settle(pipe.observer.nc.jetstream(), SETTLE_LIMIT_S, ignore=("crm",))
     platform_cpu1 = await asyncio.to_thread(pipe.cpu)
+    positions1 = await stream_positions(pipe.observer.nc.jetstream())
+    stored = {
+        name: round((seq - positions0.get(name, 0)) / accepted, 3)
+        for name, seq in sorted(positions1.items())
+        if seq > positions0.get(name, 0) and accepted > 0
+    }
+    stored["total"] = round(sum(stored.values()), 3)
     cpu_ms = {
         name: round(1000 * (platform_cpu1[name] - used) / accepted, 3)
         for name, used in platform_cpu0.items()
@@ -507,6 +517,9 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         # ms of CPU per accepted event, per process (and their sum), load start -> every stage settled
         "cpu_ms_per_event": cpu_ms,
         "cpu_settled": settled_after is not None,
+        # messages JetStream stored per accepted event, per stream (and their sum), over the same window
+        # (the benchmark's own probe subscriptions store nothing)
+        "stored_messages_per_event": stored,
         "probes": len(probes),
         "probes_accepted": len(sent["accepted_at"]),
         "to_profile": latency_summary(to_profile),
@@ -515,6 +528,11 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         "probe_split": {k: latency_summary(v) for k, v in split.items()},
         "services": services,
     }
+
+
+async def stream_positions(js) -> dict[str, int]:
+    """Every stream's last sequence number, by name."""
+    return {info.config.name: info.state.last_seq for info in await js.streams_info()}
 
 
 def where_time_goes(step: dict) -> str:
@@ -528,10 +546,15 @@ def where_time_goes(step: dict) -> str:
     per = ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(cpu.items(), key=lambda kv: -kv[1]) if name != "total")
     # Every scrape (the step's two, the lag counter's each second, a Prometheus) costs the service its page.
     pages = ", ".join(f"{name} {seen.get('metrics_page_kb', 0):.0f}" for name, seen in step["services"].items())
+    stored = step.get("stored_messages_per_event", {})
+    streams = ", ".join(
+        f"{name} {n:.2f}" for name, n in sorted(stored.items(), key=lambda kv: -kv[1]) if name != "total"
+    )
     return (
         "; ".join(parts)
         + f"; load generator {step['load_generator_cores']} cores"
         + f"\n        CPU per event: {cpu.get('total', 0):.2f} ms ({per})"
+        + f"\n        JetStream messages stored per event: {stored.get('total', 0):.2f} ({streams})"
         + f"\n        /metrics page KB: {pages}"
     )
 
