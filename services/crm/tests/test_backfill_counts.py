@@ -64,6 +64,8 @@ async def test_people_added_since_the_count_raise_the_total_of_a_finished_run(wo
         await world.profiles({"person-a": {"traits.email": "a@example.com"}})
         await world.eventually(lambda: len(emulator.records("contacts")) == 1)
         counted = runs.people.count
+        # The contact is written before the connector commits its record of the person: wait for that too.
+        await world.eventually(lambda: _equals(counted(), 1))
 
         async def undercount() -> int:
             return await counted() - 1  # someone appeared between the count and the listing
@@ -74,3 +76,7 @@ async def test_people_added_since_the_count_raise_the_total_of_a_finished_run(wo
         await world.eventually(lambda: _state(world, run_id, "succeeded"))
         run = (await world.store.get(RUNS, run_id)).doc
         assert (run["total"], run["processed"], run["absent"]) == (1, 1, 0)
+
+
+async def _equals(value, expected) -> bool:
+    return await value == expected
