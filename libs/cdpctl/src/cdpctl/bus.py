@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import click
 import nats
@@ -95,10 +97,40 @@ def dlq_subject(stream: str | None, consumer: str | None) -> str:
     return subjects.dead_letter_filter(stream, consumer)
 
 
+# How long a bus command waits for nats-server to answer it at all: a wedged server (SIGSTOP: the kernel
+# still accepts on its port) answers nothing, and nats.py would retry its connect for as long as it lasts.
+ANSWER_TIMEOUT = 10.0
+T = TypeVar("T")
+
+
+async def _quiet(_error: Exception) -> None:
+    """nats.py's default error callback prints each failed attempt's traceback: the command says it once."""
+
+
 async def _connect(url: str, tls: ssl.SSLContext | None) -> nats.NATS:
     """One connection for one command: no reconnects (a server that goes away fails the command), TLS
     when the server wants it (`cdpctl.common.nats_tls`)."""
-    return await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, tls=tls)
+    return await nats.connect(
+        url, connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False, tls=tls, error_cb=_quiet
+    )
+
+
+def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIMEOUT) -> T:
+    """Run one bus command's `work`; a server that does not answer within `timeout` (or refuses, or is
+    gone) ends the command with an error naming it instead of a hang or a traceback."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await work
+
+    try:
+        return asyncio.run(bounded())
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoServersError, OSError) as exc:
+        why = "no answer" if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else type(exc).__name__
+        raise click.ClickException(
+            f"nats-server at {url} is not answering ({why} within {timeout:.0f} s); "
+            "`cdpctl status` shows its state (under `cdpctl up` its log is .cdp/nats/nats-server.log)"
+        ) from None
 
 
 async def dead_letters(
@@ -187,11 +219,11 @@ def dlq(
     subject = dlq_subject(stream, consumer)
     url = nats_url(ws, url)
     secured = nats_tls(ws, url)
-    letters, replayed = asyncio.run(dead_letters(url, subject, limit=limit, replay=replay, tls=secured))
+    letters, replayed = answered(url, dead_letters(url, subject, limit=limit, replay=replay, tls=secured))
     if not letters and stream:
         # A misspelt name (the wrong case) finds no dead letters either: say so rather than show none. The
         # dead letters of a stream or consumer since removed are still listed (the check runs on none).
-        problem = asyncio.run(missing_name(url, stream, consumer, secured))
+        problem = answered(url, missing_name(url, stream, consumer, secured))
         if problem is not None:
             raise problem
     if as_json:
@@ -244,7 +276,7 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
 def lag(ws: Workspace, as_json: bool, url) -> None:
     """Every durable consumer of every stream: pending, acknowledgement pending, redelivered."""
     url = nats_url(ws, url)
-    rows = asyncio.run(consumer_lag(url, nats_tls(ws, url)))
+    rows = answered(url, consumer_lag(url, nats_tls(ws, url)))
     if as_json:
         out.print_json(json.dumps(rows))
         return
