@@ -16,7 +16,8 @@ Per batch of one person partition (`CrmLogic.apply`):
    person now projects to (`domain.projection`) - a profile change only for mappings that read a field it
    touched, a segment exit in mirror mode as the record cleared or the list membership removed, an
    action as a task or case keyed by its idempotency key;
-3. a projection is compared with what the connector last intended that record to hold (`crm_records`):
+3. a projection is compared with what the CRM took last for that record (`crm_records`; a refused or
+   queued write leaves it as it was, and a record the CRM never created is written whole):
    only changed fields are written, nothing changed means no call; a record never written is not created
    for a person holding no value its mapping reads (`projection.held`, as a backfill skips them: it would
    hold only its match key), nor a list membership never added removed; the changes coalesce per record
@@ -354,6 +355,10 @@ class CrmLogic:
         for change, result in delivered.synced:
             key = result.record or change.record  # the record key, computed once (a hash)
             fields, member = intended.get(key, (change.fields, change.op != REMOVE))
+            # What the CRM holds now: what it held, with what this write carried (a replay or a queued
+            # change sends fields the planned ones may not name).
+            held = (previous.get(key) or {}).get("fields") or {}
+            fields = {**held, **fields, **change.fields}
             left = change.op == REMOVE or (mapping.segment is not None and change.trigger == SEGMENT_EXITED)
             state = OUT_OF_SCOPE if left else SYNCED
             doc = record_doc(
@@ -367,8 +372,10 @@ class CrmLogic:
             if self.m_records is not None:
                 self.m_records.add(1, {"connection": connection, "outcome": "synced"})
         for dead in dead_letters:
-            fields, member = intended.get(dead.record, (dead.change.fields, dead.change.op != REMOVE))
+            # Refused: the record of what the CRM holds stays as it was, so the next write of the person
+            # carries the refused fields again (for a record never created, all of them).
             earlier = previous.get(dead.record) or {}
+            fields, member = earlier.get("fields") or {}, earlier.get("member")
             doc = record_doc(
                 mapping, dead.change, fields, member, DEAD_LETTERED, now, earlier, reason=dead.reason,
                 crm_code=dead.crm_code,
@@ -381,8 +388,12 @@ class CrmLogic:
             if self.m_errors is not None:
                 self.m_errors.add(1, {"connection": connection, "reason": dead.reason})
         for change in pending:
-            fields, member = intended.get(change.record, (change.fields, change.op != REMOVE))
-            doc = record_doc(mapping, change, fields, member, PENDING_STATE, now, previous.get(change.record))
+            # Not taken yet: the queued change carries its fields, the record keeps what the CRM holds. A
+            # list membership keeps the one queued: a later change of it must coalesce with the queued one.
+            earlier = previous.get(change.record) or {}
+            fields = earlier.get("fields") or {}
+            member = intended.get(change.record, ({}, change.op != REMOVE))[1]
+            doc = record_doc(mapping, change, fields, member, PENDING_STATE, now, earlier)
             out.put(RECORDS, change.record, doc)
             out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 0) + 1))
             out.count(connection, "pending_retry")

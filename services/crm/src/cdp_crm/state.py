@@ -6,7 +6,8 @@
   redelivered change is applied on it again. Deleted by a privacy erasure (and never written again:
   `crm_tombstones`).
 - `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
-  the mapping and match key): the fields it last intended the CRM to hold, the CRM id, the state
+  the mapping and match key): the fields the CRM took last (a refused or queued write leaves them as
+  they were: the next write is computed against them), the CRM id, the state
   (synced, pending, dead_lettered, out_of_scope; after a privacy erasure anonymised or deleted, with the
   match key and values dropped), the person (indexed: privacy and GetRecordStatus).
 - `crm_pending` / <record key>: a change the CRM did not take yet (throttled, down, answer lost past the

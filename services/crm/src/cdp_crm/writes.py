@@ -59,6 +59,12 @@ def record_doc(
     }
 
 
+def accepted(doc: Mapping[str, Any] | None) -> bool:
+    """Whether the CRM ever took a write of this record (a record document's `fields` are what it took
+    last): a record only ever refused or still queued does not exist in the CRM."""
+    return bool(doc) and bool(doc.get("crm_id") or doc.get("synced_at") or doc.get("synced_stamp"))
+
+
 def change_from_doc(doc: Mapping[str, Any]) -> Change:
     link = doc.get("link")
     return Change(
@@ -135,7 +141,11 @@ class Planned:
             self.intended[key] = ({}, member)
             fields: dict[str, Any] = {}
         else:
-            last = proj.Projection(mapping.name, projection.key, fields_before) if self.previous[key] else None
+            # Compared with what the CRM took (`fields` never holds a refused or queued value): what a refused
+            # write carried is sent again with the next change, and a record the CRM never created is sent
+            # whole, with the mapping's defaults.
+            written = accepted(self.previous[key]) or key in self.records
+            last = proj.Projection(mapping.name, projection.key, fields_before) if written else None
             if last is None and not projection.holds:
                 # A record never written for a person holding no value the mapping reads (a mapped field
                 # cleared): it would hold only its match key, of no use to the CRM. A backfill skips them too.
