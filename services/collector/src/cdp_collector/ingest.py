@@ -53,7 +53,9 @@ class Ingestor:
         failed = [r for r in results if not r.ok]
         if failed:
             raise Unavailable(
-                f"{len(failed)} of {len(results)} events could not be stored ({failed[0].error}); retry the request",
+                f"{len(failed)} of {len(results)} events were not confirmed stored ({failed[0].error}); they may "
+                "have been stored: retry the request with the same messageId values (an event sent without one "
+                "cannot be told from a new one)",
                 retry_after=2.0,
             )
         return [Stored(r.seq, r.duplicate) for r in results]
