@@ -83,6 +83,7 @@ from cdp_crm.writes import (
     RunIncrement,
     change_doc,
     change_from_doc,
+    held_member,
     new_stream_run,
     record_doc,
     resolve_writes,
@@ -375,7 +376,7 @@ class CrmLogic:
             # Refused: the record of what the CRM holds stays as it was, so the next write of the person
             # carries the refused fields again (for a record never created, all of them).
             earlier = previous.get(dead.record) or {}
-            fields, member = earlier.get("fields") or {}, earlier.get("member")
+            fields, member = earlier.get("fields") or {}, held_member(earlier)
             doc = record_doc(
                 mapping, dead.change, fields, member, DEAD_LETTERED, now, earlier, reason=dead.reason,
                 crm_code=dead.crm_code,
@@ -393,7 +394,9 @@ class CrmLogic:
             earlier = previous.get(change.record) or {}
             fields = earlier.get("fields") or {}
             member = intended.get(change.record, ({}, change.op != REMOVE))[1]
-            doc = record_doc(mapping, change, fields, member, PENDING_STATE, now, earlier)
+            doc = record_doc(
+                mapping, change, fields, member, PENDING_STATE, now, earlier, held_member=held_member(earlier)
+            )
             out.put(RECORDS, change.record, doc)
             out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 0) + 1))
             out.count(connection, "pending_retry")

@@ -13,7 +13,7 @@ from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import REMOVE, Change, Coalescer, Link, record_key
 from cdp_crm.domain.mapping import ObjectMapping
 from cdp_crm.inputs import Input
-from cdp_crm.state import RECORDS, RUNS
+from cdp_crm.state import PENDING_STATE, RECORDS, RUNS
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 
 COUNTERS = ("created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units")
@@ -63,6 +63,14 @@ def accepted(doc: Mapping[str, Any] | None) -> bool:
     """Whether the CRM ever took a write of this record (a record document's `fields` are what it took
     last): a record only ever refused or still queued does not exist in the CRM."""
     return bool(doc) and bool(doc.get("crm_id") or doc.get("synced_at") or doc.get("synced_stamp"))
+
+
+def held_member(doc: Mapping[str, Any]) -> bool | None:
+    """The list membership the CRM holds for a record: a queued change's record keeps the queued one as
+    `member` (a later change coalesces with it) and what the CRM holds as `held_member`."""
+    if doc.get("state") == PENDING_STATE:
+        return doc.get("held_member", doc.get("member"))
+    return doc.get("member")
 
 
 def change_from_doc(doc: Mapping[str, Any]) -> Change:
