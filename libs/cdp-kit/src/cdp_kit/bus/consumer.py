@@ -733,7 +733,8 @@ class ConsumerRunner:
 
     async def publish_dead_letter(
         self, *, data: bytes, headers: dict[str, str], subject: str, seq: int, deliveries: int, reason: str, detail: str
-    ) -> None:
+    ) -> bool:
+        """Store the dead letter; False when it was stored before (the same position, by another path)."""
         dlq_headers = {k: v for k, v in headers.items() if not k.startswith("Nats-")}
         dlq_headers.update(
             {
@@ -749,9 +750,16 @@ class ConsumerRunner:
                 DLQ_TIME: datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        await self.js.publish(subjects.dead_letter(self.spec.stream, self.spec.durable), data, headers=dlq_headers)
-        # The reason is a code; the detail may quote the payload's values and stays out of the log.
+        ack = await self.js.publish(
+            subjects.dead_letter(self.spec.stream, self.spec.durable), data, headers=dlq_headers
+        )
+        # Logged once a dead letter: the runner giving up and the MAX_DELIVERIES advisory may both store it
+        # (the second is a duplicate). The reason is a code; the detail may quote the payload's values and
+        # stays out of the log.
+        if getattr(ack, "duplicate", False):
+            return False
         log.warning("dead-lettered message %d of %s: %s", seq, self.spec.durable, reason)
+        return True
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         try:
@@ -759,7 +767,7 @@ class ConsumerRunner:
             seq = int(advisory["stream_seq"])
             deliveries = int(advisory.get("deliveries", self.spec.max_deliver))
             stored = await self.js.get_msg(self.spec.stream, seq)
-            await self.publish_dead_letter(
+            stored_now = await self.publish_dead_letter(
                 data=stored.data or b"",
                 headers=stored.headers or {},
                 subject=stored.subject or "",
@@ -768,8 +776,9 @@ class ConsumerRunner:
                 reason="max_deliveries",
                 detail="deliveries ran out without an outcome (handler crashed or exceeded ack_wait)",
             )
-            self.dead_lettered += 1
-            self._m_handled.add(1, {**self._attrs, "outcome": "dead_letter"})
+            if stored_now:  # not already dead-lettered by the runner itself (counted there)
+                self.dead_lettered += 1
+                self._m_handled.add(1, {**self._attrs, "outcome": "dead_letter"})
         except Exception as exc:
             log.error("could not dead-letter after max deliveries advisory: %s", exc)
 
