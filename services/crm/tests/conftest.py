@@ -103,6 +103,21 @@ class World:
         self.retrier = asyncio.create_task(self.logic.retry_forever(self.engine, 0.2))
         return self.engine
 
+    async def start_with_list(self, **mapping: Any) -> str:
+        """Start with the contacts mapping and a segment mirrored as a static HubSpot list ("high_value" ->
+        a list made over HubSpot's own API, mapping `high-value`; `mapping` adds to or changes it). The list id."""
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        body = {"name": "CDP high value", "objectTypeId": "0-1", "processingType": "MANUAL"}
+        async with self.session.post(f"{self.emulator.base_url}/crm/v3/lists", json=body, headers=headers) as answer:
+            list_id = (await answer.json())["list"]["listId"]
+        document = self.document()
+        document["connections"][0]["mappings"].append(
+            {"id": "high-value", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "high_value",
+             "list": list_id, "mode": "mirror", **mapping}
+        )  # fmt: skip
+        await self.start(document)
+        return list_id
+
     async def stop(self) -> None:
         self._stop_retrier()
         if self.engine is not None:

@@ -4,7 +4,6 @@ persons), and a backfill does not ask the CRM to remove from a list a person the
 
 from __future__ import annotations
 
-import aiohttp
 import pytest
 
 from cdp_crm.runs import Runs
@@ -42,18 +41,9 @@ async def test_clearing_a_mapped_field_of_a_person_never_written_creates_no_reco
 
 
 async def test_a_backfill_removes_from_a_list_only_persons_the_connector_added(world_factory):
-    async with HubSpotEmulator() as emulator, aiohttp.ClientSession() as session:
-        headers = {"Authorization": "Bearer pat-local-hubspot"}
-        body = {"name": "CDP high value", "objectTypeId": "0-1", "processingType": "MANUAL"}
-        async with session.post(f"{emulator.base_url}/crm/v3/lists", json=body, headers=headers) as response:
-            list_id = (await response.json())["list"]["listId"]
+    async with HubSpotEmulator() as emulator:
         world = await world_factory(emulator)
-        document = world.document()
-        document["connections"][0]["mappings"].append(
-            {"id": "high-value", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "high_value",
-             "list": list_id, "mode": "mirror", "triggers": ["segments.entered", "backfill"]}
-        )  # fmt: skip
-        await world.start(document)
+        list_id = await world.start_with_list(triggers=["segments.entered", "backfill"])
         persons = [f"person-{i}" for i in range(6)]
         await world.profiles({p: {"traits.email": f"{p}@example.com"} for p in persons})
         await world.eventually(lambda: len(emulator.records("contacts")) == 6)

@@ -4,8 +4,6 @@ defaults, for a record the CRM never created), and the dead letter stays until s
 
 from __future__ import annotations
 
-import aiohttp
-
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
@@ -168,18 +166,9 @@ async def _gone(world, key: str) -> bool:
 
 
 async def test_a_list_membership_refused_after_its_waits_is_added_by_a_backfill(world_factory):
-    async with HubSpotEmulator() as emulator, aiohttp.ClientSession() as session:
-        headers = {"Authorization": "Bearer pat-local-hubspot"}
-        body = {"name": "CDP high value", "objectTypeId": "0-1", "processingType": "MANUAL"}
-        async with session.post(f"{emulator.base_url}/crm/v3/lists", json=body, headers=headers) as response:
-            list_id = (await response.json())["list"]["listId"]
+    async with HubSpotEmulator() as emulator:
         world = await world_factory(emulator)
-        document = world.document()
-        document["connections"][0]["mappings"].append(
-            {"id": "high-value", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "high_value",
-             "list": list_id, "mode": "mirror"}
-        )  # fmt: skip
-        await world.start(document)
+        list_id = await world.start_with_list()
         key = record_key("hs/high-value", (("cdp_id", "dl7"),))
         await world.segment("dl7", "high_value")  # no contact for the person: waited for, then refused
         await world.eventually(lambda: _letter(world, key), timeout=30.0)

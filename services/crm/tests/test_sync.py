@@ -4,8 +4,6 @@ never over the CRM's limit, and surviving a crash mid-sync."""
 
 from __future__ import annotations
 
-import aiohttp
-
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
@@ -120,18 +118,9 @@ async def test_orchestrations_task_is_created_once_about_the_persons_contact(wor
 
 
 async def test_a_segment_becomes_list_membership_and_leaving_it_removes_the_member(world_factory):
-    async with HubSpotEmulator() as emulator, aiohttp.ClientSession() as session:
-        headers = {"Authorization": "Bearer pat-local-hubspot"}
-        body = {"name": "CDP high value", "objectTypeId": "0-1", "processingType": "MANUAL"}
-        async with session.post(f"{emulator.base_url}/crm/v3/lists", json=body, headers=headers) as response:
-            list_id = (await response.json())["list"]["listId"]
+    async with HubSpotEmulator() as emulator:
         world = await world_factory(emulator)
-        document = world.document()
-        document["connections"][0]["mappings"].append(
-            {"id": "high-value", "object": "contacts", "match": {"cdp_id": "person.id"}, "segment": "high_value",
-             "list": list_id, "mode": "mirror"}
-        )  # fmt: skip
-        await world.start(document)
+        list_id = await world.start_with_list()
         # Segment and profile changes come from different streams: the entry may arrive before the
         # change that creates the person's contact. The membership waits for it rather than failing.
         await world.segment("person-1", "high_value")
