@@ -41,6 +41,24 @@ TOKEN = "pat-local-hubspot"
 eventually = functools.partial(waiting.eventually, timeout=15.0)  # these tests wait up to 15 s unless they say
 
 
+def salesforce_contacts(emulator, fields: dict[str, Any], **mapping: Any) -> dict[str, Any]:
+    """A Salesforce connection (credentials from SF_ID / SF_SECRET) with one Contact mapping matched on
+    CDP_Id__c: `fields`, and `mapping` added to it."""
+    contacts = {"id": "contacts", "object": "Contact", "match": {"CDP_Id__c": "person.id"}, **mapping, "fields": fields}
+    credentials = {"client_id": "SF_ID", "client_secret": "SF_SECRET"}
+    return {
+        "connections": [
+            {
+                "id": "sf",
+                "kind": "salesforce",
+                "url": emulator.base_url,
+                "credentials": credentials,
+                "mappings": [contacts],
+            }
+        ]
+    }
+
+
 class World:
     def __init__(self, bus: Bus, store, emulator: HubSpotEmulator, session: aiohttp.ClientSession) -> None:
         self.bus = bus

@@ -17,6 +17,8 @@ from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator, bulk
 from cdp_kit.storage import Put, open_store
 
+from .conftest import salesforce_contacts
+
 
 async def _state(world, run_id: str, *states: str) -> bool:
     record = await world.store.get(RUNS, run_id)
@@ -81,25 +83,10 @@ async def test_a_backfill_reaches_every_person_of_the_profile_service(world_fact
 
 
 def _salesforce_document(emulator) -> dict:
-    return {
-        "connections": [
-            {
-                "id": "sf",
-                "kind": "salesforce",
-                "url": emulator.base_url,
-                "credentials": {"client_id": "SF_ID", "client_secret": "SF_SECRET"},
-                "mappings": [
-                    {
-                        "id": "contacts",
-                        "object": "Contact",
-                        "match": {"CDP_Id__c": "person.id"},
-                        "triggers": ["backfill"],  # written by backfills only
-                        "fields": {"Email": "traits.email", "LastName": "traits.last_name"},
-                    }
-                ],
-            }
-        ]
-    }
+    # written by backfills only
+    return salesforce_contacts(
+        emulator, {"Email": "traits.email", "LastName": "traits.last_name"}, triggers=["backfill"]
+    )
 
 
 async def test_a_bulk_backfill_goes_through_bulk_api_jobs_with_progress(world_factory):

@@ -10,6 +10,8 @@ from cdp_crm.state import DEAD_LETTERS, RECORDS, RUNS
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
+from .conftest import salesforce_contacts
+
 
 def _hs_key(person: str) -> str:
     return record_key("hs/contacts", (("cdp_id", person),))
@@ -121,28 +123,12 @@ async def test_a_backfill_writes_what_the_crm_refused_once_it_would_take_it(worl
 
 
 def _salesforce_document(emulator) -> dict:
-    return {
-        "connections": [
-            {
-                "id": "sf",
-                "kind": "salesforce",
-                "url": emulator.base_url,
-                "credentials": {"client_id": "SF_ID", "client_secret": "SF_SECRET"},
-                "mappings": [
-                    {
-                        "id": "contacts",
-                        "object": "Contact",
-                        "match": {"CDP_Id__c": "person.id"},
-                        "fields": {
-                            "Email": "traits.email",
-                            "FirstName": "traits.first_name",
-                            "LastName": {"source": "traits.last_name", "default": "(unknown)"},
-                        },
-                    }
-                ],
-            }
-        ]
+    fields = {
+        "Email": "traits.email",
+        "FirstName": "traits.first_name",
+        "LastName": {"source": "traits.last_name", "default": "(unknown)"},
     }
+    return salesforce_contacts(emulator, fields)
 
 
 async def test_salesforce_gets_the_whole_record_with_defaults_after_a_refused_create(world_factory):
