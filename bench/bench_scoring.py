@@ -267,16 +267,17 @@ async def bench_freshness(nats_url: str, specs: list[ModelSpec], metrics_port: i
 
     async def on_scores(msg) -> None:
         arrived = time.perf_counter()
-        batch = scoring_pb2.ScoresUpdatedBatch.FromString(msg.data)
-        for person, at_ms in zip(batch.person_ids, batch.at_ms, strict=True):
-            entry = waiting.get((person, at_ms))
-            if entry is None:
-                continue
-            entry[1].discard(batch.model)
-            if not entry[1]:
-                del waiting[(person, at_ms)]
-                if entry[2]:
-                    latencies.append((arrived - entry[0]) * 1000)
+        message = scoring_pb2.ScoresUpdatedBatch.FromString(msg.data)
+        for batch in (message, *message.more):  # a message carries every model of the round
+            for person, at_ms in zip(batch.person_ids, batch.at_ms, strict=True):
+                entry = waiting.get((person, at_ms))
+                if entry is None:
+                    continue
+                entry[1].discard(batch.model)
+                if not entry[1]:
+                    del waiting[(person, at_ms)]
+                    if entry[2]:
+                        latencies.append((arrived - entry[0]) * 1000)
 
     await nc.subscribe(subjects.every_partition(subjects.SCORES_UPDATED_PREFIX), cb=on_scores)
     # Built before the clock starts: the load generator must not compete with the service for the CPU.

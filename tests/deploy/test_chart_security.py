@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from chart_support import CHART, RELEASE, Rendered
 from test_chart import env_of
@@ -129,8 +130,12 @@ def test_the_charts_permission_table_is_the_codes():
     )
 
 
+def auth_conf(r: Rendered) -> str:
+    return r.get("Secret", f"{RELEASE}-nats-auth")["stringData"]["auth.conf"]
+
+
 def nats_users(r: Rendered) -> list[dict[str, Any]]:
-    text = r.get("Secret", f"{RELEASE}-nats-auth")["stringData"]["auth.conf"]
+    text = auth_conf(r)
     users = text[text.index("users = ") + len("users = ") : text.rindex("}")].strip()
     return json.loads(users)
 
@@ -140,7 +145,7 @@ def test_each_component_connects_as_its_own_nats_user(rendered, scenario):
     r = rendered[scenario]
     roles = permissions_document()
     users = {u["user"]: u for u in nats_users(r)}
-    assert set(users) == set(components(r))
+    assert set(users) == set(components(r)) | {"provision"}  # and the provisioning Job's (test_chart_provision)
     for workload in r.component_workloads():
         name = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         spec = workload["spec"]["template"]["spec"]
@@ -151,8 +156,12 @@ def test_each_component_connects_as_its_own_nats_user(rendered, scenario):
         assert volume["secret"]["secretName"] == f"{RELEASE}-{name}-nats", "its own Secret, no other"
         credentials = json.loads(r.get("Secret", f"{RELEASE}-{name}-nats")["stringData"]["credentials.json"])
         assert credentials["user"] == name and len(credentials["password"]) >= 32
-        # nats-server knows the same password, and the permissions of the component's role.
-        assert users[name]["password"] == credentials["password"]
+        # nats-server knows a bcrypt hash of the same password (never the password: it warns about those),
+        # the one the component's Secret keeps beside it, and the permissions of the component's role.
+        held = users[name]["password"]
+        assert held.startswith("$2") and credentials["password"] not in auth_conf(r)
+        assert bcrypt.checkpw(credentials["password"].encode(), held.encode())
+        assert r.get("Secret", f"{RELEASE}-{name}-nats")["stringData"]["password.bcrypt"] == held
         # Consumer names per partition and per replica spelled out for this release's values.
         c = components(r)[name]
         scaling = {**r.values["componentDefaults"]["autoscaling"], **(c.get("autoscaling") or {})}
@@ -179,6 +188,7 @@ async def test_a_real_nats_server_enforces_the_charts_users(rendered, tmp_path):
     from cdp_kit.bus import Bus, events_resolved_stream, subjects
     from cdp_kit.natsauth import NatsClientSettings
     from cdp_kit.natsserver import NatsServer
+    from cdp_kit.provision import run as provision_run
 
     r = rendered["prod"]
     auth = r.get("Secret", f"{RELEASE}-nats-auth")["stringData"]["auth.conf"]
@@ -189,6 +199,8 @@ async def test_a_real_nats_server_enforces_the_charts_users(rendered, tmp_path):
         return NatsClientSettings(credentials_file=path)
 
     with NatsServer(store_dir=tmp_path / "nats", config=auth) as server:
+        # The provisioning Job first, as its own user: no component's may create a stream.
+        await provision_run(server.url, environ={}, security=security("provision"))
         async with Bus.connect(server.url, name="identity", security=security("identity")) as identity:
             await identity.ensure_streams(events_resolved_stream())
             assert (await identity.js.publish(subjects.events_resolved(0), b"ok", timeout=5)).seq == 1

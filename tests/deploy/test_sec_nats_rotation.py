@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import bcrypt
 import pytest
 import yaml
 from chart_support import RELEASE, SCENARIOS, Rendered, chart_under_test, effective_values, request, run_helm
@@ -45,7 +46,7 @@ def credentials(r: Rendered, name: str) -> dict:
 def test_a_rotated_component_connects_as_its_generation_with_its_roles_permissions(rotated):
     users = {u["user"]: u for u in nats_users(rotated)}
     assert credentials(rotated, "profile")["user"] == "profile.2"
-    assert users["profile.2"]["password"] == credentials(rotated, "profile")["password"]
+    assert verifies(credentials(rotated, "profile")["password"], users["profile.2"]["password"])
     assert "profile" not in users  # nothing held before (offline): only the new user
     c = components(rotated)["profile"]
     scaling = {**rotated.values["componentDefaults"]["autoscaling"], **(c.get("autoscaling") or {})}
@@ -56,14 +57,23 @@ def test_a_rotated_component_connects_as_its_generation_with_its_roles_permissio
     assert credentials(rotated, "identity")["user"] == "identity"  # the others untouched
 
 
-def render_over(held: dict, set_values: dict, folder: Path) -> Rendered:
-    """A render as `helm upgrade` makes it over a release whose profile Secret holds `held`: the chart with
-    its `lookup` answered from `held` (offline, lookup answers nothing)."""
+def verifies(password: str, hashed: str) -> bool:
+    """auth.conf holds bcrypt hashes (nats-server checks a password against them), never a password."""
+    return hashed.startswith("$2") and bcrypt.checkpw(password.encode(), hashed.encode())
+
+
+def render_over(held: dict, set_values: dict, folder: Path, held_hash: str | None = None) -> Rendered:
+    """A render as `helm upgrade` makes it over a release whose profile Secret holds `held` (and `held_hash`
+    as password.bcrypt, when given): the chart with its `lookup` answered from them (offline, lookup
+    answers nothing)."""
     chart = folder / "cdp"
     shutil.copytree(chart_under_test(), chart)
     template = chart / "templates" / "secret-nats.yaml"
     data = base64.b64encode(json.dumps(held).encode()).decode()
-    cluster = f'(dict "{RELEASE}-profile-nats" (dict "data" (dict "credentials.json" "{data}")))'
+    keys = f'"credentials.json" "{data}"'
+    if held_hash is not None:
+        keys += f' "password.bcrypt" "{base64.b64encode(held_hash.encode()).decode()}"'
+    cluster = f'(dict "{RELEASE}-profile-nats" (dict "data" (dict {keys})))'
     text = template.read_text()
     call = 'lookup "v1" "Secret" $.Release.Namespace $secretName'
     assert call in text
@@ -82,19 +92,25 @@ def test_an_upgrade_raising_the_generation_keeps_the_held_user_until_the_next(tm
     users = {u["user"]: u for u in nats_users(first)}
     new = credentials(first, "profile")
     assert new["user"] == "profile.2" and new["password"] != "held-password"
-    assert users["profile"]["password"] == "held-password" and users["profile.2"]["password"] == new["password"]
+    assert verifies("held-password", users["profile"]["password"])
+    assert verifies(new["password"], users["profile.2"]["password"])
     assert users["profile"]["permissions"] == users["profile.2"]["permissions"]
     # Upgrade 2, same values: the Secret holds `profile.2`, so the old user is gone and the password kept.
-    second = render_over(new, values, tmp_path / "2")
+    new_hash = first.get("Secret", f"{RELEASE}-profile-nats")["stringData"]["password.bcrypt"]
+    second = render_over(new, values, tmp_path / "2", held_hash=new_hash)
     users = {u["user"]: u for u in nats_users(second)}
-    assert "profile" not in users and users["profile.2"]["password"] == new["password"]
+    assert "profile" not in users and verifies(new["password"], users["profile.2"]["password"])
     assert credentials(second, "profile") == new
+    # The hash kept in the Secret is reused, not made again with a new salt: auth.conf does not change
+    # at every upgrade (nats-server checks every connected client again at each reload).
+    assert users["profile.2"]["password"] == new_hash
     # Without a rotation, an upgrade keeps the held user and password, alone.
     kept = render_over(
         {"user": "profile", "password": "held-password"}, {"natsAuth": {"enabled": True}}, tmp_path / "3"
     )
     assert [u["user"] for u in nats_users(kept) if u["user"].startswith("profile")] == ["profile"]
     assert credentials(kept, "profile") == {"user": "profile", "password": "held-password"}
+    assert verifies("held-password", {u["user"]: u for u in nats_users(kept)}["profile"]["password"])
 
 
 def test_a_generation_must_be_a_whole_number():
@@ -109,10 +125,14 @@ async def test_the_rotated_user_works_in_a_real_nats_server(rotated, tmp_path):
     from cdp_kit.bus import Bus, profiles_stream, subjects
     from cdp_kit.natsauth import NatsClientSettings
     from cdp_kit.natsserver import NatsServer
+    from cdp_kit.provision import run as provision_run
 
     auth = rotated.get("Secret", f"{RELEASE}-nats-auth")["stringData"]["auth.conf"]
     path = write_json(Path(tmp_path / "profile.json"), credentials(rotated, "profile"))
     with NatsServer(store_dir=tmp_path / "nats", config=auth) as server:
+        # The chart's provisioning Job makes the streams first, as its own user (test_chart_provision).
+        made = write_json(Path(tmp_path / "provision.json"), credentials(rotated, "provision"))
+        await provision_run(server.url, environ={}, security=NatsClientSettings(credentials_file=made))
         security = NatsClientSettings(credentials_file=path)
         async with Bus.connect(server.url, name="profile", security=security) as profile:
             await profile.ensure_streams(profiles_stream())

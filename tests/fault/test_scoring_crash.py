@@ -120,6 +120,7 @@ async def published_scores(js, partitions: int = PARTITIONS) -> list[Published]:
             break
         msg = await js.get_msg("SCORES", seq)
         batch = scoring_pb2.ScoresUpdatedBatch.FromString(msg.data)
+        assert not batch.more  # one model deployed: nothing else in the message
         assert (batch.model, batch.version, list(batch.scores)) == ("churn_risk", "1.0.0", ["churn_risk"])
         assert len(batch.values) == len(batch.person_ids) == len(batch.at_ms)
         for person, value, at_ms in zip(batch.person_ids, batch.values, batch.at_ms, strict=True):

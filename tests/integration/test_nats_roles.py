@@ -24,6 +24,7 @@ from cdp_kit.bus import (
 )
 from cdp_kit.natsauth import ROLES, NatsClientSettings, authorization_config, new_password, write_credentials
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.provision import as_operator
 from cdp_orchestration import streams as orchestration_streams
 from cdp_orchestration.dispatch import erase_action
 
@@ -33,10 +34,11 @@ def server(tmp_path):
     passwords = {name: new_password() for name in ROLES}
     for name, password in passwords.items():
         write_credentials(tmp_path / f"{name}.json", name, password)
-    nats = NatsServer(
-        store_dir=tmp_path / "nats", config=authorization_config(passwords, operator_password=new_password())
-    )
+    operator = new_password()
+    nats = NatsServer(store_dir=tmp_path / "nats", config=authorization_config(passwords, operator_password=operator))
     with nats:
+        # The streams, as `cdpctl up` makes them before the services start: no service's user may.
+        asyncio.run(as_operator(nats.url, operator))
         yield nats, tmp_path
 
 

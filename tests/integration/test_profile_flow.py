@@ -18,6 +18,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.service import serving
 from cdp_profile.__main__ import setup as profile_setup
 from cdp_profile.settings import ProfileSettings
@@ -407,8 +408,12 @@ async def test_delete_with_suppression_leaves_no_trace_and_is_announced(platform
 
     (notice,) = [privacy_pb2.PrivacyDeleted.FromString(m.data) for m in await platform.messages("PRIVACY")]
     assert notice.person_id == person and notice.suppress and notice.request_id == "r1"
-    assert hashlib.sha256(b"user_id:u-gone").hexdigest() in notice.identifier_hashes
-    assert hashlib.sha256(b"email:gone@example.com").hexdigest() in notice.identifier_hashes
+    # Keyed hashes (the platform here runs without auth: the published development key), not plain SHA-256.
+    key = IdentifierHashKeys.for_development().current
+    assert notice.identifier_hash_key_id == key.id
+    assert key.hash("user_id:u-gone") in notice.identifier_hashes
+    assert key.hash("email:gone@example.com") in notice.identifier_hashes
+    assert hashlib.sha256(b"user_id:u-gone").hexdigest() not in notice.identifier_hashes
     assert any(c.removed and c.cause == "delete" for c in await platform.changes(person))
 
     # The collector now drops the person's new events, with the reason, by any of their identifiers.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -147,7 +148,9 @@ async def platform(nats_server, tmp_path):
             ("segmentation", segmentation_token, ["profile:read", "profile:admin"]),
         ],
     )
-    auth = {"CDP_AUTH_MODE": "tokens", "CDP_AUTH_TOKENS_FILE": str(tokens)}
+    key = tmp_path / "privacy-hash.key"  # deletion notices' identifier hash key, required with tokens
+    key.write_text(secrets.token_hex(32) + "\n")
+    auth = {"CDP_AUTH_MODE": "tokens", "CDP_AUTH_TOKENS_FILE": str(tokens), "CDP_PRIVACY_HASH_KEY_FILE": str(key)}
     collector = CollectorProcess(nats_server.url, tmp_path, write_key=WRITE_KEY, partitions=PARTITIONS)
     identity = IdentityProcess(
         nats_server.url, tmp_path, store_url=f"sqlite:///{tmp_path / 'identity.db'}", partitions=PARTITIONS, **auth

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 
@@ -26,9 +27,10 @@ async def test_command_line_serves_the_crm_and_stops_on_sigterm(crm, tmp_path):
         stdout=asyncio.subprocess.PIPE,
     )
     try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        assert line.startswith(f"{crm} listening on http://127.0.0.1:")
-        url = line.split(" on ")[1].split()[0]
+        line = json.loads(await asyncio.wait_for(process.stdout.readline(), 20))
+        assert line["msg"] == f"{crm} listening on {line['url']}"
+        assert line["url"].startswith("http://127.0.0.1:")
+        url = line["url"]
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/_emulator/budget") as response:
                 assert response.status == 200
@@ -51,8 +53,7 @@ async def test_command_line_options_reach_the_emulator():
         stdout=asyncio.subprocess.PIPE,
     )
     try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode()
-        url = line.split(" on ")[1].split()[0]
+        url = json.loads(await asyncio.wait_for(process.stdout.readline(), 20))["url"]
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "/_emulator/budget") as response:
                 assert (await response.json())["burst_limit"] == 7

@@ -233,6 +233,24 @@ async def test_user_edits_reach_the_webhook_signed_v3():
         assert headers["X-HubSpot-Signature-v3"] == base64.b64encode(expected.digest()).decode()
 
 
+async def test_a_ticket_a_user_opens_over_http_is_linked_to_the_contact_it_names():
+    """README's "open one as a user would": the body the API create takes, associations included, so the
+    connector finds the ticket's contact (it used to land on an anonymous person of its own)."""
+    async with HubSpotEmulator() as hs:
+        contact = hs.user_create("contacts", {"email": "a@example.com"})
+        association = {"to": {"id": contact["id"]}, "types": [{"associationCategory": "HUBSPOT_DEFINED"}]}
+        body = {"properties": {"subject": "Refund please"}, "associations": [association]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(hs.base_url + "/_emulator/user/tickets", json=body) as r:
+                assert r.status == 201
+                ticket = await r.json()
+            missing = {**body, "associations": [{"to": {"id": "999999"}}]}
+            async with session.post(hs.base_url + "/_emulator/user/tickets", json=missing) as r:
+                assert r.status == 400 and "999999" in (await r.json())["message"]
+        assert hs.associations("tickets", ticket["id"]) == [("contacts", contact["id"])]
+        assert len(hs.records("tickets")) == 1  # the refused one made nothing
+
+
 async def test_inspection_over_http_and_snapshot_survive_a_restart(tmp_path):
     snapshot = tmp_path / "hubspot.json"
     async with HubSpotEmulator(snapshot=snapshot) as hs:

@@ -41,6 +41,7 @@ from cdp_kit.natsauth import (
     write_credentials,
 )
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.provision import provision
 from cdp_kit.settings import SettingsError
 
 
@@ -70,6 +71,13 @@ class Users:
     async def operator(self):
         return await nats.connect(self.server.url, user=OPERATOR, password=self.operator_password)
 
+    async def provision(self, environ: dict[str, str] | None = None) -> list[str]:
+        nc = await self.operator()
+        try:
+            return await provision(nc.jetstream(), {"CDP_OWNERSHIP": "nats", **(environ or {})})
+        finally:
+            await nc.close()
+
 
 @pytest.fixture
 def users(tmp_path):
@@ -78,6 +86,9 @@ def users(tmp_path):
     server.config = users.config()
     server.start()
     try:
+        # The provisioner makes every stream and bucket with the operator's user, as `cdpctl up` does before
+        # the services start: no service's user may create or update a stream (test_natsauth_streams.py).
+        asyncio.run(users.provision())
         yield users
     finally:
         server.close()
@@ -317,8 +328,10 @@ async def test_a_service_keeps_its_partition_leases_and_cannot_touch_anothers(us
 
 
 async def test_scoring_keeps_its_models_in_its_object_store(users):
+    # The bucket is the provisioner's to make (CDP_SCORING_MODEL_STORE=nats://<bucket>), scoring's to fill.
+    await users.provision({"CDP_SCORING_MODEL_STORE": f"nats://{MODEL_BUCKET}"})
     async with Bus.connect(users.server.url, name="scoring", security=users.security("scoring")) as scoring:
-        store = await scoring.js.create_object_store(MODEL_BUCKET)
+        store = await scoring.js.object_store(MODEL_BUCKET)
         await store.put("churn/3", b"onnx bytes" * 50_000)
         again = await scoring.js.object_store(MODEL_BUCKET)
         assert (await again.get("churn/3")).data == b"onnx bytes" * 50_000
@@ -497,13 +510,14 @@ async def test_a_service_cannot_touch_another_services_consumer_of_a_shared_stre
             await nc.close()
 
 
-async def test_only_the_owner_of_the_dead_letters_may_reconfigure_them_and_every_consumer_writes_its_own(users):
+async def test_no_service_may_reconfigure_the_dead_letters_and_every_consumer_writes_its_own(users):
     """Every service that consumes writes what it gives up on into DLQ (`dlq.<stream>.<its consumer>`);
-    only identity, its owner, may update the stream (shrink it, or widen its subjects over another's)."""
+    no service may update the stream (shrink it, or widen its subjects over another's): not even identity,
+    whose settings shape it, since the provisioner configures every stream."""
     async with Bus.connect(users.server.url, name="identity", security=users.security("identity")) as identity:
-        await identity.ensure_streams(dead_letter_stream())
+        await identity.ensure_streams(dead_letter_stream())  # verified: as the provisioner made it
         config = (await identity.js.stream_info(subjects.DLQ)).config.as_dict()
-        assert "error" not in await api_call(identity.nc, f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", config)
+        assert await api_call(identity.nc, f"$JS.API.STREAM.UPDATE.{subjects.DLQ}", config) is None
     for service in ("profile", "scoring", "segmentation", "orchestration", "crm"):
         async with Bus.connect(users.server.url, name=service, security=users.security(service)) as bus:
             await bus.ensure_read_streams(dead_letter_stream())  # as it starts: created if missing, no more

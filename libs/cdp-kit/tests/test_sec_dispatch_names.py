@@ -4,6 +4,7 @@ refused under orchestration's NATS user. Real nats-server, orchestration's real 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ def users(tmp_path):
     server.config = users.config()
     server.start()
     try:
+        asyncio.run(users.provision())  # the streams, as `cdpctl up` makes them: no service's user may
         yield users
     finally:
         server.close()
@@ -47,7 +49,6 @@ def test_the_granted_dispatcher_names_are_the_ones_orchestration_uses():
 
 async def test_orchestration_keeps_its_dispatchers_and_no_other_consumer_of_actions(users):
     async with Bus.connect(users.server.url, name="orchestration", security=users.security("orchestration")) as bus:
-        await bus.js.add_stream(name=subjects.ACTIONS, subjects=list(subjects.STREAM_SUBJECTS[subjects.ACTIONS]))
         for channel in ACTION_CHANNELS:
             spec = ConsumerSpec(
                 stream=subjects.ACTIONS,

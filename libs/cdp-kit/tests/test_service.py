@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -454,3 +455,32 @@ async def test_while_a_store_cannot_write_the_health_of_cdp_storage_says_so_and_
             finally:
                 stores.writes_again("/data/kit-test.db")
             assert await until(channel, stores.HEALTH_NAME, health_pb2.HealthCheckResponse.SERVING)
+
+
+FAILS_TO_START = """
+from cdp_kit.errors import Unavailable
+from cdp_kit.service import run_main
+from cdp_kit.settings import ServiceSettings
+
+async def setup(runtime):
+    raise Unavailable("cannot connect to NATS at nats://127.0.0.1:1 (CDP_NATS_URL): not answering")
+
+run_main(ServiceSettings, setup)
+"""
+
+
+def test_a_start_that_cannot_reach_what_it_needs_ends_with_one_line_naming_it(tmp_path):
+    env = {
+        **os.environ,
+        "CDP_NATS_URL": "nats://127.0.0.1:1",
+        "CDP_AUTH_MODE": "none",
+        "CDP_GRPC_HOST": "127.0.0.1",
+        "CDP_STORE_URL": f"sqlite:///{tmp_path / 'cdp.db'}",
+        "OTEL_SERVICE_NAME": "fails-to-start",
+    }
+    done = subprocess.run([sys.executable, "-c", FAILS_TO_START], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    [line] = [json.loads(text) for text in done.stderr.splitlines() if "cannot start" in text]
+    assert line["level"] == "ERROR" and line["error"] == "Unavailable"
+    assert "nats://127.0.0.1:1 (CDP_NATS_URL): not answering" in line["msg"]

@@ -158,3 +158,29 @@ def test_a_computed_trait_a_model_here_reads_is_never_redefined_and_a_broken_one
     broken = {"name": "big_orders", "op": "count", "windw": "90d"}
     [outcome] = asyncio.run(apply.computed_traits([broken], []))
     assert outcome.status == "failed" and "windw" in outcome.detail
+
+
+def journeys_plan(wanted: dict, present: dict) -> tuple[str, str]:
+    apply = Apply(Services({}, ()), dry_run=True, replace=False)
+    [outcome] = asyncio.run(apply.journeys([wanted], [present]))
+    return outcome.status, outcome.detail
+
+
+def test_a_draft_only_one_side_has_is_named_and_a_document_without_one_never_discards_the_platforms():
+    live = {"id": "welcome", "state": "active", "versions": [JOURNEY]}
+    draft = {**JOURNEY, "version": 2, "name": "Welcome again"}
+    here = {**live, "draft": draft}
+    # An older document (no `draft` field) and one saying `draft: null` both lack it: named, not discarded.
+    for lacking in (live, {**live, "draft": None}):
+        status, detail = journeys_plan(lacking, here)
+        assert status == CONFLICTING
+        assert detail.startswith("draft v2 on the platform, not in the document: import leaves it")
+        assert "cdpctl journey discard-draft welcome" in detail
+    status, detail = journeys_plan({**live, "state": "paused"}, here)
+    assert status == CONFLICTING and "differs in state" in detail and "draft v2 on the platform" in detail
+
+    status, detail = journeys_plan({**live, "draft": draft}, {**live, "draft": None})
+    assert status == CONFLICTING and detail.startswith("draft v2 in the document, not on the platform; ")
+    assert journeys_plan({**live, "draft": draft}, here) == (UNCHANGED, "")
+    status, detail = journeys_plan({**live, "draft": {**draft, "priority": 9}}, here)
+    assert status == CONFLICTING and "draft.priority" in detail

@@ -253,3 +253,85 @@ def test_definitions_exported_from_one_platform_are_the_same_on_a_fresh_one_afte
     assert now["segments"][0]["definition"] == "computed.big_orders_90d >= 2"
     assert {j["id"]: j["state"] for j in now["journeys"]}["vip-care"] == "paused"
     assert {m["name"]: m["live_version"] for m in now["models"]}["toy"] == "2.0.0"
+
+
+SPRING = {**WELCOME_V1, "id": "spring-sale", "name": "Spring sale", "entry": {"api": True}}
+SPRING_DRAFT = {**SPRING, "version": 2, "nodes": [{"id": "later", "type": "delay", "duration": "3h"}]}
+
+
+def test_a_journeys_draft_goes_with_the_export_and_a_draft_the_document_lacks_is_named_never_discarded(
+    platforms, tmp_path
+):
+    """A draft saved after publishing (unpublished edits) is in the export beside the live version, comes
+    back on a fresh platform, and a platform's own draft the document lacks is named by the dry run and
+    left as it is by the import (a document without a draft says nothing about one); `journey
+    discard-draft` removes it."""
+    old, fresh = platforms
+    journey(old, tmp_path, "create", SPRING, "--publish")
+    journey(old, tmp_path, "update", SPRING_DRAFT)
+    exported = tmp_path / "with-draft.yaml"
+    done = cdpctl(old, "definitions", "export", "--out", str(exported))
+    assert "spring-sale" not in done.stderr  # nothing about it left out
+    from cdp_kit.yamltext import load_yaml
+
+    document = load_yaml(exported.read_text())
+    [spring] = [j for j in document["journeys"] if j["id"] == "spring-sale"]
+    assert [v["version"] for v in spring["versions"]] == [1]
+    assert spring["draft"] == SPRING_DRAFT
+    assert not [gap for gap in document["not_included"] if gap.get("name") == "spring-sale"]
+
+    dry = outcomes(cdpctl(fresh, "definitions", "import", str(exported), "--dry-run", "--json", check=False))
+    assert dry[("journeys", "spring-sale")]["status"] == "created"
+    cdpctl(fresh, "definitions", "import", str(exported), "--json", check=False)
+    on_fresh = json.loads(cdpctl(fresh, "journey", "get", "spring-sale", "--json").stdout)
+    assert (on_fresh["version"], on_fresh["draftVersion"]) == ("1", "2")
+    assert on_fresh["definition"]["nodes"][0]["duration"] == "1h"  # the live version is v1
+    again = load_yaml(cdpctl(fresh, "definitions", "export").stdout)
+    assert [j for j in again["journeys"] if j["id"] == "spring-sale"] == [spring]
+
+    # A document without the draft (an older export, or one taken before the edit) never discards it.
+    before_edit = json.loads(json.dumps(document))
+    for entry in before_edit["journeys"]:
+        if entry["id"] == "spring-sale":
+            del entry["draft"]
+    lacking = tmp_path / "without-draft.json"
+    lacking.write_text(json.dumps(before_edit))
+    dry = cdpctl(fresh, "definitions", "import", str(lacking), "--dry-run", "--json", check=False)
+    said = outcomes(dry)[("journeys", "spring-sale")]
+    assert said["status"] == "conflicting", said
+    assert "draft v2 on the platform, not in the document" in said["detail"]
+    assert "discard-draft spring-sale" in said["detail"]
+    assert dry.returncode == 1
+    for extra in ((), ("--replace",)):
+        cdpctl(fresh, "definitions", "import", str(lacking), *extra, "--json", check=False)
+        kept = json.loads(cdpctl(fresh, "journey", "get", "spring-sale", "--json").stdout)
+        assert kept["draftVersion"] == "2", extra
+
+    # Both ways: a draft in the document that the platform lacks is named too.
+    done = cdpctl(fresh, "journey", "discard-draft", "spring-sale")
+    assert done.stdout.strip() == "journey spring-sale (Spring sale): active, live v1 (draft v2 discarded)"
+    now = outcomes(cdpctl(fresh, "definitions", "import", str(lacking), "--dry-run", "--json", check=False))
+    assert now[("journeys", "spring-sale")]["status"] == "unchanged"
+    missing = outcomes(cdpctl(fresh, "definitions", "import", str(exported), "--dry-run", "--json", check=False))
+    said = missing[("journeys", "spring-sale")]
+    assert said["status"] == "conflicting" and "draft v2 in the document, not on the platform" in said["detail"]
+    replaced = outcomes(cdpctl(fresh, "definitions", "import", str(exported), "--replace", "--json", check=False))
+    assert replaced[("journeys", "spring-sale")]["status"] == "replaced"
+    back = json.loads(cdpctl(fresh, "journey", "get", "spring-sale", "--draft", "--json").stdout)
+    assert back["definition"] == SPRING_DRAFT
+
+    # A document whose next published version is the platform's draft number publishes over it, saying so.
+    published = json.loads(json.dumps(before_edit))
+    for entry in published["journeys"]:
+        if entry["id"] == "spring-sale":
+            entry["versions"].append({**SPRING_DRAFT, "nodes": [{"id": "later", "type": "delay", "duration": "4h"}]})
+    newer = tmp_path / "published.json"
+    newer.write_text(json.dumps(published))
+    said = outcomes(cdpctl(fresh, "definitions", "import", str(newer), "--replace", "--json", check=False))
+    assert said[("journeys", "spring-sale")]["status"] == "replaced"
+    assert (
+        "the draft v2 here was replaced by the document's published v2" in said[("journeys", "spring-sale")]["detail"]
+    )
+    live = json.loads(cdpctl(fresh, "journey", "get", "spring-sale", "--json").stdout)
+    assert (live["version"], live.get("draftVersion", "0")) == ("2", "0")
+    assert live["definition"]["nodes"][0]["duration"] == "4h"

@@ -10,6 +10,7 @@ import time
 import grpc
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 
 
 async def until_ok(cli, *args: str, timeout: float = 15.0):
@@ -49,6 +50,16 @@ async def test_export_unmerge_quarantine_and_delete_a_person(people_cli, tmp_pat
                 break
             await asyncio.sleep(0.05)
         (merge,) = graph.merges
+        async with grpc.aio.insecure_channel(state["services"]["profile"]["grpc"]) as profile_channel:
+            profile = profile_pb2_grpc.ProfileServiceStub(profile_channel)
+            for _ in range(300):  # identity published the merge; profile applies it on its own time
+                try:
+                    held = await profile.GetProfile(profile_pb2.GetProfileRequest(person_id=graph.person_id))
+                    if list(held.merged_from) == [merge.loser]:
+                        break
+                except grpc.aio.AioRpcError as exc:  # NOT_FOUND until the person's first event is applied
+                    assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+                await asyncio.sleep(0.05)
         # What an operator sees first: the graph, with the merge's id.
         shown = json.loads((await people_cli.run("graph", "user_id", "ada")).output)
         assert [m["mergeId"] for m in shown["merges"]] == [merge.merge_id]

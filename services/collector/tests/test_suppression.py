@@ -21,6 +21,7 @@ from cdp_collector.privacy import SuppressionFollower
 from cdp_kit.bus import ensure_stream, privacy_stream
 from cdp_kit.natsauth import OPERATOR, authorization_config, new_password, write_credentials
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.provision import provision
 from cdp_kit.service import serving
 
 from .conftest import RunningCollector, collector_settings
@@ -177,9 +178,11 @@ async def test_the_collector_suppresses_under_its_own_nats_user(tmp_path, monkey
     try:
         nc = await nats.connect(server.url, user=OPERATOR, password=operator)
         try:
-            await publish_deletion(nc, "user_id:u-9")
             monkeypatch.setenv("CDP_NATS_CREDENTIALS_FILE", str(tmp_path / "collector.json"))
             settings = collector_settings(server.url, tmp_path)
+            # As `cdpctl up` does (the collector's user may not), with the collector's partition count.
+            await provision(nc.jetstream(), {"CDP_PARTITIONS": str(settings.partitions)})
+            await publish_deletion(nc, "user_id:u-9")
             async with serving(settings, setup) as runtime:
                 collector = RunningCollector(runtime, server.url)
                 assert len(runtime.parts["suppression"]) == 1

@@ -6,6 +6,7 @@ is paused with SIGSTOP and resumed with SIGCONT, as an on-call trial did under `
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -29,8 +30,8 @@ class EmulatorProcess:
             stdout=subprocess.PIPE,
             text=True,
         )
-        line = self.proc.stdout.readline()
-        self.base_url = line.strip().rsplit(" ", 1)[-1]
+        # Its first line says where it listens: a JSON log line with the `url`.
+        self.base_url = json.loads(self.proc.stdout.readline())["url"]
 
     def pause(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)

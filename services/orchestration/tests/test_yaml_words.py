@@ -4,7 +4,9 @@ quietly mean something else by)."""
 
 from __future__ import annotations
 
-from cdp_kit.settings import load_settings
+import pytest
+
+from cdp_kit.settings import SettingsError, load_settings
 from cdp_orchestration.catalogue import read_catalogue
 from cdp_orchestration.settings import OrchestrationSettings
 
@@ -34,3 +36,12 @@ def test_the_catalogue_file_keeps_names_yaml_1_1_calls_booleans(tmp_path):
     assert catalogue.events == {"Signed Up", "Yes", "No"}
     assert catalogue.segments == {"vip", "on"}
     assert catalogue.purposes == {"Marketing", "off"}
+
+
+def test_a_rules_file_with_a_repeated_key_is_refused_naming_the_key_and_lines(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("exempt_categories: [transactional]\nexempt_categories: [offer]\n")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(OrchestrationSettings, {**ENVIRON, "CDP_ORCHESTRATION_RULES_FILE": str(path)})
+    assert f"CDP_ORCHESTRATION_RULES_FILE={path} is invalid" in str(refused.value)
+    assert "'exempt_categories' appears twice, on lines 1 and 2" in str(refused.value)

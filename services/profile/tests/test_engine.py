@@ -496,6 +496,7 @@ async def test_a_deletion_without_suppression_leaves_no_hash_of_the_persons_iden
 
     from cdp.privacy.v1 import privacy_pb2
     from cdp_kit.bus import privacy_stream
+    from cdp_kit.identifier_hash import IdentifierHashKeys
 
     async with Bus.connect(nats_server.url, name="privacy") as bus:
         await bus.ensure_streams(privacy_stream())
@@ -520,7 +521,11 @@ async def test_a_deletion_without_suppression_leaves_no_hash_of_the_persons_iden
     assert notices["r1"].person_id == "p1" and not notices["r1"].suppress
     assert list(notices["r1"].identifier_hashes) == []
     assert notices["r2"].suppress
-    assert hashlib.sha256(b"user_id:p2").hexdigest() in notices["r2"].identifier_hashes
+    # Keyed (the engine runs with the development key here), never the plain SHA-256 a reader could test.
+    key = IdentifierHashKeys.for_development().current
+    assert key.hash("user_id:p2") in notices["r2"].identifier_hashes
+    assert notices["r2"].identifier_hash_key_id == key.id
+    assert hashlib.sha256(b"user_id:p2").hexdigest() not in notices["r2"].identifier_hashes
 
 
 class HeldWrites:

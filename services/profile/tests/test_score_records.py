@@ -88,7 +88,7 @@ async def apply_events(engine: ProfileEngine, *persons: str, at: float = T0) -> 
 
 
 async def apply_scores(engine: ProfileEngine, *updates: ScoreUpdate) -> None:
-    await commit(engine, await ScoresLogic(engine).apply(0, list(updates)))
+    await commit(engine, await ScoresLogic(engine).apply(0, [list(updates)]))
 
 
 def reloaded(engine: ProfileEngine) -> HotProfiles:

@@ -66,7 +66,7 @@ def scores(**fields) -> Delivery:
 
 
 def test_scores_decode_by_person_and_a_malformed_message_is_refused_naming_the_field():
-    update = decode_scores(scores(person_ids=["p1", "p2"], values=[0.5, 0.25], at_ms=[1000, 2000]))
+    [update] = decode_scores(scores(person_ids=["p1", "p2"], values=[0.5, 0.25], at_ms=[1000, 2000]))
     assert update.values == [{"churn": 0.5}, {"churn": 0.25}] and update.at == [1.0, 2.0]
     for fields, field in [
         ({"values": [0.5, 0.6]}, "values"),
@@ -80,3 +80,25 @@ def test_scores_decode_by_person_and_a_malformed_message_is_refused_naming_the_f
     with pytest.raises(Reject) as refused:
         decode_scores(Delivery(b"\xff\xff", "scores.updated.0", 1))
     assert refused.value.reason == "invalid_message"
+
+
+def test_one_message_carries_every_model_of_a_round_and_a_malformed_one_inside_is_named():
+    message = scoring_pb2.ScoresUpdatedBatch.FromString(
+        scores(person_ids=["p1", "p2"], values=[0.5, 0.25], at_ms=[1000, 2000]).data
+    )
+    message.more.add(
+        model="clv", version="3", scores=["clv", "clv_p90"], person_ids=["p2"], values=[120.0, 300.0], at_ms=[2000]
+    )
+    churn, clv = decode_scores(Delivery(message, "scores.updated.0", 1))
+    assert (churn.model, churn.persons) == ("churn", ["p1", "p2"])
+    assert (clv.model, clv.version, clv.persons, clv.values) == ("clv", "3", ["p2"], [{"clv": 120.0, "clv_p90": 300.0}])
+
+    message.more[0].values.append(1.0)
+    with pytest.raises(Reject) as refused:
+        decode_scores(Delivery(message, "scores.updated.0", 1))
+    assert refused.value.field == "more[0].values"
+    del message.more[0].values[-1]
+    message.more[0].more.add(model="x")
+    with pytest.raises(Reject) as refused:
+        decode_scores(Delivery(message, "scores.updated.0", 1))
+    assert refused.value.field == "more[0].more"

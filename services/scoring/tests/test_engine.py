@@ -167,12 +167,13 @@ async def published(nats_url: str) -> list[Update]:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             if info.state.messages == 0:
                 break
-            batch = scoring_pb2.ScoresUpdatedBatch.FromString((await js.get_msg("SCORES", seq)).data)
-            width = len(batch.scores)
-            for i, person in enumerate(batch.person_ids):
-                values = batch.values[i * width : (i + 1) * width]
-                scores = dict(zip(batch.scores, values, strict=True))
-                out.append(Update(person, batch.model, batch.version, scores, batch.at_ms[i] / 1000))
+            message = scoring_pb2.ScoresUpdatedBatch.FromString((await js.get_msg("SCORES", seq)).data)
+            for batch in (message, *message.more):  # one message per partition carries every model's columns
+                width = len(batch.scores)
+                for i, person in enumerate(batch.person_ids):
+                    values = batch.values[i * width : (i + 1) * width]
+                    scores = dict(zip(batch.scores, values, strict=True))
+                    out.append(Update(person, batch.model, batch.version, scores, batch.at_ms[i] / 1000))
         return out
     finally:
         await nc.close()
@@ -186,6 +187,31 @@ async def test_a_change_to_a_model_input_publishes_the_exact_score(setup, nats_s
     assert (update.person_id, update.model, update.version) == ("p1", "churn_risk", "1.0.0")
     assert update.scores["churn_risk"] == pytest.approx(expected(W, [2, 4]), abs=1e-6)
     assert update.at == pytest.approx(T0)
+
+
+async def test_a_round_publishes_one_message_per_partition_carrying_every_model(setup, nats_server):
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    await engine.deploy(logistic_model("buy_propensity", weights=[1.0, 0.5]), role=None)
+    await stream.feed(changed([change("p1", orders=2, sessions=4), change("p2", orders=1, sessions=1)]))
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().stream_info("SCORES")
+        assert info.state.messages == 1, "one partition, one round: one message, not one per model"
+    finally:
+        await nc.close()
+    updates = await published(nats_server.url)
+    assert sorted((u.person_id, u.model) for u in updates) == [
+        ("p1", "buy_propensity"),
+        ("p1", "churn_risk"),
+        ("p2", "buy_propensity"),
+        ("p2", "churn_risk"),
+    ]
+    buy = {u.person_id: u.scores["buy_propensity"] for u in updates if u.model == "buy_propensity"}
+    assert buy == {
+        "p1": pytest.approx(expected([1.0, 0.5], [2, 4]), abs=1e-6),
+        "p2": pytest.approx(expected([1.0, 0.5], [1, 1]), abs=1e-6),
+    }
 
 
 async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
@@ -365,6 +391,28 @@ async def test_deploy_defines_the_models_computed_traits_and_fails_whole_when_it
     defined.fail = False
     await engine.deploy(logistic_model(weights=W, spec_overrides={"computed_traits": traits}), role=None)
     assert defined.calls == [["orders_90d", "sessions_30d"]]
+
+
+async def test_a_version_is_registered_only_once_its_file_is_in_the_model_store(setup):
+    """A deploy stores the file before anyone can list, train beside or promote the version: fresh-clone CI
+    once trained `clusters` while the shipped file was still being written, and lost the file's read."""
+    engine, *_ = setup
+    stored, release = asyncio.Event(), asyncio.Event()
+    put = engine.model_store.put
+
+    async def slow_put(name: str, version: str, data: bytes) -> str:
+        stored.set()
+        await release.wait()
+        return await put(name, version, data)
+
+    engine.model_store.put = slow_put
+    deploying = asyncio.create_task(engine.deploy(logistic_model(weights=W), role=None))
+    await stored.wait()
+    assert "churn_risk" not in engine.registry.models
+    release.set()
+    version = await deploying
+    assert engine.registry.get("churn_risk").live is version
+    assert await engine.model_store.get("churn_risk", version.version, version.sha256)
 
 
 async def test_errors_name_what_is_wrong(setup):

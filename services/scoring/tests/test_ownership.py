@@ -189,6 +189,7 @@ async def scores(bus: Bus) -> list[tuple[str, int, float]]:
     if not info.state.messages:
         return out
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        batch = scoring_pb2.ScoresUpdatedBatch.FromString((await bus.js.get_msg(subjects.SCORES, seq)).data)
-        out.extend(zip(batch.person_ids, batch.at_ms, batch.values, strict=True))
+        message = scoring_pb2.ScoresUpdatedBatch.FromString((await bus.js.get_msg(subjects.SCORES, seq)).data)
+        for batch in (message, *message.more):
+            out.extend(zip(batch.person_ids, batch.at_ms, batch.values, strict=True))
     return out

@@ -27,6 +27,7 @@ from cdp_kit.bus import Bus, events_resolved_stream, subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.natsauth import ROLES, NatsClientSettings, authorization_config, new_password, write_credentials
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.provision import as_operator
 from cdp_kit.service import serving
 from cdp_kit.storage import Put, open_store
 from cdp_profile.domain import TimelineEntry
@@ -541,9 +542,11 @@ async def test_scoring_follows_label_events_as_its_own_nats_user(tmp_path):
     passwords = {name: new_password() for name in ROLES}
     for name, password in passwords.items():
         write_credentials(tmp_path / f"{name}.json", name, password)
-    server.config = authorization_config(passwords, operator_password=new_password())
+    operator = new_password()
+    server.config = authorization_config(passwords, operator_password=operator)
     server.start()
     try:
+        await as_operator(server.url, operator)  # as `cdpctl up` does: no service's user may create a stream
         seen: list[bytes] = []
         login = {n: NatsClientSettings(credentials_file=tmp_path / f"{n}.json") for n in ("identity", "scoring")}
         async with (

@@ -774,3 +774,44 @@ async def test_a_segment_live_again_after_a_crash_releases_the_traits_of_its_pre
         ]
     finally:
         await second.stop()
+
+
+# A person met for the first time: a change that began the profile (`created`) holds the whole profile, so
+# nothing is read from the profile service; any other first sight (a replica whose state began after the
+# person's) reads the profile once, and evaluates on what it read plus the change.
+
+
+async def test_a_created_profile_is_not_read_and_an_unknown_one_is(nats_server):
+    asked: list[str] = []
+
+    async def profile_source(person_id: str):
+        asked.append(person_id)
+        return {"traits.country": "NO"}  # what the profile service holds beyond the change
+
+    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="segmentation-first") as bus:
+        await bus.ensure_streams(profiles_stream(), segments_stream())
+        engine = SegmentationEngine(
+            store,
+            bus.publisher,
+            partitions=1,
+            owned=[0],
+            telemetry=bus.telemetry,
+            profile_source=profile_source,
+            snapshot_interval=3600,
+            timer_resolution=3600,
+            clock=Clock(T0),
+        )
+        await engine.start()
+        try:
+            segment = await engine.create("pro_no", parse('traits.plan = "pro" and traits.country = "NO"'))
+            await engine.wait_live(segment.id)
+            new = change("new", traits={"plan": "pro", "country": "NO"}, at=T0 + 1)
+            new.created = True
+            known_elsewhere = change("old", traits={"plan": "pro"}, at=T0 + 1)
+            await engine.handle([changed([new, known_elsewhere], 1)])
+
+            assert asked == ["old"], "only the person whose change is not the whole profile is read"
+            assert set(engine.membership("new")) == {"pro_no"}
+            assert set(engine.membership("old")) == {"pro_no"}  # its country came from the profile service
+        finally:
+            await engine.stop()

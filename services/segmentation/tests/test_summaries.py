@@ -11,6 +11,7 @@ import pytest
 from cdp_kit.bus import Bus
 from cdp_kit.natsauth import ROLES, NatsClientSettings, authorization_config, new_password, write_credentials
 from cdp_kit.natsserver import NatsServer
+from cdp_kit.provision import as_operator
 from cdp_segmentation.stream import SERVICE
 from cdp_segmentation.summaries import SUMMARY_POINTS, SharedPercentiles, merged_percentile, summarise
 
@@ -60,8 +61,11 @@ def test_numbers_only():
 async def test_replicas_share_summaries_and_decide_each_round_once_as_segmentations_own_nats_user(tmp_path):
     passwords = {name: new_password() for name in ROLES}
     write_credentials(tmp_path / "segmentation.json", "segmentation", passwords["segmentation"])
-    config = authorization_config(passwords, operator_password=new_password())
+    operator = new_password()
+    config = authorization_config(passwords, operator_password=operator)
     with NatsServer(store_dir=tmp_path / "nats", config=config) as server:
+        # The ownership bucket, as the provisioner makes it for segmentation with more than one pod.
+        await as_operator(server.url, operator, {"CDP_PROVISION_OWNERSHIP_BUCKET": "true"})
         security = NatsClientSettings(credentials_file=Path(tmp_path) / "segmentation.json")
         async with Bus.connect(server.url, name="segmentation", security=security) as bus:
             shared = await SharedPercentiles.open(bus.js, SERVICE)

@@ -119,6 +119,10 @@ truncating: two truncated names could collide.
 {{- default (printf "%s-crm-connections" (include "cdp.fullname" .)) .Values.crmConnections.existingSecret -}}
 {{- end -}}
 
+{{- define "cdp.privacyHashKeySecretName" -}}
+{{- default (printf "%s-privacy-hash-key" (include "cdp.fullname" .)) .Values.privacyHashKey.existingSecret -}}
+{{- end -}}
+
 {{- define "cdp.sourcesSecretName" -}}
 {{- default (printf "%s-sources" (include "cdp.fullname" .)) .Values.sources.existingSecret -}}
 {{- end -}}
@@ -140,7 +144,7 @@ truncating: two truncated names could collide.
 
 {{/* Variables the chart owns; components.<name>.env may not set them (duplicates would be ambiguous). */}}
 {{- define "cdp.managedEnv" -}}
-OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_CRM_CONNECTIONS_FILE CDP_CRM_WEBHOOK_PORT CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE CDP_NATS_CREDENTIALS_FILE CDP_NATS_TLS_CA_FILE CDP_NATS_TLS_CERT_FILE CDP_NATS_TLS_KEY_FILE
+OTEL_SERVICE_NAME CDP_NATS_URL CDP_GRPC_PORT CDP_HTTP_PORT CDP_METRICS_PORT CDP_HEALTH_PORT CDP_STORE_URL CDP_PARTITIONS CDP_LOG_LEVEL CDP_LOG_FORMAT CDP_AUTH_MODE CDP_AUTH_TOKENS_FILE CDP_TLS_CERT_FILE CDP_TLS_KEY_FILE CDP_TLS_CLIENT_CA_FILE OTEL_EXPORTER_OTLP_ENDPOINT CDP_COLLECTOR_SOURCES_FILE CDP_PRIVACY_HASH_KEY_FILE CDP_CRM_CONNECTIONS_FILE CDP_CRM_WEBHOOK_PORT CDP_SHUTDOWN_GRACE CDP_POD_NAME CDP_POD_ORDINAL CDP_REPLICAS CDP_OWNERSHIP CDP_POD_NAMESPACE CDP_NATS_CREDENTIALS_FILE CDP_NATS_PROVISION_WAIT CDP_NATS_TLS_CA_FILE CDP_NATS_TLS_CERT_FILE CDP_NATS_TLS_KEY_FILE
 {{- end -}}
 
 {{/*
@@ -160,7 +164,7 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- fail (printf "component %q: module %s is development and test code (local channel servers, CRM emulators, the CLI); it is not in the image and never deployed. Point the service at a real provider through envFromSecrets instead" $name $module) -}}
 {{- end -}}
 {{- end -}}
-{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" "/etc/cdp/crm" "/etc/cdp/nats" "/etc/cdp/nats-tls" "/etc/cdp/peer-token" -}}
+{{- $mounts := list "/etc/cdp/auth" "/etc/cdp/tls" "/etc/cdp/sources" "/etc/cdp/privacy-hash" "/etc/cdp/crm" "/etc/cdp/nats" "/etc/cdp/nats-tls" "/etc/cdp/peer-token" -}}
 {{- range $c.secretFiles -}}
 {{- if has .mountPath $mounts -}}
 {{- fail (printf "component %q: secretFiles mountPath %s is taken (by the chart or another entry); give each Secret a folder of its own under /etc/cdp" $name .mountPath) -}}
@@ -256,6 +260,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if $root.Values.natsAuth.enabled }}
 - name: CDP_NATS_CREDENTIALS_FILE
   value: /etc/cdp/nats/credentials.json
+{{- /* Its streams are made by the provisioning Job, which runs beside the pods (templates/provision.yaml). */}}
+- name: CDP_NATS_PROVISION_WAIT
+  value: {{ int $root.Values.natsAuth.provision.waitSeconds | quote }}
 {{- end }}
 {{- if $root.Values.natsAuth.tls.existingSecret }}
 - name: CDP_NATS_TLS_CA_FILE
@@ -324,6 +331,10 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- if $c.mountSources }}
 - name: CDP_COLLECTOR_SOURCES_FILE
   value: /etc/cdp/sources/sources.json
+{{- end }}
+{{- if $c.mountPrivacyHashKey }}
+- name: CDP_PRIVACY_HASH_KEY_FILE
+  value: /etc/cdp/privacy-hash/key
 {{- end }}
 {{- if $c.mountCrmConnections }}
 - name: CDP_CRM_CONNECTIONS_FILE
@@ -551,6 +562,11 @@ spec:
           mountPath: /etc/cdp/sources
           readOnly: true
         {{- end }}
+        {{- if $c.mountPrivacyHashKey }}
+        - name: privacy-hash-key
+          mountPath: /etc/cdp/privacy-hash
+          readOnly: true
+        {{- end }}
         {{- if $c.mountCrmConnections }}
         - name: crm-connections
           mountPath: /etc/cdp/crm
@@ -621,6 +637,15 @@ spec:
         items:
           - key: {{ $root.Values.sources.key }}
             path: sources.json
+    {{- end }}
+    {{- if $c.mountPrivacyHashKey }}
+    - name: privacy-hash-key
+      secret:
+        secretName: {{ include "cdp.privacyHashKeySecretName" $root }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.privacyHashKey.key }}
+            path: key
     {{- end }}
     {{- if $c.mountCrmConnections }}
     - name: crm-connections

@@ -3,7 +3,10 @@
 ``--snapshot FILE`` keeps the CRM's records across restarts (read at start, written on SIGINT/SIGTERM);
 ``--set name=value`` passes an emulator option (limits, credentials, a HubSpot ``webhook_url``);
 ``--tls`` serves https with a self-signed certificate whose path is printed (for clients that insist on
-https). The process prints one line ``<crm> listening on <url>`` once it accepts connections.
+https). Its log is JSON lines (`cdp_testing.channels.logs`), named ``crm-<crm>`` as `cdpctl up` names it: on
+stdout the one line ``<crm> listening on <url>`` with its ``url`` (and ``ca_file``) once it accepts
+connections, on stderr the rest: requests by route and status (failures; successes too at
+``CDP_LOG_LEVEL=DEBUG``), errors with their traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from contextlib import suppress
 from typing import Any
 
 from cdp_crm_emulators import EMULATORS
+from cdp_testing.channels import logs
 
 
 async def _run(args: argparse.Namespace) -> None:
-    options = dict(_option(text) for text in args.set)
+    options = dict(args.set)
     emulator = EMULATORS[args.crm](host=args.host, port=args.port, tls=args.tls, snapshot=args.snapshot, **options)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -27,8 +31,8 @@ async def _run(args: argparse.Namespace) -> None:
         with suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with emulator:
-        suffix = f" (CA file {emulator.ca_file})" if emulator.ca_file else ""
-        print(f"{args.crm} listening on {emulator.base_url}{suffix}", flush=True)
+        where = {"url": emulator.base_url} | ({"ca_file": emulator.ca_file} if emulator.ca_file else {})
+        logs.listening(f"{args.crm} listening on {emulator.base_url}", **where)
         await stop.wait()
 
 
@@ -44,7 +48,8 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cdp_crm_emulators", description=__doc__.splitlines()[0])
+    logs.configure("crm-emulators")
+    parser = logs.ArgumentParser(prog="python -m cdp_crm_emulators", description=__doc__.splitlines()[0])
     parser.add_argument("crm", choices=sorted(EMULATORS))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -53,11 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--set",
         action="append",
+        type=_option,
         default=[],
         metavar="NAME=VALUE",
         help="an emulator option, e.g. --set burst_limit=190 --set webhook_url=http://localhost:8080/hooks (repeatable)",
     )
-    asyncio.run(_run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    logs.configure(f"crm-{args.crm}")
+    asyncio.run(_run(args))
 
 
 if __name__ == "__main__":

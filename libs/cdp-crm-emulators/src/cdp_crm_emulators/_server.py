@@ -3,10 +3,11 @@
 An emulator is an aiohttp application with in-memory state. It binds 127.0.0.1 on a free port (or the one
 given), optionally over TLS with a self-signed certificate made at start (clients that insist on https, like
 simple-salesforce and msal, trust `ca_file`). Every request is kept in memory for inspection (method, path with
-query, status; never bodies or headers, and nothing is written to a log: paths and bodies can hold personal
-data). Faults apply to API requests only (never to ``/_emulator/`` or token endpoints), and only to those that
-`admit` (authentication and the CRM's limits) let in, so a faulted request has been counted against the
-limits as the CRM counts it on arrival (the local HubSpot does the same in its own outermost middleware):
+query, status; never bodies or headers) and logged by its route's template, method and status only
+(`cdp_testing.channels.logs.AccessLog`): paths and bodies can hold personal data. Faults apply to API
+requests only (never to ``/_emulator/`` or token endpoints), and only to those that `admit` (authentication
+and the CRM's limits) let in, so a faulted request has been counted against the limits as the CRM counts it
+on arrival (the local HubSpot does the same in its own outermost middleware):
 
 - ``status``: answer the CRM's own error for that status (its 429 body and headers for 429) without
   touching state;
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import os
 import ssl
 import tempfile
@@ -37,6 +39,8 @@ from typing import Any, Self
 
 import orjson
 from aiohttp import web
+
+from cdp_testing.channels.logs import AccessLog
 
 RecordPredicate = Callable[[str, dict[str, Any]], bool]
 
@@ -60,7 +64,7 @@ def iso_z(epoch: float) -> str:
 
 @dataclass
 class Fault:
-    kind: str  # "status" | "timeout" | "drop"
+    kind: str  # "status" | "timeout" | "drop" | "pass" (none: a place in the queue)
     status: int = 503
     seconds: float = 30.0
 
@@ -87,6 +91,12 @@ class FaultInjector:
 
     def timeout_next(self, n: int = 1, *, seconds: float = 30.0) -> None:
         self.pending.extend(Fault("timeout", seconds=seconds) for _ in range(n))
+
+    def hold_after(self, passing: int, *, seconds: float = 30.0, held: int = 1000) -> None:
+        """Let the next `passing` API requests through, then keep each of the `held` after them waiting
+        `seconds` before a 504 (nothing done): requests a client is still waiting on, whenever it looks."""
+        self.pending.extend(Fault("pass") for _ in range(passing))
+        self.timeout_next(held, seconds=seconds)
 
     def drop_after_commit_next(self, n: int = 1) -> None:
         self.pending.extend(Fault("drop") for _ in range(n))
@@ -252,7 +262,12 @@ class Emulator:
         if self.snapshot is not None and self.snapshot.exists():
             self.load_state(orjson.loads(self.snapshot.read_bytes()))
         context = self._ssl_context() if self.tls else None
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log_class=AccessLog,
+            access_log=logging.getLogger(f"cdp_crm_emulators.{self.name}"),
+            handler_cancellation=True,
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=context)
         await site.start()
@@ -305,6 +320,8 @@ class Emulator:
             logged.status = refused.status
             return refused
         fault = self.faults.take() if api else None
+        if fault is not None and fault.kind == "pass":
+            fault = None
         if fault is not None:
             logged.faulted = fault.kind
         if fault is not None and fault.kind == "status":

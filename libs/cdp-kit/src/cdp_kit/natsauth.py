@@ -1,26 +1,31 @@
 """Who may do what on NATS: one user per service, with the subjects it may publish and subscribe to.
 
 One table (`ROLES`, kept in `cdp_kit.natsroles` and re-exported here) says, per service, which streams
-it configures (only the stream's owner: an update can shrink a stream to nothing), which it only creates
-when missing (start order does not matter), the durable consumers it keeps (by name), which streams it
-reads single messages from, what it publishes and which core-NATS announcements it follows. Everything NATS is told comes from it:
+take its settings (`configures`) and which others it uses (`creates`), the durable consumers it keeps (by
+name), which streams it reads single messages from, what it publishes and which core-NATS announcements
+it follows. Everything NATS is told comes from it:
 
 - `permissions(role)`: the nats-server `permissions` block of that service's user. A service may publish
   only the subjects it owns (`cdp_kit.bus.subjects` says who owns what): the profile service publishing
   `events.resolved.0` is refused by the server ("Publish Violation"), whatever its code does.
   JetStream is reached through its API subjects, so each user gets only the `$JS.API` calls its streams
-  need (create/update for streams it configures, create for those it reads; management, fetch,
+  need (looking them up: never creating, updating, deleting or purging one, which the provisioner does,
+  `cdp_kit.provision`, as the `PROVISIONER` user or cdpctl's operator; management, fetch,
   acknowledgements and dead letters of its own consumers only, by name: services sharing a stream cannot
   rewrite, drain or delete each other's consumers), its own group of keys in the ownership key-value
   bucket (listed and read only through subjects that name them), and replies on its own inbox prefix
   (`_INBOX.<service>.`) only, so no service reads another's API answers.
-- `authorization_config(...)`: the `authorization` block `cdpctl up` writes (users with passwords and
-  these permissions, plus an operator user without limits for cdpctl and tests). The Helm chart renders
+- `authorization_config(...)`: the `authorization` block `cdpctl up` writes (users with these permissions,
+  plus an operator user without limits for cdpctl and tests). It holds each password's bcrypt hash, never
+  the password (`password_hash`): nats-server checks a client's password against the hash, and warns
+  ("Plaintext passwords detected") about a configuration that holds passwords as they are. The Helm chart renders
   the same block from `permissions_document()`, kept in deploy/helm/cdp/files/nats-permissions.json
   (`python -m cdp_kit.natsauth` writes it; a deploy test fails when it is stale).
 
 Stream sourcing (orchestration's and the CRM connector's input streams) and message schedules are done
-by the server inside the account: they need no user permission.
+by the server inside the account: they need no user permission. That is also why no service may
+configure a stream: the server applies a stream's sources, mirror, republish and subject transform
+without checking the requesting user's subject permissions (docs/security.md, "Who makes the streams").
 
 The client side: `NatsClientSettings` (CDP_NATS_CREDENTIALS_FILE, CDP_NATS_TLS_*), read by
 `Bus.connect` itself, so every service gets them without declaring them. The credentials file is JSON,
@@ -50,6 +55,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import bcrypt
 
 from cdp_kit.bus import subjects
 from cdp_kit.natsroles import (
@@ -81,10 +88,10 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     touched = (*role.configures, *role.creates, *role.consumes, *role.reads, *role.erases)
     for stream in _unique(touched):
         publish.append(f"{api}.STREAM.INFO.{stream}")
-    for stream in _unique((*role.configures, *role.creates)):
-        publish.append(f"{api}.STREAM.CREATE.{stream}")
-    for stream in role.configures:
-        publish.append(f"{api}.STREAM.UPDATE.{stream}")
+    # No STREAM.CREATE, UPDATE, DELETE or PURGE of any stream: nats-server applies a stream's sources,
+    # mirror, republish and subject transform inside the account without checking the requesting user's
+    # subject permissions, so a user that may configure one stream may read or write every subject.
+    # The provisioner (cdp_kit.provision, an operator identity) makes every stream; services verify them.
     # Its own consumers only, each by name, on every API subject that carries the name. Never the
     # nameless create (`CONSUMER.CREATE.<stream>`, the name in its body, out of the server's sight): the
     # kit creates durables as `DURABLE.CREATE.<stream>.<name>` (nats.py's add_consumer with a
@@ -114,7 +121,6 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
     kv_stream, own_keys = f"KV_{OWNERSHIP_BUCKET}", f"$KV.{OWNERSHIP_BUCKET}.{role.name}.>"
     publish += [
         f"{api}.STREAM.INFO.{kv_stream}",
-        f"{api}.STREAM.CREATE.{kv_stream}",
         f"{api}.CONSUMER.CREATE.{kv_stream}.*.{own_keys}",
         f"{api}.DIRECT.GET.{kv_stream}.{own_keys}",
         own_keys,
@@ -124,7 +130,8 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
         publish += [
             f"{api}.STREAM.NAMES",  # nats.py finds the stream of an object's subject by name lookup
             f"{api}.STREAM.INFO.{obj_stream}",
-            f"{api}.STREAM.CREATE.{obj_stream}",
+            # nats.py purges an object's old chunks (by subject) when it is written again or deleted: its
+            # own bucket's contents only; the bucket itself is the provisioner's to make.
             f"{api}.STREAM.PURGE.{obj_stream}",
             f"{api}.STREAM.MSG.GET.{obj_stream}",
             f"{api}.DIRECT.GET.{obj_stream}",
@@ -137,6 +144,25 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
             f"$O.{bucket}.>",
         ]
     return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": _unique(subscribe)}}
+
+
+# The provisioner's user (cdp_kit.provision; the chart's provisioning Job): the one identity besides the
+# operator that may create and update streams. It publishes and reads nothing else.
+PROVISIONER = "provision"
+
+
+def provisioner_permissions() -> dict[str, dict[str, list[str]]]:
+    """What the provisioner's user may do: create, update and look up every stream cdp runs on, the
+    ownership bucket's and the model store's; list the consumers of cdp's streams (a stream made before
+    the partition count was recorded shows its count in its consumers' names: `cdp_kit.bus.partition_count`);
+    never delete or purge a stream, never publish or read a message, never touch a consumer."""
+    api = "$JS.API"
+    streams = [*subjects.STREAM_SUBJECTS, f"KV_{OWNERSHIP_BUCKET}", f"OBJ_{MODEL_BUCKET}"]
+    publish = [f"{api}.INFO"]
+    for stream in streams:
+        publish += [f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.CREATE.{stream}", f"{api}.STREAM.UPDATE.{stream}"]
+    publish += [f"{api}.CONSUMER.LIST.{stream}" for stream in subjects.STREAM_SUBJECTS]
+    return {"publish": {"allow": publish}, "subscribe": {"allow": [f"{inbox_prefix(PROVISIONER)}.>"]}}
 
 
 def expand(perms: Mapping[str, Mapping[str, list[str]]], *, partitions: int, replicas: int) -> dict:
@@ -164,15 +190,21 @@ def default_partitions(environ: Mapping[str, str] | None = None) -> int:
     environment), or the kit's default."""
     from cdp_kit.settings import ServiceSettings
 
-    value = (os.environ if environ is None else environ).get("CDP_PARTITIONS")
-    return int(value) if value else ServiceSettings.__dataclass_fields__["partitions"].default
+    value = (os.environ if environ is None else environ).get("CDP_PARTITIONS", "").strip()
+    if not value:
+        return ServiceSettings.__dataclass_fields__["partitions"].default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"CDP_PARTITIONS={value!r} is invalid: must be a whole number, at least 1")
+    return int(value)
 
 
 def permissions_document() -> dict[str, dict[str, dict[str, list[str]]]]:
     """Every role's permissions with their `PARTITION` / `ORDINAL` placeholders, as the Helm chart reads
     them (deploy/helm/cdp/files/nats-permissions.json, written by `python -m cdp_kit.natsauth`; tests/deploy
     checks it is current); the chart expands them for its partitions and each component's replicas."""
-    return {name: permissions(role) for name, role in sorted(ROLES.items())}
+    document = {name: permissions(role) for name, role in sorted(ROLES.items())}
+    document[PROVISIONER] = provisioner_permissions()
+    return document
 
 
 # ------------------------------------------------------------------------------------ credentials
@@ -245,6 +277,23 @@ class CredentialsFile:
 # ------------------------------------------------------------------------------------ the server
 
 
+# bcrypt's work factor slows down guessing a password from its hash, which matters for a password a person
+# chose. cdp's are 256 random bits (`new_password`): no work factor changes whether they can be guessed, so
+# the hash is bcrypt's cheapest. The factor is paid by nats-server on every CONNECT and, at every reload
+# (a rotation reloads twice), once per connected client, since it checks each connection's credentials
+# again: at cost 11 (what `nats server passwd` makes, meant for chosen passwords) that was 0.16 s per
+# connection and 3 s for a reload with 20 clients connected, against 3 ms and 30 ms at 4 (docs/security.md).
+BCRYPT_COST = 4
+# bcrypt reads no further than this: a longer password would be cut, and bcrypt refuses it.
+_BCRYPT_MAX_BYTES = 72
+
+
+def password_hash(password: str, cost: int = BCRYPT_COST) -> str:
+    """The bcrypt hash of `password` that nats-server checks a client's password against: `$2a$`, the
+    variant every nats-server release recognises (newer ones read `$2b$` too)."""
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost, prefix=b"2a")).decode()
+
+
 def _quoted(value: str) -> str:
     return json.dumps(value)
 
@@ -266,17 +315,29 @@ def authorization_config(
 ) -> str:
     """The nats-server `authorization` block: one user per entry of `passwords` (user -> password), with
     the permissions of its service's role (`role_of(user)`) for `partitions` (default: `default_partitions`)
-    and `replicas` per service; with `operator_password`, an unrestricted `cdpctl` user."""
+    and `replicas` per service; with `operator_password`, an unrestricted `cdpctl` user. Each password is
+    written as its bcrypt hash (`password_hash`); the clients keep sending the password itself."""
     partitions = default_partitions() if partitions is None else partitions
+    everyone = {**passwords, **({OPERATOR: operator_password} if operator_password is not None else {})}
+    for user, password in everyone.items():
+        if len(password.encode()) > _BCRYPT_MAX_BYTES:
+            raise ValueError(
+                f"the NATS password of user {user!r} is longer than {_BCRYPT_MAX_BYTES} bytes, which bcrypt cannot "
+                "hash: make it with cdp_kit.natsauth.new_password()"
+            )
     lines = ["authorization {", "  users = ["]
     for user, password in passwords.items():
         role = role_of(user)
-        if role not in ROLES:
+        if role == PROVISIONER:
+            perms = _block(provisioner_permissions())
+        elif role not in ROLES:
             raise KeyError(f"no NATS role for service {role!r}; add it to cdp_kit.natsauth.ROLES")
-        perms = _block(expand(permissions(ROLES[role]), partitions=partitions, replicas=replicas))
-        lines.append(f"    {{ user: {_quoted(user)}, password: {_quoted(password)}, permissions: {perms} }}")
+        else:
+            perms = _block(expand(permissions(ROLES[role]), partitions=partitions, replicas=replicas))
+        hashed = _quoted(password_hash(password))
+        lines.append(f"    {{ user: {_quoted(user)}, password: {hashed}, permissions: {perms} }}")
     if operator_password is not None:
-        lines.append(f"    {{ user: {_quoted(OPERATOR)}, password: {_quoted(operator_password)} }}")
+        lines.append(f"    {{ user: {_quoted(OPERATOR)}, password: {_quoted(password_hash(operator_password))} }}")
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
 
@@ -315,6 +376,12 @@ class NatsClientSettings:
     )
     tls_cert_file: Path | None = env("CDP_NATS_TLS_CERT_FILE", None, help="client certificate (PEM) for mutual TLS")
     tls_key_file: Path | None = env("CDP_NATS_TLS_KEY_FILE", None, help="client private key (PEM)", secret=True)
+    provision_wait: float = env(
+        "CDP_NATS_PROVISION_WAIT",
+        0.0,
+        help="seconds a service waits at start for its streams to be provisioned as specified before it "
+        "stops (0: stops at once; the chart sets it, its provisioning Job running beside the services)",
+    )
 
     def validate(self) -> list[str]:
         problems = []
@@ -328,6 +395,8 @@ class NatsClientSettings:
                 problems.append(f"{variable}={str(path)!r} is not a readable file")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             problems.append("CDP_NATS_TLS_CERT_FILE and CDP_NATS_TLS_KEY_FILE must be set together")
+        if self.provision_wait < 0:
+            problems.append(f"CDP_NATS_PROVISION_WAIT={self.provision_wait:g} is invalid: must be 0 or more")
         if self.credentials_file is not None and self.credentials_file.is_file():
             try:
                 read_credentials(self.credentials_file)
@@ -391,6 +460,7 @@ __all__ = [
     "ORDINAL",
     "OWNERSHIP_BUCKET",
     "PARTITION",
+    "PROVISIONER",
     "ROLES",
     "BusRole",
     "Consumer",
@@ -405,8 +475,10 @@ __all__ = [
     "expand",
     "inbox_prefix",
     "new_password",
+    "password_hash",
     "permissions",
     "permissions_document",
+    "provisioner_permissions",
     "read_credentials",
     "role_of",
     "write_credentials",

@@ -1,8 +1,8 @@
 """The NATS roles table: per service, what it does on the bus (`ROLES`), and the names it is granted.
 
 `cdp_kit.natsauth` turns a role into nats-server permissions and the server's `authorization` block;
-this module only says what each service configures, creates, consumes, reads, erases, publishes and
-follows. Everything here is re-exported by `cdp_kit.natsauth`."""
+this module only says which streams take each service's settings, which others it uses, and what it
+consumes, reads, erases, publishes and follows. Everything here is re-exported by `cdp_kit.natsauth`."""
 
 from __future__ import annotations
 
@@ -64,9 +64,11 @@ class BusRole:
     """What one service does on NATS. Stream names and subjects come from `cdp_kit.bus.subjects`."""
 
     name: str
-    # Streams it creates and brings to its configuration (`Bus.ensure_streams`).
+    # Streams whose settings are its own (its retention variables; `Bus.ensure_streams` checks them all).
+    # Neither list grants a create or an update: the provisioner (cdp_kit.provision) makes every stream.
     configures: tuple[str, ...] = ()
-    # Streams it creates when missing but never changes (`Bus.ensure_read_streams`, `ensure_created`).
+    # Other services' streams it uses (`Bus.ensure_read_streams`, `Bus.ensure_created`: verified, their
+    # routing included) and whose lookup it is granted.
     creates: tuple[str, ...] = ()
     # The durable consumers it keeps, by name: consumer management, fetch, ack, dead letters of each.
     consumers: tuple[Consumer, ...] = ()

@@ -82,6 +82,11 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it was started (a test stops it with SIGSTOP, for one)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self, timeout: float = 10.0) -> NatsServer:
         if self.store_dir is None:
             self.store_dir = Path(tempfile.mkdtemp(prefix="cdp-nats-"))

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -44,6 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cdp_kit.auth import TokenAuthenticator, TokenFile, bearer_from_file, token_file_variable
+from cdp_kit.errors import Unauthenticated, Unavailable
 from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
@@ -55,6 +57,12 @@ S = TypeVar("S", bound=ServiceSettings)
 
 # Batches of events travel in one message; the collector enforces its own, smaller, documented limits.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def open_file_limit() -> int:
+    """The process's open-file limit (the soft one: what accept() fails beyond)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class GrpcServer:
@@ -75,6 +83,14 @@ class GrpcServer:
         # The longest request message taken; a service whose requests are smaller lowers it before start
         # (the collector: its port faces the internet), and longer ones are refused from their length.
         self.max_receive_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        # What callers may hold, so a flood of connections or calls cannot take every file descriptor or all
+        # memory (grpc core bounds none of these by default, and waits 120 s for a handshake). Past the
+        # connection cap a new connection is closed at once (the caller sees UNAVAILABLE and retries); calls
+        # past the per-connection cap wait in the caller's channel. Neither ends a long stream, and no idle
+        # or age limit is set: SubscribeInbox and TrainModel streams run for as long as they need.
+        self.max_connections = max(16, open_file_limit() // 4)
+        self.max_calls_per_connection = 1000
+        self.handshake_seconds = 20.0  # to begin HTTP/2 (after TLS, when on) on a new connection
 
     def add_service(
         self,
@@ -114,6 +130,9 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.max_allowed_incoming_connections", self.max_connections),
+                ("grpc.max_concurrent_streams", self.max_calls_per_connection),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake_seconds * 1000)),
             ],
         )
         for add_to_server, servicer in self._registrations:
@@ -414,6 +433,12 @@ def run_main(settings_cls: type[S], setup: SetupFn) -> None:
             runner.run(run_service(settings, setup))
     except KeyboardInterrupt:
         pass
+    except (Unavailable, Unauthenticated) as exc:
+        # What it needs is not there (NATS, the store, another service) or refused it: one line naming what
+        # and the way out is the message (its text names addresses and variables, never customer data); a
+        # traceback of the start-up would hide it. A supervisor (make up, the kubelet) starts it again.
+        log.error("cannot start: %s", exc, extra={"error": type(exc).__name__})
+        raise SystemExit(1) from None
 
 
 __all__ = [

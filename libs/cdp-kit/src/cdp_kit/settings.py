@@ -137,7 +137,12 @@ class ServiceSettings:
     grpc_port: int = env("CDP_GRPC_PORT", 0, help="gRPC port (0: pick a free one)")
     metrics_port: int = env("CDP_METRICS_PORT", 0, help="Prometheus /metrics port (0: disabled)")
     store_url: str = env("CDP_STORE_URL", "sqlite:///.cdp/data/cdp.db", help="memory://, sqlite:///path or mongodb://…")
-    partitions: int = env("CDP_PARTITIONS", 8, help="number of partitions of partitioned subjects")
+    partitions: int = env(
+        "CDP_PARTITIONS",
+        8,
+        help="number of partitions of partitioned subjects: the same for every service of a platform, for its "
+        "life (its streams record it; a service with another count does not start)",
+    )
     log_level: str = env("CDP_LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING or ERROR")
     log_format: typing.Literal["json", "text"] = env("CDP_LOG_FORMAT", "json", help="json or text")
     auth_mode: typing.Literal["tokens", "none"] = env(

@@ -1,5 +1,5 @@
 """The partition ownership bucket is shared, its keys are not: under its own NATS user a service keeps its
-leases (on a bucket it creates, and on one made before by a version without direct gets), and cannot
+leases (on the bucket the provisioner makes, and on one made before by a version without direct gets), and cannot
 list, read, follow or write another service's keys, nor reach another's scan by name. Real nats-server,
 each service's real permissions."""
 
@@ -34,6 +34,8 @@ def users(tmp_path):
     server.config = users.config()
     server.start()
     try:
+        # The bucket, as the provisioner makes it (cdp_kit.provision): no service's user may create it.
+        asyncio.run(users.provision())
         yield users
     finally:
         server.close()
@@ -95,11 +97,12 @@ async def test_another_services_leases_cannot_be_listed_read_or_followed(users):
     assert any("CONSUMER.CREATE" in line for line in violations(users.server))
 
 
-@pytest.mark.parametrize("made_before", [False, True], ids=["bucket-it-creates", "bucket-without-direct-gets"])
+@pytest.mark.parametrize("made_before", [False, True], ids=["bucket-provisioned", "bucket-without-direct-gets"])
 async def test_a_service_keeps_its_leases_under_its_own_user(users, made_before):
     if made_before:
         # The bucket as earlier versions created it (no direct gets): a running platform's, upgraded.
         operator = await users.operator()
+        await operator.jetstream().delete_key_value(OWNERSHIP_BUCKET)
         await operator.jetstream().create_key_value(bucket=OWNERSHIP_BUCKET, history=1)
         await operator.close()
     await profile_holds_partition_0(users)

@@ -24,7 +24,10 @@ class MetricsCapture:
     def collected(self) -> dict[str, tuple[str, list]]:
         """{metric name: (unit, data points)} as recorded so far."""
         out: dict[str, tuple[str, list]] = {}
-        for resource in self.reader.get_metrics_data().resource_metrics:
+        data = self.reader.get_metrics_data()
+        if data is None:  # nothing recorded yet: a test may poll before the first measurement
+            return out
+        for resource in data.resource_metrics:
             for scope in resource.scope_metrics:
                 for metric in scope.metrics:
                     out[metric.name] = (metric.unit, list(metric.data.data_points))

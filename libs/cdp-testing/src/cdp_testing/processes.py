@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cdp_kit.natsserver import free_port, wait_for_port
@@ -36,13 +37,26 @@ class ServiceProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def start(self, timeout: float = 30) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        if not wait_for_port("127.0.0.1", self.grpc_port, timeout):
+        first = self.proc is None
+        for _attempt in range(3):
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", self.module], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                )
+            if _listens(self.proc, self.grpc_port, timeout):
+                return
+            exited = self.proc.poll() is not None
             self.stop()
-            raise RuntimeError(f"{self.name} did not start; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+            # The port was free when it was picked, and another test's process took it before this one
+            # bound it (then something else answers on it): a first start tries new ports.
+            if not (first and exited):
+                break
+            self._new_ports()
+        raise RuntimeError(f"{self.name} did not start; see {self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+
+    def _new_ports(self) -> None:
+        self.grpc_port = free_port()
+        self.env["CDP_GRPC_PORT"] = str(self.grpc_port)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -63,6 +77,39 @@ class ServiceProcess:
         self.stop()
 
 
+def _listens(proc: subprocess.Popen, port: int, timeout: float) -> bool:
+    """Whether `proc` itself listens on `port` within `timeout` (a port that answers may be another
+    process's, which took it between the pick and this one's bind): False as soon as `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if wait_for_port("127.0.0.1", port, 0.1) and _owned_by(proc.pid, port):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _owned_by(pid: int, port: int) -> bool:
+    """Whether the socket listening on 127.0.0.1:`port` is one of `pid`'s (Linux: /proc); True where /proc
+    cannot tell."""
+    try:
+        inodes = set()
+        for path in ("/proc/net/tcp", "/proc/net/tcp6"):  # gRPC listens on 127.0.0.1 through an IPv6 socket
+            with open(path) as table:
+                for line in table.readlines()[1:]:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], fields[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        if not inodes:
+            return False
+        fds = Path(f"/proc/{pid}/fd")
+        return any(os.readlink(fd) in inodes for fd in fds.iterdir())
+    except OSError:
+        return True
+
+
 class CollectorProcess(ServiceProcess):
     def __init__(self, nats_url: str, workdir: Path, *, write_key: str, source_id: str = "test", partitions: int = 8):
         self.write_key = write_key
@@ -81,6 +128,11 @@ class CollectorProcess(ServiceProcess):
                 "CDP_PARTITIONS": str(partitions),
             },
         )
+
+    def _new_ports(self) -> None:
+        super()._new_ports()
+        self.http_port = free_port()
+        self.env["CDP_HTTP_PORT"] = str(self.http_port)
 
 
 class IdentityProcess(ServiceProcess):

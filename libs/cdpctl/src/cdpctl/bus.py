@@ -107,11 +107,28 @@ async def _quiet(_error: Exception) -> None:
     """nats.py's default error callback prints each failed attempt's traceback: the command says it once."""
 
 
-async def _connect(url: str, tls: ssl.SSLContext | None) -> nats.NATS:
+async def connect(url: str, tls: ssl.SSLContext | None) -> nats.NATS:
     """One connection for one command: no reconnects (a server that goes away fails the command), TLS
-    when the server wants it (`cdpctl.common.nats_tls`)."""
+    when the server wants it (`cdpctl.common.nats_tls`). A server that accepts and never answers fails it
+    within nats.py's connect timeout (5 s: the wait for its INFO line)."""
     return await nats.connect(
         url, connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False, tls=tls, error_cb=_quiet
+    )
+
+
+# What a bus command meets when nats-server does not answer it (wedged, refusing, gone): `not_answering`.
+NOT_ANSWERING = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoServersError, OSError)
+
+
+def not_answering(url: str, exc: BaseException, timeout: float = ANSWER_TIMEOUT) -> click.ClickException:
+    """The error that ends a bus command whose server did not answer (`exc`, one of `NOT_ANSWERING`):
+    it names the server and where to look, no traceback."""
+    from cdp_kit.urls import without_credentials
+
+    why = "no answer" if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else type(exc).__name__
+    return click.ClickException(
+        f"nats-server at {without_credentials(url)} is not answering ({why} within {timeout:.0f} s); "
+        "`cdpctl status` shows its state (under `cdpctl up` its log is .cdp/nats/nats-server.log)"
     )
 
 
@@ -125,19 +142,15 @@ def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIM
 
     try:
         return asyncio.run(bounded())
-    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoServersError, OSError) as exc:
-        why = "no answer" if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else type(exc).__name__
-        raise click.ClickException(
-            f"nats-server at {url} is not answering ({why} within {timeout:.0f} s); "
-            "`cdpctl status` shows its state (under `cdpctl up` its log is .cdp/nats/nats-server.log)"
-        ) from None
+    except NOT_ANSWERING as exc:
+        raise not_answering(url, exc, timeout) from None
 
 
 async def dead_letters(
     url: str, subject: str, *, limit: int, replay: bool, tls: ssl.SSLContext | None = None
 ) -> tuple[list[DeadLetter], int]:
     """The first `limit` dead letters on `subject`, oldest first; replayed (and removed) when asked."""
-    nc = await _connect(url, tls)
+    nc = await connect(url, tls)
     try:
         js = nc.jetstream()
         found: list[DeadLetter] = []
@@ -178,7 +191,7 @@ async def missing_name(
     url: str, stream: str, consumer: str | None, tls: ssl.SSLContext | None = None
 ) -> click.BadParameter | None:
     """Why a STREAM (or its CONSUMER) with no dead letters names nothing, or None when both exist."""
-    nc = await _connect(url, tls)
+    nc = await connect(url, tls)
     try:
         js = nc.jetstream()
         try:
@@ -246,7 +259,7 @@ def dlq(
 
 
 async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict]:
-    nc = await _connect(url, tls)
+    nc = await connect(url, tls)
     try:
         js = nc.jetstream()
         rows = []

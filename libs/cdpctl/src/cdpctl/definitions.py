@@ -4,15 +4,16 @@
     cdpctl definitions import FILE [--dry-run] [--replace] [--json]
 
 A store file lost (docs/architecture.md, "a store file damaged or deleted") takes with it what people
-defined there, which nothing on the bus rebuilds: computed traits, segments, journeys and every published
-version, which model version is live. `export` reads them from the running services' gRPC APIs (the
+defined there, which nothing on the bus rebuilds: computed traits, segments, journeys (every published
+version, and the draft being edited), which model version is live. `export` reads them from the running services' gRPC APIs (the
 document: definitions_document.py; what is read and what is left out: definitions_read.py); `import`
 puts them back into a platform through the same APIs (definitions_apply.py), definition by definition:
 created, unchanged, conflicting (same name, other content; never overwritten without --replace),
 replaced, manual (no RPC can do it: the report says what to do) or failed (the service's refusal, with
 the field it named). Importing twice changes nothing; --dry-run writes nothing and says what it would
 do. A line per kind reports progress on stderr as it goes. Exit code 1 when any definition is
-conflicting, manual or failed.
+conflicting, manual or failed. The whole document is checked before any platform is asked anything
+(definitions_document.check): a document with one wrong field changes nothing, dry run or not.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import click
 
 from cdpctl import tls
 from cdpctl.common import bearer, console, emit, out, rpc_error, service_address
-from cdpctl.definitions_document import KINDS, DocumentError, document, dumps, loads
+from cdpctl.definitions_document import KINDS, DocumentError, document, dumps, loads, read
 from cdpctl.platform import Workspace, write_private
 
 T = TypeVar("T")
@@ -136,7 +137,7 @@ def import_(ws: Workspace, file: Path, dry_run: bool, replace: bool, as_json: bo
     from cdpctl.definitions_read import LABELS
 
     try:
-        doc = loads(file.read_text(), str(file))
+        doc = loads(read(file), str(file))
     except OSError as exc:
         raise click.BadParameter(f"cannot read {file}: {exc.strerror}", param_hint="FILE") from None
     except DocumentError as exc:

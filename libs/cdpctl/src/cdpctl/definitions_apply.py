@@ -2,13 +2,15 @@
 APIs: each is `created` (absent there), `unchanged` (there with the same content), `conflicting` (there,
 same name, other content: left as it is and the differing fields named), `replaced` (conflicting, and
 --replace changed it), `manual` (the services have no RPC that can make it so: what to do instead) or
-`failed` (a service refused it: its code and the field it named). Importing a document twice changes
-nothing the second time. With dry_run nothing is written and each outcome says what would happen.
+`failed` (a service refused it: its code and the field it named; or cdpctl could not send it).
+Importing a document twice changes nothing the second time. With dry_run nothing is written and each outcome says what would happen.
 
 Order: computed traits, then segments (each after the segments it refers to), models, journeys (their
 conditions may read segments and computed traits), identity, CRM connections. A new journey is
 published version after version and paused after its first, so no one enters a version that is not
-its last; it is resumed at the end when it was active. Segments are created without waiting and their
+its last; it is resumed at the end when it was active. Its draft is saved last; a journey here with a
+draft the document lacks is conflicting, the draft named and kept (a document without one never discards
+it), and a draft in the document that is not here is conflicting until --replace saves it. Segments are created without waiting and their
 whole-population builds are waited for together at the end of their kind.
 """
 
@@ -96,6 +98,8 @@ class Apply:
                 outcomes.append(Outcome(kind, name, FAILED, _refusal(exc)))
             except _Refused as refused:
                 outcomes.append(Outcome(kind, name, FAILED, str(refused)))
+            except (TypeError, ValueError) as exc:  # a value check() let through: reported, the rest goes on
+                outcomes.append(Outcome(kind, name, FAILED, _unsendable(exc)))
         return outcomes
 
     # --- computed traits -----------------------------------------------------------------------------
@@ -203,6 +207,8 @@ class Apply:
                 outcomes.append(await self._model(model, there.get(model["name"])))
             except grpc.aio.AioRpcError as exc:
                 outcomes.append(Outcome("models", model["name"], FAILED, _refusal(exc)))
+            except (TypeError, ValueError) as exc:
+                outcomes.append(Outcome("models", model["name"], FAILED, _unsendable(exc)))
         return outcomes
 
     async def _model(self, model: dict[str, Any], current: dict[str, Any] | None) -> Outcome:
@@ -258,26 +264,68 @@ class Apply:
         async def check(entry) -> None:
             await self._validate(entry["id"], [*entry["versions"], *([entry["draft"]] if entry.get("draft") else [])])
 
-        return await self.each("journeys", wanted, present, self._create_journey, self._replace_journey, check)
+        # A document without a draft says nothing about the platform's (an older export, one taken before the
+        # edit): it never discards it. Compared without it, and named in the outcome (`_name_draft`).
+        asked = {entry["id"]: entry for entry in wanted}
+        there = {entry["id"]: entry for entry in present}
+        kept = {i for i, j in there.items() if j.get("draft") is not None and i in asked and not asked[i].get("draft")}
+        compared = [{**j, "draft": None} if j["id"] in kept else j for j in present]
+        outcomes = await self.each("journeys", wanted, compared, self._create_journey, self._replace_journey, check)
+        return [self._name_draft(o, asked[o.name], there.get(o.name)) for o in outcomes]
+
+    def _name_draft(self, outcome: Outcome, entry: dict[str, Any], current: dict[str, Any] | None) -> Outcome:
+        """The outcome naming a draft the document and the platform do not both have (both ways)."""
+        if current is None or outcome.status == FAILED:
+            return outcome
+        mine, theirs = entry.get("draft"), current.get("draft")
+        number = theirs.get("version") if theirs is not None else None
+        if isinstance(number, int) and outcome.status == REPLACED and len(entry["versions"]) >= number:
+            replaced = "would be replaced" if self.dry_run else "was replaced"
+            outcome.detail += f"; the draft v{number} here {replaced} by the document's published v{number}"
+            return outcome
+        if mine is not None and theirs is None and outcome.status == CONFLICTING:
+            outcome.detail = f"draft v{mine['version']} in the document, not on the platform; {outcome.detail}"
+        if mine is not None or theirs is None:
+            return outcome
+        note = (
+            f"draft v{number} on the platform, not in the document: import leaves it (a document without a "
+            f"draft never discards one); `cdpctl journey discard-draft {entry['id']}` discards it"
+        )
+        if outcome.status == UNCHANGED:
+            return Outcome(outcome.kind, outcome.name, CONFLICTING, note)
+        outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
+        return outcome
 
     async def _journey(self, rpc: str, journey_id: str, definition: dict[str, Any] | None = None) -> str:
-        """One lifecycle call; the journey's state after it."""
+        """One lifecycle call; the journey's state after it. Each call is made on the journey as this import
+        read it (its revision), then as this import's previous call left it: an edit someone else saved in
+        between stops the import of this journey, never overwritten."""
         from cdp.orchestration.v1 import orchestration_pb2 as pb
 
+        expected = self.services.revisions.get(journey_id, 0)  # 0: not checked (created by this import)
         text = pb.JourneyDefinition(json=json.dumps(definition)) if definition is not None else None
         request = {
             "CreateJourney": lambda: pb.CreateJourneyRequest(definition=text),
-            "UpdateJourney": lambda: pb.UpdateJourneyRequest(journey_id=journey_id, definition=text),
-            "PublishJourney": lambda: pb.PublishJourneyRequest(journey_id=journey_id),
+            "UpdateJourney": lambda: pb.UpdateJourneyRequest(
+                journey_id=journey_id, definition=text, expected_revision=expected
+            ),
+            "PublishJourney": lambda: pb.PublishJourneyRequest(journey_id=journey_id, expected_revision=expected),
         }.get(rpc, lambda: pb.JourneyRef(journey_id=journey_id))()
+        step = f"{rpc} of v{definition.get('version')}" if definition is not None else rpc
         try:
             reply = await self.call("orchestration", rpc, request)
         except grpc.aio.AioRpcError as exc:
-            step = f"{rpc} of v{definition.get('version')}" if definition is not None else rpc
+            if exc.code() == grpc.StatusCode.ABORTED and expected:
+                raise _Refused(_changed_meanwhile(step, journey_id, expected)) from None
             raise _Refused(
                 f"{step} refused: {_refusal(exc)}; what was stored before stays (cdpctl journey get {journey_id}): "
                 "fix it and import again with --replace"
             ) from None
+        # Pause, resume and archive take no revision: one that was not the only change since says so after.
+        if expected and reply.revision and rpc not in CHECKED_BY_SERVICE and reply.revision != expected + 1:
+            raise _Refused(_changed_meanwhile(step, journey_id, expected, done=True))
+        if reply.revision:
+            self.services.revisions[journey_id] = reply.revision
         return pb.JourneyState.Name(reply.state).removeprefix("JOURNEY_STATE_").lower()
 
     async def _publish(self, journey_id: str, state: str, versions: list[dict[str, Any]], *, first: bool) -> str:
@@ -424,6 +472,21 @@ class _Manual(Exception):
 
 class _Refused(Exception):
     """A definition the service's own check refused before anything was stored; the message names it."""
+
+
+CHECKED_BY_SERVICE = ("CreateJourney", "UpdateJourney", "PublishJourney")  # checked by the service itself
+
+
+def _changed_meanwhile(step: str, journey_id: str, revision: int, done: bool = False) -> str:
+    made = f"{step} was made, and the import of this journey stopped" if done else f"{step} was not made"
+    return (
+        f"changed on the platform since this import read it (at revision {revision}): {made}; see what changed "
+        f"(cdpctl journey get {journey_id}) and import again"
+    )
+
+
+def _unsendable(exc: Exception) -> str:
+    return f"cdpctl could not send it ({type(exc).__name__}: {exc}): correct its fields and import again"
 
 
 def _refusal(exc: grpc.aio.AioRpcError) -> str:

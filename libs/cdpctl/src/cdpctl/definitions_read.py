@@ -53,6 +53,8 @@ class Services:
     metadata: tuple
     not_included: list[dict[str, str]] = field(default_factory=list)
     model_traits: set[str] = field(default_factory=set)  # the computed traits deployed models read
+    # Each journey's revision as read: an import changes a journey only while it is still as read.
+    revisions: dict[str, int] = field(default_factory=dict)
 
     def gap(self, kind: str, what: str, missing: str, name: str = "") -> None:
         entry = {"kind": kind, "what": what, "missing": missing}
@@ -146,6 +148,7 @@ async def read_journeys(s: Services) -> list[dict[str, Any]]:
             break
     journeys = []
     for journey in sorted(listed, key=lambda j: j.id):
+        s.revisions[journey.id] = journey.revision
         versions = []
         for number in range(1, journey.version + 1):
             shown = await s.call(
@@ -156,15 +159,34 @@ async def read_journeys(s: Services) -> list[dict[str, Any]]:
         if journey.draft_version and not journey.version:
             draft = _dict(journey.definition)  # never published: what ListJourneys shows is the draft
         elif journey.draft_version:
-            s.gap(
-                "journeys",
-                f"draft v{journey.draft_version} (unpublished edits after live v{journey.version})",
-                "orchestration: GetJourney returns published versions only once one exists (no way to ask for the draft)",
-                journey.id,
-            )
+            draft = await _draft(s, journey.id)
+            if draft is not None and draft.get("version") != journey.draft_version:
+                # an orchestration older than GetJourney's `draft` answers with the live version
+                draft = None
+                s.gap(
+                    "journeys",
+                    f"draft v{journey.draft_version} (unpublished edits after live v{journey.version})",
+                    "orchestration: GetJourney has no `draft` in this release (upgrade orchestration to export it)",
+                    journey.id,
+                )
         state = pb.JourneyState.Name(journey.state).removeprefix("JOURNEY_STATE_").lower()
         journeys.append({"id": journey.id, "state": state, "versions": versions, "draft": draft})
     return journeys
+
+
+async def _draft(s: Services, journey_id: str) -> dict[str, Any] | None:
+    """The journey's draft; None when it was published or discarded since ListJourneys."""
+    import grpc
+
+    from cdp.orchestration.v1 import orchestration_pb2 as pb
+
+    try:
+        shown = await s.call("orchestration", "GetJourney", pb.GetJourneyRequest(journey_id=journey_id, draft=True))
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return _dict(shown.definition)
 
 
 async def read_identity(s: Services) -> dict[str, Any]:

@@ -27,6 +27,7 @@ behind) is named, a missing one as missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import Iterable
@@ -280,7 +281,21 @@ def delete(
         return
     url = nats_url(ws, nats_address)
     expected = expected_privacy_consumers(ws, url)
-    acknowledged, missing = asyncio.run(privacy_acknowledged(url, timeout, expected, tls=nats_tls(ws, url)))
+    from cdpctl import bus  # the bus only for --wait (cdpctl's start-up stays short for the rest)
+
+    try:
+        acknowledged, missing = asyncio.run(privacy_acknowledged(url, timeout, expected, tls=nats_tls(ws, url)))
+    except bus.NOT_ANSWERING as exc:
+        # profile has done its part and published the notice: only the confirmation is missing.
+        out.print_json(json.dumps(result))
+        check = f"cdpctl delete {person_id} --request-id {result['requestId']} --yes --wait"
+        raise click.ClickException(
+            f"the deletion of person {person_id} was requested and accepted (request "
+            f"{result['requestId']}), but waiting for every service to confirm it failed: "
+            f"{bus.not_answering(url, exc).message}. Check later with `{check}`"
+            f"{' and the same --nats' if nats_address else ''} (the same request: answered from its record, "
+            "nothing is deleted twice)"
+        ) from None
     result["acknowledged"], result["missing"] = acknowledged, missing
     out.print_json(json.dumps(result))
     pending = [f"{name} (no such consumer)" if name in missing else name for name, ok in acknowledged.items() if not ok]
@@ -310,18 +325,23 @@ async def privacy_acknowledged(
     module docstring); and the expected ones the server does not have."""
     expected = list(expected)
     # The bus only for --wait: every other command here talks gRPC (and cdpctl's start-up stays short).
-    import nats
-
     from cdp_kit.bus import subjects
+    from cdpctl.bus import ANSWER_TIMEOUT, connect
 
-    nc = await nats.connect(url, tls=tls)  # cdpctl's certificate under `cdpctl up --tls`
+    # Every exchange with the server is bounded: a wedged one (SIGSTOP: the kernel still accepts on its
+    # port) fails the wait with one of `cdpctl.bus.NOT_ANSWERING` instead of hanging.
+    async with asyncio.timeout(ANSWER_TIMEOUT):
+        nc = await connect(url, tls)  # cdpctl's certificate under `cdpctl up --tls`
     try:
         js = nc.jetstream()
-        last = (await js.stream_info(subjects.PRIVACY)).state.last_seq
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            last = (await js.stream_info(subjects.PRIVACY)).state.last_seq
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            consumers = [c for c in await js.consumers_info(subjects.PRIVACY) if c.config.durable_name]
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                listed = await js.consumers_info(subjects.PRIVACY)
+            consumers = [c for c in listed if c.config.durable_name]
             done = dict.fromkeys(expected, False)  # gone from the server: nothing acknowledged
             done.update({c.config.durable_name: c.ack_floor.stream_seq >= last for c in consumers})
             if (done and all(done.values())) or loop.time() > deadline:
@@ -329,4 +349,6 @@ async def privacy_acknowledged(
                 return dict(sorted(done.items())), sorted(set(expected) - present)
             await asyncio.sleep(0.2)
     finally:
-        await nc.close()
+        with contextlib.suppress(TimeoutError):  # what was read stands; a wedged server only delays it
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await nc.close()

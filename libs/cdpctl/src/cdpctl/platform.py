@@ -529,6 +529,16 @@ class Workspace:
         SMTP server makes it with its cur/new/tmp only when the folder does not exist yet."""
         return (self.root / "channels", self.root / "crm")
 
+    def privacy_hash_key_file(self) -> Path:
+        """The key profile and the collector hash a deleted person's identifiers with (CDP_PRIVACY_HASH_KEY_FILE),
+        made once per home and never replaced: the deletion notices made with it are kept for ever, and a
+        notice whose key is gone no longer suppresses its person's events."""
+        path = self.secrets_dir / "privacy-hash.key"
+        if not path.exists():
+            self.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private(path, secrets.token_hex(32) + "\n")
+        return path
+
     def dev_secret(self, name: str) -> str:
         """A secret the services and the companions share locally (the webhook signing key, the local
         Twilio's auth token), made once per workspace and readable by its owner only."""
@@ -696,6 +706,7 @@ def service_environment(
             "CDP_AUTH_MODE": "tokens",
             "CDP_AUTH_TOKENS_FILE": str(ws.tokens_file),
             "CDP_COLLECTOR_SOURCES_FILE": str(ws.sources_file),
+            "CDP_PRIVACY_HASH_KEY_FILE": str(ws.privacy_hash_key_file()),
             "CDP_LOG_FORMAT": env.get("CDP_LOG_FORMAT", "json"),
             "PYTHONUNBUFFERED": "1",
         }

@@ -24,6 +24,7 @@ commands (`dlq`, `lag`, `delete --wait`) with cdpctl's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,9 @@ import click
 from cdp_kit.natsserver import NatsServer
 from cdpctl import tls
 from cdpctl.common import console, out
+from cdpctl.partitions import home_partitions
+from cdpctl.partitions import record as record_partitions
+from cdpctl.partitions import recorded as recorded_partitions
 from cdpctl.platform import (
     COMPANIONS,
     SERVICES,
@@ -44,6 +48,7 @@ from cdpctl.platform import (
     companion_command,
     companion_environment,
     companion_urls,
+    fill,
     nats_server_config,
     next_nats_user,
     pick_port,
@@ -115,6 +120,40 @@ async def _ready(
     return None
 
 
+async def _provision(ws: Workspace, url: str, client: dict | None, *, quiet: bool = False) -> int | None:
+    """Create and configure every stream as cdpctl's operator user, with the retention settings the
+    services will get (cdpctl's environment and the services' own `env`); 1 when it cannot be done.
+    `quiet`: say nothing when nothing had to change (before a crashed service is started again)."""
+    from cdp_kit.natsauth import NatsClientSettings  # (it imports the bus)
+    from cdp_kit.provision import run as provision
+    from cdp_kit.streamtable import KNOBS, MODEL_STORE_VARIABLE
+
+    shaping = {knob.variable for knob in KNOBS} | {MODEL_STORE_VARIABLE, "CDP_OWNERSHIP"}
+    environ = dict(os.environ)
+    for svc in SERVICES:
+        environ.update({key: fill(value, ws, {}) for key, value in svc.env.items() if key in shaping})
+    security = NatsClientSettings()
+    if client is not None:
+        security = NatsClientSettings(
+            tls_ca_file=Path(client["ca_file"]),
+            tls_cert_file=Path(client["cert_file"]),
+            tls_key_file=Path(client["key_file"]),
+        )
+    try:
+        done = await provision(ws.nats_operator_url(url), environ=environ, security=security)
+    except Exception as exc:
+        console.print(f"[red]provisioning the streams failed: {type(exc).__name__}: {exc}[/]", soft_wrap=True)
+        return 1
+    created = [line for line in done if line.startswith("created ")]
+    if quiet and not done:
+        return None
+    console.print(f"streams provisioned ({len(created)} created, {len(done) - len(created)} updated)")
+    for line in done:  # what an update changed, as it was and as it is now (never a message)
+        if line not in created:
+            console.print(f"  {line}", soft_wrap=True, markup=False)
+    return None
+
+
 async def _up(
     ws: Workspace, startup_timeout: float, policy: RestartPolicy, *, companions: bool = True, use_tls: bool = False
 ) -> int:
@@ -127,8 +166,21 @@ async def _up(
         return 1
     # Everything made from here on - by cdpctl, nats-server (its JetStream store), the services (their
     # stores) and the companions, who inherit the umask - is the owner's only (cdpctl.platform).
-    with private_umask():
+    with private_umask(), _environment_kept("CDP_PARTITIONS"):
         return await _up_private(ws, startup_timeout, policy, companions=companions, use_tls=use_tls)
+
+
+@contextlib.contextmanager
+def _environment_kept(variable: str):
+    """`variable` of cdpctl's environment as it was before, once the block is done."""
+    before = os.environ.get(variable)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = before
 
 
 async def _up_private(
@@ -141,6 +193,11 @@ async def _up_private(
             "cdpctl): now its owner's only.[/]"
         )
     ws.prepare()
+    # Before anything reads or writes the home's data: the count it was made with (a new home: 2).
+    # Everything started from here gets it from cdpctl's environment: nats-server's users (their
+    # permissions name each partition), the provisioner (which records it in the streams) and every service.
+    partitions = home_partitions(ws.root, os.environ, data=(ws.nats_dir / "jetstream", ws.data_dir))
+    os.environ["CDP_PARTITIONS"] = str(partitions)
     ws.write_nats_auth()
     client = None
     if use_tls:
@@ -177,6 +234,14 @@ async def _up_private(
         loop.add_signal_handler(sig, stopping.set)
     code = 0
     try:
+        # Every stream and bucket, with its spec, before any service starts: no service's NATS user may
+        # create or update a stream (cdp_kit.provision); each verifies at start what is made here.
+        failed = await _provision(ws, nats.url, client)
+        if failed is not None:
+            return failed
+        # A home from before the record: its count is written once the provisioner found it agrees with
+        # what the streams show (a refused count leaves no record to undo).
+        record_partitions(ws.root, int(os.environ["CDP_PARTITIONS"]))
         # Companions first: the services' environment names their ports and files (and services started
         # earlier: orchestration posts outcome events to the collector's HTTP port).
         named_ports: dict[str, int] = {}
@@ -291,6 +356,14 @@ async def _up_private(
                     console.print(f"[yellow]{event.name} restarted (pid {event.pid})[/]")
                 elif isinstance(event, Exited):
                     recovering.discard(event.name)
+                    if event.name in state["services"] and nats.running:
+                        # A stream someone changed since (a drifted retention, a republish) stops every
+                        # service that verifies it at start: put it back before this one starts again
+                        # (bounded: supervising, nats-server's own restart included, must go on).
+                        try:
+                            await asyncio.wait_for(_provision(ws, nats.url, client, quiet=True), 10.0)
+                        except TimeoutError:
+                            console.print("[yellow]provisioning the streams again took over 10 s; left for now[/]")
                     restart_started(entry(event.name), event, policy)  # `status` shows it restarting
                     ws.write_run(state)
                     console.print(
@@ -408,11 +481,20 @@ def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
     Make before break: nats-server learns the new user beside the old one, the service's credentials file
     is rewritten (the service reconnects with it by itself), then the old user is removed.
     """
-    from cdp_kit.natsauth import new_password, read_credentials, write_credentials  # (it imports the bus)
+    from cdp_kit.natsauth import default_partitions  # (it imports the bus)
 
     state = ws.running()
     if state is None:
         raise click.ClickException(f"cdp is not running in {ws.root} (start it with `make up`)")
+    with _environment_kept("CDP_PARTITIONS"):
+        # The users' permissions name each partition: the home's count, whatever this shell says.
+        os.environ["CDP_PARTITIONS"] = str(recorded_partitions(ws.root) or default_partitions())
+        _rotate(ws, state, service, timeout)
+
+
+def _rotate(ws: Workspace, state: dict, service: str, timeout: float) -> None:
+    from cdp_kit.natsauth import new_password, read_credentials, write_credentials  # (it imports the bus)
+
     path = ws.nats_credentials_file(service)
     old, _password = read_credentials(path)
     new, password = next_nats_user(old), new_password()

@@ -9,16 +9,18 @@ nats-server and every service are, and every service's stores can write (the hea
 a service whose store cannot write - a full disk - is shown "SERVING, store cannot write"); a companion
 that is down is shown DOWN but does not make it unhealthy (it stands in for something outside the
 platform).
+
+Every check starts at once and all end by one deadline (`STATUS_TIMEOUT` after the start): a service's
+health gets `HEALTH_TIMEOUT` of it, a listener's probe `PROBE_TIMEOUT`, and whatever has not answered
+by the deadline is shown as not answering. The probes are asyncio connections, not threads: a platform
+with more listeners than a thread pool has threads still answers within the one deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
-import urllib.error
-import urllib.request
+from collections.abc import Awaitable
 from urllib.parse import urlsplit
 
 import click
@@ -26,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
+from cdp_kit.urls import without_credentials
 from cdpctl import tls
 from cdpctl.common import console, out
 from cdpctl.platform import COMPANIONS, Companion, Workspace
@@ -34,85 +37,118 @@ from cdpctl.supervise import restart_label
 # The health service name a service reads NOT_SERVING under while one of its stores cannot write (a full
 # disk, a read-only volume: cdp_kit.storage.health, not imported here to keep `status` quick).
 STORE_HEALTH = "cdp.storage"
-
-
-async def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
-    try:
-        async with tls.aio_channel(address) as channel:
-            request = health_pb2.HealthCheckRequest(service=service)
-            reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    except grpc.aio.AioRpcError as exc:
-        return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
-
+STORE_CANNOT_WRITE = "SERVING, store cannot write"
 
 # A companion's health: UP when every listener answers, DOWN when one does not accept connections, NOT
 # ANSWERING when one accepts them but says nothing in time (the kernel accepts for a stopped process).
 UP, DOWN, NOT_ANSWERING = "UP", "DOWN", "NOT ANSWERING"
 UNHEALTHY = "UNHEALTHY"  # nats-server answers its monitor's /healthz with an error (JetStream not ready)
+
+HEALTH_TIMEOUT = 1.0  # seconds a service's gRPC health check gets
 PROBE_TIMEOUT = 1.5  # seconds for the connection and the first bytes of the answer, per listener
+# The one deadline of `status`: every check starts at once and ends by then (the longest of the above).
+STATUS_TIMEOUT = max(HEALTH_TIMEOUT, PROBE_TIMEOUT)
+# Past the deadline, for a check to report its own timeout before it is given up on (`_by`).
+_GRACE = 0.25
 
 
-def _first_bytes(sock: socket.socket, count: int, deadline: float) -> bytes:
-    data = b""
-    while len(data) < count:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            break  # closed before answering
-        data += chunk
-    return data
-
-
-def probe(port: int, protocol: str = "http", path: str = "/", timeout: float = PROBE_TIMEOUT) -> str:
-    """UP when the listener on `port` answers a request of its protocol within `timeout`: an HTTP listener
-    any status line to `GET <path>` (a 404 is an answer), an SMTP listener its greeting, a NATS client port
-    its INFO line."""
-    deadline = time.monotonic() + timeout
+async def _check(stub: health_pb2_grpc.HealthStub, service: str, timeout: float) -> str:
     try:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    except OSError:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.aio.AioRpcError as exc:
+        return "DOWN" if exc.code() == grpc.StatusCode.UNAVAILABLE else exc.code().name
+
+
+async def check_health(address: str, timeout: float = HEALTH_TIMEOUT, service: str = "") -> str:
+    """A service's gRPC health (of `service`, "" its liveness): SERVING, NOT_SERVING, DOWN (nothing
+    listens) or the RPC's error code (DEADLINE_EXCEEDED: it accepts and does not answer in `timeout`)."""
+    async with tls.aio_channel(address) as channel:
+        return await _check(health_pb2_grpc.HealthStub(channel), service, timeout)
+
+
+async def service_health(address: str, timeout: float = HEALTH_TIMEOUT) -> str:
+    """A service's health as `status` shows it: its liveness, and its stores' (`STORE_HEALTH`) asked at the
+    same time on one connection; STORE_CANNOT_WRITE when it serves and a store cannot write."""
+    async with tls.aio_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        alive, store = await asyncio.gather(_check(stub, "", timeout), _check(stub, STORE_HEALTH, timeout))
+    return STORE_CANNOT_WRITE if alive == "SERVING" and store == "NOT_SERVING" else alive
+
+
+# Bytes of an answer a probe reads: enough for an HTTP status line's code ("HTTP/1.1 200"), NATS's "INFO "
+# and SMTP's code; less when the line ends or the listener closes first.
+_ANSWER_BYTES = 12
+
+
+async def _answer(port: int, protocol: str, path: str, host: str) -> bytes | None:
+    """The start of what the listener on `port` says to a request of `protocol` (b"" when it closes
+    without a word), or None when it does not accept connections."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError:  # refused, unreachable (a timeout is the caller's: a cancellation here)
+        return None
+    try:
+        if protocol == "http":
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+        # nats and SMTP speak first: their INFO line, their greeting
+        answer = b""
+        while len(answer) < _ANSWER_BYTES and b"\n" not in answer:
+            chunk = await reader.read(_ANSWER_BYTES - len(answer))
+            if not chunk:
+                break  # closed
+            answer += chunk
+        if protocol == "smtp" and answer[:1] in (b"2", b"4", b"5"):
+            writer.write(b"QUIT\r\n")
+        return answer
+    finally:
+        writer.transport.abort()  # nothing more to say or hear: no wait on a peer that has stopped
+
+
+async def probe(
+    port: int, protocol: str = "http", path: str = "/", timeout: float = PROBE_TIMEOUT, host: str = "127.0.0.1"
+) -> str:
+    """UP when the listener on `port` answers a request of its protocol within `timeout`: an HTTP listener
+    any status line to `GET <path>` (a 404 is an answer), an SMTP listener its greeting (220, or 421 busy),
+    a NATS client port its INFO line. DOWN when nothing listens; NOT ANSWERING otherwise."""
+    try:
+        async with asyncio.timeout(timeout):
+            line = await _answer(port, protocol, path, host)
+    except OSError:  # no answer in time (TimeoutError is an OSError), or reset while answering
+        return NOT_ANSWERING
+    if line is None:
         return DOWN
-    with sock:
-        try:
-            if protocol == "nats":  # the server speaks first: its INFO line
-                answered = _first_bytes(sock, 5, deadline) == b"INFO "
-            elif protocol == "smtp":
-                answered = _first_bytes(sock, 4, deadline)[:1] in (b"2", b"4", b"5")  # 220, or 421 busy
-                if answered:
-                    sock.sendall(b"QUIT\r\n")
-            else:
-                request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-                sock.sendall(request.encode())
-                answered = _first_bytes(sock, 5, deadline) == b"HTTP/"
-        except OSError:  # a timeout, or reset
-            return NOT_ANSWERING
-    return UP if answered else NOT_ANSWERING
+    if protocol == "nats":
+        return UP if line.startswith(b"INFO ") else NOT_ANSWERING
+    if protocol == "smtp":
+        return UP if line[:1] in (b"2", b"4", b"5") else NOT_ANSWERING
+    return UP if line.startswith(b"HTTP/") else NOT_ANSWERING
 
 
-def _healthz(monitor: str, timeout: float = PROBE_TIMEOUT) -> str:
+async def _healthz(monitor: str, timeout: float = PROBE_TIMEOUT) -> str:
     """nats-server's own word (its monitor's /healthz, JetStream included): UP on 200, UNHEALTHY on another
     status, NOT ANSWERING without an answer in `timeout`, DOWN when nothing listens."""
+    where = urlsplit(monitor)
+    host, port = where.hostname or "127.0.0.1", where.port or 80
     try:
-        with urllib.request.urlopen(f"{monitor}/healthz", timeout=timeout) as reply:
-            return UP if reply.status == 200 else UNHEALTHY
-    except urllib.error.HTTPError:
-        return UNHEALTHY
-    except TimeoutError:
+        async with asyncio.timeout(timeout):
+            line = await _answer(port, "http", f"{where.path.rstrip('/')}/healthz", host)
+    except OSError:
         return NOT_ANSWERING
-    except urllib.error.URLError as exc:
-        return NOT_ANSWERING if isinstance(exc.reason, TimeoutError) else DOWN
-    except OSError:  # reset while answering
+    if line is None:
+        return DOWN
+    if not line.startswith(b"HTTP/"):
         return NOT_ANSWERING
+    return UP if line.split(b" ")[1:2] == [b"200"] else UNHEALTHY
 
 
-async def nats_health(state: dict) -> str:
-    """nats-server's health, probed as the companions are (both at once, `PROBE_TIMEOUT` each): its client
-    port must send its INFO line, and its monitor (when run.json lists one) answer /healthz with 200."""
+async def nats_health(state: dict, timeout: float = PROBE_TIMEOUT) -> str:
+    """nats-server's health, probed as the companions are (both at once, `timeout` each): its client port
+    must send its INFO line, and its monitor (when run.json lists one) answer /healthz with 200."""
     where = urlsplit(state["nats"])
-    checks = [asyncio.to_thread(probe, where.port or 4222, "nats")]
+    checks = [probe(where.port or 4222, "nats", timeout=timeout)]
     if state.get("nats_monitor"):
-        checks.append(asyncio.to_thread(_healthz, state["nats_monitor"]))
+        checks.append(_healthz(state["nats_monitor"], timeout))
     found = await asyncio.gather(*checks)
     return next((h for h in (DOWN, NOT_ANSWERING, UNHEALTHY) if h in found), UP)
 
@@ -120,14 +156,13 @@ async def nats_health(state: dict) -> str:
 _COMPANIONS = {companion.name: companion for companion in COMPANIONS}
 
 
-async def companion_health(name: str, companion: dict) -> str:
-    """The health of a companion run.json lists (its ports), probed as its definition says (`Companion`)."""
+async def companion_health(name: str, companion: dict, timeout: float = PROBE_TIMEOUT) -> str:
+    """The health of a companion run.json lists (its ports), probed as its definition says (`Companion`),
+    every listener at once."""
     definition = _COMPANIONS.get(name) or Companion(name, "", (), {})
     found = await asyncio.gather(
         *(
-            asyncio.to_thread(
-                probe, port, definition.protocols.get(listener, "http"), definition.health_path, PROBE_TIMEOUT
-            )
+            probe(port, definition.protocols.get(listener, "http"), definition.health_path, timeout)
             for listener, port in companion["ports"].items()
         )
     )
@@ -141,7 +176,7 @@ def _status_table(state: dict, health: dict[str, str], *, nats: str, companions:
     table.add_row(
         "nats-server",
         f"[{'green' if nats == UP else 'red'}]{nats}[/]",
-        _without_credentials(state["nats"]),
+        without_credentials(state["nats"]),
         state.get("nats_monitor", ""),
         "",
     )
@@ -164,38 +199,33 @@ def _status_table(state: dict, health: dict[str, str], *, nats: str, companions:
     return table
 
 
+async def _by(deadline: float, check: Awaitable[str], late: str) -> str:
+    """`check`'s answer, or `late` when it has none by `deadline` (loop time): what a check's own timeout
+    does not bound (a name to resolve, a loop too busy to run it) cannot hold `status` past it."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await check
+    except TimeoutError:
+        return late
+
+
 async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str]]:
     state = ws.running()
     if state is None:
         return None, {}, DOWN, {}
-    nats = asyncio.ensure_future(nats_health(state))  # probed while the services are asked
-    # Every service asked at once (at most STATUS_CONCURRENCY at a time): a wedged platform answers in about
-    # one timeout, not one per service. The table keeps run.json's order.
-    bound = asyncio.Semaphore(STATUS_CONCURRENCY)
-
-    async def service_health(address: str) -> str:
-        async with bound:
-            found = await check_health(address)
-            if found == "SERVING" and await check_health(address, service=STORE_HEALTH) == "NOT_SERVING":
-                return STORE_CANNOT_WRITE
-            return found
-
-    services = state["services"]
-    found = await asyncio.gather(*(service_health(svc["grpc"]) for svc in services.values()))
-    health = dict(zip(services, found, strict=True))
-    listed = state.get("companions", {})
-    found = await asyncio.gather(*(companion_health(name, companion) for name, companion in listed.items()))
-    companions = dict(zip(listed, found, strict=True))
-    return state, health, await nats, companions
-
-
-STORE_CANNOT_WRITE = "SERVING, store cannot write"
-STATUS_CONCURRENCY = 16  # services `status` asks at the same time (the platform runs seven)
-
-
-def _without_credentials(url: str) -> str:
-    where = urlsplit(url)
-    return f"{where.scheme}://{where.hostname}:{where.port}" if where.password else url
+    # Everything at once, under one deadline: a wedged platform answers in one timeout, whatever is wedged
+    # and however many listeners there are. The table keeps run.json's order.
+    deadline = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
+    services, listed = state["services"], state.get("companions", {})
+    checks = [
+        _by(deadline, nats_health(state), NOT_ANSWERING),
+        *(_by(deadline, service_health(svc["grpc"]), "DEADLINE_EXCEEDED") for svc in services.values()),
+        *(_by(deadline, companion_health(name, companion), NOT_ANSWERING) for name, companion in listed.items()),
+    ]
+    nats, *found = await asyncio.gather(*checks)
+    health = dict(zip(services, found[: len(services)], strict=True))
+    companions = dict(zip(listed, found[len(services) :], strict=True))
+    return state, health, nats, companions
 
 
 @click.command()
@@ -228,7 +258,7 @@ def status(ws: Workspace, as_json: bool) -> None:
                     "running": True,
                     "healthy": healthy,
                     "home": str(ws.root),
-                    "nats": {"url": _without_credentials(state["nats"]), "up": nats == UP, "health": nats},
+                    "nats": {"url": without_credentials(state["nats"]), "up": nats == UP, "health": nats},
                     "services": services,
                     "companions": {
                         name: {**companion, "up": companions[name] == UP, "health": companions[name]}

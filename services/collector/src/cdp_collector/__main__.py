@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from cdp.collector.v1 import collector_pb2, collector_pb2_grpc
 from cdp_collector.api import CollectorApi
+from cdp_collector.connections import ConnectionLimits
 from cdp_collector.domain import Limits, SuppressionList
 from cdp_collector.http import HttpApi, read_ceiling, start_http
 from cdp_collector.ingest import Ingestor
 from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
 from cdp_collector.sources import SourceRegistry
-from cdp_kit.bus import Bus, events_raw_stream, privacy_stream
+from cdp_kit.bus import Bus, events_raw_stream, partition_count, privacy_stream, subjects
 from cdp_kit.interceptors import PUBLIC
 from cdp_kit.service import ServiceRuntime, run_main
 
@@ -36,11 +37,17 @@ async def setup(runtime: ServiceRuntime) -> None:
     await bus.ensure_streams(
         events_raw_stream(max_age=settings.retention_days * 86_400, duplicate_window=settings.dedup_window)
     )
-    # PRIVACY is the profile service's: created when missing, never reconfigured (the collector may not).
+    # Events are routed to events.raw.<partition> by CDP_PARTITIONS: the count the stream was made with.
+    await partition_count.check(
+        bus.js, settings.partitions, [subjects.EVENTS_RAW], record=not bus.provisioned, wait=bus.provision_wait
+    )
+    # Every stream is the provisioner's to make (cdp_kit.provision, run by cdpctl up and the chart's Job):
+    # under its own NATS user a service only verifies them. PRIVACY is the profile service's.
     await bus.ensure_read_streams(privacy_stream())
     # Every suppression made so far is known before the first request is answered (setup ends before
     # the service reports SERVING and before the HTTP API reports ready).
-    suppression = SuppressionList()
+    # Matched with the key(s) profile hashes deletion notices with (CDP_PRIVACY_HASH_KEY_FILE).
+    suppression = SuppressionList(settings.identifier_hash_keys())
     follower = SuppressionFollower(bus.nc, bus.js, suppression)
     runtime.stack.push_async_callback(follower.stop)
     await follower.load(settings.suppression_load_timeout)
@@ -56,13 +63,23 @@ async def setup(runtime: ServiceRuntime) -> None:
         collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
         scopes={"Collect": PUBLIC},
     )
-    http = HttpApi(sources, ingestor, limits, suppression, body_timeout=settings.http_body_timeout)
+    http = HttpApi(
+        sources,
+        ingestor,
+        limits,
+        suppression,
+        telemetry=runtime.telemetry,
+        body_timeout=settings.http_body_timeout,
+        body_budget=settings.http_body_budget_bytes,
+    )
+    runtime.stack.callback(http.abandoned.close)
     runner, port = await start_http(
         http,
         settings.http_host,
         settings.http_port,
         shutdown_grace=settings.shutdown_grace,
         header_timeout=settings.http_header_timeout,
+        connections=ConnectionLimits(settings.http_connection_cap(), settings.http_max_connections_per_client),
     )
     runtime.stack.push_async_callback(runner.cleanup)
     http.ready = True

@@ -7,10 +7,14 @@ Answers (always JSON):
       suppressed. Segment answers suppressed users with success too, so SDKs do not retry them.
   400 {"success": false, "code": "invalid_events", "message": ..., "error": {...}, "accepted": k, "rejected": [...]}
       some events invalid: each is named with its field and reason; the valid ones *were* stored
-  400 invalid JSON / gzip, 401 unknown write key, 408 a client too slow to send its request,
-  413 over a Segment limit (the limit is named); a body longer than the limit can be is not read to its end
+  400 invalid JSON / gzip (and gzip with anything after its end), 401 unknown write key, 408 a client too
+  slow to send its request, 413 over a Segment limit (the limit is named); a body longer than the limit
+  can be is not read to its end; 415 a Content-Encoding other than gzip/deflate, or more than one
   429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
       that a retry would not report as a duplicate
+  503 `busy` with Retry-After, before the body is read, when the bodies being received at once would go
+      over CDP_COLLECTOR_HTTP_BODY_BUDGET_BYTES (BodyBudget); a connection past the collector's caps is
+      answered 503 / 429 `too_many_connections` without reaching this code (connections.py)
 
 Every error answer carries `code` and `message` at the top level, which is where the Segment (2.4.0) and
 RudderStack (2.1.9) Python SDKs read them (`payload["code"]`, `payload["message"]`; RudderStack's SDK
@@ -18,6 +22,12 @@ fails with a KeyError, and so retries, when they are missing), and again with th
 `error`. Both SDKs give up on a 4xx other than 429 (Segment's also retries 408) and retry 429 and 5xx:
 so a bad write key or an invalid event is answered 4xx and never retried, and only "try again later"
 (429, 503) is.
+
+The write key is checked before any event is: from the Authorization header before the body is read, or,
+when only the body carries it (`writeKey`), after the body is decoded and before its events are
+converted and validated (domain/decode.py): a body with a wrong key costs a gunzip and a JSON decode, not
+the validation of up to 2,500 events. A client that goes away mid-body gets no answer and is no error:
+it is counted (abandoned.py).
 """
 
 from __future__ import annotations
@@ -33,11 +43,28 @@ from datetime import UTC, datetime
 import orjson
 from aiohttp import web
 
-from cdp_collector.domain import Limits, RequestRejected, SuppressionList, check_request_bytes, parse_request
+from cdp_collector.abandoned import GONE, AbandonedRequests
+from cdp_collector.body_budget import DEFAULT_BODY_BUDGET, BodyBudget
+from cdp_collector.connections import (
+    RETRY_AFTER,
+    ConnectionGate,
+    ConnectionLimits,
+    GatedSite,
+    default_max_connections,
+)
+from cdp_collector.domain import (
+    Limits,
+    RequestRejected,
+    SuppressionList,
+    check_request_bytes,
+    decode_body,
+    parse_decoded,
+)
 from cdp_collector.domain.limits import describe_bytes
 from cdp_collector.ingest import Ingestor
-from cdp_collector.sources import Source, SourceRegistry
+from cdp_collector.sources import SourceRegistry
 from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
+from cdp_kit.telemetry import Telemetry
 
 log = logging.getLogger("cdp.collector.http")
 
@@ -86,13 +113,26 @@ class BodyTooLong(Exception):
     """The body is (or is announced as) longer than any body within the limit can be: not read further."""
 
 
+class ClientGone(Exception):
+    """The client reset or closed its connection before its whole body arrived: nobody to answer."""
+
+
+class Busy(Exception):
+    """The bodies being received at once leave no room for this one: refused before it is read."""
+
+
 def read_ceiling(limits: Limits) -> int:
     """The most of a body the collector reads. A body within the limit is at most `max_batch_bytes` long
     as sent: gzip and deflate never make JSON longer (incompressible data grows by 5 bytes per 64 KB
     stored block, plus gzip's header and trailer), so 1% and 4 KB cover every real encoder. A longer body
     is refused when this much of it has arrived, or at once when its Content-Length says so: each request
     costs the internet-facing port about the limit in memory, not many times it."""
-    return limits.max_batch_bytes + limits.max_batch_bytes // 100 + 4096
+    return body_ceiling(limits.max_batch_bytes)
+
+
+def body_ceiling(max_batch_bytes: int) -> int:
+    """read_ceiling for a decompressed limit of `max_batch_bytes`."""
+    return max_batch_bytes + max_batch_bytes // 100 + 4096
 
 
 class HttpApi:
@@ -103,13 +143,18 @@ class HttpApi:
         limits: Limits,
         suppression: SuppressionList,
         *,
+        telemetry: Telemetry,
         body_timeout: float = 30.0,
+        body_budget: int = DEFAULT_BODY_BUDGET,
     ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
         self.body_timeout = body_timeout
+        self.telemetry = telemetry
+        self.abandoned = AbandonedRequests(log, telemetry)
+        self.bodies = BodyBudget(body_budget, telemetry, log)
         self.ready = False
 
     def app(self) -> web.Application:
@@ -120,7 +165,11 @@ class HttpApi:
             app.router.add_post(f"/v1/{kind}", self._handler(kind))
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.on_cleanup.append(self._cleanup)
         return app
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        self.bodies.report.close()
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -135,6 +184,13 @@ class HttpApi:
                 exc.text or exc.reason,
                 headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
             )
+        except GONE as exc:
+            if request.transport is not None and not request.transport.is_closing():
+                log.exception("unhandled error on %s", request.path)  # not the client's connection
+                return error_response(500, "internal", "internal error")
+            # The client went away while its answer was being written (a 408 to a slow client that gave up).
+            self.abandoned(exc, request.path)
+            return web.Response(status=400)
         except Exception:
             log.exception("unhandled error on %s", request.path)
             return error_response(500, "internal", "internal error")
@@ -152,6 +208,9 @@ class HttpApi:
     async def _body(self, request: web.Request) -> bytes:
         if (request.content_length or 0) > read_ceiling(self.limits):
             raise BodyTooLong
+        size = request.content_length if request.content_length is not None else read_ceiling(self.limits)
+        if not self.bodies.take(size):
+            raise Busy
         # A client trickling its body would otherwise hold a connection and a buffer for as long as it likes.
         try:
             async with asyncio.timeout(self.body_timeout):
@@ -160,7 +219,12 @@ class HttpApi:
             raise SlowBody from None
         except web.HTTPRequestEntityTooLarge:
             raise BodyTooLong from None
-        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        except GONE as exc:
+            self.abandoned(exc, request.path)
+            raise ClientGone from None
+        finally:
+            self.bodies.give_back(size)
+        encoding = _content_encoding(request)
         if encoding in ("", "identity"):
             body = raw
         elif encoding in ("gzip", "x-gzip", "deflate"):
@@ -181,6 +245,15 @@ class HttpApi:
                     )
                 if not inflater.eof:
                     raise RequestRejected("invalid_gzip", "", f"{encoding} body is truncated", status=400)
+                if inflater.unused_data:
+                    # A second gzip member, padding or anything else: a body says one thing, read one way.
+                    raise RequestRejected(
+                        "invalid_gzip",
+                        "Content-Encoding",
+                        f"the {encoding} body has {len(inflater.unused_data)} bytes after the end of its compressed "
+                        f"data; send the body compressed as one {encoding} stream with nothing after it",
+                        status=400,
+                    )
             except zlib.error as exc:
                 raise RequestRejected("invalid_gzip", "", f"body is not valid {encoding}: {exc}", status=400) from None
         else:
@@ -225,18 +298,16 @@ class HttpApi:
     async def _collect(self, kind: str, request: web.Request) -> web.Response:
         received_at = datetime.now(UTC)
         header_key = _basic_write_key(request.headers.get("Authorization"))
-        source: Source | None = None
         try:
             if header_key is not None:
                 source = self.sources.authenticate(header_key)
-            body = await self._body(request)
-            parsed = parse_request(
-                kind, body, received_at=received_at, source_id=source.id if source else "", limits=self.limits
-            )
-            if source is None:
-                # Segment also accepts the key in the body ("writeKey"); some SDKs send only that.
-                source = self.sources.authenticate(parsed.write_key)
-                parsed.assign_source(source.id)
+                decoded = decode_body(await self._body(request), self.limits)
+            else:
+                # Segment also accepts the key in the body ("writeKey"); some SDKs send only that. It is
+                # checked before any event is looked at: read for the key only, then exactly if it is good.
+                decoded = decode_body(await self._body(request), self.limits, exact=False)
+                source = self.sources.authenticate(decoded.write_key)
+            parsed = parse_decoded(kind, decoded, received_at=received_at, source_id=source.id, limits=self.limits)
         except Unauthenticated as exc:
             return error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'})
         except RequestRejected as exc:
@@ -245,6 +316,18 @@ class HttpApi:
             return await self._request_timeout(request)
         except BodyTooLong:
             return self._too_long()
+        except Busy:
+            # Like a body too long: answered before it is read (aiohttp drops the rest for a few seconds).
+            return error_response(
+                503,
+                "busy",
+                f"the request bodies being received at once are at CDP_COLLECTOR_HTTP_BODY_BUDGET_BYTES "
+                f"({describe_bytes(self.bodies.limit)}); nothing was stored: send again after Retry-After seconds",
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        except ClientGone:
+            # Nobody to answer: aiohttp sends nothing on a closed connection. Counted and said in _body.
+            return web.Response(status=400)
         valid = [e for e in parsed.events if e is not None]
         suppressed = 0
         if self.suppression:  # nobody suppressed (the common case): no event is even looked at
@@ -310,9 +393,36 @@ class HttpApi:
         )
 
 
+def _content_encoding(request: web.Request) -> str:
+    """The body's one Content-Encoding, lower case ("" for none). More than one (two headers, or a list in
+    one) is refused: a proxy and the collector could each read a different one of them."""
+    values = [
+        token.strip().lower()
+        for header in request.headers.getall("Content-Encoding", ())
+        for token in header.split(",")
+        if token.strip()
+    ]
+    if len(values) > 1:
+        raise RequestRejected(
+            "unsupported_encoding",
+            "Content-Encoding",
+            f"the request has {len(values)} Content-Encoding values; send one Content-Encoding (gzip) or none",
+            status=415,
+        )
+    return values[0] if values else ""
+
+
 async def start_http(
-    api: HttpApi, host: str, port: int, *, shutdown_grace: float = 10.0, header_timeout: float = 10.0
+    api: HttpApi,
+    host: str,
+    port: int,
+    *,
+    shutdown_grace: float = 10.0,
+    header_timeout: float = 10.0,
+    connections: ConnectionLimits | None = None,
 ) -> tuple[web.AppRunner, int]:
+    """Serve `api` on host:port; at most `connections` open at once (connections.py; by default as many as
+    CDP_COLLECTOR_HTTP_MAX_CONNECTIONS unset allows, none per client)."""
     # auto_decompress off: we inflate ourselves, bounded, with a clear error on bad gzip.
     # keepalive_timeout is the header timeout: aiohttp closes a connection whose handler has been waiting
     # that long for a complete request head - counted from the connection's opening or its previous answer,
@@ -326,7 +436,8 @@ async def start_http(
         keepalive_timeout=header_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    assert runner.server is not None
+    limits = connections or ConnectionLimits(default_max_connections())
+    site = GatedSite(runner, host, port, ConnectionGate(runner.server, limits, api.telemetry, log))
     await site.start()
-    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port
-    return runner, bound
+    return runner, site.port

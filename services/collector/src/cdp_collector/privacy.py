@@ -13,7 +13,9 @@ before it started. Then it follows: a core-NATS subscription to privacy.deleted 
 is published (the message is only the signal: what is applied is read from the stream, in sequence
 order, each message once), and it looks every `follow_every` seconds anyway, for what was published
 while its connection was down. The stream drops no message by age (`privacy_stream()`), and a
-suppression lasts as long as its message does.
+suppression lasts as long as its message does - and as long as the collector holds the key its hashes
+were made with (`cdp_kit.identifier_hash`): one made with a key it does not hold is logged as an error
+and suppresses no one.
 
 A stop is never lost: nats-py waits for each JetStream reply with Python 3.11's `asyncio.wait_for`, which
 returns the reply when the stop lands in the loop turn it does, and a collector stopped during start-up
@@ -37,8 +39,10 @@ from nats.js.errors import NotFoundError
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.domain import SuppressionList
+from cdp_collector.domain.suppression import UnknownHashKey
 from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
+from cdp_kit.identifier_hash import SETTING
 from cdp_kit.stopping import raise_if_cancelling
 
 log = logging.getLogger("cdp.collector.privacy")
@@ -159,7 +163,21 @@ class SuppressionFollower:
             return
         if not deleted.suppress:
             return
-        added, malformed = self.suppression.add(deleted.identifier_hashes)
+        try:
+            added, malformed = self.suppression.add(deleted.identifier_hashes, key_id=deleted.identifier_hash_key_id)
+        except UnknownHashKey as exc:
+            # Not fatal: the collector serves everyone else. Nothing it could do would match these.
+            log.error(
+                "privacy.deleted message %d (request %s): its identifier hashes (%d) were made with key %s, which "
+                "%s does not hold, so the person's events are not suppressed; add that key to the file (below "
+                "the current one) and restart the collector",
+                seq,
+                deleted.request_id,
+                exc.hashes,
+                exc.key_id,
+                SETTING,
+            )
+            return
         if malformed:
             log.error(
                 "privacy.deleted message %d (request %s): %d identifier hashes are not hex SHA-256 and were skipped",

@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_collector.connections import default_max_connections, most_connections_allowed
+from cdp_collector.http import body_ceiling
+from cdp_kit.identifier_hash import IdentifierHashSettings
+from cdp_kit.service import open_file_limit
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class CollectorSettings(ServiceSettings):
+class CollectorSettings(IdentifierHashSettings, ServiceSettings):
     service_name: str = env("OTEL_SERVICE_NAME", "collector", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50051, help="gRPC port (CollectorService, health, reflection)")
     http_host: str = env("CDP_HTTP_HOST", "0.0.0.0", help="address the Segment-compatible HTTP API binds")
@@ -49,14 +53,40 @@ class CollectorSettings(ServiceSettings):
         help="seconds an HTTP request has to send its whole body once its headers arrived; slower gets 408 and "
         "the connection is closed",
     )
+    # -- How many HTTP connections are held at once (connections.py): past a cap, refused and told to retry.
+    http_max_connections: int | None = env(
+        "CDP_COLLECTOR_HTTP_MAX_CONNECTIONS",
+        None,
+        help="most HTTP connections open at once; more are answered 503 too_many_connections with Retry-After "
+        "and closed (unset: half the process's open-file limit, ulimit -n, and at most 10000; at most three "
+        "quarters of that limit)",
+    )
+    http_max_connections_per_client: int = env(
+        "CDP_COLLECTOR_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+        0,
+        help="most HTTP connections open at once from one client address; more are answered 429 "
+        "too_many_connections with Retry-After and closed (0: no such cap; behind a load balancer or proxy every "
+        "client has its address, so leave it 0 there)",
+    )
+    http_body_budget_bytes: int = env(
+        "CDP_COLLECTOR_HTTP_BODY_BUDGET_BYTES",
+        128 * 1024 * 1024,
+        help="bytes of HTTP request bodies received at once (each counts its Content-Length; a chunked one the "
+        "most a body may be); a request that would go over is answered 503 busy with Retry-After before its body "
+        "is read. At least the largest body (CDP_COLLECTOR_MAX_BATCH_BYTES, plus 1% and 4 KB)",
+    )
     suppression_load_timeout: float = env(
         "CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT",
         60.0,
         help="seconds start-up may take to read every privacy.deleted suppression before reporting ready",
     )
 
+    def http_connection_cap(self) -> int:
+        """CDP_COLLECTOR_HTTP_MAX_CONNECTIONS, or what it is when unset."""
+        return self.http_max_connections or default_max_connections()
+
     def validate(self) -> list[str]:
-        problems = super().validate()
+        problems = ServiceSettings.validate(self) + IdentifierHashSettings.validate(self)
         if not self.sources_file.is_file():
             problems.append(f"CDP_COLLECTOR_SOURCES_FILE={str(self.sources_file)!r} is not a readable file")
         for name, value in (
@@ -73,6 +103,26 @@ class CollectorSettings(ServiceSettings):
         ):
             if not seconds > 0:
                 problems.append(f"{name}={seconds} is invalid: must be a positive number of seconds")
+        files = open_file_limit()
+        if self.http_max_connections is not None and not 1 <= self.http_max_connections <= most_connections_allowed(
+            files
+        ):
+            problems.append(
+                f"CDP_COLLECTOR_HTTP_MAX_CONNECTIONS={self.http_max_connections} is invalid: must be from 1 to "
+                f"{most_connections_allowed(files)}, three quarters of the process's open-file limit ({files}); "
+                "raise the limit (ulimit -n) or lower the setting, or unset it"
+            )
+        largest = body_ceiling(self.max_batch_bytes)
+        if self.http_body_budget_bytes < largest:
+            problems.append(
+                f"CDP_COLLECTOR_HTTP_BODY_BUDGET_BYTES={self.http_body_budget_bytes} is invalid: must be at least "
+                f"{largest}, the longest body CDP_COLLECTOR_MAX_BATCH_BYTES={self.max_batch_bytes} lets through"
+            )
+        if self.http_max_connections_per_client < 0:
+            problems.append(
+                f"CDP_COLLECTOR_HTTP_MAX_CONNECTIONS_PER_CLIENT={self.http_max_connections_per_client} is invalid: "
+                "must be 0 (no per-client cap) or more"
+            )
         if self.suppression_load_timeout <= 0:
             problems.append(
                 f"CDP_COLLECTOR_SUPPRESSION_LOAD_TIMEOUT={self.suppression_load_timeout} is invalid: must be positive"

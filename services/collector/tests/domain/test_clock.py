@@ -59,9 +59,9 @@ def test_accepted_timestamps(text, expected):
         ("", "must be"),
         ("2024-05-01T12:00:00Zjunk", "must be"),
         (253402300800000, "outside the years 0001..9999"),
-        (True, "got boolean"),
+        (True, "got a boolean"),
         (None, "got null"),
-        ({"seconds": 1}, "got object"),
+        ({"seconds": 1}, "got an object with 1 entry"),
     ],
 )
 def test_refused_timestamps_say_what_would_be_valid(value, fragment):

@@ -113,7 +113,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     # created with defaults when missing, never changed here.
     await bus.ensure_read_streams(profiles_stream(), segments_stream(), privacy_stream())
     await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
-    await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
+    retention = settings.retention_days * 86_400
+    await bus.ensure_created(streams.actions_stream(max_age=retention), streams.input_stream(max_age=retention))
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 
     adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)

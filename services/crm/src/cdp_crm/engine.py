@@ -58,10 +58,10 @@ from cdp_crm.domain.mapping import (
     PROFILES_CHANGED,
     SEGMENT_ENTERED,
     SEGMENT_EXITED,
-    SEGMENTS,
     Connection,
     ObjectMapping,
 )
+from cdp_crm.domain.mapping_model import SEGMENTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
 from cdp_crm.people import Fetch
 from cdp_crm.state import (
@@ -88,6 +88,7 @@ from cdp_crm.writes import (
     record_doc,
     resolve_writes,
     stream_run_key,
+    unconfirmed,
 )
 from cdp_kit.bus import Delivery
 from cdp_kit.engine import Effects
@@ -379,7 +380,7 @@ class CrmLogic:
             fields, member = earlier.get("fields") or {}, held_member(earlier)
             doc = record_doc(
                 mapping, dead.change, fields, member, DEAD_LETTERED, now, earlier, reason=dead.reason,
-                crm_code=dead.crm_code,
+                crm_code=dead.crm_code, **unconfirmed(earlier),
             )  # fmt: skip
             out.put(RECORDS, dead.record, doc)
             out.put(DEAD_LETTERS, dead.record, {**dead.to_state(), "person_id": dead.change.person_id})
@@ -389,14 +390,15 @@ class CrmLogic:
             if self.m_errors is not None:
                 self.m_errors.add(1, {"connection": connection, "reason": dead.reason})
         for change in pending:
-            # Not taken yet: the queued change carries its fields, the record keeps what the CRM holds. A
-            # list membership keeps the one queued: a later change of it must coalesce with the queued one.
+            # Not taken yet: the record keeps what the CRM holds, and what was sent (it may have landed); a
+            # list membership keeps the one queued (a later change of it coalesces with the queued one).
             earlier = previous.get(change.record) or {}
             fields = earlier.get("fields") or {}
             member = intended.get(change.record, ({}, change.op != REMOVE))[1]
             doc = record_doc(
-                mapping, change, fields, member, PENDING_STATE, now, earlier, held_member=held_member(earlier)
-            )
+                mapping, change, fields, member, PENDING_STATE, now, earlier, held_member=held_member(earlier),
+                **unconfirmed(earlier, change.fields),
+            )  # fmt: skip
             out.put(RECORDS, change.record, doc)
             out.put(PENDING, change.record, change_doc(change, partition, attempts.get(change.record, 0) + 1))
             out.count(connection, "pending_retry")

@@ -11,9 +11,10 @@ Sections:
 - `views`: per person id, the view the connector keeps to project records from (`crm_persons`): the flat
   profile fields (with a profile service configured only the fields some mapping reads), the segments;
 - `connections`: per connection (its id and provider), per record the connector wrote for the person:
-  the mapping, the CRM object, the CRM's id for it (`remote_id`), its state, the field values it last
-  intended the CRM to hold (`fields`; an erased record holds none), list membership, when last synced and
-  updated; with it, when kept, the change still queued for the CRM (`pending`: its fields and attempts),
+  the mapping, the CRM object, the CRM's id for it (`remote_id`), its state, the field values the CRM
+  took last (`fields`; an erased record holds none), list membership, when last synced and updated; the
+  values sent since whose answer never came (`sent`, per field, when kept: the CRM may hold them); with
+  it, when kept, the change still queued for the CRM (`pending`: its fields and attempts),
   the dead letter naming the record (`dead_letter`: ids, reason and CRM code only, no values), the dead
   letter of an event read from the record that the collector refused (`inbound_dead_letter`: its key,
   reason `collector_refused`, the collector's code; no values), and what
@@ -55,6 +56,7 @@ def _record(key: str, doc: Mapping[str, Any]) -> dict[str, Any]:
         "list_member": doc.get("member"),
         "synced_at": rfc3339(doc.get("synced_at")),
         "updated_at": rfc3339(doc.get("updated_at")),
+        **({"sent": {k: list(v) for k, v in doc["sent"].items()}} if doc.get("sent") else {}),
     }
 
 

@@ -7,7 +7,9 @@
   `crm_tombstones`).
 - `crm_records` / <record key>: one per CRM record the connector writes (`coalesce.record_key`: a hash of
   the mapping and match key): the fields the CRM took last (a refused or queued write leaves them as
-  they were: the next write is computed against them), the CRM id, the state
+  they were: the next write is computed against them), `sent` (per field, the values sent since without
+  a confirmation - an answer lost after the CRM applied the write -, until a write is confirmed: the
+  inbound side reads them back as the connector's own), the CRM id, the state
   (synced, pending, dead_lettered, out_of_scope; after a privacy erasure anonymised or deleted, with the
   match key and values dropped), the person (indexed: privacy and GetRecordStatus).
 - `crm_pending` / <record key>: a change the CRM did not take yet (throttled, down, answer lost past the

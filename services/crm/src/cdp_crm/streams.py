@@ -16,28 +16,12 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 
 from cdp_kit.bus import streams as kit_streams
-from cdp_kit.bus import subjects
-from cdp_kit.bus.streams import SOURCE_HEADER, ensure_created, source_of, sourced_input_stream
+from cdp_kit.bus.streams import SOURCE_HEADER, ensure_created, source_of
+from cdp_kit.streamtable import crm_input_stream as input_stream  # the provisioner's table: one definition
 
 __all__ = ["SOURCE_HEADER", "actions_stream", "ensure_streams", "input_stream", "source_of"]
 
 DAY = 86_400.0
-
-
-def input_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0) -> api.StreamConfig:
-    return sourced_input_stream(
-        subjects.CRM,
-        into_prefix=subjects.CRM_IN_PREFIX,
-        sources={
-            subjects.PROFILES: (subjects.PROFILES_CHANGED_PREFIX,),
-            subjects.SEGMENTS: (subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
-            subjects.ACTIONS: (f"{subjects.ACTIONS_PREFIX}.{subjects.CRM_CHANNEL}",),
-        },
-        description="the CRM connector's input per person partition: sourced profile changes, segment "
-        "entries and exits, and CRM actions",
-        max_age=max_age,
-        duplicate_window=duplicate_window,
-    )
 
 
 def actions_stream(*, max_age: float = 7 * DAY) -> api.StreamConfig:

@@ -73,6 +73,24 @@ def held_member(doc: Mapping[str, Any]) -> bool | None:
     return doc.get("member")
 
 
+# How many values per field a record keeps of those sent and not confirmed yet (most recent kept).
+SENT_KEPT = 4
+
+
+def unconfirmed(earlier: Mapping[str, Any], sending: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`sent` for a record document whose write was not confirmed (queued or refused): per CRM field, the
+    values the connector sent since the CRM last confirmed a write of the record - `earlier`'s, with the
+    ones `sending` carried. A write whose answer was lost (a timeout, a connection dropped after the CRM
+    committed it) may well have landed: the inbound side counts a CRM value among them as the CDP's own
+    write, not a CRM user's edit (`inbound/news.py`). A confirmed write's document drops them. Empty:
+    nothing to keep (as keyword arguments of `record_doc`)."""
+    sent = {name: list(values) for name, values in (earlier.get("sent") or {}).items()}
+    for name, value in (sending or {}).items():
+        values = [v for v in sent.get(name, []) if v != value]
+        sent[name] = [*values, value][-SENT_KEPT:]
+    return {"sent": sent} if sent else {}
+
+
 def change_from_doc(doc: Mapping[str, Any]) -> Change:
     link = doc.get("link")
     return Change(

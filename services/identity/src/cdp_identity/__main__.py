@@ -62,7 +62,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
     # EVENTS_RAW is the collector's (its retention and de-duplication window) and PRIVACY the profile
-    # service's: read, never reconfigured (identity's NATS user may not).
+    # service's: read, verified (the provisioner makes every stream; identity's NATS user may not).
     await bus.ensure_read_streams(events_raw_stream(), privacy_stream())
     await bus.ensure_streams(
         events_resolved_stream(max_age=settings.retention_days * 86_400),

@@ -25,7 +25,8 @@ log = logging.getLogger("cdp.identity")
 
 
 def identifier_hash(key: str) -> str:
-    """How privacy.deleted names an identifier: lowercase hex SHA-256 of its normalised key."""
+    """How privacy.deleted named an identifier before keyed hashes: lowercase hex SHA-256 of its normalised
+    key (`cdp_kit.identifier_hash`)."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -56,9 +57,12 @@ class PrivacyHandler:
         if self.matching.store is not self.engine.store:
             await self.matching.store.erase()
         # The hashes are the identifiers the profile saw. Only those the purged persons own are removed
-        # (one the graph gives to someone else is that person's); the count tells how many that was.
+        # (one the graph gives to someone else is that person's); the count tells how many that was. Keyed
+        # hashes (a notice with identifier_hash_key_id) are the collector's to match, with a key identity
+        # does not hold: only a notice made before keyed hashes (plain SHA-256) is counted.
         listed = {h.lower() for request in requests for h in request.identifier_hashes}
-        listed_purged = sum(identifier_hash(key) in listed for key in purged.identifiers)
+        plain = {h.lower() for r in requests if not r.identifier_hash_key_id for h in r.identifier_hashes}
+        listed_purged = sum(identifier_hash(key) in plain for key in purged.identifiers)
         log.info(
             "privacy deletion applied",
             extra={

@@ -61,7 +61,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     # with default settings would reset, say, identity's retention); a source waits for its stream.
     await bus.ensure_read_streams(dead_letter_stream())  # identity's to configure
     await bus.ensure_read_streams(privacy_stream())
-    await streams.ensure_streams(bus.js, retention=settings.retention_days * 86_400)
+    retention = settings.retention_days * 86_400
+    await bus.ensure_created(  # the timers stream first: the input sources it
+        streams.timers_stream(), streams.actions_stream(max_age=retention), streams.input_stream(max_age=retention)
+    )
     journeys = Journeys(store)
     await journeys.load()
 

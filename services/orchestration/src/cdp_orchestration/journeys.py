@@ -33,10 +33,23 @@ limits added), its running instances carry on and each action whose template is 
 template's field; otherwise `version()` does not give it, so its instances hold where they are (a stimulus
 reaching one is not applied) and an action of theirs already decided fails naming why. Publishing a fixed
 version puts the journey back in service.
+
+A change (a draft saved, published or discarded; a state moved) is decided on the record as read and saved
+against the stored version it was read at (`change`): a change saved by anyone else in between (another call,
+another replica) makes the save fail rather than be written over. The change is then decided again on what is
+stored now when the call allows it (`redecide`: a state move always; a call about the draft only while the
+draft is the one it read), or refused with `JourneyChanged` (ABORTED) naming the journey and what changed
+(journey_changes.py).
+
+The stored version is the journey's revision, shown to callers (`Journey.revision`); a caller that gives the
+revision it read (`expected_revision`) has its change made only on the journey still at that revision:
+refused (`JourneyChanged`) when anyone saved it since the caller read it, and never decided again on
+something else, since the caller asked for the journey as it read it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Mapping
@@ -44,14 +57,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.errors import NotFound
-from cdp_kit.storage import Put, Store
+from cdp_kit.errors import AlreadyExists, Conflict, NotFound
+from cdp_kit.storage import Put, Store, VersionConflict
 from cdp_orchestration.domain.document import parse_journey
 from cdp_orchestration.domain.journey import EventEntry, Journey, ScheduleEntry, SegmentEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
+from cdp_orchestration.journey_changes import (
+    Changed,
+    Decide,
+    JourneyChanged,
+    Redecide,
+    Stored,
+    what_changed,
+)
 
 JOURNEYS = "orchestration_journeys"
 DRAFT = 0  # the version `invalid` keys a draft under
+ATTEMPTS = 5  # decisions a change makes, each on the record as stored then, before it gives up (`change`)
 
 log = logging.getLogger("cdp.orchestration")
 
@@ -78,6 +100,7 @@ class Journeys:
         self.store = store
         self.records: dict[str, JourneyRecord] = {}
         self.docs: dict[str, dict[str, Any]] = {}
+        self._stored_at: dict[str, int] = {}  # journey id -> the stored version `docs` holds
         self._versions: dict[tuple[str, int], Journey] = {}
         self._unloadable: dict[tuple[str, int], Journey] = {}  # as stored, out of service
         #: (journey id, version or DRAFT) -> why the stored document no longer validates
@@ -90,19 +113,25 @@ class Journeys:
 
     async def load(self) -> None:
         async for stored in self.store.scan_all(JOURNEYS):
-            self._take(stored.key, stored.doc, index=False)
+            self._take(stored.key, stored.doc, stored.version, index=False)
         self._index()
 
     async def reload(self, journey_id: str) -> JourneyRecord | None:
+        read = await self.read(journey_id)
+        return read.record if read is not None else None
+
+    async def read(self, journey_id: str) -> Stored | None:
+        """The journey as stored now (None: there is none), taken in as `reload` does."""
         stored = await self.store.get(JOURNEYS, journey_id)
         if stored is None:
             self.records.pop(journey_id, None)
             self.docs.pop(journey_id, None)
+            self._stored_at.pop(journey_id, None)
             self._index()
             return None
-        return self._take(journey_id, stored.doc)
+        return Stored(self._take(journey_id, stored.doc, stored.version), stored.doc, stored.version)
 
-    def _take(self, journey_id: str, doc: dict[str, Any], *, index: bool = True) -> JourneyRecord:
+    def _take(self, journey_id: str, doc: dict[str, Any], version: int, *, index: bool = True) -> JourneyRecord:
         versions = {}
         for text, document in doc.get("versions", {}).items():
             key = (journey_id, int(text))
@@ -124,6 +153,7 @@ class Journeys:
         record = JourneyRecord(journey_id, State(doc["state"]), versions, draft)
         self.records[journey_id] = record
         self.docs[journey_id] = doc
+        self._stored_at[journey_id] = version
         if index:
             self._index()
         return record
@@ -225,16 +255,77 @@ class Journeys:
         """The live version of every scheduled journey over `segment`, whatever its record's state."""
         return self._scheduled.get(segment, ())
 
+    def revision(self, journey_id: str) -> int:
+        """The revision (stored version) of the record `get` gives: 1 when created, one more per change saved."""
+        return self._stored_at.get(journey_id, 0)
+
     def version(self, journey_id: str, version: int) -> Journey | None:
         return self._versions.get((journey_id, version))
 
-    async def save(self, record: JourneyRecord, *, expected_version: int | None = None) -> dict[str, Any]:
-        """Store the record (a put with the stored version expected, so two writers cannot both win)."""
-        stored = await self.store.get(JOURNEYS, record.id)
-        doc = record_doc(record, stored.doc if stored else None, time.time())
-        await self.store.bulk_write([Put(JOURNEYS, record.id, doc, expected_version=stored.version if stored else 0)])
-        self._take(record.id, doc)
+    async def save(self, record: JourneyRecord, *, basis: Stored | None = None) -> dict[str, Any]:
+        """Store the record, a change decided on `basis` (the journey as read from the store), expecting the
+        version `basis` was read at: VersionConflict when anyone has saved the journey since. Without
+        `basis`, the change is taken to be decided on this object's own copy (`get`), and its version is
+        expected. A call serving a request decides on a `read` of its own (`change`): this object's copy is
+        shared by every call in flight."""
+        if basis is not None:
+            previous, expected = basis.doc, basis.version
+        else:
+            previous, expected = self.docs.get(record.id), self._stored_at.get(record.id, 0)
+        doc = record_doc(record, previous, time.time())
+        written = await self.store.bulk_write([Put(JOURNEYS, record.id, doc, expected_version=expected)])
+        self._take(record.id, doc, written.versions[0])
         return doc
+
+    async def add(self, record: JourneyRecord) -> dict[str, Any]:
+        """Store a new journey; AlreadyExists when one with its id is stored (created first by anyone)."""
+        try:
+            return await self.save(record, basis=Stored(record, {}, 0))
+        except VersionConflict:
+            raise AlreadyExists(f"journey {record.id} exists; UpdateJourney changes its draft") from None
+
+    async def change(self, journey_id: str, decide: Decide, *, redecide: Redecide, expected: int = 0) -> Changed:
+        """Read the journey, `decide` its change (a record to save, or None for none) and save it against the
+        version read. When someone saved the journey in between, the journey is read again and, when
+        `redecide(read before, read now)` allows, the change decided again on it (up to ATTEMPTS
+        decisions); otherwise JourneyChanged says what changed. NotFound when there is no such journey.
+
+        `expected` (not 0): the revision the caller read; the change is made only on the journey at it
+        (JourneyChanged when it is at another, or when someone saves it before this call does)."""
+        read = await self._existing(journey_id)
+        if expected and read.version != expected:
+            raise JourneyChanged.since_revision(journey_id, expected, read)
+        for _ in range(ATTEMPTS):
+            decided = decide(read.record)
+            if inspect.isawaitable(decided):
+                decided = await decided
+            if decided is None:
+                return Changed(read, None)
+            try:
+                await self.save(decided, basis=read)
+            except VersionConflict:
+                now = await self._existing(journey_id)
+                if expected:
+                    what = what_changed(read.record, now.record)
+                    raise JourneyChanged.since_revision(journey_id, expected, now, what) from None
+                if not redecide(read.record, now.record):
+                    what = what_changed(read.record, now.record)
+                    raise JourneyChanged(journey_id, what, draft=now.record.draft is not None) from None
+                log.info("journey %s: saved by another call meanwhile; deciding again on what is stored", journey_id)
+                read = now
+                continue
+            return Changed(read, decided)
+        raise Conflict(
+            f"journey {journey_id} kept changing while this call saved it (saved by others {ATTEMPTS} times "
+            "between this call's read and its save): try again, or find what keeps changing it",
+            reason="journey_changed",
+        )
+
+    async def _existing(self, journey_id: str) -> Stored:
+        read = await self.read(journey_id)
+        if read is None:
+            raise NotFound(f"journey {journey_id} does not exist")
+        return read
 
 
 def _as_stored(key: tuple[str, int], document: Any) -> Journey:

@@ -9,7 +9,7 @@ from cdp_kit.bus import dead_letter_stream
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
-from cdp_kit.yamltext import load_yaml
+from cdp_kit.yamltext import YAMLError, load_yaml
 from cdp_orchestration.catalogue import CatalogueError, read_catalogue
 from cdp_orchestration.domain.document import Catalogue
 from cdp_orchestration.domain.rules import Rules, parse_rules
@@ -106,7 +106,13 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     def rules(self) -> Rules:
         if self.rules_file is None:
             return Rules()
-        return parse_rules(load_yaml(self.rules_file.read_text()), "CDP_ORCHESTRATION_RULES_FILE")
+        try:
+            document = load_yaml(self.rules_file.read_text())
+        except YAMLError as exc:  # a repeated key, an alias bomb, a syntax error: named, not a traceback
+            raise InvalidArgument(
+                "CDP_ORCHESTRATION_RULES_FILE", f"{self.rules_file} is not valid YAML: {exc}"
+            ) from None
+        return parse_rules(document, "CDP_ORCHESTRATION_RULES_FILE")
 
     def catalogue(self) -> Catalogue | None:
         return read_catalogue(str(self.catalogue_file)) if self.catalogue_file is not None else None

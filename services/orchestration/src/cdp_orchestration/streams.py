@@ -49,7 +49,9 @@ from nats.js.client import JetStreamContext
 from cdp_kit.bus import OutMessage, subjects
 from cdp_kit.bus import streams as kit_streams
 from cdp_kit.bus.streams import SOURCE_HEADER as SOURCE_HEADER  # read by the input tests
-from cdp_kit.bus.streams import ensure_created, source_of, sourced_input_stream
+from cdp_kit.bus.streams import ensure_created, source_of
+from cdp_kit.streamtable import orchestration_input_stream as input_stream  # the provisioner's table
+from cdp_kit.streamtable import orchestration_timers_stream as timers_stream
 
 DAY = 86_400.0
 
@@ -59,39 +61,6 @@ COMMAND_HEADER = "Cdp-Command"  # what an API command published to orchestration
 # How long a cancellation marker and a fired timer's copy stay in ORCHESTRATION_TIMERS.
 MARKER_TTL = "60s"
 FIRED_TTL = "1h"
-
-
-def input_stream(*, max_age: float = 7 * DAY, duplicate_window: float = 600.0) -> api.StreamConfig:
-    return sourced_input_stream(
-        subjects.ORCHESTRATION,
-        into_prefix=subjects.ORCHESTRATION_IN_PREFIX,
-        sources={
-            subjects.EVENTS_RESOLVED: (subjects.EVENTS_RESOLVED_PREFIX,),
-            subjects.SEGMENTS: (subjects.SEGMENTS_ENTERED_PREFIX, subjects.SEGMENTS_EXITED_PREFIX),
-            subjects.PROFILES: (subjects.PROFILES_CHANGED_PREFIX,),
-            subjects.ORCHESTRATION_TIMERS: (subjects.ORCHESTRATION_FIRED_PREFIX,),
-        },
-        description="orchestration's input per person partition: API commands, and sourced events, segment "
-        "and profile changes and fired timers",
-        max_age=max_age,
-        duplicate_window=duplicate_window,
-    )
-
-
-def timers_stream(*, duplicate_window: float = 600.0) -> api.StreamConfig:
-    return api.StreamConfig(
-        name=subjects.ORCHESTRATION_TIMERS,
-        description="orchestration's durable timers (message schedules) and what they fire",
-        subjects=list(subjects.STREAM_SUBJECTS[subjects.ORCHESTRATION_TIMERS]),
-        retention=api.RetentionPolicy.LIMITS,
-        max_age=0,
-        duplicate_window=duplicate_window,
-        storage=api.StorageType.FILE,
-        allow_direct=True,
-        allow_msg_schedules=True,
-        allow_rollup_hdrs=True,
-        allow_msg_ttl=True,
-    )
 
 
 def actions_stream(*, max_age: float = 7 * DAY) -> api.StreamConfig:

@@ -51,8 +51,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     bus = await runtime.stack.enter_async_context(
         Bus.connect(settings.nats_url, name=settings.service_name, telemetry=runtime.telemetry)
     )
-    # Identity and scoring own and configure what profile reads: created if missing, never reconfigured.
-    # The dead letters' stream is identity's: written into, created if missing, never reconfigured.
+    # Identity and scoring own and configure what profile reads, and the dead letters' stream is identity's
+    # (profile writes into it): verified here, made by the provisioner (created if missing without credentials).
     await bus.ensure_read_streams(events_resolved_stream(), identity_stream(), scores_stream(), dead_letter_stream())
     await bus.ensure_streams(
         profiles_stream(max_age=settings.changes_retention_days * 86_400),
@@ -69,6 +69,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         retention=Retention(max_events=settings.timeline_max_events, max_age_seconds=max_age),
         telemetry=runtime.telemetry,
         max_computed_traits=settings.max_computed_traits,
+        identifier_hash_keys=settings.identifier_hash_keys(),
     )
     await engine.start()
     runtime.stack.push_async_callback(engine.stop)
@@ -77,6 +78,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     streams = partitioned_engines(
         engine, bus, partitions=settings.partitions, batch_size=settings.batch_size, ack_wait=settings.ack_wait
     )
+    for stream in streams:  # made with this CDP_PARTITIONS, or the service stops (under leases too)
+        await stream.check_partitions()
     ownership = await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
     await ownership.start(engine.start_partition, engine.stop_partition)
     # Pushed after the bus and the store: on the way out it runs before they close.

@@ -86,9 +86,11 @@ def apply_events(
                 continue
             del hot.deleted[target]  # a new life after deletion: a fresh profile
         profile = hot.profiles.get(target)
-        if profile is None:
+        created = profile is None
+        if created:
             profile = hot.profiles[target] = Profile.new(target, retention=hot.retention)
         change = profile.apply(event, defs, now=now)
+        change.created = created
         out.outcomes["applied"] += 1
         out.newest_received = max(out.newest_received, received)
         out.fold(target, change)
@@ -245,28 +247,39 @@ class ScoreUpdate:
     at: list[float]
 
 
-def decode_scores(delivery: Delivery) -> ScoreUpdate:
-    """One `ScoresUpdatedBatch` message, its shape and values checked (`Reject` names what is wrong)."""
+def decode_scores(delivery: Delivery) -> list[ScoreUpdate]:
+    """One `ScoresUpdatedBatch` message: its model version's scores and those it carries in `more` (one
+    message per partition and scoring round), each one's shape and values checked (`Reject` names what is
+    wrong)."""
     try:
         message = scoring_pb2.ScoresUpdatedBatch.FromString(delivery.data)
     except DecodeError as exc:
         raise Reject("invalid_message", "data", f"not a cdp.scoring.v1.ScoresUpdatedBatch ({exc})") from None
+    updates = [_score_update(message, "")]
+    for index, more in enumerate(message.more):
+        if more.more:
+            raise Reject("invalid_message", f"more[{index}].more", "only the outer batch carries others")
+        updates.append(_score_update(more, f"more[{index}]."))
+    return updates
+
+
+def _score_update(message: scoring_pb2.ScoresUpdatedBatch, where: str) -> ScoreUpdate:
     names, persons, values = list(message.scores), list(message.person_ids), message.values
     width = len(names)
     if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
         raise Reject(
             "invalid_message",
-            "values",
+            f"{where}values",
             f"{len(persons)} persons, {width} scores, {len(values)} values, {len(message.at_ms)} times",
         )
     if not message.model:
-        raise Reject("invalid_score", "model", "must name the model that produced the scores")
+        raise Reject("invalid_score", f"{where}model", "must name the model that produced the scores")
     for name in names:
         if not name:
-            raise Reject("invalid_score", "scores", "a score name is empty")
+            raise Reject("invalid_score", f"{where}scores", "a score name is empty")
     for i, value in enumerate(values):
         if not isfinite(value):
-            raise Reject("invalid_score", field_key(SCORES, names[i % width]), "must be a finite number")
+            raise Reject("invalid_score", where + field_key(SCORES, names[i % width]), "must be a finite number")
     return ScoreUpdate(
         model=message.model,
         version=message.version,

@@ -71,6 +71,8 @@ def change_messages(
             message.split_from = change.split_from
         if change.merged_into or change.removed:
             message.removed = True
+        elif change.created:
+            message.created = True
     out = []
     for partition, batch in grouped.items():
         payload = batch.SerializeToString()

@@ -43,6 +43,7 @@ from typing import Any
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.engine import WriteChain
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
+from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put, Store, WriteOp
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_profile.apply import Applied, apply_identity
@@ -88,6 +89,7 @@ class ProfileEngine:
         telemetry: Telemetry,
         max_computed_traits: int = 500,
         clock: Callable[[], float] = time.time,
+        identifier_hash_keys: IdentifierHashKeys | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -104,7 +106,7 @@ class ProfileEngine:
         self._notes: deque[tuple[int, list[str]]] = deque()
         self.hot = HotProfiles(store, retention=retention, owns=self.owns, on_write=self._noted)
         self.catalogue = ComputedTraitCatalogue(self, max_held=max_computed_traits)
-        self.privacy = Privacy(self)
+        self.privacy = Privacy(self, identifier_hash_keys)
         # The partitioned engines running on this hot state (`stream.py`): a deletion waits for them.
         self.streams: list = []
         # Bumped when a recovery starts: a batch applied across a recovery is refused (`fresh`).

@@ -4,7 +4,9 @@ A deletion is one group commit: the timeline entries of the person and of every 
 it are deleted; the person and those absorbed persons become bare markers (`deleted_at`, no personal
 data) that drop events already in flight; the request's result and its `privacy.deleted` notice
 (person ids, and the hashed identifiers only when the person is suppressed) are stored under the request
-id, so a repeated request answers the same.
+id, so a repeated request answers the same. The identifiers are hashed with the platform's secret key
+(HMAC-SHA-256, `cdp_kit.identifier_hash`): the notice names the key by its id, and without the key a
+hash cannot be tested against a list of emails or phone numbers.
 Once durable, the notice is published (again at start-up if that failed) and the store erases the
 bytes the deleted records left in its files.
 
@@ -17,7 +19,6 @@ left is published: they are deleted before the store erases.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import OutMessage
 from cdp_kit.bus.subjects import PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
+from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds
 from cdp_profile.domain import ProfileChange
@@ -37,13 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("cdp.profile.privacy")
 
 
-def identifier_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 class Privacy:
-    def __init__(self, engine: ProfileEngine) -> None:
+    def __init__(self, engine: ProfileEngine, hash_keys: IdentifierHashKeys | None = None) -> None:
         self._engine = engine
+        # The current key hashes new notices' identifiers (default: the published development key).
+        self.hash_keys = hash_keys or IdentifierHashKeys.for_development()
 
     async def export(self, person_id: str) -> tuple[str, dict[str, Any]]:
         """Everything held about a person (following merges): its id and the export document."""
@@ -62,7 +62,8 @@ class Privacy:
         engine.owned_profile_or_fail(person)
         view = profile.view(now=engine.clock())
         origins = [person, *view.merged_from]
-        hashes = sorted(identifier_hash(k) for k in profile.identifiers())
+        hash_key = self.hash_keys.current
+        hashes = sorted(hash_key.hash(k) for k in profile.identifiers())
         ops: list[Put | Delete] = []
         timeline_keys = set()
         for origin in origins:
@@ -92,6 +93,7 @@ class Privacy:
             # Only a suppression needs them (the collector matches new events against them), and PRIVACY
             # keeps its messages without an age limit: a plain deletion leaves no hash of the person there.
             identifier_hashes=hashes if suppress else [],
+            identifier_hash_key_id=hash_key.id if suppress else "",
             suppress=suppress,
             at=from_seconds(now),
             merged_person_ids=origins[1:],

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cdp_kit.identifier_hash import IdentifierHashSettings
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProfileSettings(OwnershipSettings, ServiceSettings):
+class ProfileSettings(IdentifierHashSettings, OwnershipSettings, ServiceSettings):
     """Which partitions this replica works on comes from `OwnershipSettings` (`CDP_OWNERSHIP`): static
     (p % CDP_REPLICAS == CDP_POD_ORDINAL, requests forwarded to the owner by ordinal), or leases that
     follow the live replicas (nats, kubernetes), where CDP_REPLICAS plays no part."""
@@ -53,6 +54,7 @@ class ProfileSettings(OwnershipSettings, ServiceSettings):
 
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
+        problems += IdentifierHashSettings.validate(self)
         if self.batch_size < 1:
             problems.append(f"CDP_PROFILE_BATCH_SIZE={self.batch_size} is invalid: must be positive")
         if self.timeline_max_events < 1:

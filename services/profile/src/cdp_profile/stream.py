@@ -102,11 +102,12 @@ class ScoresLogic:
     def __init__(self, engine: ProfileEngine) -> None:
         self.engine = engine
 
-    def decode(self, delivery: Delivery) -> ScoreUpdate:
+    def decode(self, delivery: Delivery) -> list[ScoreUpdate]:
         return decode_scores(delivery)
 
-    async def apply(self, partition: int, items: list[ScoreUpdate]) -> Effects:
+    async def apply(self, partition: int, decoded: list[list[ScoreUpdate]]) -> Effects:
         engine = self.engine
+        items = [update for updates in decoded for update in updates]
         epoch = await engine.steady(("scores", partition))
         await engine.hot.load({person for update in items for person in update.persons})
         engine.fresh(epoch)

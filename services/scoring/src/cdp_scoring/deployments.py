@@ -59,6 +59,13 @@ class Deployments:
         loaded = await asyncio.to_thread(load_model, data, threads=self.threads)
         spec = loaded.spec
         async with self._registry_lock:
+            existing, _ = self.registry.check_deploy(
+                spec, sha256=loaded.sha256, role=role, canary_percent=canary_percent
+            )
+            if existing is not None:
+                return existing
+            # The file first: a version is never listed, promoted or trained beside before its file is there.
+            await self.model_store.put(spec.name, spec.version, data)
             version, created = self.registry.deploy(
                 spec,
                 sha256=loaded.sha256,
@@ -70,7 +77,6 @@ class Deployments:
             if not created:
                 return version
             try:
-                await self.model_store.put(spec.name, spec.version, data)
                 if spec.computed_traits and self.define_traits is not None:
                     await self.define_traits(spec.computed_traits)
                 await self._save_entry(spec.name)

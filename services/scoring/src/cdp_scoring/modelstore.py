@@ -15,11 +15,13 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+import nats.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
-from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_kit.ownership.group_kv import missing_bucket
 
 SHIPPED = Path(__file__).resolve().parent / "models"
 
@@ -83,9 +85,12 @@ class ObjectModelStore:
             try:
                 self._store = await self.js.object_store(self.bucket)
             except (BucketNotFoundError, NotFoundError):
-                self._store = await self.js.create_object_store(
-                    self.bucket, config=api.ObjectStoreConfig(bucket=self.bucket, description="cdp ONNX models")
-                )
+                try:
+                    self._store = await self.js.create_object_store(
+                        self.bucket, config=api.ObjectStoreConfig(bucket=self.bucket, description="cdp ONNX models")
+                    )
+                except (nats.errors.TimeoutError, APIError) as exc:  # a service's user may not: provisioned
+                    raise Unavailable(missing_bucket(f"OBJ_{self.bucket}", exc)) from None
         return self._store
 
     async def put(self, name: str, version: str, data: bytes) -> str:

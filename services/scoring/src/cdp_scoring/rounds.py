@@ -3,9 +3,9 @@
 A round runs each model whose inputs changed once for every person of the round, however many
 partitions they came from (one onnxruntime call per model version: live, or the canary for its share of
 persons; shadow versions beside them, compared with live and never published). Its scores are turned
-into columnar messages, one `ScoresUpdatedBatch` per model version and person partition for
-`scores.updated.<p>`, and each submitter gets its own partition's messages back: the partitioned engine
-commits them with the batch and publishes them once it is durable (`stream.py`). A round that fails
+into columnar messages for `scores.updated.<p>`: a `ScoresUpdatedBatch` per model version, the ones for
+persons of the same partition in one message (the first carries the others in `more`), and each
+submitter gets its own partition's messages back: the partitioned engine commits them with the batch and publishes them once it is durable (`stream.py`). A round that fails
 fails every batch in it; the engine recovers each of their partitions and applies the batches again.
 
 `Rounds` is the part of `ScoringEngine` that does this; the state it reads is set up in the engine's
@@ -223,15 +223,15 @@ class Rounds:
         *,
         news_only: bool = True,
     ) -> dict[int, list[OutMessage]]:
-        """One columnar `ScoresUpdatedBatch` per model version and person partition (`partition_of`: the
-        persons' partitions when known; hashing every person of every model's rows again costs). A
-        message's id is a hash of its bytes: the same scores of the same change always get the same id,
+        """Columnar `ScoresUpdatedBatch`es, one message per person partition holding every model version's
+        columns (`_messages`; `partition_of`: the persons' partitions when known; hashing every person of
+        every model's rows again costs). A message's id is a hash of its bytes: the same scores of the same change always get the same id,
         so JetStream stores a message published twice (a crash between publishing and acknowledging) once.
 
         `news_only` (the stream path): a person whose version and values are those last published for
         the model (published.py) is left out, and what goes out is recorded as last published - it is
         committed with the batch, and a batch that is not is applied again on rebuilt fields."""
-        out: dict[int, list[OutMessage]] = {}
+        columns: dict[int, list[scoring_pb2.ScoresUpdatedBatch]] = {}  # partition -> model versions' columns
         partition = self._partition
         last = self.published
         for version, persons, scores, times in scored:
@@ -252,24 +252,47 @@ class Rounds:
             for p, index in rows.items():
                 for start in range(0, len(index), MAX_UPDATES_PER_MESSAGE):
                     chunk = index[start : start + MAX_UPDATES_PER_MESSAGE]
-                    batch = scoring_pb2.ScoresUpdatedBatch(
-                        model=model,
-                        version=version.version,
-                        scores=names,
-                        person_ids=[persons[i] for i in chunk],
-                        values=[v for i in chunk for v in values[i]],
-                        at_ms=[round(times[i] * 1000) for i in chunk],
-                    )
-                    payload = batch.SerializeToString()
-                    out.setdefault(p, []).append(
-                        OutMessage(
-                            subject=subjects.scores_updated(p),
-                            payload=payload,
-                            msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+                    columns.setdefault(p, []).append(
+                        scoring_pb2.ScoresUpdatedBatch(
+                            model=model,
+                            version=version.version,
+                            scores=names,
+                            person_ids=[persons[i] for i in chunk],
+                            values=[v for i in chunk for v in values[i]],
+                            at_ms=[round(times[i] * 1000) for i in chunk],
                         )
                     )
             if kept:
                 self._m_published.add(kept, {"model": model})
             if kept < len(persons):
                 self._m_unchanged.add(len(persons) - kept, {"model": model})
-        return out
+        return {p: _messages(p, batches) for p, batches in columns.items()}
+
+
+def _messages(partition: int, batches: list[scoring_pb2.ScoresUpdatedBatch]) -> list[OutMessage]:
+    """A partition's model versions' columns in as few messages as MAX_UPDATES_PER_MESSAGE rows allow: the
+    first batch of a message carries the others in `more`. A message's id is a hash of its bytes."""
+    out: list[OutMessage] = []
+    message: scoring_pb2.ScoresUpdatedBatch | None = None
+    rows = 0
+    for batch in batches:
+        if message is not None and rows + len(batch.person_ids) > MAX_UPDATES_PER_MESSAGE:
+            out.append(_out_message(partition, message))
+            message = None
+        if message is None:
+            message, rows = batch, 0
+        else:
+            message.more.append(batch)
+        rows += len(batch.person_ids)
+    if message is not None:
+        out.append(_out_message(partition, message))
+    return out
+
+
+def _out_message(partition: int, message: scoring_pb2.ScoresUpdatedBatch) -> OutMessage:
+    payload = message.SerializeToString()
+    return OutMessage(
+        subject=subjects.scores_updated(partition),
+        payload=payload,
+        msg_id="su_" + hashlib.blake2b(payload, digest_size=16).hexdigest(),
+    )

@@ -262,7 +262,9 @@ class Evaluation:
             updates = change_fields(change)
             new = person is None
             if person is None:
-                fetched = await self.held.fetch(person_id)
+                # A change that began the profile holds all of it; any other first sight reads the profile
+                # (this replica's state began after the person's: a new replica, PROFILES aged out).
+                fetched = None if change.created else await self.held.fetch(person_id)
                 person = self.persons[person_id] = Person(fields=fetched or {})
             changed = apply_updates(person.fields, updates)
             person.seq = seq

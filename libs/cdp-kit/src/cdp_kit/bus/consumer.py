@@ -62,7 +62,10 @@ messages (`DeliverPolicy.NEW`, scoring's label watch) has its floor where it sta
 or when the stream was restored from an older backup (numbered again from below that floor), it starts
 at the stream's beginning (the spec's `DeliverPolicy.ALL`). The partition engines pass their checkpoint
 (`recover_missing(start_seq=...)`): nothing up to it needs applying. A warning names the consumer and
-`cdp.bus.consumer.recreated` counts it.
+`cdp.bus.consumer.recreated` counts it. The partition engines' consumers keep their state in the server's
+memory (`ConsumerSpec.memory_state`), so every nats-server restart loses them: the engine binds its
+consumer again and `provision(start_seq=...)` creates it right after the checkpoint (no warning: that is
+the expected way back), as `recover_missing` would.
 
 Logs name the consumer, positions and the exception type (and an `InvalidArgument`'s field), never the
 exception's text: service exceptions quote identifiers. The dead-letter header keeps a capped detail
@@ -180,6 +183,14 @@ class ConsumerSpec:
     # batch (AckPolicy.ALL: the last message's acknowledgement covers the ones before it); a consumer
     # found with another policy (made by an earlier version) is created again at its floor.
     ordered: bool = False
+    # The server keeps the consumer's state (what it delivered, its acknowledgement floor) in memory, not
+    # in a file: nats-server rewrites a file consumer's state file (a temporary file written, then
+    # renamed) after every round of deliveries, up to about ten times a second per busy consumer - a
+    # fifth of the server's CPU in the whole-pipeline benchmark. A nats-server restart loses such a
+    # consumer; its owner creates it again where its own position says (`provision(start_seq=...)`,
+    # `recover_missing(start_seq=...)`). Only for owners that keep their position themselves: the
+    # partition engines (their checkpoints).
+    memory_state: bool = False
 
     def __post_init__(self) -> None:
         if self.max_deliver < 1:
@@ -205,6 +216,7 @@ class ConsumerSpec:
             max_ack_pending=self.max_ack_pending,
             filter_subject=subjects[0] if len(subjects) == 1 else None,
             filter_subjects=subjects if len(subjects) > 1 else None,
+            mem_storage=True if self.memory_state else None,
         )
 
     def delay_after(self, deliveries: int) -> float:
@@ -323,16 +335,22 @@ class ConsumerRunner:
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
-    async def provision(self) -> None:
-        """Create or update the durable consumer (idempotent)."""
+    async def provision(self, *, start_seq: int | None = None) -> None:
+        """Create or update the durable consumer (idempotent). `start_seq`: where a consumer that does not
+        exist starts (a partition engine's checkpoint + 1: nothing up to it needs reading again; a memory
+        consumer is gone after a nats-server restart); by default at the stream's beginning."""
         config = self.spec.config()
         try:
             info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
             self._saw(info)
             current = info.config
-            if (self.spec.ordered and (info.num_ack_pending or 0) > 0) or current.ack_policy != config.ack_policy:
-                # JetStream cannot change a consumer's acknowledgement policy (a consumer made before
-                # ordered ones acknowledged per batch): it is created again at its floor, as after a crash.
+            if (
+                (self.spec.ordered and (info.num_ack_pending or 0) > 0)
+                or current.ack_policy != config.ack_policy
+                or bool(current.mem_storage) != bool(config.mem_storage)
+            ):
+                # JetStream cannot change a consumer's acknowledgement policy or where it keeps its state
+                # (a consumer made by an earlier version): it is created again at its floor, as after a crash.
                 await self._restart_at_floor(info, config)
                 return
             if (
@@ -347,7 +365,19 @@ class ConsumerRunner:
                 config.deliver_policy, config.opt_start_seq = current.deliver_policy, current.opt_start_seq
                 await self.js.add_consumer(self.spec.stream, config)  # same durable name: an update
         except NotFoundError:
+            await self._start_at(config, start_seq)
             await self.js.add_consumer(self.spec.stream, config)
+
+    async def _start_at(self, config: api.ConsumerConfig, start_seq: int | None) -> None:
+        """Make `config` start at `start_seq` - unless the stream ends before it (restored from an older
+        backup: its positions are not ours), then at the stream's beginning (the spec's policy)."""
+        if start_seq is None or start_seq <= 1:
+            return
+        last = (await self.js.stream_info(self.spec.stream)).state.last_seq or 0
+        if start_seq > last + 1:
+            return
+        config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = start_seq
 
     async def _restart_at_floor(self, info: api.ConsumerInfo, config: api.ConsumerConfig) -> None:
         floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0

@@ -1,9 +1,13 @@
 """JetStream streams cdp uses, and idempotent provisioning.
 
 Stream names and subjects come from `cdp_kit.bus.subjects`, which says who publishes and consumes what.
-Every service calls `ensure_stream` for the streams it publishes to at start-up. Creating a stream
-that exists with the same configuration is a no-op; a changed configuration (say a longer retention)
-is applied with an update; two replicas racing to create the same stream both succeed.
+The provisioner (`cdp_kit.provision`, from the table in `cdp_kit.streamtable`) creates every stream with
+an operator identity; a service connected as its own NATS user may not, and verifies each at start
+instead (`verify_stream`, through `Bus.ensure_*`). Without NATS users (a bare nats-server) a service
+calls `ensure_stream` itself: creating a stream that exists with the same configuration is a no-op; a
+changed configuration (say a longer retention) is applied with an update; two replicas racing to create
+the same stream both succeed. An update keeps the partition count a stream records
+(`cdp_kit.bus.partition_count`: the provisioner records it, every partitioned engine checks it at start).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
-from cdp_kit.bus import subjects
+from cdp_kit.bus import partition_count, subjects
 
 log = logging.getLogger("cdp.bus")
 
@@ -234,20 +238,104 @@ def source_of(headers: dict[str, str] | None) -> tuple[str, str]:
 
 
 # Fields an update may change; anything else differing is a deliberate operator change we leave alone.
-_COMPARED = ("subjects", "max_age", "duplicate_window", "max_bytes", "max_msg_size", "description", "discard")
+# The last four move messages between streams and subjects inside the account, where nats-server checks
+# no user's permissions: a stream given a source, a mirror, a republish or a subject transform its spec
+# does not have is always found (and fails a service's start, `verify_stream`).
+ROUTING = ("sources", "mirror", "republish", "subject_transform")
+_COMPARED = (
+    "subjects",
+    "max_age",
+    "duplicate_window",
+    "max_bytes",
+    "max_msg_size",
+    "description",
+    "discard",
+    *ROUTING,
+)
+# What a reader of another service's stream checks: where the stream's messages come from and go. Its
+# retention and limits are the owner's (the reader's spec carries defaults).
+ROUTED = ("subjects", *ROUTING)
 
 
-def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
-    changed = []
-    for name in _COMPARED:
-        have, want = getattr(current, name), getattr(wanted, name)
-        if name == "subjects":
-            have, want = sorted(have or []), sorted(want or [])
-        if name in ("max_age", "duplicate_window"):
-            have, want = round(float(have or 0), 3), round(float(want or 0), 3)
-        if have != want:
-            changed.append(name)
-    return changed
+def _source(source: api.StreamSource | dict | None) -> tuple | None:
+    """A source or mirror as compared: the stream, its filter and its transforms (start positions and
+    the server's bookkeeping left out)."""
+    if source is None:
+        return None
+    if not isinstance(source, dict):
+        source = source.as_dict()
+    transforms = source.get("subject_transforms") or []
+    return (
+        source.get("name"),
+        source.get("filter_subject") or None,
+        tuple(
+            sorted(
+                (t.get("src"), t.get("dest")) for t in (x if isinstance(x, dict) else x.as_dict() for x in transforms)
+            )
+        ),
+        bool(source.get("external")),
+    )
+
+
+def _setting(config: api.StreamConfig, name: str):
+    value = getattr(config, name)
+    if name == "subjects":
+        return sorted(value or [])
+    if name in ("max_age", "duplicate_window"):
+        return round(float(value or 0), 3)
+    if name in ("max_bytes", "max_msg_size"):
+        return -1 if value is None else value  # unset: no limit, as the server reports it
+    if name == "description":
+        return value or ""
+    if name == "discard":
+        return value or api.DiscardPolicy.OLD
+    if name == "sources":
+        return sorted((_source(s) for s in value or []), key=repr)
+    if name == "mirror":
+        return _source(value)
+    if name in ("republish", "subject_transform"):
+        if value is None:
+            return None
+        value = value if isinstance(value, dict) else value.as_dict()
+        return tuple(sorted((k, v) for k, v in value.items() if v not in (None, False)))
+    return value
+
+
+def _differs(current: api.StreamConfig, wanted: api.StreamConfig, fields: tuple[str, ...] = _COMPARED) -> list[str]:
+    return [name for name in fields if _setting(current, name) != _setting(wanted, name)]
+
+
+class StreamMismatch(RuntimeError):
+    """A stream a service needs is missing or configured otherwise than its spec: the service does not start."""
+
+
+FIX = (
+    "streams are created and configured by the provisioner with an operator identity (`cdpctl up` runs it "
+    "before the services; under Kubernetes the chart's provisioning Job, `python -m cdp_kit.provision`): run "
+    "it again, then start this service"
+)
+
+
+async def verify_stream(js: JetStreamContext, wanted: api.StreamConfig, fields: tuple[str, ...] = _COMPARED):
+    """The stream as it is, when it exists and `fields` of its configuration are `wanted`'s; otherwise
+    StreamMismatch naming the stream, each setting that differs (as it is and as the spec has it) and the fix.
+    What a service whose NATS user may not create or update streams does at start instead of ensuring them."""
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        raise StreamMismatch(f"stream {wanted.name} does not exist: {FIX}") from None
+    changed = _differs(info.config, wanted, fields)
+    if changed:
+        what = "; ".join(
+            f"{name} is {_shown(info.config, name)}, the spec has {_shown(wanted, name)}" for name in changed
+        )
+        raise StreamMismatch(f"stream {wanted.name} is not configured as cdp specifies it ({what}): {FIX}")
+    return info
+
+
+def _shown(config: api.StreamConfig, name: str) -> str:
+    value = _setting(config, name)
+    return "none" if value in (None, []) else repr(value)
 
 
 async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, update: bool = True) -> api.StreamInfo:
@@ -272,7 +360,8 @@ async def ensure_stream(js: JetStreamContext, spec: StreamSpec, *, update: bool 
         changed = _differs(info.config, wanted)
         if not changed or not update:
             return info
-        info = await js.update_stream(wanted)
+        # The partition count the stream records stays (an update without it would erase it).
+        info = await js.update_stream(partition_count.carried(info.config, wanted))
         log.info("updated stream %s", spec.name, extra={"changed": changed})
         return info
     raise RuntimeError(f"could not create or read stream {spec.name}")

@@ -52,6 +52,12 @@ reported failed may have landed), the consumer restarts at its acknowledgement f
 batch goes through `ConsumerRunner`'s isolation (split in halves, down to one message): a message that
 fails alone is dead-lettered with its reason, a store that fails everything dead-letters nothing.
 
+The consumers' own state lives in nats-server's memory (`ConsumerSpec.memory_state`): the checkpoint is
+the position that counts, and a file consumer's state file, rewritten after every round of deliveries, was
+about a fifth of the server's CPU. A nats-server restart loses them; each is created again right after
+its checkpoint when the partition binds it. Not for held state (a logic that snapshots, below): its
+start replays what its consumer was given after the snapshot, which only a consumer kept can say.
+
 Ownership: `run(ownership)` takes partitions from a `cdp_kit.ownership.Ownership` (static by default);
 `start_partition(p)` / `stop_partition(p)` are its acquire / release hooks (stop = stop fetching, drain
 the commits in flight, acknowledge, return).

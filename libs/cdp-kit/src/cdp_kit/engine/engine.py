@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cdp_kit.bus import Bus, ConsumerSpec, subjects
+from cdp_kit.bus import Bus, ConsumerSpec, partition_count, subjects
 from cdp_kit.engine import outbox
 from cdp_kit.engine.chain import WriteChain
 from cdp_kit.engine.logic import Logic
@@ -53,7 +53,11 @@ class EngineSpec:
         if self.partitions < 1:
             raise ValueError("partitions must be at least 1")
 
-    def consumer(self, partition: int) -> ConsumerSpec:
+    def consumer(self, partition: int, *, memory_state: bool = True) -> ConsumerSpec:
+        """The partition's durable consumer. `memory_state` (`ConsumerSpec.memory_state`): the checkpoint is
+        the position that counts, so a consumer lost with a nats-server restart is created again after it.
+        Not for held state (a logic that snapshots): its start replays what the consumer was given after
+        the snapshot (`cdp_kit.bus.delivered_since`), which only a consumer the restart kept can say."""
         return ConsumerSpec(
             stream=self.stream,
             durable=subjects.partition_durable(self.service, partition),
@@ -66,6 +70,7 @@ class EngineSpec:
             max_ack_pending=self.batch_size * (self.in_flight + 1),
             fetch_timeout=self.fetch_timeout,
             ordered=True,
+            memory_state=memory_state,
             description=self.description or f"{self.service}: partition {partition}",
         )
 
@@ -112,6 +117,8 @@ class PartitionedEngine:
         if len({feed[3] for feed in self.feeds}) < len(self.feeds):
             raise ValueError("each input of an engine needs an outbox of its own")
         self.pipelines: dict[int, PartitionPipeline] = {}
+        self._count_lock = asyncio.Lock()
+        self._count_checked = False
         self.gate = asyncio.Event()  # cleared while anyone holds (or waits for) a quiescent point
         self.gate.set()
         self.holders = 0  # quiescent() callers inside or waiting: the gate opens when the last leaves
@@ -204,6 +211,7 @@ class PartitionedEngine:
         """Start working on `partition` (an ownership's `on_acquire`)."""
         if partition in self.pipelines:
             return
+        await self.check_partitions()
         pipeline = PartitionPipeline(self, partition)
         pipeline.task = asyncio.create_task(pipeline.run(), name=f"{self.spec.service} partition {partition}")
         self.pipelines[partition] = pipeline
@@ -228,9 +236,22 @@ class PartitionedEngine:
     async def start(self, ownership: Ownership | None = None) -> Ownership:
         """Take the partitions `ownership` gives (all of them by default): their pipelines exist when
         this returns. Then `serve(ownership)`."""
+        await self.check_partitions()  # before any lease is taken
         ownership = ownership or StaticOwnership(partitions=self.spec.partitions)
         await ownership.start(self.start_partition, self.stop_partition)
         return ownership
+
+    async def check_partitions(self) -> None:
+        """The streams this engine reads were made with its partition count (`cdp_kit.bus.partition_count`;
+        on a bare nats-server the first engine records it): checked once, before the first partition
+        starts. PartitionsMismatch, naming both counts, stops the service."""
+        async with self._count_lock:
+            if not self._count_checked:
+                streams = [feed[1].stream for feed in self.feeds]
+                record = not getattr(self.bus, "provisioned", False)
+                wait = getattr(self.bus, "provision_wait", 0.0)
+                await partition_count.check(self.bus.js, self.spec.partitions, streams, record=record, wait=wait)
+                self._count_checked = True
 
     async def serve(self, ownership: Ownership) -> None:
         """Snapshot at the interval (if the logic snapshots) until cancelled; then release every

@@ -74,7 +74,9 @@ class _Feed:
         self.logic = logic
         self.spec = spec
         self.subject = subjects.partitioned(spec.subject_prefix, partition)
-        self.consumer = spec.consumer(partition)
+        # Held state (a logic that snapshots) replays from where its consumer got: a consumer whose state
+        # a nats-server restart would lose cannot say (`EngineSpec.consumer`).
+        self.consumer = spec.consumer(partition, memory_state=not hasattr(logic, "snapshot"))
         self.runner = ConsumerRunner(
             pipeline.engine.bus.js,
             self.consumer,
@@ -272,7 +274,12 @@ class PartitionPipeline:
                 # every child at once): stay unbound, `_fetch` hands over nothing, and the loops see the stop.
                 return False
             try:
-                await feed.runner.provision()
+                if feed.checkpoint:
+                    # A consumer that does not exist (a memory consumer after a nats-server restart) starts
+                    # after the checkpoint: nothing up to it needs reading again.
+                    await feed.runner.provision(start_seq=feed.checkpoint + 1)
+                else:
+                    await feed.runner.provision()  # nothing applied yet: from the stream's beginning
                 subscription = await self.engine.bus.js.pull_subscribe_bind(
                     durable=feed.consumer.durable, stream=feed.consumer.stream
                 )

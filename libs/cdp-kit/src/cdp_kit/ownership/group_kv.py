@@ -29,8 +29,11 @@ import asyncio
 import json
 import secrets
 
+import nats.errors
 import nats.js.errors
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+
+from cdp_kit.errors import Unavailable
 
 # How long an abandoned scan consumer lives on the server (nanoseconds in the API).
 SCAN_CONSUMER_LIFETIME = 5.0
@@ -51,8 +54,12 @@ class GroupKv(KeyValue):
             info = await js.stream_info(stream)
             direct = bool(info.config.allow_direct)
         except nats.js.errors.NotFoundError:
-            # Two members racing to create the bucket both succeed: the configuration is the same.
-            created = await js.create_key_value(bucket=bucket, history=1, description=description, direct=True)
+            # Two members racing to create the bucket both succeed: the configuration is the same. Under a
+            # service's own NATS user the server drops the request (the provisioner makes every bucket).
+            try:
+                created = await js.create_key_value(bucket=bucket, history=1, description=description, direct=True)
+            except (nats.errors.TimeoutError, nats.js.errors.APIError) as exc:
+                raise Unavailable(missing_bucket(bucket, exc)) from None
             direct = bool(created._direct)
         return cls(js, bucket, group, direct=direct)
 
@@ -130,3 +137,12 @@ class GroupKv(KeyValue):
                     return entries
         finally:
             await subscription.unsubscribe()
+
+
+def missing_bucket(bucket: str, exc: BaseException) -> str:
+    """Why a service could not make a bucket it needs: no service's NATS user may (docs/security.md)."""
+    return (
+        f"the {bucket} bucket does not exist and this service may not create it ({type(exc).__name__}): no "
+        "service's NATS user may; the provisioner makes it (cdpctl up, or the chart's provisioning Job: "
+        "python -m cdp_kit.provision)"
+    )

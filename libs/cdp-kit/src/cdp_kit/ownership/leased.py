@@ -142,6 +142,7 @@ class LeasedOwnership(Ownership):
         # Set by stop(): the loop also checks it, because a cancellation can be swallowed inside a
         # store client (seen with nats-py's KV watch), and a round must not acquire after stop().
         self.closing = False
+        self._in_round = False  # the loop is in a round (not asleep): see stop()
 
     # -- the interface --------------------------------------------------------------------------
 
@@ -153,6 +154,11 @@ class LeasedOwnership(Ownership):
     async def stop(self) -> None:
         self.closing = True
         if self._task is not None:
+            if self._in_round:
+                # A round in flight may be taking a lease: cancelled between its write and recording it, the
+                # lease would stay in the store under this member's name, never released (held until it
+                # expires). The round ends soon (it takes nothing new once closing); then the loop stops.
+                await asyncio.wait({self._task}, timeout=max(self.interval, 1.0))
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -208,7 +214,11 @@ class LeasedOwnership(Ownership):
         while not self.closing:
             left = self._until_fence()
             await asyncio.sleep(self.interval if left is None else max(0.0, min(self.interval, left)))
-            await self._round_safely()
+            self._in_round = True
+            try:
+                await self._round_safely()
+            finally:
+                self._in_round = False
 
     async def _round_safely(self) -> None:
         left = self._until_fence()

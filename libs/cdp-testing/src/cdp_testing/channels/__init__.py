@@ -9,4 +9,6 @@
 - `webhook.LocalWebhookReceiver`: verifies the HMAC signature, can fail on demand, Slack-compatible mode.
 
 Each binds 127.0.0.1 on a free port, is an async context manager, and records what it accepted.
+`python -m cdp_testing.channels` runs them all for `make up`; `logs` makes its log (and the CRM
+emulators') JSON lines that name routes and statuses, never what a request carried.
 """

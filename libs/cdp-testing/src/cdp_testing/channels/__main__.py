@@ -2,7 +2,8 @@
 
     python -m cdp_testing.channels --maildir .cdp/mail --fcm-key-file .cdp/fcm-key.json
 
-Prints one JSON line naming each server's URL (and the SMTP port) once all listen. Mail lands in the
+Its log is JSON lines (`cdp_testing.channels.logs`): on stdout the one saying where each server listens
+(`endpoints`: each URL, and the SMTP host:port) once all do, on stderr the rest. Mail lands in the
 maildir (or mbox) so it can be read with any mail client or `ls`; the FCM server writes a service-account
 key file it trusts, for CDP_FCM_CREDENTIALS_FILE. The Twilio account and the webhook secret default to the
 same variables the orchestration service reads, so both sides agree without more configuration.
@@ -13,12 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 from collections.abc import Sequence
 from pathlib import Path
 
+from cdp_testing.channels import logs
 from cdp_testing.channels.fcm import LocalFcm
 from cdp_testing.channels.smtp import LocalSmtpServer
 from cdp_testing.channels.twilio import LocalTwilio
@@ -28,7 +29,7 @@ from cdp_testing.channels.webpush import LocalPushService
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     environ = os.environ
-    parser = argparse.ArgumentParser(prog="python -m cdp_testing.channels", description=__doc__.splitlines()[0])
+    parser = logs.ArgumentParser(prog="python -m cdp_testing.channels", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="address every server binds")
     parser.add_argument("--smtp-port", type=int, default=1025)
     parser.add_argument("--maildir", type=Path, help="write accepted mail to this maildir")
@@ -71,13 +72,14 @@ async def serve(
             "webpush": push.base_url,
             "webhook": webhook.url(),
         }
-        print(json.dumps(endpoints), flush=True)
+        logs.listening("listening", endpoints=endpoints)
         if ready is not None:
             ready.set_result(endpoints)
         await stop.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    logs.configure("channels")
     args = parse_args(argv)
 
     async def run() -> None:

@@ -1,10 +1,14 @@
-"""The aiohttp plumbing the HTTP fakes share: bind 127.0.0.1 on a free port, expose `base_url`."""
+"""The aiohttp plumbing the HTTP fakes share: bind 127.0.0.1 on a free port, expose `base_url`, log each
+request by its route (`cdp_testing.channels.logs`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Self
 
 from aiohttp import web
+
+from cdp_testing.channels.logs import AccessLog
 
 
 class HttpFake:
@@ -21,7 +25,8 @@ class HttpFake:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> Self:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        access = logging.getLogger(type(self).__module__)
+        self._runner = web.AppRunner(self.app, access_log_class=AccessLog, access_log=access)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

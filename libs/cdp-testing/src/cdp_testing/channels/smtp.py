@@ -17,6 +17,7 @@ also written there, which is how `make up` shows the mail a journey sent. `bounc
 from __future__ import annotations
 
 import asyncio
+import logging
 import mailbox
 import ssl
 import warnings
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+# Counts and replies only: addresses and contents are customer data (cdp_testing.channels.logs).
+log = logging.getLogger("cdp_testing.channels.smtp")
 
 
 @dataclass
@@ -51,8 +55,10 @@ class _Handler:
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
         if address.lower() in self.server.unknown:
+            log.info("refused a recipient", extra={"reply": 550})
             return "550 5.1.1 Recipient address rejected: user unknown"
         if address.lower() in self.server.full:
+            log.info("refused a recipient", extra={"reply": 452})
             return "452 4.2.2 Mailbox full, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -60,6 +66,7 @@ class _Handler:
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
         if self.server.fail_next_data > 0:
             self.server.fail_next_data -= 1
+            log.info("refused a message", extra={"reply": 451})
             return "451 4.3.0 Temporary local problem, try again"
         raw = envelope.original_content or b""
         message = message_from_bytes(raw, policy=policy.default)
@@ -73,6 +80,7 @@ class _Handler:
             tls=session.ssl is not None or smtp.transport.get_extra_info("ssl_object") is not None,
         )
         self.server.deliver(mail)
+        log.info("accepted a message", extra={"recipients": len(mail.rcpt_tos), "bytes": len(raw)})
         return "250 2.0.0 Message accepted"
 
 

@@ -1,12 +1,15 @@
 """The collector's rules, as plain Python: Segment JSON → Event, validation, limits, clock-skew correction,
 suppression of people who asked to be deleted.
 
-No I/O, gRPC or NATS here: `api.py` and the HTTP server call these and map the FieldErrors they return,
-and the RequestRejected they raise, to status codes (gRPC INVALID_ARGUMENT; HTTP 400, 413 for
-`request_too_large` — RequestRejected.status says which).
+A request body is decoded first (`decode_body`: JSON and the write key it carries) and its events
+converted and validated after (`parse_decoded`), so a transport can authenticate in between;
+`parse_request` does both. No I/O, gRPC or NATS here: `api.py` and the HTTP server call these and map
+the FieldErrors they return, and the RequestRejected they raise, to status codes (gRPC INVALID_ARGUMENT;
+HTTP 400, 413 for `request_too_large` — RequestRejected.status says which).
 """
 
 from cdp_collector.domain.clock import TimestampError, corrected_ns, parse_timestamp
+from cdp_collector.domain.decode import DecodedBody, decode_body
 from cdp_collector.domain.errors import Code, FieldError, RequestRejected
 from cdp_collector.domain.events import (
     GENERATED_MESSAGE_ID_KEY,
@@ -24,7 +27,7 @@ from cdp_collector.domain.limits import (
     check_event_count,
     check_request_bytes,
 )
-from cdp_collector.domain.segment import KINDS, ParsedRequest, parse_request
+from cdp_collector.domain.segment import KINDS, ParsedRequest, parse_decoded, parse_request
 from cdp_collector.domain.suppression import (
     SUPPRESSED_MESSAGE,
     SuppressionList,
@@ -43,6 +46,7 @@ __all__ = [
     "MAX_EVENT_BYTES",
     "SUPPRESSED_MESSAGE",
     "Code",
+    "DecodedBody",
     "FieldError",
     "Limits",
     "ParsedRequest",
@@ -52,9 +56,11 @@ __all__ = [
     "check_event_count",
     "check_request_bytes",
     "corrected_ns",
+    "decode_body",
     "identifier_hash",
     "identifier_key",
     "identifier_keys",
+    "parse_decoded",
     "parse_request",
     "parse_timestamp",
     "partition_key",

@@ -26,16 +26,21 @@ so deciding it here, once, keeps them consistent. Past times, however old, are k
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from cdp_collector.domain.errors import json_type, shown
+from cdp_collector.domain.errors import described
 from cdp_kit.timestamps import EPOCH, MAX_NS, MIN_NS, NANOS, datetime_to_ns, to_ns
 
 _EXAMPLE = (
     "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
 )
+
+
+#: What datetime.fromisoformat says of a part out of range, which names no part of the value sent.
+_RANGE_PROBLEM = re.compile(r"[a-z]+ must be in \d+\.\.\d+|day is out of range for month")
 
 
 class TimestampError(ValueError):
@@ -48,14 +53,14 @@ def parse_timestamp(value: object) -> int:
     if kind is str:
         return _parse_iso(value)  # type: ignore[arg-type]
     if kind is int:
-        return _in_range(value * 1_000_000, value)  # type: ignore[operator]
+        return _in_range(value * 1_000_000)  # type: ignore[operator]
     if kind is float:
         if not math.isfinite(value):  # type: ignore[arg-type]
-            raise TimestampError(f"must be {_EXAMPLE}; got {value}")
+            raise TimestampError(f"must be {_EXAMPLE}; got a number that is not finite")
         # Scale the whole and fractional milliseconds apart: value * 1e6 would round away sub-ms digits.
         whole = math.floor(value)  # type: ignore[call-overload]
-        return _in_range(whole * 1_000_000 + round((value - whole) * 1_000_000), value)  # type: ignore[operator]
-    raise TimestampError(f"must be {_EXAMPLE}; got {json_type(value)} {shown(value)}")
+        return _in_range(whole * 1_000_000 + round((value - whole) * 1_000_000))  # type: ignore[operator]
+    raise TimestampError(f"must be {_EXAMPLE}; got {described(value)}")
 
 
 def _parse_iso(text: str) -> int:
@@ -63,15 +68,18 @@ def _parse_iso(text: str) -> int:
     # local (zone-less) times. Insist on YYYY-MM-DD then a time, and on a zone, so no time is a guess.
     if len(text) < 13 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt ":
         hint = " (a date alone is not a point in time)" if len(text) == 10 else ""
-        raise TimestampError(f"must be {_EXAMPLE}; got {shown(text)}{hint}")
+        raise TimestampError(f"must be {_EXAMPLE}; got {described(text)}{hint}")
     if text[-1] == "z":  # RFC 3339 allows a lower-case zone letter; fromisoformat does not
         text = text[:-1] + "Z"
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:
-        raise TimestampError(f"must be {_EXAMPLE}; got {shown(text)} ({exc})") from None
+        # fromisoformat names the part out of range ("month must be in 1..12") or repeats the whole text
+        # ("Invalid isoformat string: '...'"): only the former is said.
+        detail = f" ({exc})" if _RANGE_PROBLEM.fullmatch(str(exc)) else ""
+        raise TimestampError(f"must be {_EXAMPLE}; got {described(text)}{detail}") from None
     if parsed.tzinfo is None:
-        raise TimestampError(f"{shown(text)} has no time zone: add Z (UTC) or an offset like +02:00")
+        raise TimestampError("has no time zone: add Z (UTC) or an offset like +02:00")
     ns = datetime_to_ns(parsed)
     # fromisoformat keeps microseconds only; RFC 3339 "nano" clients (Go, Java) send up to 9 digits.
     if len(text) > 26 and text[19] in ".," and text[26].isdigit():
@@ -80,13 +88,13 @@ def _parse_iso(text: str) -> int:
         while end < len(digits) and digits[end].isdigit():
             end += 1
         ns += int(digits[:end].ljust(3, "0"))
-    return _in_range(ns, text)
+    return _in_range(ns)
 
 
-def _in_range(ns: int, sent: object) -> int:
+def _in_range(ns: int, what: str = "") -> int:
     if MIN_NS <= ns <= MAX_NS:
         return ns
-    raise TimestampError(f"{shown(sent)} is outside the years 0001..9999 (numbers are epoch milliseconds)")
+    raise TimestampError(f"{what}is outside the years 0001..9999 (numbers are epoch milliseconds)")
 
 
 def corrected_ns(*, received_at: int, sent_at: int | None, client_time: int | None) -> int:
@@ -110,7 +118,7 @@ def timestamp_to_ns(stamp: Timestamp) -> int:
     """A protobuf Timestamp (from a gRPC client) → ns, refusing values protobuf itself calls invalid."""
     if not 0 <= stamp.nanos < NANOS:
         raise TimestampError(f"nanos={stamp.nanos} must be in 0..999999999")
-    return _in_range(to_ns(stamp), f"seconds={stamp.seconds}")
+    return _in_range(to_ns(stamp), "the time ")
 
 
 def format_ns(ns: int) -> str:

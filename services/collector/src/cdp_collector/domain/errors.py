@@ -65,12 +65,29 @@ def json_type(value: object) -> str:
     return type(value).__name__
 
 
-def shown(value: object, limit: int = 60) -> str:
-    """A value as it appears in an error message, cut short so a huge or hostile value stays readable."""
-    if isinstance(value, (dict, list)):
-        return f"({len(value)} entries)"
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
+
+
+def described(value: object) -> str:
+    """What came, as an error message tells it: the JSON type and its length, never the value itself.
+    SDKs log the answers they get, and a value in the wrong field is often an email or a name: "a string
+    of 20 characters", "an object with 2 entries", "an array of 3 items", "a number", "a boolean", "null"."""
+    if isinstance(value, str):
+        return f"a string of {_count(len(value), 'character')}"
+    if isinstance(value, dict):
+        return f"an object with {_count(len(value), 'entry', 'entries')}"
+    if isinstance(value, list):
+        return f"an array of {_count(len(value), 'item')}"
+    kind = json_type(value)
+    return "null" if kind == "null" else f"a {kind}"
+
+
+def described_pair(first: object, second: object) -> str:
+    """Two values of one field, told apart without showing them: "strings of 3 and 20 characters"."""
+    if isinstance(first, str) and isinstance(second, str):
+        return f"strings of {len(first)} and {_count(len(second), 'character')}"
+    return f"{described(first)} and {described(second)}"
 
 
 def join(base: str, name: str) -> str:

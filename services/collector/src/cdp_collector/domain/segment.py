@@ -34,11 +34,9 @@ What the SDKs put on the wire, and how it is handled:
 - Segment's `writeKey` inside the body (an alternative to Basic auth): returned as
   `ParsedRequest.write_key` for the HTTP layer to authenticate with, and never stored in an event.
 
-An unpaired surrogate escape (`"\\ud83d"`, half of an emoji: what Python's json.dumps and JavaScript's
-JSON.stringify write for a string cut in the middle of one) is valid JSON but not a character; orjson
-refuses the whole body for it. Such a body is decoded again by the standard library and each unpaired
-surrogate, in values and keys, becomes U+FFFD, as Segment's own API stores it: one broken character does
-not cost a batch.
+The body is decoded by `decode.py` (which also says how an unpaired surrogate escape, half an emoji, is
+kept as U+FFFD rather than costing a batch); `parse_decoded` converts a body already decoded, so that the
+HTTP API can authenticate the write key in a body before any event in it is looked at.
 
 Other decisions: a client-sent `receivedAt` is ignored (the server's clock sets it); when both `timestamp`
 and `originalTimestamp` are sent, `originalTimestamp` is the client time the skew correction starts from
@@ -52,8 +50,6 @@ over the size limit is reported as only that: it is not examined further.
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,7 +60,8 @@ import orjson
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain.clock import TimestampError, corrected_ns, parse_timestamp
 from cdp_collector.domain.context import fill_context
-from cdp_collector.domain.errors import Code, FieldError, RequestRejected, join, json_type, shown
+from cdp_collector.domain.decode import DecodedBody, decode_body
+from cdp_collector.domain.errors import Code, FieldError, RequestRejected, described, described_pair, join, json_type
 from cdp_collector.domain.events import (
     ALIAS,
     GENERATED_MESSAGE_ID_KEY,
@@ -83,7 +80,6 @@ from cdp_collector.domain.limits import (
     Limits,
     check_event_bytes,
     check_event_count,
-    check_request_bytes,
 )
 from cdp_collector.domain.storable import id_problems, struct_problems
 from cdp_collector.domain.structs import fill_struct
@@ -146,12 +142,6 @@ _BATCH_ENVELOPE = frozenset(
         "received_at",
     }
 )
-# An integer literal of 19+ digits may not fit 64 bits, and orjson hands those over as (rounded) floats.
-# Spotting one: map digits to "0" and the bytes that can precede a JSON value to ":", drop whitespace and
-# minus signs, then look for ":" + 19 zeros. A C-speed pass over the body; a regex took ten times longer.
-_DIGITS_AFTER_SEPARATORS = bytes.maketrans(b"0123456789:,[", b"0000000000:::")
-_DROPPED = b" \t\r\n-"
-_LONG_INTEGER = b":" + b"0" * 19
 _NUL_ESCAPE = b"\\u0000"
 
 
@@ -217,19 +207,24 @@ def parse_request(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: expected one of {sorted(KINDS)}")
-    problem = check_request_bytes(len(body), limits)
-    if problem is not None:
-        raise RequestRejected.of(problem)
-    document = _decode(body)
-    if type(document) is not dict:
-        raise RequestRejected(
-            Code.INVALID_TYPE,
-            "",
-            f"the request body must be a JSON object ({{...}}); got {json_type(document)}",
-        )
-    write_key = document.get("writeKey", document.get("write_key"))
-    if type(write_key) is not str:
-        write_key = None
+    return parse_decoded(kind, decode_body(body, limits), received_at=received_at, source_id=source_id, limits=limits)
+
+
+def parse_decoded(
+    kind: str,
+    decoded: DecodedBody,
+    *,
+    received_at: datetime,
+    source_id: str,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ParsedRequest:
+    """`parse_request` for a body `decode_body` has decoded already (a body read for its key only, not
+    exactly, is decoded again here). Raises what parse_request raises, but for the body's own problems."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: expected one of {sorted(KINDS)}")
+    if not decoded.exact:
+        decoded = decode_body(decoded.body, limits)
+    document, write_key, body = decoded.document, decoded.write_key, decoded.body
     received_ns = datetime_to_ns(received_at)
     # JSON carries NUL only as this escape (a raw control character is invalid JSON), so a body without it
     # skips the walk for NUL in keys and identifier traits (storable.py).
@@ -250,91 +245,6 @@ def parse_request(
     parsed = ParsedRequest(write_key=write_key)
     parsed.add(event, problems, document)
     return parsed
-
-
-def _decode(body: bytes) -> object:
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if exc.msg.endswith("surrogate in string"):  # an escape; raw bytes not UTF-8 say so instead
-            return _decode_with_unpaired_surrogates(body)
-        if "depth" in exc.msg:
-            raise RequestRejected(
-                Code.NESTING_TOO_DEEP,
-                "",
-                f"the request body nests objects and arrays too deep (stopped at position {exc.pos}): flatten the data",
-            ) from None
-        raise RequestRejected(
-            Code.INVALID_JSON,
-            "",
-            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno} "
-            f"(position {exc.pos})",
-        ) from None
-    if _LONG_INTEGER in body.translate(_DIGITS_AFTER_SEPARATORS, _DROPPED):
-        # Rare: decode again with the standard library, which keeps big integers exact, so they are
-        # refused by name instead of silently rounded. orjson has vouched for the syntax already.
-        try:
-            document = json.loads(body)
-        except RecursionError:
-            pass  # deep enough that the nesting limit refuses it anyway
-    return document
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text} is infinity when parsed as double")
-    return value
-
-
-def _decode_with_unpaired_surrogates(body: bytes) -> object:
-    """The document of a body orjson refused for an unpaired surrogate, each one replaced by U+FFFD.
-    The standard library decodes it as orjson would otherwise (no NaN, no infinity), keeping the
-    surrogates; the standard library pairs the halves that belong together first, so only lone ones go."""
-    try:
-        document = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:
-        raise RequestRejected(
-            Code.NESTING_TOO_DEEP, "", "the request body nests objects and arrays too deep: flatten the data"
-        ) from None
-    except ValueError as exc:  # json.JSONDecodeError, a refused constant or number, bytes not UTF-8
-        raise RequestRejected(Code.INVALID_JSON, "", f"the request body is not valid JSON: {exc}") from None
-    return _replace_surrogates(document)
-
-
-def _replace_surrogates(document: object) -> object:
-    """`document` with every surrogate in its strings and keys replaced, in place; iterative, so a deep
-    document costs a longer list, not Python recursion."""
-
-    def clean(text: str) -> str:
-        return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
-
-    if type(document) is str:
-        return clean(document)
-    pending = [document] if type(document) in (dict, list) else []
-    while pending:
-        container = pending.pop()
-        if type(container) is dict:
-            if not all(key.isascii() for key in container):
-                items = list(container.items())
-                container.clear()
-                container.update((clean(key), value) for key, value in items)
-            slots = container.items()
-        else:
-            slots = enumerate(container)
-        for slot, value in list(slots):
-            if type(value) is str:
-                container[slot] = clean(value)
-            elif type(value) in (dict, list):
-                pending.append(value)
-    return document
 
 
 def _measure(item: dict) -> int:
@@ -480,7 +390,7 @@ def _convert(
                     FieldError(
                         Code.INVALID_TYPE,
                         join(base, key),
-                        f"{key} must be an object ({{...}}); got {json_type(value)} {shown(value)}",
+                        f"{key} must be an object ({{...}}); got {described(value)}",
                     )
                 )
                 continue
@@ -603,9 +513,7 @@ def _path(base: str, spelled: list[str] | None, slot: int) -> str:
 
 def _not_a_string(base: str, key: str, value: object, is_id: bool) -> FieldError:
     wanted = "a string (or an integer)" if is_id else "a string"
-    return FieldError(
-        Code.INVALID_TYPE, join(base, key), f"{key} must be {wanted}; got {json_type(value)} {shown(value)}"
-    )
+    return FieldError(Code.INVALID_TYPE, join(base, key), f"{key} must be {wanted}; got {described(value)}")
 
 
 def _event_type(
@@ -617,7 +525,7 @@ def _event_type(
                 FieldError(
                     Code.INVALID_EVENT_TYPE,
                     _path(base, spelled, _TYPE),
-                    f"type is {shown(value)} but the request went to /v1/{expected}: send it to the matching "
+                    f"type is {_type_said(value)} but the request went to /v1/{expected}: send it to the matching "
                     "endpoint or /v1/batch, or leave type out",
                 )
             )
@@ -637,17 +545,22 @@ def _event_type(
             FieldError(
                 Code.INVALID_EVENT_TYPE,
                 _path(base, spelled, _TYPE),
-                f"type {shown(value)} is not an event type: use one of track, identify, alias, page, screen, group",
+                f"type is {described(value)}, not an event type: use one of track, identify, alias, page, screen, group",
             )
         )
         return 0
     return event_type
 
 
+def _type_said(value: object) -> str:
+    """An event type is a word of the API and named as sent; anything else only described."""
+    return value if type(value) is str and value in EVENT_TYPES else described(value)  # type: ignore[return-value]
+
+
 def _conflict(base: str, first_key: str, second_key: str, camel: str, first: object, second: object) -> FieldError:
     return FieldError(
         Code.CONFLICTING_FIELDS,
         join(base, second_key),
-        f"{first_key} and {second_key} are both set, to different values ({shown(first)} and {shown(second)}): "
+        f"{first_key} and {second_key} are both set, to different values ({described_pair(first, second)}): "
         f"send only {camel}",
     )

@@ -106,6 +106,7 @@ def _unsafe_integer(where: str, value: int) -> FieldError:
     return FieldError(
         Code.INTEGER_OUT_OF_RANGE,
         where,
-        f"integer {value} is beyond ±{MAX_SAFE_INTEGER} (2^53), the largest a JSON/Struct number holds exactly; "
+        f"an integer of {len(str(abs(value)))} digits is beyond ±{MAX_SAFE_INTEGER} (2^53), the largest a JSON/Struct "
+        "number holds exactly; "
         "send it as a string",
     )

@@ -1,10 +1,15 @@
 """Suppression: events about a person who asked to be deleted *and* suppressed are not collected.
 
-Profile publishes `privacy.deleted` with the lowercase hex SHA-256 of each of the person's identifier keys
-`"type:value"`, normalised as identity normalises them. The collector keeps the digests of those with
-`suppress=true` in a SuppressionList and, before storing an event, builds the same keys from what it can
-see on the event, hashes each and looks it up. A match drops the event with an answer that says so
-(gRPC EVENT_STATUS_SUPPRESSED, HTTP `"suppressed": n`); nothing is ever dropped silently.
+Profile publishes `privacy.deleted` with a hash of each of the person's identifier keys `"type:value"`,
+normalised as identity normalises them: HMAC-SHA-256 under the identifier hash key profile and the
+collector share (`cdp_kit.identifier_hash`, `CDP_PRIVACY_HASH_KEY_FILE`), named by the notice's
+`identifier_hash_key_id`; a notice published before keyed hashes has no key id and plain SHA-256 digests.
+The collector keeps the digests of notices with `suppress=true` in a SuppressionList, one set per form
+(each key of its key file, plain SHA-256), and, before storing an event, builds the same keys from what it
+can see on the event, hashes each in every form it holds digests of and looks it up. A match drops the
+event with an answer that says so (gRPC EVENT_STATUS_SUPPRESSED, HTTP `"suppressed": n`); nothing is ever
+dropped silently. A notice made with a key the collector does not hold cannot be matched
+(`UnknownHashKey`): the follower logs it as an error naming the key id and the variable.
 
 The keys follow identity's default rules (`cdp_identity.domain.rules`, `normalize`), written out here
 because the edge must not depend on identity:
@@ -26,18 +31,20 @@ store, so it is checked, and one written any other way is not. Identifier types 
 file, and types it stores hashed (`"hash": true`), are not checked here.
 
 When nothing is suppressed, `match` returns at once without building or hashing a single key: the ingest
-hot path pays nothing for the feature until someone uses it.
+hot path pays nothing for the feature until someone uses it; with suppressions, it hashes each key once per
+form that holds any (one key, plus plain SHA-256 while old notices remain, is the usual).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from google.protobuf import struct_pb2
 
 from cdp.events.v1 import events_pb2
+from cdp_kit.identifier_hash import HashKey, IdentifierHashKeys, plain_identifier_hash
 
 #: What a client is told about a suppressed event. It carries no identifier value (gRPC's `error.field`
 #: says where the match was): answers, like logs, must not repeat what the person asked to have erased.
@@ -65,9 +72,9 @@ def identifier_key(kind: str, raw: str) -> str | None:
     return f"{kind}:{value}" if value else None
 
 
-def identifier_hash(key: str) -> str:
-    """What `PrivacyDeleted.identifier_hashes` carries for a key: lowercase hex SHA-256."""
-    return hashlib.sha256(key.encode()).hexdigest()
+#: What `PrivacyDeleted.identifier_hashes` carried for a key before keyed hashes (a notice without
+#: `identifier_hash_key_id`): lowercase hex SHA-256.
+identifier_hash = plain_identifier_hash
 
 
 def identifier_keys(event: events_pb2.Event) -> Iterator[tuple[str, str]]:
@@ -118,32 +125,65 @@ def _scalar(value: struct_pb2.Value) -> str | None:
     return None
 
 
-class SuppressionList:
-    """The SHA-256 digests of every suppressed identifier key, and which events they rule out."""
+class UnknownHashKey(Exception):
+    """A notice's hashes were made with a key the collector's key file does not hold: they match nothing."""
 
-    def __init__(self) -> None:
-        self._digests: set[bytes] = set()
+    def __init__(self, key_id: str, hashes: int) -> None:
+        self.key_id = key_id
+        self.hashes = hashes
+        super().__init__(f"identifier hashes made with key {key_id}, which the key file does not hold")
+
+
+def _plain_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+class SuppressionList:
+    """The digests of every suppressed identifier key, per form they were made in, and which events they
+    rule out. `keys`: the collector's identifier hash keys (default: the published development key)."""
+
+    def __init__(self, keys: IdentifierHashKeys | None = None) -> None:
+        self.keys = keys or IdentifierHashKeys.for_development()
+        # Form (a key, or None for plain SHA-256) -> digests. Only forms holding digests are listed, so
+        # `match` hashes an event's keys in those forms only.
+        self._digests: dict[HashKey | None, set[bytes]] = {}
+        self._forms: list[tuple[Callable[[str], bytes], set[bytes]]] = []
 
     def __len__(self) -> int:
-        return len(self._digests)
+        return sum(len(digests) for digests in self._digests.values())
 
-    def add(self, hashes: Iterable[str]) -> tuple[int, int]:
-        """Suppress the keys behind `hashes` (hex SHA-256). Returns (newly added, malformed and skipped)."""
-        before, malformed = len(self._digests), 0
+    def add(self, hashes: Iterable[str], *, key_id: str = "") -> tuple[int, int]:
+        """Suppress the keys behind `hashes` (hex), made with the key `key_id` names (empty: plain SHA-256).
+        Returns (newly added, malformed and skipped); raises UnknownHashKey for a key not held."""
+        form: HashKey | None = None
+        if key_id:
+            form = self.keys.by_id(key_id)
+            if form is None:
+                raise UnknownHashKey(key_id, sum(1 for _ in hashes))
+        added: set[bytes] = set()
+        malformed = 0
         for value in hashes:
             if _SHA256_HEX.fullmatch(value):
-                self._digests.add(bytes.fromhex(value))
+                added.add(bytes.fromhex(value))
             else:
                 malformed += 1
-        return len(self._digests) - before, malformed
+        if not added:
+            return 0, malformed
+        digests = self._digests.get(form)
+        if digests is None:  # a form is listed once it holds a digest: `match` hashes in no empty one
+            digests = self._digests[form] = set()
+            self._forms.append((_plain_digest if form is None else form.digest, digests))
+        before = len(digests)
+        digests |= added
+        return len(digests) - before, malformed
 
     def match(self, event: events_pb2.Event) -> str | None:
         """The field path of the first suppressed identifier on `event` (`traits.email`), or None."""
-        digests = self._digests
-        if not digests:
+        forms = self._forms
+        if not forms:
             return None
-        sha256 = hashlib.sha256
         for path, key in identifier_keys(event):
-            if sha256(key.encode()).digest() in digests:
-                return path
+            for digest, digests in forms:
+                if digest(key) in digests:
+                    return path
         return None

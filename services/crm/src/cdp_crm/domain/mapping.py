@@ -56,224 +56,94 @@ problem, each naming the mapping ("<connection>/<mapping>", or the connection al
 it. With `schemas` (what the CRM describes, per connection id) each object, field and match key is checked
 against the CRM's own schema, so a typo fails at start instead of at the first write.
 
-What a person projects to under a mapping is `projection`'s.
+What a person projects to under a mapping is `projection`'s. The values read are `mapping_model`'s (every
+name re-exported here); the checks of one object mapping are `object_mapping_reader`'s.
 """
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
-from cdp_kit.bus import subjects
-from cdp_kit.errors import InvalidArgument
-from cdp_kit.profile_fields import ROOTS
+from cdp_crm.domain.mapping_model import (
+    ABOUT_FIELD_REQUIRED,
+    ACTION,
+    ACTION_KINDS,
+    ACTIONS,
+    BACKFILL,
+    CREDENTIALS,
+    ID_PATTERN,
+    INBOUND_START,
+    KINDS,
+    MATCH_FIELDS_MAX,
+    MODES,
+    OBJECT_NAME,
+    ON_DELETE,
+    PERSON_ID,
+    PROFILES_CHANGED,
+    SEGMENT_ENTERED,
+    SEGMENT_EXITED,
+    TRIGGERS,
+    UNSUPPORTED,
+    About,
+    Connection,
+    CrmSchema,
+    FieldMapping,
+    FieldSchema,
+    Limits,
+    MappingInvalid,
+    ObjectMapping,
+    ObjectSchema,
+    Problem,
+    Transform,
+    Webhooks,
+    map_key,
+    required_fields,
+)
+from cdp_crm.domain.object_mapping_reader import MappingReader
 from cdp_kit.yamltext import load_yaml
 
-OBJECT_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a CRM object as request paths name it
+__all__ = [
+    "ABOUT_FIELD_REQUIRED",
+    "ACTION",
+    "ACTIONS",
+    "ACTION_KINDS",
+    "BACKFILL",
+    "CREDENTIALS",
+    "INBOUND_START",
+    "KINDS",
+    "MATCH_FIELDS_MAX",
+    "MODES",
+    "OBJECT_NAME",
+    "ON_DELETE",
+    "PERSON_ID",
+    "PROFILES_CHANGED",
+    "SEGMENT_ENTERED",
+    "SEGMENT_EXITED",
+    "TRIGGERS",
+    "UNSUPPORTED",
+    "About",
+    "Connection",
+    "CrmSchema",
+    "FieldMapping",
+    "FieldSchema",
+    "Limits",
+    "MappingInvalid",
+    "ObjectMapping",
+    "ObjectSchema",
+    "Problem",
+    "Transform",
+    "Webhooks",
+    "load_connections",
+    "map_key",
+    "parse_connections",
+    "required_fields",
+]
 
-KINDS = ("salesforce", "hubspot", "dynamics", "zoho")
-MODES = ("upsert", "update_only", "mirror")
-# Triggers are named after what they follow on the bus (the wire vocabulary's names).
-PROFILES_CHANGED = subjects.PROFILES_CHANGED_PREFIX
-SEGMENT_ENTERED = subjects.SEGMENTS_ENTERED_PREFIX
-SEGMENT_EXITED = subjects.SEGMENTS_EXITED_PREFIX
-ACTIONS = f"{subjects.ACTIONS_PREFIX}.{subjects.CRM_CHANNEL}"
-BACKFILL = "backfill"
-TRIGGERS = (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, ACTIONS, BACKFILL)
-
-# Each credential set a kind accepts (either one for Salesforce: client credentials or the JWT bearer flow).
-CREDENTIALS: dict[str, tuple[frozenset[str], ...]] = {
-    "salesforce": (frozenset({"client_id", "client_secret"}), frozenset({"client_id", "username", "private_key"})),
-    # client_secret (optional): the app's secret, to check the signature of HubSpot's webhooks;
-    # developer_key (with `webhooks`): the developer API key that points the app's webhooks at the connector.
-    "hubspot": (
-        frozenset({"token"}),
-        frozenset({"token", "client_secret"}),
-        frozenset({"token", "client_secret", "developer_key"}),
-    ),
-    "dynamics": (frozenset({"tenant_id", "client_id", "client_secret"}),),
-    "zoho": (frozenset({"client_id", "client_secret", "refresh_token"}),),
-}
-# How many fields a match key may combine: an external id / idProperty is one field; Dataverse alternate
-# keys and Zoho's duplicate_check_fields may be several.
-MATCH_FIELDS_MAX = {"salesforce": 1, "hubspot": 1, "dynamics": 5, "zoho": 5}
-# What the adapters do not write yet, refused at start rather than at the first write.
-UNSUPPORTED: dict[tuple[str, str], str] = {
-    ("zoho", "update_only"): "update_only is not supported for zoho yet",
-    ("zoho", "about"): "linking a task or case to the person's record is not supported for zoho yet",
-}
-# The kinds whose link to the person's record is a field the mapping must name (HubSpot associates).
-ABOUT_FIELD_REQUIRED = ("salesforce", "dynamics")
-ACTION_KINDS = ("task", "case")  # what orchestration's actions.crm carry as crm_kind
-PERSON_ID = "person.id"
-SEGMENTS = "segments"
-ACTION = "action"
 _ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_SIMPLE_TRANSFORMS = ("string", "number", "integer", "boolean", "trim", "lower", "upper", "date", "datetime")
-_ARG_TRANSFORMS = ("round", "truncate", "join")
-
-
-# --- the CRM's own schema (what an adapter's describe returns) ------------------------------------
-
-
-@dataclass(frozen=True)
-class FieldSchema:
-    name: str
-    type: str = "string"
-    key: bool = False  # usable as a match key: external id, unique property, alternate key
-    updateable: bool = True
-    required: bool = False  # the CRM refuses a record without a value in it (Salesforce's Contact.LastName)
-
-
-@dataclass(frozen=True)
-class ObjectSchema:
-    name: str
-    fields: Mapping[str, FieldSchema]
-
-    @classmethod
-    def of(cls, name: str, fields: Sequence[str], keys: Sequence[str] = ()) -> ObjectSchema:
-        """A schema from field names (`keys` are also fields)."""
-        names = dict.fromkeys([*fields, *keys])
-        return cls(name, {n: FieldSchema(n, key=n in keys) for n in names})
-
-
-CrmSchema = Mapping[str, ObjectSchema]  # by object name
-
-
-# --- the model ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Transform:
-    name: str
-    arg: str | None = None
-
-
-@dataclass(frozen=True)
-class FieldMapping:
-    crm_field: str
-    source: str | None  # None: a constant
-    value: Any = None
-    transforms: tuple[Transform, ...] = ()
-    translate: Mapping[str, Any] | None = None
-    default: Any = None
-
-
-@dataclass(frozen=True)
-class About:
-    """An action mapping's link to the person's record: the record mapping, and the CRM field holding
-    the link (a lookup or navigation property; None where the CRM associates records instead)."""
-
-    mapping: str
-    field: str | None = None
-
-
-@dataclass(frozen=True)
-class ObjectMapping:
-    connection: str
-    id: str
-    object: str
-    mode: str
-    triggers: frozenset[str]
-    match: tuple[FieldMapping, ...] = ()
-    fields: tuple[FieldMapping, ...] = ()
-    segment: str | None = None
-    list: str | None = None
-    action: str | None = None
-    idempotency_field: str | None = None
-    about: About | None = None
-    # The mapped CRM fields the CRM's described schema says a record must have a value in: anonymising
-    # writes a placeholder there instead of clearing them (privacy.py). Empty without a schema.
-    required: frozenset[str] = frozenset()
-
-    @property
-    def name(self) -> str:
-        """ "<connection>/<mapping>": how problems, dead letters and status name it."""
-        return f"{self.connection}/{self.id}"
-
-    @property
-    def kind(self) -> str:
-        return "action" if self.action is not None else "list" if self.list is not None else "record"
-
-
-@dataclass(frozen=True)
-class Webhooks:
-    """A HubSpot app's webhook settings the connector registers at start (``PUT /webhooks/v3/<app>/settings``
-    with the developer API key): HubSpot then calls `target_url` - the connector's webhook endpoint for
-    this connection - when a subscribed object changes."""
-
-    app_id: str
-    target_url: str
-
-
-# privacy.deleted: `anonymise` clears the mapped fields and keeps the record under its opaque CDP id;
-# `delete` deletes the record (and the person's tasks and cases) from the CRM.
-ON_DELETE = ("anonymise", "delete")
-# Where reading a CRM's changes starts when the connection has no cursor yet: `now` - what changes from the
-# first start on (a CRM's existing records are not news); `all` - every existing record once (an import).
-INBOUND_START = ("now", "all")
-
-
-@dataclass(frozen=True)
-class Limits:
-    burst: int | None = None
-    window_seconds: float | None = None
-    daily: int | None = None
-
-
-@dataclass(frozen=True)
-class Connection:
-    id: str
-    kind: str
-    account: str
-    credentials: Mapping[str, str]  # credential -> environment variable name
-    mappings: tuple[ObjectMapping, ...]
-    url: str | None = None
-    limits: Limits = field(default_factory=Limits)
-    # What privacy.deleted does to the person's records in this CRM; None: the service's default.
-    on_delete: str | None = None
-    # Dynamics: the Entra ID authority issuing tokens (default Microsoft's; a sovereign cloud or a local one).
-    auth_url: str | None = None
-    # HubSpot: the app whose webhooks the connector points at itself at start.
-    webhooks: Webhooks | None = None
-    # Where reading the CRM's changes starts while the connection has no cursor (INBOUND_START).
-    inbound_start: str = "now"
-
-    def mapping(self, mapping_id: str) -> ObjectMapping:
-        for m in self.mappings:
-            if m.id == mapping_id:
-                return m
-        raise KeyError(mapping_id)
-
-
-@dataclass(frozen=True)
-class Problem:
-    mapping: str  # "<connection>/<mapping>", the connection's id, or "" for the document itself
-    field: str  # within it: "fields.cdp_churn_risk", "match", "credentials.token"
-    message: str
-
-    @property
-    def path(self) -> str:
-        return f"{self.mapping}.{self.field}" if self.mapping else self.field
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class MappingInvalid(InvalidArgument):
-    """Every problem found; `field` is the first one's path (the gRPC layer's BadRequest field), the
-    message lists them all."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        assert problems
-        super().__init__(problems[0].path, "; ".join(map(str, problems)) if len(problems) > 1 else problems[0].message)
-        self.problems = tuple(problems)
 
 
 # --- reading the document -------------------------------------------------------------------------
@@ -299,33 +169,12 @@ def parse_connections(document: Any, schemas: Mapping[str, CrmSchema] | None = N
     return connections
 
 
-def map_key(value: Any) -> str:
-    """The text a value is looked up by in a field's `map`: JSON's spelling of booleans (a YAML `true:` key
-    and a boolean profile value meet at "true"), whole floats as integers (a score of 3.0 finds `3:`)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+class _Reader(MappingReader):
+    """The document's and each connection's checks; an object mapping's are `MappingReader`'s."""
 
-
-def required_fields(fields: Sequence[FieldMapping], schema: ObjectSchema | None) -> frozenset[str]:
-    if schema is None:
-        return frozenset()
-    return frozenset(
-        fm.crm_field
-        for fm in fields
-        if (described := schema.fields.get(fm.crm_field)) is not None and described.required
-    )
-
-
-class _Reader:
     def __init__(self, schemas: Mapping[str, CrmSchema]) -> None:
+        super().__init__()
         self.schemas = schemas
-        self.problems: list[Problem] = []
-
-    def problem(self, where: str, fld: str, message: str) -> None:
-        self.problems.append(Problem(where, fld, message))
 
     def document(self, document: Any) -> tuple[Connection, ...]:
         if not isinstance(document, dict) or not isinstance(document.get("connections"), list):
@@ -355,7 +204,7 @@ class _Reader:
             self.problem("", f"connections[{index}]", "must be an object")
             return None
         cid = raw.get("id")
-        if not isinstance(cid, str) or not _ID.match(cid):
+        if not isinstance(cid, str) or not ID_PATTERN.match(cid):
             self.problem("", f"connections[{index}].id", "must be an id (letters, digits, _ . -; up to 63)")
             return None
         kind = raw.get("kind")
@@ -514,282 +363,3 @@ class _Reader:
             else:
                 values[key] = float(value) if key == "window_seconds" else int(value)
         return Limits(**values)
-
-    def mapping(self, cid: str, kind: str, raw: Any, index: int, schema: CrmSchema | None) -> ObjectMapping | None:
-        if not isinstance(raw, dict):
-            self.problem(cid, f"mappings[{index}]", "must be an object")
-            return None
-        mid = raw.get("id")
-        if not isinstance(mid, str) or not _ID.match(mid):
-            self.problem(cid, f"mappings[{index}].id", "must be an id (letters, digits, _ . -; up to 63)")
-            return None
-        where = f"{cid}/{mid}"
-        known = {"id", "object", "mode", "match", "triggers", "fields", "segment", "list", "action"}
-        known.update(("idempotency_field", "about"))
-        for key in raw:
-            if key not in known:
-                self.problem(where, key, f"is not a mapping field (expected one of {', '.join(sorted(known))})")
-        obj = raw.get("object")
-        if not isinstance(obj, str) or not OBJECT_NAME.fullmatch(obj):
-            # The name goes into request paths: letters, digits, "_" and "-" only (HubSpot's "2-3508482").
-            self.problem(
-                where,
-                "object",
-                "must name the CRM object (contacts, Contact, contact, Contacts, Custom__c, 2-3508482...)",
-            )
-            return None
-        object_schema = None
-        if schema is not None:
-            object_schema = schema.get(obj)
-            if object_schema is None:
-                self.problem(where, "object", f"{obj!r} is not an object of this CRM{_suggest(obj, schema)}")
-        action = raw.get("action")
-        list_name = raw.get("list")
-        segment = raw.get("segment")
-        for name, value in (("action", action), ("list", list_name), ("segment", segment)):
-            if value is not None and (not isinstance(value, str) or not value):
-                self.problem(where, name, "must be a non-empty string")
-        if isinstance(action, str) and action not in ACTION_KINDS:
-            self.problem(where, "action", f"must be one of {', '.join(ACTION_KINDS)} (the actions.crm crm_kind)")
-        if action is not None and list_name is not None:
-            self.problem(where, "list", "an action mapping creates tasks or cases; it cannot also keep a list")
-        mode = raw.get("mode", "upsert")
-        if mode not in MODES:
-            self.problem(where, "mode", f"must be one of {', '.join(MODES)}")
-            mode = "upsert"
-        kind_of_mapping = "action" if action is not None else "list" if list_name is not None else "record"
-        if kind_of_mapping == "action" and mode != "upsert":
-            self.problem(where, "mode", "an action mapping always upserts by its idempotency key")
-        if (kind, kind_of_mapping) in UNSUPPORTED:
-            self.problem(where, "list", UNSUPPORTED[(kind, kind_of_mapping)])
-        if (kind, mode) in UNSUPPORTED:
-            self.problem(where, "mode", UNSUPPORTED[(kind, mode)])
-        if kind_of_mapping == "list" and segment is None:
-            self.problem(where, "segment", "a list mapping needs the segment whose members the list holds")
-        if kind_of_mapping == "list" and mode == "update_only":
-            self.problem(where, "mode", "a list mapping adds members (upsert) or also removes them (mirror)")
-        if kind_of_mapping == "list" and raw.get("fields"):
-            self.problem(where, "fields", "a list mapping writes membership only; map fields in a record mapping")
-        triggers = self.triggers(where, kind_of_mapping, raw.get("triggers"), segment is not None)
-        fields = self.fields(where, kind, raw.get("fields"), kind_of_mapping, object_schema)
-        idempotency_field = raw.get("idempotency_field")
-        match: tuple[FieldMapping, ...] = ()
-        if kind_of_mapping == "action":
-            if raw.get("match") is not None:
-                self.problem(where, "match", "an action mapping matches by its idempotency_field, not match")
-            if not isinstance(idempotency_field, str) or not idempotency_field:
-                self.problem(
-                    where, "idempotency_field", "must name the CRM field holding the task's or case's idempotency key"
-                )
-                idempotency_field = None
-            elif object_schema is not None:
-                self.schema_field(where, "idempotency_field", idempotency_field, object_schema, key=True)
-        else:
-            if idempotency_field is not None:
-                self.problem(where, "idempotency_field", "only action mappings (tasks, cases) have one")
-            match = self.match(where, kind, raw.get("match"), object_schema)
-        about = self.about(where, kind, raw.get("about"), kind_of_mapping, object_schema)
-        return ObjectMapping(
-            cid,
-            mid,
-            obj,
-            mode,
-            triggers,
-            match,
-            fields,
-            segment if isinstance(segment, str) else None,
-            list_name if isinstance(list_name, str) else None,
-            action if isinstance(action, str) else None,
-            idempotency_field,
-            about,
-            required_fields(fields, object_schema),
-        )
-
-    def about(
-        self, where: str, kind: str, raw: Any, kind_of_mapping: str, object_schema: ObjectSchema | None
-    ) -> About | None:
-        if raw is None:
-            return None
-        if kind_of_mapping != "action":
-            self.problem(where, "about", "only action mappings (tasks, cases) link to the person's record")
-            return None
-        if (kind, "about") in UNSUPPORTED:
-            self.problem(where, "about", UNSUPPORTED[(kind, "about")])
-            return None
-        if not isinstance(raw, dict) or not isinstance(raw.get("mapping"), str):
-            self.problem(where, "about", "must be {mapping: <record mapping id>, field: <link field>}")
-            return None
-        for key in raw:
-            if key not in ("mapping", "field"):
-                self.problem(where, f"about.{key}", "is not an about field (mapping, field)")
-        link = raw.get("field")
-        if link is not None and (not isinstance(link, str) or not link):
-            self.problem(where, "about.field", "must name the CRM field holding the link")
-            link = None
-        if link is None and kind in ABOUT_FIELD_REQUIRED:
-            example = "WhoId" if kind == "salesforce" else "regardingobjectid_contact"
-            self.problem(where, "about.field", f"a {kind} link needs the field holding it (like {example})")
-        if link is not None and object_schema is not None:
-            self.schema_field(where, "about.field", link, object_schema, key=False)
-        return About(raw["mapping"], link)
-
-    def triggers(self, where: str, kind_of_mapping: str, raw: Any, scoped: bool) -> frozenset[str]:
-        allowed = {
-            "record": (PROFILES_CHANGED, SEGMENT_ENTERED, SEGMENT_EXITED, BACKFILL),
-            "list": (SEGMENT_ENTERED, SEGMENT_EXITED, BACKFILL),
-            "action": (ACTIONS,),
-        }[kind_of_mapping]
-        defaults = {
-            "record": (PROFILES_CHANGED, BACKFILL),
-            "list": (SEGMENT_ENTERED, SEGMENT_EXITED, BACKFILL),
-            "action": (ACTIONS,),
-        }[kind_of_mapping]
-        if raw is None:
-            # A record mapping limited to a segment also follows people entering and leaving it.
-            return frozenset(allowed if kind_of_mapping == "record" and scoped else defaults)
-        if not isinstance(raw, list) or not raw:
-            self.problem(where, "triggers", f"must be a non-empty list of {', '.join(allowed)}")
-            return frozenset(defaults)
-        triggers: set[str] = set()
-        for i, trigger in enumerate(raw):
-            if trigger not in allowed:
-                self.problem(
-                    where, f"triggers[{i}]", f"must be one of {', '.join(allowed)} for a {kind_of_mapping} mapping"
-                )
-            else:
-                triggers.add(trigger)
-        return frozenset(triggers)
-
-    def match(self, where: str, kind: str, raw: Any, object_schema: ObjectSchema | None) -> tuple[FieldMapping, ...]:
-        if not isinstance(raw, dict) or not raw:
-            self.problem(
-                where,
-                "match",
-                "must map the CRM's match field to a source, like {cdp_id: person.id}: every write "
-                "is an upsert by that key, so a retry never duplicates a record",
-            )
-            return ()
-        if len(raw) > MATCH_FIELDS_MAX[kind]:
-            self.problem(where, "match", f"a {kind} match key is at most {MATCH_FIELDS_MAX[kind]} field(s)")
-        match = []
-        for crm_field, spec in raw.items():
-            fm = self.field_mapping(where, f"match.{crm_field}", crm_field, spec, "record")
-            if fm is None:
-                continue
-            if fm.source is None:
-                self.problem(where, f"match.{crm_field}", "a match key must come from the person, not a constant")
-                continue
-            if object_schema is not None:
-                self.schema_field(where, f"match.{crm_field}", crm_field, object_schema, key=True)
-            match.append(fm)
-        return tuple(match)
-
-    def fields(
-        self, where: str, kind: str, raw: Any, kind_of_mapping: str, object_schema: ObjectSchema | None
-    ) -> tuple[FieldMapping, ...]:
-        if raw is None:
-            if kind_of_mapping != "list":
-                self.problem(where, "fields", "must map at least one CRM field to a source")
-            return ()
-        if not isinstance(raw, dict) or (not raw and kind_of_mapping != "list"):
-            self.problem(where, "fields", "must be an object of CRM field -> source")
-            return ()
-        fields = []
-        for crm_field, spec in raw.items():
-            fm = self.field_mapping(where, f"fields.{crm_field}", crm_field, spec, kind_of_mapping)
-            if fm is None:
-                continue
-            if object_schema is not None:
-                self.schema_field(where, f"fields.{crm_field}", crm_field, object_schema, key=False)
-            fields.append(fm)
-        return tuple(fields)
-
-    def schema_field(self, where: str, path: str, name: str, schema: ObjectSchema, *, key: bool) -> None:
-        described = schema.fields.get(name)
-        if described is None:
-            self.problem(where, path, f"{name!r} is not a field of {schema.name}{_suggest(name, schema.fields)}")
-        elif key and not described.key:
-            self.problem(
-                where, path, f"{name!r} is not an external id, unique property or alternate key of {schema.name}"
-            )
-        elif not key and not described.updateable:
-            self.problem(where, path, f"{name!r} of {schema.name} is read-only in the CRM")
-
-    def field_mapping(
-        self, where: str, path: str, crm_field: Any, spec: Any, kind_of_mapping: str
-    ) -> FieldMapping | None:
-        if not isinstance(crm_field, str) or not crm_field:
-            self.problem(where, path, "a CRM field name must be a non-empty string")
-            return None
-        if isinstance(spec, str):
-            spec = {"source": spec}
-        if not isinstance(spec, dict):
-            self.problem(where, path, "must be a source (traits.email) or {source|value, transform, map, default}")
-            return None
-        for key in spec:
-            if key not in ("source", "value", "transform", "map", "default"):
-                self.problem(where, f"{path}.{key}", "is not a field option (source, value, transform, map, default)")
-        has_source, has_value = "source" in spec, "value" in spec
-        if has_source == has_value:
-            self.problem(where, path, "needs exactly one of source (a profile field) or value (a constant)")
-            return None
-        source = spec.get("source")
-        if has_source and not self.source_ok(where, path, source, kind_of_mapping):
-            return None
-        transforms = self.transforms(where, f"{path}.transform", spec.get("transform"))
-        translate = spec.get("map")
-        if translate is not None and not isinstance(translate, dict):
-            self.problem(where, f"{path}.map", "must be an object of value -> CRM value")
-            translate = None
-        return FieldMapping(
-            crm_field,
-            source if has_source else None,
-            spec.get("value"),
-            transforms,
-            {map_key(k): v for k, v in translate.items()} if translate else None,
-            spec.get("default"),
-        )
-
-    def source_ok(self, where: str, path: str, source: Any, kind_of_mapping: str) -> bool:
-        if not isinstance(source, str) or not source:
-            self.problem(where, f"{path}.source", "must be a non-empty string")
-            return False
-        if source in (PERSON_ID, SEGMENTS):
-            return True
-        root, dot, name = source.partition(".")
-        if dot and name and (root in ROOTS or root == SEGMENTS):
-            return True
-        if root == ACTION and dot and name:
-            if kind_of_mapping != "action":
-                self.problem(where, f"{path}.source", "action.* fields exist only in action mappings")
-                return False
-            return True
-        roots = ", ".join([*(r + ".<name>" for r in ROOTS), PERSON_ID, SEGMENTS, "segments.<id>", "action.<field>"])
-        self.problem(where, f"{path}.source", f"{source!r} is not a source (expected one of {roots})")
-        return False
-
-    def transforms(self, where: str, path: str, raw: Any) -> tuple[Transform, ...]:
-        if raw is None:
-            return ()
-        names = [raw] if isinstance(raw, str) else raw
-        if not isinstance(names, list):
-            self.problem(where, path, "must be a transform name or a list of them")
-            return ()
-        transforms = []
-        for name in names:
-            base, colon, arg = str(name).partition(":")
-            if base in _SIMPLE_TRANSFORMS and not colon:
-                transforms.append(Transform(base))
-            elif base == "join":
-                transforms.append(Transform(base, arg if colon else ";"))
-            elif base in ("round", "truncate") and arg.isdigit():
-                transforms.append(Transform(base, arg))
-            else:
-                known = ", ".join([*_SIMPLE_TRANSFORMS, "round:N", "truncate:N", "join[:sep]"])
-                self.problem(where, path, f"{name!r} is not a transform (expected {known})")
-        return tuple(transforms)
-
-
-def _suggest(name: str, names: Mapping[str, Any] | Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(names), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

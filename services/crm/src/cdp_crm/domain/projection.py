@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cdp_crm.domain.coalesce import Link, task_key
-from cdp_crm.domain.mapping import ACTION, PERSON_ID, SEGMENTS, FieldMapping, ObjectMapping, Transform, map_key
+from cdp_crm.domain.mapping import ACTION, PERSON_ID, FieldMapping, ObjectMapping, Transform, map_key
+from cdp_crm.domain.mapping_model import SEGMENTS
 
 # --- projection -----------------------------------------------------------------------------------
 

@@ -15,7 +15,10 @@ field and a digest of the reported fields, `News._memo`) tells a stage change fr
 keeps an edit of fields nobody reads from becoming an event; a contact's field holding what the connector
 last wrote there (`crm_records`, `News._written`) counts as unchanged (`News._only_written`), so the CDP's
 own writes do not come back as news, nor do the contacts the connector created (holding the CDP id), nor
-anything about a person the connector erased.
+anything about a person the connector erased. What the connector wrote is what the CRM confirmed last
+(the record's `fields`) or a value it sent since without hearing the answer (`sent`: a write queued after
+a timeout or a dropped connection, which the CRM may well have applied): such a value read back is the
+CDP's own write too, not a CRM user's edit.
 
 `News` is the poller's half that decides this; it reads `store`, `connection`, `traits` (`backwards`) and
 `placeholders` of the poller it is part of. Log lines name the connection, object and record id; never
@@ -70,22 +73,32 @@ class News:
     traits: dict[str, dict[str, str]]  # per CRM object (lower case): CRM field -> traits.<name> / consent.<key>
     placeholders: dict[str, dict[str, Any]]  # per CRM object (lower case): CRM field -> a mapping's default
 
-    async def _written(self, change: Change) -> tuple[dict[str, Any], bool]:
-        """What the connector last wrote to this contact (its `crm_records` document's fields), if it did,
-        and whether the change is about a person the connector erased: the record itself erased (its
-        anonymisation or deletion is the connector's own write), or - a ticket, task, case or deal - the
-        contact it is linked to erased, or the CDP id it carries a deleted person's (tombstone). Such a
-        change is never news: its events would bring the deleted person back into the CDP (keyed by the
-        contact's anonymous id, carrying their CDP id)."""
-        written: dict[str, Any] = {}
-        erased = False
+    async def _written(self, change: Change) -> tuple[dict[str, list[Any]], bool]:
+        """What the connector wrote to this contact, if it did - per CRM field, the value the CRM confirmed
+        last (its `crm_records` document's `fields`) and those sent since whose answer never came
+        (`sent`) -, and whether the change is about a person the connector erased: the record itself
+        erased (its anonymisation or deletion is the connector's own write), or - a ticket, task, case or
+        deal - the contact it is linked to erased, or the CDP id it carries a deleted person's (tombstone).
+        Such a change is never news: its events would bring the deleted person back into the CDP (keyed by
+        the contact's anonymous id, carrying their CDP id)."""
+        written: dict[str, list[Any]] = {}
+        erased = found = False
+        contact = change.kind in ("contact", "lead") and not change.deleted
         for record in await self.store.find(RECORDS, "crm_id", change.record_id, limit=20):
             doc = record.doc
-            if doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower():
-                if change.kind in ("contact", "lead") and not change.deleted:
-                    written.update(doc.get("fields") or {})
+            if self._same_object(doc, change):
+                found = True
+                if contact:
+                    _wrote_there(written, doc)
                 erased = erased or doc.get("state") in ERASED
         person = change.person
+        if contact and not found and person is not None and person.cdp_id:
+            # A contact whose creating write was sent and never answered: the connector does not know its
+            # CRM id yet, but the contact holds the CDP id that write upserted by.
+            for record in await self.store.find(RECORDS, "person_id", person.cdp_id, limit=20):
+                doc = record.doc
+                if self._same_object(doc, change) and not doc.get("crm_id") and doc.get("sent"):
+                    _wrote_there(written, doc)
         if not erased and person is not None and change.kind not in ("contact", "lead"):
             for record in await self.store.find(RECORDS, "crm_id", person.id, limit=20):
                 if record.doc.get("connection") == self.connection.id and record.doc.get("state") in ERASED:
@@ -94,27 +107,31 @@ class News:
             erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
         return written, erased
 
+    def _same_object(self, doc: dict[str, Any], change: Change) -> bool:
+        """A `crm_records` document of this connection and of the change's object."""
+        return doc.get("connection") == self.connection.id and str(doc.get("object", "")).lower() == change.obj.lower()
+
     def _reported(self, change: Change) -> dict[str, Any]:
         """The fields the events report of a record: its reported properties and those read back as traits."""
         return {**change.properties, **{f: change.record.get(f) for f in self.traits.get(change.obj.lower(), {})}}
 
-    def _only_written(self, change: Change, written: dict[str, Any]) -> bool:
+    def _only_written(self, change: Change, written: dict[str, list[Any]]) -> bool:
         """Every field the events would report holds what the connector itself wrote there, the CDP person
         id it matches on, or nothing."""
         fields = self._reported(change)
         cdp_id = change.person.cdp_id if change.person is not None else None
         return all(
-            value in (None, "") or (name in written and _same(value, written[name])) or (cdp_id and value == cdp_id)
+            value in (None, "") or _by_connector(written, name, value) or (cdp_id and value == cdp_id)
             for name, value in fields.items()
         )
 
-    def _memo(self, change: Change, written: dict[str, Any]) -> dict[str, Any]:
+    def _memo(self, change: Change, written: dict[str, list[Any]]) -> dict[str, Any]:
         """What the events report of a record: the watched field, and a digest of the reported fields and
         of the fields read back as traits or consent. A field holding what the connector itself wrote
         there counts as the connector's, whatever its value: the CDP's own write coming back is no news."""
         fields = self._reported(change)
         for name, value in fields.items():
-            if name in written and _same(value, written[name]):
+            if _by_connector(written, name, value):
                 fields[name] = "<written by the connector>"
         reported = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str)
         return {"watched": change.watched, "digest": hashlib.sha256(reported).hexdigest()[:24]}
@@ -126,7 +143,7 @@ class News:
         change: Change,
         before: dict[str, Any] | None,
         memo: dict[str, Any],
-        written: dict[str, Any] | None = None,
+        written: dict[str, list[Any]] | None = None,
     ) -> list[dict[str, Any]]:
         if change.own or _connector_created_person(change):
             return []  # the CDP's own action coming back is not news (its later outcome is)
@@ -181,7 +198,12 @@ class News:
         return fitting
 
     def _identify(
-        self, change: Change, context: dict[str, Any], anonymous: str, timestamp: str | None, written: dict[str, Any]
+        self,
+        change: Change,
+        context: dict[str, Any],
+        anonymous: str,
+        timestamp: str | None,
+        written: dict[str, list[Any]],
     ) -> dict[str, Any] | None:
         """The contact's traits and consent as a CRM user wrote them: a field holding what the connector
         wrote there, or the placeholder a mapping's `default` puts in, is the CDP's own value, not news.
@@ -194,7 +216,7 @@ class News:
             if crm_field not in change.record:
                 continue
             value = change.record[crm_field]
-            if crm_field in written and _same(value, written[crm_field]):
+            if _by_connector(written, crm_field, value):
                 continue
             if crm_field in placeholders and _same(value, placeholders[crm_field]):
                 continue
@@ -317,6 +339,20 @@ def _iso(stamp: str) -> str | None:
         return instant(stamp).isoformat().replace("+00:00", "Z")
     except ValueError:
         return None  # a version number (Dataverse): the collector stamps the time it received it
+
+
+def _wrote_there(written: dict[str, list[Any]], doc: dict[str, Any]) -> None:
+    """Add a `crm_records` document's values to `written`: what the CRM confirmed, and what was sent since
+    without an answer (`writes.unconfirmed`)."""
+    for name, value in (doc.get("fields") or {}).items():
+        written.setdefault(name, []).append(value)
+    for name, values in (doc.get("sent") or {}).items():
+        written.setdefault(name, []).extend(values)
+
+
+def _by_connector(written: dict[str, list[Any]], name: str, value: Any) -> bool:
+    """Whether a CRM field's value is one the connector wrote there (confirmed, or sent and unanswered)."""
+    return any(_same(value, mine) for mine in written.get(name, ()))
 
 
 def _same(crm: Any, written: Any) -> bool:

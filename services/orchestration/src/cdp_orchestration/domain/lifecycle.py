@@ -3,6 +3,9 @@
 - A draft can be edited (saved again) as often as its author likes; publishing freezes it as version N and
   makes the journey active. Version N is never changed again: an edit after publishing is a new draft,
   version N + 1, which becomes live when it is published in turn.
+- A draft saved after publishing can be discarded (`discard_draft`): the journey keeps its published
+  versions and its state, as if the edit had never been saved. A journey never published has nothing
+  else; its draft is not discarded (archive the journey instead).
 - Only an active journey admits new instances. Paused admits none; its running instances carry on (their
   timers and pending actions are promises already made). Archived admits none, takes no new drafts and is
   final; the service ends its running instances with reason "archived" (an ExitRequest each).
@@ -75,6 +78,17 @@ def publish(record: JourneyRecord) -> JourneyRecord:
     versions = {**record.versions, record.draft.version: record.draft}
     state = State.ACTIVE if record.state is State.DRAFT else record.state
     return JourneyRecord(record.id, state, versions, None)
+
+
+def discard_draft(record: JourneyRecord) -> JourneyRecord:
+    """The record without its draft: its published versions and its state stay, and the next draft saved is
+    the next unpublished version again. A journey never published is refused: its draft is all it holds."""
+    if not record.versions:
+        raise FailedPrecondition(
+            f"journey {record.id} has never been published: its draft is all it holds, so there is nothing to go "
+            f"back to; archive it instead (cdpctl journey archive {record.id}), or save a new draft over it"
+        )
+    return replace(record, draft=None)
 
 
 def pause(record: JourneyRecord) -> JourneyRecord:

@@ -49,6 +49,9 @@ class ProfileChange:
     merged_into: str = ""
     split_from: str = ""
     removed: bool = False
+    # Set by the engine when the change began the profile (its first event): the change is then the whole
+    # profile, and `profiles.changed` says so (`created`), so a reader meeting the person needs no read.
+    created: bool = False
 
     def __bool__(self) -> bool:
         return bool(
@@ -109,6 +112,7 @@ class ProfileChange:
         self.merged_into = later.merged_into or self.merged_into
         self.split_from = later.split_from or self.split_from
         self.removed = later.removed or self.removed
+        self.created = self.created or later.created  # later changes of a new profile keep it whole
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +133,7 @@ class ProfileChange:
             "merged_into": self.merged_into,
             "split_from": self.split_from,
             "removed": self.removed,
+            "created": self.created,
         }
 
 

@@ -128,11 +128,38 @@ class Registry:
         self, spec: ModelSpec, *, sha256: str, size_bytes: int, role: str | None, canary_percent: float, now: float
     ) -> tuple[Version, bool]:
         """Add a version. Returns (version, created); the same file deployed again changes nothing."""
+        existing, role = self.check_deploy(spec, sha256=sha256, role=role, canary_percent=canary_percent)
+        if existing is not None:
+            return existing, False
+        entry = self.models.get(spec.name)
+        if entry is None:
+            entry = self.models[spec.name] = ModelEntry(spec.name)
+        version = Version(
+            spec=spec,
+            role=role,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            deployed_at=now,
+            canary_percent=canary_percent if role == CANARY else 0.0,
+        )
+        if role == LIVE:
+            self._retire_live(entry)
+        elif role == CANARY and (replaced := entry.canary) is not None:
+            replaced.role = INACTIVE
+            replaced.canary_percent = 0.0
+        entry.versions[spec.version] = version
+        return version, True
+
+    def check_deploy(
+        self, spec: ModelSpec, *, sha256: str, role: str | None, canary_percent: float
+    ) -> tuple[Version | None, str]:
+        """What `deploy` would do, changing nothing: (the version already registered with this file, or None;
+        the role a new version gets). Refuses what `deploy` refuses."""
         entry = self.models.get(spec.name)
         existing = entry.versions.get(spec.version) if entry else None
         if existing is not None:
             if existing.sha256 == sha256:
-                return existing, False
+                return existing, existing.role
             raise AlreadyExists(
                 f"model {spec.name!r} already has a version {spec.version!r} with different contents "
                 f"(sha256 {existing.sha256[:12]}…); give the new file a new version",
@@ -152,23 +179,7 @@ class Registry:
             )
         self._check_scores(spec)
         self._check_cycles(spec)
-        if entry is None:
-            entry = self.models[spec.name] = ModelEntry(spec.name)
-        version = Version(
-            spec=spec,
-            role=role,
-            sha256=sha256,
-            size_bytes=size_bytes,
-            deployed_at=now,
-            canary_percent=canary_percent if role == CANARY else 0.0,
-        )
-        if role == LIVE:
-            self._retire_live(entry)
-        elif role == CANARY and (replaced := entry.canary) is not None:
-            replaced.role = INACTIVE
-            replaced.canary_percent = 0.0
-        entry.versions[spec.version] = version
-        return version, True
+        return None, role
 
     def promote(self, name: str, version: str) -> Version:
         target = self.version(name, version)

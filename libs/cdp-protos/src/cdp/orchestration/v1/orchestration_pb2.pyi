@@ -115,7 +115,7 @@ class ValidateJourneyResponse(_message.Message):
     def __init__(self, problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ...) -> None: ...
 
 class Journey(_message.Message):
-    __slots__ = ("id", "name", "state", "version", "draft_version", "priority", "definition", "created_at", "updated_at", "published_at", "active_instances", "invalid")
+    __slots__ = ("id", "name", "state", "version", "draft_version", "priority", "definition", "created_at", "updated_at", "published_at", "active_instances", "invalid", "revision")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class Journey(_message.Message):
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: JourneyState
@@ -140,7 +141,8 @@ class Journey(_message.Message):
     published_at: _timestamp_pb2.Timestamp
     active_instances: int
     invalid: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JourneyState, str]] = ..., version: _Optional[int] = ..., draft_version: _Optional[int] = ..., priority: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_instances: _Optional[int] = ..., invalid: _Optional[str] = ...) -> None: ...
+    revision: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JourneyState, str]] = ..., version: _Optional[int] = ..., draft_version: _Optional[int] = ..., priority: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_instances: _Optional[int] = ..., invalid: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class CreateJourneyRequest(_message.Message):
     __slots__ = ("definition",)
@@ -149,20 +151,24 @@ class CreateJourneyRequest(_message.Message):
     def __init__(self, definition: _Optional[_Union[JourneyDefinition, _Mapping]] = ...) -> None: ...
 
 class UpdateJourneyRequest(_message.Message):
-    __slots__ = ("journey_id", "definition")
+    __slots__ = ("journey_id", "definition", "expected_revision")
     JOURNEY_ID_FIELD_NUMBER: _ClassVar[int]
     DEFINITION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     journey_id: str
     definition: JourneyDefinition
-    def __init__(self, journey_id: _Optional[str] = ..., definition: _Optional[_Union[JourneyDefinition, _Mapping]] = ...) -> None: ...
+    expected_revision: int
+    def __init__(self, journey_id: _Optional[str] = ..., definition: _Optional[_Union[JourneyDefinition, _Mapping]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class PublishJourneyRequest(_message.Message):
-    __slots__ = ("journey_id", "migration")
+    __slots__ = ("journey_id", "migration", "expected_revision")
     JOURNEY_ID_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     journey_id: str
     migration: Migration
-    def __init__(self, journey_id: _Optional[str] = ..., migration: _Optional[_Union[Migration, str]] = ...) -> None: ...
+    expected_revision: int
+    def __init__(self, journey_id: _Optional[str] = ..., migration: _Optional[_Union[Migration, str]] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class JourneyRef(_message.Message):
     __slots__ = ("journey_id",)
@@ -171,12 +177,32 @@ class JourneyRef(_message.Message):
     def __init__(self, journey_id: _Optional[str] = ...) -> None: ...
 
 class GetJourneyRequest(_message.Message):
-    __slots__ = ("journey_id", "version")
+    __slots__ = ("journey_id", "version", "draft")
     JOURNEY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     journey_id: str
     version: int
-    def __init__(self, journey_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    draft: bool
+    def __init__(self, journey_id: _Optional[str] = ..., version: _Optional[int] = ..., draft: _Optional[bool] = ...) -> None: ...
+
+class DiscardDraftRequest(_message.Message):
+    __slots__ = ("journey_id", "expected_revision")
+    JOURNEY_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    journey_id: str
+    expected_revision: int
+    def __init__(self, journey_id: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+
+class DiscardDraftResponse(_message.Message):
+    __slots__ = ("journey", "discarded", "discarded_version")
+    JOURNEY_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    journey: Journey
+    discarded: bool
+    discarded_version: int
+    def __init__(self, journey: _Optional[_Union[Journey, _Mapping]] = ..., discarded: _Optional[bool] = ..., discarded_version: _Optional[int] = ...) -> None: ...
 
 class ListJourneysRequest(_message.Message):
     __slots__ = ("states", "page_size", "page_token")

@@ -69,6 +69,11 @@ class OrchestrationServiceStub:
                 request_serializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.JourneyRef.SerializeToString,
                 response_deserializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.Journey.FromString,
                 _registered_method=True)
+        self.DiscardDraft = channel.unary_unary(
+                '/cdp.orchestration.v1.OrchestrationService/DiscardDraft',
+                request_serializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftRequest.SerializeToString,
+                response_deserializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftResponse.FromString,
+                _registered_method=True)
         self.GetJourney = channel.unary_unary(
                 '/cdp.orchestration.v1.OrchestrationService/GetJourney',
                 request_serializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.GetJourneyRequest.SerializeToString,
@@ -189,6 +194,16 @@ class OrchestrationServiceServicer:
 
     def ArchiveJourney(self, request, context):
         """No entries, and running instances end with reason "archived".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardDraft(self, request, context):
+        """Throw away a journey's draft (edits saved after publishing, never published): its published versions
+        and its state stay, and the next UpdateJourney saves the next version again. Idempotent: a journey
+        without a draft answers OK with `discarded` false. NOT_FOUND names a journey that does not exist;
+        FAILED_PRECONDITION for a journey never published, whose draft is all it holds (archive it instead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -324,6 +339,11 @@ def add_OrchestrationServiceServicer_to_server(servicer, server):
                     servicer.ArchiveJourney,
                     request_deserializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.JourneyRef.FromString,
                     response_serializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.Journey.SerializeToString,
+            ),
+            'DiscardDraft': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardDraft,
+                    request_deserializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftRequest.FromString,
+                    response_serializer=cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftResponse.SerializeToString,
             ),
             'GetJourney': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJourney,
@@ -585,6 +605,33 @@ class OrchestrationService:
             '/cdp.orchestration.v1.OrchestrationService/ArchiveJourney',
             cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.JourneyRef.SerializeToString,
             cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.Journey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardDraft(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.orchestration.v1.OrchestrationService/DiscardDraft',
+            cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftRequest.SerializeToString,
+            cdp_dot_orchestration_dot_v1_dot_orchestration__pb2.DiscardDraftResponse.FromString,
             options,
             channel_credentials,
             insecure,

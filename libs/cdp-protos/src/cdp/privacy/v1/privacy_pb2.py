@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/privacy/v1/privacy.proto\x12\x0e\x63\x64p.privacy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa7\x01\n\x0ePrivacyDeleted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x03 \x03(\t\x12\x10\n\x08suppress\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11merged_person_ids\x18\x06 \x03(\t\"C\n\x13\x45xportPersonRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x19\n\x11merged_person_ids\x18\x02 \x03(\t\"R\n\x14\x45xportPersonResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12)\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct2k\n\x0ePrivacyService\x12Y\n\x0c\x45xportPerson\x12#.cdp.privacy.v1.ExportPersonRequest\x1a$.cdp.privacy.v1.ExportPersonResponseB4Z2github.com/cdp/cdp/gen/go/cdp/privacy/v1;privacyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63\x64p/privacy/v1/privacy.proto\x12\x0e\x63\x64p.privacy.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc7\x01\n\x0ePrivacyDeleted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x03 \x03(\t\x12\x10\n\x08suppress\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11merged_person_ids\x18\x06 \x03(\t\x12\x1e\n\x16identifier_hash_key_id\x18\x07 \x01(\t\"C\n\x13\x45xportPersonRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x19\n\x11merged_person_ids\x18\x02 \x03(\t\"R\n\x14\x45xportPersonResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12)\n\x08\x64ocument\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct2k\n\x0ePrivacyService\x12Y\n\x0c\x45xportPerson\x12#.cdp.privacy.v1.ExportPersonRequest\x1a$.cdp.privacy.v1.ExportPersonResponseB4Z2github.com/cdp/cdp/gen/go/cdp/privacy/v1;privacyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,11 +35,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z2github.com/cdp/cdp/gen/go/cdp/privacy/v1;privacyv1'
   _globals['_PRIVACYDELETED']._serialized_start=112
-  _globals['_PRIVACYDELETED']._serialized_end=279
-  _globals['_EXPORTPERSONREQUEST']._serialized_start=281
-  _globals['_EXPORTPERSONREQUEST']._serialized_end=348
-  _globals['_EXPORTPERSONRESPONSE']._serialized_start=350
-  _globals['_EXPORTPERSONRESPONSE']._serialized_end=432
-  _globals['_PRIVACYSERVICE']._serialized_start=434
-  _globals['_PRIVACYSERVICE']._serialized_end=541
+  _globals['_PRIVACYDELETED']._serialized_end=311
+  _globals['_EXPORTPERSONREQUEST']._serialized_start=313
+  _globals['_EXPORTPERSONREQUEST']._serialized_end=380
+  _globals['_EXPORTPERSONRESPONSE']._serialized_start=382
+  _globals['_EXPORTPERSONRESPONSE']._serialized_end=464
+  _globals['_PRIVACYSERVICE']._serialized_start=466
+  _globals['_PRIVACYSERVICE']._serialized_end=573
 # @@protoc_insertion_point(module_scope)

@@ -11,20 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrivacyDeleted(_message.Message):
-    __slots__ = ("request_id", "person_id", "identifier_hashes", "suppress", "at", "merged_person_ids")
+    __slots__ = ("request_id", "person_id", "identifier_hashes", "suppress", "at", "merged_person_ids", "identifier_hash_key_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIER_HASHES_FIELD_NUMBER: _ClassVar[int]
     SUPPRESS_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     MERGED_PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIER_HASH_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     person_id: str
     identifier_hashes: _containers.RepeatedScalarFieldContainer[str]
     suppress: bool
     at: _timestamp_pb2.Timestamp
     merged_person_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., person_id: _Optional[str] = ..., identifier_hashes: _Optional[_Iterable[str]] = ..., suppress: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_person_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    identifier_hash_key_id: str
+    def __init__(self, request_id: _Optional[str] = ..., person_id: _Optional[str] = ..., identifier_hashes: _Optional[_Iterable[str]] = ..., suppress: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., merged_person_ids: _Optional[_Iterable[str]] = ..., identifier_hash_key_id: _Optional[str] = ...) -> None: ...
 
 class ExportPersonRequest(_message.Message):
     __slots__ = ("person_id", "merged_person_ids")

@@ -347,7 +347,7 @@ class DeleteResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., identifiers: _Optional[int] = ..., timeline_events: _Optional[int] = ..., suppressed: _Optional[bool] = ...) -> None: ...
 
 class ProfileChanged(_message.Message):
-    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "event_ids", "merged", "split_from", "removed", "at", "cause", "groups")
+    __slots__ = ("person_id", "traits", "computed", "consent", "scores", "event_ids", "merged", "split_from", "removed", "at", "cause", "groups", "created")
     class TraitsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +395,7 @@ class ProfileChanged(_message.Message):
     AT_FIELD_NUMBER: _ClassVar[int]
     CAUSE_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
     person_id: str
     traits: _containers.MessageMap[str, _struct_pb2.Value]
     computed: _containers.MessageMap[str, _struct_pb2.Value]
@@ -407,7 +408,8 @@ class ProfileChanged(_message.Message):
     at: _timestamp_pb2.Timestamp
     cause: str
     groups: _containers.MessageMap[str, _struct_pb2.Value]
-    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, bool]] = ..., scores: _Optional[_Mapping[str, float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., merged: _Optional[_Iterable[str]] = ..., split_from: _Optional[str] = ..., removed: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[str] = ..., groups: _Optional[_Mapping[str, _struct_pb2.Value]] = ...) -> None: ...
+    created: bool
+    def __init__(self, person_id: _Optional[str] = ..., traits: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., computed: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., consent: _Optional[_Mapping[str, bool]] = ..., scores: _Optional[_Mapping[str, float]] = ..., event_ids: _Optional[_Iterable[str]] = ..., merged: _Optional[_Iterable[str]] = ..., split_from: _Optional[str] = ..., removed: _Optional[bool] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cause: _Optional[str] = ..., groups: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ProfileChangedBatch(_message.Message):
     __slots__ = ("changes",)

@@ -251,20 +251,22 @@ class RollbackRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class ScoresUpdatedBatch(_message.Message):
-    __slots__ = ("model", "version", "scores", "person_ids", "values", "at_ms")
+    __slots__ = ("model", "version", "scores", "person_ids", "values", "at_ms", "more")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PERSON_IDS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     AT_MS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     scores: _containers.RepeatedScalarFieldContainer[str]
     person_ids: _containers.RepeatedScalarFieldContainer[str]
     values: _containers.RepeatedScalarFieldContainer[float]
     at_ms: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[str]] = ..., person_ids: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[float]] = ..., at_ms: _Optional[_Iterable[int]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[ScoresUpdatedBatch]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[str]] = ..., person_ids: _Optional[_Iterable[str]] = ..., values: _Optional[_Iterable[float]] = ..., at_ms: _Optional[_Iterable[int]] = ..., more: _Optional[_Iterable[_Union[ScoresUpdatedBatch, _Mapping]]] = ...) -> None: ...
 
 class TrainModelRequest(_message.Message):
     __slots__ = ("model", "cutoff", "evaluate_at", "margin", "label")

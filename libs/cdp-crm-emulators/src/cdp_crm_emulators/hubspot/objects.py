@@ -1,0 +1,337 @@
+"""CRM v3 objects: the record store with its unique-property indexes, the single and batch reads and writes,
+search, and v4 associations.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cdp_crm_emulators._server import iso_z, json_response
+from cdp_crm_emulators.hubspot.answers import error_body, read_json, record_error_body
+from cdp_crm_emulators.hubspot.schema import PROPERTIES, SINGULAR, UNIQUE
+from cdp_crm_emulators.hubspot.search import matches_all, sortable
+
+BATCH_LIMIT = 100
+SEARCH_PAGE_LIMIT = 200
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class ObjectsMixin:
+    """Records, their endpoints and their associations. The state it reads is `HubSpotEmulator`'s (set in its ``__init__``)."""
+
+    def _store(self, obj: str, record: dict[str, Any]) -> None:
+        old = self.objects[obj].get(record["id"])
+        for prop in UNIQUE[obj]:
+            index = self._index.setdefault((obj, prop), {})
+            if old is not None and old["properties"].get(prop):
+                index.pop(str(old["properties"][prop]).lower(), None)
+            if record["properties"].get(prop):
+                index[str(record["properties"][prop]).lower()] = record["id"]
+        self.objects[obj][record["id"]] = record
+
+    def _lookup(self, obj: str, prop: str, value: Any) -> str | None:
+        if prop in ("hs_object_id", "id"):
+            return str(value) if str(value) in self.objects[obj] else None
+        return self._index.get((obj, prop), {}).get(str(value).lower())
+
+    def _write(self, obj: str, record_id: str | None, properties: dict[str, Any]) -> dict[str, Any]:
+        now = iso_z(self.clock())
+        if record_id is None:
+            record_id = str(next(self._ids))
+            record = {"id": record_id, "properties": {"hs_object_id": record_id, "createdate": now}, "createdAt": now}
+        else:
+            old = self.objects[obj][record_id]
+            record = {**old, "properties": dict(old["properties"])}
+        record["properties"].update({k: (None if v is None else str(v)) for k, v in properties.items()})
+        record["properties"]["hs_lastmodifieddate"] = now
+        if obj == "contacts":
+            record["properties"]["lastmodifieddate"] = now
+        if obj == "deals" and "dealstage" in properties:
+            # HubSpot derives these from the stage's probability; the default pipeline's closed stages.
+            stage = str(properties["dealstage"] or "")
+            record["properties"]["hs_is_closed"] = str(stage in ("closedwon", "closedlost")).lower()
+            record["properties"]["hs_is_closed_won"] = str(stage == "closedwon").lower()
+        record["updatedAt"] = now
+        record["archived"] = False
+        self._store(obj, record)
+        return record
+
+    def _public(self, obj: str, record: dict[str, Any], wanted: list[str] | None = None) -> dict[str, Any]:
+        props = record["properties"]
+        if wanted:
+            props = {
+                k: props.get(k) for k in dict.fromkeys([*wanted, "hs_object_id", "createdate", "hs_lastmodifieddate"])
+            }
+        return {
+            "id": record["id"],
+            "properties": dict(props),
+            "createdAt": record["createdAt"],
+            "updatedAt": record["updatedAt"],
+            "archived": record.get("archived", False),
+        }
+
+    def _object(self, request: web.Request) -> str:
+        obj = request.match_info["object"]
+        if obj not in PROPERTIES:
+            raise web.HTTPNotFound(
+                body=orjson.dumps(error_body("OBJECT_NOT_FOUND", f"Unable to infer object type from: {obj}")),
+                content_type="application/json",
+            )
+        return obj
+
+    def _unknown_properties(self, obj: str, properties: dict[str, Any]) -> web.Response | None:
+        unknown = [name for name in properties if name not in PROPERTIES[obj]]
+        if not unknown:
+            return None
+        details = [
+            {
+                "isValid": False,
+                "message": f'Property "{name}" does not exist',
+                "error": "PROPERTY_DOESNT_EXIST",
+                "name": name,
+            }
+            for name in unknown
+        ]
+        body = error_body("VALIDATION_ERROR", f"Property values were not valid: {orjson.dumps(details).decode()}")
+        body["errors"] = [
+            {"message": d["message"], "code": "PROPERTY_DOESNT_EXIST", "context": {"propertyName": [d["name"]]}}
+            for d in details
+        ]
+        return json_response(body, status=400)
+
+    def _record_error(self, obj: str, properties: dict[str, Any]) -> str | None:
+        email = properties.get("email")
+        if email and not _EMAIL.match(str(email)):
+            return f"Property values were not valid: email {email!s} is invalid"
+        return self.faults.rejection_for(obj, properties)
+
+    async def _batch_upsert(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await read_json(request)
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or not inputs:
+            return json_response(error_body("VALIDATION_ERROR", "inputs must be a non-empty list"), status=400)
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(
+                error_body("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded: {len(inputs)} inputs"),
+                status=400,
+            )
+        keys = []
+        for item in inputs:
+            id_property = item.get("idProperty") or "hs_object_id"
+            if id_property not in UNIQUE[obj] and id_property != "hs_object_id":
+                return json_response(
+                    error_body("VALIDATION_ERROR", f"{id_property} is not a unique property of {obj}"), status=400
+                )
+            if (rejected := self._unknown_properties(obj, item.get("properties") or {})) is not None:
+                return rejected
+            keys.append((id_property, str(item.get("id", "")).lower()))
+        if len(set(keys)) != len(keys):
+            return json_response(error_body("VALIDATION_ERROR", "Duplicate IDs found in batch input"), status=400)
+        started = iso_z(self.clock())
+        results, errors = [], []
+        for item in inputs:
+            id_property = item.get("idProperty") or "hs_object_id"
+            properties = dict(item.get("properties") or {})
+            if id_property != "hs_object_id":
+                properties.setdefault(id_property, item["id"])
+            if (message := self._record_error(obj, properties)) is not None:
+                errors.append(record_error_body("VALIDATION_ERROR", message, [str(item.get("id"))]))
+                continue
+            existing = self._lookup(obj, id_property, item.get("id"))
+            if existing is None and id_property == "hs_object_id":
+                errors.append(record_error_body("OBJECT_NOT_FOUND", "Object not found", [str(item.get("id"))]))
+                continue
+            record = self._write(obj, existing, properties)
+            results.append({**self._public(obj, record), "new": existing is None})
+        answer: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": started,
+            "completedAt": iso_z(self.clock()),
+        }
+        if errors:
+            answer.update(numErrors=len(errors), errors=errors)
+        return json_response(answer, status=207 if errors else 200)
+
+    async def _batch_archive(self, request: web.Request) -> web.Response:
+        """``batch/archive`` by HubSpot ids (at most 100): 204; an id no record has is ignored, as HubSpot does.
+        The record leaves every list and association."""
+        obj = self._object(request)
+        inputs = (await read_json(request, {})).get("inputs") or []
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(
+                error_body("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400
+            )
+        for item in inputs:
+            record_id = str(item.get("id", ""))
+            old = self.objects[obj].pop(record_id, None)
+            if old is None:
+                continue
+            for prop in UNIQUE[obj]:
+                if old["properties"].get(prop):
+                    self._index.get((obj, prop), {}).pop(str(old["properties"][prop]).lower(), None)
+            for members in self.memberships.values():
+                members.pop(record_id, None)
+            for other in self.links.pop((obj, record_id), {}):
+                self.links.get(other, {}).pop((obj, record_id), None)
+        return web.Response(status=204)
+
+    async def _batch_read(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await read_json(request)
+        inputs = body.get("inputs") or []
+        if len(inputs) > BATCH_LIMIT:
+            return json_response(
+                error_body("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400
+            )
+        id_property = body.get("idProperty") or "hs_object_id"
+        results, missing = [], []
+        for item in inputs:
+            record_id = self._lookup(obj, id_property, item.get("id"))
+            if record_id is None:
+                missing.append(str(item.get("id")))
+            else:
+                results.append(self._public(obj, self.objects[obj][record_id], body.get("properties")))
+        answer: dict[str, Any] = {
+            "status": "COMPLETE",
+            "results": results,
+            "startedAt": iso_z(self.clock()),
+            "completedAt": iso_z(self.clock()),
+        }
+        if missing:
+            answer.update(
+                numErrors=1,
+                errors=[
+                    record_error_body(
+                        "OBJECT_NOT_FOUND", "Could not get some objects, they may be deleted or not exist.", missing
+                    )
+                ],
+            )
+        return json_response(answer, status=207 if missing else 200)
+
+    async def _search(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await read_json(request)
+        limit = int(body.get("limit", 10))
+        if limit > SEARCH_PAGE_LIMIT:
+            return json_response(
+                error_body("VALIDATION_ERROR", f"limit must be at most {SEARCH_PAGE_LIMIT}"), status=400
+            )
+        groups = body.get("filterGroups") or []
+        matched = [
+            r
+            for r in self.objects[obj].values()
+            if not groups or any(matches_all(r, g.get("filters", [])) for g in groups)
+        ]
+        for sort in reversed(body.get("sorts") or []):
+            name = sort if isinstance(sort, str) else sort.get("propertyName")
+            descending = isinstance(sort, dict) and sort.get("direction") == "DESCENDING"
+            matched.sort(key=lambda r, n=name: sortable(r["properties"].get(n)), reverse=descending)
+        after = int(body.get("after") or 0)
+        page = matched[after : after + limit]
+        answer: dict[str, Any] = {
+            "total": len(matched),
+            "results": [self._public(obj, r, body.get("properties")) for r in page],
+        }
+        if after + limit < len(matched):
+            answer["paging"] = {"next": {"after": str(after + limit)}}
+        return json_response(answer)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        body = await read_json(request)
+        properties = body.get("properties") or {}
+        if (rejected := self._unknown_properties(obj, properties)) is not None:
+            return rejected
+        for prop in UNIQUE[obj]:
+            if properties.get(prop) and (existing := self._lookup(obj, prop, properties[prop])) is not None:
+                body = error_body("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {existing}")
+                return json_response(body, status=409)
+        if (message := self._record_error(obj, properties)) is not None:
+            return json_response(error_body("VALIDATION_ERROR", message), status=400)
+        targets = self._association_targets(body)
+        if isinstance(targets, web.Response):
+            return targets
+        record = self._write(obj, None, properties)
+        for target, target_id, types in targets:
+            self._link(obj, record["id"], target, target_id, types)
+        return json_response(self._public(obj, record), status=201)
+
+    def _association_targets(self, body: dict[str, Any]) -> list[tuple[str, str, list]] | web.Response:
+        """A create's ``associations`` as (object, id, types) each, or the 400 naming a target not there."""
+        targets = []
+        for association in body.get("associations") or []:
+            target_id = str((association.get("to") or {}).get("id", ""))
+            target = next((o for o, table in self.objects.items() if target_id in table), None)
+            if target is None:
+                return json_response(
+                    error_body("VALIDATION_ERROR", f"Association target {target_id} does not exist"), status=400
+                )
+            targets.append((target, target_id, association.get("types") or []))
+        return targets
+
+    async def _read_one(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        record_id = self._lookup(obj, request.query.get("idProperty", "hs_object_id"), request.match_info["id"])
+        if record_id is None:
+            return web.Response(status=404)
+        wanted = request.query.get("properties")
+        return json_response(self._public(obj, self.objects[obj][record_id], wanted.split(",") if wanted else None))
+
+    async def _update(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        properties = (await read_json(request)).get("properties") or {}
+        if (rejected := self._unknown_properties(obj, properties)) is not None:
+            return rejected
+        record_id = self._lookup(obj, request.query.get("idProperty", "hs_object_id"), request.match_info["id"])
+        if record_id is None:
+            return json_response(error_body("OBJECT_NOT_FOUND", "resource not found"), status=404)
+        if (message := self._record_error(obj, properties)) is not None:
+            return json_response(error_body("VALIDATION_ERROR", message), status=400)
+        return json_response(self._public(obj, self._write(obj, record_id, properties)))
+
+    # --- associations ----------------------------------------------------------------------------
+
+    def _link(self, obj: str, record_id: str, target: str, target_id: str, types: list[dict[str, Any]]) -> None:
+        types = types or [{"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 0}]
+        self.links.setdefault((obj, record_id), {})[(target, target_id)] = types
+        self.links.setdefault((target, target_id), {})[(obj, record_id)] = types
+
+    async def _associate_default(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        to_obj = request.match_info["to_object"]
+        record_id, to_id = request.match_info["id"], request.match_info["to_id"]
+        if to_obj not in PROPERTIES or record_id not in self.objects[obj] or to_id not in self.objects[to_obj]:
+            return json_response(
+                error_body("OBJECT_NOT_FOUND", "One or both records of the association do not exist"), status=404
+            )
+        self._link(obj, record_id, to_obj, to_id, [])
+        result = {
+            "from": {"id": record_id},
+            "to": {"id": to_id},
+            "associationSpec": {"associationCategory": "HUBSPOT_DEFINED", "associationTypeId": 0},
+        }
+        now = iso_z(self.clock())
+        return json_response({"status": "COMPLETE", "results": [result], "startedAt": now, "completedAt": now})
+
+    async def _list_associations(self, request: web.Request) -> web.Response:
+        obj = self._object(request)
+        to_obj = request.match_info["to_object"]
+        linked = self.links.get((obj, request.match_info["id"]), {})
+        results = [
+            {
+                "toObjectId": int(target_id),
+                "associationTypes": [
+                    {"category": t.get("associationCategory"), "typeId": t.get("associationTypeId"), "label": None}
+                    for t in types
+                ],
+            }
+            for (target, target_id), types in linked.items()
+            if target == to_obj
+        ]
+        return json_response({"results": results})

@@ -1,0 +1,178 @@
+"""A journey's life through the API: validate, create, save a draft (UpdateJourney), publish, pause, resume,
+archive, get, list.
+
+Journeys are written here: validated by the domain (`domain.document.parse_journey`, against the catalogues
+of the moment), decided on the record as stored and saved against the version read (`Journeys.change`: a
+change saved meanwhile by another call or replica is decided again or refused, never written over), then
+announced to the other replicas. Publishing defines the computed traits the live version's conditions read
+(the profile service's) before it goes live; with MIGRATION_MAP_BY_NODE_ID it moves running instances to the
+new version, and a scheduled journey arms each member of its segment. Archiving ends the journey's running
+instances, each through its person's engine. The draft's own calls (GetJourney's `draft`, DiscardDraft) are
+in drafts.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from cdp_orchestration.api_base import expected_revision
+from cdp_orchestration.domain import lifecycle
+from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
+from cdp_orchestration.domain.journey import Journey, ScheduleEntry
+from cdp_orchestration.domain.lifecycle import JourneyRecord, State
+from cdp_orchestration.drafts import DraftCalls
+from cdp_orchestration.journey_changes import always, draft_as_read
+from cdp_orchestration.journeys import DRAFT
+from cdp_orchestration.messages import STATE_OF_PB, offset, page_size, read_definition, required, token
+from cdp_orchestration.state import PERSONS
+
+
+class JourneyCalls(DraftCalls):
+    """The journey lifecycle RPCs of OrchestrationService (a part of `api.OrchestrationApi`), the draft's among them."""
+
+    async def ValidateJourney(self, request, context) -> pb.ValidateJourneyResponse:
+        try:
+            parse_journey(read_definition(request.definition), await self.catalogues.current())
+        except JourneyInvalid as invalid:
+            return pb.ValidateJourneyResponse(
+                problems=[pb.Problem(node=p.node, field=p.field, message=p.message) for p in invalid.problems]
+            )
+        return pb.ValidateJourneyResponse()
+
+    async def CreateJourney(self, request, context) -> pb.Journey:
+        journey = parse_journey(read_definition(request.definition), await self.catalogues.current())
+        if journey.id in self.journeys.records or await self.journeys.reload(journey.id) is not None:
+            raise AlreadyExists(f"journey {journey.id} exists; UpdateJourney changes its draft")
+        await self.journeys.add(lifecycle.create(journey))  # AlreadyExists too when created meanwhile
+        await self._announce(journey.id)
+        return await self._journey(journey.id)
+
+    async def UpdateJourney(self, request, context) -> pb.Journey:
+        journey_id = required(request.journey_id, "journey_id")
+        expected = expected_revision(request)
+        parsed: list[Journey] = []  # read once the journey is found (NOT_FOUND first), kept for a decision again
+
+        async def save_draft(record: JourneyRecord) -> JourneyRecord:
+            if not parsed:
+                parsed.append(parse_journey(read_definition(request.definition), await self.catalogues.current()))
+            return lifecycle.save_draft(record, parsed[0])
+
+        await self._change(journey_id, save_draft, draft_as_read, expected)
+        return await self._journey(journey_id)
+
+    async def PublishJourney(self, request, context) -> pb.Journey:
+        journey_id = required(request.journey_id, "journey_id")
+        expected = expected_revision(request)
+
+        async def publish(record: JourneyRecord) -> JourneyRecord:
+            invalid = self.journeys.invalid.get((journey_id, DRAFT))
+            if invalid is not None:
+                raise FailedPrecondition(
+                    f"journey {journey_id}'s draft, as stored, no longer validates ({invalid}): save a fixed "
+                    "draft (cdpctl journey update) and publish that"
+                )
+            published = lifecycle.publish(record)
+            # Conditions on past events read computed traits the profile service keeps: define them before
+            # the version goes live, or its conditions would silently see nothing.
+            live = published.live
+            if live is not None and live.computed_traits:
+                if self.define_traits is None:
+                    raise FailedPrecondition(
+                        f"journey {journey_id} has conditions on past events, which need the profile service's "
+                        "computed traits: set CDP_PROFILE_ADDRESS"
+                    )
+                await self.define_traits(live.computed_traits)
+            return published
+
+        changed = await self._change(journey_id, publish, draft_as_read, expected)
+        previous, published = changed.read.record.live, changed.saved
+        assert published is not None
+        live = published.live
+        if request.migration == pb.MIGRATION_MAP_BY_NODE_ID and previous is not None:
+            await self._migrate(published, previous)
+        if live is not None and isinstance(live.entry, ScheduleEntry):
+            await self._arm_members(live)
+        return await self._journey(journey_id)
+
+    async def PauseJourney(self, request, context) -> pb.Journey:
+        return await self._move(request.journey_id, lifecycle.pause)
+
+    async def ResumeJourney(self, request, context) -> pb.Journey:
+        return await self._move(request.journey_id, lifecycle.resume)
+
+    async def ArchiveJourney(self, request, context) -> pb.Journey:
+        journey_id = required(request.journey_id, "journey_id")
+        await self._change(
+            journey_id, lambda r: lifecycle.archive(r) if r.state is not State.ARCHIVED else None, always
+        )
+        answer = await self._journey(journey_id)
+        # Its running instances end with reason "archived", each through its person's engine. Archiving
+        # again sweeps again (a call interrupted half-way is retried safely).
+        async for doc in self._instances_of(request.journey_id, running=True):
+            await self._command(
+                doc["person_id"],
+                "exit",
+                {"person_id": doc["person_id"], "instance_id": doc["id"], "reason": "archived"},
+                f"exit:{doc['id']}",
+            )
+        return answer
+
+    async def GetJourney(self, request, context) -> pb.Journey:
+        journey_id = required(request.journey_id, "journey_id")
+        if request.draft:
+            return await self._draft(journey_id, request.version)
+        record = await self._record(journey_id)
+        if request.version and request.version not in record.versions:
+            raise NotFound(f"journey {journey_id} has no published version {request.version}")
+        return await self._journey(journey_id, request.version)
+
+    async def ListJourneys(self, request, context) -> pb.ListJourneysResponse:
+        await self.journeys.load()  # journeys created through other replicas too
+        size, start = page_size(request.page_size), offset(request.page_token)
+        wanted = {STATE_OF_PB[s] for s in request.states if s in STATE_OF_PB} or {
+            State.DRAFT,
+            State.ACTIVE,
+            State.PAUSED,
+        }
+        ids = sorted(i for i, r in self.journeys.records.items() if r.state in wanted)
+        response = pb.ListJourneysResponse()
+        for journey_id in ids[start : start + size]:
+            response.journeys.append(await self._journey(journey_id))
+        if start + size < len(ids):
+            response.next_page_token = token(start + size)
+        return response
+
+    async def _move(self, journey_id: str, change: Callable[[JourneyRecord], JourneyRecord]) -> pb.Journey:
+        await self._change(required(journey_id, "journey_id"), change, always)
+        return await self._journey(journey_id)
+
+    async def _migrate(self, record: JourneyRecord, previous: Journey) -> None:
+        new = record.live
+        assert new is not None
+        for old in record.versions.values():
+            if old.version == new.version:
+                continue
+            plan = lifecycle.migration_plan(old, new)
+            async for doc in self._instances_of(record.id, running=True):
+                if doc["version"] != old.version or doc.get("node") not in plan.moves:
+                    continue
+                body = {
+                    "person_id": doc["person_id"],
+                    "instance_id": doc["id"],
+                    "journey_id": record.id,
+                    "from_version": old.version,
+                    "to_version": new.version,
+                    "moves": sorted(plan.moves),
+                }
+                await self._command(doc["person_id"], "migrate", body, f"migrate:{doc['id']}:{new.version}")
+
+    async def _arm_members(self, journey: Journey) -> None:
+        """Each member of a scheduled journey's segment gets a timer at their next slot (in their zone), set
+        by their own engine; people joining the segment later get theirs as they join."""
+        segment = journey.entry.segment  # type: ignore[union-attr]
+        async for stored in self.store.scan_all(PERSONS):
+            if segment in stored.doc.get("segments", ()):
+                body = {"person_id": stored.key, "journey_id": journey.id}
+                await self._command(stored.key, "arm", body, f"arm:{journey.id}:{journey.version}:{stored.key}")

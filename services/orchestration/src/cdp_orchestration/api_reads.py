@@ -1,0 +1,123 @@
+"""The API's reads of what journeys did: a journey's stats (entries, conversions, exits by reason, the
+arbiter's decisions, each split variant against its control) and a person's decision history, the actions
+held for the profile first.
+
+Both read the store only: the engines write stats and decisions as they apply each batch, so a read may
+trail the engines by a batch, never invent or lose a decision.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from cdp.orchestration.v1 import orchestration_pb2 as pb
+from cdp_kit.errors import InvalidArgument
+from cdp_kit.storage.port import decode_cursor, encode_cursor
+from cdp_orchestration.api_base import ApiBase
+from cdp_orchestration.domain import experiments
+from cdp_orchestration.merges import decision_persons
+from cdp_orchestration.messages import decision_message, held_message, page_size, required
+from cdp_orchestration.state import DECISIONS, PERSONS
+
+
+class ReadCalls(ApiBase):
+    """GetJourneyStats and ListDecisions (a part of `api.OrchestrationApi`)."""
+
+    async def GetJourneyStats(self, request, context) -> pb.JourneyStats:
+        journey_id = required(request.journey_id, "journey_id")
+        record = await self._record(journey_id)
+        totals = await self._stats(journey_id, request.version)
+        stats = pb.JourneyStats(
+            journey_id=journey_id,
+            entered=totals["entered"],
+            active=totals["entered"] - sum(totals["ended"].values()),
+            converted=totals["converted"],
+        )
+        stats.ended.update(totals["ended"])
+        stats.decisions.update(totals["decisions"])
+        journey = record.versions.get(request.version) if request.version else record.live
+        if journey is not None:
+            tally = {
+                node: {name: experiments.Counts(*cell) for name, cell in variants.items()}
+                for node, variants in totals["variants"].items()
+            }
+            for node_id, rows in experiments.split_stats(journey, tally).items():
+                for row in rows:
+                    stats.variants.add(
+                        split_node=node_id,
+                        variant=row.variant,
+                        control=row.control,
+                        entered=row.entries,
+                        converted=row.conversions,
+                        conversion_rate=row.rate or 0.0,
+                        uplift=row.uplift or 0.0,
+                        p_value=row.p_value if row.p_value is not None else 1.0,
+                    )
+        return stats
+
+    async def ListDecisions(self, request, context) -> pb.ListDecisionsResponse:
+        """The person's decisions, newest first, with those of every person merged into them; an id merged
+        into another reads the survivor's (each decision names the person it was decided for). The first
+        page starts with the actions held now until the profile applies the person's latest event (no
+        decision yet: `messages.held_message`)."""
+        person_id = required(request.person_id, "person_id")
+        size = page_size(request.page_size)
+        after = None
+        if request.page_token:
+            try:
+                after = decode_cursor(request.page_token)
+            except InvalidArgument:
+                raise InvalidArgument("page_token", "is not a token this service gave") from None
+        persons = await decision_persons(self.store, person_id)
+        response = pb.ListDecisionsResponse()
+        # Keys are `<person>:<inverted time>:...`: each person's scan reads the newest first, and merging the
+        # scans by what follows the person id reads them all in one order. The token is the last one read.
+        pending: dict[str, collections.deque] = {}
+        cursors: dict[str, str | None] = {p: encode_cursor(f"{p}:{after}") if after else None for p in persons}
+        last = None
+        while len(response.decisions) < size:
+            for person in persons:
+                if not pending.get(person) and person in cursors:
+                    page = await self.store.scan(
+                        DECISIONS, prefix=f"{person}:", cursor=cursors[person], limit=min(size, 100)
+                    )
+                    pending[person] = collections.deque(page.records)
+                    if page.next_cursor is None:
+                        del cursors[person]
+                    else:
+                        cursors[person] = page.next_cursor
+            heads = [(queue[0].key[len(person) + 1 :], person) for person, queue in pending.items() if queue]
+            if not heads:
+                break
+            last, person = min(heads)
+            doc = pending[person].popleft().doc
+            if request.journey_id and doc["journey_id"] != request.journey_id:
+                continue
+            if request.action_id and doc["action_id"] != request.action_id:
+                continue
+            response.decisions.append(decision_message(doc))
+        if last is not None and (cursors or any(pending.values())):
+            response.next_page_token = encode_cursor(last)
+        if after is None:
+            # Read after the decisions: an action decided between the two reads is then not held any more.
+            # One whose decision is read but whose hold is not yet cleared is listed once, as decided.
+            decided = {d.action_id for d in response.decisions if d.kind != pb.DECISION_KIND_DEFERRED}
+            held = await self._held(persons[0], request.journey_id, request.action_id)
+            fresh = [h for h in held if h.action_id not in decided]
+            if fresh:
+                listed = list(response.decisions)
+                del response.decisions[:]
+                response.decisions.extend(fresh + listed)
+        return response
+
+    async def _held(self, person_id: str, journey_id: str, action_id: str) -> list[pb.Decision]:
+        """The person's actions held for the profile (a merge hands those of the merged to the survivor)."""
+        record = await self.store.get(PERSONS, person_id)
+        held = record.doc["arbiter"]["deferred"] if record is not None and record.doc.get("arbiter") else []
+        return [
+            held_message(person_id, h)
+            for h in held
+            if h.get("profile")
+            and (not journey_id or h["action"]["journey_id"] == journey_id)
+            and (not action_id or h["action"]["action_id"] == action_id)
+        ]
