@@ -104,7 +104,9 @@ class ProfileEngine:
         # same by submission, oldest first, to drop what has landed.
         self._unlanded: dict[str, int] = {}
         self._notes: deque[tuple[int, list[str]]] = deque()
-        self.hot = HotProfiles(store, retention=retention, owns=self.owns, on_write=self._noted)
+        self.hot = HotProfiles(
+            store, retention=retention, owns=self.owns, on_write=self._noted, partition_of=self._partition
+        )
         self.catalogue = ComputedTraitCatalogue(self, max_held=max_computed_traits)
         self.privacy = Privacy(self, identifier_hash_keys)
         # The partitioned engines running on this hot state (`stream.py`): a deletion waits for them.
@@ -169,12 +171,18 @@ class ProfileEngine:
         await self.store.ensure_index(DELETIONS, "pending")
         await self.catalogue.load(self.store)
         if self.owned:  # with leases nothing is owned yet: each partition is loaded as it is acquired
-            await self.hot.warm()
+            await self._warm()
         # The warmed profiles live as long as the process: keep the collector from rescanning them.
         gc.freeze()
         await self.privacy.publish_deletions()
         self.spawn(expiry_loop(self.expire_due), "profile expiry")
         self.catalogue.resume()
+
+    async def _warm(self) -> None:
+        """Load every owned profile; the partitions owned throughout are then held whole (`state.py`)."""
+        owned = self.owned
+        await self.hot.warm()
+        self.hot.whole = set(owned & self.owned)
 
     async def _publish_legacy_leftovers(self) -> None:
         """Before the partitioned engine, a checkpoint kept its batch's change messages until they were
@@ -214,12 +222,17 @@ class ProfileEngine:
             delay = 0.1
             while True:
                 try:
+                    epoch = self.epoch
                     persons = [
                         record.key
                         async for record in self.store.scan_all(PROFILES, page_size=1000)
                         if self._partition(record.key) == partition
                     ]
                     await self.hot.load(persons)
+                    # Every record of it is held now, unless it left meanwhile or a recovery dropped part
+                    # of what was loaded (that recovery's reload covers it; reads go to the store till then).
+                    if partition in self.owned and self.epoch == epoch:
+                        self.hot.whole.add(partition)
                     break
                 except Exception as exc:  # the store is unreachable: the lease is held, so keep trying
                     log.warning("profiles of partition %s not loaded (%s); retrying", partition, type(exc).__name__)
@@ -237,6 +250,7 @@ class ProfileEngine:
         self.owned = self.owned - {partition}
         await self.chain.settle()
         # Nothing awaits from here on: no write for these persons can be queued before they are gone.
+        self.hot.whole.discard(partition)
         self.hot.forget(lambda person: self._partition(person) == partition)
 
     # --- the hot state as the partitioned streams use it (stream.py) -------------------------------
@@ -273,7 +287,7 @@ class ProfileEngine:
                 self.hot.reset()
                 self._forget_notes()
                 log.warning("profile cache dropped after a failed write; reloading from the store")
-                await self.hot.warm()
+                await self._warm()
                 self.chain.reset()
             finally:
                 self._steady.set()

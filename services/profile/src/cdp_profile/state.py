@@ -6,6 +6,15 @@ dropped), or none of them (never seen). `versions` holds the store version the n
 person's record expects; a write that finds another version fails, and the engine then drops all of
 this and reloads it from the store (`reset` + `warm`).
 
+`whole` holds the partitions every stored record of which is in memory (loaded at start, by `warm`, or
+when the partition arrived): a person of one of them that none of the four holds has no record, so
+`load` takes it as never seen without asking the store (most events of a busy platform come from
+persons seen for the first time, and that read was a round trip per batch). A record another replica
+wrote meanwhile (a shared store, a merge combined by the survivor's owner) is then found by the write
+expecting no record: it fails, the engine drops the cache and reloads it from the store, as it does
+for every record another replica changed under it. `reset` empties `whole`; a partition that leaves is
+taken out of it before its persons are forgotten.
+
 `views` holds what readers derived from a profile (the API's `GetProfile` answer, built once per change
 rather than per read). Every change to a profile is written, and every write of a person's record goes
 through `versioned_put` (or, for a model score, `scores_put`: the person's scores record, see
@@ -43,11 +52,14 @@ class HotProfiles:
         retention: Retention,
         owns: Callable[[str], bool],
         on_write: Callable[[str], None] | None = None,
+        partition_of: Callable[[str], int] | None = None,
     ) -> None:
         self.store = store
         self._on_write = on_write
         self.retention = retention
         self._owns = owns
+        self._partition_of = partition_of
+        self.whole: set[int] = set()  # partitions held whole: see the module docstring (needs partition_of)
         self.profiles: dict[str, Profile] = {}
         self.tombstones: dict[str, str] = {}  # merged-away person -> the person it was merged into
         self.deleted: dict[str, float] = {}  # deleted person -> when (events received before are dropped)
@@ -74,12 +86,24 @@ class HotProfiles:
         self.versions.clear()
         self.expiries.clear()
         self.views.clear()
+        self.whole.clear()
 
     def forget(self, whose: Callable[[str], bool]) -> None:
-        """Forget the persons `whose` selects (a partition that moved): the next use reads the store."""
-        for held in (self.profiles, self.tombstones, self.deleted, self.versions, self.views):
-            for person in [p for p in held if whose(p)]:
-                del held[person]
+        """Forget the persons `whose` selects (a partition that moved): the next use reads the store.
+
+        It runs on the event loop with nothing awaited (see `ProfileEngine.stop_partition`), over every
+        person held: `whose` is asked once per person, not once per collection holding it."""
+        held = (self.profiles, self.tombstones, self.deleted, self.versions, self.views)
+        # Every person held has a version (loaded or written), so one pass over `versions` finds them;
+        # the others are walked only for the rare person held without one.
+        versions = self.versions
+        gone = [person for person in versions if whose(person)]
+        for collection in held[:3] + held[4:]:
+            gone.extend(p for p in collection if p not in versions and whose(p))
+        for collection in held:
+            pop = collection.pop
+            for person in gone:
+                pop(person, None)
 
     def _adopt(
         self,
@@ -107,6 +131,15 @@ class HotProfiles:
         """Bring persons (and whatever their tombstones point at) into memory from the store."""
         wanted = {p for p in persons if self._unknown(p)}
         while wanted:
+            if self.whole:
+                # Of a partition held whole: no record (see the module docstring).
+                partition_of, whole = self._partition_of, self.whole
+                absent = [p for p in wanted if partition_of(p) in whole]  # type: ignore[misc]
+                for person in absent:
+                    self.versions[person] = 0
+                wanted.difference_update(absent)
+                if not wanted:
+                    break
             records = await self.store.get_many(PROFILES, sorted(wanted))
             follow: set[str] = set()
             timelines: dict[str, list[TimelineEntry]] = {}
