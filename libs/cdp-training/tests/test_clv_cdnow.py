@@ -130,12 +130,19 @@ def test_the_command_prints_the_tables_and_writes_json_and_predictions(export, t
     assert code == 0
     text = capsys.readouterr().out
     assert "223 same-day orders merged" in text
-    assert "r=0.2426, alpha=4.414, a=0.7929, b=2.426" in text
+    # the fit printed to 4 significant digits; its last digit is not the same on every CPU (`a` converges to
+    # 0.792955 on one machine, printed 0.793, and below 0.79295 on another: OpenBLAS picks its kernels by CPU),
+    # so within about one unit of that digit
+    printed = re.search(r"BG/NBD +r=(\S+), alpha=(\S+), a=(\S+), b=(\S+) ", text)
+    assert printed, text
+    for value, expected in zip(map(float, printed.groups()), (0.2426, 4.414, 0.7929, 2.426), strict=True):
+        assert abs(value / expected - 1) < 2e-4, (value, expected)
     assert "holdout: predicted 1,653.4 repeat transactions, actual 1,882" in text
     assert re.search(
         r"^ +7\+ +64 +6\.359 +6\.157$", text, re.M
     )  # the table's last row: x, customers, actual, predicted
-    assert re.search(r"^ +78 +1998-06-30 +holdout +4339 +4,165\.637$", text, re.M)  # the last week of the tracking
+    last_week = re.search(r"^ +78 +1998-06-30 +holdout +4339 +([\d,]+\.\d{3})$", text, re.M)  # the tracking's end
+    assert last_week and abs(float(last_week[1].replace(",", "")) / 4165.637 - 1) < 1e-4, text
     report = json.loads(out.read_text())
     assert report["holdout"]["actual_transactions"] == 1882
     with per_customer.open() as handle:
