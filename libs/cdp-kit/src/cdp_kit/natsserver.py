@@ -10,6 +10,7 @@ the server closes the connections whose credentials no longer hold (they reconne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -152,6 +153,8 @@ class NatsServer:
             return
         if self._proc.poll() is None:
             self._proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._proc.pid, signal.SIGCONT)  # a paused server (SIGSTOP) takes its SIGTERM now
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:

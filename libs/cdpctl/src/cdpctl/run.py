@@ -120,6 +120,24 @@ async def _ready(
     return None
 
 
+async def _unless_stopped(step, stopping: asyncio.Event) -> int | None:
+    """`step`'s exit code, or 130 at once when Ctrl-C (or SIGTERM) comes first: a start-up step on a slow
+    or wedged nats-server (provisioning waits up to 30 s to connect) does not hold the platform's stop."""
+    task = asyncio.ensure_future(step)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    console.print("interrupted while the streams were provisioned")
+    return 130
+
+
 async def _provision(ws: Workspace, url: str, client: dict | None, *, quiet: bool = False) -> int | None:
     """Create and configure every stream as cdpctl's operator user, with the retention settings the
     services will get (cdpctl's environment and the services' own `env`); 1 when it cannot be done.
@@ -236,7 +254,7 @@ async def _up_private(
     try:
         # Every stream and bucket, with its spec, before any service starts: no service's NATS user may
         # create or update a stream (cdp_kit.provision); each verifies at start what is made here.
-        failed = await _provision(ws, nats.url, client)
+        failed = await _unless_stopped(_provision(ws, nats.url, client), stopping)
         if failed is not None:
             return failed
         # A home from before the record: its count is written once the provisioner found it agrees with
