@@ -264,7 +264,7 @@ def decode_scores(delivery: Delivery) -> list[ScoreUpdate]:
 
 
 def _score_update(message: scoring_pb2.ScoresUpdatedBatch, where: str) -> ScoreUpdate:
-    names, persons, values = list(message.scores), list(message.person_ids), message.values
+    names, persons, values = list(message.scores), list(message.person_ids), list(message.values)
     width = len(names)
     if not width or len(values) != width * len(persons) or len(message.at_ms) != len(persons):
         raise Reject(
@@ -277,9 +277,11 @@ def _score_update(message: scoring_pb2.ScoresUpdatedBatch, where: str) -> ScoreU
     for name in names:
         if not name:
             raise Reject("invalid_score", f"{where}scores", "a score name is empty")
-    for i, value in enumerate(values):
-        if not isfinite(value):
-            raise Reject("invalid_score", where + field_key(SCORES, names[i % width]), "must be a finite number")
+    # A NaN or an infinity makes the sum one (so do finite values past a double's range: then each is looked at).
+    if not isfinite(sum(values)):
+        for i, value in enumerate(values):
+            if not isfinite(value):
+                raise Reject("invalid_score", where + field_key(SCORES, names[i % width]), "must be a finite number")
     return ScoreUpdate(
         model=message.model,
         version=message.version,

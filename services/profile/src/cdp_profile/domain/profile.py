@@ -217,7 +217,8 @@ class Part:
             "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
             "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
             "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
-            "scores": {name: score.to_doc() for name, score in self.scores.items()},
+            # Score.to_doc's list, made inline (every write of the profile lists every score)
+            "scores": {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
             "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
             "seen": [[event_id, at] for at, event_id in extra],  # timeline ids are not repeated here
             "identifiers": sorted(self.identifiers),
@@ -432,6 +433,21 @@ class Profile:
             raise InvalidArgument("version", f"{version!r} must be a string")
         change = ProfileChange(self.person_id)
         root_scores = self._root.scores
+        if len(self.parts) == 1:
+            # One part (most profiles): the current score is the root's own, so before and after are read
+            # there rather than across parts. A score arrives once per event the person makes.
+            changed = change.scores
+            key = (at, model, version)
+            for name, value in scores.items():
+                current = root_scores.get(name)
+                if current is None:
+                    score = root_scores[name] = Score(float(value), model, version, at)
+                    changed[name] = score.value
+                elif key >= (current.at, current.model, current.version):
+                    score = root_scores[name] = Score(float(value), model, version, at)
+                    if _changed(current.value, score.value):
+                        changed[name] = score.value
+            return change
         for name, value in scores.items():
             score = Score(float(value), model, version, at)
             before = self._score(name)
