@@ -9,11 +9,12 @@ collector stores each change once. Together: a restart neither loses nor repeats
 
 What a change becomes and whether it is news (identity, traits and consent read back, the memo of what a
 record was when last read, the connector's own writes) is news.py, the poller's other half (`News`). The
-memo is written after the post and before the cursor, with the stamp it was read at and what that read
-compared with: a page read again compares with the same thing and posts the same events under the same
-ids. Traits and consent posted with the CRM source's write key are recorded by the profile with that
-source and the event id as provenance; `context.source` names the CRM and the connection. The event's
-time is the CRM's modification stamp, so an older CRM value never overrides a newer one.
+memos of a page are written after the post, in one write with the cursor, each with the stamp it was read
+at and what that read compared with: a page read again compares with the same thing and posts the same
+events under the same ids. Traits and consent posted with the CRM source's write key are recorded by the
+profile with that source and the event id as provenance; `context.source` names the CRM and the
+connection. The event's time is the CRM's modification stamp, so an older CRM value never overrides a
+newer one.
 
 Log lines name the connection, object and counts; never record values or emails.
 """
@@ -38,7 +39,7 @@ from cdp_crm.domain.mapping import PERSON_ID, Connection
 from cdp_crm.inbound.news import News, _before, backwards, instant, placeholders
 from cdp_crm.inbound.refused import keep_refused
 from cdp_crm.state import CURSORS, RUNS
-from cdp_kit.storage import Store
+from cdp_kit.storage import Put, Store
 
 log = logging.getLogger("cdp.crm.inbound")
 
@@ -389,10 +390,15 @@ class Poller(News):
             memos = {}
             events: list[dict[str, Any]] = []
             sent: dict[str, str] = {}  # message id -> CRM record id
-            for change in changes:
-                stored = await self.store.get(CURSORS, self._key(obj, change.record_id))
-                before = _before(stored.doc if stored is not None else None, change.stamp)
-                written, erased = await self._written(change)
+            # The page's memos and the tombstones of the persons it names, each in one read: most of a busy
+            # poll is the connector's own writes read back, a hundred a page.
+            stored = await self.store.get_many(CURSORS, [self._key(obj, change.record_id) for change in changes])
+            tombstoned = await self._tombstoned(changes)
+            # What the connector wrote to each record, the lookups side by side (they only read).
+            looked_up = await asyncio.gather(*(self._written(change, tombstoned) for change in changes))
+            for change, (written, erased) in zip(changes, looked_up, strict=True):
+                memo_record = stored.get(self._key(obj, change.record_id))
+                before = _before(memo_record.doc if memo_record is not None else None, change.stamp)
                 memo = self._memo(change, written)
                 memos[change.record_id] = {**memo, "stamp": change.stamp, "before": before}
                 if not erased:
@@ -403,9 +409,9 @@ class Poller(News):
                 rejected = await self.collector.post(batch)
                 if rejected:
                     await keep_refused(self.store, self.connection.id, obj, rejected, sent, self.clock())
-            for record_id, memo in memos.items():
-                await self.store.put(CURSORS, self._key(obj, record_id), memo)
-            await self.store.put(CURSORS, self._key(obj), cursor)
+            # The memos, then the cursor, in one write: a page read again after a crash finds both or neither.
+            memo_writes = [Put(CURSORS, self._key(obj, record_id), memo) for record_id, memo in memos.items()]
+            await self.store.bulk_write([*memo_writes, Put(CURSORS, self._key(obj), cursor)])
             posted += len(events)
             if importing:
                 await self._imported(None, len(changes), len(events))

@@ -73,14 +73,20 @@ class News:
     traits: dict[str, dict[str, str]]  # per CRM object (lower case): CRM field -> traits.<name> / consent.<key>
     placeholders: dict[str, dict[str, Any]]  # per CRM object (lower case): CRM field -> a mapping's default
 
-    async def _written(self, change: Change) -> tuple[dict[str, list[Any]], bool]:
+    async def _tombstoned(self, changes: list[Change]) -> set[str]:
+        """The CDP ids, among those `changes` carry, of persons a privacy erasure tombstoned (one read)."""
+        ids = {change.person.cdp_id for change in changes if change.person is not None and change.person.cdp_id}
+        return set(await self.store.get_many(TOMBSTONES, sorted(ids))) if ids else set()
+
+    async def _written(self, change: Change, tombstoned: set[str] | None = None) -> tuple[dict[str, list[Any]], bool]:
         """What the connector wrote to this contact, if it did - per CRM field, the value the CRM confirmed
         last (its `crm_records` document's `fields`) and those sent since whose answer never came
         (`sent`) -, and whether the change is about a person the connector erased: the record itself
         erased (its anonymisation or deletion is the connector's own write), or - a ticket, task, case or
         deal - the contact it is linked to erased, or the CDP id it carries a deleted person's (tombstone).
         Such a change is never news: its events would bring the deleted person back into the CDP (keyed by
-        the contact's anonymous id, carrying their CDP id)."""
+        the contact's anonymous id, carrying their CDP id). `tombstoned`: the tombstoned CDP ids among the
+        page's, read already (`_tombstoned`); None: read here."""
         written: dict[str, list[Any]] = {}
         erased = found = False
         contact = change.kind in ("contact", "lead") and not change.deleted
@@ -104,7 +110,10 @@ class News:
                 if record.doc.get("connection") == self.connection.id and record.doc.get("state") in ERASED:
                     erased = True
         if not erased and person is not None and person.cdp_id:
-            erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
+            if tombstoned is not None:
+                erased = person.cdp_id in tombstoned
+            else:
+                erased = await self.store.get(TOMBSTONES, person.cdp_id) is not None
         return written, erased
 
     def _same_object(self, doc: dict[str, Any], change: Change) -> bool:
