@@ -16,11 +16,13 @@ from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import subjects
 from cdp_kit.storage import Put, open_store
 from cdp_kit.timestamps import from_seconds
+from cdp_orchestration.domain.arbiter import PersonState, Sent
+from cdp_orchestration.domain.records import person_record
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.engine import OrchestrationLogic
 from cdp_orchestration.inputs import decode
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.state import PERSONS
+from cdp_orchestration.state import PERSONS, Partition, load_persons
 
 
 def change(person: str, *, computed: dict | None = None, traits: dict | None = None, event_ids=()) -> bytes:
@@ -70,3 +72,34 @@ async def test_a_profile_change_that_changes_a_value_or_its_kind_writes_the_pers
         # True == 1.0 in Python, but a boolean is not a number to the segment language: a change of kind.
         [doc] = await person_writes(logic, store, change("ada", traits={"vip": True}))
         assert doc["fields"]["traits.vip"] is True
+
+
+async def test_a_person_record_leaves_out_the_parts_the_person_lacks_and_either_form_reads_back():
+    async with open_store("memory://") as store:
+        logic = OrchestrationLogic(store, Journeys(store), Rules(), partitions=1)
+        # A person no journey has reached: their view, and none of the empty parts (no arbiter state either).
+        [doc] = await person_writes(logic, store, change("ada", traits={"plan": "pro"}))
+        assert set(doc) == {"fields", "segments", "changed_at"}
+
+        # A record as earlier releases wrote it, every part present, empty or not, still reads.
+        sent = PersonState("bob", sent=(Sent(1.0, "email", "a1"),), last_seen={"Order Completed": 2.0})
+        old = {"fields": {"traits.plan": "pro"}, "segments": ["vip"], "arbiter": person_record(sent), "live": [],
+               "entered": {"j1": 1.0}, "wake": None, "slots": {}, "ids": {"user_id": "u-bob"}}  # fmt: skip
+        await store.put(PERSONS, "bob", old)
+        hot = Partition()
+        await load_persons(store, hot, {"ada", "bob"})
+        ada, bob = hot.persons["ada"], hot.persons["bob"]
+        assert (ada.fields, ada.segments, ada.state, ada.live, ada.entered, ada.wake, ada.slots, ada.ids) == (
+            {"traits.plan": "pro"}, set(), PersonState("ada"), {}, {}, None, {}, {}
+        )  # fmt: skip
+        assert (bob.fields, bob.segments, bob.state, bob.entered, bob.ids) == (
+            {"traits.plan": "pro"}, {"vip"}, sent, {"j1": 1.0}, {"user_id": "u-bob"}
+        )  # fmt: skip
+        # Written again, the record keeps what the person has.
+        again = bob.record()
+        assert (again["arbiter"], again["entered"], again["ids"]) == (
+            person_record(sent),
+            {"j1": 1.0},
+            {"user_id": "u-bob"},
+        )
+        assert "live" not in again and "wake" not in again and "slots" not in again

@@ -225,7 +225,7 @@ async def test_what_reaches_a_forgotten_person_afterwards_never_fills_their_reco
 
         async def witness_event_applied() -> bool:
             stored = await world.store.get(PERSONS, witness)
-            return stored.doc["ids"].get("user_id") == f"wit-uid-{n}"
+            return (stored.doc.get("ids") or {}).get("user_id") == f"wit-uid-{n}"  # absent until one is known
 
         await world.eventually(witness_event_applied)
 

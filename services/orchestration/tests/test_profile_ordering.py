@@ -53,7 +53,8 @@ async def _decided(world, person, kind):
 async def _waiting(world, person):
     """The actions the person's arbiter holds for the profile (none has a decision yet)."""
     stored = await world.store.get(PERSONS, person)
-    held = stored.doc["arbiter"]["deferred"] if stored is not None else []
+    # A person whose arbiter holds nothing has no arbiter part in their record.
+    held = (stored.doc.get("arbiter") or {}).get("deferred", []) if stored is not None else []
     return [h for h in held if h.get("profile")] or None
 
 

@@ -50,7 +50,8 @@ async def _sent_to(world, person):
 
 async def _held_for_profile(world, person):
     stored = await world.store.get(PERSONS, person)
-    held = stored.doc["arbiter"]["deferred"] if stored is not None else []
+    # A person whose arbiter holds nothing has no arbiter part in their record.
+    held = (stored.doc.get("arbiter") or {}).get("deferred", []) if stored is not None else []
     return [h for h in held if h.get("profile")] or None
 
 

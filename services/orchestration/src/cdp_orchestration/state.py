@@ -4,7 +4,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
-| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`) |
+| `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`); a part the person lacks (empty) is left out |
 | `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
@@ -208,37 +208,44 @@ class Person:
             self.dirty = True
 
     def record(self) -> dict[str, Any]:
-        assert self.state is not None
-        cached = self.arbiter_record
-        if cached is None or cached[0] is not self.state:
-            cached = self.arbiter_record = (self.state, person_record(self.state))
-        # Merge bookkeeping and the profile's lag only where there is some: most persons never merge, their
-        # fields rarely lag when this is written, and it is written often.
-        optional: dict[str, Any] = {}
+        """The person as `load_persons` reads them back. Only the parts the person has are written: the
+        record is written on most profile changes, and the store walks every value of a document it writes
+        (empty lists and maps, and an arbiter state with nothing in it, were half of that walk for the
+        many persons no journey has reached). `fields` and `segments` are always there."""
+        state = self.state
+        assert state is not None
+        record: dict[str, Any] = {"fields": dict(self.fields), "segments": sorted(self.segments)}
+        if state.sent or state.deferred or state.awaiting or state.last_seen:
+            cached = self.arbiter_record
+            if cached is None or cached[0] is not state:
+                cached = self.arbiter_record = (state, person_record(state))
+            record["arbiter"] = cached[1]
+        if self.live:
+            record["live"] = sorted(self.live)
+        if self.entered:
+            record["entered"] = dict(self.entered)
+        if self.wake:
+            record["wake"] = list(self.wake)
+        if self.slots:
+            record["slots"] = {journey: list(slot) for journey, slot in self.slots.items()}
+        if self.ids:
+            record["ids"] = dict(self.ids)
+        # Merge bookkeeping and the profile's lag likewise: most persons never merge, and their fields rarely
+        # lag when this is written.
         if self.merged_from:
-            optional["merged_from"] = dict(self.merged_from)
+            record["merged_from"] = dict(self.merged_from)
         if self.merged_into:
-            optional["merged_into"] = self.merged_into
+            record["merged_into"] = self.merged_into
         self.pending_written = self.pending is not None
         if self.pending is not None:
-            optional["pending"] = self.pending[1]
+            record["pending"] = self.pending[1]
         if self.early:
-            optional["early"] = [[event_id, at] for event_id, at in self.early.items()]
+            record["early"] = [[event_id, at] for event_id, at in self.early.items()]
         if self.changed_at:
-            optional["changed_at"] = self.changed_at
+            record["changed_at"] = self.changed_at
         if self.awaited is not None:
-            optional["awaited"] = list(self.awaited)
-        return {
-            "fields": dict(self.fields),
-            "segments": sorted(self.segments),
-            "arbiter": cached[1],
-            "live": sorted(self.live),
-            "entered": dict(self.entered),
-            "wake": list(self.wake) if self.wake else None,
-            "slots": {journey: list(slot) for journey, slot in self.slots.items()},
-            "ids": dict(self.ids),
-            **optional,
-        }
+            record["awaited"] = list(self.awaited)
+        return record
 
 
 _EARLY = 16  # early event ids kept per person (`Person.early`)
@@ -303,10 +310,13 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
         person = Person(person_id, state=PersonState(person_id), forgotten=person_id in tombstones)
         if record is not None and not person.forgotten:
             doc = record.doc
+            # A part the person did not have is absent (`Person.record`); records written before that hold
+            # every part, empty or not.
             person.fields = dict(doc["fields"])
-            person.segments = set(doc["segments"])
-            person.state = person_from_record(doc["arbiter"])
-            person.entered = dict(doc["entered"])
+            person.segments = set(doc.get("segments") or ())
+            if doc.get("arbiter"):
+                person.state = person_from_record(doc["arbiter"])
+            person.entered = dict(doc.get("entered") or {})
             person.wake = tuple(doc["wake"]) if doc.get("wake") else None  # type: ignore[assignment]
             person.slots = {journey: (slot[0], slot[1]) for journey, slot in doc.get("slots", {}).items()}
             person.ids = dict(doc.get("ids") or {})
@@ -320,7 +330,7 @@ async def load_persons(store: Store, hot: Partition, person_ids: set[str]) -> No
             person.changed_at = doc.get("changed_at") or 0.0
             if doc.get("awaited"):
                 person.awaited = (doc["awaited"][0], doc["awaited"][1])
-            for instance_id in doc["live"]:
+            for instance_id in doc.get("live") or ():
                 if instance_id in instances:
                     person.live[instance_id] = instance_from_record(instances[instance_id].doc)
         hot.persons[person_id] = person
