@@ -9,10 +9,10 @@ migrate, arm; forget: a privacy deletion; handover and adopt: a merge, restore a
 it was split from by an unmerge or "", the ids of the events it applied). `at` is the
 message's stream time, so a redelivered message is applied at the time it was first stored.
 
-A resolved event is a `ResolvedInput`: its id, name, type, time (`event_time`: never later than when the
-collector received it) and the identifiers identity linked are
-read at once; its properties and context (most of what decoding an event cost) only when something asks
-for them (`ResolvedInput.event()`). Most events reach persons no instance waits on and no journey enters
+A resolved event is a `ResolvedInput`: its id, name and the identifiers identity linked are read at once;
+its type and time (`event_time`: never later than when the collector received it) when asked for, and its
+properties and context (most of what decoding an event cost) only when something asks for them
+(`ResolvedInput.event()`). Most events reach persons no instance waits on and no journey enters
 on them: for those only the identifiers are kept (`engine.py`). A payload that can never be read is still
 rejected here, as when everything was read at once: the one thing reading properties or context can
 refuse is a number that is not finite, and a message whose bytes could hold one (`_MAYBE_NON_FINITE`) is
@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 import orjson
 from google.protobuf import descriptor, json_format, struct_pb2
@@ -40,9 +40,9 @@ from cdp_kit.timestamps import event_stamp, to_seconds
 from cdp_orchestration.domain.view import Event
 
 
-@dataclass(frozen=True, slots=True)
-class Input:
-    """One thing that happened to one person, at `at` (the message's stream time)."""
+class Input(NamedTuple):
+    """One thing that happened to one person, at `at` (the message's stream time). A tuple: one is made
+    for every event and profile change, and a frozen dataclass costs twice as much to make."""
 
     # event | segment | profile | timer | wake | slot | enroll | exit | approve | reject | migrate | arm
     kind: str
@@ -124,18 +124,17 @@ _MAYBE_NON_FINITE = re.compile(rb"[\xf0-\xff][\x7f\xff]")
 
 
 class ResolvedInput:
-    """A resolved event as the engine gets it: id, name, type, time and identifiers at once; the `Event`
-    with properties and context (`event()`) when it is first asked for, then kept."""
+    """A resolved event as the engine gets it: id, name and identifiers at once; its time and type
+    (`at`, `type`) when asked for, and the `Event` with properties and context (`event()`) when it is
+    first asked for, then kept. Most events give the engine their identifiers only."""
 
-    __slots__ = ("_event", "_resolved", "anonymous_id", "at", "event_id", "name", "source_id", "type", "user_id")
+    __slots__ = ("_event", "_resolved", "anonymous_id", "event_id", "name", "source_id", "user_id")
 
     def __init__(self, resolved: events_pb2.ResolvedEvent, read_now: bool = False) -> None:
         message = resolved.event
         self.event_id = message.message_id
         self.source_id = message.source_id
         self.name = message.event or message.name
-        self.at = event_time(message)
-        self.type = _type_name(message.type)
         self.user_id, self.anonymous_id = message.user_id, message.anonymous_id
         if resolved.dropped:  # identity left some out: keep only those it linked (`resolved_event`)
             dropped = {d.type for d in resolved.dropped}
@@ -154,6 +153,21 @@ class ResolvedInput:
             self._event = resolved_event(self._resolved)
             self._resolved = None  # the message (and the batch it is part of) can go
         return self._event
+
+    @property
+    def at(self) -> float:
+        """When the event happened (`event_time`)."""
+        if self._event is not None:
+            return self._event.at
+        assert self._resolved is not None
+        return event_time(self._resolved.event)
+
+    @property
+    def type(self) -> str:
+        if self._event is not None:
+            return self._event.type
+        assert self._resolved is not None
+        return _type_name(self._resolved.event.type)
 
     @property
     def profile_id(self) -> str:
