@@ -23,7 +23,10 @@ _TYPES = {
 
 
 def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return {key: value_to_python(value) for key, value in struct.fields.items()}
+    # By key: the map's `items()` is collections.abc's view, a Python-level iterator (every event's
+    # properties come through here).
+    fields = struct.fields
+    return {key: value_to_python(fields[key]) for key in fields}
 
 
 def value_to_python(value: struct_pb2.Value) -> Any:

@@ -26,6 +26,7 @@ The same funnel tells the engine which persons have a write not yet durable (`on
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +43,25 @@ from cdp_profile.records import (
     overlay_scores,
     timeline_prefix,
 )
+
+_RELEASE_SLICE = 200  # profiles freed per turn of the event loop (`_release_later`)
+
+
+def _release_later(objects: list) -> None:
+    """Drop the last references to `objects` a slice per turn of the running event loop (at once when
+    there is none): whatever else the loop has to do runs between the slices."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    def release() -> None:
+        del objects[-_RELEASE_SLICE:]
+        if objects:
+            loop.call_soon(release)
+
+    if objects:
+        loop.call_soon(release)
 
 
 class HotProfiles:
@@ -100,7 +120,11 @@ class HotProfiles:
         gone = [person for person in versions if whose(person)]
         for collection in held[:3] + held[4:]:
             gone.extend(p for p in collection if p not in versions and whose(p))
-        for collection in held:
+        profiles = self.profiles
+        # Freed a slice at a time once this returns: a profile is hundreds of objects, and freeing a
+        # partition's profiles at once held the loop for as long.
+        _release_later([profiles.pop(person) for person in gone if person in profiles])
+        for collection in held[1:]:
             pop = collection.pop
             for person in gone:
                 pop(person, None)

@@ -420,13 +420,18 @@ class Profile:
 
     def set_scores(self, scores: Mapping[str, float], *, model: str, version: str, at: float) -> ProfileChange:
         """Model outputs become profile fields; per name the newest (at, model, version) wins."""
-        if not isinstance(scores, Mapping):
+        # The exact types first: a stream's scores are a dict of str -> float, checked per name and value.
+        if type(scores) is not dict and not isinstance(scores, Mapping):
             raise InvalidArgument("scores", f"{scores!r} must be an object of score name -> number")
         for name, value in scores.items():
-            if not isinstance(name, str) or not name:
+            if not name or (type(name) is not str and not isinstance(name, str)):
                 raise InvalidArgument("scores", f"{name!r} is not a score name: use a non-empty string")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not isfinite(value):
-                raise InvalidArgument(field_key(SCORES, name), f"{value!r} must be a finite number")
+            if type(value) is float:
+                if isfinite(value):
+                    continue
+            elif not isinstance(value, bool) and isinstance(value, (int, float)) and isfinite(value):
+                continue
+            raise InvalidArgument(field_key(SCORES, name), f"{value!r} must be a finite number")
         if not isinstance(model, str) or not model:
             raise InvalidArgument("model", f"{model!r} must name the model that produced the scores")
         if not isinstance(version, str):
