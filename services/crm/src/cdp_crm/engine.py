@@ -371,8 +371,8 @@ class CrmLogic:
             out.delete(DEAD_LETTERS, key)
             out.delete(PENDING, key)
             out.count(connection, "created" if result.created else "updated")
-            if self.m_records is not None:
-                self.m_records.add(1, {"connection": connection, "outcome": "synced"})
+        if self.m_records is not None and delivered.synced:  # once per delivery, not per record
+            self.m_records.add(len(delivered.synced), {"connection": connection, "outcome": "synced"})
         for dead in dead_letters:
             # Refused: the record of what the CRM holds stays as it was, so the next write of the person
             # carries the refused fields again (for a record never created, all of them).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 UPSERT = "upsert"
@@ -77,6 +77,11 @@ class Change:
         return self._record
 
 
+def _with(change: Change, fields: dict[str, Any], link: Link | None) -> Change:
+    """`change` with these fields and link (`dataclasses.replace`, without its per-call introspection)."""
+    return Change(change.mapping, change.key, fields, change.stamp, change.op, change.person_id, change.trigger, link)
+
+
 class Coalescer:
     """The changes of one batch, one per record, in the order records were first seen."""
 
@@ -93,13 +98,13 @@ class Coalescer:
         record = change.record
         held = self._changes.get(record)
         if held is None:
-            kept = replace(change, fields=dict(change.fields))
+            kept = _with(change, dict(change.fields), change.link)
         else:
             newer, older = (change, held) if change.stamp >= held.stamp else (held, change)
             merged = {**older.fields, **newer.fields}
             if newer.op == REMOVE:
                 merged = dict(newer.fields)
-            kept = replace(newer, fields=merged, link=newer.link or older.link)
+            kept = _with(newer, merged, newer.link or older.link)
         kept._record = record  # same mapping and match key: the same record
         self._changes[record] = kept
 

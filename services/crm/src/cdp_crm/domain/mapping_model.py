@@ -6,6 +6,7 @@ Values only; `mapping` reads the document (its docstring is the format) and re-e
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,12 +130,13 @@ class ObjectMapping:
     # writes a placeholder there instead of clearing them (privacy.py). Empty without a schema.
     required: frozenset[str] = frozenset()
 
-    @property
+    # Computed once per mapping (its fields never change): a batch asks each for every person it projects.
+    @functools.cached_property
     def name(self) -> str:
         """ "<connection>/<mapping>": how problems, dead letters and status name it."""
         return f"{self.connection}/{self.id}"
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         return "action" if self.action is not None else "list" if self.list is not None else "record"
 

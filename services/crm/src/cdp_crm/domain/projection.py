@@ -65,10 +65,16 @@ NO_MAPPED_VALUE = "no_mapped_value"
 
 def reads(mapping: ObjectMapping) -> frozenset[str]:
     """The flat profile keys (and `segments`, `segments.<id>`) whose change can change the projection."""
-    keys = {fm.source for fm in (*mapping.match, *mapping.fields) if fm.source is not None}
-    if mapping.segment is not None:
-        keys.add(f"{SEGMENTS}.{mapping.segment}")
-    return frozenset(k for k in keys if k != PERSON_ID and not k.startswith(ACTION + "."))
+    # Kept on the (frozen) mapping once computed, as functools.cached_property does: a batch asks for every
+    # person it projects.
+    found = mapping.__dict__.get("_reads")
+    if found is None:
+        keys = {fm.source for fm in (*mapping.match, *mapping.fields) if fm.source is not None}
+        if mapping.segment is not None:
+            keys.add(f"{SEGMENTS}.{mapping.segment}")
+        found = frozenset(k for k in keys if k != PERSON_ID and not k.startswith(ACTION + "."))
+        mapping.__dict__["_reads"] = found
+    return found
 
 
 def touches(mapping: ObjectMapping, changed_keys: set[str] | frozenset[str]) -> bool:
@@ -88,10 +94,27 @@ def held(source: Source) -> frozenset[str]:
     return frozenset((*fields, *(f"{SEGMENTS}.{s}" for s in source.segments)))
 
 
+def holds_any(mapping: ObjectMapping, source: Source) -> bool:
+    """`touches(mapping, held(source))`, without building `held`: whether the person holds a value of a key
+    the mapping reads (with `segments` read, any segment will do)."""
+    wanted = reads(mapping)
+    prefix = SEGMENTS + "."
+    if SEGMENTS in wanted and (
+        source.segments or any(k.startswith(prefix) and v is not None for k, v in source.profile.items())
+    ):
+        return True
+    for key in wanted:
+        if source.profile.get(key) is not None:
+            return True
+        if key.startswith(prefix) and key[len(prefix) :] in source.segments:
+            return True
+    return False
+
+
 def marked(mapping: ObjectMapping, source: Source, projection: Projection | Skipped) -> Projection | Skipped:
     """`projection` with `holds` false when `source` holds none of the values `mapping` reads - the persons
     a backfill skips (`held`): the stream writes them only over a record it wrote before."""
-    if isinstance(projection, Projection) and not touches(mapping, held(source)):
+    if isinstance(projection, Projection) and not holds_any(mapping, source):
         return replace(projection, holds=False)
     return projection
 
