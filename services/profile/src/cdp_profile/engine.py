@@ -174,7 +174,10 @@ class ProfileEngine:
             await self._warm()
         # The warmed profiles live as long as the process: keep the collector from rescanning them.
         gc.freeze()
-        await self.privacy.publish_deletions()
+        try:
+            await self.privacy.complete()  # deletions a stop or a JetStream outage left unfinished
+        except Unavailable:
+            self.privacy.retry_later()
         self.spawn(expiry_loop(self.expire_due), "profile expiry")
         self.catalogue.resume()
 

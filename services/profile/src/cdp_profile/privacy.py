@@ -7,8 +7,13 @@ data) that drop events already in flight; the request's result and its `privacy.
 id, so a repeated request answers the same. The identifiers are hashed with the platform's secret key
 (HMAC-SHA-256, `cdp_kit.identifier_hash`): the notice names the key by its id, and without the key a
 hash cannot be tested against a list of emails or phone numbers.
-Once durable, the notice is published (again at start-up if that failed) and the store erases the
-bytes the deleted records left in its files.
+Once durable, the deletion is completed (`complete`): the notice is published on `privacy.deleted`
+(identity, orchestration and the CRM connector act on it), the person's `removed` change on
+`profiles.changed` (scoring and segmentation drop what they hold), and the store erases the bytes the
+deleted records left in its files. Until all of that is done the request stays pending: when JetStream
+does not take the messages the request answers UNAVAILABLE, and the deletion is completed by itself as soon
+as it does (a retry every few seconds, and at start-up), or by the request repeated with the same id, which
+answers once it is complete.
 
 The partitioned engine keeps each batch's change messages in its outbox until they are published, and
 those may hold the person's values. After the deletion's commit, every partitioned stream is brought to
@@ -18,6 +23,7 @@ left is published: they are deleted before the store erases.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -29,7 +35,7 @@ from cdp_kit.bus.subjects import PRIVACY_DELETED
 from cdp_kit.errors import Unavailable
 from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put
-from cdp_kit.timestamps import from_seconds
+from cdp_kit.timestamps import from_seconds, to_seconds
 from cdp_profile.domain import ProfileChange
 from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
 
@@ -38,12 +44,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.profile.privacy")
 
+#: Seconds between attempts to complete the deletions JetStream did not take.
+RETRY_EVERY = 2.0
+
 
 class Privacy:
     def __init__(self, engine: ProfileEngine, hash_keys: IdentifierHashKeys | None = None) -> None:
         self._engine = engine
         # The current key hashes new notices' identifiers (default: the published development key).
         self.hash_keys = hash_keys or IdentifierHashKeys.for_development()
+        self._completing = asyncio.Lock()
+        self._retrying = False
 
     async def export(self, person_id: str) -> tuple[str, dict[str, Any]]:
         """Everything held about a person (following merges): its id and the export document."""
@@ -56,6 +67,8 @@ class Privacy:
         request_id = request_id or uuid.uuid4().hex
         done = await store.get(DELETIONS, request_id)
         if done is not None:
+            if done.doc.get("pending"):
+                await self.complete()  # UNAVAILABLE again while JetStream still does not take it
             return done.doc["result"]
         profile = await engine.profile(person_id)
         person = profile.person_id
@@ -101,29 +114,64 @@ class Privacy:
         ops.append(
             Put(DELETIONS, request_id, {"result": result, "notice": notice.SerializeToString().hex(), "pending": True})
         )
-        gone = ProfileChange(person_id=person, removed=True)
-        messages = engine.messages({person: gone}, cause="delete", now=now)
         await engine.commit({}, ops=ops)
-        await self.publish_deletions()
-        await engine.publish(messages)
-        await self.scrub_outboxes()
-        await store.erase()  # the deletion is durable: no bytes of the person left in the files
+        try:
+            await self.complete()
+        except Unavailable:
+            log.warning(
+                "person deleted, not yet published; retrying", extra={"person": person, "request_id": request_id}
+            )
+            self.retry_later()
+            raise
         log.info("person deleted", extra={"person": person, "request_id": request_id, "suppress": suppress})
         return result
 
-    async def publish_deletions(self) -> None:
-        """Publish privacy.deleted notices written but not yet published, then drop the hashes."""
+    async def complete(self) -> None:
+        """Complete every deletion committed and not yet complete: its notice published on privacy.deleted, the
+        person's `removed` change on profiles.changed (both again after a failure: JetStream drops repeats by
+        id), then the outboxes scrubbed and the files erased. Unavailable when JetStream did not store them."""
         engine = self._engine
-        # Only the unpublished ones: the collection keeps every request's result for idempotency.
-        for record in await engine.store.find(DELETIONS, "pending", True, limit=1000):
-            notice = record.doc["notice"]
-            results = await engine.publisher.publish_batch(
-                [OutMessage(subject=PRIVACY_DELETED, payload=bytes.fromhex(notice), msg_id=f"privacy:{record.key}")]
-            )
-            if results[0].ok:
+        async with self._completing:
+            # Only the unfinished ones: the collection keeps every request's result for idempotency.
+            pending = await engine.store.find(DELETIONS, "pending", True, limit=1000)
+            for record in pending:
+                data = bytes.fromhex(record.doc["notice"])
+                results = await engine.publisher.publish_batch(
+                    [OutMessage(subject=PRIVACY_DELETED, payload=data, msg_id=f"privacy:{record.key}")]
+                )
+                if not results[0].ok:
+                    raise Unavailable(
+                        f"privacy.deleted not stored by JetStream ({results[0].error}); retry the request"
+                    )
+                notice = privacy_pb2.PrivacyDeleted.FromString(data)
+                gone = {notice.person_id: ProfileChange(person_id=notice.person_id, removed=True)}
+                # The same message (and id) each time: its time is the notice's.
+                await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
                 await engine.store.put(DELETIONS, record.key, {"result": record.doc["result"], "published": True})
-            else:
-                raise Unavailable(f"privacy.deleted not stored by JetStream ({results[0].error}); retry the request")
+            if pending:
+                await self.scrub_outboxes()
+                await engine.store.erase()  # the deletion is durable: no bytes of the person left in the files
+
+    def retry_later(self) -> None:
+        """Complete the pending deletions in the background, every RETRY_EVERY s until it succeeds."""
+        if self._retrying:
+            return
+        self._retrying = True
+
+        async def retry() -> None:
+            try:
+                while True:
+                    await asyncio.sleep(RETRY_EVERY)
+                    try:
+                        await self.complete()
+                    except Unavailable:
+                        continue
+                    log.info("pending deletions published")
+                    return
+            finally:
+                self._retrying = False
+
+        self._engine.spawn(retry(), "profile deletions")
 
     async def scrub_outboxes(self) -> None:
         """Delete the partitioned engines' outbox records once they are published: they may hold the

@@ -1,0 +1,166 @@
+"""A deletion that JetStream does not take at once is still completed, by itself, as soon as it does.
+
+A privacy trial paused nats-server (SIGSTOP) and deleted a person: the request answered UNAVAILABLE ("retry
+the request"), its notice reached PRIVACY later, but the person's `removed` change, held only in memory,
+was never published - scoring and segmentation kept the person's traits, in their stores and exports, for
+good - and profile's own files were never erased. The same request repeated answered from its stored
+result, and by person id NOT_FOUND: nothing completed it. Now the deletion stays pending until all of it is
+done, retried in the background and by the repeated request."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import nats
+import pytest
+
+from cdp.events.v1 import events_pb2
+from cdp.privacy.v1 import privacy_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import (
+    Bus,
+    dead_letter_stream,
+    events_resolved_stream,
+    identity_stream,
+    privacy_stream,
+    profiles_stream,
+    scores_stream,
+)
+from cdp_kit.errors import Unavailable
+from cdp_kit.identifier_hash import IdentifierHashKeys
+from cdp_kit.storage import open_store
+from cdp_profile import privacy as privacy_module
+from cdp_profile.domain import Retention
+from cdp_profile.engine import ProfileEngine
+from cdp_profile.privacy import Privacy
+from cdp_profile.records import DELETIONS
+from cdp_profile.stream import partitioned_engines
+
+COLOUR = "ultramarine-zq-0451"  # a trait value found nowhere else
+
+
+def identify(message_id: str, person: str) -> events_pb2.ResolvedEvent:
+    event = events_pb2.Event(message_id=message_id, source_id="t", type=events_pb2.EVENT_TYPE_IDENTIFY, user_id="u-k")
+    event.traits.update({"favcolor": COLOUR})
+    event.timestamp.FromNanoseconds(int(time.time() * 1e9))
+    event.received_at.CopyFrom(event.timestamp)
+    return events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=["user_id:u-k"])
+
+
+async def stream_messages(url: str, stream: str) -> list[bytes]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        if not info.state.messages:
+            return []
+        return [(await js.get_msg(stream, seq)).data for seq in range(info.state.first_seq, info.state.last_seq + 1)]
+    finally:
+        await nc.close()
+
+
+async def removed_changes(url: str) -> list[str]:
+    return [
+        change.person_id
+        for data in await stream_messages(url, "PROFILES")
+        for change in profile_pb2.ProfileChangedBatch.FromString(data).changes
+        if change.removed
+    ]
+
+
+async def eventually(check, what: str, within: float = 60.0):
+    deadline = time.monotonic() + within  # a guard against waiting for ever, not a speed figure
+    while not (result := await check()):
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.1)
+    return result
+
+
+@pytest.fixture
+async def platform(nats_server, tmp_path, monkeypatch):
+    monkeypatch.setattr(privacy_module, "RETRY_EVERY", 0.2)
+    url = f"sqlite:///{tmp_path / 'profile.db'}"
+    async with open_store(url) as store, Bus.connect(nats_server.url, name="delete-unavailable") as bus:
+        await bus.ensure_streams(
+            events_resolved_stream(),
+            identity_stream(),
+            scores_stream(),
+            profiles_stream(),
+            privacy_stream(),
+            dead_letter_stream(),
+        )
+        engine = ProfileEngine(
+            store, bus.publisher, partitions=1, owned=[0], retention=Retention(max_events=100), telemetry=bus.telemetry
+        )
+        engine.privacy = Privacy(engine, IdentifierHashKeys.of("platform-identifier-hash-key-0123456789"))
+        await engine.start()
+        partitioned = partitioned_engines(engine, bus, partitions=1, batch_size=64, ack_wait=30)[0]
+        await partitioned.start_partition(0)
+        await partitioned.wait_ready()
+        ack = await bus.js.publish(
+            "events.resolved.0", events_pb2.ResolvedEventBatch(events=[identify("e-1", "p-k")]).SerializeToString()
+        )
+        deadline = time.monotonic() + 30
+        while partitioned.pipelines[0].checkpoint < ack.seq:
+            assert time.monotonic() < deadline, "the event was not applied in 30 s"
+            await asyncio.sleep(0.01)
+        try:
+            yield engine
+        finally:
+            await partitioned.close()
+            await engine.stop()
+
+
+def store_files(tmp_path) -> list:
+    return [path for path in tmp_path.iterdir() if path.name.startswith("profile.db")]
+
+
+async def test_a_deletion_jetstream_did_not_take_is_completed_once_it_does(platform, nats_server, tmp_path):
+    engine = platform
+    assert any(COLOUR.encode() in path.read_bytes() for path in store_files(tmp_path))
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Unavailable, match="retry the request"):
+            await engine.delete("p-k", suppress=False, request_id="r-paused")
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+
+    # Nobody repeats the request: the deletion completes by itself.
+    assert await eventually(lambda: _has(removed_changes(nats_server.url), "p-k"), "no removed change for p-k")
+    notices = [privacy_pb2.PrivacyDeleted.FromString(d) for d in await stream_messages(nats_server.url, "PRIVACY")]
+    assert [n.request_id for n in notices] == ["r-paused"]
+
+    async def completed():
+        record = await engine.store.get(DELETIONS, "r-paused")
+        return not record.doc.get("pending")
+
+    await eventually(completed, "the deletion stayed pending")
+    assert not any(COLOUR.encode() in path.read_bytes() for path in store_files(tmp_path))  # the files erased
+    # The repeated request answers the stored result, once.
+    result = await engine.delete("p-k", suppress=False, request_id="r-paused")
+    assert result["person_id"] == "p-k" and result["request_id"] == "r-paused"
+    assert (await removed_changes(nats_server.url)).count("p-k") == 1
+
+
+async def test_the_repeated_request_completes_the_deletion_and_answers_only_then(platform, nats_server, monkeypatch):
+    engine = platform
+    monkeypatch.setattr(privacy_module, "RETRY_EVERY", 3600)  # only the repeated request completes it here
+    os.kill(nats_server.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(Unavailable):
+            await engine.delete("p-k", suppress=True, request_id="r-again")
+        with pytest.raises(Unavailable):  # still paused: still not done, and it says so
+            await engine.delete("p-k", suppress=True, request_id="r-again")
+    finally:
+        os.kill(nats_server.pid, signal.SIGCONT)
+    result = await engine.delete("p-k", suppress=True, request_id="r-again")
+    assert result["suppressed"] and result["person_id"] == "p-k"
+    assert "p-k" in await removed_changes(nats_server.url)
+    assert not (await engine.store.get(DELETIONS, "r-again")).doc.get("pending")
+
+
+async def _has(found, person: str) -> bool:
+    return person in await found
