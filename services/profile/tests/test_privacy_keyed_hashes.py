@@ -155,3 +155,23 @@ def test_a_bad_key_file_stops_profile_at_start_naming_the_variable(tmp_path):
     (tmp_path / "key").write_text(KEY + "\n")
     settings = load_settings(ProfileSettings, environ={**environ, "CDP_PRIVACY_HASH_KEY_FILE": str(tmp_path / "key")})
     assert settings.identifier_hash_keys() == IdentifierHashKeys.of(KEY)
+
+
+async def test_a_suppression_leaves_out_the_browser_and_device_ids_other_people_share(engine, nats_server):
+    """A privacy trial deleted one of five people who had used one kiosk (its device id quarantined by
+    identity) with --suppress: the other four's events from the kiosk were dropped at the edge from then on,
+    and so was a visitor whose browser id identity had linked to the deleted person through that device."""
+    shared = ["anonymous_id:a-kiosk-visit", "device_id:kiosk-7"]
+    await engine.feed(resolved("e-1", "p-gone", [*IDENTIFIERS, *shared]))
+    result = await engine.delete("p-gone", suppress=True, request_id="r-1")
+    notice = (await notices(nats_server.url))["r-1"]
+    assert result["identifiers"] == 5  # the deletion reaches every one of them
+    key = IdentifierHashKeys.of(KEY).current
+    assert set(notice.identifier_hashes) == {key.hash(k) for k in IDENTIFIERS}
+    collector = SuppressionList(IdentifierHashKeys.of(KEY))
+    collector.add(notice.identifier_hashes, key_id=notice.identifier_hash_key_id)
+    other = events_pb2.Event(message_id="m-2", type=events_pb2.EVENT_TYPE_TRACK, user_id="u-other", event="E")
+    other.anonymous_id = "a-kiosk-visit"
+    other.context.device.id = "kiosk-7"
+    assert collector.match(other) is None
+    assert collector.match(track("u-gone")) == "user_id"

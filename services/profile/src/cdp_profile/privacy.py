@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.profile.privacy")
 
+#: Identifier types a suppression leaves out: they name a browser or a device, which people share.
+SHARED_TYPES = frozenset({"anonymous_id", "device_id"})
+
 #: Seconds between attempts to complete the deletions JetStream did not take.
 RETRY_EVERY = 2.0
 
@@ -76,7 +79,11 @@ class Privacy:
         view = profile.view(now=engine.clock())
         origins = [person, *view.merged_from]
         hash_key = self.hash_keys.current
-        hashes = sorted(hash_key.hash(k) for k in profile.identifiers())
+        identifiers = profile.identifiers()
+        # A suppression names the identifiers that are the person's own: a browser's or a device's id may be
+        # another person's too (a shared tablet, a kiosk quarantined by identity, a visitor linked through
+        # one), and suppressing it would drop their events for good (PRIVACY keeps the notice for ever).
+        hashes = sorted(hash_key.hash(k) for k in identifiers if k.partition(":")[0] not in SHARED_TYPES)
         ops: list[Put | Delete] = []
         timeline_keys = set()
         for origin in origins:
@@ -96,7 +103,7 @@ class Privacy:
         result = {
             "request_id": request_id,
             "person_id": person,
-            "identifiers": len(hashes),
+            "identifiers": len(identifiers),
             "timeline_events": len(timeline_keys),
             "suppressed": suppress,
         }
