@@ -8,7 +8,8 @@ _COMMON = {"hs_object_id", "createdate", "hs_lastmodifieddate", "hubspot_owner_i
 PROPERTIES: dict[str, set[str]] = {
     "contacts": _COMMON
     | {"email", "firstname", "lastname", "phone", "company", "lifecyclestage", "lastmodifieddate", "city", "country"}
-    | {"cdp_churn_risk", "cdp_fraud_score", "cdp_segments", "cdp_consent_email", "cdp_lifetime_value"},
+    | {"cdp_churn_risk", "cdp_fraud_score", "cdp_segments", "cdp_consent_email", "cdp_email_channel"}
+    | {"cdp_lifetime_value"},
     "companies": _COMMON | {"domain", "name", "industry", "city", "country"},
     "deals": _COMMON | {"dealname", "dealstage", "pipeline", "amount", "closedate", "hs_is_closed", "hs_is_closed_won"},
     "tickets": _COMMON
