@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,6 +262,8 @@ def delete(
             abort=True,
         )
     mode = profile_pb2.DELETE_MODE_SUPPRESS_WITH_DELETE if suppress else profile_pb2.DELETE_MODE_DELETE
+    # Made here, not by profile, so that a deletion answered UNAVAILABLE can be seen through by its id.
+    request_id = request_id or uuid.uuid4().hex
 
     async def call() -> dict:
         async with tls.aio_channel(service_address(ws, "profile", address)) as channel:
@@ -271,6 +274,15 @@ def delete(
                     timeout=60,
                 )
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Profile may have made the deletion durable and be publishing it: the same request
+                    # answers once it is complete, so say how to repeat it.
+                    check = f"cdpctl delete {person_id} --request-id {request_id} --yes{' --wait' if wait else ''}"
+                    raise click.ClickException(
+                        f"the deletion of person {person_id} (request {request_id}) is not complete: "
+                        f"{exc.details()}. Profile completes a deletion it has accepted by itself once the bus "
+                        f"answers; repeat the same request to see it through: `{check}`"
+                    ) from None
                 raise rpc_error(exc) from None
         return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
 
