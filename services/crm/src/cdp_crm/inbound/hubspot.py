@@ -108,7 +108,11 @@ class HubSpotReader:
                 after = following  # a full page read already: more than a page changed in one instant
                 continue
             after = None
-            contacts = await self._contacts(obj, fresh)
+            # A task or ticket the connector itself just created is not news (`Change.own`): the contact it
+            # is about is not looked up (a request per record, from the budget the writes share). A contact
+            # is its own person, read from the page.
+            linked = fresh if obj == "contacts" else [r for r in fresh if not _own_creation(obj, r)]
+            contacts = await self._contacts(obj, linked)
             changes = [self._change(obj, r, contacts.get(str(r["id"]))) for r in fresh]
             keyset = keyset.advance([(str(r["id"]), _stamp(obj, r)) for r in fresh])
             yield changes, keyset.doc()
@@ -182,7 +186,7 @@ class HubSpotReader:
     def _change(self, obj: str, record: dict[str, Any], person: Person | None) -> Change:
         props = record.get("properties") or {}
         stamp = _stamp(obj, record)
-        created = props.get("createdate") == stamp
+        created = _created(obj, record)
         kind = KIND[obj]
         watched: Any = None
         closed = won = None
@@ -208,7 +212,7 @@ class HubSpotReader:
             won=won,
             # A task or case this connector created comes back as a change: its creation is the CDP's own
             # action, not news (its later outcome is).
-            own=bool(props.get("cdp_idempotency_key")) and created,
+            own=_own_creation(obj, record),
             person=person,
             record=dict(props),
         )
@@ -242,6 +246,16 @@ def _stamp(obj: str, record: dict[str, Any]) -> str:
         or record.get("updatedAt")
         or EPOCH
     )
+
+
+def _created(obj: str, record: dict[str, Any]) -> bool:
+    """This read of the record is its creation (its modification stamp is its creation date)."""
+    return (record.get("properties") or {}).get("createdate") == _stamp(obj, record)
+
+
+def _own_creation(obj: str, record: dict[str, Any]) -> bool:
+    """The creation of a record the connector created (a task or ticket holding its idempotency key)."""
+    return bool((record.get("properties") or {}).get("cdp_idempotency_key")) and _created(obj, record)
 
 
 def _person(record_id: str, props: dict[str, Any]) -> Person:
