@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,17 @@ def nats_server_of(parent: int) -> int | None:
             if Path(f"/proc/{child}/comm").read_text().strip().startswith("nats-server"):
                 return int(child)
     return None
+
+
+def listening_port(pid: int) -> int:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return int(args[args.index(b"-p") + 1])
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.2)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_ctrl_c_while_the_streams_are_provisioned_stops_at_once(tmp_path):
@@ -42,6 +54,9 @@ def test_ctrl_c_while_the_streams_are_provisioned_stops_at_once(tmp_path):
             nats = nats_server_of(proc.pid)
             time.sleep(0.01)
         assert nats is not None, seen.decode(errors="replace")
+        port = listening_port(nats)
+        while not accepts(port) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(nats, signal.SIGSTOP)  # it listens, and answers nothing
         time.sleep(0.5)  # into provisioning (an interrupt before it ends the start as well)
         proc.send_signal(signal.SIGINT)

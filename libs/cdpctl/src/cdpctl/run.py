@@ -231,7 +231,11 @@ async def _up_private(
         die_with_parent=True,
     )
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
-    nats.start()
+    try:
+        nats.start()
+    except RuntimeError as exc:  # it did not listen in time (its log is named)
+        console.print(f"[red]{exc}[/]", soft_wrap=True)
+        return 1
     children = Supervisor(policy)
     logs: dict[str, Path] = {}
     state: dict = {
