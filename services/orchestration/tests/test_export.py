@@ -139,3 +139,15 @@ async def test_a_person_id_is_required(service):
 async def test_an_id_the_store_cannot_hold_is_refused_naming_the_field(service):
     _, privacy, _ = service
     await assert_unstorable_ids_named(privacy, ADMIN)
+
+
+def test_an_exempt_send_is_exported_as_exempt_not_as_a_send_on_no_channel():
+    """A privacy trial read `channel: ""` on every send of a transactional journey: the arbiter keeps an exempt
+    send without its channel (it counts toward no cap), and the export said nothing of why."""
+    from cdp_orchestration.export import _person
+
+    person = _person("p-1", {"arbiter": {"sent": [[1.0, "", "a-receipt"], [2.0, "email", "a-offer"]]}})
+    assert [(s["action_id"], s["channel"], s["exempt"]) for s in person["frequency"]] == [
+        ("a-receipt", "", True),
+        ("a-offer", "email", False),
+    ]

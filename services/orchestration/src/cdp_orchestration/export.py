@@ -9,8 +9,9 @@ person: a decision, approval, send or inbox message belongs to the person its ow
 Sections (each a list, empty when nothing is kept):
 
 - `persons`: per person id, the held view of their profile (`fields`: the flat profile fields journeys
-  read, consent among them as `consent.*`; `segments`), the arbiter's state (`frequency`: the sends that
-  count against frequency caps; `deferred` and `awaiting_approval`: actions held; `last_seen`: watched
+  read, consent among them as `consent.*`; `segments`), the arbiter's state (`frequency`: the sends of
+  the last eight days, kept for frequency caps; a send of an exempt category, such as transactional, is
+  kept with no channel and `exempt: true`, and counts toward no cap; `deferred` and `awaiting_approval`: actions held; `last_seen`: watched
   event times), the last entry per journey, the identifiers their events came with, and merge links;
 - `instances`: journey, version, state, current step, entered/ended, outcome, the steps taken;
 - `decisions`: every arbiter decision (sent, deferred, capped, ...);
@@ -82,7 +83,7 @@ def _person(person_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         "fields": dict(doc.get("fields") or {}),
         "segments": list(doc.get("segments") or []),
         "frequency": [
-            {"at": rfc3339(at), "channel": channel, "action_id": action_id}
+            {"at": rfc3339(at), "channel": channel, "action_id": action_id, "exempt": not channel}
             for at, channel, action_id in arbiter.get("sent", [])
         ],
         "deferred": [_times(held) for held in arbiter.get("deferred", [])],
