@@ -47,6 +47,7 @@ EPOCH = "1970-01-01T00:00:00.000Z"
 START_MARGIN = 300.0  # seconds before the first start `inbound.start: now` reads from (clocks apart)
 POST_CHUNK = 100  # changes per cursor step, where the cursor allows steps within a CRM's page
 BATCH_BYTES = 400_000  # a collector request stays under the Segment API's 500 KB
+LOOKUPS_AT_ONCE = 100  # a page's store lookups of what the connector wrote, side by side
 
 
 class CollectorRefused(Exception):
@@ -394,8 +395,12 @@ class Poller(News):
             # poll is the connector's own writes read back, a hundred a page.
             stored = await self.store.get_many(CURSORS, [self._key(obj, change.record_id) for change in changes])
             tombstoned = await self._tombstoned(changes)
-            # What the connector wrote to each record, the lookups side by side (they only read).
-            looked_up = await asyncio.gather(*(self._written(change, tombstoned) for change in changes))
+            # What the connector wrote to each record, the lookups side by side (they only read), a hundred at
+            # a time (a Salesforce or Dataverse page holds thousands).
+            looked_up = []
+            for start in range(0, len(changes), LOOKUPS_AT_ONCE):
+                chunk = changes[start : start + LOOKUPS_AT_ONCE]
+                looked_up += await asyncio.gather(*(self._written(change, tombstoned) for change in chunk))
             for change, (written, erased) in zip(changes, looked_up, strict=True):
                 memo_record = stored.get(self._key(obj, change.record_id))
                 before = _before(memo_record.doc if memo_record is not None else None, change.stamp)
