@@ -125,7 +125,8 @@ class DeadLetter:
 
     def replay(self) -> Change:
         """The change to send again (after the mapping or the data was fixed)."""
-        return Change(**{**self.change.__dict__, "fields": dict(self.change.fields)})
+        c = self.change
+        return Change(c.mapping, c.key, dict(c.fields), c.stamp, c.op, c.person_id, c.trigger, c.link)
 
     def to_state(self) -> dict[str, Any]:
         c = self.change
