@@ -49,7 +49,6 @@ from cdp.events.v1 import events_pb2
 from cdp.identity.v1 import identity_pb2
 from cdp_identity.codec import (
     encode_resolved,
-    event_time_ms,
     identifier_message,
     identifier_shared,
     merge_record,
@@ -72,7 +71,6 @@ from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, spli
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
-from cdp_kit import timestamps
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.engine import Effects, Reject, WriteChain, outbox
 from cdp_kit.errors import CdpError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -250,8 +248,9 @@ class IdentityEngine:
 
     async def apply(self, partition: int, items: list[_Item]) -> Effects:
         """Resolve a batch (none of it applied before) and say what to write and publish."""
-        prefetched = await self._prefetch(self._keys(items))
-        ops, notifications, grouped, _, _ = await self._resolve(items, prefetched=prefetched)
+        keys = self._keys(items)
+        prefetched = await self._prefetch(keys)
+        ops, notifications, grouped, _, _ = await self._resolve(items, prefetched=prefetched, keys=keys)
         messages = [
             OutMessage(subject=subject, payload=payload, msg_id=msg_id) for subject, msg_id, payload in notifications
         ]
@@ -290,7 +289,7 @@ class IdentityEngine:
 
     def _item(self, delivery: Delivery | None, event: events_pb2.Event, event_id: str) -> _Item:
         pairs = self.extractor.extract(event)
-        check_event(event, pairs)
+        at, received = check_event(event, pairs)
         previous = None
         if pairs and pairs[-1][0] == "previous":
             previous = pairs.pop()[1]
@@ -298,12 +297,12 @@ class IdentityEngine:
         return _Item(
             delivery=delivery,
             event_id=event_id,
-            at=event_time_ms(event),
+            at=at,
             identifiers=identifiers,
             rejected=rejected,
             previous=previous,
             raw=delivery.data if delivery is not None else b"",
-            received=(timestamps.to_ms(event.received_at) or 0) if event.HasField("received_at") else 0,
+            received=received,
         )
 
     async def _apply(
@@ -366,6 +365,7 @@ class IdentityEngine:
         position: tuple[str, int] | None = None,
         api: bool = False,
         prefetched: _Prefetched | None = None,
+        keys: set[str] | None = None,
     ) -> tuple[
         list[WriteOp],
         list[tuple[str, str, bytes]],
@@ -376,14 +376,15 @@ class IdentityEngine:
         """Resolve `items` in order under the lock. Returns the writes (versions advanced as if they
         landed), the notifications, the resolved events by person partition, each resolution - or,
         with `write`, no writes but the write itself, queued on the chain under the lock with the
-        notifications in identity's outbox and the checkpoint `position`."""
+        notifications in identity's outbox and the checkpoint `position`. `keys`: `_keys(items)`, when
+        the caller has them already."""
         started = time.perf_counter()
         async with self.lock:
             if api:
                 self._require_writer()
             await self._recover_if_failed()
             absent = self._install(prefetched)
-            await self._load(self._keys(items), absent=absent)
+            await self._load(self._keys(items) if keys is None else keys, absent=absent)
             grouped: dict[int, list[tuple[str, bytes]]] = {}
             resolutions: list[Resolution | None] = []
             outbox: list[tuple[str, str, bytes]] = []
@@ -392,7 +393,8 @@ class IdentityEngine:
             ops: list[WriteOp] = []
             try:
                 for item in items:
-                    self._place_previous(item)
+                    if item.previous is not None:
+                        self._place_previous(item)
                     replay = item.replay
                     resolution = self.graph.resolve(
                         item.identifiers, event_id=item.event_id, at=item.at, read_only=replay
@@ -402,11 +404,12 @@ class IdentityEngine:
                     outcome = "replayed" if replay else ("resolved" if resolution else "unlinked")
                     outcomes[outcome] = outcomes.get(outcome, 0) + 1
                     if resolution is not None and not replay:
-                        outbox.extend(self._notifications(resolution, item.at))
+                        if resolution.merges or resolution.quarantined:
+                            outbox.extend(self._notifications(resolution, item.at))
                         if resolution.told:
                             outbox.extend(self._shared_notifications(item, resolution))
-                    dropped = [(r.type, r.value, r.reason) for r in item.rejected]
-                    if resolution is not None:
+                    dropped = [(r.type, r.value, r.reason) for r in item.rejected] if item.rejected else []
+                    if resolution is not None and resolution.drops:
                         dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
                     for _kind, _value, reason in dropped:
                         reason = reason.split(":")[0]

@@ -25,6 +25,8 @@ the event is resolved on the rest.
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.message import DecodeError
 
 from cdp.events.v1 import events_pb2
@@ -49,8 +51,13 @@ class Unusable(Exception):
         self.problem = problem
 
 
-def _length_delimited_header(field_number: int, size: int) -> bytes:
-    out = bytearray([field_number << 3 | 2])
+def _header(size: int) -> bytes:
+    """The key and length of field 1 (length-delimited) holding `size` bytes."""
+    if size < 0x80:
+        return _SMALL_HEADERS[size]
+    if size < 0x4000:
+        return bytes((0x0A, size & 0x7F | 0x80, size >> 7))
+    out = bytearray(b"\x0a")
     while True:
         byte = size & 0x7F
         size >>= 7
@@ -61,11 +68,14 @@ def _length_delimited_header(field_number: int, size: int) -> bytes:
             return bytes(out)
 
 
+_SMALL_HEADERS = [bytes((0x0A, n)) for n in range(0x80)]
+
+
 def parse_event(data: bytes) -> events_pb2.Event:
     """The event, decoded as deep as consumers of `events.resolved` will decode it (inside a
     `ResolvedEvent` inside a `ResolvedEventBatch`), so that whatever decodes here decodes there."""
-    inner = _length_delimited_header(1, len(data)) + data
-    wrapped = _length_delimited_header(1, len(inner)) + inner
+    inner = _header(len(data))
+    wrapped = b"".join((_header(len(inner) + len(data)), inner, data))
     try:
         batch = events_pb2.ResolvedEventBatch.FromString(wrapped)
     except DecodeError as exc:
@@ -75,21 +85,32 @@ def parse_event(data: bytes) -> events_pb2.Event:
     return batch.events[0].event
 
 
-def check_event(event: events_pb2.Event, pairs: list[tuple[str, str]]) -> None:
-    """Raise Unusable when the store could not hold what this event would write."""
+def check_event(event: events_pb2.Event, pairs: list[tuple[str, str]]) -> tuple[int, int]:
+    """Raise Unusable when the store could not hold what this event would write. Otherwise: when the
+    event happened and when the collector received it, epoch ms (`codec.event_time_ms`, and 0 for
+    an unknown arrival), read here since both stamps are at hand."""
     for kind, value in pairs:
         if "\x00" in value:
             raise Unusable("invalid_identifier", kind, "the value contains a NUL character, which no store keys hold")
-    for name in ("timestamp", "received_at"):
-        if event.HasField(name):
-            seconds = getattr(event, name).seconds
-            if not MIN_SECONDS <= seconds <= MAX_SECONDS:
-                raise Unusable("invalid_event", name, "is outside 0001-01-01..9999-12-31")
+    stamp = event.timestamp if event.HasField("timestamp") else None
+    received = event.received_at if event.HasField("received_at") else None
+    for name, checked in (("timestamp", stamp), ("received_at", received)):
+        if checked is not None and not MIN_SECONDS <= checked.seconds <= MAX_SECONDS:
+            raise Unusable("invalid_event", name, "is outside 0001-01-01..9999-12-31")
+    # timestamps.event_stamp: the event's own time, never later than its arrival.
+    if stamp is None or (received is not None and timestamps.to_ns(stamp) > timestamps.to_ns(received)):
+        stamp = received
+    at = timestamps.to_ms(stamp) if stamp is not None else 0
+    return at or int(time.time() * 1000), (timestamps.to_ms(received) or 0) if received is not None else 0
 
 
 def check_size(raw: bytes, identifier_keys: list[str], max_payload: int) -> None:
     """Raise Unusable when the resolved message for this event could not be published."""
-    size = len(raw) + sum(len(key.encode()) + 8 for key in identifier_keys) + RESOLVED_OVERHEAD_BYTES
+    size = len(raw) + RESOLVED_OVERHEAD_BYTES
+    # A character is at most 4 bytes: the exact sum only when that bound does not fit.
+    if size + sum(map(len, identifier_keys)) * 4 + 8 * len(identifier_keys) <= max_payload:
+        return
+    size += sum(len(key.encode()) + 8 for key in identifier_keys)
     if size > max_payload:
         raise Unusable(
             "too_large",

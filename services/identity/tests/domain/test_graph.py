@@ -347,6 +347,20 @@ def test_quarantine_evidence_older_than_the_quarantine_window_is_forgotten():
 # --- sharing across persons (Resolution.shared) ---------------------------------------------------
 
 
+def test_an_event_of_one_persons_known_identifiers_changes_nothing_and_still_counts_who_shares_them():
+    w = World()
+    owner = w.person("user_id:u1", "device_id:tablet", "email:mum@example.com")
+    w.person("user_id:u2", "device_id:tablet")  # a second account on the family tablet
+    merged = w.person("anonymous_id:a1")
+    w.graph.merge(owner, merged, at=w.now, cause={"rule": "api"})  # an identifier owned by a merged-away id
+    w.graph.take_dirty()
+
+    seen = w.event("user_id:u1", "device_id:tablet", "anonymous_id:a1")
+
+    assert seen == Resolution(person=owner, shared={"device_id": 1})
+    assert w.graph.take_dirty() == ({}, {}, {}), "nothing to write"
+
+
 def test_a_phone_behind_four_accounts_tells_each_later_event_how_many_other_accounts_used_it():
     w = World()  # the defaults: one user id per person, device_id quarantined after 3 persons
     events = [w.event(f"user_id:ring-{k}", "device_id:ring-phone") for k in range(4)]
