@@ -29,7 +29,7 @@ from cdp_kit.bus import (
     profiles_stream,
     scores_stream,
 )
-from cdp_kit.errors import Unavailable
+from cdp_kit.errors import NotFound, Unavailable
 from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import open_store
 from cdp_profile import privacy as privacy_module
@@ -164,3 +164,26 @@ async def test_the_repeated_request_completes_the_deletion_and_answers_only_then
 
 async def _has(found, person: str) -> bool:
     return person in await found
+
+
+async def test_an_event_identity_still_gave_the_deleted_person_starts_no_profile_of_them(platform, nats_server):
+    """Identity purges the person when the notice reaches it; until then (a second, or an outage like the one
+    above) it still resolves the person's new events to the deleted id. Profile made a fresh profile of such
+    an event: identity then forgot every identifier leading to it, so nobody could find it - an export or a
+    deletion by identifier would never reach it (the privacy trial found one, and deleted it by id)."""
+    engine = platform
+    await engine.delete("p-k", suppress=False, request_id="r-1")
+    ack = None
+    async with Bus.connect(nats_server.url, name="late-event") as bus:
+        late = identify("e-late", "p-k")  # received now, after the deletion
+        ack = await bus.js.publish(
+            "events.resolved.0", events_pb2.ResolvedEventBatch(events=[late]).SerializeToString()
+        )
+    partitioned = engine.streams[0]
+    await eventually(lambda: _applied(partitioned, ack.seq), "the late event was not taken")
+    with pytest.raises(NotFound, match="was deleted"):
+        await engine.profile("p-k")
+
+
+async def _applied(partitioned, seq: int) -> bool:
+    return partitioned.pipelines[0].checkpoint >= seq

@@ -79,12 +79,12 @@ def apply_events(
     out = Applied()
     for person, event, received in items:
         target = hot.root(person)
-        deleted_at = hot.deleted.get(target)
-        if deleted_at is not None:
-            if received <= deleted_at:
-                out.outcomes["deleted_person"] += 1
-                continue
-            del hot.deleted[target]  # a new life after deletion: a fresh profile
+        if target in hot.deleted:
+            # In flight before the deletion, or resolved by identity before the notice reached it: identity
+            # names a person it meets again after purging by a new id, so an event under a deleted id is
+            # never a new life - a profile made of it would be one nobody can reach by an identifier.
+            out.outcomes["deleted_person"] += 1
+            continue
         profile = hot.profiles.get(target)
         created = profile is None
         if created:
