@@ -47,6 +47,9 @@ log = logging.getLogger("cdp.profile.privacy")
 #: Identifier types a suppression leaves out: they name a browser or a device, which people share.
 SHARED_TYPES = frozenset({"anonymous_id", "device_id"})
 
+#: Attempts at the store's erase, 0.1 s apart, before it is left to the store's next writes.
+ERASE_TRIES = 10
+
 #: Seconds between attempts to complete the deletions JetStream did not take.
 RETRY_EVERY = 2.0
 
@@ -157,7 +160,16 @@ class Privacy:
                 await engine.store.put(DELETIONS, record.key, {"result": record.doc["result"], "published": True})
             if pending:
                 await self.scrub_outboxes()
-                await engine.store.erase()  # the deletion is durable: no bytes of the person left in the files
+                await self._erase()
+
+    async def _erase(self) -> None:
+        """The store's erase (no bytes of the deleted persons left in its files), tried again for a second
+        while readers keep it from finishing (SQLite's write-ahead log); the store's next writes finish it."""
+        for _ in range(ERASE_TRIES):
+            if await self._engine.store.erase():
+                return
+            await asyncio.sleep(0.1)
+        log.warning("store erase left to the next writes: readers held the write-ahead log")
 
     def retry_later(self) -> None:
         """Complete the pending deletions in the background, every RETRY_EVERY s until it succeeds."""
