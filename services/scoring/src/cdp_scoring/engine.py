@@ -33,8 +33,8 @@ import orjson
 
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Partitioner, subjects
-from cdp_kit.held import Codec, HeldFields, ProfileSource, apply_updates
-from cdp_kit.profile_fields import change_fields
+from cdp_kit.held import Codec, HeldFields, ProfileSource
+from cdp_kit.profile_fields import COMPUTED, CONSENT, SCORES, TRAITS, value_to_python
 from cdp_kit.storage import Put, Store, VersionConflict
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 from cdp_kit.timestamps import to_seconds
@@ -62,6 +62,9 @@ LAYOUT = "$layout"
 MODELS_CHANGED = subjects.SCORING_MODELS_CHANGED
 # Kept with a person's fields: the time of the latest change applied (no profile field starts with "$").
 CHANGED_AT = "$changed_at"
+# The roots of flat field keys (cdp_kit.profile_fields), as prefixes.
+_COMPUTED, _TRAITS, _CONSENT, _SCORES = (root + "." for root in (COMPUTED, TRAITS, CONSENT, SCORES))
+_ABSENT = object()
 
 TraitDefiner = Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]]
 
@@ -123,6 +126,8 @@ class ScoringEngine(Deployments, Rounds, Requests):
         self.published = LastPublished(self.fields, decimals=resolution)
         # score name -> the model producing it (rebuilt when the registry changes)
         self._score_models: dict[str, str] = {}
+        # (model, version) -> (its spec, score name -> place in its order): `_score_positions`
+        self._positions: dict[tuple[str, str], tuple[Any, dict[str, int]]] = {}
         # "m:<model>" -> the stored version of the model's registry entry
         self.versions: dict[str, int] = {}
         # field path -> models reading it (rebuilt when the registry changes)
@@ -307,31 +312,78 @@ class ScoringEngine(Deployments, Rounds, Requests):
         return touched, changed_at, oldest
 
     def _apply_change(self, change: profile_pb2.ProfileChanged, at: float | None = None) -> set[str]:
-        """Apply one profile change to the fields; the changed paths some model reads."""
+        """Apply one profile change to the fields; the changed paths some model reads.
+
+        The updates are those `cdp_kit.profile_fields.change_fields` reads from the change (None: the
+        field is gone), then the change's time, applied as `cdp_kit.held.apply_updates` does; here in one
+        pass over the change, with no mapping of updates in between: every change of the platform comes
+        through here, and about half of them are echoes of scores just published (no model reads them)."""
         person = change.person_id
         if change.removed:
             self.held.remove(person)
             return set()
-        updates = change_fields(change)
-        updates[CHANGED_AT] = to_seconds(change.at) if at is None else at
-        return self._apply(person, updates)
-
-    def _apply(self, person: str, updates: Mapping[str, Any]) -> set[str]:
         fields = self.fields.get(person)
         if fields is None:
             fields = self.fields[person] = {}
-        changed = apply_updates(fields, updates)
-        if changed:
-            self.held.mark(person)
-            if PUBLISHED in fields:
-                self.published.check_echo(person, fields, changed, self._score_models, self._score_names)
+        get, changed = fields.get, []
+        for root, values in ((_COMPUTED, change.computed), (_TRAITS, change.traits)):
+            if values:
+                for name, value in values.items():
+                    kind = value.WhichOneof("kind")
+                    if kind == "number_value":
+                        new = value.number_value
+                    elif kind == "string_value":
+                        new = value.string_value
+                    else:
+                        new = value_to_python(value)
+                    path = root + name
+                    if new is None:
+                        if fields.pop(path, None) is not None:
+                            changed.append(path)
+                    elif get(path, _ABSENT) != new:
+                        fields[path] = new
+                        changed.append(path)
+        if change.consent:
+            for key, granted in change.consent.items():
+                path = _CONSENT + key
+                if get(path, _ABSENT) != granted:
+                    fields[path] = granted
+                    changed.append(path)
+        echoed = None
+        if change.scores:
+            for name, score in change.scores.items():
+                path = _SCORES + name
+                if get(path, _ABSENT) != score:
+                    fields[path] = score
+                    changed.append(path)
+                    if echoed is None:
+                        echoed = [path]
+                    else:
+                        echoed.append(path)
+        changed_at = to_seconds(change.at) if at is None else at
+        if get(CHANGED_AT, _ABSENT) != changed_at:
+            fields[CHANGED_AT] = changed_at
+            changed.append(CHANGED_AT)
+        if not changed:
+            return set()
+        self.held.mark(person)
+        if echoed is not None and PUBLISHED in fields:
+            self.published.check_echo(person, fields, echoed, self._score_models, self._score_positions)
         readers = self._readers
         return {p for p in changed if p in readers}
 
-    def _score_names(self, model: str, version: str) -> tuple[str, ...] | None:
+    def _score_positions(self, model: str, version: str) -> Mapping[str, int] | None:
+        """A registered version's score names -> their place in its order (None: not registered). Kept
+        per version while the registry holds the same spec for it (every score echo asks)."""
         entry = self.registry.models.get(model)
         found = entry.versions.get(version) if entry is not None else None
-        return tuple(found.spec.score_names) if found is not None else None
+        if found is None:
+            return None
+        spec = found.spec
+        known = self._positions.get((model, version))
+        if known is None or known[0] is not spec:
+            known = self._positions[(model, version)] = (spec, {n: i for i, n in enumerate(spec.score_names)})
+        return known[1]
 
 
 # A person's fields as stored: one JSON string (the fields are many small values; one string is cheaper

@@ -35,7 +35,7 @@ a crossing is never missed - and drift below the resolution is not news.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,22 @@ class LastPublished:
         else:
             fields[PUBLISHED] = {**published, model: entry}
 
+    def news(self, person: str, model: str, entry: Entry) -> bool:
+        """Whether `entry` is news for the person's model (`entry` is not the one last published); if it
+        is, it is recorded as `record` does. One lookup of the person where `entry` then `record` take two:
+        the stream path asks for every person of every model it scored."""
+        fields = self.persons.get(person)
+        if fields is None:
+            return True  # removed meanwhile: nothing to remember it by
+        published = fields.get(PUBLISHED)
+        if published is None or published.get(EPOCH) != self.epoch:
+            fields[PUBLISHED] = {EPOCH: self.epoch, model: entry}
+        elif published.get(model) == entry:
+            return False
+        else:
+            fields[PUBLISHED] = {**published, model: entry}  # a new dict: a snapshot's copy shares the old one
+        return True
+
     def forget(self, person: str, model: str | None = None) -> None:
         """What was published for the person (one model, or all) is unknown: the next update goes out."""
         fields = self.persons.get(person)
@@ -99,20 +115,30 @@ class LastPublished:
         fields: Mapping[str, Any],
         paths: Iterable[str],
         model_of: Mapping[str, str],
-        names_of: Callable[[str, str], Sequence[str] | None],
+        positions_of: Callable[[str, str], Mapping[str, int] | None],
     ) -> None:
         """`paths` of the person changed on `profiles.changed`: each `scores.<name>` among them must hold
-        the value last published for its model (`model_of`: score name -> model; `names_of(model,
-        version)`: that version's score names, in order), or the model's entry is dropped."""
+        the value last published for its model (`model_of`: score name -> model; `positions_of(model,
+        version)`: that version's score names -> their place in its order), or the model's entry is
+        dropped. `fields` are the person's held fields. About half the changes a busy platform delivers
+        are such echoes of scores just published, several scores each: the entry is found once per
+        change, and a name's place by a lookup."""
+        published = fields.get(PUBLISHED)
+        if published is None or published.get(EPOCH) != self.epoch:
+            return  # nothing published under the current epoch: nothing to check
         for path in paths:
             if not path.startswith("scores."):
                 continue
-            model = model_of.get(path[7:])
-            entry = self.entry(person, model) if model is not None else None
+            name = path[7:]
+            model = model_of.get(name)
+            entry = published.get(model) if model is not None else None
             if entry is None:
                 continue
-            names = names_of(model, entry[0]) or ()
-            name = path[7:]
-            value = entry[1 + names.index(name)] if name in names and len(entry) > len(names) else None
+            positions = positions_of(model, entry[0])
+            at = positions.get(name) if positions else None
+            value = entry[1 + at] if at is not None and len(entry) > len(positions) else None
             if value is None or fields.get(path) != value:
                 self.forget(person, model)
+                published = fields.get(PUBLISHED)  # a new dict, without the model's entry
+                if published is None:
+                    return

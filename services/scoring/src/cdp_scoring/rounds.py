@@ -25,6 +25,7 @@ import numpy as np
 from cdp.scoring.v1 import scoring_pb2
 from cdp_kit.bus import OutMessage, subjects
 from cdp_scoring.domain.registry import ModelEntry, Version
+from cdp_scoring.runtime import THREAD_ROWS
 
 MAX_UPDATES_PER_MESSAGE = 2000
 
@@ -112,9 +113,14 @@ class Rounds:
                     members.append(person)
         rows: dict = {}
         entries = [e for e in (self.registry.models.get(name) for name in by_model) if e is not None]
-        # Models run side by side: onnxruntime releases the GIL, so one model's trees are walked on the
-        # other core while the next model's rows are assembled here.
-        results = await asyncio.gather(*(self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries))
+        if any(len(by_model[e.name]) >= THREAD_ROWS for e in entries):
+            # Models run side by side: onnxruntime releases the GIL, so one model's trees are walked on the
+            # other core (a call of THREAD_ROWS rows or more runs on a worker thread) while the next
+            # model's rows are assembled here.
+            results = await asyncio.gather(*(self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries))
+        else:
+            # Every call runs here (`_run`): one after the other, without a task per model.
+            results = [await self._run_entry(e, by_model[e.name], changed_at, rows) for e in entries]
         return [
             (version, members, scores, [changed_at.get(p, 0.0) for p in members])
             for result in results
@@ -203,7 +209,13 @@ class Rounds:
             if rows is not None:
                 rows[key] = matrix
         started = time.perf_counter()
-        scores = await session.score(matrix)
+        if isinstance(at, Mapping) and len(matrix) < THREAD_ROWS:
+            # The stream path: a round calls each model once for all of its persons, so there is no other
+            # call of the round to join (`LoadedModel.score` batches concurrent callers), and a call this
+            # small runs here, as `score` would run it, without its future and task.
+            scores = session.run(matrix)
+        else:
+            scores = await session.score(matrix)
         self._m_inference.record((time.perf_counter() - started) * 1000, {"model": version.spec.name})
         stats = self.stats.setdefault((version.spec.name, version.version), VersionStats())
         stats.rows += len(persons)
@@ -234,17 +246,15 @@ class Rounds:
         columns: dict[int, list[scoring_pb2.ScoresUpdatedBatch]] = {}  # partition -> model versions' columns
         partition = self._partition
         last = self.published
+        news = last.news
         for version, persons, scores, times in scored:
             model = version.spec.name
             values = last.rows(scores)
             rows: dict[int, list[int]] = {}
             kept = 0
             for i, person in enumerate(persons):
-                if news_only:
-                    entry = [version.version, *values[i]]
-                    if last.entry(person, model) == entry:
-                        continue
-                    last.record(person, model, entry)
+                if news_only and not news(person, model, [version.version, *values[i]]):
+                    continue
                 kept += 1
                 p = partition_of[person] if partition_of is not None else partition(person)
                 rows.setdefault(p, []).append(i)
