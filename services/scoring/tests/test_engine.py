@@ -214,6 +214,23 @@ async def test_a_round_publishes_one_message_per_partition_carrying_every_model(
     }
 
 
+async def test_a_large_round_scores_every_person_exactly_whatever_each_models_share(setup, nats_server):
+    """A round where one model has rows enough for a worker thread and another a few (run inline)."""
+    engine, stream, *_ = setup
+    await engine.deploy(logistic_model(weights=W), role=None)
+    tickets = [{"name": "tickets", "path": "computed.tickets_90d", "default": 0}]
+    await engine.deploy(logistic_model("support_risk", features=tickets, weights=[0.75]), role=None)
+    changes = [change(f"p{i}", orders=i % 7, sessions=i % 5) for i in range(100)]
+    for i in (3, 40, 97):
+        changes[i].computed["tickets_90d"].number_value = i
+    await stream.feed(changed(changes))
+    updates = await published(nats_server.url)
+    churn = {u.person_id: u.scores["churn_risk"] for u in updates if u.model == "churn_risk"}
+    assert churn == {f"p{i}": pytest.approx(expected(W, [i % 7, i % 5]), abs=1e-6) for i in range(100)}
+    support = {u.person_id: u.scores["support_risk"] for u in updates if u.model == "support_risk"}
+    assert support == {f"p{i}": pytest.approx(expected([0.75], [i]), abs=1e-6) for i in (3, 40, 97)}
+
+
 async def test_a_change_no_model_reads_scores_nothing(setup, nats_server):
     engine, stream, *_ = setup
     await engine.deploy(logistic_model(weights=W), role=None)
