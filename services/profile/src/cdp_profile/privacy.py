@@ -156,7 +156,10 @@ class Privacy:
                 notice = privacy_pb2.PrivacyDeleted.FromString(data)
                 gone = {notice.person_id: ProfileChange(person_id=notice.person_id, removed=True)}
                 # The same message (and id) each time: its time is the notice's.
-                await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
+                try:
+                    await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
+                except Unavailable as exc:
+                    raise Unavailable(f"the deletion's removed change: {exc.message}; retry the request") from None
                 await engine.store.put(DELETIONS, record.key, {"result": record.doc["result"], "published": True})
             if pending:
                 await self.scrub_outboxes()
