@@ -88,7 +88,12 @@ def test_up_starts_this_folders_platform_while_another_checkouts_runs(tmp_path):
             seen += proc.stderr.readline()
     finally:
         proc.send_signal(signal.SIGINT)
-        seen += proc.communicate(timeout=60)[1]
+        try:
+            seen += proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its services end with it (die-with-parent): none is left running after the test
+            proc.communicate()
+            raise
     shown = seen.decode(errors="replace")
     assert "already running" not in shown, shown
     assert "starting nats-server" in shown, shown
