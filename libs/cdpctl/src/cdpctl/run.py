@@ -120,9 +120,14 @@ async def _ready(
     return None
 
 
+#: Seconds a start-up step interrupted by Ctrl-C is given to finish before it is cancelled (`_unless_stopped`).
+FINISH_ON_STOP = 5.0
+
+
 async def _unless_stopped(step, stopping: asyncio.Event) -> int | None:
-    """`step`'s exit code, or 130 at once when Ctrl-C (or SIGTERM) comes first: a start-up step on a slow
-    or wedged nats-server (provisioning waits up to 30 s to connect) does not hold the platform's stop."""
+    """`step`'s exit code, or 130 when Ctrl-C (or SIGTERM) comes first, within FINISH_ON_STOP s: a start-up
+    step on a slow or wedged nats-server (provisioning waits up to 30 s to connect) does not hold the
+    platform's stop."""
     task = asyncio.ensure_future(step)
     stop = asyncio.ensure_future(stopping.wait())
     try:
@@ -131,8 +136,12 @@ async def _unless_stopped(step, stopping: asyncio.Event) -> int | None:
         stop.cancel()
     if task.done():
         return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    # A healthy server finishes in a moment, and a step cut off mid-way can leave its NATS client
+    # reconnecting to a server that is stopping (the process then never ends): let it finish, for a while.
+    done, _ = await asyncio.wait({task}, timeout=FINISH_ON_STOP)
+    if not done:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
     console.print("interrupted while the streams were provisioned")
     return 130
@@ -230,6 +239,13 @@ async def _up_private(
         config=nats_server_config(ws, use_tls=use_tls),
         die_with_parent=True,
     )
+    # Ctrl-C and SIGTERM are taken from here on: a process started with SIGINT ignored (a test runner's
+    # worker, `nohup`) has no KeyboardInterrupt to fall back on, so one that came while nats-server started
+    # was lost and the platform came up regardless.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
     console.print(f"starting nats-server (JetStream, data in {ws.nats_dir}) …")
     try:
         nats.start()
@@ -250,10 +266,6 @@ async def _up_private(
     }
     if client is not None:
         state["tls"] = client  # cdpctl's certificate, key and the CA: what commands and tests present
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
     code = 0
     try:
         # Every stream and bucket, with its spec, before any service starts: no service's NATS user may
