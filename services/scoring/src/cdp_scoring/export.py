@@ -1,7 +1,8 @@
 """What scoring holds about a person, for the person's access request (`PrivacyService/ExportPerson`).
 
 Per person asked for (`person_id`, then each merged person still held under its own id): the copy of its
-profile fields the models read (`fields`, as held: flat names such as `traits.plan`, `computed.orders_30d`;
+profile fields scoring holds (`fields`, every field it keeps for the person, as held: flat names such as
+`traits.plan`, `computed.orders_30d`;
 `last_change_at`, the time of the last profile change applied), and what its scores were when last
 published, per model (`published`: the version and each score by name; see published.py), if any.
 Scoring keeps nothing else under a person: scores themselves live on the profile, and the training runs
