@@ -20,24 +20,9 @@ import pytest
 from cdp.events.v1 import events_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus import (
-    Bus,
-    dead_letter_stream,
-    events_resolved_stream,
-    identity_stream,
-    privacy_stream,
-    profiles_stream,
-    scores_stream,
-)
 from cdp_kit.errors import NotFound, Unavailable
-from cdp_kit.identifier_hash import IdentifierHashKeys
-from cdp_kit.storage import open_store
 from cdp_profile import privacy as privacy_module
-from cdp_profile.domain import Retention
-from cdp_profile.engine import ProfileEngine
-from cdp_profile.privacy import Privacy
 from cdp_profile.records import DELETIONS
-from cdp_profile.stream import partitioned_engines
 
 COLOUR = "ultramarine-zq-0451"  # a trait value found nowhere else
 
@@ -80,38 +65,14 @@ async def eventually(check, what: str, within: float = 60.0):
 
 
 @pytest.fixture
-async def platform(nats_server, tmp_path, monkeypatch):
+async def platform(running_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(privacy_module, "RETRY_EVERY", 0.2)
-    url = f"sqlite:///{tmp_path / 'profile.db'}"
-    async with open_store(url) as store, Bus.connect(nats_server.url, name="delete-unavailable") as bus:
-        await bus.ensure_streams(
-            events_resolved_stream(),
-            identity_stream(),
-            scores_stream(),
-            profiles_stream(),
-            privacy_stream(),
-            dead_letter_stream(),
-        )
-        engine = ProfileEngine(
-            store, bus.publisher, partitions=1, owned=[0], retention=Retention(max_events=100), telemetry=bus.telemetry
-        )
-        engine.privacy = Privacy(engine, IdentifierHashKeys.of("platform-identifier-hash-key-0123456789"))
-        await engine.start()
-        partitioned = partitioned_engines(engine, bus, partitions=1, batch_size=64, ack_wait=30)[0]
-        await partitioned.start_partition(0)
-        await partitioned.wait_ready()
-        ack = await bus.js.publish(
-            "events.resolved.0", events_pb2.ResolvedEventBatch(events=[identify("e-1", "p-k")]).SerializeToString()
-        )
-        deadline = time.monotonic() + 30
-        while partitioned.pipelines[0].checkpoint < ack.seq:
-            assert time.monotonic() < deadline, "the event was not applied in 30 s"
-            await asyncio.sleep(0.01)
-        try:
-            yield engine
-        finally:
-            await partitioned.close()
-            await engine.stop()
+    key = "platform-identifier-hash-key-0123456789"
+    async with running_engine(
+        f"sqlite:///{tmp_path / 'profile.db'}", hash_key=key, name="delete-unavailable"
+    ) as engine:
+        await engine.feed(identify("e-1", "p-k"))
+        yield engine
 
 
 def store_files(tmp_path) -> list:
@@ -177,17 +138,6 @@ async def test_an_event_identity_still_gave_the_deleted_person_starts_no_profile
     deletion by identifier would never reach it (the privacy trial found one, and deleted it by id)."""
     engine = platform
     await engine.delete("p-k", suppress=False, request_id="r-1")
-    ack = None
-    async with Bus.connect(nats_server.url, name="late-event") as bus:
-        late = identify("e-late", "p-k")  # received now, after the deletion
-        ack = await bus.js.publish(
-            "events.resolved.0", events_pb2.ResolvedEventBatch(events=[late]).SerializeToString()
-        )
-    partitioned = engine.streams[0]
-    await eventually(lambda: _applied(partitioned, ack.seq), "the late event was not taken")
+    await engine.feed(identify("e-late", "p-k"))  # received now, after the deletion
     with pytest.raises(NotFound, match="was deleted"):
         await engine.profile("p-k")
-
-
-async def _applied(partitioned, seq: int) -> bool:
-    return partitioned.pipelines[0].checkpoint >= seq

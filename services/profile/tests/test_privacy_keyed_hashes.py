@@ -5,7 +5,6 @@ person's export is not changed by it."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import time
@@ -17,21 +16,7 @@ from cdp.events.v1 import events_pb2
 from cdp.privacy.v1 import privacy_pb2
 from cdp_collector.domain import SuppressionList
 from cdp_collector.domain.suppression import UnknownHashKey
-from cdp_kit.bus import (
-    Bus,
-    dead_letter_stream,
-    events_resolved_stream,
-    identity_stream,
-    privacy_stream,
-    profiles_stream,
-    scores_stream,
-)
 from cdp_kit.identifier_hash import IdentifierHashKeys
-from cdp_kit.storage import open_store
-from cdp_profile.domain import Retention
-from cdp_profile.engine import ProfileEngine
-from cdp_profile.privacy import Privacy
-from cdp_profile.stream import partitioned_engines
 
 KEY = "platform-identifier-hash-key-0123456789"
 IDENTIFIERS = ["user_id:u-gone", "email:gone@example.com", "phone:+4915112345678"]
@@ -45,41 +30,10 @@ def resolved(message_id: str, person: str, identifiers: list[str]) -> events_pb2
 
 
 @pytest.fixture
-async def engine(nats_server):
+async def engine(running_engine):
     """A profile engine whose deletions hash with KEY, fed by events.resolved.0."""
-    async with open_store("memory://") as store, Bus.connect(nats_server.url, name="keyed-hashes") as bus:
-        await bus.ensure_streams(
-            events_resolved_stream(),
-            identity_stream(),
-            scores_stream(),
-            profiles_stream(),
-            privacy_stream(),
-            dead_letter_stream(),
-        )
-        engine = ProfileEngine(
-            store, bus.publisher, partitions=1, owned=[0], retention=Retention(max_events=100), telemetry=bus.telemetry
-        )
-        engine.privacy = Privacy(engine, IdentifierHashKeys.of(KEY))
-        await engine.start()
-        partitioned = partitioned_engines(engine, bus, partitions=1, batch_size=64, ack_wait=30)[0]
-        await partitioned.start_partition(0)
-        await partitioned.wait_ready()
-
-        async def feed(*events: events_pb2.ResolvedEvent) -> None:
-            ack = await bus.js.publish(
-                "events.resolved.0", events_pb2.ResolvedEventBatch(events=events).SerializeToString()
-            )
-            deadline = time.monotonic() + 10
-            while partitioned.pipelines[0].checkpoint < ack.seq:
-                assert time.monotonic() < deadline, "the events were not applied in 10 s"
-                await asyncio.sleep(0.01)
-
-        engine.feed = feed
-        try:
-            yield engine
-        finally:
-            await partitioned.close()
-            await engine.stop()
+    async with running_engine("memory://", hash_key=KEY, name="keyed-hashes") as engine:
+        yield engine
 
 
 async def notices(nats_url: str) -> dict[str, privacy_pb2.PrivacyDeleted]:
