@@ -115,6 +115,27 @@ def test_a_suppressed_user_id_given_as_an_aliass_previous_id_matches():
     assert suppressing("anonymous_id:u-9").match(alias) == "previous_id"
 
 
+def test_a_suppressed_phone_drops_no_event_that_names_someone_else():
+    """People share phones (a family's landline, a shop's till; identity quarantines a phone seen on several
+    people): a deleted person's phone must not drop, for ever, the events of another person who gives it."""
+    suppression = suppressing("user_id:u-9", "phone:+4915112345678")
+    shared = {"phone": "+49 151 12345678"}
+    assert suppression.match(identify("u-1", traits=struct(shared))) is None  # signed in as someone else
+    assert suppression.match(identify("", anonymous_id="a-2", traits=struct({**shared, "email": "b@z.io"}))) is None
+    others = T.Event(type=T.EVENT_TYPE_TRACK, event="E", anonymous_id="a-2")
+    others.context.extra.update({"externalIds": [{"type": "hubspot_id", "id": "77"}]})
+    others.context.traits.update(shared)
+    assert suppression.match(others) is None
+    # Nothing on the event but the phone, a browser and a device: it may be the deleted person back.
+    alone = identify("", anonymous_id="a-2", traits=struct(shared))
+    alone.context.device.id = "d-1"
+    assert suppression.match(alone) == "traits.phone"
+    # The person's own ids still drop the event, whatever else it carries.
+    assert suppression.match(identify("u-9", traits=struct({**shared, "email": "b@z.io"}))) == "user_id"
+    both = suppressing("phone:+4915112345678", "email:x@y.io")
+    assert both.match(identify("u-1", traits=struct({**shared, "email": "x@y.io"}))) == "traits.email"
+
+
 def test_an_empty_list_builds_and_hashes_no_key(monkeypatch):
     walked = []
     real = suppression_module.identifier_keys

@@ -8,7 +8,9 @@ The collector keeps the digests of notices with `suppress=true` in a Suppression
 (each key of its key file, plain SHA-256), and, before storing an event, builds the same keys from what it
 can see on the event, hashes each in every form it holds digests of and looks it up. A match drops the
 event with an answer that says so (gRPC EVENT_STATUS_SUPPRESSED, HTTP `"suppressed": n`); nothing is ever
-dropped silently. A notice made with a key the collector does not hold cannot be matched
+dropped silently. A suppressed phone is the one exception: people share phones, so it drops an event only
+when nothing else on the event (a user id, an email, a CRM or external id) names a person who is not
+suppressed. A notice made with a key the collector does not hold cannot be matched
 (`UnknownHashKey`): the follower logs it as an error naming the key id and the variable.
 
 The keys follow identity's default rules (`cdp_identity.domain.rules`, `normalize`), written out here
@@ -52,6 +54,15 @@ SUPPRESSED_MESSAGE = (
     "not stored: the person this event is about asked to be deleted and suppressed (a privacy request), "
     "so events carrying their identifiers are dropped; do not retry"
 )
+
+#: Identifier types people share that a suppression still names: a phone is how a person is reached (and
+#: identity quarantines one seen on several people). A suppressed one drops an event only when the event
+#: names no one else.
+SHARED_TYPES = frozenset({"phone"})
+
+#: Types that name a browser or a device, not a person: they never vouch for an event carrying a suppressed
+#: phone (profile leaves them out of suppressions; see cdp_profile.privacy).
+UNNAMING_TYPES = frozenset({"anonymous_id", "device_id"})
 
 _ALIAS = events_pb2.EVENT_TYPE_ALIAS
 _TRAIT_TYPES = ("email", "phone", "salesforce_id", "hubspot_id", "dynamics_id", "zoho_id")
@@ -178,12 +189,24 @@ class SuppressionList:
         return len(digests) - before, malformed
 
     def match(self, event: events_pb2.Event) -> str | None:
-        """The field path of the first suppressed identifier on `event` (`traits.email`), or None."""
+        """The field path of the suppressed identifier that rules `event` out (`traits.email`), or None.
+
+        A suppressed phone rules an event out only when nothing else on it names a person: an event that
+        also carries a user id, an email or a CRM id nobody suppressed is that other person's, who shares
+        the phone (see SHARED_TYPES)."""
         forms = self._forms
         if not forms:
             return None
+        shared: str | None = None
+        vouched = False
         for path, key in identifier_keys(event):
-            for digest, digests in forms:
-                if digest(key) in digests:
-                    return path
-        return None
+            kind = key.partition(":")[0]
+            suppressed = any(digest(key) in digests for digest, digests in forms)
+            if kind in SHARED_TYPES:
+                if suppressed and shared is None:
+                    shared = path
+            elif suppressed:
+                return path
+            elif kind not in UNNAMING_TYPES:
+                vouched = True
+        return None if vouched else shared
