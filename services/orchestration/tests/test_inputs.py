@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import orjson
 import pytest
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from cdp.events.v1 import events_pb2
+from cdp.profile.v1 import profile_pb2
 from cdp_kit.engine import Reject
+from cdp_kit.profile_fields import change_fields
 from cdp_orchestration import inputs, streams
 from cdp_orchestration.inputs import decode
 
@@ -188,6 +193,43 @@ def test_the_check_for_numbers_that_are_not_finite_finds_every_one_and_no_text()
     # (UTF-8) can hold: a message of text and finite numbers is read lazily, one that may hold such a
     # number at once.
     for bits in (0x7FF0000000000000, 0xFFF0000000000000, 0x7FF8000000000000, 0x7FFFFFFFFFFFFFFF, 0xFFF0000000000001):
-        assert inputs._MAYBE_NON_FINITE.search(b"\x11" + bits.to_bytes(8, "little"))
+        assert inputs._maybe_non_finite(b"\x11" + bits.to_bytes(8, "little"))
     text = "".join(chr(c) for c in range(0x20, 0x3000)) + "\U0001f45f\U0010ffff"
-    assert inputs._MAYBE_NON_FINITE.search(text.encode()) is None
+    assert not inputs._maybe_non_finite(text.encode())
+
+
+def test_the_check_for_numbers_that_are_not_finite_finds_the_byte_pair_wherever_it_is():
+    # What it looks for: a byte 0xF0-0xFF followed by 0x7F or 0xFF, anywhere (the regular expression below
+    # says it), in bytes holding many of either byte alone.
+    pair = re.compile(rb"[\xf0-\xff][\x7f\xff]")
+    rng = random.Random(3)
+    alphabet = b"\x00\x11\x7e\x7f\xef\xf0\xf7\xfe\xff"
+    for size in (0, 1, 2, 3, 8, 40):
+        for _ in range(2000):
+            data = bytes(rng.choice(alphabet) for _ in range(size))
+            assert inputs._maybe_non_finite(data) == (pair.search(data) is not None), data
+
+
+def test_a_profile_change_is_read_as_the_kit_reads_it_every_kind_of_value_in_the_same_order():
+    # `change_updates` reads every profile change orchestration gets; what it gives is the platform's reading
+    # (`cdp_kit.profile_fields.change_fields`), key for key and value for value.
+    full = profile_pb2.ProfileChanged(person_id="p1", cause="event")
+    full.traits["plan"].string_value = "pro"
+    full.traits["seats"].number_value = 3.0
+    full.traits["vip"].bool_value = True
+    full.traits["gone"].null_value = struct_pb2.NULL_VALUE
+    full.traits["address"].struct_value.update({"city": "Berlin", "zip": 10115.0, "tags": ["a", 1.0, None]})
+    full.traits["pets"].list_value.extend(["cat", 2.0, True])
+    full.computed["orders_90d"].number_value = 2.0
+    full.computed["last_channel"].string_value = "email"
+    full.computed["active"].bool_value = False
+    full.consent.update({"purpose:Marketing": True, "purpose:Sales": False})
+    full.scores.update({"churn_risk": 0.25, "clv": 120.5})
+    only_scores = profile_pb2.ProfileChanged(person_id="p1", cause="score", scores={"churn_risk": 0.5})
+    only_ids = profile_pb2.ProfileChanged(person_id="p1", cause="event", event_ids=["src:m1"])
+    for change in (full, only_scores, only_ids):
+        read = inputs.change_updates(change)
+        assert read == change_fields(change)
+        assert list(read) == list(change_fields(change))
+    assert inputs.change_updates(full)["traits.gone"] is None
+    assert inputs.change_updates(full)["traits.address"] == {"city": "Berlin", "zip": 10115.0, "tags": ["a", 1.0, None]}

@@ -277,7 +277,8 @@ class OrchestrationLogic:
                     batch.messages.append(streams.cancel(batch.partition, timer))
                     del person.slots[journey_id]
             else:
-                await self.applier.profile_changed(hot, batch, person, now)
+                if person.live:
+                    await self.applier.profile_changed(hot, batch, person, now)
                 if caught_up:
                     await self._release_held(hot, batch, person, now)
         elif kind == "timer":
@@ -335,6 +336,13 @@ class OrchestrationLogic:
         timer follows their arbiter state, and the actions they have held for the profile are counted
         (`cdp.orchestration.held`)."""
         state = person.state
+        if (
+            not person.live
+            and person.wake is None
+            and (state is None or not (state.deferred or state.awaiting))
+            and person.person_id not in hot.holding
+        ):
+            return  # most persons: no instance, nothing held, no wake - nothing below would change
         held = sum(1 for h in state.deferred if h.profile) if state is not None and state.deferred else 0
         if held:
             hot.holding[person.person_id] = held
@@ -362,6 +370,10 @@ class OrchestrationLogic:
         """Keep the identifiers the person's events come with: outcome events go back in under them. The
         first one a person gets also sends in the outcomes of what was sent to them before
         (`actions.attribute_sends`)."""
+        ids = person.ids
+        user_id, anonymous_id = event.user_id, event.anonymous_id
+        if (not user_id or ids.get(USER_ID) == user_id) and (not anonymous_id or ids.get(ANONYMOUS_ID) == anonymous_id):
+            return  # most events: the identifiers the person's last ones came with
         named = actions.named(person)
         for key, value in ((USER_ID, event.user_id), (ANONYMOUS_ID, event.anonymous_id)):
             if value and person.ids.get(key) != value:
@@ -385,7 +397,8 @@ def _update_fields(fields: dict[str, Any], updates: dict[str, Any]) -> bool:
                 changed = True
             continue
         old = fields.get(key, _ABSENT)
-        if type(old) is not type(value) or isinstance(value, (dict, list)) or old != value:
+        # Most values moved (a count, a score): the comparison alone answers for them.
+        if old != value or type(old) is not type(value) or isinstance(value, (dict, list)):
             fields[key] = value
             changed = True
     return changed
