@@ -34,6 +34,7 @@ class Ingestor:
         self.publisher = publisher
         self.partitions = partitions
         self._partition = Partitioner(partitions, limit=PARTITION_CACHE_KEYS)
+        self._subjects = tuple(subjects.events_raw(p) for p in range(partitions))
         self._events = telemetry.meter.create_counter(
             "cdp.collector.events", unit="{event}", description="events received, by transport, source and outcome"
         )
@@ -43,11 +44,10 @@ class Ingestor:
             self._events.add(n, {"transport": transport, "source": source, "outcome": outcome})
 
     def to_message(self, event: events_pb2.Event) -> OutMessage:
-        partition = self._partition(partition_key(event))
         return OutMessage(
-            subject=subjects.events_raw(partition),
-            payload=event.SerializeToString(),
-            msg_id=f"{event.source_id}:{event.message_id}",
+            self._subjects[self._partition(partition_key(event))],
+            event.SerializeToString(),
+            f"{event.source_id}:{event.message_id}",
         )
 
     async def store(self, events: Sequence[events_pb2.Event]) -> list[Stored]:

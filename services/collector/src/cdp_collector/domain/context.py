@@ -106,6 +106,19 @@ _PREFERENCES = _fields(
 
 def fill_context(context: events_pb2.Context, source: dict, *, path: str, max_depth: int) -> FieldError | None:
     """Map the JSON object `source` (the event's `context`, nesting level 2) into `context`."""
+    typed, traits, leftovers = context_parts(source)
+    if typed:
+        context.MergeFrom(events_pb2.Context(**typed))
+    return fill_context_structs(context, traits, leftovers, path=path, max_depth=max_depth)
+
+
+def context_parts(source: dict) -> tuple[dict, dict | None, dict | None]:
+    """`source` split three ways: the typed fields as `Context` constructor arguments (sub-messages and
+    maps as dicts, only those with something in them), `traits` and what goes to `extra` (None when
+    empty). Building the Context in one constructor call costs about half of setting its fields one by one;
+    the two Structs are filled after, by `fill_context_structs`."""
+    typed: dict = {}
+    traits: dict | None = None
     leftovers: dict | None = None
     scalars = _SCALARS
     objects = _OBJECTS
@@ -117,14 +130,16 @@ def fill_context(context: events_pb2.Context, source: dict, *, path: str, max_de
             attr, want, yields_to = spec
             fits = value if type(value) is str else _fitting(value, want)
             if fits is not None and (yields_to is None or yields_to not in source):
-                setattr(context, attr, fits)
+                typed[attr] = fits
                 continue
         elif key in objects:
             if value is None:
                 continue
             if type(value) is dict:
                 attr, table = objects[key]
-                rest = _fill_message(getattr(context, attr), value, table)
+                fields, rest = _message_parts(value, table)
+                if fields:
+                    typed[attr] = fields
                 if rest:
                     leftovers = leftovers or {}
                     leftovers[key] = rest
@@ -134,14 +149,14 @@ def fill_context(context: events_pb2.Context, source: dict, *, path: str, max_de
                 continue
             if type(value) is dict:
                 if value:
-                    problem = fill_struct(context.traits, value, depth=3, path=join(path, key), max_depth=max_depth)
-                    if problem:
-                        return problem
+                    traits = value
                 continue
         elif key == "consent" and (value is None or type(value) is dict):
             if value is None:
                 continue
-            rest = _fill_consent(context.consent, value)
+            fields, rest = _consent_parts(value)
+            if fields:
+                typed["consent"] = fields
             if rest:
                 leftovers = leftovers or {}
                 leftovers[key] = rest
@@ -149,12 +164,25 @@ def fill_context(context: events_pb2.Context, source: dict, *, path: str, max_de
         if leftovers is None:
             leftovers = {}
         leftovers[key] = value
+    return typed, traits, leftovers
+
+
+def fill_context_structs(
+    context: events_pb2.Context, traits: dict | None, leftovers: dict | None, *, path: str, max_depth: int
+) -> FieldError | None:
+    """The second half of `fill_context`: `context.traits` and `context.extra` (level 3 and 2), from
+    `context_parts`. Returns the first problem (traits' before extra's)."""
+    if traits:
+        problem = fill_struct(context.traits, traits, depth=3, path=join(path, "traits"), max_depth=max_depth)
+        if problem:
+            return problem
     if leftovers:
         return fill_struct(context.extra, leftovers, depth=2, path=path, max_depth=max_depth)
     return None
 
 
-def _fill_message(message: object, source: dict, table: MappingProxyType) -> dict | None:
+def _message_parts(source: dict, table: MappingProxyType) -> tuple[dict, dict | None]:
+    fields: dict = {}
     rest: dict | None = None
     for key, value in source.items():
         spec = table.get(key)
@@ -164,12 +192,12 @@ def _fill_message(message: object, source: dict, table: MappingProxyType) -> dic
             attr, want, yields_to = spec
             fits = value if want == _STRING and type(value) is str else _fitting(value, want)
             if fits is not None and (yields_to is None or yields_to not in source):
-                setattr(message, attr, fits)
+                fields[attr] = fits
                 continue
         if rest is None:
             rest = {}
         rest[key] = value
-    return rest
+    return fields, rest
 
 
 def _fitting(value: object, want: int) -> object:
@@ -193,25 +221,28 @@ def _fitting(value: object, want: int) -> object:
     return None
 
 
-def _fill_consent(consent: events_pb2.Consent, source: dict) -> dict | None:
+def _consent_parts(source: dict) -> tuple[dict, dict | None]:
+    fields: dict = {}
     rest: dict | None = None
     for key, value in source.items():
         spec = _PREFERENCES.get(key)
         if spec is not None and value is None:
             continue
         if spec is not None and type(value) is dict and (spec[2] is None or spec[2] not in source):
-            target = getattr(consent, spec[0])
+            granted_by_purpose: dict = {}
             odd: dict | None = None
             for purpose, granted in value.items():
                 if type(granted) is bool:
-                    target[purpose] = granted
+                    granted_by_purpose[purpose] = granted
                 else:
                     odd = odd or {}
                     odd[purpose] = granted
+            if granted_by_purpose:
+                fields[spec[0]] = granted_by_purpose
             if odd:
                 rest = rest or {}
                 rest[key] = odd
             continue
         rest = rest or {}
         rest[key] = value
-    return rest
+    return fields, rest

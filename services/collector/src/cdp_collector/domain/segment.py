@@ -59,7 +59,7 @@ import orjson
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain.clock import TimestampError, corrected_ns, parse_timestamp
-from cdp_collector.domain.context import fill_context
+from cdp_collector.domain.context import context_parts, fill_context_structs
 from cdp_collector.domain.decode import DecodedBody, decode_body
 from cdp_collector.domain.errors import Code, FieldError, RequestRejected, described, described_pair, join, json_type
 from cdp_collector.domain.events import (
@@ -428,7 +428,13 @@ def _convert(
     if sent_ns is None:
         sent_ns = batch_sent
 
+    # The context's typed fields go into the constructor (context.py); its Structs are filled below.
+    context_traits = context_rest = None
+    context = values[_CONTEXT]
+    if context:
+        context, context_traits, context_rest = context_parts(context)
     event = events_pb2.Event(
+        context=context or None,
         message_id=message_id,
         type=event_type,
         user_id=values[_USER_ID],
@@ -460,9 +466,10 @@ def _convert(
         )
         if problem is not None:
             errors.append(problem)
-    value = values[_CONTEXT]
-    if value:
-        problem = fill_context(event.context, value, path=_path(base, spelled, _CONTEXT), max_depth=max_depth)
+    if context_traits or context_rest:
+        problem = fill_context_structs(
+            event.context, context_traits, context_rest, path=_path(base, spelled, _CONTEXT), max_depth=max_depth
+        )
         if problem is not None:
             errors.append(problem)
     if extra:
@@ -489,7 +496,10 @@ def _convert(
     names = JSON_NAMES
     if spelled is not None:
         names = {**JSON_NAMES, **{_PROTO[slot]: spelled[slot] for slot in range(len(_CAMEL))}}
-    problems = validate_event(event, limits=limits, base=base, names=names)
+    if errors or not _plainly_valid(event_type, message_id, values, event, limits):
+        problems = validate_event(event, limits=limits, base=base, names=names)
+    else:
+        problems = []
     if has_nul:
         problems += id_problems(event, base=base, names=names)
     if errors:
@@ -505,6 +515,33 @@ def _convert(
     if problems:
         return None, tuple(problems)
     return event, ()
+
+
+def _plainly_valid(event_type: int, message_id: str, values: list, event: events_pb2.Event, limits: Limits) -> bool:
+    """True only when `validate_event` would find nothing wrong, judged on the Python values the event was
+    built from instead of reading each field back from the protobuf (the common event: validation is then
+    skipped). False means "look closer": validate_event finds and names the problems, if any."""
+    if (
+        not message_id
+        or len(message_id) > limits.max_message_id_chars
+        or not message_id.isprintable()  # storable.message_id_problem's quick test
+        or message_id != message_id.strip()
+    ):
+        return False
+    user_id, anonymous_id, previous_id, group_id = values[_USER_ID : _GROUP_ID + 1]
+    max_id = limits.max_id_chars
+    if len(user_id) > max_id or len(anonymous_id) > max_id or len(previous_id) > max_id or len(group_id) > max_id:
+        return False
+    if values[_CONTEXT] and len(event.context.group_id) > max_id:
+        return False
+    if event_type == TRACK:
+        name = values[_EVENT]
+        return bool((user_id or anonymous_id) and name.strip() and len(name) <= limits.max_event_name_chars)
+    if event_type == ALIAS:
+        return bool(user_id and previous_id)
+    if event_type == GROUP:
+        return bool((user_id or anonymous_id) and group_id)
+    return bool(event_type and (user_id or anonymous_id))
 
 
 def _path(base: str, spelled: list[str] | None, slot: int) -> str:
