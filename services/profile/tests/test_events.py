@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from cdp.events.v1 import events_pb2
 from cdp.profile.v1 import profile_pb2
 from cdp_profile.api import definition_from_message, status_message
-from cdp_profile.domain.events import CONTEXT_FIELDS
+from cdp_profile.domain import ComputedTrait, ComputedTraits, Profile
+from cdp_profile.domain.events import CONTEXT_FIELDS, context_subset
 from cdp_profile.engine import Backfill
 from cdp_profile.events import context_to_dict, to_profile_event
 
@@ -86,6 +89,38 @@ def test_the_context_is_converted_only_when_a_definition_reads_it():
     assert full.context == context_to_dict(full_context())
     assert full.consent == cheap.consent
     assert to_profile_event(events_pb2.ResolvedEvent(event=events_pb2.Event(message_id="m2"))).user_id == ""
+
+
+def test_only_the_context_fields_definitions_read_and_timeline_entries_keep_are_converted():
+    defs = ComputedTraits(
+        ComputedTrait.from_dict(item)
+        for item in (
+            {"name": "paths", "op": "unique", "event_type": "any", "property": "$context.page.path"},
+            {"name": "speed", "op": "max_speed", "event_type": "any", "property": "$context.location"},
+        )
+    )
+    partial = events_pb2.Context(ip="203.0.113.7", user_agent="Mozilla/5.0")
+    partial.location.longitude = 13.405
+    partial.page.title = "Shoes"  # no path: nothing of the page is read
+    for context in (full_context(), partial, events_pb2.Context()):
+        event = events_pb2.Event(message_id="m1", type=events_pb2.EVENT_TYPE_TRACK, event="Viewed", context=context)
+        resolved = events_pb2.ResolvedEvent(event=event, person_id="p1")
+        whole = to_profile_event(resolved, needs_context=True)
+        kept = to_profile_event(resolved, needs_context=True, context_keep=defs.context_keep)
+        assert kept.context == context_subset(context_to_dict(context), defs.context_keep)
+        assert kept == replace(whole, context=kept.context)
+    assert kept.context == {}
+    assert to_profile_event(resolved, needs_context=True, context_keep=defs.context_keep).context == {}
+    # what the timeline entry keeps of it is the same
+    event = events_pb2.Event(message_id="m2", type=events_pb2.EVENT_TYPE_TRACK, event="Viewed", context=full_context())
+    resolved = events_pb2.ResolvedEvent(event=event, person_id="p1")
+    entries = []
+    for context_keep in (None, defs.context_keep):
+        profile = Profile.new("p1")
+        profile.apply(to_profile_event(resolved, needs_context=True, context_keep=context_keep), defs, now=1e9)
+        entries.append(profile.timeline()[0].to_doc())
+    assert entries[0] == entries[1]
+    assert entries[1]["context"]["page"] == {"path": "/p"}
 
 
 def test_identitys_counts_of_other_persons_on_the_events_identifiers_reach_the_domain_event():

@@ -58,15 +58,23 @@ class Applied:
 # --- events.resolved.<p> ------------------------------------------------------------------------------
 
 
-def decode_events(delivery: Delivery, *, needs_context: bool) -> list[tuple[str, ProfileEvent, float]]:
-    """(person, event, received) of one `ResolvedEventBatch` message, in order; `Reject` if it is not one."""
+def decode_events(
+    delivery: Delivery, *, needs_context: bool, context_keep: tuple[tuple[str, ...], ...] | None = None
+) -> list[tuple[str, ProfileEvent, float]]:
+    """(person, event, received) of one `ResolvedEventBatch` message, in order; `Reject` if it is not one.
+    With `context_keep` (the definitions' `ComputedTraits.context_keep`) only those context fields are
+    converted: the profile reads and keeps no other."""
     message = events_pb2.ResolvedEventBatch()
     try:
         message.ParseFromString(delivery.data)
     except DecodeError as exc:
         raise Reject("invalid_message", "data", f"not a cdp.events.v1.ResolvedEventBatch ({exc})") from None
     return [
-        (resolved.person_id, to_profile_event(resolved, needs_context=needs_context), received_time(resolved.event))
+        (
+            resolved.person_id,
+            to_profile_event(resolved, needs_context=needs_context, context_keep=context_keep),
+            received_time(resolved.event),
+        )
         for resolved in message.events
         if resolved.person_id
     ]

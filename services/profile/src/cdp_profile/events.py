@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 from cdp.events.v1 import events_pb2
 from cdp_kit.timestamps import event_stamp, to_seconds
 from cdp_profile.domain import ProfileEvent
-from cdp_profile.domain.events import EMPTY
+from cdp_profile.domain.events import EMPTY, KeptContext
 
 _TYPES = {
     events_pb2.EVENT_TYPE_TRACK: "track",
@@ -125,6 +125,18 @@ _CONTEXT_OBJECTS = (
 )
 
 
+def _location_dict(location: events_pb2.Location) -> dict[str, Any]:
+    values = {}
+    for name in ("city", "country", "region"):
+        if value := getattr(location, name):
+            values[name] = value
+    # proto3 doubles have no presence: (0, 0) is "not sent", but one zero coordinate of a pair is real.
+    if location.latitude or location.longitude:
+        values["latitude"] = location.latitude
+        values["longitude"] = location.longitude
+    return values
+
+
 def context_to_dict(context: events_pb2.Context) -> dict[str, Any]:
     """The context as computed traits read it (`$context.<path>`): Segment's key names, non-empty fields only."""
     out: dict[str, Any] = {}
@@ -143,22 +155,65 @@ def context_to_dict(context: events_pb2.Context) -> dict[str, Any]:
             if values:
                 out[key] = values
     if context.HasField("location"):
-        location = context.location
-        values = {}
-        for name in ("city", "country", "region"):
-            if value := getattr(location, name):
-                values[name] = value
-        # proto3 doubles have no presence: (0, 0) is "not sent", but one zero coordinate of a pair is real.
-        if location.latitude or location.longitude:
-            values["latitude"] = location.latitude
-            values["longitude"] = location.longitude
+        values = _location_dict(context.location)
         if values:
             out["location"] = values
     return out
 
 
-def to_profile_event(resolved: events_pb2.ResolvedEvent, *, needs_context: bool = False) -> ProfileEvent:
-    """The domain event; its `context` is converted only with `needs_context` (some definition reads it)."""
+_CONTEXT_SCALARS = {"ip": "ip", "locale": "locale", "timezone": "timezone", "userAgent": "user_agent"}
+_CONTEXT_OBJECT_FIELDS = {key: (field_name, fields) for field_name, key, fields in _CONTEXT_OBJECTS}
+
+
+def _context_field(context: events_pb2.Context, top: str) -> Any:
+    """One top-level field of `context_to_dict(context)` (None when it would be absent)."""
+    scalar = _CONTEXT_SCALARS.get(top)
+    if scalar is not None:
+        return getattr(context, scalar) or None
+    if top == "location":
+        return (_location_dict(context.location) or None) if context.HasField("location") else None
+    field_name, fields = _CONTEXT_OBJECT_FIELDS[top]
+    if not context.HasField(field_name):
+        return None
+    message = getattr(context, field_name)
+    return {json_name: value for proto_name, json_name in fields if (value := getattr(message, proto_name))} or None
+
+
+def context_kept(context: events_pb2.Context, paths: tuple[tuple[str, ...], ...]) -> Mapping[str, Any]:
+    """`context_subset(context_to_dict(context), paths)` without converting the fields `paths` leave out
+    (`ComputedTraits.context_keep`: what the definitions read and timeline entries keep); EMPTY if none."""
+    out = KeptContext(paths)
+    tops: dict[str, Any] = {}
+    for path in paths:
+        top = path[0]
+        if top in tops:
+            value = tops[top]
+        else:
+            value = tops[top] = _context_field(context, top)
+        if value is None:
+            continue
+        if len(path) == 1:
+            out[top] = value
+            continue
+        leaf = value.get(path[1]) if type(value) is dict else None
+        if leaf is None:
+            continue
+        node = out.get(top)
+        if node is None:
+            node = out[top] = {}
+        node[path[1]] = leaf
+    return out or EMPTY
+
+
+def to_profile_event(
+    resolved: events_pb2.ResolvedEvent,
+    *,
+    needs_context: bool = False,
+    context_keep: tuple[tuple[str, ...], ...] | None = None,
+) -> ProfileEvent:
+    """The domain event; its `context` is converted only with `needs_context` (some definition reads it),
+    and with `context_keep` only the fields at those paths (what definitions read and timeline entries
+    keep: the rest would be converted to be dropped)."""
     event = resolved.event
     kind = _TYPES.get(event.type, "track")
     if kind == "track":
@@ -176,7 +231,10 @@ def to_profile_event(resolved: events_pb2.ResolvedEvent, *, needs_context: bool 
             for channel, granted in event.context.consent.channel_preferences.items():
                 consent[f"channel:{channel}"] = granted
         if needs_context:
-            context = context_to_dict(event.context) or EMPTY
+            if context_keep is not None:
+                context = context_kept(event.context, context_keep)
+            else:
+                context = context_to_dict(event.context) or EMPTY
     return ProfileEvent(
         event_id=event_id_of(event),
         type=kind,

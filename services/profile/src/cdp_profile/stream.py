@@ -73,7 +73,8 @@ class EventsLogic:
         self.engine = engine
 
     def decode(self, delivery: Delivery) -> list:
-        return decode_events(delivery, needs_context=self.engine.defs.needs_context)
+        defs = self.engine.defs
+        return decode_events(delivery, needs_context=defs.needs_context, context_keep=defs.context_keep)
 
     async def apply(self, partition: int, items: list[list]) -> Effects:
         engine = self.engine

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import orjson
 
-from cdp_profile.domain import Profile
+from cdp_profile.domain import Profile, Retention
 from cdp_profile.domain.aggregates import ComputedState
 from cdp_profile.records import decode_profile, encode_profile
 
@@ -89,3 +89,70 @@ def test_a_score_change_reencodes_no_computed_state_and_an_event_only_those_it_f
     profile.apply(ev("v2", "page", "Home", NOW, properties={"section": "bags"}), defs, now=NOW)
     profile.to_json()
     assert sorted(encoded) == ["most_frequent", "unique"]  # the two page traits; the order traits are as they were
+
+
+def test_a_contribution_already_out_of_its_window_reencodes_nothing(ev, defs_of, profile_of, monkeypatch):
+    # A late event older than a window proves the trait exists but changes no state: the write that follows
+    # reuses every state's encoding (it made the 24h states again on every such event).
+    defs = defs_of(*DEFS)
+    profile = profile_of([ev("o1", "track", "Order Completed", NOW - HOUR, properties={"total": 10})], defs, now=NOW)
+    stored = profile.to_json()
+    encoded: list[str] = []
+    to_doc = ComputedState.to_doc
+
+    def counting(state: ComputedState) -> dict:
+        encoded.append(state.op)
+        return to_doc(state)
+
+    monkeypatch.setattr(ComputedState, "to_doc", counting)
+    late = ev("o0", "track", "Order Completed", NOW - 3 * DAY, properties={"total": 5})
+    profile.apply(late, defs, now=NOW)
+    written = orjson.loads(profile.to_json())
+    assert sorted(encoded) == ["sum"]  # revenue took the order; orders_24h and max_total_2d are as they were
+    before = orjson.loads(stored)["parts"][0]["computed"]
+    assert {name: written["parts"][0]["computed"][name] for name in ("orders_24h", "max_total_2d")} == {
+        name: before[name] for name in ("orders_24h", "max_total_2d")
+    }
+    monkeypatch.undo()
+    assert written == _fresh(profile)
+
+
+def test_the_stored_ids_without_a_timeline_entry_follow_retention_writes_and_merges(ev, defs_of, profile_of):
+    # The ids applied whose entries retention dropped (and API writes, which have none) are stored in `seen`;
+    # the profile keeps that list as it changes rather than walking its timeline on every write.
+    defs = defs_of(*DEFS)
+    retention = Retention(max_events=5)
+    ann = Profile.new("ann", retention=retention)
+    bob = Profile.new("bob", retention=retention)
+    for i in range(9):
+        ann.apply(
+            ev(f"a{i}", "track", "Order Completed", NOW - (20 - i) * HOUR, properties={"total": i}), defs, now=NOW
+        )
+        ann.to_json()  # a write after every event, as the engine does
+        bob.apply(ev(f"b{i}", "page", "Home", NOW - (20 - 2 * i) * HOUR, properties={"section": "x"}), defs, now=NOW)
+        bob.to_json()
+    ann.update_traits({"plan": "pro"}, source="api", at=NOW - HOUR, event_id="w1", now=NOW)
+    ann.apply(ev("late", "track", "Order Completed", NOW - 40 * HOUR, properties={"total": 1}), defs, now=NOW)
+    assert _seen_of(ann) == _recounted(ann)
+    assert [event_id for event_id, _ in _seen_of(ann)] == ["late", "a0", "a1", "a2", "a3", "w1"]
+    ann.merge(bob, merge_id="m1", at=NOW, defs=defs, now=NOW)
+    ann.to_json()
+    ann.apply(ev("a9", "track", "Order Completed", NOW - 2 * HOUR, properties={"total": 9}), defs, now=NOW)
+    assert _seen_of(ann) == _recounted(ann)
+    restored, _, _ = ann.split("bob", merge_id="m1", defs=defs, now=NOW)
+    assert _seen_of(ann) == _recounted(ann)
+    assert _seen_of(restored) == _recounted(restored)
+    loaded = decode_profile(encode_profile(ann), ann.timeline(), retention)
+    assert loaded.to_doc() == ann.to_doc()
+
+
+def _seen_of(profile: Profile) -> list:
+    return [item for part in orjson.loads(profile.to_json())["parts"] for item in part["seen"]]
+
+
+def _recounted(profile: Profile) -> list:
+    out = []
+    for part in profile.parts.values():
+        kept = {entry.event_id for entry in part.timeline}
+        out.extend([event_id, at] for at, event_id in sorted((at, i) for i, at in part.seen.items() if i not in kept))
+    return out

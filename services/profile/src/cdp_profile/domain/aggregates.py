@@ -684,12 +684,15 @@ class ComputedState:
         return self.agg.result(self.op)
 
     def add(self, at: float, event_id: str, value: Any, now: float) -> None:
-        self._encoded = None
         if self.window is None:
+            self._encoded = None
             self.agg.add(at, event_id, value)
             return
         if at + self.window <= now:
-            return  # already aged out: it only proves the trait exists (its value is the empty one)
+            # Already aged out: it only proves the trait exists (its value is the empty one). The state is
+            # as it was, and so is its encoding.
+            return
+        self._encoded = None
         entries = self.entries
         entry = (at, event_id, value)
         if not entries or (at, event_id) > _entry_key(entries[-1]):
@@ -771,7 +774,9 @@ class ComputedState:
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"op": self.op, "window": self.window, "sig": self.signature, "agg": self.agg.to_doc()}
         if self.entries is not None:
-            doc["entries"] = [list(entry) for entry in self.entries]
+            # (at, event_id, value) tuples, copied as a list: JSON writes a tuple as an array, and
+            # `from_doc` takes either (a list each was made of every entry on every write of the state).
+            doc["entries"] = list(self.entries)
         return doc
 
     def encoded(self) -> orjson.Fragment:

@@ -85,8 +85,21 @@ TIMELINE_CONTEXT: tuple[tuple[str, ...], ...] = (
 )
 
 
+class KeptContext(dict):
+    """A context made with only the fields at `paths` (`cdp_profile.events.context_kept`): what
+    `context_subset(..., paths)` gives, so taking that subset of it again returns it as it is."""
+
+    __slots__ = ("paths",)
+
+    def __init__(self, paths: tuple[tuple[str, ...], ...]) -> None:
+        super().__init__()
+        self.paths = paths
+
+
 def context_subset(context: Mapping[str, Any], paths: tuple[tuple[str, ...], ...]) -> Mapping[str, Any]:
     """The part of `context` at `paths` (none a prefix of another; leaves are shared, not copied); EMPTY if none."""
+    if type(context) is KeptContext and context.paths is paths:
+        return context
     out: dict[str, Any] = {}
     for path in paths:
         value: Any = context

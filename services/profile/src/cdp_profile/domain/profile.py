@@ -206,12 +206,50 @@ class Part:
     first_seen: float | None = None
     last_seen: float | None = None
     base: TimelineBase | None = None  # what retention dropped from the timeline, folded (None: nothing)
+    # The ids of `seen` without a timeline entry (id -> time), kept up to date by the profile as it changes
+    # `seen` and `timeline` (`_seen_only`, `_entered`, `_left`), with the very dict and list it was made
+    # for: a part written after every event listed them by walking both (the whole timeline, per write).
+    # None, or made for other objects: to be made again (`extra_seen`).
+    _extra: tuple[dict[str, float], list[TimelineEntry], dict[str, float]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def extra_seen(self) -> dict[str, float]:
+        """The ids in `seen` that have no timeline entry, with their times (unordered)."""
+        cached = self._extra
+        if cached is not None and cached[0] is self.seen and cached[1] is self.timeline:
+            return cached[2]
+        in_timeline = {entry.event_id for entry in self.timeline}
+        extra = {event_id: at for event_id, at in self.seen.items() if event_id not in in_timeline}
+        self._extra = (self.seen, self.timeline, extra)
+        return extra
+
+    def _seen_only(self, event_id: str, at: float) -> None:
+        """`event_id` was just added to `seen` (its timeline entry, if any, is not added yet)."""
+        cached = self._extra
+        if cached is not None and cached[0] is self.seen and cached[1] is self.timeline:
+            cached[2][event_id] = at
+
+    def _entered(self, entry: TimelineEntry) -> None:
+        """`entry` was just added to the timeline."""
+        cached = self._extra
+        if cached is not None and cached[0] is self.seen and cached[1] is self.timeline:
+            cached[2].pop(entry.event_id, None)
+
+    def _left(self, entries: Iterable[TimelineEntry]) -> None:
+        """`entries` were just taken off the timeline (their ids stay in `seen`, if they were there)."""
+        cached = self._extra
+        if cached is not None and cached[0] is self.seen and cached[1] is self.timeline:
+            seen, extra = self.seen, cached[2]
+            for entry in entries:
+                at = seen.get(entry.event_id)
+                if at is not None:
+                    extra[entry.event_id] = at
 
     def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
         """JSON-serialisable; with `encoded`, the computed states are their cached encodings (orjson
         fragments: only for `orjson.dumps`), re-made only for the states that changed since."""
-        in_timeline = {entry.event_id for entry in self.timeline}
-        extra = sorted((at, event_id) for event_id, at in self.seen.items() if event_id not in in_timeline)
+        extra = self.extra_seen()
         doc = {
             "origin": self.origin,
             "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
@@ -220,7 +258,8 @@ class Part:
             # Score.to_doc's list, made inline (every write of the profile lists every score)
             "scores": {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
             "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
-            "seen": [[event_id, at] for at, event_id in extra],  # timeline ids are not repeated here
+            # timeline ids are not repeated here
+            "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())],
             "identifiers": sorted(self.identifiers),
             "event_count": self.event_count,
             "first_seen": self.first_seen,
@@ -807,6 +846,7 @@ class Profile:
             part.seen[entry.event_id] = entry.at
         for part in parts.values():
             part.timeline.sort()
+            part._extra = None
         return profile
 
     # --- internals -------------------------------------------------------------------------------
@@ -817,10 +857,11 @@ class Profile:
     def _remember(self, part: Part, event_id: str, at: float) -> None:
         seen = part.seen
         seen[event_id] = at
+        part._seen_only(event_id, at)
         keep = max(self.retention.max_events, MIN_SEEN_IDS)
         if len(seen) > keep + (keep >> 2):  # trim in steps so the sort is amortised over many events
             newest = sorted(seen.items(), key=lambda item: (item[1], item[0]))[-keep:]
-            part.seen = dict(newest)
+            part.seen = dict(newest)  # a new dict: the part's `extra_seen` is made again
 
     def _check_write(self, source: Any, at: Any, event_id: Any) -> None:
         if not isinstance(event_id, str) or not event_id:
@@ -961,6 +1002,7 @@ class Profile:
                 timeline.append(entry)
             else:
                 _insort_entry(timeline, entry)
+            part._entered(entry)
             change.timeline_added.append(entry)
             removed = change.timeline_removed
             start = len(removed)
@@ -970,6 +1012,7 @@ class Profile:
                 while timeline and timeline[0].at + max_age <= now:
                     removed.append(timeline.pop(0))
             if len(removed) > start:
+                part._left(removed[start:])
                 self._fold(part, removed[start:], defs)
             return
         if sum(len(p.timeline) for p in self.parts.values()) >= retention.max_events:
@@ -978,6 +1021,7 @@ class Profile:
                 self._fold(part, [entry], defs)
                 return
         _insort_entry(timeline, entry)
+        part._entered(entry)
         change.timeline_added.append(entry)
         change.timeline_removed.extend(self._enforce_retention(now, defs))
 
@@ -997,6 +1041,7 @@ class Profile:
                 if count:
                     lost[index] = timeline[:count]
                     del timeline[:count]
+                    part._left(lost[index])
         excess = sum(len(p.timeline) for p in parts) - self.retention.max_events
         if excess > 0:
             cut = dict.fromkeys(range(len(parts)), 0)
@@ -1008,8 +1053,10 @@ class Profile:
                 cut[index] += 1
             for index, count in cut.items():
                 if count:
-                    lost.setdefault(index, []).extend(parts[index].timeline[:count])
+                    gone = parts[index].timeline[:count]
+                    lost.setdefault(index, []).extend(gone)
                     del parts[index].timeline[:count]
+                    parts[index]._left(gone)
         for index, entries in lost.items():
             self._fold(parts[index], entries, defs)
             dropped.extend(entries)
@@ -1082,6 +1129,7 @@ class Profile:
                 continue
             entries = {entry.event_id: entry for entry in part.timeline if entry.event_id in duplicates}
             part.timeline = [entry for entry in part.timeline if entry.event_id not in duplicates]
+            part._extra = None  # ids leave `seen` below
             for event_id in duplicates:
                 entry = entries.get(event_id)
                 del part.seen[event_id]
