@@ -52,10 +52,8 @@ def decode_profile(doc: dict[str, Any], timeline: Iterable[TimelineEntry], reten
 def encode_scores(profile: Profile) -> dict[str, Any]:
     """The scores record of a live profile: its own part's scores (where `set_scores` writes them), one
     JSON string like the profile (the port checks a string, not a walk over every score)."""
-    scores = profile.parts[profile.person_id].scores
-    # Score.to_doc's list, made inline: this runs for every person of every scores batch.
-    encoded = {name: [s.value, s.model, s.version, s.at] for name, s in scores.items()}
-    return {"scores": orjson.dumps(encoded).decode()}
+    # Kept with the part until a score changes (this runs for every person of every scores batch).
+    return {"scores": profile.parts[profile.person_id].scores_json()[0].decode()}
 
 
 def overlay_scores(profile: Profile, doc: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import orjson
 
 from cdp_profile.domain import Profile, Retention
 from cdp_profile.domain.aggregates import ComputedState
-from cdp_profile.records import decode_profile, encode_profile
+from cdp_profile.records import decode_profile, encode_profile, encode_scores, overlay_scores
 
 DAY = 86400.0
 HOUR = 3600.0
@@ -156,3 +156,28 @@ def _recounted(profile: Profile) -> list:
         kept = {entry.event_id for entry in part.timeline}
         out.extend([event_id, at] for at, event_id in sorted((at, i) for i, at in part.seen.items() if i not in kept))
     return out
+
+
+def test_the_stored_scores_follow_every_change_of_the_scores():
+    # The scores' JSON is kept with the part until one changes (profile record and scores record alike).
+    profile = Profile.new("ann")
+    written = []
+    profile.set_scores({"churn": 0.5, "clv": 10.0}, model="m", version="1", at=NOW)
+    written.append(profile.to_json())
+    profile.set_scores({"churn": 0.25}, model="m", version="1", at=NOW + 1)
+    written.append(profile.to_json())
+    profile.set_scores({"churn": 0.75}, model="m", version="1", at=NOW - 1)  # older: changes nothing
+    written.append(profile.to_json())
+    overlay_scores(profile, {"scores": orjson.dumps({"clv": [12.0, "m", "2", NOW + 2]}).decode()})
+    written.append(profile.to_json())
+    profile.set_scores({"fraud": 0.1}, model="f", version="1", at=NOW + 3)
+    written.append(profile.to_json())
+    assert [orjson.loads(doc)["parts"][0]["scores"] for doc in written] == [
+        {"churn": [0.5, "m", "1", NOW], "clv": [10.0, "m", "1", NOW]},
+        {"churn": [0.25, "m", "1", NOW + 1], "clv": [10.0, "m", "1", NOW]},
+        {"churn": [0.25, "m", "1", NOW + 1], "clv": [10.0, "m", "1", NOW]},
+        {"churn": [0.25, "m", "1", NOW + 1], "clv": [12.0, "m", "2", NOW + 2]},
+        {"churn": [0.25, "m", "1", NOW + 1], "clv": [12.0, "m", "2", NOW + 2], "fraud": [0.1, "f", "1", NOW + 3]},
+    ]
+    assert orjson.loads(encode_scores(profile)["scores"]) == _fresh(profile)["parts"][0]["scores"]
+    assert orjson.loads(written[-1]) == _fresh(profile)

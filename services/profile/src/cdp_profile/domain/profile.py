@@ -213,6 +213,32 @@ class Part:
     _extra: tuple[dict[str, float], list[TimelineEntry], dict[str, float]] | None = field(
         default=None, compare=False, repr=False
     )
+    # The JSON of `scores` (`scores_json`) with the Score objects it was made of: every write of the profile
+    # (and of its scores record) lists every score, and scores change far less often than that.
+    _scores_json: tuple[list[tuple[str, Score]], bytes, orjson.Fragment] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def scores_json(self) -> tuple[bytes, orjson.Fragment]:
+        """`scores` as stored (name -> [value, model, version, at]), as JSON and as a fragment for orjson;
+        made again only when some score is not the very object it was made of (a Score never changes)."""
+        scores = self.scores
+        cached = self._scores_json
+        if cached is not None:
+            made = cached[0]
+            if len(made) == len(scores):
+                for (name, score), (was_name, was) in zip(scores.items(), made, strict=True):
+                    if score is not was or name != was_name:
+                        break
+                else:
+                    return cached[1], cached[2]
+        # Score.to_doc's list, made inline. A copy of orjson's bytes, which keep its whole output buffer.
+        data = bytes(
+            memoryview(orjson.dumps({name: [s.value, s.model, s.version, s.at] for name, s in scores.items()}))
+        )
+        fragment = orjson.Fragment(data)
+        self._scores_json = (list(scores.items()), data, fragment)
+        return data, fragment
 
     def extra_seen(self) -> dict[str, float]:
         """The ids in `seen` that have no timeline entry, with their times (unordered)."""
@@ -255,8 +281,9 @@ class Part:
             "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
             "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
             "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
-            # Score.to_doc's list, made inline (every write of the profile lists every score)
-            "scores": {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
+            "scores": self.scores_json()[1]
+            if encoded
+            else {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
             "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
             # timeline ids are not repeated here
             "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())],
