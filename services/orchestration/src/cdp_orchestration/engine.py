@@ -176,18 +176,20 @@ class OrchestrationLogic:
             await load_stats(self.store, partition, hot)
         inputs = [i for item in items for i in item]
         await load_persons(self.store, hot, {i.person_id for i in inputs})
+        persons, touched = hot.persons, batch.touched
         for one in inputs:
-            person = hot.persons[one.person_id]
-            hot.persons.move_to_end(one.person_id)
+            person = persons[one.person_id]
+            persons.move_to_end(one.person_id)
             if person.forgotten and one.kind != "forget":
                 await self._dropped(batch, one)
                 continue
-            batch.touched[person.person_id] = person
+            touched[one.person_id] = person
             await self._handle(hot, batch, person, one)
-        for person in batch.touched.values():
-            for instance in person.changed.values():
-                batch.put(INSTANCES, instance.id, instance_record(instance))
-            person.changed.clear()
+        for person in touched.values():
+            if person.changed:
+                for instance in person.changed.values():
+                    batch.put(INSTANCES, instance.id, instance_record(instance))
+                person.changed.clear()
             if person.dirty:
                 batch.put(PERSONS, person.person_id, person.record())
                 person.dirty = False
