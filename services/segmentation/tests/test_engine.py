@@ -173,6 +173,33 @@ async def test_a_new_segment_is_evaluated_over_the_population_then_kept_current(
     assert "churny" in engine.membership("p1")
 
 
+async def test_builds_running_at_once_each_go_live_whichever_ends_first(setup, monkeypatch):
+    # An import creates many segments at once. Each build keeps the set of persons changed while it evaluates
+    # the population; one ending first must take its own set away, not another build's equal one (two empty
+    # sets are equal): the other then failed going live with "list.remove(x): x not in list".
+    engine, *_ = setup
+    await engine.handle([changed([change("p1", traits={"plan": "free"})], 1)])
+    population, evaluated, gate = engine._population, asyncio.Event(), asyncio.Event()
+
+    async def held_back(compiled, *, progress):
+        result = await population(compiled, progress=progress)
+        if progress.id == "slow":
+            evaluated.set()
+            await gate.wait()  # evaluated; goes live only once "fast" is live and p1 has changed
+        return result
+
+    monkeypatch.setattr(engine, "_population", held_back)
+    await engine.create("slow", parse('traits.plan = "pro"'))
+    await evaluated.wait()
+    assert (await create(engine, "fast", "scores.x > 1")).state == LIVE
+    await engine.handle([changed([change("p1", traits={"plan": "pro"}, at=T0 + 5)], 2)])
+    gate.set()
+    slow = await engine.wait_live("slow")
+    assert (slow.state, slow.error) == (LIVE, "")
+    assert set(engine.membership("p1")) == {"slow"}
+    assert engine._touched == []
+
+
 async def test_an_update_publishes_the_membership_difference(setup, nats_server):
     engine, *_ = setup
     await engine.handle([changed([change(f"p{i}", scores={"churn": i / 10}) for i in range(10)], 1)])

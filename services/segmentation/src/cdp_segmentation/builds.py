@@ -203,7 +203,7 @@ class Builds:
                         self._schedule_evaluated(segment, held, evaluated_at)
                     # The segments referring to this one, for the persons it moved (as `_adopt_now` does).
                     self._readers_after(segment, sorted(entered + exited), now, by_partition)
-                    self._touched.remove(touched)
+                    self._forget_touched(touched)
                     await self._publish_durably(
                         [m for p, ts in sorted(by_partition.items()) for m in self._messages(p, ts)]
                     )
@@ -237,8 +237,16 @@ class Builds:
                 async with self._lifecycle_lock:
                     await self._release_traits(compiled)
         finally:
-            if touched in self._touched:
-                self._touched.remove(touched)
+            self._forget_touched(touched)
+
+    def _forget_touched(self, touched: set[str]) -> None:
+        """Stop adding changed persons to this build's set. By identity: `list.remove` takes the first
+        *equal* set, and two builds running at once (an import) often have equal ones (both empty), so it
+        took the other build's, which then went on missing changes and failed to go live."""
+        for index, held in enumerate(self._touched):
+            if held is touched:
+                del self._touched[index]
+                return
 
     async def adopt(self, segment: Segment) -> None:
         """A live segment another replica built (its announcement came after the build was done): the
