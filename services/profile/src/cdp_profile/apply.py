@@ -27,7 +27,7 @@ from cdp_kit.profile_fields import SCORES, field_key
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import to_seconds
 from cdp_profile.domain import ComputedTraits, Profile, ProfileChange, ProfileEvent
-from cdp_profile.events import received_time, to_profile_event
+from cdp_profile.events import event_and_received
 from cdp_profile.records import PROFILES
 from cdp_profile.records import SCORES as SCORE_RECORDS
 from cdp_profile.state import HotProfiles
@@ -69,15 +69,13 @@ def decode_events(
         message.ParseFromString(delivery.data)
     except DecodeError as exc:
         raise Reject("invalid_message", "data", f"not a cdp.events.v1.ResolvedEventBatch ({exc})") from None
-    return [
-        (
-            resolved.person_id,
-            to_profile_event(resolved, needs_context=needs_context, context_keep=context_keep),
-            received_time(resolved.event),
-        )
-        for resolved in message.events
-        if resolved.person_id
-    ]
+    out = []
+    for resolved in message.events:
+        person = resolved.person_id
+        if person:
+            event, received = event_and_received(resolved, resolved.event, needs_context, context_keep)
+            out.append((person, event, received))
+    return out
 
 
 def apply_events(

@@ -8,7 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from cdp.events.v1 import events_pb2
-from cdp_kit.timestamps import event_stamp, to_seconds
+from cdp_kit.timestamps import NANOS, event_stamp, to_seconds
 from cdp_profile.domain import ProfileEvent
 from cdp_profile.domain.events import EMPTY, KeptContext
 
@@ -214,40 +214,70 @@ def to_profile_event(
     """The domain event; its `context` is converted only with `needs_context` (some definition reads it),
     and with `context_keep` only the fields at those paths (what definitions read and timeline entries
     keep: the rest would be converted to be dropped)."""
-    event = resolved.event
+    return event_and_received(resolved, resolved.event, needs_context, context_keep)[0]
+
+
+def event_and_received(
+    resolved: events_pb2.ResolvedEvent,
+    event: events_pb2.Event,
+    needs_context: bool,
+    context_keep: tuple[tuple[str, ...], ...] | None,
+) -> tuple[ProfileEvent, float]:
+    """`to_profile_event`, and `received_time` of the event (both read its times: each event of every batch
+    comes through here)."""
     kind = _TYPES.get(event.type, "track")
     if kind == "track":
         name = event.event
-    elif kind in ("page", "screen"):
+    elif kind == "page" or kind == "screen":
         name = event.name
     else:
         name = ""
     consent: dict[str, bool] = {}
     context: Mapping[str, Any] = EMPTY
     if event.HasField("context"):
-        if event.context.HasField("consent"):
-            for purpose, granted in event.context.consent.category_preferences.items():
+        event_context = event.context
+        if event_context.HasField("consent"):
+            for purpose, granted in event_context.consent.category_preferences.items():
                 consent[f"purpose:{purpose}"] = granted
-            for channel, granted in event.context.consent.channel_preferences.items():
+            for channel, granted in event_context.consent.channel_preferences.items():
                 consent[f"channel:{channel}"] = granted
         if needs_context:
             if context_keep is not None:
-                context = context_kept(event.context, context_keep)
+                context = context_kept(event_context, context_keep)
             else:
-                context = context_to_dict(event.context) or EMPTY
-    return ProfileEvent(
-        event_id=event_id_of(event),
-        type=kind,
-        name=name,
-        at=event_time(event),
-        source=event.source_id or "unknown",
-        properties=struct_to_dict(event.properties) if event.HasField("properties") else {},
-        traits=struct_to_dict(event.traits) if event.HasField("traits") else {},
-        consent=consent,
-        identifiers=tuple(resolved.identifiers),
-        group_id=event.group_id,
-        context=context,
-        user_id=event.user_id,
-        anonymous_id=event.anonymous_id,
-        shared=dict(resolved.shared_with) if resolved.shared_with else EMPTY,
+                context = context_to_dict(event_context) or EMPTY
+    # event_time and received_time at once (`cdp_kit.timestamps.event_stamp`'s rule)
+    if event.HasField("received_at"):
+        received_at = event.received_at
+        received = received_at.seconds + received_at.nanos / NANOS
+        if event.HasField("timestamp"):
+            stamp = event.timestamp
+            seconds, nanos = stamp.seconds, stamp.nanos
+            if seconds * NANOS + nanos > received_at.seconds * NANOS + received_at.nanos:
+                at = received
+            else:
+                at = seconds + nanos / NANOS
+        else:
+            at = received
+    else:
+        at = received = event_time(event)
+    shared = resolved.shared_with
+    return (
+        ProfileEvent(
+            f"{event.source_id}:{event.message_id}",  # event_id_of
+            kind,
+            name,
+            at,
+            event.source_id or "unknown",
+            struct_to_dict(event.properties) if event.HasField("properties") else {},
+            struct_to_dict(event.traits) if event.HasField("traits") else {},
+            consent,
+            tuple(resolved.identifiers),
+            event.group_id,
+            context,
+            event.user_id,
+            event.anonymous_id,
+            dict(shared) if shared else EMPTY,
+        ),
+        received,
     )

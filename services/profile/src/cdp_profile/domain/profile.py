@@ -39,6 +39,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from math import isfinite
+from operator import is_
 from typing import Any
 
 import orjson
@@ -215,29 +216,29 @@ class Part:
     )
     # The JSON of `scores` (`scores_json`) with the Score objects it was made of: every write of the profile
     # (and of its scores record) lists every score, and scores change far less often than that.
-    _scores_json: tuple[list[tuple[str, Score]], bytes, orjson.Fragment] | None = field(
+    _scores_json: tuple[tuple[str, ...], tuple[Score, ...], bytes, orjson.Fragment] | None = field(
         default=None, compare=False, repr=False
     )
 
     def scores_json(self) -> tuple[bytes, orjson.Fragment]:
         """`scores` as stored (name -> [value, model, version, at]), as JSON and as a fragment for orjson;
-        made again only when some score is not the very object it was made of (a Score never changes)."""
+        made again only when the names or the Score objects are not the very ones it was made of (a Score
+        never changes)."""
         scores = self.scores
         cached = self._scores_json
-        if cached is not None:
-            made = cached[0]
-            if len(made) == len(scores):
-                for (name, score), (was_name, was) in zip(scores.items(), made, strict=True):
-                    if score is not was or name != was_name:
-                        break
-                else:
-                    return cached[1], cached[2]
+        if (
+            cached is not None
+            and len(cached[1]) == len(scores)
+            and all(map(is_, scores.values(), cached[1]))
+            and all(map(is_, scores, cached[0]))
+        ):
+            return cached[2], cached[3]
         # Score.to_doc's list, made inline. A copy of orjson's bytes, which keep its whole output buffer.
         data = bytes(
             memoryview(orjson.dumps({name: [s.value, s.model, s.version, s.at] for name, s in scores.items()}))
         )
         fragment = orjson.Fragment(data)
-        self._scores_json = (list(scores.items()), data, fragment)
+        self._scores_json = (tuple(scores), tuple(scores.values()), data, fragment)
         return data, fragment
 
     def extra_seen(self) -> dict[str, float]:
