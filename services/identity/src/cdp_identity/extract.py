@@ -19,13 +19,15 @@ ALIAS = events_pb2.EVENT_TYPE_ALIAS
 TOP_LEVEL = ("user_id", "anonymous_id", "previous_id")
 DEVICE = ("id", "advertising_id", "token")
 
-# Whether a struct is there at all (far cheaper than touching an absent one's fields), and the struct.
-_STRUCTS: dict[str, tuple[Callable[[events_pb2.Event], bool], Callable[[events_pb2.Event], struct_pb2.Struct]]] = {
-    "traits": (lambda e: e.HasField("traits"), lambda e: e.traits),
-    "context.traits": (lambda e: e.HasField("context") and e.context.HasField("traits"), lambda e: e.context.traits),
-    "properties": (lambda e: e.HasField("properties"), lambda e: e.properties),
-    "extra": (lambda e: e.HasField("extra"), lambda e: e.extra),
-    "context.extra": (lambda e: e.HasField("context") and e.context.HasField("extra"), lambda e: e.context.extra),
+# Whether a struct is there at all (far cheaper than touching an absent one's fields), and the struct;
+# each is given the event and its context (None when the event has none), read once per event.
+_Select = Callable[[events_pb2.Event, events_pb2.Context | None], struct_pb2.Struct]
+_STRUCTS: dict[str, tuple[Callable[[events_pb2.Event, events_pb2.Context | None], bool], _Select]] = {
+    "traits": (lambda e, c: e.HasField("traits"), lambda e, c: e.traits),
+    "context.traits": (lambda e, c: c is not None and c.HasField("traits"), lambda e, c: c.traits),  # type: ignore[union-attr]
+    "properties": (lambda e, c: e.HasField("properties"), lambda e, c: e.properties),
+    "extra": (lambda e, c: e.HasField("extra"), lambda e, c: e.extra),
+    "context.extra": (lambda e, c: c is not None and c.HasField("extra"), lambda e, c: c.extra),  # type: ignore[union-attr]
 }
 _LONGEST_FIRST = sorted(_STRUCTS, key=len, reverse=True)
 
@@ -74,18 +76,24 @@ class Extractor:
 
     def extract(self, event: events_pb2.Event) -> list[tuple[str, str]]:
         pairs = [(kind, value) for attr, kind in self.fields if (value := getattr(event, attr))]
-        if self.device and event.context.HasField("device"):
-            device = event.context.device
+        context = event.context if event.HasField("context") else None
+        if self.device and context is not None and context.HasField("device"):
+            device = context.device
             pairs.extend((kind, value) for attr, kind in self.device if (value := getattr(device, attr)))
         for present, select, keys in self.struct_groups:
-            if not present(event):
+            if not present(event, context):
                 continue
-            fields = select(event).fields
+            fields = select(event, context).fields
             for key, kind in keys:
                 if key in fields and (value := _scalar(fields[key])) is not None:
                     pairs.append((kind, value))
-        if self.external and _STRUCTS["context.extra"][0](event) and "externalIds" in event.context.extra.fields:
-            for item in event.context.extra.fields["externalIds"].list_value.values:
+        if (
+            self.external
+            and context is not None
+            and context.HasField("extra")
+            and "externalIds" in context.extra.fields
+        ):
+            for item in context.extra.fields["externalIds"].list_value.values:
                 entry = item.struct_value.fields
                 kind = self.external.get(entry["type"].string_value) if "type" in entry else None
                 if kind is not None and "id" in entry and (value := _scalar(entry["id"])) is not None:

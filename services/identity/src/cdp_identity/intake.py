@@ -35,6 +35,8 @@ from cdp_kit import timestamps
 # Timestamp's own range (0001-01-01T00:00:00Z .. 9999-12-31T23:59:59Z), in whole seconds.
 MIN_SECONDS = timestamps.MIN_NS // timestamps.NANOS
 MAX_SECONDS = timestamps.MAX_NS // timestamps.NANOS
+NANOS = timestamps.NANOS
+NS_PER_MS = 1_000_000
 # Room on a resolved message for what identity adds around the raw event beyond its identifier keys
 # (person id, field tags, dropped identifiers' reasons) and for the headers (message id, trace context).
 RESOLVED_OVERHEAD_BYTES = 4 * 1024
@@ -92,16 +94,27 @@ def check_event(event: events_pb2.Event, pairs: list[tuple[str, str]]) -> tuple[
     for kind, value in pairs:
         if "\x00" in value:
             raise Unusable("invalid_identifier", kind, "the value contains a NUL character, which no store keys hold")
-    stamp = event.timestamp if event.HasField("timestamp") else None
-    received = event.received_at if event.HasField("received_at") else None
-    for name, checked in (("timestamp", stamp), ("received_at", received)):
-        if checked is not None and not MIN_SECONDS <= checked.seconds <= MAX_SECONDS:
-            raise Unusable("invalid_event", name, "is outside 0001-01-01..9999-12-31")
+    # Each stamp's two fields read once (a protobuf read is what this costs).
+    has = event.HasField
+    stamp_ns = received_ns = None
+    if has("timestamp"):
+        stamp = event.timestamp
+        seconds = stamp.seconds
+        if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+            raise Unusable("invalid_event", "timestamp", "is outside 0001-01-01..9999-12-31")
+        stamp_ns = seconds * NANOS + stamp.nanos
+    if has("received_at"):
+        stamp = event.received_at
+        seconds = stamp.seconds
+        if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+            raise Unusable("invalid_event", "received_at", "is outside 0001-01-01..9999-12-31")
+        received_ns = seconds * NANOS + stamp.nanos
     # timestamps.event_stamp: the event's own time, never later than its arrival.
-    if stamp is None or (received is not None and timestamps.to_ns(stamp) > timestamps.to_ns(received)):
-        stamp = received
-    at = timestamps.to_ms(stamp) if stamp is not None else 0
-    return at or int(time.time() * 1000), (timestamps.to_ms(received) or 0) if received is not None else 0
+    if stamp_ns is None or (received_ns is not None and stamp_ns > received_ns):
+        stamp_ns = received_ns
+    # timestamps.to_ms of each: seconds * 1000 + nanos // 1e6, which is the ns floored to ms.
+    at = stamp_ns // NS_PER_MS if stamp_ns is not None else 0
+    return at or int(time.time() * 1000), (received_ns // NS_PER_MS or 0) if received_ns is not None else 0
 
 
 def check_size(raw: bytes, identifier_keys: list[str], max_payload: int) -> None:

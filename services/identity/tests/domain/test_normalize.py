@@ -206,3 +206,21 @@ def test_exact_values_keep_their_case_and_lower_values_fold_it():
         Identifier("user_id", "abc", 0),
         Identifier("handle", "abc", 1),
     ]
+
+
+def test_the_same_pairs_again_give_the_same_answer_in_lists_of_their_own():
+    n = normalizer()
+    pairs = [("anonymous_id", "anon-1"), ("email", "ADA@example.com"), ("email", "not an email")]
+    first_accepted, first_rejected = n.normalize(pairs)
+    # The engine extends an event's rejected list (an alias's previous id): that must not reach the next event.
+    first_accepted.append(Identifier("user_id", "u-2", 0))
+    first_rejected.append(Rejected("user_id", "u-2", "blocked"))
+    accepted, rejected = n.normalize(list(pairs))
+    assert [i.key for i in accepted] == ["email:ada@example.com", "anonymous_id:anon-1"]
+    assert [(r.type, r.reason) for r in rejected] == [("email", "invalid")]
+
+
+def test_a_full_cache_of_events_starts_again_and_answers_alike():
+    n = Normalizer(MergeRules.from_dict({}), events_cache_size=2)
+    answers = [n.normalize([("user_id", f"u-{i % 3}")]) for i in range(9)]
+    assert [[i.key for i in accepted] for accepted, _ in answers] == [[f"user_id:u-{i % 3}"] for i in range(9)]

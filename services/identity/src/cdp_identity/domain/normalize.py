@@ -53,12 +53,27 @@ class Normalizer:
     """Normalises raw (type, value) pairs under one set of rules; results are cached (hot identifiers
     repeat on almost every event)."""
 
-    def __init__(self, rules: MergeRules, cache_size: int = 262_144) -> None:
+    def __init__(self, rules: MergeRules, cache_size: int = 262_144, events_cache_size: int = 32_768) -> None:
         self.rules = rules
         self.normalize_one = lru_cache(maxsize=cache_size)(self._normalize_one)
+        # Whole events' pairs too: a person's events carry the same ones over and over. Bounded (about
+        # 500 bytes an entry): past `events_cache_size` entries it starts again.
+        self._events: dict[tuple[tuple[str, str], ...], tuple[tuple[Identifier, ...], tuple[Rejected, ...]]] = {}
+        self._events_limit = events_cache_size
 
     def normalize(self, pairs: list[tuple[str, str]]) -> tuple[list[Identifier], list[Rejected]]:
-        """Normalised identifiers (deduplicated, strongest first) and the rejected ones."""
+        """Normalised identifiers (deduplicated, strongest first) and the rejected ones (new lists each
+        call: the caller may change them)."""
+        key = tuple(pairs)
+        known = self._events.get(key)
+        if known is None:
+            if len(self._events) >= self._events_limit:
+                self._events.clear()
+            accepted, rejected = self._normalize(pairs)
+            known = self._events[key] = (tuple(accepted), tuple(rejected))
+        return list(known[0]), list(known[1])
+
+    def _normalize(self, pairs: list[tuple[str, str]]) -> tuple[list[Identifier], list[Rejected]]:
         accepted: dict[str, Identifier] = {}
         rejected: list[Rejected] = []
         for kind, value in pairs:
