@@ -650,3 +650,38 @@ async def test_a_read_during_an_api_write_shows_the_new_trait_only_once_it_is_wr
             held.release.set()
         await asyncio.wait_for(writing, 10)
         assert (await asyncio.wait_for(reading, 10)).traits["plan"].value.string_value == "pro"
+
+
+async def backfilled(engine: ProfileEngine) -> None:
+    for task in list(engine._tasks):
+        if task.get_name().startswith("backfill"):
+            await task
+
+
+async def test_deleting_a_computed_trait_publishes_its_removal_so_readers_drop_it(engine, nats_server):
+    # Segmentation and orchestration hold a copy of every field they read, from profiles.changed: a
+    # definition deleted without a change kept its segments' members for good (found by a marketer trial).
+    await engine.define(ComputedTrait.from_dict({"name": "orders", "op": "count", "event_names": ["Order Completed"]}))
+    await engine.events.feed(events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10)]))
+    await engine.undefine("orders")
+    last = (await changes_of(nats_server.url, "p1"))[-1]
+    assert last.cause == "backfill" and list(last.computed) == ["orders"]
+    assert last.computed["orders"].WhichOneof("kind") == "null_value"
+    assert "orders" not in engine.profiles["p1"].view(now=T0).computed
+
+
+async def test_redefining_a_computed_trait_publishes_the_removal_of_values_it_no_longer_has(engine, nats_server):
+    await engine.define(ComputedTrait.from_dict({"name": "big", "op": "count", "event_names": ["Order Completed"]}))
+    await engine.events.feed(
+        events_pb2.ResolvedEventBatch(events=[order("o1", "p1", T0, 10), order("o2", "p2", T0, 500)])
+    )
+    await engine.define(
+        ComputedTrait.from_dict(
+            {"name": "big", "op": "count", "event_names": ["Order Completed"], "where": {"revenue": {"$gt": 100}}}
+        )
+    )
+    await backfilled(engine)
+    p1, p2 = (await changes_of(nats_server.url, "p1"))[-1], (await changes_of(nats_server.url, "p2"))[-1]
+    assert p1.cause == "backfill" and p1.computed["big"].WhichOneof("kind") == "null_value"  # was 1, now none
+    assert p2.cause == "backfill" and p2.computed["big"].number_value == 1
+    assert "big" not in engine.profiles["p1"].view(now=T0).computed

@@ -5,7 +5,9 @@ backfill: the retained timelines of the hot profiles are replayed into it, in ch
 chunk a group commit of its own (with the progress) and its changes published with cause "backfill";
 the stream path runs between chunks. A backfill interrupted by a restart starts again from the first
 profile (replaying a profile into a definition sets its value, it does not add to it). Redefining a
-name drops the old values first; deleting one drops its values from every profile.
+name drops the old values first (a person the new definition gives no value is published as having none);
+deleting one drops its values from every profile, and that is published too (cause "backfill"): readers
+of profiles.changed hold a copy of every value.
 
 At most `max_held` definitions are held: every one costs every matching event a contribution and every
 profile a value.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cdp_kit.errors import NotFound, ResourceExhausted
@@ -37,6 +39,9 @@ class Backfill:
     state: str = "backfilling"
     done: int = 0
     total: int = 0
+    # Persons who had a value of the definition this one replaced: one the new definition gives no value
+    # is published as gone. In memory only: a backfill started again after a restart has none.
+    dropped: set[str] = field(default_factory=set)
 
     def doc(self) -> dict[str, Any]:
         return {
@@ -105,8 +110,9 @@ class ComputedTraitCatalogue:
         engine = self._engine
         backfill = Backfill(trait=trait, defined_at=engine.clock())
         if known is not None:
-            for profile in engine.hot.profiles.values():
-                profile.drop_computed(trait.name)
+            backfill.dropped = {
+                person for person, profile in engine.hot.profiles.items() if profile.drop_computed(trait.name)
+            }
         self.backfills[trait.name] = backfill
         self._compile()
         await engine.commit({}, ops=[Put(DEFINITIONS, trait.name, backfill.doc())])
@@ -118,10 +124,13 @@ class ComputedTraitCatalogue:
             raise NotFound(f"no computed trait named {name!r}", reason="unknown_trait")
         del self.backfills[name]
         self._compile()
-        profiles = self._engine.hot.profiles
-        for profile in profiles.values():
-            profile.drop_computed(name)
-        await self._engine.commit({}, ops=[Delete(DEFINITIONS, name)], dirty=profiles)
+        engine = self._engine
+        profiles = engine.hot.profiles
+        # Published: segmentation and orchestration hold a copy of the value and must drop it too.
+        changes = {person: change for person, profile in profiles.items() if (change := profile.drop_computed(name))}
+        await engine.write(
+            changes, cause="backfill", now=engine.clock(), ops=[Delete(DEFINITIONS, name)], dirty=profiles
+        )
 
     async def _backfill(self, backfill: Backfill, *, chunk: int = 500) -> None:
         """Replay the retained timelines into a new definition, reporting progress as it goes."""
@@ -140,6 +149,8 @@ class ComputedTraitCatalogue:
                 profile = hot.profiles.get(person)
                 if profile is not None:
                     change = profile.backfill(backfill.trait, now=now)
+                    if person in backfill.dropped and name not in change.computed:
+                        change.computed[name] = None  # it had a value under the definition replaced
                     if change:
                         changes[person] = change
                     # Written even when nothing visible changed: the definition's state is stored too.
