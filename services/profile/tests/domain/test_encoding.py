@@ -181,3 +181,36 @@ def test_the_stored_scores_follow_every_change_of_the_scores():
     ]
     assert orjson.loads(encode_scores(profile)["scores"]) == _fresh(profile)["parts"][0]["scores"]
     assert orjson.loads(written[-1]) == _fresh(profile)
+
+
+def test_the_stored_histories_follow_every_change_of_traits_groups_and_consent(ev, defs_of):
+    # Each history's JSON is kept until it changes: new versions, late ones landing in the middle, new keys,
+    # and a merge taking out the loser's copies of events both persons had.
+    defs = defs_of(*DEFS)
+    ann, bob = Profile.new("ann"), Profile.new("bob")
+    steps = [
+        (ann, ev("i1", "identify", at=NOW - 5 * HOUR, traits={"plan": "free", "city": "Lyon"})),
+        (ann, ev("i2", "identify", at=NOW - 3 * HOUR, traits={"plan": "pro"})),
+        (ann, ev("i0", "identify", at=NOW - 9 * HOUR, traits={"plan": "trial", "email": "a@x"})),  # late
+        (ann, ev("g1", "group", at=NOW - 2 * HOUR, group_id="acme", traits={"size": 5})),
+        (ann, ev("c1", "track", at=NOW - HOUR, consent={"purpose:Marketing": True})),
+        (bob, ev("i2", "identify", at=NOW - 3 * HOUR, traits={"plan": "pro"})),  # both had it: taken out of bob's
+        (bob, ev("b1", "identify", at=NOW - 4 * HOUR, traits={"city": "Berlin"})),
+    ]
+    for profile, event in steps:
+        profile.apply(event, defs, now=NOW)
+        assert orjson.loads(profile.to_json()) == _fresh(profile)
+    ann.update_traits({"city": None}, source="api", at=NOW, event_id="w1", now=NOW)
+    assert orjson.loads(ann.to_json()) == _fresh(ann)
+    ann.merge(bob, merge_id="m1", at=NOW, defs=defs, now=NOW)
+    stored = orjson.loads(ann.to_json())
+    assert stored == _fresh(ann)
+    assert stored["parts"][1]["traits"] == {"city": [["Berlin", "web", "b1", NOW - 4 * HOUR, NOW]]}
+    restored, _, _ = ann.split("bob", merge_id="m1", defs=defs, now=NOW)
+    assert orjson.loads(ann.to_json()) == _fresh(ann)
+    assert orjson.loads(restored.to_json()) == _fresh(restored)
+    assert [version[0] for version in orjson.loads(ann.to_json())["parts"][0]["traits"]["plan"]] == [
+        "trial",
+        "free",
+        "pro",
+    ]

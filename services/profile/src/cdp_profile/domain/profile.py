@@ -220,6 +220,34 @@ class Part:
         default=None, compare=False, repr=False
     )
 
+    # attr ("traits", "groups", "consent") -> key -> (history, its length, its JSON as a fragment): a history
+    # only grows (`record` inserts) or is replaced by another list, so the same list at the same length is
+    # the same history, and a write encodes only the histories that changed since the last one.
+    _histories_json: dict[str, dict[str, tuple[list[Any], int, orjson.Fragment]]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def _histories_doc(self, attr: str, histories: dict[str, list[Any]]) -> dict[str, orjson.Fragment]:
+        """`{key: [version.to_doc(), ...]}` of one kind of history, each as its kept encoding (for orjson)."""
+        every = self._histories_json
+        if every is None:
+            every = self._histories_json = {}
+        made = every.get(attr)
+        if made is None:
+            made = every[attr] = {}
+        out = {}
+        for key, history in histories.items():
+            known = made.get(key)
+            if known is None or known[0] is not history or known[1] != len(history):
+                data = orjson.dumps([version.to_doc() for version in history])
+                # A copy of orjson's bytes, which keep its whole output buffer.
+                known = made[key] = (history, len(history), orjson.Fragment(bytes(memoryview(data))))
+            out[key] = known[2]
+        if len(made) > len(out):
+            for key in [key for key in made if key not in histories]:
+                del made[key]
+        return out
+
     def scores_json(self) -> tuple[bytes, orjson.Fragment]:
         """`scores` as stored (name -> [value, model, version, at]), as JSON and as a fragment for orjson;
         made again only when the names or the Score objects are not the very ones it was made of (a Score
@@ -279,9 +307,15 @@ class Part:
         extra = self.extra_seen()
         doc = {
             "origin": self.origin,
-            "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
-            "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
-            "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
+            "traits": self._histories_doc("traits", self.traits)
+            if encoded
+            else {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
+            "groups": self._histories_doc("groups", self.groups)
+            if encoded
+            else {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
+            "consent": self._histories_doc("consent", self.consent)
+            if encoded
+            else {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
             "scores": self.scores_json()[1]
             if encoded
             else {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
