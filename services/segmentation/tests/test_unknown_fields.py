@@ -19,6 +19,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.errors import InvalidArgument
 from cdp_kit.service import ServiceRuntime, serving
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
@@ -229,3 +230,28 @@ def test_a_root_not_known_is_not_checked():
     check_fields(compiled, KnownFields({}))
     with pytest.raises(Exception, match=r"scores\.anything"):
         check_fields(compiled, KnownFields({"scores": frozenset({"churn_risk"})}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'scores.churn_risk > "high"',
+        "scores.churn_risk = true",
+        'traits.plan = "pro" and not scores.churn_risk in ["low", "mid"]',
+        'scores.churn_risk starts_with "0."',
+    ],
+)
+def test_a_score_compared_with_text_or_true_false_is_refused_naming_it(text):
+    # A score is always a number: a comparison with text or true/false matches no one, for good (a marketer
+    # trial's `scores.churn_risk > "high"` went live with 0 members and said nothing).
+    compiled = compile_segment(parse(text))
+    for known in (KnownFields({}), KnownFields({"scores": frozenset({"churn_risk"})})):
+        with pytest.raises(InvalidArgument, match=r"scores\.churn_risk is a number") as refused:
+            check_fields(compiled, known)
+        assert refused.value.field == "definition"
+
+
+def test_a_score_compared_with_a_number_a_field_or_a_percentile_passes():
+    for text in ("scores.churn_risk > 0.5", "scores.churn_risk > scores.fraud_risk", "scores.clv >= percentile(scores.clv, 90)",
+                 "scores.churn_risk in [0.1, 0.2]", "scores.churn_risk exists", 'traits.tier = "high"'):  # fmt: skip
+        check_fields(compile_segment(parse(text)), KnownFields({}))

@@ -11,7 +11,9 @@ INVALID_ARGUMENT naming it and the known names close to it:
   defines those there, perhaps a moment after the model is listed), or one the definition's own event
   conditions define (`count(...)`, `sum(...)`).
 
-`traits.*` and `consent.*` are open-ended (a trait is whatever a source sends) and never refused.
+`traits.*` and `consent.*` are open-ended (a trait is whatever a source sends) and never refused. A score is
+always a number, so a score compared with text or true/false (`scores.churn_risk > "high"`) is refused too,
+whatever the scoring service answers.
 
 A root is checked only when its source answers: the scoring service when `CDP_SCORING_ADDRESS` is set,
 the profile service when `CDP_PROFILE_ADDRESS` is. One that cannot be asked (unset, down, slow) leaves its
@@ -36,6 +38,7 @@ from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.profile_fields import COMPUTED, SCORES, split_key
+from cdp_lang.nodes import And, Condition, Not, Or
 from cdp_segmentation.domain import CompiledSegment
 
 log = logging.getLogger("cdp.segmentation.fields")
@@ -68,9 +71,15 @@ FieldSource = Callable[[], Awaitable[KnownFields]]
 
 
 def check_fields(compiled: CompiledSegment, known: KnownFields, at: str = "definition") -> None:
-    """Refuse a definition reading a score or computed trait that `known` says does not exist."""
+    """Refuse a definition reading a score or computed trait that `known` says does not exist, or comparing
+    a score with text or true/false (a score is always a number: that matches no one, ever)."""
     own = {name for trait in compiled.computed_traits if isinstance(name := trait.get("name"), str)}
-    problems = []
+    problems = [
+        f"{condition.field} is a number (a model's score), compared here with {_literal(condition.value)}: that "
+        "matches no one; compare it with a number, like > 0.5"
+        for condition in _conditions(compiled.node)
+        if condition.path[0] == SCORES and _not_a_number(condition.value)
+    ]
     for key in sorted(compiled.fields):
         root, name = split_key(key)
         names = known.names.get(root)
@@ -79,6 +88,32 @@ def check_fields(compiled: CompiledSegment, known: KnownFields, at: str = "defin
         problems.append(_problem(root, name, names))
     if problems:
         raise InvalidArgument(at, "; ".join(problems), reason="unknown_field")
+
+
+def _conditions(node: Any) -> list[Condition]:
+    if isinstance(node, Not):
+        return _conditions(node.operand)
+    if isinstance(node, And | Or):
+        return [c for operand in node.operands for c in _conditions(operand)]
+    return [node] if isinstance(node, Condition) else []
+
+
+def _not_a_number(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return any(_not_a_number(item) for item in value)
+    return isinstance(value, str | bool)
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_literal(item) for item in value) + "]"
+    return (
+        ("true" if value else "false")
+        if isinstance(value, bool)
+        else f'"{value}"'
+        if isinstance(value, str)
+        else str(value)
+    )
 
 
 def _problem(root: str, name: str, names: frozenset[str]) -> str:
