@@ -261,3 +261,33 @@ async def test_a_task_is_associated_with_the_persons_contact_and_a_missing_conta
     assert len(emulator.records("tasks")) == 2
     again = await adapter.send(task, changes[:1])  # a retry: same task, association unchanged
     assert all(r.ok for r in again.results.values()) and len(emulator.records("tasks")) == 2
+
+
+@pytest.mark.parametrize("transform", [None, "trim", "upper", "truncate:10", "string"])
+async def test_a_whole_number_written_to_a_text_property_reads_without_a_decimal_point(hubspot, transform):
+    # The profile holds numbers as doubles: a first name of 12345 (mapped with `trim`) read "12345.0".
+    emulator, adapter = hubspot
+    source = "traits.first_name" if transform is None else {"source": "traits.first_name", "transform": transform}
+    document = {
+        "connections": [
+            {
+                "id": "hs",
+                "kind": "hubspot",
+                "credentials": {"token": "HUBSPOT_TOKEN"},
+                "mappings": [
+                    {
+                        "id": "contacts",
+                        "object": "contacts",
+                        "match": {"cdp_id": "person.id"},
+                        "fields": {"email": "traits.email", "firstname": source},
+                    }
+                ],
+            }
+        ]
+    }
+    (connection,) = parse_connections(document)
+    contacts = connection.mapping("contacts")
+    change = _change(contacts, "person-1", **{"traits.email": "a@example.com", "traits.first_name": 12345.0})
+    assert (await adapter.send(contacts, [change])).error is None
+    (record,) = emulator.records("contacts")
+    assert record["properties"]["firstname"] == "12345"

@@ -307,3 +307,19 @@ async def test_campaign_membership_follows_the_segment_and_a_resend_changes_noth
     assert all(r.ok for r in (await adapter.send(vip, [left])).results.values())  # already gone: fine
     (member,) = emulator.records("CampaignMember")
     assert member["CampaignId"] == campaign
+
+
+async def test_a_whole_number_reads_without_a_decimal_point_in_a_text_field_and_stays_a_number(salesforce):
+    # The profile holds numbers as doubles: a first name of 12345 reached Salesforce as "12345.0".
+    emulator, adapter = salesforce
+    (connection,) = parse_connections(
+        _document({"LastName": "traits.last_name", "FirstName": "traits.first_name", "Churn_Risk__c": "scores.churn"})
+    )
+    contacts = connection.mapping("contacts")
+    change = _change(
+        contacts, "person-1", **{"traits.last_name": "Doe", "traits.first_name": 12345.0, "scores.churn": 3.0}
+    )
+    assert (await adapter.send(contacts, [change])).error is None
+    (record,) = emulator.records("Contact")
+    assert str(record["FirstName"]) == "12345"
+    assert record["Churn_Risk__c"] == 3 and not isinstance(record["Churn_Risk__c"], str)

@@ -190,7 +190,21 @@ def _value(fm: FieldMapping, source: Source) -> Any:
         key = map_key(value)
         if key in fm.translate:
             value = fm.translate[key]
+    return _whole(value)
+
+
+def _whole(value: Any) -> Any:
+    """A whole float as an int: the profile holds every number as a double, and 12345.0 goes out as JSON
+    `12345.0`, which a CRM's text field reads as "12345.0". As 12345 a text field reads "12345" and a number
+    field still takes a number."""
+    if type(value) is float and value.is_integer() and abs(value) < 2**53:
+        return int(value)
     return value
+
+
+def _text(value: Any) -> str:
+    """A value as a text transform reads it: whole floats without ".0", booleans as JSON spells them."""
+    return map_key(value) if isinstance(value, bool | float) else str(value)
 
 
 def _read(name: str, source: Source) -> Any:
@@ -212,7 +226,7 @@ def _apply(transform: Transform, value: Any) -> Any:
     name = transform.name
     try:
         if name == "string":
-            return map_key(value) if isinstance(value, bool | float) else str(value)
+            return _text(value)
         if name == "number":
             return _finite(float(value))
         if name == "integer":
@@ -222,15 +236,15 @@ def _apply(transform: Transform, value: Any) -> Any:
                 return value.strip().lower() in ("true", "yes", "1", "y")
             return bool(value)
         if name == "trim":
-            return str(value).strip()
+            return _text(value).strip()
         if name == "lower":
-            return str(value).lower()
+            return _text(value).lower()
         if name == "upper":
-            return str(value).upper()
+            return _text(value).upper()
         if name == "round":
             return round(_finite(float(value)), int(transform.arg or 0))
         if name == "truncate":
-            return str(value)[: int(transform.arg or 0)]
+            return _text(value)[: int(transform.arg or 0)]
         if name == "join":
             items = value if isinstance(value, list | tuple | set | frozenset) else [value]
             return (transform.arg or ";").join(map_key(v) for v in items)
