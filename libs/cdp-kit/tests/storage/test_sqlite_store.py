@@ -68,6 +68,42 @@ async def test_the_file_is_wal_with_json_documents(tmp_path: Path) -> None:
     assert json.loads(doc) == {"name": "Zoë", "n": [1, 2.5, None]}
 
 
+async def test_documents_are_stored_as_json_text_that_every_release_reads(tmp_path: Path) -> None:
+    # The column holds TEXT, as it always has: released code reads it back as a str, and SQLite from 3.45
+    # reads a BLOB given to the JSON functions of the index expressions as binary JSONB.
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        await store.ensure_index("profiles", "email")
+        await store.bulk_write(
+            [
+                Put("profiles", "p1", {"email": "zoë@example.com", "n": [1, 2.5, None]}),
+                Put("profiles", "p2", {"email": "b@example.com"}),
+            ]
+        )
+        await store.put("profiles", "p2", {"email": "c@example.com"})
+
+        raw = sqlite3.connect(path)
+        try:
+            rows = raw.execute(
+                "SELECT key, typeof(doc), doc, json_extract(doc, '$.email') FROM documents ORDER BY key"
+            ).fetchall()
+            # A document a released version wrote (a str bound as TEXT) reads back alike.
+            raw.execute(
+                "INSERT INTO documents (collection, key, version, doc) VALUES ('profiles', 'p3', 4, ?)",
+                (json.dumps({"email": "d@example.com"}),),
+            )
+            raw.commit()
+        finally:
+            raw.close()
+        assert rows == [
+            ("p1", "text", '{"email":"zoë@example.com","n":[1,2.5,null]}', "zoë@example.com"),
+            ("p2", "text", '{"email":"c@example.com"}', "c@example.com"),
+        ]
+        assert await store.get("profiles", "p3") == Record("p3", 4, {"email": "d@example.com"})
+        assert [r.key for r in await store.find("profiles", "email", "d@example.com")] == ["p3"]
+        assert await store.put("profiles", "p3", {"email": "e@example.com"}, expected_version=4) == 5
+
+
 @pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
 async def test_synchronous_level_is_configurable(tmp_path: Path, synchronous: str, level: int) -> None:
     async with SqliteStore(tmp_path / "cdp.db", synchronous=synchronous) as store:  # type: ignore[arg-type]

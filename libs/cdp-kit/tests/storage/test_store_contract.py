@@ -394,6 +394,32 @@ async def test_bulk_ops_on_one_key_apply_in_order(store: Store) -> None:
     assert await store.get("profiles", "p1") == Record("p1", 1, {"n": 3})
 
 
+async def test_bulk_ops_on_stored_keys_apply_in_order(store: Store) -> None:
+    # Keys stored before the write (SQLite writes those through the rows it read), one deleted and put
+    # again twice in the same write.
+    await store.put("profiles", "p1", {"n": 1})
+    await store.put("profiles", "p2", {"n": 1})
+
+    result = await store.bulk_write(
+        [
+            Put("profiles", "p1", {"n": 2}),
+            Delete("profiles", "p1"),
+            Put("profiles", "p1", {"n": 3}),
+            Put("profiles", "p1", {"n": 4}, expected_version=1),
+            Delete("profiles", "p2", expected_version=1),
+            Put("profiles", "p3", {"n": 1}),
+            Put("profiles", "p2", {"n": 5}, expected_version=0),
+        ]
+    )
+
+    assert result.versions == (2, 0, 1, 2, 0, 1, 1)
+    assert result.deleted == 2
+    assert await store.get("profiles", "p1") == Record("p1", 2, {"n": 4})
+    assert await store.get("profiles", "p2") == Record("p2", 1, {"n": 5})
+    assert await store.get("profiles", "p3") == Record("p3", 1, {"n": 1})
+    assert await store.count("profiles") == 3
+
+
 async def test_bulk_version_conflict_names_the_first_failing_op_and_writes_nothing(store: Store) -> None:
     await store.put("profiles", "p1", {"n": 1})
     await store.put("profiles", "p2", {"n": 1})
@@ -480,6 +506,23 @@ async def test_bulk_unique_violation_is_all_or_nothing_where_the_backend_allows(
         assert landed == (False, False)
     else:  # documented: ops before the failing one stay applied, in order
         assert landed == (True, True)
+
+
+async def test_bulk_unique_violation_by_a_stored_document_names_its_op(store: Store) -> None:
+    await store.ensure_index("profiles", "email", unique=True)
+    await store.put("profiles", "p1", {"email": "a@example.com"})
+    await store.put("profiles", "p2", {"email": "b@example.com"})
+
+    with pytest.raises(DuplicateValue) as caught:
+        await store.bulk_write(
+            [
+                Put("profiles", "p3", {"email": "c@example.com"}),
+                Put("profiles", "p2", {"email": "a@example.com"}),
+            ]
+        )
+
+    assert (caught.value.op_index, caught.value.key, caught.value.field) == (1, "p2", "email")
+    assert await store.get("profiles", "p2") == Record("p2", 1, {"email": "b@example.com"})
 
 
 async def test_bulk_write_of_thousands_of_documents(store: Store) -> None:

@@ -141,12 +141,12 @@ class MemoryStore(Store):
         return 0 if coll is None else len(coll.entries)
 
     async def _bulk_write(self, ops: list[WriteOp]) -> BulkResult:
-        current = {}
+        current: dict[str, dict[str, int]] = {}
         for op in ops:
             coll = self._collections.get(op.collection)
             entry = coll.entries.get(op.key) if coll is not None else None
             if entry is not None:
-                current[(op.collection, op.key)] = entry.version
+                current.setdefault(op.collection, {})[op.key] = entry.version
         steps = plan_bulk(ops, current)
         # Encode (and size-check) everything before touching state, so those errors need no undo.
         blobs = {}

@@ -399,12 +399,13 @@ class MongoStore(Store):
 
     async def _bulk_once(self, ops: list[WriteOp], session: Any) -> BulkResult:
         many = len(ops) > 1
-        current = {}
+        current: dict[str, dict[str, int]] = {}
         for collection, keys in keys_by_collection(ops).items():
+            found = current[collection] = {}
             for chunk in _chunks(keys):
                 cursor = self._db[collection].find({"_id": {"$in": list(chunk)}}, {"v": True}, session=session)
                 async for raw in cursor:
-                    current[(collection, raw["_id"])] = raw["v"]
+                    found[raw["_id"]] = raw["v"]
         steps = plan_bulk(ops, current)
         for run in _runs(steps):
             collection = run[0].op.collection

@@ -82,6 +82,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -152,6 +153,12 @@ _UPSERT = (
     "ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, doc = excluded.doc"
 )
 _DELETE = "DELETE FROM documents WHERE collection = ? AND key = ?"
+# A key the transaction has read is written through its rowid: one table lookup instead of an index
+# lookup, plus (for a put) the failed insert an upsert tries first. Its collection and key stay as they
+# are, so no index of the key is touched.
+_UPDATE_ROW = "UPDATE documents SET version = ?, doc = ? WHERE rowid = ?"
+_DELETE_ROW = "DELETE FROM documents WHERE rowid = ?"
+_FIRST, _SECOND, _THIRD = itemgetter(0), itemgetter(1), itemgetter(2)
 _UNIQUE_FAILED = re.compile(r"UNIQUE constraint failed: index 'ix:([^:']+):([^:']+)'")
 
 
@@ -435,16 +442,20 @@ class SqliteStore(Store):
     def _write_sync(self, ops: list[WriteOp]) -> BulkResult:
         many = len(ops) > 1
         encoded: dict[int, str] = {}
+        indexes = self._indexes
         for index, op in enumerate(ops):  # before BEGIN: no lock is held while Python encodes
             if isinstance(op, Put):
-                check_indexed_fields(op, self._indexes.get(op.collection, ()), index if many else None)
+                fields = indexes.get(op.collection)
+                if fields:
+                    check_indexed_fields(op, fields, index if many else None)
                 encoded[index] = encode_document(op, index if many else None).decode("utf-8")
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            steps = plan_bulk(ops, self._read_versions(ops))
+            versions, rowids = self._read_versions(ops)
+            steps = plan_bulk(ops, versions)
             try:
-                self._execute(steps, encoded)
+                self._execute(steps, encoded, rowids)
             except sqlite3.IntegrityError as exc:
                 conn.execute("ROLLBACK")
                 raise self._locate_unique_violation(exc, steps, encoded, many) from None
@@ -462,38 +473,67 @@ class SqliteStore(Store):
         if self._checkpointer is not None:
             self._checkpointer.after_commit(self._wconn)
 
-    def _read_versions(self, ops: list[WriteOp]) -> dict[tuple[str, str], int]:
-        current = {}
+    def _read_versions(self, ops: list[WriteOp]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """The version and the rowid of every key of `ops` stored now, per collection (absent: not stored)."""
+        versions = {}
+        rowids = {}
+        execute = self._wconn.execute
         for collection, keys in keys_by_collection(ops).items():
+            found: dict[str, int] = {}
+            where: dict[str, int] = {}
             for chunk in _chunks(keys):
                 placeholders, params = _in_list(chunk)
-                rows = self._wconn.execute(
-                    f"SELECT key, version FROM documents WHERE collection = '{collection}' AND key IN ({placeholders})",
+                rows = execute(
+                    f"SELECT key, version, rowid FROM documents WHERE collection = '{collection}' "
+                    f"AND key IN ({placeholders})",
                     params,
-                )
-                current.update(((collection, key), version) for key, version in rows)
-        return current
+                ).fetchall()
+                # both mappings made in C, without a Python step per row
+                found.update(zip(map(_FIRST, rows), map(_SECOND, rows), strict=True))
+                where.update(zip(map(_FIRST, rows), map(_THIRD, rows), strict=True))
+            versions[collection] = found
+            rowids[collection] = where
+        return versions, rowids
 
-    def _execute(self, steps: Sequence[Step], encoded: dict[int, str]) -> None:
-        """Run the steps in order, as few executemany calls as the order allows (one per run of puts or
-        deletes): a write-behind batch of thousands of puts plus its checkpoint is two calls."""
+    def _execute(
+        self, steps: Sequence[Step], encoded: dict[int, str], rowids: dict[str, dict[str, int]] | None = None
+    ) -> None:
+        """Run the steps in order, as few executemany calls as the order allows (one per run of the same
+        statement): a write-behind batch of thousands of puts plus its checkpoint is two calls.
+
+        `rowids`: where the keys read in this transaction are stored. A put or delete of such a key goes
+        to its row directly (an update by rowid leaves the rowid as it is); every other put is an upsert
+        by key. A deleted key leaves `rowids`: a later put of it in the same batch inserts a new row."""
+        executemany = self._wconn.executemany
         statement: str | None = None
         rows: list[tuple] = []
-        for step in steps:
-            op = step.op
-            if isinstance(op, Put):
-                wanted, row = _UPSERT, (op.collection, op.key, step.after, encoded[step.index])
-            elif step.before:
-                wanted, row = _DELETE, (op.collection, op.key)
+        append = rows.append
+        rowids = rowids or {}
+        for op, index, before, after in steps:
+            where = rowids.get(op.collection)
+            if after:  # a Put (a Delete leaves 0)
+                rowid = where.get(op.key) if where else None
+                if rowid is None:
+                    wanted, row = _UPSERT, (op.collection, op.key, after, encoded[index])
+                else:
+                    wanted, row = _UPDATE_ROW, (after, encoded[index], rowid)
+            elif before:
+                rowid = where.pop(op.key, None) if where else None
+                if rowid is None:
+                    wanted, row = _DELETE, (op.collection, op.key)
+                else:
+                    wanted, row = _DELETE_ROW, (rowid,)
             else:
                 continue  # deleting an absent key
-            if wanted is not statement and rows:
-                self._wconn.executemany(statement, rows)  # type: ignore[arg-type]
-                rows = []
-            statement = wanted
-            rows.append(row)
+            if wanted is not statement:
+                if rows:
+                    executemany(statement, rows)  # type: ignore[arg-type]
+                    rows = []
+                    append = rows.append
+                statement = wanted
+            append(row)
         if rows:
-            self._wconn.executemany(statement, rows)  # type: ignore[arg-type]
+            executemany(statement, rows)  # type: ignore[arg-type]
 
     def _locate_unique_violation(
         self, exc: sqlite3.IntegrityError, steps: Sequence[Step], encoded: dict[int, str], many: bool
