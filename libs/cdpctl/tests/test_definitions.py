@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from cdpctl.cli import main
-from cdpctl.definitions_apply import CONFLICTING, MANUAL, REPLACED, UNCHANGED, Apply
+from cdpctl.definitions_apply import CONFLICTING, CREATED, FAILED, MANUAL, REPLACED, UNCHANGED, Apply
 from cdpctl.definitions_document import (
     DocumentError,
     check,
@@ -184,3 +184,44 @@ def test_a_draft_only_one_side_has_is_named_and_a_document_without_one_never_dis
     assert journeys_plan({**live, "draft": draft}, here) == (UNCHANGED, "")
     status, detail = journeys_plan({**live, "draft": {**draft, "priority": 9}}, here)
     assert status == CONFLICTING and "draft.priority" in detail
+
+
+def segments_plan(wanted: list[dict], **known) -> dict[str, tuple[str, str]]:
+    apply = Apply(Services({}, ()), dry_run=True, replace=False, **known)
+    return {o.name: (o.status, o.detail) for o in asyncio.run(apply.segments(wanted, []))}
+
+
+def test_the_dry_run_fails_a_segment_that_does_not_parse_or_reads_what_exists_nowhere():
+    """What segmentation would refuse is found before anything is created: the text, the computed traits
+    and the segments it reads (on the platform or in the document)."""
+    said = segments_plan(
+        [
+            {"id": "paid", "definition": 'traits.plan = "paid"'},
+            {"id": "broken", "definition": "traits.plan = "},
+            {"id": "spenders", "definition": "computed.spend_90d > 100"},
+            {"id": "paid-spenders", "definition": 'in_segment("paid") and computed.orders_90d >= 1'},
+            {"id": "lost", "definition": 'in_segment("nowhere")'},
+        ],
+        traits=frozenset({"orders_90d"}),
+        segment_ids=frozenset({"paid", "paid-spenders"}),
+    )
+    assert said["paid"] == (CREATED, "would be created")
+    assert said["paid-spenders"] == (CREATED, "would be created")
+    assert said["broken"][0] == FAILED and "expected a value" in said["broken"][1]
+    assert said["spenders"][0] == FAILED
+    assert "reads computed.spend_90d, which is neither on the platform nor in the document" in said["spenders"][1]
+    assert said["lost"][0] == FAILED and 'in_segment("nowhere")' in said["lost"][1]
+
+
+def test_a_changed_published_version_is_never_said_to_change_with_replace():
+    live = {"id": "welcome", "state": "active", "versions": [JOURNEY], "draft": None}
+    changed = {**live, "versions": [{**JOURNEY, "name": "Welcome, changed"}]}
+    status, detail = journeys_plan(changed, live)
+    assert status == CONFLICTING and "published versions never change" in detail
+    assert "--replace changes it" not in detail
+    status, detail = journeys_plan({**live, "state": "paused"}, {**live, "state": "archived"})
+    assert status == CONFLICTING and "archived here, which is final" in detail
+    assert "--replace changes it" not in detail
+    # What --replace can change still says so.
+    status, detail = journeys_plan({**live, "state": "paused"}, live)
+    assert status == CONFLICTING and detail.endswith("--replace changes it")

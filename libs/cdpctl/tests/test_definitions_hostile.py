@@ -189,7 +189,7 @@ def test_a_value_that_slips_past_the_checks_fails_its_definition_and_the_import_
     from cdpctl.definitions_read import Services
 
     # check() refuses this document; Apply given it anyway reports the one definition, never a traceback.
-    dated = {"id": "dated", "definition": "traits.plan = 'pro'", "description": datetime.date(2024, 1, 1)}
+    dated = {"id": "dated", "definition": 'traits.plan = "pro"', "description": datetime.date(2024, 1, 1)}
     apply = Apply(Services({}, ()), dry_run=False, replace=False)
     [outcome] = asyncio.run(apply.segments([dated], []))
     assert outcome.status == FAILED and "could not send it" in outcome.detail

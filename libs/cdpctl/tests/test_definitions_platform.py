@@ -243,6 +243,12 @@ def test_definitions_exported_from_one_platform_are_the_same_on_a_fresh_one_afte
     assert "broken" not in {j["id"] for j in kept["journeys"]}
     assert {m["name"]: m["live_version"] for m in kept["models"]}["toy"] == "1.0.0"
 
+    # One failing definition applies nothing, --replace or not: without it, --replace changes the rest.
+    stopped = cdpctl(fresh, "definitions", "import", str(changed), "--replace", "--json", check=False)
+    assert json.loads(stopped.stdout)["applied"] is False
+    assert json.loads(cdpctl(fresh, "definitions", "export").stdout) == kept
+    edited["journeys"].remove(broken)
+    changed.write_text(json.dumps(edited))
     replaced = outcomes(cdpctl(fresh, "definitions", "import", str(changed), "--replace", "--json", check=False))
     assert replaced[("segments", "buyers")]["status"] == "replaced"
     assert replaced[("journeys", "vip-care")]["status"] == "replaced"
@@ -335,3 +341,38 @@ def test_a_journeys_draft_goes_with_the_export_and_a_draft_the_document_lacks_is
     live = json.loads(cdpctl(fresh, "journey", "get", "spring-sale", "--json").stdout)
     assert (live["version"], live.get("draftVersion", "0")) == ("2", "0")
     assert live["definition"]["nodes"][0]["duration"] == "4h"
+
+
+def test_one_definition_that_fails_its_check_applies_nothing_and_the_dry_run_names_the_same(platforms, tmp_path):
+    """Every definition is checked before any is applied: a document with a valid new segment and one bad
+    definition creates nothing, and the dry run names the same failure the import does."""
+    _, fresh = platforms
+    document = json.loads(cdpctl(fresh, "definitions", "export").stdout)
+    paid = {"id": "paid", "name": "Paid", "description": "", "definition": 'traits.plan = "paid"'}
+    rush = {**WELCOME_V1, "id": "rush", "name": "Rush", "entry": {"api": True}, "priority": "high"}
+    bad = {
+        "broken": {"segments": [paid, {**paid, "id": "broken", "definition": "traits.plan = "}]},
+        "spenders": {"segments": [paid, {**paid, "id": "spenders", "definition": "computed.spend_90d > 100"}]},
+        "rush": {
+            "segments": [paid],
+            "journeys": [{"id": "rush", "state": "active", "versions": [rush], "draft": None}],
+        },
+    }
+    for name, sections in bad.items():
+        edited = json.loads(json.dumps(document))
+        for kind, entries in sections.items():
+            edited[kind] += entries
+        file = tmp_path / f"with-{name}.json"
+        file.write_text(json.dumps(edited))
+        dry = cdpctl(fresh, "definitions", "import", str(file), "--dry-run", "--json", check=False)
+        real = cdpctl(fresh, "definitions", "import", str(file), "--json", check=False)
+        for done in (dry, real):
+            assert done.returncode == 1, done.stdout + done.stderr
+            failed = {k: o["detail"] for k, o in outcomes(done).items() if o["status"] == "failed"}
+            assert [k[1] for k in failed] == [name], (name, failed)
+            assert outcomes(done)[("segments", "paid")]["status"] == "created"
+        assert failed == {k: o["detail"] for k, o in outcomes(dry).items() if o["status"] == "failed"}
+        assert json.loads(real.stdout)["applied"] is False
+        assert json.loads(cdpctl(fresh, "definitions", "export").stdout) == document, name  # nothing changed
+        table = cdpctl(fresh, "definitions", "import", str(file), check=False)
+        assert "nothing changed: 1 definition failed the check" in " ".join((table.stdout + table.stderr).split())

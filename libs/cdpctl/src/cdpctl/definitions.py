@@ -13,7 +13,11 @@ replaced, manual (no RPC can do it: the report says what to do) or failed (the s
 the field it named). Importing twice changes nothing; --dry-run writes nothing and says what it would
 do. A line per kind reports progress on stderr as it goes. Exit code 1 when any definition is
 conflicting, manual or failed. The whole document is checked before any platform is asked anything
-(definitions_document.check): a document with one wrong field changes nothing, dry run or not.
+(definitions_document.check): a document with one wrong field changes nothing, dry run or not. Then every
+definition is checked against the platform (a dry run: segments parsed here and the computed traits and
+segments they read found on the platform or in the document, journeys validated by orchestration,
+computed traits read as the profile service's type) before any is applied: one that fails applies
+nothing, and the report names each failure (the dry run reports the same).
 """
 
 from __future__ import annotations
@@ -133,7 +137,7 @@ def export(ws: Workspace, out_file: Path | None) -> None:
 def import_(ws: Workspace, file: Path, dry_run: bool, replace: bool, as_json: bool) -> None:
     """Create the document's definitions that this platform lacks; report each definition as created,
     unchanged, conflicting (not overwritten without --replace), replaced, manual or failed."""
-    from cdpctl.definitions_apply import TROUBLE, Apply
+    from cdpctl.definitions_apply import FAILED, TROUBLE, Apply
     from cdpctl.definitions_read import LABELS
 
     try:
@@ -144,35 +148,70 @@ def import_(ws: Workspace, file: Path, dry_run: bool, replace: bool, as_json: bo
         raise click.ClickException(str(exc)) from None
     progress = _progress(as_json)
 
-    async def work(services) -> list:
+    async def work(services) -> tuple[list, bool]:
         present = await _read_all(services, lambda line: None, "read")
-        apply = Apply(services, dry_run=dry_run, replace=replace, progress=progress)
-        outcomes = []
-        for kind in KINDS:
-            wanted = doc.get(kind, {} if kind == "identity" else [])
-            done = await getattr(apply, kind)(wanted, present[kind])
-            outcomes += done
-            counts: dict[str, int] = {}
-            for outcome in done:
-                counts[outcome.status] = counts.get(outcome.status, 0) + 1
-            summary = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none in the document"
-            progress(f"{LABELS[kind]}: {summary}{' (dry run)' if dry_run else ''}")
-        return outcomes
+        known = {
+            "traits": frozenset(
+                [t["name"] for t in [*present["computed_traits"], *doc.get("computed_traits", [])]]
+                + list(services.model_traits)
+            ),
+            "segment_ids": frozenset(s["id"] for s in [*present["segments"], *doc.get("segments", [])]),
+        }
 
-    outcomes = asyncio.run(_with_services(ws, work))
+        async def run(apply) -> list:
+            outcomes = []
+            for kind in KINDS:
+                wanted = doc.get(kind, {} if kind == "identity" else [])
+                done = await getattr(apply, kind)(wanted, present[kind])
+                outcomes += done
+                counts: dict[str, int] = {}
+                for outcome in done:
+                    counts[outcome.status] = counts.get(outcome.status, 0) + 1
+                summary = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none in the document"
+                apply.progress(f"{LABELS[kind]}: {summary}{' (dry run)' if apply.dry_run else ''}")
+            return outcomes
+
+        # Every definition is checked (a dry run) before any is applied: one that fails applies nothing.
+        checked = await run(
+            Apply(services, dry_run=True, replace=replace, progress=progress if dry_run else _quiet, **known)
+        )
+        if dry_run or any(o.status == FAILED for o in checked):
+            return checked, False
+        return await run(Apply(services, dry_run=False, replace=replace, progress=progress, **known)), True
+
+    outcomes, applied = asyncio.run(_with_services(ws, work))
+    failed = sum(o.status == FAILED for o in outcomes)
+    stopped = not dry_run and not applied
     if as_json:
-        emit({"dry_run": dry_run, "definitions": [o.as_dict() for o in outcomes]})
+        emit({"dry_run": dry_run, "applied": applied, "definitions": [o.as_dict() for o in outcomes]})
     else:
-        _report(outcomes, dry_run)
+        _report(outcomes, dry_run, stopped)
+    if stopped:
+        console.print(
+            f"[red]nothing changed[/]: {failed} definition{'s' if failed > 1 else ''} failed the check "
+            "(above); correct the document and import again",
+            highlight=False,
+        )
     if any(o.status in TROUBLE for o in outcomes):
         raise SystemExit(1)
 
 
-def _report(outcomes: list, dry_run: bool) -> None:
+def _quiet(line: str) -> None:
+    pass
+
+
+def _report(outcomes: list, dry_run: bool, stopped: bool = False) -> None:
     from rich.table import Table
 
     colours = {"created": "green", "replaced": "yellow", "conflicting": "red", "failed": "red", "manual": "yellow"}
-    table = Table(title="definitions import" + (" (dry run: nothing changed)" if dry_run else ""))
+    title = (
+        " (dry run: nothing changed)"
+        if dry_run
+        else " (checked: a definition failed, nothing changed)"
+        if stopped
+        else ""
+    )
+    table = Table(title="definitions import" + title)
     for column in ("kind", "definition", "status", "detail"):
         table.add_column(column)
     for o in outcomes:

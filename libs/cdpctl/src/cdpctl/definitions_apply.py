@@ -56,6 +56,10 @@ class Apply:
     dry_run: bool
     replace: bool
     progress: Callable[[str], None] = lambda line: None
+    # What a segment may read: the computed traits and segments on the platform or in the document (the
+    # import's check refuses a segment naming any other before anything is applied).
+    traits: frozenset[str] = frozenset()
+    segment_ids: frozenset[str] = frozenset()
 
     async def call(self, service: str, rpc: str, request) -> Any:
         return await self.services.call(service, rpc, request)
@@ -68,9 +72,11 @@ class Apply:
         create: Callable[[dict[str, Any]], Awaitable[str]],
         replace: Callable[[dict[str, Any], dict[str, Any], list[str]], Awaitable[Outcome]] | None,
         check: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        fixed: Callable[[dict[str, Any], dict[str, Any], list[str]], str | None] | None = None,
     ) -> list[Outcome]:
         """Compare each wanted definition with the platform's; create the absent, replace on request. A dry
-        run still has the service check what it would create, when it can without storing (`check`)."""
+        run still checks what it would create, when it can without storing (`check`). `fixed` says why
+        --replace cannot change a conflicting one (None: it can)."""
         key = KEYS[kind]
         there = {entry[key]: entry for entry in present}
         outcomes = []
@@ -87,8 +93,11 @@ class Apply:
                     )
                     continue
                 fields = differences(entry, current)
+                why = fixed(entry, current, fields) if fields and fixed is not None else None
                 if not fields:
                     outcomes.append(Outcome(kind, name, UNCHANGED))
+                elif why:
+                    outcomes.append(Outcome(kind, name, CONFLICTING, why))
                 elif self.replace and replace is not None:
                     outcomes.append(await replace(entry, current, fields))
                 else:
@@ -107,11 +116,17 @@ class Apply:
     async def computed_traits(self, wanted, present) -> list[Outcome]:
         from cdp.profile.v1 import profile_pb2
 
-        async def define(entry) -> str:
+        def parsed(entry) -> profile_pb2.ComputedTraitDefinition:
             try:
-                definition = json_format.ParseDict(entry, profile_pb2.ComputedTraitDefinition())
+                return json_format.ParseDict(entry, profile_pb2.ComputedTraitDefinition())
             except json_format.ParseError as exc:
                 raise _Refused(f"not a computed-trait definition: {exc}") from None
+
+        async def check(entry) -> None:
+            parsed(entry)
+
+        async def define(entry) -> str:
+            definition = parsed(entry)
             await self.call(
                 "profile", "DefineComputedTrait", profile_pb2.DefineComputedTraitRequest(definition=definition)
             )
@@ -119,6 +134,7 @@ class Apply:
 
         async def replace(entry, current, fields) -> Outcome:
             if self.dry_run:
+                parsed(entry)
                 return Outcome("computed_traits", entry["name"], REPLACED, f"would change {', '.join(fields)}")
             await define(entry)
             return Outcome("computed_traits", entry["name"], REPLACED, f"{', '.join(fields)} changed; backfilling")
@@ -132,7 +148,7 @@ class Apply:
         )
         outcomes = [Outcome("computed_traits", name, CONFLICTING, why.format(name)) for name in owned]
         rest = [e for e in wanted if e["name"] not in self.services.model_traits]
-        return outcomes + await self.each("computed_traits", rest, present, define, replace)
+        return outcomes + await self.each("computed_traits", rest, present, define, replace, check)
 
     # --- segments --------------------------------------------------------------------------------------
 
@@ -141,7 +157,11 @@ class Apply:
 
         building: list[str] = []
 
+        async def check(entry) -> None:
+            self._check_segment(entry)
+
         async def create(entry) -> str:
+            self._check_segment(entry)
             await self.call(
                 "segmentation",
                 "CreateSegment",
@@ -156,6 +176,8 @@ class Apply:
             return ""
 
         async def replace(entry, current, fields) -> Outcome:
+            if "definition" in fields:
+                self._check_segment(entry)
             if not self.dry_run:
                 request = pb.UpdateSegmentRequest(
                     id=entry["id"], name=entry.get("name", ""), description=entry.get("description", "")
@@ -168,12 +190,38 @@ class Apply:
                 return Outcome("segments", entry["id"], REPLACED, f"{', '.join(fields)} changed; {moved}")
             return Outcome("segments", entry["id"], REPLACED, f"would change {', '.join(fields)}")
 
-        outcomes = await self.each("segments", wanted, present, create, replace)
+        outcomes = await self.each("segments", wanted, present, create, replace, check)
         failed = await self._wait_built(building)
         return [
             Outcome(o.kind, o.name, FAILED, f"its build failed: {failed[o.name]}") if o.name in failed else o
             for o in outcomes
         ]
+
+    def _check_segment(self, entry: dict[str, Any]) -> None:
+        """What segmentation would refuse, checked here without asking it: the text parses, and the computed
+        traits and segments it reads are on the platform or in the document (created before it)."""
+        from cdp_kit.errors import InvalidArgument
+        from cdp_kit.profile_fields import COMPUTED, split_key
+        from cdp_lang import parse
+        from cdp_lang.compiler import compile_segment
+
+        try:
+            compiled = compile_segment(parse(entry["definition"], "definition"))
+        except InvalidArgument as exc:
+            raise _Refused(f"{exc}; nothing was stored") from None
+        own = {t["name"] for t in compiled.computed_traits}
+        read = sorted(split_key(key)[1] for key in compiled.fields if split_key(key)[0] == COMPUTED)
+        problems = [
+            f"reads computed.{name}, which is neither on the platform nor in the document's computed_traits"
+            for name in read
+            if name not in own and name not in self.traits
+        ]
+        problems += [
+            f'in_segment("{other}"): no segment {other} on the platform or in the document'
+            for other in sorted(compiled.segments - self.segment_ids - {entry["id"]})
+        ]
+        if problems:
+            raise _Refused(f"definition: {'; '.join(problems)}; nothing was stored")
 
     async def _wait_built(self, ids: list[str]) -> dict[str, str]:
         """Wait for the whole-population builds; the segments whose build failed, with the error."""
@@ -270,7 +318,9 @@ class Apply:
         there = {entry["id"]: entry for entry in present}
         kept = {i for i, j in there.items() if j.get("draft") is not None and i in asked and not asked[i].get("draft")}
         compared = [{**j, "draft": None} if j["id"] in kept else j for j in present]
-        outcomes = await self.each("journeys", wanted, compared, self._create_journey, self._replace_journey, check)
+        outcomes = await self.each(
+            "journeys", wanted, compared, self._create_journey, self._replace_journey, check, self._unreplaceable
+        )
         return [self._name_draft(o, asked[o.name], there.get(o.name)) for o in outcomes]
 
     def _name_draft(self, outcome: Outcome, entry: dict[str, Any], current: dict[str, Any] | None) -> Outcome:
@@ -379,19 +429,25 @@ class Apply:
         await self._settle(journey_id, state, entry["state"])
         return f"{len(versions)} published version{'' if len(versions) == 1 else 's'}" + (", a draft" if draft else "")
 
-    async def _replace_journey(self, entry: dict[str, Any], current: dict[str, Any], fields: list[str]) -> Outcome:
-        journey_id, wanted, held = entry["id"], entry["versions"], current["versions"]
+    @staticmethod
+    def _unreplaceable(entry: dict[str, Any], current: dict[str, Any], fields: list[str]) -> str | None:
+        """Why --replace cannot make the platform's journey the document's (None: it can)."""
+        wanted, held = entry["versions"], current["versions"]
         changed = [n for n, (a, b) in enumerate(zip(wanted, held, strict=False), start=1) if differences(a, b)]
         if changed or len(held) > len(wanted):
             which = f"version {changed[0]}" if changed else f"versions after {len(wanted)}"
-            return Outcome(
-                "journeys", journey_id, CONFLICTING,
-                f"{which} differs here: published versions never change (archive it, or import it under another id)",
-            )  # fmt: skip
-        if current["state"] == "archived":
-            return Outcome(
-                "journeys", journey_id, CONFLICTING, "archived here, which is final; differs in " + ", ".join(fields)
+            return (
+                f"differs in {', '.join(fields)}: {which} differs here, and published versions never change, "
+                "--replace neither (archive it, or import it under another id)"
             )
+        if current["state"] == "archived":
+            return f"archived here, which is final (--replace cannot change it); differs in {', '.join(fields)}"
+        return None
+
+    async def _replace_journey(self, entry: dict[str, Any], current: dict[str, Any], fields: list[str]) -> Outcome:
+        journey_id, wanted, held = entry["id"], entry["versions"], current["versions"]
+        if why := self._unreplaceable(entry, current, fields):
+            return Outcome("journeys", journey_id, CONFLICTING, why)
         new = wanted[len(held) :]
         draft = entry.get("draft")
         steps = [f"publish v{v['version']}" for v in new]
