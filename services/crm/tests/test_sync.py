@@ -191,9 +191,10 @@ async def test_a_backfill_writes_a_newly_mapped_field_for_everyone_with_progress
         assert {r["properties"]["firstname"] for r in emulator.records("contacts")} == {p.upper() for p in persons}
         assert len(emulator.records("contacts")) == 30
 
-        # Nothing left to write: a second backfill makes no call.
+        # Nothing left to write: a second backfill makes no write (it reads which contacts HubSpot still
+        # holds: one a HubSpot user deleted is written again, test_record_gone.py).
         requests = len(emulator.requests)
         second, _ = await runs.start_backfill("hs")
         await world.eventually(lambda: _state(world, second, "succeeded"))
         assert (await world.store.get(RUNS, second)).doc["unchanged"] == 30
-        assert len(emulator.requests) == requests
+        assert [r.path for r in list(emulator.requests)[requests:] if not r.path.endswith("/batch/read")] == []

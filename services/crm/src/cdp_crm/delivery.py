@@ -49,6 +49,8 @@ log = logging.getLogger("cdp.crm.delivery")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 # What a batch the budget would not allow before the deadline is recorded as: transient, so pending.
+# Match-key values per lookup of which records the CRM holds (`present`): HubSpot's batch read takes 100.
+PRESENCE_BATCH = 100
 NOT_SENT = CrmError(THROTTLED, "BUDGET", "not sent: the account's budget allows no request before the deadline")
 
 
@@ -158,6 +160,28 @@ class Deliverer:
                 },
             )
         return delivered
+
+    async def present(self, mapping: ObjectMapping, field: str, values: list[str], deadline: float) -> set[str] | None:
+        """Which of these match-key values (lower case) the CRM holds a record of `mapping`'s object for, a
+        request per `PRESENCE_BATCH` from the account's budget; None when the CRM cannot say (its adapter
+        has no lookup, an error, or the budget allows no request before `deadline`): then the connector's
+        own record of what it wrote stands."""
+        adapter = self.adapters[mapping.connection]
+        lookup = getattr(adapter, "present", None)
+        if lookup is None:
+            return None
+        budget = self.budgets[mapping.connection]
+        found: set[str] = set()
+        for i in range(0, len(values), PRESENCE_BATCH):
+            reservation = await budget.acquire(1, self.clock, deadline)
+            if reservation is None:
+                return None
+            answer, headers = await lookup(mapping, field, values[i : i + PRESENCE_BATCH])
+            await budget.settle(reservation, self.clock(), headers, answered=answer is not None)
+            if answer is None:
+                return None
+            found |= answer
+        return found
 
     async def _send(
         self, mapping: ObjectMapping, batch: list[Change], isolation: Isolation, delivered: Delivered, deadline: float

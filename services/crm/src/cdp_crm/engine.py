@@ -81,6 +81,7 @@ from cdp_crm.writes import (
     Outcomes,
     Planned,
     RunIncrement,
+    accepted,
     change_doc,
     change_from_doc,
     held_member,
@@ -363,6 +364,28 @@ class CrmLogic:
             fields = {**held, **fields, **change.fields}
             left = change.op == REMOVE or (mapping.segment is not None and change.trigger == SEGMENT_EXITED)
             state = OUT_OF_SCOPE if left else SYNCED
+            if result.created and mapping.kind == "record" and accepted(previous.get(key)) and not left:
+                missing = {k: v for k, v in fields.items() if k not in change.fields and v is not None}
+                if missing:
+                    # The CRM made a new record for a write of only the changed fields: the one it held was
+                    # deleted there (a CRM user's delete). It holds only what this write carried; the whole
+                    # record goes again at once (queued: the retrier takes it as soon as this is committed).
+                    whole = Change(
+                        change.mapping, change.key, {**change.fields, **missing}, change.stamp, change.op,
+                        change.person_id, change.trigger, change.link,
+                    )  # fmt: skip
+                    doc = record_doc(
+                        mapping, change, dict(change.fields), member, PENDING_STATE, now, previous.get(key),
+                        crm_id=result.crm_id, synced_at=now, synced_stamp=change.stamp, held_member=member,
+                        **unconfirmed({}, missing),
+                    )  # fmt: skip
+                    out.put(RECORDS, key, doc)
+                    out.delete(DEAD_LETTERS, key)
+                    out.put(PENDING, key, change_doc(whole, partition, 1))
+                    out.count(connection, "created")
+                    out.count(connection, "pending_retry")
+                    log.info("crm record recreated by the crm; writing it whole", extra={"mapping": mapping.name})
+                    continue
             doc = record_doc(
                 mapping, change, fields, member, state, now, previous.get(key),
                 crm_id=result.crm_id, synced_at=now, synced_stamp=change.stamp,

@@ -52,6 +52,7 @@ from cdp_crm.engine import COUNTERS, CrmLogic, Input, Outcomes, Planned, resolve
 from cdp_crm.inbound.refused import INBOUND
 from cdp_crm.people import ConnectorView, People
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
+from cdp_crm.writes import accepted
 from cdp_kit.bus import partition_for
 from cdp_kit.errors import InvalidArgument, NotFound
 from cdp_kit.stopping import cancel_and_wait
@@ -353,6 +354,32 @@ class Runs:
                     await asyncio.sleep(0)  # let the page being delivered go on (its answers, its polls)
             yield sorted(units.values(), key=lambda u: u.partition), last
 
+    async def _gone(self, unit: Unit, planned: Planned) -> None:
+        """Mark in `planned` the records the connector wrote that the CRM no longer holds (deleted there by
+        one of its users), so the backfill writes them whole: what it compares with is the connector's
+        record of what it wrote, which a delete in the CRM does not change. One lookup per mapping and
+        hundred records, from the account's budget; a CRM that cannot say leaves the records as they are."""
+        wanted: dict[str, dict[str, str]] = defaultdict(dict)  # mapping -> match value -> record key
+        fields: dict[str, str] = {}
+        for mapping, projection, op, _, key in unit.projected:
+            if (
+                key is None
+                or op != UPSERT
+                or mapping.kind != "record"
+                or mapping.mode == "update_only"
+                or len(projection.key) != 1
+                or not accepted(planned.previous.get(key))
+            ):
+                continue
+            fields[mapping.name] = projection.key[0][0]
+            wanted[mapping.name][projection.key[0][1].lower()] = key
+        deadline = self.clock() + self.logic.deliverer.retry_for
+        for name, by_value in wanted.items():
+            mapping = self.logic.mappings[name]
+            found = await self.logic.deliverer.present(mapping, fields[name], list(by_value), deadline)
+            if found is not None:
+                planned.gone.update(key for value, key in by_value.items() if value not in found)
+
     async def _deliver_unit(
         self, unit: Unit, bulk: bool, progress, held: dict[int, Held], keep: bool
     ) -> asyncio.Task[Outcomes]:
@@ -377,6 +404,7 @@ class Runs:
             out = Outcomes(self.clock())
             planned = Planned(self.store)
             await planned.prefetch(keys)
+            await self._gone(unit, planned)
             for mapping, projection, op, item, key in unit.projected:
                 await planned.add(mapping, projection, op, BACKFILL, item, key)
             # Which of the records to write have a dead letter or a queued change: a record written now

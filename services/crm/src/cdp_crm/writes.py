@@ -131,6 +131,8 @@ class Planned:
         self.records: dict[str, None] = {}
         self.skipped: dict[str, int] = defaultdict(int)
         self.unchanged: dict[str, int] = defaultdict(int)
+        # Records the connector wrote that the CRM no longer holds (a CRM user deleted them): sent whole.
+        self.gone: set[str] = set()
 
     async def prefetch(self, keys: Iterable[str]) -> None:
         """Read the stored states of these records in one query (a backfill page plans thousands)."""
@@ -170,7 +172,7 @@ class Planned:
             # Compared with what the CRM took (`fields` never holds a refused or queued value): what a refused
             # write carried is sent again with the next change, and a record the CRM never created is sent
             # whole, with the mapping's defaults.
-            written = accepted(self.previous[key]) or key in self.records
+            written = (accepted(self.previous[key]) and key not in self.gone) or key in self.records
             last = proj.Projection(mapping.name, projection.key, fields_before) if written else None
             if last is None and not projection.holds:
                 # A record never written for a person holding no value the mapping reads (a mapped field

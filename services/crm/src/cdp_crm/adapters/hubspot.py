@@ -192,6 +192,16 @@ class HubSpotAdapter:
                 results[change.record] = RecordResult(change.record, False, written.crm_id, written.created, error)
         return headers
 
+    async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
+        """Which of these match-key values (lower case) a record of `mapping`'s object holds in HubSpot, by
+        ``batch/read`` on the key; None when HubSpot did not say (an error). At most `batch_limit` values."""
+        body = {"idProperty": field, "inputs": [{"id": v} for v in values], "properties": [field]}
+        answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/read", body, mapping.object)
+        if _failure(answer) is not None or not isinstance(answer.body.get("results"), list):
+            return None, answer.headers
+        found = {str((r.get("properties") or {}).get(field, "")).lower() for r in answer.body["results"]}
+        return found, answer.headers
+
     async def _update_only(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         id_property = _key_field(changes[0])
         body = {

@@ -288,6 +288,17 @@ class SalesforceAdapter:
                 results[change.record] = RecordResult(change.record, False, error=crm_error)
         return BatchOutcome(results, None, answer.headers)
 
+    async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
+        """Which of these external id values (lower case) a record of `mapping`'s object holds in Salesforce,
+        by SOQL; None when Salesforce did not say (an error). At most `batch_limit` values."""
+        listed_values = ", ".join(_soql_text(v) for v in values)
+        found, answer = await self._query(
+            f"SELECT {field} FROM {mapping.object} WHERE {field} IN ({listed_values})", "presence lookup"
+        )
+        if _failure(answer) is not None:
+            return None, answer.headers
+        return {str(r.get(field, "")).lower() for r in found}, answer.headers
+
     async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """sObject Collections DELETE (``/composite/sobjects?ids=...&allOrNone=false``) of the records the
         match key finds by SOQL. A record not found, or already deleted, counts as deleted."""
