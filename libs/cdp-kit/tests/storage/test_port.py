@@ -148,8 +148,26 @@ _documents = st.dictionaries(
 )
 
 
+# Wider dicts and lists too: the quick check takes a few values one by one and more than a few by their
+# kinds (all strings, all ints) at once, so both ways are walked.
+_wide_documents = st.dictionaries(
+    _names,
+    st.recursive(
+        _leaves,
+        lambda inner: st.lists(inner, max_size=12) | st.dictionaries(_names, inner, max_size=12),
+        max_leaves=30,
+    ),
+    max_size=12,
+)
+_homogeneous = st.one_of(
+    st.lists(st.one_of(st.text(max_size=3), st.text(max_size=3), _bad_leaves), min_size=7, max_size=12),
+    st.lists(st.one_of(st.integers(-(2**63), 2**63 - 1), _bad_leaves), min_size=7, max_size=12),
+    st.dictionaries(st.sampled_from(_plain_names), st.one_of(st.text(max_size=3), _bad_leaves), min_size=7),
+)
+
+
 @settings(max_examples=500)
-@given(_documents)
+@given(st.one_of(_documents, _wide_documents, st.dictionaries(_names, _homogeneous, max_size=3)))
 def test_the_quick_check_refuses_exactly_what_the_full_walk_refuses_and_names_the_same_field(doc: dict) -> None:
     # check_document first asks a quick check that only says "certainly storable"; the full walk
     # (`_check_dict`) decides everything else. The two must agree on every document.

@@ -164,12 +164,13 @@ def _plain_list(value: list, depth: int) -> bool:
 def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
     """`list_depth`/`dict_depth`: the depth `_check_list`/`_check_dict` would be given for a list/dict
     among these values."""
-    kinds = set(map(type, values))
-    if kinds == _STR:
-        text = "".join(values)
-        return text.isascii() or _valid_text(text)
-    if kinds == _INT:
-        return min(values) >= INT64_MIN and max(values) <= INT64_MAX
+    if len(values) > _FEW:  # a few values are checked one by one faster than their kinds are collected
+        kinds = set(map(type, values))
+        if kinds == _STR:
+            text = "".join(values)
+            return text.isascii() or _valid_text(text)
+        if kinds == _INT:
+            return min(values) >= INT64_MIN and max(values) <= INT64_MAX
     for item in values:
         kind = type(item)
         if kind is str:
@@ -178,22 +179,30 @@ def _plain_values(values: Any, list_depth: int, dict_depth: int) -> bool:
         elif kind is float:
             if not isfinite(item):
                 return False
+        elif kind is dict:
+            if not _plain_dict(item, dict_depth):
+                return False
+        elif kind is list:
+            # `_plain_list` inline, and a list of strings (ids, names) checked here in one go
+            if list_depth + 1 > MAX_DEPTH:
+                return False
+            if set(map(type, item)) == _STR:
+                text = "".join(item)
+                if not text.isascii() and not _valid_text(text):
+                    return False
+            elif item and not _plain_values(item, list_depth + 1, list_depth + 2):
+                return False
         elif kind is int:
             if not INT64_MIN <= item <= INT64_MAX:
                 return False
         elif item is None or kind is bool:
             pass
-        elif kind is dict:
-            if not _plain_dict(item, dict_depth):
-                return False
-        elif kind is list:
-            if not _plain_list(item, list_depth):
-                return False
         else:
             return False
     return True
 
 
+_FEW = 6
 _STR = {str}
 _INT = {int}
 
