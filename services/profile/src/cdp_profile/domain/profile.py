@@ -669,8 +669,9 @@ class Profile:
         earliest = None
         for part in self.parts.values():
             for state in part.computed.values():
-                if state.entries:
-                    at = state.expires_at()
+                entries = state.entries
+                if entries:
+                    at = entries[0][0] + state.window  # state.expires_at(), inline: every changed person, every batch
                     if earliest is None or at < earliest:
                         earliest = at
         return earliest
