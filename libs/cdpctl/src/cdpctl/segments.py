@@ -1,6 +1,7 @@
 """cdpctl's audience commands: segments (segmentation) and the computed traits they can read (profile).
 
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
+cdpctl segment update vip 'scores.clv > 800'   # change it; who entered and exited once it is live
 cdpctl segment estimate 'traits.plan = "pro"'  # people it holds now; nothing is created
 cdpctl segment members vip / delete vip        # its members; remove it (every member exits)
 cdpctl segments                                # every segment: state, size, definition
@@ -153,7 +154,15 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
     async with tls.aio_channel(address) as channel:
         stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
         try:
-            segment = await stub.CreateSegment(request, metadata=metadata, timeout=30)
+            try:
+                segment = await stub.CreateSegment(request, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    raise click.ClickException(
+                        f"ALREADY_EXISTS: segment {request.id} exists: `cdpctl segment update {request.id} "
+                        "DEFINITION` changes it"
+                    ) from None
+                raise
             with Progress(console=console, disable=not show_progress, transient=True) as progress:
                 task = progress.add_task(f"evaluating {request.id}", total=None)
                 while segment.state == segmentation_pb2.SEGMENT_STATE_BUILDING:
@@ -180,24 +189,57 @@ def segment() -> None:
 @click.pass_obj
 def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, address) -> None:
     """Define a segment in the segment language (or a JSON tree) and wait until it is live."""
-    from google.protobuf import json_format
 
     from cdp.segmentation.v1 import segmentation_pb2
 
     address = _segmentation_address(ws, address)
-    if definition.lstrip().startswith("{"):
-        tree = json_option(definition, "DEFINITION")
-        request_definition = segmentation_pb2.Definition()
-        json_format.ParseDict(tree, request_definition.tree)
-    else:
-        request_definition = segmentation_pb2.Definition(text=definition)
-    request = segmentation_pb2.CreateSegmentRequest(id=segment_id, name=name, definition=request_definition)
+    request = segmentation_pb2.CreateSegmentRequest(id=segment_id, name=name, definition=_definition(definition))
     created = asyncio.run(_create_segment(address, ws.admin_token(), request, show_progress=sys.stderr.isatty()))
     state = created.get("state", "").removeprefix("SEGMENT_STATE_").lower()
     if state != "live":
         raise click.ClickException(f"segment {segment_id} is {state}: {created.get('error', '')}")
     size = int(created.get("size", 0))
     out.print(f"segment {segment_id} live: {size} member{'' if size == 1 else 's'} ({created.get('text', '')})")
+
+
+def _definition(definition: str):
+    """A segment's definition as the service takes it: the segment language, or a JSON tree."""
+    from google.protobuf import json_format
+
+    from cdp.segmentation.v1 import segmentation_pb2
+
+    if definition.lstrip().startswith("{"):
+        request_definition = segmentation_pb2.Definition()
+        json_format.ParseDict(json_option(definition, "DEFINITION"), request_definition.tree)
+        return request_definition
+    return segmentation_pb2.Definition(text=definition)
+
+
+@segment.command("update")
+@click.argument("segment_id")
+@click.argument("definition")
+@click.option("--name", default="", help="a new display name (default: unchanged)")
+@click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
+@click.pass_obj
+def segment_update(ws: Workspace, segment_id: str, definition: str, name: str, address) -> None:
+    """Change a live segment's definition (segment language or a JSON tree) and wait until the new one is
+    live: who entered and who exited. A definition that cannot be evaluated leaves the old one live."""
+    from cdp.segmentation.v1 import segmentation_pb2
+
+    request = segmentation_pb2.UpdateSegmentRequest(id=segment_id, name=name, definition=_definition(definition))
+
+    async def update(stub, metadata):
+        # The service answers once the new definition has been evaluated over the whole population.
+        return await stub.UpdateSegment(request, metadata=metadata, timeout=600)
+
+    reply = _segmentation_call(ws, address, False, update)
+    size = reply.segment.size
+    out.print(
+        f"segment {segment_id} live: {size} member{'' if size == 1 else 's'} ({reply.segment.text}); "
+        f"{reply.entered} entered, {reply.exited} exited",
+        markup=False,
+        highlight=False,
+    )
 
 
 def _segmentation_call(ws: Workspace, address: str | None, as_json: bool, work):

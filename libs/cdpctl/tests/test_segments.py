@@ -1,0 +1,59 @@
+"""`cdpctl segment` against real segmentation, profile, identity and collector services: a live segment
+is changed with `segment update` (who entered and exited), and `segment create` on an existing id names it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+
+@pytest.fixture
+async def segments_cli(people_cli, tmp_path):
+    """people_cli with segmentation running too, and three people: two on plan pro, one on free."""
+    from cdp_kit.service import serving
+    from cdp_segmentation.__main__ import setup
+    from cdp_segmentation.settings import SegmentationSettings
+
+    state = json.loads((people_cli.home / "run.json").read_text())
+    settings = SegmentationSettings(
+        nats_url=people_cli.nats_url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2,
+        shutdown_grace=1.0, store_url=f"sqlite:///{tmp_path / 'segmentation.db'}",
+        profile_address=state["services"]["profile"]["grpc"],
+    )  # fmt: skip
+    async with serving(settings, setup) as runtime:
+        state["services"]["segmentation"] = {"grpc": f"127.0.0.1:{runtime.grpc.port}"}
+        (people_cli.home / "run.json").write_text(json.dumps(state))
+        for user, plan in (("ann", "pro"), ("bob", "pro"), ("cid", "free")):
+            await people_cli.send(
+                {"type": "identify", "userId": user, "messageId": f"m-{user}", "traits": {"plan": plan}}
+            )
+        deadline = time.monotonic() + 20  # segmentation learns of the profiles on profiles.changed
+        while True:
+            document = json.loads((await people_cli.run("segment", "estimate", 'traits.plan = "pro"', "--json")).output)
+            if int(document.get("population", 0)) == 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert int(document["population"]) == 3, document
+        yield people_cli
+
+
+async def test_segment_update_changes_a_live_segment_and_says_who_entered_and_exited(segments_cli):
+    created = await segments_cli.run("segment", "create", "paid", 'traits.plan = "pro"')
+    assert created.exit_code == 0 and "segment paid live: 2 members" in created.output, created.output
+
+    again = await segments_cli.run("segment", "create", "paid", 'traits.plan = "free"')
+    assert again.exit_code == 1
+    assert "cdpctl segment update paid DEFINITION" in again.output, again.output
+    assert "UpdateSegment" not in again.output
+
+    updated = await segments_cli.run("segment", "update", "paid", 'traits.plan = "free"')
+    assert updated.exit_code == 0, updated.output
+    assert 'segment paid live: 1 member (traits.plan = "free"); 1 entered, 2 exited' in updated.output
+
+    refused = await segments_cli.run("segment", "update", "paid", "traits.plan = ")
+    assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output, refused.output
+    missing = await segments_cli.run("segment", "update", "nobody", 'traits.plan = "pro"')
+    assert missing.exit_code == 1 and "NOT_FOUND" in missing.output, missing.output
