@@ -84,13 +84,15 @@ class World:
         env: dict[str, str] | None = None,
         describe: bool = False,
         refresh: Any = None,
+        identifiers: Any = None,
         ack_wait: float = 30.0,
         request_timeout: float = 2.0,
         partitions: int = PARTITIONS,
         **limits: Any,
     ) -> PartitionedEngine:
         """`describe`: read the connections with each CRM's described schema, as the service does at start.
-        `refresh`: the profile service's BatchGetProfiles as the connector reads it (people.Fetch)."""
+        `refresh`: the profile service's BatchGetProfiles as the connector reads it (people.Fetch);
+        `identifiers`: the persons' identifiers it answers (people.Identifiers)."""
         self.partitions = partitions
         document = document or hubspot_document(self.emulator.base_url, **limits)
         connections = parse_connections(document)
@@ -104,7 +106,7 @@ class World:
         # The CRM counts a request when it arrives: the margin covers a loaded test machine's delays.
         budgets = {c.id: SharedBudget(self.store, c, margin=0.2) for c in connections}
         deliverer = Deliverer(adapters, budgets, retry_for=retry_for, bulk_poll_seconds=0.02)
-        self.logic = CrmLogic(self.store, connections, deliverer, refresh=refresh)
+        self.logic = CrmLogic(self.store, connections, deliverer, refresh=refresh, identifiers=identifiers)
         spec = EngineSpec(
             service=SERVICE,
             stream=subjects.CRM,

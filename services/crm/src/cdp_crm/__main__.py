@@ -33,7 +33,7 @@ from cdp_crm.domain.mapping import Connection, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.export import exporter
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
-from cdp_crm.people import ProfileDirectory, profile_fetch
+from cdp_crm.people import ProfileDirectory, profile_fetch, profile_identifiers
 from cdp_crm.privacy import Privacy, TombstoneSweeper, consumer_spec
 from cdp_crm.runs import GC_THRESHOLD, Runs
 from cdp_crm.settings import CrmSettings
@@ -123,16 +123,18 @@ async def setup(runtime: ServiceRuntime) -> None:
     budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
-    people = fetch = None
+    people = fetch = identifiers = None
     if settings.profile_store_url:
         profiles = await runtime.stack.enter_async_context(open_store(settings.profile_store_url))
         channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(channel.close)
         fetch = profile_fetch(channel, settings.profile_token, timeout=settings.request_timeout)
         people = ProfileDirectory(profiles, fetch, store)
+        # A person a CRM user made is written to their contact, not to a new one (engine.py `claim`).
+        identifiers = profile_identifiers(channel, settings.profile_token, timeout=settings.request_timeout)
     # With the profile service a backfill reads from, the person views keep only the mapped fields and a
     # profile change of nothing mapped costs no read or write (engine.py).
-    logic = CrmLogic(store, connections, deliverer, meter=meter, refresh=fetch)
+    logic = CrmLogic(store, connections, deliverer, meter=meter, refresh=fetch, identifiers=identifiers)
 
     budget_left: dict[str, dict] = {}
 

@@ -161,6 +161,22 @@ class Deliverer:
             )
         return delivered
 
+    async def claim(self, mapping: ObjectMapping, crm_id: str, field: str, value: str, deadline: float) -> bool:
+        """Stamp the match key `field` = `value` on the CRM's record `crm_id` (`Adapter.claim`), two requests
+        from the account's budget; False when it was not (no such record, another person's, an error, no
+        budget before `deadline`, an adapter that cannot)."""
+        adapter = self.adapters[mapping.connection]
+        stamp = getattr(adapter, "claim", None)
+        if stamp is None:
+            return False
+        budget = self.budgets[mapping.connection]
+        reservation = await budget.acquire(2, self.clock, deadline)
+        if reservation is None:
+            return False
+        done, headers = await stamp(mapping, crm_id, field, value)
+        await budget.settle(reservation, self.clock(), headers, answered=done is not None)
+        return bool(done)
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str], deadline: float) -> set[str] | None:
         """Which of these match-key values (lower case) the CRM holds a record of `mapping`'s object for, a
         request per `PRESENCE_BATCH` from the account's budget; None when the CRM cannot say (its adapter

@@ -63,7 +63,7 @@ from cdp_crm.domain.mapping import (
 )
 from cdp_crm.domain.mapping_model import SEGMENTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
-from cdp_crm.people import Fetch
+from cdp_crm.people import Fetch, Identifiers
 from cdp_crm.state import (
     DEAD_LETTERED,
     DEAD_LETTERS,
@@ -117,8 +117,12 @@ class CrmLogic:
         clock=time.time,
         meter=None,
         refresh: Fetch | None = None,
+        identifiers: Identifiers | None = None,
     ) -> None:
         self.store = store
+        # The profile service's identifiers of persons (BatchGetProfiles): a person a CRM user made (their
+        # contact came in as news) is written to that contact, never to a new one (`claim`).
+        self.identifiers = identifiers
         self.connections = {c.id: c for c in connections}
         self.mappings: dict[str, ObjectMapping] = {m.name: m for c in self.connections.values() for m in c.mappings}
         self.deliverer = deliverer
@@ -326,11 +330,49 @@ class CrmLogic:
         for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
             changes = planned.coalescer.take(mapping=name)
+            if mapping.kind == "record" and self.identifiers is not None:
+                await self.claim(mapping, changes, planned.previous, deadline)
             if bulk:
                 delivered = await self.deliverer.deliver_bulk(mapping, changes, deadline=deadline, progress=progress)
             else:
                 delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
             self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
+
+    async def claim(
+        self, mapping: ObjectMapping, changes: list[Change], previous: Mapping[str, Mapping[str, Any]], deadline: float
+    ) -> int:
+        """Before a record the connector never wrote is upserted by its match key: when the person came from
+        a record of this CRM a CRM user made (their identifiers hold its id: `anonymous_id:<kind>:<account>:
+        <id>` as the inbound side posts it, or `<kind>_id:<id>`), stamp the match key on that record, so the
+        upsert writes to it instead of creating a second one. How many were stamped."""
+        new = [
+            c for c in changes
+            if c.op == UPSERT and c.person_id and len(c.key) == 1 and not accepted(previous.get(c.record))
+        ]  # fmt: skip
+        if not new or self.identifiers is None:
+            return 0
+        try:
+            found = await self.identifiers(sorted({c.person_id for c in new}))
+        except Exception as exc:  # the profile service down: written as before (by the match key)
+            log.warning("reading persons' crm ids failed", extra={"mapping": mapping.name, "error": type(exc).__name__})
+            return 0
+        connection = self.connections[mapping.connection]
+        prefixes = (f"anonymous_id:{connection.kind}:{connection.account}:".lower(), f"{connection.kind}_id:")
+        stamped = 0
+        for change in new:
+            crm_ids = [
+                ident[len(prefix) :]
+                for ident in found.get(change.person_id, ())
+                for prefix in prefixes
+                if ident.lower().startswith(prefix) and len(ident) > len(prefix)
+            ]
+            field, value = change.key[0]
+            for crm_id in dict.fromkeys(crm_ids):
+                if await self.deliverer.claim(mapping, crm_id, field, value, deadline):
+                    stamped += 1
+                    log.info("crm record made in the crm claimed", extra={"mapping": mapping.name})
+                    break
+        return stamped
 
     def record_outcome(
         self,

@@ -38,6 +38,9 @@ PROFILE_COLLECTION = "profiles"
 FETCH_BATCH = 500
 
 Fetch = Callable[[Sequence[str]], Awaitable[dict[str, dict[str, Any]]]]
+# person id -> the identifiers the profile holds for them ("type:value"), by the profile service's
+# BatchGetProfiles: where a person came from a CRM record, its id is one of them.
+Identifiers = Callable[[Sequence[str]], Awaitable[dict[str, list[str]]]]
 
 
 @dataclass
@@ -133,3 +136,23 @@ def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.
         return found
 
     return fetch
+
+
+def profile_identifiers(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Identifiers:
+    """`Identifiers` through the profile service's BatchGetProfiles: person id -> their identifiers."""
+    stub = profile_pb2_grpc.ProfileServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def identifiers(person_ids: Sequence[str]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for start in range(0, len(person_ids), FETCH_BATCH):
+            request = profile_pb2.BatchGetProfilesRequest(person_ids=list(person_ids[start : start + FETCH_BATCH]))
+            try:
+                answer = await stub.BatchGetProfiles(request, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"profile service: {exc.code().name}", retry_after=5.0) from None
+            for profile in answer.profiles:
+                found[profile.person_id] = list(profile.identifiers)
+        return found
+
+    return identifiers

@@ -192,6 +192,24 @@ class HubSpotAdapter:
                 results[change.record] = RecordResult(change.record, False, written.crm_id, written.created, error)
         return headers
 
+    async def claim(self, mapping: ObjectMapping, crm_id: str, field: str, value: str) -> tuple[bool | None, dict]:
+        """Stamp `field` = `value` (the match key) on the record `crm_id` of `mapping`'s object, one a CRM user
+        made: True once it holds it, False when there is no such record or it holds another value (another
+        person's), None on an error. Two requests: a read, then the update."""
+        path = f"/crm/v3/objects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+        answer = await self._call("GET", f"{path}?properties={urllib.parse.quote(field)}", None, mapping.object)
+        if answer.status == 404:
+            return False, answer.headers
+        if _failure(answer) is not None:
+            return None, answer.headers
+        held = str((answer.body.get("properties") or {}).get(field) or "")
+        if held:
+            return held.lower() == value.lower(), answer.headers
+        updated = await self._call("PATCH", path, {"properties": {field: value}}, mapping.object)
+        if updated.status == 404:
+            return False, updated.headers
+        return (None if _failure(updated) is not None else True), updated.headers
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these match-key values (lower case) a record of `mapping`'s object holds in HubSpot, by
         ``batch/read`` on the key; None when HubSpot did not say (an error). At most `batch_limit` values."""

@@ -288,6 +288,24 @@ class SalesforceAdapter:
                 results[change.record] = RecordResult(change.record, False, error=crm_error)
         return BatchOutcome(results, None, answer.headers)
 
+    async def claim(self, mapping: ObjectMapping, crm_id: str, field: str, value: str) -> tuple[bool | None, dict]:
+        """Stamp `field` = `value` (the external id) on the record `crm_id` of `mapping`'s object, one a CRM
+        user made: True once it holds it, False when there is no such record (or it is of another object)
+        or it holds another value (another person's), None on an error. Two requests: a read, the update."""
+        path = f"/sobjects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+        answer = await self._call("GET", f"{path}?fields={urllib.parse.quote(field)}", what="claim")
+        if answer.status in (400, 404):
+            return False, answer.headers
+        if _failure(answer) is not None or not isinstance(answer.body, dict):
+            return None, answer.headers
+        held = str(answer.body.get(field) or "")
+        if held:
+            return held.lower() == value.lower(), answer.headers
+        updated = await self._call("PATCH", path, json={field: value}, what="claim")
+        if updated.status in (400, 404):
+            return False, updated.headers
+        return (None if _failure(updated) is not None else True), updated.headers
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these external id values (lower case) a record of `mapping`'s object holds in Salesforce,
         by SOQL; None when Salesforce did not say (an error). At most `batch_limit` values."""
