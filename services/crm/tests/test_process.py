@@ -1,6 +1,7 @@
 """`python -m cdp_crm` as a process: it starts from a connections file and the credential variables,
 syncs what reaches the bus to the local HubSpot, and answers CrmService - connections, record status,
-budgets, backfills, validation naming the field. A missing credential stops it naming the variable."""
+budgets, backfills, validation naming the field. A missing credential keeps its connection from starting,
+named by the variable (the process stops when no connection is left)."""
 
 from __future__ import annotations
 
@@ -154,4 +155,44 @@ async def test_a_missing_credential_stops_start_up_naming_the_variable(nats_serv
         code = await asyncio.to_thread(_exit_code, process, START_BOUND)
         assert code != 0
         assert "HUBSPOT_TOKEN" in process.log_path.read_text()
+        assert "pat-local-hubspot" not in process.log_path.read_text()
+
+
+async def test_a_connection_missing_a_credential_is_not_started_and_the_others_run(nats_server, tmp_path):
+    # One connection's token naming an unset variable crash-looped the whole connector, so every other CRM
+    # stopped too, and `cdpctl crm validate` said "no problems" for that document (CRM-admin trial, D6).
+    async with HubSpotEmulator() as emulator, Bus.connect(nats_server.url, name="crm-process-test") as bus:
+        await bus.ensure_streams(profiles_stream())
+        document = _document(emulator.base_url)
+        other = {**document["connections"][0], "id": "hs-eu", "account": "99", "credentials": {"token": "EU_TOKEN"}}
+        document["connections"].append(other)
+        process = _process(tmp_path, nats_server.url, emulator.base_url, EU_TOKEN="")
+        (tmp_path / "connections.json").write_text(json.dumps(document))
+        await asyncio.to_thread(process.start)
+        try:
+            change = profile_pb2.ProfileChanged(person_id="person-1", cause="event", at=from_seconds(time.time()))
+            change.traits["email"].string_value = "ada@example.com"
+            batch = profile_pb2.ProfileChangedBatch(changes=[change])
+            subject = subjects.profiles_changed(partition_for("person-1", PARTITIONS))
+            await bus.publisher.publish_batch([OutMessage(subject, batch.SerializeToString(), "change-1")])
+            await _eventually(lambda: emulator.find("contacts", "cdp_id", "person-1"))
+
+            async with grpc.aio.insecure_channel(process.grpc_address) as channel:
+                crm = crm_pb2_grpc.CrmServiceStub(channel)
+                listed = (await crm.ListConnections(crm_pb2.ListConnectionsRequest())).connections
+                states = {c.id: (c.state, c.last_error_code) for c in listed}
+                assert states["hs-eu"] == (crm_pb2.CONNECTION_STATE_AUTH_FAILED, "EU_TOKEN")
+                assert states["hs"][0] == crm_pb2.CONNECTION_STATE_ACTIVE
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await crm.StartBackfill(crm_pb2.StartBackfillRequest(connection_id="hs-eu"))
+                assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "EU_TOKEN" in refused.value.details()
+
+                answer = await crm.ValidateConnections(
+                    crm_pb2.ValidateConnectionsRequest(document=crm_pb2.ConnectionsDocument(json=json.dumps(document)))
+                )
+                assert [(p.mapping, p.field) for p in answer.problems] == [("hs-eu", "credentials.token")]
+                assert "EU_TOKEN" in answer.problems[0].message
+        finally:
+            process.stop()
         assert "pat-local-hubspot" not in process.log_path.read_text()

@@ -27,9 +27,9 @@ from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp_crm import streams
 from cdp_crm.api import SCOPES, CrmApi
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.connectors import credentials, open_adapters
+from cdp_crm.connectors import credentials, open_available, unset
 from cdp_crm.delivery import Deliverer
-from cdp_crm.domain.mapping import Connection, load_connections
+from cdp_crm.domain.mapping import Connection, MappingInvalid, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.export import exporter
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
@@ -117,9 +117,16 @@ async def setup(runtime: ServiceRuntime) -> None:
     await bus.ensure_created(streams.actions_stream(max_age=retention), streams.input_stream(max_age=retention))
     session = await runtime.stack.enter_async_context(aiohttp.ClientSession())
 
-    adapters = open_adapters(connections, session, os.environ, timeout=settings.request_timeout)
+    adapters, unstarted = open_available(connections, session, os.environ, timeout=settings.request_timeout)
+    for connection_id, variables in unstarted.items():
+        # Not started, named with its unset variables (never a value); the other connections run.
+        log.error("crm connection not started: credentials not set", extra={"connection": connection_id,
+                  "variables": ",".join(variables)})  # fmt: skip
+    if connections and not adapters:  # nothing to run: stop, naming the variables
+        raise MappingInvalid([p for c in connections for p in unset(c, os.environ)])
     hold = budget_hold(settings)
-    connections = load_connections(text, await describe(adapters, connections, store, hold), form=form)
+    listed = load_connections(text, await describe(adapters, connections, store, hold), form=form)
+    connections = tuple(c for c in listed if c.id in adapters)
     budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
@@ -244,8 +251,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     async def describe_document(parsed):
         return await describe(adapters, parsed, store, hold)
 
-    api = CrmApi(store=store, connections=connections, deliverer=deliverer, budgets=budgets, runs=runs,
-                 describe=describe_document)  # fmt: skip
+    api = CrmApi(store=store, connections=listed, deliverer=deliverer, budgets=budgets, runs=runs,
+                 describe=describe_document, unstarted=unstarted)  # fmt: skip
     runtime.parts.update(bus=bus, store=store, engine=engine, ownership=ownership, api=api, logic=logic)
     runtime.grpc.add_service(
         crm_pb2_grpc.add_CrmServiceServicer_to_server,

@@ -8,6 +8,7 @@ connection or run is NOT_FOUND.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -15,12 +16,13 @@ from typing import Any
 
 from cdp.crm.v1 import crm_pb2, crm_pb2_grpc
 from cdp_crm.budgets import SharedBudget
+from cdp_crm.connectors import unset
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, ObjectMapping, load_connections
 from cdp_crm.runs import Runs
 from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
 from cdp_kit.auth import TokenAuthenticator
-from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.interceptors import current_caller
 from cdp_kit.storage import Store
 from cdp_kit.timestamps import from_seconds
@@ -141,9 +143,14 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
         runs: Runs,
         describe=None,
         clock=time.time,
+        unstarted: Mapping[str, tuple[str, ...]] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
         self.connections = {c.id: c for c in connections}
+        # Connections not started, with the names of their unset credential variables (never a value).
+        self.unstarted = dict(unstarted or {})
+        self.environ = os.environ if environ is None else environ  # where ValidateConnections checks variables
         self.deliverer = deliverer
         self.budgets = budgets  # by connection id
         self.runs = runs
@@ -152,12 +159,15 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
 
     # --- connections --------------------------------------------------------------------------------
 
-    def _connection(self, connection_id: str) -> Connection:
+    def _connection(self, connection_id: str, *, started: bool = False) -> Connection:
         if not connection_id:
             raise InvalidArgument("connection_id", "is required")
         connection = self.connections.get(connection_id)
         if connection is None:
             raise NotFound(f"no connection {connection_id!r}; ListConnections names them")
+        if started and connection_id in self.unstarted:
+            variables = ", ".join(self.unstarted[connection_id])
+            raise FailedPrecondition(f"connection {connection_id!r} is not started: {variables} not set")
         return connection
 
     def _connection_message(self, c: Connection) -> crm_pb2.Connection:
@@ -166,7 +176,11 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
             mappings=[mapping_message(m) for m in c.mappings],
         )  # fmt: skip
         health = self.deliverer.health.get(c.id)
-        if health is not None:
+        if c.id in self.unstarted:
+            message.state = crm_pb2.CONNECTION_STATE_AUTH_FAILED
+            message.last_error_reason = "credentials_not_set"
+            message.last_error_code = ",".join(self.unstarted[c.id])  # the variables' names, never values
+        elif health is not None:
             message.state = CONNECTION_STATES.get(health.state, crm_pb2.CONNECTION_STATE_ACTIVE)
             message.last_error_reason = health.last_error_reason
             message.last_error_code = health.last_error_code
@@ -196,6 +210,9 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
         problems: list[crm_pb2.Problem] = []
         try:
             connections = load_connections(text, form=form)
+            unset_variables = [p for c in connections for p in unset(c, self.environ)]
+            if unset_variables:  # where the connector runs: a connection missing one would not start
+                raise MappingInvalid(unset_variables)
             if request.describe and self.describe is not None:
                 load_connections(text, await self.describe(connections), form=form)
         except MappingInvalid as invalid:
@@ -205,7 +222,7 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
     # --- runs ---------------------------------------------------------------------------------------
 
     async def StartBackfill(self, request, context):
-        self._connection(request.connection_id)
+        self._connection(request.connection_id, started=True)
         run_id, doc = await self.runs.start_backfill(request.connection_id, request.mapping_id, bulk=request.bulk)
         return run_message(run_id, doc)
 

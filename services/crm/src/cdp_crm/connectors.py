@@ -1,6 +1,6 @@
 """Opening each connection: its credentials read from the environment variables the document names, and
-the adapter of its kind. A variable that is missing stops start-up naming the connection and the variable
-(never its value)."""
+the adapter of its kind. A variable that is missing keeps that connection from starting, naming the
+connection and the variable (never its value); the other connections start (`open_available`)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,20 @@ from cdp_crm.adapters.zoho import ZohoAdapter
 from cdp_crm.domain.mapping import Connection, MappingInvalid, Problem
 
 
+def unset(connection: Connection, environ: Mapping[str, str]) -> list[Problem]:
+    """A problem per credential whose environment variable is not set (or empty), naming the variable."""
+    return [
+        Problem(connection.id, f"credentials.{name}", f"the variable {variable} is not set")
+        for name, variable in connection.credentials.items()
+        if not environ.get(variable)
+    ]
+
+
 def credentials(connection: Connection, environ: Mapping[str, str]) -> dict[str, str]:
-    values, problems = {}, []
-    for name, variable in connection.credentials.items():
-        value = environ.get(variable)
-        if not value:
-            problems.append(Problem(connection.id, f"credentials.{name}", f"the variable {variable} is not set"))
-        else:
-            values[name] = value
+    problems = unset(connection, environ)
     if problems:
         raise MappingInvalid(problems)
-    return values
+    return {name: environ[variable] for name, variable in connection.credentials.items()}
 
 
 def open_adapter(
@@ -61,3 +64,24 @@ def open_adapters(
     if problems:
         raise MappingInvalid(problems)
     return adapters
+
+
+def open_available(
+    connections: Iterable[Connection],
+    session: aiohttp.ClientSession,
+    environ: Mapping[str, str],
+    *,
+    timeout: float = 30.0,
+) -> tuple[dict[str, Adapter], dict[str, tuple[str, ...]]]:
+    """The adapters of the connections whose credentials are all set, and for each other connection the
+    names of its unset variables: one connection missing a secret does not stop the others."""
+    adapters: dict[str, Adapter] = {}
+    missing: dict[str, tuple[str, ...]] = {}
+    for connection in connections:
+        if unset(connection, environ):
+            missing[connection.id] = tuple(
+                variable for variable in connection.credentials.values() if not environ.get(variable)
+            )
+            continue
+        adapters[connection.id] = open_adapter(connection, session, environ, timeout=timeout)
+    return adapters, missing
