@@ -173,6 +173,25 @@ async def test_a_reminder_whose_template_reads_a_missing_field_is_not_sent_with_
     assert await world.actions() == []
 
 
+async def test_a_reminder_to_a_person_without_an_address_fails_naming_the_field_and_is_not_sent(world_factory):
+    # Sent with no address, the channel could only refuse it (`invalid_address`) while decisions and the
+    # journey's counters said "sent" (a marketer trial's push to people without a push token).
+    world = await world_factory()
+    await world.publish_journey(_without_delay())
+    await world.start()
+    await world.profile("gus", consent={"purpose:Marketing": True}, first_name="Gus")  # no email
+    await world.event("gus", "Cart Abandoned", "e-cart-gus", cart_url="u")
+
+    [decision] = await world.eventually(lambda: world.decisions("gus"))
+    assert decision["kind"] == "failed" and "traits.email" in decision["reason"]
+    await asyncio.sleep(0.5)
+    assert await world.actions() == []
+    decisions: collections.Counter = collections.Counter()
+    async for stored in world.store.scan_all("orchestration_stats"):
+        decisions.update(stored.doc["decisions"])
+    assert decisions == {"failed": 1}
+
+
 async def test_a_deleted_profile_ends_its_instances_and_leaves_nothing_of_it_here(world_factory):
     world = await world_factory()
     await world.publish_journey({**CART, "nodes": [{**CART["nodes"][0], "duration": "1h"}, CART["nodes"][1]]})

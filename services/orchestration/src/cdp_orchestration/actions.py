@@ -60,6 +60,9 @@ ADDRESS_FIELDS = {
 }
 
 
+# Channels whose address field may be absent: the webhook channel has a default URL of its own.
+OPTIONAL_ADDRESS = frozenset({"webhook"})
+
 ATTRIBUTION_HEADER = "Cdp-Attribution"  # an attribution message: post this action's outcome, send nothing
 UNATTRIBUTED_CHANNELS = frozenset({"crm"})  # channels orchestration posts no outcome for
 
@@ -223,6 +226,12 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
                 "publish a fixed version"
             )
         return "failed: the action's journey version is not loaded"
+    address = ADDRESS_FIELDS.get(decision.channel)
+    to = person.fields.get(address[1]) if address is not None else None
+    if address is not None and decision.channel not in OPTIONAL_ADDRESS and not (isinstance(to, str) and to):
+        # The channel could only refuse it (invalid_address) while the decision said "sent".
+        log.warning("action %s not sent: the person has no %s", decision.action_id, address[1])
+        return f"failed: the person has no {address[1]}, the address {decision.channel} sends to"
     view = person.view()
     try:
         content = node.template.render(view, instance.entry if instance is not None else None)
@@ -250,11 +259,8 @@ async def _send(applier: Applier, batch: Batch, person: Person, decision: Decisi
         message.crm_kind = content.get("kind", "task")
         for name, value in top_signals(node, view):
             message.signals.add(name=name, value=value)
-    address = ADDRESS_FIELDS.get(decision.channel)
-    if address is not None:
-        value = person.fields.get(address[1])
-        if isinstance(value, str) and value:
-            message.address[address[0]] = value
+    if address is not None and isinstance(to, str) and to:
+        message.address[address[0]] = to
     _identify(message, person)
     applier.m_actions.add(1, {"channel": decision.channel})
     batch.messages.append(
