@@ -17,12 +17,15 @@ on arrival (the local HubSpot does the same in its own outermost middleware):
 
 The inspection API is available from Python (`records`, `requests`, `budget`) and over HTTP under
 ``/_emulator/`` for tests and `make up` running in other processes. With `snapshot` set, state is read
-at start and written at close, so a `make up` restart keeps what the CRM holds.
+at start, written `save_within` seconds (half a second by default) after a request that may have changed
+it - to a temporary file renamed over the snapshot, so a crash leaves the previous one whole - and at close:
+a `make up` restart keeps what the CRM holds, and a `kill -9` loses at most that last half second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import logging
@@ -41,6 +44,8 @@ import orjson
 from aiohttp import web
 
 from cdp_testing.channels.logs import AccessLog
+
+log = logging.getLogger("cdp_crm_emulators")
 
 RecordPredicate = Callable[[str, dict[str, Any]], bool]
 
@@ -205,11 +210,15 @@ class Emulator:
         tls: bool = False,
         snapshot: str | Path | None = None,
         clock: Clock | None = None,
+        save_within: float = 0.5,
     ) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.snapshot = Path(snapshot) if snapshot else None
+        self.save_within = save_within
+        self._changed: asyncio.Event | None = None  # set by a request that may have changed state
+        self._saver: asyncio.Task[None] | None = None
         self.clock = clock or Clock()
         self.faults = FaultInjector()
         # Bounded: a million-record backfill must not grow the log without end.
@@ -272,12 +281,31 @@ class Emulator:
         site = web.TCPSite(self._runner, self.host, self.port, ssl_context=context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.snapshot is not None:
+            self._changed = asyncio.Event()
+            self._saver = asyncio.create_task(self._save_soon(self._changed))
         return self
+
+    async def _save_soon(self, changed: asyncio.Event) -> None:
+        """Write the snapshot `save_within` seconds after a change, however many changes came meanwhile."""
+        while True:
+            await changed.wait()
+            await asyncio.sleep(self.save_within)
+            changed.clear()
+            try:
+                self.save()
+            except OSError as exc:  # a full disk: the next change tries again, as does close
+                log.warning("emulator snapshot not written", extra={"error": type(exc).__name__})
 
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._saver is not None:
+            self._saver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saver
+            self._saver = None
         self.save()
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -337,6 +365,9 @@ class Emulator:
         except web.HTTPException as exc:
             logged.status = exc.status
             raise
+        finally:
+            if self._changed is not None and not (request.method == "GET" and not api):
+                self._changed.set()  # it may have changed state (a read too: a Bulk job's progress)
         logged.status = response.status
         if fault is not None and fault.kind == "drop" and request.transport is not None:
             # The write has committed; the client never hears about it.
