@@ -57,3 +57,26 @@ async def test_segment_update_changes_a_live_segment_and_says_who_entered_and_ex
     assert refused.exit_code == 1 and "INVALID_ARGUMENT" in refused.output, refused.output
     missing = await segments_cli.run("segment", "update", "nobody", 'traits.plan = "pro"')
     assert missing.exit_code == 1 and "NOT_FOUND" in missing.output, missing.output
+
+
+async def test_segment_members_is_a_table_of_person_ids_and_a_total_with_json_for_the_raw_answer(segments_cli):
+    created = await segments_cli.run("segment", "create", "pros", 'traits.plan = "pro"')
+    assert created.exit_code == 0, created.output
+    persons = []
+    for user in ("ann", "bob"):
+        profile = json.loads((await segments_cli.run("profile", "user_id", user)).output)
+        persons.append(profile["personId"])
+
+    shown = await segments_cli.run("segment", "members", "pros")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    for person in persons:
+        assert [line for line in lines if person in line], shown.output  # a row each
+    assert lines[-1] == "2 members", shown.output
+    assert "{" not in shown.output
+
+    cut = await segments_cli.run("segment", "members", "pros", "--limit", "1")
+    assert cut.output.splitlines()[-1] == "2 members (1 shown; --limit shows more)", cut.output
+
+    raw = json.loads((await segments_cli.run("segment", "members", "pros", "--json")).output)
+    assert sorted(m["personId"] for m in raw["members"]) == sorted(persons) and raw["total"] == "2", raw

@@ -120,5 +120,7 @@ async def test_an_empty_segment_shows_its_size_and_members_as_zero(people_cli, t
 
         [listed] = json.loads((await people_cli.run("segments", "--json")).output)
         assert listed["id"] == "nobody" and listed["size"] == "0", listed
-        members = json.loads((await people_cli.run("segment", "members", "nobody")).output)
+        members = json.loads((await people_cli.run("segment", "members", "nobody", "--json")).output)
         assert members["members"] == [] and members["total"] == "0", members
+        shown = await people_cli.run("segment", "members", "nobody")
+        assert shown.exit_code == 0 and shown.output.splitlines()[-1] == "0 members", shown.output

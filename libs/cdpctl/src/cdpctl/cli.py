@@ -281,20 +281,26 @@ def send(
     raise SystemExit(0 if not totals["errors"] else 1)
 
 
-async def _lookup_profile(address: str, token: str, kind: str, value: str, wait: float) -> dict:
+async def _lookup_profile(address: str, token: str, person: tuple[str, ...], wait: float) -> dict:
     import grpc.aio
     from google.protobuf import json_format
 
     from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 
-    request = profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value, include_history=True)
+    if len(person) == 1:
+        request = profile_pb2.GetProfileRequest(person_id=person[0], include_history=True)
+    else:
+        request = profile_pb2.LookupProfileRequest(
+            identifier_type=person[0], identifier_value=person[1], include_history=True
+        )
     metadata = (("authorization", f"Bearer {token}"),)
     deadline = time.monotonic() + wait
     async with tls.aio_channel(address) as channel:
         stub = profile_pb2_grpc.ProfileServiceStub(channel)
         for _attempt in range(10_000):
             try:
-                profile = await stub.LookupProfile(request, metadata=metadata, timeout=5)
+                ask = stub.GetProfile if len(person) == 1 else stub.LookupProfile
+                profile = await ask(request, metadata=metadata, timeout=5)
                 # Every value, false and 0 included: a withdrawn consent is granted false, a score of 0 a value.
                 return json_format.MessageToDict(profile, always_print_fields_with_no_presence=True)
             except grpc.aio.AioRpcError as exc:
@@ -306,8 +312,7 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
 
 
 @main.command()
-@click.argument("identifier_type")
-@click.argument("value")
+@click.argument("person", nargs=-1, required=True)
 @click.option(
     "--wait",
     default=0.0,
@@ -316,10 +321,13 @@ async def _lookup_profile(address: str, token: str, kind: str, value: str, wait:
 )
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def profile(ws: Workspace, identifier_type: str, value: str, wait: float, address) -> None:
-    """Show the profile of whoever holds an identifier (e.g. `cdpctl profile user_id u1`), as JSON."""
+def profile(ws: Workspace, person: tuple[str, ...], wait: float, address) -> None:
+    """Show a person's profile (PERSON_ID, or TYPE VALUE: whoever holds an identifier, e.g. `cdpctl profile
+    user_id u1`), as JSON."""
+    from cdpctl.common import person_key
+
     address = service_address(ws, "profile", address)
-    document = asyncio.run(_lookup_profile(address, ws.admin_token(), identifier_type, value, wait))
+    document = asyncio.run(_lookup_profile(address, ws.admin_token(), person_key(person), wait))
     out.print_json(json.dumps(document))
 
 

@@ -127,6 +127,39 @@ def rpc_error(exc: grpc.aio.AioRpcError, *, as_json: bool = False) -> click.Clic
     return RpcFailed(exc, as_json=as_json)
 
 
+# --- naming a person: the same two forms in every command ------------------------------------------
+
+PERSON_USAGE = "name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)"
+
+
+def person_key(person: tuple[str, ...]) -> tuple[str, ...]:
+    """A person as every command takes it: (PERSON_ID,) or (TYPE, VALUE); anything else is a usage error."""
+    if len(person) not in (1, 2):
+        raise click.UsageError(PERSON_USAGE)
+    return person
+
+
+async def resolve_person(ws: Workspace, identity_address: str | None, person: tuple[str, ...]) -> str:
+    """The person id: PERSON_ID as given, or the person identity says holds the identifier TYPE VALUE now."""
+    import grpc.aio
+
+    from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
+
+    key = person_key(person)
+    if len(key) == 1:
+        return key[0]
+    async with tls.aio_channel(service_address(ws, "identity", identity_address)) as channel:
+        try:
+            found = await identity_pb2_grpc.IdentityServiceStub(channel).Lookup(
+                identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=key[0], value=key[1])),
+                metadata=bearer(ws),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc) from None
+    return found.person_id
+
+
 # --- what every command of one service's module shares (journeys.py, crm.py) -------------------------
 
 

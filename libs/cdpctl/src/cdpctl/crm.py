@@ -32,6 +32,7 @@ from rich.table import Table
 from cdp.crm.v1 import crm_pb2 as pb
 from cdp.crm.v1 import crm_pb2_grpc
 from cdpctl.common import (
+    PERSON_USAGE,
     all_pages,
     as_dict,
     call_service,
@@ -39,10 +40,10 @@ from cdpctl.common import (
     emit,
     enum_name,
     out,
+    resolve_person,
     service_options,
     short_time,
 )
-from cdpctl.people import _person_id
 from cdpctl.platform import Workspace
 
 PAGE = 500
@@ -307,8 +308,8 @@ def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address,
         )
     else:
         if not person:
-            raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
-        request = pb.GetRecordStatusRequest(person_id=asyncio.run(_person_id(ws, identity_address, person)))
+            raise click.UsageError(PERSON_USAGE)
+        request = pb.GetRecordStatusRequest(person_id=asyncio.run(resolve_person(ws, identity_address, person)))
 
     async def work(stub, md):
         return await stub.GetRecordStatus(request, metadata=md, timeout=10)

@@ -8,9 +8,10 @@ the per-person decision history ("why did or didn't this person get that?") and 
     (update, publish and discard-draft take --if-revision N: only while the journey is at the revision read)
     cdpctl journey publish|pause|resume|archive|get [--draft] ID, journey list
     cdpctl journey enroll JOURNEY PERSON, journey exit INSTANCE
-    cdpctl journey instances --person P | --journey J, journey stats J
+    cdpctl journey instances --person PERSON | --journey J, journey stats J
     cdpctl approvals [approve|reject ACTION]
-    cdpctl decisions PERSON, cdpctl inbox PERSON   (PERSON: a person id, or TYPE VALUE such as user_id u1)
+    cdpctl decisions PERSON, cdpctl inbox PERSON
+    (PERSON everywhere: a person id, or TYPE VALUE such as user_id u1, resolved by identity)
 
 Every command takes --json (the API's messages as JSON on stdout; a refused call becomes
 {"error": {"code", "message", "fields"}} on stdout, exit code 1) and --address (default: the
@@ -36,7 +37,7 @@ from google.protobuf import json_format
 from rich.progress import Progress
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdpctl.common import all_pages, as_dict, console, emit, enum_name, out
+from cdpctl.common import all_pages, as_dict, console, emit, enum_name, out, resolve_person
 from cdpctl.journeys_document import journey_id_of, read_definition
 from cdpctl.journeys_people import APPROVAL_STATES, approvals, decisions, inbox
 from cdpctl.journeys_render import (
@@ -295,16 +296,25 @@ def list_journeys(ws: Workspace, states: tuple[str, ...], limit: int, as_json: b
 
 @journey.command("enroll")
 @click.argument("journey_id")
-@click.argument("person_id")
+@click.argument("person", nargs=-1, required=True)
+@click.option("--identity-address", help="identity gRPC address, to resolve TYPE VALUE")
 @click.option("--properties", help="entry properties as a JSON object (the journey reads them as entry.<name>)")
 @click.option("--idempotency-key", default="", help="the same key enrolls once (a retry returns the first answer)")
 @options
 @click.pass_obj
 def enroll(
-    ws: Workspace, journey_id: str, person_id: str, properties: str | None, idempotency_key: str, as_json: bool, address
+    ws: Workspace,
+    journey_id: str,
+    person: tuple[str, ...],
+    properties: str | None,
+    idempotency_key: str,
+    identity_address,
+    as_json: bool,
+    address,
 ) -> None:
-    """Enter a person into a journey whose entry is `api` (re-entry rules and caps apply). PERSON_ID is a
-    person id (`p_...`); `cdpctl profile TYPE VALUE` finds it from an identifier such as `user_id ada`."""
+    """Enter a person (PERSON_ID, or TYPE VALUE such as `user_id ada`) into a journey whose entry is `api`
+    (re-entry rules and caps apply)."""
+    person_id = asyncio.run(resolve_person(ws, identity_address, person))
     request = pb.EnrollRequest(journey_id=journey_id, person_id=person_id, idempotency_key=idempotency_key)
     if properties:
         try:
@@ -342,7 +352,9 @@ def exit_instance(ws: Workspace, instance_id: str, reason: str, as_json: bool, a
 
 
 @journey.command("instances")
-@click.option("--person", "person", help="a person's instances (a person id)")
+@click.argument("value", nargs=-1, metavar="[VALUE]")
+@click.option("--person", "person", help="a person's instances: --person PERSON_ID, or --person TYPE VALUE")
+@click.option("--identity-address", help="identity gRPC address, to resolve --person TYPE VALUE")
 @click.option("--journey", "journey_id", help="a journey's instances")
 @click.option("--state", "states", multiple=True, type=click.Choice(INSTANCE_STATES), help="only these (default: all)")
 @click.option("--limit", default=100, show_default=True, help="at most this many, newest first (0: all)")
@@ -350,11 +362,24 @@ def exit_instance(ws: Workspace, instance_id: str, reason: str, as_json: bool, a
 @options
 @click.pass_obj
 def instances(
-    ws: Workspace, person, journey_id, states: tuple[str, ...], limit: int, steps: bool, as_json: bool, address
+    ws: Workspace,
+    value: tuple[str, ...],
+    person,
+    identity_address,
+    journey_id,
+    states: tuple[str, ...],
+    limit: int,
+    steps: bool,
+    as_json: bool,
+    address,
 ) -> None:
-    """Instances of one person or of one journey, newest first."""
+    """Instances of one person (--person PERSON_ID, or --person TYPE VALUE) or of one journey, newest first."""
     if bool(person) == bool(journey_id):
         raise click.UsageError("name exactly one of --person and --journey")
+    if value and not person:
+        raise click.UsageError(f"unexpected {' '.join(value)}: only --person TYPE VALUE takes a second word")
+    if person:
+        person = asyncio.run(resolve_person(ws, identity_address, (person, *value)))
     wanted = [pb.InstanceState.Value(f"INSTANCE_STATE_{s.upper()}") for s in states]
 
     async def work(stub, md):

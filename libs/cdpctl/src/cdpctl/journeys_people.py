@@ -12,10 +12,9 @@ import os
 import click
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdpctl.common import all_pages, as_dict, emit, enum_name, out
+from cdpctl.common import all_pages, as_dict, emit, enum_name, out, resolve_person
 from cdpctl.journeys_render import show_approvals, show_decisions, show_inbox
 from cdpctl.journeys_service import PAGE, call, options
-from cdpctl.people import _person_id
 from cdpctl.platform import Workspace
 
 APPROVAL_STATES = ("pending", "approved", "rejected", "expired")
@@ -108,7 +107,7 @@ def decisions(
 ) -> None:
     """Why did (or didn't) a person (PERSON_ID, or TYPE VALUE) get a message: every arbiter decision, newest
     first, after the actions held now for the profile (`held`: no decision yet)."""
-    person_id = asyncio.run(_person_id(ws, identity_address, person))
+    person_id = asyncio.run(resolve_person(ws, identity_address, person))
 
     async def work(stub, md):
         return await all_pages(
@@ -141,7 +140,7 @@ def inbox(
     ws: Workspace, person: tuple[str, ...], unread: bool, limit: int, identity_address, as_json: bool, address
 ) -> None:
     """A person's in-app inbox (PERSON_ID, or TYPE VALUE), as the person's apps read it."""
-    person_id = asyncio.run(_person_id(ws, identity_address, person))
+    person_id = asyncio.run(resolve_person(ws, identity_address, person))
 
     async def work(stub, md):
         return await all_pages(

@@ -44,29 +44,21 @@ from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.privacy.v1 import privacy_pb2, privacy_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdpctl import tls
-from cdpctl.common import bearer, console, nats_tls, nats_url, out, rpc_error, service_address
+from cdpctl.common import (
+    bearer,
+    console,
+    nats_tls,
+    nats_url,
+    out,
+    person_key,
+    resolve_person,
+    rpc_error,
+    service_address,
+)
 from cdpctl.platform import SERVICES, Workspace
 
 if TYPE_CHECKING:
     import ssl
-
-
-async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str, ...]) -> str:
-    """`PERSON_ID` as given, or the person an identifier (`TYPE VALUE`) belongs to."""
-    if len(key) == 1:
-        return key[0]
-    if len(key) != 2:
-        raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
-    async with tls.aio_channel(service_address(ws, "identity", identity_address)) as channel:
-        try:
-            found = await identity_pb2_grpc.IdentityServiceStub(channel).Lookup(
-                identity_pb2.LookupRequest(identifier=identity_pb2.Identifier(type=key[0], value=key[1])),
-                metadata=bearer(ws),
-                timeout=10,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc) from None
-    return found.person_id
 
 
 @click.command()
@@ -75,9 +67,7 @@ async def _person_id(ws: Workspace, identity_address: str | None, key: tuple[str
 @click.pass_obj
 def graph(ws: Workspace, person: tuple[str, ...], address) -> None:
     """A person's identity graph (PERSON_ID, or TYPE VALUE): identifiers, merges with their ids, separations."""
-    if len(person) not in (1, 2):
-        raise click.UsageError("name the person by PERSON_ID or by an identifier: TYPE VALUE (e.g. user_id u1)")
-    if len(person) == 1:
+    if len(person_key(person)) == 1:
         request = identity_pb2.GetGraphRequest(person_id=person[0])
     else:
         request = identity_pb2.GetGraphRequest(identifier=identity_pb2.Identifier(type=person[0], value=person[1]))
@@ -210,7 +200,7 @@ def export(ws: Workspace, person: tuple[str, ...], output: Path | None, identity
     and the command exits 1 after writing the rest: docs/privacy.md."""
 
     async def call() -> tuple[dict, dict[str, str]]:
-        person_id = await _person_id(ws, identity_address, person)
+        person_id = await resolve_person(ws, identity_address, person)
         return await export_document(ws, person_id, identity_address)
 
     document, missing = asyncio.run(call())
@@ -254,7 +244,7 @@ def delete(
     nats_address: str | None,
 ) -> None:
     """Privacy deletion of a person (PERSON_ID, or TYPE VALUE) everywhere; irreversible."""
-    person_id = asyncio.run(_person_id(ws, identity_address, person))
+    person_id = asyncio.run(resolve_person(ws, identity_address, person))
     if not yes:
         click.confirm(
             f"Delete person {person_id} and everything held about them on the platform of {ws.root}? "

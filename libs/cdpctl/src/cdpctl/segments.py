@@ -3,7 +3,7 @@
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segment update vip 'scores.clv > 800'   # change it; who entered and exited once it is live
 cdpctl segment estimate 'traits.plan = "pro"'  # people it holds now; nothing is created
-cdpctl segment members vip / delete vip        # its members; remove it (every member exits)
+cdpctl segment members vip [--json] / delete vip   # its members and total; remove it (every member exits)
 cdpctl segments                                # every segment: state, size, definition
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]   # computed traits
 """
@@ -296,28 +296,34 @@ def segment_delete(ws: Workspace, segment_id: str, address) -> None:
 @segment.command("members")
 @click.argument("segment_id")
 @click.option("--limit", default=100, show_default=True, help="at most this many")
+@click.option("--json", "as_json", is_flag=True, help="the service's answer as JSON (members, total, next page)")
 @click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def segment_members(ws: Workspace, segment_id: str, limit: int, address) -> None:
-    """A segment's members (person ids, oldest id first) and when they entered."""
-    import grpc.aio
+def segment_members(ws: Workspace, segment_id: str, limit: int, as_json: bool, address) -> None:
+    """A segment's members (person ids, in id order) and when they entered, then how many it holds."""
     from google.protobuf import json_format
+    from rich.table import Table
 
-    from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+    from cdp.segmentation.v1 import segmentation_pb2
 
-    async def members() -> dict:
-        async with tls.aio_channel(_segmentation_address(ws, address)) as channel:
-            try:
-                reply = await segmentation_pb2_grpc.SegmentationServiceStub(channel).ListMembers(
-                    segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=max(1, min(limit, 10_000))),
-                    metadata=(("authorization", f"Bearer {ws.admin_token()}"),),
-                    timeout=10,
-                )
-            except grpc.aio.AioRpcError as exc:
-                raise rpc_error(exc) from None
-        return json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+    async def members(stub, metadata):
+        request = segmentation_pb2.ListMembersRequest(segment_id=segment_id, page_size=max(1, min(limit, 10_000)))
+        return await stub.ListMembers(request, metadata=metadata, timeout=10)
 
-    out.print_json(json.dumps(asyncio.run(members())))
+    reply = _segmentation_call(ws, address, as_json, members)
+    if as_json:
+        out.print_json(json.dumps(json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)))
+        return
+    table = Table(title=f"segment {segment_id}")
+    table.add_column("person")
+    table.add_column("since")
+    for member in reply.members:
+        since = member.since.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if member.HasField("since") else ""
+        table.add_row(member.person_id, since)
+    out.print(table)
+    shown = len(reply.members)
+    more = f" ({shown} shown; --limit shows more)" if shown < reply.total else ""
+    out.print(f"{reply.total} member{'' if reply.total == 1 else 's'}{more}", markup=False, highlight=False)
 
 
 @click.command()
