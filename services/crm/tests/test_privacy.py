@@ -442,3 +442,29 @@ async def test_what_the_inbound_side_kept_of_the_persons_records_goes_with_the_e
         await poller.poll()  # the anonymisation, read back: not news, and nothing of before it
         assert len(collector.stored) == posted
         assert (await world.store.get(CURSORS, memo)).doc["before"] is None
+
+
+async def test_an_erasure_waits_for_a_connection_not_started_rather_than_being_recorded_done(world_factory):
+    # A connection whose credential variable is unset is not started (the others run): an erasure must not
+    # pass over its records and record the request done, leaving the person in that CRM for good.
+    async with HubSpotEmulator() as emulator:
+        world = await world_factory(emulator)
+        await world.start()
+        await world.profiles({"person-1": {"traits.email": "ada@example.com"}})
+        await world.eventually(lambda: emulator.find("contacts", "cdp_id", "person-1"))
+        await world.eventually(lambda: world.store.count(RECORDS))
+        request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
+        waiting = Privacy(
+            world.store, {}, world.logic.deliverer, settled=world.logic.settled, partitions=world.partitions,
+            unstarted={"hs"},
+        )  # fmt: skip
+        assert await waiting.erase(request) is False
+        assert await world.store.get(PRIVACY, "req-1") is None
+
+        # The connection started (its variable set): the request, coming again, erases the record.
+        started = Privacy(
+            world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+            partitions=world.partitions,
+        )  # fmt: skip
+        assert await started.erase(request) is True
+        assert emulator.find("contacts", "email", "ada@example.com") is None

@@ -185,6 +185,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         settled=logic.settled,
         partitions=settings.partitions,
         policies={c.id: c.on_delete or settings.privacy_policy for c in connections},
+        unstarted=unstarted,
     )
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
     sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=meter)

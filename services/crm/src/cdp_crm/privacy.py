@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from opentelemetry import metrics
@@ -100,8 +100,11 @@ class Privacy:
         partitions: int = 1,
         policies: Mapping[str, str] | None = None,
         default_policy: str = "anonymise",
+        unstarted: Iterable[str] = (),
     ) -> None:
         self.policies = dict(policies or {})  # connection -> anonymise | delete
+        # Connections not started (a credential variable unset): their records wait, as a CRM that is down.
+        self.unstarted = frozenset(unstarted)
         self.default_policy = default_policy
         self.settled = settled  # CrmLogic.settled: an erasure never interleaves with a batch
         self.partitions = partitions
@@ -147,11 +150,17 @@ class Privacy:
         ops: list = [Put(TOMBSTONES, pid, {"at": now, "request": key}) for pid in persons]
         by_mapping: dict[str, list[Change]] = defaultdict(list)
         docs: dict[str, dict] = {}
+        unreached = False
         for record in records:
             doc = record.doc
             connection = doc["connection"]
             if doc.get("state") in ERASED:  # done by an earlier attempt of this request (or another one)
                 _count(done, connection, self.policy(connection), doc)
+                continue
+            if connection in self.unstarted:
+                # Not started (its credentials are not set): the request is not done; it comes again.
+                log.warning("crm erasure waits for a connection not started", extra={"connection": connection})
+                unreached = True
                 continue
             mapping = self.mappings.get(f"{connection}/{doc['mapping']}")
             if mapping is None:
@@ -162,7 +171,7 @@ class Privacy:
                 ops.append(Put(RECORDS, record.key, erased(doc, self.policy(connection), key, now)))
                 continue
             by_mapping[mapping.name].append(change)
-        complete = True
+        complete = not unreached
         # Memberships go first (a list member must still exist to be removed), then tasks and cases, then
         # the records they are about.
         for name in sorted(by_mapping, key=lambda n: ORDER[self.mappings[n].kind]):
