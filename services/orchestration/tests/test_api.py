@@ -411,3 +411,13 @@ async def test_a_journey_another_replica_changed_that_does_not_read_is_logged_wi
     [record] = [r for r in caplog.records if "leaky" in r.getMessage()]
     assert "JourneyInvalid" in record.getMessage() and "nodes.s.variants[0].weight" in record.getMessage()
     assert "ada@example.com" not in record.getMessage()
+
+
+def test_every_decision_kind_recorded_has_its_own_kind_in_the_api():
+    # A decision that failed (a template reading a field the person lacks, no address) read UNSPECIFIED:
+    # `cdpctl decisions` showed an empty decision column and --json no kind (found by a marketer trial).
+    from cdp_orchestration.messages import decision_message
+
+    doc = {"action_id": "a1", "journey_id": "j", "instance_id": "i", "person_id": "p", "channel": "push",
+           "category": "offer", "kind": "failed", "reason": "failed: the person has no traits.push_token", "at": 1.0}  # fmt: skip
+    assert decision_message(doc).kind == pb.DECISION_KIND_FAILED

@@ -42,7 +42,7 @@ DECISION_KIND = {
     "expired": pb.DECISION_KIND_EXPIRED,
     "rejected": pb.DECISION_KIND_REJECTED,
     "withdrawn": pb.DECISION_KIND_WITHDRAWN,
-    # "failed" (sent, but its template could not be rendered): no kind of its own; the reason says it.
+    "failed": pb.DECISION_KIND_FAILED,  # the arbiter said send; its template or address failed (the reason)
 }
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
