@@ -445,3 +445,28 @@ def test_a_crm_action_lists_the_profile_fields_its_task_carries() -> None:
 )
 def test_bad_signals_are_named_by_node_and_field(node: dict, field: str) -> None:
     assert problems(with_nodes(node)) == [("a", field)]
+
+
+def messages(document: dict) -> list[str]:
+    with pytest.raises(JourneyInvalid) as caught:
+        parse_journey(document)
+    return [p.message for p in caught.value.problems]
+
+
+def test_a_step_missing_both_of_its_choices_says_it_has_neither_and_one_with_both_says_not_both() -> None:
+    # "not both" for a wait with neither sent a marketer looking for a second field that was not there.
+    assert messages(with_nodes({"id": "w", "type": "wait", "timeout": "1h"})) == [
+        'a wait needs "event" or "condition"; it has neither'
+    ]
+    both = {"id": "w", "type": "wait", "event": "X", "condition": "traits.a = 1", "timeout": "1h"}
+    assert messages(with_nodes(both)) == ['a wait needs "event" or "condition", not both']
+    assert messages(with_nodes({"id": "d", "type": "delay"})) == [
+        'a delay needs "duration" (like "1h") or "until" (like "09:00"); it has neither'
+    ]
+
+
+def test_an_action_without_a_purpose_says_none_is_given_and_that_exempt_categories_name_one_too() -> None:
+    # "None is not one" for a transactional action read as if transactional actions could not be sent.
+    action = {"id": "a", "type": "action", "channel": "email", "category": "transactional", "template": {"body": "x"}}
+    [message] = messages(with_nodes(action))
+    assert "none is given" in message and "exempt category too" in message and "None" not in message

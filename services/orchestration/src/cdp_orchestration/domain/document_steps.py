@@ -71,7 +71,8 @@ class StepReader(FieldReader):
                 self.problem(
                     node_id,
                     f"{at}.duration",
-                    'a delay needs "duration" (like "1h") or "until" (like "09:00"), not both',
+                    'a delay needs "duration" (like "1h") or "until" (like "09:00")'
+                    + (", not both" if "duration" in item else "; it has neither"),
                 )
                 return None
             if "duration" in item:
@@ -89,7 +90,11 @@ class StepReader(FieldReader):
             )
             event = condition = None
             if ("event" in item) == ("condition" in item):
-                self.problem(node_id, f"{at}.event", 'a wait needs "event" or "condition", not both')
+                self.problem(
+                    node_id,
+                    f"{at}.event",
+                    'a wait needs "event" or "condition"' + (", not both" if "event" in item else "; it has neither"),
+                )
             elif "event" in item:
                 event = self.event(item, at, node_id)
             else:
@@ -177,7 +182,9 @@ class StepReader(FieldReader):
             self.problem(
                 node_id,
                 f"{at}.purpose",
-                f"every action names the consent purpose it is sent under (like 'Marketing'); {purpose!r} is not one",
+                "every action names the consent purpose it is sent under (like 'Marketing'), one of an exempt "
+                "category too (its consent is then not checked); "
+                + ("none is given" if purpose is None else f"{purpose!r} is not one"),
             )
             ok = False
         elif self.catalogue.purposes is not None and purpose not in self.catalogue.purposes:
