@@ -58,7 +58,9 @@ def encode_scores(profile: Profile) -> dict[str, Any]:
 
 def overlay_scores(profile: Profile, doc: dict[str, Any]) -> None:
     """Lay a stored scores record over a profile just decoded: per name the newer score stays."""
-    held = profile.parts[profile.person_id].scores
+    part = profile.parts[profile.person_id]
+    part.scores_changed()
+    held = part.scores
     for name, stored in orjson.loads(doc["scores"]).items():
         score = Score.from_doc(stored)
         current = held.get(name)

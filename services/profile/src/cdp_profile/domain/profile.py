@@ -39,7 +39,6 @@ from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from math import isfinite
-from operator import is_
 from typing import Any
 
 import orjson
@@ -214,11 +213,10 @@ class Part:
     _extra: tuple[dict[str, float], list[TimelineEntry], dict[str, float]] | None = field(
         default=None, compare=False, repr=False
     )
-    # The JSON of `scores` (`scores_json`) with the Score objects it was made of: every write of the profile
-    # (and of its scores record) lists every score, and scores change far less often than that.
-    _scores_json: tuple[tuple[str, ...], tuple[Score, ...], bytes, orjson.Fragment] | None = field(
-        default=None, compare=False, repr=False
-    )
+    # The JSON of `scores` (`scores_json`) and how many scores it holds: every write of the profile (and of
+    # its scores record) lists every score, and scores change far less often than that. Whatever changes
+    # `scores` drops it (`Profile.set_scores`, `records.overlay_scores`; a part built anew has none).
+    _scores_json: tuple[int, bytes, orjson.Fragment] | None = field(default=None, compare=False, repr=False)
 
     # attr ("traits", "groups", "consent") -> key -> (history, its length, its JSON as a fragment): a history
     # only grows (`record` inserts) or is replaced by another list, so the same list at the same length is
@@ -250,24 +248,22 @@ class Part:
 
     def scores_json(self) -> tuple[bytes, orjson.Fragment]:
         """`scores` as stored (name -> [value, model, version, at]), as JSON and as a fragment for orjson;
-        made again only when the names or the Score objects are not the very ones it was made of (a Score
-        never changes)."""
+        made again after `scores` changed (see `_scores_json`)."""
         scores = self.scores
         cached = self._scores_json
-        if (
-            cached is not None
-            and len(cached[1]) == len(scores)
-            and all(map(is_, scores.values(), cached[1]))
-            and all(map(is_, scores, cached[0]))
-        ):
-            return cached[2], cached[3]
+        if cached is not None and cached[0] == len(scores):
+            return cached[1], cached[2]
         # Score.to_doc's list, made inline. A copy of orjson's bytes, which keep its whole output buffer.
         data = bytes(
             memoryview(orjson.dumps({name: [s.value, s.model, s.version, s.at] for name, s in scores.items()}))
         )
         fragment = orjson.Fragment(data)
-        self._scores_json = (tuple(scores), tuple(scores.values()), data, fragment)
+        self._scores_json = (len(scores), data, fragment)
         return data, fragment
+
+    def scores_changed(self) -> None:
+        """`scores` changed: its JSON is made again at the next write."""
+        self._scores_json = None
 
     def extra_seen(self) -> dict[str, float]:
         """The ids in `seen` that have no timeline entry, with their times (unordered)."""
@@ -539,6 +535,7 @@ class Profile:
             raise InvalidArgument("version", f"{version!r} must be a string")
         change = ProfileChange(self.person_id)
         root_scores = self._root.scores
+        self._root.scores_changed()
         if len(self.parts) == 1:
             # One part (most profiles): the current score is the root's own, so before and after are read
             # there rather than across parts. A score arrives once per event the person makes.
