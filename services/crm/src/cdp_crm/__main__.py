@@ -130,6 +130,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
     meter = runtime.telemetry.meter
+    deliverer.observe(meter)
     people = fetch = identifiers = None
     if settings.profile_store_url:
         profiles = await runtime.stack.enter_async_context(open_store(settings.profile_store_url))

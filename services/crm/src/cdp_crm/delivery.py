@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from opentelemetry.metrics import Observation
+
 from cdp_crm.adapters import Adapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.budget import Reservation
@@ -68,6 +70,9 @@ class Delivered:
     requests: int = 0
 
 
+HEALTH_STATES = ("active", "auth_failed", "unavailable", "throttled")
+
+
 @dataclass
 class Health:
     """A connection as this replica last saw it (ListConnections)."""
@@ -97,6 +102,26 @@ class Deliverer:
         self.clock = clock
         self.health: dict[str, Health] = {c: Health() for c in adapters}
         self.metrics = metrics
+        self.failures = None  # a counter of requests that will be retried, by connection and reason (observe)
+
+    def observe(self, meter) -> None:
+        """What an operator alerts on while a CRM is down: `cdp.crm.connection.state` (1 for each connection's
+        current state - active, auth_failed, unavailable, throttled - 0 for the others) and
+        `cdp.crm.request.failures` (requests that failed and will be retried, by connection and reason)."""
+        self.failures = meter.create_counter(
+            "cdp.crm.request.failures", unit="{request}",
+            description="CRM requests that failed and will be retried, by connection and reason",
+        )  # fmt: skip
+
+        def states(_options):
+            for connection, health in list(self.health.items()):
+                for state in HEALTH_STATES:
+                    yield Observation(int(health.state == state), {"connection": connection, "state": state})
+
+        meter.create_observable_gauge(
+            "cdp.crm.connection.state", callbacks=[states], unit="1",
+            description="1 for each connection's current state (active, auth_failed, unavailable, throttled)",
+        )  # fmt: skip
 
     def batch_size(self, mapping: ObjectMapping) -> int:
         adapter = self.adapters[mapping.connection]
@@ -308,6 +333,8 @@ class Deliverer:
         health.last_error_reason = error.reason
         health.last_error_code = error.code
         health.last_error_at = self.clock()
+        if self.failures is not None:
+            self.failures.add(1, {"connection": connection, "reason": error.reason})
         log.warning(
             "crm request will be retried",
             extra={
