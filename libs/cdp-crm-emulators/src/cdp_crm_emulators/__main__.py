@@ -1,6 +1,6 @@
 """Run one CRM emulator from the command line: ``python -m cdp_crm_emulators <crm> --port N``.
 
-``--snapshot FILE`` keeps the CRM's records across restarts (read at start, written half a second after a
+``--snapshot FILE`` keeps the CRM's records across restarts (read at start, written 5 seconds after a
 change - a temporary file renamed over it - and on SIGINT/SIGTERM: a ``kill -9`` loses at most that);
 ``--set name=value`` passes an emulator option (limits, credentials, a HubSpot ``webhook_url``);
 ``--tls`` serves https with a self-signed certificate whose path is printed (for clients that insist on
