@@ -44,6 +44,7 @@ from cdp_segmentation.domain import (
     from_json,
     to_json,
 )
+from cdp_segmentation.domain.graph import UNNAMED
 from cdp_segmentation.evaluation import Transition
 from cdp_segmentation.fields import KnownFields, check_fields
 
@@ -177,7 +178,7 @@ class Catalogue:
                 "(CDP_SEGMENTATION_MAX_COMPUTED_TRAITS)",
             )
         refs = {s.id: s.definition.segments for s in self.segments.values()}
-        refs[segment_id or "$new"] = compiled.segments
+        refs[segment_id or UNNAMED] = compiled.segments
         check_segment_graph(refs)
         return compiled
 

@@ -185,3 +185,13 @@ def test_segment_graph_rejects_unknown_references_naming_them():
     assert "'a' references 'ghost'" in message
     assert "'b' references 'phantom'" in message
     assert caught.value.field == "definition"
+
+
+def test_a_definition_not_yet_named_is_called_the_definition_not_by_its_placeholder():
+    # An estimate (no segment id yet) said "segment '$new' references 'nope'" (found by a marketer trial).
+    from cdp_segmentation.domain.graph import UNNAMED
+
+    with pytest.raises(InvalidArgument) as caught:
+        check_segment_graph({UNNAMED: frozenset({"nope"}), "a": frozenset()})
+    message = caught.value.description
+    assert message.startswith("the definition references 'nope'") and "$new" not in message

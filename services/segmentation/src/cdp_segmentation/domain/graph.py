@@ -6,6 +6,9 @@ from collections.abc import Mapping
 
 from cdp_kit.errors import InvalidArgument
 
+#: The id a definition not yet named (an estimate's) stands under in `check_segment_graph`'s `refs`.
+UNNAMED = "$new"
+
 
 def check_segment_graph(refs: Mapping[str, frozenset[str]]) -> list[str]:
     """Segment ids in an order that puts every segment after the ones it references.
@@ -15,9 +18,8 @@ def check_segment_graph(refs: Mapping[str, frozenset[str]]) -> list[str]:
     """
     unknown = {segment: sorted(set(targets) - refs.keys()) for segment, targets in refs.items()}
     problems = [
-        f"segment {segment!r} references {', '.join(map(repr, missing))}, which "
-        + ("does" if len(missing) == 1 else "do")
-        + " not exist"
+        f"{'the definition' if segment == UNNAMED else f'segment {segment!r}'} references "
+        f"{', '.join(map(repr, missing))}, which " + ("does" if len(missing) == 1 else "do") + " not exist"
         for segment, missing in sorted(unknown.items())
         if missing
     ]
