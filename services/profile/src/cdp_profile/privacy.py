@@ -126,7 +126,7 @@ class Privacy:
         )
         await engine.commit({}, ops=ops)
         try:
-            await self.complete()
+            await self.complete(request_id)
         except Unavailable:
             log.warning(
                 "person deleted, not yet published; retrying", extra={"person": person, "request_id": request_id}
@@ -136,14 +136,20 @@ class Privacy:
         log.info("person deleted", extra={"person": person, "request_id": request_id, "suppress": suppress})
         return result
 
-    async def complete(self) -> None:
+    async def complete(self, request_id: str | None = None) -> None:
         """Complete every deletion committed and not yet complete: its notice published on privacy.deleted, the
         person's `removed` change on profiles.changed (both again after a failure: JetStream drops repeats by
-        id), then the outboxes scrubbed and the files erased. Unavailable when JetStream did not store them."""
+        id), then the outboxes scrubbed and the files erased. Unavailable when JetStream did not store them.
+        `request_id`: a deletion just committed, completed whether or not the index read lists it yet."""
         engine = self._engine
         async with self._completing:
             # Only the unfinished ones: the collection keeps every request's result for idempotency.
             pending = await engine.store.find(DELETIONS, "pending", True, limit=1000)
+            if request_id is not None and all(record.key != request_id for record in pending):
+                # Read by key: a deletion that answered success without publishing must never happen.
+                just = await engine.store.get(DELETIONS, request_id)
+                if just is not None and just.doc.get("pending"):
+                    pending = [*pending, just]
             for record in pending:
                 data = bytes.fromhex(record.doc["notice"])
                 results = await engine.publisher.publish_batch(
