@@ -93,6 +93,11 @@ def orchestration_process(tmp_path, nats_url: str, smtp: LocalSmtpServer, hook: 
             "CDP_STORE_URL": f"sqlite:///{tmp_path}/orchestration.db",
             "CDP_PARTITIONS": str(PARTITIONS),
             "CDP_ORCHESTRATION_ACK_WAIT": "5",
+            # One action of a channel in flight at a time, so a kill finds at most one email between the SMTP
+            # server's 250 and the dispatcher's send record: the one way to a second copy (see the module
+            # docstring). With the default 16 in flight a kill may catch several, each sent again once: a CI run
+            # saw 4 repeats over 3 kills.
+            "CDP_ORCHESTRATION_DISPATCH_CONCURRENCY": "1",
             "CDP_SMTP_HOST": "127.0.0.1",
             "CDP_SMTP_PORT": str(smtp.port),
             "CDP_SMTP_SECURITY": "none",
