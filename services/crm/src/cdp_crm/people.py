@@ -118,13 +118,14 @@ class ProfileDirectory:
             cursor = page.next_cursor
 
 
-def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Fetch:
-    """`Fetch` through the profile service's BatchGetProfiles: person id -> flat fields."""
+def _batch_get(channel: grpc.aio.Channel, token: str, timeout: float, read: Callable[[Any], Any]):
+    """Person ids -> `read(profile)`, through the profile service's BatchGetProfiles, FETCH_BATCH at a time;
+    Unavailable when the service does not answer."""
     stub = profile_pb2_grpc.ProfileServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def fetch(person_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
+    async def get(person_ids: Sequence[str]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
         for start in range(0, len(person_ids), FETCH_BATCH):
             request = profile_pb2.BatchGetProfilesRequest(person_ids=list(person_ids[start : start + FETCH_BATCH]))
             try:
@@ -132,27 +133,17 @@ def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.
             except grpc.aio.AioRpcError as exc:
                 raise Unavailable(f"profile service: {exc.code().name}", retry_after=5.0) from None
             for profile in answer.profiles:
-                found[profile.person_id] = profile_fields(profile)
+                found[profile.person_id] = read(profile)
         return found
 
-    return fetch
+    return get
+
+
+def profile_fetch(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Fetch:
+    """`Fetch` through the profile service's BatchGetProfiles: person id -> flat fields."""
+    return _batch_get(channel, token, timeout, profile_fields)
 
 
 def profile_identifiers(channel: grpc.aio.Channel, token: str, *, timeout: float = 30.0) -> Identifiers:
     """`Identifiers` through the profile service's BatchGetProfiles: person id -> their identifiers."""
-    stub = profile_pb2_grpc.ProfileServiceStub(channel)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-
-    async def identifiers(person_ids: Sequence[str]) -> dict[str, list[str]]:
-        found: dict[str, list[str]] = {}
-        for start in range(0, len(person_ids), FETCH_BATCH):
-            request = profile_pb2.BatchGetProfilesRequest(person_ids=list(person_ids[start : start + FETCH_BATCH]))
-            try:
-                answer = await stub.BatchGetProfiles(request, metadata=metadata, timeout=timeout)
-            except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"profile service: {exc.code().name}", retry_after=5.0) from None
-            for profile in answer.profiles:
-                found[profile.person_id] = list(profile.identifiers)
-        return found
-
-    return identifiers
+    return _batch_get(channel, token, timeout, lambda profile: list(profile.identifiers))
