@@ -80,6 +80,7 @@ async def test_a_contact_made_in_salesforce_is_the_one_its_person_is_written_to(
 
         profile = {"traits.email": "ada@example.com", "traits.first_name": "Ada", "traits.last_name": "Lovelace"}
         await world.profiles({"person-ada": profile})
-        await world.eventually(lambda: emulator.find("Contact", "CDP_Id__c", "person-ada"))
+        # The key is stamped first, then the upsert writes the fields: wait for the upsert, not the stamp.
+        await world.eventually(lambda: (emulator.find("Contact", "CDP_Id__c", "person-ada") or {}).get("FirstName"))
         (contact,) = emulator.records("Contact")
         assert contact["Id"] == contact_id and contact["FirstName"] == "Ada"
