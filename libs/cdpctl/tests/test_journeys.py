@@ -198,6 +198,19 @@ class FakeOrchestration(orchestration_pb2_grpc.OrchestrationServiceServicer):
             held.until.FromSeconds(1_790_000_600)
             held.decided_at.FromSeconds(1_790_000_000)
             return pb.ListDecisionsResponse(decisions=[held])
+        if request.person_id == "p-kept-out":
+            # What orchestration lists for a trigger the journey's entry rules turned away (no action).
+            kept = pb.Decision(
+                journey_id="winback",
+                person_id=request.person_id,
+                kind=pb.DECISION_KIND_NOT_ENTERED,
+                reason="not entered: re-entry allowed once every 30 days, last entered 2026-12-01 10:00:00 UTC",
+                rule="cooldown",
+            )
+            kept.decided_at.FromSeconds(1_790_000_000)
+            return pb.ListDecisionsResponse(decisions=[kept])
+        if request.person_id == "p-none":
+            return pb.ListDecisionsResponse()
         decided = pb.Decision(
             action_id="act-2",
             journey_id="renewal",
@@ -416,6 +429,20 @@ async def test_decisions_show_an_action_held_for_the_profile_as_held_with_its_la
     assert "held" in output and "waiting for the profile" in output and "profile_wait" in output
     assert "act-3" in output and "deferred" not in output
     assert "decided by" in output and "at the latest" in output
+
+
+async def test_decisions_show_an_entry_the_journeys_rules_turned_away(orchestration):
+    # "Why didn't Ada get it" when no action was ever proposed: the journey, the rule and when, not "no
+    # journey has tried to reach them".
+    _fake, home = orchestration
+    result = await cdpctl(home, "decisions", "p-kept-out")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.replace("│", " ").split())
+    assert "not_entered" in output and "winback" in output and "cooldown" in output
+    assert "no journey has tried" not in output
+    result = await cdpctl(home, "decisions", "p-none")
+    output = " ".join(result.output.split())
+    assert "no journey has tried to reach them or turned them away at its entry" in output
 
 
 def test_journey_list_says_which_versions_no_longer_validate_and_how_to_fix_it():

@@ -153,6 +153,7 @@ def show_decisions(person_id: str, documents: list[dict[str, Any]], *, filtered:
         out.print(
             f"no decisions about person {person_id}: no journey has tried to reach them"
             + (" with that" if filtered else "")
+            + " or turned them away at its entry"
         )
         return
     table = Table(title=f"decisions about person {person_id}, newest first")
@@ -160,7 +161,9 @@ def show_decisions(person_id: str, documents: list[dict[str, Any]], *, filtered:
         table.add_column(column)
     for d in documents:
         kind = enum_name(d.get("kind", ""), "DECISION_KIND_")
-        colour = {"sent": "green", "deferred": "yellow", "awaiting_approval": "yellow"}.get(kind, "red")
+        colour = {"sent": "green", "deferred": "yellow", "awaiting_approval": "yellow", "not_entered": "yellow"}.get(
+            kind, "red"
+        )
         reason = d.get("reason", "")
         if d.get("rule") == HELD_FOR_PROFILE:
             # Not a decision yet: the arbiter waits for the profile to apply the person's latest event, and

@@ -17,7 +17,7 @@ from cdp_orchestration.api_base import ApiBase
 from cdp_orchestration.domain import experiments
 from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import decision_message, held_message, page_size, required
-from cdp_orchestration.state import DECISIONS, PERSONS
+from cdp_orchestration.state import DECISIONS, PERSONS, decision_order, decisions_prefix, not_entered_prefix
 
 
 class ReadCalls(ApiBase):
@@ -72,25 +72,31 @@ class ReadCalls(ApiBase):
         response = pb.ListDecisionsResponse()
         # Keys are `<person>:<inverted time>:...`: each person's scan reads the newest first, and merging the
         # scans by what follows the person id reads them all in one order. The token is the last one read.
+        # Refused entries (one per journey, `state.not_entered_key`) are read whole and merged in by their time.
         pending: dict[str, collections.deque] = {}
         cursors: dict[str, str | None] = {p: encode_cursor(f"{p}:{after}") if after else None for p in persons}
+        refused = await self._not_entered(persons, after)
+        if refused:
+            pending[""] = refused
         last = None
         while len(response.decisions) < size:
             for person in persons:
                 if not pending.get(person) and person in cursors:
                     page = await self.store.scan(
-                        DECISIONS, prefix=f"{person}:", cursor=cursors[person], limit=min(size, 100)
+                        DECISIONS, prefix=decisions_prefix(person), cursor=cursors[person], limit=min(size, 100)
                     )
-                    pending[person] = collections.deque(page.records)
+                    pending[person] = collections.deque(
+                        (record.key[len(person) + 1 :], record.doc) for record in page.records
+                    )
                     if page.next_cursor is None:
                         del cursors[person]
                     else:
                         cursors[person] = page.next_cursor
-            heads = [(queue[0].key[len(person) + 1 :], person) for person, queue in pending.items() if queue]
+            heads = [(queue[0][0], person) for person, queue in pending.items() if queue]
             if not heads:
                 break
             last, person = min(heads)
-            doc = pending[person].popleft().doc
+            doc = pending[person].popleft()[1]
             if request.journey_id and doc["journey_id"] != request.journey_id:
                 continue
             if request.action_id and doc["action_id"] != request.action_id:
@@ -109,6 +115,17 @@ class ReadCalls(ApiBase):
                 del response.decisions[:]
                 response.decisions.extend(fresh + listed)
         return response
+
+    async def _not_entered(self, persons: list[str], after: str | None) -> collections.deque:
+        """The persons' refused entries after the cursor `after`, as (order, doc), newest first; the order
+        sorts with the decisions' keys (what follows the person id) at the refusal's time."""
+        found = []
+        for person in persons:
+            async for record in self.store.scan_all(DECISIONS, prefix=not_entered_prefix(person)):
+                order = f"{decision_order(record.doc['at'])}:~entry:{record.doc['journey_id']}:{person}"
+                if after is None or order > after:
+                    found.append((order, record.doc))
+        return collections.deque(sorted(found, key=lambda item: item[0]))
 
     async def _held(self, person_id: str, journey_id: str, action_id: str) -> list[pb.Decision]:
         """The person's actions held for the profile (a merge hands those of the merged to the survivor)."""

@@ -11,6 +11,11 @@ Its public interface:
   cancelled (`timers`), actions proposed to or withdrawn from the arbiter and the ruling recorded
   (`rule`, `actions.record_ruling`), experiment and end counts kept (`count`);
 - `enter`: one trigger of one journey for the person, through its re-entry rules (`entry.admit`);
+- `not_entered`: why a trigger did not enter the person (a re-entry rule, `max_concurrent`, the entry's
+  `if`, the journey paused), recorded as a NOT_ENTERED decision: one per journey per person, the latest
+  (`state.not_entered_key`), so a busy segment or event cannot fill the store; the same refusal again is
+  written at most once per `REFUSAL_REFRESH` while the person is held in memory (most events write
+  nothing more than before);
 - `profile_changed`: every running instance re-reads the person's view;
 - `enroll` / `migrate`: the API's Enroll and a version migration of one instance;
 - `rule`: record an arbiter ruling (decisions, approvals, sent actions);
@@ -21,6 +26,7 @@ Its public interface:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from opentelemetry import metrics
@@ -52,9 +58,53 @@ from cdp_orchestration.domain.journey import Journey
 from cdp_orchestration.domain.lifecycle import MigrationPlan, State
 from cdp_orchestration.domain.rules import Rules
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.state import ENROLLMENTS, INSTANCES, Batch, Partition, Person, stats_doc, stats_key
+from cdp_orchestration.state import (
+    DECISIONS,
+    ENROLLMENTS,
+    INSTANCES,
+    Batch,
+    Partition,
+    Person,
+    not_entered_key,
+    stats_doc,
+    stats_key,
+)
 
 log = logging.getLogger("cdp.orchestration")
+
+NOT_ENTERED = "not_entered"  # the decision kind of a refused entry (DECISION_KIND_NOT_ENTERED)
+# The rules a refused entry names (the decision's `rule`).
+REFUSED_BY = {"reentry_never": "reentry", "cooldown": "cooldown", "concurrency_cap": "max_concurrent"}
+ENTRY_IF = "entry_if"
+PAUSED = "paused"
+# The same refusal (journey and rule) of a person held in memory is written again only after this long: a
+# journey entering on a busy event would otherwise rewrite it on every one of the person's events.
+REFUSAL_REFRESH = 3600.0
+
+
+def when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def span(seconds: float) -> str:
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds:g} seconds"
+
+
+def refusal_reason(journey: Journey, admission: str, last_entered_at: float | None, running: int) -> str:
+    """Why `entry.admit` refused, in words: the rule and what it was measured against."""
+    last = f", last entered {when(last_entered_at)}" if last_entered_at is not None else ""
+    if admission == "reentry_never":
+        return f"not entered: re-entry is never allowed{last}"
+    if admission == "cooldown":
+        return f"not entered: re-entry allowed once every {span(journey.cooldown or 0.0)}{last}"
+    return (
+        f"not entered: already in the journey {running} time{'s' if running != 1 else ''} at once, its "
+        f"max_concurrent is {journey.max_concurrent}"
+    )
 
 
 class Applier:
@@ -82,6 +132,11 @@ class Applier:
         )
         self.m_entries = meter.create_counter(
             "cdp.orchestration.entries", unit="{instance}", description="journey instances started"
+        )
+        self.m_not_entered = meter.create_counter(
+            "cdp.orchestration.not_entered",
+            unit="{decision}",
+            description="refused entries recorded (NOT_ENTERED decisions written), by rule",
         )
         self.m_held_expired = meter.create_counter(
             "cdp.orchestration.held.expired",
@@ -140,13 +195,47 @@ class Applier:
         history = entry.EntryHistory(running=running, last_entered_at=person.entered.get(journey.id))
         admission = entry.admit(journey, history, now)
         if not admission.admitted:
+            reason = refusal_reason(journey, admission.reason, history.last_entered_at, running)
+            self.not_entered(batch, person, journey.id, REFUSED_BY[admission.reason], reason, now)
             return False, "", admission.reason
+        person.refusals.pop(journey.id, None)
         person.entered[journey.id] = now
         person.dirty = True
         self.m_entries.add(1, {"journey": journey.id})
         self.count(hot, batch, journey.id, journey.version, lambda s: s.__setitem__("entered", s["entered"] + 1))
         await self.step(hot, batch, person, instance, stimulus, now)
         return True, instance.id, "admitted"
+
+    def not_entered(self, batch: Batch, person: Person, journey_id: str, rule: str, reason: str, now: float) -> None:
+        """Record that a trigger of `journey_id` did not enter the person, and why (see the module docstring).
+        The reason names the journey's rule, never the person's values."""
+        last = person.refusals.get(journey_id)
+        if last is not None and last[0] == rule and now - last[1] < REFUSAL_REFRESH:
+            return
+        person.refusals[journey_id] = (rule, now)
+        batch.put(
+            DECISIONS,
+            not_entered_key(person.person_id, journey_id),
+            {
+                "action_id": "",
+                "journey_id": journey_id,
+                "instance_id": "",
+                "person_id": person.person_id,
+                "node_id": "",
+                "channel": "",
+                "category": "",
+                "kind": NOT_ENTERED,
+                "reason": reason,
+                "rule": rule,
+                "until": None,
+                "at": now,
+            },
+        )
+        self.m_not_entered.add(1, {"rule": rule})
+
+    def paused(self, batch: Batch, person: Person, journey_id: str, now: float) -> None:
+        """A trigger of a paused journey reached the person."""
+        self.not_entered(batch, person, journey_id, PAUSED, "not entered: journey paused", now)
 
     async def profile_changed(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
         for instance in list(person.live.values()):
@@ -164,6 +253,8 @@ class Applier:
             answer = (False, "", "not_found")
         elif not record.accepts_entries:
             answer = (False, "", record.state.value)
+            if record.state is State.PAUSED:
+                self.paused(batch, person, journey.id, now)
         elif not entry.enters_on_api(journey):
             answer = (False, "", "not_api_entry")
         else:

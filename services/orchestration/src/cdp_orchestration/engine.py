@@ -74,7 +74,7 @@ from cdp_kit.engine import Effects, WriteChain
 from cdp_kit.storage import Store
 from cdp_kit.telemetry import LATENCY_BUCKETS_MS
 from cdp_orchestration import actions, streams, timers
-from cdp_orchestration.apply import Applier
+from cdp_orchestration.apply import ENTRY_IF, Applier, when
 from cdp_orchestration.channels.wire import ANONYMOUS_ID, USER_ID
 from cdp_orchestration.domain import arbiter, entry
 from cdp_orchestration.domain.instance import Enter, EventArrived, ExitRequest, Status, TimerFired
@@ -221,7 +221,8 @@ class OrchestrationLogic:
             # on and the arbiter does not watch: their identifiers are all they give, and their properties and
             # context are never read (`inputs.ResolvedInput`).
             watched = resolved.name in self.watched_events
-            if not (watched or person.live or self.journeys.entering_on_event(resolved.name)):
+            paused = self.journeys.paused_on_event(resolved.name)
+            if not (watched or person.live or paused or self.journeys.entering_on_event(resolved.name)):
                 return self._after(hot, batch, person, now)
             event = resolved.event()
             if watched:
@@ -232,8 +233,15 @@ class OrchestrationLogic:
                 await self.applier.step(hot, batch, person, instance, EventArrived(event), now)
             # Only the journeys whose entry names this event; the view is built once, after the steps above.
             candidates = self.journeys.entering_on_event(event.name, event.properties)
-            for journey in entry.entered_by_event(candidates, event, person.view, now):
+            refused: list = []
+            for journey in entry.entered_by_event(candidates, event, person.view, now, refused):
                 await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+            for journey in refused:
+                reason = f"not entered: entry condition `{entry.condition_text(journey)}` was false at {when(now)}"
+                self.applier.not_entered(batch, person, journey.id, ENTRY_IF, reason, now)
+            for journey in paused:
+                if journey.entry.event.matches(event):  # type: ignore[union-attr]
+                    self.applier.paused(batch, person, journey.id, now)
         elif kind == "segment":
             segment_event_id, segment, entered, change_at = one.data
             if change_at:
@@ -247,6 +255,9 @@ class OrchestrationLogic:
             for journey in self.journeys.entering_on_segment(segment):
                 if entry.enters_on_segment(journey, segment, entered):
                     await self.applier.enter(hot, batch, person, journey, segment_event_id, Enter(), now)
+            for journey in self.journeys.paused_on_segment(segment):
+                if entry.enters_on_segment(journey, segment, entered):
+                    self.applier.paused(batch, person, journey.id, now)
             for scheduled in self.journeys.scheduled_on(segment):
                 timers.arm(self.applier, batch, person, scheduled, now)
         elif kind == "profile":

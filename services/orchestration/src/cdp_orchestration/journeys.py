@@ -110,6 +110,10 @@ class Journeys:
         self._any_event: tuple[Journey, ...] = ()  # journeys entering on an event of any name
         self._by_segment: dict[str, tuple[Journey, ...]] = {}
         self._scheduled: dict[str, tuple[Journey, ...]] = {}  # segment -> scheduled journeys over it
+        # Paused journeys by what would start them, so a trigger they turn away is recorded (NOT_ENTERED).
+        self._paused_by_event: dict[str, tuple[Journey, ...]] = {}
+        self._paused_any_event: tuple[Journey, ...] = ()
+        self._paused_by_segment: dict[str, tuple[Journey, ...]] = {}
 
     async def load(self) -> None:
         async for stored in self.store.scan_all(JOURNEYS):
@@ -211,6 +215,23 @@ class Journeys:
             # Scheduled journeys are armed while published, paused or not (the slot checks at firing).
             if self.usable(record.live) and isinstance(record.live.entry, ScheduleEntry):  # type: ignore[union-attr]
                 scheduled.setdefault(record.live.entry.segment, []).append(record.live)
+        paused_by_event: dict[str, list[Journey]] = {}
+        paused_any: list[Journey] = []
+        paused_by_segment: dict[str, list[Journey]] = {}
+        for record in self.records.values():
+            journey = record.live
+            if record.state is not State.PAUSED or journey is None or not self.usable(journey):
+                continue
+            if isinstance(journey.entry, EventEntry):
+                if not journey.entry.event.names:
+                    paused_any.append(journey)
+                for name in journey.entry.event.names:
+                    paused_by_event.setdefault(name, []).append(journey)
+            elif isinstance(journey.entry, SegmentEntry):
+                paused_by_segment.setdefault(journey.entry.segment, []).append(journey)
+        self._paused_by_event = {name: tuple(js) for name, js in paused_by_event.items()}
+        self._paused_any_event = tuple(paused_any)
+        self._paused_by_segment = {segment: tuple(js) for segment, js in paused_by_segment.items()}
         self._live = live
         self._by_event = {name: tuple(js) for name, js in by_event.items()}
         self._keyed = {name: _keyed(js, live) for name, js in by_event.items()}
@@ -250,6 +271,15 @@ class Journeys:
     def entering_on_segment(self, segment: str) -> tuple[Journey, ...]:
         """The live journeys entering (or exiting) on `segment` (entered vs exited still to check)."""
         return self._by_segment.get(segment, ())
+
+    def paused_on_event(self, name: str) -> tuple[Journey, ...]:
+        """The paused journeys an event called `name` would enter were they active (filter still to check)."""
+        named = self._paused_by_event.get(name, ())
+        return named + self._paused_any_event if self._paused_any_event else named
+
+    def paused_on_segment(self, segment: str) -> tuple[Journey, ...]:
+        """The paused journeys entering (or exiting) on `segment`."""
+        return self._paused_by_segment.get(segment, ())
 
     def scheduled_on(self, segment: str) -> tuple[Journey, ...]:
         """The live version of every scheduled journey over `segment`, whatever its record's state."""

@@ -43,6 +43,7 @@ DECISION_KIND = {
     "rejected": pb.DECISION_KIND_REJECTED,
     "withdrawn": pb.DECISION_KIND_WITHDRAWN,
     "failed": pb.DECISION_KIND_FAILED,  # the arbiter said send; its template or address failed (the reason)
+    "not_entered": pb.DECISION_KIND_NOT_ENTERED,  # no action: a trigger did not enter the person (`apply.py`)
 }
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100

@@ -51,7 +51,29 @@ _FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan rea
 
 
 def decision_key(person_id: str, decision: Decision, index: int) -> str:
-    return f"{person_id}:{_FAR - int(decision.at * 1_000_000):020d}:{decision.action_id}:{decision.kind.value}:{index}"
+    return f"{person_id}:{decision_order(decision.at)}:{decision.action_id}:{decision.kind.value}:{index}"
+
+
+def decision_order(at: float) -> str:
+    """What follows the person id in a decision's key: newest first in key order (always 20 digits, the first
+    a 0, so `decisions_prefix` reads the arbiter's decisions and nothing else)."""
+    return f"{_FAR - int(at * 1_000_000):020d}"
+
+
+def decisions_prefix(person_id: str) -> str:
+    """The keys of the person's arbiter decisions (those of `decision_key`), newest first."""
+    return f"{person_id}:0"
+
+
+# A person's refused entries are kept in the decision collection too, one per journey (the latest), under
+# `<person>:~entry:<journey id>`: a privacy deletion and an export read every key under `<person>:`, so these
+# go and are exported with the person's decisions; ListDecisions merges them in by their time.
+def not_entered_key(person_id: str, journey_id: str) -> str:
+    return f"{not_entered_prefix(person_id)}{journey_id}"
+
+
+def not_entered_prefix(person_id: str) -> str:
+    return f"{person_id}:~entry:"
 
 
 def wake_id(person_id: str, at: float) -> str:
@@ -106,6 +128,10 @@ class Person:
     # deleted, never written again, and what reaches the engine for them afterwards is dropped.
     forgotten: bool = False
     changed: dict[str, Instance] = field(default_factory=dict)  # instances to write in this batch
+    # Entries refused and recorded since this replica read the person: journey id -> (rule, when recorded).
+    # Not on the record; it keeps a busy trigger from rewriting the same refusal on every event
+    # (`Applier.not_entered`).
+    refusals: dict[str, tuple[str, float]] = field(default_factory=dict, repr=False, compare=False)
     # The arbiter state's record, kept with the state it was made of: the record is rewritten on every profile
     # change, the arbiter state (immutable, replaced when it changes) far less often.
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)

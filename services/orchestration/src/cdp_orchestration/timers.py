@@ -126,5 +126,7 @@ async def slot(applier: Applier, hot: Partition, batch: Batch, person: Person, b
     if record.accepts_entries and schedule is not None and schedule.segment in person.segments:  # type: ignore[union-attr]
         trigger = entry.schedule_trigger(body["at"])
         await applier.enter(hot, batch, person, journey, trigger, Enter(), now)
+    elif record.state is State.PAUSED and schedule is not None and schedule.segment in person.segments:  # type: ignore[union-attr]
+        applier.paused(batch, person, journey_id, now)
     # The next slot is after this one (a slot that fired early by a rounding never repeats itself).
     arm(applier, batch, person, journey, max(now, body["at"]))

@@ -72,9 +72,14 @@ def enters_on_event(journey: Journey, event: Event, view: PersonView, now: float
 
 
 def entered_by_event(
-    journeys: Iterable[Journey], event: Event, view: Callable[[], PersonView], now: float
+    journeys: Iterable[Journey],
+    event: Event,
+    view: Callable[[], PersonView],
+    now: float,
+    refused: list[Journey] | None = None,
 ) -> list[Journey]:
-    """Those of `journeys` (in order) the event enters, as `enters_on_event` decides for each."""
+    """Those of `journeys` (in order) the event enters, as `enters_on_event` decides for each; those whose
+    event it matches but whose condition is false are added to `refused`, when given."""
     entered: list[Journey] = []
     as_read = None
     person: PersonView | None = None
@@ -90,9 +95,20 @@ def entered_by_event(
             if person is None:
                 person = view()
             if not entry.condition.holds(person, now, event.properties):
+                if refused is not None:
+                    refused.append(journey)
                 continue
         entered.append(journey)
     return entered
+
+
+def condition_text(journey: Journey) -> str:
+    """The entry condition as its author wrote it (text), for a refused entry's reason."""
+    entry = journey.entry
+    condition = entry.condition if isinstance(entry, EventEntry) else None
+    if condition is None:
+        return ""
+    return condition.source if isinstance(condition.source, str) else "(the entry's condition)"
 
 
 def enters_on_segment(journey: Journey, segment: str, entered: bool) -> bool:

@@ -54,6 +54,7 @@ class DecisionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECISION_KIND_REJECTED: _ClassVar[DecisionKind]
     DECISION_KIND_WITHDRAWN: _ClassVar[DecisionKind]
     DECISION_KIND_FAILED: _ClassVar[DecisionKind]
+    DECISION_KIND_NOT_ENTERED: _ClassVar[DecisionKind]
 JOURNEY_STATE_UNSPECIFIED: JourneyState
 JOURNEY_STATE_DRAFT: JourneyState
 JOURNEY_STATE_ACTIVE: JourneyState
@@ -83,6 +84,7 @@ DECISION_KIND_EXPIRED: DecisionKind
 DECISION_KIND_REJECTED: DecisionKind
 DECISION_KIND_WITHDRAWN: DecisionKind
 DECISION_KIND_FAILED: DecisionKind
+DECISION_KIND_NOT_ENTERED: DecisionKind
 
 class JourneyDefinition(_message.Message):
     __slots__ = ("json", "yaml", "tree")
