@@ -18,15 +18,17 @@ import pytest
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
-from cdp_kit.bus import Bus, profiles_stream, segments_stream
+from cdp_kit.bus import Bus, profiles_stream, segments_stream, subjects
 from cdp_kit.errors import InvalidArgument
 from cdp_kit.service import ServiceRuntime, serving
 from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
+from cdp_segmentation.catalogue import segment_from_doc
 from cdp_segmentation.domain import compile_segment, parse
 from cdp_segmentation.engine import SEGMENTS, SegmentationEngine
 from cdp_segmentation.fields import KnownFields, check_fields, computed_traits, deployed_models, field_sources
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.fakes import Delivery
 
 pb = segmentation_pb2
 LIVE = pb.SEGMENT_STATE_LIVE
@@ -61,11 +63,14 @@ class Profile(profile_pb2_grpc.ProfileServiceServicer):
 
     def __init__(self) -> None:
         self.traits: set[str] = set()
+        self.ops: dict[str, str] = {}  # a trait's op when not "last"
 
     async def ListComputedTraits(self, request, context):
         return profile_pb2.ListComputedTraitsResponse(
             traits=[
-                profile_pb2.ComputedTraitStatus(definition=profile_pb2.ComputedTraitDefinition(name=n), state="ready")
+                profile_pb2.ComputedTraitStatus(
+                    definition=profile_pb2.ComputedTraitDefinition(name=n, op=self.ops.get(n, "last")), state="ready"
+                )
                 for n in sorted(self.traits)
             ]
         )
@@ -255,3 +260,51 @@ def test_a_score_compared_with_a_number_a_field_or_a_percentile_passes():
     for text in ("scores.churn_risk > 0.5", "scores.churn_risk > scores.fraud_risk", "scores.clv >= percentile(scores.clv, 90)",
                  "scores.churn_risk in [0.1, 0.2]", "scores.churn_risk exists", 'traits.tier = "high"'):  # fmt: skip
         check_fields(compile_segment(parse(text)), KnownFields({}))
+
+
+def _changed(seq: int, person: str, *, traits=None, computed=None) -> Delivery:
+    """One `profiles.changed.0` message with one change, as the consumer hands it to the engine."""
+    message = profile_pb2.ProfileChanged(person_id=person, cause="event", created=seq == 0)
+    message.at.GetCurrentTime()
+    for name, value in (traits or {}).items():
+        if isinstance(value, bool):
+            message.traits[name].bool_value = value
+        elif isinstance(value, str):
+            message.traits[name].string_value = value
+        else:
+            message.traits[name].number_value = value
+    for name, value in (computed or {}).items():
+        message.computed[name].number_value = value
+    return Delivery(profile_pb2.ProfileChangedBatch(changes=[message]), subjects.profiles_changed(0), seq)
+
+
+async def test_a_named_count_or_sum_trait_a_person_lacks_reads_as_zero_in_builds_and_live(running):
+    # A marketer trial: `computed.orders < 1` matched no one, while someone who never ordered has 0 orders.
+    running.profile.traits |= {"orders", "spent", "last_total"}
+    running.profile.ops.update(orders="count", spent="sum")  # last_total: "last", no value stays no value
+    engine, seq = running.engine, iter(range(1, 100))
+    await engine.handle([_changed(next(seq), "buyer", computed={"orders": 2.0, "spent": 80.0, "last_total": 30.0})])
+    await engine.handle([_changed(next(seq), "browser", traits={"plan": "free"})])  # no computed trait at all
+
+    async def members(segment_id: str) -> list[str]:
+        answer = await running.stub.ListMembers(pb.ListMembersRequest(segment_id=segment_id))
+        return sorted(m.person_id for m in answer.members)
+
+    assert (await running.create("never_ordered", "computed.orders < 1")).state == LIVE
+    assert await members("never_ordered") == ["browser"]  # the build: every held person, not only the trait's
+    assert (await running.create("small", "computed.spent <= 10 and computed.orders = 0")).state == LIVE
+    assert await members("small") == ["browser"]
+    assert (await running.create("cheap_last", "computed.last_total < 100")).state == LIVE
+    assert await members("cheap_last") == ["buyer"]
+    estimate = await running.stub.Estimate(pb.EstimateRequest(definition=pb.Definition(text="computed.orders < 1")))
+    assert estimate.size == 1
+    # Live: a person who just appeared, without the trait, enters; their first order takes them out.
+    await engine.handle([_changed(next(seq), "newcomer", traits={"plan": "free"})])
+    assert await members("never_ordered") == ["browser", "newcomer"]
+    await engine.handle([_changed(next(seq), "newcomer", computed={"orders": 1.0})])
+    assert await members("never_ordered") == ["browser"]
+    # Stored with it: a restart, or another replica loading it, reads it the same way.
+    record = await engine.store.get(SEGMENTS, "never_ordered")
+    loaded = segment_from_doc("never_ordered", record.doc)
+    assert loaded.compiled.counted == frozenset({"computed.orders"})
+    assert loaded.compiled.evaluate({"traits.plan": "free"})

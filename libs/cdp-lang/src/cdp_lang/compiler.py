@@ -14,7 +14,14 @@ Arithmetic inside the event predicate goes into the definition's `where` under "
 `nodes.where_document`): `properties.total > properties.shipping * 2` ->
 `{"$expr": [{"$gt": [{"path": "total"}, {"$multiply": [{"path": "shipping"}, 2]}]}]}`.
 
-For count and sum a person the trait has no value for (no matching event yet) counts as 0.
+For count and sum a person the trait has no value for (no matching event yet) counts as 0. So does a
+named computed trait of kind count or sum (`computed.orders < 1`: someone who never ordered has 0
+orders), but its kind is not in its name: the caller, who can ask the profile service, names those fields
+(`compile_segment(..., counted={"computed.orders"})`). A field named there, read without a sub-path, is
+0 where the person has no number: a comparison with a number becomes a `NumberTest` with default 0 (as an
+aggregate's), any other test holds for a person without a value when it holds for 0 (`exists` does), and
+in arithmetic it is 0. A comparison with another field or a percentile and a time comparison still read
+it as it is (missing stays missing there).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from cdp_lang.nodes import (
 )
 from cdp_lang.percentiles import PercentileSpec, spec_of
 from cdp_lang.plan import (
+    COMPARE,
     AllOf,
     AnyOf,
     Calculation,
@@ -145,6 +153,9 @@ class CompiledSegment:
     # the population percentiles it compares with, each once: the per-profile evaluator reads their values
     # from the mapping `compile_segment` was given; `evaluate_columns` from its Columns
     percentiles: tuple[PercentileSpec, ...]
+    # the counted fields (`compile_segment(counted=...)`) it reads as 0 where a person has no number: what a
+    # caller stores with the definition to compile it the same way again
+    counted: frozenset[str]
     _row: RowPredicate = field(repr=False)
     _vector: VectorPredicate = field(repr=False)
     _moving: tuple[TimeTest, ...] = field(repr=False)
@@ -177,7 +188,9 @@ class CompiledSegment:
 
 
 class _Lowering:
-    def __init__(self) -> None:
+    def __init__(self, counted: Container[str] = frozenset()) -> None:
+        self.counted = counted
+        self.zeroed: set[str] = set()  # the counted fields read as 0 when missing
         self.fields: set[str] = set()
         self.segments: set[str] = set()
         self.computed: dict[str, dict[str, Any]] = {}
@@ -217,7 +230,17 @@ class _Lowering:
             self.fields.add(value.field)
             spec = self.percentiles.setdefault((found := spec_of(value)).key, found)
             return PercentileTest(node.field, node.sub, node.op, spec.key, spec.field, spec.sub, spec.percent)
-        return literal_test(node.field, node.sub, node.op, value)
+        test = literal_test(node.field, node.sub, node.op, value)
+        if node.sub or node.field not in self.counted:
+            return test
+        self.zeroed.add(node.field)
+        if type(test.literal) is float and test.op in COMPARE:
+            return NumberTest(node.field, test.op, test.literal, 0.0)
+        if row_predicate(test)({node.field: 0.0}, (), 0.0):
+            # holds for 0: it holds for a person without a number too (a missing field, a null), which
+            # `= 0` with default 0 adds (a 0 itself the test already holds for)
+            return AnyOf((test, NumberTest(node.field, "=", 0.0, 0.0)))
+        return test
 
     def expression(self, operand: object) -> Expression:
         """A side of a comparison with arithmetic; every field it reads is one the answer depends on."""
@@ -225,6 +248,9 @@ class _Lowering:
             return Calculation(operand.op, self.expression(operand.left), self.expression(operand.right))
         if isinstance(operand, FieldRef):
             self.fields.add(operand.field)
+            if operand.field in self.counted and not operand.path[2:]:
+                self.zeroed.add(operand.field)
+                return FieldNumber(operand.field, (), 0.0)
             return FieldNumber(operand.field, operand.path[2:])
         if isinstance(operand, Percentile):
             self.fields.add(operand.field)  # as for a percentile compared with a field (see `condition`)
@@ -245,11 +271,15 @@ class _Lowering:
         return NumberTest(key, comparison, value, 0.0 if op in ZERO_WHEN_MISSING else None)
 
 
-def compile_segment(node: Node, percentiles: Mapping[str, float | None] = NO_PERCENTILES) -> CompiledSegment:
+def compile_segment(
+    node: Node, percentiles: Mapping[str, float | None] = NO_PERCENTILES, *, counted: Container[str] = frozenset()
+) -> CompiledSegment:
     """The compiled form of a node (from `parse` or `from_json`). `percentiles` is where the per-profile
     evaluator reads the population percentiles the node compares with (`PercentileSpec.key` -> value, None or
-    absent: no value, and the comparison is false); its owner keeps it current."""
-    lowering = _Lowering()
+    absent: no value, and the comparison is false); its owner keeps it current. `counted`: the field keys of
+    named computed traits of kind count or sum ("computed.orders"), read as 0 where a person has no number
+    (see the module docstring); `CompiledSegment.counted` says which of them it read."""
+    lowering = _Lowering(counted)
     plan = lowering.lower(node)
     moving = tuple(moving_tests(plan))
     return CompiledSegment(
@@ -260,6 +290,7 @@ def compile_segment(node: Node, percentiles: Mapping[str, float | None] = NO_PER
         computed_traits=tuple(lowering.computed.values()),
         time_dependent=bool(moving),
         percentiles=tuple(lowering.percentiles.values()),
+        counted=frozenset(lowering.zeroed),
         _row=row_predicate(plan, percentiles),
         _vector=vector_predicate(plan),
         _moving=moving,

@@ -282,7 +282,11 @@ class CompiledCondition:
 
 
 def compile_condition(
-    source: str | Mapping[str, Any], field: str = "condition", *, roots: tuple[str, ...] = ROOTS
+    source: str | Mapping[str, Any],
+    field: str = "condition",
+    *,
+    roots: tuple[str, ...] = ROOTS,
+    counted: Container[str] = frozenset(),
 ) -> CompiledCondition:
     """The compiled form of a condition written as text (`traits.plan = "pro" and scores.churn > 0.8`) or as
     a JSON tree (`{"field": "traits.plan", "op": "=", "value": "pro"}`).
@@ -292,6 +296,11 @@ def compile_condition(
 
     Field paths start with one of `roots`: the profile's four unless the caller's view carries more flat
     fields under roots of its own (a journey's `entry.<name>`, the properties its instance started with).
+
+    `counted`: the field keys of named computed traits of kind count or sum ("computed.orders", as the
+    profile service's ListComputedTraits gives their `op`): a person without a number there has 0, as an
+    event condition's count does (`computed.orders < 1` holds for someone who never ordered). Other fields
+    without a value have none.
     """
     if isinstance(source, str):
         node = parse(source, field, roots=roots)
@@ -299,10 +308,10 @@ def compile_condition(
         node = from_json(source, field, roots=roots)
     else:
         raise InvalidArgument(field, "must be the condition's text or its JSON tree (an object)")
-    return compile_node(node, field)
+    return compile_node(node, field, counted=counted)
 
 
-def compile_node(node: Node, field: str = "condition") -> CompiledCondition:
+def compile_node(node: Node, field: str = "condition", *, counted: Container[str] = frozenset()) -> CompiledCondition:
     """The compiled form of a node built by `parse` or `from_json`. A node comparing with `percentile(...)`
     is refused (InvalidArgument on `field`): a condition on one person has no population to take it over."""
     if found := percentiles_in(node):
@@ -312,7 +321,7 @@ def compile_node(node: Node, field: str = "condition") -> CompiledCondition:
             "population, which a condition on one person cannot know: define a segment with it and test "
             'in_segment("<its id>") here',
         )
-    segment = compile_segment(node)
+    segment = compile_segment(node, counted=counted)
     aggregates = _event_aggregates(node)
     predicates = tuple(dict.fromkeys(_event_predicates(node)))
     return CompiledCondition(

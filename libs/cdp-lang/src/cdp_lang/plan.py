@@ -75,10 +75,12 @@ class Const:
 
 @dataclass(frozen=True, slots=True)
 class FieldNumber:
-    """A field (and sub-path) in arithmetic: its value as a number (`values.number`), else no value."""
+    """A field (and sub-path) in arithmetic: its value as a number (`values.number`), else `default` (None:
+    no value; 0.0 for a computed trait of kind count or sum, see `compiler`)."""
 
     field: str
     sub: tuple[str, ...]
+    default: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,6 +234,9 @@ def _expression(expression: Expression, percentiles: Mapping[str, float | None])
         return lambda record: constant
     if isinstance(expression, FieldNumber):
         get = _getter(expression.field, expression.sub)
+        default = expression.default
+        if default is not None:
+            return lambda record: default if (found := number(get(record))) is None else found
         return lambda record: number(get(record))
     if isinstance(expression, Calculation):
         op, left, right = (

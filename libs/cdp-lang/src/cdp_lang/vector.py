@@ -260,7 +260,10 @@ def _expression(expression: Expression, columns: Columns) -> np.ndarray:
     if isinstance(expression, Const):
         return np.full(columns.size, expression.value)
     if isinstance(expression, FieldNumber):
-        return columns.column(expression.field, expression.sub).number.copy()
+        found = columns.column(expression.field, expression.sub).number.copy()
+        if expression.default is not None:
+            found[np.isnan(found)] = expression.default
+        return found
     if isinstance(expression, PercentileNumber):
         spec = PercentileSpec(expression.key, expression.source, expression.source_sub, expression.percent)
         threshold = number(columns.percentile(spec))

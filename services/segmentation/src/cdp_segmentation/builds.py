@@ -416,7 +416,13 @@ class Builds:
         """A definition of `segment_id` a log entry holds ({version, tree, updated_at}), as a live segment."""
         if not logged:
             return None
-        doc = {"version": logged["version"], "tree": logged["tree"], "state": LIVE, "serving": True}
+        doc = {
+            "version": logged["version"],
+            "tree": logged["tree"],
+            "counted": logged.get("counted") or [],
+            "state": LIVE,
+            "serving": True,
+        }
         return segment_from_doc(segment_id, {**doc, "updated_at": logged.get("updated_at", 0.0)}, self.percentiles)
 
     def replay_index(self, hidden: Mapping[str, Segment | None]) -> FieldIndex | None:
@@ -569,6 +575,7 @@ def live_entry(
         "segment": segment_id,
         "version": version,
         "tree": orjson.dumps(to_json(definition.node)).decode(),
+        "counted": sorted(definition.counted),
         "updated_at": updated_at,
         "golive": golive,
         "adopt": adopt,
@@ -580,6 +587,7 @@ def live_entry(
         else {
             "version": before.version,
             "tree": orjson.dumps(to_json(before.compiled.node)).decode(),
+            "counted": sorted(before.compiled.counted),
             "updated_at": before.updated_at,
         },
     }

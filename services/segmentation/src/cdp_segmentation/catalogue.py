@@ -101,6 +101,7 @@ class Segment:
             "description": self.description,
             "version": self.version,
             "tree": orjson.dumps(to_json(self.compiled.node)).decode(),
+            "counted": sorted(self.compiled.counted),
             "state": self.state,
             "serving": self.serving,
             "created_at": self.created_at,
@@ -109,7 +110,11 @@ class Segment:
             "error": self.error,
             "pending": None
             if self.pending is None
-            else {"version": self.pending[0], "tree": orjson.dumps(to_json(self.pending[1].node)).decode()},
+            else {
+                "version": self.pending[0],
+                "tree": orjson.dumps(to_json(self.pending[1].node)).decode(),
+                "counted": sorted(self.pending[1].counted),
+            },
         }
 
     @property
@@ -125,13 +130,14 @@ class Segment:
 def segment_from_doc(
     segment_id: str, doc: Mapping[str, Any], percentiles: Mapping[str, float | None] | None = None
 ) -> Segment:
-    """A stored segment (any exception: it cannot be loaded); `percentiles`: the engine's live values."""
+    """A stored segment (any exception: it cannot be loaded); `percentiles`: the engine's live values. The
+    counted computed traits it was checked with (`counted`: read as 0 where missing) are stored with it, so
+    every replica and every restart compiles it the same (one stored before they were has none)."""
     held = percentiles if percentiles is not None else {}
-    compiled = compile_segment(from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH), held)
+    compiled = stored_definition(doc, held)
     pending = None
     if doc.get("pending"):
-        tree = from_json(orjson.loads(doc["pending"]["tree"]), max_depth=STORED_MAX_DEPTH)
-        pending = (doc["pending"]["version"], compile_segment(tree, held))
+        pending = (doc["pending"]["version"], stored_definition(doc["pending"], held))
     return Segment(
         id=segment_id,
         name=doc.get("name", ""),
@@ -146,6 +152,12 @@ def segment_from_doc(
         pending=pending,
         serving=doc.get("serving", False),
     )
+
+
+def stored_definition(doc: Mapping[str, Any], percentiles: Mapping[str, float | None]) -> CompiledSegment:
+    """A definition as stored: its tree (JSON text) and the counted fields it reads as 0 where missing."""
+    node = from_json(orjson.loads(doc["tree"]), max_depth=STORED_MAX_DEPTH)
+    return compile_segment(node, percentiles, counted=frozenset(doc.get("counted") or ()))
 
 
 def check_segment_id(segment_id: str, field: str = "id") -> str:
@@ -167,7 +179,8 @@ class Catalogue:
         """Compile a definition and check it against the fields that exist (`known`: a new definition's), the
         other segments (known references, no cycles) and the number of computed traits one definition may
         have defined on the profile service."""
-        compiled = compile_segment(node, self.percentiles)
+        counted = known.counted_fields() if known is not None else frozenset()
+        compiled = compile_segment(node, self.percentiles, counted=counted)
         if known is not None:
             check_fields(compiled, known)
         if len(compiled.computed_traits) > self.max_computed_traits:

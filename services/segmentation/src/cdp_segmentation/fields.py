@@ -37,14 +37,16 @@ import grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.profile_fields import COMPUTED, SCORES, split_key
-from cdp_lang.nodes import And, Condition, Not, Or
+from cdp_kit.profile_fields import COMPUTED, SCORES, field_key, split_key
+from cdp_lang.nodes import ZERO_WHEN_MISSING, And, Condition, Not, Or
 from cdp_segmentation.domain import CompiledSegment
 
 log = logging.getLogger("cdp.segmentation.fields")
 
 # How many known names an error lists when none is close to the unknown one.
 LISTED = 12
+# deployed_models' key for the computed traits the models read that are of kind count or sum
+COUNTED = "computed:counted"
 
 _WHAT = {
     SCORES: (
@@ -65,6 +67,13 @@ class KnownFields:
     not checked."""
 
     names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # the computed traits of kind count or sum (by name): a person without one has 0 (`compile_segment`'s
+    # `counted`); empty when the profile service was not asked
+    counted: frozenset[str] = frozenset()
+
+    def counted_fields(self) -> frozenset[str]:
+        """The field keys ("computed.orders") a definition reads as 0 where a person has no number."""
+        return frozenset(field_key(COMPUTED, name) for name in self.counted)
 
 
 FieldSource = Callable[[], Awaitable[KnownFields]]
@@ -136,16 +145,18 @@ def _problem(root: str, name: str, names: frozenset[str]) -> str:
 def field_sources(
     *,
     models: Callable[[], Awaitable[Mapping[str, frozenset[str]]]] | None = None,
-    computed: Callable[[], Awaitable[frozenset[str]]] | None = None,
+    computed: Callable[[], Awaitable[Mapping[str, str] | frozenset[str]]] | None = None,
 ) -> FieldSource:
     """One `FieldSource` from the scoring service's models (`deployed_models`) and the profile service's
-    computed traits (each may be absent). A source that raises leaves its root unchecked, and scoring
-    listing no model leaves scores unchecked (see the module docstring). The computed traits a deployed
-    model reads count as defined: scoring defines them on the profile service, perhaps a moment later."""
+    computed traits (each may be absent; `computed_traits` gives each one's op). A source that raises leaves
+    its root unchecked, and scoring listing no model leaves scores unchecked (see the module docstring). The
+    computed traits a deployed model reads count as defined: scoring defines them on the profile service,
+    perhaps a moment later. The traits of kind count or sum, whichever defines them, are `counted`."""
 
     async def known() -> KnownFields:
         names: dict[str, frozenset[str]] = {}
         deployed: Mapping[str, frozenset[str]] = {}
+        counted: frozenset[str] = frozenset()
         if models is not None:
             deployed = await _asked(SCORES, models, {})
             if deployed.get(SCORES):
@@ -153,8 +164,12 @@ def field_sources(
         if computed is not None:
             defined = await _asked(COMPUTED, computed, None)
             if defined is not None:
-                names[COMPUTED] = defined | deployed.get(COMPUTED, frozenset())
-        return KnownFields(names)
+                names[COMPUTED] = frozenset(defined) | deployed.get(COMPUTED, frozenset())
+                ops = defined if isinstance(defined, Mapping) else {}
+                counted = frozenset(name for name, op in ops.items() if op in ZERO_WHEN_MISSING)
+                # a model's trait the profile service does not list yet: its kind as the model defines it
+                counted |= deployed.get(COUNTED, frozenset()) - frozenset(defined)
+        return KnownFields(names, counted)
 
     return known
 
@@ -178,11 +193,11 @@ def deployed_models(
     async def listed() -> Mapping[str, frozenset[str]]:
         answer = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
         specs = [v.spec for m in answer.models for v in m.versions]
+        traits = [t for spec in specs for t in spec.computed_traits if "name" in t and isinstance(t["name"], str)]
         return {
             SCORES: frozenset(o.score for spec in specs for o in spec.outputs if o.score),
-            COMPUTED: frozenset(
-                t["name"] for spec in specs for t in spec.computed_traits if "name" in t and isinstance(t["name"], str)
-            ),
+            COMPUTED: frozenset(t["name"] for t in traits),
+            COUNTED: frozenset(t["name"] for t in traits if "op" in t and t["op"] in ZERO_WHEN_MISSING),
         }
 
     return listed
@@ -190,17 +205,17 @@ def deployed_models(
 
 def computed_traits(
     channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
-) -> Callable[[], Awaitable[frozenset[str]]]:
+) -> Callable[[], Awaitable[Mapping[str, str]]]:
     """The computed traits the profile service defines (ListComputedTraits, profile:read), whoever
-    defined them: a segment, a model, an operator."""
+    defined them (a segment, a model, an operator): name -> op (count, sum, last...)."""
     stub = profile_pb2_grpc.ProfileServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def computed() -> frozenset[str]:
+    async def computed() -> Mapping[str, str]:
         listed = await stub.ListComputedTraits(
             profile_pb2.ListComputedTraitsRequest(), metadata=metadata, timeout=timeout
         )
-        return frozenset(t.definition.name for t in listed.traits)
+        return {t.definition.name: t.definition.op for t in listed.traits}
 
     return computed
 
