@@ -214,6 +214,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             )  # fmt: skip
             if connection.kind == "hubspot" and "client_secret" in secrets:
                 hooks[connection.id] = (poller, secrets["client_secret"])
+            logic.inbound[connection.id] = poller  # read the CRM's news before writing to it (engine.py)
             home = partition_for(connection.id, settings.partitions)
             owned = lambda home=home: home in engine.owned()  # noqa: E731 - the replica owning it reads it
             tasks.append(runtime.spawn(poller.run(settings.poll_seconds, owned), f"read {connection.id}"))

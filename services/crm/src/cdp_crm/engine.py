@@ -127,6 +127,10 @@ class CrmLogic:
         self.mappings: dict[str, ObjectMapping] = {m.name: m for c in self.connections.values() for m in c.mappings}
         self.deliverer = deliverer
         self.clock = clock
+        # Per connection, its inbound poller (set by the process when it reads the CRMs' changes): before a
+        # record is written, what CRM users changed in that object since the last read is read and posted
+        # first (`read_first`), so a newer edit there is never overwritten unread.
+        self.inbound: dict[str, Any] = {}
         self.locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.backlog: set[int] = set()  # partitions a batch queued changes for, not retried since
         self.queued = asyncio.Event()  # set when a batch adds to the backlog: wakes `retry_forever`
@@ -330,6 +334,12 @@ class CrmLogic:
         for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
             changes = planned.coalescer.take(mapping=name)
+            if not await self.read_first(mapping, changes, deadline):
+                # The CRM's news could not be read (it or the collector failing): writing now could
+                # overwrite an edit no one has read. Queued, as for a CRM that is down.
+                delivered = Delivered(pending=list(changes))
+                self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
+                continue
             if mapping.kind == "record" and self.identifiers is not None:
                 await self.claim(mapping, changes, planned.previous, deadline)
             if bulk:
@@ -337,6 +347,28 @@ class CrmLogic:
             else:
                 delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
             self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
+
+    async def read_first(self, mapping: ObjectMapping, changes: list[Change], deadline: float) -> bool:
+        """Before a record mapping's upserts: read and post what CRM users changed in its object since the
+        connection's inbound cursor (its poller's `read_first`), so a CRM user's edit newer than the value
+        about to be written reaches the profile (which keeps the newest by the CRM's modification time) and
+        comes back to every CRM, instead of being overwritten unread. False when that read failed (the CRM
+        or the collector down, or it did not end before `deadline`): the changes must wait."""
+        poller = self.inbound.get(mapping.connection)
+        if poller is None or mapping.kind != "record" or poller.reads(mapping.object) is None:
+            return True
+        if not any(c.op == UPSERT for c in changes):
+            return True
+        try:
+            async with asyncio.timeout(max(0.5, deadline - self.clock())):
+                await poller.read_first(mapping.object)
+        except Exception as exc:
+            log.warning(
+                "reading crm changes before writing failed; the writes wait",
+                extra={"mapping": mapping.name, "error": type(exc).__name__},
+            )
+            return False
+        return True
 
     async def claim(
         self, mapping: ObjectMapping, changes: list[Change], previous: Mapping[str, Mapping[str, Any]], deadline: float
@@ -529,6 +561,8 @@ class CrmLogic:
             taken = 0
             for name, changes in by_mapping.items():
                 mapping = self.mappings[name]
+                if not await self.read_first(mapping, changes, self.clock() + min(5.0, self.deliverer.retry_for)):
+                    continue  # still queued: the CRM's news first
                 # A few seconds for the budget: a backlog waits its turn in the account's window rather than
                 # failing the round at once (the pipeline is idle; a new batch waits at most this long).
                 delivered = await self.deliverer.deliver(mapping, changes, retry_for=min(5.0, self.deliverer.retry_for))

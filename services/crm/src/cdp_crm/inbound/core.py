@@ -250,6 +250,9 @@ class Poller(News):
         self.woken = asyncio.Event()  # set by a signed webhook: read the changes now
         self._named: set[str] | None = set()  # the objects the webhooks since the last read named (None: all)
         self._ahead = False  # a webhook's read going ahead of a longer read is under way
+        # One read at a time: the polling turn and a read the outbound engine asks for before it writes
+        # (`read_first`) take turns, each from the cursor the other left.
+        self._reading = asyncio.Lock()
 
     def wake(self, objects: set[str] | None = None) -> None:
         """Read now - only `objects` if every wake since the last read named its objects."""
@@ -290,7 +293,19 @@ class Poller(News):
     async def poll(self, objects: set[str] | None = None) -> int:
         """Post every change since the cursors (of `objects` only, when given); returns how many events
         were posted."""
-        return await self._read([obj for obj in self.objects if objects is None or obj in objects])
+        async with self._reading:
+            return await self._read([obj for obj in self.objects if objects is None or obj in objects])
+
+    def reads(self, obj: str) -> str | None:
+        """This poller's name of the CRM object `obj` (any case), when it reads its changes."""
+        return next((mine for mine in self.objects if mine.lower() == obj.lower()), None)
+
+    async def read_first(self, obj: str) -> int:
+        """Before the connector writes records of `obj`: post what CRM users changed there since the cursor
+        (the outbound engine's guard against overwriting an edit it has not read: the CONFLICTS note in the
+        service README). Raises as `poll` does when the CRM or the collector fails."""
+        mine = self.reads(obj)
+        return await self.poll({mine}) if mine is not None else 0
 
     async def _read(self, objects: list[str]) -> int:
         posted = 0
