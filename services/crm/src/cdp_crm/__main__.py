@@ -129,6 +129,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     connections = tuple(c for c in listed if c.id in adapters)
     budgets = {c.id: SharedBudget(store, c, hold=hold) for c in connections}
     deliverer = Deliverer(adapters, budgets, retry_for=settings.retry_for, bulk_poll_seconds=settings.bulk_poll_seconds)
+    runtime.stack.push_async_callback(deliverer.close)  # the probes of connections held while their CRM fails
     meter = runtime.telemetry.meter
     deliverer.observe(meter)
     people = fetch = identifiers = None

@@ -21,6 +21,7 @@ Log lines carry the connection, mapping, counts and reason codes, never a value.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -50,6 +51,14 @@ from cdp_crm.domain.mapping import ObjectMapping
 log = logging.getLogger("cdp.crm.delivery")
 
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+# How long one call keeps retrying a CRM that fails (a 5xx, a 401, a dropped connection, no answer) before
+# the connection is held: its changes are handed back as pending at once, and until the CRM answers again
+# (a probe, `HOLD_BACKOFF` apart) no call sends it anything - so a CRM that is down or refusing every
+# request delays only its own writes, never a batch's writes to the other CRMs, nor the batches after it.
+PATIENCE = 3.0
+HOLD_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+# The match-key value a probe of a held connection looks up (a batch read of no consequence).
+PROBE_VALUE = "cdp-connection-probe"
 # What a batch the budget would not allow before the deadline is recorded as: transient, so pending.
 # Match-key values per lookup of which records the CRM holds (`present`): HubSpot's batch read takes 100.
 PRESENCE_BATCH = 100
@@ -82,6 +91,9 @@ class Health:
     last_error_code: str = ""
     last_error_at: float = 0.0
     last_synced_at: float = 0.0
+    held_since: float = 0.0  # > 0: held since then (the CRM kept failing): its writes are queued, not sent
+    retry_at: float = 0.0  # when a held connection is tried again (by a probe, or by a write without one)
+    holds: int = 0  # failed tries since it was held: the step of `HOLD_BACKOFF`
 
 
 class Deliverer:
@@ -103,6 +115,7 @@ class Deliverer:
         self.health: dict[str, Health] = {c: Health() for c in adapters}
         self.metrics = metrics
         self.failures = None  # a counter of requests that will be retried, by connection and reason (observe)
+        self.probes: dict[str, asyncio.Task[None]] = {}  # by held connection: its probe, while it runs
 
     def observe(self, meter) -> None:
         """What an operator alerts on while a CRM is down: `cdp.crm.connection.state` (1 for each connection's
@@ -144,11 +157,15 @@ class Deliverer:
         delivered = Delivered()
         if not changes:
             return delivered
+        if self.resting(mapping.connection):
+            delivered.pending.extend(changes)  # held: retried once the CRM answers again (`_hold`)
+            return delivered
         if deadline is None:
             deadline = self.clock() + (self.retry_for if retry_for is None else retry_for)
         size = self.batch_size(mapping)
         waiting = deque(changes[i : i + size] for i in range(0, len(changes), size))
         attempt = 0
+        failing_since: float | None = None
         while waiting:
             isolation = Isolation(waiting.popleft())
             while (batch := isolation.next_batch()) is not None:
@@ -156,11 +173,24 @@ class Deliverer:
                     isolation.record(batch, BatchOutcome.failed(NOT_SENT), self.clock())
             delivered.synced.extend(isolation.synced)
             delivered.dead.extend(isolation.dead)
+            if isolation.synced or isolation.dead:
+                self._release(mapping.connection)  # the CRM answers (a held connection's write went through)
             if not isolation.retry:
-                attempt = 0  # the CRM is taking requests: the next failure backs off from the start again
+                attempt, failing_since = 0, None  # the CRM is taking requests: back off from the start again
                 continue
-            self._note_failure(mapping.connection, isolation.retry_errors[-1])
-            if self.clock() >= deadline:
+            error = isolation.retry_errors[-1]
+            self._note_failure(mapping.connection, error)
+            now = self.clock()
+            failing_since = now if failing_since is None else failing_since
+            if error is not NOT_SENT and (
+                self.health[mapping.connection].held_since or now - failing_since >= PATIENCE
+            ):
+                # The CRM keeps failing: hold the connection; this call's changes and the rest wait for it.
+                self._hold(mapping)
+                delivered.pending.extend(change for retry in isolation.retry for change in retry)
+                delivered.pending.extend(change for rest in waiting for change in rest)
+                break
+            if now >= deadline:
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)
                 continue
             await asyncio.sleep(min(BACKOFF[min(attempt, len(BACKOFF) - 1)], max(0.0, deadline - self.clock())))
@@ -192,7 +222,7 @@ class Deliverer:
         budget before `deadline`, an adapter that cannot)."""
         adapter = self.adapters[mapping.connection]
         stamp = getattr(adapter, "claim", None)
-        if stamp is None:
+        if stamp is None or self.resting(mapping.connection):
             return False
         budget = self.budgets[mapping.connection]
         reservation = await budget.acquire(2, self.clock, deadline)
@@ -209,7 +239,7 @@ class Deliverer:
         own record of what it wrote stands."""
         adapter = self.adapters[mapping.connection]
         lookup = getattr(adapter, "present", None)
-        if lookup is None:
+        if lookup is None or self.resting(mapping.connection):
             return None
         budget = self.budgets[mapping.connection]
         found: set[str] = set()
@@ -263,7 +293,10 @@ class Deliverer:
         account's budget first."""
         adapter = self.adapters[mapping.connection]
         bulk = getattr(adapter, "bulk_upsert", None)
-        if bulk is None or not changes or mapping.kind != "record" or mapping.mode == "update_only":
+        if (
+            bulk is None or not changes or mapping.kind != "record" or mapping.mode == "update_only"
+            or self.resting(mapping.connection)
+        ):  # fmt: skip
             return await self.deliver(mapping, changes, deadline=deadline)
         if deadline is None:
             deadline = self.clock() + self.retry_for
@@ -324,6 +357,92 @@ class Deliverer:
                    "dead_lettered": len(delivered.dead), "pending": len(delivered.pending)},
         )  # fmt: skip
         return delivered
+
+    # --- holding a failing connection -----------------------------------------------------------------
+
+    def resting(self, connection: str) -> bool:
+        """Whether nothing is to be sent to this connection now: it is held (its CRM kept failing) and either
+        its probe decides when it answers again, or its next try (a write, for a CRM without a probe) is
+        not due yet. Its changes are queued meanwhile (`crm_pending`, committed with the batch)."""
+        health = self.health.get(connection)
+        if health is None or not health.held_since:
+            return False
+        return connection in self.probes or self.clock() < health.retry_at
+
+    def _hold(self, mapping: ObjectMapping) -> None:
+        connection = mapping.connection
+        health = self.health.setdefault(connection, Health())
+        now = self.clock()
+        if not health.held_since:
+            health.held_since, health.holds = now, 0
+            log.warning(
+                "crm connection held: its writes are queued until it answers again",
+                extra={
+                    "connection": connection,
+                    "reason": health.last_error_reason,
+                    "crm_code": health.last_error_code,
+                },
+            )
+        health.retry_at = now + HOLD_BACKOFF[min(health.holds, len(HOLD_BACKOFF) - 1)]
+        health.holds += 1
+        if connection not in self.probes and self._probe_field(mapping) is not None:
+            self.probes[connection] = asyncio.get_running_loop().create_task(self._probe(mapping))
+
+    def _probe_field(self, mapping: ObjectMapping) -> str | None:
+        """The match field a probe of `mapping`'s CRM looks a value up by; None when it cannot (no lookup)."""
+        if getattr(self.adapters[mapping.connection], "present", None) is None:
+            return None
+        if mapping.kind != "record" or len(mapping.match) != 1:
+            return None
+        return mapping.match[0].crm_field
+
+    async def _probe(self, mapping: ObjectMapping) -> None:
+        """Until the held connection's CRM answers: at each `retry_at`, one lookup (a unit of the account's
+        budget) - not a write, and not under any partition's lock: a CRM that hangs holds up nothing."""
+        connection = mapping.connection
+        health = self.health[connection]
+        lookup = self.adapters[connection].present  # type: ignore[attr-defined]
+        budget = self.budgets[connection]
+        field = self._probe_field(mapping)
+        try:
+            while health.held_since:
+                await asyncio.sleep(max(0.0, health.retry_at - self.clock()))
+                reservation = await budget.acquire(1, self.clock, self.clock() + self.retry_for)
+                if reservation is None:
+                    health.retry_at = self.clock() + HOLD_BACKOFF[-1]
+                    continue
+                answer, headers = await lookup(mapping, field, [PROBE_VALUE])
+                await budget.settle(reservation, self.clock(), headers, answered=answer is not None)
+                if answer is not None:
+                    self._release(connection)
+                    break
+                health.retry_at = self.clock() + HOLD_BACKOFF[min(health.holds, len(HOLD_BACKOFF) - 1)]
+                health.holds += 1
+        except Exception as exc:  # the store failing: writes try the CRM themselves again
+            log.warning("crm connection probe failed", extra={"connection": connection, "error": type(exc).__name__})
+            health.retry_at = self.clock()
+        finally:
+            self.probes.pop(connection, None)
+
+    def _release(self, connection: str) -> None:
+        health = self.health.get(connection)
+        if health is None or not health.held_since:
+            return
+        log.info(
+            "crm connection answers again: its queued writes follow",
+            extra={"connection": connection, "held_seconds": round(self.clock() - health.held_since, 1)},
+        )
+        health.held_since, health.retry_at, health.holds = 0.0, 0.0, 0
+        health.state = "active"
+
+    async def close(self) -> None:
+        """Stop the probes of held connections."""
+        for task in list(self.probes.values()):
+            task.cancel()
+        for task in list(self.probes.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.probes.clear()
 
     def _note_failure(self, connection: str, error: CrmError) -> None:
         health = self.health.setdefault(connection, Health())

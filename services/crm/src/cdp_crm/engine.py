@@ -354,6 +354,8 @@ class CrmLogic:
         about to be written reaches the profile (which keeps the newest by the CRM's modification time) and
         comes back to every CRM, instead of being overwritten unread. False when that read failed (the CRM
         or the collector down, or it did not end before `deadline`): the changes must wait."""
+        if self.deliverer.resting(mapping.connection):
+            return False  # held, its CRM failing (delivery.py): queued, without a read that would wait on it
         poller = self.inbound.get(mapping.connection)
         if poller is None or mapping.kind != "record" or poller.reads(mapping.object) is None:
             return True

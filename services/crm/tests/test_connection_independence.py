@@ -1,0 +1,110 @@
+"""Each CRM connection's delivery is its own: one CRM refusing every request (a revoked token, an outage)
+delays only its own writes - they are held, in `crm_pending`, and retried with a back-off - while the other
+CRMs' writes keep landing as they would. The held work is committed with the batch: a crash loses none of
+it, and it lands once the CRM takes requests again.
+
+The CRM-administrator trial under `make up` saw HubSpot's 401 storm hold Salesforce's writes back 52-104 s:
+every batch retried HubSpot for `CDP_CRM_RETRY_FOR` before it wrote Salesforce at all."""
+
+from __future__ import annotations
+
+from cdp_crm.state import PENDING
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
+
+from .conftest import TOKEN
+
+
+def two_crms(hubspot: str, salesforce: str) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "hubspot", "kind": "hubspot", "account": "62515", "url": hubspot,
+                "credentials": {"token": "HUBSPOT_TOKEN"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                     "fields": {"email": "traits.email"}},
+                ],
+            },
+            {
+                "id": "salesforce", "kind": "salesforce", "account": "local-org", "url": salesforce,
+                "credentials": {"client_id": "SF_ID", "client_secret": "SF_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contact", "match": {"CDP_Id__c": "person.id"},
+                     "fields": {"Email": "traits.email", "LastName": {"source": "traits.last_name",
+                                                                      "default": "(unknown)"}}},
+                ],
+            },
+        ]
+    }  # fmt: skip
+
+
+async def test_a_crm_refusing_every_request_delays_only_its_own_writes(world_factory):
+    hubspot = await HubSpotEmulator().start()
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot)
+        document = two_crms(hubspot.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        # A batch may retry a failing CRM for 25 s (the process' default is 60): longer than the 15 s the
+        # Salesforce writes are waited for below.
+        await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, partitions=1)
+        hubspot.tokens = set()  # the private app's token revoked: every HubSpot request is answered 401
+        persons = [f"person-{i}" for i in range(3)]
+        for i, person in enumerate(persons):
+            await world.profiles({person: {"traits.email": f"p{i}@example.com", "traits.last_name": f"L{i}"}})
+
+            def in_salesforce(wanted=persons[: i + 1]) -> bool:
+                return {c["CDP_Id__c"] for c in salesforce.records("Contact")} >= set(wanted)
+
+            # One after another: each person reaches Salesforce while HubSpot still refuses everything.
+            await world.eventually(in_salesforce)
+        assert hubspot.records("contacts") == []
+
+        async def held(n: int) -> bool:
+            return len([r async for r in world.store.scan_all(PENDING)]) == n
+
+        # HubSpot's share is held in the store, committed with the batches: a crash now loses none of it.
+        await world.eventually(lambda: held(3))
+        world.abort()
+        hubspot.tokens = {TOKEN}
+        await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, partitions=1)
+
+        def in_hubspot() -> bool:
+            found = {c["properties"].get("cdp_id"): c["properties"] for c in hubspot.records("contacts")}
+            return set(found) == set(persons) and all(
+                found[p]["email"] == f"p{i}@example.com" for i, p in enumerate(persons)
+            )
+
+        await world.eventually(in_hubspot)
+        await world.eventually(lambda: held(0))
+        assert len(salesforce.records("Contact")) == 3
+    finally:
+        await hubspot.close()
+        await salesforce.close()
+
+
+async def test_a_crm_answering_again_takes_its_held_writes_without_a_restart(world_factory):
+    """The back-off ends by itself: once the CRM takes requests, what was held lands, and later writes go
+    straight through again."""
+    hubspot = await HubSpotEmulator().start()
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot)
+        document = two_crms(hubspot.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, partitions=1)
+        hubspot.faults.fail_next(5000, status=503)  # HubSpot down
+        await world.profiles({"person-a": {"traits.email": "a@example.com", "traits.last_name": "A"}})
+        await world.eventually(lambda: len(salesforce.records("Contact")) == 1)
+        await world.profiles({"person-b": {"traits.email": "b@example.com", "traits.last_name": "B"}})
+        await world.eventually(lambda: len(salesforce.records("Contact")) == 2)
+        hubspot.faults.clear()  # up again
+        await world.eventually(lambda: len(hubspot.records("contacts")) == 2)
+        await world.profiles({"person-c": {"traits.email": "c@example.com", "traits.last_name": "C"}})
+        await world.eventually(
+            lambda: len(hubspot.records("contacts")) == 3 and len(salesforce.records("Contact")) == 3
+        )
+    finally:
+        await hubspot.close()
+        await salesforce.close()
