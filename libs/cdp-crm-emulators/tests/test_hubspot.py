@@ -355,3 +355,33 @@ async def test_official_client_batch_reads_by_email_and_updates_one_record():
         )
         assert updated.properties["lifecyclestage"] == "customer"
         assert hs.find("contacts", "email", "P1@example.com")["properties"]["lifecyclestage"] == "customer"
+
+
+async def test_official_client_merges_two_contacts_keeping_the_primarys_values_and_the_others_extras():
+    from hubspot.crm.contacts import PublicMergeInput
+
+    async with HubSpotEmulator() as hs:
+        client = _client(hs)
+        primary = hs.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada", "cdp_id": "p-1"})
+        other = hs.user_create("contacts", {"email": "ada@work.example", "firstname": "Augusta", "phone": "+4412"})
+        list_id = (await _post(hs, "/crm/v3/lists", {"name": "l", "objectTypeId": "0-1", "processingType": "MANUAL"}))[
+            2
+        ]["list"]["listId"]
+        async with aiohttp.ClientSession() as session:
+            url = f"{hs.base_url}/crm/v3/lists/{list_id}/memberships/add"
+            async with session.put(url, json=[other["id"]], headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200
+        merge = PublicMergeInput(primary_object_id=primary["id"], object_id_to_merge=other["id"])
+        merged = await asyncio.to_thread(client.crm.contacts.basic_api.merge, merge)
+        assert merged.id == primary["id"]
+        (only,) = hs.records("contacts")
+        props = only["properties"]
+        assert (props["email"], props["firstname"], props["phone"]) == ("ada@example.com", "Ada", "+4412")
+        assert props["hs_merged_object_ids"] == other["id"]
+        assert hs.members(list_id) == [primary["id"]]
+        assert hs.find("contacts", "email", "ada@work.example") is None
+        # Either record gone: 404.
+        status, _, _ = await _post(
+            hs, "/crm/v3/objects/contacts/merge", {"primaryObjectId": primary["id"], "objectIdToMerge": other["id"]}
+        )
+        assert status == 404

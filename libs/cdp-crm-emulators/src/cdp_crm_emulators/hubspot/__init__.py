@@ -94,6 +94,7 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, ListsMixin, Emula
         r.add_post("/crm/v3/objects/{object}/batch/read", self._batch_read)
         r.add_post("/crm/v3/objects/{object}/batch/archive", self._batch_archive)
         r.add_post("/crm/v3/objects/{object}/search", self._search)
+        r.add_post("/crm/v3/objects/{object}/merge", self._merge)
         r.add_post("/crm/v3/objects/{object}", self._create)
         r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
         r.add_patch("/crm/v3/objects/{object}/{id}", self._update)

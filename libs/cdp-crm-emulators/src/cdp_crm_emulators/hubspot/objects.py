@@ -181,6 +181,43 @@ class ObjectsMixin:
                 self.links.get(other, {}).pop((obj, record_id), None)
         return web.Response(status=204)
 
+    async def _merge(self, request: web.Request) -> web.Response:
+        """``POST /crm/v3/objects/<object>/merge`` {primaryObjectId, objectIdToMerge}: the primary keeps its
+        values and takes those it lacks from the other; the other's associations and list memberships move
+        to it, the other is gone (its id listed in the primary's ``hs_merged_object_ids``). 200 with the
+        primary; 404 when either is not there; 400 for one record merged into itself."""
+        obj = self._object(request)
+        body = await read_json(request, {})
+        primary, other = str(body.get("primaryObjectId", "")), str(body.get("objectIdToMerge", ""))
+        if primary == other:
+            return json_response(error_body("VALIDATION_ERROR", "Cannot merge a record into itself"), status=400)
+        table = self.objects[obj]
+        if primary not in table or other not in table:
+            return json_response(error_body("OBJECT_NOT_FOUND", "resource not found"), status=404)
+        absorbed = table.pop(other)
+        for prop in UNIQUE[obj]:
+            if absorbed["properties"].get(prop):
+                self._index.get((obj, prop), {}).pop(str(absorbed["properties"][prop]).lower(), None)
+        held = table[primary]["properties"]
+        system = {"hs_object_id", "createdate", "hs_lastmodifieddate", "lastmodifieddate", "hs_merged_object_ids"}
+        lacking = {
+            k: v
+            for k, v in absorbed["properties"].items()
+            if k not in system and v not in (None, "") and not held.get(k)
+        }
+        merged_ids = [i for i in str(held.get("hs_merged_object_ids") or "").split(";") if i]
+        lacking["hs_merged_object_ids"] = ";".join([*merged_ids, other])
+        record = self._write(obj, primary, lacking)
+        for members in self.memberships.values():
+            joined = members.pop(other, None)
+            if joined is not None:
+                members.setdefault(primary, joined)
+        for target, types in self.links.pop((obj, other), {}).items():
+            self.links.get(target, {}).pop((obj, other), None)
+            if target != (obj, primary):
+                self._link(obj, primary, target[0], target[1], types)
+        return json_response(self._public(obj, record))
+
     async def _batch_read(self, request: web.Request) -> web.Response:
         obj = self._object(request)
         body = await read_json(request)
