@@ -203,16 +203,65 @@ def test_a_family_tablet_never_puts_two_user_ids_on_one_person():
     assert w.graph.describe(dad.person)["drops"] == [
         {"identifier": "device_id:tablet", "reason": "limit:user_id", "event_id": "e2", "at": w.now}
     ]
-    # Dad browsing anonymously on the tablet lands on mum (the device's person); when he signs in, his
-    # anonymous id is not glued to his person either, since that would bring mum's user id along.
+    # Dad browsing anonymously on the tablet does not land on mum: the tablet, seen with both, cannot tell
+    # whose session it is; when he signs in, the session joins him, and mum's identifiers stay hers.
     browsing = w.event("anonymous_id:tablet-session", "device_id:tablet")
-    assert browsing.person == mum
+    assert browsing.person not in (mum, dad.person)
+    assert browsing.drops == [Drop("device_id:tablet", "shared")]
     sign_in = w.event("user_id:dad", "anonymous_id:tablet-session")
     assert sign_in.person == dad.person
-    assert sign_in.drops == [Drop("anonymous_id:tablet-session", "limit:user_id")]
-    assert w.keys_of(mum) == {"user_id:mum", "device_id:tablet", "anonymous_id:tablet-session"}
-    assert w.keys_of(dad.person) == {"user_id:dad"}
+    assert sign_in.drops == [] and [m.loser for m in sign_in.merges] == [browsing.person]
+    assert w.keys_of(mum) == {"user_id:mum", "device_id:tablet"}
+    assert w.keys_of(dad.person) == {"user_id:dad", "anonymous_id:tablet-session"}
     assert user_ids_per_person(w.graph) == [1, 1]
+    assert_partition(w.graph)
+
+
+def test_a_device_two_users_signed_in_on_in_turn_links_neither_of_them_to_the_next_anonymous_visitor():
+    """Mum then dad sign in on the family tablet: two persons, and the tablet (mum's) has been seen with dad.
+    Whoever browses on it anonymously next could be either: the session was glued to mum through the
+    tablet, so dad's browsing went on her profile and his sign-in on that browser could not take it back."""
+    w = World()
+    mum = w.person("user_id:mum", "anonymous_id:mum-browser", "device_id:tablet")
+    dad = w.event("user_id:dad", "anonymous_id:dad-browser", "device_id:tablet")
+    assert dad.person != mum and dad.drops == [Drop("device_id:tablet", "limit:user_id")]
+
+    browsing = w.event("anonymous_id:tablet-session", "device_id:tablet")
+
+    assert browsing.created and browsing.person not in (mum, dad.person)
+    assert browsing.merges == [] and browsing.drops == [Drop("device_id:tablet", "shared")]
+    assert w.keys_of(mum) == {"user_id:mum", "anonymous_id:mum-browser", "device_id:tablet"}
+    # A replay of the event (after a crash, read-only) finds the same person.
+    replay = w.graph.resolve(
+        w.identifiers(("anonymous_id:tablet-session", "device_id:tablet")), event_id="e3", at=w.now, read_only=True
+    )
+    assert replay.person == browsing.person
+    # Dad signing in on that browser takes his session; mum keeps exactly what she brought.
+    sign_in = w.event("user_id:dad", "anonymous_id:tablet-session", "device_id:tablet")
+    assert sign_in.person == dad.person
+    assert w.keys_of(dad.person) == {"user_id:dad", "anonymous_id:dad-browser", "anonymous_id:tablet-session"}
+    assert w.keys_of(mum) == {"user_id:mum", "anonymous_id:mum-browser", "device_id:tablet"}
+    # Mum's own events on the tablet are still hers.
+    assert w.event("anonymous_id:mum-browser", "device_id:tablet").person == mum
+    assert w.event("user_id:mum", "device_id:tablet").person == mum
+    assert user_ids_per_person(w.graph) == [1, 1]
+    assert_partition(w.graph)
+
+
+def test_a_browser_two_users_signed_in_on_in_turn_links_neither_of_them_to_a_device_seen_with_it_next():
+    """The same with the browser's anonymous id shared: an anonymous event bringing it and a new device does
+    not give mum the device (dad may hold it)."""
+    w = World()
+    mum = w.person("user_id:mum", "anonymous_id:family-browser")
+    dad = w.event("user_id:dad", "anonymous_id:family-browser")
+    assert dad.person != mum
+
+    visit = w.event("anonymous_id:family-browser", "device_id:new-phone")
+
+    assert visit.person not in (mum, dad.person)
+    assert visit.drops == [Drop("anonymous_id:family-browser", "shared")]
+    assert w.keys_of(mum) == {"user_id:mum", "anonymous_id:family-browser"}
+    assert w.keys_of(dad.person) == {"user_id:dad"}
     assert_partition(w.graph)
 
 
@@ -531,12 +580,15 @@ def test_a_call_centre_phone_is_quarantined_even_when_it_is_the_strongest_identi
     # Callers are recognised by their device; the call centre's phone number (phone: quarantine after 5
     # persons) is the strongest identifier of these events and meets four other persons.
     w = World()
-    w.person("user_id:agent", "phone:+1 415 555 0100")
-    for caller in range(1, 5):
-        w.person(f"user_id:caller-{caller}", f"device_id:caller-{caller}")
-    for caller in range(1, 5):
+    agent = w.person("user_id:agent", "phone:+1 415 555 0100")
+    callers = [w.person(f"user_id:caller-{caller}", f"device_id:caller-{caller}") for caller in range(1, 5)]
+    first = w.event("phone:+1 415 555 0100", "device_id:caller-1")
+    assert first.person == agent and first.drops == [Drop("device_id:caller-1", "limit:user_id")]
+    # Seen with two users since, the phone no longer decides whose event it is: the caller's device does.
+    for caller in range(2, 5):
         event = w.event("phone:+1 415 555 0100", f"device_id:caller-{caller}")
-        assert event.drops == [Drop(f"device_id:caller-{caller}", "limit:user_id")]
+        assert event.person == callers[caller - 1]
+        assert event.drops == [Drop("phone:+14155550100", "shared")]
 
     assert w.graph.quarantined() == ["phone:+14155550100"]
 

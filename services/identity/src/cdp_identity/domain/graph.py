@@ -138,7 +138,7 @@ class Drop:
     """An identifier left out of an event's linking, and the rule that dropped it."""
 
     key: str
-    reason: str  # "limit:<type>", "quarantined", "separated"
+    reason: str  # "limit:<type>", "quarantined", "separated", "shared"
 
     def as_dict(self) -> dict[str, str]:
         return {"identifier": self.key, "reason": self.reason}
@@ -360,14 +360,22 @@ class IdentityGraph:
                 quarantined_fallback = quarantined_fallback or root
                 drops.append(Drop(key, "quarantined"))
                 continue
+            # Seen with another person its own could not be linked to (two users signed in on one tablet in
+            # turn): whose event this is, the identifier cannot tell, so it links nobody to its person.
+            shared = self._shared(state, root, at)
             if read_only:
-                if not accepted_roots:
+                if shared:
+                    quarantined_fallback = quarantined_fallback or root
+                elif not accepted_roots:
                     accepted_roots.append(root)
                 continue
             if self._separated(accepted_roots, root):
                 drops.append(Drop(key, "separated"))
             elif self._adds_over_limit(accepted_roots, root, new, at):
                 drops.append(Drop(key, f"limit:{self._violated_type(accepted_roots, root, new, at)}"))
+            elif shared:
+                quarantined_fallback = quarantined_fallback or root
+                drops.append(Drop(key, "shared"))
             else:
                 accepted_roots.append(root)
 
@@ -825,6 +833,24 @@ class IdentityGraph:
             if kind.limit is not None and after.get(kind.name, 0) > kind.limit:
                 return kind.name
         return "unknown"
+
+    def _shared(self, state: IdentifierState, root: str, at: int) -> bool:
+        """Whether an identifier has met, within the quarantine window, a live person that cannot be the same
+        person as its own (root) under the limits: two users signed in on one tablet, one browser, one
+        phone number. That is its quarantine evidence (noted when an event's identifiers could not all be
+        linked; only types with `quarantine_after` note any). Such an identifier is shared before it is
+        quarantined: an event's other identifiers may be any of those persons', so it links neither new
+        identifiers nor other persons to its own (an event of nothing else still resolves to its owner)."""
+        if not state.conflicts:
+            return False
+        horizon = at - self.rules.quarantine_window * 1000
+        for other, noted in state.conflicts.items():
+            person = self.canonical(other) if noted >= horizon else None
+            # Two people, not one person's two halves: the two could not be one person under the limits
+            # (two user ids). A person split off by an unmerge is apart, not a second user of it.
+            if person is not None and person != root and self._adds_over_limit([root], person, [], at):
+                return True
+        return False
 
     def _separated(self, roots: list[str], candidate: str) -> bool:
         if not roots:
