@@ -47,6 +47,9 @@ from cdp_crm.domain.isolation import (
     RecordResult,
 )
 from cdp_crm.domain.mapping import ObjectMapping
+from cdp_crm.state import PENDING_STATE, RECORDS
+from cdp_crm.writes import record_doc, unconfirmed
+from cdp_kit.storage import Put
 
 log = logging.getLogger("cdp.crm.delivery")
 
@@ -168,6 +171,7 @@ class Deliverer:
         failing_since: float | None = None
         while waiting:
             isolation = Isolation(waiting.popleft())
+            started = self.clock()
             while (batch := isolation.next_batch()) is not None:
                 if not await self._send(mapping, batch, isolation, delivered, deadline):
                     isolation.record(batch, BatchOutcome.failed(NOT_SENT), self.clock())
@@ -181,7 +185,7 @@ class Deliverer:
             error = isolation.retry_errors[-1]
             self._note_failure(mapping.connection, error)
             now = self.clock()
-            failing_since = now if failing_since is None else failing_since
+            failing_since = started if failing_since is None else failing_since
             if error is not NOT_SENT and (
                 self.health[mapping.connection].held_since or now - failing_since >= PATIENCE
             ):
@@ -190,6 +194,14 @@ class Deliverer:
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)
                 delivered.pending.extend(change for rest in waiting for change in rest)
                 break
+            lost = [
+                change
+                for failed, failure in zip(isolation.retry, isolation.retry_errors, strict=True)
+                if failure.reason == ANSWER_LOST
+                for change in failed
+            ]
+            if lost:
+                await self._note_unanswered(mapping, lost)
             if now >= deadline:
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)
                 continue
@@ -357,6 +369,37 @@ class Deliverer:
                    "dead_lettered": len(delivered.dead), "pending": len(delivered.pending)},
         )  # fmt: skip
         return delivered
+
+    async def _note_unanswered(self, mapping: ObjectMapping, changes: list[Change]) -> None:
+        """Record, before they are sent again, the values of writes whose answer was lost: the CRM may hold
+        them now, and until a write is confirmed the inbound side must read them there as the CDP's own
+        (`crm_records` `sent`, `writes.unconfirmed`) - not a CRM user's edit to post back as news. Retries go
+        on for up to `retry_for` (429s in between, a CRM failing): the batch's own commit of them comes too
+        late. Only where the account's budget lives in the store (`SharedBudget`); a failure to write is
+        logged and the retries go on (the batch's commit records them as before)."""
+        store = getattr(self.budgets.get(mapping.connection), "store", None)
+        if store is None or not changes:
+            return
+        try:
+            found = await store.get_many(RECORDS, list(dict.fromkeys(c.record for c in changes)))
+            now, writes = self.clock(), {}
+            for change in changes:
+                record = found.get(change.record)
+                if record is not None:
+                    doc = writes.get(change.record) or dict(record.doc)
+                    doc.update(unconfirmed(doc, change.fields))
+                else:  # never written before: a record holding only what may have landed
+                    doc = writes.get(change.record) or record_doc(
+                        mapping, change, {}, None, PENDING_STATE, now, None, **unconfirmed({}, change.fields)
+                    )
+                    doc.update(unconfirmed(doc, change.fields))
+                writes[change.record] = doc
+            await store.bulk_write([Put(RECORDS, key, doc) for key, doc in writes.items()])
+        except Exception as exc:
+            log.warning(
+                "recording unanswered crm writes failed",
+                extra={"connection": mapping.connection, "mapping": mapping.id, "error": type(exc).__name__},
+            )
 
     # --- holding a failing connection -----------------------------------------------------------------
 
