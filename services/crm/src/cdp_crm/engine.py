@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -51,10 +52,11 @@ from cdp.orchestration.v1 import orchestration_pb2
 from cdp_crm import streams
 from cdp_crm.delivery import Delivered, Deliverer
 from cdp_crm.domain import projection as proj
-from cdp_crm.domain.coalesce import REMOVE, UPSERT, Change, record_key
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change, record_key
 from cdp_crm.domain.isolation import NOT_FOUND
 from cdp_crm.domain.mapping import (
     ACTIONS,
+    PERSON_ID,
     PROFILES_CHANGED,
     SEGMENT_ENTERED,
     SEGMENT_EXITED,
@@ -62,11 +64,15 @@ from cdp_crm.domain.mapping import (
     ObjectMapping,
 )
 from cdp_crm.domain.mapping_model import SEGMENTS
+from cdp_crm.inbound.salesforce import OBJECTS as SALESFORCE_OBJECTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
 from cdp_crm.people import Fetch, Identifiers
 from cdp_crm.state import (
     DEAD_LETTERED,
     DEAD_LETTERS,
+    ERASED,
+    MERGED,
+    MERGES,
     OUT_OF_SCOPE,
     PENDING,
     PENDING_STATE,
@@ -103,6 +109,7 @@ WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
 LIST_WAITS = 20
 # Seconds between looks at a partition this process queued changes for, until its pipeline is idle to retry.
 BACKLOG_POLL = 0.2
+MERGE = "identity.merged"  # the trigger of a survivor's records written whole before a merge
 
 
 class CrmLogic:
@@ -209,6 +216,14 @@ class CrmLogic:
             for pid, view in views.items():
                 if view.dirty:
                     out.put(PERSONS, pid, view.to_doc())
+            for item in inputs:
+                if item.kind == "merge":
+                    # Done by the retrier once this batch (the survivor's records written) is committed.
+                    for loser in item.data:
+                        doc = {"survivor": item.person_id, "loser": loser, "partition": partition, "at": now}
+                        out.put(MERGES, f"{item.person_id}:{loser}", doc)
+                    self.backlog.add(partition)
+                    self.queued.set()
             await self.deliver_planned(partition, planned, out)
             if any(counters["pending_retry"] for counters in out.counters.values()):
                 self.backlog.add(partition)  # what the budget did not allow in time: retried once committed
@@ -299,6 +314,12 @@ class CrmLogic:
                     and proj.in_scope(mapping, source)
                 ):
                     yield mapping, proj.marked(mapping, source, proj.project(mapping, source)), UPSERT, trigger
+        elif item.kind == "merge":
+            # The survivor's records, whole where the CRM has none yet: the loser's are merged into them.
+            source = view.source(item.person_id)
+            for mapping in self.mappings.values():
+                if mapping.kind == "record" and proj.in_scope(mapping, source):
+                    yield mapping, proj.marked(mapping, source, proj.project(mapping, source)), UPSERT, MERGE
         elif item.kind == "action":
             action: orchestration_pb2.ActionMessage = item.data
             source = view.source(item.person_id, action_source(action))
@@ -509,6 +530,151 @@ class CrmLogic:
             key = stream_run_key(connection, partition)
             out.writes[(RUNS, key)] = RunIncrement(key, connection, counters, out.now)  # type: ignore[assignment]
 
+    # --- merges -------------------------------------------------------------------------------------
+
+    async def merge_pending(self, partition: int, limit: int = 100) -> int:
+        """The merges of persons this partition's batches recorded (`crm_merges`): each loser's record merged
+        into the survivor's in every CRM. How many were done; one waiting (the survivor's record not in the
+        CRM yet, the CRM failing) is tried again next round. Under the partition's lock (`retry_pending`)."""
+        found = await self.store.find(MERGES, "partition", partition, limit=limit)
+        done = 0
+        for record in found:
+            out = Outcomes(self.clock())
+            survivor, loser = record.doc["survivor"], record.doc["loser"]
+            try:
+                complete = await self._merge(partition, survivor, loser, out)
+            except Exception as exc:  # the store or a CRM failing: next round
+                log.warning("merging crm records failed", extra={"partition": partition, "error": type(exc).__name__})
+                complete = False
+            if complete:
+                out.delete(MERGES, record.key)
+                done += 1
+            self._run_writes(partition, out)
+            await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
+        return done
+
+    async def _merge(self, partition: int, survivor: str, loser: str, out: Outcomes) -> bool:
+        """Merge `loser`'s record of each record mapping (matched on the person id) into `survivor`'s; True
+        once every CRM is done."""
+        complete = True
+        for mapping in self.mappings.values():
+            if mapping.kind != "record" or len(mapping.match) != 1 or mapping.match[0].source != PERSON_ID:
+                continue
+            field = mapping.match[0].crm_field
+            lkey = record_key(mapping.name, ((field, loser),))
+            lrec = await self.store.get(RECORDS, lkey)
+            if lrec is None or lrec.doc.get("state") in (*ERASED, MERGED):
+                continue
+            ldoc = lrec.doc
+            skey = record_key(mapping.name, ((field, survivor),))
+            srec = await self.store.get(RECORDS, skey)
+            sdoc = srec.doc if srec is not None else {}
+            if not ldoc.get("crm_id"):
+                # Never in the CRM (refused, or its creation still queued): nothing there to merge.
+                self._merged(out, lkey, ldoc, skey, kept=False)
+                continue
+            if not sdoc.get("crm_id"):
+                if sdoc or await self.store.get(PENDING, skey) is not None:
+                    complete = False  # the survivor's record is on its way to the CRM: merge after
+                    continue
+                # The survivor has no record there (out of the mapping's scope): the loser's stays, unsynced.
+                self._merged(out, lkey, ldoc, skey, kept=True)
+                continue
+            if sdoc["crm_id"] == ldoc["crm_id"]:
+                self._merged(out, lkey, ldoc, skey, kept=False)
+                continue
+            if not await self._merge_records(partition, mapping, survivor, skey, sdoc, lkey, ldoc, out):
+                complete = False
+        return complete
+
+    async def _merge_records(
+        self, partition: int, mapping: ObjectMapping, survivor: str, skey: str, sdoc: dict[str, Any], lkey: str,
+        ldoc: dict[str, Any], out: Outcomes,
+    ) -> bool:  # fmt: skip
+        """One CRM's two records of one person made one: HubSpot's merge; elsewhere what the survivor's record
+        lacks is copied from the loser's, then the loser's is deleted (`on_merge: delete`) or left (`keep`)."""
+        connection = self.connections[mapping.connection]
+        adapter = self.deliverer.adapters[mapping.connection]
+        budget = self.deliverer.budgets[mapping.connection]
+        merge = getattr(adapter, "merge", None)
+        if merge is not None:
+            reservation = await budget.acquire(1, self.clock, self.clock() + 5.0)
+            if reservation is None:
+                return False
+            merged, crm_id, headers = await merge(mapping, sdoc["crm_id"], ldoc["crm_id"])
+            await budget.settle(reservation, self.clock(), headers, answered=merged is not None)
+            if merged is None:
+                return False
+            if merged and crm_id and crm_id != sdoc["crm_id"]:
+                out.put(RECORDS, skey, {**sdoc, "crm_id": crm_id})
+            self._merged(out, lkey, ldoc, skey, kept=False)
+            log.info("crm records of merged persons merged", extra={"mapping": mapping.name})
+            return True
+        lacking = await self._lacking(mapping, sdoc, ldoc)
+        if lacking is None:
+            return False  # the CRM could not be read: next round
+        keep = connection.on_merge == "keep"
+        if lacking:
+            carry = Change(mapping.name, tuple((k, v) for k, v in sdoc["key"]), lacking, 0, UPSERT, survivor, MERGE)
+            delivered = await self.deliverer.deliver(mapping, [carry], retry_for=min(5.0, self.deliverer.retry_for))
+            self.record_outcome(partition, mapping, delivered, {}, {skey: sdoc}, out)
+            if delivered.pending:
+                return False
+            if delivered.dead:
+                keep = True  # what it holds could not be carried over: the loser's record stays
+        if not keep:
+            gone = Change(mapping.name, tuple((k, v) for k, v in ldoc["key"]), {}, 0, DELETE, ldoc["person_id"], MERGE)
+            delivered = await self.deliverer.deliver(mapping, [gone], retry_for=min(5.0, self.deliverer.retry_for))
+            if delivered.pending:
+                return False
+            keep = bool(delivered.dead)
+        self._merged(out, lkey, ldoc, skey, kept=keep)
+        log.info("crm records of merged persons merged", extra={"mapping": mapping.name, "kept": keep})
+        return True
+
+    async def _lacking(self, mapping: ObjectMapping, sdoc: dict[str, Any], ldoc: dict[str, Any]) -> dict | None:
+        """What the loser's record holds that the survivor's lacks: the mapped fields as the connector wrote
+        them, and - Salesforce, read from both records - the fields a CRM user fills in that the inbound side
+        reports (a phone, a title). None when the CRM could not be read."""
+        keys = {k for k, _ in ldoc["key"]}
+        held, theirs = dict(sdoc.get("fields") or {}), dict(ldoc.get("fields") or {})
+        connection = self.connections[mapping.connection]
+        adapter = self.deliverer.adapters[mapping.connection]
+        if connection.kind == "salesforce" and hasattr(adapter, "read"):
+            names = sorted(
+                {*(SALESFORCE_OBJECTS.get(mapping.object, ("", ()))[1]), *(fm.crm_field for fm in mapping.fields)}
+                - keys
+            )
+            ids = (sdoc["crm_id"], ldoc["crm_id"])
+            soql = f"SELECT Id, {', '.join(names)} FROM {mapping.object} WHERE Id IN ('{ids[0]}', '{ids[1]}')"
+            answer = await adapter.read(
+                "/query?q=" + urllib.parse.quote(soql), self.deliverer.budgets[mapping.connection], what="merge"
+            )
+            if answer.error is not None or not isinstance(answer.body, dict):
+                return None
+            rows = {str(r.get("Id")): r for r in answer.body.get("records") or [] if isinstance(r, dict)}
+            for name in names:
+                if ids[0] in rows:
+                    held[name] = rows[ids[0]].get(name)
+                if ids[1] in rows:
+                    theirs[name] = rows[ids[1]].get(name)
+        return {
+            name: value
+            for name, value in theirs.items()
+            if name not in keys and value not in (None, "", False) and held.get(name) in (None, "", False)
+        }
+
+    def _merged(self, out: Outcomes, lkey: str, ldoc: dict[str, Any], skey: str, *, kept: bool) -> None:
+        """The loser's record document once merged: state `merged`, into the survivor's record; one kept in
+        the CRM keeps its match key (an erasure of the person still reaches it), the others keep nothing."""
+        doc = {**ldoc, "state": MERGED, "merged_into": skey, "kept": kept, "updated_at": out.now}
+        doc.pop("sent", None)
+        if not kept:
+            doc.update(key=[], fields={})
+        out.put(RECORDS, lkey, doc)
+        out.delete(PENDING, lkey)
+        out.delete(DEAD_LETTERS, lkey)
+
     # --- pending ------------------------------------------------------------------------------------
 
     async def retry_forever(self, engine, every: float) -> None:
@@ -549,9 +715,10 @@ class CrmLogic:
             if idle is not None and not idle.is_set():
                 return 0  # a batch is being written: its changes supersede what is queued; next time
             self.backlog.discard(partition)
+            merged = await self.merge_pending(partition)
             records = await self.store.find(PENDING, "partition", partition, limit=limit)
             if not records:
-                return 0
+                return merged
             out = Outcomes(self.clock())
             previous = await self.store.get_many(RECORDS, [r.key for r in records])
             by_mapping: dict[str, list[Change]] = defaultdict(list)

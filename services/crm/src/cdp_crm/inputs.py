@@ -20,7 +20,7 @@ from cdp_kit.profile_fields import change_fields, value_to_python
 
 @dataclass(frozen=True, slots=True)
 class Input:
-    kind: str  # profile | segment | action
+    kind: str  # profile | segment | action | merge (data: the persons merged into `person_id`)
     person_id: str
     stamp: int  # the stream position: later is newer
     data: Any
@@ -67,15 +67,19 @@ def decode(stream: str, data: bytes, stamp: int, mapped: MappedPaths | None = No
     try:
         if stream == subjects.PROFILES:
             batch = profile_pb2.ProfileChangedBatch.FromString(data)
+            # A survivor's change naming the persons merged into it: their CRM records are merged into its own
+            # (engine.py `merge_pending`), after this change's writes.
+            merges = [Input("merge", c.person_id, stamp, tuple(c.merged)) for c in batch.changes if c.merged]
             if mapped is None:
-                return [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+                changes = [Input("profile", c.person_id, stamp, (change_fields(c), c.removed)) for c in batch.changes]
+                return changes + merges
             inputs = []
             for c in batch.changes:
                 # A removed profile writes nothing here (privacy.deleted erases its records).
                 updates = None if c.removed else mapped.updates(c)
                 if updates:
                     inputs.append(Input("profile", c.person_id, stamp, (updates, False)))
-            return inputs
+            return inputs + merges
         if stream == subjects.SEGMENTS:
             batch = segmentation_pb2.SegmentEventBatch.FromString(data)
             return [Input("segment", e.person_id, stamp, (e.segment_id, e.entered)) for e in batch.events]

@@ -24,6 +24,10 @@
   the ids read at it, or a Dataverse delta link); <connection>:<object>:<record id>: what the inbound
   side saw last of one record - its status or stage and a digest of the fields it reports, no values
   (inbound/core.py writes it, inbound/news.py makes it).
+- `crm_merges` / <survivor>:<loser>: a merge of two persons (identity.merged, as the survivor's profile
+  change names it) whose records are still to be merged in the CRMs: written with the batch, done by the
+  partition's owner once the survivor's records are written (`engine.CrmLogic.merge_pending`), then
+  deleted. The loser's record document then reads state `merged` (`merged_into`: the survivor's record).
 - `crm_privacy` / <request id>: what a privacy deletion did in each CRM (policy, counts, when), never values.
 - `crm_tombstones` / <person id>: a person a privacy deletion erased (when, which request): what reaches
   the connector for them afterwards (segmentation's exits, a profile change sourced late) is dropped, so
@@ -44,6 +48,7 @@ BUDGETS = "crm_budgets"
 CURSORS = "crm_cursors"
 PRIVACY = "crm_privacy"
 TOMBSTONES = "crm_tombstones"
+MERGES = "crm_merges"
 
 SYNCED = "synced"
 PENDING_STATE = "pending"
@@ -54,12 +59,16 @@ OUT_OF_SCOPE = "out_of_scope"
 ANONYMISED = "anonymised"
 DELETED = "deleted"
 ERASED = (ANONYMISED, DELETED)
+# The loser's record of two merged persons: merged into the survivor's (HubSpot), deleted after what the
+# survivor's lacked was carried over, or kept in the CRM (`on_merge: keep`); no longer written.
+MERGED = "merged"
 
 
 async def prepare_store(store: Store) -> None:
     await store.ensure_index(RECORDS, "person_id")
     await store.ensure_index(RECORDS, "crm_id")
     await store.ensure_index(PENDING, "partition")
+    await store.ensure_index(MERGES, "partition")
     await store.ensure_index(PENDING, "connection")
     await store.ensure_index(DEAD_LETTERS, "connection")
     await store.ensure_index(RUNS, "connection")

@@ -210,6 +210,19 @@ class HubSpotAdapter:
             return False, updated.headers
         return (None if _failure(updated) is not None else True), updated.headers
 
+    async def merge(self, mapping: ObjectMapping, primary: str, other: str) -> tuple[bool | None, str | None, dict]:
+        """Merge the record `other` into `primary` (``POST /crm/v3/objects/<object>/merge``): HubSpot keeps the
+        primary's values, takes those it lacks from the other, with its associations and list memberships.
+        (True, the merged record's id) once merged; (False, None) when either is not there (404); (None,
+        None) on an error. One request."""
+        body = {"primaryObjectId": primary, "objectIdToMerge": other}
+        answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/merge", body, "merge")
+        if answer.status == 404:
+            return False, None, answer.headers
+        if _failure(answer) is not None or not isinstance(answer.body, dict):
+            return None, None, answer.headers
+        return True, str(answer.body.get("id") or primary), answer.headers
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these match-key values (lower case) a record of `mapping`'s object holds in HubSpot, by
         ``batch/read`` on the key; None when HubSpot did not say (an error). At most `batch_limit` values."""

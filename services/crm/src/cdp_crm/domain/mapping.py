@@ -11,6 +11,8 @@
         credentials: {token: HUBSPOT_TOKEN}   # environment variable NAMES, never the secrets themselves
         limits: {burst: 190, window_seconds: 10, daily: 250000}   # optional: the account's own contract
         on_delete: anonymise              # privacy.deleted: anonymise | delete (default: CDP_CRM_PRIVACY_POLICY)
+        on_merge: delete                  # two persons merged, in a CRM without a merge (HubSpot merges):
+                                          # the loser's record deleted after the carry-over | keep
         inbound: {start: now}             # where a new connection's change reading starts: now (default) | all
         mappings:
           - id: contacts
@@ -82,6 +84,7 @@ from cdp_crm.domain.mapping_model import (
     MODES,
     OBJECT_NAME,
     ON_DELETE,
+    ON_MERGE,
     PERSON_ID,
     PROFILES_CHANGED,
     SEGMENT_ENTERED,
@@ -119,6 +122,7 @@ __all__ = [
     "MODES",
     "OBJECT_NAME",
     "ON_DELETE",
+    "ON_MERGE",
     "PERSON_ID",
     "PROFILES_CHANGED",
     "SEGMENT_ENTERED",
@@ -221,6 +225,7 @@ class _Reader(MappingReader):
             "limits",
             "mappings",
             "on_delete",
+            "on_merge",
             "webhooks",
             "inbound",
         }
@@ -251,6 +256,14 @@ class _Reader(MappingReader):
                 cid, "on_delete", f"must be one of {', '.join(ON_DELETE)} (what privacy.deleted does in this CRM)"
             )
             on_delete = None
+        on_merge = raw.get("on_merge", "delete")
+        if on_merge not in ON_MERGE:
+            self.problem(
+                cid,
+                "on_merge",
+                f"must be one of {', '.join(ON_MERGE)} (what a merge of two persons does to the other record)",
+            )
+            on_merge = "delete"
         schema = self.schemas.get(cid)
         mappings: list[ObjectMapping] = []
         raw_mappings = raw.get("mappings")
@@ -278,8 +291,9 @@ class _Reader(MappingReader):
         webhooks = self.webhooks(cid, kind, raw.get("webhooks"), credentials)
         start = self.inbound_start(cid, raw.get("inbound"))
         return Connection(
-            cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks, start
-        )
+            cid, kind, account, credentials, tuple(mappings), url, limits, on_delete, auth_url, webhooks, start,
+            on_merge,
+        )  # fmt: skip
 
     def inbound_start(self, cid: str, raw: Any) -> str:
         if raw is None:

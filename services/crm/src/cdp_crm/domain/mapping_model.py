@@ -154,6 +154,10 @@ class Webhooks:
 # privacy.deleted: `anonymise` clears the mapped fields and keeps the record under its opaque CDP id;
 # `delete` deletes the record (and the person's tasks and cases) from the CRM.
 ON_DELETE = ("anonymise", "delete")
+# What identity merging two persons does to the loser's record where the CRM has no merge of its own
+# (HubSpot merges the two itself): `delete` it (what the survivor's record lacks carried over first), or
+# `keep` it in the CRM, no longer synced.
+ON_MERGE = ("delete", "keep")
 # Where reading a CRM's changes starts when the connection has no cursor yet: `now` - what changes from the
 # first start on (a CRM's existing records are not news); `all` - every existing record once (an import).
 INBOUND_START = ("now", "all")
@@ -183,6 +187,8 @@ class Connection:
     webhooks: Webhooks | None = None
     # Where reading the CRM's changes starts while the connection has no cursor (INBOUND_START).
     inbound_start: str = "now"
+    # What a merge of two persons does to the loser's record in a CRM without a merge (ON_MERGE).
+    on_merge: str = "delete"
 
     def mapping(self, mapping_id: str) -> ObjectMapping:
         for m in self.mappings:
