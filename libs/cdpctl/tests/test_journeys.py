@@ -454,3 +454,11 @@ def test_journey_list_says_which_versions_no_longer_validate_and_how_to_fix_it()
     line = _journey_line(refused)
     assert "NO LONGER VALIDATES: v2: JourneyInvalid (field nodes.remind.template.body)" in line
     assert "publish a fixed version" in line
+
+
+def test_journey_list_says_when_a_live_journeys_segment_was_deleted():
+    from cdpctl.journeys import _journey_line
+
+    gone = "enters on segment 'vip', which does not exist any more (deleted in segmentation): nobody enters"
+    journey = {"id": "vip", "name": "VIP", "state": "JOURNEY_STATE_ACTIVE", "version": "1", "warnings": [gone]}
+    assert _journey_line(journey) == f"journey vip (VIP): active, live v1 - WARNING: {gone}"

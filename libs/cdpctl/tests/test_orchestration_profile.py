@@ -19,7 +19,7 @@ def test_orchestration_gets_the_profile_address_and_a_token_that_may_define_comp
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
-        peers={"profile": "127.0.0.1:50053"},
+        peers={"profile": "127.0.0.1:50053", "segmentation": "127.0.0.1:50055"},
         named_ports={"collector.http": 8080},
     )
     assert env["CDP_PROFILE_ADDRESS"] == "127.0.0.1:50053"
@@ -27,3 +27,7 @@ def test_orchestration_gets_the_profile_address_and_a_token_that_may_define_comp
     token = env.get("CDP_PROFILE_TOKEN") or Path(env["CDP_PROFILE_TOKEN_FILE"]).read_text().strip()
     (entry,) = [t for t in tokens if t["sha256"] == token_digest(token)]
     assert "profile:admin" in entry["scopes"]
+    # Journeys are checked against the segments segmentation has (segmentation:read), with the same token.
+    assert env["CDP_SEGMENTATION_ADDRESS"] == "127.0.0.1:50055"
+    assert env["CDP_SEGMENTATION_TOKEN_FILE"] == env["CDP_PROFILE_TOKEN_FILE"]
+    assert "segmentation:read" in entry["scopes"]

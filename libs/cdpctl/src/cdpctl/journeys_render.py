@@ -29,6 +29,8 @@ def journey_line(journey: dict) -> str:
     line = f"journey {journey.get('id')} ({journey.get('name', '')}): {state}, {versions}"
     if journey.get("invalid"):
         line += f" - NO LONGER VALIDATES: {journey['invalid']} (takes no entries; publish a fixed version)"
+    for warning in journey.get("warnings") or ():
+        line += f" - WARNING: {warning}"  # what the live version names is gone (a segment deleted since)
     return line
 
 

@@ -76,8 +76,9 @@ ORCHESTRATION = ServiceProcess(
     grpc_port=50056,
     metrics_port=9469,
     # A journey whose conditions read past events is published once profile defines the computed traits
-    # behind them (profile:admin), as segmentation's are.
-    calls=("profile",),
+    # behind them (profile:admin), as segmentation's are. A journey's segments must exist in segmentation
+    # to be saved or published, and a live journey whose segment was deleted says so.
+    calls=("profile", "segmentation"),
     extra_scopes=("profile:admin",),
     env={
         # The feedback loop: outcome events (Message Sent, Bounced, Failed) go in through the collector.

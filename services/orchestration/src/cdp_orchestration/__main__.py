@@ -28,7 +28,7 @@ from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
-from cdp_orchestration.catalogue import Catalogues, profile_computed_traits
+from cdp_orchestration.catalogue import Catalogues, deployed_scores, live_segments, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
@@ -163,6 +163,16 @@ async def setup(runtime: ServiceRuntime) -> None:
             # of the profile service answers UNAVAILABLE, to retry)
             return await profile.fields(person_id) is not None
 
+    segments = scores = None
+    if settings.segmentation_address:
+        segmentation_channel = client_channel(settings, settings.segmentation_address)
+        runtime.stack.push_async_callback(segmentation_channel.close)
+        segments = live_segments(segmentation_channel, settings.segmentation_token)
+    if settings.scoring_address:
+        scoring_channel = client_channel(settings, settings.scoring_address)
+        runtime.stack.push_async_callback(scoring_channel.close)
+        scores = deployed_scores(scoring_channel, settings.scoring_token)
+
     api = OrchestrationApi(
         journeys=journeys,
         store=store,
@@ -173,7 +183,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         announce=announce,
         define_traits=define_traits,
         opens=Opens(store, report),
-        catalogues=Catalogues(settings.catalogue(), computed),
+        catalogues=Catalogues(settings.catalogue(), computed, segments=segments, scores=scores),
         person_exists=person_exists,
     )
     runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)

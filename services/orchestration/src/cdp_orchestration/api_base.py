@@ -25,8 +25,8 @@ from cdp_kit.storage import Store
 from cdp_orchestration import streams
 from cdp_orchestration.catalogue import Catalogues
 from cdp_orchestration.dispatch import Opens
-from cdp_orchestration.domain.journey import Journey
-from cdp_orchestration.domain.lifecycle import JourneyRecord
+from cdp_orchestration.domain.journey import Journey, ScheduleEntry, SegmentEntry
+from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 from cdp_orchestration.journey_changes import Changed, Decide, Redecide
 from cdp_orchestration.journeys import DRAFT, Journeys
 from cdp_orchestration.messages import JOURNEY_STATE, set_time
@@ -97,7 +97,11 @@ class ApiBase:
         if self.announce is not None:
             await self.announce(journey_id)
 
-    async def _journey(self, journey_id: str, version: int = 0, *, draft: bool = False) -> pb.Journey:
+    async def _journey(
+        self, journey_id: str, version: int = 0, *, draft: bool = False, segments: list | None = None
+    ) -> pb.Journey:
+        """The journey as the API shows it. `segments`: a list several calls share (ListJourneys), holding
+        segmentation's list once one of them has read it."""
         record = self.journeys.get(journey_id)
         doc = self.journeys.docs[journey_id]
         revision = self.journeys.revision(journey_id)  # read with the record: the revision it is
@@ -126,7 +130,36 @@ class ApiBase:
         set_time(message.published_at, doc.get("published_at"))
         totals = await self._stats(journey_id, 0)
         message.active_instances = totals["entered"] - sum(totals["ended"].values())
+        if live is not None and live.segments and record.state in (State.ACTIVE, State.PAUSED):
+            if segments is None or not segments:
+                read = await self.catalogues.segments()
+                if segments is not None:
+                    segments.append(read)
+            else:
+                read = segments[0]
+            message.warnings.extend(self._gone(live, read))
         return message
+
+    @staticmethod
+    def _gone(journey: Journey, existing: frozenset[str] | None) -> list[str]:
+        """What the live version names that segmentation no longer has (deleted since it was published)."""
+        if existing is None:
+            return []  # not configured, or not answering: nothing known to say
+        warnings = []
+        entry = journey.entry
+        entered_on = entry.segment if isinstance(entry, SegmentEntry | ScheduleEntry) else None
+        if entered_on is not None and entered_on not in existing:
+            how = "is scheduled over" if isinstance(entry, ScheduleEntry) else "enters on"
+            warnings.append(
+                f"{how} segment {entered_on!r}, which does not exist any more (deleted in segmentation): nobody "
+                "enters; publish a version on another segment, or create the segment again"
+            )
+        for segment in sorted(journey.segments - existing - {entered_on}):
+            warnings.append(
+                f"reads membership of segment {segment!r}, which does not exist any more (deleted in "
+                "segmentation): nobody is a member of it"
+            )
+        return warnings
 
     async def _stats(self, journey_id: str, version: int) -> dict[str, Any]:
         prefix = f"{journey_id}:{version}:" if version else f"{journey_id}:"

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.errors import AlreadyExists, FailedPrecondition, NotFound
 from cdp_orchestration.api_base import expected_revision
+from cdp_orchestration.catalogue import SCORING, SEGMENTATION
 from cdp_orchestration.domain import lifecycle
 from cdp_orchestration.domain.document import JourneyInvalid, parse_journey
 from cdp_orchestration.domain.journey import Journey, ScheduleEntry
@@ -74,9 +75,11 @@ class JourneyCalls(DraftCalls):
                     "draft (cdpctl journey update) and publish that"
                 )
             published = lifecycle.publish(record)
+            live = published.live
+            if live is not None:
+                await self._check_live(live)
             # Conditions on past events read computed traits the profile service keeps: define them before
             # the version goes live, or its conditions would silently see nothing.
-            live = published.live
             if live is not None and live.computed_traits:
                 if self.define_traits is None:
                     raise FailedPrecondition(
@@ -95,6 +98,19 @@ class JourneyCalls(DraftCalls):
         if live is not None and isinstance(live.entry, ScheduleEntry):
             await self._arm_members(live)
         return await self._journey(journey_id)
+
+    async def _check_live(self, journey: Journey) -> None:
+        """The version going live, checked again against what exists now: a segment deleted (or a model
+        withdrawn) since its draft was saved is refused here, naming the field, rather than going live on
+        something that never fires. The services that know what it names must answer (`Catalogues.current`)."""
+        required = set()
+        if journey.segments:
+            required.add(SEGMENTATION)
+        if any(name.startswith("scores.") for name in journey.fields_read):
+            required.add(SCORING)
+        catalogue = await self.catalogues.current(required=frozenset(required))
+        if catalogue is not None:
+            parse_journey(journey.document, catalogue)
 
     async def PauseJourney(self, request, context) -> pb.Journey:
         return await self._move(request.journey_id, lifecycle.pause)
@@ -138,8 +154,9 @@ class JourneyCalls(DraftCalls):
         }
         ids = sorted(i for i, r in self.journeys.records.items() if r.state in wanted)
         response = pb.ListJourneysResponse()
+        segments: list = []  # segmentation's list, read once for the page (the journeys' warnings)
         for journey_id in ids[start : start + size]:
-            response.journeys.append(await self._journey(journey_id))
+            response.journeys.append(await self._journey(journey_id, segments=segments))
         if start + size < len(ids):
             response.next_page_token = token(start + size)
         return response

@@ -11,11 +11,21 @@ Two sources, each optional, combined:
       fields: {"scores": ["churn_risk"], "computed": [...]} # known names under these roots only
 
 - the profile service (`CDP_PROFILE_ADDRESS`): the computed traits it defines are the known
-  `computed.<name>` fields, added to the file's.
+  `computed.<name>` fields, added to the file's;
+- the segmentation service (`CDP_SEGMENTATION_ADDRESS`): the segments it has (ListSegments) are the known
+  segments, added to the file's;
+- the scoring service (`CDP_SCORING_ADDRESS`): the scores its deployed models write (ListModels) are the
+  known `scores.<name>` fields, added to the file's.
 
-A journey reading a field under a root the catalogue lists, with a name it does not know, is refused
-with the node and field named (ValidateJourney, CreateJourney, UpdateJourney). When the profile service
-cannot be asked the file's catalogue alone is used: an outage must not stop journeys being edited.
+A journey reading a field under a root the catalogue lists, with a name it does not know, or naming a
+segment that does not exist, is refused with the node and field named (ValidateJourney, CreateJourney,
+UpdateJourney, and PublishJourney, which checks the version going live again). When a service cannot be
+asked, what the others give is used while a journey is edited (an outage must not stop journeys being
+edited), but a publish whose journey names segments or scores waits for the service that knows them
+(`current(required=...)`: UNAVAILABLE, naming it): a journey must not go live on a segment nobody checked.
+
+`segments()` is the list of segments as segmentation has it now (None: not configured or not answering),
+for a journey's warnings: a live journey entering on a segment deleted since says so when it is read.
 """
 
 from __future__ import annotations
@@ -29,13 +39,19 @@ import grpc
 import orjson
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_kit.profile_fields import COMPUTED, ROOTS
+from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.errors import Unavailable
+from cdp_kit.profile_fields import COMPUTED, ROOTS, SCORES
 from cdp_kit.yamltext import YAMLError, load_yaml
 from cdp_orchestration.domain.document import Catalogue
 
 log = logging.getLogger("cdp.orchestration.catalogue")
 
 ComputedTraits = Callable[[], Awaitable[frozenset[str]]]
+Names = Callable[[], Awaitable[frozenset[str] | None]]  # None: nothing to check against yet
+
+PROFILE, SEGMENTATION, SCORING = "profile", "segmentation", "scoring"
 
 
 class CatalogueError(ValueError):
@@ -87,23 +103,94 @@ def profile_computed_traits(channel: grpc.aio.Channel, token: str) -> ComputedTr
     return computed
 
 
-class Catalogues:
-    """The catalogue for the next validation: the configured one, with the profile's computed traits."""
+def live_segments(channel: grpc.aio.Channel, token: str) -> Names:
+    """The ids of the segments the segmentation service has now (ListSegments, segmentation:read)."""
+    stub = segmentation_pb2_grpc.SegmentationServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def __init__(self, configured: Catalogue | None = None, computed: ComputedTraits | None = None) -> None:
+    async def listed() -> frozenset[str]:
+        answer = await stub.ListSegments(segmentation_pb2.ListSegmentsRequest(), metadata=metadata, timeout=5.0)
+        return frozenset(segment.id for segment in answer.segments)
+
+    return listed
+
+
+def deployed_scores(channel: grpc.aio.Channel, token: str) -> Names:
+    """The scores the models deployed on the scoring service write, every version's (ListModels, scoring:read);
+    None while it has no model yet (scores are then not checked, as segmentation does)."""
+    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def listed() -> frozenset[str] | None:
+        answer = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=5.0)
+        if not answer.models:
+            return None
+        return frozenset(o.score for m in answer.models for v in m.versions for o in v.spec.outputs if o.score)
+
+    return listed
+
+
+class Catalogues:
+    """The catalogue for the next validation: the configured one, with what the services say exists."""
+
+    def __init__(
+        self,
+        configured: Catalogue | None = None,
+        computed: ComputedTraits | None = None,
+        *,
+        segments: Names | None = None,
+        scores: Names | None = None,
+    ) -> None:
         self.configured = configured
         self.computed = computed
+        self.live_segments = segments
+        self.scores = scores
 
-    async def current(self) -> Catalogue | None:
+    async def current(self, *, required: frozenset[str] = frozenset()) -> Catalogue | None:
+        """The catalogue now. A service named in `required` (SEGMENTATION, SCORING) that is configured must
+        answer (Unavailable naming it otherwise); the others are left out when they do not."""
         catalogue = self.configured
-        if self.computed is None:
-            return catalogue
-        try:
-            known = await self.computed()
-        except grpc.aio.AioRpcError as exc:
-            log.warning("computed traits not read from the profile service (%s): not checked", exc.code().name)
-            return catalogue
         base = catalogue or Catalogue()
         names = dict(base.names)
-        names[COMPUTED] = names.get(COMPUTED, frozenset()) | known
-        return Catalogue(base.events, base.fields, base.segments, base.purposes, names)
+        segments = base.segments
+        changed = False
+        for service, source, root in (
+            (PROFILE, self.computed, COMPUTED),
+            (SEGMENTATION, self.live_segments, None),
+            (SCORING, self.scores, SCORES),
+        ):
+            if source is None:
+                continue
+            known = await _ask(service, source, service in required)
+            if known is None:
+                continue
+            changed = True
+            if root is None:
+                segments = (segments or frozenset()) | known
+            else:
+                names[root] = names.get(root, frozenset()) | known
+        if not changed:
+            return catalogue
+        return Catalogue(base.events, base.fields, segments, base.purposes, names)
+
+    async def segments(self) -> frozenset[str] | None:
+        """The segments segmentation has now; None when it is not configured or does not answer."""
+        if self.live_segments is None:
+            return None
+        return await _ask(SEGMENTATION, self.live_segments, False)
+
+
+async def _ask(service: str, source: Names, required: bool) -> frozenset[str] | None:
+    try:
+        return await source()
+    except grpc.aio.AioRpcError as exc:
+        if required:
+            raise Unavailable(
+                f"the {service} service could not be asked what exists ({exc.code().name}); the journey is not "
+                "checked against it, so it is not published: publish again once it answers"
+            ) from None
+        log.warning("%s not read from the %s service (%s): not checked", _WHAT[service], service, exc.code().name)
+        return None
+
+
+_WHAT = {PROFILE: "computed traits", SEGMENTATION: "segments", SCORING: "deployed models' scores"}

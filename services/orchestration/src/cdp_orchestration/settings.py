@@ -47,6 +47,26 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     profile_token: str = env(
         "CDP_PROFILE_TOKEN", "", help="bearer token for the profile service (profile:admin)", secret=True
     )
+    segmentation_address: str = env(
+        "CDP_SEGMENTATION_ADDRESS",
+        "",
+        help="segmentation gRPC address (host:port): the segments a journey enters on or reads must exist there "
+        "(ListSegments) to save or publish it, and a journey whose segment was deleted since says so "
+        "(GetJourney's warnings); empty: segments are checked against the catalogue file only",
+    )
+    segmentation_token: str = env(
+        "CDP_SEGMENTATION_TOKEN", "", help="bearer token for the segmentation service (segmentation:read)", secret=True
+    )
+    scoring_address: str = env(
+        "CDP_SCORING_ADDRESS",
+        "",
+        help="scoring gRPC address (host:port): the scores.<name> a journey reads must be written by a model "
+        "deployed there (ListModels) to save or publish it; empty, or listing no model yet: scores are checked "
+        "against the catalogue file only",
+    )
+    scoring_token: str = env(
+        "CDP_SCORING_TOKEN", "", help="bearer token for the scoring service (scoring:read)", secret=True
+    )
     outcomes_url: str = env(
         "CDP_OUTCOMES_URL",
         "",

@@ -162,6 +162,30 @@ class Journey:
                 seen.setdefault(definition["name"], definition)
         return tuple(seen.values())
 
+    @property
+    def segments(self) -> frozenset[str]:
+        """The segments it enters on (or is scheduled over) and whose membership its conditions read."""
+        found: set[str] = set()
+        if isinstance(self.entry, SegmentEntry | ScheduleEntry):
+            found.add(self.entry.segment)
+        for condition in _conditions(self):
+            found |= condition.segments
+        return frozenset(found)
+
+    @property
+    def fields_read(self) -> frozenset[str]:
+        """The profile fields (flat keys) its conditions, templates, rankings and signals read."""
+        found: set[str] = set()
+        for condition in _conditions(self):
+            found |= condition.fields
+        for node in self.nodes.values():
+            if isinstance(node, Action):
+                found |= node.template.fields
+                found.update(node.signals)
+                if node.rank_by:
+                    found.add(node.rank_by)
+        return frozenset(found)
+
 
 def _successors(node: Node) -> tuple[str, ...]:
     if isinstance(node, Delay | Action):

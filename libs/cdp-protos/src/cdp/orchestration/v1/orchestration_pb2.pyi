@@ -119,7 +119,7 @@ class ValidateJourneyResponse(_message.Message):
     def __init__(self, problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ...) -> None: ...
 
 class Journey(_message.Message):
-    __slots__ = ("id", "name", "state", "version", "draft_version", "priority", "definition", "created_at", "updated_at", "published_at", "active_instances", "invalid", "revision")
+    __slots__ = ("id", "name", "state", "version", "draft_version", "priority", "definition", "created_at", "updated_at", "published_at", "active_instances", "invalid", "revision", "warnings")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class Journey(_message.Message):
     ACTIVE_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: JourneyState
@@ -146,7 +147,8 @@ class Journey(_message.Message):
     active_instances: int
     invalid: str
     revision: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JourneyState, str]] = ..., version: _Optional[int] = ..., draft_version: _Optional[int] = ..., priority: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_instances: _Optional[int] = ..., invalid: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[JourneyState, str]] = ..., version: _Optional[int] = ..., draft_version: _Optional[int] = ..., priority: _Optional[int] = ..., definition: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_instances: _Optional[int] = ..., invalid: _Optional[str] = ..., revision: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateJourneyRequest(_message.Message):
     __slots__ = ("definition",)
