@@ -190,3 +190,46 @@ async def test_the_dlq_table_shows_the_cause_at_the_end_of_a_long_detail(bus_cli
 
     result = await bus_cli.run("dlq", "--wide")
     assert "x" * 300 in detail_column(result.output).replace(" ", ""), result.output  # --wide: whole
+
+
+async def test_a_replay_sends_the_stream_s_original_never_what_a_dead_letter_claims(bus_cli):
+    """Every consuming service may publish dead letters on its own consumers' subjects, and the operator's
+    replay runs as a user that may publish anything. A replay that trusted a dead letter's headers and body
+    let a compromised service have the operator publish a forged `privacy.deleted` or a `$JS.API` purge
+    (a security trial purged EVENTS_RAW and PRIVACY that way). It sends the original as its stream holds it."""
+    from cdp_kit.bus import privacy_stream, subjects
+
+    def letter(subject: str, seq: int, stream: str = "EVENTS_RAW", consumer: str = "identity-p0") -> dict:
+        return {
+            "Cdp-Dlq-Reason": "invalid_event",
+            "Cdp-Dlq-Subject": subject,
+            "Cdp-Dlq-Stream": stream,
+            "Cdp-Dlq-Stream-Seq": str(seq),
+            "Cdp-Dlq-Consumer": consumer,
+        }
+
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(events_raw_stream(), privacy_stream(), dead_letter_stream())
+        real = await bus.js.publish("events.raw.0", b"the-event", headers={"Nats-Msg-Id": "web:1"})
+        dlq = subjects.dead_letter("EVENTS_RAW", "identity-p0")
+        # 1. A real sequence, a forged subject and body: the original goes back where it was published.
+        await bus.js.publish(dlq, b"forged", headers=letter("$JS.API.STREAM.PURGE.EVENTS_RAW", real.seq))
+        # 2. A sequence the stream never held (or no longer holds): the forged copy is not sent.
+        await bus.js.publish(dlq, b"forged-deletion", headers=letter(subjects.PRIVACY_DELETED, 999))
+        # 3. Headers naming another stream than the subject the letter was written on.
+        await bus.js.publish(dlq, b"forged", headers=letter(subjects.PRIVACY_DELETED, 1, stream="PRIVACY"))
+
+        result = await bus_cli.run("dlq", "--replay")
+        assert result.exit_code == 0 and "replayed 1 of 3" in result.output, result.output
+        assert "no longer in the stream" in result.output and "written for EVENTS_RAW" in result.output
+
+        assert (await bus.js.stream_info("PRIVACY")).state.messages == 0
+        raw = await bus.js.stream_info("EVENTS_RAW")
+        assert raw.state.messages == 2  # not purged: the original plus its replay
+        replayed = await bus.js.get_last_msg("EVENTS_RAW", "events.raw.0")
+        assert (
+            replayed.data == b"the-event"
+            and replayed.headers["Nats-Msg-Id"] == f"replay:EVENTS_RAW:identity-p0:{real.seq}"
+        )
+        # The two not replayed stay for the operator to read.
+        assert len(json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"]) == 2

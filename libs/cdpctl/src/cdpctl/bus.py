@@ -1,8 +1,10 @@
 """Operator commands on the bus: dead letters and consumer lag.
 
 `cdpctl dlq` lists what consumers gave up on (`dlq.<stream>.<consumer>` on the DLQ stream, the reason in
-`Cdp-Dlq-*` headers). `--replay` republishes each to the subject it was first published on and only
-then deletes it from the DLQ, so a crash in between replays it twice rather than losing it. The replay
+`Cdp-Dlq-*` headers). `--replay` republishes each one's original, read from the stream the dead letter's
+subject names by the sequence it gives (never the dead letter's own copy or its claimed subject: see
+`_replay`), and only then deletes it from the DLQ, so a crash in between replays it twice rather than
+losing it. A dead letter whose original has aged out of its stream is listed, not replayed. The replay
 carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
 could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
 replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
@@ -173,18 +175,57 @@ async def dead_letters(
             letter = _dead_letter(msg)
             found.append(letter)
             seq = msg.seq + 1
-            if replay:
-                if not letter.subject:
-                    console.print(f"[yellow]dead letter {letter.seq} has no {DLQ_SUBJECT} header; left in place[/]")
-                    continue
-                headers = {k: v for k, v in (msg.headers or {}).items() if k not in _DLQ_HEADERS}
-                headers["Nats-Msg-Id"] = f"replay:{letter.stream}:{letter.consumer}:{letter.original_seq}"
-                await js.publish(letter.subject, msg.data or b"", headers=headers)
-                await js.delete_msg(DLQ, letter.seq)
+            if replay and await _replay(js, msg, letter):
                 replayed += 1
         return found, replayed
     finally:
         await nc.close()
+
+
+def _origin(dlq_subject: str) -> tuple[str, str] | None:
+    """The stream and consumer a dead letter's own subject names (`dlq.<stream>.<durable>`). Unlike its
+    headers, which whoever published it wrote, the subject is one nats-server let that publisher use: a
+    service may dead-letter only on its own consumers' subjects."""
+    prefix, _, rest = dlq_subject.partition(".")
+    stream, _, durable = rest.partition(".")
+    if prefix != subjects.DLQ_PREFIX or not stream or not durable or "." in durable:
+        return None
+    return stream, durable
+
+
+def _left(letter: DeadLetter, why: str) -> bool:
+    console.print(f"[yellow]dead letter {letter.seq} not replayed: {why}; left in place[/]")
+    return False
+
+
+async def _replay(js, msg, letter: DeadLetter) -> bool:
+    """Send one dead letter's original message back to its stream, then remove the dead letter.
+
+    What is sent is the original as the stream still holds it (its subject, body and headers), read by the
+    sequence the dead letter names in the stream its subject names, never the dead letter's own copy or
+    its `Cdp-Dlq-Subject`: every consuming service may publish dead letters, so a compromised one could
+    write a "dead letter" whose subject is `privacy.deleted` or a `$JS.API` call and have the operator's
+    replay (a user that may publish anything) send it. A dead letter whose original has aged out of its
+    stream is left for the operator to read (`--json`), not replayed."""
+    origin = _origin(msg.subject)
+    if origin is None:
+        return _left(letter, f"its subject {msg.subject!r} names no stream and consumer")
+    stream, durable = origin
+    if (letter.stream, letter.consumer) != (stream, durable):
+        return _left(
+            letter, f"its headers name {letter.stream}/{letter.consumer} but it was written for {stream}/{durable}"
+        )
+    if letter.original_seq < 1:
+        return _left(letter, f"it has no {DLQ_SEQ} header")
+    try:
+        original = await js.get_msg(stream, letter.original_seq)
+    except NotFoundError:
+        return _left(letter, f"its original ({stream} message {letter.original_seq}) is no longer in the stream")
+    headers = {k: v for k, v in (original.headers or {}).items() if k not in _DLQ_HEADERS}
+    headers["Nats-Msg-Id"] = f"replay:{stream}:{durable}:{letter.original_seq}"
+    await js.publish(original.subject, original.data or b"", headers=headers)
+    await js.delete_msg(DLQ, letter.seq)
+    return True
 
 
 async def missing_name(
@@ -244,7 +285,8 @@ def dlq(
         return
     table = Table(title=f"dead letters ({subject})")
     for column in ("seq", "stream", "consumer", "subject", "original seq", "deliveries", "reason"):
-        table.add_column(column)
+        # A subject or id is folded, never cut: the operator reads where a replay would go.
+        table.add_column(column, overflow="fold")
     # The detail wraps in its column (the widest share of the table) rather than being cut; "fold" breaks a
     # word longer than the column (a path, an id) instead of dropping its end.
     table.add_column("detail", overflow="fold", min_width=40, ratio=1)
