@@ -295,6 +295,9 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                # The abort `fail` raises is kept by the call's context until a full garbage collection
+                # (a cycle through this frame): let go of the request first (see `_fail`).
+                request = None
                 await fail(method, context, exc)
             finally:
                 if caller is not None:
@@ -331,6 +334,9 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
+                # The abort `fail` raises is kept by the call's context until a full garbage collection
+                # (a cycle through this frame): let go of the request first (see `_fail`).
+                request = None
                 await fail(method, context, exc)
             finally:
                 if caller is not None:
@@ -368,11 +374,19 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     async def _fail(method: _Method, context, exc: Exception):
-        """End the call with the status `exc` stands for; always raises grpc.aio.AbortError."""
+        """End the call with the status `exc` stands for; always raises grpc.aio.AbortError.
+
+        The AbortError carries `exc` as its context and is held, with its traceback's frames, in a
+        reference cycle through the call's context that only a full garbage collection frees. Those frames
+        hold the request (raw and decoded): a few dozen refused 15 MB calls, token or not, grew a service
+        by gigabytes. So `exc` loses its traceback once it has been logged, and the caller (`around`) drops
+        its request before calling this."""
         if isinstance(exc, CdpError):
             _rejection.set((exc.reason, getattr(exc, "field", None)))
+            exc.__traceback__ = None
             await context.abort_with_status(rpc_status.to_status(status_for(exc)))
         log.exception("unhandled error in %s", method.name, exc_info=exc)
+        exc.__traceback__ = None
         span_context = trace.get_current_span().get_span_context()
         trace_hint = f" (trace {span_context.trace_id:032x})" if span_context.is_valid else ""
         status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error{trace_hint}")
