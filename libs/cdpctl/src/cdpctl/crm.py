@@ -1,8 +1,9 @@
 """Operator commands on the CRM connector: what it is connected to, how much API budget is left, its runs,
 the records it wrote and the records a CRM refused.
 
-    cdpctl crm status                        connections (state, last error, last sync), budget left per
-                                             account, the latest runs
+    cdpctl crm status                        connections (state, dead letters held now, last error - marked
+                                             past once the connection writes again -, last sync), budget
+                                             left per account, the latest runs
     cdpctl crm runs [--connection C]         backfills, replays and each connection's continuous sync
     cdpctl crm backfill CONNECTION [--mapping M] [--bulk] [--wait]
     cdpctl crm dead-letters [--connection C] [--mapping M] [--reason R] [--replay]
@@ -15,6 +16,7 @@ Every command takes --json (the API's messages as JSON on stdout; a refused call
 `cdpctl up` runs). A refused call names the field the service named. `backfill --wait` shows progress
 until the run ends and exits 1 when it failed. Dead letters show the CRM's reason and code, never its
 message on the terminal (it may quote the refused value): --json carries it for whoever needs it.
+Ids are shown whole, whatever the terminal's width (an id cut short cannot be used in the next command).
 """
 
 from __future__ import annotations
@@ -58,10 +60,24 @@ def _call(ws: Workspace, address: str | None, as_json: bool, work: Callable[[Any
     return call_service(ws, "crm", crm_pb2_grpc.CrmServiceStub, address, as_json, work)
 
 
+def _whole(table: Table, *headers: str) -> Table:
+    """`table` with the columns named `headers` never shortened: ids, which the next command takes whole."""
+    for column in table.columns:
+        if column.header in headers:
+            column.no_wrap = True
+            column.min_width = max(
+                len(line) for cell in [column.header, *column.cells] for line in str(cell).split("\n")
+            )
+    return table
+
+
 def _runs_table(runs: list[dict], title: str = "runs") -> Table:
     table = Table(title=title)
+    # A run's dead-lettered count adds up what it dead-lettered over its life (a stream run: since it
+    # started), fixed and replayed ones included; the dead letters held now are `crm status`'s and
+    # `crm dead-letters`' own.
     for column in ("run", "kind", "state", "connection", "mapping", "progress", "written", "unchanged",
-                   "dead letters", "pending", "started", "finished"):  # fmt: skip
+                   "dead-lettered\n(total)", "pending", "started", "finished"):  # fmt: skip
         table.add_column(column)
     for run in runs:
         total, processed = int(run.get("total", 0)), int(run.get("processed", 0))
@@ -83,7 +99,7 @@ def _runs_table(runs: list[dict], title: str = "runs") -> Table:
             _short(run.get("startedAt")),
             _short(run.get("finishedAt")),
         )
-    return table
+    return _whole(table, "run", "kind", "state", "connection", "mapping", "dead-lettered\n(total)")
 
 
 @click.group()
@@ -102,11 +118,23 @@ def crm_status(ws: Workspace, run_count: int, as_json: bool, address) -> None:
         connections = await stub.ListConnections(pb.ListConnectionsRequest(), metadata=md, timeout=10)
         budgets = await stub.GetBudget(pb.GetBudgetRequest(), metadata=md, timeout=10)
         runs = await stub.ListRuns(pb.ListRunsRequest(page_size=max(1, run_count)), metadata=md, timeout=10)
-        return connections.connections, budgets.budgets, runs.runs[:run_count]
+        held = {}
+        for c in connections.connections:  # what `crm dead-letters` lists now, per connection
+            letters = await _pages(
+                lambda token, cid=c.id: stub.ListDeadLetters(
+                    pb.ListDeadLettersRequest(connection_id=cid, page_size=PAGE, page_token=token),
+                    metadata=md,
+                    timeout=10,
+                ),
+                "dead_letters",
+                0,
+            )
+            held[c.id] = len(letters)
+        return connections.connections, budgets.budgets, runs.runs[:run_count], held
 
-    connections, budgets, runs = _call(ws, address, as_json, work)
+    connections, budgets, runs, held = _call(ws, address, as_json, work)
     document = {
-        "connections": [_dict(c) for c in connections],
+        "connections": [_connection(c, held.get(c.id, 0)) for c in connections],
         "budgets": [_dict(b) for b in budgets],
         "runs": [_dict(r) for r in runs],
     }
@@ -114,7 +142,8 @@ def crm_status(ws: Workspace, run_count: int, as_json: bool, address) -> None:
         _emit(document)
         return
     table = Table(title="crm connections")
-    for column in ("connection", "kind", "account", "state", "mappings", "last synced", "last error"):
+    for column in ("connection", "kind", "account", "state", "mappings", "dead letters now", "last synced",
+                   "last error"):  # fmt: skip
         table.add_column(column)
     for c in document["connections"]:
         state = _enum(c.get("state", ""), "CONNECTION_STATE_")
@@ -122,16 +151,19 @@ def crm_status(ws: Workspace, run_count: int, as_json: bool, address) -> None:
         error = " / ".join(x for x in (c.get("lastErrorReason"), c.get("lastErrorCode")) if x)
         if error and c.get("lastErrorAt"):
             error += f" at {_short(c['lastErrorAt'])}"
+        if error and c.get("lastErrorPast"):
+            error = f"[dim]past: {error}[/]"
         table.add_row(
             c["id"],
             _enum(c.get("kind", ""), "CRM_KIND_"),
             c.get("account", ""),
             f"[{colour}]{state}[/]",
             ", ".join(m["id"] for m in c.get("mappings", [])),
+            str(c["deadLetters"]),
             _short(c.get("lastSyncedAt")),
             error,
         )
-    out.print(table)
+    out.print(_whole(table, "connection", "account", "dead letters now"))
     table = Table(title="API budget left")
     for column in ("account", "kind", "burst left", "daily used", "daily left", "blocked until"):
         table.add_column(column)
@@ -151,8 +183,18 @@ def crm_status(ws: Workspace, run_count: int, as_json: bool, address) -> None:
             daily,
             _short(b.get("blockedUntil")),
         )
-    out.print(table)
+    out.print(_whole(table, "account"))
     out.print(_runs_table(document["runs"], "latest runs"))
+
+
+def _connection(message, dead_letters: int) -> dict:
+    """A connection as `crm status` shows it: with the dead letters held for it now (`deadLetters`), and its
+    last error marked past (`lastErrorPast`) once the connection is active again - it wrote since."""
+    connection = _dict(message)
+    connection["deadLetters"] = dead_letters
+    if connection.get("lastErrorReason") or connection.get("lastErrorCode"):
+        connection["lastErrorPast"] = connection.get("state") == "CONNECTION_STATE_ACTIVE"
+    return connection
 
 
 @crm.command("runs")
@@ -286,7 +328,7 @@ def crm_dead_letters(
             str(d.get("attempts", "")),
             _short(d.get("failedAt")),
         )
-    out.print(table)
+    out.print(_whole(table, "record", "connection", "mapping", "person"))
 
 
 @crm.command("record")
@@ -335,7 +377,7 @@ def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address,
             _short(r.get("syncedAt")),
             reason,
         )
-    out.print(table)
+    out.print(_whole(table, "connection", "mapping", "object", "CRM id"))
 
 
 @crm.command("validate")
