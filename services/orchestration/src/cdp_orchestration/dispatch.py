@@ -62,7 +62,9 @@ still being retried stays until its last delivery. An outcome the collector refu
 redelivery, `max_attempts` times, then the message is dead-lettered (``outcome_not_reported``; a replay
 posts it). A send record
 that says "withdrawn" (`privacy.py`: the person was deleted before their action went out) makes the
-dispatcher send nothing. Logs name the action id, channel and reason code, never an address or content.
+dispatcher send nothing, and so does a person's deletion accepted before the send (`privacy.Deletions`:
+the notices the privacy handler has not acknowledged, read before each batch, and its marker, looked for
+right before each send). Logs name the action id, channel and reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from nats.js.client import JetStreamContext
@@ -90,6 +92,9 @@ from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
 from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
+
+if TYPE_CHECKING:
+    from cdp_orchestration.privacy import Deletions
 
 log = logging.getLogger("cdp.orchestration.dispatch")
 
@@ -166,6 +171,7 @@ class Dispatcher:
         max_attempts: int = MAX_ATTEMPTS,
         backoff: Sequence[float] = BACKOFF,
         meter: metrics.Meter | None = None,
+        deletions: Deletions | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
@@ -178,6 +184,9 @@ class Dispatcher:
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
+        # Whom a privacy deletion was accepted for (None: not asked); `_unhandled`: the batch's unhandled ones.
+        self.deletions = deletions
+        self._unhandled: frozenset[str] = frozenset()
         # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
         self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
@@ -201,6 +210,9 @@ class Dispatcher:
         )
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
+        if self.deletions is not None:
+            # Unavailable when it cannot be known: the kit hands the batch back and nothing is sent.
+            self._unhandled = await self.deletions.unhandled()
         by_person: dict[str, list[tuple[Delivery, Action]]] = {}
         for delivery in batch:
             try:
@@ -306,6 +318,14 @@ class Dispatcher:
         # is tried anyway, so the action ends with an outcome rather than unrecorded.
         if wait > 0 and await self._defer(delivery, action, tries, "provider_paused", wait):
             return None
+        if self.deletions is not None and (
+            action.person_id in self._unhandled or await self.deletions.marked(action.person_id)
+        ):
+            # The person's deletion was accepted: withdrawn (`privacy.py`), as its handler would have.
+            record = withdrawn_record(self.channel.name, time.time())
+            await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+            log.info("action %s on %s withdrawn: person deleted", action.action_id, self.channel.name)
+            return record
         if stored is not None or delivery.num_delivered > 1:
             # Tried before: this attempt is counted before it is made, so dying during it cannot undo it.
             await self._pending(delivery, action, replace(tries, attempts=tries.attempts + 1))
@@ -646,10 +666,17 @@ def dispatcher(
         max_attempts=max_attempts,
         backoff=backoff,
         meter=bus.telemetry.meter,
+        deletions=_deletions(store, bus.js),
     )
     runner = bus.consumer(spec, handler.handle)
     handler.runner = runner
     return runner
+
+
+def _deletions(store: Store, js: JetStreamContext) -> Deletions:
+    from cdp_orchestration.privacy import Deletions  # privacy.py imports this module
+
+    return Deletions(store, js)
 
 
 async def erase_action(js: JetStreamContext, seq: int) -> None:

@@ -33,8 +33,26 @@ then is the request acknowledged: a crash anywhere redelivers it, and every step
 ACTIONS holds a message only until its dispatcher recorded the outcome (`dispatch.py` erases it then),
 so what is left of a person there is what has not gone out: a channel whose dispatcher is behind or not
 configured here, or a send being retried. An action the engine of another replica had not published yet
-when the request was handled (its outbox lags the commit that forgot the person) is the one case left
-to the stream's retention (`CDP_ORCHESTRATION_RETENTION_DAYS`).
+when the request was handled (its outbox lags the commit that forgot the person) is left to the stream's
+retention (`CDP_ORCHESTRATION_RETENTION_DAYS`), and never sent (below).
+
+Nothing goes out to a person whose deletion profile accepted (its notice stored in PRIVACY), though the
+withdrawal above comes later: the handler learns of a notice when its consumer fetches it (after a bus
+outage up to two seconds later, the fetch loop's back-off; longer when it is behind), and withdraws only
+once the engine forgot the person. A dispatcher sending in between sent to a deleted person. So
+(`Deletions`, asked by every dispatcher):
+- the handler writes a marker `orchestration_deleted/<person>` (when, which request; no personal data) for
+  every person of a notice as soon as it has it, before anything else; a dispatcher looks for the marker
+  right before each send and withdraws the action instead (its send record "withdrawn"). Markers are
+  swept with the tombstones, after CDP_ORCHESTRATION_TOMBSTONE_DAYS;
+- before a dispatcher works a fetched batch it asks JetStream for this handler's consumer: when notices
+  are stored that the handler has not acknowledged (fetched or not), it reads them (from the consumer's
+  acknowledgement floor; at most `MAX_UNHANDLED`) and sends nothing to their persons. When that cannot be
+  known (the bus does not answer; the consumer is missing while PRIVACY holds notices; the handler is
+  further behind) the batch is handed back and nothing is sent.
+What remains: a notice stored after the batch's look and before the handler's marker, while the batch is
+being worked (a deletion accepted during the send, which was under way), and a send a provider had
+already taken.
 """
 
 from __future__ import annotations
@@ -53,8 +71,9 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import Bus, ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.engine import PartitionedEngine
+from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put, Store
-from cdp_kit.storage.expiry import ExpirySweeper
+from cdp_kit.storage.expiry import ExpirySweeper, sweep_expired
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration import streams, timers
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
@@ -76,6 +95,8 @@ from cdp_orchestration.state import (
 )
 
 if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+
     from cdp_orchestration.apply import Applier
     from cdp_orchestration.channels.inapp import InboxChannel
 
@@ -85,6 +106,10 @@ SERVICE = "orchestration"
 POLL = 0.05  # seconds between looks at the store while the handler waits for the engine
 SWEEP_INTERVAL = 3600.0  # seconds between two sweeps of the aged-out tombstones
 DAY = 86_400.0
+#: person id -> {"at", "request_id"}: a deletion was accepted for the person; nothing is sent to them.
+DELETED = "orchestration_deleted"
+#: Notices the handler has not acknowledged that a dispatcher reads before a batch; beyond, it waits.
+MAX_UNHANDLED = 1000
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -177,6 +202,7 @@ class PrivacyHandler:
         self.answer_timeout = answer_timeout
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
+        requests: list[tuple[Delivery, privacy_pb2.PrivacyDeleted]] = []
         for delivery in batch:
             try:
                 request = privacy_pb2.PrivacyDeleted.FromString(delivery.data)
@@ -186,11 +212,27 @@ class PrivacyHandler:
             if not request.person_id or not request.request_id:
                 delivery.reject("invalid_privacy_request", "person_id and request_id are required")
                 continue
+            requests.append((delivery, request))
+        # Every request's markers first: the later ones of the batch wait for the earlier ones' engines.
+        await self.mark([request for _, request in requests])
+        for delivery, request in requests:
             if not await self.apply(request):
                 delivery.retry("forget_not_applied_yet")
 
+    async def mark(self, requests: Sequence[privacy_pb2.PrivacyDeleted]) -> None:
+        """The requests' markers (`DELETED`): from now on no dispatcher sends to their persons."""
+        now = time.time()
+        marks = {
+            person: Put(DELETED, person, {"at": now, "request_id": request.request_id})
+            for request in requests
+            for person in (request.person_id, *request.merged_person_ids)
+        }
+        if marks:
+            await self.store.bulk_write(list(marks.values()))
+
     async def apply(self, request: privacy_pb2.PrivacyDeleted) -> bool:
         """Forget the request's persons; False when their engines have not applied it in time (retry)."""
+        await self.mark([request])
         persons = list(dict.fromkeys([request.person_id, *request.merged_person_ids]))
         messages = [
             streams.command(
@@ -281,10 +323,78 @@ class PrivacyHandler:
                 await self.store.bulk_write(ops)
 
 
+class Deletions:
+    """What a dispatcher asks before it sends (see the module docstring): the persons of the notices the
+    handler has not acknowledged (`unhandled`, once a batch), and whether a person is marked (`marked`,
+    right before each send)."""
+
+    def __init__(self, store: Store, js: JetStreamContext, *, durable: str | None = None) -> None:
+        self.store = store
+        self.js = js
+        self.durable = durable or consumer_spec().durable
+        # Notices read and not yet below the consumer's acknowledgement floor: stream seq -> their persons
+        # (a notice never changes), and how far the stream was read.
+        self._notices: dict[int, tuple[str, ...]] = {}
+        self._read_to = 0
+
+    async def marked(self, person_id: str) -> bool:
+        return await self.store.get(DELETED, person_id) is not None
+
+    async def unhandled(self) -> frozenset[str]:
+        """The persons (merged ones too) of the notices in PRIVACY the handler has not acknowledged; none
+        almost always, at the cost of one request. Unavailable when that cannot be known."""
+        try:
+            info = await self.js.consumer_info(subjects.PRIVACY, self.durable)
+        except NotFoundError:
+            return await self._without_consumer()
+        except Exception as exc:
+            raise Unavailable(f"privacy.deleted's progress unknown ({type(exc).__name__}); nothing is sent") from None
+        floor = info.ack_floor.stream_seq or 0
+        if self._read_to > (info.delivered.stream_seq or 0) + (info.num_pending or 0):
+            self._notices, self._read_to = {}, 0  # the stream was made again: its sequence numbers too
+        self._notices = {seq: persons for seq, persons in self._notices.items() if seq > floor}
+        if not info.num_pending and not info.num_ack_pending:
+            return frozenset()
+        # Each notice is read once, from the floor (or where the last call stopped) to the stream's end.
+        seq = max(floor, self._read_to) + 1
+        while True:
+            try:
+                msg = await self.js.get_msg(subjects.PRIVACY, seq, subject=subjects.PRIVACY_DELETED, next=True)
+            except NotFoundError:
+                break
+            except Exception as exc:
+                raise Unavailable(f"privacy.deleted not readable ({type(exc).__name__}); nothing is sent") from None
+            assert msg.seq is not None
+            seq = self._read_to = msg.seq
+            seq += 1
+            try:
+                notice = privacy_pb2.PrivacyDeleted.FromString(msg.data or b"")
+            except DecodeError:
+                continue  # the handler dead-letters it; it names nobody
+            self._notices[msg.seq] = (notice.person_id, *notice.merged_person_ids)
+            if len(self._notices) > MAX_UNHANDLED:
+                raise Unavailable(f"more than {MAX_UNHANDLED} privacy deletions not handled yet; nothing is sent")
+        return frozenset(person for persons in self._notices.values() for person in persons)
+
+    async def _without_consumer(self) -> frozenset[str]:
+        """No handler's consumer yet (a first start: the dispatchers start before it): fine while PRIVACY
+        holds no notice, else nobody can tell which are handled."""
+        try:
+            stream = await self.js.stream_info(subjects.PRIVACY)
+        except NotFoundError:
+            return frozenset()
+        except Exception as exc:
+            raise Unavailable(f"privacy.deleted's progress unknown ({type(exc).__name__}); nothing is sent") from None
+        if not stream.state.messages:
+            return frozenset()
+        raise Unavailable(f"{self.durable} does not exist yet while PRIVACY holds notices; nothing is sent")
+
+
 class TombstoneSweeper(ExpirySweeper):
     """Deletes the tombstones older than `days` (see the module docstring): by then nothing that still
-    reaches orchestration can be for the person. Only `orchestration_tombstones`: the `forgotten` markers
-    hold counts under the request id and are what makes a redelivered request find its work done."""
+    reaches orchestration can be for the person. The tombstones and the dispatchers' markers (`DELETED`),
+    not the `forgotten` markers: they hold counts under the request id and are what makes a redelivered
+    request find its work done."""
 
     def __init__(
         self,
@@ -300,3 +410,8 @@ class TombstoneSweeper(ExpirySweeper):
             description="privacy tombstones deleted once older than CDP_ORCHESTRATION_TOMBSTONE_DAYS",
         )
         super().__init__(store, TOMBSTONES, max_age=days * DAY, interval=SWEEP_INTERVAL, swept=swept, clock=clock)
+
+    async def sweep(self) -> int:
+        """The tombstones, then the dispatchers' markers (`DELETED`) of the same age."""
+        deleted = await super().sweep()
+        return deleted + await sweep_expired(self.store, DELETED, before=self.clock() - self.max_age)
