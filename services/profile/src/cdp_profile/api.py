@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp_kit.interceptors import current_caller
 from cdp_kit.person_export import DELETE_SCOPE, EXPORT_SCOPE
 from cdp_kit.timestamps import from_seconds, set_seconds, to_seconds
 from cdp_profile.backfill import Backfill
@@ -31,7 +32,9 @@ SCOPES = {
     "GetProfile": "profile:read",
     "BatchGetProfiles": "profile:read",
     "LookupProfile": "profile:read",
-    "ListEvents": "profile:read",
+    # A person's event history with its properties: a data subject's record, like `Export`; no service
+    # reads it, and every service holds profile:read.
+    "ListEvents": EXPORT_SCOPE,
     "ListComputedTraits": "profile:read",
     # The whole record of a person: the scope of a data subject's access request, not a reader's.
     "Export": EXPORT_SCOPE,
@@ -362,7 +365,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         if not request.HasField("definition"):
             raise InvalidArgument("definition", "is required")
         trait = definition_from_message(request.definition)
-        return status_message(await self.engine.define(trait))
+        return status_message(await self.engine.define(trait, current_caller()))
 
     async def ListComputedTraits(
         self, request: profile_pb2.ListComputedTraitsRequest, context
@@ -376,7 +379,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.DeleteComputedTraitResponse:
         if not request.name:
             raise InvalidArgument("name", "is required")
-        await self.engine.undefine(request.name)
+        await self.engine.undefine(request.name, current_caller())
         return profile_pb2.DeleteComputedTraitResponse()
 
     async def Export(self, request: profile_pb2.ExportRequest, context) -> profile_pb2.ExportResponse:

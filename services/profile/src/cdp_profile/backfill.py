@@ -11,6 +11,12 @@ of profiles.changed hold a copy of every value.
 
 At most `max_held` definitions are held: every one costs every matching event a contribution and every
 profile a value.
+
+A definition belongs to the caller that defined it (`defined_by`, its token's name): scoring,
+segmentation and orchestration define the traits their models and conditions read, with `profile:admin`,
+and one must not redefine or delete another's (or the operator's). An admin (`*`) may change any, and
+the trait stays its owner's. A definition stored before owners were kept has none: the next caller that
+changes it becomes its owner.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cdp_kit.errors import NotFound, ResourceExhausted
+from cdp_kit.auth import Caller
+from cdp_kit.errors import NotFound, PermissionDenied, ResourceExhausted
 from cdp_kit.storage import Delete, Put, Store
 from cdp_profile.domain import ComputedTrait, ComputedTraits, ProfileChange
 from cdp_profile.records import DEFINITIONS
@@ -42,6 +49,7 @@ class Backfill:
     # Persons who had a value of the definition this one replaced: one the new definition gives no value
     # is published as gone. In memory only: a backfill started again after a restart has none.
     dropped: set[str] = field(default_factory=set)
+    defined_by: str = ""  # the caller (token name) that owns it; "" for one stored before owners were kept
 
     def doc(self) -> dict[str, Any]:
         return {
@@ -51,6 +59,7 @@ class Backfill:
             "state": self.state,
             "done": self.done,
             "total": self.total,
+            "defined_by": self.defined_by,
         }
 
     @classmethod
@@ -64,7 +73,26 @@ class Backfill:
             state=doc.get("state", "ready"),
             done=doc.get("done", 0),
             total=doc.get("total", 0),
+            defined_by=doc.get("defined_by", ""),
         )
+
+
+def _name(caller: Caller | None) -> str:
+    return caller.name if caller is not None else "internal"
+
+
+def _owner_after(known: Backfill | None, caller: Caller | None, doing: str) -> str:
+    """Who owns a definition once `caller` has changed it; PermissionDenied when `caller` may not. An admin
+    (`*`, or no caller: the service itself) may change any and leaves its owner in place."""
+    if caller is None or "*" in caller.scopes:
+        return known.defined_by if known is not None and known.defined_by else _name(caller)
+    if known is not None and known.defined_by and known.defined_by != caller.name:
+        raise PermissionDenied(
+            f"computed trait {known.trait.name!r} was defined by {known.defined_by!r}; only it or an admin "
+            f"may {doing} it",
+            reason="not_the_owner",
+        )
+    return caller.name
 
 
 class ComputedTraitCatalogue:
@@ -94,12 +122,14 @@ class ComputedTraitCatalogue:
     def _start(self, backfill: Backfill) -> None:
         self._engine.spawn(self._backfill(backfill), f"backfill {backfill.trait.name}")
 
-    async def define(self, trait: ComputedTrait) -> Backfill:
+    async def define(self, trait: ComputedTrait, caller: Caller | None = None) -> Backfill:
         """Define (or redefine) a computed trait and backfill it; ResourceExhausted past `max_held`
-        (delete one first). Redefining a held name is always allowed; the same definition again is a no-op."""
+        (delete one first). Redefining a held name is allowed to its owner and to admins (PermissionDenied
+        to others); the same definition again is a no-op."""
         known = self.backfills.get(trait.name)
         if known is not None and known.trait == trait:
             return known
+        owner = _owner_after(known, caller, "redefine")
         if known is None and len(self.backfills) >= self.max_held:
             raise ResourceExhausted(
                 f"{len(self.backfills)} computed traits are defined, the most this deployment holds "
@@ -108,7 +138,7 @@ class ComputedTraitCatalogue:
                 reason="computed_traits_exhausted",
             )
         engine = self._engine
-        backfill = Backfill(trait=trait, defined_at=engine.clock())
+        backfill = Backfill(trait=trait, defined_at=engine.clock(), defined_by=owner)
         if known is not None:
             backfill.dropped = {
                 person for person, profile in engine.hot.profiles.items() if profile.drop_computed(trait.name)
@@ -116,13 +146,19 @@ class ComputedTraitCatalogue:
         self.backfills[trait.name] = backfill
         self._compile()
         await engine.commit({}, ops=[Put(DEFINITIONS, trait.name, backfill.doc())])
+        log.info(
+            "computed trait %s %s", trait.name, "redefined" if known else "defined", extra={"caller": _name(caller)}
+        )
         self._start(backfill)
         return backfill
 
-    async def undefine(self, name: str) -> None:
-        if name not in self.backfills:
+    async def undefine(self, name: str, caller: Caller | None = None) -> None:
+        known = self.backfills.get(name)
+        if known is None:
             raise NotFound(f"no computed trait named {name!r}", reason="unknown_trait")
+        _owner_after(known, caller, "delete")
         del self.backfills[name]
+        log.info("computed trait %s deleted", name, extra={"caller": _name(caller)})
         self._compile()
         engine = self._engine
         profiles = engine.hot.profiles

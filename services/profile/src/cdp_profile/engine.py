@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
+from cdp_kit.auth import Caller
 from cdp_kit.bus import Delivery, OutMessage, Partitioner
 from cdp_kit.engine import WriteChain
 from cdp_kit.errors import FailedPrecondition, NotFound, Unavailable
@@ -436,11 +437,11 @@ class ProfileEngine:
 
     # Computed traits (backfill.py), expiry (expiry.py) and privacy (privacy.py), as the API calls them.
 
-    async def define(self, trait: ComputedTrait) -> Backfill:
-        return await self.catalogue.define(trait)
+    async def define(self, trait: ComputedTrait, caller: Caller | None = None) -> Backfill:
+        return await self.catalogue.define(trait, caller)
 
-    async def undefine(self, name: str) -> None:
-        await self.catalogue.undefine(name)
+    async def undefine(self, name: str, caller: Caller | None = None) -> None:
+        await self.catalogue.undefine(name, caller)
 
     async def expire_due(self) -> int:
         """Apply every expiry due now; returns the number of profiles whose values changed."""
