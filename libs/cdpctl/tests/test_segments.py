@@ -80,3 +80,24 @@ async def test_segment_members_is_a_table_of_person_ids_and_a_total_with_json_fo
 
     raw = json.loads((await segments_cli.run("segment", "members", "pros", "--json")).output)
     assert sorted(m["personId"] for m in raw["members"]) == sorted(persons) and raw["total"] == "2", raw
+
+
+async def test_create_update_and_estimate_show_the_services_warnings_about_the_profiles(segments_cli):
+    # A marketer trial: a trait compared with the wrong type, or misspelt, gave an empty audience silently.
+    created = await segments_cli.run("segment", "create", "numbered", "traits.plan = 1")
+    assert created.exit_code == 0, created.output  # a warning, not an error: traits are open-ended
+    assert "segment numbered live: 0 members" in created.output, created.output
+    assert "warning: traits.plan is compared with a number, but the profiles hold text there" in created.output
+
+    updated = await segments_cli.run("segment", "update", "numbered", 'traits.plna = "pro"')
+    assert updated.exit_code == 0, updated.output
+    assert "warning: traits.plna: no profile has this trait; did you mean traits.plan?" in updated.output
+
+    estimated = await segments_cli.run("segment", "estimate", "consent.purpose:Marketing = true")
+    assert estimated.exit_code == 0 and "0 of 3 people" in estimated.output, estimated.output
+    assert "warning: consent.purpose:Marketing: no profile has this consent key" in estimated.output
+    document = json.loads((await segments_cli.run("segment", "estimate", "traits.plan = 1", "--json")).output)
+    assert document["warnings"] == ["traits.plan is compared with a number, but the profiles hold text there"]
+
+    fine = await segments_cli.run("segment", "estimate", 'traits.plan = "pro"')
+    assert fine.exit_code == 0 and "warning" not in fine.output, fine.output

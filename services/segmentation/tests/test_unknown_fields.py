@@ -262,7 +262,7 @@ def test_a_score_compared_with_a_number_a_field_or_a_percentile_passes():
         check_fields(compile_segment(parse(text)), KnownFields({}))
 
 
-def _changed(seq: int, person: str, *, traits=None, computed=None) -> Delivery:
+def _changed(seq: int, person: str, *, traits=None, computed=None, consent=None) -> Delivery:
     """One `profiles.changed.0` message with one change, as the consumer hands it to the engine."""
     message = profile_pb2.ProfileChanged(person_id=person, cause="event", created=seq == 0)
     message.at.GetCurrentTime()
@@ -273,6 +273,8 @@ def _changed(seq: int, person: str, *, traits=None, computed=None) -> Delivery:
             message.traits[name].string_value = value
         else:
             message.traits[name].number_value = value
+    for name, value in (consent or {}).items():
+        message.consent[name] = value
     for name, value in (computed or {}).items():
         message.computed[name].number_value = value
     return Delivery(profile_pb2.ProfileChangedBatch(changes=[message]), subjects.profiles_changed(0), seq)
@@ -308,3 +310,42 @@ async def test_a_named_count_or_sum_trait_a_person_lacks_reads_as_zero_in_builds
     loaded = segment_from_doc("never_ordered", record.doc)
     assert loaded.compiled.counted == frozenset({"computed.orders"})
     assert loaded.compiled.evaluate({"traits.plan": "free"})
+
+
+async def test_a_wrong_type_or_an_unknown_consent_key_is_answered_with_warnings_not_refused(running):
+    # A marketer trial: `traits.vip = "true"` (vip is true/false on the profiles) and a consent purpose
+    # spelt with a capital gave empty audiences and said nothing.
+    engine = running.engine
+    people = [
+        ("ann", {"vip": True, "plan": "pro", "seats": 3.0}, {"purpose:marketing": True, "channel:email": True}),
+        ("bob", {"vip": False, "plan": "free", "seats": 1.0}, {"purpose:marketing": False}),
+    ]
+    for seq, (person, traits, consent) in enumerate(people, start=1):
+        await engine.handle([_changed(seq, person, traits=traits, consent=consent)])
+
+    created = await running.create("vips", 'traits.vip = "true"')
+    assert created.state == LIVE and created.size == 0  # not refused: traits are open-ended
+    assert list(created.warnings) == ["traits.vip is compared with text, but the profiles hold true/false there"]
+    estimate = await running.stub.Estimate(
+        pb.EstimateRequest(definition=pb.Definition(text="consent.purpose:Marketing = true"))
+    )
+    assert estimate.size == 0
+    [warning] = estimate.warnings
+    assert warning.startswith("consent.purpose:Marketing: no profile has this consent key")
+    assert "consent.purpose:marketing" in warning
+    update = pb.UpdateSegmentRequest(
+        id="vips", definition=pb.Definition(text='traits.seats >= "2" or traits.plna = "pro"')
+    )
+    updated = await running.stub.UpdateSegment(update)
+    assert list(updated.segment.warnings) == [
+        "traits.seats is compared with text, but the profiles hold a number there",
+        "traits.plna: no profile has this trait; did you mean traits.plan?",
+    ]
+    # What the profiles hold, right: no warning; and none is kept past the call that found it.
+    fine = await running.stub.UpdateSegment(
+        pb.UpdateSegmentRequest(
+            id="vips", definition=pb.Definition(text='traits.vip = true and traits.plan in ["pro", 1]')
+        )
+    )
+    assert list(fine.segment.warnings) == [] and fine.segment.size == 1
+    assert list((await running.stub.GetSegment(pb.GetSegmentRequest(id="vips"))).warnings) == []

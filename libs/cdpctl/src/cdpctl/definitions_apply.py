@@ -39,6 +39,12 @@ CREATED, UNCHANGED, CONFLICTING, REPLACED, MANUAL, FAILED = (
 TROUBLE = (CONFLICTING, MANUAL, FAILED)
 
 
+def _warnings(warnings) -> str:
+    """Segmentation's warnings about a definition it accepted (a type or a name no profile holds), for an
+    outcome's detail."""
+    return "; ".join(f"warning: {warning}" for warning in warnings)
+
+
 @dataclass
 class Outcome:
     kind: str
@@ -162,7 +168,7 @@ class Apply:
 
         async def create(entry) -> str:
             self._check_segment(entry)
-            await self.call(
+            reply = await self.call(
                 "segmentation",
                 "CreateSegment",
                 pb.CreateSegmentRequest(
@@ -173,7 +179,7 @@ class Apply:
                 ),
             )
             building.append(entry["id"])
-            return ""
+            return _warnings(reply.warnings)
 
         async def replace(entry, current, fields) -> Outcome:
             if "definition" in fields:
@@ -187,7 +193,10 @@ class Apply:
                 reply = await self.call("segmentation", "UpdateSegment", request)
                 building.append(entry["id"])
                 moved = f"{reply.entered} entered, {reply.exited} exited"
-                return Outcome("segments", entry["id"], REPLACED, f"{', '.join(fields)} changed; {moved}")
+                detail = f"{', '.join(fields)} changed; {moved}"
+                if reply.segment.warnings:
+                    detail += "; " + _warnings(reply.segment.warnings)
+                return Outcome("segments", entry["id"], REPLACED, detail)
             return Outcome("segments", entry["id"], REPLACED, f"would change {', '.join(fields)}")
 
         outcomes = await self.each("segments", wanted, present, create, replace, check)

@@ -163,6 +163,7 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
                         "DEFINITION` changes it"
                     ) from None
                 raise
+            warnings = list(segment.warnings)  # the create's answer carries them, GetSegment does not
             with Progress(console=console, disable=not show_progress, transient=True) as progress:
                 task = progress.add_task(f"evaluating {request.id}", total=None)
                 while segment.state == segmentation_pb2.SEGMENT_STATE_BUILDING:
@@ -173,7 +174,14 @@ async def _create_segment(address: str, token: str, request, show_progress: bool
                     )
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(exc) from None
-    return json_format.MessageToDict(segment, always_print_fields_with_no_presence=True)
+    return {**json_format.MessageToDict(segment, always_print_fields_with_no_presence=True), "warnings": warnings}
+
+
+def _warn(warnings) -> None:
+    """The service's warnings about a definition (a type no profile holds in a field, a consent key or
+    trait no profile has): an audience that is empty for a reason, said where the result is."""
+    for warning in warnings:
+        out.print(f"warning: {warning}", markup=False, highlight=False)
 
 
 @click.group()
@@ -200,6 +208,7 @@ def segment_create(ws: Workspace, segment_id: str, definition: str, name: str, a
         raise click.ClickException(f"segment {segment_id} is {state}: {created.get('error', '')}")
     size = int(created.get("size", 0))
     out.print(f"segment {segment_id} live: {size} member{'' if size == 1 else 's'} ({created.get('text', '')})")
+    _warn(created["warnings"])
 
 
 def _definition(definition: str):
@@ -240,6 +249,7 @@ def segment_update(ws: Workspace, segment_id: str, definition: str, name: str, a
         markup=False,
         highlight=False,
     )
+    _warn(reply.segment.warnings)
 
 
 def _segmentation_call(ws: Workspace, address: str | None, as_json: bool, work):
@@ -275,6 +285,7 @@ def segment_estimate(ws: Workspace, definition: str, as_json: bool, address) -> 
         return
     size, population = int(document["size"]), int(document["population"])
     out.print(f"{size} of {population} people ({document['text']})", markup=False, highlight=False)
+    _warn(document.get("warnings", ()))
 
 
 @segment.command("delete")

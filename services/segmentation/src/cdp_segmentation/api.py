@@ -148,9 +148,12 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
             raise InvalidArgument("definition", "is required: text (the readable form) or tree (the JSON form)")
         node = definition_node(request.definition, "definition")
         segment = await self.engine.create(request.id, node, name=request.name, description=request.description)
+        warnings = list(segment.warnings)  # this call's: another create or update may replace them
         if request.wait:
             segment = await self.engine.wait_live(segment.id)
-        return segment_message(self.engine, segment)
+        message = segment_message(self.engine, segment)
+        message.warnings.extend(warnings)
+        return message
 
     async def UpdateSegment(
         self, request: segmentation_pb2.UpdateSegmentRequest, context
@@ -158,6 +161,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         check_segment_id(request.id)
         node = definition_node(request.definition, "definition") if request.HasField("definition") else None
         segment = await self.engine.update(request.id, node, name=request.name, description=request.description)
+        warnings = list(segment.warnings)
         if node is not None:
             segment = await self.engine.wait_live(segment.id)
             if segment.state == FAILED:
@@ -169,8 +173,10 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
             entered, exited, sample_entered, sample_exited = segment.last_diff
         else:
             entered, exited, sample_entered, sample_exited = 0, 0, [], []
+        message = segment_message(self.engine, segment)
+        message.warnings.extend(warnings)
         return segmentation_pb2.UpdateSegmentResponse(
-            segment=segment_message(self.engine, segment),
+            segment=message,
             entered=entered,
             exited=exited,
             sample_entered=sample_entered,
@@ -218,6 +224,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
             computed_traits=[t["name"] for t in compiled.computed_traits],
             time_dependent=compiled.time_dependent,
             evaluate_ms=estimate.evaluate_ms,
+            warnings=estimate.warnings,
         )
         json_format.ParseDict(to_json(compiled.node), message.tree)
         return message

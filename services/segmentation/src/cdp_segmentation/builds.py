@@ -85,6 +85,7 @@ class Estimate:
     sample: list[str]
     compiled: CompiledSegment
     evaluate_ms: float
+    warnings: list[str]
 
 
 class Builds:
@@ -532,6 +533,7 @@ class Builds:
         """The definition's size now. The computed traits it needs are defined for the call and deleted
         after it (those no segment reads): an estimate leaves nothing behind on the profile service."""
         compiled = self.compile(node, known=await self.known())
+        warnings = await self.warnings(compiled)
         reading = frozenset(t["name"] for t in compiled.computed_traits)
         self._estimating.append(reading)
         try:
@@ -551,6 +553,7 @@ class Builds:
             sample=[persons[i] for i in hits[:SAMPLE]],
             compiled=compiled,
             evaluate_ms=elapsed,
+            warnings=warnings,
         )
 
 

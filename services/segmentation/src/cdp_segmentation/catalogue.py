@@ -47,6 +47,7 @@ from cdp_segmentation.domain import (
 from cdp_segmentation.domain.graph import UNNAMED
 from cdp_segmentation.evaluation import Transition
 from cdp_segmentation.fields import KnownFields, check_fields
+from cdp_segmentation.hints import definition_warnings
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -83,6 +84,8 @@ class Segment:
     serving: bool = False
     # The last build's difference: entered, exited, and a sample of each.
     last_diff: tuple[int, int, list[str], list[str]] = (0, 0, [], [])
+    # What the last create or update's definition seems to read wrong (hints.py): that call's answer only.
+    warnings: list[str] = field(default_factory=list)
     # The live definition's per-profile predicate and whether time moves it (read per change: no lookups).
     predicate: Callable[..., bool] = field(init=False, repr=False)
     timed: bool = field(init=False, default=False)
@@ -195,6 +198,10 @@ class Catalogue:
         check_segment_graph(refs)
         return compiled
 
+    async def warnings(self, compiled: CompiledSegment) -> list[str]:
+        """What the definition seems to read wrong about the persons held here (hints.py): never refused."""
+        return await definition_warnings(compiled.node, [person.fields for person in self.persons.values()])
+
     async def create(self, segment_id: str, node, *, name: str = "", description: str = "") -> Segment:
         known = await self.known()  # asked before the lock: other lifecycle calls never wait on it
         async with self._lifecycle_lock:
@@ -212,6 +219,7 @@ class Catalogue:
                 created_at=now,
                 updated_at=now,
             )
+            segment.warnings = await self.warnings(compiled)
             await self.store.put(SEGMENTS, segment_id, segment.doc())
             self.segments[segment_id] = segment
         await self._announce({"segment": segment_id})
@@ -228,6 +236,9 @@ class Catalogue:
             segment = self.get(segment_id)
             if node is not None:  # checked before anything changes: a refused update changes nothing
                 compiled = self.compile(node, segment_id=segment_id, known=known)
+                segment.warnings = await self.warnings(compiled)
+            else:
+                segment.warnings = []
             if name:
                 segment.name = name
             if description:

@@ -31,7 +31,7 @@ class Definition(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tree: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("id", "name", "description", "text", "tree", "version", "state", "profiles_done", "profiles_total", "size", "depends_on", "computed_traits", "time_dependent", "created_at", "updated_at", "live_at", "error")
+    __slots__ = ("id", "name", "description", "text", "tree", "version", "state", "profiles_done", "profiles_total", "size", "depends_on", "computed_traits", "time_dependent", "created_at", "updated_at", "live_at", "error", "warnings")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Segment(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     LIVE_AT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     description: str
@@ -66,7 +67,8 @@ class Segment(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     live_at: _timestamp_pb2.Timestamp
     error: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., text: _Optional[str] = ..., tree: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SegmentState, str]] = ..., profiles_done: _Optional[int] = ..., profiles_total: _Optional[int] = ..., size: _Optional[int] = ..., depends_on: _Optional[_Iterable[str]] = ..., computed_traits: _Optional[_Iterable[str]] = ..., time_dependent: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., text: _Optional[str] = ..., tree: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., version: _Optional[int] = ..., state: _Optional[_Union[SegmentState, str]] = ..., profiles_done: _Optional[int] = ..., profiles_total: _Optional[int] = ..., size: _Optional[int] = ..., depends_on: _Optional[_Iterable[str]] = ..., computed_traits: _Optional[_Iterable[str]] = ..., time_dependent: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateSegmentRequest(_message.Message):
     __slots__ = ("id", "name", "description", "definition", "wait")
@@ -143,7 +145,7 @@ class EstimateRequest(_message.Message):
     def __init__(self, definition: _Optional[_Union[Definition, _Mapping]] = ...) -> None: ...
 
 class EstimateResponse(_message.Message):
-    __slots__ = ("size", "population", "sample", "text", "tree", "computed_traits", "time_dependent", "evaluate_ms")
+    __slots__ = ("size", "population", "sample", "text", "tree", "computed_traits", "time_dependent", "evaluate_ms", "warnings")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     POPULATION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class EstimateResponse(_message.Message):
     COMPUTED_TRAITS_FIELD_NUMBER: _ClassVar[int]
     TIME_DEPENDENT_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_MS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     size: int
     population: int
     sample: _containers.RepeatedScalarFieldContainer[str]
@@ -160,7 +163,8 @@ class EstimateResponse(_message.Message):
     computed_traits: _containers.RepeatedScalarFieldContainer[str]
     time_dependent: bool
     evaluate_ms: float
-    def __init__(self, size: _Optional[int] = ..., population: _Optional[int] = ..., sample: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., tree: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_traits: _Optional[_Iterable[str]] = ..., time_dependent: _Optional[bool] = ..., evaluate_ms: _Optional[float] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, size: _Optional[int] = ..., population: _Optional[int] = ..., sample: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., tree: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., computed_traits: _Optional[_Iterable[str]] = ..., time_dependent: _Optional[bool] = ..., evaluate_ms: _Optional[float] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListMembersRequest(_message.Message):
     __slots__ = ("segment_id", "page_size", "page_token")
