@@ -51,7 +51,10 @@ the person's events: `Person.saw_event` notes the latest event whose change has 
 profile applies one person's events in order, so it covers the earlier ones), and the arbiter holds an
 action proposed meanwhile (`Held.profile`, no decision yet): the change releases it at once, or the
 person's wake decides it at `Rules.profile_wait` on the fields held, its reason naming
-`profile_unavailable`. Noting an event costs no store read nor write of its own.
+`profile_unavailable`. Noting an event costs no store read nor write of its own. An event entry whose `if`
+is false while the fields lag behind that very event is parked with the person (`Person.parked`, in memory)
+and checked again when the change arrives (`_release_parked`): a condition on a trait the event sets reads
+the value the event set.
 
 Metrics: `cdp.orchestration.decisions` (by kind), `cdp.orchestration.actions` (published, by channel),
 `cdp.orchestration.held` (gauge: actions held for the profile now), `cdp.orchestration.held.expired`
@@ -87,6 +90,7 @@ from cdp_orchestration.privacy import forget
 from cdp_orchestration.state import (
     ENROLLMENTS,
     INSTANCES,
+    MAX_PARKED,
     PERSONS,
     STATS,
     Batch,
@@ -215,6 +219,7 @@ class OrchestrationLogic:
             resolved: ResolvedInput = one.data
             # Until the profile's change for this event arrives, the fields lag behind it (see "Ordering" above).
             if person.saw_event(resolved.profile_id, now):
+                await self._release_parked(hot, batch, person, now)
                 await self._release_held(hot, batch, person, now)
             self._learn_ids(batch, person, resolved)
             # Most events reach a person no instance of whom waits on anything, under a name no journey enters
@@ -236,9 +241,18 @@ class OrchestrationLogic:
             refused: list = []
             for journey in entry.entered_by_event(candidates, event, person.view, now, refused):
                 await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+            if refused and person.pending is not None and person.pending[0] == resolved.profile_id:
+                # The fields lag behind this very event (its profile change is on its way): a condition on a
+                # trait it sets would read the old value. Checked again when the change arrives.
+                parked = person.parked if person.parked is not None else []
+                person.parked = parked
+                for journey in refused:
+                    if len(parked) >= MAX_PARKED:
+                        await self._recheck(hot, batch, person, *parked.pop(0), now)
+                    parked.append((journey, event, now))
+                refused = []
             for journey in refused:
-                reason = f"not entered: entry condition `{entry.condition_text(journey)}` was false at {when(now)}"
-                self.applier.not_entered(batch, person, journey.id, ENTRY_IF, reason, now)
+                self._refused_by_condition(batch, person, journey, now)
             for journey in paused:
                 if journey.entry.event.matches(event):  # type: ignore[union-attr]
                     self.applier.paused(batch, person, journey.id, now)
@@ -293,6 +307,7 @@ class OrchestrationLogic:
                 if person.live:
                     await self.applier.profile_changed(hot, batch, person, now)
                 if caught_up:
+                    await self._release_parked(hot, batch, person, now)
                     await self._release_held(hot, batch, person, now)
         elif kind == "timer":
             instance = person.live.get(one.data["i"])
@@ -336,6 +351,32 @@ class OrchestrationLogic:
         elif kind == "restore":
             await give_back(self.applier, self.partitions, batch, person, one.data["restored"], now)
         self._after(hot, batch, person, now)
+
+    async def _release_parked(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
+        """The fields caught up with the person's events: the event entries whose condition was false on the
+        fields before them are checked again (see "Entry conditions wait for the profile" in the README)."""
+        parked = person.parked
+        if not parked:
+            return
+        person.parked = None
+        for journey, event, at in parked:
+            await self._recheck(hot, batch, person, journey, event, at, now)
+
+    async def _recheck(
+        self, hot: Partition, batch: Batch, person: Person, journey: Any, event: Any, at: float, now: float
+    ) -> None:
+        """One parked event entry, decided on the fields as they are now: entered (the event's trigger, so a
+        copy never enters twice), or recorded as refused by its condition."""
+        if journey not in self.journeys.entering_on_event(event.name, event.properties):
+            return  # paused, archived or replaced since: what reaches the journey now decides
+        if entry.entered_by_event((journey,), event, person.view, now):
+            await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+        else:
+            self._refused_by_condition(batch, person, journey, now)
+
+    def _refused_by_condition(self, batch: Batch, person: Person, journey: Any, now: float) -> None:
+        reason = f"not entered: entry condition `{entry.condition_text(journey)}` was false at {when(now)}"
+        self.applier.not_entered(batch, person, journey.id, ENTRY_IF, reason, now)
 
     async def _release_held(self, hot: Partition, batch: Batch, person: Person, now: float) -> None:
         """The fields caught up with the person's events: actions waiting for them are decided now (see

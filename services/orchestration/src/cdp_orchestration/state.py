@@ -47,6 +47,8 @@ TOMBSTONES = "orchestration_tombstones"
 SENDS = "orchestration_sends"  # written by the dispatchers (`dispatch.py`)
 OUTCOMES = "orchestration_outcomes"
 
+MAX_PARKED = 16  # event entries a person may have waiting for the profile (`Person.parked`)
+
 _FAR = 10**19  # decision keys hold (FAR - microseconds): a key-ordered scan reads the newest first
 
 
@@ -132,6 +134,10 @@ class Person:
     # Not on the record; it keeps a busy trigger from rewriting the same refusal on every event
     # (`Applier.not_entered`).
     refusals: dict[str, tuple[str, float]] = field(default_factory=dict, repr=False, compare=False)
+    # Event entries whose `if` was false while the fields lagged behind that very event: checked again when
+    # the profile's change for it arrives (`engine`, "Entry conditions wait for the profile"). In memory only,
+    # at most `MAX_PARKED`: (journey, the event, when it arrived).
+    parked: list[tuple[Any, Any, float]] | None = field(default=None, repr=False, compare=False)
     # The arbiter state's record, kept with the state it was made of: the record is rewritten on every profile
     # change, the arbiter state (immutable, replaced when it changes) far less often.
     arbiter_record: tuple[PersonState, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
