@@ -120,3 +120,40 @@ async def test_a_paused_journey_says_so(world_factory):
     refused = await world.eventually(lambda: refusal(world, "dee", "vip"))
     assert (refused.rule, refused.reason) == ("paused", "not entered: journey paused")
     assert not await world.instances("dee")
+
+
+async def test_refused_entries_page_with_the_decisions_newest_first():
+    from cdp_kit.storage import open_store
+    from cdp_orchestration.state import decision_order, not_entered_key
+
+    def doc(kind: str, journey_id: str, at: float, action_id: str = "") -> dict:
+        return {
+            "action_id": action_id,
+            "journey_id": journey_id,
+            "instance_id": "",
+            "person_id": "gus",
+            "node_id": "",
+            "channel": "",
+            "category": "",
+            "kind": kind,
+            "reason": "",
+            "rule": "",
+            "until": None,
+            "at": at,
+        }
+
+    async with open_store("memory://") as store:
+        for at, action_id in ((100.0, "a1"), (300.0, "a3"), (500.0, "a5")):
+            await store.put(DECISIONS, f"gus:{decision_order(at)}:{action_id}:sent:0", doc("sent", "j", at, action_id))
+        for at, journey_id in ((200.0, "j2"), (400.0, "j4")):
+            await store.put(DECISIONS, not_entered_key("gus", journey_id), doc("not_entered", journey_id, at))
+        api = OrchestrationApi(journeys=Journeys(store), store=store, bus=None, partitions=2)
+        seen, token = [], ""
+        while True:
+            request = pb.ListDecisionsRequest(person_id="gus", page_size=2, page_token=token)
+            page = await api.ListDecisions(request, None)
+            seen += [d.decided_at.ToSeconds() for d in page.decisions]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == [500, 400, 300, 200, 100]
