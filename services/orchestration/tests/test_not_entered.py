@@ -157,3 +157,44 @@ async def test_refused_entries_page_with_the_decisions_newest_first():
             if not token:
                 break
         assert seen == [500, 400, 300, 200, 100]
+
+
+async def test_a_privacy_deletion_takes_the_refused_entries_with_the_decisions(world_factory):
+    import asyncio
+
+    from cdp.privacy.v1 import privacy_pb2
+    from cdp_kit.bus import OutMessage, privacy_stream, subjects
+    from cdp_orchestration.channels.inapp import InboxChannel
+    from cdp_orchestration.privacy import PrivacyHandler, consumer_spec
+    from cdp_orchestration.state import prepare_store
+
+    world = await world_factory()
+    await world.bus.ensure_streams(privacy_stream())
+    await prepare_store(world.store)
+    await world.publish_journey(journey("pro", {"event": "Upgraded", "if": 'traits.plan = "pro"'}))
+    await world.start()
+    for person in ("hal", "ivy"):
+        await world.profile(person, plan="free")
+        await world.event(person, "Upgraded", f"u-{person}")
+        await world.eventually(lambda p=person: refusal(world, p, "pro"))
+
+    handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=world.engine, inbox=InboxChannel(world.store))
+    handled = asyncio.Event()
+
+    async def handle(batch) -> None:
+        await handler.handle(batch)
+        handled.set()
+
+    task = asyncio.create_task(world.bus.consumer(consumer_spec(), handle).run())
+    try:
+        request = privacy_pb2.PrivacyDeleted(request_id="req-hal", person_id="hal")
+        [result] = await world.bus.publisher.publish_batch(
+            [OutMessage(subjects.PRIVACY_DELETED, request.SerializeToString(), "privacy:req-hal")]
+        )
+        assert result.ok
+        await asyncio.wait_for(handled.wait(), timeout=30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [r.key async for r in world.store.scan_all(DECISIONS, prefix="hal:")] == []
+    assert await refusal(world, "ivy", "pro") is not None
