@@ -114,6 +114,39 @@ async def test_a_deletion_accepted_before_the_handler_fetched_it_stops_the_perso
     assert (await world.store.get(SENDS, ada_email.action_id)).doc["status"] == "withdrawn"
 
 
+async def test_a_deletion_accepted_while_a_slow_batch_is_worked_stops_a_later_send_of_it(world_factory):
+    """The batch's look at the unhandled notices is taken again once it is LOOK_EVERY old: a provider
+    taking its time on one send does not let the next go out on a look from before the deletion."""
+    world, engine = await _platform(world_factory)
+    await _queue_email(world, "bob", 1)
+    await _queue_email(world, "ada", 1)
+    [ada_email] = [a for a in await world.actions() if a.person_id == "ada"]
+    handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=engine)
+    await world.bus.consumer(consumer_spec(), handler.handle).provision()
+
+    class SlowMailbox(Mailbox):
+        async def send(self, action) -> Outcome:
+            if action.person_id == "bob":  # Ada's deletion is accepted while Bob's provider answers
+                await _accept_deletion(world, "req-5", "ada")
+                await asyncio.sleep(0.5)
+            return await super().send(action)
+
+    mailbox = SlowMailbox()
+    runner = asyncio.create_task(dispatcher(world.bus, world.store, mailbox, concurrency=1).run())
+    try:
+
+        async def settled() -> bool:
+            return not [a for a in await world.actions() if a.channel == "email"]
+
+        await world.eventually(settled)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    assert mailbox.sent == ["bob"]
+    assert (await world.store.get(SENDS, ada_email.action_id)).doc["status"] == "withdrawn"
+
+
 async def test_an_action_for_a_person_already_forgotten_is_not_sent(world_factory):
     """The handler applied the deletion, then an action for the person reached ACTIONS: another replica's
     engine publishing its outbox late, or a dead letter replayed."""

@@ -63,8 +63,8 @@ redelivery, `max_attempts` times, then the message is dead-lettered (``outcome_n
 posts it). A send record
 that says "withdrawn" (`privacy.py`: the person was deleted before their action went out) makes the
 dispatcher send nothing, and so does a person's deletion accepted before the send (`privacy.Deletions`:
-the notices the privacy handler has not acknowledged, read before each batch, and its marker, looked for
-right before each send). Logs name the action id, channel and reason code, never an address or content.
+the notices the privacy handler has not acknowledged, read before each batch and again while it is worked,
+and its marker, looked for right before each send). Logs name the action id, channel and reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -184,9 +184,7 @@ class Dispatcher:
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
-        # Whom a privacy deletion was accepted for (None: not asked); `_unhandled`: the batch's unhandled ones.
-        self.deletions = deletions
-        self._unhandled: frozenset[str] = frozenset()
+        self.deletions = deletions  # whom a privacy deletion was accepted for (None: not asked)
         # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
         self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
@@ -212,7 +210,7 @@ class Dispatcher:
     async def handle(self, batch: Sequence[Delivery]) -> None:
         if self.deletions is not None:
             # Unavailable when it cannot be known: the kit hands the batch back and nothing is sent.
-            self._unhandled = await self.deletions.unhandled()
+            await self.deletions.look()
         by_person: dict[str, list[tuple[Delivery, Action]]] = {}
         for delivery in batch:
             try:
@@ -318,9 +316,7 @@ class Dispatcher:
         # is tried anyway, so the action ends with an outcome rather than unrecorded.
         if wait > 0 and await self._defer(delivery, action, tries, "provider_paused", wait):
             return None
-        if self.deletions is not None and (
-            action.person_id in self._unhandled or await self.deletions.marked(action.person_id)
-        ):
+        if self.deletions is not None and await self.deletions.deleted(action.person_id):
             # The person's deletion was accepted: withdrawn (`privacy.py`), as its handler would have.
             record = withdrawn_record(self.channel.name, time.time())
             await self.store.bulk_write([Put(SENDS, action.action_id, record)])

@@ -50,9 +50,10 @@ once the engine forgot the person. A dispatcher sending in between sent to a del
   acknowledgement floor; at most `MAX_UNHANDLED`) and sends nothing to their persons. When that cannot be
   known (the bus does not answer; the consumer is missing while PRIVACY holds notices; the handler is
   further behind) the batch is handed back and nothing is sent.
-What remains: a notice stored after the batch's look and before the handler's marker, while the batch is
-being worked (a deletion accepted during the send, which was under way), and a send a provider had
-already taken.
+  The look is taken again before a send once LOOK_EVERY (0.1 s) has passed, so a slow batch does not
+  send on an old one.
+What remains: a notice stored within LOOK_EVERY before a send and not yet marked by the handler (a
+deletion accepted while the send was under way), and a send a provider had already taken.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ DAY = 86_400.0
 DELETED = "orchestration_deleted"
 #: Notices the handler has not acknowledged that a dispatcher reads before a batch; beyond, it waits.
 MAX_UNHANDLED = 1000
+#: Seconds a dispatcher's look at those notices serves the sends after it, within a batch.
+LOOK_EVERY = 0.1
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -325,8 +328,8 @@ class PrivacyHandler:
 
 class Deletions:
     """What a dispatcher asks before it sends (see the module docstring): the persons of the notices the
-    handler has not acknowledged (`unhandled`, once a batch), and whether a person is marked (`marked`,
-    right before each send)."""
+    handler has not acknowledged (`look`, before each batch, and again before a send once LOOK_EVERY has
+    passed), and whether a person is marked (right before each send): `deleted`."""
 
     def __init__(self, store: Store, js: JetStreamContext, *, durable: str | None = None) -> None:
         self.store = store
@@ -336,6 +339,29 @@ class Deletions:
         # (a notice never changes), and how far the stream was read.
         self._notices: dict[int, tuple[str, ...]] = {}
         self._read_to = 0
+        self._unhandled: frozenset[str] = frozenset()
+        self._looked_at = -LOOK_EVERY  # monotonic time the last look began
+        self._looking = asyncio.Lock()
+
+    async def look(self) -> None:
+        """Read the unhandled notices now. Unavailable when that cannot be known (nothing is to be sent)."""
+        async with self._looking:
+            began = time.monotonic()
+            self._unhandled = await self.unhandled()
+            self._looked_at = began
+
+    async def deleted(self, person_id: str) -> bool:
+        """Right before a send: whether a deletion of the person was accepted - their marker, or a notice
+        the handler has not acknowledged at a look begun at most LOOK_EVERY s ago."""
+        if await self.marked(person_id):
+            return True
+        if time.monotonic() - self._looked_at > LOOK_EVERY:
+            async with self._looking:
+                if time.monotonic() - self._looked_at > LOOK_EVERY:  # not looked at meanwhile
+                    began = time.monotonic()
+                    self._unhandled = await self.unhandled()
+                    self._looked_at = began
+        return person_id in self._unhandled
 
     async def marked(self, person_id: str) -> bool:
         return await self.store.get(DELETED, person_id) is not None
