@@ -11,6 +11,10 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
   Collections DELETE, HubSpot batch archive, Dataverse DELETE by alternate key, Zoho DELETE records); a
   record already gone counts as deleted.
 
+Records naming the person that the connector did not write (a rep's own contact of them) are searched for
+by the person's email, phone and stamped match key in HubSpot and Salesforce and erased the same way
+(`Privacy._sweep`).
+
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
 erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
 `GetRecordStatus` (`cdpctl crm record`) shows what was done; the person's view, queued changes and dead
@@ -45,8 +49,8 @@ from opentelemetry import metrics
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.delivery import Deliverer
-from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
-from cdp_crm.domain.mapping import ObjectMapping
+from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change, record_key
+from cdp_crm.domain.mapping import PERSON_ID, ObjectMapping
 from cdp_crm.inbound.refused import letter_keys
 from cdp_crm.state import (
     ANONYMISED,
@@ -72,6 +76,9 @@ DONE_STAMP = 2**62  # newer than any stream position: the erasure wins over a ch
 PLACEHOLDER = "(deleted)"  # what an anonymised record holds in a field its CRM requires
 SWEEP_INTERVAL = 3600.0  # seconds between two sweeps of the aged-out tombstones
 DAY = 86_400.0
+# The profile fields whose values name a person in a CRM record: searched for at an erasure.
+IDENTIFYING = ("traits.email", "traits.phone")
+SWEPT = "swept"  # in an erasure's kept identifiers: the connections searched through already
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -143,6 +150,13 @@ class Privacy:
             return True
         persons = [request.person_id, *request.merged_person_ids]
         records = [r for pid in persons for r in await self.store.find(RECORDS, "person_id", pid, limit=10_000)]
+        # What names the persons in a CRM record (their email and phone, as the connector knows them), read
+        # before anything is erased: records no one synced (a rep's own contact of them) are searched by it.
+        identifiers = await self._identifiers(key, persons, records)
+        # Erased already by another request: nothing the connector writes has named them since (the
+        # tombstones), so their match key is not searched for again.
+        earlier = await self.store.get_many(TOMBSTONES, persons)
+        again = len(earlier) == len(persons) and all(t.doc.get("request") != key for t in earlier.values())
         now = self.clock()
         done: dict[str, dict[str, int]] = defaultdict(dict)
         # The tombstones first, with whatever this attempt writes: from then on the engine drops the persons'
@@ -196,6 +210,9 @@ class Privacy:
                 complete = False
                 ops.append(Put(RECORDS, dead.record, {**docs[dead.record], "state": DEAD_LETTERED,
                                                        "reason": dead.reason, "crm_code": dead.crm_code}))  # fmt: skip
+        # Every other record naming them: found by their email, phone or the match key stamped with their id.
+        if not await self._sweep(request.person_id, persons, records, identifiers, key, now, ops, done, not again):
+            complete = False
         # The view, queued changes and dead letters carry the person's values: a backfill, a retry or a replay
         # must not send them while the erasure waits for a CRM.
         ops += [Delete(PENDING, r.key) for r in records] + [Delete(DEAD_LETTERS, r.key) for r in records]
@@ -211,7 +228,10 @@ class Privacy:
             if r.doc.get("crm_id")
         ]
         if not complete:
-            await self.store.bulk_write(ops)  # what is done stays done: the retry calls only what is left
+            # What is done stays done: the retry calls only what is left - with the identifiers to search by,
+            # kept until then (the view and the records' values that held them are gone).
+            ops.append(Put(PRIVACY, f"{key}:identifiers", identifiers))
+            await self.store.bulk_write(ops)
             await self.store.erase()  # no bytes left of the values already erased
             return False
         policies = {c: self.policy(c) for c in done}
@@ -227,10 +247,129 @@ class Privacy:
                 },
             )
         )
+        ops.append(Delete(PRIVACY, f"{key}:identifiers"))
         await self.store.bulk_write(ops)
         await self.store.erase()  # the deletions are durable: leave no bytes of them in the store's files
         log.info("crm erasure done", extra={"records": len(records), "connections": len(done)})
         return True
+
+    async def _identifiers(self, key: str, persons: list[str], records: list) -> dict[str, list[str]]:
+        """The persons' values of `IDENTIFYING` fields the connector holds: in their views and in what it
+        wrote to their records (a mapping's field filled from one), plus those an earlier attempt kept."""
+        found: dict[str, set[str]] = {path: set() for path in IDENTIFYING}
+        found[SWEPT] = set()  # the connections an earlier attempt searched through already
+        kept = await self.store.get(PRIVACY, f"{key}:identifiers")
+        for path, values in (kept.doc if kept is not None else {}).items():
+            found.setdefault(path, set()).update(values)
+        for view in (await self.store.get_many(PERSONS, persons)).values():
+            for path in IDENTIFYING:
+                value = (view.doc.get("fields") or {}).get(path)
+                if isinstance(value, str) and value.strip():
+                    found[path].add(value.strip())
+        for record in records:
+            mapping = self.mappings.get(f"{record.doc['connection']}/{record.doc['mapping']}")
+            for fm in mapping.fields if mapping is not None else ():
+                value = (record.doc.get("fields") or {}).get(fm.crm_field)
+                if fm.source in IDENTIFYING and isinstance(value, str) and value.strip():
+                    found[fm.source].add(value.strip())
+        return {path: sorted(values) for path, values in found.items()}
+
+    async def _sweep(
+        self, person_id: str, persons: list[str], records: list, identifiers: dict[str, list[str]], request: str,
+        now: float, ops: list, done: dict[str, dict[str, int]], by_key: bool = True,
+    ) -> bool:  # fmt: skip
+        """Erase, by the connection's policy, every record of a record mapping's object that names the persons
+        and that the connector did not write for them: found by a field the mapping fills from their email or
+        phone, or by its match key holding their id (HubSpot search, Salesforce SOQL; a request per lookup
+        from the account's budget). A record holding another person's match key is theirs and left alone.
+        Each one erased gets an erasure record (`crm_records`, keyed by mapping and CRM id) like those the
+        connector wrote: the inbound side then drops what a CRM user does to it (no new person of the deleted
+        one). `by_key`: search the match key too (not for persons another request erased already). False
+        when a CRM failed: the request comes again, and searches only the connections left."""
+        known = {
+            (r.doc["connection"], str(r.doc.get("object", "")).lower(), str(r.doc["crm_id"]))
+            for r in records
+            if r.doc.get("crm_id")
+        }
+        swept: set[tuple[str, str]] = set()  # (connection, object): one search of each
+        before = set(identifiers.get(SWEPT, ()))
+        failed: set[str] = set()
+        for mapping in self.mappings.values():
+            connection = mapping.connection
+            place = (connection, mapping.object.lower())
+            adapter = self.deliverer.adapters.get(connection)
+            if mapping.kind != "record" or place in swept or connection in self.unstarted or adapter is None:
+                continue
+            if connection in before:
+                continue  # an earlier attempt of this request searched it: the retry calls only what is left
+            if not hasattr(adapter, "find") or not hasattr(adapter, "erase"):
+                continue  # Dynamics, Zoho: the records the connector wrote only
+            swept.add(place)
+            holder = next((fm.crm_field for fm in mapping.match if fm.source == PERSON_ID), None)
+            lookups = [
+                (fm.crm_field, identifiers.get(fm.source, [])) for fm in mapping.fields if fm.source in IDENTIFYING
+            ]
+            if holder is not None and by_key:
+                lookups.append((holder, persons))
+            policy = self.policy(connection)
+            budget = self.deliverer.budgets[connection]
+            targets: list[str] = []
+            try:
+                for field, values in lookups:
+                    if not values:
+                        continue
+                    found = await self._metered(
+                        budget, adapter.find(mapping, field, values, [holder] if holder else [])
+                    )
+                    for crm_id, props in found.items():
+                        held = str(props.get(holder) or "") if holder else ""
+                        if (connection, place[1], crm_id) in known or (held and held not in persons):
+                            continue
+                        if crm_id not in targets:
+                            targets.append(crm_id)
+                if targets:
+                    fields = None if policy == "delete" else _cleared(mapping)
+                    await self._metered(budget, adapter.erase(mapping, targets, fields))
+            except _Unanswered:
+                log.warning("crm erasure search waits for the crm", extra={"connection": connection})
+                failed.add(connection)
+                continue
+            for crm_id in targets:
+                doc = {"connection": connection, "mapping": mapping.id, "object": mapping.object,
+                       "person_id": person_id, "crm_id": crm_id}  # fmt: skip
+                tombstone = {**erased(doc, policy, request, now), "found": "search"}
+                _count(done, connection, policy, tombstone)
+                ops.append(Put(RECORDS, record_key(mapping.name, (("crm_id", crm_id),)), tombstone))
+            if targets:
+                log.info("crm records naming an erased person erased", extra={"connection": connection,
+                         "records": len(targets)})  # fmt: skip
+        identifiers[SWEPT] = sorted(before | ({c for c, _ in swept} - failed))
+        return not failed
+
+    async def _metered(self, budget, call):
+        """One request from the account's budget: its answer, or `_Unanswered` (no budget in time, an error)."""
+        reservation = await budget.acquire(1, self.deliverer.clock, self.deliverer.clock() + self.retry_for)
+        if reservation is None:
+            call.close()
+            raise _Unanswered
+        answer, headers = await call
+        await budget.settle(reservation, self.deliverer.clock(), headers, answered=answer is not None)
+        if answer is None:
+            raise _Unanswered
+        return answer
+
+
+class _Unanswered(Exception):
+    """A CRM lookup or erasure that did not happen (an error, or no budget in time)."""
+
+
+def _cleared(mapping: ObjectMapping) -> dict:
+    """The mapping's fields as an anonymised record holds them (`erasure`)."""
+    return {
+        fm.crm_field: PLACEHOLDER if fm.crm_field in mapping.required else None
+        for fm in mapping.fields
+        if fm.source is not None
+    }
 
 
 ORDER = {"list": 0, "action": 1, "record": 2}

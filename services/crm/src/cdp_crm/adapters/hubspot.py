@@ -223,6 +223,52 @@ class HubSpotAdapter:
             return None, None, answer.headers
         return True, str(answer.body.get("id") or primary), answer.headers
 
+    async def find(
+        self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
+    ) -> tuple[dict[str, dict[str, Any]] | None, dict]:
+        """The records of `mapping`'s object whose `field` holds one of `values` (any case): HubSpot id ->
+        their `read` properties, by search (``IN``, lower-cased values as HubSpot wants them); None on an
+        error. A request per page of 100."""
+        body: dict[str, Any] = {
+            "filterGroups": [
+                {"filters": [{"propertyName": field, "operator": "IN", "values": [v.lower() for v in values]}]}
+            ],
+            "properties": sorted({field, *read}),
+            "limit": 100,
+        }
+        found: dict[str, dict[str, Any]] = {}
+        headers: dict = {}
+        for _ in range(10):  # at most a thousand records name one person's identifiers
+            answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/search", body, "privacy search")
+            headers = answer.headers
+            if _failure(answer) is not None or listed(answer, "results") is not None:
+                return None, headers
+            for record in answer.body["results"]:
+                found[str(record["id"])] = dict(record.get("properties") or {})
+            after = ((answer.body.get("paging") or {}).get("next") or {}).get("after")
+            if not after:
+                break
+            body["after"] = after
+        return found, headers
+
+    async def erase(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[bool | None, dict]:
+        """Delete these records by HubSpot id (``batch/archive``; `fields` None) or write `fields` to each
+        (their personal data cleared); True once done (a record gone already counts), None on an error."""
+        if fields is None:
+            body = {"inputs": [{"id": i} for i in crm_ids]}
+            answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/archive", body, "archive")
+            return (None if _failure(answer) is not None else True), answer.headers
+        headers: dict = {}
+        for crm_id in crm_ids:
+            path = f"/crm/v3/objects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+            answer = await self._call("PATCH", path, {"properties": fields}, "anonymise")
+            headers = answer.headers
+            if answer.status != 404 and _failure(answer) is not None:
+                return None, headers
+        return True, headers
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these match-key values (lower case) a record of `mapping`'s object holds in HubSpot, by
         ``batch/read`` on the key; None when HubSpot did not say (an error). At most `batch_limit` values."""
@@ -370,6 +416,10 @@ def _whole_error(answer: Answer) -> CrmError | None:
         return CrmError(PERMISSION, category, message, answer.status, every_record=True)
     if answer.status == 404:
         return CrmError(NOT_FOUND, category, message, answer.status, every_record=True)
+    if answer.status == 409 or category == "CONFLICT":
+        # A unique value (a contact's email) another record holds: HubSpot refuses the whole batch; the halves
+        # that follow find the record, dead-lettered `duplicate` as a batch's per-record CONFLICT is.
+        return CrmError(DUPLICATE, category, message, answer.status)
     return CrmError(INVALID_VALUE if category == "VALIDATION_ERROR" else REJECTED, category, message, answer.status)
 
 

@@ -306,6 +306,44 @@ class SalesforceAdapter:
             return False, updated.headers
         return (None if _failure(updated) is not None else True), updated.headers
 
+    async def find(
+        self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
+    ) -> tuple[dict[str, dict[str, Any]] | None, dict]:
+        """The records of `mapping`'s object whose `field` holds one of `values`: Salesforce Id -> their
+        `read` fields, by SOQL; None on an error."""
+        listed_values = ", ".join(_soql_text(v) for v in values)
+        names = ", ".join(sorted({"Id", field, *read}))
+        found, answer = await self._query(
+            f"SELECT {names} FROM {mapping.object} WHERE {field} IN ({listed_values})", "privacy lookup"
+        )
+        if _failure(answer) is not None:
+            return None, answer.headers
+        return {str(r["Id"]): r for r in found}, answer.headers
+
+    async def erase(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[bool | None, dict]:
+        """Delete these records by Id (sObject Collections DELETE; `fields` None) or write `fields` to each
+        (their personal data cleared); True once done (a record gone already counts), None on an error."""
+        if fields is None:
+            query = urllib.parse.urlencode({"ids": ",".join(crm_ids), "allOrNone": "false"})
+            answer = await self._call("DELETE", f"/composite/sobjects?{query}", what=f"delete {mapping.object}")
+            if _failure(answer) is not None:
+                return None, answer.headers
+            for item in answer.body if isinstance(answer.body, list) else []:
+                code = str(((item.get("errors") or [{}])[0]).get("statusCode", ""))
+                if not item.get("success") and code not in ("ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"):
+                    return None, answer.headers
+            return True, answer.headers
+        headers: dict = {}
+        for crm_id in crm_ids:
+            path = f"/sobjects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+            answer = await self._call("PATCH", path, json=fields, what="anonymise")
+            headers = answer.headers
+            if answer.status != 404 and _failure(answer) is not None:
+                return None, headers
+        return True, headers
+
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these external id values (lower case) a record of `mapping`'s object holds in Salesforce,
         by SOQL; None when Salesforce did not say (an error). At most `batch_limit` values."""

@@ -1,0 +1,110 @@
+"""An erasure reaches every CRM record that names the deleted person, not only the ones the connector wrote:
+a contact a sales rep made for them (never synced, or made again after the synced one was deleted) is found
+by the person's email or phone, or by the match key stamped with their id, and erased by the connection's
+policy. What a rep then does to such a record is no news: it would make a new person of the deleted one.
+
+Real HTTP against the local HubSpot and Salesforce, the engine on a real nats-server."""
+
+from __future__ import annotations
+
+from cdp.privacy.v1 import privacy_pb2
+from cdp_crm.adapters.salesforce import SalesforceAdapter
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.inbound import Poller
+from cdp_crm.inbound.salesforce import SalesforceReader
+from cdp_crm.privacy import Privacy
+from cdp_crm.state import ANONYMISED, DELETED, PRIVACY, RECORDS
+from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.salesforce import SalesforceEmulator
+
+from .conftest import TOKEN, salesforce_contacts
+
+SF_FIELDS = {
+    "Email": "traits.email",
+    "Phone": "traits.phone",
+    "FirstName": "traits.first_name",
+    "LastName": {"source": "traits.last_name", "default": "(unknown)"},
+}
+
+
+def _privacy(world) -> Privacy:
+    return Privacy(
+        world.store, world.logic.mappings, world.logic.deliverer, settled=world.logic.settled,
+        partitions=world.partitions, policies={c.id: c.on_delete or "anonymise" for c in world.connections},
+        retry_for=5.0,
+    )  # fmt: skip
+
+
+async def test_salesforce_a_reps_own_contact_of_the_person_is_anonymised_and_its_later_edits_are_no_news(
+    world_factory, collector
+):
+    async with SalesforceEmulator() as sf:
+        world = await world_factory(sf)
+        await world.start(
+            salesforce_contacts(sf, SF_FIELDS),
+            env={"SF_ID": sf.client_id, "SF_SECRET": sf.client_secret},
+            describe=True,
+        )
+        await world.profiles(
+            {"person-1": {"traits.email": "ada@example.com", "traits.phone": "+442079460000", "traits.last_name": "L"}}
+        )
+        await world.eventually(lambda: sf.find("Contact", "CDP_Id__c", "person-1") is not None)
+        # Reps' own contacts: one by her email, one by her phone, and one of somebody else.
+        by_email = sf.user_create("Contact", {"LastName": "Lovelace", "Email": "ADA@example.com", "Title": "Countess"})
+        by_phone = sf.user_create("Contact", {"LastName": "Lovelace", "Phone": "+442079460000"})
+        other = sf.user_create("Contact", {"LastName": "Byron", "Email": "byron@example.com"})
+        (connection,) = world.connections
+        adapter = SalesforceAdapter(
+            world.session, client_id=sf.client_id, client_secret=sf.client_secret, login_url=sf.base_url
+        )
+        reader = SalesforceReader(connection, adapter, SharedBudget(world.store, connection))
+        poller = Poller(world.store, connection, reader, collector.client(world.session), objects=("Contact",))
+        await poller.poll()
+        seen = len(collector.stored)
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+        for made in (by_email, by_phone):
+            record = sf.records("Contact")
+            (now,) = [r for r in record if r["Id"] == made["Id"]]
+            assert not now.get("Email") and not now.get("Phone") and now["LastName"] == "(deleted)"
+        assert sf.find("Contact", "Id", other["Id"])["Email"] == "byron@example.com"  # nobody else touched
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        assert done["connections"] == {"sf": {"anonymised": 3, "removed": 0}}
+        erased = {r.doc["crm_id"]: r.doc["state"] for r in await world.store.find(RECORDS, "person_id", "person-1")}
+        assert erased[by_email["Id"]] == ANONYMISED and erased[by_phone["Id"]] == ANONYMISED
+
+        # A rep edits the anonymised contact: no event (identity would make a new person of it).
+        sf.clock.advance(5)
+        sf.user_update("Contact", by_email["Id"], {"Title": "Mathematician", "FirstName": "Ada"})
+        await poller.poll()
+        assert len(collector.stored) == seen
+        await world.stop()
+
+
+async def test_hubspot_a_contact_made_again_by_a_rep_after_the_synced_one_was_deleted_is_deleted(world_factory):
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        document = world.document()
+        document["connections"][0]["on_delete"] = "delete"
+        await world.start(document)
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1") is not None)
+        synced = hubspot.find("contacts", "cdp_id", "person-1")
+        archive = f"{hubspot.base_url}/crm/v3/objects/contacts/batch/archive"
+        body = {"inputs": [{"id": synced["id"]}]}
+        async with world.session.post(archive, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as answer:
+            assert answer.status == 204  # a rep deletes it ...
+        again = hubspot.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada"})  # ... and makes it
+        # A contact stamped with her id the connector does not know of (its record of it lost).
+        stamped = hubspot.user_create("contacts", {"email": "ada@work.example", "cdp_id": "person-1-old"})
+        other = hubspot.user_create("contacts", {"email": "bo@example.com"})
+
+        request = privacy_pb2.PrivacyDeleted(
+            request_id="req-1", person_id="person-1", merged_person_ids=["person-1-old"]
+        )
+        assert await _privacy(world).erase(request)
+        left = {r["id"] for r in hubspot.records("contacts")}
+        assert again["id"] not in left and stamped["id"] not in left and other["id"] in left
+        states = {r.doc.get("crm_id"): r.doc["state"] for r in await world.store.find(RECORDS, "person_id", "person-1")}
+        assert states[again["id"]] == DELETED and states[stamped["id"]] == DELETED
+        await world.stop()
