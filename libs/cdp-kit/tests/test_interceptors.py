@@ -592,3 +592,22 @@ async def test_a_refused_or_failed_call_does_not_keep_its_request_until_a_full_c
             gc.enable()
     assert codes == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL}
     assert held < 4 * len(body), f"{held / len(body):.0f} request bodies still held after 40 ended calls"
+
+
+async def test_refusals_name_the_token_and_exports_and_deletions_are_audited(observed, tokens, caplog):
+    """A security trial probed other services' methods with a stolen token and nothing said whose; and a
+    person's export or deletion left no line saying who asked. A token's name is a label, not a secret."""
+    path, t = tokens
+    scopes = {**SCOPES, "/test.Svc/Open": "privacy:export"}  # a method of an audited scope
+    interceptor = CdpInterceptor(observed.telemetry, authenticator=TokenAuthenticator(path), method_scopes=scopes)
+    caplog.set_level(logging.INFO, logger="cdp.grpc")
+    async with serving(interceptor, Recorder()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await channel.stream_unary("/test.Svc/Sum")(iter([b"a"]), metadata=bearer(t["reader"]))
+        await channel.unary_unary("/test.Svc/Echo")(b"", metadata=bearer(t["reader"]))  # not audited
+        await channel.unary_unary("/test.Svc/Open")(b"", metadata=bearer(t["admin"]))
+    lines = [(r.getMessage(), r.method, r.status, getattr(r, "caller", None)) for r in caplog.records]
+    assert lines == [
+        ("grpc call rejected", "/test.Svc/Sum", "PERMISSION_DENIED", "reader"),
+        ("grpc call", "/test.Svc/Open", "OK", "admin"),
+    ]

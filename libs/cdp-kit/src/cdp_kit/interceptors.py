@@ -75,6 +75,13 @@ _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("cdp_caller", d
 _rejection: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
     "cdp_rejection", default=None
 )
+# The name of the token the call presented, once authenticated (each call runs in a task of its own):
+# the log lines of a refused or failed call name who made it, so a stolen token probing methods it lacks
+# can be told apart. A token's name is the operator's label for a caller, never a secret.
+_caller_name: contextvars.ContextVar[str | None] = contextvars.ContextVar("cdp_caller_name", default=None)
+# Scopes whose successful calls are logged at INFO with the caller: a person's export and deletion are
+# audited (who asked, when), whatever the log level.
+AUDITED_SCOPES = frozenset({"privacy:export", "privacy:delete"})
 
 # A call without trace context starts a new trace (extracting from an empty carrier gives the same).
 _NO_PARENT = Context()
@@ -149,6 +156,7 @@ class _Method:
     __slots__ = (
         "_by_status",
         "_deserializer",
+        "audited",
         "name",
         "ok_attributes",
         "request_type",
@@ -169,6 +177,7 @@ class _Method:
         # every call.
         self.span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
         self.scope = scope  # None: no authentication for this method
+        self.audited = scope in AUDITED_SCOPES
         self._by_status: dict[str, dict[str, str]] = {}
         self.ok_attributes = self.metric_attributes("OK")
 
@@ -369,6 +378,7 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
         authenticator = self._authenticator
         assert authenticator is not None and method.scope is not None  # `_scope_for` guarantees both
         caller = authenticator.authenticate(authorization)
+        _caller_name.set(caller.name)
         authenticator.authorize(caller, method.scope, method.name)
         return _caller.set(caller)
 
@@ -403,14 +413,25 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
             if code is _OK:
                 self._duration.record(elapsed_ms, method.ok_attributes)
                 span.set_attribute("rpc.grpc.status_code", 0)
-                if log.isEnabledFor(logging.DEBUG):
+                if method.audited:
+                    log.info(
+                        "grpc call",
+                        extra={"method": method.name, "status": "OK", "caller": _caller_name.get(), "audit": True},
+                    )
+                elif log.isEnabledFor(logging.DEBUG):
                     log.debug("grpc call", extra={"method": method.name, "status": "OK", "ms": round(elapsed_ms, 2)})
                 return
             status = code.name if isinstance(code, grpc.StatusCode) else str(code)
             self._duration.record(elapsed_ms, method.metric_attributes(status))
             if status in ("INTERNAL", "UNKNOWN", "DATA_LOSS"):
                 log.error(
-                    "grpc call failed", extra={"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
+                    "grpc call failed",
+                    extra={
+                        "method": method.name,
+                        "status": status,
+                        "ms": round(elapsed_ms, 2),
+                        "caller": _caller_name.get(),
+                    },
                 )
             else:
                 level = logging.DEBUG if status in _ANSWERS else logging.INFO
@@ -418,7 +439,12 @@ class CdpInterceptor(grpc.aio.ServerInterceptor):
                     # The status details are the caller's: they quote the value that failed. The log and
                     # the span (exported like a log) get the reason code and the field only.
                     reason, field = _rejection.get() or (None, None)
-                    extra = {"method": method.name, "status": status, "ms": round(elapsed_ms, 2)}
+                    extra = {
+                        "method": method.name,
+                        "status": status,
+                        "ms": round(elapsed_ms, 2),
+                        "caller": _caller_name.get(),
+                    }
                     if reason is not None:
                         extra["reason"] = reason
                     if field is not None:
