@@ -106,7 +106,8 @@ def decisions(
     address,
 ) -> None:
     """Why did (or didn't) a person (PERSON_ID, or TYPE VALUE) get a message: every arbiter decision, newest
-    first, after the actions held now for the profile (`held`: no decision yet)."""
+    first, after the actions held now for the profile (`held`: no decision yet), with the latest entry each
+    journey turned them away from (`not_entered`: re-entry, cooldown, max_concurrent, entry if, paused)."""
     person_id = asyncio.run(resolve_person(ws, identity_address, person))
 
     async def work(stub, md):
