@@ -233,3 +233,34 @@ async def test_a_replay_sends_the_stream_s_original_never_what_a_dead_letter_cla
         )
         # The two not replayed stay for the operator to read.
         assert len(json.loads((await bus_cli.run("dlq", "--json")).output)["dead_letters"]) == 2
+
+
+async def test_a_dead_letter_whose_original_was_erased_goes_back_only_where_its_writer_may_publish(bus_cli):
+    """Orchestration erases a rendered message from ACTIONS once its outcome is recorded, a failure
+    included, so a dispatcher's dead letter has only its copy; orchestration may publish actions itself,
+    so replaying that copy lends it nothing. The same copy claiming a subject its writer may not publish
+    is left."""
+    from cdp_kit.bus import privacy_stream, subjects
+    from cdp_kit.bus.streams import actions_stream
+
+    def letter(subject: str) -> dict:
+        return {
+            "Cdp-Dlq-Reason": "http_500",
+            "Cdp-Dlq-Subject": subject,
+            "Cdp-Dlq-Stream": "ACTIONS",
+            "Cdp-Dlq-Stream-Seq": "7",
+            "Cdp-Dlq-Consumer": "orchestration-dispatch-email",
+        }
+
+    async with Bus.connect(bus_cli.nats_url, name="test", connect_timeout=5) as bus:
+        await bus.ensure_streams(actions_stream(), privacy_stream(), dead_letter_stream())
+        dlq = subjects.dead_letter("ACTIONS", "orchestration-dispatch-email")
+        await bus.js.publish(dlq, b"the-action", headers={**letter("actions.email.1"), "Cdp-Action": "a1"})
+        await bus.js.publish(dlq, b"forged", headers=letter(subjects.PRIVACY_DELETED))
+
+        result = await bus_cli.run("dlq", "--replay")
+        assert result.exit_code == 0 and "replayed 1 of 2" in result.output, result.output
+        assert "may not publish 'privacy.deleted'" in result.output.replace("\n", "")
+        replayed = await bus.js.get_last_msg("ACTIONS", "actions.email.1")
+        assert replayed.data == b"the-action" and replayed.headers["Cdp-Action"] == "a1"
+        assert (await bus.js.stream_info("PRIVACY")).state.messages == 0

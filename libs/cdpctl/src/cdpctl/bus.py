@@ -4,7 +4,8 @@
 `Cdp-Dlq-*` headers). `--replay` republishes each one's original, read from the stream the dead letter's
 subject names by the sequence it gives (never the dead letter's own copy or its claimed subject: see
 `_replay`), and only then deletes it from the DLQ, so a crash in between replays it twice rather than
-losing it. A dead letter whose original has aged out of its stream is listed, not replayed. The replay
+losing it. A dead letter whose original is gone from its stream (aged out, or erased: orchestration's
+rendered actions) goes back from its own copy only to a subject its writer may publish itself. The replay
 carries the `Nats-Msg-Id` `replay:<stream>:<consumer>:<original seq>`: a fresh id (the original one
 could still be inside the stream's duplicate window and be dropped as a duplicate), the same for a retried
 replay of the same dead letter, and a new one if the replayed message fails again (it has a new position).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
@@ -45,6 +47,7 @@ from cdp_kit.bus.consumer import (
     DLQ_SUBJECT,
     DLQ_TIME,
 )
+from cdp_kit.natsroles import ORDINAL, PARTITION, ROLES
 from cdpctl.common import console, nats_tls, nats_url, out
 from cdpctl.platform import Workspace
 
@@ -205,8 +208,8 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
     sequence the dead letter names in the stream its subject names, never the dead letter's own copy or
     its `Cdp-Dlq-Subject`: every consuming service may publish dead letters, so a compromised one could
     write a "dead letter" whose subject is `privacy.deleted` or a `$JS.API` call and have the operator's
-    replay (a user that may publish anything) send it. A dead letter whose original has aged out of its
-    stream is left for the operator to read (`--json`), not replayed."""
+    replay (a user that may publish anything) send it. When the original is gone, the copy goes back only
+    where its writer may publish itself (`_writer_may_publish`); else it is left for the operator."""
     origin = _origin(msg.subject)
     if origin is None:
         return _left(letter, f"its subject {msg.subject!r} names no stream and consumer")
@@ -219,13 +222,55 @@ async def _replay(js, msg, letter: DeadLetter) -> bool:
         return _left(letter, f"it has no {DLQ_SEQ} header")
     try:
         original = await js.get_msg(stream, letter.original_seq)
+        subject, data, kept = original.subject, original.data, original.headers
     except NotFoundError:
-        return _left(letter, f"its original ({stream} message {letter.original_seq}) is no longer in the stream")
-    headers = {k: v for k, v in (original.headers or {}).items() if k not in _DLQ_HEADERS}
+        # Gone from its stream: aged out, or erased on purpose (orchestration erases a rendered message
+        # once its outcome is recorded, a failure included). The dead letter's own copy may go back only
+        # where the service that wrote it may publish itself: then the replay lends it nothing.
+        if not _writer_may_publish(stream, durable, letter.subject):
+            return _left(
+                letter,
+                f"its original ({stream} message {letter.original_seq}) is no longer in the stream, and "
+                f"the service that wrote it may not publish {letter.subject!r} itself",
+            )
+        subject, data, kept = letter.subject, msg.data, msg.headers
+    headers = {k: v for k, v in (kept or {}).items() if k not in _DLQ_HEADERS}
     headers["Nats-Msg-Id"] = f"replay:{stream}:{durable}:{letter.original_seq}"
-    await js.publish(original.subject, original.data or b"", headers=headers)
+    await js.publish(subject, data or b"", headers=headers)
     await js.delete_msg(DLQ, letter.seq)
     return True
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject `pattern` (`*`, `>`, and the roles' `{partition}` / `{ordinal}` placeholders
+    standing for a number) covers `subject`."""
+    wanted, given = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(given) > index
+        if index >= len(given):
+            return False
+        if token == "*":
+            continue
+        if PARTITION in token or ORDINAL in token:
+            shape = re.escape(token).replace(re.escape(PARTITION), r"\d+").replace(re.escape(ORDINAL), r"\d+")
+            if not re.fullmatch(shape, given[index]):
+                return False
+        elif token != given[index]:
+            return False
+    return len(wanted) == len(given)
+
+
+def _writer_may_publish(stream: str, durable: str, subject: str) -> bool:
+    """Whether a service that may write dead letters for consumer `durable` of `stream` may itself publish
+    `subject` into that stream (`cdp_kit.natsroles.ROLES`, the table nats-server's permissions come from)."""
+    if not any(_matches(pattern, subject) for pattern in subjects.STREAM_SUBJECTS.get(stream, ())):
+        return False
+    for role in ROLES.values():
+        keeps = any(c.stream == stream and _matches(c.name, durable) for c in role.consumers)
+        if keeps and any(_matches(pattern, subject) for pattern in role.publishes):
+            return True
+    return False
 
 
 async def missing_name(
