@@ -2,6 +2,9 @@
 
 Objects: contacts (unique ``email``), companies (unique ``domain``), deals, tickets and tasks; every object also has
 the unique properties ``cdp_id`` and ``cdp_idempotency_key`` so a sync can upsert any of them by its own key.
+A create, update or batch upsert that would give a second record one unique value (two contacts with one email)
+is refused as HubSpot does: 409, category ``CONFLICT``, "Contact already exists. Existing ID: <id>" (a batch
+as a whole). ``DELETE /crm/v3/objects/<object>/<id>`` archives one record (204).
 A property outside an object's schema fails the request with ``VALIDATION_ERROR`` / ``PROPERTY_DOESNT_EXIST``,
 as HubSpot does; records rejected one by one (an invalid email, a fault-injected rejection) come back in the
 ``errors`` of a 207 while the rest of the batch is written.
@@ -98,6 +101,7 @@ class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, ListsMixin, Emula
         r.add_post("/crm/v3/objects/{object}", self._create)
         r.add_get("/crm/v3/objects/{object}/{id}", self._read_one)
         r.add_patch("/crm/v3/objects/{object}/{id}", self._update)
+        r.add_delete("/crm/v3/objects/{object}/{id}", self._archive_one)
         r.add_put("/crm/v4/objects/{object}/{id}/associations/default/{to_object}/{to_id}", self._associate_default)
         r.add_get("/crm/v4/objects/{object}/{id}/associations/{to_object}", self._list_associations)
         r.add_post("/crm/v3/lists", self._create_list)

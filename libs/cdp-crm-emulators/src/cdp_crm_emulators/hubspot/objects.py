@@ -103,6 +103,23 @@ class ObjectsMixin:
         ]
         return json_response(body, status=400)
 
+    def _held_elsewhere(self, obj: str, properties: dict[str, Any], record_id: str | None) -> str | None:
+        """The id of another record holding one of these unique values (a second contact with one email,
+        a second company with one domain), which HubSpot refuses; None when none does."""
+        for prop in UNIQUE[obj]:
+            value = properties.get(prop)
+            if value in (None, ""):
+                continue
+            holder = self._lookup(obj, prop, value)
+            if holder is not None and holder != record_id:
+                return holder
+        return None
+
+    def _conflict(self, obj: str, existing: str) -> web.Response:
+        """HubSpot's 409 for a write that would make a second record with one unique value."""
+        body = error_body("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {existing}")
+        return json_response(body, status=409)
+
     def _record_error(self, obj: str, properties: dict[str, Any]) -> str | None:
         email = properties.get("email")
         if email and not _EMAIL.match(str(email)):
@@ -133,8 +150,9 @@ class ObjectsMixin:
         if len(set(keys)) != len(keys):
             return json_response(error_body("VALIDATION_ERROR", "Duplicate IDs found in batch input"), status=400)
         started = iso_z(self.clock())
-        results, errors = [], []
-        for item in inputs:
+        results, errors, writes = [], [], []
+        claimed: dict[tuple[str, str], str] = {}  # unique (property, value) -> the input's record (this batch)
+        for n, item in enumerate(inputs):
             id_property = item.get("idProperty") or "hs_object_id"
             properties = dict(item.get("properties") or {})
             if id_property != "hs_object_id":
@@ -146,6 +164,18 @@ class ObjectsMixin:
             if existing is None and id_property == "hs_object_id":
                 errors.append(record_error_body("OBJECT_NOT_FOUND", "Object not found", [str(item.get("id"))]))
                 continue
+            # A second record with one email (domain, ...) is refused - the whole batch, as HubSpot does -,
+            # whether the other is held already or written by an earlier input of this batch.
+            if (holder := self._held_elsewhere(obj, properties, existing)) is not None:
+                return self._conflict(obj, holder)
+            target = existing or f"new-{n}"
+            for prop in UNIQUE[obj]:
+                if properties.get(prop) not in (None, ""):
+                    other = claimed.setdefault((prop, str(properties[prop]).lower()), target)
+                    if other != target:
+                        return self._conflict(obj, existing or other)
+            writes.append((existing, properties))
+        for existing, properties in writes:
             record = self._write(obj, existing, properties)
             results.append({**self._public(obj, record), "new": existing is None})
         answer: dict[str, Any] = {
@@ -168,18 +198,27 @@ class ObjectsMixin:
                 error_body("VALIDATION_ERROR", f"Batch input limit of {BATCH_LIMIT} exceeded"), status=400
             )
         for item in inputs:
-            record_id = str(item.get("id", ""))
-            old = self.objects[obj].pop(record_id, None)
-            if old is None:
-                continue
-            for prop in UNIQUE[obj]:
-                if old["properties"].get(prop):
-                    self._index.get((obj, prop), {}).pop(str(old["properties"][prop]).lower(), None)
-            for members in self.memberships.values():
-                members.pop(record_id, None)
-            for other in self.links.pop((obj, record_id), {}):
-                self.links.get(other, {}).pop((obj, record_id), None)
+            self._archive(obj, str(item.get("id", "")))
         return web.Response(status=204)
+
+    async def _archive_one(self, request: web.Request) -> web.Response:
+        """``DELETE /crm/v3/objects/<object>/<id>``: the record archived, 204 - also for an id no record has."""
+        obj = self._object(request)
+        self._archive(obj, request.match_info["id"])
+        return web.Response(status=204)
+
+    def _archive(self, obj: str, record_id: str) -> None:
+        """The record gone from its object, every list and association (nothing for an unknown id)."""
+        old = self.objects[obj].pop(record_id, None)
+        if old is None:
+            return
+        for prop in UNIQUE[obj]:
+            if old["properties"].get(prop):
+                self._index.get((obj, prop), {}).pop(str(old["properties"][prop]).lower(), None)
+        for members in self.memberships.values():
+            members.pop(record_id, None)
+        for other in self.links.pop((obj, record_id), {}):
+            self.links.get(other, {}).pop((obj, record_id), None)
 
     async def _merge(self, request: web.Request) -> web.Response:
         """``POST /crm/v3/objects/<object>/merge`` {primaryObjectId, objectIdToMerge}: the primary keeps its
@@ -287,8 +326,7 @@ class ObjectsMixin:
             return rejected
         for prop in UNIQUE[obj]:
             if properties.get(prop) and (existing := self._lookup(obj, prop, properties[prop])) is not None:
-                body = error_body("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {existing}")
-                return json_response(body, status=409)
+                return self._conflict(obj, existing)
         if (message := self._record_error(obj, properties)) is not None:
             return json_response(error_body("VALIDATION_ERROR", message), status=400)
         targets = self._association_targets(body)
@@ -330,6 +368,8 @@ class ObjectsMixin:
             return json_response(error_body("OBJECT_NOT_FOUND", "resource not found"), status=404)
         if (message := self._record_error(obj, properties)) is not None:
             return json_response(error_body("VALIDATION_ERROR", message), status=400)
+        if (holder := self._held_elsewhere(obj, properties, record_id)) is not None:
+            return self._conflict(obj, holder)
         return json_response(self._public(obj, self._write(obj, record_id, properties)))
 
     # --- associations ----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Each object has system fields (Id, CreatedDate, LastModifiedDate, SystemModstamp, IsDeleted, OwnerId) that
 no API write may set, required fields checked on create, and external id fields (unique, case-insensitive)
 that upserts match on. Errors use Salesforce's codes: INVALID_FIELD, REQUIRED_FIELD_MISSING,
-INVALID_EMAIL_ADDRESS, STRING_TOO_LONG, INVALID_FIELD_FOR_INSERT_UPDATE, INVALID_CROSS_REFERENCE_KEY.
+INVALID_EMAIL_ADDRESS, STRING_TOO_LONG, INVALID_FIELD_FOR_INSERT_UPDATE, INVALID_CROSS_REFERENCE_KEY, and
+INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST for a value a picklist does not list (every picklist here is declared
+with the values a new org's standard picklist has - `PICKLISTS` - and restricted to them; describe lists them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,49 @@ KEY_PREFIXES = {
     "User": "005",
 }
 DEFAULT_OWNER = "005Dp0000000001AAA"
+# The values of a new org's standard picklists (Setup > Object Manager): object -> field -> values.
+PICKLISTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "Account": {
+        "Industry": (
+            "Agriculture", "Apparel", "Banking", "Biotechnology", "Chemicals", "Communications", "Construction",
+            "Consulting", "Education", "Electronics", "Energy", "Engineering", "Entertainment", "Environmental",
+            "Finance", "Food & Beverage", "Government", "Healthcare", "Hospitality", "Insurance", "Machinery",
+            "Manufacturing", "Media", "Not For Profit", "Other", "Recreation", "Retail", "Shipping", "Technology",
+            "Telecommunications", "Transportation", "Utilities",
+        ),
+    },
+    "Contact": {"LeadSource": ("Web", "Phone Inquiry", "Partner Referral", "Purchased List", "Other")},
+    "Lead": {"Status": ("Open - Not Contacted", "Working - Contacted", "Closed - Converted", "Closed - Not Converted")},
+    "Case": {
+        "Status": ("New", "Working", "Escalated", "Closed"),
+        "Priority": ("High", "Medium", "Low"),
+        "Origin": ("Phone", "Email", "Web"),
+        "Type": ("Mechanical", "Electrical", "Electronic", "Structural", "Other"),
+        "Reason": (
+            "Installation", "Equipment Complexity", "Performance", "Breakdown", "Equipment Design", "Feedback",
+            "Other",
+        ),
+    },
+    "Task": {
+        "Status": ("Not Started", "In Progress", "Completed", "Waiting on someone else", "Deferred"),
+        "Priority": ("High", "Normal", "Low"),
+        "TaskSubtype": ("Task", "Email", "ListEmail", "Cadence", "Call", "LinkedIn"),
+    },
+    "Opportunity": {
+        "StageName": (
+            "Prospecting", "Qualification", "Needs Analysis", "Value Proposition", "Id. Decision Makers",
+            "Perception Analysis", "Proposal/Price Quote", "Negotiation/Review", "Closed Won", "Closed Lost",
+        ),
+    },
+    "Campaign": {
+        "Status": ("Planned", "In Progress", "Completed", "Aborted"),
+        "Type": (
+            "Conference", "Webinar", "Trade Show", "Public Relations", "Partners", "Referral Program",
+            "Advertisement", "Banner Ads", "Direct Mail", "Email", "Telemarketing", "Other",
+        ),
+    },
+    "CampaignMember": {"Status": ("Planned", "Received", "Responded", "Sent")},
+}  # fmt: skip
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
@@ -45,6 +90,13 @@ class SObject:
     references: dict[str, str] = field(default_factory=dict)  # reference field -> target object
     defaults: dict[str, Any] = field(default_factory=dict)
     lengths: dict[str, int] = field(default_factory=dict)
+    # A picklist field -> the values it takes (restricted: any other is refused); by default `PICKLISTS`'.
+    picklists: dict[str, tuple[str, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.picklists is None:
+            declared = PICKLISTS.get(self.name, {})
+            self.picklists = {n: declared[n] for n, kind in self.fields.items() if kind == "picklist" and n in declared}
 
     def all_fields(self) -> dict[str, str]:
         return {**SYSTEM_FIELDS, "OwnerId": "reference", **self.fields}
@@ -67,6 +119,17 @@ class SObject:
                     "updateable": not system,
                     "custom": name.endswith("__c"),
                     "referenceTo": [self.references[name]] if name in self.references else [],
+                    "restrictedPicklist": name in (self.picklists or {}),
+                    "picklistValues": [
+                        {
+                            "active": True,
+                            "defaultValue": value == self.defaults.get(name),
+                            "label": value,
+                            "value": value,
+                            "validFor": None,
+                        }
+                        for value in (self.picklists or {}).get(name, ())
+                    ],
                 }
             )
         return {**self.summary(), "fields": fields}
@@ -250,6 +313,12 @@ def validate(sobject: SObject, values: dict[str, Any], *, creating: bool) -> dic
         limit = sobject.lengths.get(name, 255 if kind in ("string", "email", "picklist") else 0)
         if limit and len(str(value)) > limit:
             return error("STRING_TOO_LONG", f"{name}: data value too large (max length={limit})", [name])
+        allowed = (sobject.picklists or {}).get(name)
+        if allowed is not None and str(value) not in allowed:
+            return error(
+                "INVALID_OR_NULL_FOR_RESTRICTED_PICKLIST", f"{name}: bad value for restricted picklist field: {value}",
+                [name],
+            )  # fmt: skip
         if kind == "double":
             try:
                 float(value)
