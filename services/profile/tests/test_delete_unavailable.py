@@ -10,12 +10,7 @@ done, retried in the background and by the repeated request."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 import nats
 import pytest
@@ -78,36 +73,11 @@ async def platform(running_engine, tmp_path, monkeypatch):
         yield engine
 
 
-def thread_states(pid: int) -> list[str]:
-    """The scheduler state of each of the process's threads ('T': stopped)."""
-    tasks = Path(f"/proc/{pid}/task")
-    if not tasks.is_dir():  # not Linux: the process's state as ps reads it
-        return [subprocess.run(["ps", "-o", "state=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()]
-    states = []
-    for task in tasks.iterdir():
-        with contextlib.suppress(FileNotFoundError):  # a thread ending meanwhile
-            states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
-    return states
-
-
-@contextlib.contextmanager
 def paused(server):
-    """nats-server stopped (SIGSTOP) for the block, and stopped for certain when it starts. os.kill returns
-    once the signal is queued; the server's threads stop as each next passes through the kernel, the first
-    to take the signal telling the others, so for a few milliseconds (more on a loaded machine) a running
-    thread still answers. A JetStream publish sent at once was acknowledged in 6 of 100 tries on a loaded
-    machine, and so this module's deletions answered success about 1 run in 12 ("DID NOT RAISE
-    Unavailable"; the deletion's notice had been stored: its publish showed seq 1). Hence the wait until
-    every thread is stopped."""
-    os.kill(server.pid, signal.SIGSTOP)
-    try:
-        deadline = time.monotonic() + 10  # a guard against waiting for ever, not a speed figure
-        while not all(state.startswith("T") for state in thread_states(server.pid)):
-            assert time.monotonic() < deadline, "nats-server did not stop"
-            time.sleep(0.001)
-        yield
-    finally:
-        os.kill(server.pid, signal.SIGCONT)
+    """nats-server stopped for certain for the block (`NatsServer.paused`: os.kill returns before every
+    thread has stopped, and a deletion's notice published in those milliseconds was acknowledged, so this
+    module's deletions answered success about 1 run in 12, "DID NOT RAISE Unavailable")."""
+    return server.paused()
 
 
 def store_files(tmp_path) -> list:
