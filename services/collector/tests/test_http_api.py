@@ -252,3 +252,30 @@ async def test_write_keys_rotate_without_a_restart(collector):
         collector, "/v1/track", {"userId": "u1", "event": "E", "messageId": "r3"}, key="wk_rotated_00000000"
     )
     assert status == 200
+
+
+async def test_a_browser_on_another_origin_is_let_post_events_and_read_the_answer(collector):
+    """Browser SDKs post from the site's origin. RudderStack's JavaScript SDK sends an Authorization header,
+    so the browser asks first (OPTIONS, a preflight): answered 405, it never sent the event; and without
+    Access-Control-Allow-Origin on the answer, no browser SDK could read it (a security trial's finding)."""
+    site = "https://shop.example.com"
+    async with aiohttp.ClientSession() as session:
+        preflight = {
+            "Origin": site,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        }
+        async with session.options(collector.http_url + "/v1/batch", headers=preflight) as response:
+            assert response.status == 204
+            assert response.headers["Access-Control-Allow-Origin"] == site
+            assert "POST" in response.headers["Access-Control-Allow-Methods"]
+            assert response.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+        async with session.options(collector.http_url + "/v1/nothing", headers=preflight) as response:
+            assert response.status == 403  # not an endpoint
+    status, reply, headers = await post(collector, "/v1/track", track(), headers={"Origin": site})
+    assert status == 200 and reply["accepted"] == 1
+    assert headers["Access-Control-Allow-Origin"] == site and headers["Vary"] == "Origin"
+    status, _, headers = await post(collector, "/v1/track", track(1), headers={"Origin": site}, key="wk_wrong")
+    assert status == 401 and headers["Access-Control-Allow-Origin"] == site  # the SDK can read why
+    status, _, headers = await post(collector, "/v1/track", track(2))
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers  # no Origin: not a browser

@@ -71,6 +71,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         telemetry=runtime.telemetry,
         body_timeout=settings.http_body_timeout,
         body_budget=settings.http_body_budget_bytes,
+        cors_origins=settings.cors_origins,
     )
     runtime.stack.callback(http.abandoned.close)
     runner, port = await start_http(

@@ -146,6 +146,7 @@ class HttpApi:
         telemetry: Telemetry,
         body_timeout: float = 30.0,
         body_budget: int = DEFAULT_BODY_BUDGET,
+        cors_origins: tuple[str, ...] = ("*",),
     ) -> None:
         self.sources = sources
         self.ingestor = ingestor
@@ -156,11 +157,12 @@ class HttpApi:
         self.abandoned = AbandonedRequests(log, telemetry)
         self.bodies = BodyBudget(body_budget, telemetry, log)
         self.ready = False
+        self.cors_origins = frozenset(cors_origins)
 
     def app(self) -> web.Application:
         # The body limit is enforced by us on the *decompressed* size, with a clear error; aiohttp's own
         # limit stops the read of a body that cannot be within it (`read_ceiling`).
-        app = web.Application(client_max_size=read_ceiling(self.limits), middlewares=[self._errors])
+        app = web.Application(client_max_size=read_ceiling(self.limits), middlewares=[self._cors, self._errors])
         for kind in KINDS:
             app.router.add_post(f"/v1/{kind}", self._handler(kind))
         app.router.add_get("/healthz", self._healthz)
@@ -170,6 +172,37 @@ class HttpApi:
 
     async def _cleanup(self, _app: web.Application) -> None:
         self.bodies.report.close()
+
+    def _allowed_origin(self, request: web.Request) -> str | None:
+        origin = request.headers.get("Origin")
+        if origin is None or not request.path.startswith("/v1/"):
+            return None
+        return origin if "*" in self.cors_origins or origin in self.cors_origins else None
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler):
+        """Browsers' SDKs (Segment's analytics.js, RudderStack's JavaScript SDK) post from the site's origin:
+        a request with an `Authorization` header or a JSON body is preflighted with OPTIONS, and its answer
+        is readable only with `Access-Control-Allow-Origin`. Any origin by default (the write key, which
+        browsers hold in the open anyway, is what admits an event); CDP_COLLECTOR_CORS_ORIGINS narrows it.
+        The origin is echoed, with credentials allowed, as browser SDKs that send cookies need."""
+        origin = self._allowed_origin(request)
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            if origin is None or request.path.removeprefix("/v1/") not in KINDS:
+                return error_response(403, "origin_not_allowed", "this origin may not send events here")
+            headers = {
+                **_cors_headers(origin),
+                "Access-Control-Allow-Methods": "POST",
+                "Access-Control-Max-Age": "86400",
+            }
+            wanted = request.headers.get("Access-Control-Request-Headers", "")
+            if wanted:
+                headers["Access-Control-Allow-Headers"] = wanted[:1024]
+            return web.Response(status=204, headers=headers)
+        response = await handler(request)
+        if origin is not None:
+            response.headers.update(_cors_headers(origin))
+        return response
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
@@ -410,6 +443,10 @@ def _content_encoding(request: web.Request) -> str:
             status=415,
         )
     return values[0] if values else ""
+
+
+def _cors_headers(origin: str) -> dict[str, str]:
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true", "Vary": "Origin"}
 
 
 async def start_http(

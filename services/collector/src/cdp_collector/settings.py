@@ -22,6 +22,12 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         "CDP_COLLECTOR_SOURCES_FILE",
         help='JSON {"sources": [{"id", "name", "write_key"}]}: the write keys clients may send with',
     )
+    cors_origins: tuple[str, ...] = env(
+        "CDP_COLLECTOR_CORS_ORIGINS",
+        ("*",),
+        help="origins whose pages may post events from a browser (comma-separated, e.g. "
+        "https://shop.example.com); * allows any: the write key admits an event",
+    )
     max_event_bytes: int = env(
         "CDP_COLLECTOR_MAX_EVENT_BYTES", 32 * 1024, help="largest event accepted (Segment: 32 KB)"
     )
