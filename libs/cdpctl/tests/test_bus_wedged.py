@@ -33,5 +33,7 @@ async def test_a_nats_server_that_never_answers_ends_the_command_with_an_error_n
     assert result.exit_code == 1
     assert "not answering" in result.output and wedged in result.output
     assert "cdpctl status" in result.output
+    # The log of the platform acted on (an on-call trial with CDP_HOME was sent to ./.cdp's).
+    assert str(tmp_path) in result.output.replace("\n", "") and "nats-server.log" in result.output, result.output
     captured = capfd.readouterr()
     assert "Traceback" not in result.output + captured.out + captured.err

@@ -29,6 +29,7 @@ import re
 import ssl
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -125,19 +126,23 @@ async def connect(url: str, tls: ssl.SSLContext | None) -> nats.NATS:
 NOT_ANSWERING = (TimeoutError, nats.errors.TimeoutError, nats.errors.NoServersError, OSError)
 
 
-def not_answering(url: str, exc: BaseException, timeout: float = ANSWER_TIMEOUT) -> click.ClickException:
+def not_answering(
+    url: str, exc: BaseException, timeout: float = ANSWER_TIMEOUT, ws: Workspace | None = None
+) -> click.ClickException:
     """The error that ends a bus command whose server did not answer (`exc`, one of `NOT_ANSWERING`):
     it names the server and where to look, no traceback."""
     from cdp_kit.urls import without_credentials
 
     why = "no answer" if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else type(exc).__name__
+    # The log of the platform the command acts on (CDP_HOME or the one found), not the default folder's.
+    log_file = (ws.root if ws is not None else Path(".cdp")) / "nats" / "nats-server.log"
     return click.ClickException(
         f"nats-server at {without_credentials(url)} is not answering ({why} within {timeout:.0f} s); "
-        "`cdpctl status` shows its state (under `cdpctl up` its log is .cdp/nats/nats-server.log)"
+        f"`cdpctl status` shows its state (under `cdpctl up` its log is {log_file})"
     )
 
 
-def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIMEOUT) -> T:
+def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIMEOUT, ws: Workspace | None = None) -> T:
     """Run one bus command's `work`; a server that does not answer within `timeout` (or refuses, or is
     gone) ends the command with an error naming it instead of a hang or a traceback."""
 
@@ -148,7 +153,7 @@ def answered(url: str, work: Coroutine[Any, Any, T], timeout: float = ANSWER_TIM
     try:
         return asyncio.run(bounded())
     except NOT_ANSWERING as exc:
-        raise not_answering(url, exc, timeout) from None
+        raise not_answering(url, exc, timeout, ws) from None
 
 
 async def dead_letters(
@@ -318,11 +323,11 @@ def dlq(
     subject = dlq_subject(stream, consumer)
     url = nats_url(ws, url)
     secured = nats_tls(ws, url)
-    letters, replayed = answered(url, dead_letters(url, subject, limit=limit, replay=replay, tls=secured))
+    letters, replayed = answered(url, dead_letters(url, subject, limit=limit, replay=replay, tls=secured), ws=ws)
     if not letters and stream:
         # A misspelt name (the wrong case) finds no dead letters either: say so rather than show none. The
         # dead letters of a stream or consumer since removed are still listed (the check runs on none).
-        problem = answered(url, missing_name(url, stream, consumer, secured))
+        problem = answered(url, missing_name(url, stream, consumer, secured), ws=ws)
         if problem is not None:
             raise problem
     if as_json:
@@ -376,7 +381,7 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
 def lag(ws: Workspace, as_json: bool, url) -> None:
     """Every durable consumer of every stream: pending, acknowledgement pending, redelivered."""
     url = nats_url(ws, url)
-    rows = answered(url, consumer_lag(url, nats_tls(ws, url)))
+    rows = answered(url, consumer_lag(url, nats_tls(ws, url)), ws=ws)
     if as_json:
         out.print_json(json.dumps(rows))
         return

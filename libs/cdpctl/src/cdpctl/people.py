@@ -294,7 +294,7 @@ def delete(
         raise click.ClickException(
             f"the deletion of person {person_id} was requested and accepted (request "
             f"{result['requestId']}), but waiting for every service to confirm it failed: "
-            f"{bus.not_answering(url, exc).message}. Check later with `{check}`"
+            f"{bus.not_answering(url, exc, ws=ws).message}. Check later with `{check}`"
             f"{' and the same --nats' if nats_address else ''} (the same request: answered from its record, "
             "nothing is deleted twice)"
         ) from None
