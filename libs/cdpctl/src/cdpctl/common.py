@@ -99,6 +99,12 @@ def json_option(value: str | None, name: str) -> dict:
     return parsed
 
 
+NO_ANSWER_HINT = (
+    "the service called did not answer in time (stopped, overloaded or wedged): `cdpctl status` shows "
+    "which one is not answering, and where its log is"
+)
+
+
 class RpcFailed(click.ClickException):
     """A refused call as the terminal shows it: `CODE: message`, then each field the service named that
     the message does not already say. `as_json` prints the same to stdout as one JSON object instead."""
@@ -109,6 +115,9 @@ class RpcFailed(click.ClickException):
         self.fields = field_violations(exc)
         self.as_json = as_json
         lines = [f"{self.code}: {self.details}"]
+        if self.code == "DEADLINE_EXCEEDED":
+            # grpc's own words ("Deadline Exceeded") say neither who nor what next.
+            lines.append(f"  {NO_ANSWER_HINT}")
         lines += [f"  {field}: {why}" for field, why in self.fields if f"{field}: {why}" != self.details]
         super().__init__("\n".join(lines))
 
