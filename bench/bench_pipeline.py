@@ -26,7 +26,10 @@ limit with nothing missing (0 loss). What a step cost: `cpu_ms_per_event`, the C
 schedstat) of each service process and of nats-server from the load's start until every consumer but the
 CRM connector's had handled it, per event accepted (2 cores give 0.4 ms an event at 5,000/s); and
 `stored_messages_per_event`, the messages JetStream stored per event accepted, per stream, over the same
-window (each one is written, delivered and acknowledged: much of the cost goes per message).
+window (each one is written, delivered and acknowledged: much of the cost goes per message); and
+`nats_messages_per_event`, what nats-server itself counted in and out per event accepted over that window
+(its /varz `in_msgs`/`out_msgs`, bytes too): every publish, acknowledgement, pull request, delivery and
+reply across all hops, the benchmark's own two probe subscriptions included (`out`).
 
 Results (benchlib JSON):
 
@@ -345,6 +348,17 @@ class Pipeline:
     def counts(self) -> tuple[float, float]:
         return counted(self.metrics["collector"], self.metrics["profile"])
 
+    def nats_counts(self) -> dict[str, float]:
+        """nats-server's own counters so far (/varz): messages and bytes in and out; {} if unreadable."""
+        monitor = self.platform.run.get("nats_monitor")
+        if not monitor:
+            return {}
+        try:
+            varz = get_json(f"{monitor}/varz")
+        except (OSError, ValueError):
+            return {}
+        return {key: float(varz.get(key, 0)) for key in ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of every service process and nats-server (Linux schedstat), by name."""
         run = self.platform.refresh()
@@ -417,6 +431,7 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
 
     watcher = asyncio.create_task(watch_lag())
     positions0 = await stream_positions(pipe.observer.nc.jetstream())
+    nats0 = await asyncio.to_thread(pipe.nats_counts)
     platform_cpu0 = await asyncio.to_thread(pipe.cpu)
     cpu0 = time.process_time()
     sent = await pipe.sender.offer(bodies, rate / load.batch)
@@ -451,6 +466,12 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
     settled_after, _ = await settle(pipe.observer.nc.jetstream(), SETTLE_LIMIT_S, ignore=("crm",))
     platform_cpu1 = await asyncio.to_thread(pipe.cpu)
     positions1 = await stream_positions(pipe.observer.nc.jetstream())
+    nats1 = await asyncio.to_thread(pipe.nats_counts)
+    on_the_bus = {
+        label: round((nats1[key] - nats0[key]) / accepted, 3 if key.endswith("msgs") else 0)
+        for label, key in (("in", "in_msgs"), ("out", "out_msgs"), ("in_bytes", "in_bytes"), ("out_bytes", "out_bytes"))
+        if key in nats0 and key in nats1 and accepted > 0
+    }
     stored = {
         name: round((seq - positions0.get(name, 0)) / accepted, 3)
         for name, seq in sorted(positions1.items())
@@ -520,6 +541,8 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         # messages JetStream stored per accepted event, per stream (and their sum), over the same window
         # (the benchmark's own probe subscriptions store nothing)
         "stored_messages_per_event": stored,
+        # what nats-server counted in and out (every publish, ack, pull request, delivery, reply), per event
+        "nats_messages_per_event": on_the_bus,
         "probes": len(probes),
         "probes_accepted": len(sent["accepted_at"]),
         "to_profile": latency_summary(to_profile),
@@ -550,11 +573,19 @@ def where_time_goes(step: dict) -> str:
     streams = ", ".join(
         f"{name} {n:.2f}" for name, n in sorted(stored.items(), key=lambda kv: -kv[1]) if name != "total"
     )
+    bus = step.get("nats_messages_per_event", {})
+    traffic = (
+        f"\n        nats-server per event: {bus['in']:.2f} messages in, {bus['out']:.2f} out "
+        f"({bus.get('in_bytes', 0):.0f} / {bus.get('out_bytes', 0):.0f} bytes)"
+        if "in" in bus and "out" in bus
+        else ""
+    )
     return (
         "; ".join(parts)
         + f"; load generator {step['load_generator_cores']} cores"
         + f"\n        CPU per event: {cpu.get('total', 0):.2f} ms ({per})"
         + f"\n        JetStream messages stored per event: {stored.get('total', 0):.2f} ({streams})"
+        + traffic
         + f"\n        /metrics page KB: {pages}"
     )
 
