@@ -11,7 +11,9 @@ Two sources, each optional, combined:
       fields: {"scores": ["churn_risk"], "computed": [...]} # known names under these roots only
 
 - the profile service (`CDP_PROFILE_ADDRESS`): the computed traits it defines are the known
-  `computed.<name>` fields, added to the file's;
+  `computed.<name>` fields, added to the file's; those of kind count or sum are the catalogue's `counted`
+  fields, which a journey's conditions read as 0 where a person has none (`computed.orders < 1` holds for
+  someone who never ordered), as segments do;
 - the segmentation service (`CDP_SEGMENTATION_ADDRESS`): the segments it has (ListSegments) are the known
   segments, added to the file's;
 - the scoring service (`CDP_SCORING_ADDRESS`): the scores its deployed models write (ListModels) are the
@@ -44,11 +46,13 @@ from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.errors import Unavailable
 from cdp_kit.profile_fields import COMPUTED, ROOTS, SCORES
 from cdp_kit.yamltext import YAMLError, load_yaml
+from cdp_orchestration.domain.conditions import counted_fields
 from cdp_orchestration.domain.document import Catalogue
 
 log = logging.getLogger("cdp.orchestration.catalogue")
 
-ComputedTraits = Callable[[], Awaitable[frozenset[str]]]
+# The profile's computed traits, name -> op ("count", "last", ...); names alone (no op known) read as not counted.
+ComputedTraits = Callable[[], Awaitable[Mapping[str, str] | frozenset[str]]]
 Names = Callable[[], Awaitable[frozenset[str] | None]]  # None: nothing to check against yet
 
 PROFILE, SEGMENTATION, SCORING = "profile", "segmentation", "scoring"
@@ -91,14 +95,15 @@ def parse_catalogue(document: Any, where: str = "catalogue") -> Catalogue:
 
 
 def profile_computed_traits(channel: grpc.aio.Channel, token: str) -> ComputedTraits:
+    """The computed traits the profile service defines (ListComputedTraits), each name with its op."""
     stub = profile_pb2_grpc.ProfileServiceStub(channel)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    async def computed() -> frozenset[str]:
+    async def computed() -> dict[str, str]:
         response = await stub.ListComputedTraits(
             profile_pb2.ListComputedTraitsRequest(), metadata=metadata, timeout=5.0
         )
-        return frozenset(t.definition.name for t in response.traits)
+        return {t.definition.name: t.definition.op for t in response.traits}
 
     return computed
 
@@ -153,6 +158,7 @@ class Catalogues:
         base = catalogue or Catalogue()
         names = dict(base.names)
         segments = base.segments
+        counted = base.counted
         changed = False
         for service, source, root in (
             (PROFILE, self.computed, COMPUTED),
@@ -166,12 +172,14 @@ class Catalogues:
                 continue
             changed = True
             if root is None:
-                segments = (segments or frozenset()) | known
+                segments = (segments or frozenset()) | frozenset(known)
             else:
-                names[root] = names.get(root, frozenset()) | known
+                names[root] = names.get(root, frozenset()) | frozenset(known)
+            if service == PROFILE and isinstance(known, Mapping):
+                counted = counted | counted_fields(known)
         if not changed:
             return catalogue
-        return Catalogue(base.events, base.fields, segments, base.purposes, names)
+        return Catalogue(base.events, base.fields, segments, base.purposes, names, counted)
 
     async def segments(self) -> frozenset[str] | None:
         """The segments segmentation has now; None when it is not configured or does not answer."""
@@ -180,7 +188,7 @@ class Catalogues:
         return await _ask(SEGMENTATION, self.live_segments, False)
 
 
-async def _ask(service: str, source: Names, required: bool) -> frozenset[str] | None:
+async def _ask(service: str, source: Callable[[], Awaitable[Any]], required: bool) -> Any:
     try:
         return await source()
     except grpc.aio.AioRpcError as exc:

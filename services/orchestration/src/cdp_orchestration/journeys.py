@@ -4,7 +4,13 @@ A journey is stored as one record (`orchestration_journeys`, keyed by journey id
 published versions as written, and its draft:
 
     {"state": "active", "versions": {"1": {...document...}}, "draft": null | {...},
+     "counted": {"1": ["computed.orders"]}, "draft_counted": ["computed.orders"],
      "created_at": 1733300000.0, "updated_at": ..., "published_at": ...}
+
+`counted` / `draft_counted`: the computed traits of kind count or sum a version's (the draft's) conditions
+read as 0 where a person has none, as the profile service named them when it was saved (`Journey.counted`).
+Each version is compiled with its own, so a restart, a reload and every replica read it the same way; a
+version stored without them (by an earlier release) reads those traits as missing, as it did then.
 
 A published version never changes, so a parsed `Journey` is cached for good; the record's state and its
 draft are read again whenever the API changes the journey (and, on other replicas, when the change is
@@ -59,7 +65,7 @@ from typing import Any
 from cdp_kit.bus.consumer import describe_error
 from cdp_kit.errors import AlreadyExists, Conflict, NotFound
 from cdp_kit.storage import Put, Store, VersionConflict
-from cdp_orchestration.domain.document import parse_journey
+from cdp_orchestration.domain.document import Catalogue, parse_journey
 from cdp_orchestration.domain.journey import EventEntry, Journey, ScheduleEntry, SegmentEntry
 from cdp_orchestration.domain.lifecycle import JourneyRecord, State
 from cdp_orchestration.journey_changes import (
@@ -81,10 +87,23 @@ log = logging.getLogger("cdp.orchestration")
 def record_doc(record: JourneyRecord, previous: Mapping[str, Any] | None, now: float) -> dict[str, Any]:
     previous = previous or {}
     published = set(record.versions) - {int(v) for v in previous.get("versions", {})}
+    kept = previous.get("counted") or {}
+    counted = {}
+    for v, j in sorted(record.versions.items()):
+        # a version kept as stored (it no longer validates) has no conditions to say it: its stored set stays
+        if found := sorted(j.counted) or kept.get(str(v)):
+            counted[str(v)] = found
+    draft_counted: list[str] = []
+    if record.draft is not None:
+        draft_counted = sorted(record.draft.counted)
+        if not draft_counted and record.draft.document == previous.get("draft"):
+            draft_counted = previous.get("draft_counted") or []
     return {
         "state": record.state.value,
         "versions": {str(v): dict(j.document) for v, j in sorted(record.versions.items())},
         "draft": dict(record.draft.document) if record.draft is not None else None,
+        "counted": counted,
+        "draft_counted": draft_counted,
         "name": (record.draft or record.live).name if (record.draft or record.live) else "",  # type: ignore[union-attr]
         "priority": (record.draft or record.live).priority if (record.draft or record.live) else 0,  # type: ignore[union-attr]
         "created_at": previous.get("created_at", now),
@@ -137,10 +156,11 @@ class Journeys:
 
     def _take(self, journey_id: str, doc: dict[str, Any], version: int, *, index: bool = True) -> JourneyRecord:
         versions = {}
+        counted = doc.get("counted") or {}
         for text, document in doc.get("versions", {}).items():
             key = (journey_id, int(text))
             if key not in self._versions and key not in self._unloadable:
-                parsed = self._parse(key, document)
+                parsed = self._parse(key, document, frozenset(counted.get(text) or ()))
                 if parsed is not None:
                     self._versions[key] = parsed
                 else:
@@ -148,7 +168,7 @@ class Journeys:
             versions[int(text)] = self._versions.get(key) or self._unloadable[key]
         draft = None
         if doc.get("draft"):
-            draft = self._parse((journey_id, DRAFT), doc["draft"])
+            draft = self._parse((journey_id, DRAFT), doc["draft"], frozenset(doc.get("draft_counted") or ()))
             if draft is None:
                 written = doc["draft"].get("version") if isinstance(doc["draft"], Mapping) else None
                 draft = _as_stored((journey_id, written if isinstance(written, int) else 0), doc["draft"])
@@ -162,12 +182,14 @@ class Journeys:
             self._index()
         return record
 
-    def _parse(self, key: tuple[str, int], document: Any) -> Journey | None:
-        """The journey `document` describes. When it no longer validates, why is in `invalid` (logged once) and
-        the journey is as stored, its refused templates failing every render (`parse_journey(as_stored=True)`),
-        or None when something other than a template is refused."""
+    def _parse(self, key: tuple[str, int], document: Any, counted: frozenset[str]) -> Journey | None:
+        """The journey `document` describes, its conditions reading the `counted` fields it was stored with as
+        0 where missing. When it no longer validates, why is in `invalid` (logged once) and the journey is as
+        stored, its refused templates failing every render (`parse_journey(as_stored=True)`), or None when
+        something other than a template is refused."""
+        as_saved = Catalogue(counted=counted)
         try:
-            journey = parse_journey(document)
+            journey = parse_journey(document, as_saved)
         except Exception as exc:
             reason = describe_error(exc)
             if self.invalid.get(key) != reason:
@@ -181,7 +203,7 @@ class Journeys:
                 )
             self.invalid[key] = reason
             try:  # a template the validation now refuses: the rest of the journey still runs
-                return parse_journey(document, as_stored=True)
+                return parse_journey(document, as_saved, as_stored=True)
             except Exception:
                 return None
         self.invalid.pop(key, None)

@@ -13,7 +13,12 @@ This is the one module of orchestration that imports the language, through its o
   them as flat fields under one more root, so `entry.total > 100` means what `traits.total > 100` means. Event conditions (`performed`, `count`, ...) are answered from the view's
   recent events when it carries them, else from the computed traits the profile service keeps
   (`computed_traits` lists their definitions so the service can register them). `next_change` is when time
-  alone may change the answer (a `now` comparison flips, a counted event leaves its window).
+  alone may change the answer (a `now` comparison flips, a counted event leaves its window). A named
+  computed trait of kind count or sum (`computed.orders`, as the profile service's ListComputedTraits gives
+  its op) that a person lacks reads as 0, as in a segment: `computed.orders < 1` holds for someone who
+  never ordered. Its kind is not in its name, so the caller names those fields (`counted`, from
+  `counted_fields`); `ProfileCondition.counted` is those it reads, what a journey stores with its version to
+  compile it the same way again.
 - `EventFilter`: which events a rule means: names (or any), a type and `and`-ed conditions on
   `properties.<path>` / `context.<path>`, arithmetic over them included (`properties.total >
   properties.shipping * 2`). It is the language's event predicate (the events of
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.profile_fields import COMPUTED, ROOTS
+from cdp_kit.profile_fields import COMPUTED, ROOTS, field_key
 from cdp_lang import (
     CompiledCondition,
     ProfileView,
@@ -41,7 +46,7 @@ from cdp_lang import (
     parse,
 )
 from cdp_lang import Event as LangEvent
-from cdp_lang.nodes import EventCondition, EventPredicate, Performed
+from cdp_lang.nodes import ZERO_WHEN_MISSING, EventCondition, EventPredicate, Performed
 from cdp_orchestration.domain.view import ENTRY, Event, PersonView
 
 # Names the language gives the computed traits behind event conditions; generated, never catalogued.
@@ -76,6 +81,8 @@ class ProfileCondition:
     source: Any  # as written (text or JSON tree)
     compiled: CompiledCondition
     entry_fields: frozenset[str]  # the entry fields it reads ("entry.total")
+    # the counted fields (`profile_condition`'s `counted`) it reads, as 0 where a person has no number
+    counted: frozenset[str] = frozenset()
 
     def holds(self, view: PersonView, now: float, entry: Mapping[str, Any] | None = None) -> bool:
         """Whether it holds for the person at `now`; `entry`: the instance's entry properties, if it has any."""
@@ -111,12 +118,21 @@ class ProfileCondition:
         return self.compiled.computed_traits
 
 
-def profile_condition(source: Any, field: str, *, entry: bool = False) -> ProfileCondition:
+def profile_condition(
+    source: Any, field: str, *, entry: bool = False, counted: frozenset[str] = frozenset()
+) -> ProfileCondition:
     """A condition from its text or JSON tree; InvalidArgument on `field` (or below it) if it is not one.
-    `entry`: it may read `entry.<name>` (a journey's conditions; an instance passes its entry to `holds`)."""
-    compiled = compile_condition(source, field, roots=_WITH_ENTRY if entry else ROOTS)
+    `entry`: it may read `entry.<name>` (a journey's conditions; an instance passes its entry to `holds`).
+    `counted`: the field keys of computed traits of kind count or sum (`counted_fields`), 0 where missing."""
+    compiled = compile_condition(source, field, roots=_WITH_ENTRY if entry else ROOTS, counted=counted)
     read = frozenset(f for f in compiled.reads.fields if f.startswith(_ENTRY_PREFIX))
-    return ProfileCondition(source, compiled, read)
+    return ProfileCondition(source, compiled, read, frozenset(counted) & compiled.reads.fields)
+
+
+def counted_fields(ops: Mapping[str, str]) -> frozenset[str]:
+    """The field keys ("computed.orders") of the computed traits of kind count or sum among `ops` (name -> op,
+    as ListComputedTraits gives them): a condition reads them as 0 where a person has none."""
+    return frozenset(field_key(COMPUTED, name) for name, op in ops.items() if op in ZERO_WHEN_MISSING)
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,13 +24,18 @@ class Catalogue:
 
     `fields` is every field there is; `names` is the known names under some roots only ("computed" ->
     the computed traits the profile service defines), the other roots unchecked: traits are open-ended,
-    while a computed trait or a score that nothing produces would silently read as missing for ever."""
+    while a computed trait or a score that nothing produces would silently read as missing for ever.
+
+    `counted` is the field keys of the computed traits of kind count or sum ("computed.orders"): conditions
+    read them as 0 where a person has none (`conditions.profile_condition`). A stored version is read again
+    with the ones it was saved with (`Journey.counted`), so every replica and restart compiles it the same."""
 
     events: frozenset[str] | None = None
     fields: frozenset[str] | None = None
     segments: frozenset[str] | None = None
     purposes: frozenset[str] | None = None
     names: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    counted: frozenset[str] = frozenset()
 
     def unknown_fields(self, fields: frozenset[str]) -> list[str]:
         """The flat field keys among `fields` this catalogue says do not exist, sorted."""
@@ -128,7 +133,7 @@ class FieldReader:
         if source is None:
             self.problem(node, at, "is required: a condition like scores.churn_risk > 0.8")
             return None
-        found = self.attempt(node, lambda: profile_condition(source, at, entry=True))
+        found = self.attempt(node, lambda: profile_condition(source, at, entry=True, counted=self.catalogue.counted))
         if found is None:
             return None
         for name in self.catalogue.unknown_fields(found.fields):

@@ -163,6 +163,15 @@ class Journey:
         return tuple(seen.values())
 
     @property
+    def counted(self) -> frozenset[str]:
+        """The computed traits of kind count or sum its conditions read as 0 where a person has none (field
+        keys); stored with the version, so it is compiled the same way again (`document_fields.Catalogue`)."""
+        found: set[str] = set()
+        for condition in _conditions(self):
+            found |= condition.counted
+        return frozenset(found)
+
+    @property
     def segments(self) -> frozenset[str]:
         """The segments it enters on (or is scheduled over) and whose membership its conditions read."""
         found: set[str] = set()
