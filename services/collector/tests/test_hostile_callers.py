@@ -188,3 +188,32 @@ async def test_more_than_one_content_encoding_is_refused(collector):
         assert response.status == 415, headers
         assert reply["error"]["field"] == "Content-Encoding" and "one Content-Encoding" in reply["message"]
     await collector.stored(expected=0)
+
+
+async def test_refused_requests_are_timed_by_status_and_said_once_a_minute(nats_server, tmp_path, caplog):
+    """An on-call trial sent a wrong write key (401) and a bad event (400), and saw the 503s of a bus
+    outage: no log line said any of them and no metric counted requests by status, so a 5xx rate or a
+    misconfigured key could not be alerted on. The line names the status and the error's code, never the
+    key or the value."""
+    captured = MetricsCapture("collector")
+    caplog.set_level(logging.INFO, logger="cdp.collector.http")
+    settings = collector_settings(nats_server.url, tmp_path)
+    async with serving(settings, setup, telemetry=captured.telemetry) as runtime:
+        url = f"http://127.0.0.1:{runtime.ports['http']}"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                wrong = {"Authorization": aiohttp.encode_basic_auth("wk_not_a_key_1234", "")}
+                async with session.post(f"{url}/v1/track", json={"userId": "u"}, headers=wrong) as response:
+                    assert response.status == 401
+            body = {"userId": "u", "event": "E", "messageId": "ok"}
+            async with session.post(f"{url}/v1/track", json=body, headers=basic()) as response:
+                assert response.status == 200
+
+        def by_status() -> dict:
+            points = captured.collected().get("cdp.collector.http.duration", ("", []))[1]
+            return {(p.attributes["route"], p.attributes["status"]): p.count for p in points}
+
+        assert by_status() == {("/v1/track", "401"): 3, ("/v1/track", "200"): 1}
+    said = [r for r in caplog.records if r.getMessage() == "http request refused"]
+    assert len(said) == 1 and said[0].reason.startswith("401 ") and said[0].route == "/v1/track"
+    assert "wk_not_a_key_1234" not in str([r.__dict__ for r in caplog.records])
