@@ -8,11 +8,16 @@ every batch retried HubSpot for `CDP_CRM_RETRY_FOR` before it wrote Salesforce a
 
 from __future__ import annotations
 
+from cdp_crm.adapters.salesforce import SalesforceAdapter
+from cdp_crm.budgets import SharedBudget
+from cdp_crm.inbound import HubSpotPoller, Poller
+from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.state import PENDING
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
 from .conftest import TOKEN
+from .test_crm_stall import hubspot_process  # noqa: F401 - the fixture: the local HubSpot as a process
 
 
 def two_crms(hubspot: str, salesforce: str) -> dict:
@@ -107,4 +112,57 @@ async def test_a_crm_answering_again_takes_its_held_writes_without_a_restart(wor
         )
     finally:
         await hubspot.close()
+        await salesforce.close()
+
+
+async def test_a_crm_that_hangs_delays_only_its_own_writes_with_the_pollers_reading_first(
+    world_factory,
+    hubspot_process,  # noqa: F811 - the fixture imported above
+    collector,
+):
+    """HubSpot's process stopped (SIGSTOP: requests hang until their timeout), the inbound pollers wired as
+    the process wires them - each connection's news read before its writes (engine `read_first`). The first
+    batch meets the hang and waits one read's timeout (20 s here); from then on the connection is held and
+    Salesforce's writes go through at once, while HubSpot's are queued; they land once it answers."""
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot_process)
+        document = two_crms(hubspot_process.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, request_timeout=20.0, partitions=1)
+        hs_connection, sf_connection = world.connections
+        hs_poller = HubSpotPoller(
+            world.store, hs_connection, world.session, TOKEN, SharedBudget(world.store, hs_connection),
+            collector.client(world.session), objects=("contacts",), timeout=20.0,
+        )  # fmt: skip
+        adapter = SalesforceAdapter(
+            world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
+            login_url=salesforce.base_url,
+        )  # fmt: skip
+        reader = SalesforceReader(sf_connection, adapter, SharedBudget(world.store, sf_connection))
+        sf_poller = Poller(world.store, sf_connection, reader, collector.client(world.session), objects=("Contact",))
+        world.logic.inbound = {"hubspot": hs_poller, "salesforce": sf_poller}  # as the process wires them
+        hubspot_process.pause()
+        try:
+            await world.profiles({"person-0": {"traits.email": "p0@example.com", "traits.last_name": "L0"}})
+            # The first batch waits for HubSpot's read to time out (20 s): then Salesforce's write goes.
+            await world.eventually(lambda: {c["CDP_Id__c"] for c in salesforce.records("Contact")} == {"person-0"},
+                                   timeout=40.0)  # fmt: skip
+            persons = [f"person-{i}" for i in range(4)]
+            for i, person in enumerate(persons[1:], start=1):
+                await world.profiles({person: {"traits.email": f"p{i}@example.com", "traits.last_name": f"L{i}"}})
+
+                def in_salesforce(wanted=persons[: i + 1]) -> bool:
+                    return {c["CDP_Id__c"] for c in salesforce.records("Contact")} >= set(wanted)
+
+                await world.eventually(in_salesforce)  # 15 s: less than a read's timeout
+        finally:
+            hubspot_process.resume()
+
+        async def in_hubspot() -> bool:
+            found = {c["properties"].get("cdp_id") for c in await hubspot_process.contacts(world.session)}
+            return found >= set(persons)
+
+        await world.eventually(in_hubspot, timeout=60.0)
+    finally:
         await salesforce.close()

@@ -378,6 +378,7 @@ class Deliverer:
         late. Only where the account's budget lives in the store (`SharedBudget`); a failure to write is
         logged and the retries go on (the batch's commit records them as before)."""
         store = getattr(self.budgets.get(mapping.connection), "store", None)
+        changes = [c for c in changes if c.fields]  # a list membership carries no values
         if store is None or not changes:
             return
         try:
@@ -402,6 +403,14 @@ class Deliverer:
             )
 
     # --- holding a failing connection -----------------------------------------------------------------
+
+    def read_failed(self, mapping: ObjectMapping, code: str) -> None:
+        """A read of the CRM failed where a write was to follow (the engine reads a connection's news before
+        writing to it): the CRM is failing as the write would find it - a hang costs the read's whole
+        timeout. The connection is held at once, so the next batches queue its changes without waiting on
+        it again; the probe tells when it answers. `code`: what failed (an exception's name)."""
+        self._note_failure(mapping.connection, CrmError(UNAVAILABLE, code, "reading the CRM's changes failed"))
+        self._hold(mapping)
 
     def resting(self, connection: str) -> bool:
         """Whether nothing is to be sent to this connection now: it is held (its CRM kept failing) and either

@@ -64,6 +64,7 @@ from cdp_crm.domain.mapping import (
     ObjectMapping,
 )
 from cdp_crm.domain.mapping_model import SEGMENTS
+from cdp_crm.inbound.core import CollectorRefused
 from cdp_crm.inbound.salesforce import OBJECTS as SALESFORCE_OBJECTS
 from cdp_crm.inputs import Input, MappedPaths, View, action_source, decode, reads_fingerprint
 from cdp_crm.people import Fetch, Identifiers
@@ -390,6 +391,8 @@ class CrmLogic:
                 "reading crm changes before writing failed; the writes wait",
                 extra={"mapping": mapping.name, "error": type(exc).__name__},
             )
+            if not isinstance(exc, CollectorRefused):  # the CRM failing: held, not waited on again (delivery.py)
+                self.deliverer.read_failed(mapping, type(exc).__name__)
             return False
         return True
 
