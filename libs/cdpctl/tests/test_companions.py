@@ -61,7 +61,7 @@ def orchestration_environment(ws: Workspace, ports: dict[str, int]) -> dict[str,
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
-        peers={"profile": "127.0.0.1:50053"},
+        peers={"profile": "127.0.0.1:50053", "segmentation": "127.0.0.1:50055"},
         named_ports={"collector.http": 8080} | {f"channels.{listener}": port for listener, port in ports.items()},
     )
 
@@ -155,7 +155,7 @@ def test_without_companions_orchestration_gets_no_provider_half_configured(tmp_p
         grpc_port=50056,
         metrics_port=9469,
         http_port=None,
-        peers={"profile": "127.0.0.1:50053"},
+        peers={"profile": "127.0.0.1:50053", "segmentation": "127.0.0.1:50055"},
         named_ports={"collector.http": 8080},
     )
     assert not [name for name in env if name.startswith(("CDP_SMTP_", "CDP_TWILIO_", "CDP_FCM_", "CDP_WEBHOOK_"))]
