@@ -85,6 +85,12 @@ async def test_export_unmerge_quarantine_and_delete_a_person(people_cli, tmp_pat
         assert document["services"]["profile"]["merged_from"] == [merge.loser]
         result = await people_cli.run("export", graph.person_id)
         assert json.loads(result.stdout)["person_id"] == graph.person_id
+        # Not through a symbolic link (a security trial's finding): the file it points at stays as it was.
+        (tmp_path / "victim").write_text("untouched")
+        (tmp_path / "link.json").symlink_to(tmp_path / "victim")
+        result = await people_cli.run("export", graph.person_id, "--output", str(tmp_path / "link.json"))
+        assert result.exit_code == 1 and "symbolic link" in result.output, result.output
+        assert (tmp_path / "victim").read_text() == "untouched"
 
         # Unmerge: the merge was wrong, the visitor is a person of their own again.
         result = await people_cli.run("unmerge", merge.merge_id, "--reason", "shared computer")
