@@ -287,6 +287,9 @@ class ConsumerRunner:
         self.handler = handler
         self.tracer = telemetry.tracer
         self.pending = 0  # messages not yet delivered to us, from the last consumer info poll
+        # When the oldest message not acknowledged was stored (None: none waiting, or not known), polled.
+        self.oldest_at: datetime | None = None
+        self._may_read: bool | None = None  # whether this connection may get the stream's messages
         self.handled = 0
         self.dead_lettered = 0
         self.recreated = 0  # times the consumer was found gone and created again
@@ -326,11 +329,43 @@ class ConsumerRunner:
                 description="messages in the stream this consumer has not received yet",
             ),
         )
+        observe_on(
+            meter,
+            "cdp.bus.consumer.oldest_age",
+            self,
+            ConsumerRunner._observe_oldest,
+            lambda callback: meter.create_observable_gauge(
+                "cdp.bus.consumer.oldest_age",
+                callbacks=[callback],
+                unit="s",
+                description="age of the oldest message this consumer has not acknowledged (0: none waiting)",
+            ),
+        )
 
     def _observe_lag(self):
         from opentelemetry.metrics import Observation
 
         yield Observation(self.pending, self._attrs)
+
+    def _observe_oldest(self):
+        from opentelemetry.metrics import Observation
+
+        if not self._may_read:
+            return  # not polled yet, or its user may not read the stream: no series rather than a false 0
+        # Aged at each scrape from the message's own time: a stuck consumer's age grows between polls too.
+        oldest = self.oldest_at
+        age = 0.0 if oldest is None else max(0.0, (datetime.now(UTC) - oldest).total_seconds())
+        yield Observation(age, self._attrs)
+
+    async def observe(self, info: api.ConsumerInfo) -> None:
+        """Take the consumer's lag from `info` (its consumer info, polled): messages not yet delivered, and
+        when the oldest one not acknowledged was stored (`oldest_unacknowledged`: one request more, only
+        with a backlog, and only where this connection's user may read the stream's messages)."""
+        self.pending = info.num_pending or 0
+        if self._may_read is None:
+            self._may_read = may_read_messages(self.nc, self.spec.stream)
+        if self._may_read:
+            self.oldest_at = await oldest_unacknowledged(self.js, info)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -490,8 +525,8 @@ class ConsumerRunner:
             _raise_if_cancelling(me)
             try:
                 info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
-                self.pending = info.num_pending or 0
                 self._saw(info)
+                await self.observe(info)
             except asyncio.CancelledError:
                 raise
             except NotFoundError as exc:
@@ -1007,6 +1042,43 @@ class StandingPull:
                 await asyncio.shield(self.nc.flush(timeout=timeout))
         except Exception:
             pass  # the connection is gone: so is the inbox's interest on the server
+
+
+async def oldest_unacknowledged(js: JetStreamContext, info: api.ConsumerInfo) -> datetime | None:
+    """When the oldest message consumer `info` has not acknowledged was stored, or None when none waits
+    (nothing pending, nothing unacknowledged) or the stream no longer holds it. That message is the first
+    one its filter takes after its acknowledgement floor (everything up to the floor is acknowledged, and
+    the first one after it is not, or the floor would be past it): one request per filter subject (one
+    for every consumer of the platform but profile's drained merges), only for a consumer with a backlog."""
+    if not (info.num_pending or 0) and not (info.num_ack_pending or 0):
+        return None
+    floor = (info.ack_floor.stream_seq if info.ack_floor is not None else 0) or 0
+    config = info.config
+    filters = list(config.filter_subjects or ()) or [config.filter_subject or ">"]
+    oldest: datetime | None = None
+    for subject in filters:
+        try:
+            msg = await js.get_msg(info.stream_name, floor + 1, subject=subject, next=True)
+        except NotFoundError:
+            continue  # nothing of that subject after the floor (or it aged out of the stream)
+        if msg.time is not None and (oldest is None or msg.time < oldest):
+            oldest = msg.time
+    return oldest
+
+
+def may_read_messages(nc, stream: str) -> bool:
+    """Whether connection `nc` may get single messages of `stream`: a service's user may only where its
+    role grants it (`cdp_kit.natsauth.permissions`); asking anyway would be refused by nats-server (a
+    permissions violation in its log) and answered by nothing until the request's timeout. A connection
+    without a service's user (tests, an operator) may."""
+    from cdp_kit.natsauth import ROLES, permissions, role_of
+
+    user = nc.options.get("user") if getattr(nc, "options", None) else None
+    user = user() if callable(user) else user
+    role = ROLES.get(role_of(user)) if user else None
+    if role is None:
+        return True
+    return f"$JS.API.STREAM.MSG.GET.{stream}" in permissions(role)["publish"]["allow"]
 
 
 async def delivered_since(

@@ -383,7 +383,8 @@ class PartitionPipeline:
             for feed in self.feeds:
                 try:
                     info = await self.engine.bus.js.consumer_info(feed.consumer.stream, feed.consumer.durable)
-                    feed.pending = feed.runner.pending = info.num_pending or 0
+                    feed.pending = info.num_pending or 0
+                    await feed.runner.observe(info)  # its lag and oldest age on /metrics (bus/consumer.py)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
