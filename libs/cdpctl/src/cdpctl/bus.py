@@ -18,7 +18,11 @@ exception's message follows what was being done: "... : database or disk is full
 `--wide` shows every detail whole, as `--json` does.
 
 `cdpctl lag` shows every durable consumer of every stream: messages not yet delivered, delivered but not
-acknowledged, and redelivered.
+acknowledged, and redelivered, and how long the oldest message it has not acknowledged has waited (the first
+one its filter takes after its acknowledgement floor: one request more for each consumer with a backlog,
+none for the others). A count alone does not tell a stuck consumer from a busy one; an age that keeps
+growing does. `--watch N` samples twice, N seconds apart, and shows how fast each backlog drains (or grows),
+and which consumers did not acknowledge their oldest in between (stuck).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ import asyncio
 import json
 import re
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +53,7 @@ from cdp_kit.bus.consumer import (
     DLQ_STREAM,
     DLQ_SUBJECT,
     DLQ_TIME,
+    oldest_unacknowledged,
 )
 from cdp_kit.natsroles import ORDINAL, PARTITION, ROLES
 from cdpctl.common import console, nats_tls, nats_url, out
@@ -350,6 +357,10 @@ def dlq(
         out.print(f"replayed {replayed} of {len(letters)}")
 
 
+# The wait between `lag --watch`'s two samples (a name of its own: the tests act in between).
+_pause = time.sleep
+
+
 async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict]:
     nc = await connect(url, tls)
     try:
@@ -359,6 +370,8 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
             for info in sorted(await js.consumers_info(stream.config.name), key=lambda c: c.name):
                 if not info.config.durable_name:
                     continue  # ephemeral: a reader, not a service's position
+                oldest = await oldest_unacknowledged(js, info)  # None (and no request) without a backlog
+                age = None if oldest is None else round(max(0.0, (datetime.now(UTC) - oldest).total_seconds()), 3)
                 rows.append(
                     {
                         "stream": stream.config.name,
@@ -367,6 +380,8 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
                         "ack_pending": info.num_ack_pending or 0,
                         "redelivered": info.num_redelivered or 0,
                         "waiting": info.num_waiting or 0,
+                        "oldest_age_seconds": age,
+                        "ack_floor": (info.ack_floor.stream_seq if info.ack_floor is not None else 0) or 0,
                     }
                 )
         return rows
@@ -374,20 +389,99 @@ async def consumer_lag(url: str, tls: ssl.SSLContext | None = None) -> list[dict
         await nc.close()
 
 
+def age_text(seconds: float | None) -> str:
+    """A waiting message's age as an operator reads it: "-" for none, "42s", "4m12s", "3h05m", "2d04h"."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _backlog(row: dict) -> int:
+    return row["pending"] + row["ack_pending"]
+
+
+def drained(before: list[dict], after: list[dict], seconds: float) -> list[dict]:
+    """`after`'s rows, each with how its backlog (pending + acknowledgement pending) changed since `before`,
+    `seconds` earlier: `backlog_change` (messages: negative shrinking), `drain_per_second` (positive
+    draining, negative growing) and `floor_moved` (whether its acknowledgement floor moved: a backlog whose
+    floor did not is stuck on its oldest message, however busy the stream). A consumer new since `before`
+    has none of them."""
+    earlier = {(row["stream"], row["consumer"]): row for row in before}
+    rows = []
+    for row in after:
+        was = earlier.get((row["stream"], row["consumer"]))
+        if was is None:
+            rows.append({**row, "backlog_change": None, "drain_per_second": None, "floor_moved": None})
+            continue
+        change = _backlog(row) - _backlog(was)
+        rows.append(
+            {
+                **row,
+                "backlog_change": change,
+                "drain_per_second": round(-change / seconds, 2) if seconds > 0 else None,
+                "floor_moved": row["ack_floor"] != was["ack_floor"],
+            }
+        )
+    return rows
+
+
+def _trend(row: dict, seconds: float) -> str:
+    if row["drain_per_second"] is None:
+        return "new"
+    rate, backlog = row["drain_per_second"], _backlog(row)
+    if backlog and not row["floor_moved"]:
+        return f"stuck: its oldest not acknowledged in {seconds:.0f}s"
+    if rate > 0:
+        return f"draining {rate:g}/s, empty in ~{age_text(backlog / rate)}" if backlog else f"drained {rate:g}/s"
+    if rate < 0:
+        return f"growing {-rate:g}/s"
+    return "steady"
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5),
+    metavar="SECONDS",
+    help="sample again after SECONDS and show how fast each backlog drains or grows",
+)
 @click.option("--nats", "url", help="NATS URL (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def lag(ws: Workspace, as_json: bool, url) -> None:
-    """Every durable consumer of every stream: pending, acknowledgement pending, redelivered."""
+def lag(ws: Workspace, as_json: bool, watch: float | None, url) -> None:
+    """Every durable consumer of every stream: pending, acknowledgement pending, redelivered, and the age of
+    the oldest message not yet acknowledged; --watch N: the drain rate over N seconds."""
     url = nats_url(ws, url)
-    rows = answered(url, consumer_lag(url, nats_tls(ws, url)), ws=ws)
+    tls = nats_tls(ws, url)
+    rows = answered(url, consumer_lag(url, tls), ws=ws)
+    seconds = 0.0
+    if watch is not None:
+        started = time.monotonic()
+        _pause(watch)
+        later = answered(url, consumer_lag(url, tls), ws=ws)
+        seconds = time.monotonic() - started
+        rows = drained(rows, later, seconds)
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title="consumer lag")
-    for column in ("stream", "consumer", "pending", "ack pending", "redelivered", "waiting pulls"):
-        table.add_column(column, justify="right" if column not in ("stream", "consumer") else "left")
+    title = "consumer lag" if watch is None else f"consumer lag, drain over {seconds:.1f}s"
+    table = Table(title=title)
+    columns = ["stream", "consumer", "pending", "ack pending", "redelivered", "waiting pulls", "oldest"]
+    if watch is not None:
+        columns.append("trend")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("stream", "consumer", "trend") else "right")
     for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
+        cells = [row["stream"], row["consumer"], row["pending"], row["ack_pending"], row["redelivered"]]
+        cells += [row["waiting"], age_text(row["oldest_age_seconds"])]
+        if watch is not None:
+            cells.append(_trend(row, seconds))
+        table.add_row(*(str(v) for v in cells))
     out.print(table)
