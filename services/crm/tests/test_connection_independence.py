@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
+from cdp_crm.domain.coalesce import record_key
 from cdp_crm.inbound import HubSpotPoller, Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
-from cdp_crm.state import PENDING
+from cdp_crm.state import PENDING, RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
@@ -122,8 +123,10 @@ async def test_a_crm_that_hangs_delays_only_its_own_writes_with_the_pollers_read
 ):
     """HubSpot's process stopped (SIGSTOP: requests hang until their timeout), the inbound pollers wired as
     the process wires them - each connection's news read before its writes (engine `read_first`). The first
-    batch meets the hang and waits one read's timeout (20 s here); from then on the connection is held and
-    Salesforce's writes go through at once, while HubSpot's are queued; they land once it answers."""
+    batch meets the hang: its Salesforce write goes at once (the next test), but the batch is committed
+    only after HubSpot's read timed out (20 s here) and its write was queued; from then on the connection
+    is held and Salesforce's writes go through at once, while HubSpot's are queued; they land once it
+    answers."""
     salesforce = await SalesforceEmulator().start()
     try:
         world = await world_factory(hubspot_process)
@@ -145,9 +148,13 @@ async def test_a_crm_that_hangs_delays_only_its_own_writes_with_the_pollers_read
         hubspot_process.pause()
         try:
             await world.profiles({"person-0": {"traits.email": "p0@example.com", "traits.last_name": "L0"}})
-            # The first batch waits for HubSpot's read to time out (20 s): then Salesforce's write goes.
             await world.eventually(lambda: {c["CDP_Id__c"] for c in salesforce.records("Contact")} == {"person-0"},
                                    timeout=40.0)  # fmt: skip
+
+            async def first_batch_committed() -> bool:  # HubSpot's read timed out (20 s), its write queued
+                return len([r async for r in world.store.scan_all(PENDING)]) == 1
+
+            await world.eventually(first_batch_committed, timeout=40.0)
             persons = [f"person-{i}" for i in range(4)]
             for i, person in enumerate(persons[1:], start=1):
                 await world.profiles({person: {"traits.email": f"p{i}@example.com", "traits.last_name": f"L{i}"}})
@@ -164,5 +171,66 @@ async def test_a_crm_that_hangs_delays_only_its_own_writes_with_the_pollers_read
             return found >= set(persons)
 
         await world.eventually(in_hubspot, timeout=60.0)
+    finally:
+        await salesforce.close()
+
+
+async def test_a_crm_that_hangs_does_not_delay_the_first_batch_of_the_others(
+    world_factory,
+    hubspot_process,  # noqa: F811 - the fixture imported above
+    collector,
+):
+    """Each connection of a batch is delivered on its own (engine `deliver_planned`): the very first batch
+    meeting a HubSpot that hangs (its process stopped) writes Salesforce's record at once, while HubSpot's
+    read before its write is still waiting - here for a request timeout of 5 minutes, so before the change
+    Salesforce's write came only after it. The batch is committed (acknowledged) only once HubSpot's share
+    is settled too: nothing of it is queued or recorded while HubSpot hangs, and once it answers, its
+    record is written by the same batch."""
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot_process)
+        document = two_crms(hubspot_process.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(document, env=env, retry_for=240.0, ack_wait=600.0, request_timeout=300.0, partitions=1)
+        hs_connection, sf_connection = world.connections
+        hs_poller = HubSpotPoller(
+            world.store, hs_connection, world.session, TOKEN, SharedBudget(world.store, hs_connection),
+            collector.client(world.session), objects=("contacts",), timeout=300.0,
+        )  # fmt: skip
+        adapter = SalesforceAdapter(
+            world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
+            login_url=salesforce.base_url,
+        )  # fmt: skip
+        reader = SalesforceReader(sf_connection, adapter, SharedBudget(world.store, sf_connection))
+        sf_poller = Poller(world.store, sf_connection, reader, collector.client(world.session), objects=("Contact",))
+        world.logic.inbound = {"hubspot": hs_poller, "salesforce": sf_poller}  # as the process wires them
+        hubspot_process.pause()
+        try:
+            await world.profiles({"person-0": {"traits.email": "p0@example.com", "traits.last_name": "L0"}})
+            await world.eventually(lambda: {c["CDP_Id__c"] for c in salesforce.records("Contact")} == {"person-0"},
+                                   timeout=30.0)  # fmt: skip
+            # HubSpot still hangs, and the batch still waits for it: nothing of HubSpot's is queued or
+            # recorded yet, and HubSpot's connection is not held (its read has not failed).
+            assert [r.key async for r in world.store.scan_all(PENDING)] == []
+            assert await world.store.get(RECORDS, record_key("hubspot/contacts", (("cdp_id", "person-0"),))) is None
+            assert world.logic.deliverer.health["hubspot"].held_since == 0.0
+        finally:
+            hubspot_process.resume()
+
+        async def in_hubspot() -> bool:
+            found = {c["properties"].get("cdp_id") for c in await hubspot_process.contacts(world.session)}
+            return found == {"person-0"}
+
+        await world.eventually(in_hubspot, timeout=30.0)
+
+        async def settled() -> bool:
+            keys = [record_key(m, ((f, "person-0"),)) for m, f in (("hubspot/contacts", "cdp_id"),
+                                                                   ("salesforce/contacts", "CDP_Id__c"))]  # fmt: skip
+            found = await world.store.get_many(RECORDS, keys)
+            return len(found) == 2 and all(r.doc.get("state") == SYNCED for r in found.values())
+
+        await world.eventually(settled, timeout=30.0)
+        assert [r.key async for r in world.store.scan_all(PENDING)] == []
+        assert len(salesforce.records("Contact")) == 1
     finally:
         await salesforce.close()

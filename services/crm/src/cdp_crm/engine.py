@@ -352,23 +352,54 @@ class CrmLogic:
         # One deadline for the whole batch, however many mappings it writes: the batch must be settled
         # (written, refused or queued) well within the stream's acknowledgement wait.
         deadline = self.clock() + self.deliverer.retry_for
-        # Records first: a list membership or a task may need the person's record to exist.
+        # Each connection on its own, side by side: a CRM that hangs, fails or makes its account's budget
+        # wait delays only its own writes, never the other CRMs' writes of the same batch. Within a
+        # connection, records first: a list membership or a task may need the person's record to exist.
+        # The batch is committed (by the caller) only once every connection has written, refused or queued
+        # its share: a crash meanwhile sends the whole batch again (upserts by the same keys).
+        by_connection: dict[str, list[str]] = defaultdict(list)
         for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
-            mapping = self.mappings[name]
-            changes = planned.coalescer.take(mapping=name)
-            if not await self.read_first(mapping, changes, deadline):
-                # The CRM's news could not be read (it or the collector failing): writing now could
-                # overwrite an edit no one has read. Queued, as for a CRM that is down.
-                delivered = Delivered(pending=list(changes))
-                self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
-                continue
-            if mapping.kind == "record" and self.identifiers is not None:
-                await self.claim(mapping, changes, planned.previous, deadline)
-            if bulk:
-                delivered = await self.deliverer.deliver_bulk(mapping, changes, deadline=deadline, progress=progress)
-            else:
-                delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
+            by_connection[self.mappings[name].connection].append(name)
+        changes = {name: planned.coalescer.take(mapping=name) for names in by_connection.values() for name in names}
+
+        async def connection(names: list[str]) -> None:
+            for name in names:
+                await self._deliver_mapping(
+                    partition, self.mappings[name], changes[name], planned, out, attempts, deadline, bulk, progress
+                )
+
+        if len(by_connection) == 1:
+            [names] = by_connection.values()
+            await connection(names)
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for names in by_connection.values():
+                    group.create_task(connection(names))
+        except BaseExceptionGroup as failed:
+            # The batch fails as a whole (nothing is committed; it comes again), as with one connection: the
+            # first failure is raised as itself, not wrapped.
+            raise failed.exceptions[0] from None
+
+    async def _deliver_mapping(
+        self, partition: int, mapping: ObjectMapping, changes: list[Change], planned: Planned, out: Outcomes,
+        attempts: Mapping[str, int], deadline: float, bulk: bool, progress,
+    ) -> None:  # fmt: skip
+        """One mapping's share of a batch: the CRM's news read first, then written (or queued), the outcome
+        recorded in `out`."""
+        if not await self.read_first(mapping, changes, deadline):
+            # The CRM's news could not be read (it or the collector failing): writing now could
+            # overwrite an edit no one has read. Queued, as for a CRM that is down.
+            delivered = Delivered(pending=list(changes))
             self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
+            return
+        if mapping.kind == "record" and self.identifiers is not None:
+            await self.claim(mapping, changes, planned.previous, deadline)
+        if bulk:
+            delivered = await self.deliverer.deliver_bulk(mapping, changes, deadline=deadline, progress=progress)
+        else:
+            delivered = await self.deliverer.deliver(mapping, changes, deadline=deadline)
+        self.record_outcome(partition, mapping, delivered, planned.intended, planned.previous, out, attempts)
 
     async def read_first(self, mapping: ObjectMapping, changes: list[Change], deadline: float) -> bool:
         """Before a record mapping's upserts: read and post what CRM users changed in its object since the
