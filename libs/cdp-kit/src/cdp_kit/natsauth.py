@@ -112,6 +112,12 @@ def permissions(role: BusRole) -> dict[str, dict[str, list[str]]]:
         subscribe.append(f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{name}")
     for stream in role.reads:
         publish += [f"{api}.STREAM.MSG.GET.{stream}", f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"]
+    # A stream it consumes: the get of one message, so its lag poll can date the oldest one it has not
+    # acknowledged (cdp.bus.consumer.oldest_age). Nothing it could not read already: its own consumer's
+    # create subject takes any filter of that stream.
+    for stream in role.consumes:
+        if stream not in role.reads:
+            publish.append(f"{api}.STREAM.MSG.GET.{stream}")
     for stream in role.erases:
         publish.append(f"{api}.STREAM.MSG.DELETE.{stream}")
     # Partition ownership (CDP_OWNERSHIP=nats): the shared bucket, and only this service's group of keys

@@ -86,5 +86,8 @@ def test_only_a_user_allowed_to_read_a_streams_messages_asks_for_its_oldest():
     assert may_read_messages(Connection(None), "EVENTS_RAW")  # no service user: tests, an operator
     assert may_read_messages(Connection(lambda: "scoring"), "PROFILES")  # its role reads PROFILES
     assert may_read_messages(Connection("segmentation.2"), "PROFILES")  # a rotated generation: same role
-    assert not may_read_messages(Connection(lambda: "scoring"), "EVENTS_RESOLVED")
-    assert "identity" in ROLES and not may_read_messages(Connection("identity"), "EVENTS_RAW")
+    # A stream a role consumes it may read message by message (natsauth: its lag poll dates the oldest);
+    # one it neither reads nor consumes it may not.
+    assert "identity" in ROLES and may_read_messages(Connection("identity"), "EVENTS_RAW")
+    assert not may_read_messages(Connection(lambda: "scoring"), "ACTIONS")
+    assert not may_read_messages(Connection("identity"), "ACTIONS")
