@@ -114,13 +114,14 @@ def test_a_price_drop_on_a_viewed_product_reaches_a_slack_webhook_at_once(story:
           f"({(delivery['received_at'] - sent) * 1000:.0f} ms after the collector answered)")  # fmt: skip
 
     # The operator's view: one decision, sent, for Ada; Ben (no recent view) and Cy (a recent view of
-    # another product) never entered.
+    # another product) never entered, and their decisions say why: the entry's `if` was false.
     ada = story.person_id("ada")
     assert [(d.channel, kind(d)) for d in story.decisions(ada, "price-drop-alert")] == [("webhook", "sent")]
     assert delivery["idempotency_key"] == story.decisions(ada, "price-drop-alert")[0].action_id
     for user in ("ben", "cy"):
         person = story.person_id(user)
-        assert story.decisions(person, "price-drop-alert") == [] and story.instances(person) == [], user
+        turned_away = [(kind(d), d.rule) for d in story.decisions(person, "price-drop-alert")]
+        assert turned_away == [("not_entered", "entry_if")] and story.instances(person) == [], user
     # The send's outcome comes back onto Ada's profile like any event.
     eventually(lambda: any(e.name == "Message Sent" for e in story.timeline(ada)), timeout=10)
     time.sleep(1)
