@@ -7,6 +7,8 @@ Real HTTP against the local HubSpot and Salesforce, the engine on a real nats-se
 
 from __future__ import annotations
 
+import urllib.parse
+
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
@@ -72,6 +74,10 @@ async def test_salesforce_a_reps_own_contact_of_the_person_is_anonymised_and_its
         assert done["connections"] == {"sf": {"anonymised": 3, "removed": 0}}
         erased = {r.doc["crm_id"]: r.doc["state"] for r in await world.store.find(RECORDS, "person_id", "person-1")}
         assert erased[by_email["Id"]] == ANONYMISED and erased[by_phone["Id"]] == ANONYMISED
+        # The search named her email and phone in a request's body, never in a request line: Salesforce's
+        # access logs keep those (an e2e run found the email in the emulator's request log).
+        lines = " ".join(urllib.parse.unquote_plus(r.path) for r in sf.requests).lower()
+        assert "ada@example.com" not in lines and "442079460000" not in lines
 
         # A rep edits the anonymised contact: no event (identity would make a new person of it).
         sf.clock.advance(5)

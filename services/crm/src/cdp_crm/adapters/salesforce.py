@@ -55,6 +55,7 @@ from cdp_crm.domain.isolation import (
     PERMISSION,
     REJECTED,
     THROTTLED,
+    UNAVAILABLE,
     UNKNOWN_FIELD,
     BatchOutcome,
     CrmError,
@@ -314,7 +315,7 @@ class SalesforceAdapter:
         listed_values = ", ".join(_soql_text(v) for v in values)
         names = ", ".join(sorted({"Id", field, *read}))
         found, answer = await self._query(
-            f"SELECT {names} FROM {mapping.object} WHERE {field} IN ({listed_values})", "privacy lookup"
+            f"SELECT {names} FROM {mapping.object} WHERE {field} IN ({listed_values})", "privacy lookup", private=True
         )
         if _failure(answer) is not None:
             return None, answer.headers
@@ -393,9 +394,15 @@ class SalesforceAdapter:
                 results[change.record] = RecordResult(change.record, False, error=error)
         return BatchOutcome(results, None, deleted.headers)
 
-    async def _query(self, soql: str, what: str) -> tuple[list[dict[str, Any]], Answer]:
-        """Every record a SOQL query returns (following nextRecordsUrl), and the last answer."""
-        answer = await self._call("GET", "/query?" + urllib.parse.urlencode({"q": soql}), what=what)
+    async def _query(self, soql: str, what: str, *, private: bool = False) -> tuple[list[dict[str, Any]], Answer]:
+        """Every record a SOQL query returns (following nextRecordsUrl), and the last answer. `private`: the
+        query names personal data (an erasure's search by email or phone), so it travels in a request's
+        body (a Composite subrequest), never in a request line, which Salesforce's access logs keep; the
+        next pages' URLs hold only a query locator."""
+        if private:
+            answer = await self._in_body("/query?" + urllib.parse.urlencode({"q": soql}), what)
+        else:
+            answer = await self._call("GET", "/query?" + urllib.parse.urlencode({"q": soql}), what=what)
         records: list[dict[str, Any]] = []
         while _failure(answer) is None:
             if (unreadable := listed(answer, "records")) is not None:
@@ -407,6 +414,21 @@ class SalesforceAdapter:
                 break
             answer = await self._call("GET", following.split(f"/v{API_VERSION}", 1)[-1], what=what)
         return records, answer
+
+    async def _in_body(self, path: str, what: str) -> Answer:
+        """GET `path` as the one subrequest of a Composite request: its answer as if asked directly."""
+        request = {"method": "GET", "url": f"/services/data/v{API_VERSION}{path}", "referenceId": "read"}
+        answer = await self._call("POST", "/composite", json={"compositeRequest": [request]}, what=what)
+        if _failure(answer) is not None:
+            return answer
+        answers = answer.body.get("compositeResponse") if isinstance(answer.body, dict) else None
+        if not isinstance(answers, list) or len(answers) != 1 or not isinstance(answers[0], dict):
+            error = CrmError(
+                UNAVAILABLE, "UNEXPECTED_ANSWER", "the composite answer holds no subrequest", answer.status
+            )
+            return replace(answer, error=error)
+        inner = answers[0]
+        return replace(answer, status=int(inner.get("httpStatusCode", 500)), body=inner.get("body"))
 
     async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """Campaign membership (the mapping's `list` is the Campaign Id): the people's records found by
