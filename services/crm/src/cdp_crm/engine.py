@@ -98,7 +98,7 @@ from cdp_crm.writes import (
     stream_run_key,
     unconfirmed,
 )
-from cdp_kit.bus import Delivery
+from cdp_kit.bus import Delivery, subjects
 from cdp_kit.engine import Effects
 from cdp_kit.storage import Store
 
@@ -110,7 +110,7 @@ WRITE_ORDER = {"record": 0, "list": 1, "action": 2}
 LIST_WAITS = 20
 # Seconds between looks at a partition this process queued changes for, until its pipeline is idle to retry.
 BACKLOG_POLL = 0.2
-MERGE = "identity.merged"  # the trigger of a survivor's records written whole before a merge
+MERGE = subjects.IDENTITY_MERGED  # the trigger of a survivor's records written whole before a merge
 
 
 class CrmLogic:
