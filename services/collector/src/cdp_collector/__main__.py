@@ -47,7 +47,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Every suppression made so far is known before the first request is answered (setup ends before
     # the service reports SERVING and before the HTTP API reports ready).
     # Matched with the key(s) profile hashes deletion notices with (CDP_PRIVACY_HASH_KEY_FILE).
-    suppression = SuppressionList(settings.identifier_hash_keys())
+    suppression = SuppressionList(settings.identifier_hash_keys(), phone_region=settings.phone_region or None)
     follower = SuppressionFollower(bus.nc, bus.js, suppression)
     runtime.stack.push_async_callback(follower.stop)
     await follower.load(settings.suppression_load_timeout)

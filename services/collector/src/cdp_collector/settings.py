@@ -22,6 +22,12 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         "CDP_COLLECTOR_SOURCES_FILE",
         help='JSON {"sources": [{"id", "name", "write_key"}]}: the write keys clients may send with',
     )
+    phone_region: str = env(
+        "CDP_COLLECTOR_PHONE_REGION",
+        "US",
+        help="region a suppressed phone written without its country code is read in (ISO 3166, e.g. DE): "
+        "identity's default_phone_region; empty: only phones written +<digits> are checked",
+    )
     cors_origins: tuple[str, ...] = env(
         "CDP_COLLECTOR_CORS_ORIGINS",
         ("*",),
@@ -95,6 +101,12 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         problems = ServiceSettings.validate(self) + IdentifierHashSettings.validate(self)
         if not self.sources_file.is_file():
             problems.append(f"CDP_COLLECTOR_SOURCES_FILE={str(self.sources_file)!r} is not a readable file")
+        if self.phone_region and not (
+            len(self.phone_region) == 2 and self.phone_region.isalpha() and self.phone_region.isupper()
+        ):
+            problems.append(
+                f"CDP_COLLECTOR_PHONE_REGION={self.phone_region!r} is invalid: an ISO 3166 alpha-2 region like 'DE', or empty"
+            )
         for name, value in (
             ("CDP_COLLECTOR_MAX_EVENT_BYTES", self.max_event_bytes),
             ("CDP_COLLECTOR_MAX_BATCH_BYTES", self.max_batch_bytes),

@@ -139,7 +139,9 @@ def test_a_suppressed_phone_drops_no_event_that_names_someone_else():
 def test_an_empty_list_builds_and_hashes_no_key(monkeypatch):
     walked = []
     real = suppression_module.identifier_keys
-    monkeypatch.setattr(suppression_module, "identifier_keys", lambda event: walked.append(event) or real(event))
+    monkeypatch.setattr(
+        suppression_module, "identifier_keys", lambda event, *region: walked.append(event) or real(event, *region)
+    )
     suppression = SuppressionList()
     event = identify("u-9", traits=struct({"email": "x@y.io"}))
     assert not suppression and suppression.match(event) is None
@@ -176,3 +178,30 @@ def test_keys_agree_with_identitys_normaliser():
     ]
     for kind, raw in cases:
         assert identifier_key(kind, raw) == normalizer.normalize_one(kind, raw).key, (kind, raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "region", "key"),
+    [
+        ("15550001111", "US", "phone:+15550001111"),
+        ("(555) 000-1111", "US", "phone:+15550001111"),
+        ("0151 12345678", "DE", "phone:+4915112345678"),
+        ("+1 555 000 1111", "DE", "phone:+15550001111"),  # written with its country code: the region is moot
+        ("12", "US", None),  # no possible number
+    ],
+)
+def test_a_phone_written_without_its_country_code_is_read_in_identitys_region(raw, region, key):
+    assert identifier_key("phone", raw, region) == key
+
+
+def test_a_suppressed_phone_is_found_however_it_is_written():
+    """A privacy trial deleted Ada with --suppress (+15550001111) and sent her phone back as 15550001111:
+    accepted, and identity, which formats it with its default region, gave it to a new person."""
+    suppression = suppressing("phone:+15550001111")
+    for written in ("15550001111", "(555) 000-1111", "+1 555-000-1111"):
+        assert suppression.match(identify(traits=struct({"phone": written}))) == "traits.phone", written
+    assert suppression.match(identify(traits=struct({"phone": "15550002222"}))) is None
+    # Without a region (CDP_COLLECTOR_PHONE_REGION empty) only the E.164 form is checked, as before.
+    plain = SuppressionList(phone_region=None)
+    plain.add([sha256_hex("phone:+15550001111")])
+    assert plain.match(identify(traits=struct({"phone": "15550001111"}))) is None

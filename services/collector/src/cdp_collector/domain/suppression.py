@@ -27,9 +27,12 @@ because the edge must not depend on identity:
 | any `context.externalIds[].type` | `context.externalIds[].id` | as its type above, else trimmed |
 
 An alias's `previous_id` is checked as both user_id and anonymous_id: identity links it as whichever it
-turns out to be. Identity formats phones with libphonenumber, which the edge does not load; a phone already
-written as `+` and digits (spaces, dashes, dots and brackets ignored) is the E.164 form identity would
-store, so it is checked, and one written any other way is not. Identifier types added in identity's rules
+turns out to be. A phone written as `+` and digits (spaces, dashes, dots and brackets ignored) is the
+E.164 form identity would store and is checked as it is. One written any other way (`15550001111`,
+`(555) 000-1111`) identity formats with libphonenumber and its default region; so does the edge, with
+the same region (`phone_region`, CDP_COLLECTOR_PHONE_REGION: identity's `default_phone_region`), loading
+libphonenumber only once a phone is suppressed: a privacy trial's suppressed `+15550001111` came back as
+`15550001111`. Identifier types added in identity's rules
 file, and types it stores hashed (`"hash": true`), are not checked here.
 
 When nothing is suppressed, `match` returns at once without building or hashing a single key: the ingest
@@ -71,16 +74,33 @@ _PHONE_SEPARATORS = str.maketrans("", "", " \u00a0-.()")
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
-def identifier_key(kind: str, raw: str) -> str | None:
-    """The normalised key `"type:value"` identity would store for `raw`, or None when there is none."""
+def identifier_key(kind: str, raw: str, phone_region: str | None = None) -> str | None:
+    """The normalised key `"type:value"` identity would store for `raw`, or None when there is none.
+    `phone_region`: the region a phone not written in E.164 is read in, as identity's default region (None:
+    such a phone has no key)."""
     value = raw.strip()
     if kind == "email":
         value = value.lower()
     elif kind == "phone":
-        value = value.translate(_PHONE_SEPARATORS)
-        if not _E164.fullmatch(value):
+        compact = value.translate(_PHONE_SEPARATORS)
+        if _E164.fullmatch(compact):
+            value = compact
+        elif phone_region is None or (value := _e164(value, phone_region)) is None:
             return None
     return f"{kind}:{value}" if value else None
+
+
+def _e164(value: str, region: str) -> str | None:
+    """`value` as identity formats a phone (libphonenumber, `region` for a number without its country code)."""
+    import phonenumbers  # only once a phone is suppressed and one arrives written otherwise than E.164
+
+    try:
+        number = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 #: What `PrivacyDeleted.identifier_hashes` carried for a key before keyed hashes (a notice without
@@ -88,7 +108,7 @@ def identifier_key(kind: str, raw: str) -> str | None:
 identifier_hash = plain_identifier_hash
 
 
-def identifier_keys(event: events_pb2.Event) -> Iterator[tuple[str, str]]:
+def identifier_keys(event: events_pb2.Event, phone_region: str | None = None) -> Iterator[tuple[str, str]]:
     """(field path, key) for every identifier the collector can see on `event`, most common first and
     lazily, so a match stops the walk. Reads only: the event is stored as it came when nothing matches."""
     candidates = [("user_id", "user_id", event.user_id), ("anonymous_id", "anonymous_id", event.anonymous_id)]
@@ -113,7 +133,11 @@ def identifier_keys(event: events_pb2.Event) -> Iterator[tuple[str, str]]:
         fields = struct.fields
         for kind in _TRAIT_TYPES:
             # `in` first: indexing a missing key of a protobuf map would add it to the event.
-            if kind in fields and (raw := _scalar(fields[kind])) is not None and (key := identifier_key(kind, raw)):
+            if (
+                kind in fields
+                and (raw := _scalar(fields[kind])) is not None
+                and (key := identifier_key(kind, raw, phone_region))
+            ):
                 yield f"{path}.{kind}", key
     if has_context and context.HasField("extra") and "externalIds" in context.extra.fields:
         for index, item in enumerate(context.extra.fields["externalIds"].list_value.values):
@@ -121,7 +145,7 @@ def identifier_keys(event: events_pb2.Event) -> Iterator[tuple[str, str]]:
             if "type" not in entry or "id" not in entry:
                 continue
             kind = entry["type"].string_value
-            if kind and (raw := _scalar(entry["id"])) is not None and (key := identifier_key(kind, raw)):
+            if kind and (raw := _scalar(entry["id"])) is not None and (key := identifier_key(kind, raw, phone_region)):
                 yield f"context.externalIds[{index}].id", key
 
 
@@ -153,8 +177,9 @@ class SuppressionList:
     """The digests of every suppressed identifier key, per form they were made in, and which events they
     rule out. `keys`: the collector's identifier hash keys (default: the published development key)."""
 
-    def __init__(self, keys: IdentifierHashKeys | None = None) -> None:
+    def __init__(self, keys: IdentifierHashKeys | None = None, *, phone_region: str | None = "US") -> None:
         self.keys = keys or IdentifierHashKeys.for_development()
+        self.phone_region = phone_region
         # Form (a key, or None for plain SHA-256) -> digests. Only forms holding digests are listed, so
         # `match` hashes an event's keys in those forms only.
         self._digests: dict[HashKey | None, set[bytes]] = {}
@@ -199,7 +224,7 @@ class SuppressionList:
             return None
         shared: str | None = None
         vouched = False
-        for path, key in identifier_keys(event):
+        for path, key in identifier_keys(event, self.phone_region):
             kind = key.partition(":")[0]
             suppressed = any(digest(key) in digests for digest, digests in forms)
             if kind in SHARED_TYPES:
