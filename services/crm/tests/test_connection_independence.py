@@ -234,3 +234,35 @@ async def test_a_crm_that_hangs_does_not_delay_the_first_batch_of_the_others(
         assert len(salesforce.records("Contact")) == 1
     finally:
         await salesforce.close()
+
+
+async def test_a_crm_over_its_daily_limit_does_not_hold_the_batches_of_the_others(world_factory):
+    """HubSpot answers its daily limit (429 DAILY): the account's budget allows no request before the next
+    UTC day, so HubSpot's share of each batch is queued at once (`crm_pending`, retried when the budget
+    allows) instead of being tried again until `CDP_CRM_RETRY_FOR` ran out - which held every later batch,
+    and so every later Salesforce write, that long (here 200 s)."""
+    hubspot = await HubSpotEmulator(daily_limit=0).start()
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot)
+        document = two_crms(hubspot.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(document, env=env, retry_for=200.0, ack_wait=300.0, partitions=1)
+        persons = [f"person-{i}" for i in range(3)]
+        for i, person in enumerate(persons):
+            await world.profiles({person: {"traits.email": f"p{i}@example.com", "traits.last_name": f"L{i}"}})
+
+            def in_salesforce(wanted=persons[: i + 1]) -> bool:
+                return {c["CDP_Id__c"] for c in salesforce.records("Contact")} >= set(wanted)
+
+            await world.eventually(in_salesforce, timeout=30.0)
+
+        async def held(n: int) -> bool:
+            return len([r async for r in world.store.scan_all(PENDING)]) == n
+
+        await world.eventually(lambda: held(3), timeout=30.0)  # HubSpot's share, queued for its next day
+        assert hubspot.records("contacts") == []
+        assert world.logic.deliverer.health["hubspot"].state == "throttled"
+    finally:
+        await hubspot.close()
+        await salesforce.close()

@@ -184,11 +184,16 @@ class Deliverer:
                 continue
             error = isolation.retry_errors[-1]
             self._note_failure(mapping.connection, error)
+            if error is NOT_SENT:
+                # The account's budget allows no request before the deadline (a Retry-After, the daily
+                # limit): nothing can be sent before then, so the rest is queued at once rather than tried
+                # again until the deadline - which held the batch, and every batch after it, that long.
+                delivered.pending.extend(change for retry in isolation.retry for change in retry)
+                delivered.pending.extend(change for rest in waiting for change in rest)
+                break
             now = self.clock()
             failing_since = started if failing_since is None else failing_since
-            if error is not NOT_SENT and (
-                self.health[mapping.connection].held_since or now - failing_since >= PATIENCE
-            ):
+            if self.health[mapping.connection].held_since or now - failing_since >= PATIENCE:
                 # The CRM keeps failing: hold the connection; this call's changes and the rest wait for it.
                 self._hold(mapping)
                 delivered.pending.extend(change for retry in isolation.retry for change in retry)

@@ -290,3 +290,20 @@ def test_property_neither_we_nor_the_crm_ever_count_over_the_burst_window_or_the
     for at, n in arrivals:
         crm_days[int(at // DAY)] = crm_days.get(int(at // DAY), 0) + n
     assert all(used <= daily for used in crm_days.values()), "the CRM counted over its day"
+
+
+@pytest.mark.parametrize(
+    ("kind", "headers"),
+    [
+        ("hubspot", {"X-HubSpot-RateLimit-Daily": "0", "X-HubSpot-RateLimit-Daily-Remaining": "0"}),
+        ("salesforce", {"Sforce-Limit-Info": "api-usage=3/0"}),
+    ],
+)
+def test_a_daily_limit_of_zero_reported_by_the_crm_waits_for_the_next_day_not_raises(kind, headers):
+    # A daily limit of 0 became the budget's own, and every later reservation raised ValueError ("can never
+    # fit"): each batch failed and came again, every CRM's writes with it, instead of this CRM's waiting.
+    budget = Budget.for_kind(kind, account="a")
+    budget.observe(headers, T0)
+    refused = budget.reserve(1, T0 + 60)
+    assert not refused.granted and refused.reason == "daily"
+    assert refused.wait_until == (int(T0 // DAY) + 1) * DAY

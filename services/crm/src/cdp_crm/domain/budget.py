@@ -240,8 +240,10 @@ class Budget:
             if burst_max is not None and self.burst is not None and 0 < burst_max < self.burst:
                 self.burst = burst_max  # the app's real allowance is lower than configured
             daily_max = _int(h.get("x-hubspot-ratelimit-daily"))
-            if daily_max is not None and self.daily is not None and daily_max < self.daily:
+            if daily_max is not None and self.daily is not None and 0 < daily_max < self.daily:
                 self.daily = daily_max
+            elif daily_max == 0:
+                daily_left = 0  # none at all today: wait for the next day (a limit of 0 no request could fit)
         elif self.kind == "salesforce":
             usage = h.get("sforce-limit-info", "")
             for part in usage.split(","):
@@ -249,9 +251,11 @@ class Budget:
                 if name == "api-usage":
                     used, _, limit = value.partition("/")
                     used_n, limit_n = _int(used), _int(limit)
-                    if limit_n is not None and (self.daily is None or limit_n < self.daily):
+                    if limit_n is not None and limit_n > 0 and (self.daily is None or limit_n < self.daily):
                         self.daily = limit_n
-                    if used_n is not None and self.daily is not None:
+                    if limit_n == 0:
+                        daily_left = 0  # none at all today (a limit of 0 no request could fit)
+                    elif used_n is not None and self.daily is not None:
                         daily_left = self.daily - used_n
         elif self.kind == "dynamics":
             burst_left = _int(h.get("x-ms-ratelimit-burst-remaining-xrm-requests"))
