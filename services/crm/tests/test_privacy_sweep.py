@@ -114,3 +114,29 @@ async def test_hubspot_a_contact_made_again_by_a_rep_after_the_synced_one_was_de
         states = {r.doc.get("crm_id"): r.doc["state"] for r in await world.store.find(RECORDS, "person_id", "person-1")}
         assert states[again["id"]] == DELETED and states[stamped["id"]] == DELETED
         await world.stop()
+
+
+async def test_a_record_the_crm_refused_is_not_created_by_its_erasure(world_factory):
+    """A privacy trial's merged person: the survivor's HubSpot upsert was refused (409, its email already on
+    another contact), and the erasure's anonymising upsert by the match key then created a new, empty
+    contact holding the deleted person's CDP id. A record the CRM never took holds nothing there to erase."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        taken = hubspot.user_create("contacts", {"email": "ada@example.com", "firstname": "Someone"})
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+
+        async def refused() -> bool:
+            found = await world.store.find(RECORDS, "person_id", "person-1")
+            return any(r.doc.get("state") == "dead_lettered" for r in found)
+
+        await world.eventually(refused)
+        before = {r["id"] for r in hubspot.records("contacts")}
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+        assert {r["id"] for r in hubspot.records("contacts")} == before  # nothing created
+        assert hubspot.find("contacts", "cdp_id", "person-1") is None
+        # The contact that held her email is hers as far as the erasure can tell: the sweep anonymised it.
+        (kept,) = [r for r in hubspot.records("contacts") if r["id"] == taken["id"]]
+        assert not kept["properties"].get("email")
+        await world.stop()

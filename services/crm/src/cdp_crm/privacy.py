@@ -65,6 +65,7 @@ from cdp_crm.state import (
     RECORDS,
     TOMBSTONES,
 )
+from cdp_crm.writes import accepted
 from cdp_kit.bus import ConsumerSpec, Delivery, partition_for, subjects
 from cdp_kit.storage import Delete, Put, Store
 from cdp_kit.storage.expiry import ExpirySweeper
@@ -405,6 +406,10 @@ def erasure(mapping: ObjectMapping, record: str, doc: dict, policy: str = "anony
         return Change(mapping.name, key, {}, DONE_STAMP, REMOVE, doc.get("person_id", ""), "privacy")
     if policy == "delete":
         return Change(mapping.name, key, {}, DONE_STAMP, DELETE, doc.get("person_id", ""), "privacy")
+    if not accepted(doc):
+        # Never taken by the CRM (refused, or not sent yet): nothing there to anonymise, and an upsert by
+        # the match key would create a record holding the deleted person's id.
+        return None
     fields = {
         fm.crm_field: PLACEHOLDER if fm.crm_field in mapping.required else None
         for fm in mapping.fields
