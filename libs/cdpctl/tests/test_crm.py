@@ -191,3 +191,64 @@ async def test_an_operator_checks_a_connections_document_before_applying_it(crm_
     ]
     result = await cli.run("crm", "validate", str(tmp_path / "missing.yaml"))
     assert result.exit_code == 2 and "FILE" in result.output
+
+
+async def test_an_operator_replays_the_dead_letters_of_every_connection_and_finds_each_replay(crm_cli):
+    """`crm dead-letters --replay` without --connection: the run names the one connection its letters are of,
+    or - over several - is listed under each (and once in `crm runs`); --wait follows it to its outcome; with
+    nothing to replay no run is started. An on-call trial's replay showed an empty connection and no
+    `crm runs` listing ever showed it."""
+    cli, hubspot, salesforce, bus = crm_cli
+
+    async def replays(*connection: str) -> list[str]:
+        result = await cli.run("crm", "runs", *connection, "--json")
+        assert result.exit_code == 0, result.output
+        return [r["runId"] for r in json.loads(result.output) if r["kind"] == "RUN_KIND_REPLAY"]
+
+    result = await cli.run("crm", "dead-letters", "--replay")
+    assert result.exit_code == 0 and "no dead letters to replay" in result.output, result.output
+    assert json.loads((await cli.run("crm", "dead-letters", "--replay", "--json")).output).get("run") is None
+    assert await replays() == []
+
+    # Both CRMs refuse person-9's record: a dead letter in each connection.
+    hubspot.faults.reject(lambda obj, record: record.get("cdp_id") == "person-9")
+    salesforce.faults.reject(lambda obj, record: record.get("CDP_Id__c") == "person-9")
+    await change(bus, "person-9", email="nine@example.com", last_name="Nine")
+
+    async def dead_letters() -> list[dict]:
+        letters = json.loads((await cli.run("crm", "dead-letters", "--json")).output)
+        return len(letters) == 2 and letters
+
+    assert {d["connectionId"] for d in await eventually(dead_letters)} == {"hubspot", "salesforce"}
+    hubspot.faults.clear()
+    salesforce.faults.clear()
+    result = await cli.run("crm", "dead-letters", "--replay", "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    run = answer["run"]
+    assert answer["replayed"] == "2" and run["state"] == "RUN_STATE_SUCCEEDED"
+    assert (run["total"], run["processed"], run.get("connectionId", "")) == ("2", "2", "")
+    assert hubspot.find("contacts", "cdp_id", "person-9") and salesforce.find("Contact", "CDP_Id__c", "person-9")
+    assert await replays() == [run["runId"]]
+    assert await replays("--connection", "hubspot") == [run["runId"]]
+    assert await replays("--connection", "salesforce") == [run["runId"]]
+    table = await cli.run("crm", "runs")
+    assert run["runId"] in table.output and "(several)" in table.output
+
+    # Only HubSpot refuses person-10: the replay is HubSpot's, listed under it and not under Salesforce.
+    hubspot.faults.reject(lambda obj, record: record.get("cdp_id") == "person-10")
+    await change(bus, "person-10", email="ten@example.com", last_name="Ten")
+    await eventually(lambda: salesforce.find("Contact", "CDP_Id__c", "person-10"))
+
+    async def hubspot_letter() -> list[dict]:
+        return json.loads((await cli.run("crm", "dead-letters", "--json")).output)
+
+    assert [d["personId"] for d in await eventually(hubspot_letter)] == ["person-10"]
+    hubspot.faults.clear()
+    result = await cli.run("crm", "dead-letters", "--replay", "--wait")
+    assert result.exit_code == 0 and "replayed 1 dead letter(s)" in result.output, result.output
+    [second] = [r for r in await replays() if r != run["runId"]]
+    assert second in result.output
+    assert await replays("--connection", "hubspot") == [second, run["runId"]]
+    assert await replays("--connection", "salesforce") == [run["runId"]]
+    assert hubspot.find("contacts", "cdp_id", "person-10")

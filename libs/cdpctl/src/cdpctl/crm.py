@@ -6,15 +6,16 @@ the records it wrote and the records a CRM refused.
                                              left per account, the latest runs
     cdpctl crm runs [--connection C]         backfills, replays and each connection's continuous sync
     cdpctl crm backfill CONNECTION [--mapping M] [--bulk] [--wait]
-    cdpctl crm dead-letters [--connection C] [--mapping M] [--reason R] [--replay]
+    cdpctl crm dead-letters [--connection C] [--mapping M] [--reason R] [--replay [--wait]]
     cdpctl crm record PERSON                 where a person (PERSON_ID, or TYPE VALUE) stands in every mapping
     cdpctl crm record --crm-id CONNECTION OBJECT ID    one CRM record
     cdpctl crm validate FILE [--describe]    a connections document, every problem naming mapping and field
 
 Every command takes --json (the API's messages as JSON on stdout; a refused call becomes
 {"error": {"code", "message", "fields"}} on stdout, exit code 1) and --address (default: the connector
-`cdpctl up` runs). A refused call names the field the service named. `backfill --wait` shows progress
-until the run ends and exits 1 when it failed. Dead letters show the CRM's reason and code, never its
+`cdpctl up` runs). A refused call names the field the service named. `backfill --wait` and
+`dead-letters --replay --wait` show progress until the run ends and exit 1 when it failed; a replay with
+no dead letter matching starts no run and says so. Dead letters show the CRM's reason and code, never its
 message on the terminal (it may quote the refused value): --json carries it for whoever needs it.
 Ids are shown whole, whatever the terminal's width (an id cut short cannot be used in the next command).
 """
@@ -89,7 +90,7 @@ def _runs_table(runs: list[dict], title: str = "runs") -> Table:
             run.get("runId", ""),
             _enum(run.get("kind", ""), "RUN_KIND_"),
             _enum(run.get("state", ""), "RUN_STATE_"),
-            run.get("connectionId", ""),
+            run.get("connectionId", "") or "(several)",  # a replay over several connections names none
             run.get("mappingId", "") or "(all)",
             progress,
             str(written),
@@ -223,6 +224,17 @@ def crm_runs(ws: Workspace, connection_id: str, limit: int, as_json: bool, addre
         out.print(_runs_table(documents))
 
 
+async def _follow(stub, md, run, show: bool, what: str):
+    """`run` read again until it ends, its progress on the terminal meanwhile (`show`); the run as it ended."""
+    with Progress(console=console, disable=not show, transient=True) as progress:
+        task = progress.add_task(f"{what} {run.run_id}", total=None)
+        while run.state == pb.RUN_STATE_RUNNING:
+            progress.update(task, completed=run.processed, total=run.total or None)
+            await asyncio.sleep(0.5)
+            run = await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=md, timeout=10)
+    return run
+
+
 @crm.command("backfill")
 @click.argument("connection_id", metavar="CONNECTION")
 @click.option(
@@ -245,13 +257,7 @@ def crm_backfill(ws: Workspace, connection_id: str, mapping_id: str, bulk: bool,
         )
         if not wait:
             return run
-        with Progress(console=console, disable=not show, transient=True) as progress:
-            task = progress.add_task(f"backfill {run.run_id}", total=None)
-            while run.state == pb.RUN_STATE_RUNNING:
-                progress.update(task, completed=run.processed, total=run.total or None)
-                await asyncio.sleep(0.5)
-                run = await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=md, timeout=10)
-        return run
+        return await _follow(stub, md, run, show, "backfill")
 
     run = _dict(_call(ws, address, as_json, work))
     state = _enum(run.get("state", ""), "RUN_STATE_")
@@ -271,26 +277,44 @@ def crm_backfill(ws: Workspace, connection_id: str, mapping_id: str, bulk: bool,
 @click.option("--reason", default="", type=click.Choice(("", *DEAD_LETTER_REASONS)), help="only this reason")
 @click.option("--limit", default=100, show_default=True, help="at most this many, newest first (0: all)")
 @click.option("--replay", is_flag=True, help="send every dead letter matching the filters again (after a fix)")
+@click.option("--wait", is_flag=True, help="with --replay: show progress until the run ends; exit 1 when it failed")
 @_options
 @click.pass_obj
 def crm_dead_letters(
-    ws: Workspace, connection_id: str, mapping_id: str, reason: str, limit: int, replay: bool, as_json: bool, address
-) -> None:
+    ws: Workspace, connection_id: str, mapping_id: str, reason: str, limit: int, replay: bool, wait: bool,
+    as_json: bool, address,
+) -> None:  # fmt: skip
     """Records a CRM refused, with its reason and the CRM's own code; --replay sends them again, re-projected
-    from the person's current profile, as a replay run."""
+    from the person's current profile, as a replay run (none when nothing matches); --wait follows it to its
+    outcome."""
+    if wait and not replay:
+        raise click.UsageError("--wait goes with --replay")
     if replay:
+        show = wait and not as_json and sys.stderr.isatty()
 
         async def replay_work(stub, md):
             request = pb.ReplayDeadLettersRequest(connection_id=connection_id, mapping_id=mapping_id, reason=reason)
-            return await stub.ReplayDeadLetters(request, metadata=md, timeout=30)
+            answer = await stub.ReplayDeadLetters(request, metadata=md, timeout=30)
+            if wait and answer.HasField("run"):
+                answer.run.CopyFrom(await _follow(stub, md, answer.run, show, "replay"))
+            return answer
 
         answer = _dict(_call(ws, address, as_json, replay_work))
+        run = answer.get("run")
         if as_json:
             _emit(answer)
+        elif not run:
+            out.print("no dead letters to replay: no run started")
         else:
-            out.print(f"replaying {answer.get('replayed', '0')} dead letter(s)")
-            if answer.get("run"):
-                out.print(_runs_table([answer["run"]], "replay"))
+            if wait:
+                out.print(f"replayed {answer.get('replayed', '0')} dead letter(s)")
+            else:
+                out.print(f"replaying {answer.get('replayed', '0')} dead letter(s)")
+            out.print(_runs_table([run], "replay"))
+            if run.get("error"):
+                out.print(f"[red]{run['error']}[/]")
+        if wait and run and _enum(run.get("state", ""), "RUN_STATE_") in ("failed", "cancelled"):
+            raise SystemExit(1)
         return
 
     async def work(stub, md):

@@ -266,6 +266,13 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
             for record in await self.store.find(RUNS, "connection", connection, limit=PAGE_MAX):
                 if record.doc["kind"] != "stream":
                     others.append(run_message(record.key, record.doc))
+        # A replay over several connections is kept under none (runs.replay): listed under each connection
+        # it replays to, and once when no connection is asked for.
+        for record in await self.store.find(RUNS, "connection", "", limit=PAGE_MAX):
+            if record.doc["kind"] != "stream" and (
+                not request.connection_id or request.connection_id in record.doc.get("connections", ())
+            ):
+                others.append(run_message(record.key, record.doc))
         others.sort(key=lambda r: r.started_at.ToNanoseconds(), reverse=True)
         runs = [*others, *runs]
         page = runs[offset : offset + size]
@@ -334,6 +341,8 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
         run_id, doc, replayed = await self.runs.replay(
             list(request.ids), request.connection_id, request.mapping_id, request.reason
         )
+        if run_id is None or doc is None:  # nothing to replay: no run started
+            return crm_pb2.ReplayDeadLettersResponse(replayed=0)
         return crm_pb2.ReplayDeadLettersResponse(run=run_message(run_id, doc), replayed=replayed)
 
     # --- budgets ------------------------------------------------------------------------------------

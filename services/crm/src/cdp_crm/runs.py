@@ -463,7 +463,12 @@ class Runs:
 
     async def replay(
         self, ids: list[str], connection: str = "", mapping: str = "", reason: str = ""
-    ) -> tuple[str, dict[str, Any], int]:
+    ) -> tuple[str | None, dict[str, Any] | None, int]:
+        """A replay run of the dead letters matching the filters: (run id, its document, how many it takes);
+        with nothing to replay, no run is started: (None, None, 0). The run is kept under the connection
+        its letters are of (the filter's, or the one connection they all belong to); a replay over several
+        connections under none (`connection` empty), naming them in `connections`: ListRuns lists it
+        under each of them, and once when not asked for one."""
         if ids:
             found = await self.store.get_many(DEAD_LETTERS, ids)
             letters = [r.doc for r in found.values()]
@@ -476,8 +481,12 @@ class Runs:
             and (not mapping or d["mapping"] == f"{connection or d['connection']}/{mapping}")
             and (not reason or d["reason"] == reason)
         ]  # fmt: skip
+        if not letters:
+            return None, None, 0
+        connections = sorted({d["connection"] for d in letters})
         run_id = f"replay-{uuid.uuid4().hex[:16]}"
-        doc = new_run("replay", connection, mapping, self.clock())
+        doc = new_run("replay", connection or (connections[0] if len(connections) == 1 else ""), mapping, self.clock())
+        doc["connections"] = connections
         doc["total"] = len(letters)
         await self.store.put(RUNS, run_id, doc)
         self.tasks[run_id] = asyncio.create_task(self._guard(run_id, self._replay(run_id, doc, letters)))
