@@ -18,10 +18,11 @@ from hubspot.crm.contacts import (
 from hubspot.crm.contacts.exceptions import ApiException
 from simple_salesforce.exceptions import SalesforceMalformedRequest
 
-from cdp_crm_emulators.hubspot import HubSpotEmulator
+from cdp_crm_emulators.hubspot import Conflict, HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 
 from .test_hubspot import _client as _hubspot
+from .test_hubspot import _post
 from .test_salesforce import _client as _salesforce
 
 
@@ -92,6 +93,34 @@ async def test_hubspot_refuses_a_second_contact_with_one_email_as_hubspot_does()
         )
         answer = await asyncio.to_thread(client.crm.contacts.batch_api.upsert, mine)
         assert [r.id for r in answer.results] == [ada.id]
+
+
+async def test_hubspot_refuses_a_user_making_or_editing_a_contact_onto_an_email_another_holds():
+    """A sales rep's contact made or edited in HubSpot's UI (`user_create`, `user_update`, and
+    ``POST /_emulator/user/contacts`` from another process) meets the rule the API does: no second contact
+    with one email - the API's 409 body, and nothing made or changed."""
+    async with HubSpotEmulator() as hs:
+        ada = hs.user_create("contacts", {"email": "ada@example.com", "firstname": "Ada"})
+        with pytest.raises(Conflict) as made:
+            hs.user_create("contacts", {"email": "ADA@example.com", "firstname": "Eve"})
+        assert made.value.status == 409 and made.value.existing == ada["id"]
+        body = made.value.body
+        assert body["status"] == "error" and body["category"] == "CONFLICT" and body["correlationId"]
+        assert body["message"] == f"Contact already exists. Existing ID: {ada['id']}"
+        assert [c["properties"]["email"] for c in hs.records("contacts")] == ["ada@example.com"]
+
+        grace = hs.user_create("contacts", {"email": "grace@example.com"})
+        with pytest.raises(Conflict) as edited:
+            hs.user_update("contacts", grace["id"], {"email": "ada@example.com", "firstname": "Grace"})
+        assert edited.value.body["message"] == f"Contact already exists. Existing ID: {ada['id']}"
+        assert hs.find("contacts", "email", "grace@example.com")["properties"].get("firstname") is None
+        # Her own email again, or another field of hers, is no conflict.
+        assert hs.user_update("contacts", ada["id"], {"email": "ada@example.com", "lastname": "L"})["id"] == ada["id"]
+
+        status, _, answer = await _post(hs, "/_emulator/user/contacts", {"properties": {"email": "ada@example.com"}})
+        assert status == 409 and answer["category"] == "CONFLICT"
+        assert answer["message"] == f"Contact already exists. Existing ID: {ada['id']}"
+        assert len(hs.records("contacts")) == 2
 
 
 async def test_hubspot_archives_one_contact_by_delete():

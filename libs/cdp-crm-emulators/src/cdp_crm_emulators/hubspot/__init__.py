@@ -23,7 +23,8 @@ Associations: a single create may carry ``associations`` (``to.id`` + ``types``)
 ``PUT /crm/v4/objects/<from>/<id>/associations/default/<to>/<id>`` links two records; a task or ticket is
 tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to>`` lists them.
 
-Inbound: `user_update` / `user_create` edit records as a HubSpot user would and, with `webhook_url` set (at
+Inbound: `user_update` / `user_create` edit records as a HubSpot user would (a unique value another record
+holds raises `Conflict`, carrying the API's 409 body; ``POST /_emulator/user/<object>`` answers it) and, with `webhook_url` set (at
 start, or by the developer API's ``PUT /webhooks/v3/<app id>/settings?hapikey=`` as an app's settings are),
 POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64 HMAC-SHA256 over method, URL,
 body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
@@ -37,13 +38,13 @@ from collections import deque
 from typing import Any
 
 from cdp_crm_emulators._server import Emulator
-from cdp_crm_emulators.hubspot.inbound import InboundMixin
+from cdp_crm_emulators.hubspot.inbound import Conflict, InboundMixin
 from cdp_crm_emulators.hubspot.limits import LimitsMixin
 from cdp_crm_emulators.hubspot.lists import ListsMixin
 from cdp_crm_emulators.hubspot.objects import BATCH_LIMIT, SEARCH_PAGE_LIMIT, ObjectsMixin
 from cdp_crm_emulators.hubspot.schema import PROPERTIES
 
-__all__ = ["BATCH_LIMIT", "SEARCH_PAGE_LIMIT", "HubSpotEmulator"]
+__all__ = ["BATCH_LIMIT", "SEARCH_PAGE_LIMIT", "Conflict", "HubSpotEmulator"]
 
 
 class HubSpotEmulator(LimitsMixin, InboundMixin, ObjectsMixin, ListsMixin, Emulator):

@@ -19,6 +19,19 @@ from cdp_crm_emulators.hubspot.schema import SINGULAR
 from cdp_crm_emulators.hubspot.webhooks import webhook_signature_v3
 
 
+class Conflict(Exception):
+    """What HubSpot answers a user who would give a second record one unique value (a second contact with one
+    email, made or edited in its UI): 409 with `body` (category ``CONFLICT``, "Contact already exists.
+    Existing ID: <id>"), as its API refuses the same write."""
+
+    status = 409
+
+    def __init__(self, body: dict[str, Any], existing: str) -> None:
+        super().__init__(body["message"])
+        self.body = body
+        self.existing = existing
+
+
 class InboundMixin:
     """Edits by a HubSpot user and the webhooks they send. The state it reads is `HubSpotEmulator`'s (set in its ``__init__``)."""
 
@@ -26,7 +39,9 @@ class InboundMixin:
         self, obj: str, properties: dict[str, Any], links: list[tuple[str, str, list]] | None = None
     ) -> dict[str, Any]:
         """A record made by a user (HubSpot's UI), linked to `links` ((object, id, types) each) before its
-        webhook goes out, as a ticket opened from a contact's page is."""
+        webhook goes out, as a ticket opened from a contact's page is. A unique value another record holds
+        (a contact's email) raises `Conflict`: nothing is made."""
+        self._refuse_held(obj, properties, None)
         record = self._write(obj, None, properties)
         for target, target_id, types in links or []:
             self._link(obj, record["id"], target, target_id, types)
@@ -34,9 +49,16 @@ class InboundMixin:
         return self._public(obj, record)
 
     def user_update(self, obj: str, record_id: str, properties: dict[str, Any]) -> dict[str, Any]:
+        """A user's edit of a record; a unique value another record holds raises `Conflict`: nothing changes."""
+        self._refuse_held(obj, properties, record_id)
         record = self._write(obj, record_id, properties)
         self._emit(obj, record, "propertyChange", properties)
         return self._public(obj, record)
+
+    def _refuse_held(self, obj: str, properties: dict[str, Any], record_id: str | None) -> None:
+        if (holder := self._held_elsewhere(obj, properties, record_id)) is not None:
+            body = error_body("CONFLICT", f"{SINGULAR[obj].capitalize()} already exists. Existing ID: {holder}")
+            raise Conflict(body, holder)
 
     async def drain_webhooks(self) -> None:
         while self._webhook_tasks:
@@ -109,7 +131,10 @@ class InboundMixin:
         links = self._association_targets(body)
         if isinstance(links, web.Response):
             return links
-        return json_response(self.user_create(obj, properties, links), status=201)
+        try:
+            return json_response(self.user_create(obj, properties, links), status=201)
+        except Conflict as refused:
+            return json_response(refused.body, status=refused.status)
 
     async def _inspect_webhooks(self, request: web.Request) -> web.Response:
         return json_response({"target_url": self.webhook_url, "statuses": self.webhook_statuses})
