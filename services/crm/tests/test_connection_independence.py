@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
-from cdp_crm.domain.coalesce import record_key
+from cdp_crm.domain.coalesce import UPSERT, Change, record_key
 from cdp_crm.inbound import HubSpotPoller, Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.state import PENDING, RECORDS, SYNCED
+from cdp_crm.writes import change_doc
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_kit.storage import Put
 
 from .conftest import TOKEN
 from .test_crm_stall import hubspot_process  # noqa: F401 - the fixture: the local HubSpot as a process
@@ -265,4 +267,45 @@ async def test_a_crm_over_its_daily_limit_does_not_hold_the_batches_of_the_other
         assert world.logic.deliverer.health["hubspot"].state == "throttled"
     finally:
         await hubspot.close()
+        await salesforce.close()
+
+
+async def test_a_crm_that_hangs_does_not_delay_the_queued_changes_of_the_others(world_factory, hubspot_process):  # noqa: F811
+    """Queued changes (`crm_pending`) of two connections are retried (engine `retry_pending`) while HubSpot's
+    process is stopped and not yet held (it answered until now): Salesforce's queued change is written
+    while HubSpot's request still hangs (a 5-minute request timeout here), not after it."""
+    salesforce = await SalesforceEmulator().start()
+    try:
+        world = await world_factory(hubspot_process)
+        document = two_crms(hubspot_process.base_url, salesforce.base_url)
+        env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
+        await world.start(document, env=env, retry_for=25.0, ack_wait=600.0, request_timeout=300.0, partitions=1)
+        # A person whose HubSpot record sorts first among the queued changes (as the retrier reads them).
+        person = next(
+            p for p in (f"person-{i}" for i in range(100))
+            if record_key("hubspot/contacts", (("cdp_id", p),)) < record_key("salesforce/contacts", (("CDP_Id__c", p),))
+        )  # fmt: skip
+        queued = [
+            Change("hubspot/contacts", (("cdp_id", person),), {"email": "q@example.com"}, 1, UPSERT, person, "t"),
+            Change("salesforce/contacts", (("CDP_Id__c", person),), {"Email": "q@example.com", "LastName": "Q"}, 1,
+                   UPSERT, person, "t"),
+        ]  # fmt: skip
+        hubspot_process.pause()
+        try:
+            await world.store.bulk_write([Put(PENDING, c.record, change_doc(c, 0)) for c in queued])
+            world.logic.queued.set()  # as a batch that queued them would
+            await world.eventually(lambda: {c["CDP_Id__c"] for c in salesforce.records("Contact")} == {person},
+                                   timeout=30.0)  # fmt: skip
+            held = {r.doc["connection"] async for r in world.store.scan_all(PENDING)}
+            assert held == {"hubspot", "salesforce"}  # the retry round is still waiting on HubSpot
+        finally:
+            hubspot_process.resume()
+
+        async def settled() -> bool:
+            found = {c["properties"].get("cdp_id") for c in await hubspot_process.contacts(world.session)}
+            return found == {person} and not [r async for r in world.store.scan_all(PENDING)]
+
+        await world.eventually(settled, timeout=30.0)
+        assert len(salesforce.records("Contact")) == 1
+    finally:
         await salesforce.close()

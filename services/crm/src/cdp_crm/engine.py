@@ -354,32 +354,35 @@ class CrmLogic:
         deadline = self.clock() + self.deliverer.retry_for
         # Each connection on its own, side by side: a CRM that hangs, fails or makes its account's budget
         # wait delays only its own writes, never the other CRMs' writes of the same batch. Within a
-        # connection, records first: a list membership or a task may need the person's record to exist.
-        # The batch is committed (by the caller) only once every connection has written, refused or queued
-        # its share: a crash meanwhile sends the whole batch again (upserts by the same keys).
-        by_connection: dict[str, list[str]] = defaultdict(list)
-        for name in sorted(planned.coalescer.mappings(), key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
-            by_connection[self.mappings[name].connection].append(name)
-        changes = {name: planned.coalescer.take(mapping=name) for names in by_connection.values() for name in names}
+        # connection, records first (`_side_by_side`). The batch is committed (by the caller) only once every
+        # connection has written, refused or queued its share: a crash meanwhile sends the whole batch again
+        # (upserts by the same keys).
+        names = planned.coalescer.mappings()
+        changes = {name: planned.coalescer.take(mapping=name) for name in names}
 
-        async def connection(names: list[str]) -> None:
-            for name in names:
+        async def connection(mine: list[str]) -> None:
+            for name in mine:
                 await self._deliver_mapping(
                     partition, self.mappings[name], changes[name], planned, out, attempts, deadline, bulk, progress
                 )
 
-        if len(by_connection) == 1:
-            [names] = by_connection.values()
-            await connection(names)
-            return
+        await self._side_by_side(connection, names)
+
+    async def _side_by_side(self, work, names: Iterable[str]) -> list[Any]:
+        """`work(mapping names)` once per connection, in its own task (an asyncio.TaskGroup), each given its
+        mappings records first (a list membership or a task may need the person's record to exist); their
+        answers. A failure fails the whole (the others cancelled), raised as itself, not wrapped."""
+        by_connection: dict[str, list[str]] = defaultdict(list)
+        for name in sorted(names, key=lambda n: WRITE_ORDER[self.mappings[n].kind]):
+            by_connection[self.mappings[name].connection].append(name)
+        if len(by_connection) <= 1:
+            return [await work(mine) for mine in by_connection.values()]
         try:
             async with asyncio.TaskGroup() as group:
-                for names in by_connection.values():
-                    group.create_task(connection(names))
+                tasks = [group.create_task(work(mine)) for mine in by_connection.values()]
         except BaseExceptionGroup as failed:
-            # The batch fails as a whole (nothing is committed; it comes again), as with one connection: the
-            # first failure is raised as itself, not wrapped.
             raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     async def _deliver_mapping(
         self, partition: int, mapping: ObjectMapping, changes: list[Change], planned: Planned, out: Outcomes,
@@ -761,20 +764,26 @@ class CrmLogic:
                 change = change_from_doc(record.doc)
                 if change.mapping in self.mappings:
                     by_mapping[change.mapping].append(change)
-            taken = 0
-            for name, changes in by_mapping.items():
-                mapping = self.mappings[name]
-                if not await self.read_first(mapping, changes, self.clock() + min(5.0, self.deliverer.retry_for)):
-                    continue  # still queued: the CRM's news first
-                # A few seconds for the budget: a backlog waits its turn in the account's window rather than
-                # failing the round at once (the pipeline is idle; a new batch waits at most this long).
-                delivered = await self.deliverer.deliver(mapping, changes, retry_for=min(5.0, self.deliverer.retry_for))
-                intended = {
-                    k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None
-                }
-                prev = {k: p.doc for k, p in previous.items()}
-                self.record_outcome(partition, mapping, delivered, intended, prev, out, attempts)
-                taken += len(delivered.synced) + len(delivered.dead)
+            intended = {k: (p.doc.get("fields", {}), p.doc.get("member")) for k, p in previous.items() if p is not None}
+            prev = {k: p.doc for k, p in previous.items()}
+
+            async def retry(names: list[str]) -> int:
+                taken = 0
+                for name in names:
+                    mapping, changes = self.mappings[name], by_mapping[name]
+                    if not await self.read_first(mapping, changes, self.clock() + min(5.0, self.deliverer.retry_for)):
+                        continue  # still queued: the CRM's news first
+                    # A few seconds for the budget: a backlog waits its turn in the account's window rather
+                    # than failing the round at once (the pipeline is idle; a new batch waits at most this long).
+                    retry_for = min(5.0, self.deliverer.retry_for)
+                    delivered = await self.deliverer.deliver(mapping, changes, retry_for=retry_for)
+                    self.record_outcome(partition, mapping, delivered, intended, prev, out, attempts)
+                    taken += len(delivered.synced) + len(delivered.dead)
+                return taken
+
+            # Each connection on its own, as a batch's (`deliver_planned`): a CRM that hangs does not hold up
+            # the other CRMs' queued changes.
+            taken = sum(await self._side_by_side(retry, by_mapping))
             self._run_writes(partition, out)
             await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
             return taken

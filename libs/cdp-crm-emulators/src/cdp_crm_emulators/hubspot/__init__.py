@@ -24,10 +24,10 @@ Associations: a single create may carry ``associations`` (``to.id`` + ``types``)
 tied to its contact this way. ``GET /crm/v4/objects/<from>/<id>/associations/<to>`` lists them.
 
 Inbound: `user_update` / `user_create` edit records as a HubSpot user would (a unique value another record
-holds raises `Conflict`, carrying the API's 409 body; ``POST /_emulator/user/<object>`` answers it) and, with `webhook_url` set (at
-start, or by the developer API's ``PUT /webhooks/v3/<app id>/settings?hapikey=`` as an app's settings are),
-POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64 HMAC-SHA256 over method, URL,
-body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
+holds raises `Conflict`, carrying the API's 409 body; ``POST /_emulator/user/<object>`` answers it) and, with
+`webhook_url` set (at start, or by the developer API's ``PUT /webhooks/v3/<app id>/settings?hapikey=`` as an
+app's settings are), POST the change events there signed with ``X-HubSpot-Signature-v3`` (base64
+HMAC-SHA256 over method, URL, body and ``X-HubSpot-Request-Timestamp`` with the app's `client_secret`).
 """
 
 from __future__ import annotations
