@@ -33,6 +33,21 @@ receiver that keeps asking is time: CDP_ORCHESTRATION_DEFER_SECONDS (a day by de
 was published, a 429 is final ("failed", ``http_429``, dead-lettered) and a paused destination is sent to
 anyway.
 
+A provider that does not answer (a wedged relay that accepts connections and says nothing: outcome reason
+``timeout``) would make every attempt wait the adapter's whole timeout, and a batch of them hold the
+dispatcher so long that the attempts behind them could not keep their back-off. So each destination has a
+breaker: after `breaker_after` (BREAKER_AFTER, 3) timeouts in a row with no answer between them, it is
+open and the dispatcher stops waiting on it. While open, it is probed at most every `probe_every`
+(PROBE_EVERY) seconds after the last unanswered probe: by the channel itself where it can ask without
+sending (`Channel.probe`: email's relay greeting), in a task of its own that no batch waits for; else by
+one action's send, one at a time. Every other action's attempt is counted as made and failed (``timeout``)
+without sending it: handed back with its back-off as
+after a real timeout, so the actions go through their attempts and the dead letter on the documented
+schedule (the send record counts these in `skipped`, and a dead letter's detail says "n not made").
+Whatever answer the provider gives (a greeting, a send accepted, refused, a connection refused, a 5xx)
+closes the breaker. Nothing is acknowledged that was not sent: a replay of the dead letter once the provider is back
+sends it.
+
 A store failing on one action's record (reading it, counting an attempt, recording the outcome) costs
 that action one attempt, counted by the dispatcher in memory since the record is what fails, and at
 `max_attempts` it is dead-lettered (``store_fault``); the rest of its batch goes on. A send the provider
@@ -110,6 +125,9 @@ DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHES
 # Actions with store faults (and sends whose outcome the store did not record) one dispatcher remembers.
 MAX_REMEMBERED = 10_000
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
+TIMEOUT = "timeout"  # an adapter's reason for a provider that said nothing in time (`channels.base`)
+BREAKER_AFTER = 3  # timeouts in a row from one destination that open its breaker (module docstring)
+PROBE_EVERY = 5.0  # seconds after an unanswered probe before an open breaker sends the next one
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
 
@@ -139,19 +157,32 @@ class CollectorReporter:
 
 @dataclass(frozen=True)
 class Tries:
-    """What an action has used so far: attempts made (or begun), hand-backs, the last failure's reason."""
+    """What an action has used so far: attempts made (or begun), hand-backs, the last failure's reason,
+    and of the attempts those counted without a send (`skipped`: the destination's breaker was open)."""
 
     attempts: int = 0
     deferrals: int = 0
     reason: str = ""
+    skipped: int = 0
 
     @classmethod
     def of(cls, stored: dict[str, Any] | None, delivery: Delivery) -> Tries:
         if stored is not None and stored["status"] == PENDING:
-            return cls(stored["attempts"], stored["deferrals"], stored["reason"])
+            return cls(stored["attempts"], stored["deferrals"], stored["reason"], stored.get("skipped", 0))
         # Nothing recorded yet. The first attempt is recorded only once it failed: a delivery before this
         # one that left no trace may have died while the provider had it, so it counts as made.
         return cls(attempts=1 if delivery.num_delivered > 1 else 0)
+
+
+@dataclass
+class Breaker:
+    """One destination's run of timeouts (module docstring): open once `breaker_after` came in a row."""
+
+    timeouts: int = 0  # timeouts in a row, no answer between them
+    open: bool = False
+    probing: bool = False  # a probe is being sent
+    next_probe: float = 0.0  # monotonic time from which an open breaker may send a probe
+    skipped: int = 0  # attempts counted without a send while open
 
 
 class Dispatcher:
@@ -172,6 +203,8 @@ class Dispatcher:
         backoff: Sequence[float] = BACKOFF,
         meter: metrics.Meter | None = None,
         deletions: Deletions | None = None,
+        breaker_after: int = BREAKER_AFTER,
+        probe_every: float = PROBE_EVERY,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
@@ -181,6 +214,8 @@ class Dispatcher:
         self.defer_for = defer_for
         self.max_attempts = max_attempts
         self.backoff = tuple(backoff)
+        self.breaker_after = breaker_after
+        self.probe_every = probe_every
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
@@ -190,6 +225,9 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
         self._paused: dict[str, float] = {}
+        # Destination -> its breaker, while the provider there has timed out since it last answered.
+        self._breakers: dict[str, Breaker] = {}
+        self._probes: set[asyncio.Task] = set()  # probes being asked (`Channel.probe`), held till they end
         # Action id -> store faults on its record so far (`_store_fault`); forgotten once it goes through.
         self._store_faults: dict[str, int] = {}
         # Action id -> the final outcome of a send whose record is not written yet, and the attempts it took.
@@ -322,10 +360,29 @@ class Dispatcher:
             await self.store.bulk_write([Put(SENDS, action.action_id, record)])
             log.info("action %s on %s withdrawn: person deleted", action.action_id, self.channel.name)
             return record
-        if stored is not None or delivery.num_delivered > 1:
-            # Tried before: this attempt is counted before it is made, so dying during it cannot undo it.
-            await self._pending(delivery, action, replace(tries, attempts=tries.attempts + 1))
-        outcome = await self._send(action)
+        breaker = self._breakers.get(destination)
+        probe = False
+        if breaker is not None and breaker.open:
+            due = not breaker.probing and time.monotonic() >= breaker.next_probe
+            if self.channel.probes:
+                if due:  # asked away from the batch: nothing waits on it
+                    breaker.probing = True
+                    task = asyncio.create_task(self._probe(destination, breaker, action))
+                    self._probes.add(task)
+                    task.add_done_callback(self._probes.discard)
+                return await self._unanswered(delivery, action, tries, breaker)
+            if not due:
+                return await self._unanswered(delivery, action, tries, breaker)
+            breaker.probing = probe = True  # this one's send asks whether the provider answers again
+        try:
+            if stored is not None or delivery.num_delivered > 1:
+                # Tried before: this attempt is counted before it is made, so dying during it cannot undo it.
+                await self._pending(delivery, action, replace(tries, attempts=tries.attempts + 1))
+            outcome = await self._send(action)
+        finally:
+            if probe and breaker is not None:
+                breaker.probing = False
+        self._heard(destination, outcome)
         if not outcome.ok and outcome.retryable and outcome.retry_after:
             until = time.monotonic() + outcome.retry_after
             self._paused[destination] = max(self._paused.get(destination, 0.0), until)
@@ -340,7 +397,7 @@ class Dispatcher:
                 return None
             # Asked for time for longer than the bound: given up on, with the hand-backs it had.
             return await self._final(delivery, action, outcome, tries, dead_lettered=True)
-        tries = Tries(tries.attempts + 1, tries.deferrals, outcome.reason)
+        tries = Tries(tries.attempts + 1, tries.deferrals, outcome.reason, tries.skipped)
         if tries.attempts >= self.max_attempts:
             return await self._final(delivery, action, outcome, tries, dead_lettered=True)
         await self._pending(delivery, action, tries)
@@ -352,6 +409,71 @@ class Dispatcher:
             action.action_id,
             self.channel.name,
             outcome.reason,
+            tries.attempts,
+            self.max_attempts,
+        )
+        return None
+
+    def _heard(self, destination: str, outcome: Outcome) -> None:
+        """Keep the destination's breaker: a timeout counts toward opening it (and an open one waits
+        `probe_every` before its next probe); any answer closes it."""
+        if outcome.ok or outcome.reason != TIMEOUT:
+            breaker = self._breakers.pop(destination, None)
+            if breaker is not None and breaker.open:
+                log.warning(
+                    "a %s destination answers again: breaker closed; %d attempts were counted without a send meanwhile",
+                    self.channel.name,
+                    breaker.skipped,
+                )
+            return
+        if len(self._breakers) >= MAX_REMEMBERED and destination not in self._breakers:
+            self._breakers.clear()  # many destinations timing out once each: start the counts again
+        breaker = self._breakers.setdefault(destination, Breaker())
+        breaker.timeouts += 1
+        if breaker.open or breaker.timeouts >= self.breaker_after:
+            breaker.next_probe = time.monotonic() + self.probe_every
+        if not breaker.open and breaker.timeouts >= self.breaker_after:
+            breaker.open = True
+            log.warning(
+                "a %s destination does not answer (%d timeouts in a row): breaker open; one probe at a time, the other "
+                "attempts counted without a send",
+                self.channel.name,
+                breaker.timeouts,
+            )
+
+    async def _probe(self, destination: str, breaker: Breaker, action: Action) -> None:
+        """Ask the channel whether the destination answers (`Channel.probe`, no send): it closes the
+        breaker if it does; otherwise the next probe is due `probe_every` from now."""
+        try:
+            answered = await self.channel.probe(action)
+        except Exception as exc:
+            log.warning("probe of %s raised: %s", self.channel.name, type(exc).__name__)
+            answered = False
+        finally:
+            breaker.probing = False
+        if answered:
+            self._heard(destination, Outcome.accepted())
+        else:
+            breaker.next_probe = time.monotonic() + self.probe_every
+
+    async def _unanswered(
+        self, delivery: Delivery, action: Action, tries: Tries, breaker: Breaker
+    ) -> dict[str, Any] | None:
+        """The destination's breaker is open: this attempt is counted as made and timed out, without
+        waiting on the provider, and the action is handed back with its back-off (or, at the bound,
+        dead-lettered), as after a real timeout."""
+        breaker.skipped += 1
+        tries = Tries(tries.attempts + 1, tries.deferrals, TIMEOUT, tries.skipped + 1)
+        failure = Outcome.failed(TIMEOUT, retryable=True)
+        if tries.attempts >= self.max_attempts:
+            return await self._final(delivery, action, failure, tries, dead_lettered=True)
+        await self._pending(delivery, action, tries)
+        delivery.retry(TIMEOUT, self._backoff(tries.attempts))
+        self.m_retries.add(1, {"channel": self.channel.name, "kind": "attempt"})
+        log.debug(
+            "action %s on %s not sent: its provider does not answer (attempt %d of %d)",
+            action.action_id,
+            self.channel.name,
             tries.attempts,
             self.max_attempts,
         )
@@ -380,6 +502,7 @@ class Dispatcher:
             "seq": delivery.stream_seq,
             "attempts": tries.attempts,
             "deferrals": tries.deferrals,
+            "skipped": tries.skipped,
         }
         await self.store.bulk_write([Put(SENDS, action.action_id, record)])
 
@@ -390,6 +513,7 @@ class Dispatcher:
         record.update(
             attempts=tries.attempts,
             deferrals=tries.deferrals,
+            skipped=tries.skipped,
             seq=delivery.stream_seq,
             delivered=delivery.num_delivered,
             dead_lettered=dead_lettered,
@@ -458,7 +582,11 @@ class Dispatcher:
     async def _settle(self, delivery: Delivery, record: dict[str, Any], refused: bool) -> None:
         letter = None
         if record.get("dead_lettered") and record.get("seq") == delivery.stream_seq:
-            detail = f"{record['attempts']} attempts, {record['deferrals']} hand-backs; the last: {record['reason']}"
+            skipped = record.get("skipped", 0)
+            made = f" ({skipped} not made: the provider did not answer)" if skipped else ""
+            detail = (
+                f"{record['attempts']} attempts{made}, {record['deferrals']} hand-backs; the last: {record['reason']}"
+            )
             letter = (record["reason"], detail)
         if refused:
             reports = _reports_tried(delivery, record)
@@ -641,6 +769,8 @@ def dispatcher(
     defer_for: float = DEFER_FOR,
     max_attempts: int = MAX_ATTEMPTS,
     backoff: Sequence[float] = BACKOFF,
+    breaker_after: int = BREAKER_AFTER,
+    probe_every: float = PROBE_EVERY,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -663,6 +793,8 @@ def dispatcher(
         backoff=backoff,
         meter=bus.telemetry.meter,
         deletions=_deletions(store, bus.js),
+        breaker_after=breaker_after,
+        probe_every=probe_every,
     )
     runner = bus.consumer(spec, handler.handle)
     handler.runner = runner

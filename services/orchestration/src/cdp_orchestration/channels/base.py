@@ -133,6 +133,16 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def send(self, action: Action) -> Outcome: ...
 
+    #: whether `probe` can tell, without sending anything, that the provider answers at all
+    probes: ClassVar[bool] = False
+
+    async def probe(self, action: Action) -> bool:
+        """Whether the provider that would take `action` answers at all (its destination's), asked without
+        sending anything - an SMTP relay's greeting. False when it says nothing in time. Only for
+        channels with `probes`: the dispatcher asks it, away from any batch, while the destination's
+        breaker is open (`dispatch.py`); the others are probed with an action's send."""
+        raise NotImplementedError
+
     def destination(self, action: Action) -> str:
         """Who answers this action's send, as far as rate limits go: a provider that asks for a pause
         (Retry-After) holds the dispatcher's other sends to the same destination. One provider account per

@@ -50,10 +50,22 @@ class SmtpSettings:
         "CDP_SMTP_MESSAGE_ID_DOMAIN", "cdp.local", help="right-hand side of Message-ID <action-id@domain>"
     )
     ca_file: Path | None = env("CDP_SMTP_CA_FILE", None, help="CA bundle to verify the server (unset: system CAs)")
-    timeout: float = env("CDP_SMTP_TIMEOUT", 30.0, help="seconds for connecting and each SMTP command")
+    connect_timeout: float = env(
+        "CDP_SMTP_CONNECT_TIMEOUT",
+        10.0,
+        help="seconds for connecting and the server's greeting (a relay that accepts and says nothing: reason timeout)",
+    )
+    timeout: float = env("CDP_SMTP_TIMEOUT", 30.0, help="seconds for each SMTP command after the greeting")
 
     def validate(self) -> list[str]:
-        problems = [p for p in (_positive("CDP_SMTP_TIMEOUT", self.timeout),) if p]
+        problems = [
+            p
+            for p in (
+                _positive("CDP_SMTP_CONNECT_TIMEOUT", self.connect_timeout),
+                _positive("CDP_SMTP_TIMEOUT", self.timeout),
+            )
+            if p
+        ]
         if (self.username is None) != (self.password is None):
             problems.append("CDP_SMTP_USERNAME and CDP_SMTP_PASSWORD must be set together")
         if self.username is not None and self.security == "none":
