@@ -7,8 +7,11 @@ port must send its INFO line and its monitor answer /healthz (`nats_health`), or
 UNHEALTHY, its /healthz an error), and the platform is not healthy. The platform is healthy when
 nats-server and every service are, and every service's stores can write (the health of `cdp.storage`:
 a service whose store cannot write - a full disk - is shown "SERVING, store cannot write"); a companion
-that is down is shown DOWN but does not make it unhealthy (it stands in for something outside the
-platform).
+that is down or not answering is shown so but does not make it unhealthy (it stands in for a provider
+outside the platform, as a mail relay or a CRM is in production). The output says so when one is not UP:
+`--json` has `companions_counted: false` and a `note` naming each such companion (its state is in its
+row), and the table is followed by that note, so "healthy" with a wedged mail relay is never read as "sending mail" (what
+orchestration sends to it fails and is dead-lettered on its schedule: `cdpctl lag`, `cdpctl dlq`).
 
 Every check starts at once and all end by one deadline (`STATUS_TIMEOUT` after the start): a service's
 health gets `HEALTH_TIMEOUT` of it, a listener's probe `PROBE_TIMEOUT`, and whatever has not answered
@@ -199,6 +202,18 @@ def _status_table(state: dict, health: dict[str, str], *, nats: str, companions:
     return table
 
 
+def companions_note(companions: dict[str, str]) -> str | None:
+    """What `status` says about the companions not UP (none: None): that they do not count, and which."""
+    off = [name for name, health in companions.items() if health != UP]
+    if not off:
+        return None
+    return (
+        f"not counted toward health: {', '.join(off)} (dev, not up) - dev companions stand in for providers "
+        "outside the platform; what is sent to them fails and is retried, then dead-lettered (cdpctl lag, "
+        "cdpctl dlq)"
+    )
+
+
 async def _by(deadline: float, check: Awaitable[str], late: str) -> str:
     """`check`'s answer, or `late` when it has none by `deadline` (loop time): what a check's own timeout
     does not bound (a name to resolve, a loop too busy to run it) cannot hold `status` past it."""
@@ -240,8 +255,10 @@ def status(ws: Workspace, as_json: bool) -> None:
         else:
             console.print(f"cdp is not running in {ws.root} (start it with `make up`).", soft_wrap=True)
         raise SystemExit(1)
-    # Companions stand in for what is outside the platform: one that is down does not make it unhealthy.
+    # Companions stand in for what is outside the platform: one that is down or not answering does not make
+    # it unhealthy, and the output says so (`companions_note`).
     healthy = nats == UP and all(h == "SERVING" for h in health.values())
+    note = companions_note({name: companions[name] for name in state.get("companions", {})})
     if as_json:
         services = {
             name: {
@@ -264,6 +281,8 @@ def status(ws: Workspace, as_json: bool) -> None:
                         name: {**companion, "up": companions[name] == UP, "health": companions[name]}
                         for name, companion in state.get("companions", {}).items()
                     },
+                    "companions_counted": False,
+                    **({"note": note} if note else {}),
                     "write_key": state.get("write_key"),
                     "admin_token_file": state.get("admin_token_file"),
                 }
@@ -272,4 +291,6 @@ def status(ws: Workspace, as_json: bool) -> None:
     else:
         out.print(f"cdp home: {ws.root}", soft_wrap=True, highlight=False, markup=False)
         out.print(_status_table(state, health, nats=nats, companions=companions))
+        if note:
+            out.print(note, soft_wrap=True, highlight=False, markup=False)
     raise SystemExit(0 if healthy else 1)
