@@ -29,7 +29,12 @@ CRM connector's had handled it, per event accepted (2 cores give 0.4 ms an event
 window (each one is written, delivered and acknowledged: much of the cost goes per message); and
 `nats_messages_per_event`, what nats-server itself counted in and out per event accepted over that window
 (its /varz `in_msgs`/`out_msgs`, bytes too): every publish, acknowledgement, pull request, delivery and
-reply across all hops, the benchmark's own two probe subscriptions included (`out`).
+reply across all hops, the benchmark's own two probe subscriptions included (`out`); and `echoes`, over
+the same window, the profile changes published by cause (`profile.changes.event`, `.score`, ...) and the
+score updates scoring published and left out as unchanged, by model, in all and per event accepted.
+`--scoring-resolution` sets the scoring service's CDP_SCORING_RESOLUTION (`off`: none); `--score-moves`
+also reads `scores.updated` and counts, per model, how far each update moved the scores since the one
+before and which updates a resolution of 4 or 3 places would have left out (`score_moves`).
 
 Results (benchlib JSON):
 
@@ -89,6 +94,7 @@ from pipeline_parts import (
 
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2
+from cdp.scoring.v1 import scoring_pb2
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import subjects
 from cdp_kit.natsserver import NatsServer
@@ -106,6 +112,10 @@ EVENT_HOPS = 3
 # How long a step waits for every stage to catch up with the one before it (then it runs anyway and
 # says what was still behind).
 SETTLE_LIMIT_S = 60.0
+ECHO_PROFILE = re.compile(r"^cdp_profile_(changes)_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
+ECHO_SCORING = re.compile(r"^cdp_scoring_scores_(published|unchanged)_total\{([^}]*)\} ([0-9.e+]+)$", re.M)
+GAP_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30)
+MOVE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 PROBE_ID = re.compile(r"probe-[0-9a-f]+-(\d+)")
 
 JOURNEY = {
@@ -147,6 +157,15 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--users", type=int, help="distinct people in the background load")
     parser.add_argument("--probe-interval", type=float, default=0.1, help="seconds between probes")
     parser.add_argument("--baseline-seconds", type=float, help="seconds per bare-hop baseline")
+    parser.add_argument(
+        "--scoring-resolution",
+        help="CDP_SCORING_RESOLUTION for the scoring service (decimal places; 'off': none); default: the platform's",
+    )
+    parser.add_argument(
+        "--score-moves",
+        action="store_true",
+        help="read scores.updated and count, per model, the updates a resolution of 4 or 3 places would leave out",
+    )
     args = parser.parse_args()
     full = {"rates": "1000,2000,3000,4000,5000,6000,8000,10000", "step_seconds": 30.0, "users": 10_000,
             "baseline_seconds": 10.0}  # fmt: skip
@@ -271,7 +290,12 @@ class Observer:
     """Where each probe shows up: its profile change (profiles.changed names its event id) and its
     person's entry into the segment (segments.entered), stamped with time.time() on arrival here."""
 
-    def __init__(self) -> None:
+    def __init__(self, score_moves: bool = False) -> None:
+        self.score_moves = score_moves
+        # (decimals, person, model) -> (version, values rounded) last kept at that resolution
+        self.kept_at: dict[tuple[int, str, str], tuple] = {}
+        self.moves: dict[str, float] = {}  # "<model>.updates" / "<model>.removed_at_<d>" -> count
+        self.last_scored_at: dict[str, float] = {}  # person -> when their last scores were seen here
         self.profile_at: dict[int, float] = {}
         self.person_of: dict[int, str] = {}
         self.segment_at: dict[str, float] = {}
@@ -282,6 +306,56 @@ class Observer:
         self.nc = await nats.connect(nats_url)
         await self.nc.subscribe(subjects.every_partition(subjects.PROFILES_CHANGED_PREFIX), cb=self._profile)
         await self.nc.subscribe(subjects.every_partition(subjects.SEGMENTS_ENTERED_PREFIX), cb=self._segment)
+        if self.score_moves:
+            await self.nc.subscribe(subjects.every_partition(subjects.SCORES_UPDATED_PREFIX), cb=self._scores)
+
+    async def _scores(self, msg) -> None:
+        """Each published update, per model: would a resolution of 4 (3) places have left it out? That is,
+        are its values rounded those last kept at that resolution (same version)? Exact over a stream
+        published without a resolution: an update it left out (bitwise equal) would be left out too."""
+        first = scoring_pb2.ScoresUpdatedBatch.FromString(msg.data)
+        moves = self.moves
+        # Per person of the message: would every update of theirs be left out (then so is, roughly, the
+        # profile change their scores make)? `persons.removed_at_<d>` counts those.
+        kept_for: dict[int, set[str]] = {4: set(), 3: set()}
+        persons: set[str] = set()
+        for batch in (first, *first.more):
+            width = len(batch.scores)
+            values = list(batch.values)
+            model = batch.model
+            moves[f"{model}.updates"] = moves.get(f"{model}.updates", 0) + len(batch.person_ids)
+            for i, person in enumerate(batch.person_ids):
+                persons.add(person)
+                row = values[i * width : (i + 1) * width]
+                last = self.kept_at.get((0, person, model))
+                if last is not None and last[0] == batch.version:
+                    # the largest move of a score since the last update published (no resolution)
+                    delta = max(abs(a - b) for a, b in zip(row, last[1], strict=False))
+                    bucket = next((b for b in MOVE_BUCKETS if delta <= b), "more")
+                    moves[f"{model}.move_le_{bucket}"] = moves.get(f"{model}.move_le_{bucket}", 0) + 1
+                self.kept_at[(0, person, model)] = (batch.version, tuple(row))
+                for decimals in (4, 3):
+                    entry = (batch.version, tuple(round(v, decimals) for v in row))
+                    key = (decimals, person, model)
+                    if self.kept_at.get(key) == entry:
+                        name = f"{model}.removed_at_{decimals}"
+                        moves[name] = moves.get(name, 0) + 1
+                    else:
+                        self.kept_at[key] = entry
+                        kept_for[decimals].add(person)
+        moves["persons.updates"] = moves.get("persons.updates", 0) + len(persons)
+        # Seconds since the person's scores were last seen here: how many updates a per-person debounce
+        # of that long would fold into the next.
+        now = time.monotonic()
+        for person in persons:
+            last = self.last_scored_at.get(person)
+            if last is not None:
+                gap = next((b for b in GAP_BUCKETS if now - last <= b), "more")
+                moves[f"persons.gap_le_{gap}s"] = moves.get(f"persons.gap_le_{gap}s", 0) + 1
+            self.last_scored_at[person] = now
+        for decimals, kept in kept_for.items():
+            name = f"persons.removed_at_{decimals}"
+            moves[name] = moves.get(name, 0) + len(persons) - len(kept)
 
     async def stop(self) -> None:
         await self.nc.close()
@@ -304,6 +378,11 @@ class Observer:
                 self.segment_at.setdefault(event.person_id, now)
 
 
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
 def get_json(url: str, headers: dict | None = None):
     request = urllib.request.Request(url, headers=headers or {})
     with urllib.request.urlopen(request, timeout=30) as answer:
@@ -317,14 +396,14 @@ def epoch(iso: str) -> float:
 class Pipeline:
     """The running platform and the ways the benchmark reads it."""
 
-    def __init__(self, platform: RunningPlatform) -> None:
+    def __init__(self, platform: RunningPlatform, score_moves: bool = False) -> None:
         self.platform = platform
         services = platform.run["services"]
         self.metrics = {name: info["metrics"] for name, info in services.items() if info.get("metrics")}
         self.sender = Sender(services["collector"]["http"], platform.write_key)
         self.receiver = platform.companion("channels")["urls"]["webhook"].rsplit("/hooks/", 1)[0]
         self.hubspot = platform.companion("crm-hubspot")["urls"]["api"]
-        self.observer = Observer()
+        self.observer = Observer(score_moves)
         self.accepted_at: dict[int, float] = {}  # probe n -> when the collector answered its batch
 
     def set_up(self) -> None:
@@ -365,6 +444,16 @@ class Pipeline:
         pids = {name: info.get("pid") for name, info in run["services"].items()}
         pids["nats-server"] = run.get("nats_pid")
         return {name: found[0] for name, pid in pids.items() if (found := schedstat(pid)) is not None}
+
+    def echo_counters(self) -> dict[str, float]:
+        """Profile's changes published by cause, scoring's score updates published and left out by model."""
+        out: dict[str, float] = {}
+        for service, pattern in (("profile", ECHO_PROFILE), ("scoring", ECHO_SCORING)):
+            for name, labels, value in pattern.findall(get_text(self.metrics[service])):
+                label = re.search(r'(?:cause|model)="([^"]*)"', labels)
+                key = f"{service}.{name}.{label.group(1) if label else ''}"
+                out[key] = out.get(key, 0.0) + float(value)
+        return out
 
     async def scrape_all(self) -> dict:
         names = list(self.metrics)
@@ -433,6 +522,8 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
     positions0 = await stream_positions(pipe.observer.nc.jetstream())
     nats0 = await asyncio.to_thread(pipe.nats_counts)
     platform_cpu0 = await asyncio.to_thread(pipe.cpu)
+    counters0 = await asyncio.to_thread(pipe.echo_counters)
+    moves0 = dict(pipe.observer.moves)
     cpu0 = time.process_time()
     sent = await pipe.sender.offer(bodies, rate / load.batch)
     generator_cores = (time.process_time() - cpu0) / max(sent["offered_seconds"], 1e-9)
@@ -465,6 +556,8 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
     # counted whole. The next step would wait for the same point before it starts.
     settled_after, _ = await settle(pipe.observer.nc.jetstream(), SETTLE_LIMIT_S, ignore=("crm",))
     platform_cpu1 = await asyncio.to_thread(pipe.cpu)
+    counters1 = await asyncio.to_thread(pipe.echo_counters)
+    moves = {key: int(n - moves0.get(key, 0)) for key, n in sorted(pipe.observer.moves.items())}
     positions1 = await stream_positions(pipe.observer.nc.jetstream())
     nats1 = await asyncio.to_thread(pipe.nats_counts)
     on_the_bus = {
@@ -484,6 +577,12 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         if name in platform_cpu1 and platform_cpu1[name] >= used and accepted > 0
     }
     cpu_ms["total"] = round(sum(cpu_ms.values()), 3)
+    # Profile changes by cause and scoring's updates by model (published / left out as unchanged), over
+    # the same window, in all and per accepted event: how many profile changes are echoes of scores.
+    echoes = {key: counters1.get(key, 0.0) - counters0.get(key, 0.0) for key in sorted(counters1)}
+    echoes = {
+        key: {"n": int(n), "per_event": round(n / accepted, 3)} for key, n in echoes.items() if n > 0 and accepted > 0
+    }
     obs = pipe.observer
     to_profile, to_segment, to_action = [], [], []
     split = {"accept_to_profile": [], "profile_to_segment": [], "segment_to_action": []}
@@ -537,6 +636,12 @@ async def run_step(pipe: Pipeline, load: Load, rate: int, seconds: float, probe_
         "load_generator_cores": round(generator_cores, 2),
         # ms of CPU per accepted event, per process (and their sum), load start -> every stage settled
         "cpu_ms_per_event": cpu_ms,
+        # profile changes by cause (`profile.changes.<cause>`), scoring's updates by model
+        # (`scoring.published.<model>`, `scoring.unchanged.<model>`): counts and per accepted event
+        "echoes": echoes,
+        # with --score-moves: per model, the score updates published and those a resolution of 4 / 3 places
+        # would have left out (`<model>.removed_at_<d>`)
+        "score_moves": moves,
         "cpu_settled": settled_after is not None,
         # messages JetStream stored per accepted event, per stream (and their sum), over the same window
         # (the benchmark's own probe subscriptions store nothing)
@@ -629,8 +734,11 @@ async def main_async(args: argparse.Namespace) -> None:
     base = await baselines(list(LATENCY_RATES), args.baseline_seconds, load)
     print(f"baselines: {json.dumps(base)}", flush=True)
     steps: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp, RunningPlatform(Path(tmp)) as platform:
-        pipe = Pipeline(platform)
+    env = {}
+    if args.scoring_resolution is not None:
+        env["CDP_SCORING_RESOLUTION"] = "" if args.scoring_resolution == "off" else args.scoring_resolution
+    with tempfile.TemporaryDirectory() as tmp, RunningPlatform(Path(tmp), env=env) as platform:
+        pipe = Pipeline(platform, args.score_moves)
         pipe.set_up()
         await pipe.observer.start(platform.nats_url)
         try:
@@ -656,6 +764,10 @@ async def main_async(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 print("        where the time goes: " + where_time_goes(step), flush=True)
+                print(f"        cpu ms/event: {json.dumps(step['cpu_ms_per_event'])}", flush=True)
+                print(f"        echoes: {json.dumps(step['echoes'])}", flush=True)
+                if step["score_moves"]:
+                    print(f"        score moves: {json.dumps(step['score_moves'])}", flush=True)
             await asyncio.sleep(5)
             tasks = await asyncio.to_thread(pipe.crm_tasks)
             crm_ms = [(t - pipe.accepted_at[n]) * 1000 for n, t in tasks.items() if n in pipe.accepted_at]
