@@ -217,3 +217,46 @@ async def test_the_markers_age_out_with_the_tombstones():
     )
     assert await TombstoneSweeper(store, days=35, clock=lambda: now).sweep() == 1
     assert {record.key async for record in store.scan_all(DELETED)} == {"deleted-today"}
+
+
+async def test_a_send_the_provider_had_when_the_deletion_was_accepted_reports_nothing_and_keeps_nothing(
+    world_factory,
+):
+    """A privacy trial's relay took the email, hung, and answered 7 s after the deletion was confirmed: the
+    dispatcher then recorded the send under the person and posted its "Message Sent" event under their user
+    id, and identity made a new person of the deleted one. What went out cannot be recalled; nothing of it
+    may be kept or posted."""
+    world, engine = await _platform(world_factory)
+    await _queue_email(world, "ada", 1)
+    [ada_email] = [a for a in await world.actions() if a.person_id == "ada"]
+    handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=engine)
+    await world.bus.consumer(consumer_spec(), handler.handle).provision()
+    posted: list[dict] = []
+
+    async def report(events) -> bool:
+        posted.extend(events)
+        return True
+
+    class HangingRelay(Mailbox):
+        async def send(self, action) -> Outcome:
+            outcome = await super().send(action)  # the relay has the message ...
+            await _accept_deletion(world, "req-9", action.person_id)  # ... when the deletion is accepted
+            await asyncio.sleep(0.2)
+            return outcome
+
+    mailbox = HangingRelay()
+    runner = asyncio.create_task(dispatcher(world.bus, world.store, mailbox, report=report).run())
+    try:
+
+        async def settled() -> bool:
+            return not [a for a in await world.actions() if a.channel == "email"]
+
+        await world.eventually(settled)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+    assert mailbox.sent == ["ada"] and posted == []
+    record = (await world.store.get(SENDS, ada_email.action_id)).doc
+    assert record["status"] == "accepted" and record["reported"] == "person_deleted"
+    assert "ada" not in str(record) and "event" not in record

@@ -509,6 +509,24 @@ class Dispatcher:
     async def _final(
         self, delivery: Delivery, action: Action, outcome: Outcome, tries: Tries, *, dead_lettered: bool = False
     ) -> dict[str, Any]:
+        if self.deletions is not None and await self.deletions.deleted(action.person_id):
+            # The person's deletion was accepted while the provider had the message (a privacy trial's relay
+            # answered 7 s after the deletion was confirmed). What went out cannot be recalled; what is kept
+            # of it must hold nothing of theirs, and its outcome event, posted under their user id, would
+            # make a new person of them: the record keeps no person, address or event, and nothing is posted
+            # or dead-lettered (a dead letter would keep the rendered message).
+            record = {
+                "channel": self.channel.name, "status": outcome.status, "reason": outcome.reason,
+                "at": time.time(), "reported": "person_deleted", "attempts": tries.attempts,
+                "seq": delivery.stream_seq, "delivered": delivery.num_delivered, "dead_lettered": False,
+            }  # fmt: skip
+            await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+            log.info(
+                "action %s on %s ended after its person's deletion: outcome not reported",
+                action.action_id,
+                self.channel.name,
+            )
+            return record
         record = self._record(action, outcome)
         record.update(
             attempts=tries.attempts,
