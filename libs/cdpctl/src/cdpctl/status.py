@@ -13,6 +13,11 @@ outside the platform, as a mail relay or a CRM is in production). The output say
 row), and the table is followed by that note, so "healthy" with a wedged mail relay is never read as "sending mail" (what
 orchestration sends to it fails and is dead-lettered on its schedule: `cdpctl lag`, `cdpctl dlq`).
 
+Then, of a nats-server that answers, every durable consumer's backlog (`stuck_backlogs`): one whose oldest
+unacknowledged message is older than STUCK_AFTER (5 minutes; orchestration's dispatchers, which hold
+deferred actions on purpose, aside) is named below the table (`--json`: `stuck`) and the platform is not
+healthy - a consumer that stopped moving, which the health checks of live processes cannot see.
+
 Every check starts at once and all end by one deadline (`STATUS_TIMEOUT` after the start): a service's
 health gets `HEALTH_TIMEOUT` of it, a listener's probe `PROBE_TIMEOUT`, and whatever has not answered
 by the deadline is shown as not answering. The probes are asyncio connections, not threads: a platform
@@ -53,6 +58,10 @@ PROBE_TIMEOUT = 1.5  # seconds for the connection and the first bytes of the ans
 STATUS_TIMEOUT = max(HEALTH_TIMEOUT, PROBE_TIMEOUT)
 # Past the deadline, for a check to report its own timeout before it is given up on (`_by`).
 _GRACE = 0.25
+# A consumer whose oldest unacknowledged message is older than this is stuck, not busy: `status` says so and
+# the platform is not healthy. Orchestration's dispatchers hold deferred actions (quiet hours, a provider's
+# Retry-After) unacknowledged on purpose, for up to a day: theirs is not counted.
+STUCK_AFTER = 300.0
 
 
 async def _check(stub: health_pb2_grpc.HealthStub, service: str, timeout: float) -> str:
@@ -224,10 +233,34 @@ async def _by(deadline: float, check: Awaitable[str], late: str) -> str:
         return late
 
 
-async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str]]:
+def bus_age(seconds: float | None) -> str:
+    from cdpctl.bus import age_text
+
+    return age_text(seconds)
+
+
+async def stuck_backlogs(ws: Workspace) -> list[dict] | None:
+    """The durable consumers whose oldest unacknowledged message is older than STUCK_AFTER (None: nats did
+    not say): what an on-call trial could not tell from a busy one without sampling `cdpctl lag` twice."""
+    from cdp_kit.natsroles import ACTION_CHANNELS, dispatch_durable
+    from cdpctl import bus
+    from cdpctl.common import nats_tls, nats_url
+
+    deferring = {dispatch_durable(channel) for channel in ACTION_CHANNELS}
+    try:
+        url = nats_url(ws, None)
+        rows = await bus.consumer_lag(url, nats_tls(ws, url))
+    except Exception:
+        return None
+    return [
+        row for row in rows if row["consumer"] not in deferring and (row["oldest_age_seconds"] or 0.0) > STUCK_AFTER
+    ]
+
+
+async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict[str, str], list[dict] | None]:
     state = ws.running()
     if state is None:
-        return None, {}, DOWN, {}
+        return None, {}, DOWN, {}, None
     # Everything at once, under one deadline: a wedged platform answers in one timeout, whatever is wedged
     # and however many listeners there are. The table keeps run.json's order.
     deadline = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
@@ -240,7 +273,13 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
     nats, *found = await asyncio.gather(*checks)
     health = dict(zip(services, found[: len(services)], strict=True))
     companions = dict(zip(listed, found[len(services) :], strict=True))
-    return state, health, nats, companions
+    # Then, only of a nats-server that answers, the consumers' backlogs, under a deadline of their own: run
+    # beside the probes, its imports and requests on a loaded machine made quick probes miss the deadline.
+    stuck = None
+    if nats == UP:
+        later = asyncio.get_running_loop().time() + STATUS_TIMEOUT + _GRACE
+        stuck = await _by(later, stuck_backlogs(ws), None)  # type: ignore[arg-type]
+    return state, health, nats, companions, stuck
 
 
 @click.command()
@@ -248,7 +287,7 @@ async def _status(ws: Workspace) -> tuple[dict | None, dict[str, str], str, dict
 @click.pass_obj
 def status(ws: Workspace, as_json: bool) -> None:
     """Health of every service of the platform `cdpctl up` runs here (and whether its dev companions are up)."""
-    state, health, nats, companions = asyncio.run(_status(ws))
+    state, health, nats, companions, stuck = asyncio.run(_status(ws))
     if state is None:
         if as_json:
             out.print_json(json.dumps({"running": False, "home": str(ws.root)}))
@@ -257,8 +296,19 @@ def status(ws: Workspace, as_json: bool) -> None:
         raise SystemExit(1)
     # Companions stand in for what is outside the platform: one that is down or not answering does not make
     # it unhealthy, and the output says so (`companions_note`).
-    healthy = nats == UP and all(h == "SERVING" for h in health.values())
+    healthy = nats == UP and all(h == "SERVING" for h in health.values()) and not stuck
     note = companions_note({name: companions[name] for name in state.get("companions", {})})
+    stuck_note = (
+        "stuck: "
+        + "; ".join(
+            f"{row['consumer']} on {row['stream']}: {row['pending'] + row['ack_pending']} waiting, oldest "
+            f"{bus_age(row['oldest_age_seconds'])}"
+            for row in stuck
+        )
+        + " (cdpctl lag --watch 30 says whether it moves; the consumer's service log says why)"
+        if stuck
+        else None
+    )
     if as_json:
         services = {
             name: {
@@ -283,6 +333,8 @@ def status(ws: Workspace, as_json: bool) -> None:
                     },
                     "companions_counted": False,
                     **({"note": note} if note else {}),
+                    # Consumers whose oldest unacknowledged message is older than STUCK_AFTER (null: unknown).
+                    "stuck": stuck,
                     "write_key": state.get("write_key"),
                     "admin_token_file": state.get("admin_token_file"),
                 }
@@ -293,4 +345,6 @@ def status(ws: Workspace, as_json: bool) -> None:
         out.print(_status_table(state, health, nats=nats, companions=companions))
         if note:
             out.print(note, soft_wrap=True, highlight=False, markup=False)
+        if stuck_note:
+            out.print(stuck_note, soft_wrap=True, highlight=False, markup=False)
     raise SystemExit(0 if healthy else 1)
