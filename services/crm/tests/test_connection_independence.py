@@ -47,6 +47,23 @@ def two_crms(hubspot: str, salesforce: str) -> dict:
     }  # fmt: skip
 
 
+def _wire_pollers(world, salesforce: SalesforceEmulator, collector, *, timeout: float) -> None:
+    """Each connection's inbound poller, wired to the engine as the process wires them (engine `read_first`
+    reads a connection's news before its writes)."""
+    hs_connection, sf_connection = world.connections
+    hs_poller = HubSpotPoller(
+        world.store, hs_connection, world.session, TOKEN, SharedBudget(world.store, hs_connection),
+        collector.client(world.session), objects=("contacts",), timeout=timeout,
+    )  # fmt: skip
+    adapter = SalesforceAdapter(
+        world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
+        login_url=salesforce.base_url,
+    )  # fmt: skip
+    reader = SalesforceReader(sf_connection, adapter, SharedBudget(world.store, sf_connection))
+    sf_poller = Poller(world.store, sf_connection, reader, collector.client(world.session), objects=("Contact",))
+    world.logic.inbound = {"hubspot": hs_poller, "salesforce": sf_poller}
+
+
 async def test_a_crm_refusing_every_request_delays_only_its_own_writes(world_factory):
     hubspot = await HubSpotEmulator().start()
     salesforce = await SalesforceEmulator().start()
@@ -135,18 +152,7 @@ async def test_a_crm_that_hangs_delays_only_its_own_writes_with_the_pollers_read
         document = two_crms(hubspot_process.base_url, salesforce.base_url)
         env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
         await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, request_timeout=20.0, partitions=1)
-        hs_connection, sf_connection = world.connections
-        hs_poller = HubSpotPoller(
-            world.store, hs_connection, world.session, TOKEN, SharedBudget(world.store, hs_connection),
-            collector.client(world.session), objects=("contacts",), timeout=20.0,
-        )  # fmt: skip
-        adapter = SalesforceAdapter(
-            world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
-            login_url=salesforce.base_url,
-        )  # fmt: skip
-        reader = SalesforceReader(sf_connection, adapter, SharedBudget(world.store, sf_connection))
-        sf_poller = Poller(world.store, sf_connection, reader, collector.client(world.session), objects=("Contact",))
-        world.logic.inbound = {"hubspot": hs_poller, "salesforce": sf_poller}  # as the process wires them
+        _wire_pollers(world, salesforce, collector, timeout=20.0)
         hubspot_process.pause()
         try:
             await world.profiles({"person-0": {"traits.email": "p0@example.com", "traits.last_name": "L0"}})
@@ -194,18 +200,7 @@ async def test_a_crm_that_hangs_does_not_delay_the_first_batch_of_the_others(
         document = two_crms(hubspot_process.base_url, salesforce.base_url)
         env = {"SF_ID": salesforce.client_id, "SF_SECRET": salesforce.client_secret}
         await world.start(document, env=env, retry_for=240.0, ack_wait=600.0, request_timeout=300.0, partitions=1)
-        hs_connection, sf_connection = world.connections
-        hs_poller = HubSpotPoller(
-            world.store, hs_connection, world.session, TOKEN, SharedBudget(world.store, hs_connection),
-            collector.client(world.session), objects=("contacts",), timeout=300.0,
-        )  # fmt: skip
-        adapter = SalesforceAdapter(
-            world.session, client_id=salesforce.client_id, client_secret=salesforce.client_secret,
-            login_url=salesforce.base_url,
-        )  # fmt: skip
-        reader = SalesforceReader(sf_connection, adapter, SharedBudget(world.store, sf_connection))
-        sf_poller = Poller(world.store, sf_connection, reader, collector.client(world.session), objects=("Contact",))
-        world.logic.inbound = {"hubspot": hs_poller, "salesforce": sf_poller}  # as the process wires them
+        _wire_pollers(world, salesforce, collector, timeout=300.0)
         hubspot_process.pause()
         try:
             await world.profiles({"person-0": {"traits.email": "p0@example.com", "traits.last_name": "L0"}})
