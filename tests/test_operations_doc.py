@@ -5,7 +5,7 @@ never fire.
 Checked against the sources (services/*/src, libs/*/src), read the way cdp-kit's test_metric_names.py
 reads them:
 
-- every instrument a metrics table lists (`| \\`scraped\\` | \\`instrument\\` (unit) | labels | ...`) is created
+- every instrument the code creates has a row in a metrics table, and every instrument a metrics table lists (`| \\`scraped\\` | \\`instrument\\` (unit) | labels | ...`) is created
   in the code, and its scraped name is the one the Prometheus exporter derives from its kind and unit;
 - every Prometheus metric name anywhere on the page (tables, alert expressions, prose) is one the
   exporter derives from an instrument in the code, with a histogram's `_bucket`/`_sum`/`_count`;
@@ -157,6 +157,14 @@ def test_every_table_row_names_an_instrument_of_the_code_by_its_scraped_name():
         elif scraped != (expected := scraped_name(name, *instruments[name])):
             wrong.append(f"line {line}: {name} is scraped as {expected}, not {scraped}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_instrument_of_the_code_has_a_table_row():
+    """An instrument nobody documented is a metric on-call never learns to read."""
+    instruments, _ = code()
+    listed = {name for _line, _scraped, name, _labels in table_rows()}
+    missing = sorted(set(instruments) - listed)
+    assert not missing, f"instruments created in the code that docs/operations.md has no table row for: {missing}"
 
 
 def test_every_prometheus_name_on_the_page_is_derived_from_the_code():
