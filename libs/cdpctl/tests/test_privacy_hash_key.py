@@ -31,3 +31,29 @@ def test_profile_and_the_collector_share_one_private_key_made_once(tmp_path):
     again = Workspace(tmp_path / "home")
     environment(again, "profile")
     assert read_key_file(again.privacy_hash_key_file()).current.id == keys.current.id
+
+
+def test_the_secret_files_reach_only_the_services_that_read_them(tmp_path, monkeypatch):
+    """A service that never reads the write keys or the hash key does not get their paths: a compromised
+    scoring or CRM process finds neither in its environment, as in the chart (mountSources,
+    mountPrivacyHashKey). Set in the shell that ran `make up`, they are not passed on either."""
+    ws = Workspace(tmp_path / "home")
+    ws.prepare()
+    monkeypatch.setenv("CDP_COLLECTOR_SOURCES_FILE", "/somewhere/sources.json")
+    monkeypatch.setenv("CDP_PRIVACY_HASH_KEY_FILE", "/somewhere/hash.key")
+    given = {
+        svc.name: {
+            v for v in ("CDP_COLLECTOR_SOURCES_FILE", "CDP_PRIVACY_HASH_KEY_FILE") if v in environment(ws, svc.name)
+        }
+        for svc in SERVICES
+    }
+    assert given == {
+        "collector": {"CDP_COLLECTOR_SOURCES_FILE", "CDP_PRIVACY_HASH_KEY_FILE"},
+        "identity": set(),
+        "profile": {"CDP_PRIVACY_HASH_KEY_FILE"},
+        "scoring": set(),
+        "segmentation": set(),
+        "orchestration": set(),
+        "crm": set(),
+    }
+    assert environment(ws, "collector")["CDP_COLLECTOR_SOURCES_FILE"] == str(ws.sources_file)

@@ -679,6 +679,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+# The services each secret file is given to (the chart's mountSources / mountPrivacyHashKey).
+SOURCES_FILE_READERS = frozenset({"collector"})
+PRIVACY_HASH_KEY_READERS = frozenset({"collector", "profile"})
+
+
 def service_environment(
     ws: Workspace,
     svc: ServiceProcess,
@@ -706,12 +711,21 @@ def service_environment(
             "CDP_STORE_URL": f"sqlite:///{ws.data_dir / (svc.name + '.db')}",
             "CDP_AUTH_MODE": "tokens",
             "CDP_AUTH_TOKENS_FILE": str(ws.tokens_file),
-            "CDP_COLLECTOR_SOURCES_FILE": str(ws.sources_file),
-            "CDP_PRIVACY_HASH_KEY_FILE": str(ws.privacy_hash_key_file()),
             "CDP_LOG_FORMAT": env.get("CDP_LOG_FORMAT", "json"),
             "PYTHONUNBUFFERED": "1",
         }
     )
+    # A secret file reaches only the processes that read it, as the chart mounts them: the write keys
+    # (the collector's sources) and the key that hashes a deleted person's identifiers (the collector's
+    # suppression list, profile's deletion notices).
+    for variable, path, readers in (
+        ("CDP_COLLECTOR_SOURCES_FILE", ws.sources_file, SOURCES_FILE_READERS),
+        ("CDP_PRIVACY_HASH_KEY_FILE", ws.privacy_hash_key_file(), PRIVACY_HASH_KEY_READERS),
+    ):
+        if svc.name in readers:
+            env[variable] = str(path)
+        else:
+            env.pop(variable, None)
     if http_port is not None:
         env["CDP_HTTP_HOST"] = "127.0.0.1"
         env["CDP_HTTP_PORT"] = str(http_port)
