@@ -284,3 +284,35 @@ async def test_the_zoho_sdk_unchanged_upserts_and_searches_against_the_emulator(
         [contact] = zoho.records("Contacts")
         assert actions == [f"{contact['id']}:record added", f"{contact['id']}:record updated"]
         assert titles == ["Engineer"]
+
+
+async def test_the_query_api_finds_records_by_a_body_and_update_records_never_creates():
+    """COQL (``POST /crm/v8/coql``): ``in`` compares text without case, pages by limit/offset, 204 for none,
+    an unknown column is INVALID_QUERY. Update Records (``PUT /crm/v8/<Module>``) changes by id only."""
+    async with ZohoEmulator() as zoho:
+        status, _ = await _call(zoho, "POST", "/crm/v8/Contacts/upsert", {"data": _contacts(3)})
+        assert status == 200
+        ada = zoho.user_create("Contacts", {"Last_Name": "Lovelace", "Email": "ADA@example.com", "Phone": "+4420"})
+        query = "select Email, CDP_Id from Contacts where Email in ('ada@example.com', 'p1@example.com') limit 1"
+        status, body = await _call(zoho, "POST", "/crm/v8/coql", {"select_query": query})
+        assert status == 200 and body["info"] == {"count": 1, "more_records": True}
+        (first,) = body["data"]
+        status, body = await _call(zoho, "POST", "/crm/v8/coql", {"select_query": query + " offset 1"})
+        assert {first["id"], body["data"][0]["id"]} == {ada["id"], zoho.find("Contacts", "CDP_Id", "p1")["id"]}
+        assert set(body["data"][0]) == {"Email", "CDP_Id", "id"} and body["info"]["more_records"] is False
+        none = "select Email from Contacts where (Phone = '+4421') or (Email = 'nobody@example.com')"
+        assert (await _call(zoho, "POST", "/crm/v8/coql", {"select_query": none}))[0] == 204
+        status, body = await _call(
+            zoho, "POST", "/crm/v8/coql", {"select_query": "select Nope from Contacts where Phone = '1'"}
+        )
+        assert status == 400 and body["code"] == "INVALID_QUERY" and body["details"]["column_name"] == "Nope"
+
+        gone = "5725767000000999999"
+        update = {"data": [{"id": ada["id"], "Email": None, "Last_Name": "(deleted)"}, {"id": gone, "Email": None}]}
+        status, body = await _call(zoho, "PUT", "/crm/v8/Contacts", update)
+        assert status == 207
+        assert [item["code"] for item in body["data"]] == ["SUCCESS", "INVALID_DATA"]
+        assert body["data"][1]["details"]["api_name"] == "id"
+        assert zoho.find("Contacts", "id", ada["id"])["Email"] is None and len(zoho.records("Contacts")) == 4
+        status, body = await _call(zoho, "PUT", "/crm/v8/Contacts", {"data": [{"id": ada["id"], "Last_Name": ""}]})
+        assert status == 400 and body["data"][0]["code"] == "MANDATORY_NOT_FOUND"

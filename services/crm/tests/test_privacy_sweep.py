@@ -3,11 +3,13 @@ a contact a sales rep made for them (never synced, or made again after the synce
 by the person's email or phone, or by the match key stamped with their id, and erased by the connection's
 policy. What a rep then does to such a record is no news: it would make a new person of the deleted one.
 
-Real HTTP against the local HubSpot and Salesforce, the engine on a real nats-server."""
+Real HTTP against the local HubSpot, Salesforce, Dynamics 365 and Zoho, the engine on a real nats-server."""
 
 from __future__ import annotations
 
 import urllib.parse
+
+import pytest
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.adapters.salesforce import SalesforceAdapter
@@ -16,8 +18,10 @@ from cdp_crm.inbound import Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.privacy import Privacy
 from cdp_crm.state import ANONYMISED, DELETED, PRIVACY, RECORDS
+from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 
 from .conftest import TOKEN, salesforce_contacts
 
@@ -139,4 +143,101 @@ async def test_a_record_the_crm_refused_is_not_created_by_its_erasure(world_fact
         # The contact that held her email is hers as far as the erasure can tell: the sweep anonymised it.
         (kept,) = [r for r in hubspot.records("contacts") if r["id"] == taken["id"]]
         assert not kept["properties"].get("email")
+        await world.stop()
+
+
+def _dynamics_contacts(emulator) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "dyn", "kind": "dynamics", "url": emulator.base_url, "auth_url": emulator.base_url,
+                "credentials": {"tenant_id": "DYN_TENANT", "client_id": "DYN_ID", "client_secret": "DYN_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                     "fields": {"emailaddress1": "traits.email", "telephone1": "traits.phone",
+                                "lastname": "traits.last_name"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+def _zoho_contacts(emulator) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "zoho", "kind": "zoho", "url": emulator.base_url,
+                "credentials": {"client_id": "ZOHO_ID", "client_secret": "ZOHO_SECRET", "refresh_token": "ZOHO_REFRESH"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contacts", "match": {"CDP_Id": "person.id"},
+                     "fields": {"Email": "traits.email", "Phone": "traits.phone", "Last_Name": "traits.last_name"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+# Per CRM: the emulator, its connection document, its credentials, and its contacts' object and names of the
+# id, email, phone, last name and stamped key.
+CRMS = {
+    "dynamics": (
+        DynamicsEmulator, _dynamics_contacts,
+        lambda e: {"DYN_TENANT": e.tenant, "DYN_ID": e.client_id, "DYN_SECRET": e.client_secret},
+        ("contacts", "contactid", "emailaddress1", "telephone1", "lastname", "cdp_id"),
+    ),
+    "zoho": (
+        ZohoEmulator, _zoho_contacts,
+        lambda e: {"ZOHO_ID": e.client_id, "ZOHO_SECRET": e.client_secret, "ZOHO_REFRESH": "1000.local-refresh-token"},
+        ("Contacts", "id", "Email", "Phone", "Last_Name", "CDP_Id"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["anonymise", "delete"])
+@pytest.mark.parametrize("crm", sorted(CRMS))
+async def test_a_reps_own_contact_of_the_person_in_dynamics_and_zoho_is_erased(world_factory, crm, policy):
+    """D8 for Dynamics 365 and Zoho: a rep deleted the synced contact and made it again with the person's email,
+    made another with her phone, and one is stamped with the id of a person merged into her. The erasure finds
+    them by a Dataverse $filter (in a $batch body) or a Zoho COQL query (in a POST body) and erases them by the
+    connection's policy; a contact of somebody else is left alone, and no request line names her email or
+    phone (access logs keep those)."""
+    emulator_class, document_of, env_of, names = CRMS[crm]
+    obj, id_field, email, phone, last_name, stamp = names
+    async with emulator_class() as emulator:
+        world = await world_factory(emulator)
+        document = document_of(emulator)
+        document["connections"][0]["on_delete"] = policy
+        await world.start(document, env=env_of(emulator), describe=True)
+        await world.profiles(
+            {"person-1": {"traits.email": "ada@example.com", "traits.phone": "+442079460000", "traits.last_name": "L"}}
+        )
+        await world.eventually(lambda: emulator.find(obj, stamp, "person-1") is not None)
+        emulator.user_delete(obj, emulator.find(obj, stamp, "person-1")[id_field])  # a rep deletes it ...
+        by_email = emulator.user_create(obj, {last_name: "Lovelace", email: "ADA@example.com"})  # ... and makes it
+        by_phone = emulator.user_create(obj, {last_name: "Lovelace", phone: "+442079460000"})
+        stamped = emulator.user_create(obj, {last_name: "Lovelace", email: "ada@work.example", stamp: "person-1-old"})
+        other = emulator.user_create(obj, {last_name: "Byron", email: "byron@example.com", phone: "+442079460001"})
+
+        request = privacy_pb2.PrivacyDeleted(
+            request_id="req-1", person_id="person-1", merged_person_ids=["person-1-old"]
+        )
+        assert await _privacy(world).erase(request)
+        rows = {r[id_field]: r for r in emulator.records(obj)}
+        for made in (by_email, by_phone, stamped):
+            if policy == "delete":
+                assert made[id_field] not in rows
+            else:
+                now = rows[made[id_field]]
+                assert not now.get(email) and not now.get(phone) and now[last_name] == "(deleted)"
+        assert rows[other[id_field]][email] == "byron@example.com"  # nobody else touched
+        assert rows[other[id_field]][phone] == "+442079460001"
+        states = {r.doc.get("crm_id"): r.doc["state"] for r in await world.store.find(RECORDS, "person_id", "person-1")}
+        expected = DELETED if policy == "delete" else ANONYMISED
+        assert all(states[made[id_field]] == expected for made in (by_email, by_phone, stamped))
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        # Each record counted once: the synced one (its anonymising upsert made it again where the rep had
+        # deleted it: found again by its stamped key, it is not counted twice) and the rep's three.
+        assert done["connections"] == {document["connections"][0]["id"]: {expected: 4, "removed": 0}}
+        lines = " ".join(urllib.parse.unquote_plus(r.path) for r in emulator.requests).lower()
+        assert "ada@example.com" not in lines and "442079460000" not in lines
         await world.stop()

@@ -12,8 +12,9 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
   record already gone counts as deleted.
 
 Records naming the person that the connector did not write (a rep's own contact of them) are searched for
-by the person's email, phone and stamped match key in HubSpot and Salesforce and erased the same way
-(`Privacy._sweep`).
+by the person's email, phone and stamped match key in every CRM (HubSpot search, Salesforce SOQL in a
+Composite body, Dataverse ``$filter`` in a ``$batch`` body, Zoho COQL; the values never in a request
+line) and erased the same way (`Privacy._sweep`).
 
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
 erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
@@ -165,6 +166,7 @@ class Privacy:
         ops: list = [Put(TOMBSTONES, pid, {"at": now, "request": key}) for pid in persons]
         by_mapping: dict[str, list[Change]] = defaultdict(list)
         docs: dict[str, dict] = {}
+        written: set[tuple[str, str, str]] = set()  # (connection, object, CRM id) this attempt erased
         unreached = False
         for record in records:
             doc = record.doc
@@ -201,6 +203,8 @@ class Privacy:
                 complete = False
             for change, result in delivered.synced:
                 doc = {**docs[change.record], "crm_id": result.crm_id or docs[change.record].get("crm_id")}
+                if doc["crm_id"]:
+                    written.add((mapping.connection, mapping.object.lower(), str(doc["crm_id"])))
                 tombstone = erased(doc, policy, key, now, removed=change.op == REMOVE)
                 _count(done, mapping.connection, policy, tombstone)
                 ops.append(Put(RECORDS, change.record, tombstone))
@@ -212,7 +216,9 @@ class Privacy:
                 ops.append(Put(RECORDS, dead.record, {**docs[dead.record], "state": DEAD_LETTERED,
                                                        "reason": dead.reason, "crm_code": dead.crm_code}))  # fmt: skip
         # Every other record naming them: found by their email, phone or the match key stamped with their id.
-        if not await self._sweep(request.person_id, persons, records, identifiers, key, now, ops, done, not again):
+        if not await self._sweep(
+            request.person_id, persons, records, identifiers, key, now, ops, done, not again, written
+        ):
             complete = False
         # The view, queued changes and dead letters carry the person's values: a backfill, a retry or a replay
         # must not send them while the erasure waits for a CRM.
@@ -278,20 +284,24 @@ class Privacy:
     async def _sweep(
         self, person_id: str, persons: list[str], records: list, identifiers: dict[str, list[str]], request: str,
         now: float, ops: list, done: dict[str, dict[str, int]], by_key: bool = True,
+        written: set[tuple[str, str, str]] = frozenset(),
     ) -> bool:  # fmt: skip
         """Erase, by the connection's policy, every record of a record mapping's object that names the persons
         and that the connector did not write for them: found by a field the mapping fills from their email or
         phone, or by its match key holding their id (HubSpot search, Salesforce SOQL; a request per lookup
-        from the account's budget). A record holding another person's match key is theirs and left alone.
+        from the account's budget; Dataverse and Zoho as the adapters' `find` say). A record holding another
+        person's match key is theirs and left alone.
         Each one erased gets an erasure record (`crm_records`, keyed by mapping and CRM id) like those the
         connector wrote: the inbound side then drops what a CRM user does to it (no new person of the deleted
-        one). `by_key`: search the match key too (not for persons another request erased already). False
+        one). `by_key`: search the match key too (not for persons another request erased already). `written`:
+        the records this attempt erased already (an anonymising upsert may have made one again, under a new
+        id, where a rep had deleted it), each counted once. False
         when a CRM failed: the request comes again, and searches only the connections left."""
         known = {
             (r.doc["connection"], str(r.doc.get("object", "")).lower(), str(r.doc["crm_id"]))
             for r in records
             if r.doc.get("crm_id")
-        }
+        } | set(written)
         swept: set[tuple[str, str]] = set()  # (connection, object): one search of each
         before = set(identifiers.get(SWEPT, ()))
         failed: set[str] = set()
@@ -304,7 +314,7 @@ class Privacy:
             if connection in before:
                 continue  # an earlier attempt of this request searched it: the retry calls only what is left
             if not hasattr(adapter, "find") or not hasattr(adapter, "erase"):
-                continue  # Dynamics, Zoho: the records the connector wrote only
+                continue  # an adapter that cannot search: the records the connector wrote only
             swept.add(place)
             holder = next((fm.crm_field for fm in mapping.match if fm.source == PERSON_ID), None)
             lookups = [

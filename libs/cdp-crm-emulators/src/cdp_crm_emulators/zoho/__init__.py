@@ -23,6 +23,10 @@ nothing did), ``sort_by`` (id, Created_Time, Modified_Time) and ``sort_order`` (
 ``page_token`` (a snapshot taken at the first page, as Zoho requires past 2,000 records); search takes
 ``(Modified_Time:greater_than:<iso>)``. `user_update` / `user_create` act
 as a Zoho user.
+
+Also: Update Records (``PUT /crm/v8/<Module>``: by id, never creating one; an unknown id answers
+``INVALID_DATA``), and the Query API (``POST /crm/v8/coql``: ``select ... from ... where`` with ``=``,
+``in``, ``is [not] null``, ``limit`` / ``offset``; see `coql`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import orjson
 from aiohttp import web
 
 from cdp_crm_emulators._server import Emulator, Records, json_response, new_id
-from cdp_crm_emulators.zoho import related
+from cdp_crm_emulators.zoho import coql, related
 from cdp_crm_emulators.zoho.criteria import parse_time, search_predicate
 from cdp_crm_emulators.zoho.modules import SYSTEM, Module, default_modules
 
@@ -80,7 +84,9 @@ class ZohoEmulator(Emulator):
         r.add_get("/crm/v8/org", self._org)
         r.add_get("/crm/v8/settings/modules", self._settings_modules)
         r.add_get("/crm/v8/settings/fields", self._settings_fields)
+        r.add_post("/crm/v8/coql", self._coql)
         r.add_post("/crm/v8/{module}/upsert", self._upsert)
+        r.add_put("/crm/v8/{module}", self._update)
         r.add_delete("/crm/v8/{module}", self._delete)
         r.add_get("/crm/v8/{module}/search", self._search)
         r.add_get("/crm/v8/{module}", self._list)
@@ -118,6 +124,9 @@ class ZohoEmulator(Emulator):
     def user_update(self, module: str, record_id: str, values: dict[str, Any]) -> dict[str, Any]:
         self._write(module, record_id, values)
         return dict(self.store.objects[module][record_id])
+
+    def user_delete(self, module: str, record_id: str) -> None:
+        self.store.delete(module, record_id)
 
     # --- auth and credits ------------------------------------------------------------------------
 
@@ -317,6 +326,90 @@ class ZohoEmulator(Emulator):
         written = sum(1 for r in results if r["status"] == "success")
         status = 200 if written == len(results) else 207 if written else 400
         return json_response({"data": results}, status=status)
+
+    async def _update(self, request: web.Request) -> web.Response:
+        """Update Records: ``PUT /crm/v8/<Module>`` with ``{"data": [{"id", ...}]}`` (100 at most) changes the
+        records these ids name and never creates one: an id no record has answers ``INVALID_DATA`` (api_name
+        id), a mandatory field emptied ``MANDATORY_NOT_FOUND``; each record answers on its own, as in upsert."""
+        module = self._module(request)
+        try:
+            data = orjson.loads(await request.read()).get("data")
+        except (orjson.JSONDecodeError, AttributeError):
+            return _error(400, "INVALID_DATA", "body is not valid JSON", {})
+        if not isinstance(data, list) or not data:
+            return _error(
+                400, "MANDATORY_NOT_FOUND", "required field not found", {"api_name": "data", "json_path": "$.data"}
+            )
+        if len(data) > UPSERT_LIMIT:
+            return _error(400, "LIMIT_EXCEEDED", "the data exceeds the limit", {"limit": UPSERT_LIMIT})
+        results = []
+        for index, record in enumerate(data):
+            record_id = str(record.get("id", "")) if isinstance(record, dict) else ""
+            if self.store.get(module.name, record_id) is None:
+                results.append(
+                    _record_error(
+                        "INVALID_DATA",
+                        "the id given seems to be invalid",
+                        {"api_name": "id", "json_path": f"$.data[{index}].id"},
+                    )
+                )
+                continue
+            problem = self._problem(module, record, index, creating=False)
+            emptied = [n for n in module.required if n in record and record[n] in (None, "")]
+            if problem is None and emptied:
+                problem = _record_error(
+                    "MANDATORY_NOT_FOUND",
+                    "required field not found",
+                    {"api_name": emptied[0], "json_path": f"$.data[{index}].{emptied[0]}"},
+                )
+            if problem is None:
+                for name in module.unique:
+                    holder = (
+                        self.store.find(module.name, name, record.get(name))
+                        if record.get(name) not in (None, "")
+                        else None
+                    )
+                    if holder is not None and holder != record_id:
+                        problem = _record_error(
+                            "DUPLICATE_DATA",
+                            "duplicate data",
+                            {
+                                "api_name": name,
+                                "json_path": f"$.data[{index}].{name}",
+                                "duplicate_record": {"id": holder},
+                            },
+                        )
+                        break
+            if problem is not None:
+                results.append(problem)
+                continue
+            self._write(module.name, record_id, record)
+            stored = self.store.objects[module.name][record_id]
+            details = {k: stored[k] for k in ("Modified_Time", "Modified_By", "Created_Time", "id", "Created_By")}
+            results.append({"code": "SUCCESS", "details": details, "message": "record updated", "status": "success"})
+        written = sum(1 for r in results if r["status"] == "success")
+        return json_response({"data": results}, status=200 if written == len(results) else 207 if written else 400)
+
+    async def _coql(self, request: web.Request) -> web.Response:
+        """The Query API: see `coql`."""
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "INVALID_DATA", "body is not valid JSON", {})
+        query = body.get("select_query") if isinstance(body, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            return _error(
+                400, "REQUIRED_PARAM_MISSING", "One of the expected parameter is missing", {"param": "select_query"}
+            )
+        try:
+            rows, more = coql.run(query, self.modules, lambda name: self.store.objects.get(name, {}).values())
+        except coql.QueryError as exc:
+            return _error(400, exc.code, exc.message, exc.details)
+        except ValueError:
+            return _error(400, "SYNTAX_ERROR", "error occured while parsing the query", {})
+        if not rows:
+            return web.Response(status=204)
+        return json_response({"data": rows, "info": {"count": len(rows), "more_records": more}})
 
     # --- metadata (what the Zoho SDK reads before it writes) --------------------------------------
 
@@ -531,12 +624,13 @@ class ZohoEmulator(Emulator):
 
 def _operation(request: web.Request) -> str:
     """What a call is for `credit_costs`: writes (upsert, relating a record) are ``upsert``, deletions (records,
-    related-list links) ``delete``, ``<Module>/search`` ``search``, every other read ``get``."""
+    related-list links) ``delete``, ``<Module>/search`` and the Query API (``coql``) ``search``, every other read
+    ``get``."""
     if request.method == "DELETE":
         return "delete"
-    if request.method in ("POST", "PUT", "PATCH"):
+    if request.method in ("POST", "PUT", "PATCH") and not request.path.endswith("/coql"):
         return "upsert"
-    return "search" if request.path.endswith("/search") else "get"
+    return "search" if request.path.endswith(("/search", "/coql")) else "get"
 
 
 def _page(rows: list[dict[str, Any]], query: Any) -> web.Response:

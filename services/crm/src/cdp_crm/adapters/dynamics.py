@@ -28,12 +28,22 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
 
-from cdp_crm.adapters.http import Answer, AnswerTooLarge, Reserve, exchange, metered_read, read_json, transport_error
+from cdp_crm.adapters.http import (
+    Answer,
+    AnswerTooLarge,
+    Reserve,
+    exchange,
+    listed,
+    metered_read,
+    read_json,
+    transport_error,
+)
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change
 from cdp_crm.domain.isolation import (
     AUTH,
@@ -42,6 +52,7 @@ from cdp_crm.domain.isolation import (
     NOT_FOUND,
     PERMISSION,
     REJECTED,
+    UNAVAILABLE,
     UNKNOWN_FIELD,
     BatchOutcome,
     CrmError,
@@ -251,12 +262,101 @@ class DynamicsAdapter:
             "POST", "$batch", data=body, headers={"Content-Type": f"multipart/mixed; boundary={boundary}"}, what=what
         )
 
+    async def find(
+        self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
+    ) -> tuple[dict[str, dict[str, Any]] | None, dict]:
+        """The rows of `mapping`'s entity set whose `field` holds one of `values` (Dataverse compares text
+        without case): row id -> their `read` columns; None on an error. The query names personal data (an
+        erasure's search by email or phone), so it is a GET inside a ``$batch`` body - never a request line,
+        which proxies and access logs keep; the next pages (``@odata.nextLink``, which repeats the filter)
+        are read the same way. A request per page of 5,000."""
+        primary = _primary(mapping)
+        clauses = " or ".join(f"{field} eq '{_quote(v)}'" for v in values)
+        names = ",".join(sorted({primary, field, *read}))
+        path = f"{mapping.object}?" + urllib.parse.urlencode(
+            {"$select": names, "$filter": clauses}, safe="$(),'=@", quote_via=urllib.parse.quote
+        )
+        found: dict[str, dict[str, Any]] = {}
+        headers: dict = {}
+        for _ in range(10):  # at most 50,000 rows name one person's identifiers
+            answer = await self._read_in_batch(path, "privacy search")
+            headers = answer.headers
+            if _failure(answer) is not None or listed(answer, "value") is not None:
+                return None, headers
+            for row in answer.body["value"]:
+                if row.get(primary):
+                    found[str(row[primary])] = {k: v for k, v in row.items() if not k.startswith("@")}
+            following = answer.body.get("@odata.nextLink")
+            if not isinstance(following, str) or not following:
+                break
+            if not following.startswith(f"{self._url}{API}/"):
+                return None, headers  # a link outside this environment: never followed with the token
+            path = following.removeprefix(f"{self._url}{API}/")
+        return found, headers
+
+    async def erase(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[bool | None, dict]:
+        """Delete these rows by id (``DELETE <set>(<id>)``; `fields` None) or write `fields` to each (their
+        personal data cleared; ``If-Match: *``, so a row gone is not created again by the upsert) - one
+        ``$batch``, a change set per row; True once done (a row gone already counts), None on an error."""
+        headers: dict = {}
+        for start in range(0, len(crm_ids), RECORDS_PER_BATCH):
+            operations: list[tuple[str, str, list[str], str]] = []
+            for crm_id in crm_ids[start : start + RECORDS_PER_BATCH]:
+                path = f"{mapping.object}({urllib.parse.quote(crm_id, safe='')})"
+                if fields is None:
+                    operations.append(("DELETE", path, [], ""))
+                else:
+                    body = orjson.dumps(fields).decode()
+                    operations.append(("PATCH", path, ["Content-Type: application/json", "If-Match: *"], body))
+            boundary = f"batch_{uuid.uuid4().hex}"
+            answer = await self._batch(_requests_body(self._url, operations, boundary), boundary, "erase")
+            headers = answer.headers
+            if _failure(answer) is not None:
+                return None, headers
+            content_type = next((v for k, v in answer.headers.items() if k.lower() == "content-type"), "")
+            answered = _responses(answer.raw, content_type)
+            if len(answered) != len(operations) or any(s >= 300 and s != 404 for _, s, _, _ in answered):
+                return None, headers
+        return True, headers
+
+    async def _read_in_batch(self, path: str, what: str) -> Answer:
+        """GET `path` (under /api/data/v9.2) as the one request of a ``$batch``, outside any change set: its
+        answer as if asked directly, the ``$batch``'s headers (service protection's) kept."""
+        boundary = f"batch_{uuid.uuid4().hex}"
+        request = "\r\n".join(
+            [
+                f"--{boundary}",
+                "Content-Type: application/http",
+                "Content-Transfer-Encoding: binary",
+                "",
+                f"GET {self._url}{API}/{path} HTTP/1.1",
+                "Accept: application/json",
+                "",
+                "",
+                f"--{boundary}--",
+                "",
+            ]
+        )
+        answer = await self._batch(request.encode(), boundary, what)
+        if _failure(answer) is not None:
+            return answer
+        content_type = next((v for k, v in answer.headers.items() if k.lower() == "content-type"), "")
+        answered = _responses(answer.raw, content_type)
+        if len(answered) != 1:
+            error = CrmError(UNAVAILABLE, "UNEXPECTED_ANSWER", "the $batch answer holds no response", answer.status)
+            return replace(answer, error=error)
+        _, status, _, payload = answered[0]
+        inner = replace(answer, status=status, body=payload)
+        return inner if (error := _failure(inner)) is None else replace(inner, error=error)
+
     async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """Marketing list membership (the mapping's `list` is the list's id): the people's rows found by
         their alternate key in one query, then one ``$batch`` with a change set per member - the
         ``AddMemberList`` action for an entry (adding a member again adds nothing), the
         ``list<type>_association`` disassociated for an exit (404: not a member, so already removed)."""
-        primary = f"{mapping.object.removesuffix('s')}id"  # contacts -> contactid, leads -> leadid
+        primary = _primary(mapping)
         names = [name for name, _ in changes[0].key]
         clauses = [" and ".join(f"{n} eq '{_quote(v)}'" for n, v in c.key) for c in changes]
         query = urllib.parse.urlencode({"$select": ",".join([primary, *names]), "$filter": " or ".join(clauses)})
@@ -297,6 +397,11 @@ class DynamicsAdapter:
             else:
                 results[change.record] = RecordResult(change.record, False, error=_op_error(status, payload))
         return BatchOutcome(results, None, {**found.headers, **answer.headers})
+
+
+def _primary(mapping: ObjectMapping) -> str:
+    """The entity set's primary id column: contacts -> contactid, leads -> leadid."""
+    return f"{mapping.object.removesuffix('s')}id"
 
 
 def _quote(value: str) -> str:
@@ -349,10 +454,18 @@ def _object_schema(entity_set: str, definition: dict[str, Any]) -> ObjectSchema:
 
 def _operations_body(url: str, operations: list[tuple[Change, str, str, str]], boundary: str) -> bytes:
     """A $batch of one change set per operation (so one refusal does not roll back the others)."""
+    requests = [
+        (method, path, ["Content-Type: application/json"] if body else [], body) for _, method, path, body in operations
+    ]
+    return _requests_body(url, requests, boundary)
+
+
+def _requests_body(url: str, requests: list[tuple[str, str, list[str], str]], boundary: str) -> bytes:
+    """A $batch of one change set per request (method, path under the API, header lines, body); each
+    request's ``Content-ID`` is its place, from 1."""
     out: list[str] = []
-    for n, (_, method, path, body) in enumerate(operations, start=1):
+    for n, (method, path, headers, body) in enumerate(requests, start=1):
         changeset = f"changeset_{uuid.uuid4().hex}"
-        headers = ["Content-Type: application/json"] if body else []
         operation = "\r\n".join(
             [
                 f"--{changeset}",

@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from cdp_crm.budgets import SharedBudget
 
 UPSERT_LIMIT = 100
+COQL_IN_LIMIT = 50  # values in one COQL ``in``
+COQL_PAGE = 200  # records a COQL page (1 credit up to 200)
+COQL_PAGES = 10
 ACCOUNTS = "https://accounts.zoho.com"
 
 
@@ -242,6 +245,67 @@ class ZohoAdapter:
         error = _failure(answer) or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", answer.status)
         return BatchOutcome.failed(error, answer.headers)
 
+    async def find(
+        self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
+    ) -> tuple[dict[str, dict[str, Any]] | None, dict]:
+        """The records of `mapping`'s module whose `field` holds one of `values`: Zoho id -> their `read`
+        fields; None on an error. The query names personal data (an erasure's search by email or phone), so
+        it goes in a request's body - the Query API (``POST /crm/v8/coql``, COQL ``where <field> in (...)``,
+        50 values a query, 200 records a page) - never in a request line (the Search API's ``criteria`` or
+        ``email`` parameters), which access logs keep."""
+        names = ", ".join(sorted({field, *read} - {"id"}))
+        found: dict[str, dict[str, Any]] = {}
+        headers: dict = {}
+        for start in range(0, len(values), COQL_IN_LIMIT):
+            listed_values = ", ".join(_coql_text(v) for v in values[start : start + COQL_IN_LIMIT])
+            for page in range(COQL_PAGES):  # at most 2,000 records name one person's identifiers
+                query = (
+                    f"select {names} from {mapping.object} where {field} in ({listed_values}) "
+                    f"limit {COQL_PAGE} offset {page * COQL_PAGE}"
+                )
+                answer = await self._call("POST", "/coql", json={"select_query": query}, what="privacy search")
+                headers = answer.headers
+                if answer.status == 204:
+                    break  # no (more) records match
+                if _failure(answer) is not None or listed(answer, "data") is not None:
+                    return None, headers
+                for row in answer.body["data"]:
+                    if row.get("id"):
+                        found[str(row["id"])] = dict(row)
+                if not (answer.body.get("info") or {}).get("more_records"):
+                    break
+        return found, headers
+
+    async def erase(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[bool | None, dict]:
+        """Delete these records by id (``DELETE /crm/v8/<Module>?ids=``; `fields` None) or write `fields` to
+        each (their personal data cleared; ``PUT /crm/v8/<Module>``, Update Records, which never creates
+        one), 100 a call; True once done (a record gone already counts: Zoho answers INVALID_DATA for an id
+        it no longer has), None on an error."""
+        headers: dict = {}
+        for start in range(0, len(crm_ids), UPSERT_LIMIT):
+            ids = crm_ids[start : start + UPSERT_LIMIT]
+            if fields is None:
+                answer = await self._call("DELETE", f"/{mapping.object}?ids={','.join(ids)}", what="erase")
+            else:
+                body = {"data": [{**fields, "id": i} for i in ids]}
+                answer = await self._call("PUT", f"/{mapping.object}", json=body, what="anonymise")
+            headers = answer.headers
+            per_record = answer.body.get("data") if isinstance(answer.body, dict) else None
+            if (_failure(answer) is not None and answer.status not in (207, 400)) or not isinstance(per_record, list):
+                return None, headers
+            for item in per_record:
+                if not isinstance(item, dict):
+                    return None, headers
+                gone = item.get("code") == "INVALID_DATA" and (item.get("details") or {}).get("api_name") in (
+                    None,
+                    "id",
+                )
+                if item.get("status") != "success" and not gone:
+                    return None, headers
+        return True, headers
+
     async def _find(self, mapping: ObjectMapping, changes: list[Change]) -> tuple[dict[str, str], Answer]:
         """Zoho's ids of the changes' records (by the first match field's value, lower-cased), through
         search with an ``in`` criteria (commas in values escaped, as Zoho reads them)."""
@@ -335,6 +399,11 @@ class ZohoAdapter:
             if change is not None and item.get("status") != "success" and item.get("code") != "INVALID_DATA":
                 results[change.record] = RecordResult(change.record, False, error=_record_error(item, deleted.status))
         return BatchOutcome(results, None, deleted.headers)
+
+
+def _coql_text(value: str) -> str:
+    """A COQL string literal: quoted, its backslashes and quotes escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _criteria_text(value: str) -> str:
