@@ -31,6 +31,7 @@ from cdp_orchestration.api import SCOPES, OrchestrationApi
 from cdp_orchestration.catalogue import Catalogues, deployed_scores, live_segments, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
+from cdp_orchestration.consent import SendConsent
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.export import exporter
@@ -91,19 +92,21 @@ async def setup(runtime: ServiceRuntime) -> None:
     if settings.outcomes_url:
         report = CollectorReporter(settings.outcomes_url, settings.outcomes_write_key)
         runtime.stack.push_async_callback(report.close)
+    rules = settings.rules()
+    consent = SendConsent(store, journeys, rules)  # asked again before each attempt (dispatch.py)
     tasks = []
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
         runner = dispatcher(
             bus, store, channel, report=report, concurrency=settings.dispatch_concurrency,
-            defer_for=settings.defer_seconds, max_attempts=settings.max_attempts,
+            defer_for=settings.defer_seconds, max_attempts=settings.max_attempts, consent=consent,
         )  # fmt: skip
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 
     logic = OrchestrationLogic(
         store,
         journeys,
-        settings.rules(),
+        rules,
         partitions=settings.partitions,
         hot_persons=settings.hot_persons,
         meter=runtime.telemetry.meter,

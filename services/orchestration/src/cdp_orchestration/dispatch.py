@@ -79,7 +79,12 @@ posts it). A send record
 that says "withdrawn" (`privacy.py`: the person was deleted before their action went out) makes the
 dispatcher send nothing, and so does a person's deletion accepted before the send (`privacy.Deletions`:
 the notices the privacy handler has not acknowledged, read before each batch and again while it is worked,
-and its marker, looked for right before each send). Logs name the action id, channel and reason code, never an address or content.
+and its marker, looked for right before each send). The person's consent is asked again right before each
+attempt, as the arbiter asked it (`consent.py`: one read of the person's record): a purpose or channel
+consent withdrawn since the action was let through ends it unsent, its record "withdrawn" with reason
+``consent_withdrawn`` (and `by`: "purpose:<P>" or "channel:<C>"), nothing posted, nothing dead-lettered,
+the message erased (metric `cdp.orchestration.dispatch.withdrawn`). Logs name the action id, channel and
+reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ from cdp_orchestration.channels.wire import action_from_message
 from cdp_orchestration.state import OUTCOMES, PERSONS, SENDS
 
 if TYPE_CHECKING:
+    from cdp_orchestration.consent import SendConsent
     from cdp_orchestration.privacy import Deletions
 
 log = logging.getLogger("cdp.orchestration.dispatch")
@@ -125,6 +131,7 @@ DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHES
 # Actions with store faults (and sends whose outcome the store did not record) one dispatcher remembers.
 MAX_REMEMBERED = 10_000
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
+CONSENT_WITHDRAWN = "consent_withdrawn"  # a send record's reason: the consent was withdrawn before it went out
 TIMEOUT = "timeout"  # an adapter's reason for a provider that said nothing in time (`channels.base`)
 BREAKER_AFTER = 3  # timeouts in a row from one destination that open its breaker (module docstring)
 PROBE_EVERY = 5.0  # seconds after an unanswered probe before an open breaker sends the next one
@@ -205,6 +212,7 @@ class Dispatcher:
         deletions: Deletions | None = None,
         breaker_after: int = BREAKER_AFTER,
         probe_every: float = PROBE_EVERY,
+        consent: SendConsent | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
@@ -220,6 +228,7 @@ class Dispatcher:
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
         self.deletions = deletions  # whom a privacy deletion was accepted for (None: not asked)
+        self.consent = consent  # the person's consent, asked again before each attempt (None: not asked)
         # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
         self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
@@ -243,6 +252,11 @@ class Dispatcher:
             "cdp.orchestration.dispatch.dead_lettered",
             unit="{action}",
             description="actions given up on and dead-lettered, by channel and reason",
+        )
+        self.m_withdrawn = meter.create_counter(
+            "cdp.orchestration.dispatch.withdrawn",
+            unit="{action}",
+            description="actions ended unsent at send time, by channel and reason (consent_withdrawn)",
         )
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
@@ -360,6 +374,12 @@ class Dispatcher:
             await self.store.bulk_write([Put(SENDS, action.action_id, record)])
             log.info("action %s on %s withdrawn: person deleted", action.action_id, self.channel.name)
             return record
+        if self.consent is not None:
+            # Asked again before each attempt (one read of the person's record): a consent withdrawn since the
+            # arbiter let the action through, or since its last attempt, ends it here, unsent.
+            refused = await self.consent.refused(action)
+            if refused is not None:
+                return await self._consent_withdrawn(delivery, action, tries, *refused)
         breaker = self._breakers.get(destination)
         probe = False
         if breaker is not None and breaker.open:
@@ -413,6 +433,25 @@ class Dispatcher:
             self.max_attempts,
         )
         return None
+
+    async def _consent_withdrawn(
+        self, delivery: Delivery, action: Action, tries: Tries, kind: str, name: str
+    ) -> dict[str, Any]:
+        """The person's consent no longer allows the action (`consent.py`): it ends unsent, its record
+        "withdrawn" (reason ``consent_withdrawn``, `by` the purpose or channel), no outcome posted and
+        nothing dead-lettered (a dead letter would keep the rendered message); the message is erased."""
+        record = {
+            "channel": self.channel.name, "person_id": action.person_id, "status": "withdrawn",
+            "reason": CONSENT_WITHDRAWN, "by": f"{kind}:{name}", "at": time.time(), "reported": "withdrawn",
+            "attempts": tries.attempts, "deferrals": tries.deferrals, "skipped": tries.skipped,
+            "seq": delivery.stream_seq, "delivered": delivery.num_delivered, "dead_lettered": False,
+        }  # fmt: skip
+        await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+        self.m_withdrawn.add(1, {"channel": self.channel.name, "reason": CONSENT_WITHDRAWN})
+        log.info(
+            "action %s on %s withdrawn: no consent for %s %s any more", action.action_id, self.channel.name, kind, name
+        )
+        return record
 
     def _heard(self, destination: str, outcome: Outcome) -> None:
         """Keep the destination's breaker: a timeout counts toward opening it (and an open one waits
@@ -789,6 +828,7 @@ def dispatcher(
     backoff: Sequence[float] = BACKOFF,
     breaker_after: int = BREAKER_AFTER,
     probe_every: float = PROBE_EVERY,
+    consent: SendConsent | None = None,
 ) -> ConsumerRunner:
     spec = ConsumerSpec(
         stream=subjects.ACTIONS,
@@ -813,6 +853,7 @@ def dispatcher(
         deletions=_deletions(store, bus.js),
         breaker_after=breaker_after,
         probe_every=probe_every,
+        consent=consent,
     )
     runner = bus.consumer(spec, handler.handle)
     handler.runner = runner

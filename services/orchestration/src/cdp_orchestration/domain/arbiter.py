@@ -242,6 +242,19 @@ def withdraw(state: PersonState, action_id: str, now: float) -> Ruling:
     return _final(state, held.action, Kind.WITHDRAWN, "withdrawn: the journey instance ended", now)
 
 
+def consent_refused(view: PersonView, purpose: str | None, channel: str, *, exempt: bool) -> tuple[str, str] | None:
+    """What the person's consent refuses an action: ("purpose", P) when purpose P is not granted (an exempt
+    category needs none), ("channel", C) when channel C is refused; None when it may go. The arbiter asks
+    it when it decides, and each channel's dispatcher again right before each attempt (`dispatch.py`),
+    so a consent withdrawn while an action waits to be sent stops it. `purpose` None: not known (only the
+    channel is asked)."""
+    if purpose is not None and not exempt and view.consent("purpose", purpose) is not True:
+        return ("purpose", purpose)
+    if view.consent("channel", channel) is False:
+        return ("channel", channel)
+    return None
+
+
 def _final(state: PersonState, action: ProposedAction, kind: Kind, reason: str, now: float) -> Ruling:
     return Ruling(state, (_decision(action, kind, reason, now),))
 
@@ -345,11 +358,10 @@ class _Session:
                 held = replace(held, until=until, profile=True)
                 self.state = replace(self.state, deferred=(*self.state.deferred, held))
                 return None
-        # Consent: the purpose must be granted (unless the category is exempt); the channel not refused.
-        if not exempt and self.view.consent("purpose", action.purpose) is not True:
-            return self._say(action, Kind.NO_CONSENT, f"no consent for purpose {action.purpose}", by=action.purpose)
-        if self.view.consent("channel", action.channel) is False:
-            return self._say(action, Kind.NO_CONSENT, f"no consent for channel {action.channel}", by=action.channel)
+        refused = consent_refused(self.view, action.purpose, action.channel, exempt=exempt)
+        if refused is not None:
+            kind, name = refused
+            return self._say(action, Kind.NO_CONSENT, f"no consent for {kind} {name}", by=name)
         for rule in rules.suppressions:
             if rule.applies(action.category, action.channel) and self._suppresses(rule):
                 return self._say(action, Kind.SUPPRESSED, f"suppressed by rule {rule.id}", by=rule.id)
