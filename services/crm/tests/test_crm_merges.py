@@ -14,7 +14,7 @@ from typing import Any
 
 from cdp.profile.v1 import profile_pb2
 from cdp_crm.domain.coalesce import record_key
-from cdp_crm.state import MERGED, MERGES, RECORDS, SYNCED
+from cdp_crm.state import DEAD_LETTERS, MERGED, MERGES, RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
 from cdp_kit.bus import subjects
@@ -137,4 +137,35 @@ async def test_salesforce_on_merge_keep_leaves_the_losers_contact_after_the_carr
         assert sf.find("Contact", "CDP_Id__c", "person-2") is not None  # kept
         merged = await _state(world, keys["person-2"])
         assert merged["state"] == MERGED and merged["kept"] is True and merged["key"] == [["CDP_Id__c", "person-2"]]
+        await world.stop()
+
+
+async def test_a_merge_that_gives_the_survivor_the_losers_email_merges_first_then_writes(world_factory):
+    """A privacy trial's merge: the merged profile took the loser's email, so the survivor's write carried the
+    email the loser's contact still held - HubSpot refused it (409, a contact already has it) and the change
+    was dead-lettered, the merge then done after. The merge's CRM work comes first: the loser's contact is
+    merged into the survivor's, then the survivor's write takes the email; nothing is dead-lettered."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        await world.profiles(
+            {
+                "person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"},
+                "person-2": {"traits.email": "ada@work.example", "traits.first_name": "Augusta"},
+            }
+        )
+        keys = {p: record_key("hs/contacts", (("cdp_id", p),)) for p in ("person-1", "person-2")}
+        for key in keys.values():
+            await world.eventually(lambda key=key: _synced(world, key))
+
+        await _merge(world, "person-1", "person-2", {"email": "ada@work.example"})
+        await world.eventually(lambda: _merged(world, keys["person-2"]))
+        await world.eventually(
+            lambda: [r["properties"].get("email") for r in hubspot.records("contacts")] == ["ada@work.example"]
+        )
+        (only,) = hubspot.records("contacts")
+        assert only["properties"]["cdp_id"] == "person-1" and only["properties"]["firstname"] == "Ada"
+        survivor = await _state(world, keys["person-1"])
+        assert survivor["state"] == SYNCED and survivor["crm_id"] == only["id"]
+        assert await world.store.find(DEAD_LETTERS, "connection", "hs", limit=10) == []
         await world.stop()

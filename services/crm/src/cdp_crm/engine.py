@@ -219,12 +219,17 @@ class CrmLogic:
                     out.put(PERSONS, pid, view.to_doc())
             for item in inputs:
                 if item.kind == "merge":
-                    # Done by the retrier once this batch (the survivor's records written) is committed.
                     for loser in item.data:
+                        # Where both persons' records are in the CRM, merged there first: the survivor's write
+                        # may carry a value only the loser's record may hold (HubSpot refuses a second contact
+                        # with one email: 409). The rest (a survivor's record this batch creates, a CRM
+                        # failing) is done by the retrier once this batch is committed.
+                        if await self._merge_now(partition, item.person_id, loser, out):
+                            continue
                         doc = {"survivor": item.person_id, "loser": loser, "partition": partition, "at": now}
                         out.put(MERGES, f"{item.person_id}:{loser}", doc)
-                    self.backlog.add(partition)
-                    self.queued.set()
+                        self.backlog.add(partition)
+                        self.queued.set()
             await self.deliver_planned(partition, planned, out)
             if any(counters["pending_retry"] for counters in out.counters.values()):
                 self.backlog.add(partition)  # what the budget did not allow in time: retried once committed
@@ -590,9 +595,19 @@ class CrmLogic:
             await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
         return done
 
-    async def _merge(self, partition: int, survivor: str, loser: str, out: Outcomes) -> bool:
+    async def _merge_now(self, partition: int, survivor: str, loser: str, out: Outcomes) -> bool:
+        """A merge's CRM work done in the batch that brings it, before the survivor's writes (`_merge`, only
+        where the survivor's record is in the CRM already); True once every CRM is done."""
+        try:
+            return await self._merge(partition, survivor, loser, out, in_batch=True)
+        except Exception as exc:  # the store or a CRM failing: the retrier's turn
+            log.warning("merging crm records failed", extra={"partition": partition, "error": type(exc).__name__})
+            return False
+
+    async def _merge(self, partition: int, survivor: str, loser: str, out: Outcomes, *, in_batch: bool = False) -> bool:
         """Merge `loser`'s record of each record mapping (matched on the person id) into `survivor`'s; True
-        once every CRM is done."""
+        once every CRM is done. `in_batch`: before the batch that brings the merge writes the survivor's
+        records - a CRM where the survivor has no record yet waits (the batch may create it)."""
         complete = True
         for mapping in self.mappings.values():
             if mapping.kind != "record" or len(mapping.match) != 1 or mapping.match[0].source != PERSON_ID:
@@ -606,6 +621,9 @@ class CrmLogic:
             skey = record_key(mapping.name, ((field, survivor),))
             srec = await self.store.get(RECORDS, skey)
             sdoc = srec.doc if srec is not None else {}
+            if in_batch and not sdoc.get("crm_id"):
+                complete = False  # this batch may create the survivor's record: merged once it is committed
+                continue
             if not ldoc.get("crm_id"):
                 # Never in the CRM (refused, or its creation still queued): nothing there to merge.
                 self._merged(out, lkey, ldoc, skey, kept=False)
