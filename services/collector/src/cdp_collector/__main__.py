@@ -11,6 +11,7 @@ from cdp_collector.http import HttpApi, read_ceiling, start_http
 from cdp_collector.ingest import Ingestor
 from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
+from cdp_collector.source_limits import SourceLimiter
 from cdp_collector.sources import SourceRegistry
 from cdp_kit.bus import Bus, events_raw_stream, partition_count, privacy_stream, subjects
 from cdp_kit.interceptors import PUBLIC
@@ -52,14 +53,17 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.stack.push_async_callback(follower.stop)
     await follower.load(settings.suppression_load_timeout)
     ingestor = Ingestor(bus.publisher, settings.partitions, runtime.telemetry)
-    runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources, suppression=suppression)
+    # Each source's own limits (its entry in the sources file), one bucket a source for both front doors.
+    limiter = SourceLimiter(runtime.telemetry)
+    runtime.stack.callback(limiter.close)
+    runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources, suppression=suppression, limiter=limiter)
     # Collect authenticates with the source's write key (like the HTTP API), not a bearer token. Its
     # write key is public, so the port is the internet's: no longer a message than a request within the
     # limit can be (the HTTP API reads no more either).
     runtime.grpc.max_receive_bytes = read_ceiling(limits)
     runtime.grpc.add_service(
         collector_pb2_grpc.add_CollectorServiceServicer_to_server,
-        CollectorApi(sources, ingestor, limits, suppression),
+        CollectorApi(sources, ingestor, limits, suppression, limiter),
         collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
         scopes={"Collect": PUBLIC},
     )
@@ -72,6 +76,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         body_timeout=settings.http_body_timeout,
         body_budget=settings.http_body_budget_bytes,
         cors_origins=settings.cors_origins,
+        limiter=limiter,
     )
     runtime.stack.callback(http.abandoned.close)
     runner, port = await start_http(

@@ -50,8 +50,11 @@ class EveryMinute:
         unit: str,
         level: int = logging.INFO,
         every: float = EVERY,
+        context: dict | None = None,
     ) -> None:
         self.log = log
+        # Fields on every line (the first's and the summaries'): by default the HTTP edge's.
+        self.context = {"transport": "http"} if context is None else context
         self.first = first
         self.summary = summary
         self.unit = unit  # what the summary's counts by reason are of ("requests")
@@ -62,7 +65,7 @@ class EveryMinute:
 
     def __call__(self, why: str, **extra) -> None:
         if self.window is None:
-            self.log.log(self.level, self.first, extra={"transport": "http", "reason": why, **extra})
+            self.log.log(self.level, self.first, extra={**self.context, "reason": why, **extra})
             self.window = asyncio.get_running_loop().call_later(self.every, self._flush)
         else:
             self.counts[why] += 1
@@ -76,7 +79,7 @@ class EveryMinute:
             self.level,
             self.summary,
             sum(self.counts.values()),
-            extra={"transport": "http", "by": by, "seconds": self.every},
+            extra={**self.context, "by": by, "seconds": self.every},
         )
         self.counts.clear()
         self.window = asyncio.get_running_loop().call_later(self.every, self._flush)

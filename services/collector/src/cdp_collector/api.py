@@ -16,8 +16,9 @@ from cdp_collector.domain import (
     prepare_grpc_event,
 )
 from cdp_collector.ingest import Ingestor
+from cdp_collector.source_limits import SourceLimiter
 from cdp_collector.sources import SourceRegistry
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, Unavailable
 
 ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
 DUPLICATE = collector_pb2.EVENT_STATUS_DUPLICATE
@@ -29,20 +30,31 @@ log = logging.getLogger("cdp.collector.api")
 
 class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
     def __init__(
-        self, sources: SourceRegistry, ingestor: Ingestor, limits: Limits, suppression: SuppressionList
+        self,
+        sources: SourceRegistry,
+        ingestor: Ingestor,
+        limits: Limits,
+        suppression: SuppressionList,
+        limiter: SourceLimiter,
     ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
+        self.limiter = limiter
 
     async def Collect(self, request: collector_pb2.CollectRequest, context) -> collector_pb2.CollectResponse:
         source = self.sources.authenticate(request.write_key)
-        refusal = check_event_count(len(request.events), self.limits, field="events") or check_request_bytes(
-            request.ByteSize(), self.limits
+        count = len(request.events)
+        refusal = (
+            check_event_count(count, self.limits, field="events")
+            or check_request_bytes(request.ByteSize(), self.limits)
+            or self.limiter.check_batch(source, count, field="events", transport="grpc")
         )
         if refusal is not None:
             raise InvalidArgument(refusal.field or "events", refusal.message, reason=str(refusal.code))
+        # The source's rate: RESOURCE_EXHAUSTED with RetryInfo (SourceLimited) before any event is looked at.
+        self.limiter.take(source, count, transport="grpc")
         received_at = datetime.now(UTC)
         # Handed over as the Timestamp: the domain checks it is one (years 0001..9999, nanos in range) and
         # rejects the events that need it on `sent_at`; converting it here raised on such values.
@@ -82,7 +94,11 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
             else:
                 valid.append(event)
                 positions.append(result)
-        stored = await self.ingestor.store(valid)
+        try:
+            stored = await self.ingestor.store(valid)
+        except Unavailable:
+            self.limiter.give_back(source, count)  # nothing confirmed stored: the retry is not charged twice
+            raise
         for result, outcome in zip(positions, stored, strict=True):
             result.sequence = outcome.seq
             if outcome.duplicate:

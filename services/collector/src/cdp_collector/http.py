@@ -12,6 +12,9 @@ Answers (always JSON):
   can be is not read to its end; 415 a Content-Encoding other than gzip/deflate, or more than one
   429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
       that a retry would not report as a duplicate
+  429 `source_rate_limited` with Retry-After, and the limit under `limit`, when the source sends faster
+      than its events_per_second (source_limits.py): nothing of the request was stored; 400
+      `too_many_events` over the source's max_batch, as over the collector's own count limit
   503 `busy` with Retry-After, before the body is read, when the bodies being received at once would go
       over CDP_COLLECTOR_HTTP_BODY_BUDGET_BYTES (BodyBudget); a connection past the collector's caps is
       answered 503 / 429 `too_many_connections` without reaching this code (connections.py)
@@ -57,12 +60,14 @@ from cdp_collector.domain import (
     Limits,
     RequestRejected,
     SuppressionList,
+    check_event_count,
     check_request_bytes,
     decode_body,
     parse_decoded,
 )
 from cdp_collector.domain.limits import describe_bytes
 from cdp_collector.ingest import Ingestor
+from cdp_collector.source_limits import SourceLimited, SourceLimiter
 from cdp_collector.sources import SourceRegistry
 from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
 from cdp_kit.telemetry import Telemetry
@@ -148,8 +153,11 @@ class HttpApi:
         body_timeout: float = 30.0,
         body_budget: int = DEFAULT_BODY_BUDGET,
         cors_origins: tuple[str, ...] = ("*",),
+        limiter: SourceLimiter | None = None,
     ) -> None:
         self.sources = sources
+        # Each source's own limits; shared with the gRPC front door (one bucket a source for both).
+        self.limiter = limiter or SourceLimiter(telemetry)
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
@@ -189,6 +197,7 @@ class HttpApi:
     async def _cleanup(self, _app: web.Application) -> None:
         self.bodies.report.close()
         self.refusals.close()
+        self.limiter.close()
 
     @web.middleware
     async def _observed(self, request: web.Request, handler):
@@ -366,13 +375,30 @@ class HttpApi:
         try:
             if header_key is not None:
                 source = self.sources.authenticate(header_key)
+                # A source over its rate is answered before its body is read, like a body that cannot fit.
+                self.limiter.check_open(source, transport="http")
                 decoded = decode_body(await self._body(request), self.limits)
             else:
                 # Segment also accepts the key in the body ("writeKey"); some SDKs send only that. It is
                 # checked before any event is looked at: read for the key only, then exactly if it is good.
                 decoded = decode_body(await self._body(request), self.limits, exact=False)
                 source = self.sources.authenticate(decoded.write_key)
+            count = _events_in(kind, decoded.document)
+            too_many = check_event_count(count, self.limits) or self.limiter.check_batch(
+                source, count, field="batch", transport="http"
+            )
+            if too_many is not None:
+                raise RequestRejected.of(too_many)
+            self.limiter.take(source, count, transport="http")
             parsed = parse_decoded(kind, decoded, received_at=received_at, source_id=source.id, limits=self.limits)
+        except SourceLimited as exc:
+            return error_response(
+                429,
+                exc.reason,
+                exc.message,
+                headers={"Retry-After": str(math.ceil(exc.retry_after))},
+                limit=exc.limit,
+            )
         except Unauthenticated as exc:
             return error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'})
         except RequestRejected as exc:
@@ -401,10 +427,12 @@ class HttpApi:
         try:
             stored = await self.ingestor.store(valid)
         except ResourceExhausted as exc:
+            self.limiter.give_back(source, count)  # nothing confirmed stored: the retry is not charged twice
             return error_response(
                 429, "rate_limited", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))}
             )
         except Unavailable as exc:
+            self.limiter.give_back(source, count)
             return error_response(
                 503, "unavailable", exc.message, headers={"Retry-After": str(math.ceil(exc.retry_after))}
             )
@@ -456,6 +484,15 @@ class HttpApi:
             ),
             content_type="application/json",
         )
+
+
+def _events_in(kind: str, document: dict) -> int:
+    """How many events a decoded body carries, as its source's limits count them: a batch's items (a
+    `batch` that is no list is refused as such by the parse), one for every other endpoint."""
+    if kind != "batch":
+        return 1
+    batch = document.get("batch")
+    return len(batch) if isinstance(batch, list) else 0
 
 
 def _content_encoding(request: web.Request) -> str:

@@ -3,9 +3,13 @@
 A source is one producer of events (a website, an app, a back end, a CRM). Clients authenticate with
 the source's write key, exactly as with Segment: HTTP Basic with the key as user name and an empty
 password, or `write_key` in a gRPC CollectRequest. The file is a Kubernetes Secret; it is re-read when
-it changes so keys can be added or revoked without a restart.
+it changes so keys can be added or revoked, and limits changed, without a restart.
 
-    {"sources": [{"id": "web", "name": "Website", "write_key": "wk_…"}]}
+    {"sources": [{"id": "web", "name": "Website", "write_key": "wk_…",
+                  "limits": {"events_per_second": 50, "burst": 500, "max_batch": 100}}]}
+
+`limits` is optional (domain/rate.py says what each does). A source may have several keys (one entry
+each, the same id: a key being rotated); its limits are one, so its entries must give the same ones.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_collector.domain.rate import SourceLimits, parse_source_limits
 from cdp_kit.errors import Unauthenticated
 from cdp_kit.watched import WatchedJsonFile
 
@@ -22,17 +27,26 @@ class Source:
     id: str
     name: str
     enabled: bool = True
+    limits: SourceLimits | None = None  # None: only the limits every source has
 
 
 def _parse_sources(document: dict) -> dict[str, Source]:
     by_key: dict[str, Source] = {}
+    limits_by_id: dict[str, SourceLimits | None] = {}
     for index, entry in enumerate(document["sources"]):
         key = entry["write_key"]
         if not isinstance(key, str) or len(key) < 8:
             raise ValueError(f"sources[{index}].write_key must be a string of at least 8 characters")
         if key in by_key:
             raise ValueError(f"sources[{index}].write_key is used by source {by_key[key].id!r} too")
-        by_key[key] = Source(str(entry["id"]), str(entry.get("name", entry["id"])), bool(entry.get("enabled", True)))
+        source_id = str(entry["id"])
+        limits = parse_source_limits(entry.get("limits"), f"sources[{index}].limits")
+        if limits_by_id.setdefault(source_id, limits) != limits:
+            raise ValueError(
+                f"sources[{index}].limits differ from those of another entry of source {source_id!r}: a source's "
+                "limits are one, whichever of its keys is sent; give every entry of it the same limits"
+            )
+        by_key[key] = Source(source_id, str(entry.get("name", entry["id"])), bool(entry.get("enabled", True)), limits)
     return by_key
 
 
