@@ -28,6 +28,7 @@ from cdp_kit.service import ServiceRuntime, client_channel, run_main
 from cdp_kit.storage import open_store
 from cdp_orchestration import streams
 from cdp_orchestration.api import SCOPES, OrchestrationApi
+from cdp_orchestration.arbiter_rules import compile_rules
 from cdp_orchestration.catalogue import Catalogues, deployed_scores, live_segments, profile_computed_traits
 from cdp_orchestration.channels import open_channels
 from cdp_orchestration.channels.inapp import InboxChannel
@@ -37,7 +38,7 @@ from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.export import exporter
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
-from cdp_orchestration.settings import OrchestrationSettings
+from cdp_orchestration.settings import RULES_FIELD, OrchestrationSettings
 from cdp_orchestration.state import prepare_store
 
 log = logging.getLogger("cdp.orchestration")
@@ -92,7 +93,25 @@ async def setup(runtime: ServiceRuntime) -> None:
     if settings.outcomes_url:
         report = CollectorReporter(settings.outcomes_url, settings.outcomes_write_key)
         runtime.stack.push_async_callback(report.close)
-    rules = settings.rules()
+    define_traits = None
+    computed = None
+    person_exists = None
+    if settings.profile_address:
+        profile_channel = client_channel(settings, settings.profile_address)
+        runtime.stack.push_async_callback(profile_channel.close)
+        profile = ProfileClient(profile_channel, settings.profile_token)
+        computed = profile_computed_traits(profile_channel, settings.profile_token)
+
+        async def define_traits(definitions) -> None:
+            await profile.define(definitions, field="definition.computed_traits.{name}")
+
+        async def person_exists(person_id: str) -> bool:
+            # one GetProfile: an Enroll for an id the profile has never seen is refused NOT_FOUND (an outage
+            # of the profile service answers UNAVAILABLE, to retry)
+            return await profile.fields(person_id) is not None
+
+    # Its conditions read a count or sum computed trait a person lacks as 0, with the set kept for the document.
+    rules = await compile_rules(settings.rules_document(), store, computed, RULES_FIELD)
     consent = SendConsent(store, journeys, rules)  # asked again before each attempt (dispatch.py)
     tasks = []
     for channel in channels.values():
@@ -149,23 +168,6 @@ async def setup(runtime: ServiceRuntime) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     runtime.stack.push_async_callback(release)
-    define_traits = None
-    computed = None
-    person_exists = None
-    if settings.profile_address:
-        profile_channel = client_channel(settings, settings.profile_address)
-        runtime.stack.push_async_callback(profile_channel.close)
-        profile = ProfileClient(profile_channel, settings.profile_token)
-        computed = profile_computed_traits(profile_channel, settings.profile_token)
-
-        async def define_traits(definitions) -> None:
-            await profile.define(definitions, field="definition.computed_traits.{name}")
-
-        async def person_exists(person_id: str) -> bool:
-            # one GetProfile: an Enroll for an id the profile has never seen is refused NOT_FOUND (an outage
-            # of the profile service answers UNAVAILABLE, to retry)
-            return await profile.fields(person_id) is not None
-
     segments = scores = None
     if settings.segmentation_address:
         segmentation_channel = client_channel(settings, settings.segmentation_address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cdp_kit.bus import dead_letter_stream
 from cdp_kit.errors import InvalidArgument
@@ -17,6 +18,7 @@ from cdp_orchestration.domain.rules import Rules, parse_rules
 # The longest a message may wait somewhere and still reach the engine: a dead letter, replayable for as long
 # as the dead-letter stream keeps it.
 DEAD_LETTER_DAYS = dead_letter_stream().max_age / 86_400
+RULES_FIELD = "CDP_ORCHESTRATION_RULES_FILE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,16 +125,22 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         help="seconds Enroll / ExitInstance / Approve / Reject wait for the engine to apply the command",
     )
 
-    def rules(self) -> Rules:
-        if self.rules_file is None:
+    def rules(self, counted: frozenset[str] = frozenset()) -> Rules:
+        """The rules file's rules, its conditions reading the `counted` fields as 0 where a person has none
+        (the service compiles them with the set `arbiter_rules.compile_rules` keeps)."""
+        document = self.rules_document()
+        if document is None:
             return Rules()
+        return parse_rules(document, RULES_FIELD, counted=counted)
+
+    def rules_document(self) -> Any:
+        """The rules file as read (None: no file)."""
+        if self.rules_file is None:
+            return None
         try:
-            document = load_yaml(self.rules_file.read_text())
+            return load_yaml(self.rules_file.read_text())
         except YAMLError as exc:  # a repeated key, an alias bomb, a syntax error: named, not a traceback
-            raise InvalidArgument(
-                "CDP_ORCHESTRATION_RULES_FILE", f"{self.rules_file} is not valid YAML: {exc}"
-            ) from None
-        return parse_rules(document, "CDP_ORCHESTRATION_RULES_FILE")
+            raise InvalidArgument(RULES_FIELD, f"{self.rules_file} is not valid YAML: {exc}") from None
 
     def catalogue(self) -> Catalogue | None:
         return read_catalogue(str(self.catalogue_file)) if self.catalogue_file is not None else None

@@ -20,6 +20,11 @@
 Days and weeks are calendar ones in the person's zone (weeks from Monday). A suppression with both
 `after_event` and `condition` applies when both hold; `categories` and `channels` narrow what it applies to
 (absent: everything).
+
+A suppression's condition reads a named computed trait of kind count or sum that a person lacks as 0, as a
+journey's conditions and segments do (`computed.tickets_today < 1` holds for someone with no ticket), when
+`parse_rules` is given those fields (`counted`, from the profile service's ListComputedTraits; the service
+keeps the set it compiled a rules document with, `arbiter_rules.py`); without them it reads as missing.
 """
 
 from __future__ import annotations
@@ -86,6 +91,14 @@ class Rules:
     # The longest an action waits for the profile to apply the person's events before it is decided on the
     # fields orchestration has (`arbiter`: "profile_unavailable").
     profile_wait: float = 600.0
+    # The counted fields (count / sum computed traits, "computed.tickets_today") its conditions read as 0
+    # where a person has none: the ones `parse_rules` was given that they read.
+    counted: frozenset[str] = frozenset()
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The profile fields its suppression conditions read ("computed.tickets_today", "traits.plan")."""
+        return frozenset(f for s in self.suppressions if s.condition is not None for f in s.condition.fields)
 
     @property
     def watched_events(self) -> frozenset[str]:
@@ -105,8 +118,10 @@ _KEYS = (
 )
 
 
-def parse_rules(document: Any, field_name: str = "rules") -> Rules:
-    """Rules from their document; InvalidArgument naming the first bad field (`rules.caps[0].limit`)."""
+def parse_rules(document: Any, field_name: str = "rules", *, counted: frozenset[str] = frozenset()) -> Rules:
+    """Rules from their document; InvalidArgument naming the first bad field (`rules.caps[0].limit`).
+    `counted`: the field keys of computed traits of kind count or sum (`conditions.counted_fields`), which
+    the suppression conditions read as 0 where a person has none."""
     if not isinstance(document, Mapping):
         raise InvalidArgument(field_name, "must be an object")
     _known(document, _KEYS, field_name)
@@ -119,7 +134,7 @@ def parse_rules(document: Any, field_name: str = "rules") -> Rules:
         raise InvalidArgument(f"{field_name}.caps", "cap ids must be unique")
     quiet = _quiet(document["quiet_hours"], f"{field_name}.quiet_hours") if "quiet_hours" in document else None
     suppressions = tuple(
-        _suppression(item, f"{field_name}.suppressions[{i}]")
+        _suppression(item, f"{field_name}.suppressions[{i}]", counted)
         for i, item in enumerate(_list(document, "suppressions", field_name))
     )
     if len({s.id for s in suppressions}) != len(suppressions):
@@ -127,7 +142,8 @@ def parse_rules(document: Any, field_name: str = "rules") -> Rules:
     approval = _approval(document.get("approval", {}), f"{field_name}.approval")
     max_hold = parse_duration(document.get("max_hold", "7d"), f"{field_name}.max_hold")
     profile_wait = parse_duration(document.get("profile_wait", "10m"), f"{field_name}.profile_wait")
-    return Rules(timezone, exempt, caps, quiet, suppressions, approval, max_hold, profile_wait)
+    read = frozenset(f for s in suppressions if s.condition is not None for f in s.condition.counted)
+    return Rules(timezone, exempt, caps, quiet, suppressions, approval, max_hold, profile_wait, read)
 
 
 def _known(tree: Mapping[str, Any], allowed: tuple[str, ...], at: str) -> None:
@@ -195,7 +211,7 @@ def _quiet(tree: Any, at: str) -> QuietHours:
     return QuietHours(times[0], times[1], channels)
 
 
-def _suppression(tree: Any, at: str) -> Suppression:
+def _suppression(tree: Any, at: str, counted: frozenset[str] = frozenset()) -> Suppression:
     if not isinstance(tree, Mapping):
         raise InvalidArgument(at, 'must be {"id": ..., "categories": [...], "after_event": ..., "within": "1d"}')
     _known(tree, ("id", "categories", "channels", "after_event", "within", "condition"), at)
@@ -210,7 +226,9 @@ def _suppression(tree: Any, at: str) -> Suppression:
         within = parse_duration(tree.get("within"), f"{at}.within")
     elif "within" in tree:
         raise InvalidArgument(f"{at}.within", "applies to after_event; name the event")
-    condition = profile_condition(tree["condition"], f"{at}.condition") if "condition" in tree else None
+    condition = (
+        profile_condition(tree["condition"], f"{at}.condition", counted=counted) if "condition" in tree else None
+    )
     if after_event is None and condition is None:
         raise InvalidArgument(at, "needs after_event (with within) or a condition, or both")
     return Suppression(rule_id, categories, channels, after_event, within, condition)
