@@ -114,11 +114,14 @@ async def setup(runtime: ServiceRuntime) -> None:
     rules = await compile_rules(settings.rules_document(), store, computed, RULES_FIELD)
     consent = SendConsent(store, journeys, rules)  # asked again before each attempt (dispatch.py)
     tasks = []
+    dispatchers = {}
     for channel in channels.values():
         runtime.stack.push_async_callback(channel.close)
-        runner = dispatcher(
-            bus, store, channel, report=report, concurrency=settings.dispatch_concurrency,
-            defer_for=settings.defer_seconds, max_attempts=settings.max_attempts, consent=consent,
+        runner = dispatchers[channel.name] = dispatcher(
+            bus, store, channel, report=report, ack_wait=settings.ack_wait,
+            concurrency=settings.dispatch_concurrency, defer_for=settings.defer_seconds,
+            max_attempts=settings.max_attempts, consent=consent, breaker_after=settings.breaker_timeouts,
+            probe_every=settings.breaker_probe_seconds,
         )  # fmt: skip
         tasks.append(runtime.spawn(runner.run(), f"dispatch actions.{channel.name}"))
 
@@ -191,7 +194,9 @@ async def setup(runtime: ServiceRuntime) -> None:
         catalogues=Catalogues(settings.catalogue(), computed, segments=segments, scores=scores),
         person_exists=person_exists,
     )
-    runtime.parts.update(bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api)
+    runtime.parts.update(
+        bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api, dispatchers=dispatchers
+    )
     runtime.grpc.add_service(
         orchestration_pb2_grpc.add_OrchestrationServiceServicer_to_server,
         api,

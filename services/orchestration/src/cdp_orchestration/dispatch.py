@@ -5,7 +5,10 @@ One durable consumer per channel (`orchestration-dispatch-<channel>`) hands each
 adapter (`cdp_orchestration.channels`). A fetched batch is worked concurrently, at most `concurrency`
 (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY) actions in flight, so one slow provider answer does not hold up
 the rest; one person's actions go one after another in the order they came (a reminder never overtakes
-its first message, an attribution finds its send recorded). A provider that answers with Retry-After
+its first message, an attribution finds its send recorded). The consumer's ack wait is
+CDP_ORCHESTRATION_ACK_WAIT; the batch being worked is kept from redelivery meanwhile (`in_progress` every
+third of it, for up to KEEP_AT_MOST), so a long batch is not handed to another replica mid-send, and a
+dispatcher that died has its batch back after the ack wait. A provider that answers with Retry-After
 pauses its destination (`Channel.destination`: the provider account, or a webhook's host): actions to it
 not started yet are given back with that delay instead of sent (for at most
 CDP_ORCHESTRATION_DEFER_SECONDS, then they are sent anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
@@ -36,9 +39,9 @@ anyway.
 A provider that does not answer (a wedged relay that accepts connections and says nothing: outcome reason
 ``timeout``) would make every attempt wait the adapter's whole timeout, and a batch of them hold the
 dispatcher so long that the attempts behind them could not keep their back-off. So each destination has a
-breaker: after `breaker_after` (BREAKER_AFTER, 3) timeouts in a row with no answer between them, it is
+breaker: after `breaker_after` (CDP_ORCHESTRATION_BREAKER_TIMEOUTS, 3) timeouts in a row with no answer between them, it is
 open and the dispatcher stops waiting on it. While open, it is probed at most every `probe_every`
-(PROBE_EVERY) seconds after the last unanswered probe: by the channel itself where it can ask without
+(CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS, 5) seconds after the last unanswered probe: by the channel itself where it can ask without
 sending (`Channel.probe`: email's relay greeting), in a task of its own that no batch waits for; else by
 one action's send, one at a time. Every other action's attempt is counted as made and failed (``timeout``)
 without sending it: handed back with its back-off as
@@ -130,11 +133,14 @@ PENDING = "pending"  # a send record's status while the action has attempts or h
 DEFAULT_CONCURRENCY = 16  # actions of one channel in flight at once (CDP_ORCHESTRATION_DISPATCH_CONCURRENCY)
 # Actions with store faults (and sends whose outcome the store did not record) one dispatcher remembers.
 MAX_REMEMBERED = 10_000
+# Seconds a batch being worked is kept from redelivery (`Dispatcher._keep`): far above what its sends can take
+# (adapter timeouts, the breaker), so only a stuck one runs past it.
+KEEP_AT_MOST = 600.0
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 CONSENT_WITHDRAWN = "consent_withdrawn"  # a send record's reason: the consent was withdrawn before it went out
 TIMEOUT = "timeout"  # an adapter's reason for a provider that said nothing in time (`channels.base`)
-BREAKER_AFTER = 3  # timeouts in a row from one destination that open its breaker (module docstring)
-PROBE_EVERY = 5.0  # seconds after an unanswered probe before an open breaker sends the next one
+BREAKER_AFTER = 3  # timeouts in a row that open a destination's breaker (CDP_ORCHESTRATION_BREAKER_TIMEOUTS)
+PROBE_EVERY = 5.0  # seconds before an open breaker's next probe (CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS)
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
 
@@ -213,6 +219,7 @@ class Dispatcher:
         breaker_after: int = BREAKER_AFTER,
         probe_every: float = PROBE_EVERY,
         consent: SendConsent | None = None,
+        ack_wait: float | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} is invalid: must be at least 1")
@@ -229,6 +236,8 @@ class Dispatcher:
         self.js = js  # where the action messages are erased once done with (None: they stay)
         self.deletions = deletions  # whom a privacy deletion was accepted for (None: not asked)
         self.consent = consent  # the person's consent, asked again before each attempt (None: not asked)
+        # The consumer's ack wait: a batch being worked is kept from redelivery (`_keep`); None: not kept.
+        self.ack_wait = ack_wait
         # Publishes a dead letter before the message is erased (the consumer's; None: the kit's own, at settle).
         self.runner: ConsumerRunner | None = None
         self._slots = asyncio.Semaphore(concurrency)
@@ -260,6 +269,31 @@ class Dispatcher:
         )
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
+        keeping = asyncio.create_task(self._keep(batch)) if self.ack_wait else None
+        try:
+            await self._handle(batch)
+        finally:
+            if keeping is not None:
+                keeping.cancel()
+                await asyncio.gather(keeping, return_exceptions=True)
+
+    async def _keep(self, batch: Sequence[Delivery]) -> None:
+        """Tell JetStream the batch is still being worked, every third of the ack wait: a batch may take
+        longer than CDP_ORCHESTRATION_ACK_WAIT (its slowest sends one after another, each up to its
+        adapter's timeout), and a message redelivered meanwhile - to another replica - could be sent twice.
+        The ack wait then bounds how soon a dead dispatcher's batch comes back, not how long a send takes.
+        For KEEP_AT_MOST seconds: a batch still not done then is stuck, and JetStream may redeliver it."""
+        assert self.ack_wait is not None
+        deadline = time.monotonic() + KEEP_AT_MOST
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.ack_wait / 3)
+            for delivery in batch:
+                try:
+                    await delivery.msg.in_progress()
+                except Exception:  # the bus is down, or the message is settled or erased already
+                    pass
+
+    async def _handle(self, batch: Sequence[Delivery]) -> None:
         if self.deletions is not None:
             # Unavailable when it cannot be known: the kit hands the batch back and nothing is sent.
             await self.deletions.look()
@@ -854,6 +888,7 @@ def dispatcher(
         breaker_after=breaker_after,
         probe_every=probe_every,
         consent=consent,
+        ack_wait=ack_wait,
     )
     runner = bus.consumer(spec, handler.handle)
     handler.runner = runner

@@ -81,7 +81,11 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
     )
     batch_size: int = env("CDP_ORCHESTRATION_BATCH_SIZE", 256, help="orchestration.in messages fetched per batch")
     ack_wait: float = env(
-        "CDP_ORCHESTRATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"
+        "CDP_ORCHESTRATION_ACK_WAIT",
+        30.0,
+        help="seconds before JetStream redelivers an unacknowledged batch: the engine's (orchestration.in) and "
+        "each channel dispatcher's (a dispatcher keeps the batch it works on from redelivery meanwhile, so this "
+        "bounds how soon the actions of a dispatcher that died come back, not how long a send may take)",
     )
     dispatch_concurrency: int = env(
         "CDP_ORCHESTRATION_DISPATCH_CONCURRENCY",
@@ -110,6 +114,18 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         help="seconds after an action was published that it may keep waiting for a provider asking for time "
         "(a 429, a Retry-After): such hand-backs use none of the action's attempts; past this a 429 is final "
         "(failed, http_429) and a paused destination is sent to anyway. Below CDP_ORCHESTRATION_RETENTION_DAYS",
+    )
+    breaker_timeouts: int = env(
+        "CDP_ORCHESTRATION_BREAKER_TIMEOUTS",
+        3,
+        help="timeouts in a row (no answer between them) from one provider destination that open its breaker: "
+        "the dispatcher then stops waiting on it, probes it, and counts the other attempts as made and timed "
+        "out without a send (dispatch.py). At least 1",
+    )
+    breaker_probe_seconds: float = env(
+        "CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS",
+        5.0,
+        help="seconds after an unanswered probe before an open breaker probes its destination again. Positive",
     )
     tombstone_days: float = env(
         "CDP_ORCHESTRATION_TOMBSTONE_DAYS",
@@ -197,6 +213,16 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
                 f"the longest a message for a deleted person can still reach orchestration (the dead-letter "
                 f"stream keeps {DEAD_LETTER_DAYS:g} days, CDP_ORCHESTRATION_RETENTION_DAYS={self.retention_days:g}); "
                 "a tombstone swept sooner lets it fill the person's record again"
+            )
+        if self.ack_wait <= 0:
+            problems.append(f"CDP_ORCHESTRATION_ACK_WAIT={self.ack_wait:g} is invalid: must be positive")
+        if self.breaker_timeouts < 1:
+            problems.append(
+                f"CDP_ORCHESTRATION_BREAKER_TIMEOUTS={self.breaker_timeouts} is invalid: must be at least 1"
+            )
+        if not self.breaker_probe_seconds > 0:
+            problems.append(
+                f"CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS={self.breaker_probe_seconds:g} is invalid: must be positive"
             )
         if self.answer_timeout <= 0:
             problems.append(f"CDP_ORCHESTRATION_ANSWER_TIMEOUT={self.answer_timeout} is invalid: must be positive")
