@@ -394,3 +394,25 @@ async def test_what_the_definitions_call_required_is_what_the_web_api_holds_rows
         assert level["accounts", "name"] == "ApplicationRequired"
         status, _, body = await _call(dv, "POST", "accounts", {"websiteurl": "https://example.com"})
         assert status == 400 and "'name'" in body["error"]["message"]
+
+
+async def test_who_am_i_answers_the_calling_user_and_a_batch_get_answers_as_if_asked_directly():
+    """``GET WhoAmI``: the caller's ids (a bad token 401). A GET outside any change set of a ``$batch`` answers
+    its rows in the batch's body, its ``$filter`` read from the body, not a request line."""
+    async with DynamicsEmulator() as dv:
+        status, _, body = await _call(dv, "GET", "WhoAmI")
+        assert status == 200 and {"UserId", "BusinessUnitId", "OrganizationId"} <= set(body)
+        assert (await _call(dv, "GET", "WhoAmI", token="nope"))[0] == 401
+        dv.user_create("contacts", {"lastname": "Lovelace", "emailaddress1": "ADA@example.com"})
+        dv.user_create("contacts", {"lastname": "Byron", "emailaddress1": "byron@example.com"})
+        query = "contacts?$select=lastname&$filter=emailaddress1%20eq%20'ada%40example.com'"
+        raw = (
+            "--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            f"GET {dv.base_url}{API}/{query} HTTP/1.1\r\nAccept: application/json\r\n\r\n\r\n--b--\r\n"
+        ).encode()
+        status, _, answer = await _call(
+            dv, "POST", "$batch", raw=raw, headers={"Content-Type": "multipart/mixed; boundary=b"}
+        )
+        assert status == 200 and b"HTTP/1.1 200" in answer and b'"lastname":"Lovelace"' in answer
+        assert b"Byron" not in answer
+        assert all("ada" not in r.path.lower() for r in dv.requests)

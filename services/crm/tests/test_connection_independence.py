@@ -8,6 +8,8 @@ every batch retried HubSpot for `CDP_CRM_RETRY_FOR` before it wrote Salesforce a
 
 from __future__ import annotations
 
+import pytest
+
 from cdp_crm.adapters.salesforce import SalesforceAdapter
 from cdp_crm.budgets import SharedBudget
 from cdp_crm.domain.coalesce import UPSERT, Change, record_key
@@ -15,8 +17,10 @@ from cdp_crm.inbound import HubSpotPoller, Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.state import PENDING, RECORDS, SYNCED
 from cdp_crm.writes import change_doc
+from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 from cdp_kit.storage import Put
 
 from .conftest import TOKEN
@@ -304,3 +308,63 @@ async def test_a_crm_that_hangs_does_not_delay_the_queued_changes_of_the_others(
         assert len(salesforce.records("Contact")) == 1
     finally:
         await salesforce.close()
+
+
+def _one_crm(emulator) -> tuple[dict, dict[str, str]]:
+    """A Dynamics 365 or Zoho connection with a contacts mapping, and its credentials."""
+    if isinstance(emulator, DynamicsEmulator):
+        connection = {
+            "id": "crm", "kind": "dynamics", "url": emulator.base_url, "auth_url": emulator.base_url,
+            "credentials": {"tenant_id": "DYN_TENANT", "client_id": "DYN_ID", "client_secret": "DYN_SECRET"},
+            "mappings": [{"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                          "fields": {"emailaddress1": "traits.email", "lastname": "traits.last_name"}}],
+        }  # fmt: skip
+        env = {"DYN_TENANT": emulator.tenant, "DYN_ID": emulator.client_id, "DYN_SECRET": emulator.client_secret}
+    else:
+        connection = {
+            "id": "crm", "kind": "zoho", "url": emulator.base_url,
+            "credentials": {"client_id": "ZOHO_ID", "client_secret": "ZOHO_SECRET", "refresh_token": "ZOHO_REFRESH"},
+            "mappings": [{"id": "contacts", "object": "Contacts", "match": {"CDP_Id": "person.id"},
+                          "fields": {"Email": "traits.email", "Last_Name": "traits.last_name"}}],
+        }  # fmt: skip
+        env = {"ZOHO_ID": emulator.client_id, "ZOHO_SECRET": emulator.client_secret}
+        env["ZOHO_REFRESH"] = "1000.local-refresh-token"
+    return {"connections": [connection]}, env
+
+
+# Per CRM: the emulator, the object and match field of its contacts, and which requests are its probes and
+# which its writes.
+PROBED = {
+    "dynamics": (DynamicsEmulator, "contacts", "cdp_id", lambda p: p.endswith("/WhoAmI"), lambda p: "$batch" in p),
+    "zoho": (ZohoEmulator, "Contacts", "CDP_Id", lambda p: "fields=id&per_page=1" in p, lambda p: "/upsert" in p),
+}
+
+
+@pytest.mark.parametrize("crm", sorted(PROBED))
+async def test_a_held_dynamics_or_zoho_connection_is_probed_and_comes_back_when_its_crm_answers(world_factory, crm):
+    """D5 for Dynamics 365 and Zoho: a connection held on failures is probed with a cheap authenticated read
+    (the Web API's WhoAmI; a Zoho module's first id), not tried again with its queued write at each step,
+    and comes back by itself once the CRM answers: the queued change lands."""
+    emulator_class, obj, match, is_probe, is_write = PROBED[crm]
+    async with emulator_class() as emulator:
+        world = await world_factory(emulator)
+        document, env = _one_crm(emulator)
+        await world.start(document, env=env, retry_for=25.0, ack_wait=60.0, partitions=1)
+        emulator.faults.fail_next(5000, status=503)  # the CRM down
+        await world.profiles({"person-a": {"traits.email": "a@example.com", "traits.last_name": "A"}})
+
+        async def queued() -> int:
+            return len([r async for r in world.store.scan_all(PENDING)])
+
+        await world.eventually(queued)  # held: its change is queued, committed with the batch
+        held_at = len(emulator.requests)
+        await world.eventually(lambda: any(is_probe(r.path) for r in list(emulator.requests)[held_at:]))
+        assert not any(is_write(r.path) for r in list(emulator.requests)[held_at:])  # no write tried meanwhile
+        emulator.faults.clear()  # up again
+        await world.eventually(lambda: emulator.find(obj, match, "person-a") is not None)
+
+        async def synced() -> bool:
+            record = await world.store.get(RECORDS, record_key("crm/contacts", ((match, "person-a"),)))
+            return record is not None and record.doc["state"] == SYNCED and not await queued()
+
+        await world.eventually(synced)

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.metrics import Observation
 
@@ -442,25 +443,30 @@ class Deliverer:
             )
         health.retry_at = now + HOLD_BACKOFF[min(health.holds, len(HOLD_BACKOFF) - 1)]
         health.holds += 1
-        if connection not in self.probes and self._probe_field(mapping) is not None:
+        if connection not in self.probes and self._probe_call(mapping) is not None:
             self.probes[connection] = asyncio.get_running_loop().create_task(self._probe(mapping))
 
-    def _probe_field(self, mapping: ObjectMapping) -> str | None:
-        """The match field a probe of `mapping`'s CRM looks a value up by; None when it cannot (no lookup)."""
-        if getattr(self.adapters[mapping.connection], "present", None) is None:
+    def _probe_call(self, mapping: ObjectMapping) -> Callable[[], Awaitable[tuple[Any, dict]]] | None:
+        """A probe of `mapping`'s CRM: the adapter's own cheap authenticated read (`probe`: Dataverse's
+        WhoAmI, a Zoho module's first id) or a lookup of a value no record holds by the mapping's match field
+        (`present`: HubSpot's batch read, Salesforce's SOQL); None when it has neither."""
+        adapter = self.adapters[mapping.connection]
+        if (probe := getattr(adapter, "probe", None)) is not None:
+            return lambda: probe(mapping)
+        lookup = getattr(adapter, "present", None)
+        if lookup is None or mapping.kind != "record" or len(mapping.match) != 1:
             return None
-        if mapping.kind != "record" or len(mapping.match) != 1:
-            return None
-        return mapping.match[0].crm_field
+        field = mapping.match[0].crm_field
+        return lambda: lookup(mapping, field, [PROBE_VALUE])
 
     async def _probe(self, mapping: ObjectMapping) -> None:
-        """Until the held connection's CRM answers: at each `retry_at`, one lookup (a unit of the account's
-        budget) - not a write, and not under any partition's lock: a CRM that hangs holds up nothing."""
+        """Until the held connection's CRM answers: at each `retry_at`, one probe (`_probe_call`; a unit of the
+        account's budget) - not a write, and not under any partition's lock: a CRM that hangs holds up nothing."""
         connection = mapping.connection
         health = self.health[connection]
-        lookup = self.adapters[connection].present  # type: ignore[attr-defined]
+        probe = self._probe_call(mapping)
+        assert probe is not None, "a probe is only started for a CRM that has one"
         budget = self.budgets[connection]
-        field = self._probe_field(mapping)
         try:
             while health.held_since:
                 await asyncio.sleep(max(0.0, health.retry_at - self.clock()))
@@ -468,7 +474,7 @@ class Deliverer:
                 if reservation is None:
                     health.retry_at = self.clock() + HOLD_BACKOFF[-1]
                     continue
-                answer, headers = await lookup(mapping, field, [PROBE_VALUE])
+                answer, headers = await probe()
                 await budget.settle(reservation, self.clock(), headers, answered=answer is not None)
                 if answer is not None:
                     self._release(connection)

@@ -33,7 +33,9 @@ carries the next ``@odata.deltaLink``, taken when the delta was read (a change m
 the next delta, never lost). A delta token is ``<version>!<issue>``; `expire_change_tracking` makes every
 token issued so far expired, as when the organisation's ExpireChangeTrackingInDays passed: following one
 answers 400 with ExpiredVersionStamp (0x80044352), and a new change-tracking read gives a fresh link.
-`user_update` / `user_create` / `user_delete` act as a Dynamics user.
+`user_update` / `user_create` / `user_delete` act as a Dynamics user. ``GET WhoAmI`` answers the calling
+user's ``UserId``, ``BusinessUnitId`` and ``OrganizationId`` (a cheap authenticated read: the connector's
+probe of a held connection).
 """
 
 from __future__ import annotations
@@ -278,6 +280,10 @@ class DynamicsEmulator(Emulator):
             ref = path.split("/")[0]
             if ref[1:] in content_ids:
                 path = content_ids[ref[1:]] + path[len(ref) :]
+        if path.strip("/") == "WhoAmI":
+            if method != "GET":
+                raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed.")
+            return 200, {}, self._who_am_i()
         if path.strip("/").startswith("EntityDefinitions"):
             return metadata.handle(self.sets, f"{self.base_url}{API}/$metadata", method, path, query)
         if (listed := re.fullmatch(r"lists\(([^)/]+)\)/(.+)", path.strip("/"))) is not None:
@@ -328,6 +334,15 @@ class DynamicsEmulator(Emulator):
                 written = self._write(entity.name, current[entity.primary], payload)
             return self._written(entity, written, prefer, created=current is None)
         raise DataverseError(405, "0x80060888", f"The HTTP method '{method}' is not allowed.")
+
+    def _who_am_i(self) -> dict[str, Any]:
+        """The WhoAmI function's answer: the calling (application) user, its business unit and organisation."""
+        return {
+            "@odata.context": f"{self.base_url}{API}/$metadata#{NAMESPACE}.WhoAmIResponse",
+            "BusinessUnitId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.tenant}/businessunit")),
+            "UserId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.tenant}/{self.client_id}")),
+            "OrganizationId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.tenant}/organization")),
+        }
 
     def _written(
         self, entity: EntitySet, record_id: str, prefer: str, *, created: bool

@@ -262,6 +262,14 @@ class DynamicsAdapter:
             "POST", "$batch", data=body, headers={"Content-Type": f"multipart/mixed; boundary={boundary}"}, what=what
         )
 
+    async def probe(self, mapping: ObjectMapping) -> tuple[bool | None, dict]:
+        """Whether Dataverse answers (a held connection's probe): ``GET WhoAmI``, the Web API's cheapest
+        authenticated read (a new token first when needed); True once it answered, None on an error."""
+        answer = await self._request("GET", "WhoAmI", data=None, headers={}, what="probe")
+        if _failure(answer) is not None or not isinstance(answer.body, dict) or "UserId" not in answer.body:
+            return None, answer.headers
+        return True, answer.headers
+
     async def find(
         self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
     ) -> tuple[dict[str, dict[str, Any]] | None, dict]:

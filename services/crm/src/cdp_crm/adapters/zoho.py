@@ -245,6 +245,15 @@ class ZohoAdapter:
         error = _failure(answer) or CrmError(REJECTED, "UNEXPECTED_ANSWER", "", answer.status)
         return BatchOutcome.failed(error, answer.headers)
 
+    async def probe(self, mapping: ObjectMapping) -> tuple[bool | None, dict]:
+        """Whether Zoho answers (a held connection's probe): one record's id of `mapping`'s module (Get
+        Records, ``fields=id&per_page=1``: one credit, the module scope the connector has already); True once
+        it answered (204, an empty module, included), None on an error."""
+        answer = await self._call("GET", f"/{mapping.object}?fields=id&per_page=1", what="probe")
+        if answer.status != 204 and _failure(answer) is not None:
+            return None, answer.headers
+        return True, answer.headers
+
     async def find(
         self, mapping: ObjectMapping, field: str, values: list[str], read: list[str]
     ) -> tuple[dict[str, dict[str, Any]] | None, dict]:
