@@ -12,7 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cdp.crm.v1 import crm_pb2
 from cdp.profile.v1 import profile_pb2
+from cdp_crm.api import CrmApi
 from cdp_crm.domain.coalesce import record_key
 from cdp_crm.state import DEAD_LETTERS, MERGED, MERGES, RECORDS, SYNCED
 from cdp_crm_emulators.hubspot import HubSpotEmulator
@@ -137,6 +139,12 @@ async def test_salesforce_on_merge_keep_leaves_the_losers_contact_after_the_carr
         assert sf.find("Contact", "CDP_Id__c", "person-2") is not None  # kept
         merged = await _state(world, keys["person-2"])
         assert merged["state"] == MERGED and merged["kept"] is True and merged["key"] == [["CDP_Id__c", "person-2"]]
+        # What an operator reads of it (GetRecordStatus, `cdpctl crm record`): merged, into which record, kept.
+        api = CrmApi(store=world.store, connections=world.connections, deliverer=world.logic.deliverer, budgets={},
+                     runs=None)  # fmt: skip
+        status = await api.GetRecordStatus(crm_pb2.GetRecordStatusRequest(person_id="person-2"), None)
+        (record,) = status.records
+        assert (record.state, record.merged_into, record.kept) == (crm_pb2.RECORD_STATE_MERGED, keys["person-1"], True)
         await world.stop()
 
 

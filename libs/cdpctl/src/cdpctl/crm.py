@@ -72,6 +72,14 @@ def _whole(table: Table, *headers: str) -> Table:
     return table
 
 
+def _run_connections(run: dict) -> str:
+    """The connections a run covers: its one, or - a replay over several, which names none as its own -
+    "(several): a, b"."""
+    if run.get("connectionId"):
+        return run["connectionId"]
+    return "(several): " + ", ".join(run.get("connectionIds") or []) if run.get("connectionIds") else "(several)"
+
+
 def _runs_table(runs: list[dict], title: str = "runs") -> Table:
     table = Table(title=title)
     # A run's dead-lettered count adds up what it dead-lettered over its life (a stream run: since it
@@ -90,7 +98,7 @@ def _runs_table(runs: list[dict], title: str = "runs") -> Table:
             run.get("runId", ""),
             _enum(run.get("kind", ""), "RUN_KIND_"),
             _enum(run.get("state", ""), "RUN_STATE_"),
-            run.get("connectionId", "") or "(several)",  # a replay over several connections names none
+            _run_connections(run),
             run.get("mappingId", "") or "(all)",
             progress,
             str(written),
@@ -364,7 +372,8 @@ def crm_dead_letters(
 @_options
 @click.pass_obj
 def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address, as_json: bool, address) -> None:
-    """Where a person (PERSON_ID, or TYPE VALUE) stands in every mapping: synced, pending, dead-lettered."""
+    """Where a person (PERSON_ID, or TYPE VALUE) stands in every mapping: synced, pending, dead-lettered,
+    merged into another person's record (which one, and whether it stays in the CRM), erased."""
     if crm_id and person:
         raise click.UsageError("name a PERSON or --crm-id, not both")
     if crm_id:
@@ -392,6 +401,8 @@ def crm_record(ws: Workspace, person: tuple[str, ...], crm_id, identity_address,
         table.add_column(column)
     for r in documents:
         reason = " / ".join(x for x in (r.get("reason"), r.get("crmCode")) if x)
+        if r.get("mergedInto"):  # its person merged into another: the survivor's record took its place
+            reason = f"into {r['mergedInto']}" + (" (kept in the CRM)" if r.get("kept") else "")
         table.add_row(
             r.get("connectionId", ""),
             r.get("mappingId", ""),

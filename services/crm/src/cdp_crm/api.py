@@ -20,7 +20,7 @@ from cdp_crm.connectors import unset
 from cdp_crm.delivery import Deliverer
 from cdp_crm.domain.mapping import Connection, MappingInvalid, ObjectMapping, load_connections
 from cdp_crm.runs import Runs
-from cdp_crm.state import DEAD_LETTERS, PENDING, RECORDS, RUNS
+from cdp_crm.state import DEAD_LETTERS, MERGED, PENDING, RECORDS, RUNS
 from cdp_kit.auth import TokenAuthenticator
 from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from cdp_kit.interceptors import current_caller
@@ -73,6 +73,7 @@ RECORD_STATES = {
     "out_of_scope": crm_pb2.RECORD_STATE_OUT_OF_SCOPE,
     "anonymised": crm_pb2.RECORD_STATE_ANONYMISED,
     "deleted": crm_pb2.RECORD_STATE_DELETED,
+    "merged": crm_pb2.RECORD_STATE_MERGED,
 }
 PAGE_MAX = 1000
 # The most queued changes a stream run's pending figure counts (the store's largest page; past it, this many).
@@ -114,6 +115,8 @@ def run_message(run_id: str, doc: Mapping[str, Any]) -> crm_pb2.SyncRun:
         unchanged=doc.get("unchanged", 0), skipped=doc.get("skipped", 0), dead_lettered=doc.get("dead_lettered", 0),
         pending_retry=doc.get("pending_retry", 0), api_units=doc.get("api_units", 0), error=doc.get("error", ""),
         absent=doc.get("absent", 0),
+        # A replay over several connections is kept under none (runs.replay) and names them.
+        connection_ids=doc.get("connections") or ([doc["connection"]] if doc["connection"] else []),
     )  # fmt: skip
     if doc.get("started_at"):
         run.started_at.CopyFrom(from_seconds(doc["started_at"]))
@@ -307,6 +310,8 @@ class CrmApi(crm_pb2_grpc.CrmServiceServicer):
             crm_id=doc.get("crm_id") or "", person_id=doc.get("person_id", ""),
             state=RECORD_STATES.get(doc["state"], 0), synced_stamp=doc.get("synced_stamp", 0),
             reason=doc.get("reason", ""), crm_code=doc.get("crm_code", ""),
+            merged_into=doc.get("merged_into", "") if doc["state"] == MERGED else "",
+            kept=bool(doc.get("kept")) if doc["state"] == MERGED else False,
         )  # fmt: skip
         if doc.get("synced_at"):
             status.synced_at.CopyFrom(from_seconds(doc["synced_at"]))

@@ -58,6 +58,7 @@ class RecordState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECORD_STATE_OUT_OF_SCOPE: _ClassVar[RecordState]
     RECORD_STATE_ANONYMISED: _ClassVar[RecordState]
     RECORD_STATE_DELETED: _ClassVar[RecordState]
+    RECORD_STATE_MERGED: _ClassVar[RecordState]
 CRM_KIND_UNSPECIFIED: CrmKind
 CRM_KIND_SALESFORCE: CrmKind
 CRM_KIND_HUBSPOT: CrmKind
@@ -89,6 +90,7 @@ RECORD_STATE_DEAD_LETTERED: RecordState
 RECORD_STATE_OUT_OF_SCOPE: RecordState
 RECORD_STATE_ANONYMISED: RecordState
 RECORD_STATE_DELETED: RecordState
+RECORD_STATE_MERGED: RecordState
 
 class Mapping(_message.Message):
     __slots__ = ("id", "object", "mode", "triggers", "match", "fields", "segment", "list", "action", "idempotency_field")
@@ -210,7 +212,7 @@ class ValidateConnectionsResponse(_message.Message):
     def __init__(self, problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ...) -> None: ...
 
 class SyncRun(_message.Message):
-    __slots__ = ("run_id", "kind", "state", "connection_id", "mapping_id", "started_at", "finished_at", "total", "processed", "created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units", "error", "absent")
+    __slots__ = ("run_id", "kind", "state", "connection_id", "mapping_id", "started_at", "finished_at", "total", "processed", "created", "updated", "unchanged", "skipped", "dead_lettered", "pending_retry", "api_units", "error", "absent", "connection_ids")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +231,7 @@ class SyncRun(_message.Message):
     API_UNITS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTION_IDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     kind: RunKind
     state: RunState
@@ -247,7 +250,8 @@ class SyncRun(_message.Message):
     api_units: int
     error: str
     absent: int
-    def __init__(self, run_id: _Optional[str] = ..., kind: _Optional[_Union[RunKind, str]] = ..., state: _Optional[_Union[RunState, str]] = ..., connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., processed: _Optional[int] = ..., created: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., skipped: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_retry: _Optional[int] = ..., api_units: _Optional[int] = ..., error: _Optional[str] = ..., absent: _Optional[int] = ...) -> None: ...
+    connection_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., kind: _Optional[_Union[RunKind, str]] = ..., state: _Optional[_Union[RunState, str]] = ..., connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., total: _Optional[int] = ..., processed: _Optional[int] = ..., created: _Optional[int] = ..., updated: _Optional[int] = ..., unchanged: _Optional[int] = ..., skipped: _Optional[int] = ..., dead_lettered: _Optional[int] = ..., pending_retry: _Optional[int] = ..., api_units: _Optional[int] = ..., error: _Optional[str] = ..., absent: _Optional[int] = ..., connection_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartBackfillRequest(_message.Message):
     __slots__ = ("connection_id", "mapping_id", "bulk")
@@ -284,7 +288,7 @@ class ListRunsResponse(_message.Message):
     def __init__(self, runs: _Optional[_Iterable[_Union[SyncRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RecordStatus(_message.Message):
-    __slots__ = ("connection_id", "mapping_id", "object", "record_key", "crm_id", "person_id", "state", "synced_at", "synced_stamp", "reason", "crm_code")
+    __slots__ = ("connection_id", "mapping_id", "object", "record_key", "crm_id", "person_id", "state", "synced_at", "synced_stamp", "reason", "crm_code", "merged_into", "kept")
     CONNECTION_ID_FIELD_NUMBER: _ClassVar[int]
     MAPPING_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECT_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +300,8 @@ class RecordStatus(_message.Message):
     SYNCED_STAMP_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CRM_CODE_FIELD_NUMBER: _ClassVar[int]
+    MERGED_INTO_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     connection_id: str
     mapping_id: str
     object: str
@@ -307,7 +313,9 @@ class RecordStatus(_message.Message):
     synced_stamp: int
     reason: str
     crm_code: str
-    def __init__(self, connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., object: _Optional[str] = ..., record_key: _Optional[str] = ..., crm_id: _Optional[str] = ..., person_id: _Optional[str] = ..., state: _Optional[_Union[RecordState, str]] = ..., synced_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., synced_stamp: _Optional[int] = ..., reason: _Optional[str] = ..., crm_code: _Optional[str] = ...) -> None: ...
+    merged_into: str
+    kept: bool
+    def __init__(self, connection_id: _Optional[str] = ..., mapping_id: _Optional[str] = ..., object: _Optional[str] = ..., record_key: _Optional[str] = ..., crm_id: _Optional[str] = ..., person_id: _Optional[str] = ..., state: _Optional[_Union[RecordState, str]] = ..., synced_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., synced_stamp: _Optional[int] = ..., reason: _Optional[str] = ..., crm_code: _Optional[str] = ..., merged_into: _Optional[str] = ..., kept: _Optional[bool] = ...) -> None: ...
 
 class GetRecordStatusRequest(_message.Message):
     __slots__ = ("person_id", "crm_record")
