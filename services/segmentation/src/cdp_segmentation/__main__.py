@@ -20,6 +20,7 @@ from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.export import export_person
 from cdp_segmentation.fields import computed_traits, deployed_models, field_sources
+from cdp_segmentation.journeys import live_journeys
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
 from cdp_segmentation.summaries import SharedPercentiles
@@ -51,6 +52,12 @@ async def setup(runtime: ServiceRuntime) -> None:
         scoring_channel = client_channel(settings, settings.scoring_address)
         runtime.stack.push_async_callback(scoring_channel.close)
         models = deployed_models(scoring_channel, settings.scoring_token)
+    journeys = None
+    if settings.orchestration_address:
+        # Live journeys keep the segments and computed traits they use from being deleted (journeys.py).
+        orchestration_channel = client_channel(settings, settings.orchestration_address)
+        runtime.stack.push_async_callback(orchestration_channel.close)
+        journeys = live_journeys(orchestration_channel, settings.orchestration_token)
     shared: SharedPercentiles | None = None
     if settings.standby:
         # Every partition, with positions, snapshots and outbox of its own: "segmentation-r<ordinal>-p<p>".
@@ -102,6 +109,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         percentile_interval=settings.percentile_interval,
         shared_percentiles=shared,
         known_fields=field_sources(models=models, computed=computed),
+        live_journeys=journeys,
     )
     stream = SegmentationStream(
         engine,

@@ -187,7 +187,7 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
         self, request: segmentation_pb2.DeleteSegmentRequest, context
     ) -> segmentation_pb2.DeleteSegmentResponse:
         check_segment_id(request.id)
-        return segmentation_pb2.DeleteSegmentResponse(exited=await self.engine.delete(request.id))
+        return segmentation_pb2.DeleteSegmentResponse(exited=await self.engine.delete(request.id, force=request.force))
 
     async def GetSegment(self, request: segmentation_pb2.GetSegmentRequest, context) -> segmentation_pb2.Segment:
         check_segment_id(request.id)

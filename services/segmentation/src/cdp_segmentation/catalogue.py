@@ -48,6 +48,7 @@ from cdp_segmentation.domain.graph import UNNAMED
 from cdp_segmentation.evaluation import Transition
 from cdp_segmentation.fields import KnownFields, check_fields
 from cdp_segmentation.hints import definition_warnings
+from cdp_segmentation.journeys import named
 
 log = logging.getLogger("cdp.segmentation.engine")
 
@@ -268,7 +269,9 @@ class Catalogue:
             self._start_build(segment, reason="updated" if segment.serving else "created")
         return segment
 
-    async def delete(self, segment_id: str) -> int:
+    async def delete(self, segment_id: str, *, force: bool = False) -> int:
+        # Asked before the lock, as `known` is: other lifecycle calls never wait on orchestration.
+        journeys = await self._journeys_using(segment_id) if not force and segment_id in self.segments else []
         async with self._lifecycle_lock:
             if segment_id not in self.segments and segment_id in self.unreadable:
                 await self.store.delete(SEGMENTS, segment_id)
@@ -281,6 +284,13 @@ class Catalogue:
                 raise FailedPrecondition(
                     f"segment {segment_id!r} is referred to by {', '.join(users)}; change or delete those first",
                     reason="segment_in_use",
+                )
+            if journeys:
+                raise FailedPrecondition(
+                    f"segment {segment_id!r} is used by live journeys {named(journeys)} (they enter on it, are "
+                    "scheduled over it or read its membership): archive them or publish versions without it "
+                    "first, or force the deletion",
+                    reason="segment_used_by_journeys",
                 )
             version, at = segment.building_version + 1, self.clock()
             exited = await self._drop(segment_id, version=version, at=at)
@@ -314,6 +324,13 @@ class Catalogue:
             self._reindex()
         await self.snapshot()
         return exited
+
+    async def _journeys_using(self, segment_id: str) -> list[tuple[str, str]]:
+        """(id, name) of the live journeys that use the segment; none when orchestration is not configured,
+        Unavailable when it cannot be asked."""
+        if self.live_journeys is None:
+            return []
+        return [(j.id, j.name) for j in await self.live_journeys() if segment_id in j.segments]
 
     def _traits_in_use(self) -> set[str]:
         """The computed traits something here reads: a segment's live definition (once it has served), the

@@ -75,6 +75,7 @@ from cdp_segmentation.domain import CompiledSegment
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.fields import FieldSource
 from cdp_segmentation.index import FieldIndex
+from cdp_segmentation.journeys import LiveJourneys
 from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         percentile_interval: float = 5.0,
         shared_percentiles: SharedPercentiles | None = None,
         known_fields: FieldSource | None = None,
+        live_journeys: LiveJourneys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -145,6 +147,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self.max_computed_traits = max_computed_traits
         # The scores and computed traits that exist, asked before a definition is accepted (fields.py).
         self.known_fields = known_fields
+        # The live journeys orchestration has and what they use (journeys.py): asked before a segment is
+        # deleted, and for the readers of a computed trait; None: orchestration is not configured.
+        self.live_journeys = live_journeys
         # Computed traits read by each Estimate under way (a list per call): not deleted meanwhile.
         self._estimating: list[frozenset[str]] = []
         # Stored segments that could not be loaded: id -> why. DeleteSegment still removes them.

@@ -39,6 +39,18 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
     scoring_token: str = env(
         "CDP_SCORING_TOKEN", "", help="bearer token for the scoring service (scoring:read)", secret=True
     )
+    orchestration_address: str = env(
+        "CDP_ORCHESTRATION_ADDRESS",
+        "",
+        help="orchestration gRPC address (host:port): DeleteSegment is refused while a live journey uses the "
+        "segment, as ListJourneys gives them (UNAVAILABLE while it cannot be asked); empty: journeys are not asked",
+    )
+    orchestration_token: str = env(
+        "CDP_ORCHESTRATION_TOKEN",
+        "",
+        help="bearer token for the orchestration service (orchestration:read)",
+        secret=True,
+    )
     batch_size: int = env("CDP_SEGMENTATION_BATCH_SIZE", 64, help="profiles.changed messages fetched per batch")
     ack_wait: float = env(
         "CDP_SEGMENTATION_ACK_WAIT", 30.0, help="seconds before JetStream redelivers an unacknowledged batch"

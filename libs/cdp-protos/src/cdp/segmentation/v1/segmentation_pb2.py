@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nDefinition\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04tree\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04\x66orm\"\xe0\x03\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.cdp.segmentation.v1.SegmentState\x12\x15\n\rprofiles_done\x18\x08 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\t \x01(\x03\x12\x0c\n\x04size\x18\n \x01(\x03\x12\x12\n\ndepends_on\x18\x0b \x03(\t\x12\x17\n\x0f\x63omputed_traits\x18\x0c \x03(\t\x12\x16\n\x0etime_dependent\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07live_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\x10\n\x08warnings\x18\x12 \x03(\t\"\x88\x01\n\x14\x43reateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"z\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\x96\x01\n\x15UpdateSegmentResponse\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\x12\x0f\n\x07\x65ntered\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x03\x12\x16\n\x0esample_entered\x18\x04 \x03(\t\x12\x15\n\rsample_exited\x18\x05 \x03(\t\"\"\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x15\x44\x65leteSegmentResponse\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x03\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13ListSegmentsRequest\"F\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"F\n\x0f\x45stimateRequest\x12\x33\n\ndefinition\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\xd1\x01\n\x10\x45stimateResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\npopulation\x18\x02 \x01(\x03\x12\x0e\n\x06sample\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63omputed_traits\x18\x06 \x03(\t\x12\x16\n\x0etime_dependent\x18\x07 \x01(\x08\x12\x13\n\x0b\x65valuate_ms\x18\x08 \x01(\x01\x12\x10\n\x08warnings\x18\t \x03(\t\"O\n\x12ListMembersRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x06Member\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMembersResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\")\n\x14GetMembershipRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\"K\n\nMembership\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15GetMembershipResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x08segments\x18\x02 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Membership\"\xa3\x01\n\x0cSegmentEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0fsegment_version\x18\x07 \x01(\x03\"F\n\x11SegmentEventBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.cdp.segmentation.v1.SegmentEvent*{\n\x0cSegmentState\x12\x1d\n\x19SEGMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SEGMENT_STATE_BUILDING\x10\x01\x12\x16\n\x12SEGMENT_STATE_LIVE\x10\x02\x12\x18\n\x14SEGMENT_STATE_FAILED\x10\x03\x32\x9b\x06\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x66\n\rUpdateSegment\x12).cdp.segmentation.v1.UpdateSegmentRequest\x1a*.cdp.segmentation.v1.UpdateSegmentResponse\x12\x66\n\rDeleteSegment\x12).cdp.segmentation.v1.DeleteSegmentRequest\x1a*.cdp.segmentation.v1.DeleteSegmentResponse\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12W\n\x08\x45stimate\x12$.cdp.segmentation.v1.EstimateRequest\x1a%.cdp.segmentation.v1.EstimateResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12\x66\n\rGetMembership\x12).cdp.segmentation.v1.GetMembershipRequest\x1a*.cdp.segmentation.v1.GetMembershipResponseB>Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cdp/segmentation/v1/segmentation.proto\x12\x13\x63\x64p.segmentation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"M\n\nDefinition\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04tree\x18\x02 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x06\n\x04\x66orm\"\xe0\x03\n\x07Segment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x30\n\x05state\x18\x07 \x01(\x0e\x32!.cdp.segmentation.v1.SegmentState\x12\x15\n\rprofiles_done\x18\x08 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\t \x01(\x03\x12\x0c\n\x04size\x18\n \x01(\x03\x12\x12\n\ndepends_on\x18\x0b \x03(\t\x12\x17\n\x0f\x63omputed_traits\x18\x0c \x03(\t\x12\x16\n\x0etime_dependent\x18\r \x01(\x08\x12.\n\ncreated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07live_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x11 \x01(\t\x12\x10\n\x08warnings\x18\x12 \x03(\t\"\x88\x01\n\x14\x43reateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\x12\x0c\n\x04wait\x18\x05 \x01(\x08\"z\n\x14UpdateSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x33\n\ndefinition\x18\x04 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\x96\x01\n\x15UpdateSegmentResponse\x12-\n\x07segment\x18\x01 \x01(\x0b\x32\x1c.cdp.segmentation.v1.Segment\x12\x0f\n\x07\x65ntered\x18\x02 \x01(\x03\x12\x0e\n\x06\x65xited\x18\x03 \x01(\x03\x12\x16\n\x0esample_entered\x18\x04 \x03(\t\x12\x15\n\rsample_exited\x18\x05 \x03(\t\"1\n\x14\x44\x65leteSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\'\n\x15\x44\x65leteSegmentResponse\x12\x0e\n\x06\x65xited\x18\x01 \x01(\x03\"\x1f\n\x11GetSegmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x15\n\x13ListSegmentsRequest\"F\n\x14ListSegmentsResponse\x12.\n\x08segments\x18\x01 \x03(\x0b\x32\x1c.cdp.segmentation.v1.Segment\"F\n\x0f\x45stimateRequest\x12\x33\n\ndefinition\x18\x01 \x01(\x0b\x32\x1f.cdp.segmentation.v1.Definition\"\xd1\x01\n\x10\x45stimateResponse\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x12\n\npopulation\x18\x02 \x01(\x03\x12\x0e\n\x06sample\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0f\x63omputed_traits\x18\x06 \x03(\t\x12\x16\n\x0etime_dependent\x18\x07 \x01(\x08\x12\x13\n\x0b\x65valuate_ms\x18\x08 \x01(\x01\x12\x10\n\x08warnings\x18\t \x03(\t\"O\n\x12ListMembersRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"F\n\x06Member\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x13ListMembersResponse\x12,\n\x07members\x18\x01 \x03(\x0b\x32\x1b.cdp.segmentation.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x03\")\n\x14GetMembershipRequest\x12\x11\n\tperson_id\x18\x01 \x01(\t\"K\n\nMembership\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x15GetMembershipResponse\x12\x11\n\tperson_id\x18\x01 \x01(\t\x12\x31\n\x08segments\x18\x02 \x03(\x0b\x32\x1f.cdp.segmentation.v1.Membership\"\xa3\x01\n\x0cSegmentEvent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tperson_id\x18\x02 \x01(\t\x12\x12\n\nsegment_id\x18\x03 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x04 \x01(\x08\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x17\n\x0fsegment_version\x18\x07 \x01(\x03\"F\n\x11SegmentEventBatch\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.cdp.segmentation.v1.SegmentEvent*{\n\x0cSegmentState\x12\x1d\n\x19SEGMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SEGMENT_STATE_BUILDING\x10\x01\x12\x16\n\x12SEGMENT_STATE_LIVE\x10\x02\x12\x18\n\x14SEGMENT_STATE_FAILED\x10\x03\x32\x9b\x06\n\x13SegmentationService\x12X\n\rCreateSegment\x12).cdp.segmentation.v1.CreateSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x66\n\rUpdateSegment\x12).cdp.segmentation.v1.UpdateSegmentRequest\x1a*.cdp.segmentation.v1.UpdateSegmentResponse\x12\x66\n\rDeleteSegment\x12).cdp.segmentation.v1.DeleteSegmentRequest\x1a*.cdp.segmentation.v1.DeleteSegmentResponse\x12R\n\nGetSegment\x12&.cdp.segmentation.v1.GetSegmentRequest\x1a\x1c.cdp.segmentation.v1.Segment\x12\x63\n\x0cListSegments\x12(.cdp.segmentation.v1.ListSegmentsRequest\x1a).cdp.segmentation.v1.ListSegmentsResponse\x12W\n\x08\x45stimate\x12$.cdp.segmentation.v1.EstimateRequest\x1a%.cdp.segmentation.v1.EstimateResponse\x12`\n\x0bListMembers\x12\'.cdp.segmentation.v1.ListMembersRequest\x1a(.cdp.segmentation.v1.ListMembersResponse\x12\x66\n\rGetMembership\x12).cdp.segmentation.v1.GetMembershipRequest\x1a*.cdp.segmentation.v1.GetMembershipResponseB>Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cdp.segmentation.v1.segment
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z<github.com/cdp/cdp/gen/go/cdp/segmentation/v1;segmentationv1'
-  _globals['_SEGMENTSTATE']._serialized_start=2308
-  _globals['_SEGMENTSTATE']._serialized_end=2431
+  _globals['_SEGMENTSTATE']._serialized_start=2323
+  _globals['_SEGMENTSTATE']._serialized_end=2446
   _globals['_DEFINITION']._serialized_start=126
   _globals['_DEFINITION']._serialized_end=203
   _globals['_SEGMENT']._serialized_start=206
@@ -47,35 +47,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATESEGMENTRESPONSE']._serialized_start=952
   _globals['_UPDATESEGMENTRESPONSE']._serialized_end=1102
   _globals['_DELETESEGMENTREQUEST']._serialized_start=1104
-  _globals['_DELETESEGMENTREQUEST']._serialized_end=1138
-  _globals['_DELETESEGMENTRESPONSE']._serialized_start=1140
-  _globals['_DELETESEGMENTRESPONSE']._serialized_end=1179
-  _globals['_GETSEGMENTREQUEST']._serialized_start=1181
-  _globals['_GETSEGMENTREQUEST']._serialized_end=1212
-  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1214
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1235
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1237
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1307
-  _globals['_ESTIMATEREQUEST']._serialized_start=1309
-  _globals['_ESTIMATEREQUEST']._serialized_end=1379
-  _globals['_ESTIMATERESPONSE']._serialized_start=1382
-  _globals['_ESTIMATERESPONSE']._serialized_end=1591
-  _globals['_LISTMEMBERSREQUEST']._serialized_start=1593
-  _globals['_LISTMEMBERSREQUEST']._serialized_end=1672
-  _globals['_MEMBER']._serialized_start=1674
-  _globals['_MEMBER']._serialized_end=1744
-  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1746
-  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1853
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=1855
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=1896
-  _globals['_MEMBERSHIP']._serialized_start=1898
-  _globals['_MEMBERSHIP']._serialized_end=1973
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=1975
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=2068
-  _globals['_SEGMENTEVENT']._serialized_start=2071
-  _globals['_SEGMENTEVENT']._serialized_end=2234
-  _globals['_SEGMENTEVENTBATCH']._serialized_start=2236
-  _globals['_SEGMENTEVENTBATCH']._serialized_end=2306
-  _globals['_SEGMENTATIONSERVICE']._serialized_start=2434
-  _globals['_SEGMENTATIONSERVICE']._serialized_end=3229
+  _globals['_DELETESEGMENTREQUEST']._serialized_end=1153
+  _globals['_DELETESEGMENTRESPONSE']._serialized_start=1155
+  _globals['_DELETESEGMENTRESPONSE']._serialized_end=1194
+  _globals['_GETSEGMENTREQUEST']._serialized_start=1196
+  _globals['_GETSEGMENTREQUEST']._serialized_end=1227
+  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1229
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1250
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1252
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1322
+  _globals['_ESTIMATEREQUEST']._serialized_start=1324
+  _globals['_ESTIMATEREQUEST']._serialized_end=1394
+  _globals['_ESTIMATERESPONSE']._serialized_start=1397
+  _globals['_ESTIMATERESPONSE']._serialized_end=1606
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1608
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1687
+  _globals['_MEMBER']._serialized_start=1689
+  _globals['_MEMBER']._serialized_end=1759
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1761
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1868
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=1870
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=1911
+  _globals['_MEMBERSHIP']._serialized_start=1913
+  _globals['_MEMBERSHIP']._serialized_end=1988
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=1990
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=2083
+  _globals['_SEGMENTEVENT']._serialized_start=2086
+  _globals['_SEGMENTEVENT']._serialized_end=2249
+  _globals['_SEGMENTEVENTBATCH']._serialized_start=2251
+  _globals['_SEGMENTEVENTBATCH']._serialized_end=2321
+  _globals['_SEGMENTATIONSERVICE']._serialized_start=2449
+  _globals['_SEGMENTATIONSERVICE']._serialized_end=3244
 # @@protoc_insertion_point(module_scope)

@@ -111,10 +111,12 @@ class UpdateSegmentResponse(_message.Message):
     def __init__(self, segment: _Optional[_Union[Segment, _Mapping]] = ..., entered: _Optional[int] = ..., exited: _Optional[int] = ..., sample_entered: _Optional[_Iterable[str]] = ..., sample_exited: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteSegmentRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "force")
     ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteSegmentResponse(_message.Message):
     __slots__ = ("exited",)

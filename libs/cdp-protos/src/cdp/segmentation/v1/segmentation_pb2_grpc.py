@@ -96,8 +96,10 @@ class SegmentationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSegment(self, request, context):
-        """Remove a segment; its members are published on segments.exited with reason "deleted". Refused while
-        another segment refers to it.
+        """Remove a segment; its members are published on segments.exited with reason "deleted". Refused
+        (FAILED_PRECONDITION) while another segment refers to it, and, unless `force`, while a live
+        (active or paused) journey enters on it, is scheduled over it or reads its membership (asked of
+        orchestration when it is configured: UNAVAILABLE while it cannot be asked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
