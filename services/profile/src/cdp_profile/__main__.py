@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from cdp.identity.v1 import identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.segmentation.v1 import segmentation_pb2_grpc
 from cdp_kit.bus import (
     Bus,
     ConsumerSpec,
@@ -138,6 +139,12 @@ async def setup(runtime: ServiceRuntime) -> None:
             address_of=(lambda holder: holder_address(holder, settings.grpc_port)) if kubernetes else None,
         )
     runtime.stack.push_async_callback(router.close)
+    readers = None
+    if settings.segmentation_address:
+        # Asked before a computed trait is deleted: which segments and live journeys read it (api.py).
+        segmentation_channel = client_channel(settings, settings.segmentation_address)
+        runtime.stack.push_async_callback(segmentation_channel.close)
+        readers = segmentation_pb2_grpc.SegmentationServiceStub(segmentation_channel)
     runtime.parts.update(
         bus=bus, store=store, engine=engine, streams=streams, ownership=ownership, runners=runners, router=router
     )
@@ -146,6 +153,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         identity_pb2_grpc.IdentityServiceStub(identity_channel),
         identity_token=settings.identity_token,
         router=router,
+        segmentation=readers,
+        segmentation_token=settings.segmentation_token,
     )
     runtime.grpc.add_service(
         profile_pb2_grpc.add_ProfileServiceServicer_to_server,

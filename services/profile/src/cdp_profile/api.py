@@ -14,11 +14,12 @@ from grpc_status import rpc_status
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
-from cdp_kit.errors import InvalidArgument, NotFound, Unavailable
+from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
+from cdp_kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.interceptors import current_caller
 from cdp_kit.person_export import DELETE_SCOPE, EXPORT_SCOPE
 from cdp_kit.timestamps import from_seconds, set_seconds, to_seconds
-from cdp_profile.backfill import Backfill
+from cdp_profile.backfill import Backfill, check_owner
 from cdp_profile.domain import ComputedTrait, Profile
 from cdp_profile.engine import ProfileEngine
 from cdp_profile.events import (
@@ -47,6 +48,9 @@ SCOPES = {
 }
 
 MAX_BATCH = 500
+# How long a computed trait's deletion waits for segmentation to say what reads it (it asks orchestration
+# within 5 s itself); segmentation deleting its own traits waits 10 s for the answer.
+READERS_TIMEOUT = 8.0
 MAX_PAGE = 1000
 CONSENT_PREFIXES = ("purpose:", "channel:")
 
@@ -191,6 +195,11 @@ def status_message(backfill: Backfill) -> profile_pb2.ComputedTraitStatus:
     )
 
 
+def _named(readers) -> str:
+    """`'vip' (VIP customers), 'churn'`: ids with their names where they have one (never definitions)."""
+    return ", ".join(f"{r.id!r} ({r.name})" if r.name and r.name != r.id else repr(r.id) for r in readers)
+
+
 def _page_token(cursor) -> str:
     return "" if cursor is None else base64.urlsafe_b64encode(json.dumps(list(cursor)).encode()).decode()
 
@@ -212,11 +221,16 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         *,
         identity_token: str = "",
         router: Router | None = None,
+        segmentation: segmentation_pb2_grpc.SegmentationServiceStub | None = None,
+        segmentation_token: str = "",
     ) -> None:
         self.engine = engine
         self.identity = identity
         self.router = router
         self._identity_metadata = (("authorization", f"Bearer {identity_token}"),) if identity_token else ()
+        # Asked which segments and live journeys read a computed trait before it is deleted; None: not asked.
+        self.segmentation = segmentation
+        self._segmentation_metadata = (("authorization", f"Bearer {segmentation_token}"),) if segmentation_token else ()
 
     def _owner(self, person_id: str) -> int | None:
         return None if self.router is None else self.router.owner(person_id)
@@ -379,8 +393,46 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.DeleteComputedTraitResponse:
         if not request.name:
             raise InvalidArgument("name", "is required")
+        known = self.engine.backfills.get(request.name)
+        if known is None:
+            raise NotFound(f"no computed trait named {request.name!r}", reason="unknown_trait")
+        check_owner(known, current_caller(), "delete")  # before naming its readers to a caller who may not
+        if not request.force:
+            await self._refuse_while_read(request.name)
         await self.engine.undefine(request.name, current_caller())
         return profile_pb2.DeleteComputedTraitResponse()
+
+    async def _refuse_while_read(self, name: str) -> None:
+        """FailedPrecondition naming the segments and live journeys that read the computed trait, as
+        segmentation answers (it asks orchestration for the journeys); Unavailable when it cannot be asked:
+        a trait is never deleted from under its readers blindly. Not configured: nothing is asked."""
+        if self.segmentation is None:
+            return
+        try:
+            readers = await self.segmentation.ListComputedTraitReaders(
+                segmentation_pb2.ListComputedTraitReadersRequest(name=name),
+                metadata=self._segmentation_metadata,
+                timeout=READERS_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            detail = exc.details() if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+            raise Unavailable(
+                f"the segmentation service could not be asked what reads computed trait {name!r} "
+                f"({exc.code().name}{': ' + detail if detail else ''}); try again, or force the deletion",
+                retry_after=5.0,
+                reason="segmentation_unavailable",
+            ) from None
+        parts = []
+        if readers.segments:
+            parts.append(f"segments {_named(readers.segments)}")
+        if readers.journeys:
+            parts.append(f"live journeys {_named(readers.journeys)}")
+        if parts:
+            raise FailedPrecondition(
+                f"computed trait {name!r} is read by {' and '.join(parts)}: they would read it as missing (0 for "
+                "a count or sum) once it is deleted; change or delete them first, or force the deletion",
+                reason="computed_trait_in_use",
+            )
 
     async def Export(self, request: profile_pb2.ExportRequest, context) -> profile_pb2.ExportResponse:
         if not request.person_id:

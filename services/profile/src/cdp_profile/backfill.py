@@ -95,6 +95,11 @@ def _owner_after(known: Backfill | None, caller: Caller | None, doing: str) -> s
     return caller.name
 
 
+def check_owner(known: Backfill, caller: Caller | None, doing: str) -> None:
+    """PermissionDenied when `caller` may not `doing` ("delete") the definition (see `_owner_after`)."""
+    _owner_after(known, caller, doing)
+
+
 class ComputedTraitCatalogue:
     """The held definitions (`backfills`, by name) and their compiled form (`defs`)."""
 

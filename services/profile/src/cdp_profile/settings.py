@@ -23,6 +23,16 @@ class ProfileSettings(IdentifierHashSettings, OwnershipSettings, ServiceSettings
     identity_token: str = env(
         "CDP_IDENTITY_TOKEN", "", help="bearer token with identity:read for LookupProfile (empty: none)", secret=True
     )
+    segmentation_address: str = env(
+        "CDP_SEGMENTATION_ADDRESS",
+        "",
+        help="segmentation gRPC address (host:port): DeleteComputedTrait asks it which segments and live journeys "
+        "read the trait (ListComputedTraitReaders) and is refused while any does, unless forced (UNAVAILABLE "
+        "while it cannot be asked); empty: deletions are not checked",
+    )
+    segmentation_token: str = env(
+        "CDP_SEGMENTATION_TOKEN", "", help="bearer token for the segmentation service (segmentation:read)", secret=True
+    )
     batch_size: int = env(
         "CDP_PROFILE_BATCH_SIZE", 64, help="events.resolved messages (each a batch of events) fetched per batch"
     )

@@ -24,6 +24,8 @@ SCOPES = {
     "Estimate": "segmentation:read",
     "ListMembers": "segmentation:read",
     "GetMembership": "segmentation:read",
+    # Ids and names of what reads a computed trait: the profile service asks it before deleting one.
+    "ListComputedTraitReaders": "segmentation:read",
     "CreateSegment": "segmentation:admin",
     "UpdateSegment": "segmentation:admin",
     "DeleteSegment": "segmentation:admin",
@@ -188,6 +190,19 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     ) -> segmentation_pb2.DeleteSegmentResponse:
         check_segment_id(request.id)
         return segmentation_pb2.DeleteSegmentResponse(exited=await self.engine.delete(request.id, force=request.force))
+
+    async def ListComputedTraitReaders(
+        self, request: segmentation_pb2.ListComputedTraitReadersRequest, context
+    ) -> segmentation_pb2.ListComputedTraitReadersResponse:
+        if not request.name:
+            raise InvalidArgument("name", "is required: the computed trait's name")
+        segments, journeys = await self.engine.computed_trait_readers(request.name)
+        response = segmentation_pb2.ListComputedTraitReadersResponse(journeys_checked=journeys is not None)
+        for reader_id, name in segments:
+            response.segments.add(id=reader_id, name=name)
+        for reader_id, name in journeys or ():
+            response.journeys.add(id=reader_id, name=name)
+        return response
 
     async def GetSegment(self, request: segmentation_pb2.GetSegmentRequest, context) -> segmentation_pb2.Segment:
         check_segment_id(request.id)

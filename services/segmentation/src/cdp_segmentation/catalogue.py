@@ -332,6 +332,28 @@ class Catalogue:
             return []
         return [(j.id, j.name) for j in await self.live_journeys() if segment_id in j.segments]
 
+    async def computed_trait_readers(self, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+        """(segments, journeys) reading the computed trait `name`, each as (id, name). A segment reads it when
+        its definition (the one serving, or the one being built) reads `computed.<name>` or compiles an event
+        condition to it. Journeys: None when orchestration is not configured; Unavailable when it cannot be
+        asked. Reads no lock: the profile service asks this while a segment's deletion here releases traits."""
+        key = field_key(COMPUTED, name)
+
+        def reads(compiled: CompiledSegment) -> bool:
+            return any(f == key or f.startswith(key + ".") for f in compiled.fields) or any(
+                t.get("name") == name for t in compiled.computed_traits
+            )
+
+        segments = sorted(
+            (s.id, s.name)
+            for s in self.segments.values()
+            if (s.serving and reads(s.compiled)) or (s.state == BUILDING and reads(s.definition))
+        )
+        if self.live_journeys is None:
+            return segments, None
+        journeys = sorted((j.id, j.name) for j in await self.live_journeys() if name in j.computed)
+        return segments, journeys
+
     def _traits_in_use(self) -> set[str]:
         """The computed traits something here reads: a segment's live definition (once it has served), the
         one being built, and every Estimate under way. A failed first build reads nothing."""

@@ -43,7 +43,8 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         "CDP_ORCHESTRATION_ADDRESS",
         "",
         help="orchestration gRPC address (host:port): DeleteSegment is refused while a live journey uses the "
-        "segment, as ListJourneys gives them (UNAVAILABLE while it cannot be asked); empty: journeys are not asked",
+        "segment, and the readers of a computed trait (ListComputedTraitReaders) include live journeys, as "
+        "ListJourneys gives them (UNAVAILABLE while it cannot be asked); empty: journeys are not asked",
     )
     orchestration_token: str = env(
         "CDP_ORCHESTRATION_TOKEN",

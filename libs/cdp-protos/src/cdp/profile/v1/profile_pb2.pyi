@@ -301,10 +301,12 @@ class ListComputedTraitsResponse(_message.Message):
     def __init__(self, traits: _Optional[_Iterable[_Union[ComputedTraitStatus, _Mapping]]] = ...) -> None: ...
 
 class DeleteComputedTraitRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "force")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteComputedTraitResponse(_message.Message):
     __slots__ = ()

@@ -137,7 +137,10 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteComputedTrait(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Delete a computed trait. Refused (FAILED_PRECONDITION, naming them) while a segment or a live journey
+        reads it, as segmentation answers (ListComputedTraitReaders; UNAVAILABLE while it cannot be asked),
+        unless `force`.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -218,6 +218,30 @@ class GetMembershipResponse(_message.Message):
     segments: _containers.RepeatedCompositeFieldContainer[Membership]
     def __init__(self, person_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Membership, _Mapping]]] = ...) -> None: ...
 
+class ListComputedTraitReadersRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Reader(_message.Message):
+    __slots__ = ("id", "name")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListComputedTraitReadersResponse(_message.Message):
+    __slots__ = ("segments", "journeys", "journeys_checked")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    JOURNEYS_FIELD_NUMBER: _ClassVar[int]
+    JOURNEYS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[Reader]
+    journeys: _containers.RepeatedCompositeFieldContainer[Reader]
+    journeys_checked: bool
+    def __init__(self, segments: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys_checked: _Optional[bool] = ...) -> None: ...
+
 class SegmentEvent(_message.Message):
     __slots__ = ("id", "person_id", "segment_id", "entered", "at", "reason", "segment_version")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,11 @@ class SegmentationServiceStub:
                 request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipRequest.SerializeToString,
                 response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipResponse.FromString,
                 _registered_method=True)
+        self.ListComputedTraitReaders = channel.unary_unary(
+                '/cdp.segmentation.v1.SegmentationService/ListComputedTraitReaders',
+                request_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.SerializeToString,
+                response_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -138,6 +143,16 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListComputedTraitReaders(self, request, context):
+        """What reads a profile computed trait: the segments whose definition reads it (`computed.<name>`, or an
+        event condition compiled to it) and the live (active or paused) journeys that do (asked of
+        orchestration when it is configured: UNAVAILABLE while it cannot be asked). The profile service asks
+        before it deletes one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +195,11 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.GetMembership,
                     request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipRequest.FromString,
                     response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipResponse.SerializeToString,
+            ),
+            'ListComputedTraitReaders': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListComputedTraitReaders,
+                    request_deserializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.FromString,
+                    response_serializer=cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +418,33 @@ class SegmentationService:
             '/cdp.segmentation.v1.SegmentationService/GetMembership',
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipRequest.SerializeToString,
             cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.GetMembershipResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListComputedTraitReaders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cdp.segmentation.v1.SegmentationService/ListComputedTraitReaders',
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersRequest.SerializeToString,
+            cdp_dot_segmentation_dot_v1_dot_segmentation__pb2.ListComputedTraitReadersResponse.FromString,
             options,
             channel_credentials,
             insecure,
