@@ -58,7 +58,7 @@ async def test_the_ack_wait_and_breaker_settings_reach_the_dispatchers(nats_serv
         info = await eventually(consumer)
         assert info.config.ack_wait == 7.0
         handler = runtime.parts["dispatchers"]["inapp"].handler.__self__
-        assert (handler.breaker_after, handler.probe_every) == (2, 1.5)
+        assert (handler.breakers.after, handler.breakers.probe_every) == (2, 1.5)
 
 
 def test_the_breaker_settings_are_read_from_the_environment_and_checked():

@@ -37,19 +37,13 @@ was published, a 429 is final ("failed", ``http_429``, dead-lettered) and a paus
 anyway.
 
 A provider that does not answer (a wedged relay that accepts connections and says nothing: outcome reason
-``timeout``) would make every attempt wait the adapter's whole timeout, and a batch of them hold the
-dispatcher so long that the attempts behind them could not keep their back-off. So each destination has a
-breaker: after `breaker_after` (CDP_ORCHESTRATION_BREAKER_TIMEOUTS, 3) timeouts in a row with no answer between them, it is
-open and the dispatcher stops waiting on it. While open, it is probed at most every `probe_every`
-(CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS, 5) seconds after the last unanswered probe: by the channel itself where it can ask without
-sending (`Channel.probe`: email's relay greeting), in a task of its own that no batch waits for; else by
-one action's send, one at a time. Every other action's attempt is counted as made and failed (``timeout``)
-without sending it: handed back with its back-off as
-after a real timeout, so the actions go through their attempts and the dead letter on the documented
-schedule (the send record counts these in `skipped`, and a dead letter's detail says "n not made").
-Whatever answer the provider gives (a greeting, a send accepted, refused, a connection refused, a 5xx)
-closes the breaker. Nothing is acknowledged that was not sent: a replay of the dead letter once the provider is back
-sends it.
+``timeout``) is not waited on for every attempt: each destination has a breaker (`breaker.py`), open after
+CDP_ORCHESTRATION_BREAKER_TIMEOUTS (3) timeouts in a row, probed at most every
+CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS (5). While it is open, every attempt but a probe is counted as made
+and failed (``timeout``) without sending it: handed back with its back-off as after a real timeout, so the
+actions go through their attempts and the dead letter on the documented schedule (the send record counts
+these in `skipped`, and a dead letter's detail says "n not made"). Nothing is acknowledged that was not
+sent: a replay of the dead letter once the provider is back sends it.
 
 A store failing on one action's record (reading it, counting an attempt, recording the outcome) costs
 that action one attempt, counted by the dispatcher in memory since the record is what fails, and at
@@ -111,6 +105,7 @@ from cdp_kit.bus import Bus, ConsumerRunner, ConsumerSpec, Delivery, subjects
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Put, Store
 from cdp_orchestration.actions import ATTRIBUTION_HEADER
+from cdp_orchestration.breaker import BREAKER_AFTER, PROBE, PROBE_EVERY, SKIP, TIMEOUT, Breakers
 from cdp_orchestration.channels import Action, Channel, Outcome
 from cdp_orchestration.channels.outcomes import Feedback, attributed, feedback_from_outcome, track_event
 from cdp_orchestration.channels.wire import action_from_message
@@ -138,9 +133,6 @@ MAX_REMEMBERED = 10_000
 KEEP_AT_MOST = 600.0
 NO_MESSAGE = 10057  # JetStream's error code for a message that is not (or no longer) in the stream
 CONSENT_WITHDRAWN = "consent_withdrawn"  # a send record's reason: the consent was withdrawn before it went out
-TIMEOUT = "timeout"  # an adapter's reason for a provider that said nothing in time (`channels.base`)
-BREAKER_AFTER = 3  # timeouts in a row that open a destination's breaker (CDP_ORCHESTRATION_BREAKER_TIMEOUTS)
-PROBE_EVERY = 5.0  # seconds before an open breaker's next probe (CDP_ORCHESTRATION_BREAKER_PROBE_SECONDS)
 
 Report = Callable[[list[dict[str, Any]]], Awaitable[bool]]
 
@@ -187,17 +179,6 @@ class Tries:
         return cls(attempts=1 if delivery.num_delivered > 1 else 0)
 
 
-@dataclass
-class Breaker:
-    """One destination's run of timeouts (module docstring): open once `breaker_after` came in a row."""
-
-    timeouts: int = 0  # timeouts in a row, no answer between them
-    open: bool = False
-    probing: bool = False  # a probe is being sent
-    next_probe: float = 0.0  # monotonic time from which an open breaker may send a probe
-    skipped: int = 0  # attempts counted without a send while open
-
-
 class Dispatcher:
     """Works one fetched batch at a time, its actions concurrently (at most `concurrency` in flight),
     each person's in the order they came; then posts the batch's outcomes in one collector call and
@@ -229,8 +210,7 @@ class Dispatcher:
         self.defer_for = defer_for
         self.max_attempts = max_attempts
         self.backoff = tuple(backoff)
-        self.breaker_after = breaker_after
-        self.probe_every = probe_every
+        self.breakers = Breakers(channel, after=breaker_after, probe_every=probe_every)  # one per destination
         self.store = store
         self.report = report
         self.js = js  # where the action messages are erased once done with (None: they stay)
@@ -243,9 +223,6 @@ class Dispatcher:
         self._slots = asyncio.Semaphore(concurrency)
         # Destination (`Channel.destination`) -> monotonic time its provider asked us to wait until.
         self._paused: dict[str, float] = {}
-        # Destination -> its breaker, while the provider there has timed out since it last answered.
-        self._breakers: dict[str, Breaker] = {}
-        self._probes: set[asyncio.Task] = set()  # probes being asked (`Channel.probe`), held till they end
         # Action id -> store faults on its record so far (`_store_fault`); forgotten once it goes through.
         self._store_faults: dict[str, int] = {}
         # Action id -> the final outcome of a send whose record is not written yet, and the attempts it took.
@@ -414,29 +391,18 @@ class Dispatcher:
             refused = await self.consent.refused(action)
             if refused is not None:
                 return await self._consent_withdrawn(delivery, action, tries, *refused)
-        breaker = self._breakers.get(destination)
-        probe = False
-        if breaker is not None and breaker.open:
-            due = not breaker.probing and time.monotonic() >= breaker.next_probe
-            if self.channel.probes:
-                if due:  # asked away from the batch: nothing waits on it
-                    breaker.probing = True
-                    task = asyncio.create_task(self._probe(destination, breaker, action))
-                    self._probes.add(task)
-                    task.add_done_callback(self._probes.discard)
-                return await self._unanswered(delivery, action, tries, breaker)
-            if not due:
-                return await self._unanswered(delivery, action, tries, breaker)
-            breaker.probing = probe = True  # this one's send asks whether the provider answers again
+        gate, breaker = self.breakers.gate(destination, action)
+        if gate == SKIP:  # its breaker is open, and this attempt is not its probe
+            return await self._unanswered(delivery, action, tries)
         try:
             if stored is not None or delivery.num_delivered > 1:
                 # Tried before: this attempt is counted before it is made, so dying during it cannot undo it.
                 await self._pending(delivery, action, replace(tries, attempts=tries.attempts + 1))
             outcome = await self._send(action)
         finally:
-            if probe and breaker is not None:
-                breaker.probing = False
-        self._heard(destination, outcome)
+            if gate == PROBE and breaker is not None:
+                self.breakers.probed(breaker)
+        self.breakers.heard(destination, outcome)
         if not outcome.ok and outcome.retryable and outcome.retry_after:
             until = time.monotonic() + outcome.retry_after
             self._paused[destination] = max(self._paused.get(destination, 0.0), until)
@@ -487,55 +453,10 @@ class Dispatcher:
         )
         return record
 
-    def _heard(self, destination: str, outcome: Outcome) -> None:
-        """Keep the destination's breaker: a timeout counts toward opening it (and an open one waits
-        `probe_every` before its next probe); any answer closes it."""
-        if outcome.ok or outcome.reason != TIMEOUT:
-            breaker = self._breakers.pop(destination, None)
-            if breaker is not None and breaker.open:
-                log.warning(
-                    "a %s destination answers again: breaker closed; %d attempts were counted without a send meanwhile",
-                    self.channel.name,
-                    breaker.skipped,
-                )
-            return
-        if len(self._breakers) >= MAX_REMEMBERED and destination not in self._breakers:
-            self._breakers.clear()  # many destinations timing out once each: start the counts again
-        breaker = self._breakers.setdefault(destination, Breaker())
-        breaker.timeouts += 1
-        if breaker.open or breaker.timeouts >= self.breaker_after:
-            breaker.next_probe = time.monotonic() + self.probe_every
-        if not breaker.open and breaker.timeouts >= self.breaker_after:
-            breaker.open = True
-            log.warning(
-                "a %s destination does not answer (%d timeouts in a row): breaker open; one probe at a time, the other "
-                "attempts counted without a send",
-                self.channel.name,
-                breaker.timeouts,
-            )
-
-    async def _probe(self, destination: str, breaker: Breaker, action: Action) -> None:
-        """Ask the channel whether the destination answers (`Channel.probe`, no send): it closes the
-        breaker if it does; otherwise the next probe is due `probe_every` from now."""
-        try:
-            answered = await self.channel.probe(action)
-        except Exception as exc:
-            log.warning("probe of %s raised: %s", self.channel.name, type(exc).__name__)
-            answered = False
-        finally:
-            breaker.probing = False
-        if answered:
-            self._heard(destination, Outcome.accepted())
-        else:
-            breaker.next_probe = time.monotonic() + self.probe_every
-
-    async def _unanswered(
-        self, delivery: Delivery, action: Action, tries: Tries, breaker: Breaker
-    ) -> dict[str, Any] | None:
+    async def _unanswered(self, delivery: Delivery, action: Action, tries: Tries) -> dict[str, Any] | None:
         """The destination's breaker is open: this attempt is counted as made and timed out, without
         waiting on the provider, and the action is handed back with its back-off (or, at the bound,
         dead-lettered), as after a real timeout."""
-        breaker.skipped += 1
         tries = Tries(tries.attempts + 1, tries.deferrals, TIMEOUT, tries.skipped + 1)
         failure = Outcome.failed(TIMEOUT, retryable=True)
         if tries.attempts >= self.max_attempts:
