@@ -200,7 +200,7 @@ async def test_a_deletion_segmentation_cannot_be_asked_about_is_unavailable_unle
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await _delete(profiles, "orders")
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "segmentation service could not be asked" in refused.value.details()
+            assert "could not be learnt from the segmentation service" in refused.value.details()
             assert "orders" in await _names(profiles)
             # An unknown trait is still NOT_FOUND, without asking anyone.
             with pytest.raises(grpc.aio.AioRpcError) as unknown:

@@ -417,7 +417,7 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         except grpc.aio.AioRpcError as exc:
             detail = exc.details() if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
             raise Unavailable(
-                f"the segmentation service could not be asked what reads computed trait {name!r} "
+                f"what reads computed trait {name!r} could not be learnt from the segmentation service "
                 f"({exc.code().name}{': ' + detail if detail else ''}); try again, or force the deletion",
                 retry_after=5.0,
                 reason="segmentation_unavailable",

@@ -35,7 +35,7 @@ import orjson
 
 from cdp_kit.bus import subjects
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from cdp_kit.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from cdp_kit.profile_fields import COMPUTED, field_key
 from cdp_segmentation.domain import (
     CompiledSegment,
@@ -330,7 +330,13 @@ class Catalogue:
         Unavailable when it cannot be asked."""
         if self.live_journeys is None:
             return []
-        return [(j.id, j.name) for j in await self.live_journeys() if segment_id in j.segments]
+        try:
+            journeys = await self.live_journeys()
+        except Unavailable as exc:
+            raise Unavailable(
+                f"{exc.message}; try again, or force the deletion", retry_after=5.0, reason=exc.reason
+            ) from None
+        return [(j.id, j.name) for j in journeys if segment_id in j.segments]
 
     async def computed_trait_readers(self, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
         """(segments, journeys) reading the computed trait `name`, each as (id, name). A segment reads it when

@@ -136,8 +136,7 @@ def live_journeys(channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
                     return found
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(
-                f"the orchestration service could not be asked which live journeys use it ({exc.code().name}); "
-                "try again, or force the deletion",
+                f"the orchestration service could not be asked which live journeys use it ({exc.code().name})",
                 retry_after=5.0,
                 reason="orchestration_unavailable",
             ) from None
