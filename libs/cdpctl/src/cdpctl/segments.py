@@ -3,9 +3,9 @@
 cdpctl segment create vip 'scores.clv > 500'   # define a segment; progress until it is live
 cdpctl segment update vip 'scores.clv > 800'   # change it; who entered and exited once it is live
 cdpctl segment estimate 'traits.plan = "pro"'  # people it holds now; nothing is created
-cdpctl segment members vip [--json] / delete vip   # its members and total; remove it (every member exits)
+cdpctl segment members vip [--json] / delete vip [--force]   # its members and total; remove it (members exit)
 cdpctl segments                                # every segment: state, size, definition
-cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]   # computed traits
+cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME [--force]]   # computed traits
 """
 
 from __future__ import annotations
@@ -126,14 +126,17 @@ def traits_define(ws: Workspace, name: str, op: str, events, event_type, prop, w
 
 @traits.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True, help="delete it even while segments or live journeys read it")
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def traits_delete(ws: Workspace, name: str, address) -> None:
-    """Delete computed trait NAME: it leaves every profile (segments reading it no longer match on it)."""
+def traits_delete(ws: Workspace, name: str, force: bool, address) -> None:
+    """Delete computed trait NAME: it leaves every profile. Refused while a segment or a live journey reads it
+    (the refusal names them); --force deletes it anyway, and they read it as missing (0 for a count or sum)."""
     from cdp.profile.v1 import profile_pb2
 
     async def delete(stub, metadata) -> None:
-        await stub.DeleteComputedTrait(profile_pb2.DeleteComputedTraitRequest(name=name), metadata=metadata, timeout=30)
+        request = profile_pb2.DeleteComputedTraitRequest(name=name, force=force)
+        await stub.DeleteComputedTrait(request, metadata=metadata, timeout=30)
 
     _profile_call(ws, address, False, delete)
     out.print(f"computed trait {name} deleted")
@@ -290,14 +293,17 @@ def segment_estimate(ws: Workspace, definition: str, as_json: bool, address) -> 
 
 @segment.command("delete")
 @click.argument("segment_id")
+@click.option("--force", is_flag=True, help="delete it even while live journeys use it")
 @click.option("--address", help="segmentation gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
-def segment_delete(ws: Workspace, segment_id: str, address) -> None:
-    """Delete a segment: every member exits it (reason "deleted"), and it is no longer listed."""
+def segment_delete(ws: Workspace, segment_id: str, force: bool, address) -> None:
+    """Delete a segment: every member exits it (reason "deleted"), and it is no longer listed. Refused while
+    a live (active or paused) journey enters on it or reads it (the refusal names them); --force deletes it
+    anyway, and those journeys enter nobody on it."""
     from cdp.segmentation.v1 import segmentation_pb2
 
     async def delete(stub, metadata) -> int:
-        request = segmentation_pb2.DeleteSegmentRequest(id=segment_id)
+        request = segmentation_pb2.DeleteSegmentRequest(id=segment_id, force=force)
         return (await stub.DeleteSegment(request, metadata=metadata, timeout=30)).exited
 
     exited = _segmentation_call(ws, address, False, delete)
