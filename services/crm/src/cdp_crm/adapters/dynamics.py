@@ -7,8 +7,9 @@ Writes: one ``POST /api/data/v9.2/$batch`` per call (service protection counts i
 record in its own change set holding ``PATCH <set>(<key>='<value>')`` - an upsert by the alternate key,
 so a retry after a lost answer updates the same row. A change set is all or nothing, so one change set per
 record keeps one record's refusal from rolling back the others; its ``Content-ID`` maps the answer back.
-Marketing lists (a list mapping's `list` is the list's id): members' rows read by alternate key,
-then ``AddMemberList`` / the ``list<type>_association`` disassociated in one ``$batch``.
+Marketing lists (a list mapping's `list` is the list's id): members' rows read by alternate key (a GET
+inside a ``$batch`` body, so the key's values are in no request line), then ``AddMemberList`` / the
+``list<type>_association`` disassociated in one ``$batch``.
 update_only adds ``If-Match: *`` (404 when the row does not exist). Privacy deletes are
 ``DELETE <set>(<key>='<value>')`` in the same change sets; a 404 means the row is already gone. ``Prefer: return=representation``
 tells a created row (201) from an updated one (200).
@@ -361,14 +362,20 @@ class DynamicsAdapter:
 
     async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """Marketing list membership (the mapping's `list` is the list's id): the people's rows found by
-        their alternate key in one query, then one ``$batch`` with a change set per member - the
+        their alternate key in one query (a GET inside a ``$batch`` body, as `find`: the key's values, an
+        email maybe, never in a request line), then one ``$batch`` with a change set per member - the
         ``AddMemberList`` action for an entry (adding a member again adds nothing), the
         ``list<type>_association`` disassociated for an exit (404: not a member, so already removed)."""
         primary = _primary(mapping)
         names = [name for name, _ in changes[0].key]
         clauses = [" and ".join(f"{n} eq '{_quote(v)}'" for n, v in c.key) for c in changes]
-        query = urllib.parse.urlencode({"$select": ",".join([primary, *names]), "$filter": " or ".join(clauses)})
-        found = await self._request("GET", f"{mapping.object}?{query}", data=None, headers={}, what=mapping.object)
+        query = urllib.parse.urlencode(
+            {"$select": ",".join([primary, *names]), "$filter": " or ".join(clauses)},
+            safe="$(),'=@",
+            quote_via=urllib.parse.quote,
+        )
+        # The match key may be an email or a phone: the read goes in a $batch body, not in a request line.
+        found = await self._read_in_batch(f"{mapping.object}?{query}", mapping.object)
         if (error := _failure(found)) is not None:
             return BatchOutcome.failed(error, found.headers)
         rows = found.body.get("value", []) if isinstance(found.body, dict) else []

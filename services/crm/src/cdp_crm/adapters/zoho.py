@@ -11,13 +11,15 @@ created. Each record answers on its own (``SUCCESS`` with ``action`` insert/upda
 ``details.api_name``) - also in a 400 when none was written, so a 400 with per-record answers is not a
 batch-level refusal.
 
-Campaign membership (a list mapping's `list` is the Campaign's id): the records' ids by search, then the
+Campaign membership (a list mapping's `list` is the Campaign's id): the records' ids by a COQL query
+(``POST /crm/v8/coql``: the match key's values, an email or a phone maybe, in the body), then the
 Campaign's related list - ``PUT /crm/v8/Campaigns/<id>/<Module>`` relates the entries, ``DELETE ...?ids=``
 delinks the exits (Zoho's documented way to make records campaign members; tags would carry no campaign).
 
-Privacy deletes: the records' ids by ``GET /crm/v8/<Module>/search?criteria=(<field>:in:a,b)``, then
-``DELETE /crm/v8/<Module>?ids=...``; a record already gone counts as deleted (Zoho answers INVALID_DATA for an
-id it no longer has).
+Privacy deletes: the records' ids by the same COQL query (``where <field> in ('a', 'b')``; never the
+Search API's ``criteria`` in a request line, which access logs keep), then
+``DELETE /crm/v8/<Module>?ids=...``; a record already gone counts as deleted (Zoho answers INVALID_DATA
+for an id it no longer has).
 
 Credits: each call costs `credits_per_call` (the org's price list: an upsert call of up to 100 records is
 1 credit by default); past the 24-hour allocation Zoho answers 429 ``LIMIT_REACHED``: THROTTLED, daily.
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,7 @@ UPSERT_LIMIT = 100
 COQL_IN_LIMIT = 50  # values in one COQL ``in``
 COQL_PAGE = 200  # records a COQL page (1 credit up to 200)
 COQL_PAGES = 10
+COQL_CRITERIA = 25  # criteria in one COQL ``where``
 ACCOUNTS = "https://accounts.zoho.com"
 
 
@@ -316,17 +318,21 @@ class ZohoAdapter:
         return True, headers
 
     async def _find(self, mapping: ObjectMapping, changes: list[Change]) -> tuple[dict[str, str], Answer]:
-        """Zoho's ids of the changes' records (by the first match field's value, lower-cased), through
-        search with an ``in`` criteria (commas in values escaped, as Zoho reads them)."""
+        """Zoho's ids of the changes' records (by the first match field's value, lower-cased), through the Query
+        API: ``POST /crm/v8/coql``, ``where (<field> in (<50 values>)) or (<field> in (...))`` - a match key
+        may be an email or a phone, so the values go in the body, never in a request line (the Search API's
+        ``criteria``), which access logs keep. One query for a batch's 100 values (two ``in`` criteria of the
+        25 a query may hold), a page of 200 records each, as the search it replaces."""
         key_field = changes[0].key[0][0]
-        values = ",".join(_criteria_text(c.key[0][1]) for c in changes)
-        criteria = urllib.parse.quote(f"({key_field}:in:{values})", safe="")
+        values = [c.key[0][1] for c in changes]
         found: dict[str, str] = {}
-        page = 1
+        criteria = _coql_in(key_field, values)
+        page = 0
         while True:
-            answer = await self._call(
-                "GET", f"/{mapping.object}/search?criteria={criteria}&page={page}", what=f"search {mapping.object}"
+            query = (
+                f"select {key_field} from {mapping.object} where {criteria} limit {COQL_PAGE} offset {page * COQL_PAGE}"
             )
+            answer = await self._call("POST", "/coql", json={"select_query": query}, what=f"search {mapping.object}")
             if answer.status == 204 or _failure(answer) is not None:
                 return found, answer  # 204: no record matches
             if (unreadable := listed(answer, "data")) is not None:
@@ -340,7 +346,7 @@ class ZohoAdapter:
 
     async def _membership(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """Campaign membership (the mapping's `list` is the Campaign's id) through the Campaign's related
-        list: the records' ids by search, then ``PUT /Campaigns/<id>/<Module>`` relating the entries and
+        list: the records' ids by a COQL query (`_find`), then ``PUT /Campaigns/<id>/<Module>`` relating the entries and
         ``DELETE /Campaigns/<id>/<Module>?ids=`` delinking the exits. Relating again changes nothing."""
         ids, answer = await self._find(mapping, changes)
         if (error := _failure(answer)) is not None:
@@ -386,7 +392,7 @@ class ZohoAdapter:
         return BatchOutcome(results, None, headers)
 
     async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
-        """Privacy delete: the records' ids by search, then ``DELETE /crm/v8/<Module>?ids=...`` (100 at
+        """Privacy delete: the records' ids by a COQL query (`_find`), then ``DELETE /crm/v8/<Module>?ids=...`` (100 at
         most). A record Zoho does not have (never written, deleted already) counts as deleted."""
         ids, answer = await self._find(mapping, changes)
         if (error := _failure(answer)) is not None:
@@ -415,8 +421,18 @@ def _coql_text(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _criteria_text(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("(", "\\(").replace(")", "\\)")
+def _coql_in(field: str, values: list[str]) -> str:
+    """COQL criteria matching `field` against `values`: an ``in`` of at most 50 values each, joined by ``or``
+    (Zoho: 50 values an ``in``, 25 criteria a query, each bracketed when there are several)."""
+    clauses = [
+        f"{field} in ({', '.join(_coql_text(v) for v in values[start : start + COQL_IN_LIMIT])})"
+        for start in range(0, len(values), COQL_IN_LIMIT)
+    ]
+    assert len(clauses) <= COQL_CRITERIA, "a batch's values fit one query"
+    criteria = clauses[-1]
+    for clause in reversed(clauses[:-1]):  # more than two nest: (A) or ((B) or (C))
+        criteria = f"({clause}) or ({criteria})"
+    return criteria
 
 
 def _record_error(item: dict[str, Any], status: int) -> CrmError:
