@@ -8,7 +8,7 @@ from cdp_kit.auth import TokenAuthenticator
 from cdpctl.platform import SERVICES, Workspace, service_environment
 
 # The services whose gRPC API checks scopes of its own (`<service>:read` and up).
-CALLABLE = ("identity", "profile", "scoring", "segmentation")
+CALLABLE = ("identity", "profile", "scoring", "segmentation", "orchestration")
 
 
 def test_each_services_token_reads_only_the_peers_it_calls(tmp_path):

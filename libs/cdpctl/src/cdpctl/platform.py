@@ -150,7 +150,8 @@ CRM = ServiceProcess(
 SERVICES: tuple[ServiceProcess, ...] = (
     ServiceProcess("collector", "cdp_collector", grpc_port=50051, metrics_port=9464, http_port=8080),
     ServiceProcess("identity", "cdp_identity", grpc_port=50052, metrics_port=9465),
-    ServiceProcess("profile", "cdp_profile", grpc_port=50053, metrics_port=9466, calls=("identity",)),
+    # Profile asks segmentation what reads a computed trait before deleting it (segmentation:read).
+    ServiceProcess("profile", "cdp_profile", grpc_port=50053, metrics_port=9466, calls=("identity", "segmentation")),
     # Scoring reads persons from profile and defines the computed traits its models read (profile:admin).
     ServiceProcess(
         "scoring",
@@ -166,13 +167,14 @@ SERVICES: tuple[ServiceProcess, ...] = (
         },
     ),
     # Segmentation defines the computed traits its event conditions compile to on profile (profile:admin),
-    # and asks scoring which scores its models write (a segment naming another score is refused).
+    # and asks scoring which scores its models write (a segment naming another score is refused), and
+    # orchestration which live journeys use a segment or computed trait before either is deleted.
     ServiceProcess(
         "segmentation",
         "cdp_segmentation",
         grpc_port=50055,
         metrics_port=9468,
-        calls=("profile", "scoring"),
+        calls=("profile", "scoring", "orchestration"),
         extra_scopes=("profile:admin",),
     ),
     ORCHESTRATION,

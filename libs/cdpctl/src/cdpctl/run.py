@@ -304,8 +304,11 @@ async def _up_private(
         failed = await _ready(list(state["companions"]), children, logs, companion_ready, startup_timeout, stopping)
         if failed is not None:
             return failed
+        # Every service's gRPC address before any starts: profile calls segmentation and segmentation calls
+        # orchestration, both started after it (each asks only when a deletion comes, never at start).
+        grpc_ports = {svc.name: pick_port(svc.grpc_port) for svc in SERVICES}
         for svc in SERVICES:
-            grpc_port, metrics_port = pick_port(svc.grpc_port), pick_port(svc.metrics_port)
+            grpc_port, metrics_port = grpc_ports[svc.name], pick_port(svc.metrics_port)
             http_port = pick_port(svc.http_port) if svc.http_port else None
             health_port = pick_port(0) if use_tls else None
             env = service_environment(
@@ -315,7 +318,7 @@ async def _up_private(
                 grpc_port=grpc_port,
                 metrics_port=metrics_port,
                 http_port=http_port,
-                peers={name: info["grpc"] for name, info in state["services"].items()},
+                peers={name: f"127.0.0.1:{port}" for name, port in grpc_ports.items()},
                 named_ports=named_ports,
             )
             if health_port is not None:
