@@ -80,7 +80,8 @@ and its marker, looked for right before each send). The person's consent is aske
 attempt, as the arbiter asked it (`consent.py`: one read of the person's record): a purpose or channel
 consent withdrawn since the action was let through ends it unsent, its record "withdrawn" with reason
 ``consent_withdrawn`` (and `by`: "purpose:<P>" or "channel:<C>"), nothing posted, nothing dead-lettered,
-the message erased. Logs name the action id, channel and reason code, never an address or content.
+the message erased (metric `cdp.orchestration.dispatch.withdrawn`). Logs name the action id, channel and
+reason code, never an address or content.
 """
 
 from __future__ import annotations
@@ -237,6 +238,11 @@ class Dispatcher:
             "cdp.orchestration.dispatch.dead_lettered",
             unit="{action}",
             description="actions given up on and dead-lettered, by channel and reason",
+        )
+        self.m_withdrawn = meter.create_counter(
+            "cdp.orchestration.dispatch.withdrawn",
+            unit="{action}",
+            description="actions ended unsent at send time, by channel and reason (consent_withdrawn)",
         )
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
@@ -441,6 +447,7 @@ class Dispatcher:
             "seq": delivery.stream_seq, "delivered": delivery.num_delivered, "dead_lettered": False,
         }  # fmt: skip
         await self.store.bulk_write([Put(SENDS, action.action_id, record)])
+        self.m_withdrawn.add(1, {"channel": self.channel.name, "reason": CONSENT_WITHDRAWN})
         log.info(
             "action %s on %s withdrawn: no consent for %s %s any more", action.action_id, self.channel.name, kind, name
         )
