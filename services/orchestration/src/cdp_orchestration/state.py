@@ -13,6 +13,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_outcomes`     | outcome event messageId               | outcome events that are not a send's own (in-app opens), until the collector took them |
 | `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
 | `orchestration_deleted`      | person id                             | a privacy deletion accepted for the person (when, which request; no personal data), written as soon as the notice reaches the handler: no dispatcher sends to them; swept with the tombstones |
+| `orchestration_rules`        | rules document digest                 | the count or sum computed traits (field keys) the arbiter's rules were compiled with (`arbiter_rules.py`); no personal data |
 | `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped; swept after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35), when nothing for them can still arrive |
 
 The dispatchers (`dispatch.py`, one per channel) write `orchestration_sends` (action id -> its send record and
