@@ -101,3 +101,37 @@ async def test_create_update_and_estimate_show_the_services_warnings_about_the_p
 
     fine = await segments_cli.run("segment", "estimate", 'traits.plan = "pro"')
     assert fine.exit_code == 0 and "warning" not in fine.output, fine.output
+
+
+async def test_segment_delete_shows_why_it_was_refused_and_force_deletes_it(people_cli, tmp_path):
+    """Segmentation asks orchestration whether a live journey uses a segment before deleting it; when it
+    cannot ask, nothing is deleted and the operator reads why and the way past it."""
+    from cdp_kit.natsserver import free_port
+    from cdp_kit.service import serving
+    from cdp_segmentation.__main__ import setup
+    from cdp_segmentation.settings import SegmentationSettings
+
+    state = json.loads((people_cli.home / "run.json").read_text())
+    settings = SegmentationSettings(
+        nats_url=people_cli.nats_url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2,
+        shutdown_grace=1.0, store_url=f"sqlite:///{tmp_path / 'segmentation.db'}",
+        profile_address=state["services"]["profile"]["grpc"],
+        orchestration_address=f"127.0.0.1:{free_port()}",  # nobody listens there
+    )  # fmt: skip
+    async with serving(settings, setup) as runtime:
+        state["services"]["segmentation"] = {"grpc": f"127.0.0.1:{runtime.grpc.port}"}
+        (people_cli.home / "run.json").write_text(json.dumps(state))
+        created = await people_cli.run("segment", "create", "paid", 'traits.plan = "pro"')
+        assert created.exit_code == 0, created.output
+
+        refused = await people_cli.run("segment", "delete", "paid")
+        assert refused.exit_code == 1 and "UNAVAILABLE" in refused.output, refused.output
+        assert "orchestration service could not be asked" in refused.output, refused.output
+        assert "force the deletion" in refused.output, refused.output
+        listed = await people_cli.run("segments")
+        assert "paid" in listed.output, listed.output
+
+        forced = await people_cli.run("segment", "delete", "paid", "--force")
+        assert forced.exit_code == 0, forced.output
+        listed = await people_cli.run("segments")
+        assert "paid" not in listed.output, listed.output
