@@ -177,3 +177,58 @@ async def test_a_merge_that_gives_the_survivor_the_losers_email_merges_first_the
         assert survivor["state"] == SYNCED and survivor["crm_id"] == only["id"]
         assert await world.store.find(DEAD_LETTERS, "connection", "hs", limit=10) == []
         await world.stop()
+
+
+async def test_a_survivor_refused_for_the_losers_email_adopts_the_losers_contact(world_factory):
+    """A merge whose survivor has no contact yet: its first write carries the loser's email, and HubSpot refuses
+    it (409, the loser's contact holds it; its body names that contact). The merge waited for the survivor's
+    record, which the refusal never brings: every retry round tried it again, without end. The loser's
+    contact is the one HubSpot names: it becomes the survivor's (its match key stamped with the survivor's id,
+    then the survivor's write lands on it) - one contact, the survivor's, and no dead letter or merge left."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        await world.profiles({"person-2": {"traits.email": "ada@work.example", "traits.first_name": "Augusta"}})
+        keys = {p: record_key("hs/contacts", (("cdp_id", p),)) for p in ("person-1", "person-2")}
+        await world.eventually(lambda: _synced(world, keys["person-2"]))
+        (losers,) = hubspot.records("contacts")
+
+        await _merge(world, "person-1", "person-2", {"email": "ada@work.example", "first_name": "Ada"})
+        await world.eventually(lambda: _merged(world, keys["person-2"]))
+        await world.eventually(lambda: _synced(world, keys["person-1"]))
+        assert any(r.status == 409 for r in hubspot.requests)  # the survivor's first write was refused
+        (only,) = hubspot.records("contacts")
+        assert only["id"] == losers["id"]  # adopted, not made again
+        assert only["properties"]["cdp_id"] == "person-1" and only["properties"]["email"] == "ada@work.example"
+        assert only["properties"]["firstname"] == "Ada"
+        survivor = await _state(world, keys["person-1"])
+        assert survivor["state"] == SYNCED and survivor["crm_id"] == only["id"]
+        merged = await _state(world, keys["person-2"])
+        assert merged["state"] == MERGED and merged["merged_into"] == keys["person-1"] and merged["kept"] is False
+        assert await world.store.find(DEAD_LETTERS, "connection", "hs", limit=10) == []
+        await world.stop()
+
+
+async def test_a_survivor_refused_for_someone_elses_contact_ends_the_merge_once(world_factory):
+    """The survivor's first write refused for a contact that is not the loser's (a rep's own, holding the email
+    the merged profile took): nothing of the loser's to adopt. The merge ends with the loser's contact kept
+    as it is (it waited for the survivor's record every round, without end); the survivor's change stays one
+    dead letter naming the duplicate, for an operator."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        await world.profiles({"person-2": {"traits.email": "ada@work.example", "traits.first_name": "Augusta"}})
+        keys = {p: record_key("hs/contacts", (("cdp_id", p),)) for p in ("person-1", "person-2")}
+        await world.eventually(lambda: _synced(world, keys["person-2"]))
+        reps = hubspot.user_create("contacts", {"email": "ada@home.example", "firstname": "A."})
+
+        await _merge(world, "person-1", "person-2", {"email": "ada@home.example", "first_name": "Ada"})
+        await world.eventually(lambda: _merged(world, keys["person-2"]))
+        merged = await _state(world, keys["person-2"])
+        assert merged["kept"] is True and merged["key"] == [["cdp_id", "person-2"]]
+        (letter,) = await world.store.find(DEAD_LETTERS, "connection", "hs", limit=10)
+        assert letter.key == keys["person-1"] and letter.doc["reason"] == "duplicate"
+        assert reps["id"] in letter.doc["crm_message"]
+        contacts = {r["id"]: r["properties"] for r in hubspot.records("contacts")}
+        assert len(contacts) == 2 and contacts[reps["id"]].get("cdp_id") in (None, "")
+        await world.stop()

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import urllib.parse
 from collections import defaultdict
@@ -53,7 +54,7 @@ from cdp_crm import streams
 from cdp_crm.delivery import Delivered, Deliverer
 from cdp_crm.domain import projection as proj
 from cdp_crm.domain.coalesce import DELETE, REMOVE, UPSERT, Change, record_key
-from cdp_crm.domain.isolation import NOT_FOUND
+from cdp_crm.domain.isolation import DUPLICATE, NOT_FOUND, DeadLetter
 from cdp_crm.domain.mapping import (
     ACTIONS,
     PERSON_ID,
@@ -629,6 +630,11 @@ class CrmLogic:
                 self._merged(out, lkey, ldoc, skey, kept=False)
                 continue
             if not sdoc.get("crm_id"):
+                if sdoc.get("state") == DEAD_LETTERED and await self.store.get(PENDING, skey) is None:
+                    # Refused, so never on its way: waiting for it would never end (every round, for ever).
+                    if not await self._adopt(partition, mapping, survivor, skey, sdoc, lkey, ldoc, out):
+                        complete = False
+                    continue
                 if sdoc or await self.store.get(PENDING, skey) is not None:
                     complete = False  # the survivor's record is on its way to the CRM: merge after
                     continue
@@ -685,6 +691,50 @@ class CrmLogic:
             keep = bool(delivered.dead)
         self._merged(out, lkey, ldoc, skey, kept=keep)
         log.info("crm records of merged persons merged", extra={"mapping": mapping.name, "kept": keep})
+        return True
+
+    async def _adopt(
+        self, partition: int, mapping: ObjectMapping, survivor: str, skey: str, sdoc: dict[str, Any], lkey: str,
+        ldoc: dict[str, Any], out: Outcomes,
+    ) -> bool:  # fmt: skip
+        """A merge whose survivor has no record in the CRM because the CRM refused its first write as a
+        duplicate of the loser's record (HubSpot: 409, a contact holds its email, "Existing ID: <id>"): the
+        loser's record becomes the survivor's - its match key stamped with the survivor's id (an update by CRM
+        id, which never creates one), then the survivor's refused write sent again, landing on it. Refused
+        for another reason or a record other than the loser's, the merge ends with the loser's record kept
+        (logged once): no merge waits on a record that will not come. True once settled; False when the CRM
+        failed (next round)."""
+        letter = await self.store.get(DEAD_LETTERS, skey)
+        dead = DeadLetter.from_state(letter.doc) if letter is not None else None
+        field = mapping.match[0].crm_field
+        if dead is None or dead.reason != DUPLICATE or not _duplicate_of(dead, ldoc, field):
+            log.warning(
+                "crm merge ends with the loser's record kept: the survivor's record was refused",
+                extra={"mapping": mapping.name, "reason": sdoc.get("reason") or "", "crm_code": sdoc.get("crm_code")},
+            )
+            self._merged(out, lkey, ldoc, skey, kept=True)
+            return True
+        adapter = self.deliverer.adapters[mapping.connection]
+        update = getattr(adapter, "erase", None)  # with fields: written to the records by CRM id, none created
+        budget = self.deliverer.budgets[mapping.connection]
+        if update is None or self.deliverer.resting(mapping.connection):
+            return False
+        reservation = await budget.acquire(1, self.clock, self.clock() + 5.0)
+        if reservation is None:
+            return False
+        done, headers = await update(mapping, [str(ldoc["crm_id"])], {field: survivor})
+        await budget.settle(reservation, self.clock(), headers, answered=done is not None)
+        if not done:
+            return False
+        change = dead.replay()
+        view = (await self._views({survivor}))[survivor]
+        current = proj.project(mapping, view.source(survivor))
+        if isinstance(current, proj.Projection):  # re-projected, as a replay: the view may be newer
+            change.fields = {**change.fields, **current.fields}
+        delivered = await self.deliverer.deliver(mapping, [change], retry_for=min(5.0, self.deliverer.retry_for))
+        self.record_outcome(partition, mapping, delivered, {}, {skey: sdoc}, out)
+        self._merged(out, lkey, ldoc, skey, kept=False)
+        log.info("crm record of a merged person adopted by the survivor", extra={"mapping": mapping.name})
         return True
 
     async def _lacking(self, mapping: ObjectMapping, sdoc: dict[str, Any], ldoc: dict[str, Any]) -> dict | None:
@@ -805,6 +855,19 @@ class CrmLogic:
             self._run_writes(partition, out)
             await self.store.bulk_write(await resolve_writes(self.store, out.writes.values()))
             return taken
+
+
+def _duplicate_of(dead: DeadLetter, ldoc: dict[str, Any], key_field: str) -> bool:
+    """Whether the CRM refused `dead` as a duplicate of the loser's record `ldoc`: the record its message
+    names ("Existing ID: <id>", HubSpot; "with id: <id>", Salesforce) is the loser's; naming none, a value
+    the refused write carries (not the match key) is one the loser's record holds."""
+    named = re.search(r"(?:existing id|with id)\s*:\s*([\w-]+)", dead.crm_message or "", re.IGNORECASE)
+    if named is not None:
+        return named.group(1) == str(ldoc.get("crm_id"))
+    held = {k: str(v).lower() for k, v in (ldoc.get("fields") or {}).items() if v not in (None, "")}
+    return any(
+        k != key_field and v not in (None, "") and held.get(k) == str(v).lower() for k, v in dead.change.fields.items()
+    )
 
 
 __all__ = [
