@@ -303,12 +303,33 @@ def apply_scores(hot: HotProfiles, updates: Sequence[ScoreUpdate], *, owns: Call
     A score replaces the one of the same name only if it comes from a later profile change, so a
     redelivered or late batch changes nothing."""
     out = Applied()
+    changes = out.changes
+    # A scoring round is one update per model, so a person is met once per model that scored them: where
+    # their scores go is looked up once per batch, and each model's change (`Profile.set_scores` changes
+    # scores and nothing else) is folded into the person's by its scores alone.
+    targets: dict[str, tuple[str, Profile] | None] = {}
+    profiles, root = hot.profiles, hot.root
     for update in updates:
+        model, version = update.model, update.version
         for person, scores, at in zip(update.persons, update.values, update.at, strict=True):
-            target = hot.root(person)
-            profile = hot.profiles.get(target)
-            if profile is None or not owns(target):
-                # Deleted, or merged into a person another replica owns: nothing here to hold the score.
+            found = targets.get(person, _UNSEEN)
+            if found is _UNSEEN:
+                target = root(person)
+                profile = profiles.get(target)
+                # None: deleted, or merged into a person another replica owns: nothing here holds the score.
+                found = targets[person] = None if profile is None or not owns(target) else (target, profile)
+            if found is None:
                 continue
-            out.fold(target, profile.set_scores(scores, model=update.model, version=update.version, at=at))
+            target, profile = found
+            change = profile.set_scores(scores, model=model, version=version, at=at)
+            if not change.scores:
+                continue  # nothing moved (a late or repeated score)
+            known = changes.get(target)
+            if known is None:
+                changes[target] = change
+            else:
+                known.scores.update(change.scores)
     return out
+
+
+_UNSEEN = object()
