@@ -235,9 +235,57 @@ async def test_a_reps_own_contact_of_the_person_in_dynamics_and_zoho_is_erased(w
         expected = DELETED if policy == "delete" else ANONYMISED
         assert all(states[made[id_field]] == expected for made in (by_email, by_phone, stamped))
         done = (await world.store.get(PRIVACY, "req-1")).doc
-        # Each record counted once: the synced one (its anonymising upsert made it again where the rep had
-        # deleted it: found again by its stamped key, it is not counted twice) and the rep's three.
+        # Each record counted once: the synced one (gone: the rep deleted it, and neither policy makes it
+        # again) and the rep's three.
         assert done["connections"] == {document["connections"][0]["id"]: {expected: 4, "removed": 0}}
         lines = " ".join(urllib.parse.unquote_plus(r.path) for r in emulator.requests).lower()
         assert "ada@example.com" not in lines and "442079460000" not in lines
+        await world.stop()
+
+
+async def test_anonymising_a_contact_a_rep_deleted_in_hubspot_does_not_make_it_again(world_factory):
+    """A rep deleted the person's synced contact; her erasure (anonymise) then upserted it by its match key,
+    and HubSpot made a new contact holding her CDP id and nothing else. An erasure never creates a record:
+    the anonymising write is an update by HubSpot's id, and its 404 means the contact is gone already -
+    done, counted as anonymised."""
+    async with HubSpotEmulator() as hubspot:
+        world = await world_factory(hubspot)
+        await world.start()
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.first_name": "Ada"}})
+        await world.eventually(lambda: hubspot.find("contacts", "cdp_id", "person-1") is not None)
+        synced = hubspot.find("contacts", "cdp_id", "person-1")
+        archive = f"{hubspot.base_url}/crm/v3/objects/contacts/batch/archive"
+        body = {"inputs": [{"id": synced["id"]}]}
+        async with world.session.post(archive, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as answer:
+            assert answer.status == 204  # a rep deletes it
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+        assert hubspot.records("contacts") == []  # not made again
+        (record,) = await world.store.find(RECORDS, "person_id", "person-1")
+        assert record.doc["state"] == ANONYMISED and record.doc["crm_id"] == synced["id"]
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        assert done["connections"] == {"hs": {"anonymised": 1, "removed": 0}}
+        await world.stop()
+
+
+@pytest.mark.parametrize("crm", sorted(CRMS))
+async def test_anonymising_a_record_a_rep_deleted_in_dynamics_or_zoho_does_not_make_it_again(world_factory, crm):
+    """As in HubSpot: the anonymising write is an update by the CRM's id (Dataverse PATCH with If-Match: *,
+    Zoho Update Records), never an upsert by the match key; the record gone is done."""
+    emulator_class, document_of, env_of, names = CRMS[crm]
+    obj, id_field, *_, stamp = names
+    async with emulator_class() as emulator:
+        world = await world_factory(emulator)
+        await world.start(document_of(emulator), env=env_of(emulator), describe=True)
+        await world.profiles({"person-1": {"traits.email": "ada@example.com", "traits.last_name": "L"}})
+        await world.eventually(lambda: emulator.find(obj, stamp, "person-1") is not None)
+        synced = emulator.find(obj, stamp, "person-1")
+        emulator.user_delete(obj, synced[id_field])  # a rep deletes it
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+        assert emulator.records(obj) == []  # not made again
+        (record,) = await world.store.find(RECORDS, "person_id", "person-1")
+        assert record.doc["state"] == ANONYMISED and record.doc["crm_id"] == synced[id_field]
+        done = (await world.store.get(PRIVACY, "req-1")).doc
+        assert done["connections"] == {crm if crm == "zoho" else "dyn": {"anonymised": 1, "removed": 0}}
         await world.stop()

@@ -6,7 +6,10 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
   sent again with each mapped field cleared, tasks and cases lose their mapped text; the records stay in
   the CRM under their opaque CDP id, carrying no personal data the CDP put there. A field the CRM's
   described schema marks required (Salesforce's Contact.LastName) gets `PLACEHOLDER` instead of nothing,
-  which the CRM would refuse.
+  which the CRM would refuse. A record the CRM gave an id is written by that id (the adapter's `update`),
+  which never creates one: a record a rep deleted meanwhile answers 404 and is done (an upsert by the match
+  key made it again, holding only placeholders and the deleted person's id). One without an id (an
+  adapter that gave none) is upserted by its match key as before.
 - `delete`: the records, tasks and cases are deleted through the CRM's own delete (Salesforce sObject
   Collections DELETE, HubSpot batch archive, Dataverse DELETE by alternate key, Zoho DELETE records); a
   record already gone counts as deleted.
@@ -194,7 +197,18 @@ class Privacy:
         for name in sorted(by_mapping, key=lambda n: ORDER[self.mappings[n].kind]):
             mapping = self.mappings[name]
             policy = self.policy(mapping.connection)
-            delivered = await self.deliverer.deliver(mapping, by_mapping[name], retry_for=self.retry_for)
+            changes = by_mapping[name]
+            adapter = self.deliverer.adapters.get(mapping.connection)
+            # Anonymising a record the CRM gave an id: an update by that id, which never creates a record (an
+            # upsert by the match key made one again, holding only placeholders, where a rep had deleted it).
+            by_id = [c for c in changes if c.op == UPSERT and docs[c.record].get("crm_id")]
+            if by_id and hasattr(adapter, "update"):
+                changes = [c for c in changes if c not in by_id]
+                if not await self._anonymise(mapping, by_id, docs, policy, key, now, ops, done, written):
+                    complete = False
+            if not changes:
+                continue
+            delivered = await self.deliverer.deliver(mapping, changes, retry_for=self.retry_for)
             if delivered.pending:
                 log.warning(
                     "crm erasure waits for the crm",
@@ -260,6 +274,48 @@ class Privacy:
         log.info("crm erasure done", extra={"records": len(records), "connections": len(done)})
         return True
 
+    async def _anonymise(
+        self, mapping: ObjectMapping, changes: list[Change], docs: dict[str, dict], policy: str, request: str,
+        now: float, ops: list, done: dict[str, dict[str, int]], written: set[tuple[str, str, str]],
+    ) -> bool:  # fmt: skip
+        """Clear the personal data of these records by their CRM ids (the adapter's `update`: HubSpot and
+        Salesforce PATCH by id, Dataverse PATCH with ``If-Match: *``, Zoho Update Records), which never
+        creates a record: a record gone already (404) is done - a rep deleted it, nothing of the person is
+        left there. One refused keeps its document, marked with the CRM's reason and code, as a refused
+        upsert's is. A request per record from the account's budget (per 100 for Dataverse and Zoho). False
+        when the CRM failed or refused one: the request comes again."""
+        adapter = self.deliverer.adapters[mapping.connection]
+        ids = list(dict.fromkeys(str(docs[c.record]["crm_id"]) for c in changes))
+        try:
+            results = await self._metered(
+                self.deliverer.budgets[mapping.connection],
+                adapter.update(mapping, ids, dict(changes[0].fields)),
+                units=len(ids),
+            )
+        except _Unanswered:
+            log.warning("crm erasure waits for the crm", extra={"connection": mapping.connection,
+                        "pending": len(changes)})  # fmt: skip
+            return False
+        complete = True
+        for change in changes:
+            doc = docs[change.record]
+            crm_id = str(doc["crm_id"])
+            if crm_id not in results:
+                complete = False  # not answered for: the request comes again
+                continue
+            if (error := results[crm_id]) is not None:
+                log.warning("crm erasure refused for a record", extra={"connection": mapping.connection,
+                            "mapping": mapping.name, "reason": error.reason, "crm_code": error.code})  # fmt: skip
+                complete = False
+                ops.append(Put(RECORDS, change.record, {**doc, "state": DEAD_LETTERED, "reason": error.reason,
+                                                        "crm_code": error.code}))  # fmt: skip
+                continue
+            written.add((mapping.connection, mapping.object.lower(), crm_id))
+            tombstone = erased(doc, policy, request, now)
+            _count(done, mapping.connection, policy, tombstone)
+            ops.append(Put(RECORDS, change.record, tombstone))
+        return complete
+
     async def _identifiers(self, key: str, persons: list[str], records: list) -> dict[str, list[str]]:
         """The persons' values of `IDENTIFYING` fields the connector holds: in their views and in what it
         wrote to their records (a mapping's field filled from one), plus those an earlier attempt kept."""
@@ -294,8 +350,7 @@ class Privacy:
         Each one erased gets an erasure record (`crm_records`, keyed by mapping and CRM id) like those the
         connector wrote: the inbound side then drops what a CRM user does to it (no new person of the deleted
         one). `by_key`: search the match key too (not for persons another request erased already). `written`:
-        the records this attempt erased already (an anonymising upsert may have made one again, under a new
-        id, where a rep had deleted it), each counted once. False
+        the records this attempt erased already, each counted once. False
         when a CRM failed: the request comes again, and searches only the connections left."""
         known = {
             (r.doc["connection"], str(r.doc.get("object", "")).lower(), str(r.doc["crm_id"]))
@@ -357,9 +412,10 @@ class Privacy:
         identifiers[SWEPT] = sorted(before | ({c for c, _ in swept} - failed))
         return not failed
 
-    async def _metered(self, budget, call):
-        """One request from the account's budget: its answer, or `_Unanswered` (no budget in time, an error)."""
-        reservation = await budget.acquire(1, self.deliverer.clock, self.deliverer.clock() + self.retry_for)
+    async def _metered(self, budget, call, units: int = 1):
+        """`units` requests from the account's budget: its answer, or `_Unanswered` (no budget in time, an
+        error)."""
+        reservation = await budget.acquire(units, self.deliverer.clock, self.deliverer.clock() + self.retry_for)
         if reservation is None:
             call.close()
             raise _Unanswered

@@ -309,10 +309,27 @@ class DynamicsAdapter:
         """Delete these rows by id (``DELETE <set>(<id>)``; `fields` None) or write `fields` to each (their
         personal data cleared; ``If-Match: *``, so a row gone is not created again by the upsert) - one
         ``$batch``, a change set per row; True once done (a row gone already counts), None on an error."""
+        results, headers = await self._by_id(mapping, crm_ids, fields)
+        return (None if results is None or any(results.values()) else True), headers
+
+    async def update(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """Write `fields` to these rows by id (``PATCH <set>(<id>)`` with ``If-Match: *``, which never creates
+        one; a ``$batch`` of 100, a change set each): per id None once written or gone already (404), else
+        Dataverse's refusal of it; None when Dataverse failed (a transient error: the caller tries again)."""
+        return await self._by_id(mapping, crm_ids, fields)
+
+    async def _by_id(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """`erase` and `update`: each row's answer (None: done, or gone already), None on a failure."""
+        results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for start in range(0, len(crm_ids), RECORDS_PER_BATCH):
+            chunk = crm_ids[start : start + RECORDS_PER_BATCH]
             operations: list[tuple[str, str, list[str], str]] = []
-            for crm_id in crm_ids[start : start + RECORDS_PER_BATCH]:
+            for crm_id in chunk:
                 path = f"{mapping.object}({urllib.parse.quote(crm_id, safe='')})"
                 if fields is None:
                     operations.append(("DELETE", path, [], ""))
@@ -325,10 +342,13 @@ class DynamicsAdapter:
             if _failure(answer) is not None:
                 return None, headers
             content_type = next((v for k, v in answer.headers.items() if k.lower() == "content-type"), "")
-            answered = _responses(answer.raw, content_type)
-            if len(answered) != len(operations) or any(s >= 300 and s != 404 for _, s, _, _ in answered):
-                return None, headers
-        return True, headers
+            answered = {cid: (status, payload) for cid, status, _, payload in _responses(answer.raw, content_type)}
+            for n, crm_id in enumerate(chunk, start=1):
+                status, payload = answered.get(str(n), (0, None))
+                if status == 0 or status == 429 or status >= 500:
+                    return None, headers  # unanswered or transient: the caller tries again
+                results[crm_id] = None if status < 300 or status == 404 else _op_error(status, payload)
+        return results, headers
 
     async def _read_in_batch(self, path: str, what: str) -> Answer:
         """GET `path` (under /api/data/v9.2) as the one request of a ``$batch``, outside any change set: its

@@ -260,14 +260,26 @@ class HubSpotAdapter:
             body = {"inputs": [{"id": i} for i in crm_ids]}
             answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/archive", body, "archive")
             return (None if _failure(answer) is not None else True), answer.headers
+        results, headers = await self.update(mapping, crm_ids, fields)
+        return (None if results is None or any(results.values()) else True), headers
+
+    async def update(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """Write `fields` to these records by HubSpot id (``PATCH /crm/v3/objects/<object>/<id>``, a request
+        each), which never creates one: per id None once written or gone already (404), else HubSpot's
+        refusal of it; None when HubSpot failed (a transient error: the caller tries again)."""
+        results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for crm_id in crm_ids:
             path = f"/crm/v3/objects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
             answer = await self._call("PATCH", path, {"properties": fields}, "anonymise")
             headers = answer.headers
-            if answer.status != 404 and _failure(answer) is not None:
+            error = None if answer.status == 404 else _failure(answer)
+            if error is not None and error.transient:
                 return None, headers
-        return True, headers
+            results[crm_id] = error
+        return results, headers
 
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these match-key values (lower case) a record of `mapping`'s object holds in HubSpot, by

@@ -336,14 +336,26 @@ class SalesforceAdapter:
                 if not item.get("success") and code not in ("ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"):
                     return None, answer.headers
             return True, answer.headers
+        results, headers = await self.update(mapping, crm_ids, fields)
+        return (None if results is None or any(results.values()) else True), headers
+
+    async def update(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """Write `fields` to these records by Id (``PATCH /sobjects/<object>/<Id>``, a request each), which
+        never creates one: per Id None once written or gone already (404), else Salesforce's refusal of it
+        (REQUIRED_FIELD_MISSING); None when Salesforce failed (a transient error: the caller tries again)."""
+        results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for crm_id in crm_ids:
             path = f"/sobjects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
             answer = await self._call("PATCH", path, json=fields, what="anonymise")
             headers = answer.headers
-            if answer.status != 404 and _failure(answer) is not None:
+            error = None if answer.status == 404 else _failure(answer)
+            if error is not None and error.transient:
                 return None, headers
-        return True, headers
+            results[crm_id] = error
+        return results, headers
 
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these external id values (lower case) a record of `mapping`'s object holds in Salesforce,

@@ -294,6 +294,22 @@ class ZohoAdapter:
         each (their personal data cleared; ``PUT /crm/v8/<Module>``, Update Records, which never creates
         one), 100 a call; True once done (a record gone already counts: Zoho answers INVALID_DATA for an id
         it no longer has), None on an error."""
+        results, headers = await self._by_id(mapping, crm_ids, fields)
+        return (None if results is None or any(results.values()) else True), headers
+
+    async def update(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """Write `fields` to these records by id (Update Records, ``PUT /crm/v8/<Module>``, 100 a call, which
+        never creates one): per id None once written or gone already (INVALID_DATA naming the id), else
+        Zoho's refusal of it; None when Zoho failed (a transient error: the caller tries again)."""
+        return await self._by_id(mapping, crm_ids, fields)
+
+    async def _by_id(
+        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
+        """`erase` and `update`: each record's answer (None: done, or gone already), None on a failure."""
+        results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for start in range(0, len(crm_ids), UPSERT_LIMIT):
             ids = crm_ids[start : start + UPSERT_LIMIT]
@@ -306,16 +322,16 @@ class ZohoAdapter:
             per_record = answer.body.get("data") if isinstance(answer.body, dict) else None
             if (_failure(answer) is not None and answer.status not in (207, 400)) or not isinstance(per_record, list):
                 return None, headers
-            for item in per_record:
-                if not isinstance(item, dict):
-                    return None, headers
+            if len(per_record) != len(ids) or not all(isinstance(item, dict) for item in per_record):
+                return None, headers
+            for crm_id, item in zip(ids, per_record, strict=True):  # Zoho answers in the order asked
                 gone = item.get("code") == "INVALID_DATA" and (item.get("details") or {}).get("api_name") in (
                     None,
                     "id",
                 )
-                if item.get("status") != "success" and not gone:
-                    return None, headers
-        return True, headers
+                ok = item.get("status") == "success" or gone
+                results[crm_id] = None if ok else _record_error(item, answer.status)
+        return results, headers
 
     async def _find(self, mapping: ObjectMapping, changes: list[Change]) -> tuple[dict[str, str], Answer]:
         """Zoho's ids of the changes' records (by the first match field's value, lower-cased), through the Query
