@@ -1,5 +1,7 @@
 """The Segment HTTP tracking API on aiohttp: /v1/batch, /v1/track, /v1/identify, /v1/alias, /v1/page,
-/v1/screen, /v1/group — so Segment and RudderStack SDKs work unchanged with `host=` pointed here.
+/v1/screen, /v1/group, and the paths Segment's own SDKs post to (PATHS: /v1/t … /v1/b, /v1/import) — so
+Segment and RudderStack SDKs work unchanged with `host=` pointed here; GET /v1/projects/<key>/settings
+gives analytics.js and the mobile SDKs settings that send them here.
 
 Answers (always JSON):
   200 {"success": true, "accepted": n, "duplicates": d, "suppressed": s}
@@ -75,6 +77,24 @@ from cdp_kit.telemetry import Telemetry
 log = logging.getLogger("cdp.collector.http")
 
 KINDS = ("batch", "track", "identify", "alias", "page", "screen", "group")
+#: Every path under /v1/ events are posted to, and the endpoint it is: Segment's documented ones, and the
+#: ones Segment's own SDKs post to. analytics.js (analytics-next) posts each call to the first letter of
+#: its type (`/v1/t`, …) and its batching dispatcher to `/v1/b`; analytics-kotlin and analytics-swift post
+#: their batches to `/v1/b`; analytics-ruby to `/v1/import`. Each is served exactly as its endpoint is
+#: (same key check, limits, answers); metrics and logs name the path as requested (`route="/v1/t"`).
+PATHS = {
+    **{kind: kind for kind in KINDS},
+    "t": "track",
+    "i": "identify",
+    "p": "page",
+    "s": "screen",
+    "g": "group",
+    "a": "alias",
+    "b": "batch",
+    "import": "batch",
+}
+#: The paths only Segment's client-side SDKs (browser, mobile) post to.
+CLIENT_PATHS = frozenset({"t", "i", "p", "s", "g", "a", "b"})
 
 
 def error_response(
@@ -187,8 +207,9 @@ class HttpApi:
         app = web.Application(
             client_max_size=read_ceiling(self.limits), middlewares=[self._observed, self._cors, self._errors]
         )
-        for kind in KINDS:
-            app.router.add_post(f"/v1/{kind}", self._handler(kind))
+        for path, kind in PATHS.items():
+            app.router.add_post(f"/v1/{path}", self._handler(kind, path))
+        app.router.add_get("/v1/projects/{write_key}/settings", self._sdk_settings, name="sdk_settings")
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.on_cleanup.append(self._cleanup)
@@ -206,8 +227,13 @@ class HttpApi:
         400s and the 503s of a bus outage in no log line and no metric by status."""
         started = time.perf_counter()
         response = await handler(request)
-        kind = request.path.removeprefix("/v1/")
-        route = request.path if request.path in ("/healthz", "/readyz") or kind in KINDS else "other"
+        path = request.path.removeprefix("/v1/")
+        if request.path in ("/healthz", "/readyz") or path in PATHS:
+            route = request.path
+        elif request.match_info.route.name == "sdk_settings":
+            route = "/v1/projects/{write_key}/settings"  # the key is not a label value
+        else:
+            route = "other"
         status = response.status
         self.duration.record((time.perf_counter() - started) * 1000, {"route": route, "status": str(status)})
         if status >= 400 and request.method != "OPTIONS":
@@ -229,7 +255,7 @@ class HttpApi:
         The origin is echoed, with credentials allowed, as browser SDKs that send cookies need."""
         origin = self._allowed_origin(request)
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            if origin is None or request.path.removeprefix("/v1/") not in KINDS:
+            if origin is None or request.path.removeprefix("/v1/") not in PATHS:
                 return error_response(403, "origin_not_allowed", "this origin may not send events here")
             headers = {
                 **_cors_headers(origin),
@@ -363,13 +389,37 @@ class HttpApi:
             "stored: send fewer events per request",
         )
 
-    def _handler(self, kind: str):
+    def _handler(self, kind: str, path: str):
         async def handle(request: web.Request) -> web.Response:
-            return await self._collect(kind, request)
+            return await self._collect(kind, request, path=path)
 
         return handle
 
-    async def _collect(self, kind: str, request: web.Request) -> web.Response:
+    async def _sdk_settings(self, request: web.Request) -> web.Response:
+        """`GET /v1/projects/<writeKey>/settings`: what analytics.js and the mobile SDKs fetch from their CDN
+        host at start (analytics-next's fetchCDNSettings, analytics-kotlin's RequestFactory.settings). Their
+        Segment destination sends to `integrations["Segment.io"].apiHost` when the settings give one
+        (analytics-next: mergedSettings["Segment.io"] → apiHost and protocol; analytics-kotlin and -swift:
+        SegmentSettings(apiKey, apiHost), always https), so pointing the SDK's CDN host here makes it send
+        here too. Only that is said: no device-mode destinations, no plan, no middleware. An unknown or
+        disabled key is 404, as an unknown project is."""
+        write_key = request.match_info["write_key"]
+        try:
+            self.sources.authenticate(write_key)
+        except Unauthenticated:
+            return error_response(404, "not_found", "no source has this write key")
+        settings = {
+            "integrations": {
+                "Segment.io": {"apiKey": write_key, "apiHost": f"{request.host}/v1", "protocol": request.scheme}
+            }
+        }
+        return web.Response(
+            body=orjson.dumps(settings),
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _collect(self, kind: str, request: web.Request, *, path: str) -> web.Response:
         received_at = datetime.now(UTC)
         header_key = _basic_write_key(request.headers.get("Authorization"))
         try:
