@@ -12,7 +12,9 @@ through Bulk API 2.0 instead (`bulk_upsert`: one ingest job, CSV with ``#N/A`` t
 results matched back by the external id column).
 
 Privacy deletes: the records' Ids read by SOQL on the match key, then one sObject Collections
-``DELETE /composite/sobjects?ids=...&allOrNone=false`` (at most 200 Ids).
+``DELETE /composite/sobjects?ids=...&allOrNone=false`` (at most 200 Ids). A SOQL query naming match-key
+values (this one, campaign membership's, the presence check's) is a Composite subrequest: the values, an
+email maybe, travel in a body, never in a request line.
 
 Limits: every answer carries ``Sforce-Limit-Info: api-usage=n/limit`` (observed by the budget); past the
 daily allocation Salesforce answers 403 ``REQUEST_LIMIT_EXCEEDED`` and changes nothing: THROTTLED, daily.
@@ -359,10 +361,11 @@ class SalesforceAdapter:
 
     async def present(self, mapping: ObjectMapping, field: str, values: list[str]) -> tuple[set[str] | None, dict]:
         """Which of these external id values (lower case) a record of `mapping`'s object holds in Salesforce,
-        by SOQL; None when Salesforce did not say (an error). At most `batch_limit` values."""
+        by SOQL in a Composite body (a match key may hold an email: never in a request line); None when
+        Salesforce did not say (an error). At most `batch_limit` values."""
         listed_values = ", ".join(_soql_text(v) for v in values)
         found, answer = await self._query(
-            f"SELECT {field} FROM {mapping.object} WHERE {field} IN ({listed_values})", "presence lookup"
+            f"SELECT {field} FROM {mapping.object} WHERE {field} IN ({listed_values})", "presence lookup", private=True
         )
         if _failure(answer) is not None:
             return None, answer.headers
@@ -370,11 +373,14 @@ class SalesforceAdapter:
 
     async def _delete(self, mapping: ObjectMapping, changes: list[Change]) -> BatchOutcome:
         """sObject Collections DELETE (``/composite/sobjects?ids=...&allOrNone=false``) of the records the
-        match key finds by SOQL. A record not found, or already deleted, counts as deleted."""
+        match key finds by SOQL (in a Composite body: the key's values in no request line). A record not found,
+        or already deleted, counts as deleted."""
         key_field = changes[0].key[0][0]
         values = ", ".join(_soql_text(c.key[0][1]) for c in changes)
         found, answer = await self._query(
-            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})", "delete lookup"
+            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})",
+            "delete lookup",
+            private=True,
         )
         if (error := _failure(answer)) is not None:
             return BatchOutcome.failed(error, answer.headers)
@@ -450,7 +456,9 @@ class SalesforceAdapter:
         key_field = changes[0].key[0][0]
         values = ", ".join(_soql_text(c.key[0][1]) for c in changes)
         people, answer = await self._query(
-            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})", "campaign people"
+            f"SELECT Id, {key_field} FROM {mapping.object} WHERE {key_field} IN ({values})",
+            "campaign people",
+            private=True,
         )
         if (error := _failure(answer)) is not None:
             return BatchOutcome.failed(error, answer.headers)
