@@ -167,3 +167,18 @@ def test_the_requests_sent_at_may_be_given_as_a_datetime():
     assert prepare(event, batch_sent_at=sent) == []
     assert event.timestamp.ToDatetime(UTC) == RECEIVED - timedelta(seconds=3)
     assert event.sent_at.ToDatetime(UTC) == sent
+
+
+def test_a_replayed_event_with_both_times_keeps_its_timestamp_as_sent():
+    """gRPC as HTTP: an event carrying `timestamp` and `original_timestamp` (a replay of an archive) has the
+    sent `timestamp` as its time, not the device clock's original corrected again."""
+    archived = datetime(2024, 5, 1, 10, 0, 0, 500000, tzinfo=UTC)
+    device = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
+    event = track(
+        timestamp=stamp(archived), original_timestamp=stamp(device), sent_at=stamp(device + timedelta(seconds=2))
+    )
+    assert not prepare(event)
+    assert event.timestamp.ToDatetime(UTC) == archived and event.original_timestamp.ToDatetime(UTC) == device
+    future = track(timestamp=stamp(RECEIVED + timedelta(days=3)), original_timestamp=stamp(device))
+    assert not prepare(future)
+    assert future.timestamp.ToDatetime(UTC) == RECEIVED

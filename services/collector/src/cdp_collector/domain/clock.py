@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -35,7 +35,15 @@ from cdp_collector.domain.errors import described
 from cdp_kit.timestamps import EPOCH, MAX_NS, MIN_NS, NANOS, datetime_to_ns, to_ns
 
 _EXAMPLE = (
-    "an ISO-8601 date-time with a time zone (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00) or epoch milliseconds"
+    "an ISO-8601 date-time (2024-05-01T12:00:00.000Z, 2024-05-01T14:00:00+02:00; without a zone it is UTC), "
+    "a date (midnight UTC) or epoch milliseconds"
+)
+
+#: What Segment accepts beyond the strict form: fields not zero-padded (`2015-2-02T00:30:08.276Z`, its own
+#: batch example), a date alone. A time needs hours and minutes; seconds and their fraction are optional.
+_LENIENT = re.compile(
+    r"(\d{4})-(\d{1,2})-(\d{1,2})"
+    r"(?:[Tt ](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:[.,](\d+))?)?([Zz]|[+-]\d{2}(?::?\d{2})?)?)?"
 )
 
 
@@ -64,30 +72,51 @@ def parse_timestamp(value: object) -> int:
 
 
 def _parse_iso(text: str) -> int:
-    # datetime.fromisoformat is fast but liberal: it also takes date-only, week dates, compact forms and
-    # local (zone-less) times. Insist on YYYY-MM-DD then a time, and on a zone, so no time is a guess.
-    if len(text) < 13 or text[4] != "-" or text[7] != "-" or text[10] not in "Tt ":
-        hint = " (a date alone is not a point in time)" if len(text) == 10 else ""
-        raise TimestampError(f"must be {_EXAMPLE}; got {described(text)}{hint}")
-    if text[-1] == "z":  # RFC 3339 allows a lower-case zone letter; fromisoformat does not
-        text = text[:-1] + "Z"
+    # datetime.fromisoformat is fast but liberal: it also takes week dates and compact forms. It is used
+    # only on YYYY-MM-DD then a time; what it refuses, and other forms, go to the lenient pattern, which
+    # reads what Segment accepts (fields not zero-padded, a date alone) and nothing else.
+    if len(text) >= 13 and text[4] == "-" and text[7] == "-" and text[10] in "Tt ":
+        if text[-1] == "z":  # RFC 3339 allows a lower-case zone letter; fromisoformat does not
+            text = text[:-1] + "Z"
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            return _parse_lenient(text)
+        if parsed.tzinfo is None:  # no zone: UTC, as Segment reads it
+            parsed = parsed.replace(tzinfo=UTC)
+        ns = datetime_to_ns(parsed)
+        # fromisoformat keeps microseconds only; RFC 3339 "nano" clients (Go, Java) send up to 9 digits.
+        if len(text) > 26 and text[19] in ".," and text[26].isdigit():
+            digits = text[26:29]
+            end = 0
+            while end < len(digits) and digits[end].isdigit():
+                end += 1
+            ns += int(digits[:end].ljust(3, "0"))
+        return _in_range(ns)
+    return _parse_lenient(text)
+
+
+def _parse_lenient(text: str) -> int:
+    match = _LENIENT.fullmatch(text)
+    if match is None:
+        raise TimestampError(f"must be {_EXAMPLE}; got {described(text)}")
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
     try:
-        parsed = datetime.fromisoformat(text)
+        moment = datetime(
+            int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0), tzinfo=UTC
+        )
     except ValueError as exc:
-        # fromisoformat names the part out of range ("month must be in 1..12") or repeats the whole text
-        # ("Invalid isoformat string: '...'"): only the former is said.
+        # datetime names the part out of range ("month must be in 1..12"), never the value.
         detail = f" ({exc})" if _RANGE_PROBLEM.fullmatch(str(exc)) else ""
         raise TimestampError(f"must be {_EXAMPLE}; got {described(text)}{detail}") from None
-    if parsed.tzinfo is None:
-        raise TimestampError("has no time zone: add Z (UTC) or an offset like +02:00")
-    ns = datetime_to_ns(parsed)
-    # fromisoformat keeps microseconds only; RFC 3339 "nano" clients (Go, Java) send up to 9 digits.
-    if len(text) > 26 and text[19] in ".," and text[26].isdigit():
-        digits = text[26:29]
-        end = 0
-        while end < len(digits) and digits[end].isdigit():
-            end += 1
-        ns += int(digits[:end].ljust(3, "0"))
+    ns = datetime_to_ns(moment) + (int(fraction[:9].ljust(9, "0")) if fraction else 0)
+    if zone and zone not in "Zz":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+        if hours > 23 or minutes > 59:
+            raise TimestampError(f"must be {_EXAMPLE}; got {described(text)} (an offset beyond ±23:59)")
+        ns -= sign * (hours * 3600 + minutes * 60) * NANOS
     return _in_range(ns)
 
 

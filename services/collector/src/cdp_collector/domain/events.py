@@ -226,7 +226,14 @@ def prepare_grpc_event(
             sent_ns = timestamp_to_ns(batch_sent_at)
             event.sent_at.CopyFrom(batch_sent_at)
         client_ns = None
-        if event.HasField("original_timestamp"):
+        if event.HasField("original_timestamp") and event.HasField("timestamp"):
+            # A replay (a Segment archive's row): its timestamp was corrected already and is the time.
+            where = join(base, "original_timestamp")
+            timestamp_to_ns(event.original_timestamp)
+            where = join(base, "timestamp")
+            client_ns = timestamp_to_ns(event.timestamp)
+            sent_ns = None
+        elif event.HasField("original_timestamp"):
             where = join(base, "original_timestamp")
             client_ns = timestamp_to_ns(event.original_timestamp)
         elif event.HasField("timestamp"):

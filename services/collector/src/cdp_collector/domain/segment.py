@@ -39,8 +39,9 @@ kept as U+FFFD rather than costing a batch); `parse_decoded` converts a body alr
 HTTP API can authenticate the write key in a body before any event in it is looked at.
 
 Other decisions: a client-sent `receivedAt` is ignored (the server's clock sets it); when both `timestamp`
-and `originalTimestamp` are sent, `originalTimestamp` is the client time the skew correction starts from
-and the sent `timestamp` is kept, as sent, in `extra["timestamp"]`; unknown top-level keys go to
+and `originalTimestamp` are sent (a replay of a Segment archive or warehouse row: the SDKs send one of
+them), `timestamp` is the event's time as sent (never later than the arrival; Segment corrected it
+already) and `originalTimestamp` is kept as the original; unknown top-level keys go to
 `Event.extra`, unknown context keys to `Context.extra` (see context.py).
 
 Every problem in an event is reported (one per field), then the event is dropped as a whole. An event
@@ -353,7 +354,6 @@ def _convert(
     values: list = list(_UNSET)
     spelled: list[str] | None = None  # the client's spelling of each field, once it used a snake_case alias
     extra: dict | None = None
-    sent_timestamp: object = None  # the raw `timestamp`, kept in extra when originalTimestamp wins
     errors: list[FieldError] = []
     slots = _SLOTS
     for key, value in item.items():
@@ -395,8 +395,6 @@ def _convert(
                 )
                 continue
         else:
-            if slot == _TIMESTAMP:
-                sent_timestamp = value
             try:
                 value = parse_timestamp(value)
             except TimestampError as exc:
@@ -418,12 +416,11 @@ def _convert(
             extra = {}
         extra[GENERATED_MESSAGE_ID_KEY] = True
     client_ns = values[_ORIGINAL_TIMESTAMP]
+    # Both sent: a replay of a Segment archive or warehouse row, whose `timestamp` is already corrected
+    # (SDKs send one or the other). It is the event's time as it is, never later than the arrival.
+    replayed_ns = values[_TIMESTAMP] if client_ns is not None else None
     if client_ns is None:
         client_ns = values[_TIMESTAMP]
-    elif values[_TIMESTAMP] is not None:
-        if extra is None:
-            extra = {}
-        extra["timestamp"] = sent_timestamp
     sent_ns = values[_SENT_AT]
     if sent_ns is None:
         sent_ns = batch_sent
@@ -489,7 +486,10 @@ def _convert(
     else:
         set_ns(event.original_timestamp, client_ns)
         try:
-            set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
+            if replayed_ns is not None:
+                set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=None, client_time=replayed_ns))
+            else:
+                set_ns(event.timestamp, corrected_ns(received_at=received_ns, sent_at=sent_ns, client_time=client_ns))
         except TimestampError as exc:
             errors.append(FieldError(Code.INVALID_TIMESTAMP, _path(base, spelled, _TIMESTAMP), str(exc)))
 
