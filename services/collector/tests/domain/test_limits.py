@@ -269,3 +269,31 @@ def test_long_digit_runs_that_are_not_integers_are_fine():
         "big": 12345678901234567890.5,
         "huge": 1e300,
     }
+
+
+def test_every_limit_is_listed_in_the_readme():
+    """The README promises every limit the collector enforces is in its limits table; the id, event-name and
+    messageId lengths were enforced (400 to the SDK, which does not retry it) and listed nowhere."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from cdp_collector.domain.limits import DEFAULT_LIMITS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("| limit | at most |")
+    table = readme[start : readme.index("\n\n", start)]
+    rows = {
+        "max_event_bytes": "| one event |",
+        "max_batch_bytes": "| one request's body |",
+        "max_batch_events": "| events in one request |",
+        "max_depth": "| nesting |",
+        "max_id_chars": "| `userId`, `anonymousId`, `previousId`, `groupId`, `context.groupId` |",
+        "max_event_name_chars": "| `event` (track) |",
+        "max_message_id_chars": "| `messageId` |",
+    }
+    assert sorted(rows) == sorted(f.name for f in fields(DEFAULT_LIMITS))
+    for name, label in rows.items():
+        value = getattr(DEFAULT_LIMITS, name)
+        shown = f"{value // 1024} KB" if name.endswith("_bytes") else f"{value:,}"
+        (row,) = [line.strip() for line in table.splitlines() if line.strip().startswith(label)]
+        assert f"| {shown}" in row, (name, row)
