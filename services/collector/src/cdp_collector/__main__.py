@@ -77,6 +77,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         body_budget=settings.http_body_budget_bytes,
         cors_origins=settings.cors_origins,
         limiter=limiter,
+        fill_context_ip=settings.fill_context_ip,
+        trusted_proxies=settings.trusted_proxies,
     )
     runtime.stack.callback(http.abandoned.close)
     runner, port = await start_http(

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import logging
 import math
 import time
@@ -95,6 +96,37 @@ PATHS = {
 }
 #: The paths only Segment's client-side SDKs (browser, mobile) post to.
 CLIENT_PATHS = frozenset({"t", "i", "p", "s", "g", "a", "b"})
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    """CDP_COLLECTOR_TRUSTED_PROXIES: addresses or networks; ValueError naming the entry that is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry.strip()!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not text:
+        return None
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [2001:db8::1]:443
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # 203.0.113.7:51234
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:  # a dual-stack socket's IPv4 peer
+        return address.ipv4_mapped
+    return address
 
 
 def error_response(
@@ -174,8 +206,12 @@ class HttpApi:
         body_budget: int = DEFAULT_BODY_BUDGET,
         cors_origins: tuple[str, ...] = ("*",),
         limiter: SourceLimiter | None = None,
+        fill_context_ip: bool = True,
+        trusted_proxies: tuple[str, ...] = (),
     ) -> None:
         self.sources = sources
+        self.fill_context_ip = fill_context_ip
+        self.trusted_proxies = trusted_networks(trusted_proxies)
         # Each source's own limits; shared with the gRPC front door (one bucket a source for both).
         self.limiter = limiter or SourceLimiter(telemetry)
         self.ingestor = ingestor
@@ -395,6 +431,28 @@ class HttpApi:
 
         return handle
 
+    def _from_trusted_proxy(self, request: web.Request) -> bool:
+        peer = _address(request.remote)
+        return peer is not None and any(peer in network for network in self.trusted_proxies)
+
+    def _client_address(self, request: web.Request) -> str:
+        """The connection's peer address; X-Forwarded-For's first address instead only when the peer is one
+        of CDP_COLLECTOR_TRUSTED_PROXIES (anyone else can write the header). "" when there is none."""
+        if self._from_trusted_proxy(request):
+            forwarded = ",".join(request.headers.getall("X-Forwarded-For", ()))
+            first = _address(forwarded.split(",")[0]) if forwarded else None
+            if first is not None:
+                return str(first)
+        peer = _address(request.remote)
+        return str(peer) if peer is not None else ""
+
+    def _scheme(self, request: web.Request) -> str:
+        if self._from_trusted_proxy(request):
+            proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+            if proto in ("http", "https"):
+                return proto
+        return request.scheme
+
     async def _sdk_settings(self, request: web.Request) -> web.Response:
         """`GET /v1/projects/<writeKey>/settings`: what analytics.js and the mobile SDKs fetch from their CDN
         host at start (analytics-next's fetchCDNSettings, analytics-kotlin's RequestFactory.settings). Their
@@ -410,7 +468,7 @@ class HttpApi:
             return error_response(404, "not_found", "no source has this write key")
         settings = {
             "integrations": {
-                "Segment.io": {"apiKey": write_key, "apiHost": f"{request.host}/v1", "protocol": request.scheme}
+                "Segment.io": {"apiKey": write_key, "apiHost": f"{request.host}/v1", "protocol": self._scheme(request)}
             }
         }
         return web.Response(
@@ -470,6 +528,14 @@ class HttpApi:
             # Nobody to answer: aiohttp sends nothing on a closed connection. Counted and said in _body.
             return web.Response(status=400)
         valid = [e for e in parsed.events if e is not None]
+        if self.fill_context_ip and path in CLIENT_PATHS:
+            # Segment fills context.ip from the request for client-side events that have none: browser and
+            # mobile SDKs cannot know the device's public address. Personal data: never logged.
+            ip = self._client_address(request)
+            if ip:
+                for event in valid:
+                    if not event.context.ip:
+                        event.context.ip = ip
         suppressed = 0
         if self.suppression:  # nobody suppressed (the common case): no event is even looked at
             kept = [e for e in valid if self.suppression.match(e) is None]

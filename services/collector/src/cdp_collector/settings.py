@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdp_collector.connections import default_max_connections, most_connections_allowed
-from cdp_collector.http import body_ceiling
+from cdp_collector.http import body_ceiling, trusted_networks
 from cdp_kit.identifier_hash import IdentifierHashSettings
 from cdp_kit.service import open_file_limit
 from cdp_kit.settings import ServiceSettings, env
@@ -34,6 +34,21 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         ("*",),
         help="origins whose pages may post events from a browser (comma-separated, e.g. "
         "https://shop.example.com); * allows any: the write key admits an event",
+    )
+    fill_context_ip: bool = env(
+        "CDP_COLLECTOR_FILL_CONTEXT_IP",
+        True,
+        help="fill context.ip of a client-side event (posted to /v1/t, /v1/i, /v1/p, /v1/s, /v1/g, /v1/a or /v1/b, "
+        "Segment's browser and mobile SDKs' paths) that has none with the request's address, as Segment does; "
+        "false: store only what the client sent (an IP address is personal data)",
+    )
+    trusted_proxies: tuple[str, ...] = env(
+        "CDP_COLLECTOR_TRUSTED_PROXIES",
+        (),
+        help="addresses or networks of the proxies and load balancers in front of the collector "
+        "(comma-separated, e.g. 10.0.0.0/8,192.168.1.5): only from them is X-Forwarded-For's first address "
+        "taken as the client's (context.ip, the SDK settings' protocol from X-Forwarded-Proto); empty: the "
+        "connection's peer address, whatever headers say",
     )
     max_event_bytes: int = env(
         "CDP_COLLECTOR_MAX_EVENT_BYTES", 32 * 1024, help="largest event accepted (Segment: 32 KB)"
@@ -102,6 +117,10 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
         problems = ServiceSettings.validate(self) + IdentifierHashSettings.validate(self)
         if not self.sources_file.is_file():
             problems.append(f"CDP_COLLECTOR_SOURCES_FILE={str(self.sources_file)!r} is not a readable file")
+        try:
+            trusted_networks(self.trusted_proxies)
+        except ValueError as exc:
+            problems.append(f"CDP_COLLECTOR_TRUSTED_PROXIES is invalid: {exc}")
         if self.phone_region and not (
             len(self.phone_region) == 2 and self.phone_region.isalpha() and self.phone_region.isupper()
         ):
