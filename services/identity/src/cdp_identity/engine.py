@@ -415,6 +415,12 @@ class IdentityEngine:
                         reason = reason.split(":")[0]
                         drop_reasons[reason] = drop_reasons.get(reason, 0) + 1
                     if item.delivery is not None:
+                        keys = [i.key for i in item.identifiers]
+                        if replay or resolution is None or resolution.drops:
+                            # Only those the graph gives the person: one it left out (a user id or an email
+                            # another person holds) would be listed on a profile it does not resolve to.
+                            # Without drops every identifier was attached or linked to the person.
+                            keys = self.graph.owned_by(keys, person)
                         grouped.setdefault(self._partition_of(person), []).append(
                             (
                                 item.event_id,
@@ -422,7 +428,7 @@ class IdentityEngine:
                                     item.raw,
                                     person,
                                     dropped,
-                                    [i.key for i in item.identifiers],
+                                    keys,
                                     resolution.shared if resolution else None,
                                 ),
                             )

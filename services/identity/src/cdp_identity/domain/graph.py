@@ -270,6 +270,10 @@ class IdentityGraph:
         state = self.identifiers.get(key)
         return None if state is None else self.canonical(state.person)
 
+    def owned_by(self, keys: Iterable[str], person: str) -> list[str]:
+        """Those of `keys` whose identifier belongs to `person` (a root) now, in their order."""
+        return [key for key in keys if self.person_of(key) == person]
+
     def canonical(self, person_id: str) -> str | None:
         """The live person a (possibly merged-away) person id now belongs to; None when it, or a person
         on the way to its root, is not known (never was, or was purged)."""
