@@ -44,19 +44,32 @@ def test_a_sourced_event_batch_becomes_one_input_per_person_event():
 
 
 def test_an_events_identifiers_are_kept_only_when_identity_linked_them_to_the_person():
-    def resolved(**dropped: str) -> events_pb2.ResolvedEvent:
-        event = events_pb2.Event(message_id="m", event="Viewed", user_id="u1", anonymous_id="shared-device")
+    def resolved(*dropped: tuple[str, str, str], previous_id: str = "") -> events_pb2.ResolvedEvent:
+        event = events_pb2.Event(
+            message_id="m", event="Viewed", user_id="u1", anonymous_id="shared-device", previous_id=previous_id
+        )
         return events_pb2.ResolvedEvent(
             event=event,
             person_id="p1",
-            dropped=[events_pb2.DroppedIdentifier(type=t, value="x", reason=r) for t, r in dropped.items()],
+            dropped=[events_pb2.DroppedIdentifier(type=t, value=v, reason=r) for t, v, r in dropped],
         )
 
-    batch = events_pb2.ResolvedEventBatch(events=[resolved(), resolved(anonymous_id="quarantined")])
-    linked, quarantined = decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 1.0)
+    batch = events_pb2.ResolvedEventBatch(
+        events=[
+            resolved(),
+            resolved(("anonymous_id", "shared-device", "quarantined")),
+            # An alias of a known user id to a new one: identity refuses the previous id (one user id a
+            # person) and links the new one, which outcome events must still carry.
+            resolved(("user_id", "u0", "limit:user_id"), previous_id="u0"),
+        ]
+    )
+    linked, quarantined, aliased = decode("EVENTS_RESOLVED", "events.resolved.0", batch.SerializeToString(), 1.0)
     assert (linked.data.user_id, linked.data.anonymous_id) == ("u1", "shared-device")
     # Identity left the quarantined anonymous id out: an outcome event sent under it would not reach p1.
     assert (quarantined.data.user_id, quarantined.data.anonymous_id) == ("u1", "")
+    assert (quarantined.data.event().user_id, quarantined.data.event().anonymous_id) == ("u1", "")
+    assert (aliased.data.user_id, aliased.data.anonymous_id) == ("u1", "shared-device")
+    assert (aliased.data.event().user_id, aliased.data.event().anonymous_id) == ("u1", "shared-device")
 
 
 def test_fired_timers_say_whose_and_which_kind():

@@ -180,11 +180,8 @@ class ResolvedInput:
         self.name = message.event or message.name
         self.user_id, self.anonymous_id = message.user_id, message.anonymous_id
         if resolved.dropped:  # identity left some out: keep only those it linked (`resolved_event`)
-            dropped = {d.type for d in resolved.dropped}
-            if "user_id" in dropped:
-                self.user_id = ""
-            if "anonymous_id" in dropped:
-                self.anonymous_id = ""
+            self.user_id = _linked(resolved, "user_id", self.user_id)
+            self.anonymous_id = _linked(resolved, "anonymous_id", self.anonymous_id)
         self._resolved: events_pb2.ResolvedEvent | None = resolved
         self._event: Event | None = None
         if read_now:
@@ -233,14 +230,20 @@ def resolved_event(resolved: events_pb2.ResolvedEvent) -> Event:
     found = event(resolved.event)
     if not resolved.dropped:  # most events: nothing left out
         return found
-    dropped = {d.type for d in resolved.dropped}
-    if dropped & {"user_id", "anonymous_id"}:
-        found = replace(
-            found,
-            user_id="" if "user_id" in dropped else found.user_id,
-            anonymous_id="" if "anonymous_id" in dropped else found.anonymous_id,
-        )
+    user_id = _linked(resolved, "user_id", found.user_id)
+    anonymous_id = _linked(resolved, "anonymous_id", found.anonymous_id)
+    if (user_id, anonymous_id) != (found.user_id, found.anonymous_id):
+        found = replace(found, user_id=user_id, anonymous_id=anonymous_id)
     return found
+
+
+def _linked(resolved: events_pb2.ResolvedEvent, kind: str, value: str) -> str:
+    """The event's own `kind` identifier, or "" when identity left that very value out. Another value of
+    the kind left out (an alias's previous user id, refused for the one-user-id limit) says nothing of the
+    event's own, which identity linked."""
+    if value and any(d.type == kind and d.value in (value, value.strip()) for d in resolved.dropped):
+        return ""
+    return value
 
 
 def event(message: events_pb2.Event) -> Event:
