@@ -795,7 +795,7 @@ class Profile:
         return page, None
 
     def identifiers(self) -> set[str]:
-        """Every identifier seen on this person's events (privacy deletion reaches each of them)."""
+        """Every identifier identity gave this person on their events (privacy deletion reaches each of them)."""
         if len(self.parts) == 1:
             return set(self._root.identifiers)
         return set().union(*(p.identifiers for p in self.parts.values()))
