@@ -195,6 +195,27 @@ async def test_a_request_over_its_sources_max_batch_is_refused_whole_naming_the_
     assert run.limited() == {("app", "max_batch", "http"): 1, ("app", "max_batch", "grpc"): 1}
 
 
+async def test_requests_over_max_batch_cost_their_events_so_a_flood_of_them_is_refused_before_being_read(
+    nats_server, tmp_path
+):
+    """What the second security trial found: a 400 for max_batch took no tokens, so a flood of oversized
+    requests was read and decoded one after another and never met the cheap refusal before the body."""
+    limits = {"events_per_second": 1, "burst": 4, "max_batch": 3}
+    async with limited_collector(nats_server, tmp_path, limits) as run:
+        collector = run.collector
+        status, reply, _ = await post(collector, batch("x", 4), APP_KEY)
+        assert status == 400 and reply["code"] == "too_many_events"
+        # The 4 events it carried were charged: the bucket is empty, the next request is refused unread.
+        status, reply, headers = await post(collector, batch("y", 1), APP_KEY)
+        assert status == 429 and reply["code"] == "source_rate_limited", reply
+        for _ in range(5):  # more oversized requests: the debt stops at one burst below empty
+            await post(collector, batch("x", 4), APP_KEY)
+        run.clock.advance(8.0)  # 4 tokens of debt and 4 to fill again, at 1 a second
+        assert (await post(collector, batch("z", 3), APP_KEY))[1]["accepted"] == 3
+        assert (await post(collector, batch("w", 4), WRITE_KEY))[1]["accepted"] == 4  # others never held
+        assert await run.stored_ids() == ["w0", "w1", "w2", "w3", "z0", "z1", "z2"]
+
+
 async def test_limits_are_set_changed_and_lifted_by_editing_the_sources_file_without_a_restart(nats_server, tmp_path):
     async with limited_collector(nats_server, tmp_path, None) as run:
         collector = run.collector

@@ -87,10 +87,16 @@ class SourceLimiter:
             raise SourceLimited(source, wait)
 
     def check_batch(self, source: Source, count: int, *, field: str, transport: str) -> FieldError | None:
-        """A request of `count` events against the source's `max_batch`: the problem to refuse it with."""
+        """A request of `count` events against the source's `max_batch`: the problem to refuse it with. A
+        refused request still costs its events' tokens (it was read and decoded), so a flood of oversized
+        requests empties the bucket and is then refused before its bodies are read."""
         problem = check_source_batch(count, source.limits, source.id, field=field)
         if problem is not None:
             self._refused(source, MAX_BATCH, transport)
+            now = self.clock()
+            bucket = self._bucket(source, now)
+            if bucket is not None:
+                bucket.charge(count, now)
         return problem
 
     def take(self, source: Source, count: int, *, transport: str) -> None:

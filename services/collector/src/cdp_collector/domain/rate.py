@@ -126,6 +126,13 @@ class TokenBucket:
             return 0.0
         return (needed - self.tokens) / self.rate
 
+    def charge(self, count: int, now: float) -> None:
+        """Take `count` tokens whatever the bucket holds: the cost of a request that was read and refused
+        (over `max_batch`). The debt stops at one bucket's size, so a refusal never locks the source out
+        for longer than two bursts take to refill."""
+        self._refill(now)
+        self.tokens = max(-float(self.size), self.tokens - count)
+
     def empty_for(self, now: float) -> float:
         """Seconds until the bucket holds one token again (0 when it holds one now): while above 0, a
         request is refused before it is read, whatever it carries."""
