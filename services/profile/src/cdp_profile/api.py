@@ -200,6 +200,11 @@ def _named(readers) -> str:
     return ", ".join(f"{r.id!r} ({r.name})" if r.name and r.name != r.id else repr(r.id) for r in readers)
 
 
+def _versions(models) -> str:
+    """`'churn_risk' 1.1.0 (live), 'churn_risk' 1.0.0 (inactive)`: model versions with their roles."""
+    return ", ".join(f"{m.name!r} {m.version}" + (f" ({m.role})" if m.role else "") for m in models)
+
+
 def _page_token(cursor) -> str:
     return "" if cursor is None else base64.urlsafe_b64encode(json.dumps(list(cursor)).encode()).decode()
 
@@ -403,9 +408,10 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
         return profile_pb2.DeleteComputedTraitResponse()
 
     async def _refuse_while_read(self, name: str) -> None:
-        """FailedPrecondition naming the segments and live journeys that read the computed trait, as
-        segmentation answers (it asks orchestration for the journeys); Unavailable when it cannot be asked:
-        a trait is never deleted from under its readers blindly. Not configured: nothing is asked."""
+        """FailedPrecondition naming the segments, live journeys and deployed model versions that read the
+        computed trait, as segmentation answers (it asks orchestration for the journeys, scoring for the
+        models); Unavailable when it cannot be asked: a trait is never deleted from under its readers
+        blindly. Not configured: nothing is asked."""
         if self.segmentation is None:
             return
         try:
@@ -427,10 +433,13 @@ class ProfileApi(profile_pb2_grpc.ProfileServiceServicer):
             parts.append(f"segments {_named(readers.segments)}")
         if readers.journeys:
             parts.append(f"live journeys {_named(readers.journeys)}")
+        if readers.models:
+            parts.append(f"deployed models {_versions(readers.models)}")
         if parts:
             raise FailedPrecondition(
                 f"computed trait {name!r} is read by {' and '.join(parts)}: they would read it as missing (0 for "
-                "a count or sum) once it is deleted; change or delete them first, or force the deletion",
+                "a count or sum, a model's feature its default) once it is deleted; change or delete them first, "
+                "or force the deletion",
                 reason="computed_trait_in_use",
             )
 

@@ -26,8 +26,8 @@ class ProfileSettings(IdentifierHashSettings, OwnershipSettings, ServiceSettings
     segmentation_address: str = env(
         "CDP_SEGMENTATION_ADDRESS",
         "",
-        help="segmentation gRPC address (host:port): DeleteComputedTrait asks it which segments and live journeys "
-        "read the trait (ListComputedTraitReaders) and is refused while any does, unless forced (UNAVAILABLE "
+        help="segmentation gRPC address (host:port): DeleteComputedTrait asks it which segments, live journeys "
+        "and deployed models read the trait (ListComputedTraitReaders) and is refused while any does, unless forced (UNAVAILABLE "
         "while it cannot be asked); empty: deletions are not checked",
     )
     segmentation_token: str = env(

@@ -137,9 +137,9 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteComputedTrait(self, request, context):
-        """Delete a computed trait. Refused (FAILED_PRECONDITION, naming them) while a segment or a live journey
-        reads it, as segmentation answers (ListComputedTraitReaders; UNAVAILABLE while it cannot be asked),
-        unless `force`.
+        """Delete a computed trait. Refused (FAILED_PRECONDITION, naming them) while a segment, a live journey or
+        a deployed model version reads it, as segmentation answers (ListComputedTraitReaders; UNAVAILABLE
+        while it cannot be asked), unless `force`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

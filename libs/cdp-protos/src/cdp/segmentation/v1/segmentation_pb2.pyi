@@ -233,14 +233,28 @@ class Reader(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ListComputedTraitReadersResponse(_message.Message):
-    __slots__ = ("segments", "journeys", "journeys_checked")
+    __slots__ = ("segments", "journeys", "journeys_checked", "models", "models_checked")
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     JOURNEYS_FIELD_NUMBER: _ClassVar[int]
     JOURNEYS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     segments: _containers.RepeatedCompositeFieldContainer[Reader]
     journeys: _containers.RepeatedCompositeFieldContainer[Reader]
     journeys_checked: bool
-    def __init__(self, segments: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys_checked: _Optional[bool] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[ModelReader]
+    models_checked: bool
+    def __init__(self, segments: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys: _Optional[_Iterable[_Union[Reader, _Mapping]]] = ..., journeys_checked: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelReader, _Mapping]]] = ..., models_checked: _Optional[bool] = ...) -> None: ...
+
+class ModelReader(_message.Message):
+    __slots__ = ("name", "version", "role")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    role: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class SegmentEvent(_message.Message):
     __slots__ = ("id", "person_id", "segment_id", "entered", "at", "reason", "segment_version")

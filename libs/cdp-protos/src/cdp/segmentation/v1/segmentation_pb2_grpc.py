@@ -145,9 +145,10 @@ class SegmentationServiceServicer:
 
     def ListComputedTraitReaders(self, request, context):
         """What reads a profile computed trait: the segments whose definition reads it (`computed.<name>`, or an
-        event condition compiled to it) and the live (active or paused) journeys that do (asked of
-        orchestration when it is configured: UNAVAILABLE while it cannot be asked). The profile service asks
-        before it deletes one.
+        event condition compiled to it), the live (active or paused) journeys that do (asked of
+        orchestration when it is configured) and the model versions deployed on the scoring service whose
+        features read it (asked of scoring when it is configured); UNAVAILABLE while either cannot be asked.
+        The profile service asks before it deletes one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
