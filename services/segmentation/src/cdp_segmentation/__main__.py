@@ -19,7 +19,7 @@ from cdp_kit.storage import open_store
 from cdp_segmentation.api import SCOPES, SegmentationApi
 from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.export import export_person
-from cdp_segmentation.fields import computed_traits, deployed_models, field_sources
+from cdp_segmentation.fields import computed_traits, deployed_models, field_sources, model_readers
 from cdp_segmentation.journeys import live_journeys
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
@@ -42,7 +42,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     profile: ProfileClient | None = None
     # What a new definition may read (fields.py): the computed traits profile defines, the scores of the
     # models scoring has deployed; a service not configured leaves its root unchecked.
-    models = computed = None
+    models = computed = readers = None
     if settings.profile_address:
         channel = client_channel(settings, settings.profile_address)
         runtime.stack.push_async_callback(channel.close)
@@ -52,6 +52,8 @@ async def setup(runtime: ServiceRuntime) -> None:
         scoring_channel = client_channel(settings, settings.scoring_address)
         runtime.stack.push_async_callback(scoring_channel.close)
         models = deployed_models(scoring_channel, settings.scoring_token)
+        # Deployed models keep the computed traits their features read from being deleted (fields.py).
+        readers = model_readers(scoring_channel, settings.scoring_token)
     journeys = None
     if settings.orchestration_address:
         # Live journeys keep the segments and computed traits they use from being deleted (journeys.py).
@@ -110,6 +112,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         shared_percentiles=shared,
         known_fields=field_sources(models=models, computed=computed),
         live_journeys=journeys,
+        model_readers=readers,
     )
     stream = SegmentationStream(
         engine,

@@ -196,12 +196,16 @@ class SegmentationApi(segmentation_pb2_grpc.SegmentationServiceServicer):
     ) -> segmentation_pb2.ListComputedTraitReadersResponse:
         if not request.name:
             raise InvalidArgument("name", "is required: the computed trait's name")
-        segments, journeys = await self.engine.computed_trait_readers(request.name)
-        response = segmentation_pb2.ListComputedTraitReadersResponse(journeys_checked=journeys is not None)
-        for reader_id, name in segments:
+        readers = await self.engine.computed_trait_readers(request.name)
+        response = segmentation_pb2.ListComputedTraitReadersResponse(
+            journeys_checked=readers.journeys is not None, models_checked=readers.models is not None
+        )
+        for reader_id, name in readers.segments:
             response.segments.add(id=reader_id, name=name)
-        for reader_id, name in journeys or ():
+        for reader_id, name in readers.journeys or ():
             response.journeys.add(id=reader_id, name=name)
+        for model, version, role in readers.models or ():
+            response.models.add(name=model, version=version, role=role)
         return response
 
     async def GetSegment(self, request: segmentation_pb2.GetSegmentRequest, context) -> segmentation_pb2.Segment:

@@ -172,6 +172,15 @@ def check_segment_id(segment_id: str, field: str = "id") -> str:
     return segment_id
 
 
+@dataclass(frozen=True, slots=True)
+class TraitReaders:
+    """What reads a computed trait (`Catalogue.computed_trait_readers`); None: that service was not asked."""
+
+    segments: list[tuple[str, str]]
+    journeys: list[tuple[str, str]] | None
+    models: list[tuple[str, str, str]] | None
+
+
 class Catalogue:
     """Create, update, delete and follow segments; the computed traits they own."""
 
@@ -338,11 +347,13 @@ class Catalogue:
             ) from None
         return [(j.id, j.name) for j in journeys if segment_id in j.segments]
 
-    async def computed_trait_readers(self, name: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
-        """(segments, journeys) reading the computed trait `name`, each as (id, name). A segment reads it when
-        its definition (the one serving, or the one being built) reads `computed.<name>` or compiles an event
-        condition to it. Journeys: None when orchestration is not configured; Unavailable when it cannot be
-        asked. Reads no lock: the profile service asks this while a segment's deletion here releases traits."""
+    async def computed_trait_readers(self, name: str) -> TraitReaders:
+        """What reads the computed trait `name`: segments and live journeys as (id, name), deployed model
+        versions as (model, version, role), each sorted. A segment reads it when its definition (the one
+        serving, or the one being built) reads `computed.<name>` or compiles an event condition to it; a
+        model version when a feature's path does. Journeys (models): None when orchestration (scoring) is
+        not configured; Unavailable when it cannot be asked. Both are asked at once. Reads no lock: the
+        profile service asks this while a segment's deletion here releases traits."""
         key = field_key(COMPUTED, name)
 
         def reads(compiled: CompiledSegment) -> bool:
@@ -355,10 +366,23 @@ class Catalogue:
             for s in self.segments.values()
             if (s.serving and reads(s.compiled)) or (s.state == BUILDING and reads(s.definition))
         )
-        if self.live_journeys is None:
-            return segments, None
-        journeys = sorted((j.id, j.name) for j in await self.live_journeys() if name in j.computed)
-        return segments, journeys
+
+        async def journeys() -> list[tuple[str, str]] | None:
+            if self.live_journeys is None:
+                return None
+            return sorted((j.id, j.name) for j in await self.live_journeys() if name in j.computed)
+
+        async def models() -> list[tuple[str, str, str]] | None:
+            if self.model_readers is None:
+                return None
+            return sorted((m.name, m.version, m.role) for m in await self.model_readers() if name in m.computed)
+
+        found_journeys, found_models = await asyncio.gather(journeys(), models(), return_exceptions=True)
+        if isinstance(found_journeys, BaseException):
+            raise found_journeys
+        if isinstance(found_models, BaseException):
+            raise found_models
+        return TraitReaders(segments, found_journeys, found_models)
 
     def _traits_in_use(self) -> set[str]:
         """The computed traits something here reads: a segment's live definition (once it has served), the

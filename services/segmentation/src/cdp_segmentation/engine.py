@@ -73,7 +73,7 @@ from cdp_segmentation.catalogue import SEGMENTS as SEGMENTS
 from cdp_segmentation.catalogue import check_segment_id as check_segment_id
 from cdp_segmentation.domain import CompiledSegment
 from cdp_segmentation.evaluation import Evaluation, Person, Transition
-from cdp_segmentation.fields import FieldSource
+from cdp_segmentation.fields import FieldSource, ModelReaders
 from cdp_segmentation.index import FieldIndex
 from cdp_segmentation.journeys import LiveJourneys
 from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
@@ -127,6 +127,7 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         shared_percentiles: SharedPercentiles | None = None,
         known_fields: FieldSource | None = None,
         live_journeys: LiveJourneys | None = None,
+        model_readers: ModelReaders | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -150,6 +151,9 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         # The live journeys orchestration has and what they use (journeys.py): asked before a segment is
         # deleted, and for the readers of a computed trait; None: orchestration is not configured.
         self.live_journeys = live_journeys
+        # The model versions scoring keeps and the computed traits their features read (fields.py): asked
+        # for the readers of a computed trait; None: scoring is not configured.
+        self.model_readers = model_readers
         # Computed traits read by each Estimate under way (a list per call): not deleted meanwhile.
         self._estimating: list[frozenset[str]] = []
         # Stored segments that could not be loaded: id -> why. DeleteSegment still removes them.

@@ -36,7 +36,7 @@ import grpc
 
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, Unavailable
 from cdp_kit.profile_fields import COMPUTED, SCORES, field_key, split_key
 from cdp_lang.nodes import ZERO_WHEN_MISSING, And, Condition, Not, Or
 from cdp_segmentation.domain import CompiledSegment
@@ -182,16 +182,28 @@ async def _asked(root: str, source: Callable[[], Awaitable[Any]], otherwise: Any
         return otherwise
 
 
+def _list_models(
+    channel: grpc.aio.Channel, token: str, timeout: float
+) -> Callable[[], Awaitable[scoring_pb2.ListModelsResponse]]:
+    """The scoring service's ListModels (scoring:read): every model with every version it keeps."""
+    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def listed() -> scoring_pb2.ListModelsResponse:
+        return await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
+
+    return listed
+
+
 def deployed_models(
     channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0
 ) -> Callable[[], Awaitable[Mapping[str, frozenset[str]]]]:
     """What the models deployed on the scoring service write and read (ListModels, scoring:read): every
     version's outputs under "scores", the computed traits they read under "computed"."""
-    stub = scoring_pb2_grpc.ScoringServiceStub(channel)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    models = _list_models(channel, token, timeout)
 
     async def listed() -> Mapping[str, frozenset[str]]:
-        answer = await stub.ListModels(scoring_pb2.ListModelsRequest(), metadata=metadata, timeout=timeout)
+        answer = await models()
         specs = [v.spec for m in answer.models for v in m.versions]
         traits = [t for spec in specs for t in spec.computed_traits if "name" in t and isinstance(t["name"], str)]
         return {
@@ -199,6 +211,62 @@ def deployed_models(
             COMPUTED: frozenset(t["name"] for t in traits),
             COUNTED: frozenset(t["name"] for t in traits if "op" in t and t["op"] in ZERO_WHEN_MISSING),
         }
+
+    return listed
+
+
+@dataclass(frozen=True, slots=True)
+class ModelReader:
+    """A model version deployed on the scoring service, with the computed traits its features read."""
+
+    name: str
+    version: str
+    role: str  # live, canary, shadow, inactive
+    computed: frozenset[str]  # computed trait names
+
+
+ModelReaders = Callable[[], Awaitable[list[ModelReader]]]
+
+_ROLES = {
+    scoring_pb2.ROLE_LIVE: "live",
+    scoring_pb2.ROLE_CANARY: "canary",
+    scoring_pb2.ROLE_SHADOW: "shadow",
+    scoring_pb2.ROLE_INACTIVE: "inactive",
+}
+
+
+def _computed_name(path: str) -> str:
+    """`computed.orders_30d` (or a path under it) → `orders_30d`; "" for a path under another root."""
+    root, _, name = path.partition(".")
+    return name.split(".", 1)[0] if root == COMPUTED else ""
+
+
+def model_readers(channel: grpc.aio.Channel, token: str, *, timeout: float = 5.0) -> ModelReaders:
+    """Every model version the scoring service keeps (ListModels, scoring:read), whatever its role (an
+    inactive one is promoted without its traits being defined again), with the computed traits its features
+    read (`computed.<name>`, or a path under it); Unavailable when scoring cannot be asked: the caller
+    refuses rather than delete a trait from under a model blindly."""
+    models = _list_models(channel, token, timeout)
+
+    async def listed() -> list[ModelReader]:
+        try:
+            answer = await models()
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(
+                f"the scoring service could not be asked which deployed models read it ({exc.code().name})",
+                retry_after=5.0,
+                reason="scoring_unavailable",
+            ) from None
+        return [
+            ModelReader(
+                model.name,
+                version.spec.version,
+                _ROLES.get(version.role, ""),
+                frozenset(name for f in version.spec.features if (name := _computed_name(f.path))),
+            )
+            for model in answer.models
+            for version in model.versions
+        ]
 
     return listed
 

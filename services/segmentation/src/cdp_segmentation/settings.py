@@ -34,7 +34,9 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         "",
         help="scoring gRPC address (host:port): a new definition's scores.<name> must be a score a deployed "
         "model writes (ListModels), or it is refused with INVALID_ARGUMENT; empty, unreachable, or listing no "
-        "model yet: scores are not checked",
+        "model yet: scores are not checked. The readers of a computed trait (ListComputedTraitReaders) include "
+        "the deployed model versions whose features read it (UNAVAILABLE while scoring cannot be asked); "
+        "empty: models are not asked",
     )
     scoring_token: str = env(
         "CDP_SCORING_TOKEN", "", help="bearer token for the scoring service (scoring:read)", secret=True
