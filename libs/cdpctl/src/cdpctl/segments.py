@@ -126,12 +126,13 @@ def traits_define(ws: Workspace, name: str, op: str, events, event_type, prop, w
 
 @traits.command("delete")
 @click.argument("name")
-@click.option("--force", is_flag=True, help="delete it even while segments or live journeys read it")
+@click.option("--force", is_flag=True, help="delete it even while segments, live journeys or deployed models read it")
 @click.option("--address", help="profile gRPC address (default: the one `cdpctl up` runs)")
 @click.pass_obj
 def traits_delete(ws: Workspace, name: str, force: bool, address) -> None:
-    """Delete computed trait NAME: it leaves every profile. Refused while a segment or a live journey reads it
-    (the refusal names them); --force deletes it anyway, and they read it as missing (0 for a count or sum)."""
+    """Delete computed trait NAME: it leaves every profile. Refused while a segment, a live journey or a deployed
+    model reads it (the refusal names them); --force deletes it anyway, and they read it as missing (0 for a
+    count or sum; a model's feature takes its default)."""
     from cdp.profile.v1 import profile_pb2
 
     async def delete(stub, metadata) -> None:
