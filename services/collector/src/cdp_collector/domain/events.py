@@ -25,6 +25,7 @@ from cdp_collector.domain.clock import TimestampError, corrected_ns, timestamp_t
 from cdp_collector.domain.errors import Code, FieldError, join
 from cdp_collector.domain.limits import DEFAULT_LIMITS, Limits, check_event_bytes
 from cdp_collector.domain.storable import id_problems, message_id_problem, struct_problems
+from cdp_collector.domain.traits import store_reserved_traits
 from cdp_kit.timestamps import datetime_to_ns, set_ns
 
 #: Key in `Event.extra` marking a message_id the server generated. Clients may not send it themselves.
@@ -250,6 +251,8 @@ def prepare_grpc_event(
     # What no store downstream can hold; nesting too, as no JSON walk has measured a protobuf event.
     errors.extend(id_problems(event, base=base, names=None))
     errors.extend(struct_problems(event, base=base, json_paths=False, max_depth=limits.max_depth))
+    if not errors:
+        store_reserved_traits(event)  # one name each (traits.py)
     return errors
 
 

@@ -31,6 +31,9 @@ What the SDKs put on the wire, and how it is handled:
   identify traits *only* in `context.traits` ("traits not needed at root level", says its client) — for an
   identify without top-level `traits`, `Event.traits` is filled from `context.traits` (kept there too), so
   identity and profile find identify traits in one place whichever SDK sent them;
+- reserved traits camelCase (`firstName`, `lastName`, `createdAt`, as analytics.js apps send them) in a
+  person's or a group's traits are stored under their snake_case names, and `name` filled from the first
+  and last names (`traits.py`; the collector's README has the table);
 - Segment's `writeKey` inside the body (an alternative to Basic auth): returned as
   `ParsedRequest.write_key` for the HTTP layer to authenticate with, and never stored in an event.
 
@@ -84,6 +87,7 @@ from cdp_collector.domain.limits import (
 )
 from cdp_collector.domain.storable import id_problems, struct_problems
 from cdp_collector.domain.structs import fill_struct
+from cdp_collector.domain.traits import group_dict, person_dict
 from cdp_kit.timestamps import datetime_to_ns, set_ns
 
 EVENT_TYPES: Mapping[str, int] = MappingProxyType(
@@ -453,6 +457,11 @@ def _convert(
             errors.append(problem)
     value = values[_TRAITS]
     if value:
+        # Reserved traits under one name each (traits.py): a person's, a group's; other calls' as sent.
+        if event_type == IDENTIFY:
+            value = person_dict(value)
+        elif event_type == GROUP:
+            value = group_dict(value)
         problem = fill_struct(event.traits, value, depth=2, path=_path(base, spelled, _TRAITS), max_depth=max_depth)
         if problem is not None:
             errors.append(problem)
@@ -464,6 +473,8 @@ def _convert(
         if problem is not None:
             errors.append(problem)
     if context_traits or context_rest:
+        if context_traits:
+            context_traits = person_dict(context_traits)
         problem = fill_context_structs(
             event.context, context_traits, context_rest, path=_path(base, spelled, _CONTEXT), max_depth=max_depth
         )
