@@ -67,7 +67,9 @@ async def test_a_signed_json_webhook_is_delivered_once():
             "data": {"tier": "gold"},
             "attributes": {"journey_id": "j-1"},
         }
-        assert verify(SECRET, delivery.headers["X-CDP-Timestamp"], delivery.headers["X-CDP-Signature"], delivery.body)
+        stamp, signature = delivery.headers["X-CDP-Timestamp"], delivery.headers["X-CDP-Signature"]
+        assert signature.startswith("v2=")
+        assert verify(SECRET, stamp, signature, delivery.body, url=receiver.url())
 
 
 async def test_a_receiver_with_another_secret_refuses_it_and_the_action_fails_for_good():
@@ -201,12 +203,16 @@ async def test_slack_text_from_traits_cannot_mention_everyone_or_disguise_a_link
     )
 
 
-def test_signatures_expire_and_bind_the_body():
+def test_signatures_expire_and_bind_the_body_and_the_destination():
     now = int(time.time())
-    signature = sign(SECRET, now, b"{}")
-    assert verify(SECRET, str(now), signature, b"{}")
-    assert not verify(SECRET, str(now), signature, b'{"a":1}')
-    assert not verify(SECRET, str(now - 3600), sign(SECRET, now - 3600, b"{}"), b"{}")
+    url = "https://hooks.shop.example/in?x=1"
+    signature = sign(SECRET, now, b"{}", url=url)
+    assert verify(SECRET, str(now), signature, b"{}", url=url)
+    assert not verify(SECRET, str(now), signature, b'{"a":1}', url=url)
+    assert not verify(SECRET, str(now - 3600), sign(SECRET, now - 3600, b"{}", url=url), b"{}", url=url)
+    for elsewhere in ("https://attacker.example/in?x=1", "https://hooks.shop.example/other?x=1",
+                      "https://hooks.shop.example/in?x=2", "http://hooks.shop.example/in?x=1"):  # fmt: skip
+        assert not verify(SECRET, str(now), signature, b"{}", url=elsewhere)
 
 
 def test_settings_name_each_bad_variable():

@@ -2,7 +2,9 @@
 push subscription's endpoint) would try it.
 
 Local receivers stand in for the places an attacker aims at: the receiver on 127.0.0.1 is "the node's
-own port" or "the metadata service" unless the operator listed it. A fake resolver stands in for DNS, so
+own port" or "the metadata service" unless the operator listed it. A URL from a trait may name only a
+listed host (test_webhook_trait_urls.py), so the address check is shown on CDP_WEBHOOK_URL (`unlisted`),
+the one URL that may name a host no one listed: a mistyped or rebinding name there is refused all the same. A fake resolver stands in for DNS, so
 a name can answer with the receiver's loopback address as a rebinding name would. Both channels share
 the guard (`destinations`); the Web Push tests at the end show it holds there too.
 """
@@ -51,6 +53,11 @@ async def no_wait(seconds: float) -> None:
 
 def hook(url: str) -> Action:
     return Action("act-1", "person-1", "webhook", Content(subject="VIP", body="Call them."), url)
+
+
+async def unlisted(url: str, *, resolver: AbstractResolver | None = None) -> tuple[WebhookChannel, Action]:
+    """A channel whose CDP_WEBHOOK_URL is `url`, no host listed, and an action naming no URL (so it goes there)."""
+    return channel(resolver=resolver, CDP_WEBHOOK_URL=url), hook("")
 
 
 class Answers(AbstractResolver):
@@ -117,8 +124,9 @@ class Endless(HttpFake):
 
 async def test_a_host_name_that_resolves_to_loopback_is_refused_and_nothing_is_sent():
     async with LocalWebhookReceiver(secret=SECRET) as receiver:
-        async with channel() as webhook:
-            outcome = await webhook.send(hook(f"http://localhost:{receiver.port}/hooks/cdp"))
+        webhook, action = await unlisted(f"http://localhost:{receiver.port}/hooks/cdp")
+        async with webhook:
+            outcome = await webhook.send(action)
         assert (outcome.status, outcome.reason, outcome.retryable) == ("rejected", "destination_not_allowed", False)
         assert receiver.attempts == 0
 
@@ -129,9 +137,9 @@ async def test_a_host_name_that_resolves_to_loopback_is_refused_and_nothing_is_s
 )
 async def test_an_ip_literal_that_is_not_public_is_refused_without_connecting(host):
     async with LocalWebhookReceiver(secret=SECRET) as receiver:
-        port = receiver.port
-        async with channel() as webhook:
-            outcome = await webhook.send(hook(f"http://{host}:{port}/latest/meta-data"))
+        webhook, action = await unlisted(f"http://{host}:{receiver.port}/latest/meta-data")
+        async with webhook:
+            outcome = await webhook.send(action)
         assert (outcome.status, outcome.reason) == ("rejected", "destination_not_allowed")
         assert receiver.attempts == 0
 
@@ -149,11 +157,12 @@ async def test_a_listed_host_may_be_private_the_operator_means_it():
 async def test_the_address_connected_to_is_the_one_that_was_checked():
     # A rebinding name answers the receiver's loopback address: it is refused at the connection itself,
     # not at an earlier look-up the connection could differ from.
-    async with LocalWebhookReceiver(secret=SECRET) as receiver:
+    async with LocalWebhookReceiver(secret=SECRET, hosts=("hooks.shop.example",)) as receiver:
         dns = Answers("127.0.0.1")
         url = f"http://hooks.shop.example:{receiver.port}/hooks/cdp"
-        async with channel(resolver=dns) as webhook:
-            refused = await webhook.send(hook(url))
+        webhook, action = await unlisted(url, resolver=dns)
+        async with webhook:
+            refused = await webhook.send(action)
         assert (refused.status, refused.reason) == ("rejected", "destination_not_allowed")
         assert (receiver.attempts, dns.asked) == (0, 1)
         # Listed, the same answer is used as it is: the request lands where the checked answer pointed.

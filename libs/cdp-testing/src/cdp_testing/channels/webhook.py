@@ -1,9 +1,13 @@
 """A local webhook receiver that verifies signatures and fails on demand.
 
 It accepts ``POST`` on any path. With a `secret` it checks what a careful receiver checks: the
-``X-CDP-Timestamp`` is within `tolerance` seconds of now and ``X-CDP-Signature`` is ``v1=`` + the hex
-HMAC-SHA256 of ``<timestamp>.<raw body>`` (401 otherwise). It honours ``Idempotency-Key``: a key it has
-already processed gets the first answer again and is not recorded twice (`replays` counts those).
+``X-CDP-Timestamp`` is within `tolerance` seconds of now and ``X-CDP-Signature`` is ``v2=`` + the hex
+HMAC-SHA256 of ``<timestamp>.POST <its own origin><request target>.<raw body>`` (401 otherwise). The
+origin is one of its own (``http://<host>:<its port>`` for each of `hosts`: by default the address it
+listens on, and ``localhost`` beside ``127.0.0.1``), never the request's Host header, which whoever posts the request sets: a request signed
+for another URL (a receiver elsewhere that forwards what it got) is refused, and so is a ``v1=``
+signature, which names no destination. It honours ``Idempotency-Key``: a key it has already processed
+gets the first answer again and is not recorded twice (`replays` counts those).
 
 `fail_next(n, status, retry_after)` answers the next n requests with that status (and Retry-After);
 `stall_next(n, seconds)` holds the next n requests that long before answering (for timeouts). With
@@ -40,8 +44,18 @@ class Delivery:
 
 
 class LocalWebhookReceiver(HttpFake):
-    def __init__(self, *, secret: str | None = None, slack: bool = False, tolerance: float = 300.0, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        slack: bool = False,
+        tolerance: float = 300.0,
+        hosts: tuple[str, ...] | None = None,
+        **kwargs: Any,
+    ):
+        """`hosts` are the names its URLs were given out under; None: the address it listens on."""
         super().__init__(**kwargs)
+        self._hosts = hosts
         self.secret = secret
         self.slack = slack
         self.tolerance = tolerance
@@ -77,13 +91,22 @@ class LocalWebhookReceiver(HttpFake):
             ]
         )
 
+    @property
+    def origins(self) -> tuple[str, ...]:
+        names = self._hosts or ((self.host, "localhost") if self.host == "127.0.0.1" else (self.host,))
+        return tuple(f"http://{name}:{self.port}" for name in names)
+
     def _signed(self, request: web.Request, body: bytes) -> bool:
         timestamp = request.headers.get("X-CDP-Timestamp", "")
         signature = request.headers.get("X-CDP-Signature", "")
         if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > self.tolerance:
             return False
-        expected = hmac.new(self.secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()  # type: ignore[union-attr]
-        return hmac.compare_digest("v1=" + expected, signature)
+        for origin in self.origins:
+            signed = f"{timestamp}.POST {origin}{request.raw_path}.".encode() + body
+            expected = hmac.new(self.secret.encode(), signed, hashlib.sha256).hexdigest()  # type: ignore[union-attr]
+            if hmac.compare_digest("v2=" + expected, signature):
+                return True
+        return False
 
     async def _receive(self, request: web.Request) -> web.StreamResponse:
         self.attempts += 1

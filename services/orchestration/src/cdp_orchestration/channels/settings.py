@@ -183,8 +183,10 @@ class WebhookSettings:
     allowed_hosts: list[str] = env(
         "CDP_WEBHOOK_ALLOWED_HOSTS",
         [],
-        help="comma-separated hosts webhook URLs may name (URLs can come from profiles; empty: any public "
-        "host). A listed host may be private or loopback: only listed hosts may resolve to such addresses",
+        help="comma-separated hosts webhook URLs may name. A URL from a profile trait (webhook_url) may name "
+        "only a listed host: empty, every such URL is refused and only CDP_WEBHOOK_URL is called (it may "
+        "name any public host). A listed host may be private or loopback: only listed hosts may resolve to "
+        "such addresses",
     )
     max_attempts: int = env("CDP_WEBHOOK_MAX_ATTEMPTS", 5, help="attempts per action before it fails (retryable)")
     backoff_base: float = env("CDP_WEBHOOK_BACKOFF_BASE", 0.5, help="seconds before the 2nd attempt; doubles after")

@@ -4,10 +4,20 @@ Every request carries
 
 - ``Idempotency-Key: <action id>`` - the same on every attempt and every redelivery of the action, so a
   receiver that keeps the keys it has processed acts once;
-- ``X-CDP-Timestamp: <unix seconds>`` and ``X-CDP-Signature: v1=<hex>``, the HMAC-SHA256 under
-  CDP_WEBHOOK_SECRET of ``<timestamp>.<body>``. A receiver recomputes it over the raw body and refuses a
-  timestamp older than a few minutes, so a captured request cannot be replayed later. Each attempt is
-  signed afresh.
+- ``X-CDP-Timestamp: <unix seconds>`` and ``X-CDP-Signature: v2=<hex>``, the hex HMAC-SHA256 under
+  CDP_WEBHOOK_SECRET of ``<timestamp>.POST <destination>.<body>`` (`signed_string`): the timestamp as
+  sent, a dot, ``POST``, a space, the destination, a dot, the raw body. The destination is the URL the
+  request was sent to (`destination_of`): scheme and host lowercase (an international name in its
+  ``xn--`` form, an IPv6 address in brackets), ``:<port>`` only when it is not the scheme's default, then
+  the request target exactly as on the request line (path, ``?`` and query; ``/`` for an empty path); no
+  user info, no fragment. So ``https://Hooks.Shop.example:443/in?x=1`` is signed as
+  ``https://hooks.shop.example/in?x=1``. A receiver recomputes it with *its own* origin, the one it gave
+  out (never one built from the request's Host header, which whoever posts the request sets), plus the
+  request target it received, over the raw body, and refuses a timestamp older than a few minutes. A
+  request signed for one URL is then refused at any other: a receiver that got it (a URL taken from a
+  trait, say) cannot forward it to another receiver that trusts the same secret. Each attempt is signed
+  afresh. The v1 signature (``<timestamp>.<body>`` alone) is no longer sent, not even beside v2: a
+  receiver that still accepts it accepts a forwarded request, so sending it would keep that open.
 
 The body is the action as JSON (``{"action_id", "person_id", "subject", "title", "body", "url",
 "data", "attributes"}``) or, with CDP_WEBHOOK_PAYLOAD=slack, a Slack incoming-webhook message (``{"text": …}``,
@@ -16,11 +26,15 @@ Rocket.Chat and Teams' Slack connector all accept. The rendered parts are text t
 three control characters (``&``, ``<``, ``>``) are escaped as Slack documents (``&amp;``, ``&lt;``,
 ``&gt;``), so a trait cannot write ``<!channel>`` or a link whose text hides where it leads.
 
-A URL can come from a profile trait, so where a webhook may go is checked before anything is sent, and
-a refusal is final (rejected, never retried):
+A URL can come from a profile trait (the action's address, the person's ``webhook_url``), so where a
+webhook may go is checked before anything is sent, and a refusal is final (rejected, never retried):
 
-- CDP_WEBHOOK_ALLOWED_HOSTS, when set, is the list of hosts a URL may name; any other is rejected with
-  ``host_not_allowed``;
+- a URL taken from a trait may name only a host listed in CDP_WEBHOOK_ALLOWED_HOSTS; with none listed
+  (the default) every such URL is rejected with ``host_not_allowed`` and only CDP_WEBHOOK_URL, which the
+  operator wrote, is called. Whoever can write a trait (a browser holding the public write key that
+  claims a person's email, say) could otherwise have that person's webhooks, signed, sent to them;
+- CDP_WEBHOOK_ALLOWED_HOSTS, when set, is the list of hosts any URL may name, CDP_WEBHOOK_URL's
+  included; any other is rejected with ``host_not_allowed``;
 - a host that is, or resolves to, a loopback, private, link-local, multicast, unspecified or reserved
   address (the metadata service at 169.254.169.254 among them) is rejected with
   ``destination_not_allowed`` unless the host is listed (`destinations`); the connection goes to the
@@ -91,20 +105,32 @@ def _slack_link(url: str) -> str:
     return "<" + slack_escape(url).replace("|", "%7C") + ">"
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
-    return "v1=" + mac.hexdigest()
+def destination_of(url: URL) -> str:
+    """The destination a v2 signature names: origin (scheme, host, a port that is not the default) and the
+    request target as sent on the request line; no user info, no fragment."""
+    return str(url.origin()) + url.raw_path_qs
 
 
-def verify(secret: str, timestamp: str, signature: str, body: bytes, *, tolerance: float = 300.0) -> bool:
-    """What a receiver checks: the signature over this body and a timestamp within `tolerance` seconds."""
+def signed_string(timestamp: int, destination: str, body: bytes) -> bytes:
+    return f"{timestamp}.POST {destination}.".encode() + body
+
+
+def sign(secret: str, timestamp: int, body: bytes, *, url: str) -> str:
+    """The ``X-CDP-Signature`` value for `body` sent at `timestamp` to `url` (a destination, `destination_of`)."""
+    mac = hmac.new(secret.encode(), signed_string(timestamp, url, body), hashlib.sha256)
+    return "v2=" + mac.hexdigest()
+
+
+def verify(secret: str, timestamp: str, signature: str, body: bytes, *, url: str, tolerance: float = 300.0) -> bool:
+    """What a receiver checks: the signature over this body sent to `url` (the receiver's own URL: its
+    origin and the request target it received) and a timestamp within `tolerance` seconds."""
     try:
         stamp = int(timestamp)
     except ValueError:
         return False
     if abs(time.time() - stamp) > tolerance:
         return False
-    return hmac.compare_digest(sign(secret, stamp, body), signature)
+    return hmac.compare_digest(sign(secret, stamp, body, url=url), signature)
 
 
 class WebhookChannel(Channel):
@@ -156,14 +182,14 @@ class WebhookChannel(Channel):
             }
         )
 
-    def headers(self, action: Action, body: bytes, now: float | None = None) -> dict[str, str]:
+    def headers(self, action: Action, url: URL, body: bytes, now: float | None = None) -> dict[str, str]:
         timestamp = int(time.time() if now is None else now)
         return {
             "Content-Type": "application/json",
             "User-Agent": "cdp-orchestration",
             IDEMPOTENCY_HEADER: action.action_id,
             TIMESTAMP_HEADER: str(timestamp),
-            SIGNATURE_HEADER: sign(self._settings.secret, timestamp, body),
+            SIGNATURE_HEADER: sign(self._settings.secret, timestamp, body, url=destination_of(url)),
         }
 
     def destination(self, action: Action) -> str:
@@ -180,7 +206,8 @@ class WebhookChannel(Channel):
         refused = None
         if url is None or url.scheme not in ("http", "https") or not host:
             outcome = Outcome.rejected("invalid_address") if text else Outcome.failed("no_url", retryable=False)
-        elif self._allowed and host not in self._allowed:
+        elif (self._allowed or action.address) and host not in self._allowed:
+            # A URL from a trait (action.address) goes only to a host the operator listed: none listed, none.
             outcome = Outcome.rejected("host_not_allowed")
         elif address is not None and host not in self._allowed and (refused := refusal(address)):
             # aiohttp connects to an IP literal without resolving it: the resolver's check is made here.
@@ -188,7 +215,7 @@ class WebhookChannel(Channel):
         else:
             outcome = await self._deliver(action, url)
         level = logging.INFO if outcome.ok else logging.WARNING
-        extra = log_fields(action, reason=outcome.reason)
+        extra = log_fields(action, reason=outcome.reason, url_from="trait" if action.address else "setting")
         if refused is not None:
             extra["refused"] = refused
         log.log(level, "webhook %s", outcome.status, extra=extra)
@@ -216,7 +243,7 @@ class WebhookChannel(Channel):
             # A redirect is not followed: the checks above hold for the URL the action names, and a
             # receiver could otherwise point the signed request anywhere (the metadata service, say).
             async with self._client().post(
-                url, data=body, headers=self.headers(action, body), allow_redirects=False
+                url, data=body, headers=self.headers(action, url, body), allow_redirects=False
             ) as response:
                 status = response.status
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
