@@ -95,7 +95,7 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
                 valid.append(event)
                 positions.append(result)
         try:
-            stored = await self.ingestor.store(valid)
+            stored = await self.ingestor.store(valid, source)
         except Unavailable:
             self.limiter.give_back(source, count)  # nothing confirmed stored: the retry is not charged twice
             raise

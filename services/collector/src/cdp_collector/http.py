@@ -541,7 +541,7 @@ class HttpApi:
             kept = [e for e in valid if self.suppression.match(e) is None]
             suppressed, valid = len(valid) - len(kept), kept
         try:
-            stored = await self.ingestor.store(valid)
+            stored = await self.ingestor.store(valid, source)
         except ResourceExhausted as exc:
             self.limiter.give_back(source, count)  # nothing confirmed stored: the retry is not charged twice
             return error_response(

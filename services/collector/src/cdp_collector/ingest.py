@@ -5,6 +5,9 @@ with `Nats-Msg-Id = <source>:<message_id>` so a retried request stores every eve
 hears "accepted" only for events JetStream acknowledged; if any valid event of a request could not be
 stored, the whole request fails with Unavailable and the client retries it — already stored events then
 come back as duplicates, nothing is stored twice.
+
+Each event is stamped with its source's trust (`Event.source_trust`, sources.py `trust_of`) for identity,
+and context.userHash is taken out of it first: a hash is checked, never stored.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain import partition_key
+from cdp_collector.sources import Source, trust_of
 from cdp_kit.bus import OutMessage, Partitioner, Publisher, PubResult, subjects
 from cdp_kit.errors import Unavailable
 from cdp_kit.telemetry import Telemetry
@@ -50,10 +54,14 @@ class Ingestor:
             f"{event.source_id}:{event.message_id}",
         )
 
-    async def store(self, events: Sequence[events_pb2.Event]) -> list[Stored]:
-        """Store every event durably or raise Unavailable; returns stream positions in order."""
+    async def store(self, events: Sequence[events_pb2.Event], source: Source | None = None) -> list[Stored]:
+        """Store every event durably or raise Unavailable; returns stream positions in order. `source`: the
+        write key's, whose trust each event is stamped with (None: left as the event has it)."""
         if not events:
             return []
+        if source is not None:
+            for event in events:
+                trust_of(source, event)
         results: list[PubResult] = await self.publisher.publish_batch([self.to_message(e) for e in events])
         failed = [r for r in results if not r.ok]
         if failed:

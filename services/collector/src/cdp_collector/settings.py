@@ -20,8 +20,9 @@ class CollectorSettings(IdentifierHashSettings, ServiceSettings):
     http_port: int = env("CDP_HTTP_PORT", 8080, help="Segment-compatible HTTP API port (/v1/batch, /v1/track, …)")
     sources_file: Path = env(
         "CDP_COLLECTOR_SOURCES_FILE",
-        help='JSON {"sources": [{"id", "name", "write_key", "enabled", "limits"}]}: the write keys clients may send '
-        "with, and each source's limits (see Sources)",
+        help='JSON {"sources": [{"id", "name", "write_key", "enabled", "limits", "kind", "identity_secret"}]}: the '
+        "write keys clients may send with, each source's limits, whether its key is public (kind client) and its "
+        "identity verification secret (see Sources)",
     )
     phone_region: str = env(
         "CDP_COLLECTOR_PHONE_REGION",

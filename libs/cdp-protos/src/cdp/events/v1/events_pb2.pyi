@@ -20,6 +20,13 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_TYPE_PAGE: _ClassVar[EventType]
     EVENT_TYPE_SCREEN: _ClassVar[EventType]
     EVENT_TYPE_GROUP: _ClassVar[EventType]
+
+class SourceTrust(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SOURCE_TRUST_SERVER: _ClassVar[SourceTrust]
+    SOURCE_TRUST_CLIENT: _ClassVar[SourceTrust]
+    SOURCE_TRUST_CLIENT_UNVERIFIED: _ClassVar[SourceTrust]
+    SOURCE_TRUST_CLIENT_VERIFIED: _ClassVar[SourceTrust]
 EVENT_TYPE_UNSPECIFIED: EventType
 EVENT_TYPE_TRACK: EventType
 EVENT_TYPE_IDENTIFY: EventType
@@ -27,9 +34,13 @@ EVENT_TYPE_ALIAS: EventType
 EVENT_TYPE_PAGE: EventType
 EVENT_TYPE_SCREEN: EventType
 EVENT_TYPE_GROUP: EventType
+SOURCE_TRUST_SERVER: SourceTrust
+SOURCE_TRUST_CLIENT: SourceTrust
+SOURCE_TRUST_CLIENT_UNVERIFIED: SourceTrust
+SOURCE_TRUST_CLIENT_VERIFIED: SourceTrust
 
 class Event(_message.Message):
-    __slots__ = ("message_id", "type", "user_id", "anonymous_id", "previous_id", "group_id", "event", "name", "category", "properties", "traits", "context", "timestamp", "sent_at", "received_at", "original_timestamp", "source_id", "integrations", "extra")
+    __slots__ = ("message_id", "type", "user_id", "anonymous_id", "previous_id", "group_id", "event", "name", "category", "properties", "traits", "context", "timestamp", "sent_at", "received_at", "original_timestamp", "source_id", "integrations", "extra", "source_trust")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +60,7 @@ class Event(_message.Message):
     SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
     INTEGRATIONS_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TRUST_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     type: EventType
     user_id: str
@@ -68,7 +80,8 @@ class Event(_message.Message):
     source_id: str
     integrations: _struct_pb2.Struct
     extra: _struct_pb2.Struct
-    def __init__(self, message_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., user_id: _Optional[str] = ..., anonymous_id: _Optional[str] = ..., previous_id: _Optional[str] = ..., group_id: _Optional[str] = ..., event: _Optional[str] = ..., name: _Optional[str] = ..., category: _Optional[str] = ..., properties: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., traits: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., original_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., integrations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., extra: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    source_trust: SourceTrust
+    def __init__(self, message_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., user_id: _Optional[str] = ..., anonymous_id: _Optional[str] = ..., previous_id: _Optional[str] = ..., group_id: _Optional[str] = ..., event: _Optional[str] = ..., name: _Optional[str] = ..., category: _Optional[str] = ..., properties: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., traits: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., original_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_id: _Optional[str] = ..., integrations: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., extra: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., source_trust: _Optional[_Union[SourceTrust, str]] = ...) -> None: ...
 
 class Context(_message.Message):
     __slots__ = ("ip", "user_agent", "locale", "timezone", "device", "campaign", "library", "page", "app", "os", "location", "network", "screen", "consent", "traits", "group_id", "extra")
