@@ -79,6 +79,9 @@ from cdp_kit.telemetry import LATENCY_BUCKETS_MS, Telemetry
 
 log = logging.getLogger("cdp.identity")
 
+SERVER = events_pb2.SOURCE_TRUST_SERVER
+CLIENT_UNVERIFIED = events_pb2.SOURCE_TRUST_CLIENT_UNVERIFIED
+
 IDENTIFIERS = "identity_identifiers"
 PERSONS = "identity_persons"
 MERGES = "identity_merges"
@@ -136,6 +139,8 @@ class _Item:
     raw: bytes = b""
     replay: bool = False  # applied before a crash: resolve read-only, publish again
     received: int = 0  # when the collector received it (epoch ms; 0: unknown, `at` stands in)
+    # Event.source_trust: a client event whose user id was not verified claims nothing another holds.
+    unverified: bool = False
 
 
 @dataclass(slots=True)
@@ -168,6 +173,10 @@ class IdentityEngine:
         self.graph = IdentityGraph(rules, shared_notify_max=shared_notify_max)
         self.normalizer = Normalizer(rules)
         self.extractor = Extractor(rules)
+        # Identifier types a browser or mobile source's event never links, and those it links only when
+        # verified if another person holds them (each type's from_client).
+        self._client_never = frozenset(t.name for t in rules.types if t.from_client == "never")
+        self._client_verified = frozenset(t.name for t in rules.types if t.from_client == "verified")
         self.lock = asyncio.Lock()
         self._partition_of = Partitioner(partitions)
         self.versions: dict[tuple[str, str], int] = {}
@@ -294,6 +303,14 @@ class IdentityEngine:
         if pairs and pairs[-1][0] == "previous":
             previous = pairs.pop()[1]
         identifiers, rejected = self.normalizer.normalize(pairs)
+        trust = event.source_trust
+        if trust != SERVER and self._client_never and any(i.type in self._client_never for i in identifiers):
+            # A browser's key is public: a CRM id from it is anyone's claim to the CRM's person.
+            rejected = [
+                *rejected,
+                *(Rejected(i.type, i.value, "client_source") for i in identifiers if i.type in self._client_never),
+            ]
+            identifiers = [i for i in identifiers if i.type not in self._client_never]
         return _Item(
             delivery=delivery,
             event_id=event_id,
@@ -303,6 +320,7 @@ class IdentityEngine:
             previous=previous,
             raw=delivery.data if delivery is not None else b"",
             received=received,
+            unverified=trust == CLIENT_UNVERIFIED,
         )
 
     async def _apply(
@@ -396,8 +414,11 @@ class IdentityEngine:
                     if item.previous is not None:
                         self._place_previous(item)
                     replay = item.replay
+                    identifiers, claims = item.identifiers, None
+                    if item.unverified and self._client_verified:
+                        identifiers, claims = self.graph.unverified_claims(identifiers, self._client_verified)
                     resolution = self.graph.resolve(
-                        item.identifiers, event_id=item.event_id, at=item.at, read_only=replay
+                        identifiers, event_id=item.event_id, at=item.at, read_only=replay, dropped=claims
                     )
                     resolutions.append(resolution)
                     person = resolution.person if resolution else stable_id("p_", item.event_id)
@@ -411,6 +432,8 @@ class IdentityEngine:
                     dropped = [(r.type, r.value, r.reason) for r in item.rejected] if item.rejected else []
                     if resolution is not None and resolution.drops:
                         dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
+                    elif resolution is None and claims:
+                        dropped += [(*split_key(d.key), d.reason) for d in claims]
                     for _kind, _value, reason in dropped:
                         reason = reason.split(":")[0]
                         drop_reasons[reason] = drop_reasons.get(reason, 0) + 1

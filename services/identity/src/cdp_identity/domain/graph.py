@@ -138,7 +138,7 @@ class Drop:
     """An identifier left out of an event's linking, and the rule that dropped it."""
 
     key: str
-    reason: str  # "limit:<type>", "quarantined", "separated", "shared"
+    reason: str  # "limit:<type>", "quarantined", "separated", "shared", "unverified_claim"
 
     def as_dict(self) -> dict[str, str]:
         return {"identifier": self.key, "reason": self.reason}
@@ -324,14 +324,55 @@ class IdentityGraph:
 
     # --- applying ---------------------------------------------------------------------------------
 
+    def unverified_claims(self, identifiers: list[Identifier], types: Set[str]) -> tuple[list[Identifier], list[Drop]]:
+        """An event of a client source whose user id was not verified (`Event.source_trust`
+        CLIENT_UNVERIFIED): the identifiers it may link, and those it may not. An identifier of one of
+        `types` (from_client "verified": user_id, email, phone) that a person other than the event's own
+        holds is a claim nobody vouched for - a visitor sending another's email - and is left out
+        (unverified_claim), so it neither attaches the event's anonymous id or device to that person
+        nor merges. The event's own person is that of its first known, unquarantined identifier of
+        another type (its anonymous id, its device); none known: every held one is another's."""
+        own = None
+        for ident in identifiers:
+            if ident.type not in types:
+                state = self.identifiers.get(ident.key)
+                if state is not None and state.quarantined_at is None:
+                    own = self.root_of(state.person)
+                    break
+        kept: list[Identifier] = []
+        drops: list[Drop] = []
+        for ident in identifiers:
+            state = self.identifiers.get(ident.key) if ident.type in types else None
+            if state is not None and self.root_of(state.person) != own:
+                drops.append(Drop(ident.key, "unverified_claim"))
+            else:
+                kept.append(ident)
+        return kept, drops
+
     def resolve(
-        self, identifiers: list[Identifier], *, event_id: str, at: int, rule: str = "event", read_only: bool = False
+        self,
+        identifiers: list[Identifier],
+        *,
+        event_id: str,
+        at: int,
+        rule: str = "event",
+        read_only: bool = False,
+        dropped: list[Drop] | None = None,
     ) -> Resolution | None:
         """Attach, link and merge as one event says; None when the event carries no usable identifier.
 
         `identifiers` are normalised and strongest first. `read_only` answers who the event belongs to
-        without changing anything (an event already applied before a crash).
+        without changing anything (an event already applied before a crash). `dropped`: identifiers the
+        caller left out already (`unverified_claims`), listed first in the resolution's drops and
+        recorded on its person like the graph's own.
         """
+        if dropped:
+            resolution = self.resolve(identifiers, event_id=event_id, at=at, rule=rule, read_only=read_only)
+            if resolution is not None:
+                resolution.drops[:0] = dropped
+                if not read_only:
+                    self._record_drops(resolution.person, list(dropped), event_id, at)
+            return resolution
         if not read_only and (known := self._one_known_person(identifiers)) is not None:
             # Almost every event: nothing to attach, link, drop or note; only its sharing counts to read.
             return Resolution(person=known, shared=self.shared_with(identifiers, known, at))

@@ -96,6 +96,21 @@ class IdentifierType:
     blocked_values: frozenset[str] = frozenset()
     blocked_patterns: tuple[re.Pattern[str], ...] = ()
     quarantine_after: int | None = None  # distinct persons within the quarantine window
+    # What an event of a browser or mobile source (Event.source_trust not SERVER) may do with this type:
+    # "never" (left out: client_source), "verified" (one another person holds is left out unless the
+    # source verified the event's user id: unverified_claim), "always" (links as from a server).
+    from_client: str = "always"
+
+
+FROM_CLIENT = ("never", "verified", "always")
+# Defaults of the built-in types: a CRM id comes from the CRM, never from a browser; a user id, email or
+# phone names a person, whom a visitor may not take over by sending it (when its source verifies).
+_FROM_CLIENT_DEFAULTS = {
+    **dict.fromkeys(_CRM_IDS, "never"),
+    "user_id": "verified",
+    "email": "verified",
+    "phone": "verified",
+}
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,7 @@ def _parse_type(raw: Any, index: int) -> IdentifierType:
     where = f"types[{index}]"
     if not isinstance(raw, Mapping):
         raise InvalidArgument(where, 'must be an object like {"name": "email", "limit": 5}')
-    allowed = {"name", "normalize", "limit", "window", "hash", "paths", "blocked", "quarantine_after"}
+    allowed = {"name", "normalize", "limit", "window", "hash", "paths", "blocked", "quarantine_after", "from_client"}
     unknown = set(raw) - allowed
     if unknown:
         raise InvalidArgument(
@@ -240,6 +255,9 @@ def _parse_type(raw: Any, index: int) -> IdentifierType:
     if not isinstance(blocked, Mapping):
         raise InvalidArgument(f"{where}.blocked", 'must be an object {"values": [...], "patterns": [...]}')
     values, patterns = _parse_blocked(blocked, f"{where}.blocked")
+    from_client = raw.get("from_client", _FROM_CLIENT_DEFAULTS.get(name, "always"))
+    if from_client not in FROM_CLIENT:
+        raise InvalidArgument(f"{where}.from_client", f"{from_client!r} is not one of {', '.join(FROM_CLIENT)}")
     return IdentifierType(
         name=name,
         priority=index,
@@ -251,4 +269,5 @@ def _parse_type(raw: Any, index: int) -> IdentifierType:
         blocked_values=values,
         blocked_patterns=patterns,
         quarantine_after=quarantine_after,
+        from_client=from_client,
     )
