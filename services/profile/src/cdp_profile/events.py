@@ -226,10 +226,12 @@ def event_and_received(
     """`to_profile_event`, and `received_time` of the event (both read its times: each event of every batch
     comes through here)."""
     kind = _TYPES.get(event.type, "track")
+    category = ""
     if kind == "track":
         name = event.event
     elif kind == "page" or kind == "screen":
         name = event.name
+        category = event.category
     else:
         name = ""
     consent: dict[str, bool] = {}
@@ -269,7 +271,9 @@ def event_and_received(
             name,
             at,
             event.source_id or "unknown",
-            struct_to_dict(event.properties) if event.HasField("properties") else {},
+            (struct_to_dict(event.properties) if event.HasField("properties") else {})
+            if not category
+            else _page_properties(event, category),
             struct_to_dict(event.traits) if event.HasField("traits") else {},
             consent,
             tuple(resolved.identifiers),
@@ -281,3 +285,13 @@ def event_and_received(
         ),
         received,
     )
+
+
+def _page_properties(event: events_pb2.Event, category: str) -> dict[str, Any]:
+    """A page's or screen's properties with its top-level `category` (the Python and Ruby SDKs' `category`
+    argument) among them, as Segment's facade gives a page's properties to every destination: the call's
+    category wins over a `category` property. So the timeline entry keeps it (its `name` has a field of its
+    own), and a computed trait's `where` can read it like any property."""
+    properties = struct_to_dict(event.properties) if event.HasField("properties") else {}
+    properties["category"] = category
+    return properties
