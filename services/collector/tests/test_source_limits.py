@@ -208,6 +208,7 @@ async def test_requests_over_max_batch_cost_their_events_so_a_flood_of_them_is_r
         # The 4 events it carried were charged: the bucket is empty, the next request is refused unread.
         status, reply, headers = await post(collector, batch("y", 1), APP_KEY)
         assert status == 429 and reply["code"] == "source_rate_limited", reply
+        assert headers["Retry-After"] == "1"  # 1 token short at 1 a second
         for _ in range(5):  # more oversized requests: the debt stops at one burst below empty
             await post(collector, batch("x", 4), APP_KEY)
         run.clock.advance(8.0)  # 4 tokens of debt and 4 to fill again, at 1 a second
