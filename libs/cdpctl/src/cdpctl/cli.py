@@ -39,7 +39,7 @@ from pathlib import Path
 import click
 
 from cdpctl import tls
-from cdpctl.common import console, json_option, out, service_address
+from cdpctl.common import console, json_option, out, service_address, whole_numbers
 from cdpctl.platform import Workspace
 
 # Each command imports what it uses, when it runs: a command pays for its own imports only (`send` needs
@@ -302,7 +302,13 @@ async def _lookup_profile(address: str, token: str, person: tuple[str, ...], wai
                 ask = stub.GetProfile if len(person) == 1 else stub.LookupProfile
                 profile = await ask(request, metadata=metadata, timeout=5)
                 # Every value, false and 0 included: a withdrawn consent is granted false, a score of 0 a value.
-                return json_format.MessageToDict(profile, always_print_fields_with_no_presence=True)
+                document = json_format.MessageToDict(profile, always_print_fields_with_no_presence=True)
+                # What was sent: the values of traits, groups and computed traits are Struct values (42, not
+                # 42.0); scores are doubles of their own and stay as they are.
+                for key in ("traits", "groups", "computed"):
+                    if key in document:
+                        document[key] = whole_numbers(document[key])
+                return document
             except grpc.aio.AioRpcError as exc:
                 # Events reach the profile a moment after the collector accepted them: --wait waits for it.
                 if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() >= deadline:

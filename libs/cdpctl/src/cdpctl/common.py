@@ -221,6 +221,19 @@ async def all_pages(fetch: Callable[[str], Awaitable[Any]], field: str, limit: i
             return items[:limit] if limit else items
 
 
+def whole_numbers(value: Any) -> Any:
+    """A Struct's numbers as they were sent: protobuf holds every Struct number as a double, so 42 reads
+    back 42.0. JSON does not tell them apart; a double holding a whole number exactly (within ±2^53) is
+    shown as an integer, any other as it is. For rendering only: what compares numbers keeps the doubles."""
+    if type(value) is float:
+        return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+    if type(value) is dict:
+        return {key: whole_numbers(item) for key, item in value.items()}
+    if type(value) is list:
+        return [whole_numbers(item) for item in value]
+    return value
+
+
 def as_dict(message) -> dict:
     from google.protobuf import json_format
 

@@ -54,6 +54,7 @@ from cdpctl.common import (
     resolve_person,
     rpc_error,
     service_address,
+    whole_numbers,
 )
 from cdpctl.platform import SERVICES, Workspace
 
@@ -166,7 +167,7 @@ async def _export_part(ws: Workspace, service: str, request: privacy_pb2.ExportP
             )
         except grpc.aio.AioRpcError as exc:
             return f"{exc.code().name}: {exc.details()}"
-    return json_format.MessageToDict(reply.document)
+    return whole_numbers(json_format.MessageToDict(reply.document))  # 42 as sent, not 42.0
 
 
 async def export_document(ws: Workspace, person_id: str, identity_address: str | None) -> tuple[dict, dict[str, str]]:
