@@ -131,6 +131,28 @@ async def test_a_read_scope_cannot_export_a_person(service):
     await assert_read_scope_refused(privacy, READER)
 
 
+async def test_a_read_scope_reads_journeys_but_not_a_persons_instances_decisions_or_held_actions(service):
+    """orchestration:read is what another service holds to see which journeys use a segment or a computed
+    trait (segmentation's token); a person's instances, decisions and held actions are theirs, read with
+    orchestration:people (the second security trial: segmentation's token could list anyone's)."""
+    stub, _, _ = service
+    await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(WELCOME)), metadata=ADMIN)
+    assert [j.id for j in (await stub.ListJourneys(pb.ListJourneysRequest(), metadata=READER)).journeys] == [
+        WELCOME["id"]
+    ]
+    for call, request in (
+        (stub.ListDecisions, pb.ListDecisionsRequest(person_id="p_ada")),
+        (stub.ListInstances, pb.ListInstancesRequest(person_id="p_ada")),
+        (stub.GetInstance, pb.GetInstanceRequest(instance_id="i-1")),
+        (stub.ListApprovals, pb.ListApprovalsRequest()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(request, metadata=READER)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "orchestration:people" in refused.value.details()
+    await stub.ListDecisions(pb.ListDecisionsRequest(person_id="p_ada"), metadata=ADMIN)
+
+
 async def test_a_person_id_is_required(service):
     _, privacy, _ = service
     await assert_person_required(privacy, ADMIN)

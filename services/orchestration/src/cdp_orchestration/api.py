@@ -25,6 +25,10 @@ from cdp_orchestration.api_instances import InstanceCalls
 from cdp_orchestration.api_journeys import JourneyCalls
 from cdp_orchestration.api_reads import ReadCalls
 
+# A person's instances, decisions and held actions are their data: a token that reads journeys (another
+# service's, to see which journeys use a segment or trait) does not read them.
+PEOPLE = "orchestration:people"
+
 SCOPES = {
     "ValidateJourney": "orchestration:read",
     "CreateJourney": "orchestration:admin",
@@ -38,13 +42,13 @@ SCOPES = {
     "ListJourneys": "orchestration:read",
     "Enroll": "orchestration:write",
     "ExitInstance": "orchestration:write",
-    "GetInstance": "orchestration:read",
-    "ListInstances": "orchestration:read",
-    "ListApprovals": "orchestration:read",
+    "GetInstance": PEOPLE,
+    "ListInstances": PEOPLE,
+    "ListApprovals": PEOPLE,
     "ApproveAction": "orchestration:approve",
     "RejectAction": "orchestration:approve",
     "GetJourneyStats": "orchestration:read",
-    "ListDecisions": "orchestration:read",
+    "ListDecisions": PEOPLE,
     "ListInbox": "orchestration:inbox",
     "MarkInboxRead": "orchestration:inbox",
     "SubscribeInbox": "orchestration:inbox",
