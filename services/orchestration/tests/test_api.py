@@ -215,8 +215,15 @@ async def test_an_approved_bonus_lands_in_the_inbox_and_every_decision_is_readab
     assert pushed.action_id == waiting.action_id
     live.cancel()
     assert message.body == "250 credits, Bea"
-    decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="p_bea"))).decisions
+    for _ in range(300):  # the send's record is written once its outcome is known
+        decisions = (await stub.ListDecisions(pb.ListDecisionsRequest(person_id="p_bea"))).decisions
+        if decisions[0].delivery not in ("", "pending"):
+            break
+        await asyncio.sleep(0.05)
     assert [d.kind for d in decisions] == [pb.DECISION_KIND_SENT, pb.DECISION_KIND_AWAITING_APPROVAL]
+    # The arbiter let it through, and the decision says what its channel made of it: the inbox took it.
+    assert (decisions[0].delivery, decisions[0].delivery_reason) == ("accepted", "")
+    assert decisions[1].delivery == ""  # not a send
     instance = await stub.GetInstance(pb.GetInstanceRequest(instance_id=enrolled.instance_id))
     assert instance.state == pb.INSTANCE_STATE_ENDED and instance.end_reason == "completed"
     stats = await stub.GetJourneyStats(pb.GetJourneyStatsRequest(journey_id="welcome-bonus"))

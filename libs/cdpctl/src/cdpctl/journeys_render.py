@@ -150,6 +150,10 @@ def show_approvals(documents: list[dict[str, Any]]) -> None:
     out.print(table)
 
 
+# A send record's status while its action still has attempts behind it (orchestration's dispatch.PENDING).
+PENDING_DELIVERY = "pending"
+
+
 def show_decisions(person_id: str, documents: list[dict[str, Any]], *, filtered: bool) -> None:
     if not documents:
         out.print(
@@ -175,6 +179,13 @@ def show_decisions(person_id: str, documents: list[dict[str, Any]], *, filtered:
                 reason += f"; decided by {short_time(d['until'])} at the latest"
         elif d.get("until") and "until" not in reason:
             reason += f" (until {short_time(d['until'])})"
+        if kind == "sent" and d.get("delivery"):
+            # The arbiter let it through; what the channel's provider made of it is the send's own record.
+            delivery = d["delivery"]
+            kind = f"sent: {delivery}"
+            if delivery not in ("accepted", PENDING_DELIVERY):
+                colour = "red"
+                reason = "; ".join(part for part in (reason, d.get("deliveryReason", "")) if part)
         table.add_row(
             short_time(d.get("decidedAt")),
             f"[{colour}]{kind}[/]",

@@ -17,7 +17,7 @@ from cdp_orchestration.api_base import ApiBase
 from cdp_orchestration.domain import experiments
 from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import decision_message, held_message, page_size, required
-from cdp_orchestration.state import DECISIONS, PERSONS, decision_order, decisions_prefix, not_entered_prefix
+from cdp_orchestration.state import DECISIONS, PERSONS, SENDS, decision_order, decisions_prefix, not_entered_prefix
 
 
 class ReadCalls(ApiBase):
@@ -104,6 +104,7 @@ class ReadCalls(ApiBase):
             response.decisions.append(decision_message(doc))
         if last is not None and (cursors or any(pending.values())):
             response.next_page_token = encode_cursor(last)
+        await self._deliveries(response.decisions)
         if after is None:
             # Read after the decisions: an action decided between the two reads is then not held any more.
             # One whose decision is read but whose hold is not yet cleared is listed once, as decided.
@@ -115,6 +116,19 @@ class ReadCalls(ApiBase):
                 del response.decisions[:]
                 response.decisions.extend(fresh + listed)
         return response
+
+    async def _deliveries(self, decisions) -> None:
+        """What became of each SENT decision's send (its record in `orchestration_sends`, one read for the
+        page): the arbiter letting an action through is not the provider taking it."""
+        sent = [d for d in decisions if d.kind == pb.DECISION_KIND_SENT and d.action_id]
+        if not sent:
+            return
+        records = await self.store.get_many(SENDS, {d.action_id for d in sent})
+        for decision in sent:
+            record = records.get(decision.action_id)
+            if record is not None:
+                decision.delivery = str(record.doc.get("status") or "")
+                decision.delivery_reason = str(record.doc.get("reason") or "")
 
     async def _not_entered(self, persons: list[str], after: str | None) -> collections.deque:
         """The persons' refused entries after the cursor `after`, as (order, doc), newest first; the order

@@ -445,7 +445,7 @@ class JourneyStats(_message.Message):
     def __init__(self, journey_id: _Optional[str] = ..., entered: _Optional[int] = ..., active: _Optional[int] = ..., converted: _Optional[int] = ..., ended: _Optional[_Mapping[str, int]] = ..., variants: _Optional[_Iterable[_Union[VariantStats, _Mapping]]] = ..., decisions: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("action_id", "journey_id", "instance_id", "person_id", "channel", "category", "kind", "reason", "rule", "until", "decided_at")
+    __slots__ = ("action_id", "journey_id", "instance_id", "person_id", "channel", "category", "kind", "reason", "rule", "until", "decided_at", "delivery", "delivery_reason")
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     JOURNEY_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -457,6 +457,8 @@ class Decision(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_REASON_FIELD_NUMBER: _ClassVar[int]
     action_id: str
     journey_id: str
     instance_id: str
@@ -468,7 +470,9 @@ class Decision(_message.Message):
     rule: str
     until: _timestamp_pb2.Timestamp
     decided_at: _timestamp_pb2.Timestamp
-    def __init__(self, action_id: _Optional[str] = ..., journey_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., person_id: _Optional[str] = ..., channel: _Optional[str] = ..., category: _Optional[str] = ..., kind: _Optional[_Union[DecisionKind, str]] = ..., reason: _Optional[str] = ..., rule: _Optional[str] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    delivery: str
+    delivery_reason: str
+    def __init__(self, action_id: _Optional[str] = ..., journey_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., person_id: _Optional[str] = ..., channel: _Optional[str] = ..., category: _Optional[str] = ..., kind: _Optional[_Union[DecisionKind, str]] = ..., reason: _Optional[str] = ..., rule: _Optional[str] = ..., until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delivery: _Optional[str] = ..., delivery_reason: _Optional[str] = ...) -> None: ...
 
 class ListDecisionsRequest(_message.Message):
     __slots__ = ("person_id", "journey_id", "action_id", "page_size", "page_token")
