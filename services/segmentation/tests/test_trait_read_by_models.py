@@ -97,6 +97,9 @@ async def test_a_trait_a_deployed_model_reads_is_not_deleted_unless_forced(nats_
             auth_tokens_file=tokens, partitions=1, shutdown_grace=1.0, store_url="memory://",
             profile_address=profile_address, profile_token="segmentation-token",
             scoring_address=scoring_address, scoring_token="segmentation-token",
+            # Asked on every call: the end checks what a scoring service that just stopped gives (a kept
+            # answer would refuse for a few seconds more, naming the models: test_trait_readers_cache.py).
+            readers_cache_seconds=0,
         )  # fmt: skip
         await stack.enter_async_context(serving(segmentation, segmentation_setup))
         profiles = profile_pb2_grpc.ProfileServiceStub(

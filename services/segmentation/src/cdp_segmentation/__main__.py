@@ -113,6 +113,10 @@ async def setup(runtime: ServiceRuntime) -> None:
         known_fields=field_sources(models=models, computed=computed),
         live_journeys=journeys,
         model_readers=readers,
+        max_estimates=settings.max_estimates,
+        estimate_seconds=settings.estimate_seconds,
+        estimate_traits=settings.estimate_traits,
+        readers_cache_seconds=settings.readers_cache_seconds,
     )
     stream = SegmentationStream(
         engine,
@@ -152,6 +156,20 @@ async def setup(runtime: ServiceRuntime) -> None:
 
     subscription = await bus.nc.subscribe(ANNOUNCE, cb=on_announced)
     runtime.stack.push_async_callback(subscription.unsubscribe)
+
+    # The readers of a computed trait are kept a few seconds (cache.py), forgotten when a journey or a
+    # model changes.
+    for subject, cached in (
+        (subjects.ORCHESTRATION_JOURNEYS_CHANGED, engine.readers_journeys),
+        (subjects.SCORING_MODELS_CHANGED, engine.readers_models),
+    ):
+        if cached is not None:
+
+            async def forget(_msg, cached=cached) -> None:
+                cached.forget()
+
+            changes = await bus.nc.subscribe(subject, cb=forget)
+            runtime.stack.push_async_callback(changes.unsubscribe)
     runtime.parts.update(bus=bus, store=store, engine=engine, stream=stream)
     runtime.grpc.add_service(
         segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server,

@@ -63,7 +63,7 @@ import numpy as np
 import orjson
 
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.errors import FailedPrecondition, Unavailable
+from cdp_kit.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from cdp_segmentation.catalogue import BUILDING, FAILED, LIVE, SEGMENTS, Segment, segment_from_doc
 from cdp_segmentation.domain import Columns, CompiledSegment, to_json
 from cdp_segmentation.evaluation import Transition
@@ -76,6 +76,9 @@ log = logging.getLogger("cdp.segmentation.engine")
 
 CHUNK = 65_536  # rows per step of a whole-population run
 SAMPLE = 20
+# An estimate's evaluation steps in a worker thread: rows of the first, and the work each aims at after it.
+ESTIMATE_FIRST_STEP = 1024
+ESTIMATE_STEP_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -531,18 +534,50 @@ class Builds:
 
     async def estimate(self, node) -> Estimate:
         """The definition's size now. The computed traits it needs are defined for the call and deleted
-        after it (those no segment reads): an estimate leaves nothing behind on the profile service."""
+        after it (those no segment reads): an estimate leaves nothing behind on the profile service.
+
+        A preview never holds up the live work: at most `max_estimates` run at once (more are refused,
+        RESOURCE_EXHAUSTED with a retry hint), the computed traits they define that no segment reads count
+        against `estimate_traits` together, one takes at most `estimate_seconds` from its start (then
+        RESOURCE_EXHAUSTED naming the budget, its traits deleted), and its evaluation runs in a worker
+        thread a step of rows at a time (`_estimate_population`), so the event loop answers meanwhile."""
+        if self._estimates_running >= self.max_estimates:
+            raise ResourceExhausted(
+                f"{self._estimates_running} estimates are under way, the most this replica runs at once "
+                f"(CDP_SEGMENTATION_MAX_ESTIMATES={self.max_estimates}); try again shortly",
+                retry_after=2.0,
+                reason="estimates_busy",
+            )
+        self._estimates_running += 1
+        try:
+            async with asyncio.timeout(self.estimate_seconds):
+                return await self._estimate(node)
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"the estimate took longer than its budget (CDP_SEGMENTATION_ESTIMATE_SECONDS="
+                f"{self.estimate_seconds:g} s) and was stopped; nothing it defined is left on the profile "
+                "service. Estimate a narrower definition, or try again when the service is less busy",
+                retry_after=5.0,
+                reason="estimate_budget",
+            ) from None
+        finally:
+            self._estimates_running -= 1
+
+    async def _estimate(self, node) -> Estimate:
         compiled = self.compile(node, known=await self.known())
         warnings = await self.warnings(compiled)
         reading = frozenset(t["name"] for t in compiled.computed_traits)
+        temporary = self._temporary_traits(reading)
         self._estimating.append(reading)
+        self._estimate_temporary.append(temporary)
         try:
             await self._prepare(compiled)
             started = time.perf_counter()
-            persons, inside, _percentiles, _now = await self._population(compiled)
+            persons, inside = await self._estimate_population(compiled)
             elapsed = (time.perf_counter() - started) * 1000
         finally:
             self._estimating.remove(reading)
+            self._estimate_temporary.remove(temporary)
             if reading:
                 async with self._lifecycle_lock:
                     await self._release_traits(compiled)
@@ -555,6 +590,59 @@ class Builds:
             evaluate_ms=elapsed,
             warnings=warnings,
         )
+
+    def _temporary_traits(self, reading: frozenset[str]) -> frozenset[str]:
+        """The computed traits of `reading` no segment reads (an estimate defines them for itself), once
+        checked against the budget Estimates under way share: those of every one count once."""
+        if not reading:
+            return frozenset()
+        segments_read: set[str] = set()
+        for segment in self.segments.values():
+            if segment.serving:
+                segments_read.update(t["name"] for t in segment.compiled.computed_traits)
+            if segment.state == BUILDING:
+                segments_read.update(t["name"] for t in segment.definition.computed_traits)
+        temporary = reading - segments_read
+        under_way = frozenset().union(*self._estimate_temporary)
+        if len(under_way | temporary) > self.estimate_traits:
+            raise ResourceExhausted(
+                f"the estimate needs {len(temporary)} computed traits no segment reads, and estimates under way "
+                f"hold {len(under_way)} of the {self.estimate_traits} they may define on the profile service at "
+                f"once (CDP_SEGMENTATION_ESTIMATE_TRAITS); try again shortly",
+                retry_after=2.0,
+                reason="estimate_traits_busy",
+            )
+        return temporary
+
+    async def _estimate_population(self, compiled: CompiledSegment) -> tuple[list[str], np.ndarray]:
+        """`_population` for an estimate, off the event loop: each step's rows are copied here (a shallow
+        copy of each person's fields: the loop goes on changing them), then evaluated in a worker thread
+        while the loop serves the stream and other calls. A step aims at ~`ESTIMATE_STEP_SECONDS` of work,
+        so the time budget is checked often, and a stopped estimate leaves at most one step running."""
+        persons = sorted(self.persons)
+        total = len(persons)
+        percentiles = self.exact_percentiles(compiled.percentiles) if compiled.percentiles else None
+        now = self.clock()
+        result = np.zeros(total, dtype=bool)
+        refs = sorted(compiled.segments)
+        step, start = ESTIMATE_FIRST_STEP, 0
+        while start < total:
+            chunk = [p for p in persons[start : start + step] if p in self.persons]
+            rows = [self.persons[p] for p in chunk]
+            records = [dict(r.fields) for r in rows]
+            members = {ref: np.fromiter((ref in r.members for r in rows), dtype=bool, count=len(rows)) for ref in refs}
+            columns = Columns.from_records(records, percentiles)
+            began = time.perf_counter()
+            found = await asyncio.to_thread(compiled.evaluate_columns, columns, members, now)
+            took = time.perf_counter() - began
+            if len(chunk) == min(step, total - start):
+                result[start : start + len(chunk)] = found
+            else:  # persons removed meanwhile (merged, deleted) are not members
+                inside = dict(zip(chunk, found, strict=True))
+                result[start : start + step] = [bool(inside.get(p, False)) for p in persons[start : start + step]]
+            start += step
+            step = max(64, min(CHUNK, int(step * ESTIMATE_STEP_SECONDS / max(took, 1e-4))))
+        return persons, result
 
 
 def live_entry(

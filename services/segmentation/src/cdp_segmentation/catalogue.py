@@ -368,14 +368,14 @@ class Catalogue:
         )
 
         async def journeys() -> list[tuple[str, str]] | None:
-            if self.live_journeys is None:
+            if self.readers_journeys is None:
                 return None
-            return sorted((j.id, j.name) for j in await self.live_journeys() if name in j.computed)
+            return sorted((j.id, j.name) for j in await self.readers_journeys() if name in j.computed)
 
         async def models() -> list[tuple[str, str, str]] | None:
-            if self.model_readers is None:
+            if self.readers_models is None:
                 return None
-            return sorted((m.name, m.version, m.role) for m in await self.model_readers() if name in m.computed)
+            return sorted((m.name, m.version, m.role) for m in await self.readers_models() if name in m.computed)
 
         found_journeys, found_models = await asyncio.gather(journeys(), models(), return_exceptions=True)
         if isinstance(found_journeys, BaseException):

@@ -65,6 +65,7 @@ from cdp_kit.timestamps import set_ns
 # Re-exported (`X as X`): callers and tests know these by the engine's name.
 from cdp_segmentation.builds import Builds, as_live, live_entry
 from cdp_segmentation.builds import Estimate as Estimate
+from cdp_segmentation.cache import Cached
 from cdp_segmentation.catalogue import ANNOUNCE as ANNOUNCE
 from cdp_segmentation.catalogue import BUILDING as BUILDING
 from cdp_segmentation.catalogue import FAILED as FAILED
@@ -128,6 +129,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         known_fields: FieldSource | None = None,
         live_journeys: LiveJourneys | None = None,
         model_readers: ModelReaders | None = None,
+        max_estimates: int = 2,
+        estimate_seconds: float = 10.0,
+        estimate_traits: int = 40,
+        readers_cache_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -154,8 +159,19 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         # The model versions scoring keeps and the computed traits their features read (fields.py): asked
         # for the readers of a computed trait; None: scoring is not configured.
         self.model_readers = model_readers
+        # The same two, kept `readers_cache_seconds` for ListComputedTraitReaders (any reader may call it
+        # as often as it likes) and forgotten when either announces a change (cache.py).
+        self.readers_journeys = Cached(live_journeys, readers_cache_seconds) if live_journeys else None
+        self.readers_models = Cached(model_readers, readers_cache_seconds) if model_readers else None
         # Computed traits read by each Estimate under way (a list per call): not deleted meanwhile.
         self._estimating: list[frozenset[str]] = []
+        # What a preview may take (builds.py, `estimate`): Estimates at once, the time budget of one, and
+        # the computed traits they may define on profile at once that no segment reads (temporary ones).
+        self.max_estimates = max_estimates
+        self.estimate_seconds = estimate_seconds
+        self.estimate_traits = estimate_traits
+        self._estimates_running = 0
+        self._estimate_temporary: list[frozenset[str]] = []
         # Stored segments that could not be loaded: id -> why. DeleteSegment still removes them.
         self.unreadable: dict[str, str] = {}
         self.announce = announce

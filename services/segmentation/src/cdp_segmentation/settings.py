@@ -90,6 +90,33 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         help="computed traits one definition may need on the profile service (one per distinct event "
         "condition); a definition needing more is refused with INVALID_ARGUMENT",
     )
+    max_estimates: int = env(
+        "CDP_SEGMENTATION_MAX_ESTIMATES",
+        2,
+        help="Estimates one replica evaluates at once (a preview of a definition, segmentation:read); more are "
+        "refused with RESOURCE_EXHAUSTED and a retry hint",
+    )
+    estimate_seconds: float = env(
+        "CDP_SEGMENTATION_ESTIMATE_SECONDS",
+        10.0,
+        help="time budget of one Estimate (computed traits defined and backfilled, the population evaluated); "
+        "past it the estimate is stopped, its computed traits deleted, and it answers RESOURCE_EXHAUSTED naming "
+        "this budget",
+    )
+    estimate_traits: int = env(
+        "CDP_SEGMENTATION_ESTIMATE_TRAITS",
+        40,
+        help="computed traits the Estimates under way may define on the profile service at once that no segment "
+        "reads (temporary ones, deleted after each); an Estimate that would pass it is refused with "
+        "RESOURCE_EXHAUSTED. Keep it far below the profile service's CDP_PROFILE_MAX_COMPUTED_TRAITS (500)",
+    )
+    readers_cache_seconds: float = env(
+        "CDP_SEGMENTATION_READERS_CACHE_SECONDS",
+        5.0,
+        help="seconds ListComputedTraitReaders keeps orchestration's live journeys and scoring's models (one call "
+        "of each at a time, whoever asks); an announced change (a journey published or archived, a model "
+        "deployed or promoted) is seen at once; 0: asked on every call",
+    )
     percentile_interval: float = env(
         "CDP_SEGMENTATION_PERCENTILE_SECONDS",
         5.0,
@@ -123,6 +150,18 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
         if not 0 < self.percentile_interval <= 3600:
             problems.append(
                 f"CDP_SEGMENTATION_PERCENTILE_SECONDS={self.percentile_interval} is invalid: must be in (0, 3600]"
+            )
+        if self.max_estimates < 1:
+            problems.append(f"CDP_SEGMENTATION_MAX_ESTIMATES={self.max_estimates} is invalid: must be 1 or more")
+        if not 0 < self.estimate_seconds <= 3600:
+            problems.append(
+                f"CDP_SEGMENTATION_ESTIMATE_SECONDS={self.estimate_seconds} is invalid: must be in (0, 3600]"
+            )
+        if self.estimate_traits < 0:
+            problems.append(f"CDP_SEGMENTATION_ESTIMATE_TRAITS={self.estimate_traits} is invalid: must be 0 or more")
+        if not 0 <= self.readers_cache_seconds <= 60:
+            problems.append(
+                f"CDP_SEGMENTATION_READERS_CACHE_SECONDS={self.readers_cache_seconds} is invalid: must be in [0, 60]"
             )
         if self.max_computed_traits < 0:
             problems.append(
