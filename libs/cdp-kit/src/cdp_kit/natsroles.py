@@ -161,7 +161,12 @@ ROLES: dict[str, BusRole] = {
                 _each(subjects.SEGMENTS_EXITED_PREFIX),
                 subjects.SEGMENTATION_SEGMENTS_CHANGED,
             ),
-            subscribes=(subjects.SEGMENTATION_SEGMENTS_CHANGED,),
+            subscribes=(
+                subjects.SEGMENTATION_SEGMENTS_CHANGED,
+                # ListComputedTraitReaders' kept answers are forgotten on these (segmentation's cache.py)
+                subjects.ORCHESTRATION_JOURNEYS_CHANGED,
+                subjects.SCORING_MODELS_CHANGED,
+            ),
         ),
         BusRole(
             "orchestration",
