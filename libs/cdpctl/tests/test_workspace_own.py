@@ -136,3 +136,30 @@ async def test_delete_names_the_platform_it_deletes_on(people_cli):
     done = await people_cli.run("delete", "user_id", "ada", "--yes")
     assert done.exit_code == 0, done.output
     assert json.loads(done.output)["home"] == str(people_cli.home)
+
+
+def test_a_copied_home_does_not_act_on_the_platform_it_was_copied_from(tmp_path):
+    """A day-2 trial copied a running home (a backup, a move): in the copy, `cdpctl profile` answered from
+    the original platform (run.json came along with its ports and tokens), so a `delete` there would have
+    deleted on the original; `make up` in the copy refused as "already running". run.json names the home
+    it serves; a copy's is not this home's."""
+    original = Workspace(tmp_path / "original")
+    original.prepare(())
+    original.write_run(
+        {"pid": os.getpid(), "home": str(original.root.resolve()), "nats": "nats://127.0.0.1:1", "services": {}}
+    )
+    assert original.running() is not None and original.read_run() is not None
+
+    copy_root = tmp_path / "copy"
+    copy_root.mkdir()
+    (copy_root / "run.json").write_text(original.run_file.read_text())
+    copy = Workspace(copy_root)
+    assert copy.read_run() is None and copy.running() is None
+    result = subprocess.run(
+        [CDPCTL, "status", "--json"], env=os.environ | {"CDP_HOME": str(copy_root)}, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and json.loads(result.stdout)["running"] is False, result.stdout + result.stderr
+
+    # A run.json written before homes were named in it is read as before.
+    (copy_root / "run.json").write_text(json.dumps({"pid": os.getpid(), "services": {}}))
+    assert copy.read_run() == {"pid": os.getpid(), "services": {}}

@@ -639,10 +639,16 @@ class Workspace:
         write_private(self.run_file, json.dumps(state, indent=2))
 
     def read_run(self) -> dict | None:
+        """run.json, when it is this home's: one copied with the home (a backup, a moved folder) names the
+        platform of the home it was copied from, its ports and tokens, so acting on it would act there."""
         try:
-            return json.loads(self.run_file.read_text())
+            state = json.loads(self.run_file.read_text())
         except (OSError, ValueError):
             return None
+        home = state.get("home") if isinstance(state, dict) else None
+        if home is not None and home != str(self.root.resolve()):
+            return None
+        return state
 
     def running(self) -> dict | None:
         """The run state when the `cdpctl up` that wrote it is still alive (a crash leaves a stale file)."""

@@ -256,6 +256,8 @@ async def _up_private(
     logs: dict[str, Path] = {}
     state: dict = {
         "pid": os.getpid(),
+        # The home it serves: a copied or moved home's run.json names another platform (`Workspace.read_run`).
+        "home": str(ws.root.resolve()),
         "nats": ws.nats_operator_url(nats.url),  # the operator's user: cdpctl and tests
         "nats_pid": nats._proc.pid if nats._proc is not None else None,
         "nats_monitor": f"http://127.0.0.1:{nats.monitor_port}",
