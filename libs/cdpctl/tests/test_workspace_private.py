@@ -130,3 +130,24 @@ def test_up_tightens_an_older_workspace_says_so_once_and_starts_everything_under
     said = " ".join(capsys.readouterr().err.split())  # as one line, whatever the console wrapped
     assert said.count("now its owner's only") == 1, said
     assert os.umask(0o022) == 0o022  # cdpctl's own umask is given back
+
+
+def test_a_connections_file_the_operator_edited_is_kept_at_the_next_start(tmp_path):
+    """A day-2 trial added a field to .cdp/crm/connections.yaml; the next `make up` wrote the dev template
+    over it and the edit was gone. A file as cdpctl wrote it is written afresh (its ports brought up to
+    date); one edited since is kept and named."""
+    ws = Workspace(tmp_path / ".cdp")
+    ws.prepare((CRM,))
+    ports = {"crm-hubspot.api": 8032, "crm-salesforce.api": 8031, "crm.http": 8035}
+    (path,) = write_service_files(ws, CRM, ports)
+    assert "127.0.0.1:8032" in path.read_text()
+
+    kept: list = []
+    write_service_files(ws, CRM, ports | {"crm-hubspot.api": 9032}, kept)
+    assert kept == [] and "127.0.0.1:9032" in path.read_text()  # untouched: written afresh
+
+    edited = path.read_text().replace("Email: traits.email", "Email: traits.email\n          Title: traits.title")
+    path.write_text(edited)
+    write_service_files(ws, CRM, ports, kept)
+    assert kept == [path] and path.read_text() == edited
+    assert stat.S_IMODE(path.with_name(path.name + ".written").stat().st_mode) == 0o600

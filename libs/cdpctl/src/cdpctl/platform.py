@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -777,10 +778,15 @@ def nats_server_config(ws: Workspace, *, use_tls: bool = False) -> str:
     return NATS_SERVER_CONFIG + tls.nats_server_config(ws.root)
 
 
-def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[str, int]) -> list[Path]:
+def write_service_files(
+    ws: Workspace, svc: ServiceProcess, named_ports: dict[str, int], kept: list[Path] | None = None
+) -> list[Path]:
     """Write the service's files (`ServiceProcess.files`) from their templates, ports filled in. A
     template naming a listener nobody runs (`cdpctl up --no-companions`) is replaced by its empty form,
-    so a service is never pointed at a CRM that is not there."""
+    so a service is never pointed at a CRM that is not there.
+
+    A file the operator edited since it was written (its digest is not the one kept beside it, in
+    `<file>.written`) is kept as it is and listed in `kept`: a start never throws an edit away."""
     written = []
     for target, (template, empty) in svc.files.items():
         text = (Path(__file__).parent / "dev" / template).read_text()
@@ -790,9 +796,20 @@ def write_service_files(ws: Workspace, svc: ServiceProcess, named_ports: dict[st
             text = empty
         path = Path(fill(target, ws, named_ports))
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stamp = path.with_name(path.name + ".written")
+        if path.exists() and stamp.exists() and stamp.read_text().strip() != _digest(path.read_bytes()):
+            if kept is not None:
+                kept.append(path)
+            written.append(path)
+            continue
         write_private(path, text)  # the CRM connections name their credentials
+        write_private(stamp, _digest(text.encode()) + "\n")
         written.append(path)
     return written
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def companion_command(ws: Workspace, companion: Companion, ports: dict[str, int]) -> list[str]:

@@ -329,7 +329,13 @@ async def _up_private(
             named_ports.update({f"{svc.name}.grpc": grpc_port, f"{svc.name}.metrics": metrics_port})
             if http_port is not None:
                 named_ports[f"{svc.name}.http"] = http_port
-            write_service_files(ws, svc, named_ports)  # the CRM connections, ports filled in
+            kept: list[Path] = []
+            write_service_files(ws, svc, named_ports, kept)  # the CRM connections, ports filled in
+            for path in kept:
+                out.print(
+                    f"[yellow]{path} was edited since cdpctl wrote it: kept as it is (its ports are not "
+                    "brought up to date; delete it to have it written afresh)[/]"
+                )
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
             listens = (grpc_port, metrics_port, *(p for p in (http_port, health_port) if p is not None))
             process = children.start(svc.name, [sys.executable, "-m", svc.module], env, logs[svc.name], listens)
