@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -104,3 +105,25 @@ def test_one_platform_never_gets_the_same_port_for_two_listeners(reservations, m
     with pytest.raises(RuntimeError, match="no free port"):
         for _ in range(4):
             platform.pick_port(0)
+
+
+def test_a_picked_port_in_the_ephemeral_range_is_held_until_its_service_starts(reservations, monkeypatch):
+    """A day-2 trial's restart stopped: orchestration could not listen on 50056 ("port is in use"). The
+    conventional gRPC ports lie in Linux's ephemeral range, where the kernel may give a picked port to
+    someone's outgoing connection before the service binds it. A picked one is held by a bound socket (which
+    the kernel never hands out) until right before its service starts."""
+    monkeypatch.setattr(platform, "_held", {})
+    monkeypatch.delenv("CDP_UP_PORTS", raising=False)
+    with socket.socket() as probe:  # a port of the ephemeral range that is free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert port >= 32_768
+    assert platform.pick_port(port) == port
+    assert not platform.port_is_free(port)  # held: nobody else gets it meanwhile
+    platform.free_held(port)
+    with socket.socket() as service:  # its service binds it
+        service.bind(("127.0.0.1", port))
+        service.listen()
+    # A spare port (below the ephemeral range) is not held: the kernel never hands those out.
+    spare = platform.pick_port(0)
+    assert spare < 32_768 and spare not in platform._held and platform.port_is_free(spare)

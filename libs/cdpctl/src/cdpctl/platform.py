@@ -307,6 +307,36 @@ _RESERVATIONS = Path(tempfile.gettempdir()) / "cdp-ports"
 _mine: dict[Path, int] = {}  # picked port's file -> the descriptor holding its lock
 
 
+# The conventional gRPC ports (50051-50057) lie in Linux's ephemeral range: between picking one and its
+# service binding it (seconds: the services start one after another, and every gRPC port is picked before
+# the first starts, since services call peers started after them), an outgoing connection of anyone's may
+# be given it as its own port, and the service then cannot listen there. A socket bound to the port keeps
+# the kernel from handing it out; it is closed right before the service that listens there starts
+# (`free_held`), which leaves only the service's own start-up as a window.
+_EPHEMERAL_FROM = 32_768
+_held: dict[int, socket.socket] = {}
+
+
+def _hold(port: int) -> None:
+    if port < _EPHEMERAL_FROM or port in _held:
+        return
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return  # taken meanwhile: the service's own bind will say so
+    _held[port] = sock
+
+
+def free_held(*ports: int | None) -> None:
+    """Let the service about to start bind these ports (`_hold`)."""
+    for port in ports:
+        sock = _held.pop(port, None) if port is not None else None
+        if sock is not None:
+            sock.close()
+
+
 def _release_ports() -> None:
     for path, fd in list(_mine.items()):
         with contextlib.suppress(OSError):
@@ -356,6 +386,7 @@ def pick_port(preferred: int) -> int:
         return (_RESERVATIONS / str(port)) not in _mine and port_is_free(port) and _reserve(port)
 
     if preferred and os.environ.get("CDP_UP_PORTS") != "any" and takeable(preferred):
+        _hold(preferred)
         return preferred
     rng = random.SystemRandom()
     for _ in range(200):

@@ -49,6 +49,7 @@ from cdpctl.platform import (
     companion_environment,
     companion_urls,
     fill,
+    free_held,
     nats_server_config,
     next_nats_user,
     pick_port,
@@ -338,6 +339,7 @@ async def _up_private(
                 )
             logs[svc.name] = ws.logs_dir / f"{svc.name}.log"
             listens = (grpc_port, metrics_port, *(p for p in (http_port, health_port) if p is not None))
+            free_held(*listens)
             process = children.start(svc.name, [sys.executable, "-m", svc.module], env, logs[svc.name], listens)
             state["services"][svc.name] = {
                 "pid": process.pid,
