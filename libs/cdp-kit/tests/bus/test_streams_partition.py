@@ -61,3 +61,17 @@ def test_every_partition_has_exactly_one_owner():
     for replicas in (1, 2, 3, 5):
         owned = [p for ordinal in range(replicas) for p in owned_partitions(16, ordinal, replicas)]
         assert sorted(owned) == list(range(16))
+
+
+async def test_a_stream_kept_longer_than_the_promised_30_days_is_said_at_start(nats_server, caplog):
+    """A day-2 trial set CDP_PROFILE_CHANGES_RETENTION_DAYS=45 and nothing said that a deleted person's
+    copies in PROFILES would now last 45 days, past what docs/privacy.md promises."""
+    import logging
+
+    from cdp_kit.bus import Bus, privacy_stream, profiles_stream
+
+    caplog.set_level(logging.WARNING, logger="cdp.bus")
+    async with Bus.connect(nats_server.url, name="profile") as bus:
+        await bus.ensure_streams(profiles_stream(max_age=45 * 86400), privacy_stream(), events_raw_stream())
+    [said] = [r for r in caplog.records if r.name == "cdp.bus" and "longer than the 30 days" in r.getMessage()]
+    assert (said.stream, said.max_age_days) == ("PROFILES", 45.0)  # PRIVACY keeps for ever on purpose

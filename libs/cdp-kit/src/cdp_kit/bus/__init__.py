@@ -58,6 +58,24 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.bus")
 
+# docs/privacy.md: the streams' copies of personal data age out within 30 days by default, and an erasure
+# reaches a stream's copy only when it ages out. A longer retention is the operator's choice; it is said.
+PROMISED_RETENTION = 30 * 86_400.0
+
+
+def _warn_long_retention(stream: str, max_age: float) -> None:
+    """A stream this service owns kept longer than the platform promises (0: kept for ever on purpose,
+    as PRIVACY's notices and the timers are)."""
+    if max_age > PROMISED_RETENTION:
+        log.warning(
+            "stream %s keeps messages %.0f days, longer than the 30 days docs/privacy.md promises: a deleted "
+            "person's copies in it last that long",
+            stream,
+            max_age / 86_400,
+            extra={"stream": stream, "max_age_days": round(max_age / 86_400, 1)},
+        )
+
+
 # How long nats.py waits on each step of a connection (TCP, INFO line, TLS, PONG) before it tries again.
 STEP_TIMEOUT = 2.0
 # A server that stops answering while connected (stopped, wedged, a link that drops packets) is left when
@@ -298,6 +316,7 @@ class Bus:
         NATS user: verified instead, every compared setting (retention, subjects, sources, mirror,
         republish, subject transform); StreamMismatch (the service does not start) names what differs."""
         for spec in specs:
+            _warn_long_retention(spec.name, spec.max_age)
             if self.provisioned:
                 await self._verify(spec.config())
             else:
@@ -318,6 +337,8 @@ class Bus:
         """Streams made from full configurations (sourced input streams, timers): created when missing,
         left as they are when they exist (`streams.ensure_created`). As a service's NATS user: verified
         instead, their subjects and routing (a sourced stream must source exactly what its spec says)."""
+        for config in configs:
+            _warn_long_retention(config.name or "", config.max_age or 0.0)
         if not self.provisioned:
             await ensure_created(self.js, *configs)
             return
