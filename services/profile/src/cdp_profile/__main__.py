@@ -13,6 +13,7 @@ and the store close, so the other replicas take over at once instead of after th
 from __future__ import annotations
 
 import gc
+import logging
 
 from nats.js.errors import NotFoundError
 
@@ -39,9 +40,12 @@ from cdp_profile import SERVICE
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
+from cdp_profile.notices import erase_noticed, read_notices
 from cdp_profile.routing import Router, holder_address, peer_addresses
 from cdp_profile.settings import ProfileSettings
 from cdp_profile.stream import partitioned_engines
+
+log = logging.getLogger("cdp.profile")
 
 
 async def setup(runtime: ServiceRuntime) -> None:
@@ -81,8 +85,22 @@ async def setup(runtime: ServiceRuntime) -> None:
     )
     for stream in streams:  # made with this CDP_PARTITIONS, or the service stops (under leases too)
         await stream.check_partitions()
+    # Deletions a restored store file no longer shows (notices.py): PRIVACY read whole, and the persons it
+    # names erased where owned: the owned partitions now, before any input runs (their outboxes scrubbed of
+    # them) or a read is served, and each partition acquired later (leases) as it arrives.
+    try:
+        named = await read_notices(bus.js)
+    except Exception as exc:  # its NATS user may not read PRIVACY (natsroles: profile `reads` it)
+        log.error("privacy.deleted notices not read (%s): deletions a restored store lost stay undone", exc)
+        named = {}
+    await erase_noticed(engine, named, engine.owned)
+
+    async def acquire(partition: int) -> None:
+        await engine.start_partition(partition)
+        await erase_noticed(engine, named, {partition}, outboxes=False)  # its inputs have started
+
     ownership = await ownership_from_settings(settings, js=bus.js, group=SERVICE, partitions=settings.partitions)
-    await ownership.start(engine.start_partition, engine.stop_partition)
+    await ownership.start(acquire if not static else engine.start_partition, engine.stop_partition)
     # Pushed after the bus and the store: on the way out it runs before they close.
     runtime.stack.push_async_callback(ownership.stop)
     runners = []

@@ -171,6 +171,10 @@ class Privacy:
                 await self.scrub_outboxes()
                 await self._erase()
 
+    async def erase_files(self) -> None:
+        """The store's erase after records of deleted persons were written (also `notices.py`)."""
+        await self._erase()
+
     async def _erase(self) -> None:
         """The store's erase (no bytes of the deleted persons left in its files), tried again for a second
         while readers keep it from finishing (SQLite's write-ahead log); the store's next writes finish it."""

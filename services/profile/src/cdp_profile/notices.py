@@ -1,0 +1,170 @@
+"""Deletions the store no longer shows, applied again at start: a restored file must not bring a person back.
+
+An operator who restores `profile.db` (architecture.md's recovery for a damaged store: stop, restore the
+file with its -wal, start) from a copy taken before a deletion gets the deleted person back: profile,
+timeline, identifiers. The deletion's `privacy.deleted` notice is still in PRIVACY (kept without an age
+limit), so at start, before the partitioned inputs run and before reads are served, profile reads the
+stream whole (`read_notices`: message by message in windows, as the collector does for its suppression
+list) and erases every person a notice names that its store still holds (`erase_noticed`): the same
+erasure as `Delete` (the person and every person merged into it become bare markers, their timeline
+entries and scores are deleted, the files erased), without a new notice, a new `removed` change or a new
+request record. A person is erased where it is owned: the owned partitions at start (static ownership,
+a store per replica) and each partition as it is acquired (leases, a shared store); it is idempotent, so a
+partition acquired again finds nothing left to do. A notice names its person and the persons merged into
+it, so merged persons are covered whether the restored file holds them merged or still apart.
+Logged at WARNING: how many persons were erased and the notices' request ids, never identifiers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+from nats.js.errors import NotFoundError
+
+from cdp.privacy.v1 import privacy_pb2
+from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
+from cdp_kit.storage import Delete, Put
+from cdp_profile.records import SCORES, TIMELINE, timeline_key, timeline_prefix
+
+if TYPE_CHECKING:
+    from cdp_profile.engine import ProfileEngine
+
+log = logging.getLogger("cdp.profile.privacy")
+
+PROFILES_CHANGED_PREFIX = "profiles.changed."
+
+#: Messages of PRIVACY asked for at once (each a small get by sequence).
+READ_WINDOW = 256
+
+#: Request ids named in the log line (the rest counted).
+LOGGED_REQUESTS = 50
+
+
+async def read_notices(js) -> dict[str, str]:
+    """Every person a `privacy.deleted` notice in PRIVACY names (the person and those merged into it),
+    with the request id of the notice naming it last. Empty when there is no stream."""
+    try:
+        state = (await js.stream_info(PRIVACY)).state
+    except NotFoundError:
+        return {}
+    first, last = state.first_seq or 0, state.last_seq or 0
+    named: dict[str, str] = {}
+
+    async def get(seq: int) -> bytes | None:
+        try:
+            message = await js.get_msg(PRIVACY, seq=seq)
+        except NotFoundError:  # purged by an operator
+            return None
+        return message.data if message.subject == PRIVACY_DELETED else None
+
+    seq = max(first, 1)
+    while first and seq <= last:
+        window = range(seq, min(last, seq + READ_WINDOW - 1) + 1)
+        for number, data in zip(window, await asyncio.gather(*(get(s) for s in window)), strict=True):
+            if data is None:
+                continue
+            try:
+                notice = privacy_pb2.PrivacyDeleted.FromString(data)
+            except Exception:
+                log.error("privacy.deleted message %d is not a PrivacyDeleted and was skipped", number)
+                continue
+            for person in (notice.person_id, *notice.merged_person_ids):
+                if person:
+                    named[person] = notice.request_id
+        seq = window.stop
+    return named
+
+
+async def erase_noticed(
+    engine: ProfileEngine, named: dict[str, str], partitions: Collection[int], *, outboxes: bool = True
+) -> int:
+    """Erase every person of `partitions` that `named` holds and the store still keeps alive or merged
+    away (Delete's erasure, nothing published); the number of persons erased. `outboxes`: the inputs of
+    these partitions have not started, and their outbox records are rewritten without these persons' changes
+    (a partition acquired under leases has published its outbox by then: left alone)."""
+    hot = engine.hot
+    candidates = sorted(p for p in named if engine.partition_of(p) in partitions)
+    if not candidates:
+        return 0
+    # A partition held whole is in memory already (`state.py`); only the others are read from the store.
+    await hot.load([p for p in candidates if engine.partition_of(p) not in hot.whole])
+    found = [p for p in candidates if p in hot.profiles or p in hot.tombstones]
+    if not found:
+        return 0
+    now = engine.clock()
+    origins_of: dict[str, tuple[str, list[str]]] = {}  # person -> (request id, itself and those merged into it)
+    timeline_keys: set[str] = set()
+    for person in found:
+        profile = hot.profiles.get(person)
+        origins = [person]
+        if profile is not None:
+            origins += list(profile.view(now=now).merged_from)
+            timeline_keys.update(timeline_key(e) for e in profile.events(limit=1_000_000)[0])
+        origins_of[person] = (named[person], origins)
+    everyone = sorted({o for _, origins in origins_of.values() for o in origins})
+    await hot.load(everyone)  # their versions: a marker is a versioned write like any other
+    for origin in everyone:
+        async for record in engine.store.scan_all(TIMELINE, prefix=timeline_prefix(origin)):
+            timeline_keys.add(record.key)
+    ops: list[Put | Delete] = [Delete(TIMELINE, key) for key in sorted(timeline_keys)]
+    marked: set[str] = set()
+    requests: set[str] = set()
+    for person, (request_id, origins) in origins_of.items():
+        requests.add(request_id)
+        hot.profiles.pop(person, None)
+        for origin in origins:
+            if origin in marked:
+                continue
+            marked.add(origin)
+            hot.profiles.pop(origin, None)
+            hot.tombstones.pop(origin, None)
+            hot.deleted[origin] = now
+            ops.append(hot.versioned_put(origin, {"deleted_at": now, "request_id": request_id}))
+            ops.append(Delete(SCORES, origin))
+    if outboxes:
+        ops.extend(await _outbox_scrub(engine, marked))
+    await engine.commit({}, ops=ops)
+    await engine.privacy.erase_files()
+    shown = sorted(requests)[:LOGGED_REQUESTS]
+    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    log.warning(
+        "erased %d persons a restored store still held although privacy.deleted notices name them "
+        "(requests %s%s); nothing published again",
+        len(marked),
+        ", ".join(shown),
+        more,
+        extra={"erased": len(marked), "requests": len(requests), "request_ids": shown},
+    )
+    return len(marked)
+
+
+async def _outbox_scrub(engine: ProfileEngine, persons: set[str]) -> list[Put | Delete]:
+    """The partitioned inputs' outbox records rewritten without the changes of `persons`: a file copied
+    while the service ran may hold change messages not yet published, with the person's values, which the
+    inputs would publish when they start. The other persons' changes stay, under the same message ids."""
+    ops: list[Put | Delete] = []
+    for name in sorted({outbox for stream in engine.streams for outbox in stream.outboxes}):
+        async for record in engine.store.scan_all(name):
+            kept, changed = [], False
+            for message in record.doc.get("messages", []):
+                if message["subject"].startswith(PROFILES_CHANGED_PREFIX):
+                    batch = profile_pb2.ProfileChangedBatch.FromString(base64.b64decode(message["payload"]))
+                    left = [change for change in batch.changes if change.person_id not in persons]
+                    if len(left) != len(batch.changes):
+                        changed = True
+                        if not left:
+                            continue
+                        batch.ClearField("changes")
+                        batch.changes.extend(left)
+                        message = {**message, "payload": base64.b64encode(batch.SerializeToString()).decode()}
+                kept.append(message)
+            if changed:
+                ops.append(
+                    Put(name, record.key, {**record.doc, "messages": kept}) if kept else Delete(name, record.key)
+                )
+    return ops
