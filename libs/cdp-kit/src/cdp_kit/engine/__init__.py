@@ -58,6 +58,18 @@ about a fifth of the server's CPU. A nats-server restart loses them; each is cre
 its checkpoint when the partition binds it. Not for held state (a logic that snapshots, below): its
 start replays what its consumer was given after the snapshot, which only a consumer kept can say.
 
+A checkpoint past what the stream holds for the partition (a stream restored from a copy older than the
+store - a home's nats/ copied before its stores, separate volume snapshots - or deleted and created
+again): the stream numbers new messages at or below the checkpoint, and step 2 would skip them as
+applied. When a partition binds (and when its consumer is found gone) the engine compares the
+checkpoint with the last message of the partition's subject; past it (and the stream's sequences went
+back: its last sequence is below the checkpoint, or another subject's message is at it), it resumes
+after the last message of the subject stored before the checkpoint was written (none if the stream was
+created since), writes that as the checkpoint, logs ERROR once (partition, checkpoint, the stream's last
+sequence for it) and counts `cdp.engine.checkpoint.rewinds`. What the stream held was applied (it is
+older than the store), and the positions in between never reached this stream: nothing twice. Purged
+or aged-out messages (first sequence past the checkpoint) are normal: sequences go on.
+
 Ownership: `run(ownership)` takes partitions from a `cdp_kit.ownership.Ownership` (static by default);
 `start_partition(p)` / `stop_partition(p)` are its acquire / release hooks (stop = stop fetching, drain
 the commits in flight, acknowledge, return).
@@ -85,7 +97,8 @@ partitions for little an operator reads): a batch's time stage by stage, in ms -
 `cdp.engine.slot.wait.duration` (fetched -> a pipeline slot free), `cdp.engine.decode.duration`,
 `cdp.engine.batch.apply.duration`, `cdp.engine.commit.duration` (submitted -> durable),
 `cdp.engine.publish.duration`, `cdp.engine.ack.duration` - and, with `partition` too,
-`cdp.engine.recoveries` and `cdp.engine.lag` (messages not yet delivered). With several inputs, decode,
+`cdp.engine.recoveries`, `cdp.engine.checkpoint.rewinds` (above) and `cdp.engine.lag` (messages not
+yet delivered). With several inputs, decode,
 apply and lag are per input (its spec's `service`), the round's other stages under the engine's. A span per applied batch;
 when it is sampled, it is linked to its messages' traces (the links are not read at all for a batch
 whose span is not).

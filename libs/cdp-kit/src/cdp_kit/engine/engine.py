@@ -177,6 +177,12 @@ class PartitionedEngine:
         self.m_recoveries = meter.create_counter(
             "cdp.engine.recoveries", unit="{recovery}", description="pipelines restarted after a failed batch"
         )
+        self.m_rewinds = meter.create_counter(
+            "cdp.engine.checkpoint.rewinds",
+            unit="{rewind}",
+            description="partitions whose checkpoint was past the last sequence the stream holds for them "
+            "(a stream restored older than the store, or recreated), resumed from that sequence",
+        )
         observe_on(
             meter,
             "cdp.engine.lag",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nats.errors
+from nats.js.errors import NotFoundError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -200,6 +201,10 @@ class PartitionPipeline:
         while not self._stopping.is_set():
             _raise_if_cancelling(me)
             if careful:
+                if self._failure is not None:  # set by a fetch (its stream recreated): not by a batch
+                    await self._recover()
+                    await self._subscribe()
+                    continue
                 rounds = await self._fetch()
                 if any(rounds):
                     # ConsumerRunner's isolation: whole batch first, then halves down to one message.
@@ -275,6 +280,8 @@ class PartitionPipeline:
                 return False
             try:
                 if feed.checkpoint:
+                    await self._rewind_if_ahead(feed)
+                if feed.checkpoint:
                     # A consumer that does not exist (a memory consumer after a nats-server restart) starts
                     # after the checkpoint: nothing up to it needs reading again.
                     await feed.runner.provision(start_seq=feed.checkpoint + 1)
@@ -291,6 +298,92 @@ class PartitionPipeline:
                 log.warning("engine consumer %s not ready: %s", feed.consumer.durable, describe_error(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _rewind_if_ahead(self, feed: _Feed) -> None:
+        """A checkpoint past what the stream holds for the partition: resume from the stream's last
+        position of its subject.
+
+        A stream restored from a copy older than the store's (nats/ copied before data/; separate volume
+        snapshots) or deleted and created again numbers new messages from its own last sequence, at or
+        below the checkpoint: they would be skipped as applied, silently. What the stream holds for the
+        subject is older than the store, so it was applied: the partition resumes right after the
+        subject's last message, the stored checkpoint is lowered to it (so this is said once), and the
+        operator is told (ERROR, `cdp.engine.checkpoint.rewinds`). Nothing is applied twice: the
+        positions between it and the checkpoint never reached this stream.
+
+        Normal, not rewound: the subject's messages up to the checkpoint purged, aged out or deleted
+        (its first sequence past the checkpoint, or none left) - JetStream's sequences never go back, so
+        the stream's last sequence is still at or past the checkpoint and its message at the checkpoint,
+        if any, is still this subject's."""
+        ahead = await self._held_if_ahead(feed)
+        if ahead is None:
+            return
+        last, held = ahead
+        await self.chain.submit([Put(feed.checkpoints, feed.subject, {"stream_seq": held, "at": time.time()})])
+        log.error(
+            "engine partition %s of %s: checkpoint %s is past the stream's last sequence %s for the partition; "
+            "resuming after sequence %s (a stream restored older than the store, or created again: messages "
+            "numbered at or below the checkpoint would have been skipped)",
+            self.partition,
+            feed.spec.service,
+            feed.checkpoint,
+            last,
+            held,
+            extra={"partition": self.partition, "subject": feed.subject, "stream": feed.consumer.stream},
+        )
+        self.engine.m_rewinds.add(1, feed.partition_attrs)
+        feed.checkpoint = feed.position = held
+
+    async def _held_if_ahead(self, feed: _Feed) -> tuple[int, int] | None:
+        """If the checkpoint is past what the stream holds for `feed`'s subject (`_rewind_if_ahead`): the
+        stream's last sequence for the subject (0: none), and the last one the store applied - its last
+        message stored before the checkpoint was written (0: none; a stream created since holds nothing
+        it applied). None if it is not past."""
+        js = self.engine.bus.js
+        stream = feed.consumer.stream
+        checkpoint = feed.checkpoint
+        try:
+            last_msg = await js.get_last_msg(stream, feed.subject)
+        except NotFoundError:
+            last_msg = None  # no message of the subject (purged, aged out, a new stream)
+        held = last_msg.seq or 0 if last_msg is not None else 0
+        if held >= checkpoint:
+            return None
+        info = await js.stream_info(stream)
+        if (info.state.last_seq or 0) >= checkpoint:
+            try:
+                at = await js.get_msg(stream, checkpoint)
+            except NotFoundError:
+                return None  # deleted or aged out: the sequence is still the one this store applied
+            if at.subject == feed.subject:
+                return None
+            # Another subject's message at the checkpoint: the stream's sequences started again.
+        if last_msg is None:
+            return 0, 0
+        record = await self.engine.store.get(feed.checkpoints, feed.subject)
+        written = record.doc.get("at") if record is not None else None
+        if written is None:
+            return held, held
+        if info.created is not None and info.created.timestamp() > written:
+            return held, 0  # created after the checkpoint was written: nothing in it was applied
+        if last_msg.time is None or last_msg.time.timestamp() <= written:
+            return held, held
+        # Messages of the subject came after the checkpoint was written (published since the stream came
+        # back): the last one before it, by halving (each step one get of the subject's next message).
+        lo, hi = 0, held  # lo: applied (or none); hi: not applied
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                msg = await js.get_msg(stream, mid, subject=feed.subject, next=True)
+            except NotFoundError:
+                msg = None
+            if msg is None or (msg.seq or 0) >= hi:
+                hi = mid
+            elif msg.time is not None and msg.time.timestamp() <= written:
+                lo = msg.seq or 0
+            else:
+                hi = msg.seq or 0
+        return held, lo
 
     async def _unsubscribe(self) -> None:
         """Stop the standing pulls: once this returns nothing more is delivered to them, and what was
@@ -371,6 +464,10 @@ class PartitionPipeline:
             # A consumer the server lost (deleted, its stream restored) is created again at the checkpoint:
             # nothing after it is missed, what is applied already is skipped by position (bus/consumer.py).
             if await feed.runner.recover_missing(exc, start_seq=feed.checkpoint + 1):
+                if self._failure is None and feed.checkpoint and await self._held_if_ahead(feed) is not None:
+                    # Its stream was deleted and created again: positions at or below the checkpoint are
+                    # new. Recovery reads the checkpoint back and binds again, which rewinds it.
+                    self._failure = Unavailable("the partition's stream ends before its checkpoint")
                 return []
             log.warning("fetch from %s failed: %s", feed.consumer.durable, describe_error(exc))
             await asyncio.sleep(0.2)
