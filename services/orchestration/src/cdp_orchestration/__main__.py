@@ -36,6 +36,7 @@ from cdp_orchestration.consent import SendConsent
 from cdp_orchestration.dispatch import CollectorReporter, Opens, dispatcher
 from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.export import exporter
+from cdp_orchestration.history import HistorySweeper
 from cdp_orchestration.journeys import Journeys
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
 from cdp_orchestration.settings import RULES_FIELD, OrchestrationSettings
@@ -162,6 +163,8 @@ async def setup(runtime: ServiceRuntime) -> None:
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
     sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=runtime.telemetry.meter)
     tasks.append(runtime.spawn(sweeper.run(), "sweep aged-out tombstones"))
+    history = HistorySweeper(store, days=settings.history_days, meter=runtime.telemetry.meter)
+    tasks.append(runtime.spawn(history.run(), "sweep aged-out history"))
 
     async def release() -> None:
         # Pushed after the bus and the store: on the way out the partitions are released (drained) and the

@@ -135,6 +135,15 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "for them can still arrive: the dead-letter stream's 30 days (a dead letter can be replayed) and "
         "CDP_ORCHESTRATION_RETENTION_DAYS",
     )
+    history_days: float = env(
+        "CDP_ORCHESTRATION_HISTORY_DAYS",
+        400.0,
+        help="days a person's send records, decisions and ended instances (counted from the end, or from the end "
+        "of the goal window if later) are kept; then they are swept (hourly, a bounded page at a time; metric "
+        "cdp.orchestration.history.swept). Running instances stay whatever their age. At least the longest an "
+        "action or a trigger can be delivered again, which these records keep from being sent or entered twice: "
+        "the dead-letter stream's 30 days and CDP_ORCHESTRATION_RETENTION_DAYS",
+    )
     answer_timeout: float = env(
         "CDP_ORCHESTRATION_ANSWER_TIMEOUT",
         10.0,
@@ -213,6 +222,13 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
                 f"the longest a message for a deleted person can still reach orchestration (the dead-letter "
                 f"stream keeps {DEAD_LETTER_DAYS:g} days, CDP_ORCHESTRATION_RETENTION_DAYS={self.retention_days:g}); "
                 "a tombstone swept sooner lets it fill the person's record again"
+            )
+        if not self.history_days >= floor:
+            problems.append(
+                f"CDP_ORCHESTRATION_HISTORY_DAYS={self.history_days:g} is invalid: must be at least {floor:g}, the "
+                f"longest an action or a trigger can be delivered again (the dead-letter stream keeps "
+                f"{DEAD_LETTER_DAYS:g} days, CDP_ORCHESTRATION_RETENTION_DAYS={self.retention_days:g}); send "
+                "records and instances swept sooner let it be sent or entered a second time"
             )
         if self.ack_wait <= 0:
             problems.append(f"CDP_ORCHESTRATION_ACK_WAIT={self.ack_wait:g} is invalid: must be positive")

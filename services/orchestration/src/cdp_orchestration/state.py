@@ -5,8 +5,8 @@ Collections (one writer each: the engine of the person's partition, except journ
 | collection                   | key                                   | holds                                        |
 |------------------------------|---------------------------------------|----------------------------------------------|
 | `orchestration_persons`      | person id                             | the person's view (flat fields, segments, and `pending`: since when they lag behind the person's events, when the record was written while they did), arbiter state (`records.person_record`), live instance ids, last entry per journey, wake timer, the next scheduled-entry slot per journey, `early` (event ids a profile change listed before the event reached the engine), the identifiers their events came with (`ids`: the latest userId and anonymousId, which outcome events are sent under), what came from each person merged into them (`merged_from`) and the survivor they were merged into (`merged_into`); a part the person lacks (empty) is left out |
-| `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id) |
-| `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order |
+| `orchestration_instances`    | instance id                           | `records.instance_record` (indexed by person_id, journey_id); an ended one is swept after CDP_ORCHESTRATION_HISTORY_DAYS (400) from its end or its goal window's end, whichever is later (`history.py`); a running one stays |
+| `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order (and the latest refused entry per journey, `<person>:~entry:<journey>`); swept after CDP_ORCHESTRATION_HISTORY_DAYS from its `at` (`history.py`) |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer |
 | `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
 | `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one |
@@ -17,7 +17,8 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_tombstones`   | person id                             | a person a privacy deletion forgot (when, which request; no personal data): whatever reaches the engine for them afterwards is dropped; swept after CDP_ORCHESTRATION_TOMBSTONE_DAYS (35), when nothing for them can still arrive |
 
 The dispatchers (`dispatch.py`, one per channel) write `orchestration_sends` (action id -> its send record and
-outcome; while the action is still being tried, status "pending" with its attempts and hand-backs, no content).
+outcome; while the action is still being tried, status "pending" with its attempts and hand-backs, no content),
+swept after CDP_ORCHESTRATION_HISTORY_DAYS from its last write (`history.py`).
 
 Counters are kept per partition so each has one writer; the API sums them. The hot cache holds a
 `Person` per recently seen person with their live instances; anything dropped from it is durable (the
