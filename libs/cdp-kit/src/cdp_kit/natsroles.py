@@ -133,6 +133,9 @@ ROLES: dict[str, BusRole] = {
                 _per_replica(subjects.IDENTITY, "profile", "identity"),  # drained, never created anew
                 _per_partition(subjects.SCORES, "profile", "scores"),
             ),
+            # Deletions applied again at start (services/profile notices.py): read message by message, no
+            # consumer.
+            reads=(subjects.PRIVACY,),
             publishes=(_each(subjects.PROFILES_CHANGED_PREFIX), subjects.PRIVACY_DELETED),
         ),
         BusRole(
