@@ -9,6 +9,7 @@ cdpctl profile user_id u1           # a profile as JSON (NOT_FOUND at once; --wa
 cdpctl models                       # the deployed models, their versions and quality
 cdpctl models train churn_risk --cutoff 2025-03-01   # retrain on this platform's customers (training.py)
 cdpctl models drift | quality churn_risk             # drift of features and scores; realised quality
+cdpctl models promote churn_risk 1.2.0 / rollback churn_risk   # which version is live (models.py)
 cdpctl segment create vip 'scores.clv > 500' / estimate / members / delete, segments   (segments.py)
 cdpctl traits [define NAME --op count --event "Order Completed" | delete NAME]        (segments.py)
 cdpctl graph/export/delete user_id u1, unmerge MERGE_ID, quarantine device_id d1   (people.py)
@@ -71,6 +72,8 @@ MODELS_COMMANDS = {
     "train": "cdpctl.training:train",
     "drift": "cdpctl.training:drift",
     "quality": "cdpctl.training:quality",
+    "promote": "cdpctl.models:promote",
+    "rollback": "cdpctl.models:rollback",
 }
 # Kept importable from here, as before the commands were imported lazily (cdpctl.cli.check_health).
 _FROM_MODULE = {
@@ -361,7 +364,8 @@ async def _models(address: str, token: str) -> list[dict]:
 @click.pass_context
 def models(ctx: click.Context, as_json: bool, address) -> None:
     """The deployed models: live version, other versions and their roles, scores and quality.
-    `cdpctl models train MODEL` retrains one on this platform's customers (training.py)."""
+    `cdpctl models train MODEL` retrains one on this platform's customers (training.py); `cdpctl models
+    promote MODEL VERSION` makes a version live and `cdpctl models rollback MODEL` the one live before (models.py)."""
     if ctx.invoked_subcommand is not None:
         return
     ws: Workspace = ctx.obj
