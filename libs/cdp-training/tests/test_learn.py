@@ -218,3 +218,37 @@ async def test_next_best_channel_is_retrained_on_answers_and_judged_on_top1_accu
     assert spec.quality["live_on_holdout"]["top1_accuracy"] > 0.4
     # a person who answered nothing has no row: only answerers are labelled
     assert result.train.skipped_unlabelled > 0
+
+
+def test_a_cutoff_whose_evaluation_slice_is_not_observed_yet_is_refused_in_the_operators_terms(world):
+    # A day-2 trial: `models train fraud_risk --cutoff 04:15:00Z`, a 10-minute label window, at 04:26. The
+    # training labels had closed, the evaluation slice's (cutoff + the window, then its own window) had not;
+    # the refusal named `cutoff` with "75 s after it", a figure about the evaluation slice's cut-off.
+    population, profiles, _ = world
+    horizon = 30 * DAY  # purchase_propensity's default label window
+    cutoff = population.end - 45 * DAY  # its labels close 15 days before the end; the evaluation's 15 after
+    with pytest.raises(InvalidArgument) as caught:
+        learn.train_run("purchase_propensity", profiles, cutoff=cutoff, until=population.end, log=lambda _: None)
+    message = caught.value.message
+    assert caught.value.field == "cutoff"
+    assert learn.iso(cutoff) in message and "30d" in message  # the cutoff given, the label window
+    assert learn.iso(population.end) in message  # the last event the store holds
+    assert f"latest cutoff that works now is {learn.iso(population.end - 2 * horizon)}" in message
+    assert "after it" not in message
+
+
+def test_an_evaluate_at_whose_label_window_is_not_observed_yet_names_evaluate_at(world):
+    population, profiles, _ = world
+    cutoff = population.end - 90 * DAY
+    with pytest.raises(InvalidArgument) as caught:
+        learn.train_run(
+            "purchase_propensity",
+            profiles,
+            cutoff=cutoff,
+            evaluate_at=population.end - 10 * DAY,
+            until=population.end,
+            log=lambda _: None,
+        )
+    assert caught.value.field == "evaluate_at"
+    assert learn.iso(population.end - 10 * DAY) in caught.value.message
+    assert f"latest evaluate_at that works now is {learn.iso(population.end - 30 * DAY)}" in caught.value.message

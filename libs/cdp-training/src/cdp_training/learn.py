@@ -228,6 +228,39 @@ def decide(
     return decision
 
 
+def _check_observed(
+    profiles: Sequence[StoredProfile],
+    label: LabelSpec,
+    cutoff: float,
+    evaluate_at: float,
+    given_evaluate_at: bool,
+    until: float | None,
+) -> None:
+    """Refuse, in the terms the run was asked in, a run whose training labels or evaluation slice's labels
+    close after the last event the store holds. (training_set checks each slice's own cut-off: for the
+    evaluation slice that is cutoff + the label window, a time nobody gave, and its figure read as if about
+    the cutoff given.)"""
+    end = observed_until(profiles) if until is None else until
+    if not math.isfinite(end) or evaluate_at + label.horizon <= end:
+        return  # no events at all: training_set says so
+    window = format_duration(label.horizon)
+    if given_evaluate_at:
+        raise InvalidArgument(
+            "evaluate_at",
+            f"{iso(evaluate_at)}: its labels (a label window closing {window} after a cut-off) close at "
+            f"{iso(evaluate_at + label.horizon)}, after the last event the store holds ({iso(end)}); the latest "
+            f"evaluate_at that works now is {iso(end - label.horizon)}, with a cutoff at least {window} before it",
+        )
+    raise InvalidArgument(
+        "cutoff",
+        f"{iso(cutoff)}, with a label window closing {window} after a cut-off: the training labels close at "
+        f"{iso(cutoff + label.horizon)} and the evaluation slice (at cutoff + {window}) needs its own labels, "
+        f"closing at {iso(evaluate_at + label.horizon)}, after the last event the store holds ({iso(end)}); "
+        f"the latest cutoff that works now is {iso(end - 2 * label.horizon)} (the last event less two label windows), "
+        "or give no cutoff: the latest UTC midnight that works",
+    )
+
+
 def train_run(
     name: str,
     profiles: Sequence[StoredProfile],
@@ -256,6 +289,7 @@ def train_run(
         raise InvalidArgument("label.kind", f"training runs for {spec_label.kind} labels are not built yet")
     if not math.isfinite(margin) or margin < 0:
         raise InvalidArgument("margin", f"{margin!r} must be a number of AUC points >= 0")
+    given_evaluate_at = evaluate_at is not None
     if evaluate_at is None:
         evaluate_at = cutoff + spec_label.horizon
     if evaluate_at < cutoff + spec_label.horizon:
@@ -264,6 +298,7 @@ def train_run(
             f"must be at least the end of the label window ({format_duration(spec_label.horizon)}) after the cut-off, "
             "or the evaluation slice would share labels with the training rows",
         )
+    _check_observed(profiles, spec_label, cutoff, evaluate_at, given_evaluate_at, until)
     template = _template(name, trainable, live)
     draft = ModelSpec.from_dict({"name": name, "version": "draft", **template})
     train = training_set(profiles, spec=draft, label=spec_label, cutoff=cutoff, until=until)
