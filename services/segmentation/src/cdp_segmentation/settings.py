@@ -112,7 +112,7 @@ class SegmentationSettings(OwnershipSettings, ServiceSettings):
     )
     readers_cache_seconds: float = env(
         "CDP_SEGMENTATION_READERS_CACHE_SECONDS",
-        5.0,
+        0.0,
         help="seconds ListComputedTraitReaders keeps orchestration's live journeys and scoring's models (one call "
         "of each at a time, whoever asks); an announced change (a journey published or archived, a model "
         "deployed or promoted) is seen at once; 0: asked on every call",
