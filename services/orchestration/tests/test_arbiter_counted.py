@@ -85,7 +85,12 @@ async def test_a_count_trait_a_person_lacks_reads_as_zero_in_a_suppression_rule(
         [bob] = await decided("bob")
         assert (ada["kind"], ada["reason"]) == ("suppressed", "suppressed by rule survey-needs-a-ticket")
         assert bob["kind"] == "sent"
-        assert [a.person_id for a in await world.actions()] == ["bob"]
+
+        async def acted() -> list[str] | None:
+            # The action is published after its decision is stored (the engine's outbox): wait for it.
+            return [a.person_id for a in await world.actions()] or None
+
+        assert await world.eventually(acted) == ["bob"]
 
     # Kept with the rules: a restart with no profile service to ask compiles them the same.
     stored = await probe.store.get(RULES, digest(RULES_DOCUMENT))
