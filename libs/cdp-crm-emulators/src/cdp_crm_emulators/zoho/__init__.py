@@ -202,6 +202,19 @@ class ZohoEmulator(Emulator):
 
     # --- writes ----------------------------------------------------------------------------------
 
+    def _duplicate(self, module, record: dict, index: int, own_id: str | None) -> dict | None:
+        """Zoho's DUPLICATE_DATA for the first unique field another record already holds."""
+        for name in module.unique:
+            value = record.get(name)
+            holder = self.store.find(module.name, name, value) if value not in (None, "") else None
+            if holder is not None and holder != own_id:
+                return _record_error(
+                    "DUPLICATE_DATA",
+                    "duplicate data",
+                    {"api_name": name, "json_path": f"$.data[{index}].{name}", "duplicate_record": {"id": holder}},
+                )
+        return None
+
     def _problem(self, module: Module, record: dict[str, Any], index: int, creating: bool) -> dict[str, Any] | None:
         for name, value in record.items():
             if name in SYSTEM:
@@ -289,23 +302,7 @@ class ZohoEmulator(Emulator):
                         match_field, existing = name, found
             problem = self._problem(module, record, index, creating=existing is None)
             if problem is None:
-                for name in module.unique:
-                    holder = (
-                        self.store.find(module.name, name, record.get(name))
-                        if record.get(name) not in (None, "")
-                        else None
-                    )
-                    if holder is not None and holder != existing:
-                        problem = _record_error(
-                            "DUPLICATE_DATA",
-                            "duplicate data",
-                            {
-                                "api_name": name,
-                                "json_path": f"$.data[{index}].{name}",
-                                "duplicate_record": {"id": holder},
-                            },
-                        )
-                        break
+                problem = self._duplicate(module, record, index, existing)
             if problem is not None:
                 results.append(problem)
                 continue
@@ -363,23 +360,7 @@ class ZohoEmulator(Emulator):
                     {"api_name": emptied[0], "json_path": f"$.data[{index}].{emptied[0]}"},
                 )
             if problem is None:
-                for name in module.unique:
-                    holder = (
-                        self.store.find(module.name, name, record.get(name))
-                        if record.get(name) not in (None, "")
-                        else None
-                    )
-                    if holder is not None and holder != record_id:
-                        problem = _record_error(
-                            "DUPLICATE_DATA",
-                            "duplicate data",
-                            {
-                                "api_name": name,
-                                "json_path": f"$.data[{index}].{name}",
-                                "duplicate_record": {"id": holder},
-                            },
-                        )
-                        break
+                problem = self._duplicate(module, record, index, record_id)
             if problem is not None:
                 results.append(problem)
                 continue
