@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 
 from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED
+from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED, PROFILES_CHANGED_PREFIX
 from cdp_kit.storage import Delete, Put
 from cdp_profile.records import SCORES, TIMELINE, timeline_key, timeline_prefix
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
 
 log = logging.getLogger("cdp.profile.privacy")
-
-PROFILES_CHANGED_PREFIX = "profiles.changed."
 
 #: Messages of PRIVACY asked for at once (each a small get by sequence).
 READ_WINDOW = 256
@@ -152,7 +150,7 @@ async def _outbox_scrub(engine: ProfileEngine, persons: set[str]) -> list[Put | 
         async for record in engine.store.scan_all(name):
             kept, changed = [], False
             for message in record.doc.get("messages", []):
-                if message["subject"].startswith(PROFILES_CHANGED_PREFIX):
+                if message["subject"].startswith(PROFILES_CHANGED_PREFIX + "."):
                     batch = profile_pb2.ProfileChangedBatch.FromString(base64.b64decode(message["payload"]))
                     left = [change for change in batch.changes if change.person_id not in persons]
                     if len(left) != len(batch.changes):
