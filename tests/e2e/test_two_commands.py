@@ -136,7 +136,9 @@ def test_make_up_runs_the_platform_and_ctrl_c_stops_it(platform, tmp_path):
                 break
             time.sleep(0.5)
         assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-        if " models" in command:
+        if " models promote " in command:
+            assert "churn_risk: 1.1.0 was already live; nothing changed" in result.stdout, result.stdout
+        elif " models" in command:
             for model in (
                 "churn_risk",
                 "purchase_propensity",
