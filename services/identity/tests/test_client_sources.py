@@ -9,23 +9,17 @@ A server source (`app`), and an event stored before the collector stamped its tr
 
 from __future__ import annotations
 
-import base64
-import functools
 import hashlib
 import hmac
-import json
 
-import aiohttp
-import grpc
 import nats
 import pytest
 
 from cdp.events.v1 import events_pb2
-from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.profile.v1 import profile_pb2
 from cdp_collector.domain import partition_key
 from cdp_kit.bus import Partitioner, subjects
-from cdp_kit.service import serving
-from cdp_testing.waiting import eventually
+from cdp_testing.edge_platform import EdgePlatform, edge_platform
 
 SECRET = "s3cret-identity-verification-key"
 KEYS = {"app": "wk-app-server-01", "web": "wk-web-client-01", "open": "wk-web-open-0001"}
@@ -42,63 +36,21 @@ def user_hash(user_id: str) -> str:
 
 
 class Platform:
-    def __init__(self, collector_url: str, profiles: profile_pb2_grpc.ProfileServiceStub, nats_url: str) -> None:
-        self.collector_url = collector_url
-        self.profiles = profiles
-        self.nats_url = nats_url
+    """The edge platform, with the sources' keys by source id."""
+
+    def __init__(self, edge: EdgePlatform) -> None:
+        self.edge = edge
+        self.nats_url = edge.nats_url
+        self.lookup, self.profile_of = edge.lookup, edge.profile_of
 
     async def send(self, source: str, kind: str, body: dict) -> None:
-        auth = {"Authorization": "Basic " + base64.b64encode(f"{KEYS[source]}:".encode()).decode()}
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{self.collector_url}/v1/{kind}", json=body, headers=auth) as r,
-        ):
-            assert r.status == 200, await r.text()
-
-    async def lookup(self, kind: str, value: str):
-        try:
-            return await self.profiles.LookupProfile(
-                profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value)
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-
-    async def profile_of(self, kind: str, value: str, events: int):
-        """The profile identity resolves the identifier to, once it has applied `events` events."""
-
-        async def read():
-            found = await self.lookup(kind, value)
-            return found if found is not None and found.event_count >= events else None
-
-        return await _eventually(read)
+        await self.edge.send(KEYS[source], kind, body)
 
 
 @pytest.fixture
 async def platform(nats_server, tmp_path):
-    from cdp_collector.__main__ import setup as collector_setup
-    from cdp_collector.settings import CollectorSettings
-    from cdp_identity.__main__ import setup as identity_setup
-    from cdp_identity.settings import IdentitySettings
-    from cdp_profile.__main__ import setup as profile_setup
-    from cdp_profile.settings import ProfileSettings
-
-    sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": SOURCES}))
-    common = dict(
-        nats_url=nats_server.url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2, shutdown_grace=1.0
-    )
-    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
-    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
-    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
-        profile = ProfileSettings(
-            **common, store_url=f"sqlite:///{tmp_path / 'profile.db'}", identity_address=f"127.0.0.1:{i.grpc.port}"
-        )
-        async with serving(profile, profile_setup) as p, grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc.port}") as ch:
-            yield Platform(
-                f"http://127.0.0.1:{c.ports['http']}", profile_pb2_grpc.ProfileServiceStub(ch), nats_server.url
-            )
+    async with edge_platform(nats_server.url, tmp_path, SOURCES) as edge:
+        yield Platform(edge)
 
 
 def _traits(profile) -> dict:
@@ -250,6 +202,3 @@ async def test_an_event_stored_without_a_trust_resolves_as_before(platform):
         await nc.close()
     after = await platform.profile_of("anonymous_id", "old-anon", 2)
     assert after.person_id == ada.person_id
-
-
-_eventually = functools.partial(eventually, timeout=30.0, every=0.1)

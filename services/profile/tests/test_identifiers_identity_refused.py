@@ -5,82 +5,33 @@ suppression a deletion of that person publishes; everything identity attached is
 
 from __future__ import annotations
 
-import base64
-import functools
-import json
-
-import aiohttp
-import grpc
 import nats
 import pytest
 
 from cdp.privacy.v1 import privacy_pb2
-from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
+from cdp.profile.v1 import profile_pb2
 from cdp_kit.identifier_hash import IdentifierHashKeys
-from cdp_kit.service import serving
-from cdp_testing.waiting import eventually
+from cdp_testing.edge_platform import EdgePlatform, edge_platform
 
 WRITE_KEY = "wk-web-0001"
-AUTH = {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
 
 
 class Platform:
-    def __init__(self, collector_url: str, profiles: profile_pb2_grpc.ProfileServiceStub, nats_url: str) -> None:
-        self.collector_url = collector_url
-        self.profiles = profiles
-        self.nats_url = nats_url
+    """The edge platform, sending with the one source's key."""
+
+    def __init__(self, edge: EdgePlatform) -> None:
+        self.profiles, self.nats_url = edge.profiles, edge.nats_url
+        self.lookup, self.profile_of = edge.lookup, edge.profile_of
+        self._edge = edge
 
     async def send(self, kind: str, body: dict) -> None:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(f"{self.collector_url}/v1/{kind}", json=body, headers=AUTH) as r,
-        ):
-            assert r.status == 200, await r.text()
-
-    async def lookup(self, kind: str, value: str):
-        try:
-            return await self.profiles.LookupProfile(
-                profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value)
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-
-    async def profile_of(self, kind: str, value: str, events: int):
-        """The profile identity resolves the identifier to, once it has applied `events` events."""
-
-        async def read():
-            found = await self.lookup(kind, value)
-            return found if found is not None and found.event_count >= events else None
-
-        return await _eventually(read)
+        await self._edge.send(WRITE_KEY, kind, body)
 
 
 @pytest.fixture
 async def platform(nats_server, tmp_path):
-    from cdp_collector.__main__ import setup as collector_setup
-    from cdp_collector.settings import CollectorSettings
-    from cdp_identity.__main__ import setup as identity_setup
-    from cdp_identity.settings import IdentitySettings
-    from cdp_profile.__main__ import setup as profile_setup
-    from cdp_profile.settings import ProfileSettings
-
-    sources = tmp_path / "sources.json"
-    sources.write_text(json.dumps({"sources": [{"id": "web", "write_key": WRITE_KEY}]}))
-    common = dict(
-        nats_url=nats_server.url, grpc_host="127.0.0.1", grpc_port=0, auth_mode="none", partitions=2, shutdown_grace=1.0
-    )
-    collector = CollectorSettings(**common, sources_file=sources, http_host="127.0.0.1", http_port=0)
-    identity = IdentitySettings(**common, store_url=f"sqlite:///{tmp_path / 'identity.db'}", batch_size=100)
-    async with serving(collector, collector_setup) as c, serving(identity, identity_setup) as i:
-        profile = ProfileSettings(
-            **common, store_url=f"sqlite:///{tmp_path / 'profile.db'}", identity_address=f"127.0.0.1:{i.grpc.port}"
-        )
-        async with serving(profile, profile_setup) as p, grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc.port}") as ch:
-            yield Platform(
-                f"http://127.0.0.1:{c.ports['http']}", profile_pb2_grpc.ProfileServiceStub(ch), nats_server.url
-            )
+    async with edge_platform(nats_server.url, tmp_path, [{"id": "web", "write_key": WRITE_KEY}]) as edge:
+        yield Platform(edge)
 
 
 async def test_an_alias_from_a_known_user_id_leaves_the_old_user_id_on_its_own_person(platform):
@@ -137,6 +88,3 @@ async def test_every_identifier_identity_attached_is_listed(platform):
     ]
     for kind, value in (("anonymous_id", "phone-r6"), ("anonymous_id", "laptop-r6"), ("email", "u@example.com")):
         assert (await platform.lookup(kind, value)).person_id == person.person_id
-
-
-_eventually = functools.partial(eventually, timeout=30.0, every=0.1)
