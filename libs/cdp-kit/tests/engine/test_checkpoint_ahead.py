@@ -19,6 +19,15 @@ from cdp_testing.metrics import MetricsCapture
 REWINDS = "cdp.engine.checkpoint.rewinds"
 
 
+def _in_order(inputs: list, keys: list[str]) -> dict[str, list]:
+    """Every input applied once, each key's in the order published."""
+    return {k: [i for i, kk in zip(inputs, keys, strict=True) if kk == k] for k in set(keys)}
+
+
+def _checkpoint_errors(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and "checkpoint" in r.getMessage()]
+
+
 def _rewinds(captured: MetricsCapture) -> list[tuple[dict, int]]:
     metrics = captured.collected()
     if REWINDS not in metrics:
@@ -64,11 +73,9 @@ async def test_messages_of_a_stream_created_again_below_the_checkpoint_are_appli
         await until(lambda: _applied_once(store, new))
         await stop(task)
 
-    got = await applied(store)
-    every = old + new
-    assert got == {k: [i for i, kk in zip(every, keys + more, strict=True) if kk == k] for k in set(keys + more)}
+    assert await applied(store) == _in_order(old + new, keys + more)
     assert await _checkpoint(store) == max(positions[i][1] for i in new)
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "checkpoint" in r.getMessage()]
+    errors = _checkpoint_errors(caplog)
     assert len(errors) == 1
     assert (
         "partition 0 of toy: checkpoint 20 is past the stream's last sequence 6 for the partition; resuming after sequence 0"
@@ -104,11 +111,9 @@ async def test_a_stream_recreated_under_a_running_engine_has_its_new_messages_ap
         finally:
             await stop(task)
 
-    got = await applied(store)
-    every = old + new
-    assert got == {k: [i for i, kk in zip(every, keys + more, strict=True) if kk == k] for k in set(keys + more)}
+    assert await applied(store) == _in_order(old + new, keys + more)
     assert not store.violations
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "checkpoint" in r.getMessage()]
+    errors = _checkpoint_errors(caplog)
     assert len(errors) == 1 and "partition 0 of toy: checkpoint 20" in errors[0].getMessage()
     assert _rewinds(captured) == [({"service": "toy", "partition": 0}, 1)]
 
@@ -142,11 +147,9 @@ async def test_a_store_ahead_of_its_stream_resumes_after_what_the_stream_held_ap
         await until(lambda: _applied_once(store, new))
         await stop(task)
 
-    got = await applied(store)
-    every = old + new
-    assert got == {k: [i for i, kk in zip(every, keys + more, strict=True) if kk == k] for k in set(keys + more)}
+    assert await applied(store) == _in_order(old + new, keys + more)
     assert await _checkpoint(store) == 17
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "checkpoint" in r.getMessage()]
+    errors = _checkpoint_errors(caplog)
     assert (
         len(errors) == 1
         and "checkpoint 40 is past the stream's last sequence 17 for the partition; resuming after sequence 10"
@@ -176,8 +179,6 @@ async def test_a_purged_stream_is_no_rewind(nats_server, caplog):
         await until(lambda: _applied_once(store, new))
         await stop(task)
 
-    got = await applied(store)
-    every = old + new
-    assert got == {k: [i for i, kk in zip(every, keys + more, strict=True) if kk == k] for k in set(keys + more)}
+    assert await applied(store) == _in_order(old + new, keys + more)
     assert not [r for r in caplog.records if r.levelno == logging.ERROR]
     assert _rewinds(captured) == []
