@@ -225,3 +225,34 @@ async def test_a_stop_landing_with_a_reply_while_loading_stops_the_load(nats_cli
         assert follower._follower is None, "a follower was started for a collector that was stopped"
     finally:
         await follower.stop()
+
+
+async def test_a_deletion_suppresses_as_it_is_published_not_once_the_stream_has_stored_it(nats_client):
+    """nats-server hands a published message to core subscribers before the stream stores it, so a
+    follower that read the stream on the signal could find nothing new yet and wait for its next look
+    (5 s): a CI run saw a deleted person's events accepted again for that long. Here the stream refuses
+    the message outright (a wrong expected sequence), the sharpest form of 'not stored yet', and the next
+    look is a minute away: the deletion still suppresses at once, from the signal."""
+    await publish_deletion(nats_client, "user_id:u-1", request_id="before")
+    suppression = SuppressionList()
+    follower = SuppressionFollower(nats_client, nats_client.jetstream(), suppression, follow_every=60)
+    await follower.load(timeout=10)
+    try:
+        assert len(suppression) == 1
+        message = privacy_pb2.PrivacyDeleted(
+            request_id="req-2",
+            person_id="person-2",
+            identifier_hashes=[hashlib.sha256(b"user_id:u-9").hexdigest()],
+            suppress=True,
+        )
+        await nats_client.publish(
+            "privacy.deleted", message.SerializeToString(), headers={"Nats-Expected-Last-Sequence": "999"}
+        )
+        for _ in range(100):
+            if len(suppression) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(suppression) == 2, "the deletion waited for the stream"
+        assert (await nats_client.jetstream().stream_info("PRIVACY")).state.messages == 1  # never stored
+    finally:
+        await follower.stop()

@@ -9,10 +9,13 @@ any name), so with them the edge could rewrite, drain or delete identity's consu
 
 `load()` returns only once every message that was in the stream when it was called has been applied,
 and the collector reports ready after that, so its first answer already honours every suppression made
-before it started. Then it follows: a core-NATS subscription to privacy.deleted wakes it when a deletion
-is published (the message is only the signal: what is applied is read from the stream, in sequence
-order, each message once), and it looks every `follow_every` seconds anyway, for what was published
-while its connection was down. The stream drops no message by age (`privacy_stream()`), and a
+before it started. Then it follows: a core-NATS subscription to privacy.deleted delivers each deletion as it
+is published, and its suppression is applied at once (adding hashes to the list twice changes nothing).
+nats-server hands a published message to core subscribers before the stream has stored it, so a
+follower that only read the stream on the signal could find nothing new yet and wait for its next look:
+seconds in which a deleted person's events were accepted again (a CI run caught 5 s of them). The
+signal also wakes the follower, which reads the stream in sequence order, each message once, and it
+looks every `follow_every` seconds anyway, for what was published while its connection was down. The stream drops no message by age (`privacy_stream()`), and a
 suppression lasts as long as its message does - and as long as the collector holds the key its hashes
 were made with (`cdp_kit.identifier_hash`): one made with a key it does not hold is logged as an error
 and suppresses no one.
@@ -110,7 +113,8 @@ class SuppressionFollower:
             with contextlib.suppress(Exception):
                 await signal.unsubscribe()
 
-    async def _on_signal(self, _msg: Msg) -> None:
+    async def _on_signal(self, msg: Msg) -> None:
+        self._suppress(msg.data, "signal")
         self._wake.set()
 
     async def _follow(self) -> None:
@@ -156,10 +160,18 @@ class SuppressionFollower:
 
     def _apply(self, seq: int, data: bytes) -> None:
         self._messages += 1
+        self._suppress(data, f"message {seq}")
+
+    def _suppress(self, data: bytes, where: str) -> None:
+        """Adds a suppressing deletion's hashes to the list; `where` names it in logs (a stream sequence,
+        or the signal that arrived before the stream held it). A message's faults are logged when its
+        stream copy is applied, once, not again for its signal."""
+        report = where != "signal"
         try:
             deleted = privacy_pb2.PrivacyDeleted.FromString(data)
         except DecodeError as exc:
-            log.error("privacy.deleted message %d is not a PrivacyDeleted and was skipped: %s", seq, exc)
+            if report:
+                log.error("privacy.deleted %s is not a PrivacyDeleted and was skipped: %s", where, exc)
             return
         if not deleted.suppress:
             return
@@ -167,25 +179,27 @@ class SuppressionFollower:
             added, malformed = self.suppression.add(deleted.identifier_hashes, key_id=deleted.identifier_hash_key_id)
         except UnknownHashKey as exc:
             # Not fatal: the collector serves everyone else. Nothing it could do would match these.
+            if not report:
+                return
             log.error(
-                "privacy.deleted message %d (request %s): its identifier hashes (%d) were made with key %s, which "
+                "privacy.deleted %s (request %s): its identifier hashes (%d) were made with key %s, which "
                 "%s does not hold, so the person's events are not suppressed; add that key to the file (below "
                 "the current one) and restart the collector",
-                seq,
+                where,
                 deleted.request_id,
                 exc.hashes,
                 exc.key_id,
                 SETTING,
             )
             return
-        if malformed:
+        if malformed and report:
             log.error(
-                "privacy.deleted message %d (request %s): %d identifier hashes are not hex SHA-256 and were skipped",
-                seq,
+                "privacy.deleted %s (request %s): %d identifier hashes are not hex SHA-256 and were skipped",
+                where,
                 deleted.request_id,
                 malformed,
             )
-        if self._loaded:
+        if self._loaded and added:  # the second copy of a deletion (signal, then stream) adds nothing
             log.info(
                 "suppressing %d more identifiers (privacy request %s); %d in all",
                 added,
