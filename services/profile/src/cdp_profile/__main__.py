@@ -32,6 +32,7 @@ from cdp_kit.bus import (
     scores_stream,
     subjects,
 )
+from cdp_kit.bus.notices import read_notices
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
@@ -40,7 +41,7 @@ from cdp_profile import SERVICE
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
-from cdp_profile.notices import erase_noticed, read_notices
+from cdp_profile.notices import erase_noticed
 from cdp_profile.routing import Router, holder_address, peer_addresses
 from cdp_profile.settings import ProfileSettings
 from cdp_profile.stream import partitioned_engines

@@ -4,9 +4,8 @@ An operator who restores `profile.db` (architecture.md's recovery for a damaged 
 file with its -wal, start) from a copy taken before a deletion gets the deleted person back: profile,
 timeline, identifiers. The deletion's `privacy.deleted` notice is still in PRIVACY (kept without an age
 limit), so at start, before the partitioned inputs run and before reads are served, profile reads the
-stream whole (`read_notices`: message by message in windows, as the collector does for its suppression
-list) and erases every person a notice names that its store still holds (`erase_noticed`): the same
-erasure as `Delete` (the person and every person merged into it become bare markers, their timeline
+stream whole (`cdp_kit.bus.notices.read_notices`) and erases every person a notice names that its
+store still holds (`erase_noticed`): the same erasure as `Delete` (the person and every person merged into it become bare markers, their timeline
 entries and scores are deleted, the files erased), without a new notice, a new `removed` change or a new
 request record. A person is erased where it is owned: the owned partitions at start (static ownership,
 a store per replica) and each partition as it is acquired (leases, a shared store); it is idempotent, so a
@@ -17,17 +16,13 @@ Logged at WARNING: how many persons were erased and the notices' request ids, ne
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from nats.js.errors import NotFoundError
-
-from cdp.privacy.v1 import privacy_pb2
 from cdp.profile.v1 import profile_pb2
-from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED, PROFILES_CHANGED_PREFIX
+from cdp_kit.bus.subjects import PROFILES_CHANGED_PREFIX
 from cdp_kit.storage import Delete, Put
 from cdp_profile.records import SCORES, TIMELINE, timeline_key, timeline_prefix
 
@@ -36,46 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cdp.profile.privacy")
 
-#: Messages of PRIVACY asked for at once (each a small get by sequence).
-READ_WINDOW = 256
-
 #: Request ids named in the log line (the rest counted).
 LOGGED_REQUESTS = 50
-
-
-async def read_notices(js) -> dict[str, str]:
-    """Every person a `privacy.deleted` notice in PRIVACY names (the person and those merged into it),
-    with the request id of the notice naming it last. Empty when there is no stream."""
-    try:
-        state = (await js.stream_info(PRIVACY)).state
-    except NotFoundError:
-        return {}
-    first, last = state.first_seq or 0, state.last_seq or 0
-    named: dict[str, str] = {}
-
-    async def get(seq: int) -> bytes | None:
-        try:
-            message = await js.get_msg(PRIVACY, seq=seq)
-        except NotFoundError:  # purged by an operator
-            return None
-        return message.data if message.subject == PRIVACY_DELETED else None
-
-    seq = max(first, 1)
-    while first and seq <= last:
-        window = range(seq, min(last, seq + READ_WINDOW - 1) + 1)
-        for number, data in zip(window, await asyncio.gather(*(get(s) for s in window)), strict=True):
-            if data is None:
-                continue
-            try:
-                notice = privacy_pb2.PrivacyDeleted.FromString(data)
-            except Exception:
-                log.error("privacy.deleted message %d is not a PrivacyDeleted and was skipped", number)
-                continue
-            for person in (notice.person_id, *notice.merged_person_ids):
-                if person:
-                    named[person] = notice.request_id
-        seq = window.stop
-    return named
 
 
 async def erase_noticed(
