@@ -3,13 +3,18 @@ valid is lost, and "200" means stored."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gzip
 import json
 
 import aiohttp
+import nats
 import pytest
+from nats.js.api import DiscardPolicy
 
 from cdp.events.v1 import events_pb2
+from cdp_collector import ingest
 from cdp_collector.domain import MAX_DEPTH
 
 
@@ -279,3 +284,30 @@ async def test_a_browser_on_another_origin_is_let_post_events_and_read_the_answe
     assert status == 401 and headers["Access-Control-Allow-Origin"] == site  # the SDK can read why
     status, _, headers = await post(collector, "/v1/track", track(2))
     assert status == 200 and "Access-Control-Allow-Origin" not in headers  # no Origin: not a browser
+
+
+async def test_readiness_follows_a_bus_that_refuses_to_store(collector, nats_server, monkeypatch):
+    """A full disk leaves the collector connected while every store is refused: /readyz said ready and
+    the load balancer kept sending traffic to a replica that could only answer 503. It now reports not
+    ready ("refusing writes") after a refusal, and ready again once the window has passed without one
+    (a replica that is not ready gets no traffic, so time is what lets it try again)."""
+    monkeypatch.setattr(ingest, "REFUSALS_KEEP_UNREADY", 0.5)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        config = (await js.stream_info("EVENTS_RAW")).config
+        full = dataclasses.replace(config, max_msgs=1, discard=DiscardPolicy.NEW)
+        await js.update_stream(full)
+        assert (await post(collector, "/v1/batch", {"batch": [track(1)]}))[0] == 200
+        status, reply, _ = await post(collector, "/v1/batch", {"batch": [track(2)]})
+        assert status == 503 and reply["error"]["code"] == "unavailable"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(collector.http_url + "/readyz") as response:
+                assert response.status == 503 and (await response.json()) == {"ready": False, "bus": "refusing writes"}
+            await js.update_stream(config)  # space again
+            await asyncio.sleep(0.6)
+            async with session.get(collector.http_url + "/readyz") as response:
+                assert response.status == 200 and (await response.json())["bus"] == "connected"
+        assert (await post(collector, "/v1/batch", {"batch": [track(2)]}))[0] == 200
+    finally:
+        await nc.close()

@@ -335,11 +335,17 @@ class HttpApi:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        bus_ok = self.ingestor.publisher.nc.is_connected
-        ok = self.ready and bus_ok
-        return web.json_response(
-            {"ready": ok, "bus": "connected" if bus_ok else "disconnected"}, status=200 if ok else 503
+        connected = self.ingestor.publisher.nc.is_connected
+        # Connected is not enough: a server whose disk is full answers every store with a refusal.
+        bus = (
+            "refusing writes"
+            if connected and self.ingestor.refusing()
+            else "connected"
+            if connected
+            else "disconnected"
         )
+        ok = self.ready and bus == "connected"
+        return web.json_response({"ready": ok, "bus": bus}, status=200 if ok else 503)
 
     async def _body(self, request: web.Request) -> bytes:
         if (request.content_length or 0) > read_ceiling(self.limits):

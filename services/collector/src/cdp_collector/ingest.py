@@ -12,6 +12,7 @@ and context.userHash is taken out of it first: a hash is checked, never stored.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,12 @@ from cdp_kit.telemetry import Telemetry
 # FNV-1a in Python was about a twentieth of the collector's CPU. Bounded: past this many keys it starts again.
 PARTITION_CACHE_KEYS = 100_000
 
+#: How long after JetStream last refused to store an event (its answer an error: a full disk, a stream at
+#: its limits) the collector reports not ready (`/readyz`). A replica that is not ready gets no traffic,
+#: so it cannot learn from a store that the server writes again: it reports ready again this long after
+#: the last refusal, and the next refused request starts the window again.
+REFUSALS_KEEP_UNREADY = 10.0
+
 
 @dataclass(slots=True)
 class Stored:
@@ -39,6 +46,7 @@ class Ingestor:
         self.partitions = partitions
         self._partition = Partitioner(partitions, limit=PARTITION_CACHE_KEYS)
         self._subjects = tuple(subjects.events_raw(p) for p in range(partitions))
+        self._refused_at: float | None = None  # monotonic time of the last refusal not followed by a store
         self._events = telemetry.meter.create_counter(
             "cdp.collector.events", unit="{event}", description="events received, by transport, source and outcome"
         )
@@ -46,6 +54,10 @@ class Ingestor:
     def count(self, n: int, *, transport: str, source: str, outcome: str) -> None:
         if n:
             self._events.add(n, {"transport": transport, "source": source, "outcome": outcome})
+
+    def refusing(self) -> bool:
+        """True while JetStream's last answer to a store was a refusal, less than REFUSALS_KEEP_UNREADY ago."""
+        return self._refused_at is not None and time.monotonic() - self._refused_at < REFUSALS_KEEP_UNREADY
 
     def to_message(self, event: events_pb2.Event) -> OutMessage:
         return OutMessage(
@@ -64,6 +76,10 @@ class Ingestor:
                 trust_of(source, event)
         results: list[PubResult] = await self.publisher.publish_batch([self.to_message(e) for e in events])
         failed = [r for r in results if not r.ok]
+        if any(r.refused for r in failed):
+            self._refused_at = time.monotonic()
+        elif len(failed) < len(results):
+            self._refused_at = None  # stored again
         if failed:
             raise Unavailable(
                 f"{len(failed)} of {len(results)} events were not confirmed stored ({failed[0].error}); they may "

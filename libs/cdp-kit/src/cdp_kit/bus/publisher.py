@@ -55,12 +55,15 @@ class OutMessage:
 
 @dataclass(slots=True)
 class PubResult:
-    """JetStream's answer for one message: stored (seq), a duplicate of an earlier one, or an error."""
+    """JetStream's answer for one message: stored (seq), a duplicate of an earlier one, or an error.
+    `refused`: the server answered and would not store it (a full disk, a stream at its limits), as
+    opposed to no answer in time or no connection."""
 
     seq: int = 0
     duplicate: bool = False
     error: str | None = None
     stream: str = ""
+    refused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -167,7 +170,10 @@ class Publisher:
             return PubResult(error="unreadable JetStream reply")
         error = body.get("error")
         if error:
-            return PubResult(error=f"JetStream {error.get('code')}/{error.get('err_code')}: {error.get('description')}")
+            return PubResult(
+                error=f"JetStream {error.get('code')}/{error.get('err_code')}: {error.get('description')}",
+                refused=True,
+            )
         return PubResult(seq=body.get("seq", 0), duplicate=bool(body.get("duplicate")), stream=body.get("stream", ""))
 
     @staticmethod
