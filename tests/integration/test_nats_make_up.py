@@ -3,17 +3,22 @@ can publish what it does not own, and a service's credentials rotate while every
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+import nats
 import nats.errors
 import pytest
 
 from cdp_kit.bus import Bus, subjects
 from cdp_kit.natsauth import NatsClientSettings
+from cdp_kit.urls import without_credentials
 from cdp_testing.platform_run import CDPCTL, RunningPlatform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +150,34 @@ def test_a_restarted_nats_server_keeps_every_user_and_permission(platform):
         time.sleep(0.5)
     assert json.loads(cdpctl(platform, "profile", "user_id", "zoe", "--wait", "30"))["personId"]
     assert [line for line in violations(platform) if "user:profile.2" in line] == []
+
+
+@pytest.mark.timeout(120)
+def test_the_operators_own_password_rotates_and_the_old_one_is_refused(platform):
+    """cdpctl's own NATS user (run.json's URL, every permission) could not be rotated: a leaked run.json
+    stayed a key to the whole bus until the platform was set up again."""
+    old = platform.refresh()["nats"]
+    cdpctl(platform, "nats-rotate", "cdpctl")
+    new = platform.refresh()["nats"]
+    assert new != old and without_credentials(new) == without_credentials(old)
+
+    async def connect(url: str) -> None:
+        nc = await nats.connect(url, tls=platform.nats_tls, allow_reconnect=False, connect_timeout=5)
+        await nc.close()
+
+    with pytest.raises(nats.errors.Error):
+        asyncio.run(connect(old))
+    asyncio.run(connect(new))
+    # cdpctl itself goes on working with the new password (status reads the bus as the operator).
+    assert json.loads(cdpctl(platform, "status", "--json"))["nats"]["up"]
+    # `cdpctl up` rewrites run.json when it restarts a process: the new password stays.
+    pid = platform.service("scoring")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while platform.refresh()["services"]["scoring"]["pid"] == pid:
+        assert time.monotonic() < deadline, "scoring was not restarted"
+        time.sleep(0.2)
+    assert platform.refresh()["nats"] == new
 
 
 def pid_running(pid: int) -> bool:

@@ -667,7 +667,12 @@ class Workspace:
         return next(s for s in sources if source is None or s["id"] == source)["write_key"]
 
     def write_run(self, state: dict) -> None:
-        """run.json, owner-only: its "nats" URL carries the operator's password (every permission)."""
+        """run.json, owner-only: its "nats" URL carries the operator's password (every permission), the
+        current one: `cdpctl nats-rotate cdpctl` may have changed it since `state` was made."""
+        from cdp_kit.urls import without_credentials
+
+        if state.get("nats") and self.nats_credentials_file("cdpctl").exists():
+            state["nats"] = self.nats_operator_url(without_credentials(state["nats"]))
         write_private(self.run_file, json.dumps(state, indent=2))
 
     def read_run(self) -> dict | None:

@@ -519,14 +519,16 @@ def _users_connected(state: dict) -> set[str]:
 
 
 @click.command("nats-rotate")
-@click.argument("service", type=click.Choice([svc.name for svc in SERVICES]))
+@click.argument("service", type=click.Choice([*(svc.name for svc in SERVICES), "cdpctl"]))
 @click.option("--timeout", default=30.0, show_default=True, help="seconds the service gets to reconnect")
 @click.pass_obj
 def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
     """Give SERVICE new NATS credentials while everything runs, without restarting anything.
 
     Make before break: nats-server learns the new user beside the old one, the service's credentials file
-    is rewritten (the service reconnects with it by itself), then the old user is removed.
+    is rewritten (the service reconnects with it by itself), then the old user is removed. `cdpctl`
+    rotates the operator's own password (run.json's "nats" URL, used by cdpctl and tests): its
+    connections are short, so the new password replaces the old at once.
     """
     from cdp_kit.natsauth import default_partitions  # (it imports the bus)
 
@@ -536,7 +538,26 @@ def nats_rotate(ws: Workspace, service: str, timeout: float) -> None:
     with _environment_kept("CDP_PARTITIONS"):
         # The users' permissions name each partition: the home's count, whatever this shell says.
         os.environ["CDP_PARTITIONS"] = str(recorded_partitions(ws.root) or default_partitions())
-        _rotate(ws, state, service, timeout)
+        if service == "cdpctl":
+            _rotate_operator(ws, state)
+        else:
+            _rotate(ws, state, service, timeout)
+
+
+def _rotate_operator(ws: Workspace, state: dict) -> None:
+    """A new operator password: its credentials file, nats-server's users (reloaded: connections with the
+    old password are closed), then run.json's URL. `cdpctl up` refreshes the URL whenever it writes
+    run.json again (`Workspace.write_run`), so a restart it supervises does not bring the old one back."""
+    from cdp_kit.natsauth import OPERATOR, new_password, write_credentials  # (it imports the bus)
+    from cdp_kit.urls import without_credentials
+
+    write_credentials(ws.nats_credentials_file(OPERATOR), OPERATOR, new_password())
+    ws.write_nats_auth()
+    _reload_nats(state)
+    current = ws.read_run() or state
+    current["nats"] = ws.nats_operator_url(without_credentials(current["nats"]))
+    ws.write_run(current)
+    console.print(f"the operator {OPERATOR!r} has a new NATS password (in {ws.run_file}); the old one is refused.")
 
 
 def _rotate(ws: Workspace, state: dict, service: str, timeout: float) -> None:
