@@ -305,9 +305,10 @@ def apply_scores(hot: HotProfiles, updates: Sequence[ScoreUpdate], *, owns: Call
     out = Applied()
     changes = out.changes
     # A scoring round is one update per model, so a person is met once per model that scored them: where
-    # their scores go is looked up once per batch, and each model's change (`Profile.set_scores` changes
-    # scores and nothing else) is folded into the person's by its scores alone.
-    targets: dict[str, tuple[str, Profile] | None] = {}
+    # their scores go is looked up once per batch, and the scores each model moved (`Profile.take_scores`:
+    # checked by `decode_scores` already) are gathered by person: one change each.
+    targets: dict[str, tuple[str, Profile, dict[str, float]] | None] = {}
+    moves: dict[str, dict[str, float]] = {}  # by target: two persons of a batch may share one (a merge)
     profiles, root = hot.profiles, hot.root
     for update in updates:
         model, version = update.model, update.version
@@ -317,18 +318,20 @@ def apply_scores(hot: HotProfiles, updates: Sequence[ScoreUpdate], *, owns: Call
                 target = root(person)
                 profile = profiles.get(target)
                 # None: deleted, or merged into a person another replica owns: nothing here holds the score.
-                found = targets[person] = None if profile is None or not owns(target) else (target, profile)
+                if profile is None or not owns(target):
+                    found = targets[person] = None
+                else:
+                    moved = moves.get(target)
+                    if moved is None:
+                        moved = moves[target] = {}
+                    found = targets[person] = (target, profile, moved)
             if found is None:
                 continue
-            target, profile = found
-            change = profile.set_scores(scores, model=model, version=version, at=at)
-            if not change.scores:
-                continue  # nothing moved (a late or repeated score)
-            known = changes.get(target)
-            if known is None:
-                changes[target] = change
-            else:
-                known.scores.update(change.scores)
+            target, profile, moved = found
+            first = not moved
+            profile.take_scores(scores, model, version, at, moved)
+            if first and moved:  # the person's first move in the batch: its change (in the order persons moved)
+                changes[target] = ProfileChange(target, scores=moved)
     return out
 
 

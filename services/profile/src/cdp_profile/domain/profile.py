@@ -551,6 +551,39 @@ class Profile:
                     if _changed(current.value, score.value):
                         changed[name] = score.value
             return change
+        self._scores_of_parts(scores, model, version, at, change.scores)
+        return change
+
+    def take_scores(
+        self, scores: dict[str, float], model: str, version: str, at: float, moved: dict[str, float]
+    ) -> None:
+        """`set_scores` for a model's scores already checked (`scores.updated` as `apply.decode_scores` reads
+        it: names non-empty strings, values finite floats, a model and a version), without a change of its
+        own: the scores whose value moved go into `moved` (one person's several models of a batch fold into
+        one change). A scores batch sets a few scores for hundreds of persons."""
+        root = self._root
+        root._scores_json = None  # `scores_changed`
+        if len(self.parts) != 1:
+            self._scores_of_parts(scores, model, version, at, moved)
+            return
+        root_scores = root.scores
+        for name, value in scores.items():
+            current = root_scores.get(name)
+            if current is None:
+                root_scores[name] = Score(value, model, version, at)
+                moved[name] = value
+            elif (at, model, version) >= (current.at, current.model, current.version):
+                root_scores[name] = Score(value, model, version, at)
+                before = current.value
+                if before is not value and not (type(before) is float and before == value):
+                    moved[name] = value
+
+    def _scores_of_parts(
+        self, scores: Mapping[str, float], model: str, version: str, at: float, changed: dict[str, float]
+    ) -> None:
+        """`set_scores` on a merged profile (the current score of a name is the newest over the parts): the
+        scores whose current value moved go into `changed`."""
+        root_scores = self._root.scores
         for name, value in scores.items():
             score = Score(float(value), model, version, at)
             before = self._score(name)
@@ -559,8 +592,7 @@ class Profile:
                 root_scores[name] = score
             after = self._score(name)
             if before is None or _changed(before.value, after.value):
-                change.scores[name] = after.value
-        return change
+                changed[name] = after.value
 
     # --- merges ----------------------------------------------------------------------------------
 
