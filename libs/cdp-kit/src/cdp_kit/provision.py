@@ -49,6 +49,9 @@ from cdp_kit.streamtable import model_bucket, stream_configs
 log = logging.getLogger("cdp.provision")
 
 SERVICES_VARIABLE = "CDP_PROVISION_SERVICES"
+# How many copies nats-server keeps of every stream and bucket (JetStream's replicas): 1 on a single
+# server; 3 on a three-node cluster, so a node lost loses no stream (PRIVACY's notices are kept for ever).
+REPLICAS_VARIABLE = "CDP_NATS_STREAM_REPLICAS"
 OWNERSHIP_VARIABLE = "CDP_PROVISION_OWNERSHIP_BUCKET"
 OWNERSHIP_DESCRIPTION = "cdp partition ownership"  # as cdp_kit.ownership.nats_kv opens it
 MODELS_DESCRIPTION = "cdp ONNX models"  # as cdp_scoring.modelstore opens it
@@ -59,9 +62,11 @@ async def _stream(js: JetStreamContext, wanted: api.StreamConfig, current: api.S
         await js.add_stream(wanted)
         return f"created stream {wanted.name}"
     # Each setting as it was and as it is now: an operator sees a retention that grew (an upgrade run
-    # without the variable an older start was given) as well as one that shrank.
+    # without the variable an older start was given) as well as one that shrank. The replicas are the
+    # provisioner's alone (a service's own copy of a spec does not say them, so it does not compare them).
     changed = [
-        f"{name} {kit._shown(current, name)} -> {kit._shown(wanted, name)}" for name in kit._differs(current, wanted)
+        f"{name} {kit._shown(current, name)} -> {kit._shown(wanted, name)}"
+        for name in kit._differs(current, wanted, (*kit._COMPARED, "num_replicas"))
     ]
     if wanted.metadata and partition_count.recorded(current) is None:
         changed.append("partition count recorded")
@@ -120,8 +125,12 @@ async def provision(
     environ = os.environ if environ is None else environ
     services = None if services is None else list(services)
     partitions = default_partitions(environ)
+    replicas = stream_replicas(environ)
     configs = [
-        partition_count.recording(config, partitions) if config.name in partition_count.PARTITIONED else config
+        dataclasses.replace(
+            partition_count.recording(config, partitions) if config.name in partition_count.PARTITIONED else config,
+            num_replicas=replicas,
+        )
         for config in stream_configs(environ, services)
     ]
     existing = {}
@@ -139,18 +148,34 @@ async def provision(
             js,
             f"KV_{OWNERSHIP_BUCKET}",
             lambda: js.create_key_value(
-                bucket=OWNERSHIP_BUCKET, history=1, description=OWNERSHIP_DESCRIPTION, direct=True
+                bucket=OWNERSHIP_BUCKET, history=1, description=OWNERSHIP_DESCRIPTION, direct=True, replicas=replicas
             ),
             wanted=wants_ownership_bucket(environ),
         )
     )
     bucket = model_bucket(environ)
     if bucket and (services is None or "scoring" in services):
-        config = api.ObjectStoreConfig(bucket=bucket, description=MODELS_DESCRIPTION)
+        config = api.ObjectStoreConfig(bucket=bucket, description=MODELS_DESCRIPTION, replicas=replicas)
         done.append(await _bucket(js, f"OBJ_{bucket}", lambda: js.create_object_store(bucket, config=config)))
     for line in filter(None, done):
         log.info("%s", line)
     return [line for line in done if line]
+
+
+def stream_replicas(environ: Mapping[str, str]) -> int:
+    """CDP_NATS_STREAM_REPLICAS: 1 to 5 (JetStream's range), 1 when unset."""
+    raw = environ.get(REPLICAS_VARIABLE, "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 5:
+        raise ValueError(
+            f"{REPLICAS_VARIABLE}={raw!r} is invalid: must be a whole number from 1 to 5 (JetStream's range)"
+        )
+    return value
 
 
 def wants_ownership_bucket(environ: Mapping[str, str]) -> bool:
