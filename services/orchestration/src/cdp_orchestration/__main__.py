@@ -6,7 +6,8 @@ Journeys are loaded from the store before the engine starts; a change made throu
 API is announced on `orchestration.journeys.changed` and read again here. Each configured channel
 (`channels.open_channels`: providers from the environment, and in-app) gets a dispatcher; CRM tasks need
 none here: the arbiter's `actions.crm.<p>` messages are what the CRM connector consumes. `privacy.deleted`
-is followed by one consumer the replicas share (privacy.py). On SIGTERM the partitions are released (drained) before the bus and
+is followed by one consumer the replicas share (privacy.py); at start, before any of that runs, the deletions
+PRIVACY holds are applied again to a store restored from before them (notices.py). On SIGTERM the partitions are released (drained) before the bus and
 the store close.
 """
 
@@ -20,6 +21,7 @@ import os
 from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, privacy_stream, subjects
 from cdp_kit.bus.consumer import describe_error
+from cdp_kit.bus.notices import read_notices
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
@@ -38,6 +40,7 @@ from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.export import exporter
 from cdp_orchestration.history import HistorySweeper
 from cdp_orchestration.journeys import Journeys
+from cdp_orchestration.notices import erase_noticed
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
 from cdp_orchestration.settings import RULES_FIELD, OrchestrationSettings
 from cdp_orchestration.state import prepare_store
@@ -68,6 +71,10 @@ async def setup(runtime: ServiceRuntime) -> None:
     await bus.ensure_created(  # the timers stream first: the input sources it
         streams.timers_stream(), streams.actions_stream(max_age=retention), streams.input_stream(max_age=retention)
     )
+    # Deletions a restored store file no longer shows (notices.py): PRIVACY read whole and the persons it
+    # names that the store still holds erased, before the engine (and its outbox), the dispatchers, the
+    # privacy consumer or the API run, so nothing goes out to them. Not read: nothing is sent (stop, retry).
+    await erase_noticed(store, await read_notices(bus.js), partitions=settings.partitions)
     journeys = Journeys(store)
     await journeys.load()
 
@@ -163,7 +170,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
     sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=runtime.telemetry.meter)
     tasks.append(runtime.spawn(sweeper.run(), "sweep aged-out tombstones"))
-    history = HistorySweeper(store, days=settings.history_days, meter=runtime.telemetry.meter)
+    history = HistorySweeper(
+        store, days=settings.history_days, inbox_days=settings.inbox_days, meter=runtime.telemetry.meter
+    )
     tasks.append(runtime.spawn(history.run(), "sweep aged-out history"))
 
     async def release() -> None:

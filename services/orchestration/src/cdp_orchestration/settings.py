@@ -19,6 +19,8 @@ from cdp_orchestration.domain.rules import Rules, parse_rules
 # as the dead-letter stream keeps it.
 DEAD_LETTER_DAYS = dead_letter_stream().max_age / 86_400
 RULES_FIELD = "CDP_ORCHESTRATION_RULES_FILE"
+# The shortest an in-app message is kept: a person who opens the app once a week still finds it.
+INBOX_FLOOR_DAYS = 7.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +144,15 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
         "of the goal window if later) are kept; then they are swept (hourly, a bounded page at a time; metric "
         "cdp.orchestration.history.swept). Running instances stay whatever their age. At least the longest an "
         "action or a trigger can be delivered again, which these records keep from being sent or entered twice: "
-        "the dead-letter stream's 30 days and CDP_ORCHESTRATION_RETENTION_DAYS",
+        "the dead-letter stream's 30 days and CDP_ORCHESTRATION_RETENTION_DAYS. Decided approvals (from their answer or "
+        "expiry) and Enroll answers (from when they were given) are kept as long",
+    )
+    inbox_days: float = env(
+        "CDP_ORCHESTRATION_INBOX_DAYS",
+        90.0,
+        help="days an in-app message (with its rendered content) is kept in the person's inbox after it was added, "
+        "read or not; then it is swept with the history (metric cdp.orchestration.history.swept, collection "
+        "inbox). At least 7: a person who opens the app once a week still finds it",
     )
     answer_timeout: float = env(
         "CDP_ORCHESTRATION_ANSWER_TIMEOUT",
@@ -229,6 +239,11 @@ class OrchestrationSettings(OwnershipSettings, ServiceSettings):
                 f"longest an action or a trigger can be delivered again (the dead-letter stream keeps "
                 f"{DEAD_LETTER_DAYS:g} days, CDP_ORCHESTRATION_RETENTION_DAYS={self.retention_days:g}); send "
                 "records and instances swept sooner let it be sent or entered a second time"
+            )
+        if not self.inbox_days >= INBOX_FLOOR_DAYS:
+            problems.append(
+                f"CDP_ORCHESTRATION_INBOX_DAYS={self.inbox_days:g} is invalid: must be at least {INBOX_FLOOR_DAYS:g}, "
+                "so a person who opens the app once a week still finds a message before it is swept"
             )
         if self.ack_wait <= 0:
             problems.append(f"CDP_ORCHESTRATION_ACK_WAIT={self.ack_wait:g} is invalid: must be positive")
