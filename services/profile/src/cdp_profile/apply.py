@@ -288,11 +288,17 @@ def _score_update(message: scoring_pb2.ScoresUpdatedBatch, where: str) -> ScoreU
         for i, value in enumerate(values):
             if not isfinite(value):
                 raise Reject("invalid_score", where + field_key(SCORES, names[i % width]), "must be a finite number")
+    if width == 1:  # most models have one score: no slice and zip per person
+        name = names[0]
+        by_person = [{name: value} for value in values]
+    else:  # person i's values are values[i * width : (i + 1) * width]: `width` at a time off one iterator
+        taken = iter(values)
+        by_person = [dict(zip(names, row, strict=True)) for row in zip(*[taken] * width, strict=True)]
     return ScoreUpdate(
         model=message.model,
         version=message.version,
         persons=persons,
-        values=[dict(zip(names, values[i * width : (i + 1) * width], strict=True)) for i in range(len(persons))],
+        values=by_person,
         at=[ms / 1000 for ms in message.at_ms],
     )
 
