@@ -121,6 +121,10 @@ class ScoringEngine(Deployments, Rounds, Requests):
             chunk=256,
         )
         self.fields = self.held.persons
+        # The persons PRIVACY's privacy.deleted notices name (person -> request id), read at start, and the
+        # same by partition: erased from each partition as it is restored, their changes skipped (notices.py).
+        self.deleted: dict[str, str] = {}
+        self.deleted_by_partition: dict[int, dict[str, str]] = {}
         # What each person's scores were when last published, kept in the fields (published.py);
         # `resolution`: decimal places published scores are rounded to (None: as the model gives them).
         self.published = LastPublished(self.fields, decimals=resolution)
@@ -321,6 +325,10 @@ class ScoringEngine(Deployments, Rounds, Requests):
         person = change.person_id
         if change.removed:
             self.held.remove(person)
+            return set()
+        if self.deleted and person in self.deleted:
+            # A deletion notice names the person (notices.py): a change from before it (a replay, a consumer
+            # created again at a restored store's checkpoint) brings nothing back and is not scored.
             return set()
         fields = self.fields.get(person)
         if fields is None:

@@ -17,7 +17,9 @@ and the engine's checkpoint says up to where their scores are durable. Hence:
   snapshot never holds a change whose scores could still be lost.
 - **A partition arrives** (start, or an ownership's acquire): its persons are loaded from the last
   snapshot and `profiles.changed.<p>` is replayed from the snapshot's position *up to the engine's
-  checkpoint*, without scoring (those scores were published, or wait in the outbox). Whatever comes
+  checkpoint*, without scoring (those scores were published, or wait in the outbox); then the persons
+  PRIVACY's deletion notices name are erased from it (notices.py: a store file restored from before a
+  deletion must not bring the person back), before its pipeline starts. Whatever comes
   after the checkpoint is delivered by the engine and scored. Replaying past the checkpoint would apply
   changes whose scores may never have been made durable, and then score nothing when they come again.
 - **A failed batch** (`recover`): the partition is rebuilt the same way, so the batches redelivered
@@ -43,10 +45,11 @@ from nats.js.errors import NotFoundError
 from cdp.profile.v1 import profile_pb2
 from cdp_kit.bus import Bus, Delivery, subjects
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject
+from cdp_kit.engine import Effects, EngineSpec, PartitionedEngine, Reject, outbox_collection
 from cdp_kit.engine.pipeline import PartitionPipeline
 from cdp_kit.errors import Unavailable
 from cdp_scoring.engine import CHECKPOINTS, SERVICE, ScoringEngine
+from cdp_scoring.notices import erase_noticed
 
 log = logging.getLogger("cdp.scoring.stream")
 
@@ -63,6 +66,7 @@ class ScoringLogic:
         self._writing: asyncio.Task | None = None
         # One snapshot at a time: `PartitionedEngine.quiescent` holds every pipeline through one gate.
         self.lock = asyncio.Lock()
+        self.outbox = outbox_collection(SERVICE)
 
     # --- the Logic ----------------------------------------------------------------------------------
 
@@ -148,6 +152,9 @@ class ScoringLogic:
         replayed = 0
         async for data in self._history(subject, since, until):
             replayed += engine.replay_message(data)
+        # Deleted persons a restored store file (or the replay of the stream before their removal) brings
+        # back: erased before the pipeline publishes the outbox or applies anything (notices.py).
+        await erase_noticed(engine, engine.deleted_by_partition.get(partition, {}), partition, self.outbox)
         self.restored_at[partition] = until
         engine.ready.add(partition)
         engine._m_restore.record((time.perf_counter() - started) * 1000, {"partition": partition})
