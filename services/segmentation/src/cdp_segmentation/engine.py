@@ -77,6 +77,7 @@ from cdp_segmentation.evaluation import Evaluation, Person, Transition
 from cdp_segmentation.fields import FieldSource, ModelReaders
 from cdp_segmentation.index import FieldIndex
 from cdp_segmentation.journeys import LiveJourneys
+from cdp_segmentation.notices import erase_noticed
 from cdp_segmentation.percentiles import REPLAYED_INDEX, ROUNDS, Percentiles, PercentileValues, Replayed
 
 if TYPE_CHECKING:
@@ -224,6 +225,10 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
         self._index = FieldIndex()
         self._timers: dict[int, list[tuple[float, str]]] = {}  # partition -> (due, person): a heap
         self._due: dict[str, float] = {}  # person -> its pending timer
+        # The persons PRIVACY's privacy.deleted notices name (person -> request id), read at start, and the
+        # same by partition: erased from each partition as it arrives, their changes skipped (notices.py).
+        self.deleted: dict[str, str] = {}
+        self.deleted_by_partition: dict[int, dict[str, str]] = {}
         self._last_apply: dict[int, float] = {}  # partition -> when it last applied a batch (monotonic)
         # One set per whole-population run under way: the persons changed meanwhile.
         self._touched: list[set[str]] = []
@@ -413,12 +418,16 @@ class SegmentationEngine(Catalogue, Evaluation, Builds, Percentiles):
     # --- partitions: arrival, departure, recovery --------------------------------------------------
 
     async def arrive(self, partition: int, history: History) -> int:
-        """Serve `partition`: its last snapshot (unless loaded at start), then the stream after it
-        (`history(position)`), applied and published as `replay` does. Returns the changes replayed.
+        """Serve `partition`: its last snapshot (unless loaded at start) without the persons deletion notices
+        name, then the stream after it (`history(position)`), applied and published as `replay` does.
+        Returns the changes replayed.
         A build going live meanwhile waits for it, and then makes its persons live with the others."""
         async with self._arrivals, self.held.mutating():
             if partition not in self.owned:
                 await self._load({partition})
+            # Deleted persons a restored store file brings back: erased before the replay, the adoption and
+            # the pipeline publish anything (notices.py).
+            await erase_noticed(self, self.deleted_by_partition.get(partition, {}), partition)
             subject = subjects.profiles_changed(partition)
             replayed = await self.replay(history(self.applied.get(subject, 0)), partitions=(partition,))
             await self._adopt_arrived(partition)

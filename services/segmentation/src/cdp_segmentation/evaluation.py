@@ -242,9 +242,14 @@ class Evaluation:
         cause = f"s{partition}.{seq}"
         oldest = math.inf
         applying: set[str] = set()  # persons this message is being applied to (one may have several changes)
+        deleted = self.deleted
         for index, change in enumerate(message.changes):
             person_id = change.person_id
             if not person_id:
+                continue
+            if deleted and person_id in deleted:
+                # A deletion notice names the person (notices.py): a change from before it, replayed after a
+                # store restored from then, brings nothing back and publishes nothing.
                 continue
             person = self.persons.get(person_id)
             if person is not None and seq <= person.seq and person_id not in applying:
@@ -296,6 +301,10 @@ class Evaluation:
                         out=out,
                     )
         return oldest
+
+    def forget_timer(self, person_id: str) -> None:
+        """The person's pending timer, if any, finds nothing when due (`_fire_due`)."""
+        self._due.pop(person_id, None)
 
     def _remove(self, person_id: str, person: Person, *, at: float, cause: str, out: list[Transition]) -> None:
         """The profile is gone (deleted, or merged into another): it leaves every segment."""

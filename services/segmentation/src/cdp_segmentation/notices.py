@@ -1,0 +1,122 @@
+"""Deletions the store no longer shows, applied again where a partition arrives: a restored store file
+must not bring a deleted person back.
+
+Segmentation learns of a deletion from profile's `removed` change on `profiles.changed.<p>`: the person
+exits every segment (reason `removed`) and is deleted by the next snapshot, the files erased. An operator
+who restores `segmentation.db` (architecture.md's recovery for a damaged store: stop, restore the file
+with its -wal, start) from a copy taken before the deletion gets the person's fields and memberships
+back, and the `removed` change may not come again: a partition's arrival replays the stream after its
+snapshot, but the change may have aged out of PROFILES. The deletion's `privacy.deleted` notice is still
+in PRIVACY (kept without an age limit): the service reads it whole at start
+(`cdp_kit.bus.notices.read_notices`, before any partition is taken), and each partition that arrives (at
+start, on a lease acquired later, reloaded after a failed batch) has the persons the notices name erased
+once its snapshot is loaded, before the replay, the adoption of segments built elsewhere and its pipeline
+(`erase_noticed`): out of every membership, timer and held field, their records deleted, the transitions
+its outbox still holds for them taken out of the messages (the others' stay, under the same message
+ids), the files erased. The replay skips every change of theirs (`SegmentationEngine.deleted`): what the
+stream still holds from before the deletion does not bring them back either.
+
+Nothing is published about them: not an exit (orchestration and the CRM connector had it, reason
+`removed`, when the person was deleted, and they erased the person on the notice themselves; an exit
+published again, under a new id, would reach them as news about a deleted person - a journey's exit step,
+a CRM sync - carrying the id on the bus again), nor the stored transitions of theirs. It is idempotent: a
+partition whose snapshot holds none of them writes nothing. Logged at WARNING: how many persons were
+erased and the notices' request ids, never identifiers.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from cdp.segmentation.v1 import segmentation_pb2
+from cdp_kit.bus import partition_for
+from cdp_kit.engine.outbox import partition_prefix
+from cdp_kit.storage import Delete, Put
+
+if TYPE_CHECKING:
+    from cdp_segmentation.engine import SegmentationEngine
+
+log = logging.getLogger("cdp.segmentation.privacy")
+
+#: Request ids named in the log line (the rest counted).
+LOGGED_REQUESTS = 50
+
+
+def by_partition(named: Mapping[str, str], partitions: int) -> dict[int, dict[str, str]]:
+    """The persons notices name (person -> request id), by partition: each partition arriving looks at its own."""
+    out: dict[int, dict[str, str]] = {}
+    for person, request_id in named.items():
+        out.setdefault(partition_for(person, partitions), {})[person] = request_id
+    return out
+
+
+async def erase_noticed(engine: SegmentationEngine, named: Mapping[str, str], partition: int) -> int:
+    """Erase every person of `named` (the partition's: person -> request id) that the engine holds or the
+    partition's outbox still has transitions of; nothing published. The number of persons erased."""
+    if not named:
+        return 0
+    held = engine.held
+    found = {p for p in named if p in engine.persons}
+    for person_id in found:
+        for segment_id in engine.persons[person_id].members:
+            engine.members.get(segment_id, set()).discard(person_id)
+        engine.forget_timer(person_id)
+    # Loaded from the snapshot: a record to delete.
+    stored = {p for p in found if p in held.versions}
+    if found:
+        held.forget(found.__contains__)
+        if engine.index.percentiles:
+            engine.percentiles_stale = True  # fewer persons in the population
+    ops: list[Put | Delete] = [Delete(held.collection, p) for p in sorted(stored)]
+    scrubbed: list[tuple[Put | Delete, set[str]]] = []
+    if engine.stream is not None:
+        scrubbed = await scrub_outbox(engine, engine.stream.outbox, partition, named)
+    ops.extend(op for op, _ in scrubbed)
+    if not found and not scrubbed:
+        return 0
+    if ops:
+        await engine.store.bulk_write(ops)
+        await engine.store.erase()
+    persons = found | {p for _, taken in scrubbed for p in taken}
+    requests = sorted({named[p] for p in persons})
+    shown = requests[:LOGGED_REQUESTS]
+    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    log.warning(
+        "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
+        "name them (requests %s%s); nothing published again",
+        len(persons),
+        partition,
+        ", ".join(shown),
+        more,
+        extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
+    )
+    return len(persons)
+
+
+async def scrub_outbox(
+    engine: SegmentationEngine, outbox: str, partition: int, named: Mapping[str, str]
+) -> list[tuple[Put | Delete, set[str]]]:
+    """The partition's outbox records rewritten without the transitions of `named` persons (each with the
+    persons taken out): a file copied while the service ran may hold transitions not yet published, which
+    the pipeline publishes when it starts. The others stay, under the same message ids."""
+    out: list[tuple[Put | Delete, set[str]]] = []
+    async for record in engine.store.scan_all(outbox, prefix=partition_prefix(partition)):
+        kept, taken = [], set()
+        for message in record.doc.get("messages", []):
+            batch = segmentation_pb2.SegmentEventBatch.FromString(base64.b64decode(message["payload"]))
+            gone = {e.person_id for e in batch.events if e.person_id in named}
+            if gone:
+                taken |= gone
+                left = segmentation_pb2.SegmentEventBatch(events=[e for e in batch.events if e.person_id not in gone])
+                if not left.events:
+                    continue
+                batch = left
+                message = {**message, "payload": base64.b64encode(batch.SerializeToString()).decode()}
+            kept.append(message)
+        if taken:
+            op = Put(outbox, record.key, {**record.doc, "messages": kept}) if kept else Delete(outbox, record.key)
+            out.append((op, taken))
+    return out
