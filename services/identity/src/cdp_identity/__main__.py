@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 
 from cdp.identity.v1 import identity_pb2, identity_pb2_grpc
 from cdp_identity.api import SCOPES, IdentityApi
@@ -13,6 +14,7 @@ from cdp_identity.domain.rules import MergeRules
 from cdp_identity.engine import OUTBOX, IdentityEngine
 from cdp_identity.export import export_person
 from cdp_identity.matching_service import MatchingService, load_match_config
+from cdp_identity.notices import apply_notices
 from cdp_identity.privacy import PrivacyHandler
 from cdp_identity.settings import IdentitySettings
 from cdp_identity.writer import OneWriter
@@ -28,10 +30,13 @@ from cdp_kit.bus import (
 )
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.identifier_hash import SETTING as HASH_KEY_SETTING
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, run_main
 from cdp_kit.storage import open_store
+
+log = logging.getLogger("cdp.identity")
 
 # A privacy purge sweeps the stored graph once per batch of requests: give it time before JetStream
 # redelivers (a redelivery would only find the work done).
@@ -77,9 +82,22 @@ async def setup(runtime: ServiceRuntime) -> None:
         telemetry=runtime.telemetry,
         shared_notify_max=settings.shared_notify_max,
     )
+    # The key(s) deletion notices hash identifiers with: a suppressed person's events are dropped here too.
+    engine.forgotten.keys = settings.identifier_hash_keys()
+    if settings.privacy_hash_key_file is None and settings.auth_mode == "tokens":
+        log.error(
+            "%s is not set: identity cannot match the identifier hashes of suppressing privacy.deleted notices, "
+            "so a suppressed person's events that reach it are resolved again; give identity the same key file "
+            "as profile and the collector",
+            HASH_KEY_SETTING,
+        )
     await engine.start()
     matching = MatchingService(engine, store, match_config)
     await matching.start()
+    # Before any event is resolved: the suppressions, and the deletions a restored store brought back.
+    events_max_age = (await bus.js.stream_info(subjects.EVENTS_RAW)).config.max_age or 0.0
+    await engine.load_forgotten(events_max_age)
+    await apply_notices(engine, matching, bus.js)
     # One durable consumer per partition (the kit's partitioned engine, identity's logic): each
     # partition's events are applied in order, the next batch is resolved while the previous one is
     # written. The graph spans partitions, so every partition writes through identity's one write
@@ -143,7 +161,7 @@ async def setup(runtime: ServiceRuntime) -> None:
             max_ack_pending=PRIVACY_BATCH,
             description=f"identity: purge deleted persons (replica {settings.pod_ordinal})",
         ),
-        PrivacyHandler(engine, matching).handle,
+        PrivacyHandler(engine, matching, events_max_age=events_max_age).handle,
     )
     runtime.spawn(privacy.run(), f"consume {subjects.PRIVACY_DELETED}")
     runtime.parts.update(

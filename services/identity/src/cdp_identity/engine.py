@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ from cdp_identity.domain.graph import (
 from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, split_key
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
+from cdp_identity.forgotten import Forgotten
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.engine import Effects, Reject, WriteChain, outbox
@@ -86,6 +88,8 @@ IDENTIFIERS = "identity_identifiers"
 PERSONS = "identity_persons"
 MERGES = "identity_merges"
 OUTBOX = "identity_outbox"
+# Digests of purged identifiers with their deletion's time (forgotten.py), one record per purge.
+FORGOTTEN = "identity_forgotten"
 CHECKPOINTS = subjects.checkpoints_collection("identity")
 # The API's records in OUTBOX, beside the partitioned engine's (`<partition>:<position>`).
 API_OUTBOX_PREFIX = "api:"
@@ -192,6 +196,8 @@ class IdentityEngine:
         self.writer = True
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
         self._deleting: dict[tuple[str, str], int] = {}
+        # Deleted persons' identifiers (hashes only): events carrying them are dropped (forgotten.py).
+        self.forgotten = Forgotten()
         meter = telemetry.meter
         # Counters are scraped as cdp_identity_<name>_total (the names dashboards used before the
         # convention), the histogram as cdp_identity_batch_apply_duration_milliseconds_*.
@@ -214,6 +220,11 @@ class IdentityEngine:
         )
         self._purged = meter.create_counter(
             "cdp.identity.purged", unit="{record}", description="records removed by privacy deletions, by kind"
+        )
+        self._deleted_dropped = meter.create_counter(
+            "cdp.identity.deleted.dropped",
+            unit="{event}",
+            description="events dropped because they carry an identifier of a deleted person, by rule",
         )
         self._apply_ms = meter.create_histogram(
             "cdp.identity.batch.apply.duration",
@@ -408,9 +419,21 @@ class IdentityEngine:
             outbox: list[tuple[str, str, bytes]] = []
             outcomes: dict[str, int] = {}
             drop_reasons: dict[str, int] = {}
+            deleted: dict[str, int] = {}
+            forgotten = self.forgotten
             ops: list[WriteOp] = []
             try:
                 for item in items:
+                    if forgotten and item.delivery is not None:
+                        # A deleted person's event (forgotten.py): acknowledged with the batch, nothing else.
+                        keys = [i.key for i in item.identifiers]
+                        if item.previous is not None:
+                            keys += self._previous_candidates(item.previous)
+                        rule = forgotten.dropped(keys, item.received or item.at)
+                        if rule is not None:
+                            deleted[rule] = deleted.get(rule, 0) + 1
+                            resolutions.append(None)
+                            continue
                     if item.previous is not None:
                         self._place_previous(item)
                     replay = item.replay
@@ -469,6 +492,8 @@ class IdentityEngine:
             self._events.add(count, {"outcome": outcome})
         for reason, count in drop_reasons.items():
             self._drops.add(count, {"reason": reason})
+        for rule, count in deleted.items():
+            self._deleted_dropped.add(count, {"rule": rule})
         self._apply_ms.record((time.perf_counter() - started) * 1000)
         return ops, outbox, grouped, resolutions, queued
 
@@ -632,11 +657,14 @@ class IdentityEngine:
         person_ids: Sequence[str],
         *,
         also: Callable[[Purged], Awaitable[list[WriteOp]]] | None = None,
+        deleted_at: Mapping[str, int] | None = None,
     ) -> Purged:
         """Forget persons for good (privacy.deleted): each with everyone merged into it, the identifiers
         they own, and every mention of them in the records that stay (`IdentityGraph.purge`), in memory
         and in the store, plus the outbox notifications naming them. `also` adds the store operations of
         other owners (the match pool, the review queue) to the same write. Unknown persons: a no-op.
+        `deleted_at`: requested person -> the time of its deletion (epoch ms); events received until then
+        that carry an identifier purged with that person are dropped from now on (`self.forgotten`).
 
         Three steps, so events keep flowing during the slow one: under the lock, what goes; without it,
         a sweep of the stored graph for records naming any of it (another replica's cache may have
@@ -661,9 +689,18 @@ class IdentityEngine:
                 await self._load_for_purge(requested)
                 try:
                     self._epoch += 1  # records read before this purge may name what it removes
+                    times: dict[str, int] = {}
+                    for person, at in (deleted_at or {}).items():
+                        for key in self.graph.purge_scope([person])[1]:
+                            times[key] = max(times.get(key, at), at)
                     purged = self.graph.purge(requested)
+                    # In the same turn of the lock as the purge: no batch resolves in between.
+                    forgotten = self.forgotten.forget({k: at for k, at in times.items() if k in purged.identifiers})
                     names = set(purged.persons) | purged.identifiers | set(requested)
                     ops: list[WriteOp] = [Delete(MERGES, m) for m in holders[MERGES] if m not in purged.merges]
+                    if forgotten is not None:  # with the purge: a restart before the backlog still drops
+                        digest = hashlib.sha256("".join(h for h, _ in forgotten["entries"]).encode()).hexdigest()
+                        ops.append(Put(FORGOTTEN, digest[:32], forgotten))
                     ops += await self._outbox_naming(names)
                     if also is not None:
                         ops += await also(purged)
@@ -681,6 +718,36 @@ class IdentityEngine:
             if count:
                 self._purged.add(count, {"kind": kind})
         return purged
+
+    async def load_forgotten(self, max_age: float) -> int:
+        """At start: the digests earlier purges stored (forgotten.py), those of deletions older than
+        `max_age` seconds (EVENTS_RAW's age limit; 0: none) or made with a key no longer current deleted.
+        The number of records loaded."""
+        cutoff = int((time.time() - max_age) * 1000) if max_age > 0 else None
+        loaded, old = 0, []
+        async for record in self.store.scan_all(FORGOTTEN):
+            if (cutoff is not None and record.doc.get("until", 0) < cutoff) or not self.forgotten.load(record.doc):
+                old.append(record.key)
+            else:
+                loaded += 1
+        await self._delete_forgotten(old)
+        return loaded
+
+    async def expire_forgotten(self, max_age: float) -> None:
+        """Forget the digests of deletions older than `max_age` seconds, in memory and in the store."""
+        cutoff = int((time.time() - max_age) * 1000)
+        self.forgotten.expire(cutoff)
+        await self._delete_forgotten(
+            [r.key async for r in self.store.scan_all(FORGOTTEN) if r.doc.get("until", 0) < cutoff]
+        )
+
+    async def _delete_forgotten(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        async with self.lock:
+            await self._recover_if_failed()
+            write = self._schedule_write([], extra=[Delete(FORGOTTEN, key) for key in keys])
+        await write
 
     async def _load_for_purge(self, person_ids: list[str]) -> tuple[set[str], set[str]]:
         """Load what a purge of `person_ids` needs; the persons and identifier keys it would remove."""

@@ -6,12 +6,16 @@ store is shared, but each replica's in-memory graph may hold the person, so each
 and sweeps the store itself. The purges are idempotent and version-checked, so replicas racing on the
 same records converge: the loser's write fails, its cache is reloaded, and the redelivered request
 finds nothing left. A message is acknowledged only after the purge is durable.
+
+From then on the person's events are dropped (forgotten.py): the notice's hashes when it suppresses, and
+the purged identifiers for events received before the deletion. `notices.py` does both again at start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 
 from google.protobuf.message import DecodeError
@@ -20,6 +24,7 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching_service import MatchingService
 from cdp_kit.bus import Delivery
+from cdp_kit.timestamps import to_seconds
 
 log = logging.getLogger("cdp.identity")
 
@@ -30,10 +35,36 @@ def identifier_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+#: Seconds between two sweeps of the received-before entries older than EVENTS_RAW's age limit.
+EXPIRE_EVERY = 3600.0
+
+
+def deletion_times(requests: Sequence[privacy_pb2.PrivacyDeleted]) -> dict[str, int]:
+    """Each person the notices name (and those merged into it) -> the latest notice's time, epoch ms (now
+    for a notice without one)."""
+    now = int(time.time() * 1000)
+    times: dict[str, int] = {}
+    for request in requests:
+        at = int(to_seconds(request.at) * 1000) if request.HasField("at") else now
+        for person in (request.person_id, *request.merged_person_ids):
+            if person:
+                times[person] = max(times.get(person, at), at)
+    return times
+
+
 class PrivacyHandler:
-    def __init__(self, engine: IdentityEngine, matching: MatchingService) -> None:
+    def __init__(self, engine: IdentityEngine, matching: MatchingService, *, events_max_age: float = 0.0) -> None:
         self.engine = engine
         self.matching = matching
+        # EVENTS_RAW's age limit (seconds; 0: none): a received-before entry older than it drops nothing.
+        self.events_max_age = events_max_age
+        self._expired = time.monotonic()
+
+    async def expire(self) -> None:
+        if self.events_max_age <= 0 or time.monotonic() - self._expired < EXPIRE_EVERY:
+            return
+        self._expired = time.monotonic()
+        await self.engine.expire_forgotten(self.events_max_age)
 
     async def handle(self, batch: Sequence[Delivery]) -> None:
         """Consumer handler for `privacy.deleted`: one purge for the whole batch (one store sweep)."""
@@ -51,7 +82,11 @@ class PrivacyHandler:
         if not requests:
             return
         person_ids = [p for request in requests for p in (request.person_id, *request.merged_person_ids)]
-        purged = await self.engine.purge(person_ids, also=self.matching.purge)
+        # Before the purge: its events may be resolving now, and from the purge on they are dropped.
+        for request in requests:
+            self.engine.forgotten.suppress(request)
+        purged = await self.engine.purge(person_ids, also=self.matching.purge, deleted_at=deletion_times(requests))
+        await self.expire()
         # The purge is durable: now leave no bytes of it in the store's files either.
         await self.engine.store.erase()
         if self.matching.store is not self.engine.store:

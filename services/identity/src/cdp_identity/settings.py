@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp_kit.identifier_hash import IdentifierHashSettings
 from cdp_kit.ownership import OwnershipSettings
 from cdp_kit.settings import ServiceSettings, env
 
 
 @dataclass(frozen=True, kw_only=True)
-class IdentitySettings(OwnershipSettings, ServiceSettings):
+class IdentitySettings(IdentifierHashSettings, OwnershipSettings, ServiceSettings):
     service_name: str = env("OTEL_SERVICE_NAME", "identity", help="service name in traces, metrics and logs")
     grpc_port: int = env("CDP_GRPC_PORT", 50052, help="gRPC port (IdentityService, health, reflection)")
     rules_file: Path | None = env(
@@ -42,6 +43,10 @@ class IdentitySettings(OwnershipSettings, ServiceSettings):
 
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
+        if self.privacy_hash_key_file is not None:
+            # A bad file stops start-up. A missing one does not (yet): identity then cannot match keyed
+            # suppressions, which `setup` logs as an error (README, Privacy).
+            problems += IdentifierHashSettings.validate(self)
         for name, path in (
             ("CDP_IDENTITY_RULES_FILE", self.rules_file),
             ("CDP_IDENTITY_MATCHING_FILE", self.matching_file),
