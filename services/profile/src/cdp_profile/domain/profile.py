@@ -227,6 +227,10 @@ class Part:
 
     def _histories_doc(self, attr: str, histories: dict[str, list[Any]]) -> dict[str, orjson.Fragment]:
         """`{key: [version.to_doc(), ...]}` of one kind of history, each as its kept encoding (for orjson)."""
+        if not histories:  # most parts have no groups, many no traits or consent: nothing kept either
+            if self._histories_json:
+                self._histories_json.pop(attr, None)
+            return {}
         every = self._histories_json
         if every is None:
             every = self._histories_json = {}
@@ -300,22 +304,16 @@ class Part:
     def to_doc(self, *, encoded: bool = False) -> dict[str, Any]:
         """JSON-serialisable; with `encoded`, the computed states are their cached encodings (orjson
         fragments: only for `orjson.dumps`), re-made only for the states that changed since."""
+        if encoded:
+            return self._encoded_doc()
         extra = self.extra_seen()
         doc = {
             "origin": self.origin,
-            "traits": self._histories_doc("traits", self.traits)
-            if encoded
-            else {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
-            "groups": self._histories_doc("groups", self.groups)
-            if encoded
-            else {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
-            "consent": self._histories_doc("consent", self.consent)
-            if encoded
-            else {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
-            "scores": self.scores_json()[1]
-            if encoded
-            else {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
-            "computed": {name: state.encoded() if encoded else state.to_doc() for name, state in self.computed.items()},
+            "traits": {name: [v.to_doc() for v in history] for name, history in self.traits.items()},
+            "groups": {name: [v.to_doc() for v in history] for name, history in self.groups.items()},
+            "consent": {key: [c.to_doc() for c in history] for key, history in self.consent.items()},
+            "scores": {name: [s.value, s.model, s.version, s.at] for name, s in self.scores.items()},
+            "computed": {name: state.to_doc() for name, state in self.computed.items()},
             # timeline ids are not repeated here
             "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())],
             "identifiers": sorted(self.identifiers),
@@ -324,7 +322,31 @@ class Part:
             "last_seen": self.last_seen,
         }
         if self.base is not None:  # only once retention dropped something: other records stay as they were
-            doc["base"] = self.base.to_doc(encoded=encoded)
+            doc["base"] = self.base.to_doc()
+        return doc
+
+    def _encoded_doc(self) -> dict[str, Any]:
+        """`to_doc(encoded=True)`: the same document, made for every write of the part's profile."""
+        extra = self.extra_seen()
+        histories_doc = self._histories_doc
+        doc = {
+            "origin": self.origin,
+            "traits": histories_doc("traits", self.traits),
+            "groups": histories_doc("groups", self.groups),
+            "consent": histories_doc("consent", self.consent),
+            "scores": self.scores_json()[1],
+            "computed": {name: state.encoded() for name, state in self.computed.items()},
+            # timeline ids are not repeated here
+            "seen": [[event_id, at] for at, event_id in sorted((at, event_id) for event_id, at in extra.items())]
+            if extra
+            else [],
+            "identifiers": sorted(self.identifiers),
+            "event_count": self.event_count,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+        if self.base is not None:  # only once retention dropped something: other records stay as they were
+            doc["base"] = self.base.to_doc(encoded=True)
         return doc
 
     @classmethod
