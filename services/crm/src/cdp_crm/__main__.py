@@ -1,13 +1,14 @@
 """The CRM connector process: outbound sync, inbound feedback, privacy, gRPC.
 
 At start the connections document is read and validated (with each CRM's described schema where the
-adapter can describe it), every credential variable must be set, and the streams it needs exist. Then:
-`crm.in.<p>` runs on the kit's partitioned engine (engine.py) over the partitions one ownership gives
-(`CDP_OWNERSHIP`, group "crm"); the owner of a partition retries its queued changes; `privacy.deleted` is
-consumed on one durable the replicas share (privacy.py); each connection's changes are read by the
-replica owning the connection's partition (inbound/: HubSpot search, Salesforce SOQL on SystemModstamp,
-Dataverse change tracking, Zoho If-Modified-Since) - HubSpot's also at once on a signed webhook
-(`CDP_CRM_WEBHOOK_PORT`) - and posted to the collector (when `CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the
+adapter can describe it), every credential variable must be set, and the streams it needs exist. The
+persons privacy.deleted notices name that a restored store still holds are fenced off, before anything
+else runs, and erased again (notices.py). Then: `crm.in.<p>` runs on the kit's partitioned engine
+(engine.py) over the partitions one ownership gives (`CDP_OWNERSHIP`, group "crm"); the owner of a
+partition retries its queued changes; `privacy.deleted` is consumed on one durable the replicas share
+(privacy.py); each connection's changes are read by the replica owning the connection's partition
+(inbound/: HubSpot search, Salesforce SOQL on SystemModstamp, Dataverse change tracking, Zoho
+If-Modified-Since) - HubSpot's also at once on a signed webhook (`CDP_CRM_WEBHOOK_PORT`) - and posted to the collector (when `CDP_CRM_COLLECTOR_URL` is set). On SIGTERM the
 partitions are released (drained) before the bus, the HTTP session and the store close.
 """
 
@@ -33,6 +34,7 @@ from cdp_crm.domain.mapping import Connection, MappingInvalid, load_connections
 from cdp_crm.engine import SERVICE, CrmLogic
 from cdp_crm.export import exporter
 from cdp_crm.inbound import Collector, HubSpotWebhooks, Poller, open_poller
+from cdp_crm.notices import fence, reapply
 from cdp_crm.people import ProfileDirectory, profile_fetch, profile_identifiers
 from cdp_crm.privacy import Privacy, TombstoneSweeper, consumer_spec
 from cdp_crm.runs import GC_THRESHOLD, Runs
@@ -47,6 +49,7 @@ from cdp_kit.bus import (
     segments_stream,
     subjects,
 )
+from cdp_kit.bus.notices import read_notices
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
@@ -160,6 +163,26 @@ async def setup(runtime: ServiceRuntime) -> None:
         description="API units left in each CRM account's budget (burst window and day)",
     )  # fmt: skip
 
+    privacy = Privacy(
+        store,
+        logic.mappings,
+        deliverer,
+        retry_for=settings.retry_for,
+        settled=logic.settled,
+        partitions=settings.partitions,
+        policies={c.id: c.on_delete or settings.privacy_policy for c in connections},
+        unstarted=unstarted,
+    )
+    # Deletions a restored store file no longer shows (notices.py): PRIVACY read whole, and every person it
+    # names that the store still holds fenced off now - before any input, retry, backfill or poller runs -,
+    # their CRM records checked and erased again in the background.
+    try:
+        named = await read_notices(bus.js)
+    except Exception as exc:  # a get by sequence: its NATS user consumes PRIVACY, so natsauth grants it
+        log.error("privacy.deleted notices not read (%s): deletions a restored store lost stay undone", exc)
+        named = {}
+    restored = await fence(store, privacy, named, time.time())
+
     spec = EngineSpec(
         service=SERVICE,
         stream=subjects.CRM,
@@ -179,16 +202,13 @@ async def setup(runtime: ServiceRuntime) -> None:
         runtime.spawn(engine.serve(ownership), "apply crm.in"),
         runtime.spawn(logic.retry_forever(engine, 5.0), "retry queued crm changes"),
     ]
-    privacy = Privacy(
-        store,
-        logic.mappings,
-        deliverer,
-        retry_for=settings.retry_for,
-        settled=logic.settled,
-        partitions=settings.partitions,
-        policies={c.id: c.on_delete or settings.privacy_policy for c in connections},
-        unstarted=unstarted,
-    )
+    if restored:
+
+        async def erase_restored() -> None:
+            await reapply(store, privacy, restored)
+            await asyncio.Event().wait()  # done; a background task of the service ends with it
+
+        tasks.append(runtime.spawn(erase_restored(), "erase again what a restored store held"))
     tasks.append(runtime.spawn(bus.consumer(consumer_spec(), privacy.handle).run(), "consume privacy.deleted"))
     sweeper = TombstoneSweeper(store, days=settings.tombstone_days, meter=meter)
     tasks.append(runtime.spawn(sweeper.run(), "sweep aged-out tombstones"))

@@ -39,6 +39,9 @@ code until a later attempt is taken), makes the request come again later (redeli
 then dead-lettered after `max_deliver` attempts) rather than being recorded as done; what other CRMs
 already did is kept (their records are marked erased), so the retry only calls the CRM that is left. A
 request already recorded is acknowledged without calling any CRM.
+
+A store restored from a copy taken before a deletion no longer shows it, and this consumer is past its
+notice: `notices.py` applies it again at start (`erase(restored=True)`: read first, nothing created).
 """
 
 from __future__ import annotations
@@ -139,25 +142,28 @@ class Privacy:
             if not await self.erase(request):
                 delivery.retry("crm_erasure_not_done")
 
-    async def erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
-        """Anonymise and forget the request's persons; True once recorded as done."""
+    async def erase(self, request: privacy_pb2.PrivacyDeleted, *, restored: bool = False) -> bool:
+        """Anonymise and forget the request's persons; True once recorded as done. `restored`: the request
+        was done before, and a store restored from before it brought the persons back (notices.py): what
+        the CRMs hold is read first and only what still holds the persons' data is written - a record
+        erased already is not written again, and no record is ever created."""
         if self.settled is None:
-            return await self._erase(request)
+            return await self._erase(request, restored)
         async with self.settled(partition_for(request.person_id, self.partitions)):
-            return await self._erase(request)
+            return await self._erase(request, restored)
 
     def policy(self, connection: str) -> str:
         return self.policies.get(connection, self.default_policy)
 
-    async def _erase(self, request: privacy_pb2.PrivacyDeleted) -> bool:
+    async def _erase(self, request: privacy_pb2.PrivacyDeleted, restored: bool = False) -> bool:
         key = request.request_id or f"person-{request.person_id}"
-        if await self.store.get(PRIVACY, key) is not None:
+        if not restored and await self.store.get(PRIVACY, key) is not None:
             return True
         persons = [request.person_id, *request.merged_person_ids]
         records = [r for pid in persons for r in await self.store.find(RECORDS, "person_id", pid, limit=10_000)]
         # What names the persons in a CRM record (their email and phone, as the connector knows them), read
         # before anything is erased: records no one synced (a rep's own contact of them) are searched by it.
-        identifiers = await self._identifiers(key, persons, records)
+        identifiers = await self.identifiers(key, persons, records)
         # Erased already by another request: nothing the connector writes has named them since (the
         # tombstones), so their match key is not searched for again.
         earlier = await self.store.get_many(TOMBSTONES, persons)
@@ -204,8 +210,28 @@ class Privacy:
             by_id = [c for c in changes if c.op == UPSERT and docs[c.record].get("crm_id")]
             if by_id and hasattr(adapter, "update"):
                 changes = [c for c in changes if c not in by_id]
-                if not await self._anonymise(mapping, by_id, docs, policy, key, now, ops, done, written):
+                if restored:
+                    # Erased before the store was restored: the records still holding a value only.
+                    left = await self._still_held(mapping, by_id, docs)
+                    if left is None:
+                        complete = False
+                        by_id = []
+                    else:
+                        for change in (c for c in by_id if c not in left):
+                            tombstone = erased(docs[change.record], policy, key, now)
+                            _count(done, mapping.connection, policy, tombstone)
+                            ops.append(Put(RECORDS, change.record, tombstone))
+                        by_id = left
+                if by_id and not await self._anonymise(mapping, by_id, docs, policy, key, now, ops, done, written):
                     complete = False
+            if restored:
+                # An upsert by the match key may create a record: a repeat never sends one (an anonymising
+                # write of a record the CRM gave no id). The erasure before the restore wrote it.
+                for change in (c for c in changes if c.op == UPSERT):
+                    tombstone = erased(docs[change.record], policy, key, now)
+                    _count(done, mapping.connection, policy, tombstone)
+                    ops.append(Put(RECORDS, change.record, tombstone))
+                changes = [c for c in changes if c.op != UPSERT]
             if not changes:
                 continue
             delivered = await self.deliverer.deliver(mapping, changes, retry_for=self.retry_for)
@@ -316,7 +342,41 @@ class Privacy:
             ops.append(Put(RECORDS, change.record, tombstone))
         return complete
 
-    async def _identifiers(self, key: str, persons: list[str], records: list) -> dict[str, list[str]]:
+    async def _still_held(
+        self, mapping: ObjectMapping, changes: list[Change], docs: dict[str, dict]
+    ) -> list[Change] | None:
+        """Of these anonymising changes (records with a CRM id), those whose record the CRM still holds with a
+        value in a mapped field: read by the records' match keys (the adapter's `find`, a request per page,
+        from the account's budget). A record gone (a rep deleted it) or holding cleared fields only (the
+        erasure before the restore) is left alone. None when the CRM did not answer: the repeat comes again.
+        An adapter that cannot search, or a match key of several fields: every change, as an erasure sends."""
+        adapter = self.deliverer.adapters[mapping.connection]
+        by_field: dict[str, list[str]] = defaultdict(list)
+        for change in changes:
+            key = docs[change.record].get("key") or []
+            if len(key) != 1 or not hasattr(adapter, "find"):
+                return changes
+            field, value = key[0]
+            by_field[field].append(str(value))
+        cleared = _cleared(mapping)
+        found: dict[str, dict] = {}
+        try:
+            for field, values in by_field.items():
+                answer = await self._metered(
+                    self.deliverer.budgets[mapping.connection], adapter.find(mapping, field, values, sorted(cleared))
+                )
+                found.update(answer)
+        except _Unanswered:
+            log.warning("crm erasure check waits for the crm", extra={"connection": mapping.connection})
+            return None
+        return [
+            c
+            for c in changes
+            if (props := found.get(str(docs[c.record]["crm_id"]))) is not None
+            and any(props.get(f) not in (None, "", PLACEHOLDER) for f in cleared)
+        ]
+
+    async def identifiers(self, key: str, persons: list[str], records: list) -> dict[str, list[str]]:
         """The persons' values of `IDENTIFYING` fields the connector holds: in their views and in what it
         wrote to their records (a mapping's field filled from one), plus those an earlier attempt kept."""
         found: dict[str, set[str]] = {path: set() for path in IDENTIFYING}
