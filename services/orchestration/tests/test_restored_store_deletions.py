@@ -230,3 +230,41 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
 
 async def _has_message(store, person: str, action_id: str) -> bool:
     return action_id in [r.doc["action_id"] async for r in store.scan_all(INBOX, prefix=f"{person}/")]
+
+
+@pytest.mark.timeout(120)
+async def test_a_deletion_not_handled_yet_at_start_is_left_to_the_privacy_consumer(nats_server, tmp_path, caplog):
+    """A notice stored while orchestration was down is the privacy consumer's to handle, as it always was:
+    a store the deletion never reached is no restored store (no WARNING saying so), and her running instance
+    is counted ended once."""
+    config = settings(nats_server, tmp_path)
+    async with Bus.connect(nats_server.url, name="upstream") as bus:
+        await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), privacy_stream())
+        async with serving(config, setup) as runtime:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+                stub = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+                await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(SLOW)))
+                await stub.PublishJourney(pb.PublishJourneyRequest(journey_id="slow"))
+                await profile(runtime, "p_ada", first_name=NAME)
+                request = pb.EnrollRequest(journey_id="slow", person_id="p_ada", idempotency_key="slow-ada")
+                assert (await stub.Enroll(request)).entered
+        notice = privacy_pb2.PrivacyDeleted(request_id="req-ada-2", person_id="p_ada")
+        [result] = await bus.publisher.publish_batch(
+            [OutMessage(subjects.PRIVACY_DELETED, notice.SerializeToString(), "privacy:req-ada-2")]
+        )
+        assert result.ok
+        caplog.set_level("INFO", logger="cdp.orchestration.privacy")
+        async with serving(config, setup) as runtime:
+            store = runtime.parts["store"]
+
+            async def acknowledged() -> bool:
+                info = await bus.js.consumer_info(subjects.PRIVACY, consumer_spec().durable)
+                return info.ack_floor.stream_seq == result.seq and not info.num_ack_pending
+
+            await until(acknowledged, "the deletion handled")
+            assert {part: value for part, value in (await held(store, "p_ada")).items() if value} == {}
+            stats = [r.doc async for r in store.scan_all(STATS)]
+            assert sum(s["ended"].get("deleted", 0) for s in stats) == 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "cdp.orchestration.privacy"]
+    assert "privacy deletion applied" in messages
+    assert not [m for m in messages if "restored store" in m]

@@ -40,7 +40,7 @@ from cdp_orchestration.engine import SERVICE, OrchestrationLogic
 from cdp_orchestration.export import exporter
 from cdp_orchestration.history import HistorySweeper
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.notices import erase_noticed
+from cdp_orchestration.notices import erase_noticed, unhandled_persons
 from cdp_orchestration.privacy import PrivacyHandler, TombstoneSweeper, consumer_spec
 from cdp_orchestration.settings import RULES_FIELD, OrchestrationSettings
 from cdp_orchestration.state import prepare_store
@@ -72,9 +72,12 @@ async def setup(runtime: ServiceRuntime) -> None:
         streams.timers_stream(), streams.actions_stream(max_age=retention), streams.input_stream(max_age=retention)
     )
     # Deletions a restored store file no longer shows (notices.py): PRIVACY read whole and the persons it
-    # names that the store still holds erased, before the engine (and its outbox), the dispatchers, the
-    # privacy consumer or the API run, so nothing goes out to them. Not read: nothing is sent (stop, retry).
-    await erase_noticed(store, await read_notices(bus.js), partitions=settings.partitions)
+    # names that the store still holds erased (but those of notices the privacy consumer has yet to handle),
+    # before the engine (and its outbox), the dispatchers, the privacy consumer or the API run, so nothing
+    # goes out to them. Not read: nothing is sent (stop, retry).
+    named = await read_notices(bus.js)
+    unhandled = await unhandled_persons(store, bus.js) if named else frozenset()
+    await erase_noticed(store, named, partitions=settings.partitions, unhandled=unhandled)
     journeys = Journeys(store)
     await journeys.load()
 

@@ -19,7 +19,10 @@ one pass over the store, since no engine holds anyone yet:
   the notice's request id), so the engine drops what still reaches them and no dispatcher sends to them;
 then the store is erased (`Store.erase`) so no bytes of the deleted records stay readable in its files.
 Nothing is published: no new notice, no outcome event. It is idempotent: a person the store holds nothing of
-is left alone, so a normal start (or a second replica's, sharing the store) changes nothing. The ACTIONS
+is left alone, so a normal start (or a second replica's, sharing the store) changes nothing. A notice the
+privacy consumer has not acknowledged yet (stored while the service was down, or being handled by another
+replica) is left to it, as always (`unhandled_persons`): its engine may hold the person, and its own
+erasure follows; the dispatchers send nothing to its persons meanwhile (`privacy.Deletions`). The ACTIONS
 stream is not restored with the store, and the deletion withdrew the person's actions from it then.
 Logged at WARNING: how many persons were erased and the notices' request ids, never identifiers.
 """
@@ -39,10 +42,11 @@ from google.protobuf.message import DecodeError
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import partition_for, subjects
 from cdp_kit.engine.outbox import outbox_collection
+from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put, Store
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
 from cdp_orchestration.engine import SERVICE
-from cdp_orchestration.privacy import DELETED
+from cdp_orchestration.privacy import DELETED, Deletions
 from cdp_orchestration.state import (
     APPROVALS,
     DECISIONS,
@@ -80,12 +84,27 @@ async def holds(store: Store, person_id: str) -> bool:
     return False
 
 
+async def unhandled_persons(store: Store, js: Any) -> frozenset[str]:
+    """The persons of the notices the privacy consumer has not acknowledged (`Deletions.unhandled`); none
+    when that cannot be told (no consumer yet, too many): then every named person is erased here."""
+    try:
+        return await Deletions(store, js).unhandled()
+    except Unavailable:
+        return frozenset()
+
+
 async def erase_noticed(
-    store: Store, named: dict[str, str], *, partitions: int, clock: Callable[[], float] = time.time
+    store: Store,
+    named: dict[str, str],
+    *,
+    partitions: int,
+    unhandled: frozenset[str] = frozenset(),
+    clock: Callable[[], float] = time.time,
 ) -> int:
-    """Erase every person of `named` (person -> request id) the store holds anything of (see the module
-    docstring); the number of persons erased. Run before the engine and the dispatchers start."""
-    candidates = sorted(named)
+    """Erase every person of `named` (person -> request id) the store holds anything of, but those of
+    `unhandled` (see the module docstring); the number of persons erased. Run before the engine and the
+    dispatchers start."""
+    candidates = sorted(set(named) - unhandled)
     found: list[str] = []
     for start in range(0, len(candidates), WINDOW):
         window = candidates[start : start + WINDOW]
