@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cdp.privacy.v1 import privacy_pb2
 from cdp_kit.bus import OutMessage
 from cdp_kit.bus.subjects import PRIVACY_DELETED
-from cdp_kit.errors import Unavailable
+from cdp_kit.errors import AlreadyExists, Unavailable
 from cdp_kit.identifier_hash import IdentifierHashKeys
 from cdp_kit.storage import Delete, Put
 from cdp_kit.timestamps import from_seconds, to_seconds
@@ -54,6 +54,25 @@ ERASE_TRIES = 10
 RETRY_EVERY = 2.0
 
 
+def _same_request(doc: dict[str, Any], request_id: str, person_id: str, suppress: bool) -> None:
+    """A repeated request id must repeat its deletion: the same person (or one merged into it) and mode.
+    Another person's deletion under a used id answered the first one's result, success, and deleted
+    nobody: a support engineer reusing an id saw every service acknowledge and the person still there."""
+    result = doc["result"]
+    merged = doc.get("merged")
+    if merged is None and doc.get("notice"):
+        merged = list(privacy_pb2.PrivacyDeleted.FromString(bytes.fromhex(doc["notice"])).merged_person_ids)
+    persons = {result["person_id"], *(merged or ())}
+    if person_id in persons and bool(result["suppressed"]) == suppress:
+        return
+    mode = "with suppression" if result["suppressed"] else "without suppression"
+    raise AlreadyExists(
+        f"request_id {request_id!r} was used for the deletion of person {result['person_id']} ({mode}); "
+        "repeating a request must name the same person and mode: give this deletion a new request id",
+        reason="request_id_reused",
+    )
+
+
 class Privacy:
     def __init__(self, engine: ProfileEngine, hash_keys: IdentifierHashKeys | None = None) -> None:
         self._engine = engine
@@ -73,6 +92,7 @@ class Privacy:
         request_id = request_id or uuid.uuid4().hex
         done = await store.get(DELETIONS, request_id)
         if done is not None:
+            _same_request(done.doc, request_id, person_id, suppress)
             if done.doc.get("pending"):
                 await self.complete()  # UNAVAILABLE again while JetStream still does not take it
             return done.doc["result"]
@@ -166,7 +186,12 @@ class Privacy:
                     await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
                 except Unavailable as exc:
                     raise Unavailable(f"the deletion's removed change: {exc.message}; retry the request") from None
-                await engine.store.put(DELETIONS, record.key, {"result": record.doc["result"], "published": True})
+                await engine.store.put(
+                    DELETIONS,
+                    record.key,
+                    # The persons it covers stay with the result: a repeat may name a merged one.
+                    {"result": record.doc["result"], "published": True, "merged": list(notice.merged_person_ids)},
+                )
             if pending:
                 await self.scrub_outboxes()
                 await self._erase()
