@@ -72,7 +72,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "stateful": {
         "set_values": {
             "components": {
-                "profile": {"stateful": True, "replicas": 3, "persistence": {"enabled": True, "size": "5Gi"}},
+                # Static ownership on SQLite: a count fixed for the volumes' life, said so (else refused).
+                "profile": {
+                    "stateful": True,
+                    "replicas": 3,
+                    "acknowledgeFixedReplicas": True,
+                    "persistence": {"enabled": True, "size": "5Gi"},
+                },
             },
         },
     },

@@ -165,11 +165,20 @@ def test_the_job_gets_the_partition_count_and_the_stream_settings_of_extra_env_a
         assert env_of(container)["CDP_PARTITIONS"]["value"] == "4"
     assert env["CDP_SEGMENTATION_RETENTION_DAYS"] == "5"
     read, env_from = job_env_from(r)
-    assert read == {"CDP_CRM_RETENTION_DAYS": secret_ref}
-    # A setting the components take from their Secrets reaches the Job from the same Secrets, below the
-    # Job's own variables (as the components' own variables win over theirs).
-    assert {"secretRef": {"name": "cdp-segmentation-settings", "optional": True}} in env_from
-    assert {"secretRef": {"name": "cdp-orchestration-channels", "optional": False}} in env_from
+    # A setting the components take from their Secrets reaches the Job from the Secret of a component that
+    # reads it, that key alone (optional), below the Job's own variables (as the components' own variables
+    # win over their Secrets'): never the whole Secret, which holds credentials the Job has no use for.
+    assert read == {
+        "CDP_CRM_RETENTION_DAYS": secret_ref,
+        "CDP_ORCHESTRATION_RETENTION_DAYS": {
+            "secretKeyRef": {
+                "name": "cdp-orchestration-channels",
+                "key": "CDP_ORCHESTRATION_RETENTION_DAYS",
+                "optional": True,
+            }
+        },
+    }
+    assert env_from == []
     # One stream setting, one value, whichever way a component sets it.
     refused = render(
         "two values",

@@ -34,7 +34,11 @@ def components(r: Rendered) -> dict[str, dict[str, Any]]:
 
 
 def callers_of(r: Rendered, name: str) -> set[str]:
-    return {other for other, c in components(r).items() if name in (c.get("calls") or [])}
+    """The components whose `calls` name it, and itself when its replicas call each other (callsSelf:
+    profile forwards to a partition's holder, scoring and segmentation forward ExportPerson)."""
+    mine = components(r)
+    callers = {other for other, c in mine.items() if name in (c.get("calls") or [])}
+    return callers | ({name} if mine[name].get("callsSelf") else set())
 
 
 def rules_for(policy: dict[str, Any], port: str) -> list[dict[str, Any]]:
@@ -94,10 +98,12 @@ def test_identity_admits_profile_alone_and_scoring_segmentation_alone(rendered):
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-identity"), "grpc")
     assert split_peers(rule)[0] == {"profile"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-profile"), "grpc")
-    assert split_peers(rule)[0] == {"scoring", "segmentation", "orchestration", "crm"}
+    # And profile itself: a replica forwards a request to the one holding the person's partition.
+    assert split_peers(rule)[0] == {"profile", "scoring", "segmentation", "orchestration", "crm"}
     (rule,) = rules_for(r.get("NetworkPolicy", f"{RELEASE}-scoring"), "grpc")
-    # Segmentation asks scoring which scores its models write (a segment naming another is refused).
-    assert split_peers(rule) == ({"segmentation"}, r.values["networkPolicy"]["grpcFrom"])
+    # Segmentation asks scoring which scores its models write (a segment naming another is refused);
+    # scoring's replicas forward ExportPerson to each other.
+    assert split_peers(rule) == ({"segmentation", "scoring"}, r.values["networkPolicy"]["grpcFrom"])
 
 
 def test_nats_admits_only_this_releases_cdp_pods(rendered):

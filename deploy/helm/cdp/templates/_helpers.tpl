@@ -132,6 +132,22 @@ truncating: two truncated names could collide.
 {{- if .c.ports.health -}}{{ int .c.ports.health }}{{- else -}}{{ int .c.ports.grpc }}{{- end -}}
 {{- end -}}
 
+{{/* Seconds the kubelet waits for the container to stop: the preStop sleep, the service's stop bound
+(3 x CDP_SHUTDOWN_GRACE + 2, cdp_kit.service.stop_bound) and 5 s of margin. */}}
+{{- define "cdp.terminationGracePeriod" -}}
+{{- add (int .c.preStopSleepSeconds) (mul 3 (int .c.shutdownGraceSeconds)) 2 5 -}}
+{{- end -}}
+
+{{/* Startup probe failures allowed: probes.startup.failureThreshold at least, and enough periods to cover
+the wait for the provisioning Job (natsAuth: CDP_NATS_PROVISION_WAIT) plus probes.startup.loadSeconds. */}}
+{{- define "cdp.startupFailureThreshold" -}}
+{{- $startup := .c.probes.startup -}}
+{{- $wait := ternary (int .root.Values.natsAuth.provision.waitSeconds) 0 (.root.Values.natsAuth.enabled | default false) -}}
+{{- $window := add $wait (int ($startup.loadSeconds | default 0)) -}}
+{{- $period := int $startup.periodSeconds -}}
+{{- max (int $startup.failureThreshold) (div (add $window (sub $period 1)) $period) -}}
+{{- end -}}
+
 {{/* Effective pod count, for checks that depend on it. */}}
 {{- define "cdp.replicas" -}}
 {{- if and .c.autoscaling.enabled (not .c.stateful) -}}{{ int .c.autoscaling.minReplicas }}{{- else -}}{{ int .c.replicas }}{{- end -}}
@@ -170,6 +186,15 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- fail (printf "component %q: secretFiles mountPath %s is taken (by the chart or another entry); give each Secret a folder of its own under /etc/cdp" $name .mountPath) -}}
 {{- end -}}
 {{- $mounts = append $mounts .mountPath -}}
+{{- end -}}
+{{- if and $c.probes.readiness.httpPath (not $c.ports.http) -}}
+{{- fail (printf "component %q: probes.readiness.httpPath needs ports.http (the probe asks that port)" $name) -}}
+{{- end -}}
+{{- if and $c.singleWriter (eq $c.ownership "static") (gt (int $c.replicas) 1) -}}
+{{- fail (printf "component %q: %d replicas with ownership=static: it has one writer (singleWriter), and static ownership gives every replica the same work, so the extra ones refuse to start. Set components.%s.replicas: 1, or ownership: kubernetes (or nats) with store.kind: mongodb for hot standbys (componentDefaults.replicas reaches it too)" $name (int $c.replicas) $name) -}}
+{{- end -}}
+{{- if and $c.stateful (eq $c.ownership "static") (ne $c.store.kind "mongodb") (gt (int $c.replicas) 1) (not $c.singleWriter) (not $c.acknowledgeFixedReplicas) -}}
+{{- fail (printf "component %q: %d replicas with ownership=static and store.kind=%s: each partition's state stays on the volume of the pod that owned it, and a later change of the replica count gives partitions to pods that do not hold it (its state is lost to the service). Use ownership: kubernetes with store.kind: mongodb, replicas: 1, or set components.%s.acknowledgeFixedReplicas: true to keep this count for the volumes' life" $name (int $c.replicas) $c.store.kind $name) -}}
 {{- end -}}
 {{- if and (ne $c.ownership "static") (not $c.stateful) -}}
 {{- fail (printf "component %q: ownership=%s needs stateful: true (only components that own partitions hold leases)" $name $c.ownership) -}}
@@ -235,6 +260,9 @@ Cross-field rules a JSON schema cannot express well. Each failure names the valu
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) -}}
 {{- fail "tls.enabled=true needs tls.existingSecret: a kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt), e.g. issued by cert-manager" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.clientAuth) -}}
+{{- fail "tls.enabled=true with tls.clientAuth=false: a service trusts only the CA file it is given as CDP_TLS_CLIENT_CA_FILE (the same file asks its own callers for certificates), so without it every call to a peer's privately issued certificate fails. Set tls.clientAuth: true (ca.crt in tls.existingSecret)" -}}
 {{- end -}}
 {{- if and .Values.auth.existingSecret .Values.auth.tokens -}}
 {{- fail "auth.existingSecret and auth.tokens are both set; keep one (the Secret, in production)" -}}
@@ -372,7 +400,8 @@ follows the live pods and nothing may depend on the count the chart was rendered
 {{- $raw := get $root.Values.components $peer }}
 {{- $pc := mergeOverwrite (deepCopy $root.Values.componentDefaults) (deepCopy ($raw | default dict)) }}
 - name: CDP_{{ $peer | upper | replace "-" "_" }}_ADDRESS
-  value: {{ printf "%s:%d" (include "cdp.componentFullname" (dict "root" $root "name" $peer "c" $pc)) (int $pc.ports.grpc) | quote }}
+  {{- /* The Service's name in the cluster's DNS, which is what TLS checks the peer's certificate against. */}}
+  value: {{ printf "%s.%s.svc:%d" (include "cdp.componentFullname" (dict "root" $root "name" $peer "c" $pc)) $root.Release.Namespace (int $pc.ports.grpc) | quote }}
 {{- if $root.Values.serviceTokens.existingSecret }}
 {{- /* The token for this peer, from a file re-read when the Secret changes (cdp_kit.auth: outbound). */}}
 - name: CDP_{{ $peer | upper | replace "-" "_" }}_TOKEN_FILE
@@ -446,7 +475,9 @@ spec:
   serviceAccountName: {{ $fullname }}
   automountServiceAccountToken: {{ include "cdp.automountToken" . }}
   enableServiceLinks: false
-  terminationGracePeriodSeconds: {{ add (int $c.shutdownGraceSeconds) 5 }}
+  {{- /* The preStop sleep, then the service's own stop bound (cdp_kit.service.stop_bound: 3 x grace + 2 s),
+  then 5 s of margin before the kubelet's SIGKILL. */}}
+  terminationGracePeriodSeconds: {{ include "cdp.terminationGracePeriod" . }}
   securityContext:
     {{- include "cdp.podSecurityContext" . | nindent 4 }}
   {{- with $root.Values.imagePullSecrets }}
@@ -516,11 +547,18 @@ spec:
         {{- end }}
       {{- end }}
       {{- /* Kubelet's built-in gRPC probes ask grpc.health.v1 directly: no probe binary in the image. */}}
+      {{- if $c.preStopSleepSeconds }}
+      {{- /* Endpoints drop a terminating pod asynchronously: keep serving a moment before SIGTERM. */}}
+      lifecycle:
+        preStop:
+          sleep:
+            seconds: {{ int $c.preStopSleepSeconds }}
+      {{- end }}
       startupProbe:
         grpc:
           port: {{ $probePort }}
         periodSeconds: {{ int $c.probes.startup.periodSeconds }}
-        failureThreshold: {{ int $c.probes.startup.failureThreshold }}
+        failureThreshold: {{ include "cdp.startupFailureThreshold" . }}
       livenessProbe:
         grpc:
           port: {{ $probePort }}
@@ -528,12 +566,19 @@ spec:
         timeoutSeconds: {{ int $c.probes.liveness.timeoutSeconds }}
         failureThreshold: {{ int $c.probes.liveness.failureThreshold }}
       readinessProbe:
+        {{- if $c.probes.readiness.httpPath }}
+        {{- /* Plaintext HTTP on the component's own http port (the collector's /readyz knows about NATS). */}}
+        httpGet:
+          path: {{ $c.probes.readiness.httpPath }}
+          port: http
+        {{- else }}
         grpc:
           port: {{ $probePort }}
           {{- with $c.probes.readiness.service }}
           {{- /* Ready = this gRPC service answers (identity's standbys are alive, not ready). */}}
           service: {{ . | quote }}
           {{- end }}
+        {{- end }}
         periodSeconds: {{ int $c.probes.readiness.periodSeconds }}
         timeoutSeconds: {{ int $c.probes.readiness.timeoutSeconds }}
         failureThreshold: {{ int $c.probes.readiness.failureThreshold }}
