@@ -49,7 +49,7 @@ def test_the_secret_files_reach_only_the_services_that_read_them(tmp_path, monke
     }
     assert given == {
         "collector": {"CDP_COLLECTOR_SOURCES_FILE", "CDP_PRIVACY_HASH_KEY_FILE"},
-        "identity": set(),
+        "identity": {"CDP_PRIVACY_HASH_KEY_FILE"},
         "profile": {"CDP_PRIVACY_HASH_KEY_FILE"},
         "scoring": set(),
         "segmentation": set(),

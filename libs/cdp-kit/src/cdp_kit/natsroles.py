@@ -148,7 +148,8 @@ ROLES: dict[str, BusRole] = {
                 # share, so that one arriving while scoring is down is not missed).
                 _shared(subjects.EVENTS_RESOLVED, "scoring", "quality-labels"),
             ),
-            reads=(subjects.PROFILES,),
+            # PRIVACY: deletions applied again at start (cdp_scoring.notices), read message by message.
+            reads=(subjects.PROFILES, subjects.PRIVACY),
             publishes=(_each(subjects.SCORES_UPDATED_PREFIX), subjects.SCORING_MODELS_CHANGED, subjects.MODELS_DRIFT),
             subscribes=(subjects.SCORING_MODELS_CHANGED,),
             object_stores=(MODEL_BUCKET,),
@@ -158,7 +159,8 @@ ROLES: dict[str, BusRole] = {
             configures=(subjects.SEGMENTS,),
             creates=(subjects.PROFILES, subjects.DLQ),
             consumers=(_per_partition(subjects.PROFILES, "segmentation"),),
-            reads=(subjects.PROFILES,),
+            # PRIVACY: deletions applied again where a partition arrives (cdp_segmentation.notices).
+            reads=(subjects.PROFILES, subjects.PRIVACY),
             publishes=(
                 _each(subjects.SEGMENTS_ENTERED_PREFIX),
                 _each(subjects.SEGMENTS_EXITED_PREFIX),
@@ -210,6 +212,8 @@ ROLES: dict[str, BusRole] = {
                 subjects.DLQ,
             ),
             consumers=(_per_partition(subjects.CRM, "crm"), _shared(subjects.PRIVACY, "crm", "privacy")),
+            # PRIVACY: deletions applied again at start (cdp_crm.notices), read message by message.
+            reads=(subjects.PRIVACY,),
         ),
     )
 }

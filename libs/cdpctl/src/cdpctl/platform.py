@@ -726,7 +726,7 @@ def pid_alive(pid: int) -> bool:
 
 # The services each secret file is given to (the chart's mountSources / mountPrivacyHashKey).
 SOURCES_FILE_READERS = frozenset({"collector"})
-PRIVACY_HASH_KEY_READERS = frozenset({"collector", "profile"})
+PRIVACY_HASH_KEY_READERS = frozenset({"collector", "identity", "profile"})
 
 
 def service_environment(
