@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cdp_kit.natsserver import wait_for_port
 from cdp_kit.storage.health import HEALTH_NAME
+from cdp_testing.pausing import pause
 from cdpctl.cli import main
 from cdpctl.platform import (
     CHANNELS,
@@ -101,7 +102,7 @@ def test_a_stopped_companion_whose_ports_still_accept_connections_is_shown_not_a
         answering()
 
         for proc in procs:
-            os.kill(proc.pid, signal.SIGSTOP)
+            pause(proc.pid)  # stopped for certain: os.kill returns before every thread has stopped
         assert shown() == {"channels": (False, "NOT ANSWERING"), "crm-hubspot": (False, "NOT ANSWERING")}
         result = runner.invoke(main, ["--home", str(ws.root), "status"])
         assert result.output.count("NOT ANSWERING") == 2, result.output

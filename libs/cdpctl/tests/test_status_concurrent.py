@@ -15,6 +15,7 @@ import grpc
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cdp_testing.pausing import pause
 from cdpctl.cli import main
 from cdpctl.platform import Workspace
 
@@ -93,7 +94,8 @@ def test_two_wedged_services_answer_in_about_one_timeout_in_order(nats_server, t
         answered = json.loads(runner.invoke(main, ["--home", str(ws.root), "status", "--json"]).output)
         assert {s["health"] for s in answered["services"].values()} == {"SERVING"}
         for proc in procs:
-            os.kill(proc.pid, signal.SIGSTOP)  # the kernel still accepts connections on its port
+            # The kernel still accepts connections on its port; stopped for certain, every gRPC thread.
+            pause(proc.pid)
         started = time.monotonic()
         result = runner.invoke(main, ["--home", str(ws.root), "status"])
         took = time.monotonic() - started

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from cdp_testing.pausing import pause
+
 CDPCTL = os.path.join(os.path.dirname(sys.executable), "cdpctl")
 
 
@@ -57,7 +59,7 @@ def test_ctrl_c_while_the_streams_are_provisioned_stops_at_once(tmp_path):
         port = listening_port(nats)
         while not accepts(port) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.kill(nats, signal.SIGSTOP)  # it listens, and answers nothing
+        pause(nats)  # it listens, and answers nothing (every thread stopped, not only signalled)
         time.sleep(0.5)  # into provisioning (an interrupt before it ends the start as well)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)

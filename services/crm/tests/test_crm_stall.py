@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -19,6 +17,7 @@ from cdp.crm.v1 import crm_pb2
 from cdp_crm.api import CrmApi
 from cdp_crm.state import PENDING, PERSONS, RECORDS
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_testing import pausing
 
 
 class EmulatorProcess:
@@ -34,10 +33,10 @@ class EmulatorProcess:
         self.base_url = json.loads(self.proc.stdout.readline())["url"]
 
     def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        pausing.pause(self.proc.pid)  # stopped for certain, not only signalled
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        pausing.resume(self.proc.pid)
 
     async def contacts(self, session: aiohttp.ClientSession) -> list[dict]:
         async with session.get(f"{self.base_url}/_emulator/records/contacts") as response:

@@ -30,6 +30,7 @@ from cdp_orchestration.channels.email import EmailChannel
 from cdp_orchestration.channels.settings import SmtpSettings
 from cdp_orchestration.dispatch import MAX_ATTEMPTS, PENDING, SENDS, dispatcher
 from cdp_testing.metrics import MetricsCapture
+from cdp_testing.pausing import pause
 from cdp_testing.waiting import eventually
 
 
@@ -264,7 +265,7 @@ async def test_a_relay_stopped_then_continued_takes_each_email_once_once_its_gre
     )
     try:
         assert await asyncio.to_thread(wait_for_port, "127.0.0.1", smtp_port, 30)
-        os.kill(companion.pid, signal.SIGSTOP)
+        pause(companion.pid)  # stopped for certain, not only signalled
         channel = email(smtp_port, CDP_SMTP_CONNECT_TIMEOUT="1")
         async with dispatching(bus, store, channel, probe_every=1.0):
             ids = await publish(bus, "email", 8)
