@@ -15,7 +15,7 @@ from chart_support import RELEASE, SCENARIOS, Rendered, chart_under_test, effect
 from cdp_kit.identifier_hash import read_key_file
 
 SECRET = f"{RELEASE}-privacy-hash-key"
-HOLDERS = {"collector", "profile"}
+HOLDERS = {"collector", "identity", "profile"}
 
 
 def render(set_values: dict | None = None, *, chart: Path | None = None) -> Rendered:
@@ -52,7 +52,7 @@ def key_text(r: Rendered) -> str:
 
 
 @pytest.mark.parametrize("scenario", ["default", "prod"])
-def test_profile_and_the_collector_read_one_key_no_other_component_gets(rendered, scenario, tmp_path):
+def test_profile_identity_and_the_collector_read_one_key_no_other_component_gets(rendered, scenario, tmp_path):
     r = rendered[scenario]
     given = mounts(r)
     assert set(given) == HOLDERS

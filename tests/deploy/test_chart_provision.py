@@ -279,3 +279,10 @@ async def _request(nc, subject: str, body: dict) -> dict | None:
     except nats.errors.TimeoutError:
         return None
     return json.loads(reply.data)
+
+
+def test_the_job_keeps_as_many_stream_copies_as_global_stream_replicas_says():
+    assert job_env(render("one copy", {}))["CDP_NATS_STREAM_REPLICAS"] == "1"
+    assert job_env(render("three", {"global": {"streamReplicas": 3}}))["CDP_NATS_STREAM_REPLICAS"] == "3"
+    refused = render("six", {"global": {"streamReplicas": 6}})
+    assert isinstance(refused, str) and "streamReplicas" in refused
