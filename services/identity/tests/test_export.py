@@ -27,12 +27,15 @@ async def identity(nats_server, tmp_path):
         tokens,
         [("admin", "admin-token", ["*"]), ("reader", "reader-token", ["identity:read", "profile:read"])],
     )
+    key_file = tmp_path / "privacy-hash.key"
+    key_file.write_text("export-test-identifier-hash-key-0123456789\n")
     settings = IdentitySettings(
         nats_url=nats_server.url,
         grpc_host="127.0.0.1",
         grpc_port=0,
         auth_mode="tokens",
         auth_tokens_file=tokens,
+        privacy_hash_key_file=key_file,
         store_url="memory://",
         partitions=1,
         batch_size=10,

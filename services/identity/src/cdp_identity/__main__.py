@@ -30,7 +30,6 @@ from cdp_kit.bus import (
 )
 from cdp_kit.engine import EngineSpec, PartitionedEngine
 from cdp_kit.errors import InvalidArgument
-from cdp_kit.identifier_hash import SETTING as HASH_KEY_SETTING
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, run_main
@@ -83,14 +82,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         shared_notify_max=settings.shared_notify_max,
     )
     # The key(s) deletion notices hash identifiers with: a suppressed person's events are dropped here too.
-    engine.forgotten.keys = settings.identifier_hash_keys()
-    if settings.privacy_hash_key_file is None and settings.auth_mode == "tokens":
-        log.error(
-            "%s is not set: identity cannot match the identifier hashes of suppressing privacy.deleted notices, "
-            "so a suppressed person's events that reach it are resolved again; give identity the same key file "
-            "as profile and the collector",
-            HASH_KEY_SETTING,
-        )
+    engine.forgotten.keys = settings.identifier_hash_keys()  # required under tokens (settings.validate)
     await engine.start()
     matching = MatchingService(engine, store, match_config)
     await matching.start()

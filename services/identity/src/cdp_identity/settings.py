@@ -43,10 +43,9 @@ class IdentitySettings(IdentifierHashSettings, OwnershipSettings, ServiceSetting
 
     def validate(self) -> list[str]:
         problems = ServiceSettings.validate(self) + OwnershipSettings.validate(self)
-        if self.privacy_hash_key_file is not None:
-            # A bad file stops start-up. A missing one does not (yet): identity then cannot match keyed
-            # suppressions, which `setup` logs as an error (README, Privacy).
-            problems += IdentifierHashSettings.validate(self)
+        # As for profile and the collector: required under tokens, or identity could not match a keyed
+        # suppression and would let a deleted person's late events make them again.
+        problems += IdentifierHashSettings.validate(self)
         for name, path in (
             ("CDP_IDENTITY_RULES_FILE", self.rules_file),
             ("CDP_IDENTITY_MATCHING_FILE", self.matching_file),
