@@ -112,13 +112,27 @@ async def test_export_unmerge_quarantine_and_delete_a_person(people_cli, tmp_pat
         result = await people_cli.run("quarantine", "anonymous_id", "visitor-7", "--release")
         assert result.exit_code == 0 and "anonymous_id released" in result.output, result.output
 
-    # Delete asks first; no means nothing happens.
+    # Delete asks first, naming the persons merged into the one asked for (deleted with it: a support
+    # trial deleted a stranger merged through a shared kiosk, the prompt naming one person); no means
+    # nothing happens.
+    await people_cli.send({"type": "page", "anonymousId": "kiosk-1", "name": "Home", "messageId": "m4"})
+    assert (await until_ok(people_cli, "profile", "anonymous_id", "kiosk-1")).exit_code == 0
+    await people_cli.send({"type": "identify", "userId": "ada", "anonymousId": "kiosk-1", "messageId": "m5"})
+    for _ in range(300):
+        held = json.loads((await people_cli.run("profile", "user_id", "ada")).output)
+        if held.get("mergedFrom"):
+            break
+        await asyncio.sleep(0.05)
+    merged = held["mergedFrom"]
     result = await people_cli.run("delete", "user_id", "ada", stdin="n\n")
     assert result.exit_code != 0 and "Aborted" in result.output
+    assert "1 other person(s) merged into them are deleted with them" in result.output, result.output
+    assert merged[0] in result.output and "cdpctl unmerge MERGE_ID" in result.output
     assert (await people_cli.run("profile", "user_id", "ada")).exit_code == 0
     result = await people_cli.run("delete", "user_id", "ada", "--yes")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["requestId"]
+    answer = json.loads(result.output)
+    assert answer["requestId"] and answer["personId"] == held["personId"] and answer["mergedPersons"] == merged
     result = await people_cli.run("profile", "user_id", "ada")
     assert result.exit_code == 1 and "NOT_FOUND" in result.output, result.output
 

@@ -252,9 +252,18 @@ def delete(
 ) -> None:
     """Privacy deletion of a person (PERSON_ID, or TYPE VALUE) everywhere; irreversible."""
     person_id = asyncio.run(resolve_person(ws, identity_address, person))
+    merged = asyncio.run(_merged_into(ws, address, person_id))
     if not yes:
+        also = ""
+        if merged:
+            also = (
+                f" {len(merged)} other person(s) merged into them are deleted with them"
+                f"{' and their identifiers suppressed' if suppress else ''}: {', '.join(merged)}. If a merge "
+                f"is wrong (a shared device), undo it first: `cdpctl graph {person_id}` lists the merges, "
+                "`cdpctl unmerge MERGE_ID` splits one."
+            )
         click.confirm(
-            f"Delete person {person_id} and everything held about them on the platform of {ws.root}? "
+            f"Delete person {person_id} and everything held about them on the platform of {ws.root}?{also} "
             "This cannot be undone",
             abort=True,
         )
@@ -285,6 +294,7 @@ def delete(
 
     result = asyncio.run(call())
     result["home"] = str(ws.root)  # which platform it was deleted on
+    result["personId"], result["mergedPersons"] = person_id, merged or []  # who the deletion covered
     if not wait:
         out.print_json(json.dumps(result))
         return
@@ -314,6 +324,19 @@ def delete(
         raise click.ClickException(f"no service follows {subjects.PRIVACY_DELETED} yet: nothing has purged the person")
     if pending:
         raise click.ClickException(f"not acknowledged within {timeout:g}s by: {', '.join(pending)}")
+
+
+async def _merged_into(ws: Workspace, address, person_id: str) -> list[str] | None:
+    """The persons merged into `person_id` as profile holds them (deleted with it); None when profile does
+    not know the person (already deleted: a repeated request) or does not answer (the deletion says why)."""
+    async with tls.aio_channel(service_address(ws, "profile", address)) as channel:
+        try:
+            held = await profile_pb2_grpc.ProfileServiceStub(channel).GetProfile(
+                profile_pb2.GetProfileRequest(person_id=person_id), metadata=bearer(ws), timeout=10
+            )
+        except grpc.aio.AioRpcError:
+            return None
+    return list(held.merged_from)
 
 
 def expected_privacy_consumers(ws: Workspace, url: str) -> list[str]:
