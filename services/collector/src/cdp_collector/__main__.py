@@ -9,6 +9,7 @@ from cdp_collector.connections import ConnectionLimits
 from cdp_collector.domain import Limits, SuppressionList
 from cdp_collector.http import HttpApi, read_ceiling, start_http
 from cdp_collector.ingest import Ingestor
+from cdp_collector.key_refusals import KeyRefusals
 from cdp_collector.privacy import SuppressionFollower
 from cdp_collector.settings import CollectorSettings
 from cdp_collector.source_limits import SourceLimiter
@@ -56,6 +57,9 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Each source's own limits (its entry in the sources file), one bucket a source for both front doors.
     limiter = SourceLimiter(runtime.telemetry)
     runtime.stack.callback(limiter.close)
+    # Requests refused for their write key, by why and (a disabled source) which: both front doors.
+    key_refusals = KeyRefusals(runtime.telemetry)
+    runtime.stack.callback(key_refusals.close)
     runtime.parts.update(bus=bus, ingestor=ingestor, sources=sources, suppression=suppression, limiter=limiter)
     # Collect authenticates with the source's write key (like the HTTP API), not a bearer token. Its
     # write key is public, so the port is the internet's: no longer a message than a request within the
@@ -63,7 +67,7 @@ async def setup(runtime: ServiceRuntime) -> None:
     runtime.grpc.max_receive_bytes = read_ceiling(limits)
     runtime.grpc.add_service(
         collector_pb2_grpc.add_CollectorServiceServicer_to_server,
-        CollectorApi(sources, ingestor, limits, suppression, limiter),
+        CollectorApi(sources, ingestor, limits, suppression, limiter, key_refusals),
         collector_pb2.DESCRIPTOR.services_by_name["CollectorService"],
         scopes={"Collect": PUBLIC},
     )
@@ -77,6 +81,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         body_budget=settings.http_body_budget_bytes,
         cors_origins=settings.cors_origins,
         limiter=limiter,
+        key_refusals=key_refusals,
         fill_context_ip=settings.fill_context_ip,
         trusted_proxies=settings.trusted_proxies,
     )

@@ -16,8 +16,9 @@ from cdp_collector.domain import (
     prepare_grpc_event,
 )
 from cdp_collector.ingest import Ingestor
+from cdp_collector.key_refusals import KeyRefusals
 from cdp_collector.source_limits import SourceLimiter
-from cdp_collector.sources import SourceRegistry
+from cdp_collector.sources import KeyRefused, SourceRegistry
 from cdp_kit.errors import InvalidArgument, Unavailable
 
 ACCEPTED = collector_pb2.EVENT_STATUS_ACCEPTED
@@ -36,15 +37,23 @@ class CollectorApi(collector_pb2_grpc.CollectorServiceServicer):
         limits: Limits,
         suppression: SuppressionList,
         limiter: SourceLimiter,
+        key_refusals: KeyRefusals,
     ) -> None:
         self.sources = sources
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
         self.limiter = limiter
+        self.key_refusals = key_refusals
 
     async def Collect(self, request: collector_pb2.CollectRequest, context) -> collector_pb2.CollectResponse:
-        source = self.sources.authenticate(request.write_key)
+        try:
+            source = self.sources.authenticate(request.write_key)
+        except KeyRefused as exc:
+            # Counted and, for a disabled source, said by its id; the interceptor's `grpc call rejected`
+            # line carries exc.reason (`unknown_key`, `source_disabled`) as the gRPC ErrorInfo does.
+            self.key_refusals(exc, transport="grpc")
+            raise
         count = len(request.events)
         refusal = (
             check_event_count(count, self.limits, field="events")

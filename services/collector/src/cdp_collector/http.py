@@ -9,7 +9,8 @@ Answers (always JSON):
       suppressed. Segment answers suppressed users with success too, so SDKs do not retry them.
   400 {"success": false, "code": "invalid_events", "message": ..., "error": {...}, "accepted": k, "rejected": [...]}
       some events invalid: each is named with its field and reason; the valid ones *were* stored
-  400 invalid JSON / gzip (and gzip with anything after its end), 401 unknown write key, 408 a client too
+  400 invalid JSON / gzip (and gzip with anything after its end), 401 a write key missing, unknown or of
+  a disabled source (`error.reason`: `missing_key`, `unknown_key`, `source_disabled`), 408 a client too
   slow to send its request, 413 over a Segment limit (the limit is named); a body longer than the limit
   can be is not read to its end; 415 a Content-Encoding other than gzip/deflate, or more than one
   429 / 503 with Retry-After when the bus is saturated / unreachable: nothing was stored by this call
@@ -70,8 +71,9 @@ from cdp_collector.domain import (
 )
 from cdp_collector.domain.limits import describe_bytes
 from cdp_collector.ingest import Ingestor
+from cdp_collector.key_refusals import KeyRefusals
 from cdp_collector.source_limits import SourceLimited, SourceLimiter
-from cdp_collector.sources import SourceRegistry
+from cdp_collector.sources import KeyRefused, SourceRegistry
 from cdp_kit.errors import CdpError, ResourceExhausted, Unauthenticated, Unavailable
 from cdp_kit.telemetry import Telemetry
 
@@ -130,11 +132,22 @@ def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
 
 
 def error_response(
-    status: int, code: str, message: str, *, field: str | None = None, headers=None, **extra
+    status: int,
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    reason: str | None = None,
+    headers=None,
+    **extra,
 ) -> web.Response:
+    """`reason`, under `error`, refines `code` (a 401's `unknown_key`, `source_disabled`): the refusal log
+    names it in the code's place."""
     error = {"code": code, "message": message}
     if field:
         error["field"] = field
+    if reason:
+        error["reason"] = reason
     body = {"success": False, "code": code, "message": message, "error": error, **extra}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
@@ -206,6 +219,7 @@ class HttpApi:
         body_budget: int = DEFAULT_BODY_BUDGET,
         cors_origins: tuple[str, ...] = ("*",),
         limiter: SourceLimiter | None = None,
+        key_refusals: KeyRefusals | None = None,
         fill_context_ip: bool = True,
         trusted_proxies: tuple[str, ...] = (),
     ) -> None:
@@ -214,6 +228,8 @@ class HttpApi:
         self.trusted_proxies = trusted_networks(trusted_proxies)
         # Each source's own limits; shared with the gRPC front door (one bucket a source for both).
         self.limiter = limiter or SourceLimiter(telemetry)
+        # Refused write keys, by why and (a disabled source) which; shared with the gRPC front door.
+        self.key_refusals = key_refusals or KeyRefusals(telemetry)
         self.ingestor = ingestor
         self.limits = limits
         self.suppression = suppression
@@ -255,6 +271,7 @@ class HttpApi:
         self.bodies.report.close()
         self.refusals.close()
         self.limiter.close()
+        self.key_refusals.close()
 
     @web.middleware
     async def _observed(self, request: web.Request, handler):
@@ -273,6 +290,7 @@ class HttpApi:
         status = response.status
         self.duration.record((time.perf_counter() - started) * 1000, {"route": route, "status": str(status)})
         if status >= 400 and request.method != "OPTIONS":
+            # A refused key by why (`401 source_disabled`, `401 unknown_key`), not the answer's one code.
             self.refusals(f"{status} {_error_code(response)}", route=route)
         return response
 
@@ -514,7 +532,14 @@ class HttpApi:
                 limit=exc.limit,
             )
         except Unauthenticated as exc:
-            return error_response(401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'})
+            # The answer's code stays `unauthorized` (what clients know); `error.reason` says why.
+            why = {}
+            if isinstance(exc, KeyRefused):
+                self.key_refusals(exc, transport="http")
+                why["reason"] = exc.reason
+            return error_response(
+                401, "unauthorized", exc.message, headers={"WWW-Authenticate": 'Basic realm="cdp"'}, **why
+            )
         except RequestRejected as exc:
             return error_response(exc.status or 400, str(exc.code), exc.message, field=exc.field)
         except SlowBody:
@@ -637,13 +662,17 @@ def _content_encoding(request: web.Request) -> str:
 
 
 def _error_code(response: web.StreamResponse) -> str:
-    """The `code` of one of our error answers ("invalid_write_key"); "" for another answer."""
+    """The `code` of one of our error answers ("invalid_events"), or its `error.reason` where it has one
+    ("source_disabled"); "" for another answer."""
     body = getattr(response, "body", None)
     if isinstance(body, bytes) and body.startswith(b"{"):
         try:
-            code = orjson.loads(body).get("code")
+            answer = orjson.loads(body)
         except orjson.JSONDecodeError:
             return ""
+        error = answer.get("error")
+        reason = error.get("reason") if isinstance(error, dict) else None
+        code = reason if isinstance(reason, str) else answer.get("code")
         return code if isinstance(code, str) else ""
     return ""
 

@@ -52,11 +52,28 @@ class SourceLimited(ResourceExhausted):
         self.limit = {EVENTS_PER_SECOND: limits.events_per_second, "burst": limits.bucket_size}
 
 
+def _first_line(source: Source, limit: str) -> str:
+    limits = source.limits
+    if limit == MAX_BATCH:
+        most = limits.max_batch if limits is not None else None
+        return (
+            f"source {source.id!r} sent a request of more than its max_batch of {most} events: refused whole "
+            "(HTTP 400, gRPC INVALID_ARGUMENT too_many_events) and refused again if sent again as it is; its "
+            f"client must split its batches into requests of at most {most} events (or the source's max_batch "
+            "be raised in the sources file)"
+        )
+    rate = limits.describe_rate() if limits is not None and limits.events_per_second is not None else "its rate"
+    return (
+        f"source {source.id!r} is over its limit of {rate}: its requests are refused (HTTP 429, gRPC "
+        "RESOURCE_EXHAUSTED, with the seconds to wait) until it slows down; the SDKs retry them"
+    )
+
+
 class SourceLimiter:
     def __init__(self, telemetry: Telemetry, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock  # seconds that never go back; a test drives the buckets with its own
         self._buckets: dict[str, TokenBucket] = {}
-        self._reports: dict[str, EveryMinute] = {}
+        self._reports: dict[tuple[str, str], EveryMinute] = {}  # (source id, limit) -> its log lines
         self._limited = telemetry.meter.create_counter(
             "cdp.collector.source.limited",
             unit="{request}",
@@ -116,19 +133,28 @@ class SourceLimiter:
 
     def _refused(self, source: Source, limit: str, transport: str) -> None:
         self._limited.add(1, {"source": source.id, "limit": limit, "transport": transport})
-        report = self._reports.get(source.id)
+        report = self._reports.get((source.id, limit))
         if report is None:
-            # One report a source, so each source's first refusal is said at once. `%` in an id is not a
-            # format directive of the summary.
+            # One report a source and limit, so each one's first refusal is said at once, in words that say
+            # what the client must do: over its rate, wait (the SDKs do); over max_batch, split its batches.
+            # `%` in an id is not a format directive of the summary.
             quoted = repr(source.id).replace("%", "%%")
-            report = self._reports[source.id] = EveryMinute(
+            summary = (
+                f"source {quoted}: %d requests over its max_batch refused in the last minute: its client must "
+                "split its batches"
+                if limit == MAX_BATCH
+                else f"source {quoted}: %d requests refused for its rate in the last minute"
+            )
+            report = self._reports[(source.id, limit)] = EveryMinute(
                 log,
-                first=f"source {source.id!r} is over its limits: its requests are refused until it slows down",
-                summary=f"source {quoted}: %d requests refused for its limits in the last minute",
+                first="",
+                summary=summary,
                 unit="requests",
                 level=logging.WARNING,
                 context={"source": source.id},
             )
+        # Said with the limits the source has now: the file may have changed them since the last line.
+        report.first = _first_line(source, limit)
         report(f"{transport} {limit}", limit=limit, transport=transport)
 
     def close(self) -> None:

@@ -20,12 +20,19 @@ without a valid hash may not take over a user id, email or phone another person 
 A source's kind and secret are one, like its limits.
 
     {"id": "web", "write_key": "wk_…", "kind": "client", "identity_secret": "…"}
+
+A key refused is a `KeyRefused` saying why (`missing_key`, `unknown_key`, `source_disabled`) and, for a
+disabled source, which: the front doors count and log it by that (key_refusals.py), so an operator can tell
+a source turned off from a client with a wrong key. Each time the file is read its changes are logged at
+INFO by source id (added, removed, disabled, enabled, keys added or removed, limits and settings changed):
+never a key or a secret, which are compared, not shown.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +40,8 @@ from cdp.events.v1 import events_pb2
 from cdp_collector.domain.rate import SourceLimits, parse_source_limits
 from cdp_kit.errors import Unauthenticated
 from cdp_kit.watched import WatchedJsonFile
+
+log = logging.getLogger("cdp.collector.sources")
 
 
 @dataclass(frozen=True)
@@ -154,18 +163,145 @@ _WHERE_KEYS_ARE = (
 )
 
 
+MISSING_KEY = "missing_key"
+UNKNOWN_KEY = "unknown_key"
+SOURCE_DISABLED = "source_disabled"
+
+
+class KeyRefused(Unauthenticated):
+    """A request refused for its write key. `reason` says why (MISSING_KEY, UNKNOWN_KEY, SOURCE_DISABLED;
+    also the gRPC ErrorInfo reason); `source_id` names a disabled source, None otherwise: an unknown key
+    belongs to no source, and the key itself is never kept."""
+
+    def __init__(self, message: str, *, reason: str, source_id: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.source_id = source_id
+
+
+def _describe_limits(limits: SourceLimits | None) -> str:
+    if limits is None:
+        return "none"
+    said = []
+    if limits.events_per_second is not None:
+        said.append(limits.describe_rate())
+    if limits.max_batch is not None:
+        said.append(f"max_batch {limits.max_batch}")
+    return ", ".join(said) or "none"
+
+
+def _by_source(by_key: dict[str, Source]) -> dict[str, tuple[Source, dict[str, bool]]]:
+    """Source id -> (one of its entries, {write key: enabled}) — keys only to compare two versions."""
+    out: dict[str, tuple[Source, dict[str, bool]]] = {}
+    for key, source in by_key.items():
+        out.setdefault(source.id, (source, {}))[1][key] = source.enabled
+    return out
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what.replace('key', 'keys')}"
+
+
+def describe_changes(old: dict[str, Source], new: dict[str, Source]) -> tuple[list[str], dict[str, list[str]]]:
+    """What changed from `old` to `new` (parsed sources files): sentences by source id, and the ids by kind
+    of change. Keys and secrets are compared, never said: a key is "1 key added", a secret "changed"."""
+    before, after = _by_source(old), _by_source(new)
+    said: list[str] = []
+    changes: dict[str, list[str]] = {
+        "added": [],
+        "removed": [],
+        "disabled": [],
+        "enabled": [],
+        "keys_changed": [],
+        "settings_changed": [],
+    }
+    for source_id in sorted(before.keys() | after.keys()):
+        if source_id not in after:
+            changes["removed"].append(source_id)
+            said.append(f"source {source_id!r} removed")
+            continue
+        source, keys = after[source_id]
+        if source_id not in before:
+            changes["added"].append(source_id)
+            enabled = sum(keys.values())
+            state = "" if enabled == len(keys) else f", {_count(len(keys) - enabled, 'key')} of them disabled"
+            said.append(f"source {source_id!r} added ({_count(len(keys), 'key')}{state})")
+            continue
+        was, was_keys = before[source_id]
+        flipped = any(was_keys.values()) != any(keys.values())
+        if flipped and not any(keys.values()):
+            changes["disabled"].append(source_id)
+            said.append(f"source {source_id!r} disabled: every key of it is refused now")
+        elif flipped:
+            changes["enabled"].append(source_id)
+            said.append(f"source {source_id!r} enabled")
+        kept = was_keys.keys() & keys.keys()
+        key_changes = [
+            (len(keys.keys() - was_keys.keys()), "key added"),
+            (len(was_keys.keys() - keys.keys()), "key removed"),
+        ]
+        if not flipped:  # a source disabled or enabled as a whole is said so above, not key by key
+            key_changes += [
+                (sum(1 for k in kept if was_keys[k] and not keys[k]), "key disabled"),
+                (sum(1 for k in kept if keys[k] and not was_keys[k]), "key enabled"),
+            ]
+        if any(n for n, _ in key_changes):
+            changes["keys_changed"].append(source_id)
+            said.append(f"source {source_id!r}: " + ", ".join(_count(n, what) for n, what in key_changes if n))
+        settings = []
+        if was.limits != source.limits:
+            settings.append(f"limits changed from {_describe_limits(was.limits)} to {_describe_limits(source.limits)}")
+        if was.kind != source.kind:
+            settings.append(f"kind changed from {was.kind} to {source.kind}")
+        if was.identity_secret != source.identity_secret:
+            if was.identity_secret is None:
+                settings.append("identity_secret set")
+            elif source.identity_secret is None:
+                settings.append("identity_secret removed")
+            else:
+                settings.append("identity_secret changed")
+        if was.name != source.name:
+            settings.append("name changed")
+        if settings:
+            changes["settings_changed"].append(source_id)
+            said.append(f"source {source_id!r} " + ", ".join(settings))
+    return said, changes
+
+
 class SourceRegistry:
     def __init__(self, path: Path) -> None:
-        self._sources = WatchedJsonFile(path, _parse_sources, variable="CDP_COLLECTOR_SOURCES_FILE")
+        self._known: dict[str, Source] | None = None
+        self._sources = WatchedJsonFile(path, self._parse, variable="CDP_COLLECTOR_SOURCES_FILE")
+
+    def _parse(self, document: dict) -> dict[str, Source]:
+        """Parse a version of the file and log what it changes (WatchedJsonFile keeps what this returns; a
+        malformed version raises before anything is said, and WatchedJsonFile says that once)."""
+        sources = _parse_sources(document)
+        if self._known is None:
+            by_source = _by_source(sources)
+            disabled = sorted(i for i, (_, keys) in by_source.items() if not any(keys.values()))
+            log.info(
+                "sources file read: %d sources, %d of them disabled",
+                len(by_source),
+                len(disabled),
+                extra={"sources": sorted(by_source), "disabled": disabled},
+            )
+        else:
+            said, changes = describe_changes(self._known, sources)
+            if said:
+                log.info("sources file changed: %s", "; ".join(said), extra={"changes": changes})
+            else:
+                log.debug("sources file re-read: nothing changed")
+        self._known = sources
+        return sources
 
     def authenticate(self, write_key: str | None) -> Source:
         if not write_key:
-            raise Unauthenticated(f"missing write key: {_WHERE_KEYS_ARE}")
+            raise KeyRefused(f"missing write key: {_WHERE_KEYS_ARE}", reason=MISSING_KEY)
         source = self._sources.value.get(write_key)
         if source is None:
-            raise Unauthenticated(f"unknown write key: no source has the key sent; {_WHERE_KEYS_ARE}")
+            raise KeyRefused(f"unknown write key: no source has the key sent; {_WHERE_KEYS_ARE}", reason=UNKNOWN_KEY)
         if not source.enabled:
-            raise Unauthenticated(f"source {source.id!r} is disabled")
+            raise KeyRefused(f"source {source.id!r} is disabled", reason=SOURCE_DISABLED, source_id=source.id)
         return source
 
     def __len__(self) -> int:

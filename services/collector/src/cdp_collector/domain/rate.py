@@ -88,7 +88,8 @@ def check_source_batch(count: int, limits: SourceLimits | None, source_id: str, 
         Code.TOO_MANY_EVENTS,
         field,
         f"request has {count} events; source {source_id!r} may send at most {limits.max_batch} events per request "
-        "(its max_batch in the collector's sources file): split it",
+        "(its max_batch in the collector's sources file): nothing of it was stored, and sent again as it is it "
+        f"is refused again; split it into requests of at most {limits.max_batch} events and send those",
     )
 
 
