@@ -17,7 +17,9 @@ Each connection's policy (`on_delete` in the connections document, else CDP_CRM_
 Records naming the person that the connector did not write (a rep's own contact of them) are searched for
 by the person's email, phone and stamped match key in every CRM (HubSpot search, Salesforce SOQL in a
 Composite body, Dataverse ``$filter`` in a ``$batch`` body, Zoho COQL; the values never in a request
-line) and erased the same way (`Privacy._sweep`).
+line) and erased the same way (`Privacy._sweep`). Before a contact of the person is erased, the records CRM
+users linked to it (HubSpot tickets by association, Salesforce Cases by ContactId or SuppliedEmail) that hold
+their email or phone in a text field are deleted or have those fields replaced (`Privacy._linked`).
 
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
 erasure record - state `anonymised` or `deleted`, the CRM id kept, the match key and values dropped - so
@@ -47,10 +49,12 @@ notice: `notices.py` applies it again at start (`erase(restored=True)`: read fir
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 from opentelemetry import metrics
 
@@ -87,6 +91,9 @@ DAY = 86_400.0
 # The profile fields whose values name a person in a CRM record: searched for at an erasure.
 IDENTIFYING = ("traits.email", "traits.phone")
 SWEPT = "swept"  # in an erasure's kept identifiers: the connections searched through already
+# In an erasure's kept identifiers: the connections whose linked records (tickets, cases) are done; and the
+# `mapping` of a linked record's erasure record.
+LINKED = "linked"
 
 
 def consumer_spec() -> ConsumerSpec:
@@ -176,12 +183,17 @@ class Privacy:
         by_mapping: dict[str, list[Change]] = defaultdict(list)
         docs: dict[str, dict] = {}
         written: set[tuple[str, str, str]] = set()  # (connection, object, CRM id) this attempt erased
-        unreached = False
+        # The tickets and cases CRM users made about the persons' contacts, first: deleting a contact drops its
+        # associations. A connection whose linked records are not done keeps its contacts for the retry.
+        blocked = await self._linked_first(request.person_id, records, identifiers, key, now, ops, done, written)
+        unreached = bool(blocked)
         for record in records:
             doc = record.doc
             connection = doc["connection"]
             if doc.get("state") in ERASED:  # done by an earlier attempt of this request (or another one)
                 _count(done, connection, self.policy(connection), doc)
+                continue
+            if connection in blocked:
                 continue
             if connection in self.unstarted:
                 # Not started (its credentials are not set): the request is not done; it comes again.
@@ -257,7 +269,7 @@ class Privacy:
                                                        "reason": dead.reason, "crm_code": dead.crm_code}))  # fmt: skip
         # Every other record naming them: found by their email, phone or the match key stamped with their id.
         if not await self._sweep(
-            request.person_id, persons, records, identifiers, key, now, ops, done, not again, written
+            request.person_id, persons, records, identifiers, key, now, ops, done, not again, written, blocked
         ):
             complete = False
         # The view, queued changes and dead letters carry the person's values: a backfill, a retry or a replay
@@ -400,7 +412,7 @@ class Privacy:
     async def _sweep(
         self, person_id: str, persons: list[str], records: list, identifiers: dict[str, list[str]], request: str,
         now: float, ops: list, done: dict[str, dict[str, int]], by_key: bool = True,
-        written: set[tuple[str, str, str]] = frozenset(),
+        written: set[tuple[str, str, str]] = frozenset(), blocked: frozenset[str] | set[str] = frozenset(),
     ) -> bool:  # fmt: skip
         """Erase, by the connection's policy, every record of a record mapping's object that names the persons
         and that the connector did not write for them: found by a field the mapping fills from their email or
@@ -410,7 +422,9 @@ class Privacy:
         Each one erased gets an erasure record (`crm_records`, keyed by mapping and CRM id) like those the
         connector wrote: the inbound side then drops what a CRM user does to it (no new person of the deleted
         one). `by_key`: search the match key too (not for persons another request erased already). `written`:
-        the records this attempt erased already, each counted once. False
+        the records this attempt erased already, each counted once. `blocked`: connections whose linked
+        records are not done (left for the retry). Before a contact found is erased, the tickets and cases
+        linked to it that name the person are (`_linked`). False
         when a CRM failed: the request comes again, and searches only the connections left."""
         known = {
             (r.doc["connection"], str(r.doc.get("object", "")).lower(), str(r.doc["crm_id"]))
@@ -428,6 +442,9 @@ class Privacy:
                 continue
             if connection in before:
                 continue  # an earlier attempt of this request searched it: the retry calls only what is left
+            if connection in blocked:
+                failed.add(connection)
+                continue
             if not hasattr(adapter, "find") or not hasattr(adapter, "erase"):
                 continue  # an adapter that cannot search: the records the connector wrote only
             swept.add(place)
@@ -454,6 +471,12 @@ class Privacy:
                         if crm_id not in targets:
                             targets.append(crm_id)
                 if targets:
+                    if hasattr(adapter, "linked"):
+                        contacts = [(mapping.object, t) for t in targets]
+                        await self._linked(
+                            connection, adapter, contacts, [], identifiers, known, person_id, request, now, ops,
+                            done, written,
+                        )  # fmt: skip
                     fields = None if policy == "delete" else _cleared(mapping)
                     await self._metered(budget, adapter.erase(mapping, targets, fields))
             except _Unanswered:
@@ -472,6 +495,99 @@ class Privacy:
         identifiers[SWEPT] = sorted(before | ({c for c, _ in swept} - failed))
         return not failed
 
+    async def _linked_first(
+        self, person_id: str, records: list, identifiers: dict[str, list[str]], request: str, now: float, ops: list,
+        done: dict[str, dict[str, int]], written: set[tuple[str, str, str]],
+    ) -> set[str]:  # fmt: skip
+        """`_linked` in every connection whose adapter reads linked records, for the contacts the connector
+        knows of the persons (the records it wrote, those an earlier attempt's search found) and by their
+        emails. The connections where it failed: their contacts are left for the retry (deleting one drops
+        its associations). A connection done by an earlier attempt of this request is not read again."""
+        before = set(identifiers.get(LINKED, ()))
+        if not any(identifiers.get(path) for path in IDENTIFYING):
+            return set()  # nothing to know them by in a text (erased by an earlier request): nothing to read
+        known = {
+            (r.doc["connection"], str(r.doc.get("object", "")).lower(), str(r.doc["crm_id"]))
+            for r in records
+            if r.doc.get("crm_id")
+        }
+        blocked: set[str] = set()
+        for connection, adapter in self.deliverer.adapters.items():
+            if connection in before or connection in self.unstarted or not hasattr(adapter, "linked"):
+                continue
+            sources = {obj.lower(): obj for obj in adapter.LINKED}
+            contacts = [
+                (sources[str(r.doc.get("object", "")).lower()], str(r.doc["crm_id"]))
+                for r in records
+                if r.doc["connection"] == connection and r.doc.get("crm_id") and r.doc.get("mapping") != LINKED
+                and str(r.doc.get("object", "")).lower() in sources
+            ]  # fmt: skip
+            try:
+                await self._linked(
+                    connection, adapter, list(dict.fromkeys(contacts)), identifiers.get("traits.email", []),
+                    identifiers, known, person_id, request, now, ops, done, written,
+                )  # fmt: skip
+            except _Unanswered:
+                log.warning("crm erasure of linked records waits for the crm", extra={"connection": connection})
+                blocked.add(connection)
+                continue
+            before.add(connection)
+        identifiers[LINKED] = sorted(before)
+        return blocked
+
+    async def _linked(
+        self, connection: str, adapter, contacts: list[tuple[str, str]], emails: list[str],
+        identifiers: dict[str, list[str]], known: set[tuple[str, str, str]], person_id: str, request: str,
+        now: float, ops: list, done: dict[str, dict[str, int]], written: set[tuple[str, str, str]],
+    ) -> None:  # fmt: skip
+        """Erase, by the connection's policy, the records CRM users made about these contacts ((object, CRM
+        id) each) - HubSpot tickets associated with them, Salesforce Cases of them or raised from one of
+        `emails` (the adapter's `linked`) - that hold the person's email or phone in a text field: deleted, or
+        those fields replaced (the adapter's `linked_fields`), by CRM id, so nothing is created. A record
+        naming them nowhere is left alone; one the connector wrote (`known`) is erased as its mapping says.
+        Each erased gets an erasure record (`crm_records`, found `linked`), counted. Raises `_Unanswered`
+        when the CRM failed or refused one: the request comes again."""
+        if not any(identifiers.get(path) for path in IDENTIFYING):
+            return
+        budget = self.deliverer.budgets[connection]
+        found = await adapter.linked(contacts, emails, lambda call: self._metered(budget, call))
+        names = _naming(identifiers)
+        policy = self.policy(connection)
+        targets: list[tuple[str, str, dict]] = []
+        for obj, crm_id, properties in found:
+            place = (connection, obj.lower(), crm_id)
+            if place in known or place in written:
+                continue
+            fields = adapter.linked_fields(obj, properties, names)
+            if fields:
+                targets.append((obj, crm_id, fields))
+
+        def erased_one(obj: str, crm_id: str) -> None:
+            doc = {"connection": connection, "mapping": LINKED, "object": obj, "person_id": person_id,
+                   "crm_id": crm_id}  # fmt: skip
+            tombstone = {**erased(doc, policy, request, now), "found": LINKED}
+            _count(done, connection, policy, tombstone)
+            written.add((connection, obj.lower(), crm_id))
+            ops.append(Put(RECORDS, record_key(f"{connection}/{LINKED}:{obj}", (("crm_id", crm_id),)), tombstone))
+
+        if policy == "delete":
+            by_object: dict[str, list[str]] = defaultdict(list)
+            for obj, crm_id, _ in targets:
+                by_object[obj].append(crm_id)
+            for obj, ids in by_object.items():
+                for start in range(0, len(ids), adapter.batch_limit):
+                    chunk = ids[start : start + adapter.batch_limit]
+                    await self._metered(budget, adapter.erase_in(obj, chunk, None))
+                    for crm_id in chunk:
+                        erased_one(obj, crm_id)
+        else:
+            for obj, crm_id, fields in targets:
+                await self._metered(budget, adapter.erase_in(obj, [crm_id], fields))
+                erased_one(obj, crm_id)
+        if targets:
+            log.info("crm records linked to an erased person erased", extra={"connection": connection,
+                     "records": len(targets)})  # fmt: skip
+
     async def _metered(self, budget, call, units: int = 1):
         """`units` requests from the account's budget: its answer, or `_Unanswered` (no budget in time, an
         error)."""
@@ -488,6 +604,24 @@ class Privacy:
 
 class _Unanswered(Exception):
     """A CRM lookup or erasure that did not happen (an error, or no budget in time)."""
+
+
+def _naming(identifiers: Mapping[str, Sequence[str]]) -> Callable[[Any], bool]:
+    """Whether a CRM text names the person: holds one of their emails (any case), or one of their phone
+    numbers written with or without spaces, dashes, dots, brackets or a leading +."""
+    emails = [e.lower() for e in identifiers.get("traits.email", ()) if e]
+    phones = [d for p in identifiers.get("traits.phone", ()) if len(d := re.sub(r"\D", "", p)) >= 6]
+
+    def names(value: Any) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        text = value.lower()
+        if any(email in text for email in emails):
+            return True
+        squeezed = re.sub(r"[\s\-.()+/]", "", text)
+        return any(phone in squeezed for phone in phones)
+
+    return names
 
 
 def _cleared(mapping: ObjectMapping) -> dict:
@@ -509,6 +643,8 @@ def _count(done: dict[str, dict[str, int]], connection: str, policy: str, tombst
         counters["removed"] = 0
     name = "removed" if tombstone.get("removed") else tombstone["state"]
     counters[name] = counters.get(name, 0) + 1
+    if tombstone.get("found") == LINKED:  # a ticket or case a CRM user made about the person: counted apart too
+        counters[LINKED] = counters.get(LINKED, 0) + 1
 
 
 def erased(doc: dict, policy: str, request: str, now: float, *, removed: bool = False) -> dict:

@@ -207,6 +207,11 @@ def default_objects() -> dict[str, SObject]:
                 "ClosedDate": "datetime",
                 "ContactId": "reference",
                 "AccountId": "reference",
+                # Web-to-case and email-to-case: who raised it, as they typed it (no contact needed).
+                "SuppliedName": "string",
+                "SuppliedEmail": "email",
+                "SuppliedPhone": "string",
+                "SuppliedCompany": "string",
                 "CDP_Idempotency_Key__c": "string",
             },
             (),

@@ -21,7 +21,8 @@ id (a MANUAL list); members are found by the match field and added or removed wi
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 import aiohttp
 
@@ -42,6 +43,7 @@ from cdp_crm.domain.isolation import (
 from cdp_crm.domain.mapping import FieldSchema, ObjectMapping, ObjectSchema
 
 BATCH_LIMIT = 100
+PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised record holds in place of a text naming the person
 API = "https://api.hubapi.com"
 
 
@@ -256,12 +258,77 @@ class HubSpotAdapter:
     ) -> tuple[bool | None, dict]:
         """Delete these records by HubSpot id (``batch/archive``; `fields` None) or write `fields` to each
         (their personal data cleared); True once done (a record gone already counts), None on an error."""
+        return await self.erase_in(mapping.object, crm_ids, fields)
+
+    async def erase_in(self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None) -> tuple[bool | None, dict]:
+        """`erase` for records of any object (a ticket a HubSpot user made): at most `batch_limit` ids."""
         if fields is None:
             body = {"inputs": [{"id": i} for i in crm_ids]}
-            answer = await self._call("POST", f"/crm/v3/objects/{mapping.object}/batch/archive", body, "archive")
+            answer = await self._call("POST", f"/crm/v3/objects/{obj}/batch/archive", body, "archive")
             return (None if _failure(answer) is not None else True), answer.headers
-        results, headers = await self.update(mapping, crm_ids, fields)
+        results, headers = await self._update(obj, crm_ids, fields)
         return (None if results is None or any(results.values()) else True), headers
+
+    # --- records a HubSpot user linked to an erased contact ---------------------------------------
+
+    # The objects a user associates with a contact that an erasure reads, and their free-text properties
+    # (a ticket opened from the contact's page, the customer's email in its subject).
+    LINKED: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {"contacts": {"tickets": ("subject", "content")}}
+
+    async def linked(
+        self, contacts: list[tuple[str, str]], emails: list[str], meter: Callable[[Any], Awaitable[Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """The records associated with these contacts ((object, HubSpot id) each) in the `LINKED` objects:
+        (object, id, their text properties) each. The associations are listed per contact
+        (``GET /crm/v4/objects/contacts/<id>/associations/<to object>``, 500 a page), the records read by
+        ``batch/read`` (100 a request); each request through `meter` (the account's budget; it raises when
+        HubSpot did not answer). `emails` is not searched by: HubSpot's tickets name no contact by email."""
+        found: list[tuple[str, str, dict[str, Any]]] = []
+        for to_obj, properties in {t: p for o, _ in contacts for t, p in self.LINKED.get(o, {}).items()}.items():
+            ids: dict[str, None] = {}  # in the order found, each once (a ticket of two of the person's contacts)
+            for obj, crm_id in contacts:
+                if to_obj not in self.LINKED.get(obj, {}):
+                    continue
+                after: str | None = None
+                for _ in range(100):  # 50,000 associated records at most
+                    listing = await meter(self._associated(obj, crm_id, to_obj, after))
+                    ids.update(dict.fromkeys(listing["ids"]))
+                    if not (after := listing["after"]):
+                        break
+            listed_ids = list(ids)
+            for start in range(0, len(listed_ids), BATCH_LIMIT):
+                chunk = listed_ids[start : start + BATCH_LIMIT]
+                records = await meter(self._read_ids(to_obj, chunk, list(properties)))
+                found.extend((to_obj, crm_id, props) for crm_id, props in records.items())
+        return found
+
+    def linked_fields(self, obj: str, properties: dict[str, Any], names: Callable[[Any], bool]) -> dict[str, Any]:
+        """What anonymises a linked record: each text property naming the person replaced by the placeholder
+        (a ticket's subject is required); {} when none does."""
+        return {name: PLACEHOLDER for name in self.LINKED_TEXT.get(obj, ()) if names(properties.get(name))}
+
+    LINKED_TEXT: ClassVar[dict[str, tuple[str, ...]]] = {
+        obj: props for linked in LINKED.values() for obj, props in linked.items()
+    }
+
+    async def _associated(self, obj: str, crm_id: str, to_obj: str, after: str | None) -> tuple[dict | None, dict]:
+        query = {"limit": "500", **({"after": after} if after else {})}
+        path = f"/crm/v4/objects/{obj}/{urllib.parse.quote(crm_id, safe='')}/associations/{to_obj}"
+        answer = await self._call("GET", f"{path}?{urllib.parse.urlencode(query)}", None, "associations")
+        if answer.status == 404:  # the contact gone: nothing linked to it any more
+            return {"ids": [], "after": None}, answer.headers
+        if _failure(answer) is not None or listed(answer, "results") is not None:
+            return None, answer.headers
+        ids = [str(r["toObjectId"]) for r in answer.body["results"] if r.get("toObjectId") is not None]
+        after = ((answer.body.get("paging") or {}).get("next") or {}).get("after")
+        return {"ids": ids, "after": str(after) if after else None}, answer.headers
+
+    async def _read_ids(self, obj: str, crm_ids: list[str], properties: list[str]) -> tuple[dict | None, dict]:
+        body = {"inputs": [{"id": i} for i in crm_ids], "properties": properties}
+        answer = await self._call("POST", f"/crm/v3/objects/{obj}/batch/read", body, obj)
+        if _failure(answer) is not None or listed(answer, "results") is not None:
+            return None, answer.headers
+        return {str(r["id"]): dict(r.get("properties") or {}) for r in answer.body["results"]}, answer.headers
 
     async def update(
         self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
@@ -269,10 +336,15 @@ class HubSpotAdapter:
         """Write `fields` to these records by HubSpot id (``PATCH /crm/v3/objects/<object>/<id>``, a request
         each), which never creates one: per id None once written or gone already (404), else HubSpot's
         refusal of it; None when HubSpot failed (a transient error: the caller tries again)."""
+        return await self._update(mapping.object, crm_ids, fields)
+
+    async def _update(
+        self, obj: str, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
         results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for crm_id in crm_ids:
-            path = f"/crm/v3/objects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+            path = f"/crm/v3/objects/{obj}/{urllib.parse.quote(crm_id, safe='')}"
             answer = await self._call("PATCH", path, {"properties": fields}, "anonymise")
             headers = answer.headers
             error = None if answer.status == 404 else _failure(answer)

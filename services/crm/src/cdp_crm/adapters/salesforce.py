@@ -30,7 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 import orjson
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from cdp_crm.budgets import SharedBudget
 
 API_VERSION = "62.0"
+PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised record holds in place of a text naming the person
 COLLECTION_LIMIT = 200
 COMPOSITE_LIMIT = 25
 LOGIN = "https://login.salesforce.com"
@@ -328,9 +329,13 @@ class SalesforceAdapter:
     ) -> tuple[bool | None, dict]:
         """Delete these records by Id (sObject Collections DELETE; `fields` None) or write `fields` to each
         (their personal data cleared); True once done (a record gone already counts), None on an error."""
+        return await self.erase_in(mapping.object, crm_ids, fields)
+
+    async def erase_in(self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None) -> tuple[bool | None, dict]:
+        """`erase` for records of any object (a Case a Salesforce user opened): at most `batch_limit` Ids."""
         if fields is None:
             query = urllib.parse.urlencode({"ids": ",".join(crm_ids), "allOrNone": "false"})
-            answer = await self._call("DELETE", f"/composite/sobjects?{query}", what=f"delete {mapping.object}")
+            answer = await self._call("DELETE", f"/composite/sobjects?{query}", what=f"delete {obj}")
             if _failure(answer) is not None:
                 return None, answer.headers
             for item in answer.body if isinstance(answer.body, list) else []:
@@ -338,8 +343,52 @@ class SalesforceAdapter:
                 if not item.get("success") and code not in ("ENTITY_IS_DELETED", "INVALID_CROSS_REFERENCE_KEY"):
                     return None, answer.headers
             return True, answer.headers
-        results, headers = await self.update(mapping, crm_ids, fields)
+        results, headers = await self._update(obj, crm_ids, fields)
         return (None if results is None or any(results.values()) else True), headers
+
+    # --- records a Salesforce user opened about an erased contact ----------------------------------
+
+    # Contact -> the objects naming it that an erasure reads: Cases by ContactId, and by SuppliedEmail (web-
+    # and email-to-case: raised from the person's email, maybe with no contact).
+    LINKED: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {
+        "Contact": {"Case": ("Subject", "Description", "SuppliedEmail", "SuppliedPhone", "SuppliedName")}
+    }
+
+    async def linked(
+        self, contacts: list[tuple[str, str]], emails: list[str], meter: Callable[[Any], Awaitable[Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """The Cases of these contacts ((object, Id) each: Contacts only) or raised from one of `emails`:
+        ("Case", Id, their text fields) each. One SOQL query (``ContactId IN (...) OR SuppliedEmail IN
+        (...)``) as a Composite subrequest - the emails in a body, never a request line -, through `meter`
+        (the account's budget; it raises when Salesforce did not answer)."""
+        ids = sorted({crm_id for obj, crm_id in contacts if obj == "Contact"})
+        if not ids and not emails:
+            return []
+        fields = self.LINKED["Contact"]["Case"]
+        where = []
+        if ids:
+            where.append(f"ContactId IN ({', '.join(_soql_text(i) for i in ids)})")
+        if emails:
+            where.append(f"SuppliedEmail IN ({', '.join(_soql_text(e) for e in emails)})")
+        soql = f"SELECT Id, {', '.join(fields)} FROM Case WHERE {' OR '.join(where)}"
+        records = await meter(self._private_query(soql, "privacy cases"))
+        return [("Case", str(r["Id"]), {f: r.get(f) for f in fields}) for r in records]
+
+    def linked_fields(self, obj: str, record: dict[str, Any], names: Callable[[Any], bool]) -> dict[str, Any]:
+        """What anonymises a linked Case: a subject or description naming the person replaced by the
+        placeholder; the email or phone they supplied cleared, with the name they supplied beside it (an
+        email field takes no placeholder); {} when no field names them."""
+        if obj != "Case":
+            return {}
+        fields: dict[str, Any] = {f: PLACEHOLDER for f in ("Subject", "Description") if names(record.get(f))}
+        supplied = {f: None for f in ("SuppliedEmail", "SuppliedPhone") if names(record.get(f))}
+        if supplied and record.get("SuppliedName"):
+            supplied["SuppliedName"] = None
+        return {**fields, **supplied}
+
+    async def _private_query(self, soql: str, what: str) -> tuple[list[dict[str, Any]] | None, dict]:
+        found, answer = await self._query(soql, what, private=True)
+        return (None if _failure(answer) is not None else found), answer.headers
 
     async def update(
         self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
@@ -347,10 +396,15 @@ class SalesforceAdapter:
         """Write `fields` to these records by Id (``PATCH /sobjects/<object>/<Id>``, a request each), which
         never creates one: per Id None once written or gone already (404), else Salesforce's refusal of it
         (REQUIRED_FIELD_MISSING); None when Salesforce failed (a transient error: the caller tries again)."""
+        return await self._update(mapping.object, crm_ids, fields)
+
+    async def _update(
+        self, obj: str, crm_ids: list[str], fields: dict[str, Any]
+    ) -> tuple[dict[str, CrmError | None] | None, dict]:
         results: dict[str, CrmError | None] = {}
         headers: dict = {}
         for crm_id in crm_ids:
-            path = f"/sobjects/{mapping.object}/{urllib.parse.quote(crm_id, safe='')}"
+            path = f"/sobjects/{obj}/{urllib.parse.quote(crm_id, safe='')}"
             answer = await self._call("PATCH", path, json=fields, what="anonymise")
             headers = answer.headers
             error = None if answer.status == 404 else _failure(answer)
