@@ -364,3 +364,58 @@ async def test_identity_reads_privacy_at_start_under_its_own_nats_user(tmp_path,
         assert refused == []
     finally:
         server.close()
+
+
+async def test_resolve_and_match_records_do_not_make_a_deleted_person_again(identity):
+    """gRPC callers (a CRM sync, a backfill) are held to the rules events are: a suppressed person's
+    identifiers are refused by Resolve and MatchRecords, and so is a Resolve dated before a deletion; the
+    answer names the rule and the identifier's position and type, never its value. Nothing is stored."""
+    await identity.start()
+    await identity.send(event("evt-gone", user="u-gone", email="gone@example.com"))
+    await identity.send(event("evt-left", user="u-left", email="left@example.com"))
+    gone = await identity.person("user_id", "u-gone")
+    left = await identity.person("user_id", "u-left")
+    at = now_ms()
+    await identity.delete(
+        notice("req-gone", gone, at_ms=at, suppress_keys=["user_id:u-gone", "email:gone@example.com"])
+    )
+    await identity.delete(notice("req-left", left, at_ms=at))
+
+    def ident(kind: str, value: str) -> identity_pb2.Identifier:
+        return identity_pb2.Identifier(type=kind, value=value)
+
+    async def refused(call, request) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call(request)
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION, error.value.details()
+        assert "gone@example.com" not in error.value.details() and "u-gone" not in error.value.details()
+        return error.value
+
+    error = await refused(
+        identity.stub.Resolve,
+        identity_pb2.ResolveRequest(
+            identifiers=[ident("anonymous_id", "crm-browser"), ident("email", "Gone@Example.com")]
+        ),
+    )
+    assert "identifiers[1] (email)" in error.details() and "suppress" in error.details()
+    # Dated before the deletion: what the event path drops as received before it.
+    stamp = identity_pb2.ResolveRequest(identifiers=[ident("user_id", "u-left")])
+    stamp.at.FromMilliseconds(at - 60_000)
+    error = await refused(identity.stub.Resolve, stamp)
+    assert "identifiers[0] (user_id)" in error.details() and "before" in error.details()
+    record = identity_pb2.MatchRecord(
+        id="crm-7", source="crm", identifiers=[ident("salesforce_id", "003x"), ident("email", "gone@example.com")]
+    )
+    record.fields["first_name"] = "Gone"
+    error = await refused(identity.stub.MatchRecords, identity_pb2.MatchRecordsRequest(records=[record]))
+    assert "records[0].identifiers[1] (email)" in error.details()
+
+    for kind, value in (("user_id", "u-gone"), ("email", "gone@example.com"), ("user_id", "u-left")):
+        assert await identity.person(kind, value) is None, f"{kind} of a deleted person made again over gRPC"
+    assert await identity.person("salesforce_id", "003x") is None
+    text = (await identity.stored_text()).lower()
+    assert [t for t in ("u-gone", "gone@example.com", "crm-7", "crm-browser") if t in text] == []
+
+    # The same calls for a person deleted without suppression, dated now: a new arrival, as on the event path.
+    made = await identity.stub.Resolve(identity_pb2.ResolveRequest(identifiers=[ident("user_id", "u-left")]))
+    assert made.created and made.person_id != left

@@ -12,6 +12,7 @@ from cdp_identity.engine import IdentityEngine
 from cdp_identity.matching_service import MatchingService
 from cdp_kit import timestamps
 from cdp_kit.errors import InvalidArgument
+from cdp_kit.interceptors import current_caller
 
 
 def _pairs(identifiers, field: str = "identifiers") -> list[tuple[str, str]]:
@@ -43,6 +44,11 @@ def _dropped(key_or_type: str, value: str | None, reason: str) -> identity_pb2.D
     return identity_pb2.DroppedIdentifier(identifier=identity_pb2.Identifier(type=kind, value=value), reason=reason)
 
 
+# GetGraphResponse.unmerged (UndoneMerge, identity.proto): the undone merges a person's graph keeps. Stubs
+# generated before the field existed leave it out of the answer (the graph keeps them all the same).
+_UNMERGED = "unmerged" in identity_pb2.GetGraphResponse.DESCRIPTOR.fields_by_name
+
+
 def graph_response(graph: dict) -> identity_pb2.GetGraphResponse:
     response = identity_pb2.GetGraphResponse(
         person_id=graph["person"], created_at=timestamp(graph["created_at"]), apart=graph["apart"]
@@ -55,6 +61,14 @@ def graph_response(graph: dict) -> identity_pb2.GetGraphResponse:
             quarantined=ident["quarantined"],
         )
     response.merges.extend(merge_record(m) for m in graph["merges"])
+    if _UNMERGED:
+        for undone in graph["undone"]:
+            response.unmerged.add(
+                merge=merge_record(undone),
+                undone_at=timestamp(undone["undone_at"]),
+                undone_by=undone.get("undone_by", ""),
+                reason=undone.get("reason", ""),
+            )
     for drop in graph["drops"]:
         response.drops.add(
             dropped=_dropped(drop["identifier"], None, drop["reason"]),
@@ -119,7 +133,7 @@ class IdentityApi(identity_pb2_grpc.IdentityServiceServicer):
     async def Unmerge(self, request: identity_pb2.UnmergeRequest, context) -> identity_pb2.UnmergeResponse:
         if not request.merge_id:
             raise InvalidArgument("merge_id", "is required (see GetGraph's merges)")
-        split = await self.engine.unmerge(request.merge_id, reason=request.reason)
+        split = await self.engine.unmerge(request.merge_id, reason=request.reason, by=current_caller().name)
         return identity_pb2.UnmergeResponse(
             winner=split.winner,
             loser=split.loser,

@@ -71,7 +71,7 @@ from cdp_identity.domain.graph import (
 from cdp_identity.domain.normalize import Identifier, Normalizer, Rejected, split_key
 from cdp_identity.domain.rules import MergeRules
 from cdp_identity.extract import Extractor
-from cdp_identity.forgotten import Forgotten
+from cdp_identity.forgotten import SUPPRESSED, Forgotten
 from cdp_identity.intake import Unusable, check_event, check_size, parse_event
 from cdp_kit.bus import Delivery, OutMessage, Partitioner, subjects
 from cdp_kit.engine import Effects, Reject, WriteChain, outbox
@@ -107,6 +107,11 @@ def _outbox_kind(subject: str) -> type[Message]:
     head, _, tail = subject.rpartition(".")
     return OUTBOX_MESSAGES.get(head if tail.isdigit() else subject, events_pb2.ResolvedEventBatch)
 
+
+# Seconds between two log lines about one source's drops for one reason (`_count_drops`).
+DROP_LOG_INTERVAL = 60.0
+# Drop reasons that say a browser or mobile source sends what it may not link: WARNING, not INFO.
+CLIENT_DROPS = frozenset({"unverified_claim", "client_source"})
 
 SWEEP_PAGE = 5_000
 # JetStream's default maximum message size, for a publisher that does not tell its connection's.
@@ -145,6 +150,11 @@ class _Item:
     received: int = 0  # when the collector received it (epoch ms; 0: unknown, `at` stands in)
     # Event.source_trust: a client event whose user id was not verified claims nothing another holds.
     unverified: bool = False
+    # The configured source the event came from (Event.source_id; "" for a gRPC request): drops are told
+    # per source, so an app build that stopped verifying its users is seen as that source's.
+    source: str = ""
+    # A gRPC request's identifier keys -> where the request gave them ("identifiers[1]"), for its answers.
+    fields: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -196,6 +206,8 @@ class IdentityEngine:
         self.writer = True
         # (collection, key) -> the number of the queued write that deletes it, until that write settles.
         self._deleting: dict[tuple[str, str], int] = {}
+        # (source, reason) -> [when last logged (monotonic), identifiers since, by type] (`_count_drops`).
+        self._drops_told: dict[tuple[str, str], list] = {}
         # Deleted persons' identifiers (hashes only): events carrying them are dropped (forgotten.py).
         self.forgotten = Forgotten()
         meter = telemetry.meter
@@ -332,6 +344,7 @@ class IdentityEngine:
             raw=delivery.data if delivery is not None else b"",
             received=received,
             unverified=trust == CLIENT_UNVERIFIED,
+            source=event.source_id,
         )
 
     async def _apply(
@@ -412,13 +425,19 @@ class IdentityEngine:
             if api:
                 self._require_writer()
             await self._recover_if_failed()
+            if api:
+                for item in items:
+                    # A caller is held to the rules events are (forgotten.py), before anything changes.
+                    self.refuse_forgotten(
+                        {i.key: (item.fields or {}).get(i.key, "identifiers") for i in item.identifiers}, item.at
+                    )
             absent = self._install(prefetched)
             await self._load(self._keys(items) if keys is None else keys, absent=absent)
             grouped: dict[int, list[tuple[str, bytes]]] = {}
             resolutions: list[Resolution | None] = []
             outbox: list[tuple[str, str, bytes]] = []
             outcomes: dict[str, int] = {}
-            drop_reasons: dict[str, int] = {}
+            drop_reasons: dict[tuple[str, str], dict[str, int]] = {}  # (source, reason) -> identifier type -> n
             deleted: dict[str, int] = {}
             forgotten = self.forgotten
             ops: list[WriteOp] = []
@@ -457,9 +476,9 @@ class IdentityEngine:
                         dropped += [(*split_key(d.key), d.reason) for d in resolution.drops]
                     elif resolution is None and claims:
                         dropped += [(*split_key(d.key), d.reason) for d in claims]
-                    for _kind, _value, reason in dropped:
-                        reason = reason.split(":")[0]
-                        drop_reasons[reason] = drop_reasons.get(reason, 0) + 1
+                    for kind, _value, reason in dropped:
+                        types = drop_reasons.setdefault((item.source or "api", reason.split(":")[0]), {})
+                        types[kind] = types.get(kind, 0) + 1
                     if item.delivery is not None:
                         keys = [i.key for i in item.identifiers]
                         if replay or resolution is None or resolution.drops:
@@ -490,12 +509,37 @@ class IdentityEngine:
         # Counted per batch, not per event: an OTel `add` costs as much as resolving an event.
         for outcome, count in outcomes.items():
             self._events.add(count, {"outcome": outcome})
-        for reason, count in drop_reasons.items():
-            self._drops.add(count, {"reason": reason})
+        if drop_reasons:
+            self._count_drops(drop_reasons)
         for rule, count in deleted.items():
             self._deleted_dropped.add(count, {"rule": rule})
         self._apply_ms.record((time.perf_counter() - started) * 1000)
         return ops, outbox, grouped, resolutions, queued
+
+    def _count_drops(self, drops: Mapping[tuple[str, str], Mapping[str, int]]) -> None:
+        """Count a batch's dropped identifiers by source and reason, and say so in the log at most once a
+        minute per source and reason (with the count since the last line): an app build that stopped sending
+        `context.userHash` shows as its source's `unverified_claim` drops, not only on anonymous persons. The
+        source is a configured id; the line names identifier types and counts, never a value."""
+        now = time.monotonic()
+        for (source, reason), types in drops.items():
+            count = sum(types.values())
+            self._drops.add(count, {"reason": reason, "source": source})
+            told = self._drops_told.setdefault((source, reason), [float("-inf"), 0, {}])
+            told[1] += count
+            for kind, n in types.items():
+                told[2][kind] = told[2].get(kind, 0) + n
+            if now - told[0] < DROP_LOG_INTERVAL:
+                continue
+            log.log(
+                logging.WARNING if reason in CLIENT_DROPS else logging.INFO,
+                "identifiers left out of events of source %s (%s): %d since the last report",
+                source,
+                reason,
+                told[1],
+                extra={"source": source, "reason": reason, "identifiers": told[1], "identifier_types": dict(told[2])},
+            )
+            told[:] = [now, 0, {}]
 
     # --- the synchronous paths (gRPC) -------------------------------------------------------------
 
@@ -516,11 +560,46 @@ class IdentityEngine:
         if not identifiers:
             raise InvalidArgument("identifiers", "no usable identifier (all were blocked values or none were given)")
         item = _Item(None, request_id, at, identifiers, rejected, None)
+        if self.forgotten:
+            item.fields = self.request_fields(pairs, "identifiers")
         _, (resolution,) = await self._apply([item], api=True)
         await self.publish_outbox()
         if resolution is None:  # every usable identifier is quarantined and unknown: cannot happen
             raise FailedPrecondition("the identifiers resolve to no person", reason="unresolvable")
         return resolution, rejected
+
+    def refuse_forgotten(self, keys: Mapping[str, str], at: int) -> None:
+        """FailedPrecondition when identifiers a gRPC caller gives (normalised key -> the request field that
+        gave it, e.g. "identifiers[1]"), dated `at`, would be dropped on an event (forgotten.py): a Resolve
+        or MatchRecords must not make a deleted person again. It names the rule and the fields with their
+        identifier types, never a value."""
+        forgotten = self.forgotten
+        if not forgotten or not keys:
+            return
+        rule = forgotten.dropped(keys, at)
+        if rule is None:
+            return
+        named = [
+            f"{field} ({split_key(key)[0]})" for key, field in keys.items() if forgotten.dropped([key], at) is not None
+        ]
+        why = (
+            "a privacy deletion that suppresses them"
+            if rule == SUPPRESSED
+            else "a privacy deletion made after the time the request gives (`at`): events received before a "
+            "deletion are dropped"
+        )
+        raise FailedPrecondition(
+            f"{', '.join(named)}: belonged to a person deleted by {why}; identity does not make that person again",
+            reason=f"deleted_person_{rule}",
+        )
+
+    def request_fields(self, pairs: Sequence[tuple[str, str]], field: str) -> dict[str, str]:
+        """A request's identifiers (type, value) as normalised keys -> "<field>[<index>]", where it gave them."""
+        out: dict[str, str] = {}
+        for index, pair in enumerate(pairs):
+            for ident in self.normalizer.normalize([pair])[0]:
+                out.setdefault(ident.key, f"{field}[{index}]")
+        return out
 
     async def lookup_identifier(self, kind: str, value: str) -> str:
         identifiers, rejected = self.normalizer.normalize([(kind, value)])
@@ -582,7 +661,10 @@ class IdentityEngine:
             self._merges.add(1, {"rule": cause.get("rule", "api")})
         return merge
 
-    async def unmerge(self, merge_id: str, *, reason: str) -> Unmerge:
+    async def unmerge(self, merge_id: str, *, reason: str, by: str = "") -> Unmerge:
+        """Undo a merge (`IdentityGraph.unmerge`); the graph keeps it on both sides' trail (`undone`: the
+        merge with its cause, when undone, by whom - the caller's token name - and why), and an audit line
+        gives the ids (never the reason's text, nor an identifier)."""
         async with self.lock:
             self._require_writer()
             await self._recover_if_failed()
@@ -601,7 +683,7 @@ class IdentityEngine:
             await self._load_persons([entry["loser"]])
             at = int(time.time() * 1000)
             try:
-                split = self.graph.unmerge(merge_id, at=at, reason=reason)
+                split = self.graph.unmerge(merge_id, at=at, reason=reason, by=by)
                 message = identity_pb2.IdentityUnmerged(
                     merge_id=split.merge_id,
                     winner=split.winner,
@@ -618,6 +700,22 @@ class IdentityEngine:
                 self._failed = True
                 raise
         await write
+        log.info(
+            "merge %s undone: %s split from %s",
+            merge_id,
+            split.loser,
+            split.winner,
+            extra={
+                "merge_id": merge_id,
+                "winner": split.winner,
+                "loser": split.loser,
+                "merged_at": entry["at"],
+                "rule": (entry.get("cause") or {}).get("rule", ""),
+                "identifiers": len(split.loser_identifiers),
+                "caller": by,
+                "audit": True,
+            },
+        )
         await self.publish_outbox()
         return split
 

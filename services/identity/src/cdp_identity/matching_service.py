@@ -150,6 +150,8 @@ class MatchingService:
 
     async def match_records(self, request: identity_pb2.MatchRecordsRequest) -> identity_pb2.MatchRecordsResponse:
         records = self._validate(request.records)
+        now = int(time.time() * 1000)
+        self._refuse_forgotten(records, now, "records")
         threshold = request.min_probability or self.config.lower_threshold
         if not 0 < threshold <= 1:
             raise InvalidArgument("min_probability", f"must be in (0, 1], got {request.min_probability}")
@@ -158,7 +160,6 @@ class MatchingService:
             raise InvalidArgument("page_size", f"{page_size} must be 1-{MAX_PAGE_SIZE}")
         digest = hashlib.sha256(b"".join(r.SerializeToString(deterministic=True) for r in request.records))
         offset = self._page_offset(request.page_token, digest.hexdigest())
-        now = int(time.time() * 1000)
         docs = {
             record["key"]: {"id": record["key"], **record["fields"], "source": record["source"]} for record in records
         }
@@ -250,6 +251,7 @@ class MatchingService:
                 records = self._validate(request.records)
             except InvalidArgument as error:
                 raise InvalidArgument(f"batches[{position}].{error.field}", error.description) from None
+            self._refuse_forgotten(records, int(time.time() * 1000), f"batches[{position}].records")
             for index, record in enumerate(records):
                 if record["key"] in keys:
                     raise InvalidArgument(
@@ -498,6 +500,15 @@ class MatchingService:
                 {"key": key, "identifiers": pairs, "fields": dict(record.fields), "source": record.source or "default"}
             )
         return out
+
+    def _refuse_forgotten(self, records: list[dict[str, Any]], at: int, field: str) -> None:
+        """Before anything is fitted or stored: a record carrying a deleted person's identifiers, as an
+        event would be dropped for them, is refused (engine.refuse_forgotten); the whole call with it."""
+        if not self.engine.forgotten:
+            return
+        for index, record in enumerate(records):
+            fields = self.engine.request_fields(record["identifiers"], f"{field}[{index}].identifiers")
+            self.engine.refuse_forgotten(fields, at)
 
     @staticmethod
     def _comparable(doc: dict[str, Any]) -> dict[str, Any]:

@@ -725,6 +725,37 @@ def test_unmerging_an_inner_merge_takes_only_that_subtree():
     assert w.keys_of(a) == {"user_id:ua", "email:a@example.com"}
 
 
+def test_an_undone_merge_stays_on_both_sides_trail_and_follows_later_merges_and_splits():
+    """support trial r3: after an unmerge the graph still says which merge was undone, its cause, when, by
+    whom and why; the entry goes where its persons go, and is kept once when the two are merged again."""
+    w = World()
+    a, b, c, inner, outer = nested(w)
+    w.now += MINUTE
+    w.graph.unmerge(inner.id, at=w.now, reason="c is someone else", by="support-ann")
+
+    def trail(person: str) -> list[tuple[str, str, str]]:
+        return [(u["id"], u["reason"], u["undone_by"]) for u in w.graph.describe(person)["undone"]]
+
+    (entry,) = w.graph.describe(c)["undone"]
+    assert entry == {**inner.as_dict(), "undone_at": w.now, "undone_by": "support-ann", "reason": "c is someone else"}
+    assert trail(a) == trail(c) == [(inner.id, "c is someone else", "support-ann")]
+    # B leaves A's tree with the entry of the merge B won.
+    w.graph.unmerge(outer.id, at=w.now + 1, reason="b too", by="support-bo")
+    assert trail(a) == [(outer.id, "b too", "support-bo")]
+    assert trail(b) == [(inner.id, "c is someone else", "support-ann"), (outer.id, "b too", "support-bo")]
+    # Merged again by hand: both held the outer entry; the tree holds it once, and the new undo after it.
+    again = w.graph.merge(a, b, at=w.now + 2, cause={"event_id": "api:1", "rule": "api"}, force=True)
+    assert [u[0] for u in trail(a)] == [inner.id, outer.id]
+    w.graph.unmerge(again.id, at=w.now + 3, reason="still not", by="support-ann")
+    assert [u[0] for u in trail(a)] == [outer.id, again.id]
+    assert [u[0] for u in trail(b)] == [inner.id, outer.id, again.id]
+    # Stored and read back as it was.
+    copy_of_b = type(w.graph.persons[b]).from_doc(b, json.loads(json.dumps(w.graph.persons[b].to_doc())))
+    assert copy_of_b.undone == w.graph.persons[b].undone
+    # A person that never had a merge undone stores no trail at all.
+    assert "undone" not in w.graph.persons[w.person("user_id:zed")].to_doc()
+
+
 def test_unmerging_an_unknown_or_undone_merge_is_a_key_error():
     w = World()
     w.person("anonymous_id:a")

@@ -36,6 +36,8 @@ from cdp_identity.domain.normalize import Identifier, split_key
 from cdp_identity.domain.rules import MergeRules
 
 MAX_DROPS_KEPT = 50
+# Undone merges a person keeps on its trail (PersonState.undone), the latest.
+MAX_UNDONE_KEPT = 50
 MAX_CONFLICTS_KEPT = 64
 # `Resolution.shared` counts the persons seen with an identifier in the day before the event.
 SHARED_WINDOW_MS = 24 * 3_600_000
@@ -109,9 +111,13 @@ class PersonState:
     # person in the tree the separation belongs to (it leaves with that person on a later unmerge).
     apart: dict[str, str] = field(default_factory=dict)
     drops: list[dict[str, Any]] = field(default_factory=list)
+    # Root only: merges undone between persons of this tree and others, oldest first (the trail of
+    # `unmerge`): the lineage entry as it was plus `undone_at`, `undone_by` (the caller's name), `reason`.
+    # Both sides keep it; at most MAX_UNDONE_KEPT.
+    undone: list[dict[str, Any]] = field(default_factory=list)
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc = {
             "created_at": self.created_at,
             "merged_into": self.merged_into,
             "ids": [[k, at, owner] for k, (at, owner) in self.ids.items()],
@@ -119,6 +125,9 @@ class PersonState:
             "apart": [[other, member] for other, member in self.apart.items()],
             "drops": [dict(d) for d in self.drops],
         }
+        if self.undone:
+            doc["undone"] = [dict(u) for u in self.undone]
+        return doc
 
     @classmethod
     def from_doc(cls, person_id: str, doc: dict[str, Any]) -> PersonState:
@@ -130,6 +139,7 @@ class PersonState:
             lineage=list(doc.get("lineage", [])),
             apart=dict(([a, person_id] if isinstance(a, str) else a) for a in doc.get("apart", [])),
             drops=list(doc.get("drops", [])),
+            undone=list(doc.get("undone", [])),
         )
 
 
@@ -313,6 +323,7 @@ class IdentityGraph:
             "merges": list(root.lineage),
             "apart": list(root.apart),
             "drops": list(root.drops),
+            "undone": list(root.undone),
         }
 
     def partition(self) -> dict[str, frozenset[str]]:
@@ -601,7 +612,7 @@ class IdentityGraph:
                 raise MergeRefused(f"limit:{kind}", f"merging would exceed the {kind} limit")
         return self._merge(winner, loser, at, cause)
 
-    def unmerge(self, merge_id: str, *, at: int, reason: str = "") -> Unmerge:
+    def unmerge(self, merge_id: str, *, at: int, reason: str = "", by: str = "") -> Unmerge:
         """Split the loser of `merge_id` back out, with everything it brought and everything merged into it."""
         winner_then = self.merge_index.get(merge_id)
         if winner_then is None or winner_then not in self.persons:
@@ -631,6 +642,13 @@ class IdentityGraph:
         root.apart = {p: member for p, member in root.apart.items() if member not in subtree}
         root.apart.setdefault(loser.id, root.id)
         loser.apart.setdefault(root.id, loser.id)
+        # The trail: an earlier undone merge goes with each side it names a person of (an undo between the
+        # two sides: both); this one stays on both.
+        remaining = {root.id} | {p for m in root.lineage for p in (m["winner"], m["loser"])}
+        undone = {**entry, "undone_at": at, "undone_by": by, "reason": reason}
+        loser.undone = [u for u in root.undone if u["winner"] in subtree or u["loser"] in subtree] + [undone]
+        root.undone = [u for u in root.undone if u["winner"] in remaining or u["loser"] in remaining] + [undone]
+        del loser.undone[:-MAX_UNDONE_KEPT], root.undone[:-MAX_UNDONE_KEPT]
         self.dirty_persons.update((root.id, loser.id))
         return Unmerge(
             merge_id=merge_id,
@@ -814,6 +832,20 @@ class IdentityGraph:
                 lineage.append(m)
             if lineage_changed:
                 person.lineage, changed = lineage, True
+        if person.undone:
+            undone, undone_changed = [], False
+            for u in person.undone:
+                if u["id"] in merges or u["winner"] in persons or u["loser"] in persons:
+                    undone_changed = True  # the trail of a merge with a purged person: about them, it goes
+                    continue
+                cause = u.get("cause") or {}
+                named = cause.get("identifiers") or []
+                if not keys.isdisjoint(named):
+                    u = {**u, "cause": {**cause, "identifiers": [k for k in named if k not in keys]}}
+                    undone_changed = True
+                undone.append(u)
+            if undone_changed:
+                person.undone, changed = undone, True
         if person.apart and any(p in persons or member in persons for p, member in person.apart.items()):
             person.apart = {p: m for p, m in person.apart.items() if p not in persons and m not in persons}
             changed = True
@@ -942,6 +974,14 @@ class IdentityGraph:
         winner.lineage.append(merge.as_dict())
         for other, member in loser.apart.items():
             winner.apart.setdefault(other, member)
+        if loser.undone:
+            # Two sides of one undone merge merged again (with force) hold the same entry: keep it once.
+            seen = {(u["id"], u["undone_at"]) for u in winner.undone}
+            winner.undone = sorted(
+                [*winner.undone, *(u for u in loser.undone if (u["id"], u["undone_at"]) not in seen)],
+                key=lambda u: u["undone_at"],
+            )[-MAX_UNDONE_KEPT:]
+            loser.undone = []
         loser.ids, loser.lineage = {}, []
         self.merge_index[merge.id] = winner_id
         self.dirty_persons.update((winner_id, loser_id))
