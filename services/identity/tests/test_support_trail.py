@@ -126,6 +126,9 @@ async def test_an_undone_merge_stays_on_the_graph_with_its_cause_time_caller_and
         assert (undone["undone_by"], undone["reason"]) == ("support-ann", REASON)
     graph = await identity.stub.GetGraph(identity_pb2.GetGraphRequest(person_id=gina), metadata=SUPPORT)
     assert list(graph.merges) == [] and list(graph.apart) == [hal]
+    (shown,) = graph.unmerged
+    assert shown.merge == merge and (shown.undone_by, shown.reason) == ("support-ann", REASON)
+    assert shown.undone_at.ToMilliseconds() >= merge.at.ToMilliseconds()
 
     # An audit line with the ids and the caller; not the reason's text, no identifier.
     audits = [r for r in caplog.records if getattr(r, "audit", False) and getattr(r, "merge_id", "") == merge.merge_id]

@@ -44,11 +44,6 @@ def _dropped(key_or_type: str, value: str | None, reason: str) -> identity_pb2.D
     return identity_pb2.DroppedIdentifier(identifier=identity_pb2.Identifier(type=kind, value=value), reason=reason)
 
 
-# GetGraphResponse.unmerged (UndoneMerge, identity.proto): the undone merges a person's graph keeps. Stubs
-# generated before the field existed leave it out of the answer (the graph keeps them all the same).
-_UNMERGED = "unmerged" in identity_pb2.GetGraphResponse.DESCRIPTOR.fields_by_name
-
-
 def graph_response(graph: dict) -> identity_pb2.GetGraphResponse:
     response = identity_pb2.GetGraphResponse(
         person_id=graph["person"], created_at=timestamp(graph["created_at"]), apart=graph["apart"]
@@ -61,14 +56,13 @@ def graph_response(graph: dict) -> identity_pb2.GetGraphResponse:
             quarantined=ident["quarantined"],
         )
     response.merges.extend(merge_record(m) for m in graph["merges"])
-    if _UNMERGED:
-        for undone in graph["undone"]:
-            response.unmerged.add(
-                merge=merge_record(undone),
-                undone_at=timestamp(undone["undone_at"]),
-                undone_by=undone.get("undone_by", ""),
-                reason=undone.get("reason", ""),
-            )
+    for undone in graph["undone"]:  # merges undone by Unmerge: kept with when, by whom and why
+        response.unmerged.add(
+            merge=merge_record(undone),
+            undone_at=timestamp(undone["undone_at"]),
+            undone_by=undone.get("undone_by", ""),
+            reason=undone.get("reason", ""),
+        )
     for drop in graph["drops"]:
         response.drops.add(
             dropped=_dropped(drop["identifier"], None, drop["reason"]),

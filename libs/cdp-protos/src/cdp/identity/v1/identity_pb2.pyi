@@ -121,20 +121,34 @@ class DropRecord(_message.Message):
     def __init__(self, dropped: _Optional[_Union[DroppedIdentifier, _Mapping]] = ..., event_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetGraphResponse(_message.Message):
-    __slots__ = ("person_id", "created_at", "identifiers", "merges", "apart", "drops")
+    __slots__ = ("person_id", "created_at", "identifiers", "merges", "apart", "drops", "unmerged")
     PERSON_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIERS_FIELD_NUMBER: _ClassVar[int]
     MERGES_FIELD_NUMBER: _ClassVar[int]
     APART_FIELD_NUMBER: _ClassVar[int]
     DROPS_FIELD_NUMBER: _ClassVar[int]
+    UNMERGED_FIELD_NUMBER: _ClassVar[int]
     person_id: str
     created_at: _timestamp_pb2.Timestamp
     identifiers: _containers.RepeatedCompositeFieldContainer[GraphIdentifier]
     merges: _containers.RepeatedCompositeFieldContainer[MergeRecord]
     apart: _containers.RepeatedScalarFieldContainer[str]
     drops: _containers.RepeatedCompositeFieldContainer[DropRecord]
-    def __init__(self, person_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identifiers: _Optional[_Iterable[_Union[GraphIdentifier, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[MergeRecord, _Mapping]]] = ..., apart: _Optional[_Iterable[str]] = ..., drops: _Optional[_Iterable[_Union[DropRecord, _Mapping]]] = ...) -> None: ...
+    unmerged: _containers.RepeatedCompositeFieldContainer[UndoneMerge]
+    def __init__(self, person_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., identifiers: _Optional[_Iterable[_Union[GraphIdentifier, _Mapping]]] = ..., merges: _Optional[_Iterable[_Union[MergeRecord, _Mapping]]] = ..., apart: _Optional[_Iterable[str]] = ..., drops: _Optional[_Iterable[_Union[DropRecord, _Mapping]]] = ..., unmerged: _Optional[_Iterable[_Union[UndoneMerge, _Mapping]]] = ...) -> None: ...
+
+class UndoneMerge(_message.Message):
+    __slots__ = ("merge", "undone_at", "undone_by", "reason")
+    MERGE_FIELD_NUMBER: _ClassVar[int]
+    UNDONE_AT_FIELD_NUMBER: _ClassVar[int]
+    UNDONE_BY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    merge: MergeRecord
+    undone_at: _timestamp_pb2.Timestamp
+    undone_by: str
+    reason: str
+    def __init__(self, merge: _Optional[_Union[MergeRecord, _Mapping]] = ..., undone_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., undone_by: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class MergeRequest(_message.Message):
     __slots__ = ("person_id", "other_person_id", "reason", "force")
