@@ -208,6 +208,7 @@ async def setup(runtime: ServiceRuntime) -> None:
         opens=Opens(store, report),
         catalogues=Catalogues(settings.catalogue(), computed, segments=segments, scores=scores),
         person_exists=person_exists,
+        stopping=runtime.stopping,  # open SubscribeInbox streams end as the service starts stopping
     )
     runtime.parts.update(
         bus=bus, store=store, engine=engine, journeys=journeys, ownership=ownership, api=api, dispatchers=dispatchers

@@ -62,6 +62,7 @@ class ApiBase:
         opens: Opens | None = None,
         catalogues: Catalogues | None = None,
         person_exists: Callable[[str], Awaitable[bool]] | None = None,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.journeys = journeys
         self.store = store
@@ -75,6 +76,8 @@ class ApiBase:
         self.catalogues = catalogues or Catalogues()
         # whether the profile service knows a person id (None: no profile service to ask)
         self.person_exists = person_exists
+        # set once the service starts stopping (`ServiceRuntime.stopping`): open streams end then (api_inbox)
+        self.stopping = stopping
 
     # --- journeys ------------------------------------------------------------------------------------------
 

@@ -83,6 +83,11 @@ class Subscription:
         self._inbox._unsubscribe(self)
         self._queue.put_nowait(None)
 
+    def end(self, error: BaseException) -> None:
+        """End it with `error`, raised to its reader once the messages queued before are read."""
+        self._inbox._unsubscribe(self)
+        self._queue.put_nowait(error)
+
     async def __aenter__(self) -> Subscription:
         return self
 
