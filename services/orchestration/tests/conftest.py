@@ -147,10 +147,16 @@ class World:
         user_id: str = "",
         anonymous_id: str = "",
         profiled: bool = True,
+        source: str = SOURCE,
         **properties: Any,
     ) -> None:
         await self.events(
-            person, [(name, event_id, properties)], user_id=user_id, anonymous_id=anonymous_id, profiled=profiled
+            person,
+            [(name, event_id, properties)],
+            user_id=user_id,
+            anonymous_id=anonymous_id,
+            profiled=profiled,
+            source=source,
         )
 
     async def events(
@@ -161,27 +167,35 @@ class World:
         user_id: str = "",
         anonymous_id: str = "",
         profiled: bool = True,
+        source: str = SOURCE,
     ) -> None:
         """Several events of one person in one `events.resolved` message, as identity publishes a batch, and
-        (`profiled`) the profile's change listing them, as the profile publishes once it applied them."""
+        (`profiled`) the profile's change listing them, as the profile publishes once it applied them.
+        `source`: the collector source they came through."""
         resolved = [
             events_pb2.ResolvedEvent(
-                event=self._event(name, event_id, properties, user_id, anonymous_id), person_id=person
+                event=self._event(name, event_id, properties, user_id, anonymous_id, source), person_id=person
             )
             for name, event_id, properties in events
         ]
         batch = events_pb2.ResolvedEventBatch(events=resolved)
         await self._publish(subjects.events_resolved(self.partition(person)), batch.SerializeToString())
         if profiled:
-            await self.profile_applied(person, [event_id for _name, event_id, _properties in events])
+            await self.profile_applied(person, [event_id for _name, event_id, _properties in events], source=source)
 
     async def profile_applied(
-        self, person: str, event_ids: list[str], *, consent: dict[str, bool] | None = None, **traits: Any
+        self,
+        person: str,
+        event_ids: list[str],
+        *,
+        consent: dict[str, bool] | None = None,
+        source: str = SOURCE,
+        **traits: Any,
     ) -> None:
         """The profile's change for events it applied (cause "event"), with the consent and traits they set.
         `event_ids`: the events' message ids; the change lists them as profile does, `<source id>:<message id>`."""
         change = profile_pb2.ProfileChanged(person_id=person, cause="event", at=from_seconds(self._change_time(person)))
-        change.event_ids.extend(f"{SOURCE}:{event_id}" for event_id in event_ids)
+        change.event_ids.extend(f"{source}:{event_id}" for event_id in event_ids)
         change.consent.update(consent or {})
         for name, value in traits.items():
             change.traits[name].CopyFrom(struct_pb2.Value(string_value=str(value)))
@@ -193,11 +207,17 @@ class World:
         return at
 
     def _event(
-        self, name: str, event_id: str, properties: dict[str, Any], user_id: str, anonymous_id: str
+        self,
+        name: str,
+        event_id: str,
+        properties: dict[str, Any],
+        user_id: str,
+        anonymous_id: str,
+        source: str = SOURCE,
     ) -> events_pb2.Event:
         event = events_pb2.Event(
             message_id=event_id,
-            source_id=SOURCE,
+            source_id=source,
             type=events_pb2.EVENT_TYPE_TRACK,
             event=name,
             timestamp=from_seconds(self.now()),

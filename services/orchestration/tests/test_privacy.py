@@ -250,3 +250,51 @@ async def test_what_reaches_a_forgotten_person_afterwards_never_fills_their_reco
     assert b"Wit2" in files  # the scan sees what is there
     for value in (b"ada-secret@example.com", b"ada-late-1@example.com", b"ada-late-2@example.com", b"ada-uid-"):
         assert value not in files, value
+
+
+LATER_ON_CALL = {
+    "id": "note",
+    "version": 1,
+    "name": "Note",
+    "priority": 10,
+    "category": "offer",
+    "timezone": "UTC",
+    "entry": {"api": True},
+    "reentry": "always",
+    "max_concurrent": 5,
+    "nodes": [{"id": "later", "type": "delay", "duration": "30d"}],
+}
+
+
+async def test_a_deleted_persons_enroll_answers_go_with_them(world_factory, tmp_path):
+    """An Enroll answer is kept under the caller's idempotency key, which may carry personal data (an email
+    address here): it names its person now, and the deletion deletes the person's answers. The answer an
+    Enroll for them gets afterwards ("deleted") names no one."""
+    world = await world_factory()
+    await world.bus.ensure_streams(privacy_stream())
+    await prepare_store(world.store)
+    await world.publish_journey(LATER_ON_CALL)
+    engine = await world.start()
+
+    async def enroll(person: str, key: str):
+        body = {"person_id": person, "journey_id": "note", "idempotency_key": key, "properties": {}}
+        [sent] = await world.bus.publisher.publish_batch(
+            [streams.command(world.partition(person), "enroll", body, f"enroll:note:{key}")]
+        )
+        assert sent.ok
+        return (await world.eventually(lambda: world.store.get(ENROLLMENTS, f"note:{key}"))).doc
+
+    for person in ("ada", "bob"):
+        await world.profile(person, first_name=person.title())
+        answer = await enroll(person, f"{person}-secret@example.com")
+        assert answer["entered"] and answer["person_id"] == person
+
+    handler = PrivacyHandler(world.bus, world.store, partitions=2, engine=engine)
+    assert await handler.apply(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="ada"))
+    assert await world.store.get(ENROLLMENTS, "note:ada-secret@example.com") is None
+    assert (await world.store.get(ENROLLMENTS, "note:bob-secret@example.com")).doc["person_id"] == "bob"
+    after = await enroll("ada", "k-after")
+    assert (after["entered"], after["reason"]) == (False, "deleted") and "person_id" not in after
+    files = b"".join(path.read_bytes() for path in tmp_path.glob("orchestration-0.db*"))
+    assert b"bob-secret@example.com" in files
+    assert b"ada-secret@example.com" not in files

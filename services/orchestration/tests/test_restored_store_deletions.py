@@ -41,6 +41,7 @@ from cdp_orchestration.privacy import DELETED, consumer_spec
 from cdp_orchestration.state import (
     APPROVALS,
     DECISIONS,
+    ENROLLMENTS,
     FORGOTTEN,
     INSTANCES,
     PERSONS,
@@ -116,6 +117,8 @@ async def held(store, person: str) -> dict[str, list]:
         "approvals": [r.doc for r in await store.find(APPROVALS, "person_id", person)],
         "sends": [r.doc for r in await store.find(SENDS, "person_id", person)],
         "inbox": [r.doc async for r in store.scan_all(INBOX, prefix=f"{person}/")],
+        # Enroll answers, under the caller's idempotency keys (here `<journey>-<person>`)
+        "enrollments": [r.key async for r in store.scan_all(ENROLLMENTS) if r.key.endswith(f"-{person}")],
     }
 
 
@@ -171,6 +174,8 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             await until(acknowledged, "the deletion handled")
             assert await store.get(FORGOTTEN, "req-ada-1:p_ada") is not None
             assert await store.get(PERSONS, "p_ada") is None
+            assert (await held(store, "p_ada"))["enrollments"] == []  # the deletion's too
+            assert len((await held(store, "p_bob"))["enrollments"]) == 1
         notices = (await bus.js.stream_info(subjects.PRIVACY)).state.messages
 
         # 3. The store from before the deletion restored (copied while the service ran: its outbox still held
@@ -196,7 +201,8 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             held_action = {"action_id": "held-1", "person_id": "p_ada", "journey_id": "note", "state": "pending"}
             await store.put(APPROVALS, "held-1", held_action)
             restored = await held(store, "p_ada")
-            assert all(restored[part] for part in ("person", "instances", "decisions", "approvals", "sends", "inbox"))
+            parts = ("person", "instances", "decisions", "approvals", "sends", "inbox", "enrollments")
+            assert all(restored[part] for part in parts)
         assert NAME.encode() in b"".join(p.read_bytes() for p in data.glob("orchestration.db*"))
 
         async with serving(config, setup) as runtime:
@@ -216,6 +222,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             assert sum(s["ended"].get("deleted", 0) for s in stats) == 1
             bob = await held(store, "p_bob")
             assert bob["person"] and len(bob["instances"]) == 1 and len(bob["inbox"]) == 2 and bob["sends"]
+            assert len(bob["enrollments"]) == 1
             async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
                 stub = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
                 inbox = await stub.ListInbox(pb.ListInboxRequest(person_id="p_ada"))

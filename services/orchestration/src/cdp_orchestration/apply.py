@@ -50,6 +50,7 @@ from cdp_orchestration.domain.instance import (
     Status,
     Stimulus,
     WithdrawAction,
+    instance_id,
     migrate,
     new_instance,
     step,
@@ -180,9 +181,19 @@ class Applier:
         await self.carry(hot, batch, person, after, commands, now)
 
     async def enter(
-        self, hot: Partition, batch: Batch, person: Person, journey, trigger: str, stimulus: Enter, now: float
+        self,
+        hot: Partition,
+        batch: Batch,
+        person: Person,
+        journey,
+        trigger: str,
+        stimulus: Enter,
+        now: float,
+        *,
+        before: str = "",
     ) -> tuple[bool, str, str]:
-        """(entered, instance id, reason) for one trigger of one journey."""
+        """(entered, instance id, reason) for one trigger of one journey. `before`: the id the same trigger had
+        in a build before this one (an event's messageId alone, now `<source id>:<messageId>`)."""
         instance = new_instance(journey, person.person_id, trigger)
         if instance.id in person.live or (
             # Only a person who entered this journey before can have started it with this trigger (an entry is
@@ -191,6 +202,13 @@ class Applier:
             and await self.store.get(INSTANCES, instance.id) is not None
         ):
             return True, instance.id, "admitted"  # this trigger started it already
+        if before and (person.merged_into or person.entered.get(journey.id, -1.0) >= now):
+            # Applied again (a batch not acknowledged before a stop): the person entered this journey at this
+            # input's time or later, maybe under the id an earlier build gave the trigger. Instances keep the
+            # ids they were made with; live, no input reads the store here.
+            earlier = instance_id(journey.id, person.person_id, before)
+            if earlier in person.live or await self.store.get(INSTANCES, earlier) is not None:
+                return True, earlier, "admitted"
         running = sum(1 for i in person.live.values() if i.journey_id == journey.id and i.status is Status.RUNNING)
         history = entry.EntryHistory(running=running, last_entered_at=person.entered.get(journey.id))
         admission = entry.admit(journey, history, now)
@@ -268,7 +286,9 @@ class Applier:
                 now,
             )
         entered, instance_id, reason = answer
-        batch.put(ENROLLMENTS, key, {"entered": entered, "instance_id": instance_id, "reason": reason, "at": now})
+        # The person id lets a deletion find the answer (`privacy.forget`): its key is the caller's.
+        answer_doc = {"entered": entered, "instance_id": instance_id, "reason": reason, "at": now}
+        batch.put(ENROLLMENTS, key, {**answer_doc, "person_id": person.person_id})
 
     async def migrate(self, person: Person, body: dict) -> None:
         instance = person.live.get(body["instance_id"])

@@ -240,7 +240,9 @@ class OrchestrationLogic:
             candidates = self.journeys.entering_on_event(event.name, event.properties)
             refused: list = []
             for journey in entry.entered_by_event(candidates, event, person.view, now, refused):
-                await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+                await self.applier.enter(
+                    hot, batch, person, journey, event.event_id, Enter(event), now, before=event.message_id
+                )
             if refused and person.pending is not None and person.pending[0] == resolved.profile_id:
                 # The fields lag behind this very event (its profile change is on its way): a condition on a
                 # trait it sets would read the old value. Checked again when the change arrives.
@@ -370,7 +372,9 @@ class OrchestrationLogic:
         if journey not in self.journeys.entering_on_event(event.name, event.properties):
             return  # paused, archived or replaced since: what reaches the journey now decides
         if entry.entered_by_event((journey,), event, person.view, now):
-            await self.applier.enter(hot, batch, person, journey, event.event_id, Enter(event), now)
+            await self.applier.enter(
+                hot, batch, person, journey, event.event_id, Enter(event), now, before=event.message_id
+            )
         else:
             self._refused_by_condition(batch, person, journey, now)
 

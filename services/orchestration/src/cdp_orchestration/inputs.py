@@ -247,12 +247,13 @@ def _linked(resolved: events_pb2.ResolvedEvent, kind: str, value: str) -> str:
 
 
 def event(message: events_pb2.Event) -> Event:
-    """A resolved event as the domain sees it (its message id, name, type, time, properties, context)."""
+    """A resolved event as the domain sees it (its id `<source id>:<messageId>`, name, type, time, properties,
+    context)."""
     type_name = _type_name(message.type)
     properties = struct_dict(message.properties) if message.HasField("properties") else {}
     context = context_dict(message.context) if message.HasField("context") else {}
     return Event(
-        message.message_id,
+        f"{message.source_id}:{message.message_id}",  # the collector's dedup id, as `ResolvedInput.profile_id`
         message.event or message.name,
         event_time(message),
         type_name,
@@ -260,6 +261,7 @@ def event(message: events_pb2.Event) -> Event:
         context,
         user_id=message.user_id,
         anonymous_id=message.anonymous_id,
+        message_id=message.message_id,
     )
 
 

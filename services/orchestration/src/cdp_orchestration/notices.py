@@ -10,7 +10,8 @@ the engine's inputs and outbox, the dispatchers, the privacy consumer and the AP
 the stream whole (`cdp_kit.bus.notices.read_notices`) and erases every person a notice names that the store
 still holds anything of (`erase_noticed`): what the two halves of a deletion delete (`privacy.py`), in
 one pass over the store, since no engine holds anyone yet:
-- the person record, every instance, decision (refused entries too) and approval; a running instance is
+- the person record, every instance, decision (refused entries too), approval and Enroll answer (those that
+  name the person: written before a build that kept the person id, they age out only); a running instance is
   counted ended ("deleted") in its journey's counters, as `forget` counts it;
 - send records, outcome events not posted yet, the in-app inbox;
 - the outbox records' messages for them (an action on `actions.<channel>.<p>`, a timer scheduled for them);
@@ -50,6 +51,7 @@ from cdp_orchestration.privacy import DELETED, Deletions
 from cdp_orchestration.state import (
     APPROVALS,
     DECISIONS,
+    ENROLLMENTS,
     INSTANCES,
     OUTCOMES,
     PERSONS,
@@ -68,7 +70,7 @@ LOGGED_REQUESTS = 50
 WINDOW = 64
 #: Records deleted in one write.
 PAGE = 500
-_BY_PERSON = (INSTANCES, APPROVALS, SENDS, OUTCOMES)
+_BY_PERSON = (INSTANCES, APPROVALS, ENROLLMENTS, SENDS, OUTCOMES)
 
 
 async def holds(store: Store, person_id: str) -> bool:
@@ -115,7 +117,15 @@ async def erase_noticed(
         return 0
     now = clock()
     erased = set(found)
-    counts = {"instances": 0, "instances_ended": 0, "decisions": 0, "approvals": 0, "sends": 0, "inbox_messages": 0}
+    counts = {
+        "instances": 0,
+        "instances_ended": 0,
+        "decisions": 0,
+        "approvals": 0,
+        "enroll_answers": 0,
+        "sends": 0,
+        "inbox_messages": 0,
+    }
     ended: dict[str, int] = {}  # stats key -> running instances of erased persons
     for person in found:
         instances = await _delete_by_person(store, INSTANCES, person)
@@ -126,6 +136,7 @@ async def erase_noticed(
                 key = stats_key(doc["journey_id"], doc["version"], partition_for(person, partitions))
                 ended[key] = ended.get(key, 0) + 1
         counts["approvals"] += len(await _delete_by_person(store, APPROVALS, person))
+        counts["enroll_answers"] += len(await _delete_by_person(store, ENROLLMENTS, person))
         counts["sends"] += len(await _delete_by_person(store, SENDS, person))
         await _delete_by_person(store, OUTCOMES, person)
         counts["decisions"] += await _delete_by_prefix(store, DECISIONS, f"{person}:")

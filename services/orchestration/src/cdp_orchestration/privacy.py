@@ -10,7 +10,8 @@ hot cache, mid-batch):
 2. `forget`, applied by that engine: the person's running instances end ("deleted", counted in the
    journey's stats), every timer of theirs is cancelled (instance timers, the arbiter's wake, scheduled
    entry slots), and their person record (view, identifiers, arbiter state: held actions, caps used),
-   every instance record, decision and approval is deleted in the batch's commit. A marker
+   every instance record, decision, approval and Enroll answer (its key is the caller's idempotency key,
+   which may carry personal data; the answer names its person) is deleted in the batch's commit. A marker
    `orchestration_forgotten/<request>:<person>` (counts only) tells the handler it is done, and a
    tombstone `orchestration_tombstones/<person>` (when, which request) makes the engine drop whatever
    reaches it for the person afterwards (`engine.py`): a profile change or event published before the
@@ -84,6 +85,7 @@ from cdp_orchestration.domain.instance import Status
 from cdp_orchestration.state import (
     APPROVALS,
     DECISIONS,
+    ENROLLMENTS,
     FORGOTTEN,
     INSTANCES,
     OUTCOMES,
@@ -149,12 +151,15 @@ async def forget(applier: Applier, hot: Partition, batch: Batch, person: Person,
     # Whatever this batch was about to write for the person goes, with what the store holds.
     for collection, key in list(batch.writes):
         if (collection == DECISIONS and key.startswith(f"{person_id}:")) or (
-            collection in (INSTANCES, APPROVALS) and batch.writes[(collection, key)].get("person_id") == person_id
+            collection in (INSTANCES, APPROVALS, ENROLLMENTS)
+            and batch.writes[(collection, key)].get("person_id") == person_id
         ):
             batch.delete(collection, key)
     instances = await store.find(INSTANCES, "person_id", person_id, limit=MAX_FIND_LIMIT)
     approvals = await store.find(APPROVALS, "person_id", person_id, limit=MAX_FIND_LIMIT)
-    for collection, records in ((INSTANCES, instances), (APPROVALS, approvals)):
+    # Enroll answers: their keys are the callers' idempotency keys, which may carry personal data.
+    answers = await store.find(ENROLLMENTS, "person_id", person_id, limit=MAX_FIND_LIMIT)
+    for collection, records in ((INSTANCES, instances), (APPROVALS, approvals), (ENROLLMENTS, answers)):
         for record in records:
             batch.delete(collection, record.key)
     decisions = [record.key async for record in store.scan_all(DECISIONS, prefix=f"{person_id}:")]

@@ -9,7 +9,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order (and the latest refused entry per journey, `<person>:~entry:<journey>`); swept after CDP_ORCHESTRATION_HISTORY_DAYS from its `at` (`history.py`) |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer; a decided one is swept after CDP_ORCHESTRATION_HISTORY_DAYS from its answer (`history.py`) |
 | `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
-| `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one; swept after CDP_ORCHESTRATION_HISTORY_DAYS (`history.py`) |
+| `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one, with its `person_id` (indexed: a deletion deletes the person's answers, whose keys are the caller's and may carry personal data; the "deleted" answer an Enroll for a forgotten person gets names no one, and answers written before a build that kept the person id age out only); swept after CDP_ORCHESTRATION_HISTORY_DAYS (`history.py`) |
 | `orchestration_outcomes`     | outcome event messageId               | outcome events that are not a send's own (in-app opens), until the collector took them |
 | `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
 | `orchestration_deleted`      | person id                             | a privacy deletion accepted for the person (when, which request; no personal data), written as soon as the notice reaches the handler: no dispatcher sends to them; swept with the tombstones |
@@ -383,8 +383,9 @@ async def prepare_store(store: Store) -> None:
     """The indexes the API reads instances by."""
     await store.ensure_index(INSTANCES, "person_id")
     await store.ensure_index(INSTANCES, "journey_id")
-    # A privacy deletion finds the person's approvals and sends by these.
+    # A privacy deletion finds the person's approvals, Enroll answers and sends by these.
     await store.ensure_index(APPROVALS, "person_id")
+    await store.ensure_index(ENROLLMENTS, "person_id")
     await store.ensure_index(SENDS, "person_id")
     await store.ensure_index(OUTCOMES, "person_id")
     await store.ensure_index(OUTCOMES, "reported")  # the ones still to post

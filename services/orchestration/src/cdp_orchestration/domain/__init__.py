@@ -29,7 +29,7 @@ The contract with the service layer (the engine, durable timers, the gRPC API):
    record `accepts_entries` and whose entry matches (`enters_on_*`), ask `admit(journey, history, now)`
    with the person's `EntryHistory` for that journey (its `reason` is EnrollResponse's: reentry_never,
    cooldown, concurrency_cap). If admitted: `new_instance(journey, person, trigger_id)` (trigger id: the
-   event id, the Enroll idempotency key, or `schedule_trigger(at)`), then `step(..., Enter(event))`, or
+   event's id `<source id>:<messageId>`, the Enroll idempotency key, or `schedule_trigger(at)`), then `step(..., Enter(event))`, or
    `Enter(properties=...)` for an Enroll call's properties. These are the instance's entry fields, which
    its conditions and templates read as `entry.<name>`.
    The instance id is derived from the trigger, so a redelivered trigger finds the instance that exists and

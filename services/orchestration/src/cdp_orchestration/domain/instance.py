@@ -217,7 +217,9 @@ def _stable(*parts: object) -> str:
 
 
 def instance_id(journey_id: str, person_id: str, trigger_id: str) -> str:
-    """The id of the instance a trigger (an event id, an Enroll request id, a schedule slot) starts."""
+    """The id of the instance a trigger (an event's `<source id>:<messageId>`, an Enroll request id, a schedule
+    slot) starts. Instances made before the event's source was part of it keep their ids (from the messageId
+    alone): ids are stored, never derived again."""
     return "i" + _stable("instance", journey_id, person_id, trigger_id)
 
 

@@ -53,8 +53,10 @@ class PersonView:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """An event about the person: its id (stable across redeliveries), name, type and epoch time, and the
-    identifiers it was sent with (userId, anonymousId; "" when absent)."""
+    """An event about the person: its id (stable across redeliveries: `<source id>:<messageId>`, the
+    collector's dedup id, as one messageId sent through two sources is two events), name, type and epoch
+    time, the identifiers it was sent with (userId, anonymousId; "" when absent), and its sender's messageId
+    alone (`message_id`: the trigger id of the instances it started before the source was part of it)."""
 
     event_id: str
     name: str
@@ -64,3 +66,4 @@ class Event:
     context: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     user_id: str = ""
     anonymous_id: str = ""
+    message_id: str = ""
