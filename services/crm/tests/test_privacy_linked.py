@@ -18,8 +18,10 @@ from cdp_crm.inbound import Poller
 from cdp_crm.inbound.salesforce import SalesforceReader
 from cdp_crm.privacy import Privacy
 from cdp_crm.state import ANONYMISED, DELETED, PRIVACY, RECORDS
+from cdp_crm_emulators.dynamics import DynamicsEmulator
 from cdp_crm_emulators.hubspot import HubSpotEmulator
 from cdp_crm_emulators.salesforce import SalesforceEmulator
+from cdp_crm_emulators.zoho import ZohoEmulator
 
 from .conftest import salesforce_contacts
 
@@ -183,4 +185,125 @@ async def test_salesforce_cases_of_the_contact_or_from_the_persons_email_are_era
             await poller.poll()
             news = [e for i, e in collector.stored.items() if i not in seen]
             assert [e["properties"]["crm_id"] for e in news] == [bys["Id"]]
+        await world.stop()
+
+
+def _dynamics_contacts(emulator) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "dyn", "kind": "dynamics", "url": emulator.base_url, "auth_url": emulator.base_url,
+                "credentials": {"tenant_id": "DYN_TENANT", "client_id": "DYN_ID", "client_secret": "DYN_SECRET"},
+                "mappings": [
+                    {"id": "contacts", "object": "contacts", "match": {"cdp_id": "person.id"},
+                     "fields": {"emailaddress1": "traits.email", "telephone1": "traits.phone",
+                                "lastname": "traits.last_name"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["anonymise", "delete"])
+async def test_dynamics_incidents_of_the_contact_naming_the_person_are_erased(world_factory, policy):
+    async with DynamicsEmulator() as dyn:
+        world = await world_factory(dyn)
+        document = _dynamics_contacts(dyn)
+        document["connections"][0]["on_delete"] = policy
+        env = {"DYN_TENANT": dyn.tenant, "DYN_ID": dyn.client_id, "DYN_SECRET": dyn.client_secret}
+        await world.start(document, env=env, describe=True)
+        await world.profiles(
+            {"person-1": {"traits.email": "ada@example.com", "traits.phone": "+442079460000", "traits.last_name": "L"}}
+        )
+        await world.eventually(lambda: dyn.find("contacts", "cdp_id", "person-1") is not None)
+        contact = dyn.find("contacts", "cdp_id", "person-1")["contactid"]
+        other = dyn.user_create("contacts", {"lastname": "Byron", "emailaddress1": "byron@example.com"})["contactid"]
+
+        def incident(title: str, description: str, customer: str) -> str:
+            row = {
+                "title": title,
+                "description": description,
+                "customerid_contact@odata.bind": f"/contacts({customer})",
+            }
+            return dyn.user_create("incidents", row)["incidentid"]
+
+        named = incident("Refund for ada@example.com", "Wants it back", contact)
+        by_phone = incident("Call back", "On 0044 20 7946 0000", contact)
+        plain = incident("Broken widget", "", contact)
+        bys = incident("Byron forwards ada@example.com", "", other)
+        before = {r["incidentid"] for r in dyn.records("incidents")}
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+
+        rows = {r["incidentid"]: r for r in dyn.records("incidents")}
+        assert set(rows) <= before
+        if policy == "anonymise":
+            assert rows[named]["title"] == "(deleted)" and rows[named]["description"] == "Wants it back"
+            assert rows[by_phone]["description"] == "(deleted)" and rows[by_phone]["title"] == "Call back"
+        else:
+            assert named not in rows and by_phone not in rows
+        assert rows[plain]["title"] == "Broken widget"
+        assert rows[bys]["title"] == "Byron forwards ada@example.com"
+        done = (await world.store.get(PRIVACY, "req-1")).doc["connections"]["dyn"]
+        assert done == {"anonymised" if policy == "anonymise" else "deleted": 3, "removed": 0, "linked": 2}
+        await world.stop()
+
+
+def _zoho_contacts(emulator) -> dict:
+    return {
+        "connections": [
+            {
+                "id": "zoho", "kind": "zoho", "url": emulator.base_url,
+                "credentials": {"client_id": "ZOHO_ID", "client_secret": "ZOHO_SECRET", "refresh_token": "ZOHO_REFRESH"},
+                "mappings": [
+                    {"id": "contacts", "object": "Contacts", "match": {"CDP_Id": "person.id"},
+                     "fields": {"Email": "traits.email", "Phone": "traits.phone", "Last_Name": "traits.last_name"}},
+                ],
+            }
+        ]
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["anonymise", "delete"])
+async def test_zoho_cases_of_the_contact_naming_the_person_are_erased(world_factory, policy):
+    async with ZohoEmulator() as zoho:
+        world = await world_factory(zoho)
+        document = _zoho_contacts(zoho)
+        document["connections"][0]["on_delete"] = policy
+        env = {"ZOHO_ID": zoho.client_id, "ZOHO_SECRET": zoho.client_secret, "ZOHO_REFRESH": "1000.local-refresh-token"}
+        await world.start(document, env=env, describe=True)
+        await world.profiles(
+            {"person-1": {"traits.email": "ada@example.com", "traits.phone": "+442079460000", "traits.last_name": "L"}}
+        )
+        await world.eventually(lambda: zoho.find("Contacts", "CDP_Id", "person-1") is not None)
+        contact = zoho.find("Contacts", "CDP_Id", "person-1")["id"]
+        other = zoho.user_create("Contacts", {"Last_Name": "Byron", "Email": "byron@example.com"})["id"]
+
+        def case(subject: str, description: str, contact_id: str) -> str:
+            values = {"Subject": subject, "Description": description, "Related_To": {"id": contact_id},
+                      "Case_Origin": "Email", "Status": "New"}  # fmt: skip
+            return zoho.user_create("Cases", values)["id"]
+
+        named = case("Refund for ada@example.com", "Wants it back", contact)
+        by_phone = case("Call back", "On +44 20 7946 0000", contact)
+        plain = case("Broken widget", "", contact)
+        bys = case("Byron forwards ada@example.com", "", other)
+        before = {r["id"] for r in zoho.records("Cases")}
+
+        assert await _privacy(world).erase(privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1"))
+
+        rows = {r["id"]: r for r in zoho.records("Cases")}
+        assert set(rows) <= before
+        if policy == "anonymise":
+            assert rows[named]["Subject"] == "(deleted)" and rows[named]["Description"] == "Wants it back"
+            assert rows[by_phone]["Description"] == "(deleted)" and rows[by_phone]["Subject"] == "Call back"
+        else:
+            assert named not in rows and by_phone not in rows
+        assert rows[plain]["Subject"] == "Broken widget"
+        assert rows[bys]["Subject"] == "Byron forwards ada@example.com"
+        done = (await world.store.get(PRIVACY, "req-1")).doc["connections"]["zoho"]
+        assert done == {"anonymised" if policy == "anonymise" else "deleted": 3, "removed": 0, "linked": 2}
+        # Her email and phone travelled in request bodies only.
+        lines = " ".join(urllib.parse.unquote_plus(r.path) for r in zoho.requests).lower()
+        assert "ada@example.com" not in lines and "7946" not in lines
         await world.stop()

@@ -18,7 +18,8 @@ Records naming the person that the connector did not write (a rep's own contact 
 by the person's email, phone and stamped match key in every CRM (HubSpot search, Salesforce SOQL in a
 Composite body, Dataverse ``$filter`` in a ``$batch`` body, Zoho COQL; the values never in a request
 line) and erased the same way (`Privacy._sweep`). Before a contact of the person is erased, the records CRM
-users linked to it (HubSpot tickets by association, Salesforce Cases by ContactId or SuppliedEmail) that hold
+users linked to it (HubSpot tickets by association, Salesforce Cases by ContactId or SuppliedEmail, Dataverse
+incidents by customer, Zoho Cases by Related_To) that hold
 their email or phone in a text field are deleted or have those fields replaced (`Privacy._linked`).
 
 Under both, list memberships are removed first. Each record's document in `crm_records` then becomes its
@@ -542,7 +543,7 @@ class Privacy:
     ) -> None:  # fmt: skip
         """Erase, by the connection's policy, the records CRM users made about these contacts ((object, CRM
         id) each) - HubSpot tickets associated with them, Salesforce Cases of them or raised from one of
-        `emails` (the adapter's `linked`) - that hold the person's email or phone in a text field: deleted, or
+        `emails`, Dataverse incidents and Zoho Cases of them (the adapter's `linked`) - that hold the person's email or phone in a text field: deleted, or
         those fields replaced (the adapter's `linked_fields`), by CRM id, so nothing is created. A record
         naming them nowhere is left alone; one the connector wrote (`known`) is erased as its mapping says.
         Each erased gets an erasure record (`crm_records`, found `linked`), counted. Raises `_Unanswered`

@@ -398,6 +398,11 @@ class DynamicsEmulator(Emulator):
                         f"An undeclared property '{nav}' which only has property annotations in the payload but no property value was found in the payload.",
                     )
                 values[f"_{nav}_value"] = self._bind(entity.lookups[nav], value)
+                column = metadata.lookup_attribute(nav, entity.lookups[nav])
+                if column != nav:
+                    # A polymorphic lookup (customerid): Dataverse names its value after the column, as a
+                    # $filter reads it (`_customerid_value eq <id>`); the navigation's name is kept beside it.
+                    values[f"_{column}_value"] = values[f"_{nav}_value"]
                 continue
             if name not in entity.attributes or name in (entity.primary, "createdon", "modifiedon", "versionnumber"):
                 raise DataverseError(

@@ -1,7 +1,7 @@
 """The Query API (``POST /crm/v8/coql``, body ``{"select_query": "..."}``) as far as a CRM client reads records with it:
 ``select <fields> from <Module> where <criteria> [limit N] [offset M]``. Criteria: ``<field> = 'x'``,
 ``<field> in ('x', 'y')`` (50 values at most), ``is null`` / ``is not null``, joined by ``and`` / ``or`` in
-brackets; strings in single quotes with ``\\'`` and ``\\\\`` escaped; text compares case-insensitively.
+brackets (a lookup field compares the id of the record it names); strings in single quotes with ``\\'`` and ``\\\\`` escaped; text compares case-insensitively.
 LIMIT is 200 by default and 2,000 at most. Answers ``{"data": [...], "info": {"count", "more_records"}}``
 (each record its selected fields and ``id``), 204 when nothing matches; a query it cannot read is 400
 ``SYNTAX_ERROR``, an unknown module or field 400 ``INVALID_QUERY`` naming it.
@@ -39,6 +39,11 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         out.append((kind, value))
         pos = m.end()
     return out
+
+
+def _value(value: Any) -> Any:
+    """What a criterion compares: a lookup (``{"id": ..., "name": ...}``) by the id of the record it names."""
+    return value.get("id") if isinstance(value, dict) else value
 
 
 def run(query: str, modules: dict[str, Module], rows_of: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -85,7 +90,7 @@ def run(query: str, modules: dict[str, Module], rows_of: Any) -> tuple[list[dict
         if peek("="):
             take("=")
             wanted = {take(kind="string").lower()}
-            return lambda r: str(r.get(name) or "").lower() in wanted
+            return lambda r: str(_value(r.get(name)) or "").lower() in wanted
         if peek("in"):
             take("in")
             take("(")
@@ -97,7 +102,7 @@ def run(query: str, modules: dict[str, Module], rows_of: Any) -> tuple[list[dict
             if len(values) > IN_LIMIT:
                 raise QueryError("LIMIT_EXCEEDED", "the in clause exceeds the limit", {"limit": IN_LIMIT})
             wanted = set(values)
-            return lambda r: r.get(name) not in (None, "") and str(r.get(name)).lower() in wanted
+            return lambda r: _value(r.get(name)) not in (None, "") and str(_value(r.get(name))).lower() in wanted
         take("is")
         negated = peek("not")
         if negated:

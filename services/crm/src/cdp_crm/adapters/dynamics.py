@@ -28,9 +28,9 @@ import re
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 import orjson
@@ -70,6 +70,10 @@ AUTHORITY = "https://login.microsoftonline.com"
 BATCH_LIMIT = 1000
 # Records per $batch: well under the 1000-operation limit, so a batch stays a short request.
 RECORDS_PER_BATCH = 100
+PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised row holds in place of a text naming the person
+_GUID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)  # in a $filter unquoted
 
 
 class DynamicsAdapter:
@@ -309,8 +313,61 @@ class DynamicsAdapter:
         """Delete these rows by id (``DELETE <set>(<id>)``; `fields` None) or write `fields` to each (their
         personal data cleared; ``If-Match: *``, so a row gone is not created again by the upsert) - one
         ``$batch``, a change set per row; True once done (a row gone already counts), None on an error."""
-        results, headers = await self._by_id(mapping, crm_ids, fields)
+        return await self.erase_in(mapping.object, crm_ids, fields)
+
+    async def erase_in(self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None) -> tuple[bool | None, dict]:
+        """`erase` for rows of any entity set (an incident a Dynamics user opened)."""
+        results, headers = await self._by_id(obj, crm_ids, fields)
         return (None if results is None or any(results.values()) else True), headers
+
+    # --- rows a Dynamics user opened about an erased contact ----------------------------------------
+
+    # contacts -> the entity sets whose rows name a contact that an erasure reads, by their lookup column,
+    # and their text columns: incidents (cases) by their customer.
+    LINKED: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {"contacts": {"incidents": ("title", "description")}}
+    _LINKED_BY: ClassVar[dict[str, str]] = {"incidents": "_customerid_value"}
+
+    async def linked(
+        self, contacts: list[tuple[str, str]], emails: list[str], meter: Callable[[Any], Awaitable[Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """The incidents whose customer is one of these contacts ((entity set, contactid) each): ("incidents",
+        id, their text columns) each, by ``$filter=_customerid_value eq <id> or ...`` (50 ids a query; a GET
+        inside a ``$batch`` body, as the erasure's search), each page through `meter` (the account's budget;
+        it raises when Dataverse did not answer). `emails`: an incident holds no email column to search."""
+        ids = sorted({crm_id for obj, crm_id in contacts if obj == "contacts" and _GUID.fullmatch(crm_id)})
+        found: list[tuple[str, str, dict[str, Any]]] = []
+        for to_set, columns in self.LINKED["contacts"].items():
+            primary = f"{to_set.removesuffix('s')}id"
+            for start in range(0, len(ids), 50):
+                clauses = " or ".join(f"{self._LINKED_BY[to_set]} eq {i}" for i in ids[start : start + 50])
+                path: str | None = f"{to_set}?" + urllib.parse.urlencode(
+                    {"$select": ",".join([primary, *columns]), "$filter": clauses},
+                    safe="$(),'=@", quote_via=urllib.parse.quote,
+                )  # fmt: skip
+                for _ in range(10):
+                    if path is None:
+                        break
+                    page = await meter(self._page(path))
+                    found.extend((to_set, str(r[primary]), {c: r.get(c) for c in columns}) for r in page["rows"])
+                    path = page["next"]
+        return found
+
+    def linked_fields(self, obj: str, row: dict[str, Any], names: Callable[[Any], bool]) -> dict[str, Any]:
+        """What anonymises a linked incident: each text column naming the person replaced by the placeholder
+        (an incident's title is required); {} when none does."""
+        return {c: PLACEHOLDER for c in self.LINKED["contacts"].get(obj, ()) if names(row.get(c))}
+
+    async def _page(self, path: str) -> tuple[dict[str, Any] | None, dict]:
+        """One page of rows (read in a ``$batch`` body) and the path of the next, if any."""
+        answer = await self._read_in_batch(path, "privacy linked rows")
+        if _failure(answer) is not None or listed(answer, "value") is not None:
+            return None, answer.headers
+        following = answer.body.get("@odata.nextLink")
+        following = following if isinstance(following, str) and following else None
+        if following is not None and not following.startswith(f"{self._url}{API}/"):
+            return None, answer.headers  # a link outside this environment: never followed with the token
+        next_path = following.removeprefix(f"{self._url}{API}/") if following else None
+        return {"rows": answer.body["value"], "next": next_path}, answer.headers
 
     async def update(
         self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
@@ -318,10 +375,10 @@ class DynamicsAdapter:
         """Write `fields` to these rows by id (``PATCH <set>(<id>)`` with ``If-Match: *``, which never creates
         one; a ``$batch`` of 100, a change set each): per id None once written or gone already (404), else
         Dataverse's refusal of it; None when Dataverse failed (a transient error: the caller tries again)."""
-        return await self._by_id(mapping, crm_ids, fields)
+        return await self._by_id(mapping.object, crm_ids, fields)
 
     async def _by_id(
-        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+        self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None
     ) -> tuple[dict[str, CrmError | None] | None, dict]:
         """`erase` and `update`: each row's answer (None: done, or gone already), None on a failure."""
         results: dict[str, CrmError | None] = {}
@@ -330,7 +387,7 @@ class DynamicsAdapter:
             chunk = crm_ids[start : start + RECORDS_PER_BATCH]
             operations: list[tuple[str, str, list[str], str]] = []
             for crm_id in chunk:
-                path = f"{mapping.object}({urllib.parse.quote(crm_id, safe='')})"
+                path = f"{obj}({urllib.parse.quote(crm_id, safe='')})"
                 if fields is None:
                     operations.append(("DELETE", path, [], ""))
                 else:

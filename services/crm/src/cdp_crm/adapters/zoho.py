@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from cdp_crm.budgets import SharedBudget
 
 UPSERT_LIMIT = 100
+PLACEHOLDER = "(deleted)"  # privacy.PLACEHOLDER: what an anonymised record holds in place of a text naming the person
 COQL_IN_LIMIT = 50  # values in one COQL ``in``
 COQL_PAGE = 200  # records a COQL page (1 credit up to 200)
 COQL_PAGES = 10
@@ -294,8 +295,56 @@ class ZohoAdapter:
         each (their personal data cleared; ``PUT /crm/v8/<Module>``, Update Records, which never creates
         one), 100 a call; True once done (a record gone already counts: Zoho answers INVALID_DATA for an id
         it no longer has), None on an error."""
-        results, headers = await self._by_id(mapping, crm_ids, fields)
+        return await self.erase_in(mapping.object, crm_ids, fields)
+
+    async def erase_in(self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None) -> tuple[bool | None, dict]:
+        """`erase` for records of any module (a Case a Zoho user opened)."""
+        results, headers = await self._by_id(obj, crm_ids, fields)
         return (None if results is None or any(results.values()) else True), headers
+
+    # --- records a Zoho user opened about an erased contact -----------------------------------------
+
+    # Contacts -> the modules whose records name a contact that an erasure reads, by their lookup field, and
+    # their text fields: Cases by Related_To.
+    LINKED: ClassVar[dict[str, dict[str, tuple[str, ...]]]] = {"Contacts": {"Cases": ("Subject", "Description")}}
+    _LINKED_BY: ClassVar[dict[str, str]] = {"Cases": "Related_To"}
+
+    async def linked(
+        self, contacts: list[tuple[str, str]], emails: list[str], meter: Callable[[Any], Awaitable[Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """The Cases related to these contacts ((module, id) each): ("Cases", id, their text fields) each, by
+        the Query API (``where Related_To in (...)``, 50 ids a query, 200 records a page), each page through
+        `meter` (the account's budget; it raises when Zoho did not answer). `emails`: not searched by."""
+        ids = sorted({crm_id for obj, crm_id in contacts if obj == "Contacts"})
+        found: list[tuple[str, str, dict[str, Any]]] = []
+        for module, fields in self.LINKED["Contacts"].items():
+            for start in range(0, len(ids), COQL_IN_LIMIT):
+                listed_ids = ", ".join(_coql_text(i) for i in ids[start : start + COQL_IN_LIMIT])
+                for page in range(COQL_PAGES):
+                    query = (
+                        f"select {', '.join(fields)} from {module} where {self._LINKED_BY[module]} in ({listed_ids}) "
+                        f"limit {COQL_PAGE} offset {page * COQL_PAGE}"
+                    )
+                    rows = await meter(self._coql(query))
+                    found.extend((module, str(r["id"]), {f: r.get(f) for f in fields}) for r in rows["data"])
+                    if not rows["more"]:
+                        break
+        return found
+
+    def linked_fields(self, obj: str, record: dict[str, Any], names: Callable[[Any], bool]) -> dict[str, Any]:
+        """What anonymises a linked Case: each text field naming the person replaced by the placeholder (a
+        Case's Subject is required); {} when none does."""
+        return {f: PLACEHOLDER for f in self.LINKED["Contacts"].get(obj, ()) if names(record.get(f))}
+
+    async def _coql(self, query: str) -> tuple[dict[str, Any] | None, dict]:
+        """One page of a COQL query: its records (those with an id) and whether more match; None on an error."""
+        answer = await self._call("POST", "/coql", json={"select_query": query}, what="privacy linked records")
+        if answer.status == 204:
+            return {"data": [], "more": False}, answer.headers
+        if _failure(answer) is not None or listed(answer, "data") is not None:
+            return None, answer.headers
+        rows = [r for r in answer.body["data"] if r.get("id")]
+        return {"data": rows, "more": bool((answer.body.get("info") or {}).get("more_records"))}, answer.headers
 
     async def update(
         self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any]
@@ -303,10 +352,10 @@ class ZohoAdapter:
         """Write `fields` to these records by id (Update Records, ``PUT /crm/v8/<Module>``, 100 a call, which
         never creates one): per id None once written or gone already (INVALID_DATA naming the id), else
         Zoho's refusal of it; None when Zoho failed (a transient error: the caller tries again)."""
-        return await self._by_id(mapping, crm_ids, fields)
+        return await self._by_id(mapping.object, crm_ids, fields)
 
     async def _by_id(
-        self, mapping: ObjectMapping, crm_ids: list[str], fields: dict[str, Any] | None
+        self, obj: str, crm_ids: list[str], fields: dict[str, Any] | None
     ) -> tuple[dict[str, CrmError | None] | None, dict]:
         """`erase` and `update`: each record's answer (None: done, or gone already), None on a failure."""
         results: dict[str, CrmError | None] = {}
@@ -314,10 +363,10 @@ class ZohoAdapter:
         for start in range(0, len(crm_ids), UPSERT_LIMIT):
             ids = crm_ids[start : start + UPSERT_LIMIT]
             if fields is None:
-                answer = await self._call("DELETE", f"/{mapping.object}?ids={','.join(ids)}", what="erase")
+                answer = await self._call("DELETE", f"/{obj}?ids={','.join(ids)}", what="erase")
             else:
                 body = {"data": [{**fields, "id": i} for i in ids]}
-                answer = await self._call("PUT", f"/{mapping.object}", json=body, what="anonymise")
+                answer = await self._call("PUT", f"/{obj}", json=body, what="anonymise")
             headers = answer.headers
             per_record = answer.body.get("data") if isinstance(answer.body, dict) else None
             if (_failure(answer) is not None and answer.status not in (207, 400)) or not isinstance(per_record, list):
