@@ -229,7 +229,8 @@ def _unmerge(
             out.ops.append(Delete(PROFILES, loser))
             hot.versions.pop(loser, None)
         return
-    restored, winner_change, loser_change = survivor.split(loser, merge_id=merge_id, defs=defs, now=now)
+    given = [f"{i.type}:{i.value}" for i in unmerged.loser_identifiers]
+    restored, winner_change, loser_change = survivor.split(loser, merge_id=merge_id, defs=defs, now=now, given=given)
     hot.tombstones.pop(loser, None)
     hot.profiles[loser] = restored
     out.fold(owner, winner_change)

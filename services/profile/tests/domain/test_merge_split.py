@@ -151,3 +151,18 @@ def test_split_follows_the_merge_tree(ev):
     assert b.view(now=NOW).merged_from == ["c"] and a.view(now=NOW).merged_from == ["d"]
     assert [m.merge_id for m in b.merges] == ["bc"] and [m.merge_id for m in a.merges] == ["ad"]
     assert theirs.computed["orders"] == 2
+
+
+def test_a_split_moves_the_identifiers_identity_gave_back_to_the_restored_person(ev):
+    """A support trial undid a merge made through a shared tablet: identity gave the tablet's anonymous id
+    back to the other person, but the survivor's profile still listed it (an event of the tablet after the
+    merge had been attributed to the survivor's part)."""
+    ann, bob = two_people(ev)
+    ann.merge(bob, merge_id="m1", at=NOW, defs=DEFS, now=NOW)
+    ann.apply(order(ev, "t1", NOW, 5, "user_id:ann", "anonymous_id:tablet"), DEFS, now=NOW)  # ann's part
+    assert "anonymous_id:tablet" in ann.view(now=NOW).identifiers
+    restored, _, _ = ann.split("bob", merge_id="m1", defs=DEFS, now=NOW, given=["anonymous_id:tablet"])
+    assert ann.view(now=NOW).identifiers == {"user_id:ann"}
+    assert restored.view(now=NOW).identifiers == {"anonymous_id:b1", "anonymous_id:tablet"}
+    # The event itself stays where it was applied: it was attributed to ann when it came.
+    assert [e.event_id for e in ann.timeline()] == ["a1", "a2", "t1"]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import heapq
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from math import isfinite
 from typing import Any
@@ -652,9 +652,14 @@ class Profile:
         return change
 
     def split(
-        self, loser_id: str, *, merge_id: str, defs: ComputedTraits, now: float
+        self, loser_id: str, *, merge_id: str, defs: ComputedTraits, now: float, given: Collection[str] = ()
     ) -> tuple[Profile, ProfileChange, ProfileChange]:
         """Undo merge `merge_id`: `loser_id`'s part and every part merged into it move to a restored profile.
+
+        `given`: the identifiers (`type:value`) identity gave the restored person (`identity.unmerged`'s
+        loser_identifiers): a part staying here that saw one (an event of the shared tablet attributed to
+        it) no longer lists it, and the restored profile does: each profile lists what identity resolves to
+        its person.
 
         Returns (restored profile, this profile's change, the restored profile's change). The restored
         change lists everything it holds (it reappears); this profile's change what it lost.
@@ -680,6 +685,10 @@ class Profile:
             merges=[m for m in self.merges if m.loser in subtree and m is not found],
         )
         self.merges = [m for m in self.merges if m.loser not in subtree]
+        if given:
+            for part in self.parts.values():
+                part.identifiers.difference_update(given)
+            moved[loser_id].identifiers.update(given)
         self._owners = None
         self._align(defs, now)
         restored._align(defs, now)
