@@ -68,7 +68,12 @@ messages), logged at ERROR and shown by `cdp.storage` until the store is closed
 
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
 transaction before anything is written; a unique-index violation rolls everything back and is then
-pinpointed by replaying the ops one by one in a transaction that is rolled back too.
+pinpointed by replaying the ops one by one in a transaction that is rolled back too. A put that needs no
+version read to be checked - no expected version, or expecting none - of a key no other op of the write
+names is taken for a new key when its collection's such puts have all been new lately (timeline entries,
+outbox records): it is inserted only if absent, unread, and if one finds its key stored after all (or a
+unique index or a version check fails) the transaction is rolled back and made again the usual way, and
+that collection's puts are read first for the next 256 writes. That saves a version read per new key.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ from cdp_kit.storage.port import (
     Scalar,
     Step,
     Store,
+    VersionConflict,
     WriteOp,
     bulk_result,
     check_indexed_fields,
@@ -153,6 +159,13 @@ _UPSERT = (
     "ON CONFLICT (collection, key) DO UPDATE SET version = excluded.version, doc = excluded.doc"
 )
 _DELETE = "DELETE FROM documents WHERE collection = ? AND key = ?"
+# A put of a key not read first, taken for absent (see SqliteStore._fresh_candidates): inserted only if
+# it is not stored; the rows the statement changed tell whether every key was new.
+_INSERT_NEW = (
+    "INSERT INTO documents (collection, key, version, doc) VALUES (?, ?, ?, ?) ON CONFLICT (collection, key) DO NOTHING"
+)
+# A collection whose put found its key stored has its puts read first for this many bulk writes.
+_STALE_WRITES = 256
 # A key the transaction has read is written through its rowid: one table lookup instead of an index
 # lookup, plus (for a put) the failed insert an upsert tries first. Its collection and key stay as they
 # are, so no index of the key is touched.
@@ -228,6 +241,10 @@ class SqliteStore(Store):
         self._synchronous = synchronous.upper()
         self._busy_timeout = busy_timeout
         self._erase_owed = False  # an erase readers kept from finishing (writer thread only)
+        # Writer thread only: bulk writes so far, and per collection the write count up to which its
+        # puts are read first (see _fresh_candidates).
+        self._writes = 0
+        self._stale: dict[str, int] = {}
         self._faults = Faults(self.path)  # failures the operator must fix (event loop only)
         # collection -> field -> unique. Replaced wholesale (never mutated) and only on the writer thread,
         # so the event loop always sees a consistent mapping.
@@ -449,23 +466,80 @@ class SqliteStore(Store):
                 if fields:
                     check_indexed_fields(op, fields, index if many else None)
                 encoded[index] = encode_document(op, index if many else None).decode("utf-8")
+        self._writes += 1
+        fresh = self._fresh_candidates(ops)
+        steps = None
+        if fresh:
+            steps = self._transaction(ops, encoded, many, fresh)
+        if steps is None:  # no key is taken for new, or one taken for new was stored after all
+            steps = self._transaction(ops, encoded, many, None)
+        assert steps is not None
+        self._after_commit()
+        return bulk_result(steps)
+
+    def _fresh_candidates(self, ops: list[WriteOp]) -> dict[str, set[str]] | None:
+        """The keys of `ops` written as new without reading their versions first, per collection: a
+        Put without an expected version (or expecting none) of a collection whose such puts have all
+        been new lately, whose key no other op of `ops` names. Most are new keys (timeline entries,
+        outbox records); one that turns out to be stored sends the whole write down the usual path."""
+        stale = self._stale
+        writes = self._writes
+        fresh: dict[str, set[str]] = {}
+        named: dict[str, dict[str, int]] = {}
+        for op in ops:
+            collection = op.collection
+            seen = named.get(collection)
+            if seen is None:
+                seen = named[collection] = {}
+            key = op.key
+            seen[key] = seen.get(key, 0) + 1
+            if type(op) is Put and not op.expected_version and stale.get(collection, 0) <= writes:
+                keys = fresh.get(collection)
+                if keys is None:
+                    keys = fresh[collection] = set()
+                keys.add(key)
+        for collection, keys in fresh.items():
+            seen = named[collection]
+            keys.difference_update([key for key in keys if seen[key] > 1])
+        return {collection: keys for collection, keys in fresh.items() if keys} or None
+
+    def _transaction(
+        self, ops: list[WriteOp], encoded: dict[int, str], many: bool, fresh: dict[str, set[str]] | None
+    ) -> list[Step] | None:
+        """Write `ops` in one transaction and return their steps. With `fresh` (see _fresh_candidates)
+        those keys are inserted as new, without a version read: None, and nothing written, when one of
+        them was stored (or when a unique index refused a row, which is then told apart on the usual
+        path, where every key's doc is written as the op says)."""
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            versions, rowids = self._read_versions(ops)
-            steps = plan_bulk(ops, versions)
+            versions, rowids = self._read_versions(ops, fresh)
             try:
-                self._execute(steps, encoded, rowids)
+                steps = plan_bulk(ops, versions)
+            except VersionConflict:
+                if fresh is None:
+                    raise
+                # a key taken for new may be the first op that fails: the usual path names the right one
+                conn.execute("ROLLBACK")
+                return None
+            try:
+                missed = self._execute(steps, encoded, rowids, fresh)
             except sqlite3.IntegrityError as exc:
                 conn.execute("ROLLBACK")
+                if fresh is not None:
+                    return None
                 raise self._locate_unique_violation(exc, steps, encoded, many) from None
+            if missed:
+                conn.execute("ROLLBACK")
+                for collection in missed:  # its puts are read first for a while
+                    self._stale[collection] = self._writes + _STALE_WRITES
+                return None
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._after_commit()
-        return bulk_result(steps)
+        return steps
 
     def _after_commit(self) -> None:
         if self._erase_owed:
@@ -473,14 +547,20 @@ class SqliteStore(Store):
         if self._checkpointer is not None:
             self._checkpointer.after_commit(self._wconn)
 
-    def _read_versions(self, ops: list[WriteOp]) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
-        """The version and the rowid of every key of `ops` stored now, per collection (absent: not stored)."""
+    def _read_versions(
+        self, ops: list[WriteOp], fresh: dict[str, set[str]] | None = None
+    ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """The version and the rowid of every key of `ops` stored now, per collection (absent: not stored),
+        but for the `fresh` keys, which are not read (taken for absent)."""
         versions = {}
         rowids = {}
         execute = self._wconn.execute
         for collection, keys in keys_by_collection(ops).items():
             found: dict[str, int] = {}
             where: dict[str, int] = {}
+            skipped = fresh.get(collection) if fresh else None
+            if skipped:
+                keys = [key for key in keys if key not in skipped]
             for chunk in _chunks(keys):
                 placeholders, params = _in_list(chunk)
                 rows = execute(
@@ -496,44 +576,64 @@ class SqliteStore(Store):
         return versions, rowids
 
     def _execute(
-        self, steps: Sequence[Step], encoded: dict[int, str], rowids: dict[str, dict[str, int]] | None = None
-    ) -> None:
+        self,
+        steps: Sequence[Step],
+        encoded: dict[int, str],
+        rowids: dict[str, dict[str, int]] | None = None,
+        fresh: dict[str, set[str]] | None = None,
+    ) -> set[str]:
         """Run the steps in order, as few executemany calls as the order allows (one per run of the same
         statement): a write-behind batch of thousands of puts plus its checkpoint is two calls.
 
         `rowids`: where the keys read in this transaction are stored. A put or delete of such a key goes
         to its row directly (an update by rowid leaves the rowid as it is); every other put is an upsert
-        by key. A deleted key leaves `rowids`: a later put of it in the same batch inserts a new row."""
-        executemany = self._wconn.executemany
+        by key. A deleted key leaves `rowids`: a later put of it in the same batch inserts a new row.
+
+        `fresh`: keys not read, taken for absent; their puts insert only if the key is not stored. The
+        collections of such puts that found their key stored are returned (then the caller rolls back)."""
         statement: str | None = None
         rows: list[tuple] = []
         append = rows.append
         rowids = rowids or {}
+        fresh = fresh or {}
+        missed: set[str] = set()
+        # A run of _INSERT_NEW rows is one collection's, so a key found stored demotes that one alone.
+        run: str | None = None
         for op, index, before, after in steps:
-            where = rowids.get(op.collection)
+            collection = op.collection
+            where = rowids.get(collection)
             if after:  # a Put (a Delete leaves 0)
                 rowid = where.get(op.key) if where else None
-                if rowid is None:
-                    wanted, row = _UPSERT, (op.collection, op.key, after, encoded[index])
-                else:
+                if rowid is not None:
                     wanted, row = _UPDATE_ROW, (after, encoded[index], rowid)
+                else:
+                    keys = fresh.get(collection)
+                    wanted = _INSERT_NEW if keys and op.key in keys else _UPSERT
+                    row = (collection, op.key, after, encoded[index])
             elif before:
                 rowid = where.pop(op.key, None) if where else None
                 if rowid is None:
-                    wanted, row = _DELETE, (op.collection, op.key)
+                    wanted, row = _DELETE, (collection, op.key)
                 else:
                     wanted, row = _DELETE_ROW, (rowid,)
             else:
                 continue  # deleting an absent key
-            if wanted is not statement:
+            if wanted is not statement or (wanted is _INSERT_NEW and collection != run):
                 if rows:
-                    executemany(statement, rows)  # type: ignore[arg-type]
+                    self._run_rows(statement, rows, run, missed)  # type: ignore[arg-type]
                     rows = []
                     append = rows.append
                 statement = wanted
+                run = collection
             append(row)
         if rows:
-            executemany(statement, rows)  # type: ignore[arg-type]
+            self._run_rows(statement, rows, run, missed)  # type: ignore[arg-type]
+        return missed
+
+    def _run_rows(self, statement: str, rows: list[tuple], collection: str | None, missed: set[str]) -> None:
+        changed = self._wconn.executemany(statement, rows).rowcount
+        if statement is _INSERT_NEW and changed != len(rows):  # a key taken for new was stored
+            missed.add(collection)  # type: ignore[arg-type]
 
     def _locate_unique_violation(
         self, exc: sqlite3.IntegrityError, steps: Sequence[Step], encoded: dict[int, str], many: bool
