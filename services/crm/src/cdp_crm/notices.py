@@ -40,12 +40,11 @@ from cdp.privacy.v1 import privacy_pb2
 from cdp_crm.inbound.refused import letter_keys
 from cdp_crm.privacy import Privacy
 from cdp_crm.state import DEAD_LETTERS, ERASED, MERGES, PENDING, PERSONS, PRIVACY, RECORDS, TOMBSTONES
+from cdp_kit.bus.notices import requests_named
 from cdp_kit.storage import Delete, Put, Store
 
 log = logging.getLogger("cdp.crm.privacy")
 
-#: Request ids named in the log line (the rest counted).
-LOGGED_REQUESTS = 50
 #: Seconds between two repeats of an erasure a CRM did not take yet (then the last, again and again).
 BACKOFF = (1.0, 5.0, 15.0, 60.0)
 #: Persons read at once from the store.
@@ -116,15 +115,13 @@ async def fence(store: Store, privacy: Privacy, named: Mapping[str, str], now: f
             ops.append(Delete(MERGES, merge.key))  # a carry-over would write the person's values
     await store.bulk_write(ops)
     await store.erase()
-    shown = [key for key, _ in requests][:LOGGED_REQUESTS]
-    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    text, shown = requests_named(key for key, _ in requests)
     log.warning(
         "the store still holds %d persons privacy.deleted notices name (restored from before their deletion, "
-        "or an erasure waiting for a CRM) (requests %s%s): their views, queued changes and dead letters "
+        "or an erasure waiting for a CRM) (requests %s): their views, queued changes and dead letters "
         "erased, their inputs dropped; their CRM records are checked and erased where they still hold data",
         len(everyone),
-        ", ".join(shown),
-        more,
+        text,
         extra={"persons": len(everyone), "requests": len(requests), "request_ids": shown},
     )
     return requests

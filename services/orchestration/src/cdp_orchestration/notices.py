@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp_kit.bus import partition_for, subjects
+from cdp_kit.bus.notices import requests_named
 from cdp_kit.engine.outbox import outbox_collection
 from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put, Store
@@ -64,8 +65,6 @@ from cdp_orchestration.state import (
 
 log = logging.getLogger("cdp.orchestration.privacy")
 
-#: Request ids named in the log line (the rest counted).
-LOGGED_REQUESTS = 50
 #: Persons looked up at once.
 WINDOW = 64
 #: Records deleted in one write.
@@ -154,14 +153,12 @@ async def erase_noticed(
     ops += await _outbox_scrub(store, erased)
     await store.bulk_write(ops)
     await store.erase()  # the deletions are durable: leave no bytes of them in the store's files
-    shown = sorted(requests)[:LOGGED_REQUESTS]
-    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    text, shown = requests_named(requests)
     log.warning(
         "erased %d persons a restored store still held although privacy.deleted notices name them "
-        "(requests %s%s); nothing published again",
+        "(requests %s); nothing published again",
         len(found),
-        ", ".join(shown),
-        more,
+        text,
         extra={"erased": len(found), "requests": len(requests), "request_ids": shown, **counts},
     )
     return len(found)

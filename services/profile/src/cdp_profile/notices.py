@@ -16,12 +16,12 @@ Logged at WARNING: how many persons were erased and the notices' request ids, ne
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus.notices import requests_named, scrub_outbox
 from cdp_kit.bus.subjects import PROFILES_CHANGED_PREFIX
 from cdp_kit.storage import Delete, Put
 from cdp_profile.records import SCORES, TIMELINE, timeline_key, timeline_prefix
@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
 
 log = logging.getLogger("cdp.profile.privacy")
-
-#: Request ids named in the log line (the rest counted).
-LOGGED_REQUESTS = 50
 
 
 async def erase_noticed(
@@ -85,41 +82,37 @@ async def erase_noticed(
         ops.extend(await _outbox_scrub(engine, marked))
     await engine.commit({}, ops=ops)
     await engine.privacy.erase_files()
-    shown = sorted(requests)[:LOGGED_REQUESTS]
-    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    text, shown = requests_named(requests)
     log.warning(
         "erased %d persons a restored store still held although privacy.deleted notices name them "
-        "(requests %s%s); nothing published again",
+        "(requests %s); nothing published again",
         len(marked),
-        ", ".join(shown),
-        more,
+        text,
         extra={"erased": len(marked), "requests": len(requests), "request_ids": shown},
     )
     return len(marked)
 
 
 async def _outbox_scrub(engine: ProfileEngine, persons: set[str]) -> list[Put | Delete]:
-    """The partitioned inputs' outbox records rewritten without the changes of `persons`: a file copied
-    while the service ran may hold change messages not yet published, with the person's values, which the
-    inputs would publish when they start. The other persons' changes stay, under the same message ids."""
+    """The partitioned inputs' outbox records without the changes of `persons` (`cdp_kit.bus.notices.
+    scrub_outbox`): a file copied while the service ran may hold change messages not yet published, with the
+    person's values, which the inputs would publish when they start."""
+
+    def rewrite(subject: str, payload: bytes) -> tuple[bytes | None, set[str]] | None:
+        if not subject.startswith(PROFILES_CHANGED_PREFIX + "."):
+            return None
+        batch = profile_pb2.ProfileChangedBatch.FromString(payload)
+        gone = {change.person_id for change in batch.changes if change.person_id in persons}
+        if not gone:
+            return None
+        left = [change for change in batch.changes if change.person_id not in persons]
+        if not left:
+            return None, gone
+        batch.ClearField("changes")
+        batch.changes.extend(left)
+        return batch.SerializeToString(), gone
+
     ops: list[Put | Delete] = []
     for name in sorted({outbox for stream in engine.streams for outbox in stream.outboxes}):
-        async for record in engine.store.scan_all(name):
-            kept, changed = [], False
-            for message in record.doc.get("messages", []):
-                if message["subject"].startswith(PROFILES_CHANGED_PREFIX + "."):
-                    batch = profile_pb2.ProfileChangedBatch.FromString(base64.b64decode(message["payload"]))
-                    left = [change for change in batch.changes if change.person_id not in persons]
-                    if len(left) != len(batch.changes):
-                        changed = True
-                        if not left:
-                            continue
-                        batch.ClearField("changes")
-                        batch.changes.extend(left)
-                        message = {**message, "payload": base64.b64encode(batch.SerializeToString()).decode()}
-                kept.append(message)
-            if changed:
-                ops.append(
-                    Put(name, record.key, {**record.doc, "messages": kept}) if kept else Delete(name, record.key)
-                )
+        ops.extend(op for op, _ in await scrub_outbox(engine.store, name, rewrite))
     return ops

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cdp.scoring.v1 import scoring_pb2, scoring_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, events_resolved_stream, profiles_stream, scores_stream, subjects
-from cdp_kit.bus.notices import read_notices
+from cdp_kit.bus.notices import by_partition, read_notices
 from cdp_kit.errors import FailedPrecondition, Unavailable
 from cdp_kit.ownership import Ownership, ownership_from_settings
 from cdp_kit.person_export import export_service, replica_owners
@@ -35,7 +35,6 @@ from cdp_scoring.drift import DriftMonitor, check_and_alert, load_shipped_refere
 from cdp_scoring.engine import MODELS_CHANGED, SERVICE, ScoringEngine
 from cdp_scoring.export import export_person
 from cdp_scoring.modelstore import FolderModelStore, ObjectModelStore, parse_model_store, shipped_models
-from cdp_scoring.notices import by_partition
 from cdp_scoring.quality import RealisedQuality
 from cdp_scoring.schedule import Cron, every, parse_schedule
 from cdp_scoring.settings import ScoringSettings

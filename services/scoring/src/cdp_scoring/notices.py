@@ -22,13 +22,13 @@ were erased and the notices' request ids, never identifiers.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus import partition_for
+from cdp_kit.bus.notices import requests_named
+from cdp_kit.bus.notices import scrub_outbox as scrub
 from cdp_kit.engine.outbox import partition_prefix
 from cdp_kit.storage import Delete, Put
 from cdp_scoring.engine import FIELDS
@@ -37,17 +37,6 @@ if TYPE_CHECKING:
     from cdp_scoring.engine import ScoringEngine
 
 log = logging.getLogger("cdp.scoring.privacy")
-
-#: Request ids named in the log line (the rest counted).
-LOGGED_REQUESTS = 50
-
-
-def by_partition(named: Mapping[str, str], partitions: int) -> dict[int, dict[str, str]]:
-    """The persons notices name (person -> request id), by partition: each partition taken looks at its own."""
-    out: dict[int, dict[str, str]] = {}
-    for person, request_id in named.items():
-        out.setdefault(partition_for(person, partitions), {})[person] = request_id
-    return out
 
 
 async def erase_noticed(engine: ScoringEngine, named: Mapping[str, str], partition: int, outbox: str) -> int:
@@ -70,16 +59,14 @@ async def erase_noticed(engine: ScoringEngine, named: Mapping[str, str], partiti
         await engine.store.bulk_write(ops)
         await engine.store.erase()
     persons = found | {p for _, persons in scrubbed for p in persons}
-    requests = sorted({named[p] for p in persons})
-    shown = requests[:LOGGED_REQUESTS]
-    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    requests = {named[p] for p in persons}
+    text, shown = requests_named(requests)
     log.warning(
         "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
-        "name them (requests %s%s); nothing published again",
+        "name them (requests %s); nothing published again",
         len(persons),
         partition,
-        ", ".join(shown),
-        more,
+        text,
         extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
     )
     return len(persons)
@@ -88,34 +75,27 @@ async def erase_noticed(engine: ScoringEngine, named: Mapping[str, str], partiti
 async def scrub_outbox(
     engine: ScoringEngine, outbox: str, partition: int, named: Mapping[str, str]
 ) -> list[tuple[Put | Delete, set[str]]]:
-    """The partition's outbox records rewritten without the rows of `named` persons (each with the persons
-    taken out): a file copied while the service ran may hold scores not yet published, which the pipeline
-    publishes when it starts. The other persons' rows stay, under the same message ids."""
-    out: list[tuple[Put | Delete, set[str]]] = []
-    async for record in engine.store.scan_all(outbox, prefix=partition_prefix(partition)):
-        kept, taken = [], set()
-        for message in record.doc.get("messages", []):
-            batch = scoring_pb2.ScoresUpdatedBatch.FromString(base64.b64decode(message["payload"]))
-            gone = {p for b in (batch, *batch.more) for p in b.person_ids if p in named}
-            if gone:
-                taken |= gone
-                for columns in (batch, *batch.more):
-                    _drop_rows(columns, gone)
-                # The versions whose columns still hold a person; the first of them carries the others.
-                left = [columns for columns in (batch, *batch.more) if columns.person_ids]
-                if not left:
-                    continue
-                first = scoring_pb2.ScoresUpdatedBatch()
-                first.CopyFrom(left[0])
-                first.ClearField("more")
-                first.more.extend(left[1:])
-                batch = first
-                message = {**message, "payload": base64.b64encode(batch.SerializeToString()).decode()}
-            kept.append(message)
-        if taken:
-            op = Put(outbox, record.key, {**record.doc, "messages": kept}) if kept else Delete(outbox, record.key)
-            out.append((op, taken))
-    return out
+    """The partition's outbox records without the score rows of `named` persons (`cdp_kit.bus.notices.
+    scrub_outbox`): a copied file may hold scores not yet published, which the pipeline publishes at start."""
+
+    def rewrite(_subject: str, payload: bytes) -> tuple[bytes | None, set[str]] | None:
+        batch = scoring_pb2.ScoresUpdatedBatch.FromString(payload)
+        gone = {p for b in (batch, *batch.more) for p in b.person_ids if p in named}
+        if not gone:
+            return None
+        for columns in (batch, *batch.more):
+            _drop_rows(columns, gone)
+        # The versions whose columns still hold a person; the first of them carries the others.
+        left = [columns for columns in (batch, *batch.more) if columns.person_ids]
+        if not left:
+            return None, gone
+        first = scoring_pb2.ScoresUpdatedBatch()
+        first.CopyFrom(left[0])
+        first.ClearField("more")
+        first.more.extend(left[1:])
+        return first.SerializeToString(), gone
+
+    return await scrub(engine.store, outbox, rewrite, prefix=partition_prefix(partition))
 
 
 def _drop_rows(columns: scoring_pb2.ScoresUpdatedBatch, persons: set[str]) -> None:

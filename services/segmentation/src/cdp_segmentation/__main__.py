@@ -11,7 +11,7 @@ from nats.js.errors import NotFoundError
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_kit.bus import Bus, dead_letter_stream, owned_partitions, profiles_stream, segments_stream, subjects
 from cdp_kit.bus.consumer import describe_error
-from cdp_kit.bus.notices import read_notices
+from cdp_kit.bus.notices import by_partition, read_notices
 from cdp_kit.ownership import StaticOwnership, ownership_from_settings
 from cdp_kit.person_export import export_service, replica_owners
 from cdp_kit.profile_client import ProfileClient
@@ -22,7 +22,6 @@ from cdp_segmentation.engine import ANNOUNCE, SegmentationEngine
 from cdp_segmentation.export import export_person
 from cdp_segmentation.fields import computed_traits, deployed_models, field_sources, model_readers
 from cdp_segmentation.journeys import live_journeys
-from cdp_segmentation.notices import by_partition
 from cdp_segmentation.settings import SegmentationSettings
 from cdp_segmentation.stream import SERVICE, SegmentationStream, engine_spec
 from cdp_segmentation.summaries import SharedPercentiles

@@ -26,13 +26,13 @@ erased and the notices' request ids, never identifiers.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus import partition_for
+from cdp_kit.bus.notices import requests_named
+from cdp_kit.bus.notices import scrub_outbox as scrub
 from cdp_kit.engine.outbox import partition_prefix
 from cdp_kit.storage import Delete, Put
 
@@ -40,17 +40,6 @@ if TYPE_CHECKING:
     from cdp_segmentation.engine import SegmentationEngine
 
 log = logging.getLogger("cdp.segmentation.privacy")
-
-#: Request ids named in the log line (the rest counted).
-LOGGED_REQUESTS = 50
-
-
-def by_partition(named: Mapping[str, str], partitions: int) -> dict[int, dict[str, str]]:
-    """The persons notices name (person -> request id), by partition: each partition arriving looks at its own."""
-    out: dict[int, dict[str, str]] = {}
-    for person, request_id in named.items():
-        out.setdefault(partition_for(person, partitions), {})[person] = request_id
-    return out
 
 
 async def erase_noticed(engine: SegmentationEngine, named: Mapping[str, str], partition: int) -> int:
@@ -81,16 +70,14 @@ async def erase_noticed(engine: SegmentationEngine, named: Mapping[str, str], pa
         await engine.store.bulk_write(ops)
         await engine.store.erase()
     persons = found | {p for _, taken in scrubbed for p in taken}
-    requests = sorted({named[p] for p in persons})
-    shown = requests[:LOGGED_REQUESTS]
-    more = f" and {len(requests) - len(shown)} more" if len(requests) > len(shown) else ""
+    requests = {named[p] for p in persons}
+    text, shown = requests_named(requests)
     log.warning(
         "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
-        "name them (requests %s%s); nothing published again",
+        "name them (requests %s); nothing published again",
         len(persons),
         partition,
-        ", ".join(shown),
-        more,
+        text,
         extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
     )
     return len(persons)
@@ -99,24 +86,15 @@ async def erase_noticed(engine: SegmentationEngine, named: Mapping[str, str], pa
 async def scrub_outbox(
     engine: SegmentationEngine, outbox: str, partition: int, named: Mapping[str, str]
 ) -> list[tuple[Put | Delete, set[str]]]:
-    """The partition's outbox records rewritten without the transitions of `named` persons (each with the
-    persons taken out): a file copied while the service ran may hold transitions not yet published, which
-    the pipeline publishes when it starts. The others stay, under the same message ids."""
-    out: list[tuple[Put | Delete, set[str]]] = []
-    async for record in engine.store.scan_all(outbox, prefix=partition_prefix(partition)):
-        kept, taken = [], set()
-        for message in record.doc.get("messages", []):
-            batch = segmentation_pb2.SegmentEventBatch.FromString(base64.b64decode(message["payload"]))
-            gone = {e.person_id for e in batch.events if e.person_id in named}
-            if gone:
-                taken |= gone
-                left = segmentation_pb2.SegmentEventBatch(events=[e for e in batch.events if e.person_id not in gone])
-                if not left.events:
-                    continue
-                batch = left
-                message = {**message, "payload": base64.b64encode(batch.SerializeToString()).decode()}
-            kept.append(message)
-        if taken:
-            op = Put(outbox, record.key, {**record.doc, "messages": kept}) if kept else Delete(outbox, record.key)
-            out.append((op, taken))
-    return out
+    """The partition's outbox records without the transitions of `named` persons (`cdp_kit.bus.notices.
+    scrub_outbox`): a copied file may hold transitions not yet published, which the pipeline publishes."""
+
+    def rewrite(_subject: str, payload: bytes) -> tuple[bytes | None, set[str]] | None:
+        batch = segmentation_pb2.SegmentEventBatch.FromString(payload)
+        gone = {e.person_id for e in batch.events if e.person_id in named}
+        if not gone:
+            return None
+        left = segmentation_pb2.SegmentEventBatch(events=[e for e in batch.events if e.person_id not in gone])
+        return (left.SerializeToString() if left.events else None), gone
+
+    return await scrub(engine.store, outbox, rewrite, prefix=partition_prefix(partition))
