@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from cdp_kit.storage import open_store
 from cdp_kit.timestamps import from_seconds
 from cdp_testing.crm import hubspot_document
 from cdp_testing.processes import ServiceProcess
+from cdp_testing.store_files import copy_store, store_bytes
 from cdp_testing.waiting import eventually
 
 PARTITIONS = 2
@@ -66,19 +66,6 @@ def _process(tmp_path: Path, nats_url: str, base_url: str, policy: str) -> Servi
             "HUBSPOT_TOKEN": "pat-local-hubspot",
         },
     )
-
-
-def copy_store(source: Path, target: Path) -> None:
-    """The store file with its -wal and -shm, as an operator copies and restores it."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("crm.db*"):
-        old.unlink()
-    for path in source.glob("crm.db*"):
-        shutil.copy2(path, target / path.name)
-
-
-def held(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in directory.glob("crm.db*"))
 
 
 async def change(bus: Bus, person: str, n: int, **traits: str) -> None:
@@ -160,7 +147,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
         finally:
             process.stop()
         emulator.faults.clear()
-        copy_store(data, backup)
+        copy_store(data, backup, "crm.db")
         async with open_store(f"sqlite:///{backup / 'crm.db'}") as store:
             assert [r.doc["person_id"] async for r in store.scan_all(PENDING)] == ["p_ada"]
 
@@ -191,8 +178,8 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
 
         # 3. The copy from before the deletion restored (Ada's view, links and queued write in it); started;
         # a late change of Ada arrives, and one of Bob's.
-        copy_store(backup, data)
-        assert EMAIL.encode() in held(data) and NEW_EMAIL.encode() in held(data)
+        copy_store(backup, data, "crm.db")
+        assert EMAIL.encode() in store_bytes(data, "crm.db") and NEW_EMAIL.encode() in store_bytes(data, "crm.db")
         await asyncio.to_thread(process.start, 120)
         try:
             await change(bus, "p_ada", 4, first_name=LATE_NAME)
@@ -219,7 +206,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
         assert "req-ada-1" in log and EMAIL not in log
 
     # Nor left in the store's files; Bob kept.
-    files = held(data)
+    files = store_bytes(data, "crm.db")
     for value in (EMAIL, NEW_EMAIL, TASK, LATE_NAME):
         assert value.encode() not in files, value
     assert BOB_EMAIL.encode() in files

@@ -9,10 +9,7 @@ publishing nothing again; what its outbox holds for them is dropped, the rest pu
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -49,6 +46,8 @@ from cdp_orchestration.state import (
     STATS,
     TOMBSTONES,
 )
+from cdp_testing.store_files import copy_store, store_bytes
+from cdp_testing.waiting import until
 
 from .test_api import PARTITIONS, SLOW, definition, profile, settings
 
@@ -73,22 +72,6 @@ NOTE = {
         }
     ],
 }
-
-
-async def until(done, what: str) -> None:
-    deadline = time.monotonic() + 30  # a guard against waiting for ever, not a speed figure
-    while not await done():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(0.05)
-
-
-def copy_store(source: Path, target: Path) -> None:
-    """The store file with its -wal and -shm, as an operator copies and restores it."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("orchestration.db*"):
-        old.unlink()
-    for path in source.glob("orchestration.db*"):
-        shutil.copy2(path, target / path.name)
 
 
 def leftover_action(person: str, action_id: str, body: str) -> OutMessage:
@@ -156,7 +139,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
                 return True
 
             await until(sent, "both in-app messages delivered")
-        copy_store(data, backup)
+        copy_store(data, backup, "orchestration.db")
 
         # 2. Ada deleted (the notice handled and acknowledged); stopped.
         async with serving(config, setup) as runtime:
@@ -181,7 +164,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
         # 3. The store from before the deletion restored (copied while the service ran: its outbox still held
         # what the engine had not published yet - an in-app action for each of them, a timer of Ada's - and Ada
         # had an action held for approval); started.
-        copy_store(backup, data)
+        copy_store(backup, data, "orchestration.db")
         ada_partition = partition_for("p_ada", PARTITIONS)
         assert partition_for("p_cy", PARTITIONS) == ada_partition != partition_for("p_bob", PARTITIONS)
         ada_timer = streams.schedule(ada_partition, "w-ada", time.time() + 3600, {"w": "w-ada", "p": "p_ada"})
@@ -203,7 +186,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             restored = await held(store, "p_ada")
             parts = ("person", "instances", "decisions", "approvals", "sends", "inbox", "enrollments")
             assert all(restored[part] for part in parts)
-        assert NAME.encode() in b"".join(p.read_bytes() for p in data.glob("orchestration.db*"))
+        assert NAME.encode() in store_bytes(data, "orchestration.db")
 
         async with serving(config, setup) as runtime:
             store = runtime.parts["store"]
@@ -230,7 +213,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
         # Nothing published again: no new notice.
         assert (await bus.js.stream_info(subjects.PRIVACY)).state.messages == notices
     # Nor left in the files (the store erased after the deletions).
-    files = b"".join(p.read_bytes() for p in data.glob("orchestration.db*"))
+    files = store_bytes(data, "orchestration.db")
     assert NAME.encode() not in files
     assert b"Bye Bob" in files
 

@@ -8,11 +8,6 @@ notice names that its store still holds (the person and those merged into it), p
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import time
-from pathlib import Path
-
 import grpc
 import pytest
 
@@ -26,6 +21,8 @@ from cdp_kit.service import serving
 from cdp_kit.storage import open_store
 from cdp_profile.__main__ import setup
 from cdp_profile.settings import ProfileSettings
+from cdp_testing.store_files import copy_store, store_bytes
+from cdp_testing.waiting import until
 
 PARTITIONS = 2
 EMAIL = "ada-restored-zq-7731@example.com"  # a value found nowhere else
@@ -38,22 +35,6 @@ def identify(person: str, n: int, **traits) -> bytes:
     event.traits.update(traits)
     resolved = events_pb2.ResolvedEvent(event=event, person_id=person, identifiers=[f"user_id:{person}"])
     return events_pb2.ResolvedEventBatch(events=[resolved]).SerializeToString()
-
-
-async def until(done, what: str) -> None:
-    deadline = time.monotonic() + 30  # a guard against waiting for ever, not a speed figure
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(0.02)
-
-
-def copy_store(source: Path, target: Path) -> None:
-    """The store file with its -wal and -shm, as an operator copies and restores it."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("profile.db*"):
-        old.unlink()
-    for path in source.glob("profile.db*"):
-        shutil.copy2(path, target / path.name)
 
 
 def leftover_change(person: str, email: str, n: int) -> OutMessage:
@@ -110,7 +91,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             await bus.publisher.publish_batch([OutMessage(subject, merged.SerializeToString(), "merge:m1")])
             await until(lambda: engine.hot.root("p_ada_old") == "p_ada", "the merge applied")
             await engine.flush()
-        copy_store(data, backup)
+        copy_store(data, backup, "profile.db")
 
         # 2. Ada deleted; stopped.
         async with serving(settings, setup) as runtime:
@@ -128,13 +109,13 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
 
         # 3. The store from before the deletion restored (copied while the service ran, its outbox still
         # holding change messages not yet published: Ada's and Bob's); started.
-        copy_store(backup, data)
+        copy_store(backup, data, "profile.db")
         async with open_store(settings.store_url) as store:
             leftovers = [leftover_change("p_ada", EMAIL, 1), leftover_change("p_bob", "bob-new@example.com", 2)]
             record = put_record("profile_engine_outbox", partition_for("p_ada", PARTITIONS), 1, leftovers)
             await store.put(record.collection, record.key, record.doc)
         published = (await bus.js.stream_info("PROFILES")).state.last_seq
-        assert EMAIL.encode() in b"".join(p.read_bytes() for p in data.glob("profile.db*"))
+        assert EMAIL.encode() in store_bytes(data, "profile.db")
         async with serving(settings, setup) as runtime:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
                 stub = profile_pb2_grpc.ProfileServiceStub(channel)
@@ -148,6 +129,6 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
         after = await changes_after(bus, published)
         assert [(c.person_id, c.traits["email"].string_value) for c in after] == [("p_bob", "bob-new@example.com")]
     # Nor left in the files (the store's erase after the deletion's markers).
-    held = b"".join(p.read_bytes() for p in data.glob("profile.db*"))
+    held = store_bytes(data, "profile.db")
     assert EMAIL.encode() not in held and OLD_EMAIL.encode() not in held
     assert b"bob@example.com" in held

@@ -10,12 +10,8 @@ still holds, publishing nothing (not even the scores its outbox still held for t
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
-import shutil
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -37,6 +33,8 @@ from cdp_kit.service import serving
 from cdp_kit.storage import open_store
 from cdp_scoring.__main__ import setup
 from cdp_scoring.notices import scrub_outbox
+from cdp_testing.store_files import copy_store, store_bytes
+from cdp_testing.waiting import until
 
 from .conftest import settings
 
@@ -64,26 +62,6 @@ async def publish_change(bus: Bus, message: profile_pb2.ProfileChanged) -> int:
     subject = subjects.profiles_changed(partition_for(message.person_id, PARTITIONS))
     ack = await bus.js.publish(subject, profile_pb2.ProfileChangedBatch(changes=[message]).SerializeToString())
     return ack.seq
-
-
-async def until(done, what: str) -> None:
-    deadline = time.monotonic() + 30  # a guard against waiting for ever, not a speed figure
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(0.02)
-
-
-def copy_store(source: Path, target: Path) -> None:
-    """The store file with its -wal and -shm, as an operator copies and restores it."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("scoring.db*"):
-        old.unlink()
-    for path in source.glob("scoring.db*"):
-        shutil.copy2(path, target / path.name)
-
-
-def held_bytes(folder: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in folder.glob("scoring.db*"))
 
 
 def leftover_scores(persons: list[str], n: int) -> OutMessage:
@@ -144,8 +122,10 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
                 lambda: all(engine.fields.get(p, {}).get("traits.email") == e for p, e in PERSONS.items()), "fields"
             )
             await runtime.parts["stream"].snapshot_now()
-        copy_store(data, backup)
-        assert EMAIL.encode() in held_bytes(backup) and OLD_EMAIL.encode() in held_bytes(backup)
+        copy_store(data, backup, "scoring.db")
+        assert EMAIL.encode() in store_bytes(backup, "scoring.db") and OLD_EMAIL.encode() in store_bytes(
+            backup, "scoring.db"
+        )
 
         # 2. Ada moves (a change after the copy's checkpoint). Ada-old merged into Ada, then Ada deleted, as
         # profile publishes them: the merge's and the deletion's `removed` changes on profiles.changed, the
@@ -168,7 +148,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             removed_at = await publish_change(bus, change("p_ada", cause="delete", removed=True))
             await until(lambda: "p_ada" not in engine.fields and "p_ada_old" not in engine.fields, "the removals")
             await runtime.parts["stream"].snapshot_now()
-        assert EMAIL.encode() not in held_bytes(data)  # the deletion as it happens: erased
+        assert EMAIL.encode() not in store_bytes(data, "scoring.db")  # the deletion as it happens: erased
         # The removed change ages out of PROFILES (its retention is days; the notice's is for ever).
         await bus.js.delete_msg(subjects.PROFILES, removed_at)
         if consumers == "lost":  # created again at the restored checkpoint: Ada's move is delivered anew
@@ -177,7 +157,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
 
         # 3. The store from before the deletion restored (copied while the service ran, its outbox still
         # holding scores not yet published: Ada's and Bob's, in one message); started.
-        copy_store(backup, data)
+        copy_store(backup, data, "scoring.db")
         async with open_store(config.store_url) as store:
             leftovers = [leftover_scores(["p_ada", "p_bob"], 1), leftover_scores(["p_ada"], 2)]
             record = put_record("scoring_engine_outbox", partition_for("p_ada", PARTITIONS), 1, leftovers)
@@ -214,7 +194,7 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             assert "p_bob" in runtime.parts["engine"].fields and "p_ada" not in runtime.parts["engine"].fields
         assert [r for r in caplog.records if r.name == "cdp.scoring.privacy"] == []
     # Nor left in the files.
-    held = held_bytes(data)
+    held = store_bytes(data, "scoring.db")
     assert EMAIL.encode() not in held and OLD_EMAIL.encode() not in held and CITY.encode() not in held
     assert b"p_ada" not in held
     assert BOB_EMAIL.encode() in held

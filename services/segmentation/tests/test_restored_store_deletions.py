@@ -11,11 +11,7 @@ person was deleted), not the transitions its outbox held for them."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import shutil
-import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -29,6 +25,8 @@ from cdp_kit.service import serving
 from cdp_kit.storage import open_store
 from cdp_segmentation.__main__ import setup
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.store_files import copy_store, store_bytes
+from cdp_testing.waiting import until
 
 PARTITIONS = 2
 EMAIL = "ada-segmentation-restored-kx-8812@example.com"  # values found nowhere else
@@ -48,26 +46,6 @@ async def publish_change(bus: Bus, message: profile_pb2.ProfileChanged) -> int:
     subject = subjects.profiles_changed(partition_for(message.person_id, PARTITIONS))
     ack = await bus.js.publish(subject, profile_pb2.ProfileChangedBatch(changes=[message]).SerializeToString())
     return ack.seq
-
-
-async def until(done, what: str) -> None:
-    deadline = time.monotonic() + 30  # a guard against waiting for ever, not a speed figure
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
-        await asyncio.sleep(0.02)
-
-
-def copy_store(source: Path, target: Path) -> None:
-    """The store file with its -wal and -shm, as an operator copies and restores it."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("segmentation.db*"):
-        old.unlink()
-    for path in source.glob("segmentation.db*"):
-        shutil.copy2(path, target / path.name)
-
-
-def held_bytes(folder: Path) -> bytes:
-    return b"".join(path.read_bytes() for path in folder.glob("segmentation.db*"))
 
 
 def leftover_entries(persons: list[str], n: int) -> OutMessage:
@@ -125,8 +103,10 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
                 await publish_change(bus, message)
             await until(lambda: engine.members.get("pro", set()) == set(PERSONS), "the memberships")
             await runtime.parts["stream"].snapshot()
-        copy_store(data, backup)
-        assert EMAIL.encode() in held_bytes(backup) and OLD_EMAIL.encode() in held_bytes(backup)
+        copy_store(data, backup, "segmentation.db")
+        assert EMAIL.encode() in store_bytes(backup, "segmentation.db") and OLD_EMAIL.encode() in store_bytes(
+            backup, "segmentation.db"
+        )
 
         # 2. Ada moves (a change the restored snapshot does not include: its partition's replay reads it
         # from PROFILES). Ada-old merged into Ada, then Ada deleted, as profile publishes them: the merge's
@@ -150,13 +130,13 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             removed_at = await publish_change(bus, change("p_ada", cause="delete", removed=True))
             await until(lambda: engine.members.get("pro") == {"p_bob"} and "p_ada" not in engine.persons, "removals")
             await runtime.parts["stream"].snapshot()
-        assert EMAIL.encode() not in held_bytes(data)  # the deletion as it happens: erased
+        assert EMAIL.encode() not in store_bytes(data, "segmentation.db")  # the deletion as it happens: erased
         if aged_out:  # the removed change ages out of PROFILES (its retention is days; the notice's is for ever)
             await bus.js.delete_msg(subjects.PROFILES, removed_at)
 
         # 3. The store from before the deletion restored (copied while the service ran, its outbox still
         # holding transitions not yet published: Ada's and Bob's entries, in one message); started.
-        copy_store(backup, data)
+        copy_store(backup, data, "segmentation.db")
         async with open_store(settings.store_url) as store:
             leftover = leftover_entries(["p_ada", "p_bob"], 1)
             record = put_record("segmentation_engine_outbox", partition_for("p_ada", PARTITIONS), 1, [leftover])
@@ -186,6 +166,6 @@ async def test_a_store_restored_from_before_a_deletion_does_not_bring_the_person
             assert "p_bob" in runtime.parts["engine"].persons and "p_ada" not in runtime.parts["engine"].persons
         assert [r for r in caplog.records if r.name == "cdp.segmentation.privacy"] == []
     # Nor left in the files.
-    held = held_bytes(data)
+    held = store_bytes(data, "segmentation.db")
     assert EMAIL.encode() not in held and OLD_EMAIL.encode() not in held and CITY.encode() not in held
     assert BOB_EMAIL.encode() in held

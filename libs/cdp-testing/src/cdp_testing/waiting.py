@@ -28,3 +28,12 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s")
         await asyncio.sleep(every)
+
+
+async def until(done: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """`eventually`, asked every 20 ms for at most `timeout` seconds (a guard against waiting for ever, not a
+    speed figure), whose AssertionError says what was waited for."""
+    try:
+        return await eventually(done, timeout=timeout, every=0.02)
+    except AssertionError:
+        raise AssertionError(f"timed out waiting for: {what}") from None
