@@ -27,8 +27,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cdp.scoring.v1 import scoring_pb2
-from cdp_kit.bus.notices import requests_named
 from cdp_kit.bus.notices import scrub_outbox as scrub
+from cdp_kit.bus.notices import write_partition_erasure
 from cdp_kit.engine.outbox import partition_prefix
 from cdp_kit.storage import Delete, Put
 from cdp_scoring.engine import FIELDS
@@ -52,24 +52,7 @@ async def erase_noticed(engine: ScoringEngine, named: Mapping[str, str], partiti
         held.forget(found.__contains__)
     ops: list[Put | Delete] = [Delete(FIELDS, p) for p in sorted(stored)]
     scrubbed = await scrub_outbox(engine, outbox, partition, named)
-    ops.extend(op for op, _ in scrubbed)
-    if not found and not scrubbed:
-        return 0
-    if ops:
-        await engine.store.bulk_write(ops)
-        await engine.store.erase()
-    persons = found | {p for _, persons in scrubbed for p in persons}
-    requests = {named[p] for p in persons}
-    text, shown = requests_named(requests)
-    log.warning(
-        "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
-        "name them (requests %s); nothing published again",
-        len(persons),
-        partition,
-        text,
-        extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
-    )
-    return len(persons)
+    return await write_partition_erasure(engine.store, ops, found, scrubbed, dict(named), partition, log)
 
 
 async def scrub_outbox(

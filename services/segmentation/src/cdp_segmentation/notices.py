@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cdp.segmentation.v1 import segmentation_pb2
-from cdp_kit.bus.notices import requests_named
 from cdp_kit.bus.notices import scrub_outbox as scrub
+from cdp_kit.bus.notices import write_partition_erasure
 from cdp_kit.engine.outbox import partition_prefix
 from cdp_kit.storage import Delete, Put
 
@@ -63,24 +63,7 @@ async def erase_noticed(engine: SegmentationEngine, named: Mapping[str, str], pa
     scrubbed: list[tuple[Put | Delete, set[str]]] = []
     if engine.stream is not None:
         scrubbed = await scrub_outbox(engine, engine.stream.outbox, partition, named)
-    ops.extend(op for op, _ in scrubbed)
-    if not found and not scrubbed:
-        return 0
-    if ops:
-        await engine.store.bulk_write(ops)
-        await engine.store.erase()
-    persons = found | {p for _, taken in scrubbed for p in taken}
-    requests = {named[p] for p in persons}
-    text, shown = requests_named(requests)
-    log.warning(
-        "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
-        "name them (requests %s); nothing published again",
-        len(persons),
-        partition,
-        text,
-        extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
-    )
-    return len(persons)
+    return await write_partition_erasure(engine.store, ops, found, scrubbed, dict(named), partition, log)
 
 
 async def scrub_outbox(

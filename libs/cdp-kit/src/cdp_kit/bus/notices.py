@@ -122,3 +122,35 @@ async def scrub_outbox(
             op = Put(outbox, record.key, {**record.doc, "messages": kept}) if kept else Delete(outbox, record.key)
             out.append((op, taken))
     return out
+
+
+async def write_partition_erasure(
+    store,
+    ops: list[Put | Delete],
+    found: set[str],
+    scrubbed: list[tuple[Put | Delete, set[str]]],
+    named: dict[str, str],
+    partition: int,
+    log: logging.Logger,
+) -> int:
+    """A partition's erasure of restored deleted persons made durable: `ops` (their records) and the outbox
+    rewrites `scrubbed`, written together, the files erased, and one WARNING naming the requests (never
+    the persons); the number of persons erased (`found`, held in memory, and those only the outbox had)."""
+    ops = [*ops, *(op for op, _ in scrubbed)]
+    if not found and not scrubbed:
+        return 0
+    if ops:
+        await store.bulk_write(ops)
+        await store.erase()
+    persons = found | {p for _, taken in scrubbed for p in taken}
+    requests = {named[p] for p in persons}
+    text, shown = requests_named(requests)
+    log.warning(
+        "erased %d persons of partition %d a restored store still held although privacy.deleted notices "
+        "name them (requests %s); nothing published again",
+        len(persons),
+        partition,
+        text,
+        extra={"partition": partition, "erased": len(persons), "requests": len(requests), "request_ids": shown},
+    )
+    return len(persons)
