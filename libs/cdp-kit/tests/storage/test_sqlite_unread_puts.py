@@ -95,3 +95,15 @@ async def test_a_key_deleted_and_put_again_in_one_write_starts_at_version_one(tm
         )
         assert (result.versions, result.deleted) == ((0, 1, 1), 1)
         assert await store.get("outbox", "o1") == Record("o1", 1, {"n": 3})
+
+
+KEYS = ['quote"d', "back\\slash", "Zoë", "雪", "🙂 emoji", "tab\there", "line\u2028sep", "1", "null", "[1]"]
+
+
+async def test_keys_of_any_characters_are_read_and_versioned(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "cdp.db") as store:
+        await store.bulk_write([Put("odd", key, {"k": key}) for key in KEYS])
+        result = await store.bulk_write([Put("odd", key, {"k": key}, expected_version=1) for key in KEYS])
+        assert result.versions == (2,) * len(KEYS)
+        assert await store.get_many("odd", [*KEYS, "absent"]) == {key: Record(key, 2, {"k": key}) for key in KEYS}
+        assert (await store.bulk_write([Delete("odd", key, expected_version=2) for key in KEYS])).deleted == len(KEYS)

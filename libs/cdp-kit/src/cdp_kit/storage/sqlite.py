@@ -130,11 +130,11 @@ T = TypeVar("T")
 log = logging.getLogger("cdp.storage")
 
 SCHEMA_VERSION = 1
-# Well under SQLite's default 32766 bound-parameter limit, and small enough that IN lists stay cheap.
+# Keys looked up per statement (one JSON array each: see _KEYS_IN).
 _CHUNK = 500
 _ERASE_ATTEMPTS = 5
-# Compiled statements each connection keeps (sqlite3's default is 128): up to ten key lookups per
-# collection, plus the few fixed statements.
+# Compiled statements each connection keeps (sqlite3's default is 128): two key lookups per collection,
+# plus the few fixed statements.
 _STATEMENT_CACHE = 512
 # An erase rebuilds a store file up to this size (VACUUM): see "Erasure" above.
 _ERASE_REBUILD_MAX_BYTES = 256 * 1024 * 1024
@@ -195,19 +195,19 @@ def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
 
 
 # A lookup of keys names its collection as a literal (names are validated to [A-Za-z0-9_.-], so safe to
-# quote inline) and binds its IN list as the next power of two of placeholders, the rest NULL (which
-# matches nothing). A bound collection made SQLite compile the statement again on every run: with a
-# partial index declared, the plan of `collection = ? AND key IN (...)` depends on the bound value, so
-# binding one expires the statement (sqlite3_stmt_status REPREPARE counted one per run). With the literal
-# the compiled statement is reused, and the padding keeps a collection's lookups to ten statement texts,
-# which stay in the connection's statement cache (_STATEMENT_CACHE).
-_IN_LISTS = {1 << bits: ", ".join("?" * (1 << bits)) for bits in range((_CHUNK - 1).bit_length() + 1)}
+# quote inline) and binds its keys as one JSON array, read by json_each. A bound collection made SQLite
+# compile the statement again on every run: with a partial index declared, the plan of
+# `collection = ? AND key IN (...)` depends on the bound value, so binding one expires the statement
+# (sqlite3_stmt_status REPREPARE counted one per run). With the literal the compiled statement is reused,
+# and one array keeps a collection's lookups to one statement text, which stays in the connection's
+# statement cache (_STATEMENT_CACHE). (Before, an IN list of placeholders padded with NULLs to the next
+# power of two did that: the padding cost a tenth more per key than the array.)
+_KEYS_IN = "key IN (SELECT value FROM json_each(?))"
 
 
-def _in_list(keys: Sequence[str]) -> tuple[str, tuple[str | None, ...]]:
-    """The placeholders of an IN list of `keys` and the keys padded with NULLs to their count."""
-    size = 1 << (len(keys) - 1).bit_length()
-    return _IN_LISTS[size], (*keys, *(None,) * (size - len(keys)))
+def _key_array(keys: Sequence[str]) -> tuple[str]:
+    """The parameter of _KEYS_IN: `keys` as a JSON array."""
+    return (orjson.dumps(list(keys)).decode("utf-8"),)
 
 
 class SqliteStore(Store):
@@ -380,11 +380,9 @@ class SqliteStore(Store):
         try:
             found = {}
             for chunk in _chunks(keys):
-                placeholders, params = _in_list(chunk)
                 rows = conn.execute(
-                    f"SELECT key, version, doc FROM documents WHERE collection = '{collection}' "
-                    f"AND key IN ({placeholders})",
-                    params,
+                    f"SELECT key, version, doc FROM documents WHERE collection = '{collection}' AND {_KEYS_IN}",
+                    _key_array(chunk),
                 )
                 for row in rows:
                     found[row[0]] = self._record(row)
@@ -430,7 +428,7 @@ class SqliteStore(Store):
         return await self._run(self._reader, self._scan_sync, collection, keys, limit)
 
     def _scan_sync(self, collection: str, keys: KeyRange, limit: int) -> Page:
-        clauses: list[str] = [f"collection = '{collection}'"]  # a literal: see _in_list
+        clauses: list[str] = [f"collection = '{collection}'"]  # a literal: see _KEYS_IN
         params: list[str] = []
         for clause, bound in (("key > ?", keys.after), ("key >= ?", keys.start), ("key < ?", keys.end)):
             if bound is not None:
@@ -562,11 +560,9 @@ class SqliteStore(Store):
             if skipped:
                 keys = [key for key in keys if key not in skipped]
             for chunk in _chunks(keys):
-                placeholders, params = _in_list(chunk)
                 rows = execute(
-                    f"SELECT key, version, rowid FROM documents WHERE collection = '{collection}' "
-                    f"AND key IN ({placeholders})",
-                    params,
+                    f"SELECT key, version, rowid FROM documents WHERE collection = '{collection}' AND {_KEYS_IN}",
+                    _key_array(chunk),
                 ).fetchall()
                 # both mappings made in C, without a Python step per row
                 found.update(zip(map(_FIRST, rows), map(_SECOND, rows), strict=True))
