@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -277,3 +278,19 @@ async def test_a_file_that_is_not_a_sqlite_database_stops_start_up_naming_the_fi
         SqliteStore(path)
     assert str(path) in str(caught.value)
     assert "restore it from a backup" in str(caught.value) and "aside" in str(caught.value)
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)
+
+
+async def test_the_log_is_copied_into_the_database_by_the_commits_and_stays_bounded(tmp_path: Path) -> None:
+    """SQLite's own checkpoints (no background thread): the commit that passes the mark copies the log
+    into the database file, and the log starts again from its beginning, so it stays near the mark."""
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as store:
+        for i in range(240):  # ~24 MB of log in 240 commits: past the mark of 4000 pages (~16 MB)
+            await store.put("profiles", f"p{i}", {"bio": f"{i:05d}" * 20_000})
+        assert file_size(path) > 8 * 1024 * 1024  # copied by a commit, not only logged
+        assert file_size(f"{path}-wal") < 17 * 1024 * 1024  # reused from its start: the mark plus a commit
+        assert (await store.get("profiles", "p0")).doc["bio"] == "00000" * 20_000  # type: ignore[union-attr]

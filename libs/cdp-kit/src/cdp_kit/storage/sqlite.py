@@ -29,7 +29,8 @@ checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also s
 an fsync per commit.
 
 Checkpoints (copying the log into the database file) are SQLite's own by default: inside the commit that
-crosses 1000 pages of log. ``background_checkpoints=True`` runs them on a thread of their own instead (see
+crosses 4000 pages (~16 MB) of log (`_AUTOCHECKPOINT_PAGES`; SQLite's default of 1000 cost commits ~25 %
+more CPU). ``background_checkpoints=True`` runs them on a thread of their own instead (see
 `cdp_kit.storage.sqlite_wal`): a commit then pays for one only when the log has passed `wal_max_bytes`
 (64 MiB by default; a reader holding a snapshot open keeps checkpoints from copying), when it truncates
 the log itself, waiting for readers up to busy_timeout, so the -wal file stays under that bound plus one
@@ -136,6 +137,12 @@ _ERASE_ATTEMPTS = 5
 # Compiled statements each connection keeps (sqlite3's default is 128): two key lookups per collection,
 # plus the few fixed statements.
 _STATEMENT_CACHE = 512
+# SQLite's own checkpoints (the default, see "Checkpoints" above) run in the commit that passes this many
+# pages of log (SQLite's default is 1000). A round copies each page once however often it was written
+# since the last, and pays its fsyncs once: at 4000 commits spent ~20 % less CPU (~1 us a row of 300-row
+# bulk writes). 4000 frames still fit one block of the WAL index, so reads find pages as fast; the log
+# file grows to ~16 MB (+ the last transaction) instead of ~4 MB.
+_AUTOCHECKPOINT_PAGES = 4000
 # An erase rebuilds a store file up to this size (VACUUM): see "Erasure" above.
 _ERASE_REBUILD_MAX_BYTES = 256 * 1024 * 1024
 
@@ -311,6 +318,8 @@ class SqliteStore(Store):
             if self._checkpointer is not None:
                 for setting in self._checkpointer.writer_settings():
                     conn.execute(setting)
+            else:
+                conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found > SCHEMA_VERSION:
                 raise FailedPrecondition(
