@@ -107,3 +107,36 @@ async def test_keys_of_any_characters_are_read_and_versioned(tmp_path: Path) -> 
         assert result.versions == (2,) * len(KEYS)
         assert await store.get_many("odd", [*KEYS, "absent"]) == {key: Record(key, 2, {"k": key}) for key in KEYS}
         assert (await store.bulk_write([Delete("odd", key, expected_version=2) for key in KEYS])).deleted == len(KEYS)
+
+
+async def test_a_put_expecting_a_version_the_key_has_left_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "cdp.db") as store:
+        await store.bulk_write([Put("profiles", f"p{i}", {"n": 0}) for i in range(3)])
+        await store.put("profiles", "p1", {"n": 1})  # p1 is at 2 now
+        with pytest.raises(VersionConflict) as caught:
+            await store.bulk_write([Put("profiles", f"p{i}", {"n": "late"}, expected_version=1) for i in range(3)])
+        assert (caught.value.key, caught.value.op_index, caught.value.expected, caught.value.actual) == ("p1", 1, 1, 2)
+        with pytest.raises(VersionConflict) as caught:
+            await store.put("profiles", "gone", {"n": 0}, expected_version=4)
+        assert (caught.value.expected, caught.value.actual) == (4, 0)
+        assert await store.get_many("profiles", ["p0", "p1", "p2", "gone"]) == {
+            "p0": Record("p0", 1, {"n": 0}),
+            "p1": Record("p1", 2, {"n": 1}),
+            "p2": Record("p2", 1, {"n": 0}),
+        }
+        result = await store.bulk_write(
+            [Put("profiles", f"p{i}", {"n": "next"}, expected_version=v) for i, v in ((0, 1), (1, 2))]
+        )
+        assert result.versions == (2, 3)
+
+
+async def test_of_two_stores_on_one_file_writing_from_one_version_the_second_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cdp.db"
+    async with SqliteStore(path) as one, SqliteStore(path) as two:
+        await one.put("leases", "job", {"owner": None})
+        assert await one.put("leases", "job", {"owner": "one"}, expected_version=1) == 2
+        with pytest.raises(VersionConflict) as caught:
+            await two.put("leases", "job", {"owner": "two"}, expected_version=1)
+        assert caught.value.actual == 2
+        assert await two.put("leases", "job", {"owner": "two"}, expected_version=2) == 3
+        assert await one.get("leases", "job") == Record("job", 3, {"owner": "two"})

@@ -69,12 +69,13 @@ messages), logged at ERROR and shown by `cdp.storage` until the store is closed
 
 Bulk writes are all-or-nothing in one transaction: version checks run against versions read inside the
 transaction before anything is written; a unique-index violation rolls everything back and is then
-pinpointed by replaying the ops one by one in a transaction that is rolled back too. A put that needs no
-version read to be checked - no expected version, or expecting none - of a key no other op of the write
-names is taken for a new key when its collection's such puts have all been new lately (timeline entries,
-outbox records): it is inserted only if absent, unread, and if one finds its key stored after all (or a
-unique index or a version check fails) the transaction is rolled back and made again the usual way, and
-that collection's puts are read first for the next 256 writes. That saves a version read per new key.
+pinpointed by replaying the ops one by one in a transaction that is rolled back too. A put of a key no
+other op of the write names is not read first while its collection's unread puts have all held lately:
+one without an expected version (or expecting none) is taken for a new key (timeline entries, outbox
+records) and inserted only if absent; one expecting version n updates the key's row only if it is still
+at n (the version check in the UPDATE itself). If one of them changes no row (or a unique index or a
+version check fails), the transaction is rolled back and made again the usual way, every key read, and
+that collection's puts are read first for the next 256 writes. That saves a version read per such put.
 """
 
 from __future__ import annotations
@@ -173,6 +174,20 @@ _INSERT_NEW = (
 )
 # A collection whose put found its key stored has its puts read first for this many bulk writes.
 _STALE_WRITES = 256
+# A put of a key not read first, taken to be at the version the op expects: updates the row only if it is
+# still at that version. The collection is a literal (see _KEYS_IN), one statement text per collection.
+_UPDATES_IF: dict[str, str] = {}
+
+
+def _update_if(collection: str) -> str:
+    statement = _UPDATES_IF.get(collection)
+    if statement is None:
+        statement = _UPDATES_IF[collection] = (
+            f"UPDATE documents SET version = ?, doc = ? WHERE collection = '{collection}' AND key = ? AND version = ?"
+        )
+    return statement
+
+
 # A key the transaction has read is written through its rowid: one table lookup instead of an index
 # lookup, plus (for a put) the failed insert an upsert tries first. Its collection and key stay as they
 # are, so no index of the key is touched.
@@ -484,14 +499,16 @@ class SqliteStore(Store):
         self._after_commit()
         return bulk_result(steps)
 
-    def _fresh_candidates(self, ops: list[WriteOp]) -> dict[str, set[str]] | None:
-        """The keys of `ops` written as new without reading their versions first, per collection: a
-        Put without an expected version (or expecting none) of a collection whose such puts have all
-        been new lately, whose key no other op of `ops` names. Most are new keys (timeline entries,
-        outbox records); one that turns out to be stored sends the whole write down the usual path."""
+    def _fresh_candidates(self, ops: list[WriteOp]) -> dict[str, dict[str, int]] | None:
+        """The keys of `ops` written without reading their versions first, per collection, each with the
+        version it is taken to be at (0: absent): a Put whose key no other op of `ops` names, of a
+        collection whose unread puts have all held lately. One without an expected version (or expecting
+        none) is taken for new - most are (timeline entries, outbox records); one expecting version n is
+        taken to be at n - it is unless someone else wrote first. One that does not hold sends the whole
+        write down the usual path."""
         stale = self._stale
         writes = self._writes
-        fresh: dict[str, set[str]] = {}
+        fresh: dict[str, dict[str, int]] = {}
         named: dict[str, dict[str, int]] = {}
         for op in ops:
             collection = op.collection
@@ -500,23 +517,24 @@ class SqliteStore(Store):
                 seen = named[collection] = {}
             key = op.key
             seen[key] = seen.get(key, 0) + 1
-            if type(op) is Put and not op.expected_version and stale.get(collection, 0) <= writes:
+            if type(op) is Put and stale.get(collection, 0) <= writes:
                 keys = fresh.get(collection)
                 if keys is None:
-                    keys = fresh[collection] = set()
-                keys.add(key)
+                    keys = fresh[collection] = {}
+                keys[key] = op.expected_version or 0
         for collection, keys in fresh.items():
             seen = named[collection]
-            keys.difference_update([key for key in keys if seen[key] > 1])
+            for key in [key for key in keys if seen[key] > 1]:
+                del keys[key]
         return {collection: keys for collection, keys in fresh.items() if keys} or None
 
     def _transaction(
-        self, ops: list[WriteOp], encoded: dict[int, str], many: bool, fresh: dict[str, set[str]] | None
+        self, ops: list[WriteOp], encoded: dict[int, str], many: bool, fresh: dict[str, dict[str, int]] | None
     ) -> list[Step] | None:
         """Write `ops` in one transaction and return their steps. With `fresh` (see _fresh_candidates)
-        those keys are inserted as new, without a version read: None, and nothing written, when one of
-        them was stored (or when a unique index refused a row, which is then told apart on the usual
-        path, where every key's doc is written as the op says)."""
+        those keys are written without a version read: None, and nothing written, when one of them was
+        not at the version it was taken to be at (or when a unique index refused a row or a version
+        check failed, which is then told apart on the usual path, where every key is read)."""
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -555,10 +573,10 @@ class SqliteStore(Store):
             self._checkpointer.after_commit(self._wconn)
 
     def _read_versions(
-        self, ops: list[WriteOp], fresh: dict[str, set[str]] | None = None
+        self, ops: list[WriteOp], fresh: dict[str, dict[str, int]] | None = None
     ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
         """The version and the rowid of every key of `ops` stored now, per collection (absent: not stored),
-        but for the `fresh` keys, which are not read (taken for absent)."""
+        but for the `fresh` keys, which are not read: taken to be at their version there."""
         versions = {}
         rowids = {}
         execute = self._wconn.execute
@@ -568,6 +586,7 @@ class SqliteStore(Store):
             skipped = fresh.get(collection) if fresh else None
             if skipped:
                 keys = [key for key in keys if key not in skipped]
+                found.update((key, version) for key, version in skipped.items() if version)
             for chunk in _chunks(keys):
                 rows = execute(
                     f"SELECT key, version, rowid FROM documents WHERE collection = '{collection}' AND {_KEYS_IN}",
@@ -585,7 +604,7 @@ class SqliteStore(Store):
         steps: Sequence[Step],
         encoded: dict[int, str],
         rowids: dict[str, dict[str, int]] | None = None,
-        fresh: dict[str, set[str]] | None = None,
+        fresh: dict[str, dict[str, int]] | None = None,
     ) -> set[str]:
         """Run the steps in order, as few executemany calls as the order allows (one per run of the same
         statement): a write-behind batch of thousands of puts plus its checkpoint is two calls.
@@ -594,16 +613,20 @@ class SqliteStore(Store):
         to its row directly (an update by rowid leaves the rowid as it is); every other put is an upsert
         by key. A deleted key leaves `rowids`: a later put of it in the same batch inserts a new row.
 
-        `fresh`: keys not read, taken for absent; their puts insert only if the key is not stored. The
-        collections of such puts that found their key stored are returned (then the caller rolls back)."""
+        `fresh`: keys not read, taken to be at a version; their puts insert only if the key is not stored
+        (version 0), or update only the row of the key at that version. The collections of such puts that
+        changed no row are returned (then the caller rolls back)."""
         statement: str | None = None
         rows: list[tuple] = []
         append = rows.append
         rowids = rowids or {}
         fresh = fresh or {}
         missed: set[str] = set()
-        # A run of _INSERT_NEW rows is one collection's, so a key found stored demotes that one alone.
+        # A run of unread puts (_INSERT_NEW, _update_if) is one collection's and is checked: when it
+        # changed fewer rows than it has, that collection alone is demoted.
         run: str | None = None
+        checked = False
+        check = False
         for op, index, before, after in steps:
             collection = op.collection
             where = rowids.get(collection)
@@ -613,8 +636,14 @@ class SqliteStore(Store):
                     wanted, row = _UPDATE_ROW, (after, encoded[index], rowid)
                 else:
                     keys = fresh.get(collection)
-                    wanted = _INSERT_NEW if keys and op.key in keys else _UPSERT
-                    row = (collection, op.key, after, encoded[index])
+                    if not keys or op.key not in keys:
+                        wanted, row = _UPSERT, (collection, op.key, after, encoded[index])
+                    elif before:
+                        wanted, row = _update_if(collection), (after, encoded[index], op.key, before)
+                        check = True
+                    else:
+                        wanted, row = _INSERT_NEW, (collection, op.key, after, encoded[index])
+                        check = True
             elif before:
                 rowid = where.pop(op.key, None) if where else None
                 if rowid is None:
@@ -623,22 +652,25 @@ class SqliteStore(Store):
                     wanted, row = _DELETE_ROW, (rowid,)
             else:
                 continue  # deleting an absent key
-            if wanted is not statement or (wanted is _INSERT_NEW and collection != run):
+            if wanted is not statement or (check and collection != run):
                 if rows:
-                    self._run_rows(statement, rows, run, missed)  # type: ignore[arg-type]
+                    self._run_rows(statement, rows, run if checked else None, missed)  # type: ignore[arg-type]
                     rows = []
                     append = rows.append
                 statement = wanted
                 run = collection
+                checked = check
+            check = False
             append(row)
         if rows:
-            self._run_rows(statement, rows, run, missed)  # type: ignore[arg-type]
+            self._run_rows(statement, rows, run if checked else None, missed)  # type: ignore[arg-type]
         return missed
 
-    def _run_rows(self, statement: str, rows: list[tuple], collection: str | None, missed: set[str]) -> None:
+    def _run_rows(self, statement: str, rows: list[tuple], checked: str | None, missed: set[str]) -> None:
+        """executemany; `checked`: the collection of a run of unread puts, each of which must change a row."""
         changed = self._wconn.executemany(statement, rows).rowcount
-        if statement is _INSERT_NEW and changed != len(rows):  # a key taken for new was stored
-            missed.add(collection)  # type: ignore[arg-type]
+        if checked is not None and changed != len(rows):  # a key was not at the version it was taken to be at
+            missed.add(checked)
 
     def _locate_unique_violation(
         self, exc: sqlite3.IntegrityError, steps: Sequence[Step], encoded: dict[int, str], many: bool
