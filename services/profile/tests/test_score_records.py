@@ -27,8 +27,11 @@ from cdp_testing.fakes import T0, Clock, Delivery
 
 @dataclass
 class _Stored:
+    """JetStream's answer as `cdp_kit.bus.PubResult` gives it: stored."""
+
     ok: bool = True
     error: str | None = None
+    seq: int = 1
 
 
 class Publisher:

@@ -32,7 +32,7 @@ from cdp_kit.bus import (
     scores_stream,
     subjects,
 )
-from cdp_kit.bus.notices import read_notices
+from cdp_kit.bus.notices import named_persons, read_deletions
 from cdp_kit.ownership import ownership_from_settings
 from cdp_kit.person_export import export_service
 from cdp_kit.service import ServiceRuntime, client_channel, run_main
@@ -41,7 +41,7 @@ from cdp_profile import SERVICE
 from cdp_profile.api import SCOPES, ProfileApi
 from cdp_profile.domain import Retention
 from cdp_profile.engine import ProfileEngine
-from cdp_profile.notices import erase_noticed
+from cdp_profile.notices import erase_noticed, republish_missing
 from cdp_profile.routing import Router, holder_address, peer_addresses
 from cdp_profile.settings import ProfileSettings
 from cdp_profile.stream import partitioned_engines
@@ -89,12 +89,17 @@ async def setup(runtime: ServiceRuntime) -> None:
     # Deletions a restored store file no longer shows (notices.py): PRIVACY read whole, and the persons it
     # names erased where owned: the owned partitions now, before any input runs (their outboxes scrubbed of
     # them) or a read is served, and each partition acquired later (leases) as it arrives.
+    # And the other way round: deletions the store records whose notices PRIVACY lacks (`nats/` restored
+    # older than the store) are published again, or the collector and identity would not suppress them.
     try:
-        named = await read_notices(bus.js)
+        deletions = await read_deletions(bus.js)
     except Exception as exc:  # its NATS user may not read PRIVACY (natsroles: profile `reads` it)
         log.error("privacy.deleted notices not read (%s): deletions a restored store lost stay undone", exc)
-        named = {}
+        deletions = None
+    named = named_persons(deletions or [])
     await erase_noticed(engine, named, engine.owned)
+    if deletions is not None:
+        await republish_missing(engine, bus.js, {notice.request_id for notice in deletions})
 
     async def acquire(partition: int) -> None:
         await engine.start_partition(partition)

@@ -20,11 +20,15 @@ import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from nats.js.errors import NotFoundError
+
 from cdp.profile.v1 import profile_pb2
+from cdp_kit.bus import OutMessage
 from cdp_kit.bus.notices import requests_named, scrub_outbox
-from cdp_kit.bus.subjects import PROFILES_CHANGED_PREFIX
+from cdp_kit.bus.subjects import PRIVACY, PRIVACY_DELETED, PROFILES_CHANGED_PREFIX
+from cdp_kit.errors import Unavailable
 from cdp_kit.storage import Delete, Put
-from cdp_profile.records import SCORES, TIMELINE, timeline_key, timeline_prefix
+from cdp_profile.records import DELETIONS, SCORES, TIMELINE, timeline_key, timeline_prefix
 
 if TYPE_CHECKING:
     from cdp_profile.engine import ProfileEngine
@@ -116,3 +120,51 @@ async def _outbox_scrub(engine: ProfileEngine, persons: set[str]) -> list[Put | 
     for name in sorted({outbox for stream in engine.streams for outbox in stream.outboxes}):
         ops.extend(op for op, _ in await scrub_outbox(engine.store, name, rewrite))
     return ops
+
+
+async def republish_missing(engine: ProfileEngine, js, in_stream: set[str]) -> int:
+    """Publish again every deletion this store records whose notice a PRIVACY restored older than the
+    store lacks (`in_stream`: the request ids of the notices it holds). `nats/` restored from before a
+    deletion, or separate volume snapshots, leave PRIVACY without the notice while the stores know of the
+    deletion, and the collector and identity, which learn who is suppressed from PRIVACY alone, accepted
+    the person's events again. Older is told by sequence: each record keeps where PRIVACY stored its
+    notice, and a stream whose last sequence is below it has lost it; a notice an operator purged from a
+    stream that went on (to lift a suppression: privacy.md) stays purged. Logged at ERROR with the request
+    ids; the number published. Unavailable when JetStream does not store them (the service does not start
+    without them, and tries again when restarted)."""
+    try:
+        last = (await js.stream_info(PRIVACY)).state.last_seq or 0
+    except NotFoundError:
+        last = 0
+    missing: list[tuple[str, bytes]] = []
+    async for record in engine.store.scan_all(DELETIONS):
+        doc = record.doc
+        # Pending ones are Privacy.complete's; a record from before sequences were kept cannot be told.
+        if not doc.get("published") or record.key in in_stream or not doc.get("notice") or not doc.get("seq"):
+            continue
+        if doc["seq"] > last:
+            missing.append((record.key, bytes.fromhex(doc["notice"])))
+    if not missing:
+        return 0
+    results = await engine.publisher.publish_batch(
+        [OutMessage(subject=PRIVACY_DELETED, payload=data, msg_id=f"privacy:{rid}") for rid, data in missing]
+    )
+    failed = [rid for (rid, _), result in zip(missing, results, strict=True) if not result.ok]
+    if failed:
+        raise Unavailable(f"{len(failed)} deletion notices PRIVACY lost were not stored again ({results[0].error})")
+    stored = {rid: result.seq for (rid, _), result in zip(missing, results, strict=True)}
+    await engine.store.bulk_write(
+        [
+            Put(DELETIONS, rid, {**(await engine.store.get(DELETIONS, rid)).doc, "seq": seq})
+            for rid, seq in stored.items()
+        ]
+    )
+    text, shown = requests_named(stored)
+    log.error(
+        "PRIVACY lacked %d deletion notices this store records: the stream is older than the store (nats/ "
+        "restored from before them); published again (requests %s)",
+        len(missing),
+        text,
+        extra={"republished": len(missing), "request_ids": shown},
+    )
+    return len(missing)

@@ -189,8 +189,16 @@ class Privacy:
                 await engine.store.put(
                     DELETIONS,
                     record.key,
-                    # The persons it covers stay with the result: a repeat may name a merged one.
-                    {"result": record.doc["result"], "published": True, "merged": list(notice.merged_person_ids)},
+                    # The persons it covers stay with the result (a repeat may name a merged one), and the
+                    # notice (ids and keyed hashes, no value): PRIVACY restored older than this store lacks
+                    # it, and it is published again from here at start (notices.republish_missing).
+                    {
+                        "result": record.doc["result"],
+                        "published": True,
+                        "merged": list(notice.merged_person_ids),
+                        "notice": record.doc["notice"],
+                        "seq": results[0].seq,  # where PRIVACY stored it: a stream older than that lost it
+                    },
                 )
             if pending:
                 await self.scrub_outboxes()
