@@ -7,6 +7,7 @@ Real HTTP against the local HubSpot and Salesforce, the engine on a real nats-se
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 
 import pytest
@@ -93,7 +94,7 @@ async def test_hubspot_a_ticket_associated_with_the_contact_naming_the_person_is
         await world.stop()
 
 
-async def test_hubspot_a_linked_ticket_erasure_that_fails_comes_again_and_finishes(world_factory):
+async def test_hubspot_a_linked_ticket_erasure_that_fails_comes_again_and_finishes(world_factory, caplog):
     async with HubSpotEmulator() as hubspot:
         world = await world_factory(hubspot)
         await world.start()
@@ -107,7 +108,11 @@ async def test_hubspot_a_linked_ticket_erasure_that_fails_comes_again_and_finish
         hubspot.faults.reject(lambda obj, record: obj == "tickets", times=1)
         privacy = _privacy(world)
         request = privacy_pb2.PrivacyDeleted(request_id="req-1", person_id="person-1")
-        assert not await privacy.erase(request)  # the ticket's anonymisation refused: not done
+        with caplog.at_level(logging.WARNING, logger="cdp.crm"):
+            assert not await privacy.erase(request)  # the ticket's anonymisation refused: not done
+        # The log says why it waits (a restore trial read "waits for the crm" as an outage).
+        (waiting,) = [r.getMessage() for r in caplog.records if "waits for the crm" in r.getMessage()]
+        assert "refused or failed the call" in waiting and "tried again" in waiting
         assert await privacy.erase(request)  # the contact's values gone from the store, the ticket found again
         assert hubspot.find("tickets", "id", ticket["id"])["properties"]["subject"] == "(deleted)"
         assert (await world.store.get(PRIVACY, "req-1")).doc["connections"]["hs"]["linked"] == 1

@@ -331,9 +331,12 @@ class Privacy:
                 adapter.update(mapping, ids, dict(changes[0].fields)),
                 units=len(ids),
             )
-        except _Unanswered:
-            log.warning("crm erasure waits for the crm", extra={"connection": mapping.connection,
-                        "pending": len(changes)})  # fmt: skip
+        except _Unanswered as why:
+            log.warning(
+                "crm erasure waits for the crm: %s; tried again",
+                why,
+                extra={"connection": mapping.connection, "pending": len(changes)},
+            )
             return False
         complete = True
         for change in changes:
@@ -379,8 +382,10 @@ class Privacy:
                     self.deliverer.budgets[mapping.connection], adapter.find(mapping, field, values, sorted(cleared))
                 )
                 found.update(answer)
-        except _Unanswered:
-            log.warning("crm erasure check waits for the crm", extra={"connection": mapping.connection})
+        except _Unanswered as why:
+            log.warning(
+                "crm erasure check waits for the crm: %s; tried again", why, extra={"connection": mapping.connection}
+            )
             return None
         return [
             c
@@ -480,8 +485,10 @@ class Privacy:
                         )  # fmt: skip
                     fields = None if policy == "delete" else _cleared(mapping)
                     await self._metered(budget, adapter.erase(mapping, targets, fields))
-            except _Unanswered:
-                log.warning("crm erasure search waits for the crm", extra={"connection": connection})
+            except _Unanswered as why:
+                log.warning(
+                    "crm erasure search waits for the crm: %s; tried again", why, extra={"connection": connection}
+                )
                 failed.add(connection)
                 continue
             for crm_id in targets:
@@ -528,8 +535,12 @@ class Privacy:
                     connection, adapter, list(dict.fromkeys(contacts)), identifiers.get("traits.email", []),
                     identifiers, known, person_id, request, now, ops, done, written,
                 )  # fmt: skip
-            except _Unanswered:
-                log.warning("crm erasure of linked records waits for the crm", extra={"connection": connection})
+            except _Unanswered as why:
+                log.warning(
+                    "crm erasure of linked records waits for the crm: %s; tried again",
+                    why,
+                    extra={"connection": connection},
+                )
                 blocked.add(connection)
                 continue
             before.add(connection)
@@ -595,11 +606,11 @@ class Privacy:
         reservation = await budget.acquire(units, self.deliverer.clock, self.deliverer.clock() + self.retry_for)
         if reservation is None:
             call.close()
-            raise _Unanswered
+            raise _Unanswered("the connection's API budget had no room in time (its rate limit)")
         answer, headers = await call
         await budget.settle(reservation, self.deliverer.clock(), headers, answered=answer is not None)
         if answer is None:
-            raise _Unanswered
+            raise _Unanswered("the CRM refused or failed the call (a 429 rate limit, a 5xx, a timeout)")
         return answer
 
 
