@@ -165,3 +165,99 @@ async def test_a_consent_still_given_sends_as_before(world_factory):
 
     assert [mail.rcpt_tos for mail in server.mailbox] == [["ada@example.com"]]
     assert (await world.store.get(SENDS, ada)).doc["status"] == "accepted"
+
+
+CART = {
+    "id": "abandoned-cart",
+    "version": 1,
+    "name": "Abandoned cart",
+    "priority": 50,
+    "category": "reminder",
+    "timezone": "UTC",
+    "entry": {"event": "Cart Abandoned"},
+    "reentry": "always",
+    "nodes": [
+        {"id": "wait", "type": "delay", "duration": "1s", "next": "remind"},
+        {
+            "id": "remind",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "Your cart", "body": "Your cart misses you"},
+        },
+    ],
+}
+VIP = {
+    "id": "vip-care",
+    "version": 1,
+    "name": "VIP care",
+    "priority": 60,
+    "category": "transactional",
+    "timezone": "UTC",
+    "entry": {"segment": "vips", "on": "entered"},
+    "reentry": "always",
+    "nodes": [
+        {
+            "id": "mail",
+            "type": "action",
+            "channel": "email",
+            "purpose": "Marketing",
+            "template": {"subject": "Welcome VIP", "body": "Hello"},
+        }
+    ],
+}
+
+
+async def test_a_vip_whose_consent_stands_gets_the_cart_reminder(world_factory):
+    """Two journeys emailing the same people (the README's abandoned cart on an event, a transactional one on
+    entering a segment): the consent granted on the identify (Segment's context.consent.categoryPreferences,
+    carried by the profile's change for it) stands, and the dispatcher's second look agrees with the arbiter.
+    Each person's record is first written by their identify event, before the profile's change brings the
+    consent: the dispatcher reads the record as rewritten since (a store that kept only the first write of a
+    key made this a `consent_withdrawn` for every such person)."""
+    world = await world_factory()
+    await prepare_store(world.store)
+    await world.bus.ensure_streams(dead_letter_stream())
+    await world.publish_journey(CART)
+    await world.publish_journey(VIP)
+    await world.start()
+    for person in ("carla", "bruno"):
+        await world.event(person, "Identified", f"e-id-{person}", user_id=person, profiled=False)
+
+        # The identify reaches orchestration first (their record is written, without consent) and the
+        # profile's change for it next. Their identifiers are known before anything is sent to them (an
+        # exempt send made before a person's first identifier is attributed on `actions..<p>`, which no
+        # stream takes: not this test's subject).
+        async def identified(person: str = person) -> bool:
+            stored = await world.store.get(PERSONS, person)
+            return stored is not None and stored.doc.get("ids") == {"user_id": person}
+
+        await world.eventually(identified)
+        await world.profile_applied(
+            person, [f"e-id-{person}"], consent={"purpose:Marketing": True}, email=f"{person}@example.com"
+        )
+    await world.segment("carla", "vips", wait=False)
+    for person in ("carla", "bruno"):
+        await world.event(person, "Cart Abandoned", f"e-cart-{person}", user_id=person)
+
+    async def reminded() -> list[str]:
+        return [a.action_id for a in await world.actions() if a.journey_id == "abandoned-cart"]
+
+    async def both() -> bool:
+        return len(await reminded()) == 2
+
+    await world.eventually(both)
+    reminders = await reminded()
+    for person in ("carla", "bruno"):
+        fields = (await world.store.get(PERSONS, person)).doc["fields"]
+        assert fields["consent.purpose:Marketing"] is True
+    async with LocalSmtpServer() as server, dispatching(world, server):
+        await _all_worked(world)
+
+    assert sorted(mail.rcpt_tos[0] for mail in server.mailbox) == [
+        "bruno@example.com",
+        "carla@example.com",
+        "carla@example.com",
+    ]
+    for action_id in reminders:
+        assert (await world.store.get(SENDS, action_id)).doc["status"] == "accepted"
