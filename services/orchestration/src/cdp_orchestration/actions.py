@@ -78,7 +78,10 @@ def attribute_sends(batch: Batch, person: Person) -> None:
     if person.state is None:
         return
     for sent in person.state.sent:
-        if sent.channel in UNATTRIBUTED_CHANNELS:
+        # An exempt (transactional) send is kept without its channel, so that no cap counts it: there is
+        # no actions.<channel> subject to attribute it on, and a message to `actions..<p>` no stream takes
+        # stalled the partition for good. Its outcomes stay unattributed.
+        if not sent.channel or sent.channel in UNATTRIBUTED_CHANNELS:
             continue
         message = pb.ActionMessage(action_id=sent.action_id, person_id=person.person_id, channel=sent.channel)
         _identify(message, person)
