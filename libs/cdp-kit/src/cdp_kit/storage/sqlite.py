@@ -29,8 +29,8 @@ checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also s
 an fsync per commit.
 
 Checkpoints (copying the log into the database file) are SQLite's own by default: inside the commit that
-crosses 4000 pages (~16 MB) of log (`_AUTOCHECKPOINT_PAGES`; SQLite's default of 1000 cost commits ~25 %
-more CPU). ``background_checkpoints=True`` runs them on a thread of their own instead (see
+crosses 1000 pages (~4 MB) of log (`_AUTOCHECKPOINT_PAGES`, SQLite's default: 4000 cost commits ~20 % less
+CPU in-process, but the whole pipeline's event -> action p99 at 1,000/s grew from 64-74 to 92-94 ms). ``background_checkpoints=True`` runs them on a thread of their own instead (see
 `cdp_kit.storage.sqlite_wal`): a commit then pays for one only when the log has passed `wal_max_bytes`
 (64 MiB by default; a reader holding a snapshot open keeps checkpoints from copying), when it truncates
 the log itself, waiting for readers up to busy_timeout, so the -wal file stays under that bound plus one
@@ -139,11 +139,10 @@ _ERASE_ATTEMPTS = 5
 # plus the few fixed statements.
 _STATEMENT_CACHE = 512
 # SQLite's own checkpoints (the default, see "Checkpoints" above) run in the commit that passes this many
-# pages of log (SQLite's default is 1000). A round copies each page once however often it was written
-# since the last, and pays its fsyncs once: at 4000 commits spent ~20 % less CPU (~1 us a row of 300-row
-# bulk writes). 4000 frames still fit one block of the WAL index, so reads find pages as fast; the log
-# file grows to ~16 MB (+ the last transaction) instead of ~4 MB.
-_AUTOCHECKPOINT_PAGES = 4000
+# pages of log: SQLite's default. 4000 saved ~20 % of commit CPU in-process (a round copies each page once
+# and pays its fsyncs once), but a checkpointing commit then takes ~10 ms, and in the whole pipeline
+# (bench_pipeline, 1,000/s, two runs each, quiet machine) event -> action p99 was 92-94 ms against 64-74.
+_AUTOCHECKPOINT_PAGES = 1000
 # An erase rebuilds a store file up to this size (VACUUM): see "Erasure" above.
 _ERASE_REBUILD_MAX_BYTES = 256 * 1024 * 1024
 
