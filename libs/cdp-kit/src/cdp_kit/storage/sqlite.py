@@ -29,8 +29,9 @@ checkpoint. ``synchronous=FULL`` (``sqlite:///path.db?synchronous=full``) also s
 an fsync per commit.
 
 Checkpoints (copying the log into the database file) are SQLite's own by default: inside the commit that
-crosses 1000 pages (~4 MB) of log (`_AUTOCHECKPOINT_PAGES`, SQLite's default: 4000 cost commits ~20 % less
-CPU in-process, but the whole pipeline's event -> action p99 at 1,000/s grew from 64-74 to 92-94 ms). ``background_checkpoints=True`` runs them on a thread of their own instead (see
+crosses 1000 pages (~4 MB) of log (`_AUTOCHECKPOINT_PAGES`, SQLite's default: 4000 cost commits ~20 %
+less CPU in-process, but the whole pipeline's event -> action p99 at 1,000/s grew from 64-74 to 92-94
+ms). ``background_checkpoints=True`` runs them on a thread of their own instead (see
 `cdp_kit.storage.sqlite_wal`): a commit then pays for one only when the log has passed `wal_max_bytes`
 (64 MiB by default; a reader holding a snapshot open keeps checkpoints from copying), when it truncates
 the log itself, waiting for readers up to busy_timeout, so the -wal file stays under that bound plus one
