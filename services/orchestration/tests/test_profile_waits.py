@@ -165,7 +165,9 @@ async def test_a_copy_of_an_applied_event_holds_the_action_until_the_profile_lis
     await world.events(
         "dot", [("Cart Abandoned", "e-cart-dot", {"cart_url": "u"}), ("Signed Up", "e-signup-dot", {})], profiled=False
     )
-    await world.eventually(lambda: _held_for_profile(world, "dot"))
+    # A guard against waiting for ever, not a speed figure: a fresh-clone CI run (4 workers on 2 cores)
+    # did not see the hold within the default 10 s.
+    await world.eventually(lambda: _held_for_profile(world, "dot"), timeout=30)
     # The profile applied the cart event; the copy changed nothing. Listing only the cart event (what the
     # profile published before) leaves the action waiting for the copy's listing.
     await world.profile_applied("dot", ["e-cart-dot"])
