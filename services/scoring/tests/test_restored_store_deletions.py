@@ -33,6 +33,8 @@ from cdp_kit.service import serving
 from cdp_kit.storage import open_store
 from cdp_scoring.__main__ import setup
 from cdp_scoring.notices import scrub_outbox
+from cdp_testing.profile_changes import change
+from cdp_testing.profile_changes import publish_change as publish
 from cdp_testing.store_files import copy_store, store_bytes
 from cdp_testing.waiting import until
 
@@ -52,16 +54,8 @@ MARKER = next(
 )
 
 
-def change(person: str, **fields) -> profile_pb2.ProfileChanged:
-    message = profile_pb2.ProfileChanged(person_id=person, **fields)
-    message.at.GetCurrentTime()
-    return message
-
-
 async def publish_change(bus: Bus, message: profile_pb2.ProfileChanged) -> int:
-    subject = subjects.profiles_changed(partition_for(message.person_id, PARTITIONS))
-    ack = await bus.js.publish(subject, profile_pb2.ProfileChangedBatch(changes=[message]).SerializeToString())
-    return ack.seq
+    return await publish(bus, message, partitions=PARTITIONS)
 
 
 def leftover_scores(persons: list[str], n: int) -> OutMessage:

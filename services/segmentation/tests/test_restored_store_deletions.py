@@ -25,6 +25,8 @@ from cdp_kit.service import serving
 from cdp_kit.storage import open_store
 from cdp_segmentation.__main__ import setup
 from cdp_segmentation.settings import SegmentationSettings
+from cdp_testing.profile_changes import change
+from cdp_testing.profile_changes import publish_change as publish
 from cdp_testing.store_files import copy_store, store_bytes
 from cdp_testing.waiting import until
 
@@ -36,16 +38,8 @@ CITY = "ada-city-segmentation-restored-kx-8812"
 PERSONS = {"p_ada": EMAIL, "p_ada_old": OLD_EMAIL, "p_bob": BOB_EMAIL}
 
 
-def change(person: str, **fields) -> profile_pb2.ProfileChanged:
-    message = profile_pb2.ProfileChanged(person_id=person, **fields)
-    message.at.GetCurrentTime()
-    return message
-
-
 async def publish_change(bus: Bus, message: profile_pb2.ProfileChanged) -> int:
-    subject = subjects.profiles_changed(partition_for(message.person_id, PARTITIONS))
-    ack = await bus.js.publish(subject, profile_pb2.ProfileChangedBatch(changes=[message]).SerializeToString())
-    return ack.seq
+    return await publish(bus, message, partitions=PARTITIONS)
 
 
 def leftover_entries(persons: list[str], n: int) -> OutMessage:
