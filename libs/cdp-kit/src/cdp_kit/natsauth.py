@@ -37,7 +37,7 @@ Rotation without a restart, make before break (nats.py gives up for good on a co
 closes for its credentials, so the old ones must stay valid until nobody uses them):
 1. the server gets the new user beside the old one (`authorization_config` with both), reloaded;
 2. the service's file is rewritten: the bus sees the change (`CredentialsFile.changed`, polled) and
-   reconnects at once with the new user; subscriptions and consumers carry on;
+   reconnects at once with the new user (asked again each second until a CONNECT has sent it); subscriptions and consumers carry on;
 3. the old user is removed from the server, reloaded.
 `cdpctl nats-rotate SERVICE` does the three steps for `make up` (docs/security.md).
 A file that cannot be read at a reconnect keeps the last good credentials.
@@ -249,6 +249,7 @@ class CredentialsFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._current = read_credentials(path)  # a bad file at start-up stops the service
+        self._on_file = self._current  # the file's last readable credentials
         self._seen = self._stamp()
 
     def _stamp(self) -> tuple[int, int] | None:
@@ -259,21 +260,26 @@ class CredentialsFile:
         return stat.st_mtime_ns, stat.st_ino
 
     def changed(self) -> bool:
-        """True once after the file was rewritten with readable credentials different from those in use."""
+        """True while the file holds readable credentials different from those the connection last sent.
+
+        Not once per rewrite: a reconnect asked for that did not happen (the client was between states,
+        or it came back without calling `user`) is asked for again at the next look, until a CONNECT has
+        read the file. The file is read again only when it was rewritten."""
         stamp = self._stamp()
-        if stamp is None or stamp == self._seen:
-            return False
-        self._seen = stamp
-        try:
-            return read_credentials(self.path) != self._current
-        except (OSError, ValueError):
-            return False
+        if stamp is not None and stamp != self._seen:
+            self._seen = stamp
+            try:
+                self._on_file = read_credentials(self.path)
+            except (OSError, ValueError):
+                pass  # a file being replaced, or broken: the last good one stands
+        return self._on_file != self._current
 
     def user(self) -> str:
         try:
-            self._current = read_credentials(self.path)
+            self._on_file = read_credentials(self.path)
         except (OSError, ValueError) as exc:
             log.warning("nats credentials file unreadable; keeping the last good one: %s", type(exc).__name__)
+        self._current = self._on_file
         return self._current[0]
 
     def password(self) -> str:

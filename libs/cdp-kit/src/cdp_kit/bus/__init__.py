@@ -129,12 +129,22 @@ class _Repeats:
 
 
 async def _follow_rotation(nc: NATS, credentials: CredentialsFile, every: float = 1.0) -> None:
-    """Reconnect as soon as the credentials file holds new credentials (see cdp_kit.natsauth: rotation)."""
+    """Reconnect as soon as the credentials file holds new credentials (see cdp_kit.natsauth: rotation),
+    and again at each look while the connection still runs on the old ones."""
+    asked = 0
     while True:
         await asyncio.sleep(every)
-        if credentials.changed() and nc.is_connected:
+        if not nc.is_connected:
+            continue  # a reconnect under way reads the file itself
+        if not credentials.changed():
+            asked = 0
+            continue
+        asked += 1
+        if asked == 1:
             log.info("nats credentials file changed; reconnecting with the new credentials")
-            await nc.force_reconnect()
+        elif asked % 30 == 2:
+            log.warning("nats still connected with the old credentials; reconnecting again (attempt %d)", asked)
+        await nc.force_reconnect()
 
 
 class Bus:
