@@ -1,5 +1,5 @@
 """PrivacyService/ExportPerson on orchestration, over gRPC with bearer tokens: the person's instances,
-decisions, approvals, inbox, sends and held profile view, with those of the persons merged into them;
+decisions, approvals, inbox, sends, Enroll answers and held profile view, with those of the persons merged into them;
 nobody else's; an empty document for a person orchestration never saw; refused without privacy:export."""
 
 from __future__ import annotations
@@ -119,6 +119,50 @@ async def test_a_person_gets_everything_orchestration_keeps_about_them_and_nothi
     assert [i["person_id"] for i in bob["instances"]] == ["p_bob"] and "inbox" not in bob
     # Without the merged id, ada-old's instance is not ada's answer.
     assert {i["journey_id"] for i in (await _export(privacy, "p_ada"))["instances"]} == {"welcome-bonus"}
+
+
+async def test_a_persons_enroll_answers_are_exported_with_their_idempotency_keys_and_nobody_elses(service):
+    """A support trial: Enroll's answers (kept under the caller's idempotency key, which may carry personal
+    data) are erased with the person but were not in their export."""
+    stub, privacy, runtime = service
+    for journey in (WELCOME, SLOW):
+        await stub.CreateJourney(pb.CreateJourneyRequest(definition=definition(journey)), metadata=ADMIN)
+        await stub.PublishJourney(pb.PublishJourneyRequest(journey_id=journey["id"]), metadata=ADMIN)
+    for person in ("p_ada", "p_bob", "p_ada:x"):
+        await profile(runtime, person, first_name=f"{person.removeprefix('p_').title()}-name")
+        enroll = pb.EnrollRequest(journey_id="slow", person_id=person, idempotency_key=f"order-{person}@example.org")
+        assert (await stub.Enroll(enroll, metadata=ADMIN)).entered
+    # ada-old is merged into ada (identity's graph): its answer is ada's too.
+    old = await stub.Enroll(
+        pb.EnrollRequest(journey_id="slow", person_id="p_ada-old", idempotency_key="old-key"), metadata=ADMIN
+    )
+    # An answer that entered nothing is kept (and exported) as well.
+    await stub.PauseJourney(pb.JourneyRef(journey_id="welcome-bonus"), metadata=ADMIN)
+    paused = await stub.Enroll(
+        pb.EnrollRequest(journey_id="welcome-bonus", person_id="p_ada", idempotency_key="k:paused"), metadata=ADMIN
+    )
+    assert not paused.entered
+
+    document = await _export(privacy, "p_ada", ["p_ada-old"])
+
+    answers = {(a["journey_id"], a["idempotency_key"]): a for a in document["enrollments"]}
+    assert set(answers) == {
+        ("slow", "order-p_ada@example.org"),
+        ("slow", "old-key"),
+        ("welcome-bonus", "k:paused"),
+    }
+    ada = answers["slow", "order-p_ada@example.org"]
+    assert ada["person_id"] == "p_ada" and ada["entered"] is True and ada["instance_id"]
+    assert ada["key"] == "slow:order-p_ada@example.org" and RFC3339.match(ada["at"])
+    assert answers["slow", "old-key"]["person_id"] == "p_ada-old"
+    assert answers["slow", "old-key"]["instance_id"] == old.instance_id
+    refused = answers["welcome-bonus", "k:paused"]
+    assert refused["entered"] is False and refused["reason"] == paused.reason and refused["instance_id"] == ""
+    assert "bob" not in str(document).lower() and "p_ada:x" not in str(document)
+    bob = await _export(privacy, "p_bob")
+    assert [(a["idempotency_key"], a["person_id"]) for a in bob["enrollments"]] == [
+        ("order-p_bob@example.org", "p_bob")
+    ]
 
 
 async def test_an_unknown_person_gets_an_empty_document(service):

@@ -286,9 +286,10 @@ class Applier:
                 now,
             )
         entered, instance_id, reason = answer
-        # The person id lets a deletion find the answer (`privacy.forget`): its key is the caller's.
+        # The person id lets a deletion find the answer (`privacy.forget`): its key is the caller's. The journey
+        # id tells the key's two parts apart in the person's export (a journey id may hold ':').
         answer_doc = {"entered": entered, "instance_id": instance_id, "reason": reason, "at": now}
-        batch.put(ENROLLMENTS, key, {**answer_doc, "person_id": person.person_id})
+        batch.put(ENROLLMENTS, key, {**answer_doc, "person_id": person.person_id, "journey_id": body["journey_id"]})
 
     async def migrate(self, person: Person, body: dict) -> None:
         instance = person.live.get(body["instance_id"])

@@ -19,7 +19,14 @@ Sections (each a list, empty when nothing is kept):
 - `inbox`: in-app messages with their content (title, body, url, data) and when read;
 - `sends`: each action's send record (channel, status, reason, attempts, time, the outcome event);
   no content is kept for a send, only for an in-app message;
-- `outcome_events`: outcome events (in-app opens) not yet taken by the collector.
+- `outcome_events`: outcome events (in-app opens) not yet taken by the collector;
+- `enrollments`: Enroll's answers, kept so a retried call gets the first one: `key` as the store keeps it
+  (`<journey id>:<idempotency key>`, the key being the caller's, which may carry personal data), its
+  `journey_id` and `idempotency_key`, whether the call `entered` the person, the `instance_id` it made or
+  the `reason` it did not, when (`at`), and the `person_id` it names. An answer is found by that person id:
+  answers written before a build that kept it name no one and cannot be found by person (a deletion does
+  not find them either; they age out after CDP_ORCHESTRATION_HISTORY_DAYS), and an answer written before
+  the journey id was kept with it gives `journey_id` and `idempotency_key` as null (its `key` holds both).
 
 Times are RFC 3339 strings (UTC). Reads are from the store only; nothing is changed. The servicer, its
 scope (`privacy:export`) and the request's checks are the kit's (`cdp_kit.person_export`).
@@ -34,7 +41,7 @@ from cdp_kit.person_export import Exporter, rfc3339
 from cdp_kit.storage import Store
 from cdp_kit.storage.port import MAX_FIND_LIMIT
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
-from cdp_orchestration.state import APPROVALS, DECISIONS, INSTANCES, OUTCOMES, PERSONS, SENDS
+from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, OUTCOMES, PERSONS, SENDS
 
 # Record fields holding epoch seconds; the export gives them as RFC 3339.
 _SECONDS = frozenset(
@@ -127,6 +134,21 @@ def _inbox(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _enrollment(key: str, doc: dict[str, Any]) -> dict[str, Any]:
+    journey = doc.get("journey_id")
+    named = isinstance(journey, str) and key.startswith(f"{journey}:")
+    return {
+        "key": key,
+        "journey_id": journey if named else None,
+        "idempotency_key": key[len(journey) + 1 :] if named else None,
+        "entered": doc.get("entered"),
+        "instance_id": doc.get("instance_id"),
+        "reason": doc.get("reason"),
+        "at": rfc3339(doc.get("at")),
+        "person_id": doc.get("person_id"),
+    }
+
+
 async def export_person(store: Store, person_id: str, merged_person_ids: Sequence[str] = ()) -> dict[str, Any]:
     """The document ExportPerson answers with: empty (no sections) when nothing is kept for the person."""
     persons = await persons_of(store, [person_id, *merged_person_ids])
@@ -138,6 +160,7 @@ async def export_person(store: Store, person_id: str, merged_person_ids: Sequenc
         "inbox": [],
         "sends": [],
         "outcome_events": [],
+        "enrollments": [],
     }
     records = await store.get_many(PERSONS, persons)
     for person in persons:
@@ -159,6 +182,8 @@ async def export_person(store: Store, person_id: str, merged_person_ids: Sequenc
             document["sends"].append({"action_id": record.key, **_times(record.doc, drop=("reported", "seq"))})
         for record in await store.find(OUTCOMES, "person_id", person, limit=MAX_FIND_LIMIT):
             document["outcome_events"].append({"message_id": record.key, **_times(record.doc, drop=("reported",))})
+        for record in await store.find(ENROLLMENTS, "person_id", person, limit=MAX_FIND_LIMIT):
+            document["enrollments"].append(_enrollment(record.key, record.doc))
     return {name: rows for name, rows in document.items() if rows}
 
 

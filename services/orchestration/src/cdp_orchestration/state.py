@@ -9,7 +9,7 @@ Collections (one writer each: the engine of the person's partition, except journ
 | `orchestration_decisions`    | `<person>:<inverted µs>:<action>:<kind>:<n>` | every arbiter decision, newest first in key order (and the latest refused entry per journey, `<person>:~entry:<journey>`); swept after CDP_ORCHESTRATION_HISTORY_DAYS from its `at` (`history.py`) |
 | `orchestration_approvals`    | action id                             | actions held by the approval gate and their answer; a decided one is swept after CDP_ORCHESTRATION_HISTORY_DAYS from its answer (`history.py`) |
 | `orchestration_stats`        | `<journey>:<version>:<partition>`     | entered, converted, ended by reason, decisions by kind, split variants [entries, conversions] |
-| `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one, with its `person_id` (indexed: a deletion deletes the person's answers, whose keys are the caller's and may carry personal data; the "deleted" answer an Enroll for a forgotten person gets names no one, and answers written before a build that kept the person id age out only); swept after CDP_ORCHESTRATION_HISTORY_DAYS (`history.py`) |
+| `orchestration_enrollments`  | `<journey>:<idempotency key>`         | Enroll's answer, so a retried call gets the first one, with its `journey_id` and `person_id` (indexed: a deletion deletes the person's answers, whose keys are the caller's and may carry personal data; the "deleted" answer an Enroll for a forgotten person gets names no one, and answers written before a build that kept the person id age out only); swept after CDP_ORCHESTRATION_HISTORY_DAYS (`history.py`) |
 | `orchestration_outcomes`     | outcome event messageId               | outcome events that are not a send's own (in-app opens), until the collector took them |
 | `orchestration_forgotten`    | `<privacy request id>:<person id>`    | a privacy deletion applied to the person (counts only, no personal data) |
 | `orchestration_deleted`      | person id                             | a privacy deletion accepted for the person (when, which request; no personal data), written as soon as the notice reaches the handler: no dispatcher sends to them; swept with the tombstones |
@@ -177,10 +177,13 @@ class Person:
         fields lag behind it. Per event, so in memory: the record carries since when they lag when it is
         written anyway (an entry, new identifiers, an action held), never for this alone. True when it ended
         a lag (its change came first, and covers the events seen before it)."""
-        if not event_id or event_id == self.profiled:
-            return False  # the profile's change came first (or this is a copy of an event the profile applied)
+        if not event_id:
+            return False
         early = self.early
         if early and event_id in early:
+            # Its change came first. Taken out whatever else holds, also when that change is the latest one
+            # (`profiled`): left in, a copy of this event coming later (a client's retry) would read as the
+            # event whose change came first, and end the lag of the events seen before the copy.
             del early[event_id]
             if self.pending is not None:
                 # Its change came before it, and the profile applies a person's events in the order they
@@ -189,6 +192,8 @@ class Person:
                 self.caught_up()
                 return True
             return False
+        if event_id == self.profiled:
+            return False  # a copy of the event the latest profile change listed: applied already
         pending = self.pending
         self.pending = (event_id, pending[1] if pending is not None else at)
         return False
