@@ -110,6 +110,50 @@ async def test_a_separation_names_only_the_persons_own_side(identity):
     assert split.loser not in str(document)
 
 
+async def test_an_undone_merge_is_on_both_sides_export_with_nothing_of_the_other_side(identity):
+    """A support trial: the undone merges GetGraph shows (`unmerged`) were not in the export. Each side sees
+    the merge, its cause, when it was made and undone, by which token and why; of the other side, neither
+    its person id nor an identifier's value (its identifiers that caused the merge by their type only)."""
+    stub, privacy = identity
+    ada = await _resolve(stub, ("user_id", "ada-1"), ("email", "ada@example.com"))
+    eve = await _resolve(stub, ("anonymous_id", "eve-tablet"))
+    # Ada signs in on Eve's tablet: the event's identifiers merge the two persons.
+    resolved = await stub.Resolve(
+        identity_pb2.ResolveRequest(
+            identifiers=_ids(("user_id", "ada-1"), ("anonymous_id", "eve-tablet")), request_id="evt-signin-1"
+        ),
+        metadata=ADMIN,
+    )
+    [merge] = resolved.merges
+    split = await stub.Unmerge(
+        identity_pb2.UnmergeRequest(merge_id=merge.merge_id, reason="shared tablet"), metadata=ADMIN
+    )
+    assert {split.winner, split.loser} == {ada, eve}
+
+    for person, own, other in ((ada, "ada-1", "eve-tablet"), (eve, "eve-tablet", "ada-1")):
+        document = await _export(privacy, person)
+        [part] = document["persons"]
+        [undone] = part["unmerged"]
+        assert undone["merge_id"] == merge.merge_id
+        assert undone["undone_by"] == "admin" and undone["reason"] == "shared tablet"
+        assert undone["merged_at"].endswith("Z") and undone["undone_at"].endswith("Z")
+        assert undone["merged_at"] <= undone["undone_at"]
+        sides = {"winner": undone["winner"], "loser": undone["loser"]}
+        assert sides == {
+            "winner": person if split.winner == person else None,
+            "loser": person if split.loser == person else None,
+        }
+        cause = undone["cause"]
+        assert cause["rule"] == merge.cause.rule and cause["event_id"] == "evt-signin-1"
+        own_type = "user_id" if person == ada else "anonymous_id"
+        other_type = "anonymous_id" if person == ada else "user_id"
+        assert sorted(cause["identifiers"], key=lambda i: i["type"]) == sorted(
+            [{"type": own_type, "value": own}, {"type": other_type}], key=lambda i: i["type"]
+        )
+        text = str(document)
+        assert other not in text and (eve if person == ada else ada) not in text
+
+
 async def test_an_unknown_person_gets_an_empty_document(identity):
     _stub, privacy = identity
     assert await _export(privacy, "p-nobody", ["p-nobody-either"]) == {}
@@ -128,3 +172,25 @@ async def test_person_id_is_required(identity):
 async def test_an_id_no_store_can_hold_is_refused_naming_the_field(identity):
     _stub, privacy = identity
     await assert_unstorable_ids_named(privacy, ADMIN)
+
+
+def test_an_undone_matching_merge_names_no_matched_record():
+    """Matching's merges are caused by two records (ids in their systems, which may be another's user id);
+    whose each is, the graph does not say: they are counted, and the event id naming them is left out."""
+    from types import SimpleNamespace
+
+    from cdp_identity.domain.rules import MergeRules
+    from cdp_identity.export import _undone
+
+    engine = SimpleNamespace(normalizer=SimpleNamespace(rules=MergeRules.default()))
+    undone = {
+        "id": "m_1", "winner": "p_ada", "loser": "p_eve", "at": 1_000, "undone_at": 2_000, "undone_by": "admin",
+        "reason": "not the same", "cause": {
+            "event_id": "match:crm-eve-7:u-ada", "identifiers": ["crm-eve-7", "u-ada"], "rule": "match",
+            "detail": "p=0.9700",
+        },
+    }  # fmt: skip
+    shown = _undone(engine, undone, own={"user_id:u-ada"}, members={"p_ada"})
+    assert (shown["winner"], shown["loser"]) == ("p_ada", None)
+    assert shown["cause"] == {"rule": "match", "detail": "p=0.9700", "event_id": None, "identifiers": [], "records": 2}
+    assert "p_eve" not in str(shown) and "crm-eve-7" not in str(shown)

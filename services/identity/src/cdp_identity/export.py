@@ -4,11 +4,19 @@ Per person asked for (`person_id`, then each merged person that is no longer par
 away since): the graph's record of them - every identifier with its type and value (the person's own
 data, returned to an authorised caller only: scope `privacy:export`), when it was attached and by which
 merged person, its quarantine; the merges inside the person with their cause; its separations; the
-identifiers dropped from its events. A person merged into `person_id` is part of its graph already.
+merges undone between it and another person (`unmerged`, the trail GetGraph shows; both sides keep it);
+the identifiers dropped from its events. A person merged into `person_id` is part of its graph already.
 
 Nothing of another person is given: a separation names only the person's own side (the other person is
 someone else), and a dropped identifier that is not the person's own (it belongs to a person kept apart,
-or a quarantined one) is given by its type only. A person identity does not know: an empty document.
+or a quarantined one) is given by its type only. An undone merge (`merge_id`, `merged_at`, `undone_at`,
+`undone_by`: the name of the token that undid it, `reason`) gives its `winner` and `loser` when that side
+is the person's own (the person or one merged into them) and null for the other side; its `cause` gives
+the rule, the `detail` (an operator's or reviewer's words, as written), the identifiers that caused it -
+the person's own with their value, another's by their type only - and, as a count (`records`), the
+matched records it came from (their ids are not given: they may hold another's identifier); its
+`event_id` is null when it holds something of another's it leaves out. The free texts (`reason`,
+`detail`) are given as the operator wrote them. A person identity does not know: an empty document.
 """
 
 from __future__ import annotations
@@ -26,8 +34,48 @@ def _at(ms: int | None) -> str | None:
     return None if ms is None else rfc3339(ms / 1000)
 
 
+def _undone(engine: IdentityEngine, undone: dict[str, Any], own: set[str], members: set[str]) -> dict[str, Any]:
+    """An undone merge as the person may see it (see the module docstring): nothing of the other side."""
+    cause = undone.get("cause") or {}
+    identifiers: list[dict[str, str]] = []
+    hidden: list[str] = []  # what the cause holds of someone else (or of no one the graph can say)
+    records = 0
+    for key in cause.get("identifiers") or []:
+        kind, value = split_key(key)
+        if key in own:
+            identifiers.append({"type": kind, "value": value})
+            continue
+        hidden.append(key)
+        if value and engine.normalizer.rules.type(kind) is not None:
+            identifiers.append({"type": kind})  # an identifier of the other side (or quarantined since)
+        else:
+            records += 1  # a matched record's id (matching's cause): whose, the graph does not say
+    event_id = cause.get("event_id", "")
+    if any(key in event_id or (split_key(key)[1] and split_key(key)[1] in event_id) for key in hidden):
+        event_id = None  # matching's "<rule>:<record>:<record>", or an id carrying another's value
+    return {
+        "merge_id": undone["id"],
+        "winner": undone["winner"] if undone["winner"] in members else None,
+        "loser": undone["loser"] if undone["loser"] in members else None,
+        "merged_at": _at(undone["at"]),
+        "undone_at": _at(undone["undone_at"]),
+        "undone_by": undone.get("undone_by", ""),
+        "reason": undone.get("reason", ""),
+        "cause": {
+            "rule": cause.get("rule", ""),
+            "detail": cause.get("detail", ""),
+            "event_id": event_id,
+            "identifiers": identifiers,
+            "records": records,
+        },
+    }
+
+
 def _person_document(engine: IdentityEngine, graph: dict[str, Any]) -> dict[str, Any]:
     own = {(i["type"], i["value"]) for i in graph["identifiers"]}
+    own_keys = {f"{kind}:{value}" for kind, value in own}
+    # The person and everyone merged into them: the sides of an undone merge that are the person's own.
+    members = {graph["person"], *(p for m in graph["merges"] for p in (m["winner"], m["loser"]))}
     root = engine.graph.persons.get(graph["person"])
     apart = root.apart if root is not None else {}
     identifiers = []
@@ -68,6 +116,7 @@ def _person_document(engine: IdentityEngine, graph: dict[str, Any]) -> dict[str,
         "merges": merges,
         # A separation is (other person -> member of this one): only the member is the person's.
         "separations": [{"member": member} for member in sorted(apart.values())],
+        "unmerged": [_undone(engine, undone, own_keys, members) for undone in graph["undone"]],
         "dropped_identifiers": dropped,
     }
 
