@@ -4,6 +4,12 @@ held for the profile first.
 
 Both read the store only: the engines write stats and decisions as they apply each batch, so a read may
 trail the engines by a batch, never invent or lose a decision.
+
+A person a privacy deletion forgot has no decisions left; rather than an empty list ("no journey tried to
+reach them"), ListDecisions then answers NOT_FOUND with reason `person_deleted`, naming the privacy request
+and when orchestration had it. It knows from the deletion's marker (`privacy.DELETED`, written for the
+person and everyone merged into them as the notice arrives; no personal data), which is kept
+CDP_ORCHESTRATION_TOMBSTONE_DAYS (35): a person deleted longer ago reads as one never reached.
 """
 
 from __future__ import annotations
@@ -11,12 +17,14 @@ from __future__ import annotations
 import collections
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
-from cdp_kit.errors import InvalidArgument
+from cdp_kit.errors import InvalidArgument, NotFound
+from cdp_kit.person_export import rfc3339
 from cdp_kit.storage.port import decode_cursor, encode_cursor
 from cdp_orchestration.api_base import ApiBase
 from cdp_orchestration.domain import experiments
 from cdp_orchestration.merges import decision_persons
 from cdp_orchestration.messages import decision_message, held_message, page_size, required
+from cdp_orchestration.privacy import DELETED
 from cdp_orchestration.state import DECISIONS, PERSONS, SENDS, decision_order, decisions_prefix, not_entered_prefix
 
 
@@ -115,7 +123,21 @@ class ReadCalls(ApiBase):
                 listed = list(response.decisions)
                 del response.decisions[:]
                 response.decisions.extend(fresh + listed)
+            if not response.decisions:
+                await self._refuse_deleted(person_id)
         return response
+
+    async def _refuse_deleted(self, person_id: str) -> None:
+        """NOT_FOUND (`person_deleted`) for a person a privacy deletion forgot (see the module docstring)."""
+        record = await self.store.get(DELETED, person_id)
+        if record is None:
+            return
+        doc = record.doc
+        raise NotFound(
+            f"person {person_id} was deleted (privacy request {doc.get('request_id', '')}, received "
+            f"{rfc3339(doc.get('at'))}): orchestration keeps no decisions, nor anything else, about them",
+            reason="person_deleted",
+        )
 
     async def _deliveries(self, decisions) -> None:
         """What became of each SENT decision's send (its record in `orchestration_sends`, one read for the
