@@ -184,6 +184,13 @@ class FakeOrchestration(orchestration_pb2_grpc.OrchestrationServiceServicer):
 
     async def ListDecisions(self, request, context):
         self.requests.append(request)
+        if request.person_id == "p-deleted":
+            # What orchestration answers for a person a privacy deletion forgot (api_reads._refuse_deleted).
+            why = (
+                "person p-deleted was deleted (privacy request req-7, received 2026-12-06T09:00:00Z): "
+                "orchestration keeps no decisions, nor anything else, about them"
+            )
+            await self._refuse(context, NotFound(why, reason="person_deleted"))
         if request.person_id == "p-held":
             # What orchestration lists first for an action waiting for the profile (no decision yet).
             held = pb.Decision(
@@ -443,6 +450,18 @@ async def test_decisions_show_an_entry_the_journeys_rules_turned_away(orchestrat
     result = await cdpctl(home, "decisions", "p-none")
     output = " ".join(result.output.split())
     assert "no journey has tried to reach them or turned them away at its entry" in output
+
+
+async def test_decisions_of_a_deleted_person_say_they_were_deleted_not_that_no_journey_reached_them(orchestration):
+    # A support trial read "no journey has tried to reach them" for a person deleted an hour before.
+    _fake, home = orchestration
+    result = await cdpctl(home, "decisions", "p-deleted")
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "NOT_FOUND: person p-deleted was deleted (privacy request req-7" in output
+    assert "no journey has tried" not in output
+    answer = json.loads((await cdpctl(home, "decisions", "p-deleted", "--json")).output)
+    assert answer["error"]["code"] == "NOT_FOUND" and "was deleted" in answer["error"]["message"]
 
 
 def test_journey_list_says_which_versions_no_longer_validate_and_how_to_fix_it():
