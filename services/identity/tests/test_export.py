@@ -154,6 +154,39 @@ async def test_an_undone_merge_is_on_both_sides_export_with_nothing_of_the_other
         assert other not in text and (eve if person == ada else ada) not in text
 
 
+async def test_a_merge_kept_after_an_undo_gives_the_split_persons_identifier_by_type_only(identity):
+    """One event with the identifiers of three persons merges two of them into the first, each merge caused by
+    all three identifiers; once one merge is undone, the other one's cause still named the split person's
+    identifier value in the first person's export."""
+    stub, privacy = identity
+    ada = await _resolve(stub, ("user_id", "ada-3"))
+    bea = await _resolve(stub, ("anonymous_id", "bea-device"))
+    cy = await _resolve(stub, ("anonymous_id", "cy-device"))
+    request = identity_pb2.ResolveRequest(
+        identifiers=_ids(("user_id", "ada-3"), ("anonymous_id", "bea-device"), ("anonymous_id", "cy-device")),
+        request_id="evt-three",
+    )
+    merges = {m.loser: m for m in (await stub.Resolve(request, metadata=ADMIN)).merges}
+    assert set(merges) == {bea, cy} and {m.winner for m in merges.values()} == {ada}
+    await stub.Unmerge(identity_pb2.UnmergeRequest(merge_id=merges[bea].merge_id, reason="not her"), metadata=ADMIN)
+
+    document = await _export(privacy, ada)
+
+    [part] = document["persons"]
+    [kept] = part["merges"]
+    assert (kept["winner"], kept["loser"]) == (ada, cy)
+    assert sorted(kept["cause"]["identifiers"], key=str) == sorted(
+        [
+            {"type": "user_id", "value": "ada-3"},
+            {"type": "anonymous_id", "value": "cy-device"},
+            {"type": "anonymous_id"},
+        ],
+        key=str,
+    )
+    assert kept["cause"]["event_id"] == "evt-three" and kept["cause"]["rule"] == merges[cy].cause.rule
+    assert "bea-device" not in str(document) and bea not in str(document)
+
+
 async def test_an_unknown_person_gets_an_empty_document(identity):
     _stub, privacy = identity
     assert await _export(privacy, "p-nobody", ["p-nobody-either"]) == {}

@@ -11,12 +11,14 @@ Nothing of another person is given: a separation names only the person's own sid
 someone else), and a dropped identifier that is not the person's own (it belongs to a person kept apart,
 or a quarantined one) is given by its type only. An undone merge (`merge_id`, `merged_at`, `undone_at`,
 `undone_by`: the name of the token that undid it, `reason`) gives its `winner` and `loser` when that side
-is the person's own (the person or one merged into them) and null for the other side; its `cause` gives
-the rule, the `detail` (an operator's or reviewer's words, as written), the identifiers that caused it -
-the person's own with their value, another's by their type only - and, as a count (`records`), the
-matched records it came from (their ids are not given: they may hold another's identifier); its
-`event_id` is null when it holds something of another's it leaves out. The free texts (`reason`,
-`detail`) are given as the operator wrote them. A person identity does not know: an empty document.
+is the person's own (the person or one merged into them) and null for the other side. A merge's `cause`
+(in `merges` and `unmerged`) gives the rule, the `detail` (an operator's or reviewer's words, as
+written), the identifiers that caused it - the person's own with their value, another's by their type
+only (one event can merge three persons, and an undo split one of them away again) - and, as a count
+(`records`), the matched records it came from (their ids are not given: the graph does not say whose
+they are, and a record id may be a user id); its `event_id` is null when it holds something it leaves
+out. The free texts (`reason`, `detail`) are given as the operator wrote them. A person identity does
+not know: an empty document.
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ def _at(ms: int | None) -> str | None:
     return None if ms is None else rfc3339(ms / 1000)
 
 
-def _undone(engine: IdentityEngine, undone: dict[str, Any], own: set[str], members: set[str]) -> dict[str, Any]:
-    """An undone merge as the person may see it (see the module docstring): nothing of the other side."""
-    cause = undone.get("cause") or {}
+def _cause(engine: IdentityEngine, cause: dict[str, Any], own: set[str]) -> dict[str, Any]:
+    """A merge's cause as the person may see it (see the module docstring): nothing of anyone else."""
     identifiers: list[dict[str, str]] = []
     hidden: list[str] = []  # what the cause holds of someone else (or of no one the graph can say)
     records = 0
@@ -47,12 +48,23 @@ def _undone(engine: IdentityEngine, undone: dict[str, Any], own: set[str], membe
             continue
         hidden.append(key)
         if value and engine.normalizer.rules.type(kind) is not None:
-            identifiers.append({"type": kind})  # an identifier of the other side (or quarantined since)
+            identifiers.append({"type": kind})  # another person's identifier (split away since)
         else:
             records += 1  # a matched record's id (matching's cause): whose, the graph does not say
     event_id = cause.get("event_id", "")
     if any(key in event_id or (split_key(key)[1] and split_key(key)[1] in event_id) for key in hidden):
         event_id = None  # matching's "<rule>:<record>:<record>", or an id carrying another's value
+    return {
+        "rule": cause.get("rule", ""),
+        "detail": cause.get("detail", ""),
+        "event_id": event_id,
+        "identifiers": identifiers,
+        "records": records,
+    }
+
+
+def _undone(engine: IdentityEngine, undone: dict[str, Any], own: set[str], members: set[str]) -> dict[str, Any]:
+    """An undone merge as the person may see it: the other side's person id is null."""
     return {
         "merge_id": undone["id"],
         "winner": undone["winner"] if undone["winner"] in members else None,
@@ -61,13 +73,7 @@ def _undone(engine: IdentityEngine, undone: dict[str, Any], own: set[str], membe
         "undone_at": _at(undone["undone_at"]),
         "undone_by": undone.get("undone_by", ""),
         "reason": undone.get("reason", ""),
-        "cause": {
-            "rule": cause.get("rule", ""),
-            "detail": cause.get("detail", ""),
-            "event_id": event_id,
-            "identifiers": identifiers,
-            "records": records,
-        },
+        "cause": _cause(engine, undone.get("cause") or {}, own),
     }
 
 
@@ -98,7 +104,7 @@ def _person_document(engine: IdentityEngine, graph: dict[str, Any]) -> dict[str,
             "winner": m["winner"],
             "loser": m["loser"],
             "at": _at(m["at"]),
-            "cause": dict(m.get("cause") or {}),
+            "cause": _cause(engine, m.get("cause") or {}, own_keys),
         }
         for m in graph["merges"]
     ]
