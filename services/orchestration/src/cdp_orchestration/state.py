@@ -193,7 +193,9 @@ class Person:
                 return True
             return False
         if event_id == self.profiled:
-            return False  # a copy of the event the latest profile change listed: applied already
+            # The event the latest profile change listed: a copy of it (applied already), or the event itself
+            # when its change came first and `early` no longer holds it.
+            return False
         pending = self.pending
         self.pending = (event_id, pending[1] if pending is not None else at)
         return False
