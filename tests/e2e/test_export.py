@@ -4,8 +4,8 @@ Ada browses anonymously, signs in on another device, then the visitor identifies
 the two persons); she is on the VIP plan, so she enters a segment. Bob goes the same way. The operator
 exports Ada as the README shows (`cdpctl export user_id ... -o FILE`): one owner-only file holding each
 service's part - identity's graph with both identifiers and the merge, profile's record, the segment
-membership, scoring's held fields, orchestration's and the CRM connector's parts - nothing missing, and
-nothing of Bob.
+membership, scoring's held fields, orchestration's part (with the answer to an Enroll whose idempotency
+key the caller made of her email) and the CRM connector's - nothing missing, and nothing of Bob.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cdp.orchestration.v1 import orchestration_pb2, orchestration_pb2_grpc
 from cdp.profile.v1 import profile_pb2, profile_pb2_grpc
 from cdp.segmentation.v1 import segmentation_pb2, segmentation_pb2_grpc
 from cdp_testing.platform_run import CDPCTL, RunningPlatform
@@ -96,6 +97,32 @@ def test_an_export_holds_every_services_part_of_the_person_and_nothing_of_anyone
         profiles = profile_pb2_grpc.ProfileServiceStub(channel)
         lookup = profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=ADA)
         until(lambda: profiles.LookupProfile(lookup, metadata=auth, timeout=10).merged_from, "Ada's merge")
+        persons = {
+            user: profiles.LookupProfile(
+                profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=user),
+                metadata=auth,
+                timeout=10,
+            ).person_id
+            for user in (ADA, BOB)
+        }
+    # Both enrolled through the API, under idempotency keys made of their emails (the caller's choice).
+    welcome = {
+        "id": "export-welcome",
+        "entry": {"api": True},
+        "nodes": [{"id": "later", "type": "delay", "duration": "1h"}],
+    }
+    with grpc.insecure_channel(platform.grpc_address("orchestration")) as channel:
+        journeys = orchestration_pb2_grpc.OrchestrationServiceStub(channel)
+        definition = orchestration_pb2.JourneyDefinition(json=json.dumps(welcome))
+        journeys.CreateJourney(orchestration_pb2.CreateJourneyRequest(definition=definition), metadata=auth, timeout=30)
+        journeys.PublishJourney(
+            orchestration_pb2.PublishJourneyRequest(journey_id="export-welcome"), metadata=auth, timeout=30
+        )
+        for user, email in ((ADA, ADA_EMAIL), (BOB, BOB_EMAIL)):
+            enroll = orchestration_pb2.EnrollRequest(
+                journey_id="export-welcome", person_id=persons[user], idempotency_key=f"signup-{email}"
+            )
+            assert journeys.Enroll(enroll, metadata=auth, timeout=60).entered
 
     exported = tmp_path / "ada.json"
     seen: list = []  # the last attempt: what cdpctl said and which services answered, for the failure text
@@ -136,7 +163,10 @@ def test_an_export_holds_every_services_part_of_the_person_and_nothing_of_anyone
     assert membership["segment_id"] == "export-vip"
     scoring = {p["person_id"]: p for p in parts["scoring"]["persons"]}
     assert scoring[person_id]["fields"]["traits.email"] == ADA_EMAIL
-    assert isinstance(parts["orchestration"], dict) and isinstance(parts["crm"], dict)
+    assert isinstance(parts["crm"], dict)
+    [enrolled] = parts["orchestration"]["enrollments"]
+    assert (enrolled["journey_id"], enrolled["idempotency_key"]) == ("export-welcome", f"signup-{ADA_EMAIL}")
+    assert enrolled["person_id"] == person_id and enrolled["entered"] is True
 
     text = exported.read_text()
     for value in (BOB, BOB_VISITOR, BOB_EMAIL):

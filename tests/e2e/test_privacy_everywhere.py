@@ -450,10 +450,14 @@ def test_services_answer_that_the_person_is_gone(deleted):
         orchestration_pb2.ListInstancesRequest(person_id=person_id, page_size=100), metadata=ws.auth, timeout=10
     ).instances
     assert list(instances) == []
-    decisions = ws.journeys.ListDecisions(
-        orchestration_pb2.ListDecisionsRequest(person_id=person_id, page_size=100), metadata=ws.auth, timeout=10
-    ).decisions
-    assert list(decisions) == []
+    # Orchestration says the person was deleted (not "no decisions": cdpctl decisions read that as "no
+    # journey has tried to reach them"), naming the request.
+    with pytest.raises(grpc.RpcError) as decisions:
+        ws.journeys.ListDecisions(
+            orchestration_pb2.ListDecisionsRequest(person_id=person_id, page_size=100), metadata=ws.auth, timeout=10
+        )
+    assert decisions.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "was deleted" in decisions.value.details() and "priv-erase-1" in decisions.value.details()
     # The other person keeps everything.
     assert ws.profile(KEEP_USER).person_id == deleted["keep_id"]
     assert ws.inbox(deleted["keep_id"])

@@ -277,6 +277,8 @@ class OrchestrationServiceServicer:
 
     def ListDecisions(self, request, context):
         """Why did (or didn't) this person get that: every arbiter decision about the person, newest first.
+        A person a privacy deletion forgot: NOT_FOUND, ErrorInfo reason `person_deleted` (the message names
+        the privacy request), while orchestration keeps the deletion's marker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
