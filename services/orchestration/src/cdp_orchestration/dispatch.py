@@ -14,8 +14,9 @@ not started yet are given back with that delay instead of sent (for at most
 CDP_ORCHESTRATION_DEFER_SECONDS, then they are sent anyway, so each ends with an outcome). The send is recorded in `orchestration_sends` under the action id
 before the message is acknowledged, so a redelivery (a crash after the send, an acknowledgement lost)
 finds the record and sends nothing. The window between the provider's answer and the record is the one
-place a crash can send twice; adapters pass the action id to providers that take an idempotency key
-(`channels` lists them).
+place a crash can send twice, once for each send in flight then (at most `concurrency`); adapters pass the
+action id to providers that take an idempotency key (`channels` lists them), and email sends it again under
+the same Message-ID.
 
 Outcomes: accepted and rejected (for good) are final. A retryable failure (a 5xx, a timeout, a refused
 connection, an adapter that raised) is one attempt; the action gets `max_attempts`
