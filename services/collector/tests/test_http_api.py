@@ -291,7 +291,9 @@ async def test_readiness_follows_a_bus_that_refuses_to_store(collector, nats_ser
     the load balancer kept sending traffic to a replica that could only answer 503. It now reports not
     ready ("refusing writes") after a refusal, and ready again once the window has passed without one
     (a replica that is not ready gets no traffic, so time is what lets it try again)."""
-    monkeypatch.setattr(ingest, "REFUSALS_KEEP_UNREADY", 0.5)
+    # The window is long while the test looks for 'refusing writes' (at 0.5 s, the /readyz after the refusal
+    # had half a second to be answered, and a loaded machine can take that), then short for 'ready again'.
+    monkeypatch.setattr(ingest, "REFUSALS_KEEP_UNREADY", 60.0)
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
@@ -305,7 +307,8 @@ async def test_readiness_follows_a_bus_that_refuses_to_store(collector, nats_ser
             async with session.get(collector.http_url + "/readyz") as response:
                 assert response.status == 503 and (await response.json()) == {"ready": False, "bus": "refusing writes"}
             await js.update_stream(config)  # space again
-            await asyncio.sleep(0.6)
+            monkeypatch.setattr(ingest, "REFUSALS_KEEP_UNREADY", 0.5)
+            await asyncio.sleep(0.6)  # the window has passed since the refusal, without another
             async with session.get(collector.http_url + "/readyz") as response:
                 assert response.status == 200 and (await response.json())["bus"] == "connected"
         assert (await post(collector, "/v1/batch", {"batch": [track(2)]}))[0] == 200

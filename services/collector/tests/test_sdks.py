@@ -9,6 +9,7 @@ import pytest
 from google.protobuf.json_format import MessageToDict
 
 from cdp.events.v1 import events_pb2
+from cdp_testing.waiting import until
 
 
 def segment_client(collector, **options):
@@ -213,7 +214,11 @@ async def test_sdks_read_try_again_later_and_retry_until_stored(
         return any(consumer.upload() for _ in range(6))
 
     delivering = asyncio.create_task(asyncio.to_thread(deliver))
-    await asyncio.sleep(1.0)
+    # The SDKs gather a batch for upload_interval (0.5 s) before they post, so 1 s after the start left the
+    # thread half a second to be scheduled and post on a loaded machine: wait for the first post (a guard),
+    # then the SDK is still at it a while later.
+    await until(lambda: session.posts >= 1 or delivering.done(), "the SDK's first post")
+    await asyncio.sleep(0.5)
     assert session.posts >= 1 and not delivering.done()
     recover()
     assert await asyncio.wait_for(delivering, 30)
