@@ -581,7 +581,9 @@ class ConsumerRunner:
         of the consumer's messages were still waiting behind it (`num_pending` in its metadata). On a
         quiet stream that is none, and the message is handed over at once instead of after one more
         round trip to the server - on every hop of the pipeline, where a busy machine makes each round
-        trip cost a scheduling delay in two processes."""
+        trip cost a scheduling delay in two processes. That count can be short: nats-server raises it off
+        its stream's signal queue, after a message is stored and its publish acknowledged, so a message can
+        say none wait behind it while more are stored. Those come with the next fetch, at once."""
         msgs = await subscription.fetch(1, timeout=self.spec.fetch_timeout)
         wanted = self.spec.batch_size - len(msgs)
         if wanted <= 0:
