@@ -76,13 +76,28 @@ def test_an_export_holds_every_services_part_of_the_person_and_nothing_of_anyone
             metadata=auth,
             timeout=60,
         )
+    profile_channel = grpc.insecure_channel(platform.grpc_address("profile"))
+
+    def person_of(kind: str, value: str) -> str:
+        lookup = profile_pb2.LookupProfileRequest(identifier_type=kind, identifier_value=value)
+        return (
+            profile_pb2_grpc.ProfileServiceStub(profile_channel)
+            .LookupProfile(lookup, metadata=auth, timeout=10)
+            .person_id
+        )
+
     for user, visitor, email in ((ADA, ADA_VISITOR, ADA_EMAIL), (BOB, BOB_VISITOR, BOB_EMAIL)):
         send(
             platform,
             {"type": "page", "anonymousId": visitor, "name": "Pricing", "messageId": f"{user}-page"},
             {"type": "track", "userId": user, "event": "Signed In", "messageId": f"{user}-in"},
         )
-        time.sleep(1.0)  # two persons first: the identify below merges them
+        # Two persons first: the identify below merges them. The page goes to the anonymous id's partition,
+        # the track and the identify to the user id's, and identity reads its partitions side by side: an
+        # identify applied before the page would give the visitor to the user's person, and no merge
+        # happens. The profile has the visitor's person once identity applied the page.
+        until(lambda visitor=visitor: person_of("anonymous_id", visitor), f"{user}'s visitor as a person")
+        until(lambda user=user: person_of("user_id", user), f"{user} as a person")
         send(
             platform,
             {
@@ -93,6 +108,7 @@ def test_an_export_holds_every_services_part_of_the_person_and_nothing_of_anyone
                 "messageId": f"{user}-id",
             },
         )
+    profile_channel.close()
     with grpc.insecure_channel(platform.grpc_address("profile")) as channel:
         profiles = profile_pb2_grpc.ProfileServiceStub(channel)
         lookup = profile_pb2.LookupProfileRequest(identifier_type="user_id", identifier_value=ADA)
