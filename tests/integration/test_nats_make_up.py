@@ -94,8 +94,12 @@ def test_every_service_works_as_its_own_nats_user(platform):
     while person not in cdpctl(platform, "segment", "members", "big_spenders"):
         assert time.monotonic() < deadline, "ada never entered the segment"
         time.sleep(0.5)
-    instances = json.loads(cdpctl(platform, "journey", "instances", "--journey", "abandoned-cart", "--json"))
-    assert instances, "the journey took no one in"
+    # Orchestration enters her from the event stream, beside segmentation's reading of her profile: her
+    # segment entry says nothing of whether orchestration has read her cart yet.
+    deadline = time.monotonic() + 30
+    while not json.loads(cdpctl(platform, "journey", "instances", "--journey", "abandoned-cart", "--json")):
+        assert time.monotonic() < deadline, "the journey took no one in"
+        time.sleep(0.5)
     # A privacy deletion: profile publishes privacy.deleted, identity, collector, orchestration and the
     # CRM connector consume it.
     cdpctl(platform, "delete", "user_id", "ada", "--yes")
