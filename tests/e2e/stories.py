@@ -22,9 +22,11 @@ zone (a `traits.timezone`) in which it is 2 a.m. now, and history is sent with p
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email
 import json
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -196,6 +198,34 @@ class Story:
             return profile if check(profile) else None
 
         return eventually(ready, timeout)
+
+    def wait_scored(self, timeout: float = 60) -> None:
+        """Until the profile holds the scores of every change its events made so far (call it once the
+        profiles show those events). Each step is the durable consumers of one stream holding nothing
+        unread or unacknowledged, and the kit's engine acknowledges a batch only once what it made is
+        published: profile's events consumers (its changes are on PROFILES), then scoring's (the scores
+        of those changes are on SCORES), then profile's scores consumers (it stored them). Each step is
+        waited for after the one before, so it covers everything the earlier one published."""
+        for stream, consumers in (
+            ("EVENTS_RESOLVED", r"profile-p\d+"),
+            ("PROFILES", r"scoring-p\d+"),
+            ("SCORES", r"profile-scores-p\d+"),
+        ):
+            eventually(lambda stream=stream, consumers=consumers: self._drained(stream, consumers), timeout)
+
+    def _drained(self, stream: str, consumers: str) -> bool:
+        """Whether the durable consumers of `stream` named like `consumers` (one at least) hold nothing
+        unread or unacknowledged."""
+
+        async def look() -> bool:
+            nc = await self.platform.connect_nats()
+            try:
+                found = [c for c in await nc.jetstream().consumers_info(stream) if re.fullmatch(consumers, c.name)]
+            finally:
+                await nc.close()
+            return bool(found) and all(c.num_pending == 0 and c.num_ack_pending == 0 for c in found)
+
+        return asyncio.run(look())
 
     def timeline(self, person_id: str) -> list[profile_pb2.TimelineEvent]:
         events, token = [], ""

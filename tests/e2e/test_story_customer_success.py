@@ -22,7 +22,6 @@ Henry's steady use, does not.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import yaml
@@ -137,7 +136,7 @@ def test_a_customer_drifting_away_gets_a_success_manager_whose_outcome_comes_bac
     # Scores settle once the last change is scored.
     story.wait_profile("henry", lambda p: "churn_risk" in p.scores)
     story.wait_profile("grace", lambda p: "churn_risk" in p.scores)
-    time.sleep(2)
+    story.wait_scored()
     healthy, quieter = (story.profile(user).scores["churn_risk"].value for user in ("henry", "grace"))
     threshold = THRESHOLD
     assert healthy < threshold and quieter < threshold, "a quieter week alone is not a verdict"

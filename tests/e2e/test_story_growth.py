@@ -17,7 +17,6 @@ response comes back and moves her into the next segment.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import yaml
@@ -84,7 +83,7 @@ def test_the_top_decile_becomes_campaign_members_and_a_response_moves_the_segmen
         story.wait_profile(
             user, lambda p, n=i + 1: p.computed["orders_total"].number_value == n and "clv_value_365d" in p.scores
         )
-    time.sleep(2)  # the last changes scored
+    story.wait_scored()  # the scores of their last changes, not those of an earlier one
     clv = {user: story.profile(user).scores["clv_value_365d"].value for user in users}
     ranked = sorted(clv, key=clv.get, reverse=True)
     assert ranked[:2] == ["g-19", "g-18"], "the biggest buyers are worth the most"
