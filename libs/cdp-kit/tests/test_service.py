@@ -29,6 +29,7 @@ from cdp_kit.interceptors import current_caller
 from cdp_kit.service import serving
 from cdp_kit.settings import ServiceSettings
 from cdp_kit.telemetry import inject_context, setup_telemetry, trace_sampler
+from cdp_testing.waiting import until
 
 SERVICE = collector_pb2.DESCRIPTOR.services_by_name["CollectorService"]
 
@@ -267,12 +268,15 @@ def test_the_event_loop_is_uvloop_unless_asked_otherwise(monkeypatch):
 
 
 async def test_shutdown_reports_not_serving_and_drains_in_flight_calls():
-    async with serving(settings(), setup_with(Behaviour())) as rt:
+    behaviour = Behaviour()
+    async with serving(settings(), setup_with(behaviour)) as rt:
         port = rt.grpc.port
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stub = collector_pb2_grpc.CollectorServiceStub(channel)
         in_flight = asyncio.ensure_future(stub.Collect(collector_pb2.CollectRequest(write_key="slow")))
-        await asyncio.sleep(0.1)
+        # In flight means the handler has it (it then sleeps 0.5 s): 0.1 s after the call, as it was, the
+        # channel had often not connected yet on a loaded machine, and the stop refused the call instead.
+        await until(lambda: behaviour.callers, "the call to reach its handler")
         stopping = asyncio.ensure_future(rt.grpc.stop(2.0))
         await asyncio.sleep(0.05)
         reply = await in_flight  # the in-flight call completes during the drain
