@@ -63,11 +63,14 @@ async def engine(nats_server):
 
 
 async def feed(engine: ProfileEngine, batch: events_pb2.ResolvedEventBatch) -> None:
-    """Publish a batch and wait until the engine has applied, written and published it."""
+    """Publish a batch and wait until the engine has applied, written and published it: its position durable
+    and the pipeline idle. The checkpoint alone is not enough: it moves when the commit lands, and the batch's
+    changes are published after that (stored by JetStream once the pipeline is idle again)."""
     ack = await engine.test_bus.js.publish("events.resolved.0", batch.SerializeToString())
     deadline = time.monotonic() + 10.0
-    while engine.test_partitioned.pipelines[0].checkpoint < ack.seq:
-        assert time.monotonic() < deadline, f"position {ack.seq} not durable in 10 s"
+    pipeline = engine.test_partitioned.pipelines[0]
+    while pipeline.checkpoint < ack.seq or not pipeline.idle.is_set():
+        assert time.monotonic() < deadline, f"position {ack.seq} not durable and published in 10 s"
         await asyncio.sleep(0.01)
 
 
