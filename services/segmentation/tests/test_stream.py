@@ -364,7 +364,14 @@ async def test_hot_standby_replicas_each_serve_every_partition_and_each_transiti
             return all(r.engine.applied.get(s, 0) >= seq for r in replicas for s, seq in ends.items())
 
         await until(both_applied, "both replicas applied every change")
-        await asyncio.sleep(0.3)
+
+        # Applied is not published: a batch's transitions are published after its commit lands. So wait for
+        # them (each replica's under the same ids, stored once), then for anything more to come.
+        async def all_published() -> bool:
+            return len(await transitions(nats_server.url)) >= 3 * len(persons)
+
+        await until(all_published, "every change's transition published")
+        await asyncio.sleep(0.3)  # nothing more comes
         assert all(set(r.engine.membership(p)) == {"high"} for r in replicas for p in persons)
         events = await transitions(nats_server.url)
         assert len({e.id for e in events}) == len(events) == 3 * len(persons)
