@@ -18,7 +18,11 @@ answers once it is complete.
 The partitioned engine keeps each batch's change messages in its outbox until they are published, and
 those may hold the person's values. After the deletion's commit, every partitioned stream is brought to
 a quiescent point (everything applied is durable, published and acknowledged), so every outbox record
-left is published: they are deleted before the store erases.
+left is published: they are deleted before the store erases. The `removed` change is published only at
+that point too: a change of the person applied before the deletion and not yet stored by JetStream (in
+flight, or retried through an outage) would otherwise reach profiles.changed after it, and scoring and
+segmentation, which drop the person on `removed`, would take them up again from its values. The wait is
+bounded (`QUIET_WAIT`): past it the request answers UNAVAILABLE and the completion is retried.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ ERASE_TRIES = 10
 
 #: Seconds between attempts to complete the deletions JetStream did not take.
 RETRY_EVERY = 2.0
+
+#: Seconds a completion waits for the changes applied before it to be stored by JetStream (module docstring).
+QUIET_WAIT = 5.0
 
 
 def _same_request(doc: dict[str, Any], request_id: str, person_id: str, suppress: bool) -> None:
@@ -170,7 +177,11 @@ class Privacy:
                 just = await engine.store.get(DELETIONS, request_id)
                 if just is not None and just.doc.get("pending"):
                     pending = [*pending, just]
+            if not pending:
+                return
+            published = []
             for record in pending:
+                # The notice at once: the collector suppresses from it, identity drops late events by it.
                 data = bytes.fromhex(record.doc["notice"])
                 results = await engine.publisher.publish_batch(
                     [OutMessage(subject=PRIVACY_DELETED, payload=data, msg_id=f"privacy:{record.key}")]
@@ -179,30 +190,46 @@ class Privacy:
                     raise Unavailable(
                         f"privacy.deleted not stored by JetStream ({results[0].error}); retry the request"
                     )
-                notice = privacy_pb2.PrivacyDeleted.FromString(data)
-                gone = {notice.person_id: ProfileChange(person_id=notice.person_id, removed=True)}
-                # The same message (and id) each time: its time is the notice's.
-                try:
-                    await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
-                except Unavailable as exc:
-                    raise Unavailable(f"the deletion's removed change: {exc.message}; retry the request") from None
-                await engine.store.put(
-                    DELETIONS,
-                    record.key,
-                    # The persons it covers stay with the result (a repeat may name a merged one), and the
-                    # notice (ids and keyed hashes, no value): PRIVACY restored older than this store lacks
-                    # it, and it is published again from here at start (notices.republish_missing).
-                    {
-                        "result": record.doc["result"],
-                        "published": True,
-                        "merged": list(notice.merged_person_ids),
-                        "notice": record.doc["notice"],
-                        "seq": results[0].seq,  # where PRIVACY stored it: a stream older than that lost it
-                    },
-                )
-            if pending:
+                published.append((record, privacy_pb2.PrivacyDeleted.FromString(data), results[0].seq))
+            async with self._quiet():  # every change applied before the deletions is on profiles.changed
+                for record, notice, seq in published:
+                    gone = {notice.person_id: ProfileChange(person_id=notice.person_id, removed=True)}
+                    # The same message (and id) each time: its time is the notice's.
+                    try:
+                        await engine.publish(engine.messages(gone, cause="delete", now=to_seconds(notice.at)))
+                    except Unavailable as exc:
+                        raise Unavailable(f"the deletion's removed change: {exc.message}; retry the request") from None
+                    await engine.store.put(
+                        DELETIONS,
+                        record.key,
+                        # The persons it covers stay with the result (a repeat may name a merged one), and the
+                        # notice (ids and keyed hashes, no value): PRIVACY restored older than this store lacks
+                        # it, and it is published again from here at start (notices.republish_missing).
+                        {
+                            "result": record.doc["result"],
+                            "published": True,
+                            "merged": list(notice.merged_person_ids),
+                            "notice": record.doc["notice"],
+                            "seq": seq,  # where PRIVACY stored it: a stream older than that lost it
+                        },
+                    )
                 await self.scrub_outboxes()
-                await self._erase()
+            await self._erase()
+
+    @contextlib.asynccontextmanager
+    async def _quiet(self):
+        """Every partitioned stream held at a quiescent point (all applied is durable and published), waited
+        for at most QUIET_WAIT s: past it Unavailable, and the pipelines go on."""
+        async with contextlib.AsyncExitStack() as quiet:
+            try:
+                async with asyncio.timeout(QUIET_WAIT):
+                    for stream in self._engine.streams:
+                        await quiet.enter_async_context(stream.quiescent())
+            except TimeoutError:
+                raise Unavailable(
+                    "the person's earlier changes are not yet stored by JetStream; retry the request"
+                ) from None
+            yield
 
     async def erase_files(self) -> None:
         """The store's erase after records of deleted persons were written (also `notices.py`)."""
