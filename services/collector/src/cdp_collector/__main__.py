@@ -21,7 +21,7 @@ from cdp_kit.service import ServiceRuntime, run_main
 
 async def setup(runtime: ServiceRuntime) -> None:
     settings: CollectorSettings = runtime.settings  # type: ignore[assignment]
-    sources = SourceRegistry(settings.sources_file)
+    sources = SourceRegistry(settings.sources_file, runtime.telemetry)
     limits = Limits(
         max_event_bytes=settings.max_event_bytes,
         max_batch_bytes=settings.max_batch_bytes,

@@ -26,6 +26,12 @@ disabled source, which: the front doors count and log it by that (key_refusals.p
 a source turned off from a client with a wrong key. Each time the file is read its changes are logged at
 INFO by source id (added, removed, disabled, enabled, keys added or removed, limits and settings changed):
 never a key or a secret, which are compared, not shown.
+
+An enabled client source without `identity_secret` is open to a claimed identity (docs/security.md): its
+key is public, so anyone can send `identify` with another person's user id or email and be attached to that
+person. It is said at WARNING by its id, one line a source, when the file is first read and each time it is
+read changed (not again while it is unchanged), and counted in the gauge `cdp.collector.sources.unverified`,
+so an alert can fire until every such source has a secret.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 from cdp.events.v1 import events_pb2
 from cdp_collector.domain.rate import SourceLimits, parse_source_limits
 from cdp_kit.errors import Unauthenticated
+from cdp_kit.telemetry import Telemetry, observe_on
 from cdp_kit.watched import WatchedJsonFile
 
 log = logging.getLogger("cdp.collector.sources")
@@ -267,10 +274,50 @@ def describe_changes(old: dict[str, Source], new: dict[str, Source]) -> tuple[li
     return said, changes
 
 
+def unverified_sources(by_key: dict[str, Source]) -> list[str]:
+    """The ids of the enabled client sources (any key of them enabled) without identity_secret, sorted."""
+    return sorted(
+        source_id
+        for source_id, (source, keys) in _by_source(by_key).items()
+        if source.kind == "client" and source.identity_secret is None and any(keys.values())
+    )
+
+
+# Said once a source, by its id: what is open and what closes it. Never its key or anything it sent.
+_UNVERIFIED = (
+    "source %r is a client source without identity_secret: its write key is public, so anyone can send "
+    "identify with another person's user id or email and be attached to that person (and grant a consent the "
+    "person withdrew). Set identity_secret for it in CDP_COLLECTOR_SOURCES_FILE and have the app's server send "
+    "context.userHash, the hex HMAC-SHA256(identity_secret, userId), with the browser's calls"
+)
+
+
 class SourceRegistry:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, telemetry: Telemetry | None = None) -> None:
         self._known: dict[str, Source] | None = None
+        self.unverified: list[str] = []  # enabled client sources without identity_secret, as last read
+        if telemetry is not None:
+            meter = telemetry.meter
+            observe_on(
+                meter,
+                "cdp.collector.sources.unverified",
+                self,
+                SourceRegistry._observe_unverified,
+                lambda callback: meter.create_observable_gauge(
+                    "cdp.collector.sources.unverified",
+                    callbacks=[callback],
+                    unit="{source}",
+                    description='enabled client sources ("kind": "client") without identity_secret in '
+                    "CDP_COLLECTOR_SOURCES_FILE, as last read: anyone with their public write key can claim "
+                    "another person's identity",
+                ),
+            )
         self._sources = WatchedJsonFile(path, self._parse, variable="CDP_COLLECTOR_SOURCES_FILE")
+
+    def _observe_unverified(self):
+        from opentelemetry.metrics import Observation
+
+        return [Observation(len(self.unverified))]
 
     def _parse(self, document: dict) -> dict[str, Source]:
         """Parse a version of the file and log what it changes (WatchedJsonFile keeps what this returns; a
@@ -291,7 +338,12 @@ class SourceRegistry:
                 log.info("sources file changed: %s", "; ".join(said), extra={"changes": changes})
             else:
                 log.debug("sources file re-read: nothing changed")
+        changed = sources != self._known
         self._known = sources
+        self.unverified = unverified_sources(sources)
+        if changed:  # at start, and each version that differs: not again while the file says the same
+            for source_id in self.unverified:
+                log.warning(_UNVERIFIED, source_id, extra={"source": source_id})
         return sources
 
     def authenticate(self, write_key: str | None) -> Source:
