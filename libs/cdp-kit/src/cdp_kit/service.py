@@ -50,6 +50,7 @@ from cdp_kit.interceptors import PUBLIC, CdpInterceptor
 from cdp_kit.logging import configure_logging
 from cdp_kit.settings import ServiceSettings, SettingsError, load_settings
 from cdp_kit.telemetry import Telemetry, setup_telemetry
+from cdp_kit.tls_reload import ServerCertificates
 
 log = logging.getLogger("cdp.service")
 
@@ -91,6 +92,7 @@ class GrpcServer:
         self.max_connections = max(16, open_file_limit() // 4)
         self.max_calls_per_connection = 1000
         self.handshake_seconds = 20.0  # to begin HTTP/2 (after TLS, when on) on a new connection
+        self.certificates: ServerCertificates | None = None  # what the port serves, when TLS is on
 
     def add_service(
         self,
@@ -145,12 +147,20 @@ class GrpcServer:
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         if self.settings.tls_cert_file is not None:
             assert self.settings.tls_key_file is not None
-            client_ca = self.settings.tls_client_ca_file.read_bytes() if self.settings.tls_client_ca_file else None
-            credentials = grpc.ssl_server_credentials(
-                [(self.settings.tls_key_file.read_bytes(), self.settings.tls_cert_file.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
+            # Renewed files (a Secret cert-manager updated) are taken at the next new connection's handshake.
+            certificates = ServerCertificates(
+                self.settings.tls_cert_file,
+                self.settings.tls_key_file,
+                self.settings.tls_client_ca_file,
+                self.settings.service_name,
             )
+            credentials = grpc.dynamic_ssl_server_credentials(
+                certificates.initial(),
+                certificates.fetch,
+                require_client_authentication=certificates.require_client_auth,
+            )
+            certificates.instrument(self.telemetry.meter)
+            self.certificates = certificates
             self.port = _bind(lambda: server.add_secure_port(address, credentials), address, "CDP_GRPC_PORT")
         else:
             self.port = _bind(lambda: server.add_insecure_port(address), address, "CDP_GRPC_PORT")

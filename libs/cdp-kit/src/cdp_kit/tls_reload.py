@@ -1,0 +1,252 @@
+"""The gRPC server's certificate, key and client CA, taken up again when their files change.
+
+cert-manager renews a certificate in the Kubernetes Secret a pod mounts before it expires; the kubelet
+then swaps the volume's `..data` symlink to a folder holding the new files. `ServerCertificates.fetch` is
+the fetcher of `grpc.dynamic_ssl_server_credentials`: gRPC's core calls it, on one of its own threads, at
+each new connection's handshake, so it only stats the three files (following symlinks: mtime, inode and
+size) and returns None while they are the ones it last looked at. When they changed it reads them, checks
+that the key is the certificate's and that the CA parses, and only then hands gRPC the new set; a set
+written halfway or a key of another certificate keeps the last good one served, with one WARNING per
+change naming the variables. Connections already open keep the certificate of their handshake.
+
+Only the server side reloads: the certificate `client_channel` presents to its peers is read at start.
+Nothing here logs file contents; a certificate's serial number and expiry are logged when it is taken.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+from opentelemetry import metrics
+
+from cdp_kit.telemetry import observe_on
+
+log = logging.getLogger("cdp.service.tls")
+
+# What says a file changed: (mtime_ns, inode, size) of the file a path leads to, or None when it cannot be stat'ed.
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+VARIABLES = ("CDP_TLS_CERT_FILE", "CDP_TLS_KEY_FILE", "CDP_TLS_CLIENT_CA_FILE")
+
+
+class CertificateSetError(ValueError):
+    """The files do not make a set a server can serve (named by variable; never their contents)."""
+
+
+class _ChangedMeanwhile(Exception):
+    """The files changed while they were read and checked: looked at again at the next handshake."""
+
+
+class ServerCertificates:
+    """The certificate set a gRPC server serves, from CDP_TLS_CERT_FILE / _KEY_FILE / _CLIENT_CA_FILE."""
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None, service_name: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.client_ca_file = client_ca_file
+        self.service_name = service_name
+        self._lock = threading.Lock()  # gRPC may call fetch from more than one core thread
+        self._stamp: Stamp = ()  # of the files last looked at (served, or refused and already warned about)
+        self.serial: int | None = None
+        self.not_after: datetime.datetime | None = None
+
+    @property
+    def require_client_auth(self) -> bool:
+        return self.client_ca_file is not None
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        """The set to start with; a CertificateSetError stops start-up when the files do not make one."""
+        with self._lock:
+            for _attempt in range(3):
+                stamp = self._stat()
+                try:
+                    configuration, serial, not_after = self._load()
+                except _ChangedMeanwhile:
+                    continue
+                self._take(stamp, serial, not_after, "serving")
+                return configuration
+            raise CertificateSetError("the TLS files kept changing while they were read")
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate fetcher: a new set when the files changed and make one, else None (keep serving
+        the last good set). Runs on a gRPC core thread: never raises, never touches asyncio."""
+        try:
+            with self._lock:
+                stamp = self._stat()
+                if stamp == self._stamp:
+                    return None
+                try:
+                    configuration, serial, not_after = self._load()
+                except _ChangedMeanwhile:
+                    return None
+                except CertificateSetError as problem:
+                    self._stamp = stamp  # warned once for this change; the next change is looked at again
+                    log.warning(
+                        "TLS files changed but %s: still serving the certificate with serial %x",
+                        problem,
+                        self.serial or 0,
+                    )
+                    return None
+                self._take(stamp, serial, not_after, "renewed")
+                return configuration
+        except Exception:  # a gRPC core thread must not see it; the last good set is kept
+            log.exception("TLS reload failed: still serving the previous certificate")
+            return None
+
+    def _take(self, stamp: Stamp, serial: int, not_after: datetime.datetime, what: str) -> None:
+        self._stamp, self.serial, self.not_after = stamp, serial, not_after
+        log.info(
+            "TLS certificate %s: serial %x, valid until %s",
+            what,
+            serial,
+            not_after.isoformat(),
+            extra={"cert_file": str(self.cert_file)},
+        )
+
+    def _paths(self) -> list[Path]:
+        return [self.cert_file, self.key_file, *([self.client_ca_file] if self.client_ca_file else [])]
+
+    def _stat(self) -> Stamp:
+        stamps = []
+        for path in self._paths():
+            try:
+                st = os.stat(path)  # follows symlinks: a Secret volume swaps its ..data link
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_ino, st.st_size))
+        return tuple(stamps)
+
+    def _read(self) -> list[bytes]:
+        out = []
+        for path, variable in zip(self._paths(), VARIABLES, strict=False):
+            try:
+                out.append(path.read_bytes())
+            except OSError as error:
+                raise CertificateSetError(f"{variable} cannot be read ({error.strerror})") from None
+        return out
+
+    def _load(self) -> tuple[grpc.ServerCertificateConfiguration, int, datetime.datetime]:
+        """The configuration the files make now, with the certificate's serial and expiry; checked the way a
+        TLS server loads them (ssl), on the files themselves, and read again after the check: a set that
+        changed while it was checked is not taken (the next handshake looks again)."""
+        before = self._read()
+        cert, key = before[0], before[1]
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file, password=b"")  # never a prompt
+        except (ssl.SSLError, OSError, ValueError):
+            raise CertificateSetError(
+                "CDP_TLS_CERT_FILE and CDP_TLS_KEY_FILE are not a certificate and its key"
+            ) from None
+        if self.client_ca_file is not None:
+            try:
+                context.load_verify_locations(cadata=before[2].decode("ascii"))
+            except (ssl.SSLError, ValueError, UnicodeDecodeError):
+                raise CertificateSetError("CDP_TLS_CLIENT_CA_FILE holds no CA certificate") from None
+        if self._read() != before:
+            raise _ChangedMeanwhile
+        try:
+            serial, not_after = certificate_facts(cert)
+        except ValueError:
+            raise CertificateSetError("CDP_TLS_CERT_FILE's certificate cannot be parsed") from None
+        configuration = grpc.ssl_server_certificate_configuration(
+            [(key, cert)], root_certificates=before[2] if self.client_ca_file is not None else None
+        )
+        return configuration, serial, not_after
+
+    def instrument(self, meter: metrics.Meter) -> None:
+        """`cdp.tls.certificate.not_after`: when the certificate served expires (seconds since the epoch)."""
+        observe_on(
+            meter,
+            "cdp.tls.certificate.not_after",
+            self,
+            ServerCertificates._observe_not_after,
+            lambda callback: meter.create_observable_gauge(
+                "cdp.tls.certificate.not_after",
+                callbacks=[callback],
+                unit="s",
+                description="when the certificate the gRPC port serves expires, in seconds since the epoch "
+                "(a renewal taken moves it on)",
+            ),
+        )
+
+    def _observe_not_after(self) -> Iterator[metrics.Observation]:
+        if self.not_after is not None:
+            yield metrics.Observation(self.not_after.timestamp(), {"service": self.service_name})
+
+
+def certificate_facts(pem: bytes) -> tuple[int, datetime.datetime]:
+    """The serial number and not-after time of the first certificate of a PEM chain (a ValueError if none).
+
+    Read from the DER by hand: the standard library has no public certificate parser and cdp-kit does not
+    depend on `cryptography`."""
+    text = pem.decode("ascii", errors="replace")
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = text.find(begin)
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        raise ValueError("no certificate")
+    der = ssl.PEM_cert_to_DER_cert(text[start : stop + len(end)])
+    certificate, _ = _element(der, 0, 0x30)
+    tbs, _ = _element(der, certificate, 0x30)
+    at = tbs
+    if der[at] == 0xA0:  # [0] version
+        at = _skip(der, at)
+    serial_start, _ = _element(der, at, 0x02)
+    at = _skip(der, at)
+    serial = int.from_bytes(der[serial_start:at], "big")
+    at = _skip(der, _skip(der, at))  # signature algorithm, issuer
+    validity, _ = _element(der, at, 0x30)
+    not_after = _time(der, _skip(der, validity))
+    return serial, not_after
+
+
+def _header(der: bytes, at: int) -> tuple[int, int]:
+    """Where the content of the element at `at` starts, and its length."""
+    if at + 2 > len(der):
+        raise ValueError("truncated")
+    length = der[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or at + count > len(der):
+            raise ValueError("bad length")
+        length = int.from_bytes(der[at : at + count], "big")
+        at += count
+    if at + length > len(der):
+        raise ValueError("truncated")
+    return at, length
+
+
+def _element(der: bytes, at: int, tag: int) -> tuple[int, int]:
+    if at >= len(der) or der[at] != tag:
+        raise ValueError("unexpected element")
+    return _header(der, at)
+
+
+def _skip(der: bytes, at: int) -> int:
+    start, length = _header(der, at)
+    return start + length
+
+
+def _time(der: bytes, at: int) -> datetime.datetime:
+    tag = der[at] if at < len(der) else None
+    start, length = _header(der, at)
+    value = der[start : start + length].decode("ascii")
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ: 50-99 are 19xx
+        parsed = datetime.datetime.strptime(value, "%y%m%d%H%M%SZ")
+        if parsed.year >= 2050:
+            parsed = parsed.replace(year=parsed.year - 100)
+    elif tag == 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
+        parsed = datetime.datetime.strptime(value, "%Y%m%d%H%M%SZ")
+    else:
+        raise ValueError("not a time")
+    return parsed.replace(tzinfo=datetime.UTC)
