@@ -1186,4 +1186,14 @@ async def test_a_partition_a_lease_moves_in_while_a_build_goes_live_goes_live_wi
     )
     entered = {p for p, level in levels.items() if level > 0} | ({entering} if crash else set())
     assert counts == {**{(p, True): 1 for p in entered}, **({(leaving, False): 1} if crash else {})}
+
+    # Under leases of 1.2 s a member that misses its renewal by half of that lets every partition go and takes
+    # them again (a CI run under load: "ownership leases not renewed in time: releasing all", then b's members
+    # read empty). What b holds is read once it serves every partition again; the stream above already showed
+    # each entry published once.
+    async def serves_all_with_its_members() -> bool:
+        return b.stream.owned() == set(range(PARTITIONS)) and b.engine.members["high"] == inside
+
+    with contextlib.suppress(AssertionError):
+        await until(serves_all_with_its_members, "b serves every partition with the segment's members")
     assert b.engine.members["high"] == inside
