@@ -5,9 +5,11 @@ newest first, stats, and errors naming the field."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import math
+from pathlib import Path
 
 import grpc
 import orjson
@@ -90,14 +92,24 @@ def settings(nats_server, tmp_path, **overrides) -> OrchestrationSettings:
     return OrchestrationSettings(**{**given, **overrides})
 
 
+@contextlib.asynccontextmanager
+async def served(nats_server, tmp_path, *, tokens: Path | None = None, **overrides):
+    """Orchestration serving (`settings` with `overrides`; under the tokens file `tokens` when given): a
+    channel to it and its runtime. The streams it sources must exist before, as their publishers make them."""
+    if tokens is not None:
+        overrides = {"auth_mode": "tokens", "auth_tokens_file": tokens, **overrides}
+    async with serving(settings(nats_server, tmp_path, **overrides), setup) as runtime:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
+            yield channel, runtime
+
+
 @pytest.fixture
 async def service(nats_server, tmp_path):
     # The streams orchestration sources exist before it starts, as their publishers create them.
     async with Bus.connect(nats_server.url, name="upstream") as bus:
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
-    async with serving(settings(nats_server, tmp_path), setup) as runtime:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
+    async with served(nats_server, tmp_path) as (channel, runtime):
+        yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
 
 
 def definition(document: dict) -> pb.JourneyDefinition:

@@ -13,11 +13,10 @@ from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp_kit.auth import write_tokens_file
 from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, segments_stream
-from cdp_kit.service import serving
-from cdp_orchestration.__main__ import setup
 from cdp_orchestration.api import SCOPES
 from cdp_orchestration.journeys import Journeys
-from cdp_orchestration.settings import OrchestrationSettings
+
+from .test_api import served
 
 EDITOR = [("authorization", "Bearer editor-token")]
 READER = [("authorization", "Bearer reader-token")]
@@ -48,20 +47,8 @@ async def service(nats_server, tmp_path):
     )
     async with Bus.connect(nats_server.url, name="upstream") as bus:
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
-    settings = OrchestrationSettings(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="tokens",
-        auth_tokens_file=tokens,
-        partitions=2,
-        shutdown_grace=1.0,
-        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
-        answer_timeout=15.0,
-    )
-    async with serving(settings, setup) as runtime:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
+    async with served(nats_server, tmp_path, tokens=tokens) as (channel, runtime):
+        yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
 
 
 def definition(document: dict) -> pb.JourneyDefinition:

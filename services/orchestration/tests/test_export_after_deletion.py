@@ -25,12 +25,9 @@ from cdp_kit.bus import (
     segments_stream,
     subjects,
 )
-from cdp_kit.service import serving
-from cdp_orchestration.__main__ import setup
 from cdp_orchestration.privacy import consumer_spec
-from cdp_orchestration.settings import OrchestrationSettings
 
-from .test_api import WELCOME, definition, profile
+from .test_api import WELCOME, definition, profile, served
 
 ADMIN = [("authorization", "Bearer admin-token")]
 
@@ -41,20 +38,8 @@ async def service(nats_server, tmp_path):
     write_tokens_file(tokens, [("admin", "admin-token", ["*"])])
     async with Bus.connect(nats_server.url, name="upstream") as bus:
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream(), privacy_stream())
-        settings = OrchestrationSettings(
-            nats_url=nats_server.url,
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            auth_mode="tokens",
-            auth_tokens_file=tokens,
-            partitions=2,
-            shutdown_grace=1.0,
-            store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
-            answer_timeout=15.0,
-        )
-        async with serving(settings, setup) as runtime:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-                yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime, bus
+        async with served(nats_server, tmp_path, tokens=tokens) as (channel, runtime):
+            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime, bus
 
 
 async def _decisions(stub, person: str) -> list:

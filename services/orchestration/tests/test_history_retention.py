@@ -12,23 +12,20 @@ import asyncio
 import contextlib
 import time
 
-import grpc
 import pytest
 
 from cdp.orchestration.v1 import orchestration_pb2 as pb
 from cdp.orchestration.v1 import orchestration_pb2_grpc
 from cdp_kit.bus import Bus, events_resolved_stream, profiles_stream, segments_stream
-from cdp_kit.service import serving
 from cdp_kit.settings import SettingsError, load_settings
 from cdp_kit.storage import Put, open_store
-from cdp_orchestration.__main__ import setup
 from cdp_orchestration.channels.inapp import COLLECTION as INBOX
 from cdp_orchestration.history import HistorySweeper
 from cdp_orchestration.settings import OrchestrationSettings
 from cdp_orchestration.state import APPROVALS, DECISIONS, ENROLLMENTS, INSTANCES, PERSONS, SENDS
 from cdp_testing.metrics import MetricsCapture
 
-from .test_api import SLOW, definition, profile
+from .test_api import SLOW, definition, profile, served
 
 DAY = 86_400.0
 ENV = {"CDP_NATS_URL": "nats://127.0.0.1:4222", "CDP_AUTH_MODE": "none"}
@@ -65,20 +62,8 @@ async def service(nats_server, tmp_path):
 async def _serving(nats_server, tmp_path, **overrides):
     async with Bus.connect(nats_server.url, name="upstream") as bus:
         await bus.ensure_streams(events_resolved_stream(), segments_stream(), profiles_stream())
-    settings = OrchestrationSettings(
-        nats_url=nats_server.url,
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        auth_mode="none",
-        partitions=2,
-        shutdown_grace=1.0,
-        store_url=f"sqlite:///{tmp_path / 'orchestration.db'}",
-        answer_timeout=15.0,
-        **overrides,
-    )
-    async with serving(settings, setup) as runtime:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{runtime.grpc.port}") as channel:
-            yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
+    async with served(nats_server, tmp_path, **overrides) as (channel, runtime):
+        yield orchestration_pb2_grpc.OrchestrationServiceStub(channel), runtime
 
 
 async def _history(store, person: str) -> dict[str, list]:
